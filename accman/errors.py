@@ -1,0 +1,98 @@
+"""The exception hierarchy.  Every error AccMan raises carries the SPEC's
+error code and the HTTP status it implies, so the server maps errors to
+responses without guessing (h11's habit: errors know their status)."""
+
+
+class AccManError(Exception):
+    """Base class of every AccMan error.  `code` is the SPEC's error code."""
+
+    code = "error"
+    status = 500
+
+    def __init__(self, detail: str = ""):
+        super().__init__(detail or self.code)
+        self.detail = detail or self.code
+
+
+class BadRequest(AccManError):
+    """A value outside the SPEC's rules: nothing was changed."""
+
+    code = "bad_request"
+    status = 400
+
+
+class NoAccount(AccManError):
+    code = "no_account"
+    status = 404
+
+
+class Conflict(AccManError):
+    """A 409: the request was well-formed but could not apply."""
+
+    status = 409
+
+
+class Insufficient(Conflict):
+    """The mod would leave the balance under `min`.  `tot` is the balance it
+    was judged against (durable when this error is delivered)."""
+
+    code = "insufficient"
+
+    def __init__(self, tot: int, detail: str = ""):
+        super().__init__(detail or f"the balance {tot} does not cover this mod")
+        self.tot = tot
+
+
+class KeyReused(Conflict):
+    code = "key_reused"
+
+
+class Overflow(Conflict):
+    code = "overflow"
+
+
+class Unavailable(AccManError):
+    """The store cannot commit (fail-stop), the ledger is closed, or the
+    server is shutting down.  Nothing in the refused call was acknowledged."""
+
+    code = "unavailable"
+    status = 503
+
+
+class Busy(Unavailable):
+    """Too many mods are waiting for durability: back-pressure, retry."""
+
+    code = "busy"
+
+
+class StoreError(AccManError):
+    """The data directory cannot be opened or used."""
+
+    code = "store_error"
+    status = 503
+
+
+class StoreLocked(StoreError):
+    """Another process has the data directory open."""
+
+    code = "store_locked"
+
+
+class StoreCorrupt(StoreError):
+    """The data files fail their checks: refuse, never repair silently."""
+
+    code = "store_corrupt"
+
+
+class HttpError(AccManError):
+    """An error found while reading an HTTP request.  `close` is true for
+    framing errors, after which the connection cannot be trusted; `allow`
+    is the Allow header of a 405."""
+
+    def __init__(self, status: int, code: str, detail: str,
+                 close: bool = False, allow: str = ""):
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.close = close
+        self.allow = allow

@@ -1,0 +1,59 @@
+"""Every bound AccMan keeps, named with its unit, and why.
+
+TigerBeetle's rule: put a limit on everything.  Each constant here has a test
+that reaches it (tests/ names it) and a documented answer when a client does.
+"""
+
+# --- values (SPEC "Values") -------------------------------------------------
+CRED_CHARS_MAX = 128          # SPEC: a credential is 1..128 characters.
+KEY_CHARS_MAX = 64            # SPEC: an idempotency key is 1..64 characters.
+INT64_MIN = -(2 ** 63)        # Balances, amounts and mins are signed 64-bit.
+INT64_MAX = 2 ** 63 - 1
+
+# --- /past pages ------------------------------------------------------------
+PAST_LIMIT_DEFAULT = 100      # SPEC: default page size.
+PAST_LIMIT_MAX = 1000         # SPEC: limit is 1..1000; a page stays < ~100 KiB.
+
+# --- group commit -----------------------------------------------------------
+# One LevelDB write batch holds at most this many mods.  At ~0.3 ms per fsync
+# and ~450k puts/s, 4096 mods (about 3 puts each) take ~25 ms to write: big
+# enough to amortise the fsync, small enough that one batch never stalls
+# replies for long.
+BATCH_MODS_MAX = 4096
+# Mods applied in memory but not yet durable, over all batches waiting to be
+# written.  Beyond it a submit is refused with 503 `busy` (back-pressure)
+# instead of queueing without bound.  The server's own caps
+# (CONNECTIONS_MAX x PIPELINE_REQUESTS_MAX) keep it from being reached in
+# normal operation.
+QUEUED_MODS_MAX = 65536
+
+# --- HTTP/1.1 framing (SPEC "Limits") ----------------------------------------
+# The longest valid AccMan request line is about 330 bytes (a /mod with a
+# 128-char cred, 64-char key and two int64s).  2 KiB leaves room for odd
+# clients and is far below nginx's 8 KiB large_client_header_buffers.
+REQUEST_LINE_BYTES_MAX = 2048          # over it: 414
+# All header lines of one request, like nginx's/h11's 8-16 KiB defaults.
+HEADER_BYTES_MAX = 8192                # over it: 431
+HEADERS_MAX = 64                       # header lines per request; over it: 431
+# The routes take no body.  A client library that sends a small body anyway
+# (an empty JSON object, say) is read and ignored up to this size; larger is
+# 413.  Chunked bodies are refused (400): there is nothing to stream.
+BODY_BYTES_MAX = 1024                  # over it: 413
+
+# --- connections ------------------------------------------------------------
+CONNECTIONS_MAX = 4096                 # beyond it new connections are closed at once
+# Requests parsed but not yet answered on one connection.  When a client
+# pipelines more than this without reading, the server stops reading its
+# socket (back-pressure) until replies drain.
+PIPELINE_REQUESTS_MAX = 64
+# Bytes of replies queued in the transport before the server pauses reading
+# from that client (uvloop's write buffer high-water mark).
+WRITE_BUFFER_BYTES_MAX = 256 * 1024
+# From the first byte of a request head to its end.  Trickled bytes do not
+# reset it (slowloris): a head must arrive whole within this time.
+HEAD_TIMEOUT_S = 10.0
+# An idle keep-alive connection (no request in progress, nothing owed) is
+# closed after this long, like nginx's keepalive_timeout default of 75 s.
+IDLE_TIMEOUT_S = 75.0
+# On SIGTERM: how long in-flight requests get to be answered before close.
+SHUTDOWN_GRACE_S = 10.0

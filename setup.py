@@ -1,0 +1,33 @@
+"""Compiles the Cython sources in ext/ into native modules of the accman
+package: ext/wire.pyx -> accman._wire, ext/ledger.pyx -> accman._ledger.
+
+ACCMAN_ONLY=wire (or ledger) builds one module alone, so that a developer
+working on one does not need the other to compile."""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+MODULES = {
+    "wire": Extension("accman._wire", ["ext/wire.pyx"]),
+    "ledger": Extension("accman._ledger", ["ext/ledger.pyx"]),
+}
+
+only = os.environ.get("ACCMAN_ONLY")
+extensions = [MODULES[only]] if only else list(MODULES.values())
+for ext in extensions:
+    ext.extra_compile_args = ["-O2"]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["ext"],
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+        },
+    ),
+)
