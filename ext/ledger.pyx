@@ -1,2 +1,448 @@
-def hello():
-    return 2
+# cython: language_level=3
+"""The in-memory book: every account's balance, validation of mod values,
+and the building of LevelDB write batches.  No I/O: the store's reads that
+the book needs (an idempotency record on disk) come in as a callable, and
+batches are handed to the committer, which writes them.
+
+Each account keeps two states:
+
+* durable (`tot`, `seq`): what readers see.  Set only after the batch that
+  made it is on disk (`Batch.finish`).
+* pending (`ptot`, `pseq`): every mod applied so far, in arrival order.  Mods
+  are judged against it (min, overflow), so that many mods of one account can
+  share one fsync, and it is thrown away if a commit fails.
+
+On-disk records (all integers big-endian, every value starts with its format
+version so that a later format can migrate):
+
+    b"a" + hid                  -> ver, tot:int64, seq:int64
+    b"h" + hid + seq:uint64     -> ver, by:int64, tot:int64, at_ms:int64, key ascii
+    b"k" + hid + key ascii      -> ver, seq:int64, by:int64, tot:int64, has_min:u8, min:int64
+
+`hid` is a keyed BLAKE2b-128 of the credential (the key is random per data
+directory): the credential never appears in the data files.
+"""
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.stdint cimport int64_t, uint64_t, uint8_t
+from libc.string cimport memcpy
+
+from values cimport valid_name
+
+import hashlib
+
+from accman.errors import (BadRequest, Busy, Insufficient, KeyReused,
+                           Overflow, Unavailable)
+from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, INT64_MAX,
+                           INT64_MIN, KEY_CHARS_MAX, QUEUED_MODS_MAX)
+
+FORMAT_VERSION = 1
+HID_BYTES = 16
+ACCOUNT_PREFIX = b"a"
+HISTORY_PREFIX = b"h"
+KEY_PREFIX = b"k"
+
+DEF ACCOUNT_VALUE_BYTES = 17      # ver + tot + seq
+DEF HISTORY_VALUE_BYTES = 25      # ver + by + tot + at (+ key)
+DEF KEY_VALUE_BYTES = 34          # ver + seq + by + tot + has_min + min
+DEF HISTORY_KEY_BYTES = 25        # "h" + hid + seq
+
+
+# --- big-endian packing, without struct's per-call format parsing ----------
+
+cdef inline void _put64(char *p, int64_t v) noexcept nogil:
+    cdef uint64_t u = <uint64_t>v
+    cdef int i
+    for i in range(8):
+        p[7 - i] = <char>(u & 0xFF)
+        u >>= 8
+
+
+cdef inline int64_t _get64(const unsigned char *p) noexcept nogil:
+    cdef uint64_t u = 0
+    cdef int i
+    for i in range(8):
+        u = (u << 8) | p[i]
+    return <int64_t>u
+
+
+cpdef bytes pack_account(int64_t tot, int64_t seq):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, ACCOUNT_VALUE_BYTES)
+    cdef char *p = PyBytes_AS_STRING(out)
+    p[0] = FORMAT_VERSION
+    _put64(p + 1, tot)
+    _put64(p + 9, seq)
+    return out
+
+
+cpdef tuple unpack_account(bytes value):
+    """-> (tot, seq); ValueError when the record is not a version-1 account."""
+    if len(value) != ACCOUNT_VALUE_BYTES or value[0] != FORMAT_VERSION:
+        raise ValueError("account record of unknown format")
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
+    return (_get64(p + 1), _get64(p + 9))
+
+
+cpdef bytes history_key(bytes hid, int64_t seq):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, HISTORY_KEY_BYTES)
+    cdef char *p = PyBytes_AS_STRING(out)
+    p[0] = b"h"
+    memcpy(p + 1, PyBytes_AS_STRING(hid), HID_BYTES)
+    _put64(p + 17, seq)
+    return out
+
+
+cpdef int64_t history_key_seq(bytes key):
+    return _get64(<const unsigned char *>PyBytes_AS_STRING(key) + 17)
+
+
+cdef bytes _pack_history(int64_t by, int64_t tot, int64_t at_ms, bytes key):
+    cdef Py_ssize_t klen = len(key) if key is not None else 0
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, HISTORY_VALUE_BYTES + klen)
+    cdef char *p = PyBytes_AS_STRING(out)
+    p[0] = FORMAT_VERSION
+    _put64(p + 1, by)
+    _put64(p + 9, tot)
+    _put64(p + 17, at_ms)
+    if klen:
+        memcpy(p + HISTORY_VALUE_BYTES, PyBytes_AS_STRING(key), klen)
+    return out
+
+
+cpdef tuple unpack_history(bytes value):
+    """-> (by, tot, at_ms, key or None); ValueError for an unknown format."""
+    cdef Py_ssize_t n = len(value)
+    if n < HISTORY_VALUE_BYTES or value[0] != FORMAT_VERSION:
+        raise ValueError("history record of unknown format")
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
+    key = value[HISTORY_VALUE_BYTES:].decode("ascii") if n > HISTORY_VALUE_BYTES else None
+    return (_get64(p + 1), _get64(p + 9), _get64(p + 17), key)
+
+
+cdef bytes _pack_key(int64_t seq, int64_t by, int64_t tot, object min_):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, KEY_VALUE_BYTES)
+    cdef char *p = PyBytes_AS_STRING(out)
+    p[0] = FORMAT_VERSION
+    _put64(p + 1, seq)
+    _put64(p + 9, by)
+    _put64(p + 17, tot)
+    p[25] = 0 if min_ is None else 1
+    _put64(p + 26, 0 if min_ is None else <int64_t>min_)
+    return out
+
+
+cpdef tuple unpack_key(bytes value):
+    """-> (seq, by, tot, min or None); ValueError for an unknown format."""
+    if len(value) != KEY_VALUE_BYTES or value[0] != FORMAT_VERSION:
+        raise ValueError("idempotency record of unknown format")
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
+    min_ = _get64(p + 26) if p[25] else None
+    return (_get64(p + 1), _get64(p + 9), _get64(p + 17), min_)
+
+
+# --- value checks: the Python API's equivalent of the wire's rules ----------
+
+cdef inline void _check_cred(object cred) except *:
+    if type(cred) is not str or not valid_name(<str>cred, CRED_CHARS_MAX):
+        raise BadRequest("cred must be a string of 1 to 128 characters from "
+                         "A-Z a-z 0-9 _ -")
+
+
+cdef inline void _check_int64(object v, str name) except *:
+    # bool is an int subclass and float is not an amount: both refused.
+    if type(v) is not int:
+        raise BadRequest(f"{name} must be an int, got {type(v).__name__}")
+    if not (INT64_MIN <= v <= INT64_MAX):
+        raise BadRequest(f"{name} must fit in a signed 64-bit integer")
+
+
+# --- accounts and batches ---------------------------------------------------
+
+cdef class Account:
+    cdef readonly bytes hid
+    cdef readonly int64_t tot       # durable balance
+    cdef readonly int64_t seq       # durable history length; 0: not yet durable
+    cdef int64_t ptot               # pending balance
+    cdef int64_t pseq
+    cdef Batch pbatch               # the last batch that changed it
+
+    def __cinit__(self, bytes hid, int64_t tot=0, int64_t seq=0):
+        self.hid = hid
+        self.tot = self.ptot = tot
+        self.seq = self.pseq = seq
+        self.pbatch = None
+
+    @property
+    def pending(self):
+        return (self.ptot, self.pseq)
+
+
+cdef class Batch:
+    """The mods of one durable write.  `wb` is the store's write batch; the
+    account records are added when the batch is sealed, once per account."""
+    cdef readonly object wb
+    cdef readonly Py_ssize_t nmods
+    cdef readonly list done_loop        # (callback, outcome), run on the loop
+    cdef readonly list done_direct      # (callback, outcome), run by the writer
+    cdef dict touched                   # Account -> None, in first-touch order
+    cdef list sealed                    # (Account, tot, seq) at seal time
+    cdef list keys                      # pending-key map entries it owns
+
+    def __cinit__(self, wb):
+        self.wb = wb
+        self.nmods = 0
+        self.done_loop = []
+        self.done_direct = []
+        self.touched = {}
+        self.sealed = None
+        self.keys = []
+
+    cdef inline void add_done(self, object done, object outcome, bint on_loop):
+        if on_loop:
+            self.done_loop.append((done, outcome))
+        else:
+            self.done_direct.append((done, outcome))
+
+
+cdef class PendingKey:
+    """An idempotency key whose mod is applied but not yet durable."""
+    cdef int64_t by
+    cdef object min_
+    cdef tuple result
+    cdef Batch batch
+
+
+cdef class Book:
+    """Accounts in memory and the batches that make them durable.
+
+    Not thread-safe by itself: the Ledger calls every method that changes
+    it under one lock.  `tot` only reads durable fields, which the writer
+    sets under that lock in one step per account, so it needs none."""
+
+    cdef dict by_hid             # hid -> Account: every account
+    cdef dict by_cred            # cred -> Account: creds seen since open
+    cdef object _hasher          # keyed blake2b, copied per credential
+    cdef object _new_wb          # () -> a store write batch
+    cdef object _get_key         # (key bytes) -> stored value or None
+    cdef dict pkeys              # hid + key -> PendingKey
+    cdef readonly list open_batches   # filling batches, oldest first
+    cdef readonly Py_ssize_t queued_mods
+    cdef readonly Py_ssize_t batch_mods_max
+    cdef readonly Py_ssize_t queued_mods_max
+    cdef readonly bint failed
+
+    def __cinit__(self, bytes salt, new_wb, get_key,
+                  Py_ssize_t batch_mods_max=BATCH_MODS_MAX,
+                  Py_ssize_t queued_mods_max=QUEUED_MODS_MAX):
+        self.by_hid = {}
+        self.by_cred = {}
+        self._hasher = hashlib.blake2b(digest_size=HID_BYTES, key=salt)
+        self._new_wb = new_wb
+        self._get_key = get_key
+        self.pkeys = {}
+        self.open_batches = [Batch(new_wb())]
+        self.queued_mods = 0
+        self.batch_mods_max = batch_mods_max
+        self.queued_mods_max = queued_mods_max
+        self.failed = False
+
+    # -- loading ------------------------------------------------------------
+
+    def load(self, bytes hid, int64_t tot, int64_t seq):
+        """Adds an account read from the store at open."""
+        self.by_hid[hid] = Account(hid, tot, seq)
+
+    def __len__(self):
+        return len(self.by_hid)
+
+    cpdef bytes hid_of(self, str cred):
+        h = self._hasher.copy()
+        h.update(cred.encode("ascii"))
+        return h.digest()
+
+    cdef inline Account _find(self, object cred):
+        """The account of a valid cred, or None; caches cred -> account."""
+        cdef Account acct = self.by_cred.get(cred)
+        if acct is not None:
+            return acct
+        _check_cred(cred)
+        acct = self.by_hid.get(self.hid_of(cred))
+        if acct is not None:
+            self.by_cred[cred] = acct
+        return acct
+
+    # -- reads: durable state only -------------------------------------------
+
+    cpdef object tot(self, object cred):
+        """The durable balance of `cred`, or None when it has no durable
+        account.  A cred seen before is one dict lookup: no hashing, no
+        validation (only valid creds enter the cache)."""
+        cdef Account acct = self.by_cred.get(cred)
+        if acct is None:
+            acct = self._find(cred)
+            if acct is None:
+                return None
+        if acct.seq == 0:
+            return None
+        return acct.tot
+
+    cpdef Account account(self, object cred):
+        """The account with durable state, or None."""
+        cdef Account acct = self._find(cred)
+        if acct is None or acct.seq == 0:
+            return None
+        return acct
+
+    # -- mods -----------------------------------------------------------------
+
+    cpdef object apply(self, object cred, object by, object min_, object key,
+                       object done, bint on_loop, int64_t at_ms):
+        """Applies one mod to the pending state, in call order.
+
+        Returns None when the outcome waits for a batch (`done` is then
+        registered on it), or the outcome itself when it is final already
+        (the caller delivers it).  Raises BadRequest, Unavailable or Busy
+        with nothing changed."""
+        _check_cred(cred)
+        _check_int64(by, "by")
+        if by == 0:
+            raise BadRequest("by must be non-zero")
+        if min_ is not None:
+            _check_int64(min_, "min")
+        cdef bytes kb = None
+        if key is not None:
+            if type(key) is not str or not valid_name(<str>key, KEY_CHARS_MAX):
+                raise BadRequest("key must be a string of 1 to 64 characters "
+                                 "from A-Z a-z 0-9 _ -")
+            kb = (<str>key).encode("ascii")
+        if self.failed:
+            raise Unavailable("the store failed to commit; the ledger takes no "
+                              "more writes until it is reopened")
+        if self.queued_mods >= self.queued_mods_max:
+            raise Busy(f"{self.queued_mods_max} mods are waiting for the disk; "
+                       "retry shortly")
+
+        cdef Account acct = self.by_cred.get(cred)
+        if acct is None:
+            acct = self._find(cred)
+        cdef bytes hid = acct.hid if acct is not None else self.hid_of(cred)
+        cdef int64_t iby = by
+        cdef PendingKey pk
+        cdef bytes pkid = None
+        if kb is not None:
+            pkid = hid + kb
+            pk = self.pkeys.get(pkid)
+            if pk is not None:
+                # The original is applied but not durable: answer with it
+                # when its batch is.
+                if pk.by != iby or pk.min_ != min_:
+                    outcome = KeyReused("key was used with another by or min")
+                else:
+                    outcome = pk.result
+                pk.batch.add_done(done, outcome, on_loop)
+                return None
+            stored = self._get_key(KEY_PREFIX + pkid)
+            if stored is not None:
+                seq, sby, stot, smin = unpack_key(stored)
+                if sby != iby or smin != min_:
+                    return KeyReused("key was used with another by or min")
+                return (stot, seq)
+
+        cdef int64_t cur = acct.ptot if acct is not None else 0
+        cdef object refusal = None
+        # Overflow is checked in Python ints: int64 + int64 can leave int64.
+        new = cur + by
+        if not (INT64_MIN <= new <= INT64_MAX):
+            refusal = Overflow("the balance would leave the signed 64-bit range")
+        elif min_ is not None and new < min_:
+            refusal = Insufficient(cur)
+        if refusal is not None:
+            # Judged on pending state: it may be told only once that state
+            # is durable, or a reader would learn of a balance that could
+            # still be lost.
+            if acct is not None and acct.pbatch is not None:
+                acct.pbatch.add_done(done, refusal, on_loop)
+                return None
+            return refusal
+
+        if acct is None:
+            acct = Account(hid)
+            self.by_hid[hid] = acct
+            self.by_cred[cred] = acct
+        cdef Batch batch = self.open_batches[len(self.open_batches) - 1]
+        if batch.nmods >= self.batch_mods_max:
+            batch = Batch(self._new_wb())
+            self.open_batches.append(batch)
+        acct.ptot = <int64_t>new
+        acct.pseq += 1
+        acct.pbatch = batch
+        result = (acct.ptot, acct.pseq)
+        batch.wb.put(history_key(hid, acct.pseq),
+                     _pack_history(iby, acct.ptot, at_ms, kb))
+        if kb is not None:
+            batch.wb.put(KEY_PREFIX + pkid,
+                         _pack_key(acct.pseq, iby, acct.ptot, min_))
+            pk = PendingKey()
+            pk.by = iby
+            pk.min_ = min_
+            pk.result = result
+            pk.batch = batch
+            self.pkeys[pkid] = pk
+            batch.keys.append(pkid)
+        batch.touched[acct] = None
+        batch.nmods += 1
+        self.queued_mods += 1
+        batch.add_done(done, result, on_loop)
+        return None
+
+    # -- the writer's side --------------------------------------------------
+
+    cpdef bint has_work(self):
+        return (<Batch>self.open_batches[0]).nmods > 0
+
+    cpdef Batch seal(self):
+        """Takes the oldest filling batch for writing and adds its account
+        records.  Mods that arrive from now on go to a newer batch."""
+        cdef Batch batch = self.open_batches.pop(0)
+        if not self.open_batches:
+            self.open_batches.append(Batch(self._new_wb()))
+        cdef Account acct
+        batch.sealed = []
+        for acct in batch.touched:
+            batch.wb.put(ACCOUNT_PREFIX + acct.hid,
+                         pack_account(acct.ptot, acct.pseq))
+            batch.sealed.append((acct, acct.ptot, acct.pseq))
+        batch.touched = None
+        return batch
+
+    cpdef void finish(self, Batch batch):
+        """The batch is durable: its balances become visible."""
+        cdef Account acct
+        cdef PendingKey pk
+        for acct, tot, seq in batch.sealed:
+            acct.tot = tot
+            acct.seq = seq
+            if acct.pbatch is batch:
+                acct.pbatch = None
+        for pkid in batch.keys:
+            pk = self.pkeys.get(pkid)
+            if pk is not None and pk.batch is batch:
+                del self.pkeys[pkid]
+        self.queued_mods -= batch.nmods
+
+    cpdef list fail(self, Batch batch):
+        """The batch could not be made durable.  Everything pending is
+        dropped (what was applied in memory after it depended on it), and
+        the book refuses writes from now on.  Returns every batch whose
+        callbacks must now be told `Unavailable`, `batch` first."""
+        cdef Account acct
+        self.failed = True
+        for acct in self.by_hid.values():
+            acct.ptot = acct.tot
+            acct.pseq = acct.seq
+            acct.pbatch = None
+        self.pkeys.clear()
+        failed = [batch] + self.open_batches
+        self.open_batches = [Batch(self._new_wb())]
+        self.queued_mods = 0
+        return failed

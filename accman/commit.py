@@ -1,0 +1,168 @@
+"""Group commit: one writer thread makes batches durable, one at a time,
+while the next batch fills.
+
+Redis's `appendfsync always` is the precedent: replies wait until the write
+is on disk (`beforeSleep`), many of them per fsync.  Here mods are applied to
+the book's pending state as they arrive, their records go into the filling
+LevelDB write batch, and the writer thread takes that batch, writes it with
+`sync=True` (plyvel releases the GIL for the write and its fsync) and only
+then makes its balances visible and releases its results.
+
+A failed write is fail-stop, like Redis under `always`: what was applied in
+memory cannot be trusted to match the disk, so every mod not yet durable is
+answered Unavailable and the book takes no more writes until reopened.
+"""
+
+from __future__ import annotations
+
+import logging
+from asyncio import _get_running_loop as _running_loop
+import threading
+import time
+
+from accman.errors import StoreError, Unavailable
+
+log = logging.getLogger("accman.commit")
+
+
+class Committer:
+    """Owns the lock around the book's changes and the writer thread.
+
+    `submit` is called from any thread (the event loop's, or plain threads
+    through Ledger.mod); `done` callbacks registered from the bound loop's
+    thread run on that loop, one `call_soon_threadsafe` per batch; the
+    others run on the writer thread."""
+
+    def __init__(self, book, store):
+        self.book = book
+        self.store = store
+        self.lock = threading.Lock()
+        self._wake = threading.Condition(self.lock)
+        self._writer_idle = False
+        self._closing = False
+        self._loop = None
+        self.error: StoreError | None = None
+        # Counters for /metrics; read without the lock (ints, set in one step).
+        self.batches = 0
+        self.mods = 0
+        self.fsync_s_total = 0.0
+        self.last_batch_mods = 0
+        self.batch_sizes: list[int] = []      # drained by metrics readers
+        self.fsync_times_s: list[float] = []
+        self._thread = threading.Thread(target=self._run, name="accman-commit",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- binding to an event loop ---------------------------------------------
+
+    def bind_loop(self, loop) -> None:
+        """Completions of mods submitted from `loop`'s thread run on it."""
+        self._loop = loop
+
+    # -- the submitting side ---------------------------------------------------
+
+    def submit(self, cred, by, min_, key, done) -> None:
+        """Applies one mod now, in call order; `done(outcome)` runs once its
+        outcome is final and everything it depends on is durable."""
+        # Only a call made from inside the bound loop, while it runs, is
+        # completed on it; a plain call from the same thread (the loop
+        # stopped, or never ran there) is completed directly.
+        on_loop = self._loop is not None and _running_loop() is self._loop
+        at_ms = time.time_ns() // 1_000_000
+        with self.lock:
+            if self._closing:
+                raise Unavailable("the ledger is closing")
+            outcome = self.book.apply(cred, by, min_, key, done, on_loop, at_ms)
+            if outcome is None and self._writer_idle:
+                self._writer_idle = False
+                self._wake.notify()
+        if outcome is not None:
+            # Final already (a refusal of durable state, a replayed key):
+            # still delivered asynchronously, so callers see one contract.
+            if on_loop:
+                self._loop.call_soon(done, outcome)
+            else:
+                done(outcome)
+
+    # -- the writer thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        book = self.book
+        while True:
+            with self.lock:
+                while not book.has_work() and not self._closing:
+                    self._writer_idle = True
+                    self._wake.wait()
+                self._writer_idle = False
+                if not book.has_work():
+                    return          # closing, and everything is written
+                batch = book.seal()
+            t0 = time.perf_counter()
+            try:
+                self.store.write(batch.wb)
+                error = None
+            except StoreError as e:
+                error = e
+            fsync_s = time.perf_counter() - t0
+            with self.lock:
+                if error is None:
+                    book.finish(batch)
+                    failed = ()
+                else:
+                    self.error = error
+                    failed = book.fail(batch)
+            if error is None:
+                self._count(batch.nmods, fsync_s)
+                self._deliver(batch.done_loop, batch.done_direct)
+            else:
+                for b in failed:
+                    self._deliver(_unavailable(b.done_loop, error),
+                                  _unavailable(b.done_direct, error))
+
+    def _count(self, nmods: int, fsync_s: float) -> None:
+        self.batches += 1
+        self.mods += nmods
+        self.fsync_s_total += fsync_s
+        self.last_batch_mods = nmods
+        # Bounded: a metrics reader drains these; keep the newest if none does.
+        if len(self.batch_sizes) < 65536:
+            self.batch_sizes.append(nmods)
+            self.fsync_times_s.append(fsync_s)
+
+    def _deliver(self, on_loop: list, direct: list) -> None:
+        if on_loop:
+            try:
+                self._loop.call_soon_threadsafe(_run_callbacks, on_loop)
+            except RuntimeError:
+                pass        # the loop is closed: nobody is waiting on it
+        if direct:
+            _run_callbacks(direct)
+
+    # -- closing -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Writes what is queued, then stops the writer thread."""
+        with self.lock:
+            self._closing = True
+            self._wake.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and not self._closing
+
+
+def _unavailable(callbacks: list, error: StoreError) -> list:
+    detail = f"the store failed to commit, nothing in this batch was acknowledged ({error.detail})"
+    return [(done, Unavailable(detail)) for done, _ in callbacks]
+
+
+def _run_callbacks(callbacks: list) -> None:
+    for done, outcome in callbacks:
+        try:
+            done(outcome)
+        except Exception:
+            # One caller's broken callback must not keep the others from
+            # hearing their outcome.
+            log.exception("a mod's completion callback failed")

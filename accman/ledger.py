@@ -1,0 +1,211 @@
+"""`Ledger`: the public Python API.  It composes the in-memory book
+(accman._ledger), the LevelDB store and the group committer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import NamedTuple
+
+from accman import _ledger
+from accman.commit import Committer
+from accman.errors import AccManError, BadRequest, StoreCorrupt, Unavailable
+from accman.limits import PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX
+from accman.store import Store
+
+
+class Entry(NamedTuple):
+    """One applied mod: the SPEC's history entry."""
+
+    seq: int
+    by: int
+    tot: int
+    at: int          # unix milliseconds when it was applied
+    key: str | None
+
+
+class Ledger:
+    """Balances, history and idempotency, durable on LevelDB.
+
+    >>> with Ledger("data") as led:
+    ...     led.mod("alice", 1000)          # (tot, seq), durable on return
+    ...     led.tot("alice")
+
+    Reads answer from memory and show durable state only.  `mod` blocks
+    until its batch is on disk; many concurrent mods (threads, or tasks
+    through `amod`/`submit`) share one fsync.
+    """
+
+    def __init__(self, path: str, *, create: bool = True, verify: bool = True,
+                 batch_mods_max: int | None = None, queued_mods_max: int | None = None,
+                 store: Store | None = None):
+        self.store = store if store is not None else Store(path, create=create)
+        self.path = self.store.path
+        try:
+            limits = {}
+            if batch_mods_max is not None:
+                limits["batch_mods_max"] = batch_mods_max
+            if queued_mods_max is not None:
+                limits["queued_mods_max"] = queued_mods_max
+            self._book = _ledger.Book(self.store.salt, self.store.new_batch,
+                                      self.store.get, **limits)
+            for hid, tot, seq in self.store.accounts():
+                if verify:
+                    self._check_head(hid, tot, seq)
+                self._book.load(hid, tot, seq)
+        except BaseException:
+            self.store.close()
+            raise
+        self._committer = Committer(self._book, self.store)
+        self._closed = False
+        # The hot read path is the book's own method: no Python frame between.
+        self.tot = self._book.tot
+
+    def _refuse_closed(self, *args):
+        raise Unavailable("the ledger is closed")
+
+    def _check_head(self, hid: bytes, tot: int, seq: int) -> None:
+        """An account record must match the newest entry of its history:
+        the two are written in one batch, so a mismatch is damage."""
+        raw = self.store.get(_ledger.history_key(hid, seq))
+        if raw is None or _ledger.unpack_history(raw)[1] != tot or seq < 1:
+            raise StoreCorrupt(f"{self.path}: an account record does not match "
+                               "its history; refusing to serve, nothing repaired")
+
+    # -- reads -------------------------------------------------------------------
+
+    def tot(self, cred: str) -> int | None:     # replaced per instance in __init__
+        """The durable balance of `cred`, or None for an unknown cred."""
+        return self._book.tot(cred)
+
+    def past(self, cred: str, limit: int = PAST_LIMIT_DEFAULT,
+             before: int | None = None) -> list[Entry] | None:
+        """Up to `limit` history entries of `cred`, newest first, with seq
+        below `before` when it is given; None for an unknown cred."""
+        if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
+            raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
+        if before is not None and (type(before) is not int or before < 1):
+            raise BadRequest("before must be a positive int (a seq)")
+        if self._closed:
+            self._refuse_closed()
+        acct = self._book.account(cred)
+        if acct is None:
+            return None
+        # Durable seq read once: everything up to it is on disk.
+        last = acct.seq if before is None else min(acct.seq, before - 1)
+        if last < 1:
+            return []
+        first = max(1, last - limit + 1)
+        out = []
+        for k, v in self.store.history(acct.hid, first, last):
+            by, tot, at, key = _ledger.unpack_history(v)
+            out.append(Entry(_ledger.history_key_seq(k), by, tot, at, key))
+        return out
+
+    def __len__(self) -> int:
+        """The number of accounts."""
+        return len(self._book)
+
+    # -- mods ----------------------------------------------------------------------
+
+    def submit(self, cred, by, min=None, key=None, *, done) -> None:
+        """Applies a mod in call order; `done(outcome)` is called once it is
+        final: `(tot, seq)` or an AccManError (Insufficient, KeyReused,
+        Overflow, Unavailable), after what it depends on is durable.
+        Raises BadRequest, Unavailable or Busy at once, changing nothing."""
+        self._committer.submit(cred, by, min, key, done)
+
+    def mod(self, cred: str, by: int, *, min: int | None = None,
+            key: str | None = None) -> tuple[int, int]:
+        """Adds `by` to the balance of `cred` (creating the account), only
+        if the result is >= `min` when given; idempotent under `key`.
+        Returns (tot, seq) once durable."""
+        box = []
+        ready = threading.Event()
+
+        def done(outcome):
+            box.append(outcome)
+            ready.set()
+
+        self._committer.submit(cred, by, min, key, done)
+        ready.wait()
+        outcome = box[0]
+        if isinstance(outcome, AccManError):
+            raise outcome
+        return outcome
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Mods submitted from `loop`'s thread complete on that loop."""
+        self._committer.bind_loop(loop)
+
+    async def amod(self, cred: str, by: int, *, min: int | None = None,
+                   key: str | None = None) -> tuple[int, int]:
+        """`mod` for asyncio: many concurrent amods share one fsync."""
+        loop = asyncio.get_running_loop()
+        if self._committer._loop is not loop:
+            self.bind_loop(loop)
+        fut = loop.create_future()
+
+        def done(outcome):
+            if not fut.done():
+                fut.set_result(outcome)
+
+        self._committer.submit(cred, by, min, key, done)
+        outcome = await fut
+        if isinstance(outcome, AccManError):
+            raise outcome
+        return outcome
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """True while the ledger can commit."""
+        return not self._closed and self._committer.healthy
+
+    @property
+    def stats(self) -> dict:
+        c = self._committer
+        return {
+            "accounts": len(self._book),
+            "batches": c.batches,
+            "mods": c.mods,
+            "fsync_s_total": c.fsync_s_total,
+            "last_batch_mods": c.last_batch_mods,
+            "queued_mods": self._book.queued_mods,
+            "healthy": self.healthy,
+        }
+
+    def drain_samples(self) -> tuple[list[int], list[float]]:
+        """Batch sizes and fsync times since the last call (for histograms)."""
+        c = self._committer
+        with c.lock:
+            sizes, times = c.batch_sizes, c.fsync_times_s
+            c.batch_sizes, c.fsync_times_s = [], []
+        return sizes, times
+
+    def verify(self) -> dict:
+        """The full check: every account's history runs 1..seq without gaps,
+        each entry's tot is the previous tot plus its by, the last equals
+        the account's balance, and every idempotency record names an entry
+        with its key.  Raises StoreCorrupt; returns counts."""
+        from accman.verify import verify_store
+        return verify_store(self.store)
+
+    def close(self) -> None:
+        """Commits what is queued, stops the writer, closes the store."""
+        if self._closed:
+            return
+        self._closed = True
+        self.tot = self._refuse_closed
+        self._committer.close()
+        self.store.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["Ledger", "Entry", "Unavailable"]

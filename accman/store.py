@@ -1,0 +1,160 @@
+"""LevelDB through plyvel: open, lock, load, verify, write batches.
+
+This module is the one place where plyvel's and the OS's errors become
+AccMan's (`_translated`), the way plyvel itself raises every LevelDB status
+through one `raise_for_status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+
+import plyvel
+
+from accman import _ledger
+from accman.errors import StoreCorrupt, StoreError, StoreLocked
+
+META_KEY = b"\x00meta"       # sorts before every account, history and key record
+STORE_FORMAT = 1             # bump with a migration when a record format changes
+SALT_BYTES = 16              # the per-directory BLAKE2b key for credential hashes
+# LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
+# small embedded use; a ledger with a million accounts reads its account
+# records at open and history pages at random, so give both more room.
+WRITE_BUFFER_BYTES = 16 * 1024 * 1024
+BLOCK_CACHE_BYTES = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _translated(path: str, action: str):
+    """Turns plyvel and OS errors into StoreLocked / StoreCorrupt /
+    StoreError, naming the directory and what was being done."""
+    try:
+        yield
+    except plyvel.CorruptionError as e:
+        raise StoreCorrupt(f"{path}: data files are damaged ({action}): "
+                           f"{_msg(e)}; refusing to serve, nothing repaired") from e
+    except plyvel.IOError as e:
+        msg = _msg(e)
+        if "lock" in msg.lower():
+            raise StoreLocked(f"{path}: the data directory is open in another "
+                              f"process (LevelDB lock held)") from e
+        raise StoreError(f"{path}: {action} failed: {msg}") from e
+    except plyvel.Error as e:
+        raise StoreError(f"{path}: {action} failed: {_msg(e)}") from e
+    except OSError as e:
+        raise StoreError(f"{path}: {action} failed: {e.strerror or e}") from e
+
+
+def _msg(e: BaseException) -> str:
+    arg = e.args[0] if e.args else e
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+class Store:
+    """One LevelDB directory, opened by one process at a time."""
+
+    def __init__(self, path: str, *, create: bool = True):
+        self.path = os.path.abspath(path)
+        with _translated(self.path, "open"):
+            if create:
+                os.makedirs(self.path, exist_ok=True)
+            elif not os.path.isdir(self.path):
+                raise StoreError(f"{self.path}: no such data directory")
+            self.db = plyvel.DB(
+                self.path,
+                create_if_missing=create,
+                paranoid_checks=True,
+                write_buffer_size=WRITE_BUFFER_BYTES,
+                lru_cache_size=BLOCK_CACHE_BYTES,
+            )
+        try:
+            self.salt = self._meta()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _meta(self) -> bytes:
+        with _translated(self.path, "read the format record"):
+            raw = self.db.get(META_KEY, verify_checksums=True)
+            if raw is None:
+                with self.db.iterator(include_value=False) as it:
+                    if next(it, None) is not None:
+                        raise StoreCorrupt(f"{self.path}: records without a format "
+                                           "record: not an AccMan store, or damaged")
+                salt = secrets.token_bytes(SALT_BYTES)
+                meta = {"format": STORE_FORMAT, "salt": salt.hex()}
+                self.db.put(META_KEY, json.dumps(meta).encode(), sync=True)
+                return salt
+        try:
+            meta = json.loads(raw)
+            fmt, salt = meta["format"], bytes.fromhex(meta["salt"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreCorrupt(f"{self.path}: unreadable format record") from e
+        if fmt != STORE_FORMAT:
+            raise StoreCorrupt(f"{self.path}: store format {fmt}, this AccMan "
+                               f"reads format {STORE_FORMAT}")
+        if len(salt) != SALT_BYTES:
+            raise StoreCorrupt(f"{self.path}: bad credential-hash key length")
+        return salt
+
+    # -- reads ---------------------------------------------------------------
+
+    def accounts(self):
+        """Yields (hid, tot, seq) of every account, checksums verified."""
+        prefix = _ledger.ACCOUNT_PREFIX
+        with _translated(self.path, "load accounts"):
+            with self.db.iterator(prefix=prefix, verify_checksums=True,
+                                  fill_cache=False) as it:
+                for k, v in it:
+                    if len(k) != 1 + _ledger.HID_BYTES:
+                        raise StoreCorrupt(f"{self.path}: malformed account key")
+                    try:
+                        tot, seq = _ledger.unpack_account(v)
+                    except ValueError as e:
+                        raise StoreCorrupt(f"{self.path}: {e}") from e
+                    yield k[1:], tot, seq
+
+    def get(self, key: bytes):
+        with _translated(self.path, "read"):
+            return self.db.get(key, verify_checksums=True)
+
+    def history(self, hid: bytes, first_seq: int, last_seq: int):
+        """Raw (key, value) history records of seqs last_seq down to
+        first_seq, newest first: one range scan."""
+        # Forward, then reversed in memory: plyvel 1.5's reverse iterator
+        # returns nothing when `start` is the last key before `stop`
+        # (seen here with start=b"h2", stop=b"h3").  A page is at most
+        # PAST_LIMIT_MAX records, so the list costs nothing that matters.
+        with _translated(self.path, "read history"):
+            with self.db.iterator(start=_ledger.history_key(hid, first_seq),
+                                  stop=_ledger.history_key(hid, last_seq + 1),
+                                  verify_checksums=True) as it:
+                page = list(it)
+        page.reverse()
+        return page
+
+    def iterate(self, prefix: bytes):
+        """Every (key, value) under a prefix, for verification."""
+        with _translated(self.path, "scan"):
+            with self.db.iterator(prefix=prefix, verify_checksums=True,
+                                  fill_cache=False) as it:
+                yield from it
+
+    # -- writes ----------------------------------------------------------------
+
+    def new_batch(self):
+        """A write batch that is fsync'd when written.  `transaction=True`
+        makes a batch used as a context manager drop its puts on error."""
+        return self.db.write_batch(transaction=True, sync=True)
+
+    def write(self, wb) -> None:
+        """Writes one batch durably (LevelDB releases the GIL meanwhile)."""
+        with _translated(self.path, "commit"):
+            wb.write()
+
+    def close(self) -> None:
+        if not self.db.closed:
+            self.db.close()

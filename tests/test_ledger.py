@@ -1,0 +1,405 @@
+"""The ledger's Python API against the SPEC's "Values" and "Durability and
+order" rules."""
+
+import asyncio
+import os
+import threading
+
+import pytest
+
+from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused,
+                    Ledger, Overflow, StoreCorrupt, StoreError, StoreLocked,
+                    Unavailable)
+from accman.limits import INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
+from accman.store import Store
+
+
+@pytest.fixture
+def led(tmp_path):
+    with Ledger(str(tmp_path / "data")) as led:
+        yield led
+
+
+def snapshot(led, cred):
+    return led.tot(cred), led.past(cred, limit=PAST_LIMIT_MAX)
+
+
+def test_first_mod_creates_the_account(led):
+    assert led.tot("alice") is None
+    assert led.mod("alice", 1000) == (1000, 1)
+    assert led.tot("alice") == 1000
+    assert led.mod("alice", -3) == (997, 2)
+    assert led.tot("alice") == 997
+
+
+def test_history_is_newest_first_with_all_fields(led):
+    led.mod("alice", 1000)
+    led.mod("alice", -3, min=0, key="req-17")
+    entries = led.past("alice")
+    assert [(e.seq, e.by, e.tot, e.key) for e in entries] == [
+        (2, -3, 997, "req-17"), (1, 1000, 1000, None)]
+    assert entries[0].at >= entries[1].at > 1_600_000_000_000
+
+
+def test_past_pages_with_before_and_limit(led):
+    for i in range(1, 11):
+        led.mod("a", i)
+    page = led.past("a", limit=4)
+    assert [e.seq for e in page] == [10, 9, 8, 7]
+    page = led.past("a", limit=4, before=page[-1].seq)
+    assert [e.seq for e in page] == [6, 5, 4, 3]
+    assert [e.seq for e in led.past("a", limit=4, before=3)] == [2, 1]
+    assert led.past("a", before=1) == []
+    assert [e.seq for e in led.past("a", limit=1)] == [10]
+    assert [e.seq for e in led.past("a", before=1000)][:1] == [10]
+
+
+def test_unknown_cred_reads_none(led):
+    assert led.tot("nobody") is None
+    assert led.past("nobody") is None
+
+
+@pytest.mark.parametrize("cred", ["", "x" * 129, "al ice", "alice%20", "é", "a+b",
+                                  "ａ", "a\x00", "a/b", b"alice", 5, None])
+def test_bad_creds_are_refused_and_change_nothing(led, cred):
+    led.mod("alice", 10)
+    with pytest.raises(BadRequest, match="cred"):
+        led.mod(cred, 1)
+    with pytest.raises(BadRequest, match="cred"):
+        led.tot(cred)
+    with pytest.raises(BadRequest, match="cred"):
+        led.past(cred)
+    assert snapshot(led, "alice")[0] == 10
+    assert len(led) == 1
+
+
+def test_cred_limits_are_inclusive(led):
+    assert led.mod("x" * 128, 1) == (1, 1)
+    assert led.mod("A-z_09", 1) == (1, 1)
+
+
+@pytest.mark.parametrize("by,msg", [(0, "non-zero"), (True, "bool"), (1.0, "float"),
+                                    ("5", "str"), (None, "NoneType"),
+                                    (INT64_MAX + 1, "64-bit"), (INT64_MIN - 1, "64-bit")])
+def test_bad_amounts_are_refused_and_change_nothing(led, by, msg):
+    led.mod("alice", 10)
+    before = snapshot(led, "alice")
+    with pytest.raises(BadRequest, match=msg):
+        led.mod("alice", by)
+    assert snapshot(led, "alice") == before
+
+
+@pytest.mark.parametrize("kw,msg", [({"min": 1.5}, "min"), ({"min": False}, "min"),
+                                    ({"min": INT64_MAX + 1}, "min"),
+                                    ({"key": ""}, "key"), ({"key": "k" * 65}, "key"),
+                                    ({"key": "a b"}, "key"), ({"key": 7}, "key")])
+def test_bad_min_and_key_are_refused(led, kw, msg):
+    led.mod("alice", 10)
+    before = snapshot(led, "alice")
+    with pytest.raises(BadRequest, match=msg):
+        led.mod("alice", -1, **kw)
+    assert snapshot(led, "alice") == before
+
+
+def test_min_refuses_and_reports_the_balance(led):
+    led.mod("alice", 5)
+    with pytest.raises(Insufficient) as e:
+        led.mod("alice", -6, min=0)
+    assert e.value.tot == 5 and e.value.code == "insufficient" and e.value.status == 409
+    assert led.mod("alice", -5, min=0) == (0, 2)
+    assert led.mod("alice", -5, min=-5) == (-5, 3)
+    assert [e.seq for e in led.past("alice")] == [3, 2, 1]
+
+
+def test_min_on_unknown_account_is_judged_against_zero(led):
+    with pytest.raises(Insufficient) as e:
+        led.mod("ghost", -1, min=0)
+    assert e.value.tot == 0
+    assert led.tot("ghost") is None and len(led) == 0
+
+
+def test_overflow_both_ways_changes_nothing(led):
+    led.mod("hi", INT64_MAX)
+    with pytest.raises(Overflow) as e:
+        led.mod("hi", 1)
+    assert e.value.code == "overflow"
+    led.mod("lo", INT64_MIN)
+    with pytest.raises(Overflow):
+        led.mod("lo", -1)
+    assert led.tot("hi") == INT64_MAX and led.tot("lo") == INT64_MIN
+    assert led.mod("hi", -INT64_MAX) == (0, 2)
+
+
+def test_idempotency_key_replays_and_refuses_reuse(led):
+    led.mod("alice", 100)
+    assert led.mod("alice", -7, min=0, key="k1") == (93, 2)
+    assert led.mod("alice", -1) == (92, 3)
+    # the original answer, not a new one
+    assert led.mod("alice", -7, min=0, key="k1") == (93, 2)
+    for kw in ({"by": -8, "min": 0}, {"by": -7, "min": 1}, {"by": -7, "min": None}):
+        with pytest.raises(KeyReused):
+            led.mod("alice", kw["by"], min=kw["min"], key="k1")
+    assert led.tot("alice") == 92
+    # keys are per account
+    assert led.mod("bob", -7, min=None, key="k1") == (-7, 1)
+
+
+def test_refused_mod_does_not_consume_its_key(led):
+    led.mod("alice", 5)
+    with pytest.raises(Insufficient):
+        led.mod("alice", -10, min=0, key="k")
+    led.mod("alice", 10)
+    assert led.mod("alice", -10, min=0, key="k") == (5, 3)
+
+
+def test_state_survives_reopen(tmp_path):
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        led.mod("alice", 100)
+        led.mod("alice", -1, key="k")
+        led.mod("bob", 5)
+    with Ledger(path) as led:
+        assert led.tot("alice") == 99 and led.tot("bob") == 5
+        assert led.mod("alice", -1, key="k") == (99, 2)      # key kept on disk
+        with pytest.raises(KeyReused):
+            led.mod("alice", -2, key="k")
+        assert led.mod("alice", 1) == (100, 3)
+        assert led.verify() == {"accounts": 2, "entries": 4, "keys": 1}
+
+
+def test_data_files_do_not_contain_credentials(tmp_path):
+    path = tmp_path / "d"
+    creds = ["Sup3rS3cretCredential_abcdefghij", "second-live-credential-0123456789"]
+    with Ledger(str(path)) as led:
+        for c in creds:
+            led.mod(c, 10, key="a-key-value")
+            led.tot(c)
+    found = b""
+    for root, _, files in os.walk(path):
+        for f in files:
+            found += open(os.path.join(root, f), "rb").read()
+    assert b"a-key-value" in found      # the check itself can see plain text
+    for c in creds:
+        assert c.encode() not in found
+        assert c.encode("utf-16-le") not in found
+
+
+def test_a_second_open_is_refused_clearly(tmp_path):
+    path = str(tmp_path / "d")
+    with Ledger(path):
+        with pytest.raises(StoreLocked, match="another process"):
+            Ledger(path)
+
+
+def test_closed_ledger_refuses_politely(tmp_path):
+    led = Ledger(str(tmp_path / "d"))
+    led.mod("a", 1)
+    led.close()
+    led.close()
+    for call in (lambda: led.tot("a"), lambda: led.mod("a", 1), lambda: led.past("a")):
+        with pytest.raises(Unavailable):
+            call()
+    assert not led.healthy
+
+
+def test_open_without_create_on_missing_dir(tmp_path):
+    with pytest.raises(StoreError, match="no such"):
+        Ledger(str(tmp_path / "missing"), create=False)
+
+
+def test_a_foreign_leveldb_is_not_taken_for_a_store(tmp_path):
+    import plyvel
+    db = plyvel.DB(str(tmp_path / "d"), create_if_missing=True)
+    db.put(b"x", b"y")
+    db.close()
+    with pytest.raises(StoreCorrupt, match="format record"):
+        Ledger(str(tmp_path / "d"))
+
+
+def test_account_record_that_disagrees_with_history_is_refused(tmp_path):
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        led.mod("alice", 10)
+        hid = led._book.account("alice").hid
+    from accman import _ledger
+    store = Store(path)
+    store.db.put(b"a" + hid, _ledger.pack_account(11, 1), sync=True)
+    store.close()
+    with pytest.raises(StoreCorrupt, match="does not match"):
+        Ledger(path)
+
+
+class FailingStore(Store):
+    """Fault injection: the Nth write (1-based) and all after it fail."""
+
+    fail_from = 2
+    writes = 0
+
+    def write(self, wb):
+        self.writes += 1
+        if self.writes >= self.fail_from:
+            raise StoreError(f"{self.path}: commit failed: injected fault")
+        super().write(wb)
+
+
+def test_failed_commit_acknowledges_nothing_and_stops_writes(tmp_path):
+    path = str(tmp_path / "d")
+    led = Ledger(path, store=FailingStore(path))
+    assert led.mod("alice", 10) == (10, 1)
+    with pytest.raises(Unavailable, match="injected"):
+        led.mod("alice", 5)
+    assert led.tot("alice") == 10            # the failed mod never shows
+    assert not led.healthy
+    with pytest.raises(Unavailable):
+        led.mod("bob", 1)
+    assert led.tot("bob") is None
+    led.close()
+    with Ledger(path) as led:
+        assert led.tot("alice") == 10 and [e.seq for e in led.past("alice")] == [1]
+        assert led.mod("alice", 1) == (11, 2)   # seq continues without a gap
+
+
+def test_failed_commit_fails_every_waiting_mod(tmp_path):
+    path = str(tmp_path / "d")
+    store = FailingStore(path)
+    store.fail_from = 1
+    led = Ledger(path, store=store)
+    outcomes = []
+
+    async def main():
+        return await asyncio.gather(*[led.amod(f"c{i % 3}", i + 1) for i in range(50)],
+                                    return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, Unavailable) for o in outcomes)
+    for c in ("c0", "c1", "c2"):
+        assert led.tot(c) is None
+    led.close()
+    with Ledger(path) as led:
+        assert len(led) == 0
+
+
+def test_concurrent_threads_share_commits_and_lose_nothing(led):
+    per, nthreads = 50, 8
+
+    def work(t):
+        for i in range(per):
+            led.mod(f"t{t % 2}", 1, key=f"{t}-{i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert led.tot("t0") + led.tot("t1") == per * nthreads
+    assert led.stats["batches"] < per * nthreads      # some mods shared an fsync
+    assert led.verify()["entries"] == per * nthreads
+
+
+def test_asyncio_submits_apply_in_order_and_refuse_at_min(led):
+    led.mod("acct", 100)
+
+    async def main():
+        return await asyncio.gather(*[led.amod("acct", -1, min=0) for _ in range(200)],
+                                    return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    ok = [o for o in outcomes if isinstance(o, tuple)]
+    refused = [o for o in outcomes if isinstance(o, Insufficient)]
+    assert len(ok) == 100 and len(refused) == 100
+    # applied in submission order: the first 100 won, seqs 2..101 in order
+    assert ok == [(100 - i, i + 1) for i in range(1, 101)]
+    assert all(r.tot == 0 for r in refused)
+    assert led.tot("acct") == 0 and len(led.past("acct", limit=1000)) == 101
+
+
+def test_reads_never_see_a_balance_before_it_is_durable(tmp_path):
+    """While a batch is being written, tot still shows the old balance."""
+    path = str(tmp_path / "d")
+    gate = threading.Event()
+    entered = threading.Event()
+
+    class SlowStore(Store):
+        def write(self, wb):
+            entered.set()
+            gate.wait(10)
+            super().write(wb)
+
+    led = Ledger(path, store=SlowStore(path))
+    t = threading.Thread(target=led.mod, args=("alice", 10))
+    t.start()
+    assert entered.wait(10)
+    assert led.tot("alice") is None and led.past("alice") is None
+    gate.set()
+    t.join()
+    assert led.tot("alice") == 10
+    led.close()
+
+
+def test_refusal_judged_on_pending_state_waits_for_it(tmp_path):
+    """An Insufficient judged against a not-yet-durable balance is told only
+    after that balance is durable, and with it."""
+    path = str(tmp_path / "d")
+    gate = threading.Event()
+
+    class SlowStore(Store):
+        def write(self, wb):
+            gate.wait(10)
+            super().write(wb)
+
+    led = Ledger(path, store=SlowStore(path))
+    got = []
+    led.submit("a", 5, done=got.append)
+    led.submit("a", -6, min=0, done=got.append)
+    assert got == []
+    gate.set()
+    led.close()
+    assert got[0] == (5, 1) and isinstance(got[1], Insufficient) and got[1].tot == 5
+
+
+def test_queued_mods_bound_gives_busy(tmp_path):
+    path = str(tmp_path / "d")
+    gate = threading.Event()
+
+    class SlowStore(Store):
+        def write(self, wb):
+            gate.wait(10)
+            super().write(wb)
+
+    led = Ledger(path, store=SlowStore(path), queued_mods_max=3, batch_mods_max=2)
+    got = []
+    for i in range(3):
+        led.submit("a", 1, done=got.append)
+    with pytest.raises(Busy):
+        led.submit("a", 1, done=got.append)
+    gate.set()
+    led.close()
+    assert got == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_batch_size_bound_splits_batches(tmp_path):
+    path = str(tmp_path / "d")
+    gate = threading.Event()
+
+    class CountingStore(Store):
+        sizes = []
+
+        def write(self, wb):
+            gate.wait(10)
+            super().write(wb)
+
+    led = Ledger(path, store=CountingStore(path), batch_mods_max=4)
+    got = []
+    for i in range(10):
+        led.submit("a", 1, done=got.append)
+    gate.set()
+    led.close()
+    assert len(got) == 10
+    sizes, _ = led.drain_samples()
+    assert max(sizes) <= 4 and sum(sizes) == 10
+
+
+def test_errors_carry_spec_codes():
+    assert [c.code for c in (BadRequest, Insufficient, KeyReused, Overflow, Unavailable)] == [
+        "bad_request", "insufficient", "key_reused", "overflow", "unavailable"]
+    assert all(issubclass(c, AccManError) for c in (BadRequest, Busy, StoreLocked))
