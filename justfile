@@ -1,0 +1,39 @@
+# AccMan tasks.  `just --list` shows them.  The venv is .venv, as in README.md.
+py := ".venv/bin/python"
+
+# create the venv and install AccMan with its test tools (editable)
+setup:
+    python3 -m venv .venv
+    .venv/bin/pip install -e '.[test]'
+
+# recompile the Cython modules in ext/ in place
+build:
+    {{py}} setup.py build_ext --inplace
+
+# the whole test suite (what CI runs)
+test: build
+    {{py}} -m pytest
+
+# run the service on its embedded LevelDB
+serve data="./accman-data" port="8080":
+    .venv/bin/accman serve --data {{data}} --port {{port}}
+
+# in-process ledger, client and middleware benchmarks (pytest-benchmark)
+bench: build
+    {{py}} -m pytest bench/bench_ledger.py bench/bench_client.py bench/bench_asgi.py --benchmark-enable -p no:cacheprovider -s
+
+# HTTP load benchmark with wrk against AccMan and its peers
+bench-load: build
+    {{py}} bench/load.py
+
+# the long crash checker (kill -9 rounds for minutes; prints the seed)
+crash:
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/crash -p no:cacheprovider -s
+
+# bounded soak run: connection churn and pipelined floods, RSS measured
+soak:
+    {{py}} bench/soak.py
+
+# style and static checks
+lint:
+    {{py}} -m ruff check accman tests bench examples
