@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from accman import _ledger
 from accman.commit import Committer
-from accman.errors import AccManError, BadRequest, StoreCorrupt, Unavailable
+from accman.errors import AccManError, BadRequest, Unavailable
 from accman.limits import PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX
 from accman.store import Store
 
@@ -49,10 +49,9 @@ class Ledger:
                 limits["queued_mods_max"] = queued_mods_max
             self._book = _ledger.Book(self.store.salt, self.store.new_batch,
                                       self.store.get, **limits)
-            for hid, tot, seq in self.store.accounts():
-                if verify:
-                    self._check_head(hid, tot, seq)
-                self._book.load(hid, tot, seq)
+            load = self._book.load
+            for hid, tot, seq in self.store.accounts(check_heads=verify):
+                load(hid, tot, seq)
         except BaseException:
             self.store.close()
             raise
@@ -63,14 +62,6 @@ class Ledger:
 
     def _refuse_closed(self, *args):
         raise Unavailable("the ledger is closed")
-
-    def _check_head(self, hid: bytes, tot: int, seq: int) -> None:
-        """An account record must match the newest entry of its history:
-        the two are written in one batch, so a mismatch is damage."""
-        raw = self.store.get(_ledger.history_key(hid, seq))
-        if raw is None or _ledger.unpack_history(raw)[1] != tot or seq < 1:
-            raise StoreCorrupt(f"{self.path}: an account record does not match "
-                               "its history; refusing to serve, nothing repaired")
 
     # -- reads -------------------------------------------------------------------
 

@@ -102,10 +102,17 @@ class Store:
 
     # -- reads ---------------------------------------------------------------
 
-    def accounts(self):
-        """Yields (hid, tot, seq) of every account, checksums verified."""
+    def accounts(self, check_heads: bool = False):
+        """Yields (hid, tot, seq) of every account, checksums verified.
+
+        With `check_heads`, each account record is checked against the
+        newest entry of its history (they are written in one batch, so a
+        mismatch is damage).  Accounts and histories are both ordered by
+        hid, so the history seeks only move forward: one pass, not a
+        random read per account."""
         prefix = _ledger.ACCOUNT_PREFIX
         with _translated(self.path, "load accounts"):
+            heads = self.db.raw_iterator(verify_checksums=True, fill_cache=False)
             with self.db.iterator(prefix=prefix, verify_checksums=True,
                                   fill_cache=False) as it:
                 for k, v in it:
@@ -115,7 +122,27 @@ class Store:
                         tot, seq = _ledger.unpack_account(v)
                     except ValueError as e:
                         raise StoreCorrupt(f"{self.path}: {e}") from e
-                    yield k[1:], tot, seq
+                    hid = k[1:]
+                    if check_heads:
+                        self._check_head(heads, hid, tot, seq)
+                    yield hid, tot, seq
+            heads.close()
+
+    def _check_head(self, heads, hid: bytes, tot: int, seq: int) -> None:
+        key = _ledger.history_key(hid, seq)
+        heads.seek(key)
+        ok = seq >= 1 and heads.valid() and heads.key() == key
+        if ok:
+            try:
+                ok = _ledger.unpack_history(heads.value())[1] == tot
+            except ValueError:
+                ok = False
+            heads.next()        # nothing may follow the head in this history
+            ok = ok and not (heads.valid() and heads.key()[:1 + _ledger.HID_BYTES]
+                             == key[:1 + _ledger.HID_BYTES])
+        if not ok:
+            raise StoreCorrupt(f"{self.path}: an account record does not match "
+                               "its history; refusing to serve, nothing repaired")
 
     def get(self, key: bytes):
         with _translated(self.path, "read"):
