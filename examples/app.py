@@ -1,0 +1,76 @@
+"""An example paid API: a Starlette app charged per request through AccMan.
+
+    python -m accman serve --port 8035 --data ./accman-data &
+    ACCMAN_URL=http://127.0.0.1:8035 uvicorn examples.app:app --port 8000
+    curl -H "ACCMAN: $CRED" localhost:8000/weather        # 1 per call
+    curl -H "ACCMAN: $CRED" "localhost:8000/report?rows=25"  # 1 per started 10 rows
+
+Configuration comes from the environment: ACCMAN_URL, ACCMAN_TOKEN (a token
+with read and charge, plus mint in reserve mode, which refunds), ACCMAN_MODE
+("check" or "reserve") and ACCMAN_ON_UNAVAILABLE ("closed" or "open").
+"""
+
+import os
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from accman.asgi import AccManMiddleware
+
+REPORT_ROWS_MAX = 100       # a report has at most 100 rows, so costs at most 10
+
+
+async def health(request):
+    return PlainTextResponse("ok")
+
+
+async def weather(request):
+    return JSONResponse({"city": "Lisbon", "temp_c": 21})
+
+
+async def report(request):
+    try:
+        rows = int(request.query_params.get("rows", "10"))
+    except ValueError:
+        return JSONResponse({"error": "rows must be a number"}, status_code=400)
+    if not 1 <= rows <= REPORT_ROWS_MAX:
+        return JSONResponse({"error": f"rows must be 1 to {REPORT_ROWS_MAX}"}, status_code=400)
+    return JSONResponse({"rows": list(range(rows))}, headers={"x-rows": str(rows)})
+
+
+def report_cost(scope, status, headers):
+    """Before the app runs (status None): the most a report can cost, which
+    is what the balance must cover and what reserve mode holds.  After: 1 per
+    started 10 rows, nothing for a refused request."""
+    if status is None:
+        return REPORT_ROWS_MAX // 10
+    if status >= 400:
+        return 0
+    rows = int(dict(headers).get(b"x-rows", b"0"))
+    return (rows + 9) // 10
+
+
+async def metrics(request):
+    return PlainTextResponse(app.render_metrics())
+
+
+# The service as it was before it was paid for (bench/bench_asgi.py times
+# both), and the paid one.
+service = Starlette(routes=[
+    Route("/health", health),
+    Route("/metrics", metrics),
+    Route("/weather", weather),
+    Route("/report", report),
+])
+
+app = AccManMiddleware(
+    service,
+    url=os.environ.get("ACCMAN_URL", "http://127.0.0.1:8035"),
+    token=os.environ.get("ACCMAN_TOKEN") or None,
+    cost=1,
+    mode=os.environ.get("ACCMAN_MODE", "check"),
+    on_unavailable=os.environ.get("ACCMAN_ON_UNAVAILABLE", "closed"),
+    exempt=("/health", "/metrics"),
+    prices={"/report": report_cost},
+)
