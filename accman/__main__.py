@@ -1,0 +1,7 @@
+"""`python -m accman ...` is the `accman` command."""
+
+import sys
+
+from accman.cli import main
+
+sys.exit(main())

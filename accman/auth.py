@@ -1,0 +1,104 @@
+"""Tokens and roles (SPEC "Access").
+
+A tokens file has one token a line, `ROLE[,ROLE...] TOKEN`; blank lines and
+lines starting with `#` are ignored.  Roles are `read` (/tot, /past),
+`charge` (/mod with a negative `by`) and `mint` (/mod with a positive `by`).
+
+Tokens are compared with `hmac.compare_digest` against every configured
+token, so the time a check takes does not depend on how much of a guess
+matches.  No message here ever contains a token: errors name the line.
+"""
+
+import hmac
+
+READ = 1
+CHARGE = 2
+MINT = 4
+ROLE_BITS = {"read": READ, "charge": CHARGE, "mint": MINT}
+
+# A token is an RFC 6750 b64token; 16 characters is the shortest we accept so
+# that a placeholder such as "secret" never guards real money.
+TOKEN_CHARS_MIN = 16
+TOKEN_CHARS_MAX = 256
+TOKEN_ALPHABET = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+
+
+class TokensError(ValueError):
+    """The tokens file cannot be used; the message is one line, token-free."""
+
+
+def roles_text(roles: int) -> str:
+    return ",".join(name for name, bit in ROLE_BITS.items() if roles & bit)
+
+
+class Tokens:
+    """The configured tokens and their roles (a bit set of READ|CHARGE|MINT)."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries):
+        self._entries = tuple((bytes(tok), int(roles)) for tok, roles in entries)
+        if not self._entries:
+            raise TokensError("no tokens configured")
+
+    def __len__(self):
+        return len(self._entries)
+
+    @classmethod
+    def parse(cls, text: str, source: str = "tokens") -> "Tokens":
+        entries = []
+        seen = set()
+        for lineno, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise TokensError(
+                    f"{source} line {lineno}: expected `ROLE[,ROLE...] TOKEN`")
+            role_field, token = parts
+            roles = 0
+            for name in role_field.split(","):
+                bit = ROLE_BITS.get(name)
+                if bit is None:
+                    raise TokensError(
+                        f"{source} line {lineno}: unknown role {name!r} "
+                        f"(roles are read, charge, mint)")
+                roles |= bit
+            if not TOKEN_CHARS_MIN <= len(token) <= TOKEN_CHARS_MAX:
+                raise TokensError(
+                    f"{source} line {lineno}: a token has "
+                    f"{TOKEN_CHARS_MIN} to {TOKEN_CHARS_MAX} characters")
+            if not set(token) <= TOKEN_ALPHABET:
+                raise TokensError(
+                    f"{source} line {lineno}: a token uses only "
+                    f"A-Z a-z 0-9 - . _ ~ + / =")
+            if token in seen:
+                raise TokensError(f"{source} line {lineno}: a token appears twice")
+            seen.add(token)
+            entries.append((token.encode("ascii"), roles))
+        if not entries:
+            raise TokensError(f"{source}: no tokens in the file")
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: str) -> "Tokens":
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise TokensError(f"cannot read tokens file {path}: {reason}") from None
+        return cls.parse(text, source=str(path))
+
+    def roles(self, token) -> int:
+        """The roles of `token` (bytes), 0 when it is missing or unknown.
+        Every configured token is compared, match or not."""
+        if not token:
+            return 0
+        found = 0
+        for known, roles in self._entries:
+            if hmac.compare_digest(token, known):
+                found = roles
+        return found

@@ -1,0 +1,768 @@
+"""Black-box tests of the HTTP service: the real server as a subprocess on
+port 0, spoken to over raw sockets and with httpx (SPEC "Routes", "Values",
+"Errors", "Durability and order", "Access", "Limits")."""
+
+import signal
+import socket
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import parse_responses, request_bytes
+
+INT64_MAX = 2 ** 63 - 1
+
+TOKENS = {
+    "read": "read-token-0123456789abcdef",
+    "charge": "charge-token-0123456789abcdef",
+    "mint": "mint-token-0123456789abcdef",
+    "service": "service-token-0123456789abcdef",
+}
+TOKENS_FILE = f"""# test tokens
+read {TOKENS['read']}
+charge {TOKENS['charge']}
+mint {TOKENS['mint']}
+read,charge {TOKENS['service']}
+"""
+
+
+def get(target, headers=()):
+    return request_bytes("GET", target, headers)
+
+
+def patch(target, headers=()):
+    return request_bytes("PATCH", target, headers)
+
+
+def assert_error(r, status, code=None):
+    assert r.status == status, r
+    assert r.headers["content-type"] == "application/json"
+    doc = r.json
+    assert isinstance(doc["error"], str) and doc["error"], doc
+    assert isinstance(doc["detail"], str) and doc["detail"], doc
+    if code is not None:
+        assert doc["error"] == code, doc
+    return doc
+
+
+# --- routes ------------------------------------------------------------------
+
+def test_tot_of_unknown_cred_is_404_no_account(shared_server, cred):
+    assert_error(shared_server.get(f"/tot?cred={cred}"), 404, "no_account")
+
+
+def test_first_mod_creates_the_account_and_tot_reads_it(shared_server, cred):
+    r = shared_server.mod(cred, 100)
+    assert r.status == 200
+    assert r.headers["content-type"] == "application/json"
+    assert int(r.headers["content-length"]) == len(r.body)
+    assert r.json == {"tot": 100, "seq": 1}
+    r = shared_server.get(f"/tot?cred={cred}")
+    assert r.status == 200 and r.json == {"tot": 100}
+    assert int(r.headers["content-length"]) == len(r.body)
+
+
+def test_seq_grows_by_one_per_applied_mod(shared_server, cred):
+    seqs = [shared_server.mod(cred, by).json["seq"] for by in (5, -2, 7, -10)]
+    assert seqs == [1, 2, 3, 4]
+    assert shared_server.tot(cred) == 0
+
+
+def test_min_refuses_a_mod_that_would_go_under_it(shared_server, cred):
+    shared_server.mod(cred, 10)
+    doc = assert_error(shared_server.mod(cred, -20, min=0), 409, "insufficient")
+    assert doc["tot"] == 10
+    assert shared_server.tot(cred) == 10
+    assert len(shared_server.get(f"/past?cred={cred}").json["past"]) == 1
+    r = shared_server.mod(cred, -10, min=0)
+    assert r.status == 200 and r.json == {"tot": 0, "seq": 2}
+
+
+def test_min_may_be_negative_and_zero_is_allowed(shared_server, cred):
+    assert shared_server.mod(cred, -5, min=-10).json == {"tot": -5, "seq": 1}
+    assert_error(shared_server.mod(cred, -6, min=-10), 409, "insufficient")
+    assert shared_server.mod(cred, 5, min=0).json == {"tot": 0, "seq": 2}
+
+
+def test_a_key_applies_once_and_replays_its_answer(shared_server, cred):
+    first = shared_server.mod(cred, 40, key="pay-1")
+    again = shared_server.mod(cred, 40, key="pay-1")
+    assert first.status == again.status == 200
+    assert first.body == again.body == b'{"tot":40,"seq":1}'
+    assert shared_server.tot(cred) == 40
+    assert len(shared_server.get(f"/past?cred={cred}").json["past"]) == 1
+
+
+def test_a_key_reused_with_other_values_is_409(shared_server, cred):
+    shared_server.mod(cred, 40, key="k")
+    assert_error(shared_server.mod(cred, 41, key="k"), 409, "key_reused")
+    assert_error(shared_server.mod(cred, 40, key="k", min=0), 409, "key_reused")
+    assert shared_server.tot(cred) == 40
+
+
+def test_overflow_is_refused_and_changes_nothing(shared_server, cred):
+    assert shared_server.mod(cred, INT64_MAX).status == 200
+    assert_error(shared_server.mod(cred, 1), 409, "overflow")
+    assert shared_server.tot(cred) == INT64_MAX
+    other = cred + "-neg"
+    assert shared_server.mod(other, -INT64_MAX).status == 200
+    assert shared_server.mod(other, -1).status == 200          # INT64_MIN itself
+    assert_error(shared_server.mod(other, -1), 409, "overflow")
+
+
+def test_past_pages_newest_first(shared_server, cred):
+    t0 = int(time.time() * 1000)
+    for i, by in enumerate((1, 2, 3, 4, 5)):
+        shared_server.mod(cred, by, **({"key": f"k{i}"} if i == 2 else {}))
+    page = shared_server.get(f"/past?cred={cred}&limit=2").json
+    assert [e["seq"] for e in page["past"]] == [5, 4]
+    assert page["next"] == 4
+    e = page["past"][0]
+    assert set(e) == {"seq", "by", "tot", "at", "key"}
+    assert (e["by"], e["tot"], e["key"]) == (5, 15, None)
+    assert t0 - 1000 <= e["at"] <= int(time.time() * 1000) + 1000
+    page = shared_server.get(f"/past?cred={cred}&limit=2&before=4").json
+    assert [(e["seq"], e["key"]) for e in page["past"]] == [(3, "k2"), (2, None)]
+    assert page["next"] == 2
+    page = shared_server.get(f"/past?cred={cred}&limit=2&before=2").json
+    assert [e["seq"] for e in page["past"]] == [1] and page["next"] is None
+    whole = shared_server.get(f"/past?cred={cred}").json
+    assert [e["seq"] for e in whole["past"]] == [5, 4, 3, 2, 1]
+    assert whole["next"] is None
+
+
+def test_past_of_unknown_cred_is_404_no_account(shared_server, cred):
+    assert_error(shared_server.get(f"/past?cred={cred}"), 404, "no_account")
+
+
+def test_health_is_200_while_the_store_commits(shared_server):
+    r = shared_server.get("/health")
+    assert r.status == 200 and r.headers["content-type"] == "application/json"
+
+
+def test_metrics_is_prometheus_text(shared_server, cred):
+    shared_server.mod(cred, 3)
+    shared_server.get(f"/tot?cred={cred}")
+    shared_server.get("/nope")
+    r = shared_server.get("/metrics")
+    assert r.status == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = r.body.decode()
+    for needle in ('accman_requests_total{route="tot",status="200"}',
+                   'accman_requests_total{route="mod",status="200"}',
+                   'accman_requests_total{route="none",status="404"}',
+                   "accman_mod_latency_seconds_bucket{le=",
+                   "accman_batch_size_mods_bucket{le=",
+                   "accman_fsync_seconds_total ",
+                   "accman_open_connections ",
+                   "accman_healthy 1"):
+        assert needle in text, needle
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    for line in samples:
+        name, value = line.rsplit(" ", 1)
+        float(value)
+
+
+def test_httpx_round_trip_on_one_keep_alive_connection(shared_server, cred):
+    with httpx.Client(base_url=shared_server.url) as client:
+        r = client.patch("/mod", params={"cred": cred, "by": "25"})
+        assert r.status_code == 200 and r.json() == {"tot": 25, "seq": 1}
+        r = client.get("/tot", params={"cred": cred})
+        assert r.json() == {"tot": 25}
+        r = client.get("/past", params={"cred": cred, "limit": "1"})
+        assert r.json()["past"][0]["by"] == 25
+        r = client.get("/tot", params={"cred": cred, "x": "1"})
+        assert r.status_code == 400 and r.json()["error"]
+
+
+# --- errors ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [
+    "/tot?cred=a%41",                     # percent-encoding is never decoded
+    "/tot?cred=%61",
+    "/tot?cred=caf\xe9",                  # non-ASCII
+    "/tot?cred=" + "a" * 129,             # over CRED_CHARS_MAX
+    "/tot?cred=",
+    "/tot?cred=a.b",
+    "/tot",
+    "/tot?cred=a&cred=a",                 # repeated parameter
+    "/tot?cred=a&by=1",                   # unknown parameter for this route
+    "/past?cred=a&limit=0",
+    "/past?cred=a&limit=1001",
+    "/past?cred=a&limit=01",
+    "/past?cred=a&before=0",
+    "/past?cred=a&before=-1",
+])
+def test_bad_read_queries_are_400(shared_server, target):
+    with shared_server.connect() as c:
+        c.send(request_bytes("GET", target))
+        r = c.response()
+        assert_error(r, 400)
+        if r.headers.get("connection") == "close":   # bytes no request line may hold
+            assert "\xe9" in target and c.closed_by_peer()
+        else:
+            c.send(get("/health"))                # the connection stays usable
+            assert c.response().status == 200
+
+
+@pytest.mark.parametrize("query", [
+    "by=+5", "by=05", "by=0", "by=-0", "by=1e3", "by=1_0", "by=%205", "by=5%20",
+    "by=\uff15",                                   # full-width digit five
+    "by=\u0665",                                   # Arabic-Indic five
+    "by=9223372036854775808", "by=-9223372036854775809",
+    "by=", "by=1&by=1", "by=1&min=01", "by=1&min=+0", "by=1&min=1.0",
+    "by=1&key=", "by=1&key=" + "k" * 65, "by=1&key=a%2Fb", "by=1&key=a/b",
+    "by=1&foo=bar", "by=1&cred=x",
+])
+def test_bad_mod_queries_are_400_and_change_nothing(shared_server, cred, query):
+    shared_server.mod(cred, 7)
+    target = f"/mod?cred={cred}&{query}".encode("utf-8").decode("latin-1")
+    with shared_server.connect() as c:
+        c.send(request_bytes("PATCH", target))
+        assert_error(c.response(), 400)
+    assert shared_server.tot(cred) == 7
+    assert len(shared_server.get(f"/past?cred={cred}").json["past"]) == 1
+
+
+def test_mod_without_cred_or_by_is_400(shared_server):
+    assert_error(shared_server.patch("/mod?by=1"), 400)
+    assert_error(shared_server.patch("/mod?cred=abc"), 400)
+
+
+def test_unknown_path_is_404_not_found_and_keeps_the_connection(shared_server):
+    with shared_server.connect() as c:
+        c.send(get("/nope"))
+        assert_error(c.response(), 404, "not_found")
+        c.send(get("/health"))
+        assert c.response().status == 200
+
+
+@pytest.mark.parametrize("method,target,allow", [
+    ("POST", "/tot?cred=a", "GET"),
+    ("PATCH", "/tot?cred=a", "GET"),
+    ("GET", "/mod?cred=a&by=1", "PATCH"),
+    ("DELETE", "/past?cred=a", "GET"),
+    ("PUT", "/health", "GET"),
+])
+def test_known_path_with_another_method_is_405_with_allow(shared_server, method, target, allow):
+    r = shared_server.request(method, target)
+    assert_error(r, 405)
+    assert allow in r.headers["allow"]
+
+
+def framing_cases():
+    big_line = "/tot?cred=" + "a" * 4096
+    return [(name, raw.replace(b"\r\n", b"\r\nHost: a\r\n", 1), status)
+            for name, raw, status in _framing_cases(big_line)]
+
+
+def _framing_cases(big_line):
+    return [
+        # (name, raw bytes, status)
+        ("cl_and_te", b"GET /health HTTP/1.1\r\nContent-Length: 0\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        ("chunked", b"PATCH /mod?cred=a&by=1 HTTP/1.1\r\nTransfer-Encoding: chunked"
+                    b"\r\n\r\n0\r\n\r\n", 400),
+        ("two_cl", b"GET /health HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n", 400),
+        ("obs_fold", b"GET /health HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n", 400),
+        ("bare_cr", b"GET /health HTTP/1.1\r\nX-A: b\rc\r\n\r\n", 400),
+        ("bad_request_line", b"GET  /health HTTP/1.1\r\n\r\n", 400),
+        ("long_line", f"GET {big_line} HTTP/1.1\r\n\r\n".encode(), 414),
+        ("header_bytes", b"GET /health HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 9000
+                         + b"\r\n\r\n", 431),
+        ("header_count", b"GET /health HTTP/1.1\r\n"
+                         + b"".join(b"X-H%d: 1\r\n" % i for i in range(70)) + b"\r\n", 431),
+        ("body", b"PATCH /mod?cred=a&by=1 HTTP/1.1\r\nContent-Length: 2000\r\n\r\n"
+                 + b"x" * 2000, 413),
+        ("method", b"BREW /tot?cred=a HTTP/1.1\r\n\r\n", 501),
+        ("version", b"GET /health HTTP/2.0\r\n\r\n", 505),
+        ("version3", b"GET /health HTTP/3.1\r\n\r\n", 505),
+    ]
+
+
+@pytest.mark.parametrize("name,raw,status", framing_cases(), ids=[c[0] for c in framing_cases()])
+def test_framing_errors_are_answered_then_the_connection_closes(shared_server, name, raw, status):
+    with shared_server.connect() as c:
+        c.send(raw + get("/health"))          # a request after it is never answered
+        data = c.read_all()
+    replies = parse_responses(data)
+    assert len(replies) == 1, data
+    assert_error(replies[0], status)
+    assert replies[0].headers.get("connection") == "close"
+
+
+def test_a_small_body_is_read_and_ignored(shared_server, cred):
+    with shared_server.connect() as c:
+        c.send(b"PATCH /mod?cred=%s&by=3 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"
+               % cred.encode() + get(f"/tot?cred={cred}"))
+        assert c.response().json == {"tot": 3, "seq": 1}
+        assert c.response().json == {"tot": 3}
+
+
+# --- whole, one byte at a time, pipelined -------------------------------------------
+
+def exchange_cases(cred):
+    return [
+        patch(f"/mod?cred={cred}&by=50&key=fund"),        # a key: replays are identical
+        get(f"/tot?cred={cred}"),
+        patch(f"/mod?cred={cred}&by=-80&min=0&key=big"),   # 409
+        get(f"/past?cred={cred}&limit=5"),
+        get("/health"),
+        get(f"/tot?cred={cred}-unknown"),
+        get("/nope"),
+        request_bytes("POST", f"/tot?cred={cred}"),
+        get(f"/tot?cred={cred}&cred={cred}"),
+    ]
+
+
+def test_each_request_sent_whole_then_one_byte_at_a_time(shared_server, cred):
+    whole = []
+    with shared_server.connect() as c:
+        for raw in exchange_cases(cred):
+            c.send(raw)
+            whole.append(c.response())
+    with shared_server.connect() as c:
+        for raw, expected in zip(exchange_cases(cred), whole):
+            c.send_bytewise(raw)
+            r = c.response()
+            assert (r.status, r.body) == (expected.status, expected.body), raw
+    assert [r.status for r in whole] == [200, 200, 409, 200, 200, 404, 404, 405, 400]
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_framing_errors_one_byte_at_a_time(shared_server, version):
+    for name, raw, status in framing_cases():
+        if name in ("body", "header_bytes", "long_line", "version", "version3"):
+            continue                      # long, or the version is the point
+        raw = raw.replace(b"HTTP/1.1", version.encode(), 1)
+        with shared_server.connect() as c:
+            c.send_bytewise(raw, stop_on_reply=True)
+            replies = parse_responses(c.read_all())
+        assert [r.status for r in replies] == [status], name
+
+
+def test_three_requests_pipelined_in_one_write(shared_server, cred):
+    cases = exchange_cases(cred)
+    for i in range(0, len(cases), 3):
+        with shared_server.connect() as c:
+            c.send(b"".join(cases[i:i + 3]))
+            statuses = [r.status for r in c.responses(len(cases[i:i + 3]))]
+        assert statuses == [[200, 200, 409], [200, 200, 404], [404, 405, 400]][i // 3]
+
+
+def test_pipelined_reads_see_the_writes_before_them(shared_server, cred):
+    with shared_server.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=10") + get(f"/tot?cred={cred}")
+               + patch(f"/mod?cred={cred}&by=5") + get(f"/past?cred={cred}")
+               + get(f"/tot?cred={cred}"))
+        r = c.responses(5)
+    assert r[0].json == {"tot": 10, "seq": 1}
+    assert r[1].json == {"tot": 10} or r[1].json == {"tot": 15}  # never before its write
+    assert r[2].json == {"tot": 15, "seq": 2}
+    assert len(r[3].json["past"]) == 2
+    assert r[4].json == {"tot": 15}
+
+
+# --- keep-alive, close, HTTP/1.0 ----------------------------------------------------------
+
+def test_keep_alive_is_the_default(shared_server):
+    with shared_server.connect() as c:
+        for _ in range(3):
+            c.send(get("/health"))
+            r = c.response()
+            assert r.status == 200 and "connection" not in r.headers
+        assert not c.closed_by_peer(0.2)
+
+
+def test_connection_close_is_honoured(shared_server):
+    with shared_server.connect() as c:
+        c.send(request_bytes("GET", "/health", [("Connection", "close")]) + get("/health"))
+        replies = parse_responses(c.read_all())
+    assert [r.status for r in replies] == [200]
+    assert replies[0].headers["connection"] == "close"
+
+
+def test_http10_closes_unless_keep_alive_is_asked(shared_server):
+    with shared_server.connect() as c:
+        c.send(request_bytes("GET", "/health", version="HTTP/1.0"))
+        replies = parse_responses(c.read_all())
+    assert [r.status for r in replies] == [200]
+    with shared_server.connect() as c:
+        c.send(request_bytes("GET", "/health", [("Connection", "keep-alive")],
+                             version="HTTP/1.0"))
+        r = c.response()
+        assert r.headers["connection"].lower() == "keep-alive"
+        c.send(request_bytes("GET", "/health", version="HTTP/1.0"))
+        assert c.response().status == 200
+        assert c.closed_by_peer()
+
+
+def test_half_closed_client_gets_its_replies(shared_server, cred):
+    with shared_server.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=1") + get(f"/tot?cred={cred}"))
+        c.sock.shutdown(socket.SHUT_WR)
+        replies = parse_responses(c.read_all())
+    assert [r.status for r in replies] == [200, 200]
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+def test_200_concurrent_charges_on_a_balance_of_100(server, cred):
+    assert server.mod(cred, 100).status == 200
+    conns = [server.connect() for _ in range(200)]
+    barrier = threading.Barrier(len(conns))
+    statuses = [None] * len(conns)
+
+    def charge(i):
+        barrier.wait()
+        conns[i].send(patch(f"/mod?cred={cred}&by=-1&min=0"))
+        statuses[i] = conns[i].response().status
+
+    threads = [threading.Thread(target=charge, args=(i,)) for i in range(len(conns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for c in conns:
+        c.close()
+    assert statuses.count(200) == 100
+    assert statuses.count(409) == 100
+    assert server.tot(cred) == 0
+    past = server.get(f"/past?cred={cred}&limit=1000").json["past"]
+    assert len(past) == 101
+    assert [e["seq"] for e in past] == list(range(101, 0, -1))
+    assert sum(1 for e in past if e["by"] == -1) == 100
+    assert all(e["tot"] >= 0 for e in past)
+
+
+# --- access ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory):
+    from conftest import spawn_server
+    base = tmp_path_factory.mktemp("tokens")
+    (base / "tokens").write_text(TOKENS_FILE)
+    srv = spawn_server(base / "data", base / "log", tokens=str(base / "tokens"))
+    yield srv
+    srv.kill()
+
+
+def test_no_token_is_401_with_www_authenticate(token_server, cred):
+    for r in (token_server.get(f"/tot?cred={cred}"),
+              token_server.get(f"/past?cred={cred}"),
+              token_server.mod(cred, 5),
+              token_server.get("/metrics")):
+        assert_error(r, 401)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_a_wrong_token_is_401(token_server, cred):
+    for token in ("wrong-token-0123456789abcdef", TOKENS["read"] + "x", TOKENS["read"][:-1]):
+        r = token_server.get(f"/tot?cred={cred}", token=token)
+        assert_error(r, 401)
+        assert "Bearer" in r.headers["www-authenticate"]
+
+
+def test_roles(token_server, cred):
+    t = TOKENS
+    assert_error(token_server.mod(cred, 10, token=t["read"]), 403, "forbidden")
+    assert_error(token_server.mod(cred, -1, token=t["read"]), 403)
+    assert_error(token_server.mod(cred, 10, token=t["charge"]), 403)     # charge cannot mint
+    assert_error(token_server.mod(cred, 10, token=t["service"]), 403)
+    assert token_server.tot(cred, token=t["read"]).status == 404         # nothing changed
+    assert token_server.mod(cred, 10, token=t["mint"]).json == {"tot": 10, "seq": 1}
+    assert_error(token_server.mod(cred, -1, token=t["mint"]), 403)       # mint cannot charge
+    assert_error(token_server.get(f"/tot?cred={cred}", token=t["mint"]), 403)
+    assert token_server.mod(cred, -3, token=t["charge"], min=0).json == {"tot": 7, "seq": 2}
+    assert token_server.mod(cred, -3, token=t["service"], min=0).json == {"tot": 4, "seq": 3}
+    assert token_server.tot(cred, token=t["read"]) == 4
+    assert token_server.tot(cred, token=t["service"]) == 4
+    r = token_server.get(f"/past?cred={cred}", token=t["read"])
+    assert len(r.json["past"]) == 3
+
+
+def test_health_is_open_and_metrics_needs_a_token(token_server):
+    assert token_server.get("/health").status == 200
+    assert token_server.get("/metrics").status == 401
+    assert token_server.get("/metrics", token=TOKENS["read"]).status == 200
+
+
+def test_tokens_change_per_request_on_one_connection(token_server, cred):
+    with token_server.connect() as c:
+        for token, status in ((TOKENS["mint"], 200), (TOKENS["read"], 403),
+                              (None, 401), ("nope-nope-nope-nope-nope", 401),
+                              (TOKENS["mint"], 200)):
+            headers = [("Authorization", f"Bearer {token}")] if token else []
+            c.send(patch(f"/mod?cred={cred}&by=1", headers))
+            assert c.response().status == status
+
+
+def test_tokens_and_creds_never_reach_the_log(token_server, cred):
+    token_server.mod(cred, 1, token=TOKENS["mint"])
+    token_server.get(f"/tot?cred={cred}", token="bad-token-zzzzzzzzzzzzzzzz")
+    log = token_server.stderr() + (token_server.log_dir / "stdout").read_text()
+    for secret in list(TOKENS.values()) + [cred, "bad-token-zzzz"]:
+        assert secret not in log
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+def test_state_survives_a_restart(start_server, tmp_path, cred):
+    data = tmp_path / "data"
+    s = start_server(data)
+    for by in (100, -30, 5):
+        s.mod(cred, by, key=f"k{by}")
+    assert s.stop() == 0
+    s = start_server(data)
+    assert s.tot(cred) == 75
+    assert s.mod(cred, 1).json == {"tot": 76, "seq": 4}
+    assert s.mod(cred, -30, key="k-30").json == {"tot": 70, "seq": 2}    # still replays
+    assert [e["seq"] for e in s.get(f"/past?cred={cred}").json["past"]] == [4, 3, 2, 1]
+    assert s.stop(signal.SIGINT) == 0
+
+
+def test_sigterm_answers_what_is_in_flight_then_exits_0(start_server, tmp_path, cred):
+    data = tmp_path / "data"
+    s = start_server(data)
+    with s.connect() as c:
+        c.send(b"".join(patch(f"/mod?cred={cred}&by=1") for _ in range(300)))
+        time.sleep(0.005)
+        s.send_signal(signal.SIGTERM)
+        replies = parse_responses(c.read_all(10))
+    assert s.proc.wait(15) == 0
+    statuses = [r.status for r in replies]
+    ok = statuses.count(200)
+    assert ok >= 1
+    # Answered in order: all the 200s, then at most one 503 (shutting down).
+    assert statuses[:ok] == [200] * ok and statuses[ok:] in ([], [503])
+    assert [r.json["seq"] for r in replies[:ok]] == list(range(1, ok + 1))
+    s = start_server(data)
+    assert s.tot(cred) == ok
+    assert len(s.get(f"/past?cred={cred}&limit=1000").json["past"]) == ok
+
+
+def test_sigterm_closes_idle_connections_and_refuses_new_ones(start_server):
+    s = start_server()
+    with s.connect() as idle:
+        idle.send(get("/health"))
+        idle.response()
+        s.send_signal(signal.SIGTERM)
+        assert idle.closed_by_peer()
+    assert s.proc.wait(15) == 0
+
+
+def test_a_second_server_on_the_same_data_dir_exits_before_binding(start_server, tmp_path):
+    data = tmp_path / "data"
+    first = start_server(data)
+    # Same port as the first: if it bound before opening the store, the
+    # message would be about the port.
+    second = start_server(data, port=first.port, wait_ready=False)
+    assert second.proc.wait(15) == 2
+    err = second.stderr()
+    assert "in use" in err and str(data) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert first.get("/health").status == 200
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+def test_a_trickled_head_is_cut_by_the_head_deadline(start_server):
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "0.6"})
+    raw = get("/tot?cred=" + "a" * 100)
+    with s.connect() as c:
+        t0 = time.monotonic()
+        sent = 0
+        try:
+            # One byte every 50 ms: each byte is "activity", yet the whole
+            # head needs ~6 s, ten times the deadline.
+            while sent < len(raw) and time.monotonic() - t0 < 5:
+                c.send(raw[sent:sent + 1])
+                sent += 1
+                time.sleep(0.05)
+                if c.closed_by_peer(0.001):
+                    break
+        except OSError:
+            pass
+        c.closed_by_peer(3)
+        elapsed = time.monotonic() - t0
+        replies = parse_responses(c.buf)
+    assert sent < len(raw)
+    assert elapsed < 3
+    assert [r.status for r in replies] == [408]
+    assert replies[0].json["error"] == "timeout"
+
+
+def test_a_complete_slow_request_inside_the_deadline_is_served(start_server):
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "1.5"})
+    with s.connect() as c:
+        c.send_bytewise(get("/health"), delay_s=0.01)
+        assert c.response().status == 200
+        time.sleep(1.6)                     # idle between requests is not a head
+        c.send(get("/health"))
+        assert c.response().status == 200
+
+
+def test_an_idle_keep_alive_connection_is_closed(start_server):
+    s = start_server(env={"ACCMAN_IDLE_TIMEOUT_S": "0.6"})
+    with s.connect() as c:
+        c.send(get("/health"))
+        assert c.response().status == 200
+        t0 = time.monotonic()
+        assert c.closed_by_peer(5)
+        assert 0.4 < time.monotonic() - t0 < 3
+    with s.connect() as c:                  # never sent a byte: idle too
+        assert c.closed_by_peer(5)
+
+
+def test_the_connection_cap_refuses_with_503(start_server):
+    s = start_server(env={"ACCMAN_CONNECTIONS_MAX": "4"})
+    conns = [s.connect() for _ in range(4)]
+    for c in conns:
+        c.send(get("/health"))
+        assert c.response().status == 200
+    with s.connect() as extra:
+        data = extra.read_all()
+    replies = parse_responses(data)
+    assert [r.status for r in replies] == [503]
+    assert replies[0].json["error"] == "busy"
+    conns.pop().close()
+    time.sleep(0.2)
+    with s.connect() as c:
+        c.send(get("/health"))
+        assert c.response().status == 200
+    for c in conns:
+        c.close()
+
+
+def test_pipelining_past_the_cap_is_answered_in_order(start_server, cred):
+    s = start_server(env={"ACCMAN_PIPELINE_REQUESTS_MAX": "3"})
+    reqs = []
+    for i in range(150):
+        reqs.append(patch(f"/mod?cred={cred}&by=1"))
+        reqs.append(get(f"/tot?cred={cred}"))
+    with s.connect() as c:
+        c.send(b"".join(reqs))
+        replies = c.responses(len(reqs))
+    for i in range(150):
+        assert replies[2 * i].json == {"tot": i + 1, "seq": i + 1}
+        assert replies[2 * i + 1].json["tot"] >= i + 1
+
+
+def flood(conn, request, seconds):
+    """Send `request` pipelined for `seconds` without reading; returns bytes sent."""
+    sock = conn.sock
+    sock.setblocking(False)
+    chunk = request * (65536 // len(request))
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            offset = sent % len(chunk)   # a partial send resumes mid-chunk
+            sent += sock.send(chunk[offset:])
+        except BlockingIOError:
+            time.sleep(0.01)
+    sock.setblocking(True)
+    return sent
+
+
+@pytest.mark.parametrize("route", ["tot", "mod"])
+def test_a_client_that_never_reads_does_not_grow_memory(start_server, cred, route):
+    s = start_server(env={"ACCMAN_WRITE_BUFFER_BYTES_MAX": "65536"})
+    s.mod(cred, 1)
+    request = (get(f"/tot?cred={cred}") if route == "tot"
+               else patch(f"/mod?cred={cred}&by=1"))
+    for _ in range(200):                  # warm up allocator and caches
+        s.get(f"/tot?cred={cred}")
+    rss0 = s.rss_kib()
+    flooders = [s.connect() for _ in range(4)]
+    sent = sum(flood(c, request, 0.4) for c in flooders)
+    # Meanwhile another client is served.
+    assert s.get("/health").status == 200
+    sent += sum(flood(c, request, 0.4) for c in flooders)
+    rss1 = s.rss_kib()
+    assert sent > 1_000_000 or route == "mod"   # the flood was real (kernel buffers full)
+    assert rss1 - rss0 < 40 * 1024, (rss0, rss1, sent)
+    for c in flooders:
+        c.close()
+    time.sleep(0.2)
+    assert s.get("/health").status == 200
+
+
+def test_a_client_that_never_reads_is_dropped_after_the_idle_time(start_server, cred):
+    s = start_server(env={"ACCMAN_WRITE_BUFFER_BYTES_MAX": "16384",
+                          "ACCMAN_IDLE_TIMEOUT_S": "0.8"})
+    s.mod(cred, 1)
+    with s.connect() as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        flood(c, get(f"/tot?cred={cred}"), 0.5)
+        t0 = time.monotonic()
+        deadline = t0 + 6
+        dropped = False
+        while time.monotonic() < deadline and not dropped:
+            r = s.get("/metrics").body.decode()
+            dropped = "accman_idle_closes_total 1" in r and "accman_open_connections 1" in r
+            time.sleep(0.1)
+        assert dropped, r
+
+
+# --- an injected ledger: store failure and a batch that never completes ----------------
+
+FAKE_LEDGER = '''
+import sys
+from accman.errors import Unavailable
+from accman.server import run
+
+class FakeLedger:
+    """The Ledger API with a failed store ("failed") or a writer that never
+    finishes a batch ("stuck")."""
+    def __init__(self, mode):
+        self.mode, self.loop = mode, None
+    healthy = property(lambda self: self.mode != "failed")
+    stats = property(lambda self: {"batches": 0})
+    def bind_loop(self, loop):
+        self.loop = loop
+    def tot(self, cred):
+        return 5
+    def past(self, cred, limit=100, before=None):
+        return []
+    def submit(self, cred, by, min=None, key=None, *, done):
+        if self.mode == "failed":
+            self.loop.call_soon(done, Unavailable("the store failed to commit"))
+    def close(self):
+        print("ledger closed", file=sys.stderr, flush=True)
+
+sys.exit(run(host="127.0.0.1", port=0, data=".", ledger=FakeLedger(sys.argv[1])))
+'''
+
+
+def fake_ledger_server(start_server, tmp_path, mode, env=None):
+    script = tmp_path / "fake_ledger.py"
+    script.write_text(FAKE_LEDGER)
+    return start_server(cmd=[sys.executable, str(script), mode], env=env)
+
+
+def test_a_failed_store_answers_503_and_health_says_so(start_server, tmp_path):
+    s = fake_ledger_server(start_server, tmp_path, "failed")
+    assert_error(s.mod("abc", 5), 503, "unavailable")
+    assert_error(s.get("/health"), 503, "unavailable")
+    assert "accman_healthy 0" in s.get("/metrics").body.decode()
+    assert s.get("/tot?cred=abc").json == {"tot": 5}
+    assert s.stop() == 1                  # stopped, but the store had failed
+    assert "ledger closed" in s.stderr()
+
+
+def test_shutdown_grace_bounds_the_wait_for_a_batch(start_server, tmp_path):
+    s = fake_ledger_server(start_server, tmp_path, "stuck",
+                           env={"ACCMAN_SHUTDOWN_GRACE_S": "0.5"})
+    with s.connect() as c:
+        c.send(patch("/mod?cred=abc&by=1"))
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        s.send_signal(signal.SIGTERM)
+        assert c.read_all(5) == b""       # never acknowledged
+        assert s.proc.wait(5) == 0
+        assert 0.4 < time.monotonic() - t0 < 3
+    assert "ledger closed" in s.stderr()
