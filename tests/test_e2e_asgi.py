@@ -1,0 +1,214 @@
+"""End to end: the real AccMan server and the example app (examples/app.py)
+under a real uvicorn, each a subprocess, spoken to by httpx.
+
+Funded, charged, header returned; 401 for a missing credential and an
+unknown account; 402 when empty; 503 when AccMan goes down under a running
+service; and no overdraft in reserve mode under 100 concurrent requests on a
+nearly empty account."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from accman.client import AccManSyncClient
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 20.0
+ACCMAN_READY = re.compile(r"http://127\.0\.0\.1:(\d+)")
+UVICORN_READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+FUNDER = "funder-token-0123456789abcdef"
+SVC_CHECK = "svc-check-token-0123456789abcdef"       # read, charge
+SVC_RESERVE = "svc-reserve-token-0123456789abcdef"   # read, charge, mint (refunds)
+
+
+class Proc:
+    """A subprocess whose stdout and stderr go to files, and the URL it
+    announced in its ready line."""
+
+    def __init__(self, name, cmd, log_dir: Path, env=None):
+        self.name = name
+        self.out = log_dir / f"{name}.out"
+        self.err = log_dir / f"{name}.err"
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         cwd=ROOT, env=full_env)
+        self.url = None
+
+    def wait_ready(self, pattern, stream: str) -> str:
+        path = self.out if stream == "stdout" else self.err
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            m = pattern.search(path.read_text(errors="replace"))
+            if m:
+                self.url = f"http://127.0.0.1:{m.group(1)}"
+                return self.url
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready: {self.err.read_text(errors='replace')[-2000:]}")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_accman(log_dir: Path, name="accman") -> Proc:
+    tokens = log_dir / f"{name}-tokens"
+    tokens.write_text(f"mint {FUNDER}\nread,charge {SVC_CHECK}\nread,charge,mint {SVC_RESERVE}\n")
+    p = Proc(name, [sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1", "--port", "0",
+                    "--data", str(log_dir / f"{name}-data"), "--tokens", str(tokens)], log_dir)
+    p.wait_ready(ACCMAN_READY, "stdout")
+    return p
+
+
+def start_app(log_dir: Path, name: str, accman_url: str, mode: str, token: str) -> Proc:
+    return Proc(name, [sys.executable, "-m", "uvicorn", "examples.app:app", "--app-dir", str(ROOT),
+                       "--host", "127.0.0.1", "--port", "0", "--no-access-log"], log_dir,
+                env={"ACCMAN_URL": accman_url, "ACCMAN_MODE": mode, "ACCMAN_TOKEN": token})
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("e2e")
+    accman = start_accman(log_dir)
+    apps = {"check": start_app(log_dir, "check", accman.url, "check", SVC_CHECK),
+            "reserve": start_app(log_dir, "reserve", accman.url, "reserve", SVC_RESERVE)}
+    try:
+        for app in apps.values():
+            app.wait_ready(UVICORN_READY, "stderr")
+        with AccManSyncClient(accman.url, FUNDER) as funder:
+            yield {"accman": accman, "funder": funder, **{k: a.url for k, a in apps.items()}}
+    finally:
+        for app in apps.values():
+            app.stop()
+        accman.stop()
+    for app in apps.values():
+        log = app.err.read_text(errors="replace")
+        assert "Traceback" not in log, log[-3000:]
+
+
+_n = [0]
+
+
+def new_cred(stack, tot=None) -> str:
+    _n[0] += 1
+    cred = f"e2e-{os.getpid()}-{time.monotonic_ns()}-{_n[0]}"
+    if tot is not None:
+        stack["funder"].mod(cred, tot, key="open")
+    return cred
+
+
+def tot(stack, cred) -> int:
+    with AccManSyncClient(stack["accman"].url, SVC_CHECK) as acc:
+        return acc.tot(cred)
+
+
+def past(stack, cred) -> list:
+    with AccManSyncClient(stack["accman"].url, SVC_CHECK) as acc:
+        return acc.past(cred, limit=1000)[0]
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_funded_request_is_charged_and_told_its_balance(stack, mode):
+    cred = new_cred(stack, 20)
+    with httpx.Client(base_url=stack[mode]) as http:
+        r = http.get("/weather", headers={"ACCMAN": cred})
+        assert r.status_code == 200 and r.json()["city"] == "Lisbon"
+        assert r.headers["accman"] == "19"
+        r = http.get("/report", params={"rows": 25}, headers={"ACCMAN": cred})
+        assert r.status_code == 200 and len(r.json()["rows"]) == 25
+        assert r.headers["accman"] == "16"                   # 3 for 25 rows
+        r = http.get("/report", params={"rows": 0}, headers={"ACCMAN": cred})
+        assert r.status_code == 400 and r.headers["accman"] == "16"    # refused by the app: free
+        assert http.get("/health").status_code == 200               # exempt, no header needed
+    assert tot(stack, cred) == 16
+    bys = [e.by for e in reversed(past(stack, cred))]
+    if mode == "check":
+        assert bys == [20, -1, -3]
+    else:       # the report reserves its maximum, 10, and refunds the rest
+        assert bys == [20, -1, -10, 7, -10, 10]
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_no_credential_and_unknown_account_are_401(stack, mode):
+    with httpx.Client(base_url=stack[mode]) as http:
+        r = http.get("/weather")
+        assert r.status_code == 401 and r.json()["error"] == "no_credential"
+        r = http.get("/weather", headers={"ACCMAN": new_cred(stack)})
+        assert r.status_code == 401 and r.json()["error"] == "no_account"
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_an_empty_account_is_402(stack, mode):
+    cred = new_cred(stack, 1)
+    with httpx.Client(base_url=stack[mode]) as http:
+        assert http.get("/weather", headers={"ACCMAN": cred}).headers["accman"] == "0"
+        r = http.get("/weather", headers={"ACCMAN": cred})
+        assert r.status_code == 402
+        assert r.json()["error"] == "insufficient" and r.json()["tot"] == 0
+        r = http.get("/report", headers={"ACCMAN": cred})
+        assert r.status_code == 402 and r.json()["cost"] == 10
+    assert tot(stack, cred) == 0
+
+
+def test_reserve_mode_never_overdraws_under_100_concurrent_requests(stack):
+    exact = new_cred(stack, 5)           # /weather costs exactly 1
+    refunding = new_cred(stack, 25)      # /report holds 10, charges 2 for 15 rows
+
+    async def burst(path, cred, params=None):
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=stack["reserve"], limits=limits, timeout=30) as http:
+            return await asyncio.gather(*(http.get(path, params=params, headers={"ACCMAN": cred})
+                                          for _ in range(100)))
+
+    replies = asyncio.run(burst("/weather", exact))
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [200] * 5 + [402] * 95
+    assert tot(stack, exact) == 0
+
+    replies = asyncio.run(burst("/report", refunding, {"rows": 15}))
+    ok = sum(r.status_code == 200 for r in replies)
+    assert {r.status_code for r in replies} <= {200, 402} and ok >= 2
+    assert tot(stack, refunding) == 25 - 2 * ok >= 0
+    for cred in (exact, refunding):
+        assert all(e.tot >= 0 for e in past(stack, cred))     # never below zero, at any step
+
+
+def test_503_when_accman_goes_down_under_a_running_service(tmp_path):
+    accman = start_accman(tmp_path, "accman-down")
+    app = start_app(tmp_path, "app-down", accman.url, "reserve", SVC_RESERVE)
+    try:
+        app.wait_ready(UVICORN_READY, "stderr")
+        cred = "down-test"
+        with AccManSyncClient(accman.url, FUNDER) as funder:
+            funder.mod(cred, 10)
+        with httpx.Client(base_url=app.url) as http:
+            r = http.get("/weather", headers={"ACCMAN": cred})
+            assert r.status_code == 200 and r.headers["accman"] == "9"
+            accman.stop(signal.SIGKILL)
+            r = http.get("/weather", headers={"ACCMAN": cred})
+            assert r.status_code == 503
+            assert r.json()["error"] == "unavailable" and r.headers["retry-after"] == "1"
+            assert http.get("/health").status_code == 200
+    finally:
+        app.stop()
+        accman.stop()
+    assert cred not in app.err.read_text(errors="replace")      # never logged
