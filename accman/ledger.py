@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from asyncio import _get_running_loop as _running_loop
 from typing import NamedTuple
 
 from accman import _ledger
@@ -111,6 +112,11 @@ class Ledger:
         """Adds `by` to the balance of `cred` (creating the account), only
         if the result is >= `min` when given; idempotent under `key`.
         Returns (tot, seq) once durable."""
+        if _running_loop() is not None:
+            # Its completion would be queued to the loop this call blocks,
+            # or it would stall every other task on it: both are bugs.
+            raise RuntimeError("Ledger.mod blocks: inside an event loop use "
+                               "`await led.amod(...)` or `led.submit(...)`")
         box = []
         ready = threading.Event()
 

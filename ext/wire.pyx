@@ -308,6 +308,7 @@ cdef class Parser:
     cdef bint _conn_close
     cdef bint _conn_keep_alive
     cdef bint _auth_seen
+    cdef bint _head_method          # the request is a HEAD: see _end_of_head
 
     def __cinit__(self):
         self._phase = PH_START
@@ -464,6 +465,7 @@ cdef class Parser:
         req = Request.__new__(Request)
         req.limit = PAST_LIMIT_DEFAULT
         req.http10 = s[v + 7] == c'0'
+        self._head_method = method == M_HEAD
         self._req = req
         self._phase = PH_HEAD
         if s[t] != c'/':
@@ -706,6 +708,11 @@ cdef class Parser:
             req.keep_alive = self._conn_keep_alive and not self._conn_close
         else:
             req.keep_alive = not self._conn_close
+        if self._head_method:
+            # No route serves HEAD: its 405/404 reply carries a body that a
+            # HEAD client will not read, so the stream cannot continue in
+            # step after it.  Close once it is sent.
+            req.keep_alive = False
         if self._cl > 0:
             self._phase = PH_BODY
             self._body_left = self._cl

@@ -403,3 +403,14 @@ def test_errors_carry_spec_codes():
     assert [c.code for c in (BadRequest, Insufficient, KeyReused, Overflow, Unavailable)] == [
         "bad_request", "insufficient", "key_reused", "overflow", "unavailable"]
     assert all(issubclass(c, AccManError) for c in (BadRequest, Busy, StoreLocked))
+
+
+def test_blocking_mod_inside_an_event_loop_is_refused(led):
+    async def main():
+        led.bind_loop(asyncio.get_running_loop())
+        with pytest.raises(RuntimeError, match="amod"):
+            led.mod("a", 1)
+        return await led.amod("a", 1)
+
+    assert asyncio.run(main()) == (1, 1)
+    assert led.mod("a", 1) == (2, 2)     # outside the loop it works again
