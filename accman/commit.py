@@ -43,6 +43,7 @@ class Committer:
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
         self._writer_idle = False
+        self._kick_pending = False
         self._closing = False
         self._loop = None
         self.error: StoreError | None = None
@@ -78,8 +79,16 @@ class Committer:
                 raise Unavailable("the ledger is closing")
             outcome = self.book.apply(cred, by, min_, key, done, on_loop, at_ms)
             if outcome is None and self._writer_idle:
-                self._writer_idle = False
-                self._wake.notify()
+                if not on_loop:
+                    self._writer_idle = False
+                    self._wake.notify()
+                elif not self._kick_pending:
+                    # Wake the writer once this loop turn has read every
+                    # ready socket (call_soon runs after the I/O callbacks),
+                    # not on the first mod: otherwise a burst from many
+                    # connections commits as a batch of one, then the rest.
+                    self._kick_pending = True
+                    self._loop.call_soon(self._kick)
         if outcome is not None:
             # Final already (a refusal of durable state, a replayed key):
             # still delivered asynchronously, so callers see one contract.
@@ -87,6 +96,13 @@ class Committer:
                 self._loop.call_soon(done, outcome)
             else:
                 done(outcome)
+
+    def _kick(self) -> None:
+        with self.lock:
+            self._kick_pending = False
+            if self._writer_idle and self.book.has_work():
+                self._writer_idle = False
+                self._wake.notify()
 
     # -- the writer thread -------------------------------------------------------
 
