@@ -53,6 +53,9 @@ def build_parser():
                    help="data directory (default ./accman-data; created if missing)")
     s.add_argument("--tokens", metavar="FILE",
                    help="tokens file: one `ROLE[,ROLE...] TOKEN` a line")
+    s.add_argument("--verify", choices=("full", "heads"), default="full",
+                   help="what to check at start: every record's checksum (full, "
+                        "the default) or each account against its newest entry (heads)")
 
     def client(name, help_text):
         c = sub.add_parser(name, help=help_text)
@@ -120,7 +123,7 @@ def cmd_serve(args) -> int:
         return _fail(e)
     try:
         return run(host=args.host, port=args.port, data=args.data,
-                   tokens=tokens, limits=limits)
+                   tokens=tokens, limits=limits, verify=args.verify)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set

@@ -750,7 +750,7 @@ def _loop_exception_handler(loop, context):
 
 
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
-        limits=None, ledger=None, ready=None) -> int:
+        limits=None, ledger=None, ready=None, verify="full") -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
     StartupError (one line for a person) when it cannot start.
 
@@ -767,7 +767,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     if ledger is None:
         from accman.ledger import Ledger
         try:
-            ledger = Ledger(data_path)
+            ledger = Ledger(data_path, verify=verify)
         except StoreLocked:
             raise StartupError(
                 f"data directory {data_path} is in use by another accman server") from None

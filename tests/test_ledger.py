@@ -414,3 +414,52 @@ def test_blocking_mod_inside_an_event_loop_is_refused(led):
 
     assert asyncio.run(main()) == (1, 1)
     assert led.mod("a", 1) == (2, 2)     # outside the loop it works again
+
+
+def _flip_a_history_byte(path):
+    """Flips one byte inside a history record's block of a table file (a
+    reopen first turns the log into a table).  Returns the table's name."""
+    with Ledger(path) as led:
+        pass
+    tables = [f for f in os.listdir(path) if f.endswith(".ldb")]
+    assert tables, "expected a table file after reopen"
+    name = max(tables, key=lambda f: os.path.getsize(os.path.join(path, f)))
+    fp = os.path.join(path, name)
+    data = bytearray(open(fp, "rb").read())
+    # Data blocks come first in a table, in key order: the meta and account
+    # records, then history, then idempotency records; the index and footer
+    # are at the end.  A byte 40% in is inside the history's blocks.
+    at = len(data) * 2 // 5
+    data[at] ^= 0x01
+    open(fp, "wb").write(bytes(data))
+    return name
+
+
+def test_a_flipped_byte_in_a_table_is_refused_at_open(tmp_path):
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        for i in range(300):
+            led.mod("alice", 1, key=f"hist-key-{i:04d}")
+    _flip_a_history_byte(path)
+    with pytest.raises(StoreCorrupt, match="damaged"):
+        Ledger(path)
+
+
+def test_with_heads_only_damage_is_refused_when_read(tmp_path):
+    """verify="heads" opens faster; the damaged page is then refused when
+    read, never served."""
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        for i in range(300):
+            led.mod("alice", 1, key=f"hist-key-{i:04d}")
+    _flip_a_history_byte(path)
+    with Ledger(path, verify="heads") as led:
+        assert led.tot("alice") == 300
+        with pytest.raises(StoreCorrupt, match="damaged"):
+            for before in range(301, 0, -50):
+                led.past("alice", limit=50, before=before)
+
+
+def test_unknown_verify_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="verify"):
+        Ledger(str(tmp_path / "d"), verify="quick")
