@@ -188,13 +188,16 @@ class Connection(asyncio.Protocol):
     __slots__ = ("server", "ledger", "requests", "pipeline_max", "parser", "_time",
                  "transport", "waiting", "backlog", "closing", "shut", "shut_at", "eof",
                  "closed", "read_paused", "write_paused", "write_paused_at",
-                 "head_started_at", "last_active_at", "token", "token_roles")
+                 "head_started_at", "last_active_at", "token", "token_roles",
+                 "write_buffer_max", "flush_soon")
 
     def __init__(self, server):
         self.server = server
         self.ledger = server.ledger
         self.requests = server.metrics.requests
         self.pipeline_max = server.limits.pipeline_requests_max
+        self.write_buffer_max = server.limits.write_buffer_bytes_max
+        self.flush_soon = False
         self.parser = Parser()
         self._time = server.loop.time
         self.transport = None
@@ -242,7 +245,10 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.last_active_at = self.server.loop.time()
         if not self.closed:
-            self._update_reading()
+            if self.backlog is not None:
+                self.flush()        # take the requests held for reply bytes
+            else:
+                self._update_reading()
 
     def eof_received(self):
         self.eof = True
@@ -267,7 +273,8 @@ class Connection(asyncio.Protocol):
                 self.head_started_at = now if parser.pending else 0.0
                 out = []
                 self._process(reqs, 0, out)
-                if out and not (self.waiting or self.closing or self.eof or self.read_paused):
+                if out and not (self.waiting or self.closing or self.eof or self.read_paused
+                                or self.backlog is not None):
                     # The common case, all answered and nothing to change:
                     # one write (pause_writing, if it comes, pauses reading).
                     self.transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -283,13 +290,21 @@ class Connection(asyncio.Protocol):
     # --- request handling ---
 
     def _process(self, reqs, i, out):
-        """Take requests reqs[i:] in order until one closes the connection or
-        PIPELINE_REQUESTS_MAX are unanswered (the rest wait in `backlog`)."""
+        """Take requests reqs[i:] in order until one closes the connection,
+        PIPELINE_REQUESTS_MAX are unanswered, or the replies made and not yet
+        sent reach WRITE_BUFFER_BYTES_MAX (the rest wait in `backlog`, and
+        are taken a loop turn later or when the client reads)."""
         waiting = self.waiting
         stopping = self.server.stopping
         n = len(reqs)
+        # Replies are bytes held for a client until it reads them: one read
+        # of small pipelined /past requests can ask for megabytes.  Count
+        # what is buffered and what this call makes.
+        room = self.write_buffer_max - self.transport.get_write_buffer_size()
+        for reply in out:
+            room -= len(reply)
         while i < n:
-            if len(waiting) >= self.pipeline_max:
+            if len(waiting) >= self.pipeline_max or (room <= 0 and out):
                 self.backlog = (reqs, i)
                 return
             req = reqs[i]
@@ -304,6 +319,7 @@ class Connection(asyncio.Protocol):
                 reply = self._answer(req, mode)
                 if reply is not None:
                     out.append(reply)
+                    room -= len(reply)
             else:
                 slot = Slot(self, req, mode)
                 if req.route == ROUTE_MOD and err is None:
@@ -505,6 +521,16 @@ class Connection(asyncio.Protocol):
                     transport.pause_reading()
                 return
         self._update_reading()
+        if (self.backlog is not None and not self.write_paused and not self.flush_soon
+                and len(self.waiting) < self.pipeline_max):
+            # Held back by the reply-bytes bound but the socket took them:
+            # go on next loop turn, after the other connections have had theirs.
+            self.flush_soon = True
+            self.server.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self):
+        self.flush_soon = False
+        self.flush()
 
     def _update_reading(self):
         pause = (self.write_paused or self.backlog is not None
