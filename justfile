@@ -28,7 +28,7 @@ bench-load: build
 
 # the long crash checker (kill -9 rounds for minutes; prints the seed)
 crash:
-    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/crash -p no:cacheprovider -s
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/reliability/test_bank.py -p no:cacheprovider -s
 
 # bounded soak run: connection churn and pipelined floods, RSS measured
 soak:

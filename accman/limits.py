@@ -22,9 +22,10 @@ PAST_LIMIT_MAX = 1000         # SPEC: limit is 1..1000; a page stays < ~100 KiB.
 BATCH_MODS_MAX = 4096
 # Mods applied in memory but not yet durable, over all batches waiting to be
 # written.  Beyond it a submit is refused with 503 `busy` (back-pressure)
-# instead of queueing without bound.  The server's own caps
-# (CONNECTIONS_MAX x PIPELINE_REQUESTS_MAX) keep it from being reached in
-# normal operation.
+# instead of queueing without bound.  16 batches of BATCH_MODS_MAX: at the
+# disk's rate that is well under a second of writes.  The server's caps allow
+# more in flight (CONNECTIONS_MAX x PIPELINE_REQUESTS_MAX = 262144), so a
+# flood of pipelined mods from many connections can reach it and gets `busy`.
 QUEUED_MODS_MAX = 65536
 
 # --- HTTP/1.1 framing (SPEC "Limits") ----------------------------------------

@@ -16,7 +16,8 @@ from pathlib import Path
 from accman import Ledger
 
 HERE = Path(__file__).parent
-ROUNDS = 5
+# `just crash` sets ACCMAN_CRASH_LONG=1 for many more rounds.
+ROUNDS = 50 if os.environ.get("ACCMAN_CRASH_LONG") else 5
 
 
 def run_round(path, round_no, rnd):
