@@ -1,0 +1,80 @@
+"""`accman serve`, but over a store whose commits a test controls, through
+files in a control directory (the server is a subprocess; files are the
+simplest channel that survives SIGSTOP and needs no protocol):
+
+    CONTROL/hold         while it exists, every commit waits before writing
+                         (a stalled disk: mods pile up behind the batch)
+    CONTROL/fail-before  the next commits fail without writing anything
+    CONTROL/fail-after   the next commits are written, then fail (a failed
+                         fsync whose data reached the disk anyway)
+    CONTROL/holding      written by the store while a commit is held
+
+Usage: python controlled_serve.py --data DIR --control DIR [--port N]
+           [--batch-mods-max N] [--queued-mods-max N]
+
+It serves through `accman.server.run(ledger=...)`, the hook the server keeps
+for injected ledgers, with the same ready line as `accman serve`; limits come
+from the same ACCMAN_* environment variables.  Nothing here changes AccMan:
+the store is AccMan's own Store with `write` wrapped.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+from accman.errors import StoreError
+from accman.ledger import Ledger
+from accman.server import ServerLimits, StartupError, run
+from accman.store import Store
+
+POLL_S = 0.002
+
+
+class ControlledStore(Store):
+    def __init__(self, path, control):
+        super().__init__(path)
+        self.control = control
+
+    def _flag(self, name):
+        return os.path.exists(os.path.join(self.control, name))
+
+    def write(self, wb):
+        if self._flag("hold"):
+            marker = os.path.join(self.control, "holding")
+            with open(marker, "w"):
+                pass
+            while self._flag("hold"):
+                time.sleep(POLL_S)
+            os.unlink(marker)
+        if self._flag("fail-before"):
+            raise StoreError(f"{self.path}: commit failed: injected write error")
+        super().write(wb)
+        if self._flag("fail-after"):
+            raise StoreError(f"{self.path}: commit failed: injected fsync error "
+                             "after the write")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--control", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--batch-mods-max", type=int, default=None)
+    p.add_argument("--queued-mods-max", type=int, default=None)
+    args = p.parse_args()
+    data = os.path.abspath(args.data)
+    ledger = Ledger(data, store=ControlledStore(data, args.control),
+                    batch_mods_max=args.batch_mods_max,
+                    queued_mods_max=args.queued_mods_max)
+    try:
+        return run(host=args.host, port=args.port, data=data, ledger=ledger,
+                   limits=ServerLimits.from_env())
+    except StartupError as e:
+        print(f"accman: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

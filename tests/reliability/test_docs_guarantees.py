@@ -1,0 +1,48 @@
+"""docs/GUARANTEES.md names, for each promise of the SPEC, the tests that
+prove it.  A name that no longer exists would make a promise look tested
+when it is not; a reliability test the page does not name is a promise
+nobody wrote down.  Both are checked here, by reading the files (no import:
+the modules run nothing)."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "GUARANTEES.md"
+NAMED = re.compile(r"`?(tests/[\w/]+\.py)::(\w+)`?")
+
+
+def top_level_names(path):
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_every_test_the_page_names_exists():
+    named = NAMED.findall(DOC.read_text())
+    assert len(named) > 50
+    missing = []
+    for file, name in sorted(set(named)):
+        path = ROOT / file
+        if not path.exists() or name not in top_level_names(path):
+            missing.append(f"{file}::{name}")
+    assert missing == [], missing
+
+
+def test_every_reliability_test_is_named_on_the_page():
+    named = set(NAMED.findall(DOC.read_text()))
+    unnamed = []
+    for path in sorted((ROOT / "tests" / "reliability").glob("test_*.py")):
+        if path.name == Path(__file__).name:
+            continue
+        file = path.relative_to(ROOT).as_posix()
+        for name in sorted(top_level_names(path)):
+            if name.startswith("test_") and (file, name) not in named:
+                unnamed.append(f"{file}::{name}")
+    assert unnamed == [], unnamed
