@@ -12,6 +12,7 @@ from setuptools import Extension, setup
 MODULES = {
     "wire": Extension("accman._wire", ["ext/wire.pyx"]),
     "ledger": Extension("accman._ledger", ["ext/ledger.pyx"]),
+    "check": Extension("accman._check", ["ext/check.pyx"]),
 }
 
 only = os.environ.get("ACCMAN_ONLY")

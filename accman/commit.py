@@ -66,9 +66,11 @@ class Committer:
 
     # -- the submitting side ---------------------------------------------------
 
-    def submit(self, cred, by, min_, key, done) -> None:
+    def submit(self, cred, by, min=None, key=None, done=None) -> None:  # noqa: A002
         """Applies one mod now, in call order; `done(outcome)` runs once its
-        outcome is final and everything it depends on is durable."""
+        outcome is final and everything it depends on is durable.  (Named
+        like Ledger.submit, which is this very method.)"""
+        min_ = min
         # Only a call made from inside the bound loop, while it runs, is
         # completed on it; a plain call from the same thread (the loop
         # stopped, or never ran there) is completed directly.

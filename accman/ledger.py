@@ -75,8 +75,10 @@ class Ledger:
             raise
         self._committer = Committer(self._book, self.store)
         self._closed = False
-        # The hot read path is the book's own method: no Python frame between.
+        # The hot paths are the book's and the committer's own methods: no
+        # Python frame between (the methods below document them).
         self.tot = self._book.tot
+        self.submit = self._committer.submit
 
     def _refuse_closed(self, *args):
         raise Unavailable("the ledger is closed")
