@@ -87,6 +87,23 @@ def _amount(value, what: str) -> int:
     return value
 
 
+class _DisconnectWatch:
+    """Wraps an ASGI `receive` and remembers whether the client went away
+    (http.disconnect), so that a request whose client left is not charged."""
+
+    __slots__ = ("_receive", "gone")
+
+    def __init__(self, receive):
+        self._receive = receive
+        self.gone = False
+
+    async def receive(self):
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.gone = True
+        return message
+
+
 class _Mod:
     """An owed mod, retried with its key until it lands."""
 
@@ -225,17 +242,10 @@ class AccManMiddleware:
         if tot < est:
             return await self._insufficient(send, tot, est)
         key = self._rid() + "-c"
-        gone = False
-
-        async def receive_():
-            nonlocal gone
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                gone = True
-            return message
+        watch = _DisconnectWatch(receive)
 
         async def send_(message):
-            if message["type"] == "http.response.start" and not gone:
+            if message["type"] == "http.response.start" and not watch.gone:
                 cost = self._charge_of(price, scope, message["status"], message.get("headers", ()))
                 new_tot = tot
                 if cost:
@@ -248,7 +258,7 @@ class AccManMiddleware:
                 message = self._with_tot(message, new_tot)
             await send(message)
 
-        await self.app(scope, receive_, send_)
+        await self.app(scope, watch.receive, send_)
 
     async def _serve_reserved(self, scope, receive, send, cred, price, est):
         acc = self._acc()
@@ -274,20 +284,13 @@ class AccManMiddleware:
             except AccManError as e:
                 return await self._unavailable(scope, receive, send, cred, price, e)
         held = est          # what is reserved and not yet settled or released
-        gone = False
-
-        async def receive_():
-            nonlocal gone
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                gone = True
-            return message
+        watch = _DisconnectWatch(receive)
 
         async def send_(message):
             nonlocal held
             if message["type"] == "http.response.start" and held:
                 amount, held = held, 0
-                if gone:
+                if watch.gone:
                     cost = 0
                 else:
                     cost = self._charge_of(price, scope, message["status"], message.get("headers", ()))
@@ -306,7 +309,7 @@ class AccManMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive_, send_)
+            await self.app(scope, watch.receive, send_)
         except BaseException as e:
             if held:
                 amount, held = held, 0

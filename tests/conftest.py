@@ -156,6 +156,26 @@ def request_bytes(method, target, headers=(), body=b"", version="HTTP/1.1", host
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def get(target, headers=()):
+    return request_bytes("GET", target, headers)
+
+
+def patch(target, headers=()):
+    return request_bytes("PATCH", target, headers)
+
+
+def assert_error(r, status, code=None):
+    """`r` is the SPEC's error reply: status, JSON with error and detail."""
+    assert r.status == status, r
+    assert r.headers["content-type"] == "application/json"
+    doc = r.json
+    assert isinstance(doc["error"], str) and doc["error"], doc
+    assert isinstance(doc["detail"], str) and doc["detail"], doc
+    if code is not None:
+        assert doc["error"] == code, doc
+    return doc
+
+
 def parse_responses(data: bytes):
     """All complete responses in `data` (for raw replies read at once)."""
     out = []

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import parse_responses, request_bytes
+from conftest import assert_error, get, parse_responses, patch, request_bytes
 
 INT64_MAX = 2 ** 63 - 1
 
@@ -27,25 +27,6 @@ charge {TOKENS['charge']}
 mint {TOKENS['mint']}
 read,charge {TOKENS['service']}
 """
-
-
-def get(target, headers=()):
-    return request_bytes("GET", target, headers)
-
-
-def patch(target, headers=()):
-    return request_bytes("PATCH", target, headers)
-
-
-def assert_error(r, status, code=None):
-    assert r.status == status, r
-    assert r.headers["content-type"] == "application/json"
-    doc = r.json
-    assert isinstance(doc["error"], str) and doc["error"], doc
-    assert isinstance(doc["detail"], str) and doc["detail"], doc
-    if code is not None:
-        assert doc["error"] == code, doc
-    return doc
 
 
 # --- routes ------------------------------------------------------------------

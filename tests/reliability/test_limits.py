@@ -20,25 +20,8 @@ import time
 import pytest
 
 from accman import limits as L
-from conftest import parse_responses, request_bytes, spawn_server
+from conftest import assert_error, get, parse_responses, patch, spawn_server
 from relhelp import Control, history, metrics, spawn_controlled, stop_quietly
-
-
-def get(target, headers=()):
-    return request_bytes("GET", target, headers)
-
-
-def patch(target, headers=()):
-    return request_bytes("PATCH", target, headers)
-
-
-def assert_error(r, status, code=None):
-    assert r.status == status, r
-    doc = r.json
-    assert doc["error"] and doc["detail"], doc
-    if code is not None:
-        assert doc["error"] == code, doc
-    return doc
 
 
 def read_until_closed(c, timeout_s=10.0):
