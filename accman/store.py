@@ -8,13 +8,15 @@ through one `raise_for_status`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
+import struct
 
 import plyvel
 
-from accman import _ledger
+from accman import _ledger, fsck
 from accman.errors import StoreCorrupt, StoreError, StoreLocked
 
 META_KEY = b"\x00meta"       # sorts before every account, history and key record
@@ -48,6 +50,29 @@ def _translated(path: str, action: str):
         raise StoreError(f"{path}: {action} failed: {e.strerror or e}") from e
 
 
+def _locked_elsewhere(path: str) -> bool:
+    """True if a LevelDB in this or another process holds the directory's
+    LOCK.  Its files are then changing under us: not checked, and plyvel
+    raises StoreLocked.  An open-file-description lock query (F_OFD_GETLK)
+    sees LevelDB's fcntl lock even in this process, and takes no lock (a
+    plain fcntl lock taken and closed here would drop LevelDB's)."""
+    getlk = getattr(fcntl, "F_OFD_GETLK", None)
+    if getlk is None:
+        return False
+    try:
+        fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type = struct.unpack("hhqqi4x", fcntl.fcntl(fd, getlk, flock))[0]
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return l_type != fcntl.F_UNLCK
+
+
 def _msg(e: BaseException) -> str:
     arg = e.args[0] if e.args else e
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
@@ -56,13 +81,19 @@ def _msg(e: BaseException) -> str:
 class Store:
     """One LevelDB directory, opened by one process at a time."""
 
-    def __init__(self, path: str, *, create: bool = True):
+    def __init__(self, path: str, *, create: bool = True, check_files: bool = True):
+        """`check_files`: check every log record's and table block's CRC
+        (accman.fsck) before LevelDB opens the directory, so that damage is
+        refused before LevelDB's recovery can drop or rewrite anything."""
         self.path = os.path.abspath(path)
         with _translated(self.path, "open"):
+            existed = os.path.isdir(self.path)
             if create:
                 os.makedirs(self.path, exist_ok=True)
-            elif not os.path.isdir(self.path):
+            elif not existed:
                 raise StoreError(f"{self.path}: no such data directory")
+            if check_files and existed and not _locked_elsewhere(self.path):
+                fsck.check_dir(self.path)
             self.db = plyvel.DB(
                 self.path,
                 create_if_missing=create,

@@ -229,6 +229,17 @@ def test_account_record_that_disagrees_with_history_is_refused(tmp_path):
         Ledger(path)
 
 
+def gated_store(path, gate):
+    """A store whose writes wait for `gate`: mods pile up behind one batch."""
+
+    class GatedStore(Store):
+        def write(self, wb):
+            gate.wait(10)
+            super().write(wb)
+
+    return GatedStore(path)
+
+
 class FailingStore(Store):
     """Fault injection: the Nth write (1-based) and all after it fail."""
 
@@ -341,13 +352,7 @@ def test_refusal_judged_on_pending_state_waits_for_it(tmp_path):
     after that balance is durable, and with it."""
     path = str(tmp_path / "d")
     gate = threading.Event()
-
-    class SlowStore(Store):
-        def write(self, wb):
-            gate.wait(10)
-            super().write(wb)
-
-    led = Ledger(path, store=SlowStore(path))
+    led = Ledger(path, store=gated_store(path, gate))
     got = []
     led.submit("a", 5, done=got.append)
     led.submit("a", -6, min=0, done=got.append)
@@ -360,13 +365,7 @@ def test_refusal_judged_on_pending_state_waits_for_it(tmp_path):
 def test_queued_mods_bound_gives_busy(tmp_path):
     path = str(tmp_path / "d")
     gate = threading.Event()
-
-    class SlowStore(Store):
-        def write(self, wb):
-            gate.wait(10)
-            super().write(wb)
-
-    led = Ledger(path, store=SlowStore(path), queued_mods_max=3, batch_mods_max=2)
+    led = Ledger(path, store=gated_store(path, gate), queued_mods_max=3, batch_mods_max=2)
     got = []
     for i in range(3):
         led.submit("a", 1, done=got.append)
@@ -380,15 +379,7 @@ def test_queued_mods_bound_gives_busy(tmp_path):
 def test_batch_size_bound_splits_batches(tmp_path):
     path = str(tmp_path / "d")
     gate = threading.Event()
-
-    class CountingStore(Store):
-        sizes = []
-
-        def write(self, wb):
-            gate.wait(10)
-            super().write(wb)
-
-    led = Ledger(path, store=CountingStore(path), batch_mods_max=4)
+    led = Ledger(path, store=gated_store(path, gate), batch_mods_max=4)
     got = []
     for i in range(10):
         led.submit("a", 1, done=got.append)
@@ -435,25 +426,29 @@ def _flip_a_history_byte(path):
     return name
 
 
-def test_a_flipped_byte_in_a_table_is_refused_at_open(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "heads"])
+def test_a_flipped_byte_in_a_table_is_refused_before_leveldb_opens(tmp_path, mode):
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        for i in range(300):
+            led.mod("alice", 1, key=f"hist-key-{i:04d}")
+    name = _flip_a_history_byte(path)
+    before = {f: open(os.path.join(path, f), "rb").read() for f in os.listdir(path)}
+    with pytest.raises(StoreCorrupt, match=f"damaged: table {name}"):
+        Ledger(path, verify=mode)
+    after = {f: open(os.path.join(path, f), "rb").read() for f in os.listdir(path)}
+    assert after == before          # nothing repaired, nothing rewritten
+
+
+def test_damage_met_after_open_is_refused_when_read(tmp_path):
+    """With the file check skipped (verify="none"), a damaged page of
+    history is refused when read, never served."""
     path = str(tmp_path / "d")
     with Ledger(path) as led:
         for i in range(300):
             led.mod("alice", 1, key=f"hist-key-{i:04d}")
     _flip_a_history_byte(path)
-    with pytest.raises(StoreCorrupt, match="damaged"):
-        Ledger(path)
-
-
-def test_with_heads_only_damage_is_refused_when_read(tmp_path):
-    """verify="heads" opens faster; the damaged page is then refused when
-    read, never served."""
-    path = str(tmp_path / "d")
-    with Ledger(path) as led:
-        for i in range(300):
-            led.mod("alice", 1, key=f"hist-key-{i:04d}")
-    _flip_a_history_byte(path)
-    with Ledger(path, verify="heads") as led:
+    with Ledger(path, verify="none") as led:
         assert led.tot("alice") == 300
         with pytest.raises(StoreCorrupt, match="damaged"):
             for before in range(301, 0, -50):

@@ -1,0 +1,437 @@
+"""Checks a LevelDB data directory's files without LevelDB, before it opens
+them: every record of the write-ahead logs and the MANIFEST, and every
+block of every table, against its CRC-32C.
+
+Why not leave it to LevelDB (paranoid_checks, verify_checksums)?  Two gaps
+in LevelDB 1.22, both seen in tests/reliability/test_storage_faults.py:
+
+* its log reader takes a record whose length runs past the end of the file
+  for a torn write: it drops that record and every one after it without a
+  word, and the open then turns the shortened log into a table and deletes
+  the log.  Here a bad record is a torn tail only when nothing valid
+  follows it, at the end of the newest log; anything else is damage.
+* an iterator with verify_checksums stops early, without an error, when the
+  last data block of a table is damaged.  Here every block's CRC is checked.
+
+What LevelDB will read is what is checked: the MANIFEST that CURRENT names,
+the logs it will replay (numbered from the MANIFEST's log number on, and its
+previous log), and the tables the MANIFEST lists.  Files it does not list
+are left-overs of an interrupted compaction that LevelDB deletes at open;
+checking them would refuse a store for a crash it survives.
+
+No file is written.  Any failure is a StoreCorrupt naming the file and the
+offset; the directory is then to be looked at by a person, never repaired
+here (the store's rule: refuse, never repair silently).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from typing import NamedTuple
+
+from accman import _check
+from accman.errors import StoreCorrupt
+
+# The log format (leveldb doc/log_format.md).  The MANIFEST is a log too.
+LOG_BLOCK_BYTES = _check.LOG_BLOCK_BYTES        # 32 KiB
+LOG_HEADER_BYTES = _check.LOG_HEADER_BYTES      # crc:4, length:2 (LE), type:1
+LOG_ZERO, LOG_FULL, LOG_FIRST, LOG_MIDDLE, LOG_LAST = range(5)
+
+# The table format (leveldb doc/table_format.md).
+TABLE_FOOTER_BYTES = 48          # two block handles, zero padding, magic
+TABLE_HANDLES_BYTES = 40         # the part of the footer before the magic
+TABLE_MAGIC = 0xDB4775248B80FB57
+BLOCK_TRAILER_BYTES = 5          # compression type:1, masked crc32c:4
+COMPRESSION_NONE, COMPRESSION_SNAPPY = 0, 1
+VARINT64_BYTES_MAX = 10
+
+# VersionEdit tags (leveldb db/version_edit.cc); 8 was used by old versions
+# for large value references and is refused by 1.22, as here.
+TAG_COMPARATOR, TAG_LOG_NUMBER, TAG_NEXT_FILE, TAG_LAST_SEQUENCE = 1, 2, 3, 4
+TAG_COMPACT_POINTER, TAG_DELETED_FILE, TAG_NEW_FILE, TAG_PREV_LOG_NUMBER = 5, 6, 7, 9
+
+_LOG_NAME = re.compile(r"^(\d+)\.log$")
+_TABLE_NAME = re.compile(r"^(\d+)\.(ldb|sst)$")
+_MANIFEST_NAME = re.compile(r"^MANIFEST-(\d+)$")
+
+
+class Checked(NamedTuple):
+    """What check_dir read: for the caller's log line and for benchmarks."""
+
+    logs: int
+    log_records: int
+    tables: int
+    table_blocks: int
+    bytes: int
+
+
+class _Damage(Exception):
+    """One file's damage; check_dir adds the directory and the verdict."""
+
+
+def check_dir(path: str) -> Checked:
+    """Checks the LevelDB files of the directory `path`; raises StoreCorrupt
+    if any is damaged.  A directory without CURRENT and without data files
+    is a new store and passes."""
+    path = os.path.abspath(path)
+    try:
+        return _check_dir(path)
+    except _Damage as e:
+        raise StoreCorrupt(f"{path}: data files are damaged: {e}; refusing to "
+                           "serve, nothing repaired (checked before LevelDB "
+                           "opened the directory: no file was changed)") from None
+
+
+def _check_dir(path: str) -> Checked:
+    names = set(os.listdir(path))
+    data_names = sorted(n for n in names if _LOG_NAME.match(n) or _TABLE_NAME.match(n)
+                        or _MANIFEST_NAME.match(n))
+    if "CURRENT" not in names:
+        if data_names:
+            # LevelDB would make a new, empty store here and delete the
+            # tables as obsolete.
+            raise _Damage(f"CURRENT is missing but {data_names[0]} and others are here")
+        return Checked(0, 0, 0, 0, 0)
+    current = _read(path, "CURRENT")
+    manifest = current[:-1].decode("ascii", "replace")
+    if not current.endswith(b"\n") or not _MANIFEST_NAME.match(manifest):
+        raise _Damage(f"CURRENT does not name a MANIFEST: {current[:80]!r}")
+    if manifest not in names:
+        raise _Damage(f"CURRENT names {manifest}, which is missing")
+    raw = _read(path, manifest)
+    total = len(raw)
+    edits, _ = check_log(raw, manifest, torn_tail_ok=True, keep=True)
+    state = _apply_edits(edits, manifest)
+
+    logs = sorted(int(m.group(1)) for m in map(_LOG_NAME.match, names) if m)
+    live_logs = [n for n in logs if n >= state.log_number or n == state.prev_log_number]
+    log_records = 0
+    for number in live_logs:
+        name = f"{number:06d}.log"
+        raw = _read(path, name)
+        total += len(raw)
+        _, count = check_log(raw, name, torn_tail_ok=number == live_logs[-1])
+        log_records += count
+
+    blocks = 0
+    for number, size in sorted(state.tables.items()):
+        name = next((n for n in (f"{number:06d}.ldb", f"{number:06d}.sst") if n in names), None)
+        if name is None:
+            raise _Damage(f"table {number:06d}.ldb, listed in {manifest}, is missing")
+        raw = _read(path, name)
+        total += len(raw)
+        if len(raw) != size:
+            raise _Damage(f"table {name} has {len(raw)} bytes, {manifest} says {size}")
+        blocks += check_table(raw, name)
+    return Checked(len(live_logs), log_records, len(state.tables), blocks, total)
+
+
+def _read(path: str, name: str) -> bytes:
+    with open(os.path.join(path, name), "rb") as f:
+        return f.read()
+
+
+# --- logs --------------------------------------------------------------------------
+
+def check_log(raw: bytes, name: str, *, torn_tail_ok: bool,
+              keep: bool = False) -> tuple[list[bytes], int]:
+    """Walks the records of a log-format file.  Returns its logical records
+    (with `keep`) and the count of physical ones.  A bad record is allowed
+    only as a torn tail: `torn_tail_ok` and no valid record anywhere after
+    it, in its block or a later one."""
+    records: list[bytes] = []
+    fragments: list[bytes] | None = None        # inside a FIRST..LAST record
+    count = 0
+    i, n = 0, len(raw)
+    view = memoryview(raw)
+    while i < n:
+        left = LOG_BLOCK_BYTES - i % LOG_BLOCK_BYTES
+        if left < LOG_HEADER_BYTES:
+            # The writer fills a block's last few bytes with zeros.
+            if any(raw[i:i + left]):
+                _bad(raw, name, i, "block trailer is not zeros", torn_tail_ok)
+                return records, count
+            i += left
+            continue
+        if not _check.log_record_ok(view, i):
+            _bad(raw, name, i, _why_bad(raw, i), torn_tail_ok)
+            return records, count
+        length, kind = struct.unpack_from("<HB", raw, i + 4)
+        start = i + LOG_HEADER_BYTES
+        if (kind in (LOG_FULL, LOG_FIRST)) != (fragments is None):
+            raise _Damage(f"{_what(name)}: record at offset {i} is out of sequence "
+                          f"(type {kind} {'inside' if fragments is not None else 'outside'} "
+                          "a fragmented record)")
+        if kind == LOG_FULL:
+            if keep:
+                records.append(raw[start:start + length])
+        elif kind == LOG_FIRST:
+            fragments = [raw[start:start + length]] if keep else []
+        else:
+            if keep:
+                fragments.append(raw[start:start + length])
+            if kind == LOG_LAST:
+                if keep:
+                    records.append(b"".join(fragments))
+                fragments = None
+        count += 1
+        i = start + length
+    if fragments is not None and not torn_tail_ok:
+        raise _Damage(f"{_what(name)}: ends inside a fragmented record")
+    return records, count
+
+
+def _why_bad(raw: bytes, i: int) -> str:
+    n = len(raw)
+    if n - i < LOG_HEADER_BYTES:
+        return "is cut short (header)"
+    length, kind = struct.unpack_from("<HB", raw, i + 4)
+    if kind == LOG_ZERO:
+        return "is zeros"
+    if kind > LOG_LAST:
+        return f"has unknown type {kind}"
+    end = i + LOG_HEADER_BYTES + length
+    if end > i - i % LOG_BLOCK_BYTES + LOG_BLOCK_BYTES:
+        return f"has length {length}, past the end of its 32 KiB block"
+    if end > n:
+        return f"has length {length}, past the end of the file"
+    return "fails its checksum"
+
+
+def _bad(raw: bytes, name: str, i: int, why: str, torn_tail_ok: bool) -> None:
+    """Returns if the bad record at offset i is a torn tail; raises if not."""
+    if not torn_tail_ok:
+        raise _Damage(f"{_what(name)}: record at offset {i} {why} (only the "
+                      "newest log may end in a torn write)")
+    later = _check.find_log_record(memoryview(raw), i + 1)
+    if later >= 0:
+        raise _Damage(f"{_what(name)}: record at offset {i} {why}, and a valid record "
+                      f"follows at offset {later}: damage, not a torn write")
+
+
+def _what(name: str) -> str:
+    return name if name.startswith("MANIFEST") else f"log {name}"
+
+
+# --- the MANIFEST's version edits ----------------------------------------------------
+
+class _Version:
+    def __init__(self):
+        self.log_number = 0
+        self.prev_log_number = 0
+        self.tables: dict[int, int] = {}        # file number -> size in bytes
+
+
+def _apply_edits(edits: list[bytes], name: str) -> _Version:
+    """The tables and log numbers that LevelDB's VersionSet::Recover would
+    arrive at from these VersionEdit records."""
+    v = _Version()
+    for k, edit in enumerate(edits):
+        try:
+            i = 0
+            while i < len(edit):
+                tag, i = _varint(edit, i)
+                if tag == TAG_COMPARATOR:
+                    _, i = _prefixed(edit, i)
+                elif tag == TAG_LOG_NUMBER:
+                    v.log_number, i = _varint(edit, i)
+                elif tag == TAG_PREV_LOG_NUMBER:
+                    v.prev_log_number, i = _varint(edit, i)
+                elif tag in (TAG_NEXT_FILE, TAG_LAST_SEQUENCE):
+                    _, i = _varint(edit, i)
+                elif tag == TAG_COMPACT_POINTER:
+                    _, i = _varint(edit, i)
+                    _, i = _prefixed(edit, i)
+                elif tag == TAG_DELETED_FILE:
+                    _, i = _varint(edit, i)
+                    number, i = _varint(edit, i)
+                    v.tables.pop(number, None)
+                elif tag == TAG_NEW_FILE:
+                    _, i = _varint(edit, i)
+                    number, i = _varint(edit, i)
+                    size, i = _varint(edit, i)
+                    _, i = _prefixed(edit, i)
+                    _, i = _prefixed(edit, i)
+                    v.tables[number] = size
+                else:
+                    raise ValueError(f"unknown tag {tag}")
+        except (ValueError, IndexError) as e:
+            raise _Damage(f"{name}: record {k} is not a valid version edit ({e})") from None
+    return v
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    value = shift = 0
+    for j in range(i, min(i + VARINT64_BYTES_MAX, len(buf))):
+        b = buf[j]
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, j + 1
+        shift += 7
+    raise ValueError(f"bad varint at offset {i}")
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _prefixed(buf, i: int) -> tuple[bytes, int]:
+    length, i = _varint(buf, i)
+    if i + length > len(buf):
+        raise ValueError(f"a length-prefixed field at offset {i} runs past the end")
+    return bytes(buf[i:i + length]), i + length
+
+
+# --- tables --------------------------------------------------------------------------
+
+def check_table(raw: bytes, name: str) -> int:
+    """Checks a table's footer and the CRC of every block it has (data,
+    meta, metaindex, index), and that the blocks tile the file; returns the
+    number of blocks."""
+    what = f"table {name}"
+    size = len(raw)
+    if size < TABLE_FOOTER_BYTES:
+        raise _Damage(f"{what}: {size} bytes, shorter than a table footer")
+    body_end = size - TABLE_FOOTER_BYTES
+    footer = raw[body_end:]
+    if struct.unpack_from("<Q", footer, TABLE_HANDLES_BYTES)[0] != TABLE_MAGIC:
+        raise _Damage(f"{what}: the footer's magic number is wrong")
+    try:
+        meta_off, i = _varint(footer, 0)
+        meta_size, i = _varint(footer, i)
+        index_off, i = _varint(footer, i)
+        index_size, i = _varint(footer, i)
+    except ValueError:
+        raise _Damage(f"{what}: the footer's block handles are unreadable") from None
+    if i > TABLE_HANDLES_BYTES or any(footer[i:TABLE_HANDLES_BYTES]):
+        raise _Damage(f"{what}: the footer's padding is not zeros")
+    if footer[:i] != b"".join(map(_varint_bytes, (meta_off, meta_size, index_off, index_size))):
+        # A flipped continuation bit on a handle's last byte reads the same
+        # value from the zero padding; LevelDB never writes such a varint.
+        raise _Damage(f"{what}: the footer's block handles are not as LevelDB writes them")
+
+    view = memoryview(raw)
+    index = _block(raw, view, index_off, index_size, body_end, f"{what}: index block")
+    meta = _block(raw, view, meta_off, meta_size, body_end, f"{what}: metaindex block")
+    blocks = [(index_off, index_size), (meta_off, meta_size)]
+    for kind, contents in (("data", index), ("meta", meta)):
+        for handle in _block_values(contents, f"{what}: {'index' if kind == 'data' else 'metaindex'} block"):
+            try:
+                off, i = _varint(handle, 0)
+                length, i = _varint(handle, i)
+            except ValueError:
+                i = -1
+            if i != len(handle):
+                raise _Damage(f"{what}: a {kind} block handle is unreadable")
+            if not _check.block_ok(view, off, length) or off + length + BLOCK_TRAILER_BYTES > body_end:
+                raise _Damage(f"{what}: {kind} block at offset {off} fails its checksum")
+            blocks.append((off, length))
+    # Data blocks, meta blocks, metaindex, index, footer: end to end, so
+    # that no byte of the file is outside a checked block.
+    at = 0
+    for off, length in sorted(blocks):
+        if off != at:
+            raise _Damage(f"{what}: the block at offset {off} does not follow the one "
+                          f"ending at {at}")
+        at = off + length + BLOCK_TRAILER_BYTES
+    if at != body_end:
+        raise _Damage(f"{what}: the blocks end at {at}, the footer starts at {body_end}")
+    return len(blocks)
+
+
+def _block(raw: bytes, view, off: int, length: int, body_end: int, what: str) -> bytes:
+    """A block's contents, uncompressed, once its CRC is checked."""
+    if not _check.block_ok(view, off, length) or off + length + BLOCK_TRAILER_BYTES > body_end:
+        raise _Damage(f"{what} at offset {off} fails its checksum")
+    kind = raw[off + length]
+    contents = raw[off:off + length]
+    if kind == COMPRESSION_NONE:
+        return contents
+    if kind == COMPRESSION_SNAPPY:
+        try:
+            return _unsnappy(contents)
+        except (ValueError, IndexError) as e:
+            raise _Damage(f"{what} at offset {off} does not decompress ({e})") from None
+    raise _Damage(f"{what} at offset {off} has unknown compression type {kind}")
+
+
+def _block_values(block: bytes, what: str) -> list[bytes]:
+    """The values of a block's entries (leveldb table/block.cc): each entry
+    is shared:varint, unshared:varint, value_length:varint, the unshared
+    key bytes, the value; then the restart offsets and their count."""
+    if len(block) < 4:
+        raise _Damage(f"{what} is too short")
+    restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
+    end = len(block) - 4 - 4 * restarts
+    if restarts < 1 or end < 0:
+        raise _Damage(f"{what} has a bad restart count {restarts}")
+    values = []
+    i = key_len = 0
+    try:
+        while i < end:
+            shared, i = _varint(block, i)
+            unshared, i = _varint(block, i)
+            value_len, i = _varint(block, i)
+            if shared > key_len or i + unshared + value_len > end:
+                raise ValueError(f"entry at offset {i} runs past the entries")
+            key_len = shared + unshared
+            i += unshared
+            values.append(block[i:i + value_len])
+            i += value_len
+    except ValueError as e:
+        raise _Damage(f"{what} has a malformed entry ({e})") from None
+    return values
+
+
+def _unsnappy(src: bytes) -> bytes:
+    """Snappy's raw format (google/snappy format_description.txt): the
+    uncompressed length as a varint, then literals and back-references.
+    Used for the index and metaindex blocks only: they are small."""
+    n, i = _varint(src, 0)
+    out = bytearray()
+    while i < len(src):
+        tag = src[i]
+        i += 1
+        kind = tag & 3
+        if kind == 0:                                   # literal
+            length = tag >> 2
+            if length >= 60:
+                extra = length - 59
+                length = int.from_bytes(src[i:i + extra], "little")
+                i += extra
+            length += 1
+            if i + length > len(src):
+                raise ValueError("a literal runs past the end")
+            out += src[i:i + length]
+            i += length
+            continue
+        if kind == 1:                                   # copy, 11-bit offset
+            length = 4 + ((tag >> 2) & 7)
+            offset = ((tag >> 5) << 8) | src[i]
+            i += 1
+        elif kind == 2:                                 # copy, 16-bit offset
+            length = (tag >> 2) + 1
+            offset = int.from_bytes(src[i:i + 2], "little")
+            i += 2
+        else:                                           # copy, 32-bit offset
+            length = (tag >> 2) + 1
+            offset = int.from_bytes(src[i:i + 4], "little")
+            i += 4
+        if offset == 0 or offset > len(out) or i > len(src):
+            raise ValueError("a copy reaches before the start")
+        start = len(out) - offset
+        if offset >= length:
+            out += out[start:start + length]
+        else:                                           # overlapping: repeats
+            for j in range(length):
+                out.append(out[start + j])
+    if len(out) != n:
+        raise ValueError(f"{len(out)} bytes, {n} expected")
+    return bytes(out)
