@@ -20,7 +20,6 @@ from a run's output.  Nothing here asserts on time.
 import asyncio
 import gc
 import os
-import resource
 import time
 
 import plyvel

@@ -5,7 +5,6 @@ The stores are real ones, written by the Ledger; the damage is one flipped
 byte (or a truncation, for a torn write).  check_dir must refuse exactly
 when the files are damaged, and accept a clean store and a torn tail."""
 
-import os
 import random
 import shutil
 import struct

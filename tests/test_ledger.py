@@ -410,7 +410,7 @@ def test_blocking_mod_inside_an_event_loop_is_refused(led):
 def _flip_a_history_byte(path):
     """Flips one byte inside a history record's block of a table file (a
     reopen first turns the log into a table).  Returns the table's name."""
-    with Ledger(path) as led:
+    with Ledger(path):
         pass
     tables = [f for f in os.listdir(path) if f.endswith(".ldb")]
     assert tables, "expected a table file after reopen"
