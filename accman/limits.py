@@ -56,5 +56,12 @@ HEAD_TIMEOUT_S = 10.0
 # An idle keep-alive connection (no request in progress, nothing owed) is
 # closed after this long, like nginx's keepalive_timeout default of 75 s.
 IDLE_TIMEOUT_S = 75.0
+# After the server decides to close a connection (a framing error, `Connection:
+# close`, the head deadline, idle), it sends its last replies and a FIN, then
+# keeps reading and discarding for up to this long before closing.  Closing
+# at once while the client is still sending makes the kernel answer with a
+# reset, and a reset can destroy the reply before the client reads it:
+# Apache's and nginx's lingering close (nginx: lingering_timeout 5 s).
+LINGER_S = 2.0
 # On SIGTERM: how long in-flight requests get to be answered before close.
 SHUTDOWN_GRACE_S = 10.0

@@ -46,13 +46,6 @@ from accman.metrics import Metrics
 
 # --- limits ------------------------------------------------------------------
 
-# After the server decides to close a connection (a framing error, `Connection:
-# close`, the head deadline, idle), it sends its last replies and a FIN, then
-# keeps reading and discarding for up to this long before closing.  Closing
-# at once while the client is still sending makes the kernel answer with a
-# reset, and a reset can destroy the reply before the client reads it:
-# Apache's and nginx's lingering close (nginx: lingering_timeout 5 s).
-LINGER_S = 2.0
 
 
 class LimitsError(ValueError):
@@ -73,7 +66,7 @@ class ServerLimits:
     head_timeout_s: float = L.HEAD_TIMEOUT_S
     idle_timeout_s: float = L.IDLE_TIMEOUT_S
     shutdown_grace_s: float = L.SHUTDOWN_GRACE_S
-    linger_s: float = LINGER_S
+    linger_s: float = L.LINGER_S
 
     @classmethod
     def from_env(cls, environ=None) -> "ServerLimits":

@@ -165,7 +165,7 @@ def test_body_at_its_limit_and_one_over(shared_server, cred):
 
 
 def test_a_framing_error_reply_survives_the_bytes_sent_after_it(start_server):
-    """LINGER_S (accman/server.py): after a framing error the server sends
+    """LINGER_S (accman/limits.py): after a framing error the server sends
     its reply and a FIN, then reads and discards what the client still sends,
     so the client's late bytes cannot turn the close into a reset that
     destroys the reply; and it stops lingering after LINGER_S."""
