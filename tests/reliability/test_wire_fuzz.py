@@ -29,7 +29,7 @@ from accman import limits
 from accman._wire import ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD, ROUTE_PAST, ROUTE_TOT, Parser
 from conftest import parse_responses, request_bytes
 from relhelp import history, metrics
-from test_wire import MUTATION_BYTES, fuzz_inputs, valid_requests
+from test_wire import fuzz_inputs, mutated, valid_requests
 
 NAME = re.compile(rb"[A-Za-z0-9_-]+")
 NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
@@ -352,13 +352,4 @@ def test_random_bytes_in_pieces_are_answered_as_the_parser_reads_them(shared_ser
 @given(st.lists(valid_requests(), min_size=1, max_size=4), st.data())
 def test_mutated_pipelines_in_pieces_are_answered_as_the_parser_reads_them(
         shared_server, pipeline, data):
-    raw = bytearray(b"".join(r for r, _ in pipeline))
-    for _ in range(data.draw(st.integers(1, 4))):
-        at = data.draw(st.integers(0, len(raw)))
-        kind = data.draw(st.sampled_from(["insert", "delete", "replace"]))
-        byte = data.draw(st.sampled_from(MUTATION_BYTES))
-        if kind == "insert":
-            raw[at:at] = bytes([byte])
-        elif at < len(raw):
-            raw[at:at + 1] = b"" if kind == "delete" else bytes([byte])
-    check_exchange(shared_server, bytes(raw), data.draw(cuts))
+    check_exchange(shared_server, mutated(pipeline, data), data.draw(cuts))
