@@ -277,12 +277,8 @@ cdef class Book:
         """The durable balance of `cred`, or None when it has no durable
         account.  A cred seen before is one dict lookup: no hashing, no
         validation (only valid creds enter the cache)."""
-        cdef Account acct = self.by_cred.get(cred)
-        if acct is None:
-            acct = self._find(cred)
-            if acct is None:
-                return None
-        if acct.seq == 0:
+        cdef Account acct = self._find(cred)
+        if acct is None or acct.seq == 0:
             return None
         return acct.tot
 
@@ -303,7 +299,18 @@ cdef class Book:
         registered on it), or the outcome itself when it is final already
         (the caller delivers it).  Raises BadRequest, Unavailable or Busy
         with nothing changed."""
-        _check_cred(cred)
+        # A cred in the cache is valid and hashed already; otherwise it is
+        # checked and hashed once here (the hash names a new account too).
+        cdef Account acct = self.by_cred.get(cred)
+        cdef bytes hid
+        if acct is not None:
+            hid = acct.hid
+        else:
+            _check_cred(cred)
+            hid = self.hid_of(cred)
+            acct = self.by_hid.get(hid)
+            if acct is not None:
+                self.by_cred[cred] = acct
         _check_int64(by, "by")
         if by == 0:
             raise BadRequest("by must be non-zero")
@@ -322,10 +329,6 @@ cdef class Book:
             raise Busy(f"{self.queued_mods_max} mods are waiting for the disk; "
                        "retry shortly")
 
-        cdef Account acct = self.by_cred.get(cred)
-        if acct is None:
-            acct = self._find(cred)
-        cdef bytes hid = acct.hid if acct is not None else self.hid_of(cred)
         cdef int64_t iby = by
         cdef PendingKey pk
         cdef bytes pkid = None
