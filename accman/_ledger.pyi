@@ -6,11 +6,13 @@ from typing import Any, Final
 
 FORMAT_VERSION: Final[int]
 HID_BYTES: Final[int]
-ACCOUNT_PREFIX: Final[bytes]
+ACCOUNT_PREFIX: Final[bytes]      # store format 1 only
+HISTORY_END: Final[bytes]
 HISTORY_PREFIX: Final[bytes]
 KEY_PREFIX: Final[bytes]
 
-def pack_account(tot: int, seq: int) -> bytes: ...
+def pack_account(tot: int, seq: int) -> bytes:
+    """A store-format-1 account record (for tests that build one)."""
 def unpack_account(value: bytes) -> tuple[int, int]:
     """-> (tot, seq); ValueError when the record is not a version-1 account."""
 def history_key(hid: bytes, seq: int) -> bytes: ...

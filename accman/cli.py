@@ -54,8 +54,9 @@ def build_parser():
     s.add_argument("--tokens", metavar="FILE",
                    help="tokens file: one `ROLE[,ROLE...] TOKEN` a line")
     s.add_argument("--verify", choices=("full", "heads"), default="full",
-                   help="what to check at start: every record's checksum (full, "
-                        "the default) or each account against its newest entry (heads)")
+                   help="what to check at start: the files' checksums and every record "
+                        "read (full, the default), or the files' checksums and each "
+                        "account's newest entry (heads)")
 
     def client(name, help_text):
         c = sub.add_parser(name, help=help_text)

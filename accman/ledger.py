@@ -16,10 +16,9 @@ from accman.store import Store
 
 
 # What is checked at open, from most to least (see Ledger):
-#   full   the files' CRCs (accman.fsck), every record read through LevelDB,
-#          and every account record against its newest history entry
-#   heads  the files' CRCs and the account records against their heads
-#   none   account records only (their block checksums still verified)
+#   full   the files' CRCs (accman.fsck) and every record read through LevelDB
+#   heads  the files' CRCs; loading reads each history's newest entry
+#   none   only what loading reads (its blocks' checksums still verified)
 VERIFY_MODES = ("full", "heads", "none")
 
 
@@ -42,11 +41,12 @@ class Ledger:
 
     `verify` chooses what open checks (VERIFY_MODES).  "full" (the default)
     and "heads" both check every log record's and table block's CRC-32C
-    before LevelDB opens the directory (accman.fsck, ~2 ms per MiB here),
-    and each account record against its newest history entry; "full" then
-    also reads every record through LevelDB (~1 us a record), which finds a
-    block that passes its CRC but does not parse.  "none" checks only what
-    loading reads: for tests of what happens when damage is met later.
+    before LevelDB opens the directory (accman.fsck, ~2 ms per MiB here);
+    loading then reads each account's newest history entry (its balance
+    and seq); "full" also reads every record through LevelDB (~1 us a
+    record), which finds a block that passes its CRC but does not parse.
+    "none" checks only what loading reads: for tests of what happens when
+    damage is met later.
 
     Reads answer from memory and show durable state only.  `mod` blocks
     until its batch is on disk; many concurrent mods (threads, or tasks
@@ -72,7 +72,7 @@ class Ledger:
             if verify == "full":
                 self.store.check_all_blocks()
             load = self._book.load
-            for hid, tot, seq in self.store.accounts(check_heads=verify != "none"):
+            for hid, tot, seq in self.store.accounts():
                 load(hid, tot, seq)
         except BaseException:
             self.store.close()

@@ -20,7 +20,13 @@ from accman import _ledger, fsck
 from accman.errors import StoreCorrupt, StoreError, StoreLocked
 
 META_KEY = b"\x00meta"       # sorts before every account, history and key record
-STORE_FORMAT = 1             # bump with a migration when a record format changes
+STORE_FORMAT = 2             # bump with a migration when a record format changes
+# Format 1 kept an account record beside each history; format 2 derives the
+# account from its history's newest entry (see ext/ledger.pyx).  A format-1
+# directory is migrated at open: its account records are checked against
+# their histories one last time, then deleted in the batch that writes the
+# new format record.
+MIGRATES_FROM = (1,)
 SALT_BYTES = 16              # the per-directory BLAKE2b key for credential hashes
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account
@@ -124,42 +130,77 @@ class Store:
             fmt, salt = meta["format"], bytes.fromhex(meta["salt"])
         except (ValueError, KeyError, TypeError) as e:
             raise StoreCorrupt(f"{self.path}: unreadable format record") from e
-        if fmt != STORE_FORMAT:
-            raise StoreCorrupt(f"{self.path}: store format {fmt}, this AccMan "
-                               f"reads format {STORE_FORMAT}")
         if len(salt) != SALT_BYTES:
             raise StoreCorrupt(f"{self.path}: bad credential-hash key length")
+        if fmt in MIGRATES_FROM:
+            self._migrate_from_1(meta)
+        elif fmt != STORE_FORMAT:
+            raise StoreCorrupt(f"{self.path}: store format {fmt}, this AccMan "
+                               f"reads format {STORE_FORMAT}")
         return salt
+
+    def _migrate_from_1(self, meta: dict) -> None:
+        """Format 1 -> 2, in one synced batch: either all of it or none."""
+        prefix = _ledger.ACCOUNT_PREFIX
+        with _translated(self.path, "migrate from store format 1"):
+            heads = self.db.raw_iterator(verify_checksums=True, fill_cache=False)
+            wb = self.db.write_batch(transaction=True, sync=True)
+            try:
+                with self.db.iterator(prefix=prefix, verify_checksums=True,
+                                      fill_cache=False) as it:
+                    for k, v in it:
+                        if len(k) != 1 + _ledger.HID_BYTES:
+                            raise StoreCorrupt(f"{self.path}: malformed account key")
+                        try:
+                            tot, seq = _ledger.unpack_account(v)
+                        except ValueError as e:
+                            raise StoreCorrupt(f"{self.path}: {e}") from e
+                        self._check_head(heads, k[1:], tot, seq)
+                        wb.delete(k)
+                meta = dict(meta, format=STORE_FORMAT)
+                wb.put(META_KEY, json.dumps(meta).encode())
+            finally:
+                heads.close()
+            wb.write()
 
     # -- reads ---------------------------------------------------------------
 
-    def accounts(self, check_heads: bool = False):
-        """Yields (hid, tot, seq) of every account, checksums verified.
-
-        With `check_heads`, each account record is checked against the
-        newest entry of its history (they are written in one batch, so a
-        mismatch is damage).  Accounts and histories are both ordered by
-        hid, so the history seeks only move forward: one pass, not a
-        random read per account."""
-        prefix = _ledger.ACCOUNT_PREFIX
+    def accounts(self):
+        """Yields (hid, tot, seq) of every account, checksums verified: the
+        newest entry of each history, from the last history back.  One
+        seek per account (to its history's first entry, then one step
+        back to the previous history's newest), not a read of every entry."""
+        hid_end = 1 + _ledger.HID_BYTES
+        key_bytes = hid_end + 8
         with _translated(self.path, "load accounts"):
-            heads = self.db.raw_iterator(verify_checksums=True, fill_cache=False)
-            with self.db.iterator(prefix=prefix, verify_checksums=True,
-                                  fill_cache=False) as it:
-                for k, v in it:
-                    if len(k) != 1 + _ledger.HID_BYTES:
-                        raise StoreCorrupt(f"{self.path}: malformed account key")
+            it = self.db.raw_iterator(verify_checksums=True, fill_cache=False)
+            try:
+                it.seek(_ledger.HISTORY_END)
+                if it.valid():
+                    it.prev()
+                else:
+                    it.seek_to_last()
+                while it.valid():
+                    k = it.key()
+                    if k[:1] != _ledger.HISTORY_PREFIX:
+                        break
+                    if len(k) != key_bytes:
+                        raise StoreCorrupt(f"{self.path}: malformed history key")
                     try:
-                        tot, seq = _ledger.unpack_account(v)
+                        tot = _ledger.unpack_history(it.value())[1]
                     except ValueError as e:
                         raise StoreCorrupt(f"{self.path}: {e}") from e
-                    hid = k[1:]
-                    if check_heads:
-                        self._check_head(heads, hid, tot, seq)
-                    yield hid, tot, seq
-            heads.close()
+                    seq = _ledger.history_key_seq(k)
+                    if seq < 1:
+                        raise StoreCorrupt(f"{self.path}: a history entry with seq {seq}")
+                    yield k[1:hid_end], tot, seq
+                    it.seek(k[:hid_end])
+                    it.prev()
+            finally:
+                it.close()
 
     def _check_head(self, heads, hid: bytes, tot: int, seq: int) -> None:
+        """A format-1 account record must name its history's newest entry."""
         key = _ledger.history_key(hid, seq)
         heads.seek(key)
         ok = seq >= 1 and heads.valid() and heads.key() == key

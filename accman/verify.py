@@ -8,7 +8,10 @@ from accman.errors import StoreCorrupt
 
 
 def verify_store(store) -> dict:
-    """Raises StoreCorrupt naming the first broken rule; returns counts."""
+    """Raises StoreCorrupt naming the first broken rule; returns counts.
+
+    The accounts as open loads them (each history's newest entry, found by
+    seeking back) must be exactly the ends of the histories read forward."""
     accounts = {hid: (tot, seq) for hid, tot, seq in store.accounts()}
     entries = 0
     hid = None
@@ -20,9 +23,9 @@ def verify_store(store) -> dict:
         if hid is None:
             return
         if hid not in accounts:
-            raise StoreCorrupt("history without an account record")
+            raise StoreCorrupt("a history that loading does not find")
         if accounts[hid] != (prev_tot, prev_seq):
-            raise StoreCorrupt("an account's balance or seq differs from its history")
+            raise StoreCorrupt("an account's loaded balance or seq differs from its history")
 
     for k, v in store.iterate(_ledger.HISTORY_PREFIX):
         if len(k) != 1 + _ledger.HID_BYTES + 8:
@@ -47,7 +50,7 @@ def verify_store(store) -> dict:
         entries += 1
     close_account()
     if len(seen) != len(accounts):
-        raise StoreCorrupt("an account record without history")
+        raise StoreCorrupt("loading finds an account without history")
 
     keys = 0
     for k, v in store.iterate(_ledger.KEY_PREFIX):

@@ -15,9 +15,14 @@ Each account keeps two states:
 On-disk records (all integers big-endian, every value starts with its format
 version so that a later format can migrate):
 
-    b"a" + hid                  -> ver, tot:int64, seq:int64
     b"h" + hid + seq:uint64     -> ver, by:int64, tot:int64, at_ms:int64, key ascii
     b"k" + hid + key ascii      -> ver, seq:int64, by:int64, tot:int64, has_min:u8, min:int64
+
+An account is its history: its balance and seq are those of its newest
+entry, found at open with one seek per account (accman.store).  Store format
+1 also kept a b"a" + hid -> ver, tot, seq record per account, rewritten in
+every batch that touched it; it doubled LevelDB's work per mod, and format
+2 drops it (the store migrates a format-1 directory at open).
 
 `hid` is a keyed BLAKE2b-128 of the credential (the key is random per data
 directory): the credential never appears in the data files.
@@ -38,7 +43,8 @@ from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, INT64_MAX,
 
 FORMAT_VERSION = 1
 HID_BYTES = 16
-ACCOUNT_PREFIX = b"a"
+ACCOUNT_PREFIX = b"a"            # format 1 only (see pack_account)
+HISTORY_END = b"i"               # sorts after every history key
 HISTORY_PREFIX = b"h"
 KEY_PREFIX = b"k"
 
@@ -66,6 +72,8 @@ cdef inline int64_t _get64(const unsigned char *p) noexcept nogil:
     return <int64_t>u
 
 
+# Format 1's account records: written only by tests that build a format-1
+# store, read only by the migration that checks and removes them.
 cpdef bytes pack_account(int64_t tot, int64_t seq):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, ACCOUNT_VALUE_BYTES)
     cdef char *p = PyBytes_AS_STRING(out)
@@ -178,8 +186,8 @@ cdef class Account:
 
 
 cdef class Batch:
-    """The mods of one durable write.  `wb` is the store's write batch; the
-    account records are added when the batch is sealed, once per account."""
+    """The mods of one durable write.  `wb` is the store's write batch: one
+    history record per mod, and one idempotency record per keyed mod."""
     cdef readonly object wb
     cdef readonly Py_ssize_t nmods
     cdef readonly list done_loop        # (callback, outcome), run on the loop
@@ -404,17 +412,14 @@ cdef class Book:
         return (<Batch>self.open_batches[0]).nmods > 0
 
     cpdef Batch seal(self):
-        """Takes the oldest filling batch for writing and adds its account
-        records.  Mods that arrive from now on go to a newer batch."""
+        """Takes the oldest filling batch for writing and notes the pending
+        state of each account it touched, which `finish` makes visible.
+        Mods that arrive from now on go to a newer batch."""
         cdef Batch batch = self.open_batches.pop(0)
         if not self.open_batches:
             self.open_batches.append(Batch(self._new_wb()))
         cdef Account acct
-        batch.sealed = []
-        for acct in batch.touched:
-            batch.wb.put(ACCOUNT_PREFIX + acct.hid,
-                         pack_account(acct.ptot, acct.pseq))
-            batch.sealed.append((acct, acct.ptot, acct.pseq))
+        batch.sealed = [(acct, acct.ptot, acct.pseq) for acct in batch.touched]
         batch.touched = None
         return batch
 

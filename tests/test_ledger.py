@@ -216,17 +216,90 @@ def test_a_foreign_leveldb_is_not_taken_for_a_store(tmp_path):
         Ledger(str(tmp_path / "d"))
 
 
-def test_account_record_that_disagrees_with_history_is_refused(tmp_path):
+def _as_format_1(path, accounts):
+    """Rewrites a format-2 store as format 1 wrote it: an account record
+    (tot, seq) per account beside its history, and format 1 in the meta."""
+    import json
+    from accman import _ledger
+    from accman.store import META_KEY
+    store = Store(path)
+    meta = json.loads(store.db.get(META_KEY))
+    for hid, (tot, seq) in accounts.items():
+        store.db.put(_ledger.ACCOUNT_PREFIX + hid, _ledger.pack_account(tot, seq))
+    store.db.put(META_KEY, json.dumps(dict(meta, format=1)).encode(), sync=True)
+    store.close()
+    return meta
+
+
+def _stored(path):
+    import plyvel
+    db = plyvel.DB(path)
+    try:
+        return dict(db.iterator())
+    finally:
+        db.close()
+
+
+def test_a_format_1_store_is_migrated_at_open(tmp_path):
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        led.mod("alice", 10)
+        led.mod("alice", -3, key="k1")
+        led.mod("bob", 5)
+        hids = {c: led._book.account(c).hid for c in ("alice", "bob")}
+    meta = _as_format_1(path, {hids["alice"]: (7, 2), hids["bob"]: (5, 1)})
+    with Ledger(path) as led:
+        assert (led.tot("alice"), led.tot("bob")) == (7, 5)
+        assert led.mod("alice", 1) == (8, 3)
+        assert led.mod("alice", -3, key="k1") == (7, 2)     # the key survived
+        assert led.verify()["accounts"] == 2
+    records = _stored(path)
+    assert not any(k.startswith(b"a") for k in records), "format-1 records left"
+    import json
+    from accman.store import META_KEY
+    assert json.loads(records[META_KEY]) == dict(meta, format=2)
+
+
+def test_a_format_1_account_record_that_disagrees_with_history_is_refused(tmp_path):
     path = str(tmp_path / "d")
     with Ledger(path) as led:
         led.mod("alice", 10)
         hid = led._book.account("alice").hid
-    from accman import _ledger
-    store = Store(path)
-    store.db.put(b"a" + hid, _ledger.pack_account(11, 1), sync=True)
-    store.close()
+    _as_format_1(path, {hid: (11, 1)})
+    before = _stored(path)
     with pytest.raises(StoreCorrupt, match="does not match"):
         Ledger(path)
+    assert _stored(path) == before      # the migration changed nothing
+
+
+def test_a_newer_store_format_is_refused(tmp_path):
+    import json
+    from accman.store import META_KEY
+    path = str(tmp_path / "d")
+    Ledger(path).close()
+    store = Store(path)
+    meta = json.loads(store.db.get(META_KEY))
+    store.db.put(META_KEY, json.dumps(dict(meta, format=3)).encode(), sync=True)
+    store.close()
+    with pytest.raises(StoreCorrupt, match="store format 3, this AccMan reads format 2"):
+        Ledger(path)
+
+
+def test_accounts_load_from_the_newest_entry_of_each_history(tmp_path):
+    """Open seeks from history to history backwards: neighbours in hid
+    order, long and short histories, one entry, all come back exactly."""
+    path = str(tmp_path / "d")
+    want = {}
+    with Ledger(path) as led:
+        for i in range(200):
+            cred = f"c{i}"
+            for j in range(i % 7 + 1):
+                tot, seq = led.mod(cred, i + j + 1)
+            want[cred] = tot
+    with Ledger(path, verify="heads") as led:
+        assert len(led) == 200
+        assert {c: led.tot(c) for c in want} == want
+        assert led.mod("c5", 1)[1] == 5 % 7 + 2
 
 
 def gated_store(path, gate):
@@ -417,10 +490,11 @@ def _flip_a_history_byte(path):
     name = max(tables, key=lambda f: os.path.getsize(os.path.join(path, f)))
     fp = os.path.join(path, name)
     data = bytearray(open(fp, "rb").read())
-    # Data blocks come first in a table, in key order: the meta and account
-    # records, then history, then idempotency records; the index and footer
-    # are at the end.  A byte 40% in is inside the history's blocks.
-    at = len(data) * 2 // 5
+    # Data blocks come first in a table, in key order: the meta record, then
+    # history, then idempotency records; the index and footer are at the
+    # end.  A byte 20% in is inside the history's older blocks: not the
+    # block of its newest entries, which every open reads.
+    at = len(data) // 5
     data[at] ^= 0x01
     open(fp, "wb").write(bytes(data))
     return name

@@ -340,7 +340,7 @@ def test_a_flipped_bit_in_a_table_stops_the_server_from_starting(tmp_path):
     tables = sorted(data.glob("*.ldb"))
     assert tables, os.listdir(data)
     # Byte 10 is in the first data block: the format record and the
-    # account records, read by every start.
+    # first histories, read by every start.
     flip(tables[0], 10)
     assert start_or_refuse(tmp_path, data, truth) is None
 
@@ -425,7 +425,7 @@ def test_a_flipped_bit_in_a_log_record_checksum_type_or_payload_is_refused_at_st
 
 def test_a_flipped_bit_anywhere_in_a_table_is_refused_at_start(tmp_path):
     """A bit every 797 bytes, in the last data block, the index block and
-    the footer: every part of a table, the account records, the newest and
+    the footer: every part of a table, the format record, the newest and
     the older history entries, the idempotency records, the index.  Refused
     at start, or harmless: the full verify passes and every read is true."""
     base = tmp_path / "base"
