@@ -34,8 +34,9 @@ class Committer:
 
     `submit` is called from any thread (the event loop's, or plain threads
     through Ledger.mod); `done` callbacks registered from the bound loop's
-    thread run on that loop, one `call_soon_threadsafe` per batch; the
-    others run on the writer thread."""
+    thread run on that loop, one `call_soon_threadsafe` per batch (through
+    the loop's `deliver`, see bind_loop); the others run on the writer
+    thread."""
 
     def __init__(self, book, store):
         self.book = book
@@ -46,6 +47,7 @@ class Committer:
         self._kick_pending = False
         self._closing = False
         self._loop = None
+        self._deliver_on_loop = run_callbacks
         self.error: StoreError | None = None
         # Counters for /metrics; read without the lock (ints, set in one step).
         self.batches = 0
@@ -60,9 +62,14 @@ class Committer:
 
     # -- binding to an event loop ---------------------------------------------
 
-    def bind_loop(self, loop) -> None:
-        """Completions of mods submitted from `loop`'s thread run on it."""
+    def bind_loop(self, loop, deliver=None) -> None:
+        """Completions of mods submitted from `loop`'s thread run on it:
+        `deliver(pairs)` is called there with each batch's list of
+        (done, outcome) and must see every `done` told its outcome (by
+        default each is called, `done(outcome)`).  A server passes its own
+        to answer a whole batch in one call, without a call per mod."""
         self._loop = loop
+        self._deliver_on_loop = deliver or run_callbacks
 
     # -- the submitting side ---------------------------------------------------
 
@@ -155,11 +162,11 @@ class Committer:
     def _deliver(self, on_loop: list, direct: list) -> None:
         if on_loop:
             try:
-                self._loop.call_soon_threadsafe(_run_callbacks, on_loop)
+                self._loop.call_soon_threadsafe(self._deliver_on_loop, on_loop)
             except RuntimeError:
                 pass        # the loop is closed: nobody is waiting on it
         if direct:
-            _run_callbacks(direct)
+            run_callbacks(direct)
 
     # -- closing -------------------------------------------------------------------
 
@@ -181,7 +188,7 @@ def _unavailable(callbacks: list, error: StoreError) -> list:
     return [(done, Unavailable(detail)) for done, _ in callbacks]
 
 
-def _run_callbacks(callbacks: list) -> None:
+def run_callbacks(callbacks: list) -> None:
     for done, outcome in callbacks:
         try:
             done(outcome)

@@ -154,9 +154,12 @@ class Ledger:
             raise outcome
         return outcome
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Mods submitted from `loop`'s thread complete on that loop."""
-        self._committer.bind_loop(loop)
+    def bind_loop(self, loop: asyncio.AbstractEventLoop, deliver=None) -> None:
+        """Mods submitted from `loop`'s thread complete on that loop.
+        `deliver`, if given, is called there with each batch's list of
+        (done, outcome) pairs instead of calling each `done(outcome)`;
+        it must tell every `done` its outcome."""
+        self._committer.bind_loop(loop, deliver)
 
     async def amod(self, cred: str, by: int, *, min: int | None = None,
                    key: str | None = None) -> tuple[int, int]:

@@ -38,6 +38,7 @@ from accman import limits as L
 from accman._wire import (ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD, ROUTE_PAST,
                           ROUTE_TOT, Parser)
 from accman.auth import CHARGE, MINT, READ, roles_text
+from accman.commit import run_callbacks
 from accman.errors import (AccManError, Insufficient, StoreCorrupt,
                            StoreError, StoreLocked)
 from accman.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -123,6 +124,7 @@ def _template(status, mode, content_type=b"application/json", extra=b""):
 
 
 T200 = tuple(_template(200, mode) for mode in (KEEP, CLOSE, KEEP10))
+T200_KEEP = T200[KEEP]
 _TEMPLATES = {}
 
 
@@ -165,13 +167,17 @@ class Slot:
 
     def done(self, outcome):
         """The ledger's completion: runs on the loop thread once the batch
-        holding this mod (or the state it was refused on) is durable."""
+        holding this mod (or the state it was refused on) is durable.
+        (Server.deliver answers the common case itself, without this.)"""
         conn = self.conn
         server = conn.server
         server.metrics.mod_latency_s.observe(perf_counter() - self.t0)
         self.reply = conn.mod_outcome(outcome, self.mode)
         self.pending = False
         server.mark_ready(conn)
+
+    # A Slot is the `done` callback the ledger is given.
+    __call__ = done
 
 
 class Connection(asyncio.Protocol):
@@ -264,7 +270,7 @@ class Connection(asyncio.Protocol):
             self.last_active_at = now
             if reqs:
                 self.head_started_at = now if parser.pending else 0.0
-                if len(reqs) == 1 and not self.waiting and self._tot_fast(reqs[0]):
+                if len(reqs) == 1 and not self.waiting and self._fast(reqs[0]):
                     return
                 out = []
                 self._process(reqs, 0, out)
@@ -284,16 +290,37 @@ class Connection(asyncio.Protocol):
 
     # --- request handling ---
 
-    def _tot_fast(self, req):
-        """The hot path: one keep-alive HTTP/1.1 /tot with nothing owed
-        before it on the connection, answered by _answer and written at
-        once, without the pipeline machinery of _process/_finish (a /tot
-        reply never waits and never closes).  Anything else returns False."""
-        if (req.route != ROUTE_TOT or not req.keep_alive or req.http10
-                or self.closing or self.eof or self.read_paused
-                or self.backlog is not None or self.server.stopping):
+    def _fast(self, req):
+        """The hot paths: one keep-alive HTTP/1.1 /tot or /mod with nothing
+        owed before it on the connection, taken without the pipeline
+        machinery of _process/_finish: a /tot is answered and written at
+        once, a /mod submitted and left waiting alone (Server.deliver then
+        writes its reply).  Neither closes the connection.  Anything else
+        (a denial included) returns False for the general path."""
+        if (not req.keep_alive or req.http10 or self.closing or self.eof
+                or self.read_paused or self.backlog is not None or self.server.stopping):
             return False
-        self.transport.write(self._answer(req, KEEP))
+        route = req.route
+        if route == ROUTE_TOT:
+            self.transport.write(self._answer(req, KEEP))
+            return True
+        if route != ROUTE_MOD:
+            return False
+        if (self.server.tokens is not None
+                and not self._roles(req.token) & (MINT if req.by > 0 else CHARGE)):
+            return False
+        slot = Slot(self, req, KEEP)
+        slot.t0 = perf_counter()
+        slot.pending = True
+        try:
+            self.ledger.submit(req.cred, req.by, req.min, req.key, done=slot)
+        except AccManError as e:
+            self.transport.write(self._error("mod", e.status, e.code, e.detail, KEEP))
+            return True
+        waiting = self.waiting
+        waiting.append(slot)
+        if len(waiting) >= self.pipeline_max:
+            self._update_reading()
         return True
 
     def _process(self, reqs, i, out):
@@ -393,7 +420,7 @@ class Connection(asyncio.Protocol):
         slot.t0 = perf_counter()
         slot.pending = True
         try:
-            self.ledger.submit(req.cred, by, req.min, req.key, done=slot.done)
+            self.ledger.submit(req.cred, by, req.min, req.key, done=slot)
         except AccManError as e:
             slot.pending = False
             return self._error("mod", e.status, e.code, e.detail, slot.mode)
@@ -671,6 +698,39 @@ class Server:
         self._stopped = asyncio.Event()
         return self.listener.sockets[0].getsockname()[:2]
 
+    def deliver(self, pairs):
+        """The ledger's completions of one batch, on the loop (see
+        Ledger.bind_loop): a successful mod waiting alone on a plain
+        keep-alive connection, the common case under load, is answered
+        here in one pass; any other goes through Slot.done and its
+        connection's flush, and a callback that is not a Slot (another
+        user of the ledger on this loop) is called."""
+        now = perf_counter()
+        loop_now = self.loop.time()
+        waited = []
+        for done, outcome in pairs:
+            try:
+                if type(done) is not Slot:
+                    run_callbacks(((done, outcome),))
+                    continue
+                conn = done.conn
+                waiting = conn.waiting
+                if (type(outcome) is not tuple or done.mode != KEEP or len(waiting) != 1
+                        or conn.closing or conn.eof or conn.read_paused
+                        or conn.backlog is not None):
+                    done.done(outcome)
+                    continue
+                waiting.pop()
+                waited.append(now - done.t0)
+                body = b'{"tot":%d,"seq":%d}' % outcome
+                conn.transport.write(T200_KEEP % (len(body), body))
+                conn.last_active_at = loop_now
+            except Exception as e:     # a bug here: that connection closes, not the rest
+                self.internal_error(done.conn, e)
+        if waited:
+            self.metrics.mod_latency_s.observe_all(waited)
+            self.metrics.requests["mod", 200] += len(waited)
+
     def mark_ready(self, conn):
         self._ready.append(conn)
         if not self._flush_scheduled:
@@ -815,8 +875,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     loop.set_exception_handler(_loop_exception_handler)
     failed = False
     try:
-        ledger.bind_loop(loop)
         server = Server(ledger, tokens=tokens, limits=limits, loop=loop)
+        ledger.bind_loop(loop, deliver=server.deliver)
         try:
             bound_host, bound_port = loop.run_until_complete(server.start(host, port))
         except OSError as e:

@@ -165,6 +165,7 @@ def test_tokens_from_flag_and_environment(start_server):
     cred = proc.stdout.strip()
     env = {"ACCMAN_URL": s.url, "ACCMAN_TOKEN": TOKENS["service"]}
     proc = run_accman("mod", cred, "-4", env=env)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr, s.stderr())
     assert json.loads(proc.stdout) == {"tot": 6, "seq": 2}
     proc = run_accman("tot", cred, env=env)
     assert json.loads(proc.stdout) == {"tot": 6}

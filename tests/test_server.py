@@ -703,7 +703,7 @@ class FakeLedger:
         self.mode, self.loop = mode, None
     healthy = property(lambda self: self.mode != "failed")
     stats = property(lambda self: {"batches": 0})
-    def bind_loop(self, loop):
+    def bind_loop(self, loop, deliver=None):
         self.loop = loop
     def tot(self, cred):
         return 5
