@@ -480,6 +480,36 @@ def test_blocking_mod_inside_an_event_loop_is_refused(led):
     assert led.mod("a", 1) == (2, 2)     # outside the loop it works again
 
 
+def test_a_bound_deliver_gets_each_batch_whole_on_the_loop(led):
+    """bind_loop(loop, deliver): the batch's (done, outcome) pairs reach
+    `deliver` on the loop's thread, and the ledger calls no `done` itself."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        batches, called = [], []
+
+        def deliver(pairs):
+            assert threading.get_ident() == loop_thread
+            batches.append(list(pairs))
+            if sum(map(len, batches)) == 20:
+                finished.set_result(None)
+
+        loop_thread = threading.get_ident()
+        finished = loop.create_future()
+        led.bind_loop(loop, deliver=deliver)
+        for i in range(20):
+            led.submit(f"c{i % 5}", i + 1, done=called.append)
+        await asyncio.wait_for(finished, 10)
+        return batches, called
+
+    batches, called = asyncio.run(main())
+    assert called == []
+    pairs = [p for b in batches for p in b]
+    assert [p[0] for p in pairs] == [pairs[0][0]] * 20
+    assert sorted(p[1][1] for p in pairs if p[1][1]) == sorted(
+        [s for c in range(5) for s in range(1, 5)])
+    assert led.tot("c0") == 1 + 6 + 11 + 16
+
+
 def _flip_a_history_byte(path):
     """Flips one byte inside a history record's block of a table file (a
     reopen first turns the log into a table).  Returns the table's name."""

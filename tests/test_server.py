@@ -747,3 +747,49 @@ def test_shutdown_grace_bounds_the_wait_for_a_batch(start_server, tmp_path):
         assert s.proc.wait(5) == 0
         assert 0.4 < time.monotonic() - t0 < 3
     assert "ledger closed" in s.stderr()
+
+
+# --- in process: the server's batch delivery beside another user of the loop ---------
+
+def test_mods_over_the_wire_and_amod_on_the_same_loop_all_complete(tmp_path):
+    """The server binds the ledger's completions to its own `deliver`; an
+    `amod` by other code on that loop (its callback is not the server's)
+    still completes, in the same batches as the wire's mods."""
+    import asyncio
+
+    import uvloop
+
+    from accman import Ledger
+    from accman.server import Server
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        led = Ledger(str(tmp_path / "d"))
+        server = Server(led, loop=loop)
+        led.bind_loop(loop, deliver=server.deliver)
+        host, port = await server.start("127.0.0.1", 0)
+
+        async def over_the_wire(i):
+            reader, writer = await asyncio.open_connection(host, port)
+            replies = []
+            for _ in range(5):
+                writer.write(request_bytes("PATCH", f"/mod?cred=w{i}&by=2"))
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                replies.append((head.split(b" ")[1], await reader.readexactly(length)))
+            writer.close()
+            return replies
+
+        try:
+            wire, local = await asyncio.wait_for(asyncio.gather(
+                asyncio.gather(*(over_the_wire(i) for i in range(8))),
+                asyncio.gather(*(led.amod("local", 1) for _ in range(40)))), 10)
+        finally:
+            server.listener.close()
+            led.close()
+        return wire, local
+
+    wire, local = uvloop.run(main())
+    for replies in wire:
+        assert replies == [(b"200", b'{"tot":%d,"seq":%d}' % (2 * n, n)) for n in range(1, 6)]
+    assert sorted(local) == [(n, n) for n in range(1, 41)]
