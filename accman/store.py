@@ -167,8 +167,8 @@ class Store:
 
     def accounts(self):
         """Yields (hid, tot, seq) of every account, checksums verified: the
-        newest entry of each history, from the last history back.  One
-        seek per account (to its history's first entry, then one step
+        newest entry of each history, from the last history back.  At most
+        one seek per account (to its history's first entry, then one step
         back to the previous history's newest), not a read of every entry."""
         hid_end = 1 + _ledger.HID_BYTES
         key_bytes = hid_end + 8
@@ -194,8 +194,13 @@ class Store:
                     if seq < 1:
                         raise StoreCorrupt(f"{self.path}: a history entry with seq {seq}")
                     yield k[1:hid_end], tot, seq
-                    it.seek(k[:hid_end])
+                    # One step back is the previous history's newest entry
+                    # unless this history has older entries: then seek
+                    # past them.  (Short histories never seek.)
                     it.prev()
+                    if it.valid() and it.key()[:hid_end] == k[:hid_end]:
+                        it.seek(k[:hid_end])
+                        it.prev()
             finally:
                 it.close()
 
