@@ -716,8 +716,8 @@ class Server:
                 conn = done.conn
                 waiting = conn.waiting
                 if (type(outcome) is not tuple or done.mode != KEEP or len(waiting) != 1
-                        or conn.closing or conn.eof or conn.read_paused
-                        or conn.backlog is not None):
+                        or waiting[0] is not done or conn.closing or conn.eof
+                        or conn.read_paused or conn.backlog is not None):
                     done.done(outcome)
                     continue
                 waiting.pop()
