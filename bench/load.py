@@ -291,14 +291,18 @@ class AccManServer(Server):
     name = "accman"
     READY_RE = re.compile(r"http://127\.0\.0\.1:(\d+)")
 
+    def __init__(self, workdir, repo=REPO_DIR):
+        super().__init__(workdir)
+        self.repo = Path(repo)       # bench/ab.py serves other revisions' checkouts
+
     def __enter__(self):
-        if not (REPO_DIR / "accman" / "server.py").exists():
+        if not (self.repo / "accman" / "server.py").exists():
             raise BenchError("accman/server.py does not exist yet")
-        env = dict(os.environ, PYTHONPATH=str(REPO_DIR))
+        env = dict(os.environ, PYTHONPATH=str(self.repo))
         self.proc = Proc(pinned(SERVER_CPU, [
             PYTHON, "-m", "accman", "serve", "--host", HOST, "--port", "0",
             "--data", str(self.workdir / "data")]),
-            log_path=self.workdir / "server.log", stdout_pipe=True, cwd=REPO_DIR, env=env)
+            log_path=self.workdir / "server.log", stdout_pipe=True, cwd=self.repo, env=env)
         lines = queue.Queue()
 
         def read_stdout(stream):
