@@ -13,7 +13,7 @@
           py = pkgs.python311.withPackages (ps: with ps; [
             uvloop plyvel cython setuptools wheel
             pytest pytest-benchmark hypothesis
-            httpx aiohttp uvicorn starlette
+            httpx aiohttp uvicorn starlette httptools
           ]);
         in {
           default = pkgs.mkShell {
