@@ -1,0 +1,162 @@
+"""What one durable write costs on this disk, by method: CPU and wall time.
+
+    .venv/bin/python bench/fsync_cost.py [--dir DIR] [--writes N] [--records R] [--cpu C]
+
+The group commit pays one durable write per batch; on the development VM
+that write's CPU, not the disk's latency, is what the commit thread mostly
+spends (docs/PERFORMANCE.md, "Durable /mod").  This measures, in one
+process pinned to one CPU (the server's, by default CPU 0), each way of
+making a batch of R records durable that docs/PERFORMANCE.md discusses:
+
+- `leveldb sync=True`: what AccMan does, a LevelDB write batch with
+  `sync=True` (LevelDB appends to its log, then `fdatasync`);
+- `leveldb sync=False`: the same batch without the sync (the memtable
+  inserts and the log's `write`): the part that is not the disk;
+- `append + fdatasync`: 4 KiB appended to a growing file, then `fdatasync`;
+  the file's size changes, so the inode is written too;
+- `overwrite + fdatasync`, `overwrite O_DSYNC`, `overwrite O_DIRECT+O_DSYNC`:
+  4 KiB written over a preallocated file whose size does not change;
+- `O_DIRECT+O_DSYNC + leveldb sync=False`: the design of a write-ahead log
+  of our own in front of an unsynced LevelDB (measured, not built: see
+  docs/PERFORMANCE.md).
+
+Figures, never assertions; each method is run twice, interleaved, since the
+disk is shared and its latency moves from minute to minute.  CPU is the
+thread's own (`time.thread_time`): what the kernel does for the write on
+other threads (interrupts, workqueues) is not in it.
+"""
+
+import argparse
+import mmap
+import os
+import shutil
+import tempfile
+import time
+
+import plyvel
+
+BLOCK_BYTES = 4096          # one page; O_DIRECT needs aligned, whole blocks
+VALUE_BYTES = 48            # about a history entry's value
+ROUNDS = 2
+
+
+def leveldb_batch(db, records, sync, counter):
+    wb = db.write_batch(sync=sync)
+    value = b"v" * VALUE_BYTES
+    for _ in range(records):
+        counter[0] += 1
+        wb.put(b"h%016d" % counter[0], value)
+    wb.write()
+
+
+def preallocated(path, writes, flags):
+    """A file of `writes` blocks, written and synced once, so that writing
+    over it changes neither its size nor its block map."""
+    with open(path, "wb") as f:
+        f.write(b"\0" * (BLOCK_BYTES * writes))
+        f.flush()
+        os.fsync(f.fileno())
+    return os.open(path, os.O_RDWR | flags)
+
+
+def methods(workdir, writes, records):
+    """(name, setup) pairs; setup() returns (write(i), cleanup())."""
+    block = mmap.mmap(-1, BLOCK_BYTES)       # page-aligned, as O_DIRECT needs
+    block.write(os.urandom(BLOCK_BYTES))
+    counter = [0]
+
+    def leveldb(sync, wal_flags=None):
+        def setup():
+            path = os.path.join(workdir, "db")
+            shutil.rmtree(path, ignore_errors=True)
+            db = plyvel.DB(path, create_if_missing=True, write_buffer_size=16 << 20)
+            fd = None
+            if wal_flags is not None:
+                fd = preallocated(os.path.join(workdir, "wal"), writes, wal_flags)
+
+            def write(i):
+                if fd is not None:
+                    os.pwritev(fd, [block], i * BLOCK_BYTES)
+                leveldb_batch(db, records, sync, counter)
+
+            def cleanup():
+                db.close()
+                if fd is not None:
+                    os.close(fd)
+            return write, cleanup
+        return setup
+
+    def append():
+        path = os.path.join(workdir, "append")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+
+        def write(i):
+            os.write(fd, block)
+            os.fdatasync(fd)
+        return write, lambda: os.close(fd)
+
+    def overwrite(flags, sync):
+        def setup():
+            fd = preallocated(os.path.join(workdir, "over"), writes, flags)
+
+            def write(i):
+                os.pwritev(fd, [block], i * BLOCK_BYTES)
+                if sync:
+                    os.fdatasync(fd)
+            return write, lambda: os.close(fd)
+        return setup
+
+    return [
+        (f"leveldb sync=True, {records} records", leveldb(True)),
+        (f"leveldb sync=False, {records} records", leveldb(False)),
+        ("append 4 KiB + fdatasync", append),
+        ("overwrite 4 KiB + fdatasync", overwrite(0, True)),
+        ("overwrite 4 KiB, O_DSYNC", overwrite(os.O_DSYNC, False)),
+        ("overwrite 4 KiB, O_DIRECT+O_DSYNC", overwrite(os.O_DSYNC | os.O_DIRECT, False)),
+        (f"O_DIRECT+O_DSYNC + leveldb sync=False, {records} records",
+         leveldb(False, os.O_DSYNC | os.O_DIRECT)),
+    ]
+
+
+def measure(setup, writes):
+    write, cleanup = setup()
+    try:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        for i in range(writes):
+            write(i)
+        c1, t1 = time.thread_time(), time.perf_counter()
+    finally:
+        cleanup()
+    return (t1 - t0) / writes * 1e6, (c1 - c0) / writes * 1e6
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", default=None,
+                   help="where to write (default: a temporary directory under /tmp)")
+    p.add_argument("--writes", type=int, default=1000, help="durable writes per method and round")
+    p.add_argument("--records", type=int, default=30, help="records per LevelDB batch")
+    p.add_argument("--cpu", type=int, default=0, help="the CPU to pin to")
+    args = p.parse_args(argv)
+    os.sched_setaffinity(0, {args.cpu})
+    workdir = tempfile.mkdtemp(prefix="accman-fsync-", dir=args.dir)
+    try:
+        table = methods(workdir, args.writes, args.records)
+        figures = {name: [] for name, _ in table}
+        for _ in range(ROUNDS):
+            for name, setup in table:
+                figures[name].append(measure(setup, args.writes))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"{args.writes} durable writes per method and round, {ROUNDS} rounds, "
+          f"pinned to CPU {args.cpu}, in {os.path.dirname(workdir)}\n")
+    print("| method | wall per write | CPU per write |")
+    print("|---|---:|---:|")
+    for name, runs in figures.items():
+        wall = " / ".join(f"{w:.0f}" for w, _ in runs)
+        cpu = " / ".join(f"{c:.0f}" for _, c in runs)
+        print(f"| {name} | {wall} µs | {cpu} µs |")
+
+
+if __name__ == "__main__":
+    main()
