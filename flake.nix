@@ -17,7 +17,7 @@
           ]);
         in {
           default = pkgs.mkShell {
-            packages = [ py pkgs.just pkgs.wrk pkgs.leveldb pkgs.redis pkgs.nginx pkgs.py-spy ];
+            packages = [ py pkgs.just pkgs.wrk pkgs.leveldb pkgs.redis pkgs.nginx pkgs.py-spy pkgs.ruff ];
             shellHook = ''
               echo "accman dev shell: just --list"
             '';

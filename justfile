@@ -1,10 +1,10 @@
 # AccMan tasks.  `just --list` shows them.  The venv is .venv, as in README.md.
 py := ".venv/bin/python"
 
-# create the venv and install AccMan with its test and benchmark tools (editable)
+# create the venv and install AccMan with its test, benchmark and lint tools (editable)
 setup:
     python3 -m venv .venv
-    .venv/bin/pip install -e '.[test,bench]'
+    .venv/bin/pip install -e '.[test,bench,lint]'
 
 # recompile the Cython modules in ext/ in place
 build:
