@@ -29,8 +29,12 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2."""
 
+    # Said with every usage error of a command that takes a credential.
+    cred_hint = None
+
     def error(self, message):
-        sys.stderr.write(f"accman: error: {message} (try: {self.prog} --help)\n")
+        hint = f"; {self.cred_hint}" if self.cred_hint else ""
+        sys.stderr.write(f"accman: error: {message} (try: {self.prog} --help{hint})\n")
         sys.exit(EXIT_USAGE)
 
 
@@ -68,17 +72,23 @@ def build_parser():
     o = client("open", "make a new credential funded with --by")
     o.add_argument("--by", required=True, help="the opening balance, a positive integer")
 
+    def takes_cred(c, example):
+        # A credential not made by `open` may start with "-"; argparse reads
+        # everything after "--" as positional.
+        c.cred_hint = f"a credential that starts with '-' goes after '--': {example}"
+        c.add_argument("cred")
+
     t = client("tot", "print an account's balance")
-    t.add_argument("cred")
+    takes_cred(t, "accman tot -- -xYz")
 
     m = client("mod", "change a balance by BY (negative charges)")
-    m.add_argument("cred")
+    takes_cred(m, "accman mod --min 0 -- -xYz -3")
     m.add_argument("by")
     m.add_argument("--min", default=None, help="apply only if the new balance is >= MIN")
     m.add_argument("--key", default=None, help="idempotency key")
 
     h = client("past", "print an account's history, newest first")
-    h.add_argument("cred")
+    takes_cred(h, "accman past --limit 5 -- -xYz")
     h.add_argument("--limit", default=None, help="entries per page (1..1000, default 100)")
     h.add_argument("--before", default=None, help="only entries with seq < BEFORE")
 
@@ -223,8 +233,13 @@ def _print_call(args, method, path, params) -> int:
 
 
 def new_cred() -> str:
-    """192 random bits; token_urlsafe's alphabet is the SPEC's A-Z a-z 0-9 _ -."""
-    return secrets.token_urlsafe(24)
+    """192 random bits less one draw in 64; token_urlsafe's alphabet is the
+    SPEC's A-Z a-z 0-9 _ -.  Drawn again when it starts with "-": a command
+    line (this one's included) would take such a credential for an option."""
+    while True:
+        cred = secrets.token_urlsafe(24)
+        if not cred.startswith("-"):
+            return cred
 
 
 def cmd_open(args) -> int:

@@ -2,10 +2,12 @@
 code 2) and the client commands against a real server."""
 
 import json
+import secrets
 import socket
 
 import pytest
 
+from accman.cli import new_cred
 from conftest import run_accman
 
 TOKENS = {
@@ -142,6 +144,31 @@ def test_client_errors_exit_1_with_the_error(start_server):
     assert proc.returncode == 1 and "400" in proc.stderr
     proc = run_accman("tot", "a&by=1", "--url", s.url)     # cannot smuggle parameters
     assert proc.returncode == 1 and "400" in proc.stderr
+
+
+def test_new_credentials_never_start_with_a_dash(monkeypatch):
+    # One token_urlsafe draw in 64 starts with "-", which any command line,
+    # this one's included, reads as an option.
+    creds = {new_cred() for _ in range(5000)}
+    assert len(creds) == 5000
+    assert all(len(c) == 32 and not c.startswith("-") for c in creds)
+    draws = iter(["-" + "a" * 31, "b" * 32])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(draws))
+    assert new_cred() == "b" * 32
+
+
+def test_a_credential_that_starts_with_a_dash_goes_after_double_dash(start_server):
+    s = start_server()
+    s.mod("-dash", 10)
+    err = one_line_error(run_accman("tot", "-dash", "--url", s.url))
+    assert "starts with '-' goes after '--'" in err
+    proc = run_accman("mod", "--min", "0", "--url", s.url, "--", "-dash", "-4")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"tot": 6, "seq": 2}
+    proc = run_accman("tot", "--url", s.url, "--", "-dash")
+    assert json.loads(proc.stdout) == {"tot": 6}
+    proc = run_accman("past", "--limit", "1", "--url", s.url, "--", "-dash")
+    assert [e["by"] for e in json.loads(proc.stdout)["past"]] == [-4]
 
 
 def test_no_server_exits_3(tmp_path):
