@@ -28,6 +28,16 @@ log = logging.getLogger("accman.commit")
 # reads; 65536 batches is minutes of full load at ~0.3 ms per fsync.
 SAMPLES_MAX = 65536
 
+# Filling a batch on a bound loop.  Each fsync costs ~100-250 us of CPU here
+# whatever the batch holds (docs/PERFORMANCE.md), so when the writer is free
+# the loop does not hand it a batch much smaller than the mods that were in
+# flight at the last completion: clients whose replies just went out are
+# about to send again.  It waits for FILL_FRACTION of them, turn after loop
+# turn (reading sockets meanwhile), for at most FILL_WAIT_S; with one client
+# in flight the target is 0 and nothing waits.
+FILL_FRACTION = 0.75
+FILL_WAIT_S = 200e-6
+
 
 class Committer:
     """Owns the lock around the book's changes and the writer thread.
@@ -44,10 +54,20 @@ class Committer:
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
         self._writer_idle = False
+        self._seal_now = False          # the writer may seal what is queued
+        # A batch is being written and its completion has not yet been seen
+        # by the loop, which kicks then; set by the writer at seal, cleared
+        # by the loop (_delivered) or by the writer when nothing goes there.
+        self._writing = False
         self._kick_pending = False
         self._closing = False
         self._loop = None
         self._deliver_on_loop = run_callbacks
+        # The loop's side of filling (FILL_*): read and written on the loop.
+        self.fill_fraction = FILL_FRACTION
+        self.fill_wait_s = FILL_WAIT_S
+        self._fill_target = 0
+        self._filling_since = None
         self.error: StoreError | None = None
         # Counters for /metrics; read without the lock (ints, set in one step).
         self.batches = 0
@@ -68,8 +88,12 @@ class Committer:
         (done, outcome) and must see every `done` told its outcome (by
         default each is called, `done(outcome)`).  A server passes its own
         to answer a whole batch in one call, without a call per mod."""
-        self._loop = loop
-        self._deliver_on_loop = deliver or run_callbacks
+        with self.lock:
+            if loop is not self._loop:
+                # A completion handed to a former loop may never run there.
+                self._writing = False
+            self._loop = loop
+            self._deliver_on_loop = deliver or run_callbacks
 
     # -- the submitting side ---------------------------------------------------
 
@@ -87,15 +111,18 @@ class Committer:
             if self._closing:
                 raise Unavailable("the ledger is closing")
             outcome = self.book.apply(cred, by, min_, key, done, on_loop, at_ms)
-            if outcome is None and self._writer_idle:
+            if outcome is None:
                 if not on_loop:
-                    self._writer_idle = False
-                    self._wake.notify()
-                elif not self._kick_pending:
+                    self._seal_now = True
+                    if self._writer_idle:
+                        self._writer_idle = False
+                        self._wake.notify()
+                elif not self._writing and not self._kick_pending:
                     # Wake the writer once this loop turn has read every
                     # ready socket (call_soon runs after the I/O callbacks),
                     # not on the first mod: otherwise a burst from many
                     # connections commits as a batch of one, then the rest.
+                    # While a batch is written, its completion kicks.
                     self._kick_pending = True
                     self._loop.call_soon(self._kick)
         if outcome is not None:
@@ -107,11 +134,41 @@ class Committer:
                 done(outcome)
 
     def _kick(self) -> None:
+        """On the loop, at the end of a turn: hands the writer what is
+        queued, or waits another turn for the batch to fill (FILL_*)."""
+        self._kick_pending = False
+        book = self.book
+        if self._writing or not book.has_work():
+            return          # a batch being written kicks on completion
+        if book.queued_mods < self._fill_target:
+            now = time.perf_counter()
+            if self._filling_since is None:
+                self._filling_since = now
+            if now - self._filling_since < self.fill_wait_s:
+                self._kick_pending = True
+                self._loop.call_soon(self._kick)
+                return
+        self._filling_since = None
         with self.lock:
-            self._kick_pending = False
-            if self._writer_idle and self.book.has_work():
+            # The writer may not be waiting yet (it has just handed over a
+            # completion); it sees _seal_now before it waits.
+            self._seal_now = True
+            if self._writer_idle:
                 self._writer_idle = False
                 self._wake.notify()
+
+    def _delivered(self, pairs: list) -> None:
+        """On the loop: a batch's completions, then the next batch's kick,
+        its fill target being the mods in flight at this completion."""
+        with self.lock:
+            self._writing = False
+        try:
+            self._deliver_on_loop(pairs)
+        finally:
+            book = self.book
+            self._fill_target = min(int(self.fill_fraction * (len(pairs) + book.queued_mods)),
+                                    book.batch_mods_max)
+            self._kick()
 
     # -- the writer thread -------------------------------------------------------
 
@@ -119,13 +176,17 @@ class Committer:
         book = self.book
         while True:
             with self.lock:
-                while not book.has_work() and not self._closing:
+                # Mods submitted on the bound loop are sealed when the loop
+                # says so (_kick); any other submitter, or closing, says now.
+                while not (self._closing or (self._seal_now and book.has_work())):
                     self._writer_idle = True
                     self._wake.wait()
                 self._writer_idle = False
+                self._seal_now = False
                 if not book.has_work():
                     return          # closing, and everything is written
                 batch = book.seal()
+                self._writing = True
             t0 = time.perf_counter()
             try:
                 self.store.write(batch.wb)
@@ -142,11 +203,18 @@ class Committer:
                     failed = book.fail(batch)
             if error is None:
                 self._count(batch.nmods, fsync_s)
-                self._deliver(batch.done_loop, batch.done_direct)
+                kicks = self._deliver(batch.done_loop, batch.done_direct)
             else:
+                kicks = False
                 for b in failed:
                     self._deliver(_unavailable(b.done_loop, error),
                                   _unavailable(b.done_direct, error))
+            if not kicks:
+                # No completion went to the loop, so no kick will come from
+                # it: what the loop queued meanwhile is sealed now.
+                with self.lock:
+                    self._writing = False
+                    self._seal_now = True
 
     def _count(self, nmods: int, fsync_s: float) -> None:
         self.batches += 1
@@ -159,14 +227,18 @@ class Committer:
             self.batch_sizes.append(nmods)
             self.fsync_times_s.append(fsync_s)
 
-    def _deliver(self, on_loop: list, direct: list) -> None:
+    def _deliver(self, on_loop: list, direct: list) -> bool:
+        """True if the completions went to the loop, which then kicks."""
+        handed = False
         if on_loop:
             try:
-                self._loop.call_soon_threadsafe(self._deliver_on_loop, on_loop)
+                self._loop.call_soon_threadsafe(self._delivered, on_loop)
+                handed = True
             except RuntimeError:
                 pass        # the loop is closed: nobody is waiting on it
         if direct:
             run_callbacks(direct)
+        return handed
 
     # -- closing -------------------------------------------------------------------
 

@@ -4,13 +4,14 @@ order" rules."""
 import asyncio
 import os
 import threading
+import time
 
 import pytest
 
 from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused,
                     Ledger, Overflow, StoreCorrupt, StoreError, StoreLocked,
                     Unavailable)
-from accman import _ledger
+from accman import _ledger, commit
 from accman.limits import INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
 from accman.store import Store
 
@@ -508,6 +509,85 @@ def test_a_bound_deliver_gets_each_batch_whole_on_the_loop(led):
     assert sorted(p[1][1] for p in pairs if p[1][1]) == sorted(
         [s for c in range(5) for s in range(1, 5)])
     assert led.tot("c0") == 1 + 6 + 11 + 16
+
+
+def _fill_one_batch(led, n):
+    """On the running loop: n concurrent amods, so one batch of n; after it
+    the fill target is int(FILL_FRACTION * n)."""
+    return asyncio.gather(*(led.amod(f"f{i}", 1) for i in range(n)))
+
+
+def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
+    """After a batch of 8 completes on the loop, the next one is handed to
+    the writer only once 6 (FILL_FRACTION of 8) mods are queued: three
+    arriving alone wait, turn after turn, and go with the next three."""
+    led._committer.fill_wait_s = 60.0      # the target decides, not the clock
+    target = int(commit.FILL_FRACTION * 8)
+    assert target == 6
+
+    async def main():
+        await _fill_one_batch(led, 8)
+        first = [led.amod("g", 1) for _ in range(3)]
+        tasks = [asyncio.ensure_future(c) for c in first]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        waiting = led.stats["batches"], led.tot("g")
+        tasks += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return waiting, results
+
+    waiting, results = asyncio.run(main())
+    assert waiting == (1, None)             # still queued after 50 turns
+    assert results == [(i, i) for i in range(1, 7)]
+    sizes, _ = led.drain_samples()
+    assert sizes == [8, 6]
+
+
+def test_a_batch_that_does_not_fill_is_written_after_the_fill_wait(led):
+    led._committer.fill_wait_s = 0.05
+
+    async def main():
+        await _fill_one_batch(led, 8)
+        t0 = time.perf_counter()
+        got = await asyncio.wait_for(asyncio.gather(led.amod("g", 1), led.amod("g", 1)), 10)
+        return got, time.perf_counter() - t0
+
+    got, waited_s = asyncio.run(main())
+    assert got == [(1, 1), (2, 2)]
+    assert waited_s >= 0.05
+    sizes, _ = led.drain_samples()
+    assert sizes == [8, 2]
+
+
+def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):
+    led._committer.fill_wait_s = 60.0      # a wait would time the test out
+
+    async def main():
+        return [await led.amod("one", 1) for _ in range(20)]
+
+    got = asyncio.run(asyncio.wait_for(main(), 10))
+    assert got == [(i, i) for i in range(1, 21)]
+    sizes, _ = led.drain_samples()
+    assert sizes == [1] * 20
+
+
+def test_a_mod_from_another_thread_seals_a_filling_batch_now(led):
+    """Mods waiting on the loop for their batch to fill are sealed at once
+    when a plain thread submits: that caller is not made to wait."""
+    led._committer.fill_wait_s = 60.0
+
+    async def main():
+        await _fill_one_batch(led, 8)
+        tasks = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        from_thread = await asyncio.wait_for(asyncio.to_thread(led.mod, "t", 5), 10)
+        return from_thread, await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    from_thread, got = asyncio.run(main())
+    assert from_thread == (5, 1) and got == [(1, 1), (2, 2)]
+    sizes, _ = led.drain_samples()
+    assert sizes == [8, 3]
 
 
 def test_accounts_are_not_walked_by_the_garbage_collector(tmp_path):
