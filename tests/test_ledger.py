@@ -519,11 +519,11 @@ def _fill_one_batch(led, n):
 
 def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
     """After a batch of 8 completes on the loop, the next one is handed to
-    the writer only once 6 (FILL_FRACTION of 8) mods are queued: three
+    the writer only once FILL_FRACTION of 8 mods (4) are queued: three
     arriving alone wait, turn after turn, and go with the next three."""
     led._committer.fill_wait_s = 60.0      # the target decides, not the clock
     target = int(commit.FILL_FRACTION * 8)
-    assert target == 6
+    assert 3 < target <= 6
 
     async def main():
         await _fill_one_batch(led, 8)
