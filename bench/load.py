@@ -1298,7 +1298,8 @@ def main(argv=None):
         print(markdown(results, meta))
     if profile is not None:
         print(f"profile: {RESULTS_DIR / 'profile'}/summary.json")
-    if save:
+    if save and results:
+        # (--profile-only measures no figures: the last run's stay.)
         write_results(results, meta, RESULTS_DIR)
         print(f"written: {RESULTS_DIR / 'load.md'}, {RESULTS_DIR / 'load.json'}")
     return 0
