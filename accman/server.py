@@ -621,14 +621,17 @@ class Connection(asyncio.Protocol):
             "none", 408, "timeout",
             f"the request head did not arrive within HEAD_TIMEOUT_S "
             f"({self.server.limits.head_timeout_s:g} s)", CLOSE)
-        out = []
+        self._last_reply(None, reply)
+
+    def _last_reply(self, req, reply):
+        """Sends `reply` (a CLOSE one) after every reply still owed."""
         if self.waiting:
-            slot = Slot(self, None, CLOSE)
+            slot = Slot(self, req, CLOSE)
             slot.reply = reply
             self.waiting.append(slot)
+            self._finish([])
         else:
-            out.append(reply)
-        self._finish(out)
+            self._finish([reply])
 
     def stop(self):
         """Shutdown: take no new request; answer the one held back (if any)
@@ -639,19 +642,13 @@ class Connection(asyncio.Protocol):
         if self.closed or self.closing:
             return
         self.closing = True
-        out = []
-        if self.backlog is not None:
-            reqs, i = self.backlog
-            self.backlog = None
-            reply = self._error("none", 503, "shutting_down",
-                                "the server is shutting down; retry on another", CLOSE)
-            if self.waiting:
-                slot = Slot(self, reqs[i], CLOSE)
-                slot.reply = reply
-                self.waiting.append(slot)
-            else:
-                out.append(reply)
-        self._finish(out)
+        if self.backlog is None:
+            self._finish([])
+            return
+        reqs, i = self.backlog
+        self.backlog = None
+        self._last_reply(reqs[i], self._error(
+            "none", 503, "shutting_down", "the server is shutting down; retry on another", CLOSE))
 
     def _shut(self):
         """Close after the replies already written: FIN, then linger (read
