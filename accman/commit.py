@@ -4,9 +4,10 @@ while the next batch fills.
 Redis's `appendfsync always` is the precedent: replies wait until the write
 is on disk (`beforeSleep`), many of them per fsync.  Here mods are applied to
 the book's pending state as they arrive, their records go into the filling
-LevelDB write batch, and the writer thread takes that batch, writes it with
-`sync=True` (plyvel releases the GIL for the write and its fsync) and only
-then makes its balances visible and releases its results.
+batch (a LevelDB write batch, and the same puts for the write-ahead log),
+and the writer thread takes that batch, makes it durable (accman.store:
+its synced record in accman.wal, then LevelDB, both without the GIL) and
+only then makes its balances visible and releases its results.
 
 A failed write is fail-stop, like Redis under `always`: what was applied in
 memory cannot be trusted to match the disk, so every mod not yet durable is
@@ -28,10 +29,10 @@ log = logging.getLogger("accman.commit")
 # reads; 65536 batches is minutes of full load at ~0.3 ms per fsync.
 SAMPLES_MAX = 65536
 
-# Filling a batch on a bound loop.  Each fsync costs ~100-250 us of CPU here
-# whatever the batch holds (docs/PERFORMANCE.md), so when the writer is free
-# the loop does not hand it a batch much smaller than the mods that were in
-# flight at the last completion: clients whose replies just went out are
+# Filling a batch on a bound loop.  Each durable write costs ~60-250 us of
+# CPU here whatever the batch holds (docs/PERFORMANCE.md), so when the
+# writer is free the loop does not hand it a batch much smaller than the
+# mods that were in flight at the last completion: clients whose replies just went out are
 # about to send again.  It waits for FILL_FRACTION of them, turn after loop
 # turn (reading sockets meanwhile), for at most FILL_WAIT_S; with one client
 # in flight the target is 0 and nothing waits.  Half, because a batch that
@@ -191,10 +192,16 @@ class Committer:
                 self._writing = True
             t0 = time.perf_counter()
             try:
-                self.store.write(batch.wb)
+                self.store.write(batch.wb, batch.wal)
                 error = None
             except StoreError as e:
                 error = e
+            except Exception as e:
+                # A bug, not the disk: still fail-stop.  A writer thread
+                # that died here would leave every mod waiting forever.
+                log.exception("writing a batch raised")
+                error = StoreError(f"{self.store.path}: commit failed: "
+                                   f"unexpected {type(e).__name__}: {e}")
             fsync_s = time.perf_counter() - t0
             with self.lock:
                 if error is None:

@@ -19,6 +19,11 @@ previous log), and the tables the MANIFEST lists.  Files it does not list
 are left-overs of an interrupted compaction that LevelDB deletes at open;
 checking them would refuse a store for a crash it survives.
 
+In an AccMan store, LevelDB's logs are written without sync behind
+AccMan's own write-ahead log, and the store cuts them back to the lengths
+synced at its last checkpoint before this check runs (accman.wal): what
+this check reads of them is synced, and what was cut is replayed.
+
 No file is written.  Any failure is a StoreCorrupt naming the file and the
 offset; the directory is then to be looked at by a person, never repaired
 here (the store's rule: refuse, never repair silently).

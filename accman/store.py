@@ -1,4 +1,5 @@
-"""LevelDB through plyvel: open, lock, load, verify, write batches.
+"""LevelDB through plyvel, behind AccMan's write-ahead log (accman.wal):
+open, lock, recover, load, verify, write batches.
 
 This module is the one place where plyvel's and the OS's errors become
 AccMan's (`_translated`), the way plyvel itself raises every LevelDB status
@@ -10,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import secrets
 import struct
 
 import plyvel
 
-from accman import _ledger, fsck
+from accman import _ledger, fsck, wal
 from accman.errors import StoreCorrupt, StoreError, StoreLocked
 
 META_KEY = b"\x00meta"       # sorts before every account, history and key record
@@ -27,6 +29,7 @@ STORE_FORMAT = 2             # bump with a migration when a record format change
 # their histories one last time, then deleted in the batch that writes the
 # new format record.
 MIGRATES_FROM = (1,)
+log = logging.getLogger("accman.store")
 SALT_BYTES = 16              # the per-directory BLAKE2b key for credential hashes
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account
@@ -85,21 +88,51 @@ def _msg(e: BaseException) -> str:
 
 
 class Store:
-    """One LevelDB directory, opened by one process at a time."""
+    """One LevelDB directory and AccMan's write-ahead log (accman.wal) in
+    it, opened by one process at a time."""
 
-    def __init__(self, path: str, *, create: bool = True, check_files: bool = True):
+    def __init__(self, path: str, *, create: bool = True, check_files: bool = True,
+                 wal_bytes_max: int = wal.WAL_BYTES_MAX):
         """`check_files`: check every log record's and table block's CRC
         (accman.fsck) before LevelDB opens the directory, so that damage is
-        refused before LevelDB's recovery can drop or rewrite anything."""
+        refused before LevelDB's recovery can drop or rewrite anything.
+        Recovery (accman.wal) runs either way."""
         self.path = os.path.abspath(path)
+        self._lock_fd = -1
+        self.wal = None
+        self.db = None
+        try:
+            self._open(create, check_files, wal_bytes_max)
+        except BaseException:
+            self.close(checkpoint=False)
+            raise
+
+    def _open(self, create: bool, check_files: bool, wal_bytes_max: int) -> None:
         with _translated(self.path, "open"):
             existed = os.path.isdir(self.path)
             if create:
                 os.makedirs(self.path, exist_ok=True)
             elif not existed:
                 raise StoreError(f"{self.path}: no such data directory")
-            if check_files and existed and not _locked_elsewhere(self.path):
-                fsck.check_dir(self.path)
+            self._lock()
+            ckpt = self._wal_step(wal.read_checkpoint, self.path)
+            records = []
+            # Another LevelDB (not an AccMan: it would hold our lock) has
+            # the directory: its files are changing under us, so neither
+            # read nor cut nor checked, and plyvel raises StoreLocked.
+            if existed and not _locked_elsewhere(self.path):
+                # Read and parsed (and refused if damaged) before any file
+                # is cut.
+                records = [(rec.lsn, self._puts_of(rec))
+                           for rec in self._wal_step(wal.scan, self.path, ckpt)]
+                if ckpt is not None:
+                    cuts = self._wal_step(wal.cut_logs, self.path, ckpt)
+                    if cuts:
+                        log.info("%s: recovery: cut %d unsynced bytes from LevelDB's "
+                                 "logs, to be replayed from %s", self.path,
+                                 sum(cuts.values()), wal.WAL_NAME)
+                if check_files:
+                    fsck.check_dir(self.path)
             self.db = plyvel.DB(
                 self.path,
                 create_if_missing=create,
@@ -107,11 +140,48 @@ class Store:
                 write_buffer_size=WRITE_BUFFER_BYTES,
                 lru_cache_size=BLOCK_CACHE_BYTES,
             )
+        self.salt = self._meta()
+        with _translated(self.path, "replay the write-ahead log"):
+            for _, puts in records:
+                wb = self.db.write_batch(transaction=True)
+                for k, v in puts:
+                    wb.put(k, v)
+                wb.write()
+            if records:
+                log.info("%s: recovery: replayed %d batches from %s", self.path,
+                         len(records), wal.WAL_NAME)
+            next_lsn = (records[-1][0] + 1 if records
+                        else ckpt.lsn if ckpt is not None else 1)
+            self.wal = wal.Wal(self.path, next_lsn, wal_bytes_max)
+            # Replayed records synced in LevelDB, and the log starts afresh.
+            self.wal.checkpoint()
+
+    def _puts_of(self, rec: wal.Record) -> list:
         try:
-            self.salt = self._meta()
-        except BaseException:
-            self.db.close()
-            raise
+            return _ledger.unpack_wal_puts(rec.payload)
+        except ValueError as e:
+            raise StoreCorrupt(f"{self.path}: {wal.WAL_NAME}: record {rec.lsn}: {e}; "
+                               "refusing to serve, nothing repaired") from None
+
+    def _wal_step(self, fn, *args):
+        try:
+            return fn(*args)
+        except wal.Damage as e:
+            raise StoreCorrupt(f"{self.path}: {e}; refusing to serve, nothing "
+                               "repaired") from None
+
+    def _lock(self) -> None:
+        """One AccMan process per directory, taken before recovery edits a
+        file: a flock on LevelDB's LOCK file (independent of LevelDB's own
+        fcntl lock on it, which it takes when it opens)."""
+        fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(f"{self.path}: the data directory is open in another "
+                              "process (or elsewhere in this one)") from None
+        self._lock_fd = fd
 
     def _meta(self) -> bytes:
         with _translated(self.path, "read the format record"):
@@ -262,15 +332,39 @@ class Store:
     # -- writes ----------------------------------------------------------------
 
     def new_batch(self):
-        """A write batch that is fsync'd when written.  `transaction=True`
-        makes a batch used as a context manager drop its puts on error."""
-        return self.db.write_batch(transaction=True, sync=True)
+        """A LevelDB write batch, written without sync: the batch's record
+        in the write-ahead log, written first, is what makes it durable.
+        `transaction=True` makes a batch used as a context manager drop its
+        puts on error."""
+        return self.db.write_batch(transaction=True)
 
-    def write(self, wb) -> None:
-        """Writes one batch durably (LevelDB releases the GIL meanwhile)."""
+    def write(self, wb, wal_record) -> None:
+        """Writes one batch durably: `wal_record` (its puts in the log's
+        encoding, ext/ledger.pyx) to the write-ahead log, then `wb` to
+        LevelDB (both release the GIL meanwhile).  After a failure no
+        checkpoint is taken again, so the next open replays the record if
+        it reached the disk: all of the batch, or none of it."""
         with _translated(self.path, "commit"):
-            wb.write()
+            try:
+                self.wal.append(wal_record)
+                wb.write()
+            except BaseException:
+                self.wal.broken = True
+                raise
 
-    def close(self) -> None:
-        if not self.db.closed:
-            self.db.close()
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Closes LevelDB and the log, after a checkpoint (so that the next
+        open has nothing to replay) unless a write failed."""
+        try:
+            if self.db is not None and not self.db.closed:
+                if checkpoint and self.wal is not None and not self.wal.broken:
+                    with _translated(self.path, "checkpoint at close"):
+                        self.wal.checkpoint()
+        finally:
+            if self.wal is not None:
+                self.wal.close()
+            if self.db is not None and not self.db.closed:
+                self.db.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)       # releases the flock
+                self._lock_fd = -1

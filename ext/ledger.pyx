@@ -29,6 +29,7 @@ directory): the credential never appears in the data files.
 """
 
 cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport int64_t, uint64_t, uint8_t
 from libc.string cimport memcpy
@@ -165,6 +166,44 @@ cdef inline void _check_int64(object v, str name) except *:
         raise BadRequest(f"{name} must fit in a signed 64-bit integer")
 
 
+# --- a batch's records in accman.wal's encoding -----------------------------
+# Each put is klen:u8, vlen:u8, key, value.  One byte is enough: the longest
+# key is an idempotency record's (1 + 16 + 64 = 81 bytes) and the longest
+# value a keyed history entry's (25 + 64 = 89); a longer field is a bug.
+DEF WAL_FIELD_BYTES_MAX = 255
+
+cdef inline int _wal_put(bytearray out, bytes k, bytes v) except -1:
+    # One resize (amortised: a bytearray over-allocates) and two copies.
+    cdef Py_ssize_t kl = len(k), vl = len(v), n = len(out)
+    if kl > WAL_FIELD_BYTES_MAX or vl > WAL_FIELD_BYTES_MAX:
+        raise AssertionError("a record field too long for the write-ahead log")
+    PyByteArray_Resize(out, n + 2 + kl + vl)
+    cdef char *p = PyByteArray_AS_STRING(out) + n
+    p[0] = <char>kl
+    p[1] = <char>vl
+    memcpy(p + 2, PyBytes_AS_STRING(k), kl)
+    memcpy(p + 2 + kl, PyBytes_AS_STRING(v), vl)
+    return 0
+
+
+cpdef list unpack_wal_puts(const unsigned char[::1] payload):
+    """-> [(key, value), ...] of one write-ahead log record's payload, in
+    order; ValueError when it does not parse whole."""
+    cdef Py_ssize_t i = 0, n = payload.shape[0], kl, vl
+    out = []
+    while i < n:
+        if i + 2 > n:
+            raise ValueError("a write-ahead log record ends inside a put's lengths")
+        kl = payload[i]
+        vl = payload[i + 1]
+        i += 2
+        if kl == 0 or i + kl + vl > n:
+            raise ValueError("a write-ahead log record ends inside a put")
+        out.append((bytes(payload[i:i + kl]), bytes(payload[i + kl:i + kl + vl])))
+        i += kl + vl
+    return out
+
+
 # --- accounts and batches ---------------------------------------------------
 
 # Not tracked by the garbage collector: a ledger holds one Account per
@@ -201,6 +240,7 @@ cdef class Batch:
     cdef readonly Py_ssize_t nmods
     cdef readonly list done_loop        # (callback, outcome), run on the loop
     cdef readonly list done_direct      # (callback, outcome), run by the writer
+    cdef readonly bytearray wal
     cdef dict touched                   # Account -> None, in first-touch order
     cdef list sealed                    # (Account, tot, seq) at seal time
     cdef list keys                      # pending-key map entries it owns
@@ -213,6 +253,7 @@ cdef class Batch:
         self.touched = {}
         self.sealed = None
         self.keys = []
+        self.wal = bytearray()
 
     cdef inline void add_done(self, object done, object outcome, bint on_loop):
         if on_loop:
@@ -397,11 +438,15 @@ cdef class Book:
         acct.pseq += 1
         acct.pbatch = batch
         result = (acct.ptot, acct.pseq)
-        batch.wb.put(history_key(hid, acct.pseq),
-                     _pack_history(iby, acct.ptot, at_ms, kb))
+        hk = history_key(hid, acct.pseq)
+        hv = _pack_history(iby, acct.ptot, at_ms, kb)
+        batch.wb.put(hk, hv)
+        _wal_put(batch.wal, hk, hv)
         if kb is not None:
-            batch.wb.put(KEY_PREFIX + pkid,
-                         _pack_key(acct.pseq, iby, acct.ptot, min_))
+            kk = KEY_PREFIX + pkid
+            kv = _pack_key(acct.pseq, iby, acct.ptot, min_)
+            batch.wb.put(kk, kv)
+            _wal_put(batch.wal, kk, kv)
             pk = PendingKey()
             pk.by = iby
             pk.min_ = min_

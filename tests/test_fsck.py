@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from accman import Ledger, _check, fsck
+from accman import Ledger, _check, fsck, wal
 from accman.errors import StoreCorrupt
 from accman.store import Store
 
@@ -224,7 +224,12 @@ def test_a_log_cut_in_the_middle_of_its_last_record_is_a_torn_tail(log_store, tm
     for cut in (offset + 3, offset + LOG_HEADER_BYTES + length // 2, len(raw) - 1):
         log.write_bytes(raw[:cut])
         assert fsck.check_dir(str(data)).log_records == len(log_records(raw)) - 1
-    # ...and LevelDB reads it the same way: every mod but the torn one.
+    # ...and LevelDB reads it the same way: every mod but the torn one.  In
+    # a store written before AccMan's own write-ahead log, that is: with a
+    # checkpoint, the cut log has lost synced bytes and is refused
+    # (tests/test_wal.py), since a torn write cannot reach below it.
+    for name in (wal.WAL_NAME, wal.CHECKPOINT_NAME):
+        (data / name).unlink()
     with Ledger(str(data)) as led:
         assert led.tot("acct-2") + led.tot("acct-1") + led.tot("acct-0") == sum(range(1, 60))
 

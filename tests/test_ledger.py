@@ -307,9 +307,9 @@ def gated_store(path, gate):
     """A store whose writes wait for `gate`: mods pile up behind one batch."""
 
     class GatedStore(Store):
-        def write(self, wb):
+        def write(self, wb, wal_record):
             gate.wait(10)
-            super().write(wb)
+            super().write(wb, wal_record)
 
     return GatedStore(path)
 
@@ -320,11 +320,11 @@ class FailingStore(Store):
     fail_from = 2
     writes = 0
 
-    def write(self, wb):
+    def write(self, wb, wal_record):
         self.writes += 1
         if self.writes >= self.fail_from:
             raise StoreError(f"{self.path}: commit failed: injected fault")
-        super().write(wb)
+        super().write(wb, wal_record)
 
 
 def test_failed_commit_acknowledges_nothing_and_stops_writes(tmp_path):
@@ -405,10 +405,10 @@ def test_reads_never_see_a_balance_before_it_is_durable(tmp_path):
     entered = threading.Event()
 
     class SlowStore(Store):
-        def write(self, wb):
+        def write(self, wb, wal_record):
             entered.set()
             gate.wait(10)
-            super().write(wb)
+            super().write(wb, wal_record)
 
     led = Ledger(path, store=SlowStore(path))
     t = threading.Thread(target=led.mod, args=("alice", 10))

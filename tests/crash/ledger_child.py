@@ -4,6 +4,8 @@ per acknowledged mod as soon as it is acknowledged:
 
     A <cred> <seq> <by> <key>
 
+Usage: ledger_child.py DATA ROUND [WAL_BYTES_MAX]
+
 Each key's amount is a function of the key, so a retried key is the same
 mod.  Every round also retries the keys of the previous round: those that
 were applied must be answered from their record, never applied twice."""
@@ -15,6 +17,7 @@ import threading
 import zlib
 
 from accman import AccManError, Ledger
+from accman.store import Store
 
 TASKS = 32
 THREADS = 4
@@ -47,7 +50,12 @@ def keys_for(round_no, worker):
 
 def main():
     path, round_no = sys.argv[1], int(sys.argv[2])
-    led = Ledger(path)
+    # A third argument: the write-ahead log's size, small to make it wrap
+    # (and take checkpoints) many times a round.
+    if len(sys.argv) > 3:
+        led = Ledger(path, store=Store(path, wal_bytes_max=int(sys.argv[3])))
+    else:
+        led = Ledger(path)
     sys.stdout.write("READY\n")
     sys.stdout.flush()
 

@@ -1,0 +1,259 @@
+"""AccMan's write-ahead log (accman/wal.py) and the store's recovery from it.
+
+A crash is simulated in-process by copying the data directory of an open
+ledger whose mods are all acknowledged: the copy is what a kill -9 leaves
+(the records written since the last checkpoint, LevelDB's logs unsynced).
+Power cuts with garbage in LevelDB's unsynced logs are in
+tests/test_ledger_crash.py."""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from accman import Ledger, wal
+from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
+from accman.store import Store
+
+
+def crash_copy(led, tmp_path, name="crashed"):
+    dst = tmp_path / name
+    shutil.copytree(led.path, dst)
+    return dst
+
+
+def files_of(path):
+    return {p.name: p.read_bytes() for p in Path(path).iterdir()}
+
+
+def records_of(path):
+    return wal.scan(str(path), wal.read_checkpoint(str(path)))
+
+
+def offsets_of(path):
+    """(lsn, offset) of each record after the checkpoint, walked by hand."""
+    out, off = [], 0
+    for rec in records_of(path):
+        out.append((rec.lsn, off))
+        off += -(-(wal.HEADER.size + len(rec.payload)) // wal.BLOCK_BYTES) * wal.BLOCK_BYTES
+    return out
+
+
+def refused(path, match):
+    """The open refuses, names the damage, and changes no file."""
+    before = files_of(path)
+    with pytest.raises(StoreCorrupt, match=match) as info:
+        Ledger(str(path))
+    assert "refusing to serve" in info.value.detail
+    assert files_of(path) == before
+
+
+@pytest.fixture
+def crashed(tmp_path):
+    """A copy of a store with 20 acknowledged mods after its last
+    checkpoint, one batch each, and the ledger's answers."""
+    led = Ledger(str(tmp_path / "data"))
+    acked = [led.mod("alice" if i % 2 else "bob", i + 1, key=f"k{i}") for i in range(20)]
+    path = crash_copy(led, tmp_path)
+    led.close()
+    return path, acked
+
+
+def test_a_crash_replays_every_batch_after_the_checkpoint(crashed, caplog):
+    path, acked = crashed
+    ckpt = wal.read_checkpoint(str(path))
+    assert [r.lsn for r in records_of(path)] == list(range(ckpt.lsn, ckpt.lsn + 20))
+    with caplog.at_level(logging.INFO, logger="accman.store"):
+        led = Ledger(str(path))
+    with led:
+        assert "replayed 20 batches" in caplog.text
+        assert led.tot("bob") == sum(range(1, 21, 2)) and led.tot("alice") == sum(range(2, 21, 2))
+        assert [e.key for e in reversed(led.past("alice"))] == [f"k{i}" for i in range(1, 20, 2)]
+        led.verify()
+        assert led.mod("bob", 1, key="k0") == acked[0]      # answered from its record
+        assert led.mod("bob", 1) == (acked[-2][0] + 1, 11)
+    # Replayed, then a checkpoint: the next open has nothing to replay.
+    assert records_of(path) == []
+
+
+def test_unsynced_leveldb_log_bytes_are_cut_and_replayed(crashed, caplog):
+    """What LevelDB wrote after the checkpoint is not trusted: cut, then
+    written again from the log's records."""
+    path, _ = crashed
+    ckpt = wal.read_checkpoint(str(path))
+    logs = {p.name: p.stat().st_size for p in path.glob("*.log")}
+    assert any(size > ckpt.logs.get(name, 0) for name, size in logs.items())
+    with caplog.at_level(logging.INFO, logger="accman.store"):
+        Ledger(str(path)).close()
+    assert "cut" in caplog.text and "unsynced bytes" in caplog.text
+
+
+def test_a_torn_last_record_is_dropped_and_the_rest_replayed(crashed):
+    """A torn write can only be the last record, never acknowledged."""
+    path, acked = crashed
+    last_lsn, off = offsets_of(path)[-1]
+    f = path / wal.WAL_NAME
+    raw = bytearray(f.read_bytes())
+    raw[off + wal.HEADER.size + 3] ^= 0x40
+    f.write_bytes(bytes(raw))
+    with Ledger(str(path)) as led:
+        # The torn batch was mod k19 (alice); LevelDB's copy was cut too.
+        assert led.tot("alice") == sum(range(2, 20, 2))
+        assert [e.key for e in led.past("alice", limit=1)] == ["k17"]
+        assert led.tot("bob") == acked[-2][0]
+        led.verify()
+
+
+@pytest.mark.parametrize("where", ["header", "payload", "zeros"])
+def test_damage_before_the_last_record_is_refused(crashed, where):
+    path, _ = crashed
+    lsn, off = offsets_of(path)[5]
+    f = path / wal.WAL_NAME
+    raw = bytearray(f.read_bytes())
+    if where == "header":
+        raw[off + 9] ^= 0x01            # its lsn
+    elif where == "payload":
+        raw[off + wal.HEADER.size] ^= 0x80
+    else:
+        raw[off:off + wal.BLOCK_BYTES] = bytes(wal.BLOCK_BYTES)
+    f.write_bytes(bytes(raw))
+    refused(path, rf"{wal.WAL_NAME}: record {lsn + 1} at offset \d+ follows the end of "
+                  rf"the log at offset {off} \(record {lsn} is missing or damaged\)")
+
+
+def test_records_without_their_checkpoint_are_refused(crashed):
+    path, _ = crashed
+    (path / wal.CHECKPOINT_NAME).unlink()
+    refused(path, f"{wal.WAL_NAME} holds records but {wal.CHECKPOINT_NAME} is missing")
+
+
+@pytest.mark.parametrize("text", [b"", b"{", b'{"format": 1, "lsn": 0, "logs": {}}',
+                                  b'{"format": 1, "lsn": 3, "logs": {"x.log": 5}}',
+                                  b'{"format": 1, "lsn": 3}'])
+def test_an_unreadable_checkpoint_is_refused(crashed, text):
+    path, _ = crashed
+    (path / wal.CHECKPOINT_NAME).write_bytes(text)
+    refused(path, f"{wal.CHECKPOINT_NAME} is unreadable")
+
+
+def test_a_checkpoint_of_another_format_is_refused(crashed):
+    path, _ = crashed
+    (path / wal.CHECKPOINT_NAME).write_bytes(b'{"format": 2, "lsn": 3, "logs": {}}')
+    refused(path, f"{wal.CHECKPOINT_NAME} is of format 2, this AccMan reads format 1")
+
+
+def test_a_leveldb_log_shorter_than_its_synced_length_is_refused(crashed):
+    path, _ = crashed
+    ckpt = wal.read_checkpoint(str(path))
+    name, synced = next((n, s) for n, s in ckpt.logs.items() if s > 0)
+    os.truncate(path / name, synced - 1)
+    refused(path, f"LevelDB log {name} has {synced - 1} bytes, but {synced} were "
+                  "synced at the last checkpoint")
+
+
+def test_a_record_that_does_not_parse_is_refused_before_anything_is_cut(tmp_path):
+    """A record with a valid CRC whose puts do not parse: a bug or forged
+    damage, never replayed in part."""
+    led = Ledger(str(tmp_path / "data"))
+    led.mod("alice", 1)
+    store = led.store
+    store.wal.append(b"\x05\x01abc")            # says 5 + 1 bytes, holds 3
+    path = crash_copy(led, tmp_path)
+    led.close()
+    refused(path, r"record \d+: a write-ahead log record ends inside a put")
+
+
+def test_the_log_wraps_at_its_size_with_a_checkpoint_and_loses_nothing(tmp_path):
+    size = 4 * wal.BLOCK_BYTES                  # four one-block records a lap
+    path = str(tmp_path / "data")
+    led = Ledger(path, store=Store(path, wal_bytes_max=size))
+    first = wal.read_checkpoint(path).lsn
+    for i in range(1, 31):
+        assert led.mod("alice", i) == (i * (i + 1) // 2, i)
+    ckpt = wal.read_checkpoint(path)
+    # 30 records, a checkpoint before every fifth: 7 laps, 2 records since.
+    assert ckpt.lsn == first + 28
+    assert os.path.getsize(os.path.join(path, wal.WAL_NAME)) == size
+    copy = crash_copy(led, tmp_path)
+    led.close()
+    assert [r.lsn for r in records_of(copy)] == [first + 28, first + 29]
+    with Ledger(str(copy)) as led:
+        assert led.tot("alice") == 465 and len(led.past("alice")) == 30
+        led.verify()
+
+
+def test_a_batch_bigger_than_the_log_still_fits(tmp_path):
+    path = str(tmp_path / "data")
+    led = Ledger(path, store=Store(path, wal_bytes_max=wal.BLOCK_BYTES))
+    done = []
+    for i in range(200):                        # one batch of ~12 KiB
+        led.submit(f"c{i}", 1, key=f"key-{i:03d}", done=done.append)
+    led.mod("c0", 1)
+    copy = crash_copy(led, tmp_path)
+    led.close()
+    assert len(done) == 200 and all(d == (1, 1) for d in done)
+    with Ledger(str(copy)) as led:
+        assert led.tot("c0") == 2 and led.tot("c199") == 1
+
+
+def test_a_store_written_before_the_log_opens_and_gets_a_checkpoint(tmp_path):
+    path = tmp_path / "data"
+    with Ledger(str(path)) as led:
+        led.mod("alice", 7)
+    for name in (wal.WAL_NAME, wal.CHECKPOINT_NAME):
+        (path / name).unlink()
+    with Ledger(str(path)) as led:
+        assert led.tot("alice") == 7
+        assert wal.read_checkpoint(str(path)) is not None
+        assert led.mod("alice", 1) == (8, 2)
+
+
+def test_a_second_open_in_this_process_is_refused_before_it_touches_a_file(crashed):
+    path, _ = crashed
+    before = files_of(path)
+    # The Store's own lock: held from before recovery reads anything.
+    with Ledger(str(path)):
+        after_open = files_of(path)
+        with pytest.raises(StoreLocked, match="open in another process"):
+            Ledger(str(path))
+        assert files_of(path) == after_open
+    assert before != after_open             # the first open did recover
+
+
+def test_a_write_that_raises_a_bug_fails_the_batch_instead_of_hanging(tmp_path):
+    class BuggyStore(Store):
+        def write(self, wb, wal_record):
+            raise TypeError("a bug")
+
+    path = str(tmp_path / "data")
+    led = Ledger(path, store=BuggyStore(path))
+    with pytest.raises(Unavailable, match="unexpected TypeError: a bug"):
+        led.mod("alice", 1)
+    assert not led.healthy
+    led.close()
+
+
+def test_a_failed_write_takes_no_checkpoint_so_the_batch_is_replayed_whole(tmp_path):
+    """The record reached the log, LevelDB's write then failed: the mod was
+    answered Unavailable (unknown outcome), and the next open has it whole."""
+    class FailsAfterTheLog(Store):
+        def write(self, wb, wal_record):
+            self.wal.append(wal_record)
+            self.wal.broken = True
+            raise StoreError(f"{self.path}: commit failed: injected after the log")
+
+    path = str(tmp_path / "data")
+    with Ledger(path) as led:
+        led.mod("alice", 1, key="a")
+    store = FailsAfterTheLog(path)
+    led = Ledger(path, store=store)
+    with pytest.raises(Unavailable):
+        led.mod("alice", 2, key="b")
+    ckpt_before = wal.read_checkpoint(path)
+    led.close()
+    assert wal.read_checkpoint(path) == ckpt_before     # none at close
+    with Ledger(path) as led:
+        assert [e.key for e in led.past("alice")] == ["b", "a"]
+        assert led.mod("alice", 2, key="b") == (3, 2)
