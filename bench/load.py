@@ -16,7 +16,7 @@ each server that has the route:
 
 The peers, measured in the same run so that their ratios mean something:
 
-    accman   `python -m accman serve` (group commit, LevelDB sync=True)
+    accman   `python -m accman serve` (group commit, its own synced log, LevelDB without sync)
     uvicorn  bench/baseline_app.py: uvicorn + starlette + plyvel, one sync write per mod
     nginx    a static 200 (bench/nginx.conf.template): the ceiling of wrk and loopback TCP
     redis    redis-benchmark GET / INCRBY against redis-server --appendfsync always
