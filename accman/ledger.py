@@ -194,6 +194,8 @@ class Ledger:
             "batches": c.batches,
             "mods": c.mods,
             "fsync_s_total": c.fsync_s_total,
+            "checkpoints": self.store.wal.checkpoints,
+            "checkpoint_s_total": self.store.wal.checkpoint_s_total,
             "last_batch_mods": c.last_batch_mods,
             "queued_mods": self._book.queued_mods,
             "healthy": self.healthy,

@@ -66,6 +66,11 @@ _KNOWN_STATS = {
              "Mods made durable by committed batches."),
     "fsync_s_total": ("accman_fsync_seconds_total", "counter",
                       "Time spent making batches durable (synced log write, then LevelDB)."),
+    "checkpoints": ("accman_checkpoints_total", "counter",
+                    "Write-ahead log checkpoints (LevelDB's logs synced): when "
+                    "the log wraps, at open and at close."),
+    "checkpoint_s_total": ("accman_checkpoint_seconds_total", "counter",
+                           "Time spent in checkpoints; a batch waits behind one."),
     "accounts": ("accman_accounts", "gauge", "Accounts in the ledger."),
     "queued_mods": ("accman_queued_mods", "gauge",
                     "Mods applied in memory, waiting for their batch to be durable."),

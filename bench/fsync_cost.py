@@ -8,17 +8,17 @@ spends (docs/PERFORMANCE.md, "Durable /mod").  This measures, in one
 process pinned to one CPU (the server's, by default CPU 0), each way of
 making a batch of R records durable that docs/PERFORMANCE.md discusses:
 
-- `leveldb sync=True`: what AccMan does, a LevelDB write batch with
-  `sync=True` (LevelDB appends to its log, then `fdatasync`);
+- `leveldb sync=True`: what AccMan did before its own write-ahead log, a
+  LevelDB write batch with `sync=True` (LevelDB appends to its log, then
+  `fdatasync`);
 - `leveldb sync=False`: the same batch without the sync (the memtable
   inserts and the log's `write`): the part that is not the disk;
 - `append + fdatasync`: 4 KiB appended to a growing file, then `fdatasync`;
   the file's size changes, so the inode is written too;
 - `overwrite + fdatasync`, `overwrite O_DSYNC`, `overwrite O_DIRECT+O_DSYNC`:
   4 KiB written over a preallocated file whose size does not change;
-- `O_DIRECT+O_DSYNC + leveldb sync=False`: the design of a write-ahead log
-  of our own in front of an unsynced LevelDB (measured, not built: see
-  docs/PERFORMANCE.md).
+- `O_DIRECT+O_DSYNC + leveldb sync=False`: what AccMan does since its own
+  write-ahead log (accman/wal.py): the record, then LevelDB unsynced.
 
 Figures, never assertions; each method is run twice, interleaved, since the
 disk is shared and its latency moves from minute to minute.  CPU is the

@@ -142,9 +142,13 @@ def test_metrics_is_prometheus_text(shared_server, cred):
                    "accman_healthy 1"):
         assert needle in text, needle
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    values = {}
     for line in samples:
         name, value = line.rsplit(" ", 1)
-        float(value)
+        values[name] = float(value)
+    # One checkpoint at open at least; its time is counted.
+    assert values["accman_checkpoints_total"] >= 1
+    assert values["accman_checkpoint_seconds_total"] > 0
 
 
 def test_httpx_round_trip_on_one_keep_alive_connection(shared_server, cred):

@@ -175,6 +175,7 @@ def test_the_log_wraps_at_its_size_with_a_checkpoint_and_loses_nothing(tmp_path)
     ckpt = wal.read_checkpoint(path)
     # 30 records, a checkpoint before every fifth: 7 laps, 2 records since.
     assert ckpt.lsn == first + 28
+    assert led.stats["checkpoints"] == 1 + 7       # the open's, and the laps
     assert os.path.getsize(os.path.join(path, wal.WAL_NAME)) == size
     copy = crash_copy(led, tmp_path)
     led.close()
