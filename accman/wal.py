@@ -60,6 +60,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 import time
 from typing import NamedTuple
 
@@ -78,8 +79,17 @@ MAGIC = b"AMW1"
 WAL_BYTES_MAX = 64 * 1024 * 1024
 # The file is written ahead of the records (zeros, synced) by this much at a
 # time: overwriting written blocks changes no metadata, so each record is
-# the two disk requests and not the three of an append.
+# the two disk requests and not the three of an append.  A thread of its
+# own does it (_Grower), GROW_LEAD_BYTES ahead of the records: 1 MiB takes
+# ~1.6 ms here, and a record waiting behind it put the p99 of a single
+# client's mods at 1.1-1.4 ms during a new store's first lap; with the
+# grower 0.87-0.92 ms (A/B, 3 of 3 rounds; 0.5-0.6 ms with the whole file
+# written beforehand, which costs ~60 ms and 64 MiB of writes per new
+# store).  At 64 connections it changes nothing (1.01x); a single client
+# is 0.92x as fast while the grower's writes share the disk with its
+# records.  After the first lap there is nothing left to grow.
 GROW_BYTES = 1024 * 1024
+GROW_LEAD_BYTES = 2 * GROW_BYTES
 # The largest payload: a batch of BATCH_MODS_MAX mods, each two puts of at
 # most 2 + 255 + 255 bytes (ext/ledger.pyx), is ~4 MiB; refused beyond this.
 PAYLOAD_BYTES_MAX = 16 * 1024 * 1024
@@ -287,11 +297,14 @@ class Wal:
         try:
             if created:
                 _fsync_dir(path)
-            self.size = os.fstat(self.fd).st_size // BLOCK_BYTES * BLOCK_BYTES
+            size = os.fstat(self.fd).st_size // BLOCK_BYTES * BLOCK_BYTES
             self._buf = mmap.mmap(-1, GROW_BYTES)      # page-aligned
+            self._grower = _Grower(file, size, bytes_max)
         except BaseException:
             os.close(self.fd)
             raise
+        self._ready = size          # the writer's copy of _grower.ready
+        self._asked = size          # what it last asked the grower for
 
     def append(self, payload) -> None:
         """Writes one record after the last, durably."""
@@ -301,8 +314,11 @@ class Wal:
         span = _span(n)
         if self.pos + span > self.bytes_max:
             self.checkpoint()
-        if self.pos + span > self.size:
-            self._grow(self.pos + span)
+        end = self.pos + span
+        if end + GROW_LEAD_BYTES > self._asked:
+            self._asked = self._grower.ask(end + GROW_LEAD_BYTES)
+        if end > self._ready:
+            self._ready = self._grower.wait_for(end)
         if span > len(self._buf):
             self._buf.close()
             self._buf = mmap.mmap(-1, span)
@@ -319,16 +335,6 @@ class Wal:
         self.pos += span
         self.next_lsn = lsn + 1
 
-    def _grow(self, need: int) -> None:
-        """Zeros from the file's end to past `need` (O_DSYNC: synced with the
-        new size before this returns)."""
-        new = min(max(need, self.size + GROW_BYTES), max(need, self.bytes_max))
-        new = -(-new // BLOCK_BYTES) * BLOCK_BYTES
-        with mmap.mmap(-1, new - self.size) as zeros, memoryview(zeros) as view:
-            if os.pwritev(self.fd, [view], self.size) != len(view):
-                raise OSError(f"a short write growing {WAL_NAME}")
-        self.size = new
-
     def checkpoint(self) -> None:
         """Makes every record so far redundant: LevelDB's logs synced, then
         the checkpoint naming the next record, which is written at 0."""
@@ -341,6 +347,89 @@ class Wal:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self._grower.close()
             os.close(self.fd)
             self.fd = -1
             self._buf.close()
+
+
+class _Grower:
+    """Writes the log's file ahead of its records: zeros, GROW_BYTES at a
+    time, each chunk synced before the writer may use it.  Each chunk is
+    first allocated (`fallocate`: the size changes, no data is written),
+    then written with O_DIRECT: a direct write that extends the file holds
+    the inode's lock until its I/O completes, and the writer's own direct
+    overwrites need that lock too; over allocated blocks it does not.  (A
+    buffered write instead cost 3 % at 64 connections: A/B, 4 of 4.)  Never
+    past what was asked for: a new store's file grows with its records,
+    not to WAL_BYTES_MAX at once."""
+
+    def __init__(self, file: str, size: int, bytes_max: int):
+        self.bytes_max = bytes_max
+        self.cv = threading.Condition()
+        self.ready = size           # zeros (or records) written and synced
+        self.want = size
+        self.error: OSError | None = None
+        self.closing = False
+        self.fd = os.open(file, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
+        self.thread = threading.Thread(target=self._run, name="accman-wal-grow",
+                                       daemon=True)
+        self.thread.start()
+
+    def ask(self, end: int) -> int:
+        """Have the file written up to `end`, rounded up to whole chunks
+        (capped at bytes_max, unless a single record needs more); returns
+        what is now asked for."""
+        with self.cv:
+            end = min(-(-end // GROW_BYTES) * GROW_BYTES,
+                      max(self.bytes_max, end - GROW_LEAD_BYTES))
+            if end > self.want:
+                self.want = end
+                self.cv.notify_all()
+            return self.want
+
+    def wait_for(self, end: int) -> int:
+        """Blocks until the file is written up to `end`; returns how far it
+        is.  OSError if the grower failed (a full disk): fail-stop."""
+        with self.cv:
+            while self.ready < end:
+                if self.error is not None:
+                    raise OSError(self.error.errno, f"growing {WAL_NAME}: "
+                                  f"{self.error.strerror or self.error}")
+                if self.closing:
+                    raise OSError(f"{WAL_NAME} is closed")
+                self.cv.wait()
+            return self.ready
+
+    def _run(self) -> None:
+        zeros_map = mmap.mmap(-1, GROW_BYTES)       # page-aligned, for O_DIRECT
+        zeros = memoryview(zeros_map)
+        while True:
+            with self.cv:
+                while not self.closing and self.ready >= self.want:
+                    self.cv.wait()
+                if self.closing:
+                    return
+                start = self.ready
+                end = min(start + GROW_BYTES, -(-self.want // BLOCK_BYTES) * BLOCK_BYTES)
+            try:
+                os.posix_fallocate(self.fd, start, end - start)
+                if os.pwritev(self.fd, [zeros[:end - start]], start) != end - start:
+                    raise OSError(f"a short write growing {WAL_NAME}")
+                os.fdatasync(self.fd)
+            except OSError as e:
+                with self.cv:
+                    self.error = e
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                self.ready = end
+                self.cv.notify_all()
+
+    def close(self) -> None:
+        with self.cv:
+            self.closing = True
+            self.cv.notify_all()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        os.close(self.fd)

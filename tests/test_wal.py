@@ -258,3 +258,35 @@ def test_a_failed_write_takes_no_checkpoint_so_the_batch_is_replayed_whole(tmp_p
     with Ledger(path) as led:
         assert [e.key for e in led.past("alice")] == ["b", "a"]
         assert led.mod("alice", 2, key="b") == (3, 2)
+
+
+def test_the_file_is_written_ahead_of_the_records_not_to_its_size_at_once(tmp_path):
+    path = str(tmp_path / "data")
+    with Ledger(path) as led:
+        led.mod("alice", 1)
+        size = os.path.getsize(os.path.join(path, wal.WAL_NAME))
+    # The first record's block at least (its write waited for it), and at
+    # most the lead after it, in whole chunks (the grower writes those in
+    # the background: how far it got is timing).
+    assert wal.BLOCK_BYTES <= size <= wal.GROW_LEAD_BYTES + wal.GROW_BYTES
+    assert size < wal.WAL_BYTES_MAX
+
+
+def test_a_full_disk_while_growing_the_file_fails_the_batch_and_stops_writes(
+        tmp_path, monkeypatch):
+    """Only the thread that writes the file ahead calls fdatasync; the disk
+    refusing it is a failed commit (fail-stop), named."""
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    path = str(tmp_path / "data")
+    monkeypatch.setattr(os, "fdatasync", no_space)
+    led = Ledger(path)
+    with pytest.raises(Unavailable, match="growing accman.wal: No space left on device"):
+        led.mod("alice", 1)
+    assert not led.healthy
+    led.close()
+    monkeypatch.undo()
+    with Ledger(path) as led:
+        assert led.tot("alice") is None
+        assert led.mod("alice", 2) == (2, 1)

@@ -1,7 +1,7 @@
 """Storage faults (SPEC "Durability and order"): a disk that fills up, a
 commit that fails after its write, and data files with a flipped bit.
 
-* A full disk, for real: the data directory is on a 2 MiB tmpfs that a
+* A full disk, for real: the data directory is on an 8 MiB tmpfs that a
   filler file fills.  The batch that cannot be written is answered 503,
   nothing in it is acknowledged, the server takes no more writes (even once
   the space is back), /health says 503; restarted on a healthy disk, the
@@ -44,11 +44,14 @@ def mod_target(cred, by, key):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root only, as in CI), and the servers started on it,
-    killed before it is unmounted."""
+    """An 8 MiB tmpfs (root only, as in CI), and the servers started on it,
+    killed before it is unmounted.  The filler takes whatever is free; the
+    size only has to leave room, once the filler is gone, for the
+    write-ahead log (written up to 3 MiB ahead of its records: accman.wal
+    GROW_*) and LevelDB's files at the restart."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    disk = mount_tmpfs(tmp_path / "disk", "2m")
+    disk = mount_tmpfs(tmp_path / "disk", "8m")
     servers = []
     yield disk, servers
     for srv in servers:
