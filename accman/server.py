@@ -190,7 +190,7 @@ class Connection(asyncio.Protocol):
     """One client connection: its parser, its queue of replies in request
     order, its back-pressure state and its timers."""
 
-    __slots__ = ("server", "ledger", "requests", "pipeline_max", "parser", "_time",
+    __slots__ = ("server", "ledger", "metrics", "requests", "pipeline_max", "parser", "_time",
                  "transport", "waiting", "backlog", "closing", "shut", "shut_at", "eof",
                  "closed", "read_paused", "write_paused", "write_paused_at",
                  "head_started_at", "last_active_at", "token", "token_roles",
@@ -199,6 +199,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server):
         self.server = server
         self.ledger = server.ledger
+        self.metrics = server.metrics
         self.requests = server.metrics.requests
         self.pipeline_max = server.limits.pipeline_requests_max
         self.write_buffer_max = server.limits.write_buffer_bytes_max
@@ -308,6 +309,19 @@ class Connection(asyncio.Protocol):
             return False
         route = req.route
         if route == ROUTE_TOT:
+            # _answer's /tot branch, inlined for the common case (no tokens,
+            # a known cred): the hottest path of all, and the call and the
+            # counter's dict update were ~4 % of a /tot's CPU.
+            if self.server.tokens is None:
+                try:
+                    tot = self.ledger.tot(req.cred)
+                except AccManError:
+                    tot = None
+                if tot is not None:
+                    self.metrics.tot_ok += 1
+                    body = b'{"tot":%d}' % tot
+                    self.transport.write(T200_KEEP % (len(body), body))
+                    return True
             self.transport.write(self._answer(req, KEEP))
             return True
         if route != ROUTE_MOD:

@@ -124,6 +124,27 @@ def test_health_is_200_while_the_store_commits(shared_server):
     assert r.status == 200 and r.headers["content-type"] == "application/json"
 
 
+def tot_200s(srv):
+    text = srv.get("/metrics").body.decode()
+    lines = [line for line in text.splitlines()
+             if line.startswith('accman_requests_total{route="tot",status="200"} ')]
+    return int(lines[0].rsplit(" ", 1)[1]) if lines else 0
+
+
+def test_metrics_count_every_tot_answered_on_either_path(shared_server, cred):
+    """A keep-alive /tot one at a time takes the server's fast path, which
+    counts apart; pipelined ones take the general path.  /metrics adds them."""
+    shared_server.mod(cred, 4)
+    before = tot_200s(shared_server)
+    with shared_server.connect() as c:
+        for _ in range(3):
+            c.send(get(f"/tot?cred={cred}"))
+            assert c.response().json == {"tot": 4}
+        c.send(get(f"/tot?cred={cred}") * 2)
+        assert [c.response().status for _ in range(2)] == [200, 200]
+    assert tot_200s(shared_server) == before + 5
+
+
 def test_metrics_is_prometheus_text(shared_server, cred):
     shared_server.mod(cred, 3)
     shared_server.get(f"/tot?cred={cred}")
