@@ -56,6 +56,7 @@ is refused, as is a log whose checkpoint is missing.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -286,15 +287,7 @@ class Wal:
         self.checkpoint_s_total = 0.0
         file = os.path.join(path, WAL_NAME)
         created = not os.path.exists(file)
-        # O_DIRECT: the record goes to the disk from our buffer, not through
-        # the page cache (one copy fewer, and the page cache is not
-        # filled with a log no one reads).  Some file systems (tmpfs)
-        # refuse it; O_DSYNC alone is as durable there.
-        flags = os.O_RDWR | os.O_CREAT | os.O_DSYNC
-        try:
-            self.fd = os.open(file, flags | getattr(os, "O_DIRECT", 0), 0o644)
-        except OSError:
-            self.fd = os.open(file, flags, 0o644)
+        self.fd = _open_direct(file, os.O_RDWR | os.O_CREAT | os.O_DSYNC)
         try:
             if created:
                 _fsync_dir(path)
@@ -354,6 +347,20 @@ class Wal:
             self._buf.close()
 
 
+def _open_direct(file: str, flags: int) -> int:
+    """O_DIRECT: writes go to the disk from our page-aligned buffers, not
+    through the page cache (one copy fewer, and no cache filled with a log
+    no one reads).  A file system that refuses it (EINVAL: older tmpfs,
+    some network file systems) gets the same writes through the page
+    cache, which O_DSYNC and fdatasync make as durable."""
+    try:
+        return os.open(file, flags | getattr(os, "O_DIRECT", 0), 0o644)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return os.open(file, flags, 0o644)
+
+
 class _Grower:
     """Writes the log's file ahead of its records: zeros, GROW_BYTES at a
     time, each chunk synced before the writer may use it.  Each chunk is
@@ -372,7 +379,7 @@ class _Grower:
         self.want = size
         self.error: OSError | None = None
         self.closing = False
-        self.fd = os.open(file, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
+        self.fd = _open_direct(file, os.O_WRONLY)
         self.thread = threading.Thread(target=self._run, name="accman-wal-grow",
                                        daemon=True)
         self.thread.start()

@@ -290,3 +290,28 @@ def test_a_full_disk_while_growing_the_file_fails_the_batch_and_stops_writes(
     with Ledger(path) as led:
         assert led.tot("alice") is None
         assert led.mod("alice", 2) == (2, 1)
+
+
+def test_a_file_system_that_refuses_o_direct_gets_the_same_log_through_the_cache(
+        tmp_path, monkeypatch):
+    real_open = os.open
+    opened = []
+
+    def no_direct(file, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        if str(file).endswith(wal.WAL_NAME):
+            opened.append(flags)
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    path = str(tmp_path / "data")
+    led = Ledger(path)
+    assert [led.mod("alice", i) for i in (1, 2)] == [(1, 1), (3, 2)]
+    copy = crash_copy(led, tmp_path)
+    led.close()
+    # The writer's descriptor (O_DSYNC) and the grower's, neither direct.
+    assert any(f & os.O_DSYNC for f in opened) and len(opened) >= 2
+    monkeypatch.undo()
+    with Ledger(str(copy)) as led:
+        assert led.tot("alice") == 3
