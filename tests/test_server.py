@@ -132,8 +132,9 @@ def tot_200s(srv):
 
 
 def test_metrics_count_every_tot_answered_on_either_path(shared_server, cred):
-    """A keep-alive /tot one at a time takes the server's fast path, which
-    counts apart; pipelined ones take the general path.  /metrics adds them."""
+    """A keep-alive /tot one at a time takes the server's fast path,
+    pipelined ones the general path; both count in Metrics.tot_ok, which
+    /metrics renders as requests_total for route tot, status 200."""
     shared_server.mod(cred, 4)
     before = tot_200s(shared_server)
     with shared_server.connect() as c:
