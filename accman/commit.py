@@ -32,10 +32,10 @@ SAMPLES_MAX = 65536
 # Filling a batch on a bound loop.  Each durable write costs ~60-250 us of
 # CPU here whatever the batch holds (docs/PERFORMANCE.md), so when the
 # writer is free the loop does not hand it a batch much smaller than the
-# mods that were in flight at the last completion: clients whose replies just went out are
-# about to send again.  It waits for FILL_FRACTION of them, turn after loop
-# turn (reading sockets meanwhile), for at most FILL_WAIT_S; with one client
-# in flight the target is 0 and nothing waits.  Half, because a batch that
+# mods that were in flight at the last completion: clients whose replies
+# just went out are about to send again.  It waits for FILL_FRACTION of
+# them, turn after loop turn (reading sockets meanwhile), for at most
+# FILL_WAIT_S; with one client in flight the target is 0 and nothing waits.  Half, because a batch that
 # waits for nearly all leaves the core idle while it is written (A/B at 64
 # connections: 0.5 was 1.11x 0.75, and 0.35 no better than 0.5).
 FILL_FRACTION = 0.5

@@ -21,6 +21,8 @@ import plyvel
 from accman import _ledger, fsck, wal
 from accman.errors import StoreCorrupt, StoreError, StoreLocked
 
+log = logging.getLogger("accman.store")
+
 META_KEY = b"\x00meta"       # sorts before every account, history and key record
 STORE_FORMAT = 2             # bump with a migration when a record format changes
 # Format 1 kept an account record beside each history; format 2 derives the
@@ -29,7 +31,6 @@ STORE_FORMAT = 2             # bump with a migration when a record format change
 # their histories one last time, then deleted in the batch that writes the
 # new format record.
 MIGRATES_FROM = (1,)
-log = logging.getLogger("accman.store")
 SALT_BYTES = 16              # the per-directory BLAKE2b key for credential hashes
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account

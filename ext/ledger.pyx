@@ -255,6 +255,11 @@ cdef class Batch:
         self.keys = []
         self.wal = bytearray()
 
+    cdef inline int put(self, bytes k, bytes v) except -1:
+        """One record, into the LevelDB batch and the log record alike."""
+        self.wb.put(k, v)
+        return _wal_put(self.wal, k, v)
+
     cdef inline void add_done(self, object done, object outcome, bint on_loop):
         if on_loop:
             self.done_loop.append((done, outcome))
@@ -438,15 +443,9 @@ cdef class Book:
         acct.pseq += 1
         acct.pbatch = batch
         result = (acct.ptot, acct.pseq)
-        hk = history_key(hid, acct.pseq)
-        hv = _pack_history(iby, acct.ptot, at_ms, kb)
-        batch.wb.put(hk, hv)
-        _wal_put(batch.wal, hk, hv)
+        batch.put(history_key(hid, acct.pseq), _pack_history(iby, acct.ptot, at_ms, kb))
         if kb is not None:
-            kk = KEY_PREFIX + pkid
-            kv = _pack_key(acct.pseq, iby, acct.ptot, min_)
-            batch.wb.put(kk, kv)
-            _wal_put(batch.wal, kk, kv)
+            batch.put(KEY_PREFIX + pkid, _pack_key(acct.pseq, iby, acct.ptot, min_))
             pk = PendingKey()
             pk.by = iby
             pk.min_ = min_
