@@ -1,5 +1,6 @@
 """Compiles the Cython sources in ext/ into native modules of the accman
-package: ext/wire.pyx -> accman._wire, ext/ledger.pyx -> accman._ledger.
+package: ext/wire.pyx -> accman.server._wire, ext/ledger.pyx -> accman.ledger._ledger,
+ext/check.pyx -> accman.ledger._check.
 
 ACCMAN_ONLY=wire (or ledger) builds one module alone, so that a developer
 working on one does not need the other to compile."""
@@ -10,9 +11,9 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 MODULES = {
-    "wire": Extension("accman._wire", ["ext/wire.pyx"]),
-    "ledger": Extension("accman._ledger", ["ext/ledger.pyx"]),
-    "check": Extension("accman._check", ["ext/check.pyx"]),
+    "wire": Extension("accman.server._wire", ["ext/wire.pyx"]),
+    "ledger": Extension("accman.ledger._ledger", ["ext/ledger.pyx"]),
+    "check": Extension("accman.ledger._check", ["ext/check.pyx"]),
 }
 
 only = os.environ.get("ACCMAN_ONLY")

@@ -124,7 +124,7 @@ def _fail(message, code=EXIT_USAGE):
 
 
 def cmd_serve(args) -> int:
-    from accman.auth import Tokens, TokensError
+    from accman.server.auth import Tokens, TokensError
     from accman.server import LimitsError, ServerLimits, StartupError, run
 
     try:

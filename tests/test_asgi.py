@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from accman import asgi as asgi_mod
+from accman.calling import asgi as asgi_mod
 from accman.asgi import AccManMiddleware, fingerprint
 from accman.client import AccManClient
 from test_client import FakeAccMan, closed_port, run

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from accman import client as client_mod
+from accman.calling import client as client_mod
 from accman.client import (
     AccManClient,
     AccManSyncClient,

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from accman import Ledger, _check, fsck, wal
+from accman import Ledger
+from accman.ledger import _check, fsck, wal
 from accman.errors import StoreCorrupt
-from accman.store import Store
+from accman.ledger.store import Store
 
 LOG_BLOCK_BYTES = 32768
 LOG_HEADER_BYTES = 7

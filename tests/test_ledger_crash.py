@@ -13,7 +13,8 @@ import time
 import zlib
 from pathlib import Path
 
-from accman import Ledger, wal
+from accman import Ledger
+from accman.ledger import wal
 
 HERE = Path(__file__).parent
 # `just crash` sets ACCMAN_CRASH_LONG=1 for many more rounds.

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from accman import Ledger, wal
+from accman import Ledger
+from accman.ledger import wal
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
-from accman.store import Store
+from accman.ledger.store import Store
 
 
 def crash_copy(led, tmp_path, name="crashed"):

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accman import limits
-from accman._wire import (CODES, ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD,
+from accman.server._wire import (CODES, ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD,
                           ROUTE_PAST, ROUTE_TOT, Parser, Request)
 from accman.errors import HttpError
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from accman import limits
-from accman._wire import ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD, ROUTE_PAST, ROUTE_TOT, Parser
+from accman.server._wire import ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD, ROUTE_PAST, ROUTE_TOT, Parser
 from conftest import parse_responses, request_bytes
 from relhelp import history, metrics
 from test_wire import fuzz_inputs, mutated, valid_requests

@@ -3,7 +3,7 @@ and an operator who wants proof: it reads every record once."""
 
 from __future__ import annotations
 
-from accman import _ledger
+from accman.ledger import _ledger
 from accman.errors import StoreCorrupt
 
 

@@ -66,7 +66,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from accman import _check
+from accman.ledger import _check
 
 WAL_NAME = "accman.wal"
 CHECKPOINT_NAME = "accman.checkpoint"

@@ -18,7 +18,7 @@ import struct
 
 import plyvel
 
-from accman import _ledger, fsck, wal
+from accman.ledger import _ledger, fsck, wal
 from accman.errors import StoreCorrupt, StoreError, StoreLocked
 
 log = logging.getLogger("accman.store")

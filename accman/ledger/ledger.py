@@ -8,11 +8,11 @@ import threading
 from asyncio import _get_running_loop as _running_loop
 from typing import NamedTuple
 
-from accman import _ledger
-from accman.commit import Committer
+from accman.ledger import _ledger
+from accman.ledger.commit import Committer
 from accman.errors import AccManError, BadRequest, Unavailable
 from accman.limits import PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX
-from accman.store import Store
+from accman.ledger.store import Store
 
 
 # What is checked at open, from most to least (see Ledger):
@@ -214,7 +214,7 @@ class Ledger:
         each entry's tot is the previous tot plus its by, the last equals
         the account's balance, and every idempotency record names an entry
         with its key.  Raises StoreCorrupt; returns counts."""
-        from accman.verify import verify_store
+        from accman.ledger.verify import verify_store
         return verify_store(self.store)
 
     def close(self) -> None:

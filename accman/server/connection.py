@@ -35,14 +35,14 @@ from hmac import compare_digest
 from time import perf_counter
 
 from accman import limits as L
-from accman._wire import (ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD, ROUTE_PAST,
+from accman.server._wire import (ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD, ROUTE_PAST,
                           ROUTE_TOT, Parser)
-from accman.auth import CHARGE, MINT, READ, roles_text
-from accman.commit import run_callbacks
+from accman.server.auth import CHARGE, MINT, READ, roles_text
+from accman.ledger.commit import run_callbacks
 from accman.errors import (AccManError, Insufficient, StoreCorrupt,
                            StoreError, StoreLocked)
-from accman.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from accman.metrics import Metrics
+from accman.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from accman.server.metrics import Metrics
 
 
 # --- limits ------------------------------------------------------------------

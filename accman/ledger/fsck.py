@@ -36,7 +36,7 @@ import re
 import struct
 from typing import NamedTuple
 
-from accman import _check
+from accman.ledger import _check
 from accman.errors import StoreCorrupt
 
 # The log format (leveldb doc/log_format.md).  The MANIFEST is a log too.

@@ -1,0 +1,541 @@
+"""ASGI middleware: the ACCMAN header flow for any ASGI 3 application.
+
+    app = AccManMiddleware(app, url="http://127.0.0.1:8035", token=TOKEN,
+                           cost=1, exempt=("/health",), prices={"/report": 10})
+
+For every HTTP request that is not exempt it reads the credential from the
+`ACCMAN` request header, admits or refuses the request, lets the app serve
+it, charges the cost when the response starts and adds `ACCMAN: <new
+balance>` to the response headers.  docs/CALLING.md has the sequence of
+calls, both modes and every failure.
+
+Modes:
+
+- "check" (the seed's flow): `tot` before the app, refuse when it is under
+  the estimate, `mod(-cost)` when the response starts.  Two concurrent
+  requests can both pass the check: the balance may go below zero.
+- "reserve" (no overdraft, ever): `mod(-estimate, min=0)` before the app (an
+  atomic hold), `mod(+unused)` when the response starts, `mod(+estimate)` if
+  the app raises, sends no response or the client goes away first.  The
+  charge never exceeds the reservation.  Refunds are positive mods, so the
+  token needs the `mint` role as well as `read` and `charge`.
+
+Every mod carries an idempotency key made from a per-request id that is
+random per process (never taken from the request: a client that chose the
+key could replay an old one and be served for free), so the client's retries
+never charge twice.  Mods that must still land after the response (a charge
+or a refund that met a failure) are retried in the background with the same
+key; what cannot land is logged as stranded.  Credentials are never logged:
+a log line names an account by a short SHA-256 fingerprint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+
+from accman.calling.client import (
+    AccManClient,
+    Forbidden,
+    OutcomeUnknown,
+    TransportError,
+    Unauthorized,
+)
+from accman.errors import AccManError, Insufficient, NoAccount, Unavailable
+from accman.limits import CRED_CHARS_MAX, INT64_MAX
+
+log = logging.getLogger("accman.asgi")
+
+# Each AccMan call from the middleware is bounded tighter than the client's
+# default: a request waits at most this long per attempt for its admission.
+TIMEOUT_S_DEFAULT = 2.0
+RETRIES_DEFAULT = 1
+# Mods still owed after their response (charges and refunds that met a
+# failure), retried in the background.  Beyond the bound a new one is
+# logged as stranded at once rather than held in memory without limit.
+FOLLOWUPS_MAX = 10_000
+# Attempts per owed mod, pausing FOLLOWUP_PAUSE_S doubling up to
+# FOLLOWUP_PAUSE_MAX_S (about three minutes in all) before it is stranded.
+FOLLOWUP_ATTEMPTS_MAX = 20
+FOLLOWUP_PAUSE_S = 0.1
+FOLLOWUP_PAUSE_MAX_S = 10.0
+# On lifespan shutdown, how long owed mods get to land before the rest are
+# logged as stranded.
+SHUTDOWN_DRAIN_S = 5.0
+
+_CRED_RE = re.compile(r"[A-Za-z0-9_-]+")
+_JSON = (b"content-type", b"application/json")
+
+
+def fingerprint(cred: str) -> str:
+    """How logs name an account: not the credential, which is a bearer
+    secret, but 12 hex digits of its SHA-256."""
+    return hashlib.sha256(cred.encode()).hexdigest()[:12]
+
+
+def _amount(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= INT64_MAX:
+        raise ValueError(f"{what} must be between 0 and {INT64_MAX}")
+    return value
+
+
+class _DisconnectWatch:
+    """Wraps an ASGI `receive` and remembers whether the client went away
+    (http.disconnect), so that a request whose client left is not charged."""
+
+    __slots__ = ("_receive", "gone")
+
+    def __init__(self, receive):
+        self._receive = receive
+        self.gone = False
+
+    async def receive(self):
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.gone = True
+        return message
+
+
+class _Mod:
+    """An owed mod, retried with its key until it lands."""
+
+    __slots__ = ("cred", "by", "key", "what")
+
+    def __init__(self, cred: str, by: int, key: str, what: str):
+        self.cred, self.by, self.key, self.what = cred, by, key, what
+
+    async def run(self, acc) -> None:
+        await acc.mod(self.cred, self.by, key=self.key)
+
+
+class _Unreserve:
+    """A reservation whose outcome is unknown, to be undone: repeating it
+    with its key answers whether it applied (the original 200) or not
+    (insufficient, or it applies now); either way the release then makes
+    the net change zero."""
+
+    __slots__ = ("cred", "amount", "rid", "key", "by", "what")
+
+    def __init__(self, cred: str, amount: int, rid: str):
+        self.cred, self.amount, self.rid = cred, amount, rid
+        self.key, self.by, self.what = rid + "-s", amount, "release"
+
+    async def run(self, acc) -> None:
+        try:
+            await acc.mod(self.cred, -self.amount, min=0, key=self.rid + "-r")
+        except Insufficient:
+            return              # it never applied and now cannot: nothing held
+        await acc.mod(self.cred, self.amount, key=self.key)
+
+
+class AccManMiddleware:
+    """Charges each HTTP request to the account named by its ACCMAN header.
+
+    `cost` (and each value of `prices`) is an int or a callable
+    `cost(scope, status, headers) -> int`.  It is called with status and
+    headers None before the app runs for the estimate (the balance a request
+    needs in "check" mode, the amount held in "reserve" mode), then with the
+    response's status and ASGI header list when the response starts, for
+    the charge.
+
+    `exempt` and `prices` name paths exactly, or by prefix when they end in
+    `*`; the longest matching price wins.  Exempt paths never touch AccMan.
+    `on_unavailable="open"` serves requests AccMan cannot admit and records
+    them as unpaid (log, `stats`, and `on_unpaid(cred, amount)` if given).
+    `client` replaces the internal AccManClient (sharing a pool, tests).
+    """
+
+    def __init__(self, app, url: str | None = None, token: str | None = None,
+                 cost=1, header: str = "accman", mode: str = "check",
+                 on_unavailable: str = "closed", exempt=(), prices=None, *,
+                 client=None, timeout_s: float = TIMEOUT_S_DEFAULT,
+                 retries: int = RETRIES_DEFAULT, on_unpaid=None):
+        if mode not in ("check", "reserve"):
+            raise ValueError('mode must be "check" or "reserve"')
+        if on_unavailable not in ("closed", "open"):
+            raise ValueError('on_unavailable must be "closed" or "open"')
+        if client is None and url is None:
+            raise ValueError("AccManMiddleware needs the AccMan url (or a client)")
+        if not isinstance(header, str) or re.fullmatch(r"[A-Za-z0-9-]+", header) is None:
+            raise ValueError("header must be a plain header name")
+        self.app = app
+        self.mode = mode
+        self._reserve = mode == "reserve"
+        self._open = on_unavailable == "open"
+        self._header = header.lower().encode("ascii")
+        self._cost = self._price_value(cost, "cost")
+        self._exempt_exact, self._exempt_prefixes = set(), []
+        for path in exempt:
+            if path.endswith("*"):
+                self._exempt_prefixes.append(path[:-1])
+            else:
+                self._exempt_exact.add(path)
+        self._prices_exact, self._price_prefixes = {}, []
+        for path, price in (prices or {}).items():
+            value = self._price_value(price, f"prices[{path!r}]")
+            if path.endswith("*"):
+                self._price_prefixes.append((path[:-1], value))
+            else:
+                self._prices_exact[path] = value
+        self._price_prefixes.sort(key=lambda p: len(p[0]), reverse=True)
+        self._url, self._token = url, token
+        self._timeout_s, self._retries = timeout_s, retries
+        self._client = client
+        self._own_client = client is None
+        self._client_loop = None
+        if client is None:
+            AccManClient(url, token)    # check url and token now, not at the first request
+        self._on_unpaid = on_unpaid
+        # A request id: 96 random bits per process, then a counter.  Keys
+        # are `<id>-r` (reservation), `-s` (settlement or release), `-c`
+        # (check-mode charge): 42 characters at most, under KEY_CHARS_MAX.
+        self._rid_base = os.urandom(12).hex()
+        self._rid_next = itertools.count(1).__next__
+        self._owed = collections.deque()
+        self._owed_task = None
+        self.stats = dict.fromkeys((
+            "requests", "exempt", "refused_no_credential", "refused_no_account",
+            "refused_insufficient", "refused_unavailable", "charged", "charged_amount",
+            "released", "capped", "unpaid_requests", "unpaid_amount", "owed", "stranded"), 0)
+
+    @staticmethod
+    def _price_value(value, what: str):
+        return value if callable(value) else _amount(value, what)
+
+    # --- ASGI --------------------------------------------------------------
+    async def __call__(self, scope, receive, send):
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                return await self._lifespan(scope, receive, send)
+            return await self.app(scope, receive, send)     # websockets are not metered
+        price = self._price_for(scope["path"])
+        if price is None:
+            self.stats["exempt"] += 1
+            return await self.app(scope, receive, send)
+        self.stats["requests"] += 1
+        cred, problem = self._cred(scope)
+        if cred is None:
+            self.stats["refused_no_credential"] += 1
+            return await _refuse(send, 401, "no_credential", problem, self._challenge())
+        est = self._charge_of(price, scope, None, None)
+        if self._reserve:
+            return await self._serve_reserved(scope, receive, send, cred, price, est)
+        return await self._serve_checked(scope, receive, send, cred, price, est)
+
+    async def _serve_checked(self, scope, receive, send, cred, price, est):
+        acc = self._acc()
+        try:
+            tot = await acc.tot(cred)
+        except NoAccount:
+            return await self._no_account(send)
+        except AccManError as e:
+            return await self._unavailable(scope, receive, send, cred, price, e)
+        if tot < est:
+            return await self._insufficient(send, tot, est)
+        key = self._rid() + "-c"
+        watch = _DisconnectWatch(receive)
+
+        async def send_(message):
+            if message["type"] == "http.response.start" and not watch.gone:
+                cost = self._charge_of(price, scope, message["status"], message.get("headers", ()))
+                new_tot = tot
+                if cost:
+                    try:
+                        new_tot, _ = await acc.mod(cred, -cost, key=key)
+                        self._charged(cost)
+                    except AccManError as e:
+                        new_tot = None
+                        self._owe(_Mod(cred, -cost, key, "charge"), e)
+                message = self._with_tot(message, new_tot)
+            await send(message)
+
+        await self.app(scope, watch.receive, send_)
+
+    async def _serve_reserved(self, scope, receive, send, cred, price, est):
+        acc = self._acc()
+        rid = self._rid()
+        if est:
+            try:
+                tot, _ = await acc.mod(cred, -est, min=0, key=rid + "-r")
+            except Insufficient as e:
+                if e.tot <= 0 and not await self._exists(acc, cred):
+                    return await self._no_account(send)
+                return await self._insufficient(send, e.tot, est)
+            except NoAccount:
+                return await self._no_account(send)
+            except AccManError as e:
+                if isinstance(e, OutcomeUnknown):
+                    self._owe(_Unreserve(cred, est, rid), e)
+                return await self._unavailable(scope, receive, send, cred, price, e)
+        else:
+            try:
+                tot = await acc.tot(cred)
+            except NoAccount:
+                return await self._no_account(send)
+            except AccManError as e:
+                return await self._unavailable(scope, receive, send, cred, price, e)
+        held = est          # what is reserved and not yet settled or released
+        watch = _DisconnectWatch(receive)
+
+        async def send_(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and held:
+                amount, held = held, 0
+                if watch.gone:
+                    cost = 0
+                else:
+                    cost = self._charge_of(price, scope, message["status"], message.get("headers", ()))
+                    if cost > amount:
+                        self.stats["capped"] += 1
+                        log.warning("accman: cost %d over the reservation %d: charged %d",
+                                    cost, amount, amount)
+                        cost = amount
+                new_tot = tot
+                if cost < amount:
+                    new_tot = await self._refund(acc, cred, amount - cost, rid, "refund" if cost else "release")
+                self._charged(cost)
+                message = self._with_tot(message, new_tot)
+            elif message["type"] == "http.response.start":
+                message = self._with_tot(message, tot)
+            await send(message)
+
+        try:
+            await self.app(scope, watch.receive, send_)
+        except BaseException as e:
+            if held:
+                amount, held = held, 0
+                self.stats["released"] += 1
+                self._owe(_Mod(cred, amount, rid + "-s", "release"), e)
+            raise
+        if held:            # no response was started: the client went away, or the app sent nothing
+            amount, held = held, 0
+            await self._refund(acc, cred, amount, rid, "release")
+
+    async def _refund(self, acc, cred, amount, rid, what):
+        if what == "release":
+            self.stats["released"] += 1
+        try:
+            new_tot, _ = await acc.mod(cred, amount, key=rid + "-s")
+            return new_tot
+        except AccManError as e:
+            self._owe(_Mod(cred, amount, rid + "-s", what), e)
+            return None
+
+    # --- refusals and the unavailable path ---------------------------------
+    def _challenge(self):
+        return [(b"www-authenticate", b'AccMan header="' + self._header + b'"')]
+
+    async def _no_account(self, send):
+        self.stats["refused_no_account"] += 1
+        return await _refuse(send, 401, "no_account", "the credential names no account",
+                             self._challenge())
+
+    async def _insufficient(self, send, tot, est):
+        self.stats["refused_insufficient"] += 1
+        return await _refuse(send, 402, "insufficient",
+                             f"the balance {tot} does not cover the cost {est}",
+                             [(self._header, str(tot).encode())], {"tot": tot, "cost": est})
+
+    async def _unavailable(self, scope, receive, send, cred, price, err):
+        config = isinstance(err, (Unauthorized, Forbidden)) or not isinstance(
+            err, (TransportError, Unavailable))
+        if config:
+            # The service's own token or url is wrong: not the caller's fault,
+            # and never a reason to serve for free.
+            log.error("accman: AccMan refused the service (%s %s): check the url and token",
+                      err.status, err.code)
+        elif self._open:
+            log.warning("accman: AccMan unavailable (%s); serving unpaid", err.code)
+
+            async def send_(message):
+                if message["type"] == "http.response.start":
+                    cost = self._charge_of(price, scope, message["status"], message.get("headers", ()))
+                    self._unpaid(cred, cost, err.code)
+                await send(message)
+
+            return await self.app(scope, receive, send_)
+        else:
+            log.warning("accman: AccMan unavailable (%s); refusing with 503", err.code)
+        self.stats["refused_unavailable"] += 1
+        return await _refuse(send, 503, "unavailable", "the balance service cannot be reached",
+                             [(b"retry-after", b"1")])
+
+    async def _exists(self, acc, cred) -> bool:
+        try:
+            await acc.tot(cred)
+        except NoAccount:
+            return False
+        except AccManError:
+            pass
+        return True
+
+    # --- owed mods ----------------------------------------------------------
+    def _owe(self, item, cause) -> None:
+        """A mod that must still land (same key: at most once)."""
+        code = getattr(cause, "code", type(cause).__name__)
+        if len(self._owed) >= FOLLOWUPS_MAX:
+            self._strand(item, "FOLLOWUPS_MAX owed mods already queued")
+            return
+        self.stats["owed"] += 1
+        log.info("accman: %s of %d for account %s queued (after %s), key %s",
+                 item.what, abs(item.by), fingerprint(item.cred), code, item.key)
+        self._owed.append(item)
+        if self._owed_task is None or self._owed_task.done():
+            self._owed_task = asyncio.get_running_loop().create_task(self._pay_owed())
+
+    async def _pay_owed(self) -> None:
+        acc = self._acc()
+        attempt = 0
+        while self._owed:
+            item = self._owed[0]
+            try:
+                await item.run(acc)
+            except (TransportError, Unavailable) as e:
+                attempt += 1
+                if attempt < FOLLOWUP_ATTEMPTS_MAX:
+                    await asyncio.sleep(min(FOLLOWUP_PAUSE_S * 2 ** (attempt - 1), FOLLOWUP_PAUSE_MAX_S))
+                    continue
+                self._strand(item, f"still {e.code} after {attempt} attempts")
+            except AccManError as e:
+                self._strand(item, e.code)
+            self._owed.popleft()
+            attempt = 0
+
+    def _strand(self, item, why: str) -> None:
+        self.stats["stranded"] += 1
+        owed_by = "the account owes" if item.by < 0 else "the service owes the account"
+        log.error("accman: stranded %s: %s %d (account %s, key %s): %s",
+                  item.what, owed_by, abs(item.by), fingerprint(item.cred), item.key, why)
+        if item.by < 0:
+            self._unpaid(item.cred, -item.by, why)
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until every owed mod has landed or been stranded; False if
+        `timeout_s` passed first."""
+        task = self._owed_task
+        if task is None or task.done():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Let owed mods land (SHUTDOWN_DRAIN_S at most), strand the rest,
+        close the client.  Called on the lifespan shutdown."""
+        if not await self.drain(SHUTDOWN_DRAIN_S):
+            self._owed_task.cancel()
+            while self._owed:
+                self._strand(self._owed.popleft(), "shutting down")
+        if self._client is not None and self._own_client:
+            await self._client.aclose()
+            self._client = None
+
+    async def _lifespan(self, scope, receive, send):
+        async def send_(message):
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.aclose()
+            await send(message)
+        await self.app(scope, receive, send_)
+
+    # --- small parts --------------------------------------------------------
+    def _acc(self):
+        if not self._own_client:
+            return self._client
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client = AccManClient(self._url, self._token, timeout_s=self._timeout_s,
+                                        retries=self._retries)
+            self._client_loop = loop
+        return self._client
+
+    def _rid(self) -> str:
+        return f"{self._rid_base}{self._rid_next():x}"
+
+    def _price_for(self, path: str):
+        if path in self._exempt_exact:
+            return None
+        for prefix in self._exempt_prefixes:
+            if path.startswith(prefix):
+                return None
+        price = self._prices_exact.get(path)
+        if price is not None:
+            return price
+        for prefix, price in self._price_prefixes:
+            if path.startswith(prefix):
+                return price
+        return self._cost
+
+    def _cred(self, scope):
+        found = None
+        for name, value in scope["headers"]:
+            if name == self._header:
+                if found is not None:
+                    return None, f"more than one {self._header.decode()} header"
+                found = value
+        if found is None:
+            return None, f"the {self._header.decode()} header is required"
+        cred = found.decode("latin-1")
+        if not 1 <= len(cred) <= CRED_CHARS_MAX or _CRED_RE.fullmatch(cred) is None:
+            return None, f"the {self._header.decode()} header is not a credential"
+        return cred, ""
+
+    @staticmethod
+    def _charge_of(price, scope, status, headers) -> int:
+        if callable(price):
+            return _amount(price(scope, status, headers), "the cost function's result")
+        return price
+
+    def _charged(self, cost: int) -> None:
+        if cost:
+            self.stats["charged"] += 1
+            self.stats["charged_amount"] += cost
+
+    def _unpaid(self, cred: str, amount: int, why: str) -> None:
+        self.stats["unpaid_requests"] += 1
+        self.stats["unpaid_amount"] += amount
+        log.warning("accman: unpaid %d (account %s): %s", amount, fingerprint(cred), why)
+        if self._on_unpaid is not None:
+            try:
+                self._on_unpaid(cred, amount)
+            except Exception:
+                log.exception("accman: on_unpaid failed")
+
+    def _with_tot(self, message, tot):
+        if tot is None:
+            return message
+        header = self._header
+        headers = [h for h in message.get("headers", ()) if h[0].lower() != header]
+        headers.append((header, str(tot).encode()))
+        message = dict(message)
+        message["headers"] = headers
+        return message
+
+    def render_metrics(self) -> str:
+        """`stats` in the Prometheus text format, for a /metrics route."""
+        return "".join(f"# TYPE accman_mw_{k}_total counter\naccman_mw_{k}_total {v}\n"
+                       for k, v in self.stats.items())
+
+
+async def _refuse(send, status: int, code: str, detail: str, headers=(), extra=None):
+    obj = {"error": code, "detail": detail}
+    if extra:
+        obj.update(extra)
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [_JSON, (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+__all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",
+           "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "SHUTDOWN_DRAIN_S"]
