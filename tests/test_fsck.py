@@ -15,7 +15,7 @@ import pytest
 from accman import Ledger
 from accman.ledger import _check, fsck, wal
 from accman.errors import StoreCorrupt
-from accman.ledger.store import Store
+from accman.ledger.leveldb import Store
 
 LOG_BLOCK_BYTES = 32768
 LOG_HEADER_BYTES = 7

@@ -13,7 +13,7 @@ from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused,
                     Unavailable)
 from accman.ledger import _ledger, commit
 from accman.limits import INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
-from accman.ledger.store import Store
+from accman.ledger.leveldb import Store
 
 
 @pytest.fixture
@@ -222,7 +222,7 @@ def _as_format_1(path, accounts):
     """Rewrites a format-2 store as format 1 wrote it: an account record
     (tot, seq) per account beside its history, and format 1 in the meta."""
     import json
-    from accman.ledger.store import META_KEY
+    from accman.ledger.leveldb import META_KEY
     store = Store(path)
     meta = json.loads(store.db.get(META_KEY))
     for hid, (tot, seq) in accounts.items():
@@ -257,7 +257,7 @@ def test_a_format_1_store_is_migrated_at_open(tmp_path):
     records = _stored(path)
     assert not any(k.startswith(b"a") for k in records), "format-1 records left"
     import json
-    from accman.ledger.store import META_KEY
+    from accman.ledger.leveldb import META_KEY
     assert json.loads(records[META_KEY]) == dict(meta, format=2)
 
 
@@ -275,7 +275,7 @@ def test_a_format_1_account_record_that_disagrees_with_history_is_refused(tmp_pa
 
 def test_a_newer_store_format_is_refused(tmp_path):
     import json
-    from accman.ledger.store import META_KEY
+    from accman.ledger.leveldb import META_KEY
     path = str(tmp_path / "d")
     Ledger(path).close()
     store = Store(path)

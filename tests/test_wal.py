@@ -16,7 +16,7 @@ import pytest
 from accman import Ledger
 from accman.ledger import wal
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
-from accman.ledger.store import Store
+from accman.ledger.leveldb import Store
 
 
 def crash_copy(led, tmp_path, name="crashed"):
@@ -66,7 +66,7 @@ def test_a_crash_replays_every_batch_after_the_checkpoint(crashed, caplog):
     path, acked = crashed
     ckpt = wal.read_checkpoint(str(path))
     assert [r.lsn for r in records_of(path)] == list(range(ckpt.lsn, ckpt.lsn + 20))
-    with caplog.at_level(logging.INFO, logger="accman.store"):
+    with caplog.at_level(logging.INFO, logger="accman.ledger.leveldb"):
         led = Ledger(str(path))
     with led:
         assert "replayed 20 batches" in caplog.text
@@ -86,7 +86,7 @@ def test_unsynced_leveldb_log_bytes_are_cut_and_replayed(crashed, caplog):
     ckpt = wal.read_checkpoint(str(path))
     logs = {p.name: p.stat().st_size for p in path.glob("*.log")}
     assert any(size > ckpt.logs.get(name, 0) for name, size in logs.items())
-    with caplog.at_level(logging.INFO, logger="accman.store"):
+    with caplog.at_level(logging.INFO, logger="accman.ledger.leveldb"):
         Ledger(str(path)).close()
     assert "cut" in caplog.text and "unsynced bytes" in caplog.text
 

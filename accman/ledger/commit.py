@@ -5,7 +5,7 @@ Redis's `appendfsync always` is the precedent: replies wait until the write
 is on disk (`beforeSleep`), many of them per fsync.  Here mods are applied to
 the book's pending state as they arrive, their records go into the filling
 batch (a LevelDB write batch, and the same puts for the write-ahead log),
-and the writer thread takes that batch, makes it durable (accman.store:
+and the writer thread takes that batch, makes it durable (accman.ledger.leveldb:
 its synced record in accman.wal, then LevelDB, both without the GIL) and
 only then makes its balances visible and releases its results.
 

@@ -12,7 +12,7 @@ from accman.ledger import _ledger
 from accman.ledger.commit import Committer
 from accman.errors import AccManError, BadRequest, Unavailable
 from accman.limits import PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX
-from accman.ledger.store import Store
+from accman.ledger.leveldb import Store
 
 
 # What is checked at open, from most to least (see Ledger):

@@ -32,7 +32,7 @@ checkpoint written) and writing starts again at 0.  The writer applies each
 record to LevelDB before it writes the next, so at a checkpoint every
 record before it is in LevelDB's files, and those files are synced.
 
-Recovery, at open, before LevelDB reads anything (accman.store):
+Recovery, at open, before LevelDB reads anything (accman.ledger.leveldb):
 
 1. `scan`: the records from offset 0 with lsn = the checkpoint's, the
    next, and so on, are read (and parsed by the store): the first record
@@ -102,7 +102,7 @@ _ZEROS = memoryview(bytes(BLOCK_BYTES))         # a record's padding
 
 
 class Damage(Exception):
-    """The log or its checkpoint is damaged; accman.store names the
+    """The log or its checkpoint is damaged; accman.ledger.leveldb names the
     directory and refuses to serve."""
 
 
@@ -279,7 +279,7 @@ def _span(payload_bytes: int) -> int:
 class Wal:
     """The log, open for writing, for one thread at a time (the committer's
     writer, or the store's open and close).  `append` returns once the
-    record is on disk.  OSError is the caller's to translate (accman.store)."""
+    record is on disk.  OSError is the caller's to translate (accman.ledger.leveldb)."""
 
     def __init__(self, path: str, next_lsn: int, bytes_max: int = WAL_BYTES_MAX):
         self.path = path

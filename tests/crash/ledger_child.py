@@ -17,7 +17,7 @@ import threading
 import zlib
 
 from accman import AccManError, Ledger
-from accman.ledger.store import Store
+from accman.ledger.leveldb import Store
 
 TASKS = 32
 THREADS = 4

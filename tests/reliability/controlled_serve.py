@@ -26,7 +26,7 @@ import time
 from accman.errors import StoreError
 from accman.ledger import Ledger
 from accman.server import ServerLimits, StartupError, run
-from accman.ledger.store import Store
+from accman.ledger.leveldb import Store
 
 POLL_S = 0.002
 

@@ -21,7 +21,7 @@ import plyvel
 from accman.ledger import _ledger, fsck, wal
 from accman.errors import StoreCorrupt, StoreError, StoreLocked
 
-log = logging.getLogger("accman.store")
+log = logging.getLogger("accman.ledger.leveldb")
 
 META_KEY = b"\x00meta"       # sorts before every account, history and key record
 STORE_FORMAT = 2             # bump with a migration when a record format changes
