@@ -38,7 +38,6 @@ import select
 import socket
 import ssl as _ssl
 import time
-from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from accman.errors import (
@@ -60,6 +59,7 @@ from accman.limits import (
     PIPELINE_REQUESTS_MAX,
     IDLE_TIMEOUT_S,
 )
+from accman.records import Entry
 
 log = logging.getLogger("accman.client")
 
@@ -162,16 +162,6 @@ class BadReply(OutcomeUnknown):
     connection is closed: its framing can no longer be trusted."""
 
     code = "bad_reply"
-
-
-class Entry(NamedTuple):
-    """One history entry (SPEC: seq, by, tot, at in unix ms, key)."""
-
-    seq: int
-    by: int
-    tot: int
-    at: int
-    key: str | None
 
 
 # --- the reply parser: bytes in, replies out, no I/O ------------------------

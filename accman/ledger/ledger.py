@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from asyncio import _get_running_loop as _running_loop
-from typing import NamedTuple
-
 from accman.ledger import _ledger
 from accman.ledger.commit import Committer
 from accman.errors import AccManError, BadRequest, Unavailable
 from accman.limits import PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX
+from accman.records import Entry
 from accman.ledger.leveldb import Store
 
 
@@ -20,16 +19,6 @@ from accman.ledger.leveldb import Store
 #   heads  the files' CRCs; loading reads each history's newest entry
 #   none   only what loading reads (its blocks' checksums still verified)
 VERIFY_MODES = ("full", "heads", "none")
-
-
-class Entry(NamedTuple):
-    """One applied mod: the SPEC's history entry."""
-
-    seq: int
-    by: int
-    tot: int
-    at: int          # unix milliseconds when it was applied
-    key: str | None
 
 
 class Ledger:

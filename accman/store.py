@@ -1,0 +1,103 @@
+"""The store interface: what the server asks of the store that keeps the
+accounts, whichever store it is.
+
+Two stores keep it: the embedded ledger (accman.ledger.Ledger: LevelDB on
+this machine, the default) and PostgreSQL (accman.postgres, for more than
+one machine).  The server knows only this interface.
+
+Calls and outcomes
+------------------
+Every call that reads or changes accounts takes `done`, a callable of one
+argument, and returns either its outcome at once or None.  When it returns
+None, `done(outcome)` is called later on the loop given to `bind_loop`
+(through its `deliver`), once the outcome is final and everything it shows
+is durable.  A store may also return None and then call `done` for an
+outcome it knew at once.  An outcome is the call's value (below) or an
+AccManError instance.  A call raises only BadRequest, Unavailable or Busy,
+and only when it changed nothing and queued nothing.
+
+Order (SPEC "Durability and order", and pipelined requests): calls apply in
+the order they are made.  A read made with `ordered=True` sees the effect
+of every call made before it, and of none made after it; the server asks
+for that when the read is pipelined behind writes of its connection that
+are not yet answered.  A read with `ordered=False` sees durable state only,
+of any moment between its call and its outcome.
+
+Values
+------
+    read_tot         tot: int                       NoAccount
+    read_past        Page                           NoAccount
+    submit (a mod)   (tot, seq)                     Insufficient, KeyReused,
+                                                    Overflow, NoAccount
+    submit_hold      (hold, tot, seq)               as a mod, and TooManyHolds
+    submit_settle    (tot, seq)                     NoHold, HoldEnded
+    read_events      (events, next)                 EventsTrimmed
+
+`Page` is (account, entries, next): the account's public id, the history
+entries (accman.records.Entry) newest first, and the `before` of the next
+page or None.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Protocol
+
+from accman.records import Entry
+
+Done = Callable[[Any], None]
+
+
+class Page(NamedTuple):
+    """One page of an account's history (GET /past)."""
+
+    account: str            # the account's public id (SPEC "Events")
+    entries: list[Entry]    # newest first
+    next: int | None        # the `before` of the next page, None at the end
+
+
+def page_next(entries: list[Entry], limit: int) -> int | None:
+    """The SPEC's `next`: the seq of the oldest entry of a full page, unless
+    that entry is the account's first."""
+    if entries and len(entries) == limit and entries[-1].seq > 1:
+        return entries[-1].seq
+    return None
+
+
+class Store(Protocol):
+    """What the server calls.  Calls are made from the bound loop's thread."""
+
+    # True when `tot` answers from memory (the embedded store): the server
+    # then answers a /tot in line, with no callback.
+    inline_reads: bool
+
+    def bind_loop(self, loop, deliver: Callable[[list], None] | None = None) -> None:
+        """Later outcomes are delivered on `loop`: `deliver(pairs)` is called
+        there with a list of (done, outcome), and must see every `done`
+        told its outcome."""
+
+    def tot(self, cred: str) -> int | None:
+        """The durable balance at once, None for an unknown credential
+        (stores with `inline_reads` only)."""
+
+    def read_tot(self, cred: str, done: Done, ordered: bool = False) -> Any: ...
+
+    def read_past(self, cred: str, limit: int, before: int | None, done: Done,
+                  ordered: bool = False) -> Any: ...
+
+    def submit(self, cred: str, by: int, min: int | None, key: str | None,  # noqa: A002
+               done: Done) -> Any:
+        """A mod (PATCH /mod)."""
+
+    @property
+    def healthy(self) -> bool:
+        """True while the store can commit (GET /health)."""
+
+    @property
+    def stats(self) -> dict:
+        """Numbers for /metrics (accman.server.metrics names the known ones)."""
+
+    def drain_samples(self) -> tuple[list[int], list[float]]:
+        """Batch sizes and commit times since the last call."""
+
+    def close(self) -> None:
+        """Commits what is queued and releases the store."""
