@@ -51,6 +51,40 @@ class Overflow(Conflict):
     code = "overflow"
 
 
+class HoldEnded(Conflict):
+    """A settle of a hold that has ended: settled with another `use`, or
+    expired."""
+
+    code = "hold_ended"
+
+
+class TooManyHolds(Conflict):
+    """The account, or the store, is at its bound of open holds
+    (limits.HOLDS_PER_ACCOUNT_MAX, limits.HOLDS_MAX)."""
+
+    code = "too_many_holds"
+
+
+class NoHold(AccManError):
+    """A settle naming a hold the account never had."""
+
+    code = "no_hold"
+    status = 404
+
+
+class EventsTrimmed(AccManError):
+    """GET /events asked for events older than the retention keeps.
+    `first` is the oldest event id still kept."""
+
+    code = "events_trimmed"
+    status = 410
+
+    def __init__(self, first: int, detail: str = ""):
+        super().__init__(detail or f"events before {first} are past the retention "
+                                   f"and were trimmed; the oldest kept is {first}")
+        self.first = first
+
+
 class Unavailable(AccManError):
     """The store cannot commit (fail-stop), the ledger is closed, or the
     server is shutting down.  Nothing in the refused call was acknowledged."""

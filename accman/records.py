@@ -21,4 +21,22 @@ class Entry(NamedTuple):
     hold: int | None = None
 
 
-__all__ = ["Entry"]
+class Event(NamedTuple):
+    """One event of the stream (SPEC "Events"): an applied change, or a
+    low-balance alert.  `id` grows by one per event of the store, with no
+    gaps; `account` is the account's public id, never its credential."""
+
+    id: int
+    type: str               # "mod" | "hold" | "settle" | "expire" | "low_balance"
+    account: str
+    seq: int
+    by: int
+    tot: int
+    at: int
+    key: str | None
+    hold: int | None
+
+
+EVENT_TYPES = ("mod", "hold", "settle", "expire", "low_balance")
+
+__all__ = ["Entry", "Event", "EVENT_TYPES"]

@@ -33,6 +33,9 @@ Values
     submit_settle    (tot, seq)                     NoHold, HoldEnded
     read_events      (events, next)                 EventsTrimmed
 
+`events` is a list of accman.records.Event, oldest first, and `next` the
+`after` of the next call.
+
 `Page` is (account, entries, next): the account's public id, the history
 entries (accman.records.Entry) newest first, and the `before` of the next
 page or None.
@@ -85,8 +88,25 @@ class Store(Protocol):
                   ordered: bool = False) -> Any: ...
 
     def submit(self, cred: str, by: int, min: int | None, key: str | None,  # noqa: A002
-               done: Done) -> Any:
-        """A mod (PATCH /mod)."""
+               done: Done, low: int | None = None) -> Any:
+        """A mod (PATCH /mod).  `low`, on a funding mod only, sets the
+        account's low-balance threshold (SPEC "Events")."""
+
+    def submit_hold(self, cred: str, by: int, ttl_s: int, min: int | None,  # noqa: A002
+                    key: str | None, done: Done) -> Any:
+        """A hold (PATCH /hold): `by` < 0 leaves the balance now; the hold
+        ends by itself after `ttl_s` seconds.  Its id is the seq of the
+        history entry that starts it."""
+
+    def submit_settle(self, cred: str, hold: int, use: int, done: Done) -> Any:
+        """Ends a hold (PATCH /settle): `use` of it is spent, the rest
+        returns to the balance."""
+
+    def read_events(self, after: int, limit: int, wait_s: float, done: Done) -> Any:
+        """Up to `limit` events with ids after `after`, oldest first, as
+        (events, next); waits up to `wait_s` for the first one (long poll:
+        no thread and no timer per waiter beyond one entry in a bounded
+        list)."""
 
     @property
     def healthy(self) -> bool:
