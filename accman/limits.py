@@ -14,6 +14,27 @@ INT64_MAX = 2 ** 63 - 1
 PAST_LIMIT_DEFAULT = 100      # SPEC: default page size.
 PAST_LIMIT_MAX = 1000         # SPEC: limit is 1..1000; a page stays < ~100 KiB.
 
+# --- holds (SPEC "Holds") -----------------------------------------------------
+HOLD_TTL_S_MAX = 86400        # SPEC: ttl is 1..86400 seconds.
+# Open holds per account: a service holds one per request in flight, so a
+# few thousand covers the busiest consumer; more is a leak in the caller.
+HOLDS_PER_ACCOUNT_MAX = 4096
+# Open holds in all: each costs memory until it ends (settled or expired),
+# and expiry walks them; a million is ~100 MiB at most.  Over either bound:
+# 409 too_many_holds, nothing held.
+HOLDS_MAX = 1_000_000
+
+# --- events (SPEC "Events") -----------------------------------------------------
+EVENTS_LIMIT_DEFAULT = 100    # SPEC: default page of GET /events.
+EVENTS_LIMIT_MAX = 1000       # SPEC: limit is 1..1000.
+EVENTS_WAIT_S_MAX = 60        # SPEC: wait is 0..60 seconds.
+# Events are kept at least this long (SPEC: default 7 days); older ones may
+# be trimmed, and asking for them is 410 events_trimmed.
+EVENTS_RETENTION_S_DEFAULT = 7 * 24 * 3600
+# Long polls waiting at once, server-wide: each is one entry in a list, no
+# thread, no timer of its own.  Over it: 503 busy, retry.
+EVENTS_WAITERS_MAX = 1024
+
 # --- group commit -----------------------------------------------------------
 # One LevelDB write batch holds at most this many mods.  At ~0.3 ms per fsync
 # and ~450k puts/s, 4096 mods (about 3 puts each) take ~25 ms to write: big
