@@ -42,42 +42,7 @@ from values cimport (INT_NEGATIVE_OK, INT_ZERO_OK, parse_int64,
 
 from accman import limits as _limits
 from accman.errors import HttpError
-
-# --- routes (the values of Request.route) ------------------------------------
-ROUTE_TOT = 1
-ROUTE_MOD = 2
-ROUTE_PAST = 3
-ROUTE_HEALTH = 4
-ROUTE_METRICS = 5
-
-cdef enum:
-    R_NONE = 0
-    R_TOT = 1
-    R_MOD = 2
-    R_PAST = 3
-    R_HEALTH = 4
-    R_METRICS = 5
-
-cdef enum:
-    M_UNKNOWN = 0
-    M_GET
-    M_HEAD
-    M_POST
-    M_PUT
-    M_DELETE
-    M_PATCH
-    M_OPTIONS
-    M_TRACE
-    M_CONNECT
-
-# Query parameters, as bits of a set.
-cdef enum:
-    P_CRED = 1
-    P_BY = 2
-    P_MIN = 4
-    P_KEY = 8
-    P_LIMIT = 16
-    P_BEFORE = 32
+from accman.server.auth import TOKEN_CHARS
 
 # Where the parser is in the current request.
 cdef enum:
@@ -100,7 +65,6 @@ cdef Py_ssize_t BODY_BYTES_MAX = _limits.BODY_BYTES_MAX
 cdef Py_ssize_t CRED_CHARS_MAX = _limits.CRED_CHARS_MAX
 cdef Py_ssize_t KEY_CHARS_MAX = _limits.KEY_CHARS_MAX
 cdef int64_t PAST_LIMIT_DEFAULT = _limits.PAST_LIMIT_DEFAULT
-cdef int64_t PAST_LIMIT_MAX = _limits.PAST_LIMIT_MAX
 
 # The longest line the parser ever buffers: a request line of
 # REQUEST_LINE_BYTES_MAX bytes plus CRLF, or a header line that fills the
@@ -117,6 +81,7 @@ CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    411: "length_required",
     413: "payload_too_large",
     414: "uri_too_long",
     431: "headers_too_large",
@@ -126,7 +91,7 @@ CODES = {
 
 # --- byte classes -------------------------------------------------------------
 cdef unsigned char TOKEN[256]      # RFC 9110 tchar: methods, header names, Connection options
-cdef unsigned char TARGET[256]     # RFC 3986 pchar, '/', '?': the origin-form request-target
+cdef unsigned char TARGET[256]     # RFC 3986 pchar, '/', '?', and '[' ']' of an IP-literal authority
 cdef unsigned char VALUE[256]      # field-value bytes: VCHAR, SP, HTAB, obs-text
 cdef unsigned char HOST[256]       # uri-host [":" port], with IP-literal brackets
 cdef unsigned char B64TOKEN[256]   # RFC 6750 b64token, before its trailing '='s
@@ -139,11 +104,11 @@ cdef void _init_tables():
         VALUE[c] = (c == HT or 0x20 <= c <= 0x7E or c >= 0x80)
     for c in alnum + b"!#$%&'*+-.^_`|~":
         TOKEN[c] = 1
-    for c in alnum + b"-._~!$&'()*+,;=:@/?%":
+    for c in alnum + b"-._~!$&'()*+,;=:@/?%[]":
         TARGET[c] = 1
     for c in alnum + b"-._~!$&'()*+,;=%:[]":
         HOST[c] = 1
-    for c in alnum + b"-._~+/":
+    for c in TOKEN_CHARS.encode("ascii"):
         B64TOKEN[c] = 1
 
 _init_tables()
@@ -167,93 +132,6 @@ cdef str quoted(const unsigned char* p, Py_ssize_t n):
     return (<const char*>p)[:n].decode("ascii")
 
 
-cdef int method_of(const unsigned char* s, Py_ssize_t n) noexcept nogil:
-    if n == 3:
-        if memcmp(s, b"GET", 3) == 0:
-            return M_GET
-        if memcmp(s, b"PUT", 3) == 0:
-            return M_PUT
-    elif n == 4:
-        if memcmp(s, b"HEAD", 4) == 0:
-            return M_HEAD
-        if memcmp(s, b"POST", 4) == 0:
-            return M_POST
-    elif n == 5:
-        if memcmp(s, b"PATCH", 5) == 0:
-            return M_PATCH
-        if memcmp(s, b"TRACE", 5) == 0:
-            return M_TRACE
-    elif n == 6:
-        if memcmp(s, b"DELETE", 6) == 0:
-            return M_DELETE
-    elif n == 7:
-        if memcmp(s, b"OPTIONS", 7) == 0:
-            return M_OPTIONS
-        if memcmp(s, b"CONNECT", 7) == 0:
-            return M_CONNECT
-    return M_UNKNOWN
-
-
-cdef int route_of(const unsigned char* s, Py_ssize_t n) noexcept nogil:
-    if n == 4:
-        if memcmp(s, b"/tot", 4) == 0:
-            return R_TOT
-        if memcmp(s, b"/mod", 4) == 0:
-            return R_MOD
-    elif n == 5:
-        if memcmp(s, b"/past", 5) == 0:
-            return R_PAST
-    elif n == 7:
-        if memcmp(s, b"/health", 7) == 0:
-            return R_HEALTH
-    elif n == 8:
-        if memcmp(s, b"/metrics", 8) == 0:
-            return R_METRICS
-    return R_NONE
-
-
-cdef inline int route_method(int route) noexcept nogil:
-    return M_PATCH if route == R_MOD else M_GET
-
-
-cdef inline int route_params(int route) noexcept nogil:
-    if route == R_TOT:
-        return P_CRED
-    if route == R_MOD:
-        return P_CRED | P_BY | P_MIN | P_KEY
-    if route == R_PAST:
-        return P_CRED | P_LIMIT | P_BEFORE
-    return 0
-
-
-cdef int param_of(const unsigned char* s, Py_ssize_t n) noexcept nogil:
-    if n == 4 and memcmp(s, b"cred", 4) == 0:
-        return P_CRED
-    if n == 2 and memcmp(s, b"by", 2) == 0:
-        return P_BY
-    if n == 3:
-        if memcmp(s, b"min", 3) == 0:
-            return P_MIN
-        if memcmp(s, b"key", 3) == 0:
-            return P_KEY
-    if n == 5 and memcmp(s, b"limit", 5) == 0:
-        return P_LIMIT
-    if n == 6 and memcmp(s, b"before", 6) == 0:
-        return P_BEFORE
-    return 0
-
-
-ROUTE_PATHS = {R_TOT: "/tot", R_MOD: "/mod", R_PAST: "/past",
-               R_HEALTH: "/health", R_METRICS: "/metrics"}
-PARAM_NAMES = {P_CRED: "cred", P_BY: "by", P_MIN: "min", P_KEY: "key",
-               P_LIMIT: "limit", P_BEFORE: "before"}
-
-
-cdef object bad_query(str detail):
-    """A 400 for the query: the framing is intact, the connection stays."""
-    return HttpError(400, "bad_request", detail)
-
-
 @cython.final
 @cython.freelist(64)
 cdef class Request:
@@ -261,10 +139,14 @@ cdef class Request:
 
     `route` is a ROUTE_* constant, or 0 when `error` is set: then the reply
     is that error, and the query values are left at their defaults (cred,
-    min, key, before None; by 0; limit PAST_LIMIT_DEFAULT).  `token` is the
-    Bearer token of the Authorization header (None if absent, malformed or
-    repeated), `keep_alive` whether the connection stays open after the
-    reply, `http10` whether the request was HTTP/1.0."""
+    min, key, before, low None; by, ttl, hold, after, wait 0; use -1; limit
+    PAST_LIMIT_DEFAULT).  `token` is the Bearer token of the Authorization
+    header (None if absent, malformed or repeated), `keep_alive` whether the
+    connection stays open after the reply, `http10` whether the request was
+    HTTP/1.0, `head` whether it was a HEAD (answered as its GET, without
+    the body), `loopback_host` whether its Host (or absolute-form
+    authority) names a loopback address, or it had none, and `allow` the
+    methods of the path an OPTIONS asked about."""
 
     cdef public int route
     cdef public str cred
@@ -273,9 +155,18 @@ cdef class Request:
     cdef public str key
     cdef public long long limit
     cdef public object before
+    cdef public long long ttl
+    cdef public long long hold
+    cdef public long long use
+    cdef public long long after
+    cdef public long long wait
+    cdef public object low
     cdef public bytes token
     cdef public bint keep_alive
     cdef public bint http10
+    cdef public bint head
+    cdef public bint loopback_host
+    cdef public str allow
     cdef public object error
 
     def __repr__(self):
@@ -285,6 +176,32 @@ cdef class Request:
                     f"close={self.error.close} keep_alive={self.keep_alive}>")
         return (f"<Request route={ROUTE_PATHS.get(self.route)} "
                 f"keep_alive={self.keep_alive} http10={self.http10}>")
+
+
+include "target.pxi"
+
+
+cdef void clear_values(Request req):
+    """An error's request carries no route and no values."""
+    req.route = R_NONE
+    req.cred = None
+    req.by = 0
+    req.min = None
+    req.key = None
+    req.limit = PAST_LIMIT_DEFAULT
+    req.before = None
+    req.ttl = req.hold = req.after = req.wait = 0
+    req.use = -1
+    req.low = None
+    req.allow = None
+
+
+cdef Request new_request():
+    cdef Request req = Request.__new__(Request)
+    req.limit = PAST_LIMIT_DEFAULT
+    req.use = -1
+    req.loopback_host = True
+    return req
 
 
 @cython.final
@@ -308,7 +225,9 @@ cdef class Parser:
     cdef bint _conn_close
     cdef bint _conn_keep_alive
     cdef bint _auth_seen
-    cdef bint _head_method          # the request is a HEAD: see _end_of_head
+    cdef bint _absolute             # the target named its authority: Host does not
+    cdef bint _expect_continue      # Expect: 100-continue (HTTP/1.1)
+    cdef bint _continue             # a 100 Continue is owed: see take_continue
 
     def __cinit__(self):
         self._phase = PH_START
@@ -318,6 +237,15 @@ cdef class Parser:
 
     def __dealloc__(self):
         free(self._line)
+
+    def take_continue(self):
+        """True once when the request being read asked `Expect: 100-continue`
+        and its head is complete: the server answers 100 Continue, and the
+        client sends the body (RFC 9110 10.1.1)."""
+        if self._continue:
+            self._continue = False
+            return True
+        return False
 
     @property
     def pending(self):
@@ -462,123 +390,71 @@ cdef class Parser:
         if method == M_UNKNOWN:
             return self._fail(501, f"the method {quoted(s, i)} is not implemented", out)
 
-        req = Request.__new__(Request)
-        req.limit = PAST_LIMIT_DEFAULT
+        req = new_request()
         req.http10 = s[v + 7] == c'0'
-        self._head_method = method == M_HEAD
         self._req = req
         self._phase = PH_HEAD
-        if s[t] != c'/':
-            # asterisk-form, absolute-form, authority-form: well framed, but
-            # AccMan serves paths only.
-            self._pending = bad_query("the request target must be a path such as /tot (origin-form)")
-            return 0
-        question = <const unsigned char*>memchr(s + t, c'?', j - t)
-        path_len = (question - (s + t)) if question != NULL else j - t
-        route = route_of(s + t, path_len)
-        if route == R_NONE:
-            self._pending = HttpError(
-                404, "not_found", "no such path: the routes are /tot /mod /past /health /metrics")
-        elif method != route_method(route):
-            allow = "PATCH" if route == R_MOD else "GET"
-            self._pending = HttpError(
-                405, "method_not_allowed", f"{ROUTE_PATHS[route]} accepts only {allow}",
-                allow=allow)
-        elif question == NULL:
-            self._pending = self._query(req, route, s + j, 0)
-        else:
-            self._pending = self._query(req, route, question + 1, s + j - question - 1)
-        if self._pending is None:
-            req.route = route
+        self._pending = self._target(req, method, s + t, j - t)
         return 0
+
+    cdef object _target(self, Request req, int method, const unsigned char* s,
+                        Py_ssize_t n):
+        """The request-target s[0:n] (n >= 1) of `method`: sets req's route
+        and values, or returns the HttpError to answer once the head is in."""
+        cdef Py_ssize_t a, path_len
+        cdef int route
+        cdef const unsigned char* question
+        req.head = method == M_HEAD
+        if method == M_OPTIONS and n == 1 and s[0] == c'*':
+            req.allow = ALLOW_ANY
+            req.route = R_OPTIONS
+            return None
+        if s[0] != c'/':
+            # RFC 9112 3.2.2: a server accepts the absolute form; its
+            # authority stands for the Host header.
+            if not ci_prefix(s, n, b"http://", 7):
+                return bad_query("the request target must be a path such as /tot, "
+                                 "or an http:// URI naming this server")
+            a = 7
+            while a < n and s[a] != c'/' and s[a] != c'?':
+                a += 1
+            if a == 7 or not _host_chars(s + 7, a - 7):
+                return bad_query("the authority of an absolute request target must be host[:port]")
+            req.loopback_host = host_is_loopback(s + 7, a - 7)
+            self._absolute = True
+            if a == n:
+                return HttpError(404, "not_found", f"no such path: the routes are {_ROUTE_LIST}")
+            s += a
+            n -= a
+        question = <const unsigned char*>memchr(s, c'?', n)
+        path_len = (question - s) if question != NULL else n
+        route = route_of(s, path_len)
+        if route == R_NONE:
+            return HttpError(404, "not_found", f"no such path: the routes are {_ROUTE_LIST}")
+        if method == M_OPTIONS:
+            req.allow = ALLOW_PATCH if route_patches(route) else ALLOW_GET
+            req.route = R_OPTIONS
+            return None
+        if route_patches(route):
+            if method != M_PATCH:
+                return HttpError(405, "method_not_allowed",
+                                 f"{ROUTE_PATHS[route]} accepts only PATCH", allow=ALLOW_PATCH)
+        elif method != M_GET and method != M_HEAD:
+            return HttpError(405, "method_not_allowed",
+                             f"{ROUTE_PATHS[route]} accepts only GET and HEAD", allow=ALLOW_GET)
+        if question == NULL:
+            err = parse_query(req, route, s + n, 0)
+        else:
+            err = parse_query(req, route, question + 1, s + n - question - 1)
+        if err is None:
+            req.route = route
+        return err
 
     cdef int _fail_request_line(self, const unsigned char* s, Py_ssize_t n,
                                 Py_ssize_t at, list out) except -1:
         if at < n and s[at] == CR:
             return self._fail(400, "a bare CR (not followed by LF) in the request line", out)
         return self._fail(400, "the request line must be METHOD SP /path SP HTTP/1.1", out)
-
-    cdef object _query(self, Request req, int route, const unsigned char* q,
-                       Py_ssize_t n):
-        """Validate the query q[0:n] of `route` and set its values on req;
-        return the HttpError of the first fault, or None.  Nothing is
-        percent-decoded (SPEC "Values")."""
-        cdef int allowed = route_params(route), seen = 0, param
-        cdef Py_ssize_t i = 0, end, name_len, value_len
-        cdef Py_ssize_t cred_at = 0, cred_len = 0, key_at = 0, key_len = 0
-        cdef const unsigned char* amp
-        cdef const unsigned char* eq
-        cdef const unsigned char* value
-        cdef int64_t by = 0, min_ = 0, limit = PAST_LIMIT_DEFAULT, before = 0
-        while n > 0:
-            amp = <const unsigned char*>memchr(q + i, c'&', n - i)
-            end = (amp - q) if amp != NULL else n
-            if end == i:
-                return bad_query("the query has an empty parameter (a leading, trailing or doubled &)")
-            eq = <const unsigned char*>memchr(q + i, c'=', end - i)
-            name_len = (eq - (q + i)) if eq != NULL else end - i
-            if name_len == 0:
-                return bad_query("a query parameter has an empty name")
-            param = param_of(q + i, name_len)
-            if not (param & allowed):
-                return bad_query(f"unknown parameter '{quoted(q + i, name_len)}' for {ROUTE_PATHS[route]}")
-            name = PARAM_NAMES[param]
-            if eq == NULL:
-                return bad_query(f"parameter '{name}' has no value: name=value expected")
-            if seen & param:
-                return bad_query(f"parameter '{name}' appears twice")
-            seen |= param
-            value = eq + 1
-            value_len = q + end - value
-            if value_len == 0:
-                return bad_query(f"parameter '{name}' is empty")
-            if param == P_CRED:
-                # The value is never quoted back: it is a credential.
-                if not valid_name_bytes(value, value_len, CRED_CHARS_MAX):
-                    return bad_query(f"cred must be 1 to {CRED_CHARS_MAX} characters from A-Z a-z 0-9 _ -")
-                cred_at = value - q
-                cred_len = value_len
-            elif param == P_BY:
-                if not parse_int64(value, value_len, INT_NEGATIVE_OK, &by):
-                    return bad_query("by must be a non-zero signed 64-bit decimal integer, "
-                                     f"got '{quoted(value, value_len)}'")
-            elif param == P_MIN:
-                if not parse_int64(value, value_len, INT_NEGATIVE_OK | INT_ZERO_OK, &min_):
-                    return bad_query("min must be a signed 64-bit decimal integer, "
-                                     f"got '{quoted(value, value_len)}'")
-            elif param == P_KEY:
-                if not valid_name_bytes(value, value_len, KEY_CHARS_MAX):
-                    return bad_query(f"key must be 1 to {KEY_CHARS_MAX} characters from A-Z a-z 0-9 _ -")
-                key_at = value - q
-                key_len = value_len
-            elif param == P_LIMIT:
-                if not parse_int64(value, value_len, 0, &limit) or limit > PAST_LIMIT_MAX:
-                    return bad_query(f"limit must be a decimal integer from 1 to {PAST_LIMIT_MAX}, "
-                                     f"got '{quoted(value, value_len)}'")
-            else:
-                assert param == P_BEFORE
-                if not parse_int64(value, value_len, 0, &before):
-                    return bad_query("before must be a seq: a positive signed 64-bit decimal integer, "
-                                     f"got '{quoted(value, value_len)}'")
-            if amp == NULL:
-                break
-            i = end + 1
-        if (allowed & P_CRED) and not (seen & P_CRED):
-            return bad_query("parameter 'cred' is required")
-        if route == R_MOD and not (seen & P_BY):
-            return bad_query("parameter 'by' is required")
-        if seen & P_CRED:
-            req.cred = (<const char*>q)[cred_at:cred_at + cred_len].decode("ascii")
-        if seen & P_BY:
-            req.by = by
-        if seen & P_MIN:
-            req.min = min_
-        if seen & P_KEY:
-            req.key = (<const char*>q)[key_at:key_at + key_len].decode("ascii")
-        req.limit = limit
-        if seen & P_BEFORE:
-            req.before = before
-        return None
 
     # --- header lines ---------------------------------------------------------
 
@@ -620,10 +496,16 @@ cdef class Parser:
             return self._authorization(s + a, e - a)
         if i == 14 and ci_equal(s, b"content-length", 14):
             return self._content_length(s + a, e - a, out)
+        if i == 6 and ci_equal(s, b"expect", 6):
+            if e - a == 12 and ci_equal(s + a, b"100-continue", 12):
+                self._expect_continue = True
+            return 0
         if i == 17 and ci_equal(s, b"transfer-encoding", 17):
             if self._cl_seen:
                 return self._fail(400, "Content-Length with Transfer-Encoding is ambiguous framing", out)
-            return self._fail(400, "Transfer-Encoding is not accepted: the routes take no body", out)
+            # RFC 9112 6.3: a body without a Content-Length.
+            return self._fail(411, "a body needs a Content-Length (Transfer-Encoding is not "
+                                   "accepted: the routes take no body)", out)
         return 0
 
     cdef int _host(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
@@ -631,9 +513,10 @@ cdef class Parser:
         self._hosts += 1
         if self._hosts > 1:
             return self._fail(400, "a request must have at most one Host header", out)
-        for i in range(n):
-            if not HOST[v[i]]:
-                return self._fail(400, "the Host header must be host[:port]", out)
+        if not _host_chars(v, n):
+            return self._fail(400, "the Host header must be host[:port]", out)
+        if not self._absolute:
+            self._req.loopback_host = host_is_loopback(v, n)
         return 0
 
     cdef int _connection(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
@@ -708,14 +591,11 @@ cdef class Parser:
             req.keep_alive = self._conn_keep_alive and not self._conn_close
         else:
             req.keep_alive = not self._conn_close
-        if self._head_method:
-            # No route serves HEAD: its 405/404 reply carries a body that a
-            # HEAD client will not read, so the stream cannot continue in
-            # step after it.  Close once it is sent.
-            req.keep_alive = False
         if self._cl > 0:
             self._phase = PH_BODY
             self._body_left = self._cl
+            # RFC 9110 10.1.1: an HTTP/1.0 client's expectation is ignored.
+            self._continue = self._expect_continue and not req.http10
             return 0
         return self._emit(out)
 
@@ -725,8 +605,8 @@ cdef class Parser:
         """The current request is complete: return it, ready for the next."""
         cdef Request req = self._req
         if self._pending is not None:
+            clear_values(req)
             req.error = self._pending
-            req.route = R_NONE
             self._pending = None
         out.append(req)
         self._req = None
@@ -739,26 +619,24 @@ cdef class Parser:
         self._conn_close = False
         self._conn_keep_alive = False
         self._auth_seen = False
+        self._absolute = False
+        self._expect_continue = False
+        self._continue = False
         return 0
 
     cdef int _fail(self, int status, str detail, list out) except -1:
         """A framing error: return it as the last request and read no more."""
         cdef Request req = self._req
         if req is None:
-            req = Request.__new__(Request)
-        req.route = R_NONE
-        req.cred = None
-        req.by = 0
-        req.min = None
-        req.key = None
-        req.limit = PAST_LIMIT_DEFAULT
-        req.before = None
+            req = new_request()
+        clear_values(req)
         req.keep_alive = False
         req.error = HttpError(status, CODES[status], detail, close=True)
         out.append(req)
         self._req = None
         self._pending = None
         self._phase = PH_DEAD
+        self._continue = False
         self._line_len = 0      # the buffer itself may hold the line being read: freed in __dealloc__
         return 0
 

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accman import limits
-from accman.server._wire import (CODES, ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MOD,
-                          ROUTE_PAST, ROUTE_TOT, Parser, Request)
+from accman.server._wire import (CODES, ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD,
+                                 ROUTE_METRICS, ROUTE_MOD, ROUTE_OPTIONS, ROUTE_PAST,
+                                 ROUTE_SETTLE, ROUTE_TOT, Parser, Request)
 from accman.errors import HttpError
 
 INT64_MIN = limits.INT64_MIN
@@ -28,19 +29,22 @@ STATUS_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    411: "length_required",
     413: "payload_too_large",
     414: "uri_too_long",
     431: "headers_too_large",
     501: "not_implemented",
     505: "version_not_supported",
 }
-ALWAYS_CLOSING = {413, 414, 431, 501, 505}
+ALWAYS_CLOSING = {411, 413, 414, 431, 501, 505}
 NEVER_CLOSING = {404, 405}
 
 FIELDS = ("route", "cred", "by", "min", "key", "limit", "before", "token",
-          "keep_alive", "http10")
+          "keep_alive", "http10", "ttl", "hold", "use", "after", "wait", "low")
 
 TRAIL = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+ALLOW_GET = "GET, HEAD, OPTIONS"
+ALLOW_PATCH = "PATCH, OPTIONS"
 
 
 # --- helpers ------------------------------------------------------------------
@@ -54,8 +58,10 @@ def view(req):
 
 
 def ok_view(route=0, cred=None, by=0, min=None, key=None, limit=LIMIT_DEFAULT,
-            before=None, token=None, keep_alive=True, http10=False):
-    return (route, cred, by, min, key, limit, before, token, keep_alive, http10, None)
+            before=None, token=None, keep_alive=True, http10=False, ttl=0, hold=0, use=-1,
+            after=0, wait=0, low=None):
+    return (route, cred, by, min, key, limit, before, token, keep_alive, http10,
+            ttl, hold, use, after, wait, low, None)
 
 
 TRAIL_VIEW = ok_view(route=ROUTE_HEALTH)
@@ -107,8 +113,9 @@ def check_invariants(reqs):
     """What every output must satisfy, valid input or not."""
     for i, r in enumerate(reqs):
         if r.error is None:
-            assert r.route in (ROUTE_TOT, ROUTE_MOD, ROUTE_PAST, ROUTE_HEALTH, ROUTE_METRICS)
-            if r.route in (ROUTE_TOT, ROUTE_MOD, ROUTE_PAST):
+            assert r.route in (ROUTE_TOT, ROUTE_MOD, ROUTE_PAST, ROUTE_HEALTH, ROUTE_METRICS,
+                               ROUTE_HOLD, ROUTE_SETTLE, ROUTE_EVENTS, ROUTE_OPTIONS)
+            if r.route in (ROUTE_TOT, ROUTE_MOD, ROUTE_PAST, ROUTE_HOLD, ROUTE_SETTLE):
                 assert r.cred
             continue
         e = r.error
@@ -117,7 +124,7 @@ def check_invariants(reqs):
         assert (r.cred, r.by, r.min, r.key, r.before) == (None, 0, None, None, None)
         assert STATUS_CODES[e.status] == e.code
         assert e.detail and e.detail[-1] not in " ,"
-        assert (e.allow in ("GET", "PATCH")) == (e.status == 405)
+        assert (e.allow in ("GET, HEAD, OPTIONS", "PATCH, OPTIONS")) == (e.status == 405)
         if e.status in ALWAYS_CLOSING:
             assert e.close
         if e.status in NEVER_CLOSING:
@@ -165,6 +172,22 @@ OK = [
      ok_view(ROUTE_PAST, cred="a", limit=1, before=1)),
     ("past-max", R(b"GET /past?cred=a&limit=1000&before=9223372036854775807 HTTP/1.1"),
      ok_view(ROUTE_PAST, cred="a", limit=limits.PAST_LIMIT_MAX, before=INT64_MAX)),
+    ("mod-low", R(b"PATCH /mod?cred=a&by=100&low=-5 HTTP/1.1"),
+     ok_view(ROUTE_MOD, cred="a", by=100, low=-5)),
+    ("mod-low-0", R(b"PATCH /mod?low=0&cred=a&by=1 HTTP/1.1"), ok_view(ROUTE_MOD, cred="a", by=1, low=0)),
+    ("hold", R(b"PATCH /hold?cred=a&by=-5&ttl=30 HTTP/1.1"),
+     ok_view(ROUTE_HOLD, cred="a", by=-5, ttl=30)),
+    ("hold-all", R(b"PATCH /hold?key=k&min=-3&ttl=86400&by=-9223372036854775808&cred=Z HTTP/1.1"),
+     ok_view(ROUTE_HOLD, cred="Z", by=INT64_MIN, min=-3, key="k", ttl=86400)),
+    ("settle", R(b"PATCH /settle?cred=a&hold=7&use=0 HTTP/1.1"),
+     ok_view(ROUTE_SETTLE, cred="a", hold=7, use=0)),
+    ("settle-max", R(b"PATCH /settle?use=9223372036854775807&hold=9223372036854775807&cred=a HTTP/1.1"),
+     ok_view(ROUTE_SETTLE, cred="a", hold=INT64_MAX, use=INT64_MAX)),
+    ("events", R(b"GET /events HTTP/1.1"), ok_view(ROUTE_EVENTS)),
+    ("events-all", R(b"GET /events?after=0&limit=1000&wait=60 HTTP/1.1"),
+     ok_view(ROUTE_EVENTS, limit=1000, wait=60)),
+    ("events-after", R(b"GET /events?wait=0&after=9223372036854775807 HTTP/1.1"),
+     ok_view(ROUTE_EVENTS, after=INT64_MAX)),
     ("health", R(b"GET /health HTTP/1.1"), ok_view(ROUTE_HEALTH)),
     ("health-empty-query", R(b"GET /health? HTTP/1.1"), ok_view(ROUTE_HEALTH)),
     ("metrics", R(b"GET /metrics HTTP/1.1"), ok_view(ROUTE_METRICS)),
@@ -262,18 +285,29 @@ SOFT = [
     ("404-percent", R(b"GET /t%6Ft?cred=a HTTP/1.1"), 404, NOT_FOUND, ""),
     ("404-subpath", R(b"GET /metrics/x HTTP/1.1"), 404, NOT_FOUND, ""),
     ("404-other-method", R(b"POST /nope HTTP/1.1"), 404, NOT_FOUND, ""),
-    ("405-post-tot", R(b"POST /tot?cred=a HTTP/1.1"), 405, "/tot accepts only GET", "GET"),
-    ("405-patch-tot", R(b"PATCH /tot?cred=a HTTP/1.1"), 405, "/tot accepts only GET", "GET"),
-    ("405-get-mod", R(b"GET /mod?cred=a&by=1 HTTP/1.1"), 405, "/mod accepts only PATCH", "PATCH"),
-    ("405-put-mod", R(b"PUT /mod HTTP/1.1"), 405, "/mod accepts only PATCH", "PATCH"),
-    ("405-delete-past", R(b"DELETE /past HTTP/1.1"), 405, "/past accepts only GET", "GET"),
-    ("405-options-metrics", R(b"OPTIONS /metrics HTTP/1.1"), 405, "/metrics accepts only GET", "GET"),
-    ("405-trace", R(b"TRACE /tot HTTP/1.1"), 405, "/tot accepts only GET", "GET"),
-    ("405-connect", R(b"CONNECT /tot HTTP/1.1"), 405, "/tot accepts only GET", "GET"),
-    ("405-before-query", R(b"POST /tot?junk&&= HTTP/1.1"), 405, "/tot accepts only GET", "GET"),
-    ("asterisk-form", R(b"OPTIONS * HTTP/1.1"), 400, "origin-form", ""),
-    ("absolute-form", R(b"GET http://x/tot?cred=a HTTP/1.1"), 400, "origin-form", ""),
-    ("authority-form", R(b"CONNECT x:443 HTTP/1.1"), 400, "origin-form", ""),
+    ("405-post-tot", R(b"POST /tot?cred=a HTTP/1.1"), 405, "/tot accepts only GET", ALLOW_GET),
+    ("405-patch-tot", R(b"PATCH /tot?cred=a HTTP/1.1"), 405, "/tot accepts only GET", ALLOW_GET),
+    ("405-get-mod", R(b"GET /mod?cred=a&by=1 HTTP/1.1"), 405, "/mod accepts only PATCH", ALLOW_PATCH),
+    ("405-head-mod", R(b"HEAD /mod?cred=a&by=1 HTTP/1.1"), 405, "/mod accepts only PATCH",
+     ALLOW_PATCH),
+    ("405-put-mod", R(b"PUT /mod HTTP/1.1"), 405, "/mod accepts only PATCH", ALLOW_PATCH),
+    ("405-post-hold", R(b"POST /hold HTTP/1.1"), 405, "/hold accepts only PATCH", ALLOW_PATCH),
+    ("405-get-settle", R(b"GET /settle HTTP/1.1"), 405, "/settle accepts only PATCH", ALLOW_PATCH),
+    ("405-patch-events", R(b"PATCH /events HTTP/1.1"), 405, "/events accepts only GET",
+     ALLOW_GET),
+    ("405-delete-past", R(b"DELETE /past HTTP/1.1"), 405, "/past accepts only GET", ALLOW_GET),
+    ("405-trace", R(b"TRACE /tot HTTP/1.1"), 405, "/tot accepts only GET", ALLOW_GET),
+    ("405-connect", R(b"CONNECT /tot HTTP/1.1"), 405, "/tot accepts only GET", ALLOW_GET),
+    ("405-before-query", R(b"POST /tot?junk&&= HTTP/1.1"), 405, "/tot accepts only GET",
+     ALLOW_GET),
+    ("asterisk-form-get", R(b"GET * HTTP/1.1"), 400, "must be a path", ""),
+    ("absolute-form-https", R(b"GET https://x/tot?cred=a HTTP/1.1"), 400, "must be a path", ""),
+    ("absolute-form-userinfo", R(b"GET http://u@x/tot?cred=a HTTP/1.1"), 400,
+     "must be host[:port]", ""),
+    ("absolute-form-no-host", R(b"GET http:///tot?cred=a HTTP/1.1"), 400,
+     "must be host[:port]", ""),
+    ("absolute-form-no-path", R(b"GET http://x HTTP/1.1"), 404, NOT_FOUND, ""),
+    ("authority-form", R(b"CONNECT x:443 HTTP/1.1"), 400, "must be a path", ""),
     ("no-query", R(b"GET /tot HTTP/1.1"), 400, "parameter 'cred' is required", ""),
     ("empty-query", R(b"GET /tot? HTTP/1.1"), 400, "parameter 'cred' is required", ""),
     ("cred-empty", R(b"GET /tot?cred= HTTP/1.1"), 400, "parameter 'cred' is empty", ""),
@@ -301,6 +335,39 @@ SOFT = [
     ("health-param", R(b"GET /health?x=1 HTTP/1.1"), 400, "unknown parameter 'x' for /health", ""),
     ("metrics-param", R(b"GET /metrics?cred=a HTTP/1.1"), 400, "unknown parameter 'cred' for /metrics", ""),
     ("health-amp", R(b"GET /health?& HTTP/1.1"), 400, "empty parameter", ""),
+    ("low-on-charge", R(b"PATCH /mod?cred=a&by=-1&low=5 HTTP/1.1"), 400,
+     "low is set by a funding mod only", ""),
+    ("low-bad", R(b"PATCH /mod?cred=a&by=1&low=+5 HTTP/1.1"), 400,
+     "low must be a signed 64-bit decimal integer, got '+5'", ""),
+    ("hold-positive", R(b"PATCH /hold?cred=a&by=5&ttl=1 HTTP/1.1"), 400,
+     "by must be negative for a hold", ""),
+    ("hold-no-ttl", R(b"PATCH /hold?cred=a&by=-5 HTTP/1.1"), 400, "parameter 'ttl' is required", ""),
+    ("hold-no-by", R(b"PATCH /hold?cred=a&ttl=5 HTTP/1.1"), 400, "parameter 'by' is required", ""),
+    ("hold-ttl-0", R(b"PATCH /hold?cred=a&by=-5&ttl=0 HTTP/1.1"), 400,
+     "ttl must be a number of seconds from 1 to 86400, got '0'", ""),
+    ("hold-ttl-over", R(b"PATCH /hold?cred=a&by=-5&ttl=86401 HTTP/1.1"), 400,
+     "ttl must be a number of seconds from 1 to 86400, got '86401'", ""),
+    ("hold-low", R(b"PATCH /hold?cred=a&by=-5&ttl=5&low=1 HTTP/1.1"), 400,
+     "unknown parameter 'low' for /hold", ""),
+    ("settle-no-use", R(b"PATCH /settle?cred=a&hold=1 HTTP/1.1"), 400,
+     "parameter 'use' is required", ""),
+    ("settle-no-hold", R(b"PATCH /settle?cred=a&use=1 HTTP/1.1"), 400,
+     "parameter 'hold' is required", ""),
+    ("settle-hold-0", R(b"PATCH /settle?cred=a&hold=0&use=1 HTTP/1.1"), 400,
+     "hold must be a hold id: a positive signed 64-bit decimal integer, got '0'", ""),
+    ("settle-use-negative", R(b"PATCH /settle?cred=a&hold=1&use=-1 HTTP/1.1"), 400,
+     "use must be an amount from 0 to the held amount", ""),
+    ("settle-use-leading-zero", R(b"PATCH /settle?cred=a&hold=1&use=01 HTTP/1.1"), 400,
+     "got '01'", ""),
+    ("events-cred", R(b"GET /events?cred=a HTTP/1.1"), 400, "unknown parameter 'cred' for /events", ""),
+    ("events-wait-over", R(b"GET /events?wait=61 HTTP/1.1"), 400,
+     "wait must be a number of seconds from 0 to 60, got '61'", ""),
+    ("events-after-negative", R(b"GET /events?after=-1 HTTP/1.1"), 400,
+     "after must be an event id: a decimal integer, 0 or more, got '-1'", ""),
+    ("events-limit-0", R(b"GET /events?limit=0 HTTP/1.1"), 400,
+     "limit must be a decimal integer from 1 to 1000, got '0'", ""),
+    ("events-limit-over", R(b"GET /events?limit=1001 HTTP/1.1"), 400,
+     "limit must be a decimal integer from 1 to 1000, got '1001'", ""),
 ]
 for bad in [b"0", b"-0", b"01", b"-01", b"+5", b"1e3", b"1_000", b"%205", b"%EF%BC%91", b"5%00",
             b"9223372036854775808", b"-9223372036854775809", b"99999999999999999999999",
@@ -338,13 +405,96 @@ def test_error_keeps_connection_close_header():
     assert req.error.status == 404 and not req.error.close and not req.keep_alive
 
 
-@pytest.mark.parametrize("target", [b"/health", b"/tot?cred=a", b"/nope"])
-def test_head_is_answered_then_closed(target):
-    """A HEAD client reads no body, so after the 405/404 (which has one) the
-    stream cannot stay in step: the request is marked not keep-alive."""
+@pytest.mark.parametrize("target,route", [(b"/health", ROUTE_HEALTH), (b"/tot?cred=a", ROUTE_TOT),
+                                          (b"/past?cred=a&limit=2", ROUTE_PAST),
+                                          (b"/metrics", ROUTE_METRICS), (b"/events", ROUTE_EVENTS)])
+def test_head_is_its_get_route_and_keeps_the_connection(target, route):
+    """SPEC "Routes": HEAD is answered on every GET route.  The server sends
+    the GET's head without its body, so the stream stays in step."""
     req = run(R(b"HEAD " + target + b" HTTP/1.1"))
-    assert req.error.status in (404, 405) and not req.keep_alive
-    assert req.error.allow == ("GET" if target != b"/nope" else "")
+    assert req.error is None and req.route == route and req.head and req.keep_alive
+    assert not run(R(b"GET " + target + b" HTTP/1.1")).head
+
+
+def test_head_of_an_error_is_marked_head():
+    # The 404's head goes out without its body: the client reads no body.
+    req = run(R(b"HEAD /nope HTTP/1.1"))
+    assert req.error.status == 404 and req.head and req.keep_alive
+
+
+@pytest.mark.parametrize("target,allow", [(b"/tot", "GET, HEAD, OPTIONS"),
+                                          (b"/mod?cred=a", "PATCH, OPTIONS"),
+                                          (b"/events", "GET, HEAD, OPTIONS"),
+                                          (b"/settle", "PATCH, OPTIONS"),
+                                          (b"*", "GET, HEAD, PATCH, OPTIONS")])
+def test_options_names_the_methods_of_a_path(target, allow):
+    req = run(R(b"OPTIONS " + target + b" HTTP/1.1"))
+    assert req.error is None and req.route == ROUTE_OPTIONS and req.allow == allow
+    assert req.keep_alive
+
+
+def test_options_of_an_unknown_path_is_404():
+    assert run(R(b"OPTIONS /nope HTTP/1.1")).error.status == 404
+
+
+@pytest.mark.parametrize("target", [b"http://127.0.0.1:8080/tot?cred=a", b"HTTP://localhost/tot?cred=a",
+                                    b"http://accman.example/tot?cred=a"])
+def test_absolute_form_is_accepted(target):
+    """RFC 9112 3.2.2: a server accepts the absolute form of the target."""
+    req = run(R(b"GET " + target + b" HTTP/1.1"))
+    assert req.error is None and req.route == ROUTE_TOT and req.cred == "a"
+
+
+@pytest.mark.parametrize("host,loopback", [
+    (b"127.0.0.1", True), (b"127.0.0.1:8080", True), (b"127.1.2.3", True), (b"localhost", True),
+    (b"LocalHost:80", True), (b"[::1]", True), (b"[::1]:8080", True),
+    (b"127.0.0.1.evil.example", False), (b"127.0.0", False), (b"127.0.0.256", False),
+    (b"localhost.evil.example", False), (b"evil.example", False), (b"10.0.0.1", False),
+    (b"[::2]", False), (b"[::1]x", False), (b"1270.0.0.1", False), (b"", False),
+    (b"127.0.0.1:", False), (b"localhost:8x", False)])
+def test_loopback_host(host, loopback):
+    """SPEC "Access": with no tokens, only a loopback Host is answered (the
+    server checks loopback_host); the absolute form's authority counts
+    instead of Host."""
+    req = run(R(b"GET /tot?cred=a HTTP/1.1", b"Host: " + host, host=False))
+    assert req.loopback_host is loopback
+
+
+@pytest.mark.parametrize("authority,loopback", [(b"127.0.0.1:8080", True), (b"localhost", True),
+                                               (b"[::1]", True), (b"evil.example", False)])
+def test_absolute_form_authority_stands_for_host(authority, loopback):
+    for host in (b"127.0.0.1", b"evil.example"):
+        req = run(R(b"GET http://" + authority + b"/tot?cred=a HTTP/1.1", b"Host: " + host,
+                    host=False))
+        assert req.route == ROUTE_TOT and req.loopback_host is loopback
+
+
+def test_http10_without_host_counts_as_loopback():
+    assert run(b"GET /tot?cred=a HTTP/1.0\r\n\r\n").loopback_host
+
+
+def test_expect_100_continue_is_owed_once_the_head_is_in():
+    p = Parser()
+    head = R(b"PATCH /mod?cred=a&by=1 HTTP/1.1", b"Expect: 100-continue", b"Content-Length: 2")
+    assert p.feed(head) == [] and p.take_continue() and not p.take_continue()
+    [req] = p.feed(b"{}")
+    assert req.route == ROUTE_MOD and req.by == 1
+    # Without a body, or from an HTTP/1.0 client, nothing is owed.
+    p = Parser()
+    assert p.feed(R(b"GET /tot?cred=a HTTP/1.1", b"Expect: 100-continue"))
+    assert not p.take_continue()
+    p = Parser()
+    p.feed(b"PATCH /mod?cred=a&by=1 HTTP/1.0\r\nExpect: 100-continue\r\n"
+           b"Content-Length: 2\r\n\r\n")
+    assert not p.take_continue()
+
+
+def test_expect_100_continue_over_the_body_limit_is_answered_at_once():
+    p = Parser()
+    head = R(b"PATCH /mod?cred=a&by=1 HTTP/1.1", b"Expect: 100-continue",
+             b"Content-Length: %d" % (limits.BODY_BYTES_MAX + 1))
+    [req] = p.feed(head)
+    assert req.error.status == 413 and not p.take_continue()
 
 
 def test_error_keeps_token():
@@ -429,11 +579,11 @@ HARD = [
     ("cl-over", R(LINE, b"Content-Length: %d" % (limits.BODY_BYTES_MAX + 1)), 413,
      "the body is over %d bytes" % limits.BODY_BYTES_MAX),
     ("cl-huge", R(LINE, b"Content-Length: 99999999999999999999999999999"), 413, "the body is over"),
-    ("te", R(LINE, b"Transfer-Encoding: chunked"), 400, "Transfer-Encoding is not accepted"),
-    ("te-case", R(LINE, b"transfer-ENCODING: identity"), 400, "Transfer-Encoding is not accepted"),
+    ("te", R(LINE, b"Transfer-Encoding: chunked"), 411, "a body needs a Content-Length"),
+    ("te-case", R(LINE, b"transfer-ENCODING: identity"), 411, "a body needs a Content-Length"),
     ("te-after-cl", R(LINE, b"Content-Length: 5", b"Transfer-Encoding: chunked"), 400, "ambiguous framing"),
-    ("te-before-cl", R(LINE, b"Transfer-Encoding: chunked", b"Content-Length: 5"), 400,
-     "Transfer-Encoding is not accepted"),
+    ("te-before-cl", R(LINE, b"Transfer-Encoding: chunked", b"Content-Length: 5"), 411,
+     "a body needs a Content-Length"),
     ("connection-semicolon", R(LINE, b"Connection: close;x"), 400, BAD_CONNECTION),
     ("connection-space", R(LINE, b"Connection: keep alive"), 400, BAD_CONNECTION),
     ("connection-obs-text", R(LINE, b"Connection: caf\xc3\xa9"), 400, BAD_CONNECTION),

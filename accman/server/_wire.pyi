@@ -10,6 +10,13 @@ ROUTE_MOD: Final[int]
 ROUTE_PAST: Final[int]
 ROUTE_HEALTH: Final[int]
 ROUTE_METRICS: Final[int]
+ROUTE_HOLD: Final[int]
+ROUTE_SETTLE: Final[int]
+ROUTE_EVENTS: Final[int]
+ROUTE_OPTIONS: Final[int]      # OPTIONS on a known path, or *: 204 with `allow`
+ALLOW_GET: Final[str]
+ALLOW_PATCH: Final[str]
+ALLOW_ANY: Final[str]
 
 # status -> the SPEC error code of the HttpErrors the parser makes.
 CODES: Final[dict[int, str]]
@@ -20,8 +27,11 @@ class Request:
 
     `route` is a ROUTE_* constant, or 0 when `error` is set: the reply is
     then that error and the query values keep their defaults (cred, min,
-    key, before None; by 0; limit PAST_LIMIT_DEFAULT).  When error.close is
-    set it is the last request the parser returns."""
+    key, before, low None; by, ttl, hold, after, wait 0; use -1; limit
+    PAST_LIMIT_DEFAULT).  When error.close is set it is the last request
+    the parser returns.  `head`: a HEAD, answered as its GET without the
+    body.  `loopback_host`: the Host (or the absolute target's authority)
+    names a loopback address, or there was none."""
 
     route: int
     cred: str | None
@@ -30,9 +40,18 @@ class Request:
     key: str | None
     limit: int
     before: int | None
+    ttl: int
+    hold: int
+    use: int
+    after: int
+    wait: int
+    low: int | None
     token: bytes | None
     keep_alive: bool
     http10: bool
+    head: bool
+    loopback_host: bool
+    allow: str | None
     error: HttpError | None
 
 @final
@@ -43,6 +62,9 @@ class Parser:
     def feed(self, data: bytes) -> list[Request]:
         """The requests completed by data, in order; [] when more bytes are
         needed, and always [] after a closing error was returned."""
+    def take_continue(self) -> bool:
+        """True once when a request's head asked Expect: 100-continue and
+        its body is yet to come: answer 100 Continue."""
     @property
     def pending(self) -> bool:
         """True while part of a request has been received but not returned."""
