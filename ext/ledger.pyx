@@ -38,7 +38,7 @@ from values cimport valid_name
 
 import hashlib
 
-from accman.errors import (BadRequest, Busy, Insufficient, KeyReused,
+from accman.errors import (BadRequest, Busy, Insufficient, KeyReused, NoAccount,
                            Overflow, Unavailable)
 from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, INT64_MAX,
                            INT64_MIN, KEY_CHARS_MAX, QUEUED_MODS_MAX)
@@ -154,8 +154,18 @@ cpdef tuple unpack_key(bytes value):
 
 cdef inline void _check_cred(object cred) except *:
     if type(cred) is not str or not valid_name(<str>cred, CRED_CHARS_MAX):
-        raise BadRequest("cred must be a string of 1 to 128 characters from "
-                         "A-Z a-z 0-9 _ -")
+        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
+                         "from A-Z a-z 0-9 _ -")
+
+
+cdef inline bytes _key_bytes(object key):
+    """The idempotency key as stored, None for none; BadRequest if invalid."""
+    if key is None:
+        return None
+    if type(key) is not str or not valid_name(<str>key, KEY_CHARS_MAX):
+        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
+                         "from A-Z a-z 0-9 _ -")
+    return (<str>key).encode("ascii")
 
 
 cdef inline void _check_int64(object v, str name) except *:
@@ -275,6 +285,14 @@ cdef class PendingKey:
     cdef Batch batch
 
 
+# _replay's answer for a key not applied before, and _judge's for a refusal
+# that now waits for durable state.
+cdef object _NOT_KEYED = object()
+cdef object _WAITS = object()
+READ_TOT = 0
+READ_SEQ = 1
+
+
 cdef class Book:
     """Accounts in memory and the batches that make them durable.
 
@@ -293,6 +311,7 @@ cdef class Book:
     cdef readonly Py_ssize_t batch_mods_max
     cdef readonly Py_ssize_t queued_mods_max
     cdef readonly bint failed
+    cdef bytes _hid              # _lookup's hash of a cred not seen before
 
     def __cinit__(self, bytes salt, new_wb, get_key,
                   Py_ssize_t batch_mods_max=BATCH_MODS_MAX,
@@ -354,6 +373,30 @@ cdef class Book:
 
     # -- mods -----------------------------------------------------------------
 
+    cdef inline Account _lookup(self, object cred):
+        """The account of `cred`, durable or pending, or None.  A cred not
+        seen before is checked and hashed here; its hash is then
+        self._hid (the name of a new account)."""
+        cdef Account acct = self.by_cred.get(cred)
+        if acct is not None:
+            self._hid = acct.hid
+            return acct
+        _check_cred(cred)
+        self._hid = self.hid_of(cred)
+        acct = self.by_hid.get(self._hid)
+        if acct is not None:
+            self.by_cred[cred] = acct
+        return acct
+
+    cdef inline int _check_writable(self) except -1:
+        if self.failed:
+            raise Unavailable("the store failed to commit; the ledger takes no "
+                              "more writes until it is reopened")
+        if self.queued_mods >= self.queued_mods_max:
+            raise Busy(f"{self.queued_mods_max} mods are waiting for the disk; "
+                       "retry shortly")
+        return 0
+
     cpdef object apply(self, object cred, object by, object min_, object key,
                        object done, bint on_loop, int64_t at_ms):
         """Applies one mod to the pending state, in call order.
@@ -362,92 +405,93 @@ cdef class Book:
         registered on it), or the outcome itself when it is final already
         (the caller delivers it).  Raises BadRequest, Unavailable or Busy
         with nothing changed."""
-        # A cred in the cache is valid and hashed already; otherwise it is
-        # checked and hashed once here (the hash names a new account too).
-        cdef Account acct = self.by_cred.get(cred)
-        cdef bytes hid
-        if acct is not None:
-            hid = acct.hid
-        else:
-            _check_cred(cred)
-            hid = self.hid_of(cred)
-            acct = self.by_hid.get(hid)
-            if acct is not None:
-                self.by_cred[cred] = acct
+        cdef Account acct = self._lookup(cred)
+        cdef bytes hid = self._hid
         _check_int64(by, "by")
         if by == 0:
             raise BadRequest("by must be non-zero")
         if min_ is not None:
             _check_int64(min_, "min")
-        cdef bytes kb = None
-        if key is not None:
-            if type(key) is not str or not valid_name(<str>key, KEY_CHARS_MAX):
-                raise BadRequest("key must be a string of 1 to 64 characters "
-                                 "from A-Z a-z 0-9 _ -")
-            kb = (<str>key).encode("ascii")
-        if self.failed:
-            raise Unavailable("the store failed to commit; the ledger takes no "
-                              "more writes until it is reopened")
-        if self.queued_mods >= self.queued_mods_max:
-            raise Busy(f"{self.queued_mods_max} mods are waiting for the disk; "
-                       "retry shortly")
+        cdef bytes kb = _key_bytes(key)
+        self._check_writable()
+        if acct is None and by < 0:
+            # SPEC: only the funding side opens accounts.
+            return NoAccount("no account has this cred; a charge opens none")
+        cdef object outcome
+        if kb is not None and acct is not None:
+            outcome = self._replay(hid + kb, by, min_, done, on_loop)
+            if outcome is not _NOT_KEYED:
+                return outcome
+        outcome = self._judge(acct, by, min_, done, on_loop)
+        if outcome is _WAITS:
+            return None
+        if outcome is not None:
+            return outcome
+        if acct is None:
+            acct = Account(hid)
+            self.by_hid[hid] = acct
+            self.by_cred[cred] = acct
+        self._append(acct, by, min_, kb, done, on_loop, at_ms)
+        return None
 
-        cdef int64_t iby = by
-        cdef PendingKey pk
-        cdef bytes pkid = None
-        if kb is not None:
-            pkid = hid + kb
-            pk = self.pkeys.get(pkid)
-            if pk is not None:
-                # The original is applied but not durable: answer with it
-                # when its batch is.
-                if pk.by != iby or pk.min_ != min_:
-                    outcome = KeyReused("key was used with another by or min")
-                else:
-                    outcome = pk.result
-                pk.batch.add_done(done, outcome, on_loop)
-                return None
-            stored = self._get_key(KEY_PREFIX + pkid)
-            if stored is not None:
-                seq, sby, stot, smin = unpack_key(stored)
-                if sby != iby or smin != min_:
-                    return KeyReused("key was used with another by or min")
-                return (stot, seq)
+    cdef object _replay(self, bytes pkid, int64_t by, object min_, object done, bint on_loop):
+        """The answer to a mod whose key was applied before: its original
+        outcome, KeyReused if it differs, or _NOT_KEYED for a new key."""
+        cdef PendingKey pk = self.pkeys.get(pkid)
+        if pk is not None:
+            # The original is applied but not durable: answer with it
+            # when its batch is.
+            if pk.by != by or pk.min_ != min_:
+                outcome = KeyReused("key was used with another by or min")
+            else:
+                outcome = pk.result
+            pk.batch.add_done(done, outcome, on_loop)
+            return None
+        stored = self._get_key(KEY_PREFIX + pkid)
+        if stored is None:
+            return _NOT_KEYED
+        seq, sby, stot, smin = unpack_key(stored)
+        if sby != by or smin != min_:
+            return KeyReused("key was used with another by or min")
+        return (stot, seq)
 
+    cdef object _judge(self, Account acct, object by, object min_, object done, bint on_loop):
+        """A refusal (overflow, insufficient) of the mod on the pending
+        balance, or None when it applies.  A refusal judged on state that
+        is not yet durable is told only once it is: None is returned and
+        `done` registered on that state's batch."""
         cdef int64_t cur = acct.ptot if acct is not None else 0
         cdef object refusal = None
-        # Overflow is checked in Python ints: int64 + int64 can leave int64.
+        # In Python ints: int64 + int64 can leave int64.
         new = cur + by
         if not (INT64_MIN <= new <= INT64_MAX):
             refusal = Overflow("the balance would leave the signed 64-bit range")
         elif min_ is not None and new < min_:
             refusal = Insufficient(cur)
-        if refusal is not None:
-            # Judged on pending state: it may be told only once that state
-            # is durable, or a reader would learn of a balance that could
-            # still be lost.
-            if acct is not None and acct.pbatch is not None:
-                acct.pbatch.add_done(done, refusal, on_loop)
-                return None
-            return refusal
+        if refusal is not None and acct is not None and acct.pbatch is not None:
+            acct.pbatch.add_done(done, refusal, on_loop)
+            return _WAITS
+        return refusal
 
-        if acct is None:
-            acct = Account(hid)
-            self.by_hid[hid] = acct
-            self.by_cred[cred] = acct
+    cdef int _append(self, Account acct, int64_t by, object min_, bytes kb, object done,
+                     bint on_loop, int64_t at_ms) except -1:
+        """The mod applies: its history entry (and key record) into the
+        filling batch, the pending balance moved on."""
         cdef Batch batch = self.open_batches[len(self.open_batches) - 1]
+        cdef PendingKey pk
         if batch.nmods >= self.batch_mods_max:
             batch = Batch(self._new_wb())
             self.open_batches.append(batch)
-        acct.ptot = <int64_t>new
+        acct.ptot += by
         acct.pseq += 1
         acct.pbatch = batch
         result = (acct.ptot, acct.pseq)
-        batch.put(history_key(hid, acct.pseq), _pack_history(iby, acct.ptot, at_ms, kb))
+        batch.put(history_key(acct.hid, acct.pseq), _pack_history(by, acct.ptot, at_ms, kb))
         if kb is not None:
-            batch.put(KEY_PREFIX + pkid, _pack_key(acct.pseq, iby, acct.ptot, min_))
+            pkid = acct.hid + kb
+            batch.put(KEY_PREFIX + pkid, _pack_key(acct.pseq, by, acct.ptot, min_))
             pk = PendingKey()
-            pk.by = iby
+            pk.by = by
             pk.min_ = min_
             pk.result = result
             pk.batch = batch
@@ -457,6 +501,22 @@ cdef class Book:
         batch.nmods += 1
         self.queued_mods += 1
         batch.add_done(done, result, on_loop)
+        return 0
+
+    cpdef object read_ordered(self, object cred, int what, object done, bint on_loop):
+        """A read pipelined behind writes (SPEC: it sees every earlier mod
+        of its connection and none of the later ones): the account's state
+        as of this call, which includes every call made before it.  Returns
+        it at once when it is durable, NoAccount when there is no account,
+        or None when `done` now waits for the account's pending batch.
+        `what` is READ_TOT (the outcome is tot) or READ_SEQ (the seq)."""
+        cdef Account acct = self._lookup(cred)
+        if acct is None or (acct.seq == 0 and acct.pbatch is None):
+            return NoAccount("no account has this cred")
+        value = acct.ptot if what == READ_TOT else acct.pseq
+        if acct.pbatch is None:
+            return value
+        acct.pbatch.add_done(done, value, on_loop)
         return None
 
     # -- the writer's side --------------------------------------------------

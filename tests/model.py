@@ -18,6 +18,8 @@ class Model:
         if key is not None and (cred, key) in self.keys:
             kby, kmin, result = self.keys[(cred, key)]
             return result if (kby, kmin) == (by, min) else "key_reused"
+        if cred not in self.accounts and by < 0:
+            return "no_account"         # only a funding mod opens an account
         cur = self.tot(cred) or 0
         new = cur + by
         if not INT64_MIN <= new <= INT64_MAX:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused,
+from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAccount,
                     Ledger, Overflow, StoreCorrupt, StoreError, StoreLocked,
                     Unavailable)
 from accman.ledger import _ledger, commit
@@ -113,9 +113,21 @@ def test_min_refuses_and_reports_the_balance(led):
     assert [e.seq for e in led.past("alice")] == [3, 2, 1]
 
 
-def test_min_on_unknown_account_is_judged_against_zero(led):
+@pytest.mark.parametrize("by,min,key", [(-1, None, None), (-1, 0, None), (INT64_MIN, None, None),
+                                        (-5, -100, "k1")])
+def test_a_charge_on_an_unknown_account_is_no_account_and_opens_none(led, by, min, key):
+    """SPEC: only a funding mod opens an account; a charge (with or without
+    min) on an unknown credential is no_account and creates nothing."""
+    with pytest.raises(NoAccount) as e:
+        led.mod("ghost", by, min=min, key=key)
+    assert e.value.status == 404 and e.value.code == "no_account"
+    assert led.tot("ghost") is None and len(led) == 0 and led.past("ghost") is None
+    assert led.mod("ghost", 3, key=key) == (3, 1)     # the key was not used up
+
+
+def test_min_on_a_funding_mod_of_an_unknown_account_is_judged_against_zero(led):
     with pytest.raises(Insufficient) as e:
-        led.mod("ghost", -1, min=0)
+        led.mod("ghost", 5, min=10)
     assert e.value.tot == 0
     assert led.tot("ghost") is None and len(led) == 0
 
@@ -125,6 +137,8 @@ def test_overflow_both_ways_changes_nothing(led):
     with pytest.raises(Overflow) as e:
         led.mod("hi", 1)
     assert e.value.code == "overflow"
+    led.mod("lo", 1)
+    led.mod("lo", -1)
     led.mod("lo", INT64_MIN)
     with pytest.raises(Overflow):
         led.mod("lo", -1)
@@ -143,7 +157,8 @@ def test_idempotency_key_replays_and_refuses_reuse(led):
             led.mod("alice", kw["by"], min=kw["min"], key="k1")
     assert led.tot("alice") == 92
     # keys are per account
-    assert led.mod("bob", -7, min=None, key="k1") == (-7, 1)
+    led.mod("bob", 10)
+    assert led.mod("bob", -7, min=None, key="k1") == (3, 2)
 
 
 def test_refused_mod_does_not_consume_its_key(led):

@@ -16,8 +16,8 @@ answered Unavailable and the book takes no more writes until reopened.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from asyncio import _get_running_loop as _running_loop
 import threading
 import time
 
@@ -29,15 +29,15 @@ log = logging.getLogger("accman.commit")
 # reads; 65536 batches is minutes of full load at ~0.3 ms per fsync.
 SAMPLES_MAX = 65536
 
-# Filling a batch on a bound loop.  Each durable write costs ~60-250 us of
-# CPU here whatever the batch holds (docs/PERFORMANCE.md), so when the
-# writer is free the loop does not hand it a batch much smaller than the
-# mods that were in flight at the last completion: clients whose replies
-# just went out are about to send again.  It waits for FILL_FRACTION of
-# them, turn after loop turn (reading sockets meanwhile), for at most
-# FILL_WAIT_S; with one client in flight the target is 0 and nothing waits.  Half, because a batch that
-# waits for nearly all leaves the core idle while it is written (A/B at 64
-# connections: 0.5 was 1.11x 0.75, and 0.35 no better than 0.5).
+# Filling a batch on a bound loop.  A durable write costs about the same CPU
+# whatever the batch holds, so when the writer is free the loop does not
+# hand it a batch much smaller than the mods that were in flight at the last
+# completion: clients whose replies just went out are about to send again.
+# It waits for FILL_FRACTION of them, turn after loop turn (reading sockets
+# meanwhile), for at most FILL_WAIT_S; with one client in flight the target
+# is 0 and nothing waits.  Half, not nearly all: a batch that waits for
+# nearly all leaves the core idle while the previous one is written
+# (docs/PERFORMANCE.md has the measurements).
 FILL_FRACTION = 0.5
 FILL_WAIT_S = 200e-6
 
@@ -108,7 +108,7 @@ class Committer:
         # Only a call made from inside the bound loop, while it runs, is
         # completed on it; a plain call from the same thread (the loop
         # stopped, or never ran there) is completed directly.
-        on_loop = self._loop is not None and _running_loop() is self._loop
+        on_loop = self._loop is not None and running_loop() is self._loop
         at_ms = time.time_ns() // 1_000_000
         with self.lock:
             if self._closing:
@@ -135,6 +135,14 @@ class Committer:
                 self._loop.call_soon(done, outcome)
             else:
                 done(outcome)
+
+    def read_ordered(self, cred, what: int, done):
+        """A read that sees every call made before it (ext/ledger.pyx,
+        Book.read_ordered): its value, NoAccount, or None when `done` waits
+        for the account's pending batch."""
+        on_loop = self._loop is not None and running_loop() is self._loop
+        with self.lock:
+            return self.book.read_ordered(cred, what, done, on_loop)
 
     def _kick(self) -> None:
         """On the loop, at the end of a turn: hands the writer what is
@@ -267,6 +275,14 @@ class Committer:
 def _unavailable(callbacks: list, error: StoreError) -> list:
     detail = f"the store failed to commit, nothing in this batch was acknowledged ({error.detail})"
     return [(done, Unavailable(detail)) for done, _ in callbacks]
+
+
+def running_loop():
+    """The event loop running in this thread, or None."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def run_callbacks(callbacks: list) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from asyncio import _get_running_loop as _running_loop
 from accman.ledger import _ledger
-from accman.ledger.commit import Committer
-from accman.errors import AccManError, BadRequest, Unavailable
+from accman.ledger.commit import Committer, running_loop
+from accman.errors import AccManError, BadRequest, NoAccount, Unavailable
 from accman.limits import PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX
 from accman.records import Entry
+from accman.store import Page, page_next
 from accman.ledger.leveldb import Store
 
 
@@ -19,6 +19,10 @@ from accman.ledger.leveldb import Store
 #   heads  the files' CRCs; loading reads each history's newest entry
 #   none   only what loading reads (its blocks' checksums still verified)
 VERIFY_MODES = ("full", "heads", "none")
+
+
+def _no_account() -> NoAccount:
+    return NoAccount("no account has this cred")
 
 
 class Ledger:
@@ -40,7 +44,25 @@ class Ledger:
     Reads answer from memory and show durable state only.  `mod` blocks
     until its batch is on disk; many concurrent mods (threads, or tasks
     through `amod`/`submit`) share one fsync.
+
+    Two attributes are the book's and the committer's own methods, bound
+    per instance so that the server's hot paths run no Python frame of
+    this class:
+
+    `tot(cred) -> int | None`: the durable balance of `cred`, None for an
+    unknown cred.
+
+    `submit(cred, by, min=None, key=None, done=None) -> None`: applies a
+    mod in call order; `done(outcome)` is called once it is final, with
+    `(tot, seq)` or an AccManError (Insufficient, KeyReused, Overflow,
+    NoAccount, Unavailable), after what it depends on is durable.  Raises
+    BadRequest, Unavailable or Busy at once, changing nothing.
+
+    The Ledger keeps the store interface (accman/store.py) for the server.
     """
+
+    # accman/store.py: `tot` answers from memory.
+    inline_reads = True
 
     def __init__(self, path: str, *, create: bool = True, verify: str = "full",
                  batch_mods_max: int | None = None, queued_mods_max: int | None = None,
@@ -68,19 +90,13 @@ class Ledger:
             raise
         self._committer = Committer(self._book, self.store)
         self._closed = False
-        # The hot paths are the book's and the committer's own methods: no
-        # Python frame between (the methods below document them).
         self.tot = self._book.tot
         self.submit = self._committer.submit
 
-    def _refuse_closed(self, *args):
+    def _refuse_closed(self, *_args):
         raise Unavailable("the ledger is closed")
 
     # -- reads -------------------------------------------------------------------
-
-    def tot(self, cred: str) -> int | None:     # replaced per instance in __init__
-        """The durable balance of `cred`, or None for an unknown cred."""
-        return self._book.tot(cred)
 
     def past(self, cred: str, limit: int = PAST_LIMIT_DEFAULT,
              before: int | None = None) -> list[Entry] | None:
@@ -96,15 +112,54 @@ class Ledger:
         if acct is None:
             return None
         # Durable seq read once: everything up to it is on disk.
-        last = acct.seq if before is None else min(acct.seq, before - 1)
+        return self._entries(acct.hid, acct.seq, limit, before)
+
+    def _entries(self, hid: bytes, seq: int, limit: int, before: int | None) -> list[Entry]:
+        """The page of the history 1..seq (all durable) below `before`."""
+        last = seq if before is None else min(seq, before - 1)
         if last < 1:
             return []
         first = max(1, last - limit + 1)
         out = []
-        for k, v in self.store.history(acct.hid, first, last):
+        for k, v in self.store.history(hid, first, last):
             by, tot, at, key = _ledger.unpack_history(v)
             out.append(Entry(_ledger.history_key_seq(k), by, tot, at, key))
         return out
+
+    # -- the store interface's reads (accman/store.py) ------------------------------
+
+    def read_tot(self, cred: str, done, ordered: bool = False):
+        """The balance as the store interface reads it: `ordered` sees every
+        call made before this one (a read pipelined behind mods)."""
+        if not ordered:
+            tot = self.tot(cred)
+            return _no_account() if tot is None else tot
+        return self._committer.read_ordered(cred, _ledger.READ_TOT, done)
+
+    def read_past(self, cred: str, limit: int, before: int | None, done,
+                  ordered: bool = False):
+        """A Page of history, as the store interface reads it."""
+        if self._closed:
+            self._refuse_closed()
+        if not ordered:
+            acct = self._book.account(cred)
+            if acct is None:
+                return _no_account()
+            return self._page(acct.hid, acct.seq, limit, before)
+
+        def page_at(seq):
+            if isinstance(seq, AccManError):
+                return done(seq)
+            return done(self._page(self._book.hid_of(cred), seq, limit, before))
+
+        seq = self._committer.read_ordered(cred, _ledger.READ_SEQ, page_at)
+        if seq is None or isinstance(seq, AccManError):
+            return seq
+        return self._page(self._book.hid_of(cred), seq, limit, before)
+
+    def _page(self, hid: bytes, seq: int, limit: int, before: int | None) -> Page:
+        entries = self._entries(hid, seq, limit, before)
+        return Page(hid.hex(), entries, page_next(entries, limit))
 
     def __len__(self) -> int:
         """The number of accounts."""
@@ -112,19 +167,12 @@ class Ledger:
 
     # -- mods ----------------------------------------------------------------------
 
-    def submit(self, cred, by, min=None, key=None, *, done) -> None:
-        """Applies a mod in call order; `done(outcome)` is called once it is
-        final: `(tot, seq)` or an AccManError (Insufficient, KeyReused,
-        Overflow, Unavailable), after what it depends on is durable.
-        Raises BadRequest, Unavailable or Busy at once, changing nothing."""
-        self._committer.submit(cred, by, min, key, done)
-
     def mod(self, cred: str, by: int, *, min: int | None = None,
             key: str | None = None) -> tuple[int, int]:
         """Adds `by` to the balance of `cred` (creating the account), only
         if the result is >= `min` when given; idempotent under `key`.
         Returns (tot, seq) once durable."""
-        if _running_loop() is not None:
+        if running_loop() is not None:
             # Its completion would be queued to the loop this call blocks,
             # or it would stall every other task on it: both are bugs.
             raise RuntimeError("Ledger.mod blocks: inside an event loop use "
