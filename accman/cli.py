@@ -124,7 +124,8 @@ def _fail(message, code=EXIT_USAGE):
 
 
 def cmd_serve(args) -> int:
-    from accman.server.auth import Tokens, TokensError
+    from accman.errors import TokensError
+    from accman.server.auth import Tokens
     from accman.server import LimitsError, ServerLimits, StartupError, run
 
     try:

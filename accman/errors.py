@@ -130,3 +130,17 @@ class HttpError(AccManError):
         self.code = code
         self.close = close
         self.allow = allow
+
+
+# --- the server ----------------------------------------------------------------
+
+class StartupError(Exception):
+    """`accman serve` cannot start; the message is one line for a person."""
+
+
+class LimitsError(ValueError):
+    """A limit override (ACCMAN_<LIMIT>) that cannot be used; one line."""
+
+
+class TokensError(ValueError):
+    """The tokens file cannot be used; the message is one line, token-free."""

@@ -64,19 +64,39 @@ BODY_BYTES_MAX = 1024                  # over it: 413
 
 # --- connections ------------------------------------------------------------
 CONNECTIONS_MAX = 4096                 # beyond it new connections are closed at once
+# Descriptors kept free for the store (its logs, tables, checkpoint, lock)
+# below the process's limit: the connection cap is lowered to stay this far
+# under RLIMIT_NOFILE, so running out of descriptors refuses connections and
+# never a commit.
+FDS_RESERVED = 256
+# Connections from one peer address: one client cannot take every slot.
+# Services call from a handful of hosts with pools of tens of connections;
+# behind a proxy that hides them, raise it (ACCMAN_CONNECTIONS_PER_PEER_MAX).
+CONNECTIONS_PER_PEER_MAX = 1024
 # Requests parsed but not yet answered on one connection.  When a client
 # pipelines more than this without reading, the server stops reading its
-# socket (back-pressure) until replies drain.
+# socket (back-pressure) until replies drain; the rest of a read waits
+# unparsed.  It is also the most requests one connection gets taken per
+# loop turn, so that one client cannot hold the loop.
 PIPELINE_REQUESTS_MAX = 64
 # Bytes of replies queued in the transport before the server pauses reading
 # from that client (uvloop's write buffer high-water mark).
 WRITE_BUFFER_BYTES_MAX = 256 * 1024
+# Bytes held for all connections together: replies not yet read by their
+# clients and requests received but not yet parsed.  Over it, connections
+# holding any stop being read until it falls to three quarters, so that
+# many clients that never read cannot exhaust memory, and a client that
+# reads its replies (a health check) is still served meanwhile.
+SERVER_BUFFER_BYTES_MAX = 64 * 1024 * 1024
 # From the first byte of a request head to its end.  Trickled bytes do not
 # reset it (slowloris): a head must arrive whole within this time.
 HEAD_TIMEOUT_S = 10.0
 # An idle keep-alive connection (no request in progress, nothing owed) is
 # closed after this long, like nginx's keepalive_timeout default of 75 s.
 IDLE_TIMEOUT_S = 75.0
+# The same, for a connection none of whose requests has yet carried a valid
+# token (with tokens configured): unauthenticated sockets cannot hold slots.
+UNAUTHED_IDLE_TIMEOUT_S = 10.0
 # After the server decides to close a connection (a framing error, `Connection:
 # close`, the head deadline, idle), it sends its last replies and a FIN, then
 # keeps reading and discarding for up to this long before closing.  Closing

@@ -33,6 +33,7 @@ Limits come from accman.limits.  What counts, precisely:
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcmp, memcpy
@@ -76,6 +77,8 @@ cdef Py_ssize_t LINE_BYTES_FIRST = 256
 # A value quoted back in an error detail is cut to this many characters: the
 # detail is a sentence for a person, not an echo of the request.
 cdef Py_ssize_t DETAIL_QUOTE_CHARS_MAX = 40
+# feed's default: every request the bytes complete.
+cdef Py_ssize_t FEED_ALL = PY_SSIZE_T_MAX
 
 CODES = {
     400: "bad_request",
@@ -228,6 +231,8 @@ cdef class Parser:
     cdef bint _absolute             # the target named its authority: Host does not
     cdef bint _expect_continue      # Expect: 100-continue (HTTP/1.1)
     cdef bint _continue             # a 100 Continue is owed: see take_continue
+    cdef bytes _rest                # fed, not yet parsed: a capped feed's remainder
+    cdef Py_ssize_t _rest_at
 
     def __cinit__(self):
         self._phase = PH_START
@@ -254,17 +259,43 @@ cdef class Parser:
         return (self._phase == PH_HEAD or self._phase == PH_BODY
                 or (self._phase == PH_START and self._line_len > 0))
 
-    def feed(self, bytes data not None):
+    def feed(self, bytes data not None, Py_ssize_t max_requests=FEED_ALL):
         """Parse data, the next bytes of the connection; return the requests
-        it completed (possibly none), in order."""
+        it completed, in order: at most max_requests, the rest of data being
+        kept, unparsed and uncopied, for `more` (the server bounds the work
+        and the requests it holds per connection this way)."""
+        cdef bytes rest = self._rest
+        if rest is not None:
+            self._rest = None
+            data = rest[self._rest_at:] + data
+        return self._parse(data, 0, max_requests)
+
+    def more(self, Py_ssize_t max_requests=FEED_ALL):
+        """Parse on in the bytes a capped feed kept; [] when there are none."""
+        cdef bytes rest = self._rest
+        if rest is None:
+            return []
+        self._rest = None
+        return self._parse(rest, self._rest_at, max_requests)
+
+    @property
+    def held_bytes(self):
+        """Bytes fed and not yet parsed: `more` takes them."""
+        return 0 if self._rest is None else PyBytes_GET_SIZE(self._rest) - self._rest_at
+
+    cdef list _parse(self, bytes data, Py_ssize_t i, Py_ssize_t max_requests):
         cdef list out = []
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-        cdef Py_ssize_t i = 0, k, total
+        cdef Py_ssize_t k, total
         cdef const unsigned char* nl
         cdef const unsigned char* line
         cdef bint crlf
         while i < n and self._phase != PH_DEAD:
+            if len(out) >= max_requests:
+                self._rest = data
+                self._rest_at = i
+                break
             if self._phase == PH_BODY:
                 k = min(n - i, self._body_left)
                 i += k
@@ -637,6 +668,7 @@ cdef class Parser:
         self._pending = None
         self._phase = PH_DEAD
         self._continue = False
+        self._rest = None
         self._line_len = 0      # the buffer itself may hold the line being read: freed in __dealloc__
         return 0
 

@@ -146,7 +146,7 @@ class Conn:
         return data
 
 
-def request_bytes(method, target, headers=(), body=b"", version="HTTP/1.1", host="accman"):
+def request_bytes(method, target, headers=(), body=b"", version="HTTP/1.1", host="127.0.0.1"):
     """One request as bytes; a Host header is added unless host is None or
     `headers` has one (HTTP/1.1 requires it)."""
     lines = [f"{method} {target} {version}"]
@@ -176,8 +176,10 @@ def assert_error(r, status, code=None):
     return doc
 
 
-def parse_responses(data: bytes):
-    """All complete responses in `data` (for raw replies read at once)."""
+def parse_responses(data: bytes, heads=()):
+    """All complete responses in `data` (for raw replies read at once).
+    `heads[i]` true: the i-th answers a HEAD, so it has no body whatever
+    its Content-Length says."""
     out = []
     while data:
         head, sep, rest = data.partition(b"\r\n\r\n")
@@ -185,6 +187,8 @@ def parse_responses(data: bytes):
             break
         m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
         length = int(m.group(1)) if m else 0
+        if len(out) < len(heads) and heads[len(out)]:
+            length = 0
         lines = head.decode("latin-1").split("\r\n")
         headers = {}
         for line in lines[1:]:
@@ -305,6 +309,7 @@ def spawn_server(data, log_dir, *, host="127.0.0.1", port=0, tokens=None,
         else:
             path = log_dir / "tokens"
             Path(path).write_text(tokens if tokens.endswith("\n") else tokens + "\n")
+            os.chmod(path, 0o600)       # SPEC "Access": others may not read it
         cmd += ["--tokens", str(path)]
     return spawn_command(cmd, log_dir, data=data, host=host, env=env,
                          wait_ready=wait_ready)

@@ -2,6 +2,7 @@
 port 0, spoken to over raw sockets and with httpx (SPEC "Routes", "Values",
 "Errors", "Durability and order", "Access", "Limits")."""
 
+import re
 import signal
 import socket
 import sys
@@ -63,9 +64,19 @@ def test_min_refuses_a_mod_that_would_go_under_it(shared_server, cred):
 
 
 def test_min_may_be_negative_and_zero_is_allowed(shared_server, cred):
-    assert shared_server.mod(cred, -5, min=-10).json == {"tot": -5, "seq": 1}
+    assert shared_server.mod(cred, 1, min=0).json == {"tot": 1, "seq": 1}
+    assert shared_server.mod(cred, -6, min=-10).json == {"tot": -5, "seq": 2}
     assert_error(shared_server.mod(cred, -6, min=-10), 409, "insufficient")
-    assert shared_server.mod(cred, 5, min=0).json == {"tot": 0, "seq": 2}
+    assert shared_server.mod(cred, 5, min=0).json == {"tot": 0, "seq": 3}
+
+
+@pytest.mark.parametrize("query", ["by=-1", "by=-9223372036854775808", "by=-1&min=-5",
+                                   "by=-1&key=k1"])
+def test_a_charge_on_an_unknown_cred_is_404_and_opens_nothing(shared_server, cred, query):
+    """SPEC: only a funding mod opens an account."""
+    assert_error(shared_server.patch(f"/mod?cred={cred}&{query}"), 404, "no_account")
+    assert_error(shared_server.get(f"/tot?cred={cred}"), 404, "no_account")
+    assert_error(shared_server.get(f"/past?cred={cred}"), 404, "no_account")
 
 
 def test_a_key_applies_once_and_replays_its_answer(shared_server, cred):
@@ -89,7 +100,8 @@ def test_overflow_is_refused_and_changes_nothing(shared_server, cred):
     assert_error(shared_server.mod(cred, 1), 409, "overflow")
     assert shared_server.tot(cred) == INT64_MAX
     other = cred + "-neg"
-    assert shared_server.mod(other, -INT64_MAX).status == 200
+    assert shared_server.mod(other, 1).status == 200
+    assert shared_server.mod(other, -INT64_MAX - 1).status == 200
     assert shared_server.mod(other, -1).status == 200          # INT64_MIN itself
     assert_error(shared_server.mod(other, -1), 409, "overflow")
 
@@ -102,8 +114,9 @@ def test_past_pages_newest_first(shared_server, cred):
     assert [e["seq"] for e in page["past"]] == [5, 4]
     assert page["next"] == 4
     e = page["past"][0]
-    assert set(e) == {"seq", "by", "tot", "at", "key"}
-    assert (e["by"], e["tot"], e["key"]) == (5, 15, None)
+    assert set(e) == {"seq", "by", "tot", "at", "key", "hold"}
+    assert (e["by"], e["tot"], e["key"], e["hold"]) == (5, 15, None, None)
+    assert re.fullmatch("[0-9a-f]{32}", page["account"])
     assert t0 - 1000 <= e["at"] <= int(time.time() * 1000) + 1000
     page = shared_server.get(f"/past?cred={cred}&limit=2&before=4").json
     assert [(e["seq"], e["key"]) for e in page["past"]] == [(3, "k2"), (2, None)]
@@ -262,7 +275,7 @@ def test_known_path_with_another_method_is_405_with_allow(shared_server, method,
 
 def framing_cases():
     big_line = "/tot?cred=" + "a" * 4096
-    return [(name, raw.replace(b"\r\n", b"\r\nHost: a\r\n", 1), status)
+    return [(name, raw.replace(b"\r\n", b"\r\nHost: 127.0.0.1\r\n", 1), status)
             for name, raw, status in _framing_cases(big_line)]
 
 
@@ -272,7 +285,7 @@ def _framing_cases(big_line):
         ("cl_and_te", b"GET /health HTTP/1.1\r\nContent-Length: 0\r\n"
                       b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
         ("chunked", b"PATCH /mod?cred=a&by=1 HTTP/1.1\r\nTransfer-Encoding: chunked"
-                    b"\r\n\r\n0\r\n\r\n", 400),
+                    b"\r\n\r\n0\r\n\r\n", 411),
         ("two_cl", b"GET /health HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n", 400),
         ("obs_fold", b"GET /health HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n", 400),
         ("bare_cr", b"GET /health HTTP/1.1\r\nX-A: b\rc\r\n\r\n", 400),
@@ -303,7 +316,7 @@ def test_framing_errors_are_answered_then_the_connection_closes(shared_server, n
 
 def test_a_small_body_is_read_and_ignored(shared_server, cred):
     with shared_server.connect() as c:
-        c.send(b"PATCH /mod?cred=%s&by=3 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"
+        c.send(b"PATCH /mod?cred=%s&by=3 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}"
                % cred.encode() + get(f"/tot?cred={cred}"))
         assert c.response().json == {"tot": 3, "seq": 1}
         assert c.response().json == {"tot": 3}
@@ -452,6 +465,7 @@ def token_server(tmp_path_factory):
     from conftest import spawn_server
     base = tmp_path_factory.mktemp("tokens")
     (base / "tokens").write_text(TOKENS_FILE)
+    (base / "tokens").chmod(0o600)
     srv = spawn_server(base / "data", base / "log", tokens=str(base / "tokens"))
     yield srv
     srv.kill()
@@ -500,11 +514,33 @@ def test_health_is_open_and_metrics_needs_a_token(token_server):
 def test_tokens_change_per_request_on_one_connection(token_server, cred):
     with token_server.connect() as c:
         for token, status in ((TOKENS["mint"], 200), (TOKENS["read"], 403),
-                              (None, 401), ("nope-nope-nope-nope-nope", 401),
                               (TOKENS["mint"], 200)):
             headers = [("Authorization", f"Bearer {token}")] if token else []
             c.send(patch(f"/mod?cred={cred}&by=1", headers))
             assert c.response().status == status
+
+
+@pytest.mark.parametrize("token", [None, "nope-nope-nope-nope-nope"])
+def test_a_401_closes_the_connection(token_server, cred, token):
+    """SPEC "Access": a connection whose request was refused 401 is closed,
+    so unauthenticated sockets cannot hold slots; the requests pipelined
+    behind it are not taken."""
+    headers = [("Authorization", f"Bearer {token}")] if token else []
+    with token_server.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=1", [("Authorization", f"Bearer {TOKENS['mint']}")])
+               + patch(f"/mod?cred={cred}&by=1", headers)
+               + patch(f"/mod?cred={cred}&by=1", [("Authorization", f"Bearer {TOKENS['mint']}")]))
+        assert c.response().status == 200
+        r = c.response()
+        assert r.status == 401 and r.headers["connection"] == "close"
+        assert c.closed_by_peer(5)
+    assert token_server.tot(cred, token=TOKENS["read"]) == 1
+
+
+def test_an_unknown_path_without_a_token_is_401(token_server):
+    with token_server.connect() as c:
+        c.send(get("/nope"))
+        assert c.response().status == 401 and c.closed_by_peer(5)
 
 
 def test_tokens_and_creds_never_reach_the_log(token_server, cred):
@@ -719,12 +755,14 @@ def test_a_client_that_never_reads_is_dropped_after_the_idle_time(start_server, 
 
 FAKE_LEDGER = '''
 import sys
-from accman.errors import Unavailable
+from accman.errors import NoAccount, Unavailable
 from accman.server import run
+from accman.store import Page
 
 class FakeLedger:
-    """The Ledger API with a failed store ("failed") or a writer that never
-    finishes a batch ("stuck")."""
+    """The store interface with a failed store ("failed") or a writer that
+    never finishes a batch ("stuck")."""
+    inline_reads = True
     def __init__(self, mode):
         self.mode, self.loop = mode, None
     healthy = property(lambda self: self.mode != "failed")
@@ -733,15 +771,17 @@ class FakeLedger:
         self.loop = loop
     def tot(self, cred):
         return 5
-    def past(self, cred, limit=100, before=None):
-        return []
-    def submit(self, cred, by, min=None, key=None, *, done):
+    def read_tot(self, cred, done, ordered=False):
+        return 5
+    def read_past(self, cred, limit, before, done, ordered=False):
+        return Page("00", [], None)
+    def submit(self, cred, by, min=None, key=None, done=None, low=None):
         if self.mode == "failed":
             self.loop.call_soon(done, Unavailable("the store failed to commit"))
     def close(self):
         print("ledger closed", file=sys.stderr, flush=True)
 
-sys.exit(run(host="127.0.0.1", port=0, data=".", ledger=FakeLedger(sys.argv[1])))
+sys.exit(run(host="127.0.0.1", port=0, data=".", store=FakeLedger(sys.argv[1])))
 '''
 
 

@@ -856,7 +856,8 @@ def valid_requests(draw):
     exp["http10"] = http10
     headers = []
     if not http10 or draw(st.booleans()):
-        headers.append(draw(case_variants(b"host")) + b": " + draw(st.sampled_from([b"x", b"example.com:80", b""])))
+        headers.append(draw(case_variants(b"host")) + b": " + draw(st.sampled_from(
+            [b"127.0.0.1", b"localhost:8080", b"[::1]", b"x", b"example.com:80", b""])))
     options = draw(st.lists(st.sampled_from([b"close", b"keep-alive", b"Keep-Alive", b"CLOSE", b"upgrade", b""]),
                             max_size=3))
     if options:
@@ -987,3 +988,47 @@ def test_numbers_follow_the_spec_grammar(name, text):
         if not req.error.close:
             assert (req.error.detail.startswith(name + " must be")
                     or req.error.detail == f"parameter '{name}' is empty")
+
+
+# --- capped feeds: the server's bound on requests per connection and per turn ------
+
+def test_a_capped_feed_keeps_the_rest_for_more():
+    raw = R(b"GET /tot?cred=a HTTP/1.1") * 5 + b"GET /past?cred="
+    p = Parser()
+    first = p.feed(raw, 2)
+    assert [r.route for r in first] == [ROUTE_TOT] * 2
+    assert p.held_bytes == len(raw) - 2 * len(R(b"GET /tot?cred=a HTTP/1.1"))
+    assert len(p.more(2)) == 2 and len(p.more(2)) == 1
+    assert p.held_bytes == 0 and p.pending and p.more() == []
+    [past] = p.feed(b"b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert past.route == ROUTE_PAST and past.cred == "b"
+
+
+def test_a_feed_while_bytes_are_held_goes_after_them():
+    one = R(b"GET /tot?cred=a HTTP/1.1")
+    p = Parser()
+    assert len(p.feed(one * 3, 1)) == 1
+    reqs = p.feed(R(b"GET /tot?cred=b HTTP/1.1"))
+    assert [r.cred for r in reqs] == ["a", "a", "b"] and p.held_bytes == 0
+
+
+def test_a_framing_error_drops_what_is_held():
+    p = Parser()
+    assert len(p.feed(R(b"GET /tot?cred=a HTTP/1.1") + b"GET / HTTP/9.9\r\n\r\n" + TRAIL, 1)) == 1
+    [err] = p.more()
+    assert err.error.status == 505 and p.held_bytes == 0 and p.more() == []
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([R(b"GET /tot?cred=a HTTP/1.1"), R(b"PATCH /mod?cred=b&by=1 HTTP/1.1"),
+                                 R(b"GET /nope HTTP/1.1"), R(LINE, b"Content-Length: 3") + b"abc"]),
+                min_size=1, max_size=12),
+       st.lists(st.integers(0, 4), min_size=1, max_size=30))
+def test_capped_feeds_give_the_same_requests(parts, caps):
+    raw = b"".join(parts)
+    p = Parser()
+    out = p.feed(raw, caps[0])
+    for cap in caps[1:] + [10 ** 6]:
+        assert len(out) <= len(parts)
+        out += p.more(cap)
+    assert views(out) == whole(raw) and p.held_bytes == 0

@@ -100,7 +100,7 @@ class Committer:
 
     # -- the submitting side ---------------------------------------------------
 
-    def submit(self, cred, by, min=None, key=None, done=None) -> None:  # noqa: A002
+    def submit(self, cred, by, min=None, key=None, done=None, low=None) -> None:  # noqa: A002
         """Applies one mod now, in call order; `done(outcome)` runs once its
         outcome is final and everything it depends on is durable.  (Named
         like Ledger.submit, which is this very method.)"""

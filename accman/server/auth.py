@@ -10,7 +10,11 @@ matches.  No message here ever contains a token: errors name the line.
 """
 
 import hmac
+import os
 import re
+import stat
+
+from accman.errors import TokensError
 
 READ = 1
 CHARGE = 2
@@ -26,10 +30,6 @@ TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._
 TOKEN_RE = re.compile("[" + re.escape(TOKEN_CHARS) + "]+=*")
 TOKEN_CHARS_MIN = 16
 TOKEN_CHARS_MAX = 256
-
-
-class TokensError(ValueError):
-    """The tokens file cannot be used; the message is one line, token-free."""
 
 
 def roles_text(roles: int) -> str:
@@ -88,12 +88,18 @@ class Tokens:
 
     @classmethod
     def load(cls, path: str) -> "Tokens":
+        """Reads a tokens file, which only its owner may read or write (as
+        ssh does with keys): anyone who can read it can move money."""
         try:
             with open(path, encoding="utf-8") as f:
+                mode = os.fstat(f.fileno()).st_mode
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or type(e).__name__
             raise TokensError(f"cannot read tokens file {path}: {reason}") from None
+        if mode & 0o077:
+            raise TokensError(f"tokens file {path} is open to other users (mode "
+                              f"{stat.S_IMODE(mode):04o}): run chmod 600 {path}")
         return cls.parse(text, source=str(path))
 
     def roles(self, token) -> int:

@@ -44,7 +44,7 @@ class Histogram:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} histogram")
         running = 0
-        for bound, n in zip(self.bounds, self.counts):
+        for bound, n in zip(self.bounds, self.counts[:-1], strict=True):
             running += n
             out.append(f'{name}_bucket{{le="{_num(bound)}"}} {running}')
         out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
@@ -94,6 +94,7 @@ class Metrics:
         self.connections_refused = 0
         self.head_timeouts = 0
         self.idle_closes = 0
+        self.budget_pauses = 0
 
     def observe_batches(self, sizes, fsync_times_s):
         for n in sizes:
@@ -101,7 +102,7 @@ class Metrics:
         for t in fsync_times_s:
             self.fsync_s.observe(t)
 
-    def render(self, *, open_connections, healthy, stats=None) -> bytes:
+    def render(self, *, open_connections, healthy, buffered_bytes=0, stats=None) -> bytes:
         out = [
             "# HELP accman_requests_total Requests answered, by route and status.",
             "# TYPE accman_requests_total counter",
@@ -126,7 +127,7 @@ class Metrics:
             "# TYPE accman_healthy gauge",
             f"accman_healthy {1 if healthy else 0}",
             "# HELP accman_connections_refused_total Connections closed at once: "
-            "over CONNECTIONS_MAX.",
+            "over CONNECTIONS_MAX or CONNECTIONS_PER_PEER_MAX.",
             "# TYPE accman_connections_refused_total counter",
             f"accman_connections_refused_total {self.connections_refused}",
             "# HELP accman_head_timeouts_total Connections cut by HEAD_TIMEOUT_S.",
@@ -135,6 +136,14 @@ class Metrics:
             "# HELP accman_idle_closes_total Connections closed by IDLE_TIMEOUT_S.",
             "# TYPE accman_idle_closes_total counter",
             f"accman_idle_closes_total {self.idle_closes}",
+            "# HELP accman_buffered_bytes Bytes held for all connections: replies "
+            "unread and requests unparsed.",
+            "# TYPE accman_buffered_bytes gauge",
+            f"accman_buffered_bytes {buffered_bytes}",
+            "# HELP accman_budget_pauses_total Times SERVER_BUFFER_BYTES_MAX was reached "
+            "and connections holding bytes stopped being read.",
+            "# TYPE accman_budget_pauses_total counter",
+            f"accman_budget_pauses_total {self.budget_pauses}",
         ]
         done = set()
         for key, value in sorted((stats or {}).items()):

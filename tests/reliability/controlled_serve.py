@@ -12,8 +12,8 @@ simplest channel that survives SIGSTOP and needs no protocol):
 Usage: python controlled_serve.py --data DIR --control DIR [--port N]
            [--batch-mods-max N] [--queued-mods-max N]
 
-It serves through `accman.server.run(ledger=...)`, the hook the server keeps
-for injected ledgers, with the same ready line as `accman serve`; limits come
+It serves through `accman.server.run(store=...)`, the hook the server keeps
+for injected stores, with the same ready line as `accman serve`; limits come
 from the same ACCMAN_* environment variables.  Nothing here changes AccMan:
 the store is AccMan's own Store with `write` wrapped.
 """
@@ -72,7 +72,7 @@ def main():
                     batch_mods_max=args.batch_mods_max,
                     queued_mods_max=args.queued_mods_max)
     try:
-        return run(host=args.host, port=args.port, data=data, ledger=ledger,
+        return run(host=args.host, port=args.port, data=data, store=ledger,
                    limits=ServerLimits.from_env())
     except StartupError as e:
         print(f"accman: error: {e}", file=sys.stderr, flush=True)

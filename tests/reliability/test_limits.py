@@ -68,7 +68,9 @@ def test_cred_and_key_at_their_limits_and_one_over(shared_server):
 
 def test_amounts_at_the_int64_edges_and_one_over(shared_server, cred):
     assert shared_server.mod(cred + "-max", L.INT64_MAX).json == {"tot": L.INT64_MAX, "seq": 1}
-    assert shared_server.mod(cred + "-min", L.INT64_MIN).json == {"tot": L.INT64_MIN, "seq": 1}
+    assert shared_server.mod(cred + "-min", 1).status == 200      # only funding opens one
+    assert shared_server.mod(cred + "-min", L.INT64_MIN + 1).status == 200
+    assert shared_server.mod(cred + "-min", -2).json == {"tot": L.INT64_MIN, "seq": 3}
     assert shared_server.mod(cred, 1, min=L.INT64_MIN).status == 200
     assert_error(shared_server.mod(cred, 1, min=L.INT64_MAX), 409, "insufficient")
     for name, query in (("by", f"by={L.INT64_MAX + 1}"), ("by", f"by={L.INT64_MIN - 1}"),
@@ -113,11 +115,11 @@ def line_of(length):
 
 def test_request_line_at_its_limit_and_one_over(shared_server):
     with shared_server.connect() as c:
-        c.send(line_of(L.REQUEST_LINE_BYTES_MAX) + b"\r\nHost: x\r\n\r\n")
+        c.send(line_of(L.REQUEST_LINE_BYTES_MAX) + b"\r\nHost: 127.0.0.1\r\n\r\n")
         assert_error(c.response(), 404, "not_found")         # served; the connection stays
         c.send(get("/health"))
         assert c.response().status == 200
-        c.send(line_of(L.REQUEST_LINE_BYTES_MAX + 1) + b"\r\nHost: x\r\n\r\n")
+        c.send(line_of(L.REQUEST_LINE_BYTES_MAX + 1) + b"\r\nHost: 127.0.0.1\r\n\r\n")
         replies = read_until_closed(c)
     assert [r.status for r in replies] == [414]
     assert replies[0].headers["connection"] == "close"
@@ -125,8 +127,8 @@ def test_request_line_at_its_limit_and_one_over(shared_server):
 
 def header_block(total):
     """Host, one padding header and the blank line: `total` bytes in all."""
-    pad = total - len(b"Host: x\r\nX-Pad: \r\n\r\n")
-    return b"Host: x\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n"
+    pad = total - len(b"Host: 127.0.0.1\r\nX-Pad: \r\n\r\n")
+    return b"Host: 127.0.0.1\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n"
 
 
 def test_header_bytes_at_their_limit_and_one_over(shared_server):
@@ -140,7 +142,7 @@ def test_header_bytes_at_their_limit_and_one_over(shared_server):
 
 def test_header_lines_at_their_limit_and_one_over(shared_server):
     def head(lines):        # Host and lines - 1 others
-        return b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * (lines - 1) + b"\r\n"
+        return b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X: y\r\n" * (lines - 1) + b"\r\n"
 
     with shared_server.connect() as c:
         c.send(head(L.HEADERS_MAX))
@@ -152,7 +154,7 @@ def test_header_lines_at_their_limit_and_one_over(shared_server):
 
 def test_body_at_its_limit_and_one_over(shared_server, cred):
     def mod_with_body(n, by):
-        return (b"PATCH /mod?cred=%s&by=%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        return (b"PATCH /mod?cred=%s&by=%d HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
                 % (cred.encode(), by, n) + b"b" * n)
 
     with shared_server.connect() as c:
@@ -171,7 +173,7 @@ def test_a_framing_error_reply_survives_the_bytes_sent_after_it(start_server):
     destroys the reply; and it stops lingering after LINGER_S."""
     s = start_server(env={"ACCMAN_LINGER_S": "0.5"})
     with s.connect() as c:
-        c.send(line_of(L.REQUEST_LINE_BYTES_MAX + 1) + b"\r\nHost: x\r\n\r\n"
+        c.send(line_of(L.REQUEST_LINE_BYTES_MAX + 1) + b"\r\nHost: 127.0.0.1\r\n\r\n"
                + b"x" * 200_000)
         r = c.response()
         assert r.status == 414 and r.headers["connection"] == "close"
@@ -424,7 +426,7 @@ def test_a_client_that_never_reads_big_replies_does_not_grow_memory(start_server
 def test_a_head_stalled_after_its_request_line_gets_408(start_server):
     s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "0.5"})
     with s.connect() as c:
-        c.send(b"GET /health HTTP/1.1\r\nHost: x\r\n")      # and then nothing
+        c.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")      # and then nothing
         replies = read_until_closed(c)
     assert [r.status for r in replies] == [408]
     assert replies[0].json["error"] == "timeout"
@@ -436,7 +438,7 @@ def test_header_lines_trickled_one_by_one_still_meet_the_head_deadline(start_ser
     not: the deadline runs from the head's first byte."""
     s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "0.8"})
     with s.connect() as c:
-        c.send(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        c.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         sent = 0
         for _ in range(40):                     # 40 x 0.1 s: five times the deadline
             if select.select([c.sock], [], [], 0.1)[0]:

@@ -285,7 +285,9 @@ def build_store(path, mods, accounts, reopen):
 
 
 def mods_of(mods, accounts):
-    return [(f"acct-{i % accounts}", (i + 1) * (-1) ** i, f"key-{i}") for i in range(mods)]
+    # Each account's first mod funds it: only a funding mod opens one.
+    return [(f"acct-{i % accounts}", (i + 1) * (-1) ** i if i >= accounts else i + 1,
+             f"key-{i}") for i in range(mods)]
 
 
 def truth_of(path, creds):

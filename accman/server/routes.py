@@ -1,0 +1,294 @@
+"""Routing and access: a parsed request in; out, its reply bytes, or a
+Slot that the store completes later.  No sockets here: the connection owns
+those (accman/server/connection.py), and the store is reached only through
+the store interface (accman/store.py).
+
+Access (SPEC "Access"): with tokens configured, each route needs a role
+(ROUTE_ROLES; a mod needs `mint` to fund and `charge` to charge), a request
+without a valid token is 401 and its connection closes, and /health and
+OPTIONS need none.  With no tokens, a request whose Host does not name a
+loopback address is refused (403): a page in a browser cannot reach the
+server by DNS rebinding.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+from accman.errors import AccManError, EventsTrimmed, Insufficient
+from accman.server import replies
+from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_METRICS,
+                                 ROUTE_MOD, ROUTE_OPTIONS, ROUTE_PAST, ROUTE_SETTLE,
+                                 ROUTE_TOT)
+from accman.server.auth import CHARGE, MINT, READ, roles_text
+from accman.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from accman.server.replies import (DATE, HOLD_BODY, MOD_BODY, T200, TOT_BODY, events_body,
+                                   past_body)
+
+ROUTE_NAMES = {ROUTE_TOT: "tot", ROUTE_MOD: "mod", ROUTE_PAST: "past", ROUTE_HEALTH: "health",
+               ROUTE_METRICS: "metrics", ROUTE_HOLD: "hold", ROUTE_SETTLE: "settle",
+               ROUTE_EVENTS: "events", ROUTE_OPTIONS: "options"}
+ANY_ROLE = READ | CHARGE | MINT
+# The role each route needs; a mod's depends on its sign (mod_role).
+ROUTE_ROLES = {ROUTE_TOT: READ, ROUTE_PAST: READ, ROUTE_EVENTS: READ, ROUTE_HOLD: CHARGE,
+               ROUTE_SETTLE: CHARGE, ROUTE_METRICS: ANY_ROLE, ROUTE_HEALTH: 0,
+               ROUTE_OPTIONS: 0}
+
+_CHALLENGE = b'WWW-Authenticate: Bearer realm="accman"\r\n'
+_CHALLENGE_INVALID = b'WWW-Authenticate: Bearer realm="accman", error="invalid_token"\r\n'
+
+
+def mod_role(by: int) -> int:
+    """SPEC "Access": minting credits, charging debits."""
+    return MINT if by > 0 else CHARGE
+
+
+class Slot:
+    """A request answered out of line, in its connection's queue:
+    - pending: the store completes it later (`done`, its callback);
+    - ready: `reply` holds its bytes, waiting for the replies before it;
+    - deferred: `req` is evaluated when its turn comes (a read of server
+      state pipelined behind writes, or a 100 Continue's request)."""
+
+    __slots__ = ("conn", "route", "mode", "head", "reply", "pending", "req", "t0")
+
+    def __init__(self, conn, route, mode, head=False, reply=None, req=None):
+        self.conn = conn
+        self.route = route
+        self.mode = mode
+        self.head = head
+        self.reply = reply
+        self.pending = False
+        self.req = req
+        self.t0 = 0.0
+
+    def done(self, outcome):
+        """The store's completion, on the loop thread (Server.deliver
+        answers the common case of a mod itself, without this)."""
+        conn = self.conn
+        if self.route == ROUTE_MOD:
+            conn.metrics.mod_latency_s.observe(perf_counter() - self.t0)
+        self.reply = conn.routes.reply_of(self.route, outcome, self.mode, self.head)
+        self.pending = False
+        conn.server.mark_ready(conn)
+
+    __call__ = done
+
+
+class Routes:
+    """The server's routes over its store, tokens and metrics."""
+
+    def __init__(self, server):
+        self.server = server
+        self.store = server.store
+        self.tokens = server.tokens
+        self.metrics = server.metrics
+        self.requests = server.metrics.requests
+        self.inline_reads = bool(getattr(server.store, "inline_reads", False))
+
+    # --- the hot path ---------------------------------------------------------
+
+    def tot_now(self, req):
+        """A keep-alive /tot answered from memory with no token to check, or
+        None for the general path (SPEC's checks all happen there)."""
+        if self.tokens is not None or not self.inline_reads or not req.loopback_host \
+                or req.head:
+            return None
+        try:
+            tot = self.store.tot(req.cred)
+        except AccManError:
+            return None
+        if tot is None:
+            return None
+        self.metrics.tot_ok += 1
+        body = TOT_BODY % tot
+        return replies.T200_KEEP % (DATE.now, len(body), body)
+
+    # --- every request --------------------------------------------------------
+
+    def answer(self, conn, req, mode, ordered=False):
+        """The reply to `req`: bytes now, or a pending Slot.  `ordered`: the
+        request is pipelined behind writes of its connection that are not
+        yet answered, so a read must see exactly those (accman/store.py)."""
+        refused = self._access(conn, req, mode)
+        if refused is not None:
+            return refused
+        route = req.route
+        if route == ROUTE_TOT:
+            return self._tot(conn, req, mode, ordered)
+        if route == ROUTE_MOD:
+            return self._mod(conn, req, mode)
+        if route == ROUTE_PAST:
+            return self._past(conn, req, mode, ordered)
+        if route == ROUTE_HOLD or route == ROUTE_SETTLE:
+            return self._hold_or_settle(conn, req, mode)
+        if route == ROUTE_EVENTS:
+            return self._events(conn, req, mode)
+        if route == ROUTE_HEALTH:
+            return self._health(mode, req.head)
+        if route == ROUTE_METRICS:
+            self.requests["metrics", 200] += 1
+            return replies.reply(200, self.server.render_metrics(), mode,
+                                 content_type=METRICS_CONTENT_TYPE, head=req.head)
+        if route == ROUTE_OPTIONS:
+            self.requests["options", 204] += 1
+            return replies.no_content(mode, req.allow)
+        err = req.error
+        extra = b"Allow: %s\r\n" % err.allow.encode("ascii") if err.allow else b""
+        return self.error("none", err.status, err.code, err.detail, mode, extra, head=req.head)
+
+    def _access(self, conn, req, mode):
+        """The refusal of a request its caller may not make, or None."""
+        err = req.error
+        if err is not None and err.close:
+            return None             # a framing error is answered as it is
+        if self.tokens is None:
+            if req.loopback_host:
+                return None
+            return self.error(ROUTE_NAMES.get(req.route, "none"), 403, "forbidden",
+                              "this server has no tokens and answers only a Host that names "
+                              "a loopback address (127.0.0.1, localhost or [::1])",
+                              mode, head=req.head)
+        route = req.route
+        need = ROUTE_ROLES.get(route, ANY_ROLE) if route != ROUTE_MOD else mod_role(req.by)
+        if need == 0:
+            return None
+        roles = conn.roles(req.token)
+        if roles & need:
+            return None
+        name = ROUTE_NAMES.get(route, "none")
+        if not roles:
+            conn.take_no_more()     # SPEC: a connection refused 401 is closed
+            valid = req.token is None
+            return self.error(name, 401, "unauthorized",
+                              "this call needs an Authorization: Bearer token" if valid else
+                              "the bearer token is not valid", replies.CLOSE,
+                              _CHALLENGE if valid else _CHALLENGE_INVALID, head=req.head)
+        if err is not None:
+            return None             # its own error says what is wrong
+        return self.error(name, 403, "forbidden",
+                          f"this call needs a token with the role {roles_text(need)}",
+                          mode, head=req.head)
+
+    # --- the routes -------------------------------------------------------------
+
+    def _tot(self, conn, req, mode, ordered):
+        if not ordered and self.inline_reads:
+            try:
+                tot = self.store.tot(req.cred)
+            except AccManError as e:
+                return self.error_of(ROUTE_TOT, e, mode, req.head)
+            if tot is None:
+                return self.error("tot", 404, "no_account", "no account has this cred", mode,
+                                  head=req.head)
+            return self.reply_of(ROUTE_TOT, tot, mode, req.head)
+        slot = Slot(conn, ROUTE_TOT, mode, req.head)
+        try:
+            outcome = self.store.read_tot(req.cred, slot, ordered)
+        except AccManError as e:
+            return self.error_of(ROUTE_TOT, e, mode, req.head)
+        return self._settled(slot, outcome)
+
+    def _mod(self, conn, req, mode):
+        if self.server.stopping:
+            return self.error("mod", 503, "shutting_down",
+                              "the server is shutting down; retry on another", mode)
+        slot = Slot(conn, ROUTE_MOD, mode)
+        slot.t0 = perf_counter()
+        try:
+            outcome = self.store.submit(req.cred, req.by, req.min, req.key, slot, req.low)
+        except AccManError as e:
+            return self.error_of(ROUTE_MOD, e, mode)
+        return self._settled(slot, outcome)
+
+    def _past(self, conn, req, mode, ordered):
+        slot = Slot(conn, ROUTE_PAST, mode, req.head)
+        try:
+            outcome = self.store.read_past(req.cred, req.limit, req.before, slot, ordered)
+        except AccManError as e:
+            return self.error_of(ROUTE_PAST, e, mode, req.head)
+        return self._settled(slot, outcome)
+
+    def _hold_or_settle(self, conn, req, mode):
+        route = req.route
+        if self.server.stopping:
+            return self.error(ROUTE_NAMES[route], 503, "shutting_down",
+                              "the server is shutting down; retry on another", mode)
+        slot = Slot(conn, route, mode)
+        try:
+            if route == ROUTE_HOLD:
+                outcome = self.store.submit_hold(req.cred, req.by, req.ttl, req.min, req.key,
+                                                 slot)
+            else:
+                outcome = self.store.submit_settle(req.cred, req.hold, req.use, slot)
+        except AccManError as e:
+            return self.error_of(route, e, mode)
+        return self._settled(slot, outcome)
+
+    def _events(self, conn, req, mode):
+        slot = Slot(conn, ROUTE_EVENTS, mode, req.head)
+        try:
+            outcome = self.store.read_events(req.after, req.limit, req.wait, slot)
+        except AccManError as e:
+            return self.error_of(ROUTE_EVENTS, e, mode, req.head)
+        return self._settled(slot, outcome)
+
+    def _health(self, mode, head):
+        if self.server.stopping:
+            return self.error("health", 503, "shutting_down", "the server is shutting down",
+                              mode, head=head)
+        if not self.store.healthy:
+            return self.error("health", 503, "unavailable",
+                              "the store cannot commit; the server takes no writes", mode,
+                              head=head)
+        self.requests["health", 200] += 1
+        body = replies.HEALTH_BODY % getattr(self.store, "open_holds", 0)
+        return T200[mode] % (DATE.now, len(body), b"" if head else body)
+
+    # --- outcomes to replies: each success reply is built here -------------------
+
+    def _settled(self, slot, outcome):
+        if outcome is None:
+            slot.pending = True
+            return slot
+        return self.reply_of(slot.route, outcome, slot.mode, slot.head)
+
+    def reply_of(self, route, outcome, mode, head=False):
+        """The reply to a store's outcome: its value, or an AccManError."""
+        if isinstance(outcome, AccManError):
+            return self.error_of(route, outcome, mode, head)
+        if route == ROUTE_TOT:
+            self.metrics.tot_ok += 1
+            body = TOT_BODY % outcome
+        else:
+            if route == ROUTE_MOD or route == ROUTE_SETTLE:
+                body = MOD_BODY % outcome
+            elif route == ROUTE_PAST:
+                body = past_body(outcome.account, outcome.entries, outcome.next)
+            elif route == ROUTE_HOLD:
+                body = HOLD_BODY % outcome
+            elif route == ROUTE_EVENTS:
+                body = events_body(*outcome)
+            else:
+                raise AssertionError(f"no success reply for route {route}")
+            self.requests[ROUTE_NAMES[route], 200] += 1
+        return T200[mode] % (DATE.now, len(body), b"" if head else body)
+
+    def error_of(self, route, e, mode, head=False):
+        extra = {}
+        if isinstance(e, Insufficient):
+            extra["tot"] = e.tot
+        elif isinstance(e, EventsTrimmed):
+            extra["first"] = e.first
+        name = ROUTE_NAMES.get(route, "none")
+        if not isinstance(e, AccManError):
+            return self.error(name, 500, "internal", "the store failed unexpectedly", mode)
+        return self.error(name, e.status, e.code, e.detail, mode, head=head, **extra)
+
+    def error(self, route_name, status, code, detail, mode, extra_headers=b"", head=False,
+              **extra):
+        self.requests[route_name, status] += 1
+        if status not in replies.REASONS:
+            status = 500
+        return replies.reply(status, replies.error_body(code, detail, **extra), mode,
+                             extra_headers, head=head)

@@ -1,0 +1,127 @@
+"""Starting and stopping `accman serve`: the checks made before a port is
+bound, the descriptor limit, the event loop, the signals."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import os
+import resource
+import socket
+import sys
+
+from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
+from accman.limits import FDS_RESERVED
+from accman.server.server import Server
+from accman.server.settings import ServerLimits
+
+
+def is_loopback(host) -> bool:
+    """True when every address `host` names is a loopback address."""
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    addrs = {info[4][0].split("%")[0] for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
+
+
+def fit_to_descriptors(limits: ServerLimits) -> ServerLimits:
+    """Raises the soft RLIMIT_NOFILE to the hard one, and lowers the
+    connection cap to stay FDS_RESERVED under it (SPEC "Limits": running
+    out of descriptors refuses connections, it never stops commits)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass            # a container may refuse: the cap below still holds
+    room = soft - FDS_RESERVED
+    if room < 1:
+        raise StartupError(f"the descriptor limit is {soft}; accman needs more than "
+                           f"{FDS_RESERVED} (ulimit -n)")
+    if limits.connections_max > room:
+        limits = dataclasses.replace(limits, connections_max=room)
+    return limits
+
+
+def open_ledger(data_path: str, verify: str):
+    from accman.ledger import Ledger
+    try:
+        return Ledger(data_path, verify=verify)
+    except StoreLocked:
+        raise StartupError(
+            f"data directory {data_path} is in use by another accman server") from None
+    except StoreCorrupt as e:
+        raise StartupError(f"corrupt data directory: {e.detail}") from None
+    except StoreError as e:
+        raise StartupError(f"cannot open data directory {data_path}: {e.detail}") from None
+
+
+def _loop_exception_handler(_loop, context):
+    # Never print the context's repr: it can hold a protocol and its buffers.
+    exc = context.get("exception")
+    what = type(exc).__name__ if exc is not None else "error"
+    print(f"accman: event loop {what}: {context.get('message', '')}",
+          file=sys.stderr, flush=True)
+
+
+def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
+        limits=None, store=None, ready=None, verify="full") -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
+    StartupError (one line for a person) when it cannot start.
+
+    `store`, when given, is served instead of opening the ledger in `data`
+    (tests inject a wrapped or faulty one this way); it is closed on the
+    way out."""
+    import uvloop
+
+    limits = fit_to_descriptors(limits or ServerLimits.from_env())
+    if tokens is None and not is_loopback(host):
+        raise StartupError(
+            f"refusing to serve on {host or 'all interfaces'} without tokens: "
+            f"pass --tokens FILE, or bind a loopback address such as 127.0.0.1")
+    # Files this process makes are its own (SPEC "Access": data files 0600).
+    os.umask(0o077)
+    data_path = os.path.abspath(data)
+    if store is None:
+        store = open_ledger(data_path, verify)
+    where = getattr(store, "where", f"data={getattr(store, 'path', data_path)}")
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.set_exception_handler(_loop_exception_handler)
+    try:
+        server = Server(store, tokens=tokens, limits=limits, loop=loop)
+        store.bind_loop(loop, deliver=server.deliver)
+        try:
+            bound_host, bound_port = loop.run_until_complete(server.start(host, port))
+        except OSError as e:
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+        # Before the ready line: whoever waits for it may signal at once.
+        server.install_signal_handlers()
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        line = f"accman: serving http://{url_host}:{bound_port} {where}"
+        if ready is None:
+            print(line, flush=True)
+        else:
+            ready(line)
+        loop.run_until_complete(server.serve_until_stopped())
+        failure = None if store.healthy else (getattr(store, "failure", None)
+                                              or "the store failed to commit")
+    finally:
+        try:
+            store.close()
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+    if failure is not None:
+        print(f"accman: stopped; {failure}", file=sys.stderr, flush=True)
+        return 1
+    print("accman: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,262 @@
+"""The server: the listening socket, the connections and what they share
+(the store's completions, the buffered-bytes budget, the timers, shutdown).
+
+Completions of one batch arrive in one loop callback (`deliver`); each
+touched connection is then flushed once (Redis's beforeSleep: replies leave
+after the append-only file is written).  Timers are one periodic sweep over
+all connections and one clock for the Date header, not one timer per
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from time import perf_counter
+
+from accman.server.metrics import Metrics
+from accman.server._wire import ROUTE_MOD
+from accman.server.replies import CLOSE, DATE, KEEP, MOD_BODY, T200_KEEP, error_body, reply
+from accman.server.routes import Routes, Slot
+from accman.server.settings import ServerLimits
+from accman.server.state import OPEN
+from accman.server.connection import Connection
+
+
+def _refusal(detail: str) -> bytes:
+    return reply(503, error_body("busy", detail), CLOSE)
+
+
+class Server:
+    """Serves a store (accman/store.py) over HTTP/1.1."""
+
+    def __init__(self, store, *, tokens=None, limits=None, loop=None):
+        self.store = store
+        self.tokens = tokens
+        self.limits = limits or ServerLimits()
+        self.loop = loop or asyncio.get_event_loop()
+        self.metrics = Metrics()
+        self.routes = Routes(self)
+        self.connections = set()
+        self.peers: dict = {}           # peer address -> open connections
+        self.paused = set()             # connections not being read
+        self.buffered = 0               # bytes held for all connections (account)
+        self.over_budget = False
+        self.stopping = False
+        self.listener = None
+        self._ready = []
+        self._flush_scheduled = False
+        self._sweeper = None
+        self._clock = None
+        self._stopped = None
+        self._hurry = False
+
+    async def start(self, host, port):
+        self.listener = await self.loop.create_server(
+            lambda: Connection(self), host, port, backlog=1024, reuse_address=True)
+        self._sweeper = self.loop.call_later(self.limits.sweep_interval_s, self._sweep)
+        self._tick()
+        self._stopped = asyncio.Event()
+        return self.listener.sockets[0].getsockname()[:2]
+
+    # --- connections in and out ---------------------------------------------------
+
+    def admit(self, conn, transport):
+        """None to take a new connection, or the refusal to send it."""
+        limits = self.limits
+        if self.stopping:
+            return _refusal("the server is shutting down; retry on another")
+        if len(self.connections) >= limits.connections_max:
+            self.metrics.connections_refused += 1
+            return _refusal("the server is at CONNECTIONS_MAX connections; retry later")
+        peer = transport.get_extra_info("peername")
+        peer = peer[0] if isinstance(peer, tuple) else str(peer)
+        if self.peers.get(peer, 0) >= limits.connections_per_peer_max:
+            self.metrics.connections_refused += 1
+            return _refusal("this address has CONNECTIONS_PER_PEER_MAX connections open; "
+                            "reuse them, or retry later")
+        conn.peer = peer
+        self.peers[peer] = self.peers.get(peer, 0) + 1
+        self.connections.add(conn)
+        return None
+
+    def forget(self, conn):
+        """A connection leaves: shut (lingering needs no slot) or lost."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            left = self.peers[conn.peer] - 1
+            if left:
+                self.peers[conn.peer] = left
+            else:
+                del self.peers[conn.peer]
+        self.paused.discard(conn)
+        if conn.buffered:
+            self._add_buffered(-conn.buffered)
+            conn.buffered = 0
+
+    # --- the buffered-bytes budget (SERVER_BUFFER_BYTES_MAX) ----------------------
+
+    def account(self, conn):
+        """Counts what `conn` holds now: reply bytes in its transport and
+        request bytes in its parser."""
+        held = conn.transport.get_write_buffer_size() + conn.parser.held_bytes
+        if held != conn.buffered:
+            self._add_buffered(held - conn.buffered)
+            conn.buffered = held
+
+    def _add_buffered(self, delta):
+        self.buffered += delta
+        budget = self.limits.server_buffer_bytes_max
+        if not self.over_budget:
+            if self.buffered > budget:
+                self.over_budget = True
+                self.metrics.budget_pauses += 1
+        elif self.buffered <= budget * 3 // 4:
+            self.over_budget = False
+            # call_soon: this runs inside another connection's callback.
+            self.loop.call_soon(self._resume_paused)
+
+    def _resume_paused(self):
+        for conn in list(self.paused):
+            if conn.state == OPEN:
+                conn.flush()
+
+    # --- the store's completions ------------------------------------------------------
+
+    def deliver(self, pairs):
+        """A batch's completions, on the loop (the store's bind_loop): a
+        successful mod waiting alone on a plain keep-alive connection, the
+        common case under load, is answered here in one pass; any other goes
+        through its Slot and its connection's flush, and a callback that is
+        not a Slot (another user of the store on this loop) is called."""
+        now = perf_counter()
+        loop_now = self.loop.time()
+        waited = []
+        date = DATE.now
+        for done, outcome in pairs:
+            try:
+                if type(done) is not Slot:
+                    done(outcome)
+                    continue
+                conn = done.conn
+                waiting = conn.waiting
+                if (type(outcome) is not tuple or done.route != ROUTE_MOD or done.mode != KEEP
+                        or len(waiting) != 1 or waiting[0] is not done or conn.state != OPEN
+                        or conn.eof or conn.read_paused):
+                    done.done(outcome)
+                    continue
+                waiting.pop()
+                waited.append(now - done.t0)
+                # routes.reply_of's mod reply, inlined: this runs per mod.
+                body = MOD_BODY % outcome
+                conn.transport.write(T200_KEEP % (date, len(body), body))
+                conn.last_active_at = loop_now
+            except Exception as e:     # a bug here: that connection closes, not the rest
+                self.internal_error(getattr(done, "conn", None), e)
+        if waited:
+            self.metrics.mod_latency_s.observe_all(waited)
+            self.metrics.requests["mod", 200] += len(waited)
+
+    def mark_ready(self, conn):
+        self._ready.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_ready)
+
+    def _flush_ready(self):
+        ready, self._ready = self._ready, []
+        self._flush_scheduled = False
+        seen = set()
+        for conn in ready:
+            if conn not in seen:
+                seen.add(conn)
+                conn.flush()
+
+    # --- timers -------------------------------------------------------------------------
+
+    def _tick(self):
+        """The Date header's clock: refreshed just after each second turns."""
+        now = self.loop.time()
+        DATE.refresh()
+        self._clock = self.loop.call_at(now + 1.0 - (now % 1.0) + 0.001, self._tick)
+
+    def _drain_samples(self):
+        # The store keeps per-batch samples until drained; draining every
+        # sweep keeps its buffer far from its cap.
+        drain = getattr(self.store, "drain_samples", None)
+        if drain is not None:
+            self.metrics.observe_batches(*drain())
+
+    def _sweep(self):
+        self._drain_samples()
+        now = self.loop.time()
+        buffered = 0
+        for conn in list(self.connections):
+            conn.sweep(now)
+            if conn in self.connections:
+                self.account(conn)
+                buffered += conn.buffered
+        # What drained since it was counted (the transport says nothing
+        # between its water marks) is uncounted here, exactly.
+        self._add_buffered(buffered - self.buffered)
+        self._sweeper = self.loop.call_later(self.limits.sweep_interval_s, self._sweep)
+
+    def render_metrics(self) -> bytes:
+        try:
+            self._drain_samples()
+            stats = dict(self.store.stats)
+        except Exception:
+            stats = {}
+        return self.metrics.render(open_connections=len(self.connections),
+                                   healthy=self.store.healthy and not self.stopping,
+                                   buffered_bytes=self.buffered, stats=stats)
+
+    def internal_error(self, conn, exc):
+        # Only the type and where it was raised: an exception's message may
+        # quote a credential.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+        print(f"accman: internal error {type(exc).__name__} at {where}; connection closed",
+              file=sys.stderr, flush=True)
+        if conn is None or not conn.fail():
+            return
+        transport = conn.transport
+        if not transport.is_closing():
+            transport.write(reply(500, error_body("internal", "the server failed on this request"),
+                                  CLOSE))
+            transport.close()
+
+    # --- stopping -----------------------------------------------------------------------
+
+    def request_stop(self, signame="signal"):
+        if self.stopping:
+            self._hurry = True       # a second signal: skip the grace
+            return
+        print(f"accman: {signame}: stopping", file=sys.stderr, flush=True)
+        self.loop.create_task(self._shutdown())
+
+    async def _shutdown(self):
+        self.stopping = True
+        if self.listener is not None:
+            self.listener.close()
+        for conn in list(self.connections):
+            conn.stop()
+        deadline = self.loop.time() + self.limits.shutdown_grace_s
+        while self.connections and not self._hurry and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.abort()
+        for timer in (self._sweeper, self._clock):
+            if timer is not None:
+                timer.cancel()
+        self._stopped.set()
+
+    def install_signal_handlers(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_stop, sig.name)
+
+    async def serve_until_stopped(self):
+        await self._stopped.wait()

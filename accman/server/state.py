@@ -1,0 +1,104 @@
+"""A connection's state and every transition of it, in one place (h11's
+_state.py: everything that affects the state machine lives here).
+
+    OPEN --take_no_more--> DRAINING --nothing owed--> SHUT --client closes--> CLOSED
+      '--------------- lost, abort, an internal error --------------------------'
+
+- OPEN: requests are read and answered.
+- DRAINING: no request is taken any more (a framing error, `Connection:
+  close`, a 401, the head deadline, shutdown); the replies still owed go
+  out, then SHUT.  A client's half-close (`eof`) drains the same way.
+- SHUT: a FIN follows the last reply, and the connection lingers, reading
+  and discarding, until the client closes or LINGER_S passes (nginx's
+  lingering close: closing while the client still sends makes the kernel
+  reset the connection, and a reset can destroy the reply before it is read).
+- CLOSED: the transport is gone.
+
+Whether reading is paused is derived, in `update_reading`, from the
+conditions that call for it: the transport's buffer is full, the pipeline is
+full or held back, the server is over its buffered-bytes budget, or the
+connection drains.  Nothing else pauses or resumes reading.
+"""
+
+from __future__ import annotations
+
+OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
+
+
+class Lifecycle:
+    """The transitions, mixed into Connection, whose attributes they use:
+    state, eof, read_paused, write_paused, waiting, backlog, parser,
+    transport, server."""
+
+    __slots__ = ()
+
+    def take_no_more(self) -> None:
+        """OPEN -> DRAINING: answer what is owed, take nothing new."""
+        if self.state == OPEN:
+            self.state = DRAINING
+            self.backlog = None
+
+    def peer_eof(self) -> None:
+        """The client half-closed: it still gets the replies it is owed."""
+        self.eof = True
+        if self.state == SHUT:
+            self.transport.close()      # lingering after our FIN: the client is done too
+        elif self.state != CLOSED:
+            self.take_no_more()
+            self.finish([])
+
+    def owes(self) -> bool:
+        """True while a reply is owed or a request is still to be taken."""
+        if self.waiting:
+            return True
+        return self.state == OPEN and (self.backlog is not None or self.parser.held_bytes > 0)
+
+    def shut(self) -> None:
+        """-> SHUT: FIN after the replies already written, then linger."""
+        self.state = SHUT
+        self.shut_at = self.server.loop.time()
+        transport = self.transport
+        if self.eof or self.server.stopping or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+
+    def lost(self) -> None:
+        """The transport is gone (connection_lost)."""
+        self.state = CLOSED
+        self.backlog = None
+        self.waiting.clear()
+        self.server.forget(self)
+
+    def abort(self) -> None:
+        """-> CLOSED at once: a client that makes no progress, or shutdown's end."""
+        self.lost()
+        self.transport.abort()
+
+    def fail(self) -> bool:
+        """An internal error on this connection: a 500 is to be sent, then
+        it closes.  False when it is closed or shut already."""
+        if self.state >= SHUT:
+            return False
+        self.lost()
+        return True
+
+    def update_reading(self) -> None:
+        if self.state >= SHUT:
+            return
+        server = self.server
+        pause = (self.state != OPEN or self.write_paused or self.backlog is not None
+                 or self.parser.held_bytes > 0 or len(self.waiting) >= self.pipeline_max
+                 or (server.over_budget and self.buffered > 0))
+        if pause != self.read_paused:
+            self.read_paused = pause
+            if pause:
+                self.transport.pause_reading()
+                server.paused.add(self)
+            else:
+                self.head_started_at = 0.0
+                self.transport.resume_reading()
+                server.paused.discard(self)
