@@ -13,7 +13,7 @@ import pytest
 from accman.calling import asgi as asgi_mod
 from accman.asgi import AccManMiddleware, fingerprint
 from accman.client import AccManClient
-from test_client import FakeAccMan, closed_port, run
+from fake_accman import FakeAccMan, closed_port, run
 
 CRED = "alice_4f9a-SECRET"
 
