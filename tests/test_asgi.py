@@ -1,6 +1,6 @@
 """The ASGI middleware (accman.asgi), driven directly as an ASGI app against
-the fake AccMan of tests/fake_accman.py: every branch of both modes,
-refunds and releases.  tests/test_asgi_failures.py has AccMan's
+the fake AccMan of tests/fake_accman.py: every branch of both modes, what
+is free, refunds and releases.  tests/test_asgi_failures.py has AccMan's
 failures and the owed mods."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from accman.asgi import AccManMiddleware, fingerprint
 from accman.calling import owed as owed_mod
 from accman.client import AccManClient
 from asgi_harness import CRED, call, history, make_app, mw
-from fake_accman import FakeAccMan, run
+from fake_accman import FakeAccMan, closed_port, run
 
 
 @pytest.fixture
@@ -137,6 +137,54 @@ def test_check_mode_charge_that_fails_after_serving_is_retried_with_its_key(fake
     assert r.status == 200 and "accman" not in r.headers      # served; balance unknown
     assert fake.tot(CRED) == 8 and history(fake) == [(10, None), (-2, "-c")]
     assert m.stats["owed"] == 1 and m.stats["stranded"] == 0
+
+
+# --- what is free -------------------------------------------------------------
+@pytest.mark.parametrize("status", [404, 405, 400, 500])
+def test_an_error_response_is_not_charged_in_check_mode(fake, status):
+    fake.fund(CRED, 10)
+    m = mw(fake, make_app(status=status), cost=3)
+    r = run(call(m, "/nope"))
+    assert r.status == status and r.headers["accman"] == "10"
+    assert fake.tot(CRED) == 10 and fake.mods() == []
+    assert m.stats["free_status"] == 1 and m.stats["charged"] == 0
+
+
+@pytest.mark.parametrize("status", [404, 405, 400, 500])
+def test_an_error_response_releases_the_whole_hold_in_reserve_mode(fake, status):
+    fake.fund(CRED, 10)
+    m = mw(fake, make_app(status=status), mode="reserve", cost=3)
+    r = run(call(m, "/nope"))
+    assert r.status == status and r.headers["accman"] == "10"
+    assert history(fake) == [(10, None), (-3, "-r"), (3, "-s")]
+    assert m.stats["free_status"] == 1 and m.stats["released"] == 1
+
+
+def test_responses_under_400_are_charged(fake):
+    fake.fund(CRED, 10)
+    for status, tot in [(200, "9"), (201, "8"), (304, "7"), (399, "6")]:
+        assert run(call(mw(fake, make_app(status=status)))).headers["accman"] == tot
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_charge_below_is_configurable(fake, mode):
+    fake.fund(CRED, 10)
+    every = mw(fake, make_app(status=404), mode=mode, cost=2, charge_below=None)
+    assert run(call(every)).headers["accman"] == "8"
+    only_5xx_free = mw(fake, make_app(status=404), mode=mode, cost=2, charge_below=500)
+    assert run(call(only_5xx_free)).headers["accman"] == "6"
+    failing = mw(fake, make_app(status=503), mode=mode, cost=2, charge_below=500)
+    r = run(call(failing))
+    assert r.status == 503 and r.headers["accman"] == "6" and fake.tot(CRED) == 6
+
+
+def test_an_error_response_served_while_accman_is_down_is_not_unpaid():
+    unpaid = []
+    m = AccManMiddleware(make_app(status=404), url=f"http://127.0.0.1:{closed_port()}",
+                         retries=0, on_unavailable="open",
+                         on_unpaid=lambda cred, amount: unpaid.append(amount))
+    assert run(call(m)).status == 404
+    assert unpaid == [] and m.stats["unpaid_requests"] == 0
 
 
 # --- reserve mode -----------------------------------------------------------
@@ -280,6 +328,9 @@ def test_configuration_errors_are_refused_at_once(fake):
         AccManMiddleware(app)
     with pytest.raises(ValueError):
         AccManMiddleware(app, url="http://h", token="bad token")
+    for charge_below in (199, 601, True, "400", 400.0):
+        with pytest.raises(ValueError, match="charge_below"):
+            AccManMiddleware(app, url=fake.url, charge_below=charge_below)
 
 
 def test_a_cost_function_returning_garbage_is_a_server_error(fake):

@@ -148,6 +148,17 @@ def test_a_funded_request_is_charged_and_told_its_balance(stack, mode):
 
 
 @pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_typo_and_a_wrong_method_cost_nothing(stack, mode):
+    cred = new_cred(stack, 5)
+    with httpx.Client(base_url=stack[mode]) as http:
+        r = http.get("/nope", headers={"ACCMAN": cred})
+        assert r.status_code == 404 and r.headers["accman"] == "5"
+        r = http.post("/weather", headers={"ACCMAN": cred})
+        assert r.status_code == 405 and r.headers["accman"] == "5"
+    assert tot(stack, cred) == 5
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
 def test_no_credential_and_unknown_account_are_401(stack, mode):
     with httpx.Client(base_url=stack[mode]) as http:
         r = http.get("/weather")

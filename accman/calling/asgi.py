@@ -6,8 +6,10 @@
 For every HTTP request that is not exempt it reads the credential from the
 `ACCMAN` request header, admits or refuses the request, lets the app serve
 it, charges the cost when the response starts and adds `ACCMAN: <new
-balance>` to the response headers.  docs/CALLING.md has the sequence of
-calls, both modes and every failure.
+balance>` to the response headers.  A response with a status of
+`charge_below` (400) or more is not charged: a consumer does not pay for a
+typo (404) or a refusal.  docs/CALLING.md has the sequence of calls, both
+modes and every failure.
 
 Modes:
 
@@ -50,12 +52,16 @@ log = logging.getLogger("accman.asgi")
 # default: a request waits at most this long per attempt for its admission.
 TIMEOUT_S_DEFAULT = 2.0
 RETRIES_DEFAULT = 1
+# Responses with this status or more are free by default: the consumer did
+# not get what it asked for (RFC 9110: 4xx the client's error, 5xx the
+# service's).
+CHARGE_BELOW_DEFAULT = 400
 
 _CRED_RE = re.compile(r"[A-Za-z0-9_-]+")
 _JSON = (b"content-type", b"application/json")
 _STATS = ("requests", "exempt", "refused_no_credential", "refused_no_account",
           "refused_insufficient", "refused_unavailable", "charged", "charged_amount",
-          "released", "capped", "unpaid_requests", "unpaid_amount", "owed",
+          "free_status", "released", "capped", "unpaid_requests", "unpaid_amount", "owed",
           "stranded")
 
 
@@ -92,7 +98,8 @@ class AccManMiddleware:
     headers None before the app runs for the estimate (the balance a request
     needs in "check" mode, the amount held in "reserve" mode), then with the
     response's status and ASGI header list when the response starts, for
-    the charge.
+    the charge.  A response whose status is `charge_below` or more is free
+    without asking `cost`; `charge_below=None` leaves every status to it.
 
     `exempt` and `prices` name paths exactly, or by prefix when they end in
     `*`; the longest matching price wins.  Exempt paths never touch AccMan.
@@ -105,7 +112,8 @@ class AccManMiddleware:
                  cost=1, header: str = "accman", mode: str = "check",
                  on_unavailable: str = "closed", exempt=(), prices=None, *,
                  client=None, timeout_s: float = TIMEOUT_S_DEFAULT,
-                 retries: int = RETRIES_DEFAULT, on_unpaid=None):
+                 retries: int = RETRIES_DEFAULT, on_unpaid=None,
+                 charge_below: int | None = CHARGE_BELOW_DEFAULT):
         if mode not in ("check", "reserve"):
             raise ValueError('mode must be "check" or "reserve"')
         if on_unavailable not in ("closed", "open"):
@@ -114,11 +122,15 @@ class AccManMiddleware:
             raise ValueError("AccManMiddleware needs the AccMan url (or a client)")
         if not isinstance(header, str) or re.fullmatch(r"[A-Za-z0-9-]+", header) is None:
             raise ValueError("header must be a plain header name")
+        if charge_below is not None and (isinstance(charge_below, bool) or not isinstance(
+                charge_below, int) or not 200 <= charge_below <= 600):
+            raise ValueError("charge_below must be a status from 200 to 600, or None")
         self.app = app
         self.mode = mode
         self._reserve = mode == "reserve"
         self._open = on_unavailable == "open"
         self._header = header.lower().encode("ascii")
+        self._charge_below = charge_below
         self._cost = self._price_value(cost, "cost")
         self._exempt_exact, self._exempt_prefixes = set(), []
         for path in exempt:
@@ -274,7 +286,8 @@ class AccManMiddleware:
             async def send_(message):
                 if message["type"] == "http.response.start":
                     cost = self._cost_of_response(price, scope, message)
-                    self._unpaid(cred, cost, err.code)
+                    if cost:
+                        self._unpaid(cred, cost, err.code)
                 await send(message)
 
             return await self.app(scope, receive, send_)
@@ -363,8 +376,13 @@ class AccManMiddleware:
         return price
 
     def _cost_of_response(self, price, scope, message) -> int:
-        """The charge for the response that `message` starts."""
-        return self._charge_of(price, scope, message["status"], message.get("headers", ()))
+        """The charge for the response that `message` starts: nothing when
+        its status is `charge_below` or more."""
+        status = message["status"]
+        if self._charge_below is not None and status >= self._charge_below:
+            self.stats["free_status"] += 1
+            return 0
+        return self._charge_of(price, scope, status, message.get("headers", ()))
 
     def _charged(self, cost: int) -> None:
         if cost:
@@ -460,4 +478,4 @@ async def _refuse(send, status: int, code: str, detail: str, headers=(), extra=N
 
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",
-           "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "SHUTDOWN_DRAIN_S"]
+           "CHARGE_BELOW_DEFAULT", "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "SHUTDOWN_DRAIN_S"]
