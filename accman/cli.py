@@ -280,7 +280,9 @@ def cmd_call(args) -> int:
 
 
 def _unknown_hint(args, e) -> str:
-    if args.command != "mod" or isinstance(e, Unreachable):
+    if isinstance(e, Unreachable):
+        return "; nothing was sent"
+    if args.command != "mod":
         return ""
     if args.key is not None:
         return ("; the mod may or may not have applied: run the same command again, with the "

@@ -235,6 +235,8 @@ def test_no_server_exits_3(tmp_path):
         port = s.getsockname()[1]       # bound but not listening: refused
         proc = run_accman("tot", "abc", "--url", f"http://127.0.0.1:{port}")
         assert proc.returncode == 3 and "no answer" in proc.stderr
+        proc = run_accman("mod", "abc", "-1", "--url", f"http://127.0.0.1:{port}")
+        assert proc.returncode == 3 and "nothing was sent" in proc.stderr
         proc = run_accman("open", "--by", 5, "--url", f"http://127.0.0.1:{port}")
     assert proc.returncode == 3 and proc.stdout == ""
     assert "nothing was opened" in proc.stderr
