@@ -1,29 +1,44 @@
 """The command line: `accman serve | open | tot | mod | past | verify`.
 
 Exit codes: 0 success; 1 the server (or the check) answered with an error;
-2 bad flags, or `serve` could not start (busy port, data directory locked or
-corrupt, bad tokens file, a non-loopback bind without tokens); 3 no answer
-from the server (cannot connect, timeout, cut connection: for `mod` and
-`open` the outcome is then unknown).
+2 bad flags or values (refused before anything is sent), or `serve` could
+not start (busy port, data directory locked or corrupt, bad tokens file, a
+non-loopback bind without tokens); 3 no answer from the server (cannot
+connect, timeout, cut connection: for `mod` and `open` the outcome may then
+be unknown, and the message says what to do).
 
-Client commands use plain http.client against a running server; the URL and
-token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are sent as
-given (percent-encoded only where they leave the SPEC's alphabet), so the
-server, not this tool, decides what is valid.
+The client commands use AccManSyncClient against a running server; the URL
+and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
+checked against the SPEC's rules here, before anything is sent (numbers
+are plain ASCII decimals, never Python's `int()` on raw text).  A reply is
+printed as one line of JSON in the SPEC's shape; `open` prints the new
+credential alone, so that `cred=$(accman open --by 100)` works.
 """
 
 import argparse
-import http.client
 import json
 import os
+import re
 import secrets
 import sys
-import urllib.parse
+
+import accman
+from accman.calling.requests import check_name
+from accman.calling.sync import AccManSyncClient
+from accman.errors import (AccManError, BadRequest, Forbidden, Insufficient, OutcomeUnknown,
+                           Unauthorized, Unreachable)
+from accman.limits import CRED_CHARS_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_DATA = "./accman-data"
 CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an error
+# The idempotency key of the mod that opens an account: the credential is
+# new, so one key suffices, and it makes the opening safe to repeat.
+OPEN_KEY = "accman-open"
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+
+_DECIMAL_RE = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -46,15 +61,21 @@ def _port(text):
 
 def build_parser():
     p = _ArgumentParser(prog="accman", description="Prepaid balances for web APIs.")
+    p.add_argument("--version", action="version", version=f"accman {accman.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p.commands = {}
 
-    s = sub.add_parser("serve", help="run the HTTP service")
+    def command(name, help_text):
+        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        return c
+
+    s = command("serve", "run the HTTP service")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; others need --tokens)")
     s.add_argument("--port", type=_port, default=8080,
                    help="port (default 8080; 0 picks a free one)")
-    s.add_argument("--data", default="./accman-data",
-                   help="data directory (default ./accman-data; created if missing)")
+    s.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"data directory (default {DEFAULT_DATA}; created if missing)")
     s.add_argument("--tokens", metavar="FILE",
                    help="tokens file: one `ROLE[,ROLE...] TOKEN` a line")
     s.add_argument("--verify", choices=("full", "heads"), default="full",
@@ -63,13 +84,13 @@ def build_parser():
                         "account's newest entry (heads)")
 
     def client(name, help_text):
-        c = sub.add_parser(name, help=help_text)
+        c = command(name, help_text)
         c.add_argument("--url", default=None,
                        help=f"server URL (default $ACCMAN_URL or {DEFAULT_URL})")
         c.add_argument("--token", default=None, help="bearer token (default $ACCMAN_TOKEN)")
         return c
 
-    o = client("open", "make a new credential funded with --by")
+    o = client("open", "make a new credential funded with --by (needs the mint role)")
     o.add_argument("--by", required=True, help="the opening balance, a positive integer")
 
     def takes_cred(c, example):
@@ -81,39 +102,38 @@ def build_parser():
     t = client("tot", "print an account's balance")
     takes_cred(t, "accman tot -- -xYz")
 
-    m = client("mod", "change a balance by BY (negative charges)")
+    m = client("mod", "change a balance by BY (negative charges, positive funds)")
     takes_cred(m, "accman mod --min 0 -- -xYz -3")
     m.add_argument("by")
     m.add_argument("--min", default=None, help="apply only if the new balance is >= MIN")
-    m.add_argument("--key", default=None, help="idempotency key")
+    m.add_argument("--key", default=None,
+                   help="idempotency key: the same mod with the same key applies at most once")
 
     h = client("past", "print an account's history, newest first")
     takes_cred(h, "accman past --limit 5 -- -xYz")
-    h.add_argument("--limit", default=None, help="entries per page (1..1000, default 100)")
+    h.add_argument("--limit", default=None,
+                   help=f"entries per page (1..{PAST_LIMIT_MAX}, default 100)")
     h.add_argument("--before", default=None, help="only entries with seq < BEFORE")
 
-    v = sub.add_parser("verify", help="check a data directory (the server must be stopped)")
-    v.add_argument("--data", default="./accman-data")
+    v = command("verify", "check a data directory (the server must be stopped)")
+    v.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"data directory (default {DEFAULT_DATA})")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Said by the command's own parser, so that it points at its --help.
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "verify":
         return cmd_verify(args)
     if args.command == "open":
         return cmd_open(args)
-    if args.command == "tot":
-        return _print_call(args, "GET", "/tot", [("cred", args.cred)])
-    if args.command == "mod":
-        return _print_call(args, "PATCH", "/mod", [
-            ("cred", args.cred), ("by", args.by), ("min", args.min), ("key", args.key)])
-    if args.command == "past":
-        return _print_call(args, "GET", "/past", [
-            ("cred", args.cred), ("limit", args.limit), ("before", args.before)])
-    raise AssertionError(args.command)
+    return cmd_call(args)
 
 
 # --- serve / verify ----------------------------------------------------------
@@ -124,10 +144,15 @@ def _fail(message, code=EXIT_USAGE):
 
 
 def cmd_serve(args) -> int:
-    from accman.errors import TokensError
-    from accman.server.auth import Tokens
-    from accman.server import LimitsError, ServerLimits, StartupError, run
-
+    try:
+        from accman.errors import TokensError
+        from accman.server import LimitsError, ServerLimits, StartupError, run
+        from accman.server.auth import Tokens
+    except ImportError:
+        why = accman.native_missing()
+        if why is None:
+            raise
+        return _fail(why)
     try:
         tokens = Tokens.load(args.tokens) if args.tokens else None
         limits = ServerLimits.from_env()
@@ -143,8 +168,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from accman.errors import AccManError, StoreCorrupt, StoreLocked
-    from accman.ledger import Ledger
+    from accman.errors import StoreCorrupt, StoreLocked
+    try:
+        from accman.ledger import Ledger
+    except ImportError:
+        why = accman.native_missing()
+        if why is None:
+            raise
+        return _fail(why)
 
     path = os.path.abspath(args.data)
     if not os.path.isdir(path):
@@ -159,77 +190,123 @@ def cmd_verify(args) -> int:
     except AccManError as e:
         return _fail(f"cannot open data directory {path}: {e.detail}")
     try:
-        result = ledger.verify()
+        counts = ledger.verify()
     except StoreCorrupt as e:
         print(f"accman: verify {path}: FAILED: {e.detail}", flush=True)
         return EXIT_REFUSED
     finally:
         ledger.close()
-    print(f"accman: verify {path}: ok{_describe(result)}", flush=True)
+    described = ", ".join(f"{name}={n}" for name, n in counts.items())
+    print(f"accman: verify {path}: ok ({described})", flush=True)
     return EXIT_OK
-
-
-def _describe(result):
-    if isinstance(result, dict) and result:
-        return " (" + ", ".join(f"{k}={v}" for k, v in result.items()) + ")"
-    if result not in (None, True):
-        return f" ({result})"
-    return ""
 
 
 # --- client commands ---------------------------------------------------------
 
-class NoAnswer(Exception):
-    pass
+def decimal(text, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    """A number from the command line, by the SPEC's rules for the wire:
+    plain ASCII decimal, an optional "-", no leading zeros, no "+", "_" or
+    spaces (Python's int() takes all of those)."""
+    if _DECIMAL_RE.fullmatch(text) is None or text == "-0":
+        raise BadRequest(f"{what} must be a plain decimal integer, like 100 or -3")
+    value = int(text)
+    if not low <= value <= high:
+        raise BadRequest(f"{what} must be from {low} to {high}")
+    return value
 
 
-def call(url, token, method, path, params, timeout=CLIENT_TIMEOUT_S):
-    """One request; returns (status, body bytes).  Raises NoAnswer."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise NoAnswer(f"not an http URL: {url!r}")
-    query = "&".join(f"{name}={urllib.parse.quote(str(value), safe='-_')}"
-                     for name, value in params if value is not None)
-    target = parts.path.rstrip("/") + path + ("?" + query if query else "")
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    conn = cls(parts.hostname, parts.port, timeout=timeout)
+def _by(text, what="by") -> int:
+    by = decimal(text, what)
+    if by == 0:
+        raise BadRequest(f"{what} must not be 0")
+    return by
+
+
+def _prepare(args):
+    """The call that the command makes, its values checked: a function of
+    the client that returns what to print.  Raises BadRequest."""
+    cred = check_name(args.cred, "cred", CRED_CHARS_MAX)
+    if args.command == "tot":
+        return lambda acc: {"tot": acc.tot(cred)}
+    if args.command == "mod":
+        by = _by(args.by)
+        mn = None if args.min is None else decimal(args.min, "--min")
+        key = None if args.key is None else check_name(args.key, "--key", KEY_CHARS_MAX)
+
+        def mod(acc):
+            tot, seq = acc.mod(cred, by, min=mn, key=key)
+            return {"tot": tot, "seq": seq}
+        return mod
+    limit = None if args.limit is None else decimal(args.limit, "--limit", 1, PAST_LIMIT_MAX)
+    before = None if args.before is None else decimal(args.before, "--before", 1)
+
+    def past(acc):
+        page = acc.past(cred, limit=limit, before=before)
+        return {"account": page.account, "past": [e._asdict() for e in page.entries],
+                "next": page.next}
+    return past
+
+
+def _connect(args):
+    """The client for --url and --token (or their variables).  Raises
+    ValueError naming what is wrong (never the token itself)."""
+    url = args.url or os.environ.get("ACCMAN_URL") or DEFAULT_URL
+    token = args.token or os.environ.get("ACCMAN_TOKEN") or None
     try:
-        conn.request(method, target, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise NoAnswer(f"no answer from {url}: {e or type(e).__name__}") from None
-    finally:
-        conn.close()
+        return AccManSyncClient(url, token, timeout_s=CLIENT_TIMEOUT_S)
+    except ValueError as e:
+        raise ValueError(f"{e} (--url/ACCMAN_URL, --token/ACCMAN_TOKEN)") from None
 
 
-def _endpoint(args):
-    return (args.url or os.environ.get("ACCMAN_URL") or DEFAULT_URL,
-            args.token or os.environ.get("ACCMAN_TOKEN") or None)
+def _usage(args, message) -> int:
+    return _fail(f"{message} (try: accman {args.command} --help)")
 
 
-def _report_error(status, body):
+def cmd_call(args) -> int:
+    """tot, mod and past."""
     try:
-        doc = json.loads(body)
-        text = f"{doc.get('error', 'error')}: {doc.get('detail', '')}"
-        if "tot" in doc:
-            text += f" (tot {doc['tot']})"
-    except (ValueError, AttributeError):
-        text = body[:200].decode("utf-8", "replace")
-    print(f"accman: {status} {text}", file=sys.stderr, flush=True)
+        call = _prepare(args)
+        acc = _connect(args)
+    except (BadRequest, ValueError) as e:
+        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
+    with acc:
+        try:
+            out = call(acc)
+        except (Unreachable, OutcomeUnknown) as e:
+            return _fail(f"no answer: {e.detail}{_unknown_hint(args, e)}", EXIT_NO_ANSWER)
+        except AccManError as e:
+            return _refused(e, _role_hint(args))
+    print(json.dumps(out, separators=(",", ":")), flush=True)
+    return EXIT_OK
 
 
-def _print_call(args, method, path, params) -> int:
-    url, token = _endpoint(args)
-    try:
-        status, body = call(url, token, method, path, params)
-    except NoAnswer as e:
-        return _fail(e, EXIT_NO_ANSWER)
-    if status == 200:
-        print(body.decode("utf-8", "replace"), flush=True)
-        return EXIT_OK
-    _report_error(status, body)
+def _unknown_hint(args, e) -> str:
+    if isinstance(e, Unreachable):
+        return "; nothing was sent"
+    if args.command != "mod":
+        return ""
+    if args.key is not None:
+        return ("; the mod may or may not have applied: run the same command again, with the "
+                "same --key, to apply it at most once and see its result")
+    return ("; the mod may or may not have applied: read `accman past` for this credential "
+            "before you try again (a mod with --key is safe to repeat)")
+
+
+def _role_hint(args) -> str:
+    if args.command != "mod":
+        return "the read role"
+    return "the mint role (a positive by funds)" if _by(args.by) > 0 else "the charge role"
+
+
+def _refused(e: AccManError, role: str) -> int:
+    text = f"accman: {e.status} {e.code}: {e.detail}"
+    if isinstance(e, Insufficient):
+        text += f" (tot {e.tot})"
+    elif isinstance(e, Unauthorized):
+        text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
+    elif isinstance(e, Forbidden):
+        text += f"; this needs a token with {role}"
+    print(text, file=sys.stderr, flush=True)
     return EXIT_REFUSED
 
 
@@ -244,17 +321,28 @@ def new_cred() -> str:
 
 
 def cmd_open(args) -> int:
-    url, token = _endpoint(args)
-    cred = new_cred()
     try:
-        status, body = call(url, token, "PATCH", "/mod", [("cred", cred), ("by", args.by)])
-    except NoAnswer as e:
-        # Unknown outcome: if the mod applied, its account has a credential
-        # nobody was told, so nothing can be spent from it; run open again.
-        return _fail(f"{e}; no credential was issued, run open again", EXIT_NO_ANSWER)
-    if status != 200:
-        _report_error(status, body)
-        return EXIT_REFUSED
+        by = decimal(args.by, "--by")
+        if by <= 0:
+            raise BadRequest("--by must be a positive integer: the opening balance "
+                             "(only a funding mod opens an account)")
+        acc = _connect(args)
+    except (BadRequest, ValueError) as e:
+        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
+    cred = new_cred()
+    with acc:
+        try:
+            acc.mod(cred, by, key=OPEN_KEY)
+        except Unreachable as e:
+            return _fail(f"no answer: {e.detail}; nothing was opened", EXIT_NO_ANSWER)
+        except OutcomeUnknown as e:
+            # The account may exist: hand over its credential, and the
+            # keyed mod that finishes the opening at most once.
+            return _fail(f"no answer: {e.detail}; the account may or may not have been "
+                         f"opened: its credential is {cred}; to finish opening it, run: "
+                         f"accman mod {cred} {by} --key {OPEN_KEY}", EXIT_NO_ANSWER)
+        except AccManError as e:
+            return _refused(e, "the mint role (opening an account funds it)")
     print(cred, flush=True)
     return EXIT_OK
 

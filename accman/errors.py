@@ -144,3 +144,74 @@ class LimitsError(ValueError):
 
 class TokensError(ValueError):
     """The tokens file cannot be used; the message is one line, token-free."""
+
+
+# --- the calling side ----------------------------------------------------------
+# What the clients (accman.calling) raise beyond the codes above: the replies
+# the server builds as an HttpError, and what goes wrong on the way.  What a
+# failure means for a mod is in the type: see docs/CALLING.md, "Errors".
+
+class Unauthorized(AccManError):
+    """401: the client's token is missing or wrong (a configuration error)."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(AccManError):
+    """403: the token's role does not allow this call (for example a
+    positive mod without the `mint` role)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class UnexpectedReply(AccManError):
+    """A well-framed reply the SPEC does not describe for this call (a 404
+    `not_found` or a 405 from a wrong base URL, say).  `status` and `code`
+    are the reply's."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+
+
+class TransportError(AccManError):
+    """No usable reply came from AccMan.  See the subclasses for what that
+    means for a mod."""
+
+    code = "transport"
+    status = 503
+
+
+class Unreachable(TransportError, Unavailable):
+    """Nothing reached the server (connection refused, connect timeout, the
+    client closed): nothing was applied, any call can be retried."""
+
+    code = "unreachable"
+
+
+class OutcomeUnknown(TransportError):
+    """The request was sent, or may have been, and no complete reply came:
+    the connection broke, the reply was malformed, or the call timed out.
+
+    For a mod this is the one case where the caller does not know whether
+    the balance changed.  With a `key`, repeat the mod with the same key
+    (possibly much later): it applies at most once and answers the result.
+    Without a key, read the account's `past` before doing anything else."""
+
+    code = "outcome_unknown"
+
+
+class CallTimeout(OutcomeUnknown):
+    """The call's `timeout_s` passed before the reply."""
+
+    code = "timeout"
+
+
+class BadReply(OutcomeUnknown):
+    """The reply broke HTTP/1.1 framing or the SPEC's JSON shapes.  The
+    connection is closed: its framing can no longer be trusted."""
+
+    code = "bad_reply"

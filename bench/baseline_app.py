@@ -53,56 +53,68 @@ def parse_int(text, pattern, name):
     return value
 
 
-def make_app(path):
-    db = plyvel.DB(path, create_if_missing=True)
+def query(request, allowed):
+    """The query's parameters and its credential, by the SPEC's rules."""
+    params = request.query_params
+    names = [k for k, _ in params.multi_items()]
+    if len(names) != len(set(names)):
+        raise ValueError("a parameter appears more than once")
+    unknown = set(names) - allowed
+    if unknown:
+        raise ValueError(f"unknown parameter {sorted(unknown)[0]}")
+    cred = params.get("cred")
+    if cred is None or not CRED_RE.match(cred):
+        raise ValueError("cred must be 1 to 128 of A-Z a-z 0-9 _ -")
+    return params, cred
 
-    def account_key(cred):
-        return b"a" + hashlib.sha256(cred.encode("ascii")).digest()
 
-    def query(request, allowed):
-        params = request.query_params
-        names = [k for k, _ in params.multi_items()]
-        if len(names) != len(set(names)):
-            raise ValueError("a parameter appears more than once")
-        unknown = set(names) - allowed
-        if unknown:
-            raise ValueError(f"unknown parameter {sorted(unknown)[0]}")
-        cred = params.get("cred")
-        if cred is None or not CRED_RE.match(cred):
-            raise ValueError("cred must be 1 to 128 of A-Z a-z 0-9 _ -")
-        return params, cred
+def mod_values(request):
+    """(cred, by, min, key) of a /mod, or ValueError."""
+    params, cred = query(request, {"cred", "by", "min", "key"})
+    by = parse_int(params.get("by"), BY_RE, "by")
+    min_ = params.get("min")
+    min_ = None if min_ is None else parse_int(min_, MIN_RE, "min")
+    key = params.get("key")
+    if key is not None and not KEY_RE.match(key):
+        raise ValueError("key must be 1 to 64 of A-Z a-z 0-9 _ -")
+    return cred, by, min_, key
 
-    async def tot(request):
+
+def account_key(cred):
+    return b"a" + hashlib.sha256(cred.encode("ascii")).digest()
+
+
+class Baseline:
+    """The two routes over one plyvel database."""
+
+    def __init__(self, path):
+        self.db = plyvel.DB(path, create_if_missing=True)
+
+    async def tot(self, request):
         try:
             _, cred = query(request, {"cred"})
         except ValueError as e:
             return error(400, "bad_request", str(e))
-        raw = db.get(account_key(cred))
+        raw = self.db.get(account_key(cred))
         if raw is None:
             return error(404, "no_account", "no account has this cred")
         balance, _ = ACCOUNT.unpack(raw)
         return JSONResponse({"tot": balance})
 
-    async def mod(request):
+    async def mod(self, request):
         try:
-            params, cred = query(request, {"cred", "by", "min", "key"})
-            by = parse_int(params.get("by"), BY_RE, "by")
-            min_ = params.get("min")
-            min_ = None if min_ is None else parse_int(min_, MIN_RE, "min")
-            key = params.get("key")
-            if key is not None and not KEY_RE.match(key):
-                raise ValueError("key must be 1 to 64 of A-Z a-z 0-9 _ -")
+            cred, by, min_, key = mod_values(request)
         except ValueError as e:
             return error(400, "bad_request", str(e))
         akey = account_key(cred)
         if key is not None:
-            done = db.get(b"k" + akey + key.encode("ascii"))
+            done = self.db.get(b"k" + akey + key.encode("ascii"))
             if done is not None:
                 d_by, d_min, body = json.loads(done)
                 if (d_by, d_min) != (by, min_):
                     return error(409, "key_reused", "this key was used with another by or min")
                 return JSONResponse(body)
-        raw = db.get(akey)
+        raw = self.db.get(akey)
         balance, seq = ACCOUNT.unpack(raw) if raw is not None else (0, 0)
         new = balance + by
         if not INT64_MIN <= new <= INT64_MAX:
@@ -110,25 +122,33 @@ def make_app(path):
         if min_ is not None and new < min_:
             return error(409, "insufficient", "the balance does not cover this mod",
                          tot=balance)
-        seq += 1
+        return JSONResponse(self.write(akey, by, min_, key, new, seq + 1))
+
+    def write(self, akey, by, min_, key, new, seq):
+        """The balance, the history entry and the key in one synced batch;
+        the reply body."""
         body = {"tot": new, "seq": seq}
         entry = {"seq": seq, "by": by, "tot": new, "at": int(time.time() * 1000), "key": key}
-        with db.write_batch(sync=True) as batch:
+        with self.db.write_batch(sync=True) as batch:
             batch.put(akey, ACCOUNT.pack(new, seq))
             batch.put(b"h" + akey + struct.pack(">Q", seq), json.dumps(entry).encode())
             if key is not None:
                 batch.put(b"k" + akey + key.encode("ascii"),
                           json.dumps([by, min_, body]).encode())
-        return JSONResponse(body)
+        return body
+
+
+def make_app(path):
+    base = Baseline(path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        db.close()
+        base.db.close()
 
     return Starlette(routes=[
-        Route("/tot", tot, methods=["GET"]),
-        Route("/mod", mod, methods=["PATCH"]),
+        Route("/tot", base.tot, methods=["GET"]),
+        Route("/mod", base.mod, methods=["PATCH"]),
     ], lifespan=lifespan)
 
 

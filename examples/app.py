@@ -1,13 +1,16 @@
 """An example paid API: a Starlette app charged per request through AccMan.
+examples/README.md runs it; in short, from the repository root:
 
-    python -m accman serve --port 8035 --data ./accman-data &
-    ACCMAN_URL=http://127.0.0.1:8035 uvicorn examples.app:app --port 8000
-    curl -H "ACCMAN: $CRED" localhost:8000/weather        # 1 per call
+    .venv/bin/accman serve --port 8035 --data ./example-data &
+    ACCMAN_URL=http://127.0.0.1:8035 .venv/bin/uvicorn examples.app:app --port 8000
+    curl -H "ACCMAN: $CRED" localhost:8000/weather           # 1 per call
     curl -H "ACCMAN: $CRED" "localhost:8000/report?rows=25"  # 1 per started 10 rows
 
-Configuration comes from the environment: ACCMAN_URL, ACCMAN_TOKEN (a token
-with read and charge, plus mint in reserve mode, which refunds), ACCMAN_MODE
-("check" or "reserve") and ACCMAN_ON_UNAVAILABLE ("closed" or "open").
+Configuration comes from the environment: ACCMAN_URL (default
+http://127.0.0.1:8035), ACCMAN_TOKEN (unset: no token, for a server without
+tokens on loopback; else a token with read and charge, plus mint in reserve
+mode, which refunds), ACCMAN_MODE ("check" or "reserve") and
+ACCMAN_ON_UNAVAILABLE ("closed" or "open").
 """
 
 import os
@@ -21,37 +24,34 @@ from accman.asgi import AccManMiddleware
 REPORT_ROWS_MAX = 100       # a report has at most 100 rows, so costs at most 10
 
 
-async def health(request):
+async def health(_request):
     return PlainTextResponse("ok")
 
 
-async def weather(request):
+async def weather(_request):
     return JSONResponse({"city": "Lisbon", "temp_c": 21})
 
 
 async def report(request):
-    try:
-        rows = int(request.query_params.get("rows", "10"))
-    except ValueError:
-        return JSONResponse({"error": "rows must be a number"}, status_code=400)
-    if not 1 <= rows <= REPORT_ROWS_MAX:
+    text = request.query_params.get("rows", "10")
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= REPORT_ROWS_MAX):
         return JSONResponse({"error": f"rows must be 1 to {REPORT_ROWS_MAX}"}, status_code=400)
+    rows = int(text)
     return JSONResponse({"rows": list(range(rows))}, headers={"x-rows": str(rows)})
 
 
-def report_cost(scope, status, headers):
+def report_cost(_scope, status, headers):
     """Before the app runs (status None): the most a report can cost, which
     is what the balance must cover and what reserve mode holds.  After: 1 per
-    started 10 rows, nothing for a refused request."""
+    started 10 rows.  A refused request (400) is not charged at all: the
+    middleware charges only responses under 400 (`charge_below`)."""
     if status is None:
         return REPORT_ROWS_MAX // 10
-    if status >= 400:
-        return 0
     rows = int(dict(headers).get(b"x-rows", b"0"))
     return (rows + 9) // 10
 
 
-async def metrics(request):
+async def metrics(_request):
     return PlainTextResponse(app.render_metrics())
 
 
@@ -67,7 +67,7 @@ service = Starlette(routes=[
 app = AccManMiddleware(
     service,
     url=os.environ.get("ACCMAN_URL", "http://127.0.0.1:8035"),
-    token=os.environ.get("ACCMAN_TOKEN") or None,
+    token=os.environ.get("ACCMAN_TOKEN") or None,     # unset or empty: no token
     cost=1,
     mode=os.environ.get("ACCMAN_MODE", "check"),
     on_unavailable=os.environ.get("ACCMAN_ON_UNAVAILABLE", "closed"),

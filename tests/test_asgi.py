@@ -1,87 +1,20 @@
 """The ASGI middleware (accman.asgi), driven directly as an ASGI app against
-the fake AccMan of tests/test_client.py: every branch of both modes, the
-unavailable paths, owed mods and their bounds."""
+the fake AccMan of tests/fake_accman.py: every branch of both modes, what
+is free, refunds and releases.  tests/test_asgi_failures.py has AccMan's
+failures and the owed mods."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import pytest
 
-from accman.calling import asgi as asgi_mod
 from accman.asgi import AccManMiddleware, fingerprint
+from accman.calling import owed as owed_mod
 from accman.client import AccManClient
-from test_client import FakeAccMan, closed_port, run
-
-CRED = "alice_4f9a-SECRET"
-
-
-class Reply:
-    def __init__(self, messages):
-        start = messages[0] if messages else {"type": "http.response.start", "status": None}
-        assert start["type"] == "http.response.start"
-        self.status = start["status"]
-        self.headers = {k.decode(): v.decode() for k, v in start.get("headers", [])}
-        self.body = b"".join(m.get("body", b"") for m in messages[1:])
-
-    def json(self):
-        return json.loads(self.body)
-
-
-async def call(app, path="/thing", cred=CRED, headers=(), disconnect=False):
-    hs = [(k.encode(), v.encode()) for k, v in headers]
-    if cred is not None:
-        hs.append((b"accman", cred.encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "headers": hs,
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
-    sent_body = False
-    messages = []
-
-    async def receive():
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        if disconnect:
-            return {"type": "http.disconnect"}
-        await asyncio.sleep(3600)
-
-    async def send(message):
-        messages.append(message)
-
-    await app(scope, receive, send)
-    return Reply(messages)
-
-
-def make_app(status=200, body=b"ok", headers=(), raise_exc=None, read_disconnect=False,
-             respond=True, calls=None):
-    async def app(scope, receive, send):
-        if calls is not None:
-            calls.append(scope["path"])
-        await receive()
-        if read_disconnect:
-            assert (await receive())["type"] == "http.disconnect"
-        if raise_exc is not None:
-            raise raise_exc
-        if not respond:
-            return
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain"), *headers]})
-        await send({"type": "http.response.body", "body": body})
-    return app
-
-
-def mw(fake, app=None, **kw):
-    kw.setdefault("url", fake.url)
-    return AccManMiddleware(app or make_app(), **kw)
-
-
-def history(fake, cred=CRED):
-    return [(e["by"], e["key"][-2:] if e["key"] else None) for e in fake.accounts[cred]["past"]]
+from asgi_harness import CRED, call, history, make_app, mw
+from fake_accman import FakeAccMan, closed_port, run
 
 
 @pytest.fixture
@@ -92,7 +25,7 @@ def fake():
 
 @pytest.fixture(autouse=True)
 def quick_followups(monkeypatch):
-    monkeypatch.setattr(asgi_mod, "FOLLOWUP_PAUSE_S", 0.01)
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.01)
 
 
 # --- check mode -------------------------------------------------------------
@@ -204,6 +137,54 @@ def test_check_mode_charge_that_fails_after_serving_is_retried_with_its_key(fake
     assert r.status == 200 and "accman" not in r.headers      # served; balance unknown
     assert fake.tot(CRED) == 8 and history(fake) == [(10, None), (-2, "-c")]
     assert m.stats["owed"] == 1 and m.stats["stranded"] == 0
+
+
+# --- what is free -------------------------------------------------------------
+@pytest.mark.parametrize("status", [404, 405, 400, 500])
+def test_an_error_response_is_not_charged_in_check_mode(fake, status):
+    fake.fund(CRED, 10)
+    m = mw(fake, make_app(status=status), cost=3)
+    r = run(call(m, "/nope"))
+    assert r.status == status and r.headers["accman"] == "10"
+    assert fake.tot(CRED) == 10 and fake.mods() == []
+    assert m.stats["free_status"] == 1 and m.stats["charged"] == 0
+
+
+@pytest.mark.parametrize("status", [404, 405, 400, 500])
+def test_an_error_response_releases_the_whole_hold_in_reserve_mode(fake, status):
+    fake.fund(CRED, 10)
+    m = mw(fake, make_app(status=status), mode="reserve", cost=3)
+    r = run(call(m, "/nope"))
+    assert r.status == status and r.headers["accman"] == "10"
+    assert history(fake) == [(10, None), (-3, "-r"), (3, "-s")]
+    assert m.stats["free_status"] == 1 and m.stats["released"] == 1
+
+
+def test_responses_under_400_are_charged(fake):
+    fake.fund(CRED, 10)
+    for status, tot in [(200, "9"), (201, "8"), (304, "7"), (399, "6")]:
+        assert run(call(mw(fake, make_app(status=status)))).headers["accman"] == tot
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_charge_below_is_configurable(fake, mode):
+    fake.fund(CRED, 10)
+    every = mw(fake, make_app(status=404), mode=mode, cost=2, charge_below=None)
+    assert run(call(every)).headers["accman"] == "8"
+    only_5xx_free = mw(fake, make_app(status=404), mode=mode, cost=2, charge_below=500)
+    assert run(call(only_5xx_free)).headers["accman"] == "6"
+    failing = mw(fake, make_app(status=503), mode=mode, cost=2, charge_below=500)
+    r = run(call(failing))
+    assert r.status == 503 and r.headers["accman"] == "6" and fake.tot(CRED) == 6
+
+
+def test_an_error_response_served_while_accman_is_down_is_not_unpaid():
+    unpaid = []
+    m = AccManMiddleware(make_app(status=404), url=f"http://127.0.0.1:{closed_port()}",
+                         retries=0, on_unavailable="open",
+                         on_unpaid=lambda cred, amount: unpaid.append(amount))
+    assert run(call(m)).status == 404
+    assert unpaid == [] and m.stats["unpaid_requests"] == 0
 
 
 # --- reserve mode -----------------------------------------------------------
@@ -324,127 +305,6 @@ def test_a_reservation_with_unknown_outcome_is_undone(fake):
     assert fake.tot(CRED) == 10 and history(fake) == [(10, None), (-3, "-r"), (3, "-s")]
 
 
-# --- AccMan unavailable -----------------------------------------------------
-@pytest.mark.parametrize("mode", ["check", "reserve"])
-def test_unreachable_accman_fails_closed_with_503(mode, caplog):
-    calls = []
-    m = AccManMiddleware(make_app(calls=calls), url=f"http://127.0.0.1:{closed_port()}",
-                         mode=mode, retries=0)
-    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
-        r = run(call(m))
-    assert r.status == 503 and r.json()["error"] == "unavailable"
-    assert r.headers["retry-after"] == "1" and calls == []
-    assert m.stats["refused_unavailable"] == 1 and CRED not in caplog.text
-
-
-@pytest.mark.parametrize("mode", ["check", "reserve"])
-def test_unreachable_accman_fails_open_and_records_the_unpaid(mode, caplog):
-    unpaid = []
-    m = AccManMiddleware(make_app(), url=f"http://127.0.0.1:{closed_port()}", mode=mode,
-                         cost=4, retries=0, on_unavailable="open",
-                         on_unpaid=lambda cred, amount: unpaid.append((cred, amount)))
-    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
-        r = run(call(m))
-    assert r.status == 200 and "accman" not in r.headers
-    assert unpaid == [(CRED, 4)]
-    assert m.stats["unpaid_requests"] == 1 and m.stats["unpaid_amount"] == 4
-    assert "unpaid 4" in caplog.text and CRED not in caplog.text
-    assert "accman_mw_unpaid_amount_total 4" in m.render_metrics()
-
-
-def test_a_wrong_token_is_503_even_when_open(caplog):
-    with FakeAccMan(tokens={"good": {"read", "charge"}}) as fake:
-        fake.fund(CRED, 10)
-        m = mw(fake, token="wrong-token", on_unavailable="open")
-        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
-            r = run(call(m))
-        assert r.status == 503 and "check the url and token" in caplog.text
-        assert "wrong-token" not in caplog.text
-
-
-def test_503_from_accman_fails_closed(fake):
-    fake.fund(CRED, 10)
-    fake.fault = lambda m, p, q: ("reply", 503, {"error": "unavailable", "detail": "x"})
-    assert run(call(mw(fake, mode="reserve", retries=0))).status == 503
-
-
-# --- bounds of the owed-mod queue -------------------------------------------
-def test_owed_mods_are_stranded_after_followup_attempts_max(monkeypatch, caplog):
-    monkeypatch.setattr(asgi_mod, "FOLLOWUP_ATTEMPTS_MAX", 3)
-    with FakeAccMan() as fake:
-        fake.fund(CRED, 10)
-        m = mw(fake, make_app(raise_exc=ValueError("x")), mode="reserve", cost=3, retries=0)
-
-        async def go():
-            with pytest.raises(ValueError):
-                await call(m)
-        # AccMan goes away between the reservation and the release
-        fake.fault = lambda meth, p, q: ("drop",) if q.get("by") == "3" else None
-        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
-            run(go_and_drain(m, go))
-        assert m.stats["stranded"] == 1 and "still outcome_unknown after 3" in caplog.text
-        assert fake.tot(CRED) == 7        # the consumer is owed 3: logged, not lost silently
-
-
-async def go_and_drain(m, go):
-    await go()
-    assert await m.drain(5)
-
-
-def test_owed_mods_beyond_followups_max_are_stranded_at_once(monkeypatch):
-    monkeypatch.setattr(asgi_mod, "FOLLOWUPS_MAX", 1)
-    monkeypatch.setattr(asgi_mod, "FOLLOWUP_PAUSE_S", 0.2)
-    with FakeAccMan() as fake:
-        fake.fund(CRED, 10)
-        m = mw(fake, make_app(raise_exc=ValueError("x")), mode="reserve", cost=1, retries=0)
-        fake.fault = lambda meth, p, q: ("drop",) if q.get("by") == "1" else None
-
-        async def go():
-            for _ in range(2):
-                with pytest.raises(ValueError):
-                    await call(m)
-            assert m.stats["stranded"] == 1 and m.stats["owed"] == 1
-            fake.fault = None
-            assert await m.drain(5)
-        run(go())
-        assert fake.tot(CRED) == 9
-
-
-def test_lifespan_shutdown_drains_within_shutdown_drain_s(monkeypatch):
-    monkeypatch.setattr(asgi_mod, "SHUTDOWN_DRAIN_S", 0.1)
-    with FakeAccMan() as fake:
-        fake.fund(CRED, 10)
-        inner = make_app(raise_exc=ValueError("x"))
-
-        async def app(scope, receive, send):
-            if scope["type"] == "lifespan":
-                while True:
-                    msg = await receive()
-                    await send({"type": msg["type"] + ".complete"})
-                    if msg["type"] == "lifespan.shutdown":
-                        return
-            await inner(scope, receive, send)
-
-        m = mw(fake, app, mode="reserve", cost=2, retries=0)
-
-        async def go():
-            with pytest.raises(ValueError):
-                await call(m)
-            fake.fault = lambda meth, p, q: ("drop",)
-            messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
-            sent = []
-
-            async def receive():
-                return next(messages)
-
-            async def send(msg):
-                sent.append(msg["type"])
-            await m({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-            return sent
-        assert run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-        assert m.stats["stranded"] == 1 and m._client is None
-
-
 # --- the rest ---------------------------------------------------------------
 def test_websockets_pass_through(fake):
     seen = []
@@ -468,6 +328,9 @@ def test_configuration_errors_are_refused_at_once(fake):
         AccManMiddleware(app)
     with pytest.raises(ValueError):
         AccManMiddleware(app, url="http://h", token="bad token")
+    for charge_below in (199, 601, True, "400", 400.0):
+        with pytest.raises(ValueError, match="charge_below"):
+            AccManMiddleware(app, url=fake.url, charge_below=charge_below)
 
 
 def test_a_cost_function_returning_garbage_is_a_server_error(fake):

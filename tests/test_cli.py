@@ -1,14 +1,22 @@
 """The command line: `accman serve`'s refusals (one line, no traceback, exit
-code 2) and the client commands against a real server."""
+code 2), the client commands against a real server, and against the fake
+AccMan of tests/fake_accman.py where a reply must be lost on purpose."""
 
+import importlib.metadata
 import json
+import os
 import secrets
+import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 
-from accman.cli import new_cred
-from conftest import run_accman
+import accman
+from accman.cli import OPEN_KEY, new_cred
+from conftest import ROOT, run_accman
+from fake_accman import FakeAccMan, account_id
 
 TOKENS = {
     "mint": "mint-token-0123456789abcdef",
@@ -80,10 +88,22 @@ def test_non_loopback_without_tokens_refuses_and_says_what_to_do(tmp_path):
 def test_bad_tokens_file_is_one_line_and_exit_2(tmp_path, text, needle):
     path = tmp_path / "tokens"
     path.write_text(text)
+    path.chmod(0o600)
     err = one_line_error(run_accman("serve", "--port", 0, "--data", tmp_path / "d",
                                     "--tokens", path))
     assert needle in err
     assert "0123456789abcdef0123" not in err        # never echo a token
+
+
+def test_a_tokens_file_open_to_others_is_refused(tmp_path):
+    """SPEC "Access": tokens move money; a file others can read is refused."""
+    path = tmp_path / "tokens"
+    path.write_text("read 0123456789abcdef0123\n")
+    path.chmod(0o640)
+    err = one_line_error(run_accman("serve", "--port", 0, "--data", tmp_path / "d",
+                                    "--tokens", path))
+    assert "open to other users" in err and "chmod 600" in err
+    assert "0123456789abcdef0123" not in err
 
 
 def test_missing_tokens_file(tmp_path):
@@ -139,11 +159,64 @@ def test_open_tot_mod_past_round_trip(start_server):
 def test_client_errors_exit_1_with_the_error(start_server):
     s = start_server()
     proc = run_accman("tot", "nobody", "--url", s.url)
-    assert proc.returncode == 1 and "no_account" in proc.stderr
-    proc = run_accman("mod", "abc", "+5", "--url", s.url)
-    assert proc.returncode == 1 and "400" in proc.stderr
-    proc = run_accman("tot", "a&by=1", "--url", s.url)     # cannot smuggle parameters
-    assert proc.returncode == 1 and "400" in proc.stderr
+    assert proc.returncode == 1 and "404 no_account" in proc.stderr
+    proc = run_accman("mod", "abc", "-5", "--min", "0", "--url", s.url)
+    assert proc.returncode == 1 and "404 no_account" in proc.stderr     # a charge opens none
+    assert run_accman("mod", "abc", "3", "--url", s.url).returncode == 0
+    proc = run_accman("mod", "abc", "-5", "--min", "0", "--url", s.url)
+    assert proc.returncode == 1 and "409 insufficient" in proc.stderr and "(tot 3)" in proc.stderr
+
+
+@pytest.fixture
+def fake():
+    with FakeAccMan() as f:
+        yield f
+
+
+@pytest.mark.parametrize("args,names", [
+    (["mod", "abc", "+5"], "by"),
+    (["mod", "abc", "05"], "by"),
+    (["mod", "abc", "1_000"], "by"),
+    (["mod", "abc", "1e3"], "by"),
+    (["mod", "abc", " 5"], "by"),
+    (["mod", "abc", "\u0663"], "by"),                 # an Arabic-Indic 3: int() takes it
+    (["mod", "abc", "0"], "by must not be 0"),
+    (["mod", "abc", "9223372036854775808"], "by must be from"),
+    (["mod", "abc", "-3", "--min", "-0"], "--min"),
+    (["mod", "abc", "-3", "--key", "a/b"], "--key"),
+    (["mod", "abc", "-3", "--key", "k" * 65], "--key"),
+    (["tot", "a&by=1"], "cred"),                       # cannot smuggle parameters
+    (["tot", "x" * 129], "cred"),
+    (["past", "abc", "--limit", "1001"], "--limit"),
+    (["past", "abc", "--limit", "0"], "--limit"),
+    (["past", "abc", "--before", "0"], "--before"),
+    (["open", "--by", "-5"], "--by must be a positive integer"),
+    (["open", "--by", "0"], "--by must be a positive integer"),
+    (["open", "--by", "ten"], "--by"),
+])
+def test_bad_values_are_refused_before_anything_is_sent(fake, args, names):
+    err = one_line_error(run_accman(*args, "--url", fake.url))
+    assert names in err and f"accman {args[0]} --help" in err
+    assert "a&by=1" not in err and "x" * 129 not in err       # a credential is not echoed
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--url", "ftp://h"], "http://"), (["--url", "http://h/?q=1"], "query"),
+    (["--token", "bad token secret"], "token"),
+])
+def test_a_bad_url_or_token_is_a_usage_error(flags, names):
+    err = one_line_error(run_accman("tot", "abc", *flags))
+    assert names in err and "secret" not in err
+
+
+def test_past_prints_the_account_and_each_entrys_hold(fake):
+    fake.fund("abc", 7)
+    proc = run_accman("past", "abc", "--url", fake.url)
+    assert proc.returncode == 0, proc.stderr
+    page = json.loads(proc.stdout)
+    assert page["account"] == account_id("abc") and page["next"] is None
+    assert [(e["by"], e["hold"], e["key"]) for e in page["past"]] == [(7, None, None)]
 
 
 def test_new_credentials_never_start_with_a_dash(monkeypatch):
@@ -176,17 +249,63 @@ def test_no_server_exits_3(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]       # bound but not listening: refused
         proc = run_accman("tot", "abc", "--url", f"http://127.0.0.1:{port}")
-    assert proc.returncode == 3 and "no answer" in proc.stderr
-    proc = run_accman("open", "--by", 5, "--url", f"http://127.0.0.1:{port}")
+        assert proc.returncode == 3 and "no answer" in proc.stderr
+        proc = run_accman("mod", "abc", "-1", "--url", f"http://127.0.0.1:{port}")
+        assert proc.returncode == 3 and "nothing was sent" in proc.stderr
+        proc = run_accman("open", "--by", 5, "--url", f"http://127.0.0.1:{port}")
     assert proc.returncode == 3 and proc.stdout == ""
+    assert "nothing was opened" in proc.stderr
+
+
+def test_open_repeats_its_keyed_mod_when_the_reply_is_lost(fake):
+    lost = []
+
+    def fault(method, path, params):
+        if path == "/mod" and not lost:
+            lost.append(params["cred"])
+            return ("apply_drop",)
+    fake.fault = fault
+    proc = run_accman("open", "--by", 40, "--url", fake.url)
+    assert proc.returncode == 0, proc.stderr
+    cred = proc.stdout.strip()
+    assert lost == [cred] and len(fake.mods()) == 2
+    assert fake.tot(cred) == 40                         # applied once
+    assert [e["key"] for e in fake.accounts[cred]["past"]] == [OPEN_KEY]
+
+
+def test_open_whose_outcome_stays_unknown_hands_over_the_credential(fake):
+    fake.fault = lambda method, path, params: ("apply_drop",)
+    proc = run_accman("open", "--by", 40, "--url", fake.url)
+    err = one_line_error(proc, 3)
+    assert proc.stdout == "" and "may or may not have been opened" in err
+    (cred,) = fake.accounts                             # applied, once, by its key
+    assert fake.tot(cred) == 40 and len(fake.mods()) == 3
+    finish = err.split("run: ", 1)[1].split()
+    assert finish == ["accman", "mod", cred, "40", "--key", OPEN_KEY]
+    fake.fault = None
+    proc = run_accman(*finish[1:], "--url", fake.url)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"tot": 40, "seq": 1}
+    assert fake.tot(cred) == 40
+
+
+@pytest.mark.parametrize("key,hint", [(None, "accman past"), ("k1", "same --key")])
+def test_a_mod_whose_reply_is_lost_says_what_to_do(fake, key, hint):
+    fake.fund("abc", 10)
+    fake.fault = lambda method, path, params: ("apply_drop",) if path == "/mod" else None
+    args = ["mod", "abc", "-3", "--url", fake.url] + (["--key", key] if key else [])
+    err = one_line_error(run_accman(*args), 3)
+    assert "may or may not have applied" in err and hint in err
+    assert fake.tot("abc") == 7                         # it did, once
 
 
 def test_tokens_from_flag_and_environment(start_server):
     s = start_server(tokens=f"mint {TOKENS['mint']}\nread,charge {TOKENS['service']}\n")
     proc = run_accman("open", "--by", 10, "--url", s.url)
-    assert proc.returncode == 1 and "401" in proc.stderr
+    assert proc.returncode == 1 and "401" in proc.stderr and "--token" in proc.stderr
+    assert "mint role" in proc.stderr
     proc = run_accman("open", "--by", 10, "--url", s.url, "--token", TOKENS["service"])
     assert proc.returncode == 1 and "403" in proc.stderr
+    assert "needs a token with the mint role" in proc.stderr and proc.stdout == ""
     proc = run_accman("open", "--by", 10, "--url", s.url, "--token", TOKENS["mint"])
     assert proc.returncode == 0
     cred = proc.stdout.strip()
@@ -212,3 +331,66 @@ def test_verify(start_server, tmp_path):
     assert "ok" in proc.stdout and "entries=2" in proc.stdout
     err = one_line_error(run_accman("verify", "--data", tmp_path / "missing"))
     assert "no data directory" in err
+
+
+def test_version_is_the_packages():
+    proc = run_accman("--version")
+    assert proc.returncode == 0 and proc.stdout == f"accman {accman.__version__}\n"
+    assert importlib.metadata.version("accman") == accman.__version__
+
+
+@pytest.mark.parametrize("command", ["serve", "verify"])
+def test_help_names_the_default_data_directory(command):
+    proc = run_accman(command, "--help")
+    assert proc.returncode == 0 and "default ./accman-data" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["serve", "--bogus"], ["verify", "--bogus"],
+                                  ["tot", "abc", "--bogus"], ["open", "--by", "5", "extra"]])
+def test_an_unknown_argument_points_at_its_commands_help(args, tmp_path):
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert f"(try: accman {args[0]} --help" in err and args[-1] in err
+
+
+# --- a source tree without its build (issue 11, item 10) ------------------------------
+
+@pytest.fixture
+def unbuilt_tree(tmp_path):
+    """A copy of accman's sources without the compiled modules, as a fresh
+    clone is before a build."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "accman", tree / "accman",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    return tree
+
+
+def run_in(tree, *args, python_flags=()):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, *python_flags, *map(str, args)], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["verify"]])
+def test_a_tree_that_shadows_the_installed_accman_says_what_to_run(unbuilt_tree, command):
+    proc = run_in(unbuilt_tree, "-m", "accman", *command, "--data", unbuilt_tree / "d")
+    err = one_line_error(proc)
+    assert str(unbuilt_tree / "accman") in err and "installed `accman` command" in err
+    assert "pip install -e ." in err and str(ROOT / "accman") in err
+    assert not (unbuilt_tree / "d").exists()
+
+
+def test_a_tree_without_its_build_says_how_to_build(unbuilt_tree):
+    # -S: no site-packages, so no other accman anywhere
+    proc = run_in(unbuilt_tree, "-m", "accman", "serve", "--port", "0",
+                  python_flags=["-S"])
+    err = one_line_error(proc)
+    assert "not built" in err and "pip install -e ." in err
+
+
+def test_importing_ledger_from_a_tree_without_its_build_says_what_to_run(unbuilt_tree):
+    proc = run_in(unbuilt_tree, "-c", "from accman import Ledger")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and "pip install -e ." in last
+    proc = run_in(unbuilt_tree, "-c", "from accman import AccManError, Entry; import accman.client")
+    assert proc.returncode == 0, proc.stderr         # the calling side needs no build

@@ -1,384 +1,27 @@
-"""The calling side's clients (accman.client), against a small fake AccMan.
-
-`FakeAccMan` speaks the SPEC's routes over real sockets in a thread of its
-own, keeps a reference model of the ledger (balances, history, keys, roles),
-and injects faults on request: a delay, a dropped connection before or after
-the mod applied, a raw reply.  tests/test_asgi.py reuses it."""
+"""The calling side's clients (accman.client), against the fake AccMan of
+tests/fake_accman.py: calls, errors, retries, timeouts, the pool's bounds."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-import threading
 import time
-from urllib.parse import parse_qsl
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from accman.calling import client as client_mod
-from accman.client import (
-    AccManClient,
-    AccManSyncClient,
-    BadReply,
-    CallTimeout,
-    Entry,
-    Forbidden,
-    OutcomeUnknown,
-    ReplyParser,
-    TransportError,
-    Unauthorized,
-    UnexpectedReply,
-    Unreachable,
-)
-from accman.errors import (
-    BadRequest,
-    Busy,
-    Insufficient,
-    KeyReused,
-    NoAccount,
-    Overflow,
-    Unavailable,
-)
-from accman.limits import INT64_MAX, INT64_MIN
-
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 409: "Conflict", 503: "Service Unavailable"}
-
-
-class FakeAccMan:
-    """The SPEC's routes over asyncio streams, in its own thread.
-
-    `fault(method, path, params)` may return None or one action:
-    ("delay", s) waits before handling; ("drop",) closes without handling;
-    ("apply_drop",) handles then closes without replying (an applied mod
-    whose reply is lost); ("raw", bytes) writes those bytes as the reply;
-    ("reply", status, obj) answers that instead of handling."""
-
-    def __init__(self, tokens: dict | None = None):
-        self.tokens = tokens            # token -> set of roles, or None for open access
-        self.accounts: dict = {}        # cred -> {"tot", "past": [entry...], "keys": {key: (by, min, body)}}
-        self.requests: list = []        # (method, path, params, authorization)
-        self.connections = 0
-        self.fault = None
-        self.loop = asyncio.new_event_loop()
-        self._writers = set()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    # lifecycle
-    def __enter__(self) -> "FakeAccMan":
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._ready.set()
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        async def shut():
-            self.server.close()
-            for w in list(self._writers):
-                w.close()
-            await asyncio.sleep(0)
-        if self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-
-    # helpers for tests
-    def fund(self, cred: str, by: int) -> None:
-        self._apply(cred, by, None, None)
-
-    def tot(self, cred: str):
-        acct = self.accounts.get(cred)
-        return None if acct is None else acct["tot"]
-
-    def mods(self) -> list:
-        return [r for r in self.requests if r[1] == "/mod"]
-
-    # the protocol
-    async def _serve(self, reader, writer) -> None:
-        self.connections += 1
-        self._writers.add(writer)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                lines = head[:-4].decode("latin-1").split("\r\n")
-                method, target, version = lines[0].split(" ")
-                headers = {}
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                path, _, query = target.partition("?")
-                params = dict(parse_qsl(query, keep_blank_values=True))
-                self.requests.append((method, path, params, headers.get("authorization")))
-                action = self.fault(method, path, params) if self.fault else None
-                if action and action[0] == "delay":
-                    await asyncio.sleep(action[1])
-                    action = None
-                if action and action[0] == "drop":
-                    return
-                if action and action[0] == "raw":
-                    writer.write(action[1])
-                    await writer.drain()
-                    continue
-                if action and action[0] == "reply":
-                    status, obj = action[1], action[2]
-                else:
-                    status, obj = self._handle(method, path, params, headers)
-                if action and action[0] == "apply_drop":
-                    return
-                body = json.dumps(obj).encode()
-                close = headers.get("connection", "").lower() == "close"
-                writer.write(
-                    f"HTTP/1.1 {status} {REASONS.get(status, 'X')}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                    f"{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode() + body)
-                await writer.drain()
-                if close:
-                    return
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    def _handle(self, method, path, params, headers):
-        routes = {"/tot": ("GET", "read"), "/past": ("GET", "read"), "/mod": ("PATCH", None)}
-        if path not in routes:
-            return 404, {"error": "not_found", "detail": "no such path"}
-        if method != routes[path][0]:
-            return 405, {"error": "method_not_allowed", "detail": "wrong method"}
-        cred = params.get("cred", "")
-        role = routes[path][1]
-        if path == "/mod":
-            role = "mint" if int(params["by"]) > 0 else "charge"
-        if self.tokens is not None:
-            auth = headers.get("authorization", "")
-            roles = self.tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
-            if roles is None:
-                return 401, {"error": "unauthorized", "detail": "a token is required"}
-            if role not in roles:
-                return 403, {"error": "forbidden", "detail": f"the token lacks {role}"}
-        if path == "/tot":
-            if cred not in self.accounts:
-                return 404, {"error": "no_account", "detail": "no such account"}
-            return 200, {"tot": self.accounts[cred]["tot"]}
-        if path == "/past":
-            acct = self.accounts.get(cred)
-            if acct is None:
-                return 404, {"error": "no_account", "detail": "no such account"}
-            limit = int(params.get("limit", 100))
-            before = int(params["before"]) if "before" in params else None
-            entries = [e for e in reversed(acct["past"]) if before is None or e["seq"] < before]
-            page = entries[:limit]
-            nxt = page[-1]["seq"] if len(page) == limit and page and page[-1]["seq"] > 1 else None
-            return 200, {"past": page, "next": nxt}
-        by = int(params["by"])
-        mn = int(params["min"]) if "min" in params else None
-        return self._apply(cred, by, mn, params.get("key"))
-
-    def _apply(self, cred, by, mn, key):
-        acct = self.accounts.get(cred)
-        if acct is not None and key is not None and key in acct["keys"]:
-            kby, kmin, body = acct["keys"][key]
-            if (kby, kmin) != (by, mn):
-                return 409, {"error": "key_reused", "detail": "key used with another by or min"}
-            return 200, body
-        tot = (acct["tot"] if acct else 0) + by
-        if mn is not None and tot < mn:
-            return 409, {"error": "insufficient", "detail": "below min", "tot": tot - by}
-        if not INT64_MIN <= tot <= INT64_MAX:
-            return 409, {"error": "overflow", "detail": "out of int64"}
-        if acct is None:
-            acct = self.accounts[cred] = {"tot": 0, "past": [], "keys": {}}
-        acct["tot"] = tot
-        seq = len(acct["past"]) + 1
-        acct["past"].append({"seq": seq, "by": by, "tot": tot, "at": int(time.time() * 1000), "key": key})
-        body = {"tot": tot, "seq": seq}
-        if key is not None:
-            acct["keys"][key] = (by, mn, body)
-        return 200, body
-
-
-def run(coro):
-    return asyncio.run(coro)
+from accman.calling import policy
+from accman.client import (AccManClient, AccManSyncClient, BadReply, CallTimeout, Entry,
+                           Forbidden, OutcomeUnknown, TransportError, Unauthorized,
+                           UnexpectedReply, Unreachable)
+from accman.errors import Busy, Insufficient, KeyReused, NoAccount, Overflow, Unavailable
+from accman.limits import INT64_MAX
+from fake_accman import FakeAccMan, account_id, closed_port, run
 
 
 @pytest.fixture
 def fake():
     with FakeAccMan() as f:
         yield f
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-# --- the reply parser -------------------------------------------------------
-OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{\"tot\": 5}"
-
-
-def feed_whole(data: bytes):
-    return ReplyParser().feed(data)
-
-
-def feed_bytewise(data: bytes):
-    p, out = ReplyParser(), []
-    for i in range(len(data)):
-        out += p.feed(data[i:i + 1])
-    return out
-
-
-@pytest.mark.parametrize("feed", [feed_whole, feed_bytewise])
-def test_parser_reads_a_reply_whole_and_byte_by_byte(feed):
-    assert feed(OK) == [(200, b'{"tot": 5}', False)]
-    assert feed(OK + OK) == [(200, b'{"tot": 5}', False)] * 2
-
-
-def test_parser_keeps_trailing_bytes_for_the_next_reply():
-    p = ReplyParser()
-    assert p.feed(OK + OK[:20]) == [(200, b'{"tot": 5}', False)]
-    assert p.pending
-    assert p.feed(OK[20:]) == [(200, b'{"tot": 5}', False)]
-    assert not p.pending
-
-
-@pytest.mark.parametrize("head,close", [
-    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", True),
-    (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n", True),
-    (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", True),
-    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", False),
-    (b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", False),
-    (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length:   0  \r\n\r\n", False),
-])
-def test_parser_reads_connection_options(head, close):
-    assert ReplyParser().feed(head)[0][2] is close
-
-
-def test_parser_refuses_bytes_after_a_closing_reply():
-    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    with pytest.raises(BadReply):
-        ReplyParser().feed(closing + OK)
-    p = ReplyParser()
-    p.feed(closing)
-    with pytest.raises(BadReply):
-        p.feed(b"x")
-
-
-BAD_REPLIES = {
-    "no content-length": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n",
-    "two content-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
-    "signed content-length": b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\nx",
-    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
-    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n\r\n",
-    "bare CR": b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n",
-    "bare LF": b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
-    "1xx": b"HTTP/1.1 100 Continue\r\n\r\n",
-    "HTTP/2": b"HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n",
-    "space before colon": b"HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n",
-    "no status": b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n",
-    "garbage": b"<html>hello</html>\r\n\r\n",
-}
-
-
-@pytest.mark.parametrize("name", sorted(BAD_REPLIES))
-@pytest.mark.parametrize("feed", [feed_whole, feed_bytewise])
-def test_parser_refuses_what_the_server_never_sends(name, feed):
-    with pytest.raises(BadReply):
-        feed(BAD_REPLIES[name])
-
-
-def test_parser_bounds_are_reached():
-    # REPLY_HEAD_BYTES_MAX: an endless head is refused without waiting for its end.
-    with pytest.raises(BadReply, match="REPLY_HEAD_BYTES_MAX"):
-        ReplyParser().feed(b"HTTP/1.1 200 OK\r\nX: " + b"a" * client_mod.REPLY_HEAD_BYTES_MAX)
-    many = b"".join(b"X-%d: a\r\n" % i for i in range(client_mod.REPLY_HEADERS_MAX + 1))
-    with pytest.raises(BadReply, match="REPLY_HEADERS_MAX"):
-        ReplyParser().feed(b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 0\r\n\r\n")
-    big = client_mod.REPLY_BODY_BYTES_MAX + 1
-    with pytest.raises(BadReply, match="REPLY_BODY_BYTES_MAX"):
-        ReplyParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big)
-    fits = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % client_mod.REPLY_BODY_BYTES_MAX
-    assert ReplyParser().feed(fits) == []          # accepted, waiting for the body
-
-
-def test_parsed_heads_are_cached_within_head_cache_max():
-    for n in range(client_mod.HEAD_CACHE_MAX * 2):
-        reply = b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 0\r\n\r\n" % n
-        assert ReplyParser().feed(reply) == [(200, b"", False)]
-        assert len(client_mod._heads) <= client_mod.HEAD_CACHE_MAX
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([200, 404, 409, 503]), st.binary(max_size=40)),
-                min_size=1, max_size=5),
-       st.lists(st.integers(min_value=0, max_value=400), max_size=8))
-def test_parser_gives_the_same_replies_however_the_stream_is_cut(replies, cuts):
-    stream = b"".join(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n" % (s, len(b)) + b
-                      for s, b in replies)
-    bounds = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-    p, out = ReplyParser(), []
-    for a, b in zip(bounds, bounds[1:]):
-        out += p.feed(stream[a:b])
-    assert out == [(s, b, False) for s, b in replies]
-    assert not p.pending
-
-
-# --- requests are validated before they are sent ---------------------------
-@pytest.mark.parametrize("cred", ["", "a b", "a%20b", "ä", "a\r\nX: y", "a" * 129, "a&by=5"])
-def test_a_bad_cred_is_refused_locally_and_never_sent(fake, cred):
-    async def go():
-        async with AccManClient(fake.url) as acc:
-            with pytest.raises(BadRequest) as e:
-                await acc.tot(cred)
-            with pytest.raises(BadRequest):
-                await acc.mod(cred, 1)
-            return e.value
-    err = run(go())
-    assert fake.requests == []
-    if len(cred) > 2:
-        assert cred not in str(err)        # a credential is never echoed
-
-
-@pytest.mark.parametrize("kwargs,exc", [
-    ({"by": 0}, BadRequest), ({"by": True}, TypeError), ({"by": 1.0}, TypeError),
-    ({"by": INT64_MAX + 1}, BadRequest), ({"by": INT64_MIN - 1}, BadRequest),
-    ({"by": -1, "min": INT64_MAX + 1}, BadRequest), ({"by": -1, "key": ""}, BadRequest),
-    ({"by": -1, "key": "k" * 65}, BadRequest), ({"by": -1, "key": "a/b"}, BadRequest),
-])
-def test_bad_mod_values_are_refused_locally(fake, kwargs, exc):
-    with AccManSyncClient(fake.url) as acc:
-        with pytest.raises(exc):
-            acc.mod("alice", **kwargs)
-    assert fake.requests == []
-
-
-def test_bad_urls_and_tokens_are_refused():
-    for url in ["ftp://h", "http://", "http://h/?q=1", "http://u:p@h", "http://h/a b"]:
-        with pytest.raises(ValueError):
-            AccManClient(url)
-    for token in ["", "a b", "tok\r\nX: y", 5]:
-        with pytest.raises(ValueError) as e:
-            AccManSyncClient("http://h", token)
-        assert "\r\n" not in str(e.value) and "a b" not in str(e.value)
 
 
 # --- the async client against the fake -------------------------------------
@@ -390,8 +33,9 @@ def test_tot_mod_past(fake):
             assert await acc.tot("alice") == 70
             entries, nxt = await acc.past("alice", limit=1)
             assert entries == [Entry(2, -30, 70, entries[0].at, "k1")] and nxt == 2
-            entries, nxt = await acc.past("alice", before=nxt)
-            assert [e.seq for e in entries] == [1] and nxt is None
+            page = await acc.past("alice", before=nxt)
+            assert [e.seq for e in page.entries] == [1] and page.next is None
+            assert page.account == account_id("alice")
     run(go())
     assert [r[0] for r in fake.requests] == ["PATCH", "PATCH", "GET", "GET", "GET"]
 
@@ -452,7 +96,8 @@ def test_503_and_busy_and_unexpected_replies(fake):
             fake.fault = lambda m, p, q: ("reply", 503, {"error": "busy", "detail": "later"})
             with pytest.raises(Busy):
                 await acc.tot("alice")
-            fake.fault = lambda m, p, q: ("reply", 405, {"error": "method_not_allowed", "detail": "no"})
+            fake.fault = lambda m, p, q: ("reply", 405, {"error": "method_not_allowed",
+                                                          "detail": "no"})
             with pytest.raises(UnexpectedReply) as e:
                 await acc.tot("alice")
             assert e.value.status == 405 and e.value.code == "method_not_allowed"
@@ -544,20 +189,23 @@ def test_unreachable_means_nothing_applied_and_even_keyless_mods_retry():
     err, elapsed = run(go())
     assert isinstance(err, Unavailable) and isinstance(err, TransportError)
     # retried twice: pauses of RETRY_PAUSE_S and 2 * RETRY_PAUSE_S
-    assert elapsed >= 3 * client_mod.RETRY_PAUSE_S * 0.9
+    assert elapsed >= 3 * policy.RETRY_PAUSE_S * 0.9
     assert "alice" not in str(err)
 
 
 def test_garbage_reply_is_a_bad_reply(fake):
-    fake.fault = lambda m, p, q: ("raw", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nxyz")
+    def raw(text: bytes):
+        return lambda m, p, q: ("raw", b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                % (len(text), text))
+    fake.fault = raw(b"xyz")
 
     async def go():
         async with AccManClient(fake.url, retries=0) as acc:
             with pytest.raises(BadReply):
                 await acc.tot("alice")
-            fake.fault = lambda m, p, q: ("raw", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"tot\":1}")
+            fake.fault = raw(b'{"tot":1}')
             assert await acc.tot("alice") == 1
-            fake.fault = lambda m, p, q: ("raw", b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"tot\":true}")
+            fake.fault = raw(b'{"tot":true}')
             with pytest.raises(BadReply):
                 await acc.tot("alice")
             fake.fault = lambda m, p, q: ("raw", b"junk\r\n\r\n")
@@ -617,7 +265,7 @@ def test_pipeline_depth_and_waiting_calls_are_bounded(fake, monkeypatch):
 
 
 def test_idle_connections_are_not_reused_past_idle_reuse_s(fake, monkeypatch):
-    monkeypatch.setattr(client_mod, "IDLE_REUSE_S", 0.05)
+    monkeypatch.setattr(policy, "IDLE_REUSE_S", 0.05)
     fake.fund("alice", 1)
 
     async def go():
@@ -666,6 +314,7 @@ def test_sync_client_calls_and_errors(fake):
             acc.tot("bob")
         entries, nxt = acc.past("alice")
         assert [e.by for e in entries] == [10] and nxt is None
+        assert acc.past("alice").account == account_id("alice")
     assert fake.connections == 1
 
 

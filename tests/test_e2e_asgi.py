@@ -73,6 +73,7 @@ class Proc:
 def start_accman(log_dir: Path, name="accman") -> Proc:
     tokens = log_dir / f"{name}-tokens"
     tokens.write_text(f"mint {FUNDER}\nread,charge {SVC_CHECK}\nread,charge,mint {SVC_RESERVE}\n")
+    tokens.chmod(0o600)
     p = Proc(name, [sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1", "--port", "0",
                     "--data", str(log_dir / f"{name}-data"), "--tokens", str(tokens)], log_dir)
     p.wait_ready(ACCMAN_READY, "stdout")
@@ -145,6 +146,17 @@ def test_a_funded_request_is_charged_and_told_its_balance(stack, mode):
         assert bys == [20, -1, -3]
     else:       # the report reserves its maximum, 10, and refunds the rest
         assert bys == [20, -1, -10, 7, -10, 10]
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_typo_and_a_wrong_method_cost_nothing(stack, mode):
+    cred = new_cred(stack, 5)
+    with httpx.Client(base_url=stack[mode]) as http:
+        r = http.get("/nope", headers={"ACCMAN": cred})
+        assert r.status_code == 404 and r.headers["accman"] == "5"
+        r = http.post("/weather", headers={"ACCMAN": cred})
+        assert r.status_code == 405 and r.headers["accman"] == "5"
+    assert tot(stack, cred) == 5
 
 
 @pytest.mark.parametrize("mode", ["check", "reserve"])

@@ -6,8 +6,10 @@
 For every HTTP request that is not exempt it reads the credential from the
 `ACCMAN` request header, admits or refuses the request, lets the app serve
 it, charges the cost when the response starts and adds `ACCMAN: <new
-balance>` to the response headers.  docs/CALLING.md has the sequence of
-calls, both modes and every failure.
+balance>` to the response headers.  A response with a status of
+`charge_below` (400) or more is not charged: a consumer does not pay for a
+typo (404) or a refusal.  docs/CALLING.md has the sequence of calls, both
+modes and every failure.
 
 Modes:
 
@@ -23,31 +25,25 @@ Modes:
 Every mod carries an idempotency key made from a per-request id that is
 random per process (never taken from the request: a client that chose the
 key could replay an old one and be served for free), so the client's retries
-never charge twice.  Mods that must still land after the response (a charge
-or a refund that met a failure) are retried in the background with the same
-key; what cannot land is logged as stranded.  Credentials are never logged:
-a log line names an account by a short SHA-256 fingerprint.
+never charge twice.  Mods that must still land after the response are owed
+(accman.calling.owed).  Credentials are never logged: a log line names an
+account by a short SHA-256 fingerprint.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
 import itertools
 import json
 import logging
 import os
 import re
 
-from accman.calling.client import (
-    AccManClient,
-    Forbidden,
-    OutcomeUnknown,
-    TransportError,
-    Unauthorized,
-)
-from accman.errors import AccManError, Insufficient, NoAccount, Unavailable
+from accman.calling.client import AccManClient
+from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_DRAIN_S, Mod,
+                                 Owed, Unreserve, fingerprint)
+from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, OutcomeUnknown,
+                           TransportError, Unauthorized, Unavailable)
 from accman.limits import CRED_CHARS_MAX, INT64_MAX
 
 log = logging.getLogger("accman.asgi")
@@ -56,27 +52,17 @@ log = logging.getLogger("accman.asgi")
 # default: a request waits at most this long per attempt for its admission.
 TIMEOUT_S_DEFAULT = 2.0
 RETRIES_DEFAULT = 1
-# Mods still owed after their response (charges and refunds that met a
-# failure), retried in the background.  Beyond the bound a new one is
-# logged as stranded at once rather than held in memory without limit.
-FOLLOWUPS_MAX = 10_000
-# Attempts per owed mod, pausing FOLLOWUP_PAUSE_S doubling up to
-# FOLLOWUP_PAUSE_MAX_S (about three minutes in all) before it is stranded.
-FOLLOWUP_ATTEMPTS_MAX = 20
-FOLLOWUP_PAUSE_S = 0.1
-FOLLOWUP_PAUSE_MAX_S = 10.0
-# On lifespan shutdown, how long owed mods get to land before the rest are
-# logged as stranded.
-SHUTDOWN_DRAIN_S = 5.0
+# Responses with this status or more are free by default: the consumer did
+# not get what it asked for (RFC 9110: 4xx the client's error, 5xx the
+# service's).
+CHARGE_BELOW_DEFAULT = 400
 
 _CRED_RE = re.compile(r"[A-Za-z0-9_-]+")
 _JSON = (b"content-type", b"application/json")
-
-
-def fingerprint(cred: str) -> str:
-    """How logs name an account: not the credential, which is a bearer
-    secret, but 12 hex digits of its SHA-256."""
-    return hashlib.sha256(cred.encode()).hexdigest()[:12]
+_STATS = ("requests", "exempt", "refused_no_credential", "refused_no_account",
+          "refused_insufficient", "refused_unavailable", "charged", "charged_amount",
+          "free_status", "released", "capped", "unpaid_requests", "unpaid_amount", "owed",
+          "stranded")
 
 
 def _amount(value, what: str) -> int:
@@ -104,38 +90,6 @@ class _DisconnectWatch:
         return message
 
 
-class _Mod:
-    """An owed mod, retried with its key until it lands."""
-
-    __slots__ = ("cred", "by", "key", "what")
-
-    def __init__(self, cred: str, by: int, key: str, what: str):
-        self.cred, self.by, self.key, self.what = cred, by, key, what
-
-    async def run(self, acc) -> None:
-        await acc.mod(self.cred, self.by, key=self.key)
-
-
-class _Unreserve:
-    """A reservation whose outcome is unknown, to be undone: repeating it
-    with its key answers whether it applied (the original 200) or not
-    (insufficient, or it applies now); either way the release then makes
-    the net change zero."""
-
-    __slots__ = ("cred", "amount", "rid", "key", "by", "what")
-
-    def __init__(self, cred: str, amount: int, rid: str):
-        self.cred, self.amount, self.rid = cred, amount, rid
-        self.key, self.by, self.what = rid + "-s", amount, "release"
-
-    async def run(self, acc) -> None:
-        try:
-            await acc.mod(self.cred, -self.amount, min=0, key=self.rid + "-r")
-        except Insufficient:
-            return              # it never applied and now cannot: nothing held
-        await acc.mod(self.cred, self.amount, key=self.key)
-
-
 class AccManMiddleware:
     """Charges each HTTP request to the account named by its ACCMAN header.
 
@@ -144,7 +98,8 @@ class AccManMiddleware:
     headers None before the app runs for the estimate (the balance a request
     needs in "check" mode, the amount held in "reserve" mode), then with the
     response's status and ASGI header list when the response starts, for
-    the charge.
+    the charge.  A response whose status is `charge_below` or more is free
+    without asking `cost`; `charge_below=None` leaves every status to it.
 
     `exempt` and `prices` name paths exactly, or by prefix when they end in
     `*`; the longest matching price wins.  Exempt paths never touch AccMan.
@@ -157,7 +112,8 @@ class AccManMiddleware:
                  cost=1, header: str = "accman", mode: str = "check",
                  on_unavailable: str = "closed", exempt=(), prices=None, *,
                  client=None, timeout_s: float = TIMEOUT_S_DEFAULT,
-                 retries: int = RETRIES_DEFAULT, on_unpaid=None):
+                 retries: int = RETRIES_DEFAULT, on_unpaid=None,
+                 charge_below: int | None = CHARGE_BELOW_DEFAULT):
         if mode not in ("check", "reserve"):
             raise ValueError('mode must be "check" or "reserve"')
         if on_unavailable not in ("closed", "open"):
@@ -166,11 +122,15 @@ class AccManMiddleware:
             raise ValueError("AccManMiddleware needs the AccMan url (or a client)")
         if not isinstance(header, str) or re.fullmatch(r"[A-Za-z0-9-]+", header) is None:
             raise ValueError("header must be a plain header name")
+        if charge_below is not None and (isinstance(charge_below, bool) or not isinstance(
+                charge_below, int) or not 200 <= charge_below <= 600):
+            raise ValueError("charge_below must be a status from 200 to 600, or None")
         self.app = app
         self.mode = mode
         self._reserve = mode == "reserve"
         self._open = on_unavailable == "open"
         self._header = header.lower().encode("ascii")
+        self._charge_below = charge_below
         self._cost = self._price_value(cost, "cost")
         self._exempt_exact, self._exempt_prefixes = set(), []
         for path in exempt:
@@ -199,12 +159,8 @@ class AccManMiddleware:
         # (check-mode charge): 42 characters at most, under KEY_CHARS_MAX.
         self._rid_base = os.urandom(12).hex()
         self._rid_next = itertools.count(1).__next__
-        self._owed = collections.deque()
-        self._owed_task = None
-        self.stats = dict.fromkeys((
-            "requests", "exempt", "refused_no_credential", "refused_no_account",
-            "refused_insufficient", "refused_unavailable", "charged", "charged_amount",
-            "released", "capped", "unpaid_requests", "unpaid_amount", "owed", "stranded"), 0)
+        self.stats = dict.fromkeys(_STATS, 0)
+        self._owed = Owed(self._acc, self.stats, self._unpaid)
 
     @staticmethod
     def _price_value(value, what: str):
@@ -246,7 +202,7 @@ class AccManMiddleware:
 
         async def send_(message):
             if message["type"] == "http.response.start" and not watch.gone:
-                cost = self._charge_of(price, scope, message["status"], message.get("headers", ()))
+                cost = self._cost_of_response(price, scope, message)
                 new_tot = tot
                 if cost:
                     try:
@@ -254,7 +210,7 @@ class AccManMiddleware:
                         self._charged(cost)
                     except AccManError as e:
                         new_tot = None
-                        self._owe(_Mod(cred, -cost, key, "charge"), e)
+                        self._owed.add(Mod(cred, -cost, key, "charge"), e)
                 message = self._with_tot(message, new_tot)
             await send(message)
 
@@ -263,62 +219,33 @@ class AccManMiddleware:
     async def _serve_reserved(self, scope, receive, send, cred, price, est):
         acc = self._acc()
         rid = self._rid()
-        if est:
-            try:
-                tot, _ = await acc.mod(cred, -est, min=0, key=rid + "-r")
-            except Insufficient as e:
-                if e.tot <= 0 and not await self._exists(acc, cred):
-                    return await self._no_account(send)
-                return await self._insufficient(send, e.tot, est)
-            except NoAccount:
-                return await self._no_account(send)
-            except AccManError as e:
-                if isinstance(e, OutcomeUnknown):
-                    self._owe(_Unreserve(cred, est, rid), e)
-                return await self._unavailable(scope, receive, send, cred, price, e)
-        else:
-            try:
-                tot = await acc.tot(cred)
-            except NoAccount:
-                return await self._no_account(send)
-            except AccManError as e:
-                return await self._unavailable(scope, receive, send, cred, price, e)
-        held = est          # what is reserved and not yet settled or released
-        watch = _DisconnectWatch(receive)
-
-        async def send_(message):
-            nonlocal held
-            if message["type"] == "http.response.start" and held:
-                amount, held = held, 0
-                if watch.gone:
-                    cost = 0
-                else:
-                    cost = self._charge_of(price, scope, message["status"], message.get("headers", ()))
-                    if cost > amount:
-                        self.stats["capped"] += 1
-                        log.warning("accman: cost %d over the reservation %d: charged %d",
-                                    cost, amount, amount)
-                        cost = amount
-                new_tot = tot
-                if cost < amount:
-                    new_tot = await self._refund(acc, cred, amount - cost, rid, "refund" if cost else "release")
-                self._charged(cost)
-                message = self._with_tot(message, new_tot)
-            elif message["type"] == "http.response.start":
-                message = self._with_tot(message, tot)
-            await send(message)
-
         try:
-            await self.app(scope, watch.receive, send_)
+            tot = await self._reserve_estimate(acc, cred, est, rid)
+        except NoAccount:
+            return await self._no_account(send)
+        except Insufficient as e:
+            if e.tot <= 0 and not await self._exists(acc, cred):
+                return await self._no_account(send)
+            return await self._insufficient(send, e.tot, est)
+        except AccManError as e:
+            if est and isinstance(e, OutcomeUnknown):
+                self._owed.add(Unreserve(cred, est, rid), e)
+            return await self._unavailable(scope, receive, send, cred, price, e)
+        held = _Held(self, acc, scope, cred, price, rid, est, tot, receive)
+        try:
+            await self.app(scope, held.watch.receive, held.sender(send))
         except BaseException as e:
-            if held:
-                amount, held = held, 0
-                self.stats["released"] += 1
-                self._owe(_Mod(cred, amount, rid + "-s", "release"), e)
+            held.release_later(e)
             raise
-        if held:            # no response was started: the client went away, or the app sent nothing
-            amount, held = held, 0
-            await self._refund(acc, cred, amount, rid, "release")
+        await held.release()        # no response: the client went away, or the app sent nothing
+
+    @staticmethod
+    async def _reserve_estimate(acc, cred, est, rid) -> int:
+        """Holds `est` (an atomic `min=0` mod); the balance after it."""
+        if not est:
+            return await acc.tot(cred)
+        tot, _ = await acc.mod(cred, -est, min=0, key=rid + "-r")
+        return tot
 
     async def _refund(self, acc, cred, amount, rid, what):
         if what == "release":
@@ -327,7 +254,7 @@ class AccManMiddleware:
             new_tot, _ = await acc.mod(cred, amount, key=rid + "-s")
             return new_tot
         except AccManError as e:
-            self._owe(_Mod(cred, amount, rid + "-s", what), e)
+            self._owed.add(Mod(cred, amount, rid + "-s", what), e)
             return None
 
     # --- refusals and the unavailable path ---------------------------------
@@ -358,8 +285,9 @@ class AccManMiddleware:
 
             async def send_(message):
                 if message["type"] == "http.response.start":
-                    cost = self._charge_of(price, scope, message["status"], message.get("headers", ()))
-                    self._unpaid(cred, cost, err.code)
+                    cost = self._cost_of_response(price, scope, message)
+                    if cost:
+                        self._unpaid(cred, cost, err.code)
                 await send(message)
 
             return await self.app(scope, receive, send_)
@@ -378,65 +306,16 @@ class AccManMiddleware:
             pass
         return True
 
-    # --- owed mods ----------------------------------------------------------
-    def _owe(self, item, cause) -> None:
-        """A mod that must still land (same key: at most once)."""
-        code = getattr(cause, "code", type(cause).__name__)
-        if len(self._owed) >= FOLLOWUPS_MAX:
-            self._strand(item, "FOLLOWUPS_MAX owed mods already queued")
-            return
-        self.stats["owed"] += 1
-        log.info("accman: %s of %d for account %s queued (after %s), key %s",
-                 item.what, abs(item.by), fingerprint(item.cred), code, item.key)
-        self._owed.append(item)
-        if self._owed_task is None or self._owed_task.done():
-            self._owed_task = asyncio.get_running_loop().create_task(self._pay_owed())
-
-    async def _pay_owed(self) -> None:
-        acc = self._acc()
-        attempt = 0
-        while self._owed:
-            item = self._owed[0]
-            try:
-                await item.run(acc)
-            except (TransportError, Unavailable) as e:
-                attempt += 1
-                if attempt < FOLLOWUP_ATTEMPTS_MAX:
-                    await asyncio.sleep(min(FOLLOWUP_PAUSE_S * 2 ** (attempt - 1), FOLLOWUP_PAUSE_MAX_S))
-                    continue
-                self._strand(item, f"still {e.code} after {attempt} attempts")
-            except AccManError as e:
-                self._strand(item, e.code)
-            self._owed.popleft()
-            attempt = 0
-
-    def _strand(self, item, why: str) -> None:
-        self.stats["stranded"] += 1
-        owed_by = "the account owes" if item.by < 0 else "the service owes the account"
-        log.error("accman: stranded %s: %s %d (account %s, key %s): %s",
-                  item.what, owed_by, abs(item.by), fingerprint(item.cred), item.key, why)
-        if item.by < 0:
-            self._unpaid(item.cred, -item.by, why)
-
+    # --- owed mods and shutdown ---------------------------------------------
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until every owed mod has landed or been stranded; False if
         `timeout_s` passed first."""
-        task = self._owed_task
-        if task is None or task.done():
-            return True
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await self._owed.drain(timeout_s)
 
     async def aclose(self) -> None:
         """Let owed mods land (SHUTDOWN_DRAIN_S at most), strand the rest,
         close the client.  Called on the lifespan shutdown."""
-        if not await self.drain(SHUTDOWN_DRAIN_S):
-            self._owed_task.cancel()
-            while self._owed:
-                self._strand(self._owed.popleft(), "shutting down")
+        await self._owed.close()
         if self._client is not None and self._own_client:
             await self._client.aclose()
             self._client = None
@@ -496,6 +375,15 @@ class AccManMiddleware:
             return _amount(price(scope, status, headers), "the cost function's result")
         return price
 
+    def _cost_of_response(self, price, scope, message) -> int:
+        """The charge for the response that `message` starts: nothing when
+        its status is `charge_below` or more."""
+        status = message["status"]
+        if self._charge_below is not None and status >= self._charge_below:
+            self.stats["free_status"] += 1
+            return 0
+        return self._charge_of(price, scope, status, message.get("headers", ()))
+
     def _charged(self, cost: int) -> None:
         if cost:
             self.stats["charged"] += 1
@@ -527,6 +415,58 @@ class AccManMiddleware:
                        for k, v in self.stats.items())
 
 
+class _Held:
+    """A reserve-mode request between its hold and its settlement: `held`
+    is what is reserved and not yet settled or released."""
+
+    __slots__ = ("mw", "acc", "scope", "cred", "price", "rid", "held", "tot", "watch")
+
+    def __init__(self, mw, acc, scope, cred, price, rid, held, tot, receive):
+        self.mw, self.acc, self.scope, self.cred, self.price = mw, acc, scope, cred, price
+        self.rid, self.held, self.tot = rid, held, tot
+        self.watch = _DisconnectWatch(receive)
+
+    def sender(self, send):
+        async def send_(message):
+            if message["type"] == "http.response.start":
+                message = await self.settle(message)
+            await send(message)
+        return send_
+
+    async def settle(self, message):
+        """Charges the response's cost out of the hold, refunds the rest;
+        the response start with the balance header."""
+        mw = self.mw
+        if not self.held:
+            return mw._with_tot(message, self.tot)
+        amount, self.held = self.held, 0
+        cost = 0 if self.watch.gone else mw._cost_of_response(self.price, self.scope, message)
+        if cost > amount:
+            mw.stats["capped"] += 1
+            log.warning("accman: cost %d over the reservation %d: charged %d",
+                        cost, amount, amount)
+            cost = amount
+        new_tot = self.tot
+        if cost < amount:
+            what = "refund" if cost else "release"
+            new_tot = await mw._refund(self.acc, self.cred, amount - cost, self.rid, what)
+        mw._charged(cost)
+        return mw._with_tot(message, new_tot)
+
+    async def release(self) -> None:
+        if self.held:
+            amount, self.held = self.held, 0
+            await self.mw._refund(self.acc, self.cred, amount, self.rid, "release")
+
+    def release_later(self, cause) -> None:
+        """The app raised: the release is owed, not awaited (the exception
+        goes on to the server at once)."""
+        if self.held:
+            amount, self.held = self.held, 0
+            self.mw.stats["released"] += 1
+            self.mw._owed.add(Mod(self.cred, amount, self.rid + "-s", "release"), cause)
+
+
 async def _refuse(send, status: int, code: str, detail: str, headers=(), extra=None):
     obj = {"error": code, "detail": detail}
     if extra:
@@ -538,4 +478,4 @@ async def _refuse(send, status: int, code: str, detail: str, headers=(), extra=N
 
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",
-           "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "SHUTDOWN_DRAIN_S"]
+           "CHARGE_BELOW_DEFAULT", "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "SHUTDOWN_DRAIN_S"]

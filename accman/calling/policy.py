@@ -1,0 +1,50 @@
+"""When a call may be sent again, and how long it may take: the rules both
+clients keep (docs/CALLING.md, "Unknown outcomes and retries").  No I/O."""
+
+from __future__ import annotations
+
+from accman.errors import Busy, OutcomeUnknown, Unavailable, Unreachable
+from accman.limits import IDLE_TIMEOUT_S
+
+# --- bounds (TigerBeetle: a limit on everything) ------------------------------
+# One attempt of a call, from picking a connection to the parsed reply.  A mod
+# waits for its group commit (a few ms); 5 s is far beyond that yet short
+# enough that a hung AccMan does not hang the calling service.
+TIMEOUT_S_DEFAULT = 5.0
+# Extra attempts for a retryable call, with doubling pauses from the first.
+RETRIES_DEFAULT = 2
+RETRIES_MAX = 10
+RETRY_PAUSE_S = 0.025
+RETRY_PAUSE_MAX_S = 1.0
+# A connection idle this long is closed instead of reused: well before the
+# server's IDLE_TIMEOUT_S, so a request is never written just as the server
+# closes the connection (the keep-alive race that turns a keyless mod into
+# an unknown outcome).
+IDLE_REUSE_S = min(30.0, IDLE_TIMEOUT_S / 2)
+
+
+def check_settings(timeout_s, retries) -> None:
+    """Refuses a client's settings that no call could keep."""
+    if not timeout_s > 0:
+        raise ValueError("timeout_s must be positive")
+    if not 0 <= retries <= RETRIES_MAX:
+        raise ValueError(f"retries must be 0 to {RETRIES_MAX}")
+
+
+def retryable(exc: BaseException, safe: bool) -> bool:
+    """Whether a failed attempt may be repeated.  `safe` is true for reads
+    and keyed mods: repeating them never changes a balance twice."""
+    if isinstance(exc, (Unreachable, Busy)):
+        return True             # nothing was sent, or the server refused before applying
+    if isinstance(exc, (OutcomeUnknown, Unavailable)):
+        return safe
+    return False
+
+
+def pause_s(attempt: int) -> float:
+    """The pause before retry `attempt + 1`."""
+    return min(RETRY_PAUSE_S * (2 ** attempt), RETRY_PAUSE_MAX_S)
+
+
+__all__ = ["TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT", "RETRIES_MAX", "RETRY_PAUSE_S",
+           "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S", "check_settings", "retryable", "pause_s"]

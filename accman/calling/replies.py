@@ -1,0 +1,174 @@
+"""Replies: a status and a JSON body turned into the call's value or its
+typed error (accman.errors), checked against the SPEC's shapes.  No I/O.
+
+A 200 whose body breaks the SPEC's shape is `BadReply`: the client cannot
+tell what happened, so for a mod the outcome is unknown."""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+
+from accman.errors import (AccManError, BadReply, BadRequest, Busy, Forbidden, Insufficient,
+                           KeyReused, NoAccount, OutcomeUnknown, Overflow, Unauthorized,
+                           Unavailable, UnexpectedReply)
+from accman.records import Entry
+
+# An account's public id (SPEC "Events") is the hex of the store's keyed
+# hash: 32 characters for the embedded store's BLAKE2b-128.  A longer one is
+# not a hash any store makes.
+ACCOUNT_CHARS_MAX = 128
+# How much of an error reply's detail a message keeps.
+DETAIL_CHARS_MAX = 200
+
+_ACCOUNT_RE = re.compile(r"[0-9a-f]+")
+
+
+class PastPage(tuple):
+    """One page of an account's history.  It unpacks as `(entries, next)`,
+    as `past` always returned, and compares equal to that pair; `account`
+    is the account's public id (SPEC "Events"), or None from a server that
+    does not send it yet."""
+
+    def __new__(cls, entries: list, next: int | None, account: str | None = None):
+        page = super().__new__(cls, (entries, next))
+        page.account = account
+        return page
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.account)
+
+    def __repr__(self) -> str:
+        return f"PastPage(entries={self[0]!r}, next={self[1]!r}, account={self.account!r})"
+
+    entries = property(operator.itemgetter(0), doc="the entries, newest first")
+    next = property(operator.itemgetter(1), doc="the `before` of the next page, or None")
+
+
+def _json(body: bytes):
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadReply("reply body is not JSON") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def ok(status: int, body: bytes) -> dict:
+    """The JSON object of a 200, or the typed error of anything else."""
+    if status == 200:
+        obj = _json(body)
+        if not isinstance(obj, dict):
+            raise BadReply("reply body is not a JSON object")
+        return obj
+    raise error(status, body)
+
+
+# Replies whose status and code name one error (SPEC "Errors"), and statuses
+# that do whatever their code.
+_BY_CODE = {
+    (409, "key_reused"): KeyReused,
+    (409, "overflow"): Overflow,
+    (404, "no_account"): NoAccount,
+    (503, "busy"): Busy,
+}
+_BY_STATUS = {401: Unauthorized, 403: Forbidden, 503: Unavailable}
+_BAD_REQUEST_STATUSES = (400, 413, 414, 431)
+
+
+def error(status: int, body: bytes) -> AccManError:
+    """The typed error of a reply other than 200."""
+    obj = _error_object(body)
+    code = obj.get("error") if isinstance(obj.get("error"), str) else ""
+    detail = obj.get("detail") if isinstance(obj.get("detail"), str) else ""
+    detail = detail[:DETAIL_CHARS_MAX] or f"AccMan answered {status} {code}".rstrip()
+    if status == 409 and code == "insufficient":
+        tot = obj.get("tot")
+        if not _is_int(tot):
+            return BadReply("409 insufficient without an integer tot")
+        return Insufficient(tot, detail)
+    cls = _BY_CODE.get((status, code)) or _BY_STATUS.get(status)
+    if cls is not None:
+        return cls(detail)
+    if status in _BAD_REQUEST_STATUSES:
+        e = BadRequest(detail)
+        e.status = status
+        if code:
+            e.code = code
+        return e
+    if status >= 500 and status not in (501, 505):
+        # A 500/502/504 comes from a proxy or a crash: the mod may have applied.
+        return OutcomeUnknown(f"AccMan (or a proxy) answered {status}")
+    return UnexpectedReply(status, code or "unexpected", detail)
+
+
+def _error_object(body: bytes) -> dict:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+# The two replies of the hot path, in the compact form AccMan writes them,
+# are read without the JSON decoder; anything else goes through json.
+_TOT_RE = re.compile(rb'\{"tot":(-?(?:0|[1-9][0-9]{0,18}))\}')
+_MOD_RE = re.compile(rb'\{"tot":(-?(?:0|[1-9][0-9]{0,18})),"seq":([1-9][0-9]{0,18})\}')
+
+
+def tot(status: int, body: bytes) -> int:
+    """GET /tot: the balance."""
+    if status == 200:
+        m = _TOT_RE.fullmatch(body)
+        if m is not None:
+            return int(m.group(1))
+    value = ok(status, body).get("tot")
+    if not _is_int(value):
+        raise BadReply("/tot reply without an integer tot")
+    return value
+
+
+def mod(status: int, body: bytes) -> tuple:
+    """PATCH /mod: `(tot, seq)`."""
+    if status == 200:
+        m = _MOD_RE.fullmatch(body)
+        if m is not None:
+            return int(m.group(1)), int(m.group(2))
+    obj = ok(status, body)
+    value, seq = obj.get("tot"), obj.get("seq")
+    if not (_is_int(value) and _is_int(seq)):
+        raise BadReply("/mod reply without integer tot and seq")
+    return value, seq
+
+
+def past(status: int, body: bytes) -> PastPage:
+    """GET /past: a `PastPage`.  `account` and each entry's `hold` are
+    optional, so that a server from before they were in the SPEC is still
+    understood; when present, they must have the SPEC's shape."""
+    obj = ok(status, body)
+    entries, nxt, account = obj.get("past"), obj.get("next"), obj.get("account")
+    if not isinstance(entries, list) or not (nxt is None or _is_int(nxt)):
+        raise BadReply("/past reply without a past list and a next")
+    if account is not None and not (
+            isinstance(account, str) and len(account) <= ACCOUNT_CHARS_MAX
+            and _ACCOUNT_RE.fullmatch(account)):
+        raise BadReply("/past reply whose account is not a hex id")
+    return PastPage([_entry(e) for e in entries], nxt, account)
+
+
+def _entry(e) -> Entry:
+    if not isinstance(e, dict):
+        raise BadReply("/past entry is not an object")
+    seq, by, value, at = e.get("seq"), e.get("by"), e.get("tot"), e.get("at")
+    key, hold = e.get("key"), e.get("hold")
+    if not (_is_int(seq) and _is_int(by) and _is_int(value) and _is_int(at)
+            and (key is None or isinstance(key, str)) and (hold is None or _is_int(hold))):
+        raise BadReply("/past entry without integer seq, by, tot, at, a key and a hold")
+    return Entry(seq, by, value, at, key, hold)
+
+
+__all__ = ["PastPage", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX", "ok", "error", "tot", "mod",
+           "past"]

@@ -1,0 +1,100 @@
+"""Requests: the values of a call checked against the SPEC before anything
+is sent, and the request bytes built from them.  No I/O.
+
+A value outside the SPEC's rules is refused here with `BadRequest` (or a
+`TypeError` for a value of the wrong type), so nothing odd ever reaches the
+wire; a credential is never echoed in the message, since it is a secret."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from accman.errors import BadRequest
+from accman.limits import CRED_CHARS_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")     # RFC 6750 b64token
+_PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+
+
+def check_name(value, what: str, chars_max: int) -> str:
+    """A credential or key: 1 to `chars_max` of A-Z a-z 0-9 _ -."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str")
+    if not 1 <= len(value) <= chars_max or _NAME_RE.fullmatch(value) is None:
+        # The value is never echoed: it may be a live credential.
+        raise BadRequest(f"{what} must be 1 to {chars_max} characters from A-Z a-z 0-9 _ -")
+    return value
+
+
+def check_int(value, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    """An int (not a bool) from `low` to `high`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int")
+    if not low <= value <= high:
+        raise BadRequest(f"{what} must be between {low} and {high}")
+    return value
+
+
+def target_tot(cred) -> str:
+    return "/tot?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
+
+
+def target_mod(cred, by, min, key) -> str:
+    target = "/mod?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
+    if check_int(by, "by") == 0:
+        raise BadRequest("by must not be 0")
+    target += f"&by={by}"
+    if min is not None:
+        target += f"&min={check_int(min, 'min')}"
+    if key is not None:
+        target += "&key=" + check_name(key, "key", KEY_CHARS_MAX)
+    return target
+
+
+def target_past(cred, limit, before) -> str:
+    target = "/past?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
+    if limit is not None:
+        target += f"&limit={check_int(limit, 'limit', 1, PAST_LIMIT_MAX)}"
+    if before is not None:
+        target += f"&before={check_int(before, 'before', 1)}"
+    return target
+
+
+class Endpoint:
+    """The parsed base URL and the constant tail of every request (the Host
+    header and the token).  `where` names the server in messages; it never
+    holds the token."""
+
+    def __init__(self, url: str, token: str | None):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("the AccMan url must start with http:// or https://")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("the AccMan url takes no query, fragment or userinfo")
+        if not parts.hostname:
+            raise ValueError("the AccMan url has no host")
+        self.host = parts.hostname
+        self.tls = parts.scheme == "https"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/")
+        if self.prefix and _PREFIX_RE.fullmatch(self.prefix) is None:
+            raise ValueError("the AccMan url path must be plain ASCII segments")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if parts.port is not None:
+            host += f":{self.port}"
+        self.where = f"{parts.scheme}://{host}{self.prefix}"
+        tail = f" HTTP/1.1\r\nHost: {host}\r\n"
+        if token is not None:
+            if not isinstance(token, str) or _TOKEN_RE.fullmatch(token) is None:
+                raise ValueError("the token must be a non-empty RFC 6750 b64token")
+            tail += f"Authorization: Bearer {token}\r\n"
+        self.tail = tail + "\r\n"
+
+    def request(self, method: str, target: str) -> bytes:
+        """`method` ends with its space: "GET " or "PATCH "."""
+        return (method + self.prefix + target + self.tail).encode("ascii")
+
+
+__all__ = ["Endpoint", "check_name", "check_int", "target_tot", "target_mod", "target_past"]

@@ -1,0 +1,182 @@
+"""`AccManSyncClient`: the blocking client, for scripts and the `accman`
+command line.  The same calls, errors and retry rules as `AccManClient`
+(accman.calling.client), over one keep-alive socket."""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl as _ssl
+import time
+
+from accman.calling import policy, replies
+from accman.calling.parser import ReplyParser
+from accman.calling.requests import Endpoint, target_mod, target_past, target_tot
+from accman.errors import AccManError, BadReply, CallTimeout, OutcomeUnknown, Unreachable
+
+log = logging.getLogger("accman.client")
+
+RECV_BYTES = 65536          # one read from the socket
+
+
+class AccManSyncClient:
+    """The blocking client: one keep-alive connection, one call at a time
+    (use one client per thread).
+
+    >>> with AccManSyncClient("http://127.0.0.1:8035", token) as acc:
+    ...     acc.mod("alice", 1000, key="fund-2024-07-alice")
+    """
+
+    def __init__(self, url: str, token: str | None = None, *,
+                 timeout_s: float = policy.TIMEOUT_S_DEFAULT,
+                 retries: int = policy.RETRIES_DEFAULT):
+        policy.check_settings(timeout_s, retries)
+        self._ep = Endpoint(url, token)
+        self._timeout_s = float(timeout_s)
+        self._retries = retries
+        self._sock = None
+        self._parser = None
+        self._idle_since = 0.0
+        self._closed = False
+        self._ssl = _ssl.create_default_context() if self._ep.tls else None
+
+    def __repr__(self) -> str:
+        return f"<AccManSyncClient {self._ep.where}>"
+
+    def __enter__(self) -> "AccManSyncClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def where(self) -> str:
+        """The server's URL, for messages (never the token)."""
+        return self._ep.where
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop()
+
+    def tot(self, cred: str) -> int:
+        """The durable balance.  NoAccount for an unknown credential."""
+        return self._call(self._ep.request("GET ", target_tot(cred)), True, replies.tot)
+
+    def mod(self, cred: str, by: int, min: int | None = None, key: str | None = None) -> tuple:
+        """`(tot, seq)` once durable; see AccManClient.mod."""
+        req = self._ep.request("PATCH ", target_mod(cred, by, min, key))
+        return self._call(req, key is not None, replies.mod)
+
+    def past(self, cred: str, limit: int | None = None,
+             before: int | None = None) -> replies.PastPage:
+        """One page of history; see AccManClient.past."""
+        req = self._ep.request("GET ", target_past(cred, limit, before))
+        return self._call(req, True, replies.past)
+
+    def _call(self, req: bytes, safe: bool, decode):
+        attempt = 0
+        while True:
+            try:
+                return decode(*self._attempt(req))
+            except AccManError as e:
+                if attempt >= self._retries or self._closed or not policy.retryable(e, safe):
+                    raise
+                log.debug("AccMan call failed (%s), retry %d", e.code, attempt + 1)
+            time.sleep(policy.pause_s(attempt))
+            attempt += 1
+
+    def _attempt(self, req: bytes) -> tuple:
+        if self._closed:
+            raise Unreachable("the client is closed")
+        deadline = time.monotonic() + self._timeout_s
+        sock = self._ready(deadline)
+        try:
+            replies_read = self._exchange(sock, req, deadline)
+        except socket.timeout:
+            self._drop()
+            raise CallTimeout(f"no reply from AccMan within {self._timeout_s} s") from None
+        except OSError:
+            self._drop()
+            raise OutcomeUnknown("the connection to AccMan broke before the reply") from None
+        except AccManError:
+            self._drop()
+            raise
+        if len(replies_read) > 1 or self._parser.pending:
+            self._drop()
+            raise BadReply("a reply that no request asked for")
+        status, body, close = replies_read[0]
+        if close:
+            self._drop()
+        else:
+            self._idle_since = time.monotonic()
+        return status, body
+
+    def _exchange(self, sock, req: bytes, deadline: float) -> list:
+        """Sends `req` and reads until a reply is complete."""
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.sendall(req)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout
+            sock.settimeout(remaining)
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                raise OutcomeUnknown("the connection to AccMan closed before the reply")
+            replies_read = self._parser.feed(data)
+            if replies_read:
+                return replies_read
+
+    def _ready(self, deadline: float):
+        """The open connection, or a new one when there is none, it idled too
+        long, or the server has closed it (checked before writing, so a
+        keyless mod is not sent into a connection that is already gone)."""
+        sock = self._sock
+        if sock is not None:
+            if time.monotonic() - self._idle_since > policy.IDLE_REUSE_S or _peer_closed(sock):
+                self._drop()
+                sock = None
+        if sock is None:
+            sock = self._sock = self._connect(deadline)
+            self._parser = ReplyParser()
+        return sock
+
+    def _connect(self, deadline: float):
+        ep = self._ep
+        sock = None
+        try:
+            sock = socket.create_connection((ep.host, ep.port),
+                                            timeout=max(deadline - time.monotonic(), 0.001))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=ep.host)
+        except OSError as e:
+            if sock is not None:
+                sock.close()
+            reason = "timed out" if isinstance(e, socket.timeout) else (
+                e.strerror or type(e).__name__)
+            raise Unreachable(f"cannot connect to AccMan at {ep.where}: {reason}") from None
+        return sock
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+
+def _peer_closed(sock) -> bool:
+    """True if an idle keep-alive socket is readable: with nothing owed,
+    that is the server's close (or junk); either way, do not reuse it."""
+    try:
+        poller = select.poll()          # not select(): fds past FD_SETSIZE are fine
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+__all__ = ["AccManSyncClient"]

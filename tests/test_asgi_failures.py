@@ -1,0 +1,146 @@
+"""The ASGI middleware when AccMan fails: unreachable or refusing at
+admission (closed and open), owed mods and their bounds, the drain at
+shutdown.  Against the fake AccMan of tests/fake_accman.py."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from accman.asgi import AccManMiddleware
+from accman.calling import owed as owed_mod
+from asgi_harness import CRED, call, make_app, mw
+from fake_accman import FakeAccMan, closed_port, run
+
+
+@pytest.fixture
+def fake():
+    with FakeAccMan() as f:
+        yield f
+
+
+@pytest.fixture(autouse=True)
+def quick_followups(monkeypatch):
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.01)
+
+
+# --- AccMan unavailable -----------------------------------------------------
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_unreachable_accman_fails_closed_with_503(mode, caplog):
+    calls = []
+    m = AccManMiddleware(make_app(calls=calls), url=f"http://127.0.0.1:{closed_port()}",
+                         mode=mode, retries=0)
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        r = run(call(m))
+    assert r.status == 503 and r.json()["error"] == "unavailable"
+    assert r.headers["retry-after"] == "1" and calls == []
+    assert m.stats["refused_unavailable"] == 1 and CRED not in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_unreachable_accman_fails_open_and_records_the_unpaid(mode, caplog):
+    unpaid = []
+    m = AccManMiddleware(make_app(), url=f"http://127.0.0.1:{closed_port()}", mode=mode,
+                         cost=4, retries=0, on_unavailable="open",
+                         on_unpaid=lambda cred, amount: unpaid.append((cred, amount)))
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        r = run(call(m))
+    assert r.status == 200 and "accman" not in r.headers
+    assert unpaid == [(CRED, 4)]
+    assert m.stats["unpaid_requests"] == 1 and m.stats["unpaid_amount"] == 4
+    assert "unpaid 4" in caplog.text and CRED not in caplog.text
+    assert "accman_mw_unpaid_amount_total 4" in m.render_metrics()
+
+
+def test_a_wrong_token_is_503_even_when_open(caplog):
+    with FakeAccMan(tokens={"good": {"read", "charge"}}) as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, token="wrong-token", on_unavailable="open")
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            r = run(call(m))
+        assert r.status == 503 and "check the url and token" in caplog.text
+        assert "wrong-token" not in caplog.text
+
+
+def test_503_from_accman_fails_closed(fake):
+    fake.fund(CRED, 10)
+    fake.fault = lambda m, p, q: ("reply", 503, {"error": "unavailable", "detail": "x"})
+    assert run(call(mw(fake, mode="reserve", retries=0))).status == 503
+
+
+# --- bounds of the owed-mod queue -------------------------------------------
+def test_owed_mods_are_stranded_after_followup_attempts_max(monkeypatch, caplog):
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 3)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, make_app(raise_exc=ValueError("x")), mode="reserve", cost=3, retries=0)
+
+        async def go():
+            with pytest.raises(ValueError):
+                await call(m)
+        # AccMan goes away between the reservation and the release
+        fake.fault = lambda meth, p, q: ("drop",) if q.get("by") == "3" else None
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            run(go_and_drain(m, go))
+        assert m.stats["stranded"] == 1 and "still outcome_unknown after 3" in caplog.text
+        assert fake.tot(CRED) == 7        # the consumer is owed 3: logged, not lost silently
+
+
+async def go_and_drain(m, go):
+    await go()
+    assert await m.drain(5)
+
+
+def test_owed_mods_beyond_followups_max_are_stranded_at_once(monkeypatch):
+    monkeypatch.setattr(owed_mod, "FOLLOWUPS_MAX", 1)
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, make_app(raise_exc=ValueError("x")), mode="reserve", cost=1, retries=0)
+        fake.fault = lambda meth, p, q: ("drop",) if q.get("by") == "1" else None
+
+        async def go():
+            for _ in range(2):
+                with pytest.raises(ValueError):
+                    await call(m)
+            assert m.stats["stranded"] == 1 and m.stats["owed"] == 1
+            fake.fault = None
+            assert await m.drain(5)
+        run(go())
+        assert fake.tot(CRED) == 9
+
+
+def test_lifespan_shutdown_drains_within_shutdown_drain_s(monkeypatch):
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        inner = make_app(raise_exc=ValueError("x"))
+
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                while True:
+                    msg = await receive()
+                    await send({"type": msg["type"] + ".complete"})
+                    if msg["type"] == "lifespan.shutdown":
+                        return
+            await inner(scope, receive, send)
+
+        m = mw(fake, app, mode="reserve", cost=2, retries=0)
+
+        async def go():
+            with pytest.raises(ValueError):
+                await call(m)
+            fake.fault = lambda meth, p, q: ("drop",)
+            messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+            sent = []
+
+            async def receive():
+                return next(messages)
+
+            async def send(msg):
+                sent.append(msg["type"])
+            await m({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+            return sent
+        assert run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        assert m.stats["stranded"] == 1 and m._client is None

@@ -1,0 +1,127 @@
+"""The calling side's layout (issue 12): a service that only calls AccMan
+loads neither LevelDB (plyvel), nor uvloop, nor the ledger or the server,
+and this holds by what the modules import, not by a lazy attribute; every
+exception class lives in accman.errors; the import paths users already
+write keep working."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import accman
+from accman import errors
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLING = sorted((ROOT / "accman" / "calling").glob("*.py"))
+# What the calling side may import of AccMan: the leaf modules every part
+# shares, itself, and the package (which imports only the leaves).
+ALLOWED = ("accman.errors", "accman.limits", "accman.records", "accman.calling")
+
+
+def allowed(name: str) -> bool:
+    return name == "accman" or name.startswith(ALLOWED)
+FORBIDDEN_PREFIXES = ("plyvel", "uvloop", "accman.ledger", "accman.server")
+
+ENTRY_POINTS = ["accman.calling.client", "accman.calling.asgi", "accman.calling.sync",
+                "accman.client", "accman.asgi", "accman.cli"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_importing_the_calling_side_loads_no_ledger_server_plyvel_or_uvloop(module):
+    code = (f"import json, sys\nimport {module}\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, check=True).stdout
+    loaded = json.loads(out)
+    assert module in loaded                 # the probe did import it
+    bad = [m for m in loaded if m.startswith(FORBIDDEN_PREFIXES)]
+    assert bad == []
+
+
+def accman_imports(path: Path, top_level_only: bool = False) -> list[str]:
+    """The accman modules that `path` imports (module level only, when
+    asked: a command may import the server inside the function that runs
+    it)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = []
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+            names += [f"{node.module}.{a.name}" for a in node.names if node.module == "accman"]
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return [n for n in names if n == "accman" or n.startswith("accman.")]
+
+
+@pytest.mark.parametrize("path", CALLING, ids=lambda p: p.name)
+def test_the_calling_side_imports_only_the_shared_leaves_and_itself(path):
+    bad = [n for n in accman_imports(path) if not allowed(n)]
+    assert bad == []
+
+
+def test_the_cli_imports_the_ledger_and_the_server_only_to_serve_and_verify():
+    cli = ROOT / "accman" / "cli.py"
+    bad = [n for n in accman_imports(cli, top_level_only=True) if not allowed(n)]
+    assert bad == []
+
+
+def test_the_shared_leaves_and_the_package_import_no_part():
+    for leaf in ("errors", "limits", "records"):
+        assert accman_imports(ROOT / "accman" / f"{leaf}.py") == []
+    init = accman_imports(ROOT / "accman" / "__init__.py", top_level_only=True)
+    assert init and all(allowed(n) for n in init)
+
+
+@pytest.mark.parametrize("module", ["accman.calling.client", "accman.calling.sync",
+                                    "accman.calling.parser", "accman.calling.replies",
+                                    "accman.calling.requests", "accman.calling.policy",
+                                    "accman.calling.asgi", "accman.calling.owed", "accman.cli"])
+def test_every_exception_class_is_in_accman_errors(module):
+    mod = importlib.import_module(module)
+    own = [name for name, obj in vars(mod).items()
+           if inspect.isclass(obj) and issubclass(obj, BaseException)
+           and obj.__module__ == mod.__name__]
+    assert own == []
+
+
+def test_the_import_paths_users_write_keep_working():
+    from accman import AccManError, Ledger
+    from accman.asgi import AccManMiddleware
+    from accman.client import AccManClient, AccManSyncClient, OutcomeUnknown, Unreachable
+    from accman.ledger import Ledger as LedgerItself
+
+    assert Ledger is LedgerItself and AccManError is errors.AccManError
+    assert importlib.import_module("accman.client") is importlib.import_module(
+        "accman.calling.client")
+    assert importlib.import_module("accman.asgi") is importlib.import_module(
+        "accman.calling.asgi")
+    assert AccManMiddleware.__module__ == "accman.calling.asgi"
+    assert AccManSyncClient.__module__ == "accman.calling.sync" and AccManClient
+    assert OutcomeUnknown is errors.OutcomeUnknown and Unreachable is errors.Unreachable
+    assert accman.Entry.__module__ == "accman.records"
+
+
+SIZE_LIMITS = {".py": 500}
+FUNCTION_LINES_MAX = 80
+
+
+@pytest.mark.parametrize("path", CALLING + [ROOT / "accman" / "cli.py",
+                                            ROOT / "accman" / "__init__.py"],
+                         ids=lambda p: p.name)
+def test_files_and_functions_of_the_calling_side_stay_small(path):
+    text = path.read_text()
+    assert len(text.splitlines()) <= SIZE_LIMITS[".py"]
+    long_functions = [
+        node.name for node in ast.walk(ast.parse(text))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > FUNCTION_LINES_MAX]
+    assert long_functions == []

@@ -1,0 +1,276 @@
+"""The calling side's I/O-free core: the reply parser
+(accman.calling.parser), the reply decoders (accman.calling.replies) and
+the checks of a call's values before anything is sent
+(accman.calling.requests).  Every parser case is run whole and one byte at
+a time (h11's habit)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from accman.calling import parser as parser_mod
+from accman.calling import replies
+from accman.client import (AccManClient, AccManSyncClient, BadReply, Entry, Forbidden,
+                           OutcomeUnknown, PastPage, ReplyParser, Unauthorized, UnexpectedReply)
+from accman.errors import (BadRequest, Busy, Insufficient, KeyReused, NoAccount, Overflow,
+                           Unavailable)
+from accman.limits import INT64_MAX, INT64_MIN
+from fake_accman import FakeAccMan, run
+
+
+@pytest.fixture
+def fake():
+    with FakeAccMan() as f:
+        yield f
+
+
+# --- the reply parser -------------------------------------------------------
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{\"tot\": 5}"
+
+
+def feed_whole(data: bytes):
+    return ReplyParser().feed(data)
+
+
+def feed_bytewise(data: bytes):
+    p, out = ReplyParser(), []
+    for i in range(len(data)):
+        out += p.feed(data[i:i + 1])
+    return out
+
+
+@pytest.mark.parametrize("feed", [feed_whole, feed_bytewise])
+def test_parser_reads_a_reply_whole_and_byte_by_byte(feed):
+    assert feed(OK) == [(200, b'{"tot": 5}', False)]
+    assert feed(OK + OK) == [(200, b'{"tot": 5}', False)] * 2
+
+
+def test_parser_keeps_trailing_bytes_for_the_next_reply():
+    p = ReplyParser()
+    assert p.feed(OK + OK[:20]) == [(200, b'{"tot": 5}', False)]
+    assert p.pending
+    assert p.feed(OK[20:]) == [(200, b'{"tot": 5}', False)]
+    assert not p.pending
+
+
+@pytest.mark.parametrize("head,close", [
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", True),
+    (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n", True),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", True),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", False),
+    (b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", False),
+    (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length:   0  \r\n\r\n", False),
+])
+def test_parser_reads_connection_options(head, close):
+    assert ReplyParser().feed(head)[0][2] is close
+
+
+def test_parser_refuses_bytes_after_a_closing_reply():
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    with pytest.raises(BadReply):
+        ReplyParser().feed(closing + OK)
+    p = ReplyParser()
+    p.feed(closing)
+    with pytest.raises(BadReply):
+        p.feed(b"x")
+
+
+BAD_REPLIES = {
+    "no content-length": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n",
+    "two content-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+    "signed content-length": b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\nx",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+    "bare CR": b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n",
+    "bare LF": b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
+    "1xx": b"HTTP/1.1 100 Continue\r\n\r\n",
+    "HTTP/2": b"HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "space before colon": b"HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n",
+    "no status": b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n",
+    "garbage": b"<html>hello</html>\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REPLIES))
+@pytest.mark.parametrize("feed", [feed_whole, feed_bytewise])
+def test_parser_refuses_what_the_server_never_sends(name, feed):
+    with pytest.raises(BadReply):
+        feed(BAD_REPLIES[name])
+
+
+def test_parser_bounds_are_reached():
+    # REPLY_HEAD_BYTES_MAX: an endless head is refused without waiting for its end.
+    with pytest.raises(BadReply, match="REPLY_HEAD_BYTES_MAX"):
+        ReplyParser().feed(b"HTTP/1.1 200 OK\r\nX: " + b"a" * parser_mod.REPLY_HEAD_BYTES_MAX)
+    many = b"".join(b"X-%d: a\r\n" % i for i in range(parser_mod.REPLY_HEADERS_MAX + 1))
+    with pytest.raises(BadReply, match="REPLY_HEADERS_MAX"):
+        ReplyParser().feed(b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 0\r\n\r\n")
+    big = parser_mod.REPLY_BODY_BYTES_MAX + 1
+    with pytest.raises(BadReply, match="REPLY_BODY_BYTES_MAX"):
+        ReplyParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big)
+    fits = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % parser_mod.REPLY_BODY_BYTES_MAX
+    assert ReplyParser().feed(fits) == []          # accepted, waiting for the body
+
+
+def test_parsed_heads_are_cached_within_head_cache_max():
+    for n in range(parser_mod.HEAD_CACHE_MAX * 2):
+        reply = b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 0\r\n\r\n" % n
+        assert ReplyParser().feed(reply) == [(200, b"", False)]
+        assert len(parser_mod._heads) <= parser_mod.HEAD_CACHE_MAX
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([200, 404, 409, 503]), st.binary(max_size=40)),
+                min_size=1, max_size=5),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+def test_parser_gives_the_same_replies_however_the_stream_is_cut(replies, cuts):
+    stream = b"".join(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n" % (s, len(b)) + b
+                      for s, b in replies)
+    bounds = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    p, out = ReplyParser(), []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        out += p.feed(stream[a:b])
+    assert out == [(s, b, False) for s, b in replies]
+    assert not p.pending
+
+
+# --- requests are validated before they are sent ---------------------------
+@pytest.mark.parametrize("cred", ["", "a b", "a%20b", "ä", "a\r\nX: y", "a" * 129, "a&by=5"])
+def test_a_bad_cred_is_refused_locally_and_never_sent(fake, cred):
+    async def go():
+        async with AccManClient(fake.url) as acc:
+            with pytest.raises(BadRequest) as e:
+                await acc.tot(cred)
+            with pytest.raises(BadRequest):
+                await acc.mod(cred, 1)
+            return e.value
+    err = run(go())
+    assert fake.requests == []
+    if len(cred) > 2:
+        assert cred not in str(err)        # a credential is never echoed
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    ({"by": 0}, BadRequest), ({"by": True}, TypeError), ({"by": 1.0}, TypeError),
+    ({"by": INT64_MAX + 1}, BadRequest), ({"by": INT64_MIN - 1}, BadRequest),
+    ({"by": -1, "min": INT64_MAX + 1}, BadRequest), ({"by": -1, "key": ""}, BadRequest),
+    ({"by": -1, "key": "k" * 65}, BadRequest), ({"by": -1, "key": "a/b"}, BadRequest),
+])
+def test_bad_mod_values_are_refused_locally(fake, kwargs, exc):
+    with AccManSyncClient(fake.url) as acc:
+        with pytest.raises(exc):
+            acc.mod("alice", **kwargs)
+    assert fake.requests == []
+
+
+def test_bad_urls_and_tokens_are_refused():
+    for url in ["ftp://h", "http://", "http://h/?q=1", "http://u:p@h", "http://h/a b"]:
+        with pytest.raises(ValueError):
+            AccManClient(url)
+    for token in ["", "a b", "tok\r\nX: y", 5]:
+        with pytest.raises(ValueError) as e:
+            AccManSyncClient("http://h", token)
+        assert "\r\n" not in str(e.value) and "a b" not in str(e.value)
+
+
+
+
+# --- the reply decoders -----------------------------------------------------
+def body(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+ENTRY = {"seq": 2, "by": -3, "tot": 7, "at": 1795610238403, "key": "k1", "hold": None}
+ACCOUNT = "0f" * 16
+
+
+def test_past_reads_the_account_and_each_entrys_hold():
+    held = dict(ENTRY, seq=3, by=-5, tot=2, key=None, hold=3)
+    page = replies.past(200, body({"account": ACCOUNT, "past": [held, ENTRY], "next": 2}))
+    assert page.account == ACCOUNT and page.next == 2
+    assert page.entries == [Entry(3, -5, 2, held["at"], None, 3),
+                            Entry(2, -3, 7, ENTRY["at"], "k1")]
+
+
+def test_a_past_page_unpacks_as_the_pair_that_past_always_returned():
+    page = replies.past(200, body({"account": ACCOUNT, "past": [ENTRY], "next": None}))
+    assert isinstance(page, PastPage)
+    entries, nxt = page
+    assert (entries, nxt) == page and page == (entries, None) and len(page) == 2
+    assert isinstance(page, tuple) and page[0] is page.entries
+    assert "account='" + ACCOUNT in repr(page)
+    again = pickle.loads(pickle.dumps(page))
+    assert again == page and again.account == ACCOUNT
+
+
+def test_past_from_a_server_before_accounts_and_holds_is_still_read():
+    old = {k: v for k, v in ENTRY.items() if k != "hold"}
+    page = replies.past(200, body({"past": [old], "next": None}))
+    assert page.account is None and page.entries[0].hold is None
+
+
+@pytest.mark.parametrize("reply", [
+    {"account": ACCOUNT, "past": [dict(ENTRY, hold="3")], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, hold=True)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, seq=None)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, key=5)], "next": None},
+    {"account": ACCOUNT, "past": [[2, -3, 7]], "next": None},
+    {"account": ACCOUNT, "past": {}, "next": None},
+    {"account": ACCOUNT, "past": [], "next": "2"},
+    {"account": 5, "past": [], "next": None},
+    {"account": "", "past": [], "next": None},
+    {"account": "0F" * 16, "past": [], "next": None},
+    {"account": "alice", "past": [], "next": None},
+    {"account": "a" * (replies.ACCOUNT_CHARS_MAX + 1), "past": [], "next": None},
+])
+def test_past_refuses_what_breaks_the_specs_shape(reply):
+    with pytest.raises(BadReply):
+        replies.past(200, body(reply))
+
+
+def test_an_account_id_of_account_chars_max_is_read():
+    longest = "a" * replies.ACCOUNT_CHARS_MAX
+    page = replies.past(200, body({"account": longest, "past": [], "next": None}))
+    assert page.account == longest
+
+
+@pytest.mark.parametrize("status,reply,exc", [
+    (404, {"error": "no_account"}, NoAccount),
+    (409, {"error": "key_reused"}, KeyReused),
+    (409, {"error": "overflow"}, Overflow),
+    (409, {"error": "something_new"}, UnexpectedReply),
+    (401, {"error": "unauthorized"}, Unauthorized),
+    (403, {"error": "forbidden"}, Forbidden),
+    (503, {"error": "busy"}, Busy),
+    (503, {"error": "unavailable"}, Unavailable),
+    (414, {"error": "uri_too_long"}, BadRequest),
+    (404, {"error": "not_found"}, UnexpectedReply),
+    (405, {"error": "method_not_allowed"}, UnexpectedReply),
+    (502, {}, OutcomeUnknown),
+    (409, {"error": "insufficient"}, BadReply),          # without its tot
+])
+def test_each_error_reply_has_its_type(status, reply, exc):
+    e = replies.error(status, body(dict(reply, detail="a sentence")))
+    assert type(e) is exc
+    if exc is BadRequest:
+        assert (e.status, e.code) == (414, "uri_too_long")
+
+
+def test_an_error_keeps_its_tot_and_at_most_detail_chars_max_of_its_detail():
+    e = replies.error(409, body({"error": "insufficient", "tot": 4, "detail": "x" * 500}))
+    assert isinstance(e, Insufficient) and e.tot == 4
+    assert e.detail == "x" * replies.DETAIL_CHARS_MAX
+    assert replies.error(409, b"not json").detail == "AccMan answered 409"
+
+
+@pytest.mark.parametrize("decode,text", [
+    (replies.tot, b'{"tot":-9223372036854775808}'), (replies.tot, b'{ "tot" : 5 }'),
+    (replies.mod, b'{"tot":5,"seq":9223372036854775807}'), (replies.mod, b'{"seq":2,"tot":5}'),
+])
+def test_the_fast_path_and_the_json_path_agree(decode, text):
+    assert decode(200, text) == decode(200, text.replace(b" ", b"") + b" ")
