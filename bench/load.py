@@ -85,9 +85,9 @@ def parse_args(argv):
         p.error(f"unknown server {sorted(unknown)[0]!r}; choose from {','.join(report.SERVERS)}")
     if (args.duration or 1) < 1 or (args.rounds or 1) < 1:
         p.error("--duration and --rounds are at least 1")
-    if shutil.which("taskset") is None:
+    if base.which("taskset") is None:
         p.error(base.missing("taskset"))
-    if shutil.which("wrk") is None and (args.profile or set(args.only) - {"redis"}):
+    if base.which("wrk") is None and (args.profile or set(args.only) - {"redis"}):
         p.error(base.missing("wrk"))
     # Only figures of record overwrite bench/results/: the whole table for
     # load.{md,json}, the default duration for the profile.
@@ -105,8 +105,7 @@ def parse_args(argv):
 def missing_tools(names):
     """One line per tool that a named server needs and that is not installed."""
     tools = dict.fromkeys(t for n in names for t in TOOLS[n])
-    return [base.missing(t) for t in tools
-            if shutil.which(t) is None and shutil.which(t, path="/usr/sbin:/sbin") is None]
+    return [base.missing(t) for t in tools if base.which(t) is None]
 
 
 def run(args, log):

@@ -1,6 +1,7 @@
 """What every part of the load benchmark shares: where things are, which CPU
 runs what, and the one error a part raises when a server or tool cannot run."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,12 @@ INSTALL_HINTS = {
 
 class BenchError(Exception):
     """A server or a tool could not be run; the message is one line."""
+
+
+def which(tool):
+    """The tool's path, on PATH or in /usr/sbin (where Debian puts nginx and
+    which a non-root PATH lacks); None if it is not installed."""
+    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
 
 
 def missing(tool):

@@ -13,7 +13,6 @@ import contextlib
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from .base import (BENCH_DIR, HOST, PYTHON, REPO_DIR, SERVER_CPU, START_TIMEOUT_S,
-                   STOP_TIMEOUT_S, BenchError, missing, pinned)
+                   STOP_TIMEOUT_S, BenchError, missing, pinned, which)
 
 
 def free_port():
@@ -33,9 +32,8 @@ def free_port():
 
 
 def find_tool(name):
-    """The tool's path, on PATH or in /usr/sbin (where Debian puts nginx and
-    which a non-root PATH lacks); BenchError saying what to install if none."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    """The tool's path; BenchError saying what to install if it is missing."""
+    path = which(name)
     if path is None:
         raise BenchError(missing(name))
     return path
