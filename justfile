@@ -22,9 +22,17 @@ serve data="./accman-data" port="8080":
 bench: build
     {{py}} -m pytest bench/bench_ledger.py bench/bench_client.py bench/bench_asgi.py --benchmark-enable -p no:cacheprovider -s
 
-# HTTP load benchmark with wrk against AccMan and its peers
+# HTTP load benchmark: AccMan and its peers, 3 rounds of 5 s per figure; writes bench/results/
 bench-load: build
     {{py}} bench/load.py
+
+# the load benchmark's smoke form: one round of 1 s per figure, nothing written
+bench-quick: build
+    {{py}} bench/load.py --quick
+
+# AccMan profiled under load (py-spy, perf); writes bench/results/profile/
+bench-profile: build
+    {{py}} bench/load.py --profile-only
 
 # the long crash checker (kill -9 rounds for minutes; prints the seed)
 crash:

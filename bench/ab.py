@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ab.py HEAD~1 HEAD                  # durable /mod, 64 connections
     .venv/bin/python bench/ab.py --route tot --conns 16 main WORKTREE
+    .venv/bin/python bench/ab.py --route mod_pipelined main WORKTREE
 
 On this shared machine one figure moves by 5-20 % from minute to minute, so a
 change is judged by alternating the two revisions, round after round, and
@@ -24,12 +25,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-import load as L
+from harness import base, plan, report
+from harness.cpu import CLK_TCK, thread_cpu_ticks
+from harness.profile import COMMIT_COUNTERS
+from harness.runners import fund_accounts, metrics_counters, run_wrk
+from harness.servers import AccManServer
 
 ROUTES = {
     # route: (wrk script, its arguments, accounts funded first)
-    "mod": ("mod_cycle.lua", [L.CYCLE_PREFIX, L.CYCLE_CREDS], L.CYCLE_CREDS),
-    "tot": ("tot.lua", [L.TOT_CRED], 1),
+    "mod": ("mod_cycle.lua", [plan.CYCLE_PREFIX, plan.CYCLE_CREDS], plan.CYCLE_CREDS),
+    "mod_pipelined": ("mod_pipeline.lua",
+                      [plan.CYCLE_PREFIX, plan.CYCLE_CREDS, plan.PIPELINE_DEPTH],
+                      plan.CYCLE_CREDS),
+    "tot": ("tot.lua", [plan.TOT_CRED], 1),
+    "tot_pipelined": ("tot_pipeline.lua", [plan.TOT_CRED, plan.PIPELINE_DEPTH], 1),
 }
 WORKTREE = "WORKTREE"
 BUILD_TIMEOUT_S = 600
@@ -38,33 +47,32 @@ BUILD_TIMEOUT_S = 600
 def checkout(rev, into):
     """A built checkout of `rev` (WORKTREE: this one, as it is) under `into`."""
     if rev == WORKTREE:
-        return L.REPO_DIR
+        return base.REPO_DIR
     path = Path(into) / rev.replace("/", "_").replace("~", "-")
-    subprocess.run(["git", "clone", "--quiet", "--no-checkout", str(L.REPO_DIR), str(path)],
+    subprocess.run(["git", "clone", "--quiet", "--no-checkout", str(base.REPO_DIR), str(path)],
                    check=True)
     subprocess.run(["git", "-C", str(path), "checkout", "--quiet", rev], check=True)
-    out = subprocess.run([L.PYTHON, "setup.py", "build_ext", "--inplace"], cwd=path,
+    out = subprocess.run([base.PYTHON, "setup.py", "build_ext", "--inplace"], cwd=path,
                          capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if out.returncode != 0:
-        raise L.BenchError(f"building {rev} failed: {out.stderr.strip()[-300:]}")
+        raise base.BenchError(f"building {rev} failed: {out.stderr.strip()[-300:]}")
     return path
 
 
 def one_run(repo, workdir, route, conns, duration_s):
     script, args, accounts = ROUTES[route]
-    with L.AccManServer(workdir, repo=repo) as server:
-        L.fund_accounts(server.port, count=accounts)
-        L.run_wrk(server.url, script, args, conns, L.WARMUP_S)
-        before = L.thread_cpu_ticks(server.pid), L.commit_counters(server.port)
-        row = L.run_wrk(server.url, script, args, conns, duration_s, pgid=server.pid)
-        after = L.thread_cpu_ticks(server.pid), L.commit_counters(server.port)
+    with AccManServer(workdir, repo=repo) as server:
+        fund_accounts(server.port, plan.CYCLE_PREFIX, accounts, plan.FUND_BY)
+        run_wrk(server.url, script, args, conns, plan.WARMUP_S)
+        before = thread_cpu_ticks(server.pid), metrics_counters(server.port, COMMIT_COUNTERS)
+        row = run_wrk(server.url, script, args, conns, duration_s, pgid=server.pid)
+        after = thread_cpu_ticks(server.pid), metrics_counters(server.port, COMMIT_COUNTERS)
     n = max(row["requests"] or 0, 1)
-    threads = sorted(((after[0][t] - before[0].get(t, 0)) / L.CLK_TCK / n * 1e6
+    threads = sorted(((after[0][t] - before[0].get(t, 0)) / CLK_TCK / n * 1e6
                       for t in after[0]), reverse=True)
     row["cpu_us_by_thread"] = [round(us, 1) for us in threads if us >= 0.05]
-    batches = after[1].get("accman_batches_total", 0) - before[1].get("accman_batches_total", 0)
-    mods = (after[1].get("accman_mods_committed_total", 0)
-            - before[1].get("accman_mods_committed_total", 0))
+    batches, mods = (after[1].get(name, 0) - before[1].get(name, 0)
+                     for name in COMMIT_COUNTERS[:2])
     row["mods_per_batch"] = mods / batches if batches else None
     return row
 
@@ -73,8 +81,8 @@ def describe(label, row):
     per_batch = (f"  mods/batch {row['mods_per_batch']:.1f}"
                  if row["mods_per_batch"] is not None else "")
     cpu = " + ".join(f"{us:.1f}" for us in row["cpu_us_by_thread"])
-    return (f"{label}  {row['rps']:>10,.0f} req/s  p50 {L.fmt_us(row['p50_us']):>8}  "
-            f"p99 {L.fmt_us(row['p99_us']):>8}  CPU/request {cpu} µs{per_batch}"
+    return (f"{label}  {row['rps']:>10,.0f} req/s  p50 {report.fmt_us(row['p50_us']):>8}  "
+            f"p99 {report.fmt_us(row['p99_us']):>8}  CPU/request {cpu} µs{per_batch}"
             f"  non-2xx {row['non_2xx']}")
 
 
@@ -85,7 +93,7 @@ def main(argv=None):
     ap.add_argument("--route", choices=sorted(ROUTES), default="mod")
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=int, default=L.DURATION_S, help="seconds per run")
+    ap.add_argument("--duration", type=int, default=plan.DURATION_S, help="seconds per run")
     opts = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="accman-ab-") as tmp:
         repos = {"A": checkout(opts.a, tmp), "B": checkout(opts.b, tmp)}
@@ -99,15 +107,15 @@ def main(argv=None):
                 rps[label].append(row["rps"])
                 print(f"round {i + 1}  " + describe(label, row), flush=True)
         med = {k: statistics.median(v) for k, v in rps.items()}
+        ahead = sum(b > a for a, b in zip(rps["A"], rps["B"], strict=True))
         print(f"median req/s: A {med['A']:,.0f}, B {med['B']:,.0f}; "
-              f"B/A {med['B'] / med['A']:.2f}x; B ahead in "
-              f"{sum(b > a for a, b in zip(rps['A'], rps['B']))} of {opts.rounds} rounds")
+              f"B/A {med['B'] / med['A']:.2f}x; B ahead in {ahead} of {opts.rounds} rounds")
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except L.BenchError as e:
+    except base.BenchError as e:
         print(f"ab: {e}", file=sys.stderr)
         sys.exit(1)

@@ -59,6 +59,57 @@ def preallocated(path, writes, flags):
     return os.open(path, os.O_RDWR | flags)
 
 
+def leveldb_method(workdir, writes, records, block, counter, sync, wal_flags=None):
+    """A LevelDB batch of `records`, with `sync`; after a log block written
+    with `wal_flags` over a preallocated file, if given."""
+    def setup():
+        path = os.path.join(workdir, "db")
+        shutil.rmtree(path, ignore_errors=True)
+        db = plyvel.DB(path, create_if_missing=True, write_buffer_size=16 << 20)
+        fd = None
+        if wal_flags is not None:
+            fd = preallocated(os.path.join(workdir, "wal"), writes, wal_flags)
+
+        def write(i):
+            if fd is not None:
+                os.pwritev(fd, [block], i * BLOCK_BYTES)
+            leveldb_batch(db, records, sync, counter)
+
+        def cleanup():
+            db.close()
+            if fd is not None:
+                os.close(fd)
+        return write, cleanup
+    return setup
+
+
+def append_method(workdir, block):
+    """4 KiB appended to a growing file, then fdatasync."""
+    def setup():
+        path = os.path.join(workdir, "append")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+
+        def write(_i):
+            os.write(fd, block)
+            os.fdatasync(fd)
+        return write, lambda: os.close(fd)
+    return setup
+
+
+def overwrite_method(workdir, writes, block, flags, sync):
+    """4 KiB written over a preallocated file opened with `flags`, then
+    fdatasync if `sync`."""
+    def setup():
+        fd = preallocated(os.path.join(workdir, "over"), writes, flags)
+
+        def write(i):
+            os.pwritev(fd, [block], i * BLOCK_BYTES)
+            if sync:
+                os.fdatasync(fd)
+        return write, lambda: os.close(fd)
+    return setup
+
+
 def methods(workdir, writes, records):
     """(name, setup) pairs; setup() returns (write(i), cleanup())."""
     block = mmap.mmap(-1, BLOCK_BYTES)       # page-aligned, as O_DIRECT needs
@@ -66,50 +117,15 @@ def methods(workdir, writes, records):
     counter = [0]
 
     def leveldb(sync, wal_flags=None):
-        def setup():
-            path = os.path.join(workdir, "db")
-            shutil.rmtree(path, ignore_errors=True)
-            db = plyvel.DB(path, create_if_missing=True, write_buffer_size=16 << 20)
-            fd = None
-            if wal_flags is not None:
-                fd = preallocated(os.path.join(workdir, "wal"), writes, wal_flags)
-
-            def write(i):
-                if fd is not None:
-                    os.pwritev(fd, [block], i * BLOCK_BYTES)
-                leveldb_batch(db, records, sync, counter)
-
-            def cleanup():
-                db.close()
-                if fd is not None:
-                    os.close(fd)
-            return write, cleanup
-        return setup
-
-    def append():
-        path = os.path.join(workdir, "append")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-
-        def write(i):
-            os.write(fd, block)
-            os.fdatasync(fd)
-        return write, lambda: os.close(fd)
+        return leveldb_method(workdir, writes, records, block, counter, sync, wal_flags)
 
     def overwrite(flags, sync):
-        def setup():
-            fd = preallocated(os.path.join(workdir, "over"), writes, flags)
-
-            def write(i):
-                os.pwritev(fd, [block], i * BLOCK_BYTES)
-                if sync:
-                    os.fdatasync(fd)
-            return write, lambda: os.close(fd)
-        return setup
+        return overwrite_method(workdir, writes, block, flags, sync)
 
     return [
         (f"leveldb sync=True, {records} records", leveldb(True)),
         (f"leveldb sync=False, {records} records", leveldb(False)),
-        ("append 4 KiB + fdatasync", append),
+        ("append 4 KiB + fdatasync", append_method(workdir, block)),
         ("overwrite 4 KiB + fdatasync", overwrite(0, True)),
         ("overwrite 4 KiB, O_DSYNC", overwrite(os.O_DSYNC, False)),
         ("overwrite 4 KiB, O_DIRECT+O_DSYNC", overwrite(os.O_DSYNC | os.O_DIRECT, False)),

@@ -265,6 +265,77 @@ def open_connections(port):
     return int(float(re.search(rb"\naccman_open_connections (\S+)", body).group(1)))
 
 
+def warm_up(port):
+    """Warm the allocator and caches up before the start's RSS is taken."""
+    for _ in range(300):
+        with connect(port) as s:
+            s.sendall(req("PATCH", "/mod?cred=soak-warm&by=1") + req("GET", "/metrics"))
+            replies = Replies(s)
+            replies.next()
+            replies.next()
+    time.sleep(0.5)
+
+
+def run_load(args, seed, server, stats):
+    """Churners, flooders, the prober and the sampler, for --seconds."""
+    port = server.port
+    stop = threading.Event()
+    threads = [threading.Thread(target=churner,
+                                args=(port, stop, stats, random.Random(seed + i)))
+               for i in range(args.churners)]
+    threads += [threading.Thread(target=flooder,
+                                 args=(port, stop, stats, random.Random(seed + 1000 + i)))
+                for i in range(args.flooders)]
+    threads += [threading.Thread(target=prober, args=(port, stop, stats)),
+                threading.Thread(target=sampler, args=(server, stop, stats))]
+    for t in threads:
+        t.daemon = True
+        t.start()
+    stop.wait(args.seconds)
+    stop.set()
+    for t in threads:
+        t.join(PROBE_TIMEOUT_S + 5)
+
+
+def judge(args, server, stats, rss0, fds0):
+    """What went wrong after the load, printing what happened; [] if nothing."""
+    if not server.alive():
+        return [f"the server died: exit {server.proc.returncode}"]
+    failures = []
+    # Every connection of the run is closed: the server must let them all
+    # go (the one asking is the only one left).
+    deadline = time.monotonic() + 10
+    left = open_connections(server.port)
+    while left > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = open_connections(server.port)
+    if left > 1:
+        failures.append(f"{left - 1} connections still open after the run")
+    time.sleep(0.5)
+    rss1, fds1 = server.rss_kib(), server.fds()
+    peak = max(stats.rss_kib + [rss0, rss1])
+    lat = sorted(stats.probe_latency_s) or [0.0]
+    print(f"soak: {stats.connections} connections churned ({stats.churn_errors} cut "
+          f"or refused), {stats.floods} floods sent {stats.flood_bytes / 2 ** 20:.1f} MiB "
+          f"never read", flush=True)
+    print(f"soak: {stats.probes} probes, {len(stats.probe_failures)} failed; latency "
+          f"p50 {statistics.median(lat) * 1000:.1f} ms, "
+          f"p99 {lat[int(len(lat) * 0.99) - 1 if len(lat) > 1 else 0] * 1000:.1f} ms, "
+          f"max {lat[-1] * 1000:.1f} ms", flush=True)
+    print(f"soak: RSS start {rss0 / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, "
+          f"end {rss1 / 1024:.1f} MiB; fds start {fds0}, end {fds1}", flush=True)
+    if stats.probe_failures:
+        failures.append(f"{len(stats.probe_failures)} probes failed, e.g. "
+                        f"{stats.probe_failures[:3]}")
+    if stats.connections < 1000:
+        failures.append(f"only {stats.connections} connections churned: not a soak")
+    if (rss1 - rss0) / 1024 > args.rss_growth_mib:
+        failures.append(f"RSS grew {(rss1 - rss0) / 1024:.1f} MiB over the run")
+    if fds1 > fds0 + 2:
+        failures.append(f"file descriptors leaked: {fds0} -> {fds1}")
+    return failures
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=60.0)
@@ -281,71 +352,14 @@ def main():
 
     server = Server(env)
     stats = Stats()
-    failures = []
     try:
-        port = server.port
-        for _ in range(300):                    # warm up allocator and caches
-            with connect(port) as s:
-                s.sendall(req("PATCH", "/mod?cred=soak-warm&by=1") + req("GET", "/metrics"))
-                replies = Replies(s)
-                replies.next()
-                replies.next()
-        time.sleep(0.5)
+        warm_up(server.port)
         rss0, fds0 = server.rss_kib(), server.fds()
         print(f"soak: seed {seed}, {args.seconds:g} s, {args.churners} churners, "
-              f"{args.flooders} flooders, port {port}, env {env or 'defaults'}", flush=True)
-
-        stop = threading.Event()
-        threads = [threading.Thread(target=churner,
-                                    args=(port, stop, stats, random.Random(seed + i)))
-                   for i in range(args.churners)]
-        threads += [threading.Thread(target=flooder,
-                                     args=(port, stop, stats, random.Random(seed + 1000 + i)))
-                    for i in range(args.flooders)]
-        threads += [threading.Thread(target=prober, args=(port, stop, stats)),
-                    threading.Thread(target=sampler, args=(server, stop, stats))]
-        for t in threads:
-            t.daemon = True
-            t.start()
-        stop.wait(args.seconds)
-        stop.set()
-        for t in threads:
-            t.join(PROBE_TIMEOUT_S + 5)
-
-        if not server.alive():
-            failures.append(f"the server died: exit {server.proc.returncode}")
-        else:
-            # Every connection of the run is closed: the server must let
-            # them all go (the one asking is the only one left).
-            deadline = time.monotonic() + 10
-            left = open_connections(port)
-            while left > 1 and time.monotonic() < deadline:
-                time.sleep(0.2)
-                left = open_connections(port)
-            if left > 1:
-                failures.append(f"{left - 1} connections still open after the run")
-            time.sleep(0.5)
-            rss1, fds1 = server.rss_kib(), server.fds()
-            peak = max(stats.rss_kib + [rss0, rss1])
-            lat = sorted(stats.probe_latency_s) or [0.0]
-            print(f"soak: {stats.connections} connections churned ({stats.churn_errors} cut "
-                  f"or refused), {stats.floods} floods sent {stats.flood_bytes / 2 ** 20:.1f} MiB "
-                  f"never read", flush=True)
-            print(f"soak: {stats.probes} probes, {len(stats.probe_failures)} failed; latency "
-                  f"p50 {statistics.median(lat) * 1000:.1f} ms, "
-                  f"p99 {lat[int(len(lat) * 0.99) - 1 if len(lat) > 1 else 0] * 1000:.1f} ms, "
-                  f"max {lat[-1] * 1000:.1f} ms", flush=True)
-            print(f"soak: RSS start {rss0 / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, "
-                  f"end {rss1 / 1024:.1f} MiB; fds start {fds0}, end {fds1}", flush=True)
-            if stats.probe_failures:
-                failures.append(f"{len(stats.probe_failures)} probes failed, e.g. "
-                                f"{stats.probe_failures[:3]}")
-            if stats.connections < 1000:
-                failures.append(f"only {stats.connections} connections churned: not a soak")
-            if (rss1 - rss0) / 1024 > args.rss_growth_mib:
-                failures.append(f"RSS grew {(rss1 - rss0) / 1024:.1f} MiB over the run")
-            if fds1 > fds0 + 2:
-                failures.append(f"file descriptors leaked: {fds0} -> {fds1}")
+              f"{args.flooders} flooders, port {server.port}, env {env or 'defaults'}",
+              flush=True)
+        run_load(args, seed, server, stats)
+        failures = judge(args, server, stats, rss0, fds0)
     finally:
         server.stop()
         err = (server.dir / "stderr").read_text()

@@ -1,0 +1,12 @@
+"""The parts of bench/load.py (and bench/ab.py): servers, runners, the
+plan of figures, the measuring in rounds, the report, and the profile.
+
+    base      constants shared by the parts, and BenchError
+    cpu       how busy each CPU was during a figure, and waiting for quiet
+    servers   every server under test, started pinned on loopback and stopped by group
+    runners   wrk and redis-benchmark, run pinned, their output parsed
+    plan      the figures: which route at which connections, for each server
+    measure   the figures taken round by round, the servers alternating; medians
+    report    ratios, goals, the markdown table and load.json
+    profile   AccMan under py-spy and perf
+"""
