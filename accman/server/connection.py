@@ -114,6 +114,10 @@ class Connection(asyncio.Protocol, Lifecycle):
                 if len(reqs) == 1 and self._fast(reqs[0]):
                     if self.head_started_at or parser.pending:
                         self._partial(now)
+                        out = []
+                        self._continue(out)
+                        if out:
+                            self.finish(out)
                     return
             else:
                 reqs = parser.feed(data, self.pipeline_max - len(self.waiting))

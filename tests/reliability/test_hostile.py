@@ -1,0 +1,190 @@
+"""Hostile clients (issue 11): many connections that never read, sockets
+that never authenticate, one address taking every slot, and a process out
+of descriptors.  SPEC "Limits": a client that reaches a bound gets an error
+or back-pressure, never a crash or unbounded memory; running out of
+descriptors refuses connections, it never stops commits."""
+
+import os
+import socket
+import time
+
+from accman.limits import FDS_RESERVED
+from conftest import PYTHON, assert_error, get, patch
+from relhelp import metrics
+
+TOKENS = {"mint": "mint-token-0123456789abcdef", "all": "readcharge-0123456789abcdef"}
+TOKENS_FILE = f"mint {TOKENS['mint']}\nread,charge {TOKENS['all']}\n"
+
+
+def auth(token):
+    return [("Authorization", f"Bearer {token}")]
+
+
+def test_one_address_cannot_take_every_connection(start_server):
+    """CONNECTIONS_PER_PEER_MAX: the next connection from the same address
+    is refused with 503; another address is still served, and a slot
+    freed is taken again."""
+    s = start_server(env={"ACCMAN_CONNECTIONS_PER_PEER_MAX": "5"})
+    held = [s.connect() for _ in range(5)]
+    try:
+        for c in held:
+            c.send(get("/health"))
+            assert c.response().status == 200
+        with s.connect() as c:
+            r = c.response()
+            assert_error(r, 503, "busy")
+            assert "CONNECTIONS_PER_PEER_MAX" in r.json["detail"]
+        other = socket.socket()
+        other.bind(("127.0.0.2", 0))
+        other.connect((s.host, s.port))
+        other.sendall(get("/health"))
+        assert b" 200 OK\r\n" in other.recv(65536)
+        other.close()
+        held.pop().close()
+        time.sleep(0.2)
+        assert s.get("/health").status == 200
+    finally:
+        for c in held:
+            c.close()
+    assert metrics(s)["accman_connections_refused_total"] >= 1
+
+
+def test_an_unauthenticated_connection_idles_out_first(start_server):
+    """UNAUTHED_IDLE_TIMEOUT_S: with tokens configured, a socket that has
+    sent no valid token is closed long before IDLE_TIMEOUT_S; one that
+    has authenticated keeps the full idle time."""
+    s = start_server(tokens=TOKENS_FILE, env={"ACCMAN_UNAUTHED_IDLE_TIMEOUT_S": "0.5",
+                                              "ACCMAN_IDLE_TIMEOUT_S": "30"})
+    with s.connect() as idle, s.connect() as authed:
+        authed.send(get("/metrics", auth(TOKENS["all"])))
+        assert authed.response().status == 200
+        t0 = time.monotonic()
+        assert idle.closed_by_peer(10)
+        assert time.monotonic() - t0 < 10
+        time.sleep(1.0)
+        authed.send(get("/health"))
+        assert authed.response().status == 200
+
+
+def test_health_alone_does_not_authenticate(start_server):
+    s = start_server(tokens=TOKENS_FILE, env={"ACCMAN_UNAUTHED_IDLE_TIMEOUT_S": "0.5",
+                                              "ACCMAN_IDLE_TIMEOUT_S": "30"})
+    with s.connect() as c:
+        c.send(get("/health"))
+        assert c.response().status == 200
+        assert c.closed_by_peer(10)
+
+
+def flood_without_reading(s, n, request, seconds):
+    conns = []
+    for _ in range(n):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect((s.host, s.port))
+        c.setblocking(False)
+        conns.append(c)
+    burst = request * 256
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for c in conns:
+            try:
+                c.send(burst)
+            except (BlockingIOError, ConnectionError):
+                pass
+        time.sleep(0.01)
+    return conns
+
+
+def test_clients_that_never_read_stay_within_the_server_budget(start_server, cred):
+    """SERVER_BUFFER_BYTES_MAX: 40 connections pipeline 404s and never read.
+    The bytes held for all of them stay near the budget, the server pauses
+    them, memory stays bounded, and another client is served meanwhile."""
+    budget = 2 << 20
+    s = start_server(env={"ACCMAN_SERVER_BUFFER_BYTES_MAX": str(budget),
+                          "ACCMAN_WRITE_BUFFER_BYTES_MAX": str(256 << 10)})
+    s.mod(cred, 3)
+    rss0 = s.rss_kib()
+    conns = flood_without_reading(s, 40, get("/nope"), 3.0)
+    try:
+        m = metrics(s)
+        assert m["accman_budget_pauses_total"] >= 1
+        # One read past the budget per connection at most: what each had
+        # taken when the budget was reached.
+        assert m["accman_buffered_bytes"] <= budget + 40 * (512 << 10), m["accman_buffered_bytes"]
+        t0 = time.monotonic()
+        assert s.get(f"/tot?cred={cred}").json == {"tot": 3}
+        assert s.mod(cred, -1).json == {"tot": 2, "seq": 2}
+        assert time.monotonic() - t0 < 5
+        grown_mib = (s.rss_kib() - rss0) / 1024
+        assert grown_mib < 64, f"40 clients that never read grew the server by {grown_mib:.0f} MiB"
+    finally:
+        for c in conns:
+            c.close()
+    time.sleep(0.5)
+    assert metrics(s)["accman_buffered_bytes"] == 0 or s.get("/health").status == 200
+
+
+def spawn_with_nofile(start_server, nofile, args, **kw):
+    """The server under `ulimit -n nofile` (soft and hard: it cannot raise it)."""
+    cmd = ["prlimit", f"--nofile={nofile}:{nofile}", PYTHON, "-m", "accman", "serve",
+           "--host", "127.0.0.1", "--port", "0", *map(str, args)]
+    return start_server(cmd=cmd, **kw)
+
+
+def test_out_of_descriptors_refuses_connections_and_never_stops_commits(
+        start_server, tmp_path, cred):
+    """Issue 11, item 3: under a low descriptor limit, sockets that never
+    authenticate fill every connection slot.  The cap stays FDS_RESERVED
+    under the limit, so new connections are refused, mods keep committing,
+    and the checkpoint at a clean stop still opens its files."""
+    data = tmp_path / "data"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKENS_FILE)
+    tokens.chmod(0o600)
+    s = spawn_with_nofile(start_server, 400, ["--data", data, "--tokens", tokens], data=data)
+    worker = s.connect()
+    worker.send(patch(f"/mod?cred={cred}&by=100", auth(TOKENS["mint"])))
+    assert worker.response().status == 200
+    hogs = []
+    refused = 0
+    for _ in range(400):
+        try:
+            c = socket.create_connection((s.host, s.port), timeout=5)
+        except OSError:
+            refused += 1
+            continue
+        hogs.append(c)
+    try:
+        time.sleep(0.3)
+        for c in hogs:          # the ones over the cap were answered 503 and closed
+            c.setblocking(False)
+            try:
+                if c.recv(65536).startswith(b"HTTP/1.1 503"):
+                    refused += 1
+            except BlockingIOError:
+                pass
+        assert refused >= 1, "the connection cap did not stay under the descriptor limit"
+        in_use = len(os.listdir(f"/proc/{s.proc.pid}/fd"))
+        assert in_use <= 400 - FDS_RESERVED + 32, f"{in_use} of 400 descriptors in use"
+        for i in range(50):
+            worker.send(patch(f"/mod?cred={cred}&by=-1", auth(TOKENS["all"])))
+            assert worker.response().json == {"tot": 99 - i, "seq": i + 2}
+        worker.send(get("/health"))
+        assert worker.response().status == 200
+    finally:
+        for c in hogs:
+            c.close()
+        worker.close()
+    assert s.stop() == 0, s.stderr()
+    assert "failed" not in s.stderr()
+    s = start_server(data=data)
+    assert s.tot(cred) == 50
+
+
+def test_a_descriptor_limit_too_low_to_serve_is_refused_at_start(start_server, tmp_path):
+    try:
+        spawn_with_nofile(start_server, 200, ["--data", tmp_path / "d"])
+    except RuntimeError as e:
+        assert "descriptor limit is 200" in str(e) and "ulimit -n" in str(e)
+    else:
+        raise AssertionError("the server started with 200 descriptors")

@@ -1,0 +1,241 @@
+"""SPEC "Routes", its HTTP basics, against the real server: a Date on every
+reply, HEAD on every GET route, OPTIONS, Expect: 100-continue, the absolute
+form of the target, 411 for a body without a length, pipelined order, and
+the protected mode's Host check (SPEC "Access")."""
+
+import email.utils
+import time
+
+import httpx
+import pytest
+from conftest import assert_error, get, patch, request_bytes
+
+
+def replies(conn, n, heads=()):
+    out = []
+    for i in range(n):
+        if i < len(heads) and heads[i]:
+            out.append(head_only(conn))
+        else:
+            out.append(conn.response())
+    return out
+
+
+def head_only(conn):
+    """A reply to a HEAD: its head, no body whatever Content-Length says."""
+    while b"\r\n\r\n" not in conn.buf:
+        conn._fill()
+    head, _, conn.buf = conn.buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers
+
+
+# --- Date ----------------------------------------------------------------------------
+
+def test_every_reply_has_a_date_within_a_second_of_now(shared_server, cred):
+    """RFC 9110 6.6.1: an origin server with a clock sends Date."""
+    shared_server.mod(cred, 5)
+    answers = [shared_server.get(f"/tot?cred={cred}"), shared_server.mod(cred, -1),
+               shared_server.get(f"/past?cred={cred}"), shared_server.get("/health"),
+               shared_server.get("/metrics"), shared_server.get("/nope"),
+               shared_server.patch("/tot?cred=a"), shared_server.get("/tot?cred=")]
+    for r in answers:
+        when = email.utils.parsedate_to_datetime(r.headers["date"]).timestamp()
+        assert abs(when - time.time()) < 2.5, r.headers["date"]
+        assert r.headers["date"].endswith(" GMT")
+
+
+def test_the_date_moves_with_the_clock(shared_server):
+    first = shared_server.get("/health").headers["date"]
+    time.sleep(1.2)
+    assert shared_server.get("/health").headers["date"] != first
+
+
+# --- HEAD ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["/tot?cred={cred}", "/past?cred={cred}", "/health",
+                                    "/metrics", "/tot?cred=unknown-{cred}", "/nope"])
+def test_head_answers_the_get_head_without_its_body(shared_server, cred, target):
+    """SPEC "Routes": HEAD is answered on every GET route (uptime checkers
+    probe /health with it); the connection stays usable after it."""
+    shared_server.mod(cred, 7)
+    target = target.format(cred=cred)
+    full = shared_server.get(target)
+    with shared_server.connect() as c:
+        c.send(request_bytes("HEAD", target) + get("/health"))
+        status, headers = head_only(c)
+        assert status == full.status
+        assert headers["content-type"] == full.headers["content-type"]
+        if target != "/metrics":         # its counters move between the two calls
+            assert int(headers["content-length"]) == len(full.body)
+        assert c.response().status == 200       # nothing was left in between
+
+
+def test_head_of_a_patch_route_is_405_without_a_body(shared_server):
+    with shared_server.connect() as c:
+        c.send(request_bytes("HEAD", "/mod?cred=a&by=1") + get("/health"))
+        status, headers = head_only(c)
+        assert status == 405 and headers["allow"] == "PATCH, OPTIONS"
+        assert c.response().status == 200
+
+
+# --- OPTIONS -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target,allow", [("/tot", "GET, HEAD, OPTIONS"),
+                                          ("/mod", "PATCH, OPTIONS"),
+                                          ("/health", "GET, HEAD, OPTIONS"),
+                                          ("*", "GET, HEAD, PATCH, OPTIONS")])
+def test_options_is_204_with_allow(shared_server, target, allow):
+    with shared_server.connect() as c:
+        c.send(request_bytes("OPTIONS", target) + get("/health"))
+        r = c.response()
+        assert r.status == 204 and r.headers["allow"] == allow and r.body == b""
+        assert "content-length" not in r.headers      # RFC 9110 8.6: none in a 204
+        assert c.response().status == 200
+
+
+def test_options_of_an_unknown_path_is_404(shared_server):
+    assert_error(shared_server.request("OPTIONS", "/nope"), 404, "not_found")
+
+
+# --- Expect: 100-continue ---------------------------------------------------------------------
+
+def test_expect_100_continue_is_answered_at_once(shared_server, cred):
+    """curl sends Expect: 100-continue with a body and waits a second for
+    it; the server answers 100 Continue at once, then the request."""
+    shared_server.mod(cred, 10)
+    with shared_server.connect() as c:
+        c.send(request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                             [("Expect", "100-continue"), ("Content-Length", "2")]))
+        t0 = time.monotonic()
+        while b"\r\n\r\n" not in c.buf:
+            c._fill()
+        assert c.buf.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert time.monotonic() - t0 < 5     # not the 10 s head deadline
+        c.buf = c.buf[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        c.send(b"{}")
+        assert c.response().json == {"tot": 9, "seq": 2}
+
+
+def test_a_100_continue_follows_the_replies_owed_before_it(shared_server, cred):
+    shared_server.mod(cred, 10)
+    with shared_server.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=-1")
+               + request_bytes("PATCH", f"/mod?cred={cred}&by=-2",
+                               [("Expect", "100-continue"), ("Content-Length", "2")]))
+        assert c.response().json == {"tot": 9, "seq": 2}
+        while b"\r\n\r\n" not in c.buf:
+            c._fill()
+        assert c.buf.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        c.buf = c.buf[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        c.send(b"{}")
+        assert c.response().json == {"tot": 7, "seq": 3}
+
+
+def test_httpx_and_curl_style_bodies_cost_no_wait(shared_server, cred):
+    shared_server.mod(cred, 10)
+    with httpx.Client(base_url=shared_server.url) as client:
+        t0 = time.monotonic()
+        r = client.patch(f"/mod?cred={cred}&by=-1", content=b"{}",
+                         headers={"Expect": "100-continue"})
+        assert r.status_code == 200 and r.json() == {"tot": 9, "seq": 2}
+        assert time.monotonic() - t0 < 5
+
+
+# --- the absolute form, and a body without a length -------------------------------------------
+
+def test_an_absolute_target_naming_this_server_is_served(shared_server, cred):
+    shared_server.mod(cred, 3)
+    with shared_server.connect() as c:
+        c.send(request_bytes("GET", f"http://127.0.0.1:{shared_server.port}/tot?cred={cred}"))
+        assert c.response().json == {"tot": 3}
+
+
+def test_a_chunked_body_is_411_and_the_connection_closes(shared_server):
+    with shared_server.connect() as c:
+        c.send(request_bytes("PATCH", "/mod?cred=a&by=1", [("Transfer-Encoding", "chunked")])
+               + b"0\r\n\r\n")
+        r = c.response()
+        assert_error(r, 411, "length_required")
+        assert r.headers["connection"] == "close" and c.closed_by_peer(5)
+
+
+# --- pipelined order (RFC 9112 9.3.2) ------------------------------------------------------------
+
+def test_a_pipelined_read_sees_exactly_the_writes_before_it(shared_server, cred):
+    """Issue 11, item 1: mod +10, tot, mod -3, tot in one send answered
+    10, 10, 7, 7 (the first tot read the balance after the second mod)."""
+    with shared_server.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=10") + get(f"/tot?cred={cred}")
+               + patch(f"/mod?cred={cred}&by=-3") + get(f"/tot?cred={cred}"))
+        got = [r.json["tot"] for r in replies(c, 4)]
+    assert got == [10, 10, 7, 7]
+
+
+def test_a_pipelined_past_sees_exactly_the_writes_before_it(shared_server, cred):
+    with shared_server.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=5") + get(f"/past?cred={cred}")
+               + patch(f"/mod?cred={cred}&by=1") + get(f"/past?cred={cred}")
+               + get(f"/tot?cred={cred}"))
+        r = replies(c, 5)
+    assert [e["seq"] for e in r[1].json["past"]] == [1]
+    assert [e["seq"] for e in r[3].json["past"]] == [2, 1]
+    assert r[4].json == {"tot": 6}
+
+
+def test_pipelined_reads_of_a_new_account_behind_its_funding(shared_server, cred):
+    """The account exists for the read only through the mod before it."""
+    with shared_server.connect() as c:
+        c.send(get(f"/tot?cred={cred}") + patch(f"/mod?cred={cred}&by=4")
+               + get(f"/tot?cred={cred}") + get(f"/past?cred={cred}"))
+        r = replies(c, 4)
+    assert r[0].status == 404 and r[1].json == {"tot": 4, "seq": 1}
+    assert r[2].json == {"tot": 4} and len(r[3].json["past"]) == 1
+
+
+def test_many_pipelined_mods_and_reads_in_one_send(shared_server, cred):
+    """Mods keep batching together: every read shows the running sum."""
+    shared_server.mod(cred, 1000)
+    parts, expect, tot = [], [], 1000
+    for i in range(1, 40):
+        tot -= i
+        parts.append(patch(f"/mod?cred={cred}&by=-{i}"))
+        parts.append(get(f"/tot?cred={cred}"))
+        expect += [tot, tot]
+    with shared_server.connect() as c:
+        c.send(b"".join(parts))
+        got = [r.json["tot"] for r in replies(c, len(parts))]
+    assert got == expect
+
+
+# --- protected mode: no tokens, loopback only ----------------------------------------
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "10.0.0.1",
+                                  "127.0.0.1.nip.io", ""])
+def test_without_tokens_a_non_loopback_host_is_refused(shared_server, cred, host):
+    """SPEC "Access": a page served from another name, rebound by DNS to
+    127.0.0.1, cannot move money: its requests carry that name as Host."""
+    shared_server.mod(cred, 5)
+    for method, target in (("PATCH", f"/mod?cred={cred}&by=-5"), ("GET", f"/tot?cred={cred}"),
+                           ("GET", "/health")):
+        with shared_server.connect() as c:
+            c.send(request_bytes(method, target, [("Host", host)]))
+            assert_error(c.response(), 403, "forbidden")
+    assert shared_server.tot(cred) == 5
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost:9", "LOCALHOST", "[::1]:80",
+                                  "127.8.9.10"])
+def test_without_tokens_a_loopback_host_is_served(shared_server, host):
+    with shared_server.connect() as c:
+        c.send(request_bytes("GET", "/health", [("Host", host)]))
+        assert c.response().status == 200
+
+
+def test_an_ipv6_loopback_server_serves_its_own_host(start_server):
+    s = start_server(host="::1")
+    with s.connect() as c:
+        c.send(request_bytes("GET", "/health", [("Host", f"[::1]:{s.port}")]))
+        assert c.response().status == 200
