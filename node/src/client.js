@@ -18,6 +18,8 @@ const {
 const values = require('./values')
 
 const TOKEN_RE = /^[A-Za-z0-9._~+/-]+=*$/ // RFC 6750 b64token
+// undici's errors for a reply that breaks HTTP/1.1 framing (llhttp's are HPE_*).
+const FRAMING_CODES = new Set(['UND_ERR_HEADERS_OVERFLOW', 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH'])
 const PREFIX_RE = /^(\/[A-Za-z0-9._~-]+)+$/
 
 function parseUrl (url) {
@@ -116,7 +118,7 @@ class Attempt {
     if (!this.sent) {
       const reason = err.code === 'UND_ERR_CONNECT_TIMEOUT' ? 'timed out' : (err.code || err.message)
       this.finish(new Unreachable(`cannot reach AccMan at ${where}: ${reason}`))
-    } else if (err.code === 'UND_ERR_HEADERS_OVERFLOW' || String(err.code).startsWith('HPE_')) {
+    } else if (FRAMING_CODES.has(err.code) || String(err.code).startsWith('HPE_')) {
       this.finish(new BadReply(`the reply from ${where} broke HTTP/1.1 framing`))
     } else {
       this.finish(new OutcomeUnknown(`the connection to AccMan at ${where} broke before the reply`))

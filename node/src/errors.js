@@ -127,7 +127,9 @@ function errorOfReply (status, obj, tot) {
     return new BadRequest(detail, code || 'bad_request', status)
   } else if (status >= 500 && status !== 501 && status !== 505) {
     // A 500/502/504 comes from a proxy or a crash: the change may have applied.
-    return new OutcomeUnknown(`AccMan (or a proxy) answered ${status}`)
+    const err = new OutcomeUnknown(`AccMan (or a proxy) answered ${status}`)
+    err.status = status
+    return err
   }
   return new UnexpectedReply(detail, code || 'unexpected', status)
 }
