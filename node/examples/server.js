@@ -1,0 +1,59 @@
+'use strict'
+// An example service that charges per request through AccMan.
+//
+// Beside a running AccMan (`.venv/bin/accman serve --data ./accman-data`
+// at the repository root serves http://127.0.0.1:8080, loopback only):
+//
+//   cd node && npm ci
+//   npm run example            # or: ACCMAN_URL=... ACCMAN_TOKEN=... MODE=reserve node examples/server.js
+//
+// then, with a funded credential (`.venv/bin/accman open --by 100` prints one):
+//
+//   curl -i -H "accman: $cred" http://127.0.0.1:3000/weather
+//   curl -i -H "accman: $cred" "http://127.0.0.1:3000/report?rows=42"
+
+const Fastify = require('fastify')
+const accman = require('..')
+
+const ACCMAN_URL = process.env.ACCMAN_URL || 'http://127.0.0.1:8080'
+const PORT = Number(process.env.PORT || 3000)
+
+async function build () {
+  const app = Fastify({ logger: { level: process.env.LOG_LEVEL || 'info' } })
+  await app.register(accman, {
+    url: ACCMAN_URL,
+    token: process.env.ACCMAN_TOKEN, // read,charge; none when AccMan has no tokens
+    cost: 1, // the default price of a request
+    mode: process.env.MODE === 'reserve' ? 'reserve' : 'check',
+    onUnavailable: 'closed', // 503 when AccMan cannot be reached
+    exempt: ['/health', '/metrics']
+  })
+
+  app.get('/health', async () => ({ up: true }))
+  app.get('/metrics', async (request, reply) => reply.type('text/plain').send(app.accman.metrics()))
+  app.get('/weather', async () => ({ city: 'Lisbon', celsius: 21 }))
+  // A report costs one per ten rows; it may cost up to 10, so that much is
+  // required (check) or held (reserve) before it runs.
+  app.get('/report', {
+    config: {
+      accman: (request, reply, stage) => stage === 'estimate' ? 10 : Math.ceil(Number(reply.getHeader('x-rows') || 0) / 10)
+    }
+  }, async (request, reply) => {
+    const rows = Math.min(Number(request.query.rows) || 0, 100)
+    reply.header('x-rows', String(rows))
+    return { rows: Array.from({ length: rows }, (_, i) => i) }
+  })
+  app.get('/status', { config: { accman: false } }, async () => ({ free: true }))
+  return app
+}
+
+if (require.main === module) {
+  build()
+    .then((app) => app.listen({ port: PORT, host: '127.0.0.1' }))
+    .catch((err) => {
+      console.error(err)
+      process.exit(1)
+    })
+}
+
+module.exports = { build }

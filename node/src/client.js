@@ -1,0 +1,248 @@
+'use strict'
+// The Node client for AccMan: a pool of keep-alive HTTP/1.1 connections
+// (undici's Pool: measured against node:http with a keep-alive Agent in
+// bench/transport.js, see README "Performance"), values checked before they
+// are sent, replies decoded strictly, and typed errors that say what a
+// failure means for money (errors.js).
+//
+// Retries: reads, keyed mods and holds, and settles (a settle with the same
+// `use` answers its first reply again, SPEC "Holds") are repeated after an
+// unknown outcome or a 503; a keyless mod or hold only when nothing was sent
+// (Unreachable) or AccMan refused before applying (Busy).
+
+const { Pool } = require('undici')
+const limits = require('./limits')
+const {
+  AccManError, Busy, Unavailable, Unreachable, OutcomeUnknown, CallTimeout, BadReply
+} = require('./errors')
+const values = require('./values')
+
+const TOKEN_RE = /^[A-Za-z0-9._~+/-]+=*$/ // RFC 6750 b64token
+// undici's errors for a reply that breaks HTTP/1.1 framing (llhttp's are HPE_*).
+const FRAMING_CODES = new Set(['UND_ERR_HEADERS_OVERFLOW', 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH'])
+const PREFIX_RE = /^(\/[A-Za-z0-9._~-]+)+$/
+
+function parseUrl (url) {
+  let u
+  try {
+    u = new URL(url)
+  } catch {
+    throw new TypeError('url must be an absolute http:// or https:// URL of AccMan')
+  }
+  if (u.protocol !== 'http:' && u.protocol !== 'https:') {
+    throw new TypeError('url must start with http:// or https://')
+  }
+  if (u.search || u.hash || u.username || u.password) {
+    throw new TypeError('url takes no query, fragment or userinfo')
+  }
+  const prefix = u.pathname.replace(/\/+$/, '')
+  if (prefix && !PREFIX_RE.test(prefix)) throw new TypeError('url path must be plain ASCII segments')
+  return { origin: u.origin, prefix }
+}
+
+function intOption (value, what, lo, hi) {
+  if (!Number.isSafeInteger(value) || value < lo || value > hi) {
+    throw new TypeError(`${what} must be an integer from ${lo} to ${hi}`)
+  }
+  return value
+}
+
+// One attempt of one call, as an undici dispatch handler.  `sent` turns true
+// when undici is about to write the request: an error before that means
+// nothing reached AccMan (Unreachable), after it the outcome is unknown.
+class Attempt {
+  constructor (client, resolve, reject) {
+    this.client = client
+    this.resolve = resolve
+    this.reject = reject
+    this.sent = false
+    this.done = false
+    this.controller = null
+    this.status = 0
+    this.chunks = []
+    this.bytes = 0
+    this.timer = setTimeout(() => this.expire(), client.timeoutMs)
+  }
+
+  finish (err, value) {
+    if (this.done) return
+    this.done = true
+    clearTimeout(this.timer)
+    this.client._inFlight--
+    if (err) this.reject(err)
+    else this.resolve(value)
+  }
+
+  expire () {
+    const ms = this.client.timeoutMs
+    if (this.sent) {
+      this.finish(new CallTimeout(`no reply from AccMan within ${ms} ms`))
+      if (this.controller) this.controller.abort(new Error('timeout'))
+    } else {
+      // Still queued for a connection: it will be aborted before it is written.
+      this.finish(new Unreachable(`no AccMan connection within ${ms} ms: nothing was sent`))
+    }
+  }
+
+  onRequestStart (controller) {
+    this.controller = controller
+    if (this.done) {
+      controller.abort(new Error('timeout')) // expired while queued: never written
+      return
+    }
+    this.sent = true
+  }
+
+  onResponseStart (controller, status) {
+    if (status >= 200) this.status = status
+  }
+
+  onResponseData (controller, chunk) {
+    this.bytes += chunk.length
+    if (this.bytes > limits.REPLY_BODY_BYTES_MAX) {
+      this.finish(new BadReply('reply body over REPLY_BODY_BYTES_MAX'))
+      controller.abort(new Error('reply too large'))
+      return
+    }
+    this.chunks.push(chunk)
+  }
+
+  onResponseEnd () {
+    const body = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks)
+    this.finish(null, [this.status, body.toString('utf8')])
+  }
+
+  onResponseError (controller, err) {
+    if (this.done) return
+    const where = this.client.where
+    if (!this.sent) {
+      const reason = err.code === 'UND_ERR_CONNECT_TIMEOUT' ? 'timed out' : (err.code || err.message)
+      this.finish(new Unreachable(`cannot reach AccMan at ${where}: ${reason}`))
+    } else if (FRAMING_CODES.has(err.code) || String(err.code).startsWith('HPE_')) {
+      this.finish(new BadReply(`the reply from ${where} broke HTTP/1.1 framing`))
+    } else {
+      this.finish(new OutcomeUnknown(`the connection to AccMan at ${where} broke before the reply`))
+    }
+  }
+}
+
+function retryable (err, safe) {
+  if (err instanceof Unreachable || err instanceof Busy) return true
+  if (err instanceof OutcomeUnknown || err instanceof Unavailable) return safe
+  return false
+}
+
+function pauseMs (attempt) {
+  return Math.min(limits.RETRY_PAUSE_MS * 2 ** attempt, limits.RETRY_PAUSE_MAX_MS)
+}
+
+class AccManClient {
+  constructor ({
+    url, token, timeoutMs = limits.TIMEOUT_MS_DEFAULT, connections = limits.CONNECTIONS_DEFAULT,
+    retries = limits.RETRIES_DEFAULT, bigint = false
+  } = {}) {
+    const { origin, prefix } = parseUrl(url)
+    this.where = origin + prefix // for messages: no token
+    this.timeoutMs = intOption(timeoutMs, 'timeoutMs', 1, 3600000)
+    this.retries = intOption(retries, 'retries', 0, limits.RETRIES_MAX)
+    intOption(connections, 'connections', 1, limits.CONNECTIONS_MAX)
+    this.bigint = bigint === true
+    this._prefix = prefix
+    this._headers = null
+    if (token !== undefined && token !== null) {
+      if (typeof token !== 'string' || !TOKEN_RE.test(token)) {
+        throw new TypeError('token must be a non-empty RFC 6750 b64token')
+      }
+      this._headers = ['authorization', 'Bearer ' + token]
+    }
+    this._pool = new Pool(origin, {
+      connections,
+      pipelining: 1,
+      keepAliveTimeout: limits.IDLE_REUSE_MS,
+      keepAliveMaxTimeout: limits.IDLE_REUSE_MS,
+      maxHeaderSize: limits.REPLY_HEAD_BYTES_MAX,
+      headersTimeout: 0, // each attempt has its own deadline (Attempt)
+      bodyTimeout: 0,
+      connect: { timeout: this.timeoutMs }
+    })
+    this._inFlight = 0
+    this._closed = false
+    Object.defineProperty(this, '_headers', { enumerable: false }) // no token in inspect()
+  }
+
+  // The durable balance.  NoAccount for an unknown credential.
+  tot (cred) {
+    return this._call('GET', values.targetTot(cred), true, values.decodeTot)
+  }
+
+  // Changes the balance by `by`; { tot, seq } once durable.  With `min` it
+  // applies only if the new balance is >= min, else Insufficient (.tot);
+  // with `key` it applies at most once.
+  mod (cred, by, { min, key } = {}) {
+    const target = values.targetMod(cred, by, min, key)
+    return this._call('PATCH', target, key !== undefined && key !== null, values.decodeMod)
+  }
+
+  // One page of history, newest first: { account, past, next }, `next` the
+  // `before` of the following page or null.
+  past (cred, { limit, before } = {}) {
+    return this._call('GET', values.targetPast(cred, limit, before), true, values.decodePast)
+  }
+
+  // Holds -by (by < 0) for up to ttlS seconds: { hold, tot, seq }, `tot` what
+  // is left to spend.  `min` defaults to 0 on the server.
+  hold (cred, by, { ttlS, min, key } = {}) {
+    const target = values.targetHold(cred, by, ttlS, min, key)
+    return this._call('PATCH', target, key !== undefined && key !== null, values.decodeHold)
+  }
+
+  // Ends a hold: `use` of it is spent, the rest returns.  { tot, seq }.
+  settle (cred, hold, use) {
+    return this._call('PATCH', values.targetSettle(cred, hold, use), true, values.decodeSettle)
+  }
+
+  // Waits for the calls in flight, then closes every connection; later
+  // calls fail with Unreachable.
+  async close () {
+    if (this._closed) return
+    this._closed = true
+    await this._pool.close()
+  }
+
+  async _call (method, target, safe, decode) {
+    const path = this._prefix + target
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const [status, text] = await this._attempt(method, path)
+        return decode(status, text, this.bigint)
+      } catch (err) {
+        if (!(err instanceof AccManError) || attempt >= this.retries || this._closed || !retryable(err, safe)) {
+          throw err
+        }
+      }
+      await new Promise((resolve) => setTimeout(resolve, pauseMs(attempt)))
+    }
+  }
+
+  _attempt (method, path) {
+    if (this._closed) return Promise.reject(new Unreachable('the AccMan client is closed'))
+    if (this._inFlight >= limits.CALLS_IN_FLIGHT_MAX) {
+      return Promise.reject(new Busy('more than CALLS_IN_FLIGHT_MAX AccMan calls in flight: nothing was sent'))
+    }
+    this._inFlight++
+    return new Promise((resolve, reject) => {
+      const attempt = new Attempt(this, resolve, reject)
+      try {
+        this._pool.dispatch({ method, path, headers: this._headers, idempotent: method === 'GET' }, attempt)
+      } catch (err) {
+        attempt.finish(new Unreachable(`cannot send to AccMan at ${this.where}: ${err.code || err.message}`))
+      }
+    })
+  }
+
+  get [Symbol.toStringTag] () {
+    return 'AccManClient'
+  }
+}
+
+module.exports = { AccManClient }

@@ -1,0 +1,159 @@
+'use strict'
+// Every error the package raises.  Each carries the SPEC's error `code`, the
+// HTTP `status` it comes from or implies, and a `detail` for a person; what a
+// failure means for money is in the class (see README "Errors"):
+//
+//   Unreachable (an Unavailable)  nothing reached AccMan: nothing applied
+//   Unavailable, Busy             AccMan refused (503): nothing acknowledged
+//   OutcomeUnknown (CallTimeout, BadReply)
+//                                 sent, no complete reply: a mod may or may
+//                                 not have applied; repeat it with its key
+//   everything else               a definite answer: nothing applied
+//
+// Messages never contain a token or a credential.
+
+class AccManError extends Error {
+  constructor (detail, code = 'error', status = 500) {
+    super(detail || code)
+    this.name = new.target.name
+    this.code = code
+    this.status = status
+    this.detail = detail || code
+  }
+}
+
+class BadRequest extends AccManError {
+  constructor (detail, code = 'bad_request', status = 400) { super(detail, code, status) }
+}
+class Unauthorized extends AccManError {
+  constructor (detail) { super(detail, 'unauthorized', 401) }
+}
+class Forbidden extends AccManError {
+  constructor (detail) { super(detail, 'forbidden', 403) }
+}
+class NoAccount extends AccManError {
+  constructor (detail) { super(detail, 'no_account', 404) }
+}
+class NoHold extends AccManError {
+  constructor (detail) { super(detail, 'no_hold', 404) }
+}
+class Conflict extends AccManError {
+  constructor (detail, code) { super(detail, code, 409) }
+}
+// The mod or hold would leave the balance under `min`; `tot` is the balance
+// it was judged on.
+class Insufficient extends Conflict {
+  constructor (tot, detail) {
+    super(detail || `the balance ${tot} does not cover this change`, 'insufficient')
+    this.tot = tot
+  }
+}
+class KeyReused extends Conflict {
+  constructor (detail) { super(detail, 'key_reused') }
+}
+class Overflow extends Conflict {
+  constructor (detail) { super(detail, 'overflow') }
+}
+class HoldEnded extends Conflict {
+  constructor (detail) { super(detail, 'hold_ended') }
+}
+class TooManyHolds extends Conflict {
+  constructor (detail) { super(detail, 'too_many_holds') }
+}
+class Unavailable extends AccManError {
+  constructor (detail, code = 'unavailable') { super(detail, code, 503) }
+}
+// Back-pressure: refused before anything was applied; retry.
+class Busy extends Unavailable {
+  constructor (detail) { super(detail, 'busy') }
+}
+// Nothing reached the server (connection refused, connect timeout, no
+// connection free in time, the client closed): nothing was applied.
+class Unreachable extends Unavailable {
+  constructor (detail) { super(detail, 'unreachable') }
+}
+// The request was sent, or may have been, and no complete reply came.  For a
+// mod, the one case where the caller does not know whether the balance
+// changed: with a key, repeat it with the same key; without, read `past`.
+class OutcomeUnknown extends AccManError {
+  constructor (detail, code = 'outcome_unknown') { super(detail, code, 503) }
+}
+class CallTimeout extends OutcomeUnknown {
+  constructor (detail) { super(detail, 'timeout') }
+}
+// The reply broke HTTP framing or the SPEC's JSON shapes.
+class BadReply extends OutcomeUnknown {
+  constructor (detail) { super(detail, 'bad_reply') }
+}
+// A well-framed reply the SPEC does not describe for this call (404
+// not_found or 405 from a wrong base URL, say).
+class UnexpectedReply extends AccManError {}
+// A 200 or 409 whose integers are beyond Number.MAX_SAFE_INTEGER, from a
+// client made without `bigint: true`.  The call's outcome is definite and
+// is in `reply` (with bigints): a mod in a 200 did apply.
+class Unrepresentable extends AccManError {
+  constructor (status, reply) {
+    super('a value in the reply is beyond Number.MAX_SAFE_INTEGER: ' +
+      'make the client with { bigint: true }', 'unrepresentable', status)
+    this.reply = reply
+  }
+}
+
+const CODE_409 = { key_reused: KeyReused, overflow: Overflow, hold_ended: HoldEnded, too_many_holds: TooManyHolds }
+
+// The typed error of a reply that is not a 200.  `obj` is its JSON object
+// (with exact integers, see values.js) or null; `tot` is the insufficient
+// balance, already converted.
+function errorOfReply (status, obj, tot) {
+  const code = obj && typeof obj.error === 'string' ? obj.error : ''
+  let detail = obj && typeof obj.detail === 'string' ? obj.detail.slice(0, 200) : ''
+  detail = detail || `AccMan answered ${status} ${code}`.trimEnd()
+  if (status === 409) {
+    if (code === 'insufficient') {
+      if (tot === undefined) return new BadReply('409 insufficient without an integer tot')
+      return new Insufficient(tot, detail)
+    }
+    if (CODE_409[code]) return new CODE_409[code](detail)
+  } else if (status === 404) {
+    if (code === 'no_account') return new NoAccount(detail)
+    if (code === 'no_hold') return new NoHold(detail)
+  } else if (status === 401) {
+    return new Unauthorized(detail)
+  } else if (status === 403) {
+    return new Forbidden(detail)
+  } else if (status === 503) {
+    return code === 'busy' ? new Busy(detail) : new Unavailable(detail)
+  } else if (status === 400 || status === 413 || status === 414 || status === 431) {
+    return new BadRequest(detail, code || 'bad_request', status)
+  } else if (status >= 500 && status !== 501 && status !== 505) {
+    // A 500/502/504 comes from a proxy or a crash: the change may have applied.
+    const err = new OutcomeUnknown(`AccMan (or a proxy) answered ${status}`)
+    err.status = status
+    return err
+  }
+  return new UnexpectedReply(detail, code || 'unexpected', status)
+}
+
+module.exports = {
+  AccManError,
+  BadRequest,
+  Unauthorized,
+  Forbidden,
+  NoAccount,
+  NoHold,
+  Conflict,
+  Insufficient,
+  KeyReused,
+  Overflow,
+  HoldEnded,
+  TooManyHolds,
+  Unavailable,
+  Busy,
+  Unreachable,
+  OutcomeUnknown,
+  CallTimeout,
+  BadReply,
+  UnexpectedReply,
+  Unrepresentable,
+  errorOfReply
+}

@@ -1,0 +1,102 @@
+'use strict'
+// Every bound the Node package keeps, named with its unit, and why
+// (TigerBeetle's rule: a limit on everything).  The SPEC's value bounds
+// mirror accman/limits.py; the client's and the plugin's own mirror
+// accman/calling/client.py and asgi.py.
+
+// --- values (SPEC "Values", "Holds") -----------------------------------------
+const CRED_CHARS_MAX = 128 // a credential is 1..128 of A-Z a-z 0-9 _ -
+const KEY_CHARS_MAX = 64 // an idempotency key is 1..64 of the same
+const INT64_MIN = -(2n ** 63n) // balances, amounts and mins are signed 64-bit
+const INT64_MAX = 2n ** 63n - 1n
+const PAST_LIMIT_MAX = 1000 // /past?limit is 1..1000
+const HOLD_TTL_S_MAX = 86400 // /hold?ttl is 1..86400 seconds
+
+// --- the client ----------------------------------------------------------------
+// One attempt of a call, from asking for a connection to the parsed reply.
+// A mod waits for its group commit (a few ms); 5 s is far beyond that yet
+// short enough that a hung AccMan does not hang the calling service.
+const TIMEOUT_MS_DEFAULT = 5000
+// Keep-alive connections per client.  One connection carries tens of
+// thousands of calls a second; a few more keep one slow group commit from
+// holding up the reads behind it.
+const CONNECTIONS_DEFAULT = 8
+const CONNECTIONS_MAX = 1024
+// Calls started and not yet answered, over all connections.  Beyond it a
+// call fails at once with Busy (back-pressure, nothing sent) instead of
+// queueing in the pool without bound.
+const CALLS_IN_FLIGHT_MAX = 4096
+// Extra attempts for a retryable call, pausing RETRY_PAUSE_MS doubling up to
+// RETRY_PAUSE_MAX_MS between them.
+const RETRIES_DEFAULT = 2
+const RETRIES_MAX = 10
+const RETRY_PAUSE_MS = 25
+const RETRY_PAUSE_MAX_MS = 1000
+// An idle keep-alive connection is closed after this long instead of being
+// reused: well before the server's IDLE_TIMEOUT_S (75 s), so that a request
+// is never written just as the server closes the connection (the race that
+// turns a keyless mod into an unknown outcome).
+const IDLE_REUSE_MS = 30000
+// Reply framing: AccMan's heads are a status line and a handful of headers;
+// a /past page of PAST_LIMIT_MAX entries with 64-character keys and int64
+// values is about 200 KiB.
+const REPLY_HEAD_BYTES_MAX = 8192
+const REPLY_BODY_BYTES_MAX = 1 << 20
+
+// --- the fastify plugin --------------------------------------------------------
+// The plugin's client is bounded tighter than the client's default: a
+// request waits at most this long per attempt for its admission.
+const PLUGIN_TIMEOUT_MS_DEFAULT = 2000
+const PLUGIN_RETRIES_DEFAULT = 1
+// A hold (reserve mode) ends by itself after this long if the service never
+// settles it (a crash): long enough for any request to finish, short enough
+// that a dead service's holds come back to the consumers within minutes.
+const HOLD_TTL_S_DEFAULT = 300
+// Check mode admits on a balance read from AccMan (a tot, or a charge's
+// reply) at most this long ago in this process, so that a paid request
+// costs one round trip, not two.  Refusals are always confirmed by a fresh
+// tot.  0 reads the balance for every request.
+const CHECK_FRESH_MS_DEFAULT = 1000
+// Balances remembered for check mode; when full the oldest go first.
+const CHECK_CACHE_ENTRIES_MAX = 10000
+// Charges and settles still owed after their response (they met a failure),
+// retried in the background with their key.  Beyond the bound a new one is
+// logged as stranded at once rather than held without limit.
+const OWED_MAX = 10000
+// Attempts per owed call, pausing OWED_PAUSE_MS doubling up to
+// OWED_PAUSE_MAX_MS (about three minutes in all) before it is stranded.
+const OWED_ATTEMPTS_MAX = 20
+const OWED_PAUSE_MS = 100
+const OWED_PAUSE_MAX_MS = 10000
+// At close, how long owed calls get to land before the rest are stranded.
+const CLOSE_DRAIN_MS = 5000
+
+module.exports = {
+  CRED_CHARS_MAX,
+  KEY_CHARS_MAX,
+  INT64_MIN,
+  INT64_MAX,
+  PAST_LIMIT_MAX,
+  HOLD_TTL_S_MAX,
+  TIMEOUT_MS_DEFAULT,
+  CONNECTIONS_DEFAULT,
+  CONNECTIONS_MAX,
+  CALLS_IN_FLIGHT_MAX,
+  RETRIES_DEFAULT,
+  RETRIES_MAX,
+  RETRY_PAUSE_MS,
+  RETRY_PAUSE_MAX_MS,
+  IDLE_REUSE_MS,
+  REPLY_HEAD_BYTES_MAX,
+  REPLY_BODY_BYTES_MAX,
+  PLUGIN_TIMEOUT_MS_DEFAULT,
+  PLUGIN_RETRIES_DEFAULT,
+  HOLD_TTL_S_DEFAULT,
+  CHECK_FRESH_MS_DEFAULT,
+  CHECK_CACHE_ENTRIES_MAX,
+  OWED_MAX,
+  OWED_ATTEMPTS_MAX,
+  OWED_PAUSE_MS,
+  OWED_PAUSE_MAX_MS,
+  CLOSE_DRAIN_MS
+}

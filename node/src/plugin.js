@@ -1,0 +1,447 @@
+'use strict'
+// fastify-accman: charges each request to the account named by its ACCMAN
+// header, in the shape of @fastify/rate-limit.  onRequest admits (check
+// mode: the balance covers the estimate; reserve mode: a hold of the
+// estimate), onSend charges or settles and sets the ACCMAN response header
+// to the new balance, onRequestAbort and onResponse end a hold that no
+// response settled.  README.md has the sequence of calls and every failure.
+
+const crypto = require('node:crypto')
+const fp = require('fastify-plugin')
+const limits = require('./limits')
+const { AccManClient } = require('./client')
+const {
+  AccManError, Insufficient, NoAccount, HoldEnded, Unavailable, OutcomeUnknown
+} = require('./errors')
+const { Owed } = require('./owed')
+const { CheckCache } = require('./cache')
+
+const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
+const HEADER_RE = /^[A-Za-z0-9-]+$/
+const JSON_TYPE = 'application/json; charset=utf-8'
+const STATS = [
+  'requests', 'exempt', 'refused_no_credential', 'refused_no_account', 'refused_insufficient',
+  'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped', 'unpaid_requests',
+  'unpaid_amount', 'owed', 'stranded'
+]
+
+// How logs name an account: not the credential, a bearer secret, but 12 hex
+// digits of its SHA-256.
+function fingerprint (cred) {
+  return crypto.createHash('sha256').update(cred).digest('hex').slice(0, 12)
+}
+
+function amount (value, what) {
+  if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return BigInt(value)
+  if (typeof value === 'bigint' && value >= 0n && value <= limits.INT64_MAX) return value
+  throw new TypeError(`${what} must be a non-negative integer, not ${typeof value === 'number' ? value : typeof value}`)
+}
+
+function price (value, what) {
+  return typeof value === 'function' ? value : amount(value, what)
+}
+
+function choice (value, allowed, what) {
+  if (!allowed.includes(value)) throw new TypeError(`${what} must be ${allowed.map((a) => `'${a}'`).join(' or ')}`)
+  return value
+}
+
+function exemptTest (exempt) {
+  if (typeof exempt === 'function') return exempt
+  if (!Array.isArray(exempt) || exempt.some((p) => typeof p !== 'string')) {
+    throw new TypeError('exempt must be an array of paths (a trailing * matches a prefix) or a function')
+  }
+  const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
+  const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
+  return (request) => {
+    const q = request.url.indexOf('?')
+    const path = q < 0 ? request.url : request.url.slice(0, q)
+    return exact.has(path) || prefixes.some((p) => path.startsWith(p))
+  }
+}
+
+// One request's part in AccMan: what it was admitted on, and whether its
+// charge or hold has been dealt with (`ended`: at most once, whichever of
+// onSend, onRequestAbort and onResponse comes first).
+class AccManRequest {
+  constructor (cred, price, estimate, rid) {
+    this.cred = cred
+    this.price = price
+    this.estimate = estimate // bigint: what the balance had to cover, or what is held
+    this.rid = rid
+    this.tot = null // bigint: the balance seen at admission
+    this.hold = null // the hold's id (reserve mode)
+    this.unpaid = null // the AccMan error when served unpaid (onUnavailable 'open')
+    this.ended = false
+    this.gone = false
+  }
+
+  toJSON () {
+    return { estimate: String(this.estimate), hold: this.hold === null ? null : String(this.hold) }
+  }
+}
+
+class Meter {
+  constructor (fastify, opts) {
+    this.mode = choice(opts.mode ?? 'check', ['check', 'reserve'], 'mode')
+    this.open = choice(opts.onUnavailable ?? 'closed', ['closed', 'open'], 'onUnavailable') === 'open'
+    const header = opts.header ?? 'accman'
+    if (typeof header !== 'string' || !HEADER_RE.test(header)) throw new TypeError('header must be a plain header name')
+    this.header = header.toLowerCase()
+    this.cost = price(opts.cost ?? 1, 'cost')
+    this.exempt = exemptTest(opts.exempt ?? [])
+    this.chargeErrors = opts.chargeErrors === true
+    this.holdTtlS = opts.holdTtlS ?? limits.HOLD_TTL_S_DEFAULT
+    if (!Number.isInteger(this.holdTtlS) || this.holdTtlS < 1 || this.holdTtlS > limits.HOLD_TTL_S_MAX) {
+      throw new TypeError(`holdTtlS must be an integer from 1 to ${limits.HOLD_TTL_S_MAX}`)
+    }
+    const freshMs = opts.checkFreshMs ?? limits.CHECK_FRESH_MS_DEFAULT
+    if (!Number.isInteger(freshMs) || freshMs < 0 || freshMs > 60000) {
+      throw new TypeError('checkFreshMs must be an integer from 0 to 60000')
+    }
+    this.cache = new CheckCache(freshMs)
+    this.onUnpaid = opts.onUnpaid ?? null
+    if (this.onUnpaid !== null && typeof this.onUnpaid !== 'function') throw new TypeError('onUnpaid must be a function')
+    this.ownClient = !opts.client
+    this.client = opts.client || new AccManClient({
+      url: opts.url,
+      token: opts.token,
+      timeoutMs: opts.timeoutMs ?? limits.PLUGIN_TIMEOUT_MS_DEFAULT,
+      retries: opts.retries ?? limits.PLUGIN_RETRIES_DEFAULT,
+      connections: opts.connections,
+      bigint: true
+    })
+    if (!this.client.bigint) throw new TypeError('a client given to the plugin must be made with { bigint: true }')
+    this.log = fastify.log.child({ plugin: 'accman' })
+    // A request id: 96 random bits per process, then a counter.  Keys are
+    // `<id>-h` (a hold) and `<id>-c` (a charge): never taken from the
+    // request, so a consumer cannot replay an old key to be served free.
+    this.ridBase = crypto.randomBytes(12).toString('hex')
+    this.ridNext = 0
+    this.owed = new Owed(this.client, (item, why) => this.strand(item, why))
+    this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
+    this.challenge = `AccMan header="${this.header}"`
+  }
+
+  rid () {
+    return this.ridBase + (++this.ridNext).toString(16)
+  }
+
+  priceFor (request) {
+    const route = request.routeOptions && request.routeOptions.config ? request.routeOptions.config.accman : undefined
+    if (route === false || this.exempt(request)) return null
+    return route === undefined ? this.cost : price(route, 'config.accman')
+  }
+
+  costOf (p, request, reply, stage) {
+    return typeof p === 'function' ? amount(p(request, reply, stage), 'the cost function\'s result') : p
+  }
+
+  // --- onRequest ------------------------------------------------------------
+  async admit (request, reply) {
+    const p = this.priceFor(request)
+    if (p === null) {
+      this.stats.exempt++
+      return
+    }
+    this.stats.requests++
+    const raw = request.headers[this.header]
+    if (typeof raw !== 'string' || !CRED_RE.test(raw)) {
+      this.stats.refused_no_credential++
+      const detail = raw === undefined ? `the ${this.header} header is required` : `the ${this.header} header is not a credential`
+      return this.refuse(reply, 401, 'no_credential', detail, { 'www-authenticate': this.challenge })
+    }
+    const state = new AccManRequest(raw, p, this.costOf(p, request, reply, 'estimate'), this.rid())
+    request.accman = state
+    try {
+      if (this.mode === 'reserve' && state.estimate > 0n) {
+        await this.holdFor(state)
+      } else {
+        await this.checkFor(state)
+      }
+    } catch (err) {
+      request.accman = null
+      return this.refuseFor(reply, state, err)
+    }
+    if (state.gone) this.end(state) // the consumer left while we waited for AccMan
+  }
+
+  async checkFor (state) {
+    let tot = this.cache.get(state.cred, state.estimate)
+    if (tot === null) {
+      try {
+        tot = await this.client.tot(state.cred)
+      } catch (err) {
+        if (err instanceof NoAccount || !this.open || !this.isOutage(err)) throw err
+        state.unpaid = err
+        return
+      }
+      this.cache.set(state.cred, tot)
+      if (tot < state.estimate) throw new Insufficient(tot)
+    }
+    state.tot = tot
+  }
+
+  async holdFor (state) {
+    const key = state.rid + '-h'
+    let r
+    try {
+      r = await this.client.hold(state.cred, -state.estimate, { ttlS: this.holdTtlS, min: 0, key })
+    } catch (err) {
+      if (err instanceof OutcomeUnknown) this.owe(new Unhold(state, this.holdTtlS), err)
+      if (!this.open || !this.isOutage(err)) throw err
+      state.unpaid = err
+      return
+    }
+    state.hold = r.hold
+    state.tot = r.tot
+  }
+
+  isOutage (err) {
+    return err instanceof Unavailable || err instanceof OutcomeUnknown
+  }
+
+  refuseFor (reply, state, err) {
+    if (err instanceof NoAccount) {
+      this.stats.refused_no_account++
+      return this.refuse(reply, 401, 'no_account', 'the credential names no account', { 'www-authenticate': this.challenge })
+    }
+    if (err instanceof Insufficient) {
+      this.stats.refused_insufficient++
+      return this.refuse(reply, 402, 'insufficient', `the balance ${err.tot} does not cover the cost ${state.estimate}`,
+        { [this.header]: String(err.tot) }, `,"tot":${err.tot},"cost":${state.estimate}`)
+    }
+    if (!(err instanceof AccManError)) throw err // a bug (a cost function that threw, say): fastify's 500
+    if (this.isOutage(err)) {
+      this.log.warn({ code: err.code }, 'accman: AccMan unavailable; refusing with 503')
+    } else {
+      // The service's own token or url is wrong: not the consumer's fault,
+      // and never a reason to serve for free.
+      this.log.error({ status: err.status, code: err.code }, 'accman: AccMan refused the service: check the url and token')
+    }
+    this.stats.refused_unavailable++
+    return this.refuse(reply, 503, 'unavailable', 'the balance service cannot be reached', { 'retry-after': '1' })
+  }
+
+  refuse (reply, status, code, detail, headers, extra = '') {
+    reply.code(status).headers(headers).type(JSON_TYPE)
+    return reply.send(`{"error":${JSON.stringify(code)},"detail":${JSON.stringify(detail)}${extra}}`)
+  }
+
+  // --- onSend -----------------------------------------------------------------
+  async charge (request, reply) {
+    const state = request.accman
+    if (!state || state.ended) return
+    state.ended = true
+    let cost = 0n
+    if (this.chargeErrors || reply.statusCode < 400) {
+      try {
+        cost = this.costOf(state.price, request, reply, 'charge')
+      } catch (err) {
+        this.release(state) // a bug in the service: never keep the consumer's money on it
+        throw err
+      }
+    }
+    if (state.unpaid !== null) {
+      this.unpaid(state.cred, cost, state.unpaid.code)
+      return
+    }
+    const tot = this.mode === 'reserve' && state.hold !== null
+      ? await this.settle(state, cost)
+      : await this.mod(state, this.mode === 'reserve' ? 0n : cost)
+    if (tot !== null) reply.header(this.header, String(tot))
+  }
+
+  async mod (state, cost) {
+    if (cost === 0n) return state.tot
+    try {
+      const r = await this.client.mod(state.cred, -cost, { key: state.rid + '-c' })
+      this.charged(cost)
+      this.cache.set(state.cred, r.tot)
+      return r.tot
+    } catch (err) {
+      this.owe(new Charge(state, cost), err)
+      return null
+    }
+  }
+
+  async settle (state, cost) {
+    let use = cost
+    if (use > state.estimate) {
+      this.stats.capped++
+      this.log.warn({ cost: String(cost), held: String(state.estimate) }, 'accman: cost over the hold: charged the hold')
+      use = state.estimate
+    }
+    if (use === 0n) this.stats.released++
+    try {
+      const r = await this.client.settle(state.cred, state.hold, use)
+      this.charged(use)
+      return r.tot
+    } catch (err) {
+      if (err instanceof HoldEnded) {
+        // The hold expired before the response (holdTtlS): all of it came
+        // back, so the use is charged as a keyed mod instead.
+        this.log.warn({ account: fingerprint(state.cred) }, 'accman: the hold expired before the response; charging it as a mod')
+        return this.mod(state, use)
+      }
+      this.owe(new Settle(state, use), err)
+      return null
+    }
+  }
+
+  // --- onRequestAbort, onResponse ------------------------------------------------
+  // Ends the request's part without a charge: the consumer left, or no
+  // response went through onSend.  A hold is released at once.
+  end (state) {
+    if (state.ended) return
+    state.ended = true
+    if (state.hold !== null) this.release(state)
+  }
+
+  release (state) {
+    state.ended = true
+    if (state.hold === null) return
+    this.stats.released++
+    const item = new Settle(state, 0n)
+    item.run(this.client).catch((err) => this.owe(item, err))
+  }
+
+  // --- owed calls, stats --------------------------------------------------------
+  owe (item, cause) {
+    if (this.owed.add(item)) {
+      this.stats.owed++
+      this.log.info({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, after: cause.code },
+        `accman: ${item.what} queued to retry`)
+    }
+  }
+
+  strand (item, why) {
+    this.stats.stranded++
+    const who = item.what === 'charge' ? 'the account owes' : 'the service owes the account'
+    this.log.error({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, why },
+      `accman: stranded ${item.what}: ${who} ${item.amount}`)
+    if (item.what === 'charge') this.unpaid(item.cred, item.amount, why)
+  }
+
+  charged (cost) {
+    if (cost > 0n) {
+      this.stats.charged++
+      this.stats.charged_amount += Number(cost)
+    }
+  }
+
+  unpaid (cred, cost, why) {
+    this.stats.unpaid_requests++
+    this.stats.unpaid_amount += Number(cost)
+    this.log.warn({ account: fingerprint(cred), amount: String(cost), why }, 'accman: served unpaid')
+    if (this.onUnpaid !== null) {
+      try {
+        this.onUnpaid(cred, cost, why)
+      } catch (err) {
+        this.log.error({ err }, 'accman: onUnpaid threw')
+      }
+    }
+  }
+
+  metrics () {
+    return STATS.map((k) => `# TYPE accman_plugin_${k}_total counter\naccman_plugin_${k}_total ${this.stats[k]}\n`).join('')
+  }
+
+  async close () {
+    if (!(await this.owed.drain(limits.CLOSE_DRAIN_MS))) this.owed.stop('shutting down')
+    if (this.ownClient) await this.client.close()
+  }
+}
+
+// Owed calls (owed.js): each repeats exactly what failed.
+class Charge {
+  constructor (state, cost) {
+    this.what = 'charge'
+    this.cred = state.cred
+    this.amount = cost
+    this.key = state.rid + '-c'
+  }
+
+  run (client) {
+    return client.mod(this.cred, -this.amount, { key: this.key })
+  }
+}
+
+class Settle {
+  constructor (state, use) {
+    this.what = use === 0n ? 'release' : 'settle'
+    this.cred = state.cred
+    this.amount = use === 0n ? state.estimate : use
+    this.use = use
+    this.hold = state.hold
+    this.key = `hold ${state.hold}`
+  }
+
+  async run (client) {
+    try {
+      await client.settle(this.cred, this.hold, this.use)
+    } catch (err) {
+      if (!(err instanceof HoldEnded) || this.use !== 0n) throw err
+      // Released already, or expired: either way nothing is held.
+    }
+  }
+}
+
+// A hold whose outcome is unknown, to be undone: repeating it with its key
+// answers whether it applied (the original reply, with its id) or not (it
+// applies now, or is refused); then a settle with use 0 releases it.
+class Unhold {
+  constructor (state, ttlS) {
+    this.what = 'release'
+    this.cred = state.cred
+    this.amount = state.estimate
+    this.key = state.rid + '-h'
+    this.ttlS = ttlS
+  }
+
+  async run (client) {
+    let r
+    try {
+      r = await client.hold(this.cred, -this.amount, { ttlS: this.ttlS, min: 0, key: this.key })
+    } catch (err) {
+      if (err instanceof Insufficient || err instanceof NoAccount) return // never held
+      throw err
+    }
+    try {
+      await client.settle(this.cred, r.hold, 0n)
+    } catch (err) {
+      if (!(err instanceof HoldEnded)) throw err
+    }
+  }
+}
+
+async function fastifyAccman (fastify, opts) {
+  const meter = new Meter(fastify, opts)
+  fastify.decorate('accman', {
+    client: meter.client,
+    stats: meter.stats,
+    metrics: () => meter.metrics(),
+    drain: (timeoutMs = limits.CLOSE_DRAIN_MS) => meter.owed.drain(timeoutMs)
+  })
+  fastify.decorateRequest('accman', null)
+  fastify.addHook('onRequest', (request, reply) => meter.admit(request, reply))
+  fastify.addHook('onSend', async (request, reply, payload) => {
+    await meter.charge(request, reply)
+    return payload
+  })
+  fastify.addHook('onRequestAbort', async (request) => {
+    const state = request.accman
+    if (state) {
+      state.gone = true
+      if (state.tot !== null || state.unpaid !== null) meter.end(state)
+    }
+  })
+  fastify.addHook('onResponse', async (request) => {
+    if (request.accman) meter.end(request.accman)
+  })
+  fastify.addHook('onClose', () => meter.close())
+}
+
+const plugin = fp(fastifyAccman, { fastify: '5.x', name: 'fastify-accman' })
+
+module.exports = { plugin, fingerprint, Meter }

@@ -1,0 +1,164 @@
+'use strict'
+// The client against a real AccMan server (the repository's Python package)
+// and, for faults a real server does not make on demand, a fake one.
+
+const test = require('node:test')
+const assert = require('node:assert/strict')
+const util = require('node:util')
+const { AccManClient } = require('..')
+const E = require('../src/errors')
+const { CALLS_IN_FLIGHT_MAX } = require('../src/limits')
+const { AccManServer, TOKENS } = require('./helpers/accman')
+const { fakeAccMan, reply } = require('./helpers/fake')
+
+let server, mint, service
+test.before(async () => {
+  server = new AccManServer()
+  await server.start()
+  mint = new AccManClient({ url: server.url, token: TOKENS.mint })
+  service = new AccManClient({ url: server.url, token: TOKENS.service })
+})
+test.after(async () => {
+  await mint.close()
+  await service.close()
+  await server.close()
+})
+
+test('tot, mod with min and key, past: the SPEC\'s results', async () => {
+  assert.deepEqual(await mint.mod('c-basic', 100), { tot: 100, seq: 1 })
+  assert.equal(await service.tot('c-basic'), 100)
+  assert.deepEqual(await service.mod('c-basic', -30, { min: 0, key: 'k1' }), { tot: 70, seq: 2 })
+  // The same key again answers the first reply and changes nothing.
+  assert.deepEqual(await service.mod('c-basic', -30, { min: 0, key: 'k1' }), { tot: 70, seq: 2 })
+  assert.equal(await service.tot('c-basic'), 70)
+  const page = await service.past('c-basic', { limit: 1 })
+  assert.equal(page.past.length, 1)
+  assert.deepEqual({ ...page.past[0], at: 0 }, { seq: 2, by: -30, tot: 70, at: 0, key: 'k1', hold: null })
+  assert.equal(page.next, 2)
+  const older = await service.past('c-basic', { before: page.next })
+  assert.deepEqual(older.past.map((e) => e.seq), [1])
+  assert.equal(older.next, null)
+})
+
+test('the SPEC\'s error codes arrive as typed errors, and change nothing', async () => {
+  await mint.mod('c-err', 10)
+  await assert.rejects(service.mod('c-err', -11, { min: 0 }), (e) => e instanceof E.Insufficient && e.tot === 10)
+  await assert.rejects(service.tot('c-none'), E.NoAccount)
+  await service.mod('c-err', -1, { key: 'same' })
+  await assert.rejects(service.mod('c-err', -2, { key: 'same' }), E.KeyReused)
+  await assert.rejects(service.mod('c-err', 5), E.Forbidden) // a funding mod needs mint
+  await assert.rejects(mint.mod('c-err', 2n ** 63n - 1n), E.Overflow)
+  const noToken = new AccManClient({ url: server.url })
+  await assert.rejects(noToken.tot('c-err'), E.Unauthorized)
+  await noToken.close()
+  const wrongPath = new AccManClient({ url: server.url + '/nothing-here', token: TOKENS.mint })
+  await assert.rejects(wrongPath.tot('c-err'), (e) => e instanceof E.UnexpectedReply && e.status === 404)
+  await wrongPath.close()
+  assert.equal(await service.tot('c-err'), 9)
+})
+
+test('bigint: true gives exact balances past 2^53; the default refuses to round them', async () => {
+  const big = new AccManClient({ url: server.url, token: TOKENS.mint, bigint: true })
+  assert.deepEqual(await big.mod('c-big', 2n ** 60n), { tot: 2n ** 60n, seq: 1n })
+  assert.equal(await big.tot('c-big'), 2n ** 60n)
+  await assert.rejects(mint.tot('c-big'), (e) => e instanceof E.Unrepresentable && e.reply.tot === 2n ** 60n)
+  await big.close()
+})
+
+test('a token never appears in the client\'s inspection or errors', async () => {
+  assert.ok(!util.inspect(service, { depth: 5, showHidden: false }).includes(TOKENS.service))
+  const err = await service.tot('c-none').catch((e) => e)
+  assert.ok(!util.inspect(err).includes(TOKENS.service))
+  assert.ok(!err.message.includes('c-none'))
+})
+
+test('AccMan stopped: Unreachable (nothing sent); restarted: the same client carries on', async () => {
+  await mint.mod('c-restart', 50)
+  const client = new AccManClient({ url: server.url, token: TOKENS.service, retries: 0 })
+  assert.equal(await client.tot('c-restart'), 50)
+  await server.stop()
+  await assert.rejects(client.mod('c-restart', -1), E.Unreachable)
+  await server.start()
+  assert.deepEqual(await client.mod('c-restart', -1, { key: 'after' }), { tot: 49, seq: 2 })
+  await client.close()
+})
+
+test('a hung AccMan: CallTimeout; a keyless mod is sent once, a keyed one retried', async () => {
+  const fake = await fakeAccMan(() => null)
+  const client = new AccManClient({ url: fake.url, timeoutMs: 100, retries: 2 })
+  await assert.rejects(client.mod('c', -1), E.CallTimeout)
+  assert.equal(fake.heads.length, 1)
+  await assert.rejects(client.mod('c', -1, { key: 'k' }), E.CallTimeout)
+  assert.equal(fake.heads.length, 1 + 3)
+  assert.ok(fake.heads.slice(1).every((h) => h.startsWith('PATCH /mod?cred=c&by=-1&key=k ')))
+  await assert.rejects(client.tot('c'), E.OutcomeUnknown)
+  assert.equal(fake.heads.length, 1 + 3 + 3)
+  await client.close()
+  await fake.close()
+})
+
+test('a 503 is retried for reads and keyed mods only; busy for any call', async () => {
+  let answers = []
+  const fake = await fakeAccMan(() => reply(...answers.shift()))
+  const client = new AccManClient({ url: fake.url, retries: 1 })
+  answers = [[503, '{"error":"unavailable","detail":"d"}'], [503, '{"error":"unavailable","detail":"d"}']]
+  await assert.rejects(client.mod('c', -1), E.Unavailable)
+  assert.equal(fake.heads.length, 1)
+  answers = [[503, '{"error":"unavailable","detail":"d"}'], [200, '{"tot":1,"seq":2}']]
+  assert.deepEqual(await client.mod('c', -1, { key: 'k' }), { tot: 1, seq: 2 })
+  answers = [[503, '{"error":"busy","detail":"d"}'], [200, '{"tot":0,"seq":3}']]
+  assert.deepEqual(await client.mod('c', -1), { tot: 0, seq: 3 })
+  assert.equal(fake.heads.length, 5)
+  await client.close()
+  await fake.close()
+})
+
+test('a reply that breaks framing or JSON is BadReply', async () => {
+  const fake = await fakeAccMan((head) => head.includes('cred=frame')
+    ? 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}'
+    : reply(200, '{"tot":"ten"}'))
+  const client = new AccManClient({ url: fake.url, retries: 0 })
+  await assert.rejects(client.tot('json'), E.BadReply)
+  await assert.rejects(client.tot('frame'), E.BadReply)
+  await client.close()
+  await fake.close()
+})
+
+test('CALLS_IN_FLIGHT_MAX: one call more is Busy at once, nothing sent', async () => {
+  const fake = await fakeAccMan(() => null)
+  const client = new AccManClient({ url: fake.url, timeoutMs: 60000, connections: 1, retries: 0 })
+  const pending = Array.from({ length: CALLS_IN_FLIGHT_MAX }, () => client.tot('c').catch((e) => e))
+  await assert.rejects(client.tot('c'), (e) => e instanceof E.Busy)
+  await fake.close()
+  const errors = await Promise.all(pending)
+  assert.ok(errors.every((e) => e instanceof E.AccManError))
+  await client.close()
+})
+
+test('a call waiting for a connection past its deadline is Unreachable and never sent', async () => {
+  const fake = await fakeAccMan(() => null)
+  const client = new AccManClient({ url: fake.url, timeoutMs: 150, connections: 1, retries: 0 })
+  const first = client.mod('c', -1)
+  const second = client.mod('c', -2)
+  await assert.rejects(first, E.CallTimeout)
+  await assert.rejects(second, E.Unreachable)
+  await new Promise((resolve) => setTimeout(resolve, 100))
+  assert.deepEqual(fake.heads.map((h) => h.split(' ')[1]), ['/mod?cred=c&by=-1'])
+  await client.close()
+  await fake.close()
+})
+
+test('options are checked when the client is made', () => {
+  assert.throws(() => new AccManClient({ url: 'ftp://x' }), TypeError)
+  assert.throws(() => new AccManClient({ url: 'http://x/?a=1' }), TypeError)
+  assert.throws(() => new AccManClient({ url: 'http://x', token: 'has space' }), TypeError)
+  assert.throws(() => new AccManClient({ url: 'http://x', timeoutMs: 0 }), TypeError)
+  assert.throws(() => new AccManClient({ url: 'http://x', connections: 0 }), TypeError)
+  assert.throws(() => new AccManClient({ url: 'http://x', retries: 11 }), TypeError)
+})
+
+test('a closed client refuses calls with Unreachable', async () => {
+  const client = new AccManClient({ url: server.url, token: TOKENS.service })
+  await client.close()
+  await assert.rejects(client.tot('c-basic'), E.Unreachable)
+})

@@ -1,0 +1,102 @@
+'use strict'
+// A real AccMan server for the tests and the benchmarks: the Python package
+// installed in the repository's .venv, started on a free loopback port with
+// its own data directory and tokens file, stopped with SIGTERM.
+
+const { spawn } = require('node:child_process')
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
+
+const REPO_ROOT = path.resolve(__dirname, '..', '..', '..')
+const ACCMAN_BIN = process.env.ACCMAN_BIN || path.join(REPO_ROOT, '.venv', 'bin', 'accman')
+const INSTALL_HINT =
+  `AccMan's server is not installed at ${ACCMAN_BIN}. From the repository root run:\n` +
+  "  python3 -m venv .venv && .venv/bin/pip install -e '.[test]'\n" +
+  '(or set ACCMAN_BIN to an `accman` executable).'
+// The server prints its address once it listens; opening a data directory
+// checks every record first, so a few seconds on a loaded machine.
+const START_TIMEOUT_MS = 30000
+// SIGTERM lets in-flight requests finish (the server's SHUTDOWN_GRACE_S is 10 s).
+const STOP_TIMEOUT_MS = 15000
+
+// Tokens of the three kinds a deployment has: the funding side (mint), a
+// service's servers (read, charge) and a reader (read).
+const TOKENS = {
+  mint: 'test-mint-token-0123456789abcdef',
+  service: 'test-service-token-0123456789abc',
+  read: 'test-read-token-0123456789abcdef'
+}
+
+function accmanInstalled () {
+  return fs.existsSync(ACCMAN_BIN)
+}
+
+class AccManServer {
+  constructor ({ tokens = true } = {}) {
+    if (!accmanInstalled()) throw new Error(INSTALL_HINT)
+    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'accman-node-'))
+    this.data = path.join(this.dir, 'data')
+    this.tokensFile = null
+    if (tokens) {
+      this.tokensFile = path.join(this.dir, 'tokens')
+      fs.writeFileSync(this.tokensFile,
+        `read,charge,mint ${TOKENS.mint}\nread,charge ${TOKENS.service}\nread ${TOKENS.read}\n`,
+        { mode: 0o600 })
+    }
+    this.port = 0
+    this.url = null
+    this.child = null
+  }
+
+  // Starts the server (again on the same port after a stop, so that clients
+  // holding the URL reach the new process).
+  async start () {
+    const args = ['serve', '--host', '127.0.0.1', '--port', String(this.port), '--data', this.data]
+    if (this.tokensFile) args.push('--tokens', this.tokensFile)
+    const child = spawn(ACCMAN_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    this.child = child
+    let stderr = ''
+    child.stderr.setEncoding('utf8')
+    child.stderr.on('data', (d) => { if (stderr.length < 8192) stderr += d })
+    const url = await new Promise((resolve, reject) => {
+      let out = ''
+      const timer = setTimeout(() => {
+        child.kill('SIGKILL')
+        reject(new Error(`accman did not start within ${START_TIMEOUT_MS} ms: ${stderr}`))
+      }, START_TIMEOUT_MS)
+      child.stdout.setEncoding('utf8')
+      child.stdout.on('data', (d) => {
+        out += d
+        const m = /accman: serving (http:\/\/\S+)/.exec(out)
+        if (m) { clearTimeout(timer); resolve(m[1]) }
+      })
+      child.on('exit', (code) => {
+        clearTimeout(timer)
+        reject(new Error(`accman exited with ${code} before serving: ${stderr}`))
+      })
+    })
+    child.stdout.resume()
+    this.url = url
+    this.port = Number(new URL(url).port)
+    return url
+  }
+
+  async stop (signal = 'SIGTERM') {
+    const child = this.child
+    if (!child || child.exitCode !== null || child.signalCode !== null) return
+    this.child = null
+    await new Promise((resolve) => {
+      const timer = setTimeout(() => child.kill('SIGKILL'), STOP_TIMEOUT_MS)
+      child.once('exit', () => { clearTimeout(timer); resolve() })
+      child.kill(signal)
+    })
+  }
+
+  async close () {
+    await this.stop()
+    fs.rmSync(this.dir, { recursive: true, force: true })
+  }
+}
+
+module.exports = { AccManServer, TOKENS, accmanInstalled, INSTALL_HINT, ACCMAN_BIN }

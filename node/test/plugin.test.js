@@ -1,0 +1,225 @@
+'use strict'
+// The plugin in check mode, with a real AccMan and a real fastify service on
+// free loopback ports.  Reserve mode, which needs AccMan's holds, is in
+// holds.test.js.
+
+const test = require('node:test')
+const assert = require('node:assert/strict')
+const net = require('node:net')
+const Fastify = require('fastify')
+const accman = require('..')
+const { AccManServer, TOKENS } = require('./helpers/accman')
+const { serviceApp, get, sleep } = require('./helpers/app')
+
+let server, mint
+test.before(async () => {
+  server = new AccManServer()
+  await server.start()
+  mint = new accman.AccManClient({ url: server.url, token: TOKENS.mint })
+})
+test.after(async () => {
+  await mint.close()
+  await server.close()
+})
+
+async function withService (options, fn) {
+  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, exempt: ['/health'], ...options })
+  try {
+    await fn(url, app)
+  } finally {
+    await app.close()
+  }
+}
+
+const chargeKeys = async (cred) => (await mint.past(cred)).past.filter((e) => e.by < 0).map((e) => e.key)
+
+test('a paid request is charged once, with a per-request key, and answers the new balance', async () => {
+  await mint.mod('p-paid', 10)
+  await withService({}, async (url) => {
+    const a = await get(url + '/w', 'p-paid')
+    assert.deepEqual([a.status, a.accman], [200, '9'])
+    const b = await get(url + '/pricey', 'p-paid')
+    assert.deepEqual([b.status, b.accman], [200, '4'])
+  })
+  const keys = await chargeKeys('p-paid')
+  assert.equal(keys.length, 2)
+  assert.notEqual(keys[0], keys[1])
+  assert.ok(keys.every((k) => /^[0-9a-f]{24}[0-9a-f]+-c$/.test(k)), keys.join())
+  assert.equal(await mint.tot('p-paid'), 4)
+})
+
+test('no credential, a malformed one or two of them: 401 no_credential, nothing called', async () => {
+  await withService({}, async (url, app) => {
+    for (const cred of [undefined, 'has space', 'x'.repeat(129)]) {
+      const r = await get(url + '/w', cred)
+      assert.equal(r.status, 401)
+      assert.equal(r.body.error, 'no_credential')
+      assert.equal(r.headers.get('www-authenticate'), 'AccMan header="accman"')
+    }
+    const { port } = new URL(url)
+    const raw = await new Promise((resolve) => {
+      const s = net.connect(port, '127.0.0.1', () => s.end('GET /w HTTP/1.1\r\nHost: x\r\naccman: a\r\naccman: b\r\nConnection: close\r\n\r\n'))
+      let out = ''
+      s.on('data', (d) => { out += d })
+      s.on('end', () => resolve(out))
+    })
+    assert.match(raw, /^HTTP\/1\.1 401 /)
+    assert.equal(app.accman.stats.refused_no_credential, 4)
+  })
+})
+
+test('an unknown account: 401 no_account', async () => {
+  await withService({}, async (url) => {
+    const r = await get(url + '/w', 'p-nobody')
+    assert.deepEqual([r.status, r.body.error], [401, 'no_account'])
+  })
+})
+
+test('a balance under the cost: 402 with the balance in the body and the header; the handler never runs', async () => {
+  await mint.mod('p-poor', 3)
+  await withService({}, async (url) => {
+    const r = await get(url + '/pricey', 'p-poor')
+    assert.equal(r.status, 402)
+    assert.equal(r.accman, '3')
+    assert.deepEqual([r.body.error, r.body.tot, r.body.cost], ['insufficient', 3, 5])
+    // Paid in just now: the next request is admitted at once, never refused
+    // on a remembered balance.
+    await mint.mod('p-poor', 10)
+    const ok = await get(url + '/pricey', 'p-poor')
+    assert.deepEqual([ok.status, ok.accman], [200, '8'])
+  })
+})
+
+test('responses of 400 and over are not charged, unless chargeErrors', async () => {
+  await mint.mod('p-fail', 10)
+  await withService({}, async (url) => {
+    const r = await get(url + '/fail', 'p-fail')
+    assert.deepEqual([r.status, r.accman], [500, '10'])
+    const t = await get(url + '/throw', 'p-fail')
+    assert.deepEqual([t.status, t.accman], [500, '10'])
+  })
+  assert.equal(await mint.tot('p-fail'), 10)
+  await withService({ chargeErrors: true }, async (url) => {
+    const r = await get(url + '/fail', 'p-fail')
+    assert.deepEqual([r.status, r.accman], [500, '9'])
+  })
+})
+
+test('per-route prices: a number, a function of request and reply, false; exempt paths', async () => {
+  await mint.mod('p-route', 100)
+  await withService({ cost: 2 }, async (url) => {
+    assert.equal((await get(url + '/w', 'p-route')).accman, '98')
+    assert.equal((await get(url + '/rows?rows=25', 'p-route')).accman, '95')
+    const free = await get(url + '/free')
+    assert.deepEqual([free.status, free.accman], [200, null])
+    const health = await get(url + '/health')
+    assert.deepEqual([health.status, health.accman], [200, null])
+  })
+  assert.equal(await mint.tot('p-route'), 95)
+  await withService({ exempt: (request) => request.url.startsWith('/w') }, async (url) => {
+    assert.equal((await get(url + '/w')).status, 200)
+  })
+})
+
+test('a cost function that returns a non-amount is a 500 and charges nothing', async () => {
+  await mint.mod('p-badcost', 5)
+  await withService({}, async (url) => {
+    const r = await get(url + '/badcost', 'p-badcost')
+    assert.equal(r.status, 500)
+  })
+  assert.equal(await mint.tot('p-badcost'), 5)
+})
+
+test('AccMan unreachable: 503 with Retry-After when closed; served unpaid and reported when open', async () => {
+  await mint.mod('p-down', 5)
+  const unpaid = []
+  const dead = 'http://127.0.0.1:9' // discard port: nothing listens
+  const { app, url } = await serviceApp({ url: dead, token: TOKENS.service, timeoutMs: 500 })
+  const r = await get(url + '/w', 'p-down')
+  assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after')], [503, 'unavailable', '1'])
+  await app.close()
+  const open = await serviceApp({
+    url: dead, token: TOKENS.service, onUnavailable: 'open', onUnpaid: (...a) => unpaid.push(a)
+  })
+  const o = await get(open.url + '/pricey', 'p-down')
+  assert.deepEqual([o.status, o.accman], [200, null])
+  assert.deepEqual(unpaid, [['p-down', 5n, 'unreachable']])
+  assert.equal(open.app.accman.stats.unpaid_amount, 5)
+  await open.app.close()
+})
+
+test('a wrong token is a configuration error: 503 even when open, never served free', async () => {
+  await mint.mod('p-token', 5)
+  await withService({ token: 'not-a-configured-token-123', onUnavailable: 'open' }, async (url) => {
+    const r = await get(url + '/w', 'p-token')
+    assert.equal(r.status, 503)
+  })
+  assert.equal(await mint.tot('p-token'), 5)
+})
+
+test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests go on after', async () => {
+  await mint.mod('p-restart', 10)
+  await withService({}, async (url, app) => {
+    assert.equal((await get(url + '/w', 'p-restart')).accman, '9')
+    await server.stop()
+    // Admitted on the balance AccMan reported just now (checkFreshMs); the
+    // charge cannot land, so the response goes without the header and the
+    // charge is owed.
+    const during = await get(url + '/w', 'p-restart')
+    assert.deepEqual([during.status, during.accman], [200, null])
+    assert.equal(app.accman.stats.owed, 1)
+    await sleep(1100) // past checkFreshMs: the next admission must ask AccMan
+    const refused = await get(url + '/w', 'p-restart')
+    assert.equal(refused.status, 503)
+    await server.start()
+    assert.ok(await app.accman.drain(30000))
+    assert.equal(app.accman.stats.stranded, 0)
+    const after = await get(url + '/w', 'p-restart')
+    assert.deepEqual([after.status, after.accman], [200, '7'])
+  })
+  const keys = await chargeKeys('p-restart')
+  assert.equal(keys.length, 3)
+  assert.equal(new Set(keys).size, 3)
+})
+
+test('checkFreshMs 0: every admission asks AccMan', async () => {
+  await mint.mod('p-fresh', 10)
+  await withService({ checkFreshMs: 0 }, async (url) => {
+    assert.equal((await get(url + '/w', 'p-fresh')).status, 200)
+    await server.stop()
+    assert.equal((await get(url + '/w', 'p-fresh')).status, 503)
+    await server.start()
+  })
+})
+
+test('a consumer that leaves before the response is not charged', async () => {
+  await mint.mod('p-abort', 10)
+  await withService({}, async (url, app) => {
+    const ac = new AbortController()
+    const pending = fetch(url + '/slow?ms=400', { headers: { accman: 'p-abort' }, signal: ac.signal }).catch((e) => e.name)
+    await sleep(150)
+    ac.abort()
+    assert.equal(await pending, 'AbortError')
+    await sleep(500)
+    assert.equal(app.accman.stats.charged, 0)
+  })
+  assert.equal(await mint.tot('p-abort'), 10)
+})
+
+test('metrics render the counters in the Prometheus text format', async () => {
+  await mint.mod('p-metrics', 3)
+  await withService({}, async (url, app) => {
+    await get(url + '/w', 'p-metrics')
+    assert.match(app.accman.metrics(), /^accman_plugin_charged_total 1$/m)
+    assert.match(app.accman.metrics(), /^accman_plugin_requests_total 1$/m)
+  })
+})
+
+test('options are checked at register', async () => {
+  for (const bad of [{ mode: 'maybe' }, { onUnavailable: 'ajar' }, { cost: -1 }, { cost: 1.5 }, { header: 'a b' },
+    { holdTtlS: 0 }, { exempt: '/x' }, { url: 'ftp://x' }, { checkFreshMs: -1 }]) {
+    const app = Fastify()
+    app.register(accman, { url: server.url, ...bad })
+    await assert.rejects(app.ready(), TypeError, JSON.stringify(bad))
+  }
+})

@@ -1,0 +1,149 @@
+// Types for fastify-accman: the fastify plugin, the Node client and the
+// typed errors.  Amounts are int64 on AccMan: the client returns numbers by
+// default and bigints with { bigint: true }; it accepts either.
+
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
+
+export type Amount = number | bigint
+
+export interface ClientOptions {
+  /** AccMan's base URL, http:// or https://, with an optional path prefix. */
+  url: string
+  /** Bearer token (roles read, charge; mint for funding). */
+  token?: string
+  /** Per attempt, from asking for a connection to the parsed reply. Default 5000. */
+  timeoutMs?: number
+  /** Keep-alive connections. Default 8. */
+  connections?: number
+  /** Extra attempts for calls that are safe to repeat. Default 2. */
+  retries?: number
+  /** Integers as bigints instead of numbers. */
+  bigint?: boolean
+}
+
+export interface ModResult<N> { tot: N, seq: N }
+export interface HoldResult<N> { hold: N, tot: N, seq: N }
+export interface Entry<N> { seq: N, by: N, tot: N, at: N, key: string | null, hold: N | null }
+export interface Page<N> { account: string | null, past: Array<Entry<N>>, next: N | null }
+
+export interface AccManClient<N extends number | bigint = number> {
+  readonly bigint: boolean
+  readonly timeoutMs: number
+  readonly retries: number
+  /** The durable balance. NoAccount for an unknown credential. */
+  tot (cred: string): Promise<N>
+  /** Changes the balance by `by` once durable; Insufficient under `min`; at most once per `key`. */
+  mod (cred: string, by: Amount, options?: { min?: Amount | null, key?: string | null }): Promise<ModResult<N>>
+  /** One page of history, newest first. */
+  past (cred: string, options?: { limit?: Amount | null, before?: Amount | null }): Promise<Page<N>>
+  /** Holds -by (by < 0) for ttlS seconds. */
+  hold (cred: string, by: Amount, options: { ttlS: Amount, min?: Amount | null, key?: string | null }): Promise<HoldResult<N>>
+  /** Ends a hold: `use` is spent, the rest returns. */
+  settle (cred: string, hold: Amount, use: Amount): Promise<ModResult<N>>
+  close (): Promise<void>
+}
+
+export interface AccManClientConstructor {
+  new (options: ClientOptions & { bigint: true }): AccManClient<bigint>
+  new (options: ClientOptions & { bigint?: false }): AccManClient<number>
+}
+export declare const AccManClient: AccManClientConstructor
+
+export declare class AccManError extends Error {
+  code: string
+  status: number
+  detail: string
+}
+export declare class BadRequest extends AccManError {}
+export declare class Unauthorized extends AccManError {}
+export declare class Forbidden extends AccManError {}
+export declare class NoAccount extends AccManError {}
+export declare class NoHold extends AccManError {}
+export declare class Conflict extends AccManError {}
+export declare class Insufficient extends Conflict {
+  /** The balance the change was judged on. */
+  tot: number | bigint
+}
+export declare class KeyReused extends Conflict {}
+export declare class Overflow extends Conflict {}
+export declare class HoldEnded extends Conflict {}
+export declare class TooManyHolds extends Conflict {}
+export declare class Unavailable extends AccManError {}
+export declare class Busy extends Unavailable {}
+/** Nothing reached AccMan: nothing was applied. */
+export declare class Unreachable extends Unavailable {}
+/** Sent, no complete reply: a mod may or may not have applied. */
+export declare class OutcomeUnknown extends AccManError {}
+export declare class CallTimeout extends OutcomeUnknown {}
+export declare class BadReply extends OutcomeUnknown {}
+export declare class UnexpectedReply extends AccManError {}
+export declare class Unrepresentable extends AccManError {
+  /** The reply, with bigints. */
+  reply: Record<string, unknown>
+}
+
+/** 'estimate' before the handler (what must be covered or held), 'charge' in onSend. */
+export type CostStage = 'estimate' | 'charge'
+export type CostFunction = (request: FastifyRequest, reply: FastifyReply, stage: CostStage) => Amount
+export type Price = Amount | CostFunction
+
+export interface FastifyAccmanOptions {
+  url?: string
+  token?: string
+  /** A client to share instead of the plugin's own; must be made with { bigint: true }. */
+  client?: AccManClient<bigint>
+  /** The default price of a request. Default 1. */
+  cost?: Price
+  /** 'check' (tot, then charge) or 'reserve' (hold, then settle). Default 'check'. */
+  mode?: 'check' | 'reserve'
+  /** 'closed': 503 when AccMan cannot be reached; 'open': serve unpaid. Default 'closed'. */
+  onUnavailable?: 'closed' | 'open'
+  /** Paths never metered (a trailing * matches a prefix), or a test of the request. */
+  exempt?: string[] | ((request: FastifyRequest) => boolean)
+  /** The request and response header. Default 'accman'. */
+  header?: string
+  /** Charge responses of 400 and over too. Default false. */
+  chargeErrors?: boolean
+  /** Reserve mode: a hold's ttl in seconds. Default 300. */
+  holdTtlS?: number
+  /** Check mode: admit on a balance read this recently. Default 1000; 0 reads every time. */
+  checkFreshMs?: number
+  timeoutMs?: number
+  retries?: number
+  connections?: number
+  /** Told of every request served or charged without payment. */
+  onUnpaid?: (cred: string, amount: bigint, why: string) => void
+}
+
+export interface AccManRequest {
+  readonly estimate: bigint
+  readonly tot: bigint | null
+  readonly hold: bigint | null
+}
+
+export interface AccManDecoration {
+  client: AccManClient<bigint>
+  stats: Record<string, number>
+  metrics (): string
+  drain (timeoutMs?: number): Promise<boolean>
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    accman: AccManDecoration
+  }
+  interface FastifyRequest {
+    accman: AccManRequest | null
+  }
+  interface FastifyContextConfig {
+    /** This route's price, or false to exempt it. */
+    accman?: Price | false
+  }
+}
+
+export declare function fingerprint (cred: string): string
+export declare const limits: Readonly<Record<string, number | bigint>>
+
+declare const fastifyAccman: FastifyPluginAsync<FastifyAccmanOptions>
+export { fastifyAccman }
+export default fastifyAccman
