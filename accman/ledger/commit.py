@@ -29,15 +29,14 @@ log = logging.getLogger("accman.commit")
 # reads; 65536 batches is minutes of full load at ~0.3 ms per fsync.
 SAMPLES_MAX = 65536
 
-# Filling a batch on a bound loop.  Each durable write costs ~60-250 us of
-# CPU here whatever the batch holds (docs/PERFORMANCE.md), so when the
-# writer is free the loop does not hand it a batch much smaller than the
-# mods that were in flight at the last completion: clients whose replies
-# just went out are about to send again.  It waits for FILL_FRACTION of
-# them, turn after loop turn (reading sockets meanwhile), for at most
-# FILL_WAIT_S; with one client in flight the target is 0 and nothing waits.  Half, because a batch that
-# waits for nearly all leaves the core idle while it is written (A/B at 64
-# connections: 0.5 was 1.11x 0.75, and 0.35 no better than 0.5).
+# Filling a batch on a bound loop.  Each durable write costs CPU whatever
+# the batch holds (docs/PERFORMANCE.md), so when the writer is free the loop
+# does not hand it a batch much smaller than the mods that were in flight
+# at the last completion: clients whose replies just went out are about to
+# send again.  It waits for FILL_FRACTION of them, turn after loop turn
+# (reading sockets meanwhile), for at most FILL_WAIT_S; with one client in
+# flight the target is 0 and nothing waits.  Half, because a batch that
+# waits for nearly all leaves the core idle while it is written.
 FILL_FRACTION = 0.5
 FILL_WAIT_S = 200e-6
 
@@ -210,6 +209,9 @@ class Committer:
                 else:
                     self.error = error
                     failed = book.fail(batch)
+            if error is not None:
+                log.error("a batch could not be made durable; the store takes no more "
+                          "writes until it is reopened: %s", error.detail)
             if error is None:
                 self._count(batch.nmods, fsync_s)
                 kicks = self._deliver(batch.done_loop, batch.done_direct)
@@ -264,9 +266,16 @@ class Committer:
         return self.error is None and not self._closing
 
 
+# What a client is told of a failed commit.  The cause (error.detail) names
+# files and OS errors of the server: it goes to the log and to
+# Committer.error, never to a client (SPEC "Access").
+FAILED_DETAIL = ("the store failed to commit; nothing in this batch was acknowledged, "
+                 "and the server takes no more writes")
+
+
 def _unavailable(callbacks: list, error: StoreError) -> list:
-    detail = f"the store failed to commit, nothing in this batch was acknowledged ({error.detail})"
-    return [(done, Unavailable(detail)) for done, _ in callbacks]
+    assert error is not None
+    return [(done, Unavailable(FAILED_DETAIL)) for done, _ in callbacks]
 
 
 def run_callbacks(callbacks: list) -> None:
