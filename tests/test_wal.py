@@ -501,3 +501,31 @@ def test_a_file_system_that_refuses_o_direct_gets_the_same_log_through_the_cache
     monkeypatch.undo()
     with Ledger(str(copy)) as led:
         assert led.tot("alice") == 3
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_store_of_the_previous_log_format_opens_and_moves_to_the_keyed_one(tmp_path):
+    """tests/fixtures/amw1-store was written by the AccMan before keyed
+    records (AMW1, a format-1 checkpoint, no key file), killed with six
+    acknowledged batches in its log.  It opens with all six, gets its key
+    file from its format record, and writes AMW2 from then on."""
+    path = tmp_path / "data"
+    shutil.copytree(FIXTURES / "amw1-store", path)
+    assert not (path / keyfile.KEY_NAME).exists()
+    assert wal.read_checkpoint(str(path), None).format == 1
+    led = Ledger(str(path))
+    assert led.tot("bob") == 90 and led.tot("alice") == 120
+    assert led.mod("alice", 40, key="k3") == (60, 2)       # answered from its record
+    led.verify()
+    assert keyfile.read_key(str(path)) == led.store.salt
+    assert checkpoint_of(path).format == wal.CHECKPOINT_FORMAT
+    led.mod("alice", 5, key="new")
+    copy = crash_copy(led, tmp_path)
+    led.close()
+    assert [r.lsn for r in records_of(copy)] == [7]
+    assert (copy / wal.WAL_NAME).read_bytes()[:4] == wal.MAGIC
+    with Ledger(str(copy)) as led:
+        assert led.tot("alice") == 125 and led.tot("bob") == 90
+        led.verify()
