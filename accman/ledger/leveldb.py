@@ -93,7 +93,9 @@ class Store:
     in it, opened by one process at a time."""
 
     def __init__(self, path: str, *, create: bool = True, check_files: bool = True,
-                 wal_bytes_max: int = wal.WAL_BYTES_MAX, read_only: bool = False):
+                 wal_bytes_max: int = wal.WAL_BYTES_MAX,
+                 wal_overrun_bytes_max: int = wal.WAL_OVERRUN_BYTES_MAX,
+                 read_only: bool = False):
         """`check_files`: check every log record's and table block's CRC
         (accman.ledger.fsck) before LevelDB opens the directory, so that
         damage is refused before LevelDB's recovery can drop or rewrite
@@ -111,12 +113,12 @@ class Store:
         self.wal = None
         self.db = None
         try:
-            self._open(create, check_files, wal_bytes_max)
+            self._open(create, check_files, (wal_bytes_max, wal_overrun_bytes_max))
         except BaseException:
             self.close(checkpoint=False)
             raise
 
-    def _open(self, create: bool, check_files: bool, wal_bytes_max: int) -> None:
+    def _open(self, create: bool, check_files: bool, wal_bytes: tuple) -> None:
         with _translated(self.path, "open"):
             existed = os.path.isdir(self.path)
             if not existed and (self.read_only or not create):
@@ -156,7 +158,7 @@ class Store:
                          len(records), wal.WAL_NAME)
             next_lsn = (records[-1][0] + 1 if records
                         else ckpt.lsn if ckpt is not None else 1)
-            self.wal = wal.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), wal_bytes_max)
+            self.wal = wal.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
             # Replayed records synced in LevelDB, and the log starts afresh.
             try:
                 self.wal.checkpoint()

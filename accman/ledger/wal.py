@@ -434,10 +434,12 @@ class Wal:
     a checkpoint needs it even when no descriptor is free."""
 
     def __init__(self, path: str, next_lsn: int, keys: Keys,
-                 bytes_max: int = WAL_BYTES_MAX):
+                 bytes_max: int = WAL_BYTES_MAX,
+                 overrun_bytes_max: int = WAL_OVERRUN_BYTES_MAX):
         self.path = path
         self.next_lsn = next_lsn
         self.bytes_max = bytes_max
+        self.overrun_bytes_max = overrun_bytes_max
         self._keys = keys
         self.pos = 0
         self.broken = False         # set by the store when a write failed
@@ -500,9 +502,9 @@ class Wal:
     def _wrap(self, span: int) -> None:
         """At the end of a lap: a checkpoint, then writing starts again at 0.
         A postponed checkpoint lets the log run on past its size, tried
-        again every CHECKPOINT_RETRY_S; past WAL_OVERRUN_BYTES_MAX it stops
-        commits (OSError), naming why."""
-        over_cap = self.pos + span > self.bytes_max + WAL_OVERRUN_BYTES_MAX
+        again every CHECKPOINT_RETRY_S; past overrun_bytes_max
+        (WAL_OVERRUN_BYTES_MAX) it stops commits (OSError), naming why."""
+        over_cap = self.pos + span > self.bytes_max + self.overrun_bytes_max
         now = time.monotonic()
         if now < self._retry_at and not over_cap:
             return
@@ -511,7 +513,7 @@ class Wal:
         except CheckpointPostponed as e:
             self.checkpoints_postponed += 1
             if over_cap:
-                raise OSError(f"{WAL_NAME} ran {WAL_OVERRUN_BYTES_MAX} bytes past its "
+                raise OSError(f"{WAL_NAME} ran {self.overrun_bytes_max} bytes past its "
                               f"size without a checkpoint; the last attempt: {e}") from e
             self._retry_at = now + CHECKPOINT_RETRY_S
             log.warning("%s: checkpoint postponed, nothing is lost and commits go on "
