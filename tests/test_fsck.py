@@ -456,3 +456,18 @@ def test_a_store_open_in_this_process_is_not_checked_but_refused_as_locked(log_s
     with Ledger(str(data)):
         with pytest.raises(StoreLocked):
             Store(str(data))
+
+
+def test_a_manifest_that_leveldb_would_refuse_is_refused_before_anything_changes(
+        table_store, tmp_path):
+    """A whole last record that fails its checksum is not a torn write in
+    the MANIFEST (LevelDB reports it and refuses the open), nor is an empty
+    MANIFEST: refused here, before recovery cuts anything."""
+    data = copy_of(table_store, tmp_path)
+    manifest = data / (data / "CURRENT").read_text().strip()
+    raw = manifest.read_bytes()
+    offset = log_records(raw)[-1][0]
+    manifest.write_bytes(flipped(raw, offset + LOG_HEADER_BYTES))
+    refused(data, rf"{manifest.name}: record at offset {offset} fails its checksum")
+    manifest.write_bytes(b"")
+    refused(data, f"{manifest.name} has no next file number, log number, last sequence")

@@ -26,7 +26,8 @@ import tempfile
 
 from accman.errors import StoreError, StoreLocked
 from accman.ledger import _check
-from accman.ledger.fsck import LOG_FULL, LOG_HEADER_BYTES, TABLE_NAME, varint_bytes
+from accman.ledger.fsck import (LEVELDB_COMPARATOR, LOG_FULL, LOG_HEADER_BYTES, TABLE_NAME,
+                                 varint_bytes)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -39,8 +40,6 @@ _ACL_XATTR = "system.posix_acl_default"
 _ACL_OWNER_ONLY = struct.pack("<I", 2) + b"".join(
     struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
     for tag, perm in ((0x01, 6), (0x04, 0), (0x20, 0)))
-# The comparator LevelDB's default options name (leveldb util/comparator.cc).
-LEVELDB_COMPARATOR = b"leveldb.BytewiseComparator"
 
 
 def make(path: str) -> bool:

@@ -59,6 +59,9 @@ VARINT64_BYTES_MAX = 10
 # for large value references and is refused by 1.22, as here.
 TAG_COMPARATOR, TAG_LOG_NUMBER, TAG_NEXT_FILE, TAG_LAST_SEQUENCE = 1, 2, 3, 4
 TAG_COMPACT_POINTER, TAG_DELETED_FILE, TAG_NEW_FILE, TAG_PREV_LOG_NUMBER = 5, 6, 7, 9
+# The comparator LevelDB's default options name (leveldb util/comparator.cc);
+# a store under another is refused by LevelDB.
+LEVELDB_COMPARATOR = b"leveldb.BytewiseComparator"
 
 # LevelDB's file names (leveldb db/filename.cc).
 LOG_NAME = re.compile(r"^(\d+)\.log$")
@@ -82,10 +85,11 @@ def check_dir(path: str, *, synced_logs: dict | None = None,
     if any is damaged, naming `shown_as` (default: `path`).  A directory
     without CURRENT and without data files is a new store and passes.
 
-    `synced_logs`: the logs' lengths at the store's last checkpoint, after
-    recovery cut them back to those (accman.ledger.wal).  Every byte of
-    them was synced, so none may end in a torn write, and a log it lists
-    with synced bytes may be missing only if LevelDB is done with it.
+    `synced_logs`: the logs' lengths at the store's last checkpoint, to
+    which recovery cuts them (accman.ledger.wal) once this check passed:
+    each log is checked up to that length.  Every byte of that was synced,
+    so no log may end in a torn write, and a log it lists with synced
+    bytes may be missing only if LevelDB is done with it.
     Without it, the newest log may end torn (every write was synced: a
     torn one was never acknowledged)."""
     path = os.path.abspath(path)
@@ -116,6 +120,8 @@ def _check_dir(path: str, synced_logs: dict | None) -> Checked:
     for number in live_logs:
         name = f"{number:06d}.log"
         raw = _read(path, name)
+        if synced_logs is not None:
+            raw = raw[:synced_logs.get(name, 0)]    # as recovery will cut it
         total += len(raw)
         torn_ok = synced_logs is None and number == live_logs[-1]
         log_records += check_log(raw, name, torn_tail_ok=torn_ok)[1]
@@ -280,8 +286,17 @@ def _why_bad(raw: bytes, i: int) -> str:
     return "fails its checksum"
 
 
+# What a write cut short by a crash leaves at a log's end: LevelDB's reader
+# takes these for the end of the file.  A whole record that fails its
+# checksum it reports as corruption, and in the MANIFEST that refuses the
+# open (VersionSet::Recover), so there it is damage.
+_CUT_SHORT = ("is cut short", "is zeros", "past the end of the file")
+
+
 def _bad(raw: bytes, name: str, i: int, why: str, torn_tail_ok: bool) -> None:
     """Returns if the bad record at offset i is a torn tail; raises if not."""
+    if torn_tail_ok and name.startswith("MANIFEST") and not any(c in why for c in _CUT_SHORT):
+        raise FileDamage(f"{name}: record at offset {i} {why}")
     if not torn_tail_ok:
         raise FileDamage(f"{_what(name)}: record at offset {i} {why} (only the "
                          "newest log may end in a torn write, and only where its "
@@ -308,40 +323,60 @@ class _Version:
 
 def _apply_edits(edits: list[bytes], name: str) -> _Version:
     """The tables and log numbers that LevelDB's VersionSet::Recover would
-    arrive at from these VersionEdit records."""
+    arrive at from these VersionEdit records; FileDamage where it would
+    refuse them."""
     v = _Version()
+    seen = set()
     for k, edit in enumerate(edits):
         try:
-            i = 0
-            while i < len(edit):
-                tag, i = _varint(edit, i)
-                if tag == TAG_COMPARATOR:
-                    _, i = _prefixed(edit, i)
-                elif tag == TAG_LOG_NUMBER:
-                    v.log_number, i = _varint(edit, i)
-                elif tag == TAG_PREV_LOG_NUMBER:
-                    v.prev_log_number, i = _varint(edit, i)
-                elif tag in (TAG_NEXT_FILE, TAG_LAST_SEQUENCE):
-                    _, i = _varint(edit, i)
-                elif tag == TAG_COMPACT_POINTER:
-                    _, i = _varint(edit, i)
-                    _, i = _prefixed(edit, i)
-                elif tag == TAG_DELETED_FILE:
-                    _, i = _varint(edit, i)
-                    number, i = _varint(edit, i)
-                    v.tables.pop(number, None)
-                elif tag == TAG_NEW_FILE:
-                    _, i = _varint(edit, i)
-                    number, i = _varint(edit, i)
-                    size, i = _varint(edit, i)
-                    _, i = _prefixed(edit, i)
-                    _, i = _prefixed(edit, i)
-                    v.tables[number] = size
-                else:
-                    raise ValueError(f"unknown tag {tag}")
+            seen |= _apply_edit(v, edit)
         except (ValueError, IndexError) as e:
             raise FileDamage(f"{name}: record {k} is not a valid version edit ({e})") from None
+    missing = [what for tag, what in ((TAG_NEXT_FILE, "next file number"),
+                                      (TAG_LOG_NUMBER, "log number"),
+                                      (TAG_LAST_SEQUENCE, "last sequence"))
+               if tag not in seen]
+    if missing:
+        raise FileDamage(f"{name} has no {', '.join(missing)}")
     return v
+
+
+# The fields of the tags _apply_edit reads past: v a varint, s a
+# length-prefixed string.
+_SKIPPED = {TAG_NEXT_FILE: "v", TAG_LAST_SEQUENCE: "v", TAG_COMPACT_POINTER: "vs"}
+
+
+def _apply_edit(v: _Version, edit: bytes) -> set:
+    """Applies one VersionEdit to `v`; returns the tags it had."""
+    tags = set()
+    i = 0
+    while i < len(edit):
+        tag, i = _varint(edit, i)
+        tags.add(tag)
+        if tag == TAG_COMPARATOR:
+            comparator, i = _prefixed(edit, i)
+            if comparator != LEVELDB_COMPARATOR:
+                raise ValueError(f"comparator {comparator[:40]!r}")
+        elif tag == TAG_LOG_NUMBER:
+            v.log_number, i = _varint(edit, i)
+        elif tag == TAG_PREV_LOG_NUMBER:
+            v.prev_log_number, i = _varint(edit, i)
+        elif tag == TAG_DELETED_FILE:
+            _, i = _varint(edit, i)
+            number, i = _varint(edit, i)
+            v.tables.pop(number, None)
+        elif tag == TAG_NEW_FILE:
+            _, i = _varint(edit, i)
+            number, i = _varint(edit, i)
+            v.tables[number], i = _varint(edit, i)
+            _, i = _prefixed(edit, i)
+            _, i = _prefixed(edit, i)
+        elif tag in _SKIPPED:
+            for field in _SKIPPED[tag]:
+                _, i = (_varint if field == "v" else _prefixed)(edit, i)
+        else:
+            raise ValueError(f"unknown tag {tag}")
+    return tags
 
 
 def _varint(buf, i: int) -> tuple[int, int]:

@@ -193,17 +193,21 @@ class Store:
             # Read and parsed (and refused if damaged) before any file is cut.
             records = [(rec.lsn, self._puts_of(rec))
                        for rec in self._step(wal.scan, path, ckpt, keys)]
+            cuts = {}
             if ckpt is not None:
                 self._step(wal.check_leveldb_tail, ckpt, records,
                            self._step(fsck.batches_past, path, ckpt.logs))
-                cuts = self._step(wal.cut_logs, path, ckpt)
-                if cuts:
-                    log.info("%s: recovery: cut %d unsynced bytes from LevelDB's "
-                             "logs, to be replayed from %s", self.path,
-                             sum(cuts.values()), wal.WAL_NAME)
+                cuts = self._step(wal.logs_to_cut, path, ckpt)
             if check_files:
+                # The logs as they will be once cut: nothing is cut before
+                # every check has passed.
                 fsck.check_dir(path, synced_logs=ckpt.logs if ckpt is not None else None,
                                shown_as=self.path)
+            if cuts:
+                wal.cut_logs(path, cuts)
+                log.info("%s: recovery: cut %d unsynced bytes from LevelDB's "
+                         "logs, to be replayed from %s", self.path,
+                         sum(cuts.values()), wal.WAL_NAME)
         return salt, ckpt, records
 
     def _dir_fd(self) -> int:

@@ -56,16 +56,18 @@ runs these steps in this order):
    LevelDB after its record was durable, so a batch there without its
    record means that a record, perhaps acknowledged, is missing or
    damaged.  Refused, rather than cut away.
-4. `cut_logs`: LevelDB's logs are cut back to the lengths the checkpoint
-   recorded, and a log created since is emptied.  What was written to them
-   after the checkpoint was never synced: after a power cut their tails may
-   hold garbage, which LevelDB's recovery and accman.ledger.fsck would
-   rightly refuse.  Everything cut is in this log's records.
+4. `logs_to_cut`, then accman.ledger.fsck checks LevelDB's files as they
+   will be once cut, then `cut_logs`: LevelDB's logs are cut back to the
+   lengths the checkpoint recorded, and a log created since is emptied.
+   What was written to them after the checkpoint was never synced: after a
+   power cut their tails may hold garbage, which LevelDB's recovery and
+   fsck would rightly refuse.  Everything cut is in this log's records.
 5. LevelDB opens, and the records are written into it again: each is the
    absolute state of the keys it puts, so writing one twice is harmless.
    Then a checkpoint, so the replayed records are synced in LevelDB.
 
-Nothing is changed before step 4, and steps 1 to 3 refuse any damage.
+No file is changed until every check has passed: a refused store is left
+as it was found.
 """
 
 from __future__ import annotations
@@ -383,10 +385,10 @@ def check_leveldb_tail(ckpt: Checkpoint, records: list[Record], batches: dict) -
 
 # --- 4. cutting LevelDB's logs ------------------------------------------------------------
 
-def cut_logs(path: str, ckpt: Checkpoint) -> dict:
-    """Cuts LevelDB's logs back to their synced lengths.  Checks every log
-    before it cuts any: one shorter than its recorded length lost synced
-    data (FileDamage).  Returns {name: bytes cut}."""
+def logs_to_cut(path: str, ckpt: Checkpoint) -> dict:
+    """What cutting LevelDB's logs back to their synced lengths would cut,
+    as {name: bytes}; nothing is changed.  One shorter than its recorded
+    length lost synced data (FileDamage)."""
     cuts = {}
     for name in sorted(os.listdir(path)):
         if not LOG_NAME.match(name):
@@ -398,12 +400,16 @@ def cut_logs(path: str, ckpt: Checkpoint) -> dict:
                              f"synced at the last checkpoint")
         if size > keep:
             cuts[name] = size - keep
+    return cuts
+
+
+def cut_logs(path: str, cuts: dict) -> None:
+    """Cuts LevelDB's logs as `logs_to_cut` found, once every check passed."""
     for name, cut in cuts.items():
         file = os.path.join(path, name)
         os.truncate(file, os.stat(file).st_size - cut)
     if cuts:
         _fsync_dir(path)
-    return cuts
 
 
 def _fsync_dir(path: str) -> None:
