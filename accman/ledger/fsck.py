@@ -413,41 +413,17 @@ def check_table(raw: bytes, name: str) -> int:
     meta, metaindex, index), and that the blocks tile the file; returns the
     number of blocks."""
     what = f"table {name}"
-    size = len(raw)
-    if size < TABLE_FOOTER_BYTES:
-        raise FileDamage(f"{what}: {size} bytes, shorter than a table footer")
-    body_end = size - TABLE_FOOTER_BYTES
-    footer = raw[body_end:]
-    if struct.unpack_from("<Q", footer, TABLE_HANDLES_BYTES)[0] != TABLE_MAGIC:
-        raise FileDamage(f"{what}: the footer's magic number is wrong")
-    try:
-        meta_off, i = _varint(footer, 0)
-        meta_size, i = _varint(footer, i)
-        index_off, i = _varint(footer, i)
-        index_size, i = _varint(footer, i)
-    except ValueError:
-        raise FileDamage(f"{what}: the footer's block handles are unreadable") from None
-    if i > TABLE_HANDLES_BYTES or any(footer[i:TABLE_HANDLES_BYTES]):
-        raise FileDamage(f"{what}: the footer's padding is not zeros")
-    if footer[:i] != b"".join(map(varint_bytes, (meta_off, meta_size, index_off, index_size))):
-        # A flipped continuation bit on a handle's last byte reads the same
-        # value from the zero padding; LevelDB never writes such a varint.
-        raise FileDamage(f"{what}: the footer's block handles are not as LevelDB writes them")
-
+    meta_off, meta_size, index_off, index_size = _footer(raw, what)
+    body_end = len(raw) - TABLE_FOOTER_BYTES
     view = memoryview(raw)
     index = _block(raw, view, index_off, index_size, body_end, f"{what}: index block")
     meta = _block(raw, view, meta_off, meta_size, body_end, f"{what}: metaindex block")
     blocks = [(index_off, index_size), (meta_off, meta_size)]
-    for kind, contents in (("data", index), ("meta", meta)):
-        for handle in _block_values(contents, f"{what}: {'index' if kind == 'data' else 'metaindex'} block"):
-            try:
-                off, i = _varint(handle, 0)
-                length, i = _varint(handle, i)
-            except ValueError:
-                i = -1
-            if i != len(handle):
-                raise FileDamage(f"{what}: a {kind} block handle is unreadable")
-            if not _check.block_ok(view, off, length) or off + length + BLOCK_TRAILER_BYTES > body_end:
+    for kind, parent, contents in (("data", "index", index), ("meta", "metaindex", meta)):
+        for handle in _block_values(contents, f"{what}: {parent} block"):
+            off, length = _handle(handle, f"{what}: a {kind} block handle")
+            if (not _check.block_ok(view, off, length)
+                    or off + length + BLOCK_TRAILER_BYTES > body_end):
                 raise FileDamage(f"{what}: {kind} block at offset {off} fails its checksum")
             blocks.append((off, length))
     # Data blocks, meta blocks, metaindex, index, footer: end to end, so
@@ -456,11 +432,47 @@ def check_table(raw: bytes, name: str) -> int:
     for off, length in sorted(blocks):
         if off != at:
             raise FileDamage(f"{what}: the block at offset {off} does not follow the one "
-                          f"ending at {at}")
+                             f"ending at {at}")
         at = off + length + BLOCK_TRAILER_BYTES
     if at != body_end:
         raise FileDamage(f"{what}: the blocks end at {at}, the footer starts at {body_end}")
     return len(blocks)
+
+
+def _footer(raw: bytes, what: str) -> tuple[int, int, int, int]:
+    """The metaindex and index handles (offset, size, offset, size)."""
+    if len(raw) < TABLE_FOOTER_BYTES:
+        raise FileDamage(f"{what}: {len(raw)} bytes, shorter than a table footer")
+    footer = raw[len(raw) - TABLE_FOOTER_BYTES:]
+    if struct.unpack_from("<Q", footer, TABLE_HANDLES_BYTES)[0] != TABLE_MAGIC:
+        raise FileDamage(f"{what}: the footer's magic number is wrong")
+    values = []
+    i = 0
+    try:
+        for _ in range(4):
+            value, i = _varint(footer, i)
+            values.append(value)
+    except ValueError:
+        raise FileDamage(f"{what}: the footer's block handles are unreadable") from None
+    if i > TABLE_HANDLES_BYTES or any(footer[i:TABLE_HANDLES_BYTES]):
+        raise FileDamage(f"{what}: the footer's padding is not zeros")
+    if footer[:i] != b"".join(map(varint_bytes, values)):
+        # A flipped continuation bit on a handle's last byte reads the same
+        # value from the zero padding; LevelDB never writes such a varint.
+        raise FileDamage(f"{what}: the footer's block handles are not as LevelDB writes them")
+    return values[0], values[1], values[2], values[3]
+
+
+def _handle(handle: bytes, what: str) -> tuple[int, int]:
+    """A block handle: (offset, size), exactly two varints."""
+    try:
+        off, i = _varint(handle, 0)
+        length, i = _varint(handle, i)
+    except ValueError:
+        i = -1
+    if i != len(handle):
+        raise FileDamage(f"{what} is unreadable")
+    return off, length
 
 
 def _block(raw: bytes, view, off: int, length: int, body_end: int, what: str) -> bytes:
