@@ -300,7 +300,7 @@ def test_records_that_span_blocks_are_read_whole():
         chunks.append(payload[at:at + room])
         at += room
     kinds = [2] + [3] * (len(chunks) - 2) + [4]
-    raw = b"".join(log_record(c, k) for c, k in zip(chunks, kinds))
+    raw = b"".join(log_record(c, k) for c, k in zip(chunks, kinds, strict=True))
     records, count = fsck.check_log(raw, "MANIFEST-000002", torn_tail_ok=False, keep=True)
     assert records == [payload] and count == 3
     # Cut inside the LAST fragment: a torn tail, the record dropped whole.

@@ -466,7 +466,7 @@ def test_a_full_disk_while_growing_the_file_fails_the_batch_and_stops_writes(
     led = Ledger(path)
     acked = 0
     with pytest.raises(Unavailable, match="the store failed to commit"):
-        for i in range(wal.GROW_BYTES // wal.BLOCK_BYTES + 1):
+        for _ in range(wal.GROW_BYTES // wal.BLOCK_BYTES + 1):
             led.mod("alice", 1)
             acked += 1
     assert "growing accman.wal: No space left on device" in led._committer.error.detail

@@ -48,7 +48,8 @@ _HEX = re.compile(r"(?:\\x[0-9a-f]{2})+")
 _LINE = re.compile(r"^(\d+)\s+(.*)$")
 
 
-def record(argv: list[str], trace: str, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+def record(argv: list[str], trace: str, env: dict,
+           timeout_s: float) -> subprocess.CompletedProcess:
     """Runs `argv` under strace, writing the trace to `trace`."""
     cmd = ["strace", "-f", "-qq", "-y", "-xx", "-s", str(STRACE_STRING_BYTES),
            "-e", f"trace={STRACE_CALLS}", "-o", trace, *argv]
@@ -106,8 +107,11 @@ def _fd(arg: str) -> tuple[int, str | None]:
     return fd, path
 
 
+_IOV_STRING = re.compile(r'"(?:\\x[0-9a-f]{2})*"(?:\.\.\.)?')
+
+
 def _iov_data(arg: str) -> bytes:
-    return b"".join(_string(m.group(0)) for m in re.finditer(r'"(?:\\x[0-9a-f]{2})*"(?:\.\.\.)?', arg))
+    return b"".join(_string(m.group(0)) for m in _IOV_STRING.finditer(arg))
 
 
 @dataclass
