@@ -142,6 +142,11 @@ class Store:
                 lru_cache_size=BLOCK_CACHE_BYTES,
             )
             datadir.sync_leveldb_current(self.dir)
+        # LevelDB is written outside the log only here, before a store's
+        # first checkpoint: the format record of a new store, and the
+        # migration from format 1, which predates the log.  After a
+        # checkpoint every LevelDB write is one record's batch, which is
+        # what recovery's count of LevelDB's batches relies on.
         self.salt = self._meta(salt)
         with _translated(self.path, "replay the write-ahead log"):
             if salt is None:

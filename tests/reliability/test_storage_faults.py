@@ -87,6 +87,9 @@ class Rounds:
         else:
             assert r.status == 503, r
             assert r.json["error"] == "unavailable" and r.json["detail"], r
+            # The cause is the server's log's, never the client's: no file
+            # path of the server, no OS error (SPEC "Access").
+            assert "/" not in r.json["detail"] and "space" not in r.json["detail"], r
             self.refused[key] = (cred, by)
         return r.status
 
@@ -170,6 +173,8 @@ def test_a_full_disk_acknowledges_nothing_stops_writes_and_loses_nothing(small_d
         assert [(e["seq"], e["by"], e["tot"]) for e in history(srv, cred)] == mine
     assert srv.get("/tot?cred=disk-new").status == 404
     assert srv.stop() == 1                  # docs/SERVER.md: 1 after a failed commit
+    # The cause is in the log above the exit line.
+    assert "could not be made durable" in srv.stderr() and "No space left" in srv.stderr()
 
     # A restart on a healthy disk (the filler is gone).
     srv = spawn_server(data, tmp_path / "log2")
