@@ -55,7 +55,7 @@ def flip_offsets(path: Path, rnd: random.Random) -> list[int]:
         off = 0
         for rec in wal.scan(str(path.parent), ckpt, keys):
             offsets |= {off + 9, off + wal.HEADER.size + rnd.randrange(len(rec.payload))}
-            off += wal._span(len(rec.payload))
+            off += wal.record_span(len(rec.payload))
     elif fsck.LOG_NAME.match(path.name):
         physical, _ = fsck._walk(path.read_bytes())
         step = 1 if LONG else max(1, len(physical) // 8)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from accman import Ledger
-from accman.ledger import _check, fsck, wal
+from accman.ledger import _check, fsck, tablecheck, wal
 from accman.errors import FileDamage, StoreCorrupt
 from accman.ledger.leveldb import Store
 
@@ -372,7 +372,7 @@ def table_layout(raw):
     """(metaindex offset, index offset, index size) from the footer."""
     values, i = [], len(raw) - TABLE_FOOTER_BYTES
     for _ in range(4):
-        v, i = fsck._varint(raw, i)
+        v, i = tablecheck.read_varint(raw, i)
         values.append(v)
     return values[0], values[2], values[3]
 
@@ -388,10 +388,10 @@ def test_every_part_of_a_table_is_covered(table_store):
     assert 0 < meta_offset < index_offset < size - TABLE_FOOTER_BYTES
     offsets = sorted(set(range(0, meta_offset, 7))
                      | set(range(meta_offset - 300, size)))
-    assert fsck.check_table(raw, table.name) > 10
+    assert tablecheck.check_table(raw, table.name) > 10
     for offset in offsets:
         with pytest.raises(FileDamage):
-            fsck.check_table(flipped(raw, offset, 0x01 if offset % 2 else 0x80), table.name)
+            tablecheck.check_table(flipped(raw, offset, 0x01 if offset % 2 else 0x80), table.name)
 
 
 @pytest.mark.parametrize("part", ["first data block", "last data block", "metaindex block",

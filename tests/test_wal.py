@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from accman import Ledger
-from accman.ledger import _check, fsck, keyfile, wal
+from accman.ledger import _check, fsck, keyfile, wal, walwriter
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
 from accman.ledger import leveldb
 from accman.ledger.leveldb import Store
@@ -443,7 +443,7 @@ def test_the_file_is_written_ahead_of_the_records_not_to_its_size_at_once(tmp_pa
     # The first record's block at least (its write waited for it), and at
     # most the lead after it, in whole chunks (the grower writes those in
     # the background: how far it got is timing).
-    assert wal.BLOCK_BYTES <= size <= wal.GROW_LEAD_BYTES + wal.GROW_BYTES
+    assert wal.BLOCK_BYTES <= size <= walwriter.GROW_LEAD_BYTES + walwriter.GROW_BYTES
     assert size < wal.WAL_BYTES_MAX
 
 
@@ -466,7 +466,7 @@ def test_a_full_disk_while_growing_the_file_fails_the_batch_and_stops_writes(
     led = Ledger(path)
     acked = 0
     with pytest.raises(Unavailable, match="the store failed to commit"):
-        for _ in range(wal.GROW_BYTES // wal.BLOCK_BYTES + 1):
+        for _ in range(walwriter.GROW_BYTES // wal.BLOCK_BYTES + 1):
             led.mod("alice", 1)
             acked += 1
     assert "growing accman.wal: No space left on device" in led._committer.error.detail

@@ -15,7 +15,7 @@ import pytest
 
 from accman import Ledger
 from accman.errors import Unavailable
-from accman.ledger import keyfile, wal
+from accman.ledger import keyfile, wal, walwriter
 from accman.ledger.leveldb import Store
 
 LAP_BYTES = 4 * wal.BLOCK_BYTES         # four one-block records a lap
@@ -78,7 +78,7 @@ def test_a_checkpoint_without_a_free_descriptor_is_postponed_and_commits_go_on(
     copy = tmp_path / "crashed"
     shutil.copytree(path, copy)
     # Descriptors back, the retry is due: the next wrap takes the checkpoint.
-    time.sleep(wal.CHECKPOINT_RETRY_S)
+    time.sleep(walwriter.CHECKPOINT_RETRY_S)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="accman.ledger.wal"):
         for i in range(13, 13 + 5):

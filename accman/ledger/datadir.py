@@ -26,8 +26,8 @@ import tempfile
 
 from accman.errors import StoreError, StoreLocked
 from accman.ledger import _check
-from accman.ledger.fsck import (LEVELDB_COMPARATOR, LOG_FULL, LOG_HEADER_BYTES, TABLE_NAME,
-                                 varint_bytes)
+from accman.ledger.fsck import LEVELDB_COMPARATOR, LOG_FULL, LOG_HEADER_BYTES, TABLE_NAME
+from accman.ledger.tablecheck import varint_bytes
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -86,13 +86,8 @@ def tighten(path: str) -> list[str]:
     return changed
 
 
-def write_new_leveldb(path: str) -> None:
-    """Writes the files LevelDB's NewDB would (leveldb db/db_impl.cc): a
-    MANIFEST-000001 with one version edit, and CURRENT naming it; each
-    synced, then the directory.  LevelDB 1.22 does not sync that MANIFEST
-    and its first open replaces CURRENT without syncing the directory: a
-    power cut then could leave CURRENT naming an empty MANIFEST.  With
-    CURRENT there, LevelDB opens these instead of making its own."""
+def _first_manifest() -> bytes:
+    """MANIFEST-000001 as LevelDB's NewDB writes it: one version edit."""
     edit = (varint_bytes(1) + varint_bytes(len(LEVELDB_COMPARATOR)) + LEVELDB_COMPARATOR
             + varint_bytes(2) + varint_bytes(0)           # log number
             + varint_bytes(3) + varint_bytes(2)           # next file number
@@ -100,7 +95,36 @@ def write_new_leveldb(path: str) -> None:
     crc = _check.mask(_check.crc32c(edit, _check.crc32c(bytes([LOG_FULL]))))
     record = struct.pack("<IHB", crc, len(edit), LOG_FULL) + edit
     assert len(record) == LOG_HEADER_BYTES + len(edit)
-    _write_synced(path, "MANIFEST-000001", record)
+    return record
+
+
+# What a creation cut short may leave besides the key file: a first
+# MANIFEST (whole or a prefix of it), CURRENT's temp file, LevelDB's lock
+# and info log.  Nothing was ever stored in such a directory.
+_CREATION_LEFTOVERS = {"LOCK", "LOG", "LOG.old", "CURRENT.dbtmp", "MANIFEST-000001"}
+
+
+def creation_cut_short(path: str) -> bool:
+    """True if the directory holds only what `write_new_leveldb` and the
+    key file write before a store has CURRENT: a creation that a crash cut
+    short, to be made again."""
+    names = {n for n in os.listdir(path) if not n.startswith("accman.key")}
+    if not names <= _CREATION_LEFTOVERS:
+        return False
+    if "MANIFEST-000001" in names:
+        with open(os.path.join(path, "MANIFEST-000001"), "rb") as f:
+            return _first_manifest().startswith(f.read())
+    return True
+
+
+def write_new_leveldb(path: str) -> None:
+    """Writes the files LevelDB's NewDB would (leveldb db/db_impl.cc): a
+    MANIFEST-000001 with one version edit, and CURRENT naming it; each
+    synced, then the directory.  LevelDB 1.22 does not sync that MANIFEST
+    and its first open replaces CURRENT without syncing the directory: a
+    power cut then could leave CURRENT naming an empty MANIFEST.  With
+    CURRENT there, LevelDB opens these instead of making its own."""
+    _write_synced(path, "MANIFEST-000001", _first_manifest())
     _write_synced(path, "CURRENT.dbtmp", b"MANIFEST-000001\n")
     os.rename(os.path.join(path, "CURRENT.dbtmp"), os.path.join(path, "CURRENT"))
     _fsync_path(path)

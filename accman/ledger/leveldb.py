@@ -20,7 +20,7 @@ import plyvel
 
 from accman.errors import (CheckpointPostponed, FileDamage, StoreCorrupt, StoreError,
                            StoreLocked)
-from accman.ledger import _ledger, datadir, fsck, keyfile, wal
+from accman.ledger import _ledger, datadir, fsck, keyfile, wal, walwriter
 
 log = logging.getLogger("accman.ledger.leveldb")
 
@@ -94,7 +94,7 @@ class Store:
 
     def __init__(self, path: str, *, create: bool = True, check_files: bool = True,
                  wal_bytes_max: int = wal.WAL_BYTES_MAX,
-                 wal_overrun_bytes_max: int = wal.WAL_OVERRUN_BYTES_MAX,
+                 wal_overrun_bytes_max: int = walwriter.WAL_OVERRUN_BYTES_MAX,
                  read_only: bool = False):
         """`check_files`: check every log record's and table block's CRC
         (accman.ledger.fsck) before LevelDB opens the directory, so that
@@ -163,7 +163,7 @@ class Store:
                          len(records), wal.WAL_NAME)
             next_lsn = (records[-1][0] + 1 if records
                         else ckpt.lsn if ckpt is not None else 1)
-            self.wal = wal.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
+            self.wal = walwriter.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
             # Replayed records synced in LevelDB, and the log starts afresh.
             try:
                 self.wal.checkpoint()
@@ -179,15 +179,18 @@ class Store:
         salt = self._step(keyfile.read_key, path)
         keys = wal.Keys.of(salt) if salt is not None else None
         ckpt = self._step(wal.read_checkpoint, path, keys)
-        if salt is None and ckpt is None and not os.path.exists(os.path.join(path, "CURRENT")):
-            if _has_leveldb_files(path):
+        if (ckpt is None and not os.path.exists(os.path.join(path, "CURRENT"))
+                and not os.path.exists(os.path.join(path, wal.WAL_NAME))):
+            if _has_leveldb_files(path) and not datadir.creation_cut_short(path):
                 raise StoreCorrupt(f"{self.path}: LevelDB files without CURRENT: "
                                    "not an AccMan store, or damaged")
             if self.read_only or not create:
                 raise StoreError(f"{self.path}: no store in this directory")
-            # A new store: its key first, then LevelDB's first files, synced.
-            salt = keyfile.new_salt()
-            keyfile.write_key(self._dir_fd(), salt)
+            # A new store (or one whose creation a crash cut short: nothing
+            # was stored yet): its key first, then LevelDB's first files.
+            if salt is None:
+                salt = keyfile.new_salt()
+                keyfile.write_key(self._dir_fd(), salt)
             datadir.write_new_leveldb(path)
             return salt, None, []
         records = []
