@@ -36,7 +36,12 @@ bench-profile: build
 
 # the long crash checker (kill -9 rounds for minutes; prints the seed)
 crash:
-    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/reliability/test_bank.py -p no:cacheprovider -s
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -p no:cacheprovider -s
+
+# the long power-loss emulation: every crash point of longer recorded runs, and the
+# damaged-file property with many more flips (needs strace; prints the counts)
+powercut:
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_powercut.py tests/test_damaged_files.py -p no:cacheprovider -s
 
 # bounded soak run: connection churn and pipelined floods, RSS measured
 soak:

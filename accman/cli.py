@@ -168,9 +168,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from accman.errors import StoreCorrupt, StoreLocked
+    from accman.errors import AccManError, StoreCorrupt, StoreLocked
     try:
         from accman.ledger import Ledger
+        from accman.ledger.leveldb import Store
     except ImportError:
         why = accman.native_missing()
         if why is None:
@@ -181,7 +182,9 @@ def cmd_verify(args) -> int:
     if not os.path.isdir(path):
         return _fail(f"no data directory at {path}")
     try:
-        ledger = Ledger(path, create=False)
+        # Read-only: recovery runs in a private copy, so that a read-only
+        # copy or mount can be verified and no file of the store changes.
+        ledger = Ledger(path, create=False, store=Store(path, create=False, read_only=True))
     except StoreLocked:
         return _fail(f"data directory {path} is in use by a running server; stop it first")
     except StoreCorrupt as e:

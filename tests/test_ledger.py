@@ -346,8 +346,10 @@ def test_failed_commit_acknowledges_nothing_and_stops_writes(tmp_path):
     path = str(tmp_path / "d")
     led = Ledger(path, store=FailingStore(path))
     assert led.mod("alice", 10) == (10, 1)
-    with pytest.raises(Unavailable, match="injected"):
+    with pytest.raises(Unavailable, match="failed to commit"):
         led.mod("alice", 5)
+    # The cause is the server's to log, never the client's to read.
+    assert "injected" in led._committer.error.detail
     assert led.tot("alice") == 10            # the failed mod never shows
     assert not led.healthy
     with pytest.raises(Unavailable):

@@ -218,6 +218,9 @@ class Committer:
                 else:
                     self.error = error
                     failed = book.fail(batch)
+            if error is not None:
+                log.error("a batch could not be made durable; the store takes no more "
+                          "writes until it is reopened: %s", error.detail)
             if error is None:
                 self._count(batch.nmods, fsync_s)
                 kicks = self._deliver(batch.done_loop, batch.done_direct)
@@ -272,9 +275,16 @@ class Committer:
         return self.error is None and not self._closing
 
 
+# What a client is told of a failed commit.  The cause (error.detail) names
+# files and OS errors of the server: it goes to the log and to
+# Committer.error, never to a client (SPEC "Access").
+FAILED_DETAIL = ("the store failed to commit; nothing in this batch was acknowledged, "
+                 "and the server takes no more writes")
+
+
 def _unavailable(callbacks: list, error: StoreError) -> list:
-    detail = f"the store failed to commit, nothing in this batch was acknowledged ({error.detail})"
-    return [(done, Unavailable(detail)) for done, _ in callbacks]
+    assert error is not None
+    return [(done, Unavailable(FAILED_DETAIL)) for done, _ in callbacks]
 
 
 def running_loop():
