@@ -26,7 +26,8 @@ def store(tmp_path):
 
 def test_a_sound_store_passes_with_its_counts(store):
     s, _ = store
-    assert verify_store(s) == {"accounts": 2, "entries": 5, "keys": 4}
+    assert verify_store(s) == {"accounts": 2, "entries": 5, "keys": 4, "holds": 0,
+                               "open_holds": 0, "events": 5}
 
 
 def test_a_gap_in_a_history_is_refused(store):

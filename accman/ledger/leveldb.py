@@ -156,7 +156,10 @@ class Store:
             for _, puts in records:
                 wb = self.db.write_batch(transaction=True)
                 for k, v in puts:
-                    wb.put(k, v)
+                    if v is None:
+                        wb.delete(k)        # an event past its retention
+                    else:
+                        wb.put(k, v)
                 wb.write()
             if records:
                 log.info("%s: recovery: replayed %d batches from %s", self.path,
@@ -399,6 +402,18 @@ class Store:
                 page = list(it)
         page.reverse()
         return page
+
+    def scan(self, start: bytes, prefix: bytes, limit: int) -> list:
+        """Up to `limit` (key, value) records from `start` on, under `prefix`."""
+        out = []
+        stop = prefix[:-1] + bytes([prefix[-1] + 1])
+        with _translated(self.path, "scan"):
+            with self.db.iterator(start=start, stop=stop, verify_checksums=True) as it:
+                for kv in it:
+                    out.append(kv)
+                    if len(out) >= limit:
+                        break
+        return out
 
     def iterate(self, prefix: bytes):
         """Every (key, value) under a prefix, for verification."""
