@@ -27,7 +27,8 @@ from accman.calling.requests import check_name
 from accman.calling.sync import AccManSyncClient
 from accman.errors import (AccManError, BadRequest, Forbidden, Insufficient, OutcomeUnknown,
                            Unauthorized, Unreachable)
-from accman.limits import CRED_CHARS_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX
+from accman.limits import (CRED_CHARS_MAX, EVENTS_RETENTION_S_DEFAULT, INT64_MAX, INT64_MIN,
+                           KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
@@ -51,6 +52,26 @@ class _ArgumentParser(argparse.ArgumentParser):
         hint = f"; {self.cred_hint}" if self.cred_hint else ""
         sys.stderr.write(f"accman: error: {message} (try: {self.prog} --help{hint})\n")
         sys.exit(EXIT_USAGE)
+
+
+_INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
+_DURATION_RE = re.compile(r"([1-9][0-9]*)([smhd]?)")
+_DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _int64(text):
+    """The SPEC's plain ASCII decimal, in signed 64-bit range."""
+    if not text.isascii() or _INT64_RE.fullmatch(text) is None \
+            or not INT64_MIN <= int(text) <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a signed 64-bit decimal integer")
+    return int(text)
+
+
+def _duration(text):
+    m = _DURATION_RE.fullmatch(text) if text.isascii() else None
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m or 7d")
+    return int(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
 
 
 def _port(text):
@@ -82,6 +103,13 @@ def build_parser():
                    help="what to check at start: the files' checksums and every record "
                         "read (full, the default), or the files' checksums and each "
                         "account's newest entry (heads)")
+    s.add_argument("--low-balance", type=_int64, metavar="L", default=None,
+                   help="emit a low_balance event when a balance crosses below L, for "
+                        "accounts whose funding mod set no low= of their own (default: none)")
+    s.add_argument("--events-retention", type=_duration, metavar="DURATION",
+                   default=EVENTS_RETENTION_S_DEFAULT,
+                   help="keep events at least this long: seconds, or a number with s, m, h "
+                        "or d (default 7d)")
 
     def client(name, help_text):
         c = command(name, help_text)
@@ -160,7 +188,8 @@ def cmd_serve(args) -> int:
         return _fail(e)
     try:
         return run(host=args.host, port=args.port, data=args.data,
-                   tokens=tokens, limits=limits, verify=args.verify)
+                   tokens=tokens, limits=limits, verify=args.verify,
+                   low_balance=args.low_balance, events_retention_s=args.events_retention)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set

@@ -12,7 +12,7 @@ import socket
 import sys
 
 from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
-from accman.limits import FDS_RESERVED
+from accman.limits import EVENTS_RETENTION_S_DEFAULT, FDS_RESERVED
 from accman.server.server import Server
 from accman.server.settings import ServerLimits
 
@@ -50,10 +50,10 @@ def fit_to_descriptors(limits: ServerLimits) -> ServerLimits:
     return limits
 
 
-def open_ledger(data_path: str, verify: str):
+def open_ledger(data_path: str, verify: str, **options):
     from accman.ledger import Ledger
     try:
-        return Ledger(data_path, verify=verify)
+        return Ledger(data_path, verify=verify, **options)
     except StoreLocked:
         raise StartupError(
             f"data directory {data_path} is in use by another accman server") from None
@@ -72,7 +72,8 @@ def _loop_exception_handler(_loop, context):
 
 
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
-        limits=None, store=None, ready=None, verify="full") -> int:
+        limits=None, store=None, ready=None, verify="full", low_balance=None,
+        events_retention_s=EVENTS_RETENTION_S_DEFAULT) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
     StartupError (one line for a person) when it cannot start.
 
@@ -90,7 +91,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     os.umask(0o077)
     data_path = os.path.abspath(data)
     if store is None:
-        store = open_ledger(data_path, verify)
+        store = open_ledger(data_path, verify, low_balance=low_balance,
+                            events_retention_s=events_retention_s)
     where = getattr(store, "where", f"data={getattr(store, 'path', data_path)}")
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
