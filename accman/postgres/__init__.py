@@ -1,0 +1,1 @@
+"""AccMan's store on PostgreSQL (see docs/SCALING.md)."""
