@@ -56,14 +56,15 @@ CREATE TABLE accman_counter (
 );
 INSERT INTO accman_counter VALUES (true, 1, 0);
 -- An account is its newest history entry's tot and seq; seq 0 is a row a
--- batch made to lock a new account, never committed.
+-- batch made to lock a new account, never committed.  Pages half empty, so
+-- that an update finds room beside its row and leaves the index alone (HOT).
 CREATE TABLE accman_accounts (
     hid bytea PRIMARY KEY,
     tot bigint NOT NULL,
     seq bigint NOT NULL,
     low bigint,
     holds integer NOT NULL
-);
+) WITH (fillfactor = 50);
 CREATE TABLE accman_history (
     hid bytea NOT NULL,
     seq bigint NOT NULL,
@@ -120,9 +121,14 @@ DECLARE
     now_ms bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
     a_tot bigint[]; a_seq bigint[]; a_seq0 bigint[]; a_low bigint[]; a_holds integer[];
     a_new boolean[];
-    e_type smallint[] := '{}'; e_acct integer[] := '{}'; e_seq bigint[] := '{}';
-    e_by bigint[] := '{}'; e_tot bigint[] := '{}'; e_key text[] := '{}'; e_hold bigint[] := '{}';
-    t bigint; s bigint; l bigint; h integer;
+    -- The batch's events, every column assigned for each (an array grown by
+    -- subscripts must not skip one); e_late marks those whose history entry
+    -- is written by one INSERT at the end (plain mods: nothing in the batch
+    -- looks them up).
+    n_ev integer := 0;
+    e_type smallint[]; e_acct integer[]; e_seq bigint[]; e_by bigint[]; e_tot bigint[];
+    e_key text[]; e_hold bigint[]; e_late boolean[];
+    r record; t bigint; s bigint; l bigint; h integer;
     i integer; k smallint; b bigint; cur bigint; nt bigint; lim bigint;
     hk smallint; hby bigint; hmin bigint; htot bigint; hseq bigint; amt bigint; due bigint;
     open_holds bigint; holds_delta bigint := 0; counter_locked boolean := false;
@@ -130,26 +136,34 @@ BEGIN
     r_code := array_fill(0::smallint, ARRAY[n_ops]);
     r_tot := array_fill(NULL::bigint, ARRAY[n_ops]);
     r_seq := array_fill(NULL::bigint, ARRAY[n_ops]);
-    -- Lock every account in hid order; a new one that the batch may fund is
-    -- inserted (seq 0) to hold its lock, and removed below if unused.
+    a_tot := array_fill(0::bigint, ARRAY[n_acct]); a_seq := a_tot; a_seq0 := a_tot;
+    a_low := array_fill(NULL::bigint, ARRAY[n_acct]);
+    a_holds := array_fill(-1, ARRAY[n_acct]);
+    a_new := array_fill(false, ARRAY[n_acct]);
+    -- Lock the batch's accounts, in hid order.  An account made meanwhile by
+    -- another front-end is locked after the others: the rare cycle that can
+    -- make is a deadlock that PostgreSQL breaks, and the batch is sent again.
+    FOR r IN SELECT u.i, a.tot, a.seq, a.low, a.holds
+               FROM unnest(p_hids) WITH ORDINALITY AS u(hid, i)
+               JOIN accman_accounts a ON a.hid = u.hid ORDER BY a.hid FOR UPDATE OF a
+    LOOP
+        a_tot[r.i] := r.tot; a_seq[r.i] := r.seq; a_seq0[r.i] := r.seq;
+        a_low[r.i] := r.low; a_holds[r.i] := r.holds;
+    END LOOP;
+    -- A new account that the batch may fund: a row at seq 0 holds its lock,
+    -- and is removed at the end if nothing applied.
     FOR i IN 1..n_acct LOOP
-        SELECT a.tot, a.seq, a.low, a.holds INTO t, s, l, h
-          FROM accman_accounts a WHERE a.hid = p_hids[i] FOR UPDATE;
-        a_new[i] := false;
-        IF NOT FOUND THEN
-            t := 0; s := 0; l := NULL; h := 0;
-            IF p_fund[i] THEN
-                INSERT INTO accman_accounts VALUES (p_hids[i], 0, 0, NULL, 0)
-                    ON CONFLICT (hid) DO NOTHING;
-                IF FOUND THEN
-                    a_new[i] := true;
-                ELSE
-                    SELECT a.tot, a.seq, a.low, a.holds INTO STRICT t, s, l, h
-                      FROM accman_accounts a WHERE a.hid = p_hids[i] FOR UPDATE;
-                END IF;
-            END IF;
+        CONTINUE WHEN a_holds[i] >= 0;
+        a_holds[i] := 0;
+        CONTINUE WHEN NOT p_fund[i];
+        INSERT INTO accman_accounts VALUES (p_hids[i], 0, 0, NULL, 0) ON CONFLICT (hid) DO NOTHING;
+        IF FOUND THEN
+            a_new[i] := true;
+        ELSE
+            SELECT a.tot, a.seq, a.low, a.holds INTO STRICT t, s, l, h
+              FROM accman_accounts a WHERE a.hid = p_hids[i] FOR UPDATE;
+            a_tot[i] := t; a_seq[i] := s; a_seq0[i] := s; a_low[i] := l; a_holds[i] := h;
         END IF;
-        a_tot[i] := t; a_seq[i] := s; a_seq0[i] := s; a_low[i] := l; a_holds[i] := h;
     END LOOP;
 
     FOR j IN 1..n_ops LOOP
@@ -159,36 +173,29 @@ BEGIN
             CONTINUE;
         END IF;
         IF k = 3 THEN
+            -- A settle: b is its use, p_arg its hold.
             IF a_seq[i] = 0 THEN r_code[j] := 7; CONTINUE; END IF;
             SELECT x.amount, x.expires_at INTO amt, due FROM accman_holds x
              WHERE x.hid = p_hids[i] AND x.hold = p_arg[j];
-            IF FOUND AND due > now_ms THEN
-                IF b > amt THEN r_code[j] := 9; r_tot[j] := amt; CONTINUE; END IF;
-                nt := amt - b;
+            IF FOUND THEN
+                IF due > now_ms THEN
+                    IF b > amt THEN r_code[j] := 9; r_tot[j] := amt; CONTINUE; END IF;
+                    nt := amt - b;
+                ELSE
+                    -- Due but not yet ended by a round: it ends now, by expiry.
+                    nt := amt; k := 4; r_code[j] := 8;
+                END IF;
                 IF cur > c_max - nt THEN r_code[j] := 4; CONTINUE; END IF;
                 DELETE FROM accman_holds x WHERE x.hid = p_hids[i] AND x.hold = p_arg[j];
                 a_seq[i] := a_seq[i] + 1; a_tot[i] := cur + nt;
                 a_holds[i] := a_holds[i] - 1; holds_delta := holds_delta - 1;
                 INSERT INTO accman_history VALUES
-                    (p_hids[i], a_seq[i], 3, nt, a_tot[i], now_ms, NULL, NULL, p_arg[j]);
-                e_type := e_type || 3::smallint; e_acct := e_acct || i; e_seq := e_seq || a_seq[i];
-                e_by := e_by || nt; e_tot := e_tot || a_tot[i]; e_key := e_key || NULL::text;
-                e_hold := e_hold || p_arg[j];
-                r_tot[j] := a_tot[i]; r_seq[j] := a_seq[i];
-                CONTINUE;
-            END IF;
-            IF FOUND THEN
-                -- Due but not yet expired by a round: it ends now, by expiry.
-                IF cur > c_max - amt THEN r_code[j] := 4; CONTINUE; END IF;
-                DELETE FROM accman_holds x WHERE x.hid = p_hids[i] AND x.hold = p_arg[j];
-                a_seq[i] := a_seq[i] + 1; a_tot[i] := cur + amt;
-                a_holds[i] := a_holds[i] - 1; holds_delta := holds_delta - 1;
-                INSERT INTO accman_history VALUES
-                    (p_hids[i], a_seq[i], 4, amt, a_tot[i], now_ms, NULL, NULL, p_arg[j]);
-                e_type := e_type || 4::smallint; e_acct := e_acct || i; e_seq := e_seq || a_seq[i];
-                e_by := e_by || amt; e_tot := e_tot || a_tot[i]; e_key := e_key || NULL::text;
-                e_hold := e_hold || p_arg[j];
-                r_code[j] := 8;
+                    (p_hids[i], a_seq[i], k, nt, a_tot[i], now_ms, NULL, NULL, p_arg[j]);
+                n_ev := n_ev + 1;
+                e_type[n_ev] := k; e_acct[n_ev] := i; e_seq[n_ev] := a_seq[i]; e_by[n_ev] := nt;
+                e_tot[n_ev] := a_tot[i]; e_key[n_ev] := NULL; e_hold[n_ev] := p_arg[j];
+                e_late[n_ev] := false;
+                IF k = 3 THEN r_tot[j] := a_tot[i]; r_seq[j] := a_seq[i]; END IF;
                 CONTINUE;
             END IF;
             SELECT x.kind, x.by, x.tot, x.seq INTO hk, hby, htot, hseq FROM accman_history x
@@ -226,26 +233,36 @@ BEGIN
             END IF;
             IF open_holds + holds_delta >= p_holds_max THEN r_code[j] := 6; CONTINUE; END IF;
         END IF;
-        a_seq[i] := a_seq[i] + 1; a_tot[i] := nt;
+        s := a_seq[i] + 1; a_seq[i] := s; a_tot[i] := nt;
         IF k = 1 AND b > 0 AND p_arg[j] IS NOT NULL THEN a_low[i] := p_arg[j]; END IF;
-        INSERT INTO accman_history VALUES (p_hids[i], a_seq[i], k, b, nt, now_ms, p_key[j], lim,
-                                           CASE WHEN k = 2 THEN a_seq[i] END);
+        n_ev := n_ev + 1;
+        e_type[n_ev] := k; e_acct[n_ev] := i; e_seq[n_ev] := s; e_by[n_ev] := b;
+        e_tot[n_ev] := nt; e_key[n_ev] := p_key[j];
+        e_hold[n_ev] := CASE WHEN k = 2 THEN s END; e_late[n_ev] := k = 1 AND p_key[j] IS NULL;
+        IF NOT e_late[n_ev] THEN
+            INSERT INTO accman_history VALUES (p_hids[i], s, k, b, nt, now_ms, p_key[j], lim,
+                                               CASE WHEN k = 2 THEN s END);
+        END IF;
         IF k = 2 THEN
-            INSERT INTO accman_holds VALUES (p_hids[i], a_seq[i], -b, now_ms + p_arg[j] * 1000);
+            INSERT INTO accman_holds VALUES (p_hids[i], s, -b, now_ms + p_arg[j] * 1000);
             a_holds[i] := a_holds[i] + 1; holds_delta := holds_delta + 1;
         END IF;
-        e_type := e_type || k; e_acct := e_acct || i; e_seq := e_seq || a_seq[i];
-        e_by := e_by || b; e_tot := e_tot || nt; e_key := e_key || p_key[j];
-        e_hold := e_hold || CASE WHEN k = 2 THEN a_seq[i] END;
         l := coalesce(a_low[i], p_low_default);
         IF l IS NOT NULL AND cur >= l AND nt < l THEN
-            e_type := e_type || 5::smallint; e_acct := e_acct || i; e_seq := e_seq || a_seq[i];
-            e_by := e_by || b; e_tot := e_tot || nt; e_key := e_key || p_key[j];
-            e_hold := e_hold || CASE WHEN k = 2 THEN a_seq[i] END;
+            n_ev := n_ev + 1;
+            e_type[n_ev] := 5; e_acct[n_ev] := i; e_seq[n_ev] := s; e_by[n_ev] := b;
+            e_tot[n_ev] := nt; e_key[n_ev] := p_key[j]; e_hold[n_ev] := e_hold[n_ev - 1];
+            e_late[n_ev] := false;
         END IF;
-        r_tot[j] := nt; r_seq[j] := a_seq[i];
+        r_tot[j] := nt; r_seq[j] := s;
     END LOOP;
 
+    IF n_ev > 0 THEN
+        INSERT INTO accman_history
+        SELECT p_hids[e.a], e.s, 1, e.b, e.tt, now_ms, NULL, NULL, NULL
+          FROM unnest(e_acct, e_seq, e_by, e_tot, e_late) AS e(a, s, b, tt, late)
+         WHERE e.late;
+    END IF;
     UPDATE accman_accounts a SET tot = u.tot, seq = u.seq, low = u.low, holds = u.holds
       FROM unnest(p_hids, a_tot, a_seq, a_seq0, a_low, a_holds)
            AS u(hid, tot, seq, seq0, low, holds)

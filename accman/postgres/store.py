@@ -45,6 +45,11 @@ from accman.store import Page
 
 log = logging.getLogger("accman.postgres")
 
+# Writer connections per cluster, each with one batch in flight.  One: with
+# 64 callers a second lane halved each batch and every batch still waits
+# for the counter row, so mods/s fell (bench/pg_store.py; the commit says
+# by how much); a second front-end is what adds throughput.
+WRITE_LANES = 1
 # Read connections per cluster (the batched /tot query, /past pages, event
 # reads): two, so that a /past page never waits behind a /tot batch.
 READ_POOL_CONNECTIONS_MAX = 2
@@ -81,40 +86,67 @@ _PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_account
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
 
 
+class Lane:
+    """One writer connection of a cluster and the calls queued for it.  An
+    account always goes to the same lane (by its id), so its calls apply
+    in order; the lanes of a cluster commit side by side, one batch each
+    in flight, so one's commit overlaps the next's work."""
+
+    def __init__(self):
+        self.writer = None
+        self.apply = None
+        self.ops: deque = deque()          # B.Op, an ordered /past among them
+        self.writing = False
+
+    async def connect(self, url) -> None:
+        writer = await connect(url)
+        try:
+            self.apply = await writer.prepare(_APPLY_SQL)
+        except BaseException:
+            await writer.close()
+            raise
+        self.writer = writer
+
+    def drop(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.terminate()
+
+
 class Cluster:
-    """One PostgreSQL cluster of the store: its writer connection and
-    queue, its read pool and queue."""
+    """One PostgreSQL cluster of the store: its writer lanes, its read pool
+    and queue, its event reader."""
 
     def __init__(self, store: "PgStore", url: str, index: int, cluster_id: bytes):
         self.store = store
         self.url = url
         self.index = index
         self.cluster_id = cluster_id
-        self.writer = None
-        self.apply = None
+        self.lanes = [Lane() for _ in range(WRITE_LANES)]
         self.pool = None
-        self.ops: deque = deque()          # B.Op, or _PAST_BARRIER tuples
-        self.writing = False
         self.reads: list = []              # (hid, done)
         self.reading = False
         self.reconnecting = False
         self.error: str | None = "not connected yet"
         self.events: EventReader | None = None
 
+    def lane(self, hid: bytes) -> Lane:
+        return self.lanes[hid[0] % WRITE_LANES]
+
     @property
     def healthy(self) -> bool:
-        return self.writer is not None and self.error is None
+        return self.error is None
 
     async def connect(self) -> None:
-        writer = await connect(self.url)
         try:
-            self.apply = await writer.prepare(_APPLY_SQL)
+            for lane in self.lanes:
+                await lane.connect(self.url)
             self.pool = self.pool or await asyncpg.create_pool(
                 self.url, min_size=1, max_size=READ_POOL_CONNECTIONS_MAX)
         except BaseException:
-            await writer.close()
+            for lane in self.lanes:
+                lane.drop()
             raise
-        self.writer = writer
         self.error = None
 
 
@@ -228,11 +260,12 @@ class PgStore:
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"{self.queued_mods_max} calls are waiting for the database; "
                        "retry shortly")
-        cluster.ops.append(op)
+        lane = cluster.lane(op.hid)
+        lane.ops.append(op)
         self.queued_mods += 1
-        if not cluster.writing:
-            cluster.writing = True
-            self._spawn(self._write(cluster))
+        if not lane.writing:
+            lane.writing = True
+            self._spawn(self._write(cluster, lane))
 
     def submit(self, cred, by, min=None, key=None, done=None, low=None):  # noqa: A002
         B.check_mod(by, min, key, low)
@@ -250,10 +283,10 @@ class PgStore:
         hid, cluster = self._locate(cred)
         self._queue(cluster, B.Op(S.SETTLE, hid, use, None, None, hold, done))
 
-    async def _write(self, cluster: Cluster) -> None:
-        """The cluster's writer: one batch in flight at a time, each made of
+    async def _write(self, cluster: Cluster, lane: Lane) -> None:
+        """A lane's writer: one batch in flight at a time, each made of
         everything queued when it starts."""
-        ops = cluster.ops
+        ops = lane.ops
         try:
             # Let this loop turn's other callbacks queue their calls first.
             await asyncio.sleep(0)
@@ -261,26 +294,26 @@ class PgStore:
                 if ops[0].kind == _PAST_BARRIER:
                     op = ops.popleft()
                     self.queued_mods -= 1
-                    await self._past(op, cluster.writer)
+                    await self._past(op, lane.writer)
                     continue
                 taken = []
                 while ops and len(taken) < self.batch_mods_max and ops[0].kind != _PAST_BARRIER:
                     taken.append(ops.popleft())
-                await self._commit(cluster, taken)
+                await self._commit(cluster, lane, taken)
                 await asyncio.sleep(0)
         finally:
-            cluster.writing = False
+            lane.writing = False
         if ops and not self._closed:
             # The cluster went unhealthy with calls still queued: none was sent.
-            self._refuse(cluster, Unavailable(
+            self._refuse(lane, Unavailable(
                 f"the store cannot commit, nothing of this call was applied: {cluster.error}"))
 
-    async def _commit(self, cluster: Cluster, ops: list) -> None:
+    async def _commit(self, cluster: Cluster, lane: Lane, ops: list) -> None:
         args = B.arrays(ops)
         t0 = time.perf_counter()
         for attempt in range(3):
             try:
-                row = await cluster.apply.fetchrow(
+                row = await lane.apply.fetchrow(
                     *args, self.low_default, self.holds_per_account_max, self.holds_max,
                     timeout=COMMIT_TIMEOUT_S)
                 break
@@ -319,9 +352,9 @@ class PgStore:
             sizes.append(nmods)
             times.append(commit_s)
 
-    def _refuse(self, cluster: Cluster, error) -> None:
-        ops = list(cluster.ops)
-        cluster.ops.clear()
+    def _refuse(self, lane: Lane, error) -> None:
+        ops = list(lane.ops)
+        lane.ops.clear()
         self.queued_mods -= len(ops)
         self._deliver([(op.done, error) for op in ops])
 
@@ -330,9 +363,8 @@ class PgStore:
     def _lost(self, cluster: Cluster, exc: BaseException) -> None:
         cluster.error = E.describe(exc)
         log.warning("lost the database connection: %s; reconnecting", cluster.error)
-        writer, cluster.writer = cluster.writer, None
-        if writer is not None:
-            writer.terminate()
+        for lane in cluster.lanes:
+            lane.drop()
         if not cluster.reconnecting and not self._closed:
             cluster.reconnecting = True
             self._spawn(self._reconnect(cluster))
@@ -482,7 +514,7 @@ class PgStore:
         """Waits for what is queued to commit, then closes every connection."""
         if self._closed:
             return
-        while any(c.ops or c.writing for c in self.clusters) and \
+        while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
                 any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)
         self._closed = True
@@ -492,8 +524,9 @@ class PgStore:
         for c in self.clusters:
             if c.events is not None:
                 await c.events.stop()
-            if c.writer is not None:
-                await c.writer.close()
+            for lane in c.lanes:
+                if lane.writer is not None:
+                    await lane.writer.close()
             if c.pool is not None:
                 await c.pool.close()
 
