@@ -139,7 +139,7 @@ def main():
     res = {"callers": CALLERS, "seconds": args.seconds}
     with Cluster.create("bench1") as pg1, Cluster.create("bench2") as pg2:
         u1 = pg1.create_database("bench")
-        u2 = pg2.create_database("bench")
+
         subprocess.run([str(pg_bin() / "pgbench"), "-i", "-q", "-s", str(PGBENCH_SCALE),
                         "-h", "127.0.0.1", "-p", str(pg1.port), "-U", "postgres", "bench"],
                        check=True, capture_output=True)

@@ -8,7 +8,7 @@ original replies."""
 import time
 
 from .bank import check_bank, read_outcomes, spawn_front_end, wait_front_end
-from .test_front_ends import ACCOUNTS, fund
+from .test_front_ends import ACCOUNTS, LONG, fund
 
 
 def test_failover_keeps_every_acknowledged_mod(pg_factory, tmp_path):
@@ -19,13 +19,14 @@ def test_failover_keeps_every_acknowledged_mod(pg_factory, tmp_path):
            "?target_session_attrs=read-write")
     funded, account_id = fund(url, ACCOUNTS)
     outs = [tmp_path / f"fe{i}.jsonl" for i in range(2)]
-    procs = [spawn_front_end(urls=[url], seconds=8.0, callers=16, accounts=ACCOUNTS,
+    load_s = 60.0 if LONG else 8.0
+    procs = [spawn_front_end(urls=[url], seconds=load_s, callers=16, accounts=ACCOUNTS,
                              seed=i, out=str(outs[i]), retry_s=30.0) for i in range(2)]
-    time.sleep(3.0)
+    time.sleep(load_s * 3 / 8)
     primary.kill()
     standby.promote()
     for p in procs:
-        wait_front_end(p, 180)
+        wait_front_end(p, load_s + 180)
     outcomes = read_outcomes(outs)
     counts = check_bank(standby, "bank", account_id, outcomes, funded)
     assert counts["unknown"] == 0, "a call still unanswered after 30 s of retries"
