@@ -163,3 +163,46 @@ def test_bad_values_queue_nothing(pg_url):
         finally:
             await store.aclose()
     run(main())
+
+
+def test_credentials_hashed_at_rest(pg, pg_url):
+    """Accounts are named by BLAKE2b-128 of the credential keyed with the
+    store's 16-byte key, as in the embedded store; no credential is stored."""
+    import hashlib
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("secret-cred-123", 5, key="k")
+            return store.account_id("secret-cred-123")
+        finally:
+            await store.aclose()
+    account = run(main())
+    db = pg_url.rsplit("/", 1)[1]
+    key = bytes.fromhex(pg.psql("SELECT encode(hash_key, 'hex') FROM accman_schema", db))
+    assert len(key) == 16
+    assert account == hashlib.blake2b(b"secret-cred-123", digest_size=16, key=key).hexdigest()
+    assert pg.psql("SELECT encode(hid, 'hex') FROM accman_accounts", db) == account
+    dump = pg.psql("SELECT string_agg(t::text, ' ') FROM accman_history t", db)
+    dump += pg.psql("SELECT string_agg(t::text, ' ') FROM accman_events t", db)
+    assert "secret-cred" not in dump
+
+
+def test_ordered_reads_see_exactly_the_calls_before_them(pg_url):
+    """A read pipelined behind mods (ordered=True) sees those mods and none
+    made after it, though all are made in one loop turn."""
+    import asyncio
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("a", 10)
+            got = await asyncio.gather(c.mod("a", 1), c.tot("a", ordered=True), c.mod("a", 1),
+                                       c.past("a", ordered=True), c.mod("a", 1),
+                                       c.tot("a", ordered=True))
+            assert got[1] == 11
+            assert got[3].entries[0].seq == 3 and got[3].entries[0].tot == 12
+            assert got[5] == 13
+        finally:
+            await store.aclose()
+    run(main())

@@ -67,8 +67,11 @@ def test_clusters_of_two_stores_are_refused(pg):
     a, b = pg.create_database("own_a"), pg.create_database("own_b")
     run(migrate([a]))
     run(migrate([b]))                 # each made a key of its own
-    with pytest.raises(StoreError, match="disagree on the credential-hash key"):
+    with pytest.raises(StoreError, match="disagree on the credential-hash key") as e:
         run(opened([a, b]))
+    keys = [pg.psql("SELECT encode(hash_key, 'hex') FROM accman_schema", db)
+            for db in ("own_a", "own_b")]
+    assert all(len(k) == 32 and k not in str(e.value) for k in keys)
     with pytest.raises(StoreError, match="disagree"):
         run(migrate([a, b]))
     with pytest.raises(StoreError, match="named twice"):
