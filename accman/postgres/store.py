@@ -28,9 +28,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import deque
-
-import asyncpg
 
 from accman.errors import BadRequest, Busy, Unavailable
 from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX,
@@ -38,6 +35,7 @@ from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX
 from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
+from accman.postgres.cluster import Cluster
 from accman.postgres.events import EventReader
 from accman.postgres.migrate import check_infos, connect, migrate, read_info
 from accman.records import Entry
@@ -45,14 +43,6 @@ from accman.store import Page
 
 log = logging.getLogger("accman.postgres")
 
-# Writer connections per cluster, each with one batch in flight.  One: with
-# 64 callers a second lane halved each batch and every batch still waits
-# for the counter row, so mods/s fell (bench/pg_store.py; the commit says
-# by how much); a second front-end is what adds throughput.
-WRITE_LANES = 1
-# Read connections per cluster (the batched /tot query, /past pages, event
-# reads): two, so that a /past page never waits behind a /tot batch.
-READ_POOL_CONNECTIONS_MAX = 2
 # Unordered /tot reads of one cluster in one query; more wait for the next.
 READ_BATCH_MAX = 4096
 # Unordered reads queued for a cluster; beyond it a read is refused `busy`.
@@ -76,7 +66,6 @@ TRIM_INTERVAL_S = 60.0
 # cred -> (hid, cluster) cache: hashing is ~1 us, a dict hit ~50 ns.
 CRED_CACHE_MAX = 65536
 
-_APPLY_SQL = "SELECT * FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 _TOT_SQL = ("SELECT array_agg(a.tot ORDER BY q.n) FROM unnest($1::bytea[]) WITH ORDINALITY "
             "AS q(hid, n) LEFT JOIN accman_accounts a ON a.hid = q.hid AND a.seq > 0")
 _PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_accounts a "
@@ -84,70 +73,6 @@ _PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_account
              "AND x.seq < $2 ORDER BY x.seq DESC LIMIT $3) h ON true "
              "WHERE a.hid = $1 AND a.seq > 0 ORDER BY h.seq DESC")
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
-
-
-class Lane:
-    """One writer connection of a cluster and the calls queued for it.  An
-    account always goes to the same lane (by its id), so its calls apply
-    in order; the lanes of a cluster commit side by side, one batch each
-    in flight, so one's commit overlaps the next's work."""
-
-    def __init__(self):
-        self.writer = None
-        self.apply = None
-        self.ops: deque = deque()          # B.Op, an ordered /past among them
-        self.writing = False
-
-    async def connect(self, url) -> None:
-        writer = await connect(url)
-        try:
-            self.apply = await writer.prepare(_APPLY_SQL)
-        except BaseException:
-            await writer.close()
-            raise
-        self.writer = writer
-
-    def drop(self) -> None:
-        writer, self.writer = self.writer, None
-        if writer is not None:
-            writer.terminate()
-
-
-class Cluster:
-    """One PostgreSQL cluster of the store: its writer lanes, its read pool
-    and queue, its event reader."""
-
-    def __init__(self, store: "PgStore", url: str, index: int, cluster_id: bytes):
-        self.store = store
-        self.url = url
-        self.index = index
-        self.cluster_id = cluster_id
-        self.lanes = [Lane() for _ in range(WRITE_LANES)]
-        self.pool = None
-        self.reads: list = []              # (hid, done)
-        self.reading = False
-        self.reconnecting = False
-        self.error: str | None = "not connected yet"
-        self.events: EventReader | None = None
-
-    def lane(self, hid: bytes) -> Lane:
-        return self.lanes[hid[0] % WRITE_LANES]
-
-    @property
-    def healthy(self) -> bool:
-        return self.error is None
-
-    async def connect(self) -> None:
-        try:
-            for lane in self.lanes:
-                await lane.connect(self.url)
-            self.pool = self.pool or await asyncpg.create_pool(
-                self.url, min_size=1, max_size=READ_POOL_CONNECTIONS_MAX)
-        except BaseException:
-            for lane in self.lanes:
-                lane.drop()
-            raise
-        self.error = None
 
 
 class PgStore:
@@ -159,7 +84,7 @@ class PgStore:
     def __init__(self, clusters_info, urls, *, hash_key, low_default, retention_s,
                  batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):
         self._hasher = hashlib.blake2b(digest_size=16, key=hash_key)
-        self.clusters = [Cluster(self, u, i, info.cluster_id)
+        self.clusters = [Cluster(u, i, info.cluster_id)
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
         self.low_default = low_default
         self.retention_s = retention_s
@@ -283,7 +208,7 @@ class PgStore:
         hid, cluster = self._locate(cred)
         self._queue(cluster, B.Op(S.SETTLE, hid, use, None, None, hold, done))
 
-    async def _write(self, cluster: Cluster, lane: Lane) -> None:
+    async def _write(self, cluster: Cluster, lane) -> None:
         """A lane's writer: one batch in flight at a time, each made of
         everything queued when it starts."""
         ops = lane.ops
@@ -308,7 +233,7 @@ class PgStore:
             self._refuse(lane, Unavailable(
                 f"the store cannot commit, nothing of this call was applied: {cluster.error}"))
 
-    async def _commit(self, cluster: Cluster, lane: Lane, ops: list) -> None:
+    async def _commit(self, cluster: Cluster, lane, ops: list) -> None:
         args = B.arrays(ops)
         t0 = time.perf_counter()
         for attempt in range(3):
@@ -352,7 +277,7 @@ class PgStore:
             sizes.append(nmods)
             times.append(commit_s)
 
-    def _refuse(self, lane: Lane, error) -> None:
+    def _refuse(self, lane, error) -> None:
         ops = list(lane.ops)
         lane.ops.clear()
         self.queued_mods -= len(ops)

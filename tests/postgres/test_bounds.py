@@ -7,6 +7,7 @@ import time
 import pytest
 
 from accman.errors import Busy, Unavailable
+from accman.postgres import cluster as cluster_module
 from accman.postgres import store as store_module
 
 from .helpers import opened, run
@@ -113,6 +114,37 @@ def test_stalled_commit_is_not_acknowledged(pg_factory, monkeypatch):
             # back: outcome unknown was the honest answer.  Its key-less
             # retry would apply twice; keyed retries are what clients use.
             assert (await c.mod("a", 1, key="after"))[0] in (6, 7)
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_read_pool_bound(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await asyncio.gather(*(c.mod(f"p{i}", 1) for i in range(20)))
+            pages = await asyncio.gather(*(c.past(f"p{i}") for i in range(20)))
+            assert all(p.entries[0].tot == 1 for p in pages)
+            assert store.clusters[0].pool.get_size() == cluster_module.READ_POOL_CONNECTIONS_MAX
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_two_write_lanes_keep_each_account_in_order(pg_url, monkeypatch):
+    monkeypatch.setattr(cluster_module, "WRITE_LANES", 2)
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            assert len(store.clusters[0].lanes) == 2
+            creds = [f"l{i}" for i in range(16)]
+            await asyncio.gather(*(c.mod(x, 100) for x in creds))
+            lanes = {store.clusters[0].lane(store._locate(x)[0]) for x in creds}
+            assert len(lanes) == 2                      # both lanes carry accounts
+            got = await asyncio.gather(*(c.mod(x, -1) for x in creds for _ in range(5)))
+            assert got == [(100 - n, 1 + n) for _ in creds for n in range(1, 6)]
         finally:
             await store.aclose()
     run(main())
