@@ -251,3 +251,40 @@ def test_busy_when_queue_full(pg_url):
             await store.aclose()
     run(main())
 
+
+
+def test_expiry_rounds_are_bounded_and_go_on(pg_url, monkeypatch):
+    monkeypatch.setattr(store_module, "EXPIRE_ACCOUNTS_MAX", 1)
+    monkeypatch.setattr(store_module, "EXPIRE_INTERVAL_S", 0.1)
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            for x in ("a", "b", "c"):
+                await c.mod(x, 10)
+                await c.hold(x, -10, 1)
+            await asyncio.sleep(1.6)
+            assert [await c.tot(x) for x in ("a", "b", "c")] == [10, 10, 10]
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_retention_trims_in_the_background(pg, pg_url, monkeypatch):
+    monkeypatch.setattr(store_module, "TRIM_INTERVAL_S", 0.2)
+    monkeypatch.setattr(store_module, "EXPIRE_INTERVAL_S", 0.1)
+
+    async def main():
+        store, c = await opened(pg_url, retention_s=1.0)
+        try:
+            await c.mod("a", 1)
+            await c.mod("a", 1)
+            await asyncio.sleep(1.5)
+            await c.mod("a", 1)              # young: kept
+            await asyncio.sleep(0.6)
+            with pytest.raises(EventsTrimmed) as e:
+                await c.events(after=0)
+            assert e.value.first == 3
+        finally:
+            await store.aclose()
+    run(main())
