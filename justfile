@@ -50,3 +50,11 @@ soak:
 # style and static checks
 lint:
     {{py}} -m ruff check accman tests bench examples
+
+# the PostgreSQL store's loads for a minute each (bank checker, failover)
+pg-long:
+    ACCMAN_PG_LONG=1 {{py}} -m pytest tests/postgres/test_front_ends.py tests/postgres/test_failover.py -p no:cacheprovider
+
+# the PostgreSQL store's figures against pgbench (docs/SCALING.md)
+bench-pg:
+    {{py}} bench/pg_store.py --json bench/results/pg_store.json
