@@ -95,8 +95,14 @@ def build_parser():
                    help="address to bind (default 127.0.0.1; others need --tokens)")
     s.add_argument("--port", type=_port, default=8080,
                    help="port (default 8080; 0 picks a free one)")
-    s.add_argument("--data", default=DEFAULT_DATA,
-                   help=f"data directory (default {DEFAULT_DATA}; created if missing)")
+    s.add_argument("--data", default=None,
+                   help=f"data directory (default {DEFAULT_DATA}; created if missing): the "
+                        "embedded store; with --store it holds only this server's lock")
+    s.add_argument("--store", action="append", metavar="URL", default=[],
+                   help="serve from PostgreSQL instead of the embedded store: a libpq URL "
+                        "(several hosts with target_session_attrs=read-write for failover); "
+                        "given more than once, accounts spread over the clusters "
+                        "(docs/SCALING.md)")
     s.add_argument("--tokens", metavar="FILE",
                    help="tokens file: one `ROLE[,ROLE...] TOKEN` a line")
     s.add_argument("--verify", choices=("full", "heads"), default="full",
@@ -143,6 +149,10 @@ def build_parser():
                    help=f"entries per page (1..{PAST_LIMIT_MAX}, default 100)")
     h.add_argument("--before", default=None, help="only entries with seq < BEFORE")
 
+    g = command("migrate", "create or upgrade the PostgreSQL schema (serve does it too)")
+    g.add_argument("--store", action="append", metavar="URL", required=True,
+                   help="a libpq URL of each cluster of the store")
+
     v = command("verify", "check a data directory (the server must be stopped)")
     v.add_argument("--data", default=DEFAULT_DATA,
                    help=f"data directory (default {DEFAULT_DATA})")
@@ -159,6 +169,8 @@ def main(argv=None) -> int:
         return cmd_serve(args)
     if args.command == "verify":
         return cmd_verify(args)
+    if args.command == "migrate":
+        return cmd_migrate(args)
     if args.command == "open":
         return cmd_open(args)
     return cmd_call(args)
@@ -187,13 +199,28 @@ def cmd_serve(args) -> int:
     except (TokensError, LimitsError) as e:
         return _fail(e)
     try:
-        return run(host=args.host, port=args.port, data=args.data,
+        data = args.data if args.data is not None or args.store else DEFAULT_DATA
+        return run(host=args.host, port=args.port, data=data,
                    tokens=tokens, limits=limits, verify=args.verify,
-                   low_balance=args.low_balance, events_retention_s=args.events_retention)
+                   low_balance=args.low_balance, events_retention_s=args.events_retention,
+                   store_urls=args.store)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set
         return 130
+
+
+def cmd_migrate(args) -> int:
+    from accman.errors import StoreError
+    try:
+        from accman.postgres import migrate_sync
+    except ImportError:
+        return _fail("the PostgreSQL store needs asyncpg: pip install 'accman[postgres]'")
+    try:
+        print(migrate_sync(args.store), flush=True)
+    except StoreError as e:
+        return _fail(e.detail)
+    return EXIT_OK
 
 
 def cmd_verify(args) -> int:

@@ -428,7 +428,7 @@ class PgStore:
         return {"batches": self.batches, "mods": self.mods,
                 "commit_s_total": self.commit_s_total,
                 "last_batch_mods": self.last_batch_mods, "queued_mods": self.queued_mods,
-                "holds": self.open_holds, "clusters": len(self.clusters),
+                "open_holds": self.open_holds, "clusters": len(self.clusters),
                 "healthy": self.healthy}
 
     def drain_samples(self):
