@@ -4,11 +4,15 @@ py := ".venv/bin/python"
 # create the venv and install AccMan with its test, benchmark and lint tools (editable)
 setup:
     python3 -m venv .venv
-    .venv/bin/pip install -e '.[test,bench,lint]'
+    .venv/bin/pip install -e '.[dev]'
 
 # recompile the Cython modules in ext/ in place
 build:
     {{py}} setup.py build_ext --inplace
+
+# the same with Cython's checks on (what CI runs the native tests against once)
+build-debug:
+    ACCMAN_DEBUG=1 {{py}} setup.py build_ext --inplace
 
 # the whole test suite (what CI runs)
 test: build
