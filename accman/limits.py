@@ -79,6 +79,12 @@ CONNECTIONS_PER_PEER_MAX = 1024
 # unparsed.  It is also the most requests one connection gets taken per
 # loop turn, so that one client cannot hold the loop.
 PIPELINE_REQUESTS_MAX = 64
+# Requests taken per loop turn over all connections.  However many clients
+# flood, a turn stays short (a millisecond or two of parsing and answering),
+# so a new connection or a health check waits a few turns at most (uvloop
+# accepts about one connection a turn while the loop is busy); the
+# connections held back go on next turn, in turn.
+TURN_REQUESTS_MAX = 512
 # Bytes of replies queued in the transport before the server pauses reading
 # from that client (uvloop's write buffer high-water mark).
 WRITE_BUFFER_BYTES_MAX = 256 * 1024

@@ -106,7 +106,7 @@ class Server:
 # --- one request, the simple way ----------------------------------------------------------
 
 def req(method, target):
-    return f"{method} {target} HTTP/1.1\r\nHost: soak\r\n\r\n".encode()
+    return f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 
 
 class Replies:
@@ -185,7 +185,7 @@ def churner(port, stop, stats, rnd):
                 s.sendall(req("GET", "/tot?cred=soak-churn"))
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             elif kind == 4:
-                s.sendall(b"GET /tot?cred=a%zz HTTP/1.1\r\nHost: soak\r\n\r\n")
+                s.sendall(b"GET /tot?cred=a%zz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 read_reply(s)
         except (OSError, EOFError):
             stats.add("churn_errors")

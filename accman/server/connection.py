@@ -109,8 +109,11 @@ class Connection(asyncio.Protocol, Lifecycle):
             now = self._time()
             self.last_active_at = now
             parser = self.parser
+            server = self.server
             if not self.waiting and self.backlog is None:
-                reqs = parser.feed(data, self.pipeline_max)
+                room = server.grant(self.pipeline_max)
+                reqs = parser.feed(data, room)
+                server.refund(room - len(reqs))
                 if len(reqs) == 1 and self._fast(reqs[0]):
                     if self.head_started_at or parser.pending:
                         self._partial(now)
@@ -120,7 +123,9 @@ class Connection(asyncio.Protocol, Lifecycle):
                             self.finish(out)
                     return
             else:
-                reqs = parser.feed(data, self.pipeline_max - len(self.waiting))
+                room = server.grant(self.pipeline_max - len(self.waiting))
+                reqs = parser.feed(data, room)
+                server.refund(room - len(reqs))
             out = []
             if reqs:
                 self._take(reqs, 0, out)
@@ -247,7 +252,9 @@ class Connection(asyncio.Protocol, Lifecycle):
                 reqs, i = self.backlog
                 self.backlog = None
             else:
+                room = self.server.grant(room)
                 reqs, i = self.parser.more(room), 0
+                self.server.refund(room - len(reqs))
                 if not reqs:
                     return
             taken += len(reqs) - i
@@ -285,8 +292,9 @@ class Connection(asyncio.Protocol, Lifecycle):
         if (self.state == OPEN and not self.write_paused and not self.flush_soon
                 and (self.backlog is not None or self.parser.held_bytes)
                 and len(self.waiting) < self.pipeline_max and not self.server.over_budget):
-            # Held back but able to go on: next loop turn, after the other
-            # connections have had theirs.
+            # Held back (the turn's requests spent, or the bytes bound) but
+            # able to go on: next loop turn, after the other connections
+            # have had theirs.
             self.flush_soon = True
             self.server.loop.call_soon(self._flush_soon)
 

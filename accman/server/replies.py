@@ -90,9 +90,22 @@ def _json(doc) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+# Error bodies made, by their fields: most errors repeat (a 404, a 401, a
+# value's rule), and a client that floods one costs a dict lookup a reply,
+# not a JSON encoding.  Bounded; cleared when full.
+ERROR_BODIES_MAX = 4096
+_ERROR_BODIES: dict = {}
+
+
 def error_body(code: str, detail: str, **extra) -> bytes:
     """SPEC "Errors": {"error": CODE, ..., "detail": "a sentence"}."""
-    return _json({"error": code, **extra, "detail": detail})
+    key = (code, detail, *extra.items())
+    body = _ERROR_BODIES.get(key)
+    if body is None:
+        if len(_ERROR_BODIES) >= ERROR_BODIES_MAX:
+            _ERROR_BODIES.clear()
+        body = _ERROR_BODIES[key] = _json({"error": code, **extra, "detail": detail})
+    return body
 
 
 # --- success bodies, one function each -------------------------------------------

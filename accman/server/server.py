@@ -11,6 +11,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import signal
 import sys
 import time
@@ -23,6 +24,17 @@ from accman.server.routes import Routes, Slot
 from accman.server.settings import ServerLimits
 from accman.server.state import OPEN
 from accman.server.connection import Connection
+
+
+# Connections gone since the last trim of the heap that trigger the next.
+MEMORY_TRIM_CONNECTIONS = 64
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass            # not glibc: nothing to give back this way
 
 
 def _refusal(detail: str) -> bytes:
@@ -44,6 +56,8 @@ class Server:
         self.paused = set()             # connections not being read
         self.buffered = 0               # bytes held for all connections (account)
         self.over_budget = False
+        self.turn_left = self.limits.turn_requests_max
+        self._connections_peak = 0
         self.stopping = False
         self.listener = None
         self._ready = []
@@ -123,6 +137,30 @@ class Server:
             if conn.state == OPEN:
                 conn.flush()
 
+    # --- the work of one loop turn (TURN_REQUESTS_MAX) ------------------------------
+
+    def grant(self, n: int) -> int:
+        """How many of `n` requests a connection may take now: the loop
+        turn's requests, over all connections, are bounded, so that a turn
+        stays short however many clients flood (a new connection, a health
+        check, waits a few turns at most).  The turn's last grant starts
+        the next turn, before the connections it held back go on."""
+        left = self.turn_left
+        if n < left:
+            self.turn_left = left - n
+            return n
+        if left > 0:
+            self.turn_left = 0
+            self.loop.call_soon(self._new_turn)
+        return max(left, 0)
+
+    def refund(self, n: int) -> None:
+        """Requests granted and not taken."""
+        self.turn_left += n
+
+    def _new_turn(self):
+        self.turn_left = self.limits.turn_requests_max
+
     # --- the store's completions ------------------------------------------------------
 
     def deliver(self, pairs):
@@ -190,7 +228,18 @@ class Server:
         if drain is not None:
             self.metrics.observe_batches(*drain())
 
+    def _give_back_memory(self):
+        """Once many connections have come and gone, returns the freed heap
+        to the system (glibc keeps it otherwise: a flood's memory would stay
+        after the flooders left)."""
+        n = len(self.connections)
+        self._connections_peak = max(self._connections_peak, n)
+        if self._connections_peak - n >= MEMORY_TRIM_CONNECTIONS and not self.over_budget:
+            self._connections_peak = n
+            _malloc_trim()
+
     def _sweep(self):
+        self._give_back_memory()
         self._drain_samples()
         now = self.loop.time()
         buffered = 0

@@ -21,6 +21,7 @@ class ServerLimits:
     connections_max: int = L.CONNECTIONS_MAX
     connections_per_peer_max: int = L.CONNECTIONS_PER_PEER_MAX
     pipeline_requests_max: int = L.PIPELINE_REQUESTS_MAX
+    turn_requests_max: int = L.TURN_REQUESTS_MAX
     write_buffer_bytes_max: int = L.WRITE_BUFFER_BYTES_MAX
     server_buffer_bytes_max: int = L.SERVER_BUFFER_BYTES_MAX
     head_timeout_s: float = L.HEAD_TIMEOUT_S
