@@ -43,9 +43,12 @@ page or None.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NamedTuple, Protocol
 
 from accman.records import Entry
+
+log = logging.getLogger("accman.store")
 
 Done = Callable[[Any], None]
 
@@ -56,6 +59,17 @@ class Page(NamedTuple):
     account: str            # the account's public id (SPEC "Events")
     entries: list[Entry]    # newest first
     next: int | None        # the `before` of the next page, None at the end
+
+
+def run_callbacks(pairs: list) -> None:
+    """Tells each `done` its outcome: a store's `deliver` when the server
+    gave it none.  One caller's broken callback must not keep the others
+    from hearing theirs."""
+    for done, outcome in pairs:
+        try:
+            done(outcome)
+        except Exception:
+            log.exception("a call's completion callback failed")
 
 
 def page_next(entries: list[Entry], limit: int) -> int | None:

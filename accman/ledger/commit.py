@@ -24,6 +24,7 @@ import time
 from accman.errors import StoreError, Unavailable
 from accman.ledger import _ledger
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
+from accman.store import run_callbacks
 
 log = logging.getLogger("accman.commit")
 
@@ -403,13 +404,3 @@ def running_loop():
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def run_callbacks(callbacks: list) -> None:
-    for done, outcome in callbacks:
-        try:
-            done(outcome)
-        except Exception:
-            # One caller's broken callback must not keep the others from
-            # hearing their outcome.
-            log.exception("a mod's completion callback failed")

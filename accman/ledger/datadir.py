@@ -146,6 +146,21 @@ def sync_leveldb_current(path: str) -> None:
     _fsync_path(path)
 
 
+def lock_exclusive(path: str, name: str = "LOCK") -> int:
+    """One AccMan process per directory: an exclusive flock on `name` in
+    it (made if missing).  Returns the descriptor, which holds the lock
+    until it is closed; StoreLocked if another process (or this one)
+    holds it."""
+    fd = os.open(os.path.join(path, name), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLocked(f"{path}: the data directory is open in another "
+                          "process (or elsewhere in this one)") from None
+    return fd
+
+
 def lock_shared(path: str) -> int:
     """For a read-only open: a shared flock on LOCK, so that no AccMan
     server (which holds it exclusively) has the directory open.  Returns

@@ -250,14 +250,7 @@ class Store:
         """One AccMan process per directory, taken before recovery edits a
         file: a flock on LevelDB's LOCK file (independent of LevelDB's own
         fcntl lock on it, which it takes when it opens)."""
-        fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreLocked(f"{self.path}: the data directory is open in another "
-                              "process (or elsewhere in this one)") from None
-        self._lock_fd = fd
+        self._lock_fd = datadir.lock_exclusive(self.path)
 
     def _meta(self, salt: bytes | None) -> bytes:
         """The format record: checked, migrated, or written in a new store

@@ -39,7 +39,7 @@ from accman.postgres.cluster import Cluster
 from accman.postgres.events import EventReader
 from accman.postgres.migrate import check_infos, connect, migrate, read_info
 from accman.records import Entry
-from accman.store import Page
+from accman.store import Page, run_callbacks
 
 log = logging.getLogger("accman.postgres")
 
@@ -95,7 +95,7 @@ class PgStore:
         self.queued_mods = 0
         self._creds: dict = {}
         self._loop = asyncio.get_running_loop()
-        self._deliver = _run_callbacks
+        self._deliver = run_callbacks
         self._closed = False
         self._tasks: set = set()
         self.batches = 0
@@ -173,7 +173,7 @@ class PgStore:
     def bind_loop(self, loop, deliver=None) -> None:
         if loop is not self._loop:
             raise RuntimeError("a PgStore is used on the loop it was opened on")
-        self._deliver = deliver or _run_callbacks
+        self._deliver = deliver or run_callbacks
 
     # -- writes ------------------------------------------------------------------------
 
@@ -460,11 +460,3 @@ class PgStore:
         if self._loop.is_running():
             raise RuntimeError("on the store's loop, await store.aclose()")
         self._loop.run_until_complete(self.aclose())
-
-
-def _run_callbacks(pairs: list) -> None:
-    for done, outcome in pairs:
-        try:
-            done(outcome)
-        except Exception:
-            log.exception("a call's completion callback failed")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fcntl
 import ipaddress
 import os
 import re
@@ -83,15 +82,13 @@ _LOCKS = []         # held for the process's life: the lock is the open descript
 def lock_directory(data_path: str) -> None:
     """One server per data directory (SPEC "Durability and order"), also
     when the directory holds no store."""
+    from accman.ledger import datadir
     os.makedirs(data_path, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(data_path, "accman.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        _LOCKS.append(datadir.lock_exclusive(data_path, "accman.lock"))
+    except StoreLocked:
         raise StartupError(f"data directory {data_path} is in use by another accman "
                            "server") from None
-    _LOCKS.append(fd)
 
 
 def redacted(url: str) -> str:
