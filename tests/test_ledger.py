@@ -459,7 +459,7 @@ def test_queued_mods_bound_gives_busy(tmp_path):
     gate = threading.Event()
     led = Ledger(path, store=gated_store(path, gate), queued_mods_max=3, batch_mods_max=2)
     got = []
-    for i in range(3):
+    for _ in range(3):
         led.submit("a", 1, done=got.append)
     with pytest.raises(Busy):
         led.submit("a", 1, done=got.append)
@@ -473,7 +473,7 @@ def test_batch_size_bound_splits_batches(tmp_path):
     gate = threading.Event()
     led = Ledger(path, store=gated_store(path, gate), batch_mods_max=4)
     got = []
-    for i in range(10):
+    for _ in range(10):
         led.submit("a", 1, done=got.append)
     gate.set()
     led.close()
