@@ -55,6 +55,7 @@ class FakeAccMan:
         self.low_default = None         # the server-wide --low-balance
         self.holds_max = HOLDS_PER_ACCOUNT_MAX
         self.requests: list = []        # (method, path, params, authorization)
+        self._stopping = False
         self.connections = 0
         self.fault = None
         self.loop = asyncio.new_event_loop()
@@ -84,15 +85,12 @@ class FakeAccMan:
     def stop(self) -> None:
         async def shut():
             self.server.close()
+            self._stopping = True
+            async with self._new_event:
+                self._new_event.notify_all()        # long polls end now
             for w in list(self._writers):
                 w.close()
-            await asyncio.sleep(0)
-            # Connections still serving (a long poll waiting) end here, not
-            # as tasks destroyed with the loop.
-            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in rest:
-                t.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
+            await asyncio.sleep(0.01)
         if self.loop.is_running():
             asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -339,7 +337,8 @@ class FakeAccMan:
             async with self._new_event:
                 try:
                     await asyncio.wait_for(
-                        self._new_event.wait_for(lambda: len(self.events) > after), wait_s)
+                        self._new_event.wait_for(
+                            lambda: len(self.events) > after or self._stopping), wait_s)
                 except asyncio.TimeoutError:
                     pass
         page = self.events[after:after + limit]
