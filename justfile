@@ -36,7 +36,12 @@ bench-profile: build
 
 # the long crash checker (kill -9 rounds for minutes; prints the seed)
 crash:
-    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/reliability/test_bank.py -p no:cacheprovider -s
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -p no:cacheprovider -s
+
+# the long power-loss emulation: every crash point of longer recorded runs, and the
+# damaged-file property with many more flips (needs strace; prints the counts)
+powercut:
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_powercut.py tests/test_damaged_files.py -p no:cacheprovider -s
 
 # bounded soak run: connection churn and pipelined floods, RSS measured
 soak:
@@ -45,3 +50,11 @@ soak:
 # style and static checks
 lint:
     {{py}} -m ruff check accman tests bench examples
+
+# the PostgreSQL store's loads for a minute each (bank checker, failover)
+pg-long:
+    ACCMAN_PG_LONG=1 {{py}} -m pytest tests/postgres/test_front_ends.py tests/postgres/test_failover.py -p no:cacheprovider
+
+# the PostgreSQL store's figures against pgbench (docs/SCALING.md)
+bench-pg:
+    {{py}} bench/pg_store.py --json bench/results/pg_store.json
