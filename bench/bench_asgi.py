@@ -145,10 +145,10 @@ def test_calls_alone(benchmark, accman_url, call):
         n = iter(range(10 ** 9))
 
         async def hold_settle():
-            hold, _, _ = await acc.hold(CRED, -1, 90, key=f"bench-{os.getpid()}-{next(n)}")
+            hold, _, _ = await acc.hold(CRED, -1, 90, key=f"bench-h-{os.getpid()}-{next(n)}")
             await acc.settle(CRED, hold, 1)
         one = {"tot": lambda: acc.tot(CRED),
-               "mod": lambda: acc.mod(CRED, -1, key=f"bench-{os.getpid()}-{next(n)}"),
+               "mod": lambda: acc.mod(CRED, -1, key=f"bench-c-{os.getpid()}-{next(n)}"),
                "hold+settle": hold_settle}[call]
         for _ in range(200):
             loop.run_until_complete(one())
