@@ -47,7 +47,7 @@ class FakeAccMan:
 
     def __init__(self, tokens: dict | None = None):
         self.tokens = tokens            # token -> set of roles, or None for open access
-        # cred -> {"tot", "past": [entry...], "keys": {key: (route, by, min, body)},
+        # cred -> {"tot", "past": [entry...], "keys": {key: (call, body)},
         #          "holds": {id: hold}, "low": threshold or None}
         self.accounts: dict = {}
         self.events: list = []          # every event ever, id = index + 1
@@ -225,19 +225,20 @@ class FakeAccMan:
         nxt = page[-1]["seq"] if len(page) == limit and page and page[-1]["seq"] > 1 else None
         return 200, {"account": account_id(cred), "past": page, "next": nxt}
 
-    def _keyed(self, acct, key, route, by, mn):
+    def _keyed(self, acct, key, call):
         """The first reply of a keyed call applied before, a 409 for the key
-        reused otherwise, or None when the key is new."""
+        reused by another call (the route, by, min and a hold's ttl), or
+        None when the key is new."""
         if acct is None or key is None or key not in acct["keys"]:
             return None
-        kroute, kby, kmin, body = acct["keys"][key]
-        if (kroute, kby, kmin) != (route, by, mn):
-            return _error(409, "key_reused", "key used with another by or min")
+        first, body = acct["keys"][key]
+        if first != call:
+            return _error(409, "key_reused", "key used with another by, min or ttl")
         return 200, body
 
     def _mod(self, cred, by, mn, key, low=None):
         acct = self.accounts.get(cred)
-        again = self._keyed(acct, key, "mod", by, mn)
+        again = self._keyed(acct, key, ("mod", by, mn))
         if again is not None:
             return again
         if acct is None and by < 0:
@@ -254,14 +255,14 @@ class FakeAccMan:
             acct["low"] = low
         body = self._apply(cred, "mod", by, key, None)
         if key is not None:
-            acct["keys"][key] = ("mod", by, mn, body)
+            acct["keys"][key] = (("mod", by, mn), body)
         return 200, body
 
     def _hold(self, params):
         cred, by, key = params["cred"], int(params["by"]), params.get("key")
-        mn = _opt(params, "min")
+        mn, ttl = _opt(params, "min"), int(params["ttl"])
         acct = self.accounts.get(cred)
-        again = self._keyed(acct, key, "hold", by, mn)
+        again = self._keyed(acct, key, ("hold", by, mn, ttl))
         if again is not None:
             return again
         if acct is None:
@@ -272,11 +273,11 @@ class FakeAccMan:
             return _error(409, "too_many_holds", "over HOLDS_PER_ACCOUNT_MAX open holds")
         seq = len(acct["past"]) + 1
         acct["holds"][seq] = {"amount": -by, "end": None,
-                              "expires": time.monotonic() + int(params["ttl"])}
+                              "expires": time.monotonic() + ttl}
         applied = self._apply(cred, "hold", by, key, seq)
         body = {"hold": seq, **applied}
         if key is not None:
-            acct["keys"][key] = ("hold", by, mn, body)
+            acct["keys"][key] = (("hold", by, mn, ttl), body)
         return 200, body
 
     def _settle(self, params):

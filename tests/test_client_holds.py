@@ -139,6 +139,8 @@ def test_a_keyed_hold_applies_once(fake, client):
     assert acc.hold("alice", -4, ttl_s=60, key="req-1-h") == first
     with pytest.raises(KeyReused):
         acc.hold("alice", -5, ttl_s=60, key="req-1-h")
+    with pytest.raises(KeyReused):
+        acc.hold("alice", -4, ttl_s=61, key="req-1-h")
     assert fake.tot("alice") == 6 and len(fake.open_holds("alice")) == 1
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from accman.client import AccManClient, AccManSyncClient
-from accman.errors import HoldEnded, Insufficient, NoAccount, NoHold
+from accman.errors import HoldEnded, Insufficient, KeyReused, NoAccount, NoHold
 from conftest import run_accman
 from test_cli_holds import Follower
 from test_e2e_asgi import (FUNDER, SVC_CHECK, SVC_RESERVE, UVICORN_READY, start_accman,
@@ -97,6 +97,8 @@ def test_hold_settle_and_their_errors_on_the_real_server(service, funder):
     hold, tot, seq = service.hold(cred, -6, ttl_s=60, key="req-1-h")
     assert (hold, tot, seq) == (2, 4, 2) and service.tot(cred) == 4
     assert service.hold(cred, -6, ttl_s=60, key="req-1-h") == (2, 4, 2)   # keyed: once
+    with pytest.raises(KeyReused):
+        service.hold(cred, -6, ttl_s=61, key="req-1-h")
     assert service.settle(cred, hold, 2) == (8, 3)
     assert service.settle(cred, hold, 2) == (8, 3)                         # the first reply
     with pytest.raises(HoldEnded):
