@@ -1,18 +1,21 @@
-"""The command line: `accman serve | open | tot | mod | past | verify`.
+"""The command line: `accman serve | open | tot | mod | past | hold | settle |
+events | verify`.
 
-Exit codes: 0 success; 1 the server (or the check) answered with an error;
-2 bad flags or values (refused before anything is sent), or `serve` could
-not start (busy port, data directory locked or corrupt, bad tokens file, a
-non-loopback bind without tokens); 3 no answer from the server (cannot
-connect, timeout, cut connection: for `mod` and `open` the outcome may then
-be unknown, and the message says what to do).
+Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
+its reader closing the pipe); 1 the server (or the check) answered with an
+error; 2 bad flags or values (refused before anything is sent), or `serve`
+could not start (busy port, data directory locked or corrupt, bad tokens
+file, a non-loopback bind without tokens); 3 no answer from the server
+(cannot connect, timeout, cut connection: for `mod`, `hold`, `settle` and
+`open` the outcome may then be unknown, and the message says what to do).
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
 checked against the SPEC's rules here, before anything is sent (numbers
 are plain ASCII decimals, never Python's `int()` on raw text).  A reply is
 printed as one line of JSON in the SPEC's shape; `open` prints the new
-credential alone, so that `cred=$(accman open --by 100)` works.
+credential alone, so that `cred=$(accman open --by 100)` works;
+`events --follow` prints one event a line (accman.calling.follow).
 """
 
 import argparse
@@ -23,12 +26,14 @@ import secrets
 import sys
 
 import accman
-from accman.calling.requests import check_name
+from accman.calling.commands import by_value, decimal, events_values, prepare
+from accman.calling.follow import FOLLOW_WAIT_S, follow
 from accman.calling.sync import AccManSyncClient
-from accman.errors import (AccManError, BadRequest, Forbidden, Insufficient, OutcomeUnknown,
-                           Unauthorized, Unreachable)
-from accman.limits import (CRED_CHARS_MAX, EVENTS_RETENTION_S_DEFAULT, INT64_MAX, INT64_MIN,
-                           KEY_CHARS_MAX, PAST_LIMIT_MAX)
+from accman.errors import (AccManError, BadRequest, EventsTrimmed, Forbidden, Insufficient,
+                           OutcomeUnknown, TransportError, Unauthorized, Unavailable,
+                           Unreachable)
+from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
+                           HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
@@ -38,8 +43,6 @@ CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an e
 OPEN_KEY = "accman-open"
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
-
-_DECIMAL_RE = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -90,7 +93,50 @@ def build_parser():
         c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         return c
 
-    s = command("serve", "run the HTTP service")
+    _serve_arguments(command("serve", "run the HTTP service"))
+
+    def client(name, help_text):
+        c = command(name, help_text)
+        c.add_argument("--url", default=None,
+                       help=f"server URL (default $ACCMAN_URL or {DEFAULT_URL})")
+        c.add_argument("--token", default=None, help="bearer token (default $ACCMAN_TOKEN)")
+        return c
+
+    o = client("open", "make a new credential funded with --by (needs the mint role)")
+    o.add_argument("--by", required=True, help="the opening balance, a positive integer")
+
+    t = client("tot", "print an account's balance")
+    _takes_cred(t, "accman tot -- -xYz")
+
+    m = client("mod", "change a balance by BY (negative charges, positive funds)")
+    _takes_cred(m, "accman mod --min 0 -- -xYz -3")
+    m.add_argument("by")
+    m.add_argument("--min", default=None, help="apply only if the new balance is >= MIN")
+    m.add_argument("--key", default=None,
+                   help="idempotency key: the same mod with the same key applies at most once")
+    m.add_argument("--low", default=None,
+                   help="with a positive BY only: the account's low-balance threshold, under "
+                        "which a low_balance event is emitted")
+
+    pa = client("past", "print an account's history, newest first")
+    _takes_cred(pa, "accman past --limit 5 -- -xYz")
+    pa.add_argument("--limit", default=None,
+                    help=f"entries per page (1..{PAST_LIMIT_MAX}, default 100)")
+    pa.add_argument("--before", default=None, help="only entries with seq < BEFORE")
+
+    _holds_and_events(client)
+
+    g = command("migrate", "create or upgrade the PostgreSQL schema (serve does it too)")
+    g.add_argument("--store", action="append", metavar="URL", required=True,
+                   help="a libpq URL of each cluster of the store")
+
+    v = command("verify", "check a data directory (the server must be stopped)")
+    v.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"data directory (default {DEFAULT_DATA})")
+    return p
+
+
+def _serve_arguments(s):
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; others need --tokens)")
     s.add_argument("--port", type=_port, default=8080,
@@ -117,46 +163,45 @@ def build_parser():
                    help="keep events at least this long: seconds, or a number with s, m, h "
                         "or d (default 7d)")
 
-    def client(name, help_text):
-        c = command(name, help_text)
-        c.add_argument("--url", default=None,
-                       help=f"server URL (default $ACCMAN_URL or {DEFAULT_URL})")
-        c.add_argument("--token", default=None, help="bearer token (default $ACCMAN_TOKEN)")
-        return c
 
-    o = client("open", "make a new credential funded with --by (needs the mint role)")
-    o.add_argument("--by", required=True, help="the opening balance, a positive integer")
+def _takes_cred(c, example):
+    # A credential not made by `open` may start with "-"; argparse reads
+    # everything after "--" as positional.
+    c.cred_hint = f"a credential that starts with '-' goes after '--': {example}"
+    c.add_argument("cred")
 
-    def takes_cred(c, example):
-        # A credential not made by `open` may start with "-"; argparse reads
-        # everything after "--" as positional.
-        c.cred_hint = f"a credential that starts with '-' goes after '--': {example}"
-        c.add_argument("cred")
 
-    t = client("tot", "print an account's balance")
-    takes_cred(t, "accman tot -- -xYz")
+def _holds_and_events(client):
+    """`hold`, `settle` and `events`; `client(name, help)` makes a client
+    command's parser."""
+    h = client("hold", "reserve -BY (BY < 0) until settled, or for --ttl seconds "
+                       "(needs the charge role)")
+    _takes_cred(h, "accman hold --ttl 60 -- -xYz -3")
+    h.add_argument("by")
+    h.add_argument("--ttl", required=True,
+                   help=f"seconds (1..{HOLD_TTL_S_MAX}) after which the hold ends by itself, "
+                        "all of it returned")
+    h.add_argument("--min", default=None,
+                   help="apply only if the balance left is >= MIN (the server's default: 0)")
+    h.add_argument("--key", default=None,
+                   help="idempotency key: the same hold with the same key applies at most once")
 
-    m = client("mod", "change a balance by BY (negative charges, positive funds)")
-    takes_cred(m, "accman mod --min 0 -- -xYz -3")
-    m.add_argument("by")
-    m.add_argument("--min", default=None, help="apply only if the new balance is >= MIN")
-    m.add_argument("--key", default=None,
-                   help="idempotency key: the same mod with the same key applies at most once")
+    st = client("settle", "end a hold: USE of it is spent, the rest returns "
+                          "(needs the charge role)")
+    _takes_cred(st, "accman settle -- -xYz 7 2")
+    st.add_argument("hold", help="the hold's id, as `accman hold` printed it")
+    st.add_argument("use", help="how much of the hold is spent: 0 to the held amount")
 
-    h = client("past", "print an account's history, newest first")
-    takes_cred(h, "accman past --limit 5 -- -xYz")
-    h.add_argument("--limit", default=None,
-                   help=f"entries per page (1..{PAST_LIMIT_MAX}, default 100)")
-    h.add_argument("--before", default=None, help="only entries with seq < BEFORE")
-
-    g = command("migrate", "create or upgrade the PostgreSQL schema (serve does it too)")
-    g.add_argument("--store", action="append", metavar="URL", required=True,
-                   help="a libpq URL of each cluster of the store")
-
-    v = command("verify", "check a data directory (the server must be stopped)")
-    v.add_argument("--data", default=DEFAULT_DATA,
-                   help=f"data directory (default {DEFAULT_DATA})")
-    return p
+    e = client("events", "print the events after --after, oldest first (needs the read role)")
+    e.add_argument("--after", default="0", help="an event id (default 0: from the start)")
+    e.add_argument("--limit", default=None,
+                   help=f"events per call (1..{EVENTS_LIMIT_MAX}, default 100)")
+    e.add_argument("--wait", default=None,
+                   help=f"seconds (0..{EVENTS_WAIT_S_MAX}) that a call waits for a first event "
+                        f"(default: none, or {FOLLOW_WAIT_S} with --follow)")
+    e.add_argument("--follow", action="store_true",
+                   help="keep going: one JSON event a line, until SIGINT or SIGTERM, or the "
+                        "reader closes the pipe")
 
 
 def main(argv=None) -> int:
@@ -262,50 +307,6 @@ def cmd_verify(args) -> int:
 
 # --- client commands ---------------------------------------------------------
 
-def decimal(text, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
-    """A number from the command line, by the SPEC's rules for the wire:
-    plain ASCII decimal, an optional "-", no leading zeros, no "+", "_" or
-    spaces (Python's int() takes all of those)."""
-    if _DECIMAL_RE.fullmatch(text) is None or text == "-0":
-        raise BadRequest(f"{what} must be a plain decimal integer, like 100 or -3")
-    value = int(text)
-    if not low <= value <= high:
-        raise BadRequest(f"{what} must be from {low} to {high}")
-    return value
-
-
-def _by(text, what="by") -> int:
-    by = decimal(text, what)
-    if by == 0:
-        raise BadRequest(f"{what} must not be 0")
-    return by
-
-
-def _prepare(args):
-    """The call that the command makes, its values checked: a function of
-    the client that returns what to print.  Raises BadRequest."""
-    cred = check_name(args.cred, "cred", CRED_CHARS_MAX)
-    if args.command == "tot":
-        return lambda acc: {"tot": acc.tot(cred)}
-    if args.command == "mod":
-        by = _by(args.by)
-        mn = None if args.min is None else decimal(args.min, "--min")
-        key = None if args.key is None else check_name(args.key, "--key", KEY_CHARS_MAX)
-
-        def mod(acc):
-            tot, seq = acc.mod(cred, by, min=mn, key=key)
-            return {"tot": tot, "seq": seq}
-        return mod
-    limit = None if args.limit is None else decimal(args.limit, "--limit", 1, PAST_LIMIT_MAX)
-    before = None if args.before is None else decimal(args.before, "--before", 1)
-
-    def past(acc):
-        page = acc.past(cred, limit=limit, before=before)
-        return {"account": page.account, "past": [e._asdict() for e in page.entries],
-                "next": page.next}
-    return past
-
-
 def _connect(args):
     """The client for --url and --token (or their variables).  Raises
     ValueError naming what is wrong (never the token itself)."""
@@ -322,9 +323,11 @@ def _usage(args, message) -> int:
 
 
 def cmd_call(args) -> int:
-    """tot, mod and past."""
+    """tot, mod, past, hold, settle and events."""
+    if args.command == "events" and args.follow:
+        return cmd_follow(args)
     try:
-        call = _prepare(args)
+        call = prepare(args)
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
         return _usage(args, e.detail if isinstance(e, BadRequest) else e)
@@ -339,28 +342,66 @@ def cmd_call(args) -> int:
     return EXIT_OK
 
 
+def cmd_follow(args) -> int:
+    """`accman events --follow` (accman.calling.follow), its values and
+    client checked as every command's.  However it ends, stderr names the
+    --after that resumes it."""
+    try:
+        after, limit, wait_s = events_values(args)
+        acc = _connect(args)
+    except (BadRequest, ValueError) as e:
+        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
+
+    def note(text):
+        print(f"accman: events: {text}", file=sys.stderr, flush=True)
+    with acc:
+        end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s, note=note)
+    resume = f"to resume: accman events --follow --after {end.after}"
+    if end.error is None:
+        note(f"stopped ({end.why}); {resume}")
+        return EXIT_OK
+    if isinstance(end.error, (TransportError, Unavailable)):
+        return _fail(f"no answer: {end.error.detail}; {resume}", EXIT_NO_ANSWER)
+    code = _refused(end.error, _role_hint(args))
+    if not isinstance(end.error, EventsTrimmed):
+        note(resume)
+    return code
+
+
 def _unknown_hint(args, e) -> str:
     if isinstance(e, Unreachable):
         return "; nothing was sent"
-    if args.command != "mod":
+    what = args.command
+    if what == "settle":
+        return ("; the settle may or may not have applied: run the same command again (with "
+                "the same USE it applies at most once and answers its result)")
+    if what not in ("mod", "hold"):
         return ""
     if args.key is not None:
-        return ("; the mod may or may not have applied: run the same command again, with the "
-                "same --key, to apply it at most once and see its result")
-    return ("; the mod may or may not have applied: read `accman past` for this credential "
-            "before you try again (a mod with --key is safe to repeat)")
+        return (f"; the {what} may or may not have applied: run the same command again, with "
+                "the same --key, to apply it at most once and see its result")
+    hint = (f"; the {what} may or may not have applied: read `accman past` for this credential "
+            f"before you try again (a {what} with --key is safe to repeat)")
+    if what == "hold":
+        hint += f"; a hold never settled ends by itself after --ttl {args.ttl} s"
+    return hint
 
 
 def _role_hint(args) -> str:
+    if args.command in ("hold", "settle"):
+        return "the charge role"
     if args.command != "mod":
         return "the read role"
-    return "the mint role (a positive by funds)" if _by(args.by) > 0 else "the charge role"
+    return "the mint role (a positive by funds)" if by_value(args.by) > 0 else "the charge role"
 
 
 def _refused(e: AccManError, role: str) -> int:
     text = f"accman: {e.status} {e.code}: {e.detail}"
     if isinstance(e, Insufficient):
         text += f" (tot {e.tot})"
+    elif isinstance(e, EventsTrimmed):
+        text += (f"; the oldest event kept is {e.first}: go on from there with "
+                 f"--after {e.first - 1} (the events before it are gone)")
     elif isinstance(e, Unauthorized):
         text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
     elif isinstance(e, Forbidden):

@@ -5,17 +5,17 @@ app without it, in the same run, with the real AccMan server behind it.
 
 Two settings, each with the plain Starlette service of examples/app.py, the
 same service under AccManMiddleware in "check" mode (a `tot` before, a `mod`
-when the response starts) and in "reserve" mode (one `min=0` mod before; the
-weather route costs exactly its reservation, so nothing is refunded):
+when the response starts) and in "reserve" mode (a hold before, its settle
+when the response starts: two durable writes):
 
 - inprocess: the ASGI app called directly on a uvloop loop, one request at a
   time: the middleware's own cost plus its AccMan round trips, nothing else;
 - uvicorn: the app under a real uvicorn subprocess, called over a keep-alive
   HTTP/1.1 connection with http.client: what a consumer sees.
 
-A mod is answered only once durable, so the mod in each paid request
-includes an fsync (shared by nothing here: requests go one at a time).  The
-last test prints p50/p99 and the added latency that docs/CALLING.md quotes.
+A mod, hold or settle is answered only once durable, so each includes an
+fsync (shared by nothing here: requests go one at a time).  The last test
+prints p50/p99 and the added latency that docs/CALLING.md quotes.
 """
 
 from __future__ import annotations
@@ -133,18 +133,23 @@ def test_inprocess(benchmark, accman_url, variant):
         loop.close()
 
 
-@pytest.mark.parametrize("call", ["tot", "mod"])
+@pytest.mark.parametrize("call", ["tot", "mod", "hold+settle"])
 def test_calls_alone(benchmark, accman_url, call):
     """The AccMan round trips the middleware makes, alone: what is left of
-    the added latency is the middleware's own work."""
+    the added latency is the middleware's own work.  Check mode makes a
+    `tot` and a keyed `mod`, reserve mode a keyed `hold` and its `settle`."""
     from accman.client import AccManClient
     loop = uvloop.new_event_loop()
     try:
         acc = AccManClient(accman_url)
         n = iter(range(10 ** 9))
-        # the mod the reserve mode makes: min=0, a fresh key
-        one = ((lambda: acc.tot(CRED)) if call == "tot" else
-               (lambda: acc.mod(CRED, -1, min=0, key=f"bench-{os.getpid()}-{next(n)}")))
+
+        async def hold_settle():
+            hold, _, _ = await acc.hold(CRED, -1, 90, key=f"bench-h-{os.getpid()}-{next(n)}")
+            await acc.settle(CRED, hold, 1)
+        one = {"tot": lambda: acc.tot(CRED),
+               "mod": lambda: acc.mod(CRED, -1, key=f"bench-c-{os.getpid()}-{next(n)}"),
+               "hold+settle": hold_settle}[call]
         for _ in range(200):
             loop.run_until_complete(one())
         benchmark.group = "middleware in-process (uvloop)"
@@ -199,11 +204,12 @@ def test_zz_added_latency(capsys):
     lines = ["", "latency per request, p50 / p99, and what the middleware adds"]
     for setting in ("inprocess", "uvicorn"):
         plain = RESULTS.get((setting, "plain"))
-        for variant in ("plain", "check", "reserve", "tot alone", "mod alone"):
+        for variant in ("plain", "check", "reserve", "tot alone", "mod alone",
+                        "hold+settle alone"):
             r = RESULTS.get((setting, variant))
             if r is None or plain is None:
                 continue
-            line = f"{setting:10} {variant:9} p50 {r[0] * 1e6:7.1f} us  p99 {r[1] * 1e6:7.1f} us"
+            line = f"{setting:10} {variant:17} p50 {r[0] * 1e6:7.1f} us  p99 {r[1] * 1e6:7.1f} us"
             if variant in ("check", "reserve"):
                 line += (f"   added p50 {(r[0] - plain[0]) * 1e6:+7.1f} us"
                          f"  p99 {(r[1] - plain[1]) * 1e6:+7.1f} us"

@@ -8,9 +8,10 @@ examples/README.md runs it; in short, from the repository root:
 
 Configuration comes from the environment: ACCMAN_URL (default
 http://127.0.0.1:8035), ACCMAN_TOKEN (unset: no token, for a server without
-tokens on loopback; else a token with read and charge, plus mint in reserve
-mode, which refunds), ACCMAN_MODE ("check" or "reserve") and
-ACCMAN_ON_UNAVAILABLE ("closed" or "open").
+tokens on loopback; else a token with the read and charge roles),
+ACCMAN_MODE ("check" or "reserve"), ACCMAN_ON_UNAVAILABLE ("closed" or
+"open") and ACCMAN_HOLD_TTL_S (reserve mode: how long a hold lives if
+nothing settles it; default 90).
 """
 
 import os
@@ -19,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from accman.asgi import AccManMiddleware
+from accman.asgi import HOLD_TTL_S_DEFAULT, AccManMiddleware
 
 REPORT_ROWS_MAX = 100       # a report has at most 100 rows, so costs at most 10
 
@@ -73,4 +74,5 @@ app = AccManMiddleware(
     on_unavailable=os.environ.get("ACCMAN_ON_UNAVAILABLE", "closed"),
     exempt=("/health", "/metrics"),
     prices={"/report": report_cost},
+    hold_ttl_s=int(os.environ.get("ACCMAN_HOLD_TTL_S", HOLD_TTL_S_DEFAULT)),
 )

@@ -1,6 +1,7 @@
 """The harness of the middleware's tests: an ASGI request driven by hand
-(`call`), a small app that answers, raises or waits (`make_app`), and the
-middleware against a fake AccMan (`mw`)."""
+(`call`), a small app that answers, raises or waits (`make_app`), the
+middleware against a fake AccMan (`mw`), and the account's history as the
+tests compare it (`history`, `entries`)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,10 @@ def mw(fake, app=None, **kw):
 
 def history(fake, cred=CRED):
     return [(e["by"], e["key"][-2:] if e["key"] else None) for e in fake.accounts[cred]["past"]]
+
+
+def entries(fake, cred=CRED):
+    """The account's history as (by, the key's suffix, hold): a reserve-mode
+    request is a hold (-h) and its end, which names the same hold."""
+    return [(e["by"], e["key"][-2:] if e["key"] else None, e["hold"])
+            for e in fake.accounts[cred]["past"]]

@@ -1,16 +1,16 @@
 """The ASGI middleware (accman.asgi), driven directly as an ASGI app against
-the fake AccMan of tests/fake_accman.py: every branch of both modes, what
-is free, refunds and releases.  tests/test_asgi_failures.py has AccMan's
-failures and the owed mods."""
+the fake AccMan of tests/fake_accman.py: every branch of check mode, what
+both modes share, what is free.  tests/test_asgi_reserve.py has reserve
+mode on holds, tests/test_asgi_failures.py AccMan's failures and the owed
+calls."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import pytest
 
-from accman.asgi import AccManMiddleware, fingerprint
+from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
 from accman.client import AccManClient
 from asgi_harness import CRED, call, history, make_app, mw
@@ -150,16 +150,6 @@ def test_an_error_response_is_not_charged_in_check_mode(fake, status):
     assert m.stats["free_status"] == 1 and m.stats["charged"] == 0
 
 
-@pytest.mark.parametrize("status", [404, 405, 400, 500])
-def test_an_error_response_releases_the_whole_hold_in_reserve_mode(fake, status):
-    fake.fund(CRED, 10)
-    m = mw(fake, make_app(status=status), mode="reserve", cost=3)
-    r = run(call(m, "/nope"))
-    assert r.status == status and r.headers["accman"] == "10"
-    assert history(fake) == [(10, None), (-3, "-r"), (3, "-s")]
-    assert m.stats["free_status"] == 1 and m.stats["released"] == 1
-
-
 def test_responses_under_400_are_charged(fake):
     fake.fund(CRED, 10)
     for status, tot in [(200, "9"), (201, "8"), (304, "7"), (399, "6")]:
@@ -187,71 +177,7 @@ def test_an_error_response_served_while_accman_is_down_is_not_unpaid():
     assert unpaid == [] and m.stats["unpaid_requests"] == 0
 
 
-# --- reserve mode -----------------------------------------------------------
-def test_reserve_mode_holds_then_settles(fake):
-    fake.fund(CRED, 10)
-
-    def cost(scope, status, headers):
-        return 5 if status is None else 2
-
-    r = run(call(mw(fake, mode="reserve", cost=cost)))
-    assert r.status == 200 and r.headers["accman"] == "8"
-    assert history(fake) == [(10, None), (-5, "-r"), (3, "-s")]
-    assert [m[2].get("min") for m in fake.mods()] == ["0", None]
-
-
-def test_reserve_mode_with_the_exact_cost_makes_one_mod(fake):
-    fake.fund(CRED, 10)
-    r = run(call(mw(fake, mode="reserve", cost=4)))
-    assert r.headers["accman"] == "6" and history(fake) == [(10, None), (-4, "-r")]
-
-
-def test_reserve_mode_never_charges_more_than_the_reservation(fake):
-    fake.fund(CRED, 10)
-    m = mw(fake, mode="reserve", cost=lambda s, status, h: 2 if status is None else 7)
-    r = run(call(m))
-    assert r.headers["accman"] == "8" and m.stats["capped"] == 1
-
-
-def test_reserve_mode_releases_when_the_app_raises(fake):
-    fake.fund(CRED, 10)
-    m = mw(fake, make_app(raise_exc=RuntimeError("boom")), mode="reserve", cost=3)
-
-    async def go():
-        with pytest.raises(RuntimeError):
-            await call(m)
-        assert await m.drain(5)
-    run(go())
-    assert fake.tot(CRED) == 10 and history(fake) == [(10, None), (-3, "-r"), (3, "-s")]
-    assert m.stats["released"] == 1
-
-
-@pytest.mark.parametrize("app", [make_app(read_disconnect=True), make_app(respond=False)])
-def test_reserve_mode_releases_when_the_client_goes_or_nothing_is_sent(fake, app):
-    fake.fund(CRED, 10)
-    run(call(mw(fake, app, mode="reserve", cost=3), disconnect=True))
-    assert fake.tot(CRED) == 10 and history(fake) == [(10, None), (-3, "-r"), (3, "-s")]
-
-
-def test_reserve_mode_has_no_overdraft_under_concurrency(fake):
-    fake.fund(CRED, 10)
-    fake.fault = lambda m, p, q: ("delay", 0.002)
-
-    async def slow(scope, receive, send):
-        await asyncio.sleep(0.01)
-        await make_app()(scope, receive, send)
-
-    m = mw(fake, slow, mode="reserve", cost=lambda s, st, h: 3 if st is None else 2)
-
-    async def go():
-        return await asyncio.gather(*(call(m) for _ in range(100)))
-    replies = run(go())
-    ok = [r for r in replies if r.status == 200]
-    assert {r.status for r in replies} == {200, 402} and len(ok) >= 3
-    assert all(e["tot"] >= 0 for e in fake.accounts[CRED]["past"])
-    assert fake.tot(CRED) == 10 - 2 * len(ok)
-
-
+# --- the modes side by side (reserve mode: tests/test_asgi_reserve.py) --------
 def test_check_mode_can_overdraw_under_concurrency_as_documented(fake):
     """The difference between the modes, shown: concurrent requests all pass
     the check before any is charged, so the balance goes below zero."""
@@ -265,44 +191,6 @@ def test_check_mode_can_overdraw_under_concurrency_as_documented(fake):
         return await asyncio.gather(*(call(mw(fake, slow, cost=1)) for _ in range(20)))
     assert [r.status for r in run(go())] == [200] * 20
     assert fake.tot(CRED) == 3 - 20
-
-
-def test_a_refund_the_token_may_not_make_is_stranded_and_logged(caplog):
-    with FakeAccMan(tokens={"svc": {"read", "charge"}}) as fake:
-        fake.fund(CRED, 10)
-        m = mw(fake, token="svc", mode="reserve", cost=lambda s, st, h: 5 if st is None else 1)
-
-        async def go():
-            r = await call(m)
-            assert await m.drain(5)
-            return r
-        with caplog.at_level(logging.INFO, logger="accman.asgi"):
-            r = run(go())
-        assert r.status == 200 and "accman" not in r.headers
-        assert fake.tot(CRED) == 5 and m.stats["stranded"] == 1
-        assert "the service owes the account 4" in caplog.text
-        assert fingerprint(CRED) in caplog.text and CRED not in caplog.text
-        assert "svc" not in caplog.text.replace("service", "")
-
-
-def test_a_reservation_with_unknown_outcome_is_undone(fake):
-    fake.fund(CRED, 10)
-    lost = []
-
-    def fault(method, path, params):
-        if path == "/mod" and not lost:
-            lost.append(1)
-            return ("apply_drop",)
-    fake.fault = fault
-    m = mw(fake, mode="reserve", cost=3, retries=0)
-
-    async def go():
-        r = await call(m)
-        assert await m.drain(5)
-        return r
-    r = run(go())
-    assert r.status == 503
-    assert fake.tot(CRED) == 10 and history(fake) == [(10, None), (-3, "-r"), (3, "-s")]
 
 
 # --- the rest ---------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The ASGI middleware when AccMan fails: unreachable or refusing at
-admission (closed and open), owed mods and their bounds, the drain at
+admission (closed and open), owed calls and their bounds, the drain at
 shutdown.  Against the fake AccMan of tests/fake_accman.py."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -79,12 +80,13 @@ def test_owed_mods_are_stranded_after_followup_attempts_max(monkeypatch, caplog)
         async def go():
             with pytest.raises(ValueError):
                 await call(m)
-        # AccMan goes away between the reservation and the release
-        fake.fault = lambda meth, p, q: ("drop",) if q.get("by") == "3" else None
+        # AccMan goes away between the hold and its release
+        fake.fault = lambda meth, p, q: ("drop",) if p == "/settle" else None
         with caplog.at_level(logging.ERROR, logger="accman.asgi"):
             run(go_and_drain(m, go))
         assert m.stats["stranded"] == 1 and "still outcome_unknown after 3" in caplog.text
-        assert fake.tot(CRED) == 7        # the consumer is owed 3: logged, not lost silently
+        assert len(fake.calls("/settle")) == 1 + 3      # the release at once, then 3 owed
+        assert fake.tot(CRED) == 7        # held until the hold's expiry: logged, not lost
 
 
 async def go_and_drain(m, go):
@@ -98,12 +100,17 @@ def test_owed_mods_beyond_followups_max_are_stranded_at_once(monkeypatch):
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
         m = mw(fake, make_app(raise_exc=ValueError("x")), mode="reserve", cost=1, retries=0)
-        fake.fault = lambda meth, p, q: ("drop",) if q.get("by") == "1" else None
+        fake.fault = lambda meth, p, q: ("drop",) if p == "/settle" else None
 
         async def go():
             for _ in range(2):
                 with pytest.raises(ValueError):
                     await call(m)
+            # each release is tried at once, then owed: one queued, one stranded
+            for _ in range(100):
+                if m.stats["stranded"] + m.stats["owed"] == 2:
+                    break
+                await asyncio.sleep(0.01)
             assert m.stats["stranded"] == 1 and m.stats["owed"] == 1
             fake.fault = None
             assert await m.drain(5)

@@ -84,7 +84,10 @@ def test_the_shared_leaves_and_the_package_import_no_part():
 @pytest.mark.parametrize("module", ["accman.calling.client", "accman.calling.sync",
                                     "accman.calling.parser", "accman.calling.replies",
                                     "accman.calling.requests", "accman.calling.policy",
-                                    "accman.calling.asgi", "accman.calling.owed", "accman.cli"])
+                                    "accman.calling.asgi", "accman.calling.owed",
+                                    "accman.calling.conn", "accman.calling.commands",
+                                    "accman.calling.follow", "accman.calling.reserve",
+                                    "accman.cli"])
 def test_every_exception_class_is_in_accman_errors(module):
     mod = importlib.import_module(module)
     own = [name for name, obj in vars(mod).items()

@@ -17,8 +17,9 @@ from accman.calling import parser as parser_mod
 from accman.calling import replies
 from accman.client import (AccManClient, AccManSyncClient, BadReply, Entry, Forbidden,
                            OutcomeUnknown, PastPage, ReplyParser, Unauthorized, UnexpectedReply)
-from accman.errors import (BadRequest, Busy, Insufficient, KeyReused, NoAccount, Overflow,
-                           Unavailable)
+from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient, KeyReused,
+                           NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)
+from accman.records import Event
 from accman.limits import INT64_MAX, INT64_MIN
 from fake_accman import FakeAccMan, run
 
@@ -274,3 +275,69 @@ def test_an_error_keeps_its_tot_and_at_most_detail_chars_max_of_its_detail():
 ])
 def test_the_fast_path_and_the_json_path_agree(decode, text):
     assert decode(200, text) == decode(200, text.replace(b" ", b"") + b" ")
+
+
+# --- holds and events (issue 13) ----------------------------------------------
+EVENT = {"id": 7, "type": "hold", "account": ACCOUNT, "seq": 3, "by": -5, "tot": 2,
+         "at": 1795610238403, "key": "k-h", "hold": 3}
+
+
+def test_hold_reads_its_three_integers():
+    assert replies.hold(200, b'{"hold":3,"tot":2,"seq":3}') == (3, 2, 3)
+    assert replies.hold(200, b'{"seq": 3, "hold": 3, "tot": -2}') == (3, -2, 3)
+    assert replies.settle(200, b'{"tot":9,"seq":4}') == (9, 4)
+
+
+@pytest.mark.parametrize("text", [b'{"hold":0,"tot":2,"seq":3}', b'{"hold":"3","tot":2,"seq":3}',
+                                  b'{"tot":2,"seq":3}', b'{"hold":true,"tot":2,"seq":3}'])
+def test_a_hold_reply_without_its_integers_is_a_bad_reply(text):
+    with pytest.raises(BadReply):
+        replies.hold(200, text)
+
+
+def test_events_read_each_event_and_next():
+    second = dict(EVENT, id=8, type="settle", by=5, tot=7, key=None, seq=4)
+    page = replies.events(6)(200, body({"events": [EVENT, second], "next": 8}))
+    assert isinstance(page, replies.EventsPage) and page.next == 8
+    events, nxt = page
+    assert events == [Event(**EVENT), Event(**second)] and nxt == 8
+    assert replies.events(8)(200, body({"events": [], "next": 8})) == ([], 8)
+
+
+@pytest.mark.parametrize("reply", [
+    {"events": [dict(EVENT, type="refund")], "next": 7},
+    {"events": [dict(EVENT, account="alice")], "next": 7},
+    {"events": [dict(EVENT, account=None)], "next": 7},
+    {"events": [dict(EVENT, id=0)], "next": 7},
+    {"events": [dict(EVENT, by="5")], "next": 7},
+    {"events": [dict(EVENT, hold=True)], "next": 7},
+    {"events": [dict(EVENT, key=3)], "next": 7},
+    {"events": [{k: v for k, v in EVENT.items() if k != "at"}], "next": 7},
+    {"events": [[7, "hold"]], "next": 7},
+    {"events": {}, "next": 7},
+    {"events": [EVENT]},
+    {"events": [EVENT], "next": "7"},
+    {"events": [], "next": -1},
+    {"events": [EVENT], "next": 6},                          # next before its last event
+    {"events": [dict(EVENT, id=6)], "next": 6},              # not after `after`
+    {"events": [EVENT, dict(EVENT, id=9)], "next": 9},       # a gap
+    {"events": [EVENT, EVENT], "next": 7},                   # a repeat
+])
+def test_events_refuse_what_breaks_the_specs_shape_or_order(reply):
+    with pytest.raises(BadReply):
+        replies.events(6)(200, body(reply))
+
+
+@pytest.mark.parametrize("status,reply,exc", [
+    (409, {"error": "hold_ended"}, HoldEnded),
+    (409, {"error": "too_many_holds"}, TooManyHolds),
+    (404, {"error": "no_hold"}, NoHold),
+    (410, {"error": "events_trimmed", "first": 40}, EventsTrimmed),
+    (410, {"error": "events_trimmed"}, BadReply),          # without its first
+    (410, {"error": "gone"}, UnexpectedReply),
+])
+def test_each_holds_and_events_error_has_its_type(status, reply, exc):
+    e = replies.error(status, body(dict(reply, detail="a sentence")))
+    assert type(e) is exc
+    if exc is EventsTrimmed:
+        assert e.first == 40 and e.detail == "a sentence" and e.status == 410

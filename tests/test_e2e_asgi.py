@@ -3,12 +3,14 @@ under a real uvicorn, each a subprocess, spoken to by httpx.
 
 Funded, charged, header returned; 401 for a missing credential and an
 unknown account; 402 when empty; 503 when AccMan goes down under a running
-service; and no overdraft in reserve mode under 100 concurrent requests on a
-nearly empty account."""
+service; and no overdraft in reserve mode (server-side holds) under 100
+concurrent requests on a nearly empty account.  tests/test_e2e_holds.py
+has the clients' holds and events and a SIGKILLed service."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import signal
@@ -29,7 +31,7 @@ UVICORN_READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 FUNDER = "funder-token-0123456789abcdef"
 SVC_CHECK = "svc-check-token-0123456789abcdef"       # read, charge
-SVC_RESERVE = "svc-reserve-token-0123456789abcdef"   # read, charge, mint (refunds)
+SVC_RESERVE = "svc-reserve-token-0123456789abcdef"   # read, charge: holds need no mint
 
 
 class Proc:
@@ -72,7 +74,7 @@ class Proc:
 
 def start_accman(log_dir: Path, name="accman") -> Proc:
     tokens = log_dir / f"{name}-tokens"
-    tokens.write_text(f"mint {FUNDER}\nread,charge {SVC_CHECK}\nread,charge,mint {SVC_RESERVE}\n")
+    tokens.write_text(f"mint {FUNDER}\nread,charge {SVC_CHECK}\nread,charge {SVC_RESERVE}\n")
     tokens.chmod(0o600)
     p = Proc(name, [sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1", "--port", "0",
                     "--data", str(log_dir / f"{name}-data"), "--tokens", str(tokens)], log_dir)
@@ -80,10 +82,12 @@ def start_accman(log_dir: Path, name="accman") -> Proc:
     return p
 
 
-def start_app(log_dir: Path, name: str, accman_url: str, mode: str, token: str) -> Proc:
-    return Proc(name, [sys.executable, "-m", "uvicorn", "examples.app:app", "--app-dir", str(ROOT),
+def start_app(log_dir: Path, name: str, accman_url: str, mode: str, token: str,
+              app: str = "examples.app:app", env=None) -> Proc:
+    return Proc(name, [sys.executable, "-m", "uvicorn", app, "--app-dir", str(ROOT),
                        "--host", "127.0.0.1", "--port", "0", "--no-access-log"], log_dir,
-                env={"ACCMAN_URL": accman_url, "ACCMAN_MODE": mode, "ACCMAN_TOKEN": token})
+                env={"ACCMAN_URL": accman_url, "ACCMAN_MODE": mode, "ACCMAN_TOKEN": token,
+                     **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +145,14 @@ def test_a_funded_request_is_charged_and_told_its_balance(stack, mode):
         assert r.status_code == 400 and r.headers["accman"] == "16"    # refused by the app: free
         assert http.get("/health").status_code == 200               # exempt, no header needed
     assert tot(stack, cred) == 16
-    bys = [e.by for e in reversed(past(stack, cred))]
+    entries = list(reversed(past(stack, cred)))
+    bys = [e.by for e in entries]
     if mode == "check":
         assert bys == [20, -1, -3]
-    else:       # the report reserves its maximum, 10, and refunds the rest
-        assert bys == [20, -1, -10, 7, -10, 10]
+    else:       # each request holds its estimate and settles it: the report's is 10
+        assert bys == [20, -1, 0, -10, 7, -10, 10]
+        holds = [e.hold for e in entries]
+        assert holds == [None, 2, 2, 4, 4, 6, 6] and all(e.key is None for e in entries[2::2])
 
 
 @pytest.mark.parametrize("mode", ["check", "reserve"])
@@ -201,7 +208,10 @@ def test_reserve_mode_never_overdraws_under_100_concurrent_requests(stack):
     assert {r.status_code for r in replies} <= {200, 402} and ok >= 2
     assert tot(stack, refunding) == 25 - 2 * ok >= 0
     for cred in (exact, refunding):
-        assert all(e.tot >= 0 for e in past(stack, cred))     # never below zero, at any step
+        entries = past(stack, cred)
+        assert all(e.tot >= 0 for e in entries)     # never below zero, at any step
+        holds = collections.Counter(e.hold for e in entries if e.hold is not None)
+        assert set(holds.values()) == {2}           # every hold started and ended once
 
 
 def test_503_when_accman_goes_down_under_a_running_service(tmp_path):

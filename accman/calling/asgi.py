@@ -16,18 +16,19 @@ Modes:
 - "check" (the seed's flow): `tot` before the app, refuse when it is under
   the estimate, `mod(-cost)` when the response starts.  Two concurrent
   requests can both pass the check: the balance may go below zero.
-- "reserve" (no overdraft, ever): `mod(-estimate, min=0)` before the app (an
-  atomic hold), `mod(+unused)` when the response starts, `mod(+estimate)` if
-  the app raises, sends no response or the client goes away first.  The
-  charge never exceeds the reservation.  Refunds are positive mods, so the
-  token needs the `mint` role as well as `read` and `charge`.
+- "reserve" (no overdraft, ever): a server-side hold of the estimate before
+  the app, with a ttl (`hold_ttl_s`), settled with the cost (capped at the
+  hold) when the response starts, or with 0 at once if the app raises, the
+  client goes away or no response comes.  A service that crashes or loses
+  AccMan leaks nothing: its holds end by themselves.  The token needs
+  `read` and `charge` (accman.calling.reserve).
 
-Every mod carries an idempotency key made from a per-request id that is
-random per process (never taken from the request: a client that chose the
-key could replay an old one and be served for free), so the client's retries
-never charge twice.  Mods that must still land after the response are owed
-(accman.calling.owed).  Credentials are never logged: a log line names an
-account by a short SHA-256 fingerprint.
+Every hold and mod carries an idempotency key made from a per-request id
+that is random per process (never taken from the request: a client that
+chose the key could replay an old one and be served for free), so the
+client's retries never charge twice.  Calls that must still land after the
+response are owed (accman.calling.owed).  Credentials are never logged: a
+log line names an account by a short SHA-256 fingerprint.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ import re
 
 from accman.calling.client import AccManClient
 from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_DRAIN_S, Mod,
-                                 Owed, Unreserve, fingerprint)
+                                 Owed, Unhold, fingerprint)
+from accman.calling.reserve import DisconnectWatch, Reservation
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, OutcomeUnknown,
-                           TransportError, Unauthorized, Unavailable)
-from accman.limits import CRED_CHARS_MAX, INT64_MAX
+                           TooManyHolds, TransportError, Unauthorized, Unavailable)
+from accman.limits import CRED_CHARS_MAX, HOLD_TTL_S_MAX, INT64_MAX
 
 log = logging.getLogger("accman.asgi")
 
@@ -56,13 +58,19 @@ RETRIES_DEFAULT = 1
 # not get what it asked for (RFC 9110: 4xx the client's error, 5xx the
 # service's).
 CHARGE_BELOW_DEFAULT = 400
+# How long a reserve-mode hold lives if nothing settles it (the service
+# crashed, or lost AccMan): a little over the 60 s after which the usual
+# front ends give up on a request (nginx's proxy_read_timeout, AWS load
+# balancers' idle timeout), so a request still running is not cut short,
+# and a dead service's holds come back to their consumers within minutes.
+HOLD_TTL_S_DEFAULT = 90
 
 _CRED_RE = re.compile(r"[A-Za-z0-9_-]+")
 _JSON = (b"content-type", b"application/json")
 _STATS = ("requests", "exempt", "refused_no_credential", "refused_no_account",
-          "refused_insufficient", "refused_unavailable", "charged", "charged_amount",
-          "free_status", "released", "capped", "unpaid_requests", "unpaid_amount", "owed",
-          "stranded")
+          "refused_insufficient", "refused_too_many", "refused_unavailable", "charged",
+          "charged_amount", "free_status", "released", "capped", "expired", "unpaid_requests",
+          "unpaid_amount", "owed", "stranded")
 
 
 def _amount(value, what: str) -> int:
@@ -71,23 +79,6 @@ def _amount(value, what: str) -> int:
     if not 0 <= value <= INT64_MAX:
         raise ValueError(f"{what} must be between 0 and {INT64_MAX}")
     return value
-
-
-class _DisconnectWatch:
-    """Wraps an ASGI `receive` and remembers whether the client went away
-    (http.disconnect), so that a request whose client left is not charged."""
-
-    __slots__ = ("_receive", "gone")
-
-    def __init__(self, receive):
-        self._receive = receive
-        self.gone = False
-
-    async def receive(self):
-        message = await self._receive()
-        if message["type"] == "http.disconnect":
-            self.gone = True
-        return message
 
 
 class AccManMiddleware:
@@ -105,7 +96,9 @@ class AccManMiddleware:
     `*`; the longest matching price wins.  Exempt paths never touch AccMan.
     `on_unavailable="open"` serves requests AccMan cannot admit and records
     them as unpaid (log, `stats`, and `on_unpaid(cred, amount)` if given).
-    `client` replaces the internal AccManClient (sharing a pool, tests).
+    `hold_ttl_s` is how long a reserve-mode hold lives if nothing settles
+    it.  `client` replaces the internal AccManClient (sharing a pool,
+    tests).
     """
 
     def __init__(self, app, url: str | None = None, token: str | None = None,
@@ -113,7 +106,8 @@ class AccManMiddleware:
                  on_unavailable: str = "closed", exempt=(), prices=None, *,
                  client=None, timeout_s: float = TIMEOUT_S_DEFAULT,
                  retries: int = RETRIES_DEFAULT, on_unpaid=None,
-                 charge_below: int | None = CHARGE_BELOW_DEFAULT):
+                 charge_below: int | None = CHARGE_BELOW_DEFAULT,
+                 hold_ttl_s: int = HOLD_TTL_S_DEFAULT):
         if mode not in ("check", "reserve"):
             raise ValueError('mode must be "check" or "reserve"')
         if on_unavailable not in ("closed", "open"):
@@ -125,12 +119,16 @@ class AccManMiddleware:
         if charge_below is not None and (isinstance(charge_below, bool) or not isinstance(
                 charge_below, int) or not 200 <= charge_below <= 600):
             raise ValueError("charge_below must be a status from 200 to 600, or None")
+        if isinstance(hold_ttl_s, bool) or not isinstance(hold_ttl_s, int) or not (
+                1 <= hold_ttl_s <= HOLD_TTL_S_MAX):
+            raise ValueError(f"hold_ttl_s must be whole seconds from 1 to {HOLD_TTL_S_MAX}")
         self.app = app
         self.mode = mode
         self._reserve = mode == "reserve"
         self._open = on_unavailable == "open"
         self._header = header.lower().encode("ascii")
         self._charge_below = charge_below
+        self.hold_ttl_s = hold_ttl_s
         self._cost = self._price_value(cost, "cost")
         self._exempt_exact, self._exempt_prefixes = set(), []
         for path in exempt:
@@ -155,12 +153,14 @@ class AccManMiddleware:
             AccManClient(url, token)    # check url and token now, not at the first request
         self._on_unpaid = on_unpaid
         # A request id: 96 random bits per process, then a counter.  Keys
-        # are `<id>-r` (reservation), `-s` (settlement or release), `-c`
-        # (check-mode charge): 42 characters at most, under KEY_CHARS_MAX.
+        # are `<id>-h` (a reserve-mode hold) and `-c` (a charge: check
+        # mode's, or a reserve-mode request whose hold expired): 42
+        # characters at most, under KEY_CHARS_MAX.
         self._rid_base = os.urandom(12).hex()
         self._rid_next = itertools.count(1).__next__
         self.stats = dict.fromkeys(_STATS, 0)
         self._owed = Owed(self._acc, self.stats, self._unpaid)
+        self._tasks = set()             # releases under way (Reservation.release)
 
     @staticmethod
     def _price_value(value, what: str):
@@ -198,19 +198,12 @@ class AccManMiddleware:
         if tot < est:
             return await self._insufficient(send, tot, est)
         key = self._rid() + "-c"
-        watch = _DisconnectWatch(receive)
+        watch = DisconnectWatch(receive)
 
         async def send_(message):
             if message["type"] == "http.response.start" and not watch.gone:
                 cost = self._cost_of_response(price, scope, message)
-                new_tot = tot
-                if cost:
-                    try:
-                        new_tot, _ = await acc.mod(cred, -cost, key=key)
-                        self._charged(cost)
-                    except AccManError as e:
-                        new_tot = None
-                        self._owed.add(Mod(cred, -cost, key, "charge"), e)
+                new_tot = await self._charge(acc, cred, cost, key) if cost else tot
                 message = self._with_tot(message, new_tot)
             await send(message)
 
@@ -218,44 +211,34 @@ class AccManMiddleware:
 
     async def _serve_reserved(self, scope, receive, send, cred, price, est):
         acc = self._acc()
-        rid = self._rid()
+        r = Reservation(self, acc, scope, cred, price, self._rid(), est, receive)
         try:
-            tot = await self._reserve_estimate(acc, cred, est, rid)
+            await r.admit(self.hold_ttl_s)
         except NoAccount:
             return await self._no_account(send)
         except Insufficient as e:
-            if e.tot <= 0 and not await self._exists(acc, cred):
-                return await self._no_account(send)
             return await self._insufficient(send, e.tot, est)
+        except TooManyHolds:
+            return await self._too_many(send, cred)
         except AccManError as e:
             if est and isinstance(e, OutcomeUnknown):
-                self._owed.add(Unreserve(cred, est, rid), e)
+                self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), e)
             return await self._unavailable(scope, receive, send, cred, price, e)
-        held = _Held(self, acc, scope, cred, price, rid, est, tot, receive)
         try:
-            await self.app(scope, held.watch.receive, held.sender(send))
-        except BaseException as e:
-            held.release_later(e)
-            raise
-        await held.release()        # no response: the client went away, or the app sent nothing
+            await self.app(scope, r.watch.receive, r.sender(send))
+        finally:
+            r.release()     # the app raised, or sent no response; else settled already
 
-    @staticmethod
-    async def _reserve_estimate(acc, cred, est, rid) -> int:
-        """Holds `est` (an atomic `min=0` mod); the balance after it."""
-        if not est:
-            return await acc.tot(cred)
-        tot, _ = await acc.mod(cred, -est, min=0, key=rid + "-r")
-        return tot
-
-    async def _refund(self, acc, cred, amount, rid, what):
-        if what == "release":
-            self.stats["released"] += 1
+    async def _charge(self, acc, cred, cost, key):
+        """Charges `cost` with `key`; the new balance, or None when the
+        charge is owed."""
         try:
-            new_tot, _ = await acc.mod(cred, amount, key=rid + "-s")
-            return new_tot
+            new_tot, _ = await acc.mod(cred, -cost, key=key)
         except AccManError as e:
-            self._owed.add(Mod(cred, amount, rid + "-s", what), e)
+            self._owed.add(Mod(cred, -cost, key, "charge"), e)
             return None
+        self._charged(cost)
+        return new_tot
 
     # --- refusals and the unavailable path ---------------------------------
     def _challenge(self):
@@ -265,6 +248,16 @@ class AccManMiddleware:
         self.stats["refused_no_account"] += 1
         return await _refuse(send, 401, "no_account", "the credential names no account",
                              self._challenge())
+
+    async def _too_many(self, send, cred):
+        # The account (or the store) is at its bound of open holds: one per
+        # request in flight, so the consumer has thousands under way.
+        self.stats["refused_too_many"] += 1
+        log.warning("accman: too many holds open for account %s; refusing with 429",
+                    fingerprint(cred))
+        return await _refuse(send, 429, "too_many_requests",
+                             "too many requests of this account are in flight",
+                             [(b"retry-after", b"1")])
 
     async def _insufficient(self, send, tot, est):
         self.stats["refused_insufficient"] += 1
@@ -297,24 +290,32 @@ class AccManMiddleware:
         return await _refuse(send, 503, "unavailable", "the balance service cannot be reached",
                              [(b"retry-after", b"1")])
 
-    async def _exists(self, acc, cred) -> bool:
-        try:
-            await acc.tot(cred)
-        except NoAccount:
-            return False
-        except AccManError:
-            pass
+    # --- owed calls, releases under way, shutdown -----------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _releases(self, timeout_s: float | None) -> bool:
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
+            return not pending
         return True
 
-    # --- owed mods and shutdown ---------------------------------------------
     async def drain(self, timeout_s: float | None = None) -> bool:
-        """Wait until every owed mod has landed or been stranded; False if
-        `timeout_s` passed first."""
-        return await self._owed.drain(timeout_s)
+        """Wait until every release under way and every owed call has
+        landed or been stranded; False if `timeout_s` passed first."""
+        loop = asyncio.get_running_loop()
+        end = None if timeout_s is None else loop.time() + timeout_s
+        if not await self._releases(timeout_s):
+            return False
+        return await self._owed.drain(None if end is None else max(end - loop.time(), 0))
 
     async def aclose(self) -> None:
-        """Let owed mods land (SHUTDOWN_DRAIN_S at most), strand the rest,
-        close the client.  Called on the lifespan shutdown."""
+        """Let releases and owed calls land (SHUTDOWN_DRAIN_S at most),
+        strand the rest, close the client.  Called on the lifespan
+        shutdown."""
+        await self._releases(SHUTDOWN_DRAIN_S)
         await self._owed.close()
         if self._client is not None and self._own_client:
             await self._client.aclose()
@@ -415,58 +416,6 @@ class AccManMiddleware:
                        for k, v in self.stats.items())
 
 
-class _Held:
-    """A reserve-mode request between its hold and its settlement: `held`
-    is what is reserved and not yet settled or released."""
-
-    __slots__ = ("mw", "acc", "scope", "cred", "price", "rid", "held", "tot", "watch")
-
-    def __init__(self, mw, acc, scope, cred, price, rid, held, tot, receive):
-        self.mw, self.acc, self.scope, self.cred, self.price = mw, acc, scope, cred, price
-        self.rid, self.held, self.tot = rid, held, tot
-        self.watch = _DisconnectWatch(receive)
-
-    def sender(self, send):
-        async def send_(message):
-            if message["type"] == "http.response.start":
-                message = await self.settle(message)
-            await send(message)
-        return send_
-
-    async def settle(self, message):
-        """Charges the response's cost out of the hold, refunds the rest;
-        the response start with the balance header."""
-        mw = self.mw
-        if not self.held:
-            return mw._with_tot(message, self.tot)
-        amount, self.held = self.held, 0
-        cost = 0 if self.watch.gone else mw._cost_of_response(self.price, self.scope, message)
-        if cost > amount:
-            mw.stats["capped"] += 1
-            log.warning("accman: cost %d over the reservation %d: charged %d",
-                        cost, amount, amount)
-            cost = amount
-        new_tot = self.tot
-        if cost < amount:
-            what = "refund" if cost else "release"
-            new_tot = await mw._refund(self.acc, self.cred, amount - cost, self.rid, what)
-        mw._charged(cost)
-        return mw._with_tot(message, new_tot)
-
-    async def release(self) -> None:
-        if self.held:
-            amount, self.held = self.held, 0
-            await self.mw._refund(self.acc, self.cred, amount, self.rid, "release")
-
-    def release_later(self, cause) -> None:
-        """The app raised: the release is owed, not awaited (the exception
-        goes on to the server at once)."""
-        if self.held:
-            amount, self.held = self.held, 0
-            self.mw.stats["released"] += 1
-            self.mw._owed.add(Mod(self.cred, amount, self.rid + "-s", "release"), cause)
-
-
 async def _refuse(send, status: int, code: str, detail: str, headers=(), extra=None):
     obj = {"error": code, "detail": detail}
     if extra:
@@ -478,4 +427,5 @@ async def _refuse(send, status: int, code: str, detail: str, headers=(), extra=N
 
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",
-           "CHARGE_BELOW_DEFAULT", "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "SHUTDOWN_DRAIN_S"]
+           "CHARGE_BELOW_DEFAULT", "HOLD_TTL_S_DEFAULT", "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX",
+           "SHUTDOWN_DRAIN_S"]

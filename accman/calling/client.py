@@ -25,8 +25,14 @@ What a failure means for money is in the exception type (accman.errors):
   original result); without a key, only the account's `past` can tell.
 
 So the clients retry reads and keyed mods, and retry a keyless mod only when
-nothing was sent (`Unreachable`).  Tokens and credentials never appear in
-exception messages, reprs or logs.
+nothing was sent (`Unreachable`).  A hold is retried as a mod is; a settle
+always, since settling again with the same `use` answers the first reply
+(SPEC "Holds").  Tokens and credentials never appear in exception
+messages, reprs or logs.
+
+A long poll (`events` with `wait_s`) has a connection of its own, outside
+the pool: its reply may be held back for up to `wait_s`, and everything
+pipelined behind it on a shared connection would wait as long.
 """
 
 from __future__ import annotations
@@ -37,17 +43,19 @@ import logging
 import ssl as _ssl
 
 from accman.calling import policy, replies
+from accman.calling.conn import Conn
 from accman.calling.parser import (HEAD_CACHE_MAX, REPLY_BODY_BYTES_MAX, REPLY_HEAD_BYTES_MAX,
                                    REPLY_HEADERS_MAX, ReplyParser)
 from accman.calling.policy import (IDLE_REUSE_S, RETRIES_DEFAULT, RETRY_PAUSE_MAX_S,
                                    RETRY_PAUSE_S, TIMEOUT_S_DEFAULT)
-from accman.calling.replies import PastPage
-from accman.calling.requests import Endpoint, target_mod, target_past, target_tot
+from accman.calling.replies import EventsPage, PastPage
+from accman.calling.requests import (Endpoint, target_events, target_hold, target_mod,
+                                     target_past, target_settle, target_tot)
 from accman.calling.sync import AccManSyncClient
 from accman.errors import (AccManError, BadReply, Busy, CallTimeout, Forbidden, OutcomeUnknown,
                            TransportError, Unauthorized, UnexpectedReply, Unreachable)
 from accman.limits import PIPELINE_REQUESTS_MAX
-from accman.records import Entry
+from accman.records import Entry, Event
 
 log = logging.getLogger("accman.client")
 
@@ -65,119 +73,11 @@ assert PIPELINE_DEPTH_MAX <= PIPELINE_REQUESTS_MAX
 # Beyond it a call fails at once with `Busy` (back-pressure, nothing sent)
 # instead of queueing without bound.
 CALLS_WAITING_MAX = 4096
-
-
-# --- connections -----------------------------------------------------------------
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection: the futures of its requests in order, the
-    bytes gathered this loop turn, the reply parser."""
-
-    def __init__(self, client: "AccManClient"):
-        self.client = client
-        self.loop = client._loop
-        self.transport = None
-        self.parser = ReplyParser()
-        self.waiting = collections.deque()  # futures, in request order
-        self.out = []                       # request bytes not yet written
-        self.usable = True                  # takes new requests
-        self.idle_since = self.loop.time()
-
-    # asyncio.Protocol
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        try:
-            answered = self.parser.feed(data)
-        except BadReply as e:
-            self.abort(e)
-            return
-        waiting = self.waiting
-        for reply in answered:
-            if not waiting:
-                self.abort(BadReply("a reply that no request asked for"))
-                return
-            fut = waiting.popleft()
-            if not fut.done():
-                fut.set_result(reply)
-            if self.client._waiters and self.usable:
-                self.client._wake(self)
-            if reply[2]:
-                self.usable = False     # the server closes after this reply
-        if not waiting:
-            self.idle_since = self.loop.time()
-            if not self.usable:
-                self.transport.close()
-        elif not self.usable:
-            self.close_if_abandoned()
-
-    def eof_received(self):
-        return False                    # close our side too
-
-    def connection_lost(self, exc):
-        why = f" ({exc.strerror or type(exc).__name__})" if isinstance(exc, OSError) else ""
-        self.usable = False
-        self.transport = None
-        client = self.client
-        try:
-            client._conns.remove(self)
-        except ValueError:
-            pass
-        unsent = len(self.out)
-        self.out = []
-        waiting, self.waiting = self.waiting, collections.deque()
-        sent = len(waiting) - unsent
-        for i, fut in enumerate(waiting):
-            if fut.done():
-                continue
-            if i < sent:
-                fut.set_exception(OutcomeUnknown(
-                    f"the connection to AccMan closed before the reply{why}"))
-            else:
-                fut.set_exception(Unreachable(
-                    f"the connection to AccMan closed before the request was sent{why}"))
-        client._wake()
-
-    # the client's side
-    def send(self, request: bytes, fut) -> None:
-        waiting = self.waiting
-        waiting.append(fut)
-        if len(waiting) == 1:
-            # Nothing else in flight here: write at once, sparing a loop turn.
-            self.transport.write(request)
-            return
-        # Pipelining: gather this turn's requests into one write.
-        if not self.out:
-            self.loop.call_soon(self.flush)
-        self.out.append(request)
-
-    def flush(self) -> None:
-        out = self.out
-        if not out or self.transport is None:
-            return
-        self.out = []
-        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-
-    def timed_out(self, fut) -> None:
-        if fut.done():
-            return
-        fut.set_exception(CallTimeout(f"no reply from AccMan within {self.client._timeout_s} s"))
-        # Replies come in order: everything behind the late one would wait
-        # for it.  Take no new requests; close once nobody waits here.
-        self.usable = False
-        self.close_if_abandoned()
-
-    def close_if_abandoned(self) -> None:
-        if self.transport is not None and all(f.done() for f in self.waiting):
-            self.transport.close()
-
-    def abort(self, exc: BadReply) -> None:
-        self.usable = False
-        for fut in self.waiting:
-            if not fut.done():
-                fut.set_exception(BadReply(exc.detail))     # one instance per caller
-        if self.transport is not None:
-            self.transport.abort()
+# Long polls in flight at once per client, each on a connection of its own.
+# An event stream has one follower or a few; beyond the bound a long poll
+# fails at once with `Busy` (nothing sent) instead of opening sockets
+# without limit.
+LONG_POLLS_MAX = 16
 
 
 class AccManClient:
@@ -187,6 +87,9 @@ class AccManClient:
     ...     tot = await acc.tot("alice")
     ...     tot, seq = await acc.mod("alice", -3, min=0, key="req-81f2-r")
     ...     entries, next = await acc.past("alice", limit=10)     # .account: the public id
+    ...     hold, tot, seq = await acc.hold("alice", -10, ttl_s=90, key="req-81f2-h")
+    ...     tot, seq = await acc.settle("alice", hold, 3)          # 3 spent, 7 back
+    ...     events, next = await acc.events(after=0, wait_s=30)    # a long poll
 
     Calls may run concurrently from many tasks; they share up to
     `connections_max` keep-alive connections, pipelining up to
@@ -207,9 +110,11 @@ class AccManClient:
         self._connections_max = connections_max
         self._retries = retries
         self._loop = None
-        self._conns: list[_Conn] = []
+        self._conns: list[Conn] = []
         self._connecting = 0
         self._waiters = collections.deque()
+        self._polls: list[Conn] = []       # long polls' own connections
+        self._polls_in_flight = 0
         self._closed = False
         self._ssl = _ssl.create_default_context() if self._ep.tls else None
 
@@ -226,27 +131,61 @@ class AccManClient:
         """Close every connection.  Calls in flight fail with
         `OutcomeUnknown`; later calls fail with `Unreachable`."""
         self._closed = True
-        for c in list(self._conns):
+        for c in self._conns + self._polls:
             c.usable = False
             if c.transport is not None:
                 c.transport.close()
         self._wake_all()
-        if self._conns:
+        if self._conns or self._polls:
             await asyncio.sleep(0)      # let connection_lost run
 
-    # --- the three calls ---------------------------------------------------
+    # --- the calls -----------------------------------------------------------
     async def tot(self, cred: str) -> int:
         """The durable balance.  NoAccount for an unknown credential."""
         req = self._ep.request("GET ", target_tot(cred))
         return await self._call(req, True, replies.tot)
 
     async def mod(self, cred: str, by: int, min: int | None = None,
-                  key: str | None = None) -> tuple:
+                  key: str | None = None, low: int | None = None) -> tuple:
         """Change the balance by `by`; returns `(tot, seq)` once durable.
         With `min`, applies only if the new balance is >= min, else raises
-        Insufficient (with `.tot`).  With `key`, applies at most once."""
-        req = self._ep.request("PATCH ", target_mod(cred, by, min, key))
+        Insufficient (with `.tot`).  With `key`, applies at most once.
+        `low`, on a funding mod (by > 0) only, sets the account's
+        low-balance threshold (SPEC "Events")."""
+        req = self._ep.request("PATCH ", target_mod(cred, by, min, key, low))
         return await self._call(req, key is not None, replies.mod)
+
+    async def hold(self, cred: str, by: int, ttl_s: int, min: int | None = None,
+                   key: str | None = None) -> tuple:
+        """Reserve `-by` (by < 0) for up to `ttl_s` seconds; returns `(hold,
+        tot, seq)` once durable: the hold's id (the seq of the entry that
+        starts it) and what is left to spend.  `min` (the server's default
+        0) and `key` as for a mod; TooManyHolds over the bounds of open
+        holds.  A hold not settled within `ttl_s` ends by itself, all of it
+        returned.  Retried as a mod is: with a key, or when nothing was
+        sent."""
+        req = self._ep.request("PATCH ", target_hold(cred, by, ttl_s, min, key))
+        return await self._call(req, key is not None, replies.hold)
+
+    async def settle(self, cred: str, hold: int, use: int) -> tuple:
+        """End `hold`: `use` of it (0 to the held amount) is spent, the rest
+        returns; `(tot, seq)` once durable.  Settling again with the same
+        `use` answers the first reply, so it is always retried; another
+        `use`, or a hold that expired, is HoldEnded; NoHold for an id the
+        account never had."""
+        req = self._ep.request("PATCH ", target_settle(cred, hold, use))
+        return await self._call(req, True, replies.settle)
+
+    async def events(self, after: int = 0, limit: int | None = None,
+                     wait_s: int | None = None) -> EventsPage:
+        """The events after `after`, oldest first, as `(events, next)`:
+        `next` is the `after` of the following call.  With `wait_s` (whole
+        seconds, up to EVENTS_WAIT_S_MAX) the server waits that long for a
+        first event (a long poll): the attempt's timeout is then `timeout_s
+        + wait_s`, on a connection of its own.  EventsTrimmed (with
+        `.first`) when `after` is older than the retention keeps."""
+        req = self._ep.request("GET ", target_events(after, limit, wait_s))
+        return await self._call(req, True, replies.events(after), wait_s or 0)
 
     async def past(self, cred: str, limit: int | None = None,
                    before: int | None = None) -> PastPage:
@@ -258,11 +197,14 @@ class AccManClient:
         return await self._call(req, True, replies.past)
 
     # --- machinery ---------------------------------------------------------
-    async def _call(self, req: bytes, safe: bool, decode):
+    async def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
         attempt = 0
         while True:
             try:
-                status, body, _ = await self._attempt(req)
+                if wait_s:
+                    status, body, _ = await self._long_poll(req, self._timeout_s + wait_s)
+                else:
+                    status, body, _ = await self._attempt(req)
                 return decode(status, body)
             except AccManError as e:
                 if attempt >= self._retries or self._closed or not policy.retryable(e, safe):
@@ -282,11 +224,56 @@ class AccManClient:
             conn = await self._acquire(deadline)
         fut = loop.create_future()
         conn.send(req, fut)
-        timer = loop.call_at(deadline, conn.timed_out, fut)
+        timer = loop.call_at(deadline, conn.timed_out, fut, self._timeout_s)
         try:
             return await fut
         finally:
             timer.cancel()
+
+    async def _long_poll(self, req: bytes, timeout_s: float) -> tuple:
+        """One attempt on a connection of its own (an idle one kept from an
+        earlier long poll, or a new one)."""
+        if self._closed:
+            raise Unreachable("the client is closed")
+        if self._polls_in_flight >= LONG_POLLS_MAX:
+            raise Busy("more than LONG_POLLS_MAX long polls in flight on this client")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._polls_in_flight += 1
+        try:
+            conn = self._idle_poll()
+            if conn is None:
+                conn = await self._dial(deadline, pooled=False)
+                self._polls.append(conn)
+            fut = loop.create_future()
+            conn.send(req, fut)
+            timer = loop.call_at(deadline, conn.timed_out, fut, timeout_s)
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                # Nobody wants the reply it still owes: it cannot be reused.
+                conn.usable = False
+                conn.close_if_abandoned()
+                raise
+            finally:
+                timer.cancel()
+        finally:
+            self._polls_in_flight -= 1
+
+    def _idle_poll(self):
+        """A long poll's connection with nothing owed, not idle too long."""
+        now = self._loop.time()
+        for c in list(self._polls):
+            if not c.usable or c.waiting:
+                continue
+            if now - c.idle_since > policy.IDLE_REUSE_S:
+                c.usable = False
+                c.transport.close()
+                continue
+            return c
+        return None
 
     def _pick(self):
         """An idle connection, or a pipelining one once the pool is full; None
@@ -318,7 +305,7 @@ class AccManClient:
             self._loop.create_task(self._open_spare())
         return best
 
-    async def _acquire(self, deadline: float) -> _Conn:
+    async def _acquire(self, deadline: float) -> Conn:
         while True:
             if len(self._conns) + self._connecting < self._connections_max:
                 self._connecting += 1
@@ -351,27 +338,32 @@ class AccManClient:
             if conn is not None:
                 return conn
 
-    async def _open(self, deadline: float) -> _Conn:
-        """Connect (the caller has counted itself in `_connecting`)."""
-        ep = self._ep
+    async def _open(self, deadline: float) -> Conn:
+        """A new pooled connection (the caller has counted itself in
+        `_connecting`)."""
         try:
-            try:
-                _, conn = await asyncio.wait_for(
-                    self._loop.create_connection(lambda: _Conn(self), ep.host, ep.port,
-                                                 ssl=self._ssl),
-                    max(deadline - self._loop.time(), 0.001))
-            except asyncio.TimeoutError:
-                raise Unreachable(f"cannot connect to AccMan at {ep.where}: timed out") from None
-            except OSError as e:
-                reason = e.strerror or type(e).__name__
-                raise Unreachable(f"cannot connect to AccMan at {ep.where}: {reason}") from None
+            conn = await self._dial(deadline, pooled=True)
         finally:
             self._connecting -= 1
+        self._conns.append(conn)
+        self._wake(conn)
+        return conn
+
+    async def _dial(self, deadline: float, pooled: bool) -> Conn:
+        ep = self._ep
+        try:
+            _, conn = await asyncio.wait_for(
+                self._loop.create_connection(lambda: Conn(self, pooled), ep.host, ep.port,
+                                             ssl=self._ssl),
+                max(deadline - self._loop.time(), 0.001))
+        except asyncio.TimeoutError:
+            raise Unreachable(f"cannot connect to AccMan at {ep.where}: timed out") from None
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+            raise Unreachable(f"cannot connect to AccMan at {ep.where}: {reason}") from None
         if self._closed:
             conn.transport.close()
             raise Unreachable("the client is closed")
-        self._conns.append(conn)
-        self._wake(conn)
         return conn
 
     async def _open_spare(self) -> None:
@@ -401,10 +393,11 @@ def _expire(fut) -> None:
 
 
 __all__ = [
-    "AccManClient", "AccManSyncClient", "Entry", "PastPage", "ReplyParser",
+    "AccManClient", "AccManSyncClient", "Entry", "Event", "PastPage", "EventsPage", "ReplyParser",
     "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
     "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply",
     "TIMEOUT_S_DEFAULT", "CONNECTIONS_MAX_DEFAULT", "PIPELINE_DEPTH_MAX",
-    "CALLS_WAITING_MAX", "RETRIES_DEFAULT", "RETRY_PAUSE_S", "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S",
+    "CALLS_WAITING_MAX", "LONG_POLLS_MAX", "RETRIES_DEFAULT", "RETRY_PAUSE_S",
+    "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S",
     "REPLY_HEAD_BYTES_MAX", "REPLY_HEADERS_MAX", "REPLY_BODY_BYTES_MAX", "HEAD_CACHE_MAX",
 ]

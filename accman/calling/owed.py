@@ -1,11 +1,13 @@
-"""Owed mods: what the middleware must still get into AccMan after the
-response went out (a charge or a refund that met a failure, a reservation
-whose outcome is unknown), retried in the background with the same
-idempotency key, so each applies at most once however often it is sent.
+"""Owed calls: what the middleware must still get into AccMan after the
+response went out (a charge or a settle that met a failure, a hold whose
+outcome is unknown), retried in the background so that each applies at
+most once however often it is sent: a mod with its idempotency key, a
+settle with the same `use` (which answers the first reply, SPEC "Holds").
 
 The queue is bounded, and so are the attempts: what cannot land is
-**stranded**, logged as an error with the amount, the key and who owes
-whom, never dropped silently.  docs/CALLING.md, "Failure behaviour"."""
+**stranded**, logged as an error with the amount, the key or hold and who
+owes whom, never dropped silently.  docs/CALLING.md, "Failure
+behaviour"."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import collections
 import hashlib
 import logging
 
-from accman.errors import AccManError, Insufficient, TransportError, Unavailable
+from accman.errors import AccManError, HoldEnded, Insufficient, TransportError, Unavailable
 
 log = logging.getLogger("accman.asgi")
 
@@ -36,37 +38,87 @@ def fingerprint(cred: str) -> str:
     return hashlib.sha256(cred.encode()).hexdigest()[:12]
 
 
+# Each owed call has `cred`, `by` (what it moves: < 0 the account owes the
+# service, > 0 the service owes the account, 0 nothing is lost if it never
+# lands), `what` and `ref` (for logs), and `run(acc)`.
+
 class Mod:
     """An owed mod, retried with its key until it lands.  `what` names it
-    in logs: "charge", "refund" or "release"."""
+    in logs: "charge" or "refund"."""
 
     __slots__ = ("cred", "by", "key", "what")
 
     def __init__(self, cred: str, by: int, key: str, what: str):
         self.cred, self.by, self.key, self.what = cred, by, key, what
 
+    @property
+    def ref(self) -> str:
+        return f"key {self.key}"
+
     async def run(self, acc) -> None:
         await acc.mod(self.cred, self.by, key=self.key)
 
 
-class Unreserve:
-    """A reservation whose outcome is unknown, to be undone: repeating it
-    with its key answers whether it applied (the original 200) or not
-    (insufficient, or it applies now); either way the release then makes
-    the net change zero."""
+def expired_charge_key(rid: str) -> str:
+    """The key of the mod that charges a request whose hold expired."""
+    return rid + "-c"
 
-    __slots__ = ("cred", "amount", "rid", "key", "by", "what")
 
-    def __init__(self, cred: str, amount: int, rid: str):
-        self.cred, self.amount, self.rid = cred, amount, rid
-        self.key, self.by, self.what = rid + "-s", amount, "release"
+class Settle:
+    """An owed settle of hold `hold` with `use`.  Repeating it answers the
+    first reply, so it needs no key.  If the hold has ended meanwhile, a
+    release (use 0) has nothing left to do, and a use is charged as a keyed
+    mod instead: the hold expired (the app ran past its ttl, or the settle
+    could not land in time) and all of it went back."""
+
+    __slots__ = ("cred", "hold", "use", "rid", "by", "what")
+
+    def __init__(self, cred: str, hold: int, use: int, rid: str):
+        self.cred, self.hold, self.use, self.rid = cred, hold, use, rid
+        self.by, self.what = -use, "settle" if use else "release"
+
+    @property
+    def ref(self) -> str:
+        return f"hold {self.hold}"
 
     async def run(self, acc) -> None:
         try:
-            await acc.mod(self.cred, -self.amount, min=0, key=self.rid + "-r")
+            await acc.settle(self.cred, self.hold, self.use)
+        except HoldEnded:
+            if not self.use:
+                return              # released already, or expired: nothing is held
+            log.warning("accman: hold %d of account %s ended before its settle landed: "
+                        "charging %d as a mod, key %s", self.hold, fingerprint(self.cred),
+                        self.use, expired_charge_key(self.rid))
+            await acc.mod(self.cred, -self.use, key=expired_charge_key(self.rid))
+
+
+class Unhold:
+    """A hold whose outcome is unknown, to be undone: repeating it with its
+    key answers whether it applied (the first reply, with its id) or not
+    (it applies now, or is refused); a settle with use 0 then releases it.
+    Left alone it would return by itself at its expiry; this returns it
+    sooner."""
+
+    __slots__ = ("cred", "amount", "ttl_s", "key", "by", "what")
+
+    def __init__(self, cred: str, amount: int, ttl_s: int, key: str):
+        self.cred, self.amount, self.ttl_s, self.key = cred, amount, ttl_s, key
+        self.by, self.what = 0, "release"
+
+    @property
+    def ref(self) -> str:
+        return f"key {self.key}"
+
+    async def run(self, acc) -> None:
+        try:
+            hold, _, _ = await acc.hold(self.cred, -self.amount, self.ttl_s, key=self.key)
         except Insufficient:
-            return              # it never applied and now cannot: nothing held
-        await acc.mod(self.cred, self.amount, key=self.key)
+            return                  # it never applied and now cannot: nothing held
+        try:
+            await acc.settle(self.cred, hold, 0)
+        except HoldEnded:
+            pass                    # expired already: nothing held
 
 
 class Owed:
@@ -87,15 +139,15 @@ class Owed:
         return len(self._items)
 
     def add(self, item, cause) -> None:
-        """`item` (a Mod or an Unreserve) must still land; `cause` is the
+        """`item` (a Mod, Settle or Unhold) must still land; `cause` is the
         error that kept it from landing now."""
         code = getattr(cause, "code", type(cause).__name__)
         if len(self._items) >= FOLLOWUPS_MAX:
             self._strand(item, "FOLLOWUPS_MAX owed mods already queued")
             return
         self._stats["owed"] += 1
-        log.info("accman: %s of %d for account %s queued (after %s), key %s",
-                 item.what, abs(item.by), fingerprint(item.cred), code, item.key)
+        log.info("accman: %s of %d for account %s queued (after %s), %s",
+                 item.what, abs(item.by), fingerprint(item.cred), code, item.ref)
         self._items.append(item)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._pay())
@@ -120,9 +172,14 @@ class Owed:
 
     def _strand(self, item, why: str) -> None:
         self._stats["stranded"] += 1
-        owed_by = "the account owes" if item.by < 0 else "the service owes the account"
-        log.error("accman: stranded %s: %s %d (account %s, key %s): %s",
-                  item.what, owed_by, abs(item.by), fingerprint(item.cred), item.key, why)
+        if item.by < 0:
+            owed_by = f"the account owes {-item.by}"
+        elif item.by > 0:
+            owed_by = f"the service owes the account {item.by}"
+        else:
+            owed_by = "nothing is lost: a hold returns by itself at its expiry"
+        log.error("accman: stranded %s: %s (account %s, %s): %s",
+                  item.what, owed_by, fingerprint(item.cred), item.ref, why)
         if item.by < 0:
             self._unpaid(item.cred, -item.by, why)
 
@@ -150,5 +207,6 @@ def _pause_s(attempt: int) -> float:
     return min(FOLLOWUP_PAUSE_S * 2 ** (attempt - 1), FOLLOWUP_PAUSE_MAX_S)
 
 
-__all__ = ["Owed", "Mod", "Unreserve", "fingerprint", "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX",
-           "FOLLOWUP_PAUSE_S", "FOLLOWUP_PAUSE_MAX_S", "SHUTDOWN_DRAIN_S"]
+__all__ = ["Owed", "Mod", "Settle", "Unhold", "fingerprint", "expired_charge_key",
+           "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "FOLLOWUP_PAUSE_S", "FOLLOWUP_PAUSE_MAX_S",
+           "SHUTDOWN_DRAIN_S"]

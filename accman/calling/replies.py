@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import operator
 import re
+from typing import NamedTuple
 
-from accman.errors import (AccManError, BadReply, BadRequest, Busy, Forbidden, Insufficient,
-                           KeyReused, NoAccount, OutcomeUnknown, Overflow, Unauthorized,
-                           Unavailable, UnexpectedReply)
-from accman.records import Entry
+from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsTrimmed, Forbidden,
+                           HoldEnded, Insufficient, KeyReused, NoAccount, NoHold, OutcomeUnknown,
+                           Overflow, TooManyHolds, Unauthorized, Unavailable, UnexpectedReply)
+from accman.records import EVENT_TYPES, Entry, Event
 
 # An account's public id (SPEC "Events") is the hex of the store's keyed
 # hash: 32 characters for the embedded store's BLAKE2b-128.  A longer one is
@@ -46,6 +47,14 @@ class PastPage(tuple):
     next = property(operator.itemgetter(1), doc="the `before` of the next page, or None")
 
 
+class EventsPage(NamedTuple):
+    """One page of the event stream (GET /events).  It unpacks as
+    `(events, next)`."""
+
+    events: list            # accman.records.Event, oldest first
+    next: int               # the `after` of the next call
+
+
 def _json(body: bytes):
     try:
         return json.loads(body)
@@ -72,7 +81,10 @@ def ok(status: int, body: bytes) -> dict:
 _BY_CODE = {
     (409, "key_reused"): KeyReused,
     (409, "overflow"): Overflow,
+    (409, "hold_ended"): HoldEnded,
+    (409, "too_many_holds"): TooManyHolds,
     (404, "no_account"): NoAccount,
+    (404, "no_hold"): NoHold,
     (503, "busy"): Busy,
 }
 _BY_STATUS = {401: Unauthorized, 403: Forbidden, 503: Unavailable}
@@ -90,6 +102,11 @@ def error(status: int, body: bytes) -> AccManError:
         if not _is_int(tot):
             return BadReply("409 insufficient without an integer tot")
         return Insufficient(tot, detail)
+    if status == 410 and code == "events_trimmed":
+        first = obj.get("first")
+        if not _is_int(first):
+            return BadReply("410 events_trimmed without an integer first")
+        return EventsTrimmed(first, detail)
     cls = _BY_CODE.get((status, code)) or _BY_STATUS.get(status)
     if cls is not None:
         return cls(detail)
@@ -117,6 +134,8 @@ def _error_object(body: bytes) -> dict:
 # are read without the JSON decoder; anything else goes through json.
 _TOT_RE = re.compile(rb'\{"tot":(-?(?:0|[1-9][0-9]{0,18}))\}')
 _MOD_RE = re.compile(rb'\{"tot":(-?(?:0|[1-9][0-9]{0,18})),"seq":([1-9][0-9]{0,18})\}')
+_HOLD_RE = re.compile(
+    rb'\{"hold":([1-9][0-9]{0,18}),"tot":(-?(?:0|[1-9][0-9]{0,18})),"seq":([1-9][0-9]{0,18})\}')
 
 
 def tot(status: int, body: bytes) -> int:
@@ -132,7 +151,7 @@ def tot(status: int, body: bytes) -> int:
 
 
 def mod(status: int, body: bytes) -> tuple:
-    """PATCH /mod: `(tot, seq)`."""
+    """PATCH /mod and PATCH /settle: `(tot, seq)`."""
     if status == 200:
         m = _MOD_RE.fullmatch(body)
         if m is not None:
@@ -140,8 +159,47 @@ def mod(status: int, body: bytes) -> tuple:
     obj = ok(status, body)
     value, seq = obj.get("tot"), obj.get("seq")
     if not (_is_int(value) and _is_int(seq)):
-        raise BadReply("/mod reply without integer tot and seq")
+        raise BadReply("reply without integer tot and seq")
     return value, seq
+
+
+settle = mod
+
+
+def hold(status: int, body: bytes) -> tuple:
+    """PATCH /hold: `(hold, tot, seq)`."""
+    if status == 200:
+        m = _HOLD_RE.fullmatch(body)
+        if m is not None:
+            return int(m.group(1)), int(m.group(2)), int(m.group(3))
+    obj = ok(status, body)
+    held, value, seq = obj.get("hold"), obj.get("tot"), obj.get("seq")
+    if not (_is_int(held) and held >= 1 and _is_int(value) and _is_int(seq)):
+        raise BadReply("/hold reply without integer hold, tot and seq")
+    return held, value, seq
+
+
+def events(after: int):
+    """GET /events?after=`after`: the decoder of its reply, an `EventsPage`.
+    Besides each event's shape it checks the order the SPEC promises, ids
+    growing by one from after `after`, so that a follower that resumes from
+    `next` can neither skip nor repeat an event without noticing."""
+    def decode(status: int, body: bytes) -> EventsPage:
+        obj = ok(status, body)
+        items, nxt = obj.get("events"), obj.get("next")
+        if not isinstance(items, list) or not (_is_int(nxt) and nxt >= 0):
+            raise BadReply("/events reply without an events list and an integer next")
+        page = [_event(e) for e in items]
+        if page:
+            if page[0].id <= after:
+                raise BadReply(f"/events reply with event {page[0].id}, not after {after}")
+            for a, b in zip(page, page[1:], strict=False):
+                if b.id != a.id + 1:
+                    raise BadReply(f"/events reply with event {b.id} after {a.id}")
+            if nxt < page[-1].id:
+                raise BadReply(f"/events reply whose next {nxt} is before its last event")
+        return EventsPage(page, nxt)
+    return decode
 
 
 def past(status: int, body: bytes) -> PastPage:
@@ -152,11 +210,29 @@ def past(status: int, body: bytes) -> PastPage:
     entries, nxt, account = obj.get("past"), obj.get("next"), obj.get("account")
     if not isinstance(entries, list) or not (nxt is None or _is_int(nxt)):
         raise BadReply("/past reply without a past list and a next")
-    if account is not None and not (
-            isinstance(account, str) and len(account) <= ACCOUNT_CHARS_MAX
-            and _ACCOUNT_RE.fullmatch(account)):
+    if account is not None and not _account_ok(account):
         raise BadReply("/past reply whose account is not a hex id")
     return PastPage([_entry(e) for e in entries], nxt, account)
+
+
+def _account_ok(account) -> bool:
+    return (isinstance(account, str) and len(account) <= ACCOUNT_CHARS_MAX
+            and _ACCOUNT_RE.fullmatch(account) is not None)
+
+
+def _event(e) -> Event:
+    if not isinstance(e, dict):
+        raise BadReply("/events event is not an object")
+    ev = Event(e.get("id"), e.get("type"), e.get("account"), e.get("seq"), e.get("by"),
+               e.get("tot"), e.get("at"), e.get("key"), e.get("hold"))
+    if not (_is_int(ev.id) and ev.id >= 1 and ev.type in EVENT_TYPES
+            and _account_ok(ev.account)
+            and _is_int(ev.seq) and _is_int(ev.by) and _is_int(ev.tot) and _is_int(ev.at)
+            and (ev.key is None or isinstance(ev.key, str))
+            and (ev.hold is None or _is_int(ev.hold))):
+        raise BadReply("/events event without a positive id, a known type, a hex account, "
+                       "integer seq, by, tot, at, a key and a hold")
+    return ev
 
 
 def _entry(e) -> Entry:
@@ -170,5 +246,5 @@ def _entry(e) -> Entry:
     return Entry(seq, by, value, at, key, hold)
 
 
-__all__ = ["PastPage", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX", "ok", "error", "tot", "mod",
-           "past"]
+__all__ = ["PastPage", "EventsPage", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX", "ok", "error",
+           "tot", "mod", "past", "hold", "settle", "events"]

@@ -11,7 +11,8 @@ import re
 from urllib.parse import urlsplit
 
 from accman.errors import BadRequest
-from accman.limits import CRED_CHARS_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX
+from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
+                           INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")     # RFC 6750 b64token
@@ -41,7 +42,7 @@ def target_tot(cred) -> str:
     return "/tot?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
 
 
-def target_mod(cred, by, min, key) -> str:
+def target_mod(cred, by, min, key, low=None) -> str:
     target = "/mod?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
     if check_int(by, "by") == 0:
         raise BadRequest("by must not be 0")
@@ -50,6 +51,44 @@ def target_mod(cred, by, min, key) -> str:
         target += f"&min={check_int(min, 'min')}"
     if key is not None:
         target += "&key=" + check_name(key, "key", KEY_CHARS_MAX)
+    if low is not None:
+        check_int(low, "low")
+        if by < 0:
+            # SPEC "Routes": the threshold is the funding side's to set.
+            raise BadRequest("low is set by a funding mod only (by > 0), not by a charge")
+        target += f"&low={low}"
+    return target
+
+
+def target_hold(cred, by, ttl_s, min, key) -> str:
+    """SPEC "Holds": `by` is negative, the amount taken out of the balance."""
+    target = "/hold?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
+    if check_int(by, "by") >= 0:
+        raise BadRequest("by must be negative for a hold: the amount it takes out of "
+                         "the balance")
+    target += f"&by={by}&ttl={check_int(ttl_s, 'ttl_s', 1, HOLD_TTL_S_MAX)}"
+    if min is not None:
+        target += f"&min={check_int(min, 'min')}"
+    if key is not None:
+        target += "&key=" + check_name(key, "key", KEY_CHARS_MAX)
+    return target
+
+
+def target_settle(cred, hold, use) -> str:
+    """SPEC "Holds": `use` is 0 to the held amount, which only the server
+    knows; here it is checked to be 0 or more."""
+    return (f"/settle?cred={check_name(cred, 'cred', CRED_CHARS_MAX)}"
+            f"&hold={check_int(hold, 'hold', 1)}&use={check_int(use, 'use', 0)}")
+
+
+def target_events(after, limit, wait_s) -> str:
+    """SPEC "Events": `wait_s` is whole seconds (the wire's numbers are
+    integers)."""
+    target = f"/events?after={check_int(after, 'after', 0)}"
+    if limit is not None:
+        target += f"&limit={check_int(limit, 'limit', 1, EVENTS_LIMIT_MAX)}"
+    if wait_s is not None:
+        target += f"&wait={check_int(wait_s, 'wait_s', 0, EVENTS_WAIT_S_MAX)}"
     return target
 
 
@@ -97,4 +136,5 @@ class Endpoint:
         return (method + self.prefix + target + self.tail).encode("ascii")
 
 
-__all__ = ["Endpoint", "check_name", "check_int", "target_tot", "target_mod", "target_past"]
+__all__ = ["Endpoint", "check_name", "check_int", "target_tot", "target_mod", "target_past",
+           "target_hold", "target_settle", "target_events"]

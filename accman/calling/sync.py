@@ -12,7 +12,8 @@ import time
 
 from accman.calling import policy, replies
 from accman.calling.parser import ReplyParser
-from accman.calling.requests import Endpoint, target_mod, target_past, target_tot
+from accman.calling.requests import (Endpoint, target_events, target_hold, target_mod,
+                                     target_past, target_settle, target_tot)
 from accman.errors import AccManError, BadReply, CallTimeout, OutcomeUnknown, Unreachable
 
 log = logging.getLogger("accman.client")
@@ -63,10 +64,29 @@ class AccManSyncClient:
         """The durable balance.  NoAccount for an unknown credential."""
         return self._call(self._ep.request("GET ", target_tot(cred)), True, replies.tot)
 
-    def mod(self, cred: str, by: int, min: int | None = None, key: str | None = None) -> tuple:
+    def mod(self, cred: str, by: int, min: int | None = None, key: str | None = None,
+            low: int | None = None) -> tuple:
         """`(tot, seq)` once durable; see AccManClient.mod."""
-        req = self._ep.request("PATCH ", target_mod(cred, by, min, key))
+        req = self._ep.request("PATCH ", target_mod(cred, by, min, key, low))
         return self._call(req, key is not None, replies.mod)
+
+    def hold(self, cred: str, by: int, ttl_s: int, min: int | None = None,
+             key: str | None = None) -> tuple:
+        """`(hold, tot, seq)` once durable; see AccManClient.hold."""
+        req = self._ep.request("PATCH ", target_hold(cred, by, ttl_s, min, key))
+        return self._call(req, key is not None, replies.hold)
+
+    def settle(self, cred: str, hold: int, use: int) -> tuple:
+        """`(tot, seq)` once durable; see AccManClient.settle."""
+        req = self._ep.request("PATCH ", target_settle(cred, hold, use))
+        return self._call(req, True, replies.settle)
+
+    def events(self, after: int = 0, limit: int | None = None,
+               wait_s: int | None = None) -> replies.EventsPage:
+        """`(events, next)`; see AccManClient.events.  With `wait_s`, the
+        attempt's timeout is `timeout_s + wait_s`."""
+        req = self._ep.request("GET ", target_events(after, limit, wait_s))
+        return self._call(req, True, replies.events(after), wait_s or 0)
 
     def past(self, cred: str, limit: int | None = None,
              before: int | None = None) -> replies.PastPage:
@@ -74,11 +94,11 @@ class AccManSyncClient:
         req = self._ep.request("GET ", target_past(cred, limit, before))
         return self._call(req, True, replies.past)
 
-    def _call(self, req: bytes, safe: bool, decode):
+    def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
         attempt = 0
         while True:
             try:
-                return decode(*self._attempt(req))
+                return decode(*self._attempt(req, self._timeout_s + wait_s))
             except AccManError as e:
                 if attempt >= self._retries or self._closed or not policy.retryable(e, safe):
                     raise
@@ -86,20 +106,22 @@ class AccManSyncClient:
             time.sleep(policy.pause_s(attempt))
             attempt += 1
 
-    def _attempt(self, req: bytes) -> tuple:
+    def _attempt(self, req: bytes, timeout_s: float) -> tuple:
         if self._closed:
             raise Unreachable("the client is closed")
-        deadline = time.monotonic() + self._timeout_s
+        deadline = time.monotonic() + timeout_s
         sock = self._ready(deadline)
         try:
             replies_read = self._exchange(sock, req, deadline)
         except socket.timeout:
             self._drop()
-            raise CallTimeout(f"no reply from AccMan within {self._timeout_s} s") from None
+            raise CallTimeout(f"no reply from AccMan within {timeout_s:g} s") from None
         except OSError:
             self._drop()
             raise OutcomeUnknown("the connection to AccMan broke before the reply") from None
-        except AccManError:
+        except BaseException:
+            # An AccManError, or an interrupt (^C): a reply may still come
+            # on this socket, and would be taken for the next call's.
             self._drop()
             raise
         if len(replies_read) > 1 or self._parser.pending:

@@ -1,0 +1,140 @@
+"""Following the event stream, for `accman events --follow`: long polls
+with a blocking client, each resuming from the last one's `next`, every
+event written as one JSON line, until the follower is told to stop.
+
+It stops cleanly (whole lines only, and `after` names the last event
+written) on SIGINT or SIGTERM, and when the reader of its output goes away
+(a closed pipe: `accman events --follow | head`).  An outage (AccMan
+restarting, a network blip) is ridden out with pauses, up to
+FOLLOW_OUTAGE_S_MAX without an answer; any other error ends it."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import time
+from typing import NamedTuple
+
+from accman.errors import AccManError, TransportError, Unavailable
+
+# --- bounds ------------------------------------------------------------------
+# Each long poll's wait: under the 30 to 60 s after which common proxies
+# close an idle connection, so that one between the follower and AccMan
+# does not cut every poll.
+FOLLOW_WAIT_S = 25
+# While AccMan gives no answer: pauses from FOLLOW_PAUSE_S doubling up to
+# FOLLOW_PAUSE_MAX_S, for at most FOLLOW_OUTAGE_S_MAX in a row (long enough
+# for a restart, short enough that a follower left running against a dead
+# server says so).
+FOLLOW_PAUSE_S = 1.0
+FOLLOW_PAUSE_MAX_S = 10.0
+FOLLOW_OUTAGE_S_MAX = 300.0
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Followed(NamedTuple):
+    """How following ended: `after` is the id of the last event written
+    (resume with it); `why` is "signal", "reader gone", or "error" with
+    `error` the AccManError that ended it."""
+
+    after: int
+    why: str
+    error: AccManError | None = None
+
+
+def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
+           note=None) -> Followed:
+    """Follows the stream from `after` with `acc` (an AccManSyncClient),
+    writing to `out` (default stdout); `note(text)` is told of each retry.
+    Must run in the main thread (it handles STOP_SIGNALS meanwhile)."""
+    out = sys.stdout if out is None else out
+    state = {"after": after}
+    old = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS}
+    try:
+        return _loop(acc, state, limit, wait_s, out, note or _silent)
+    except KeyboardInterrupt:
+        return Followed(state["after"], "signal")
+    except BrokenPipeError:
+        _quiet(out)
+        return Followed(state["after"], "reader gone")
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _loop(acc, state, limit, wait_s, out, note) -> Followed:
+    failing_since = None
+    attempt = 0
+    while True:
+        if _reader_gone(out):
+            return Followed(state["after"], "reader gone")
+        try:
+            events, nxt = acc.events(state["after"], limit=limit, wait_s=wait_s)
+        except (TransportError, Unavailable) as e:
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since >= FOLLOW_OUTAGE_S_MAX:
+                return Followed(state["after"], "error", e)
+            pause = min(FOLLOW_PAUSE_S * 2 ** attempt, FOLLOW_PAUSE_MAX_S)
+            note(f"no answer ({e.detail}); trying again in {pause:g} s")
+            time.sleep(pause)
+            attempt += 1
+            continue
+        except AccManError as e:
+            return Followed(state["after"], "error", e)
+        failing_since, attempt = None, 0
+        _write(out, events, nxt, state)
+
+
+def _write(out, events, nxt, state) -> None:
+    """Writes the events, one JSON line each, and moves `after` on, with
+    the stop signals held back meanwhile: a stop lands between batches,
+    never inside a line, and `after` always names the last line written."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        if events:
+            out.write("".join(json.dumps(e._asdict(), separators=(",", ":")) + "\n"
+                              for e in events))
+            out.flush()
+        state["after"] = nxt
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def _silent(_text) -> None:
+    pass
+
+
+def _reader_gone(out) -> bool:
+    """True when `out` is a pipe whose reader has closed it (poll reports
+    an error on the write end), so an idle follower notices without
+    waiting for an event to write."""
+    try:
+        poller = select.poll()
+        poller.register(out.fileno(), 0)       # errors and hang-ups are always reported
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet(out) -> None:
+    """After the reader went away: point `out` at /dev/null, so that the
+    flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+__all__ = ["follow", "Followed", "FOLLOW_WAIT_S", "FOLLOW_PAUSE_S", "FOLLOW_PAUSE_MAX_S",
+           "FOLLOW_OUTAGE_S_MAX"]

@@ -1,0 +1,144 @@
+"""The middleware's reserve mode (accman.calling.asgi): one request between
+its hold and its settle, on AccMan's holds (SPEC "Holds").
+
+    before the app       PATCH /hold?cred=C&by=-estimate&ttl=hold_ttl_s&key=ID-h
+    response starts      PATCH /settle?cred=C&hold=H&use=min(cost, estimate)
+    the app raised, the  PATCH /settle?cred=C&hold=H&use=0, at once, in the
+    consumer left, or    background
+    no response came
+
+A hold that is never settled (the service crashed or lost AccMan) ends by
+itself after hold_ttl_s, all of it returned: no reservation leaks.  A
+settle is idempotent (the same `use` answers the first reply), so one that
+fails is owed and retried (accman.calling.owed); one that meets
+`hold_ended` because the hold expired first (the app ran past
+hold_ttl_s) is charged as a keyed mod instead, and logged.
+
+`DisconnectWatch`, which both modes use, is here too."""
+
+from __future__ import annotations
+
+import logging
+
+from accman.calling.owed import Settle, expired_charge_key, fingerprint
+from accman.errors import AccManError, HoldEnded
+
+log = logging.getLogger("accman.asgi")
+
+
+class DisconnectWatch:
+    """Wraps an ASGI `receive` and remembers whether the client went away
+    (http.disconnect), so that a request whose client left is not charged;
+    `on_gone()`, if given, is called when it is seen."""
+
+    __slots__ = ("_receive", "_on_gone", "gone")
+
+    def __init__(self, receive, on_gone=None):
+        self._receive = receive
+        self._on_gone = on_gone
+        self.gone = False
+
+    async def receive(self):
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.gone:
+            self.gone = True
+            if self._on_gone is not None:
+                self._on_gone()
+        return message
+
+
+class Reservation:
+    """A reserve-mode request: `hold` is its hold's id (None when the
+    estimate is 0 and nothing is held), `tot` the balance seen at
+    admission, `ended` true once it is settled or released."""
+
+    __slots__ = ("mw", "acc", "scope", "cred", "price", "rid", "est", "hold", "tot", "ended",
+                 "watch")
+
+    def __init__(self, mw, acc, scope, cred, price, rid, est, receive):
+        self.mw, self.acc, self.scope, self.cred, self.price = mw, acc, scope, cred, price
+        self.rid, self.est = rid, est
+        self.hold = self.tot = None
+        self.ended = False
+        self.watch = DisconnectWatch(receive, self.release)
+
+    @property
+    def hold_key(self) -> str:
+        return self.rid + "-h"
+
+    async def admit(self, ttl_s: int) -> None:
+        """Holds the estimate; raises the AccManError that refuses the
+        request (NoAccount, Insufficient, TooManyHolds, an outage)."""
+        if not self.est:
+            self.tot = await self.acc.tot(self.cred)
+            return
+        self.hold, self.tot, _ = await self.acc.hold(self.cred, -self.est, ttl_s,
+                                                     key=self.hold_key)
+
+    def sender(self, send):
+        async def send_(message):
+            if message["type"] == "http.response.start":
+                message = await self.settle(message)
+            await send(message)
+        return send_
+
+    async def settle(self, message):
+        """Settles the hold with the response's cost, capped at the hold;
+        the response start with the balance header."""
+        mw = self.mw
+        if self.ended:
+            return message              # released: the consumer went away
+        # A cost function that raises is a bug in the service: the caller
+        # releases the hold, since `ended` is still false.
+        cost = mw._cost_of_response(self.price, self.scope, message)
+        self.ended = True
+        if cost > self.est:
+            mw.stats["capped"] += 1
+            log.warning("accman: cost %d over the hold %d: charged %d", cost, self.est, self.est)
+            cost = self.est
+        if self.hold is None:
+            return mw._with_tot(message, self.tot)     # nothing held, nothing charged
+        if not cost:
+            mw.stats["released"] += 1
+        return mw._with_tot(message, await self._settle(cost))
+
+    async def _settle(self, use: int):
+        mw = self.mw
+        try:
+            tot, _ = await self.acc.settle(self.cred, self.hold, use)
+        except HoldEnded:
+            if not use:
+                return None             # expired: all of it came back already
+            mw.stats["expired"] += 1
+            key = expired_charge_key(self.rid)
+            log.warning("accman: hold %d of account %s expired before the response (the app "
+                        "ran past hold_ttl_s=%d s): charging %d as a mod, key %s", self.hold,
+                        fingerprint(self.cred), mw.hold_ttl_s, use, key)
+            return await mw._charge(self.acc, self.cred, use, key)
+        except AccManError as e:
+            mw._owed.add(Settle(self.cred, self.hold, use, self.rid), e)
+            return None
+        mw._charged(use)
+        return tot
+
+    def release(self) -> None:
+        """Ends the hold with use 0 at once, in the background (the app's
+        exception goes on to the server, the disconnect is not delayed);
+        owed if AccMan cannot take it now."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.hold is not None:
+            self.mw.stats["released"] += 1
+            self.mw._spawn(self._release())
+
+    async def _release(self) -> None:
+        try:
+            await self.acc.settle(self.cred, self.hold, 0)
+        except HoldEnded:
+            pass                        # expired: nothing is held
+        except AccManError as e:
+            self.mw._owed.add(Settle(self.cred, self.hold, 0, self.rid), e)
+
+
+__all__ = ["DisconnectWatch", "Reservation"]

@@ -1,0 +1,340 @@
+"""The middleware's reserve mode on AccMan's holds (issue 13), driven as an
+ASGI app against the fake AccMan of tests/fake_accman.py: the hold before
+the app, the settle when the response starts, the release at once on an
+exception, a disconnect or no response, a hold that expired under a slow
+app, owed settles, and no overdraft under concurrency.  The real server,
+uvicorn and a SIGKILLed service are in tests/test_e2e_holds.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from accman.asgi import HOLD_TTL_S_DEFAULT, AccManMiddleware, fingerprint
+from accman.calling import owed as owed_mod
+from accman.limits import HOLD_TTL_S_MAX
+from asgi_harness import CRED, call, entries, make_app, mw
+from fake_accman import FakeAccMan, run
+
+
+@pytest.fixture
+def fake():
+    with FakeAccMan() as f:
+        yield f
+
+
+@pytest.fixture(autouse=True)
+def quick_followups(monkeypatch):
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.01)
+
+
+def served_and_drained(m, **kw):
+    async def go():
+        r = await call(m, **kw)
+        assert await m.drain(5)
+        return r
+    return run(go())
+
+
+def est_then(est, cost):
+    return lambda scope, status, headers: est if status is None else cost
+
+
+# --- the flow ---------------------------------------------------------------------
+def test_a_request_holds_its_estimate_then_settles_its_cost(fake):
+    fake.fund(CRED, 10)
+    m = mw(fake, mode="reserve", cost=est_then(5, 2))
+    r = run(call(m))
+    assert r.status == 200 and r.headers["accman"] == "8"
+    assert entries(fake) == [(10, None, None), (-5, "-h", 2), (3, None, 2)]
+    (_, _, hold, _), = fake.calls("/hold")
+    assert hold["by"] == "-5" and hold["ttl"] == str(HOLD_TTL_S_DEFAULT)
+    assert hold["key"].endswith("-h") and "min" not in hold         # the SPEC's default, 0
+    assert fake.calls("/settle")[0][2] == {"cred": CRED, "hold": "2", "use": "2"}
+    assert fake.mods() == [] and fake.open_holds(CRED) == {}
+    assert m.stats["charged"] == 1 and m.stats["charged_amount"] == 2
+
+
+def test_the_exact_cost_uses_all_of_the_hold(fake):
+    fake.fund(CRED, 10)
+    r = run(call(mw(fake, mode="reserve", cost=4)))
+    assert r.headers["accman"] == "6"
+    assert entries(fake) == [(10, None, None), (-4, "-h", 2), (0, None, 2)]
+
+
+def test_the_charge_is_capped_at_the_hold(fake):
+    fake.fund(CRED, 10)
+    m = mw(fake, mode="reserve", cost=est_then(2, 7))
+    assert run(call(m)).headers["accman"] == "8"
+    assert m.stats["capped"] == 1 and fake.calls("/settle")[0][2]["use"] == "2"
+
+
+@pytest.mark.parametrize("status", [404, 405, 400, 500])
+def test_an_error_response_releases_the_whole_hold(fake, status):
+    fake.fund(CRED, 10)
+    m = mw(fake, make_app(status=status), mode="reserve", cost=3)
+    r = run(call(m, "/nope"))
+    assert r.status == status and r.headers["accman"] == "10"
+    assert entries(fake) == [(10, None, None), (-3, "-h", 2), (3, None, 2)]
+    assert m.stats["free_status"] == 1 and m.stats["released"] == 1
+
+
+def test_a_zero_estimate_holds_nothing(fake):
+    fake.fund(CRED, 10)
+    m = mw(fake, mode="reserve", cost=est_then(0, 5))
+    r = run(call(m))
+    assert r.status == 200 and r.headers["accman"] == "10"
+    assert fake.calls("/hold") == [] and fake.calls("/settle") == [] and fake.tot(CRED) == 10
+    assert m.stats["capped"] == 1
+
+
+def test_the_token_needs_read_and_charge_only():
+    with FakeAccMan(tokens={"svc": {"read", "charge"}}) as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, token="svc", mode="reserve", cost=est_then(5, 1))
+        r = served_and_drained(m)
+        assert r.status == 200 and r.headers["accman"] == "9"
+        r = served_and_drained(mw(fake, make_app(status=404), token="svc", mode="reserve",
+                                  cost=5))
+        assert r.headers["accman"] == "9" and fake.tot(CRED) == 9
+        assert m.stats["stranded"] == 0 and fake.open_holds(CRED) == {}
+
+
+def test_hold_ttl_s_is_the_holds_ttl_and_is_checked(fake):
+    fake.fund(CRED, 10)
+    run(call(mw(fake, mode="reserve", hold_ttl_s=7)))
+    assert fake.calls("/hold")[0][2]["ttl"] == "7"
+    for bad in (0, HOLD_TTL_S_MAX + 1, 1.5, True, "90"):
+        with pytest.raises(ValueError, match="hold_ttl_s"):
+            mw(fake, mode="reserve", hold_ttl_s=bad)
+
+
+def test_too_many_holds_is_429_and_the_app_never_runs(fake, caplog):
+    fake.fund(CRED, 10)
+    fake.holds_max = 0
+    calls = []
+    m = mw(fake, make_app(calls=calls), mode="reserve")
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        r = run(call(m))
+    assert r.status == 429 and r.json()["error"] == "too_many_requests"
+    assert r.headers["retry-after"] == "1" and calls == []
+    assert m.stats["refused_too_many"] == 1 and fingerprint(CRED) in caplog.text
+
+
+# --- releases, at once ------------------------------------------------------------
+def test_an_app_that_raises_releases_its_hold_at_once(fake):
+    fake.fund(CRED, 10)
+    m = mw(fake, make_app(raise_exc=RuntimeError("boom")), mode="reserve", cost=3)
+
+    async def go():
+        with pytest.raises(RuntimeError):
+            await call(m)
+        assert await m.drain(5)
+    run(go())
+    assert entries(fake) == [(10, None, None), (-3, "-h", 2), (3, None, 2)]
+    assert fake.calls("/settle")[0][2]["use"] == "0"
+    assert m.stats["released"] == 1 and m.stats["owed"] == 0
+
+
+def test_a_cost_function_that_raises_releases_the_hold(fake):
+    fake.fund(CRED, 10)
+
+    def cost(scope, status, headers):
+        if status is None:
+            return 3
+        raise KeyError("x-rows")
+    m = mw(fake, mode="reserve", cost=cost)
+
+    async def go():
+        with pytest.raises(KeyError):
+            await call(m)
+        assert await m.drain(5)
+    run(go())
+    assert fake.tot(CRED) == 10 and fake.calls("/settle")[0][2]["use"] == "0"
+
+
+def test_a_disconnect_releases_the_hold_while_the_app_still_runs(fake):
+    """The release does not wait for the app: the consumer's money is back
+    as soon as the middleware sees the disconnect."""
+    fake.fund(CRED, 10)
+    seen = {}
+
+    async def app(scope, receive, send):
+        await receive()
+        assert (await receive())["type"] == "http.disconnect"
+        for _ in range(100):
+            if fake.tot(CRED) == 10:
+                break
+            await asyncio.sleep(0.01)
+        seen["tot while the app runs"] = fake.tot(CRED)
+        await make_app()(scope, receive, send)       # a response to nobody: not charged
+
+    m = mw(fake, app, mode="reserve", cost=3)
+    served_and_drained(m, disconnect=True)
+    assert seen == {"tot while the app runs": 10}
+    assert entries(fake) == [(10, None, None), (-3, "-h", 2), (3, None, 2)]
+    assert len(fake.calls("/settle")) == 1 and m.stats["charged"] == 0
+
+
+def test_no_response_releases_the_hold(fake):
+    fake.fund(CRED, 10)
+    m = mw(fake, make_app(respond=False), mode="reserve", cost=3)
+    served_and_drained(m)
+    assert entries(fake) == [(10, None, None), (-3, "-h", 2), (3, None, 2)]
+
+
+def test_a_cancelled_request_releases_its_hold(fake):
+    """The ASGI server cancels the request's task (a shutdown, a timeout):
+    the hold is not left to its expiry."""
+    fake.fund(CRED, 10)
+
+    async def hang(scope, receive, send):
+        await asyncio.sleep(3600)
+    m = mw(fake, hang, mode="reserve", cost=3)
+
+    async def go():
+        task = asyncio.create_task(call(m))
+        while not fake.open_holds(CRED):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await m.drain(5)
+    run(go())
+    assert fake.tot(CRED) == 10 and fake.open_holds(CRED) == {}
+
+
+# --- holds that expire, settles that fail ---------------------------------------------
+def test_a_hold_that_expired_under_a_slow_app_is_charged_as_a_keyed_mod(fake, caplog):
+    fake.fund(CRED, 10)
+
+    async def slow(scope, receive, send):
+        fake.expire_due(time.monotonic() + HOLD_TTL_S_DEFAULT + 1)   # the app ran past the ttl
+        await make_app()(scope, receive, send)
+
+    m = mw(fake, slow, mode="reserve", cost=est_then(5, 2))
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        r = served_and_drained(m)
+    assert r.status == 200 and r.headers["accman"] == "8"
+    assert entries(fake) == [(10, None, None), (-5, "-h", 2), (5, None, 2), (-2, "-c", None)]
+    assert m.stats["expired"] == 1 and m.stats["charged_amount"] == 2
+    assert "expired before the response" in caplog.text and "hold_ttl_s=90" in caplog.text
+    assert CRED not in caplog.text
+
+
+def test_a_settle_that_fails_is_owed_and_lands_once(fake):
+    fake.fund(CRED, 10)
+    lost = []
+
+    def fault(method, path, params):
+        if path == "/settle" and len(lost) < 3:
+            lost.append(1)
+            return ("apply_drop",) if len(lost) == 1 else ("drop",)
+    fake.fault = fault
+    m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=1)
+    r = served_and_drained(m)
+    assert r.status == 200 and "accman" not in r.headers      # served; balance unknown
+    assert entries(fake) == [(10, None, None), (-5, "-h", 2), (3, None, 2)]
+    assert m.stats["owed"] == 1 and m.stats["stranded"] == 0
+    assert {c[2]["use"] for c in fake.calls("/settle")} == {"2"}
+
+
+def test_an_owed_settle_whose_hold_expired_meanwhile_is_charged_as_a_mod(fake):
+    fake.fund(CRED, 10)
+    fake.fault = lambda m, p, q: ("drop",) if p == "/settle" else None
+    m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0)
+
+    async def go():
+        r = await call(m)
+        await asyncio.sleep(0.05)                       # owed, failing
+        fake.fault = None
+        fake.expire_due(time.monotonic() + HOLD_TTL_S_DEFAULT + 1)
+        assert await m.drain(5)
+        return r
+    assert run(go()).status == 200
+    assert entries(fake) == [(10, None, None), (-5, "-h", 2), (5, None, 2), (-2, "-c", None)]
+    assert m.stats["stranded"] == 0
+
+
+def test_a_hold_with_unknown_outcome_is_undone(fake):
+    fake.fund(CRED, 10)
+    lost = []
+
+    def fault(method, path, params):
+        if path == "/hold" and not lost:
+            lost.append(1)
+            return ("apply_drop",)
+    fake.fault = fault
+    r = served_and_drained(mw(fake, mode="reserve", cost=3, retries=0))
+    assert r.status == 503
+    # the hold repeated with its key answers its first reply; then released
+    assert entries(fake) == [(10, None, None), (-3, "-h", 2), (3, None, 2)]
+    assert len(fake.calls("/hold")) == 2
+
+
+def test_a_stranded_release_loses_nothing_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = lambda m, p, q: ("drop",) if p == "/settle" else None
+        m = mw(fake, make_app(raise_exc=ValueError("x")), mode="reserve", cost=3, retries=0)
+
+        async def go():
+            with pytest.raises(ValueError):
+                await call(m)
+            assert await m.drain(5)
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            run(go())
+        assert m.stats["stranded"] == 1 and m.stats["unpaid_amount"] == 0
+        assert "nothing is lost: a hold returns by itself at its expiry" in caplog.text
+        assert fake.tot(CRED) == 7
+        fake.fault = None
+        fake.expire_due(time.monotonic() + HOLD_TTL_S_DEFAULT + 1)
+        assert fake.tot(CRED) == 10
+
+
+def test_a_stranded_settle_is_unpaid(monkeypatch, caplog):
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = lambda m, p, q: ("drop",) if p == "/settle" else None
+        unpaid = []
+        m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0,
+               on_unpaid=lambda cred, amount: unpaid.append(amount))
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            served_and_drained(m)
+        assert unpaid == [2] and "the account owes 2" in caplog.text
+
+
+# --- concurrency ------------------------------------------------------------------
+def test_no_overdraft_under_concurrency(fake):
+    fake.fund(CRED, 10)
+    fake.fault = lambda m, p, q: ("delay", 0.002)
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(0.01)
+        await make_app()(scope, receive, send)
+
+    m = mw(fake, slow, mode="reserve", cost=est_then(3, 2))
+
+    async def go():
+        return await asyncio.gather(*(call(m) for _ in range(100)))
+    replies = run(go())
+    ok = [r for r in replies if r.status == 200]
+    assert {r.status for r in replies} == {200, 402} and len(ok) >= 3
+    assert all(e["tot"] >= 0 for e in fake.accounts[CRED]["past"])
+    assert fake.tot(CRED) == 10 - 2 * len(ok) and fake.open_holds(CRED) == {}
+
+
+def test_a_shared_client_is_used_for_holds(fake):
+    from accman.client import AccManClient
+    fake.fund(CRED, 10)
+
+    async def go():
+        async with AccManClient(fake.url) as acc:
+            m = AccManMiddleware(make_app(), client=acc, mode="reserve", cost=2)
+            return await call(m)
+    assert run(go()).headers["accman"] == "8"

@@ -1,0 +1,265 @@
+"""The command line's holds and events (issue 13): `accman hold`, `settle`,
+`events [--follow]` and `mod --low`, as subprocesses against the fake
+AccMan of tests/fake_accman.py: values refused before anything is sent,
+exit codes, what a lost reply says, and a follower that resumes from
+`next`, rides out an outage and stops cleanly on SIGINT, SIGTERM and a
+closed pipe.  The real server: tests/test_e2e_holds.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from accman.calling import follow as follow_mod
+from accman.client import AccManSyncClient
+from accman.errors import Unreachable
+from conftest import ROOT, run_accman, server_env
+from fake_accman import FakeAccMan, account_id, closed_port
+from test_cli import one_line_error
+
+
+@pytest.fixture
+def fake():
+    with FakeAccMan() as f:
+        yield f
+
+
+def ok_json(proc):
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stderr == ""
+    return json.loads(proc.stdout)
+
+
+# --- hold, settle, events, mod --low -----------------------------------------------
+def test_hold_settle_events_round_trip(fake):
+    fake.fund("abc", 10)
+    url = ["--url", fake.url]
+    held = ok_json(run_accman("hold", "abc", "-3", "--ttl", "60", "--key", "k1", *url))
+    assert held == {"hold": 2, "tot": 7, "seq": 2}
+    assert fake.calls("/hold")[0][2] == {"cred": "abc", "by": "-3", "ttl": "60", "key": "k1"}
+    assert ok_json(run_accman("settle", "abc", "2", "1", *url)) == {"tot": 9, "seq": 3}
+    page = ok_json(run_accman("events", *url))
+    assert page["next"] == 3
+    assert [(e["id"], e["type"], e["by"], e["hold"]) for e in page["events"]] == [
+        (1, "mod", 10, None), (2, "hold", -3, 2), (3, "settle", 2, 2)]
+    assert page["events"][1]["account"] == account_id("abc") and page["events"][1]["key"] == "k1"
+    page = ok_json(run_accman("events", "--after", "2", "--limit", "1", "--wait", "0", *url))
+    assert [e["id"] for e in page["events"]] == [3] and page["next"] == 3
+    assert ok_json(run_accman("mod", "abc", "5", "--low", "4", *url)) == {"tot": 14, "seq": 4}
+    assert fake.mods()[-1][2] == {"cred": "abc", "by": "5", "low": "4"}
+
+
+def test_hold_with_min_and_a_credential_after_double_dash(fake):
+    fake.fund("-dash", 10)
+    proc = run_accman("hold", "--ttl", "5", "--min", "8", "--url", fake.url, "--", "-dash", "-2")
+    assert ok_json(proc) == {"hold": 2, "tot": 8, "seq": 2}
+    assert fake.calls("/hold")[0][2]["min"] == "8"
+
+
+@pytest.mark.parametrize("args,names", [
+    (["hold", "abc", "3", "--ttl", "60"], "by must be negative"),
+    (["hold", "abc", "0", "--ttl", "60"], "by must not be 0"),
+    (["hold", "abc", "-03", "--ttl", "60"], "by"),
+    (["hold", "abc", "-3", "--ttl", "0"], "--ttl"),
+    (["hold", "abc", "-3", "--ttl", "86401"], "--ttl"),
+    (["hold", "abc", "-3", "--ttl", "1.5"], "--ttl"),
+    (["hold", "abc", "-3"], "--ttl"),
+    (["hold", "abc", "-3", "--ttl", "60", "--min", "+1"], "--min"),
+    (["hold", "abc", "-3", "--ttl", "60", "--key", "a/b"], "--key"),
+    (["hold", "a&by=1", "-3", "--ttl", "60"], "cred"),
+    (["settle", "abc", "0", "1"], "hold"),
+    (["settle", "abc", "x", "1"], "hold"),
+    (["settle", "abc", "2", "-1"], "use"),
+    (["settle", "abc", "2", "1_0"], "use"),
+    (["settle", "abc", "2"], "use"),
+    (["events", "--after", "-1"], "--after"),
+    (["events", "--limit", "0"], "--limit"),
+    (["events", "--limit", "1001"], "--limit"),
+    (["events", "--wait", "61"], "--wait"),
+    (["events", "--wait", "1.5"], "--wait"),
+    (["events", "--follow", "--wait", "-1"], "--wait"),
+    (["mod", "abc", "-3", "--low", "5"], "--low is set by a funding mod only"),
+    (["mod", "abc", "3", "--low", "05"], "--low"),
+])
+def test_bad_values_are_refused_before_anything_is_sent(fake, args, names):
+    err = one_line_error(run_accman(*args, "--url", fake.url))
+    assert names in err and f"accman {args[0]} --help" in err
+    assert "a&by=1" not in err
+    assert fake.requests == []
+
+
+def test_refusals_exit_1_with_the_error(fake):
+    fake.fund("abc", 5)
+    url = ["--url", fake.url]
+    err = one_line_error(run_accman("hold", "abc", "-6", "--ttl", "9", *url), 1)
+    assert "409 insufficient" in err and "(tot 5)" in err
+    err = one_line_error(run_accman("hold", "nobody", "-1", "--ttl", "9", *url), 1)
+    assert "404 no_account" in err
+    err = one_line_error(run_accman("settle", "abc", "7", "0", *url), 1)
+    assert "404 no_hold" in err
+    run_accman("hold", "abc", "-2", "--ttl", "9", *url)
+    assert run_accman("settle", "abc", "2", "2", *url).returncode == 0
+    err = one_line_error(run_accman("settle", "abc", "2", "0", *url), 1)
+    assert "409 hold_ended" in err
+    fake.holds_max = 0
+    err = one_line_error(run_accman("hold", "abc", "-1", "--ttl", "9", *url), 1)
+    assert "409 too_many_holds" in err
+
+
+def test_events_trimmed_says_where_to_go_on(fake):
+    for _ in range(4):
+        fake.fund("abc", 1)
+    fake.trim(3)
+    for extra in ([], ["--follow"]):
+        err = one_line_error(run_accman("events", *extra, "--url", fake.url), 1)
+        assert "410 events_trimmed" in err and "--after 2" in err
+
+
+def test_roles_named_for_holds_and_events():
+    with FakeAccMan(tokens={"reader-token-0123": {"read"},
+                            "charger-token-0123": {"charge"}}) as fake:
+        fake.fund("abc", 5)
+        err = one_line_error(run_accman("hold", "abc", "-1", "--ttl", "9", "--url", fake.url,
+                                        "--token", "reader-token-0123"), 1)
+        assert "403" in err and "the charge role" in err
+        err = one_line_error(run_accman("settle", "abc", "1", "0", "--url", fake.url), 1)
+        assert "401" in err and "the charge role" in err
+        err = one_line_error(run_accman("events", "--url", fake.url,
+                                        "--token", "charger-token-0123"), 1)
+        assert "403" in err and "the read role" in err
+        assert "token-0123" not in err
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["hold", "abc", "-3", "--ttl", "30"], "a hold never settled ends by itself after --ttl 30 s"),
+    (["hold", "abc", "-3", "--ttl", "30", "--key", "k"], "same --key"),
+    (["settle", "abc", "2", "1"], "with the same USE it applies at most once"),
+])
+def test_a_lost_reply_says_what_to_do(fake, args, hint):
+    fake.fund("abc", 10)
+    if args[0] == "settle":
+        run_accman("hold", "abc", "-3", "--ttl", "30", "--url", fake.url)
+    fake.fault = lambda method, path, params: ("apply_drop",) if path != "/tot" else None
+    err = one_line_error(run_accman(*args, "--url", fake.url), 3)
+    assert "may or may not have applied" in err and hint in err
+
+
+def test_no_server_exits_3_and_nothing_was_sent():
+    url = f"http://127.0.0.1:{closed_port()}"
+    for args in (["hold", "abc", "-1", "--ttl", "9"], ["settle", "abc", "1", "0"], ["events"]):
+        err = one_line_error(run_accman(*args, "--url", url), 3)
+        assert "no answer" in err and "nothing was sent" in err
+
+
+# --- events --follow ------------------------------------------------------------------
+class Follower:
+    """`accman events --follow` as a subprocess whose stdout is read line by
+    line."""
+
+    def __init__(self, url, *args):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "accman", "events", "--follow", "--url", url, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(), cwd=ROOT)
+        self.buf = b""
+
+    def lines(self, n, timeout_s=10.0) -> list:
+        deadline = time.monotonic() + timeout_s
+        while self.buf.count(b"\n") < n:
+            left = deadline - time.monotonic()
+            assert left > 0, f"fewer than {n} lines: {self.buf!r}"
+            if select.select([self.proc.stdout], [], [], left)[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                assert chunk, self.proc.stderr.read().decode()
+                self.buf += chunk
+        out = self.buf.split(b"\n")
+        self.buf = b"\n".join(out[n:])
+        return [json.loads(line) for line in out[:n]]
+
+    def stop(self, sig) -> tuple:
+        self.proc.send_signal(sig)
+        rest, err = self.proc.communicate(timeout=10)
+        return self.proc.returncode, self.buf + rest, err.decode()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def followers():
+    started = []
+
+    def start(url, *args):
+        f = Follower(url, *args)
+        started.append(f)
+        return f
+    yield start
+    for f in started:
+        f.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_follow_prints_one_event_a_line_and_stops_cleanly_on_a_signal(fake, followers, sig):
+    fake.fund("abc", 1)
+    fake.fund("abc", 2)
+    f = followers(fake.url, "--wait", "2", "--limit", "1")
+    assert [(e["id"], e["by"]) for e in f.lines(2)] == [(1, 1), (2, 2)]
+    fake.fund("abc", 3)                          # during a long poll: resumed from next
+    assert [(e["id"], e["by"]) for e in f.lines(1)] == [(3, 3)]
+    code, rest, err = f.stop(sig)
+    assert code == 0 and rest == b""
+    assert err.strip().splitlines()[-1] == (
+        "accman: events: stopped (signal); to resume: accman events --follow --after 3")
+    assert [r[2]["after"] for r in fake.calls("/events")][:3] == ["0", "1", "2"]
+
+
+def test_follow_stops_when_the_reader_closes_the_pipe(fake):
+    """`accman events --follow | head -n 2`: the follower ends with the pipe,
+    exit 0 and no traceback, whether an event comes or not."""
+    for by in range(1, 4):
+        fake.fund("abc", by)
+    cmd = (f"set -o pipefail; {sys.executable} -m accman events --follow --wait 1 "
+           f"--url {fake.url} | head -n 2")
+    t = time.monotonic()
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30,
+                          env=server_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == [1, 2]
+    assert "Traceback" not in proc.stderr and "stopped (reader gone)" in proc.stderr
+    assert time.monotonic() - t < 15
+
+
+def test_an_idle_follower_notices_its_reader_gone(fake, followers):
+    f = followers(fake.url, "--wait", "1")
+    time.sleep(0.5)
+    f.proc.stdout.close()                        # no event is coming to fail a write
+    assert f.proc.wait(10) == 0
+    assert "stopped (reader gone)" in f.proc.stderr.read().decode()
+
+
+def test_follow_rides_out_no_answer_and_says_so(followers):
+    f = followers(f"http://127.0.0.1:{closed_port()}", "--wait", "1")
+    time.sleep(2.5)
+    code, rest, err = f.stop(signal.SIGINT)
+    assert code == 0 and rest == b""
+    assert err.count("no answer") >= 2 and "trying again in 1 s" in err
+    assert "to resume: accman events --follow --after 0" in err
+
+
+def test_follow_gives_up_after_follow_outage_s_max(monkeypatch):
+    monkeypatch.setattr(follow_mod, "FOLLOW_OUTAGE_S_MAX", 0.3)
+    monkeypatch.setattr(follow_mod, "FOLLOW_PAUSE_S", 0.05)
+    notes = []
+    with AccManSyncClient(f"http://127.0.0.1:{closed_port()}", retries=0) as acc:
+        end = follow_mod.follow(acc, 7, None, 1, out=sys.stdout, note=notes.append)
+    assert end.after == 7 and end.why == "error" and isinstance(end.error, Unreachable)
+    assert len(notes) >= 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # handlers restored
