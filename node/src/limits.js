@@ -49,9 +49,10 @@ const REPLY_BODY_BYTES_MAX = 1 << 20
 const PLUGIN_TIMEOUT_MS_DEFAULT = 2000
 const PLUGIN_RETRIES_DEFAULT = 1
 // A hold (reserve mode) ends by itself after this long if the service never
-// settles it (a crash): long enough for any request to finish, short enough
-// that a dead service's holds come back to the consumers within minutes.
-const HOLD_TTL_S_DEFAULT = 300
+// settles it (a crash): a little over a typical request timeout (60 s), so
+// that a dead service's holds come back within minutes; the same default
+// as the Python middleware's (docs/CALLING.md).
+const HOLD_TTL_S_DEFAULT = 90
 // Check mode admits on a balance read from AccMan (a tot, or a charge's
 // reply) at most this long ago in this process, so that a paid request
 // costs one round trip, not two.  Refusals are always confirmed by a fresh

@@ -104,7 +104,7 @@ export interface FastifyAccmanOptions {
   header?: string
   /** Charge responses of 400 and over too. Default false. */
   chargeErrors?: boolean
-  /** Reserve mode: a hold's ttl in seconds. Default 300. */
+  /** Reserve mode: a hold's ttl in seconds. Default 90. */
   holdTtlS?: number
   /** Check mode: admit on a balance read this recently. Default 1000; 0 reads every time. */
   checkFreshMs?: number
