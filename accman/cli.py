@@ -82,6 +82,12 @@ def build_parser():
                    help="what to check at start: the files' checksums and every record "
                         "read (full, the default), or the files' checksums and each "
                         "account's newest entry (heads)")
+    s.add_argument("--webhook", metavar="URL",
+                   help="POST every event, in batches in id order, to this http:// or "
+                        "https:// URL (needs --webhook-secret)")
+    s.add_argument("--webhook-secret", metavar="FILE",
+                   help="the webhook's HMAC-SHA256 key: this file's content (16 bytes at "
+                        "least; only its owner may read it)")
 
     def client(name, help_text):
         c = command(name, help_text)
@@ -148,6 +154,7 @@ def cmd_serve(args) -> int:
         from accman.errors import TokensError
         from accman.server import LimitsError, ServerLimits, StartupError, run
         from accman.server.auth import Tokens
+        from accman.server.webhooks import load_config
     except ImportError:
         why = accman.native_missing()
         if why is None:
@@ -156,11 +163,12 @@ def cmd_serve(args) -> int:
     try:
         tokens = Tokens.load(args.tokens) if args.tokens else None
         limits = ServerLimits.from_env()
-    except (TokensError, LimitsError) as e:
+        webhook = load_config(args.webhook, args.webhook_secret)
+    except (TokensError, LimitsError, StartupError) as e:
         return _fail(e)
     try:
         return run(host=args.host, port=args.port, data=args.data,
-                   tokens=tokens, limits=limits, verify=args.verify)
+                   tokens=tokens, limits=limits, verify=args.verify, webhook=webhook)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set

@@ -71,17 +71,35 @@ def _loop_exception_handler(_loop, context):
           file=sys.stderr, flush=True)
 
 
+def start_webhook(store, webhook, limits, loop, data_path):
+    """The webhook's deliverer, its cursor loaded (before a port is bound:
+    a cursor that cannot be read is a start-up error), not yet started.
+    The cursor is the store's when it keeps cursors, else a file in the
+    data directory (accman/server/cursors.py)."""
+    from accman.server.cursors import FileCursors
+    from accman.server.webhooks import Deliverer
+    cursors = store if hasattr(store, "save_cursor") else FileCursors(
+        getattr(store, "path", data_path))
+    deliverer = Deliverer(store, cursors, webhook, limits, loop)
+    loop.run_until_complete(deliverer.prepare())
+    return deliverer
+
+
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
-        limits=None, store=None, ready=None, verify="full") -> int:
+        limits=None, store=None, ready=None, verify="full", webhook=None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
     StartupError (one line for a person) when it cannot start.
 
     `store`, when given, is served instead of opening the ledger in `data`
     (tests inject a wrapped or faulty one this way); it is closed on the
-    way out."""
+    way out.  `webhook`, a WebhookConfig (accman.server.webhooks.load_config),
+    has the store's events POSTed to it."""
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
+    if webhook is not None:
+        from accman.server.webhooks import check_limits
+        check_limits(limits)
     if tokens is None and not is_loopback(host):
         raise StartupError(
             f"refusing to serve on {host or 'all interfaces'} without tokens: "
@@ -95,9 +113,13 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
+    deliverer = None
     try:
         server = Server(store, tokens=tokens, limits=limits, loop=loop)
         store.bind_loop(loop, deliver=server.deliver)
+        if webhook is not None:
+            deliverer = server.metrics.webhook = start_webhook(store, webhook, limits, loop,
+                                                               data_path)
         try:
             bound_host, bound_port = loop.run_until_complete(server.start(host, port))
         except OSError as e:
@@ -105,6 +127,10 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
             raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
         # Before the ready line: whoever waits for it may signal at once.
         server.install_signal_handlers()
+        if deliverer is not None:
+            deliverer.start()
+            print(f"accman: webhook: delivering to {webhook.target.where} after event "
+                  f"{deliverer.cursor}", file=sys.stderr, flush=True)
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         line = f"accman: serving http://{url_host}:{bound_port} {where}"
         if ready is None:
@@ -112,6 +138,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         else:
             ready(line)
         loop.run_until_complete(server.serve_until_stopped())
+        if deliverer is not None:
+            loop.run_until_complete(deliverer.stop())
         failure = None if store.healthy else (getattr(store, "failure", None)
                                               or "the store failed to commit")
     finally:
