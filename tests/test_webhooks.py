@@ -53,7 +53,7 @@ class FakeEvents:
         self.events = []
         self.first = 1
         self.waiters = []
-        self.reads = []             # (after, limit) of every call
+        self.reads = []             # (after, limit, wait_s) of every call
 
     def add(self, n, **kw):
         start = len(self.events) + 1
@@ -73,7 +73,7 @@ class FakeEvents:
         return page, (page[-1].id if page else after)
 
     def read_events(self, after, limit, wait_s, done):
-        self.reads.append((after, limit))
+        self.reads.append((after, limit, wait_s))
         page = self._page(after, limit)
         if isinstance(page, EventsTrimmed) or page[0] or wait_s == 0:
             return page
@@ -442,8 +442,10 @@ def test_events_that_come_later_are_delivered_as_they_come(rx, cursors):
             store.add(1)
         return d.cursor == 5
 
-    run_deliverer(setup, rx, until, cursors=cursors)
+    d = run_deliverer(setup, rx, until, cursors=cursors)
     assert [p.ids for p in rx.snapshot()] == [[1], [2], [3], [4], [5]]
+    # Each read waits WEBHOOK_POLL_WAIT_S for the first event.
+    assert {wait for _, _, wait in d.store.reads} == {FAST.webhook_poll_wait_s}
 
 
 def test_a_failing_receiver_gets_the_same_batch_again_until_it_takes_it(rx, cursors):
@@ -569,7 +571,7 @@ def test_a_restart_resumes_after_the_last_acknowledged_batch(rx, cursors):
     before = len(rx.snapshot())
     second = run_deliverer(with_events(23), rx, lambda d: d.cursor == 23,
                            cursors=FileCursors(cursors.directory), limits=limits)
-    assert second.store.reads[0][0] == 10
+    assert second.store.reads[0][:2] == (10, 5)
     again = rx.snapshot()[before:]
     assert [p.ids for p in again] == [[11, 12, 13, 14, 15], [16, 17, 18, 19, 20], [21, 22, 23]]
     assert delivered_ids(rx) == list(range(1, 24))
@@ -580,6 +582,15 @@ def test_webhook_events_per_post_max_bounds_a_post(rx, cursors):
     run_deliverer(with_events(20), rx, lambda d: d.cursor == 20, cursors=cursors,
                   limits=limits)
     assert [len(p.ids) for p in rx.snapshot()] == [7, 7, 6]
+
+
+def test_webhook_events_per_post_max_by_default(rx, cursors):
+    limits = ServerLimits(webhook_poll_wait_s=1.0)
+    n = L.WEBHOOK_EVENTS_PER_POST_MAX
+    d = run_deliverer(with_events(n + 10), rx, lambda d: d.cursor == n + 10, cursors=cursors,
+                      limits=limits)
+    assert [len(p.ids) for p in rx.snapshot()] == [n, 10]
+    assert d.store.reads[0] == (0, n, 1.0)
 
 
 def test_webhook_body_bytes_max_splits_a_batch(rx, cursors):
