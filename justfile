@@ -4,11 +4,15 @@ py := ".venv/bin/python"
 # create the venv and install AccMan with its test, benchmark and lint tools (editable)
 setup:
     python3 -m venv .venv
-    .venv/bin/pip install -e '.[test,bench,lint]'
+    .venv/bin/pip install -e '.[dev]'
 
 # recompile the Cython modules in ext/ in place
 build:
     {{py}} setup.py build_ext --inplace
+
+# the same with Cython's checks on (what CI runs the native tests against once)
+build-debug:
+    ACCMAN_DEBUG=1 {{py}} setup.py build_ext --inplace
 
 # the whole test suite (what CI runs)
 test: build
@@ -36,7 +40,12 @@ bench-profile: build
 
 # the long crash checker (kill -9 rounds for minutes; prints the seed)
 crash:
-    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/reliability/test_bank.py -p no:cacheprovider -s
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -p no:cacheprovider -s
+
+# the long power-loss emulation: every crash point of longer recorded runs, and the
+# damaged-file property with many more flips (needs strace; prints the counts)
+powercut:
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_powercut.py tests/test_damaged_files.py -p no:cacheprovider -s
 
 # bounded soak run: connection churn and pipelined floods, RSS measured
 soak:
@@ -45,3 +54,11 @@ soak:
 # style and static checks
 lint:
     {{py}} -m ruff check accman tests bench examples
+
+# the PostgreSQL store's loads for a minute each (bank checker, failover)
+pg-long:
+    ACCMAN_PG_LONG=1 {{py}} -m pytest tests/postgres/test_front_ends.py tests/postgres/test_failover.py -p no:cacheprovider
+
+# the PostgreSQL store's figures against pgbench (docs/SCALING.md)
+bench-pg:
+    {{py}} bench/pg_store.py --json bench/results/pg_store.json

@@ -3,7 +3,8 @@ package: ext/wire.pyx -> accman.server._wire, ext/ledger.pyx -> accman.ledger._l
 ext/check.pyx -> accman.ledger._check.
 
 ACCMAN_ONLY=wire (or ledger) builds one module alone, so that a developer
-working on one does not need the other to compile."""
+working on one does not need the other to compile; ACCMAN_DEBUG=1 builds
+with Cython's checks on (`just build-debug`)."""
 
 import os
 
@@ -18,18 +19,24 @@ MODULES = {
 
 only = os.environ.get("ACCMAN_ONLY")
 extensions = [MODULES[only]] if only else list(MODULES.values())
+# ACCMAN_DEBUG=1: a debug build, which CI runs the native modules' tests
+# against once: Cython's bounds, wraparound and initialisation checks on,
+# C asserts kept, no optimisation.
+debug = os.environ.get("ACCMAN_DEBUG") == "1"
 for ext in extensions:
-    ext.extra_compile_args = ["-O2"]
+    ext.extra_compile_args = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O2"]
 
 setup(
     ext_modules=cythonize(
         extensions,
         include_path=["ext"],
+        force=debug,
         compiler_directives={
             "language_level": "3",
-            "boundscheck": False,
-            "wraparound": False,
-            "cdivision": True,
+            "boundscheck": debug,
+            "wraparound": debug,
+            "initializedcheck": debug,
+            "cdivision": not debug,
         },
     ),
 )

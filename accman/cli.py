@@ -27,7 +27,8 @@ from accman.calling.requests import check_name
 from accman.calling.sync import AccManSyncClient
 from accman.errors import (AccManError, BadRequest, Forbidden, Insufficient, OutcomeUnknown,
                            Unauthorized, Unreachable)
-from accman.limits import CRED_CHARS_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX
+from accman.limits import (CRED_CHARS_MAX, EVENTS_RETENTION_S_DEFAULT, INT64_MAX, INT64_MIN,
+                           KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
@@ -53,6 +54,26 @@ class _ArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+_INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
+_DURATION_RE = re.compile(r"([1-9][0-9]*)([smhd]?)")
+_DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _int64(text):
+    """The SPEC's plain ASCII decimal, in signed 64-bit range."""
+    if not text.isascii() or _INT64_RE.fullmatch(text) is None \
+            or not INT64_MIN <= int(text) <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a signed 64-bit decimal integer")
+    return int(text)
+
+
+def _duration(text):
+    m = _DURATION_RE.fullmatch(text) if text.isascii() else None
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m or 7d")
+    return int(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
+
+
 def _port(text):
     if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r} (0..65535)")
@@ -74,8 +95,14 @@ def build_parser():
                    help="address to bind (default 127.0.0.1; others need --tokens)")
     s.add_argument("--port", type=_port, default=8080,
                    help="port (default 8080; 0 picks a free one)")
-    s.add_argument("--data", default=DEFAULT_DATA,
-                   help=f"data directory (default {DEFAULT_DATA}; created if missing)")
+    s.add_argument("--data", default=None,
+                   help=f"data directory (default {DEFAULT_DATA}; created if missing): the "
+                        "embedded store; with --store it holds only this server's lock")
+    s.add_argument("--store", action="append", metavar="URL", default=[],
+                   help="serve from PostgreSQL instead of the embedded store: a libpq URL "
+                        "(several hosts with target_session_attrs=read-write for failover); "
+                        "given more than once, accounts spread over the clusters "
+                        "(docs/SCALING.md)")
     s.add_argument("--tokens", metavar="FILE",
                    help="tokens file: one `ROLE[,ROLE...] TOKEN` a line")
     s.add_argument("--verify", choices=("full", "heads"), default="full",
@@ -88,6 +115,13 @@ def build_parser():
     s.add_argument("--webhook-secret", metavar="FILE",
                    help="the webhook's HMAC-SHA256 key: this file's content (16 bytes at "
                         "least; only its owner may read it)")
+    s.add_argument("--low-balance", type=_int64, metavar="L", default=None,
+                   help="emit a low_balance event when a balance crosses below L, for "
+                        "accounts whose funding mod set no low= of their own (default: none)")
+    s.add_argument("--events-retention", type=_duration, metavar="DURATION",
+                   default=EVENTS_RETENTION_S_DEFAULT,
+                   help="keep events at least this long: seconds, or a number with s, m, h "
+                        "or d (default 7d)")
 
     def client(name, help_text):
         c = command(name, help_text)
@@ -121,6 +155,10 @@ def build_parser():
                    help=f"entries per page (1..{PAST_LIMIT_MAX}, default 100)")
     h.add_argument("--before", default=None, help="only entries with seq < BEFORE")
 
+    g = command("migrate", "create or upgrade the PostgreSQL schema (serve does it too)")
+    g.add_argument("--store", action="append", metavar="URL", required=True,
+                   help="a libpq URL of each cluster of the store")
+
     v = command("verify", "check a data directory (the server must be stopped)")
     v.add_argument("--data", default=DEFAULT_DATA,
                    help=f"data directory (default {DEFAULT_DATA})")
@@ -137,6 +175,8 @@ def main(argv=None) -> int:
         return cmd_serve(args)
     if args.command == "verify":
         return cmd_verify(args)
+    if args.command == "migrate":
+        return cmd_migrate(args)
     if args.command == "open":
         return cmd_open(args)
     return cmd_call(args)
@@ -167,18 +207,35 @@ def cmd_serve(args) -> int:
     except (TokensError, LimitsError, StartupError) as e:
         return _fail(e)
     try:
-        return run(host=args.host, port=args.port, data=args.data,
-                   tokens=tokens, limits=limits, verify=args.verify, webhook=webhook)
+        data = args.data if args.data is not None or args.store else DEFAULT_DATA
+        return run(host=args.host, port=args.port, data=data,
+                   tokens=tokens, limits=limits, verify=args.verify,
+                   low_balance=args.low_balance, events_retention_s=args.events_retention,
+                   store_urls=args.store, webhook=webhook)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set
         return 130
 
 
+def cmd_migrate(args) -> int:
+    from accman.errors import StoreError
+    try:
+        from accman.postgres import migrate_sync
+    except ImportError:
+        return _fail("the PostgreSQL store needs asyncpg: pip install 'accman[postgres]'")
+    try:
+        print(migrate_sync(args.store), flush=True)
+    except StoreError as e:
+        return _fail(e.detail)
+    return EXIT_OK
+
+
 def cmd_verify(args) -> int:
-    from accman.errors import StoreCorrupt, StoreLocked
+    from accman.errors import AccManError, StoreCorrupt, StoreLocked
     try:
         from accman.ledger import Ledger
+        from accman.ledger.leveldb import Store
     except ImportError:
         why = accman.native_missing()
         if why is None:
@@ -189,7 +246,9 @@ def cmd_verify(args) -> int:
     if not os.path.isdir(path):
         return _fail(f"no data directory at {path}")
     try:
-        ledger = Ledger(path, create=False)
+        # Read-only: recovery runs in a private copy, so that a read-only
+        # copy or mount can be verified and no file of the store changes.
+        ledger = Ledger(path, create=False, store=Store(path, create=False, read_only=True))
     except StoreLocked:
         return _fail(f"data directory {path} is in use by a running server; stop it first")
     except StoreCorrupt as e:

@@ -118,6 +118,20 @@ class StoreCorrupt(StoreError):
     code = "store_corrupt"
 
 
+class FileDamage(Exception):
+    """One file of a data directory fails its checks (accman.ledger.wal,
+    accman.ledger.fsck, accman.ledger.keyfile): the message names the file
+    and the place.  Internal: the store adds the directory and raises
+    StoreCorrupt, refusing to serve."""
+
+
+class CheckpointPostponed(Exception):
+    """A write-ahead log checkpoint could not be taken for a reason that
+    lost nothing (no descriptor free to open a file, no space for the new
+    checkpoint file): the log keeps every record and the checkpoint is
+    tried again later.  Internal to accman.ledger.wal."""
+
+
 class HttpError(AccManError):
     """An error found while reading an HTTP request.  `close` is true for
     framing errors, after which the connection cannot be trusted; `allow`

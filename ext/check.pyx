@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""CRC-32C (Castagnoli) and LevelDB's masked form of it, for accman.fsck,
+"""CRC-32C (Castagnoli) and LevelDB's masked form of it, for accman.ledger.fsck,
 which checks a data directory's logs and tables before LevelDB opens it.
 
 Table-driven, eight bytes a step ("slicing by 8"), in a C loop with the GIL
@@ -17,12 +17,14 @@ cdef uint32_t MASK_DELTA = 0xA282EAD8u
 
 # The log format (leveldb doc/log_format.md): 32 KiB blocks; a record is
 # crc:4 (masked, of type and payload), length:2 (LE), type:1, payload.
-LOG_BLOCK_BYTES = 32768
-LOG_HEADER_BYTES = 7
+# Defined once, for C, and exported to Python as they are.
 cdef enum:
     C_LOG_BLOCK_BYTES = 32768
     C_LOG_HEADER_BYTES = 7
     LOG_TYPE_MAX = 4            # FULL 1, FIRST 2, MIDDLE 3, LAST 4
+
+LOG_BLOCK_BYTES = C_LOG_BLOCK_BYTES
+LOG_HEADER_BYTES = C_LOG_HEADER_BYTES
 
 cdef uint32_t TABLE[8][256]
 

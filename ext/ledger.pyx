@@ -1,31 +1,22 @@
 # cython: language_level=3
-"""The in-memory book: every account's balance, validation of mod values,
-and the building of LevelDB write batches.  No I/O: the store's reads that
-the book needs (an idempotency record on disk) come in as a callable, and
+"""The in-memory book: every account's balance, its open holds and its
+low-balance threshold; validation of the values; the events; and the
+building of the write batches.  No I/O: the store's reads that the book
+needs (an idempotency or hold record on disk) come in as a callable, and
 batches are handed to the committer, which writes them.
 
 Each account keeps two states:
 
 * durable (`tot`, `seq`): what readers see.  Set only after the batch that
-  made it is on disk (`Batch.finish`).
-* pending (`ptot`, `pseq`): every mod applied so far, in arrival order.  Mods
-  are judged against it (min, overflow), so that many mods of one account can
+  made it is on disk (`Book.finish`).
+* pending (`ptot`, `pseq`): every change applied so far, in arrival order.
+  Changes are judged against it (min, overflow), so that many of them can
   share one fsync, and it is thrown away if a commit fails.
 
-On-disk records (all integers big-endian, every value starts with its format
-version so that a later format can migrate):
-
-    b"h" + hid + seq:uint64     -> ver, by:int64, tot:int64, at_ms:int64, key ascii
-    b"k" + hid + key ascii      -> ver, seq:int64, by:int64, tot:int64, has_min:u8, min:int64
-
-An account is its history: its balance and seq are those of its newest
-entry, found at open with one seek per account (accman.store).  Store format
-1 also kept a b"a" + hid -> ver, tot, seq record per account, rewritten in
-every batch that touched it; it doubled LevelDB's work per mod, and format
-2 drops it (the store migrates a format-1 directory at open).
-
-`hid` is a keyed BLAKE2b-128 of the credential (the key is random per data
-directory): the credential never appears in the data files.
+Every applied change (a mod, a hold, a settle, an expiry) is one history
+entry and one event, in the same batch; its records are in records.pxi,
+the holds' rules in holds.pxi.  An account is its history: its balance and
+seq are those of its newest entry, found at open with one seek per account.
 """
 
 cimport cython
@@ -37,117 +28,15 @@ from libc.string cimport memcpy
 from values cimport valid_name
 
 import hashlib
+import heapq
 
-from accman.errors import (BadRequest, Busy, Insufficient, KeyReused, NoAccount,
-                           Overflow, Unavailable)
-from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, INT64_MAX,
-                           INT64_MIN, KEY_CHARS_MAX, QUEUED_MODS_MAX)
+from accman.errors import (BadRequest, Busy, HoldEnded, Insufficient, KeyReused, NoAccount,
+                           NoHold, Overflow, TooManyHolds, Unavailable)
+from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLD_TTL_S_MAX, HOLDS_MAX,
+                           HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX,
+                           QUEUED_MODS_MAX)
 
-FORMAT_VERSION = 1
-HID_BYTES = 16
-ACCOUNT_PREFIX = b"a"            # format 1 only (see pack_account)
-HISTORY_END = b"i"               # sorts after every history key
-HISTORY_PREFIX = b"h"
-KEY_PREFIX = b"k"
-
-DEF ACCOUNT_VALUE_BYTES = 17      # ver + tot + seq
-DEF HISTORY_VALUE_BYTES = 25      # ver + by + tot + at (+ key)
-DEF KEY_VALUE_BYTES = 34          # ver + seq + by + tot + has_min + min
-DEF HISTORY_KEY_BYTES = 25        # "h" + hid + seq
-
-
-# --- big-endian packing, without struct's per-call format parsing ----------
-
-cdef inline void _put64(char *p, int64_t v) noexcept nogil:
-    cdef uint64_t u = <uint64_t>v
-    cdef int i
-    for i in range(8):
-        p[7 - i] = <char>(u & 0xFF)
-        u >>= 8
-
-
-cdef inline int64_t _get64(const unsigned char *p) noexcept nogil:
-    cdef uint64_t u = 0
-    cdef int i
-    for i in range(8):
-        u = (u << 8) | p[i]
-    return <int64_t>u
-
-
-# Format 1's account records: written only by tests that build a format-1
-# store, read only by the migration that checks and removes them.
-cpdef bytes pack_account(int64_t tot, int64_t seq):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, ACCOUNT_VALUE_BYTES)
-    cdef char *p = PyBytes_AS_STRING(out)
-    p[0] = FORMAT_VERSION
-    _put64(p + 1, tot)
-    _put64(p + 9, seq)
-    return out
-
-
-cpdef tuple unpack_account(bytes value):
-    """-> (tot, seq); ValueError when the record is not a version-1 account."""
-    if len(value) != ACCOUNT_VALUE_BYTES or value[0] != FORMAT_VERSION:
-        raise ValueError("account record of unknown format")
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
-    return (_get64(p + 1), _get64(p + 9))
-
-
-cpdef bytes history_key(bytes hid, int64_t seq):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, HISTORY_KEY_BYTES)
-    cdef char *p = PyBytes_AS_STRING(out)
-    p[0] = b"h"
-    memcpy(p + 1, PyBytes_AS_STRING(hid), HID_BYTES)
-    _put64(p + 17, seq)
-    return out
-
-
-cpdef int64_t history_key_seq(bytes key):
-    return _get64(<const unsigned char *>PyBytes_AS_STRING(key) + 17)
-
-
-cdef bytes _pack_history(int64_t by, int64_t tot, int64_t at_ms, bytes key):
-    cdef Py_ssize_t klen = len(key) if key is not None else 0
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, HISTORY_VALUE_BYTES + klen)
-    cdef char *p = PyBytes_AS_STRING(out)
-    p[0] = FORMAT_VERSION
-    _put64(p + 1, by)
-    _put64(p + 9, tot)
-    _put64(p + 17, at_ms)
-    if klen:
-        memcpy(p + HISTORY_VALUE_BYTES, PyBytes_AS_STRING(key), klen)
-    return out
-
-
-cpdef tuple unpack_history(bytes value):
-    """-> (by, tot, at_ms, key or None); ValueError for an unknown format."""
-    cdef Py_ssize_t n = len(value)
-    if n < HISTORY_VALUE_BYTES or value[0] != FORMAT_VERSION:
-        raise ValueError("history record of unknown format")
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
-    key = value[HISTORY_VALUE_BYTES:].decode("ascii") if n > HISTORY_VALUE_BYTES else None
-    return (_get64(p + 1), _get64(p + 9), _get64(p + 17), key)
-
-
-cdef bytes _pack_key(int64_t seq, int64_t by, int64_t tot, object min_):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, KEY_VALUE_BYTES)
-    cdef char *p = PyBytes_AS_STRING(out)
-    p[0] = FORMAT_VERSION
-    _put64(p + 1, seq)
-    _put64(p + 9, by)
-    _put64(p + 17, tot)
-    p[25] = 0 if min_ is None else 1
-    _put64(p + 26, 0 if min_ is None else <int64_t>min_)
-    return out
-
-
-cpdef tuple unpack_key(bytes value):
-    """-> (seq, by, tot, min or None); ValueError for an unknown format."""
-    if len(value) != KEY_VALUE_BYTES or value[0] != FORMAT_VERSION:
-        raise ValueError("idempotency record of unknown format")
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
-    min_ = _get64(p + 26) if p[25] else None
-    return (_get64(p + 1), _get64(p + 9), _get64(p + 17), min_)
+include "records.pxi"
 
 
 # --- value checks: the Python API's equivalent of the wire's rules ----------
@@ -176,53 +65,14 @@ cdef inline void _check_int64(object v, str name) except *:
         raise BadRequest(f"{name} must fit in a signed 64-bit integer")
 
 
-# --- a batch's records in accman.wal's encoding -----------------------------
-# Each put is klen:u8, vlen:u8, key, value.  One byte is enough: the longest
-# key is an idempotency record's (1 + 16 + 64 = 81 bytes) and the longest
-# value a keyed history entry's (25 + 64 = 89); a longer field is a bug.
-DEF WAL_FIELD_BYTES_MAX = 255
-
-cdef inline int _wal_put(bytearray out, bytes k, bytes v) except -1:
-    # One resize (amortised: a bytearray over-allocates) and two copies.
-    cdef Py_ssize_t kl = len(k), vl = len(v), n = len(out)
-    if kl > WAL_FIELD_BYTES_MAX or vl > WAL_FIELD_BYTES_MAX:
-        raise AssertionError("a record field too long for the write-ahead log")
-    PyByteArray_Resize(out, n + 2 + kl + vl)
-    cdef char *p = PyByteArray_AS_STRING(out) + n
-    p[0] = <char>kl
-    p[1] = <char>vl
-    memcpy(p + 2, PyBytes_AS_STRING(k), kl)
-    memcpy(p + 2 + kl, PyBytes_AS_STRING(v), vl)
-    return 0
-
-
-cpdef list unpack_wal_puts(const unsigned char[::1] payload):
-    """-> [(key, value), ...] of one write-ahead log record's payload, in
-    order; ValueError when it does not parse whole."""
-    cdef Py_ssize_t i = 0, n = payload.shape[0], kl, vl
-    out = []
-    while i < n:
-        if i + 2 > n:
-            raise ValueError("a write-ahead log record ends inside a put's lengths")
-        kl = payload[i]
-        vl = payload[i + 1]
-        i += 2
-        if kl == 0 or i + kl + vl > n:
-            raise ValueError("a write-ahead log record ends inside a put")
-        out.append((bytes(payload[i:i + kl]), bytes(payload[i + kl:i + kl + vl])))
-        i += kl + vl
-    return out
-
-
 # --- accounts and batches ---------------------------------------------------
 
 # Not tracked by the garbage collector: a ledger holds one Account per
-# account (a million is ordinary), and a full collection walked every one of
-# them, ~116 ms per million here, a stall of the whole server whenever it
-# ran.  Untracked, the dicts that hold only accounts are untracked too.  This
-# is safe because nothing leaves a reference cycle through an Account: its
-# only reference that can lead back to it is `pbatch`, which `finish` and
-# `fail` clear when that batch is done with.
+# account (a million is ordinary), and a full collection walking every one
+# of them stalls the whole server.  Untracked, the dicts that hold only
+# accounts are untracked too.  This is safe because nothing leaves a
+# reference cycle through an Account: its only reference that can lead back
+# to it is `pbatch`, which `finish` and `fail` clear when that batch is done.
 @cython.no_gc
 cdef class Account:
     cdef readonly bytes hid
@@ -231,12 +81,16 @@ cdef class Account:
     cdef int64_t ptot               # pending balance
     cdef int64_t pseq
     cdef Batch pbatch               # the last batch that changed it
+    cdef readonly object low        # its low-balance threshold, None: the default
+    cdef readonly Py_ssize_t open_holds
 
     def __cinit__(self, bytes hid, int64_t tot=0, int64_t seq=0):
         self.hid = hid
         self.tot = self.ptot = tot
         self.seq = self.pseq = seq
         self.pbatch = None
+        self.low = None
+        self.open_holds = 0
 
     @property
     def pending(self):
@@ -244,25 +98,31 @@ cdef class Account:
 
 
 cdef class Batch:
-    """The mods of one durable write.  `wb` is the store's write batch: one
-    history record per mod, and one idempotency record per keyed mod."""
+    """The changes of one durable write.  `wb` is the store's write batch;
+    `wal` the same puts in the write-ahead log's encoding."""
     cdef readonly object wb
-    cdef readonly Py_ssize_t nmods
+    cdef readonly Py_ssize_t nmods      # changes (history entries) in it
+    cdef readonly Py_ssize_t ndeletes   # records it deletes (events past retention)
     cdef readonly list done_loop        # (callback, outcome), run on the loop
     cdef readonly list done_direct      # (callback, outcome), run by the writer
     cdef readonly bytearray wal
+    cdef readonly list events           # (id, event record value), in id order
     cdef dict touched                   # Account -> None, in first-touch order
     cdef list sealed                    # (Account, tot, seq) at seal time
     cdef list keys                      # pending-key map entries it owns
+    cdef list ended                     # holds it ends (hold map entries it owns)
 
     def __cinit__(self, wb):
         self.wb = wb
         self.nmods = 0
+        self.ndeletes = 0
         self.done_loop = []
         self.done_direct = []
         self.touched = {}
         self.sealed = None
         self.keys = []
+        self.ended = []
+        self.events = []
         self.wal = bytearray()
 
     cdef inline int put(self, bytes k, bytes v) except -1:
@@ -270,7 +130,14 @@ cdef class Batch:
         self.wb.put(k, v)
         return _wal_put(self.wal, k, v)
 
+    cdef int delete(self, bytes k) except -1:
+        self.wb.delete(k)
+        self.ndeletes += 1
+        return _wal_delete(self.wal, k)
+
     cdef inline void add_done(self, object done, object outcome, bint on_loop):
+        if done is None:
+            return
         if on_loop:
             self.done_loop.append((done, outcome))
         else:
@@ -278,9 +145,10 @@ cdef class Batch:
 
 
 cdef class PendingKey:
-    """An idempotency key whose mod is applied but not yet durable."""
+    """An idempotency key whose change is applied but not yet durable."""
     cdef int64_t by
     cdef object min_
+    cdef int64_t ttl_s              # 0: a mod's key; else a hold's
     cdef tuple result
     cdef Batch batch
 
@@ -304,35 +172,70 @@ cdef class Book:
     cdef dict by_cred            # cred -> Account: creds seen since open
     cdef object _hasher          # keyed blake2b, copied per credential
     cdef object _new_wb          # () -> a store write batch
-    cdef object _get_key         # (key bytes) -> stored value or None
+    cdef object _get             # (key bytes) -> stored value or None
     cdef dict pkeys              # hid + key -> PendingKey
+    cdef dict holds              # hid + hold:u64 -> Hold: open, or ended in a pending batch
+    cdef dict wheel              # expiry second -> {hold id: None} (holds.pxi)
+    cdef list wheel_seconds      # a heap of the wheel's seconds
     cdef readonly list open_batches   # filling batches, oldest first
     cdef readonly Py_ssize_t queued_mods
     cdef readonly Py_ssize_t batch_mods_max
     cdef readonly Py_ssize_t queued_mods_max
+    cdef readonly Py_ssize_t open_holds
+    cdef readonly Py_ssize_t holds_max
+    cdef readonly Py_ssize_t holds_per_account_max
+    cdef readonly Py_ssize_t holds_expired
+    cdef readonly int64_t next_event
+    cdef public int64_t events_first      # the oldest event kept (the committer trims)
+    cdef int64_t events_sealed            # the newest event in a sealed batch
+    cdef readonly object low_default
     cdef readonly bint failed
     cdef bytes _hid              # _lookup's hash of a cred not seen before
 
-    def __cinit__(self, bytes salt, new_wb, get_key,
+    def __cinit__(self, bytes salt, new_wb, get,
                   Py_ssize_t batch_mods_max=BATCH_MODS_MAX,
-                  Py_ssize_t queued_mods_max=QUEUED_MODS_MAX):
+                  Py_ssize_t queued_mods_max=QUEUED_MODS_MAX,
+                  int64_t next_event=1, object low_default=None,
+                  Py_ssize_t holds_max=HOLDS_MAX,
+                  Py_ssize_t holds_per_account_max=HOLDS_PER_ACCOUNT_MAX):
         self.by_hid = {}
         self.by_cred = {}
         self._hasher = hashlib.blake2b(digest_size=HID_BYTES, key=salt)
         self._new_wb = new_wb
-        self._get_key = get_key
+        self._get = get
         self.pkeys = {}
+        self.holds = {}
+        self.wheel = {}
+        self.wheel_seconds = []
         self.open_batches = [Batch(new_wb())]
         self.queued_mods = 0
         self.batch_mods_max = batch_mods_max
         self.queued_mods_max = queued_mods_max
+        self.open_holds = 0
+        self.holds_max = holds_max
+        self.holds_per_account_max = holds_per_account_max
+        self.holds_expired = 0
+        self.next_event = next_event
+        self.events_first = 0
+        self.events_sealed = next_event - 1
+        if low_default is not None:
+            _check_int64(low_default, "low_balance")
+        self.low_default = low_default
         self.failed = False
 
-    # -- loading ------------------------------------------------------------
+    # -- loading --------------------------------------------------------------
 
     def load(self, bytes hid, int64_t tot, int64_t seq):
         """Adds an account read from the store at open."""
         self.by_hid[hid] = Account(hid, tot, seq)
+
+    def load_low(self, bytes hid, int64_t low):
+        """An account's low-balance threshold, read at open."""
+        (<Account>self.by_hid[hid]).low = low
+
+    def load_hold(self, bytes hid, int64_t hold, int64_t amount, int64_t expires_ms):
+        """An open hold, read at open (holds.pxi)."""
+        _track_hold(self, self.by_hid[hid], hold, amount, expires_ms)
 
     def __len__(self):
         return len(self.by_hid)
@@ -371,6 +274,22 @@ cdef class Book:
             return None
         return acct
 
+    cpdef object read_ordered(self, object cred, int what, object done, bint on_loop):
+        """A read pipelined behind writes (SPEC: it sees every earlier mod
+        of its connection and none of the later ones): the account's state
+        as of this call, which includes every call made before it.  Returns
+        it at once when it is durable, NoAccount when there is no account,
+        or None when `done` now waits for the account's pending batch.
+        `what` is READ_TOT (the outcome is tot) or READ_SEQ (the seq)."""
+        cdef Account acct = self._lookup(cred)
+        if acct is None or (acct.seq == 0 and acct.pbatch is None):
+            return NoAccount("no account has this cred")
+        value = acct.ptot if what == READ_TOT else acct.pseq
+        if acct.pbatch is None:
+            return value
+        acct.pbatch.add_done(done, value, on_loop)
+        return None
+
     # -- mods -----------------------------------------------------------------
 
     cdef inline Account _lookup(self, object cred):
@@ -398,13 +317,14 @@ cdef class Book:
         return 0
 
     cpdef object apply(self, object cred, object by, object min_, object key,
-                       object done, bint on_loop, int64_t at_ms):
+                       object done, bint on_loop, int64_t at_ms, object low=None):
         """Applies one mod to the pending state, in call order.
 
         Returns None when the outcome waits for a batch (`done` is then
         registered on it), or the outcome itself when it is final already
         (the caller delivers it).  Raises BadRequest, Unavailable or Busy
-        with nothing changed."""
+        with nothing changed.  `low`, on a funding mod, sets the account's
+        low-balance threshold."""
         cdef Account acct = self._lookup(cred)
         cdef bytes hid = self._hid
         _check_int64(by, "by")
@@ -412,6 +332,10 @@ cdef class Book:
             raise BadRequest("by must be non-zero")
         if min_ is not None:
             _check_int64(min_, "min")
+        if low is not None:
+            _check_int64(low, "low")
+            if by < 0:
+                raise BadRequest("low is set by a funding mod only (by > 0)")
         cdef bytes kb = _key_bytes(key)
         self._check_writable()
         if acct is None and by < 0:
@@ -419,7 +343,7 @@ cdef class Book:
             return NoAccount("no account has this cred; a charge opens none")
         cdef object outcome
         if kb is not None and acct is not None:
-            outcome = self._replay(hid + kb, by, min_, done, on_loop)
+            outcome = self._replay(hid + kb, by, min_, 0, done, on_loop)
             if outcome is not _NOT_KEYED:
                 return outcome
         outcome = self._judge(acct, by, min_, done, on_loop)
@@ -431,34 +355,43 @@ cdef class Book:
             acct = Account(hid)
             self.by_hid[hid] = acct
             self.by_cred[cred] = acct
-        self._append(acct, by, min_, kb, done, on_loop, at_ms)
+        cdef Batch batch = self._change(acct, by, at_ms, kb, 0, EV_MOD)
+        result = (acct.ptot, acct.pseq)
+        if kb is not None:
+            self._keep_key(batch, acct.hid + kb, by, min_, 0, result)
+        if low is not None:
+            acct.low = low
+            batch.put(LOW_PREFIX + acct.hid, _pack_low(low))
+        batch.add_done(done, result, on_loop)
         return None
 
-    cdef object _replay(self, bytes pkid, int64_t by, object min_, object done, bint on_loop):
-        """The answer to a mod whose key was applied before: its original
-        outcome, KeyReused if it differs, or _NOT_KEYED for a new key."""
+    cdef object _replay(self, bytes pkid, int64_t by, object min_, int64_t ttl_s,
+                        object done, bint on_loop):
+        """The answer to a change whose key was applied before: its original
+        outcome, KeyReused if it differs, or _NOT_KEYED for a new key.
+        `ttl_s` 0 is a mod's key, else a hold's."""
         cdef PendingKey pk = self.pkeys.get(pkid)
         if pk is not None:
             # The original is applied but not durable: answer with it
             # when its batch is.
-            if pk.by != by or pk.min_ != min_:
-                outcome = KeyReused("key was used with another by or min")
+            if pk.by != by or pk.min_ != min_ or pk.ttl_s != ttl_s:
+                outcome = KeyReused("key was used with another by, min or ttl")
             else:
                 outcome = pk.result
             pk.batch.add_done(done, outcome, on_loop)
             return None
-        stored = self._get_key(KEY_PREFIX + pkid)
+        stored = self._get(KEY_PREFIX + pkid)
         if stored is None:
             return _NOT_KEYED
-        seq, sby, stot, smin = unpack_key(stored)
-        if sby != by or smin != min_:
-            return KeyReused("key was used with another by or min")
-        return (stot, seq)
+        seq, sby, stot, smin, sttl = unpack_key(stored)
+        if sby != by or smin != min_ or sttl != ttl_s:
+            return KeyReused("key was used with another by, min or ttl")
+        return (seq, stot, seq) if ttl_s else (stot, seq)
 
     cdef object _judge(self, Account acct, object by, object min_, object done, bint on_loop):
-        """A refusal (overflow, insufficient) of the mod on the pending
+        """A refusal (overflow, insufficient) of the change on the pending
         balance, or None when it applies.  A refusal judged on state that
-        is not yet durable is told only once it is: None is returned and
+        is not yet durable is told only once it is: _WAITS is returned and
         `done` registered on that state's batch."""
         cdef int64_t cur = acct.ptot if acct is not None else 0
         cdef object refusal = None
@@ -473,67 +406,108 @@ cdef class Book:
             return _WAITS
         return refusal
 
-    cdef int _append(self, Account acct, int64_t by, object min_, bytes kb, object done,
-                     bint on_loop, int64_t at_ms) except -1:
-        """The mod applies: its history entry (and key record) into the
-        filling batch, the pending balance moved on."""
+    cdef Batch _change(self, Account acct, int64_t by, int64_t at_ms, bytes kb,
+                       int64_t hold, int kind):
+        """Applies one change that passed its checks: its history entry and
+        its event (and a low_balance event when it crosses the threshold)
+        go into the filling batch, and the pending balance moves on.  `hold`
+        -1 names the hold this entry starts (its own seq)."""
         cdef Batch batch = self.open_batches[len(self.open_batches) - 1]
-        cdef PendingKey pk
         if batch.nmods >= self.batch_mods_max:
             batch = Batch(self._new_wb())
             self.open_batches.append(batch)
+        cdef int64_t before = acct.ptot
         acct.ptot += by
         acct.pseq += 1
         acct.pbatch = batch
-        result = (acct.ptot, acct.pseq)
-        batch.put(history_key(acct.hid, acct.pseq), _pack_history(by, acct.ptot, at_ms, kb))
-        if kb is not None:
-            pkid = acct.hid + kb
-            batch.put(KEY_PREFIX + pkid, _pack_key(acct.pseq, by, acct.ptot, min_))
-            pk = PendingKey()
-            pk.by = by
-            pk.min_ = min_
-            pk.result = result
-            pk.batch = batch
-            self.pkeys[pkid] = pk
-            batch.keys.append(pkid)
+        if hold == -1:
+            hold = acct.pseq
+        batch.put(history_key(acct.hid, acct.pseq),
+                  _pack_history(by, acct.ptot, at_ms, kb, hold))
+        self._event(batch, kind, acct, by, at_ms, hold, kb)
+        low = acct.low if acct.low is not None else self.low_default
+        if low is not None and before >= <int64_t>low > acct.ptot:
+            self._event(batch, EV_LOW, acct, by, at_ms, hold, kb)
         batch.touched[acct] = None
         batch.nmods += 1
         self.queued_mods += 1
-        batch.add_done(done, result, on_loop)
-        return 0
+        return batch
 
-    cpdef object read_ordered(self, object cred, int what, object done, bint on_loop):
-        """A read pipelined behind writes (SPEC: it sees every earlier mod
-        of its connection and none of the later ones): the account's state
-        as of this call, which includes every call made before it.  Returns
-        it at once when it is durable, NoAccount when there is no account,
-        or None when `done` now waits for the account's pending batch.
-        `what` is READ_TOT (the outcome is tot) or READ_SEQ (the seq)."""
-        cdef Account acct = self._lookup(cred)
-        if acct is None or (acct.seq == 0 and acct.pbatch is None):
-            return NoAccount("no account has this cred")
-        value = acct.ptot if what == READ_TOT else acct.pseq
-        if acct.pbatch is None:
-            return value
-        acct.pbatch.add_done(done, value, on_loop)
-        return None
+    cdef inline void _event(self, Batch batch, int kind, Account acct, int64_t by,
+                            int64_t at_ms, int64_t hold, bytes kb) except *:
+        cdef int64_t event_id = self.next_event
+        cdef bytes value = _pack_event(kind, acct.hid, acct.pseq, by, acct.ptot, at_ms,
+                                       hold, kb)
+        self.next_event = event_id + 1
+        batch.put(event_key(event_id), value)
+        batch.events.append((event_id, value))
+
+    cdef void _keep_key(self, Batch batch, bytes pkid, int64_t by, object min_,
+                        int64_t ttl_s, tuple result) except *:
+        """A keyed change's idempotency record, and its pending answer."""
+        cdef PendingKey pk = PendingKey()
+        n = len(result)
+        seq, tot = result[n - 1], result[n - 2]
+        batch.put(KEY_PREFIX + pkid, _pack_key(seq, by, tot, min_, ttl_s))
+        pk.by = by
+        pk.min_ = min_
+        pk.ttl_s = ttl_s
+        pk.result = result
+        pk.batch = batch
+        self.pkeys[pkid] = pk
+        batch.keys.append(pkid)
+
+    # -- holds (holds.pxi) --------------------------------------------------------
+
+    cpdef object hold(self, object cred, object by, object ttl_s, object min_, object key,
+                      object done, bint on_loop, int64_t at_ms):
+        """Applies a hold: see holds.pxi, book_hold."""
+        return book_hold(self, cred, by, ttl_s, min_, key, done, on_loop, at_ms)
+
+    cpdef object settle(self, object cred, object hold, object use, object done,
+                        bint on_loop, int64_t at_ms):
+        """Ends a hold: see holds.pxi, book_settle."""
+        return book_settle(self, cred, hold, use, done, on_loop, at_ms)
+
+    cpdef Py_ssize_t expire_due(self, int64_t now_ms, Py_ssize_t most):
+        """Ends at most `most` holds due by `now_ms`: see holds.pxi."""
+        return book_expire_due(self, now_ms, most)
+
+    cpdef object next_expiry_ms(self):
+        """When the next open hold is due, or None: the writer's clock."""
+        return book_next_expiry_ms(self)
 
     # -- the writer's side --------------------------------------------------
 
     cpdef bint has_work(self):
-        return (<Batch>self.open_batches[0]).nmods > 0
+        cdef Batch batch = self.open_batches[0]
+        return batch.nmods > 0 or batch.ndeletes > 0
+
+    cpdef void barrier(self, object done) except *:
+        """`done(None)` once every change applied so far is durable (after
+        the last filling batch), on the writer thread."""
+        (<Batch>self.open_batches[len(self.open_batches) - 1]).add_done(done, None, False)
+
+    cpdef void delete(self, bytes key) except *:
+        """A record deleted in the filling batch (events past retention)."""
+        (<Batch>self.open_batches[len(self.open_batches) - 1]).delete(key)
 
     cpdef Batch seal(self):
         """Takes the oldest filling batch for writing and notes the pending
         state of each account it touched, which `finish` makes visible.
-        Mods that arrive from now on go to a newer batch."""
+        Changes that arrive from now on go to a newer batch."""
         cdef Batch batch = self.open_batches.pop(0)
         if not self.open_batches:
             self.open_batches.append(Batch(self._new_wb()))
         cdef Account acct
         batch.sealed = [(acct, acct.ptot, acct.pseq) for acct in batch.touched]
         batch.touched = None
+        if batch.events:
+            self.events_sealed = batch.events[len(batch.events) - 1][0]
+            if not self.events_first:
+                self.events_first = batch.events[0][0]
+        if batch.events or batch.ndeletes:
+            batch.put(EVENTS_META_KEY, _pack_events_meta(self.events_first, self.events_sealed))
         return batch
 
     cpdef void finish(self, Batch batch):
@@ -549,7 +523,12 @@ cdef class Book:
             pk = self.pkeys.get(pkid)
             if pk is not None and pk.batch is batch:
                 del self.pkeys[pkid]
+        for hold_id in batch.ended:
+            h = self.holds.get(hold_id)
+            if h is not None and (<Hold>h).end_batch is batch:
+                del self.holds[hold_id]
         self.queued_mods -= batch.nmods
+        assert self.queued_mods >= 0, "a batch finished twice"
 
     cpdef list fail(self, Batch batch):
         """The batch could not be made durable.  Everything pending is
@@ -567,3 +546,6 @@ cdef class Book:
         self.open_batches = [Batch(self._new_wb())]
         self.queued_mods = 0
         return failed
+
+
+include "holds.pxi"

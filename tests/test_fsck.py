@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from accman import Ledger
-from accman.ledger import _check, fsck, wal
-from accman.errors import StoreCorrupt
+from accman.ledger import _check, fsck, tablecheck, wal
+from accman.errors import FileDamage, StoreCorrupt
 from accman.ledger.leveldb import Store
 
 LOG_BLOCK_BYTES = 32768
@@ -200,7 +200,7 @@ def test_every_flipped_byte_of_the_log_but_its_last_record_is_refused(log_store)
     last = log_records(raw)[-1][0]
     for offset in range(0, last, 3):
         for mask in (0x01, 0x80):
-            with pytest.raises(fsck._Damage):
+            with pytest.raises(FileDamage):
                 fsck.check_log(flipped(raw, offset, mask), "000003.log", torn_tail_ok=True)
 
 
@@ -213,7 +213,7 @@ def test_a_flip_in_the_last_record_is_taken_for_a_torn_tail(log_store):
         damaged = flipped(raw, offset + at)
         _, count = fsck.check_log(damaged, "000003.log", torn_tail_ok=True)
         assert count == len(log_records(raw)) - 1
-        with pytest.raises(fsck._Damage, match="only the newest log"):
+        with pytest.raises(FileDamage, match="only the newest log"):
             fsck.check_log(damaged, "000003.log", torn_tail_ok=False)
 
 
@@ -288,7 +288,7 @@ def test_a_non_zero_block_trailer_is_refused():
     first = log_record(b"a" * (LOG_BLOCK_BYTES - 3 - LOG_HEADER_BYTES))
     raw = first + bytes(3) + log_record(b"b" * 20)
     assert fsck.check_log(raw, "000003.log", torn_tail_ok=False)[1] == 2
-    with pytest.raises(fsck._Damage, match="trailer is not zeros, and a valid record follows"):
+    with pytest.raises(FileDamage, match="trailer is not zeros, and a valid record follows"):
         fsck.check_log(flipped(raw, len(first) + 1), "000003.log", torn_tail_ok=True)
 
 
@@ -300,15 +300,15 @@ def test_records_that_span_blocks_are_read_whole():
         chunks.append(payload[at:at + room])
         at += room
     kinds = [2] + [3] * (len(chunks) - 2) + [4]
-    raw = b"".join(log_record(c, k) for c, k in zip(chunks, kinds))
+    raw = b"".join(log_record(c, k) for c, k in zip(chunks, kinds, strict=True))
     records, count = fsck.check_log(raw, "MANIFEST-000002", torn_tail_ok=False, keep=True)
     assert records == [payload] and count == 3
     # Cut inside the LAST fragment: a torn tail, the record dropped whole.
     assert fsck.check_log(raw[:-5], "x.log", torn_tail_ok=True, keep=True) == ([], 2)
-    with pytest.raises(fsck._Damage):
+    with pytest.raises(FileDamage):
         fsck.check_log(raw[:-5], "x.log", torn_tail_ok=False)
     # Cut right after the MIDDLE fragment: ends inside the record.
-    with pytest.raises(fsck._Damage, match="ends inside a fragmented record"):
+    with pytest.raises(FileDamage, match="ends inside a fragmented record"):
         fsck.check_log(raw[:2 * LOG_BLOCK_BYTES], "x.log", torn_tail_ok=False)
 
 
@@ -319,7 +319,7 @@ def test_records_out_of_sequence_are_refused(log_store):
     raw[offset + 6] = 3                                 # MIDDLE, CRC made to match
     crc = _check.mask(_check.crc32c(bytes(raw[offset + 6:offset + LOG_HEADER_BYTES + length])))
     struct.pack_into("<I", raw, offset, crc)
-    with pytest.raises(fsck._Damage, match=f"offset {offset} is out of sequence"):
+    with pytest.raises(FileDamage, match=f"offset {offset} is out of sequence"):
         fsck.check_log(bytes(raw), "000003.log", torn_tail_ok=True)
 
 
@@ -372,7 +372,7 @@ def table_layout(raw):
     """(metaindex offset, index offset, index size) from the footer."""
     values, i = [], len(raw) - TABLE_FOOTER_BYTES
     for _ in range(4):
-        v, i = fsck._varint(raw, i)
+        v, i = tablecheck.read_varint(raw, i)
         values.append(v)
     return values[0], values[2], values[3]
 
@@ -388,10 +388,10 @@ def test_every_part_of_a_table_is_covered(table_store):
     assert 0 < meta_offset < index_offset < size - TABLE_FOOTER_BYTES
     offsets = sorted(set(range(0, meta_offset, 7))
                      | set(range(meta_offset - 300, size)))
-    assert fsck.check_table(raw, table.name) > 10
+    assert tablecheck.check_table(raw, table.name) > 10
     for offset in offsets:
-        with pytest.raises(fsck._Damage):
-            fsck.check_table(flipped(raw, offset, 0x01 if offset % 2 else 0x80), table.name)
+        with pytest.raises(FileDamage):
+            tablecheck.check_table(flipped(raw, offset, 0x01 if offset % 2 else 0x80), table.name)
 
 
 @pytest.mark.parametrize("part", ["first data block", "last data block", "metaindex block",
@@ -435,9 +435,12 @@ def test_the_store_checks_before_leveldb_opens_and_only_when_asked(log_store, tm
     offset, _, _ = log_records(log.read_bytes())[10]
     flip(log, offset + 5, 0x80)
     before = files_of(data)
-    with pytest.raises(StoreCorrupt, match="not a torn write"):
+    # Every byte of the log was synced at the last checkpoint (the clean
+    # close): no torn tail is possible there.
+    damaged = r"data files are damaged: log 000003.log: record at offset \d+ has length"
+    with pytest.raises(StoreCorrupt, match=damaged):
         Ledger(str(data))
-    with pytest.raises(StoreCorrupt, match="not a torn write"):
+    with pytest.raises(StoreCorrupt, match=damaged):
         Ledger(str(data), verify="heads")
     assert files_of(data) == before, "a refused open changed a file"
     # Not asked (verify="none"): LevelDB opens it, and loses the records
@@ -453,3 +456,18 @@ def test_a_store_open_in_this_process_is_not_checked_but_refused_as_locked(log_s
     with Ledger(str(data)):
         with pytest.raises(StoreLocked):
             Store(str(data))
+
+
+def test_a_manifest_that_leveldb_would_refuse_is_refused_before_anything_changes(
+        table_store, tmp_path):
+    """A whole last record that fails its checksum is not a torn write in
+    the MANIFEST (LevelDB reports it and refuses the open), nor is an empty
+    MANIFEST: refused here, before recovery cuts anything."""
+    data = copy_of(table_store, tmp_path)
+    manifest = data / (data / "CURRENT").read_text().strip()
+    raw = manifest.read_bytes()
+    offset = log_records(raw)[-1][0]
+    manifest.write_bytes(flipped(raw, offset + LOG_HEADER_BYTES))
+    refused(data, rf"{manifest.name}: record at offset {offset} fails its checksum")
+    manifest.write_bytes(b"")
+    refused(data, f"{manifest.name} has no next file number, log number, last sequence")

@@ -181,7 +181,8 @@ def test_state_survives_reopen(tmp_path):
         with pytest.raises(KeyReused):
             led.mod("alice", -2, key="k")
         assert led.mod("alice", 1) == (100, 3)
-        assert led.verify() == {"accounts": 2, "entries": 4, "keys": 1}
+        assert led.verify() == {"accounts": 2, "entries": 4, "keys": 1, "holds": 0,
+                                "open_holds": 0, "events": 4}
 
 
 def test_data_files_do_not_contain_credentials(tmp_path):
@@ -346,8 +347,10 @@ def test_failed_commit_acknowledges_nothing_and_stops_writes(tmp_path):
     path = str(tmp_path / "d")
     led = Ledger(path, store=FailingStore(path))
     assert led.mod("alice", 10) == (10, 1)
-    with pytest.raises(Unavailable, match="injected"):
+    with pytest.raises(Unavailable, match="failed to commit"):
         led.mod("alice", 5)
+    # The cause is the server's to log, never the client's to read.
+    assert "injected" in led._committer.error.detail
     assert led.tot("alice") == 10            # the failed mod never shows
     assert not led.healthy
     with pytest.raises(Unavailable):
@@ -630,6 +633,28 @@ def test_accounts_are_not_walked_by_the_garbage_collector(tmp_path):
         assert led.tot("new-1999") == 1 and len(led) == 2050
 
 
+def _block_of(raw: bytes, prefix: bytes, nth: int) -> tuple[int, int]:
+    """(offset, size) of the nth (from 0) data block of a LevelDB table
+    whose last key starts with `prefix`, read from the table's index block."""
+    from accman.ledger import tablecheck as tc
+    _, _, index_off, index_size = tc._footer(raw, "table")
+    index = tc._block(raw, memoryview(raw), index_off, index_size, len(raw), "index")
+    restarts = int.from_bytes(index[-4:], "little")
+    end, i, key = len(index) - 4 - 4 * restarts, 0, b""
+    while i < end:
+        shared, i = tc.read_varint(index, i)
+        unshared, i = tc.read_varint(index, i)
+        value_len, i = tc.read_varint(index, i)
+        key = key[:shared] + index[i:i + unshared]
+        i += unshared
+        if key.startswith(prefix):
+            if nth == 0:
+                return tc._handle(index[i:i + value_len], "handle")
+            nth -= 1
+        i += value_len
+    raise AssertionError(f"no block of {prefix!r} records")
+
+
 def _flip_a_history_byte(path):
     """Flips one byte inside a history record's block of a table file (a
     reopen first turns the log into a table).  Returns the table's name."""
@@ -640,12 +665,13 @@ def _flip_a_history_byte(path):
     name = max(tables, key=lambda f: os.path.getsize(os.path.join(path, f)))
     fp = os.path.join(path, name)
     data = bytearray(open(fp, "rb").read())
-    # Data blocks come first in a table, in key order: the meta record, then
-    # history, then idempotency records; the index and footer are at the
-    # end.  A byte 20% in is inside the history's older blocks: not the
-    # block of its newest entries, which every open reads.
-    at = len(data) // 5
-    data[at] ^= 0x01
+    # Data blocks come first in a table, in key order: the meta record,
+    # events, history, then idempotency records; the index and footer are
+    # at the end.  A byte in the second history block is in the history's
+    # older entries: not the blocks of its first and newest, which every
+    # open reads to load the account.
+    off, length = _block_of(bytes(data), b"h", 1)
+    data[off + length // 2] ^= 0x01
     open(fp, "wb").write(bytes(data))
     return name
 

@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 
 from accman import Ledger
-from accman.ledger import wal
+from accman.ledger import keyfile, wal
 
 HERE = Path(__file__).parent
 # `just crash` sets ACCMAN_CRASH_LONG=1 for many more rounds.
@@ -51,7 +51,7 @@ def garble_unsynced_tails(path, rnd):
     some pages written, others not (garbage: old blocks), in any order, and
     garbage past the end.  Valid records after garbage make LevelDB's log
     damaged, not torn (accman.fsck).  Returns the number of pages garbled."""
-    ckpt = wal.read_checkpoint(path)
+    ckpt = wal.read_checkpoint(path, wal.Keys.of(keyfile.read_key(path)))
     garbled = 0
     for log in sorted(Path(path).glob("*.log")):
         synced = ckpt.logs.get(log.name, 0)
@@ -117,7 +117,7 @@ def check_rounds(path, power_cut, wal_bytes_max=None):
                 assert e is not None, f"acknowledged {key} lost"
                 assert (e.by, e.key) == (by, key)
             # every entry is a mod the children asked for
-            for (cred, _), e in history.items():
+            for e in history.values():
                 h = zlib.crc32(e.key.encode())
                 assert abs(e.by) == h % 997 + 1
     return garbled

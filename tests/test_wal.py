@@ -9,13 +9,15 @@ tests/test_ledger_crash.py."""
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 
 from accman import Ledger
-from accman.ledger import wal
+from accman.ledger import _check, fsck, keyfile, wal, walwriter
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
+from accman.ledger import leveldb
 from accman.ledger.leveldb import Store
 
 
@@ -29,8 +31,17 @@ def files_of(path):
     return {p.name: p.read_bytes() for p in Path(path).iterdir()}
 
 
+def keys_of(path):
+    return wal.Keys.of(keyfile.read_key(str(path)))
+
+
 def records_of(path):
-    return wal.scan(str(path), wal.read_checkpoint(str(path)))
+    keys = keys_of(path)
+    return wal.scan(str(path), wal.read_checkpoint(str(path), keys), keys)
+
+
+def checkpoint_of(path):
+    return wal.read_checkpoint(str(path), keys_of(path))
 
 
 def offsets_of(path):
@@ -64,7 +75,7 @@ def crashed(tmp_path):
 
 def test_a_crash_replays_every_batch_after_the_checkpoint(crashed, caplog):
     path, acked = crashed
-    ckpt = wal.read_checkpoint(str(path))
+    ckpt = checkpoint_of(path)
     assert [r.lsn for r in records_of(path)] == list(range(ckpt.lsn, ckpt.lsn + 20))
     with caplog.at_level(logging.INFO, logger="accman.ledger.leveldb"):
         led = Ledger(str(path))
@@ -83,7 +94,7 @@ def test_unsynced_leveldb_log_bytes_are_cut_and_replayed(crashed, caplog):
     """What LevelDB wrote after the checkpoint is not trusted: cut, then
     written again from the log's records."""
     path, _ = crashed
-    ckpt = wal.read_checkpoint(str(path))
+    ckpt = checkpoint_of(path)
     logs = {p.name: p.stat().st_size for p in path.glob("*.log")}
     assert any(size > ckpt.logs.get(name, 0) for name, size in logs.items())
     with caplog.at_level(logging.INFO, logger="accman.ledger.leveldb"):
@@ -91,20 +102,159 @@ def test_unsynced_leveldb_log_bytes_are_cut_and_replayed(crashed, caplog):
     assert "cut" in caplog.text and "unsynced bytes" in caplog.text
 
 
+def leveldb_log_without_its_last_batch(path):
+    """Cuts the newest batch from LevelDB's log, as a power cut may leave it
+    (written there without sync), and returns the batch count left."""
+    (log,) = [p for p in Path(path).glob("*.log") if p.stat().st_size]
+    raw = log.read_bytes()
+    records, _ = fsck._walk(raw)
+    os.truncate(log, records[-1].offset)
+    return len(records) - 1
+
+
 def test_a_torn_last_record_is_dropped_and_the_rest_replayed(crashed):
-    """A torn write can only be the last record, never acknowledged."""
+    """What a power cut during the newest record's write leaves: the record
+    torn, and LevelDB never got its batch (it is written after the record
+    returns).  Never acknowledged: dropped, the rest replayed."""
     path, acked = crashed
     last_lsn, off = offsets_of(path)[-1]
     f = path / wal.WAL_NAME
     raw = bytearray(f.read_bytes())
     raw[off + wal.HEADER.size + 3] ^= 0x40
     f.write_bytes(bytes(raw))
+    leveldb_log_without_its_last_batch(path)
     with Ledger(str(path)) as led:
-        # The torn batch was mod k19 (alice); LevelDB's copy was cut too.
+        # The torn batch was mod k19 (alice).
         assert led.tot("alice") == sum(range(2, 20, 2))
         assert [e.key for e in led.past("alice", limit=1)] == ["k17"]
         assert led.tot("bob") == acked[-2][0]
         led.verify()
+
+
+def three_mods_then_kill(tmp_path):
+    """Issue 11's reproduction: 3 mods acknowledged (tot 123), then what a
+    kill -9 leaves."""
+    led = Ledger(str(tmp_path / "data"))
+    assert [led.mod("alice", by) for by in (100, 20, 3)] == [(100, 1), (120, 2), (123, 3)]
+    path = crash_copy(led, tmp_path)
+    led.close()
+    return path
+
+
+def test_a_damaged_newest_record_that_leveldb_has_is_refused_not_dropped(tmp_path):
+    """Issue 11 item 15: one payload byte of the newest record flipped after
+    a kill -9.  Its batch is in LevelDB's log, so the record was whole when
+    written, and may have been acknowledged (it was): refused, nothing cut."""
+    path = three_mods_then_kill(tmp_path)
+    last_lsn, off = offsets_of(path)[-1]
+    f = path / wal.WAL_NAME
+    raw = bytearray(f.read_bytes())
+    raw[off + wal.HEADER.size + 5] ^= 0x01
+    f.write_bytes(bytes(raw))
+    refused(path, r"LevelDB's logs hold 3 batches written after the last checkpoint "
+                  r"\(3 in \d+\.log\), but accman.wal holds 2 records")
+
+
+@pytest.mark.parametrize("how", ["removed", "emptied", "zeroed"])
+def test_a_missing_or_emptied_log_is_refused(tmp_path, how):
+    """Issue 11 item 14: the log removed or emptied after a kill -9 used to
+    open as a store without the 3 acknowledged mods."""
+    path = three_mods_then_kill(tmp_path)
+    f = path / wal.WAL_NAME
+    if how == "removed":
+        f.unlink()
+        match = f"{wal.WAL_NAME} is missing, but {wal.CHECKPOINT_NAME} names it"
+    elif how == "emptied":
+        os.truncate(f, 0)
+        match = rf"{wal.WAL_NAME} has 0 bytes, {wal.CHECKPOINT_NAME} recorded \d+"
+    else:
+        f.write_bytes(bytes(f.stat().st_size))
+        match = "LevelDB's logs hold 3 batches"
+    refused(path, match)
+
+
+def test_a_removed_log_after_a_clean_close_is_refused_too(tmp_path):
+    path = tmp_path / "data"
+    with Ledger(str(path)) as led:
+        led.mod("alice", 1)
+    (path / wal.WAL_NAME).unlink()
+    refused(path, f"{wal.WAL_NAME} is missing")
+
+
+def test_bytes_a_client_chose_never_pass_for_a_record(tmp_path):
+    """A record's header with a plain CRC, built from bytes a client could
+    put in a payload, at a block boundary past the log's end: with a keyed
+    MAC it is not a record (before, it was taken for damage)."""
+    path = three_mods_then_kill(tmp_path)
+    f = path / wal.WAL_NAME
+    raw = bytearray(f.read_bytes())
+    end = offsets_of(path)[-1][1] + wal.BLOCK_BYTES
+    lsn = records_of(path)[-1].lsn + 1
+    payload = b"\x01\x01ab"
+    forged = struct.pack("<4sQI", wal.MAGIC, lsn, len(payload))
+    crc = _check.crc32c(payload, _check.crc32c(forged[4:]))
+    forged += struct.pack("<I", crc) + bytes(12) + payload
+    raw[end + wal.BLOCK_BYTES:end + wal.BLOCK_BYTES + len(forged)] = forged
+    f.write_bytes(bytes(raw))
+    with Ledger(str(path)) as led:
+        assert led.tot("alice") == 123
+
+
+@pytest.mark.parametrize("offset", [2, 10, 30, -3])
+def test_a_flipped_byte_in_the_checkpoint_is_refused(crashed, offset):
+    """The checkpoint's lsn and lengths are JSON: a flipped digit would
+    still parse.  Its MAC refuses it."""
+    path, _ = crashed
+    f = path / wal.CHECKPOINT_NAME
+    raw = bytearray(f.read_bytes())
+    raw[offset] ^= 0x01
+    f.write_bytes(bytes(raw))
+    refused(path, f"{wal.CHECKPOINT_NAME} (fails its MAC|is unreadable)")
+
+
+@pytest.mark.parametrize("how", ["removed", "emptied", "flipped"])
+def test_a_damaged_key_file_is_refused(crashed, how):
+    path, _ = crashed
+    f = path / keyfile.KEY_NAME
+    if how == "removed":
+        f.unlink()
+        match = f"{keyfile.KEY_NAME} is missing"
+    elif how == "emptied":
+        f.write_bytes(b"")
+        match = f"{keyfile.KEY_NAME} is unreadable"
+    else:
+        raw = bytearray(f.read_bytes())
+        raw[raw.index(b'"key": "') + 12] ^= 0x01
+        f.write_bytes(bytes(raw))
+        match = f"{keyfile.KEY_NAME} is unreadable"
+    refused(path, match)
+
+
+def test_a_key_file_that_disagrees_with_the_format_record_is_refused(tmp_path):
+    path = tmp_path / "data"
+    with Ledger(str(path)) as led:
+        led.mod("alice", 1)
+    with Ledger(str(tmp_path / "other")):
+        pass
+    shutil.copy(tmp_path / "other" / keyfile.KEY_NAME, path / keyfile.KEY_NAME)
+    # The checkpoint's MAC is under the other key too.
+    refused(path, f"{wal.CHECKPOINT_NAME} fails its MAC")
+
+
+def test_a_synced_leveldb_log_ending_in_a_bad_record_is_refused_not_taken_for_torn(tmp_path):
+    """After recovery cuts LevelDB's logs to their synced lengths, every
+    byte left was synced: a bad last record there is damage."""
+    path = tmp_path / "data"
+    with Ledger(str(path)) as led:
+        for i in range(5):
+            led.mod("alice", i + 1)
+    # The clean close took a checkpoint naming the log's whole length.
+    log_name, synced = max(checkpoint_of(path).logs.items(), key=lambda kv: kv[1])
+    raw = bytearray((path / log_name).read_bytes())
+    assert synced == len(raw) > 0
+    raw[-2] ^= 0x01                                     # the last synced record
+    (path / log_name).write_bytes(bytes(raw))
+    refused(path, rf"log {log_name}: record at offset \d+ fails its checksum")
 
 
 @pytest.mark.parametrize("where", ["header", "payload", "zeros"])
@@ -141,13 +291,13 @@ def test_an_unreadable_checkpoint_is_refused(crashed, text):
 
 def test_a_checkpoint_of_another_format_is_refused(crashed):
     path, _ = crashed
-    (path / wal.CHECKPOINT_NAME).write_bytes(b'{"format": 2, "lsn": 3, "logs": {}}')
-    refused(path, f"{wal.CHECKPOINT_NAME} is of format 2, this AccMan reads format 1")
+    (path / wal.CHECKPOINT_NAME).write_bytes(b'{"format": 3, "lsn": 3, "logs": {}}')
+    refused(path, f"{wal.CHECKPOINT_NAME} is of format 3, this AccMan reads formats 1, 2")
 
 
 def test_a_leveldb_log_shorter_than_its_synced_length_is_refused(crashed):
     path, _ = crashed
-    ckpt = wal.read_checkpoint(str(path))
+    ckpt = checkpoint_of(path)
     name, synced = next((n, s) for n, s in ckpt.logs.items() if s > 0)
     os.truncate(path / name, synced - 1)
     refused(path, f"LevelDB log {name} has {synced - 1} bytes, but {synced} were "
@@ -170,10 +320,10 @@ def test_the_log_wraps_at_its_size_with_a_checkpoint_and_loses_nothing(tmp_path)
     size = 4 * wal.BLOCK_BYTES                  # four one-block records a lap
     path = str(tmp_path / "data")
     led = Ledger(path, store=Store(path, wal_bytes_max=size))
-    first = wal.read_checkpoint(path).lsn
+    first = checkpoint_of(path).lsn
     for i in range(1, 31):
         assert led.mod("alice", i) == (i * (i + 1) // 2, i)
-    ckpt = wal.read_checkpoint(path)
+    ckpt = checkpoint_of(path)
     # 30 records, a checkpoint before every fifth: 7 laps, 2 records since.
     assert ckpt.lsn == first + 28
     assert led.stats["checkpoints"] == 1 + 7       # the open's, and the laps
@@ -208,7 +358,7 @@ def test_a_store_written_before_the_log_opens_and_gets_a_checkpoint(tmp_path):
         (path / name).unlink()
     with Ledger(str(path)) as led:
         assert led.tot("alice") == 7
-        assert wal.read_checkpoint(str(path)) is not None
+        assert checkpoint_of(path) is not None
         assert led.mod("alice", 1) == (8, 2)
 
 
@@ -231,10 +381,34 @@ def test_a_write_that_raises_a_bug_fails_the_batch_instead_of_hanging(tmp_path):
 
     path = str(tmp_path / "data")
     led = Ledger(path, store=BuggyStore(path))
-    with pytest.raises(Unavailable, match="unexpected TypeError: a bug"):
+    with pytest.raises(Unavailable, match="the store failed to commit"):
         led.mod("alice", 1)
     assert not led.healthy
+    assert "unexpected TypeError: a bug" in led._committer.error.detail
     led.close()
+
+
+def test_a_failed_commit_logs_its_cause_and_tells_the_client_no_path_or_os_error(
+        tmp_path, caplog):
+    """Issue 11 item 3: the cause goes to the log (and Committer.error, for
+    the server's exit line); the client's detail names no file of the server
+    and no OS error (SPEC "Access")."""
+    class NoSpace(Store):
+        def write(self, wb, wal_record):
+            with leveldb._translated(self.path, "commit"):
+                raise OSError(28, "No space left on device")
+
+    path = str(tmp_path / "data")
+    led = Ledger(path, store=NoSpace(path))
+    with caplog.at_level(logging.ERROR, logger="accman.commit"):
+        with pytest.raises(Unavailable) as info:
+            led.mod("alice", 1)
+    led.close()
+    detail = info.value.detail
+    assert "nothing in this batch was acknowledged" in detail
+    assert path not in detail and "No space" not in detail and "/" not in detail
+    assert f"{path}: commit failed: No space left on device" in caplog.text
+    assert led._committer.error.detail == f"{path}: commit failed: No space left on device"
 
 
 def test_a_failed_write_takes_no_checkpoint_so_the_batch_is_replayed_whole(tmp_path):
@@ -253,9 +427,9 @@ def test_a_failed_write_takes_no_checkpoint_so_the_batch_is_replayed_whole(tmp_p
     led = Ledger(path, store=store)
     with pytest.raises(Unavailable):
         led.mod("alice", 2, key="b")
-    ckpt_before = wal.read_checkpoint(path)
+    ckpt_before = checkpoint_of(path)
     led.close()
-    assert wal.read_checkpoint(path) == ckpt_before     # none at close
+    assert checkpoint_of(path) == ckpt_before     # none at close
     with Ledger(path) as led:
         assert [e.key for e in led.past("alice")] == ["b", "a"]
         assert led.mod("alice", 2, key="b") == (3, 2)
@@ -269,28 +443,39 @@ def test_the_file_is_written_ahead_of_the_records_not_to_its_size_at_once(tmp_pa
     # The first record's block at least (its write waited for it), and at
     # most the lead after it, in whole chunks (the grower writes those in
     # the background: how far it got is timing).
-    assert wal.BLOCK_BYTES <= size <= wal.GROW_LEAD_BYTES + wal.GROW_BYTES
+    assert wal.BLOCK_BYTES <= size <= walwriter.GROW_LEAD_BYTES + walwriter.GROW_BYTES
     assert size < wal.WAL_BYTES_MAX
 
 
 def test_a_full_disk_while_growing_the_file_fails_the_batch_and_stops_writes(
         tmp_path, monkeypatch):
     """Only the thread that writes the file ahead calls fdatasync; the disk
-    refusing it is a failed commit (fail-stop), named."""
-    def no_space(fd):
-        raise OSError(28, "No space left on device")
+    refusing it is a failed commit (fail-stop), named in the log.  A new
+    log's first chunk is written at open; the disk fills after it."""
+    real_fdatasync = os.fdatasync
+    calls = []
+
+    def no_space_after_the_first(fd):
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_fdatasync(fd)
 
     path = str(tmp_path / "data")
-    monkeypatch.setattr(os, "fdatasync", no_space)
+    monkeypatch.setattr(os, "fdatasync", no_space_after_the_first)
     led = Ledger(path)
-    with pytest.raises(Unavailable, match="growing accman.wal: No space left on device"):
-        led.mod("alice", 1)
+    acked = 0
+    with pytest.raises(Unavailable, match="the store failed to commit"):
+        for _ in range(walwriter.GROW_BYTES // wal.BLOCK_BYTES + 1):
+            led.mod("alice", 1)
+            acked += 1
+    assert "growing accman.wal: No space left on device" in led._committer.error.detail
     assert not led.healthy
     led.close()
     monkeypatch.undo()
     with Ledger(path) as led:
-        assert led.tot("alice") is None
-        assert led.mod("alice", 2) == (2, 1)
+        assert led.tot("alice") == acked
+        assert led.mod("alice", 2) == (acked + 2, acked + 1)
 
 
 def test_a_file_system_that_refuses_o_direct_gets_the_same_log_through_the_cache(
@@ -298,12 +483,12 @@ def test_a_file_system_that_refuses_o_direct_gets_the_same_log_through_the_cache
     real_open = os.open
     opened = []
 
-    def no_direct(file, flags, *args):
+    def no_direct(file, flags, *args, **kw):
         if flags & os.O_DIRECT:
             raise OSError(22, "Invalid argument")
         if str(file).endswith(wal.WAL_NAME):
             opened.append(flags)
-        return real_open(file, flags, *args)
+        return real_open(file, flags, *args, **kw)
 
     monkeypatch.setattr(os, "open", no_direct)
     path = str(tmp_path / "data")
@@ -316,3 +501,31 @@ def test_a_file_system_that_refuses_o_direct_gets_the_same_log_through_the_cache
     monkeypatch.undo()
     with Ledger(str(copy)) as led:
         assert led.tot("alice") == 3
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_store_of_the_previous_log_format_opens_and_moves_to_the_keyed_one(tmp_path):
+    """tests/fixtures/amw1-store was written by the AccMan before keyed
+    records (AMW1, a format-1 checkpoint, no key file), killed with six
+    acknowledged batches in its log.  It opens with all six, gets its key
+    file from its format record, and writes AMW2 from then on."""
+    path = tmp_path / "data"
+    shutil.copytree(FIXTURES / "amw1-store", path)
+    assert not (path / keyfile.KEY_NAME).exists()
+    assert wal.read_checkpoint(str(path), None).format == 1
+    led = Ledger(str(path))
+    assert led.tot("bob") == 90 and led.tot("alice") == 120
+    assert led.mod("alice", 40, key="k3") == (60, 2)       # answered from its record
+    led.verify()
+    assert keyfile.read_key(str(path)) == led.store.salt
+    assert checkpoint_of(path).format == wal.CHECKPOINT_FORMAT
+    led.mod("alice", 5, key="new")
+    copy = crash_copy(led, tmp_path)
+    led.close()
+    assert [r.lsn for r in records_of(copy)] == [7]
+    assert (copy / wal.WAL_NAME).read_bytes()[:4] == wal.MAGIC
+    with Ledger(str(copy)) as led:
+        assert led.tot("alice") == 125 and led.tot("bob") == 90
+        led.verify()

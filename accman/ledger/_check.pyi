@@ -1,5 +1,6 @@
-"""Type stubs of accman._check (ext/check.pyx): CRC-32C and LevelDB's
-masked CRCs, for accman.fsck; no I/O."""
+"""Type stubs of accman.ledger._check (ext/check.pyx): CRC-32C and
+LevelDB's masked CRCs, for accman.ledger.fsck and the write-ahead log's
+format-1 records; no I/O."""
 
 from typing import Final
 

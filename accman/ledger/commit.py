@@ -22,6 +22,8 @@ import threading
 import time
 
 from accman.errors import StoreError, Unavailable
+from accman.ledger import _ledger
+from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
 
 log = logging.getLogger("accman.commit")
 
@@ -51,10 +53,13 @@ class Committer:
     the loop's `deliver`, see bind_loop); the others run on the writer
     thread."""
 
-    def __init__(self, book, store):
+    def __init__(self, book, store, events=None, lock=None, clock_ms=None):
         self.book = book
         self.store = store
-        self.lock = threading.Lock()
+        self.events = events            # accman.ledger.events.EventLog, or None
+        # Unix milliseconds: the time of each change, and the expiry clock.
+        self.clock_ms = clock_ms or _wall_ms
+        self.lock = lock or threading.Lock()
         self._wake = threading.Condition(self.lock)
         self._writer_idle = False
         self._seal_now = False          # the writer may seal what is queued
@@ -79,6 +84,7 @@ class Committer:
         self.last_batch_mods = 0
         self.batch_sizes: list[int] = []      # drained by metrics readers
         self.fsync_times_s: list[float] = []
+        self._trim_at = time.monotonic() + EVENTS_TRIM_INTERVAL_S
         self._thread = threading.Thread(target=self._run, name="accman-commit",
                                         daemon=True)
         self._thread.start()
@@ -109,12 +115,38 @@ class Committer:
         # completed on it; a plain call from the same thread (the loop
         # stopped, or never ran there) is completed directly.
         on_loop = self._loop is not None and running_loop() is self._loop
-        at_ms = time.time_ns() // 1_000_000
+        at_ms = self.clock_ms()
         with self.lock:
             if self._closing:
                 raise Unavailable("the ledger is closing")
-            outcome = self.book.apply(cred, by, min_, key, done, on_loop, at_ms)
-            if outcome is None:
+            outcome = self.book.apply(cred, by, min_, key, done, on_loop, at_ms, low)
+            self._queued(outcome, on_loop)
+        if outcome is not None:
+            self._final(done, outcome, on_loop)
+
+    def submit_hold(self, cred, by, ttl_s, min=None, key=None, done=None):  # noqa: A002
+        """A hold (ext/holds.pxi), as `submit`; its outcome (hold, tot, seq)."""
+        self._change(self.book.hold, (cred, by, ttl_s, min, key), done)
+
+    def submit_settle(self, cred, hold, use, done=None):
+        """Ends a hold (ext/holds.pxi), as `submit`; its outcome (tot, seq)."""
+        self._change(self.book.settle, (cred, hold, use), done)
+
+    def _change(self, apply, args, done):
+        on_loop = self._loop is not None and running_loop() is self._loop
+        at_ms = self.clock_ms()
+        with self.lock:
+            if self._closing:
+                raise Unavailable("the ledger is closing")
+            outcome = apply(*args, done, on_loop, at_ms)
+            self._queued(outcome, on_loop)
+        if outcome is not None:
+            self._final(done, outcome, on_loop)
+
+    def _queued(self, outcome, on_loop) -> None:
+        """Under the lock, after a change: the writer is told, now (a plain
+        thread) or at the end of the loop turn."""
+        if outcome is None:
                 if not on_loop:
                     self._seal_now = True
                     if self._writer_idle:
@@ -128,13 +160,14 @@ class Committer:
                     # While a batch is written, its completion kicks.
                     self._kick_pending = True
                     self._loop.call_soon(self._kick)
-        if outcome is not None:
-            # Final already (a refusal of durable state, a replayed key):
-            # still delivered asynchronously, so callers see one contract.
-            if on_loop:
-                self._loop.call_soon(done, outcome)
-            else:
-                done(outcome)
+
+    def _final(self, done, outcome, on_loop) -> None:
+        """An outcome final at once (a refusal of durable state, a replayed
+        key): still delivered asynchronously, so callers see one contract."""
+        if on_loop:
+            self._loop.call_soon(done, outcome)
+        else:
+            done(outcome)
 
     def read_ordered(self, cred, what: int, done):
         """A read that sees every call made before it (ext/ledger.pyx,
@@ -184,54 +217,130 @@ class Committer:
     # -- the writer thread -------------------------------------------------------
 
     def _run(self) -> None:
-        book = self.book
         while True:
-            with self.lock:
-                # Mods submitted on the bound loop are sealed when the loop
-                # says so (_kick); any other submitter, or closing, says now.
-                while not (self._closing or (self._seal_now and book.has_work())):
-                    self._writer_idle = True
-                    self._wake.wait()
-                self._writer_idle = False
-                self._seal_now = False
-                if not book.has_work():
-                    return          # closing, and everything is written
-                batch = book.seal()
-                self._writing = True
+            batch = self._next_batch()
+            if batch is None:
+                return          # closing, and everything is written
             t0 = time.perf_counter()
-            try:
-                self.store.write(batch.wb, batch.wal)
-                error = None
-            except StoreError as e:
-                error = e
-            except Exception as e:
-                # A bug, not the disk: still fail-stop.  A writer thread
-                # that died here would leave every mod waiting forever.
-                log.exception("writing a batch raised")
-                error = StoreError(f"{self.store.path}: commit failed: "
-                                   f"unexpected {type(e).__name__}: {e}")
+            error = self._write(batch)
             fsync_s = time.perf_counter() - t0
-            with self.lock:
-                if error is None:
-                    book.finish(batch)
-                    failed = ()
-                else:
-                    self.error = error
-                    failed = book.fail(batch)
-            if error is None:
-                self._count(batch.nmods, fsync_s)
-                kicks = self._deliver(batch.done_loop, batch.done_direct)
-            else:
-                kicks = False
-                for b in failed:
-                    self._deliver(_unavailable(b.done_loop, error),
-                                  _unavailable(b.done_direct, error))
+            kicks = self._done(batch, error, fsync_s)
             if not kicks:
                 # No completion went to the loop, so no kick will come from
                 # it: what the loop queued meanwhile is sealed now.
                 with self.lock:
                     self._writing = False
                     self._seal_now = True
+
+    def _next_batch(self):
+        """Waits for a batch to seal, and seals it; None once closing with
+        nothing left.  Mods submitted on the bound loop are sealed when the
+        loop says so (_kick); any other submitter, closing, or the writer's
+        own clock (holds due, events past retention) says now."""
+        book = self.book
+        with self.lock:
+            while True:
+                sleep_s = self._housekeep()
+                if self._closing or (self._seal_now and book.has_work()):
+                    break
+                self._writer_idle = True
+                self._wake.wait(sleep_s)
+            self._writer_idle = False
+            self._seal_now = False
+            if not book.has_work():
+                return None
+            self._writing = True
+            return book.seal()
+
+    def _write(self, batch):
+        """Makes the batch durable; the StoreError if it could not."""
+        try:
+            self.store.write(batch.wb, batch.wal)
+            return None
+        except StoreError as e:
+            return e
+        except Exception as e:
+            # A bug, not the disk: still fail-stop.  A writer thread that
+            # died here would leave every mod waiting forever.
+            log.exception("writing a batch raised")
+            return StoreError(f"{self.store.path}: commit failed: "
+                              f"unexpected {type(e).__name__}: {e}")
+
+    def _done(self, batch, error, fsync_s) -> bool:
+        """A written (or failed) batch: its balances visible, its callers
+        told.  True when completions went to the loop, which then kicks."""
+        book = self.book
+        with self.lock:
+            if error is None:
+                book.finish(batch)
+                waited = self.events is not None and self.events.append(batch.events)
+            else:
+                self.error = error
+                failed = book.fail(batch)
+        if error is not None:
+            log.error("a batch could not be made durable; the store takes no more "
+                      "writes until it is reopened: %s", error.detail)
+            for b in failed:
+                self._deliver(_unavailable(b.done_loop, error),
+                              _unavailable(b.done_direct, error))
+            return False
+        self._count(batch.nmods, fsync_s)
+        kicks = self._deliver(batch.done_loop, batch.done_direct)
+        if waited:
+            self._wake_events()
+        return kicks
+
+    def _housekeep(self):
+        """Under the lock, on the writer thread: the changes the ledger makes
+        by itself go into the filling batch (holds past their expiry, events
+        past the retention).  Returns how long the writer may sleep."""
+        book = self.book
+        if book.failed or self._closing:
+            return None
+        now_ms = self.clock_ms()
+        if book.expire_due(now_ms, book.batch_mods_max):
+            self._seal_now = True
+        if self.events is not None and time.monotonic() >= self._trim_at:
+            self._trim_at = time.monotonic() + EVENTS_TRIM_INTERVAL_S
+            for event_id in self.events.past_retention(now_ms):
+                book.delete(_ledger.event_key(event_id))
+                book.events_first = event_id + 1
+                self._seal_now = True
+        due = book.next_expiry_ms()
+        sleep_s = None if due is None else max(0.0, (due - now_ms) / 1000) + 0.001
+        if self.events is not None:
+            trim_s = self._trim_at - time.monotonic()
+            sleep_s = trim_s if sleep_s is None else min(sleep_s, trim_s)
+        return sleep_s
+
+    def expire_due(self) -> int:
+        """Ends the holds due by now, and returns once that is durable: what
+        the writer does by itself on its clock, done now.  Returns how many
+        it ended."""
+        ready = threading.Event()
+        with self.lock:
+            if self._closing:
+                raise Unavailable("the ledger is closing")
+            n = self.book.expire_due(self.clock_ms(), self.book.queued_mods_max)
+            if not n:
+                return 0
+            self.book.barrier(lambda _: ready.set())
+            self._seal_now = True
+            if self._writer_idle:
+                self._writer_idle = False
+                self._wake.notify()
+        ready.wait()
+        return n
+
+    def _wake_events(self) -> None:
+        """Long polls wait on the loop: wake them there."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self.events.wake)
+        except RuntimeError:
+            pass            # the loop is closed: nobody is waiting on it
 
     def _count(self, nmods: int, fsync_s: float) -> None:
         self.batches += 1
@@ -272,9 +381,20 @@ class Committer:
         return self.error is None and not self._closing
 
 
+# What a client is told of a failed commit.  The cause (error.detail) names
+# files and OS errors of the server: it goes to the log and to
+# Committer.error, never to a client (SPEC "Access").
+FAILED_DETAIL = ("the store failed to commit; nothing in this batch was acknowledged, "
+                 "and the server takes no more writes")
+
+
 def _unavailable(callbacks: list, error: StoreError) -> list:
-    detail = f"the store failed to commit, nothing in this batch was acknowledged ({error.detail})"
-    return [(done, Unavailable(detail)) for done, _ in callbacks]
+    assert error is not None
+    return [(done, Unavailable(FAILED_DETAIL)) for done, _ in callbacks]
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def running_loop():

@@ -20,9 +20,10 @@ are left-overs of an interrupted compaction that LevelDB deletes at open;
 checking them would refuse a store for a crash it survives.
 
 In an AccMan store, LevelDB's logs are written without sync behind
-AccMan's own write-ahead log, and the store cuts them back to the lengths
-synced at its last checkpoint before this check runs (accman.wal): what
-this check reads of them is synced, and what was cut is replayed.
+AccMan's own write-ahead log (accman.ledger.wal): this check reads each of
+them up to the length synced at the store's last checkpoint, to which the
+store cuts them once the check passed; what is cut is replayed from the
+log.  Tables are checked by accman.ledger.tablecheck.
 
 No file is written.  Any failure is a StoreCorrupt naming the file and the
 offset; the directory is then to be looked at by a person, never repaired
@@ -36,30 +37,31 @@ import re
 import struct
 from typing import NamedTuple
 
+from accman.errors import FileDamage, StoreCorrupt
 from accman.ledger import _check
-from accman.errors import StoreCorrupt
+from accman.ledger.tablecheck import check_table, read_prefixed, read_varint
 
 # The log format (leveldb doc/log_format.md).  The MANIFEST is a log too.
 LOG_BLOCK_BYTES = _check.LOG_BLOCK_BYTES        # 32 KiB
 LOG_HEADER_BYTES = _check.LOG_HEADER_BYTES      # crc:4, length:2 (LE), type:1
 LOG_ZERO, LOG_FULL, LOG_FIRST, LOG_MIDDLE, LOG_LAST = range(5)
+# A log record's payload is a write batch (leveldb db/write_batch.cc):
+# sequence:u64, count:u32, then the puts and deletes.
+BATCH_HEADER = struct.Struct("<QI")
 
-# The table format (leveldb doc/table_format.md).
-TABLE_FOOTER_BYTES = 48          # two block handles, zero padding, magic
-TABLE_HANDLES_BYTES = 40         # the part of the footer before the magic
-TABLE_MAGIC = 0xDB4775248B80FB57
-BLOCK_TRAILER_BYTES = 5          # compression type:1, masked crc32c:4
-COMPRESSION_NONE, COMPRESSION_SNAPPY = 0, 1
-VARINT64_BYTES_MAX = 10
 
 # VersionEdit tags (leveldb db/version_edit.cc); 8 was used by old versions
 # for large value references and is refused by 1.22, as here.
 TAG_COMPARATOR, TAG_LOG_NUMBER, TAG_NEXT_FILE, TAG_LAST_SEQUENCE = 1, 2, 3, 4
 TAG_COMPACT_POINTER, TAG_DELETED_FILE, TAG_NEW_FILE, TAG_PREV_LOG_NUMBER = 5, 6, 7, 9
+# The comparator LevelDB's default options name (leveldb util/comparator.cc);
+# a store under another is refused by LevelDB.
+LEVELDB_COMPARATOR = b"leveldb.BytewiseComparator"
 
-_LOG_NAME = re.compile(r"^(\d+)\.log$")
-_TABLE_NAME = re.compile(r"^(\d+)\.(ldb|sst)$")
-_MANIFEST_NAME = re.compile(r"^MANIFEST-(\d+)$")
+# LevelDB's file names (leveldb db/filename.cc).
+LOG_NAME = re.compile(r"^(\d+)\.log$")
+TABLE_NAME = re.compile(r"^(\d+)\.(ldb|sst)$")
+MANIFEST_NAME = re.compile(r"^MANIFEST-(\d+)$")
 
 
 class Checked(NamedTuple):
@@ -72,65 +74,94 @@ class Checked(NamedTuple):
     bytes: int
 
 
-class _Damage(Exception):
-    """One file's damage; check_dir adds the directory and the verdict."""
-
-
-def check_dir(path: str) -> Checked:
+def check_dir(path: str, *, synced_logs: dict | None = None,
+              shown_as: str | None = None) -> Checked:
     """Checks the LevelDB files of the directory `path`; raises StoreCorrupt
-    if any is damaged.  A directory without CURRENT and without data files
-    is a new store and passes."""
+    if any is damaged, naming `shown_as` (default: `path`).  A directory
+    without CURRENT and without data files is a new store and passes.
+
+    `synced_logs`: the logs' lengths at the store's last checkpoint, to
+    which recovery cuts them (accman.ledger.wal) once this check passed:
+    each log is checked up to that length.  Every byte of that was synced,
+    so no log may end in a torn write, and a log it lists with synced
+    bytes may be missing only if LevelDB is done with it.
+    Without it, the newest log may end torn (every write was synced: a
+    torn one was never acknowledged)."""
     path = os.path.abspath(path)
     try:
-        return _check_dir(path)
-    except _Damage as e:
-        raise StoreCorrupt(f"{path}: data files are damaged: {e}; refusing to "
-                           "serve, nothing repaired (checked before LevelDB "
+        return _check_dir(path, synced_logs)
+    except FileDamage as e:
+        raise StoreCorrupt(f"{shown_as or path}: data files are damaged: {e}; refusing "
+                           "to serve, nothing repaired (checked before LevelDB "
                            "opened the directory: no file was changed)") from None
 
 
-def _check_dir(path: str) -> Checked:
+def _check_dir(path: str, synced_logs: dict | None) -> Checked:
     names = set(os.listdir(path))
-    data_names = sorted(n for n in names if _LOG_NAME.match(n) or _TABLE_NAME.match(n)
-                        or _MANIFEST_NAME.match(n))
-    if "CURRENT" not in names:
-        if data_names:
-            # LevelDB would make a new, empty store here and delete the
-            # tables as obsolete.
-            raise _Damage(f"CURRENT is missing but {data_names[0]} and others are here")
+    state, total = _read_manifest(path, names)
+    if state is None:
         return Checked(0, 0, 0, 0, 0)
-    current = _read(path, "CURRENT")
-    manifest = current[:-1].decode("ascii", "replace")
-    if not current.endswith(b"\n") or not _MANIFEST_NAME.match(manifest):
-        raise _Damage(f"CURRENT does not name a MANIFEST: {current[:80]!r}")
-    if manifest not in names:
-        raise _Damage(f"CURRENT names {manifest}, which is missing")
-    raw = _read(path, manifest)
-    total = len(raw)
-    edits, _ = check_log(raw, manifest, torn_tail_ok=True, keep=True)
-    state = _apply_edits(edits, manifest)
-
-    logs = sorted(int(m.group(1)) for m in map(_LOG_NAME.match, names) if m)
+    logs = sorted(int(m.group(1)) for m in map(LOG_NAME.match, names) if m)
     live_logs = [n for n in logs if n >= state.log_number or n == state.prev_log_number]
+    if synced_logs is not None:
+        for name, synced in sorted(synced_logs.items()):
+            number = int(LOG_NAME.match(name).group(1))
+            if synced and name not in names and (number >= state.log_number
+                                                 or number == state.prev_log_number):
+                raise FileDamage(f"LevelDB log {name} is missing, but {synced} bytes of "
+                                 "it were synced at the last checkpoint and LevelDB "
+                                 "still needs it")
     log_records = 0
     for number in live_logs:
         name = f"{number:06d}.log"
         raw = _read(path, name)
+        if synced_logs is not None:
+            raw = raw[:synced_logs.get(name, 0)]    # as recovery will cut it
         total += len(raw)
-        _, count = check_log(raw, name, torn_tail_ok=number == live_logs[-1])
-        log_records += count
+        torn_ok = synced_logs is None and number == live_logs[-1]
+        log_records += check_log(raw, name, torn_tail_ok=torn_ok)[1]
+    blocks, table_bytes = _check_tables(path, names, state)
+    return Checked(len(live_logs), log_records, len(state.tables), blocks, total + table_bytes)
 
-    blocks = 0
+
+def _read_manifest(path: str, names: set):
+    """The version the MANIFEST that CURRENT names arrives at, and its size;
+    (None, 0) for a new directory."""
+    data_names = sorted(n for n in names if LOG_NAME.match(n) or TABLE_NAME.match(n)
+                        or MANIFEST_NAME.match(n))
+    if "CURRENT" not in names:
+        if data_names:
+            # LevelDB would make a new, empty store here and delete the
+            # tables as obsolete.
+            raise FileDamage(f"CURRENT is missing but {data_names[0]} and others are here")
+        return None, 0
+    current = _read(path, "CURRENT")
+    manifest = current[:-1].decode("ascii", "replace")
+    if not current.endswith(b"\n") or not MANIFEST_NAME.match(manifest):
+        raise FileDamage(f"CURRENT does not name a MANIFEST: {current[:80]!r}")
+    if manifest not in names:
+        raise FileDamage(f"CURRENT names {manifest}, which is missing")
+    raw = _read(path, manifest)
+    edits, _ = check_log(raw, manifest, torn_tail_ok=True, keep=True)
+    state = _apply_edits(edits, manifest)
+    state.manifest = manifest
+    return state, len(raw)
+
+
+def _check_tables(path: str, names: set, state) -> tuple[int, int]:
+    """Every table the MANIFEST lists: there, of its size, every block
+    sound.  Returns (blocks, bytes)."""
+    blocks = total = 0
     for number, size in sorted(state.tables.items()):
         name = next((n for n in (f"{number:06d}.ldb", f"{number:06d}.sst") if n in names), None)
         if name is None:
-            raise _Damage(f"table {number:06d}.ldb, listed in {manifest}, is missing")
+            raise FileDamage(f"table {number:06d}.ldb, listed in {state.manifest}, is missing")
         raw = _read(path, name)
         total += len(raw)
         if len(raw) != size:
-            raise _Damage(f"table {name} has {len(raw)} bytes, {manifest} says {size}")
+            raise FileDamage(f"table {name} has {len(raw)} bytes, {state.manifest} says {size}")
         blocks += check_table(raw, name)
-    return Checked(len(live_logs), log_records, len(state.tables), blocks, total)
+    return blocks, total
 
 
 def _read(path: str, name: str) -> bytes:
@@ -140,15 +171,17 @@ def _read(path: str, name: str) -> bytes:
 
 # --- logs --------------------------------------------------------------------------
 
-def check_log(raw: bytes, name: str, *, torn_tail_ok: bool,
-              keep: bool = False) -> tuple[list[bytes], int]:
-    """Walks the records of a log-format file.  Returns its logical records
-    (with `keep`) and the count of physical ones.  A bad record is allowed
-    only as a torn tail: `torn_tail_ok` and no valid record anywhere after
-    it, in its block or a later one."""
-    records: list[bytes] = []
-    fragments: list[bytes] | None = None        # inside a FIRST..LAST record
-    count = 0
+class _Physical(NamedTuple):
+    offset: int
+    kind: int
+    start: int          # of the payload
+    length: int
+
+
+def _walk(raw: bytes) -> tuple[list[_Physical], tuple[int, str] | None]:
+    """The valid physical records of a log-format file, in order, up to the
+    first bad one; and that one's (offset, what is wrong), or None."""
+    out = []
     i, n = 0, len(raw)
     view = memoryview(raw)
     while i < n:
@@ -156,36 +189,79 @@ def check_log(raw: bytes, name: str, *, torn_tail_ok: bool,
         if left < LOG_HEADER_BYTES:
             # The writer fills a block's last few bytes with zeros.
             if any(raw[i:i + left]):
-                _bad(raw, name, i, "block trailer is not zeros", torn_tail_ok)
-                return records, count
+                return out, (i, "block trailer is not zeros")
             i += left
             continue
         if not _check.log_record_ok(view, i):
-            _bad(raw, name, i, _why_bad(raw, i), torn_tail_ok)
-            return records, count
+            return out, (i, _why_bad(raw, i))
         length, kind = struct.unpack_from("<HB", raw, i + 4)
-        start = i + LOG_HEADER_BYTES
-        if (kind in (LOG_FULL, LOG_FIRST)) != (fragments is None):
-            raise _Damage(f"{_what(name)}: record at offset {i} is out of sequence "
-                          f"(type {kind} {'inside' if fragments is not None else 'outside'} "
-                          "a fragmented record)")
-        if kind == LOG_FULL:
-            if keep:
-                records.append(raw[start:start + length])
-        elif kind == LOG_FIRST:
-            fragments = [raw[start:start + length]] if keep else []
+        out.append(_Physical(i, kind, i + LOG_HEADER_BYTES, length))
+        i += LOG_HEADER_BYTES + length
+    return out, None
+
+
+def _assemble(raw: bytes, name: str, physical: list[_Physical]):
+    """The logical records as (offset of their first fragment, bytes), and
+    whether the last one is left open (FIRST or MIDDLE without its LAST)."""
+    records = []
+    fragments = None            # inside a FIRST..LAST record
+    first = 0
+    for rec in physical:
+        if (rec.kind in (LOG_FULL, LOG_FIRST)) != (fragments is None):
+            raise FileDamage(f"{_what(name)}: record at offset {rec.offset} is out of "
+                             f"sequence (type {rec.kind} "
+                             f"{'inside' if fragments is not None else 'outside'} "
+                             "a fragmented record)")
+        payload = raw[rec.start:rec.start + rec.length]
+        if rec.kind == LOG_FULL:
+            records.append((rec.offset, payload))
+        elif rec.kind == LOG_FIRST:
+            fragments, first = [payload], rec.offset
         else:
-            if keep:
-                fragments.append(raw[start:start + length])
-            if kind == LOG_LAST:
-                if keep:
-                    records.append(b"".join(fragments))
+            fragments.append(payload)
+            if rec.kind == LOG_LAST:
+                records.append((first, b"".join(fragments)))
                 fragments = None
-        count += 1
-        i = start + length
-    if fragments is not None and not torn_tail_ok:
-        raise _Damage(f"{_what(name)}: ends inside a fragmented record")
-    return records, count
+    return records, fragments is not None
+
+
+def check_log(raw: bytes, name: str, *, torn_tail_ok: bool,
+              keep: bool = False) -> tuple[list[bytes], int]:
+    """Walks the records of a log-format file.  Returns its logical records
+    (with `keep`) and the count of physical ones.  A bad record is allowed
+    only as a torn tail: `torn_tail_ok` and no valid record anywhere after
+    it, in its block or a later one."""
+    physical, bad = _walk(raw)
+    if bad is not None:
+        _bad(raw, name, bad[0], bad[1], torn_tail_ok)
+    records, left_open = _assemble(raw, name, physical)
+    if left_open and (bad is None and not torn_tail_ok):
+        raise FileDamage(f"{_what(name)}: ends inside a fragmented record")
+    return ([r for _, r in records] if keep else []), len(physical)
+
+
+def batches_past(path: str, synced_logs: dict) -> dict:
+    """For each LevelDB log of the directory: how many write batches with at
+    least one put or delete it holds that start past its synced length
+    (`synced_logs`, a log it lacks: 0).  The walk ends at the first bad
+    record: past the synced length, a power cut may have left anything."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if not LOG_NAME.match(name):
+            continue
+        raw = _read(path, name)
+        synced = synced_logs.get(name, 0)
+        if len(raw) <= synced:
+            continue
+        physical, _ = _walk(raw)
+        try:
+            records, _ = _assemble(raw, name, physical)
+        except FileDamage:
+            records = []
+        out[name] = sum(1 for off, batch in records
+                        if off >= synced and len(batch) >= BATCH_HEADER.size
+                        and BATCH_HEADER.unpack_from(batch)[1] > 0)
+    return out
 
 
 def _why_bad(raw: bytes, i: int) -> str:
@@ -205,14 +281,24 @@ def _why_bad(raw: bytes, i: int) -> str:
     return "fails its checksum"
 
 
+# What a write cut short by a crash leaves at a log's end: LevelDB's reader
+# takes these for the end of the file.  A whole record that fails its
+# checksum it reports as corruption, and in the MANIFEST that refuses the
+# open (VersionSet::Recover), so there it is damage.
+_CUT_SHORT = ("is cut short", "is zeros", "past the end of the file")
+
+
 def _bad(raw: bytes, name: str, i: int, why: str, torn_tail_ok: bool) -> None:
     """Returns if the bad record at offset i is a torn tail; raises if not."""
+    if torn_tail_ok and name.startswith("MANIFEST") and not any(c in why for c in _CUT_SHORT):
+        raise FileDamage(f"{name}: record at offset {i} {why}")
     if not torn_tail_ok:
-        raise _Damage(f"{_what(name)}: record at offset {i} {why} (only the "
-                      "newest log may end in a torn write)")
+        raise FileDamage(f"{_what(name)}: record at offset {i} {why} (only the "
+                         "newest log may end in a torn write, and only where its "
+                         "bytes were not all synced)")
     later = _check.find_log_record(memoryview(raw), i + 1)
     if later >= 0:
-        raise _Damage(f"{_what(name)}: record at offset {i} {why}, and a valid record "
+        raise FileDamage(f"{_what(name)}: record at offset {i} {why}, and a valid record "
                       f"follows at offset {later}: damage, not a torn write")
 
 
@@ -224,6 +310,7 @@ def _what(name: str) -> str:
 
 class _Version:
     def __init__(self):
+        self.manifest = ""
         self.log_number = 0
         self.prev_log_number = 0
         self.tables: dict[int, int] = {}        # file number -> size in bytes
@@ -231,212 +318,57 @@ class _Version:
 
 def _apply_edits(edits: list[bytes], name: str) -> _Version:
     """The tables and log numbers that LevelDB's VersionSet::Recover would
-    arrive at from these VersionEdit records."""
+    arrive at from these VersionEdit records; FileDamage where it would
+    refuse them."""
     v = _Version()
+    seen = set()
     for k, edit in enumerate(edits):
         try:
-            i = 0
-            while i < len(edit):
-                tag, i = _varint(edit, i)
-                if tag == TAG_COMPARATOR:
-                    _, i = _prefixed(edit, i)
-                elif tag == TAG_LOG_NUMBER:
-                    v.log_number, i = _varint(edit, i)
-                elif tag == TAG_PREV_LOG_NUMBER:
-                    v.prev_log_number, i = _varint(edit, i)
-                elif tag in (TAG_NEXT_FILE, TAG_LAST_SEQUENCE):
-                    _, i = _varint(edit, i)
-                elif tag == TAG_COMPACT_POINTER:
-                    _, i = _varint(edit, i)
-                    _, i = _prefixed(edit, i)
-                elif tag == TAG_DELETED_FILE:
-                    _, i = _varint(edit, i)
-                    number, i = _varint(edit, i)
-                    v.tables.pop(number, None)
-                elif tag == TAG_NEW_FILE:
-                    _, i = _varint(edit, i)
-                    number, i = _varint(edit, i)
-                    size, i = _varint(edit, i)
-                    _, i = _prefixed(edit, i)
-                    _, i = _prefixed(edit, i)
-                    v.tables[number] = size
-                else:
-                    raise ValueError(f"unknown tag {tag}")
+            seen |= _apply_edit(v, edit)
         except (ValueError, IndexError) as e:
-            raise _Damage(f"{name}: record {k} is not a valid version edit ({e})") from None
+            raise FileDamage(f"{name}: record {k} is not a valid version edit ({e})") from None
+    missing = [what for tag, what in ((TAG_NEXT_FILE, "next file number"),
+                                      (TAG_LOG_NUMBER, "log number"),
+                                      (TAG_LAST_SEQUENCE, "last sequence"))
+               if tag not in seen]
+    if missing:
+        raise FileDamage(f"{name} has no {', '.join(missing)}")
     return v
 
 
-def _varint(buf, i: int) -> tuple[int, int]:
-    value = shift = 0
-    for j in range(i, min(i + VARINT64_BYTES_MAX, len(buf))):
-        b = buf[j]
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, j + 1
-        shift += 7
-    raise ValueError(f"bad varint at offset {i}")
+# The fields of the tags _apply_edit reads past: v a varint, s a
+# length-prefixed string.
+_SKIPPED = {TAG_NEXT_FILE: "v", TAG_LAST_SEQUENCE: "v", TAG_COMPACT_POINTER: "vs"}
 
 
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _prefixed(buf, i: int) -> tuple[bytes, int]:
-    length, i = _varint(buf, i)
-    if i + length > len(buf):
-        raise ValueError(f"a length-prefixed field at offset {i} runs past the end")
-    return bytes(buf[i:i + length]), i + length
-
-
-# --- tables --------------------------------------------------------------------------
-
-def check_table(raw: bytes, name: str) -> int:
-    """Checks a table's footer and the CRC of every block it has (data,
-    meta, metaindex, index), and that the blocks tile the file; returns the
-    number of blocks."""
-    what = f"table {name}"
-    size = len(raw)
-    if size < TABLE_FOOTER_BYTES:
-        raise _Damage(f"{what}: {size} bytes, shorter than a table footer")
-    body_end = size - TABLE_FOOTER_BYTES
-    footer = raw[body_end:]
-    if struct.unpack_from("<Q", footer, TABLE_HANDLES_BYTES)[0] != TABLE_MAGIC:
-        raise _Damage(f"{what}: the footer's magic number is wrong")
-    try:
-        meta_off, i = _varint(footer, 0)
-        meta_size, i = _varint(footer, i)
-        index_off, i = _varint(footer, i)
-        index_size, i = _varint(footer, i)
-    except ValueError:
-        raise _Damage(f"{what}: the footer's block handles are unreadable") from None
-    if i > TABLE_HANDLES_BYTES or any(footer[i:TABLE_HANDLES_BYTES]):
-        raise _Damage(f"{what}: the footer's padding is not zeros")
-    if footer[:i] != b"".join(map(_varint_bytes, (meta_off, meta_size, index_off, index_size))):
-        # A flipped continuation bit on a handle's last byte reads the same
-        # value from the zero padding; LevelDB never writes such a varint.
-        raise _Damage(f"{what}: the footer's block handles are not as LevelDB writes them")
-
-    view = memoryview(raw)
-    index = _block(raw, view, index_off, index_size, body_end, f"{what}: index block")
-    meta = _block(raw, view, meta_off, meta_size, body_end, f"{what}: metaindex block")
-    blocks = [(index_off, index_size), (meta_off, meta_size)]
-    for kind, contents in (("data", index), ("meta", meta)):
-        for handle in _block_values(contents, f"{what}: {'index' if kind == 'data' else 'metaindex'} block"):
-            try:
-                off, i = _varint(handle, 0)
-                length, i = _varint(handle, i)
-            except ValueError:
-                i = -1
-            if i != len(handle):
-                raise _Damage(f"{what}: a {kind} block handle is unreadable")
-            if not _check.block_ok(view, off, length) or off + length + BLOCK_TRAILER_BYTES > body_end:
-                raise _Damage(f"{what}: {kind} block at offset {off} fails its checksum")
-            blocks.append((off, length))
-    # Data blocks, meta blocks, metaindex, index, footer: end to end, so
-    # that no byte of the file is outside a checked block.
-    at = 0
-    for off, length in sorted(blocks):
-        if off != at:
-            raise _Damage(f"{what}: the block at offset {off} does not follow the one "
-                          f"ending at {at}")
-        at = off + length + BLOCK_TRAILER_BYTES
-    if at != body_end:
-        raise _Damage(f"{what}: the blocks end at {at}, the footer starts at {body_end}")
-    return len(blocks)
-
-
-def _block(raw: bytes, view, off: int, length: int, body_end: int, what: str) -> bytes:
-    """A block's contents, uncompressed, once its CRC is checked."""
-    if not _check.block_ok(view, off, length) or off + length + BLOCK_TRAILER_BYTES > body_end:
-        raise _Damage(f"{what} at offset {off} fails its checksum")
-    kind = raw[off + length]
-    contents = raw[off:off + length]
-    if kind == COMPRESSION_NONE:
-        return contents
-    if kind == COMPRESSION_SNAPPY:
-        try:
-            return _unsnappy(contents)
-        except (ValueError, IndexError) as e:
-            raise _Damage(f"{what} at offset {off} does not decompress ({e})") from None
-    raise _Damage(f"{what} at offset {off} has unknown compression type {kind}")
-
-
-def _block_values(block: bytes, what: str) -> list[bytes]:
-    """The values of a block's entries (leveldb table/block.cc): each entry
-    is shared:varint, unshared:varint, value_length:varint, the unshared
-    key bytes, the value; then the restart offsets and their count."""
-    if len(block) < 4:
-        raise _Damage(f"{what} is too short")
-    restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
-    end = len(block) - 4 - 4 * restarts
-    if restarts < 1 or end < 0:
-        raise _Damage(f"{what} has a bad restart count {restarts}")
-    values = []
-    i = key_len = 0
-    try:
-        while i < end:
-            shared, i = _varint(block, i)
-            unshared, i = _varint(block, i)
-            value_len, i = _varint(block, i)
-            if shared > key_len or i + unshared + value_len > end:
-                raise ValueError(f"entry at offset {i} runs past the entries")
-            key_len = shared + unshared
-            i += unshared
-            values.append(block[i:i + value_len])
-            i += value_len
-    except ValueError as e:
-        raise _Damage(f"{what} has a malformed entry ({e})") from None
-    return values
-
-
-def _unsnappy(src: bytes) -> bytes:
-    """Snappy's raw format (google/snappy format_description.txt): the
-    uncompressed length as a varint, then literals and back-references.
-    Used for the index and metaindex blocks only: they are small."""
-    n, i = _varint(src, 0)
-    out = bytearray()
-    while i < len(src):
-        tag = src[i]
-        i += 1
-        kind = tag & 3
-        if kind == 0:                                   # literal
-            length = tag >> 2
-            if length >= 60:
-                extra = length - 59
-                length = int.from_bytes(src[i:i + extra], "little")
-                i += extra
-            length += 1
-            if i + length > len(src):
-                raise ValueError("a literal runs past the end")
-            out += src[i:i + length]
-            i += length
-            continue
-        if kind == 1:                                   # copy, 11-bit offset
-            length = 4 + ((tag >> 2) & 7)
-            offset = ((tag >> 5) << 8) | src[i]
-            i += 1
-        elif kind == 2:                                 # copy, 16-bit offset
-            length = (tag >> 2) + 1
-            offset = int.from_bytes(src[i:i + 2], "little")
-            i += 2
-        else:                                           # copy, 32-bit offset
-            length = (tag >> 2) + 1
-            offset = int.from_bytes(src[i:i + 4], "little")
-            i += 4
-        if offset == 0 or offset > len(out) or i > len(src):
-            raise ValueError("a copy reaches before the start")
-        start = len(out) - offset
-        if offset >= length:
-            out += out[start:start + length]
-        else:                                           # overlapping: repeats
-            for j in range(length):
-                out.append(out[start + j])
-    if len(out) != n:
-        raise ValueError(f"{len(out)} bytes, {n} expected")
-    return bytes(out)
+def _apply_edit(v: _Version, edit: bytes) -> set:
+    """Applies one VersionEdit to `v`; returns the tags it had."""
+    tags = set()
+    i = 0
+    while i < len(edit):
+        tag, i = read_varint(edit, i)
+        tags.add(tag)
+        if tag == TAG_COMPARATOR:
+            comparator, i = read_prefixed(edit, i)
+            if comparator != LEVELDB_COMPARATOR:
+                raise ValueError(f"comparator {comparator[:40]!r}")
+        elif tag == TAG_LOG_NUMBER:
+            v.log_number, i = read_varint(edit, i)
+        elif tag == TAG_PREV_LOG_NUMBER:
+            v.prev_log_number, i = read_varint(edit, i)
+        elif tag == TAG_DELETED_FILE:
+            _, i = read_varint(edit, i)
+            number, i = read_varint(edit, i)
+            v.tables.pop(number, None)
+        elif tag == TAG_NEW_FILE:
+            _, i = read_varint(edit, i)
+            number, i = read_varint(edit, i)
+            v.tables[number], i = read_varint(edit, i)
+            _, i = read_prefixed(edit, i)
+            _, i = read_prefixed(edit, i)
+        elif tag in _SKIPPED:
+            for field in _SKIPPED[tag]:
+                _, i = (read_varint if field == "v" else read_prefixed)(edit, i)
+        else:
+            raise ValueError(f"unknown tag {tag}")
+    return tags

@@ -1,18 +1,23 @@
-"""`Ledger`: the public Python API.  It composes the in-memory book
-(accman._ledger), the LevelDB store and the group committer."""
+"""`Ledger`: the public Python API of the embedded store.  It composes the
+in-memory book (accman.ledger._ledger), the LevelDB store, the group
+committer and the event log, and keeps the store interface
+(accman/store.py) for the server."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+
+from accman.errors import AccManError, BadRequest, NoAccount, Unavailable
 from accman.ledger import _ledger
 from accman.ledger.commit import Committer, running_loop
-from accman.errors import AccManError, BadRequest, NoAccount, Unavailable
-from accman.limits import PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX
-from accman.records import Entry
-from accman.store import Page, page_next
+from accman.ledger.events import EventLog
 from accman.ledger.leveldb import Store
-
+from accman.limits import (EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
+                           EVENTS_WAIT_S_MAX, PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX)
+from accman.records import Entry, Event
+from accman.store import Page, page_next
 
 # What is checked at open, from most to least (see Ledger):
 #   full   the files' CRCs (accman.fsck) and every record read through LevelDB
@@ -25,25 +30,40 @@ def _no_account() -> NoAccount:
     return NoAccount("no account has this cred")
 
 
+def _result(outcome):
+    if isinstance(outcome, AccManError):
+        raise outcome
+    return outcome
+
+
 class Ledger:
-    """Balances, history and idempotency, durable on LevelDB.
+    """Balances, history, holds, idempotency and events, durable on LevelDB.
 
     >>> with Ledger("data") as led:
     ...     led.mod("alice", 1000)          # (tot, seq), durable on return
+    ...     hold, tot, seq = led.hold("alice", -30, 60)
+    ...     led.settle("alice", hold, 12)   # 12 spent, 18 back
     ...     led.tot("alice")
 
     `verify` chooses what open checks (VERIFY_MODES).  "full" (the default)
     and "heads" both check every log record's and table block's CRC-32C
-    before LevelDB opens the directory (accman.fsck, ~2 ms per MiB here);
-    loading then reads each account's newest history entry (its balance
-    and seq); "full" also reads every record through LevelDB (~1 us a
-    record), which finds a block that passes its CRC but does not parse.
-    "none" checks only what loading reads: for tests of what happens when
-    damage is met later.
+    before LevelDB opens the directory (accman.ledger.fsck); loading then
+    reads each account's newest history entry (its balance and seq); "full"
+    also reads every record through LevelDB, which finds a block that passes
+    its CRC but does not parse.  "none" checks only what loading reads: for
+    tests of what happens when damage is met later.
 
-    Reads answer from memory and show durable state only.  `mod` blocks
-    until its batch is on disk; many concurrent mods (threads, or tasks
-    through `amod`/`submit`) share one fsync.
+    `low_balance`: the threshold under which an account's balance emits a
+    `low_balance` event, for accounts whose funding set none;
+    `events_retention_s`: how long events are kept at least; `holds_max`
+    and `holds_per_account_max` lower the bounds of limits.py (tests);
+    `clock_ms`, unix milliseconds, is the clock of changes and expiries.
+
+    Reads answer from memory and show durable state only.  `mod`, `hold`
+    and `settle` block until their batch is on disk; many concurrent ones
+    (threads, or tasks through `amod`/`submit`) share one fsync.  Holds that
+    expired while the ledger was closed end when it opens, before it is
+    returned.
 
     Two attributes are the book's and the committer's own methods, bound
     per instance so that the server's hot paths run no Python frame of
@@ -52,13 +72,11 @@ class Ledger:
     `tot(cred) -> int | None`: the durable balance of `cred`, None for an
     unknown cred.
 
-    `submit(cred, by, min=None, key=None, done=None) -> None`: applies a
-    mod in call order; `done(outcome)` is called once it is final, with
-    `(tot, seq)` or an AccManError (Insufficient, KeyReused, Overflow,
-    NoAccount, Unavailable), after what it depends on is durable.  Raises
-    BadRequest, Unavailable or Busy at once, changing nothing.
-
-    The Ledger keeps the store interface (accman/store.py) for the server.
+    `submit(cred, by, min=None, key=None, done=None, low=None) -> None`:
+    applies a mod in call order; `done(outcome)` is called once it is
+    final, with `(tot, seq)` or an AccManError (Insufficient, KeyReused,
+    Overflow, NoAccount, Unavailable), after what it depends on is durable.
+    Raises BadRequest, Unavailable or Busy at once, changing nothing.
     """
 
     # accman/store.py: `tot` answers from memory.
@@ -66,32 +84,62 @@ class Ledger:
 
     def __init__(self, path: str, *, create: bool = True, verify: str = "full",
                  batch_mods_max: int | None = None, queued_mods_max: int | None = None,
-                 store: Store | None = None):
+                 store: Store | None = None, low_balance: int | None = None,
+                 events_retention_s: float = EVENTS_RETENTION_S_DEFAULT,
+                 holds_max: int | None = None, holds_per_account_max: int | None = None,
+                 clock_ms=None):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
+        if not events_retention_s > 0:
+            raise ValueError("events_retention_s must be positive")
         self.store = store if store is not None else Store(
             path, create=create, check_files=(verify != "none"))
         self.path = self.store.path
+        lock = threading.Lock()
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        limits = {name: value for name, value in (
+            ("batch_mods_max", batch_mods_max), ("queued_mods_max", queued_mods_max),
+            ("holds_max", holds_max), ("holds_per_account_max", holds_per_account_max))
+            if value is not None}
         try:
-            limits = {}
-            if batch_mods_max is not None:
-                limits["batch_mods_max"] = batch_mods_max
-            if queued_mods_max is not None:
-                limits["queued_mods_max"] = queued_mods_max
-            self._book = _ledger.Book(self.store.salt, self.store.new_batch,
-                                      self.store.get, **limits)
-            if verify not in VERIFY_MODES:
-                raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
-            if verify == "full":
-                self.store.check_all_blocks()
-            load = self._book.load
-            for hid, tot, seq in self.store.accounts():
-                load(hid, tot, seq)
+            self._events = EventLog.open(self.store, lock, events_retention_s)
+            self._book = self._load(verify, limits, low_balance)
+            self._expire_at_open()
         except BaseException:
             self.store.close()
             raise
-        self._committer = Committer(self._book, self.store)
+        self._committer = Committer(self._book, self.store, self._events, lock, self._clock_ms)
         self._closed = False
         self.tot = self._book.tot
         self.submit = self._committer.submit
+
+    def _load(self, verify, limits, low_balance):
+        book = _ledger.Book(self.store.salt, self.store.new_batch, self.store.get,
+                            next_event=self._events.last + 1, low_default=low_balance,
+                            **limits)
+        book.events_first = self._events.first
+        if verify == "full":
+            self.store.check_all_blocks()
+        for hid, tot, seq in self.store.accounts():
+            book.load(hid, tot, seq)
+        for k, v in self.store.iterate(_ledger.LOW_PREFIX):
+            book.load_low(k[1:], _ledger.unpack_low(v))
+        for k, v in self.store.iterate(_ledger.HOLD_PREFIX):
+            amount, expires_ms, state, *_ = _ledger.unpack_hold(v)
+            if state == _ledger.HOLD_OPEN:
+                book.load_hold(k[1:1 + _ledger.HID_BYTES], _ledger.history_key_seq(k),
+                               amount, expires_ms)
+        return book
+
+    def _expire_at_open(self) -> None:
+        """Holds that expired while the ledger was closed end now, durably,
+        before anyone can settle them (SPEC "Holds")."""
+        book = self._book
+        while book.expire_due(self._clock_ms(), book.batch_mods_max):
+            batch = book.seal()
+            self.store.write(batch.wb, batch.wal)
+            book.finish(batch)
+            self._events.append(batch.events)
 
     def _refuse_closed(self, *_args):
         raise Unavailable("the ledger is closed")
@@ -120,11 +168,32 @@ class Ledger:
         if last < 1:
             return []
         first = max(1, last - limit + 1)
-        out = []
-        for k, v in self.store.history(hid, first, last):
-            by, tot, at, key = _ledger.unpack_history(v)
-            out.append(Entry(_ledger.history_key_seq(k), by, tot, at, key))
-        return out
+        return [Entry(_ledger.history_key_seq(k), *_ledger.unpack_history(v))
+                for k, v in self.store.history(hid, first, last)]
+
+    def account_id(self, cred: str) -> str | None:
+        """The account's public id (SPEC "Events"), None for an unknown cred."""
+        acct = self._book.account(cred)
+        return None if acct is None else acct.hid.hex()
+
+    def events(self, after: int = 0, limit: int = EVENTS_LIMIT_DEFAULT) -> tuple:
+        """(events, next): up to `limit` durable events with ids after
+        `after`, oldest first; `next` is the `after` of the next call.
+        Raises EventsTrimmed below the retention."""
+        self._check_events(after, limit, 0)
+        with self._committer.lock:
+            return _result(self._events.read(after, limit))
+
+    async def aevents(self, after: int = 0, limit: int = EVENTS_LIMIT_DEFAULT,
+                      wait_s: float = 0) -> tuple:
+        """`events`, waiting up to `wait_s` for the first one (long poll)."""
+        fut = asyncio.get_running_loop().create_future()
+        outcome = self.read_events(after, limit, wait_s, fut.set_result)
+        return _result(await fut if outcome is None else outcome)
+
+    def __len__(self) -> int:
+        """The number of accounts."""
+        return len(self._book)
 
     # -- the store interface's reads (accman/store.py) ------------------------------
 
@@ -161,21 +230,70 @@ class Ledger:
         entries = self._entries(hid, seq, limit, before)
         return Page(hid.hex(), entries, page_next(entries, limit))
 
-    def __len__(self) -> int:
-        """The number of accounts."""
-        return len(self._book)
+    def read_events(self, after: int, limit: int, wait_s: float, done):
+        """The store interface's /events: at once, or a long poll whose
+        `done` is called on the loop."""
+        self._check_events(after, limit, wait_s)
+        if self._closed:
+            self._refuse_closed()
+        with self._committer.lock:
+            outcome = self._events.read(after, limit)
+            if wait_s and not isinstance(outcome, AccManError) and not outcome[0]:
+                self._events.wait(asyncio.get_running_loop(), after, limit, wait_s, done)
+                return None
+        return outcome
 
-    # -- mods ----------------------------------------------------------------------
+    @staticmethod
+    def _check_events(after, limit, wait_s) -> None:
+        if type(after) is not int or after < 0:
+            raise BadRequest("after must be an event id: an int, 0 or more")
+        if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
+            raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
+        if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
+            raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
+
+    # -- changes -----------------------------------------------------------------------
+
+    def submit_hold(self, cred, by, ttl_s, min=None, key=None, done=None):  # noqa: A002
+        """The store interface's hold: outcome (hold, tot, seq)."""
+        return self._committer.submit_hold(cred, by, ttl_s, min, key, done)
+
+    def submit_settle(self, cred, hold, use, done=None):
+        """The store interface's settle: outcome (tot, seq)."""
+        return self._committer.submit_settle(cred, hold, use, done)
 
     def mod(self, cred: str, by: int, *, min: int | None = None,
-            key: str | None = None) -> tuple[int, int]:
-        """Adds `by` to the balance of `cred` (creating the account), only
-        if the result is >= `min` when given; idempotent under `key`.
-        Returns (tot, seq) once durable."""
+            key: str | None = None, low: int | None = None) -> tuple[int, int]:
+        """Adds `by` to the balance of `cred` (a positive `by` opens an
+        unknown account; a negative one is NoAccount there), only if the
+        result is >= `min` when given; idempotent under `key`; a funding mod
+        may set the account's low-balance threshold `low`.  Returns
+        (tot, seq) once durable."""
+        return self._blocking(self._committer.submit, cred, by, min, key, low=low)
+
+    def hold(self, cred: str, by: int, ttl_s: int, *, min: int | None = None,
+             key: str | None = None) -> tuple[int, int, int]:
+        """Holds -by (by < 0) for ttl_s seconds: it leaves the balance now
+        and comes back unless settled (SPEC "Holds").  `min` defaults to 0.
+        Returns (hold, tot, seq) once durable."""
+        return self._blocking(self._committer.submit_hold, cred, by, ttl_s, min, key)
+
+    def settle(self, cred: str, hold: int, use: int) -> tuple[int, int]:
+        """Ends a hold: `use` of it is spent, the rest returns.  Returns
+        (tot, seq) once durable; HoldEnded, NoHold as the SPEC says."""
+        return self._blocking(self._committer.submit_settle, cred, hold, use)
+
+    def expire_due(self) -> int:
+        """Ends the holds due by now and returns once that is durable, with
+        how many ended.  The writer does this by itself when a hold is due;
+        this is for a caller that must see it done (tests, with `clock_ms`)."""
+        return self._committer.expire_due()
+
+    def _blocking(self, submit, *args, **kw):
         if running_loop() is not None:
             # Its completion would be queued to the loop this call blocks,
             # or it would stall every other task on it: both are bugs.
-            raise RuntimeError("Ledger.mod blocks: inside an event loop use "
+            raise RuntimeError("Ledger calls block: inside an event loop use "
                                "`await led.amod(...)` or `led.submit(...)`")
         box = []
         ready = threading.Event()
@@ -184,23 +302,30 @@ class Ledger:
             box.append(outcome)
             ready.set()
 
-        self._committer.submit(cred, by, min, key, done)
+        submit(*args, done=done, **kw)
         ready.wait()
-        outcome = box[0]
-        if isinstance(outcome, AccManError):
-            raise outcome
-        return outcome
+        return _result(box[0])
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop, deliver=None) -> None:
-        """Mods submitted from `loop`'s thread complete on that loop.
+        """Changes submitted from `loop`'s thread complete on that loop.
         `deliver`, if given, is called there with each batch's list of
         (done, outcome) pairs instead of calling each `done(outcome)`;
         it must tell every `done` its outcome."""
         self._committer.bind_loop(loop, deliver)
 
     async def amod(self, cred: str, by: int, *, min: int | None = None,
-                   key: str | None = None) -> tuple[int, int]:
+                   key: str | None = None, low: int | None = None) -> tuple[int, int]:
         """`mod` for asyncio: many concurrent amods share one fsync."""
+        return await self._awaited(self._committer.submit, cred, by, min, key, low=low)
+
+    async def ahold(self, cred: str, by: int, ttl_s: int, *, min: int | None = None,
+                    key: str | None = None) -> tuple[int, int, int]:
+        return await self._awaited(self._committer.submit_hold, cred, by, ttl_s, min, key)
+
+    async def asettle(self, cred: str, hold: int, use: int) -> tuple[int, int]:
+        return await self._awaited(self._committer.submit_settle, cred, hold, use)
+
+    async def _awaited(self, submit, *args, **kw):
         loop = asyncio.get_running_loop()
         if self._committer._loop is not loop:
             self.bind_loop(loop)
@@ -210,11 +335,8 @@ class Ledger:
             if not fut.done():
                 fut.set_result(outcome)
 
-        self._committer.submit(cred, by, min, key, done)
-        outcome = await fut
-        if isinstance(outcome, AccManError):
-            raise outcome
-        return outcome
+        submit(*args, done=done, **kw)
+        return _result(await fut)
 
     # -- state -------------------------------------------------------------------------
 
@@ -222,6 +344,17 @@ class Ledger:
     def healthy(self) -> bool:
         """True while the ledger can commit."""
         return not self._closed and self._committer.healthy
+
+    @property
+    def failure(self) -> str | None:
+        """Why the ledger stopped taking writes, for the operator's log
+        (it names files and OS errors: never for a client)."""
+        error = self._committer.error
+        return None if error is None else error.detail
+
+    @property
+    def open_holds(self) -> int:
+        return self._book.open_holds
 
     @property
     def stats(self) -> dict:
@@ -235,6 +368,11 @@ class Ledger:
             "checkpoint_s_total": self.store.wal.checkpoint_s_total,
             "last_batch_mods": c.last_batch_mods,
             "queued_mods": self._book.queued_mods,
+            "open_holds": self._book.open_holds,
+            "holds_expired": self._book.holds_expired,
+            "events_last": self._events.last,
+            "events_first": self._events.first,
+            "events_trimmed": self._events.trimmed,
             "healthy": self.healthy,
         }
 
@@ -247,10 +385,8 @@ class Ledger:
         return sizes, times
 
     def verify(self) -> dict:
-        """The full check: every account's history runs 1..seq without gaps,
-        each entry's tot is the previous tot plus its by, the last equals
-        the account's balance, and every idempotency record names an entry
-        with its key.  Raises StoreCorrupt; returns counts."""
+        """The full check (accman.ledger.verify).  Raises StoreCorrupt;
+        returns counts."""
         from accman.ledger.verify import verify_store
         return verify_store(self.store)
 
@@ -270,4 +406,4 @@ class Ledger:
         self.close()
 
 
-__all__ = ["Ledger", "Entry", "Unavailable"]
+__all__ = ["Ledger", "Entry", "Event", "Unavailable"]

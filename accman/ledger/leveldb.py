@@ -1,4 +1,4 @@
-"""LevelDB through plyvel, behind AccMan's write-ahead log (accman.wal):
+"""LevelDB through plyvel, behind AccMan's write-ahead log (accman.ledger.wal):
 open, lock, recover, load, verify, write batches.
 
 This module is the one place where plyvel's and the OS's errors become
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hmac
 import json
 import logging
 import os
-import secrets
 import struct
 
 import plyvel
 
-from accman.ledger import _ledger, fsck, wal
-from accman.errors import StoreCorrupt, StoreError, StoreLocked
+from accman.errors import (CheckpointPostponed, FileDamage, StoreCorrupt, StoreError,
+                           StoreLocked)
+from accman.ledger import _ledger, datadir, fsck, keyfile, wal, walwriter
 
 log = logging.getLogger("accman.ledger.leveldb")
 
@@ -31,7 +32,6 @@ STORE_FORMAT = 2             # bump with a migration when a record format change
 # their histories one last time, then deleted in the batch that writes the
 # new format record.
 MIGRATES_FROM = (1,)
-SALT_BYTES = 16              # the per-directory BLAKE2b key for credential hashes
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account
 # records at open and history pages at random, so give both more room.
@@ -89,73 +89,146 @@ def _msg(e: BaseException) -> str:
 
 
 class Store:
-    """One LevelDB directory and AccMan's write-ahead log (accman.wal) in
-    it, opened by one process at a time."""
+    """One LevelDB directory and AccMan's write-ahead log (accman.ledger.wal)
+    in it, opened by one process at a time."""
 
     def __init__(self, path: str, *, create: bool = True, check_files: bool = True,
-                 wal_bytes_max: int = wal.WAL_BYTES_MAX):
+                 wal_bytes_max: int = wal.WAL_BYTES_MAX,
+                 wal_overrun_bytes_max: int = walwriter.WAL_OVERRUN_BYTES_MAX,
+                 read_only: bool = False):
         """`check_files`: check every log record's and table block's CRC
-        (accman.fsck) before LevelDB opens the directory, so that damage is
-        refused before LevelDB's recovery can drop or rewrite anything.
-        Recovery (accman.wal) runs either way."""
-        self.path = os.path.abspath(path)
+        (accman.ledger.fsck) before LevelDB opens the directory, so that
+        damage is refused before LevelDB's recovery can drop or rewrite
+        anything.  Recovery (accman.ledger.wal) runs either way.
+
+        `read_only`: change no file of the directory (`accman verify`, a
+        read-only copy or mount): recovery and LevelDB run in a private
+        copy (accman.ledger.datadir.snapshot), under a shared lock that no
+        server holds.  Reads only; there is nothing to write to."""
+        self.path = os.path.abspath(path)       # named in every message
+        self.dir = self.path                    # where the files are opened
+        self.read_only = read_only
         self._lock_fd = -1
+        self._scratch = None
         self.wal = None
         self.db = None
         try:
-            self._open(create, check_files, wal_bytes_max)
+            self._open(create, check_files, (wal_bytes_max, wal_overrun_bytes_max))
         except BaseException:
             self.close(checkpoint=False)
             raise
 
-    def _open(self, create: bool, check_files: bool, wal_bytes_max: int) -> None:
+    def _open(self, create: bool, check_files: bool, wal_bytes: tuple) -> None:
         with _translated(self.path, "open"):
             existed = os.path.isdir(self.path)
-            if create:
-                os.makedirs(self.path, exist_ok=True)
-            elif not existed:
+            if not existed and (self.read_only or not create):
                 raise StoreError(f"{self.path}: no such data directory")
-            self._lock()
-            ckpt = self._wal_step(wal.read_checkpoint, self.path)
-            records = []
-            # Another LevelDB (not an AccMan: it would hold our lock) has
-            # the directory: its files are changing under us, so neither
-            # read nor cut nor checked, and plyvel raises StoreLocked.
-            if existed and not _locked_elsewhere(self.path):
-                # Read and parsed (and refused if damaged) before any file
-                # is cut.
-                records = [(rec.lsn, self._puts_of(rec))
-                           for rec in self._wal_step(wal.scan, self.path, ckpt)]
-                if ckpt is not None:
-                    cuts = self._wal_step(wal.cut_logs, self.path, ckpt)
-                    if cuts:
-                        log.info("%s: recovery: cut %d unsynced bytes from LevelDB's "
-                                 "logs, to be replayed from %s", self.path,
-                                 sum(cuts.values()), wal.WAL_NAME)
-                if check_files:
-                    fsck.check_dir(self.path)
+            if self.read_only:
+                self._lock_fd = datadir.lock_shared(self.path)
+                self.dir = self._scratch = datadir.snapshot(self.path)
+            else:
+                datadir.make(self.path)
+                changed = datadir.tighten(self.path)
+                if changed and existed:
+                    log.info("%s: made the data directory 0700 and its files 0600 "
+                                "(%d were open to others)", self.path, len(changed))
+                self._lock()
+            salt, ckpt, records = self._recover(existed, check_files, create)
             self.db = plyvel.DB(
-                self.path,
+                self.dir,
                 create_if_missing=create,
                 paranoid_checks=True,
                 write_buffer_size=WRITE_BUFFER_BYTES,
                 lru_cache_size=BLOCK_CACHE_BYTES,
             )
-        self.salt = self._meta()
+            datadir.sync_leveldb_current(self.dir)
+        # LevelDB is written outside the log only here, before a store's
+        # first checkpoint: the format record of a new store, and the
+        # migration from format 1, which predates the log.  After a
+        # checkpoint every LevelDB write is one record's batch, which is
+        # what recovery's count of LevelDB's batches relies on.
+        self.salt = self._meta(salt)
         with _translated(self.path, "replay the write-ahead log"):
+            if salt is None:
+                # A store written before the key file: its key is the
+                # format record's, written out before the first AMW2 record.
+                keyfile.write_key(self._dir_fd(), self.salt)
             for _, puts in records:
                 wb = self.db.write_batch(transaction=True)
                 for k, v in puts:
-                    wb.put(k, v)
+                    if v is None:
+                        wb.delete(k)        # an event past its retention
+                    else:
+                        wb.put(k, v)
                 wb.write()
             if records:
                 log.info("%s: recovery: replayed %d batches from %s", self.path,
                          len(records), wal.WAL_NAME)
             next_lsn = (records[-1][0] + 1 if records
                         else ckpt.lsn if ckpt is not None else 1)
-            self.wal = wal.Wal(self.path, next_lsn, wal_bytes_max)
+            self.wal = walwriter.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
             # Replayed records synced in LevelDB, and the log starts afresh.
-            self.wal.checkpoint()
+            try:
+                self.wal.checkpoint()
+            except CheckpointPostponed as e:
+                raise StoreError(f"{self.path}: open failed: the checkpoint after "
+                                 f"recovery: {e}") from e
+
+    def _recover(self, existed: bool, check_files: bool, create: bool):
+        """Recovery's steps 1 to 4 (accman.ledger.wal), then the file checks;
+        returns the key (None for a store written before the key file), the
+        checkpoint and the records to replay, as (lsn, puts)."""
+        path = self.dir
+        salt = self._step(keyfile.read_key, path)
+        keys = wal.Keys.of(salt) if salt is not None else None
+        ckpt = self._step(wal.read_checkpoint, path, keys)
+        if (ckpt is None and not os.path.exists(os.path.join(path, "CURRENT"))
+                and not os.path.exists(os.path.join(path, wal.WAL_NAME))):
+            if _has_leveldb_files(path) and not datadir.creation_cut_short(path):
+                raise StoreCorrupt(f"{self.path}: LevelDB files without CURRENT: "
+                                   "not an AccMan store, or damaged")
+            if self.read_only or not create:
+                raise StoreError(f"{self.path}: no store in this directory")
+            # A new store (or one whose creation a crash cut short: nothing
+            # was stored yet): its key first, then LevelDB's first files.
+            if salt is None:
+                salt = keyfile.new_salt()
+                keyfile.write_key(self._dir_fd(), salt)
+            datadir.write_new_leveldb(path)
+            return salt, None, []
+        records = []
+        # Another LevelDB (not an AccMan: it would hold our lock) has the
+        # directory: its files are changing under us, so neither read nor
+        # cut nor checked, and plyvel raises StoreLocked.
+        if existed and not _locked_elsewhere(path):
+            # Read and parsed (and refused if damaged) before any file is cut.
+            records = [(rec.lsn, self._puts_of(rec))
+                       for rec in self._step(wal.scan, path, ckpt, keys)]
+            cuts = {}
+            if ckpt is not None:
+                self._step(wal.check_leveldb_tail, ckpt, records,
+                           self._step(fsck.batches_past, path, ckpt.logs))
+                cuts = self._step(wal.logs_to_cut, path, ckpt)
+            if check_files:
+                # The logs as they will be once cut: nothing is cut before
+                # every check has passed.
+                fsck.check_dir(path, synced_logs=ckpt.logs if ckpt is not None else None,
+                               shown_as=self.path)
+            if cuts:
+                wal.cut_logs(path, cuts)
+                log.info("%s: recovery: cut %d unsynced bytes from LevelDB's "
+                         "logs, to be replayed from %s", self.path,
+                         sum(cuts.values()), wal.WAL_NAME)
+        return salt, ckpt, records
+
+    def _dir_fd(self) -> int:
+        """The directory's descriptor, held while the store is open (the
+        write-ahead log's once it exists)."""
+        if self.wal is not None:
+            return self.wal.dir_fd
+        if getattr(self, "_open_dir_fd", -1) < 0:
+            self._open_dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        return self._open_dir_fd
 
     def _puts_of(self, rec: wal.Record) -> list:
         try:
@@ -164,10 +237,12 @@ class Store:
             raise StoreCorrupt(f"{self.path}: {wal.WAL_NAME}: record {rec.lsn}: {e}; "
                                "refusing to serve, nothing repaired") from None
 
-    def _wal_step(self, fn, *args):
+    def _step(self, fn, *args):
+        """One step of recovery; a damaged file becomes StoreCorrupt, naming
+        the directory as the caller knows it."""
         try:
             return fn(*args)
-        except wal.Damage as e:
+        except FileDamage as e:
             raise StoreCorrupt(f"{self.path}: {e}; refusing to serve, nothing "
                                "repaired") from None
 
@@ -175,7 +250,7 @@ class Store:
         """One AccMan process per directory, taken before recovery edits a
         file: a flock on LevelDB's LOCK file (independent of LevelDB's own
         fcntl lock on it, which it takes when it opens)."""
-        fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -184,31 +259,36 @@ class Store:
                               "process (or elsewhere in this one)") from None
         self._lock_fd = fd
 
-    def _meta(self) -> bytes:
+    def _meta(self, salt: bytes | None) -> bytes:
+        """The format record: checked, migrated, or written in a new store
+        with the key file's `salt`.  Returns the key that hashes credentials;
+        the key file's copy (`salt`, None if there is none yet) must agree."""
         with _translated(self.path, "read the format record"):
             raw = self.db.get(META_KEY, verify_checksums=True)
             if raw is None:
                 with self.db.iterator(include_value=False) as it:
-                    if next(it, None) is not None:
+                    if next(it, None) is not None or salt is None:
                         raise StoreCorrupt(f"{self.path}: records without a format "
                                            "record: not an AccMan store, or damaged")
-                salt = secrets.token_bytes(SALT_BYTES)
                 meta = {"format": STORE_FORMAT, "salt": salt.hex()}
                 self.db.put(META_KEY, json.dumps(meta).encode(), sync=True)
                 return salt
         try:
             meta = json.loads(raw)
-            fmt, salt = meta["format"], bytes.fromhex(meta["salt"])
+            fmt, found = meta["format"], bytes.fromhex(meta["salt"])
         except (ValueError, KeyError, TypeError) as e:
             raise StoreCorrupt(f"{self.path}: unreadable format record") from e
-        if len(salt) != SALT_BYTES:
+        if len(found) != keyfile.SALT_BYTES:
             raise StoreCorrupt(f"{self.path}: bad credential-hash key length")
+        if salt is not None and not hmac.compare_digest(salt, found):
+            raise StoreCorrupt(f"{self.path}: {keyfile.KEY_NAME} does not match the "
+                               "store's format record; refusing to serve, nothing repaired")
         if fmt in MIGRATES_FROM:
             self._migrate_from_1(meta)
         elif fmt != STORE_FORMAT:
             raise StoreCorrupt(f"{self.path}: store format {fmt}, this AccMan "
                                f"reads format {STORE_FORMAT}")
-        return salt
+        return found
 
     def _migrate_from_1(self, meta: dict) -> None:
         """Format 1 -> 2, in one synced batch: either all of it or none."""
@@ -323,6 +403,18 @@ class Store:
         page.reverse()
         return page
 
+    def scan(self, start: bytes, prefix: bytes, limit: int) -> list:
+        """Up to `limit` (key, value) records from `start` on, under `prefix`."""
+        out = []
+        stop = prefix[:-1] + bytes([prefix[-1] + 1])
+        with _translated(self.path, "scan"):
+            with self.db.iterator(start=start, stop=stop, verify_checksums=True) as it:
+                for kv in it:
+                    out.append(kv)
+                    if len(out) >= limit:
+                        break
+        return out
+
     def iterate(self, prefix: bytes):
         """Every (key, value) under a prefix, for verification."""
         with _translated(self.path, "scan"):
@@ -355,17 +447,34 @@ class Store:
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Closes LevelDB and the log, after a checkpoint (so that the next
-        open has nothing to replay) unless a write failed."""
+        open has nothing to replay) unless a write failed.  A checkpoint
+        that cannot be taken is logged: the next open replays the log."""
         try:
             if self.db is not None and not self.db.closed:
                 if checkpoint and self.wal is not None and not self.wal.broken:
                     with _translated(self.path, "checkpoint at close"):
-                        self.wal.checkpoint()
+                        try:
+                            self.wal.checkpoint()
+                        except CheckpointPostponed as e:
+                            log.warning("%s: no checkpoint at close (the next open "
+                                        "replays the log, nothing is lost): %s",
+                                        self.path, e)
         finally:
             if self.wal is not None:
                 self.wal.close()
             if self.db is not None and not self.db.closed:
                 self.db.close()
+            if getattr(self, "_open_dir_fd", -1) >= 0:
+                os.close(self._open_dir_fd)
+                self._open_dir_fd = -1
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)       # releases the flock
                 self._lock_fd = -1
+            if self._scratch is not None:
+                datadir.remove_snapshot(self._scratch)
+                self._scratch = None
+
+
+def _has_leveldb_files(path: str) -> bool:
+    return any(fsck.LOG_NAME.match(n) or fsck.TABLE_NAME.match(n) or fsck.MANIFEST_NAME.match(n)
+               for n in os.listdir(path))

@@ -3,65 +3,149 @@ and an operator who wants proof: it reads every record once."""
 
 from __future__ import annotations
 
-from accman.ledger import _ledger
 from accman.errors import StoreCorrupt
+from accman.ledger import _ledger
 
 
 def verify_store(store) -> dict:
     """Raises StoreCorrupt naming the first broken rule; returns counts.
 
     The accounts as open loads them (each history's newest entry, found by
-    seeking back) must be exactly the ends of the histories read forward."""
+    seeking back) must be exactly the ends of the histories read forward;
+    every idempotency record must name its history entry, and every keyed
+    entry have its record; every hold has exactly one start and at most
+    one end, as its record says; the events kept run without a gap and
+    each matches the history entry it names."""
     accounts = {hid: (tot, seq) for hid, tot, seq in store.accounts()}
-    entries = 0
-    hid = None
-    prev_seq = prev_tot = 0
-    history_keys = {}          # (hid, key) -> (seq, by, tot)
-    seen = set()               # hids with history
+    holds = _Holds()
+    entries, history_keys = _check_histories(store, accounts, holds)
+    keys = _check_keys(store, history_keys)
+    open_holds = _check_holds(store, holds)
+    events = _check_events(store)
+    return {"accounts": len(accounts), "entries": entries, "keys": keys,
+            "holds": len(holds.starts), "open_holds": open_holds, "events": events}
 
-    def close_account():
-        if hid is None:
+
+def _decoded(unpack, value):
+    try:
+        return unpack(value)
+    except ValueError as e:
+        raise StoreCorrupt(str(e)) from e
+
+
+class _Holds:
+    """What the histories say of holds: their starts and their ends."""
+
+    def __init__(self):
+        self.starts = {}        # (hid, hold) -> amount
+        self.ends = {}          # (hid, hold) -> (seq, by, tot)
+
+    def entry(self, hid: bytes, seq: int, by: int, tot: int, hold) -> None:
+        if hold is None:
+            if by == 0:
+                raise StoreCorrupt(f"history entry {seq}: by is 0 outside a hold's end")
             return
-        if hid not in accounts:
-            raise StoreCorrupt("a history that loading does not find")
-        if accounts[hid] != (prev_tot, prev_seq):
-            raise StoreCorrupt("an account's loaded balance or seq differs from its history")
+        if hold == seq:
+            if by >= 0:
+                raise StoreCorrupt(f"history entry {seq}: a hold that takes nothing")
+            self.starts[(hid, hold)] = -by
+            return
+        if (hid, hold) not in self.starts or hold > seq:
+            raise StoreCorrupt(f"history entry {seq}: the end of hold {hold}, which never began")
+        if (hid, hold) in self.ends:
+            raise StoreCorrupt(f"history entry {seq}: a second end of hold {hold}")
+        if not 0 <= by <= self.starts[(hid, hold)]:
+            raise StoreCorrupt(f"history entry {seq}: hold {hold} returns more than it held")
+        self.ends[(hid, hold)] = (seq, by, tot)
 
+
+def _check_histories(store, accounts: dict, holds: _Holds) -> tuple[int, dict]:
+    """Each history runs 1..seq without gaps, each entry's tot is the
+    previous tot plus its by, and its end is the loaded account.  Returns
+    the entry count and {(hid, key): (seq, by, tot)} of keyed entries."""
+    entries = 0
+    history_keys = {}
+    ends = {}                   # hid -> (tot, seq) of its last entry read
     for k, v in store.iterate(_ledger.HISTORY_PREFIX):
         if len(k) != 1 + _ledger.HID_BYTES + 8:
             raise StoreCorrupt("malformed history key")
-        h = k[1:1 + _ledger.HID_BYTES]
+        hid = k[1:1 + _ledger.HID_BYTES]
         seq = _ledger.history_key_seq(k)
-        try:
-            by, tot, _at, key = _ledger.unpack_history(v)
-        except ValueError as e:
-            raise StoreCorrupt(str(e)) from e
-        if h != hid:
-            close_account()
-            hid, prev_seq, prev_tot = h, 0, 0
-            seen.add(h)
+        by, tot, _at, key, hold = _decoded(_ledger.unpack_history, v)
+        prev_tot, prev_seq = ends.get(hid, (0, 0))
         if seq != prev_seq + 1:
             raise StoreCorrupt(f"history seq {seq} follows {prev_seq}: a gap")
-        if by == 0 or tot != prev_tot + by:
+        if tot != prev_tot + by:
             raise StoreCorrupt(f"history entry {seq}: tot is not the previous tot plus by")
+        holds.entry(hid, seq, by, tot, hold)
         if key is not None:
-            history_keys[(h, key)] = (seq, by, tot)
-        prev_seq, prev_tot = seq, tot
+            history_keys[(hid, key)] = (seq, by, tot)
+        ends[hid] = (tot, seq)
         entries += 1
-    close_account()
-    if len(seen) != len(accounts):
+    for hid, end in ends.items():
+        if hid not in accounts:
+            raise StoreCorrupt("a history that loading does not find")
+        if accounts[hid] != end:
+            raise StoreCorrupt("an account's loaded balance or seq differs from its history")
+    if len(ends) != len(accounts):
         raise StoreCorrupt("loading finds an account without history")
+    return entries, history_keys
 
+
+def _check_keys(store, history_keys: dict) -> int:
     keys = 0
     for k, v in store.iterate(_ledger.KEY_PREFIX):
-        h, key = k[1:1 + _ledger.HID_BYTES], k[1 + _ledger.HID_BYTES:].decode("ascii", "replace")
-        try:
-            seq, by, tot, _min = _ledger.unpack_key(v)
-        except ValueError as e:
-            raise StoreCorrupt(str(e)) from e
-        if history_keys.get((h, key)) != (seq, by, tot):
+        hid = k[1:1 + _ledger.HID_BYTES]
+        key = k[1 + _ledger.HID_BYTES:].decode("ascii", "replace")
+        seq, by, tot, _min, _ttl = _decoded(_ledger.unpack_key, v)
+        if history_keys.get((hid, key)) != (seq, by, tot):
             raise StoreCorrupt("an idempotency record does not match its history entry")
         keys += 1
     if keys != len(history_keys):
         raise StoreCorrupt("a keyed history entry has no idempotency record")
-    return {"accounts": len(accounts), "entries": entries, "keys": keys}
+    return keys
+
+
+def _check_holds(store, holds: _Holds) -> int:
+    """Every hold record names a hold that began, says how it ended as its
+    history does, and every hold that began has its record.  Returns the
+    number of open holds."""
+    seen = 0
+    still_open = 0
+    for k, v in store.iterate(_ledger.HOLD_PREFIX):
+        hid, hold = k[1:1 + _ledger.HID_BYTES], _ledger.history_key_seq(k)
+        amount, _expires, state, use, end_seq, end_tot = _decoded(_ledger.unpack_hold, v)
+        if holds.starts.get((hid, hold)) != amount:
+            raise StoreCorrupt(f"hold {hold}: its record does not match its start")
+        end = holds.ends.get((hid, hold))
+        if state == _ledger.HOLD_OPEN:
+            if end is not None:
+                raise StoreCorrupt(f"hold {hold}: ended in the history, open in its record")
+            still_open += 1
+        elif end != (end_seq, amount - use, end_tot):
+            raise StoreCorrupt(f"hold {hold}: its record does not match its end")
+        seen += 1
+    if seen != len(holds.starts):
+        raise StoreCorrupt("a hold that began has no record")
+    return still_open
+
+
+def _check_events(store) -> int:
+    """The events kept are the ids first..last, each matching its entry."""
+    meta = store.get(_ledger.EVENTS_META_KEY)
+    first, last = _decoded(_ledger.unpack_events_meta, meta) if meta is not None else (0, 0)
+    expect = first
+    for k, v in store.iterate(_ledger.EVENT_PREFIX):
+        event_id = _ledger.event_key_id(k)
+        if event_id != expect:
+            raise StoreCorrupt(f"event {event_id} where {expect} was due: an id skipped")
+        kind, hid, seq, by, tot, at, key, hold = _decoded(_ledger.unpack_event, v)
+        raw = store.get(_ledger.history_key(hid, seq))
+        if raw is None or _decoded(_ledger.unpack_history, raw) != (by, tot, at, key, hold):
+            raise StoreCorrupt(f"event {event_id} does not match the history entry it names")
+        if kind == "mod" and hold is not None or kind == "hold" and hold != seq:
+            raise StoreCorrupt(f"event {event_id}: a {kind} event of the wrong kind of entry")
+        expect += 1
+    if first and expect != last + 1:
+        raise StoreCorrupt(f"the events end at {expect - 1}, the store says {last}")
+    return expect - first if first else 0

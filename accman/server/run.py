@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import ipaddress
 import os
+import re
 import resource
 import socket
 import sys
 
 from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
-from accman.limits import FDS_RESERVED
+from accman.limits import EVENTS_RETENTION_S_DEFAULT, FDS_RESERVED
 from accman.server.server import Server
 from accman.server.settings import ServerLimits
 
@@ -50,10 +52,10 @@ def fit_to_descriptors(limits: ServerLimits) -> ServerLimits:
     return limits
 
 
-def open_ledger(data_path: str, verify: str):
+def open_ledger(data_path: str, verify: str, **options):
     from accman.ledger import Ledger
     try:
-        return Ledger(data_path, verify=verify)
+        return Ledger(data_path, verify=verify, **options)
     except StoreLocked:
         raise StartupError(
             f"data directory {data_path} is in use by another accman server") from None
@@ -61,6 +63,40 @@ def open_ledger(data_path: str, verify: str):
         raise StartupError(f"corrupt data directory: {e.detail}") from None
     except StoreError as e:
         raise StartupError(f"cannot open data directory {data_path}: {e.detail}") from None
+
+
+def open_postgres(loop, urls: list, data_path: str | None, **options):
+    """The PostgreSQL store on `loop` (accman.postgres); the data directory,
+    if given, holds only this server's lock."""
+    from accman.postgres import PgStore
+    if data_path is not None:
+        lock_directory(data_path)
+    try:
+        return loop.run_until_complete(PgStore.open(urls, **options))
+    except StoreError as e:
+        raise StartupError(f"cannot open the PostgreSQL store: {e.detail}") from None
+
+
+_LOCKS = []         # held for the process's life: the lock is the open descriptor
+
+
+def lock_directory(data_path: str) -> None:
+    """One server per data directory (SPEC "Durability and order"), also
+    when the directory holds no store."""
+    os.makedirs(data_path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(data_path, "accman.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"data directory {data_path} is in use by another accman "
+                           "server") from None
+    _LOCKS.append(fd)
+
+
+def redacted(url: str) -> str:
+    """A store URL for the log: without its user and password."""
+    return re.sub(r"//[^/@]*@", "//", url)
 
 
 def _loop_exception_handler(_loop, context):
@@ -78,22 +114,31 @@ def start_webhook(store, webhook, limits, loop, data_path):
     data directory (accman/server/cursors.py)."""
     from accman.server.cursors import FileCursors
     from accman.server.webhooks import Deliverer
-    cursors = store if hasattr(store, "save_cursor") else FileCursors(
-        getattr(store, "path", data_path))
+    if hasattr(store, "save_cursor"):
+        cursors = store
+    else:
+        directory = getattr(store, "path", None) or data_path
+        if directory is None:
+            raise StartupError("--webhook: this store keeps no webhook cursor, and there is "
+                               "no --data directory to keep it in")
+        cursors = FileCursors(directory)
     deliverer = Deliverer(store, cursors, webhook, limits, loop)
     loop.run_until_complete(deliverer.prepare())
     return deliverer
 
 
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
-        limits=None, store=None, ready=None, verify="full", webhook=None) -> int:
+        limits=None, store=None, ready=None, verify="full", low_balance=None,
+        events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=(), webhook=None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
     StartupError (one line for a person) when it cannot start.
 
     `store`, when given, is served instead of opening the ledger in `data`
     (tests inject a wrapped or faulty one this way); it is closed on the
-    way out.  `webhook`, a WebhookConfig (accman.server.webhooks.load_config),
-    has the store's events POSTed to it."""
+    way out.  `store_urls`, PostgreSQL URLs, serve that store instead; then
+    `data`, if not None, holds only the server's lock.  `webhook`, a
+    WebhookConfig (accman.server.webhooks.load_config), has the store's
+    events POSTed to it."""
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
@@ -106,13 +151,25 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
             f"pass --tokens FILE, or bind a loopback address such as 127.0.0.1")
     # Files this process makes are its own (SPEC "Access": data files 0600).
     os.umask(0o077)
-    data_path = os.path.abspath(data)
-    if store is None:
-        store = open_ledger(data_path, verify)
-    where = getattr(store, "where", f"data={getattr(store, 'path', data_path)}")
+    data_path = os.path.abspath(data) if data is not None else None
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
+    try:
+        if store is not None:
+            where = f"data={getattr(store, 'path', data_path)}"
+        elif store_urls:
+            store = open_postgres(loop, list(store_urls), data_path, low_default=low_balance,
+                                  retention_s=events_retention_s)
+            where = "store=" + ",".join(redacted(u) for u in store_urls)
+        else:
+            store = open_ledger(data_path, verify, low_balance=low_balance,
+                                events_retention_s=events_retention_s)
+            where = f"data={store.path}"
+    except BaseException:
+        asyncio.set_event_loop(None)
+        loop.close()
+        raise
     deliverer = None
     try:
         server = Server(store, tokens=tokens, limits=limits, loop=loop)
@@ -138,13 +195,18 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         else:
             ready(line)
         loop.run_until_complete(server.serve_until_stopped())
-        if deliverer is not None:
-            loop.run_until_complete(deliverer.stop())
         failure = None if store.healthy else (getattr(store, "failure", None)
                                               or "the store failed to commit")
     finally:
         try:
-            store.close()
+            if deliverer is not None:
+                # Before the store closes: a batch in flight is sent again
+                # at the next start.
+                loop.run_until_complete(deliverer.stop())
+            if hasattr(store, "aclose"):
+                loop.run_until_complete(store.aclose())
+            else:
+                store.close()
         finally:
             asyncio.set_event_loop(None)
             loop.close()

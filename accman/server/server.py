@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from time import perf_counter
 
 from accman.server.metrics import Metrics
@@ -176,10 +177,11 @@ class Server:
     # --- timers -------------------------------------------------------------------------
 
     def _tick(self):
-        """The Date header's clock: refreshed just after each second turns."""
-        now = self.loop.time()
-        DATE.refresh()
-        self._clock = self.loop.call_at(now + 1.0 - (now % 1.0) + 0.001, self._tick)
+        """The Date header's clock: refreshed just after each wall-clock
+        second turns."""
+        now = time.time()
+        DATE.refresh(now)
+        self._clock = self.loop.call_later(1.0 - now % 1.0 + 0.001, self._tick)
 
     def _drain_samples(self):
         # The store keeps per-batch samples until drained; draining every

@@ -11,7 +11,6 @@ mod.  Every round also retries the keys of the previous round: those that
 were applied must be answered from their record, never applied twice."""
 
 import asyncio
-import itertools
 import sys
 import threading
 import zlib
@@ -48,6 +47,13 @@ def keys_for(round_no, worker):
         i += 1
 
 
+def retried_then_new(round_no, worker):
+    """The previous round's first keys of this worker, then new ones."""
+    if round_no > 0:
+        yield from (f"r{round_no - 1}-w{worker}-{i}" for i in range(20))
+    yield from keys_for(round_no, worker)
+
+
 def main():
     path, round_no = sys.argv[1], int(sys.argv[2])
     # A third argument: the write-ahead log's size, small to make it wrap
@@ -60,27 +66,18 @@ def main():
     sys.stdout.flush()
 
     def thread_worker(w):
-        if round_no > 0:
-            for i in range(20):
-                one(f"r{round_no - 1}-w{w}-{i}")
-        for key in keys_for(round_no, w):
-            one(key)
-
-    def one(key):
-        cred, by, min_ = mod_of(key)
-        try:
-            ack(cred, led.mod(cred, by, min=min_, key=key), by, key)
-        except AccManError:
-            pass
+        for key in retried_then_new(round_no, w):
+            cred, by, min_ = mod_of(key)
+            try:
+                ack(cred, led.mod(cred, by, min=min_, key=key), by, key)
+            except AccManError:
+                pass
 
     for w in range(THREADS):
         threading.Thread(target=thread_worker, args=(1000 + w,), daemon=True).start()
 
     async def task_worker(w):
-        keys = []
-        if round_no > 0:
-            keys = [f"r{round_no - 1}-w{w}-{i}" for i in range(20)]
-        for key in itertools.chain(keys, keys_for(round_no, w)):
+        for key in retried_then_new(round_no, w):
             cred, by, min_ = mod_of(key)
             try:
                 ack(cred, await led.amod(cred, by, min=min_, key=key), by, key)

@@ -59,112 +59,128 @@ def small_disk(tmp_path):
     umount(disk)
 
 
-def test_a_full_disk_acknowledges_nothing_stops_writes_and_loses_nothing(small_disk, tmp_path):
-    disk, servers = small_disk
-    data = disk / "data"
-    srv = spawn_server(data, tmp_path / "log1")
-    servers.append(srv)
-    acked = {}                      # key -> (cred, by, tot, seq)
-    refused = {}                    # key -> (cred, by): answered 503
-    n = 0
+class Rounds:
+    """Rounds of keyed mods, each connection pipelining some of its cred's;
+    what was acknowledged and what was answered 503."""
 
-    def send_round(conns, per_conn):
-        """Each connection pipelines `per_conn` keyed mods of its cred;
-        returns their statuses, per connection, in order."""
-        nonlocal n
+    def __init__(self):
+        self.acked = {}             # key -> (cred, by, tot, seq)
+        self.refused = {}           # key -> (cred, by): answered 503
+        self.n = 0
+
+    def send(self, conns, per_conn):
+        """Returns the statuses, per connection, in order."""
         sent = []
         for cred, c in conns:
             batch = []
             for _ in range(per_conn):
-                n += 1
-                key, by = f"k{n}", n
-                batch.append((key, by))
+                self.n += 1
+                batch.append((f"k{self.n}", self.n))
             c.send(b"".join(patch(mod_target(cred, by, key)) for key, by in batch))
             sent.append((cred, c, batch))
-        out = []
-        for cred, c, batch in sent:
-            statuses = []
-            for key, by in batch:
-                r = c.response()
-                statuses.append(r.status)
-                if r.status == 200:
-                    acked[key] = (cred, by, r.json["tot"], r.json["seq"])
-                else:
-                    assert r.status == 503, r
-                    assert r.json["error"] == "unavailable" and r.json["detail"], r
-                    refused[key] = (cred, by)
-            out.append(statuses)
-        return out
+        return [[self._answer(cred, key, by, c.response()) for key, by in batch]
+                for cred, c, batch in sent]
 
+    def _answer(self, cred, key, by, r):
+        if r.status == 200:
+            self.acked[key] = (cred, by, r.json["tot"], r.json["seq"])
+        else:
+            assert r.status == 503, r
+            assert r.json["error"] == "unavailable" and r.json["detail"], r
+            # The cause is the server's log's, never the client's: no file
+            # path of the server, no OS error (SPEC "Access").
+            assert "/" not in r.json["detail"] and "space" not in r.json["detail"], r
+            self.refused[key] = (cred, by)
+        return r.status
+
+
+def fill_until_refused(srv, disk, rounds):
+    """Fills the disk and sends rounds until a mod is answered 503; then
+    checks that writes stay refused, even once the space is back."""
     conns = [(cred, srv.connect()) for cred in CREDS]
     try:
-        assert send_round(conns, 5) == [[200] * 5] * len(CREDS)
+        assert rounds.send(conns, 5) == [[200] * 5] * len(CREDS)
         filler = fill(disk)
         # LevelDB appends to its log in place: the first mods still fit in the
         # log's last page; a few rounds later one needs a page there is not.
-        rounds = []
+        sent = []
         for _ in range(300):
-            rounds.append(send_round(conns, 8))
-            if refused:
+            sent.append(rounds.send(conns, 8))
+            if rounds.refused:
                 break
-        assert refused, "the disk is full, yet every mod was acknowledged"
-        print(f"full disk: {len(acked)} acknowledged, {len(refused)} answered 503, "
-              f"after {len(rounds)} rounds")
-        for statuses in rounds[-1]:
+        assert rounds.refused, "the disk is full, yet every mod was acknowledged"
+        print(f"full disk: {len(rounds.acked)} acknowledged, {len(rounds.refused)} "
+              f"answered 503, after {len(sent)} rounds")
+        for statuses in sent[-1]:
             # Per connection, mods apply in order: once one failed, every
             # later one was in that batch or a later one.
             assert statuses == sorted(statuses), statuses
         # Writes stop, even for new accounts, even once the space is back.
-        assert send_round(conns, 3) == [[503] * 3] * len(CREDS)
+        assert rounds.send(conns, 3) == [[503] * 3] * len(CREDS)
         filler.unlink()
-        assert send_round(conns, 3) == [[503] * 3] * len(CREDS)
+        assert rounds.send(conns, 3) == [[503] * 3] * len(CREDS)
         with srv.connect() as c:
             c.send(patch("/mod?cred=disk-new&by=5"))
             assert c.response().status == 503
     finally:
         for _, c in conns:
             c.close()
-    health = srv.get("/health")
-    assert health.status == 503 and health.json["error"] == "unavailable"
-    assert metrics(srv)["accman_healthy"] == 0
-    # Reads go on, and show acknowledged state only.
-    for cred in CREDS:
-        mine = sorted((seq, by, tot) for c, by, tot, seq in acked.values() if c == cred)
-        assert srv.tot(cred) == mine[-1][2]
-        assert [(e["seq"], e["by"], e["tot"]) for e in history(srv, cred)] == mine
-    assert srv.get("/tot?cred=disk-new").status == 404
-    assert srv.stop() == 1                  # docs/SERVER.md: 1 after a failed commit
 
-    # A restart on a healthy disk (the filler is gone): nothing acknowledged
-    # is lost, and nothing is there that was not sent.
-    srv = spawn_server(data, tmp_path / "log2")
-    servers.append(srv)
-    assert srv.get("/health").status == 200
+
+def check_restarted(srv, rounds):
+    """Nothing acknowledged is lost, and nothing is there that was not
+    sent; the 503s sent again with their keys apply once."""
+    acked, refused = rounds.acked, rounds.refused
     sent = {**{k: (c, by) for k, (c, by, _, _) in acked.items()}, **refused}
     for cred in CREDS:
         entries = history(srv, cred)
         assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
         by_key = {e["key"]: e for e in entries}
         assert len(by_key) == len(entries)
-        for key, (c, by, tot, seq) in acked.items():
+        for key, (c, _by, tot, seq) in acked.items():
             if c == cred:
-                assert (by_key[key]["seq"], by_key[key]["by"], by_key[key]["tot"]) == (seq, by, tot)
+                assert (by_key[key]["seq"], by_key[key]["tot"]) == (seq, tot)
         for key, e in by_key.items():
             assert sent[key] == (cred, e["by"]), e
     # The 503s were not acknowledged: sent again with their keys, each
     # applies once (or answers from its record, had it reached the disk).
     with srv.connect() as c:
         for key, (cred, by) in refused.items():
-            c.send(patch(mod_target(cred, by, key)))
-            assert c.response().status == 200
-            c.send(patch(mod_target(cred, by, key)))
-            assert c.response().status == 200
+            for _ in range(2):
+                c.send(patch(mod_target(cred, by, key)))
+                assert c.response().status == 200
     for cred in CREDS:
-        entries = history(srv, cred)
-        keys = [e["key"] for e in entries]
+        keys = [e["key"] for e in history(srv, cred)]
         assert len(keys) == len(set(keys))
         assert sorted(keys) == sorted(k for k, v in sent.items() if v[0] == cred)
-        assert srv.tot(cred) == sum(e["by"] for e in entries)
+        assert srv.tot(cred) == sum(e["by"] for e in history(srv, cred))
+
+
+def test_a_full_disk_acknowledges_nothing_stops_writes_and_loses_nothing(small_disk, tmp_path):
+    disk, servers = small_disk
+    data = disk / "data"
+    srv = spawn_server(data, tmp_path / "log1")
+    servers.append(srv)
+    rounds = Rounds()
+    fill_until_refused(srv, disk, rounds)
+    health = srv.get("/health")
+    assert health.status == 503 and health.json["error"] == "unavailable"
+    assert metrics(srv)["accman_healthy"] == 0
+    # Reads go on, and show acknowledged state only.
+    for cred in CREDS:
+        mine = sorted((seq, by, tot) for c, by, tot, seq in rounds.acked.values() if c == cred)
+        assert srv.tot(cred) == mine[-1][2]
+        assert [(e["seq"], e["by"], e["tot"]) for e in history(srv, cred)] == mine
+    assert srv.get("/tot?cred=disk-new").status == 404
+    assert srv.stop() == 1                  # docs/SERVER.md: 1 after a failed commit
+    # The cause is in the log above the exit line.
+    assert "could not be made durable" in srv.stderr() and "No space left" in srv.stderr()
+
+    # A restart on a healthy disk (the filler is gone).
+    srv = spawn_server(data, tmp_path / "log2")
+    servers.append(srv)
+    assert srv.get("/health").status == 200
+    check_restarted(srv, rounds)
     assert srv.stop() == 0
     done = run_accman("verify", "--data", data)
     assert done.returncode == 0, done.stdout + done.stderr

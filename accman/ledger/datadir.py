@@ -1,0 +1,209 @@
+"""The data directory as files: made durably and private, LevelDB's first
+files written and synced by us, and the private copy that a read-only open
+works in.
+
+Data at rest (SPEC "Access"): the directory is 0700 and its files 0600.
+LevelDB creates its files with mode 0644 under the process umask, and a
+library user of `Ledger` may not want their process umask changed (it is
+process-wide: every thread's files would follow it).  So the directory gets
+a default POSIX ACL (user rw, group and others nothing): a file created in
+a directory with a default ACL takes its permissions from the ACL and the
+mode asked for, not from the umask, so every file LevelDB makes later is
+0600 too.  Where the file system has no ACLs, the 0700 directory is what
+keeps others out, and the store's files are brought to 0600 at every open
+(`tighten`); LevelDB's files made since are 0644 less the umask until then.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import struct
+import tempfile
+
+from accman.errors import StoreError, StoreLocked
+from accman.ledger import _check
+from accman.ledger.fsck import LEVELDB_COMPARATOR, LOG_FULL, LOG_HEADER_BYTES, TABLE_NAME
+from accman.ledger.tablecheck import varint_bytes
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+# The files of a store: LevelDB's (leveldb db/filename.cc) and AccMan's.
+STORE_FILE = re.compile(r"^(CURRENT|LOCK|LOG|LOG\.old|MANIFEST-\d+|\d+\.(log|ldb|sst|dbtmp)"
+                        r"|accman\.[a-z]+(\.tmp)?)$")
+# A default ACL in Linux's xattr form (linux/posix_acl_xattr.h): version 2,
+# then (tag, perm, id) entries: the owner rw, the group and others nothing.
+_ACL_XATTR = "system.posix_acl_default"
+_ACL_OWNER_ONLY = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+    for tag, perm in ((0x01, 6), (0x04, 0), (0x20, 0)))
+
+
+def make(path: str) -> bool:
+    """Makes the data directory if it is missing, 0700, and syncs its
+    parent so that the new entry survives a power cut.  True if made."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.mkdir(path, DIR_MODE)
+    _fsync_path(os.path.dirname(path) or ".")
+    return True
+
+
+def tighten(path: str) -> list[str]:
+    """The directory 0700 with its default ACL (where the file system has
+    ACLs), the store's files in it 0600.  Returns the names it changed."""
+    changed = []
+    st = os.stat(path)
+    if st.st_mode & 0o777 != DIR_MODE:
+        os.chmod(path, DIR_MODE)
+        changed.append(".")
+    try:
+        if os.getxattr(path, _ACL_XATTR) != _ACL_OWNER_ONLY:
+            raise OSError(errno.ENODATA, "another default ACL")
+    except OSError:
+        try:
+            os.setxattr(path, _ACL_XATTR, _ACL_OWNER_ONLY)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+    for name in os.listdir(path):
+        if not STORE_FILE.match(name):
+            continue
+        try:
+            st = os.lstat(os.path.join(path, name))
+            if st.st_mode & 0o777 != FILE_MODE and not os.path.islink(os.path.join(path, name)):
+                os.chmod(os.path.join(path, name), FILE_MODE)
+                changed.append(name)
+        except FileNotFoundError:
+            continue            # LevelDB deleted it meanwhile
+    return changed
+
+
+def _first_manifest() -> bytes:
+    """MANIFEST-000001 as LevelDB's NewDB writes it: one version edit."""
+    edit = (varint_bytes(1) + varint_bytes(len(LEVELDB_COMPARATOR)) + LEVELDB_COMPARATOR
+            + varint_bytes(2) + varint_bytes(0)           # log number
+            + varint_bytes(3) + varint_bytes(2)           # next file number
+            + varint_bytes(4) + varint_bytes(0))          # last sequence
+    crc = _check.mask(_check.crc32c(edit, _check.crc32c(bytes([LOG_FULL]))))
+    record = struct.pack("<IHB", crc, len(edit), LOG_FULL) + edit
+    assert len(record) == LOG_HEADER_BYTES + len(edit)
+    return record
+
+
+# What a creation cut short may leave besides the key file: a first
+# MANIFEST (whole or a prefix of it), CURRENT's temp file, LevelDB's lock
+# and info log.  Nothing was ever stored in such a directory.
+_CREATION_LEFTOVERS = {"LOCK", "LOG", "LOG.old", "CURRENT.dbtmp", "MANIFEST-000001"}
+
+
+def creation_cut_short(path: str) -> bool:
+    """True if the directory holds only what `write_new_leveldb` and the
+    key file write before a store has CURRENT: a creation that a crash cut
+    short, to be made again."""
+    names = {n for n in os.listdir(path) if not n.startswith("accman.key")}
+    if not names <= _CREATION_LEFTOVERS:
+        return False
+    if "MANIFEST-000001" in names:
+        with open(os.path.join(path, "MANIFEST-000001"), "rb") as f:
+            return _first_manifest().startswith(f.read())
+    return True
+
+
+def write_new_leveldb(path: str) -> None:
+    """Writes the files LevelDB's NewDB would (leveldb db/db_impl.cc): a
+    MANIFEST-000001 with one version edit, and CURRENT naming it; each
+    synced, then the directory.  LevelDB 1.22 does not sync that MANIFEST
+    and its first open replaces CURRENT without syncing the directory: a
+    power cut then could leave CURRENT naming an empty MANIFEST.  With
+    CURRENT there, LevelDB opens these instead of making its own."""
+    _write_synced(path, "MANIFEST-000001", _first_manifest())
+    _write_synced(path, "CURRENT.dbtmp", b"MANIFEST-000001\n")
+    os.rename(os.path.join(path, "CURRENT.dbtmp"), os.path.join(path, "CURRENT"))
+    _fsync_path(path)
+
+
+def sync_leveldb_current(path: str) -> None:
+    """fsyncs CURRENT, the MANIFEST it names and the directory: LevelDB
+    renames a new CURRENT into place at every open without syncing the
+    directory."""
+    with open(os.path.join(path, "CURRENT"), "rb") as f:
+        manifest = f.read().strip().decode("ascii", "replace")
+        os.fsync(f.fileno())
+    if re.fullmatch(r"MANIFEST-\d+", manifest):
+        fd = os.open(os.path.join(path, manifest), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_path(path)
+
+
+def lock_shared(path: str) -> int:
+    """For a read-only open: a shared flock on LOCK, so that no AccMan
+    server (which holds it exclusively) has the directory open.  Returns
+    the descriptor to close, or -1 when there is no LOCK file."""
+    try:
+        fd = os.open(os.path.join(path, "LOCK"), os.O_RDONLY)
+    except FileNotFoundError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLocked(f"{path}: the data directory is open in another "
+                          "process") from None
+    return fd
+
+
+def snapshot(path: str) -> str:
+    """A private copy of the store at `path` to open without changing a
+    file of it (`accman verify` on a read-only copy or a live backup):
+    its tables as symbolic links (LevelDB never writes a table after
+    making it), every other file copied.  Returns the copy's directory,
+    0700 under the system's temporary directory; the caller removes it."""
+    scratch = tempfile.mkdtemp(prefix="accman-verify-")
+    try:
+        for name in sorted(os.listdir(path)):
+            src = os.path.join(path, name)
+            if not STORE_FILE.match(name) or name in ("LOCK", "LOG", "LOG.old"):
+                continue
+            if TABLE_NAME.match(name):
+                os.symlink(src, os.path.join(scratch, name))
+            else:
+                shutil.copyfile(src, os.path.join(scratch, name))
+                os.chmod(os.path.join(scratch, name), FILE_MODE)
+    except OSError as e:
+        remove_snapshot(scratch)
+        raise StoreError(f"{path}: cannot copy the store to read it: "
+                         f"{e.strerror or e}") from e
+    return scratch
+
+
+def remove_snapshot(scratch: str) -> None:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_synced(path: str, name: str, data: bytes) -> None:
+    fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,136 @@
+"""The embedded store's event stream (SPEC "Events"): every applied change
+is an event with an id that grows by one, with no gaps, across restarts;
+events are written in the same batch as their change (ext/ledger.pyx) and
+shown only once that batch is durable.
+
+This log keeps the newest durable events in memory (EVENTS_RING_MAX), reads
+older ones from LevelDB, answers long polls without a thread or a timer of
+its own per waiter beyond one loop timer handle (EVENTS_WAITERS_MAX of
+them), and finds the events past the retention for the writer to delete.
+
+Thread use: `append` runs on the writer thread and `read`/`wait` on the
+loop, both under the committer's lock, which they are given.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from accman.errors import Busy, EventsTrimmed
+from accman.ledger import _ledger
+from accman.limits import EVENTS_WAITERS_MAX
+from accman.records import Event
+
+# Events kept in memory for /events: a long poll that follows the stream
+# reads them without touching LevelDB.  64 Ki events of ~100 bytes is a few
+# MiB; older ones are read from the store.
+EVENTS_RING_MAX = 65536
+# Records deleted past the retention per pass of the writer, so that a
+# pass never holds the lock long; the next pass, a minute on, goes on.
+EVENTS_TRIM_MAX = 4096
+EVENTS_TRIM_INTERVAL_S = 60.0
+
+
+def decode(event_id: int, value: bytes) -> Event:
+    kind, hid, seq, by, tot, at, key, hold = _ledger.unpack_event(value)
+    return Event(event_id, kind, hid.hex(), seq, by, tot, at, key, hold)
+
+
+class EventLog:
+    def __init__(self, store, lock, first: int, last: int, retention_s: float):
+        self.store = store
+        self.lock = lock
+        self.first = first          # the oldest id kept, 0: none yet
+        self.last = last            # the newest durable id, 0: none yet
+        self.retention_ms = int(retention_s * 1000)
+        self.ring = collections.deque(maxlen=EVENTS_RING_MAX)   # (id, value), durable
+        self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer]
+        self.trimmed = 0
+        self._loop = None
+
+    @classmethod
+    def open(cls, store, lock, retention_s: float) -> "EventLog":
+        meta = store.get(_ledger.EVENTS_META_KEY)
+        first, last = _ledger.unpack_events_meta(meta) if meta is not None else (0, 0)
+        return cls(store, lock, first, last, retention_s)
+
+    # -- the writer's side (under the lock) ---------------------------------------
+
+    def append(self, events: list) -> bool:
+        """A durable batch's events; True when a long poll waits for them."""
+        if not events:
+            return False
+        assert events[0][0] == self.last + 1, "an event id skipped or repeated"
+        self.ring.extend(events)
+        self.last = events[-1][0]
+        if not self.first:
+            self.first = events[0][0]
+        return bool(self.waiters)
+
+    def past_retention(self, now_ms: int) -> list:
+        """Ids of the oldest events past the retention (never the newest),
+        EVENTS_TRIM_MAX at most, which the writer deletes; `first` moves on."""
+        if not self.first:
+            return []
+        cutoff = now_ms - self.retention_ms
+        out = []
+        start = self.first
+        for k, v in self.store.scan(_ledger.event_key(start), _ledger.EVENT_PREFIX,
+                                    EVENTS_TRIM_MAX):
+            event_id = _ledger.event_key_id(k)
+            if event_id >= self.last or _ledger.unpack_event(v)[5] >= cutoff:
+                break
+            out.append(event_id)
+        if out:
+            self.first = out[-1] + 1
+            self.trimmed += len(out)
+        return out
+
+    # -- reading (on the loop, under the lock) --------------------------------------
+
+    def read(self, after: int, limit: int):
+        """(events, next) after `after`, oldest first, or EventsTrimmed."""
+        if self.first and after < self.first - 1:
+            return EventsTrimmed(self.first)
+        if after >= self.last:
+            return [], min(after, self.last) if self.last else after
+        start = after + 1
+        ring = self.ring
+        ring_first = ring[0][0] if ring else self.last + 1
+        if start >= ring_first:
+            at = start - ring_first
+            chosen = [ring[i] for i in range(at, min(at + limit, len(ring)))]
+        else:
+            chosen = [(_ledger.event_key_id(k), v) for k, v in self.store.scan(
+                _ledger.event_key(start), _ledger.EVENT_PREFIX, limit)]
+        events = [decode(i, v) for i, v in chosen]
+        return events, (events[-1].id if events else after)
+
+    def wait(self, loop, after: int, limit: int, wait_s: float, done) -> None:
+        """Registers a long poll: `done((events, next))` once an event after
+        `after` is durable, or with no events after `wait_s`."""
+        if len(self.waiters) >= EVENTS_WAITERS_MAX:
+            raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
+                       "retry shortly")
+        self._loop = loop
+        waiter = [after, limit, done, None]
+        waiter[3] = loop.call_later(wait_s, self._timeout, waiter)
+        self.waiters[id(waiter)] = waiter
+
+    def _timeout(self, waiter) -> None:
+        with self.lock:
+            if self.waiters.pop(id(waiter), None) is None:
+                return
+        waiter[2](([], waiter[0]))
+
+    def wake(self) -> None:
+        """On the loop: answers every long poll that now has events."""
+        ready = []
+        with self.lock:
+            for key, waiter in list(self.waiters.items()):
+                if waiter[0] < self.last:
+                    del self.waiters[key]
+                    ready.append((waiter, self.read(waiter[0], waiter[1])))
+        for waiter, outcome in ready:
+            waiter[3].cancel()
+            waiter[2](outcome)

@@ -1,0 +1,133 @@
+"""A write batch for accman_apply, and its outcomes: values in, arrays out,
+codes back to outcomes.  No I/O.
+
+The server checks every value against the SPEC before it calls a store;
+these checks repeat the ones the store cannot do without (types and
+ranges) so that a caller of the Python API gets BadRequest, not a database
+error, and nothing is queued.
+"""
+
+from __future__ import annotations
+
+import re
+
+from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAccount,
+                           NoHold, Overflow, TooManyHolds)
+from accman.limits import CRED_CHARS_MAX, HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX
+from accman.postgres import schema as S
+
+_CRED = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % CRED_CHARS_MAX, re.ASCII)
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % KEY_CHARS_MAX, re.ASCII)
+
+
+def check_cred(cred) -> None:
+    if type(cred) is not str or not _CRED.match(cred):
+        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
+                         "from A-Z a-z 0-9 _ -")
+
+
+def check_int64(value, name: str) -> None:
+    if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
+        raise BadRequest(f"{name} must be a signed 64-bit integer")
+
+
+def check_key(key) -> None:
+    if key is not None and (type(key) is not str or not _KEY.match(key)):
+        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
+                         "from A-Z a-z 0-9 _ -")
+
+
+def check_mod(by, min_, key, low) -> None:
+    check_int64(by, "by")
+    if by == 0:
+        raise BadRequest("by must be non-zero")
+    if min_ is not None:
+        check_int64(min_, "min")
+    check_key(key)
+    if low is not None:
+        check_int64(low, "low")
+        if by < 0:
+            raise BadRequest("low is set by a funding mod only (by > 0)")
+
+
+def check_hold(by, ttl_s, min_, key) -> None:
+    check_int64(by, "by")
+    if by >= 0:
+        raise BadRequest("a hold's by must be negative")
+    if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
+        raise BadRequest(f"ttl must be an int from 1 to {HOLD_TTL_S_MAX} seconds")
+    if min_ is not None:
+        check_int64(min_, "min")
+    check_key(key)
+
+
+def check_settle(hold, use) -> None:
+    if type(hold) is not int or not 1 <= hold <= INT64_MAX:
+        raise BadRequest("hold must be a positive int (the seq that started the hold)")
+    if type(use) is not int or not 0 <= use <= INT64_MAX:
+        raise BadRequest("use must be an int from 0 to the held amount")
+
+
+class Op:
+    """One call waiting for its batch.  `arg` is a mod's low, a hold's ttl
+    in seconds, a settle's hold id; `by` is a settle's use."""
+
+    __slots__ = ("kind", "hid", "by", "min", "key", "arg", "done")
+
+    def __init__(self, kind, hid, by, min_, key, arg, done):
+        self.kind = kind
+        self.hid = hid
+        self.by = by
+        self.min = min_
+        self.key = key
+        self.arg = arg
+        self.done = done
+
+
+def arrays(ops: list[Op]) -> tuple:
+    """The arguments of accman_apply for `ops`, in their order: distinct
+    hids sorted (the order the database locks them in), which of them a
+    funding mod may create, and one column per op field."""
+    fund = {}
+    for op in ops:
+        if op.kind == S.MOD and op.by > 0:
+            fund[op.hid] = True
+        else:
+            fund.setdefault(op.hid, False)
+    hids = sorted(fund)
+    index = {hid: i for i, hid in enumerate(hids, 1)}
+    return (hids, [fund[h] for h in hids],
+            [index[op.hid] for op in ops], [op.kind for op in ops],
+            [op.by for op in ops], [op.min for op in ops],
+            [op.key for op in ops], [op.arg for op in ops])
+
+
+_REFUSALS = {
+    S.NO_ACCOUNT: lambda _tot: NoAccount("no account has this cred"),
+    S.INSUFFICIENT: Insufficient,
+    S.KEY_REUSED: lambda _tot: KeyReused("key was used with another by or min"),
+    S.OVERFLOW: lambda _tot: Overflow("the balance would leave the signed 64-bit range"),
+    S.TOO_MANY_HOLDS_ACCOUNT: lambda _tot: TooManyHolds(
+        "the account has as many open holds as it may (HOLDS_PER_ACCOUNT_MAX)"),
+    S.TOO_MANY_HOLDS_STORE: lambda _tot: TooManyHolds(
+        "the store has as many open holds as it may (HOLDS_MAX)"),
+    S.NO_HOLD: lambda _tot: NoHold("the account has no hold with this id"),
+    S.HOLD_ENDED: lambda _tot: HoldEnded(
+        "the hold has ended (settled with another use, or expired)"),
+    S.USE_OVER_HOLD: lambda tot: BadRequest(f"use must be from 0 to the held amount, {tot}"),
+}
+
+
+def outcome(kind: int, code: int, tot, seq):
+    """The outcome of one op of `kind` from accman_apply's row."""
+    if code != S.OK:
+        return _REFUSALS[code](tot)
+    if kind == S.READ:
+        return tot
+    if kind == S.HOLD:
+        return (seq, tot, seq)
+    return (tot, seq)
+
+
+def no_account():
+    return _REFUSALS[S.NO_ACCOUNT](None)

@@ -1,0 +1,84 @@
+"""One PostgreSQL cluster of a store, as the store's writers and readers
+see it: its writer lanes (connection, prepared accman_apply, queue) and
+its read pool."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import asyncpg
+
+from accman.postgres.migrate import connect
+
+# Writer connections per cluster, each with one batch in flight.  One: with
+# 64 callers a second lane halved each batch and every batch still waits
+# for the counter row, so mods/s fell (bench/pg_store.py; the commit says
+# by how much); a second front-end is what adds throughput.
+WRITE_LANES = 1
+# Read connections per cluster (the batched /tot query, /past pages, event
+# reads): two, so that a /past page never waits behind a /tot batch.
+READ_POOL_CONNECTIONS_MAX = 2
+_APPLY_SQL = "SELECT * FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+
+
+class Lane:
+    """One writer connection of a cluster and the calls queued for it.  An
+    account always goes to the same lane (by its id), so its calls apply
+    in order; the lanes of a cluster commit side by side, one batch each
+    in flight, so one's commit overlaps the next's work."""
+
+    def __init__(self):
+        self.writer = None
+        self.apply = None
+        self.ops: deque = deque()          # B.Op, an ordered /past among them
+        self.writing = False
+
+    async def connect(self, url) -> None:
+        writer = await connect(url)
+        try:
+            self.apply = await writer.prepare(_APPLY_SQL)
+        except BaseException:
+            await writer.close()
+            raise
+        self.writer = writer
+
+    def drop(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.terminate()
+
+
+class Cluster:
+    """One PostgreSQL cluster of the store: its writer lanes, its read pool
+    and queue, its event reader."""
+
+    def __init__(self, url: str, index: int, cluster_id: bytes):
+        self.url = url
+        self.index = index
+        self.cluster_id = cluster_id
+        self.lanes = [Lane() for _ in range(WRITE_LANES)]
+        self.pool = None
+        self.reads: list = []              # (hid, done)
+        self.reading = False
+        self.reconnecting = False
+        self.error: str | None = "not connected yet"
+        self.events = None                 # accman.postgres.events.EventReader
+
+    def lane(self, hid: bytes) -> Lane:
+        return self.lanes[hid[0] % WRITE_LANES]
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None
+
+    async def connect(self) -> None:
+        try:
+            for lane in self.lanes:
+                await lane.connect(self.url)
+            self.pool = self.pool or await asyncpg.create_pool(
+                self.url, min_size=1, max_size=READ_POOL_CONNECTIONS_MAX)
+        except BaseException:
+            for lane in self.lanes:
+                lane.drop()
+            raise
+        self.error = None

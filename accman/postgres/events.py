@@ -1,0 +1,171 @@
+"""GET /events on PostgreSQL: pages of the event table, and long polls.
+
+A long poll is one entry in a bounded list (limits.EVENTS_WAITERS_MAX), no
+task and no timer of its own: one timer, for the earliest deadline, serves
+them all.  Every front-end LISTENs on accman_events; accman_apply NOTIFYs
+with the last event id of each batch at its commit, so a waiter here hears
+of other front-ends' commits as soon as they are durable.  A waiter whose
+deadline passes reads once more (a notification lost with a connection
+cannot hide an event) and is answered with what there is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from accman.errors import BadRequest, Busy, EventsTrimmed, Unavailable
+from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
+from accman.postgres import errors as E
+from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
+from accman.records import Event
+
+log = logging.getLogger("accman.postgres")
+
+_PAGE_SQL = ("SELECT id, type, hid, seq, by, tot, at, key, hold FROM accman_events "
+             "WHERE id > $1 ORDER BY id LIMIT $2")
+_FIRST_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), "
+              "(SELECT next_event FROM accman_counter))")
+# Keeps a contiguous run of the newest events: everything below the first
+# event younger than the cutoff goes (the newest event always stays).
+_TRIM_SQL = ("DELETE FROM accman_events WHERE id < coalesce("
+             "(SELECT id FROM accman_events WHERE at >= $1 ORDER BY id LIMIT 1), "
+             "(SELECT max(id) FROM accman_events))")
+
+
+class EventReader:
+    """The event reads and long polls of one cluster."""
+
+    def __init__(self, store, cluster):
+        self.store = store
+        self.cluster = cluster
+        self.waiters: list = []          # [after, limit, deadline, done]
+        self.listener = None
+        self._timer = None
+        self._waking = False
+
+    async def start(self) -> None:
+        from accman.postgres.migrate import connect
+        self.listener = await connect(self.cluster.url)
+        await self.listener.add_listener(NOTIFY_CHANNEL, self._notified)
+
+    async def restart(self) -> None:
+        if self.listener is not None:
+            self.listener.terminate()
+        await self.start()
+        self.local_commit()         # what was missed while away
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for w in self.waiters:
+            self.store._deliver([(w[3], Unavailable("the store is closing"))])
+        self.waiters.clear()
+        if self.listener is not None:
+            await self.listener.close()
+
+    def read(self, after, limit, wait_s, done):
+        if type(after) is not int or after < 0:
+            raise BadRequest("after must be an int >= 0 (an event id)")
+        if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
+            raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
+        if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
+            raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
+        if wait_s > 0 and len(self.waiters) >= EVENTS_WAITERS_MAX:
+            raise Busy(f"{EVENTS_WAITERS_MAX} event reads are waiting already; retry shortly")
+        deadline = time.monotonic() + wait_s if wait_s > 0 else None
+        self.store._spawn(self._first_read(after, limit, deadline, done))
+        return None
+
+    async def _page(self, after, limit):
+        pool = self.cluster.pool
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(_PAGE_SQL, after, limit, timeout=10.0)
+            if not rows:
+                first = await conn.fetchval(_FIRST_SQL)
+                if after + 1 < first:
+                    raise EventsTrimmed(first)
+            elif rows[0]["id"] != after + 1:
+                raise EventsTrimmed(rows[0]["id"])
+        events = [Event(r[0], EVENT_TYPES[r[1]], bytes(r[2]).hex(), r[3], r[4], r[5], r[6],
+                        r[7], r[8]) for r in rows]
+        return events, (events[-1].id if events else after)
+
+    async def _answer(self, after, limit, done) -> bool:
+        """Reads a page for a waiter; False when there is nothing yet."""
+        try:
+            events, nxt = await self._page(after, limit)
+        except EventsTrimmed as e:
+            self.store._deliver([(done, e)])
+            return True
+        except Exception as e:
+            self.store._deliver([(done, Unavailable(f"the database cannot be read: "
+                                                    f"{E.describe(e)}"))])
+            return True
+        if not events:
+            return False
+        self.store._deliver([(done, (events, nxt))])
+        return True
+
+    async def _first_read(self, after, limit, deadline, done) -> None:
+        if await self._answer(after, limit, done):
+            return
+        if deadline is None or len(self.waiters) >= EVENTS_WAITERS_MAX:
+            self.store._deliver([(done, ([], after))])
+            return
+        self.waiters.append([after, limit, deadline, done])
+        self._arm()
+
+    # -- waking ----------------------------------------------------------------------
+
+    def _notified(self, *_args) -> None:
+        self.local_commit()
+
+    def local_commit(self) -> None:
+        """Events may have been committed: waiters read again."""
+        if self.waiters and not self._waking:
+            self._waking = True
+            self.store._spawn(self._wake())
+
+    async def _wake(self) -> None:
+        # Each waiter is taken out of the list while its read runs, so that
+        # the deadline's round cannot answer it a second time.
+        try:
+            for w in list(self.waiters):
+                if w not in self.waiters:
+                    continue
+                self.waiters.remove(w)
+                if not await self._answer(w[0], w[1], w[3]):
+                    self.waiters.append(w)
+        finally:
+            self._waking = False
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.waiters:
+            loop = self.store._loop
+            first = min(w[2] for w in self.waiters)
+            self._timer = loop.call_at(loop.time() + max(0.0, first - time.monotonic()),
+                                       self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        self.store._spawn(self._expire_waiters())
+
+    async def _expire_waiters(self) -> None:
+        now = time.monotonic()
+        for w in [w for w in self.waiters if w[2] <= now]:
+            self.waiters.remove(w)
+            if not await self._answer(w[0], w[1], w[3]):
+                self.store._deliver([(w[3], ([], w[0]))])
+        self._arm()
+
+    async def trim(self, retention_s: float) -> None:
+        cutoff_ms = int((time.time() - retention_s) * 1000)
+        try:
+            await self.cluster.pool.execute(_TRIM_SQL, cutoff_ms, timeout=60.0)
+        except Exception as e:
+            log.warning("trimming events failed (retried later): %s", E.describe(e))

@@ -1,0 +1,127 @@
+"""Creating and migrating the schema on one or more clusters, and the
+checks a store makes before it serves (`accman migrate --store URL`, and
+at `accman serve --store URL` start).
+
+    accman.postgres.migrate_sync(["postgresql://…"])   # the CLI's `migrate`
+
+Several clusters make one store: every cluster holds the same credential-
+hash key (the first migration makes it; clusters added later are given
+it), and each has its own random cluster id, which spreads accounts over
+them (accman.postgres.store).  Clusters that disagree on the key are
+refused: an account would hash to another id on each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import NamedTuple
+
+import asyncpg
+
+from accman.errors import StoreError
+from accman.postgres.errors import store_error
+from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
+
+HASH_KEY_BYTES = 16
+CLUSTER_ID_BYTES = 16
+CONNECT_TIMEOUT_S = 10.0
+# Held while a migration runs, so that front-ends started together run it
+# once: a transaction-level advisory lock on this number ("accman" in ASCII).
+MIGRATE_LOCK_ID = 0x6163636D616E
+
+
+class ClusterInfo(NamedTuple):
+    version: int
+    hash_key: bytes
+    cluster_id: bytes
+
+
+async def read_info(conn) -> ClusterInfo | None:
+    """The cluster's schema row, None when it has no AccMan schema."""
+    if await conn.fetchval("SELECT to_regclass('accman_schema') IS NULL"):
+        return None
+    row = await conn.fetchrow("SELECT version, hash_key, cluster_id FROM accman_schema")
+    if row is None:
+        raise StoreError("the accman_schema table is empty: not a store AccMan made")
+    return ClusterInfo(row["version"], bytes(row["hash_key"]), bytes(row["cluster_id"]))
+
+
+async def migrate_cluster(conn, hash_key: bytes) -> ClusterInfo:
+    """Brings one cluster to SCHEMA_VERSION, in one transaction; a new one
+    gets `hash_key`.  Refuses a newer schema, or one with another key."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK_ID)
+        info = await read_info(conn)
+        version = 0 if info is None else info.version
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the store's schema is version {version}, newer than this "
+                             f"AccMan's {SCHEMA_VERSION}: upgrade AccMan")
+        if info is not None and info.hash_key != hash_key:
+            raise StoreError("the clusters disagree on the credential-hash key: they are "
+                             "not one store")
+        for v, sql in MIGRATIONS:
+            if v > version:
+                await conn.execute(sql)
+        if info is None:
+            info = ClusterInfo(SCHEMA_VERSION, hash_key, secrets.token_bytes(CLUSTER_ID_BYTES))
+            await conn.execute("INSERT INTO accman_schema VALUES (true, $1, $2, $3)",
+                               SCHEMA_VERSION, hash_key, info.cluster_id)
+        else:
+            await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
+            info = info._replace(version=SCHEMA_VERSION)
+    return info
+
+
+def check_infos(infos: list[ClusterInfo | None]) -> bytes:
+    """The store's hash key, after checking that the clusters make one
+    store at this AccMan's version."""
+    if any(i is None for i in infos):
+        raise StoreError("a cluster has no AccMan schema: run `accman migrate --store URL` "
+                         "with every cluster's URL")
+    if len({i.hash_key for i in infos}) != 1:
+        raise StoreError("the clusters disagree on the credential-hash key: they are not "
+                         "one store")
+    if len({i.cluster_id for i in infos}) != len(infos):
+        raise StoreError("the same cluster is named twice")
+    for i in infos:
+        if i.version != SCHEMA_VERSION:
+            raise StoreError(f"a cluster's schema is version {i.version}, this AccMan's is "
+                             f"{SCHEMA_VERSION}: run `accman migrate --store URL`")
+    return infos[0].hash_key
+
+
+async def connect(url: str):
+    try:
+        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as e:
+        raise store_error(e, "cannot connect to a PostgreSQL cluster of the store") from None
+
+
+async def migrate(urls: list[str]) -> list[ClusterInfo]:
+    """Migrates every cluster of a store; the first that has a key gives
+    it to the others, or a new one is made."""
+    if not urls:
+        raise StoreError("no cluster URL given")
+    conns = [await connect(u) for u in urls]
+    try:
+        infos = [await read_info(c) for c in conns]
+        keys = {i.hash_key for i in infos if i is not None}
+        if len(keys) > 1:
+            raise StoreError("the clusters disagree on the credential-hash key: they are "
+                             "not one store")
+        key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)
+        out = [await migrate_cluster(c, key) for c in conns]
+        check_infos(out)
+        return out
+    finally:
+        for c in conns:
+            await c.close()
+
+
+def migrate_sync(urls: list[str]) -> str:
+    """`accman migrate --store URL ...`: migrates, and returns a line to
+    print.  Raises StoreError."""
+    infos = asyncio.run(migrate(list(urls)))
+    return (f"accman: {len(infos)} cluster(s) at schema version {SCHEMA_VERSION}")

@@ -1,0 +1,470 @@
+"""`PgStore`: accman/store.py's interface on one or more PostgreSQL clusters.
+
+    store = await PgStore.open(["postgresql://h1,h2/accman?target_session_attrs=read-write"])
+    store.bind_loop(loop, deliver)
+    store.submit("alice", 100, None, "k1", done)      # done((tot, seq)) once committed
+
+Group commit at the database: the calls of one loop turn go to a cluster as
+one call of accman_apply (one transaction, one round trip), and are
+answered only after that commit returned; the next batch fills while one is
+in flight.  Unordered /tot reads of a loop turn go as one query on a read
+connection.  Everything a batch judges (min, overflow, keys, seq, holds) is
+judged in the database against rows it has locked (accman.postgres.schema).
+
+Accounts spread over the clusters by rendezvous hashing of the account id
+with each cluster's id: adding a cluster moves only the accounts that now
+rank it first (docs/SCALING.md).
+
+A broken connection mid-batch leaves the batch's outcome unknown: its calls
+are answered Unavailable (nothing acknowledged; a keyed retry gets the
+original reply), the cluster is unhealthy, and the store reconnects by
+itself with backoff, through the URL's hosts (target_session_attrs=
+read-write finds the new primary after a failover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+
+from accman.errors import BadRequest, Busy, Unavailable
+from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX,
+                           HOLDS_PER_ACCOUNT_MAX, PAST_LIMIT_MAX, QUEUED_MODS_MAX)
+from accman.postgres import batch as B
+from accman.postgres import errors as E
+from accman.postgres import schema as S
+from accman.postgres.cluster import Cluster
+from accman.postgres.events import EventReader
+from accman.postgres.migrate import check_infos, connect, migrate, read_info
+from accman.records import Entry
+from accman.store import Page
+
+log = logging.getLogger("accman.postgres")
+
+# Unordered /tot reads of one cluster in one query; more wait for the next.
+READ_BATCH_MAX = 4096
+# Unordered reads queued for a cluster; beyond it a read is refused `busy`.
+QUEUED_READS_MAX = 65536
+# A batch not committed within this long is taken as lost: its calls are
+# answered Unavailable and the connection is replaced.  A primary waiting
+# for a synchronous standby that is gone never answers otherwise.
+COMMIT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 10.0
+# Reconnecting after a lost connection: the first retry after the minimum,
+# doubling to the maximum (a failover with Patroni takes ~10-30 s).
+RECONNECT_BACKOFF_S_MIN = 0.05
+RECONNECT_BACKOFF_S_MAX = 2.0
+# Due holds are ended in rounds this often (a hold ends at most this long
+# after its ttl; a settle after the ttl is hold_ended at once regardless),
+# at most EXPIRE_ACCOUNTS_MAX accounts per round.
+EXPIRE_INTERVAL_S = 1.0
+EXPIRE_ACCOUNTS_MAX = 1024
+# Events past the retention are trimmed this often.
+TRIM_INTERVAL_S = 60.0
+# cred -> (hid, cluster) cache: hashing is ~1 us, a dict hit ~50 ns.
+CRED_CACHE_MAX = 65536
+
+_TOT_SQL = ("SELECT array_agg(a.tot ORDER BY q.n) FROM unnest($1::bytea[]) WITH ORDINALITY "
+            "AS q(hid, n) LEFT JOIN accman_accounts a ON a.hid = q.hid AND a.seq > 0")
+_PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_accounts a "
+             "LEFT JOIN LATERAL (SELECT * FROM accman_history x WHERE x.hid = a.hid "
+             "AND x.seq < $2 ORDER BY x.seq DESC LIMIT $3) h ON true "
+             "WHERE a.hid = $1 AND a.seq > 0 ORDER BY h.seq DESC")
+_PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
+
+
+class PgStore:
+    """The store interface (accman/store.py) on PostgreSQL.  Make one with
+    `await PgStore.open(urls)`; calls are made on the loop it was opened on."""
+
+    inline_reads = False
+
+    def __init__(self, clusters_info, urls, *, hash_key, low_default, retention_s,
+                 batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):
+        self._hasher = hashlib.blake2b(digest_size=16, key=hash_key)
+        self.clusters = [Cluster(u, i, info.cluster_id)
+                         for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
+        self.low_default = low_default
+        self.retention_s = retention_s
+        self.batch_mods_max = batch_mods_max
+        self.queued_mods_max = queued_mods_max
+        self.holds_per_account_max = holds_per_account_max
+        self.holds_max = holds_max
+        self.queued_mods = 0
+        self._creds: dict = {}
+        self._loop = asyncio.get_running_loop()
+        self._deliver = _run_callbacks
+        self._closed = False
+        self._tasks: set = set()
+        self.batches = 0
+        self.mods = 0
+        self.commit_s_total = 0.0
+        self.last_batch_mods = 0
+        self.open_holds = 0
+        self._samples: tuple[list, list] = ([], [])
+
+    @classmethod
+    async def open(cls, urls: list[str], *, migrate_schema: bool = True,
+                   low_default: int | None = None,
+                   retention_s: float = EVENTS_RETENTION_S_DEFAULT,
+                   batch_mods_max: int = BATCH_MODS_MAX,
+                   queued_mods_max: int = QUEUED_MODS_MAX,
+                   holds_per_account_max: int = HOLDS_PER_ACCOUNT_MAX,
+                   holds_max: int = HOLDS_MAX) -> "PgStore":
+        """Connects to every cluster (migrating the schema first unless
+        told not to) and checks that they make one store."""
+        urls = list(urls)
+        if migrate_schema:
+            infos = await migrate(urls)
+        else:
+            infos = []
+            for u in urls:
+                conn = await connect(u)
+                try:
+                    infos.append(await read_info(conn))
+                finally:
+                    await conn.close()
+        key = check_infos(infos)
+        store = cls(infos, urls, hash_key=key, low_default=low_default,
+                    retention_s=retention_s, batch_mods_max=batch_mods_max,
+                    queued_mods_max=queued_mods_max,
+                    holds_per_account_max=holds_per_account_max, holds_max=holds_max)
+        try:
+            for c in store.clusters:
+                await c.connect()
+                c.events = EventReader(store, c)
+                await c.events.start()
+            store._spawn(store._maintain())
+        except BaseException:
+            await store.aclose()
+            raise
+        return store
+
+    # -- accounts --------------------------------------------------------------------
+
+    def account_id(self, cred: str) -> str:
+        """The account's public id (SPEC "Events"): hex of the keyed hash."""
+        return self._locate(cred)[0].hex()
+
+    def _locate(self, cred) -> tuple[bytes, Cluster]:
+        hit = self._creds.get(cred)
+        if hit is not None:
+            return hit
+        B.check_cred(cred)
+        h = self._hasher.copy()
+        h.update(cred.encode("ascii"))
+        hid = h.digest()
+        clusters = self.clusters
+        if len(clusters) == 1:
+            hit = (hid, clusters[0])
+        else:
+            # Rendezvous hashing: the cluster whose id ranks this account highest.
+            hit = (hid, max(clusters, key=lambda c: hashlib.blake2b(
+                hid, digest_size=8, key=c.cluster_id).digest()))
+        if len(self._creds) >= CRED_CACHE_MAX:
+            self._creds.clear()
+        self._creds[cred] = hit
+        return hit
+
+    # -- binding -----------------------------------------------------------------------
+
+    def bind_loop(self, loop, deliver=None) -> None:
+        if loop is not self._loop:
+            raise RuntimeError("a PgStore is used on the loop it was opened on")
+        self._deliver = deliver or _run_callbacks
+
+    # -- writes ------------------------------------------------------------------------
+
+    def _queue(self, cluster: Cluster, op) -> None:
+        if self._closed:
+            raise Unavailable("the store is closed")
+        if not cluster.healthy:
+            raise Unavailable(f"the store cannot commit: {cluster.error or 'reconnecting'}")
+        if self.queued_mods >= self.queued_mods_max:
+            raise Busy(f"{self.queued_mods_max} calls are waiting for the database; "
+                       "retry shortly")
+        lane = cluster.lane(op.hid)
+        lane.ops.append(op)
+        self.queued_mods += 1
+        if not lane.writing:
+            lane.writing = True
+            self._spawn(self._write(cluster, lane))
+
+    def submit(self, cred, by, min=None, key=None, done=None, low=None):  # noqa: A002
+        B.check_mod(by, min, key, low)
+        hid, cluster = self._locate(cred)
+        self._queue(cluster, B.Op(S.MOD, hid, by, min, key, low, done))
+
+    def submit_hold(self, cred, by, ttl_s, min, key, done):  # noqa: A002
+        B.check_hold(by, ttl_s, min, key)
+        hid, cluster = self._locate(cred)
+        self._queue(cluster, B.Op(S.HOLD, hid, by, 0 if min is None else min, key, ttl_s,
+                                  done))
+
+    def submit_settle(self, cred, hold, use, done):
+        B.check_settle(hold, use)
+        hid, cluster = self._locate(cred)
+        self._queue(cluster, B.Op(S.SETTLE, hid, use, None, None, hold, done))
+
+    async def _write(self, cluster: Cluster, lane) -> None:
+        """A lane's writer: one batch in flight at a time, each made of
+        everything queued when it starts."""
+        ops = lane.ops
+        try:
+            # Let this loop turn's other callbacks queue their calls first.
+            await asyncio.sleep(0)
+            while ops and cluster.healthy:
+                if ops[0].kind == _PAST_BARRIER:
+                    op = ops.popleft()
+                    self.queued_mods -= 1
+                    await self._past(op, lane.writer)
+                    continue
+                taken = []
+                while ops and len(taken) < self.batch_mods_max and ops[0].kind != _PAST_BARRIER:
+                    taken.append(ops.popleft())
+                await self._commit(cluster, lane, taken)
+                await asyncio.sleep(0)
+        finally:
+            lane.writing = False
+        if ops and not self._closed:
+            # The cluster went unhealthy with calls still queued: none was sent.
+            self._refuse(lane, Unavailable(
+                f"the store cannot commit, nothing of this call was applied: {cluster.error}"))
+
+    async def _commit(self, cluster: Cluster, lane, ops: list) -> None:
+        args = B.arrays(ops)
+        t0 = time.perf_counter()
+        for attempt in range(3):
+            try:
+                row = await lane.apply.fetchrow(
+                    *args, self.low_default, self.holds_per_account_max, self.holds_max,
+                    timeout=COMMIT_TIMEOUT_S)
+                break
+            except Exception as e:  # translated by E.classify, the one place
+                kind = E.classify(e)
+                if kind == E.RETRY and attempt < 2:
+                    continue
+                self.queued_mods -= len(ops)
+                if kind == E.UNKNOWN:
+                    detail = ("the connection to the database broke during the commit; "
+                              "nothing in this batch was acknowledged, retry with its key")
+                    self._lost(cluster, e)
+                else:
+                    log.error("a batch failed: %s", E.describe(e))
+                    detail = f"the database refused the batch: {E.describe(e)}"
+                self._deliver([(op.done, Unavailable(detail)) for op in ops])
+                return
+        commit_s = time.perf_counter() - t0
+        self.queued_mods -= len(ops)
+        nmods = sum(1 for op in ops if op.kind != S.READ)
+        self._count(nmods, commit_s)
+        codes, tots, seqs = row
+        outcome = B.outcome
+        self._deliver([(op.done, outcome(op.kind, code, tot, seq))
+                       for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)])
+        if any(op.kind != S.READ for op in ops):
+            cluster.events.local_commit()
+
+    def _count(self, nmods: int, commit_s: float) -> None:
+        self.batches += 1
+        self.mods += nmods
+        self.commit_s_total += commit_s
+        self.last_batch_mods = nmods
+        sizes, times = self._samples
+        if len(sizes) < 65536:
+            sizes.append(nmods)
+            times.append(commit_s)
+
+    def _refuse(self, lane, error) -> None:
+        ops = list(lane.ops)
+        lane.ops.clear()
+        self.queued_mods -= len(ops)
+        self._deliver([(op.done, error) for op in ops])
+
+    # -- losing and regaining a cluster ---------------------------------------------------
+
+    def _lost(self, cluster: Cluster, exc: BaseException) -> None:
+        cluster.error = E.describe(exc)
+        log.warning("lost the database connection: %s; reconnecting", cluster.error)
+        for lane in cluster.lanes:
+            lane.drop()
+        if not cluster.reconnecting and not self._closed:
+            cluster.reconnecting = True
+            self._spawn(self._reconnect(cluster))
+
+    async def _reconnect(self, cluster: Cluster) -> None:
+        delay = RECONNECT_BACKOFF_S_MIN
+        try:
+            while not self._closed:
+                await asyncio.sleep(delay)
+                try:
+                    await cluster.connect()
+                    await cluster.events.restart()
+                    log.warning("reconnected to the database")
+                    return
+                except Exception as e:
+                    cluster.error = E.describe(e)
+                    delay = min(delay * 2, RECONNECT_BACKOFF_S_MAX)
+        finally:
+            cluster.reconnecting = False
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def read_tot(self, cred, done, ordered=False):
+        hid, cluster = self._locate(cred)
+        if ordered:
+            self._queue(cluster, B.Op(S.READ, hid, 0, None, None, None, done))
+            return None
+        if self._closed:
+            raise Unavailable("the store is closed")
+        if len(cluster.reads) >= QUEUED_READS_MAX:
+            raise Busy(f"{QUEUED_READS_MAX} reads are waiting for the database; retry shortly")
+        cluster.reads.append((hid, done))
+        if not cluster.reading:
+            cluster.reading = True
+            self._spawn(self._read_tots(cluster))
+        return None
+
+    async def _read_tots(self, cluster: Cluster) -> None:
+        try:
+            await asyncio.sleep(0)
+            while cluster.reads:
+                taken = cluster.reads[:READ_BATCH_MAX]
+                del cluster.reads[:READ_BATCH_MAX]
+                try:
+                    tots = await cluster.pool.fetchval(_TOT_SQL, [h for h, _ in taken],
+                                                       timeout=READ_TIMEOUT_S)
+                except Exception as e:
+                    error = Unavailable(f"the database cannot be read: {E.describe(e)}")
+                    self._deliver([(done, error) for _, done in taken])
+                    continue
+                self._deliver([(done, t if t is not None else B.no_account())
+                               for (_, done), t in zip(taken, tots, strict=True)])
+                await asyncio.sleep(0)
+        finally:
+            cluster.reading = False
+
+    def read_past(self, cred, limit, before, done, ordered=False):
+        if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
+            raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
+        if before is not None and (type(before) is not int or before < 1):
+            raise BadRequest("before must be a positive int (a seq)")
+        hid, cluster = self._locate(cred)
+        op = B.Op(_PAST_BARRIER, hid, limit, before, None, None, done)
+        if ordered:
+            self._queue(cluster, op)
+        else:
+            if self._closed:
+                raise Unavailable("the store is closed")
+            self._spawn(self._past(op, cluster.pool))
+        return None
+
+    async def _past(self, op, conn) -> None:
+        before = op.min if op.min is not None else 2 ** 63 - 1
+        try:
+            rows = await conn.fetch(_PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
+        except Exception as e:
+            self._deliver([(op.done, Unavailable(f"the database cannot be read: "
+                                                 f"{E.describe(e)}"))])
+            return
+        if not rows:
+            self._deliver([(op.done, B.no_account())])
+            return
+        entries = [Entry(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows if r[0] is not None]
+        nxt = entries[-1].seq if len(entries) == op.by and entries[-1].seq > 1 else None
+        self._deliver([(op.done, Page(op.hid.hex(), entries, nxt))])
+
+    # -- events --------------------------------------------------------------------------
+
+    def read_events(self, after, limit, wait_s, done):
+        if len(self.clusters) != 1:
+            raise BadRequest("events are numbered per cluster: with several clusters, "
+                             "read them from each cluster's store")
+        return self.clusters[0].events.read(after, limit, wait_s, done)
+
+    # -- upkeep --------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Ends due holds (now, then every EXPIRE_INTERVAL_S: a hold that
+        expired while every front-end was down ends at the next start) and
+        trims events past the retention."""
+        last_trim = 0.0
+        while not self._closed:
+            for c in self.clusters:
+                if c.healthy:
+                    await self._expire(c)
+            if time.monotonic() - last_trim >= TRIM_INTERVAL_S:
+                last_trim = time.monotonic()
+                for c in self.clusters:
+                    if c.healthy:
+                        await c.events.trim(self.retention_s)
+            await asyncio.sleep(EXPIRE_INTERVAL_S)
+
+    async def _expire(self, cluster: Cluster) -> None:
+        try:
+            async with cluster.pool.acquire() as conn:
+                while await conn.fetchval("SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX,
+                                          timeout=COMMIT_TIMEOUT_S):
+                    cluster.events.local_commit()
+                self.open_holds = await conn.fetchval("SELECT open_holds FROM accman_counter")
+        except Exception as e:
+            log.warning("ending due holds failed (retried next round): %s", E.describe(e))
+
+    def _spawn(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return not self._closed and all(c.healthy for c in self.clusters)
+
+    @property
+    def stats(self) -> dict:
+        return {"batches": self.batches, "mods": self.mods,
+                "commit_s_total": self.commit_s_total,
+                "last_batch_mods": self.last_batch_mods, "queued_mods": self.queued_mods,
+                "open_holds": self.open_holds, "clusters": len(self.clusters),
+                "healthy": self.healthy}
+
+    def drain_samples(self):
+        out, self._samples = self._samples, ([], [])
+        return out
+
+    async def aclose(self) -> None:
+        """Waits for what is queued to commit, then closes every connection."""
+        if self._closed:
+            return
+        while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
+                any(c.healthy for c in self.clusters):
+            await asyncio.sleep(0.001)
+        self._closed = True
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in self.clusters:
+            if c.events is not None:
+                await c.events.stop()
+            for lane in c.lanes:
+                if lane.writer is not None:
+                    await lane.writer.close()
+            if c.pool is not None:
+                await c.pool.close()
+
+    def close(self) -> None:
+        """The interface's close, from outside the loop: runs aclose on it."""
+        if self._loop.is_running():
+            raise RuntimeError("on the store's loop, await store.aclose()")
+        self._loop.run_until_complete(self.aclose())
+
+
+def _run_callbacks(pairs: list) -> None:
+    for done, outcome in pairs:
+        try:
+            done(outcome)
+        except Exception:
+            log.exception("a call's completion callback failed")

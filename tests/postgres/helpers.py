@@ -1,0 +1,53 @@
+"""Driving a PgStore from a test: each call awaited for its outcome, an
+AccManError raised as an exception."""
+
+import asyncio
+
+from accman.errors import AccManError
+from accman.postgres.store import PgStore
+
+
+class Calls:
+    """The store's calls as coroutines that return the outcome."""
+
+    def __init__(self, store):
+        self.store = store
+
+    async def _call(self, fn, *args, **kw):
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(outcome):
+            if not fut.done():
+                fut.set_result(outcome)
+        now = fn(*args, done=done, **kw)
+        outcome = now if now is not None else await fut
+        if isinstance(outcome, AccManError):
+            raise outcome
+        return outcome
+
+    def mod(self, cred, by, min=None, key=None, low=None):
+        return self._call(self.store.submit, cred, by, min, key, low=low)
+
+    def tot(self, cred, ordered=False):
+        return self._call(self.store.read_tot, cred, ordered=ordered)
+
+    def past(self, cred, limit=100, before=None, ordered=False):
+        return self._call(self.store.read_past, cred, limit, before, ordered=ordered)
+
+    def hold(self, cred, by, ttl_s, min=None, key=None):
+        return self._call(self.store.submit_hold, cred, by, ttl_s, min, key)
+
+    def settle(self, cred, hold, use):
+        return self._call(self.store.submit_settle, cred, hold, use)
+
+    def events(self, after=0, limit=100, wait_s=0):
+        return self._call(self.store.read_events, after, limit, wait_s)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def opened(urls, **kw):
+    store = await PgStore.open(urls if isinstance(urls, list) else [urls], **kw)
+    return store, Calls(store)

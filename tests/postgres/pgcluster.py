@@ -1,0 +1,238 @@
+"""Real PostgreSQL servers for the tests and the benchmarks, from Debian's
+binaries: `initdb` and `pg_ctl` run as the `postgres` user (PostgreSQL
+refuses to run as root) in a temporary directory chowned to it, on a free
+loopback port; `pg_basebackup` makes a streaming standby.
+
+    with Cluster.create() as pg:                 # initdb + start
+        url = pg.url("postgres")
+        standby = pg.add_standby("s1", sync=True)  # synchronous_standby_names
+        pg.kill()                                # SIGKILL the postmaster
+        standby.promote()
+
+Every server listens on 127.0.0.1 only, runs with `synchronous_commit=on`
+and `fsync=on` (what a durable 200 means), and trusts local connections
+(the directory is private to the test run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+PG_USER = "postgres"
+# Debian's layout: /usr/lib/postgresql/<major>/bin.  15 is what the issue
+# names; a newer major works too.
+PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+START_TIMEOUT_S = 60
+STOP_TIMEOUT_S = 60
+
+# What every test server runs with.  Small shared memory (many servers may
+# run at once on a 2-core, shared machine), replication on for standbys,
+# durability as in production.
+BASE_CONF = {
+    "listen_addresses": "'127.0.0.1'",
+    "max_connections": "200",
+    "shared_buffers": "'128MB'",
+    "synchronous_commit": "on",
+    "fsync": "on",
+    "full_page_writes": "on",
+    "wal_level": "replica",
+    "max_wal_senders": "8",
+    "max_replication_slots": "8",
+    "hot_standby": "on",
+    "wal_keep_size": "'256MB'",
+    "log_min_messages": "warning",
+    "logging_collector": "off",
+    "max_locks_per_transaction": "256",
+}
+
+
+def pg_bin() -> Path:
+    """The newest installed PostgreSQL's bin directory."""
+    found = sorted(glob.glob(PG_BIN_GLOB), key=lambda p: int(p.split("/")[-2]))
+    if not found:
+        raise RuntimeError("PostgreSQL's server binaries are not installed "
+                           "(Debian: apt-get install postgresql)")
+    return Path(found[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chown_tree(path: Path) -> None:
+    pw = pwd.getpwnam(PG_USER)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def _as_postgres(args: list, **kw) -> subprocess.CompletedProcess:
+    """Runs a PostgreSQL binary as the postgres user (runuser when we are
+    root, directly otherwise)."""
+    cmd = [str(pg_bin() / args[0]), *args[1:]]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", PG_USER, "--", *cmd]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+class Cluster:
+    """One PostgreSQL server (a primary or a standby) in `base/name`."""
+
+    def __init__(self, base: Path, name: str, port: int, owns_base: bool = False):
+        self.base = base
+        self.name = name
+        self.port = port
+        self.data = base / name
+        self.log = base / f"{name}.log"
+        self.owns_base = owns_base
+        self.standbys: list[Cluster] = []
+
+    # -- making and starting -------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str = "primary", base: Path | None = None,
+               conf: dict | None = None, start: bool = True) -> "Cluster":
+        """initdb a new cluster (and start it)."""
+        owns = base is None
+        if base is None:
+            # Not under pytest's tmp_path: that is private to root and the
+            # postgres user could not reach it.
+            base = Path(tempfile.mkdtemp(prefix="accman-pg-"))
+            os.chmod(base, 0o755)
+            _chown_tree(base)
+        c = cls(base, name, free_port(), owns_base=owns)
+        _as_postgres(["initdb", "-D", str(c.data), "-U", PG_USER, "--auth=trust",
+                      "--no-instructions", "-E", "UTF8", "--locale=C"])
+        c.configure({**BASE_CONF, "port": str(c.port),
+                     "unix_socket_directories": f"'{base}'", **(conf or {})})
+        with open(c.data / "pg_hba.conf", "a") as f:
+            f.write("host replication all 127.0.0.1/32 trust\n")
+        if start:
+            c.start()
+        return c
+
+    def configure(self, settings: dict) -> None:
+        """Appends settings to postgresql.auto.conf's neighbour (the last
+        one read wins); takes effect at the next start or reload."""
+        with open(self.data / "postgresql.conf", "a") as f:
+            for k, v in settings.items():
+                f.write(f"{k} = {v}\n")
+
+    def start(self) -> None:
+        _as_postgres(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w",
+                      "-t", str(START_TIMEOUT_S), "start"])
+
+    def stop(self, mode: str = "fast") -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _as_postgres(["pg_ctl", "-D", str(self.data), "-m", mode, "-w",
+                          "-t", str(STOP_TIMEOUT_S), "stop"])
+
+    def reload(self) -> None:
+        _as_postgres(["pg_ctl", "-D", str(self.data), "reload"])
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster, as a machine or process crash would; its
+        backends notice and exit (they do not finish their work)."""
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
+        # The backends exit when they see the postmaster gone; wait until
+        # none answers on the port.
+        while time.monotonic() < deadline and self.accepting():
+            time.sleep(0.05)
+
+    def accepting(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    # -- replication -----------------------------------------------------------
+
+    def add_standby(self, name: str, sync: bool = True) -> "Cluster":
+        """A streaming standby from pg_basebackup; with `sync` the primary
+        waits for it at every commit (synchronous_standby_names)."""
+        s = Cluster(self.base, name, free_port())
+        _as_postgres(["pg_basebackup", "-h", "127.0.0.1", "-p", str(self.port),
+                      "-U", PG_USER, "-D", str(s.data), "-X", "stream",
+                      "-c", "fast"])
+        # Not `-R`: it writes primary_conninfo to postgresql.auto.conf, which
+        # would override the application_name that synchronous_standby_names
+        # matches.
+        (s.data / "standby.signal").touch()
+        _chown_tree(s.data)
+        s.configure({"port": str(s.port),
+                     "primary_conninfo": f"'host=127.0.0.1 port={self.port} "
+                                         f"user={PG_USER} application_name={name}'"})
+        s.start()
+        self.standbys.append(s)
+        if sync:
+            names = ",".join(x.name for x in self.standbys)
+            self.configure({"synchronous_standby_names": f"'FIRST 1 ({names})'"})
+            self.reload()
+        return s
+
+    def promote(self) -> None:
+        _as_postgres(["pg_ctl", "-D", str(self.data), "-w", "promote"])
+
+    # -- use -----------------------------------------------------------------------
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{dbname}"
+
+    def psql(self, sql: str, dbname: str = "postgres") -> str:
+        """Runs SQL through psql; returns its unaligned output."""
+        out = subprocess.run(
+            [str(pg_bin() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, "-d", dbname,
+             "-c", sql], check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def create_database(self, dbname: str) -> str:
+        self.psql(f'CREATE DATABASE "{dbname}"')
+        return self.url(dbname)
+
+    def destroy(self) -> None:
+        """Stops this server and its standbys; removes the directory if this
+        cluster made it."""
+        for s in self.standbys:
+            s.stop("immediate")
+        self.stop("immediate")
+        if self.owns_base:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()

@@ -1,0 +1,290 @@
+"""Holds, settles, expiry and events on PostgreSQL (SPEC "Holds",
+"Events")."""
+
+import asyncio
+import time
+
+import pytest
+
+from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient,
+                           KeyReused, NoAccount, NoHold, TooManyHolds)
+from accman.limits import EVENTS_WAITERS_MAX
+from accman.postgres import store as store_module
+
+from .helpers import opened, run
+
+
+def test_hold_and_settle(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("a", 100)
+            assert await c.hold("a", -30, 60) == (2, 70, 2)
+            assert await c.tot("a") == 70
+            with pytest.raises(Insufficient):
+                await c.hold("a", -80, 60)                  # min defaults to 0
+            assert await c.hold("a", -80, 60, min=-10) == (3, -10, 3)
+            assert await c.settle("a", 2, 10) == (-10 + 20, 4)
+            assert await c.settle("a", 2, 10) == (10, 4)    # the first reply again
+            with pytest.raises(HoldEnded):
+                await c.settle("a", 2, 11)
+            with pytest.raises(BadRequest):
+                await c.settle("a", 3, 81)                  # more than held
+            assert await c.settle("a", 3, 80) == (10, 5)    # all used: by 0
+            with pytest.raises(NoHold):
+                await c.settle("a", 1, 0)                   # a mod, not a hold
+            with pytest.raises(NoHold):
+                await c.settle("a", 99, 0)
+            with pytest.raises(NoHold):
+                await c.settle("nobody", 1, 0)
+            entries = (await c.past("a")).entries
+            assert [(e.seq, e.by, e.tot, e.hold) for e in entries] == [
+                (5, 0, 10, 3), (4, 20, 10, 2), (3, -80, -10, 3), (2, -30, 70, 2),
+                (1, 100, 100, None)]
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_keyed_hold(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("a", 100)
+            assert await c.hold("a", -5, 60, key="h") == (2, 95, 2)
+            assert await c.hold("a", -5, 60, key="h") == (2, 95, 2)
+            with pytest.raises(KeyReused):
+                await c.mod("a", -5, min=0, key="h")        # a mod is not the hold
+            with pytest.raises(KeyReused):
+                await c.hold("a", -6, 60, key="h")
+            with pytest.raises(NoAccount):
+                await c.hold("b", -5, 60, key="h")
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_hold_bounds(pg_url):
+    async def main():
+        store, c = await opened(pg_url, holds_per_account_max=3, holds_max=5)
+        try:
+            await c.mod("a", 100)
+            await c.mod("b", 100)
+            for _ in range(3):
+                await c.hold("a", -1, 60)
+            with pytest.raises(TooManyHolds, match="account"):
+                await c.hold("a", -1, 60)
+            await c.hold("b", -1, 60)
+            await c.hold("b", -1, 60)
+            with pytest.raises(TooManyHolds, match="store"):
+                await c.hold("b", -1, 60)
+            await c.settle("a", 2, 1)                       # one ends: room again
+            assert (await c.hold("b", -1, 60))[0] == 4
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_expiry_ends_a_hold_once(pg, pg_url, monkeypatch):
+    monkeypatch.setattr(store_module, "EXPIRE_INTERVAL_S", 0.1)
+
+    async def main():
+        # Two stores on one database: both run expiry rounds.
+        s1, c1 = await opened(pg_url)
+        s2, _ = await opened(pg_url)
+        try:
+            await c1.mod("a", 100)
+            holds = [await c1.hold("a", -10, 1) for _ in range(5)]
+            await asyncio.sleep(1.6)
+            assert await c1.tot("a") == 100
+            with pytest.raises(HoldEnded):
+                await c1.settle("a", holds[0][0], 0)
+            entries = (await c1.past("a")).entries
+            ends = [e for e in entries if e.seq > 6]
+            assert sorted(e.hold for e in ends) == [2, 3, 4, 5, 6]
+            assert all(e.by == 10 for e in ends)
+            ev, _ = await c1.events()
+            assert [e.type for e in ev].count("expire") == 5
+        finally:
+            await s1.aclose()
+            await s2.aclose()
+    run(main())
+
+
+def test_settle_after_ttl_is_hold_ended_at_once(pg_url, monkeypatch):
+    monkeypatch.setattr(store_module, "EXPIRE_INTERVAL_S", 3600)
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("a", 100)
+            await asyncio.sleep(1.1)          # the round at open has run
+            await c.hold("a", -10, 1)
+            await asyncio.sleep(1.1)
+            with pytest.raises(HoldEnded):
+                await c.settle("a", 2, 3)
+            assert await c.tot("a") == 100
+            assert (await c.past("a")).entries[0].by == 10
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_hold_expired_while_down_ends_at_next_open(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        await c.mod("a", 100)
+        await c.hold("a", -10, 1)
+        await store.aclose()
+        await asyncio.sleep(1.2)
+        store, c = await opened(pg_url)
+        try:
+            for _ in range(50):
+                if await c.tot("a") == 100:
+                    break
+                await asyncio.sleep(0.05)
+            assert await c.tot("a") == 100
+            assert (await c.past("a")).entries[0].hold == 2
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_events_gap_free_with_low_balance(pg_url):
+    async def main():
+        store, c = await opened(pg_url, low_default=50)
+        try:
+            await c.mod("a", 100)
+            await c.mod("a", -60)                 # crosses 50: low_balance
+            await c.mod("a", -10)                 # already below: none
+            await c.mod("a", 100)
+            await c.mod("b", 20, low=5)
+            await c.mod("b", -16)                 # crosses b's own 5
+            await c.hold("a", -100, 60)           # 130 -> 30 crosses 50
+            events, nxt = await c.events()
+            assert [e.id for e in events] == list(range(1, len(events) + 1))
+            assert nxt == events[-1].id
+            assert [(e.type, e.tot) for e in events] == [
+                ("mod", 100), ("mod", 40), ("low_balance", 40), ("mod", 30), ("mod", 130),
+                ("mod", 20), ("mod", 4), ("low_balance", 4), ("hold", 30),
+                ("low_balance", 30)]
+            assert events[0].account == store.account_id("a")
+            page, nxt2 = await c.events(after=3, limit=2)
+            assert [e.id for e in page] == [4, 5] and nxt2 == 5
+            assert await c.events(after=nxt) == ([], nxt)
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_events_long_poll_hears_another_front_end(pg_url):
+    async def main():
+        s1, c1 = await opened(pg_url)
+        s2, c2 = await opened(pg_url)
+        try:
+            t0 = time.monotonic()
+            waiting = asyncio.ensure_future(c1.events(after=0, wait_s=10))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            await c2.mod("x", 5)
+            events, nxt = await waiting
+            assert [e.type for e in events] == ["mod"] and nxt == 1
+            assert time.monotonic() - t0 < 5
+            # Nothing comes: the wait ends with an empty page.
+            t0 = time.monotonic()
+            assert await c1.events(after=1, wait_s=0.5) == ([], 1)
+            assert 0.4 < time.monotonic() - t0 < 5
+        finally:
+            await s1.aclose()
+            await s2.aclose()
+    run(main())
+
+
+def test_events_waiters_bound(pg_url, monkeypatch):
+    monkeypatch.setattr("accman.postgres.events.EVENTS_WAITERS_MAX", 3)
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            polls = [asyncio.ensure_future(c.events(wait_s=5)) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            with pytest.raises(Busy):
+                await c.events(wait_s=5)
+            await c.mod("a", 1)
+            for p in polls:
+                assert (await p)[1] == 1
+        finally:
+            await store.aclose()
+    assert EVENTS_WAITERS_MAX == 1024
+    run(main())
+
+
+def test_events_trimmed(pg, pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            for _ in range(4):
+                await c.mod("a", 1)
+            dbname = pg_url.rsplit("/", 1)[1]
+            pg.psql("UPDATE accman_events SET at = 0 WHERE id <= 2", dbname)
+            await store.clusters[0].events.trim(retention_s=3600)
+            with pytest.raises(EventsTrimmed) as e:
+                await c.events(after=1)
+            assert e.value.first == 3
+            events, _ = await c.events(after=2)
+            assert [x.id for x in events] == [3, 4]
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_busy_when_queue_full(pg_url):
+    async def main():
+        store, c = await opened(pg_url, queued_mods_max=4)
+        try:
+            futs = [asyncio.ensure_future(c.mod("a", 1)) for _ in range(4)]
+            await asyncio.sleep(0)
+            with pytest.raises(Busy):
+                store.submit("a", 1, None, None, done=print)
+            assert [f[1] for f in await asyncio.gather(*futs)] == [1, 2, 3, 4]
+        finally:
+            await store.aclose()
+    run(main())
+
+
+
+def test_expiry_rounds_are_bounded_and_go_on(pg_url, monkeypatch):
+    monkeypatch.setattr(store_module, "EXPIRE_ACCOUNTS_MAX", 1)
+    monkeypatch.setattr(store_module, "EXPIRE_INTERVAL_S", 0.1)
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            for x in ("a", "b", "c"):
+                await c.mod(x, 10)
+                await c.hold(x, -10, 1)
+            await asyncio.sleep(1.6)
+            assert [await c.tot(x) for x in ("a", "b", "c")] == [10, 10, 10]
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_retention_trims_in_the_background(pg, pg_url, monkeypatch):
+    monkeypatch.setattr(store_module, "TRIM_INTERVAL_S", 0.2)
+    monkeypatch.setattr(store_module, "EXPIRE_INTERVAL_S", 0.1)
+
+    async def main():
+        store, c = await opened(pg_url, retention_s=1.0)
+        try:
+            await c.mod("a", 1)
+            await c.mod("a", 1)
+            await asyncio.sleep(1.5)
+            await c.mod("a", 1)              # young: kept
+            await asyncio.sleep(0.6)
+            with pytest.raises(EventsTrimmed) as e:
+                await c.events(after=0)
+            assert e.value.first == 3
+        finally:
+            await store.aclose()
+    run(main())

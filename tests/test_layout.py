@@ -1,0 +1,68 @@
+"""The layout's bounds (issue 12): no Python module of accman/ over 500
+lines, no Cython source over 650, no function over 80 lines.  A file or a
+function past them is doing two jobs."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY_LINES_MAX = 500
+PYX_LINES_MAX = 650
+FUNCTION_LINES_MAX = 80
+
+PY = sorted((ROOT / "accman").rglob("*.py"))
+PYX = sorted((ROOT / "ext").glob("*.pyx")) + sorted((ROOT / "ext").glob("*.pxi")) \
+    + sorted((ROOT / "ext").glob("*.pxd"))
+_DEF = re.compile(r"^(\s*)(?:async\s+def|def|cdef|cpdef)\s+(?!class\b|enum\b)[^=]*\(")
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("path", PY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_modules_and_their_functions_are_short(path):
+    assert lines(path) <= PY_LINES_MAX
+    tree = ast.parse(path.read_text())
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > FUNCTION_LINES_MAX]
+    assert long == []
+
+
+def cython_functions(text: str):
+    """(name, length) of each function of a Cython file: from its `def`
+    line to the next line indented no deeper (blank lines not counted)."""
+    rows = text.splitlines()
+    for i, row in enumerate(rows):
+        m = _DEF.match(row)
+        if m is None:
+            continue
+        indent = len(m.group(1))
+        end = i + 1
+        while end < len(rows) and (not rows[end].strip()
+                                   or len(rows[end]) - len(rows[end].lstrip()) > indent
+                                   or rows[end].lstrip().startswith(")")):
+            end += 1
+        while end > i + 1 and not rows[end - 1].strip():
+            end -= 1
+        yield row.strip()[:60], end - i
+
+
+@pytest.mark.parametrize("path", PYX, ids=lambda p: str(p.relative_to(ROOT)))
+def test_cython_sources_and_their_functions_are_short(path):
+    assert lines(path) <= PYX_LINES_MAX
+    long = [f"{name} ({n} lines)" for name, n in cython_functions(path.read_text())
+            if n > FUNCTION_LINES_MAX]
+    assert long == []
+
+
+def test_the_function_measure_counts_a_function_whole():
+    text = "cdef int f(int a,\n          int b):\n    x = 1\n\n    return x\n\ndef g():\n    pass\n"
+    assert list(cython_functions(text)) == [("cdef int f(int a,", 5), ("def g():", 2)]

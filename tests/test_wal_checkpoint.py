@@ -1,0 +1,167 @@
+"""The write-ahead log's checkpoints when the process has no descriptor to
+spare (issue 11 item 3): a checkpoint that cannot open a file lost nothing,
+so commits go on and it is tried again; only a failure that can have lost
+an acknowledged write stops them.  The descriptors are really exhausted
+(RLIMIT_NOFILE lowered, every slot filled), not simulated."""
+
+import errno
+import logging
+import os
+import resource
+import shutil
+import time
+
+import pytest
+
+from accman import Ledger
+from accman.errors import Unavailable
+from accman.ledger import keyfile, wal, walwriter
+from accman.ledger.leveldb import Store
+
+LAP_BYTES = 4 * wal.BLOCK_BYTES         # four one-block records a lap
+
+
+class NoDescriptors:
+    """Every descriptor slot of the process taken, under a soft limit a
+    little above what is open now; `free()` gives them back."""
+
+    def __init__(self):
+        self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        open_now = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 32, self.limits[1]))
+        self.held = []
+        while True:
+            try:
+                self.held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError as e:
+                assert e.errno == errno.EMFILE
+                break
+
+    def free(self):
+        for fd in self.held:
+            os.close(fd)
+        self.held = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.limits)
+
+
+@pytest.fixture
+def no_descriptors():
+    made = []
+
+    def make():
+        made.append(NoDescriptors())
+        return made[-1]
+
+    yield make
+    for nd in made:
+        nd.free()
+
+
+def test_a_checkpoint_without_a_free_descriptor_is_postponed_and_commits_go_on(
+        tmp_path, caplog, no_descriptors):
+    path = str(tmp_path / "data")
+    led = Ledger(path, store=Store(path, wal_bytes_max=LAP_BYTES))
+    ckpt_before = open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read()
+    nd = no_descriptors()
+    with caplog.at_level(logging.WARNING, logger="accman.ledger.wal"):
+        # Three laps' worth: every wrap's checkpoint fails to open a file.
+        for i in range(1, 13):
+            assert led.mod("alice", 1) == (i, i)
+    assert led.healthy
+    assert led.store.wal.checkpoints_postponed >= 1
+    assert led.store.wal.pos > LAP_BYTES                    # the log ran on
+    nd.free()
+    assert "checkpoint postponed, nothing is lost and commits go on" in caplog.text
+    assert "Too many open files" in caplog.text
+    assert open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read() == ckpt_before
+    # What a kill -9 now leaves has every acknowledged mod.
+    copy = tmp_path / "crashed"
+    shutil.copytree(path, copy)
+    # Descriptors back, the retry is due: the next wrap takes the checkpoint.
+    time.sleep(walwriter.CHECKPOINT_RETRY_S)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="accman.ledger.wal"):
+        for i in range(13, 13 + 5):
+            assert led.mod("alice", 1) == (i, i)
+    assert "checkpoint taken after" in caplog.text
+    assert led.store.wal.pos <= LAP_BYTES
+    led.close()
+    with Ledger(str(copy)) as led:
+        assert led.tot("alice") == 12 and len(led.past("alice")) == 12
+        led.verify()
+    with Ledger(path) as led:
+        assert led.tot("alice") == 17
+
+
+def test_a_postponed_checkpoint_at_close_is_logged_and_the_next_open_replays(
+        tmp_path, caplog, no_descriptors):
+    path = str(tmp_path / "data")
+    led = Ledger(path)
+    led.mod("alice", 7)
+    nd = no_descriptors()
+    with caplog.at_level(logging.WARNING, logger="accman.ledger.leveldb"):
+        led.close()
+    nd.free()
+    assert "no checkpoint at close (the next open replays the log" in caplog.text
+    with Ledger(path) as led:
+        assert led.tot("alice") == 7
+
+
+def test_past_its_overrun_bound_the_log_stops_commits_and_says_why(
+        tmp_path, no_descriptors):
+    """WAL_OVERRUN_BYTES_MAX, reached (scaled down): the log may not grow
+    without bound while no checkpoint can be taken."""
+    path = str(tmp_path / "data")
+    overrun = 3 * wal.BLOCK_BYTES
+    led = Ledger(path, store=Store(path, wal_bytes_max=LAP_BYTES,
+                                   wal_overrun_bytes_max=overrun))
+    nd = no_descriptors()
+    acked = 0
+    with pytest.raises(Unavailable, match="the store failed to commit"):
+        for _ in range((LAP_BYTES + overrun) // wal.BLOCK_BYTES + 2):
+            led.mod("alice", 1)
+            acked += 1
+    nd.free()
+    assert acked == (LAP_BYTES + overrun) // wal.BLOCK_BYTES
+    assert not led.healthy
+    assert (f"accman.wal ran {overrun} bytes past its size without a checkpoint"
+            in led._committer.error.detail)
+    led.close()
+    with Ledger(path) as led:
+        assert led.tot("alice") == acked
+
+
+def test_a_failed_fsync_of_leveldb_s_log_at_a_checkpoint_stops_commits(tmp_path, monkeypatch):
+    """After a failed fsync LevelDB's pages may be lost while marked clean:
+    a later checkpoint would wrap over records that LevelDB lacks.  So this
+    one is fail-stop, unlike a file that could not be opened."""
+    path = str(tmp_path / "data")
+    led = Ledger(path, store=Store(path, wal_bytes_max=LAP_BYTES))
+    real_fsync = os.fsync
+
+    def eio_on_leveldb_logs(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".log"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", eio_on_leveldb_logs)
+    acked = 0
+    with pytest.raises(Unavailable):
+        for _ in range(LAP_BYTES // wal.BLOCK_BYTES + 1):
+            led.mod("alice", 1)
+            acked += 1
+    assert acked == LAP_BYTES // wal.BLOCK_BYTES
+    assert "Input/output error" in led._committer.error.detail
+    led.close()
+    monkeypatch.undo()
+    with Ledger(path) as led:
+        assert led.tot("alice") == acked
+
+
+def test_the_key_file_is_made_before_leveldb_and_kept_by_every_open(tmp_path):
+    path = tmp_path / "data"
+    with Ledger(str(path)) as led:
+        salt = led.store.salt
+    for _ in range(2):
+        with Ledger(str(path)) as led:
+            assert led.store.salt == salt == keyfile.read_key(str(path))
