@@ -639,7 +639,7 @@ def test_the_metrics_show_cursor_lag_and_failures(rx, cursors):
     d = run_deliverer(with_events(4), rx, lambda d: d.failures >= 3, cursors=cursors)
     m = Metrics()
     m.webhook = d
-    text = m.render(open_connections=0, healthy=True, stats={"events": 9}).decode()
+    text = m.render(open_connections=0, healthy=True, stats={"events_last": 9}).decode()
     lines = set(text.splitlines())
     assert "accman_webhook_cursor 0" in lines
     assert "accman_webhook_lag_events 9" in lines

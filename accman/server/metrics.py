@@ -84,8 +84,6 @@ _KNOWN_STATS = {
                     "Mods applied in memory, waiting for their batch to be durable."),
     "last_batch_mods": ("accman_last_batch_mods", "gauge",
                         "Mods in the last committed batch."),
-    "events": ("accman_events_written_total", "counter",
-               "Events written by the store: the id of the newest durable one."),
 }
 
 

@@ -372,9 +372,9 @@ class Deliverer:
 
     def lag(self, stats) -> int:
         """Events written and not yet acknowledged: exact when the store
-        reports its newest event id (stats "events"), else as far as the
-        deliverer has read."""
-        newest = stats.get("events") if isinstance(stats, dict) else None
+        reports its newest event id (stats "events_last"), else as far as
+        the deliverer has read."""
+        newest = stats.get("events_last") if isinstance(stats, dict) else None
         if type(newest) is not int:
             newest = self.seen
         return max(0, max(newest, self.seen) - self.cursor)
