@@ -57,6 +57,12 @@ WEBHOOK_BACKOFF_BASE_S = 0.5
 WEBHOOK_BACKOFF_CAP_S = 30.0
 # The deliverer's long poll of the store: one waiter (of EVENTS_WAITERS_MAX).
 WEBHOOK_POLL_WAIT_S = 30.0
+# Under a steady stream of events, POSTs start at most once per linger, so
+# that a receiver that keeps up gets ~100 POSTs a second of many events,
+# not one per commit batch (Kafka's linger.ms): a POST costs the server's
+# loop a connection and a cursor save whatever its size.  After a quiet
+# spell the first event leaves at once.
+WEBHOOK_LINGER_S = 0.01
 # The HMAC key: the secret file's bytes, surrounding whitespace stripped.
 # 16 bytes at least, as for tokens, so that a placeholder never signs; a few
 # KiB at most (HMAC hashes a longer key down anyway).

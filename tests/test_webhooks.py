@@ -104,6 +104,9 @@ def run_deliverer(store_setup, rx, until, *, cursors, limits=FAST, timeout_s=20.
                       say=said.append)
         await d.prepare()
         d.start()
+        # The start is said, naming the receiver's host and port only.
+        assert said.pop(0) == (f"delivering to {rx.url.split('/hooks')[0]} after event "
+                               f"{d.cursor}")
         deadline = loop.time() + timeout_s
         while not until(d):
             assert loop.time() < deadline, f"not done within {timeout_s} s: {said}"
@@ -546,6 +549,7 @@ def test_a_reply_head_over_webhook_reply_head_bytes_max_is_a_failure(tmp_path, c
         d = Deliverer(store, cursors, config, FAST, loop, say=said.append)
         await d.prepare()
         d.start()
+        said.pop(0)
         while d.cursor < 1:
             await asyncio.sleep(0.005)
         await d.stop()
@@ -575,6 +579,67 @@ def test_a_restart_resumes_after_the_last_acknowledged_batch(rx, cursors):
     again = rx.snapshot()[before:]
     assert [p.ids for p in again] == [[11, 12, 13, 14, 15], [16, 17, 18, 19, 20], [21, 22, 23]]
     assert delivered_ids(rx) == list(range(1, 24))
+
+
+def test_under_a_steady_stream_posts_leave_at_most_once_per_linger(rx, cursors):
+    """WEBHOOK_LINGER_S: an event every few milliseconds goes out in a few
+    larger POSTs, spaced by the linger, not in one POST per event."""
+    limits = ServerLimits(webhook_linger_s=0.05, webhook_poll_wait_s=1.0)
+    box = []
+
+    def setup(loop):
+        box.append(FakeEvents(loop))
+        return box[0]
+
+    def until(d):
+        if len(box[0].events) < 60:
+            box[0].add(1)               # one event per poll of this loop: ~5 ms
+        return d.cursor == 60
+
+    run_deliverer(setup, rx, until, cursors=cursors, limits=limits)
+    posts = rx.snapshot()
+    assert delivered_ids(rx) == list(range(1, 61))
+    gaps = [b.at - a.at for a, b in zip(posts, posts[1:], strict=False)]
+    assert min(gaps) >= 0.045, gaps
+    assert 2 <= len(posts) <= 15 and max(len(p.ids) for p in posts) >= 5
+
+
+class SlowCursors(FileCursors):
+    """FileCursors whose saves take `delay_s` (a slow disk), counted."""
+
+    def __init__(self, directory, delay_s):
+        super().__init__(directory)
+        self.delay_s = delay_s
+        self.saves = []
+
+    async def save_cursor(self, name, value):
+        await asyncio.sleep(self.delay_s)
+        await super().save_cursor(name, value)
+        self.saves.append(value)
+
+
+def test_batches_go_on_while_the_cursor_is_saved_and_a_stop_saves_the_last(rx, tmp_path):
+    cursors = SlowCursors(str(tmp_path), 0.2)
+    limits = ServerLimits(webhook_events_per_post_max=5, webhook_poll_wait_s=1.0)
+    d = run_deliverer(with_events(30), rx, lambda d: d.cursor == 30, cursors=cursors,
+                      limits=limits)
+    assert [len(p.ids) for p in rx.snapshot()] == [5] * 6
+    # Six batches acknowledged within the first save: it was not waited for,
+    # and the saves that followed took the newest acknowledged id.
+    assert len(cursors.saves) < 6 and cursors.saves == sorted(cursors.saves)
+    assert cursors.saves[-1] == 30 and d.saved == 30
+    assert FileCursors(str(tmp_path)).load(CURSOR_NAME) == 30
+
+
+def test_a_stop_waits_for_a_stuck_cursor_save_at_most_one_attempt_timeout(rx, tmp_path):
+    cursors = SlowCursors(str(tmp_path), 3600)
+    limits = ServerLimits(webhook_attempt_timeout_s=0.2, webhook_poll_wait_s=1.0)
+    said = []
+    d = run_deliverer(with_events(3), rx, lambda d: d.cursor == 3, cursors=cursors,
+                      limits=limits, said=said)
+    assert d.saved == 0 and FileCursors(str(tmp_path)).load(CURSOR_NAME) == 0
+    assert said == ["the cursor could not be saved past event 0: the events after it are "
+                    "sent again at the next start"]
 
 
 def test_webhook_events_per_post_max_bounds_a_post(rx, cursors):

@@ -108,10 +108,12 @@ def _loop_exception_handler(_loop, context):
 
 
 def start_webhook(store, webhook, limits, loop, data_path):
-    """The webhook's deliverer, its cursor loaded (before a port is bound:
-    a cursor that cannot be read is a start-up error), not yet started.
-    The cursor is the store's when it keeps cursors, else a file in the
-    data directory (accman/server/cursors.py)."""
+    """The webhook's deliverer (None without a webhook), its cursor loaded
+    (before a port is bound: a cursor that cannot be read is a start-up
+    error), not yet started.  The cursor is the store's when it keeps
+    cursors, else a file in the data directory (accman/server/cursors.py)."""
+    if webhook is None:
+        return None
     from accman.server.cursors import FileCursors
     from accman.server.webhooks import Deliverer
     if hasattr(store, "save_cursor"):
@@ -174,9 +176,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     try:
         server = Server(store, tokens=tokens, limits=limits, loop=loop)
         store.bind_loop(loop, deliver=server.deliver)
-        if webhook is not None:
-            deliverer = server.metrics.webhook = start_webhook(store, webhook, limits, loop,
-                                                               data_path)
+        deliverer = server.metrics.webhook = start_webhook(store, webhook, limits, loop,
+                                                           data_path)
         try:
             bound_host, bound_port = loop.run_until_complete(server.start(host, port))
         except OSError as e:
@@ -186,8 +187,6 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         server.install_signal_handlers()
         if deliverer is not None:
             deliverer.start()
-            print(f"accman: webhook: delivering to {webhook.target.where} after event "
-                  f"{deliverer.cursor}", file=sys.stderr, flush=True)
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         line = f"accman: serving http://{url_host}:{bound_port} {where}"
         if ready is None:

@@ -4,11 +4,14 @@
 The deliverer is one task on the server's loop.  It long-polls the store
 for the events after its cursor (`read_events`), POSTs them to the URL as
 one batch, `{"events": [event, ...]}` in id order, and moves its cursor to
-the batch's last id once the receiver answers 2xx, durably
-(accman/server/cursors.py), before it reads the next batch.  So every
-event reaches the receiver at least once, in id order, and a restart (a
-crash included) resumes after the last acknowledged batch: the batch in
-flight at a crash is sent again, and the receiver dedupes by event id.
+the batch's last id once the receiver answers 2xx.  The cursor is saved
+durably (accman/server/cursors.py) while the next batch goes, one save at a
+time, each of the newest acknowledged id; a stop waits for it.  So every
+event reaches the receiver at least once, in id order, and a restart
+resumes after the last acknowledged batch: after a crash, the batches
+acknowledged while their cursor was not yet saved (one save's time, a few
+milliseconds) are sent again with the one in flight, and the receiver
+dedupes by event id.
 
 Each POST carries
 
@@ -210,14 +213,17 @@ class Deliverer:
         self.loop = loop
         self.say = say
         self.cursor = 0             # the last event id the receiver acknowledged
+        self.saved = 0              # the cursor as durably saved: at most `cursor`
         self.seen = 0               # the newest event id read from the store
         self.batches = 0            # POSTs acknowledged
         self.events = 0             # events in them
         self.failures = 0           # attempts that failed, ever
         self.failing = 0            # attempts that failed since the last success
         self.skipped = 0            # events trimmed from the store before delivery
-        self._saved = False         # a cursor was ever saved (or loaded non-zero)
+        self._delivered = False     # anything was ever acknowledged (or loaded)
         self._task = None
+        self._saver = None          # the task saving the cursor, while one runs
+        self._posted_at = None      # loop time the last POST started
 
     async def prepare(self) -> None:
         """Loads the cursor; raises StartupError if it cannot be read."""
@@ -225,23 +231,31 @@ class Deliverer:
             self.cursor = await self.cursors.load_cursor(CURSOR_NAME)
         except StoreError as e:
             raise StartupError(f"webhook: {e.detail}") from None
-        self.seen = self.cursor
-        self._saved = self.cursor > 0
+        self.seen = self.saved = self.cursor
+        self._delivered = self.cursor > 0
 
     def start(self) -> None:
+        self.say(f"delivering to {self.config.target.where} after event {self.cursor}")
         self._task = self.loop.create_task(self._run())
 
     async def stop(self) -> None:
         """Stops at once: a batch not yet acknowledged is sent again at the
-        next start."""
+        next start.  The cursor of the last acknowledged one is saved first
+        (waiting at most one attempt's timeout for the disk)."""
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        saver = self._saver
+        if saver is not None and not saver.done():
+            try:
+                await asyncio.wait_for(saver, self.limits.webhook_attempt_timeout_s)
+            except asyncio.TimeoutError:
+                self.say(f"the cursor could not be saved past event {self.saved}: the "
+                         f"events after it are sent again at the next start")
 
     async def _run(self) -> None:
         while True:
@@ -259,6 +273,14 @@ class Deliverer:
 
     async def _round(self) -> None:
         """One batch: read, POST until acknowledged, move the cursor."""
+        if self._posted_at is not None:
+            # Under a steady stream, POSTs leave at most once per linger, each
+            # carrying what came meanwhile: fewer, larger batches, at a cost
+            # of at most the linger in latency.  After a quiet spell the first
+            # event leaves at once.
+            wait_s = self._posted_at + self.limits.webhook_linger_s - self.loop.time()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
         started = self.loop.time()
         events = await self._read()
         if not events:
@@ -269,10 +291,14 @@ class Deliverer:
             return
         body, n = batch_body(events, self.limits.webhook_body_bytes_max)
         first, last = events[0].id, events[n - 1].id
+        self._posted_at = self.loop.time()
         await self._post(post_bytes(self.config, body, first, last))
         self.batches += 1
         self.events += n
-        await self._save(last)
+        self.cursor = last
+        self._delivered = True
+        if self._saver is None or self._saver.done():
+            self._saver = self.loop.create_task(self._save())
 
     async def _read(self) -> list[Event]:
         """The events after the cursor, waiting for the first (long poll);
@@ -318,7 +344,7 @@ class Deliverer:
         counted, unless this webhook never delivered anything (a new one
         starts from the oldest event kept)."""
         assert first - 1 > self.cursor, (first, self.cursor)
-        if self._saved:
+        if self._delivered:
             lost = first - 1 - self.cursor
             self.skipped += lost
             self.say(f"events {self.cursor + 1} to {first - 1} were trimmed from the store "
@@ -354,21 +380,24 @@ class Deliverer:
                      f"failed attempts")
             self.failing = 0
 
-    async def _save(self, last: int) -> None:
-        """Moves the cursor to `last`, durably; retried while it fails."""
+    async def _save(self) -> None:
+        """Saves the cursor until the saved one is the acknowledged one.
+        Delivery goes on meanwhile: one save at a time, each of the newest
+        acknowledged id, so that a fast stream costs the disk one save per
+        save's time, not one per batch.  Retried while it fails."""
         failures = 0
-        while True:
+        while self.saved < self.cursor:
+            value = self.cursor
             try:
-                await self.cursors.save_cursor(CURSOR_NAME, last)
-                break
+                await self.cursors.save_cursor(CURSOR_NAME, value)
             except StoreError as e:
                 failures += 1
                 if failures == 1:
                     self.say(f"{e.detail}; retrying")
                 await asyncio.sleep(backoff_s(failures, self.limits.webhook_backoff_base_s,
                                               self.limits.webhook_backoff_cap_s))
-        self.cursor = last
-        self._saved = True
+                continue
+            self.saved = value
 
     def lag(self, stats) -> int:
         """Events written and not yet acknowledged: exact when the store
