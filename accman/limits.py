@@ -63,6 +63,12 @@ WEBHOOK_POLL_WAIT_S = 30.0
 # loop a connection and a cursor save whatever its size.  After a quiet
 # spell the first event leaves at once.
 WEBHOOK_LINGER_S = 0.01
+# The webhook's cursor is saved (two fsyncs: the file, the directory) at
+# most this often, beside delivery: a receiver that keeps up with a busy
+# server would otherwise have the disk sync a cursor per POST, next to the
+# commits.  After a crash, what was acknowledged since the last save (at
+# most this long's worth) is sent again; a stop saves at once.
+WEBHOOK_CURSOR_SAVE_INTERVAL_S = 0.1
 # The HMAC key: the secret file's bytes, surrounding whitespace stripped.
 # 16 bytes at least, as for tokens, so that a placeholder never signs; a few
 # KiB at most (HMAC hashes a longer key down anyway).

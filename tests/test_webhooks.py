@@ -14,6 +14,7 @@ import shutil
 import ssl
 import stat
 import subprocess
+import time
 
 import pytest
 from hypothesis import given
@@ -629,6 +630,21 @@ def test_batches_go_on_while_the_cursor_is_saved_and_a_stop_saves_the_last(rx, t
     assert len(cursors.saves) < 6 and cursors.saves == sorted(cursors.saves)
     assert cursors.saves[-1] == 30 and d.saved == 30
     assert FileCursors(str(tmp_path)).load(CURSOR_NAME) == 30
+
+
+def test_the_cursor_is_saved_at_most_once_per_interval_and_at_once_on_stop(rx, tmp_path):
+    """WEBHOOK_CURSOR_SAVE_INTERVAL_S: a busy stream does not sync a cursor
+    per POST; the stop saves the last one without waiting the interval."""
+    cursors = SlowCursors(str(tmp_path), 0)
+    limits = ServerLimits(webhook_events_per_post_max=5, webhook_poll_wait_s=1.0,
+                          webhook_cursor_save_interval_s=30.0)
+    started = time.monotonic()
+    d = run_deliverer(with_events(40), rx, lambda d: d.cursor == 40, cursors=cursors,
+                      limits=limits)
+    assert time.monotonic() - started < 15, "the stop waited for the save interval"
+    assert len(rx.snapshot()) == 8
+    assert len(cursors.saves) == 2 and cursors.saves[0] < 40 and cursors.saves[1] == 40
+    assert d.saved == 40 == FileCursors(str(tmp_path)).load(CURSOR_NAME)
 
 
 def test_a_stop_waits_for_a_stuck_cursor_save_at_most_one_attempt_timeout(rx, tmp_path):

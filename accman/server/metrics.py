@@ -177,7 +177,7 @@ def render_webhook(w, stats, out):
     """The webhook deliverer's (accman/server/webhooks.py) figures."""
     out += [
         "# HELP accman_webhook_cursor The id of the last event the webhook's receiver "
-        "acknowledged (saved durably just after: a restart resumes after it).",
+        "acknowledged (saved durably within WEBHOOK_CURSOR_SAVE_INTERVAL_S).",
         "# TYPE accman_webhook_cursor gauge",
         f"accman_webhook_cursor {w.cursor}",
         "# HELP accman_webhook_lag_events Events written and not yet acknowledged by "

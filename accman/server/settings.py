@@ -36,6 +36,7 @@ class ServerLimits:
     webhook_backoff_cap_s: float = L.WEBHOOK_BACKOFF_CAP_S
     webhook_poll_wait_s: float = L.WEBHOOK_POLL_WAIT_S
     webhook_linger_s: float = L.WEBHOOK_LINGER_S
+    webhook_cursor_save_interval_s: float = L.WEBHOOK_CURSOR_SAVE_INTERVAL_S
 
     @classmethod
     def from_env(cls, environ=None) -> "ServerLimits":

@@ -5,12 +5,12 @@ The deliverer is one task on the server's loop.  It long-polls the store
 for the events after its cursor (`read_events`), POSTs them to the URL as
 one batch, `{"events": [event, ...]}` in id order, and moves its cursor to
 the batch's last id once the receiver answers 2xx.  The cursor is saved
-durably (accman/server/cursors.py) while the next batch goes, one save at a
-time, each of the newest acknowledged id; a stop waits for it.  So every
-event reaches the receiver at least once, in id order, and a restart
-resumes after the last acknowledged batch: after a crash, the batches
-acknowledged while their cursor was not yet saved (one save's time, a few
-milliseconds) are sent again with the one in flight, and the receiver
+durably (accman/server/cursors.py) while the next batches go, at most once
+per WEBHOOK_CURSOR_SAVE_INTERVAL_S, each save of the newest acknowledged
+id; a stop saves it at once.  So every event reaches the receiver at least
+once, in id order, and a restart resumes after the last acknowledged batch:
+after a crash, the batches acknowledged since the last save (at most the
+interval's worth) are sent again with the one in flight, and the receiver
 dedupes by event id.
 
 Each POST carries
@@ -223,6 +223,8 @@ class Deliverer:
         self._delivered = False     # anything was ever acknowledged (or loaded)
         self._task = None
         self._saver = None          # the task saving the cursor, while one runs
+        self._saved_at = None       # loop time the last save started
+        self._stopping = asyncio.Event()    # a stop: save now, no more waiting
         self._posted_at = None      # loop time the last POST started
 
     async def prepare(self) -> None:
@@ -249,6 +251,7 @@ class Deliverer:
                 await task
             except asyncio.CancelledError:
                 pass
+        self._stopping.set()
         saver = self._saver
         if saver is not None and not saver.done():
             try:
@@ -382,12 +385,14 @@ class Deliverer:
 
     async def _save(self) -> None:
         """Saves the cursor until the saved one is the acknowledged one.
-        Delivery goes on meanwhile: one save at a time, each of the newest
-        acknowledged id, so that a fast stream costs the disk one save per
-        save's time, not one per batch.  Retried while it fails."""
+        Delivery goes on meanwhile: one save at a time, at most one per
+        WEBHOOK_CURSOR_SAVE_INTERVAL_S (a stop saves at once), each of the
+        newest acknowledged id.  Retried while it fails."""
         failures = 0
         while self.saved < self.cursor:
+            await self._save_interval()
             value = self.cursor
+            self._saved_at = self.loop.time()
             try:
                 await self.cursors.save_cursor(CURSOR_NAME, value)
             except StoreError as e:
@@ -398,6 +403,18 @@ class Deliverer:
                                               self.limits.webhook_backoff_cap_s))
                 continue
             self.saved = value
+
+    async def _save_interval(self) -> None:
+        """Until WEBHOOK_CURSOR_SAVE_INTERVAL_S after the last save started,
+        or a stop."""
+        if self._saved_at is None or self._stopping.is_set():
+            return
+        wait_s = self._saved_at + self.limits.webhook_cursor_save_interval_s - self.loop.time()
+        if wait_s > 0:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
 
     def lag(self, stats) -> int:
         """Events written and not yet acknowledged: exact when the store
