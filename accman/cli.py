@@ -109,12 +109,7 @@ def build_parser():
                    help="what to check at start: the files' checksums and every record "
                         "read (full, the default), or the files' checksums and each "
                         "account's newest entry (heads)")
-    s.add_argument("--webhook", metavar="URL",
-                   help="POST every event, in batches in id order, to this http:// or "
-                        "https:// URL (needs --webhook-secret)")
-    s.add_argument("--webhook-secret", metavar="FILE",
-                   help="the webhook's HMAC-SHA256 key: this file's content (16 bytes at "
-                        "least; only its owner may read it)")
+    _webhook_arguments(s)
     s.add_argument("--low-balance", type=_int64, metavar="L", default=None,
                    help="emit a low_balance event when a balance crosses below L, for "
                         "accounts whose funding mod set no low= of their own (default: none)")
@@ -163,6 +158,15 @@ def build_parser():
     v.add_argument("--data", default=DEFAULT_DATA,
                    help=f"data directory (default {DEFAULT_DATA})")
     return p
+
+
+def _webhook_arguments(s):
+    s.add_argument("--webhook", metavar="URL",
+                   help="POST every event, in batches in id order, to this http:// or "
+                        "https:// URL (needs --webhook-secret)")
+    s.add_argument("--webhook-secret", metavar="FILE",
+                   help="the webhook's HMAC-SHA256 key: this file's content (16 bytes at "
+                        "least; only its owner may read it)")
 
 
 def main(argv=None) -> int:

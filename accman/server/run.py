@@ -115,7 +115,8 @@ def start_webhook(store, webhook, limits, loop, data_path):
     if webhook is None:
         return None
     from accman.server.cursors import FileCursors
-    from accman.server.webhooks import Deliverer
+    from accman.server.webhooks import Deliverer, check_limits
+    check_limits(limits)
     if hasattr(store, "save_cursor"):
         cursors = store
     else:
@@ -138,15 +139,11 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     `store`, when given, is served instead of opening the ledger in `data`
     (tests inject a wrapped or faulty one this way); it is closed on the
     way out.  `store_urls`, PostgreSQL URLs, serve that store instead; then
-    `data`, if not None, holds only the server's lock.  `webhook`, a
-    WebhookConfig (accman.server.webhooks.load_config), has the store's
-    events POSTed to it."""
+    `data`, if not None, holds only the server's lock.  `webhook`
+    (accman.server.webhooks.load_config) has the events POSTed to it."""
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
-    if webhook is not None:
-        from accman.server.webhooks import check_limits
-        check_limits(limits)
     if tokens is None and not is_loopback(host):
         raise StartupError(
             f"refusing to serve on {host or 'all interfaces'} without tokens: "
@@ -198,9 +195,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
                                               or "the store failed to commit")
     finally:
         try:
-            if deliverer is not None:
-                # Before the store closes: a batch in flight is sent again
-                # at the next start.
+            if deliverer is not None:     # before the store closes
                 loop.run_until_complete(deliverer.stop())
             if hasattr(store, "aclose"):
                 loop.run_until_complete(store.aclose())
