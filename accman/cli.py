@@ -155,6 +155,7 @@ def _serve_arguments(s):
                    help="what to check at start: the files' checksums and every record "
                         "read (full, the default), or the files' checksums and each "
                         "account's newest entry (heads)")
+    _webhook_arguments(s)
     s.add_argument("--low-balance", type=_int64, metavar="L", default=None,
                    help="emit a low_balance event when a balance crosses below L, for "
                         "accounts whose funding mod set no low= of their own (default: none)")
@@ -204,6 +205,15 @@ def _holds_and_events(client):
                         "reader closes the pipe")
 
 
+def _webhook_arguments(s):
+    s.add_argument("--webhook", metavar="URL",
+                   help="POST every event, in batches in id order, to this http:// or "
+                        "https:// URL (needs --webhook-secret)")
+    s.add_argument("--webhook-secret", metavar="FILE",
+                   help="the webhook's HMAC-SHA256 key: this file's content (16 bytes at "
+                        "least; only its owner may read it)")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -233,6 +243,7 @@ def cmd_serve(args) -> int:
         from accman.errors import TokensError
         from accman.server import LimitsError, ServerLimits, StartupError, run
         from accman.server.auth import Tokens
+        from accman.server.webhooks import load_config
     except ImportError:
         why = accman.native_missing()
         if why is None:
@@ -241,14 +252,15 @@ def cmd_serve(args) -> int:
     try:
         tokens = Tokens.load(args.tokens) if args.tokens else None
         limits = ServerLimits.from_env()
-    except (TokensError, LimitsError) as e:
+        webhook = load_config(args.webhook, args.webhook_secret)
+    except (TokensError, LimitsError, StartupError) as e:
         return _fail(e)
     try:
         data = args.data if args.data is not None or args.store else DEFAULT_DATA
         return run(host=args.host, port=args.port, data=data,
                    tokens=tokens, limits=limits, verify=args.verify,
                    low_balance=args.low_balance, events_retention_s=args.events_retention,
-                   store_urls=args.store)
+                   store_urls=args.store, webhook=webhook)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set

@@ -35,6 +35,46 @@ EVENTS_RETENTION_S_DEFAULT = 7 * 24 * 3600
 # thread, no timer of its own.  Over it: 503 busy, retry.
 EVENTS_WAITERS_MAX = 1024
 
+# --- webhooks (SPEC "Events", `accman serve --webhook`) ------------------------
+# Events in one POST: the most one read of the store returns (EVENTS_LIMIT_MAX).
+# Under load a batch grows to it; a receiver that keeps up gets small ones.
+WEBHOOK_EVENTS_PER_POST_MAX = 1000
+# One POST's JSON body.  An event is at most ~300 bytes, so 1000 of them fit;
+# the cap keeps a body under the 1 MiB that common receivers accept by
+# default (nginx's client_max_body_size).  A batch over it is cut to a
+# prefix that fits; the rest goes in the next POST.
+WEBHOOK_BODY_BYTES_MAX = 512 * 1024
+# One delivery attempt, from connect to the reply's status line: a receiver
+# that takes longer is a failed attempt, retried.  Stripe gives 20 s,
+# GitHub 10 s; a receiver should answer at once and work later.
+WEBHOOK_ATTEMPT_TIMEOUT_S = 10.0
+# The reply's status line and headers; the body is never read.
+WEBHOOK_REPLY_HEAD_BYTES_MAX = 16 * 1024
+# Retries after a failed attempt wait base * 2^(n-1), at most the cap, each
+# jittered down by up to half (so that many servers behind one receiver do
+# not retry in step).  The cap bounds how long a receiver that is back waits.
+WEBHOOK_BACKOFF_BASE_S = 0.5
+WEBHOOK_BACKOFF_CAP_S = 30.0
+# The deliverer's long poll of the store: one waiter (of EVENTS_WAITERS_MAX).
+WEBHOOK_POLL_WAIT_S = 30.0
+# Under a steady stream of events, POSTs start at most once per linger, so
+# that a receiver that keeps up gets ~100 POSTs a second of many events,
+# not one per commit batch (Kafka's linger.ms): a POST costs the server's
+# loop a connection and a cursor save whatever its size.  After a quiet
+# spell the first event leaves at once.
+WEBHOOK_LINGER_S = 0.01
+# The webhook's cursor is saved (two fsyncs: the file, the directory) at
+# most this often, beside delivery: a receiver that keeps up with a busy
+# server would otherwise have the disk sync a cursor per POST, next to the
+# commits.  After a crash, what was acknowledged since the last save (at
+# most this long's worth) is sent again; a stop saves at once.
+WEBHOOK_CURSOR_SAVE_INTERVAL_S = 0.1
+# The HMAC key: the secret file's bytes, surrounding whitespace stripped.
+# 16 bytes at least, as for tokens, so that a placeholder never signs; a few
+# KiB at most (HMAC hashes a longer key down anyway).
+WEBHOOK_SECRET_BYTES_MIN = 16
+WEBHOOK_SECRET_BYTES_MAX = 4096
+
 # --- group commit -----------------------------------------------------------
 # One LevelDB write batch holds at most this many mods.  At ~0.3 ms per fsync
 # and ~450k puts/s, 4096 mods (about 3 puts each) take ~25 ms to write: big

@@ -103,6 +103,7 @@ class Metrics:
         self.head_timeouts = 0
         self.idle_closes = 0
         self.budget_pauses = 0
+        self.webhook = None         # the webhook's Deliverer, when there is one
 
     def observe_batches(self, sizes, fsync_times_s):
         for n in sizes:
@@ -153,6 +154,8 @@ class Metrics:
             "# TYPE accman_budget_pauses_total counter",
             f"accman_budget_pauses_total {self.budget_pauses}",
         ]
+        if self.webhook is not None:
+            render_webhook(self.webhook, stats or {}, out)
         done = set()
         for key, value in sorted((stats or {}).items()):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -168,6 +171,38 @@ class Metrics:
             out.append(f"{name} {_num(value)}")
         out.append("")
         return "\n".join(out).encode("ascii")
+
+
+def render_webhook(w, stats, out):
+    """The webhook deliverer's (accman/server/webhooks.py) figures."""
+    out += [
+        "# HELP accman_webhook_cursor The id of the last event the webhook's receiver "
+        "acknowledged (saved durably within WEBHOOK_CURSOR_SAVE_INTERVAL_S).",
+        "# TYPE accman_webhook_cursor gauge",
+        f"accman_webhook_cursor {w.cursor}",
+        "# HELP accman_webhook_lag_events Events written and not yet acknowledged by "
+        "the webhook's receiver.",
+        "# TYPE accman_webhook_lag_events gauge",
+        f"accman_webhook_lag_events {w.lag(stats)}",
+        "# HELP accman_webhook_batches_total POSTs the webhook's receiver acknowledged.",
+        "# TYPE accman_webhook_batches_total counter",
+        f"accman_webhook_batches_total {w.batches}",
+        "# HELP accman_webhook_events_total Events in those POSTs.",
+        "# TYPE accman_webhook_events_total counter",
+        f"accman_webhook_events_total {w.events}",
+        "# HELP accman_webhook_failures_total Delivery attempts that failed: no "
+        "connection, no reply in time, or a status other than 2xx.",
+        "# TYPE accman_webhook_failures_total counter",
+        f"accman_webhook_failures_total {w.failures}",
+        "# HELP accman_webhook_failing Attempts failed in a row since the last delivery "
+        "(0 while delivery works).",
+        "# TYPE accman_webhook_failing gauge",
+        f"accman_webhook_failing {w.failing}",
+        "# HELP accman_webhook_events_skipped_total Events trimmed from the store (past "
+        "its retention) before the receiver acknowledged them.",
+        "# TYPE accman_webhook_events_skipped_total counter",
+        f"accman_webhook_events_skipped_total {w.skipped}",
+    ]
 
 
 def _metric_name(key):

@@ -104,16 +104,40 @@ def _loop_exception_handler(_loop, context):
           file=sys.stderr, flush=True)
 
 
+def start_webhook(store, webhook, limits, loop, data_path):
+    """The webhook's deliverer (None without a webhook), its cursor loaded
+    (before a port is bound: a cursor that cannot be read is a start-up
+    error), not yet started.  The cursor is the store's when it keeps
+    cursors, else a file in the data directory (accman/server/cursors.py)."""
+    if webhook is None:
+        return None
+    from accman.server.cursors import FileCursors
+    from accman.server.webhooks import Deliverer, check_limits
+    check_limits(limits)
+    if hasattr(store, "save_cursor"):
+        cursors = store
+    else:
+        directory = getattr(store, "path", None) or data_path
+        if directory is None:
+            raise StartupError("--webhook: this store keeps no webhook cursor, and there is "
+                               "no --data directory to keep it in")
+        cursors = FileCursors(directory)
+    deliverer = Deliverer(store, cursors, webhook, limits, loop)
+    loop.run_until_complete(deliverer.prepare())
+    return deliverer
+
+
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         limits=None, store=None, ready=None, verify="full", low_balance=None,
-        events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=()) -> int:
+        events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=(), webhook=None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
     StartupError (one line for a person) when it cannot start.
 
     `store`, when given, is served instead of opening the ledger in `data`
     (tests inject a wrapped or faulty one this way); it is closed on the
     way out.  `store_urls`, PostgreSQL URLs, serve that store instead; then
-    `data`, if not None, holds only the server's lock."""
+    `data`, if not None, holds only the server's lock.  `webhook`
+    (accman.server.webhooks.load_config) has the events POSTed to it."""
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
@@ -142,9 +166,12 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         asyncio.set_event_loop(None)
         loop.close()
         raise
+    deliverer = None
     try:
         server = Server(store, tokens=tokens, limits=limits, loop=loop)
         store.bind_loop(loop, deliver=server.deliver)
+        deliverer = server.metrics.webhook = start_webhook(store, webhook, limits, loop,
+                                                           data_path)
         try:
             bound_host, bound_port = loop.run_until_complete(server.start(host, port))
         except OSError as e:
@@ -152,6 +179,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
             raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
         # Before the ready line: whoever waits for it may signal at once.
         server.install_signal_handlers()
+        if deliverer is not None:
+            deliverer.start()
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         line = f"accman: serving http://{url_host}:{bound_port} {where}"
         if ready is None:
@@ -163,6 +192,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
                                               or "the store failed to commit")
     finally:
         try:
+            if deliverer is not None:     # before the store closes
+                loop.run_until_complete(deliverer.stop())
             if hasattr(store, "aclose"):
                 loop.run_until_complete(store.aclose())
             else:

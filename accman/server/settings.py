@@ -29,6 +29,15 @@ class ServerLimits:
     unauthed_idle_timeout_s: float = L.UNAUTHED_IDLE_TIMEOUT_S
     shutdown_grace_s: float = L.SHUTDOWN_GRACE_S
     linger_s: float = L.LINGER_S
+    # The webhook deliverer's (accman/server/webhooks.py).
+    webhook_events_per_post_max: int = L.WEBHOOK_EVENTS_PER_POST_MAX
+    webhook_body_bytes_max: int = L.WEBHOOK_BODY_BYTES_MAX
+    webhook_attempt_timeout_s: float = L.WEBHOOK_ATTEMPT_TIMEOUT_S
+    webhook_backoff_base_s: float = L.WEBHOOK_BACKOFF_BASE_S
+    webhook_backoff_cap_s: float = L.WEBHOOK_BACKOFF_CAP_S
+    webhook_poll_wait_s: float = L.WEBHOOK_POLL_WAIT_S
+    webhook_linger_s: float = L.WEBHOOK_LINGER_S
+    webhook_cursor_save_interval_s: float = L.WEBHOOK_CURSOR_SAVE_INTERVAL_S
 
     @classmethod
     def from_env(cls, environ=None) -> "ServerLimits":

@@ -1,0 +1,167 @@
+"""One webhook POST over HTTP/1.1: the receiver's URL checked, the
+request's bytes, the reply's status.  The webhook deliverer
+(accman/server/webhooks.py) is the only caller; this and connection.py are
+the only server code that touches sockets.
+
+A delivery is one POST at a time to one URL, and only the reply's status
+counts, so this is the stdlib's asyncio streams and a few lines, not an HTTP
+client library: the request is written in one piece with `Connection:
+close`, the reply is read up to the end of its head (bounded), and the
+connection is closed.  No redirect is followed and no proxy variable of the
+environment reroutes a signed body (an HTTP library does both by default).
+
+`parse_url` and `parse_status` do no I/O; `post` does, and `describe` is the
+one place where what a failed attempt raised becomes a sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+import ssl
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+SCHEMES = {"http": 80, "https": 443}
+# A host name (RFC 1123 labels) or an IPv4 address; IPv6 literals are
+# checked with ipaddress.
+_HOST_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?",
+                      re.ASCII)
+_STATUS_RE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?", re.ASCII)
+# Interim (1xx) replies read before the final one: a receiver has no reason
+# to send any, since no request says Expect.
+INTERIM_REPLIES_MAX = 4
+
+
+class Target(NamedTuple):
+    """Where a POST goes: from a URL that parse_url accepted."""
+
+    scheme: str         # "http" or "https"
+    host: str           # a name or an address, without brackets
+    port: int
+    path: str           # the request target: path and query
+    host_header: str    # the Host header's value
+
+    @property
+    def where(self) -> str:
+        """Host and port, for a log line: never the path or the query,
+        which may carry the receiver's own secret."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+class BadReply(Exception):
+    """The receiver's reply is not an HTTP/1.1 status line and head."""
+
+
+def parse_url(url: str) -> Target:
+    """The Target of an http:// or https:// URL; raises ValueError saying
+    what is wrong with it, as the end of a sentence that starts "the URL"."""
+    if not url.isascii() or any(c <= " " or c == "\x7f" for c in url):
+        raise ValueError("must be ASCII, without spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError("does not parse (a bad port or IPv6 address?)") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise ValueError("must start with http:// or https://")
+    if "@" in parts.netloc:
+        raise ValueError("must carry no user or password: the signature "
+                         "authenticates AccMan to the receiver")
+    if parts.fragment or url.endswith("#"):
+        raise ValueError("must have no #fragment")
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("has no host")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"has a host that is not an IPv6 address: [{host}]") from None
+    elif _HOST_RE.fullmatch(host) is None:
+        raise ValueError(f"has a host that is not a name or an address: {host}")
+    if port == 0:
+        raise ValueError("has port 0")
+    path = parts.path or "/"
+    if parts.query or url.endswith("?"):
+        path += "?" + parts.query
+    host_header = parts.netloc.lower()
+    return Target(scheme, host, port or SCHEMES[scheme], path, host_header)
+
+
+def request_head(target: Target, body_bytes: int, headers) -> bytes:
+    """The request's head, for a body of `body_bytes`; `headers` are more
+    (name, value) pairs of ASCII text."""
+    lines = [f"POST {target.path} HTTP/1.1", f"Host: {target.host_header}",
+             f"Content-Length: {body_bytes}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def parse_status(head: bytes) -> int:
+    """The status code of a reply head (its status line first); raises
+    BadReply."""
+    line = head.split(b"\r\n", 1)[0]
+    m = _STATUS_RE.fullmatch(line)
+    if m is None:
+        raise BadReply("the reply does not start with an HTTP/1.1 status line")
+    return int(m.group(1))
+
+
+async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_max: int,
+               ssl_context: ssl.SSLContext | None) -> int:
+    """Sends `request` (head and body) and returns the final reply's status.
+    Raises what `describe` explains: OSError, asyncio.TimeoutError,
+    BadReply, asyncio.IncompleteReadError, asyncio.LimitOverrunError."""
+    return await asyncio.wait_for(
+        _exchange(target, request, head_bytes_max, ssl_context), timeout_s)
+
+
+async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
+    tls = ssl_context if target.scheme == "https" else None
+    reader, writer = await asyncio.open_connection(
+        target.host, target.port, ssl=tls, server_hostname=target.host if tls else None,
+        limit=head_bytes_max)
+    try:
+        writer.write(request)
+        await writer.drain()
+        for _ in range(INTERIM_REPLIES_MAX + 1):
+            status = parse_status(await reader.readuntil(b"\r\n\r\n"))
+            if status >= 200:
+                return status
+            if status == 101:
+                raise BadReply("the receiver switched protocols")
+        raise BadReply(f"more than {INTERIM_REPLIES_MAX} interim (1xx) replies")
+    finally:
+        # Nothing more is read: the body of the reply does not matter.
+        writer.close()
+
+
+def describe(exc: BaseException, timeout_s: float) -> str:
+    """What a failed attempt's exception means, in a few words that name
+    no secret and no path of the receiver."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no reply within {timeout_s:g} s"
+    if isinstance(exc, asyncio.LimitOverrunError):
+        return "the reply's head is too long"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "the receiver closed the connection before its reply"
+    if isinstance(exc, BadReply):
+        return str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the receiver's TLS certificate is not trusted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or type(exc).__name__})"
+    if isinstance(exc, socket.gaierror):
+        return "the receiver's host name does not resolve"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__
