@@ -103,6 +103,7 @@ class Metrics:
         self.head_timeouts = 0
         self.idle_closes = 0
         self.budget_pauses = 0
+        self.turns_spent = 0
         self.webhook = None         # the webhook's Deliverer, when there is one
 
     def observe_batches(self, sizes, fsync_times_s):
@@ -153,6 +154,10 @@ class Metrics:
             "and connections holding bytes stopped being read.",
             "# TYPE accman_budget_pauses_total counter",
             f"accman_budget_pauses_total {self.budget_pauses}",
+            "# HELP accman_turns_spent_total Loop turns whose TURN_REQUESTS_MAX requests "
+            "were all taken, the rest going on next turn.",
+            "# TYPE accman_turns_spent_total counter",
+            f"accman_turns_spent_total {self.turns_spent}",
         ]
         if self.webhook is not None:
             render_webhook(self.webhook, stats or {}, out)

@@ -151,6 +151,7 @@ class Server:
             return n
         if left > 0:
             self.turn_left = 0
+            self.metrics.turns_spent += 1
             self.loop.call_soon(self._new_turn)
         return max(left, 0)
 

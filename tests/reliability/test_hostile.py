@@ -188,3 +188,22 @@ def test_a_descriptor_limit_too_low_to_serve_is_refused_at_start(start_server, t
         assert "descriptor limit is 200" in str(e) and "ulimit -n" in str(e)
     else:
         raise AssertionError("the server started with 200 descriptors")
+
+
+def test_a_loop_turn_takes_at_most_turn_requests_max_and_the_rest_go_on(start_server, cred):
+    """TURN_REQUESTS_MAX: three connections pipeline 200 requests each in
+    one send; with 8 a turn, the server spends many turns on them, answers
+    every one in order, and serves a health check meanwhile."""
+    s = start_server(env={"ACCMAN_TURN_REQUESTS_MAX": "8"})
+    s.mod(cred, 5)
+    conns = [s.connect() for _ in range(3)]
+    try:
+        for c in conns:
+            c.send(get(f"/tot?cred={cred}") * 200)
+        assert s.get("/health").status == 200
+        for c in conns:
+            assert [c.response().json for _ in range(200)] == [{"tot": 5}] * 200
+    finally:
+        for c in conns:
+            c.close()
+    assert metrics(s)["accman_turns_spent_total"] >= 600 // 8 - 8
