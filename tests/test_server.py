@@ -2,6 +2,7 @@
 port 0, spoken to over raw sockets and with httpx (SPEC "Routes", "Values",
 "Errors", "Durability and order", "Access", "Limits")."""
 
+import os
 import re
 import signal
 import socket
@@ -859,3 +860,22 @@ def test_mods_over_the_wire_and_amod_on_the_same_loop_all_complete(tmp_path):
     for replies in wire:
         assert replies == [(b"200", b'{"tot":%d,"seq":%d}' % (2 * n, n)) for n in range(1, 6)]
     assert sorted(local) == [(n, n) for n in range(1, 41)]
+
+
+def test_sigterm_stops_a_server_whose_stderr_reader_has_gone(tmp_path):
+    """The stop's own log line must not stop the stop: with stderr a pipe
+    whose reader closed, SIGTERM still ends the server, exit 0."""
+    import subprocess
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "accman", "serve", "--port", "0",
+                             "--data", str(tmp_path / "d")], stdout=subprocess.PIPE,
+                            stderr=write_end, text=True)
+    os.close(write_end)
+    try:
+        assert proc.stdout.readline().startswith("accman: serving")
+        os.close(read_end)                     # the reader goes away
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

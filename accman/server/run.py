@@ -10,10 +10,10 @@ import os
 import re
 import resource
 import socket
-import sys
 
 from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
 from accman.limits import EVENTS_RETENTION_S_DEFAULT, FDS_RESERVED
+from accman.server.say import say
 from accman.server.server import Server
 from accman.server.settings import ServerLimits
 
@@ -100,8 +100,7 @@ def _loop_exception_handler(_loop, context):
     # Never print the context's repr: it can hold a protocol and its buffers.
     exc = context.get("exception")
     what = type(exc).__name__ if exc is not None else "error"
-    print(f"accman: event loop {what}: {context.get('message', '')}",
-          file=sys.stderr, flush=True)
+    say(f"accman: event loop {what}: {context.get('message', '')}")
 
 
 def start_webhook(store, webhook, limits, loop, data_path):
@@ -202,7 +201,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
             asyncio.set_event_loop(None)
             loop.close()
     if failure is not None:
-        print(f"accman: stopped; {failure}", file=sys.stderr, flush=True)
+        say(f"accman: stopped; {failure}")
         return 1
-    print("accman: stopped", file=sys.stderr, flush=True)
+    say("accman: stopped")
     return 0

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import signal
-import sys
 import time
 from time import perf_counter
 
+from accman.server.say import say
 from accman.server.metrics import Metrics
 from accman.server._wire import ROUTE_MOD
 from accman.server.replies import CLOSE, DATE, KEEP, MOD_BODY, T200_KEEP, error_body, reply
@@ -271,8 +271,7 @@ class Server:
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-        print(f"accman: internal error {type(exc).__name__} at {where}; connection closed",
-              file=sys.stderr, flush=True)
+        say(f"accman: internal error {type(exc).__name__} at {where}; connection closed")
         if conn is None or not conn.fail():
             return
         transport = conn.transport
@@ -287,7 +286,7 @@ class Server:
         if self.stopping:
             self._hurry = True       # a second signal: skip the grace
             return
-        print(f"accman: {signame}: stopping", file=sys.stderr, flush=True)
+        say(f"accman: {signame}: stopping")
         self.loop.create_task(self._shutdown())
 
     async def _shutdown(self):

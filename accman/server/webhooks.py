@@ -39,7 +39,6 @@ import random
 import re
 import ssl
 import stat
-import sys
 from dataclasses import dataclass
 
 import accman
@@ -48,6 +47,7 @@ from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, WEBHOOK_REPLY_HE
                            WEBHOOK_SECRET_BYTES_MAX, WEBHOOK_SECRET_BYTES_MIN)
 from accman.records import Event
 from accman.server import webhook_http
+from accman.server.say import say
 from accman.server.webhook_http import Target
 
 CURSOR_NAME = "webhook"
@@ -198,7 +198,7 @@ def backoff_s(failures: int, base_s: float, cap_s: float, rand=random.random) ->
 # --- the deliverer ------------------------------------------------------------------
 
 def _say(message: str) -> None:
-    print(f"accman: webhook: {message}", file=sys.stderr, flush=True)
+    say(f"accman: webhook: {message}")
 
 
 class Deliverer:
