@@ -30,8 +30,11 @@ cdef inline bytes _hold_id(bytes hid, int64_t hold):
 
 
 cdef inline int64_t _second_of(int64_t expires_ms):
-    """The wheel's bucket: the first whole second at or after expiry."""
-    return -(-expires_ms // 1000)
+    """The wheel's bucket: the first whole second at or after expiry, so
+    that no hold ends before its ttl is up.  (Division truncates here: the
+    module is built with cdivision; unix times are positive.)"""
+    assert expires_ms >= 0, "an expiry before 1970"
+    return (expires_ms + 999) // 1000
 
 
 cdef Hold _track_hold(Book book, Account acct, int64_t hold, int64_t amount,
