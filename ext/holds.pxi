@@ -55,6 +55,7 @@ cdef Hold _track_hold(Book book, Account acct, int64_t hold, int64_t amount,
         heapq.heappush(book.wheel_seconds, second)
     bucket[hold_id] = None
     acct.open_holds += 1
+    acct.held += amount
     book.open_holds += 1
     return h
 
@@ -65,6 +66,7 @@ cdef void _untrack_hold(Book book, Hold h, bytes hold_id):
     if bucket is not None:
         bucket.pop(hold_id, None)
     h.acct.open_holds -= 1
+    h.acct.held -= h.amount
     book.open_holds -= 1
     assert h.acct.open_holds >= 0 and book.open_holds >= 0
 
@@ -152,6 +154,8 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
         return outcome
     if use > h.amount:
         raise BadRequest(f"use must be from 0 to the held amount {h.amount}")
+    # Never true while ptot + held stays in range (Book._judge keeps it);
+    # a store written before that rule may still hold such a balance.
     if <object>acct.ptot + (h.amount - use) > INT64_MAX:
         return Overflow("the balance would leave the signed 64-bit range")
     cdef Batch batch = _end(book, h, hold_id, use, HOLD_SETTLED, at_ms)
