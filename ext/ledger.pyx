@@ -493,11 +493,6 @@ cdef class Book:
         cdef Batch batch = self.open_batches[0]
         return batch.nmods > 0 or batch.ndeletes > 0
 
-    cpdef void barrier(self, object done) except *:
-        """`done(None)` once every change applied so far is durable (after
-        the last filling batch), on the writer thread."""
-        (<Batch>self.open_batches[len(self.open_batches) - 1]).add_done(done, None, False)
-
     cpdef void delete(self, bytes key) except *:
         """A record deleted in the filling batch (events past retention)."""
         (<Batch>self.open_batches[len(self.open_batches) - 1]).delete(key)

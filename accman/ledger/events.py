@@ -44,9 +44,8 @@ class EventLog:
         self.last = last            # the newest durable id, 0: none yet
         self.retention_ms = int(retention_s * 1000)
         self.ring = collections.deque(maxlen=EVENTS_RING_MAX)   # (id, value), durable
-        self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer]
+        self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer, loop]
         self.trimmed = 0
-        self._loop = None
 
     @classmethod
     def open(cls, store, lock, retention_s: float) -> "EventLog":
@@ -56,22 +55,24 @@ class EventLog:
 
     # -- the writer's side (under the lock) ---------------------------------------
 
-    def append(self, events: list) -> bool:
-        """A durable batch's events; True when a long poll waits for them."""
+    def append(self, events: list) -> set:
+        """A durable batch's events; returns the loops whose long polls now
+        have events to hear (`wake` on each)."""
         if not events:
-            return False
+            return set()
         assert events[0][0] == self.last + 1, "an event id skipped or repeated"
         self.ring.extend(events)
         self.last = events[-1][0]
         if not self.first:
             self.first = events[0][0]
-        return bool(self.waiters)
+        return {waiter[4] for waiter in self.waiters.values()}
 
-    def past_retention(self, now_ms: int) -> list:
+    def past_retention(self, now_ms: int) -> tuple[list, bool]:
         """Ids of the oldest events past the retention (never the newest),
-        EVENTS_TRIM_MAX at most, which the writer deletes; `first` moves on."""
+        EVENTS_TRIM_MAX at most, which the writer deletes; `first` moves on.
+        The bool is True when the pass was full: more may be past it."""
         if not self.first:
-            return []
+            return [], False
         cutoff = now_ms - self.retention_ms
         out = []
         start = self.first
@@ -84,7 +85,7 @@ class EventLog:
         if out:
             self.first = out[-1] + 1
             self.trimmed += len(out)
-        return out
+        return out, len(out) == EVENTS_TRIM_MAX
 
     # -- reading (on the loop, under the lock) --------------------------------------
 
@@ -101,8 +102,13 @@ class EventLog:
             at = start - ring_first
             chosen = [ring[i] for i in range(at, min(at + limit, len(ring)))]
         else:
-            chosen = [(_ledger.event_key_id(k), v) for k, v in self.store.scan(
-                _ledger.event_key(start), _ledger.EVENT_PREFIX, limit)]
+            # LevelDB has a batch's events a moment before `last` says they
+            # are durable (the writer appends them after the write): none
+            # past `last` is served, so `next` never runs ahead of it.
+            chosen = [(i, v) for i, v in ((_ledger.event_key_id(k), v) for k, v in
+                                          self.store.scan(_ledger.event_key(start),
+                                                          _ledger.EVENT_PREFIX, limit))
+                      if i <= self.last]
         events = [decode(i, v) for i, v in chosen]
         return events, (events[-1].id if events else after)
 
@@ -112,8 +118,7 @@ class EventLog:
         if len(self.waiters) >= EVENTS_WAITERS_MAX:
             raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
                        "retry shortly")
-        self._loop = loop
-        waiter = [after, limit, done, None]
+        waiter = [after, limit, done, None, loop]
         waiter[3] = loop.call_later(wait_s, self._timeout, waiter)
         self.waiters[id(waiter)] = waiter
 
@@ -123,14 +128,27 @@ class EventLog:
                 return
         waiter[2](([], waiter[0]))
 
-    def wake(self) -> None:
-        """On the loop: answers every long poll that now has events."""
+    def wake(self, loop) -> None:
+        """On `loop`: answers each of its long polls that now has events."""
         ready = []
         with self.lock:
             for key, waiter in list(self.waiters.items()):
-                if waiter[0] < self.last:
+                if waiter[4] is loop and waiter[0] < self.last:
                     del self.waiters[key]
                     ready.append((waiter, self.read(waiter[0], waiter[1])))
+        self._answer(ready)
+
+    def end_waits(self, loop) -> None:
+        """On `loop`: answers each of its long polls now, with the events
+        it has or none (a server that stops does not keep them waiting)."""
+        with self.lock:
+            ready = [(w, self.read(w[0], w[1])) for w in self.waiters.values() if w[4] is loop]
+            for waiter, _ in ready:
+                del self.waiters[id(waiter)]
+        self._answer(ready)
+
+    @staticmethod
+    def _answer(ready: list) -> None:
         for waiter, outcome in ready:
             waiter[3].cancel()
             waiter[2](outcome)

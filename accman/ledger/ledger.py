@@ -232,16 +232,24 @@ class Ledger:
 
     def read_events(self, after: int, limit: int, wait_s: float, done):
         """The store interface's /events: at once, or a long poll whose
-        `done` is called on the loop."""
+        `done` is called on the loop.  Only a caller at the end of the
+        stream waits: one whose `after` is past the newest event is told at
+        once where the stream ends (`next`)."""
         self._check_events(after, limit, wait_s)
         if self._closed:
             self._refuse_closed()
         with self._committer.lock:
             outcome = self._events.read(after, limit)
-            if wait_s and not isinstance(outcome, AccManError) and not outcome[0]:
+            if (wait_s and not isinstance(outcome, AccManError) and not outcome[0]
+                    and outcome[1] == after):
                 self._events.wait(asyncio.get_running_loop(), after, limit, wait_s, done)
                 return None
         return outcome
+
+    def end_waits(self) -> None:
+        """Answers every long poll of the running loop now, with what it
+        has (a server that stops calls this: no poll holds it up)."""
+        self._events.end_waits(asyncio.get_running_loop())
 
     @staticmethod
     def _check_events(after, limit, wait_s) -> None:
