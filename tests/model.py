@@ -4,6 +4,25 @@ tests to compare the real ledger with."""
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
+class Clock:
+    """The ledger's injected clock (`clock_ms=`), unix milliseconds, moved
+    only by the test: the time of changes and of expiries."""
+
+    START_MS = 1_700_000_000_000        # a whole second
+
+    def __init__(self, ms=START_MS):
+        self.ms = ms
+
+    def __call__(self):
+        return self.ms
+
+    def advance(self, seconds):
+        self.ms += round(seconds * 1000)
+
+    def set(self, ms):
+        self.ms = ms
+
+
 class Model:
     def __init__(self):
         self.accounts = {}      # cred -> list of (seq, by, tot, key)
