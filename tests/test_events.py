@@ -1,21 +1,22 @@
 """The event stream of the embedded ledger (SPEC "Events"), through its
 Python API: one event per applied change, ids growing by one with no gap
-across reopens, low_balance once per crossing, the retention and its
-trimming, the in-memory ring and LevelDB behind it, and long polls."""
+across reopens, pages and their bounds, the in-memory ring and LevelDB
+behind it, low_balance once per crossing, the retention and its
+trimming.  Long polls are in tests/test_events_long_poll.py."""
 
-import asyncio
 import threading
 import time
 
 import pytest
 
-from accman import BadRequest, Busy, Insufficient, Ledger, StoreError, Unavailable
+from accman import BadRequest, Insufficient, Ledger, StoreError, Unavailable
 from accman.errors import EventsTrimmed, NoHold
 from accman.ledger import _ledger, commit
 from accman.ledger.events import EVENTS_RING_MAX, EVENTS_TRIM_MAX
 from accman.ledger.leveldb import Store
-from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
+from accman.limits import EVENTS_LIMIT_MAX
 from accman.records import EVENT_TYPES
+from ledgerhelp import all_events, fund_many, wait_for
 from model import Clock
 
 
@@ -33,34 +34,6 @@ def path(tmp_path):
 def led(path, clock):
     with Ledger(path, clock_ms=clock) as led:
         yield led
-
-
-def all_events(led, after=0):
-    out = []
-    while True:
-        page, nxt = led.events(after=after, limit=EVENTS_LIMIT_MAX)
-        if not page:
-            assert nxt == after
-            return out
-        assert nxt == page[-1].id
-        out += page
-        after = nxt
-
-
-def wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.01)
-
-
-def fund_many(led, cred, n, chunk=4096):
-    """n mods of +1 on `cred`, submitted together a chunk at a time (they
-    share batches): n events."""
-    async def run():
-        for i in range(0, n, chunk):
-            await asyncio.gather(*[led.amod(cred, 1) for _ in range(min(chunk, n - i))])
-    asyncio.run(run())
 
 
 # --- one event per change ---------------------------------------------------------------
@@ -250,28 +223,6 @@ def test_a_bad_after_is_refused(led, after):
         led.events(after=after)
 
 
-@pytest.mark.parametrize("wait_s", [-1, EVENTS_WAIT_S_MAX + 0.5, EVENTS_WAIT_S_MAX + 1, "1"])
-def test_a_wait_out_of_0_to_events_wait_s_max_is_refused(led, wait_s):
-    async def poll():
-        return await led.aevents(wait_s=wait_s)
-    with pytest.raises(BadRequest, match=f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds"):
-        asyncio.run(poll())
-
-
-def test_a_wait_of_events_wait_s_max_is_taken_and_woken(led):
-    assert EVENTS_WAIT_S_MAX == 60
-
-    async def main():
-        poll = asyncio.ensure_future(led.aevents(wait_s=EVENTS_WAIT_S_MAX))
-        await asyncio.sleep(0.2)
-        assert not poll.done()
-        await led.amod("a", 1)
-        return await asyncio.wait_for(poll, 10)
-
-    page, nxt = asyncio.run(main())
-    assert [e.type for e in page] == ["mod"] and nxt == 1
-
-
 # --- the ring and LevelDB behind it ------------------------------------------------------
 
 def test_reading_past_the_ring_falls_back_to_leveldb(path, clock):
@@ -428,122 +379,3 @@ def test_a_short_retention_is_trimmed_within_about_twice_it(path, clock):
         t0 = time.monotonic()
         wait_for(lambda: led.stats["events_first"] == 2, timeout_s=5)
         assert time.monotonic() - t0 < 2
-
-
-# --- long polls -----------------------------------------------------------------------------
-
-def test_a_long_poll_is_answered_at_once_when_events_exist(led):
-    led.mod("a", 1)
-
-    async def main():
-        t0 = time.monotonic()
-        got = await led.aevents(after=0, wait_s=30)
-        return got, time.monotonic() - t0
-
-    (page, nxt), took = asyncio.run(main())
-    assert [e.id for e in page] == [1] and nxt == 1 and took < 5
-
-
-def test_a_long_poll_with_nothing_new_ends_empty_after_its_wait(led):
-    led.mod("a", 1)
-
-    async def main():
-        t0 = time.monotonic()
-        got = await led.aevents(after=1, wait_s=1)
-        return got, time.monotonic() - t0
-
-    got, took = asyncio.run(main())
-    assert got == ([], 1) and 0.9 <= took < 5
-
-
-def test_a_long_poll_past_the_end_is_told_where_the_stream_ends_at_once(led):
-    """It used to wait its whole `wait` for events past `after`, and answer
-    next = after, while an immediate read said next = the newest id."""
-    led.mod("a", 1)
-
-    async def main():
-        t0 = time.monotonic()
-        got = await led.aevents(after=50, wait_s=5)
-        return got, time.monotonic() - t0
-
-    got, took = asyncio.run(main())
-    assert got == ([], 1) and took < 2
-
-
-def test_a_long_poll_is_woken_by_a_mod_on_its_loop(led):
-    async def main():
-        poll = asyncio.ensure_future(led.aevents(after=0, wait_s=30))
-        await asyncio.sleep(0.2)
-        assert not poll.done()
-        t0 = time.monotonic()
-        await led.amod("a", 5)
-        got = await asyncio.wait_for(poll, 10)
-        return got, time.monotonic() - t0
-
-    (page, nxt), took = asyncio.run(main())
-    assert [(e.type, e.tot) for e in page] == [("mod", 5)] and nxt == 1 and took < 5
-
-
-def test_a_long_poll_is_woken_by_a_mod_from_another_thread(led):
-    """The writer wakes the loop each poll waits on: it used to wake only
-    the loop bound for mods, and a poll on any other loop waited its whole
-    `wait`, then answered nothing."""
-    async def main():
-        threading.Timer(0.2, led.mod, args=("a", 5)).start()
-        t0 = time.monotonic()
-        got = await led.aevents(after=0, wait_s=20)
-        return got, time.monotonic() - t0
-
-    (page, nxt), took = asyncio.run(main())
-    assert [(e.type, e.tot) for e in page] == [("mod", 5)] and nxt == 1 and took < 5
-
-
-def test_a_long_poll_below_the_retention_is_refused_at_once(path, clock):
-    with Ledger(path, clock_ms=clock, events_retention_s=0.3) as led:
-        led.mod("a", 1)
-        led.mod("a", 1)
-        clock.advance(5)
-        wait_for(lambda: led.stats["events_first"] == 2)
-
-        async def main():
-            return await led.aevents(after=0, wait_s=30)
-
-        with pytest.raises(EventsTrimmed):
-            asyncio.run(main())
-
-
-def test_events_waiters_max_long_polls_and_no_more(led):
-    """The real bound: EVENTS_WAITERS_MAX polls wait at once (one entry and
-    one loop timer each); one more is Busy; one mod answers them all."""
-    assert EVENTS_WAITERS_MAX == 1024
-
-    async def main():
-        polls = [asyncio.ensure_future(led.aevents(after=0, wait_s=30))
-                 for _ in range(EVENTS_WAITERS_MAX)]
-        await asyncio.sleep(0.2)
-        assert len(led._events.waiters) == EVENTS_WAITERS_MAX
-        with pytest.raises(Busy, match="EVENTS_WAITERS_MAX"):
-            await led.aevents(after=0, wait_s=30)
-        await led.amod("a", 1)
-        got = await asyncio.wait_for(asyncio.gather(*polls), 10)
-        assert not led._events.waiters
-        again = await led.aevents(after=1, wait_s=0.1)       # room again
-        return got, again
-
-    got, again = asyncio.run(main())
-    assert all([e.id for e in page] == [1] and nxt == 1 for page, nxt in got)
-    assert again == ([], 1)
-
-
-def test_end_waits_answers_every_long_poll_at_once(led):
-    async def main():
-        polls = [asyncio.ensure_future(led.aevents(after=0, wait_s=30)) for _ in range(5)]
-        await asyncio.sleep(0.1)
-        t0 = time.monotonic()
-        led.end_waits()
-        got = await asyncio.wait_for(asyncio.gather(*polls), 5)
-        return got, time.monotonic() - t0
-
-    got, took = asyncio.run(main())
-    assert got == [([], 0)] * 5 and took < 1 and not led._events.waiters
-
