@@ -211,6 +211,44 @@ def test_an_event_record_holds_no_stray_bytes_of_memory(path, clock):
     assert [r for r in reserved if r != bytes(8)] == []
 
 
+def test_reading_events_from_leveldb_does_not_stop_commits(path, clock):
+    """A page read from LevelDB (up to a thousand records scanned and
+    decoded) used to hold the commit lock throughout: every batch waited
+    for it.  The page is now fixed under the lock and read outside it."""
+    with Ledger(path, clock_ms=clock) as led:
+        for _ in range(5):
+            led.mod("a", 1)
+    scanning, gate = threading.Event(), threading.Event()
+
+    class SlowScanStore(Store):
+        def scan(self, start, prefix, limit):
+            if prefix == _ledger.EVENT_PREFIX:
+                scanning.set()
+                gate.wait(10)
+            return super().scan(start, prefix, limit)
+
+    led = Ledger(path, clock_ms=clock, store=SlowScanStore(path))    # the ring is empty
+    try:
+        got = []
+        reader = threading.Thread(target=lambda: got.append(led.events(after=0)))
+        reader.start()
+        assert scanning.wait(10)
+        writer = threading.Thread(target=led.mod, args=("a", 1))
+        writer.start()
+        writer.join(5)
+        committed = not writer.is_alive()
+        gate.set()
+        reader.join(10)
+        writer.join(10)
+        assert committed, "a mod waited for a read of events"
+        page, nxt = got[0]
+        assert [e.id for e in page] == [1, 2, 3, 4, 5] and nxt == 5   # the page as it was
+        assert led.tot("a") == 6
+    finally:
+        gate.set()
+        led.close()
+
+
 # --- pages and their bounds -----------------------------------------------------------------
 
 def test_events_page_with_after_and_limit(led):

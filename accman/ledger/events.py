@@ -8,13 +8,16 @@ older ones from LevelDB, answers long polls without a thread or a timer of
 its own per waiter beyond one loop timer handle (EVENTS_WAITERS_MAX of
 them), and finds the events past the retention for the writer to delete.
 
-Thread use: `append` runs on the writer thread and `read`/`wait` on the
-loop, both under the committer's lock, which they are given.
+Thread use: `append` runs on the writer thread and `take`/`wait` on the
+loop, all under the committer's lock, which they are given; `fetch`, the
+part of a read that scans LevelDB and decodes, runs outside it, so that a
+reader never holds up a commit.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 
 from accman.errors import Busy, EventsTrimmed
 from accman.ledger import _ledger
@@ -87,30 +90,48 @@ class EventLog:
             self.trimmed += len(out)
         return out, len(out) == EVENTS_TRIM_MAX
 
-    # -- reading (on the loop, under the lock) --------------------------------------
+    # -- reading ------------------------------------------------------------------------
 
-    def read(self, after: int, limit: int):
-        """(events, next) after `after`, oldest first, or EventsTrimmed."""
+    def take(self, after: int, limit: int):
+        """Under the lock: which events a read after `after` serves, fixed
+        now.  The outcome itself when it is known at once (EventsTrimmed,
+        or no events: ([], next)), else a Page for `fetch`."""
         if self.first and after < self.first - 1:
             return EventsTrimmed(self.first)
         if after >= self.last:
             return [], min(after, self.last) if self.last else after
-        start = after + 1
+        # Never past `last`: LevelDB has a batch's events a moment before
+        # the writer says they are durable, and `next` must not run ahead.
+        start, stop = after + 1, min(self.last, after + limit)
         ring = self.ring
         ring_first = ring[0][0] if ring else self.last + 1
-        if start >= ring_first:
-            at = start - ring_first
-            chosen = [ring[i] for i in range(at, min(at + limit, len(ring)))]
-        else:
-            # LevelDB has a batch's events a moment before `last` says they
-            # are durable (the writer appends them after the write): none
-            # past `last` is served, so `next` never runs ahead of it.
-            chosen = [(i, v) for i, v in ((_ledger.event_key_id(k), v) for k, v in
-                                          self.store.scan(_ledger.event_key(start),
-                                                          _ledger.EVENT_PREFIX, limit))
-                      if i <= self.last]
-        events = [decode(i, v) for i, v in chosen]
-        return events, (events[-1].id if events else after)
+        if start < ring_first:
+            return Page(start, stop, None)
+        at = start - ring_first
+        return Page(start, stop, list(itertools.islice(ring, at, at + stop - start + 1)))
+
+    def fetch(self, taken):
+        """Outside the lock: the outcome of a `take`, (events, next) oldest
+        first, or EventsTrimmed when trimming took them meanwhile."""
+        if type(taken) is not Page:
+            return taken
+        pairs = taken.pairs
+        if pairs is None:
+            n = taken.stop - taken.start + 1
+            pairs = [(_ledger.event_key_id(k), v) for k, v in self.store.scan(
+                _ledger.event_key(taken.start), _ledger.EVENT_PREFIX, n)]
+            if not pairs or pairs[0][0] != taken.start:
+                return EventsTrimmed(self.first)
+        assert [i for i, _ in pairs] == list(range(taken.start, taken.stop + 1)), \
+            "a page of events with a gap"
+        return [decode(i, v) for i, v in pairs], taken.stop
+
+    def read(self, after: int, limit: int):
+        """(events, next) after `after`, oldest first, or EventsTrimmed;
+        called without the lock."""
+        with self.lock:
+            taken = self.take(after, limit)
+        return self.fetch(taken)
 
     def wait(self, loop, after: int, limit: int, wait_s: float, done) -> None:
         """Registers a long poll: `done((events, next))` once an event after
@@ -135,20 +156,31 @@ class EventLog:
             for key, waiter in list(self.waiters.items()):
                 if waiter[4] is loop and waiter[0] < self.last:
                     del self.waiters[key]
-                    ready.append((waiter, self.read(waiter[0], waiter[1])))
+                    ready.append((waiter, self.take(waiter[0], waiter[1])))
         self._answer(ready)
 
     def end_waits(self, loop) -> None:
         """On `loop`: answers each of its long polls now, with the events
         it has or none (a server that stops does not keep them waiting)."""
         with self.lock:
-            ready = [(w, self.read(w[0], w[1])) for w in self.waiters.values() if w[4] is loop]
+            ready = [(w, self.take(w[0], w[1])) for w in self.waiters.values() if w[4] is loop]
             for waiter, _ in ready:
                 del self.waiters[id(waiter)]
         self._answer(ready)
 
-    @staticmethod
-    def _answer(ready: list) -> None:
-        for waiter, outcome in ready:
+    def _answer(self, ready: list) -> None:
+        for waiter, taken in ready:
             waiter[3].cancel()
-            waiter[2](outcome)
+            waiter[2](self.fetch(taken))
+
+
+class Page:
+    """Events a read serves, ids start..stop, fixed under the lock; `pairs`
+    are their (id, value) from the ring, or None: read them from LevelDB."""
+
+    __slots__ = ("start", "stop", "pairs")
+
+    def __init__(self, start: int, stop: int, pairs: list | None):
+        self.start = start
+        self.stop = stop
+        self.pairs = pairs
