@@ -118,6 +118,16 @@ def test_a_keyed_hold_applies_once(shared_server, cred):
     assert srv.tot(cred) == 95 and len(past(srv, cred)["past"]) == 2
 
 
+def test_a_mod_that_leaves_no_room_for_what_is_held_is_409_overflow(shared_server, cred):
+    srv = shared_server
+    srv.mod(cred, 100)
+    hold(srv, cred, -100)
+    doc = assert_error(srv.mod(cred, INT64_MAX), 409, "overflow")
+    assert "open holds" in doc["detail"]
+    assert srv.mod(cred, INT64_MAX - 100).json == {"tot": INT64_MAX - 100, "seq": 3}
+    assert settle(srv, cred, 2, 0).json == {"tot": INT64_MAX, "seq": 4}
+
+
 # --- values at their limits and one over -------------------------------------------------
 
 @pytest.mark.parametrize("query,ok", [
