@@ -176,9 +176,11 @@ def holds_rounds(path, power_cut, wal_bytes_max=None):
 
 def check_holds_round(path, acked):
     """Opens the store (holds due end there) and checks it against the
-    acknowledgements; returns how many holds, settles and expiries it has."""
-    with Ledger(path) as led:
-        now_ms = time.time() * 1000
+    acknowledgements; returns how many holds, settles and expiries it has.
+    The clock stops at the open: holds falling due while the check reads
+    would end between its reads of the histories and of the events."""
+    now_ms = time.time_ns() // 1_000_000
+    with Ledger(path, clock_ms=lambda: now_ms) as led:
         led.verify()            # one start and at most one end per hold; events gapless
         entries = {}
         for cred in CREDS:
