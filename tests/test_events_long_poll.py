@@ -169,3 +169,8 @@ def test_end_waits_answers_every_long_poll_at_once(led):
     got, took = asyncio.run(main())
     assert got == [([], 0)] * 5 and took < 1 and not led._events.waiters
 
+    async def later():
+        return await asyncio.wait_for(led.aevents(after=0, wait_s=30), 5)
+
+    assert asyncio.run(later()) == ([], 0)          # a later poll does not wait either
+

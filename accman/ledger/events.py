@@ -48,6 +48,7 @@ class EventLog:
         self.retention_ms = int(retention_s * 1000)
         self.ring = collections.deque(maxlen=EVENTS_RING_MAX)   # (id, value), durable
         self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer, loop]
+        self.waits_ended = False    # end_waits was called: no read waits from now on
         self.trimmed = 0
 
     @classmethod
@@ -161,8 +162,10 @@ class EventLog:
 
     def end_waits(self, loop) -> None:
         """On `loop`: answers each of its long polls now, with the events
-        it has or none (a server that stops does not keep them waiting)."""
+        it has or none, and no read waits from now on (a server that stops
+        keeps none waiting, its own webhook's included)."""
         with self.lock:
+            self.waits_ended = True
             ready = [(w, self.take(w[0], w[1])) for w in self.waiters.values() if w[4] is loop]
             for waiter, _ in ready:
                 del self.waiters[id(waiter)]

@@ -240,14 +240,15 @@ class Ledger:
         events = self._events
         with self._committer.lock:
             taken = events.take(after, limit)
-            if wait_s and taken == ([], after):
+            if wait_s and taken == ([], after) and not events.waits_ended:
                 events.wait(asyncio.get_running_loop(), after, limit, wait_s, done)
                 return None
         return events.fetch(taken)
 
     def end_waits(self) -> None:
         """Answers every long poll of the running loop now, with what it
-        has (a server that stops calls this: no poll holds it up)."""
+        has, and any later one at once (a server that stops calls this: no
+        poll holds it up)."""
         self._events.end_waits(asyncio.get_running_loop())
 
     @staticmethod
