@@ -30,8 +30,11 @@ cdef inline bytes _hold_id(bytes hid, int64_t hold):
 
 
 cdef inline int64_t _second_of(int64_t expires_ms):
-    """The wheel's bucket: the first whole second at or after expiry."""
-    return -(-expires_ms // 1000)
+    """The wheel's bucket: the first whole second at or after expiry, so
+    that no hold ends before its ttl is up.  (Division truncates here: the
+    module is built with cdivision; unix times are positive.)"""
+    assert expires_ms >= 0, "an expiry before 1970"
+    return (expires_ms + 999) // 1000
 
 
 cdef Hold _track_hold(Book book, Account acct, int64_t hold, int64_t amount,
@@ -52,6 +55,7 @@ cdef Hold _track_hold(Book book, Account acct, int64_t hold, int64_t amount,
         heapq.heappush(book.wheel_seconds, second)
     bucket[hold_id] = None
     acct.open_holds += 1
+    acct.held += amount
     book.open_holds += 1
     return h
 
@@ -62,6 +66,7 @@ cdef void _untrack_hold(Book book, Hold h, bytes hold_id):
     if bucket is not None:
         bucket.pop(hold_id, None)
     h.acct.open_holds -= 1
+    h.acct.held -= h.amount
     book.open_holds -= 1
     assert h.acct.open_holds >= 0 and book.open_holds >= 0
 
@@ -75,6 +80,10 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
     _check_int64(by, "by")
     if by >= 0:
         raise BadRequest("by must be negative for a hold: the amount it takes")
+    if by == INT64_MIN:
+        # Its amount, -by, would not fit in the hold's signed 64-bit record.
+        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
+                         "takes is a signed 64-bit integer")
     if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
         raise BadRequest(f"ttl must be an int number of seconds from 1 to {HOLD_TTL_S_MAX}")
     if min_ is None:
@@ -145,6 +154,8 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
         return outcome
     if use > h.amount:
         raise BadRequest(f"use must be from 0 to the held amount {h.amount}")
+    # Never true while ptot + held stays in range (Book._judge keeps it);
+    # a store written before that rule may still hold such a balance.
     if <object>acct.ptot + (h.amount - use) > INT64_MAX:
         return Overflow("the balance would leave the signed 64-bit range")
     cdef Batch batch = _end(book, h, hold_id, use, HOLD_SETTLED, at_ms)

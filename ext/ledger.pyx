@@ -23,7 +23,7 @@ cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport int64_t, uint64_t, uint8_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 from values cimport valid_name
 
@@ -83,6 +83,9 @@ cdef class Account:
     cdef Batch pbatch               # the last batch that changed it
     cdef readonly object low        # its low-balance threshold, None: the default
     cdef readonly Py_ssize_t open_holds
+    # What its open holds took (pending, like ptot), a Python int: it may
+    # pass 64 bits.  Their ends return it, so ptot + held stays in range.
+    cdef readonly object held
 
     def __cinit__(self, bytes hid, int64_t tot=0, int64_t seq=0):
         self.hid = hid
@@ -91,6 +94,7 @@ cdef class Account:
         self.pbatch = None
         self.low = None
         self.open_holds = 0
+        self.held = 0
 
     @property
     def pending(self):
@@ -392,13 +396,19 @@ cdef class Book:
         """A refusal (overflow, insufficient) of the change on the pending
         balance, or None when it applies.  A refusal judged on state that
         is not yet durable is told only once it is: _WAITS is returned and
-        `done` registered on that state's batch."""
+        `done` registered on that state's batch.
+
+        The balance plus what open holds took must stay in range too: their
+        ends give it back, and an expiry cannot be refused."""
         cdef int64_t cur = acct.ptot if acct is not None else 0
         cdef object refusal = None
         # In Python ints: int64 + int64 can leave int64.
         new = cur + by
         if not (INT64_MIN <= new <= INT64_MAX):
             refusal = Overflow("the balance would leave the signed 64-bit range")
+        elif acct is not None and acct.open_holds and new + acct.held > INT64_MAX:
+            refusal = Overflow("the balance, with what its open holds give back when they "
+                               "end, would leave the signed 64-bit range")
         elif min_ is not None and new < min_:
             refusal = Insufficient(cur)
         if refusal is not None and acct is not None and acct.pbatch is not None:
@@ -482,11 +492,6 @@ cdef class Book:
     cpdef bint has_work(self):
         cdef Batch batch = self.open_batches[0]
         return batch.nmods > 0 or batch.ndeletes > 0
-
-    cpdef void barrier(self, object done) except *:
-        """`done(None)` once every change applied so far is durable (after
-        the last filling batch), on the writer thread."""
-        (<Batch>self.open_batches[len(self.open_batches) - 1]).add_done(done, None, False)
 
     cpdef void delete(self, bytes key) except *:
         """A record deleted in the filling batch (events past retention)."""

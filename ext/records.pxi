@@ -14,7 +14,7 @@
 #                             end_seq, end_tot (state OPEN, SETTLED, EXPIRED)
 #   b"l" + hid                a low-balance threshold: ver, low
 #   b"e" + id:u64             an event: ver, type:u8, hid, seq, by, tot, at_ms,
-#                             hold (0: none), key ascii
+#                             hold (0: none), 8 reserved bytes (zero), key ascii
 #   b"\x00events"             the event ids kept: ver, first, last (rewritten by
 #                             every batch with events, so that open reads it
 #                             alone instead of seeking the ends of the range)
@@ -37,7 +37,9 @@ DEF KEY_VALUE_BYTES = 34          # ver + seq + by + tot + has_min + min
 DEF HOLD_KEY_VALUE_BYTES = 42     # ... + ttl
 DEF HISTORY_KEY_BYTES = 25        # "h" + hid + seq
 DEF HOLD_VALUE_BYTES = 42         # ver + amount + expires + state + use + end_seq + end_tot
-DEF EVENT_VALUE_BYTES = 66        # ver + type + hid + seq + by + tot + at + hold (+ key)
+DEF EVENT_VALUE_BYTES = 66        # ver + type + hid + seq + by + tot + at + hold
+                                  # + 8 reserved (+ key)
+DEF EVENT_RESERVED_AT = 58
 
 # Hold states, and event types (their names are EVENT_TYPES' order).
 HOLD_OPEN, HOLD_SETTLED, HOLD_EXPIRED = 0, 1, 2
@@ -227,6 +229,9 @@ cdef bytes _pack_event(int kind, bytes hid, int64_t seq, int64_t by, int64_t tot
     _put64(p + 34, tot)
     _put64(p + 42, at_ms)
     _put64(p + 50, hold)
+    # Zeroed: the buffer comes from the allocator uninitialised, and bytes
+    # of whatever it held before (a credential, say) must never reach disk.
+    memset(p + EVENT_RESERVED_AT, 0, EVENT_VALUE_BYTES - EVENT_RESERVED_AT)
     if klen:
         memcpy(p + EVENT_VALUE_BYTES, PyBytes_AS_STRING(key), klen)
     return out

@@ -2,6 +2,8 @@
 The records are the ledger's own, moved or removed in LevelDB (the file
 checks pass: these are well-formed records telling a wrong story)."""
 
+import struct
+
 import pytest
 
 from accman import Ledger
@@ -9,6 +11,7 @@ from accman.errors import StoreCorrupt
 from accman.ledger import _ledger
 from accman.ledger.leveldb import Store
 from accman.ledger.verify import verify_store
+from model import Clock
 
 
 @pytest.fixture
@@ -56,3 +59,196 @@ def test_an_idempotency_record_naming_another_entry_is_refused(store):
     s.db.put(_ledger.KEY_PREFIX + hid + b"k1", s.db.get(_ledger.KEY_PREFIX + hid + b"k2"))
     with pytest.raises(StoreCorrupt, match="does not match its history entry"):
         verify_store(s)
+
+
+# --- holds and events ---------------------------------------------------------------
+
+def _history(by, tot, at, hold=None, key=b""):
+    """A history record as ext/records.pxi writes it (version 2: with hold)."""
+    if hold is None:
+        return struct.pack(">Bqqq", 1, by, tot, at) + key
+    return struct.pack(">Bqqqq", 2, by, tot, at, hold) + key
+
+
+def _hold_record(amount, expires_ms, state, use=0, end_seq=0, end_tot=0):
+    return struct.pack(">BqqBqqq", 1, amount, expires_ms, state, use, end_seq, end_tot)
+
+
+@pytest.fixture
+def held(tmp_path):
+    """alice: +100 (1), hold 30 (2, crossing her low of 80), settle use 10
+    (3), hold 5 (4), its expiry (5), hold 7 still open (6); bob: +10 (1),
+    hold 4 (2), settle use 0 (3); carol: +10 (1), hold 3 (2), settle use 3
+    (3: by 0).  Events 1..16, one a low_balance."""
+    path = str(tmp_path / "data")
+    clock = Clock()
+    with Ledger(path, clock_ms=clock) as led:
+        led.mod("alice", 100, low=80)
+        led.hold("alice", -30, 60)
+        led.settle("alice", 2, 10)
+        led.hold("alice", -5, 1)
+        clock.advance(1)
+        led.expire_due()
+        led.hold("alice", -7, 60)
+        led.mod("bob", 10)
+        led.hold("bob", -4, 60)
+        led.settle("bob", 2, 0)
+        led.mod("carol", 10)
+        led.hold("carol", -3, 60)
+        led.settle("carol", 2, 3)
+        hids = {c: led._book.account(c).hid for c in ("alice", "bob", "carol")}
+    s = Store(path)
+    yield s, hids
+    s.close()
+
+
+def _entry(s, hid, seq):
+    return _ledger.unpack_history(s.db.get(_ledger.history_key(hid, seq)))
+
+
+def _event(s, event_id):
+    return s.db.get(_ledger.event_key(event_id))
+
+
+def test_a_sound_store_with_holds_and_events_passes(held):
+    s, _ = held
+    assert verify_store(s) == {"accounts": 3, "entries": 12, "keys": 0, "holds": 5,
+                               "open_holds": 1, "events": 13}
+    kinds = [_ledger.unpack_event(_event(s, i))[0] for i in range(1, 14)]
+    assert kinds == ["mod", "hold", "low_balance", "settle", "hold", "expire", "hold",
+                     "mod", "hold", "settle", "mod", "hold", "settle"]
+
+
+def test_the_end_of_a_hold_that_never_began_is_refused(held):
+    s, hids = held
+    by, tot, at, _, _ = _entry(s, hids["bob"], 3)
+    s.db.put(_ledger.history_key(hids["bob"], 3), _history(by, tot, at, hold=99))
+    with pytest.raises(StoreCorrupt, match="history entry 3: the end of hold 99, which never"):
+        verify_store(s)
+
+
+def test_a_second_end_of_a_hold_is_refused(held):
+    s, hids = held
+    by, tot, at, _, _ = _entry(s, hids["alice"], 5)          # hold 4's expiry, by 5
+    s.db.put(_ledger.history_key(hids["alice"], 5), _history(by, tot, at, hold=2))
+    with pytest.raises(StoreCorrupt, match="history entry 5: a second end of hold 2"):
+        verify_store(s)
+
+
+def test_an_end_that_returns_more_than_was_held_is_refused(held):
+    s, hids = held
+    _, tot, at, _, _ = _entry(s, hids["bob"], 3)
+    s.db.put(_ledger.history_key(hids["bob"], 3), _history(5, tot + 1, at, hold=2))
+    with pytest.raises(StoreCorrupt, match="history entry 3: hold 2 returns more than it held"):
+        verify_store(s)
+
+
+def test_a_hold_that_takes_nothing_is_refused(held):
+    s, hids = held
+    by, tot, at, _, _ = _entry(s, hids["bob"], 1)
+    s.db.put(_ledger.history_key(hids["bob"], 1), _history(by, tot, at, hold=1))
+    with pytest.raises(StoreCorrupt, match="history entry 1: a hold that takes nothing"):
+        verify_store(s)
+
+
+def test_a_by_of_0_outside_a_hold_s_end_is_refused(held):
+    s, hids = held
+    by, tot, at, _, _ = _entry(s, hids["carol"], 3)
+    assert by == 0
+    s.db.put(_ledger.history_key(hids["carol"], 3), _history(by, tot, at))
+    with pytest.raises(StoreCorrupt, match="history entry 3: by is 0 outside a hold's end"):
+        verify_store(s)
+
+
+@pytest.mark.parametrize("hold,record,msg", [
+    (2, dict(amount=31, state=1, use=10, end_seq=3, end_tot=90),
+     "hold 2: its record does not match its start"),
+    (2, dict(amount=30, state=0), "hold 2: ended in the history, open in its record"),
+    (2, dict(amount=30, state=1, use=11, end_seq=3, end_tot=90),
+     "hold 2: its record does not match its end"),
+    (4, dict(amount=5, state=1, use=0, end_seq=5, end_tot=90),
+     None),                                     # the entry agrees; its event does not
+    (6, dict(amount=7, state=1, use=7, end_seq=7, end_tot=75),
+     "hold 6: its record does not match its end"),
+])
+def test_a_hold_record_that_disagrees_with_the_history_is_refused(held, hold, record, msg):
+    s, hids = held
+    key = _ledger.hold_key(hids["alice"], hold)
+    expires = _ledger.unpack_hold(s.db.get(key))[1]
+    s.db.put(key, _hold_record(record.pop("amount"), expires, record.pop("state"), **record))
+    with pytest.raises(StoreCorrupt, match=msg or "event 6: a expire event of the wrong kind"):
+        verify_store(s)
+
+
+def test_a_hold_that_began_without_its_record_is_refused(held):
+    s, hids = held
+    s.db.delete(_ledger.hold_key(hids["alice"], 6))
+    with pytest.raises(StoreCorrupt, match="a hold that began has no record"):
+        verify_store(s)
+
+
+def test_a_skipped_event_id_is_refused(held):
+    s, _ = held
+    s.db.delete(_ledger.event_key(4))
+    with pytest.raises(StoreCorrupt, match="event 5 where 4 was due: an id skipped"):
+        verify_store(s)
+
+
+def test_events_that_end_before_the_newest_id_are_refused(held):
+    s, _ = held
+    s.db.delete(_ledger.event_key(13))
+    with pytest.raises(StoreCorrupt, match="the events end at 12, the store says 13"):
+        verify_store(s)
+
+
+def test_an_event_that_does_not_match_its_entry_is_refused(held):
+    s, _ = held
+    raw = bytearray(_event(s, 8))
+    raw[57] ^= 1                                    # the hold field's last byte
+    s.db.put(_ledger.event_key(8), bytes(raw))
+    with pytest.raises(StoreCorrupt, match="event 8 does not match the history entry"):
+        verify_store(s)
+
+
+def test_an_event_of_the_wrong_kind_is_refused(held):
+    s, _ = held
+    raw = bytearray(_event(s, 2))                   # alice's hold
+    raw[1] = 1                                      # said to be a mod
+    s.db.put(_ledger.event_key(2), bytes(raw))
+    with pytest.raises(StoreCorrupt, match="event 2: a mod event of the wrong kind"):
+        verify_store(s)
+
+
+def test_a_settle_event_for_an_expiry_is_refused(held):
+    s, _ = held
+    raw = bytearray(_event(s, 6))                   # hold 4's expiry
+    raw[1] = 3                                      # said to be a settle
+    s.db.put(_ledger.event_key(6), bytes(raw))
+    with pytest.raises(StoreCorrupt, match="event 6: a settle event of the wrong kind"):
+        verify_store(s)
+
+
+def test_two_events_of_one_change_are_refused(held):
+    s, _ = held
+    s.db.put(_ledger.event_key(5), _event(s, 4))    # alice's settle, twice
+    with pytest.raises(StoreCorrupt, match="event 5: a second event of one change"):
+        verify_store(s)
+
+
+def test_a_low_balance_event_that_follows_no_crossing_change_is_refused(held):
+    s, _ = held
+    raw = bytearray(_event(s, 8))                   # bob's first mod
+    raw[1] = 5                                      # said to be a low_balance
+    s.db.put(_ledger.event_key(8), bytes(raw))
+    with pytest.raises(StoreCorrupt, match="event 8: a low_balance event that does not follow"):
+        verify_store(s)
+
+
+def test_a_trimmed_store_whose_first_event_is_a_low_balance_passes(held):
+    """Trimming cuts by id, so the oldest event kept may be the low_balance
+    of a change whose own event is gone."""
+    s, _ = held
+    for i in (1, 2):
+        s.db.delete(_ledger.event_key(i))
+    s.db.put(_ledger.EVENTS_META_KEY, struct.pack(">Bqq", 1, 3, 13))
+    assert verify_store(s)["events"] == 11

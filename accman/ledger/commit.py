@@ -62,6 +62,8 @@ class Committer:
         self.clock_ms = clock_ms or _wall_ms
         self.lock = lock or threading.Lock()
         self._wake = threading.Condition(self.lock)
+        # Notified after each batch is durable (or failed): expire_due waits on it.
+        self._durable = threading.Condition(self.lock)
         self._writer_idle = False
         self._seal_now = False          # the writer may seal what is queued
         # A batch is being written and its completion has not yet been seen
@@ -85,7 +87,11 @@ class Committer:
         self.last_batch_mods = 0
         self.batch_sizes: list[int] = []      # drained by metrics readers
         self.fsync_times_s: list[float] = []
-        self._trim_at = time.monotonic() + EVENTS_TRIM_INTERVAL_S
+        # Retention passes: every EVENTS_TRIM_INTERVAL_S, or the retention
+        # itself when shorter, so an event is gone by about twice it.
+        self._trim_interval_s = EVENTS_TRIM_INTERVAL_S if events is None else min(
+            EVENTS_TRIM_INTERVAL_S, events.retention_ms / 1000)
+        self._trim_at = time.monotonic() + self._trim_interval_s
         self._thread = threading.Thread(target=self._run, name="accman-commit",
                                         daemon=True)
         self._thread.start()
@@ -274,10 +280,11 @@ class Committer:
         with self.lock:
             if error is None:
                 book.finish(batch)
-                waited = self.events is not None and self.events.append(batch.events)
+                waiting = self.events.append(batch.events) if self.events is not None else ()
             else:
                 self.error = error
                 failed = book.fail(batch)
+            self._durable.notify_all()
         if error is not None:
             log.error("a batch could not be made durable; the store takes no more "
                       "writes until it is reopened: %s", error.detail)
@@ -287,8 +294,8 @@ class Committer:
             return False
         self._count(batch.nmods, fsync_s)
         kicks = self._deliver(batch.done_loop, batch.done_direct)
-        if waited:
-            self._wake_events()
+        for loop in waiting:
+            self._wake_events(loop)
         return kicks
 
     def _housekeep(self):
@@ -302,8 +309,11 @@ class Committer:
         if book.expire_due(now_ms, book.batch_mods_max):
             self._seal_now = True
         if self.events is not None and time.monotonic() >= self._trim_at:
-            self._trim_at = time.monotonic() + EVENTS_TRIM_INTERVAL_S
-            for event_id in self.events.past_retention(now_ms):
+            trimmed, more = self.events.past_retention(now_ms)
+            # A full pass leaves more behind: the next one follows this
+            # batch, so that trimming keeps up with any rate of events.
+            self._trim_at = time.monotonic() + (0.0 if more else self._trim_interval_s)
+            for event_id in trimmed:
                 book.delete(_ledger.event_key(event_id))
                 book.events_first = event_id + 1
                 self._seal_now = True
@@ -315,31 +325,35 @@ class Committer:
         return sleep_s
 
     def expire_due(self) -> int:
-        """Ends the holds due by now, and returns once that is durable: what
-        the writer does by itself on its clock, done now.  Returns how many
-        it ended."""
-        ready = threading.Event()
+        """Ends the holds due by now, and returns once that, and every
+        change applied before it, is durable: what the writer does by
+        itself on its clock, done now (the writer may have taken some of
+        them a moment before: those are waited for too).  Returns how many
+        this call ended."""
         with self.lock:
             if self._closing:
                 raise Unavailable("the ledger is closing")
-            n = self.book.expire_due(self.clock_ms(), self.book.queued_mods_max)
-            if not n:
-                return 0
-            self.book.barrier(lambda _: ready.set())
+            book = self.book
+            n = book.expire_due(self.clock_ms(), book.queued_mods_max)
+            # Every change is one event or more, so the newest event id
+            # applied says how far the durable state must reach.
+            target = book.next_event - 1
             self._seal_now = True
             if self._writer_idle:
                 self._writer_idle = False
                 self._wake.notify()
-        ready.wait()
+            while self.events.last < target and self.error is None:
+                self._durable.wait()
+            if self.error is not None:
+                raise Unavailable(FAILED_DETAIL)
         return n
 
-    def _wake_events(self) -> None:
-        """Long polls wait on the loop: wake them there."""
-        loop = self._loop
-        if loop is None:
-            return
+    def _wake_events(self, loop) -> None:
+        """Long polls wait on their own loop, which need not be the bound
+        one (a mod from a plain thread wakes an `aevents` too): wake them
+        there."""
         try:
-            loop.call_soon_threadsafe(self.events.wake)
+            loop.call_soon_threadsafe(self.events.wake, loop)
         except RuntimeError:
             pass            # the loop is closed: nobody is waiting on it
 

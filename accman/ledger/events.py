@@ -8,13 +8,16 @@ older ones from LevelDB, answers long polls without a thread or a timer of
 its own per waiter beyond one loop timer handle (EVENTS_WAITERS_MAX of
 them), and finds the events past the retention for the writer to delete.
 
-Thread use: `append` runs on the writer thread and `read`/`wait` on the
-loop, both under the committer's lock, which they are given.
+Thread use: `append` runs on the writer thread and `take`/`wait` on the
+loop, all under the committer's lock, which they are given; `fetch`, the
+part of a read that scans LevelDB and decodes, runs outside it, so that a
+reader never holds up a commit.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 
 from accman.errors import Busy, EventsTrimmed
 from accman.ledger import _ledger
@@ -44,9 +47,9 @@ class EventLog:
         self.last = last            # the newest durable id, 0: none yet
         self.retention_ms = int(retention_s * 1000)
         self.ring = collections.deque(maxlen=EVENTS_RING_MAX)   # (id, value), durable
-        self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer]
+        self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer, loop]
+        self.waits_ended = False    # end_waits was called: no read waits from now on
         self.trimmed = 0
-        self._loop = None
 
     @classmethod
     def open(cls, store, lock, retention_s: float) -> "EventLog":
@@ -56,22 +59,24 @@ class EventLog:
 
     # -- the writer's side (under the lock) ---------------------------------------
 
-    def append(self, events: list) -> bool:
-        """A durable batch's events; True when a long poll waits for them."""
+    def append(self, events: list) -> set:
+        """A durable batch's events; returns the loops whose long polls now
+        have events to hear (`wake` on each)."""
         if not events:
-            return False
+            return set()
         assert events[0][0] == self.last + 1, "an event id skipped or repeated"
         self.ring.extend(events)
         self.last = events[-1][0]
         if not self.first:
             self.first = events[0][0]
-        return bool(self.waiters)
+        return {waiter[4] for waiter in self.waiters.values()}
 
-    def past_retention(self, now_ms: int) -> list:
+    def past_retention(self, now_ms: int) -> tuple[list, bool]:
         """Ids of the oldest events past the retention (never the newest),
-        EVENTS_TRIM_MAX at most, which the writer deletes; `first` moves on."""
+        EVENTS_TRIM_MAX at most, which the writer deletes; `first` moves on.
+        The bool is True when the pass was full: more may be past it."""
         if not self.first:
-            return []
+            return [], False
         cutoff = now_ms - self.retention_ms
         out = []
         start = self.first
@@ -84,27 +89,50 @@ class EventLog:
         if out:
             self.first = out[-1] + 1
             self.trimmed += len(out)
-        return out
+        return out, len(out) == EVENTS_TRIM_MAX
 
-    # -- reading (on the loop, under the lock) --------------------------------------
+    # -- reading ------------------------------------------------------------------------
 
-    def read(self, after: int, limit: int):
-        """(events, next) after `after`, oldest first, or EventsTrimmed."""
+    def take(self, after: int, limit: int):
+        """Under the lock: which events a read after `after` serves, fixed
+        now.  The outcome itself when it is known at once (EventsTrimmed,
+        or no events: ([], next)), else a Page for `fetch`."""
         if self.first and after < self.first - 1:
             return EventsTrimmed(self.first)
         if after >= self.last:
             return [], min(after, self.last) if self.last else after
-        start = after + 1
+        # Never past `last`: LevelDB has a batch's events a moment before
+        # the writer says they are durable, and `next` must not run ahead.
+        start, stop = after + 1, min(self.last, after + limit)
         ring = self.ring
         ring_first = ring[0][0] if ring else self.last + 1
-        if start >= ring_first:
-            at = start - ring_first
-            chosen = [ring[i] for i in range(at, min(at + limit, len(ring)))]
-        else:
-            chosen = [(_ledger.event_key_id(k), v) for k, v in self.store.scan(
-                _ledger.event_key(start), _ledger.EVENT_PREFIX, limit)]
-        events = [decode(i, v) for i, v in chosen]
-        return events, (events[-1].id if events else after)
+        if start < ring_first:
+            return Page(start, stop, None)
+        at = start - ring_first
+        return Page(start, stop, list(itertools.islice(ring, at, at + stop - start + 1)))
+
+    def fetch(self, taken):
+        """Outside the lock: the outcome of a `take`, (events, next) oldest
+        first, or EventsTrimmed when trimming took them meanwhile."""
+        if type(taken) is not Page:
+            return taken
+        pairs = taken.pairs
+        if pairs is None:
+            n = taken.stop - taken.start + 1
+            pairs = [(_ledger.event_key_id(k), v) for k, v in self.store.scan(
+                _ledger.event_key(taken.start), _ledger.EVENT_PREFIX, n)]
+            if not pairs or pairs[0][0] != taken.start:
+                return EventsTrimmed(self.first)
+        assert [i for i, _ in pairs] == list(range(taken.start, taken.stop + 1)), \
+            "a page of events with a gap"
+        return [decode(i, v) for i, v in pairs], taken.stop
+
+    def read(self, after: int, limit: int):
+        """(events, next) after `after`, oldest first, or EventsTrimmed;
+        called without the lock."""
+        with self.lock:
+            taken = self.take(after, limit)
+        return self.fetch(taken)
 
     def wait(self, loop, after: int, limit: int, wait_s: float, done) -> None:
         """Registers a long poll: `done((events, next))` once an event after
@@ -112,8 +140,7 @@ class EventLog:
         if len(self.waiters) >= EVENTS_WAITERS_MAX:
             raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
                        "retry shortly")
-        self._loop = loop
-        waiter = [after, limit, done, None]
+        waiter = [after, limit, done, None, loop]
         waiter[3] = loop.call_later(wait_s, self._timeout, waiter)
         self.waiters[id(waiter)] = waiter
 
@@ -123,14 +150,40 @@ class EventLog:
                 return
         waiter[2](([], waiter[0]))
 
-    def wake(self) -> None:
-        """On the loop: answers every long poll that now has events."""
+    def wake(self, loop) -> None:
+        """On `loop`: answers each of its long polls that now has events."""
         ready = []
         with self.lock:
             for key, waiter in list(self.waiters.items()):
-                if waiter[0] < self.last:
+                if waiter[4] is loop and waiter[0] < self.last:
                     del self.waiters[key]
-                    ready.append((waiter, self.read(waiter[0], waiter[1])))
-        for waiter, outcome in ready:
+                    ready.append((waiter, self.take(waiter[0], waiter[1])))
+        self._answer(ready)
+
+    def end_waits(self, loop) -> None:
+        """On `loop`: answers each of its long polls now, with the events
+        it has or none, and no read waits from now on (a server that stops
+        keeps none waiting, its own webhook's included)."""
+        with self.lock:
+            self.waits_ended = True
+            ready = [(w, self.take(w[0], w[1])) for w in self.waiters.values() if w[4] is loop]
+            for waiter, _ in ready:
+                del self.waiters[id(waiter)]
+        self._answer(ready)
+
+    def _answer(self, ready: list) -> None:
+        for waiter, taken in ready:
             waiter[3].cancel()
-            waiter[2](outcome)
+            waiter[2](self.fetch(taken))
+
+
+class Page:
+    """Events a read serves, ids start..stop, fixed under the lock; `pairs`
+    are their (id, value) from the ring, or None: read them from LevelDB."""
+
+    __slots__ = ("start", "stop", "pairs")
+
+    def __init__(self, start: int, stop: int, pairs: list | None):
+        self.start = start
+        self.stop = stop
+        self.pairs = pairs

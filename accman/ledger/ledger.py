@@ -181,8 +181,7 @@ class Ledger:
         `after`, oldest first; `next` is the `after` of the next call.
         Raises EventsTrimmed below the retention."""
         self._check_events(after, limit, 0)
-        with self._committer.lock:
-            return _result(self._events.read(after, limit))
+        return _result(self._events.read(after, limit))
 
     async def aevents(self, after: int = 0, limit: int = EVENTS_LIMIT_DEFAULT,
                       wait_s: float = 0) -> tuple:
@@ -232,16 +231,25 @@ class Ledger:
 
     def read_events(self, after: int, limit: int, wait_s: float, done):
         """The store interface's /events: at once, or a long poll whose
-        `done` is called on the loop."""
+        `done` is called on the loop.  Only a caller at the end of the
+        stream waits: one whose `after` is past the newest event is told at
+        once where the stream ends (`next`)."""
         self._check_events(after, limit, wait_s)
         if self._closed:
             self._refuse_closed()
+        events = self._events
         with self._committer.lock:
-            outcome = self._events.read(after, limit)
-            if wait_s and not isinstance(outcome, AccManError) and not outcome[0]:
-                self._events.wait(asyncio.get_running_loop(), after, limit, wait_s, done)
+            taken = events.take(after, limit)
+            if wait_s and taken == ([], after) and not events.waits_ended:
+                events.wait(asyncio.get_running_loop(), after, limit, wait_s, done)
                 return None
-        return outcome
+        return events.fetch(taken)
+
+    def end_waits(self) -> None:
+        """Answers every long poll of the running loop now, with what it
+        has, and any later one at once (a server that stops calls this: no
+        poll holds it up)."""
+        self._events.end_waits(asyncio.get_running_loop())
 
     @staticmethod
     def _check_events(after, limit, wait_s) -> None:

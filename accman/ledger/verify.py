@@ -131,10 +131,16 @@ def _check_holds(store, holds: _Holds) -> int:
 
 
 def _check_events(store) -> int:
-    """The events kept are the ids first..last, each matching its entry."""
+    """The events kept are the ids first..last, each matching its entry and
+    of the kind of that entry (SPEC "Events"): a change's events of one
+    account come in the order of its seqs, one per change; a low_balance
+    event follows the change that crossed; a settle or expire event ends
+    its hold as the hold's record says."""
     meta = store.get(_ledger.EVENTS_META_KEY)
     first, last = _decoded(_ledger.unpack_events_meta, meta) if meta is not None else (0, 0)
     expect = first
+    newest = {}                 # hid -> the seq of its newest change event
+    prev = None                 # (hid, seq) of the previous event, a change
     for k, v in store.iterate(_ledger.EVENT_PREFIX):
         event_id = _ledger.event_key_id(k)
         if event_id != expect:
@@ -143,9 +149,38 @@ def _check_events(store) -> int:
         raw = store.get(_ledger.history_key(hid, seq))
         if raw is None or _decoded(_ledger.unpack_history, raw) != (by, tot, at, key, hold):
             raise StoreCorrupt(f"event {event_id} does not match the history entry it names")
-        if kind == "mod" and hold is not None or kind == "hold" and hold != seq:
-            raise StoreCorrupt(f"event {event_id}: a {kind} event of the wrong kind of entry")
+        if kind == "low_balance":
+            # The first event kept may follow a change trimmed before it.
+            if prev != (hid, seq) and event_id != first:
+                raise StoreCorrupt(f"event {event_id}: a low_balance event that does not "
+                                   "follow the change that crossed")
+            prev = None
+        else:
+            _check_event_kind(store, event_id, kind, hid, seq, hold)
+            if seq <= newest.get(hid, 0):
+                raise StoreCorrupt(f"event {event_id}: a second event of one change, or "
+                                   "an account's changes out of order")
+            newest[hid] = seq
+            prev = (hid, seq)
         expect += 1
     if first and expect != last + 1:
         raise StoreCorrupt(f"the events end at {expect - 1}, the store says {last}")
     return expect - first if first else 0
+
+
+_ENDED = {"settle": _ledger.HOLD_SETTLED, "expire": _ledger.HOLD_EXPIRED}
+
+
+def _check_event_kind(store, event_id: int, kind: str, hid: bytes, seq: int, hold) -> None:
+    if kind == "mod":
+        ok = hold is None
+    elif kind == "hold":
+        ok = hold == seq
+    else:
+        ok = hold is not None and hold != seq
+        if ok:
+            raw = store.get(_ledger.hold_key(hid, hold))
+            record = _decoded(_ledger.unpack_hold, raw) if raw is not None else None
+            ok = record is not None and (record[2], record[4]) == (_ENDED[kind], seq)
+    if not ok:
+        raise StoreCorrupt(f"event {event_id}: a {kind} event of the wrong kind of entry")

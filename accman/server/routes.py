@@ -227,8 +227,10 @@ class Routes:
 
     def _events(self, conn, req, mode):
         slot = Slot(conn, ROUTE_EVENTS, mode, req.head)
+        # A server that stops answers a long poll at once (Server._shutdown).
+        wait = 0 if self.server.stopping else req.wait
         try:
-            outcome = self.store.read_events(req.after, req.limit, req.wait, slot)
+            outcome = self.store.read_events(req.after, req.limit, wait, slot)
         except AccManError as e:
             return self.error_of(ROUTE_EVENTS, e, mode, req.head)
         return self._settled(slot, outcome)

@@ -295,6 +295,11 @@ class Server:
             self.listener.close()
         for conn in list(self.connections):
             conn.stop()
+        # Long polls are answered now, with what they have: waiting out
+        # their `wait` would hold the stop for the whole grace.
+        end_waits = getattr(self.store, "end_waits", None)
+        if end_waits is not None:
+            end_waits()
         deadline = self.loop.time() + self.limits.shutdown_grace_s
         while self.connections and not self._hurry and self.loop.time() < deadline:
             await asyncio.sleep(0.01)

@@ -4,11 +4,19 @@ per acknowledged mod as soon as it is acknowledged:
 
     A <cred> <seq> <by> <key>
 
-Usage: ledger_child.py DATA ROUND [WAL_BYTES_MAX]
+With --holds, some keys are holds instead (some settled, the others left
+to expire: their ttl is 1 to 3 s), and the child prints those too:
 
-Each key's amount is a function of the key, so a retried key is the same
-mod.  Every round also retries the keys of the previous round: those that
-were applied must be answered from their record, never applied twice."""
+    H <cred> <hold> <tot> <by> <ttl> <key>     a hold acknowledged
+    S <cred> <hold> <use> <tot> <seq> <key>    its settle acknowledged
+
+Usage: ledger_child.py DATA ROUND [WAL_BYTES_MAX] [--holds]
+
+Each key's change is a function of the key, so a retried key is the same
+change.  Every round also retries the keys of the previous round: those
+that were applied must be answered from their record, never applied
+twice (a retried hold's settle is answered its first reply, or
+hold_ended when the hold expired meanwhile)."""
 
 import asyncio
 import sys
@@ -31,13 +39,28 @@ def mod_of(key):
     return CREDS[h % len(CREDS)], by, None
 
 
+def hold_of(key):
+    """None for a mod's key; else (cred, by, ttl, use or None: left to
+    expire), a function of the key as mod_of's."""
+    h = zlib.crc32(key.encode())
+    if (h >> 12) % 3 != 0:
+        return None
+    amount = h % 97 + 1
+    use = (h >> 16) % (amount + 1) if (h >> 14) & 1 else None
+    return CREDS[h % len(CREDS)], -amount, 1 + (h >> 20) % 3, use
+
+
 out_lock = threading.Lock()
 
 
-def ack(cred, tot_seq, by, key):
+def say(line):
     with out_lock:
-        sys.stdout.write(f"A {cred} {tot_seq[1]} {by} {key}\n")
+        sys.stdout.write(line + "\n")
         sys.stdout.flush()
+
+
+def ack(cred, tot_seq, by, key):
+    say(f"A {cred} {tot_seq[1]} {by} {key}")
 
 
 def keys_for(round_no, worker):
@@ -54,12 +77,43 @@ def retried_then_new(round_no, worker):
     yield from keys_for(round_no, worker)
 
 
+def change(led, key, holds):
+    """The key's change, blocking; prints what is acknowledged."""
+    spec = hold_of(key) if holds else None
+    if spec is None:
+        cred, by, min_ = mod_of(key)
+        ack(cred, led.mod(cred, by, min=min_, key=key), by, key)
+        return
+    cred, by, ttl, use = spec
+    hold, tot, _ = led.hold(cred, by, ttl, key=key)
+    say(f"H {cred} {hold} {tot} {by} {ttl} {key}")
+    if use is not None:
+        tot, seq = led.settle(cred, hold, use)
+        say(f"S {cred} {hold} {use} {tot} {seq} {key}")
+
+
+async def achange(led, key, holds):
+    spec = hold_of(key) if holds else None
+    if spec is None:
+        cred, by, min_ = mod_of(key)
+        ack(cred, await led.amod(cred, by, min=min_, key=key), by, key)
+        return
+    cred, by, ttl, use = spec
+    hold, tot, _ = await led.ahold(cred, by, ttl, key=key)
+    say(f"H {cred} {hold} {tot} {by} {ttl} {key}")
+    if use is not None:
+        tot, seq = await led.asettle(cred, hold, use)
+        say(f"S {cred} {hold} {use} {tot} {seq} {key}")
+
+
 def main():
-    path, round_no = sys.argv[1], int(sys.argv[2])
+    args = [a for a in sys.argv[1:] if a != "--holds"]
+    holds = "--holds" in sys.argv
+    path, round_no = args[0], int(args[1])
     # A third argument: the write-ahead log's size, small to make it wrap
     # (and take checkpoints) many times a round.
-    if len(sys.argv) > 3:
-        led = Ledger(path, store=Store(path, wal_bytes_max=int(sys.argv[3])))
+    if len(args) > 2:
+        led = Ledger(path, store=Store(path, wal_bytes_max=int(args[2])))
     else:
         led = Ledger(path)
     sys.stdout.write("READY\n")
@@ -67,9 +121,8 @@ def main():
 
     def thread_worker(w):
         for key in retried_then_new(round_no, w):
-            cred, by, min_ = mod_of(key)
             try:
-                ack(cred, led.mod(cred, by, min=min_, key=key), by, key)
+                change(led, key, holds)
             except AccManError:
                 pass
 
@@ -78,9 +131,8 @@ def main():
 
     async def task_worker(w):
         for key in retried_then_new(round_no, w):
-            cred, by, min_ = mod_of(key)
             try:
-                ack(cred, await led.amod(cred, by, min=min_, key=key), by, key)
+                await achange(led, key, holds)
             except AccManError:
                 pass
 

@@ -1,0 +1,59 @@
+"""Helpers shared by the tests of holds and events in the embedded ledger
+(tests/test_holds.py, test_hold_expiry.py, test_events.py,
+test_events_long_poll.py)."""
+
+import asyncio
+import threading
+import time
+
+from accman.ledger.leveldb import Store
+from accman.limits import EVENTS_LIMIT_MAX
+
+
+def wait_for(predicate, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.01)
+
+
+def entries(led, cred):
+    """The history, oldest first, as (seq, by, tot, key, hold)."""
+    return [(e.seq, e.by, e.tot, e.key, e.hold) for e in reversed(led.past(cred, limit=1000))]
+
+
+def all_events(led, after=0):
+    """Every event after `after`, read page by page; checks each `next`."""
+    out = []
+    while True:
+        page, nxt = led.events(after=after, limit=EVENTS_LIMIT_MAX)
+        if not page:
+            assert nxt == after
+            return out
+        assert nxt == page[-1].id
+        out += page
+        after = nxt
+
+
+def fund_many(led, cred, n, chunk=4096):
+    """n mods of +1 on `cred`, submitted together a chunk at a time (they
+    share batches): n events."""
+    async def run():
+        for i in range(0, n, chunk):
+            await asyncio.gather(*[led.amod(cred, 1) for _ in range(min(chunk, n - i))])
+    asyncio.run(run())
+
+
+class GatedStore(Store):
+    """A store whose writes wait for `gate`; `writing` is set while one waits."""
+
+    def __init__(self, path, gate):
+        super().__init__(path)
+        self.gate = gate
+        self.writing = threading.Event()
+
+    def write(self, wb, wal):
+        self.writing.set()
+        self.gate.wait()
+        self.writing.clear()
+        super().write(wb, wal)

@@ -1,0 +1,176 @@
+"""Long polls of the embedded ledger's event stream (SPEC "Events": GET
+/events waits up to `wait` seconds for the first event): answered at once
+when events exist, after the wait when none come, woken on their own
+loop, EVENTS_WAITERS_MAX of them, and all at once when a server stops."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from accman import BadRequest, Busy, Ledger
+from accman.errors import EventsTrimmed
+from accman.limits import EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
+from ledgerhelp import wait_for
+from model import Clock
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "data")
+
+
+@pytest.fixture
+def led(path, clock):
+    with Ledger(path, clock_ms=clock) as led:
+        yield led
+
+
+@pytest.mark.parametrize("wait_s", [-1, EVENTS_WAIT_S_MAX + 0.5, EVENTS_WAIT_S_MAX + 1, "1"])
+def test_a_wait_out_of_0_to_events_wait_s_max_is_refused(led, wait_s):
+    async def poll():
+        return await led.aevents(wait_s=wait_s)
+    with pytest.raises(BadRequest, match=f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds"):
+        asyncio.run(poll())
+
+
+def test_a_wait_of_events_wait_s_max_is_taken_and_woken(led):
+    assert EVENTS_WAIT_S_MAX == 60
+
+    async def main():
+        poll = asyncio.ensure_future(led.aevents(wait_s=EVENTS_WAIT_S_MAX))
+        await asyncio.sleep(0.2)
+        assert not poll.done()
+        await led.amod("a", 1)
+        return await asyncio.wait_for(poll, 10)
+
+    page, nxt = asyncio.run(main())
+    assert [e.type for e in page] == ["mod"] and nxt == 1
+
+
+def test_a_long_poll_is_answered_at_once_when_events_exist(led):
+    led.mod("a", 1)
+
+    async def main():
+        t0 = time.monotonic()
+        got = await led.aevents(after=0, wait_s=30)
+        return got, time.monotonic() - t0
+
+    (page, nxt), took = asyncio.run(main())
+    assert [e.id for e in page] == [1] and nxt == 1 and took < 5
+
+
+def test_a_long_poll_with_nothing_new_ends_empty_after_its_wait(led):
+    led.mod("a", 1)
+
+    async def main():
+        t0 = time.monotonic()
+        got = await led.aevents(after=1, wait_s=1)
+        return got, time.monotonic() - t0
+
+    got, took = asyncio.run(main())
+    assert got == ([], 1) and 0.9 <= took < 5
+
+
+def test_a_long_poll_past_the_end_is_told_where_the_stream_ends_at_once(led):
+    """It used to wait its whole `wait` for events past `after`, and answer
+    next = after, while an immediate read said next = the newest id."""
+    led.mod("a", 1)
+
+    async def main():
+        t0 = time.monotonic()
+        got = await led.aevents(after=50, wait_s=5)
+        return got, time.monotonic() - t0
+
+    got, took = asyncio.run(main())
+    assert got == ([], 1) and took < 2
+
+
+def test_a_long_poll_is_woken_by_a_mod_on_its_loop(led):
+    async def main():
+        poll = asyncio.ensure_future(led.aevents(after=0, wait_s=30))
+        await asyncio.sleep(0.2)
+        assert not poll.done()
+        t0 = time.monotonic()
+        await led.amod("a", 5)
+        got = await asyncio.wait_for(poll, 10)
+        return got, time.monotonic() - t0
+
+    (page, nxt), took = asyncio.run(main())
+    assert [(e.type, e.tot) for e in page] == [("mod", 5)] and nxt == 1 and took < 5
+
+
+def test_a_long_poll_is_woken_by_a_mod_from_another_thread(led):
+    """The writer wakes the loop each poll waits on: it used to wake only
+    the loop bound for mods, and a poll on any other loop waited its whole
+    `wait`, then answered nothing."""
+    async def main():
+        threading.Timer(0.2, led.mod, args=("a", 5)).start()
+        t0 = time.monotonic()
+        got = await led.aevents(after=0, wait_s=20)
+        return got, time.monotonic() - t0
+
+    (page, nxt), took = asyncio.run(main())
+    assert [(e.type, e.tot) for e in page] == [("mod", 5)] and nxt == 1 and took < 5
+
+
+def test_a_long_poll_below_the_retention_is_refused_at_once(path, clock):
+    with Ledger(path, clock_ms=clock, events_retention_s=0.3) as led:
+        led.mod("a", 1)
+        led.mod("a", 1)
+        clock.advance(5)
+        wait_for(lambda: led.stats["events_first"] == 2)
+
+        async def main():
+            return await led.aevents(after=0, wait_s=30)
+
+        with pytest.raises(EventsTrimmed):
+            asyncio.run(main())
+
+
+def test_events_waiters_max_long_polls_and_no_more(led):
+    """The real bound: EVENTS_WAITERS_MAX polls wait at once (one entry and
+    one loop timer each); one more is Busy; one mod answers them all."""
+    assert EVENTS_WAITERS_MAX == 1024
+
+    async def main():
+        polls = [asyncio.ensure_future(led.aevents(after=0, wait_s=30))
+                 for _ in range(EVENTS_WAITERS_MAX)]
+        await asyncio.sleep(0.2)
+        assert len(led._events.waiters) == EVENTS_WAITERS_MAX
+        with pytest.raises(Busy, match="EVENTS_WAITERS_MAX"):
+            await led.aevents(after=0, wait_s=30)
+        await led.amod("a", 1)
+        got = await asyncio.wait_for(asyncio.gather(*polls), 10)
+        assert not led._events.waiters
+        again = await led.aevents(after=1, wait_s=0.1)       # room again
+        return got, again
+
+    got, again = asyncio.run(main())
+    assert all([e.id for e in page] == [1] and nxt == 1 for page, nxt in got)
+    assert again == ([], 1)
+
+
+def test_end_waits_answers_every_long_poll_at_once(led):
+    async def main():
+        polls = [asyncio.ensure_future(led.aevents(after=0, wait_s=30)) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        led.end_waits()
+        got = await asyncio.wait_for(asyncio.gather(*polls), 5)
+        return got, time.monotonic() - t0
+
+    got, took = asyncio.run(main())
+    assert got == [([], 0)] * 5 and took < 1 and not led._events.waiters
+
+    async def later():
+        return await asyncio.wait_for(led.aevents(after=0, wait_s=30), 5)
+
+    assert asyncio.run(later()) == ([], 0)          # a later poll does not wait either
+

@@ -1,0 +1,195 @@
+"""Expiry of holds in the embedded ledger (SPEC "Holds": a hold not
+settled within its ttl ends by itself with use 0, durably, also across
+restarts), on an injected clock: by the writer's own clock, by
+expire_due, by a settle past the ttl, at open, in batches, once each."""
+
+import asyncio
+import threading
+
+import pytest
+
+from accman import Ledger
+from accman.errors import HoldEnded
+from ledgerhelp import GatedStore, entries, wait_for
+from model import Clock
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "data")
+
+
+@pytest.fixture
+def led(path, clock):
+    with Ledger(path, clock_ms=clock) as led:
+        yield led
+
+
+# --- expiry ------------------------------------------------------------------------------------
+
+def test_a_hold_not_settled_within_its_ttl_ends_by_itself_with_use_0(led, clock):
+    led.mod("a", 100)
+    hold, _, _ = led.hold("a", -30, 10, key="h")
+    clock.advance(9.999)
+    assert led.expire_due() == 0
+    assert led.tot("a") == 70 and led.open_holds == 1
+    clock.advance(0.001)
+    t_end = clock()
+    assert led.expire_due() == 1
+    assert led.tot("a") == 100 and led.open_holds == 0
+    assert entries(led, "a")[-1] == (3, 30, 100, None, hold)
+    assert led.past("a", limit=1)[0].at == t_end
+    assert led.stats["holds_expired"] == 1
+    with pytest.raises(HoldEnded, match="expired"):
+        led.settle("a", hold, 0)
+    assert led.expire_due() == 0                        # it ended once
+    assert len(entries(led, "a")) == 3
+    assert led.verify()["open_holds"] == 0
+
+
+def test_a_settle_past_the_ttl_finds_the_hold_expired(led, clock):
+    """The writer has not run its expiry yet: the settle itself ends the
+    hold as expired, durably, and answers hold_ended."""
+    led.mod("a", 100)
+    led.hold("a", -30, 10)
+    clock.advance(10.5)
+    with pytest.raises(HoldEnded, match="expired"):
+        led.settle("a", 2, 30)
+    assert led.tot("a") == 100
+    assert entries(led, "a")[-1] == (3, 30, 100, None, 2)
+    assert led.expire_due() == 0
+    led.verify()
+
+
+def test_the_writer_expires_holds_on_its_own_clock(led, clock):
+    """No call to expire_due: the writer sleeps until the next hold is due
+    and ends it (one thread for all holds, none per hold)."""
+    led.mod("a", 100)
+    for ttl in (1, 2, 2, 3):
+        led.hold("a", -10, ttl)
+    threads = threading.active_count()
+    clock.advance(2)
+    wait_for(lambda: led.tot("a") == 90)
+    assert led.open_holds == 1
+    clock.advance(1)
+    wait_for(lambda: led.tot("a") == 100)
+    assert led.open_holds == 0 and threading.active_count() == threads
+    assert [e[1] for e in entries(led, "a")[5:]] == [10, 10, 10, 10]
+
+
+def test_expire_due_returns_only_once_its_expiries_are_durable(path, clock):
+    """The writer wakes when the hold is due and takes it into a batch; an
+    expire_due called while that batch is written waits for it (it used to
+    return 0 at once, the expiry not yet durable nor visible)."""
+    gate = threading.Event()
+    store = GatedStore(path, gate)
+    gate.set()
+    led = Ledger(path, clock_ms=clock, store=store)
+    try:
+        led.mod("a", 100)
+        led.hold("a", -30, 1)
+        gate.clear()
+        clock.advance(1)
+        assert store.writing.wait(10), "the writer did not expire the hold by itself"
+        threading.Timer(0.3, gate.set).start()
+        assert led.expire_due() == 0
+        assert led.tot("a") == 100
+    finally:
+        gate.set()
+        led.close()
+
+
+def test_holds_due_while_closed_end_at_open_before_it_returns(path, clock):
+    with Ledger(path, clock_ms=clock) as led:
+        led.mod("a", 100)
+        led.hold("a", -10, 5)
+        led.hold("a", -20, 60)
+        assert led.tot("a") == 70
+    clock.advance(30)
+    t_open = clock()
+    with Ledger(path, clock_ms=clock) as led:
+        assert led.tot("a") == 80 and led.open_holds == 1
+        assert entries(led, "a")[-1] == (4, 10, 80, None, 2)
+        assert led.past("a", limit=1)[0].at == t_open
+        assert led.settle("a", 3, 20) == (80, 5)
+        with pytest.raises(HoldEnded):
+            led.settle("a", 2, 0)
+    with Ledger(path, clock_ms=clock) as led:
+        assert led.tot("a") == 80 and led.open_holds == 0
+        assert led.verify()["holds"] == 2
+
+
+def test_more_holds_due_at_open_than_a_batch_holds(path, clock):
+    with Ledger(path, clock_ms=clock) as led:
+        led.mod("a", 100)
+
+        async def hold_all():
+            await asyncio.gather(*[led.ahold("a", -1, 1 + i % 3) for i in range(25)])
+
+        asyncio.run(hold_all())
+    clock.advance(10)
+    with Ledger(path, clock_ms=clock, batch_mods_max=4) as led:
+        assert led.tot("a") == 100 and led.open_holds == 0
+        ends = [e for e in entries(led, "a") if e[4] is not None and e[4] != e[0]]
+        assert sorted(e[4] for e in ends) == list(range(2, 27))
+        assert led.verify()["open_holds"] == 0
+
+
+def test_many_holds_due_at_once_end_in_batches_each_once(path, clock):
+    with Ledger(path, clock_ms=clock, batch_mods_max=8) as led:
+        led.mod("a", 1000)
+        led.mod("b", 1000)
+
+        async def hold_all():
+            return await asyncio.gather(*[led.ahold("ab"[i % 2], -(i + 1), 5)
+                                          for i in range(50)])
+
+        asyncio.run(hold_all())
+        clock.advance(5)
+        wait_for(lambda: led.open_holds == 0)
+        led.expire_due()
+        assert led.tot("a") == 1000 and led.tot("b") == 1000
+        assert led.stats["holds_expired"] == 50
+        for cred in "ab":
+            ends = [e for e in entries(led, cred) if e[4] is not None and e[4] != e[0]]
+            assert len(ends) == 25 and len({e[4] for e in ends}) == 25
+        assert led.verify() == {"accounts": 2, "entries": 102, "keys": 0, "holds": 50,
+                                "open_holds": 0, "events": 102}
+
+
+def test_open_holds_survive_a_reopen_and_expire_on_time(path, clock):
+    with Ledger(path, clock_ms=clock) as led:
+        led.mod("a", 100)
+        led.hold("a", -10, 60)
+    clock.advance(30)
+    with Ledger(path, clock_ms=clock) as led:
+        assert led.open_holds == 1 and led.tot("a") == 90
+        clock.advance(29)
+        assert led.expire_due() == 0
+        clock.advance(1)
+        assert led.expire_due() == 1
+        assert led.tot("a") == 100
+
+
+def test_expiry_is_by_the_second_after_the_ttl(led, clock):
+    """The expiry wheel has a bucket per second: a hold ends by itself at
+    the first whole second at or after its ttl; a settle from its ttl on
+    finds it ended."""
+    clock.set(1_700_000_000_400)
+    led.mod("a", 100)
+    led.hold("a", -10, 1)                   # due at ..._001_400
+    clock.set(1_700_000_001_999)
+    assert led.expire_due() == 0 and led.tot("a") == 90
+    clock.set(1_700_000_002_000)
+    assert led.expire_due() == 1 and led.tot("a") == 100
+    led.hold("a", -10, 1)                   # due at ..._003_000
+    clock.set(1_700_000_003_000)
+    with pytest.raises(HoldEnded):
+        led.settle("a", 4, 0)
+
+

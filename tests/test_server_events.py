@@ -1,0 +1,312 @@
+"""GET /events over the wire, against the real server (SPEC "Events"): the
+events and their fields, pages and their limits, the long poll (at once,
+after its wait, woken by another connection, EVENTS_WAITERS_MAX, at
+shutdown), 410 events_trimmed, low_balance once per crossing, the
+roles.  Written against the fixtures of tests/conftest.py only."""
+
+import re
+import select
+import socket
+import time
+
+import pytest
+
+from conftest import assert_error, get, parse_responses, patch, request_bytes
+from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
+
+TOKENS = {"read": "read-token-0123456789abcdef", "charge": "charge-token-0123456789abcdef",
+          "mint": "mint-token-0123456789abcdef"}
+TOKENS_FILE = "".join(f"{role} {token}\n" for role, token in TOKENS.items())
+EVENT_FIELDS = {"id", "type", "account", "seq", "by", "tot", "at", "key", "hold"}
+
+
+def events(srv, after=0, limit=None, wait=None, token=None):
+    q = f"/events?after={after}"
+    if limit is not None:
+        q += f"&limit={limit}"
+    if wait is not None:
+        q += f"&wait={wait}"
+    return srv.get(q, token=token)
+
+
+def all_events(srv):
+    out, after = [], 0
+    while True:
+        doc = events(srv, after, EVENTS_LIMIT_MAX).json
+        if not doc["events"]:
+            assert doc["next"] == after
+            return out
+        out += doc["events"]
+        after = doc["next"]
+
+
+def wait_for(predicate, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+
+
+def readable(conn, timeout_s):
+    return bool(conn.buf) or bool(select.select([conn.sock], [], [], timeout_s)[0])
+
+
+# --- the events ---------------------------------------------------------------------------
+
+def test_every_change_is_an_event_with_the_account_s_public_id(server):
+    cred = "Sup3rS3cret-credential-0123456789"
+    server.mod(cred, 100, key="fund")
+    server.patch(f"/hold?cred={cred}&by=-30&ttl=60&key=h")
+    server.patch(f"/settle?cred={cred}&hold=2&use=10")
+    server.mod("other", 5)
+    r = events(server)
+    assert r.status == 200 and r.headers["content-type"] == "application/json"
+    assert cred.encode() not in r.body                  # the credential never leaves
+    doc = r.json
+    assert doc["next"] == 4 and all(set(e) == EVENT_FIELDS for e in doc["events"])
+    got = [(e["id"], e["type"], e["seq"], e["by"], e["tot"], e["key"], e["hold"])
+           for e in doc["events"]]
+    assert got == [(1, "mod", 1, 100, 100, "fund", None), (2, "hold", 2, -30, 70, "h", 2),
+                   (3, "settle", 3, 20, 90, None, 2), (4, "mod", 1, 5, 5, None, None)]
+    account = server.get(f"/past?cred={cred}").json["account"]
+    assert [e["account"] for e in doc["events"][:3]] == [account] * 3
+    assert doc["events"][3]["account"] != account
+    entries = {e["seq"]: e for e in server.get(f"/past?cred={cred}").json["past"]}
+    for e in doc["events"][:3]:
+        assert {k: e[k] for k in ("seq", "by", "tot", "at", "key", "hold")} == entries[e["seq"]]
+
+
+def test_ids_run_on_across_a_kill_and_a_restart(start_server, tmp_path):
+    data = tmp_path / "d"
+    srv = start_server(data=data)
+    for _ in range(3):
+        srv.mod("a", 1)
+    srv.kill()
+    srv = start_server(data=data)
+    srv.mod("a", 1)
+    assert srv.stop() == 0
+    srv = start_server(data=data)
+    srv.mod("b", 1)
+    assert [e["id"] for e in all_events(srv)] == [1, 2, 3, 4, 5]
+
+
+def test_pages_with_after_and_limit_and_their_bounds(server):
+    with server.connect() as c:
+        c.send(patch("/mod?cred=a&by=1") * (EVENTS_LIMIT_MAX + 1))
+        assert all(r.status == 200 for r in c.responses(EVENTS_LIMIT_MAX + 1))
+    doc = events(server, 0, EVENTS_LIMIT_MAX).json
+    assert len(doc["events"]) == EVENTS_LIMIT_MAX and doc["next"] == EVENTS_LIMIT_MAX
+    assert len(events(server).json["events"]) == 100               # the default
+    doc = events(server, 995, 3).json
+    assert [e["id"] for e in doc["events"]] == [996, 997, 998] and doc["next"] == 998
+    assert events(server, 1001).json == {"events": [], "next": 1001}
+    assert events(server, 5000).json == {"events": [], "next": 1001}   # told where it ends
+    for query in (f"limit={EVENTS_LIMIT_MAX + 1}", "limit=0", "after=-1", "after=01",
+                  f"wait={EVENTS_WAIT_S_MAX + 1}", "wait=-1", "wait=1.5", "cred=a",
+                  "after=1&after=2"):
+        doc = assert_error(server.get(f"/events?{query}"), 400, "bad_request")
+        assert re.search(r"\b(limit|after|wait|cred)\b", doc["detail"]), (query, doc)
+
+
+def test_head_and_pipelined_events_see_the_changes_before_them(server):
+    with server.connect() as c:
+        c.send(patch("/mod?cred=a&by=7") + get("/events?after=0")
+               + request_bytes("HEAD", "/events?after=0") + patch("/mod?cred=a&by=1")
+               + get("/events?after=1"))
+        time.sleep(0.5)
+        data = c.read_all(timeout_s=1)
+    replies = parse_responses(data, heads=(False, False, True, False, False))
+    assert [r.status for r in replies] == [200] * 5
+    # It sees the mod before it.  (It may also see the one after it, which
+    # was applied before its turn came: /events is evaluated at its turn,
+    # not ordered like /tot and /past; see docs/GUARANTEES.md.)
+    assert [e["tot"] for e in replies[1].json["events"]][:1] == [7]
+    assert replies[2].body == b"" and int(replies[2].headers["content-length"]) > 0
+    assert [e["tot"] for e in replies[4].json["events"]] == [8]
+
+
+def test_events_need_the_read_role(start_server, tmp_path):
+    srv = start_server(data=tmp_path / "d", tokens=TOKENS_FILE)
+    srv.mod("a", 1, token=TOKENS["mint"])
+    assert_error(events(srv), 401, "unauthorized")
+    for role in ("charge", "mint"):
+        doc = assert_error(events(srv, token=TOKENS[role]), 403, "forbidden")
+        assert "read" in doc["detail"]
+    assert events(srv, token=TOKENS["read"]).json["next"] == 1
+
+
+# --- the long poll ----------------------------------------------------------------------------
+
+def test_a_long_poll_is_answered_at_once_when_events_exist(server):
+    server.mod("a", 1)
+    t0 = time.monotonic()
+    doc = events(server, 0, wait=EVENTS_WAIT_S_MAX).json
+    assert [e["id"] for e in doc["events"]] == [1] and time.monotonic() - t0 < 5
+
+
+def test_a_long_poll_with_nothing_new_answers_empty_after_its_wait(server):
+    server.mod("a", 1)
+    t0 = time.monotonic()
+    assert events(server, 1, wait=1).json == {"events": [], "next": 1}
+    assert 0.9 <= time.monotonic() - t0 < 5
+
+
+def test_a_long_poll_is_woken_by_a_mod_on_another_connection(server):
+    server.mod("a", 1)
+    with server.connect() as c:
+        c.send(get(f"/events?after=1&wait={EVENTS_WAIT_S_MAX}"))
+        assert not readable(c, 0.5)
+        t0 = time.monotonic()
+        server.mod("a", 2)
+        doc = c.response().json
+        assert time.monotonic() - t0 < 5
+        assert [(e["id"], e["tot"]) for e in doc["events"]] == [(2, 3)] and doc["next"] == 2
+        c.send(get("/health"))                  # the connection goes on
+        assert c.response().status == 200
+
+
+def test_a_long_poll_is_woken_by_a_hold_s_expiry(server):
+    server.mod("a", 10)
+    server.patch("/hold?cred=a&by=-4&ttl=1")
+    with server.connect() as c:
+        c.send(get("/events?after=2&wait=30"))
+        doc = c.response().json
+    assert [(e["type"], e["by"], e["tot"], e["hold"]) for e in doc["events"]] == [
+        ("expire", 4, 10, 2)]
+
+
+def test_events_waiters_max_long_polls_and_one_more_is_503_busy(start_server, tmp_path):
+    """The real bound, reached over the wire: EVENTS_WAITERS_MAX clients
+    long-poll at once (one connection each: a poll pipelined behind another
+    waits for its turn), one more is 503 busy, and one mod answers all."""
+    srv = start_server(data=tmp_path / "d",
+                       env={"ACCMAN_CONNECTIONS_PER_PEER_MAX": EVENTS_WAITERS_MAX + 16})
+    srv.mod("a", 1)
+    conns = []
+    try:
+        for _ in range(EVENTS_WAITERS_MAX):
+            c = srv.connect(timeout=30)
+            c.send(get("/events?after=1&wait=30"))
+            conns.append(c)
+        deadline = time.monotonic() + 20
+        while True:                     # until every poll waits in the server
+            r = events(srv, 1, wait=1)
+            if r.status == 503:
+                break
+            assert time.monotonic() < deadline, "the polls never filled the bound"
+        doc = assert_error(r, 503, "busy")
+        assert f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX})" in doc["detail"]
+        assert events(srv, 0).json["next"] == 1          # a read without wait is served
+        srv.mod("a", 1)
+        for c in conns:
+            assert [e["id"] for e in c.response().json["events"]] == [2]
+        assert events(srv, 2, wait=1).json == {"events": [], "next": 2}    # room again
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_sigterm_answers_waiting_long_polls_at_once(start_server, tmp_path):
+    """A stop does not wait out the long polls: they are answered with what
+    they have, and the server exits well within its grace.  (It used to
+    hold the stop for the whole SHUTDOWN_GRACE_S, then cut them off.)"""
+    srv = start_server(data=tmp_path / "d")
+    srv.mod("a", 1)
+    conns = [srv.connect() for _ in range(3)]
+    for c in conns:
+        c.send(get(f"/events?after=1&wait={EVENTS_WAIT_S_MAX}"))
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - t0 < 5
+    for c in conns:
+        assert c.response().json == {"events": [], "next": 1}
+        c.close()
+
+
+# --- retention ---------------------------------------------------------------------------------
+
+def test_events_past_a_short_retention_are_410_with_first(start_server, tmp_path):
+    srv = start_server(data=tmp_path / "d", args=["--events-retention", "1s"])
+    for _ in range(3):
+        srv.mod("a", 1)
+    time.sleep(1.5)
+    srv.mod("a", 1)                                 # young: kept, and never the newest
+    r = wait_for(lambda: (lambda r: r if r.status == 410 else None)(events(srv, 0)),
+                 timeout_s=10)
+    doc = assert_error(r, 410, "events_trimmed")
+    assert doc["first"] == 4 and "4" in doc["detail"]
+    assert_error(events(srv, 2, wait=5), 410, "events_trimmed")     # at once, no wait
+    assert [e["id"] for e in events(srv, 3).json["events"]] == [4]
+    m = srv.get("/metrics").body.decode()
+    assert re.search(r"(?m)^accman_events_first 4$", m)
+    assert re.search(r"(?m)^accman_events_trimmed_total 3$", m)
+    assert re.search(r"(?m)^accman_events_written_total 4$", m)
+    assert srv.get("/past?cred=a").json["past"][-1]["seq"] == 1    # the history stays whole
+
+
+@pytest.mark.parametrize("value,ok", [("1s", True), ("90m", True), ("7d", True), ("3600", True),
+                                      ("0", False), ("1w", False), ("-5", False), ("", False)])
+def test_events_retention_takes_a_duration(start_server, tmp_path, value, ok):
+    if ok:
+        srv = start_server(data=tmp_path / "d", args=["--events-retention", value])
+        assert srv.get("/health").status == 200
+    else:
+        with pytest.raises(RuntimeError, match="events-retention"):
+            start_server(data=tmp_path / "d", args=["--events-retention", value])
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "+5", "9223372036854775808", ""])
+def test_low_balance_takes_a_signed_64_bit_integer(start_server, tmp_path, value):
+    with pytest.raises(RuntimeError, match="low-balance"):
+        start_server(data=tmp_path / "d", args=["--low-balance", value])
+
+
+# --- low_balance ----------------------------------------------------------------------------------
+
+def test_low_balance_once_per_crossing(start_server, tmp_path):
+    srv = start_server(data=tmp_path / "d", args=["--low-balance", "50"])
+    srv.mod("a", 100)
+    srv.mod("a", -50)               # 50: at it, not below
+    srv.mod("a", -1)                # 49: crosses
+    srv.mod("a", -9)                # 40: already below
+    srv.mod("a", 10)                # 50: back at it
+    srv.patch("/hold?cred=a&by=-20&ttl=600")    # 30: crosses again, by a hold
+    srv.mod("b", 100, low=10)       # b's own threshold
+    srv.mod("b", -60)               # 40: above b's 10
+    srv.mod("b", -35)               # 5: crosses b's
+    assert_error(srv.mod("b", -1, low=3), 400, "bad_request")      # only funding sets it
+    low = [(e["seq"], e["by"], e["tot"], e["hold"]) for e in all_events(srv)
+           if e["type"] == "low_balance"]
+    assert low == [(3, -1, 49, None), (6, -20, 30, 6), (3, -35, 5, None)]
+    accounts = [e["account"] for e in all_events(srv) if e["type"] == "low_balance"]
+    assert accounts[0] == srv.get("/past?cred=a").json["account"]
+    assert accounts[2] == srv.get("/past?cred=b").json["account"]
+
+
+def test_no_low_balance_without_a_threshold(server):
+    server.mod("a", 10)
+    server.mod("a", -20)
+    assert [e["type"] for e in all_events(server)] == ["mod", "mod"]
+
+
+def test_many_clients_read_events_while_mods_go_on(server):
+    """Readers following the stream see every id once, in order, while
+    mods are applied by another connection."""
+    n = 300
+    with server.connect() as writer, server.connect() as reader:
+        writer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.send(patch("/mod?cred=a&by=1") * n)
+        seen, after = [], 0
+        deadline = time.monotonic() + 30
+        while after < n:
+            assert time.monotonic() < deadline
+            reader.send(get(f"/events?after={after}&limit=7&wait=5"))
+            doc = reader.response().json
+            seen += [e["id"] for e in doc["events"]]
+            after = doc["next"]
+        writer.responses(n)
+    assert seen == list(range(1, n + 1))
