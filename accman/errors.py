@@ -229,3 +229,8 @@ class BadReply(OutcomeUnknown):
     connection is closed: its framing can no longer be trusted."""
 
     code = "bad_reply"
+
+
+class WebhookBadReply(Exception):
+    """A webhook receiver's reply is not an HTTP/1.1 status line and head
+    (accman.server.webhook_http): that attempt failed, and is retried."""

@@ -76,10 +76,10 @@ WEBHOOK_SECRET_BYTES_MIN = 16
 WEBHOOK_SECRET_BYTES_MAX = 4096
 
 # --- group commit -----------------------------------------------------------
-# One LevelDB write batch holds at most this many mods.  At ~0.3 ms per fsync
-# and ~450k puts/s, 4096 mods (about 3 puts each) take ~25 ms to write: big
-# enough to amortise the fsync, small enough that one batch never stalls
-# replies for long.
+# One write batch holds at most this many changes (each a history entry and
+# an event, and a key record when keyed): big enough to amortise a durable
+# write over many, small enough that one batch never stalls replies for
+# long (docs/PERFORMANCE.md has what one costs).
 BATCH_MODS_MAX = 4096
 # Mods applied in memory but not yet durable, over all batches waiting to be
 # written.  Beyond it a submit is refused with 503 `busy` (back-pressure)

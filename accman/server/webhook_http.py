@@ -24,6 +24,8 @@ import ssl
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from accman.errors import WebhookBadReply
+
 SCHEMES = {"http": 80, "https": 443}
 # A host name (RFC 1123 labels) or an IPv4 address; IPv6 literals are
 # checked with ipaddress.
@@ -50,10 +52,6 @@ class Target(NamedTuple):
         which may carry the receiver's own secret."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
-
-
-class BadReply(Exception):
-    """The receiver's reply is not an HTTP/1.1 status line and head."""
 
 
 def parse_url(url: str) -> Target:
@@ -104,11 +102,11 @@ def request_head(target: Target, body_bytes: int, headers) -> bytes:
 
 def parse_status(head: bytes) -> int:
     """The status code of a reply head (its status line first); raises
-    BadReply."""
+    WebhookBadReply."""
     line = head.split(b"\r\n", 1)[0]
     m = _STATUS_RE.fullmatch(line)
     if m is None:
-        raise BadReply("the reply does not start with an HTTP/1.1 status line")
+        raise WebhookBadReply("the reply does not start with an HTTP/1.1 status line")
     return int(m.group(1))
 
 
@@ -116,7 +114,7 @@ async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_m
                ssl_context: ssl.SSLContext | None) -> int:
     """Sends `request` (head and body) and returns the final reply's status.
     Raises what `describe` explains: OSError, asyncio.TimeoutError,
-    BadReply, asyncio.IncompleteReadError, asyncio.LimitOverrunError."""
+    WebhookBadReply, asyncio.IncompleteReadError, asyncio.LimitOverrunError."""
     return await asyncio.wait_for(
         _exchange(target, request, head_bytes_max, ssl_context), timeout_s)
 
@@ -134,8 +132,8 @@ async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
             if status >= 200:
                 return status
             if status == 101:
-                raise BadReply("the receiver switched protocols")
-        raise BadReply(f"more than {INTERIM_REPLIES_MAX} interim (1xx) replies")
+                raise WebhookBadReply("the receiver switched protocols")
+        raise WebhookBadReply(f"more than {INTERIM_REPLIES_MAX} interim (1xx) replies")
     finally:
         # Nothing more is read: the body of the reply does not matter.
         writer.close()
@@ -150,7 +148,7 @@ def describe(exc: BaseException, timeout_s: float) -> str:
         return "the reply's head is too long"
     if isinstance(exc, asyncio.IncompleteReadError):
         return "the receiver closed the connection before its reply"
-    if isinstance(exc, BadReply):
+    if isinstance(exc, WebhookBadReply):
         return str(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"the receiver's TLS certificate is not trusted ({exc.verify_message})"
