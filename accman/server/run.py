@@ -82,9 +82,11 @@ _LOCKS = []         # held for the process's life: the lock is the open descript
 
 def lock_directory(data_path: str) -> None:
     """One server per data directory (SPEC "Durability and order"), also
-    when the directory holds no store."""
+    when the directory holds no store: the embedded store's own lock (a
+    flock on LOCK, accman.ledger.leveldb), so that a server of either store
+    and `accman verify` refuse a directory that a server of the other has."""
     os.makedirs(data_path, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(data_path, "accman.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(os.path.join(data_path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
