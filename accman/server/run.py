@@ -111,14 +111,17 @@ def _loop_exception_handler(_loop, context):
 
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         limits=None, store=None, ready=None, verify="full", low_balance=None,
-        events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=()) -> int:
+        events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=(),
+        store_options=None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
     StartupError (one line for a person) when it cannot start.
 
     `store`, when given, is served instead of opening the ledger in `data`
     (tests inject a wrapped or faulty one this way); it is closed on the
     way out.  `store_urls`, PostgreSQL URLs, serve that store instead; then
-    `data`, if not None, holds only the server's lock."""
+    `data`, if not None, holds only the server's lock.  `store_options`
+    are more keyword arguments for the store that is opened (its bounds:
+    tests reach them small)."""
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
@@ -137,11 +140,11 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
             where = f"data={getattr(store, 'path', data_path)}"
         elif store_urls:
             store = open_postgres(loop, list(store_urls), data_path, low_default=low_balance,
-                                  retention_s=events_retention_s)
+                                  retention_s=events_retention_s, **(store_options or {}))
             where = "store=" + ",".join(redacted(u) for u in store_urls)
         else:
             store = open_ledger(data_path, verify, low_balance=low_balance,
-                                events_retention_s=events_retention_s)
+                                events_retention_s=events_retention_s, **(store_options or {}))
             where = f"data={store.path}"
     except BaseException:
         asyncio.set_event_loop(None)
