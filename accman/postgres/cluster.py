@@ -63,6 +63,10 @@ class Cluster:
         self.reconnecting = False
         self.error: str | None = "not connected yet"
         self.events = None                 # accman.postgres.events.EventReader
+        # The counter row as last seen (after a batch of ours, or a round).
+        self.last_event = 0
+        self.accounts = 0
+        self.open_holds = 0
 
     def lane(self, hid: bytes) -> Lane:
         return self.lanes[hid[0] % WRITE_LANES]
@@ -70,6 +74,12 @@ class Cluster:
     @property
     def healthy(self) -> bool:
         return self.error is None
+
+    def note_counts(self, counts) -> None:
+        """accman_counter's (last event id, accounts, open holds), when a
+        transaction of ours has read or written it."""
+        if counts is not None:
+            self.last_event, self.accounts, self.open_holds = counts
 
     async def connect(self) -> None:
         try:

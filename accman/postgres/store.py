@@ -72,6 +72,7 @@ _PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_account
              "LEFT JOIN LATERAL (SELECT * FROM accman_history x WHERE x.hid = a.hid "
              "AND x.seq < $2 ORDER BY x.seq DESC LIMIT $3) h ON true "
              "WHERE a.hid = $1 AND a.seq > 0 ORDER BY h.seq DESC")
+_COUNTS_SQL = "SELECT ARRAY[next_event - 1, accounts, open_holds] FROM accman_counter"
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
 
 
@@ -102,7 +103,6 @@ class PgStore:
         self.mods = 0
         self.commit_s_total = 0.0
         self.last_batch_mods = 0
-        self.open_holds = 0
         self._samples: tuple[list, list] = ([], [])
 
     @classmethod
@@ -260,7 +260,8 @@ class PgStore:
         self.queued_mods -= len(ops)
         nmods = sum(1 for op in ops if op.kind != S.READ)
         self._count(nmods, commit_s)
-        codes, tots, seqs = row
+        codes, tots, seqs, counts = row
+        cluster.note_counts(counts)
         outcome = B.outcome
         self._deliver([(op.done, outcome(op.kind, code, tot, seq))
                        for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)])
@@ -408,7 +409,7 @@ class PgStore:
                 while await conn.fetchval("SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX,
                                           timeout=COMMIT_TIMEOUT_S):
                     cluster.events.local_commit()
-                self.open_holds = await conn.fetchval("SELECT open_holds FROM accman_counter")
+                cluster.note_counts(await conn.fetchval(_COUNTS_SQL))
         except Exception as e:
             log.warning("ending due holds failed (retried next round): %s", E.describe(e))
 
@@ -424,12 +425,23 @@ class PgStore:
         return not self._closed and all(c.healthy for c in self.clusters)
 
     @property
+    def open_holds(self) -> int:
+        return sum(c.open_holds for c in self.clusters)
+
+    @property
     def stats(self) -> dict:
-        return {"batches": self.batches, "mods": self.mods,
-                "commit_s_total": self.commit_s_total,
-                "last_batch_mods": self.last_batch_mods, "queued_mods": self.queued_mods,
-                "open_holds": self.open_holds, "clusters": len(self.clusters),
-                "healthy": self.healthy}
+        """The names of accman.server.metrics; the counts as of this
+        front-end's last commit or upkeep round.  A batch's time is its whole
+        accman_apply round trip, the commit's WAL flush included."""
+        stats = {"batches": self.batches, "mods": self.mods,
+                 "fsync_s_total": self.commit_s_total,
+                 "last_batch_mods": self.last_batch_mods, "queued_mods": self.queued_mods,
+                 "accounts": sum(c.accounts for c in self.clusters),
+                 "open_holds": self.open_holds, "clusters": len(self.clusters),
+                 "healthy": self.healthy}
+        if len(self.clusters) == 1:
+            stats["events_last"] = self.clusters[0].last_event
+        return stats
 
     def drain_samples(self):
         out, self._samples = self._samples, ([], [])
