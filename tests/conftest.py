@@ -275,7 +275,8 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"server did not stop within {timeout} s on {sig!r}")
+                raise AssertionError(
+                    f"server did not stop within {timeout} s on {sig!r}") from None
         return self.proc.returncode
 
     def kill(self):

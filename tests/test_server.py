@@ -356,7 +356,7 @@ def test_each_request_sent_whole_then_one_byte_at_a_time(shared_server, cred):
             c.send(raw)
             whole.append(c.response())
     with shared_server.connect() as c:
-        for raw, expected in zip(exchange_cases(cred), whole):
+        for raw, expected in zip(exchange_cases(cred), whole, strict=True):
             c.send_bytewise(raw)
             r = c.response()
             assert (r.status, r.body) == (expected.status, expected.body), raw
@@ -695,7 +695,7 @@ def test_the_connection_cap_refuses_with_503(start_server):
 def test_pipelining_past_the_cap_is_answered_in_order(start_server, cred):
     s = start_server(env={"ACCMAN_PIPELINE_REQUESTS_MAX": "3"})
     reqs = []
-    for i in range(150):
+    for _ in range(150):
         reqs.append(patch(f"/mod?cred={cred}&by=1"))
         reqs.append(get(f"/tot?cred={cred}"))
     with s.connect() as c:

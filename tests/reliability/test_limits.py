@@ -158,8 +158,8 @@ def test_header_lines_at_their_limit_and_one_over(shared_server):
 
 def test_body_at_its_limit_and_one_over(shared_server, cred):
     def mod_with_body(n, by):
-        return (b"PATCH /mod?cred=%s&by=%d HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
-                % (cred.encode(), by, n) + b"b" * n)
+        return (b"PATCH /mod?cred=%s&by=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Length: %d\r\n\r\n" % (cred.encode(), by, n) + b"b" * n)
 
     with shared_server.connect() as c:
         c.send(mod_with_body(L.BODY_BYTES_MAX, 3))
