@@ -404,6 +404,10 @@ class PgStore:
             await asyncio.sleep(EXPIRE_INTERVAL_S)
 
     async def _expire(self, cluster: Cluster) -> None:
+        """One round of ending due holds.  It is also the store's heartbeat:
+        a round that loses its connection marks the cluster lost, so that
+        /health says 503 within a round of the primary going away, idle or
+        not (SPEC "Routes": 503 while the service cannot commit)."""
         try:
             async with cluster.pool.acquire() as conn:
                 while await conn.fetchval("SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX,
@@ -411,7 +415,11 @@ class PgStore:
                     cluster.events.local_commit()
                 cluster.note_counts(await conn.fetchval(_COUNTS_SQL))
         except Exception as e:
-            log.warning("ending due holds failed (retried next round): %s", E.describe(e))
+            if E.classify(e) == E.UNKNOWN and cluster.healthy:
+                self._lost(cluster, e)
+            else:
+                log.warning("ending due holds failed (retried next round): %s",
+                            E.describe(e))
 
     def _spawn(self, coro) -> None:
         task = self._loop.create_task(coro)
