@@ -67,6 +67,7 @@ class Cluster:
         self.last_event = 0
         self.accounts = 0
         self.open_holds = 0
+        self.holds_expired = 0
 
     def lane(self, hid: bytes) -> Lane:
         return self.lanes[hid[0] % WRITE_LANES]
@@ -76,10 +77,10 @@ class Cluster:
         return self.error is None
 
     def note_counts(self, counts) -> None:
-        """accman_counter's (last event id, accounts, open holds), when a
-        transaction of ours has read or written it."""
+        """accman_counter's (last event id, accounts, open holds, holds
+        expired), when a transaction of ours has read or written it."""
         if counts is not None:
-            self.last_event, self.accounts, self.open_holds = counts
+            self.last_event, self.accounts, self.open_holds, self.holds_expired = counts
 
     async def connect(self) -> None:
         try:

@@ -24,13 +24,16 @@ log = logging.getLogger("accman.postgres")
 
 _PAGE_SQL = ("SELECT id, type, hid, seq, by, tot, at, key, hold FROM accman_events "
              "WHERE id > $1 ORDER BY id LIMIT $2")
-_FIRST_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), "
-              "(SELECT next_event FROM accman_counter))")
+# The oldest event kept (or the next id, when none is), and the newest.
+_ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), "
+             "next_event - 1 FROM accman_counter")
 # Keeps a contiguous run of the newest events: everything below the first
 # event younger than the cutoff goes (the newest event always stays).
-_TRIM_SQL = ("DELETE FROM accman_events WHERE id < coalesce("
+# Returns how many went, and the oldest kept.
+_TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id < coalesce("
              "(SELECT id FROM accman_events WHERE at >= $1 ORDER BY id LIMIT 1), "
-             "(SELECT max(id) FROM accman_events))")
+             "(SELECT max(id) FROM accman_events)) RETURNING id) "
+             "SELECT count(*), max(id) FROM gone")
 
 
 class EventReader:
@@ -43,6 +46,9 @@ class EventReader:
         self.listener = None
         self._timer = None
         self._waking = False
+        self.first = 0                   # the oldest event id kept, as last seen; 0: none
+        self.ended = False               # end_waits was called: no read waits any more
+        self.trimmed = 0                 # events this front-end trimmed since it started
 
     async def start(self) -> None:
         from accman.postgres.migrate import connect
@@ -72,46 +78,51 @@ class EventReader:
         if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
             raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
         if wait_s > 0 and len(self.waiters) >= EVENTS_WAITERS_MAX:
-            raise Busy(f"{EVENTS_WAITERS_MAX} event reads are waiting already; retry shortly")
+            raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
+                       "retry shortly")
         deadline = time.monotonic() + wait_s if wait_s > 0 else None
         self.store._spawn(self._first_read(after, limit, deadline, done))
         return None
 
     async def _page(self, after, limit):
+        """(events, next) after `after`, or EventsTrimmed.  With none after
+        it, `next` is `after`, or the newest id when `after` is past it (the
+        reader is told where the stream ends, as the embedded store does)."""
         pool = self.cluster.pool
         async with pool.acquire() as conn:
             rows = await conn.fetch(_PAGE_SQL, after, limit, timeout=10.0)
             if not rows:
-                first = await conn.fetchval(_FIRST_SQL)
+                first, last = await conn.fetchrow(_ENDS_SQL)
                 if after + 1 < first:
                     raise EventsTrimmed(first)
-            elif rows[0]["id"] != after + 1:
+                return [], min(after, last) if last else after
+            if rows[0]["id"] != after + 1:
                 raise EventsTrimmed(rows[0]["id"])
         events = [Event(r[0], EVENT_TYPES[r[1]], bytes(r[2]).hex(), r[3], r[4], r[5], r[6],
                         r[7], r[8]) for r in rows]
-        return events, (events[-1].id if events else after)
+        return events, events[-1].id
+
+    async def _outcome(self, after, limit):
+        try:
+            return await self._page(after, limit)
+        except EventsTrimmed as e:
+            return e
+        except Exception as e:
+            return Unavailable(f"the database cannot be read: {E.describe(e)}")
 
     async def _answer(self, after, limit, done) -> bool:
         """Reads a page for a waiter; False when there is nothing yet."""
-        try:
-            events, nxt = await self._page(after, limit)
-        except EventsTrimmed as e:
-            self.store._deliver([(done, e)])
-            return True
-        except Exception as e:
-            self.store._deliver([(done, Unavailable(f"the database cannot be read: "
-                                                    f"{E.describe(e)}"))])
-            return True
-        if not events:
+        outcome = await self._outcome(after, limit)
+        if isinstance(outcome, tuple) and not outcome[0]:
             return False
-        self.store._deliver([(done, (events, nxt))])
+        self.store._deliver([(done, outcome)])
         return True
 
     async def _first_read(self, after, limit, deadline, done) -> None:
-        if await self._answer(after, limit, done):
-            return
-        if deadline is None or len(self.waiters) >= EVENTS_WAITERS_MAX:
-            self.store._deliver([(done, ([], after))])
+        outcome = await self._outcome(after, limit)
+        if (not isinstance(outcome, tuple) or outcome[0] or deadline is None
+                or len(self.waiters) >= EVENTS_WAITERS_MAX or self.ended):
+            self.store._deliver([(done, outcome)])
             return
         self.waiters.append([after, limit, deadline, done])
         self._arm()
@@ -128,15 +139,20 @@ class EventReader:
             self.store._spawn(self._wake())
 
     async def _wake(self) -> None:
-        # Each waiter is taken out of the list while its read runs, so that
-        # the deadline's round cannot answer it a second time.
+        # The waiters are taken out of the list while their reads run, so
+        # that the deadline's round cannot answer one a second time; those
+        # asking the same page share one read.
         try:
-            for w in list(self.waiters):
-                if w not in self.waiters:
-                    continue
-                self.waiters.remove(w)
-                if not await self._answer(w[0], w[1], w[3]):
-                    self.waiters.append(w)
+            taken, self.waiters = self.waiters, []
+            pages: dict = {}
+            for w in taken:
+                pages.setdefault((w[0], w[1]), []).append(w)
+            for (after, limit), group in pages.items():
+                outcome = await self._outcome(after, limit)
+                if isinstance(outcome, tuple) and not outcome[0]:
+                    self.waiters.extend(group)
+                else:
+                    self.store._deliver([(w[3], outcome) for w in group])
         finally:
             self._waking = False
             self._arm()
@@ -155,17 +171,33 @@ class EventReader:
         self._timer = None
         self.store._spawn(self._expire_waiters())
 
-    async def _expire_waiters(self) -> None:
+    async def _expire_waiters(self, everyone=False) -> None:
+        """Answers the waiters whose deadline passed (all of them when
+        `everyone`) after one more read each: a notification lost with a
+        connection cannot hide an event."""
         now = time.monotonic()
-        for w in [w for w in self.waiters if w[2] <= now]:
+        for w in [w for w in self.waiters if everyone or w[2] <= now]:
+            if w not in self.waiters:
+                continue
             self.waiters.remove(w)
-            if not await self._answer(w[0], w[1], w[3]):
-                self.store._deliver([(w[3], ([], w[0]))])
+            self.store._deliver([(w[3], await self._outcome(w[0], w[1]))])
         self._arm()
+
+    def end_waits(self) -> None:
+        """Every waiter is answered now, with what there is, and no read
+        waits from now on."""
+        self.ended = True
+        if self.waiters:
+            self.store._spawn(self._expire_waiters(everyone=True))
 
     async def trim(self, retention_s: float) -> None:
         cutoff_ms = int((time.time() - retention_s) * 1000)
         try:
-            await self.cluster.pool.execute(_TRIM_SQL, cutoff_ms, timeout=60.0)
+            gone, newest_gone = await self.cluster.pool.fetchrow(_TRIM_SQL, cutoff_ms,
+                                                                 timeout=60.0)
         except Exception as e:
             log.warning("trimming events failed (retried later): %s", E.describe(e))
+            return
+        if gone:
+            self.trimmed += gone
+            self.first = max(self.first, newest_gone + 1)

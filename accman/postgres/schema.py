@@ -28,8 +28,9 @@ OVERFLOW = 4
 TOO_MANY_HOLDS_ACCOUNT = 5
 TOO_MANY_HOLDS_STORE = 6
 NO_HOLD = 7
-HOLD_ENDED = 8
+HOLD_ENDED = 8              # settled before, with another use
 USE_OVER_HOLD = 9
+HOLD_EXPIRED = 10           # ended by its expiry
 
 # Op kinds (and history kinds, event types 1-4; 5 is low_balance).
 READ = 0

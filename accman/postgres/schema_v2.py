@@ -1,13 +1,24 @@
-"""Schema version 2: the store's counts on the counter row (accounts, beside
-the next event id and the open holds), and accman_apply returning them
-with each batch, so that /metrics shows them as of the front-end's last
-commit (the embedded store's counts are exact at any moment; these are
-exact after every batch of this front-end, and refreshed each
-EXPIRE_INTERVAL_S for the others')."""
+"""Schema version 2: what the embedded store answers, answered the same.
 
-V2_COUNTER = """
-ALTER TABLE accman_counter ADD COLUMN accounts bigint NOT NULL DEFAULT 0;
-UPDATE accman_counter SET accounts = (SELECT count(*) FROM accman_accounts WHERE seq > 0);
+* The counter row holds the store's counts (accounts and holds expired,
+  beside the next event id and the open holds); accman_apply returns them
+  with each batch, so that /metrics and /health show them as of the
+  front-end's last commit.
+* A hold's ttl is kept with its history entry: a keyed hold sent again
+  with another ttl is key_reused, as a mod with another by or min.
+* A settle of an unknown credential is no_account; of a hold that expired,
+  hold_expired (told apart from a settle with another use).
+* A batch that opens no account does not look for rows to remove.
+"""
+
+V2_TABLES = """
+ALTER TABLE accman_counter ADD COLUMN accounts bigint NOT NULL DEFAULT 0,
+                           ADD COLUMN holds_expired bigint NOT NULL DEFAULT 0;
+UPDATE accman_counter SET accounts = (SELECT count(*) FROM accman_accounts WHERE seq > 0),
+                          holds_expired = (SELECT count(*) FROM accman_history WHERE kind = 4);
+-- A hold's ttl in seconds (NULL on other entries, and on holds made before
+-- version 2, whose ttl a keyed retry is then not judged by).
+ALTER TABLE accman_history ADD COLUMN ttl integer;
 DROP FUNCTION accman_expire(integer);
 DROP FUNCTION accman_apply(bytea[], boolean[], integer[], smallint[], bigint[], bigint[], text[],
                            bigint[], bigint, integer, bigint);
@@ -15,19 +26,27 @@ DROP FUNCTION accman_number_events(smallint[], bytea[], integer[], bigint[], big
                                    text[], bigint[], bigint, bigint);
 """
 
+# Last in every write transaction that changed something: takes the counter
+# row's lock (held until commit: this is what serialises the store's
+# writers, once per batch), numbers the events without gaps, counts, and
+# tells listeners at commit.  Returns the counter after it: (last event id,
+# accounts, open holds, holds expired); NULL when nothing changed.
 V2_NUMBER = r"""
 CREATE FUNCTION accman_number_events(
     e_type smallint[], p_hids bytea[], e_acct integer[], e_seq bigint[], e_by bigint[],
     e_tot bigint[], e_key text[], e_hold bigint[], now_ms bigint, holds_delta bigint,
-    accounts_delta bigint) RETURNS bigint[] LANGUAGE plpgsql AS $$
+    accounts_delta bigint, expired_delta bigint) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
 DECLARE
     n_ev integer := coalesce(array_length(e_type, 1), 0);
     base bigint; state bigint[];
 BEGIN
     IF n_ev = 0 AND holds_delta = 0 THEN RETURN NULL; END IF;
-    UPDATE accman_counter SET next_event = next_event + n_ev, open_holds = open_holds + holds_delta,
-                              accounts = accounts + accounts_delta
-    RETURNING next_event - n_ev, ARRAY[next_event - 1, accounts, open_holds]
+    UPDATE accman_counter SET next_event = next_event + n_ev,
+                              open_holds = open_holds + holds_delta,
+                              accounts = accounts + accounts_delta,
+                              holds_expired = holds_expired + expired_delta
+    RETURNING next_event - n_ev, ARRAY[next_event - 1, accounts, open_holds, holds_expired]
     INTO STRICT base, state;
     IF n_ev = 0 THEN RETURN state; END IF;
     INSERT INTO accman_events
@@ -40,6 +59,10 @@ END;
 $$;
 """
 
+# One batch of a front-end, in its order: p_acct names each op's account by
+# its index in p_hids (distinct, sorted); p_fund says which accounts the
+# batch may create; p_by is a settle's use, p_arg a mod's low, a hold's ttl
+# in seconds, a settle's hold id.  r_code per op: accman.postgres.schema.
 V2_APPLY = r"""
 CREATE FUNCTION accman_apply(
     p_hids bytea[], p_fund boolean[], p_acct integer[], p_kind smallint[],
@@ -54,7 +77,7 @@ DECLARE
     n_ops integer := coalesce(array_length(p_kind, 1), 0);
     now_ms bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
     a_tot bigint[]; a_seq bigint[]; a_seq0 bigint[]; a_low bigint[]; a_holds integer[];
-    a_new boolean[];
+    a_new boolean[]; n_new integer := 0;
     -- The batch's events, every column assigned for each (an array grown by
     -- subscripts must not skip one); e_late marks those whose history entry
     -- is written by one INSERT at the end (plain mods: nothing in the batch
@@ -64,8 +87,10 @@ DECLARE
     e_key text[]; e_hold bigint[]; e_late boolean[];
     r record; t bigint; s bigint; l bigint; h integer;
     i integer; k smallint; b bigint; cur bigint; nt bigint; lim bigint;
-    hk smallint; hby bigint; hmin bigint; htot bigint; hseq bigint; amt bigint; due bigint;
-    open_holds bigint; holds_delta bigint := 0; counter_locked boolean := false;
+    hk smallint; hby bigint; hmin bigint; httl integer; htot bigint; hseq bigint;
+    amt bigint; due bigint;
+    open_holds bigint; holds_delta bigint := 0; expired integer := 0;
+    counter_locked boolean := false;
 BEGIN
     r_code := array_fill(0::smallint, ARRAY[n_ops]);
     r_tot := array_fill(NULL::bigint, ARRAY[n_ops]);
@@ -92,7 +117,7 @@ BEGIN
         CONTINUE WHEN NOT p_fund[i];
         INSERT INTO accman_accounts VALUES (p_hids[i], 0, 0, NULL, 0) ON CONFLICT (hid) DO NOTHING;
         IF FOUND THEN
-            a_new[i] := true;
+            a_new[i] := true; n_new := n_new + 1;
         ELSE
             SELECT a.tot, a.seq, a.low, a.holds INTO STRICT t, s, l, h
               FROM accman_accounts a WHERE a.hid = p_hids[i] FOR UPDATE;
@@ -108,7 +133,7 @@ BEGIN
         END IF;
         IF k = 3 THEN
             -- A settle: b is its use, p_arg its hold.
-            IF a_seq[i] = 0 THEN r_code[j] := 7; CONTINUE; END IF;
+            IF a_seq[i] = 0 THEN r_code[j] := 1; CONTINUE; END IF;
             SELECT x.amount, x.expires_at INTO amt, due FROM accman_holds x
              WHERE x.hid = p_hids[i] AND x.hold = p_arg[j];
             IF FOUND THEN
@@ -117,12 +142,13 @@ BEGIN
                     nt := amt - b;
                 ELSE
                     -- Due but not yet ended by a round: it ends now, by expiry.
-                    nt := amt; k := 4; r_code[j] := 8;
+                    nt := amt; k := 4; r_code[j] := 10;
                 END IF;
                 IF cur > c_max - nt THEN r_code[j] := 4; CONTINUE; END IF;
                 DELETE FROM accman_holds x WHERE x.hid = p_hids[i] AND x.hold = p_arg[j];
                 a_seq[i] := a_seq[i] + 1; a_tot[i] := cur + nt;
                 a_holds[i] := a_holds[i] - 1; holds_delta := holds_delta - 1;
+                IF k = 4 THEN expired := expired + 1; END IF;
                 INSERT INTO accman_history VALUES
                     (p_hids[i], a_seq[i], k, nt, a_tot[i], now_ms, NULL, NULL, p_arg[j]);
                 n_ev := n_ev + 1;
@@ -135,20 +161,21 @@ BEGIN
             SELECT x.kind, x.by, x.tot, x.seq INTO hk, hby, htot, hseq FROM accman_history x
              WHERE x.hid = p_hids[i] AND x.hold = p_arg[j] AND x.kind IN (3, 4);
             IF NOT FOUND THEN r_code[j] := 7; CONTINUE; END IF;
-            IF hk = 4 THEN r_code[j] := 8; CONTINUE; END IF;
+            IF hk = 4 THEN r_code[j] := 10; CONTINUE; END IF;
             SELECT -x.by INTO STRICT amt FROM accman_history x
              WHERE x.hid = p_hids[i] AND x.seq = p_arg[j];
             IF hby = amt - b THEN r_tot[j] := htot; r_seq[j] := hseq;
             ELSE r_code[j] := 8; END IF;
             CONTINUE;
         END IF;
-        -- A mod (k = 1) or a hold (k = 2).
+        -- A mod (k = 1) or a hold (k = 2, p_arg its ttl).
         lim := p_min[j];
         IF p_key[j] IS NOT NULL THEN
-            SELECT x.kind, x.by, x.min, x.tot, x.seq INTO hk, hby, hmin, htot, hseq
+            SELECT x.kind, x.by, x.min, x.ttl, x.tot, x.seq INTO hk, hby, hmin, httl, htot, hseq
               FROM accman_history x WHERE x.hid = p_hids[i] AND x.key = p_key[j];
             IF FOUND THEN
-                IF hk <> k OR hby <> b OR hmin IS DISTINCT FROM lim THEN r_code[j] := 3;
+                IF hk <> k OR hby <> b OR hmin IS DISTINCT FROM lim
+                   OR (k = 2 AND httl <> p_arg[j]) THEN r_code[j] := 3;
                 ELSE r_tot[j] := htot; r_seq[j] := hseq; END IF;
                 CONTINUE;
             END IF;
@@ -175,7 +202,8 @@ BEGIN
         e_hold[n_ev] := CASE WHEN k = 2 THEN s END; e_late[n_ev] := k = 1 AND p_key[j] IS NULL;
         IF NOT e_late[n_ev] THEN
             INSERT INTO accman_history VALUES (p_hids[i], s, k, b, nt, now_ms, p_key[j], lim,
-                                               CASE WHEN k = 2 THEN s END);
+                                               CASE WHEN k = 2 THEN s END,
+                                               CASE WHEN k = 2 THEN p_arg[j] END);
         END IF;
         IF k = 2 THEN
             INSERT INTO accman_holds VALUES (p_hids[i], s, -b, now_ms + p_arg[j] * 1000);
@@ -201,15 +229,22 @@ BEGIN
       FROM unnest(p_hids, a_tot, a_seq, a_seq0, a_low, a_holds)
            AS u(hid, tot, seq, seq0, low, holds)
      WHERE a.hid = u.hid AND u.seq <> u.seq0;
-    DELETE FROM accman_accounts a USING unnest(p_hids, a_new, a_seq) AS u(hid, made, seq)
-     WHERE a.hid = u.hid AND u.made AND u.seq = 0;
+    IF n_new > 0 THEN
+        DELETE FROM accman_accounts a USING unnest(p_hids, a_new, a_seq) AS u(hid, made, seq)
+         WHERE a.hid = u.hid AND u.made AND u.seq = 0;
+        n_new := (SELECT count(*) FROM unnest(a_new, a_seq) AS u(made, seq)
+                   WHERE u.made AND u.seq > 0);
+    END IF;
     r_state := accman_number_events(e_type, p_hids, e_acct, e_seq, e_by, e_tot, e_key, e_hold,
-                                    now_ms, holds_delta, (SELECT count(*) FROM unnest(a_new, a_seq)
-                                                          AS u(made, seq) WHERE made AND seq > 0));
+                                    now_ms, holds_delta, n_new, expired);
 END;
 $$;
 """
 
+# Ends due holds (use 0), at most p_max accounts' worth per call.  Accounts
+# another front-end has locked are skipped (SKIP LOCKED), and a hold is ended
+# only while its account is locked and the hold is still open: with many
+# front-ends running rounds, each due hold ends exactly once.
 V2_EXPIRE = r"""
 CREATE FUNCTION accman_expire(p_max integer) RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -246,10 +281,10 @@ BEGIN
         UPDATE accman_accounts a SET tot = t, seq = s, holds = h WHERE a.hid = acct.hid;
     END LOOP;
     PERFORM accman_number_events(e_type, hids, e_acct, e_seq, e_by, e_tot, e_key, e_hold,
-                                 now_ms, -ended::bigint, 0);
+                                 now_ms, -ended::bigint, 0, ended);
     RETURN ended;
 END;
 $$;
 """
 
-V2 = V2_COUNTER + V2_NUMBER + V2_APPLY + V2_EXPIRE
+V2 = V2_TABLES + V2_NUMBER + V2_APPLY + V2_EXPIRE

@@ -72,7 +72,8 @@ _PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_account
              "LEFT JOIN LATERAL (SELECT * FROM accman_history x WHERE x.hid = a.hid "
              "AND x.seq < $2 ORDER BY x.seq DESC LIMIT $3) h ON true "
              "WHERE a.hid = $1 AND a.seq > 0 ORDER BY h.seq DESC")
-_COUNTS_SQL = "SELECT ARRAY[next_event - 1, accounts, open_holds] FROM accman_counter"
+_COUNTS_SQL = ("SELECT ARRAY[next_event - 1, accounts, open_holds, holds_expired, "
+               "coalesce((SELECT min(id) FROM accman_events), 0)] FROM accman_counter")
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
 
 
@@ -85,6 +86,7 @@ class PgStore:
     def __init__(self, clusters_info, urls, *, hash_key, low_default, retention_s,
                  batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):
         self._hasher = hashlib.blake2b(digest_size=16, key=hash_key)
+        self._refused = B.refusals(holds_per_account_max, holds_max)
         self.clusters = [Cluster(u, i, info.cluster_id)
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
         self.low_default = low_default
@@ -136,6 +138,9 @@ class PgStore:
                 await c.connect()
                 c.events = EventReader(store, c)
                 await c.events.start()
+                # Holds that expired while no front-end ran end before this
+                # one serves (as the embedded store ends them at open).
+                await store._expire(c)
             store._spawn(store._maintain())
         except BaseException:
             await store.aclose()
@@ -262,8 +267,8 @@ class PgStore:
         self._count(nmods, commit_s)
         codes, tots, seqs, counts = row
         cluster.note_counts(counts)
-        outcome = B.outcome
-        self._deliver([(op.done, outcome(op.kind, code, tot, seq))
+        outcome, refused = B.outcome, self._refused
+        self._deliver([(op.done, outcome(op.kind, code, tot, seq, refused))
                        for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)])
         if any(op.kind != S.READ for op in ops):
             cluster.events.local_commit()
@@ -385,6 +390,13 @@ class PgStore:
                              "read them from each cluster's store")
         return self.clusters[0].events.read(after, limit, wait_s, done)
 
+    def end_waits(self) -> None:
+        """Answers every long poll now, with what it has (a server that
+        stops does not keep them waiting)."""
+        for c in self.clusters:
+            if c.events is not None:
+                c.events.end_waits()
+
     # -- upkeep --------------------------------------------------------------------------
 
     async def _maintain(self) -> None:
@@ -392,11 +404,12 @@ class PgStore:
         expired while every front-end was down ends at the next start) and
         trims events past the retention."""
         last_trim = 0.0
+        trim_interval_s = min(TRIM_INTERVAL_S, self.retention_s)
         while not self._closed:
             for c in self.clusters:
                 if c.healthy:
                     await self._expire(c)
-            if time.monotonic() - last_trim >= TRIM_INTERVAL_S:
+            if time.monotonic() - last_trim >= trim_interval_s:
                 last_trim = time.monotonic()
                 for c in self.clusters:
                     if c.healthy:
@@ -413,7 +426,9 @@ class PgStore:
                 while await conn.fetchval("SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX,
                                           timeout=COMMIT_TIMEOUT_S):
                     cluster.events.local_commit()
-                cluster.note_counts(await conn.fetchval(_COUNTS_SQL))
+                counts = await conn.fetchval(_COUNTS_SQL)
+                cluster.note_counts(counts[:4])
+                cluster.events.first = counts[4]
         except Exception as e:
             if E.classify(e) == E.UNKNOWN and cluster.healthy:
                 self._lost(cluster, e)
@@ -445,10 +460,15 @@ class PgStore:
                  "fsync_s_total": self.commit_s_total,
                  "last_batch_mods": self.last_batch_mods, "queued_mods": self.queued_mods,
                  "accounts": sum(c.accounts for c in self.clusters),
-                 "open_holds": self.open_holds, "clusters": len(self.clusters),
-                 "healthy": self.healthy}
+                 "open_holds": self.open_holds,
+                 "holds_expired": sum(c.holds_expired for c in self.clusters),
+                 "clusters": len(self.clusters), "healthy": self.healthy}
         if len(self.clusters) == 1:
-            stats["events_last"] = self.clusters[0].last_event
+            c = self.clusters[0]
+            stats["events_last"] = c.last_event
+            if c.events is not None:
+                stats["events_first"] = c.events.first
+                stats["events_trimmed"] = c.events.trimmed
         return stats
 
     def drain_samples(self):

@@ -35,8 +35,8 @@ def test_hold_and_settle(pg_url):
                 await c.settle("a", 1, 0)                   # a mod, not a hold
             with pytest.raises(NoHold):
                 await c.settle("a", 99, 0)
-            with pytest.raises(NoHold):
-                await c.settle("nobody", 1, 0)
+            with pytest.raises(NoAccount):
+                await c.settle("nobody", 1, 0)              # as the embedded store says
             entries = (await c.past("a")).entries
             assert [(e.seq, e.by, e.tot, e.hold) for e in entries] == [
                 (5, 0, 10, 3), (4, 20, 10, 2), (3, -80, -10, 3), (2, -30, 70, 2),
