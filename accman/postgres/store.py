@@ -35,6 +35,7 @@ from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX
 from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
+from accman.postgres import upkeep
 from accman.postgres.cluster import Cluster
 from accman.postgres.events import EventReader
 from accman.postgres.migrate import check_infos, connect, migrate, read_info
@@ -56,13 +57,6 @@ READ_TIMEOUT_S = 10.0
 # doubling to the maximum (a failover with Patroni takes ~10-30 s).
 RECONNECT_BACKOFF_S_MIN = 0.05
 RECONNECT_BACKOFF_S_MAX = 2.0
-# Due holds are ended in rounds this often (a hold ends at most this long
-# after its ttl; a settle after the ttl is hold_ended at once regardless),
-# at most EXPIRE_ACCOUNTS_MAX accounts per round.
-EXPIRE_INTERVAL_S = 1.0
-EXPIRE_ACCOUNTS_MAX = 1024
-# Events past the retention are trimmed this often.
-TRIM_INTERVAL_S = 60.0
 # cred -> (hid, cluster) cache: hashing is ~1 us, a dict hit ~50 ns.
 CRED_CACHE_MAX = 65536
 
@@ -72,8 +66,6 @@ _PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_account
              "LEFT JOIN LATERAL (SELECT * FROM accman_history x WHERE x.hid = a.hid "
              "AND x.seq < $2 ORDER BY x.seq DESC LIMIT $3) h ON true "
              "WHERE a.hid = $1 AND a.seq > 0 ORDER BY h.seq DESC")
-_COUNTS_SQL = ("SELECT ARRAY[next_event - 1, accounts, open_holds, holds_expired, "
-               "coalesce((SELECT min(id) FROM accman_events), 0)] FROM accman_counter")
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
 
 
@@ -140,8 +132,8 @@ class PgStore:
                 await c.events.start()
                 # Holds that expired while no front-end ran end before this
                 # one serves (as the embedded store ends them at open).
-                await store._expire(c)
-            store._spawn(store._maintain())
+                await upkeep.expire_round(store, c)
+            store._spawn(upkeep.maintain(store))
         except BaseException:
             await store.aclose()
             raise
@@ -255,7 +247,7 @@ class PgStore:
                 if kind == E.UNKNOWN:
                     detail = ("the connection to the database broke during the commit; "
                               "nothing in this batch was acknowledged, retry with its key")
-                    self._lost(cluster, e)
+                    self.lost(cluster, e)
                 else:
                     log.error("a batch failed: %s", E.describe(e))
                     detail = f"the database refused the batch: {E.describe(e)}"
@@ -291,7 +283,9 @@ class PgStore:
 
     # -- losing and regaining a cluster ---------------------------------------------------
 
-    def _lost(self, cluster: Cluster, exc: BaseException) -> None:
+    def lost(self, cluster: Cluster, exc: BaseException) -> None:
+        """The cluster's connections are gone (or their outcome unknown): it
+        is unhealthy until the store has reconnected, with backoff."""
         cluster.error = E.describe(exc)
         log.warning("lost the database connection: %s; reconnecting", cluster.error)
         for lane in cluster.lanes:
@@ -397,44 +391,7 @@ class PgStore:
             if c.events is not None:
                 c.events.end_waits()
 
-    # -- upkeep --------------------------------------------------------------------------
-
-    async def _maintain(self) -> None:
-        """Ends due holds (now, then every EXPIRE_INTERVAL_S: a hold that
-        expired while every front-end was down ends at the next start) and
-        trims events past the retention."""
-        last_trim = 0.0
-        trim_interval_s = min(TRIM_INTERVAL_S, self.retention_s)
-        while not self._closed:
-            for c in self.clusters:
-                if c.healthy:
-                    await self._expire(c)
-            if time.monotonic() - last_trim >= trim_interval_s:
-                last_trim = time.monotonic()
-                for c in self.clusters:
-                    if c.healthy:
-                        await c.events.trim(self.retention_s)
-            await asyncio.sleep(EXPIRE_INTERVAL_S)
-
-    async def _expire(self, cluster: Cluster) -> None:
-        """One round of ending due holds.  It is also the store's heartbeat:
-        a round that loses its connection marks the cluster lost, so that
-        /health says 503 within a round of the primary going away, idle or
-        not (SPEC "Routes": 503 while the service cannot commit)."""
-        try:
-            async with cluster.pool.acquire() as conn:
-                while await conn.fetchval("SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX,
-                                          timeout=COMMIT_TIMEOUT_S):
-                    cluster.events.local_commit()
-                counts = await conn.fetchval(_COUNTS_SQL)
-                cluster.note_counts(counts[:4])
-                cluster.events.first = counts[4]
-        except Exception as e:
-            if E.classify(e) == E.UNKNOWN and cluster.healthy:
-                self._lost(cluster, e)
-            else:
-                log.warning("ending due holds failed (retried next round): %s",
-                            E.describe(e))
+    # -- upkeep (accman.postgres.upkeep) -------------------------------------------------
 
     def _spawn(self, coro) -> None:
         task = self._loop.create_task(coro)
@@ -446,6 +403,10 @@ class PgStore:
     @property
     def healthy(self) -> bool:
         return not self._closed and all(c.healthy for c in self.clusters)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def open_holds(self) -> int:
