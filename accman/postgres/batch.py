@@ -121,6 +121,9 @@ def refusals(holds_per_account_max: int, holds_max: int) -> dict:
         S.KEY_REUSED: lambda _kind, _tot: KeyReused("key was used with another by, min or ttl"),
         S.OVERFLOW: lambda _kind, _tot: Overflow(
             "the balance would leave the signed 64-bit range"),
+        S.OVERFLOW_HELD: lambda _kind, _tot: Overflow(
+            "the balance, with what its open holds give back when they end, would leave the "
+            "signed 64-bit range"),
         S.TOO_MANY_HOLDS_ACCOUNT: lambda _kind, _tot: TooManyHolds(
             f"the account has HOLDS_PER_ACCOUNT_MAX ({holds_per_account_max}) open holds; "
             "settle some first"),

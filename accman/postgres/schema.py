@@ -31,6 +31,7 @@ NO_HOLD = 7
 HOLD_ENDED = 8              # settled before, with another use
 USE_OVER_HOLD = 9
 HOLD_EXPIRED = 10           # ended by its expiry
+OVERFLOW_HELD = 11          # the balance and what open holds give back would not fit
 
 # Op kinds (and history kinds, event types 1-4; 5 is low_balance).
 READ = 0

@@ -8,6 +8,8 @@
   with another ttl is key_reused, as a mod with another by or min.
 * A settle of an unknown credential is no_account; of a hold that expired,
   hold_expired (told apart from a settle with another use).
+* A funding mod that would leave no room for what the account's open
+  holds give back when they end is overflow.
 * A batch that opens no account does not look for rows to remove.
 """
 
@@ -185,6 +187,13 @@ BEGIN
             r_code[j] := 4; CONTINUE;
         END IF;
         nt := cur + b;
+        -- What open holds give back when they end must fit too: an expiry
+        -- cannot be refused.
+        IF b > 0 AND a_holds[i] > 0 AND nt::numeric + (SELECT coalesce(sum(x.amount), 0)
+                                                       FROM accman_holds x
+                                                      WHERE x.hid = p_hids[i]) > c_max THEN
+            r_code[j] := 11; CONTINUE;
+        END IF;
         IF lim IS NOT NULL AND nt < lim THEN r_code[j] := 2; r_tot[j] := cur; CONTINUE; END IF;
         IF k = 2 THEN
             IF a_holds[i] >= p_holds_account_max THEN r_code[j] := 5; CONTINUE; END IF;

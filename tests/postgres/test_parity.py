@@ -10,7 +10,7 @@ import time
 import pytest
 
 from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, KeyReused, NoAccount,
-                           TooManyHolds)
+                           Overflow, TooManyHolds)
 from accman.limits import INT64_MAX, INT64_MIN
 
 from .helpers import opened, run
@@ -49,6 +49,21 @@ def test_refusals_say_what_the_embedded_store_says(pg_url):
                 await c.settle("a", 3, 0)
             with pytest.raises(HoldEnded, match="expired"):
                 await c.settle("a", 3, 0)                   # and stays so
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_a_mod_leaves_room_for_what_open_holds_give_back(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("a", 100)
+            await c.hold("a", -100, 60)
+            with pytest.raises(Overflow, match="open holds"):
+                await c.mod("a", INT64_MAX)
+            assert await c.mod("a", INT64_MAX - 100) == (INT64_MAX - 100, 3)
+            assert await c.settle("a", 2, 0) == (INT64_MAX, 4)
         finally:
             await store.aclose()
     run(main())
