@@ -77,6 +77,21 @@ def open_postgres(loop, urls: list, data_path: str | None, **options):
         raise StartupError(f"cannot open the PostgreSQL store: {e.detail}") from None
 
 
+def open_store(loop, store, data_path, store_urls, verify, low_balance, events_retention_s,
+               options):
+    """(store, where): the store to serve and what the ready line says of
+    it, `store` itself when one was given."""
+    if store is not None:
+        return store, f"data={getattr(store, 'path', data_path)}"
+    if store_urls:
+        store = open_postgres(loop, list(store_urls), data_path, low_default=low_balance,
+                              retention_s=events_retention_s, **options)
+        return store, "store=" + ",".join(redacted(u) for u in store_urls)
+    store = open_ledger(data_path, verify, low_balance=low_balance,
+                        events_retention_s=events_retention_s, **options)
+    return store, f"data={store.path}"
+
+
 _LOCKS = []         # held for the process's life: the lock is the open descriptor
 
 
@@ -136,16 +151,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
     try:
-        if store is not None:
-            where = f"data={getattr(store, 'path', data_path)}"
-        elif store_urls:
-            store = open_postgres(loop, list(store_urls), data_path, low_default=low_balance,
-                                  retention_s=events_retention_s, **(store_options or {}))
-            where = "store=" + ",".join(redacted(u) for u in store_urls)
-        else:
-            store = open_ledger(data_path, verify, low_balance=low_balance,
-                                events_retention_s=events_retention_s, **(store_options or {}))
-            where = f"data={store.path}"
+        store, where = open_store(loop, store, data_path, store_urls, verify, low_balance,
+                                  events_retention_s, store_options or {})
     except BaseException:
         asyncio.set_event_loop(None)
         loop.close()
