@@ -1,5 +1,10 @@
 """GET /events on PostgreSQL: pages of the event table, and long polls.
 
+Every cluster of a store has an EventReader; the one of the events' home
+(the store's only cluster, or the home of several: accman.postgres.merge)
+answers the reads, and the others only hear their cluster's commits for
+the merger, and trim what it has copied.
+
 A long poll is one entry in a bounded list (limits.EVENTS_WAITERS_MAX), no
 task and no timer of its own: one timer, for the earliest deadline, serves
 them all.  Every front-end LISTENs on accman_events; accman_apply NOTIFYs
@@ -28,12 +33,14 @@ _PAGE_SQL = ("SELECT id, type, hid, seq, by, tot, at, key, hold FROM accman_even
 _ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), "
              "next_event - 1 FROM accman_counter")
 # Keeps a contiguous run of the newest events: everything below the first
-# event younger than the cutoff goes (the newest event always stays).
-# Returns how many went, and the oldest kept.
-_TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id < coalesce("
+# event younger than the cutoff goes (the newest event always stays), and on
+# a cluster that is not the home, nothing past what is copied ($2).
+# Returns how many went, and the newest of them.
+_TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id < coalesce("
              "(SELECT id FROM accman_events WHERE at >= $1 ORDER BY id LIMIT 1), "
              "(SELECT max(id) FROM accman_events)) RETURNING id) "
              "SELECT count(*), max(id) FROM gone")
+_NO_BOUND = 2 ** 63 - 1
 
 
 class EventReader:
@@ -42,6 +49,7 @@ class EventReader:
     def __init__(self, store, cluster):
         self.store = store
         self.cluster = cluster
+        self.home = cluster is store.home
         self.waiters: list = []          # [after, limit, deadline, done]
         self.listener = None
         self._timer = None
@@ -56,10 +64,17 @@ class EventReader:
         await self.listener.add_listener(NOTIFY_CHANNEL, self._notified)
 
     async def restart(self) -> None:
+        merger = self.store.merger
         if self.listener is not None:
             self.listener.terminate()
+            if self.home and merger is not None:
+                merger.lost_home()          # the copying role went with the session
         await self.start()
-        self.local_commit()         # what was missed while away
+        # What was missed while away.
+        if self.home:
+            self.local_commit()
+        else:
+            merger.kick()
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -103,6 +118,15 @@ class EventReader:
         return events, events[-1].id
 
     async def _outcome(self, after, limit):
+        merger = self.store.merger
+        if merger is not None:
+            # What this front-end's answered writes committed on the other
+            # clusters is copied before it is read (pipelined order).
+            try:
+                await merger.catch_up()
+            except Exception as e:
+                return Unavailable(f"the events of a cluster cannot be copied: "
+                                   f"{E.describe(e)}")
         try:
             return await self._page(after, limit)
         except EventsTrimmed as e:
@@ -129,8 +153,11 @@ class EventReader:
 
     # -- waking ----------------------------------------------------------------------
 
-    def _notified(self, *_args) -> None:
-        self.local_commit()
+    def _notified(self, _conn, _pid, _channel, payload) -> None:
+        if self.home:
+            self.local_commit()
+        else:
+            self.store.merger.note_notified(self.cluster, payload)
 
     def local_commit(self) -> None:
         """Events may have been committed: waiters read again."""
@@ -193,7 +220,8 @@ class EventReader:
     async def trim(self, retention_s: float) -> None:
         cutoff_ms = int((time.time() - retention_s) * 1000)
         try:
-            gone, newest_gone = await self.cluster.pool.fetchrow(_TRIM_SQL, cutoff_ms,
+            copied = _NO_BOUND if self.home else await self.store.merger.upto(self.cluster)
+            gone, newest_gone = await self.cluster.pool.fetchrow(_TRIM_SQL, cutoff_ms, copied,
                                                                  timeout=60.0)
         except Exception as e:
             log.warning("trimming events failed (retried later): %s", E.describe(e))

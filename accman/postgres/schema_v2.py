@@ -11,6 +11,8 @@
 * A funding mod that would leave no room for what the account's open
   holds give back when they end is overflow.
 * A batch that opens no account does not look for rows to remove.
+* A store of several clusters numbers its events in one order, on its
+  events' home cluster (accman_merge; accman.postgres.merge).
 """
 
 V2_TABLES = """
@@ -21,6 +23,16 @@ UPDATE accman_counter SET accounts = (SELECT count(*) FROM accman_accounts WHERE
 -- A hold's ttl in seconds (NULL on other entries, and on holds made before
 -- version 2, whose ttl a keyed retry is then not judged by).
 ALTER TABLE accman_history ADD COLUMN ttl integer;
+-- A store of several clusters numbers its events on one of them, the same
+-- for all (accman.postgres.merge); NULL on a store of one cluster.
+ALTER TABLE accman_schema ADD COLUMN events_home bytea
+    CHECK (events_home IS NULL OR length(events_home) = 16);
+-- On the home: how far each other cluster's events are copied into this
+-- one's accman_events, where the store numbers them.
+CREATE TABLE accman_merged (
+    cluster_id bytea PRIMARY KEY CHECK (length(cluster_id) = 16),
+    upto bigint NOT NULL
+);
 DROP FUNCTION accman_expire(integer);
 DROP FUNCTION accman_apply(bytea[], boolean[], integer[], smallint[], bigint[], bigint[], text[],
                            bigint[], bigint, integer, bigint);
@@ -296,4 +308,30 @@ END;
 $$;
 """
 
-V2 = V2_TABLES + V2_NUMBER + V2_APPLY + V2_EXPIRE
+# On the home: the events of another cluster, up to its local id p_upto, in
+# its order, numbered in the store's order (accman.postgres.merge).
+V2_MERGE = r"""
+CREATE FUNCTION accman_merge(
+    p_cluster bytea, p_upto bigint, p_type smallint[], p_hid bytea[], p_seq bigint[],
+    p_by bigint[], p_tot bigint[], p_at bigint[], p_key text[], p_hold bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := array_length(p_type, 1);
+    base bigint;
+BEGIN
+    UPDATE accman_counter SET next_event = next_event + n
+    RETURNING next_event - n INTO STRICT base;
+    INSERT INTO accman_events
+    SELECT base + e.o - 1, e.t, e.h, e.s, e.b, e.tt, e.at, e.k, e.ho
+      FROM unnest(p_type, p_hid, p_seq, p_by, p_tot, p_at, p_key, p_hold)
+           WITH ORDINALITY AS e(t, h, s, b, tt, at, k, ho, o);
+    UPDATE accman_merged SET upto = p_upto WHERE cluster_id = p_cluster;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'accman_merged has no row for this cluster: not this store''s home';
+    END IF;
+    PERFORM pg_notify('accman_events', (base + n - 1)::text);
+END;
+$$;
+"""
+
+V2 = V2_TABLES + V2_NUMBER + V2_APPLY + V2_EXPIRE + V2_MERGE

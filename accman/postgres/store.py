@@ -13,7 +13,8 @@ judged in the database against rows it has locked (accman.postgres.schema).
 
 Accounts spread over the clusters by rendezvous hashing of the account id
 with each cluster's id: adding a cluster moves only the accounts that now
-rank it first (docs/SCALING.md).
+rank it first (docs/SCALING.md).  Their events are numbered in one
+gap-free order on one of them (accman.postgres.merge).
 
 A broken connection mid-batch leaves the batch's outcome unknown: its calls
 are answered Unavailable (nothing acknowledged; a keyed retry gets the
@@ -38,6 +39,7 @@ from accman.postgres import schema as S
 from accman.postgres import upkeep
 from accman.postgres.cluster import Cluster
 from accman.postgres.events import EventReader
+from accman.postgres.merge import Merger
 from accman.postgres.migrate import check_infos, connect, migrate, read_info
 from accman.records import Entry
 from accman.store import Page
@@ -98,6 +100,14 @@ class PgStore:
         self.commit_s_total = 0.0
         self.last_batch_mods = 0
         self._samples: tuple[list, list] = ([], [])
+        # Where the store's events are numbered and read: the one cluster,
+        # or the events' home of several, with the merger that copies the
+        # others' events into it (accman.postgres.merge).
+        home_id = clusters_info[0].events_home if len(clusters_info) > 1 else None
+        self.home = next(c for c in self.clusters
+                         if home_id is None or c.cluster_id == home_id)
+        others = [c for c in self.clusters if c is not self.home]
+        self.merger = Merger(self, self.home, others) if others else None
 
     @classmethod
     async def open(cls, urls: list[str], *, migrate_schema: bool = True,
@@ -133,6 +143,7 @@ class PgStore:
                 # Holds that expired while no front-end ran end before this
                 # one serves (as the embedded store ends them at open).
                 await upkeep.expire_round(store, c)
+            await upkeep.merge_round(store)
             store._spawn(upkeep.maintain(store))
         except BaseException:
             await store.aclose()
@@ -259,11 +270,16 @@ class PgStore:
         self._count(nmods, commit_s)
         codes, tots, seqs, counts = row
         cluster.note_counts(counts)
+        if counts is not None:
+            # Before the replies: an /events pipelined behind them copies
+            # (merge) or reads what they committed.
+            if cluster is self.home:
+                cluster.events.local_commit()
+            else:
+                self.merger.note_commit(cluster, counts[0])
         outcome, refused = B.outcome, self._refused
         self._deliver([(op.done, outcome(op.kind, code, tot, seq, refused))
                        for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)])
-        if any(op.kind != S.READ for op in ops):
-            cluster.events.local_commit()
 
     def _count(self, nmods: int, commit_s: float) -> None:
         self.batches += 1
@@ -379,17 +395,13 @@ class PgStore:
     # -- events --------------------------------------------------------------------------
 
     def read_events(self, after, limit, wait_s, done):
-        if len(self.clusters) != 1:
-            raise BadRequest("events are numbered per cluster: with several clusters, "
-                             "read them from each cluster's store")
-        return self.clusters[0].events.read(after, limit, wait_s, done)
+        return self.home.events.read(after, limit, wait_s, done)
 
     def end_waits(self) -> None:
         """Answers every long poll now, with what it has (a server that
         stops does not keep them waiting)."""
-        for c in self.clusters:
-            if c.events is not None:
-                c.events.end_waits()
+        if self.home.events is not None:
+            self.home.events.end_waits()
 
     # -- upkeep (accman.postgres.upkeep) -------------------------------------------------
 
@@ -424,12 +436,11 @@ class PgStore:
                  "open_holds": self.open_holds,
                  "holds_expired": sum(c.holds_expired for c in self.clusters),
                  "clusters": len(self.clusters), "healthy": self.healthy}
-        if len(self.clusters) == 1:
-            c = self.clusters[0]
-            stats["events_last"] = c.last_event
-            if c.events is not None:
-                stats["events_first"] = c.events.first
-                stats["events_trimmed"] = c.events.trimmed
+        home = self.home
+        stats["events_last"] = home.last_event
+        if home.events is not None:
+            stats["events_first"] = home.events.first
+            stats["events_trimmed"] = home.events.trimmed
         return stats
 
     def drain_samples(self):

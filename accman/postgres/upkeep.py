@@ -44,11 +44,26 @@ async def maintain(store) -> None:
         for c in store.clusters:
             if c.healthy:
                 await expire_round(store, c)
+        await merge_round(store)
         if time.monotonic() - last_trim >= trim_interval_s:
             last_trim = time.monotonic()
             for c in store.clusters:
                 if c.healthy:
                     await c.events.trim(store.retention_s)
+
+
+async def merge_round(store) -> None:
+    """On a store of several clusters: takes the copying role if no
+    front-end has it, and copies what a lost notification may have left."""
+    merger = store.merger
+    if merger is None or not store.healthy:
+        return
+    try:
+        await merger.lead()
+    except Exception as e:
+        log.warning("taking the copying role failed (retried next round): %s", E.describe(e))
+    if merger.leading:
+        merger.kick()
 
 
 async def expire_round(store, cluster) -> None:
