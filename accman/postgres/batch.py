@@ -91,7 +91,10 @@ class Op:
 def arrays(ops: list[Op]) -> tuple:
     """The arguments of accman_apply for `ops`, in their order: distinct
     hids sorted (the order the database locks them in), which of them a
-    funding mod may create, and one column per op field."""
+    funding mod may create, and one column per op field.  A column of
+    NULLs only (no min, no key, no arg in the whole batch) goes as one
+    NULL array, which reads as NULL at every index: each element costs
+    the driver's encoding and the database's decoding."""
     fund = {}
     for op in ops:
         if op.kind == S.MOD and op.by > 0:
@@ -100,10 +103,19 @@ def arrays(ops: list[Op]) -> tuple:
             fund.setdefault(op.hid, False)
     hids = sorted(fund)
     index = {hid: i for i, hid in enumerate(hids, 1)}
+    mins = [op.min for op in ops]
+    keys = [op.key for op in ops]
+    args = [op.arg for op in ops]
     return (hids, [fund[h] for h in hids],
             [index[op.hid] for op in ops], [op.kind for op in ops],
-            [op.by for op in ops], [op.min for op in ops],
-            [op.key for op in ops], [op.arg for op in ops])
+            [op.by for op in ops], _or_null(mins), _or_null(keys), _or_null(args))
+
+
+def _or_null(column: list):
+    for value in column:
+        if value is not None:
+            return column
+    return None
 
 
 # What a refusal says: the embedded store's sentences, so that a client sees
