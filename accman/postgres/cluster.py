@@ -8,7 +8,7 @@ from collections import deque
 
 import asyncpg
 
-from accman.postgres.migrate import connect
+from accman.postgres.migrate import SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
 # 64 callers a second lane halved each batch and every batch still waits
@@ -87,7 +87,8 @@ class Cluster:
             for lane in self.lanes:
                 await lane.connect(self.url)
             self.pool = self.pool or await asyncpg.create_pool(
-                self.url, min_size=1, max_size=READ_POOL_CONNECTIONS_MAX)
+                self.url, min_size=1, max_size=READ_POOL_CONNECTIONS_MAX,
+                server_settings=SESSION_SETTINGS)
         except BaseException:
             for lane in self.lanes:
                 lane.drop()

@@ -135,9 +135,22 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
     return out
 
 
+# Every connection of a store plans its statements for an index, whatever
+# the statistics say: a plan made while a table was small (a new store, or
+# before autoanalyze first ran) is cached for the connection's life, and a
+# hash join over a sequential scan of accman_accounts then costs each batch
+# and each /tot a scan of every account (measured: 2.7k charges/s instead
+# of 14k, with 100k accounts).  A scan that no index can serve (the one-row
+# counter) still runs, at a cost the planner only counts high; JIT, which
+# such a cost would wake on every call, is off (these statements are small).
+SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
+                    "enable_mergejoin": "off", "jit": "off"}
+
+
 async def connect(url: str):
     try:
-        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
+        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S,
+                                     server_settings=SESSION_SETTINGS)
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
             asyncpg.InterfaceError) as e:
         raise store_error(e, "cannot connect to a PostgreSQL cluster of the store") from None
