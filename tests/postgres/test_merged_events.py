@@ -199,3 +199,33 @@ def test_front_ends_killed_mid_load_lose_no_event(pg, pg_factory, tmp_path):
     events = run(read())
     check_order(events, history_keys(pg, "k_a") | history_keys(other, "k_b"))
     assert len(events) > 200
+
+
+def test_a_cluster_far_behind_is_copied_in_passes_of_merge_batch_max(pg, pg_factory,
+                                                                      monkeypatch):
+    """MERGE_BATCH_MAX events per copy: a cluster 23 events behind, at 5 a
+    pass, is copied in five passes or more, in order, once."""
+    monkeypatch.setattr(merge_module, "MERGE_BATCH_MAX", 5)
+    other = pg_factory(name="second")
+    urls = [pg.create_database("p_a"), other.create_database("p_b")]
+
+    async def main():
+        store, c = await opened(urls)
+        try:
+            far = [f"z{i}" for i in range(300) if store._locate(f"z{i}")[1] is not store.home]
+            passes = []
+            real_pass = store.merger._pass
+
+            async def counted(cluster):
+                n = await real_pass(cluster)
+                passes.append(n)
+                return n
+            monkeypatch.setattr(store.merger, "_pass", counted)
+            await asyncio.gather(*(c.mod(z, 1) for z in far[:23]))
+            events = await all_events(c)
+            assert [e.id for e in events] == list(range(1, 24))
+            copied = [n for n in passes if n]
+            assert sum(copied) == 23 and max(copied) == 5 and len(copied) >= 5
+        finally:
+            await store.aclose()
+    run(main())
