@@ -56,6 +56,16 @@ class EventReader:
         self._waking = False
         self.first = 0                   # the oldest event id kept, as last seen; 0: none
         self.ended = False               # end_waits was called: no read waits any more
+        # Calls waiting for their first read, by the page they ask for: one
+        # query answers all that ask for the same page (a thousand pollers
+        # of the stream's end are one query, not a thousand); the polls
+        # among them count toward EVENTS_WAITERS_MAX.
+        self._queued: dict = {}          # (after, limit) -> [(deadline or None, done)]
+        self._queued_polls = 0
+        self._reading = False
+        # Commits heard of so far: a read that began before one re-reads
+        # rather than wait for the next.
+        self._commits = 0
         self.trimmed = 0                 # events this front-end trimmed since it started
 
     async def start(self) -> None:
@@ -92,11 +102,16 @@ class EventReader:
             raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
         if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
             raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
-        if wait_s > 0 and len(self.waiters) >= EVENTS_WAITERS_MAX:
+        if wait_s > 0 and len(self.waiters) + self._queued_polls >= EVENTS_WAITERS_MAX:
             raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
                        "retry shortly")
-        deadline = time.monotonic() + wait_s if wait_s > 0 else None
-        self.store._spawn(self._first_read(after, limit, deadline, done))
+        deadline = time.monotonic() + wait_s if wait_s > 0 and not self.ended else None
+        self._queued.setdefault((after, limit), []).append((deadline, done))
+        if deadline is not None:
+            self._queued_polls += 1
+        if not self._reading:
+            self._reading = True
+            self.store._spawn(self._first_reads())
         return None
 
     async def _page(self, after, limit):
@@ -142,14 +157,30 @@ class EventReader:
         self.store._deliver([(done, outcome)])
         return True
 
-    async def _first_read(self, after, limit, deadline, done) -> None:
-        outcome = await self._outcome(after, limit)
-        if (not isinstance(outcome, tuple) or outcome[0] or deadline is None
-                or len(self.waiters) >= EVENTS_WAITERS_MAX or self.ended):
-            self.store._deliver([(done, outcome)])
-            return
-        self.waiters.append([after, limit, deadline, done])
-        self._arm()
+    async def _first_reads(self) -> None:
+        """The first read of every call queued, one query per page asked;
+        each query starts after every call it answers was made."""
+        try:
+            while self._queued:
+                queued, self._queued = self._queued, {}
+                for (after, limit), calls in queued.items():
+                    commits = self._commits
+                    outcome = await self._outcome(after, limit)
+                    waits = isinstance(outcome, tuple) and not outcome[0] and not self.ended
+                    answered = []
+                    for deadline, done in calls:
+                        if deadline is not None:
+                            self._queued_polls -= 1
+                        if waits and deadline is not None:
+                            self.waiters.append([after, limit, deadline, done])
+                        else:
+                            answered.append((done, outcome))
+                    self.store._deliver(answered)
+                    if self._commits != commits:
+                        self.local_commit()     # heard of during the read
+                self._arm()
+        finally:
+            self._reading = False
 
     # -- waking ----------------------------------------------------------------------
 
@@ -161,6 +192,7 @@ class EventReader:
 
     def local_commit(self) -> None:
         """Events may have been committed: waiters read again."""
+        self._commits += 1
         if self.waiters and not self._waking:
             self._waking = True
             self.store._spawn(self._wake())
@@ -168,7 +200,9 @@ class EventReader:
     async def _wake(self) -> None:
         # The waiters are taken out of the list while their reads run, so
         # that the deadline's round cannot answer one a second time; those
-        # asking the same page share one read.
+        # asking the same page share one read.  A commit heard of meanwhile
+        # wakes them again.
+        commits = self._commits
         try:
             taken, self.waiters = self.waiters, []
             pages: dict = {}
@@ -176,13 +210,16 @@ class EventReader:
                 pages.setdefault((w[0], w[1]), []).append(w)
             for (after, limit), group in pages.items():
                 outcome = await self._outcome(after, limit)
-                if isinstance(outcome, tuple) and not outcome[0]:
+                if isinstance(outcome, tuple) and not outcome[0] and not self.ended:
                     self.waiters.extend(group)
                 else:
                     self.store._deliver([(w[3], outcome) for w in group])
         finally:
             self._waking = False
             self._arm()
+        if self._commits != commits:
+            self._commits -= 1          # not a new commit: the same, heard again
+            self.local_commit()
 
     def _arm(self) -> None:
         if self._timer is not None:

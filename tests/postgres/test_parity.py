@@ -180,3 +180,57 @@ def test_a_retention_shorter_than_the_trim_interval_is_kept_to(pg_url):
         finally:
             await store.aclose()
     run(main())
+
+
+def test_polls_of_one_page_share_one_read(pg_url, monkeypatch):
+    """300 long polls of the stream's end, made at once, are one query (and
+    one more when an event wakes them), not 300."""
+    from accman.postgres.events import EventReader
+    reads = []
+    real_page = EventReader._page
+
+    async def counted(self, after, limit):
+        reads.append(after)
+        return await real_page(self, after, limit)
+    monkeypatch.setattr(EventReader, "_page", counted)
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            polls = [asyncio.ensure_future(c.events(after=0, wait_s=10)) for _ in range(300)]
+            await asyncio.sleep(0.3)
+            assert len(reads) <= 2
+            await c.mod("a", 1)
+            assert all(p[1] == 1 for p in await asyncio.gather(*polls))
+            assert len(reads) <= 4
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_a_commit_heard_during_a_first_read_is_read_at_once(pg_url, monkeypatch):
+    """A poll whose first read found nothing, while a commit was heard of
+    meanwhile, reads again rather than wait out its wait."""
+    from accman.postgres.events import EventReader
+    real_page = EventReader._page
+    state = {}
+
+    async def page_then_commit(self, after, limit):
+        outcome = await real_page(self, after, limit)
+        if "done" not in state:
+            state["done"] = True
+            await state["calls"].mod("a", 1)           # committed, and heard of
+        return outcome
+    monkeypatch.setattr(EventReader, "_page", page_then_commit)
+
+    async def main():
+        store, c = await opened(pg_url)
+        state["calls"] = c
+        try:
+            t0 = time.monotonic()
+            events, nxt = await c.events(after=0, wait_s=20)
+            assert [e.id for e in events] == [1] and nxt == 1
+            assert time.monotonic() - t0 < 5
+        finally:
+            await store.aclose()
+    run(main())
