@@ -59,6 +59,10 @@ lint:
 pg-long:
     ACCMAN_PG_LONG=1 {{py}} -m pytest tests/postgres/test_front_ends.py tests/postgres/test_failover.py -p no:cacheprovider
 
-# the PostgreSQL store's figures against pgbench (docs/SCALING.md)
+# the PostgreSQL store's figures over HTTP against pgbench, same run (docs/SCALING.md)
+bench-pg-http:
+    {{py}} bench/pg_http.py --rounds 5 --save
+
+# the PostgreSQL store's figures in process against pgbench (docs/SCALING.md's first figures)
 bench-pg:
     {{py}} bench/pg_store.py --json bench/results/pg_store.json

@@ -13,6 +13,13 @@ INT64_MAX = 2 ** 63 - 1
 # --- /past pages ------------------------------------------------------------
 PAST_LIMIT_DEFAULT = 100      # SPEC: default page size.
 PAST_LIMIT_MAX = 1000         # SPEC: limit is 1..1000; a page stays < ~100 KiB.
+# The longest JSON of one history entry, and of one event (int64 extremes,
+# a 64-character key, the separator): a /past or /events reply answered out
+# of line is counted at (limit + 1) times this against its connection's
+# WRITE_BUFFER_BYTES_MAX until it is sent, since its size is not known
+# before the store answers.
+PAST_ENTRY_BYTES_MAX = 206
+EVENT_BYTES_MAX = 297
 
 # --- holds (SPEC "Holds") -----------------------------------------------------
 HOLD_TTL_S_MAX = 86400        # SPEC: ttl is 1..86400 seconds.

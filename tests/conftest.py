@@ -1,6 +1,15 @@
 """Shared fixtures: the real server as a subprocess on port 0, and raw-socket
 helpers that speak HTTP/1.1 byte for byte.
 
+Every server fixture runs on each store (the `server_store` fixture): "leveldb",
+the embedded store in the data directory, and "postgresql", a database of
+its own on the session's PostgreSQL server for each data directory (the
+data directory then holds only the server's lock), so the same data
+directory started again is the same store.  A test about the embedded
+store itself (its files, its log, `accman verify`), or that serves a store
+of its own, is marked `@pytest.mark.embedded_only("why")` and runs on
+leveldb alone.  ACCMAN_TEST_STORES=leveldb (or postgresql) picks one.
+
     def test_x(server):                    # a fresh server, temp data dir
         r = server.get("/tot?cred=a")      # one request on a new connection
         assert r.status == 404 and r.json["error"] == "no_account"
@@ -16,6 +25,7 @@ Limits are overridden with environment variables ACCMAN_<LIMIT NAME> (see
 docs/SERVER.md), passed through `env=`.
 """
 
+import itertools
 import json
 import os
 import re
@@ -31,7 +41,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-READY_RE = re.compile(r"accman: serving http://(\S+):(\d+) data=(.+)$")
+READY_RE = re.compile(r"accman: serving http://(\S+):(\d+) (?:data|store)=(.+)$")
 READY_TIMEOUT_S = 15.0
 
 
@@ -210,6 +220,7 @@ class ServerProc:
         self.data = data
         self.log_dir = log_dir
         self.url = f"http://{host}:{port}"
+        self.store = None           # the StoreUnderTest it serves, when known
 
     @property
     def pid(self):
@@ -264,7 +275,8 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"server did not stop within {timeout} s on {sig!r}")
+                raise AssertionError(
+                    f"server did not stop within {timeout} s on {sig!r}") from None
         return self.proc.returncode
 
     def kill(self):
@@ -296,13 +308,15 @@ def run_accman(*args, env=None, timeout=30.0, cwd=None):
 
 
 def spawn_server(data, log_dir, *, host="127.0.0.1", port=0, tokens=None,
-                 env=None, args=(), wait_ready=True) -> ServerProc:
+                 env=None, args=(), wait_ready=True, store=None) -> ServerProc:
     """Start `python -m accman serve` on `port` (0: any) and wait for its
-    ready line.  `tokens` is a path or the text of a tokens file."""
+    ready line.  `tokens` is a path or the text of a tokens file; `store`
+    (a StoreUnderTest) adds its --store for `data`."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    store_args = store.serve_args(data) if store is not None else []
     cmd = [PYTHON, "-m", "accman", "serve", "--host", host, "--port", str(port),
-           "--data", str(data), *map(str, args)]
+           "--data", str(data), *store_args, *map(str, args)]
     if tokens is not None:
         if isinstance(tokens, str) and "\n" not in tokens and Path(tokens).exists():
             path = tokens
@@ -311,8 +325,10 @@ def spawn_server(data, log_dir, *, host="127.0.0.1", port=0, tokens=None,
             Path(path).write_text(tokens if tokens.endswith("\n") else tokens + "\n")
             os.chmod(path, 0o600)       # SPEC "Access": others may not read it
         cmd += ["--tokens", str(path)]
-    return spawn_command(cmd, log_dir, data=data, host=host, env=env,
-                         wait_ready=wait_ready)
+    srv = spawn_command(cmd, log_dir, data=data, host=host, env=env,
+                        wait_ready=wait_ready)
+    srv.store = store
+    return srv
 
 
 def spawn_command(cmd, log_dir, *, data=None, host="127.0.0.1", env=None,
@@ -348,12 +364,100 @@ def spawn_command(cmd, log_dir, *, data=None, host="127.0.0.1", env=None,
         time.sleep(0.01)
 
 
+# --- the store under test ------------------------------------------------------------
+
+STORES = ("leveldb", "postgresql")
+
+
+def stores_under_test() -> list:
+    """The stores the server fixtures run on: both, or ACCMAN_TEST_STORES's."""
+    names = os.environ.get("ACCMAN_TEST_STORES", ",".join(STORES)).split(",")
+    unknown = set(names) - set(STORES)
+    if unknown:
+        raise pytest.UsageError(f"ACCMAN_TEST_STORES: unknown store {sorted(unknown)}; "
+                                f"known: {', '.join(STORES)}")
+    return [n for n in STORES if n in names]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "embedded_only(why): the test is about the embedded store itself (its "
+                   "data directory, write-ahead log, verify, kill -9 of LevelDB) or serves a "
+                   "store of its own; it runs on leveldb only")
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that uses a server fixture runs once per store, grouped by
+    store within its module (a module's shared servers start once each)."""
+    if "server_store" not in metafunc.fixturenames:
+        return
+    embedded_only = metafunc.definition.get_closest_marker("embedded_only") is not None
+    names = [n for n in stores_under_test() if n == "leveldb" or not embedded_only]
+    metafunc.parametrize("server_store", names, indirect=True, scope="module")
+
+
+class StoreUnderTest:
+    """The store a test's servers keep their accounts in.  On "postgresql"
+    each data directory gets a database of its own on `pg` (made at its
+    first use), so a server started again on the same directory finds the
+    same store, and a second one on it is refused by the directory's lock."""
+
+    _numbers = itertools.count(1)
+
+    def __init__(self, name, pg=None):
+        self.name = name
+        self.pg = pg
+        self._urls: dict = {}
+
+    @property
+    def embedded(self) -> bool:
+        return self.name == "leveldb"
+
+    def url(self, data) -> str:
+        """The PostgreSQL URL of the store of `data`."""
+        assert not self.embedded, "the embedded store has no URL"
+        key = os.path.abspath(data)
+        if key not in self._urls:
+            self._urls[key] = self.pg.create_database(f"s{os.getpid()}_{next(self._numbers)}")
+        return self._urls[key]
+
+    def dbname(self, data) -> str:
+        return self.url(data).rsplit("/", 1)[1]
+
+    def serve_args(self, data) -> list:
+        """What `accman serve --data DATA` is given besides, to serve this store."""
+        return [] if self.embedded else ["--store", self.url(data)]
+
+    def __repr__(self):
+        return self.name
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """The session's PostgreSQL server (tests/postgres/pgcluster.py), started
+    at the first test that needs it."""
+    from postgres.pgcluster import Cluster
+    c = Cluster.create("shared")
+    try:
+        yield c
+    finally:
+        c.destroy()
+
+
+@pytest.fixture(scope="module")
+def server_store(request):
+    """The store the server fixtures run on (parametrised: see
+    pytest_generate_tests); a test may take it to start servers itself."""
+    name = getattr(request, "param", "leveldb")
+    yield StoreUnderTest(name, request.getfixturevalue("pg") if name == "postgresql" else None)
+
+
 @pytest.fixture
-def start_server(tmp_path):
+def start_server(tmp_path, server_store):
     """A factory: start_server(data=None, **spawn_server kwargs) -> ServerProc,
     or start_server(cmd=[...], env=...) for any command that prints the ready
-    line (see spawn_command).  Every server it started is killed at teardown
-    if still running."""
+    line (see spawn_command).  Servers run on the test's `server_store`.  Every
+    server it started is killed at teardown if still running."""
     started = []
     count = [0]
 
@@ -363,11 +467,13 @@ def start_server(tmp_path):
         log_dir = tmp_path / f"server{count[0]}"
         if cmd is not None:
             srv = spawn_command(cmd, log_dir, data=data, **kw)
+            srv.store = server_store
         else:
-            srv = spawn_server(data, log_dir, **kw)
+            srv = spawn_server(data, log_dir, store=server_store, **kw)
         started.append(srv)
         return srv
 
+    start.store = server_store
     yield start
     for srv in started:
         srv.kill()
@@ -380,10 +486,10 @@ def server(start_server):
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One server for a whole test module (use unique creds per test)."""
-    base = tmp_path_factory.mktemp("shared")
-    srv = spawn_server(base / "data", base / "log")
+def shared_server(tmp_path_factory, server_store):
+    """One server for a whole test module and store (use unique creds per test)."""
+    base = tmp_path_factory.mktemp(f"shared-{server_store.name}")
+    srv = spawn_server(base / "data", base / "log", store=server_store)
     yield srv
     srv.kill()
 

@@ -118,6 +118,7 @@ def test_bad_limit_override(tmp_path):
     assert "ACCMAN_HEAD_TIMEOUT_S" in err
 
 
+@pytest.mark.embedded_only("the ready line names the data directory when it holds the store")
 def test_ready_line_names_the_real_port_and_absolute_data_dir(start_server, tmp_path):
     s = start_server(tmp_path / "data")
     line = (s.log_dir / "stdout").read_text().splitlines()[0]
@@ -318,6 +319,7 @@ def test_tokens_from_flag_and_environment(start_server):
     assert TOKENS["mint"] not in s.stderr() and cred not in s.stderr()
 
 
+@pytest.mark.embedded_only("accman verify checks the embedded store's files")
 def test_verify(start_server, tmp_path):
     data = tmp_path / "data"
     s = start_server(data)

@@ -177,11 +177,22 @@ def test_metrics_is_prometheus_text(shared_server, cred):
                    "accman_open_connections ",
                    "accman_healthy 1"):
         assert needle in text, needle
+    sample_values(text)
+
+
+def sample_values(text):
+    """{name: value} of every sample line: each is a name and a number."""
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
     values = {}
     for line in samples:
         name, value = line.rsplit(" ", 1)
         values[name] = float(value)
+    return values
+
+
+@pytest.mark.embedded_only("checkpoints are the embedded store's write-ahead log's")
+def test_metrics_count_the_write_ahead_logs_checkpoints(shared_server):
+    values = sample_values(shared_server.get("/metrics").body.decode())
     # One checkpoint at open at least; its time is counted.
     assert values["accman_checkpoints_total"] >= 1
     assert values["accman_checkpoint_seconds_total"] > 0
@@ -346,7 +357,7 @@ def test_each_request_sent_whole_then_one_byte_at_a_time(shared_server, cred):
             c.send(raw)
             whole.append(c.response())
     with shared_server.connect() as c:
-        for raw, expected in zip(exchange_cases(cred), whole):
+        for raw, expected in zip(exchange_cases(cred), whole, strict=True):
             c.send_bytewise(raw)
             r = c.response()
             assert (r.status, r.body) == (expected.status, expected.body), raw
@@ -462,12 +473,13 @@ def test_200_concurrent_charges_on_a_balance_of_100(server, cred):
 # --- access ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def token_server(tmp_path_factory):
+def token_server(tmp_path_factory, server_store):
     from conftest import spawn_server
     base = tmp_path_factory.mktemp("tokens")
     (base / "tokens").write_text(TOKENS_FILE)
     (base / "tokens").chmod(0o600)
-    srv = spawn_server(base / "data", base / "log", tokens=str(base / "tokens"))
+    srv = spawn_server(base / "data", base / "log", tokens=str(base / "tokens"),
+                       store=server_store)
     yield srv
     srv.kill()
 
@@ -684,7 +696,7 @@ def test_the_connection_cap_refuses_with_503(start_server):
 def test_pipelining_past_the_cap_is_answered_in_order(start_server, cred):
     s = start_server(env={"ACCMAN_PIPELINE_REQUESTS_MAX": "3"})
     reqs = []
-    for i in range(150):
+    for _ in range(150):
         reqs.append(patch(f"/mod?cred={cred}&by=1"))
         reqs.append(get(f"/tot?cred={cred}"))
     with s.connect() as c:
@@ -792,6 +804,8 @@ def fake_ledger_server(start_server, tmp_path, mode, env=None):
     return start_server(cmd=[sys.executable, str(script), mode], env=env)
 
 
+@pytest.mark.embedded_only("it serves an injected fake store, not the fixture's; on PostgreSQL: "
+                           "tests/postgres/test_serve.py")
 def test_a_failed_store_answers_503_and_health_says_so(start_server, tmp_path):
     s = fake_ledger_server(start_server, tmp_path, "failed")
     assert_error(s.mod("abc", 5), 503, "unavailable")
@@ -802,6 +816,7 @@ def test_a_failed_store_answers_503_and_health_says_so(start_server, tmp_path):
     assert "ledger closed" in s.stderr()
 
 
+@pytest.mark.embedded_only("it serves an injected fake store, not the fixture's")
 def test_shutdown_grace_bounds_the_wait_for_a_batch(start_server, tmp_path):
     s = fake_ledger_server(start_server, tmp_path, "stuck",
                            env={"ACCMAN_SHUTDOWN_GRACE_S": "0.5"})

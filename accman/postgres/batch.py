@@ -53,9 +53,13 @@ def check_mod(by, min_, key, low) -> None:
 def check_hold(by, ttl_s, min_, key) -> None:
     check_int64(by, "by")
     if by >= 0:
-        raise BadRequest("a hold's by must be negative")
+        raise BadRequest("by must be negative for a hold: the amount it takes")
+    if by == INT64_MIN:
+        # Its amount, -by, would not fit in a signed 64-bit column.
+        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
+                         "takes is a signed 64-bit integer")
     if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
-        raise BadRequest(f"ttl must be an int from 1 to {HOLD_TTL_S_MAX} seconds")
+        raise BadRequest(f"ttl must be an int number of seconds from 1 to {HOLD_TTL_S_MAX}")
     if min_ is not None:
         check_int64(min_, "min")
     check_key(key)
@@ -87,7 +91,10 @@ class Op:
 def arrays(ops: list[Op]) -> tuple:
     """The arguments of accman_apply for `ops`, in their order: distinct
     hids sorted (the order the database locks them in), which of them a
-    funding mod may create, and one column per op field."""
+    funding mod may create, and one column per op field.  A column of
+    NULLs only (no min, no key, no arg in the whole batch) goes as one
+    NULL array, which reads as NULL at every index: each element costs
+    the driver's encoding and the database's decoding."""
     fund = {}
     for op in ops:
         if op.kind == S.MOD and op.by > 0:
@@ -96,32 +103,58 @@ def arrays(ops: list[Op]) -> tuple:
             fund.setdefault(op.hid, False)
     hids = sorted(fund)
     index = {hid: i for i, hid in enumerate(hids, 1)}
+    mins = [op.min for op in ops]
+    keys = [op.key for op in ops]
+    args = [op.arg for op in ops]
     return (hids, [fund[h] for h in hids],
             [index[op.hid] for op in ops], [op.kind for op in ops],
-            [op.by for op in ops], [op.min for op in ops],
-            [op.key for op in ops], [op.arg for op in ops])
+            [op.by for op in ops], _or_null(mins), _or_null(keys), _or_null(args))
 
 
-_REFUSALS = {
-    S.NO_ACCOUNT: lambda _tot: NoAccount("no account has this cred"),
-    S.INSUFFICIENT: Insufficient,
-    S.KEY_REUSED: lambda _tot: KeyReused("key was used with another by or min"),
-    S.OVERFLOW: lambda _tot: Overflow("the balance would leave the signed 64-bit range"),
-    S.TOO_MANY_HOLDS_ACCOUNT: lambda _tot: TooManyHolds(
-        "the account has as many open holds as it may (HOLDS_PER_ACCOUNT_MAX)"),
-    S.TOO_MANY_HOLDS_STORE: lambda _tot: TooManyHolds(
-        "the store has as many open holds as it may (HOLDS_MAX)"),
-    S.NO_HOLD: lambda _tot: NoHold("the account has no hold with this id"),
-    S.HOLD_ENDED: lambda _tot: HoldEnded(
-        "the hold has ended (settled with another use, or expired)"),
-    S.USE_OVER_HOLD: lambda tot: BadRequest(f"use must be from 0 to the held amount, {tot}"),
-}
+def _or_null(column: list):
+    for value in column:
+        if value is not None:
+            return column
+    return None
 
 
-def outcome(kind: int, code: int, tot, seq):
-    """The outcome of one op of `kind` from accman_apply's row."""
+# What a refusal says: the embedded store's sentences, so that a client sees
+# the same whichever store serves it.
+_NO_ACCOUNT = {S.MOD: "no account has this cred; a charge opens none",
+               S.HOLD: "no account has this cred; a hold opens none"}
+
+
+def refusals(holds_per_account_max: int, holds_max: int) -> dict:
+    """{code: (kind, tot) -> AccManError} for a store with these bounds."""
+    return {
+        S.NO_ACCOUNT: lambda kind, _tot: NoAccount(
+            _NO_ACCOUNT.get(kind, "no account has this cred")),
+        S.INSUFFICIENT: lambda _kind, tot: Insufficient(tot),
+        S.KEY_REUSED: lambda _kind, _tot: KeyReused("key was used with another by, min or ttl"),
+        S.OVERFLOW: lambda _kind, _tot: Overflow(
+            "the balance would leave the signed 64-bit range"),
+        S.OVERFLOW_HELD: lambda _kind, _tot: Overflow(
+            "the balance, with what its open holds give back when they end, would leave the "
+            "signed 64-bit range"),
+        S.TOO_MANY_HOLDS_ACCOUNT: lambda _kind, _tot: TooManyHolds(
+            f"the account has HOLDS_PER_ACCOUNT_MAX ({holds_per_account_max}) open holds; "
+            "settle some first"),
+        S.TOO_MANY_HOLDS_STORE: lambda _kind, _tot: TooManyHolds(
+            f"the store has HOLDS_MAX ({holds_max}) open holds; retry later"),
+        S.NO_HOLD: lambda _kind, _tot: NoHold("the account has no hold with this id"),
+        S.HOLD_ENDED: lambda _kind, _tot: HoldEnded("the hold was settled with another use"),
+        S.HOLD_EXPIRED: lambda _kind, _tot: HoldEnded(
+            "the hold expired before it was settled; its amount went back to the balance"),
+        S.USE_OVER_HOLD: lambda _kind, tot: BadRequest(
+            f"use must be from 0 to the held amount {tot}"),
+    }
+
+
+def outcome(kind: int, code: int, tot, seq, refused: dict):
+    """The outcome of one op of `kind` from accman_apply's row; `refused`
+    is the store's refusals()."""
     if code != S.OK:
-        return _REFUSALS[code](tot)
+        return refused[code](kind, tot)
     if kind == S.READ:
         return tot
     if kind == S.HOLD:
@@ -130,4 +163,4 @@ def outcome(kind: int, code: int, tot, seq):
 
 
 def no_account():
-    return _REFUSALS[S.NO_ACCOUNT](None)
+    return NoAccount("no account has this cred")

@@ -8,7 +8,7 @@ from collections import deque
 
 import asyncpg
 
-from accman.postgres.migrate import connect
+from accman.postgres.migrate import SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
 # 64 callers a second lane halved each batch and every batch still waits
@@ -63,6 +63,11 @@ class Cluster:
         self.reconnecting = False
         self.error: str | None = "not connected yet"
         self.events = None                 # accman.postgres.events.EventReader
+        # The counter row as last seen (after a batch of ours, or a round).
+        self.last_event = 0
+        self.accounts = 0
+        self.open_holds = 0
+        self.holds_expired = 0
 
     def lane(self, hid: bytes) -> Lane:
         return self.lanes[hid[0] % WRITE_LANES]
@@ -71,12 +76,19 @@ class Cluster:
     def healthy(self) -> bool:
         return self.error is None
 
+    def note_counts(self, counts) -> None:
+        """accman_counter's (last event id, accounts, open holds, holds
+        expired), when a transaction of ours has read or written it."""
+        if counts is not None:
+            self.last_event, self.accounts, self.open_holds, self.holds_expired = counts
+
     async def connect(self) -> None:
         try:
             for lane in self.lanes:
                 await lane.connect(self.url)
             self.pool = self.pool or await asyncpg.create_pool(
-                self.url, min_size=1, max_size=READ_POOL_CONNECTIONS_MAX)
+                self.url, min_size=1, max_size=READ_POOL_CONNECTIONS_MAX,
+                server_settings=SESSION_SETTINGS)
         except BaseException:
             for lane in self.lanes:
                 lane.drop()

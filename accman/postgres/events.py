@@ -1,5 +1,10 @@
 """GET /events on PostgreSQL: pages of the event table, and long polls.
 
+Every cluster of a store has an EventReader; the one of the events' home
+(the store's only cluster, or the home of several: accman.postgres.merge)
+answers the reads, and the others only hear their cluster's commits for
+the merger, and trim what it has copied.
+
 A long poll is one entry in a bounded list (limits.EVENTS_WAITERS_MAX), no
 task and no timer of its own: one timer, for the earliest deadline, serves
 them all.  Every front-end LISTENs on accman_events; accman_apply NOTIFYs
@@ -24,13 +29,18 @@ log = logging.getLogger("accman.postgres")
 
 _PAGE_SQL = ("SELECT id, type, hid, seq, by, tot, at, key, hold FROM accman_events "
              "WHERE id > $1 ORDER BY id LIMIT $2")
-_FIRST_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), "
-              "(SELECT next_event FROM accman_counter))")
+# The oldest event kept (or the next id, when none is), and the newest.
+_ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), "
+             "next_event - 1 FROM accman_counter")
 # Keeps a contiguous run of the newest events: everything below the first
-# event younger than the cutoff goes (the newest event always stays).
-_TRIM_SQL = ("DELETE FROM accman_events WHERE id < coalesce("
+# event younger than the cutoff goes (the newest event always stays), and on
+# a cluster that is not the home, nothing past what is copied ($2).
+# Returns how many went, and the newest of them.
+_TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id < coalesce("
              "(SELECT id FROM accman_events WHERE at >= $1 ORDER BY id LIMIT 1), "
-             "(SELECT max(id) FROM accman_events))")
+             "(SELECT max(id) FROM accman_events)) RETURNING id) "
+             "SELECT count(*), max(id) FROM gone")
+_NO_BOUND = 2 ** 63 - 1
 
 
 class EventReader:
@@ -39,10 +49,24 @@ class EventReader:
     def __init__(self, store, cluster):
         self.store = store
         self.cluster = cluster
+        self.home = cluster is store.home
         self.waiters: list = []          # [after, limit, deadline, done]
         self.listener = None
         self._timer = None
         self._waking = False
+        self.first = 0                   # the oldest event id kept, as last seen; 0: none
+        self.ended = False               # end_waits was called: no read waits any more
+        # Calls waiting for their first read, by the page they ask for: one
+        # query answers all that ask for the same page (a thousand pollers
+        # of the stream's end are one query, not a thousand); the polls
+        # among them count toward EVENTS_WAITERS_MAX.
+        self._queued: dict = {}          # (after, limit) -> [(deadline or None, done)]
+        self._queued_polls = 0
+        self._reading = False
+        # Commits heard of so far: a read that began before one re-reads
+        # rather than wait for the next.
+        self._commits = 0
+        self.trimmed = 0                 # events this front-end trimmed since it started
 
     async def start(self) -> None:
         from accman.postgres.migrate import connect
@@ -50,10 +74,17 @@ class EventReader:
         await self.listener.add_listener(NOTIFY_CHANNEL, self._notified)
 
     async def restart(self) -> None:
+        merger = self.store.merger
         if self.listener is not None:
             self.listener.terminate()
+            if self.home and merger is not None:
+                merger.lost_home()          # the copying role went with the session
         await self.start()
-        self.local_commit()         # what was missed while away
+        # What was missed while away.
+        if self.home:
+            self.local_commit()
+        else:
+            merger.kick()
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -71,75 +102,124 @@ class EventReader:
             raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
         if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
             raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
-        if wait_s > 0 and len(self.waiters) >= EVENTS_WAITERS_MAX:
-            raise Busy(f"{EVENTS_WAITERS_MAX} event reads are waiting already; retry shortly")
-        deadline = time.monotonic() + wait_s if wait_s > 0 else None
-        self.store._spawn(self._first_read(after, limit, deadline, done))
+        if wait_s > 0 and len(self.waiters) + self._queued_polls >= EVENTS_WAITERS_MAX:
+            raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
+                       "retry shortly")
+        deadline = time.monotonic() + wait_s if wait_s > 0 and not self.ended else None
+        self._queued.setdefault((after, limit), []).append((deadline, done))
+        if deadline is not None:
+            self._queued_polls += 1
+        if not self._reading:
+            self._reading = True
+            self.store._spawn(self._first_reads())
         return None
 
     async def _page(self, after, limit):
+        """(events, next) after `after`, or EventsTrimmed.  With none after
+        it, `next` is `after`, or the newest id when `after` is past it (the
+        reader is told where the stream ends, as the embedded store does)."""
         pool = self.cluster.pool
         async with pool.acquire() as conn:
             rows = await conn.fetch(_PAGE_SQL, after, limit, timeout=10.0)
             if not rows:
-                first = await conn.fetchval(_FIRST_SQL)
+                first, last = await conn.fetchrow(_ENDS_SQL)
                 if after + 1 < first:
                     raise EventsTrimmed(first)
-            elif rows[0]["id"] != after + 1:
+                return [], min(after, last) if last else after
+            if rows[0]["id"] != after + 1:
                 raise EventsTrimmed(rows[0]["id"])
         events = [Event(r[0], EVENT_TYPES[r[1]], bytes(r[2]).hex(), r[3], r[4], r[5], r[6],
                         r[7], r[8]) for r in rows]
-        return events, (events[-1].id if events else after)
+        return events, events[-1].id
+
+    async def _outcome(self, after, limit):
+        merger = self.store.merger
+        if merger is not None:
+            # What this front-end's answered writes committed on the other
+            # clusters is copied before it is read (pipelined order).
+            try:
+                await merger.catch_up()
+            except Exception as e:
+                return Unavailable(f"the events of a cluster cannot be copied: "
+                                   f"{E.describe(e)}")
+        try:
+            return await self._page(after, limit)
+        except EventsTrimmed as e:
+            return e
+        except Exception as e:
+            return Unavailable(f"the database cannot be read: {E.describe(e)}")
 
     async def _answer(self, after, limit, done) -> bool:
         """Reads a page for a waiter; False when there is nothing yet."""
-        try:
-            events, nxt = await self._page(after, limit)
-        except EventsTrimmed as e:
-            self.store._deliver([(done, e)])
-            return True
-        except Exception as e:
-            self.store._deliver([(done, Unavailable(f"the database cannot be read: "
-                                                    f"{E.describe(e)}"))])
-            return True
-        if not events:
+        outcome = await self._outcome(after, limit)
+        if isinstance(outcome, tuple) and not outcome[0]:
             return False
-        self.store._deliver([(done, (events, nxt))])
+        self.store._deliver([(done, outcome)])
         return True
 
-    async def _first_read(self, after, limit, deadline, done) -> None:
-        if await self._answer(after, limit, done):
-            return
-        if deadline is None or len(self.waiters) >= EVENTS_WAITERS_MAX:
-            self.store._deliver([(done, ([], after))])
-            return
-        self.waiters.append([after, limit, deadline, done])
-        self._arm()
+    async def _first_reads(self) -> None:
+        """The first read of every call queued, one query per page asked;
+        each query starts after every call it answers was made."""
+        try:
+            while self._queued:
+                queued, self._queued = self._queued, {}
+                for (after, limit), calls in queued.items():
+                    commits = self._commits
+                    outcome = await self._outcome(after, limit)
+                    waits = isinstance(outcome, tuple) and not outcome[0] and not self.ended
+                    answered = []
+                    for deadline, done in calls:
+                        if deadline is not None:
+                            self._queued_polls -= 1
+                        if waits and deadline is not None:
+                            self.waiters.append([after, limit, deadline, done])
+                        else:
+                            answered.append((done, outcome))
+                    self.store._deliver(answered)
+                    if self._commits != commits:
+                        self.local_commit()     # heard of during the read
+                self._arm()
+        finally:
+            self._reading = False
 
     # -- waking ----------------------------------------------------------------------
 
-    def _notified(self, *_args) -> None:
-        self.local_commit()
+    def _notified(self, _conn, _pid, _channel, payload) -> None:
+        if self.home:
+            self.local_commit()
+        else:
+            self.store.merger.note_notified(self.cluster, payload)
 
     def local_commit(self) -> None:
         """Events may have been committed: waiters read again."""
+        self._commits += 1
         if self.waiters and not self._waking:
             self._waking = True
             self.store._spawn(self._wake())
 
     async def _wake(self) -> None:
-        # Each waiter is taken out of the list while its read runs, so that
-        # the deadline's round cannot answer it a second time.
+        # The waiters are taken out of the list while their reads run, so
+        # that the deadline's round cannot answer one a second time; those
+        # asking the same page share one read.  A commit heard of meanwhile
+        # wakes them again.
+        commits = self._commits
         try:
-            for w in list(self.waiters):
-                if w not in self.waiters:
-                    continue
-                self.waiters.remove(w)
-                if not await self._answer(w[0], w[1], w[3]):
-                    self.waiters.append(w)
+            taken, self.waiters = self.waiters, []
+            pages: dict = {}
+            for w in taken:
+                pages.setdefault((w[0], w[1]), []).append(w)
+            for (after, limit), group in pages.items():
+                outcome = await self._outcome(after, limit)
+                if isinstance(outcome, tuple) and not outcome[0] and not self.ended:
+                    self.waiters.extend(group)
+                else:
+                    self.store._deliver([(w[3], outcome) for w in group])
         finally:
             self._waking = False
             self._arm()
+        if self._commits != commits:
+            self._commits -= 1          # not a new commit: the same, heard again
+            self.local_commit()
 
     def _arm(self) -> None:
         if self._timer is not None:
@@ -155,17 +235,34 @@ class EventReader:
         self._timer = None
         self.store._spawn(self._expire_waiters())
 
-    async def _expire_waiters(self) -> None:
+    async def _expire_waiters(self, everyone=False) -> None:
+        """Answers the waiters whose deadline passed (all of them when
+        `everyone`) after one more read each: a notification lost with a
+        connection cannot hide an event."""
         now = time.monotonic()
-        for w in [w for w in self.waiters if w[2] <= now]:
+        for w in [w for w in self.waiters if everyone or w[2] <= now]:
+            if w not in self.waiters:
+                continue
             self.waiters.remove(w)
-            if not await self._answer(w[0], w[1], w[3]):
-                self.store._deliver([(w[3], ([], w[0]))])
+            self.store._deliver([(w[3], await self._outcome(w[0], w[1]))])
         self._arm()
+
+    def end_waits(self) -> None:
+        """Every waiter is answered now, with what there is, and no read
+        waits from now on."""
+        self.ended = True
+        if self.waiters:
+            self.store._spawn(self._expire_waiters(everyone=True))
 
     async def trim(self, retention_s: float) -> None:
         cutoff_ms = int((time.time() - retention_s) * 1000)
         try:
-            await self.cluster.pool.execute(_TRIM_SQL, cutoff_ms, timeout=60.0)
+            copied = _NO_BOUND if self.home else await self.store.merger.upto(self.cluster)
+            gone, newest_gone = await self.cluster.pool.fetchrow(_TRIM_SQL, cutoff_ms, copied,
+                                                                 timeout=60.0)
         except Exception as e:
             log.warning("trimming events failed (retried later): %s", E.describe(e))
+            return
+        if gone:
+            self.trimmed += gone
+            self.first = max(self.first, newest_gone + 1)

@@ -8,7 +8,12 @@ Several clusters make one store: every cluster holds the same credential-
 hash key (the first migration makes it; clusters added later are given
 it), and each has its own random cluster id, which spreads accounts over
 them (accman.postgres.store).  Clusters that disagree on the key are
-refused: an account would hash to another id on each.
+refused: an account would hash to another id on each.  They also agree on
+the one whose events are numbered in the store's order (events_home,
+accman.postgres.merge): chosen once, when a store first has two clusters,
+as the one that has numbered the most events (the one cluster it had
+before: the ids already read from it stay the store's), the lowest cluster
+id on a tie, so that front-ends started together choose the same.
 """
 
 from __future__ import annotations
@@ -35,16 +40,19 @@ class ClusterInfo(NamedTuple):
     version: int
     hash_key: bytes
     cluster_id: bytes
+    events_home: bytes | None = None
 
 
 async def read_info(conn) -> ClusterInfo | None:
     """The cluster's schema row, None when it has no AccMan schema."""
     if await conn.fetchval("SELECT to_regclass('accman_schema') IS NULL"):
         return None
-    row = await conn.fetchrow("SELECT version, hash_key, cluster_id FROM accman_schema")
+    row = await conn.fetchrow("SELECT * FROM accman_schema")   # version 1 has no events_home
     if row is None:
         raise StoreError("the accman_schema table is empty: not a store AccMan made")
-    return ClusterInfo(row["version"], bytes(row["hash_key"]), bytes(row["cluster_id"]))
+    home = row.get("events_home")
+    return ClusterInfo(row["version"], bytes(row["hash_key"]), bytes(row["cluster_id"]),
+                       bytes(home) if home is not None else None)
 
 
 async def migrate_cluster(conn, hash_key: bytes) -> ClusterInfo:
@@ -88,12 +96,61 @@ def check_infos(infos: list[ClusterInfo | None]) -> bytes:
         if i.version != SCHEMA_VERSION:
             raise StoreError(f"a cluster's schema is version {i.version}, this AccMan's is "
                              f"{SCHEMA_VERSION}: run `accman migrate --store URL`")
+    if len(infos) > 1:
+        homes = {i.events_home for i in infos}
+        if len(homes) != 1 or None in homes:
+            raise StoreError("the clusters do not agree on where the store's events are "
+                             "numbered: run `accman migrate` with every cluster's --store")
+        if homes.pop() not in {i.cluster_id for i in infos}:
+            raise StoreError("the store's events are numbered on a cluster not given: "
+                             "give every cluster of the store with --store")
     return infos[0].hash_key
+
+
+async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
+    """Records on every cluster of a store of several which one numbers the
+    store's events, choosing it if none has been (see above), and gives the
+    home a row in accman_merged for each other cluster."""
+    homes = {i.events_home for i in infos} - {None}
+    if len(homes) > 1:
+        raise StoreError("the clusters disagree on where the store's events are numbered: "
+                         "they are not one store")
+    if homes:
+        home = homes.pop()
+    else:
+        numbered = [await c.fetchval("SELECT next_event FROM accman_counter") for c in conns]
+        home = max(zip(numbered, infos, strict=True),
+                   key=lambda pair: (pair[0], [-b for b in pair[1].cluster_id]))[1].cluster_id
+    out = []
+    for conn, info in zip(conns, infos, strict=True):
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK_ID)
+            await conn.execute("UPDATE accman_schema SET events_home = $1 "
+                               "WHERE events_home IS NULL", home)
+            if info.cluster_id == home:
+                await conn.executemany(
+                    "INSERT INTO accman_merged VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                    [(i.cluster_id,) for i in infos if i.cluster_id != home])
+        out.append(await read_info(conn))
+    return out
+
+
+# Every connection of a store plans its statements for an index, whatever
+# the statistics say: a plan made while a table was small (a new store, or
+# before autoanalyze first ran) is cached for the connection's life, and a
+# hash join over a sequential scan of accman_accounts then costs each batch
+# and each /tot a scan of every account (measured: 2.7k charges/s instead
+# of 14k, with 100k accounts).  A scan that no index can serve (the one-row
+# counter) still runs, at a cost the planner only counts high; JIT, which
+# such a cost would wake on every call, is off (these statements are small).
+SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
+                    "enable_mergejoin": "off", "jit": "off"}
 
 
 async def connect(url: str):
     try:
-        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
+        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S,
+                                     server_settings=SESSION_SETTINGS)
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
             asyncpg.InterfaceError) as e:
         raise store_error(e, "cannot connect to a PostgreSQL cluster of the store") from None
@@ -113,6 +170,8 @@ async def migrate(urls: list[str]) -> list[ClusterInfo]:
                              "not one store")
         key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)
         out = [await migrate_cluster(c, key) for c in conns]
+        if len(out) > 1:
+            out = await settle_home(conns, out)
         check_infos(out)
         return out
     finally:

@@ -13,7 +13,8 @@ judged in the database against rows it has locked (accman.postgres.schema).
 
 Accounts spread over the clusters by rendezvous hashing of the account id
 with each cluster's id: adding a cluster moves only the accounts that now
-rank it first (docs/SCALING.md).
+rank it first (docs/SCALING.md).  Their events are numbered in one
+gap-free order on one of them (accman.postgres.merge).
 
 A broken connection mid-batch leaves the batch's outcome unknown: its calls
 are answered Unavailable (nothing acknowledged; a keyed retry gets the
@@ -35,8 +36,10 @@ from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX
 from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
+from accman.postgres import upkeep
 from accman.postgres.cluster import Cluster
 from accman.postgres.events import EventReader
+from accman.postgres.merge import Merger
 from accman.postgres.migrate import check_infos, connect, migrate, read_info
 from accman.records import Entry
 from accman.store import Page, run_callbacks
@@ -56,13 +59,6 @@ READ_TIMEOUT_S = 10.0
 # doubling to the maximum (a failover with Patroni takes ~10-30 s).
 RECONNECT_BACKOFF_S_MIN = 0.05
 RECONNECT_BACKOFF_S_MAX = 2.0
-# Due holds are ended in rounds this often (a hold ends at most this long
-# after its ttl; a settle after the ttl is hold_ended at once regardless),
-# at most EXPIRE_ACCOUNTS_MAX accounts per round.
-EXPIRE_INTERVAL_S = 1.0
-EXPIRE_ACCOUNTS_MAX = 1024
-# Events past the retention are trimmed this often.
-TRIM_INTERVAL_S = 60.0
 # cred -> (hid, cluster) cache: hashing is ~1 us, a dict hit ~50 ns.
 CRED_CACHE_MAX = 65536
 
@@ -84,6 +80,7 @@ class PgStore:
     def __init__(self, clusters_info, urls, *, hash_key, low_default, retention_s,
                  batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):
         self._hasher = hashlib.blake2b(digest_size=16, key=hash_key)
+        self._refused = B.refusals(holds_per_account_max, holds_max)
         self.clusters = [Cluster(u, i, info.cluster_id)
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
         self.low_default = low_default
@@ -102,8 +99,15 @@ class PgStore:
         self.mods = 0
         self.commit_s_total = 0.0
         self.last_batch_mods = 0
-        self.open_holds = 0
         self._samples: tuple[list, list] = ([], [])
+        # Where the store's events are numbered and read: the one cluster,
+        # or the events' home of several, with the merger that copies the
+        # others' events into it (accman.postgres.merge).
+        home_id = clusters_info[0].events_home if len(clusters_info) > 1 else None
+        self.home = next(c for c in self.clusters
+                         if home_id is None or c.cluster_id == home_id)
+        others = [c for c in self.clusters if c is not self.home]
+        self.merger = Merger(self, self.home, others) if others else None
 
     @classmethod
     async def open(cls, urls: list[str], *, migrate_schema: bool = True,
@@ -136,7 +140,11 @@ class PgStore:
                 await c.connect()
                 c.events = EventReader(store, c)
                 await c.events.start()
-            store._spawn(store._maintain())
+                # Holds that expired while no front-end ran end before this
+                # one serves (as the embedded store ends them at open).
+                await upkeep.expire_round(store, c)
+            await upkeep.merge_round(store)
+            store._spawn(upkeep.maintain(store))
         except BaseException:
             await store.aclose()
             raise
@@ -250,7 +258,7 @@ class PgStore:
                 if kind == E.UNKNOWN:
                     detail = ("the connection to the database broke during the commit; "
                               "nothing in this batch was acknowledged, retry with its key")
-                    self._lost(cluster, e)
+                    self.lost(cluster, e)
                 else:
                     log.error("a batch failed: %s", E.describe(e))
                     detail = f"the database refused the batch: {E.describe(e)}"
@@ -260,12 +268,18 @@ class PgStore:
         self.queued_mods -= len(ops)
         nmods = sum(1 for op in ops if op.kind != S.READ)
         self._count(nmods, commit_s)
-        codes, tots, seqs = row
-        outcome = B.outcome
-        self._deliver([(op.done, outcome(op.kind, code, tot, seq))
+        codes, tots, seqs, counts = row
+        cluster.note_counts(counts)
+        if counts is not None:
+            # Before the replies: an /events pipelined behind them copies
+            # (merge) or reads what they committed.
+            if cluster is self.home:
+                cluster.events.local_commit()
+            else:
+                self.merger.note_commit(cluster, counts[0])
+        outcome, refused = B.outcome, self._refused
+        self._deliver([(op.done, outcome(op.kind, code, tot, seq, refused))
                        for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)])
-        if any(op.kind != S.READ for op in ops):
-            cluster.events.local_commit()
 
     def _count(self, nmods: int, commit_s: float) -> None:
         self.batches += 1
@@ -285,7 +299,9 @@ class PgStore:
 
     # -- losing and regaining a cluster ---------------------------------------------------
 
-    def _lost(self, cluster: Cluster, exc: BaseException) -> None:
+    def lost(self, cluster: Cluster, exc: BaseException) -> None:
+        """The cluster's connections are gone (or their outcome unknown): it
+        is unhealthy until the store has reconnected, with backoff."""
         cluster.error = E.describe(exc)
         log.warning("lost the database connection: %s; reconnecting", cluster.error)
         for lane in cluster.lanes:
@@ -379,38 +395,15 @@ class PgStore:
     # -- events --------------------------------------------------------------------------
 
     def read_events(self, after, limit, wait_s, done):
-        if len(self.clusters) != 1:
-            raise BadRequest("events are numbered per cluster: with several clusters, "
-                             "read them from each cluster's store")
-        return self.clusters[0].events.read(after, limit, wait_s, done)
+        return self.home.events.read(after, limit, wait_s, done)
 
-    # -- upkeep --------------------------------------------------------------------------
+    def end_waits(self) -> None:
+        """Answers every long poll now, with what it has (a server that
+        stops does not keep them waiting)."""
+        if self.home.events is not None:
+            self.home.events.end_waits()
 
-    async def _maintain(self) -> None:
-        """Ends due holds (now, then every EXPIRE_INTERVAL_S: a hold that
-        expired while every front-end was down ends at the next start) and
-        trims events past the retention."""
-        last_trim = 0.0
-        while not self._closed:
-            for c in self.clusters:
-                if c.healthy:
-                    await self._expire(c)
-            if time.monotonic() - last_trim >= TRIM_INTERVAL_S:
-                last_trim = time.monotonic()
-                for c in self.clusters:
-                    if c.healthy:
-                        await c.events.trim(self.retention_s)
-            await asyncio.sleep(EXPIRE_INTERVAL_S)
-
-    async def _expire(self, cluster: Cluster) -> None:
-        try:
-            async with cluster.pool.acquire() as conn:
-                while await conn.fetchval("SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX,
-                                          timeout=COMMIT_TIMEOUT_S):
-                    cluster.events.local_commit()
-                self.open_holds = await conn.fetchval("SELECT open_holds FROM accman_counter")
-        except Exception as e:
-            log.warning("ending due holds failed (retried next round): %s", E.describe(e))
+    # -- upkeep (accman.postgres.upkeep) -------------------------------------------------
 
     def _spawn(self, coro) -> None:
         task = self._loop.create_task(coro)
@@ -424,12 +417,31 @@ class PgStore:
         return not self._closed and all(c.healthy for c in self.clusters)
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def open_holds(self) -> int:
+        return sum(c.open_holds for c in self.clusters)
+
+    @property
     def stats(self) -> dict:
-        return {"batches": self.batches, "mods": self.mods,
-                "commit_s_total": self.commit_s_total,
-                "last_batch_mods": self.last_batch_mods, "queued_mods": self.queued_mods,
-                "open_holds": self.open_holds, "clusters": len(self.clusters),
-                "healthy": self.healthy}
+        """The names of accman.server.metrics; the counts as of this
+        front-end's last commit or upkeep round.  A batch's time is its whole
+        accman_apply round trip, the commit's WAL flush included."""
+        stats = {"batches": self.batches, "mods": self.mods,
+                 "fsync_s_total": self.commit_s_total,
+                 "last_batch_mods": self.last_batch_mods, "queued_mods": self.queued_mods,
+                 "accounts": sum(c.accounts for c in self.clusters),
+                 "open_holds": self.open_holds,
+                 "holds_expired": sum(c.holds_expired for c in self.clusters),
+                 "clusters": len(self.clusters), "healthy": self.healthy}
+        home = self.home
+        stats["events_last"] = home.last_event
+        if home.events is not None:
+            stats["events_first"] = home.events.first
+            stats["events_trimmed"] = home.events.trimmed
+        return stats
 
     def drain_samples(self):
         out, self._samples = self._samples, ([], [])

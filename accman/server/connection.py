@@ -41,7 +41,7 @@ class Connection(asyncio.Protocol, Lifecycle):
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "write_paused", "write_paused_at", "head_started_at",
                  "last_active_at", "shut_at", "token", "token_roles", "authed", "buffered",
-                 "flush_soon", "continue_owed")
+                 "flush_soon", "continue_owed", "reserved")
 
     def __init__(self, server):
         self.server = server
@@ -69,6 +69,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.buffered = 0           # bytes counted in the server's budget
         self.flush_soon = False
         self.continue_owed = False
+        self.reserved = 0           # reserves of the Slots in `waiting` (Slot.reserve)
 
     # --- asyncio callbacks ---
 
@@ -170,19 +171,21 @@ class Connection(asyncio.Protocol, Lifecycle):
 
     def _take(self, reqs, i, out):
         """Take reqs[i:] in order until one ends the connection, the pipeline
-        is full, or the replies made and not yet sent reach
-        WRITE_BUFFER_BYTES_MAX; the rest wait in `backlog`."""
+        is full, or the replies made and not yet sent (and the reserves of
+        those still owed) reach WRITE_BUFFER_BYTES_MAX; the rest wait in
+        `backlog`."""
         waiting = self.waiting
         routes = self.routes
         stopping = self.server.stopping
         n = len(reqs)
         # Replies are bytes held for a client until it reads them: one read
-        # of small pipelined /past requests can ask for megabytes.
-        room = self.write_buffer_max - self.transport.get_write_buffer_size()
+        # of small pipelined /past requests can ask for megabytes, also when
+        # the store answers them later.
+        room = self.write_buffer_max - self.transport.get_write_buffer_size() - self.reserved
         for reply in out:
             room -= len(reply)
         while i < n:
-            if len(waiting) >= self.pipeline_max or (room <= 0 and out):
+            if len(waiting) >= self.pipeline_max or (room <= 0 and (out or self.reserved)):
                 self.backlog = (reqs, i)
                 return
             req = reqs[i]
@@ -200,11 +203,18 @@ class Connection(asyncio.Protocol, Lifecycle):
                     room -= len(r)
                 else:
                     waiting.append(r)
+                    room -= r.reserve
+                    self.reserved += r.reserve
             elif req.route in _AT_ITS_TURN:
                 waiting.append(Slot(self, req.route, mode, req.head, req=req))
             else:
                 r = routes.answer(self, req, mode, True)
-                waiting.append(Slot(self, req.route, mode, reply=r) if type(r) is bytes else r)
+                if type(r) is bytes:
+                    waiting.append(Slot(self, req.route, mode, reply=r))
+                else:
+                    waiting.append(r)
+                    room -= r.reserve
+                    self.reserved += r.reserve
             if self.state != OPEN:
                 return
 
@@ -221,9 +231,11 @@ class Connection(asyncio.Protocol, Lifecycle):
                 r = self.routes.answer(self, slot.req, slot.mode)
                 if type(r) is not bytes:
                     waiting[0] = r          # now waiting for the store
+                    self.reserved += r.reserve
                     break
                 reply = r
             waiting.popleft()
+            self.reserved -= slot.reserve
             out.append(reply)
 
     def _continue(self, out):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from time import perf_counter
 
 from accman.errors import AccManError, EventsTrimmed, Insufficient
+from accman.limits import EVENT_BYTES_MAX, PAST_ENTRY_BYTES_MAX
 from accman.server import replies
 from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_METRICS,
                                  ROUTE_MOD, ROUTE_OPTIONS, ROUTE_PAST, ROUTE_SETTLE,
@@ -50,7 +51,7 @@ class Slot:
     - deferred: `req` is evaluated when its turn comes (a read of server
       state pipelined behind writes, or a 100 Continue's request)."""
 
-    __slots__ = ("conn", "route", "mode", "head", "reply", "pending", "req", "t0")
+    __slots__ = ("conn", "route", "mode", "head", "reply", "pending", "req", "t0", "reserve")
 
     def __init__(self, conn, route, mode, head=False, reply=None, req=None):
         self.conn = conn
@@ -61,6 +62,9 @@ class Slot:
         self.pending = False
         self.req = req
         self.t0 = 0.0
+        # Bytes its reply may take, counted against the connection's write
+        # buffer while it is owed (a /past or /events page answered later).
+        self.reserve = 0
 
     def done(self, outcome):
         """The store's completion, on the loop thread (Server.deliver
@@ -203,6 +207,7 @@ class Routes:
 
     def _past(self, conn, req, mode, ordered):
         slot = Slot(conn, ROUTE_PAST, mode, req.head)
+        slot.reserve = (req.limit + 1) * PAST_ENTRY_BYTES_MAX
         try:
             outcome = self.store.read_past(req.cred, req.limit, req.before, slot, ordered)
         except AccManError as e:
@@ -227,6 +232,7 @@ class Routes:
 
     def _events(self, conn, req, mode):
         slot = Slot(conn, ROUTE_EVENTS, mode, req.head)
+        slot.reserve = (req.limit + 1) * EVENT_BYTES_MAX
         # A server that stops answers a long poll at once (Server._shutdown).
         wait = 0 if self.server.stopping else req.wait
         try:

@@ -76,16 +76,33 @@ def open_postgres(loop, urls: list, data_path: str | None, **options):
         raise StartupError(f"cannot open the PostgreSQL store: {e.detail}") from None
 
 
+def open_store(loop, store, data_path, store_urls, verify, low_balance, events_retention_s,
+               options):
+    """(store, where): the store to serve and what the ready line says of
+    it, `store` itself when one was given."""
+    if store is not None:
+        return store, f"data={getattr(store, 'path', data_path)}"
+    if store_urls:
+        store = open_postgres(loop, list(store_urls), data_path, low_default=low_balance,
+                              retention_s=events_retention_s, **options)
+        return store, "store=" + ",".join(redacted(u) for u in store_urls)
+    store = open_ledger(data_path, verify, low_balance=low_balance,
+                        events_retention_s=events_retention_s, **options)
+    return store, f"data={store.path}"
+
+
 _LOCKS = []         # held for the process's life: the lock is the open descriptor
 
 
 def lock_directory(data_path: str) -> None:
     """One server per data directory (SPEC "Durability and order"), also
-    when the directory holds no store."""
+    when the directory holds no store: the embedded store's own lock (a
+    flock on LOCK, accman.ledger.leveldb), so that a server of either store
+    and `accman verify` refuse a directory that a server of the other has."""
     from accman.ledger import datadir
     os.makedirs(data_path, mode=0o700, exist_ok=True)
     try:
-        _LOCKS.append(datadir.lock_exclusive(data_path, "accman.lock"))
+        _LOCKS.append(datadir.lock_exclusive(data_path, "LOCK"))
     except StoreLocked:
         raise StartupError(f"data directory {data_path} is in use by another accman "
                            "server") from None
@@ -128,7 +145,8 @@ def start_webhook(store, webhook, limits, loop, data_path):
 
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         limits=None, store=None, ready=None, verify="full", low_balance=None,
-        events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=(), webhook=None) -> int:
+        events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=(), webhook=None,
+        store_options=None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
     StartupError (one line for a person) when it cannot start.
 
@@ -136,7 +154,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     (tests inject a wrapped or faulty one this way); it is closed on the
     way out.  `store_urls`, PostgreSQL URLs, serve that store instead; then
     `data`, if not None, holds only the server's lock.  `webhook`
-    (accman.server.webhooks.load_config) has the events POSTed to it."""
+    (accman.server.webhooks.load_config) has the events POSTed to it.
+    `store_options` are more keyword arguments for the store that is
+    opened (its bounds: tests reach them small)."""
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
@@ -151,16 +171,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
     try:
-        if store is not None:
-            where = f"data={getattr(store, 'path', data_path)}"
-        elif store_urls:
-            store = open_postgres(loop, list(store_urls), data_path, low_default=low_balance,
-                                  retention_s=events_retention_s)
-            where = "store=" + ",".join(redacted(u) for u in store_urls)
-        else:
-            store = open_ledger(data_path, verify, low_balance=low_balance,
-                                events_retention_s=events_retention_s)
-            where = f"data={store.path}"
+        store, where = open_store(loop, store, data_path, store_urls, verify, low_balance,
+                                  events_retention_s, store_options or {})
     except BaseException:
         asyncio.set_event_loop(None)
         loop.close()

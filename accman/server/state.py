@@ -71,6 +71,7 @@ class Lifecycle:
         self.state = CLOSED
         self.backlog = None
         self.waiting.clear()
+        self.reserved = 0
         self.server.forget(self)
 
     def abort(self) -> None:

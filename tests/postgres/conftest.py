@@ -4,9 +4,10 @@
     def test_y(pg):              # the session's server itself (a Cluster)
     def test_z(pg_factory):      # servers of the test's own, destroyed after it
 
-One server is started per test session and torn down at its end; each test
-gets a database of its own on it, so tests cannot see each other's
-accounts.  Tests that kill or promote servers make their own.
+One server is started per test session and torn down at its end (`pg`, in
+tests/conftest.py: the server fixtures' "postgresql" store runs on it too);
+each test gets a database of its own on it, so tests cannot see each
+other's accounts.  Tests that kill or promote servers make their own.
 """
 
 import itertools
@@ -16,15 +17,6 @@ import pytest
 from .pgcluster import Cluster
 
 _db_numbers = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-def pg():
-    c = Cluster.create("shared")
-    try:
-        yield c
-    finally:
-        c.destroy()
 
 
 @pytest.fixture

@@ -10,12 +10,17 @@ simplest channel that survives SIGSTOP and needs no protocol):
     CONTROL/holding      written by the store while a commit is held
 
 Usage: python controlled_serve.py --data DIR --control DIR [--port N]
-           [--batch-mods-max N] [--queued-mods-max N]
+           [--batch-mods-max N] [--queued-mods-max N] [--store URL]
 
 It serves through `accman.server.run(store=...)`, the hook the server keeps
 for injected stores, with the same ready line as `accman serve`; limits come
 from the same ACCMAN_* environment variables.  Nothing here changes AccMan:
 the store is AccMan's own Store with `write` wrapped.
+
+With --store it serves that PostgreSQL store with the bounds given, and the
+control directory is not read: a test holds that store's commits from the
+database itself (relhelp.PgControl locks the counter row every batch
+takes last, as a stalled database would).
 """
 
 import argparse
@@ -66,14 +71,29 @@ def main():
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--batch-mods-max", type=int, default=None)
     p.add_argument("--queued-mods-max", type=int, default=None)
+    p.add_argument("--store", default=None)
     args = p.parse_args()
     data = os.path.abspath(args.data)
+    if args.store is not None:
+        return serve_postgres(args, data)
     ledger = Ledger(data, store=ControlledStore(data, args.control),
                     batch_mods_max=args.batch_mods_max,
                     queued_mods_max=args.queued_mods_max)
     try:
         return run(host=args.host, port=args.port, data=data, store=ledger,
                    limits=ServerLimits.from_env())
+    except StartupError as e:
+        print(f"accman: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def serve_postgres(args, data):
+    bounds = {name: value for name, value in (("batch_mods_max", args.batch_mods_max),
+                                              ("queued_mods_max", args.queued_mods_max))
+              if value is not None}
+    try:
+        return run(host=args.host, port=args.port, data=data, store_urls=[args.store],
+                   limits=ServerLimits.from_env(), store_options=bounds)
     except StartupError as e:
         print(f"accman: error: {e}", file=sys.stderr, flush=True)
         return 2

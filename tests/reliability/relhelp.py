@@ -56,15 +56,66 @@ class Control:
             time.sleep(0.005)
 
 
+class PgControl:
+    """Control's hold and release for a server on a PostgreSQL store: a
+    transaction of the test's own holds the lock of the counter row, which
+    every write batch takes last, so that batches wait in the database as
+    they would for a stalled disk (reads do not: they take no lock)."""
+
+    def __init__(self, store, data):
+        self.pg = store.pg
+        self.dbname = store.dbname(data)
+        self.psql = None
+        self.holder_pid = None
+
+    def hold(self):
+        assert self.psql is None, "already held"
+        from postgres.pgcluster import PG_USER, pg_bin
+        self.psql = subprocess.Popen(
+            [str(pg_bin() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", PG_USER, "-d", self.dbname],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.psql.stdin.write("BEGIN;\nSELECT pg_backend_pid();\n"
+                              "SELECT 1 FROM accman_counter FOR UPDATE;\n\\echo held\n")
+        self.psql.stdin.flush()
+        self.holder_pid = int(self.psql.stdout.readline())
+        lines = [self.psql.stdout.readline().strip() for _ in range(2)]
+        assert lines == ["1", "held"], lines
+
+    def release(self):
+        if self.psql is None:
+            return
+        self.psql.stdin.write("COMMIT;\n")
+        self.psql.stdin.close()
+        self.psql.wait(10)
+        self.psql = None
+
+    def wait_holding(self, timeout_s=10.0):
+        """Until a write batch waits for the held lock."""
+        deadline = time.monotonic() + timeout_s
+        sql = (f"SELECT count(*) FROM pg_stat_activity "
+               f"WHERE {self.holder_pid} = ANY(pg_blocking_pids(pid))")
+        while self.pg.psql(sql, self.dbname) == "0":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no commit was held within {timeout_s} s")
+            time.sleep(0.01)
+
+
 def spawn_controlled(data, log_dir, control, *, port=0, env=None,
-                     batch_mods_max=None, queued_mods_max=None) -> ServerProc:
+                     batch_mods_max=None, queued_mods_max=None, store=None) -> ServerProc:
+    """controlled_serve.py on `data`; on a PostgreSQL `store` (a conftest
+    StoreUnderTest), its database for `data`."""
     cmd = [PYTHON, CONTROLLED_SERVE, "--data", data, "--control", control.path,
            "--port", port]
     if batch_mods_max is not None:
         cmd += ["--batch-mods-max", batch_mods_max]
     if queued_mods_max is not None:
         cmd += ["--queued-mods-max", queued_mods_max]
-    return spawn_command([str(c) for c in cmd], log_dir, data=data, env=env)
+    if store is not None and not store.embedded:
+        cmd += ["--store", store.url(data)]
+    srv = spawn_command([str(c) for c in cmd], log_dir, data=data, env=env)
+    srv.store = store
+    return srv
 
 
 def stop_quietly(srv):

@@ -124,11 +124,13 @@ def test_clients_that_never_read_stay_within_the_server_budget(start_server, cre
     assert metrics(s)["accman_buffered_bytes"] == 0 or s.get("/health").status == 200
 
 
-def spawn_with_nofile(start_server, nofile, args, **kw):
-    """The server under `ulimit -n nofile` (soft and hard: it cannot raise it)."""
+def spawn_with_nofile(start_server, nofile, data, args=(), **kw):
+    """The server under `ulimit -n nofile` (soft and hard: it cannot raise it),
+    on `data` and the test's store."""
     cmd = ["prlimit", f"--nofile={nofile}:{nofile}", PYTHON, "-m", "accman", "serve",
-           "--host", "127.0.0.1", "--port", "0", *map(str, args)]
-    return start_server(cmd=cmd, **kw)
+           "--host", "127.0.0.1", "--port", "0", "--data", str(data),
+           *start_server.store.serve_args(data), *map(str, args)]
+    return start_server(data=data, cmd=cmd, **kw)
 
 
 def test_out_of_descriptors_refuses_connections_and_never_stops_commits(
@@ -141,7 +143,7 @@ def test_out_of_descriptors_refuses_connections_and_never_stops_commits(
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKENS_FILE)
     tokens.chmod(0o600)
-    s = spawn_with_nofile(start_server, 400, ["--data", data, "--tokens", tokens], data=data)
+    s = spawn_with_nofile(start_server, 400, data, ["--tokens", tokens])
     worker = s.connect()
     worker.send(patch(f"/mod?cred={cred}&by=100", auth(TOKENS["mint"])))
     assert worker.response().status == 200
@@ -183,7 +185,7 @@ def test_out_of_descriptors_refuses_connections_and_never_stops_commits(
 
 def test_a_descriptor_limit_too_low_to_serve_is_refused_at_start(start_server, tmp_path):
     try:
-        spawn_with_nofile(start_server, 200, ["--data", tmp_path / "d"])
+        spawn_with_nofile(start_server, 200, tmp_path / "d")
     except RuntimeError as e:
         assert "descriptor limit is 200" in str(e) and "ulimit -n" in str(e)
     else:

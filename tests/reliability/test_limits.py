@@ -21,7 +21,7 @@ import pytest
 
 from accman import limits as L
 from conftest import assert_error, get, parse_responses, patch, spawn_server
-from relhelp import Control, history, metrics, spawn_controlled, stop_quietly
+from relhelp import Control, PgControl, history, metrics, spawn_controlled, stop_quietly
 
 
 def read_until_closed(c, timeout_s=10.0):
@@ -31,14 +31,18 @@ def read_until_closed(c, timeout_s=10.0):
 
 
 @pytest.fixture
-def controlled(tmp_path):
-    """start(**kw) -> (server, Control): a server whose commits can be held."""
+def controlled(tmp_path, server_store):
+    """start(**kw) -> (server, Control): a server whose commits can be held
+    (on PostgreSQL, in the database: relhelp.PgControl)."""
     started = []
 
     def start(env=None, **kw):
+        data = tmp_path / f"data{len(started)}"
         control = Control(tmp_path / f"control{len(started)}")
-        srv = spawn_controlled(tmp_path / f"data{len(started)}",
-                               tmp_path / f"log{len(started)}", control, env=env, **kw)
+        srv = spawn_controlled(data, tmp_path / f"log{len(started)}", control, env=env,
+                               store=server_store, **kw)
+        if not server_store.embedded:
+            control = PgControl(server_store, data)
         started.append((srv, control))
         return srv, control
 
@@ -154,8 +158,8 @@ def test_header_lines_at_their_limit_and_one_over(shared_server):
 
 def test_body_at_its_limit_and_one_over(shared_server, cred):
     def mod_with_body(n, by):
-        return (b"PATCH /mod?cred=%s&by=%d HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
-                % (cred.encode(), by, n) + b"b" * n)
+        return (b"PATCH /mod?cred=%s&by=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Length: %d\r\n\r\n" % (cred.encode(), by, n) + b"b" * n)
 
     with shared_server.connect() as c:
         c.send(mod_with_body(L.BODY_BYTES_MAX, 3))
@@ -496,7 +500,7 @@ def test_shutdown_grace_bounds_the_wait_for_a_stalled_disk(controlled, cred, tmp
     assert srv.proc.poll() is None                   # the ledger still waits for the disk
     control.release()
     assert srv.proc.wait(15) == 0
-    again = spawn_server(srv.data, tmp_path / "again")
+    again = spawn_server(srv.data, tmp_path / "again", store=srv.store)
     try:
         assert again.tot(cred) == 9                  # committed on the way out
     finally:

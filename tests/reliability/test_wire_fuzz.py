@@ -104,7 +104,7 @@ def percent_encoded(draw):
     flags = draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
     if not any(flags):
         flags[0] = True
-    return b"".join(b"%%%02X" % c if f else bytes([c]) for c, f in zip(name, flags))
+    return b"".join(b"%%%02X" % c if f else bytes([c]) for c, f in zip(name, flags, strict=True))
 
 
 unicode_lookalikes = st.text(alphabet="ａＢ１２é٣০\u00a0\u2011\uff3f\u0410ß", min_size=1,
@@ -321,7 +321,7 @@ def check_exchange(srv, raw, cuts):
     replies = parse_responses(data, [req.head for req in reqs])
     assert b"".join(r.raw for r in replies) == data, "bytes that are no whole reply"
     assert len(replies) == len(reqs), (reqs, replies)
-    for req, r in zip(reqs, replies):
+    for req, r in zip(reqs, replies, strict=True):
         closing = req.error is not None and req.error.close
         if not req.loopback_host and not closing:
             # SPEC "Access": with no tokens, only a loopback Host is answered.

@@ -1,0 +1,150 @@
+"""One gap-free event order for a store of several clusters.
+
+Each cluster numbers the events of its own batches without gaps, under its
+counter row's lock held to the commit, so a cluster's events become visible
+in id order: what a reader sees of them is always 1..n.  One cluster is the
+store's events' home (accman_schema.events_home, chosen once by `accman
+migrate`): its own batches number their events in the store's order
+directly, and the events of every other cluster are copied into it, in
+their cluster's order, by accman_merge: under the home's counter lock
+they get the store's next ids, and the home's accman_merged row for their
+cluster records how far that cluster's events are copied, in the same
+transaction.  So:
+
+* the store's ids grow by one with no gaps, and survive a restart (the
+  copy and its record commit together, durably);
+* an account's events keep their order (an account lives in one cluster,
+  and a cluster's events are copied in its order);
+* a copy that fails part-way copies nothing, and the next pass starts from
+  the record: no event is copied twice or skipped;
+* several front-ends may copy at once: each pass locks its cluster's
+  accman_merged row first, so they take turns, each from where the last
+  one left.
+
+One front-end at a time copies as other clusters commit (the one holding a
+session advisory lock on the home, taken in the upkeep rounds); every
+front-end copies before it answers /events, so that a read sees the events
+of every write answered before it (SPEC "Routes": pipelined order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from accman.postgres import errors as E
+
+log = logging.getLogger("accman.postgres")
+
+# Events copied per pass (one transaction on the home); a cluster further
+# behind is copied in several passes.
+MERGE_BATCH_MAX = 4096
+MERGE_TIMEOUT_S = 10.0
+# The session advisory lock the copying front-end holds on the home ("merg").
+MERGE_LOCK_ID = 0x6D657267
+
+_UPTO_SQL = "SELECT upto FROM accman_merged WHERE cluster_id = $1 FOR UPDATE"
+_LOCAL_SQL = ("SELECT id, type, hid, seq, by, tot, at, key, hold FROM accman_events "
+              "WHERE id > $1 ORDER BY id LIMIT $2")
+_MERGE_SQL = "SELECT accman_merge($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_LEAD_SQL = "SELECT pg_try_advisory_lock($1)"
+
+
+class Merger:
+    """Copies the other clusters' events into the home's, for one store."""
+
+    def __init__(self, store, home, others):
+        self.store = store
+        self.home = home
+        self.others = others
+        self.leading = False
+        # Per cluster: the newest local id known committed, and known copied.
+        self.committed = {c.index: 0 for c in others}
+        self.copied = {c.index: 0 for c in others}
+        self._lock = asyncio.Lock()       # one pass at a time in this front-end
+        self._kicked = False
+
+    # -- what wakes it ------------------------------------------------------------
+
+    def note_commit(self, cluster, last_event: int) -> None:
+        """A batch of this front-end committed events up to `last_event` on
+        `cluster` (not the home)."""
+        self.committed[cluster.index] = max(self.committed[cluster.index], last_event)
+        self.kick()
+
+    def note_notified(self, cluster, payload: str) -> None:
+        """Another front-end's batch committed on `cluster`."""
+        if payload.isdigit():
+            self.committed[cluster.index] = max(self.committed[cluster.index], int(payload))
+        if self.leading:
+            self.kick()
+
+    def kick(self) -> None:
+        if not self._kicked:
+            self._kicked = True
+            self.store._spawn(self._run())
+
+    async def _run(self) -> None:
+        self._kicked = False
+        try:
+            await self.catch_up(force=True)
+        except Exception as e:
+            log.warning("copying events to the home cluster failed (retried): %s",
+                        E.describe(e))
+
+    # -- copying ----------------------------------------------------------------------
+
+    async def catch_up(self, force: bool = False) -> None:
+        """Copies what this front-end knows committed and not yet copied (with
+        `force`, whatever the other clusters have); returns once it is
+        copied, or raises."""
+        async with self._lock:
+            for c in self.others:
+                while force or self.copied[c.index] < self.committed[c.index]:
+                    if await self._pass(c) < MERGE_BATCH_MAX:
+                        break
+
+    async def _pass(self, cluster) -> int:
+        """One copy of `cluster`'s next events; how many were copied."""
+        async with self.home.pool.acquire() as hc:
+            async with hc.transaction():
+                upto = await hc.fetchval(_UPTO_SQL, cluster.cluster_id, timeout=MERGE_TIMEOUT_S)
+                rows = await cluster.pool.fetch(_LOCAL_SQL, upto, MERGE_BATCH_MAX,
+                                                timeout=MERGE_TIMEOUT_S)
+                if not rows:
+                    self.copied[cluster.index] = upto
+                    self.committed[cluster.index] = max(self.committed[cluster.index], upto)
+                    return 0
+                if rows[0]["id"] != upto + 1:
+                    raise RuntimeError(f"events {upto + 1}..{rows[0]['id'] - 1} of a cluster "
+                                       "were trimmed before they were copied to the home")
+                cols = list(zip(*rows, strict=True))
+                await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],
+                                 timeout=MERGE_TIMEOUT_S)
+        last = rows[-1]["id"]
+        self.copied[cluster.index] = last
+        self.committed[cluster.index] = max(self.committed[cluster.index], last)
+        self.home.events.local_commit()
+        return len(rows)
+
+    async def upto(self, cluster) -> int:
+        """How far `cluster`'s events are copied, as the home says."""
+        return await self.home.pool.fetchval(
+            "SELECT upto FROM accman_merged WHERE cluster_id = $1", cluster.cluster_id,
+            timeout=MERGE_TIMEOUT_S)
+
+    # -- who copies as others commit --------------------------------------------------
+
+    async def lead(self) -> None:
+        """Takes the copying role when no front-end holds it (each round),
+        on the home's listener connection: the role goes with that session."""
+        if self.leading:
+            return
+        listener = self.home.events.listener
+        if listener is not None and await listener.fetchval(_LEAD_SQL, MERGE_LOCK_ID):
+            self.leading = True
+            self.kick()
+
+    def lost_home(self) -> None:
+        """The home's listener connection went: so did the role."""
+        self.leading = False

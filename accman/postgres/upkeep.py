@@ -1,0 +1,83 @@
+"""A PostgreSQL store's upkeep, on its loop: due holds ended in rounds, the
+counts refreshed, events past the retention trimmed.  Every front-end runs
+it; the database makes each due hold end once (accman_expire locks its
+account, SKIP LOCKED).
+
+The expiry round is also the store's heartbeat: a round that loses its
+connection marks the cluster lost, so that /health says 503 within a round
+of the primary going away, idle or not (SPEC "Routes": 503 while the
+service cannot commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from accman.postgres import errors as E
+
+log = logging.getLogger("accman.postgres")
+
+# Due holds are ended in rounds this often (a hold ends at most this long
+# after its ttl; a settle after the ttl is hold_expired at once regardless),
+# at most EXPIRE_ACCOUNTS_MAX accounts per call of accman_expire.
+EXPIRE_INTERVAL_S = 1.0
+EXPIRE_ACCOUNTS_MAX = 1024
+# Events past the retention are trimmed this often (or each round, when the
+# retention is shorter).
+TRIM_INTERVAL_S = 60.0
+# A round's calls, each: a round not answered by then marks the cluster lost.
+ROUND_TIMEOUT_S = 10.0
+
+_COUNTS_SQL = ("SELECT ARRAY[next_event - 1, accounts, open_holds, holds_expired, "
+               "coalesce((SELECT min(id) FROM accman_events), 0)] FROM accman_counter")
+
+
+async def maintain(store) -> None:
+    """Rounds every EXPIRE_INTERVAL_S until the store closes (the first at
+    open is expire_round's, before the store serves)."""
+    last_trim = 0.0                     # the first round trims
+    trim_interval_s = min(TRIM_INTERVAL_S, store.retention_s)
+    while not store.closed:
+        await asyncio.sleep(EXPIRE_INTERVAL_S)
+        for c in store.clusters:
+            if c.healthy:
+                await expire_round(store, c)
+        await merge_round(store)
+        if time.monotonic() - last_trim >= trim_interval_s:
+            last_trim = time.monotonic()
+            for c in store.clusters:
+                if c.healthy:
+                    await c.events.trim(store.retention_s)
+
+
+async def merge_round(store) -> None:
+    """On a store of several clusters: takes the copying role if no
+    front-end has it, and copies what a lost notification may have left."""
+    merger = store.merger
+    if merger is None or not store.healthy:
+        return
+    try:
+        await merger.lead()
+    except Exception as e:
+        log.warning("taking the copying role failed (retried next round): %s", E.describe(e))
+    if merger.leading:
+        merger.kick()
+
+
+async def expire_round(store, cluster) -> None:
+    """Ends the cluster's due holds, then reads its counts."""
+    try:
+        async with cluster.pool.acquire() as conn:
+            while await conn.fetchval("SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX,
+                                      timeout=ROUND_TIMEOUT_S):
+                cluster.events.local_commit()
+            counts = await conn.fetchval(_COUNTS_SQL, timeout=ROUND_TIMEOUT_S)
+            cluster.note_counts(counts[:4])
+            cluster.events.first = counts[4]
+    except Exception as e:
+        if E.classify(e) == E.UNKNOWN and cluster.healthy:
+            store.lost(cluster, e)
+        else:
+            log.warning("ending due holds failed (retried next round): %s", E.describe(e))

@@ -1,0 +1,231 @@
+"""One gap-free event order for a store of several clusters (SPEC "Events":
+"a global id that grows by one, with no gaps"; accman.postgres.merge): every
+event of every cluster once, each account's in its order, the ids already
+read kept when a store grows to two clusters, a copy that fails part-way
+copying nothing, and front-ends killed mid-load losing nothing."""
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from accman.errors import Unavailable
+from accman.postgres import merge as merge_module
+from accman.postgres.migrate import migrate
+
+from .bank import spawn_front_end
+from .helpers import opened, run
+
+
+async def all_events(c):
+    out, after = [], 0
+    while True:
+        page, after = await c.events(after=after, limit=1000)
+        if not page:
+            return out
+        out += page
+
+
+def history_keys(cluster, dbname):
+    """{(account id, seq)} of every history entry of a cluster's database."""
+    rows = cluster.psql("SELECT encode(hid, 'hex') || ' ' || seq FROM accman_history", dbname)
+    return {(h, int(s)) for h, s in (r.split() for r in rows.split("\n") if r)}
+
+
+def check_order(events, expected_keys):
+    """Ids 1..n, every history entry's event exactly once (low_balance aside),
+    each account's events in seq order."""
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    keys = [(e.account, e.seq) for e in events if e.type != "low_balance"]
+    assert len(keys) == len(set(keys)) and set(keys) == expected_keys
+    last = {}
+    for e in events:
+        assert e.seq >= last.get(e.account, 0), e
+        last[e.account] = e.seq
+
+
+def test_two_clusters_number_their_events_in_one_order(pg, pg_factory):
+    other = pg_factory(name="second")
+    urls = [pg.create_database("m_a"), other.create_database("m_b")]
+
+    async def main():
+        s1, c1 = await opened(urls)
+        s2, c2 = await opened(urls)           # a second front-end, at once
+        try:
+            assert s1.home is not None and s1.home.cluster_id == s2.home.cluster_id
+            await asyncio.gather(*(c.mod(f"u{i}", 10) for i in range(60) for c in (c1,)))
+            await asyncio.gather(*(c.mod(f"u{i}", -1, min=0) for i in range(60)
+                                   for c in (c1, c2)))
+            # A read sees every write answered before it, on either cluster.
+            for i in range(0, 60, 7):
+                _, seq = await c2.mod(f"u{i}", 2)
+                seen = {(e.account, e.seq) for e in await all_events(c2)}
+                assert (s2.account_id(f"u{i}"), seq) in seen
+            return await all_events(c1), await all_events(c2)
+        finally:
+            await s1.aclose()
+            await s2.aclose()
+    seen1, seen2 = run(main())
+    keys = history_keys(pg, "m_a") | history_keys(other, "m_b")
+    assert len(keys) == 60 + 120 + 9
+    check_order(seen2, keys)
+    assert [(e.id, e.account, e.seq) for e in seen1] == \
+        [(e.id, e.account, e.seq) for e in seen2][:len(seen1)]
+
+
+def test_a_long_poll_hears_a_commit_on_another_cluster(pg, pg_factory):
+    other = pg_factory(name="second")
+    urls = [pg.create_database("lp_a"), other.create_database("lp_b")]
+
+    async def main():
+        s1, c1 = await opened(urls)
+        s2, c2 = await opened(urls)
+        try:
+            away = next(f"x{i}" for i in range(100)
+                        if s2._locate(f"x{i}")[1] is not s2.home)
+            waiting = asyncio.ensure_future(c1.events(after=0, wait_s=10))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            await c2.mod(away, 5)
+            events, nxt = await waiting
+            assert [(e.id, e.account) for e in events] == [(1, s2.account_id(away))]
+            assert time.monotonic() - t0 < 5
+        finally:
+            await s1.aclose()
+            await s2.aclose()
+    run(main())
+
+
+def test_a_store_grown_to_two_clusters_keeps_the_ids_it_gave(pg, pg_factory):
+    first = pg.create_database("g_a")
+
+    async def before():
+        store, c = await opened(first)
+        try:
+            for i in range(5):
+                await c.mod(f"u{i}", 3)
+            return await all_events(c)
+        finally:
+            await store.aclose()
+    old = run(before())
+    other = pg_factory(name="added")
+    second = other.create_database("g_b")
+    infos = run(migrate([second, first]))        # the order of --store does not matter
+    assert infos[0].events_home == infos[1].events_home == infos[1].cluster_id
+
+    async def after():
+        store, c = await opened([first, second])
+        try:
+            assert store.home.url == first
+            for i in range(30):
+                await c.mod(f"v{i}", 1)
+            return await all_events(c)
+        finally:
+            await store.aclose()
+    events = run(after())
+    assert [(e.id, e.account, e.seq, e.at) for e in events[:5]] == \
+        [(e.id, e.account, e.seq, e.at) for e in old]
+    check_order(events, history_keys(pg, "g_a") | history_keys(other, "g_b"))
+    assert int(other.psql("SELECT count(*) FROM accman_accounts", "g_b")) > 0
+
+
+def test_a_copy_that_fails_part_way_copies_nothing(pg, pg_factory, monkeypatch):
+    other = pg_factory(name="second")
+    urls = [pg.create_database("f_a"), other.create_database("f_b")]
+    home_db = {}
+
+    async def main():
+        store, c = await opened(urls)
+        try:
+            home_db["name"] = store.home.url.rsplit("/", 1)[1]
+            far = [f"y{i}" for i in range(200) if store._locate(f"y{i}")[1] is not store.home]
+            home_cluster = pg if store.home.url == urls[0] else other
+            # accman_merge does its work, then the transaction fails.
+            home_cluster.psql(
+                "CREATE FUNCTION failing_merge(a bytea, b bigint, c smallint[], d bytea[], "
+                "e bigint[], f bigint[], g bigint[], h bigint[], i text[], j bigint[]) "
+                "RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM accman_merge(a, b, c, d, e, f, g, h, i, j); "
+                "RAISE EXCEPTION 'injected'; END $$", home_db["name"])
+            monkeypatch.setattr(merge_module, "_MERGE_SQL",
+                                "SELECT failing_merge($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+            await asyncio.gather(*(c.mod(y, 1) for y in far[:10]))
+            with pytest.raises(Unavailable, match="copied"):
+                await c.events()                 # 503: the copy failed
+            assert home_cluster.psql("SELECT count(*) FROM accman_events",
+                                     home_db["name"]) == "0"
+            assert home_cluster.psql("SELECT upto FROM accman_merged",
+                                     home_db["name"]) == "0"
+            monkeypatch.undo()
+            events = await all_events(c)
+            assert [e.id for e in events] == list(range(1, 11))
+            assert {e.account for e in events} == {store.account_id(y) for y in far[:10]}
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_front_ends_killed_mid_load_lose_no_event(pg, pg_factory, tmp_path):
+    """Two front-end processes on a store of two clusters, keyed mods from
+    32 callers each; one is killed with SIGKILL halfway.  A front-end opened
+    afterwards reads every event of both clusters once, in one gap-free
+    order."""
+    other = pg_factory(name="second")
+    urls = [pg.create_database("k_a"), other.create_database("k_b")]
+
+    async def fund():
+        store, c = await opened(urls)
+        try:
+            await asyncio.gather(*(c.mod(f"acct-{i}", 500) for i in range(40)))
+        finally:
+            await store.aclose()
+    run(fund())
+    procs = [spawn_front_end(urls=urls, seconds=4.0, callers=32, accounts=40, seed=i,
+                             out=str(tmp_path / f"fe{i}.jsonl"), retry_s=0)
+             for i in range(2)]
+    time.sleep(2.5)
+    procs[0].send_signal(signal.SIGKILL)
+    for p in procs:
+        p.communicate(timeout=60)
+    assert procs[1].returncode == 0
+
+    async def read():
+        store, c = await opened(urls)
+        try:
+            return await all_events(c)
+        finally:
+            await store.aclose()
+    events = run(read())
+    check_order(events, history_keys(pg, "k_a") | history_keys(other, "k_b"))
+    assert len(events) > 200
+
+
+def test_a_cluster_far_behind_is_copied_in_passes_of_merge_batch_max(pg, pg_factory,
+                                                                      monkeypatch):
+    """MERGE_BATCH_MAX events per copy: a cluster 23 events behind, at 5 a
+    pass, is copied in five passes or more, in order, once."""
+    monkeypatch.setattr(merge_module, "MERGE_BATCH_MAX", 5)
+    other = pg_factory(name="second")
+    urls = [pg.create_database("p_a"), other.create_database("p_b")]
+
+    async def main():
+        store, c = await opened(urls)
+        try:
+            far = [f"z{i}" for i in range(300) if store._locate(f"z{i}")[1] is not store.home]
+            passes = []
+            real_pass = store.merger._pass
+
+            async def counted(cluster):
+                n = await real_pass(cluster)
+                passes.append(n)
+                return n
+            monkeypatch.setattr(store.merger, "_pass", counted)
+            await asyncio.gather(*(c.mod(z, 1) for z in far[:23]))
+            events = await all_events(c)
+            assert [e.id for e in events] == list(range(1, 24))
+            copied = [n for n in passes if n]
+            assert sum(copied) == 23 and max(copied) == 5 and len(copied) >= 5
+        finally:
+            await store.aclose()
+    run(main())

@@ -1,0 +1,236 @@
+"""What the embedded store answers, the PostgreSQL store answers the same:
+its refusals and their sentences, its counts, holds ended before it serves,
+where the event stream ends, long polls at a stop, retention shorter than
+a minute.  (The black-box suite checks the same over HTTP on both stores;
+these reach the store directly and fail fast.)"""
+
+import asyncio
+import time
+
+import pytest
+
+from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, KeyReused, NoAccount,
+                           Overflow, TooManyHolds)
+from accman.limits import INT64_MAX, INT64_MIN
+
+from .helpers import opened, run
+
+
+def test_refusals_say_what_the_embedded_store_says(pg_url):
+    async def main():
+        store, c = await opened(pg_url, holds_per_account_max=2, holds_max=3)
+        try:
+            with pytest.raises(NoAccount, match="a charge opens none"):
+                await c.mod("nobody", -1)
+            with pytest.raises(NoAccount, match="a hold opens none"):
+                await c.hold("nobody", -1, 60)
+            with pytest.raises(NoAccount):
+                await c.settle("nobody", 1, 0)
+            await c.mod("a", 100)
+            with pytest.raises(BadRequest, match=rf"by must be from {-INT64_MAX} to -1"):
+                await c.hold("a", INT64_MIN, 60, min=INT64_MIN)
+            assert await c.hold("a", -5, 60, key="h") == (2, 95, 2)
+            with pytest.raises(KeyReused, match="by, min or ttl"):
+                await c.hold("a", -5, 61, key="h")
+            await c.hold("a", -5, 1)
+            with pytest.raises(TooManyHolds, match=r"HOLDS_PER_ACCOUNT_MAX \(2\)"):
+                await c.hold("a", -5, 60)
+            await c.mod("b", 100)
+            await c.hold("b", -5, 60)
+            with pytest.raises(TooManyHolds, match=r"HOLDS_MAX \(3\)"):
+                await c.hold("b", -5, 60)
+            assert await c.settle("a", 2, 5) == (90, 4)
+            with pytest.raises(HoldEnded, match="another use"):
+                await c.settle("a", 2, 4)
+            with pytest.raises(BadRequest, match="held amount 5"):
+                await c.settle("a", 3, 6)
+            await asyncio.sleep(1.1)                        # hold 3's ttl is up
+            with pytest.raises(HoldEnded, match="expired"):
+                await c.settle("a", 3, 0)
+            with pytest.raises(HoldEnded, match="expired"):
+                await c.settle("a", 3, 0)                   # and stays so
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_a_mod_leaves_room_for_what_open_holds_give_back(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("a", 100)
+            await c.hold("a", -100, 60)
+            with pytest.raises(Overflow, match="open holds"):
+                await c.mod("a", INT64_MAX)
+            assert await c.mod("a", INT64_MAX - 100) == (INT64_MAX - 100, 3)
+            assert await c.settle("a", 2, 0) == (INT64_MAX, 4)
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_the_counts_are_in_the_stats(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("a", 10)
+            await c.mod("b", 10)
+            await c.hold("a", -1, 1)
+            await c.hold("b", -1, 600)
+            stats = store.stats
+            assert (stats["accounts"], stats["open_holds"], stats["events_last"]) == (2, 2, 4)
+            assert store.open_holds == 2
+            await asyncio.sleep(1.1)
+            with pytest.raises(HoldEnded):
+                await c.settle("a", 2, 0)                  # ends it, by its expiry
+            stats = store.stats
+            assert (stats["open_holds"], stats["holds_expired"], stats["events_last"]) == \
+                (1, 1, 5)
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_a_hold_that_expired_while_down_ends_before_open_returns(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        await c.mod("a", 100)
+        await c.hold("a", -10, 1)
+        await store.aclose()
+        await asyncio.sleep(1.2)
+        store, c = await opened(pg_url)
+        try:
+            assert store.open_holds == 0 and store.stats["holds_expired"] == 1
+            assert await c.tot("a") == 100                 # at once, no round awaited
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_next_tells_where_the_event_stream_ends(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            assert await c.events(after=7) == ([], 7)      # no event yet
+            for _ in range(3):
+                await c.mod("a", 1)
+            assert await c.events(after=3) == ([], 3)
+            assert await c.events(after=5000) == ([], 3)
+            assert await c.events(after=5000, wait_s=0.2) == ([], 3)
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_end_waits_answers_every_long_poll_at_once(pg_url):
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            await c.mod("a", 1)
+            polls = [asyncio.ensure_future(c.events(after=1, wait_s=30)) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            store.end_waits()
+            assert await asyncio.gather(*polls) == [([], 1)] * 3
+            assert time.monotonic() - t0 < 5
+            assert await c.events(after=1, wait_s=30) == ([], 1)    # no wait any more
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_the_waiters_bound_is_named_with_its_value(pg_url, monkeypatch):
+    monkeypatch.setattr("accman.postgres.events.EVENTS_WAITERS_MAX", 2)
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            polls = [asyncio.ensure_future(c.events(wait_s=5)) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            with pytest.raises(Busy, match=r"EVENTS_WAITERS_MAX \(2\)"):
+                await c.events(wait_s=5)
+            store.end_waits()
+            await asyncio.gather(*polls)
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_a_retention_shorter_than_the_trim_interval_is_kept_to(pg_url):
+    """Events past a one-second retention go within a round or two, not at
+    the next TRIM_INTERVAL_S (a minute); the stats count them."""
+    async def main():
+        store, c = await opened(pg_url, retention_s=1.0)
+        try:
+            for _ in range(3):
+                await c.mod("a", 1)
+            await asyncio.sleep(1.2)
+            await c.mod("a", 1)                            # young: kept
+            deadline = time.monotonic() + 5
+            while True:                 # (a round may take 1, then 2 and 3)
+                try:
+                    await c.events(after=0)
+                except EventsTrimmed as e:
+                    if e.first == 4:
+                        break
+                assert time.monotonic() < deadline, "not trimmed within 5 s"
+                await asyncio.sleep(0.1)
+            stats = store.stats
+            assert (stats["events_first"], stats["events_trimmed"]) == (4, 3)
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_polls_of_one_page_share_one_read(pg_url, monkeypatch):
+    """300 long polls of the stream's end, made at once, are one query (and
+    one more when an event wakes them), not 300."""
+    from accman.postgres.events import EventReader
+    reads = []
+    real_page = EventReader._page
+
+    async def counted(self, after, limit):
+        reads.append(after)
+        return await real_page(self, after, limit)
+    monkeypatch.setattr(EventReader, "_page", counted)
+
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            polls = [asyncio.ensure_future(c.events(after=0, wait_s=10)) for _ in range(300)]
+            await asyncio.sleep(0.3)
+            assert len(reads) <= 2
+            await c.mod("a", 1)
+            assert all(p[1] == 1 for p in await asyncio.gather(*polls))
+            assert len(reads) <= 4
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_a_commit_heard_during_a_first_read_is_read_at_once(pg_url, monkeypatch):
+    """A poll whose first read found nothing, while a commit was heard of
+    meanwhile, reads again rather than wait out its wait."""
+    from accman.postgres.events import EventReader
+    real_page = EventReader._page
+    state = {}
+
+    async def page_then_commit(self, after, limit):
+        outcome = await real_page(self, after, limit)
+        if "done" not in state:
+            state["done"] = True
+            await state["calls"].mod("a", 1)           # committed, and heard of
+        return outcome
+    monkeypatch.setattr(EventReader, "_page", page_then_commit)
+
+    async def main():
+        store, c = await opened(pg_url)
+        state["calls"] = c
+        try:
+            t0 = time.monotonic()
+            events, nxt = await c.events(after=0, wait_s=20)
+            assert [e.id for e in events] == [1] and nxt == 1
+            assert time.monotonic() - t0 < 5
+        finally:
+            await store.aclose()
+    run(main())

@@ -1,0 +1,119 @@
+"""`accman serve --store URL` and `accman migrate` as a user runs them: what
+only the PostgreSQL store has (the server suite runs on it too, through the
+fixtures of tests/conftest.py): /health while no primary is reachable, the
+ready line's URL, several clusters, the migrate command."""
+
+import time
+
+from conftest import assert_error, get, patch, run_accman, spawn_server
+
+from accman.postgres.schema import SCHEMA_VERSION
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.1)
+
+
+def health(srv):
+    return srv.get("/health").status
+
+
+def metrics(srv) -> dict:
+    out = {}
+    for line in srv.get("/metrics").body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_health_is_503_while_no_primary_is_reachable(pg_factory, tmp_path):
+    """SPEC "Routes": /health is 503 while the service cannot commit; an
+    idle front-end notices by itself (its upkeep round is its heartbeat),
+    refuses writes at once meanwhile, and is back once the primary is."""
+    pg = pg_factory(name="lost")
+    url = pg.create_database("h")
+    srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", url])
+    try:
+        assert srv.mod("a", 5).json == {"tot": 5, "seq": 1}
+        assert health(srv) == 200
+        pg.kill()
+        wait_for(lambda: health(srv) == 503, 10, "/health 503 with the primary gone")
+        assert_error(srv.get("/health"), 503, "unavailable")
+        assert metrics(srv)["accman_healthy"] == 0
+        assert_error(srv.mod("a", 1), 503, "unavailable")
+        assert_error(srv.get("/tot?cred=a"), 503, "unavailable")
+        pg.start()
+        wait_for(lambda: health(srv) == 200, 20, "/health 200 with the primary back")
+        assert srv.mod("a", 1).json == {"tot": 6, "seq": 2}      # the refused one never applied
+    finally:
+        srv.kill()
+
+
+def test_the_ready_line_names_the_store_without_its_password(pg, tmp_path):
+    url = pg.create_database("ready")
+    secret_url = url.replace("postgres@", "postgres:s3cret-pw@")
+    srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", secret_url])
+    try:
+        line = (srv.log_dir / "stdout").read_text().splitlines()[0]
+        shown = url.replace("postgres@", "")
+        assert line == f"accman: serving http://127.0.0.1:{srv.port} store={shown}"
+        assert "s3cret" not in srv.stderr() + (srv.log_dir / "stdout").read_text()
+    finally:
+        srv.kill()
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_and_exit_2(tmp_path):
+    from postgres.pgcluster import free_port
+    proc = run_accman("serve", "--port", 0, "--data", tmp_path / "d",
+                      "--store", f"postgresql://postgres:pw@127.0.0.1:{free_port()}/x")
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("accman: error: cannot open the PostgreSQL store")
+    assert ":pw@" not in err
+
+
+def test_migrate_makes_and_upgrades_the_schema_once(pg):
+    url = pg.create_database("mig")
+    for _ in range(2):
+        proc = run_accman("migrate", "--store", url)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"accman: 1 cluster(s) at schema version {SCHEMA_VERSION}"
+    assert pg.psql("SELECT version FROM accman_schema", "mig") == str(SCHEMA_VERSION)
+
+
+def test_two_clusters_serve_one_store(pg, pg_factory, tmp_path):
+    """Two --store URLs: accounts spread over both, each served from its
+    own; /events numbers every change of both in one gap-free order, and a
+    read pipelined behind mods sees them (accman.postgres.merge)."""
+    other = pg_factory(name="second")
+    urls = [pg.create_database("two"), other.create_database("two")]
+    srv = spawn_server(tmp_path / "data", tmp_path / "log",
+                       args=[a for u in urls for a in ("--store", u)])
+    try:
+        creds = [f"c{i}" for i in range(40)]
+        for cred in creds:
+            assert srv.mod(cred, 3, key="open").json == {"tot": 3, "seq": 1}
+            assert srv.mod(cred, -1).json == {"tot": 2, "seq": 2}
+        assert all(srv.tot(cred) == 2 for cred in creds)
+        held = [int(pg.psql("SELECT count(*) FROM accman_accounts", "two")),
+                int(other.psql("SELECT count(*) FROM accman_accounts", "two"))]
+        assert sum(held) == len(creds) and min(held) > 0, held
+        assert metrics(srv)["accman_accounts"] == len(creds)
+        doc = srv.get("/events?limit=1000").json
+        assert [e["id"] for e in doc["events"]] == list(range(1, 2 * len(creds) + 1))
+        account = srv.get("/past?cred=c7").json["account"]
+        assert [(e["seq"], e["tot"]) for e in doc["events"] if e["account"] == account] == \
+            [(1, 3), (2, 2)]
+        with srv.connect() as c:
+            c.send(b"".join(patch(f"/mod?cred={cred}&by=1") for cred in creds[:8])
+                   + get(f"/events?after={2 * len(creds)}&limit=1000"))
+            replies = c.responses(9)
+        assert [e["id"] for e in replies[-1].json["events"]] == \
+            list(range(2 * len(creds) + 1, 2 * len(creds) + 9))
+    finally:
+        srv.kill()
