@@ -23,6 +23,7 @@ cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport int64_t, uint64_t, uint8_t
+from libc.stdint cimport INT64_MAX as C_INT64_MAX, INT64_MIN as C_INT64_MIN
 from libc.string cimport memcpy
 
 from values cimport valid_name
@@ -30,8 +31,8 @@ from values cimport valid_name
 import hashlib
 import heapq
 
-from accman.errors import (BadRequest, Busy, HoldEnded, Insufficient, KeyReused, NoAccount,
-                           NoHold, Overflow, TooManyHolds, Unavailable)
+from accman.errors import (AccManError, BadRequest, Busy, HoldEnded, Insufficient, KeyReused,
+                           NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)
 from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLD_TTL_S_MAX, HOLDS_MAX,
                            HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX,
                            QUEUED_MODS_MAX)
@@ -99,8 +100,11 @@ cdef class Account:
 
 cdef class Batch:
     """The changes of one durable write.  `wb` is the store's write batch;
-    `wal` the same puts in the write-ahead log's encoding."""
+    `wal` the same puts in the write-ahead log's encoding.  `no` numbers
+    the batches of a book in the order they are made, sealed and made
+    durable: a change that waits for this batch waits for `no`."""
     cdef readonly object wb
+    cdef readonly int64_t no
     cdef readonly Py_ssize_t nmods      # changes (history entries) in it
     cdef readonly Py_ssize_t ndeletes   # records it deletes (events past retention)
     cdef readonly list done_loop        # (callback, outcome), run on the loop
@@ -112,8 +116,9 @@ cdef class Batch:
     cdef list keys                      # pending-key map entries it owns
     cdef list ended                     # holds it ends (hold map entries it owns)
 
-    def __cinit__(self, wb):
+    def __cinit__(self, wb, int64_t no):
         self.wb = wb
+        self.no = no
         self.nmods = 0
         self.ndeletes = 0
         self.done_loop = []
@@ -153,10 +158,8 @@ cdef class PendingKey:
     cdef Batch batch
 
 
-# _replay's answer for a key not applied before, and _judge's for a refusal
-# that now waits for durable state.
+# _replay's answer for a key not applied before.
 cdef object _NOT_KEYED = object()
-cdef object _WAITS = object()
 READ_TOT = 0
 READ_SEQ = 1
 
@@ -190,7 +193,11 @@ cdef class Book:
     cdef int64_t events_sealed            # the newest event in a sealed batch
     cdef readonly object low_default
     cdef readonly bint failed
+    cdef readonly int64_t durable_no      # the newest batch made durable (finish)
+    cdef readonly int64_t failed_no       # the batch whose write failed; 0: none
+    cdef int64_t last_no                  # the newest batch made
     cdef bytes _hid              # _lookup's hash of a cred not seen before
+    cdef Batch _wait             # the batch that _replay's or _judge's answer waits for
 
     def __cinit__(self, bytes salt, new_wb, get,
                   Py_ssize_t batch_mods_max=BATCH_MODS_MAX,
@@ -207,7 +214,7 @@ cdef class Book:
         self.holds = {}
         self.wheel = {}
         self.wheel_seconds = []
-        self.open_batches = [Batch(new_wb())]
+        self.open_batches = [Batch(new_wb(), 1)]
         self.queued_mods = 0
         self.batch_mods_max = batch_mods_max
         self.queued_mods_max = queued_mods_max
@@ -222,6 +229,13 @@ cdef class Book:
             _check_int64(low_default, "low_balance")
         self.low_default = low_default
         self.failed = False
+        self.durable_no = 0
+        self.failed_no = 0
+        self.last_no = 1
+
+    cdef Batch _new_batch(self):
+        self.last_no += 1
+        return Batch(self._new_wb(), self.last_no)
 
     # -- loading --------------------------------------------------------------
 
@@ -337,18 +351,39 @@ cdef class Book:
             if by < 0:
                 raise BadRequest("low is set by a funding mod only (by > 0)")
         cdef bytes kb = _key_bytes(key)
+        cdef Outcome out
+        outcome = self._mod(acct, hid, cred, by, min_, kb, low, at_ms, &out)
+        if outcome is None:
+            outcome = (out.tot, out.seq)
+        return self._told(outcome, done, on_loop)
+
+    cdef object _told(self, object outcome, object done, bint on_loop):
+        """`outcome`, final now; or None once `done` waits for the batch
+        that _mod, _replay or _judge left in self._wait."""
+        if self._wait is None:
+            return outcome
+        self._wait.add_done(done, outcome, on_loop)
+        return None
+
+    cdef object _mod(self, Account acct, bytes hid, object cred, int64_t by, object min_,
+                     bytes kb, object low, int64_t at_ms, Outcome* out):
+        """A mod of valid values on `acct` (None: `cred` has no account;
+        `hid` is its hash either way).  Returns None when it applied, its
+        new (tot, seq) in `out`; else its outcome: a refusal, or a keyed
+        change's original answer.  Either way self._wait is the batch that
+        the answer waits for, None when it is final now.  Raises
+        Unavailable or Busy with nothing changed."""
+        self._wait = None
         self._check_writable()
         if acct is None and by < 0:
             # SPEC: only the funding side opens accounts.
             return NoAccount("no account has this cred; a charge opens none")
         cdef object outcome
         if kb is not None and acct is not None:
-            outcome = self._replay(hid + kb, by, min_, 0, done, on_loop)
+            outcome = self._replay(hid + kb, by, min_, 0)
             if outcome is not _NOT_KEYED:
                 return outcome
-        outcome = self._judge(acct, by, min_, done, on_loop)
-        if outcome is _WAITS:
-            return None
+        outcome = self._judge(acct, by, min_)
         if outcome is not None:
             return outcome
         if acct is None:
@@ -356,30 +391,30 @@ cdef class Book:
             self.by_hid[hid] = acct
             self.by_cred[cred] = acct
         cdef Batch batch = self._change(acct, by, at_ms, kb, 0, EV_MOD)
-        result = (acct.ptot, acct.pseq)
+        out.tot = acct.ptot
+        out.seq = acct.pseq
         if kb is not None:
-            self._keep_key(batch, acct.hid + kb, by, min_, 0, result)
+            self._keep_key(batch, acct.hid + kb, by, min_, 0, (acct.ptot, acct.pseq))
         if low is not None:
             acct.low = low
             batch.put(LOW_PREFIX + acct.hid, _pack_low(low))
-        batch.add_done(done, result, on_loop)
+        self._wait = batch
         return None
 
-    cdef object _replay(self, bytes pkid, int64_t by, object min_, int64_t ttl_s,
-                        object done, bint on_loop):
+    cdef object _replay(self, bytes pkid, int64_t by, object min_, int64_t ttl_s):
         """The answer to a change whose key was applied before: its original
         outcome, KeyReused if it differs, or _NOT_KEYED for a new key.
-        `ttl_s` 0 is a mod's key, else a hold's."""
+        `ttl_s` 0 is a mod's key, else a hold's.  An original that is not
+        durable yet is answered once it is: self._wait is its batch."""
         cdef PendingKey pk = self.pkeys.get(pkid)
+        self._wait = None
         if pk is not None:
-            # The original is applied but not durable: answer with it
-            # when its batch is.
             if pk.by != by or pk.min_ != min_ or pk.ttl_s != ttl_s:
                 outcome = KeyReused("key was used with another by, min or ttl")
             else:
                 outcome = pk.result
-            pk.batch.add_done(done, outcome, on_loop)
-            return None
+            self._wait = pk.batch
+            return outcome
         stored = self._get(KEY_PREFIX + pkid)
         if stored is None:
             return _NOT_KEYED
@@ -388,22 +423,20 @@ cdef class Book:
             return KeyReused("key was used with another by, min or ttl")
         return (seq, stot, seq) if ttl_s else (stot, seq)
 
-    cdef object _judge(self, Account acct, object by, object min_, object done, bint on_loop):
+    cdef object _judge(self, Account acct, int64_t by, object min_):
         """A refusal (overflow, insufficient) of the change on the pending
         balance, or None when it applies.  A refusal judged on state that
-        is not yet durable is told only once it is: _WAITS is returned and
-        `done` registered on that state's batch."""
+        is not yet durable is told only once it is: self._wait is then
+        that state's batch."""
         cdef int64_t cur = acct.ptot if acct is not None else 0
         cdef object refusal = None
-        # In Python ints: int64 + int64 can leave int64.
-        new = cur + by
-        if not (INT64_MIN <= new <= INT64_MAX):
+        self._wait = None
+        if (by > 0 and cur > C_INT64_MAX - by) or (by < 0 and cur < C_INT64_MIN - by):
             refusal = Overflow("the balance would leave the signed 64-bit range")
-        elif min_ is not None and new < min_:
+        elif min_ is not None and cur + by < <int64_t>min_:
             refusal = Insufficient(cur)
         if refusal is not None and acct is not None and acct.pbatch is not None:
-            acct.pbatch.add_done(done, refusal, on_loop)
-            return _WAITS
+            self._wait = acct.pbatch
         return refusal
 
     cdef Batch _change(self, Account acct, int64_t by, int64_t at_ms, bytes kb,
@@ -414,7 +447,7 @@ cdef class Book:
         -1 names the hold this entry starts (its own seq)."""
         cdef Batch batch = self.open_batches[len(self.open_batches) - 1]
         if batch.nmods >= self.batch_mods_max:
-            batch = Batch(self._new_wb())
+            batch = self._new_batch()
             self.open_batches.append(batch)
         cdef int64_t before = acct.ptot
         acct.ptot += by
@@ -498,7 +531,7 @@ cdef class Book:
         Changes that arrive from now on go to a newer batch."""
         cdef Batch batch = self.open_batches.pop(0)
         if not self.open_batches:
-            self.open_batches.append(Batch(self._new_wb()))
+            self.open_batches.append(self._new_batch())
         cdef Account acct
         batch.sealed = [(acct, acct.ptot, acct.pseq) for acct in batch.touched]
         batch.touched = None
@@ -529,6 +562,8 @@ cdef class Book:
                 del self.holds[hold_id]
         self.queued_mods -= batch.nmods
         assert self.queued_mods >= 0, "a batch finished twice"
+        assert batch.no > self.durable_no, "batches are made durable in order"
+        self.durable_no = batch.no
 
     cpdef list fail(self, Batch batch):
         """The batch could not be made durable.  Everything pending is
@@ -537,15 +572,17 @@ cdef class Book:
         callbacks must now be told `Unavailable`, `batch` first."""
         cdef Account acct
         self.failed = True
+        self.failed_no = batch.no
         for acct in self.by_hid.values():
             acct.ptot = acct.tot
             acct.pseq = acct.seq
             acct.pbatch = None
         self.pkeys.clear()
         failed = [batch] + self.open_batches
-        self.open_batches = [Batch(self._new_wb())]
+        self.open_batches = [self._new_batch()]
         self.queued_mods = 0
         return failed
 
 
 include "holds.pxi"
+include "lane.pxi"

@@ -201,16 +201,17 @@ class Committer:
                 self._writer_idle = False
                 self._wake.notify()
 
-    def _delivered(self, pairs: list) -> None:
+    def _delivered(self, pairs: list, nmods: int) -> None:
         """On the loop: a batch's completions, then the next batch's kick,
-        its fill target being the mods in flight at this completion."""
+        its fill target being the mods in flight at this completion (the
+        batch's `nmods`, and those queued since)."""
         with self.lock:
             self._writing = False
         try:
             self._deliver_on_loop(pairs)
         finally:
             book = self.book
-            self._fill_target = min(int(self.fill_fraction * (len(pairs) + book.queued_mods)),
+            self._fill_target = min(int(self.fill_fraction * (nmods + book.queued_mods)),
                                     book.batch_mods_max)
             self._kick()
 
@@ -282,10 +283,10 @@ class Committer:
                       "writes until it is reopened: %s", error.detail)
             for b in failed:
                 self._deliver(_unavailable(b.done_loop, error),
-                              _unavailable(b.done_direct, error))
+                              _unavailable(b.done_direct, error), b.nmods)
             return False
         self._count(batch.nmods, fsync_s)
-        kicks = self._deliver(batch.done_loop, batch.done_direct)
+        kicks = self._deliver(batch.done_loop, batch.done_direct, batch.nmods)
         if waited:
             self._wake_events()
         return kicks
@@ -353,12 +354,12 @@ class Committer:
             self.batch_sizes.append(nmods)
             self.fsync_times_s.append(fsync_s)
 
-    def _deliver(self, on_loop: list, direct: list) -> bool:
+    def _deliver(self, on_loop: list, direct: list, nmods: int) -> bool:
         """True if the completions went to the loop, which then kicks."""
         handed = False
         if on_loop:
             try:
-                self._loop.call_soon_threadsafe(self._delivered, on_loop)
+                self._loop.call_soon_threadsafe(self._delivered, on_loop, nmods)
                 handed = True
             except RuntimeError:
                 pass        # the loop is closed: nobody is waiting on it

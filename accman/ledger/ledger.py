@@ -11,7 +11,7 @@ import time
 
 from accman.errors import AccManError, BadRequest, NoAccount, Unavailable
 from accman.ledger import _ledger
-from accman.ledger.commit import Committer, running_loop
+from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
 from accman.ledger.events import EventLog
 from accman.ledger.leveldb import Store
 from accman.limits import (EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
@@ -112,6 +112,9 @@ class Ledger:
         self._closed = False
         self.tot = self._book.tot
         self.submit = self._committer.submit
+        # accman/store.py: the server's compiled Pipelines take mods and
+        # /tot reads through it, without a Python call per request.
+        self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL)
 
     def _load(self, verify, limits, low_balance):
         book = _ledger.Book(self.store.salt, self.store.new_batch, self.store.get,
