@@ -137,10 +137,8 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
             outcome = h.end_result
         else:
             outcome = HoldEnded(_ended_detail(h.state))
-        if h.end_batch is not None:
-            h.end_batch.add_done(done, outcome, on_loop)
-            return None
-        return outcome
+        book._wait = book._pending(h.end_batch)
+        return book._told(outcome, done, on_loop)
     if use > h.amount:
         raise BadRequest(f"use must be from 0 to the held amount {h.amount}")
     if <object>acct.ptot + (h.amount - use) > INT64_MAX:

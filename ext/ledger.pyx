@@ -24,7 +24,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport int64_t, uint64_t, uint8_t
 from libc.stdint cimport INT64_MAX as C_INT64_MAX, INT64_MIN as C_INT64_MIN
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from values cimport valid_name
 
@@ -194,6 +194,7 @@ cdef class Book:
     cdef readonly object low_default
     cdef readonly bint failed
     cdef readonly int64_t durable_no      # the newest batch made durable (finish)
+    cdef readonly list unapplied          # durable batches LevelDB does not have yet
     cdef readonly int64_t failed_no       # the batch whose write failed; 0: none
     cdef int64_t last_no                  # the newest batch made
     cdef bytes _hid              # _lookup's hash of a cred not seen before
@@ -230,6 +231,7 @@ cdef class Book:
         self.low_default = low_default
         self.failed = False
         self.durable_no = 0
+        self.unapplied = []
         self.failed_no = 0
         self.last_no = 1
 
@@ -413,7 +415,7 @@ cdef class Book:
                 outcome = KeyReused("key was used with another by, min or ttl")
             else:
                 outcome = pk.result
-            self._wait = pk.batch
+            self._wait = self._pending(pk.batch)
             return outcome
         stored = self._get(KEY_PREFIX + pkid)
         if stored is None:
@@ -435,9 +437,15 @@ cdef class Book:
             refusal = Overflow("the balance would leave the signed 64-bit range")
         elif min_ is not None and cur + by < <int64_t>min_:
             refusal = Insufficient(cur)
-        if refusal is not None and acct is not None and acct.pbatch is not None:
+        if refusal is not None and acct is not None:
             self._wait = acct.pbatch
         return refusal
+
+    cdef inline Batch _pending(self, Batch batch):
+        """`batch` while it is not durable, else None."""
+        if batch is None or batch.no <= self.durable_no:
+            return None
+        return batch
 
     cdef Batch _change(self, Account acct, int64_t by, int64_t at_ms, bytes kb,
                        int64_t hold, int kind):
@@ -544,14 +552,27 @@ cdef class Book:
         return batch
 
     cpdef void finish(self, Batch batch):
-        """The batch is durable: its balances become visible."""
+        """The batch is durable (its record in the write-ahead log): its
+        balances become visible.  LevelDB gets it after (`applied`)."""
         cdef Account acct
-        cdef PendingKey pk
         for acct, tot, seq in batch.sealed:
             acct.tot = tot
             acct.seq = seq
             if acct.pbatch is batch:
                 acct.pbatch = None
+        self.queued_mods -= batch.nmods
+        assert self.queued_mods >= 0, "a batch finished twice"
+        assert batch.no > self.durable_no, "batches are made durable in order"
+        self.durable_no = batch.no
+        self.unapplied.append(batch)
+
+    cpdef void applied(self, Batch batch):
+        """LevelDB has the durable batch: what it stored is read from
+        there from now on (idempotency and hold records)."""
+        cdef PendingKey pk
+        assert self.unapplied and self.unapplied[0] is batch, \
+            "batches reach LevelDB in the order they became durable"
+        del self.unapplied[0]
         for pkid in batch.keys:
             pk = self.pkeys.get(pkid)
             if pk is not None and pk.batch is batch:
@@ -560,25 +581,34 @@ cdef class Book:
             h = self.holds.get(hold_id)
             if h is not None and (<Hold>h).end_batch is batch:
                 del self.holds[hold_id]
-        self.queued_mods -= batch.nmods
-        assert self.queued_mods >= 0, "a batch finished twice"
-        assert batch.no > self.durable_no, "batches are made durable in order"
-        self.durable_no = batch.no
+
+    cpdef list history_tail(self, bytes hid, int64_t first, int64_t last):
+        """[(seq, history value)] of hid's entries first..last in the
+        durable batches that LevelDB does not have yet: the tail of a page
+        of /past.  Under the lock."""
+        cdef Batch batch
+        out = []
+        for batch in self.unapplied:
+            out += wal_history(batch.wal, hid, first, last)
+        return out
 
     cpdef list fail(self, Batch batch):
-        """The batch could not be made durable.  Everything pending is
-        dropped (what was applied in memory after it depended on it), and
-        the book refuses writes from now on.  Returns every batch whose
-        callbacks must now be told `Unavailable`, `batch` first."""
+        """The batch could not be made durable (None: a durable batch could
+        not be written to LevelDB, and what follows it cannot be).
+        Everything pending is dropped (what was applied in memory after it
+        depended on it), and the book refuses writes from now on.  Returns
+        every batch whose callbacks must now be told `Unavailable`, `batch`
+        first."""
         cdef Account acct
-        self.failed = True
-        self.failed_no = batch.no
+        failed = ([batch] if batch is not None else []) + self.open_batches
+        if not self.failed:
+            self.failed = True
+            self.failed_no = (<Batch>failed[0]).no
         for acct in self.by_hid.values():
             acct.ptot = acct.tot
             acct.pseq = acct.seq
             acct.pbatch = None
         self.pkeys.clear()
-        failed = [batch] + self.open_batches
         self.open_batches = [self._new_batch()]
         self.queued_mods = 0
         return failed

@@ -314,3 +314,24 @@ cpdef list unpack_wal_puts(const unsigned char[::1] payload):
         out.append((key, None if delete else bytes(payload[i + kl:i + kl + vl])))
         i += kl + vl
     return out
+
+
+cdef list wal_history(bytearray payload, bytes hid, int64_t first, int64_t last):
+    """[(seq, value)] of the history puts of `hid` with seqs first..last in
+    a batch's write-ahead log payload (as _wal_put wrote it), in order."""
+    cdef const unsigned char* p = <const unsigned char*>PyByteArray_AS_STRING(payload)
+    cdef Py_ssize_t i = 0, n = len(payload), kl, vl
+    cdef const unsigned char* h = <const unsigned char*>PyBytes_AS_STRING(hid)
+    cdef int64_t seq
+    out = []
+    while i < n:
+        kl = p[i] & ~WAL_DELETE
+        vl = p[i + 1]
+        # A history key: "h", hid (16 bytes), seq:u64.
+        if (not (p[i] & WAL_DELETE) and kl == HISTORY_KEY_BYTES and p[i + 2] == c'h'
+                and memcmp(p + i + 3, h, HISTORY_KEY_BYTES - 9) == 0):
+            seq = _get64(p + i + 2 + HISTORY_KEY_BYTES - 8)
+            if first <= seq <= last:
+                out.append((seq, (<const char*>p)[i + 2 + kl:i + 2 + kl + vl]))
+        i += 2 + kl + vl
+    return out

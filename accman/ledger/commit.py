@@ -5,9 +5,15 @@ Redis's `appendfsync always` is the precedent: replies wait until the write
 is on disk (`beforeSleep`), many of them per fsync.  Here mods are applied to
 the book's pending state as they arrive, their records go into the filling
 batch (a LevelDB write batch, and the same puts for the write-ahead log),
-and the writer thread takes that batch, makes it durable (accman.ledger.leveldb:
-its synced record in accman.wal, then LevelDB, both without the GIL) and
-only then makes its balances visible and releases its results.
+and the writer thread takes that batch, makes it durable (its synced record
+in accman.wal, without the GIL), and only then makes its balances visible
+and releases its results.  LevelDB gets the batch after that, off the
+acknowledgement path (the record is what makes it durable, and recovery
+replays it): a thread of its own, the applier, writes it while the writer
+makes the next batch durable (on one core, while the disk works), at most
+APPLY_LAG_BATCHES_MAX behind (accman.ledger.leveldb).  Until LevelDB has a
+batch, the book keeps what a reader would look for there (the idempotency
+and hold records, the history of a /past).
 
 A failed write is fail-stop, like Redis under `always`: what was applied in
 memory cannot be trusted to match the disk, so every mod not yet durable is
@@ -61,6 +67,12 @@ class Committer:
         self.clock_ms = clock_ms or _wall_ms
         self.lock = lock or threading.Lock()
         self._wake = threading.Condition(self.lock)
+        # The applier: woken by a durable batch; tells wait_applied.
+        self._apply_wake = threading.Condition(self.lock)
+        self._applied = threading.Condition(self.lock)
+        self._apply_stop = False
+        self._apply_error: StoreError | None = None
+        self._marked = store.applied    # the store's applied batches the book knows of
         self._writer_idle = False
         self._seal_now = False          # the writer may seal what is queued
         # A batch is being written and its completion has not yet been seen
@@ -85,6 +97,9 @@ class Committer:
         self.batch_sizes: list[int] = []      # drained by metrics readers
         self.fsync_times_s: list[float] = []
         self._trim_at = time.monotonic() + EVENTS_TRIM_INTERVAL_S
+        self._applier = threading.Thread(target=self._apply_run, name="accman-apply",
+                                         daemon=True)
+        self._applier.start()
         self._thread = threading.Thread(target=self._run, name="accman-commit",
                                         daemon=True)
         self._thread.start()
@@ -218,6 +233,15 @@ class Committer:
     # -- the writer thread -------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._write_batches()
+        finally:
+            with self.lock:
+                self._apply_stop = True
+                self._apply_wake.notify()
+            self._applier.join()
+
+    def _write_batches(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -254,9 +278,15 @@ class Committer:
             return book.seal()
 
     def _write(self, batch):
-        """Makes the batch durable; the StoreError if it could not."""
+        """Makes the batch durable (its log record); the StoreError if it
+        could not, or if LevelDB's write of an earlier one failed."""
+        if self._apply_error is not None:
+            return self._apply_error
+        return self._store_call(self.store.write, batch.wb, batch.wal)
+
+    def _store_call(self, call, *args):
         try:
-            self.store.write(batch.wb, batch.wal)
+            call(*args)
             return None
         except StoreError as e:
             return e
@@ -267,6 +297,45 @@ class Committer:
             return StoreError(f"{self.store.path}: commit failed: "
                               f"unexpected {type(e).__name__}: {e}")
 
+    def _apply_run(self) -> None:
+        """The applier thread: durable, answered batches into LevelDB, in
+        order (Store.apply), until closing and all are in.  If a write
+        fails, its batch is still durable (the next open replays its
+        record), but nothing after it can be: the error is the writer's to
+        fail its next batch with, as a failed write of the log."""
+        book = self.book
+        while True:
+            with self.lock:
+                while not book.unapplied and not self._apply_stop and self.error is None:
+                    self._apply_wake.wait()
+                if not book.unapplied or self.error is not None:
+                    self._applied.notify_all()
+                    return
+            error = self._store_call(self.store.apply)
+            with self.lock:
+                self._applied.notify_all()
+                if error is None:
+                    # The writer may have applied some itself (Store.write).
+                    applied = self.store.applied
+                    while book.unapplied and self._marked < applied:
+                        book.applied(book.unapplied[0])
+                        self._marked += 1
+                    continue
+                if self.error is None:
+                    self.error = error
+                self._apply_error = error
+            log.error("a durable batch could not be written to LevelDB; the store takes "
+                      "no more writes until it is reopened (the next open replays it): %s",
+                      error.detail)
+            return
+
+    def wait_applied(self) -> None:
+        """Returns once LevelDB has every durable batch (or a write to it
+        failed): for a reader of LevelDB alone (Ledger.verify)."""
+        with self.lock:
+            while self.book.unapplied and self.error is None:
+                self._applied.wait(0.1)
+
     def _done(self, batch, error, fsync_s) -> bool:
         """A written (or failed) batch: its balances visible, its callers
         told.  True when completions went to the loop, which then kicks."""
@@ -274,6 +343,7 @@ class Committer:
         with self.lock:
             if error is None:
                 book.finish(batch)
+                self._apply_wake.notify()
                 waited = self.events is not None and self.events.append(batch.events)
             else:
                 self.error = error

@@ -141,7 +141,9 @@ class Ledger:
         while book.expire_due(self._clock_ms(), book.batch_mods_max):
             batch = book.seal()
             self.store.write(batch.wb, batch.wal)
+            self.store.apply()
             book.finish(batch)
+            book.applied(batch)
             self._events.append(batch.events)
 
     def _refuse_closed(self, *_args):
@@ -166,13 +168,19 @@ class Ledger:
         return self._entries(acct.hid, acct.seq, limit, before)
 
     def _entries(self, hid: bytes, seq: int, limit: int, before: int | None) -> list[Entry]:
-        """The page of the history 1..seq (all durable) below `before`."""
+        """The page of the history 1..seq (all durable) below `before`:
+        from LevelDB, and from the book for the durable batch that LevelDB
+        may not have yet (taken first: what is not there is in LevelDB)."""
         last = seq if before is None else min(seq, before - 1)
         if last < 1:
             return []
         first = max(1, last - limit + 1)
-        return [Entry(_ledger.history_key_seq(k), *_ledger.unpack_history(v))
-                for k, v in self.store.history(hid, first, last)]
+        with self._committer.lock:
+            tail = dict(self._book.history_tail(hid, first, last))
+        page = {_ledger.history_key_seq(k): v for k, v in self.store.history(hid, first, last)}
+        page.update(tail)
+        assert len(page) == last - first + 1, "a durable history entry is nowhere"
+        return [Entry(s, *_ledger.unpack_history(page[s])) for s in range(last, first - 1, -1)]
 
     def account_id(self, cred: str) -> str | None:
         """The account's public id (SPEC "Events"), None for an unknown cred."""
@@ -391,6 +399,7 @@ class Ledger:
         """The full check (accman.ledger.verify).  Raises StoreCorrupt;
         returns counts."""
         from accman.ledger.verify import verify_store
+        self._committer.wait_applied()
         return verify_store(self.store)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ through one `raise_for_status`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hmac
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import struct
+import threading
 
 import plyvel
 
@@ -37,6 +39,11 @@ MIGRATES_FROM = (1,)
 # records at open and history pages at random, so give both more room.
 WRITE_BUFFER_BYTES = 16 * 1024 * 1024
 BLOCK_CACHE_BYTES = 64 * 1024 * 1024
+# Durable batches that LevelDB may lack at once: the committer's applier
+# writes them behind the acknowledgements, while the next batch's record
+# is written; past this many the writer applies them itself, so that the
+# book's memory of what LevelDB lacks (and a /past's tail) stays small.
+APPLY_LAG_BATCHES_MAX = 2
 
 
 @contextlib.contextmanager
@@ -112,6 +119,10 @@ class Store:
         self._scratch = None
         self.wal = None
         self.db = None
+        # Durable batches' LevelDB write batches, oldest first (write, apply).
+        self._queued = collections.deque()
+        self._apply_lock = threading.Lock()
+        self.applied = 0
         try:
             self._open(create, check_files, (wal_bytes_max, wal_overrun_bytes_max))
         except BaseException:
@@ -432,18 +443,41 @@ class Store:
         return self.db.write_batch(transaction=True)
 
     def write(self, wb, wal_record) -> None:
-        """Writes one batch durably: `wal_record` (its puts in the log's
-        encoding, ext/ledger.pyx) to the write-ahead log, then `wb` to
-        LevelDB (both release the GIL meanwhile).  After a failure no
-        checkpoint is taken again, so the next open replays the record if
-        it reached the disk: all of the batch, or none of it."""
+        """Makes one batch durable: `wal_record` (its puts in the log's
+        encoding, ext/ledger.pyx) to the write-ahead log, GIL released.
+        Its LevelDB write batch `wb` is queued for `apply`, off the
+        acknowledgement path (unsynced: the record is what makes it
+        durable).  At APPLY_LAG_BATCHES_MAX queued, and before a record
+        that wraps the log (its checkpoint needs every record so far in
+        LevelDB), the queued ones are applied here first.  After a failure
+        no checkpoint is taken again, so the next open replays the record
+        if it reached the disk: all of the batch, or none of it."""
+        if len(self._queued) >= APPLY_LAG_BATCHES_MAX or self.wal.wraps(len(wal_record)):
+            self.apply()
         with _translated(self.path, "commit"):
             try:
                 self.wal.append(wal_record)
-                wb.write()
             except BaseException:
                 self.wal.broken = True
                 raise
+        self._queued.append(wb)
+
+    def apply(self) -> int:
+        """Writes the queued durable batches into LevelDB, oldest first
+        (any thread; one at a time).  Returns how many batches `write` has
+        had applied since open.  After a failure no checkpoint is taken
+        again (the next open replays the log)."""
+        with self._apply_lock:
+            while self._queued:
+                with _translated(self.path, "commit"):
+                    try:
+                        self._queued[0].write()
+                    except BaseException:
+                        self.wal.broken = True
+                        raise
+                self._queued.popleft()
+                self.applied += 1
+            return self.applied
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Closes LevelDB and the log, after a checkpoint (so that the next
@@ -452,6 +486,7 @@ class Store:
         try:
             if self.db is not None and not self.db.closed:
                 if checkpoint and self.wal is not None and not self.wal.broken:
+                    self.apply()
                     with _translated(self.path, "checkpoint at close"):
                         try:
                             self.wal.checkpoint()
