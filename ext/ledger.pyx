@@ -22,7 +22,7 @@ seq are those of its newest entry, found at open with one seek per account.
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.stdint cimport int64_t, uint64_t, uint8_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
 from libc.stdint cimport INT64_MAX as C_INT64_MAX, INT64_MIN as C_INT64_MIN
 from libc.string cimport memcmp, memcpy
 
@@ -38,6 +38,7 @@ from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLD_TTL_S_MAX, HOLDS
                            QUEUED_MODS_MAX)
 
 include "records.pxi"
+include "changes.pxi"
 
 
 # --- value checks: the Python API's equivalent of the wire's rules ----------
@@ -99,25 +100,28 @@ cdef class Account:
 
 
 cdef class Batch:
-    """The changes of one durable write.  `wb` is the store's write batch;
-    `wal` the same puts in the write-ahead log's encoding.  `no` numbers
-    the batches of a book in the order they are made, sealed and made
-    durable: a change that waits for this batch waits for `no`."""
-    cdef readonly object wb
+    """The changes of one durable write: `wal`, its log record's payload
+    (its puts; at seal, its `changes` as one block: changes.pxi), from
+    which LevelDB's write batch is made too.  Its events are ids
+    first_event.. (nevents of them).  `no` numbers the batches of a book
+    in the order they are made, sealed and made durable: a change that
+    waits for this batch waits for `no`."""
     cdef readonly int64_t no
     cdef readonly Py_ssize_t nmods      # changes (history entries) in it
     cdef readonly Py_ssize_t ndeletes   # records it deletes (events past retention)
     cdef readonly list done_loop        # (callback, outcome), run on the loop
     cdef readonly list done_direct      # (callback, outcome), run by the writer
     cdef readonly bytearray wal
-    cdef readonly list events           # (id, event record value), in id order
+    cdef readonly bytearray changes     # an entry per change (changes.pxi)
+    cdef readonly int64_t first_event   # 0: none yet
+    cdef readonly Py_ssize_t nevents
+    cdef int64_t last_at                # the at_ms of the last entry
     cdef dict touched                   # Account -> None, in first-touch order
     cdef list sealed                    # (Account, tot, seq) at seal time
     cdef list keys                      # pending-key map entries it owns
     cdef list ended                     # holds it ends (hold map entries it owns)
 
-    def __cinit__(self, wb, int64_t no):
-        self.wb = wb
+    def __cinit__(self, int64_t no):
         self.no = no
         self.nmods = 0
         self.ndeletes = 0
@@ -127,16 +131,17 @@ cdef class Batch:
         self.sealed = None
         self.keys = []
         self.ended = []
-        self.events = []
         self.wal = bytearray()
+        self.changes = bytearray()
+        self.first_event = 0
+        self.nevents = 0
+        self.last_at = 0
 
     cdef inline int put(self, bytes k, bytes v) except -1:
-        """One record, into the LevelDB batch and the log record alike."""
-        self.wb.put(k, v)
+        """One record."""
         return _wal_put(self.wal, k, v)
 
     cdef int delete(self, bytes k) except -1:
-        self.wb.delete(k)
         self.ndeletes += 1
         return _wal_delete(self.wal, k)
 
@@ -174,7 +179,6 @@ cdef class Book:
     cdef dict by_hid             # hid -> Account: every account
     cdef dict by_cred            # cred -> Account: creds seen since open
     cdef object _hasher          # keyed blake2b, copied per credential
-    cdef object _new_wb          # () -> a store write batch
     cdef object _get             # (key bytes) -> stored value or None
     cdef dict pkeys              # hid + key -> PendingKey
     cdef dict holds              # hid + hold:u64 -> Hold: open, or ended in a pending batch
@@ -200,7 +204,7 @@ cdef class Book:
     cdef bytes _hid              # _lookup's hash of a cred not seen before
     cdef Batch _wait             # the batch that _replay's or _judge's answer waits for
 
-    def __cinit__(self, bytes salt, new_wb, get,
+    def __cinit__(self, bytes salt, get,
                   Py_ssize_t batch_mods_max=BATCH_MODS_MAX,
                   Py_ssize_t queued_mods_max=QUEUED_MODS_MAX,
                   int64_t next_event=1, object low_default=None,
@@ -209,13 +213,12 @@ cdef class Book:
         self.by_hid = {}
         self.by_cred = {}
         self._hasher = hashlib.blake2b(digest_size=HID_BYTES, key=salt)
-        self._new_wb = new_wb
         self._get = get
         self.pkeys = {}
         self.holds = {}
         self.wheel = {}
         self.wheel_seconds = []
-        self.open_batches = [Batch(new_wb(), 1)]
+        self.open_batches = [Batch(1)]
         self.queued_mods = 0
         self.batch_mods_max = batch_mods_max
         self.queued_mods_max = queued_mods_max
@@ -237,7 +240,7 @@ cdef class Book:
 
     cdef Batch _new_batch(self):
         self.last_no += 1
-        return Batch(self._new_wb(), self.last_no)
+        return Batch(self.last_no)
 
     # -- loading --------------------------------------------------------------
 
@@ -449,10 +452,11 @@ cdef class Book:
 
     cdef Batch _change(self, Account acct, int64_t by, int64_t at_ms, bytes kb,
                        int64_t hold, int kind):
-        """Applies one change that passed its checks: its history entry and
-        its event (and a low_balance event when it crosses the threshold)
-        go into the filling batch, and the pending balance moves on.  `hold`
-        -1 names the hold this entry starts (its own seq)."""
+        """Applies one change that passed its checks: its entry (its history
+        entry and its event, and a low_balance event when it crosses the
+        threshold) goes into the filling batch, and the pending balance
+        moves on.  `hold` -1 names the hold this entry starts (its own
+        seq)."""
         cdef Batch batch = self.open_batches[len(self.open_batches) - 1]
         if batch.nmods >= self.batch_mods_max:
             batch = self._new_batch()
@@ -463,25 +467,19 @@ cdef class Book:
         acct.pbatch = batch
         if hold == -1:
             hold = acct.pseq
-        batch.put(history_key(acct.hid, acct.pseq),
-                  _pack_history(by, acct.ptot, at_ms, kb, hold))
-        self._event(batch, kind, acct, by, at_ms, hold, kb)
         low = acct.low if acct.low is not None else self.low_default
-        if low is not None and before >= <int64_t>low > acct.ptot:
-            self._event(batch, EV_LOW, acct, by, at_ms, hold, kb)
+        cdef bint crossed = low is not None and before >= <int64_t>low > acct.ptot
+        _change_put(batch.changes, kind, crossed, acct.hid, acct.pseq, by, acct.ptot,
+                    at_ms - batch.last_at, hold, kb)
+        batch.last_at = at_ms
+        if not batch.first_event:
+            batch.first_event = self.next_event
+        batch.nevents += 2 if crossed else 1
+        self.next_event += 2 if crossed else 1
         batch.touched[acct] = None
         batch.nmods += 1
         self.queued_mods += 1
         return batch
-
-    cdef inline void _event(self, Batch batch, int kind, Account acct, int64_t by,
-                            int64_t at_ms, int64_t hold, bytes kb) except *:
-        cdef int64_t event_id = self.next_event
-        cdef bytes value = _pack_event(kind, acct.hid, acct.pseq, by, acct.ptot, at_ms,
-                                       hold, kb)
-        self.next_event = event_id + 1
-        batch.put(event_key(event_id), value)
-        batch.events.append((event_id, value))
 
     cdef void _keep_key(self, Batch batch, bytes pkid, int64_t by, object min_,
                         int64_t ttl_s, tuple result) except *:
@@ -543,12 +541,15 @@ cdef class Book:
         cdef Account acct
         batch.sealed = [(acct, acct.ptot, acct.pseq) for acct in batch.touched]
         batch.touched = None
-        if batch.events:
-            self.events_sealed = batch.events[len(batch.events) - 1][0]
+        if batch.nevents:
+            self.events_sealed = batch.first_event + batch.nevents - 1
             if not self.events_first:
-                self.events_first = batch.events[0][0]
-        if batch.events or batch.ndeletes:
+                self.events_first = batch.first_event
+        if batch.nevents or batch.ndeletes:
             batch.put(EVENTS_META_KEY, _pack_events_meta(self.events_first, self.events_sealed))
+        if batch.nevents:
+            # Its last part: nothing is put into it after this.
+            _changes_block(batch.wal, batch.first_event, batch.nevents, batch.changes)
         return batch
 
     cpdef void finish(self, Batch batch):

@@ -28,7 +28,6 @@ import threading
 import time
 
 from accman.errors import StoreError, Unavailable
-from accman.ledger import _ledger
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
 
 log = logging.getLogger("accman.commit")
@@ -282,7 +281,7 @@ class Committer:
         could not, or if LevelDB's write of an earlier one failed."""
         if self._apply_error is not None:
             return self._apply_error
-        return self._store_call(self.store.write, batch.wb, batch.wal)
+        return self._store_call(self.store.write, batch.wal)
 
     def _store_call(self, call, *args):
         try:
@@ -344,7 +343,8 @@ class Committer:
             if error is None:
                 book.finish(batch)
                 self._apply_wake.notify()
-                waited = self.events is not None and self.events.append(batch.events)
+                waited = self.events is not None and self.events.append(
+                    batch.first_event, batch.nevents, batch.changes)
             else:
                 self.error = error
                 failed = book.fail(batch)
@@ -373,9 +373,9 @@ class Committer:
             self._seal_now = True
         if self.events is not None and time.monotonic() >= self._trim_at:
             self._trim_at = time.monotonic() + EVENTS_TRIM_INTERVAL_S
-            for event_id in self.events.past_retention(now_ms):
-                book.delete(_ledger.event_key(event_id))
-                book.events_first = event_id + 1
+            for key in self.events.past_retention(now_ms):
+                book.delete(key)
+                book.events_first = self.events.first
                 self._seal_now = True
         due = book.next_expiry_ms()
         sleep_s = None if due is None else max(0.0, (due - now_ms) / 1000) + 0.001

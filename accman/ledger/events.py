@@ -4,9 +4,12 @@ events are written in the same batch as their change (ext/ledger.pyx) and
 shown only once that batch is durable.
 
 This log keeps the newest durable events in memory (EVENTS_RING_MAX), reads
-older ones from LevelDB, answers long polls without a thread or a timer of
-its own per waiter beyond one loop timer handle (EVENTS_WAITERS_MAX of
-them), and finds the events past the retention for the writer to delete.
+older ones from LevelDB (accman.ledger.eventrecords), answers long polls
+without a thread or a timer of its own per waiter beyond one loop timer
+handle (EVENTS_WAITERS_MAX of them), and finds the events records past the
+retention for the writer to delete.  LevelDB may lag the durable events by
+a few batches (accman.ledger.commit): the ring holds far more than that,
+so what is read from LevelDB is always there.
 
 Thread use: `append` runs on the writer thread and `read`/`wait` on the
 loop, both under the committer's lock, which they are given.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import collections
 
 from accman.errors import Busy, EventsTrimmed
-from accman.ledger import _ledger
+from accman.ledger import _ledger, eventrecords
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.records import Event
 
@@ -25,15 +28,16 @@ from accman.records import Event
 # reads them without touching LevelDB.  64 Ki events of ~100 bytes is a few
 # MiB; older ones are read from the store.
 EVENTS_RING_MAX = 65536
-# Records deleted past the retention per pass of the writer, so that a
-# pass never holds the lock long; the next pass, a minute on, goes on.
+# Events records deleted past the retention per pass of the writer, so
+# that a pass never holds the lock long; the next pass, a minute on, goes on.
 EVENTS_TRIM_MAX = 4096
 EVENTS_TRIM_INTERVAL_S = 60.0
 
 
-def decode(event_id: int, value: bytes) -> Event:
-    kind, hid, seq, by, tot, at, key, hold = _ledger.unpack_event(value)
-    return Event(event_id, kind, hid.hex(), seq, by, tot, at, key, hold)
+def event_of(event_id: int, kind: int, hid: bytes, seq: int, by: int, tot: int, at: int,
+             key: str | None, hold: int | None) -> Event:
+    """An Event of a decoded change (_ledger.decode_changes)."""
+    return Event(event_id, _ledger.EVENT_NAMES[kind], hid.hex(), seq, by, tot, at, key, hold)
 
 
 class EventLog:
@@ -43,7 +47,10 @@ class EventLog:
         self.first = first          # the oldest id kept, 0: none yet
         self.last = last            # the newest durable id, 0: none yet
         self.retention_ms = int(retention_s * 1000)
-        self.ring = collections.deque(maxlen=EVENTS_RING_MAX)   # (id, value), durable
+        # Durable batches' events, oldest first: (first id, last id, the
+        # batch's change entries), at least EVENTS_RING_MAX events of them.
+        self.ring = collections.deque()
+        self.ring_events = 0
         self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer]
         self.trimmed = 0
         self._loop = None
@@ -56,34 +63,55 @@ class EventLog:
 
     # -- the writer's side (under the lock) ---------------------------------------
 
-    def append(self, events: list) -> bool:
-        """A durable batch's events; True when a long poll waits for them."""
-        if not events:
+    def append(self, first: int, count: int, changes) -> bool:
+        """A durable batch's `count` events, ids from `first`, as its change
+        entries (ext/changes.pxi); True when a long poll waits for them."""
+        if not count:
             return False
-        assert events[0][0] == self.last + 1, "an event id skipped or repeated"
-        self.ring.extend(events)
-        self.last = events[-1][0]
+        assert first == self.last + 1, "an event id skipped or repeated"
+        ring = self.ring
+        ring.append((first, first + count - 1, changes))
+        self.ring_events += count
+        while ring and self.ring_events - (ring[0][1] - ring[0][0] + 1) >= EVENTS_RING_MAX:
+            oldest = ring.popleft()
+            self.ring_events -= oldest[1] - oldest[0] + 1
+        self.last = first + count - 1
         if not self.first:
-            self.first = events[0][0]
+            self.first = first
         return bool(self.waiters)
 
+    def _from_ring(self, start: int, limit: int) -> list:
+        """Up to `limit` events from `start` on, from the ring (start at
+        or after its first id)."""
+        ring = self.ring
+        i = len(ring) - 1
+        while i > 0 and ring[i][0] > start:     # readers mostly follow the tail
+            i -= 1
+        out = []
+        while i < len(ring) and len(out) < limit:
+            first, _, changes = ring[i]
+            out += [e for e in _ledger.decode_changes(first, changes) if e[0] >= start]
+            i += 1
+        return [event_of(*e) for e in out[:limit]]
+
     def past_retention(self, now_ms: int) -> list:
-        """Ids of the oldest events past the retention (never the newest),
-        EVENTS_TRIM_MAX at most, which the writer deletes; `first` moves on."""
+        """Keys of the oldest events records whose every event is past the
+        retention (never the one of the newest event), EVENTS_TRIM_MAX at
+        most, which the writer deletes; `first` moves on."""
         if not self.first:
             return []
         cutoff = now_ms - self.retention_ms
         out = []
-        start = self.first
-        for k, v in self.store.scan(_ledger.event_key(start), _ledger.EVENT_PREFIX,
-                                    EVENTS_TRIM_MAX):
-            event_id = _ledger.event_key_id(k)
-            if event_id >= self.last or _ledger.unpack_event(v)[5] >= cutoff:
+        first = self.first
+        for key, _, last, values in eventrecords.records(self.store, first):
+            if (len(out) >= EVENTS_TRIM_MAX or last >= self.last
+                    or eventrecords.newest_at_ms(values) >= cutoff):
                 break
-            out.append(event_id)
+            out.append(key)
+            first = last + 1
         if out:
-            self.first = out[-1] + 1
-            self.trimmed += len(out)
+            self.trimmed += first - self.first
+            self.first = first
         return out
 
     # -- reading (on the loop, under the lock) --------------------------------------
@@ -98,12 +126,16 @@ class EventLog:
         ring = self.ring
         ring_first = ring[0][0] if ring else self.last + 1
         if start >= ring_first:
-            at = start - ring_first
-            chosen = [ring[i] for i in range(at, min(at + limit, len(ring)))]
+            events = self._from_ring(start, limit)
         else:
-            chosen = [(_ledger.event_key_id(k), v) for k, v in self.store.scan(
-                _ledger.event_key(start), _ledger.EVENT_PREFIX, limit)]
-        events = [decode(i, v) for i, v in chosen]
+            # Older than the ring: LevelDB has them (it lags the durable
+            # events by far less than the ring holds); the newer ones of
+            # the page come from the ring, which LevelDB may not have yet.
+            older = min(limit, ring_first - start)
+            events = [event_of(*e) for e in eventrecords.read(self.store, start, older)]
+            assert len(events) == older, "an event older than the ring is not in LevelDB"
+            if older < limit and ring:
+                events += self._from_ring(ring_first, limit - older)
         return events, (events[-1].id if events else after)
 
     def wait(self, loop, after: int, limit: int, wait_s: float, done) -> None:

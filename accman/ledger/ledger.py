@@ -117,7 +117,7 @@ class Ledger:
         self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL)
 
     def _load(self, verify, limits, low_balance):
-        book = _ledger.Book(self.store.salt, self.store.new_batch, self.store.get,
+        book = _ledger.Book(self.store.salt, self.store.get,
                             next_event=self._events.last + 1, low_default=low_balance,
                             **limits)
         book.events_first = self._events.first
@@ -140,11 +140,11 @@ class Ledger:
         book = self._book
         while book.expire_due(self._clock_ms(), book.batch_mods_max):
             batch = book.seal()
-            self.store.write(batch.wb, batch.wal)
+            self.store.write(batch.wal)
             self.store.apply()
             book.finish(batch)
             book.applied(batch)
-            self._events.append(batch.events)
+            self._events.append(batch.first_event, batch.nevents, batch.changes)
 
     def _refuse_closed(self, *_args):
         raise Unavailable("the ledger is closed")
