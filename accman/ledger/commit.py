@@ -9,11 +9,12 @@ and the writer thread takes that batch, makes it durable (its synced record
 in accman.wal, without the GIL), and only then makes its balances visible
 and releases its results.  LevelDB gets the batch after that, off the
 acknowledgement path (the record is what makes it durable, and recovery
-replays it): a thread of its own, the applier, writes it while the writer
-makes the next batch durable (on one core, while the disk works), at most
-APPLY_LAG_BATCHES_MAX behind (accman.ledger.leveldb).  Until LevelDB has a
-batch, the book keeps what a reader would look for there (the idempotency
-and hold records, the history of a /past).
+replays it), at most APPLY_LAG_BATCHES_MAX behind (accman.ledger.leveldb):
+a small batch from the loop once its replies are out, a large one from a
+thread of its own, the applier, while the writer makes the next batch
+durable (APPLY_ON_LOOP_MODS_MAX).  Until LevelDB has a batch, the book
+keeps what a reader would look for there (the idempotency and hold
+records, the history of a /past).
 
 A failed write is fail-stop, like Redis under `always`: what was applied in
 memory cannot be trusted to match the disk, so every mod not yet durable is
@@ -47,6 +48,13 @@ SAMPLES_MAX = 65536
 # (docs/PERFORMANCE.md has the measurements).
 FILL_FRACTION = 0.5
 FILL_WAIT_S = 200e-6
+# A durable batch reaches LevelDB behind its replies: from the loop, once
+# they are out, when it holds at most this many mods (waking a thread and
+# handing it the GIL costs more than writing those); else from the applier
+# thread, woken as soon as the batch is durable, so that the loop sends the
+# replies and reads the next requests, and the disk writes the next batch,
+# while LevelDB's write takes the CPU (docs/PERFORMANCE.md).
+APPLY_ON_LOOP_MODS_MAX = 256
 
 
 class Committer:
@@ -66,11 +74,10 @@ class Committer:
         self.clock_ms = clock_ms or _wall_ms
         self.lock = lock or threading.Lock()
         self._wake = threading.Condition(self.lock)
-        # The applier: woken by a durable batch; tells wait_applied.
-        self._apply_wake = threading.Condition(self.lock)
-        self._applied = threading.Condition(self.lock)
-        self._apply_stop = False
         self._apply_error: StoreError | None = None
+        self._apply_wake = threading.Condition(self.lock)
+        self._apply_pending = False     # the loop handed the applier a batch
+        self._apply_stop = False
         self._marked = store.applied    # the store's applied batches the book knows of
         self._writer_idle = False
         self._seal_now = False          # the writer may seal what is queued
@@ -228,6 +235,11 @@ class Committer:
             self._fill_target = min(int(self.fill_fraction * (nmods + book.queued_mods)),
                                     book.batch_mods_max)
             self._kick()
+            # A small batch into LevelDB now that its replies are out and
+            # the next batch may be on its way to the disk (a large one is
+            # the applier's: _done).
+            if nmods <= APPLY_ON_LOOP_MODS_MAX:
+                self.apply_queued()
 
     # -- the writer thread -------------------------------------------------------
 
@@ -239,6 +251,7 @@ class Committer:
                 self._apply_stop = True
                 self._apply_wake.notify()
             self._applier.join()
+            self.apply_queued()
 
     def _write_batches(self) -> None:
         while True:
@@ -251,7 +264,9 @@ class Committer:
             kicks = self._done(batch, error, fsync_s)
             if not kicks:
                 # No completion went to the loop, so no kick will come from
-                # it: what the loop queued meanwhile is sealed now.
+                # it (and the loop does not apply it): what the loop queued
+                # meanwhile is sealed now, after LevelDB has this batch.
+                self.apply_queued()
                 with self.lock:
                     self._writing = False
                     self._seal_now = True
@@ -297,43 +312,44 @@ class Committer:
                               f"unexpected {type(e).__name__}: {e}")
 
     def _apply_run(self) -> None:
-        """The applier thread: durable, answered batches into LevelDB, in
-        order (Store.apply), until closing and all are in.  If a write
-        fails, its batch is still durable (the next open replays its
-        record), but nothing after it can be: the error is the writer's to
-        fail its next batch with, as a failed write of the log."""
-        book = self.book
+        """The applier thread: what the loop hands it (large batches)."""
         while True:
             with self.lock:
-                while not book.unapplied and not self._apply_stop and self.error is None:
+                while (not self._apply_stop and self._apply_error is None
+                       and not self._apply_pending):
                     self._apply_wake.wait()
-                if not book.unapplied or self.error is not None:
-                    self._applied.notify_all()
+                if self._apply_stop or self._apply_error is not None:
                     return
-            error = self._store_call(self.store.apply)
-            with self.lock:
-                self._applied.notify_all()
-                if error is None:
-                    # The writer may have applied some itself (Store.write).
-                    applied = self.store.applied
-                    while book.unapplied and self._marked < applied:
-                        book.applied(book.unapplied[0])
-                        self._marked += 1
-                    continue
-                if self.error is None:
-                    self.error = error
-                self._apply_error = error
+                self._apply_pending = False
+            self.apply_queued()
+
+    def apply_queued(self) -> None:
+        """The durable, answered batches into LevelDB, in order
+        (Store.apply), from any thread: the loop's after it has sent a
+        batch's replies, the writer's when no loop takes them, a reader's
+        of LevelDB alone (Ledger.verify).  If a write fails, its batch is
+        still durable (the next open replays its record), but nothing after
+        it can be: the error is the writer's to fail its next batch with,
+        as a failed write of the log."""
+        error = self._store_call(self.store.apply)
+        book = self.book
+        with self.lock:
+            if error is None:
+                # Batches the store has had applied (here, or by the writer
+                # at the lag bound) that the book still keeps.
+                applied = self.store.applied
+                while book.unapplied and self._marked < applied:
+                    book.applied(book.unapplied[0])
+                    self._marked += 1
+                return
+            first = self._apply_error is None
+            if self.error is None:
+                self.error = error
+            self._apply_error = error
+        if first:
             log.error("a durable batch could not be written to LevelDB; the store takes "
                       "no more writes until it is reopened (the next open replays it): %s",
                       error.detail)
-            return
-
-    def wait_applied(self) -> None:
-        """Returns once LevelDB has every durable batch (or a write to it
-        failed): for a reader of LevelDB alone (Ledger.verify)."""
-        with self.lock:
-            while self.book.unapplied and self.error is None:
-                self._applied.wait(0.1)
 
     def _done(self, batch, error, fsync_s) -> bool:
         """A written (or failed) batch: its balances visible, its callers
@@ -342,7 +358,9 @@ class Committer:
         with self.lock:
             if error is None:
                 book.finish(batch)
-                self._apply_wake.notify()
+                if batch.nmods > APPLY_ON_LOOP_MODS_MAX:
+                    self._apply_pending = True
+                    self._apply_wake.notify()
                 waited = self.events is not None and self.events.append(
                     batch.first_event, batch.nevents, batch.changes)
             else:

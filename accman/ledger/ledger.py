@@ -399,7 +399,7 @@ class Ledger:
         """The full check (accman.ledger.verify).  Raises StoreCorrupt;
         returns counts."""
         from accman.ledger.verify import verify_store
-        self._committer.wait_applied()
+        self._committer.apply_queued()
         return verify_store(self.store)
 
     def close(self) -> None:

@@ -42,10 +42,10 @@ MIGRATES_FROM = (1, 2)
 # records at open and history pages at random, so give both more room.
 WRITE_BUFFER_BYTES = 16 * 1024 * 1024
 BLOCK_CACHE_BYTES = 64 * 1024 * 1024
-# Durable batches that LevelDB may lack at once: the committer's applier
-# writes them behind the acknowledgements, while the next batch's record
-# is written; past this many the writer applies them itself, so that the
-# book's memory of what LevelDB lacks (and a /past's tail) stays small.
+# Durable batches that LevelDB may lack at once: the committer writes them
+# behind the acknowledgements (accman.ledger.commit); past this many the
+# writer applies them itself, so that the book's memory of what LevelDB
+# lacks (and a /past's tail) stays small.
 APPLY_LAG_BATCHES_MAX = 2
 
 
