@@ -92,47 +92,7 @@ CODES = {
     505: "version_not_supported",
 }
 
-# --- byte classes -------------------------------------------------------------
-cdef unsigned char TOKEN[256]      # RFC 9110 tchar: methods, header names, Connection options
-cdef unsigned char TARGET[256]     # RFC 3986 pchar, '/', '?', and '[' ']' of an IP-literal authority
-cdef unsigned char VALUE[256]      # field-value bytes: VCHAR, SP, HTAB, obs-text
-cdef unsigned char HOST[256]       # uri-host [":" port], with IP-literal brackets
-cdef unsigned char B64TOKEN[256]   # RFC 6750 b64token, before its trailing '='s
-
-cdef void _init_tables():
-    cdef int c
-    alnum = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    for c in range(256):
-        TOKEN[c] = TARGET[c] = HOST[c] = B64TOKEN[c] = 0
-        VALUE[c] = (c == HT or 0x20 <= c <= 0x7E or c >= 0x80)
-    for c in alnum + b"!#$%&'*+-.^_`|~":
-        TOKEN[c] = 1
-    for c in alnum + b"-._~!$&'()*+,;=:@/?%[]":
-        TARGET[c] = 1
-    for c in alnum + b"-._~!$&'()*+,;=%:[]":
-        HOST[c] = 1
-    for c in TOKEN_CHARS.encode("ascii"):
-        B64TOKEN[c] = 1
-
-_init_tables()
-
-
-cdef inline bint ci_equal(const unsigned char* s, const char* lower,
-                          Py_ssize_t n) noexcept nogil:
-    """s[0:n] (token bytes) equals the lower-case ASCII `lower`, ignoring case.
-    `| 0x20` folds A-Z onto a-z and maps no other token byte onto a letter."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        if (s[i] | 0x20) != <unsigned char>lower[i]:
-            return False
-    return True
-
-
-cdef str quoted(const unsigned char* p, Py_ssize_t n):
-    """p[0:n] (request-target bytes: printable ASCII) for an error detail."""
-    if n > DETAIL_QUOTE_CHARS_MAX:
-        return (<const char*>p)[:DETAIL_QUOTE_CHARS_MAX].decode("ascii") + "..."
-    return (<const char*>p)[:n].decode("ascii")
+include "chars.pxi"
 
 
 @cython.final

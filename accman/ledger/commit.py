@@ -4,17 +4,10 @@ while the next batch fills.
 Redis's `appendfsync always` is the precedent: replies wait until the write
 is on disk (`beforeSleep`), many of them per fsync.  Here mods are applied to
 the book's pending state as they arrive, their records go into the filling
-batch (a LevelDB write batch, and the same puts for the write-ahead log),
-and the writer thread takes that batch, makes it durable (its synced record
-in accman.wal, without the GIL), and only then makes its balances visible
-and releases its results.  LevelDB gets the batch after that, off the
-acknowledgement path (the record is what makes it durable, and recovery
-replays it), at most APPLY_LAG_BATCHES_MAX behind (accman.ledger.leveldb):
-a small batch from the loop once its replies are out, a large one from a
-thread of its own, the applier, while the writer makes the next batch
-durable (APPLY_ON_LOOP_MODS_MAX).  Until LevelDB has a batch, the book
-keeps what a reader would look for there (the idempotency and hold
-records, the history of a /past).
+batch's log record, and the writer thread takes that batch, makes it
+durable (its synced record in accman.wal, without the GIL), and only then
+makes its balances visible and releases its results.  LevelDB gets the
+batch behind the replies (accman.ledger.applier).
 
 A failed write is fail-stop, like Redis under `always`: what was applied in
 memory cannot be trusted to match the disk, so every mod not yet durable is
@@ -29,6 +22,7 @@ import threading
 import time
 
 from accman.errors import StoreError, Unavailable
+from accman.ledger.applier import Applier
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
 
 log = logging.getLogger("accman.commit")
@@ -48,13 +42,6 @@ SAMPLES_MAX = 65536
 # (docs/PERFORMANCE.md has the measurements).
 FILL_FRACTION = 0.5
 FILL_WAIT_S = 200e-6
-# A durable batch reaches LevelDB behind its replies: from the loop, once
-# they are out, when it holds at most this many mods (waking a thread and
-# handing it the GIL costs more than writing those); else from the applier
-# thread, woken as soon as the batch is durable, so that the loop sends the
-# replies and reads the next requests, and the disk writes the next batch,
-# while LevelDB's write takes the CPU (docs/PERFORMANCE.md).
-APPLY_ON_LOOP_MODS_MAX = 256
 
 
 class Committer:
@@ -74,11 +61,6 @@ class Committer:
         self.clock_ms = clock_ms or _wall_ms
         self.lock = lock or threading.Lock()
         self._wake = threading.Condition(self.lock)
-        self._apply_error: StoreError | None = None
-        self._apply_wake = threading.Condition(self.lock)
-        self._apply_pending = False     # the loop handed the applier a batch
-        self._apply_stop = False
-        self._marked = store.applied    # the store's applied batches the book knows of
         self._writer_idle = False
         self._seal_now = False          # the writer may seal what is queued
         # A batch is being written and its completion has not yet been seen
@@ -103,9 +85,7 @@ class Committer:
         self.batch_sizes: list[int] = []      # drained by metrics readers
         self.fsync_times_s: list[float] = []
         self._trim_at = time.monotonic() + EVENTS_TRIM_INTERVAL_S
-        self._applier = threading.Thread(target=self._apply_run, name="accman-apply",
-                                         daemon=True)
-        self._applier.start()
+        self.applier = Applier(book, store, self.lock, self._store_call)
         self._thread = threading.Thread(target=self._run, name="accman-commit",
                                         daemon=True)
         self._thread.start()
@@ -235,11 +215,7 @@ class Committer:
             self._fill_target = min(int(self.fill_fraction * (nmods + book.queued_mods)),
                                     book.batch_mods_max)
             self._kick()
-            # A small batch into LevelDB now that its replies are out and
-            # the next batch may be on its way to the disk (a large one is
-            # the applier's: _done).
-            if nmods <= APPLY_ON_LOOP_MODS_MAX:
-                self.apply_queued()
+            self.applier.answered(nmods)
 
     # -- the writer thread -------------------------------------------------------
 
@@ -247,11 +223,7 @@ class Committer:
         try:
             self._write_batches()
         finally:
-            with self.lock:
-                self._apply_stop = True
-                self._apply_wake.notify()
-            self._applier.join()
-            self.apply_queued()
+            self.applier.stop()
 
     def _write_batches(self) -> None:
         while True:
@@ -266,7 +238,7 @@ class Committer:
                 # No completion went to the loop, so no kick will come from
                 # it (and the loop does not apply it): what the loop queued
                 # meanwhile is sealed now, after LevelDB has this batch.
-                self.apply_queued()
+                self.applier.apply()
                 with self.lock:
                     self._writing = False
                     self._seal_now = True
@@ -294,8 +266,8 @@ class Committer:
     def _write(self, batch):
         """Makes the batch durable (its log record); the StoreError if it
         could not, or if LevelDB's write of an earlier one failed."""
-        if self._apply_error is not None:
-            return self._apply_error
+        if self.applier.error is not None:
+            return self.applier.error
         return self._store_call(self.store.write, batch.wal)
 
     def _store_call(self, call, *args):
@@ -311,46 +283,6 @@ class Committer:
             return StoreError(f"{self.store.path}: commit failed: "
                               f"unexpected {type(e).__name__}: {e}")
 
-    def _apply_run(self) -> None:
-        """The applier thread: what the loop hands it (large batches)."""
-        while True:
-            with self.lock:
-                while (not self._apply_stop and self._apply_error is None
-                       and not self._apply_pending):
-                    self._apply_wake.wait()
-                if self._apply_stop or self._apply_error is not None:
-                    return
-                self._apply_pending = False
-            self.apply_queued()
-
-    def apply_queued(self) -> None:
-        """The durable, answered batches into LevelDB, in order
-        (Store.apply), from any thread: the loop's after it has sent a
-        batch's replies, the writer's when no loop takes them, a reader's
-        of LevelDB alone (Ledger.verify).  If a write fails, its batch is
-        still durable (the next open replays its record), but nothing after
-        it can be: the error is the writer's to fail its next batch with,
-        as a failed write of the log."""
-        error = self._store_call(self.store.apply)
-        book = self.book
-        with self.lock:
-            if error is None:
-                # Batches the store has had applied (here, or by the writer
-                # at the lag bound) that the book still keeps.
-                applied = self.store.applied
-                while book.unapplied and self._marked < applied:
-                    book.applied(book.unapplied[0])
-                    self._marked += 1
-                return
-            first = self._apply_error is None
-            if self.error is None:
-                self.error = error
-            self._apply_error = error
-        if first:
-            log.error("a durable batch could not be written to LevelDB; the store takes "
-                      "no more writes until it is reopened (the next open replays it): %s",
-                      error.detail)
-
     def _done(self, batch, error, fsync_s) -> bool:
         """A written (or failed) batch: its balances visible, its callers
         told.  True when completions went to the loop, which then kicks."""
@@ -358,9 +290,7 @@ class Committer:
         with self.lock:
             if error is None:
                 book.finish(batch)
-                if batch.nmods > APPLY_ON_LOOP_MODS_MAX:
-                    self._apply_pending = True
-                    self._apply_wake.notify()
+                self.applier.durable(batch)
                 waited = self.events is not None and self.events.append(
                     batch.first_event, batch.nevents, batch.changes)
             else:
@@ -467,7 +397,7 @@ class Committer:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and not self._closing
+        return self.error is None and self.applier.error is None and not self._closing
 
 
 # What a client is told of a failed commit.  The cause (error.detail) names

@@ -360,7 +360,7 @@ class Ledger:
     def failure(self) -> str | None:
         """Why the ledger stopped taking writes, for the operator's log
         (it names files and OS errors: never for a client)."""
-        error = self._committer.error
+        error = self._committer.error or self._committer.applier.error
         return None if error is None else error.detail
 
     @property
@@ -399,7 +399,7 @@ class Ledger:
         """The full check (accman.ledger.verify).  Raises StoreCorrupt;
         returns counts."""
         from accman.ledger.verify import verify_store
-        self._committer.apply_queued()
+        self._committer.applier.apply()
         return verify_store(self.store)
 
     def close(self) -> None:
