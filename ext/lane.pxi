@@ -25,16 +25,25 @@ cdef int _register(Book book, object waiter, int64_t* registered, Outcome* out) 
     return 0
 
 
+cdef inline int64_t _wall_ms() noexcept nogil:
+    """Unix milliseconds, as time.time_ns() // 1_000_000."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
 cdef class Lane:
     """Created by the Ledger over its book and committer.  Every call but
     `durable_no`, `failed_no` and `failure` is made between `begin` and
     `end`, on the thread of the committer's bound loop."""
 
-    def __cinit__(self, Book book, committer, str failed_detail):
+    def __cinit__(self, Book book, committer, str failed_detail, bint wall_clock):
+        """`wall_clock`: the committer's clock is the wall clock (no test's
+        clock_ms), read here in C."""
         self.book = book
         self.committer = committer
         self.lock = committer.lock
-        self.clock_ms = committer.clock_ms
+        self.clock_ms = None if wall_clock else committer.clock_ms
         self.failed_detail = failed_detail
         self.held = False
         self.closing = False
@@ -46,7 +55,7 @@ cdef class Lane:
         assert not self.held, "Lane.begin twice"
         if self.committer._loop is None:
             raise AssertionError("the Lane is used before the ledger is bound to a loop")
-        self.at_ms = self.clock_ms()
+        self.at_ms = _wall_ms() if self.clock_ms is None else self.clock_ms()
         self.lock.acquire()
         self.held = True
         self.queued = False
@@ -58,9 +67,12 @@ cdef class Lane:
         told (at the end of this loop turn, as Committer.submit does)."""
         if not self.held:
             return 0
+        committer = self.committer
         try:
-            if self.queued:
-                self.committer._queued(None, True)
+            # Committer._queued has nothing to do while a batch is written
+            # or its kick is due: not called then (most runs, under load).
+            if self.queued and not (committer._writing or committer._kick_pending):
+                committer._queued(None, True)
         finally:
             self.held = False
             self.lock.release()

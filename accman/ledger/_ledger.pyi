@@ -74,4 +74,5 @@ class Lane:
     """The server's C-level way into the book (ext/lane.pxi): mods and /tot
     reads for ext/pipeline.pyx, with no Python call per request.  It has
     no Python methods."""
-    def __init__(self, book: Book, committer: Any, failed_detail: str) -> None: ...
+    def __init__(self, book: Book, committer: Any, failed_detail: str,
+                 wall_clock: bool) -> None: ...

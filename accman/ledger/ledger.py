@@ -114,7 +114,7 @@ class Ledger:
         self.submit = self._committer.submit
         # accman/store.py: the server's compiled Pipelines take mods and
         # /tot reads through it, without a Python call per request.
-        self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL)
+        self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL, clock_ms is None)
 
     def _load(self, verify, limits, low_balance):
         book = _ledger.Book(self.store.salt, self.store.get,
