@@ -155,13 +155,15 @@ def line_of(length):
 OK = [
     ("tot", R(b"GET /tot?cred=abc HTTP/1.1"), ok_view(ROUTE_TOT, cred="abc")),
     ("tot-charset", R(b"GET /tot?cred=AZaz09_- HTTP/1.1"), ok_view(ROUTE_TOT, cred="AZaz09_-")),
-    ("tot-cred-max", R(b"GET /tot?cred=" + b"c" * 128 + b" HTTP/1.1"), ok_view(ROUTE_TOT, cred="c" * 128)),
+    ("tot-cred-max", R(b"GET /tot?cred=" + b"c" * 128 + b" HTTP/1.1"),
+     ok_view(ROUTE_TOT, cred="c" * 128)),
     ("mod", R(b"PATCH /mod?cred=a&by=-5 HTTP/1.1"), ok_view(ROUTE_MOD, cred="a", by=-5)),
     ("mod-all", R(b"PATCH /mod?cred=a&by=5&min=0&key=k-1_X HTTP/1.1"),
      ok_view(ROUTE_MOD, cred="a", by=5, min=0, key="k-1_X")),
     ("mod-any-order", R(b"PATCH /mod?key=k&min=-3&by=9223372036854775807&cred=Z HTTP/1.1"),
      ok_view(ROUTE_MOD, cred="Z", by=INT64_MAX, min=-3, key="k")),
-    ("mod-int64-min", R(b"PATCH /mod?cred=a&by=-9223372036854775808&min=-9223372036854775808 HTTP/1.1"),
+    ("mod-int64-min",
+     R(b"PATCH /mod?cred=a&by=-9223372036854775808&min=-9223372036854775808 HTTP/1.1"),
      ok_view(ROUTE_MOD, cred="a", by=INT64_MIN, min=INT64_MIN)),
     ("mod-min-max", R(b"PATCH /mod?cred=a&by=1&min=9223372036854775807 HTTP/1.1"),
      ok_view(ROUTE_MOD, cred="a", by=1, min=INT64_MAX)),
@@ -174,14 +176,16 @@ OK = [
      ok_view(ROUTE_PAST, cred="a", limit=limits.PAST_LIMIT_MAX, before=INT64_MAX)),
     ("mod-low", R(b"PATCH /mod?cred=a&by=100&low=-5 HTTP/1.1"),
      ok_view(ROUTE_MOD, cred="a", by=100, low=-5)),
-    ("mod-low-0", R(b"PATCH /mod?low=0&cred=a&by=1 HTTP/1.1"), ok_view(ROUTE_MOD, cred="a", by=1, low=0)),
+    ("mod-low-0", R(b"PATCH /mod?low=0&cred=a&by=1 HTTP/1.1"),
+     ok_view(ROUTE_MOD, cred="a", by=1, low=0)),
     ("hold", R(b"PATCH /hold?cred=a&by=-5&ttl=30 HTTP/1.1"),
      ok_view(ROUTE_HOLD, cred="a", by=-5, ttl=30)),
     ("hold-all", R(b"PATCH /hold?key=k&min=-3&ttl=86400&by=-9223372036854775808&cred=Z HTTP/1.1"),
      ok_view(ROUTE_HOLD, cred="Z", by=INT64_MIN, min=-3, key="k", ttl=86400)),
     ("settle", R(b"PATCH /settle?cred=a&hold=7&use=0 HTTP/1.1"),
      ok_view(ROUTE_SETTLE, cred="a", hold=7, use=0)),
-    ("settle-max", R(b"PATCH /settle?use=9223372036854775807&hold=9223372036854775807&cred=a HTTP/1.1"),
+    ("settle-max",
+     R(b"PATCH /settle?use=9223372036854775807&hold=9223372036854775807&cred=a HTTP/1.1"),
      ok_view(ROUTE_SETTLE, cred="a", hold=INT64_MAX, use=INT64_MAX)),
     ("events", R(b"GET /events HTTP/1.1"), ok_view(ROUTE_EVENTS)),
     ("events-all", R(b"GET /events?after=0&limit=1000&wait=60 HTTP/1.1"),
@@ -199,7 +203,8 @@ OK = [
      ok_view(ROUTE_TOT, cred="a", keep_alive=True, http10=True)),
     ("http10-keep-alive-case", R(b"GET /tot?cred=a HTTP/1.0", b"connection: Keep-Alive"),
      ok_view(ROUTE_TOT, cred="a", keep_alive=True, http10=True)),
-    ("http10-keep-alive-and-close", R(b"GET /tot?cred=a HTTP/1.0", b"Connection: keep-alive, close"),
+    ("http10-keep-alive-and-close",
+     R(b"GET /tot?cred=a HTTP/1.0", b"Connection: keep-alive, close"),
      ok_view(ROUTE_TOT, cred="a", keep_alive=False, http10=True)),
     ("close", R(b"GET /tot?cred=a HTTP/1.1", b"Connection: close"),
      ok_view(ROUTE_TOT, cred="a", keep_alive=False)),
@@ -207,7 +212,8 @@ OK = [
      ok_view(ROUTE_TOT, cred="a", keep_alive=False)),
     ("close-in-list", R(b"GET /tot?cred=a HTTP/1.1", b"Connection: upgrade ,\tclose"),
      ok_view(ROUTE_TOT, cred="a", keep_alive=False)),
-    ("close-second-header", R(b"GET /tot?cred=a HTTP/1.1", b"Connection: keep-alive", b"Connection: close"),
+    ("close-second-header",
+     R(b"GET /tot?cred=a HTTP/1.1", b"Connection: keep-alive", b"Connection: close"),
      ok_view(ROUTE_TOT, cred="a", keep_alive=False)),
     ("connection-empty-elements", R(b"GET /tot?cred=a HTTP/1.1", b"Connection: , ,keep-alive,"),
      ok_view(ROUTE_TOT, cred="a")),
@@ -241,12 +247,15 @@ OK = [
      ok_view(ROUTE_TOT, cred="a")),
     ("auth-obs-text", R(b"GET /tot?cred=a HTTP/1.1", b"Authorization: Bearer t\xc3\xa9"),
      ok_view(ROUTE_TOT, cred="a")),
-    ("auth-twice", R(b"GET /tot?cred=a HTTP/1.1", b"Authorization: Bearer a", b"Authorization: Bearer a"),
+    ("auth-twice",
+     R(b"GET /tot?cred=a HTTP/1.1", b"Authorization: Bearer a", b"Authorization: Bearer a"),
      ok_view(ROUTE_TOT, cred="a")),
-    ("ignored-headers", R(b"GET /tot?cred=a HTTP/1.1", b"User-Agent: x y\tz", b"X-Obs: caf\xc3\xa9 \xff",
+    ("ignored-headers",
+     R(b"GET /tot?cred=a HTTP/1.1", b"User-Agent: x y\tz", b"X-Obs: caf\xc3\xa9 \xff",
                           b"X-Empty:", b"Accept: */*", b"X!#$%&'*+-.^_`|~9: v"),
      ok_view(ROUTE_TOT, cred="a")),
-    ("content-length-0", R(b"GET /tot?cred=a HTTP/1.1", b"Content-Length: 0"), ok_view(ROUTE_TOT, cred="a")),
+    ("content-length-0", R(b"GET /tot?cred=a HTTP/1.1", b"Content-Length: 0"),
+     ok_view(ROUTE_TOT, cred="a")),
     ("body", R(b"PATCH /mod?cred=a&by=1 HTTP/1.1", b"Content-Length: 5") + b"hello",
      ok_view(ROUTE_MOD, cred="a", by=1)),
     ("body-looks-like-a-request", R(b"GET /tot?cred=a HTTP/1.1", b"content-length: 23")
@@ -255,7 +264,8 @@ OK = [
      ok_view(ROUTE_TOT, cred="a")),
     ("body-max", R(b"GET /tot?cred=a HTTP/1.1", b"Content-Length: %d" % limits.BODY_BYTES_MAX)
      + b"\0" * limits.BODY_BYTES_MAX, ok_view(ROUTE_TOT, cred="a")),
-    ("leading-blank-lines", b"\r\n\r\n" + R(b"GET /tot?cred=a HTTP/1.1"), ok_view(ROUTE_TOT, cred="a")),
+    ("leading-blank-lines", b"\r\n\r\n" + R(b"GET /tot?cred=a HTTP/1.1"),
+     ok_view(ROUTE_TOT, cred="a")),
 ]
 
 
@@ -287,7 +297,8 @@ SOFT = [
     ("404-other-method", R(b"POST /nope HTTP/1.1"), 404, NOT_FOUND, ""),
     ("405-post-tot", R(b"POST /tot?cred=a HTTP/1.1"), 405, "/tot accepts only GET", ALLOW_GET),
     ("405-patch-tot", R(b"PATCH /tot?cred=a HTTP/1.1"), 405, "/tot accepts only GET", ALLOW_GET),
-    ("405-get-mod", R(b"GET /mod?cred=a&by=1 HTTP/1.1"), 405, "/mod accepts only PATCH", ALLOW_PATCH),
+    ("405-get-mod", R(b"GET /mod?cred=a&by=1 HTTP/1.1"), 405, "/mod accepts only PATCH",
+     ALLOW_PATCH),
     ("405-head-mod", R(b"HEAD /mod?cred=a&by=1 HTTP/1.1"), 405, "/mod accepts only PATCH",
      ALLOW_PATCH),
     ("405-put-mod", R(b"PUT /mod HTTP/1.1"), 405, "/mod accepts only PATCH", ALLOW_PATCH),
@@ -311,11 +322,14 @@ SOFT = [
     ("no-query", R(b"GET /tot HTTP/1.1"), 400, "parameter 'cred' is required", ""),
     ("empty-query", R(b"GET /tot? HTTP/1.1"), 400, "parameter 'cred' is required", ""),
     ("cred-empty", R(b"GET /tot?cred= HTTP/1.1"), 400, "parameter 'cred' is empty", ""),
-    ("cred-twice", R(b"GET /tot?cred=a&cred=b HTTP/1.1"), 400, "parameter 'cred' appears twice", ""),
-    ("cred-twice-equal", R(b"GET /tot?cred=a&cred=a HTTP/1.1"), 400, "parameter 'cred' appears twice", ""),
+    ("cred-twice", R(b"GET /tot?cred=a&cred=b HTTP/1.1"), 400, "parameter 'cred' appears twice",
+     ""),
+    ("cred-twice-equal", R(b"GET /tot?cred=a&cred=a HTTP/1.1"), 400,
+     "parameter 'cred' appears twice", ""),
     ("unknown", R(b"GET /tot?cred=a&foo=1 HTTP/1.1"), 400, "unknown parameter 'foo' for /tot", ""),
     ("unknown-first", R(b"GET /tot?foo=1&cred=a HTTP/1.1"), 400, "unknown parameter 'foo'", ""),
-    ("unknown-for-route", R(b"GET /tot?cred=a&by=1 HTTP/1.1"), 400, "unknown parameter 'by' for /tot", ""),
+    ("unknown-for-route", R(b"GET /tot?cred=a&by=1 HTTP/1.1"), 400,
+     "unknown parameter 'by' for /tot", ""),
     ("unknown-case", R(b"GET /tot?CRED=a HTTP/1.1"), 400, "unknown parameter 'CRED'", ""),
     ("unknown-long", R(b"GET /tot?" + b"n" * 100 + b"=1 HTTP/1.1"), 400,
      "unknown parameter '" + "n" * 40 + "...'", ""),
@@ -327,13 +341,17 @@ SOFT = [
     ("empty-name", R(b"GET /tot?=a HTTP/1.1"), 400, "empty name", ""),
     ("mod-no-by", R(b"PATCH /mod?cred=a HTTP/1.1"), 400, "parameter 'by' is required", ""),
     ("mod-no-cred", R(b"PATCH /mod?by=1 HTTP/1.1"), 400, "parameter 'cred' is required", ""),
-    ("by-twice", R(b"PATCH /mod?cred=a&by=1&by=1 HTTP/1.1"), 400, "parameter 'by' appears twice", ""),
+    ("by-twice", R(b"PATCH /mod?cred=a&by=1&by=1 HTTP/1.1"), 400, "parameter 'by' appears twice",
+     ""),
     ("by-empty", R(b"PATCH /mod?cred=a&by= HTTP/1.1"), 400, "parameter 'by' is empty", ""),
     ("key-empty", R(b"PATCH /mod?cred=a&by=1&key= HTTP/1.1"), 400, "parameter 'key' is empty", ""),
-    ("min-twice", R(b"PATCH /mod?cred=a&by=1&min=0&min=0 HTTP/1.1"), 400, "parameter 'min' appears twice", ""),
-    ("past-unknown", R(b"GET /past?cred=a&by=1 HTTP/1.1"), 400, "unknown parameter 'by' for /past", ""),
+    ("min-twice", R(b"PATCH /mod?cred=a&by=1&min=0&min=0 HTTP/1.1"), 400,
+     "parameter 'min' appears twice", ""),
+    ("past-unknown", R(b"GET /past?cred=a&by=1 HTTP/1.1"), 400, "unknown parameter 'by' for /past",
+     ""),
     ("health-param", R(b"GET /health?x=1 HTTP/1.1"), 400, "unknown parameter 'x' for /health", ""),
-    ("metrics-param", R(b"GET /metrics?cred=a HTTP/1.1"), 400, "unknown parameter 'cred' for /metrics", ""),
+    ("metrics-param", R(b"GET /metrics?cred=a HTTP/1.1"), 400,
+     "unknown parameter 'cred' for /metrics", ""),
     ("health-amp", R(b"GET /health?& HTTP/1.1"), 400, "empty parameter", ""),
     ("low-on-charge", R(b"PATCH /mod?cred=a&by=-1&low=5 HTTP/1.1"), 400,
      "low is set by a funding mod only", ""),
@@ -341,7 +359,8 @@ SOFT = [
      "low must be a signed 64-bit decimal integer, got '+5'", ""),
     ("hold-positive", R(b"PATCH /hold?cred=a&by=5&ttl=1 HTTP/1.1"), 400,
      "by must be negative for a hold", ""),
-    ("hold-no-ttl", R(b"PATCH /hold?cred=a&by=-5 HTTP/1.1"), 400, "parameter 'ttl' is required", ""),
+    ("hold-no-ttl", R(b"PATCH /hold?cred=a&by=-5 HTTP/1.1"), 400, "parameter 'ttl' is required",
+     ""),
     ("hold-no-by", R(b"PATCH /hold?cred=a&ttl=5 HTTP/1.1"), 400, "parameter 'by' is required", ""),
     ("hold-ttl-0", R(b"PATCH /hold?cred=a&by=-5&ttl=0 HTTP/1.1"), 400,
      "ttl must be a number of seconds from 1 to 86400, got '0'", ""),
@@ -359,7 +378,8 @@ SOFT = [
      "use must be an amount from 0 to the held amount", ""),
     ("settle-use-leading-zero", R(b"PATCH /settle?cred=a&hold=1&use=01 HTTP/1.1"), 400,
      "got '01'", ""),
-    ("events-cred", R(b"GET /events?cred=a HTTP/1.1"), 400, "unknown parameter 'cred' for /events", ""),
+    ("events-cred", R(b"GET /events?cred=a HTTP/1.1"), 400, "unknown parameter 'cred' for /events",
+     ""),
     ("events-wait-over", R(b"GET /events?wait=61 HTTP/1.1"), 400,
      "wait must be a number of seconds from 0 to 60, got '61'", ""),
     ("events-after-negative", R(b"GET /events?after=-1 HTTP/1.1"), 400,
@@ -374,7 +394,8 @@ for bad in [b"0", b"-0", b"01", b"-01", b"+5", b"1e3", b"1_000", b"%205", b"%EF%
             b"-", b"--1", b"1-", b"0x10", b"1.0", b"1,0"]:
     SOFT.append(("by=" + bad.decode(), R(b"PATCH /mod?cred=a&by=" + bad + b" HTTP/1.1"), 400,
                  BY_RULE + "'" + bad.decode() + "'", ""))
-for bad in [b"-0", b"00", b"01", b"+0", b"+1", b"9223372036854775808", b"-9223372036854775809", b"1.5", b"-"]:
+for bad in [b"-0", b"00", b"01", b"+0", b"+1", b"9223372036854775808", b"-9223372036854775809",
+            b"1.5", b"-"]:
     SOFT.append(("min=" + bad.decode(), R(b"PATCH /mod?cred=a&by=1&min=" + bad + b" HTTP/1.1"), 400,
                  MIN_RULE + "'" + bad.decode() + "'", ""))
 for bad in [b"0", b"1001", b"01", b"-1", b"1e2", b"+1", b"99999999999999999999"]:
@@ -384,9 +405,11 @@ for bad in [b"0", b"-1", b"01", b"+1", b"9223372036854775808"]:
     SOFT.append(("before=" + bad.decode(), R(b"GET /past?cred=a&before=" + bad + b" HTTP/1.1"), 400,
                  BEFORE_RULE + "'" + bad.decode() + "'", ""))
 for bad in [b"a%20b", b"a+b", b"a.b", b"%41", b"sec~ret", b"c" * 129]:
-    SOFT.append(("cred=" + bad.decode()[:8], R(b"GET /tot?cred=" + bad + b" HTTP/1.1"), 400, CRED_RULE, ""))
+    SOFT.append(("cred=" + bad.decode()[:8], R(b"GET /tot?cred=" + bad + b" HTTP/1.1"), 400,
+                 CRED_RULE, ""))
 for bad in [b"k" * 65, b"a.b", b"a%2Fb"]:
-    SOFT.append(("key=" + bad.decode()[:8], R(b"PATCH /mod?cred=a&by=1&key=" + bad + b" HTTP/1.1"), 400, KEY_RULE, ""))
+    SOFT.append(("key=" + bad.decode()[:8], R(b"PATCH /mod?cred=a&by=1&key=" + bad + b" HTTP/1.1"),
+                 400, KEY_RULE, ""))
 SOFT.append(("by-long-quoted-short", R(b"PATCH /mod?cred=a&by=" + b"9" * 100 + b" HTTP/1.1"), 400,
              BY_RULE + "'" + "9" * 40 + "...'", ""))
 
@@ -437,7 +460,8 @@ def test_options_of_an_unknown_path_is_404():
     assert run(R(b"OPTIONS /nope HTTP/1.1")).error.status == 404
 
 
-@pytest.mark.parametrize("target", [b"http://127.0.0.1:8080/tot?cred=a", b"HTTP://localhost/tot?cred=a",
+@pytest.mark.parametrize("target",
+                         [b"http://127.0.0.1:8080/tot?cred=a", b"HTTP://localhost/tot?cred=a",
                                     b"http://accman.example/tot?cred=a"])
 def test_absolute_form_is_accepted(target):
     """RFC 9112 3.2.2: a server accepts the absolute form of the target."""
@@ -547,8 +571,10 @@ HARD = [
     ("obs-fold-sp", R(LINE, b"X: a", b" b"), 400, "obs-fold"),
     ("obs-fold-tab", R(LINE, b"X: a", b"\tb"), 400, "obs-fold"),
     ("obs-fold-first", R(LINE, b" X: a", host=False), 400, "obs-fold"),
-    ("space-before-colon", R(LINE, b"Host : x", host=False), 400, "whitespace between a header name and its colon"),
-    ("tab-before-colon", R(LINE, b"Host\t: x", host=False), 400, "whitespace between a header name and its colon"),
+    ("space-before-colon", R(LINE, b"Host : x", host=False), 400,
+     "whitespace between a header name and its colon"),
+    ("tab-before-colon", R(LINE, b"Host\t: x", host=False), 400,
+     "whitespace between a header name and its colon"),
     ("no-colon", R(LINE, b"NoColon"), 400, "no colon"),
     ("no-colon-space", R(LINE, b"Host x", host=False), 400, "no colon"),
     ("empty-name", R(LINE, b": x"), 400, "empty name"),
@@ -573,7 +599,8 @@ HARD = [
     ("cl-hex", R(LINE, b"Content-Length: 0x5"), 400, CL_DIGITS),
     ("cl-empty", R(LINE, b"Content-Length:"), 400, CL_DIGITS),
     ("cl-fullwidth", R(LINE, b"Content-Length: \xef\xbc\x95"), 400, CL_DIGITS),
-    ("cl-twice", R(LINE, b"Content-Length: 0", b"content-length: 0"), 400, "two Content-Length headers"),
+    ("cl-twice", R(LINE, b"Content-Length: 0", b"content-length: 0"), 400,
+     "two Content-Length headers"),
     ("cl-twice-body", R(LINE, b"Content-Length: 5", b"Content-Length: 5") + b"hello", 400,
      "two Content-Length headers"),
     ("cl-over", R(LINE, b"Content-Length: %d" % (limits.BODY_BYTES_MAX + 1)), 413,
@@ -581,7 +608,8 @@ HARD = [
     ("cl-huge", R(LINE, b"Content-Length: 99999999999999999999999999999"), 413, "the body is over"),
     ("te", R(LINE, b"Transfer-Encoding: chunked"), 411, "a body needs a Content-Length"),
     ("te-case", R(LINE, b"transfer-ENCODING: identity"), 411, "a body needs a Content-Length"),
-    ("te-after-cl", R(LINE, b"Content-Length: 5", b"Transfer-Encoding: chunked"), 400, "ambiguous framing"),
+    ("te-after-cl", R(LINE, b"Content-Length: 5", b"Transfer-Encoding: chunked"), 400,
+     "ambiguous framing"),
     ("te-before-cl", R(LINE, b"Transfer-Encoding: chunked", b"Content-Length: 5"), 411,
      "a body needs a Content-Length"),
     ("connection-semicolon", R(LINE, b"Connection: close;x"), 400, BAD_CONNECTION),
@@ -612,14 +640,16 @@ HARD = [
     ("501-propfind", R(b"PROPFIND / HTTP/1.1"), 501, "the method PROPFIND is not implemented"),
     ("414", R(line_of(limits.REQUEST_LINE_BYTES_MAX + 1)), 414,
      "the request line is over %d bytes" % limits.REQUEST_LINE_BYTES_MAX),
-    ("414-no-end", b"GET /" + b"a" * limits.REQUEST_LINE_BYTES_MAX, 414, "the request line is over"),
+    ("414-no-end", b"GET /" + b"a" * limits.REQUEST_LINE_BYTES_MAX, 414,
+     "the request line is over"),
     ("431-bytes-no-end", b"GET /tot?cred=a HTTP/1.1\r\nX: " + b"a" * limits.HEADER_BYTES_MAX, 431,
      "the request headers are over %d bytes" % limits.HEADER_BYTES_MAX),
     ("431-lines", R(LINE, *[b"X: y"] * limits.HEADERS_MAX), 431,
      "more than %d header lines" % limits.HEADERS_MAX),
 ]
 for c in b'"<>{}|\\^`#\x00\x7f\x80\xff':
-    HARD.append(("target-%02x" % c, R(b"GET /tot?cred=a" + bytes([c]) + b"b HTTP/1.1"), 400, BAD_TARGET))
+    HARD.append(("target-%02x" % c, R(b"GET /tot?cred=a" + bytes([c]) + b"b HTTP/1.1"), 400,
+                 BAD_TARGET))
 
 
 @pytest.mark.parametrize("raw,status,detail", [c[1:] for c in HARD], ids=[c[0] for c in HARD])
@@ -641,7 +671,8 @@ def test_closing_error_is_last_of_a_pipeline():
 
 def test_soft_errors_keep_the_pipeline():
     p = Parser()
-    reqs = p.feed(R(b"GET /nope HTTP/1.1") + R(b"POST /tot HTTP/1.1") + R(b"GET /tot?x=1 HTTP/1.1") + R(LINE))
+    reqs = p.feed(R(b"GET /nope HTTP/1.1") + R(b"POST /tot HTTP/1.1")
+                  + R(b"GET /tot?x=1 HTTP/1.1") + R(LINE))
     assert [r.error.status if r.error else r.route for r in reqs] == [404, 405, 400, ROUTE_TOT]
 
 
@@ -697,7 +728,8 @@ def test_cred_and_key_at_their_limits():
 
 
 def test_past_limit_at_its_limit():
-    assert run(R(b"GET /past?cred=a&limit=%d HTTP/1.1" % limits.PAST_LIMIT_MAX)).limit == limits.PAST_LIMIT_MAX
+    at_limit = run(R(b"GET /past?cred=a&limit=%d HTTP/1.1" % limits.PAST_LIMIT_MAX))
+    assert at_limit.limit == limits.PAST_LIMIT_MAX
     req = run(R(b"GET /past?cred=a&limit=%d HTTP/1.1" % (limits.PAST_LIMIT_MAX + 1)))
     assert req.error.detail.startswith("limit must be")
 
@@ -815,16 +847,12 @@ header_values = st.binary(max_size=20).map(
 def case_variants(word):
     """word (lower-case ASCII bytes) with any letters upper-cased."""
     return st.lists(st.booleans(), min_size=len(word), max_size=len(word)).map(
-        lambda ups: bytes(c - 32 if up and 97 <= c <= 122 else c for c, up in zip(word, ups)))
+        lambda ups: bytes(c - 32 if up and 97 <= c <= 122 else c
+                          for c, up in zip(word, ups, strict=True)))
 
 
-@st.composite
-def valid_requests(draw):
-    """(raw bytes, expected view) of a request the SPEC calls valid."""
-    route = draw(st.sampled_from([ROUTE_TOT, ROUTE_MOD, ROUTE_PAST, ROUTE_HEALTH, ROUTE_METRICS]))
-    path = {ROUTE_TOT: "/tot", ROUTE_MOD: "/mod", ROUTE_PAST: "/past",
-            ROUTE_HEALTH: "/health", ROUTE_METRICS: "/metrics"}[route]
-    exp = dict(route=route)
+def _valid_params(draw, route, exp):
+    """The query parameters of a valid request of `route`, noted in `exp`."""
     params = []
     if route in (ROUTE_TOT, ROUTE_MOD, ROUTE_PAST):
         exp["cred"] = draw(names | st.just("C" * limits.CRED_CHARS_MAX))
@@ -845,20 +873,17 @@ def valid_requests(draw):
         if draw(st.booleans()):
             exp["before"] = draw(st.integers(1, INT64_MAX))
             params.append(("before", str(exp["before"])))
-    params = draw(st.permutations(params))
-    target = path
-    if params:
-        target += "?" + "&".join(f"{k}={v}" for k, v in params)
-    elif draw(st.booleans()):
-        target += "?"
-    method = "PATCH" if route == ROUTE_MOD else "GET"
-    http10 = draw(st.booleans())
-    exp["http10"] = http10
+    return draw(st.permutations(params))
+
+
+def _valid_headers(draw, http10, exp):
+    """The header lines of a valid request, what they mean noted in `exp`."""
     headers = []
     if not http10 or draw(st.booleans()):
         headers.append(draw(case_variants(b"host")) + b": " + draw(st.sampled_from(
             [b"127.0.0.1", b"localhost:8080", b"[::1]", b"x", b"example.com:80", b""])))
-    options = draw(st.lists(st.sampled_from([b"close", b"keep-alive", b"Keep-Alive", b"CLOSE", b"upgrade", b""]),
+    options = draw(st.lists(st.sampled_from([b"close", b"keep-alive", b"Keep-Alive", b"CLOSE",
+                                             b"upgrade", b""]),
                             max_size=3))
     if options:
         headers.append(draw(case_variants(b"connection")) + b": " + b", ".join(options))
@@ -867,10 +892,30 @@ def valid_requests(draw):
     exp["keep_alive"] = not closing and (keep or not http10)
     if draw(st.booleans()):
         exp["token"] = draw(b64tokens)
-        headers.append(draw(case_variants(b"authorization")) + b": " + draw(case_variants(b"bearer")) + b" "
-                       + exp["token"])
+        headers.append(draw(case_variants(b"authorization")) + b": "
+                       + draw(case_variants(b"bearer")) + b" " + exp["token"])
     headers += [n + b":" + draw(st.sampled_from([b"", b" ", b"\t"])) + v
                 for n, v in draw(st.lists(st.tuples(header_names, header_values), max_size=4))]
+    return headers
+
+
+@st.composite
+def valid_requests(draw):
+    """(raw bytes, expected view) of a request the SPEC calls valid."""
+    route = draw(st.sampled_from([ROUTE_TOT, ROUTE_MOD, ROUTE_PAST, ROUTE_HEALTH, ROUTE_METRICS]))
+    path = {ROUTE_TOT: "/tot", ROUTE_MOD: "/mod", ROUTE_PAST: "/past",
+            ROUTE_HEALTH: "/health", ROUTE_METRICS: "/metrics"}[route]
+    exp = dict(route=route)
+    params = _valid_params(draw, route, exp)
+    target = path
+    if params:
+        target += "?" + "&".join(f"{k}={v}" for k, v in params)
+    elif draw(st.booleans()):
+        target += "?"
+    method = "PATCH" if route == ROUTE_MOD else "GET"
+    http10 = draw(st.booleans())
+    exp["http10"] = http10
+    headers = _valid_headers(draw, http10, exp)
     body = b""
     if draw(st.booleans()):
         body = draw(st.binary(max_size=40) | st.just(b"\r\n" * (limits.BODY_BYTES_MAX // 2)))
@@ -896,14 +941,18 @@ def test_valid_pipelines_parse_as_built_whole_and_in_any_split(pipeline, data):
     assert in_chunks(raw, cuts) == expected
 
 
-FRAGMENTS = [b"GET ", b"PATCH ", b"POST ", b"FOO ", b"/tot", b"/mod", b"/past", b"/health", b"/x", b"*",
-             b"?", b"cred=a", b"by=-1", b"min=0", b"key=k", b"limit=5", b"before=9", b"&", b"=", b"%",
-             b" HTTP/1.1", b" HTTP/1.0", b" HTTP/2.0", b"\r\n", b"\r", b"\n", b" ", b"\t", b":", b",",
+FRAGMENTS = [b"GET ", b"PATCH ", b"POST ", b"FOO ", b"/tot", b"/mod", b"/past", b"/health", b"/x",
+             b"*",
+             b"?", b"cred=a", b"by=-1", b"min=0", b"key=k", b"limit=5", b"before=9", b"&", b"=",
+             b"%", b" HTTP/1.1", b" HTTP/1.0", b" HTTP/2.0", b"\r\n", b"\r", b"\n", b" ", b"\t",
+             b":", b",",
              b"Host: x", b"Connection: close", b"Content-Length: 3", b"Content-Length: 2000",
-             b"Transfer-Encoding: chunked", b"Authorization: Bearer t", b"X: \x80", b"\x00", b"\xff",
+             b"Transfer-Encoding: chunked", b"Authorization: Bearer t", b"X: \x80", b"\x00",
+             b"\xff",
              b"a" * 300, b"\r\n\r\n"]
 fuzz_inputs = (st.binary(max_size=400)
-               | st.lists(st.sampled_from(FRAGMENTS) | st.binary(max_size=3), max_size=60).map(b"".join))
+               | st.lists(st.sampled_from(FRAGMENTS) | st.binary(max_size=3),
+                          max_size=60).map(b"".join))
 
 
 @SETTINGS
@@ -961,7 +1010,8 @@ def model(text, negative_ok, zero_ok, low, high):
 number_texts = (st.text(alphabet="0123456789-+_e. %\uff11\u0663", max_size=25)
                 | int64s.map(str)
                 | st.integers(-(2 ** 70), 2 ** 70).map(str)
-                | st.sampled_from(["9223372036854775807", "9223372036854775808", "-9223372036854775808",
+                | st.sampled_from(["9223372036854775807", "9223372036854775808",
+                                   "-9223372036854775808",
                                    "-9223372036854775809", "0", "-0", "00", "1000", "1001"]))
 
 NUMBER_PARAMS = {
@@ -1020,7 +1070,8 @@ def test_a_framing_error_drops_what_is_held():
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from([R(b"GET /tot?cred=a HTTP/1.1"), R(b"PATCH /mod?cred=b&by=1 HTTP/1.1"),
+@given(st.lists(st.sampled_from([R(b"GET /tot?cred=a HTTP/1.1"),
+                                 R(b"PATCH /mod?cred=b&by=1 HTTP/1.1"),
                                  R(b"GET /nope HTTP/1.1"), R(LINE, b"Content-Length: 3") + b"abc"]),
                 min_size=1, max_size=12),
        st.lists(st.integers(0, 4), min_size=1, max_size=30))
