@@ -1,6 +1,9 @@
 """Compiles the Cython sources in ext/ into native modules of the accman
 package: ext/wire.pyx -> accman.server._wire, ext/ledger.pyx -> accman.ledger._ledger,
-ext/check.pyx -> accman.ledger._check.
+ext/check.pyx -> accman.ledger._check, ext/pipeline.pyx -> accman.server._pipeline.
+The C declarations that one module shares with another are .pxd files
+beside the module (accman/server/_wire.pxd, accman/ledger/_ledger.pxd),
+found through the package directory on the include path.
 
 ACCMAN_ONLY=wire (or ledger) builds one module alone, so that a developer
 working on one does not need the other to compile; ACCMAN_DEBUG=1 builds
@@ -15,6 +18,7 @@ MODULES = {
     "wire": Extension("accman.server._wire", ["ext/wire.pyx"]),
     "ledger": Extension("accman.ledger._ledger", ["ext/ledger.pyx"]),
     "check": Extension("accman.ledger._check", ["ext/check.pyx"]),
+    "pipeline": Extension("accman.server._pipeline", ["ext/pipeline.pyx"]),
 }
 
 only = os.environ.get("ACCMAN_ONLY")
@@ -29,7 +33,7 @@ for ext in extensions:
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=["ext"],
+        include_path=["ext", "."],
         force=debug,
         compiler_directives={
             "language_level": "3",

@@ -39,6 +39,13 @@ Values
 `Page` is (account, entries, next): the account's public id, the history
 entries (accman.records.Entry) newest first, and the `before` of the next
 page or None.
+
+A store may also have a `lane` (the embedded ledger has one: an
+accman.ledger._ledger.Lane): the same mods and /tot reads as `submit` and
+`read_tot`, with the same outcomes, order and durability, called from the
+server's compiled code (ext/pipeline.pyx) without a Python call, an
+outcome object or a callback per request.  A store without one (PostgreSQL)
+is called through the methods below alone.
 """
 
 from __future__ import annotations

@@ -95,20 +95,18 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
         return NoAccount("no account has this cred; a hold opens none")
     cdef object outcome
     if kb is not None:
-        outcome = book._replay(acct.hid + kb, by, min_, ttl_s, done, on_loop)
+        outcome = book._replay(acct.hid + kb, by, min_, ttl_s)
         if outcome is not _NOT_KEYED:
-            return outcome
+            return book._told(outcome, done, on_loop)
     if acct.open_holds >= book.holds_per_account_max:
         return TooManyHolds(f"the account has HOLDS_PER_ACCOUNT_MAX "
                             f"({book.holds_per_account_max}) open holds; settle some first")
     if book.open_holds >= book.holds_max:
         return TooManyHolds(f"the ledger has HOLDS_MAX ({book.holds_max}) open holds; "
                             "retry later")
-    outcome = book._judge(acct, by, min_, done, on_loop)
-    if outcome is _WAITS:
-        return None
+    outcome = book._judge(acct, by, min_)
     if outcome is not None:
-        return outcome
+        return book._told(outcome, done, on_loop)
     cdef Batch batch = book._change(acct, by, at_ms, kb, -1, EV_HOLD)
     cdef int64_t hold = acct.pseq
     cdef int64_t expires_ms = at_ms + <int64_t>ttl_s * 1000
@@ -148,10 +146,8 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
             outcome = h.end_result
         else:
             outcome = HoldEnded(_ended_detail(h.state))
-        if h.end_batch is not None:
-            h.end_batch.add_done(done, outcome, on_loop)
-            return None
-        return outcome
+        book._wait = book._pending(h.end_batch)
+        return book._told(outcome, done, on_loop)
     if use > h.amount:
         raise BadRequest(f"use must be from 0 to the held amount {h.amount}")
     # Never true while ptot + held stays in range (Book._judge keeps it);

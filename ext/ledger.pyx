@@ -22,21 +22,24 @@ seq are those of its newest entry, found at open with one seek per account.
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.stdint cimport int64_t, uint64_t, uint8_t
-from libc.string cimport memcpy, memset
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
+from libc.stdint cimport INT64_MAX as C_INT64_MAX, INT64_MIN as C_INT64_MIN
+from libc.string cimport memcmp, memcpy
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from values cimport valid_name
 
 import hashlib
 import heapq
 
-from accman.errors import (BadRequest, Busy, HoldEnded, Insufficient, KeyReused, NoAccount,
-                           NoHold, Overflow, TooManyHolds, Unavailable)
+from accman.errors import (AccManError, BadRequest, Busy, HoldEnded, Insufficient, KeyReused,
+                           NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)
 from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLD_TTL_S_MAX, HOLDS_MAX,
                            HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX,
                            QUEUED_MODS_MAX)
 
 include "records.pxi"
+include "changes.pxi"
 
 
 # --- value checks: the Python API's equivalent of the wire's rules ----------
@@ -102,22 +105,29 @@ cdef class Account:
 
 
 cdef class Batch:
-    """The changes of one durable write.  `wb` is the store's write batch;
-    `wal` the same puts in the write-ahead log's encoding."""
-    cdef readonly object wb
+    """The changes of one durable write: `wal`, its log record's payload
+    (its puts; at seal, its `changes` as one block: changes.pxi), from
+    which LevelDB's write batch is made too.  Its events are ids
+    first_event.. (nevents of them).  `no` numbers the batches of a book
+    in the order they are made, sealed and made durable: a change that
+    waits for this batch waits for `no`."""
+    cdef readonly int64_t no
     cdef readonly Py_ssize_t nmods      # changes (history entries) in it
     cdef readonly Py_ssize_t ndeletes   # records it deletes (events past retention)
     cdef readonly list done_loop        # (callback, outcome), run on the loop
     cdef readonly list done_direct      # (callback, outcome), run by the writer
     cdef readonly bytearray wal
-    cdef readonly list events           # (id, event record value), in id order
+    cdef readonly bytearray changes     # an entry per change (changes.pxi)
+    cdef readonly int64_t first_event   # 0: none yet
+    cdef readonly Py_ssize_t nevents
+    cdef int64_t last_at                # the at_ms of the last entry
     cdef dict touched                   # Account -> None, in first-touch order
     cdef list sealed                    # (Account, tot, seq) at seal time
     cdef list keys                      # pending-key map entries it owns
     cdef list ended                     # holds it ends (hold map entries it owns)
 
-    def __cinit__(self, wb):
-        self.wb = wb
+    def __cinit__(self, int64_t no):
+        self.no = no
         self.nmods = 0
         self.ndeletes = 0
         self.done_loop = []
@@ -126,16 +136,17 @@ cdef class Batch:
         self.sealed = None
         self.keys = []
         self.ended = []
-        self.events = []
         self.wal = bytearray()
+        self.changes = bytearray()
+        self.first_event = 0
+        self.nevents = 0
+        self.last_at = 0
 
     cdef inline int put(self, bytes k, bytes v) except -1:
-        """One record, into the LevelDB batch and the log record alike."""
-        self.wb.put(k, v)
+        """One record."""
         return _wal_put(self.wal, k, v)
 
     cdef int delete(self, bytes k) except -1:
-        self.wb.delete(k)
         self.ndeletes += 1
         return _wal_delete(self.wal, k)
 
@@ -157,10 +168,8 @@ cdef class PendingKey:
     cdef Batch batch
 
 
-# _replay's answer for a key not applied before, and _judge's for a refusal
-# that now waits for durable state.
+# _replay's answer for a key not applied before.
 cdef object _NOT_KEYED = object()
-cdef object _WAITS = object()
 READ_TOT = 0
 READ_SEQ = 1
 
@@ -175,7 +184,6 @@ cdef class Book:
     cdef dict by_hid             # hid -> Account: every account
     cdef dict by_cred            # cred -> Account: creds seen since open
     cdef object _hasher          # keyed blake2b, copied per credential
-    cdef object _new_wb          # () -> a store write batch
     cdef object _get             # (key bytes) -> stored value or None
     cdef dict pkeys              # hid + key -> PendingKey
     cdef dict holds              # hid + hold:u64 -> Hold: open, or ended in a pending batch
@@ -194,9 +202,14 @@ cdef class Book:
     cdef int64_t events_sealed            # the newest event in a sealed batch
     cdef readonly object low_default
     cdef readonly bint failed
+    cdef readonly int64_t durable_no      # the newest batch made durable (finish)
+    cdef readonly list unapplied          # durable batches LevelDB does not have yet
+    cdef readonly int64_t failed_no       # the batch whose write failed; 0: none
+    cdef int64_t last_no                  # the newest batch made
     cdef bytes _hid              # _lookup's hash of a cred not seen before
+    cdef Batch _wait             # the batch that _replay's or _judge's answer waits for
 
-    def __cinit__(self, bytes salt, new_wb, get,
+    def __cinit__(self, bytes salt, get,
                   Py_ssize_t batch_mods_max=BATCH_MODS_MAX,
                   Py_ssize_t queued_mods_max=QUEUED_MODS_MAX,
                   int64_t next_event=1, object low_default=None,
@@ -205,13 +218,12 @@ cdef class Book:
         self.by_hid = {}
         self.by_cred = {}
         self._hasher = hashlib.blake2b(digest_size=HID_BYTES, key=salt)
-        self._new_wb = new_wb
         self._get = get
         self.pkeys = {}
         self.holds = {}
         self.wheel = {}
         self.wheel_seconds = []
-        self.open_batches = [Batch(new_wb())]
+        self.open_batches = [Batch(1)]
         self.queued_mods = 0
         self.batch_mods_max = batch_mods_max
         self.queued_mods_max = queued_mods_max
@@ -226,6 +238,14 @@ cdef class Book:
             _check_int64(low_default, "low_balance")
         self.low_default = low_default
         self.failed = False
+        self.durable_no = 0
+        self.unapplied = []
+        self.failed_no = 0
+        self.last_no = 1
+
+    cdef Batch _new_batch(self):
+        self.last_no += 1
+        return Batch(self.last_no)
 
     # -- loading --------------------------------------------------------------
 
@@ -341,18 +361,39 @@ cdef class Book:
             if by < 0:
                 raise BadRequest("low is set by a funding mod only (by > 0)")
         cdef bytes kb = _key_bytes(key)
+        cdef Outcome out
+        outcome = self._mod(acct, hid, cred, by, min_, kb, low, at_ms, &out)
+        if outcome is None:
+            outcome = (out.tot, out.seq)
+        return self._told(outcome, done, on_loop)
+
+    cdef object _told(self, object outcome, object done, bint on_loop):
+        """`outcome`, final now; or None once `done` waits for the batch
+        that _mod, _replay or _judge left in self._wait."""
+        if self._wait is None:
+            return outcome
+        self._wait.add_done(done, outcome, on_loop)
+        return None
+
+    cdef object _mod(self, Account acct, bytes hid, object cred, int64_t by, object min_,
+                     bytes kb, object low, int64_t at_ms, Outcome* out):
+        """A mod of valid values on `acct` (None: `cred` has no account;
+        `hid` is its hash either way).  Returns None when it applied, its
+        new (tot, seq) in `out`; else its outcome: a refusal, or a keyed
+        change's original answer.  Either way self._wait is the batch that
+        the answer waits for, None when it is final now.  Raises
+        Unavailable or Busy with nothing changed."""
+        self._wait = None
         self._check_writable()
         if acct is None and by < 0:
             # SPEC: only the funding side opens accounts.
             return NoAccount("no account has this cred; a charge opens none")
         cdef object outcome
         if kb is not None and acct is not None:
-            outcome = self._replay(hid + kb, by, min_, 0, done, on_loop)
+            outcome = self._replay(hid + kb, by, min_, 0)
             if outcome is not _NOT_KEYED:
                 return outcome
-        outcome = self._judge(acct, by, min_, done, on_loop)
-        if outcome is _WAITS:
-            return None
+        outcome = self._judge(acct, by, min_)
         if outcome is not None:
             return outcome
         if acct is None:
@@ -360,30 +401,30 @@ cdef class Book:
             self.by_hid[hid] = acct
             self.by_cred[cred] = acct
         cdef Batch batch = self._change(acct, by, at_ms, kb, 0, EV_MOD)
-        result = (acct.ptot, acct.pseq)
+        out.tot = acct.ptot
+        out.seq = acct.pseq
         if kb is not None:
-            self._keep_key(batch, acct.hid + kb, by, min_, 0, result)
+            self._keep_key(batch, acct.hid + kb, by, min_, 0, (acct.ptot, acct.pseq))
         if low is not None:
             acct.low = low
             batch.put(LOW_PREFIX + acct.hid, _pack_low(low))
-        batch.add_done(done, result, on_loop)
+        self._wait = batch
         return None
 
-    cdef object _replay(self, bytes pkid, int64_t by, object min_, int64_t ttl_s,
-                        object done, bint on_loop):
+    cdef object _replay(self, bytes pkid, int64_t by, object min_, int64_t ttl_s):
         """The answer to a change whose key was applied before: its original
         outcome, KeyReused if it differs, or _NOT_KEYED for a new key.
-        `ttl_s` 0 is a mod's key, else a hold's."""
+        `ttl_s` 0 is a mod's key, else a hold's.  An original that is not
+        durable yet is answered once it is: self._wait is its batch."""
         cdef PendingKey pk = self.pkeys.get(pkid)
+        self._wait = None
         if pk is not None:
-            # The original is applied but not durable: answer with it
-            # when its batch is.
             if pk.by != by or pk.min_ != min_ or pk.ttl_s != ttl_s:
                 outcome = KeyReused("key was used with another by, min or ttl")
             else:
                 outcome = pk.result
-            pk.batch.add_done(done, outcome, on_loop)
-            return None
+            self._wait = self._pending(pk.batch)
+            return outcome
         stored = self._get(KEY_PREFIX + pkid)
         if stored is None:
             return _NOT_KEYED
@@ -392,39 +433,44 @@ cdef class Book:
             return KeyReused("key was used with another by, min or ttl")
         return (seq, stot, seq) if ttl_s else (stot, seq)
 
-    cdef object _judge(self, Account acct, object by, object min_, object done, bint on_loop):
+    cdef object _judge(self, Account acct, int64_t by, object min_):
         """A refusal (overflow, insufficient) of the change on the pending
         balance, or None when it applies.  A refusal judged on state that
-        is not yet durable is told only once it is: _WAITS is returned and
-        `done` registered on that state's batch.
+        is not yet durable is told only once it is: self._wait is then
+        that state's batch.
 
         The balance plus what open holds took must stay in range too: their
         ends give it back, and an expiry cannot be refused."""
         cdef int64_t cur = acct.ptot if acct is not None else 0
         cdef object refusal = None
-        # In Python ints: int64 + int64 can leave int64.
-        new = cur + by
-        if not (INT64_MIN <= new <= INT64_MAX):
+        self._wait = None
+        if (by > 0 and cur > C_INT64_MAX - by) or (by < 0 and cur < C_INT64_MIN - by):
             refusal = Overflow("the balance would leave the signed 64-bit range")
-        elif acct is not None and acct.open_holds and new + acct.held > INT64_MAX:
+        elif acct is not None and acct.open_holds and acct.held + (cur + by) > INT64_MAX:
             refusal = Overflow("the balance, with what its open holds give back when they "
                                "end, would leave the signed 64-bit range")
-        elif min_ is not None and new < min_:
+        elif min_ is not None and cur + by < <int64_t>min_:
             refusal = Insufficient(cur)
-        if refusal is not None and acct is not None and acct.pbatch is not None:
-            acct.pbatch.add_done(done, refusal, on_loop)
-            return _WAITS
+        if refusal is not None and acct is not None:
+            self._wait = acct.pbatch
         return refusal
+
+    cdef inline Batch _pending(self, Batch batch):
+        """`batch` while it is not durable, else None."""
+        if batch is None or batch.no <= self.durable_no:
+            return None
+        return batch
 
     cdef Batch _change(self, Account acct, int64_t by, int64_t at_ms, bytes kb,
                        int64_t hold, int kind):
-        """Applies one change that passed its checks: its history entry and
-        its event (and a low_balance event when it crosses the threshold)
-        go into the filling batch, and the pending balance moves on.  `hold`
-        -1 names the hold this entry starts (its own seq)."""
+        """Applies one change that passed its checks: its entry (its history
+        entry and its event, and a low_balance event when it crosses the
+        threshold) goes into the filling batch, and the pending balance
+        moves on.  `hold` -1 names the hold this entry starts (its own
+        seq)."""
         cdef Batch batch = self.open_batches[len(self.open_batches) - 1]
         if batch.nmods >= self.batch_mods_max:
-            batch = Batch(self._new_wb())
+            batch = self._new_batch()
             self.open_batches.append(batch)
         cdef int64_t before = acct.ptot
         acct.ptot += by
@@ -432,25 +478,19 @@ cdef class Book:
         acct.pbatch = batch
         if hold == -1:
             hold = acct.pseq
-        batch.put(history_key(acct.hid, acct.pseq),
-                  _pack_history(by, acct.ptot, at_ms, kb, hold))
-        self._event(batch, kind, acct, by, at_ms, hold, kb)
         low = acct.low if acct.low is not None else self.low_default
-        if low is not None and before >= <int64_t>low > acct.ptot:
-            self._event(batch, EV_LOW, acct, by, at_ms, hold, kb)
+        cdef bint crossed = low is not None and before >= <int64_t>low > acct.ptot
+        _change_put(batch.changes, kind, crossed, acct.hid, acct.pseq, by, acct.ptot,
+                    at_ms - batch.last_at, hold, kb)
+        batch.last_at = at_ms
+        if not batch.first_event:
+            batch.first_event = self.next_event
+        batch.nevents += 2 if crossed else 1
+        self.next_event += 2 if crossed else 1
         batch.touched[acct] = None
         batch.nmods += 1
         self.queued_mods += 1
         return batch
-
-    cdef inline void _event(self, Batch batch, int kind, Account acct, int64_t by,
-                            int64_t at_ms, int64_t hold, bytes kb) except *:
-        cdef int64_t event_id = self.next_event
-        cdef bytes value = _pack_event(kind, acct.hid, acct.pseq, by, acct.ptot, at_ms,
-                                       hold, kb)
-        self.next_event = event_id + 1
-        batch.put(event_key(event_id), value)
-        batch.events.append((event_id, value))
 
     cdef void _keep_key(self, Batch batch, bytes pkid, int64_t by, object min_,
                         int64_t ttl_s, tuple result) except *:
@@ -503,27 +543,43 @@ cdef class Book:
         Changes that arrive from now on go to a newer batch."""
         cdef Batch batch = self.open_batches.pop(0)
         if not self.open_batches:
-            self.open_batches.append(Batch(self._new_wb()))
+            self.open_batches.append(self._new_batch())
         cdef Account acct
         batch.sealed = [(acct, acct.ptot, acct.pseq) for acct in batch.touched]
         batch.touched = None
-        if batch.events:
-            self.events_sealed = batch.events[len(batch.events) - 1][0]
+        if batch.nevents:
+            self.events_sealed = batch.first_event + batch.nevents - 1
             if not self.events_first:
-                self.events_first = batch.events[0][0]
-        if batch.events or batch.ndeletes:
+                self.events_first = batch.first_event
+        if batch.nevents or batch.ndeletes:
             batch.put(EVENTS_META_KEY, _pack_events_meta(self.events_first, self.events_sealed))
+        if batch.nevents:
+            # Its last part: nothing is put into it after this.
+            _changes_block(batch.wal, batch.first_event, batch.nevents, batch.changes)
         return batch
 
     cpdef void finish(self, Batch batch):
-        """The batch is durable: its balances become visible."""
+        """The batch is durable (its record in the write-ahead log): its
+        balances become visible.  LevelDB gets it after (`applied`)."""
         cdef Account acct
-        cdef PendingKey pk
         for acct, tot, seq in batch.sealed:
             acct.tot = tot
             acct.seq = seq
             if acct.pbatch is batch:
                 acct.pbatch = None
+        self.queued_mods -= batch.nmods
+        assert self.queued_mods >= 0, "a batch finished twice"
+        assert batch.no > self.durable_no, "batches are made durable in order"
+        self.durable_no = batch.no
+        self.unapplied.append(batch)
+
+    cpdef void applied(self, Batch batch):
+        """LevelDB has the durable batch: what it stored is read from
+        there from now on (idempotency and hold records)."""
+        cdef PendingKey pk
+        assert self.unapplied and self.unapplied[0] is batch, \
+            "batches reach LevelDB in the order they became durable"
+        del self.unapplied[0]
         for pkid in batch.keys:
             pk = self.pkeys.get(pkid)
             if pk is not None and pk.batch is batch:
@@ -532,25 +588,38 @@ cdef class Book:
             h = self.holds.get(hold_id)
             if h is not None and (<Hold>h).end_batch is batch:
                 del self.holds[hold_id]
-        self.queued_mods -= batch.nmods
-        assert self.queued_mods >= 0, "a batch finished twice"
+
+    cpdef list history_tail(self, bytes hid, int64_t first, int64_t last):
+        """[(seq, history value)] of hid's entries first..last in the
+        durable batches that LevelDB does not have yet: the tail of a page
+        of /past.  Under the lock."""
+        cdef Batch batch
+        out = []
+        for batch in self.unapplied:
+            out += wal_history(batch.wal, hid, first, last)
+        return out
 
     cpdef list fail(self, Batch batch):
-        """The batch could not be made durable.  Everything pending is
-        dropped (what was applied in memory after it depended on it), and
-        the book refuses writes from now on.  Returns every batch whose
-        callbacks must now be told `Unavailable`, `batch` first."""
+        """The batch could not be made durable (None: a durable batch could
+        not be written to LevelDB, and what follows it cannot be).
+        Everything pending is dropped (what was applied in memory after it
+        depended on it), and the book refuses writes from now on.  Returns
+        every batch whose callbacks must now be told `Unavailable`, `batch`
+        first."""
         cdef Account acct
-        self.failed = True
+        failed = ([batch] if batch is not None else []) + self.open_batches
+        if not self.failed:
+            self.failed = True
+            self.failed_no = (<Batch>failed[0]).no
         for acct in self.by_hid.values():
             acct.ptot = acct.tot
             acct.pseq = acct.seq
             acct.pbatch = None
         self.pkeys.clear()
-        failed = [batch] + self.open_batches
-        self.open_batches = [Batch(self._new_wb())]
+        self.open_batches = [self._new_batch()]
         self.queued_mods = 0
         return failed
 
 
 include "holds.pxi"
+include "lane.pxi"

@@ -13,8 +13,10 @@
 #   b"o" + hid + hold:u64     a hold: ver, amount, expires_ms, state:u8, use,
 #                             end_seq, end_tot (state OPEN, SETTLED, EXPIRED)
 #   b"l" + hid                a low-balance threshold: ver, low
-#   b"e" + id:u64             an event: ver, type:u8, hid, seq, by, tot, at_ms,
-#                             hold (0: none), 8 reserved bytes (zero), key ascii
+#   b"e" + id:u64             an event (store format 2, read until trimmed):
+#                             ver, type:u8, hid, seq, by, tot, at_ms, hold
+#                             (0: none), 8 reserved bytes, key ascii
+#   b"E" + last id:u64        a batch's events (store format 3): changes.pxi
 #   b"\x00events"             the event ids kept: ver, first, last (rewritten by
 #                             every batch with events, so that open reads it
 #                             alone instead of seeking the ends of the range)
@@ -23,6 +25,7 @@ FORMAT_VERSION = 1
 HID_BYTES = 16
 ACCOUNT_PREFIX = b"a"            # store format 1 only (see pack_account)
 EVENT_PREFIX = b"e"
+EVENTS_PREFIX = b"E"
 EVENTS_META_KEY = b"\x00events"
 HISTORY_PREFIX = b"h"
 HISTORY_END = b"i"               # sorts after every history key
@@ -39,7 +42,6 @@ DEF HISTORY_KEY_BYTES = 25        # "h" + hid + seq
 DEF HOLD_VALUE_BYTES = 42         # ver + amount + expires + state + use + end_seq + end_tot
 DEF EVENT_VALUE_BYTES = 66        # ver + type + hid + seq + by + tot + at + hold
                                   # + 8 reserved (+ key)
-DEF EVENT_RESERVED_AT = 58
 
 # Hold states, and event types (their names are EVENT_TYPES' order).
 HOLD_OPEN, HOLD_SETTLED, HOLD_EXPIRED = 0, 1, 2
@@ -54,6 +56,17 @@ cdef inline void _put64(char *p, int64_t v) noexcept nogil:
     for i in range(8):
         p[7 - i] = <char>(u & 0xFF)
         u >>= 8
+
+
+cdef inline void _put32(char *p, uint32_t v) noexcept nogil:
+    cdef int i
+    for i in range(4):
+        p[3 - i] = <char>(v & 0xFF)
+        v >>= 8
+
+
+cdef inline uint32_t _get32(const unsigned char *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
 
 
 cdef inline int64_t _get64(const unsigned char *p) noexcept nogil:
@@ -113,6 +126,11 @@ cpdef bytes hold_key(bytes hid, int64_t hold):
 
 cpdef bytes event_key(int64_t event_id):
     return _id_key(EVENT_PREFIX, None, event_id)
+
+
+cpdef bytes events_key(int64_t last_id):
+    """The key of the LevelDB record of a batch's events, ..last_id."""
+    return _id_key(EVENTS_PREFIX, None, last_id)
 
 
 cpdef int64_t event_key_id(bytes key):
@@ -216,27 +234,6 @@ cpdef int64_t unpack_low(bytes value) except? -1:
     return _get64(_at(value) + 1)
 
 
-cdef bytes _pack_event(int kind, bytes hid, int64_t seq, int64_t by, int64_t tot,
-                       int64_t at_ms, int64_t hold, bytes key):
-    cdef Py_ssize_t klen = len(key) if key is not None else 0
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, EVENT_VALUE_BYTES + klen)
-    cdef char *p = PyBytes_AS_STRING(out)
-    p[0] = 1
-    p[1] = <char>kind
-    memcpy(p + 2, PyBytes_AS_STRING(hid), HID_BYTES)
-    _put64(p + 18, seq)
-    _put64(p + 26, by)
-    _put64(p + 34, tot)
-    _put64(p + 42, at_ms)
-    _put64(p + 50, hold)
-    # Zeroed: the buffer comes from the allocator uninitialised, and bytes
-    # of whatever it held before (a credential, say) must never reach disk.
-    memset(p + EVENT_RESERVED_AT, 0, EVENT_VALUE_BYTES - EVENT_RESERVED_AT)
-    if klen:
-        memcpy(p + EVENT_VALUE_BYTES, PyBytes_AS_STRING(key), klen)
-    return out
-
-
 cdef bytes _pack_events_meta(int64_t first, int64_t last):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, 17)
     cdef char *p = PyBytes_AS_STRING(out)
@@ -266,7 +263,8 @@ cpdef tuple unpack_event(bytes value):
 
 
 # --- a batch's records in accman.wal's encoding -----------------------------
-# Each put is klen:u8, vlen:u8, key, value; a delete is klen | 0x80, 0, key.
+# Each put is klen:u8, vlen:u8, key, value; a delete is klen | 0x80, 0, key;
+# the batch's changes follow them, as one block (changes.pxi).
 # One byte is enough: the longest key is an idempotency record's (1 + 16 +
 # 64 = 81 bytes) and the longest value a keyed event's (66 + 64 = 130); a
 # longer field is a bug.
@@ -274,17 +272,25 @@ DEF WAL_FIELD_BYTES_MAX = 255
 DEF WAL_KEY_BYTES_MAX = 127
 DEF WAL_DELETE = 0x80
 
-cdef inline int _wal_put(bytearray out, bytes k, bytes v) except -1:
-    # One resize (amortised: a bytearray over-allocates) and two copies.
-    cdef Py_ssize_t kl = len(k), vl = len(v), n = len(out)
+cdef inline char* _wal_room(bytearray out, Py_ssize_t kl, Py_ssize_t vl) except NULL:
+    """A put of a kl-byte key and a vl-byte value at the end of `out`: its
+    lengths written, a pointer to where its key goes.  One resize
+    (amortised: a bytearray over-allocates)."""
+    cdef Py_ssize_t n = len(out)
     if kl > WAL_KEY_BYTES_MAX or vl > WAL_FIELD_BYTES_MAX:
         raise AssertionError("a record field too long for the write-ahead log")
     PyByteArray_Resize(out, n + 2 + kl + vl)
     cdef char *p = PyByteArray_AS_STRING(out) + n
     p[0] = <char>kl
     p[1] = <char>vl
-    memcpy(p + 2, PyBytes_AS_STRING(k), kl)
-    memcpy(p + 2 + kl, PyBytes_AS_STRING(v), vl)
+    return p + 2
+
+
+cdef inline int _wal_put(bytearray out, bytes k, bytes v) except -1:
+    cdef Py_ssize_t kl = len(k), vl = len(v)
+    cdef char *p = _wal_room(out, kl, vl)
+    memcpy(p, PyBytes_AS_STRING(k), kl)
+    memcpy(p + kl, PyBytes_AS_STRING(v), vl)
     return 0
 
 
@@ -300,22 +306,21 @@ cdef inline int _wal_delete(bytearray out, bytes k) except -1:
     return 0
 
 
-cpdef list unpack_wal_puts(const unsigned char[::1] payload):
-    """-> [(key, value or None for a delete), ...] of one write-ahead log
-    record's payload, in order; ValueError when it does not parse whole."""
-    cdef Py_ssize_t i = 0, n = payload.shape[0], kl, vl
-    cdef bint delete
-    out = []
-    while i < n:
-        if i + 2 > n:
-            raise ValueError("a write-ahead log record ends inside a put's lengths")
-        delete = payload[i] & WAL_DELETE
-        kl = payload[i] & ~WAL_DELETE
-        vl = payload[i + 1]
-        i += 2
-        if kl == 0 or (delete and vl) or i + kl + vl > n:
-            raise ValueError("a write-ahead log record ends inside a put")
-        key = bytes(payload[i:i + kl])
-        out.append((key, None if delete else bytes(payload[i + kl:i + kl + vl])))
-        i += kl + vl
+cpdef bytearray wal_record(list puts):
+    """The payload of a log record of (key, value) puts (the store's own,
+    such as its format record)."""
+    cdef bytearray out = bytearray()
+    for k, v in puts:
+        _wal_put(out, k, v)
     return out
+
+
+cpdef int fill_write_batch(object wb, const unsigned char[::1] payload) except -1:
+    """Puts leveldb_puts(payload) (changes.pxi) into LevelDB's write batch."""
+    put, delete = wb.put, wb.delete
+    for k, v in leveldb_puts(payload):
+        if v is None:
+            delete(k)
+        else:
+            put(k, v)
+    return 0

@@ -111,26 +111,8 @@ cdef class Request:
     authority) names a loopback address, or it had none, and `allow` the
     methods of the path an OPTIONS asked about."""
 
-    cdef public int route
-    cdef public str cred
-    cdef public long long by
-    cdef public object min
-    cdef public str key
-    cdef public long long limit
-    cdef public object before
-    cdef public long long ttl
-    cdef public long long hold
-    cdef public long long use
-    cdef public long long after
-    cdef public long long wait
-    cdef public object low
-    cdef public bytes token
-    cdef public bint keep_alive
-    cdef public bint http10
-    cdef public bint head
-    cdef public bint loopback_host
-    cdef public str allow
-    cdef public object error
+    # Its fields are declared in accman/server/_wire.pxd, so that other
+    # compiled modules read them at C speed (ext/pipeline.pyx).
 
     def __repr__(self):
         # No cred, key nor token: reprs end up in logs (SPEC "Access").

@@ -52,8 +52,8 @@ class GatedStore(Store):
         self.gate = gate
         self.writing = threading.Event()
 
-    def write(self, wb, wal):
+    def write(self, wal):
         self.writing.set()
         self.gate.wait()
         self.writing.clear()
-        super().write(wb, wal)
+        super().write(wal)

@@ -5,6 +5,7 @@ behind it, low_balance once per crossing, the retention and its
 trimming.  Long polls are in tests/test_events_long_poll.py."""
 
 import asyncio
+import os
 import threading
 import time
 
@@ -13,7 +14,8 @@ import pytest
 from accman import BadRequest, Insufficient, Ledger, StoreError, Unavailable
 from accman.errors import EventsTrimmed, NoHold
 from accman.ledger import _ledger, commit
-from accman.ledger.events import EVENTS_RING_MAX, EVENTS_TRIM_MAX
+from accman.ledger import events as events_module
+from accman.ledger.events import EVENTS_RING_MAX
 from accman.ledger.leveldb import Store
 from accman.limits import EVENTS_LIMIT_MAX
 from accman.records import EVENT_TYPES
@@ -110,10 +112,10 @@ def test_a_failed_batch_s_events_are_never_served_and_leave_no_gap(path, clock):
     class FailingStore(Store):
         fail = False
 
-        def write(self, wb, wal):
+        def write(self, wal):
             if self.fail:
                 raise StoreError(f"{self.path}: commit failed: injected fault")
-            super().write(wb, wal)
+            super().write(wal)
 
     store = FailingStore(path)
     with Ledger(path, clock_ms=clock, store=store) as led:
@@ -133,10 +135,10 @@ def test_an_event_is_served_only_once_its_batch_is_durable(path, clock):
     entered = threading.Event()
 
     class SlowStore(Store):
-        def write(self, wb, wal):
+        def write(self, wal):
             entered.set()
             gate.wait(10)
-            super().write(wb, wal)
+            super().write(wal)
 
     gate.set()
     led = Ledger(path, clock_ms=clock, store=SlowStore(path))
@@ -170,8 +172,8 @@ def test_events_from_leveldb_never_run_past_the_newest_durable_one(path, clock):
     gate = threading.Event()
 
     class LateStore(Store):
-        def write(self, wb, wal):
-            super().write(wb, wal)
+        def write(self, wal):
+            super().write(wal)
             written.set()
             gate.wait(10)
 
@@ -191,11 +193,11 @@ def test_events_from_leveldb_never_run_past_the_newest_durable_one(path, clock):
         led.close()
 
 
-def test_an_event_record_holds_no_stray_bytes_of_memory(path, clock):
-    """An event record has 8 reserved bytes before its key.  They were left
-    as the allocator gave them, and about one event in thirty wrote bytes
-    of freed Python objects to disk (fragments of strings: a credential
-    could be among them).  They are zero."""
+def test_event_records_hold_their_events_and_no_stray_bytes(path, clock):
+    """A batch's events record is its change entries and nothing else: every
+    byte of it decodes, the ids run 1..n without a gap, and no credential
+    reaches any file of the store.  (Format 2's records once wrote 8 bytes
+    of freed Python objects to disk, fragments of credentials among them.)"""
     async def run(led):
         await asyncio.gather(*[led.amod(f"secret-cred-{i}", 5, key="k" * (1 + i % 60))
                                for i in range(3000)])
@@ -204,11 +206,17 @@ def test_an_event_record_holds_no_stray_bytes_of_memory(path, clock):
         asyncio.run(run(led))
     store = Store(path)
     try:
-        reserved = [v[58:66] for _, v in store.iterate(_ledger.EVENT_PREFIX)]
+        ids = []
+        for k, v in store.iterate(_ledger.EVENTS_PREFIX):
+            first, changes = _ledger.unpack_events(k, v)
+            ids += [e[0] for e in _ledger.decode_changes(first, changes)]
     finally:
         store.close()
-    assert len(reserved) == 3000
-    assert [r for r in reserved if r != bytes(8)] == []
+    assert ids == list(range(1, 3001))
+    for top, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(top, name), "rb") as f:
+                assert b"secret-cred" not in f.read(), name
 
 
 def test_reading_events_from_leveldb_does_not_stop_commits(path, clock):
@@ -221,11 +229,11 @@ def test_reading_events_from_leveldb_does_not_stop_commits(path, clock):
     scanning, gate = threading.Event(), threading.Event()
 
     class SlowScanStore(Store):
-        def scan(self, start, prefix, limit):
-            if prefix == _ledger.EVENT_PREFIX:
+        def iterate(self, prefix, start=None):
+            if prefix == _ledger.EVENTS_PREFIX:
                 scanning.set()
                 gate.wait(10)
-            return super().scan(start, prefix, limit)
+            return super().iterate(prefix, start)
 
     led = Ledger(path, clock_ms=clock, store=SlowScanStore(path))    # the ring is empty
     try:
@@ -285,19 +293,23 @@ def test_a_bad_after_is_refused(led, after):
 # --- the ring and LevelDB behind it ------------------------------------------------------
 
 def test_reading_past_the_ring_falls_back_to_leveldb(path, clock):
-    """EVENTS_RING_MAX events are kept in memory; older ones come from
-    LevelDB, the same events, and a page may start in one and end in the
-    other."""
-    extra = 700
+    """The batches holding the newest EVENTS_RING_MAX events (or a batch
+    more) are kept in memory; older ones come from LevelDB, the same
+    events, and a page may start in one and end in the other."""
+    n = EVENTS_RING_MAX + 3 * 4096 + 700
     with Ledger(path, clock_ms=clock) as led:
-        fund_many(led, "a", EVENTS_RING_MAX + extra)
-        ring = led._events.ring
-        assert len(ring) == EVENTS_RING_MAX and ring[0][0] == extra + 1
+        fund_many(led, "a", n)
+        events = led._events
+        ring_first = events.ring[0][0]
+        kept = events.last - ring_first + 1
+        assert ring_first > 301 and EVENTS_RING_MAX <= kept < EVENTS_RING_MAX + 4096
+        assert kept == events.ring_events
         before = all_events(led)
-        page, nxt = led.events(after=extra - 300, limit=600)       # LevelDB, then the ring
-        assert [e.id for e in page] == list(range(extra - 299, extra + 301)) and nxt == extra + 300
-        assert [e.tot for e in page] == list(range(extra - 299, extra + 301))
-    assert [e.id for e in before] == list(range(1, EVENTS_RING_MAX + extra + 1))
+        start = ring_first - 300
+        page, nxt = led.events(after=start - 1, limit=600)          # LevelDB, then the ring
+        assert [e.id for e in page] == list(range(start, start + 600)) and nxt == start + 599
+        assert [e.tot for e in page] == list(range(start, start + 600))
+    assert [e.id for e in before] == list(range(1, n + 1))
     assert [e.tot for e in before] == [e.id for e in before]
     with Ledger(path, clock_ms=clock) as led:                 # all from LevelDB now
         assert len(led._events.ring) == 0
@@ -403,26 +415,29 @@ def test_the_newest_event_is_never_trimmed(path, clock):
         assert [e.id for e in led.events(after=4)[0]] == [5, 6]
 
 
-def test_trimming_deletes_events_trim_max_a_pass_and_keeps_up(path, clock):
-    """A pass deletes at most EVENTS_TRIM_MAX events (the lock is never held
-    long); a full pass is followed by the next one at once.  It used to
-    wait the whole interval, so that trimming fell behind for good above
-    EVENTS_TRIM_MAX events per interval."""
+def test_trimming_deletes_events_trim_max_a_pass_and_keeps_up(path, clock, monkeypatch):
+    """A pass deletes at most EVENTS_TRIM_MAX events records (the lock is
+    never held long); a full pass is followed by the next one at once.  It
+    used to wait the whole interval, so that trimming fell behind for good
+    above EVENTS_TRIM_MAX records per interval.  (The bound is lowered to
+    10 here: a record is a batch, and 8,000 batches take a minute.)"""
+    monkeypatch.setattr(events_module, "EVENTS_TRIM_MAX", 10)
     deletes = []
 
     class CountingStore(Store):
-        def write(self, wb, wal):
-            super().write(wb, wal)
-            n = sum(v is None for _, v in _ledger.unpack_wal_puts(wal))
+        def write(self, wal):
+            super().write(wal)
+            n = sum(v is None for _, v in _ledger.leveldb_puts(wal))
             if n:
                 deletes.append((time.monotonic(), n))       # durable now
 
-    n_events = 2 * EVENTS_TRIM_MAX + 100
+    n_records = 2 * 10 + 5
     with Ledger(path, clock_ms=clock, store=CountingStore(path), events_retention_s=2) as led:
-        fund_many(led, "a", n_events)
+        for _ in range(n_records):
+            led.mod("a", 1)                                 # a batch, a record, each
         clock.advance(60)
-        wait_for(lambda: sum(n for _, n in deletes) == n_events - 1, timeout_s=20)
-        assert [n for _, n in deletes] == [EVENTS_TRIM_MAX, EVENTS_TRIM_MAX, 99]
+        wait_for(lambda: sum(n for _, n in deletes) == n_records - 1, timeout_s=20)
+        assert [n for _, n in deletes] == [10, 10, 4]
         # Back to back: the three passes did not wait an interval (2 s) between them.
         assert deletes[-1][0] - deletes[0][0] < 2.0
         assert led.verify()["events"] == 1

@@ -320,6 +320,19 @@ def test_a_funding_mod_that_leaves_no_room_for_an_open_hold_s_return_is_overflow
     led.verify()
 
 
+def test_a_charge_below_zero_with_open_holds_is_no_overflow(led):
+    """The range check of the balance plus what is held must not itself
+    overflow: a charge that takes a balance below zero while holds are open
+    is judged like any other (a C subtraction once read it as overflow)."""
+    led.mod("a", 100)
+    led.hold("a", -60, 60)
+    assert led.mod("a", -50) == (-10, 3)
+    with pytest.raises(Insufficient):
+        led.mod("a", -1, min=0)
+    assert led.mod("a", INT64_MIN + 10) == (INT64_MIN, 4)
+    led.verify()
+
+
 def test_a_settle_never_leaves_the_range(led):
     led.mod("a", INT64_MAX)
     hold, _, _ = led.hold("a", -INT64_MAX, 60)

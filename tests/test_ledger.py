@@ -273,8 +273,8 @@ def test_a_format_1_store_is_migrated_at_open(tmp_path):
     records = _stored(path)
     assert not any(k.startswith(b"a") for k in records), "format-1 records left"
     import json
-    from accman.ledger.leveldb import META_KEY
-    assert json.loads(records[META_KEY]) == dict(meta, format=2)
+    from accman.ledger.leveldb import META_KEY, STORE_FORMAT
+    assert json.loads(records[META_KEY]) == dict(meta, format=STORE_FORMAT)
 
 
 def test_a_format_1_account_record_that_disagrees_with_history_is_refused(tmp_path):
@@ -291,14 +291,16 @@ def test_a_format_1_account_record_that_disagrees_with_history_is_refused(tmp_pa
 
 def test_a_newer_store_format_is_refused(tmp_path):
     import json
-    from accman.ledger.leveldb import META_KEY
+    from accman.ledger.leveldb import META_KEY, STORE_FORMAT
     path = str(tmp_path / "d")
     Ledger(path).close()
     store = Store(path)
     meta = json.loads(store.db.get(META_KEY))
-    store.db.put(META_KEY, json.dumps(dict(meta, format=3)).encode(), sync=True)
+    newer = STORE_FORMAT + 1
+    store.db.put(META_KEY, json.dumps(dict(meta, format=newer)).encode(), sync=True)
     store.close()
-    with pytest.raises(StoreCorrupt, match="store format 3, this AccMan reads format 2"):
+    with pytest.raises(StoreCorrupt,
+                       match=f"store format {newer}, this AccMan reads format {STORE_FORMAT}"):
         Ledger(path)
 
 
@@ -323,9 +325,9 @@ def gated_store(path, gate):
     """A store whose writes wait for `gate`: mods pile up behind one batch."""
 
     class GatedStore(Store):
-        def write(self, wb, wal_record):
+        def write(self, wal_record):
             gate.wait(10)
-            super().write(wb, wal_record)
+            super().write(wal_record)
 
     return GatedStore(path)
 
@@ -336,11 +338,11 @@ class FailingStore(Store):
     fail_from = 2
     writes = 0
 
-    def write(self, wb, wal_record):
+    def write(self, wal_record):
         self.writes += 1
         if self.writes >= self.fail_from:
             raise StoreError(f"{self.path}: commit failed: injected fault")
-        super().write(wb, wal_record)
+        super().write(wal_record)
 
 
 def test_failed_commit_acknowledges_nothing_and_stops_writes(tmp_path):
@@ -423,10 +425,10 @@ def test_reads_never_see_a_balance_before_it_is_durable(tmp_path):
     entered = threading.Event()
 
     class SlowStore(Store):
-        def write(self, wb, wal_record):
+        def write(self, wal_record):
             entered.set()
             gate.wait(10)
-            super().write(wb, wal_record)
+            super().write(wal_record)
 
     led = Ledger(path, store=SlowStore(path))
     t = threading.Thread(target=led.mod, args=("alice", 10))
@@ -618,7 +620,7 @@ def test_accounts_are_not_walked_by_the_garbage_collector(tmp_path):
     with Ledger(path) as led:
         for i in range(50):
             led.mod(f"made-{i}", 1)
-    book = _ledger.Book(b"k" * 16, lambda: None, lambda k: None)
+    book = _ledger.Book(b"k" * 16, lambda k: None)
     gc.collect()
     before = len(gc.get_objects())
     for i in range(20000):

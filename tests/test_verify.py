@@ -8,7 +8,7 @@ import pytest
 
 from accman import Ledger
 from accman.errors import StoreCorrupt
-from accman.ledger import _ledger
+from accman.ledger import _ledger, eventrecords
 from accman.ledger.leveldb import Store
 from accman.ledger.verify import verify_store
 from model import Clock
@@ -106,17 +106,37 @@ def _entry(s, hid, seq):
     return _ledger.unpack_history(s.db.get(_ledger.history_key(hid, seq)))
 
 
-def _event(s, event_id):
-    return s.db.get(_ledger.event_key(event_id))
+def _record(s, event_id):
+    """(key, value) of the events record holding `event_id` (store format 3:
+    a batch's change entries; each change here is a batch of its own)."""
+    for k, first, last, _ in eventrecords.records(s, event_id):
+        assert first <= event_id <= last
+        return k, bytearray(s.db.get(k))
+    raise AssertionError(f"no record holds event {event_id}")
+
+
+def _as_format2(s):
+    """The store's events rewritten as store format 2 kept them, one record
+    per event (b"e" + id), which a store of that format still holds until
+    its retention trims them: the rules hold for them too."""
+    for k, _, _, evs in list(eventrecords.records(s, 0)):
+        s.db.delete(k)
+        for event_id, kind, hid, seq, by, tot, at, key, hold in evs:
+            value = (struct.pack(">BB", 1, kind) + hid
+                     + struct.pack(">qqqqq", seq, by, tot, at, hold or 0) + bytes(8)
+                     + (key or "").encode("ascii"))
+            s.db.put(_ledger.event_key(event_id), value)
 
 
 def test_a_sound_store_with_holds_and_events_passes(held):
     s, _ = held
     assert verify_store(s) == {"accounts": 3, "entries": 12, "keys": 0, "holds": 5,
                                "open_holds": 1, "events": 13}
-    kinds = [_ledger.unpack_event(_event(s, i))[0] for i in range(1, 14)]
+    kinds = [_ledger.EVENT_NAMES[e[1]] for e in eventrecords.events(s, 0)]
     assert kinds == ["mod", "hold", "low_balance", "settle", "hold", "expire", "hold",
                      "mod", "hold", "settle", "mod", "hold", "settle"]
+    _as_format2(s)
+    assert verify_store(s)["events"] == 13
 
 
 def test_the_end_of_a_hold_that_never_began_is_refused(held):
@@ -189,56 +209,76 @@ def test_a_hold_that_began_without_its_record_is_refused(held):
 
 def test_a_skipped_event_id_is_refused(held):
     s, _ = held
-    s.db.delete(_ledger.event_key(4))
+    s.db.delete(_record(s, 4)[0])
     with pytest.raises(StoreCorrupt, match="event 5 where 4 was due: an id skipped"):
         verify_store(s)
 
 
 def test_events_that_end_before_the_newest_id_are_refused(held):
     s, _ = held
-    s.db.delete(_ledger.event_key(13))
+    s.db.delete(_record(s, 13)[0])
     with pytest.raises(StoreCorrupt, match="the events end at 12, the store says 13"):
         verify_store(s)
 
 
+def test_an_events_record_holding_other_ids_than_its_key_is_refused(held):
+    s, _ = held
+    k, raw = _record(s, 8)
+    s.db.put(_ledger.events_key(9), bytes(raw))     # event 8's entry under 9's key
+    s.db.delete(k)
+    with pytest.raises(StoreCorrupt, match="holds other ids than its key says"):
+        verify_store(s)
+
+
+# An entry's first byte is its kind (ext/changes.pxi); a record's value is
+# ver, its first id (8 bytes), then its entries: the first entry is at 9.
+ENTRY_AT = 9
+CHANGE_LOW = 0x80
+
+
 def test_an_event_that_does_not_match_its_entry_is_refused(held):
     s, _ = held
-    raw = bytearray(_event(s, 8))
-    raw[57] ^= 1                                    # the hold field's last byte
-    s.db.put(_ledger.event_key(8), bytes(raw))
+    k, raw = _record(s, 8)                          # bob's +10: by is one byte, after
+    raw[ENTRY_AT + 18] ^= 2                         # kind, hid (16) and seq (1): 10 -> 11
+    s.db.put(k, bytes(raw))
     with pytest.raises(StoreCorrupt, match="event 8 does not match the history entry"):
         verify_store(s)
 
 
 def test_an_event_of_the_wrong_kind_is_refused(held):
     s, _ = held
-    raw = bytearray(_event(s, 2))                   # alice's hold
-    raw[1] = 1                                      # said to be a mod
-    s.db.put(_ledger.event_key(2), bytes(raw))
+    k, raw = _record(s, 2)                          # alice's hold (and its low_balance)
+    raw[ENTRY_AT] = CHANGE_LOW | _ledger.EV_MOD     # said to be a mod
+    s.db.put(k, bytes(raw))
     with pytest.raises(StoreCorrupt, match="event 2: a mod event of the wrong kind"):
         verify_store(s)
 
 
 def test_a_settle_event_for_an_expiry_is_refused(held):
     s, _ = held
-    raw = bytearray(_event(s, 6))                   # hold 4's expiry
-    raw[1] = 3                                      # said to be a settle
-    s.db.put(_ledger.event_key(6), bytes(raw))
+    k, raw = _record(s, 6)                          # hold 4's expiry
+    raw[ENTRY_AT] = _ledger.EV_SETTLE               # said to be a settle
+    s.db.put(k, bytes(raw))
     with pytest.raises(StoreCorrupt, match="event 6: a settle event of the wrong kind"):
         verify_store(s)
 
 
 def test_two_events_of_one_change_are_refused(held):
     s, _ = held
-    s.db.put(_ledger.event_key(5), _event(s, 4))    # alice's settle, twice
+    _, raw4 = _record(s, 4)                         # alice's settle
+    k5, _ = _record(s, 5)
+    s.db.put(k5, bytes(raw4[:1]) + struct.pack(">Q", 5) + bytes(raw4[ENTRY_AT:]))
     with pytest.raises(StoreCorrupt, match="event 5: a second event of one change"):
         verify_store(s)
 
 
 def test_a_low_balance_event_that_follows_no_crossing_change_is_refused(held):
+    """Store format 2 only: format 3 makes a low_balance event from the
+    entry of the change that crossed, so it cannot stand alone."""
     s, _ = held
-    raw = bytearray(_event(s, 8))                   # bob's first mod
-    raw[1] = 5                                      # said to be a low_balance
+    _as_format2(s)
+    raw = bytearray(s.db.get(_ledger.event_key(8)))     # bob's first mod
+    raw[1] = _ledger.EV_LOW                             # said to be a low_balance
     s.db.put(_ledger.event_key(8), bytes(raw))
     with pytest.raises(StoreCorrupt, match="event 8: a low_balance event that does not follow"):
         verify_store(s)
@@ -248,6 +288,7 @@ def test_a_trimmed_store_whose_first_event_is_a_low_balance_passes(held):
     """Trimming cuts by id, so the oldest event kept may be the low_balance
     of a change whose own event is gone."""
     s, _ = held
+    _as_format2(s)
     for i in (1, 2):
         s.db.delete(_ledger.event_key(i))
     s.db.put(_ledger.EVENTS_META_KEY, struct.pack(">Bqq", 1, 3, 13))

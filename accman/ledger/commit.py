@@ -4,10 +4,10 @@ while the next batch fills.
 Redis's `appendfsync always` is the precedent: replies wait until the write
 is on disk (`beforeSleep`), many of them per fsync.  Here mods are applied to
 the book's pending state as they arrive, their records go into the filling
-batch (a LevelDB write batch, and the same puts for the write-ahead log),
-and the writer thread takes that batch, makes it durable (accman.ledger.leveldb:
-its synced record in accman.wal, then LevelDB, both without the GIL) and
-only then makes its balances visible and releases its results.
+batch's log record, and the writer thread takes that batch, makes it
+durable (its synced record in accman.wal, without the GIL), and only then
+makes its balances visible and releases its results.  LevelDB gets the
+batch behind the replies (accman.ledger.applier).
 
 A failed write is fail-stop, like Redis under `always`: what was applied in
 memory cannot be trusted to match the disk, so every mod not yet durable is
@@ -22,7 +22,7 @@ import threading
 import time
 
 from accman.errors import StoreError, Unavailable
-from accman.ledger import _ledger
+from accman.ledger.applier import Applier
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
 from accman.store import run_callbacks
 
@@ -92,6 +92,7 @@ class Committer:
         self._trim_interval_s = EVENTS_TRIM_INTERVAL_S if events is None else min(
             EVENTS_TRIM_INTERVAL_S, events.retention_ms / 1000)
         self._trim_at = time.monotonic() + self._trim_interval_s
+        self.applier = Applier(book, store, self.lock, self._store_call)
         self._thread = threading.Thread(target=self._run, name="accman-commit",
                                         daemon=True)
         self._thread.start()
@@ -208,22 +209,30 @@ class Committer:
                 self._writer_idle = False
                 self._wake.notify()
 
-    def _delivered(self, pairs: list) -> None:
+    def _delivered(self, pairs: list, nmods: int) -> None:
         """On the loop: a batch's completions, then the next batch's kick,
-        its fill target being the mods in flight at this completion."""
+        its fill target being the mods in flight at this completion (the
+        batch's `nmods`, and those queued since)."""
         with self.lock:
             self._writing = False
         try:
             self._deliver_on_loop(pairs)
         finally:
             book = self.book
-            self._fill_target = min(int(self.fill_fraction * (len(pairs) + book.queued_mods)),
+            self._fill_target = min(int(self.fill_fraction * (nmods + book.queued_mods)),
                                     book.batch_mods_max)
             self._kick()
+            self.applier.answered(nmods)
 
     # -- the writer thread -------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._write_batches()
+        finally:
+            self.applier.stop()
+
+    def _write_batches(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -234,7 +243,9 @@ class Committer:
             kicks = self._done(batch, error, fsync_s)
             if not kicks:
                 # No completion went to the loop, so no kick will come from
-                # it: what the loop queued meanwhile is sealed now.
+                # it (and the loop does not apply it): what the loop queued
+                # meanwhile is sealed now, after LevelDB has this batch.
+                self.applier.apply()
                 with self.lock:
                     self._writing = False
                     self._seal_now = True
@@ -260,9 +271,15 @@ class Committer:
             return book.seal()
 
     def _write(self, batch):
-        """Makes the batch durable; the StoreError if it could not."""
+        """Makes the batch durable (its log record); the StoreError if it
+        could not, or if LevelDB's write of an earlier one failed."""
+        if self.applier.error is not None:
+            return self.applier.error
+        return self._store_call(self.store.write, batch.wal)
+
+    def _store_call(self, call, *args):
         try:
-            self.store.write(batch.wb, batch.wal)
+            call(*args)
             return None
         except StoreError as e:
             return e
@@ -280,7 +297,9 @@ class Committer:
         with self.lock:
             if error is None:
                 book.finish(batch)
-                waiting = self.events.append(batch.events) if self.events is not None else ()
+                self.applier.durable(batch)
+                waiting = () if self.events is None else self.events.append(
+                    batch.first_event, batch.nevents, batch.changes)
             else:
                 self.error = error
                 failed = book.fail(batch)
@@ -290,10 +309,10 @@ class Committer:
                       "writes until it is reopened: %s", error.detail)
             for b in failed:
                 self._deliver(_unavailable(b.done_loop, error),
-                              _unavailable(b.done_direct, error))
+                              _unavailable(b.done_direct, error), b.nmods)
             return False
         self._count(batch.nmods, fsync_s)
-        kicks = self._deliver(batch.done_loop, batch.done_direct)
+        kicks = self._deliver(batch.done_loop, batch.done_direct, batch.nmods)
         for loop in waiting:
             self._wake_events(loop)
         return kicks
@@ -313,9 +332,9 @@ class Committer:
             # A full pass leaves more behind: the next one follows this
             # batch, so that trimming keeps up with any rate of events.
             self._trim_at = time.monotonic() + (0.0 if more else self._trim_interval_s)
-            for event_id in trimmed:
-                book.delete(_ledger.event_key(event_id))
-                book.events_first = event_id + 1
+            for key in trimmed:
+                book.delete(key)
+                book.events_first = self.events.first
                 self._seal_now = True
         due = book.next_expiry_ms()
         sleep_s = None if due is None else max(0.0, (due - now_ms) / 1000) + 0.001
@@ -368,12 +387,12 @@ class Committer:
             self.batch_sizes.append(nmods)
             self.fsync_times_s.append(fsync_s)
 
-    def _deliver(self, on_loop: list, direct: list) -> bool:
+    def _deliver(self, on_loop: list, direct: list, nmods: int) -> bool:
         """True if the completions went to the loop, which then kicks."""
         handed = False
         if on_loop:
             try:
-                self._loop.call_soon_threadsafe(self._delivered, on_loop)
+                self._loop.call_soon_threadsafe(self._delivered, on_loop, nmods)
                 handed = True
             except RuntimeError:
                 pass        # the loop is closed: nobody is waiting on it
@@ -393,7 +412,7 @@ class Committer:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and not self._closing
+        return self.error is None and self.applier.error is None and not self._closing
 
 
 # What a client is told of a failed commit.  The cause (error.detail) names

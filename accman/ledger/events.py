@@ -4,9 +4,12 @@ events are written in the same batch as their change (ext/ledger.pyx) and
 shown only once that batch is durable.
 
 This log keeps the newest durable events in memory (EVENTS_RING_MAX), reads
-older ones from LevelDB, answers long polls without a thread or a timer of
-its own per waiter beyond one loop timer handle (EVENTS_WAITERS_MAX of
-them), and finds the events past the retention for the writer to delete.
+older ones from LevelDB (accman.ledger.eventrecords), answers long polls
+without a thread or a timer of its own per waiter beyond one loop timer
+handle (EVENTS_WAITERS_MAX of them), and finds the events records past the
+retention for the writer to delete.  LevelDB may lag the durable events by
+a few batches (accman.ledger.commit): the ring holds far more than that,
+so what is read from LevelDB is always there.
 
 Thread use: `append` runs on the writer thread and `take`/`wait` on the
 loop, all under the committer's lock, which they are given; `fetch`, the
@@ -17,26 +20,27 @@ reader never holds up a commit.
 from __future__ import annotations
 
 import collections
-import itertools
 
 from accman.errors import Busy, EventsTrimmed
-from accman.ledger import _ledger
+from accman.ledger import _ledger, eventrecords
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.records import Event
 
 # Events kept in memory for /events: a long poll that follows the stream
-# reads them without touching LevelDB.  64 Ki events of ~100 bytes is a few
-# MiB; older ones are read from the store.
+# reads them without touching LevelDB.  64 Ki events of ~30 bytes each as
+# change entries is a few MiB; older ones are read from the store.
 EVENTS_RING_MAX = 65536
-# Records deleted past the retention per pass of the writer, so that a
-# pass never holds the lock long; the next pass, a minute on, goes on.
+# Events records deleted past the retention per pass of the writer, so
+# that a pass never holds the lock long; a full pass is followed at once
+# by the next.
 EVENTS_TRIM_MAX = 4096
 EVENTS_TRIM_INTERVAL_S = 60.0
 
 
-def decode(event_id: int, value: bytes) -> Event:
-    kind, hid, seq, by, tot, at, key, hold = _ledger.unpack_event(value)
-    return Event(event_id, kind, hid.hex(), seq, by, tot, at, key, hold)
+def event_of(event_id: int, kind: int, hid: bytes, seq: int, by: int, tot: int, at: int,
+             key: str | None, hold: int | None) -> Event:
+    """An Event of a decoded change (_ledger.decode_changes)."""
+    return Event(event_id, _ledger.EVENT_NAMES[kind], hid.hex(), seq, by, tot, at, key, hold)
 
 
 class EventLog:
@@ -46,7 +50,10 @@ class EventLog:
         self.first = first          # the oldest id kept, 0: none yet
         self.last = last            # the newest durable id, 0: none yet
         self.retention_ms = int(retention_s * 1000)
-        self.ring = collections.deque(maxlen=EVENTS_RING_MAX)   # (id, value), durable
+        # Durable batches' events, oldest first: (first id, last id, the
+        # batch's change entries), at least EVENTS_RING_MAX events of them.
+        self.ring = collections.deque()
+        self.ring_events = 0
         self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer, loop]
         self.waits_ended = False    # end_waits was called: no read waits from now on
         self.trimmed = 0
@@ -59,36 +66,43 @@ class EventLog:
 
     # -- the writer's side (under the lock) ---------------------------------------
 
-    def append(self, events: list) -> set:
-        """A durable batch's events; returns the loops whose long polls now
+    def append(self, first: int, count: int, changes) -> set:
+        """A durable batch's `count` events, ids from `first`, as its change
+        entries (ext/changes.pxi); returns the loops whose long polls now
         have events to hear (`wake` on each)."""
-        if not events:
+        if not count:
             return set()
-        assert events[0][0] == self.last + 1, "an event id skipped or repeated"
-        self.ring.extend(events)
-        self.last = events[-1][0]
+        assert first == self.last + 1, "an event id skipped or repeated"
+        ring = self.ring
+        ring.append((first, first + count - 1, changes))
+        self.ring_events += count
+        while ring and self.ring_events - (ring[0][1] - ring[0][0] + 1) >= EVENTS_RING_MAX:
+            oldest = ring.popleft()
+            self.ring_events -= oldest[1] - oldest[0] + 1
+        self.last = first + count - 1
         if not self.first:
-            self.first = events[0][0]
+            self.first = first
         return {waiter[4] for waiter in self.waiters.values()}
 
     def past_retention(self, now_ms: int) -> tuple[list, bool]:
-        """Ids of the oldest events past the retention (never the newest),
-        EVENTS_TRIM_MAX at most, which the writer deletes; `first` moves on.
-        The bool is True when the pass was full: more may be past it."""
+        """Keys of the oldest events records whose every event is past the
+        retention (never the one of the newest event), EVENTS_TRIM_MAX at
+        most, which the writer deletes; `first` moves on.  The bool is True
+        when the pass was full: more may be past it."""
         if not self.first:
             return [], False
         cutoff = now_ms - self.retention_ms
         out = []
-        start = self.first
-        for k, v in self.store.scan(_ledger.event_key(start), _ledger.EVENT_PREFIX,
-                                    EVENTS_TRIM_MAX):
-            event_id = _ledger.event_key_id(k)
-            if event_id >= self.last or _ledger.unpack_event(v)[5] >= cutoff:
+        first = self.first
+        for key, _, last, values in eventrecords.records(self.store, first):
+            if (len(out) >= EVENTS_TRIM_MAX or last >= self.last
+                    or eventrecords.newest_at_ms(values) >= cutoff):
                 break
-            out.append(event_id)
+            out.append(key)
+            first = last + 1
         if out:
-            self.first = out[-1] + 1
-            self.trimmed += len(out)
+            self.trimmed += first - self.first
+            self.first = first
         return out, len(out) == EVENTS_TRIM_MAX
 
     # -- reading ------------------------------------------------------------------------
@@ -105,27 +119,37 @@ class EventLog:
         # the writer says they are durable, and `next` must not run ahead.
         start, stop = after + 1, min(self.last, after + limit)
         ring = self.ring
-        ring_first = ring[0][0] if ring else self.last + 1
-        if start < ring_first:
-            return Page(start, stop, None)
-        at = start - ring_first
-        return Page(start, stop, list(itertools.islice(ring, at, at + stop - start + 1)))
+        i = max(len(ring) - 1, 0)
+        while i > 0 and ring[i][0] > start:     # readers mostly follow the tail
+            i -= 1
+        batches = []
+        while i < len(ring) and ring[i][0] <= stop:
+            if ring[i][1] >= start:
+                batches.append(ring[i])
+            i += 1
+        return Page(start, stop, batches)
 
     def fetch(self, taken):
         """Outside the lock: the outcome of a `take`, (events, next) oldest
         first, or EventsTrimmed when trimming took them meanwhile."""
         if type(taken) is not Page:
             return taken
-        pairs = taken.pairs
-        if pairs is None:
-            n = taken.stop - taken.start + 1
-            pairs = [(_ledger.event_key_id(k), v) for k, v in self.store.scan(
-                _ledger.event_key(taken.start), _ledger.EVENT_PREFIX, n)]
-            if not pairs or pairs[0][0] != taken.start:
+        start, stop = taken.start, taken.stop
+        ring_first = taken.batches[0][0] if taken.batches else stop + 1
+        events = []
+        if start < ring_first:
+            # Older than the ring: LevelDB has them (it lags the durable
+            # events by far less than the ring holds); the newer ones of
+            # the page come from the ring, which LevelDB may not have yet.
+            events = eventrecords.read(self.store, start, min(stop + 1, ring_first) - start)
+            if not events or events[0][0] != start:
                 return EventsTrimmed(self.first)
-        assert [i for i, _ in pairs] == list(range(taken.start, taken.stop + 1)), \
+        for first, _, changes in taken.batches:
+            events += [e for e in _ledger.decode_changes(first, changes)
+                       if start <= e[0] <= stop]
+        assert [e[0] for e in events] == list(range(start, stop + 1)), \
             "a page of events with a gap"
-        return [decode(i, v) for i, v in pairs], taken.stop
+        return [event_of(*e) for e in events], stop
 
     def read(self, after: int, limit: int):
         """(events, next) after `after`, oldest first, or EventsTrimmed;
@@ -176,14 +200,14 @@ class EventLog:
             waiter[3].cancel()
             waiter[2](self.fetch(taken))
 
-
 class Page:
-    """Events a read serves, ids start..stop, fixed under the lock; `pairs`
-    are their (id, value) from the ring, or None: read them from LevelDB."""
+    """Events a read serves, ids start..stop, fixed under the lock;
+    `batches` are the ring's batches that hold some of them (the ids
+    before the first of them are read from LevelDB)."""
 
-    __slots__ = ("start", "stop", "pairs")
+    __slots__ = ("start", "stop", "batches")
 
-    def __init__(self, start: int, stop: int, pairs: list | None):
+    def __init__(self, start: int, stop: int, batches: list):
         self.start = start
         self.stop = stop
-        self.pairs = pairs
+        self.batches = batches

@@ -11,7 +11,7 @@ import time
 
 from accman.errors import AccManError, BadRequest, NoAccount, Unavailable
 from accman.ledger import _ledger
-from accman.ledger.commit import Committer, running_loop
+from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
 from accman.ledger.events import EventLog
 from accman.ledger.leveldb import Store
 from accman.limits import (EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
@@ -112,9 +112,12 @@ class Ledger:
         self._closed = False
         self.tot = self._book.tot
         self.submit = self._committer.submit
+        # accman/store.py: the server's compiled Pipelines take mods and
+        # /tot reads through it, without a Python call per request.
+        self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL, clock_ms is None)
 
     def _load(self, verify, limits, low_balance):
-        book = _ledger.Book(self.store.salt, self.store.new_batch, self.store.get,
+        book = _ledger.Book(self.store.salt, self.store.get,
                             next_event=self._events.last + 1, low_default=low_balance,
                             **limits)
         book.events_first = self._events.first
@@ -137,9 +140,11 @@ class Ledger:
         book = self._book
         while book.expire_due(self._clock_ms(), book.batch_mods_max):
             batch = book.seal()
-            self.store.write(batch.wb, batch.wal)
+            self.store.write(batch.wal)
+            self.store.apply()
             book.finish(batch)
-            self._events.append(batch.events)
+            book.applied(batch)
+            self._events.append(batch.first_event, batch.nevents, batch.changes)
 
     def _refuse_closed(self, *_args):
         raise Unavailable("the ledger is closed")
@@ -163,13 +168,19 @@ class Ledger:
         return self._entries(acct.hid, acct.seq, limit, before)
 
     def _entries(self, hid: bytes, seq: int, limit: int, before: int | None) -> list[Entry]:
-        """The page of the history 1..seq (all durable) below `before`."""
+        """The page of the history 1..seq (all durable) below `before`:
+        from LevelDB, and from the book for the durable batch that LevelDB
+        may not have yet (taken first: what is not there is in LevelDB)."""
         last = seq if before is None else min(seq, before - 1)
         if last < 1:
             return []
         first = max(1, last - limit + 1)
-        return [Entry(_ledger.history_key_seq(k), *_ledger.unpack_history(v))
-                for k, v in self.store.history(hid, first, last)]
+        with self._committer.lock:
+            tail = dict(self._book.history_tail(hid, first, last))
+        page = {_ledger.history_key_seq(k): v for k, v in self.store.history(hid, first, last)}
+        page.update(tail)
+        assert len(page) == last - first + 1, "a durable history entry is nowhere"
+        return [Entry(s, *_ledger.unpack_history(page[s])) for s in range(last, first - 1, -1)]
 
     def account_id(self, cred: str) -> str | None:
         """The account's public id (SPEC "Events"), None for an unknown cred."""
@@ -357,7 +368,7 @@ class Ledger:
     def failure(self) -> str | None:
         """Why the ledger stopped taking writes, for the operator's log
         (it names files and OS errors: never for a client)."""
-        error = self._committer.error
+        error = self._committer.error or self._committer.applier.error
         return None if error is None else error.detail
 
     @property
@@ -396,6 +407,7 @@ class Ledger:
         """The full check (accman.ledger.verify).  Raises StoreCorrupt;
         returns counts."""
         from accman.ledger.verify import verify_store
+        self._committer.applier.apply()
         return verify_store(self.store)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ through one `raise_for_status`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hmac
@@ -15,28 +16,37 @@ import json
 import logging
 import os
 import struct
+import threading
 
 import plyvel
 
 from accman.errors import (CheckpointPostponed, FileDamage, StoreCorrupt, StoreError,
                            StoreLocked)
-from accman.ledger import _ledger, datadir, fsck, keyfile, wal, walwriter
+from accman.ledger import _ledger, datadir, fsck, keyfile, migrate, wal, walwriter
 
 log = logging.getLogger("accman.ledger.leveldb")
 
-META_KEY = b"\x00meta"       # sorts before every account, history and key record
-STORE_FORMAT = 2             # bump with a migration when a record format changes
+META_KEY = migrate.META_KEY   # sorts before every account, history and key record
+STORE_FORMAT = 3             # bump with a migration when a record format changes
 # Format 1 kept an account record beside each history; format 2 derives the
 # account from its history's newest entry (see ext/ledger.pyx).  A format-1
 # directory is migrated at open: its account records are checked against
 # their histories one last time, then deleted in the batch that writes the
-# new format record.
-MIGRATES_FROM = (1,)
+# new format record.  Format 3 keeps a batch's events as one record
+# (ext/records.pxi); the one record per event of format 2 stays readable
+# (accman.ledger.eventrecords) until the retention trims it, so going from
+# 2 to 3 rewrites the format record alone, through the log.
+MIGRATES_FROM = (1, 2)
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account
 # records at open and history pages at random, so give both more room.
 WRITE_BUFFER_BYTES = 16 * 1024 * 1024
 BLOCK_CACHE_BYTES = 64 * 1024 * 1024
+# Durable batches that LevelDB may lack at once: the committer writes them
+# behind the acknowledgements (accman.ledger.commit); past this many the
+# writer applies them itself, so that the book's memory of what LevelDB
+# lacks (and a /past's tail) stays small.
+APPLY_LAG_BATCHES_MAX = 2
 
 
 @contextlib.contextmanager
@@ -112,6 +122,12 @@ class Store:
         self._scratch = None
         self.wal = None
         self.db = None
+        self._upgrade = None        # the format record, rewritten after recovery
+        self._from_format = STORE_FORMAT
+        # Durable batches' records that LevelDB lacks, oldest first (write, apply).
+        self._queued = collections.deque()
+        self._apply_lock = threading.Lock()
+        self.applied = 0
         try:
             self._open(create, check_files, (wal_bytes_max, wal_overrun_bytes_max))
         except BaseException:
@@ -157,7 +173,7 @@ class Store:
                 wb = self.db.write_batch(transaction=True)
                 for k, v in puts:
                     if v is None:
-                        wb.delete(k)        # an event past its retention
+                        wb.delete(k)        # events past their retention
                     else:
                         wb.put(k, v)
                 wb.write()
@@ -167,6 +183,13 @@ class Store:
             next_lsn = (records[-1][0] + 1 if records
                         else ckpt.lsn if ckpt is not None else 1)
             self.wal = walwriter.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
+            if self._upgrade is not None:
+                # The format record, through the log: LevelDB gets no batch
+                # outside it once a store has a checkpoint.
+                self.write(_ledger.wal_record([(META_KEY, json.dumps(self._upgrade).encode())]))
+                self.apply()
+                log.info("%s: store format %d -> %d", self.path, self._from_format,
+                         STORE_FORMAT)
             # Replayed records synced in LevelDB, and the log starts afresh.
             try:
                 self.wal.checkpoint()
@@ -232,7 +255,7 @@ class Store:
 
     def _puts_of(self, rec: wal.Record) -> list:
         try:
-            return _ledger.unpack_wal_puts(rec.payload)
+            return _ledger.leveldb_puts(rec.payload)
         except ValueError as e:
             raise StoreCorrupt(f"{self.path}: {wal.WAL_NAME}: record {rec.lsn}: {e}; "
                                "refusing to serve, nothing repaired") from None
@@ -276,36 +299,16 @@ class Store:
         if salt is not None and not hmac.compare_digest(salt, found):
             raise StoreCorrupt(f"{self.path}: {keyfile.KEY_NAME} does not match the "
                                "store's format record; refusing to serve, nothing repaired")
-        if fmt in MIGRATES_FROM:
-            self._migrate_from_1(meta)
+        if fmt == 1:
+            with _translated(self.path, "migrate from store format 1"):
+                migrate.from_format_1(self.db, self.path, dict(meta, format=STORE_FORMAT))
+        elif fmt == 2:
+            self._from_format = fmt
+            self._upgrade = dict(meta, format=STORE_FORMAT)
         elif fmt != STORE_FORMAT:
             raise StoreCorrupt(f"{self.path}: store format {fmt}, this AccMan "
                                f"reads format {STORE_FORMAT}")
         return found
-
-    def _migrate_from_1(self, meta: dict) -> None:
-        """Format 1 -> 2, in one synced batch: either all of it or none."""
-        prefix = _ledger.ACCOUNT_PREFIX
-        with _translated(self.path, "migrate from store format 1"):
-            heads = self.db.raw_iterator(verify_checksums=True, fill_cache=False)
-            wb = self.db.write_batch(transaction=True, sync=True)
-            try:
-                with self.db.iterator(prefix=prefix, verify_checksums=True,
-                                      fill_cache=False) as it:
-                    for k, v in it:
-                        if len(k) != 1 + _ledger.HID_BYTES:
-                            raise StoreCorrupt(f"{self.path}: malformed account key")
-                        try:
-                            tot, seq = _ledger.unpack_account(v)
-                        except ValueError as e:
-                            raise StoreCorrupt(f"{self.path}: {e}") from e
-                        self._check_head(heads, k[1:], tot, seq)
-                        wb.delete(k)
-                meta = dict(meta, format=STORE_FORMAT)
-                wb.put(META_KEY, json.dumps(meta).encode())
-            finally:
-                heads.close()
-            wb.write()
 
     # -- reads ---------------------------------------------------------------
 
@@ -347,23 +350,6 @@ class Store:
                         it.prev()
             finally:
                 it.close()
-
-    def _check_head(self, heads, hid: bytes, tot: int, seq: int) -> None:
-        """A format-1 account record must name its history's newest entry."""
-        key = _ledger.history_key(hid, seq)
-        heads.seek(key)
-        ok = seq >= 1 and heads.valid() and heads.key() == key
-        if ok:
-            try:
-                ok = _ledger.unpack_history(heads.value())[1] == tot
-            except ValueError:
-                ok = False
-            heads.next()        # nothing may follow the head in this history
-            ok = ok and not (heads.valid() and heads.key()[:1 + _ledger.HID_BYTES]
-                             == key[:1 + _ledger.HID_BYTES])
-        if not ok:
-            raise StoreCorrupt(f"{self.path}: an account record does not match "
-                               "its history; refusing to serve, nothing repaired")
 
     def check_all_blocks(self) -> int:
         """Reads every record once with checksums verified, so that a
@@ -408,35 +394,54 @@ class Store:
                         break
         return out
 
-    def iterate(self, prefix: bytes):
-        """Every (key, value) under a prefix, for verification."""
+    def iterate(self, prefix: bytes, start: bytes | None = None):
+        """Every (key, value) under a prefix (from `start` on), in order."""
+        stop = prefix[:-1] + bytes([prefix[-1] + 1])
         with _translated(self.path, "scan"):
-            with self.db.iterator(prefix=prefix, verify_checksums=True,
+            with self.db.iterator(start=start or prefix, stop=stop, verify_checksums=True,
                                   fill_cache=False) as it:
                 yield from it
 
     # -- writes ----------------------------------------------------------------
 
-    def new_batch(self):
-        """A LevelDB write batch, written without sync: the batch's record
-        in the write-ahead log, written first, is what makes it durable.
-        `transaction=True` makes a batch used as a context manager drop its
-        puts on error."""
-        return self.db.write_batch(transaction=True)
-
-    def write(self, wb, wal_record) -> None:
-        """Writes one batch durably: `wal_record` (its puts in the log's
-        encoding, ext/ledger.pyx) to the write-ahead log, then `wb` to
-        LevelDB (both release the GIL meanwhile).  After a failure no
-        checkpoint is taken again, so the next open replays the record if
-        it reached the disk: all of the batch, or none of it."""
+    def write(self, wal_record) -> None:
+        """Makes one batch durable: `wal_record` (its puts in the log's
+        encoding, ext/ledger.pyx) to the write-ahead log, GIL released.
+        LevelDB's write of it is queued for `apply`, off the acknowledgement
+        path (unsynced: the record is what makes it durable).  At
+        APPLY_LAG_BATCHES_MAX queued, and before a record that wraps the
+        log (its checkpoint needs every record so far in LevelDB), the
+        queued ones are applied here first.  After a failure no checkpoint
+        is taken again, so the next open replays the record if it reached
+        the disk: all of the batch, or none of it."""
+        if len(self._queued) >= APPLY_LAG_BATCHES_MAX or self.wal.wraps(len(wal_record)):
+            self.apply()
         with _translated(self.path, "commit"):
             try:
                 self.wal.append(wal_record)
-                wb.write()
             except BaseException:
                 self.wal.broken = True
                 raise
+        self._queued.append(wal_record)
+
+    def apply(self) -> int:
+        """Writes the queued durable batches into LevelDB, oldest first
+        (any thread; one at a time).  Returns how many batches `write` has
+        had applied since open.  After a failure no checkpoint is taken
+        again (the next open replays the log)."""
+        with self._apply_lock:
+            while self._queued:
+                with _translated(self.path, "commit"):
+                    try:
+                        wb = self.db.write_batch()
+                        _ledger.fill_write_batch(wb, self._queued[0])
+                        wb.write()
+                    except BaseException:
+                        self.wal.broken = True
+                        raise
+                self._queued.popleft()
+                self.applied += 1
+            return self.applied
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Closes LevelDB and the log, after a checkpoint (so that the next
@@ -445,6 +450,7 @@ class Store:
         try:
             if self.db is not None and not self.db.closed:
                 if checkpoint and self.wal is not None and not self.wal.broken:
+                    self.apply()
                     with _translated(self.path, "checkpoint at close"):
                         try:
                             self.wal.checkpoint()

@@ -4,7 +4,7 @@ and an operator who wants proof: it reads every record once."""
 from __future__ import annotations
 
 from accman.errors import StoreCorrupt
-from accman.ledger import _ledger
+from accman.ledger import _ledger, eventrecords
 
 
 def verify_store(store) -> dict:
@@ -141,11 +141,10 @@ def _check_events(store) -> int:
     expect = first
     newest = {}                 # hid -> the seq of its newest change event
     prev = None                 # (hid, seq) of the previous event, a change
-    for k, v in store.iterate(_ledger.EVENT_PREFIX):
-        event_id = _ledger.event_key_id(k)
+    for event_id, kind_no, hid, seq, by, tot, at, key, hold in eventrecords.events(store, 0):
         if event_id != expect:
             raise StoreCorrupt(f"event {event_id} where {expect} was due: an id skipped")
-        kind, hid, seq, by, tot, at, key, hold = _decoded(_ledger.unpack_event, v)
+        kind = _ledger.EVENT_NAMES[kind_no]
         raw = store.get(_ledger.history_key(hid, seq))
         if raw is None or _decoded(_ledger.unpack_history, raw) != (by, tot, at, key, hold):
             raise StoreCorrupt(f"event {event_id} does not match the history entry it names")

@@ -158,13 +158,18 @@ class Wal:
             self._asked = self._grower.ask(GROW_LEAD_BYTES)
             self._ready = self._grower.wait_for(BLOCK_BYTES)
 
+    def wraps(self, payload_bytes: int) -> bool:
+        """Whether appending a record of this payload tries a checkpoint
+        first (which needs every record so far in LevelDB)."""
+        return self.pos + record_span(payload_bytes) > self.bytes_max
+
     def append(self, payload) -> None:
         """Writes one record after the last, durably."""
         n = len(payload)
         if n > PAYLOAD_BYTES_MAX:
             raise ValueError(f"a write-ahead log record of {n} bytes")
         span = record_span(n)
-        if self.pos + span > self.bytes_max:
+        if self.wraps(n):
             self._wrap(span)
         assert self.pos % BLOCK_BYTES == 0 and span % BLOCK_BYTES == 0
         file_end = self.pos + span

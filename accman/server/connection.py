@@ -7,10 +7,13 @@ habit: gather, then flush once).
 
 Order (RFC 9112 9.3.2, SPEC "Routes"): each request is handed to the store
 when it arrives, so mods apply in the order received and pipelined mods
-share batches; its reply waits in `waiting` behind those before it.  A read
-pipelined behind unanswered writes asks the store for an ordered read,
-which sees exactly the writes before it; a read of server state (/health,
-/metrics, /events) behind them is evaluated when its turn comes.
+share batches; its reply waits in `waiting` (a compiled Pipeline,
+ext/pipeline.pyx) behind those before it.  A read pipelined behind
+unanswered writes asks the store for an ordered read, which sees exactly
+the writes before it; a read of server state (/health, /metrics, /events)
+behind them is evaluated when its turn comes.  Mods and /tot reads that
+the store's Lane takes (the embedded store) never come back to this
+module's per-request code: the Pipeline takes them and answers them.
 
 Bounds (accman/limits.py, ServerLimits): requests unanswered per connection
 (PIPELINE_REQUESTS_MAX: at most that many are parsed, the rest of a read is
@@ -24,9 +27,9 @@ Nothing here logs a request line, a credential or a token.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from hmac import compare_digest
 
+from accman.server._pipeline import Pipeline
 from accman.server._wire import ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_METRICS, ROUTE_TOT, Parser
 from accman.server.replies import CLOSE, CONTINUE, KEEP, KEEP10
 from accman.server.routes import Slot
@@ -55,7 +58,9 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.peer = None
         self.state = OPEN
         self.eof = False
-        self.waiting = deque()      # Slots, in request order; the head is next out
+        # Slots and lane entries, in request order; the head is next out.
+        self.waiting = Pipeline(self, server.routes, server.lane, server.lane_stats,
+                                server.tokens is not None, self.pipeline_max)
         self.backlog = None         # (requests, index) parsed but not yet taken
         self.read_paused = False
         self.write_paused = False
@@ -115,7 +120,7 @@ class Connection(asyncio.Protocol, Lifecycle):
                 room = server.grant(self.pipeline_max)
                 reqs = parser.feed(data, room)
                 server.refund(room - len(reqs))
-                if len(reqs) == 1 and self._fast(reqs[0]):
+                if len(reqs) == 1 and self._fast(reqs):
                     if self.head_started_at or parser.pending:
                         self._partial(now)
                         out = []
@@ -130,7 +135,7 @@ class Connection(asyncio.Protocol, Lifecycle):
             out = []
             if reqs:
                 self._take(reqs, 0, out)
-                self._drain(out)
+                self.waiting.drain(out)
             self._partial(now)
             self._continue(out)
             self.finish(out)
@@ -147,13 +152,22 @@ class Connection(asyncio.Protocol, Lifecycle):
 
     # --- requests ---
 
-    def _fast(self, req):
-        """The hot paths: one keep-alive HTTP/1.1 /tot answered from memory,
-        or one request of any route on a quiet connection, written at once or
-        left waiting alone.  False for the general path."""
+    def _fast(self, reqs):
+        """The hot paths for one request on a quiet connection: taken by
+        the store's Lane and answered now or later; a keep-alive HTTP/1.1
+        /tot answered from memory; or any route, written at once or left
+        waiting alone.  False for the general path."""
+        req = reqs[0]
         if (not req.keep_alive or req.http10 or self.eof or self.parser.held_bytes
                 or self.server.stopping or req.error is not None):
             return False
+        waiting = self.waiting
+        if waiting.take(reqs, 0, False):
+            out = []
+            waiting.drain(out)
+            if out:
+                self.transport.write(out[0])
+            return True
         if req.route == ROUTE_TOT:
             reply = self.routes.tot_now(req)
             if reply is not None:
@@ -188,6 +202,10 @@ class Connection(asyncio.Protocol, Lifecycle):
             if len(waiting) >= self.pipeline_max or (room <= 0 and (out or self.reserved)):
                 self.backlog = (reqs, i)
                 return
+            taken = waiting.take(reqs, i, stopping)
+            if taken != i:
+                i = taken
+                continue
             req = reqs[i]
             i += 1
             err = req.error
@@ -217,26 +235,6 @@ class Connection(asyncio.Protocol, Lifecycle):
                     self.reserved += r.reserve
             if self.state != OPEN:
                 return
-
-    def _drain(self, out):
-        """Move the replies at the head of `waiting` that are ready to `out`;
-        a deferred request is evaluated now, at its turn."""
-        waiting = self.waiting
-        while waiting:
-            slot = waiting[0]
-            if slot.pending:
-                break
-            reply = slot.reply
-            if reply is None:
-                r = self.routes.answer(self, slot.req, slot.mode)
-                if type(r) is not bytes:
-                    waiting[0] = r          # now waiting for the store
-                    self.reserved += r.reserve
-                    break
-                reply = r
-            waiting.popleft()
-            self.reserved -= slot.reserve
-            out.append(reply)
 
     def _continue(self, out):
         """A 100 Continue goes out once every reply before it has
@@ -271,7 +269,7 @@ class Connection(asyncio.Protocol, Lifecycle):
                     return
             taken += len(reqs) - i
             self._take(reqs, i, out)
-            self._drain(out)
+            self.waiting.drain(out)
             if self.backlog is not None:
                 return
 
@@ -282,7 +280,7 @@ class Connection(asyncio.Protocol, Lifecycle):
             return
         try:
             out = []
-            self._drain(out)
+            self.waiting.drain(out)
             self._pump(out)
             self._continue(out)
             self.finish(out)

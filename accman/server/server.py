@@ -3,7 +3,11 @@
 
 Completions of one batch arrive in one loop callback (`deliver`); each
 touched connection is then flushed once (Redis's beforeSleep: replies leave
-after the append-only file is written).  Timers are one periodic sweep over
+after the append-only file is written).  A store that has a Lane (the
+embedded ledger, accman/store.py) registers each connection once per batch
+instead of each request: the connection's Pipeline is then the callback,
+and answers all of that connection's requests the batch made durable in
+one write.  Timers are one periodic sweep over
 all connections and one clock for the Date header, not one timer per
 request.
 """
@@ -16,8 +20,9 @@ import signal
 import time
 from time import perf_counter
 
+from accman.server._pipeline import LaneStats
+from accman.server.metrics import MOD_LATENCY_BUCKETS_S, Metrics
 from accman.server.say import say
-from accman.server.metrics import Metrics
 from accman.server._wire import ROUTE_MOD
 from accman.server.replies import CLOSE, DATE, KEEP, MOD_BODY, T200_KEEP, error_body, reply
 from accman.server.routes import Routes, Slot
@@ -50,6 +55,10 @@ class Server:
         self.limits = limits or ServerLimits()
         self.loop = loop or asyncio.get_event_loop()
         self.metrics = Metrics()
+        # The store's C-level way in for mods and /tot (accman/store.py),
+        # and the counters of the replies made through it.
+        self.lane = getattr(store, "lane", None)
+        self.lane_stats = LaneStats(MOD_LATENCY_BUCKETS_S)
         self.routes = Routes(self)
         self.connections = set()
         self.peers: dict = {}           # peer address -> open connections
@@ -254,7 +263,21 @@ class Server:
         self._add_buffered(buffered - self.buffered)
         self._sweeper = self.loop.call_later(self.limits.sweep_interval_s, self._sweep)
 
+    def _fold_lane_stats(self):
+        """The replies the Pipelines made, into the Metrics."""
+        mods, tots, counts, latency_sum_s, latency_n = self.lane_stats.take()
+        metrics = self.metrics
+        metrics.tot_ok += tots
+        if mods:
+            metrics.requests["mod", 200] += mods
+        hist = metrics.mod_latency_s
+        for i, n in enumerate(counts):
+            hist.counts[i] += n
+        hist.sum += latency_sum_s
+        hist.count += latency_n
+
     def render_metrics(self) -> bytes:
+        self._fold_lane_stats()
         try:
             self._drain_samples()
             stats = dict(self.store.stats)

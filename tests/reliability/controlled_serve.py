@@ -44,7 +44,7 @@ class ControlledStore(Store):
     def _flag(self, name):
         return os.path.exists(os.path.join(self.control, name))
 
-    def write(self, wb, wal_record):
+    def write(self, wal_record):
         if self._flag("hold"):
             marker = os.path.join(self.control, "holding")
             with open(marker, "w"):
@@ -54,7 +54,7 @@ class ControlledStore(Store):
             os.unlink(marker)
         if self._flag("fail-before"):
             raise StoreError(f"{self.path}: commit failed: injected write error")
-        super().write(wb, wal_record)
+        super().write(wal_record)
         if self._flag("fail-after"):
             # As Store.write after a failure: no checkpoint from now on, so
             # the restart replays the batch from the write-ahead log.

@@ -1,0 +1,101 @@
+"""LevelDB behind the write-ahead log: a durable, answered batch is written
+into LevelDB after its replies, off the acknowledgement path (its record is
+what makes it durable, and recovery replays it), at most
+APPLY_LAG_BATCHES_MAX behind (accman.ledger.leveldb, which applies them
+itself past that).  A small batch is written from the loop once its replies
+are out; a large one from the applier thread, woken as soon as the batch is
+durable (APPLY_ON_LOOP_MODS_MAX).  Until LevelDB has a batch, the book keeps
+what a reader would look for there (Book.applied, history_tail).
+
+If a write fails, its batch is still durable (the next open replays its
+record), but nothing after it can be: `error` is the writer's to fail its
+next batch with, as a failed write of the log (accman.ledger.commit)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from accman.errors import StoreError
+
+log = logging.getLogger("accman.commit")
+
+# Waking a thread and handing it the GIL costs more than LevelDB's write of
+# a batch of at most this many mods, which the loop therefore makes itself;
+# a larger one is the applier's, so that the loop sends the replies and
+# reads the next requests, and the disk writes the next batch, while
+# LevelDB's write takes the CPU (docs/PERFORMANCE.md).
+APPLY_ON_LOOP_MODS_MAX = 256
+
+
+class Applier:
+    """The committer's: `store_call(call)` runs a store call, returning its
+    StoreError (or None); `lock` guards the book."""
+
+    def __init__(self, book, store, lock, store_call):
+        self.book = book
+        self.store = store
+        self.lock = lock
+        self._store_call = store_call
+        self.error: StoreError | None = None
+        self._wake = threading.Condition(lock)
+        self._pending = False           # the writer handed it a batch
+        self._stop = False
+        self._marked = store.applied    # the store's applied batches the book knows of
+        self._thread = threading.Thread(target=self._run, name="accman-apply", daemon=True)
+        self._thread.start()
+
+    def durable(self, batch) -> None:
+        """Under the lock, on the writer: `batch` is durable; a large one
+        is the applier's."""
+        if batch.nmods > APPLY_ON_LOOP_MODS_MAX:
+            self._pending = True
+            self._wake.notify()
+
+    def answered(self, nmods: int) -> None:
+        """On the loop: a batch's replies are out; a small one is written
+        now, while the next batch may be on its way to the disk."""
+        if nmods <= APPLY_ON_LOOP_MODS_MAX:
+            self.apply()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self._stop and self.error is None and not self._pending:
+                    self._wake.wait()
+                if self._stop or self.error is not None:
+                    return
+                self._pending = False
+            self.apply()
+
+    def apply(self) -> None:
+        """The durable batches LevelDB lacks into it, in order
+        (Store.apply), from any thread: the loop's, the applier's, the
+        writer's when no loop takes its replies, a reader's of LevelDB alone
+        (Ledger.verify)."""
+        error = self._store_call(self.store.apply)
+        book = self.book
+        with self.lock:
+            if error is None:
+                # Batches the store has had applied (here, or by the writer
+                # at the lag bound) that the book still keeps.
+                applied = self.store.applied
+                while book.unapplied and self._marked < applied:
+                    book.applied(book.unapplied[0])
+                    self._marked += 1
+                return
+            first = self.error is None
+            self.error = error
+        if first:
+            log.error("a durable batch could not be written to LevelDB; the store takes "
+                      "no more writes until it is reopened (the next open replays it): %s",
+                      error.detail)
+
+    def stop(self) -> None:
+        """After the writer's last batch: the applier ends, and what it had
+        not written is written here."""
+        with self.lock:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join()
+        self.apply()

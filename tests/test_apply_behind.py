@@ -1,0 +1,130 @@
+"""LevelDB behind the write-ahead log (accman/ledger/commit.py): a batch is
+answered once its log record is durable, and written into LevelDB after
+that.  Until it is, the book answers what LevelDB would (the history of a
+/past, an idempotency key, a settled hold); a failed LevelDB write after
+the answer loses nothing that was answered and stops the writes."""
+
+import threading
+import time
+
+import pytest
+
+from accman import Ledger, StoreError, Unavailable
+from accman.ledger.leveldb import Store
+
+
+class GatedApply(Store):
+    """LevelDB's write of a durable batch waits for `gate` once `armed`."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.armed = False
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def apply(self):
+        if self.armed and self._queued:
+            self.waiting.set()
+            assert self.gate.wait(10)
+        return super().apply()
+
+
+def in_leveldb(store, cred_hid, seq):
+    from accman.ledger import _ledger
+    return store.get(_ledger.history_key(cred_hid, seq)) is not None
+
+
+def gated(store, call, *args, **kw):
+    """`call` answered while LevelDB's write of its batch waits: returns
+    its answer and a function that lets LevelDB have it."""
+    store.gate.clear()
+    store.waiting.clear()
+    store.armed = True
+    answer = call(*args, **kw)
+    assert store.waiting.wait(10)
+
+    def release():
+        store.armed = False
+        store.gate.set()
+    return answer, release
+
+
+def test_a_batch_is_answered_before_leveldb_has_it_and_read_from_memory(tmp_path):
+    path = str(tmp_path / "data")
+    store = GatedApply(path)
+    led = Ledger(path, store=store)
+    try:
+        led.mod("alice", 100)
+        hold, _, _ = led.hold("alice", -30, 60, key="h1")
+        hid = led._book.hid_of("alice")
+
+        answer, release = gated(store, led.mod, "alice", -5, key="k1")
+        assert answer == (65, 3) and not in_leveldb(store, hid, 3)
+        # What LevelDB would say, the book says meanwhile.
+        assert [(e.seq, e.by, e.tot, e.key) for e in led.past("alice")] == [
+            (3, -5, 65, "k1"), (2, -30, 70, "h1"), (1, 100, 100, None)]
+        assert [e.seq for e in led.past("alice", limit=2, before=4)] == [3, 2]
+        assert led.mod("alice", -5, key="k1") == (65, 3)        # the key's replay
+        assert led.tot("alice") == 65
+        release()
+        assert led.verify()["entries"] == 3 and in_leveldb(store, hid, 3)
+        assert led.mod("alice", -5, key="k1") == (65, 3)        # now from LevelDB
+
+        answer, release = gated(store, led.settle, "alice", hold, 10)
+        assert answer == (85, 4) and not in_leveldb(store, hid, 4)
+        assert led.settle("alice", hold, 10) == (85, 4)         # the hold, from memory
+        assert led.past("alice", limit=1)[0].hold == hold
+        release()
+        assert led.verify()["entries"] == 4
+        assert led.settle("alice", hold, 10) == (85, 4)         # from LevelDB
+    finally:
+        store.gate.set()
+        led.close()
+    with Ledger(path) as led:
+        assert [e.seq for e in led.past("alice")] == [4, 3, 2, 1]
+        assert led.tot("alice") == 85
+
+
+class FailingApply(Store):
+    """LevelDB's writes fail from the `fail_from`th on (1-based)."""
+
+    fail_from = 10 ** 9
+    applies = 0
+
+    def apply(self):
+        if self._queued:
+            self.applies += 1
+            if self.applies >= self.fail_from:
+                self._queued.clear()
+                self.wal.broken = True
+                raise StoreError(f"{self.path}: commit failed: injected LevelDB fault")
+        return super().apply()
+
+
+def test_a_failed_leveldb_write_after_the_answer_loses_nothing_and_stops_writes(tmp_path):
+    path = str(tmp_path / "data")
+    store = FailingApply(path)
+    led = Ledger(path, store=store)
+    answered = [led.mod("alice", 10)]
+    try:
+        led.verify()                    # waits until LevelDB has it
+        store.fail_from = store.applies + 1
+        # Durable in the log, so answered; LevelDB's write then fails.
+        answered.append(led.mod("alice", 5, key="k"))
+        assert answered == [(10, 1), (15, 2)]
+        # A mod made durable before the applier failed is answered (its
+        # record is replayed at the next open); after it, none is.
+        with pytest.raises(Unavailable, match="failed to commit"):
+            for _ in range(50):
+                answered.append(led.mod("alice", 1))
+                time.sleep(0.01)
+        assert not led.healthy
+        assert "injected LevelDB fault" in led.failure
+        assert led.tot("alice") == answered[-1][0]
+        assert [e.seq for e in led.past("alice")] == [s for _, s in reversed(answered)]
+    finally:
+        led.close()
+    with Ledger(path) as led:           # the log's records are replayed
+        assert [(e.tot, e.seq) for e in led.past("alice")] == list(reversed(answered))
+        assert led.mod("alice", 5, key="k") == (15, 2)
+        assert led.verify()["entries"] == len(answered)
