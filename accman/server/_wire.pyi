@@ -59,9 +59,15 @@ class Parser:
     """The request parser of one connection; limits from accman.limits."""
 
     def __init__(self) -> None: ...
-    def feed(self, data: bytes) -> list[Request]:
-        """The requests completed by data, in order; [] when more bytes are
-        needed, and always [] after a closing error was returned."""
+    def feed(self, data: bytes, max_requests: int = ...) -> list[Request]:
+        """The requests completed by data, in order, at most max_requests
+        (the rest of data kept, unparsed, for `more`); [] when more bytes
+        are needed, and always [] after a closing error was returned."""
+    def more(self, max_requests: int = ...) -> list[Request]:
+        """Parse on in the bytes a capped feed kept; [] when there are none."""
+    @property
+    def held_bytes(self) -> int:
+        """Bytes fed and not yet parsed: `more` takes them."""
     def take_continue(self) -> bool:
         """True once when a request's head asked Expect: 100-continue and
         its body is yet to come: answer 100 Continue."""
