@@ -178,6 +178,22 @@ cpdef list decode_changes(int64_t first, const unsigned char[::1] data):
     return out
 
 
+cpdef tuple changes_span(int64_t first, const unsigned char[::1] data):
+    """-> (last event id, newest at_ms) of a run of entries whose first
+    event is `first`, making none of its events (what a retention pass
+    reads of a record).  ValueError when the entries do not parse whole."""
+    cdef Py_ssize_t i = 0, n = data.shape[0]
+    cdef int64_t at = 0, newest = C_INT64_MIN, last = first - 1
+    cdef Change c
+    while i < n:
+        i = _change_get(&data[0], n, i, at, &c)
+        at = c.at_ms
+        if at > newest:
+            newest = at
+        last += 2 if c.low else 1
+    return last, newest
+
+
 cdef Py_ssize_t _block_at(const unsigned char* p, Py_ssize_t n, Py_ssize_t i,
                           int64_t* first, Py_ssize_t* events) except -1:
     """The changes block at p[i] (its 0x00): its entries' length, with its

@@ -7,6 +7,7 @@ Ledger's API, with LevelDB's records looked at directly."""
 import asyncio
 import json
 import struct
+import threading
 
 import plyvel
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from accman import Ledger
 from accman.errors import EventsTrimmed
 from accman.ledger import _ledger
+from accman.ledger import events as events_module
 from accman.ledger.leveldb import META_KEY, STORE_FORMAT, Store
 
 
@@ -156,3 +158,71 @@ def test_a_format_2_store_opens_reads_and_trims_its_records(tmp_path):
     assert events_records(recs) == [(5, 6), (7, 7)]
     with Ledger(path) as led:
         assert led.verify()["events"] == 3
+
+
+def test_trimming_between_a_format_2_store_s_two_scans_is_events_trimmed(tmp_path):
+    """A page older than the ring is read from LevelDB outside the lock; a
+    format-2 store's records are read in two scans (one record per event,
+    then a batch's).  A retention pass that lands between them took the
+    page's last format-2 events and its first format-3 ones: the read is
+    EventsTrimmed, never a page with a gap."""
+    path = str(tmp_path / "d")
+    now = [1_000_000_000]
+    with Ledger(path, clock_ms=lambda: now[0]) as led:
+        one_batch(led, ["a", "b", "c"])                 # 1..3
+        led.mod("a", 1)                                 # 4
+    as_format_2(path)                                   # 1..4: a record each
+    with Ledger(path, clock_ms=lambda: now[0]) as led:
+        one_batch(led, ["a", "b"])                      # 5..6: one record
+        led.mod("a", 1)                                 # 7
+        led.mod("a", 1)                                 # 8
+    hook = []
+
+    class HookStore(Store):
+        def iterate(self, prefix, start=None):
+            if prefix == _ledger.EVENTS_PREFIX and hook:
+                hook.pop()()                            # the writer's pass, here
+            return super().iterate(prefix, start)
+
+    now[0] += 60_000
+    led = Ledger(path, clock_ms=lambda: now[0], events_retention_s=5, store=HookStore(path))
+    try:
+        assert not led._events.ring                     # every page from LevelDB
+        hook.append(lambda: run_on_a_thread(trim_now, led))
+        with pytest.raises(EventsTrimmed) as e:
+            led.events(after=1, limit=5)                # 2..6
+        assert not hook and e.value.first == 8 == led.stats["events_first"]
+        assert [e.id for e in led.events(8, 10)[0]] == [9]
+    finally:
+        led.close()
+
+
+def run_on_a_thread(fn, *args):
+    t = threading.Thread(target=fn, args=args)
+    t.start()
+    t.join()
+
+
+def test_a_retention_pass_takes_at_most_events_trim_max_events(tmp_path, monkeypatch):
+    """A pass holds the committer's lock: it is bounded by events, not by
+    records (a record is a batch, thousands of events), reads only each
+    record's span, and always takes one record at least."""
+    monkeypatch.setattr(events_module, "EVENTS_TRIM_MAX", 10)
+    path = str(tmp_path / "d")
+    now = [1_000_000_000]
+    led = Ledger(path, clock_ms=lambda: now[0], events_retention_s=5)
+    try:
+        one_batch(led, [f"big{i}" for i in range(12)])  # 1..12: more than a pass
+        for b in range(4):
+            one_batch(led, [f"c{b}-{i}" for i in range(4)])     # 13..28, 4 a record
+        now[0] += 60_000
+        events = led._events
+        with led._committer.lock:
+            assert events.past_retention(now[0]) == ([_ledger.events_key(12)], True)
+            keys, full = events.past_retention(now[0])
+            assert keys == [_ledger.events_key(16), _ledger.events_key(20)] and full
+            keys, full = events.past_retention(now[0])
+            assert keys == [_ledger.events_key(24)] and not full   # never the newest's
+            assert events.first == 25
+    finally:
+        led.close()

@@ -12,6 +12,7 @@ from accman.ledger import _ledger, eventrecords
 from accman.ledger.leveldb import Store
 from accman.ledger.verify import verify_store
 from model import Clock
+from test_event_records import format_2_event
 
 
 @pytest.fixture
@@ -121,11 +122,8 @@ def _as_format2(s):
     its retention trims them: the rules hold for them too."""
     for k, _, _, evs in list(eventrecords.records(s, 0)):
         s.db.delete(k)
-        for event_id, kind, hid, seq, by, tot, at, key, hold in evs:
-            value = (struct.pack(">BB", 1, kind) + hid
-                     + struct.pack(">qqqqq", seq, by, tot, at, hold or 0) + bytes(8)
-                     + (key or "").encode("ascii"))
-            s.db.put(_ledger.event_key(event_id), value)
+        for event_id, *event in evs:
+            s.db.put(_ledger.event_key(event_id), format_2_event(*event))
 
 
 def test_a_sound_store_with_holds_and_events_passes(held):

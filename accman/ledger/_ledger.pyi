@@ -63,6 +63,8 @@ def fill_write_batch(wb: Any, payload: bytes | bytearray) -> int:
 def decode_changes(first: int, data: bytes | bytearray) -> list[tuple]:
     """-> [(event id, kind, hid, seq, by, tot, at_ms, key or None, hold or
     None)] of a block of change entries whose first event is `first`."""
+def changes_span(first: int, data: bytes | bytearray) -> tuple[int, int]:
+    """-> (last event id, newest at_ms) of a block of change entries."""
 def leveldb_puts(payload: bytes | bytearray) -> list[tuple[bytes, bytes | None]]:
     """What LevelDB gets for a log record's payload (None: a delete)."""
 def unpack_events(key: bytes, value: bytes) -> tuple[int, bytes]:

@@ -37,6 +37,20 @@ def records(store, start: int):
         yield k, first, events[-1][0], events
 
 
+def spans(store, start: int):
+    """(key, first id, last id, newest at_ms) of each events record holding
+    ids from `start` on, in order, making none of their events."""
+    for k, v in store.iterate(_ledger.EVENT_PREFIX, _ledger.event_key(start)):
+        event_id = _ledger.event_key_id(k)
+        yield k, event_id, event_id, _decoded(_ledger.unpack_event, v)[5]
+    for k, v in store.iterate(_ledger.EVENTS_PREFIX, _ledger.events_key(start)):
+        first, changes = _decoded(_ledger.unpack_events, k, v)
+        last, newest = _decoded(_ledger.changes_span, first, changes)
+        if last < first or last != _ledger.event_key_id(k):
+            raise StoreCorrupt("an events record holds other ids than its key says")
+        yield k, first, last, newest
+
+
 def events(store, start: int):
     """Every event from `start` on, in order."""
     for _, _, _, evs in records(store, start):
@@ -53,8 +67,3 @@ def read(store, start: int, limit: int) -> list:
             break
         out.append(e)
     return out
-
-
-def newest_at_ms(evs: list) -> int:
-    """The latest time of the events of one record."""
-    return max(e[6] for e in evs)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 
-from accman.errors import Busy, EventsTrimmed
+from accman.errors import Busy, EventsTrimmed, StoreCorrupt
 from accman.ledger import _ledger, eventrecords
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.records import Event
@@ -86,24 +86,28 @@ class EventLog:
 
     def past_retention(self, now_ms: int) -> tuple[list, bool]:
         """Keys of the oldest events records whose every event is past the
-        retention (never the one of the newest event), EVENTS_TRIM_MAX at
-        most, which the writer deletes; `first` moves on.  The bool is True
-        when the pass was full: more may be past it."""
+        retention (never the one of the newest event), which the writer
+        deletes; `first` moves on.  A pass takes EVENTS_TRIM_MAX events at
+        most (one record at least), reading only each record's span.  The
+        bool is True when the pass was full: more may be past it."""
         if not self.first:
             return [], False
         cutoff = now_ms - self.retention_ms
         out = []
         first = self.first
-        for key, _, last, values in eventrecords.records(self.store, first):
-            if (len(out) >= EVENTS_TRIM_MAX or last >= self.last
-                    or eventrecords.newest_at_ms(values) >= cutoff):
+        full = False
+        for key, _, last, newest_at in eventrecords.spans(self.store, first):
+            if last >= self.last or newest_at >= cutoff:
+                break
+            if out and last - self.first + 1 > EVENTS_TRIM_MAX:
+                full = True
                 break
             out.append(key)
             first = last + 1
         if out:
             self.trimmed += first - self.first
             self.first = first
-        return out, len(out) == EVENTS_TRIM_MAX
+        return out, full
 
     # -- reading ------------------------------------------------------------------------
 
@@ -114,9 +118,9 @@ class EventLog:
         if self.first and after < self.first - 1:
             return EventsTrimmed(self.first)
         if after >= self.last:
-            return [], min(after, self.last) if self.last else after
-        # Never past `last`: LevelDB has a batch's events a moment before
-        # the writer says they are durable, and `next` must not run ahead.
+            return [], min(after, self.last)
+        # Never past `last`: the events a read serves are durable ones, and
+        # `next` must not run ahead of them.
         start, stop = after + 1, min(self.last, after + limit)
         ring = self.ring
         i = max(len(ring) - 1, 0)
@@ -141,9 +145,15 @@ class EventLog:
             # Older than the ring: LevelDB has them (it lags the durable
             # events by far less than the ring holds); the newer ones of
             # the page come from the ring, which LevelDB may not have yet.
-            events = eventrecords.read(self.store, start, min(stop + 1, ring_first) - start)
-            if not events or events[0][0] != start:
-                return EventsTrimmed(self.first)
+            want = min(stop + 1, ring_first) - start
+            events = eventrecords.read(self.store, start, want)
+            if [e[0] for e in events] != list(range(start, start + want)):
+                # Trimming took some meanwhile: it deletes the oldest first,
+                # and a format-2 store's records are read in two scans.
+                if self.first > start:
+                    return EventsTrimmed(self.first)
+                raise StoreCorrupt(f"events {start}..{start + want - 1}, older than the "
+                                   "ring, are not all in LevelDB")
         for first, _, changes in taken.batches:
             events += [e for e in _ledger.decode_changes(first, changes)
                        if start <= e[0] <= stop]
