@@ -476,6 +476,7 @@ cdef class Pipeline:
                     reply = r
                 self._flush_buf(out)
                 self.conn.reserved -= slot.reserve
+                assert self.conn.reserved >= 0, "a Slot's reserve left twice"
                 self._pop_head()
                 out.append(reply)
         finally:

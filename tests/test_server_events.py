@@ -111,6 +111,14 @@ def test_pages_with_after_and_limit_and_their_bounds(server):
         assert re.search(r"\b(limit|after|wait|cred)\b", doc["detail"]), (query, doc)
 
 
+def test_after_past_an_empty_stream_is_told_it_ends_at_0(server):
+    """With no event yet, `next` is 0: a reader that follows it misses none
+    of the first events (it was `after` itself, which skipped them)."""
+    assert events(server, 1000).json == {"events": [], "next": 0}
+    server.patch("/mod?cred=a&by=1")
+    assert [e["id"] for e in events(server, 0).json["events"]] == [1]
+
+
 def test_head_and_pipelined_events_see_the_changes_before_them(server):
     with server.connect() as c:
         c.send(patch("/mod?cred=a&by=7") + get("/events?after=0")
@@ -152,6 +160,20 @@ def test_a_long_poll_with_nothing_new_answers_empty_after_its_wait(server):
     t0 = time.monotonic()
     assert events(server, 1, wait=1).json == {"events": [], "next": 1}
     assert 0.9 <= time.monotonic() - t0 < 5
+
+
+def test_long_polls_one_after_another_on_one_connection(server):
+    """A long poll that waits alone on a quiet connection reserves room for
+    its reply, given back when it is answered: once taken twice, and the
+    connection's bound on owed reply bytes drifted by a page each poll."""
+    server.patch("/mod?cred=a&by=1")
+    with server.connect() as c:
+        for _ in range(3):
+            c.send(get(f"/events?after=1&limit={EVENTS_LIMIT_MAX}&wait=1"))
+            r = c.response()
+            assert (r.status, r.json) == (200, {"events": [], "next": 1})
+        c.send(get("/tot?cred=a"))
+        assert c.response().json == {"tot": 1}
 
 
 def test_a_long_poll_is_woken_by_a_mod_on_another_connection(server):

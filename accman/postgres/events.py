@@ -125,7 +125,7 @@ class EventReader:
                 first, last = await conn.fetchrow(_ENDS_SQL)
                 if after + 1 < first:
                     raise EventsTrimmed(first)
-                return [], min(after, last) if last else after
+                return [], min(after, last)
             if rows[0]["id"] != after + 1:
                 raise EventsTrimmed(rows[0]["id"])
         events = [Event(r[0], EVENT_TYPES[r[1]], bytes(r[2]).hex(), r[3], r[4], r[5], r[6],

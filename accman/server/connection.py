@@ -180,8 +180,15 @@ class Connection(asyncio.Protocol, Lifecycle):
             else:
                 self.transport.write(r)
         else:
-            self.waiting.append(r)
+            self._wait_on(r)
         return True
+
+    def _wait_on(self, slot):
+        """A Slot now waits for the store; its reserve counts against the
+        bytes this connection may have owed (WRITE_BUFFER_BYTES_MAX) until
+        it leaves `waiting` (Pipeline.drain takes it off)."""
+        self.waiting.append(slot)
+        self.reserved += slot.reserve
 
     def _take(self, reqs, i, out):
         """Take reqs[i:] in order until one ends the connection, the pipeline
@@ -220,9 +227,8 @@ class Connection(asyncio.Protocol, Lifecycle):
                     out.append(r)
                     room -= len(r)
                 else:
-                    waiting.append(r)
+                    self._wait_on(r)
                     room -= r.reserve
-                    self.reserved += r.reserve
             elif req.route in _AT_ITS_TURN:
                 waiting.append(Slot(self, req.route, mode, req.head, req=req))
             else:
@@ -230,9 +236,8 @@ class Connection(asyncio.Protocol, Lifecycle):
                 if type(r) is bytes:
                     waiting.append(Slot(self, req.route, mode, reply=r))
                 else:
-                    waiting.append(r)
+                    self._wait_on(r)
                     room -= r.reserve
-                    self.reserved += r.reserve
             if self.state != OPEN:
                 return
 
