@@ -877,6 +877,22 @@ def test_mods_over_the_wire_and_amod_on_the_same_loop_all_complete(tmp_path):
     assert sorted(local) == [(n, n) for n in range(1, 41)]
 
 
+def test_a_sigterm_sent_at_the_ready_line_stops_the_server(tmp_path):
+    """Whoever waits for the ready line may signal at once.  It was printed
+    between two runs of the loop, where uvloop hears no signal: such a
+    SIGTERM was lost and the server served on.  Here the signal is sent
+    from within the ready line's own call, every time."""
+    import subprocess
+    code = ("import os, signal, sys\n"
+            "from accman.server.run import run\n"
+            "sys.exit(run(port=0, data=sys.argv[1],\n"
+            "             ready=lambda line: os.kill(os.getpid(), signal.SIGTERM)))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "SIGTERM: stopping" in proc.stderr
+
+
 def test_sigterm_stops_a_server_whose_stderr_reader_has_gone(tmp_path):
     """The stop's own log line must not stop the stop: with stderr a pipe
     whose reader closed, SIGTERM still ends the server, exit 0."""

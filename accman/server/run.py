@@ -143,6 +143,29 @@ def start_webhook(store, webhook, limits, loop, data_path):
     return deliverer
 
 
+async def _serve(server, host, port, deliverer, where, ready) -> None:
+    """Listens, then serves until stopped.  All of it in one run of the
+    loop: uvloop hears signals only while its loop runs, and a SIGTERM
+    sent on seeing the ready line, between two runs, was lost (the server
+    never stopped)."""
+    try:
+        bound_host, bound_port = await server.start(host, port)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+    # Before the ready line: whoever waits for it may signal at once.
+    server.install_signal_handlers()
+    if deliverer is not None:
+        deliverer.start()
+    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    line = f"accman: serving http://{url_host}:{bound_port} {where}"
+    if ready is None:
+        print(line, flush=True)
+    else:
+        ready(line)
+    await server.serve_until_stopped()
+
+
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         limits=None, store=None, ready=None, verify="full", low_balance=None,
         events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=(), webhook=None,
@@ -183,22 +206,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         store.bind_loop(loop, deliver=server.deliver)
         deliverer = server.metrics.webhook = start_webhook(store, webhook, limits, loop,
                                                            data_path)
-        try:
-            bound_host, bound_port = loop.run_until_complete(server.start(host, port))
-        except OSError as e:
-            reason = os.strerror(e.errno) if e.errno else str(e)
-            raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
-        # Before the ready line: whoever waits for it may signal at once.
-        server.install_signal_handlers()
-        if deliverer is not None:
-            deliverer.start()
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        line = f"accman: serving http://{url_host}:{bound_port} {where}"
-        if ready is None:
-            print(line, flush=True)
-        else:
-            ready(line)
-        loop.run_until_complete(server.serve_until_stopped())
+        loop.run_until_complete(_serve(server, host, port, deliverer, where, ready))
         failure = None if store.healthy else (getattr(store, "failure", None)
                                               or "the store failed to commit")
     finally:
