@@ -23,6 +23,12 @@ leveldb alone.  ACCMAN_TEST_STORES=leveldb (or postgresql) picks one.
 
 Limits are overridden with environment variables ACCMAN_<LIMIT NAME> (see
 docs/SERVER.md), passed through `env=`.
+
+The embedded ledger in process, on a clock a test moves by hand:
+
+    def test_z(led, clock):                # Ledger(path, clock_ms=clock)
+        led.hold("a", -5, 10)
+        clock.advance(10)
 """
 
 import itertools
@@ -503,3 +509,27 @@ def cred(request):
     _cred_counter[0] += 1
     name = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:80]
     return f"{name}-{os.getpid()}-{_cred_counter[0]}"
+
+
+# --- the embedded ledger, in process ----------------------------------------------
+
+@pytest.fixture
+def clock():
+    """A clock (ms) that moves only when the test says: holds expire and
+    events age by it."""
+    from model import Clock
+    return Clock()
+
+
+@pytest.fixture
+def path(tmp_path):
+    """A data directory not yet made."""
+    return str(tmp_path / "data")
+
+
+@pytest.fixture
+def led(path, clock):
+    """A Ledger in `path` on `clock`, closed at teardown."""
+    from accman import Ledger
+    with Ledger(path, clock_ms=clock) as led:
+        yield led

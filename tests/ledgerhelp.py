@@ -1,6 +1,6 @@
-"""Helpers shared by the tests of holds and events in the embedded ledger
-(tests/test_holds.py, test_hold_expiry.py, test_events.py,
-test_events_long_poll.py)."""
+"""Helpers shared by the tests of holds and events (the embedded ledger's,
+tests/test_holds.py, test_hold_expiry.py, test_events.py,
+test_events_long_poll.py; and the server's), and `wait_for`."""
 
 import asyncio
 import threading
@@ -10,10 +10,14 @@ from accman.ledger.leveldb import Store
 from accman.limits import EVENTS_LIMIT_MAX
 
 
-def wait_for(predicate, timeout_s=10.0):
+def wait_for(predicate, timeout_s=10.0, what="the condition"):
+    """The first true value of predicate(), polled; fails after timeout_s."""
     deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "not within the time allowed"
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
         time.sleep(0.01)
 
 

@@ -20,23 +20,7 @@ from accman.ledger.leveldb import Store
 from accman.limits import EVENTS_LIMIT_MAX
 from accman.records import EVENT_TYPES
 from ledgerhelp import all_events, fund_many, wait_for
-from model import Clock
 
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "data")
-
-
-@pytest.fixture
-def led(path, clock):
-    with Ledger(path, clock_ms=clock) as led:
-        yield led
 
 
 # --- one event per change ---------------------------------------------------------------

@@ -13,23 +13,7 @@ from accman import BadRequest, Busy, Ledger
 from accman.errors import EventsTrimmed
 from accman.limits import EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
 from ledgerhelp import wait_for
-from model import Clock
 
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "data")
-
-
-@pytest.fixture
-def led(path, clock):
-    with Ledger(path, clock_ms=clock) as led:
-        yield led
 
 
 @pytest.mark.parametrize("wait_s", [-1, EVENTS_WAIT_S_MAX + 0.5, EVENTS_WAIT_S_MAX + 1, "1"])

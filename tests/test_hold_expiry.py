@@ -11,23 +11,7 @@ import pytest
 from accman import Ledger
 from accman.errors import HoldEnded
 from ledgerhelp import GatedStore, entries, wait_for
-from model import Clock
 
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "data")
-
-
-@pytest.fixture
-def led(path, clock):
-    with Ledger(path, clock_ms=clock) as led:
-        yield led
 
 
 # --- expiry ------------------------------------------------------------------------------------

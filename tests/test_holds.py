@@ -12,23 +12,7 @@ from accman import BadRequest, Insufficient, KeyReused, Ledger, NoAccount, Overf
 from accman.errors import HoldEnded, NoHold, TooManyHolds
 from accman.limits import HOLD_TTL_S_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN
 from ledgerhelp import GatedStore, entries, wait_for
-from model import Clock
 
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "data")
-
-
-@pytest.fixture
-def led(path, clock):
-    with Ledger(path, clock_ms=clock) as led:
-        yield led
 
 
 # --- a hold and its settle ---------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import assert_error, get, parse_responses, patch, request_bytes
 from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
+from ledgerhelp import wait_for
 
 TOKENS = {"read": "read-token-0123456789abcdef", "charge": "charge-token-0123456789abcdef",
           "mint": "mint-token-0123456789abcdef"}
@@ -38,16 +39,6 @@ def all_events(srv):
             return out
         out += doc["events"]
         after = doc["next"]
-
-
-def wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.05)
 
 
 def readable(conn, timeout_s):

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import assert_error, get, patch, request_bytes
 from accman.limits import HOLD_TTL_S_MAX, HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN
+from ledgerhelp import wait_for
 
 TOKENS = {"read": "read-token-0123456789abcdef", "charge": "charge-token-0123456789abcdef",
           "mint": "mint-token-0123456789abcdef"}
@@ -38,16 +39,6 @@ def metrics(srv, token=None):
     assert r.status == 200, r
     return {m.group(1): float(m.group(2)) for m in
             re.finditer(r"(?m)^([a-z_]+) (\S+)$", r.body.decode())}
-
-
-def wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.02)
 
 
 # --- a hold and its settle ------------------------------------------------------------

@@ -3,18 +3,11 @@ only the PostgreSQL store has (the server suite runs on it too, through the
 fixtures of tests/conftest.py): /health while no primary is reachable, the
 ready line's URL, several clusters, the migrate command."""
 
-import time
 
 from conftest import assert_error, get, patch, run_accman, spawn_server
 
 from accman.postgres.schema import SCHEMA_VERSION
-
-
-def wait_for(predicate, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.1)
+from ledgerhelp import wait_for
 
 
 def health(srv):
