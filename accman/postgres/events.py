@@ -166,7 +166,10 @@ class EventReader:
                 for (after, limit), calls in queued.items():
                     commits = self._commits
                     outcome = await self._outcome(after, limit)
-                    waits = isinstance(outcome, tuple) and not outcome[0] and not self.ended
+                    # Only a reader at the end waits: one past it is told
+                    # at once where the stream ends, as the embedded store does.
+                    waits = (isinstance(outcome, tuple) and outcome == ([], after)
+                             and not self.ended)
                     answered = []
                     for deadline, done in calls:
                         if deadline is not None:
