@@ -222,6 +222,28 @@ def test_events_waiters_max_long_polls_and_one_more_is_503_busy(start_server, tm
             c.close()
 
 
+def test_long_polls_of_clients_that_left_give_their_places_up(start_server, tmp_path):
+    """EVENTS_WAITERS_MAX clients long-poll, then all leave: their polls held
+    every place until their wait ran out (30 s), and every poll meanwhile
+    was 503 busy.  A poll whose client has gone gives its place up."""
+    srv = start_server(data=tmp_path / "d",
+                       env={"ACCMAN_CONNECTIONS_PER_PEER_MAX": EVENTS_WAITERS_MAX + 16})
+    srv.mod("a", 1)
+    conns = []
+    try:
+        for _ in range(EVENTS_WAITERS_MAX):
+            c = srv.connect(timeout=30)
+            c.send(get("/events?after=1&wait=30"))
+            conns.append(c)
+        wait_for(lambda: events(srv, 1, wait=1).status == 503, 20, "the bound filled")
+    finally:
+        for c in conns:
+            c.close()
+    r = wait_for(lambda: (r := events(srv, 1, wait=1)).status != 503 and r, 10,
+                 "a place freed by a client that left")
+    assert r.json == {"events": [], "next": 1}
+
+
 def test_sigterm_answers_waiting_long_polls_at_once(start_server, tmp_path):
     """A stop does not wait out the long polls: they are answered with what
     they have, and the server exits well within its grace.  (It used to

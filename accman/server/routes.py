@@ -23,6 +23,7 @@ from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_M
                                  ROUTE_TOT)
 from accman.server.auth import CHARGE, MINT, READ, roles_text
 from accman.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from accman.server.state import CLOSED
 from accman.server.replies import (DATE, HOLD_BODY, MOD_BODY, T200, TOT_BODY, events_body,
                                    past_body)
 
@@ -65,6 +66,12 @@ class Slot:
         # Bytes its reply may take, counted against the connection's write
         # buffer while it is owed (a /past or /events page answered later).
         self.reserve = 0
+
+    @property
+    def gone(self) -> bool:
+        """Its connection has closed: nobody waits for the outcome any more
+        (a store drops such a long poll to make room; accman/store.py)."""
+        return self.conn.state == CLOSED
 
     def done(self, outcome):
         """The store's completion, on the loop thread (Server.deliver

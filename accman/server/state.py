@@ -7,7 +7,10 @@ _state.py: everything that affects the state machine lives here).
 - OPEN: requests are read and answered.
 - DRAINING: no request is taken any more (a framing error, `Connection:
   close`, a 401, the head deadline, shutdown); the replies still owed go
-  out, then SHUT.  A client's half-close (`eof`) drains the same way.
+  out, then SHUT.  A client's half-close (`eof`) drains the same way,
+  but for a long poll waiting at the head: that client has left (its wait
+  may be a minute), the connection closes, and the poll's place in the
+  store's bounded list of waiters is given up.
 - SHUT: a FIN follows the last reply, and the connection lingers, reading
   and discarding, until the client closes or LINGER_S passes (nginx's
   lingering close: closing while the client still sends makes the kernel
@@ -21,6 +24,8 @@ connection drains.  Nothing else pauses or resumes reading.
 """
 
 from __future__ import annotations
+
+from accman.server._wire import ROUTE_EVENTS
 
 OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
 
@@ -44,8 +49,15 @@ class Lifecycle:
         if self.state == SHUT:
             self.transport.close()      # lingering after our FIN: the client is done too
         elif self.state != CLOSED:
+            if self._long_poll_waits():
+                self.abort()
+                return
             self.take_no_more()
             self.finish([])
+
+    def _long_poll_waits(self) -> bool:
+        head = self.waiting[0] if self.waiting else None
+        return head is not None and head.route == ROUTE_EVENTS and head.pending
 
     def owes(self) -> bool:
         """True while a reply is owed or a request is still to be taken."""
