@@ -119,12 +119,26 @@ def test_head_and_pipelined_events_see_the_changes_before_them(server):
         data = c.read_all(timeout_s=1)
     replies = parse_responses(data, heads=(False, False, True, False, False))
     assert [r.status for r in replies] == [200] * 5
-    # It sees the mod before it.  (It may also see the one after it, which
-    # was applied before its turn came: /events is evaluated at its turn,
-    # not ordered like /tot and /past; see docs/GUARANTEES.md.)
-    assert [e["tot"] for e in replies[1].json["events"]][:1] == [7]
+    # Each sees the mod before it and not the one after it (SPEC: a read
+    # sees every earlier mod of its connection and none of the later ones).
+    assert [e["tot"] for e in replies[1].json["events"]] == [7]
+    assert replies[1].json["next"] == 1
     assert replies[2].body == b"" and int(replies[2].headers["content-length"]) > 0
     assert [e["tot"] for e in replies[4].json["events"]] == [8]
+
+
+def test_a_pipelined_long_poll_sees_none_of_the_later_mods(server):
+    """A long poll is a read too: the mods pipelined after it wait for its
+    reply, which a change elsewhere brings."""
+    server.patch("/mod?cred=a&by=1")
+    with server.connect() as c:
+        c.send(get("/events?after=1&wait=30") + patch("/mod?cred=a&by=5"))
+        time.sleep(0.3)
+        assert server.get("/tot?cred=a").json == {"tot": 1}    # the later mod waits
+        server.patch("/mod?cred=b&by=2")
+        poll, mod = c.response(), c.response()
+    assert [(e["id"], e["tot"]) for e in poll.json["events"]] == [(2, 2)]
+    assert mod.json == {"tot": 6, "seq": 2}
 
 
 def test_events_need_the_read_role(start_server, tmp_path):

@@ -44,7 +44,7 @@ class Connection(asyncio.Protocol, Lifecycle):
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "write_paused", "write_paused_at", "head_started_at",
                  "last_active_at", "shut_at", "token", "token_roles", "authed", "buffered",
-                 "flush_soon", "continue_owed", "reserved")
+                 "flush_soon", "continue_owed", "reserved", "until_drained")
 
     def __init__(self, server):
         self.server = server
@@ -75,6 +75,9 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.flush_soon = False
         self.continue_owed = False
         self.reserved = 0           # reserves of the Slots in `waiting` (Slot.reserve)
+        # An /events read is owed: nothing more is taken until every reply
+        # is out (SPEC: a read sees none of the later mods of its connection).
+        self.until_drained = False
 
     # --- asyncio callbacks ---
 
@@ -189,6 +192,8 @@ class Connection(asyncio.Protocol, Lifecycle):
         it leaves `waiting` (Pipeline.drain takes it off)."""
         self.waiting.append(slot)
         self.reserved += slot.reserve
+        if slot.route == ROUTE_EVENTS:
+            self.until_drained = True
 
     def _take(self, reqs, i, out):
         """Take reqs[i:] in order until one ends the connection, the pipeline
@@ -206,7 +211,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         for reply in out:
             room -= len(reply)
         while i < n:
-            if len(waiting) >= self.pipeline_max or (room <= 0 and (out or self.reserved)):
+            if self._held_back(room, out):
                 self.backlog = (reqs, i)
                 return
             taken = waiting.take(reqs, i, stopping)
@@ -231,6 +236,8 @@ class Connection(asyncio.Protocol, Lifecycle):
                     room -= r.reserve
             elif req.route in _AT_ITS_TURN:
                 waiting.append(Slot(self, req.route, mode, req.head, req=req))
+                if req.route == ROUTE_EVENTS:
+                    self.until_drained = True
             else:
                 r = routes.answer(self, req, mode, True)
                 if type(r) is bytes:
@@ -240,6 +247,17 @@ class Connection(asyncio.Protocol, Lifecycle):
                     room -= r.reserve
             if self.state != OPEN:
                 return
+
+    def _held_back(self, room, out) -> bool:
+        """No request more is taken now: an /events read is owed (it sees
+        none of the later mods), the pipeline is full, or the replies owed
+        reach the bytes bound (`room` is what is left of it)."""
+        waiting = self.waiting
+        if self.until_drained:
+            if waiting:
+                return True
+            self.until_drained = False
+        return len(waiting) >= self.pipeline_max or (room <= 0 and bool(out or self.reserved))
 
     def _continue(self, out):
         """A 100 Continue goes out once every reply before it has
