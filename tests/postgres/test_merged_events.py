@@ -8,6 +8,7 @@ import asyncio
 import signal
 import time
 
+import asyncpg
 import pytest
 
 from accman.errors import Unavailable
@@ -161,6 +162,37 @@ def test_a_copy_that_fails_part_way_copies_nothing(pg, pg_factory, monkeypatch):
             events = await all_events(c)
             assert [e.id for e in events] == list(range(1, 11))
             assert {e.account for e in events} == {store.account_id(y) for y in far[:10]}
+        finally:
+            await store.aclose()
+    run(main())
+
+
+def test_a_copy_that_waits_past_merge_timeout_s_is_unavailable(pg, pg_factory, monkeypatch):
+    """MERGE_TIMEOUT_S: a copy to the home cluster that the database does
+    not answer in time fails (503 for a read that needs it, retried by the
+    copier), instead of holding /events without end; then it catches up."""
+    monkeypatch.setattr(merge_module, "MERGE_TIMEOUT_S", 0.5)
+    other = pg_factory(name="second")
+    urls = [pg.create_database("t_a"), other.create_database("t_b")]
+
+    async def main():
+        store, c = await opened(urls)
+        try:
+            far = [f"z{i}" for i in range(200) if store._locate(f"z{i}")[1] is not store.home]
+            home = store.home.url
+            blocker = await asyncpg.connect(home)
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("LOCK TABLE accman_merged IN ACCESS EXCLUSIVE MODE")
+            try:
+                await asyncio.gather(*(c.mod(z, 1) for z in far[:5]))
+                with pytest.raises(Unavailable, match="copied"):
+                    await asyncio.wait_for(c.events(), 5)   # within 5 s, or no bound
+            finally:
+                await tx.rollback()
+                await blocker.close()
+            events = await all_events(c)
+            assert [e.id for e in events] == list(range(1, 6))
         finally:
             await store.aclose()
     run(main())
