@@ -127,10 +127,12 @@ class Store(Protocol):
         """Up to `limit` events with ids after `after`, oldest first, as
         (events, next); waits up to `wait_s` for the first one (long poll:
         no thread and no timer per waiter beyond one entry in a bounded
-        list).  A waiting `done` whose `gone` attribute has become true
-        (its client left) no longer holds a place: when the bound is
-        reached, such waiters are dropped, unanswered, before a new poll
-        is refused."""
+        list)."""
+
+    def end_wait(self, done: Done) -> None:
+        """The long poll whose callback is `done` is answered now, with what
+        there is (its client has left: its place goes to another); nothing
+        when it is not waiting."""
 
     @property
     def healthy(self) -> bool:

@@ -4,6 +4,7 @@ after its wait, woken by another connection, EVENTS_WAITERS_MAX, at
 shutdown), 410 events_trimmed, low_balance once per crossing, the
 roles.  Written against the fixtures of tests/conftest.py only."""
 
+import os
 import re
 import select
 import socket
@@ -256,6 +257,55 @@ def test_long_polls_of_clients_that_left_give_their_places_up(start_server, tmp_
     r = wait_for(lambda: (r := events(srv, 1, wait=1)).status != 503 and r, 10,
                  "a place freed by a client that left")
     assert r.json == {"events": [], "next": 1}
+
+
+def cpu_s(srv) -> float:
+    """The server process's CPU time so far (user + system), in seconds."""
+    with open(f"/proc/{srv.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_request_held_behind_a_long_poll_costs_no_cpu_while_it_waits(server):
+    """The requests pipelined after a waiting /events are held until it is
+    answered; they are taken again when it is, not by polling every loop
+    turn (which spun a core for the whole wait)."""
+    server.patch("/mod?cred=a&by=1")
+    with server.connect() as c:
+        c.send(get("/events?after=1&wait=30") + get("/tot?cred=a"))
+        time.sleep(0.3)
+        before = cpu_s(server)
+        time.sleep(2)
+        spent = cpu_s(server) - before
+        server.patch("/mod?cred=b&by=2")
+        poll, tot = c.response(), c.response()
+    assert [e["id"] for e in poll.json["events"]] == [2] and tot.json == {"tot": 1}
+    assert spent < 0.5, f"{spent:.2f} s of CPU in 2 s of waiting"
+
+
+@pytest.mark.parametrize("query", ["after=1000&wait=30", "after=0"])
+def test_a_half_close_gets_every_reply_owed_and_ends_a_long_poll(server, query):
+    """A client that half-closes still gets every reply it is owed, in full:
+    the large ones before its /events, then the /events itself (a long poll
+    answered at once: nobody is there to wait for events; a plain read as
+    it is).  Ending the poll by cutting the connection lost the replies
+    still in its buffers."""
+    with server.connect() as c:                         # 1000 entries: ~100 KB a page
+        c.send(patch("/mod?cred=a&by=1") * 1000)
+        assert all(r.status == 200 for r in c.responses(1000))
+    after = int(query.split("&")[0].split("=")[1])
+    n = 20
+    with server.connect() as c:
+        c.send(get("/past?cred=a&limit=1000") * n + get(f"/events?{query}"))
+        time.sleep(0.3)
+        c.sock.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        data = c.read_all(timeout_s=10)
+    replies = parse_responses(data)
+    assert [r.status for r in replies] == [200] * (n + 1)
+    assert all(len(r.json["past"]) == 1000 for r in replies[:n])
+    assert replies[n].json["next"] == (after if after else 100)   # a page of 100 from 0
+    assert time.monotonic() - t0 < 10
 
 
 def test_sigterm_answers_waiting_long_polls_at_once(start_server, tmp_path):

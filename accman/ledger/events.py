@@ -172,20 +172,11 @@ class EventLog:
         """Registers a long poll: `done((events, next))` once an event after
         `after` is durable, or with no events after `wait_s`."""
         if len(self.waiters) >= EVENTS_WAITERS_MAX:
-            self._drop_gone()
-        if len(self.waiters) >= EVENTS_WAITERS_MAX:
             raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
                        "retry shortly")
         waiter = [after, limit, done, None, loop]
         waiter[3] = loop.call_later(wait_s, self._timeout, waiter)
         self.waiters[id(waiter)] = waiter
-
-    def _drop_gone(self) -> None:
-        """Under the lock: the waiters whose caller left (`done.gone`) give
-        their places up; their timers find them gone and do nothing."""
-        for key, waiter in list(self.waiters.items()):
-            if getattr(waiter[2], "gone", False):
-                del self.waiters[key]
 
     def _timeout(self, waiter) -> None:
         with self.lock:
@@ -202,6 +193,17 @@ class EventLog:
                     del self.waiters[key]
                     ready.append((waiter, self.take(waiter[0], waiter[1])))
         self._answer(ready)
+
+    def end_wait(self, done) -> None:
+        """On the waiter's loop: the long poll of `done` is answered now,
+        with what it has; nothing when it is not waiting."""
+        with self.lock:
+            waiter = next((w for w in self.waiters.values() if w[2] is done), None)
+            if waiter is None:
+                return
+            del self.waiters[id(waiter)]
+            taken = self.take(waiter[0], waiter[1])
+        self._answer([(waiter, taken)])
 
     def end_waits(self, loop) -> None:
         """On `loop`: answers each of its long polls now, with the events

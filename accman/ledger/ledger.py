@@ -256,6 +256,10 @@ class Ledger:
                 return None
         return events.fetch(taken)
 
+    def end_wait(self, done) -> None:
+        """The store interface's: the long poll of `done` answered now."""
+        self._events.end_wait(done)
+
     def end_waits(self) -> None:
         """Answers every long poll of the running loop now, with what it
         has, and any later one at once (a server that stops calls this: no

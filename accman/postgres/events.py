@@ -103,8 +103,6 @@ class EventReader:
         if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
             raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
         if wait_s > 0 and len(self.waiters) + self._queued_polls >= EVENTS_WAITERS_MAX:
-            self._drop_gone()
-        if wait_s > 0 and len(self.waiters) + self._queued_polls >= EVENTS_WAITERS_MAX:
             raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
                        "retry shortly")
         deadline = time.monotonic() + wait_s if wait_s > 0 and not self.ended else None
@@ -116,18 +114,25 @@ class EventReader:
             self.store._spawn(self._first_reads())
         return None
 
-    def _drop_gone(self) -> None:
-        """The waiting polls whose caller left (`done.gone`) give their
-        places up, unanswered (accman/store.py)."""
-        self.waiters = [w for w in self.waiters if not getattr(w[3], "gone", False)]
-        for page, calls in list(self._queued.items()):
-            kept = [c for c in calls if c[0] is None or not getattr(c[1], "gone", False)]
-            self._queued_polls -= len(calls) - len(kept)
-            if kept:
-                self._queued[page] = kept
-            else:
-                del self._queued[page]
-        self._arm()
+    def end_wait(self, done) -> None:
+        """The long poll of `done` is answered now, with what there is
+        (after one more read); one still waiting for its first read waits
+        no more.  Nothing when it is not waiting."""
+        for w in self.waiters:
+            if w[3] is done:
+                self.waiters.remove(w)
+                self._arm()
+                self.store._spawn(self._answer_now(w))
+                return
+        for calls in self._queued.values():
+            for n, (deadline, d) in enumerate(calls):
+                if d is done and deadline is not None:
+                    calls[n] = (None, d)
+                    self._queued_polls -= 1
+                    return
+
+    async def _answer_now(self, w) -> None:
+        self.store._deliver([(w[3], await self._outcome(w[0], w[1]))])
 
     async def _page(self, after, limit):
         """(events, next) after `after`, or EventsTrimmed.  With none after

@@ -397,6 +397,11 @@ class PgStore:
     def read_events(self, after, limit, wait_s, done):
         return self.home.events.read(after, limit, wait_s, done)
 
+    def end_wait(self, done) -> None:
+        """The long poll of `done` answered now (its client has left)."""
+        if self.home.events is not None:
+            self.home.events.end_wait(done)
+
     def end_waits(self) -> None:
         """Answers every long poll now, with what it has (a server that
         stops does not keep them waiting)."""

@@ -324,12 +324,20 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.update_reading()
         if (self.state == OPEN and not self.write_paused and not self.flush_soon
                 and (self.backlog is not None or self.parser.held_bytes)
-                and len(self.waiting) < self.pipeline_max and not self.server.over_budget):
+                and len(self.waiting) < self.pipeline_max and not self.server.over_budget
+                and not self._held_for_the_store()):
             # Held back (the turn's requests spent, or the bytes bound) but
             # able to go on: next loop turn, after the other connections
             # have had theirs.
             self.flush_soon = True
             self.server.loop.call_soon(self._flush_soon)
+
+    def _held_for_the_store(self) -> bool:
+        """Held back until a reply the store owes arrives (an /events read
+        owed, or the reserves of pending replies): its completion flushes
+        this connection (Slot.done), so that waiting by polling every loop
+        turn would only spin."""
+        return bool(self.waiting) and (self.until_drained or self.reserved > 0)
 
     def _flush_soon(self):
         self.flush_soon = False

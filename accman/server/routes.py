@@ -23,7 +23,6 @@ from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_M
                                  ROUTE_TOT)
 from accman.server.auth import CHARGE, MINT, READ, roles_text
 from accman.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from accman.server.state import CLOSED
 from accman.server.replies import (DATE, HOLD_BODY, MOD_BODY, T200, TOT_BODY, events_body,
                                    past_body)
 
@@ -52,7 +51,8 @@ class Slot:
     - deferred: `req` is evaluated when its turn comes (a read of server
       state pipelined behind writes, or a 100 Continue's request)."""
 
-    __slots__ = ("conn", "route", "mode", "head", "reply", "pending", "req", "t0", "reserve")
+    __slots__ = ("conn", "route", "mode", "head", "reply", "pending", "req", "t0", "reserve",
+                 "long_poll")
 
     def __init__(self, conn, route, mode, head=False, reply=None, req=None):
         self.conn = conn
@@ -66,12 +66,7 @@ class Slot:
         # Bytes its reply may take, counted against the connection's write
         # buffer while it is owed (a /past or /events page answered later).
         self.reserve = 0
-
-    @property
-    def gone(self) -> bool:
-        """Its connection has closed: nobody waits for the outcome any more
-        (a store drops such a long poll to make room; accman/store.py)."""
-        return self.conn.state == CLOSED
+        self.long_poll = False      # an /events read that may wait for events
 
     def done(self, outcome):
         """The store's completion, on the loop thread (Server.deliver
@@ -240,8 +235,10 @@ class Routes:
     def _events(self, conn, req, mode):
         slot = Slot(conn, ROUTE_EVENTS, mode, req.head)
         slot.reserve = (req.limit + 1) * EVENT_BYTES_MAX
-        # A server that stops answers a long poll at once (Server._shutdown).
-        wait = 0 if self.server.stopping else req.wait
+        # A server that stops answers a long poll at once (Server._shutdown),
+        # and so does one whose client has half-closed (Lifecycle.peer_eof).
+        wait = 0 if self.server.stopping or conn.eof else req.wait
+        slot.long_poll = wait > 0
         try:
             outcome = self.store.read_events(req.after, req.limit, wait, slot)
         except AccManError as e:

@@ -7,10 +7,10 @@ _state.py: everything that affects the state machine lives here).
 - OPEN: requests are read and answered.
 - DRAINING: no request is taken any more (a framing error, `Connection:
   close`, a 401, the head deadline, shutdown); the replies still owed go
-  out, then SHUT.  A client's half-close (`eof`) drains the same way,
-  but for a long poll waiting at the head: that client has left (its wait
-  may be a minute), the connection closes, and the poll's place in the
-  store's bounded list of waiters is given up.
+  out, then SHUT.  A client's half-close (`eof`) drains the same way; a
+  long poll that waits at the head is answered at once (its client has
+  left, and its wait may be a minute: its place among the store's bounded
+  waiters goes to another).  A lost connection's long poll is ended too.
 - SHUT: a FIN follows the last reply, and the connection lingers, reading
   and discarding, until the client closes or LINGER_S passes (nginx's
   lingering close: closing while the client still sends makes the kernel
@@ -49,15 +49,16 @@ class Lifecycle:
         if self.state == SHUT:
             self.transport.close()      # lingering after our FIN: the client is done too
         elif self.state != CLOSED:
-            if self._long_poll_waits():
-                self.abort()
-                return
             self.take_no_more()
+            self._end_long_poll()
             self.finish([])
 
-    def _long_poll_waits(self) -> bool:
+    def _end_long_poll(self) -> None:
+        """A long poll waiting at the head is answered now, with what there
+        is: nobody is there to hear the events it waits for."""
         head = self.waiting[0] if self.waiting else None
-        return head is not None and head.route == ROUTE_EVENTS and head.pending
+        if head is not None and head.route == ROUTE_EVENTS and head.pending and head.long_poll:
+            self.server.store.end_wait(head)
 
     def owes(self) -> bool:
         """True while a reply is owed or a request is still to be taken."""
@@ -80,6 +81,8 @@ class Lifecycle:
 
     def lost(self) -> None:
         """The transport is gone (connection_lost)."""
+        if self.state != CLOSED:
+            self._end_long_poll()
         self.state = CLOSED
         self.backlog = None
         self.waiting.clear()
