@@ -206,25 +206,28 @@ def test_a_long_poll_is_woken_by_a_hold_s_expiry(server):
         ("expire", 4, 10, 2)]
 
 
+def fill_with_long_polls(srv, conns):
+    """Event 1, then EVENTS_WAITERS_MAX clients long-polling after it (one
+    connection each, into `conns`: a poll pipelined behind another waits
+    for its turn); returns the 503 of one more, once every poll waits."""
+    srv.mod("a", 1)
+    for _ in range(EVENTS_WAITERS_MAX):
+        c = srv.connect(timeout=30)
+        c.send(get("/events?after=1&wait=30"))
+        conns.append(c)
+    return wait_for(lambda: (r := events(srv, 1, wait=1)).status == 503 and r, 20,
+                    "the polls filling the bound")
+
+
 def test_events_waiters_max_long_polls_and_one_more_is_503_busy(start_server, tmp_path):
     """The real bound, reached over the wire: EVENTS_WAITERS_MAX clients
     long-poll at once (one connection each: a poll pipelined behind another
     waits for its turn), one more is 503 busy, and one mod answers all."""
     srv = start_server(data=tmp_path / "d",
                        env={"ACCMAN_CONNECTIONS_PER_PEER_MAX": EVENTS_WAITERS_MAX + 16})
-    srv.mod("a", 1)
     conns = []
     try:
-        for _ in range(EVENTS_WAITERS_MAX):
-            c = srv.connect(timeout=30)
-            c.send(get("/events?after=1&wait=30"))
-            conns.append(c)
-        deadline = time.monotonic() + 20
-        while True:                     # until every poll waits in the server
-            r = events(srv, 1, wait=1)
-            if r.status == 503:
-                break
-            assert time.monotonic() < deadline, "the polls never filled the bound"
+        r = fill_with_long_polls(srv, conns)
         doc = assert_error(r, 503, "busy")
         assert f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX})" in doc["detail"]
         assert events(srv, 0).json["next"] == 1          # a read without wait is served
@@ -243,14 +246,9 @@ def test_long_polls_of_clients_that_left_give_their_places_up(start_server, tmp_
     was 503 busy.  A poll whose client has gone gives its place up."""
     srv = start_server(data=tmp_path / "d",
                        env={"ACCMAN_CONNECTIONS_PER_PEER_MAX": EVENTS_WAITERS_MAX + 16})
-    srv.mod("a", 1)
     conns = []
     try:
-        for _ in range(EVENTS_WAITERS_MAX):
-            c = srv.connect(timeout=30)
-            c.send(get("/events?after=1&wait=30"))
-            conns.append(c)
-        wait_for(lambda: events(srv, 1, wait=1).status == 503, 20, "the bound filled")
+        fill_with_long_polls(srv, conns)
     finally:
         for c in conns:
             c.close()

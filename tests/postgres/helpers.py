@@ -2,6 +2,9 @@
 AccManError raised as an exception."""
 
 import asyncio
+import contextlib
+
+import asyncpg
 
 from accman.errors import AccManError
 from accman.postgres.store import PgStore
@@ -51,3 +54,16 @@ def run(coro):
 async def opened(urls, **kw):
     store = await PgStore.open(urls if isinstance(urls, list) else [urls], **kw)
     return store, Calls(store)
+
+
+@contextlib.asynccontextmanager
+async def locked(url, table):
+    """`table` held locked (ACCESS EXCLUSIVE: every read of it waits) by
+    another session while the block runs."""
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()

@@ -4,7 +4,6 @@ reached; and what a lost or stalled database does to calls and health."""
 import asyncio
 import time
 
-import asyncpg
 import pytest
 
 from accman.errors import Busy, Unavailable
@@ -12,7 +11,7 @@ from accman.postgres import cluster as cluster_module
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
-from .helpers import opened, run
+from .helpers import locked, opened, run
 
 
 def test_batch_mods_max(pg_url):
@@ -152,16 +151,6 @@ def test_two_write_lanes_keep_each_account_in_order(pg_url, monkeypatch):
     run(main())
 
 
-async def locked(url, table):
-    """A session that holds `table` locked (ACCESS EXCLUSIVE: every read of
-    it waits) until its transaction is rolled back."""
-    conn = await asyncpg.connect(url)
-    tx = conn.transaction()
-    await tx.start()
-    await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-    return conn, tx
-
-
 def test_a_read_that_waits_past_read_timeout_s_is_unavailable(pg_url, monkeypatch):
     """READ_TIMEOUT_S: a /tot or /past that the database does not answer in
     time is 503 unavailable, not a wait without end; the next is served."""
@@ -171,16 +160,12 @@ def test_a_read_that_waits_past_read_timeout_s_is_unavailable(pg_url, monkeypatc
         store, c = await opened(pg_url)
         try:
             assert await c.mod("a", 5) == (5, 1)
-            conn, tx = await locked(pg_url, "accman_accounts")
-            try:
+            async with locked(pg_url, "accman_accounts"):
                 # Within 5 s each (wait_for), or the bound did not hold.
                 with pytest.raises(Unavailable, match="did not answer in time"):
                     await asyncio.wait_for(c.tot("a"), 5)
                 with pytest.raises(Unavailable, match="did not answer in time"):
                     await asyncio.wait_for(c.past("a"), 5)
-            finally:
-                await tx.rollback()
-                await conn.close()
             assert await c.tot("a") == 5
             assert (await c.past("a")).entries[0].tot == 5
             assert store.healthy                      # a slow read is not a lost database
@@ -201,13 +186,9 @@ def test_an_upkeep_round_past_round_timeout_s_marks_the_cluster_lost(pg_url, mon
         store, c = await opened(pg_url)
         try:
             assert await c.mod("a", 5) == (5, 1)
-            conn, tx = await locked(pg_url, "accman_counter")
-            try:
+            async with locked(pg_url, "accman_counter"):
                 await until(lambda: not store.healthy, 10)
                 assert "did not answer in time" in store.clusters[0].error
-            finally:
-                await tx.rollback()
-                await conn.close()
             await until(lambda: store.healthy, 10)
             assert await c.mod("a", 1) == (6, 2)
         finally:

@@ -8,7 +8,6 @@ import asyncio
 import signal
 import time
 
-import asyncpg
 import pytest
 
 from accman.errors import Unavailable
@@ -16,7 +15,7 @@ from accman.postgres import merge as merge_module
 from accman.postgres.migrate import migrate
 
 from .bank import spawn_front_end
-from .helpers import opened, run
+from .helpers import locked, opened, run
 
 
 async def all_events(c):
@@ -179,18 +178,10 @@ def test_a_copy_that_waits_past_merge_timeout_s_is_unavailable(pg, pg_factory, m
         store, c = await opened(urls)
         try:
             far = [f"z{i}" for i in range(200) if store._locate(f"z{i}")[1] is not store.home]
-            home = store.home.url
-            blocker = await asyncpg.connect(home)
-            tx = blocker.transaction()
-            await tx.start()
-            await blocker.execute("LOCK TABLE accman_merged IN ACCESS EXCLUSIVE MODE")
-            try:
+            async with locked(store.home.url, "accman_merged"):
                 await asyncio.gather(*(c.mod(z, 1) for z in far[:5]))
                 with pytest.raises(Unavailable, match="copied"):
                     await asyncio.wait_for(c.events(), 5)   # within 5 s, or no bound
-            finally:
-                await tx.rollback()
-                await blocker.close()
             events = await all_events(c)
             assert [e.id for e in events] == list(range(1, 6))
         finally:
