@@ -149,3 +149,24 @@ def test_a_creation_cut_short_is_made_again_and_nothing_else_is(tmp_path):
     (path / "MANIFEST-000001").write_bytes(b"not the first manifest")
     with pytest.raises(StoreCorrupt, match="LevelDB files without CURRENT"):
         Ledger(str(path))
+
+
+def test_a_write_the_process_was_killed_inside_is_written_never_synced(tmp_path):
+    """strace ends a call the process was killed inside with "= ? <unavailable>"
+    (an applier's LevelDB write at the moment of SIGKILL): the model takes
+    its data as written, never durable, even on an O_DSYNC descriptor, and
+    takes any other such call as not made.  Parsing it as a length broke
+    the emulation."""
+    def hx(b: bytes) -> str:                  # strace -xx's form of bytes
+        return "".join(f"\\x{c:02x}" for c in b)
+
+    root = str(tmp_path / "r")
+    path = f"{root}/f"
+    fd = f"7<{hx(path.encode())}>"
+    disk = powercut.Disk(root)
+    disk.feed(powercut.Call("openat", ["AT_FDCWD</>", f'"{hx(path.encode())}"',
+                                       "O_WRONLY|O_CREAT|O_DSYNC", "0600"], fd))
+    disk.feed(powercut.Call("write", [fd, f'"{hx(b"abcd")}"', "4"], "? <unavailable>"))
+    disk.feed(powercut.Call("fsync", [fd], "? <unavailable>"))
+    f = disk.files[disk.names[path]]
+    assert bytes(f.current) == b"abcd" and bytes(f.synced) == b""

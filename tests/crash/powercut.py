@@ -152,6 +152,10 @@ def _call(text: str) -> Call | None:
 
 # --- the model ---------------------------------------------------------------------------
 
+# The calls that write file data (Disk._on_*): one the process was killed
+# inside may still have written.
+_WRITES = frozenset(("write", "writev", "pwrite64", "pwritev", "pwritev2"))
+
 @dataclass
 class File:
     synced: bytearray = field(default_factory=bytearray)
@@ -215,8 +219,13 @@ class Disk:
 
     def feed(self, call: Call) -> None:
         handler = getattr(self, "_on_" + call.name, None)
-        if handler is not None and not call.ret.startswith("-1"):
-            handler(call)
+        if handler is None or call.ret.startswith("-1"):
+            return
+        if call.ret.startswith("?") and call.name not in _WRITES:
+            # Killed inside the call (strace: "= ? <unavailable>"), which
+            # never returned: taken as not made.  A write is kept, below.
+            return
+        handler(call)
 
     def _path_of(self, dirfd_arg: str, name_arg: str) -> str:
         name = _string(name_arg).decode("utf-8", "surrogateescape")
@@ -276,35 +285,44 @@ class Disk:
             _apply(f.synced, op)
         f.pending = []
 
-    def _write_at(self, fd_arg: str, data: bytes, offset: int | None) -> None:
+    def _write_at(self, fd_arg: str, data: bytes, offset: int | None,
+                  returned: bool = True) -> None:
+        """`returned` False: the process was killed inside the write, which
+        may have reached the page cache whole and is durable in no case
+        (no ack can follow it): written, never synced."""
         fd, path = _fd(fd_arg)
         if fd == 1 and offset is None:
-            self.acks += data.decode("latin-1").splitlines()
+            if returned:
+                self.acks += data.decode("latin-1").splitlines()
             return
         entry = self.fds.get(fd)
         if entry is None or not isinstance(entry[0], int) or not data:
             return
         fid, pos, sync, append = entry
+        sync = sync and returned
         if offset is None:
             offset = len(self.files[fid].current) if append else pos
             entry[1] = offset + len(data)
         self._data(fid, ("w", offset, data), sync)
 
     def _on_write(self, call: Call) -> None:
-        n = int(call.ret.split()[0])
-        self._write_at(call.args[0], _string(call.args[1])[:n], None)
+        self._written(call, _string(call.args[1]), None)
 
     def _on_writev(self, call: Call) -> None:
-        n = int(call.ret.split()[0])
-        self._write_at(call.args[0], _iov_data(call.args[1])[:n], None)
+        self._written(call, _iov_data(call.args[1]), None)
 
     def _on_pwrite64(self, call: Call) -> None:
-        n = int(call.ret.split()[0])
-        self._write_at(call.args[0], _string(call.args[1])[:n], int(call.args[3]))
+        self._written(call, _string(call.args[1]), int(call.args[3]))
 
     def _on_pwritev(self, call: Call) -> None:
-        n = int(call.ret.split()[0])
-        self._write_at(call.args[0], _iov_data(call.args[1])[:n], int(call.args[3]))
+        self._written(call, _iov_data(call.args[1]), int(call.args[3]))
+
+    def _written(self, call: Call, data: bytes, offset: int | None) -> None:
+        ret = call.ret.split()[0]
+        if ret == "?":
+            self._write_at(call.args[0], data, offset, returned=False)
+        else:
+            self._write_at(call.args[0], data[:int(ret)], offset)
 
     _on_pwritev2 = _on_pwritev
 
