@@ -49,10 +49,14 @@ def fund_many(led, cred, n, chunk=4096):
 
 
 class GatedStore(Store):
-    """A store whose writes wait for `gate`; `writing` is set while one waits."""
+    """A store whose writes wait for `gate` (open unless given closed);
+    `writing` is set while one waits."""
 
-    def __init__(self, path, gate):
+    def __init__(self, path, gate=None):
         super().__init__(path)
+        if gate is None:
+            gate = threading.Event()
+            gate.set()
         self.gate = gate
         self.writing = threading.Event()
 

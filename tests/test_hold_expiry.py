@@ -70,9 +70,8 @@ def test_expire_due_returns_only_once_its_expiries_are_durable(path, clock):
     """The writer wakes when the hold is due and takes it into a batch; an
     expire_due called while that batch is written waits for it (it used to
     return 0 at once, the expiry not yet durable nor visible)."""
-    gate = threading.Event()
-    store = GatedStore(path, gate)
-    gate.set()
+    store = GatedStore(path)
+    gate = store.gate
     led = Ledger(path, clock_ms=clock, store=store)
     try:
         led.mod("a", 100)

@@ -4,7 +4,6 @@ keys, the bounds on open holds, and the balance's range.  Expiry is in
 tests/test_hold_expiry.py."""
 
 import asyncio
-import threading
 
 import pytest
 
@@ -68,9 +67,8 @@ def test_a_hold_and_its_settles_in_one_batch(path, clock):
     """While the disk is busy with another batch, a hold and two settles of
     it fill the next one: the settle ends a hold that is not yet durable,
     the second answers the first's reply, and all become durable together."""
-    gate = threading.Event()
-    store = GatedStore(path, gate)
-    gate.set()
+    store = GatedStore(path)
+    gate = store.gate
     led = Ledger(path, clock_ms=clock, store=store)
     try:
         led.mod("a", 100)

@@ -14,6 +14,7 @@ from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAc
 from accman.ledger import _ledger, commit
 from accman.limits import INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
 from accman.ledger.leveldb import Store
+from ledgerhelp import GatedStore
 
 
 @pytest.fixture
@@ -321,17 +322,6 @@ def test_accounts_load_from_the_newest_entry_of_each_history(tmp_path):
         assert led.mod("c5", 1)[1] == 5 % 7 + 2
 
 
-def gated_store(path, gate):
-    """A store whose writes wait for `gate`: mods pile up behind one batch."""
-
-    class GatedStore(Store):
-        def write(self, wal_record):
-            gate.wait(10)
-            super().write(wal_record)
-
-    return GatedStore(path)
-
-
 class FailingStore(Store):
     """Fault injection: the Nth write (1-based) and all after it fail."""
 
@@ -446,7 +436,7 @@ def test_refusal_judged_on_pending_state_waits_for_it(tmp_path):
     after that balance is durable, and with it."""
     path = str(tmp_path / "d")
     gate = threading.Event()
-    led = Ledger(path, store=gated_store(path, gate))
+    led = Ledger(path, store=GatedStore(path, gate))
     got = []
     led.submit("a", 5, done=got.append)
     led.submit("a", -6, min=0, done=got.append)
@@ -459,7 +449,7 @@ def test_refusal_judged_on_pending_state_waits_for_it(tmp_path):
 def test_queued_mods_bound_gives_busy(tmp_path):
     path = str(tmp_path / "d")
     gate = threading.Event()
-    led = Ledger(path, store=gated_store(path, gate), queued_mods_max=3, batch_mods_max=2)
+    led = Ledger(path, store=GatedStore(path, gate), queued_mods_max=3, batch_mods_max=2)
     got = []
     for _ in range(3):
         led.submit("a", 1, done=got.append)
@@ -473,7 +463,7 @@ def test_queued_mods_bound_gives_busy(tmp_path):
 def test_batch_size_bound_splits_batches(tmp_path):
     path = str(tmp_path / "d")
     gate = threading.Event()
-    led = Ledger(path, store=gated_store(path, gate), batch_mods_max=4)
+    led = Ledger(path, store=GatedStore(path, gate), batch_mods_max=4)
     got = []
     for _ in range(10):
         led.submit("a", 1, done=got.append)

@@ -130,26 +130,6 @@ def test_settle_after_ttl_is_hold_ended_at_once(pg_url, monkeypatch):
     run(main())
 
 
-def test_hold_expired_while_down_ends_at_next_open(pg_url):
-    async def main():
-        store, c = await opened(pg_url)
-        await c.mod("a", 100)
-        await c.hold("a", -10, 1)
-        await store.aclose()
-        await asyncio.sleep(1.2)
-        store, c = await opened(pg_url)
-        try:
-            for _ in range(50):
-                if await c.tot("a") == 100:
-                    break
-                await asyncio.sleep(0.05)
-            assert await c.tot("a") == 100
-            assert (await c.past("a")).entries[0].hold == 2
-        finally:
-            await store.aclose()
-    run(main())
-
-
 def test_events_gap_free_with_low_balance(pg_url):
     async def main():
         store, c = await opened(pg_url, low_default=50)

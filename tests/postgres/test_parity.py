@@ -102,6 +102,7 @@ def test_a_hold_that_expired_while_down_ends_before_open_returns(pg_url):
         try:
             assert store.open_holds == 0 and store.stats["holds_expired"] == 1
             assert await c.tot("a") == 100                 # at once, no round awaited
+            assert (await c.past("a")).entries[0].hold == 2     # the expiry ends hold 2
         finally:
             await store.aclose()
     run(main())
