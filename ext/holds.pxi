@@ -111,6 +111,7 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
     cdef int64_t hold = acct.pseq
     cdef int64_t expires_ms = at_ms + <int64_t>ttl_s * 1000
     _track_hold(book, acct, hold, -by, expires_ms)
+    batch.holds_delta += 1
     batch.put(hold_key(acct.hid, hold), _pack_hold(-by, expires_ms, HOLD_OPEN, 0, 0, 0))
     result = (hold, acct.ptot, acct.pseq)
     if kb is not None:
@@ -166,6 +167,7 @@ cdef Batch _end(Book book, Hold h, bytes hold_id, int64_t use, int state, int64_
     cdef Batch batch = book._change(acct, h.amount - use, at_ms, None, h.hold,
                                     EV_SETTLE if state == HOLD_SETTLED else EV_EXPIRE)
     _untrack_hold(book, h, hold_id)
+    batch.holds_delta -= 1
     h.state = state
     h.use = use
     h.end_result = (acct.ptot, acct.pseq)

@@ -125,6 +125,7 @@ cdef class Batch:
     cdef list sealed                    # (Account, tot, seq) at seal time
     cdef list keys                      # pending-key map entries it owns
     cdef list ended                     # holds it ends (hold map entries it owns)
+    cdef Py_ssize_t holds_delta         # holds it opens less those it ends
 
     def __cinit__(self, int64_t no):
         self.no = no
@@ -140,6 +141,7 @@ cdef class Batch:
         self.changes = bytearray()
         self.first_event = 0
         self.nevents = 0
+        self.holds_delta = 0
         self.last_at = 0
 
     cdef inline int put(self, bytes k, bytes v) except -1:
@@ -193,7 +195,9 @@ cdef class Book:
     cdef readonly Py_ssize_t queued_mods
     cdef readonly Py_ssize_t batch_mods_max
     cdef readonly Py_ssize_t queued_mods_max
-    cdef readonly Py_ssize_t open_holds
+    cdef readonly Py_ssize_t open_holds   # pending, as ptot: what HOLDS_MAX bounds
+    # Durable, as tot: what a read (/health, /metrics) is told.
+    cdef readonly Py_ssize_t open_holds_durable
     cdef readonly Py_ssize_t holds_max
     cdef readonly Py_ssize_t holds_per_account_max
     cdef readonly Py_ssize_t holds_expired
@@ -227,7 +231,7 @@ cdef class Book:
         self.queued_mods = 0
         self.batch_mods_max = batch_mods_max
         self.queued_mods_max = queued_mods_max
-        self.open_holds = 0
+        self.open_holds = self.open_holds_durable = 0
         self.holds_max = holds_max
         self.holds_per_account_max = holds_per_account_max
         self.holds_expired = 0
@@ -260,6 +264,7 @@ cdef class Book:
     def load_hold(self, bytes hid, int64_t hold, int64_t amount, int64_t expires_ms):
         """An open hold, read at open (holds.pxi)."""
         _track_hold(self, self.by_hid[hid], hold, amount, expires_ms)
+        self.open_holds_durable += 1
 
     def __len__(self):
         return len(self.by_hid)
@@ -569,6 +574,8 @@ cdef class Book:
                 acct.pbatch = None
         self.queued_mods -= batch.nmods
         assert self.queued_mods >= 0, "a batch finished twice"
+        self.open_holds_durable += batch.holds_delta
+        assert 0 <= self.open_holds_durable, "a hold ended before it was opened"
         assert batch.no > self.durable_no, "batches are made durable in order"
         self.durable_no = batch.no
         self.unapplied.append(batch)

@@ -87,6 +87,35 @@ def test_expire_due_returns_only_once_its_expiries_are_durable(path, clock):
         led.close()
 
 
+def test_open_holds_count_a_hold_and_its_expiry_once_they_are_durable(path, clock):
+    """open_holds (/health, /metrics) is read state, durable as tot is: a
+    hold counts once its opening is durable and until its expiry is, so
+    that a /past read after a count of 0 shows every end."""
+    store = GatedStore(path)
+    gate = store.gate
+    led = Ledger(path, clock_ms=clock, store=store)
+    try:
+        led.mod("a", 100)
+        gate.clear()
+        got = []
+        led.submit_hold("a", -30, 1, done=got.append)
+        assert store.writing.wait(10)
+        assert led.open_holds == 0 and got == []
+        gate.set()
+        wait_for(lambda: got)
+        assert led.open_holds == 1
+        gate.clear()
+        clock.advance(1)
+        assert store.writing.wait(10), "the writer did not expire the hold by itself"
+        assert led.open_holds == 1 and led.tot("a") == 70
+        gate.set()
+        wait_for(lambda: led.open_holds == 0)
+        assert led.tot("a") == 100
+    finally:
+        gate.set()
+        led.close()
+
+
 def test_holds_due_while_closed_end_at_open_before_it_returns(path, clock):
     with Ledger(path, clock_ms=clock) as led:
         led.mod("a", 100)

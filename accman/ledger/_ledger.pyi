@@ -130,6 +130,7 @@ class Book:
     batch_mods_max: int
     queued_mods_max: int
     open_holds: int
+    open_holds_durable: int
     holds_max: int
     holds_per_account_max: int
     holds_expired: int

@@ -377,7 +377,9 @@ class Ledger:
 
     @property
     def open_holds(self) -> int:
-        return self._book.open_holds
+        """Open holds, as durable: a hold counts once its opening is durable
+        and stops once its end is (a read sees durable state only)."""
+        return self._book.open_holds_durable
 
     @property
     def stats(self) -> dict:
@@ -391,7 +393,7 @@ class Ledger:
             "checkpoint_s_total": self.store.wal.checkpoint_s_total,
             "last_batch_mods": c.last_batch_mods,
             "queued_mods": self._book.queued_mods,
-            "open_holds": self._book.open_holds,
+            "open_holds": self._book.open_holds_durable,
             "holds_expired": self._book.holds_expired,
             "events_last": self._events.last,
             "events_first": self._events.first,
