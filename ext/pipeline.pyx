@@ -34,7 +34,7 @@ from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from accman.ledger._ledger cimport Lane, Outcome
-from accman.server._wire cimport Request
+from accman.server._wire cimport Parser, Request
 
 from accman.server import replies
 from accman.server._wire import ROUTE_MOD, ROUTE_TOT
@@ -49,6 +49,7 @@ cdef int ROLE_MINT = MINT
 cdef int KEEP = replies.KEEP
 cdef int KEEP10 = replies.KEEP10
 cdef int STATE_OPEN = OPEN
+cdef object DATE = replies.DATE
 
 # Every reply this module makes is one of these, and fits in
 # REPLY_BYTES_MAX: the head of replies.T200 (at most ~110 bytes), a Date
@@ -167,12 +168,55 @@ cdef class LaneStats:
 
 
 @cython.final
+cdef class Turn:
+    """The requests the connections may still take in this loop turn, over
+    all connections (TURN_REQUESTS_MAX): a turn stays short however many
+    clients flood, so that a new connection or a health check waits a few
+    turns at most.  The turn's last grant calls `spent`, which counts it
+    and schedules `renew` before the connections it held back go on."""
+
+    cdef readonly Py_ssize_t left
+    cdef readonly Py_ssize_t size
+    cdef object spent
+
+    def __cinit__(self, Py_ssize_t size, spent):
+        assert size > 0, "a turn takes at least one request"
+        self.size = self.left = size
+        self.spent = spent
+
+    cpdef Py_ssize_t grant(self, Py_ssize_t n) except -1:
+        """How many of `n` requests a connection may take now."""
+        cdef Py_ssize_t left = self.left
+        assert n >= 0, "a grant of a negative number of requests"
+        if n < left:
+            self.left = left - n
+            return n
+        if left > 0:
+            self.left = 0
+            self.spent()
+        return max(left, 0)
+
+    cpdef int refund(self, Py_ssize_t n) except -1:
+        """Requests granted and not taken."""
+        self.left += n
+        assert self.left <= self.size, "a refund of more than was granted"
+        return 0
+
+    def renew(self):
+        self.left = self.size
+
+
+@cython.final
 cdef class Pipeline:
     """The queue of one connection (its `waiting`): deque-like for the
     connection's general path (len, append, [0], pop, clear), plus `take`,
     `drain` and the batch completion `__call__`."""
 
     cdef object conn
+    cdef Parser parser
+    cdef Turn turn
+    cdef object _write              # the connection's transport.write, once it is made
+    cdef readonly Py_ssize_t quick_reads    # reads `quick` took whole: the sweep's activity
     cdef object routes
     cdef Lane lane
     cdef LaneStats stats
@@ -187,9 +231,13 @@ cdef class Pipeline:
     cdef Py_ssize_t buf_len
     cdef Py_ssize_t buf_cap
 
-    def __cinit__(self, conn, routes, lane, LaneStats stats, bint tokens_on,
-                  Py_ssize_t pipeline_max):
+    def __cinit__(self, conn, Parser parser not None, Turn turn not None, routes, lane,
+                  LaneStats stats not None, bint tokens_on, Py_ssize_t pipeline_max):
         self.conn = conn
+        self.parser = parser
+        self.turn = turn
+        self._write = None
+        self.quick_reads = 0
         self.routes = routes
         self.lane = lane
         self.stats = stats
@@ -205,6 +253,10 @@ cdef class Pipeline:
         self._clear()
         free(self.ring)
         free(self.buf)
+
+    def made(self, transport):
+        """The connection is made: `quick` writes to `transport`."""
+        self._write = transport.write
 
     # -- the queue ---------------------------------------------------------------
 
@@ -321,9 +373,11 @@ cdef class Pipeline:
         cdef bint began = False
         if lane is None or stopping:
             return i
-        conn = self.conn
-        token = conn.token
-        cdef int roles = conn.token_roles if self.tokens_on else 0
+        token = None
+        cdef int roles = 0
+        if self.tokens_on:
+            token = self.conn.token
+            roles = self.conn.token_roles
         try:
             while i < n and self.count < self.pipeline_max:
                 req = <Request>reqs[i]
@@ -357,6 +411,35 @@ cdef class Pipeline:
             if began:
                 lane.end()
         return i
+
+    cpdef object quick(self, bytes data, bint plain):
+        """The connection's read, fed to its parser within the turn's grant
+        (PIPELINE_REQUESTS_MAX less the requests in flight).  Its common
+        case is taken whole here: on a quiet, `plain` connection (nothing
+        held back, no half-close, the server not stopping), a read that is
+        exactly one lane request, nothing of another begun.  That request
+        is taken, its reply written if it is ready (a /tot) or left to its
+        batch's completion (a mod), and None is returned.  Any other read
+        returns its requests for the connection's general path.  No clock
+        is read here: the connection's sweep counts `quick_reads` as
+        activity."""
+        cdef Parser parser = self.parser
+        cdef bint quiet = plain and self.count == 0 and parser.between_requests()
+        cdef Py_ssize_t room = self.turn.grant(self.pipeline_max - self.count)
+        cdef list reqs = parser.feed_c(data, room)
+        cdef Request req
+        self.turn.refund(room - len(reqs))
+        if not quiet or len(reqs) != 1 or not parser.between_requests():
+            return reqs
+        req = <Request>reqs[0]
+        if req.http10 or self.take(reqs, 0, False) == 0:
+            return reqs
+        self.quick_reads += 1
+        out = []
+        self.drain(out)
+        if out:
+            self._write(out[0])
+        return None
 
     # -- answering -----------------------------------------------------------------
 
@@ -453,7 +536,8 @@ cdef class Pipeline:
                         out.append(routes.reply_of(e.route, <object>e.err, e.mode))
                     else:
                         if date is None:
-                            date = replies.DATE.now
+                            date = DATE.now
+                        if now == 0.0 and e.route == R_MOD:
                             now = _now()
                         self._format(e, date, now)
                     self._pop_head()

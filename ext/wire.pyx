@@ -155,26 +155,8 @@ cdef class Parser:
     completed by data, in order.  After a framing error (HttpError.close) the
     error is the last request ever returned and feed returns []."""
 
-    cdef int _phase
-    cdef unsigned char* _line       # the unfinished line, carried between feeds
-    cdef Py_ssize_t _line_len
-    cdef Py_ssize_t _line_cap
-    cdef Request _req               # the request being read, from its request line
-    cdef object _pending            # a non-closing HttpError for _req, replied after its head
-    cdef Py_ssize_t _head_bytes     # header block bytes so far, CRLFs included
-    cdef int _header_lines
-    cdef int _hosts
-    cdef bint _cl_seen
-    cdef Py_ssize_t _cl
-    cdef Py_ssize_t _body_left
-    cdef bint _conn_close
-    cdef bint _conn_keep_alive
-    cdef bint _auth_seen
-    cdef bint _absolute             # the target named its authority: Host does not
-    cdef bint _expect_continue      # Expect: 100-continue (HTTP/1.1)
-    cdef bint _continue             # a 100 Continue is owed: see take_continue
-    cdef bytes _rest                # fed, not yet parsed: a capped feed's remainder
-    cdef Py_ssize_t _rest_at
+    # Its fields and C methods are declared in accman/server/_wire.pxd, so
+    # that the connection's quiet read is taken in C (ext/pipeline.pyx).
 
     def __cinit__(self):
         self._phase = PH_START
@@ -198,14 +180,26 @@ cdef class Parser:
     def pending(self):
         """True while part of a request has been received and not yet
         returned: the server's head deadline runs (SPEC "Limits")."""
+        return self.pending_c()
+
+    cdef bint pending_c(self) noexcept:
         return (self._phase == PH_HEAD or self._phase == PH_BODY
                 or (self._phase == PH_START and self._line_len > 0))
+
+    cdef bint between_requests(self) noexcept:
+        """Nothing of a request held: none begun, no bytes kept for `more`,
+        no 100 Continue owed."""
+        return not self.pending_c() and self._rest is None and not self._continue
 
     def feed(self, bytes data not None, Py_ssize_t max_requests=FEED_ALL):
         """Parse data, the next bytes of the connection; return the requests
         it completed, in order: at most max_requests, the rest of data being
         kept, unparsed and uncopied, for `more` (the server bounds the work
         and the requests it holds per connection this way)."""
+        return self.feed_c(data, max_requests)
+
+    cdef list feed_c(self, bytes data, Py_ssize_t max_requests):
+        """feed, for compiled callers."""
         cdef bytes rest = self._rest
         if rest is not None:
             self._rest = None

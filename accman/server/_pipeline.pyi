@@ -3,7 +3,7 @@ requests in flight, in order, and the replies made for the store's Lane."""
 
 from typing import Any, final
 
-from accman.server._wire import Request
+from accman.server._wire import Parser, Request
 
 @final
 class LaneStats:
@@ -18,12 +18,28 @@ class LaneStats:
         count) since the last call; zeroes them."""
 
 @final
+class Turn:
+    """The requests the connections may still take in this loop turn."""
+
+    left: int
+    size: int
+    def __init__(self, size: int, spent: Any) -> None: ...
+    def grant(self, n: int) -> int:
+        """How many of `n` requests a connection may take now."""
+    def refund(self, n: int) -> int:
+        """Requests granted and not taken."""
+    def renew(self) -> None: ...
+
+@final
 class Pipeline:
     """The queue of one connection: routes.Slot entries and lane entries."""
 
     pipeline_max: int
-    def __init__(self, conn: Any, routes: Any, lane: Any, stats: LaneStats,
-                 tokens_on: bool, pipeline_max: int) -> None: ...
+    quick_reads: int
+    def __init__(self, conn: Any, parser: Parser, turn: Turn, routes: Any, lane: Any,
+                 stats: LaneStats, tokens_on: bool, pipeline_max: int) -> None: ...
+    def made(self, transport: Any) -> None:
+        """The connection is made: `quick` writes to `transport`."""
     def __len__(self) -> int: ...
     def __bool__(self) -> bool: ...
     def append(self, obj: Any) -> None: ...
@@ -34,6 +50,9 @@ class Pipeline:
     def take(self, reqs: list[Request], i: int, stopping: bool) -> int:
         """Takes reqs[i:] through the lane while it can; the index of the
         first request left for the general path."""
+    def quick(self, data: bytes, plain: bool) -> list[Request] | None:
+        """Feeds `data` within the turn's grant; None when it was one lane
+        request, taken whole; else the requests for the general path."""
     def drain(self, out: list[bytes]) -> int:
         """Appends the ready replies at the head to `out`, in order."""
     def __call__(self, outcome: Any) -> None:

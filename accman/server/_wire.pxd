@@ -23,3 +23,50 @@ cdef class Request:
     cdef public bint loopback_host
     cdef public str allow
     cdef public object error
+
+
+cdef class Parser:
+    cdef int _phase
+    cdef unsigned char* _line       # the unfinished line, carried between feeds
+    cdef Py_ssize_t _line_len
+    cdef Py_ssize_t _line_cap
+    cdef Request _req               # the request being read, from its request line
+    cdef object _pending            # a non-closing HttpError for _req, replied after its head
+    cdef Py_ssize_t _head_bytes     # header block bytes so far, CRLFs included
+    cdef int _header_lines
+    cdef int _hosts
+    cdef bint _cl_seen
+    cdef Py_ssize_t _cl
+    cdef Py_ssize_t _body_left
+    cdef bint _conn_close
+    cdef bint _conn_keep_alive
+    cdef bint _auth_seen
+    cdef bint _absolute             # the target named its authority: Host does not
+    cdef bint _expect_continue      # Expect: 100-continue (HTTP/1.1)
+    cdef bint _continue             # a 100 Continue is owed: see take_continue
+    cdef bytes _rest                # fed, not yet parsed: a capped feed's remainder
+    cdef Py_ssize_t _rest_at
+
+    cdef bint pending_c(self) noexcept
+    cdef bint between_requests(self) noexcept
+    cdef list feed_c(self, bytes data, Py_ssize_t max_requests)
+    cdef list _parse(self, bytes data, Py_ssize_t i, Py_ssize_t max_requests)
+    cdef int _keep(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int _unfinished(self, const unsigned char* p, Py_ssize_t n, list out) except -1
+    cdef bint _too_long(self, Py_ssize_t total, bint crlf, list out) except -1
+    cdef int _complete(self, const unsigned char* s, Py_ssize_t total, bint crlf,
+                       list out) except -1
+    cdef int _request_line(self, const unsigned char* s, Py_ssize_t n, list out) except -1
+    cdef object _target(self, Request req, int method, const unsigned char* s, Py_ssize_t n)
+    cdef int _fail_request_line(self, const unsigned char* s, Py_ssize_t n, Py_ssize_t at,
+                                list out) except -1
+    cdef int _header(self, const unsigned char* s, Py_ssize_t n, list out) except -1
+    cdef int _host(self, const unsigned char* v, Py_ssize_t n, list out) except -1
+    cdef int _connection(self, const unsigned char* v, Py_ssize_t n, list out) except -1
+    cdef int _authorization(self, const unsigned char* v, Py_ssize_t n) except -1
+    cdef int _content_length(self, const unsigned char* v, Py_ssize_t n, list out) except -1
+    cdef int _end_of_head(self, list out) except -1
+    cdef int _emit(self, list out) except -1
+    cdef int _fail(self, int status, str detail, list out) except -1
+    cdef int _fail_request_line_too_long(self, list out) except -1
+    cdef int _fail_headers_too_large(self, list out) except -1

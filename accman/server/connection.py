@@ -44,7 +44,7 @@ class Connection(asyncio.Protocol, Lifecycle):
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "write_paused", "write_paused_at", "head_started_at",
                  "last_active_at", "shut_at", "token", "token_roles", "authed", "buffered",
-                 "flush_soon", "continue_owed", "reserved", "until_drained")
+                 "flush_soon", "continue_owed", "reserved", "until_drained", "reads_seen")
 
     def __init__(self, server):
         self.server = server
@@ -59,8 +59,9 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.state = OPEN
         self.eof = False
         # Slots and lane entries, in request order; the head is next out.
-        self.waiting = Pipeline(self, server.routes, server.lane, server.lane_stats,
-                                server.tokens is not None, self.pipeline_max)
+        self.waiting = Pipeline(self, self.parser, server.turn, server.routes, server.lane,
+                                server.lane_stats, server.tokens is not None,
+                                self.pipeline_max)
         self.backlog = None         # (requests, index) parsed but not yet taken
         self.read_paused = False
         self.write_paused = False
@@ -78,11 +79,13 @@ class Connection(asyncio.Protocol, Lifecycle):
         # An /events read is owed: nothing more is taken until every reply
         # is out (SPEC: a read sees none of the later mods of its connection).
         self.until_drained = False
+        self.reads_seen = 0         # the Pipeline's quick_reads at the last sweep
 
     # --- asyncio callbacks ---
 
     def connection_made(self, transport):
         self.transport = transport
+        self.waiting.made(transport)
         refusal = self.server.admit(self, transport)
         if refusal is not None:
             self.state = CLOSED
@@ -115,26 +118,21 @@ class Connection(asyncio.Protocol, Lifecycle):
         if self.state != OPEN:
             return                  # draining: nothing new is taken; shut: lingering
         try:
+            reqs = self.waiting.quick(
+                data, self.backlog is None and not self.eof and not self.server.stopping)
+            if reqs is None:
+                return              # one lane request, taken whole (Pipeline.quick)
             now = self._time()
             self.last_active_at = now
-            parser = self.parser
-            server = self.server
             if not self.waiting and self.backlog is None:
-                room = server.grant(self.pipeline_max)
-                reqs = parser.feed(data, room)
-                server.refund(room - len(reqs))
                 if len(reqs) == 1 and self._fast(reqs):
-                    if self.head_started_at or parser.pending:
+                    if self.head_started_at or self.parser.pending:
                         self._partial(now)
                         out = []
                         self._continue(out)
                         if out:
                             self.finish(out)
                     return
-            else:
-                room = server.grant(self.pipeline_max - len(self.waiting))
-                reqs = parser.feed(data, room)
-                server.refund(room - len(reqs))
             out = []
             if reqs:
                 self._take(reqs, 0, out)
@@ -285,9 +283,9 @@ class Connection(asyncio.Protocol, Lifecycle):
                 reqs, i = self.backlog
                 self.backlog = None
             else:
-                room = self.server.grant(room)
+                room = self.server.turn.grant(room)
                 reqs, i = self.parser.more(room), 0
-                self.server.refund(room - len(reqs))
+                self.server.turn.refund(room - len(reqs))
                 if not reqs:
                     return
             taken += len(reqs) - i
@@ -367,6 +365,12 @@ class Connection(asyncio.Protocol, Lifecycle):
         if state == CLOSED:
             return
         limits = self.server.limits
+        reads = self.waiting.quick_reads
+        if reads != self.reads_seen:
+            # Reads taken whole in C (Pipeline.quick) read no clock: the
+            # sweep that sees them counts them as activity now, never early.
+            self.reads_seen = reads
+            self.last_active_at = now
         if self.write_paused:
             # The client stopped reading its replies: a connection that makes
             # no progress for the idle time is dropped.

@@ -20,7 +20,7 @@ import signal
 import time
 from time import perf_counter
 
-from accman.server._pipeline import LaneStats
+from accman.server._pipeline import LaneStats, Turn
 from accman.server.metrics import MOD_LATENCY_BUCKETS_S, Metrics
 from accman.server.say import say
 from accman.server._wire import ROUTE_MOD
@@ -65,7 +65,7 @@ class Server:
         self.paused = set()             # connections not being read
         self.buffered = 0               # bytes held for all connections (account)
         self.over_budget = False
-        self.turn_left = self.limits.turn_requests_max
+        self.turn = Turn(self.limits.turn_requests_max, self._turn_spent)
         self._connections_peak = 0
         self.stopping = False
         self.listener = None
@@ -148,28 +148,11 @@ class Server:
 
     # --- the work of one loop turn (TURN_REQUESTS_MAX) ------------------------------
 
-    def grant(self, n: int) -> int:
-        """How many of `n` requests a connection may take now: the loop
-        turn's requests, over all connections, are bounded, so that a turn
-        stays short however many clients flood (a new connection, a health
-        check, waits a few turns at most).  The turn's last grant starts
-        the next turn, before the connections it held back go on."""
-        left = self.turn_left
-        if n < left:
-            self.turn_left = left - n
-            return n
-        if left > 0:
-            self.turn_left = 0
-            self.metrics.turns_spent += 1
-            self.loop.call_soon(self._new_turn)
-        return max(left, 0)
-
-    def refund(self, n: int) -> None:
-        """Requests granted and not taken."""
-        self.turn_left += n
-
-    def _new_turn(self):
-        self.turn_left = self.limits.turn_requests_max
+    def _turn_spent(self):
+        """The turn's last request is granted (Turn): the next turn starts
+        before the connections it held back go on."""
+        self.metrics.turns_spent += 1
+        self.loop.call_soon(self.turn.renew)
 
     # --- the store's completions ------------------------------------------------------
 
