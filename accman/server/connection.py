@@ -365,12 +365,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         if state == CLOSED:
             return
         limits = self.server.limits
-        reads = self.waiting.quick_reads
-        if reads != self.reads_seen:
-            # Reads taken whole in C (Pipeline.quick) read no clock: the
-            # sweep that sees them counts them as activity now, never early.
-            self.reads_seen = reads
-            self.last_active_at = now
+        self._count_quick_reads(now)
         if self.write_paused:
             # The client stopped reading its replies: a connection that makes
             # no progress for the idle time is dropped.
@@ -398,6 +393,14 @@ class Connection(asyncio.Protocol, Lifecycle):
                 self.metrics.idle_closes += 1
                 self.take_no_more()
                 self.shut()
+
+    def _count_quick_reads(self, now):
+        """Reads taken whole in C (Pipeline.quick) read no clock: the sweep
+        that sees them counts them as activity now, never early."""
+        reads = self.waiting.quick_reads
+        if reads != self.reads_seen:
+            self.reads_seen = reads
+            self.last_active_at = now
 
     def _head_timeout(self):
         self.metrics.head_timeouts += 1
