@@ -76,6 +76,11 @@ WEBHOOK_LINGER_S = 0.01
 # commits.  After a crash, what was acknowledged since the last save (at
 # most this long's worth) is sent again; a stop saves at once.
 WEBHOOK_CURSOR_SAVE_INTERVAL_S = 0.1
+# On a store that front-ends share (PostgreSQL), one of them delivers: the
+# one holding the webhook's role (accman.postgres.cursors).  The others try
+# to take it this often, and the holder checks this often that its session,
+# which holds the role, is alive: a hand-over takes about this long.
+WEBHOOK_LEAD_INTERVAL_S = 1.0
 # The HMAC key: the secret file's bytes, surrounding whitespace stripped.
 # 16 bytes at least, as for tokens, so that a placeholder never signs; a few
 # KiB at most (HMAC hashes a longer key down anyway).

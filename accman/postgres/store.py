@@ -38,6 +38,7 @@ from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
 from accman.postgres.cluster import Cluster
+from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import check_infos, connect, migrate, read_info
@@ -108,6 +109,8 @@ class PgStore:
                          if home_id is None or c.cluster_id == home_id)
         others = [c for c in self.clusters if c is not self.home]
         self.merger = Merger(self, self.home, others) if others else None
+        # The webhook's cursor, shared by the front-ends, and its role.
+        self.cursors = PgCursors(self)
 
     @classmethod
     async def open(cls, urls: list[str], *, migrate_schema: bool = True,
@@ -463,6 +466,7 @@ class PgStore:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cursors.close()
         for c in self.clusters:
             if c.events is not None:
                 await c.events.stop()

@@ -8,9 +8,10 @@ The interface, two coroutines:
     await cursors.load_cursor(name) -> int     0 when it was never saved
     await cursors.save_cursor(name, value)     durable when it returns
 
-`value` never decreases (asserted).  A store that can keep cursors itself
-has these two methods (the PostgreSQL store: a row per name, written in a
-transaction that commits like its mods do); for a store that has not, the
+`value` never decreases (asserted).  A store that keeps cursors itself
+has a `cursors` object with these two methods, and `lead`: the PostgreSQL
+store (accman.postgres.cursors), whose front-ends share a cursor, a row
+per name, and take turns acting on it.  For a store that has none, the
 server keeps them with FileCursors, as files in the data directory.
 A cursor that cannot be read back as written (damaged) is StoreCorrupt:
 refused, never guessed, since a wrong cursor skips or repeats events.

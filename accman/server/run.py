@@ -124,15 +124,15 @@ def start_webhook(store, webhook, limits, loop, data_path):
     """The webhook's deliverer (None without a webhook), its cursor loaded
     (before a port is bound: a cursor that cannot be read is a start-up
     error), not yet started.  The cursor is the store's when it keeps
-    cursors, else a file in the data directory (accman/server/cursors.py)."""
+    cursors (shared by its front-ends, one of which delivers), else a file
+    in the data directory (accman/server/cursors.py)."""
     if webhook is None:
         return None
     from accman.server.cursors import FileCursors
     from accman.server.webhooks import Deliverer, check_limits
     check_limits(limits)
-    if hasattr(store, "save_cursor"):
-        cursors = store
-    else:
+    cursors = getattr(store, "cursors", None)
+    if cursors is None:
         directory = getattr(store, "path", None) or data_path
         if directory is None:
             raise StartupError("--webhook: this store keeps no webhook cursor, and there is "

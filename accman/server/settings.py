@@ -38,6 +38,7 @@ class ServerLimits:
     webhook_poll_wait_s: float = L.WEBHOOK_POLL_WAIT_S
     webhook_linger_s: float = L.WEBHOOK_LINGER_S
     webhook_cursor_save_interval_s: float = L.WEBHOOK_CURSOR_SAVE_INTERVAL_S
+    webhook_lead_interval_s: float = L.WEBHOOK_LEAD_INTERVAL_S
 
     @classmethod
     def from_env(cls, environ=None) -> "ServerLimits":

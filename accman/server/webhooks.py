@@ -23,6 +23,14 @@ A failed attempt (no connection, no reply within the attempt timeout, any
 status but 2xx, redirects included) is retried, with the same body, after a
 capped exponential backoff with jitter, for as long as it fails.
 
+Front-ends that share a store (PostgreSQL) share its cursor, and one of
+them delivers: the one holding the webhook's role (accman.postgres.cursors,
+`lead`).  The others try to take it every WEBHOOK_LEAD_INTERVAL_S; the one
+that takes it reads the cursor as the last holder saved it, and the holder
+checks before each round and each POST that it still holds it.  A store of
+one front-end's own (the embedded one) has no roles: its deliverer always
+delivers.
+
 Never on the commit path: mods neither wait for the deliverer nor share
 anything with it but the loop; the deliverer waits on its own long poll,
 sockets and timers, and its cursor is written on another thread.  A slow or
@@ -221,6 +229,8 @@ class Deliverer:
         self.failing = 0            # attempts that failed since the last success
         self.skipped = 0            # events trimmed from the store before delivery
         self._delivered = False     # anything was ever acknowledged (or loaded)
+        # Whether this front-end delivers: always without roles (see above).
+        self.leading = not hasattr(cursors, "lead")
         self._task = None
         self._saver = None          # the task saving the cursor, while one runs
         self._saved_at = None       # loop time the last save started
@@ -237,7 +247,11 @@ class Deliverer:
         self._delivered = self.cursor > 0
 
     def start(self) -> None:
-        self.say(f"delivering to {self.config.target.where} after event {self.cursor}")
+        if self.leading:
+            self.say(f"delivering to {self.config.target.where} after event {self.cursor}")
+        else:
+            self.say(f"delivering to {self.config.target.where} while this front-end "
+                     f"holds the role (one front-end of the store delivers)")
         self._task = self.loop.create_task(self._run())
 
     async def stop(self) -> None:
@@ -276,6 +290,8 @@ class Deliverer:
 
     async def _round(self) -> None:
         """One batch: read, POST until acknowledged, move the cursor."""
+        if not await self._lead():
+            return
         if self._posted_at is not None:
             # Under a steady stream, POSTs leave at most once per linger, each
             # carrying what came meanwhile: fewer, larger batches, at a cost
@@ -292,6 +308,8 @@ class Deliverer:
                 # is not asked again at once: no busy loop on the loop.
                 await asyncio.sleep(self.limits.webhook_backoff_base_s)
             return
+        if not await self._lead():
+            return                  # the role went while the read waited
         body, n = batch_body(events, self.limits.webhook_body_bytes_max)
         first, last = events[0].id, events[n - 1].id
         self._posted_at = self.loop.time()
@@ -302,6 +320,40 @@ class Deliverer:
         self._delivered = True
         if self._saver is None or self._saver.done():
             self._saver = self.loop.create_task(self._save())
+
+    async def _lead(self) -> bool:
+        """Whether this front-end delivers now (see the module's doc).  One
+        that takes the role goes on from the cursor as saved, when that is
+        further than its own; one that does not hold it follows the saved
+        cursor (its /metrics show the store's lag) and waits
+        WEBHOOK_LEAD_INTERVAL_S before it tries again."""
+        lead = getattr(self.cursors, "lead", None)
+        if lead is None:
+            return True
+        interval_s = self.limits.webhook_lead_interval_s
+        try:
+            leading = await lead(CURSOR_NAME, interval_s)
+            if not (leading and self.leading):
+                self._follow(await self.cursors.load_cursor(CURSOR_NAME))
+            if leading and not self.leading:
+                self.say(f"this front-end delivers now, after event {self.cursor}")
+        except StoreError as e:
+            if self.leading:
+                self.say(f"{e.detail}; this front-end stops delivering")
+            leading = False
+        if self.leading and not leading:
+            self.say("this front-end no longer holds the role; another delivers")
+        self.leading = leading
+        if not leading:
+            await asyncio.sleep(interval_s)
+        return leading
+
+    def _follow(self, saved: int) -> None:
+        """The cursor as the store has it saved, when that is further."""
+        self.cursor = max(self.cursor, saved)
+        self.saved = max(self.saved, saved)
+        self.seen = max(self.seen, self.cursor)
+        self._delivered = self._delivered or self.cursor > 0
 
     async def _read(self) -> list[Event]:
         """The events after the cursor, waiting for the first (long poll);

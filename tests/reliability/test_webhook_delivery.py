@@ -21,6 +21,7 @@ import stat
 import threading
 import time
 
+from accman.server.cursors import parse_cursor
 from conftest import Conn, request_bytes
 from webhook_receiver import Receiver
 
@@ -214,12 +215,20 @@ def test_every_event_arrives_in_order_across_receiver_faults_and_sigkill(start_s
         assert len(mods.acked) >= 200 and len(posts) > 10
         assert {e["type"] for e in events} == {"mod", "hold", "settle", "low_balance"}
         assert metric(srv, "accman_webhook_lag_events") == 0
-        cursor = tmp_path / "data" / "webhook.cursor"
-        assert stat.S_IMODE(cursor.stat().st_mode) == 0o600
+        assert metric(srv, "accman_webhook_cursor") == events[-1]["id"]
         log = "".join((tmp_path / d / "stderr").read_text() for d in os.listdir(tmp_path)
                       if d.startswith("server"))
         assert SECRET.decode() not in log and "/hooks/accman" not in log
-        srv.stop()
+        srv.stop()                  # saves the cursor
+        store = start_server.store
+        if store.embedded:
+            cursor = tmp_path / "data" / "webhook.cursor"
+            assert stat.S_IMODE(cursor.stat().st_mode) == 0o600
+            assert parse_cursor("webhook", cursor.read_bytes()) == events[-1]["id"]
+        else:                   # a row of the store, which its front-ends share
+            row = store.pg.psql("SELECT value FROM accman_cursors WHERE name = 'webhook'",
+                                store.dbname(tmp_path / "data"))
+            assert int(row) == events[-1]["id"]
 
 
 def test_sigterm_with_a_post_in_flight_exits_and_the_batch_is_sent_again(start_server,

@@ -1,0 +1,111 @@
+"""Cursors in the store, and the one front-end that acts on each
+(accman/server/cursors.py's interface, on PostgreSQL).
+
+The front-ends of one store share a cursor: a row of accman_cursors on the
+events' home cluster, which only grows.  One front-end at a time acts on
+it (the webhook's deliverer): the one holding a session advisory lock on
+the home for that cursor, on a connection of its own.  The role goes with
+that session: when its front-end stops, dies or loses the connection,
+PostgreSQL releases the lock, and another front-end takes the role within
+WEBHOOK_LEAD_INTERVAL_S and reads the cursor as the last holder saved it.
+So while the role stays put each event is delivered once, and across a
+hand-over at least once: the batches the last holder had acknowledged but
+not yet saved, and the one it had in flight, are sent again.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+from accman.postgres.errors import store_error
+from accman.server.cursors import check_name
+
+# pg_try_advisory_lock(key1, key2): ("accu" in ASCII, a cursor's name's CRC-32).
+LOCK_CLASS = 0x61636375
+# Each call to the database: one not answered by then is a failure (the
+# caller retries; a role whose session does not answer is given up).
+CURSOR_TIMEOUT_S = 10.0
+
+_LOAD_SQL = "SELECT value FROM accman_cursors WHERE name = $1"
+_SAVE_SQL = ("INSERT INTO accman_cursors VALUES ($1, $2) ON CONFLICT (name) "
+             "DO UPDATE SET value = greatest(accman_cursors.value, excluded.value)")
+_LEAD_SQL = "SELECT pg_try_advisory_lock($1, $2)"
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock's second key for a cursor: its name's CRC-32, as
+    PostgreSQL's signed int4."""
+    crc = zlib.crc32(check_name(name).encode("ascii"))
+    return crc - (1 << 32) if crc >= 1 << 31 else crc
+
+
+class PgCursors:
+    """The cursors of one PgStore, and the roles this front-end holds."""
+
+    def __init__(self, store):
+        self.store = store
+        self._conns: dict = {}       # name -> the connection that holds or seeks the role
+        self._leading: dict = {}     # name -> True while this front-end holds the role
+        self._checked: dict = {}     # name -> when the held role's session last answered
+
+    async def load_cursor(self, name: str) -> int:
+        """The cursor as last saved by any front-end; 0 when never."""
+        check_name(name)
+        try:
+            value = await self.store.home.pool.fetchval(_LOAD_SQL, name,
+                                                        timeout=CURSOR_TIMEOUT_S)
+        except Exception as e:
+            raise store_error(e, f"cannot read the {name} cursor") from None
+        return 0 if value is None else value
+
+    async def save_cursor(self, name: str, value: int) -> None:
+        """Durable when it returns (committed as the mods are); a value
+        below the saved one leaves the saved one."""
+        check_name(name)
+        assert type(value) is int and value >= 0, (name, value)
+        try:
+            await self.store.home.pool.execute(_SAVE_SQL, name, value,
+                                               timeout=CURSOR_TIMEOUT_S)
+        except Exception as e:
+            raise store_error(e, f"cannot save the {name} cursor") from None
+
+    async def lead(self, name: str, check_s: float) -> bool:
+        """Whether this front-end holds `name`'s role, taking it if no
+        front-end does.  While it holds it, its session is checked at most
+        every `check_s`: a session that does not answer gives the role up
+        (PostgreSQL releases its lock when the session goes)."""
+        conn = self._conns.get(name)
+        if conn is not None and conn.is_closed():
+            self._drop(name)
+            conn = None
+        now = time.monotonic()
+        if self._leading.get(name) and now - self._checked[name] < check_s:
+            return True
+        try:
+            if conn is None:
+                from accman.postgres.migrate import connect
+                conn = self._conns[name] = await connect(self.store.home.url)
+            if self._leading.get(name):
+                await conn.fetchval("SELECT 1", timeout=CURSOR_TIMEOUT_S)
+            elif await conn.fetchval(_LEAD_SQL, LOCK_CLASS, lock_key(name),
+                                     timeout=CURSOR_TIMEOUT_S):
+                self._leading[name] = True
+        except Exception as e:
+            self._drop(name)
+            raise store_error(e, f"cannot take or keep the {name} role") from None
+        self._checked[name] = now
+        return bool(self._leading.get(name))
+
+    def _drop(self, name: str) -> None:
+        conn = self._conns.pop(name, None)
+        self._leading.pop(name, None)
+        if conn is not None and not conn.is_closed():
+            conn.terminate()          # its lock, if it held one, goes with it
+
+    async def close(self) -> None:
+        for name in list(self._conns):
+            conn = self._conns.pop(name)
+            self._leading.pop(name, None)
+            if not conn.is_closed():
+                await conn.close()

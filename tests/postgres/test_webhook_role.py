@@ -1,0 +1,161 @@
+"""The webhook on a store that front-ends share: its cursor is a row of the
+store, and one front-end at a time delivers, the one holding the role
+(accman.postgres.cursors).  Real PostgreSQL, real front-ends, a real
+receiver."""
+
+import asyncio
+import os
+import signal
+import time
+
+import asyncpg
+import pytest
+
+from accman.errors import StoreError
+from accman.postgres import cursors as cursors_module
+from conftest import spawn_server
+from webhook_receiver import Receiver
+
+from .helpers import opened, run
+
+SECRET = b"webhook-secret-0123456789abcdef"
+LEAD_S = 0.2            # WEBHOOK_LEAD_INTERVAL_S for these tests
+
+
+def test_a_cursor_is_a_row_that_only_grows(pg_url):
+    async def main():
+        a, _ = await opened(pg_url)
+        b, _ = await opened(pg_url)
+        try:
+            assert await a.cursors.load_cursor("webhook") == 0
+            await a.cursors.save_cursor("webhook", 7)
+            assert await b.cursors.load_cursor("webhook") == 7      # shared by front-ends
+            await b.cursors.save_cursor("webhook", 5)               # a late save of a slower one
+            assert await a.cursors.load_cursor("webhook") == 7
+            assert await a.cursors.load_cursor("other") == 0
+            with pytest.raises(ValueError, match="cursor name"):
+                await a.cursors.load_cursor("Bad name")
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(main())
+
+
+def test_one_front_end_holds_the_role_until_its_session_goes(pg_url):
+    async def main():
+        a, _ = await opened(pg_url)
+        b, _ = await opened(pg_url)
+        try:
+            assert await a.cursors.lead("webhook", LEAD_S)
+            assert not await b.cursors.lead("webhook", LEAD_S)
+            assert await a.cursors.lead("webhook", LEAD_S)          # held: no query
+            assert await b.cursors.lead("other", LEAD_S)            # one role per cursor
+            # Its session killed from the server's side: the role is free,
+            # the other takes it, and the holder finds out at its next call.
+            pid = a.cursors._conns["webhook"].get_server_pid()
+            admin = await asyncpg.connect(pg_url)
+            try:
+                assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+            finally:
+                await admin.close()
+            await asyncio.sleep(LEAD_S)
+            assert await b.cursors.lead("webhook", LEAD_S)
+            assert not await a.cursors.lead("webhook", LEAD_S)      # reconnects, and waits
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(main())
+
+
+def test_a_holder_whose_session_does_not_answer_gives_the_role_up(pg_url, monkeypatch):
+    """CURSOR_TIMEOUT_S: the holder's check is not answered in time (its
+    backend stopped): it says so and lets the session go, and once that
+    backend runs again and finds its client gone, the lock is free."""
+    monkeypatch.setattr(cursors_module, "CURSOR_TIMEOUT_S", 0.5)
+
+    async def main():
+        a, _ = await opened(pg_url)
+        b, _ = await opened(pg_url)
+        try:
+            assert await a.cursors.lead("webhook", LEAD_S)
+            pid = a.cursors._conns["webhook"].get_server_pid()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(LEAD_S)
+                t0 = time.monotonic()
+                with pytest.raises(StoreError, match="^cannot take or keep the webhook role"):
+                    await a.cursors.lead("webhook", LEAD_S)
+                assert time.monotonic() - t0 < 3
+                assert not await b.cursors.lead("webhook", LEAD_S)  # the lock is still held
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while not await b.cursors.lead("webhook", LEAD_S):
+                assert time.monotonic() < deadline, "the stopped session kept the role"
+                await asyncio.sleep(LEAD_S)
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(main())
+
+
+def test_a_store_that_closes_gives_its_role_up_at_once(pg_url):
+    async def main():
+        a, _ = await opened(pg_url)
+        b, _ = await opened(pg_url)
+        try:
+            assert await a.cursors.lead("webhook", LEAD_S)
+            assert not await b.cursors.lead("webhook", LEAD_S)
+            await a.aclose()
+            assert await b.cursors.lead("webhook", LEAD_S)
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(main())
+
+
+def leading(srv) -> int:
+    text = srv.get("/metrics").body.decode()
+    line = next(x for x in text.splitlines() if x.startswith("accman_webhook_leading "))
+    return int(line.split()[1])
+
+
+def delivered(rx) -> list[int]:
+    return [i for p in rx.acked() for i in p.ids]
+
+
+def test_front_ends_deliver_each_event_once_and_hand_over_when_one_dies(pg, pg_url, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    os.chmod(secret, 0o600)
+    env = {"ACCMAN_WEBHOOK_LEAD_INTERVAL_S": str(LEAD_S)}
+    with Receiver(SECRET) as rx:
+        args = ["--store", pg_url, "--webhook", rx.url, "--webhook-secret", secret]
+        fes = [spawn_server(tmp_path / f"d{i}", tmp_path / f"log{i}", args=args, env=env)
+               for i in range(2)]
+        try:
+            for i in range(60):
+                assert fes[i % 2].mod(f"acct-{i % 7}", 1).status == 200
+            rx.wait_for(lambda: len(delivered(rx)) >= 60, what="60 events delivered")
+            time.sleep(3 * LEAD_S)          # a second deliverer would have sent them too
+            assert delivered(rx) == list(range(1, 61))
+            assert all(p.valid(SECRET) for p in rx.snapshot())
+            roles = [leading(f) for f in fes]
+            assert sorted(roles) == [0, 1]
+            holder, other = (fes[0], fes[1]) if roles[0] else (fes[1], fes[0])
+            # The holder dies: the other takes the role and goes on from
+            # the cursor as saved, sending again at most what the holder
+            # acknowledged after its last save.
+            holder.kill()
+            for i in range(60, 90):
+                assert other.mod(f"acct-{i % 7}", 1).status == 200
+            rx.wait_for(lambda: set(delivered(rx)) >= set(range(1, 91)), timeout_s=30,
+                        what="every event delivered after the hand-over")
+            ids = delivered(rx)
+            assert ids[:60] == list(range(1, 61))
+            resent = ids[60:]
+            assert resent == sorted(resent) and resent[-1] == 90    # in order, from the cursor
+            assert leading(other) == 1
+        finally:
+            for f in fes:
+                f.kill()
