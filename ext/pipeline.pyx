@@ -216,7 +216,9 @@ cdef class Pipeline:
     cdef Parser parser
     cdef Turn turn
     cdef object _write              # the connection's transport.write, once it is made
-    cdef readonly Py_ssize_t quick_reads    # reads `quick` took whole: the sweep's activity
+    # Reads taken whole and replies written here, which read no clock: the
+    # connection's sweep counts a change of it as activity.
+    cdef readonly Py_ssize_t activity
     cdef object routes
     cdef Lane lane
     cdef LaneStats stats
@@ -237,7 +239,7 @@ cdef class Pipeline:
         self.parser = parser
         self.turn = turn
         self._write = None
-        self.quick_reads = 0
+        self.activity = 0
         self.routes = routes
         self.lane = lane
         self.stats = stats
@@ -421,8 +423,7 @@ cdef class Pipeline:
         is taken, its reply written if it is ready (a /tot) or left to its
         batch's completion (a mod), and None is returned.  Any other read
         returns its requests for the connection's general path.  No clock
-        is read here: the connection's sweep counts `quick_reads` as
-        activity."""
+        is read here: the connection's sweep counts `activity`."""
         cdef Parser parser = self.parser
         cdef bint quiet = plain and self.count == 0 and parser.between_requests()
         cdef Py_ssize_t room = self.turn.grant(self.pipeline_max - self.count)
@@ -434,7 +435,7 @@ cdef class Pipeline:
         req = <Request>reqs[0]
         if req.http10 or self.take(reqs, 0, False) == 0:
             return reqs
-        self.quick_reads += 1
+        self.activity += 1
         out = []
         self.drain(out)
         if out:
@@ -580,7 +581,7 @@ cdef class Pipeline:
         self.drain(out)
         if out:
             conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            conn.last_active_at = conn.server.loop.time()
+            self.activity += 1
 
 
 cdef bint _same_token(bytes a, object b) noexcept:

@@ -35,7 +35,7 @@ class Pipeline:
     """The queue of one connection: routes.Slot entries and lane entries."""
 
     pipeline_max: int
-    quick_reads: int
+    activity: int
     def __init__(self, conn: Any, parser: Parser, turn: Turn, routes: Any, lane: Any,
                  stats: LaneStats, tokens_on: bool, pipeline_max: int) -> None: ...
     def made(self, transport: Any) -> None:

@@ -44,7 +44,7 @@ class Connection(asyncio.Protocol, Lifecycle):
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "write_paused", "write_paused_at", "head_started_at",
                  "last_active_at", "shut_at", "token", "token_roles", "authed", "buffered",
-                 "flush_soon", "continue_owed", "reserved", "until_drained", "reads_seen")
+                 "flush_soon", "continue_owed", "reserved", "until_drained", "activity_seen")
 
     def __init__(self, server):
         self.server = server
@@ -79,7 +79,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         # An /events read is owed: nothing more is taken until every reply
         # is out (SPEC: a read sees none of the later mods of its connection).
         self.until_drained = False
-        self.reads_seen = 0         # the Pipeline's quick_reads at the last sweep
+        self.activity_seen = 0      # the Pipeline's activity at the last sweep
 
     # --- asyncio callbacks ---
 
@@ -365,7 +365,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         if state == CLOSED:
             return
         limits = self.server.limits
-        self._count_quick_reads(now)
+        self._count_activity(now)
         if self.write_paused:
             # The client stopped reading its replies: a connection that makes
             # no progress for the idle time is dropped.
@@ -394,12 +394,13 @@ class Connection(asyncio.Protocol, Lifecycle):
                 self.take_no_more()
                 self.shut()
 
-    def _count_quick_reads(self, now):
-        """Reads taken whole in C (Pipeline.quick) read no clock: the sweep
-        that sees them counts them as activity now, never early."""
-        reads = self.waiting.quick_reads
-        if reads != self.reads_seen:
-            self.reads_seen = reads
+    def _count_activity(self, now):
+        """Reads and writes done in C (Pipeline.quick, a batch's replies)
+        read no clock: the sweep that sees them counts them as activity
+        now, never early."""
+        activity = self.waiting.activity
+        if activity != self.activity_seen:
+            self.activity_seen = activity
             self.last_active_at = now
 
     def _head_timeout(self):
