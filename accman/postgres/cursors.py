@@ -5,12 +5,18 @@ The front-ends of one store share a cursor: a row of accman_cursors on the
 events' home cluster, which only grows.  One front-end at a time acts on
 it (the webhook's deliverer): the one holding a session advisory lock on
 the home for that cursor, on a connection of its own.  The role goes with
-that session: when its front-end stops, dies or loses the connection,
-PostgreSQL releases the lock, and another front-end takes the role within
-WEBHOOK_LEAD_INTERVAL_S and reads the cursor as the last holder saved it.
-So while the role stays put each event is delivered once, and across a
-hand-over at least once: the batches the last holder had acknowledged but
-not yet saved, and the one it had in flight, are sent again.
+that session, and PostgreSQL releases the lock when the session ends:
+at once when the holder stops or its process dies (its socket closes);
+within about 11 s when its host dies or the network between is cut
+(the session's TCP keepalive, set short here: an idle session's client is
+otherwise found gone after two hours).  Another front-end then takes the
+role within WEBHOOK_LEAD_INTERVAL_S and goes on from the cursor as the
+last holder saved it.  So while the role stays put each event is
+delivered once, and across a hand-over at least once.
+
+A holder learns that it lost the role at its next check (`lead` returns
+False once, even if the lock is free to take again at once), so that it
+never goes on from its own cursor past another holder's tenure.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ LOCK_CLASS = 0x61636375
 # Each call to the database: one not answered by then is a failure (the
 # caller retries; a role whose session does not answer is given up).
 CURSOR_TIMEOUT_S = 10.0
+# The role's session is found dead by PostgreSQL after this long without
+# an answer from its client: idle 5 s, then 3 probes 2 s apart (the holder
+# checks every WEBHOOK_LEAD_INTERVAL_S, so a live one is never idle that
+# long), or 11 s for data sent and not acknowledged.
+ROLE_KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2",
+                  "tcp_keepalives_count": "3", "tcp_user_timeout": "11000"}
 
 _LOAD_SQL = "SELECT value FROM accman_cursors WHERE name = $1"
 _SAVE_SQL = ("INSERT INTO accman_cursors VALUES ($1, $2) ON CONFLICT (name) "
@@ -77,7 +89,10 @@ class PgCursors:
         (PostgreSQL releases its lock when the session goes)."""
         conn = self._conns.get(name)
         if conn is not None and conn.is_closed():
+            held = self._leading.get(name, False)
             self._drop(name)
+            if held:
+                return False        # said once: another may have held it since
             conn = None
         now = time.monotonic()
         if self._leading.get(name) and now - self._checked[name] < check_s:
@@ -85,7 +100,7 @@ class PgCursors:
         try:
             if conn is None:
                 from accman.postgres.migrate import connect
-                conn = self._conns[name] = await connect(self.store.home.url)
+                conn = self._conns[name] = await connect(self.store.home.url, ROLE_KEEPALIVE)
             if self._leading.get(name):
                 await conn.fetchval("SELECT 1", timeout=CURSOR_TIMEOUT_S)
             elif await conn.fetchval(_LEAD_SQL, LOCK_CLASS, lock_key(name),
@@ -104,8 +119,7 @@ class PgCursors:
             conn.terminate()          # its lock, if it held one, goes with it
 
     async def close(self) -> None:
+        """Gives every role up at once: the lock goes with the socket, so
+        a backend that does not answer cannot hold a stop up."""
         for name in list(self._conns):
-            conn = self._conns.pop(name)
-            self._leading.pop(name, None)
-            if not conn.is_closed():
-                await conn.close()
+            self._drop(name)

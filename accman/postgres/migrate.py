@@ -147,10 +147,11 @@ SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
                     "enable_mergejoin": "off", "jit": "off"}
 
 
-async def connect(url: str):
+async def connect(url: str, settings: dict | None = None):
+    """A connection with SESSION_SETTINGS, and `settings` besides."""
     try:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S,
-                                     server_settings=SESSION_SETTINGS)
+                                     server_settings={**SESSION_SETTINGS, **(settings or {})})
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
             asyncpg.InterfaceError) as e:
         raise store_error(e, "cannot connect to a PostgreSQL cluster of the store") from None

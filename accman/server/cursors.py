@@ -128,3 +128,27 @@ class FileCursors:
             raise StoreError(f"cannot write the cursor file {path}: "
                              f"{e.strerror or type(e).__name__}") from None
         self._saved[name] = max(value, self._saved.get(name, 0))
+
+
+ADOPTED_SUFFIX = ".adopted"
+
+
+async def adopt_file_cursor(cursors, directory: str, name: str) -> int | None:
+    """A cursor file of `directory` (kept there before the store kept its
+    cursors: AccMan before PostgreSQL schema 3) given to the store's
+    `cursors`, which keep the greater of the two, so that an upgrade sends
+    nothing again; the file is then renamed NAME.cursor.adopted.  Returns
+    the file's value, None when there was no file.  A damaged file is
+    StoreCorrupt, as at any start."""
+    files = FileCursors(directory)
+    path = files.path(name)
+    if not os.path.exists(path):
+        return None
+    value = files.load(name)
+    await cursors.save_cursor(name, value)
+    try:
+        os.replace(path, path + ADOPTED_SUFFIX)
+    except OSError as e:
+        raise StoreError(f"cannot rename the cursor file {path}: "
+                         f"{e.strerror or type(e).__name__}") from None
+    return value

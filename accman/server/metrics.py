@@ -185,8 +185,9 @@ def render_webhook(w, stats, out):
         "acknowledged (saved durably within WEBHOOK_CURSOR_SAVE_INTERVAL_S).",
         "# TYPE accman_webhook_cursor gauge",
         f"accman_webhook_cursor {w.cursor}",
-        "# HELP accman_webhook_leading 1 while this front-end delivers; 0 while another "
-        "front-end of its store holds the webhook's role.",
+        "# HELP accman_webhook_leading 1 while this front-end delivers; 0 while it does "
+        "not (another front-end of its store holds the webhook's role, or the store "
+        "cannot be reached).",
         "# TYPE accman_webhook_leading gauge",
         f"accman_webhook_leading {int(w.leading)}",
         "# HELP accman_webhook_lag_events Events written and not yet acknowledged by "

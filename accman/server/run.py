@@ -132,6 +132,8 @@ def start_webhook(store, webhook, limits, loop, data_path):
     from accman.server.webhooks import Deliverer, check_limits
     check_limits(limits)
     cursors = getattr(store, "cursors", None)
+    if cursors is not None and data_path is not None:
+        _adopt_cursor(cursors, data_path, loop)
     if cursors is None:
         directory = getattr(store, "path", None) or data_path
         if directory is None:
@@ -141,6 +143,20 @@ def start_webhook(store, webhook, limits, loop, data_path):
     deliverer = Deliverer(store, cursors, webhook, limits, loop)
     loop.run_until_complete(deliverer.prepare())
     return deliverer
+
+
+def _adopt_cursor(cursors, data_path, loop) -> None:
+    """A webhook cursor left in --data by an AccMan that kept it there goes
+    to the store that keeps it now (accman/server/cursors.py)."""
+    from accman.server.cursors import adopt_file_cursor
+    from accman.server.webhooks import CURSOR_NAME
+    try:
+        value = loop.run_until_complete(adopt_file_cursor(cursors, data_path, CURSOR_NAME))
+    except StoreError as e:
+        raise StartupError(f"webhook: {e.detail}") from None
+    if value is not None:
+        say(f"accman: webhook: the cursor in {data_path} (event {value}) is now the "
+            f"store's, which its front-ends share")
 
 
 async def _serve(server, host, port, deliverer, where, ready) -> None:

@@ -313,7 +313,8 @@ class Deliverer:
         body, n = batch_body(events, self.limits.webhook_body_bytes_max)
         first, last = events[0].id, events[n - 1].id
         self._posted_at = self.loop.time()
-        await self._post(post_bytes(self.config, body, first, last))
+        if not await self._post(post_bytes(self.config, body, first, last)):
+            return                  # the role went while the receiver failed
         self.batches += 1
         self.events += n
         self.cursor = last
@@ -334,15 +335,17 @@ class Deliverer:
         try:
             leading = await lead(CURSOR_NAME, interval_s)
             if not (leading and self.leading):
+                # Taking the role, or following: the cursor as saved.
                 self._follow(await self.cursors.load_cursor(CURSOR_NAME))
             if leading and not self.leading:
                 self.say(f"this front-end delivers now, after event {self.cursor}")
+            elif self.leading and not leading:
+                self.say("this front-end lost the webhook's role; it delivers again "
+                         "only once it takes the role back")
         except StoreError as e:
             if self.leading:
                 self.say(f"{e.detail}; this front-end stops delivering")
             leading = False
-        if self.leading and not leading:
-            self.say("this front-end no longer holds the role; another delivers")
         self.leading = leading
         if not leading:
             await asyncio.sleep(interval_s)
@@ -371,6 +374,8 @@ class Deliverer:
                     self.say(f"the store does not serve events ({e.code}); retrying")
                 await asyncio.sleep(backoff_s(failures, self.limits.webhook_backoff_base_s,
                                               self.limits.webhook_backoff_cap_s))
+                if not await self._lead():
+                    return []
         if events:
             assert events[0].id > self.cursor, (events[0].id, self.cursor)
             self.seen = max(self.seen, events[-1].id)
@@ -407,8 +412,10 @@ class Deliverer:
                      f"events are not delivered; going on from event {first}")
         self.cursor = first - 1
 
-    async def _post(self, request: bytes) -> None:
-        """POSTs until the receiver answers 2xx."""
+    async def _post(self, request: bytes) -> bool:
+        """POSTs until the receiver answers 2xx (True), or until this
+        front-end no longer holds the webhook's role (False): it checks
+        before each retry."""
         limits = self.limits
         while True:
             try:
@@ -430,10 +437,14 @@ class Deliverer:
                          f"retrying with backoff")
             await asyncio.sleep(backoff_s(self.failing, limits.webhook_backoff_base_s,
                                           limits.webhook_backoff_cap_s))
+            if not await self._lead():
+                self.failing = 0
+                return False
         if self.failing:
             self.say(f"delivered to {self.config.target.where} after {self.failing} "
                      f"failed attempts")
             self.failing = 0
+        return True
 
     async def _save(self) -> None:
         """Saves the cursor until the saved one is the acknowledged one.

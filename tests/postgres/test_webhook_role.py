@@ -13,6 +13,10 @@ import pytest
 
 from accman.errors import StoreError
 from accman.postgres import cursors as cursors_module
+from accman.server.cursors import FileCursors
+from accman.server.settings import ServerLimits
+from accman.server.webhook_http import parse_url
+from accman.server.webhooks import Deliverer, WebhookConfig
 from conftest import spawn_server
 from webhook_receiver import Receiver
 
@@ -20,6 +24,15 @@ from .helpers import opened, run
 
 SECRET = b"webhook-secret-0123456789abcdef"
 LEAD_S = 0.2            # WEBHOOK_LEAD_INTERVAL_S for these tests
+
+
+async def terminate(url, pid):
+    """Ends a backend from the server's side, as an operator would."""
+    admin = await asyncpg.connect(url)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
 
 
 def test_a_cursor_is_a_row_that_only_grows(pg_url):
@@ -49,17 +62,17 @@ def test_one_front_end_holds_the_role_until_its_session_goes(pg_url):
             assert await a.cursors.lead("webhook", LEAD_S)
             assert not await b.cursors.lead("webhook", LEAD_S)
             assert await a.cursors.lead("webhook", LEAD_S)          # held: no query
+            # Its session's client is found gone within ~11 s, not 2 hours.
+            role = a.cursors._conns["webhook"]
+            for setting, value in cursors_module.ROLE_KEEPALIVE.items():
+                assert await role.fetchval(f"SHOW {setting}") in (value, value + "ms")
             assert await b.cursors.lead("other", LEAD_S)            # one role per cursor
             # Its session killed from the server's side: the role is free,
             # the other takes it, and the holder finds out at its next call.
-            pid = a.cursors._conns["webhook"].get_server_pid()
-            admin = await asyncpg.connect(pg_url)
-            try:
-                assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-            finally:
-                await admin.close()
+            await terminate(pg_url, a.cursors._conns["webhook"].get_server_pid())
             await asyncio.sleep(LEAD_S)
             assert await b.cursors.lead("webhook", LEAD_S)
+            assert not await a.cursors.lead("webhook", LEAD_S)      # told it lost the role
             assert not await a.cursors.lead("webhook", LEAD_S)      # reconnects, and waits
         finally:
             await a.aclose()
@@ -96,6 +109,52 @@ def test_a_holder_whose_session_does_not_answer_gives_the_role_up(pg_url, monkey
         finally:
             await a.aclose()
             await b.aclose()
+    run(main())
+
+
+def test_a_holder_that_lost_the_role_goes_on_from_the_saved_cursor(pg_url):
+    """A holder whose session went while another front-end delivered is
+    told so once, even when the lock is free again at once, and goes on
+    from the cursor as saved, not from its own."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, _ = await opened(pg_url)
+        b, _ = await opened(pg_url)
+        config = WebhookConfig(parse_url("http://127.0.0.1:9/"), SECRET, None)
+        limits = ServerLimits(webhook_lead_interval_s=LEAD_S)
+        said = []
+        d = Deliverer(a, a.cursors, config, limits, loop, say=said.append)
+        try:
+            await d.prepare()
+            assert await d._lead() and d.leading and d.cursor == 0
+            d.cursor = 10                       # acknowledged, not yet saved
+            await terminate(pg_url, a.cursors._conns["webhook"].get_server_pid())
+            await asyncio.sleep(LEAD_S)
+            assert await b.cursors.lead("webhook", LEAD_S)
+            await b.cursors.save_cursor("webhook", 500)
+            await b.aclose()                    # the lock is free again
+            assert not await d._lead() and not d.leading
+            assert await d._lead() and d.leading and d.cursor == 500
+            assert said == ["this front-end delivers now, after event 0",
+                            "this front-end lost the webhook's role; it delivers again "
+                            "only once it takes the role back",
+                            "this front-end delivers now, after event 500"]
+        finally:
+            await a.aclose()
+            await b.aclose()
+    run(main())
+
+
+def test_a_stop_does_not_wait_for_a_role_session_that_does_not_answer(pg_url):
+    async def main():
+        a, _ = await opened(pg_url)
+        assert await a.cursors.lead("webhook", LEAD_S)
+        pid = a.cursors._conns["webhook"].get_server_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.wait_for(a.aclose(), 5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
     run(main())
 
 
@@ -159,3 +218,36 @@ def test_front_ends_deliver_each_event_once_and_hand_over_when_one_dies(pg, pg_u
         finally:
             for f in fes:
                 f.kill()
+
+
+def test_a_cursor_left_in_the_data_directory_goes_to_the_store(pg, pg_url, tmp_path):
+    """An AccMan before schema 3 kept the webhook's cursor in --data: the
+    first start after the upgrade gives it to the store, so that nothing
+    the receiver acknowledged is sent again."""
+    async def fill():
+        store, c = await opened(pg_url)
+        try:
+            for _ in range(21):
+                await c.mod("acct-0", 1)
+        finally:
+            await store.aclose()
+    run(fill())
+    data = tmp_path / "d"
+    data.mkdir(mode=0o700)
+    FileCursors(str(data)).save("webhook", 20)
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    os.chmod(secret, 0o600)
+    with Receiver(SECRET) as rx:
+        srv = spawn_server(data, tmp_path / "log", env={"ACCMAN_WEBHOOK_LEAD_INTERVAL_S": "0.2"},
+                           args=["--store", pg_url, "--webhook", rx.url,
+                                 "--webhook-secret", secret])
+        try:
+            rx.wait_for(lambda: delivered(rx), what="a delivery")
+            time.sleep(0.5)
+            assert delivered(rx) == [21]
+            assert "(event 20) is now the store's" in srv.stderr()
+            assert not (data / "webhook.cursor").exists()
+            assert (data / "webhook.cursor.adopted").exists()
+        finally:
+            srv.kill()
