@@ -3,9 +3,11 @@ tests/test_holds.py, test_hold_expiry.py, test_events.py,
 test_events_long_poll.py; and the server's), and `wait_for`."""
 
 import asyncio
+import contextlib
 import threading
 import time
 
+from accman.ledger import Ledger
 from accman.ledger.leveldb import Store
 from accman.limits import EVENTS_LIMIT_MAX
 
@@ -65,3 +67,16 @@ class GatedStore(Store):
         self.gate.wait()
         self.writing.clear()
         super().write(wal)
+
+
+@contextlib.contextmanager
+def gated_ledger(path, clock):
+    """A Ledger on a GatedStore (its gate open), yielded with the store;
+    the gate is opened and the ledger closed on the way out."""
+    store = GatedStore(path)
+    led = Ledger(path, clock_ms=clock, store=store)
+    try:
+        yield led, store
+    finally:
+        store.gate.set()
+        led.close()

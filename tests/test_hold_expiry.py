@@ -10,7 +10,7 @@ import pytest
 
 from accman import Ledger
 from accman.errors import HoldEnded
-from ledgerhelp import GatedStore, entries, wait_for
+from ledgerhelp import entries, gated_ledger, wait_for
 
 
 
@@ -70,10 +70,8 @@ def test_expire_due_returns_only_once_its_expiries_are_durable(path, clock):
     """The writer wakes when the hold is due and takes it into a batch; an
     expire_due called while that batch is written waits for it (it used to
     return 0 at once, the expiry not yet durable nor visible)."""
-    store = GatedStore(path)
-    gate = store.gate
-    led = Ledger(path, clock_ms=clock, store=store)
-    try:
+    with gated_ledger(path, clock) as (led, store):
+        gate = store.gate
         led.mod("a", 100)
         led.hold("a", -30, 1)
         gate.clear()
@@ -82,19 +80,14 @@ def test_expire_due_returns_only_once_its_expiries_are_durable(path, clock):
         threading.Timer(0.3, gate.set).start()
         assert led.expire_due() == 0
         assert led.tot("a") == 100
-    finally:
-        gate.set()
-        led.close()
 
 
 def test_open_holds_count_a_hold_and_its_expiry_once_they_are_durable(path, clock):
     """open_holds (/health, /metrics) is read state, durable as tot is: a
     hold counts once its opening is durable and until its expiry is, so
     that a /past read after a count of 0 shows every end."""
-    store = GatedStore(path)
-    gate = store.gate
-    led = Ledger(path, clock_ms=clock, store=store)
-    try:
+    with gated_ledger(path, clock) as (led, store):
+        gate = store.gate
         led.mod("a", 100)
         gate.clear()
         got = []
@@ -111,9 +104,6 @@ def test_open_holds_count_a_hold_and_its_expiry_once_they_are_durable(path, cloc
         gate.set()
         wait_for(lambda: led.open_holds == 0)
         assert led.tot("a") == 100
-    finally:
-        gate.set()
-        led.close()
 
 
 def test_holds_due_while_closed_end_at_open_before_it_returns(path, clock):

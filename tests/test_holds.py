@@ -10,7 +10,7 @@ import pytest
 from accman import BadRequest, Insufficient, KeyReused, Ledger, NoAccount, Overflow
 from accman.errors import HoldEnded, NoHold, TooManyHolds
 from accman.limits import HOLD_TTL_S_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN
-from ledgerhelp import GatedStore, entries, wait_for
+from ledgerhelp import entries, gated_ledger, wait_for
 
 
 
@@ -67,10 +67,8 @@ def test_a_hold_and_its_settles_in_one_batch(path, clock):
     """While the disk is busy with another batch, a hold and two settles of
     it fill the next one: the settle ends a hold that is not yet durable,
     the second answers the first's reply, and all become durable together."""
-    store = GatedStore(path)
-    gate = store.gate
-    led = Ledger(path, clock_ms=clock, store=store)
-    try:
+    with gated_ledger(path, clock) as (led, store):
+        gate = store.gate
         led.mod("a", 100)
         gate.clear()
         got = []
@@ -88,9 +86,6 @@ def test_a_hold_and_its_settles_in_one_batch(path, clock):
         sizes, _ = led.drain_samples()
         assert sizes[-2:] == [1, 2]
         assert led.open_holds == 0
-    finally:
-        gate.set()
-        led.close()
     with Ledger(path, clock_ms=clock) as led:
         assert led.tot("a") == 95 and led.open_holds == 0
         assert led.verify()["holds"] == 1

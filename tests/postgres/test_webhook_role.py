@@ -4,6 +4,7 @@ store, and one front-end at a time delivers, the one holding the role
 receiver."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -26,6 +27,30 @@ SECRET = b"webhook-secret-0123456789abcdef"
 LEAD_S = 0.2            # WEBHOOK_LEAD_INTERVAL_S for these tests
 
 
+@contextlib.asynccontextmanager
+async def two_front_ends(url):
+    """Two stores on one database, as two front-ends hold them."""
+    a, _ = await opened(url)
+    b, _ = await opened(url)
+    try:
+        yield a, b
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+@contextlib.contextmanager
+def stopped(store):
+    """The backend of `store`'s webhook role stopped (SIGSTOP): a session
+    that does not answer, as a host cut off would be."""
+    pid = store.cursors._conns["webhook"].get_server_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 async def terminate(url, pid):
     """Ends a backend from the server's side, as an operator would."""
     admin = await asyncpg.connect(url)
@@ -37,9 +62,7 @@ async def terminate(url, pid):
 
 def test_a_cursor_is_a_row_that_only_grows(pg_url):
     async def main():
-        a, _ = await opened(pg_url)
-        b, _ = await opened(pg_url)
-        try:
+        async with two_front_ends(pg_url) as (a, b):
             assert await a.cursors.load_cursor("webhook") == 0
             await a.cursors.save_cursor("webhook", 7)
             assert await b.cursors.load_cursor("webhook") == 7      # shared by front-ends
@@ -48,17 +71,12 @@ def test_a_cursor_is_a_row_that_only_grows(pg_url):
             assert await a.cursors.load_cursor("other") == 0
             with pytest.raises(ValueError, match="cursor name"):
                 await a.cursors.load_cursor("Bad name")
-        finally:
-            await a.aclose()
-            await b.aclose()
     run(main())
 
 
 def test_one_front_end_holds_the_role_until_its_session_goes(pg_url):
     async def main():
-        a, _ = await opened(pg_url)
-        b, _ = await opened(pg_url)
-        try:
+        async with two_front_ends(pg_url) as (a, b):
             assert await a.cursors.lead("webhook", LEAD_S)
             assert not await b.cursors.lead("webhook", LEAD_S)
             assert await a.cursors.lead("webhook", LEAD_S)          # held: no query
@@ -74,9 +92,6 @@ def test_one_front_end_holds_the_role_until_its_session_goes(pg_url):
             assert await b.cursors.lead("webhook", LEAD_S)
             assert not await a.cursors.lead("webhook", LEAD_S)      # told it lost the role
             assert not await a.cursors.lead("webhook", LEAD_S)      # reconnects, and waits
-        finally:
-            await a.aclose()
-            await b.aclose()
     run(main())
 
 
@@ -87,28 +102,19 @@ def test_a_holder_whose_session_does_not_answer_gives_the_role_up(pg_url, monkey
     monkeypatch.setattr(cursors_module, "CURSOR_TIMEOUT_S", 0.5)
 
     async def main():
-        a, _ = await opened(pg_url)
-        b, _ = await opened(pg_url)
-        try:
+        async with two_front_ends(pg_url) as (a, b):
             assert await a.cursors.lead("webhook", LEAD_S)
-            pid = a.cursors._conns["webhook"].get_server_pid()
-            os.kill(pid, signal.SIGSTOP)
-            try:
+            with stopped(a):
                 await asyncio.sleep(LEAD_S)
                 t0 = time.monotonic()
                 with pytest.raises(StoreError, match="^cannot take or keep the webhook role"):
                     await a.cursors.lead("webhook", LEAD_S)
                 assert time.monotonic() - t0 < 3
                 assert not await b.cursors.lead("webhook", LEAD_S)  # the lock is still held
-            finally:
-                os.kill(pid, signal.SIGCONT)
             deadline = time.monotonic() + 10
             while not await b.cursors.lead("webhook", LEAD_S):
                 assert time.monotonic() < deadline, "the stopped session kept the role"
                 await asyncio.sleep(LEAD_S)
-        finally:
-            await a.aclose()
-            await b.aclose()
     run(main())
 
 
@@ -149,27 +155,18 @@ def test_a_stop_does_not_wait_for_a_role_session_that_does_not_answer(pg_url):
     async def main():
         a, _ = await opened(pg_url)
         assert await a.cursors.lead("webhook", LEAD_S)
-        pid = a.cursors._conns["webhook"].get_server_pid()
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with stopped(a):
             await asyncio.wait_for(a.aclose(), 5)
-        finally:
-            os.kill(pid, signal.SIGCONT)
     run(main())
 
 
 def test_a_store_that_closes_gives_its_role_up_at_once(pg_url):
     async def main():
-        a, _ = await opened(pg_url)
-        b, _ = await opened(pg_url)
-        try:
+        async with two_front_ends(pg_url) as (a, b):
             assert await a.cursors.lead("webhook", LEAD_S)
             assert not await b.cursors.lead("webhook", LEAD_S)
             await a.aclose()
             assert await b.cursors.lead("webhook", LEAD_S)
-        finally:
-            await a.aclose()
-            await b.aclose()
     run(main())
 
 
