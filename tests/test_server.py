@@ -666,20 +666,20 @@ def test_whole_reads_after_a_trickled_one_run_no_head_deadline_and_count_as_acti
     """The embedded store takes a read that is one whole /tot in C
     (Pipeline.quick): the head deadline, set by the trickled head before
     it, ends with that head, and every read counts against the idle time."""
-    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "0.6", "ACCMAN_IDLE_TIMEOUT_S": "1.2"})
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "0.4", "ACCMAN_IDLE_TIMEOUT_S": "0.8"})
     with s.connect() as c:
         c.send(patch(f"/mod?cred={cred}&by=5"))
         assert c.response().status == 200
         c.send_bytewise(get(f"/tot?cred={cred}"), delay_s=0.002)
         assert c.response().status == 200
-        for _ in range(8):              # 2.4 s: four head deadlines, twice the idle time
-            time.sleep(0.3)
+        for _ in range(6):              # 1.5 s: three head deadlines, twice the idle time
+            time.sleep(0.25)
             c.send(get(f"/tot?cred={cred}"))
             r = c.response()
             assert (r.status, r.json) == (200, {"tot": 5})
         t0 = time.monotonic()
         assert c.closed_by_peer(5)
-        assert 0.9 < time.monotonic() - t0 < 4
+        assert 0.6 < time.monotonic() - t0 < 3
 
 
 def test_an_idle_keep_alive_connection_is_closed(start_server):
