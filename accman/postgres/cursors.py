@@ -43,6 +43,9 @@ _LOAD_SQL = "SELECT value FROM accman_cursors WHERE name = $1"
 _SAVE_SQL = ("INSERT INTO accman_cursors VALUES ($1, $2) ON CONFLICT (name) "
              "DO UPDATE SET value = greatest(accman_cursors.value, excluded.value)")
 _LEAD_SQL = "SELECT pg_try_advisory_lock($1, $2)"
+_TARGET_SQL = "SELECT target FROM accman_cursors WHERE name = $1"
+_MARK_SQL = ("INSERT INTO accman_cursors VALUES ($1, 0, $2) ON CONFLICT (name) "
+             "DO UPDATE SET target = excluded.target")
 
 
 def lock_key(name: str) -> int:
@@ -78,6 +81,26 @@ class PgCursors:
         assert type(value) is int and value >= 0, (name, value)
         try:
             await self.store.home.pool.execute(_SAVE_SQL, name, value,
+                                               timeout=CURSOR_TIMEOUT_S)
+        except Exception as e:
+            raise store_error(e, f"cannot save the {name} cursor") from None
+
+    async def target(self, name: str) -> bytes | None:
+        """The receiver the last holder of `name`'s role marked (`mark`);
+        None when none has."""
+        check_name(name)
+        try:
+            value = await self.store.home.pool.fetchval(_TARGET_SQL, name,
+                                                        timeout=CURSOR_TIMEOUT_S)
+        except Exception as e:
+            raise store_error(e, f"cannot read the {name} cursor") from None
+        return None if value is None else bytes(value)
+
+    async def mark(self, name: str, target: bytes) -> None:
+        """The holder of `name`'s role delivers to `target` (a digest)."""
+        check_name(name)
+        try:
+            await self.store.home.pool.execute(_MARK_SQL, name, target,
                                                timeout=CURSOR_TIMEOUT_S)
         except Exception as e:
             raise store_error(e, f"cannot save the {name} cursor") from None

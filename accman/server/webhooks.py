@@ -238,13 +238,33 @@ class Deliverer:
         self._posted_at = None      # loop time the last POST started
 
     async def prepare(self) -> None:
-        """Loads the cursor; raises StartupError if it cannot be read."""
+        """Loads the cursor; raises StartupError if it cannot be read.  On a
+        shared store, says so when the cursor was last moved for another
+        receiver (`_check_target`)."""
         try:
             self.cursor = await self.cursors.load_cursor(CURSOR_NAME)
+            if hasattr(self.cursors, "target"):
+                self._check_target(await self.cursors.target(CURSOR_NAME))
         except StoreError as e:
             raise StartupError(f"webhook: {e.detail}") from None
         self.seen = self.saved = self.cursor
         self._delivered = self.cursor > 0
+
+    @property
+    def target_id(self) -> bytes:
+        """The receiver, as the shared cursor records it: SHA-256 of its
+        URL (never the URL: its path may carry the receiver's secret)."""
+        t = self.config.target
+        return hashlib.sha256(f"{t.where}{t.path}".encode()).digest()
+
+    def _check_target(self, marked: bytes | None) -> None:
+        """The front-ends of a store share one cursor: one given another
+        --webhook than the front-end that last delivered would move it past
+        events its own receiver never got, or its receiver past theirs."""
+        if marked is not None and marked != self.target_id:
+            self.say(f"the store's cursor (event {self.cursor}) was last moved by a "
+                     f"front-end delivering to another --webhook URL; every front-end "
+                     f"of a store needs the same one")
 
     def start(self) -> None:
         if self.leading:
@@ -339,6 +359,8 @@ class Deliverer:
                 self._follow(await self.cursors.load_cursor(CURSOR_NAME))
             if leading and not self.leading:
                 self.say(f"this front-end delivers now, after event {self.cursor}")
+                self._check_target(await self.cursors.target(CURSOR_NAME))
+                await self.cursors.mark(CURSOR_NAME, self.target_id)
             elif self.leading and not leading:
                 self.say("this front-end lost the webhook's role; it delivers again "
                          "only once it takes the role back")

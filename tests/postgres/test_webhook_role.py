@@ -151,6 +151,38 @@ def test_a_holder_that_lost_the_role_goes_on_from_the_saved_cursor(pg_url):
     run(main())
 
 
+def test_a_front_end_given_another_url_says_so(pg_url):
+    """One cursor for the store's receiver: a front-end started, or taking
+    the role, with another --webhook than the last holder's says so (the
+    URL itself, which may hold the receiver's secret, is never said)."""
+    def deliverer(store, url, said):
+        return Deliverer(store, store.cursors, WebhookConfig(parse_url(url), SECRET, None),
+                         ServerLimits(webhook_lead_interval_s=LEAD_S),
+                         asyncio.get_running_loop(), say=said.append)
+
+    async def main():
+        async with two_front_ends(pg_url) as (a, b):
+            said = []
+            holder = deliverer(a, "http://127.0.0.1:9/hook?s=one", said)
+            await holder.prepare()
+            assert await holder._lead()
+            same = deliverer(b, "http://127.0.0.1:9/hook?s=one", said)
+            await same.prepare()
+            assert said == ["this front-end delivers now, after event 0"]
+            other = deliverer(b, "http://127.0.0.1:9/hook?s=two", said)
+            await other.prepare()
+            warning = ("the store's cursor (event 0) was last moved by a front-end "
+                       "delivering to another --webhook URL; every front-end of a store "
+                       "needs the same one")
+            assert said[1:] == [warning]
+            await a.aclose()                    # the holder goes; the other takes over
+            assert await other._lead()
+            assert said[2:] == ["this front-end delivers now, after event 0", warning]
+            await same.prepare()                # now the other URL is the marked one
+            assert said[4:] == [warning]
+    run(main())
+
+
 def test_a_stop_does_not_wait_for_a_role_session_that_does_not_answer(pg_url):
     async def main():
         a, _ = await opened(pg_url)
