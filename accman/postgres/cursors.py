@@ -66,44 +66,34 @@ class PgCursors:
 
     async def load_cursor(self, name: str) -> int:
         """The cursor as last saved by any front-end; 0 when never."""
-        check_name(name)
-        try:
-            value = await self.store.home.pool.fetchval(_LOAD_SQL, name,
-                                                        timeout=CURSOR_TIMEOUT_S)
-        except Exception as e:
-            raise store_error(e, f"cannot read the {name} cursor") from None
+        value = await self._call("fetchval", _LOAD_SQL, name, "read")
         return 0 if value is None else value
 
     async def save_cursor(self, name: str, value: int) -> None:
         """Durable when it returns (committed as the mods are); a value
         below the saved one leaves the saved one."""
-        check_name(name)
         assert type(value) is int and value >= 0, (name, value)
-        try:
-            await self.store.home.pool.execute(_SAVE_SQL, name, value,
-                                               timeout=CURSOR_TIMEOUT_S)
-        except Exception as e:
-            raise store_error(e, f"cannot save the {name} cursor") from None
+        await self._call("execute", _SAVE_SQL, name, "save", value)
 
     async def target(self, name: str) -> bytes | None:
         """The receiver the last holder of `name`'s role marked (`mark`);
         None when none has."""
-        check_name(name)
-        try:
-            value = await self.store.home.pool.fetchval(_TARGET_SQL, name,
-                                                        timeout=CURSOR_TIMEOUT_S)
-        except Exception as e:
-            raise store_error(e, f"cannot read the {name} cursor") from None
+        value = await self._call("fetchval", _TARGET_SQL, name, "read")
         return None if value is None else bytes(value)
 
     async def mark(self, name: str, target: bytes) -> None:
         """The holder of `name`'s role delivers to `target` (a digest)."""
+        await self._call("execute", _MARK_SQL, name, "save", target)
+
+    async def _call(self, method: str, sql: str, name: str, verb: str, *args):
+        """One statement on the home cluster about cursor `name`; its
+        errors as StoreError ("cannot VERB the NAME cursor: ...")."""
         check_name(name)
         try:
-            await self.store.home.pool.execute(_MARK_SQL, name, target,
-                                               timeout=CURSOR_TIMEOUT_S)
+            return await getattr(self.store.home.pool, method)(sql, name, *args,
+                                                               timeout=CURSOR_TIMEOUT_S)
         except Exception as e:
-            raise store_error(e, f"cannot save the {name} cursor") from None
+            raise store_error(e, f"cannot {verb} the {name} cursor") from None
 
     async def lead(self, name: str, check_s: float) -> bool:
         """Whether this front-end holds `name`'s role, taking it if no
