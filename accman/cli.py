@@ -243,7 +243,7 @@ def cmd_serve(args) -> int:
         from accman.errors import TokensError
         from accman.server import LimitsError, ServerLimits, StartupError, run
         from accman.server.auth import Tokens
-        from accman.server.webhooks import load_config
+        from accman.server.webhook_config import load_config
     except ImportError:
         why = accman.native_missing()
         if why is None:

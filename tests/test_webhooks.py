@@ -27,8 +27,8 @@ from accman.server.cursors import FileCursors, cursor_line, parse_cursor
 from accman.server.metrics import Metrics
 from accman.server.settings import ServerLimits
 from accman.server.webhook_http import parse_status, parse_url
-from accman.server.webhooks import (CURSOR_NAME, Deliverer, WebhookConfig, backoff_s, batch_body,
-                                    event_json, load_config, read_secret)
+from accman.server.webhook_config import WebhookConfig, load_config, read_secret
+from accman.server.webhooks import CURSOR_NAME, Deliverer, backoff_s, batch_body, event_json
 from conftest import run_accman
 from webhook_receiver import Receiver
 

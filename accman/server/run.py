@@ -129,7 +129,8 @@ def start_webhook(store, webhook, limits, loop, data_path):
     if webhook is None:
         return None
     from accman.server.cursors import FileCursors
-    from accman.server.webhooks import Deliverer, check_limits
+    from accman.server.webhook_config import check_limits
+    from accman.server.webhooks import Deliverer
     check_limits(limits)
     cursors = getattr(store, "cursors", None)
     if cursors is not None and data_path is not None:
@@ -193,7 +194,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     (tests inject a wrapped or faulty one this way); it is closed on the
     way out.  `store_urls`, PostgreSQL URLs, serve that store instead; then
     `data`, if not None, holds only the server's lock.  `webhook`
-    (accman.server.webhooks.load_config) has the events POSTed to it.
+    (accman.server.webhook_config.load_config) has the events POSTed to it.
     `store_options` are more keyword arguments for the store that is
     opened (its bounds: tests reach them small)."""
     import uvloop

@@ -42,103 +42,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import os
 import random
 import re
-import ssl
-import stat
-from dataclasses import dataclass
 
 import accman
 from accman.errors import AccManError, EventsTrimmed, StartupError, StoreError
-from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, WEBHOOK_REPLY_HEAD_BYTES_MAX,
-                           WEBHOOK_SECRET_BYTES_MAX, WEBHOOK_SECRET_BYTES_MIN)
+from accman.limits import WEBHOOK_REPLY_HEAD_BYTES_MAX
 from accman.records import Event
 from accman.server import webhook_http
 from accman.server.say import say
-from accman.server.webhook_http import Target
+from accman.server.webhook_config import WebhookConfig
 
 CURSOR_NAME = "webhook"
 SIGNATURE_HEADER = "AccMan-Signature"
 IDS_HEADER = "AccMan-Event-Ids"
 USER_AGENT = f"accman/{accman.__version__}"
-
-
-# --- configuration (checked before the data directory is opened) ----------------
-
-@dataclass(frozen=True, repr=False)
-class WebhookConfig:
-    """The checked `--webhook` and `--webhook-secret`.  Its repr shows the
-    receiver's host and port only: never the secret, nor the URL's path
-    and query, which may carry a secret of the receiver's."""
-
-    target: Target
-    secret: bytes
-    ssl_context: ssl.SSLContext | None
-
-    def __repr__(self):
-        return f"WebhookConfig({self.target.where})"
-
-
-def load_config(url: str | None, secret_path: str | None) -> WebhookConfig | None:
-    """The webhook of `accman serve`, None without one; raises StartupError
-    naming the flag at fault (and never quoting the secret)."""
-    if url is None and secret_path is None:
-        return None
-    if secret_path is None:
-        raise StartupError("--webhook needs --webhook-secret FILE: every POST is signed")
-    if url is None:
-        raise StartupError("--webhook-secret needs --webhook URL")
-    try:
-        target = webhook_http.parse_url(url)
-    except ValueError as e:
-        raise StartupError(f"--webhook: the URL {e}") from None
-    secret = read_secret(secret_path)
-    tls = ssl.create_default_context() if target.scheme == "https" else None
-    return WebhookConfig(target, secret, tls)
-
-
-def read_secret(path: str) -> bytes:
-    """The HMAC key: the file's bytes, surrounding whitespace stripped.  The
-    file is refused when others may read it (as the tokens file is: anyone
-    who can read it can forge events)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise StartupError(f"--webhook-secret: cannot read {path}: "
-                           f"{e.strerror or type(e).__name__}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StartupError(f"--webhook-secret: {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise StartupError(f"--webhook-secret: {path} is open to other users (mode "
-                               f"{stat.S_IMODE(st.st_mode):04o}): run chmod 600 {path}")
-        data = os.read(fd, WEBHOOK_SECRET_BYTES_MAX * 2 + 1)
-    except OSError as e:
-        raise StartupError(f"--webhook-secret: cannot read {path}: "
-                           f"{e.strerror or type(e).__name__}") from None
-    finally:
-        os.close(fd)
-    secret = data.strip()
-    if not WEBHOOK_SECRET_BYTES_MIN <= len(secret) <= WEBHOOK_SECRET_BYTES_MAX:
-        raise StartupError(f"--webhook-secret: the secret in {path} must have "
-                           f"{WEBHOOK_SECRET_BYTES_MIN} to {WEBHOOK_SECRET_BYTES_MAX} bytes "
-                           f"(besides surrounding whitespace)")
-    return secret
-
-
-def check_limits(limits) -> None:
-    """The deliverer's overridable bounds against the store's: one read
-    returns at most EVENTS_LIMIT_MAX events and waits at most
-    EVENTS_WAIT_S_MAX.  Raises StartupError."""
-    if limits.webhook_events_per_post_max > EVENTS_LIMIT_MAX:
-        raise StartupError(f"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX is at most {EVENTS_LIMIT_MAX}")
-    if limits.webhook_poll_wait_s > EVENTS_WAIT_S_MAX:
-        raise StartupError(f"ACCMAN_WEBHOOK_POLL_WAIT_S is at most {EVENTS_WAIT_S_MAX}")
-    if limits.webhook_backoff_base_s > limits.webhook_backoff_cap_s:
-        raise StartupError("ACCMAN_WEBHOOK_BACKOFF_BASE_S must not be over "
-                           "ACCMAN_WEBHOOK_BACKOFF_CAP_S")
 
 
 # --- the POST's bytes (no I/O) ------------------------------------------------------

@@ -17,7 +17,8 @@ from accman.postgres import cursors as cursors_module
 from accman.server.cursors import FileCursors
 from accman.server.settings import ServerLimits
 from accman.server.webhook_http import parse_url
-from accman.server.webhooks import Deliverer, WebhookConfig
+from accman.server.webhook_config import WebhookConfig
+from accman.server.webhooks import Deliverer
 from conftest import spawn_server
 from webhook_receiver import Receiver
 
