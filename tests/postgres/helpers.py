@@ -57,6 +57,29 @@ async def opened(urls, **kw):
 
 
 @contextlib.asynccontextmanager
+async def stored(urls, **kw):
+    """`opened`'s store and calls, the store closed on the way out."""
+    store, calls = await opened(urls, **kw)
+    try:
+        yield store, calls
+    finally:
+        await store.aclose()
+
+
+def two_clusters(pg, pg_factory, name):
+    """A second cluster, and the URLs of a new database NAME_a on `pg` and
+    NAME_b on it: a store of two clusters."""
+    other = pg_factory(name="second")
+    return other, [pg.create_database(f"{name}_a"), other.create_database(f"{name}_b")]
+
+
+def far_creds(store, tries):
+    """Of z0 .. z{tries-1}, the credentials whose accounts live off the
+    events' home cluster."""
+    return [f"z{i}" for i in range(tries) if store._locate(f"z{i}")[1] is not store.home]
+
+
+@contextlib.asynccontextmanager
 async def locked(url, table):
     """`table` held locked (ACCESS EXCLUSIVE: every read of it waits) by
     another session while the block runs."""

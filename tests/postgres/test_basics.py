@@ -6,13 +6,12 @@ import pytest
 from accman.errors import (BadRequest, Insufficient, KeyReused, NoAccount, Overflow)
 from accman.limits import INT64_MAX, INT64_MIN
 
-from .helpers import opened, run
+from .helpers import run, stored
 
 
 def test_fund_charge_read(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             with pytest.raises(NoAccount):
                 await c.tot("alice")
             assert await c.mod("alice", 100) == (100, 1)
@@ -24,15 +23,12 @@ def test_fund_charge_read(pg_url):
             assert [(e.seq, e.by, e.tot, e.key, e.hold) for e in page.entries] == [
                 (2, -30, 70, None, None), (1, 100, 100, None, None)]
             assert page.next is None
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_charge_of_unknown_cred_creates_nothing(pg_url, pg):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             with pytest.raises(NoAccount):
                 await c.mod("bob", -1)
             with pytest.raises(NoAccount):
@@ -41,8 +37,6 @@ def test_charge_of_unknown_cred_creates_nothing(pg_url, pg):
                 await c.mod("bob", 5, min=10)      # a refused funding mod
             with pytest.raises(NoAccount):
                 await c.past("bob")
-        finally:
-            await store.aclose()
     run(main())
     dbname = pg_url.rsplit("/", 1)[1]
     assert pg.psql("SELECT count(*) FROM accman_accounts", dbname) == "0"
@@ -51,23 +45,19 @@ def test_charge_of_unknown_cred_creates_nothing(pg_url, pg):
 
 def test_min_judges_the_balance_after(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 10)
             with pytest.raises(Insufficient) as e:
                 await c.mod("a", -11, min=0)
             assert e.value.tot == 10
             assert await c.mod("a", -10, min=0) == (0, 2)
             assert await c.mod("a", -5) == (-5, 3)        # no min: may go below 0
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_overflow_changes_nothing(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", INT64_MAX)
             with pytest.raises(Overflow):
                 await c.mod("a", 1)
@@ -77,15 +67,12 @@ def test_overflow_changes_nothing(pg_url):
                 await c.mod("b", -3)
             assert await c.tot("a") == INT64_MAX
             assert (await c.past("a")).entries[0].seq == 1
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_keys(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             assert await c.mod("a", 100, key="k1") == (100, 1)
             await c.mod("a", 1)
             assert await c.mod("a", 100, key="k1") == (100, 1)    # the original reply
@@ -100,8 +87,6 @@ def test_keys(pg_url):
             # Keys are per account.
             assert await c.mod("b", 5, key="k1") == (5, 1)
             assert (await c.past("a")).entries[0].key == "k2"
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -110,22 +95,18 @@ def test_keyed_mods_in_one_batch(pg_url):
     import asyncio
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 1)
             got = await asyncio.gather(c.mod("a", 7, key="x"), c.mod("a", 7, key="x"),
                                        c.mod("a", 8, key="x"), return_exceptions=True)
             assert got[0] == got[1] == (8, 2)
             assert isinstance(got[2], KeyReused)
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_seq_gap_free_and_pages(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             import asyncio
             await c.mod("a", 1000)
             await asyncio.gather(*(c.mod("a", -1) for _ in range(250)))
@@ -138,15 +119,12 @@ def test_seq_gap_free_and_pages(pg_url):
             assert [e.seq for e in p3.entries] == list(range(51, 0, -1))
             assert p3.next is None
             assert p2.entries[-1].tot == 1000 - (p2.entries[-1].seq - 1)
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_bad_values_queue_nothing(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             for args in [("a b", 1), ("", 1), ("é", 1), ("a" * 129, 1), ("a", 0),
                          ("a", 2 ** 63), ("a", True), ("a", 1.0)]:
                 with pytest.raises(BadRequest):
@@ -160,8 +138,6 @@ def test_bad_values_queue_nothing(pg_url):
             with pytest.raises(BadRequest):
                 store.submit_hold("a", -5, 86401, None, None, done=print)
             assert store.queued_mods == 0
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -171,12 +147,9 @@ def test_credentials_hashed_at_rest(pg, pg_url):
     import hashlib
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("secret-cred-123", 5, key="k")
             return store.account_id("secret-cred-123")
-        finally:
-            await store.aclose()
     account = run(main())
     db = pg_url.rsplit("/", 1)[1]
     key = bytes.fromhex(pg.psql("SELECT encode(hash_key, 'hex') FROM accman_schema", db))
@@ -194,8 +167,7 @@ def test_ordered_reads_see_exactly_the_calls_before_them(pg_url):
     import asyncio
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 10)
             got = await asyncio.gather(c.mod("a", 1), c.tot("a", ordered=True), c.mod("a", 1),
                                        c.past("a", ordered=True), c.mod("a", 1),
@@ -203,6 +175,4 @@ def test_ordered_reads_see_exactly_the_calls_before_them(pg_url):
             assert got[1] == 11
             assert got[3].entries[0].seq == 3 and got[3].entries[0].tot == 12
             assert got[5] == 13
-        finally:
-            await store.aclose()
     run(main())

@@ -11,21 +11,18 @@ from accman.postgres import cluster as cluster_module
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
-from .helpers import locked, opened, run
+from .helpers import locked, run, stored
 
 
 def test_batch_mods_max(pg_url):
     async def main():
-        store, c = await opened(pg_url, batch_mods_max=3)
-        try:
+        async with stored(pg_url, batch_mods_max=3) as (store, c):
             await c.mod("a", 1)
             store.drain_samples()
             got = await asyncio.gather(*(c.mod("a", 1) for _ in range(10)))
             assert sorted(s for _, s in got) == list(range(2, 12))
             sizes, times = store.drain_samples()
             assert max(sizes) == 3 and sum(sizes) == 10 and len(times) == len(sizes)
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -34,16 +31,13 @@ def test_read_batch_and_queue_bounds(pg_url, monkeypatch):
     monkeypatch.setattr(store_module, "QUEUED_READS_MAX", 5)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await asyncio.gather(*(c.mod(f"r{i}", i + 1) for i in range(5)))
             reads = [asyncio.ensure_future(c.tot(f"r{i}")) for i in range(5)]
             await asyncio.sleep(0)
             with pytest.raises(Busy):
                 store.read_tot("r0", done=print)
             assert await asyncio.gather(*reads) == [1, 2, 3, 4, 5]
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -51,14 +45,11 @@ def test_cred_cache_bound(pg_url, monkeypatch):
     monkeypatch.setattr(store_module, "CRED_CACHE_MAX", 2)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             for i in range(5):
                 await c.mod(f"c{i}", i + 1)
                 assert len(store._creds) <= 2
             assert [await c.tot(f"c{i}") for i in range(5)] == [1, 2, 3, 4, 5]
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -75,8 +66,7 @@ def test_lost_database_then_reconnect(pg_factory, monkeypatch):
     url = pg.create_database("f")
 
     async def main():
-        store, c = await opened(url)
-        try:
+        async with stored(url) as (store, c):
             assert await c.mod("a", 5, key="k") == (5, 1)
             pg.kill()
             with pytest.raises(Unavailable):
@@ -89,8 +79,6 @@ def test_lost_database_then_reconnect(pg_factory, monkeypatch):
             await until(lambda: store.healthy, 5 * store_module.RECONNECT_BACKOFF_S_MAX + 5)
             assert await c.mod("a", 1, key="k2") == (6, 2)
             assert await c.mod("a", 5, key="k") == (5, 1)
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -103,8 +91,7 @@ def test_stalled_commit_is_not_acknowledged(pg_factory, monkeypatch):
     url = primary.create_database("s")
 
     async def main():
-        store, c = await opened(url)
-        try:
+        async with stored(url) as (store, c):
             assert await c.mod("a", 5) == (5, 1)
             standby.stop("immediate")
             with pytest.raises(Unavailable):
@@ -115,21 +102,16 @@ def test_stalled_commit_is_not_acknowledged(pg_factory, monkeypatch):
             # back: outcome unknown was the honest answer.  Its key-less
             # retry would apply twice; keyed retries are what clients use.
             assert (await c.mod("a", 1, key="after"))[0] in (6, 7)
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_read_pool_bound(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await asyncio.gather(*(c.mod(f"p{i}", 1) for i in range(20)))
             pages = await asyncio.gather(*(c.past(f"p{i}") for i in range(20)))
             assert all(p.entries[0].tot == 1 for p in pages)
             assert store.clusters[0].pool.get_size() == cluster_module.READ_POOL_CONNECTIONS_MAX
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -137,8 +119,7 @@ def test_two_write_lanes_keep_each_account_in_order(pg_url, monkeypatch):
     monkeypatch.setattr(cluster_module, "WRITE_LANES", 2)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             assert len(store.clusters[0].lanes) == 2
             creds = [f"l{i}" for i in range(16)]
             await asyncio.gather(*(c.mod(x, 100) for x in creds))
@@ -146,8 +127,6 @@ def test_two_write_lanes_keep_each_account_in_order(pg_url, monkeypatch):
             assert len(lanes) == 2                      # both lanes carry accounts
             got = await asyncio.gather(*(c.mod(x, -1) for x in creds for _ in range(5)))
             assert got == [(100 - n, 1 + n) for _ in creds for n in range(1, 6)]
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -157,8 +136,7 @@ def test_a_read_that_waits_past_read_timeout_s_is_unavailable(pg_url, monkeypatc
     monkeypatch.setattr(store_module, "READ_TIMEOUT_S", 0.5)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             assert await c.mod("a", 5) == (5, 1)
             async with locked(pg_url, "accman_accounts"):
                 # Within 5 s each (wait_for), or the bound did not hold.
@@ -169,8 +147,6 @@ def test_a_read_that_waits_past_read_timeout_s_is_unavailable(pg_url, monkeypatc
             assert await c.tot("a") == 5
             assert (await c.past("a")).entries[0].tot == 5
             assert store.healthy                      # a slow read is not a lost database
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -183,14 +159,11 @@ def test_an_upkeep_round_past_round_timeout_s_marks_the_cluster_lost(pg_url, mon
     monkeypatch.setattr(store_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             assert await c.mod("a", 5) == (5, 1)
             async with locked(pg_url, "accman_counter"):
                 await until(lambda: not store.healthy, 10)
                 assert "did not answer in time" in store.clusters[0].error
             await until(lambda: store.healthy, 10)
             assert await c.mod("a", 1) == (6, 2)
-        finally:
-            await store.aclose()
     run(main())

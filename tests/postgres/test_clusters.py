@@ -9,7 +9,7 @@ import pytest
 from accman.errors import StoreError
 from accman.postgres.migrate import migrate
 
-from .helpers import opened, run
+from .helpers import opened, run, stored, two_clusters
 
 ACCOUNTS = 200
 
@@ -19,20 +19,16 @@ def hids_of(cluster, dbname):
 
 
 def test_accounts_spread_over_two_clusters(pg, pg_factory):
-    other = pg_factory(name="second")
-    urls = [pg.create_database("two_a"), other.create_database("two_b")]
+    other, urls = two_clusters(pg, pg_factory, "two")
 
     async def main():
-        store, c = await opened(urls)
-        try:
+        async with stored(urls) as (store, c):
             await asyncio.gather(*(c.mod(f"u{i}", 10) for i in range(ACCOUNTS)))
             await asyncio.gather(*(c.mod(f"u{i}", -1) for i in range(ACCOUNTS)))
             for i in range(0, ACCOUNTS, 37):
                 page = await c.past(f"u{i}")
                 assert [(e.seq, e.tot) for e in page.entries] == [(2, 9), (1, 10)]
             return {store.account_id(f"u{i}") for i in range(ACCOUNTS)}
-        finally:
-            await store.aclose()
     ids = run(main())
     a, b = hids_of(pg, "two_a"), hids_of(other, "two_b")
     assert a and b and not (a & b) and a | b == ids
@@ -45,12 +41,9 @@ def test_accounts_spread_over_two_clusters(pg, pg_factory):
 
     # The same store, opened again, finds every account where it left it.
     async def again():
-        store, c = await opened(urls, migrate_schema=False)
-        try:
+        async with stored(urls, migrate_schema=False) as (store, c):
             assert await asyncio.gather(*(c.tot(f"u{i}") for i in range(ACCOUNTS))) == \
                 [9] * ACCOUNTS
-        finally:
-            await store.aclose()
     run(again())
 
 

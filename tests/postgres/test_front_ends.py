@@ -7,7 +7,7 @@ import asyncio
 import os
 
 from .bank import check_bank, read_outcomes, spawn_front_end, wait_front_end
-from .helpers import opened, run
+from .helpers import run, stored
 
 ACCOUNTS = 20           # few accounts: the front-ends contend on each
 FUNDING = 500
@@ -18,13 +18,10 @@ LOAD_S = 60.0 if LONG else 3.0
 
 def fund(url, accounts):
     async def main():
-        store, c = await opened(url)
-        try:
+        async with stored(url) as (store, c):
             await asyncio.gather(*(c.mod(f"acct-{i}", FUNDING, key=f"fund-acct-{i}")
                                    for i in range(accounts)))
             return {f"acct-{i}": FUNDING for i in range(accounts)}, store.account_id
-        finally:
-            await store.aclose()
     return run(main())
 
 

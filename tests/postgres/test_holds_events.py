@@ -11,13 +11,12 @@ from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insuffici
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import upkeep
 
-from .helpers import opened, run
+from .helpers import opened, run, stored
 
 
 def test_hold_and_settle(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 100)
             assert await c.hold("a", -30, 60) == (2, 70, 2)
             assert await c.tot("a") == 70
@@ -41,15 +40,12 @@ def test_hold_and_settle(pg_url):
             assert [(e.seq, e.by, e.tot, e.hold) for e in entries] == [
                 (5, 0, 10, 3), (4, 20, 10, 2), (3, -80, -10, 3), (2, -30, 70, 2),
                 (1, 100, 100, None)]
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_keyed_hold(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 100)
             assert await c.hold("a", -5, 60, key="h") == (2, 95, 2)
             assert await c.hold("a", -5, 60, key="h") == (2, 95, 2)
@@ -59,15 +55,12 @@ def test_keyed_hold(pg_url):
                 await c.hold("a", -6, 60, key="h")
             with pytest.raises(NoAccount):
                 await c.hold("b", -5, 60, key="h")
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_hold_bounds(pg_url):
     async def main():
-        store, c = await opened(pg_url, holds_per_account_max=3, holds_max=5)
-        try:
+        async with stored(pg_url, holds_per_account_max=3, holds_max=5) as (store, c):
             await c.mod("a", 100)
             await c.mod("b", 100)
             for _ in range(3):
@@ -80,8 +73,6 @@ def test_hold_bounds(pg_url):
                 await c.hold("b", -1, 60)
             await c.settle("a", 2, 1)                       # one ends: room again
             assert (await c.hold("b", -1, 60))[0] == 4
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -115,8 +106,7 @@ def test_settle_after_ttl_is_hold_ended_at_once(pg_url, monkeypatch):
     monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 3600)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 100)
             await asyncio.sleep(1.1)          # the round at open has run
             await c.hold("a", -10, 1)
@@ -125,15 +115,12 @@ def test_settle_after_ttl_is_hold_ended_at_once(pg_url, monkeypatch):
                 await c.settle("a", 2, 3)
             assert await c.tot("a") == 100
             assert (await c.past("a")).entries[0].by == 10
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_events_gap_free_with_low_balance(pg_url):
     async def main():
-        store, c = await opened(pg_url, low_default=50)
-        try:
+        async with stored(pg_url, low_default=50) as (store, c):
             await c.mod("a", 100)
             await c.mod("a", -60)                 # crosses 50: low_balance
             await c.mod("a", -10)                 # already below: none
@@ -152,8 +139,6 @@ def test_events_gap_free_with_low_balance(pg_url):
             page, nxt2 = await c.events(after=3, limit=2)
             assert [e.id for e in page] == [4, 5] and nxt2 == 5
             assert await c.events(after=nxt) == ([], nxt)
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -184,8 +169,7 @@ def test_events_waiters_bound(pg_url, monkeypatch):
     monkeypatch.setattr("accman.postgres.events.EVENTS_WAITERS_MAX", 3)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             polls = [asyncio.ensure_future(c.events(wait_s=5)) for _ in range(3)]
             await asyncio.sleep(0.3)
             with pytest.raises(Busy):
@@ -193,16 +177,13 @@ def test_events_waiters_bound(pg_url, monkeypatch):
             await c.mod("a", 1)
             for p in polls:
                 assert (await p)[1] == 1
-        finally:
-            await store.aclose()
     assert EVENTS_WAITERS_MAX == 1024
     run(main())
 
 
 def test_events_trimmed(pg, pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             for _ in range(4):
                 await c.mod("a", 1)
             dbname = pg_url.rsplit("/", 1)[1]
@@ -213,22 +194,17 @@ def test_events_trimmed(pg, pg_url):
             assert e.value.first == 3
             events, _ = await c.events(after=2)
             assert [x.id for x in events] == [3, 4]
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_busy_when_queue_full(pg_url):
     async def main():
-        store, c = await opened(pg_url, queued_mods_max=4)
-        try:
+        async with stored(pg_url, queued_mods_max=4) as (store, c):
             futs = [asyncio.ensure_future(c.mod("a", 1)) for _ in range(4)]
             await asyncio.sleep(0)
             with pytest.raises(Busy):
                 store.submit("a", 1, None, None, done=print)
             assert [f[1] for f in await asyncio.gather(*futs)] == [1, 2, 3, 4]
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -238,15 +214,12 @@ def test_expiry_rounds_are_bounded_and_go_on(pg_url, monkeypatch):
     monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 0.1)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             for x in ("a", "b", "c"):
                 await c.mod(x, 10)
                 await c.hold(x, -10, 1)
             await asyncio.sleep(1.6)
             assert [await c.tot(x) for x in ("a", "b", "c")] == [10, 10, 10]
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -255,8 +228,7 @@ def test_retention_trims_in_the_background(pg, pg_url, monkeypatch):
     monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 0.1)
 
     async def main():
-        store, c = await opened(pg_url, retention_s=1.0)
-        try:
+        async with stored(pg_url, retention_s=1.0) as (store, c):
             await c.mod("a", 1)
             await c.mod("a", 1)
             await asyncio.sleep(1.5)
@@ -265,6 +237,4 @@ def test_retention_trims_in_the_background(pg, pg_url, monkeypatch):
             with pytest.raises(EventsTrimmed) as e:
                 await c.events(after=0)
             assert e.value.first == 3
-        finally:
-            await store.aclose()
     run(main())

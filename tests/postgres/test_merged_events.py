@@ -15,7 +15,7 @@ from accman.postgres import merge as merge_module
 from accman.postgres.migrate import migrate
 
 from .bank import spawn_front_end
-from .helpers import locked, opened, run
+from .helpers import far_creds, locked, opened, run, stored, two_clusters
 
 
 async def all_events(c):
@@ -46,8 +46,7 @@ def check_order(events, expected_keys):
 
 
 def test_two_clusters_number_their_events_in_one_order(pg, pg_factory):
-    other = pg_factory(name="second")
-    urls = [pg.create_database("m_a"), other.create_database("m_b")]
+    other, urls = two_clusters(pg, pg_factory, "m")
 
     async def main():
         s1, c1 = await opened(urls)
@@ -75,8 +74,7 @@ def test_two_clusters_number_their_events_in_one_order(pg, pg_factory):
 
 
 def test_a_long_poll_hears_a_commit_on_another_cluster(pg, pg_factory):
-    other = pg_factory(name="second")
-    urls = [pg.create_database("lp_a"), other.create_database("lp_b")]
+    other, urls = two_clusters(pg, pg_factory, "lp")
 
     async def main():
         s1, c1 = await opened(urls)
@@ -101,13 +99,10 @@ def test_a_store_grown_to_two_clusters_keeps_the_ids_it_gave(pg, pg_factory):
     first = pg.create_database("g_a")
 
     async def before():
-        store, c = await opened(first)
-        try:
+        async with stored(first) as (store, c):
             for i in range(5):
                 await c.mod(f"u{i}", 3)
             return await all_events(c)
-        finally:
-            await store.aclose()
     old = run(before())
     other = pg_factory(name="added")
     second = other.create_database("g_b")
@@ -115,14 +110,11 @@ def test_a_store_grown_to_two_clusters_keeps_the_ids_it_gave(pg, pg_factory):
     assert infos[0].events_home == infos[1].events_home == infos[1].cluster_id
 
     async def after():
-        store, c = await opened([first, second])
-        try:
+        async with stored([first, second]) as (store, c):
             assert store.home.url == first
             for i in range(30):
                 await c.mod(f"v{i}", 1)
             return await all_events(c)
-        finally:
-            await store.aclose()
     events = run(after())
     assert [(e.id, e.account, e.seq, e.at) for e in events[:5]] == \
         [(e.id, e.account, e.seq, e.at) for e in old]
@@ -131,13 +123,11 @@ def test_a_store_grown_to_two_clusters_keeps_the_ids_it_gave(pg, pg_factory):
 
 
 def test_a_copy_that_fails_part_way_copies_nothing(pg, pg_factory, monkeypatch):
-    other = pg_factory(name="second")
-    urls = [pg.create_database("f_a"), other.create_database("f_b")]
+    other, urls = two_clusters(pg, pg_factory, "f")
     home_db = {}
 
     async def main():
-        store, c = await opened(urls)
-        try:
+        async with stored(urls) as (store, c):
             home_db["name"] = store.home.url.rsplit("/", 1)[1]
             far = [f"y{i}" for i in range(200) if store._locate(f"y{i}")[1] is not store.home]
             home_cluster = pg if store.home.url == urls[0] else other
@@ -161,8 +151,6 @@ def test_a_copy_that_fails_part_way_copies_nothing(pg, pg_factory, monkeypatch):
             events = await all_events(c)
             assert [e.id for e in events] == list(range(1, 11))
             assert {e.account for e in events} == {store.account_id(y) for y in far[:10]}
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -171,21 +159,17 @@ def test_a_copy_that_waits_past_merge_timeout_s_is_unavailable(pg, pg_factory, m
     not answer in time fails (503 for a read that needs it, retried by the
     copier), instead of holding /events without end; then it catches up."""
     monkeypatch.setattr(merge_module, "MERGE_TIMEOUT_S", 0.5)
-    other = pg_factory(name="second")
-    urls = [pg.create_database("t_a"), other.create_database("t_b")]
+    other, urls = two_clusters(pg, pg_factory, "t")
 
     async def main():
-        store, c = await opened(urls)
-        try:
-            far = [f"z{i}" for i in range(200) if store._locate(f"z{i}")[1] is not store.home]
+        async with stored(urls) as (store, c):
+            far = far_creds(store, 200)
             async with locked(store.home.url, "accman_merged"):
                 await asyncio.gather(*(c.mod(z, 1) for z in far[:5]))
                 with pytest.raises(Unavailable, match="copied"):
                     await asyncio.wait_for(c.events(), 5)   # within 5 s, or no bound
             events = await all_events(c)
             assert [e.id for e in events] == list(range(1, 6))
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -194,15 +178,11 @@ def test_front_ends_killed_mid_load_lose_no_event(pg, pg_factory, tmp_path):
     32 callers each; one is killed with SIGKILL halfway.  A front-end opened
     afterwards reads every event of both clusters once, in one gap-free
     order."""
-    other = pg_factory(name="second")
-    urls = [pg.create_database("k_a"), other.create_database("k_b")]
+    other, urls = two_clusters(pg, pg_factory, "k")
 
     async def fund():
-        store, c = await opened(urls)
-        try:
+        async with stored(urls) as (store, c):
             await asyncio.gather(*(c.mod(f"acct-{i}", 500) for i in range(40)))
-        finally:
-            await store.aclose()
     run(fund())
     procs = [spawn_front_end(urls=urls, seconds=4.0, callers=32, accounts=40, seed=i,
                              out=str(tmp_path / f"fe{i}.jsonl"), retry_s=0)
@@ -214,11 +194,8 @@ def test_front_ends_killed_mid_load_lose_no_event(pg, pg_factory, tmp_path):
     assert procs[1].returncode == 0
 
     async def read():
-        store, c = await opened(urls)
-        try:
+        async with stored(urls) as (store, c):
             return await all_events(c)
-        finally:
-            await store.aclose()
     events = run(read())
     check_order(events, history_keys(pg, "k_a") | history_keys(other, "k_b"))
     assert len(events) > 200
@@ -229,13 +206,11 @@ def test_a_cluster_far_behind_is_copied_in_passes_of_merge_batch_max(pg, pg_fact
     """MERGE_BATCH_MAX events per copy: a cluster 23 events behind, at 5 a
     pass, is copied in five passes or more, in order, once."""
     monkeypatch.setattr(merge_module, "MERGE_BATCH_MAX", 5)
-    other = pg_factory(name="second")
-    urls = [pg.create_database("p_a"), other.create_database("p_b")]
+    other, urls = two_clusters(pg, pg_factory, "p")
 
     async def main():
-        store, c = await opened(urls)
-        try:
-            far = [f"z{i}" for i in range(300) if store._locate(f"z{i}")[1] is not store.home]
+        async with stored(urls) as (store, c):
+            far = far_creds(store, 300)
             passes = []
             real_pass = store.merger._pass
 
@@ -249,6 +224,4 @@ def test_a_cluster_far_behind_is_copied_in_passes_of_merge_batch_max(pg, pg_fact
             assert [e.id for e in events] == list(range(1, 24))
             copied = [n for n in passes if n]
             assert sum(copied) == 23 and max(copied) == 5 and len(copied) >= 5
-        finally:
-            await store.aclose()
     run(main())

@@ -13,13 +13,12 @@ from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, KeyReused
                            Overflow, TooManyHolds)
 from accman.limits import INT64_MAX, INT64_MIN
 
-from .helpers import opened, run
+from .helpers import opened, run, stored
 
 
 def test_refusals_say_what_the_embedded_store_says(pg_url):
     async def main():
-        store, c = await opened(pg_url, holds_per_account_max=2, holds_max=3)
-        try:
+        async with stored(pg_url, holds_per_account_max=2, holds_max=3) as (store, c):
             with pytest.raises(NoAccount, match="a charge opens none"):
                 await c.mod("nobody", -1)
             with pytest.raises(NoAccount, match="a hold opens none"):
@@ -49,30 +48,24 @@ def test_refusals_say_what_the_embedded_store_says(pg_url):
                 await c.settle("a", 3, 0)
             with pytest.raises(HoldEnded, match="expired"):
                 await c.settle("a", 3, 0)                   # and stays so
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_a_mod_leaves_room_for_what_open_holds_give_back(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 100)
             await c.hold("a", -100, 60)
             with pytest.raises(Overflow, match="open holds"):
                 await c.mod("a", INT64_MAX)
             assert await c.mod("a", INT64_MAX - 100) == (INT64_MAX - 100, 3)
             assert await c.settle("a", 2, 0) == (INT64_MAX, 4)
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_the_counts_are_in_the_stats(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 10)
             await c.mod("b", 10)
             await c.hold("a", -1, 1)
@@ -86,8 +79,6 @@ def test_the_counts_are_in_the_stats(pg_url):
             stats = store.stats
             assert (stats["open_holds"], stats["holds_expired"], stats["events_last"]) == \
                 (1, 1, 5)
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -98,20 +89,16 @@ def test_a_hold_that_expired_while_down_ends_before_open_returns(pg_url):
         await c.hold("a", -10, 1)
         await store.aclose()
         await asyncio.sleep(1.2)
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             assert store.open_holds == 0 and store.stats["holds_expired"] == 1
             assert await c.tot("a") == 100                 # at once, no round awaited
             assert (await c.past("a")).entries[0].hold == 2     # the expiry ends hold 2
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_next_tells_where_the_event_stream_ends(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             assert await c.events(after=7) == ([], 0)      # no event yet: it ends at 0
             # Past the end, a long poll is answered at once: it would wait 30 s.
             assert await asyncio.wait_for(c.events(after=7, wait_s=30), 5) == ([], 0)
@@ -120,15 +107,12 @@ def test_next_tells_where_the_event_stream_ends(pg_url):
             assert await c.events(after=3) == ([], 3)
             assert await c.events(after=5000) == ([], 3)
             assert await asyncio.wait_for(c.events(after=5000, wait_s=30), 5) == ([], 3)
-        finally:
-            await store.aclose()
     run(main())
 
 
 def test_end_waits_answers_every_long_poll_at_once(pg_url):
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             await c.mod("a", 1)
             polls = [asyncio.ensure_future(c.events(after=1, wait_s=30)) for _ in range(3)]
             await asyncio.sleep(0.3)
@@ -137,8 +121,6 @@ def test_end_waits_answers_every_long_poll_at_once(pg_url):
             assert await asyncio.gather(*polls) == [([], 1)] * 3
             assert time.monotonic() - t0 < 5
             assert await c.events(after=1, wait_s=30) == ([], 1)    # no wait any more
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -146,16 +128,13 @@ def test_the_waiters_bound_is_named_with_its_value(pg_url, monkeypatch):
     monkeypatch.setattr("accman.postgres.events.EVENTS_WAITERS_MAX", 2)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             polls = [asyncio.ensure_future(c.events(wait_s=5)) for _ in range(2)]
             await asyncio.sleep(0.3)
             with pytest.raises(Busy, match=r"EVENTS_WAITERS_MAX \(2\)"):
                 await c.events(wait_s=5)
             store.end_waits()
             await asyncio.gather(*polls)
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -163,8 +142,7 @@ def test_a_retention_shorter_than_the_trim_interval_is_kept_to(pg_url):
     """Events past a one-second retention go within a round or two, not at
     the next TRIM_INTERVAL_S (a minute); the stats count them."""
     async def main():
-        store, c = await opened(pg_url, retention_s=1.0)
-        try:
+        async with stored(pg_url, retention_s=1.0) as (store, c):
             for _ in range(3):
                 await c.mod("a", 1)
             await asyncio.sleep(1.2)
@@ -180,8 +158,6 @@ def test_a_retention_shorter_than_the_trim_interval_is_kept_to(pg_url):
                 await asyncio.sleep(0.1)
             stats = store.stats
             assert (stats["events_first"], stats["events_trimmed"]) == (4, 3)
-        finally:
-            await store.aclose()
     run(main())
 
 
@@ -198,16 +174,13 @@ def test_polls_of_one_page_share_one_read(pg_url, monkeypatch):
     monkeypatch.setattr(EventReader, "_page", counted)
 
     async def main():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             polls = [asyncio.ensure_future(c.events(after=0, wait_s=10)) for _ in range(300)]
             await asyncio.sleep(0.3)
             assert len(reads) <= 2
             await c.mod("a", 1)
             assert all(p[1] == 1 for p in await asyncio.gather(*polls))
             assert len(reads) <= 4
-        finally:
-            await store.aclose()
     run(main())
 
 

@@ -22,7 +22,7 @@ from accman.server.webhooks import Deliverer
 from conftest import spawn_server
 from webhook_receiver import Receiver
 
-from .helpers import opened, run
+from .helpers import opened, run, stored
 
 SECRET = b"webhook-secret-0123456789abcdef"
 LEAD_S = 0.2            # WEBHOOK_LEAD_INTERVAL_S for these tests
@@ -255,12 +255,9 @@ def test_a_cursor_left_in_the_data_directory_goes_to_the_store(pg, pg_url, tmp_p
     first start after the upgrade gives it to the store, so that nothing
     the receiver acknowledged is sent again."""
     async def fill():
-        store, c = await opened(pg_url)
-        try:
+        async with stored(pg_url) as (store, c):
             for _ in range(21):
                 await c.mod("acct-0", 1)
-        finally:
-            await store.aclose()
     run(fill())
     data = tmp_path / "d"
     data.mkdir(mode=0o700)
