@@ -185,9 +185,10 @@ class Connection(asyncio.Protocol, Lifecycle):
         return True
 
     def _wait_on(self, slot):
-        """A Slot now waits for the store; its reserve counts against the
-        bytes this connection may have owed (WRITE_BUFFER_BYTES_MAX) until
-        it leaves `waiting` (Pipeline.drain takes it off)."""
+        """A Slot now waits in `waiting`, for the store or for its turn;
+        its reserve counts against the bytes this connection may have owed
+        (WRITE_BUFFER_BYTES_MAX) until it leaves (Pipeline.drain takes it
+        off), and an /events read holds back what comes after it."""
         self.waiting.append(slot)
         self.reserved += slot.reserve
         if slot.route == ROUTE_EVENTS:
@@ -233,9 +234,7 @@ class Connection(asyncio.Protocol, Lifecycle):
                     self._wait_on(r)
                     room -= r.reserve
             elif req.route in _AT_ITS_TURN:
-                waiting.append(Slot(self, req.route, mode, req.head, req=req))
-                if req.route == ROUTE_EVENTS:
-                    self.until_drained = True
+                self._wait_on(Slot(self, req.route, mode, req.head, req=req))
             else:
                 r = routes.answer(self, req, mode, True)
                 if type(r) is bytes:
