@@ -178,6 +178,29 @@ def lock_shared(path: str) -> int:
     return fd
 
 
+def locked_elsewhere(path: str) -> bool:
+    """True if a LevelDB in this or another process holds the directory's
+    LOCK.  Its files are then changing under us: not checked, and plyvel
+    raises StoreLocked.  An open-file-description lock query (F_OFD_GETLK)
+    sees LevelDB's fcntl lock even in this process, and takes no lock (a
+    plain fcntl lock taken and closed here would drop LevelDB's)."""
+    getlk = getattr(fcntl, "F_OFD_GETLK", None)
+    if getlk is None:
+        return False
+    try:
+        fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type = struct.unpack("hhqqi4x", fcntl.fcntl(fd, getlk, flock))[0]
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return l_type != fcntl.F_UNLCK
+
+
 def snapshot(path: str) -> str:
     """A private copy of the store at `path` to open without changing a
     file of it (`accman verify` on a read-only copy or a live backup):

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hmac
 import json
 import logging
 import os
-import struct
 import threading
 
 import plyvel
@@ -68,29 +66,6 @@ def _translated(path: str, action: str):
         raise StoreError(f"{path}: {action} failed: {_msg(e)}") from e
     except OSError as e:
         raise StoreError(f"{path}: {action} failed: {e.strerror or e}") from e
-
-
-def _locked_elsewhere(path: str) -> bool:
-    """True if a LevelDB in this or another process holds the directory's
-    LOCK.  Its files are then changing under us: not checked, and plyvel
-    raises StoreLocked.  An open-file-description lock query (F_OFD_GETLK)
-    sees LevelDB's fcntl lock even in this process, and takes no lock (a
-    plain fcntl lock taken and closed here would drop LevelDB's)."""
-    getlk = getattr(fcntl, "F_OFD_GETLK", None)
-    if getlk is None:
-        return False
-    try:
-        fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        l_type = struct.unpack("hhqqi4x", fcntl.fcntl(fd, getlk, flock))[0]
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return l_type != fcntl.F_UNLCK
 
 
 def _msg(e: BaseException) -> str:
@@ -223,7 +198,7 @@ class Store:
         # Another LevelDB (not an AccMan: it would hold our lock) has the
         # directory: its files are changing under us, so neither read nor
         # cut nor checked, and plyvel raises StoreLocked.
-        if existed and not _locked_elsewhere(path):
+        if existed and not datadir.locked_elsewhere(path):
             # Read and parsed (and refused if damaged) before any file is cut.
             records = [(rec.lsn, self._puts_of(rec))
                        for rec in self._step(wal.scan, path, ckpt, keys)]
