@@ -113,6 +113,7 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
     _track_hold(book, acct, hold, -by, expires_ms)
     batch.holds_delta += 1
     batch.put(hold_key(acct.hid, hold), _pack_hold(-by, expires_ms, HOLD_OPEN, 0, 0, 0))
+    batch.put(open_hold_key(acct.hid, hold), pack_open_hold(-by, expires_ms))
     result = (hold, acct.ptot, acct.pseq)
     if kb is not None:
         book._keep_key(batch, acct.hid + kb, by, min_, ttl_s, result)
@@ -162,7 +163,7 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
 
 cdef Batch _end(Book book, Hold h, bytes hold_id, int64_t use, int state, int64_t at_ms):
     """A hold ends (settled, or expired with use 0): its entry, its event,
-    its record rewritten to say how it ended."""
+    its record rewritten to say how it ended, its open-hold record gone."""
     cdef Account acct = h.acct
     cdef Batch batch = book._change(acct, h.amount - use, at_ms, None, h.hold,
                                     EV_SETTLE if state == HOLD_SETTLED else EV_EXPIRE)
@@ -175,6 +176,7 @@ cdef Batch _end(Book book, Hold h, bytes hold_id, int64_t use, int state, int64_
     batch.ended.append(hold_id)
     batch.put(hold_key(acct.hid, h.hold),
               _pack_hold(h.amount, h.expires_ms, state, use, acct.pseq, acct.ptot))
+    _wal_delete(batch.wal, open_hold_key(acct.hid, h.hold))
     if state == HOLD_EXPIRED:
         book.holds_expired += 1
     return batch

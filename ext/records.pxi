@@ -12,6 +12,9 @@
 #       2: ver, seq, by, tot, has_min:u8, min, ttl_s
 #   b"o" + hid + hold:u64     a hold: ver, amount, expires_ms, state:u8, use,
 #                             end_seq, end_tot (state OPEN, SETTLED, EXPIRED)
+#   b"O" + hid + hold:u64     an open hold (store format 4): ver, amount,
+#                             expires_ms; deleted when the hold ends, so that
+#                             open reads the open holds alone
 #   b"l" + hid                a low-balance threshold: ver, low
 #   b"e" + id:u64             an event (store format 2, read until trimmed):
 #                             ver, type:u8, hid, seq, by, tot, at_ms, hold
@@ -32,6 +35,7 @@ HISTORY_END = b"i"               # sorts after every history key
 KEY_PREFIX = b"k"
 LOW_PREFIX = b"l"
 HOLD_PREFIX = b"o"
+OPEN_HOLD_PREFIX = b"O"
 
 DEF ACCOUNT_VALUE_BYTES = 17      # ver + tot + seq
 DEF HISTORY_VALUE_BYTES = 25      # ver + by + tot + at (+ key)
@@ -40,6 +44,7 @@ DEF KEY_VALUE_BYTES = 34          # ver + seq + by + tot + has_min + min
 DEF HOLD_KEY_VALUE_BYTES = 42     # ... + ttl
 DEF HISTORY_KEY_BYTES = 25        # "h" + hid + seq
 DEF HOLD_VALUE_BYTES = 42         # ver + amount + expires + state + use + end_seq + end_tot
+DEF OPEN_HOLD_VALUE_BYTES = 17    # ver + amount + expires
 DEF EVENT_VALUE_BYTES = 66        # ver + type + hid + seq + by + tot + at + hold
                                   # + 8 reserved (+ key)
 
@@ -122,6 +127,10 @@ cpdef int64_t history_key_seq(bytes key):
 
 cpdef bytes hold_key(bytes hid, int64_t hold):
     return _id_key(HOLD_PREFIX, hid, hold)
+
+
+cpdef bytes open_hold_key(bytes hid, int64_t hold):
+    return _id_key(OPEN_HOLD_PREFIX, hid, hold)
 
 
 cpdef bytes event_key(int64_t event_id):
@@ -220,6 +229,22 @@ cpdef tuple unpack_hold(bytes value):
             _get64(p + 34))
 
 
+cpdef bytes pack_open_hold(int64_t amount, int64_t expires_ms):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, OPEN_HOLD_VALUE_BYTES)
+    cdef char *p = PyBytes_AS_STRING(out)
+    p[0] = 1
+    _put64(p + 1, amount)
+    _put64(p + 9, expires_ms)
+    return out
+
+
+cpdef tuple unpack_open_hold(bytes value):
+    """-> (amount, expires_ms)."""
+    if len(value) != OPEN_HOLD_VALUE_BYTES or value[0] != 1:
+        raise ValueError("open-hold record of unknown format")
+    return (_get64(_at(value) + 1), _get64(_at(value) + 9))
+
+
 cdef bytes _pack_low(int64_t low):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, 9)
     cdef char *p = PyBytes_AS_STRING(out)
@@ -307,11 +332,14 @@ cdef inline int _wal_delete(bytearray out, bytes k) except -1:
 
 
 cpdef bytearray wal_record(list puts):
-    """The payload of a log record of (key, value) puts (the store's own,
-    such as its format record)."""
+    """The payload of a log record of (key, value) puts and (key, None)
+    deletes (the store's own: its format record, a migration's records)."""
     cdef bytearray out = bytearray()
     for k, v in puts:
-        _wal_put(out, k, v)
+        if v is None:
+            _wal_delete(out, k)
+        else:
+            _wal_put(out, k, v)
     return out
 
 

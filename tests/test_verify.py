@@ -205,6 +205,23 @@ def test_a_hold_that_began_without_its_record_is_refused(held):
         verify_store(s)
 
 
+@pytest.mark.parametrize("hold,amount,msg", [
+    (2, 30, "open-hold record of hold 2: no open hold matches it"),    # an ended hold
+    (6, 8, "open-hold record of hold 6: no open hold matches it"),     # the wrong amount
+    (6, None, "an open hold has no open-hold record"),
+])
+def test_open_hold_records_that_are_not_the_open_holds_are_refused(held, hold, amount, msg):
+    s, hids = held
+    key = _ledger.open_hold_key(hids["alice"], hold)
+    if amount is None:
+        s.db.delete(key)
+    else:
+        expires = _ledger.unpack_hold(s.db.get(_ledger.hold_key(hids["alice"], hold)))[1]
+        s.db.put(key, _ledger.pack_open_hold(amount, expires))
+    with pytest.raises(StoreCorrupt, match=msg):
+        verify_store(s)
+
+
 def test_a_skipped_event_id_is_refused(held):
     s, _ = held
     s.db.delete(_record(s, 4)[0])

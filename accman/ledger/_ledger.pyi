@@ -12,6 +12,7 @@ HISTORY_END: Final[bytes]
 HISTORY_PREFIX: Final[bytes]
 KEY_PREFIX: Final[bytes]
 HOLD_PREFIX: Final[bytes]
+OPEN_HOLD_PREFIX: Final[bytes]
 LOW_PREFIX: Final[bytes]
 EVENT_PREFIX: Final[bytes]        # store format 2's one record per event
 EVENTS_PREFIX: Final[bytes]       # store format 3's one record per batch
@@ -37,6 +38,7 @@ def unpack_account(value: bytes) -> tuple[int, int]:
 def history_key(hid: bytes, seq: int) -> bytes: ...
 def history_key_seq(key: bytes) -> int: ...
 def hold_key(hid: bytes, hold: int) -> bytes: ...
+def open_hold_key(hid: bytes, hold: int) -> bytes: ...
 def event_key(event_id: int) -> bytes: ...
 def event_key_id(key: bytes) -> int:
     """The id of an event record's key, or the last id of an events record's."""
@@ -48,6 +50,9 @@ def unpack_key(value: bytes) -> tuple[int, int, int, int | None, int]:
     """-> (seq, by, tot, min or None, ttl_s: 0 for a mod's key)."""
 def unpack_hold(value: bytes) -> tuple[int, int, int, int, int, int]:
     """-> (amount, expires_ms, state, use, end_seq, end_tot)."""
+def pack_open_hold(amount: int, expires_ms: int) -> bytes: ...
+def unpack_open_hold(value: bytes) -> tuple[int, int]:
+    """-> (amount, expires_ms)."""
 def unpack_low(value: bytes) -> int: ...
 def unpack_events_meta(value: bytes) -> tuple[int, int]:
     """-> (first, last) event ids kept."""

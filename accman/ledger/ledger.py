@@ -127,11 +127,8 @@ class Ledger:
             book.load(hid, tot, seq)
         for k, v in self.store.iterate(_ledger.LOW_PREFIX):
             book.load_low(k[1:], _ledger.unpack_low(v))
-        for k, v in self.store.iterate(_ledger.HOLD_PREFIX):
-            amount, expires_ms, state, *_ = _ledger.unpack_hold(v)
-            if state == _ledger.HOLD_OPEN:
-                book.load_hold(k[1:1 + _ledger.HID_BYTES], _ledger.history_key_seq(k),
-                               amount, expires_ms)
+        for hid, hold, amount, expires_ms in self.store.open_holds():
+            book.load_hold(hid, hold, amount, expires_ms)
         return book
 
     def _expire_at_open(self) -> None:

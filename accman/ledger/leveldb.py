@@ -25,7 +25,7 @@ from accman.ledger import _ledger, datadir, fsck, keyfile, migrate, wal, walwrit
 log = logging.getLogger("accman.ledger.leveldb")
 
 META_KEY = migrate.META_KEY   # sorts before every account, history and key record
-STORE_FORMAT = 3             # bump with a migration when a record format changes
+STORE_FORMAT = 4             # bump with a migration when a record format changes
 # Format 1 kept an account record beside each history; format 2 derives the
 # account from its history's newest entry (see ext/ledger.pyx).  A format-1
 # directory is migrated at open: its account records are checked against
@@ -33,8 +33,13 @@ STORE_FORMAT = 3             # bump with a migration when a record format change
 # new format record.  Format 3 keeps a batch's events as one record
 # (ext/records.pxi); the one record per event of format 2 stays readable
 # (accman.ledger.eventrecords) until the retention trims it, so going from
-# 2 to 3 rewrites the format record alone, through the log.
-MIGRATES_FROM = (1, 2)
+# 2 to 3 rewrites the format record alone, through the log.  Format 4 adds
+# an open-hold record beside each open hold (accman.ledger.migrate); going
+# from 2 or 3 writes them, then the format record, through the log.
+MIGRATES_FROM = (1, 2, 3)
+# Records per log record when a migration writes through the log: far
+# below the log's PAYLOAD_BYTES_MAX at ~44 bytes each.
+MIGRATE_PUTS_PER_RECORD = 65536
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account
 # records at open and history pages at random, so give both more room.
@@ -159,18 +164,25 @@ class Store:
                         else ckpt.lsn if ckpt is not None else 1)
             self.wal = walwriter.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
             if self._upgrade is not None:
-                # The format record, through the log: LevelDB gets no batch
-                # outside it once a store has a checkpoint.
-                self.write(_ledger.wal_record([(META_KEY, json.dumps(self._upgrade).encode())]))
-                self.apply()
-                log.info("%s: store format %d -> %d", self.path, self._from_format,
-                         STORE_FORMAT)
+                self._migrate()
             # Replayed records synced in LevelDB, and the log starts afresh.
             try:
                 self.wal.checkpoint()
             except CheckpointPostponed as e:
                 raise StoreError(f"{self.path}: open failed: the checkpoint after "
                                  f"recovery: {e}") from e
+
+    def _migrate(self) -> None:
+        """From format 2 or 3: the open-hold records, then the format
+        record, through the log (LevelDB gets no batch outside it once a
+        store has a checkpoint)."""
+        puts = migrate.open_hold_records(self.db, self.path)
+        for i in range(0, len(puts), MIGRATE_PUTS_PER_RECORD):
+            self.write(_ledger.wal_record(puts[i:i + MIGRATE_PUTS_PER_RECORD]))
+        self.write(_ledger.wal_record([(META_KEY, json.dumps(self._upgrade).encode())]))
+        self.apply()
+        log.info("%s: store format %d -> %d (%d open-hold records)", self.path,
+                 self._from_format, STORE_FORMAT, len(puts))
 
     def _recover(self, existed: bool, check_files: bool, create: bool):
         """Recovery's steps 1 to 4 (accman.ledger.wal), then the file checks;
@@ -277,7 +289,7 @@ class Store:
         if fmt == 1:
             with _translated(self.path, "migrate from store format 1"):
                 migrate.from_format_1(self.db, self.path, dict(meta, format=STORE_FORMAT))
-        elif fmt == 2:
+        elif fmt in (2, 3):
             self._from_format = fmt
             self._upgrade = dict(meta, format=STORE_FORMAT)
         elif fmt != STORE_FORMAT:
@@ -325,6 +337,28 @@ class Store:
                         it.prev()
             finally:
                 it.close()
+
+    def open_holds(self):
+        """Yields (hid, hold, amount, expires_ms) of every open hold, found
+        by the open-hold records alone: an ended hold is not read.  Each is
+        checked against its hold record (a point read), since open would
+        otherwise end, and so pay back, a hold that has already ended."""
+        with _translated(self.path, "load holds"):
+            for k, v in self.iterate(_ledger.OPEN_HOLD_PREFIX):
+                hold = _ledger.history_key_seq(k) if len(k) == 1 + _ledger.HID_BYTES + 8 else 0
+                record = self.db.get(_ledger.HOLD_PREFIX + k[1:], verify_checksums=True)
+                try:
+                    amount, expires_ms = _ledger.unpack_open_hold(v)
+                    ok = hold > 0 and record is not None and _ledger.unpack_hold(record)[:3] == (
+                        amount, expires_ms, _ledger.HOLD_OPEN)
+                except ValueError as e:
+                    raise StoreCorrupt(f"{self.path}: hold {hold}: {e}; refusing to serve, "
+                                       "nothing repaired") from e
+                if not ok:
+                    raise StoreCorrupt(f"{self.path}: the open-hold record of hold {hold} "
+                                       "does not match an open hold; refusing to serve, "
+                                       "nothing repaired")
+                yield k[1:1 + _ledger.HID_BYTES], hold, amount, expires_ms
 
     def check_all_blocks(self) -> int:
         """Reads every record once with checksums verified, so that a

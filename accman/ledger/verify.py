@@ -108,10 +108,10 @@ def _check_keys(store, history_keys: dict) -> int:
 
 def _check_holds(store, holds: _Holds) -> int:
     """Every hold record names a hold that began, says how it ended as its
-    history does, and every hold that began has its record.  Returns the
-    number of open holds."""
+    history does, and every hold that began has its record; the open-hold
+    records are exactly the open holds'.  Returns the number of open holds."""
     seen = 0
-    still_open = 0
+    still_open = {}             # open-hold key -> (amount, expires_ms)
     for k, v in store.iterate(_ledger.HOLD_PREFIX):
         hid, hold = k[1:1 + _ledger.HID_BYTES], _ledger.history_key_seq(k)
         amount, _expires, state, use, end_seq, end_tot = _decoded(_ledger.unpack_hold, v)
@@ -121,13 +121,27 @@ def _check_holds(store, holds: _Holds) -> int:
         if state == _ledger.HOLD_OPEN:
             if end is not None:
                 raise StoreCorrupt(f"hold {hold}: ended in the history, open in its record")
-            still_open += 1
+            still_open[_ledger.OPEN_HOLD_PREFIX + k[1:]] = (amount, _expires)
         elif end != (end_seq, amount - use, end_tot):
             raise StoreCorrupt(f"hold {hold}: its record does not match its end")
         seen += 1
     if seen != len(holds.starts):
         raise StoreCorrupt("a hold that began has no record")
-    return still_open
+    _check_open_hold_records(store, still_open)
+    return len(still_open)
+
+
+def _check_open_hold_records(store, still_open: dict) -> None:
+    """Open finds the open holds by their open-hold records alone: one per
+    open hold, saying what its hold record says, and none for an ended one."""
+    listed = 0
+    for k, v in store.iterate(_ledger.OPEN_HOLD_PREFIX):
+        hold = _ledger.history_key_seq(k) if len(k) == 1 + _ledger.HID_BYTES + 8 else None
+        if hold is None or still_open.get(k) != _decoded(_ledger.unpack_open_hold, v):
+            raise StoreCorrupt(f"open-hold record of hold {hold}: no open hold matches it")
+        listed += 1
+    if listed != len(still_open):
+        raise StoreCorrupt("an open hold has no open-hold record: open would never end it")
 
 
 def _check_events(store) -> int:
