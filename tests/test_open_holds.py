@@ -4,13 +4,15 @@ reads the open holds and never the holds that ended; a store of format 3
 gains them at its first open, also after a migration cut short."""
 
 import json
+import subprocess
+import sys
 
 import plyvel
 import pytest
 
 from accman import Ledger
 from accman.errors import HoldEnded, StoreCorrupt
-from accman.ledger import _ledger
+from accman.ledger import _ledger, migrate
 from accman.ledger.leveldb import META_KEY, STORE_FORMAT, Store
 
 
@@ -100,19 +102,88 @@ def test_a_format_3_store_gains_its_open_hold_records_at_open(path, clock):
         assert led.open_holds == 1 and led.verify()["open_holds"] == 1
 
 
-def test_a_migration_cut_short_is_done_again_exactly(path, clock):
-    """Format 3 still, with one open-hold record written and a stale one
-    (a hold that ended under an older AccMan after a cut-short attempt):
-    the next open leaves exactly the open holds' records."""
+def test_a_store_left_between_formats_is_migrated_exactly(path, clock, monkeypatch):
+    """Format 3 still, with one open-hold record missing and a stale one
+    (what a cut-short migration and an older AccMan serving after it
+    leave): the next open leaves exactly the open holds' records, written
+    one to a log record."""
     hids = some_holds(path, clock)
     stale = _ledger.open_hold_key(hids["a"], 2)
     rewrite(path, deletes=[_ledger.open_hold_key(hids["b"], 2)],
             puts=[(stale, _ledger.pack_open_hold(10, 1))], fmt=3)
+    monkeypatch.setattr(migrate, "PUTS_PER_RECORD", 1)
     with Ledger(path, clock_ms=clock) as led:
         assert led.open_holds == 2 and led.verify()["open_holds"] == 2
         with pytest.raises(HoldEnded):
             led.settle("a", 2, 5)
     assert set(records(path, _ledger.OPEN_HOLD_PREFIX)) == open_hold_keys(hids)
+
+
+# A format-3 server that crashed with records in its log (the migration is
+# left out, so the store stays format 3), then an open that crashes at one
+# of the migration's checkpoints.
+SERVE_AS_FORMAT_3_AND_CRASH = """
+import os, sys
+from accman import Ledger
+from accman.ledger import migrate
+migrate.through_log = lambda *args: None
+led = Ledger(sys.argv[1])
+for _ in range(5):
+    led.mod("c", 1)
+os._exit(0)
+"""
+CRASH_IN_MIGRATION = """
+import os, sys
+from accman.ledger import leveldb
+checkpoint = leveldb.Store.checkpoint_at_open
+def crash(store, after):
+    if after == sys.argv[2]:
+        os._exit(0)
+    checkpoint(store, after)
+leveldb.Store.checkpoint_at_open = crash
+leveldb.Store(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("crash_at", ["the open-hold records", "the format record"])
+def test_a_crash_in_the_migration_loses_nothing_and_the_next_open_finishes_it(
+        path, clock, crash_at):
+    """The migration writes at the log's start only after recovery's
+    checkpoint: the records it replayed are never written over."""
+    hids = some_holds(path, clock)
+    rewrite(path, deletes=open_hold_keys(hids), fmt=3)
+    for script, args in ((SERVE_AS_FORMAT_3_AND_CRASH, []), (CRASH_IN_MIGRATION, [crash_at])):
+        subprocess.run([sys.executable, "-c", script, path, *args], check=True, timeout=60)
+    with Ledger(path, clock_ms=clock) as led:
+        assert json.loads(led.store.get(META_KEY))["format"] == 4
+        assert led.tot("c") == 5 and led.open_holds == 2
+        assert led.verify()["open_holds"] == 2
+    assert set(records(path, _ledger.OPEN_HOLD_PREFIX)) == open_hold_keys(hids)
+
+
+def test_a_malformed_hold_key_stops_the_migration_before_it_writes(path, clock):
+    hids = some_holds(path, clock)
+    rewrite(path, deletes=open_hold_keys(hids), fmt=3,
+            puts=[(_ledger.HOLD_PREFIX + b"x" * 200, _ledger.pack_open_hold(1, 1))])
+    with pytest.raises(StoreCorrupt, match="a malformed hold key"):
+        Ledger(path, clock_ms=clock)
+    db = plyvel.DB(path)
+    try:
+        assert json.loads(db.get(META_KEY))["format"] == 3
+        assert list(db.iterator(prefix=_ledger.OPEN_HOLD_PREFIX)) == []
+    finally:
+        db.close()
+
+
+def test_an_open_hold_of_an_account_without_history_is_refused(path, clock):
+    hids = some_holds(path, clock)
+    ghost = b"g" * 16
+    record = records(path, _ledger.HOLD_PREFIX)[_ledger.hold_key(hids["a"], 6)]
+    rewrite(path, puts=[(_ledger.hold_key(ghost, 2), record),
+                        (_ledger.open_hold_key(ghost, 2),
+                         _ledger.pack_open_hold(*_ledger.unpack_hold(record)[:2]))])
+    with pytest.raises(StoreCorrupt, match="hold 2 of an account that has no history"):
+        Ledger(path, clock_ms=clock)
 
 
 @pytest.mark.parametrize("damage,msg", [

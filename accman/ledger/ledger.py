@@ -9,7 +9,7 @@ import asyncio
 import threading
 import time
 
-from accman.errors import AccManError, BadRequest, NoAccount, Unavailable
+from accman.errors import AccManError, BadRequest, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
 from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
 from accman.ledger.events import EventLog
@@ -128,7 +128,11 @@ class Ledger:
         for k, v in self.store.iterate(_ledger.LOW_PREFIX):
             book.load_low(k[1:], _ledger.unpack_low(v))
         for hid, hold, amount, expires_ms in self.store.open_holds():
-            book.load_hold(hid, hold, amount, expires_ms)
+            try:
+                book.load_hold(hid, hold, amount, expires_ms)
+            except KeyError:
+                raise StoreCorrupt(f"{self.store.path}: hold {hold} of an account that has "
+                                   "no history; refusing to serve, nothing repaired") from None
         return book
 
     def _expire_at_open(self) -> None:

@@ -36,10 +36,7 @@ STORE_FORMAT = 4             # bump with a migration when a record format change
 # 2 to 3 rewrites the format record alone, through the log.  Format 4 adds
 # an open-hold record beside each open hold (accman.ledger.migrate); going
 # from 2 or 3 writes them, then the format record, through the log.
-MIGRATES_FROM = (1, 2, 3)
-# Records per log record when a migration writes through the log: far
-# below the log's PAYLOAD_BYTES_MAX at ~44 bytes each.
-MIGRATE_PUTS_PER_RECORD = 65536
+_HOLD_KEY_BYTES = 1 + _ledger.HID_BYTES + 8    # a prefix, the hid, the hold id
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account
 # records at open and history pages at random, so give both more room.
@@ -163,26 +160,22 @@ class Store:
             next_lsn = (records[-1][0] + 1 if records
                         else ckpt.lsn if ckpt is not None else 1)
             self.wal = walwriter.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
+            # Replayed records synced in LevelDB, and the log starts afresh:
+            # before anything is written at its start, over records that
+            # LevelDB's synced files may lack.
+            self.checkpoint_at_open("recovery")
             if self._upgrade is not None:
-                self._migrate()
-            # Replayed records synced in LevelDB, and the log starts afresh.
-            try:
-                self.wal.checkpoint()
-            except CheckpointPostponed as e:
-                raise StoreError(f"{self.path}: open failed: the checkpoint after "
-                                 f"recovery: {e}") from e
+                migrate.through_log(self, self._upgrade, self._from_format)
 
-    def _migrate(self) -> None:
-        """From format 2 or 3: the open-hold records, then the format
-        record, through the log (LevelDB gets no batch outside it once a
-        store has a checkpoint)."""
-        puts = migrate.open_hold_records(self.db, self.path)
-        for i in range(0, len(puts), MIGRATE_PUTS_PER_RECORD):
-            self.write(_ledger.wal_record(puts[i:i + MIGRATE_PUTS_PER_RECORD]))
-        self.write(_ledger.wal_record([(META_KEY, json.dumps(self._upgrade).encode())]))
+    def checkpoint_at_open(self, after: str) -> None:
+        """Everything written so far applied and checkpointed (its step
+        named in the error)."""
         self.apply()
-        log.info("%s: store format %d -> %d (%d open-hold records)", self.path,
-                 self._from_format, STORE_FORMAT, len(puts))
+        try:
+            self.wal.checkpoint()
+        except CheckpointPostponed as e:
+            raise StoreError(f"{self.path}: open failed: the checkpoint after "
+                             f"{after}: {e}") from e
 
     def _recover(self, existed: bool, check_files: bool, create: bool):
         """Recovery's steps 1 to 4 (accman.ledger.wal), then the file checks;
@@ -286,7 +279,7 @@ class Store:
         if salt is not None and not hmac.compare_digest(salt, found):
             raise StoreCorrupt(f"{self.path}: {keyfile.KEY_NAME} does not match the "
                                "store's format record; refusing to serve, nothing repaired")
-        if fmt == 1:
+        if fmt == 1:       # holds came with format 2: no open-hold records to write
             with _translated(self.path, "migrate from store format 1"):
                 migrate.from_format_1(self.db, self.path, dict(meta, format=STORE_FORMAT))
         elif fmt in (2, 3):
@@ -340,25 +333,31 @@ class Store:
 
     def open_holds(self):
         """Yields (hid, hold, amount, expires_ms) of every open hold, found
-        by the open-hold records alone: an ended hold is not read.  Each is
-        checked against its hold record (a point read), since open would
-        otherwise end, and so pay back, a hold that has already ended."""
+        by the open-hold records alone: an ended hold is not read."""
         with _translated(self.path, "load holds"):
             for k, v in self.iterate(_ledger.OPEN_HOLD_PREFIX):
-                hold = _ledger.history_key_seq(k) if len(k) == 1 + _ledger.HID_BYTES + 8 else 0
-                record = self.db.get(_ledger.HOLD_PREFIX + k[1:], verify_checksums=True)
-                try:
-                    amount, expires_ms = _ledger.unpack_open_hold(v)
-                    ok = hold > 0 and record is not None and _ledger.unpack_hold(record)[:3] == (
-                        amount, expires_ms, _ledger.HOLD_OPEN)
-                except ValueError as e:
-                    raise StoreCorrupt(f"{self.path}: hold {hold}: {e}; refusing to serve, "
-                                       "nothing repaired") from e
-                if not ok:
-                    raise StoreCorrupt(f"{self.path}: the open-hold record of hold {hold} "
-                                       "does not match an open hold; refusing to serve, "
-                                       "nothing repaired")
-                yield k[1:1 + _ledger.HID_BYTES], hold, amount, expires_ms
+                yield self._open_hold(k, v)
+
+    def _open_hold(self, k: bytes, v: bytes) -> tuple:
+        """An open-hold record, checked against its hold record (a point
+        read): open would otherwise end, and so pay back, a hold that has
+        already ended."""
+        if len(k) != _HOLD_KEY_BYTES:
+            raise StoreCorrupt(f"{self.path}: a malformed open-hold key; refusing to serve, "
+                               "nothing repaired")
+        hold = _ledger.history_key_seq(k)
+        record = self.db.get(_ledger.HOLD_PREFIX + k[1:], verify_checksums=True)
+        try:
+            held = _ledger.unpack_open_hold(v)
+            ok = record is not None and _ledger.unpack_hold(record)[:3] == (
+                *held, _ledger.HOLD_OPEN)
+        except ValueError as e:
+            raise StoreCorrupt(f"{self.path}: hold {hold}: {e}; refusing to serve, "
+                               "nothing repaired") from e
+        if not ok:
+            raise StoreCorrupt(f"{self.path}: the open-hold record of hold {hold} does not "
+                               "match an open hold; refusing to serve, nothing repaired")
+        return (k[1:1 + _ledger.HID_BYTES], hold) + held
 
     def check_all_blocks(self) -> int:
         """Reads every record once with checksums verified, so that a

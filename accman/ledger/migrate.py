@@ -8,20 +8,27 @@ predates the write-ahead log, so this batch is LevelDB's alone.
 
 Format 4 keeps an open-hold record (`O`) beside each open hold's record
 (`o`), so that open reads the open holds and not every hold ever taken.
-`open_hold_records` says what a store of an earlier format lacks; the
-store writes it through its log before the new format record, so a crash
-midway leaves the old format, and the next open does it again.
+`through_log` writes what a store of format 2 or 3 lacks
+(`open_hold_records`) through the log, then the new format record: a
+crash midway leaves the old format, and the next open does it again.
 
 plyvel's errors are the caller's to translate (leveldb._translated)."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 from accman.errors import StoreCorrupt
 from accman.ledger import _ledger
 
 META_KEY = b"\x00meta"       # accman.ledger.leveldb's
+# Records per log record when a migration writes through the log: far
+# below the log's PAYLOAD_BYTES_MAX at ~44 bytes each.
+PUTS_PER_RECORD = 65536
+_HOLD_KEY_BYTES = 1 + _ledger.HID_BYTES + 8     # a prefix, the hid, the hold id
+
+log = logging.getLogger("accman.ledger.migrate")
 
 
 def from_format_1(db, path: str, meta: dict) -> None:
@@ -65,28 +72,55 @@ def _check_head(heads, path: str, hid: bytes, tot: int, seq: int) -> None:
                            "its history; refusing to serve, nothing repaired")
 
 
+def through_log(store, meta: dict, from_format: int) -> None:
+    """From format 2 or 3, on an open store whose recovery is checkpointed:
+    through the log (LevelDB gets no batch outside it once a store has a
+    checkpoint), each step checkpointed: the open-hold records, then the
+    format record `meta` alone.  The format says 4 only once the records
+    are in; only between the format record's write and its checkpoint
+    does it say so in the log alone (an older AccMan that opened the store
+    then would replay it, and serve a format it does not know: after a
+    crash during an upgrade, the new AccMan must open the store first)."""
+    puts = open_hold_records(store.db, store.path)
+    for i in range(0, len(puts), PUTS_PER_RECORD):
+        store.write(_ledger.wal_record(puts[i:i + PUTS_PER_RECORD]))
+    store.checkpoint_at_open("the open-hold records")
+    store.write(_ledger.wal_record([(META_KEY, json.dumps(meta).encode())]))
+    store.checkpoint_at_open("the format record")
+    log.info("%s: store format %d -> %d (%d open-hold records written or removed)",
+             store.path, from_format, meta["format"], len(puts))
+
+
 def open_hold_records(db, path: str) -> list:
     """The puts (key, value) and deletes (key, None) that make the store's
     open-hold records (`O`) exactly its open holds' (`o` in state open):
     all of them for a store of format 3 or older, and whatever a migration
-    cut short left behind."""
+    cut short left behind.  Everything is read and checked before the
+    caller writes anything."""
     want = {}
-    with db.iterator(prefix=_ledger.HOLD_PREFIX, verify_checksums=True,
-                     fill_cache=False) as it:
-        for k, v in it:
-            try:
-                amount, expires_ms, state, *_ = _ledger.unpack_hold(v)
-            except ValueError as e:
-                raise StoreCorrupt(f"{path}: {e}; refusing to serve, nothing repaired") from e
-            if state == _ledger.HOLD_OPEN:
-                want[_ledger.OPEN_HOLD_PREFIX + k[1:]] = _ledger.pack_open_hold(amount, expires_ms)
+    for k, v in _records(db, path, _ledger.HOLD_PREFIX):
+        try:
+            amount, expires_ms, state, *_ = _ledger.unpack_hold(v)
+        except ValueError as e:
+            raise StoreCorrupt(f"{path}: hold {_ledger.history_key_seq(k)}: {e}; "
+                               "refusing to serve, nothing repaired") from e
+        if state == _ledger.HOLD_OPEN:
+            want[_ledger.OPEN_HOLD_PREFIX + k[1:]] = _ledger.pack_open_hold(amount, expires_ms)
     out = []
-    with db.iterator(prefix=_ledger.OPEN_HOLD_PREFIX, verify_checksums=True,
-                     fill_cache=False) as it:
-        for k, v in it:
-            if want.get(k) == v:
-                del want[k]
-            else:
-                out.append((k, None))
+    for k, v in _records(db, path, _ledger.OPEN_HOLD_PREFIX):
+        if want.get(k) == v:
+            del want[k]
+        else:
+            out.append((k, None))
     out.extend(want.items())
     return out
+
+
+def _records(db, path: str, prefix: bytes):
+    """The records under a hold prefix, each key of a hold's shape."""
+    with db.iterator(prefix=prefix, verify_checksums=True, fill_cache=False) as it:
+        for k, v in it:
+            if len(k) != _HOLD_KEY_BYTES:
+                raise StoreCorrupt(f"{path}: a malformed hold key ({k[:1]!r} prefix); "
+                                   "refusing to serve, nothing repaired")
+            yield k, v

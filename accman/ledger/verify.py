@@ -14,8 +14,9 @@ def verify_store(store) -> dict:
     seeking back) must be exactly the ends of the histories read forward;
     every idempotency record must name its history entry, and every keyed
     entry have its record; every hold has exactly one start and at most
-    one end, as its record says; the events kept run without a gap and
-    each matches the history entry it names."""
+    one end, as its record says, and an open-hold record while it is open;
+    the events kept run without a gap and each matches the history entry
+    it names."""
     accounts = {hid: (tot, seq) for hid, tot, seq in store.accounts()}
     holds = _Holds()
     entries, history_keys = _check_histories(store, accounts, holds)
@@ -136,9 +137,11 @@ def _check_open_hold_records(store, still_open: dict) -> None:
     open hold, saying what its hold record says, and none for an ended one."""
     listed = 0
     for k, v in store.iterate(_ledger.OPEN_HOLD_PREFIX):
-        hold = _ledger.history_key_seq(k) if len(k) == 1 + _ledger.HID_BYTES + 8 else None
-        if hold is None or still_open.get(k) != _decoded(_ledger.unpack_open_hold, v):
-            raise StoreCorrupt(f"open-hold record of hold {hold}: no open hold matches it")
+        if len(k) != 1 + _ledger.HID_BYTES + 8:
+            raise StoreCorrupt("a malformed open-hold key")
+        if still_open.get(k) != _decoded(_ledger.unpack_open_hold, v):
+            raise StoreCorrupt(f"open-hold record of hold {_ledger.history_key_seq(k)}: "
+                               "no open hold matches it")
         listed += 1
     if listed != len(still_open):
         raise StoreCorrupt("an open hold has no open-hold record: open would never end it")
