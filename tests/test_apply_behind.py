@@ -17,10 +17,10 @@ class GatedApply(Store):
     """LevelDB's write of a durable batch waits for `gate` once `armed`."""
 
     def __init__(self, path):
-        super().__init__(path)
-        self.armed = False
+        self.armed = False          # before the open, which applies what it writes
         self.gate = threading.Event()
         self.waiting = threading.Event()
+        super().__init__(path)
 
     def apply(self):
         if self.armed and self._queued:
