@@ -36,6 +36,7 @@ KEY_PREFIX = b"k"
 LOW_PREFIX = b"l"
 HOLD_PREFIX = b"o"
 OPEN_HOLD_PREFIX = b"O"
+HOLD_KEY_BYTES = 1 + HID_BYTES + 8    # a hold's and an open hold's: prefix, hid, hold id
 
 DEF ACCOUNT_VALUE_BYTES = 17      # ver + tot + seq
 DEF HISTORY_VALUE_BYTES = 25      # ver + by + tot + at (+ key)

@@ -4,6 +4,7 @@ reads the open holds and never the holds that ended; a store of format 3
 gains them at its first open, also after a migration cut short."""
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -105,8 +106,8 @@ def test_a_format_3_store_gains_its_open_hold_records_at_open(path, clock):
 def test_a_store_left_between_formats_is_migrated_exactly(path, clock, monkeypatch):
     """Format 3 still, with one open-hold record missing and a stale one
     (what a cut-short migration and an older AccMan serving after it
-    leave): the next open leaves exactly the open holds' records, written
-    one to a log record."""
+    leave): the next open leaves exactly the open holds' records, here
+    written with one record to each log record."""
     hids = some_holds(path, clock)
     stale = _ledger.open_hold_key(hids["a"], 2)
     rewrite(path, deletes=[_ledger.open_hold_key(hids["b"], 2)],
@@ -120,8 +121,9 @@ def test_a_store_left_between_formats_is_migrated_exactly(path, clock, monkeypat
 
 
 # A format-3 server that crashed with records in its log (the migration is
-# left out, so the store stays format 3), then an open that crashes at one
-# of the migration's checkpoints.
+# left out, so the store stays format 3), then an open that crashes in the
+# migration: right after its first write to the log, or before the format
+# record's checkpoint.
 SERVE_AS_FORMAT_3_AND_CRASH = """
 import os, sys
 from accman import Ledger
@@ -135,17 +137,23 @@ os._exit(0)
 CRASH_IN_MIGRATION = """
 import os, sys
 from accman.ledger import leveldb
-checkpoint = leveldb.Store.checkpoint_at_open
-def crash(store, after):
-    if after == sys.argv[2]:
+write, checkpoint = leveldb.Store.write, leveldb.Store.checkpoint_at_open
+def write_then_crash(store, record):
+    write(store, record)
+    os._exit(0)
+def crash_at_checkpoint(store, after):
+    if after == "the format record":
         os._exit(0)
     checkpoint(store, after)
-leveldb.Store.checkpoint_at_open = crash
+if sys.argv[2] == "first write":
+    leveldb.Store.write = write_then_crash
+else:
+    leveldb.Store.checkpoint_at_open = crash_at_checkpoint
 leveldb.Store(sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("crash_at", ["the open-hold records", "the format record"])
+@pytest.mark.parametrize("crash_at", ["first write", "format record"])
 def test_a_crash_in_the_migration_loses_nothing_and_the_next_open_finishes_it(
         path, clock, crash_at):
     """The migration writes at the log's start only after recovery's
@@ -163,8 +171,9 @@ def test_a_crash_in_the_migration_loses_nothing_and_the_next_open_finishes_it(
 
 def test_a_malformed_hold_key_stops_the_migration_before_it_writes(path, clock):
     hids = some_holds(path, clock)
+    open_hold = struct.pack(">BqqBqqq", 1, 5, 2_000_000_000_000, _ledger.HOLD_OPEN, 0, 0, 0)
     rewrite(path, deletes=open_hold_keys(hids), fmt=3,
-            puts=[(_ledger.HOLD_PREFIX + b"x" * 200, _ledger.pack_open_hold(1, 1))])
+            puts=[(_ledger.HOLD_PREFIX + b"x" * 200, open_hold)])
     with pytest.raises(StoreCorrupt, match="a malformed hold key"):
         Ledger(path, clock_ms=clock)
     db = plyvel.DB(path)

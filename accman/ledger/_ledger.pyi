@@ -13,6 +13,7 @@ HISTORY_PREFIX: Final[bytes]
 KEY_PREFIX: Final[bytes]
 HOLD_PREFIX: Final[bytes]
 OPEN_HOLD_PREFIX: Final[bytes]
+HOLD_KEY_BYTES: Final[int]
 LOW_PREFIX: Final[bytes]
 EVENT_PREFIX: Final[bytes]        # store format 2's one record per event
 EVENTS_PREFIX: Final[bytes]       # store format 3's one record per batch

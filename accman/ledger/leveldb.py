@@ -36,7 +36,6 @@ STORE_FORMAT = 4             # bump with a migration when a record format change
 # 2 to 3 rewrites the format record alone, through the log.  Format 4 adds
 # an open-hold record beside each open hold (accman.ledger.migrate); going
 # from 2 or 3 writes them, then the format record, through the log.
-_HOLD_KEY_BYTES = 1 + _ledger.HID_BYTES + 8    # a prefix, the hid, the hold id
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account
 # records at open and history pages at random, so give both more room.
@@ -342,7 +341,7 @@ class Store:
         """An open-hold record, checked against its hold record (a point
         read): open would otherwise end, and so pay back, a hold that has
         already ended."""
-        if len(k) != _HOLD_KEY_BYTES:
+        if len(k) != _ledger.HOLD_KEY_BYTES:
             raise StoreCorrupt(f"{self.path}: a malformed open-hold key; refusing to serve, "
                                "nothing repaired")
         hold = _ledger.history_key_seq(k)

@@ -26,7 +26,6 @@ META_KEY = b"\x00meta"       # accman.ledger.leveldb's
 # Records per log record when a migration writes through the log: far
 # below the log's PAYLOAD_BYTES_MAX at ~44 bytes each.
 PUTS_PER_RECORD = 65536
-_HOLD_KEY_BYTES = 1 + _ledger.HID_BYTES + 8     # a prefix, the hid, the hold id
 
 log = logging.getLogger("accman.ledger.migrate")
 
@@ -120,7 +119,7 @@ def _records(db, path: str, prefix: bytes):
     """The records under a hold prefix, each key of a hold's shape."""
     with db.iterator(prefix=prefix, verify_checksums=True, fill_cache=False) as it:
         for k, v in it:
-            if len(k) != _HOLD_KEY_BYTES:
+            if len(k) != _ledger.HOLD_KEY_BYTES:
                 raise StoreCorrupt(f"{path}: a malformed hold key ({k[:1]!r} prefix); "
                                    "refusing to serve, nothing repaired")
             yield k, v

@@ -137,7 +137,7 @@ def _check_open_hold_records(store, still_open: dict) -> None:
     open hold, saying what its hold record says, and none for an ended one."""
     listed = 0
     for k, v in store.iterate(_ledger.OPEN_HOLD_PREFIX):
-        if len(k) != 1 + _ledger.HID_BYTES + 8:
+        if len(k) != _ledger.HOLD_KEY_BYTES:
             raise StoreCorrupt("a malformed open-hold key")
         if still_open.get(k) != _decoded(_ledger.unpack_open_hold, v):
             raise StoreCorrupt(f"open-hold record of hold {_ledger.history_key_seq(k)}: "
