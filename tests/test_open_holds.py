@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import plyvel
 import pytest
@@ -167,6 +168,20 @@ def test_a_crash_in_the_migration_loses_nothing_and_the_next_open_finishes_it(
         assert led.tot("c") == 5 and led.open_holds == 2
         assert led.verify()["open_holds"] == 2
     assert set(records(path, _ledger.OPEN_HOLD_PREFIX)) == open_hold_keys(hids)
+
+
+def test_verify_of_a_format_3_store_migrates_a_private_copy_and_changes_no_file(path, clock):
+    """As `accman verify` opens a store: read-only, in a private copy."""
+    hids = some_holds(path, clock)
+    rewrite(path, deletes=open_hold_keys(hids), fmt=3)
+    before = {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())}
+    led = Ledger(path, create=False, clock_ms=clock,
+                 store=Store(path, create=False, read_only=True))
+    try:
+        assert led.verify()["open_holds"] == 2
+    finally:
+        led.close()
+    assert {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())} == before
 
 
 def test_a_malformed_hold_key_stops_the_migration_before_it_writes(path, clock):

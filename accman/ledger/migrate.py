@@ -86,8 +86,10 @@ def through_log(store, meta: dict, from_format: int) -> None:
     store.checkpoint_at_open("the open-hold records")
     store.write(_ledger.wal_record([(META_KEY, json.dumps(meta).encode())]))
     store.checkpoint_at_open("the format record")
-    log.info("%s: store format %d -> %d (%d open-hold records written or removed)",
-             store.path, from_format, meta["format"], len(puts))
+    log.info("%s: store format %d -> %d (%d open-hold records written or removed)%s",
+             store.path, from_format, meta["format"], len(puts),
+             " in the read-only open's private copy; the directory is unchanged"
+             if store.read_only else "")
 
 
 def open_hold_records(db, path: str) -> list:
