@@ -8,6 +8,7 @@ from collections import deque
 
 import asyncpg
 
+from accman.errors import StoreError
 from accman.postgres.migrate import SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
@@ -36,6 +37,9 @@ class Lane:
     async def connect(self, url) -> None:
         writer = await connect(url)
         try:
+            if await writer.fetchval("SHOW transaction_read_only") == "on":
+                raise StoreError("the database takes no writes (a standby, or "
+                                 "default_transaction_read_only): waiting for one that does")
             self.apply = await writer.prepare(_APPLY_SQL)
         except BaseException:
             await writer.close()
@@ -61,6 +65,9 @@ class Cluster:
         self.reads: list = []              # (hid, done)
         self.reading = False
         self.reconnecting = False
+        # Batches the database refused in a row (E.FAILED): each makes the
+        # store wait twice as long before it takes writes again.
+        self.refused_in_row = 0
         self.error: str | None = "not connected yet"
         self.events = None                 # accman.postgres.events.EventReader
         # The counter row as last seen (after a batch of ours, or a round).

@@ -258,15 +258,14 @@ class PgStore:
                 if kind == E.RETRY and attempt < 2:
                     continue
                 self.queued_mods -= len(ops)
-                if kind == E.UNKNOWN:
-                    detail = ("the connection to the database broke during the commit; "
-                              "nothing in this batch was acknowledged, retry with its key")
-                    self.lost(cluster, e)
-                else:
+                if kind == E.FAILED:
                     log.error("a batch failed: %s", E.describe(e))
-                    detail = f"the database refused the batch: {E.describe(e)}"
+                    cluster.refused_in_row += 1
+                self.lost(cluster, e)
+                detail = E.commit_detail(e, kind)
                 self._deliver([(op.done, Unavailable(detail)) for op in ops])
                 return
+        cluster.refused_in_row = 0
         commit_s = time.perf_counter() - t0
         self.queued_mods -= len(ops)
         nmods = sum(1 for op in ops if op.kind != S.READ)
@@ -303,10 +302,11 @@ class PgStore:
     # -- losing and regaining a cluster ---------------------------------------------------
 
     def lost(self, cluster: Cluster, exc: BaseException) -> None:
-        """The cluster's connections are gone (or their outcome unknown): it
-        is unhealthy until the store has reconnected, with backoff."""
+        """The cluster's connections are gone (or their outcome unknown, or
+        the database refused a batch): it is unhealthy until the store has
+        reconnected, with backoff."""
         cluster.error = E.describe(exc)
-        log.warning("lost the database connection: %s; reconnecting", cluster.error)
+        log.warning("the database cannot commit: %s; reconnecting", cluster.error)
         for lane in cluster.lanes:
             lane.drop()
         if not cluster.reconnecting and not self._closed:
@@ -314,7 +314,10 @@ class PgStore:
             self._spawn(self._reconnect(cluster))
 
     async def _reconnect(self, cluster: Cluster) -> None:
-        delay = RECONNECT_BACKOFF_S_MIN
+        # After refused batches, a longer first wait: reconnecting succeeds
+        # at once, and the next batch would be refused again (a full disk).
+        delay = min(RECONNECT_BACKOFF_S_MIN * 2 ** min(cluster.refused_in_row, 16),
+                    RECONNECT_BACKOFF_S_MAX)
         try:
             while not self._closed:
                 await asyncio.sleep(delay)

@@ -167,3 +167,17 @@ def test_an_upkeep_round_past_round_timeout_s_marks_the_cluster_lost(pg_url, mon
             await until(lambda: store.healthy, 10)
             assert await c.mod("a", 1) == (6, 2)
     run(main())
+
+
+def test_a_refusal_s_detail_names_no_file_of_the_database():
+    """SPEC "Access": an error's detail names no file path.  A full disk's
+    message names a data file of PostgreSQL's; the detail keeps the rest."""
+    import asyncpg
+
+    from accman.postgres import errors as E
+    e = asyncpg.exceptions.DiskFullError(
+        'could not extend file "pg_tblspc/16961/PG_15_202209061/16962/16995": '
+        "No space left on device")
+    detail = E.commit_detail(e, E.classify(e))
+    assert detail == ("the database refused the batch, nothing of it was applied: "
+                      "PostgreSQL 53100: could not extend file (a path): No space left on device")

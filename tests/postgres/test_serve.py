@@ -3,6 +3,7 @@ only the PostgreSQL store has (the server suite runs on it too, through the
 fixtures of tests/conftest.py): /health while no primary is reachable, the
 ready line's URL, several clusters, the migrate command."""
 
+import time
 
 from conftest import assert_error, get, patch, run_accman, spawn_server
 
@@ -42,6 +43,55 @@ def test_health_is_503_while_no_primary_is_reachable(pg_factory, tmp_path):
         pg.start()
         wait_for(lambda: health(srv) == 200, 20, "/health 200 with the primary back")
         assert srv.mod("a", 1).json == {"tot": 6, "seq": 2}      # the refused one never applied
+    finally:
+        srv.kill()
+
+
+def test_a_database_that_takes_no_writes_is_503_until_it_does(pg_factory, tmp_path):
+    """A primary turned read-only (or a standby reached without
+    target_session_attrs=read-write): the batch is 503 and says why, and
+    the front-end stays unhealthy, its reconnections finding no writable
+    database, until writes are back."""
+    pg = pg_factory(name="ro")
+    url = pg.create_database("ro")
+    srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", url])
+    try:
+        assert srv.mod("a", 5).json == {"tot": 5, "seq": 1}
+        pg.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+        pg.psql("SELECT pg_reload_conf()")
+        r = wait_for(lambda: (lambda r: r if r.status == 503 else None)(srv.mod("a", 1)), 10,
+                     "a mod refused by the read-only database")
+        assert "takes no writes" in assert_error(r, 503, "unavailable")["detail"]
+        for _ in range(20):                         # 2 s: no reconnection passes for healthy
+            assert health(srv) == 503
+            time.sleep(0.1)
+        pg.psql("ALTER SYSTEM RESET default_transaction_read_only")
+        pg.psql("SELECT pg_reload_conf()")
+        wait_for(lambda: health(srv) == 200, 20, "/health 200 with writes back")
+        assert srv.mod("a", 1).json == {"tot": 6, "seq": 2}      # the refused ones never applied
+    finally:
+        srv.kill()
+
+
+def test_a_batch_the_database_refuses_stops_writes_until_one_commits(pg, tmp_path):
+    """SPEC "Durability": a store that fails to commit stops taking writes.
+    A refusal (here a constraint that every history entry breaks, as a
+    full disk refuses them) is 503 without a file path, /health is 503 at
+    once, and writes come back once the database takes them."""
+    url = pg.create_database("refused")
+    srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", url])
+    try:
+        assert srv.mod("a", 5).json == {"tot": 5, "seq": 1}
+        pg.psql("ALTER TABLE accman_history ADD CONSTRAINT refuse CHECK (false) NOT VALID",
+                dbname="refused")
+        detail = assert_error(srv.mod("a", 1), 503, "unavailable")["detail"]
+        assert detail.startswith("the database refused the batch, nothing of it was applied")
+        assert health(srv) == 503
+        assert_error(srv.mod("b", 1), 503, "unavailable")
+        pg.psql("ALTER TABLE accman_history DROP CONSTRAINT refuse", dbname="refused")
+        wait_for(lambda: srv.mod("a", 1).status == 200, 20, "writes back")
+        assert health(srv) == 200
+        assert srv.get("/tot?cred=a").json == {"tot": 6}
     finally:
         srv.kill()
 
