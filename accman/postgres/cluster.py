@@ -9,7 +9,7 @@ from collections import deque
 import asyncpg
 
 from accman.errors import StoreError
-from accman.postgres.migrate import SESSION_SETTINGS, connect
+from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
 # 64 callers a second lane halved each batch and every batch still waits
@@ -37,7 +37,8 @@ class Lane:
     async def connect(self, url) -> None:
         writer = await connect(url)
         try:
-            if await writer.fetchval("SHOW transaction_read_only") == "on":
+            if await writer.fetchval("SHOW transaction_read_only",
+                                     timeout=CONNECT_TIMEOUT_S) == "on":
                 raise StoreError("the database takes no writes (a standby, or "
                                  "default_transaction_read_only): waiting for one that does")
             self.apply = await writer.prepare(_APPLY_SQL)

@@ -50,6 +50,7 @@ def classify(exc: BaseException) -> str:
     return FAILED
 
 
+_READ_ONLY = "the database takes no writes (a standby, or read-only)"
 # A quoted path in the database server's message (`could not extend file
 # "base/16384/2619"`): a 503's detail names no file (SPEC "Access").
 _QUOTED_PATH = re.compile(r'"[^"]*/[^"]*"')
@@ -58,6 +59,10 @@ _QUOTED_PATH = re.compile(r'"[^"]*/[^"]*"')
 def describe(exc: BaseException) -> str:
     """A sentence about `exc` for a log or a 503's detail: its kind and the
     server's message, never a URL, a password, the hash key or a path."""
+    if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+        return f"PostgreSQL {exc.sqlstate}: {_READ_ONLY}"
+    if isinstance(exc, StoreError):
+        return str(exc)
     if isinstance(exc, asyncpg.PostgresError):
         message = exc.args[0] if exc.args else type(exc).__name__
         return f"PostgreSQL {exc.sqlstate}: {_QUOTED_PATH.sub('(a path)', str(message))}"
@@ -70,8 +75,8 @@ def commit_detail(exc: BaseException, kind: str) -> str:
     """The 503 detail of a batch that did not commit, by what `classify`
     made of `exc`."""
     if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
-        return ("the database takes no writes (a standby, or read-only): nothing in this "
-                "batch was applied; the store is looking for one that does")
+        return (f"{_READ_ONLY}: nothing in this batch was applied; the store is looking "
+                "for one that does")
     if kind == UNKNOWN:
         return ("the connection to the database broke during the commit; nothing in this "
                 "batch was acknowledged, retry with its key")

@@ -170,9 +170,14 @@ async def migrate(urls: list[str]) -> list[ClusterInfo]:
             raise StoreError("the clusters disagree on the credential-hash key: they are "
                              "not one store")
         key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)
-        out = [await migrate_cluster(c, key) for c in conns]
-        if len(out) > 1:
-            out = await settle_home(conns, out)
+        try:
+            out = [await migrate_cluster(c, key) for c in conns]
+            if len(out) > 1:
+                out = await settle_home(conns, out)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                asyncio.TimeoutError) as e:
+            # A standby, a read-only database, a schema that is not ours.
+            raise store_error(e, "cannot migrate the schema of a cluster of the store") from None
         check_infos(out)
         return out
     finally:

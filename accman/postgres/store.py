@@ -261,7 +261,8 @@ class PgStore:
                 if kind == E.FAILED:
                     log.error("a batch failed: %s", E.describe(e))
                     cluster.refused_in_row += 1
-                self.lost(cluster, e)
+                if kind != E.RETRY:         # rolled back thrice: nothing says the store is ill
+                    self.lost(cluster, e)
                 detail = E.commit_detail(e, kind)
                 self._deliver([(op.done, Unavailable(detail)) for op in ops])
                 return
@@ -321,14 +322,18 @@ class PgStore:
         try:
             while not self._closed:
                 await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_BACKOFF_S_MAX)
                 try:
                     await cluster.connect()
                     await cluster.events.restart()
-                    log.warning("reconnected to the database")
-                    return
                 except Exception as e:
                     cluster.error = E.describe(e)
-                    delay = min(delay * 2, RECONNECT_BACKOFF_S_MAX)
+                    continue
+                # Lost again while the listener restarted (a batch refused
+                # meanwhile), which started no reconnection: go on.
+                if cluster.healthy:
+                    log.warning("reconnected to the database")
+                    return
         finally:
             cluster.reconnecting = False
 

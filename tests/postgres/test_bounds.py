@@ -181,3 +181,28 @@ def test_a_refusal_s_detail_names_no_file_of_the_database():
     detail = E.commit_detail(e, E.classify(e))
     assert detail == ("the database refused the batch, nothing of it was applied: "
                       "PostgreSQL 53100: could not extend file (a path): No space left on device")
+
+
+def test_a_cluster_lost_again_while_it_reconnects_is_reconnected(pg_url, monkeypatch):
+    """A batch refused while the reconnection restarts the listener marks
+    the cluster lost during the reconnection, which starts no other one:
+    the reconnection goes on instead of ending with the cluster down."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            assert await c.mod("a", 1) == (1, 1)
+            cluster = store.home
+            restart, lost_again = cluster.events.restart, []
+
+            async def restart_then_refused():
+                await restart()
+                if not lost_again:
+                    lost_again.append(True)
+                    store.lost(cluster, RuntimeError("a batch refused meanwhile"))
+            monkeypatch.setattr(cluster.events, "restart", restart_then_refused)
+            store.lost(cluster, RuntimeError("the first loss"))
+            deadline = time.monotonic() + 10
+            while not (cluster.healthy and not cluster.reconnecting):
+                assert time.monotonic() < deadline, cluster.error
+                await asyncio.sleep(0.05)
+            assert lost_again and await c.mod("a", 1) == (2, 2)
+    run(main())
