@@ -70,6 +70,9 @@ def test_a_database_that_takes_no_writes_is_503_until_it_does(pg_factory, tmp_pa
         for _ in range(20):                         # 2 s: no reconnection passes for healthy
             assert health(srv) == 503
             time.sleep(0.1)
+        proc = run_accman("migrate", "--store", url)                # one line, no traceback
+        assert proc.returncode == 2 and "takes no writes" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         pg.psql("ALTER SYSTEM RESET default_transaction_read_only")
         pg.psql("SELECT pg_reload_conf()")
         wait_for(lambda: health(srv) == 200, 20, "/health 200 with writes back")
