@@ -77,10 +77,18 @@ def commit_detail(exc: BaseException, kind: str) -> str:
     if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
         return (f"{_READ_ONLY}: nothing in this batch was applied; the store is looking "
                 "for one that does")
+    if isinstance(exc, asyncio.TimeoutError):
+        return ("the database did not answer the commit in time; nothing in this batch was "
+                "acknowledged, retry with its key")
     if kind == UNKNOWN:
         return ("the connection to the database broke during the commit; nothing in this "
                 "batch was acknowledged, retry with its key")
-    return f"the database refused the batch, nothing of it was applied: {describe(exc)}"
+    if isinstance(exc, asyncpg.PostgresError):
+        # The database said so itself: it rolled the transaction back.
+        return f"the database refused the batch, nothing of it was applied: {describe(exc)}"
+    # Raised on our side, perhaps after the database committed: unknown.
+    return (f"the commit failed in AccMan ({type(exc).__name__}); nothing in this batch was "
+            "acknowledged, retry with its key")
 
 
 def store_error(exc: BaseException, what: str) -> StoreError:

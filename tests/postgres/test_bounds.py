@@ -206,3 +206,20 @@ def test_a_cluster_lost_again_while_it_reconnects_is_reconnected(pg_url, monkeyp
                 await asyncio.sleep(0.05)
             assert lost_again and await c.mod("a", 1) == (2, 2)
     run(main())
+
+
+@pytest.mark.parametrize("exc,says", [
+    (asyncio.TimeoutError(), "the database did not answer the commit in time; nothing in "
+                             "this batch was acknowledged, retry with its key"),
+    (ConnectionResetError(), "the connection to the database broke during the commit; "
+                             "nothing in this batch was acknowledged, retry with its key"),
+    (ValueError("a reply that did not decode"),
+     "the commit failed in AccMan (ValueError); nothing in this batch was acknowledged, "
+     "retry with its key"),
+])
+def test_a_batch_whose_outcome_is_unknown_is_never_said_unapplied(exc, says):
+    """Only the database's own refusal says "nothing applied": a timeout, a
+    broken connection or an error on AccMan's side may follow a commit, so
+    their detail asks for a retry with the key."""
+    from accman.postgres import errors as E
+    assert E.commit_detail(exc, E.classify(exc)) == says
