@@ -9,6 +9,7 @@ from collections import deque
 import asyncpg
 
 from accman.errors import StoreError
+from accman.postgres import errors as E
 from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
@@ -39,8 +40,7 @@ class Lane:
         try:
             if await writer.fetchval("SHOW transaction_read_only",
                                      timeout=CONNECT_TIMEOUT_S) == "on":
-                raise StoreError("the database takes no writes (a standby, or "
-                                 "default_transaction_read_only): waiting for one that does")
+                raise StoreError(f"{E.READ_ONLY}: waiting for one that does")
             self.apply = await writer.prepare(_APPLY_SQL)
         except BaseException:
             await writer.close()

@@ -50,7 +50,7 @@ def classify(exc: BaseException) -> str:
     return FAILED
 
 
-_READ_ONLY = "the database takes no writes (a standby, or read-only)"
+READ_ONLY = "the database takes no writes (a standby, or read-only)"
 # A quoted path in the database server's message (`could not extend file
 # "base/16384/2619"`): a 503's detail names no file (SPEC "Access").
 _QUOTED_PATH = re.compile(r'"[^"]*/[^"]*"')
@@ -60,7 +60,7 @@ def describe(exc: BaseException) -> str:
     """A sentence about `exc` for a log or a 503's detail: its kind and the
     server's message, never a URL, a password, the hash key or a path."""
     if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
-        return f"PostgreSQL {exc.sqlstate}: {_READ_ONLY}"
+        return f"PostgreSQL {exc.sqlstate}: {READ_ONLY}"
     if isinstance(exc, StoreError):
         return str(exc)
     if isinstance(exc, asyncpg.PostgresError):
@@ -75,7 +75,7 @@ def commit_detail(exc: BaseException, kind: str) -> str:
     """The 503 detail of a batch that did not commit, by what `classify`
     made of `exc`."""
     if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
-        return (f"{_READ_ONLY}: nothing in this batch was applied; the store is looking "
+        return (f"{READ_ONLY}: nothing in this batch was applied; the store is looking "
                 "for one that does")
     if isinstance(exc, asyncio.TimeoutError):
         return ("the database did not answer the commit in time; nothing in this batch was "
