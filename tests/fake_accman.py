@@ -112,7 +112,13 @@ class FakeAccMan:
         return None if acct is None else acct["tot"]
 
     def mods(self) -> list:
-        return self.calls("/mod")
+        """The /mod requests that could change a balance: not the
+        middleware's role probes (`probes`), which never can."""
+        return [r for r in self.calls("/mod") if not _is_probe(r)]
+
+    def probes(self) -> list:
+        """Check mode's role probes: a charge of 1 with min INT64_MAX."""
+        return [r for r in self.calls("/mod") if _is_probe(r)]
 
     def calls(self, path: str) -> list:
         return [r for r in self.requests if r[1] == path]
@@ -344,6 +350,11 @@ class FakeAccMan:
                     pass
         page = self.events[after:after + limit]
         return 200, {"events": page, "next": page[-1]["id"] if page else after}
+
+
+def _is_probe(request) -> bool:
+    params = request[2]
+    return params.get("by") == "-1" and params.get("min") == str(INT64_MAX)
 
 
 def _opt(params, name):

@@ -123,7 +123,7 @@ def test_check_mode_charge_that_fails_after_serving_is_retried_with_its_key(fake
     lost = []
 
     def fault(method, path, params):
-        if path == "/mod" and len(lost) < 3:
+        if path == "/mod" and "key" in params and len(lost) < 3:      # the charge
             lost.append(1)
             return ("apply_drop",) if len(lost) == 1 else ("drop",)
     fake.fault = fault
@@ -219,6 +219,18 @@ def test_configuration_errors_are_refused_at_once(fake):
     for charge_below in (199, 601, True, "400", 400.0):
         with pytest.raises(ValueError, match="charge_below"):
             AccManMiddleware(app, url=fake.url, charge_below=charge_below)
+    bad = [({"timeout_s": 0}, ValueError, "timeout_s"),
+           ({"timeout_s": "2"}, TypeError, "timeout_s"),
+           ({"retries": -1}, ValueError, "retries"),
+           ({"retries": 1.0}, TypeError, "retries"),
+           ({"exempt": "/health"}, TypeError, "exempt"),       # ("/health") without its comma
+           ({"exempt": ["health"]}, ValueError, "exempt"),
+           ({"prices": {"x": 1}}, ValueError, "prices"),
+           ({"prices": [("/x", 1)]}, TypeError, "prices"),
+           ({"on_unpaid": 5}, TypeError, "on_unpaid")]
+    for kw, error, named in bad:
+        with pytest.raises(error, match=named):
+            AccManMiddleware(app, url=fake.url, **kw)
 
 
 def test_a_cost_function_returning_garbage_is_a_server_error(fake):

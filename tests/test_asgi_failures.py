@@ -151,3 +151,81 @@ def test_lifespan_shutdown_drains_within_shutdown_drain_s(monkeypatch):
             return sent
         assert run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
         assert m.stats["stranded"] == 1 and m._client is None
+
+
+# --- a token that loses its charge role, a call under way at shutdown ---------
+def test_a_charge_refused_403_after_the_work_is_503_and_probes_again(caplog):
+    with FakeAccMan(tokens={"svc": {"read", "charge"}}) as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, make_app(body=b"the work"), token="svc")
+        assert run(call(m)).headers["accman"] == "9" and len(fake.probes()) == 1
+        fake.tokens["svc"] = {"read"}          # the operator took `charge` away
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            r = run(call(m))
+        assert r.status == 503 and b"the work" not in r.body     # not served, so not owed
+        assert "refused the charge (403" in caplog.text
+        assert m.stats["owed"] == m.stats["unpaid_requests"] == 0
+        served = []
+        r = run(call(mw_app := mw(fake, make_app(calls=served), token="svc")))
+        assert r.status == 503 and served == []                # a new one probes first
+        assert run(call(m)).status == 503 and len(fake.probes()) == 3   # and so does m
+        assert fake.tot(CRED) == 9 and mw_app.stats["unpaid_requests"] == 0
+
+
+def test_a_call_under_way_when_the_drain_ends_is_not_cut_off(monkeypatch, caplog):
+    """Cut off, nobody would know whether the charge landed: reported
+    unpaid, an `on_unpaid` biller would bill it twice."""
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        unpaid = []
+        m = mw(fake, cost=2, retries=0, on_unpaid=lambda c, a: unpaid.append(a))
+        charges = []
+
+        def fault(method, path, params):
+            if path == "/mod" and "key" in params:
+                charges.append(1)
+                return ("drop",) if len(charges) == 1 else ("delay", 0.5)
+        fake.fault = fault
+
+        async def go():
+            r = await call(m)               # the charge is dropped: owed
+            await m.aclose()                # its retry is under way past the drain
+            return r
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            assert run(go()).status == 200
+        assert fake.tot(CRED) == 8 and len(charges) == 2
+        assert m.stats["stranded"] == 0 and unpaid == [] and "stranded" not in caplog.text
+
+
+@pytest.mark.parametrize("bare", ["returns", "raises"])
+def test_an_app_without_lifespan_gets_the_middlewares_own(bare, monkeypatch):
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        inner = make_app()
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                if bare == "raises":
+                    raise RuntimeError("http only")
+                return
+            await inner(scope, receive, send)
+
+        m = mw(fake, app, cost=2, retries=0)
+
+        async def go():
+            fake.fault = lambda meth, p, q: ("drop",) if "key" in q else None
+            assert (await call(m)).status == 200            # its charge is owed
+            messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+            sent = []
+
+            async def receive():
+                return next(messages)
+
+            async def send(msg):
+                sent.append(msg["type"])
+            await m({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+            return sent
+        assert run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        assert m.stats["stranded"] == 1 and m._client is None       # drained, then closed

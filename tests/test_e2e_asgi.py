@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import logging
 import os
 import re
 import signal
@@ -22,7 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from accman.asgi import AccManMiddleware
 from accman.client import AccManSyncClient
+from asgi_harness import call, make_app
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 20.0
@@ -32,6 +36,7 @@ UVICORN_READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 FUNDER = "funder-token-0123456789abcdef"
 SVC_CHECK = "svc-check-token-0123456789abcdef"       # read, charge
 SVC_RESERVE = "svc-reserve-token-0123456789abcdef"   # read, charge: holds need no mint
+SVC_READ = "svc-read-token-0123456789abcdef"         # read: a service's token set up wrong
 
 
 class Proc:
@@ -72,11 +77,13 @@ class Proc:
                 self.proc.wait()
 
 
-def start_accman(log_dir: Path, name="accman") -> Proc:
+def start_accman(log_dir: Path, name="accman", port=0) -> Proc:
     tokens = log_dir / f"{name}-tokens"
-    tokens.write_text(f"mint {FUNDER}\nread,charge {SVC_CHECK}\nread,charge {SVC_RESERVE}\n")
+    tokens.write_text(f"mint {FUNDER}\nread,charge {SVC_CHECK}\nread,charge {SVC_RESERVE}\n"
+                      f"read {SVC_READ}\n")
     tokens.chmod(0o600)
-    p = Proc(name, [sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1", "--port", "0",
+    p = Proc(name, [sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1",
+                    "--port", str(port),
                     "--data", str(log_dir / f"{name}-data"), "--tokens", str(tokens)], log_dir)
     p.wait_ready(ACCMAN_READY, "stdout")
     return p
@@ -234,3 +241,72 @@ def test_503_when_accman_goes_down_under_a_running_service(tmp_path):
         app.stop()
         accman.stop()
     assert cred not in app.err.read_text(errors="replace")      # never logged
+
+
+# --- the middleware's own faults, found by probing it as a service would ------
+def test_forked_workers_draw_their_own_request_ids(stack):
+    """A server that builds the app before it forks its workers (gunicorn
+    --preload): each worker's charges have their own keys, so two requests
+    are two charges, not one answered twice."""
+    cred = new_cred(stack, 10)
+    m = AccManMiddleware(make_app(), url=stack["accman"].url, token=SVC_CHECK)
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if asyncio.run(call(m, cred=cred)).status == 200 else 3
+            finally:
+                os._exit(code)
+        children.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children] == [0, 0]
+    charges = [e for e in past(stack, cred) if e.by < 0]
+    assert [e.by for e in charges] == [-1, -1] and len({e.key for e in charges}) == 2
+    assert tot(stack, cred) == 8
+
+
+@pytest.mark.parametrize("on_unavailable", ["closed", "open"])
+def test_a_token_without_charge_is_503_before_the_app_runs(stack, on_unavailable, caplog):
+    cred = new_cred(stack, 10)
+    served = []
+    m = AccManMiddleware(make_app(calls=served), url=stack["accman"].url, token=SVC_READ,
+                         on_unavailable=on_unavailable)
+    with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+        replies = [asyncio.run(call(m, cred=cred)) for _ in range(2)]
+    assert [r.status for r in replies] == [503, 503] and served == []
+    assert "check the url and token" in caplog.text and SVC_READ not in caplog.text
+    assert m.stats["unpaid_requests"] == 0 and tot(stack, cred) == 10
+    assert [e.by for e in past(stack, cred)] == [10]        # the probe changed nothing
+
+
+def test_an_owed_charge_lands_at_shutdown_of_an_app_without_lifespan(tmp_path):
+    """tests/bare_app.py speaks no lifespan: the middleware answers uvicorn's
+    lifespan itself, so its shutdown still waits for the owed charge."""
+    accman = start_accman(tmp_path, "accman-bare")
+    port = accman.url.rsplit(":", 1)[1]
+    app = start_app(tmp_path, "app-bare", accman.url, "check", SVC_CHECK,
+                    app="tests.bare_app:app")
+    cred = "bare-app-test"
+    try:
+        app.wait_ready(UVICORN_READY, "stderr")
+        with AccManSyncClient(accman.url, FUNDER) as funder:
+            funder.mod(cred, 10)
+        with httpx.Client(base_url=app.url, timeout=30) as http:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(http.get, "/work", params={"s": "1"},
+                                      headers={"ACCMAN": cred})
+                time.sleep(0.3)             # admitted, working
+                accman.stop()
+                r = pending.result()
+        assert r.status_code == 200 and "accman" not in r.headers      # the charge is owed
+        app.proc.send_signal(signal.SIGTERM)
+        accman = start_accman(tmp_path, "accman-bare", port=port)
+        app.proc.wait(20)
+        assert tot({"accman": accman}, cred) == 9
+        assert [e.key[-2:] for e in past({"accman": accman}, cred) if e.by < 0] == ["-c"]
+    finally:
+        app.stop()
+        accman.stop()
+    log = app.err.read_text(errors="replace")
+    assert "stranded" not in log, log[-3000:]

@@ -24,29 +24,29 @@ Modes:
   `read` and `charge` (accman.calling.reserve).
 
 Every hold and mod carries an idempotency key made from a per-request id
-that is random per process (never taken from the request: a client that
-chose the key could replay an old one and be served for free), so the
-client's retries never charge twice.  Calls that must still land after the
-response are owed (accman.calling.owed).  Credentials are never logged: a
-log line names an account by a short SHA-256 fingerprint.
+that is random per process, drawn again in a forked child (never taken
+from the request: a client that chose the key could replay an old one and
+be served for free), so the client's retries never charge twice.  Calls
+that must still land after the response are owed (accman.calling.owed).
+Credentials are never logged: a log line names an account by a short
+SHA-256 fingerprint.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
-import os
 import re
 
 from accman.calling.client import AccManClient
 from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_DRAIN_S, Mod,
                                  Owed, Unhold, fingerprint)
 from accman.calling.reserve import DisconnectWatch, Reservation
+from accman.calling.settings import amount, check_calls, check_options, paths, request_ids, split
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, OutcomeUnknown,
                            TooManyHolds, TransportError, Unauthorized, Unavailable)
-from accman.limits import CRED_CHARS_MAX, HOLD_TTL_S_MAX, INT64_MAX
+from accman.limits import CRED_CHARS_MAX, INT64_MAX
 
 log = logging.getLogger("accman.asgi")
 
@@ -71,14 +71,6 @@ _STATS = ("requests", "exempt", "refused_no_credential", "refused_no_account",
           "refused_insufficient", "refused_too_many", "refused_unavailable", "charged",
           "charged_amount", "free_status", "released", "capped", "expired", "unpaid_requests",
           "unpaid_amount", "owed", "stranded")
-
-
-def _amount(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= INT64_MAX:
-        raise ValueError(f"{what} must be between 0 and {INT64_MAX}")
-    return value
 
 
 class AccManMiddleware:
@@ -108,20 +100,10 @@ class AccManMiddleware:
                  retries: int = RETRIES_DEFAULT, on_unpaid=None,
                  charge_below: int | None = CHARGE_BELOW_DEFAULT,
                  hold_ttl_s: int = HOLD_TTL_S_DEFAULT):
-        if mode not in ("check", "reserve"):
-            raise ValueError('mode must be "check" or "reserve"')
-        if on_unavailable not in ("closed", "open"):
-            raise ValueError('on_unavailable must be "closed" or "open"')
         if client is None and url is None:
             raise ValueError("AccManMiddleware needs the AccMan url (or a client)")
-        if not isinstance(header, str) or re.fullmatch(r"[A-Za-z0-9-]+", header) is None:
-            raise ValueError("header must be a plain header name")
-        if charge_below is not None and (isinstance(charge_below, bool) or not isinstance(
-                charge_below, int) or not 200 <= charge_below <= 600):
-            raise ValueError("charge_below must be a status from 200 to 600, or None")
-        if isinstance(hold_ttl_s, bool) or not isinstance(hold_ttl_s, int) or not (
-                1 <= hold_ttl_s <= HOLD_TTL_S_MAX):
-            raise ValueError(f"hold_ttl_s must be whole seconds from 1 to {HOLD_TTL_S_MAX}")
+        check_options(mode, on_unavailable, header, charge_below, hold_ttl_s)
+        check_calls(timeout_s, retries, on_unpaid)
         self.app = app
         self.mode = mode
         self._reserve = mode == "reserve"
@@ -130,20 +112,15 @@ class AccManMiddleware:
         self._charge_below = charge_below
         self.hold_ttl_s = hold_ttl_s
         self._cost = self._price_value(cost, "cost")
-        self._exempt_exact, self._exempt_prefixes = set(), []
-        for path in exempt:
-            if path.endswith("*"):
-                self._exempt_prefixes.append(path[:-1])
-            else:
-                self._exempt_exact.add(path)
-        self._prices_exact, self._price_prefixes = {}, []
-        for path, price in (prices or {}).items():
-            value = self._price_value(price, f"prices[{path!r}]")
-            if path.endswith("*"):
-                self._price_prefixes.append((path[:-1], value))
-            else:
-                self._prices_exact[path] = value
-        self._price_prefixes.sort(key=lambda p: len(p[0]), reverse=True)
+        self._exempt_exact, self._exempt_prefixes = split(paths(exempt, "exempt"))
+        if prices is not None and not isinstance(prices, dict):
+            raise TypeError(f"prices must be a dict of path to price, not {type(prices).__name__}")
+        prices = {path: self._price_value(price, f"prices[{path!r}]")
+                  for path, price in (prices or {}).items()}
+        exact, prefixes = split(paths(prices, "prices"))
+        self._prices_exact = {path: prices[path] for path in exact}
+        self._price_prefixes = sorted(((p, prices[p + "*"]) for p in prefixes),
+                                      key=lambda p: len(p[0]), reverse=True)
         self._url, self._token = url, token
         self._timeout_s, self._retries = timeout_s, retries
         self._client = client
@@ -152,19 +129,21 @@ class AccManMiddleware:
         if client is None:
             AccManClient(url, token)    # check url and token now, not at the first request
         self._on_unpaid = on_unpaid
-        # A request id: 96 random bits per process, then a counter.  Keys
-        # are `<id>-h` (a reserve-mode hold) and `-c` (a charge: check
-        # mode's, or a reserve-mode request whose hold expired): 42
+        # Keys are `<request id>-h` (a reserve-mode hold) and `-c` (a charge:
+        # check mode's, or a reserve-mode request whose hold expired): 42
         # characters at most, under KEY_CHARS_MAX.
-        self._rid_base = os.urandom(12).hex()
-        self._rid_next = itertools.count(1).__next__
+        self._rid = request_ids
+        # Check mode admits with `tot`, which a token without `charge` may
+        # read; until a charge refused for its balance has shown the role,
+        # admission is that refusal (`_probe`).
+        self._charge_seen = False
         self.stats = dict.fromkeys(_STATS, 0)
         self._owed = Owed(self._acc, self.stats, self._unpaid)
         self._tasks = set()             # releases under way (Reservation.release)
 
     @staticmethod
     def _price_value(value, what: str):
-        return value if callable(value) else _amount(value, what)
+        return value if callable(value) else amount(value, what)
 
     # --- ASGI --------------------------------------------------------------
     async def __call__(self, scope, receive, send):
@@ -190,7 +169,7 @@ class AccManMiddleware:
     async def _serve_checked(self, scope, receive, send, cred, price, est):
         acc = self._acc()
         try:
-            tot = await acc.tot(cred)
+            tot = await (acc.tot(cred) if self._charge_seen else self._probe(acc, cred))
         except NoAccount:
             return await self._no_account(send)
         except AccManError as e:
@@ -199,15 +178,48 @@ class AccManMiddleware:
             return await self._insufficient(send, tot, est)
         key = self._rid() + "-c"
         watch = DisconnectWatch(receive)
+        refused = False
 
         async def send_(message):
+            nonlocal refused
+            if refused:
+                return              # the app's reply to a request that is not served
             if message["type"] == "http.response.start" and not watch.gone:
                 cost = self._cost_of_response(price, scope, message)
-                new_tot = await self._charge(acc, cred, cost, key) if cost else tot
+                try:
+                    new_tot = await self._charge(acc, cred, cost, key, served=False) \
+                        if cost else tot
+                except (Unauthorized, Forbidden) as e:
+                    refused = True
+                    return await self._refused_charge(send, e)
                 message = self._with_tot(message, new_tot)
             await send(message)
 
         await self.app(scope, watch.receive, send_)
+
+    async def _probe(self, acc, cred) -> int:
+        """Check mode's admission until the token's `charge` role is seen:
+        a charge of 1 with `min` INT64_MAX, which no balance can meet, so
+        AccMan refuses it for the balance (409, with `tot`), changing
+        nothing.  A token without the role gets its 403 here, before the
+        app works, not at the charge after it.  The balance, as `tot`."""
+        try:
+            await acc.mod(cred, -1, min=INT64_MAX)
+        except Insufficient as e:
+            self._charge_seen = True
+            return e.tot
+        raise AssertionError("AccMan applied a charge with min INT64_MAX")
+
+    async def _refused_charge(self, send, err):
+        """The charge after the work met 401 or 403: the token lost its
+        role or was replaced.  The response is not delivered (a
+        misconfiguration must not serve for free), so nothing is owed;
+        admission probes the role again."""
+        self._charge_seen = False
+        self.stats["refused_unavailable"] += 1
+        log.error("accman: AccMan refused the charge (%s %s): check the token's roles; "
+                  "refusing with 503", err.status, err.code)
+        return await _refuse_unavailable(send)
 
     async def _serve_reserved(self, scope, receive, send, cred, price, est):
         acc = self._acc()
@@ -229,12 +241,15 @@ class AccManMiddleware:
         finally:
             r.release()     # the app raised, or sent no response; else settled already
 
-    async def _charge(self, acc, cred, cost, key):
+    async def _charge(self, acc, cred, cost, key, served=True):
         """Charges `cost` with `key`; the new balance, or None when the
-        charge is owed."""
+        charge is owed.  Before the response is `served`, a 401 or 403 is
+        raised instead: the caller refuses the request."""
         try:
             new_tot, _ = await acc.mod(cred, -cost, key=key)
         except AccManError as e:
+            if not served and isinstance(e, (Unauthorized, Forbidden)):
+                raise
             self._owed.add(Mod(cred, -cost, key, "charge"), e)
             return None
         self._charged(cost)
@@ -287,8 +302,7 @@ class AccManMiddleware:
         else:
             log.warning("accman: AccMan unavailable (%s); refusing with 503", err.code)
         self.stats["refused_unavailable"] += 1
-        return await _refuse(send, 503, "unavailable", "the balance service cannot be reached",
-                             [(b"retry-after", b"1")])
+        return await _refuse_unavailable(send)
 
     # --- owed calls, releases under way, shutdown -----------------------------
     def _spawn(self, coro) -> None:
@@ -322,11 +336,39 @@ class AccManMiddleware:
             self._client = None
 
     async def _lifespan(self, scope, receive, send):
+        """The app's lifespan, with the drain before its shutdown completes.
+        An app that does not speak lifespan (it returns or raises before
+        it reads a message, as ASGI allows) gets the middleware's own, so
+        that owed calls still land at shutdown."""
+        spoken = False
+
+        async def receive_():
+            nonlocal spoken
+            spoken = True
+            return await receive()
+
         async def send_(message):
             if message["type"] == "lifespan.shutdown.complete":
                 await self.aclose()
             await send(message)
-        await self.app(scope, receive, send_)
+        try:
+            await self.app(scope, receive_, send_)
+        except Exception:
+            if spoken:
+                raise
+            log.debug("accman: the app does not speak lifespan; the middleware does")
+        if not spoken:
+            await self._own_lifespan(receive, send)
+
+    async def _own_lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     # --- small parts --------------------------------------------------------
     def _acc(self):
@@ -338,9 +380,6 @@ class AccManMiddleware:
                                         retries=self._retries)
             self._client_loop = loop
         return self._client
-
-    def _rid(self) -> str:
-        return f"{self._rid_base}{self._rid_next():x}"
 
     def _price_for(self, path: str):
         if path in self._exempt_exact:
@@ -373,7 +412,7 @@ class AccManMiddleware:
     @staticmethod
     def _charge_of(price, scope, status, headers) -> int:
         if callable(price):
-            return _amount(price(scope, status, headers), "the cost function's result")
+            return amount(price(scope, status, headers), "the cost function's result")
         return price
 
     def _cost_of_response(self, price, scope, message) -> int:
@@ -424,6 +463,11 @@ async def _refuse(send, status: int, code: str, detail: str, headers=(), extra=N
     await send({"type": "http.response.start", "status": status,
                 "headers": [_JSON, (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse_unavailable(send):
+    await _refuse(send, 503, "unavailable", "the balance service cannot be reached",
+                  [(b"retry-after", b"1")])
 
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",

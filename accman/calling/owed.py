@@ -134,6 +134,8 @@ class Owed:
         self._unpaid = unpaid
         self._items = collections.deque()
         self._task = None
+        self._closing = False
+        self._wake = None               # set to cut a pause short when closing
 
     def __len__(self) -> int:
         return len(self._items)
@@ -154,21 +156,30 @@ class Owed:
 
     async def _pay(self) -> None:
         acc = self._acc()
+        self._wake = asyncio.Event()
         attempt = 0
-        while self._items:
+        while self._items and not self._closing:
             item = self._items[0]
             try:
                 await item.run(acc)
             except (TransportError, Unavailable) as e:
                 attempt += 1
+                if self._closing:
+                    continue            # close() strands it, knowing it did not land
                 if attempt < FOLLOWUP_ATTEMPTS_MAX:
-                    await asyncio.sleep(_pause_s(attempt))
+                    await self._pause(_pause_s(attempt))
                     continue
                 self._strand(item, f"still {e.code} after {attempt} attempts")
             except AccManError as e:
                 self._strand(item, e.code)
             self._items.popleft()
             attempt = 0
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def _strand(self, item, why: str) -> None:
         self._stats["stranded"] += 1
@@ -196,11 +207,18 @@ class Owed:
         return True
 
     async def close(self) -> None:
-        """Let owed mods land (SHUTDOWN_DRAIN_S at most), strand the rest."""
+        """Let owed mods land (SHUTDOWN_DRAIN_S at most), strand the rest.
+        A call under way when the time is up is not cut off, since then
+        nobody would know whether it landed: it ends within the client's
+        own bound (timeout_s per attempt, its retries), and only what did
+        not land is stranded."""
         if not await self.drain(SHUTDOWN_DRAIN_S):
-            self._task.cancel()
+            self._closing = True
+            self._wake.set()
+            await self._task
             while self._items:
                 self._strand(self._items.popleft(), "shutting down")
+            self._closing = False
 
 
 def _pause_s(attempt: int) -> float:
