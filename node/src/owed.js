@@ -7,9 +7,84 @@
 const {
   OWED_MAX, OWED_ATTEMPTS_MAX, OWED_PAUSE_MS, OWED_PAUSE_MAX_MS
 } = require('./limits')
-const { Unavailable, OutcomeUnknown } = require('./errors')
+const {
+  Unavailable, OutcomeUnknown, HoldEnded, Insufficient, NoAccount
+} = require('./errors')
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+// Each owed call has `cred`, `by` (what it moves, a bigint: < 0 the account
+// owes the service, > 0 the service owes the account, 0 nothing is lost if
+// it never lands), `amount` and `key` (for logs: what it moves or frees,
+// and its key or hold), `what` ('charge', 'settle' or 'release') and
+// `run(client)`, which repeats exactly what failed.
+
+class Charge {
+  constructor (cred, cost, key) {
+    this.what = 'charge'
+    this.cred = cred
+    this.by = -cost
+    this.amount = cost
+    this.key = key
+  }
+
+  run (client) {
+    return client.mod(this.cred, this.by, { key: this.key })
+  }
+}
+
+// A settle of `hold` with `use`; a release when `use` is 0, freeing `held`.
+// Repeating it answers the first reply, so it needs no key.
+class Settle {
+  constructor (cred, hold, use, held) {
+    this.what = use === 0n ? 'release' : 'settle'
+    this.cred = cred
+    this.by = -use
+    this.amount = use === 0n ? held : use
+    this.use = use
+    this.hold = hold
+    this.key = `hold ${hold}`
+  }
+
+  async run (client) {
+    try {
+      await client.settle(this.cred, this.hold, this.use)
+    } catch (err) {
+      if (!(err instanceof HoldEnded) || this.use !== 0n) throw err
+      // Released already, or expired: either way nothing is held.
+    }
+  }
+}
+
+// A hold whose outcome is unknown, to be undone: repeating it with its key
+// answers whether it applied (the original reply, with its id) or not (it
+// applies now, or is refused); then a settle with use 0 releases it.  Left
+// alone it would return by itself at its expiry: it moves nothing.
+class Unhold {
+  constructor (cred, held, ttlS, key) {
+    this.what = 'release'
+    this.cred = cred
+    this.by = 0n
+    this.amount = held
+    this.key = key
+    this.ttlS = ttlS
+  }
+
+  async run (client) {
+    let r
+    try {
+      r = await client.hold(this.cred, -this.amount, { ttlS: this.ttlS, min: 0, key: this.key })
+    } catch (err) {
+      if (err instanceof Insufficient || err instanceof NoAccount) return // never held
+      throw err
+    }
+    try {
+      await client.settle(this.cred, r.hold, 0n)
+    } catch (err) {
+      if (!(err instanceof HoldEnded)) throw err
+    }
+  }
+}
 
 class Owed {
   // `strand(item, why)` is told of every call that will not be retried.
@@ -25,7 +100,7 @@ class Owed {
     return this.queue.length
   }
 
-  // `item` has run(client) (a promise), what, cred, amount and key.
+  // `item` is a Charge, a Settle or an Unhold.
   add (item) {
     if (this.queue.length >= OWED_MAX) {
       this.strand(item, 'OWED_MAX owed calls already queued')
@@ -73,4 +148,4 @@ class Owed {
   }
 }
 
-module.exports = { Owed }
+module.exports = { Owed, Charge, Settle, Unhold }

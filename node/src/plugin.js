@@ -13,7 +13,7 @@ const { AccManClient } = require('./client')
 const {
   AccManError, Insufficient, NoAccount, HoldEnded, Unavailable, OutcomeUnknown
 } = require('./errors')
-const { Owed } = require('./owed')
+const { Owed, Charge, Settle, Unhold } = require('./owed')
 const { CheckCache } = require('./cache')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
@@ -35,6 +35,12 @@ function amount (value, what) {
   if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return BigInt(value)
   if (typeof value === 'bigint' && value >= 0n && value <= limits.INT64_MAX) return value
   throw new TypeError(`${what} must be a non-negative integer, not ${typeof value === 'number' ? value : typeof value}`)
+}
+
+function owedBy (by) {
+  if (by < 0n) return `the account owes ${-by}`
+  if (by > 0n) return `the service owes the account ${by}`
+  return 'nothing is lost: a hold returns by itself at its expiry'
 }
 
 function price (value, what) {
@@ -188,7 +194,7 @@ class Meter {
     try {
       r = await this.client.hold(state.cred, -state.estimate, { ttlS: this.holdTtlS, min: 0, key })
     } catch (err) {
-      if (err instanceof OutcomeUnknown) this.owe(new Unhold(state, this.holdTtlS), err)
+      if (err instanceof OutcomeUnknown) this.owe(new Unhold(state.cred, state.estimate, this.holdTtlS, key), err)
       if (!this.open || !this.isOutage(err)) throw err
       state.unpaid = err
       return
@@ -260,7 +266,7 @@ class Meter {
       this.cache.set(state.cred, r.tot)
       return r.tot
     } catch (err) {
-      this.owe(new Charge(state, cost), err)
+      this.owe(new Charge(state.cred, cost, state.rid + '-c'), err)
       return null
     }
   }
@@ -284,7 +290,7 @@ class Meter {
         this.log.warn({ account: fingerprint(state.cred) }, 'accman: the hold expired before the response; charging it as a mod')
         return this.mod(state, use)
       }
-      this.owe(new Settle(state, use), err)
+      this.owe(new Settle(state.cred, state.hold, use, state.estimate), err)
       return null
     }
   }
@@ -302,7 +308,7 @@ class Meter {
     state.ended = true
     if (state.hold === null) return
     this.stats.released++
-    const item = new Settle(state, 0n)
+    const item = new Settle(state.cred, state.hold, 0n, state.estimate)
     item.run(this.client).catch((err) => this.owe(item, err))
   }
 
@@ -315,12 +321,15 @@ class Meter {
     }
   }
 
+  // An owed call that will not land.  Who owes whom follows the sign of
+  // what it moves: a charge or a settle never landed, so the account owes
+  // it (unpaid, told to onUnpaid); a release loses nothing, since a hold
+  // returns by itself at its expiry.  As accman/calling/owed.py's _strand.
   strand (item, why) {
     this.stats.stranded++
-    const who = item.what === 'charge' ? 'the account owes' : 'the service owes the account'
     this.log.error({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, why },
-      `accman: stranded ${item.what}: ${who} ${item.amount}`)
-    if (item.what === 'charge') this.unpaid(item.cred, item.amount, why)
+      `accman: stranded ${item.what}: ${owedBy(item.by)}`)
+    if (item.by < 0n) this.unpaid(item.cred, -item.by, why)
   }
 
   charged (cost) {
@@ -350,68 +359,6 @@ class Meter {
   async close () {
     if (!(await this.owed.drain(limits.CLOSE_DRAIN_MS))) this.owed.stop('shutting down')
     if (this.ownClient) await this.client.close()
-  }
-}
-
-// Owed calls (owed.js): each repeats exactly what failed.
-class Charge {
-  constructor (state, cost) {
-    this.what = 'charge'
-    this.cred = state.cred
-    this.amount = cost
-    this.key = state.rid + '-c'
-  }
-
-  run (client) {
-    return client.mod(this.cred, -this.amount, { key: this.key })
-  }
-}
-
-class Settle {
-  constructor (state, use) {
-    this.what = use === 0n ? 'release' : 'settle'
-    this.cred = state.cred
-    this.amount = use === 0n ? state.estimate : use
-    this.use = use
-    this.hold = state.hold
-    this.key = `hold ${state.hold}`
-  }
-
-  async run (client) {
-    try {
-      await client.settle(this.cred, this.hold, this.use)
-    } catch (err) {
-      if (!(err instanceof HoldEnded) || this.use !== 0n) throw err
-      // Released already, or expired: either way nothing is held.
-    }
-  }
-}
-
-// A hold whose outcome is unknown, to be undone: repeating it with its key
-// answers whether it applied (the original reply, with its id) or not (it
-// applies now, or is refused); then a settle with use 0 releases it.
-class Unhold {
-  constructor (state, ttlS) {
-    this.what = 'release'
-    this.cred = state.cred
-    this.amount = state.estimate
-    this.key = state.rid + '-h'
-    this.ttlS = ttlS
-  }
-
-  async run (client) {
-    let r
-    try {
-      r = await client.hold(this.cred, -this.amount, { ttlS: this.ttlS, min: 0, key: this.key })
-    } catch (err) {
-      if (err instanceof Insufficient || err instanceof NoAccount) return // never held
-      throw err
-    }
-    try {
-      await client.settle(this.cred, r.hold, 0n)
-    } catch (err) {
-      if (!(err instanceof HoldEnded)) throw err
-    }
   }
 }
 

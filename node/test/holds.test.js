@@ -9,7 +9,8 @@ const assert = require('node:assert/strict')
 const accman = require('..')
 const E = require('../src/errors')
 const { AccManServer, TOKENS } = require('./helpers/accman')
-const { serviceApp, get, sleep } = require('./helpers/app')
+const { serviceApp, get, sleep, messages, until } = require('./helpers/app')
+const { proxyTo } = require('./helpers/proxy')
 
 let server, mint, service
 test.before(async () => {
@@ -137,4 +138,42 @@ test('reserve: AccMan unreachable is a 503 with nothing held', async () => {
     await server.start()
   })
   assert.equal(await service.tot('h-down'), 10)
+})
+
+test('reserve: a stranded settle is owed by the account and unpaid; a stranded release loses nothing', async () => {
+  await mint.mod('h-strand', 10)
+  const logs = []
+  const unpaid = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({
+    url: proxy.url, token: TOKENS.service, mode: 'reserve', onUnpaid: (...a) => unpaid.push(a)
+  }, { logs })
+  try {
+    const paid = get(url + '/slow?ms=300', 'h-strand')
+    const failed = get(url + '/slowfail?ms=300', 'h-strand')
+    await until(() => app.served === 2) // both held
+    proxy.set('refuse') // the settle and the release meet no AccMan: owed
+    assert.deepEqual([(await paid).status, (await paid).accman], [200, null])
+    assert.equal((await failed).status, 500)
+    await until(() => app.accman.stats.owed === 2)
+    // The token loses its charge role: both owed calls meet 403, stranded.
+    server.writeTokens({ service: 'read' })
+    await server.stop()
+    await server.start()
+    proxy.set('pass')
+    assert.ok(await app.accman.drain(30000))
+  } finally {
+    await app.close()
+    await proxy.close()
+    server.writeTokens()
+    await server.stop()
+    await server.start()
+  }
+  assert.equal(app.accman.stats.stranded, 2)
+  assert.deepEqual(unpaid, [['h-strand', 1n, 'forbidden']])
+  assert.deepEqual([app.accman.stats.unpaid_requests, app.accman.stats.unpaid_amount], [1, 1])
+  const errors = messages(logs, 50)
+  assert.ok(errors.includes('accman: stranded settle: the account owes 1'), errors.join('\n'))
+  assert.ok(errors.includes('accman: stranded release: nothing is lost: a hold returns by itself at its expiry'),
+    errors.join('\n'))
 })
