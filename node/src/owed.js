@@ -4,6 +4,7 @@
 // the same key (a mod) or the same use (a settle), so it applies exactly
 // once however often it is sent; what cannot land is logged as stranded.
 
+const crypto = require('node:crypto')
 const {
   OWED_MAX, OWED_ATTEMPTS_MAX, OWED_PAUSE_MS, OWED_PAUSE_MAX_MS
 } = require('./limits')
@@ -12,6 +13,12 @@ const {
 } = require('./errors')
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+// How logs name an account: not the credential, a bearer secret, but 12 hex
+// digits of its SHA-256.
+function fingerprint (cred) {
+  return crypto.createHash('sha256').update(cred).digest('hex').slice(0, 12)
+}
 
 // Each owed call has `cred`, `by` (what it moves, a bigint: < 0 the account
 // owes the service, > 0 the service owes the account, 0 nothing is lost if
@@ -34,9 +41,13 @@ class Charge {
 }
 
 // A settle of `hold` with `use`; a release when `use` is 0, freeing `held`.
-// Repeating it answers the first reply, so it needs no key.
+// Repeating it answers the first reply, so it needs no key.  If the hold
+// has ended meanwhile, a release has nothing left to do, and a use is
+// charged as a keyed mod instead (`<rid>-c`, the key of a request whose
+// hold expired before its response): the hold expired, all of it went
+// back, and the work was done.
 class Settle {
-  constructor (cred, hold, use, held) {
+  constructor (cred, hold, use, held, rid) {
     this.what = use === 0n ? 'release' : 'settle'
     this.cred = cred
     this.by = -use
@@ -44,14 +55,18 @@ class Settle {
     this.use = use
     this.hold = hold
     this.key = `hold ${hold}`
+    this.chargeKey = rid + '-c'
   }
 
-  async run (client) {
+  async run (client, log) {
     try {
       await client.settle(this.cred, this.hold, this.use)
     } catch (err) {
-      if (!(err instanceof HoldEnded) || this.use !== 0n) throw err
-      // Released already, or expired: either way nothing is held.
+      if (!(err instanceof HoldEnded)) throw err
+      if (this.use === 0n) return // released already, or expired: nothing is held
+      log.warn({ account: fingerprint(this.cred), hold: String(this.hold), amount: String(this.use), key: this.chargeKey },
+        'accman: the hold ended before its settle landed; charging it as a mod')
+      await client.mod(this.cred, -this.use, { key: this.chargeKey })
     }
   }
 }
@@ -87,10 +102,12 @@ class Unhold {
 }
 
 class Owed {
-  // `strand(item, why)` is told of every call that will not be retried.
-  constructor (client, strand) {
+  // `strand(item, why)` is told of every call that will not be retried;
+  // `log` is the plugin's logger.
+  constructor (client, strand, log) {
     this.client = client
     this.strand = strand
+    this.log = log
     this.queue = []
     this.running = null
     this.stopped = false
@@ -116,7 +133,7 @@ class Owed {
     while (this.queue.length && !this.stopped) {
       const item = this.queue[0]
       try {
-        await item.run(this.client)
+        await item.run(this.client, this.log)
       } catch (err) {
         const transient = err instanceof Unavailable || err instanceof OutcomeUnknown
         if (transient && ++attempt < OWED_ATTEMPTS_MAX && !this.stopped) {
@@ -148,4 +165,4 @@ class Owed {
   }
 }
 
-module.exports = { Owed, Charge, Settle, Unhold }
+module.exports = { Owed, Charge, Settle, Unhold, fingerprint }

@@ -13,7 +13,7 @@ const { AccManClient } = require('./client')
 const {
   AccManError, Insufficient, NoAccount, HoldEnded, Unavailable, OutcomeUnknown
 } = require('./errors')
-const { Owed, Charge, Settle, Unhold } = require('./owed')
+const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
@@ -24,12 +24,6 @@ const STATS = [
   'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped', 'unpaid_requests',
   'unpaid_amount', 'owed', 'stranded'
 ]
-
-// How logs name an account: not the credential, a bearer secret, but 12 hex
-// digits of its SHA-256.
-function fingerprint (cred) {
-  return crypto.createHash('sha256').update(cred).digest('hex').slice(0, 12)
-}
 
 function amount (value, what) {
   if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return BigInt(value)
@@ -124,7 +118,7 @@ class Meter {
     // request, so a consumer cannot replay an old key to be served free.
     this.ridBase = crypto.randomBytes(12).toString('hex')
     this.ridNext = 0
-    this.owed = new Owed(this.client, (item, why) => this.strand(item, why))
+    this.owed = new Owed(this.client, (item, why) => this.strand(item, why), this.log)
     this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
     this.challenge = `AccMan header="${this.header}"`
   }
@@ -290,7 +284,7 @@ class Meter {
         this.log.warn({ account: fingerprint(state.cred) }, 'accman: the hold expired before the response; charging it as a mod')
         return this.mod(state, use)
       }
-      this.owe(new Settle(state.cred, state.hold, use, state.estimate), err)
+      this.owe(new Settle(state.cred, state.hold, use, state.estimate, state.rid), err)
       return null
     }
   }
@@ -308,8 +302,8 @@ class Meter {
     state.ended = true
     if (state.hold === null) return
     this.stats.released++
-    const item = new Settle(state.cred, state.hold, 0n, state.estimate)
-    item.run(this.client).catch((err) => this.owe(item, err))
+    const item = new Settle(state.cred, state.hold, 0n, state.estimate, state.rid)
+    item.run(this.client, this.log).catch((err) => this.owe(item, err))
   }
 
   // --- owed calls, stats --------------------------------------------------------

@@ -177,3 +177,32 @@ test('reserve: a stranded settle is owed by the account and unpaid; a stranded r
   assert.ok(errors.includes('accman: stranded release: nothing is lost: a hold returns by itself at its expiry'),
     errors.join('\n'))
 })
+
+test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed mod', async () => {
+  await mint.mod('h-owed-expire', 10)
+  const logs = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, mode: 'reserve', holdTtlS: 1 }, { logs })
+  try {
+    const paid = get(url + '/slow?ms=300', 'h-owed-expire')
+    await until(() => app.served === 1) // held
+    proxy.set('refuse') // the settle meets no AccMan: owed
+    assert.deepEqual(Object.values(await paid).slice(0, 2), [200, null])
+    await until(() => app.accman.stats.owed === 1)
+    // Past holdTtlS the hold ends by itself (AccMan's clock ends it within
+    // a second or two), all of it back.
+    await until(async () => (await service.tot('h-owed-expire')) === 10)
+    proxy.set('pass')
+    assert.ok(await app.accman.drain(30000))
+    assert.equal(app.accman.stats.stranded, 0)
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  assert.equal(await service.tot('h-owed-expire'), 9)
+  const [charge, expiry, hold] = (await service.past('h-owed-expire')).past
+  assert.deepEqual([charge.by, expiry.by, hold.by], [-1, 1, -1])
+  assert.deepEqual([expiry.key, expiry.hold], [null, hold.hold])
+  assert.equal(charge.key, hold.key.replace(/-h$/, '-c'))
+  assert.ok(messages(logs, 40).some((m) => /ended before its settle landed/.test(m)))
+})

@@ -59,10 +59,11 @@ function messages (logs, level) {
   return logs.filter((l) => l.level === level).map((l) => l.msg)
 }
 
-// Waits until `ready()` is true, polling; fails after `ms`.
+// Waits until `ready()` (or the promise it returns) is true, polling;
+// fails after `ms`.
 async function until (ready, ms = 20000) {
   const end = Date.now() + ms
-  while (!ready()) {
+  while (!(await ready())) {
     if (Date.now() > end) throw new Error('timed out waiting')
     await sleep(10)
   }
