@@ -69,7 +69,9 @@ const OWED_MAX = 10000
 const OWED_ATTEMPTS_MAX = 20
 const OWED_PAUSE_MS = 100
 const OWED_PAUSE_MAX_MS = 10000
-// At close, how long owed calls get to land before the rest are stranded.
+// At close, how long releases under way and owed calls get to land.  Then
+// no owed call starts and none is retried; the one under way finishes
+// (bounded by the client's timeout and retries), and the rest are stranded.
 const CLOSE_DRAIN_MS = 5000
 
 module.exports = {

@@ -3,6 +3,8 @@
 // failure once the work was done.  Each is retried in the background with
 // the same key (a mod) or the same use (a settle), so it applies exactly
 // once however often it is sent; what cannot land is logged as stranded.
+// At close they get a last while to land, and a call under way is let
+// finish: only what surely did not land is stranded.
 
 const crypto = require('node:crypto')
 const {
@@ -11,8 +13,6 @@ const {
 const {
   Unavailable, OutcomeUnknown, HoldEnded, Insufficient, NoAccount
 } = require('./errors')
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
 // How logs name an account: not the credential, a bearer secret, but 12 hex
 // digits of its SHA-256.
@@ -110,7 +110,11 @@ class Owed {
     this.log = log
     this.queue = []
     this.running = null
-    this.stopped = false
+    // From close(): past this time (performance.now() ms) no call starts
+    // and none is retried.
+    this.deadline = Infinity
+    this.closed = false
+    this.wake = null // ends a pause between attempts early, at close
   }
 
   get size () {
@@ -119,6 +123,10 @@ class Owed {
 
   // `item` is a Charge, a Settle or an Unhold.
   add (item) {
+    if (this.closed) {
+      this.strand(item, 'shutting down')
+      return false
+    }
     if (this.queue.length >= OWED_MAX) {
       this.strand(item, 'OWED_MAX owed calls already queued')
       return false
@@ -128,22 +136,39 @@ class Owed {
     return true
   }
 
+  // Pays the queue oldest first.  At the deadline it stops between calls:
+  // a call under way is never cut off, since then nobody would know whether
+  // it landed; close() strands what is left.
   async _run () {
     let attempt = 0
-    while (this.queue.length && !this.stopped) {
+    while (this.queue.length && performance.now() < this.deadline) {
       const item = this.queue[0]
       try {
         await item.run(this.client, this.log)
       } catch (err) {
         const transient = err instanceof Unavailable || err instanceof OutcomeUnknown
-        if (transient && ++attempt < OWED_ATTEMPTS_MAX && !this.stopped) {
-          await sleep(Math.min(OWED_PAUSE_MS * 2 ** (attempt - 1), OWED_PAUSE_MAX_MS))
+        if (transient && ++attempt < OWED_ATTEMPTS_MAX) {
+          await this.pause(Math.min(OWED_PAUSE_MS * 2 ** (attempt - 1), OWED_PAUSE_MAX_MS))
           continue
         }
         this.strand(item, transient ? `still ${err.code} after ${attempt} attempts` : (err.code || String(err)))
       }
       this.queue.shift()
       attempt = 0
+    }
+  }
+
+  // Waits `ms`, or less: never past the deadline.
+  async pause (ms) {
+    const end = performance.now() + ms
+    for (;;) {
+      const left = Math.min(end, this.deadline) - performance.now()
+      if (left <= 0) return
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, left)
+        this.wake = () => { clearTimeout(timer); resolve() }
+      })
+      this.wake = null
     }
   }
 
@@ -158,10 +183,17 @@ class Owed {
     return done
   }
 
-  // Strands what is left (at close).
-  stop (why) {
-    this.stopped = true
-    while (this.queue.length) this.strand(this.queue.shift(), why)
+  // At close: owed calls get `drainMs` to land.  Then no call starts and
+  // none is retried; the call under way finishes, bounded by the client's
+  // own timeout and retries, so that a call that lands is never reported
+  // stranded (an onUnpaid biller would bill it twice).  What is left is
+  // stranded, and so is any call owed later.
+  async close (drainMs) {
+    this.deadline = performance.now() + drainMs
+    if (this.wake !== null) this.wake()
+    while (this.running !== null) await this.running
+    this.closed = true
+    while (this.queue.length) this.strand(this.queue.shift(), 'shutting down')
   }
 }
 

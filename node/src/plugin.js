@@ -119,6 +119,7 @@ class Meter {
     this.ridBase = crypto.randomBytes(12).toString('hex')
     this.ridNext = 0
     this.owed = new Owed(this.client, (item, why) => this.strand(item, why), this.log)
+    this.releasing = new Set() // releases under way (release()), awaited at close
     this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
     this.challenge = `AccMan header="${this.header}"`
   }
@@ -303,7 +304,10 @@ class Meter {
     if (state.hold === null) return
     this.stats.released++
     const item = new Settle(state.cred, state.hold, 0n, state.estimate, state.rid)
-    item.run(this.client, this.log).catch((err) => this.owe(item, err))
+    const releasing = item.run(this.client, this.log)
+      .catch((err) => this.owe(item, err))
+      .finally(() => this.releasing.delete(releasing))
+    this.releasing.add(releasing)
   }
 
   // --- owed calls, stats --------------------------------------------------------
@@ -350,8 +354,13 @@ class Meter {
     return STATS.map((k) => `# TYPE accman_plugin_${k}_total counter\naccman_plugin_${k}_total ${this.stats[k]}\n`).join('')
   }
 
+  // Releases under way end (a failed one is owed), then owed calls get
+  // what is left of CLOSE_DRAIN_MS to land (Owed.close); then the client
+  // closes.
   async close () {
-    if (!(await this.owed.drain(limits.CLOSE_DRAIN_MS))) this.owed.stop('shutting down')
+    const deadline = performance.now() + limits.CLOSE_DRAIN_MS
+    await Promise.all(this.releasing)
+    await this.owed.close(Math.max(deadline - performance.now(), 0))
     if (this.ownClient) await this.client.close()
   }
 }

@@ -9,7 +9,8 @@ const net = require('node:net')
 const Fastify = require('fastify')
 const accman = require('..')
 const { AccManServer, TOKENS } = require('./helpers/accman')
-const { serviceApp, get, sleep } = require('./helpers/app')
+const { serviceApp, get, sleep, messages, until } = require('./helpers/app')
+const { proxyTo } = require('./helpers/proxy')
 
 let server, mint
 test.before(async () => {
@@ -180,6 +181,42 @@ test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests 
   const keys = await chargeKeys('p-restart')
   assert.equal(keys.length, 3)
   assert.equal(new Set(keys).size, 3)
+})
+
+test('at close, an owed charge under way past the drain time lands and is not reported unpaid', async () => {
+  const { CLOSE_DRAIN_MS } = accman.limits
+  const DELAY_MS = CLOSE_DRAIN_MS + 1500 // AccMan's reply to the owed charge comes after the drain time
+  await mint.mod('p-close', 10)
+  const unpaid = []
+  const logs = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({
+    url: proxy.url,
+    token: TOKENS.service,
+    checkFreshMs: 60000,
+    timeoutMs: DELAY_MS + 5000, // the attempt under way outlives the delay
+    onUnpaid: (...a) => unpaid.push(a)
+  }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'p-close')).accman, '9')
+    proxy.set('refuse') // two more requests, admitted on the fresh balance: their charges are owed
+    for (let i = 0; i < 2; i++) assert.deepEqual(Object.values(await get(url + '/w', 'p-close')).slice(0, 2), [200, null])
+    assert.equal(app.accman.stats.owed, 2)
+    const mods = () => proxy.targets.filter((t) => t.startsWith('/mod?')).length
+    const sent = mods()
+    proxy.set('delay', DELAY_MS)
+    await until(() => mods() > sent) // the first owed charge reached AccMan; its reply is held back
+    await app.close()
+  } finally {
+    await proxy.close()
+  }
+  // The first owed charge landed during close: not unpaid.  The second
+  // never started: stranded, unpaid, never charged.
+  assert.equal(await mint.tot('p-close'), 8)
+  assert.equal((await chargeKeys('p-close')).length, 2)
+  assert.equal(app.accman.stats.stranded, 1)
+  assert.deepEqual(unpaid, [['p-close', 1n, 'shutting down']])
+  assert.deepEqual(messages(logs, 50), ['accman: stranded charge: the account owes 1'])
 })
 
 test('checkFreshMs 0: every admission asks AccMan', async () => {

@@ -20,7 +20,12 @@ async function proxyTo (url) {
     socket.on('close', () => sockets.delete(socket))
     socket.on('error', () => {})
   }
-  const later = (fn) => (delayMs > 0 ? setTimeout(fn, delayMs) : fn())
+  const timers = new Set()
+  const later = (fn) => {
+    if (delayMs === 0) return fn()
+    const timer = setTimeout(() => { timers.delete(timer); fn() }, delayMs)
+    timers.add(timer)
+  }
   const server = net.createServer((client) => {
     track(client)
     if (mode === 'refuse') {
@@ -48,6 +53,8 @@ async function proxyTo (url) {
       if (mode === 'refuse') for (const s of sockets) s.destroy()
     },
     close () {
+      for (const t of timers) clearTimeout(t)
+      delayMs = 0
       for (const s of sockets) s.destroy()
       return new Promise((resolve) => server.close(resolve))
     }
