@@ -11,7 +11,7 @@ const fp = require('fastify-plugin')
 const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
-  AccManError, Insufficient, NoAccount, HoldEnded, Unavailable, OutcomeUnknown
+  AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
@@ -21,7 +21,7 @@ const HEADER_RE = /^[A-Za-z0-9-]+$/
 const JSON_TYPE = 'application/json; charset=utf-8'
 const STATS = [
   'requests', 'exempt', 'refused_no_credential', 'refused_no_account', 'refused_insufficient',
-  'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped', 'unpaid_requests',
+  'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped', 'unpaid_requests',
   'unpaid_amount', 'owed', 'stranded'
 ]
 
@@ -211,6 +211,15 @@ class Meter {
       this.stats.refused_insufficient++
       return this.refuse(reply, 402, 'insufficient', `the balance ${err.tot} does not cover the cost ${state.estimate}`,
         { [this.header]: String(err.tot) }, `,"tot":${err.tot},"cost":${state.estimate}`)
+    }
+    if (err instanceof TooManyHolds) {
+      // The account (or AccMan) is at its bound of open holds: one per
+      // request in flight, so the consumer has thousands under way.  Its
+      // own load, not the service's: 429, as the Python middleware.
+      this.stats.refused_too_many++
+      this.log.warn({ account: fingerprint(state.cred) }, 'accman: too many holds open for the account; refusing with 429')
+      return this.refuse(reply, 429, 'too_many_requests', 'too many requests of this account are in flight',
+        { 'retry-after': '1' })
     }
     if (!(err instanceof AccManError)) throw err // a bug (a cost function that threw, say): fastify's 500
     if (this.isOutage(err)) {

@@ -25,8 +25,8 @@ test.after(async () => {
   await server.close()
 })
 
-async function withReserve (options, fn) {
-  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, mode: 'reserve', ...options })
+async function withReserve (options, fn, logs) {
+  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, mode: 'reserve', ...options }, { logs })
   try {
     await fn(url, app)
   } finally {
@@ -205,4 +205,23 @@ test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed
   assert.deepEqual([expiry.key, expiry.hold], [null, hold.hold])
   assert.equal(charge.key, hold.key.replace(/-h$/, '-c'))
   assert.ok(messages(logs, 40).some((m) => /ended before its settle landed/.test(m)))
+})
+
+test('reserve: an account with HOLDS_PER_ACCOUNT_MAX holds open gets 429 too_many_requests', async () => {
+  const HOLDS_PER_ACCOUNT_MAX = 4096 // AccMan's bound (accman/limits.py)
+  const BATCH = 256
+  await mint.mod('h-many', HOLDS_PER_ACCOUNT_MAX + 10)
+  for (let i = 0; i < HOLDS_PER_ACCOUNT_MAX; i += BATCH) {
+    await Promise.all(Array.from({ length: BATCH }, () => service.hold('h-many', -1, { ttlS: 60 })))
+  }
+  const logs = []
+  await withReserve({}, async (url, app) => {
+    const r = await get(url + '/w', 'h-many')
+    assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after')], [429, 'too_many_requests', '1'])
+    assert.equal(app.served, 0)
+    assert.equal(app.accman.stats.refused_too_many, 1)
+  }, logs)
+  assert.deepEqual(messages(logs, 50), [])
+  assert.ok(messages(logs, 40).some((m) => /too many holds/.test(m)), messages(logs, 40).join('\n'))
+  assert.equal(await service.tot('h-many'), 10)
 })
