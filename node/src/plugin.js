@@ -11,7 +11,8 @@ const fp = require('fastify-plugin')
 const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
-  AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown
+  AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown,
+  Unauthorized, Forbidden
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
@@ -19,6 +20,7 @@ const { CheckCache } = require('./cache')
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
 const HEADER_RE = /^[A-Za-z0-9-]+$/
 const JSON_TYPE = 'application/json; charset=utf-8'
+const UNAVAILABLE_DETAIL = 'the balance service cannot be reached'
 const STATS = [
   'requests', 'exempt', 'refused_no_credential', 'refused_no_account', 'refused_insufficient',
   'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped', 'unpaid_requests',
@@ -29,6 +31,16 @@ function amount (value, what) {
   if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return BigInt(value)
   if (typeof value === 'bigint' && value >= 0n && value <= limits.INT64_MAX) return value
   throw new TypeError(`${what} must be a non-negative integer, not ${typeof value === 'number' ? value : typeof value}`)
+}
+
+// A refusal's body: short JSON, `extra` members added as JSON text.
+function body (code, detail, extra = '') {
+  return `{"error":${JSON.stringify(code)},"detail":${JSON.stringify(detail)}${extra}}`
+}
+
+// AccMan's answer to a token that is wrong (401) or lacks the role (403).
+function refusesToken (err) {
+  return err instanceof Unauthorized || err instanceof Forbidden
 }
 
 function owedBy (by) {
@@ -100,6 +112,9 @@ class Meter {
       throw new TypeError('checkFreshMs must be an integer from 0 to 60000')
     }
     this.cache = new CheckCache(freshMs)
+    // Check mode admits with a tot, which a token without the charge role
+    // may read; until a probe has shown the role, admission is the probe.
+    this.chargeSeen = false
     this.onUnpaid = opts.onUnpaid ?? null
     if (this.onUnpaid !== null && typeof this.onUnpaid !== 'function') throw new TypeError('onUnpaid must be a function')
     this.ownClient = !opts.client
@@ -168,10 +183,11 @@ class Meter {
   }
 
   async checkFor (state) {
-    let tot = this.cache.get(state.cred, state.estimate)
+    const probing = this.mode === 'check' && !this.chargeSeen
+    let tot = probing ? null : this.cache.get(state.cred, state.estimate)
     if (tot === null) {
       try {
-        tot = await this.client.tot(state.cred)
+        tot = probing ? await this.probe(state.cred) : await this.client.tot(state.cred)
       } catch (err) {
         if (err instanceof NoAccount || !this.open || !this.isOutage(err)) throw err
         state.unpaid = err
@@ -181,6 +197,23 @@ class Meter {
       if (tot < state.estimate) throw new Insufficient(tot)
     }
     state.tot = tot
+  }
+
+  // Check mode's admission until the token's charge role is seen: a charge
+  // of 1 with min INT64_MAX, which no balance can meet, so AccMan refuses it
+  // for the balance (409 insufficient, with tot) and changes nothing.  A
+  // token without the role meets its 403 here, before the handler works,
+  // not at the charge after it.  A 404 no_account refuses the request and
+  // probes on.  The balance, as tot.
+  async probe (cred) {
+    try {
+      await this.client.mod(cred, -1n, { min: limits.INT64_MAX })
+    } catch (err) {
+      if (!(err instanceof Insufficient)) throw err
+      this.chargeSeen = true
+      return err.tot
+    }
+    throw new Error('AccMan applied a charge with min INT64_MAX')
   }
 
   async holdFor (state) {
@@ -230,49 +263,83 @@ class Meter {
       this.log.error({ status: err.status, code: err.code }, 'accman: AccMan refused the service: check the url and token')
     }
     this.stats.refused_unavailable++
-    return this.refuse(reply, 503, 'unavailable', 'the balance service cannot be reached', { 'retry-after': '1' })
+    return this.refuse(reply, 503, 'unavailable', UNAVAILABLE_DETAIL, { 'retry-after': '1' })
   }
 
   refuse (reply, status, code, detail, headers, extra = '') {
     reply.code(status).headers(headers).type(JSON_TYPE)
-    return reply.send(`{"error":${JSON.stringify(code)},"detail":${JSON.stringify(detail)}${extra}}`)
+    return reply.send(body(code, detail, extra))
   }
 
   // --- onSend -----------------------------------------------------------------
-  async charge (request, reply) {
+  // Charges (check mode) or settles (reserve mode) the response's cost and
+  // sets the balance header.  The payload to send: the app's, or in check
+  // mode the refusal in its place when AccMan refuses the charge.
+  async charge (request, reply, payload) {
     const state = request.accman
-    if (!state || state.ended) return
+    if (!state || state.ended) return payload
     state.ended = true
-    let cost = 0n
-    if (this.chargeErrors || reply.statusCode < 400) {
-      try {
-        cost = this.costOf(state.price, request, reply, 'charge')
-      } catch (err) {
-        this.release(state) // a bug in the service: never keep the consumer's money on it
-        throw err
-      }
-    }
+    const cost = this.chargeOf(state, request, reply)
     if (state.unpaid !== null) {
       this.unpaid(state.cred, cost, state.unpaid.code)
-      return
+      return payload
     }
-    const tot = this.mode === 'reserve' && state.hold !== null
-      ? await this.settle(state, cost)
-      : await this.mod(state, this.mode === 'reserve' ? 0n : cost)
+    let tot
+    if (this.mode === 'reserve') {
+      tot = state.hold === null ? state.tot : await this.settle(state, cost) // nothing held: nothing charged
+    } else {
+      try {
+        tot = await this.mod(state, cost, false)
+      } catch (err) {
+        return this.refuseCharge(reply, payload, err)
+      }
+    }
     if (tot !== null) reply.header(this.header, String(tot))
+    return payload
   }
 
-  async mod (state, cost) {
-    if (cost === 0n) return state.tot
+  chargeOf (state, request, reply) {
+    if (!this.chargeErrors && reply.statusCode >= 400) return 0n
     try {
-      const r = await this.client.mod(state.cred, -cost, { key: state.rid + '-c' })
+      return this.costOf(state.price, request, reply, 'charge')
+    } catch (err) {
+      this.release(state) // a bug in the service: never keep the consumer's money on it
+      throw err
+    }
+  }
+
+  // Charges `cost` with the request's charge key: the new balance, or null
+  // when the charge is owed.  Before the response is `served` (check
+  // mode), a 401 or 403 is thrown instead, for the caller to refuse it.
+  async mod (state, cost, served) {
+    if (cost === 0n) return state.tot
+    const key = state.rid + '-c'
+    try {
+      const r = await this.client.mod(state.cred, -cost, { key })
       this.charged(cost)
       this.cache.set(state.cred, r.tot)
       return r.tot
     } catch (err) {
-      this.owe(new Charge(state.cred, cost, state.rid + '-c'), err)
+      if (!served && refusesToken(err)) throw err
+      this.owe(new Charge(state.cred, cost, key), err)
       return null
     }
+  }
+
+  // The charge after the work met 401 or 403: the token lost its charge
+  // role or was replaced.  A misconfiguration must not serve for free, so
+  // the response is not delivered: the app's reply, headers and all, gives
+  // way to the 503 refusal, and nothing is owed for it.  Admission probes
+  // the role again.
+  refuseCharge (reply, payload, err) {
+    this.chargeSeen = false
+    this.stats.refused_unavailable++
+    this.log.error({ status: err.status, code: err.code },
+      'accman: AccMan refused the charge: check the token\'s roles; refusing with 503')
+    if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
+    for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name)
+    reply.code(503).headers({ 'retry-after': '1' }).type(JSON_TYPE)
+    return body('unavailable', UNAVAILABLE_DETAIL)
   }
 
   async settle (state, cost) {
@@ -292,7 +359,7 @@ class Meter {
         // The hold expired before the response (holdTtlS): all of it came
         // back, so the use is charged as a keyed mod instead.
         this.log.warn({ account: fingerprint(state.cred) }, 'accman: the hold expired before the response; charging it as a mod')
-        return this.mod(state, use)
+        return this.mod(state, use, true)
       }
       this.owe(new Settle(state.cred, state.hold, use, state.estimate, state.rid), err)
       return null
@@ -384,10 +451,7 @@ async function fastifyAccman (fastify, opts) {
   })
   fastify.decorateRequest('accman', null)
   fastify.addHook('onRequest', (request, reply) => meter.admit(request, reply))
-  fastify.addHook('onSend', async (request, reply, payload) => {
-    await meter.charge(request, reply)
-    return payload
-  })
+  fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))
   fastify.addHook('onRequestAbort', async (request) => {
     const state = request.accman
     if (state) {

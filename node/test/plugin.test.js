@@ -158,6 +158,89 @@ test('a wrong token is a configuration error: 503 even when open, never served f
   assert.equal(await mint.tot('p-token'), 5)
 })
 
+// The check-mode probe: a charge of 1 that no balance can meet.
+const probe = (cred) => `/mod?cred=${cred}&by=-1&min=9223372036854775807`
+
+async function restartWith (roles) {
+  server.writeTokens(roles)
+  await server.stop()
+  await server.start()
+}
+
+test('check mode admits with a probe until the charge role is seen, then with tot', async () => {
+  await mint.mod('p-probe', 3)
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, checkFreshMs: 0 })
+  try {
+    const nobody = await get(url + '/w', 'p-probe-nobody') // 404 no_account: no role seen, probing goes on
+    assert.deepEqual([nobody.status, nobody.body.error], [401, 'no_account'])
+    const poor = await get(url + '/pricey', 'p-probe') // 409 insufficient: its tot is the balance
+    assert.deepEqual([poor.status, poor.accman, poor.body.tot], [402, '3', 3])
+    assert.equal((await get(url + '/w', 'p-probe')).accman, '2')
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  const charge = proxy.targets[3]
+  assert.deepEqual(proxy.targets, [probe('p-probe-nobody'), probe('p-probe'), '/tot?cred=p-probe', charge])
+  assert.match(charge, /^\/mod\?cred=p-probe&by=-1&key=[0-9a-f]+-c$/)
+})
+
+test('check mode, a token without the charge role: 503 at admission, logged, never served free', async () => {
+  await mint.mod('p-readonly', 5)
+  const logs = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.read, onUnavailable: 'open' }, { logs })
+  try {
+    for (let i = 0; i < 2; i++) {
+      const r = await get(url + '/w', 'p-readonly')
+      assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after'), r.accman], [503, 'unavailable', '1', null])
+    }
+    assert.equal(app.served, 0)
+    assert.deepEqual([app.accman.stats.unpaid_requests, app.accman.stats.owed], [0, 0])
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  assert.deepEqual(proxy.targets, [probe('p-readonly'), probe('p-readonly')])
+  assert.equal(messages(logs, 50).length, 2)
+  assert.equal(await mint.tot('p-readonly'), 5)
+})
+
+test('check mode, a charge refused 403 after the work: 503 in its place, nothing owed, the role probed again', async () => {
+  await mint.mod('p-revoked', 100)
+  const logs = []
+  const unpaid = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({
+    url: proxy.url, token: TOKENS.service, checkFreshMs: 0, onUnpaid: (...a) => unpaid.push(a)
+  }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'p-revoked')).accman, '99') // the probe saw the charge role
+    await restartWith({ service: 'read' }) // the token loses it
+    const r = await get(url + '/rows?rows=25', 'p-revoked') // admitted on tot; the charge meets 403
+    assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after'), r.accman, r.headers.get('x-rows')],
+      [503, 'unavailable', '1', null, null])
+    assert.equal(app.served, 2)
+    const again = await get(url + '/w', 'p-revoked') // probed again: 403 before the handler
+    assert.equal(again.status, 503)
+    assert.equal(app.served, 2)
+    await restartWith({}) // the role is back: a probe sees it
+    assert.deepEqual(Object.values(await get(url + '/w', 'p-revoked')).slice(0, 2), [200, '98'])
+    const stats = app.accman.stats
+    assert.deepEqual([stats.owed, stats.stranded, stats.unpaid_requests], [0, 0, 0])
+  } finally {
+    await app.close()
+    await proxy.close()
+    server.writeTokens()
+  }
+  assert.deepEqual(unpaid, [])
+  assert.ok(messages(logs, 50).includes('accman: AccMan refused the charge: check the token\'s roles; refusing with 503'))
+  assert.deepEqual(proxy.targets.filter((t) => !t.includes('&key=')),
+    [probe('p-revoked'), '/tot?cred=p-revoked', probe('p-revoked'), probe('p-revoked')])
+  assert.equal(await mint.tot('p-revoked'), 98)
+})
+
 test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests go on after', async () => {
   await mint.mod('p-restart', 10)
   await withService({}, async (url, app) => {
