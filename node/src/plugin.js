@@ -16,9 +16,9 @@ const {
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
+const { settings, checkRoute, amount, price } = require('./options')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
-const HEADER_RE = /^[A-Za-z0-9-]+$/
 const JSON_TYPE = 'application/json; charset=utf-8'
 const UNAVAILABLE_DETAIL = 'the balance service cannot be reached'
 const STATS = [
@@ -26,12 +26,6 @@ const STATS = [
   'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped', 'unpaid_requests',
   'unpaid_amount', 'owed', 'stranded'
 ]
-
-function amount (value, what) {
-  if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return BigInt(value)
-  if (typeof value === 'bigint' && value >= 0n && value <= limits.INT64_MAX) return value
-  throw new TypeError(`${what} must be a non-negative integer, not ${typeof value === 'number' ? value : typeof value}`)
-}
 
 // A refusal's body: short JSON, `extra` members added as JSON text.
 function body (code, detail, extra = '') {
@@ -47,29 +41,6 @@ function owedBy (by) {
   if (by < 0n) return `the account owes ${-by}`
   if (by > 0n) return `the service owes the account ${by}`
   return 'nothing is lost: a hold returns by itself at its expiry'
-}
-
-function price (value, what) {
-  return typeof value === 'function' ? value : amount(value, what)
-}
-
-function choice (value, allowed, what) {
-  if (!allowed.includes(value)) throw new TypeError(`${what} must be ${allowed.map((a) => `'${a}'`).join(' or ')}`)
-  return value
-}
-
-function exemptTest (exempt) {
-  if (typeof exempt === 'function') return exempt
-  if (!Array.isArray(exempt) || exempt.some((p) => typeof p !== 'string')) {
-    throw new TypeError('exempt must be an array of paths (a trailing * matches a prefix) or a function')
-  }
-  const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
-  const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
-  return (request) => {
-    const q = request.url.indexOf('?')
-    const path = q < 0 ? request.url : request.url.slice(0, q)
-    return exact.has(path) || prefixes.some((p) => path.startsWith(p))
-  }
 }
 
 // One request's part in AccMan: what it was admitted on, and whether its
@@ -95,28 +66,19 @@ class AccManRequest {
 
 class Meter {
   constructor (fastify, opts) {
-    this.mode = choice(opts.mode ?? 'check', ['check', 'reserve'], 'mode')
-    this.open = choice(opts.onUnavailable ?? 'closed', ['closed', 'open'], 'onUnavailable') === 'open'
-    const header = opts.header ?? 'accman'
-    if (typeof header !== 'string' || !HEADER_RE.test(header)) throw new TypeError('header must be a plain header name')
-    this.header = header.toLowerCase()
-    this.cost = price(opts.cost ?? 1, 'cost')
-    this.exempt = exemptTest(opts.exempt ?? [])
-    this.chargeErrors = opts.chargeErrors === true
-    this.holdTtlS = opts.holdTtlS ?? limits.HOLD_TTL_S_DEFAULT
-    if (!Number.isInteger(this.holdTtlS) || this.holdTtlS < 1 || this.holdTtlS > limits.HOLD_TTL_S_MAX) {
-      throw new TypeError(`holdTtlS must be an integer from 1 to ${limits.HOLD_TTL_S_MAX}`)
-    }
-    const freshMs = opts.checkFreshMs ?? limits.CHECK_FRESH_MS_DEFAULT
-    if (!Number.isInteger(freshMs) || freshMs < 0 || freshMs > 60000) {
-      throw new TypeError('checkFreshMs must be an integer from 0 to 60000')
-    }
-    this.cache = new CheckCache(freshMs)
+    const config = settings(opts)
+    this.mode = config.mode
+    this.open = config.open
+    this.header = config.header
+    this.cost = config.cost
+    this.exempt = config.exempt
+    this.chargeErrors = config.chargeErrors
+    this.holdTtlS = config.holdTtlS
+    this.cache = new CheckCache(config.checkFreshMs)
     // Check mode admits with a tot, which a token without the charge role
     // may read; until a probe has shown the role, admission is the probe.
     this.chargeSeen = false
-    this.onUnpaid = opts.onUnpaid ?? null
-    if (this.onUnpaid !== null && typeof this.onUnpaid !== 'function') throw new TypeError('onUnpaid must be a function')
+    this.onUnpaid = config.onUnpaid
     this.ownClient = !opts.client
     this.client = opts.client || new AccManClient({
       url: opts.url,
@@ -450,6 +412,7 @@ async function fastifyAccman (fastify, opts) {
     drain: (timeoutMs = limits.CLOSE_DRAIN_MS) => meter.owed.drain(timeoutMs)
   })
   fastify.decorateRequest('accman', null)
+  fastify.addHook('onRoute', checkRoute)
   fastify.addHook('onRequest', (request, reply) => meter.admit(request, reply))
   fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))
   fastify.addHook('onRequestAbort', async (request) => {

@@ -343,3 +343,40 @@ test('options are checked at register', async () => {
     await assert.rejects(app.ready(), TypeError, JSON.stringify(bad))
   }
 })
+
+test('a wrong option is refused at ready(), naming it: a non-boolean chargeErrors, a misspelt name', async () => {
+  for (const [bad, named] of [
+    [{ chargeErrors: 'yes' }, /^chargeErrors must be true or false, not "yes"$/],
+    [{ chargeErrors: 1 }, /^chargeErrors must be true or false, not 1$/],
+    [{ modee: 'reserve' }, /^unknown option modee: fastify-accman takes url, token, /],
+    [{ mode: 'reserve', holdTTLS: 5, onUnpayed: () => {} }, /^unknown options holdTTLS, onUnpayed: /]
+  ]) {
+    const app = Fastify()
+    app.register(accman, { url: server.url, ...bad })
+    await assert.rejects(app.ready(), (err) => err instanceof TypeError && named.test(err.message), JSON.stringify(bad))
+  }
+  // fastify's own register options reach the plugin too, and are not refused.
+  const app = Fastify()
+  app.register(accman, { url: server.url, chargeErrors: false, logLevel: 'warn', token: undefined })
+  await app.ready()
+  await app.close()
+})
+
+test('a wrong route price is refused at ready(), naming the route and the value', async () => {
+  for (const [value, shown] of [[-5, '-5'], ['5', '"5"'], [1.5, '1.5'], [true, 'true'], [null, 'null'], [{}, 'an object'], [Symbol('x'), 'a symbol']]) {
+    const app = Fastify()
+    app.register(accman, { url: server.url })
+    app.register(async (scope) => {
+      scope.get('/ok', { config: { accman: 5n } }, async () => 'ok')
+      scope.get('/bad', { config: { accman: value } }, async () => 'bad')
+    }, { prefix: '/api' })
+    await assert.rejects(app.ready(), (err) => err instanceof TypeError &&
+      err.message === `config.accman of the route GET /api/bad must be a non-negative integer, a function or false, not ${shown}`,
+    String(value))
+  }
+  // A route added outside a plugin is refused at once, by fastify.route().
+  const app = Fastify()
+  await app.register(accman, { url: server.url })
+  assert.throws(() => app.get('/bad', { config: { accman: -5 } }, async () => 'bad'), /GET \/bad .* not -5$/)
+  await app.close()
+})
