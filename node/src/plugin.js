@@ -1,10 +1,12 @@
 'use strict'
 // fastify-accman: charges each request to the account named by its ACCMAN
 // header, in the shape of @fastify/rate-limit.  onRequest admits (check
-// mode: the balance covers the estimate; reserve mode: a hold of the
+// mode: the balance covers the estimate, read by a probe of the token's
+// charge role until the role is seen; reserve mode: a hold of the
 // estimate), onSend charges or settles and sets the ACCMAN response header
 // to the new balance, onRequestAbort and onResponse end a hold that no
-// response settled.  README.md has the sequence of calls and every failure.
+// response settled, onRoute checks each route's price.  README.md has the
+// sequence of calls and every failure.
 
 const crypto = require('node:crypto')
 const fp = require('fastify-plugin')
