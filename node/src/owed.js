@@ -3,8 +3,8 @@
 // failure once the work was done.  Each is retried in the background with
 // the same key (a mod) or the same use (a settle), so it applies exactly
 // once however often it is sent; what cannot land is logged as stranded.
-// At close they get a last while to land, and a call under way is let
-// finish: only what surely did not land is stranded.
+// At close they get a last while to land, and the call under way is let
+// finish, so that a call that lands is never reported stranded.
 
 const crypto = require('node:crypto')
 const {
@@ -24,7 +24,7 @@ function fingerprint (cred) {
 // owes the service, > 0 the service owes the account, 0 nothing is lost if
 // it never lands), `amount` and `key` (for logs: what it moves or frees,
 // and its key or hold), `what` ('charge', 'settle' or 'release') and
-// `run(client)`, which repeats exactly what failed.
+// `run(client, log)`, which repeats exactly what failed.
 
 class Charge {
   constructor (cred, cost, key) {

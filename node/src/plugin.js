@@ -25,8 +25,8 @@ const JSON_TYPE = 'application/json; charset=utf-8'
 const UNAVAILABLE_DETAIL = 'the balance service cannot be reached'
 const STATS = [
   'requests', 'exempt', 'refused_no_credential', 'refused_no_account', 'refused_insufficient',
-  'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped', 'unpaid_requests',
-  'unpaid_amount', 'owed', 'stranded'
+  'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped',
+  'unpaid_requests', 'unpaid_amount', 'owed', 'stranded'
 ]
 
 // A refusal's body: short JSON, `extra` members added as JSON text.
@@ -39,6 +39,7 @@ function refusesToken (err) {
   return err instanceof Unauthorized || err instanceof Forbidden
 }
 
+// Who owes whom when an owed call that moves `by` never lands.
 function owedBy (by) {
   if (by < 0n) return `the account owes ${-by}`
   if (by > 0n) return `the service owes the account ${by}`
