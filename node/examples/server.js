@@ -47,13 +47,32 @@ async function build () {
   return app
 }
 
+// fastify does not close itself on a signal, and a process that ends at
+// SIGTERM loses the charges it still owes AccMan.  close() gives them
+// CLOSE_DRAIN_MS to land and logs any it must strand; then the process
+// exits.  A second signal ends it at once.
+function closeOnSignals (app) {
+  for (const signal of ['SIGTERM', 'SIGINT']) {
+    process.once(signal, () => {
+      app.log.info({ signal }, 'closing')
+      app.close().then(() => process.exit(0), (err) => {
+        app.log.error({ err }, 'close failed')
+        process.exit(1)
+      })
+    })
+  }
+}
+
 if (require.main === module) {
   build()
-    .then((app) => app.listen({ port: PORT, host: '127.0.0.1' }))
+    .then((app) => {
+      closeOnSignals(app)
+      return app.listen({ port: PORT, host: '127.0.0.1' })
+    })
     .catch((err) => {
       console.error(err)
       process.exit(1)
     })
 }
 
-module.exports = { build }
+module.exports = { build, closeOnSignals }

@@ -58,6 +58,9 @@ const HOLD_TTL_S_DEFAULT = 90
 // costs one round trip, not two.  Refusals are always confirmed by a fresh
 // tot.  0 reads the balance for every request.
 const CHECK_FRESH_MS_DEFAULT = 1000
+// The most checkFreshMs may be: a minute of other servers' charges is as
+// wide an overdraft window as check mode should ever open.
+const CHECK_FRESH_MS_MAX = 60000
 // Balances remembered for check mode; when full the oldest go first.
 const CHECK_CACHE_ENTRIES_MAX = 10000
 // Charges and settles still owed after their response (they met a failure),
@@ -69,7 +72,9 @@ const OWED_MAX = 10000
 const OWED_ATTEMPTS_MAX = 20
 const OWED_PAUSE_MS = 100
 const OWED_PAUSE_MAX_MS = 10000
-// At close, how long owed calls get to land before the rest are stranded.
+// At close, how long releases under way and owed calls get to land.  Then
+// no owed call starts and none is retried; the one under way finishes
+// (bounded by the client's timeout and retries), and the rest are stranded.
 const CLOSE_DRAIN_MS = 5000
 
 module.exports = {
@@ -94,6 +99,7 @@ module.exports = {
   PLUGIN_RETRIES_DEFAULT,
   HOLD_TTL_S_DEFAULT,
   CHECK_FRESH_MS_DEFAULT,
+  CHECK_FRESH_MS_MAX,
   CHECK_CACHE_ENTRIES_MAX,
   OWED_MAX,
   OWED_ATTEMPTS_MAX,

@@ -3,30 +3,130 @@
 // failure once the work was done.  Each is retried in the background with
 // the same key (a mod) or the same use (a settle), so it applies exactly
 // once however often it is sent; what cannot land is logged as stranded.
+// At close they get a last while to land, and the call under way is let
+// finish, so that a call that lands is never reported stranded.
 
+const crypto = require('node:crypto')
 const {
   OWED_MAX, OWED_ATTEMPTS_MAX, OWED_PAUSE_MS, OWED_PAUSE_MAX_MS
 } = require('./limits')
-const { Unavailable, OutcomeUnknown } = require('./errors')
+const {
+  Unavailable, OutcomeUnknown, HoldEnded, Insufficient, NoAccount
+} = require('./errors')
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+// How logs name an account: not the credential, a bearer secret, but 12 hex
+// digits of its SHA-256.
+function fingerprint (cred) {
+  return crypto.createHash('sha256').update(cred).digest('hex').slice(0, 12)
+}
+
+// Each owed call has `cred`, `by` (what it moves, a bigint: < 0 the account
+// owes the service, > 0 the service owes the account, 0 nothing is lost if
+// it never lands), `amount` and `key` (for logs: what it moves or frees,
+// and its key or hold), `what` ('charge', 'settle' or 'release') and
+// `run(client, log)`, which repeats exactly what failed.
+
+class Charge {
+  constructor (cred, cost, key) {
+    this.what = 'charge'
+    this.cred = cred
+    this.by = -cost
+    this.amount = cost
+    this.key = key
+  }
+
+  run (client) {
+    return client.mod(this.cred, this.by, { key: this.key })
+  }
+}
+
+// A settle of `hold` with `use`; a release when `use` is 0, freeing `held`.
+// Repeating it answers the first reply, so it needs no key.  If the hold
+// has ended meanwhile, a release has nothing left to do, and a use is
+// charged as a keyed mod instead (`<rid>-c`, the key of a request whose
+// hold expired before its response): the hold expired, all of it went
+// back, and the work was done.
+class Settle {
+  constructor (cred, hold, use, held, rid) {
+    this.what = use === 0n ? 'release' : 'settle'
+    this.cred = cred
+    this.by = -use
+    this.amount = use === 0n ? held : use
+    this.use = use
+    this.hold = hold
+    this.key = `hold ${hold}`
+    this.chargeKey = rid + '-c'
+  }
+
+  async run (client, log) {
+    try {
+      await client.settle(this.cred, this.hold, this.use)
+    } catch (err) {
+      if (!(err instanceof HoldEnded)) throw err
+      if (this.use === 0n) return // released already, or expired: nothing is held
+      log.warn({ account: fingerprint(this.cred), hold: String(this.hold), amount: String(this.use), key: this.chargeKey },
+        'accman: the hold ended before its settle landed; charging it as a mod')
+      await client.mod(this.cred, -this.use, { key: this.chargeKey })
+    }
+  }
+}
+
+// A hold whose outcome is unknown, to be undone: repeating it with its key
+// answers whether it applied (the original reply, with its id) or not (it
+// applies now, or is refused); then a settle with use 0 releases it.  Left
+// alone it would return by itself at its expiry: it moves nothing.
+class Unhold {
+  constructor (cred, held, ttlS, key) {
+    this.what = 'release'
+    this.cred = cred
+    this.by = 0n
+    this.amount = held
+    this.key = key
+    this.ttlS = ttlS
+  }
+
+  async run (client) {
+    let r
+    try {
+      r = await client.hold(this.cred, -this.amount, { ttlS: this.ttlS, min: 0, key: this.key })
+    } catch (err) {
+      if (err instanceof Insufficient || err instanceof NoAccount) return // never held
+      throw err
+    }
+    try {
+      await client.settle(this.cred, r.hold, 0n)
+    } catch (err) {
+      if (!(err instanceof HoldEnded)) throw err
+    }
+  }
+}
 
 class Owed {
-  // `strand(item, why)` is told of every call that will not be retried.
-  constructor (client, strand) {
+  // `strand(item, why)` is told of every call that will not be retried;
+  // `log` is the plugin's logger.
+  constructor (client, strand, log) {
     this.client = client
     this.strand = strand
+    this.log = log
     this.queue = []
     this.running = null
-    this.stopped = false
+    // From close(): past this time (performance.now() ms) no call starts
+    // and none is retried.
+    this.deadline = Infinity
+    this.closed = false
+    this.wake = null // ends a pause between attempts early, at close
   }
 
   get size () {
     return this.queue.length
   }
 
-  // `item` has run(client) (a promise), what, cred, amount and key.
+  // `item` is a Charge, a Settle or an Unhold.
   add (item) {
+    if (this.closed) {
+      this.strand(item, 'shutting down')
+      return false
+    }
     if (this.queue.length >= OWED_MAX) {
       this.strand(item, 'OWED_MAX owed calls already queued')
       return false
@@ -36,22 +136,39 @@ class Owed {
     return true
   }
 
+  // Pays the queue oldest first.  At the deadline it stops between calls:
+  // a call under way is never cut off, since then nobody would know whether
+  // it landed; close() strands what is left.
   async _run () {
     let attempt = 0
-    while (this.queue.length && !this.stopped) {
+    while (this.queue.length && performance.now() < this.deadline) {
       const item = this.queue[0]
       try {
-        await item.run(this.client)
+        await item.run(this.client, this.log)
       } catch (err) {
         const transient = err instanceof Unavailable || err instanceof OutcomeUnknown
-        if (transient && ++attempt < OWED_ATTEMPTS_MAX && !this.stopped) {
-          await sleep(Math.min(OWED_PAUSE_MS * 2 ** (attempt - 1), OWED_PAUSE_MAX_MS))
+        if (transient && ++attempt < OWED_ATTEMPTS_MAX) {
+          await this.pause(Math.min(OWED_PAUSE_MS * 2 ** (attempt - 1), OWED_PAUSE_MAX_MS))
           continue
         }
         this.strand(item, transient ? `still ${err.code} after ${attempt} attempts` : (err.code || String(err)))
       }
       this.queue.shift()
       attempt = 0
+    }
+  }
+
+  // Waits `ms`, or less: never past the deadline.
+  async pause (ms) {
+    const end = performance.now() + ms
+    for (;;) {
+      const left = Math.min(end, this.deadline) - performance.now()
+      if (left <= 0) return
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, left)
+        this.wake = () => { clearTimeout(timer); resolve() }
+      })
+      this.wake = null
     }
   }
 
@@ -66,11 +183,18 @@ class Owed {
     return done
   }
 
-  // Strands what is left (at close).
-  stop (why) {
-    this.stopped = true
-    while (this.queue.length) this.strand(this.queue.shift(), why)
+  // At close: owed calls get `drainMs` to land.  Then no call starts and
+  // none is retried; the call under way finishes, bounded by the client's
+  // own timeout and retries, so that a call that lands is never reported
+  // stranded (an onUnpaid biller would bill it twice).  What is left is
+  // stranded, and so is any call owed later.
+  async close (drainMs) {
+    this.deadline = performance.now() + drainMs
+    if (this.wake !== null) this.wake()
+    while (this.running !== null) await this.running
+    this.closed = true
+    while (this.queue.length) this.strand(this.queue.shift(), 'shutting down')
   }
 }
 
-module.exports = { Owed }
+module.exports = { Owed, Charge, Settle, Unhold, fingerprint }

@@ -1,63 +1,49 @@
 'use strict'
 // fastify-accman: charges each request to the account named by its ACCMAN
 // header, in the shape of @fastify/rate-limit.  onRequest admits (check
-// mode: the balance covers the estimate; reserve mode: a hold of the
+// mode: the balance covers the estimate, read by a probe of the token's
+// charge role until the role is seen; reserve mode: a hold of the
 // estimate), onSend charges or settles and sets the ACCMAN response header
 // to the new balance, onRequestAbort and onResponse end a hold that no
-// response settled.  README.md has the sequence of calls and every failure.
+// response settled, onRoute checks each route's price.  README.md has the
+// sequence of calls and every failure.
 
 const crypto = require('node:crypto')
 const fp = require('fastify-plugin')
 const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
-  AccManError, Insufficient, NoAccount, HoldEnded, Unavailable, OutcomeUnknown
+  AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown,
+  Unauthorized, Forbidden
 } = require('./errors')
-const { Owed } = require('./owed')
+const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
+const { settings, checkRoute, amount, price } = require('./options')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
-const HEADER_RE = /^[A-Za-z0-9-]+$/
 const JSON_TYPE = 'application/json; charset=utf-8'
+const UNAVAILABLE_DETAIL = 'the balance service cannot be reached'
 const STATS = [
   'requests', 'exempt', 'refused_no_credential', 'refused_no_account', 'refused_insufficient',
-  'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped', 'unpaid_requests',
-  'unpaid_amount', 'owed', 'stranded'
+  'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped',
+  'unpaid_requests', 'unpaid_amount', 'owed', 'stranded'
 ]
 
-// How logs name an account: not the credential, a bearer secret, but 12 hex
-// digits of its SHA-256.
-function fingerprint (cred) {
-  return crypto.createHash('sha256').update(cred).digest('hex').slice(0, 12)
+// A refusal's body: short JSON, `extra` members added as JSON text.
+function body (code, detail, extra = '') {
+  return `{"error":${JSON.stringify(code)},"detail":${JSON.stringify(detail)}${extra}}`
 }
 
-function amount (value, what) {
-  if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return BigInt(value)
-  if (typeof value === 'bigint' && value >= 0n && value <= limits.INT64_MAX) return value
-  throw new TypeError(`${what} must be a non-negative integer, not ${typeof value === 'number' ? value : typeof value}`)
+// AccMan's answer to a token that is wrong (401) or lacks the role (403).
+function refusesToken (err) {
+  return err instanceof Unauthorized || err instanceof Forbidden
 }
 
-function price (value, what) {
-  return typeof value === 'function' ? value : amount(value, what)
-}
-
-function choice (value, allowed, what) {
-  if (!allowed.includes(value)) throw new TypeError(`${what} must be ${allowed.map((a) => `'${a}'`).join(' or ')}`)
-  return value
-}
-
-function exemptTest (exempt) {
-  if (typeof exempt === 'function') return exempt
-  if (!Array.isArray(exempt) || exempt.some((p) => typeof p !== 'string')) {
-    throw new TypeError('exempt must be an array of paths (a trailing * matches a prefix) or a function')
-  }
-  const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
-  const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
-  return (request) => {
-    const q = request.url.indexOf('?')
-    const path = q < 0 ? request.url : request.url.slice(0, q)
-    return exact.has(path) || prefixes.some((p) => path.startsWith(p))
-  }
+// Who owes whom when an owed call that moves `by` never lands.
+function owedBy (by) {
+  if (by < 0n) return `the account owes ${-by}`
+  if (by > 0n) return `the service owes the account ${by}`
+  return 'nothing is lost: a hold returns by itself at its expiry'
 }
 
 // One request's part in AccMan: what it was admitted on, and whether its
@@ -83,25 +69,19 @@ class AccManRequest {
 
 class Meter {
   constructor (fastify, opts) {
-    this.mode = choice(opts.mode ?? 'check', ['check', 'reserve'], 'mode')
-    this.open = choice(opts.onUnavailable ?? 'closed', ['closed', 'open'], 'onUnavailable') === 'open'
-    const header = opts.header ?? 'accman'
-    if (typeof header !== 'string' || !HEADER_RE.test(header)) throw new TypeError('header must be a plain header name')
-    this.header = header.toLowerCase()
-    this.cost = price(opts.cost ?? 1, 'cost')
-    this.exempt = exemptTest(opts.exempt ?? [])
-    this.chargeErrors = opts.chargeErrors === true
-    this.holdTtlS = opts.holdTtlS ?? limits.HOLD_TTL_S_DEFAULT
-    if (!Number.isInteger(this.holdTtlS) || this.holdTtlS < 1 || this.holdTtlS > limits.HOLD_TTL_S_MAX) {
-      throw new TypeError(`holdTtlS must be an integer from 1 to ${limits.HOLD_TTL_S_MAX}`)
-    }
-    const freshMs = opts.checkFreshMs ?? limits.CHECK_FRESH_MS_DEFAULT
-    if (!Number.isInteger(freshMs) || freshMs < 0 || freshMs > 60000) {
-      throw new TypeError('checkFreshMs must be an integer from 0 to 60000')
-    }
-    this.cache = new CheckCache(freshMs)
-    this.onUnpaid = opts.onUnpaid ?? null
-    if (this.onUnpaid !== null && typeof this.onUnpaid !== 'function') throw new TypeError('onUnpaid must be a function')
+    const config = settings(opts)
+    this.mode = config.mode
+    this.open = config.open
+    this.header = config.header
+    this.cost = config.cost
+    this.exempt = config.exempt
+    this.chargeErrors = config.chargeErrors
+    this.holdTtlS = config.holdTtlS
+    this.cache = new CheckCache(config.checkFreshMs)
+    // Check mode admits with a tot, which a token without the charge role
+    // may read; until a probe has shown the role, admission is the probe.
+    this.chargeSeen = false
+    this.onUnpaid = config.onUnpaid
     this.ownClient = !opts.client
     this.client = opts.client || new AccManClient({
       url: opts.url,
@@ -118,7 +98,8 @@ class Meter {
     // request, so a consumer cannot replay an old key to be served free.
     this.ridBase = crypto.randomBytes(12).toString('hex')
     this.ridNext = 0
-    this.owed = new Owed(this.client, (item, why) => this.strand(item, why))
+    this.owed = new Owed(this.client, (item, why) => this.strand(item, why), this.log)
+    this.releasing = new Set() // releases under way (release()), awaited at close
     this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
     this.challenge = `AccMan header="${this.header}"`
   }
@@ -167,10 +148,11 @@ class Meter {
   }
 
   async checkFor (state) {
-    let tot = this.cache.get(state.cred, state.estimate)
+    const probing = this.mode === 'check' && !this.chargeSeen
+    let tot = probing ? null : this.cache.get(state.cred, state.estimate)
     if (tot === null) {
       try {
-        tot = await this.client.tot(state.cred)
+        tot = probing ? await this.probe(state.cred) : await this.client.tot(state.cred)
       } catch (err) {
         if (err instanceof NoAccount || !this.open || !this.isOutage(err)) throw err
         state.unpaid = err
@@ -182,13 +164,30 @@ class Meter {
     state.tot = tot
   }
 
+  // Check mode's admission until the token's charge role is seen: a charge
+  // of 1 with min INT64_MAX, which no balance can meet, so AccMan refuses it
+  // for the balance (409 insufficient, with tot) and changes nothing.  A
+  // token without the role meets its 403 here, before the handler works,
+  // not at the charge after it.  A 404 no_account refuses the request and
+  // probes on.  The balance, as tot.
+  async probe (cred) {
+    try {
+      await this.client.mod(cred, -1n, { min: limits.INT64_MAX })
+    } catch (err) {
+      if (!(err instanceof Insufficient)) throw err
+      this.chargeSeen = true
+      return err.tot
+    }
+    throw new Error('AccMan applied a charge with min INT64_MAX')
+  }
+
   async holdFor (state) {
     const key = state.rid + '-h'
     let r
     try {
       r = await this.client.hold(state.cred, -state.estimate, { ttlS: this.holdTtlS, min: 0, key })
     } catch (err) {
-      if (err instanceof OutcomeUnknown) this.owe(new Unhold(state, this.holdTtlS), err)
+      if (err instanceof OutcomeUnknown) this.owe(new Unhold(state.cred, state.estimate, this.holdTtlS, key), err)
       if (!this.open || !this.isOutage(err)) throw err
       state.unpaid = err
       return
@@ -211,6 +210,15 @@ class Meter {
       return this.refuse(reply, 402, 'insufficient', `the balance ${err.tot} does not cover the cost ${state.estimate}`,
         { [this.header]: String(err.tot) }, `,"tot":${err.tot},"cost":${state.estimate}`)
     }
+    if (err instanceof TooManyHolds) {
+      // The account (or AccMan) is at its bound of open holds: one per
+      // request in flight, so the consumer has thousands under way.  Its
+      // own load, not the service's: 429, as the Python middleware.
+      this.stats.refused_too_many++
+      this.log.warn({ account: fingerprint(state.cred) }, 'accman: too many holds open for the account; refusing with 429')
+      return this.refuse(reply, 429, 'too_many_requests', 'too many requests of this account are in flight',
+        { 'retry-after': '1' })
+    }
     if (!(err instanceof AccManError)) throw err // a bug (a cost function that threw, say): fastify's 500
     if (this.isOutage(err)) {
       this.log.warn({ code: err.code }, 'accman: AccMan unavailable; refusing with 503')
@@ -220,49 +228,83 @@ class Meter {
       this.log.error({ status: err.status, code: err.code }, 'accman: AccMan refused the service: check the url and token')
     }
     this.stats.refused_unavailable++
-    return this.refuse(reply, 503, 'unavailable', 'the balance service cannot be reached', { 'retry-after': '1' })
+    return this.refuse(reply, 503, 'unavailable', UNAVAILABLE_DETAIL, { 'retry-after': '1' })
   }
 
   refuse (reply, status, code, detail, headers, extra = '') {
     reply.code(status).headers(headers).type(JSON_TYPE)
-    return reply.send(`{"error":${JSON.stringify(code)},"detail":${JSON.stringify(detail)}${extra}}`)
+    return reply.send(body(code, detail, extra))
   }
 
   // --- onSend -----------------------------------------------------------------
-  async charge (request, reply) {
+  // Charges (check mode) or settles (reserve mode) the response's cost and
+  // sets the balance header.  The payload to send: the app's, or in check
+  // mode the refusal in its place when AccMan refuses the charge.
+  async charge (request, reply, payload) {
     const state = request.accman
-    if (!state || state.ended) return
+    if (!state || state.ended) return payload
     state.ended = true
-    let cost = 0n
-    if (this.chargeErrors || reply.statusCode < 400) {
-      try {
-        cost = this.costOf(state.price, request, reply, 'charge')
-      } catch (err) {
-        this.release(state) // a bug in the service: never keep the consumer's money on it
-        throw err
-      }
-    }
+    const cost = this.chargeOf(state, request, reply)
     if (state.unpaid !== null) {
       this.unpaid(state.cred, cost, state.unpaid.code)
-      return
+      return payload
     }
-    const tot = this.mode === 'reserve' && state.hold !== null
-      ? await this.settle(state, cost)
-      : await this.mod(state, this.mode === 'reserve' ? 0n : cost)
+    let tot
+    if (this.mode === 'reserve') {
+      tot = state.hold === null ? state.tot : await this.settle(state, cost) // nothing held: nothing charged
+    } else {
+      try {
+        tot = await this.mod(state, cost, false)
+      } catch (err) {
+        return this.refuseCharge(reply, payload, err)
+      }
+    }
     if (tot !== null) reply.header(this.header, String(tot))
+    return payload
   }
 
-  async mod (state, cost) {
-    if (cost === 0n) return state.tot
+  chargeOf (state, request, reply) {
+    if (!this.chargeErrors && reply.statusCode >= 400) return 0n
     try {
-      const r = await this.client.mod(state.cred, -cost, { key: state.rid + '-c' })
+      return this.costOf(state.price, request, reply, 'charge')
+    } catch (err) {
+      this.release(state) // a bug in the service: never keep the consumer's money on it
+      throw err
+    }
+  }
+
+  // Charges `cost` with the request's charge key: the new balance, or null
+  // when the charge is owed.  Before the response is `served` (check
+  // mode), a 401 or 403 is thrown instead, for the caller to refuse it.
+  async mod (state, cost, served) {
+    if (cost === 0n) return state.tot
+    const key = state.rid + '-c'
+    try {
+      const r = await this.client.mod(state.cred, -cost, { key })
       this.charged(cost)
       this.cache.set(state.cred, r.tot)
       return r.tot
     } catch (err) {
-      this.owe(new Charge(state, cost), err)
+      if (!served && refusesToken(err)) throw err
+      this.owe(new Charge(state.cred, cost, key), err)
       return null
     }
+  }
+
+  // The charge after the work met 401 or 403: the token lost its charge
+  // role or was replaced.  A misconfiguration must not serve for free, so
+  // the response is not delivered: the app's reply, headers and all, gives
+  // way to the 503 refusal, and nothing is owed for it.  Admission probes
+  // the role again.
+  refuseCharge (reply, payload, err) {
+    this.chargeSeen = false
+    this.stats.refused_unavailable++
+    this.log.error({ status: err.status, code: err.code },
+      'accman: AccMan refused the charge: check the token\'s roles; refusing with 503')
+    if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
+    for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name)
+    reply.code(503).headers({ 'retry-after': '1' }).type(JSON_TYPE)
+    return body('unavailable', UNAVAILABLE_DETAIL)
   }
 
   async settle (state, cost) {
@@ -282,9 +324,9 @@ class Meter {
         // The hold expired before the response (holdTtlS): all of it came
         // back, so the use is charged as a keyed mod instead.
         this.log.warn({ account: fingerprint(state.cred) }, 'accman: the hold expired before the response; charging it as a mod')
-        return this.mod(state, use)
+        return this.mod(state, use, true)
       }
-      this.owe(new Settle(state, use), err)
+      this.owe(new Settle(state.cred, state.hold, use, state.estimate, state.rid), err)
       return null
     }
   }
@@ -302,8 +344,11 @@ class Meter {
     state.ended = true
     if (state.hold === null) return
     this.stats.released++
-    const item = new Settle(state, 0n)
-    item.run(this.client).catch((err) => this.owe(item, err))
+    const item = new Settle(state.cred, state.hold, 0n, state.estimate, state.rid)
+    const releasing = item.run(this.client, this.log)
+      .catch((err) => this.owe(item, err))
+      .finally(() => this.releasing.delete(releasing))
+    this.releasing.add(releasing)
   }
 
   // --- owed calls, stats --------------------------------------------------------
@@ -315,12 +360,15 @@ class Meter {
     }
   }
 
+  // An owed call that will not land.  Who owes whom follows the sign of
+  // what it moves: a charge or a settle never landed, so the account owes
+  // it (unpaid, told to onUnpaid); a release loses nothing, since a hold
+  // returns by itself at its expiry.  As accman/calling/owed.py's _strand.
   strand (item, why) {
     this.stats.stranded++
-    const who = item.what === 'charge' ? 'the account owes' : 'the service owes the account'
     this.log.error({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, why },
-      `accman: stranded ${item.what}: ${who} ${item.amount}`)
-    if (item.what === 'charge') this.unpaid(item.cred, item.amount, why)
+      `accman: stranded ${item.what}: ${owedBy(item.by)}`)
+    if (item.by < 0n) this.unpaid(item.cred, -item.by, why)
   }
 
   charged (cost) {
@@ -347,71 +395,14 @@ class Meter {
     return STATS.map((k) => `# TYPE accman_plugin_${k}_total counter\naccman_plugin_${k}_total ${this.stats[k]}\n`).join('')
   }
 
+  // Releases under way end (a failed one is owed), then owed calls get
+  // what is left of CLOSE_DRAIN_MS to land (Owed.close); then the client
+  // closes.
   async close () {
-    if (!(await this.owed.drain(limits.CLOSE_DRAIN_MS))) this.owed.stop('shutting down')
+    const deadline = performance.now() + limits.CLOSE_DRAIN_MS
+    await Promise.all(this.releasing)
+    await this.owed.close(Math.max(deadline - performance.now(), 0))
     if (this.ownClient) await this.client.close()
-  }
-}
-
-// Owed calls (owed.js): each repeats exactly what failed.
-class Charge {
-  constructor (state, cost) {
-    this.what = 'charge'
-    this.cred = state.cred
-    this.amount = cost
-    this.key = state.rid + '-c'
-  }
-
-  run (client) {
-    return client.mod(this.cred, -this.amount, { key: this.key })
-  }
-}
-
-class Settle {
-  constructor (state, use) {
-    this.what = use === 0n ? 'release' : 'settle'
-    this.cred = state.cred
-    this.amount = use === 0n ? state.estimate : use
-    this.use = use
-    this.hold = state.hold
-    this.key = `hold ${state.hold}`
-  }
-
-  async run (client) {
-    try {
-      await client.settle(this.cred, this.hold, this.use)
-    } catch (err) {
-      if (!(err instanceof HoldEnded) || this.use !== 0n) throw err
-      // Released already, or expired: either way nothing is held.
-    }
-  }
-}
-
-// A hold whose outcome is unknown, to be undone: repeating it with its key
-// answers whether it applied (the original reply, with its id) or not (it
-// applies now, or is refused); then a settle with use 0 releases it.
-class Unhold {
-  constructor (state, ttlS) {
-    this.what = 'release'
-    this.cred = state.cred
-    this.amount = state.estimate
-    this.key = state.rid + '-h'
-    this.ttlS = ttlS
-  }
-
-  async run (client) {
-    let r
-    try {
-      r = await client.hold(this.cred, -this.amount, { ttlS: this.ttlS, min: 0, key: this.key })
-    } catch (err) {
-      if (err instanceof Insufficient || err instanceof NoAccount) return // never held
-      throw err
-    }
-    try {
-      await client.settle(this.cred, r.hold, 0n)
-    } catch (err) {
-      if (!(err instanceof HoldEnded)) throw err
-    }
   }
 }
 
@@ -424,11 +415,9 @@ async function fastifyAccman (fastify, opts) {
     drain: (timeoutMs = limits.CLOSE_DRAIN_MS) => meter.owed.drain(timeoutMs)
   })
   fastify.decorateRequest('accman', null)
+  fastify.addHook('onRoute', checkRoute)
   fastify.addHook('onRequest', (request, reply) => meter.admit(request, reply))
-  fastify.addHook('onSend', async (request, reply, payload) => {
-    await meter.charge(request, reply)
-    return payload
-  })
+  fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))
   fastify.addHook('onRequestAbort', async (request) => {
     const state = request.accman
     if (state) {

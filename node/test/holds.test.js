@@ -9,7 +9,8 @@ const assert = require('node:assert/strict')
 const accman = require('..')
 const E = require('../src/errors')
 const { AccManServer, TOKENS } = require('./helpers/accman')
-const { serviceApp, get, sleep } = require('./helpers/app')
+const { serviceApp, get, sleep, messages, until } = require('./helpers/app')
+const { proxyTo } = require('./helpers/proxy')
 
 let server, mint, service
 test.before(async () => {
@@ -24,8 +25,8 @@ test.after(async () => {
   await server.close()
 })
 
-async function withReserve (options, fn) {
-  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, mode: 'reserve', ...options })
+async function withReserve (options, fn, logs) {
+  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, mode: 'reserve', ...options }, { logs })
   try {
     await fn(url, app)
   } finally {
@@ -137,4 +138,90 @@ test('reserve: AccMan unreachable is a 503 with nothing held', async () => {
     await server.start()
   })
   assert.equal(await service.tot('h-down'), 10)
+})
+
+test('reserve: a stranded settle is owed by the account and unpaid; a stranded release loses nothing', async () => {
+  await mint.mod('h-strand', 10)
+  const logs = []
+  const unpaid = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({
+    url: proxy.url, token: TOKENS.service, mode: 'reserve', onUnpaid: (...a) => unpaid.push(a)
+  }, { logs })
+  try {
+    const paid = get(url + '/slow?ms=300', 'h-strand')
+    const failed = get(url + '/slowfail?ms=300', 'h-strand')
+    await until(() => app.served === 2) // both held
+    proxy.set('refuse') // the settle and the release meet no AccMan: owed
+    assert.deepEqual([(await paid).status, (await paid).accman], [200, null])
+    assert.equal((await failed).status, 500)
+    await until(() => app.accman.stats.owed === 2)
+    // The token loses its charge role: both owed calls meet 403, stranded.
+    server.writeTokens({ service: 'read' })
+    await server.stop()
+    await server.start()
+    proxy.set('pass')
+    assert.ok(await app.accman.drain(30000))
+  } finally {
+    await app.close()
+    await proxy.close()
+    server.writeTokens()
+    await server.stop()
+    await server.start()
+  }
+  assert.equal(app.accman.stats.stranded, 2)
+  assert.deepEqual(unpaid, [['h-strand', 1n, 'forbidden']])
+  assert.deepEqual([app.accman.stats.unpaid_requests, app.accman.stats.unpaid_amount], [1, 1])
+  const errors = messages(logs, 50)
+  assert.ok(errors.includes('accman: stranded settle: the account owes 1'), errors.join('\n'))
+  assert.ok(errors.includes('accman: stranded release: nothing is lost: a hold returns by itself at its expiry'),
+    errors.join('\n'))
+})
+
+test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed mod', async () => {
+  await mint.mod('h-owed-expire', 10)
+  const logs = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, mode: 'reserve', holdTtlS: 1 }, { logs })
+  try {
+    const paid = get(url + '/slow?ms=300', 'h-owed-expire')
+    await until(() => app.served === 1) // held
+    proxy.set('refuse') // the settle meets no AccMan: owed
+    assert.deepEqual(Object.values(await paid).slice(0, 2), [200, null])
+    await until(() => app.accman.stats.owed === 1)
+    // Past holdTtlS the hold ends by itself (AccMan's clock ends it within
+    // a second or two), all of it back.
+    await until(async () => (await service.tot('h-owed-expire')) === 10)
+    proxy.set('pass')
+    assert.ok(await app.accman.drain(30000))
+    assert.equal(app.accman.stats.stranded, 0)
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  assert.equal(await service.tot('h-owed-expire'), 9)
+  const [charge, expiry, hold] = (await service.past('h-owed-expire')).past
+  assert.deepEqual([charge.by, expiry.by, hold.by], [-1, 1, -1])
+  assert.deepEqual([expiry.key, expiry.hold], [null, hold.hold])
+  assert.equal(charge.key, hold.key.replace(/-h$/, '-c'))
+  assert.ok(messages(logs, 40).some((m) => /ended before its settle landed/.test(m)))
+})
+
+test('reserve: an account with HOLDS_PER_ACCOUNT_MAX holds open gets 429 too_many_requests', async () => {
+  const HOLDS_PER_ACCOUNT_MAX = 4096 // AccMan's bound (accman/limits.py)
+  const BATCH = 256
+  await mint.mod('h-many', HOLDS_PER_ACCOUNT_MAX + 10)
+  for (let i = 0; i < HOLDS_PER_ACCOUNT_MAX; i += BATCH) {
+    await Promise.all(Array.from({ length: BATCH }, () => service.hold('h-many', -1, { ttlS: 60 })))
+  }
+  const logs = []
+  await withReserve({}, async (url, app) => {
+    const r = await get(url + '/w', 'h-many')
+    assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after')], [429, 'too_many_requests', '1'])
+    assert.equal(app.served, 0)
+    assert.equal(app.accman.stats.refused_too_many, 1)
+  }, logs)
+  assert.deepEqual(messages(logs, 50), [])
+  assert.ok(messages(logs, 40).some((m) => /too many holds/.test(m)), messages(logs, 40).join('\n'))
+  assert.equal(await service.tot('h-many'), 10)
 })

@@ -9,7 +9,8 @@ const net = require('node:net')
 const Fastify = require('fastify')
 const accman = require('..')
 const { AccManServer, TOKENS } = require('./helpers/accman')
-const { serviceApp, get, sleep } = require('./helpers/app')
+const { serviceApp, get, sleep, messages, until } = require('./helpers/app')
+const { proxyTo } = require('./helpers/proxy')
 
 let server, mint
 test.before(async () => {
@@ -157,6 +158,89 @@ test('a wrong token is a configuration error: 503 even when open, never served f
   assert.equal(await mint.tot('p-token'), 5)
 })
 
+// The check-mode probe: a charge of 1 that no balance can meet.
+const probe = (cred) => `/mod?cred=${cred}&by=-1&min=9223372036854775807`
+
+async function restartWith (roles) {
+  server.writeTokens(roles)
+  await server.stop()
+  await server.start()
+}
+
+test('check mode admits with a probe until the charge role is seen, then with tot', async () => {
+  await mint.mod('p-probe', 3)
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, checkFreshMs: 0 })
+  try {
+    const nobody = await get(url + '/w', 'p-probe-nobody') // 404 no_account: no role seen, probing goes on
+    assert.deepEqual([nobody.status, nobody.body.error], [401, 'no_account'])
+    const poor = await get(url + '/pricey', 'p-probe') // 409 insufficient: its tot is the balance
+    assert.deepEqual([poor.status, poor.accman, poor.body.tot], [402, '3', 3])
+    assert.equal((await get(url + '/w', 'p-probe')).accman, '2')
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  const charge = proxy.targets[3]
+  assert.deepEqual(proxy.targets, [probe('p-probe-nobody'), probe('p-probe'), '/tot?cred=p-probe', charge])
+  assert.match(charge, /^\/mod\?cred=p-probe&by=-1&key=[0-9a-f]+-c$/)
+})
+
+test('check mode, a token without the charge role: 503 at admission, logged, never served free', async () => {
+  await mint.mod('p-readonly', 5)
+  const logs = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.read, onUnavailable: 'open' }, { logs })
+  try {
+    for (let i = 0; i < 2; i++) {
+      const r = await get(url + '/w', 'p-readonly')
+      assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after'), r.accman], [503, 'unavailable', '1', null])
+    }
+    assert.equal(app.served, 0)
+    assert.deepEqual([app.accman.stats.unpaid_requests, app.accman.stats.owed], [0, 0])
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  assert.deepEqual(proxy.targets, [probe('p-readonly'), probe('p-readonly')])
+  assert.equal(messages(logs, 50).length, 2)
+  assert.equal(await mint.tot('p-readonly'), 5)
+})
+
+test('check mode, a charge refused 403 after the work: 503 in its place, nothing owed, the role probed again', async () => {
+  await mint.mod('p-revoked', 100)
+  const logs = []
+  const unpaid = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({
+    url: proxy.url, token: TOKENS.service, checkFreshMs: 0, onUnpaid: (...a) => unpaid.push(a)
+  }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'p-revoked')).accman, '99') // the probe saw the charge role
+    await restartWith({ service: 'read' }) // the token loses it
+    const r = await get(url + '/rows?rows=25', 'p-revoked') // admitted on tot; the charge meets 403
+    assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after'), r.accman, r.headers.get('x-rows')],
+      [503, 'unavailable', '1', null, null])
+    assert.equal(app.served, 2)
+    const again = await get(url + '/w', 'p-revoked') // probed again: 403 before the handler
+    assert.equal(again.status, 503)
+    assert.equal(app.served, 2)
+    await restartWith({}) // the role is back: a probe sees it
+    assert.deepEqual(Object.values(await get(url + '/w', 'p-revoked')).slice(0, 2), [200, '98'])
+    const stats = app.accman.stats
+    assert.deepEqual([stats.owed, stats.stranded, stats.unpaid_requests], [0, 0, 0])
+  } finally {
+    await app.close()
+    await proxy.close()
+    server.writeTokens()
+  }
+  assert.deepEqual(unpaid, [])
+  assert.ok(messages(logs, 50).includes('accman: AccMan refused the charge: check the token\'s roles; refusing with 503'))
+  assert.deepEqual(proxy.targets.filter((t) => !t.includes('&key=')),
+    [probe('p-revoked'), '/tot?cred=p-revoked', probe('p-revoked'), probe('p-revoked')])
+  assert.equal(await mint.tot('p-revoked'), 98)
+})
+
 test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests go on after', async () => {
   await mint.mod('p-restart', 10)
   await withService({}, async (url, app) => {
@@ -180,6 +264,42 @@ test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests 
   const keys = await chargeKeys('p-restart')
   assert.equal(keys.length, 3)
   assert.equal(new Set(keys).size, 3)
+})
+
+test('at close, an owed charge under way past the drain time lands and is not reported unpaid', async () => {
+  const { CLOSE_DRAIN_MS } = accman.limits
+  const DELAY_MS = CLOSE_DRAIN_MS + 1500 // AccMan's reply to the owed charge comes after the drain time
+  await mint.mod('p-close', 10)
+  const unpaid = []
+  const logs = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({
+    url: proxy.url,
+    token: TOKENS.service,
+    checkFreshMs: 60000,
+    timeoutMs: DELAY_MS + 5000, // the attempt under way outlives the delay
+    onUnpaid: (...a) => unpaid.push(a)
+  }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'p-close')).accman, '9')
+    proxy.set('refuse') // two more requests, admitted on the fresh balance: their charges are owed
+    for (let i = 0; i < 2; i++) assert.deepEqual(Object.values(await get(url + '/w', 'p-close')).slice(0, 2), [200, null])
+    assert.equal(app.accman.stats.owed, 2)
+    const mods = () => proxy.targets.filter((t) => t.startsWith('/mod?')).length
+    const sent = mods()
+    proxy.set('delay', DELAY_MS)
+    await until(() => mods() > sent) // the first owed charge reached AccMan; its reply is held back
+    await app.close()
+  } finally {
+    await proxy.close()
+  }
+  // The first owed charge landed during close: not unpaid.  The second
+  // never started: stranded, unpaid, never charged.
+  assert.equal(await mint.tot('p-close'), 8)
+  assert.equal((await chargeKeys('p-close')).length, 2)
+  assert.equal(app.accman.stats.stranded, 1)
+  assert.deepEqual(unpaid, [['p-close', 1n, 'shutting down']])
+  assert.deepEqual(messages(logs, 50), ['accman: stranded charge: the account owes 1'])
 })
 
 test('checkFreshMs 0: every admission asks AccMan', async () => {
@@ -222,4 +342,41 @@ test('options are checked at register', async () => {
     app.register(accman, { url: server.url, ...bad })
     await assert.rejects(app.ready(), TypeError, JSON.stringify(bad))
   }
+})
+
+test('a wrong option is refused at ready(), naming it: a non-boolean chargeErrors, a misspelt name', async () => {
+  for (const [bad, named] of [
+    [{ chargeErrors: 'yes' }, /^chargeErrors must be true or false, not "yes"$/],
+    [{ chargeErrors: 1 }, /^chargeErrors must be true or false, not 1$/],
+    [{ modee: 'reserve' }, /^unknown option modee: fastify-accman takes url, token, /],
+    [{ mode: 'reserve', holdTTLS: 5, onUnpayed: () => {} }, /^unknown options holdTTLS, onUnpayed: /]
+  ]) {
+    const app = Fastify()
+    app.register(accman, { url: server.url, ...bad })
+    await assert.rejects(app.ready(), (err) => err instanceof TypeError && named.test(err.message), JSON.stringify(bad))
+  }
+  // fastify's own register options reach the plugin too, and are not refused.
+  const app = Fastify()
+  app.register(accman, { url: server.url, chargeErrors: false, logLevel: 'warn', token: undefined })
+  await app.ready()
+  await app.close()
+})
+
+test('a wrong route price is refused at ready(), naming the route and the value', async () => {
+  for (const [value, shown] of [[-5, '-5'], ['5', '"5"'], [1.5, '1.5'], [true, 'true'], [null, 'null'], [{}, 'an object'], [Symbol('x'), 'a symbol']]) {
+    const app = Fastify()
+    app.register(accman, { url: server.url })
+    app.register(async (scope) => {
+      scope.get('/ok', { config: { accman: 5n } }, async () => 'ok')
+      scope.get('/bad', { config: { accman: value } }, async () => 'bad')
+    }, { prefix: '/api' })
+    await assert.rejects(app.ready(), (err) => err instanceof TypeError &&
+      err.message === `config.accman of the route GET /api/bad must be a non-negative integer, a function or false, not ${shown}`,
+    String(value))
+  }
+  // A route added outside a plugin is refused at once, by fastify.route().
+  const app = Fastify()
+  await app.register(accman, { url: server.url })
+  assert.throws(() => app.get('/bad', { config: { accman: -5 } }, async () => 'bad'), /GET \/bad .* not -5$/)
+  await app.close()
 })

@@ -27,6 +27,7 @@ const TOKENS = {
   service: 'test-service-token-0123456789abc',
   read: 'test-read-token-0123456789abcdef'
 }
+const ROLES = { mint: 'read,charge,mint', service: 'read,charge', read: 'read' }
 
 function accmanInstalled () {
   return fs.existsSync(ACCMAN_BIN)
@@ -40,13 +41,19 @@ class AccManServer {
     this.tokensFile = null
     if (tokens) {
       this.tokensFile = path.join(this.dir, 'tokens')
-      fs.writeFileSync(this.tokensFile,
-        `read,charge,mint ${TOKENS.mint}\nread,charge ${TOKENS.service}\nread ${TOKENS.read}\n`,
-        { mode: 0o600 })
+      this.writeTokens()
     }
     this.port = 0
     this.url = null
     this.child = null
+  }
+
+  // Gives each token of TOKENS the roles `roles` names (ROLES for the
+  // rest): a token changed under a running service.  The server reads its
+  // tokens when it starts.
+  writeTokens (roles = {}) {
+    const lines = Object.keys(TOKENS).map((name) => `${roles[name] ?? ROLES[name]} ${TOKENS[name]}\n`)
+    fs.writeFileSync(this.tokensFile, lines.join(''), { mode: 0o600 })
   }
 
   // Starts the server (again on the same port after a stop, so that clients

@@ -1,14 +1,23 @@
 'use strict'
 // A real fastify service with the plugin registered, listening on a free
-// loopback port, with one route for each kind of price.
+// loopback port, with one route for each kind of price.  `logs`, if given,
+// collects the service's log lines (pino's objects: level 40 a warning, 50
+// an error); `app.served` counts the handlers that ran.
 
 const Fastify = require('fastify')
 const accman = require('../..')
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
-async function serviceApp (options) {
-  const app = Fastify({ logger: false })
+function logTo (logs) {
+  if (!logs) return false
+  return { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } }
+}
+
+async function serviceApp (options, { logs } = {}) {
+  const app = Fastify({ logger: logTo(logs) })
+  app.decorate('served', 0)
+  app.addHook('preHandler', async () => { app.served++ })
   await app.register(accman, options)
   app.get('/w', async () => ({ ok: true }))
   app.get('/fail', async (request, reply) => reply.code(500).send({ error: 'boom' }))
@@ -30,6 +39,10 @@ async function serviceApp (options) {
     await sleep(Number(request.query.ms))
     return { slow: true }
   })
+  app.get('/slowfail', async (request, reply) => {
+    await sleep(Number(request.query.ms))
+    return reply.code(500).send({ error: 'slow and failed' })
+  })
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
   return { app, url }
 }
@@ -41,4 +54,19 @@ function get (url, cred, extra = {}) {
   }))
 }
 
-module.exports = { serviceApp, get, sleep }
+// The messages of the log lines at `level` (40 warn, 50 error).
+function messages (logs, level) {
+  return logs.filter((l) => l.level === level).map((l) => l.msg)
+}
+
+// Waits until `ready()` (or the promise it returns) is true, polling;
+// fails after `ms`.
+async function until (ready, ms = 20000) {
+  const end = Date.now() + ms
+  while (!(await ready())) {
+    if (Date.now() > end) throw new Error('timed out waiting')
+    await sleep(10)
+  }
+}
+
+module.exports = { serviceApp, get, sleep, messages, until }

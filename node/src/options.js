@@ -1,0 +1,130 @@
+'use strict'
+// The plugin's options and each route's price, checked when the plugin is
+// registered and when a route is added: configuration that is wrong is
+// refused at startup with an error naming what is wrong, never found by
+// the requests that meet it.
+
+const limits = require('./limits')
+
+// Every option the plugin takes.
+const OPTIONS = [
+  'url', 'token', 'client', 'cost', 'mode', 'onUnavailable', 'exempt', 'header', 'chargeErrors',
+  'holdTtlS', 'checkFreshMs', 'timeoutMs', 'retries', 'connections', 'onUnpaid'
+]
+// fastify's own options of register(), which it hands to the plugin too.
+const REGISTER_OPTIONS = ['prefix', 'logLevel', 'logSerializers']
+const KNOWN = new Set([...OPTIONS, ...REGISTER_OPTIONS])
+const HEADER_RE = /^[A-Za-z0-9-]+$/
+const SHOWN_CHARS_MAX = 40 // how much of a wrong string value a message quotes
+
+// A value as an error message shows it: a string quoted (its start only),
+// a bigint with its n, only the type of anything else.
+function shown (value) {
+  if (typeof value === 'string') {
+    return JSON.stringify(value.length > SHOWN_CHARS_MAX ? value.slice(0, SHOWN_CHARS_MAX) + '...' : value)
+  }
+  if (typeof value === 'bigint') return `${value}n`
+  if (typeof value === 'number' || typeof value === 'boolean' || value === null) return String(value)
+  const type = typeof value
+  return `${/^[aeiou]/.test(type) ? 'an' : 'a'} ${type}`
+}
+
+function isAmount (value) {
+  return (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) ||
+    (typeof value === 'bigint' && value >= 0n && value <= limits.INT64_MAX)
+}
+
+// An amount of money as a bigint: a non-negative safe integer or bigint.
+function amount (value, what) {
+  if (!isAmount(value)) throw new TypeError(`${what} must be a non-negative integer, not ${shown(value)}`)
+  return BigInt(value)
+}
+
+function price (value, what) {
+  return typeof value === 'function' ? value : amount(value, what)
+}
+
+function choice (value, allowed, what) {
+  if (!allowed.includes(value)) {
+    throw new TypeError(`${what} must be ${allowed.map((a) => `'${a}'`).join(' or ')}, not ${shown(value)}`)
+  }
+  return value
+}
+
+function flag (value, what) {
+  if (typeof value !== 'boolean') throw new TypeError(`${what} must be true or false, not ${shown(value)}`)
+  return value
+}
+
+function integer (value, what, lo, hi) {
+  if (!Number.isInteger(value) || value < lo || value > hi) {
+    throw new TypeError(`${what} must be an integer from ${lo} to ${hi}, not ${shown(value)}`)
+  }
+  return value
+}
+
+function headerName (value) {
+  if (typeof value !== 'string' || !HEADER_RE.test(value)) {
+    throw new TypeError(`header must be a plain header name, not ${shown(value)}`)
+  }
+  return value.toLowerCase()
+}
+
+function exemptTest (exempt) {
+  if (typeof exempt === 'function') return exempt
+  if (!Array.isArray(exempt) || exempt.some((p) => typeof p !== 'string')) {
+    throw new TypeError('exempt must be an array of paths (a trailing * matches a prefix) or a function')
+  }
+  const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
+  const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
+  return (request) => {
+    const q = request.url.indexOf('?')
+    const path = q < 0 ? request.url : request.url.slice(0, q)
+    return exact.has(path) || prefixes.some((p) => path.startsWith(p))
+  }
+}
+
+// A misspelt option would otherwise be ignored and its default taken
+// silently (`modee: 'reserve'` serving in check mode).
+function refuseUnknown (opts) {
+  const unknown = Object.keys(opts).filter((name) => !KNOWN.has(name))
+  if (unknown.length) {
+    throw new TypeError(`unknown option${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')}: ` +
+      `fastify-accman takes ${OPTIONS.join(', ')}`)
+  }
+}
+
+// The plugin's settings from its options, each checked; the client's own
+// options (url, token, timeoutMs, retries, connections) are checked by
+// AccManClient.
+function settings (opts) {
+  refuseUnknown(opts)
+  const onUnpaid = opts.onUnpaid ?? null
+  if (onUnpaid !== null && typeof onUnpaid !== 'function') throw new TypeError('onUnpaid must be a function')
+  return {
+    mode: choice(opts.mode ?? 'check', ['check', 'reserve'], 'mode'),
+    open: choice(opts.onUnavailable ?? 'closed', ['closed', 'open'], 'onUnavailable') === 'open',
+    header: headerName(opts.header ?? 'accman'),
+    cost: price(opts.cost ?? 1, 'cost'),
+    exempt: exemptTest(opts.exempt ?? []),
+    chargeErrors: flag(opts.chargeErrors ?? false, 'chargeErrors'),
+    holdTtlS: integer(opts.holdTtlS ?? limits.HOLD_TTL_S_DEFAULT, 'holdTtlS', 1, limits.HOLD_TTL_S_MAX),
+    checkFreshMs: integer(opts.checkFreshMs ?? limits.CHECK_FRESH_MS_DEFAULT, 'checkFreshMs', 0,
+      limits.CHECK_FRESH_MS_MAX),
+    onUnpaid
+  }
+}
+
+// A route's `config.accman`, checked in onRoute: absent (the default
+// cost), false (never metered), a cost function or an amount.  A wrong one
+// fails the route's registration, naming the route and the value, instead
+// of failing every request to it with a 500.
+function checkRoute (route) {
+  const value = route.config ? route.config.accman : undefined
+  if (value === undefined || value === false || typeof value === 'function' || isAmount(value)) return
+  const methods = [].concat(route.method).join(',')
+  throw new TypeError(`config.accman of the route ${methods} ${route.url} must be a non-negative integer, ` +
+    `a function or false, not ${shown(value)}`)
+}
+
+module.exports = { settings, checkRoute, amount, price }

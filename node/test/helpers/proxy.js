@@ -1,0 +1,64 @@
+'use strict'
+// A TCP proxy in front of a real AccMan, for what comes between a service
+// and AccMan: in mode `refuse` it drops every connection (AccMan out of
+// reach), in mode `delay` it holds AccMan's replies back `delayMs` (a
+// stalled network: the request reaches AccMan at once, its reply late).
+// `targets` lists the request targets it forwarded, in order.
+
+const net = require('node:net')
+
+const REQUEST_LINE_RE = /^[A-Z]+ (\S+) HTTP\/1\.1\r$/gm
+
+async function proxyTo (url) {
+  const upstreamAt = new URL(url)
+  const sockets = new Set()
+  const targets = []
+  let mode = 'pass'
+  let delayMs = 0
+  const track = (socket) => {
+    sockets.add(socket)
+    socket.on('close', () => sockets.delete(socket))
+    socket.on('error', () => {})
+  }
+  const timers = new Set()
+  const later = (fn) => {
+    if (delayMs === 0) return fn()
+    const timer = setTimeout(() => { timers.delete(timer); fn() }, delayMs)
+    timers.add(timer)
+  }
+  const server = net.createServer((client) => {
+    track(client)
+    if (mode === 'refuse') {
+      client.destroy()
+      return
+    }
+    const upstream = net.connect(Number(upstreamAt.port), upstreamAt.hostname)
+    track(upstream)
+    client.on('data', (d) => {
+      for (const m of d.toString('latin1').matchAll(REQUEST_LINE_RE)) targets.push(m[1])
+      upstream.write(d)
+    })
+    upstream.on('data', (d) => later(() => client.write(d)))
+    client.on('close', () => upstream.destroy())
+    upstream.on('close', () => later(() => client.destroy()))
+  })
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    targets,
+    // 'pass', 'refuse' (every open connection is dropped too) or 'delay'.
+    set (newMode, newDelayMs = 0) {
+      mode = newMode
+      delayMs = newMode === 'delay' ? newDelayMs : 0
+      if (mode === 'refuse') for (const s of sockets) s.destroy()
+    },
+    close () {
+      for (const t of timers) clearTimeout(t)
+      delayMs = 0
+      for (const s of sockets) s.destroy()
+      return new Promise((resolve) => server.close(resolve))
+    }
+  }
+}
+
+module.exports = { proxyTo }
