@@ -246,7 +246,7 @@ class Meter {
     state.ended = true
     const cost = this.chargeOf(state, request, reply)
     if (state.unpaid !== null) {
-      this.unpaid(state.cred, cost, state.unpaid.code)
+      if (cost > 0n) this.unpaid(state.cred, cost, state.unpaid.code) // a free response owes nothing
       return payload
     }
     let tot

@@ -144,8 +144,10 @@ test('AccMan unreachable: 503 with Retry-After when closed; served unpaid and re
   })
   const o = await get(open.url + '/pricey', 'p-down')
   assert.deepEqual([o.status, o.accman], [200, null])
+  const f = await get(open.url + '/fail', 'p-down') // a free response owes nothing
+  assert.equal(f.status, 500)
   assert.deepEqual(unpaid, [['p-down', 5n, 'unreachable']])
-  assert.equal(open.app.accman.stats.unpaid_amount, 5)
+  assert.deepEqual([open.app.accman.stats.unpaid_requests, open.app.accman.stats.unpaid_amount], [1, 5])
   await open.app.close()
 })
 
