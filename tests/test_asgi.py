@@ -7,6 +7,9 @@ calls."""
 from __future__ import annotations
 
 import asyncio
+import decimal
+import logging
+import types
 
 import pytest
 
@@ -227,10 +230,32 @@ def test_configuration_errors_are_refused_at_once(fake):
            ({"exempt": ["health"]}, ValueError, "exempt"),
            ({"prices": {"x": 1}}, ValueError, "prices"),
            ({"prices": [("/x", 1)]}, TypeError, "prices"),
-           ({"on_unpaid": 5}, TypeError, "on_unpaid")]
+           ({"on_unpaid": 5}, TypeError, "on_unpaid"),
+           ({"timeout_s": float("inf")}, ValueError, "timeout_s")]
     for kw, error, named in bad:
         with pytest.raises(error, match=named):
             AccManMiddleware(app, url=fake.url, **kw)
+
+
+def test_settings_of_every_usual_type_are_taken(fake):
+    fake.fund(CRED, 10)
+    m = mw(fake, prices=types.MappingProxyType({"*": 3, "/free": 0}),
+           exempt={"/health"}, timeout_s=decimal.Decimal("2"))
+    assert run(call(m)).headers["accman"] == "7"
+    assert run(call(m, path="/free")).headers["accman"] == "7"
+    assert run(call(m, path="/health", cred=None)).status == 200
+
+
+def test_a_probe_that_applies_is_a_configuration_error(fake, caplog):
+    """An url that names something other than an AccMan keeping `min`."""
+    fake.fund(CRED, 10)
+    fake.fault = lambda meth, p, q: ("reply", 200, {"tot": 9, "seq": 2}) \
+        if q.get("min") else None
+    served = []
+    with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+        r = run(call(mw(fake, make_app(calls=served), on_unavailable="open")))
+    assert r.status == 503 and served == []
+    assert "was applied to account" in caplog.text and "owed back" in caplog.text
 
 
 def test_a_cost_function_returning_garbage_is_a_server_error(fake):

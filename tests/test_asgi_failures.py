@@ -229,3 +229,112 @@ def test_an_app_without_lifespan_gets_the_middlewares_own(bare, monkeypatch):
             return sent
         assert run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
         assert m.stats["stranded"] == 1 and m._client is None       # drained, then closed
+
+
+def test_an_app_that_reads_its_lifespan_then_raises_is_not_taken_over():
+    async def app(scope, receive, send):
+        await receive()
+        raise RuntimeError("the database is down")          # a failed startup
+
+    with FakeAccMan() as fake:
+        m = mw(fake, app)
+        messages = iter([{"type": "lifespan.startup"}])
+        sent = []
+
+        async def receive():
+            return next(messages)
+
+        async def send(msg):
+            sent.append(msg["type"])
+        with pytest.raises(RuntimeError, match="database"):
+            run(m({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+        assert sent == []
+
+
+def _charge_owed_then(fake, m, then):
+    """Serves one request whose charge is dropped (owed), then `then()`."""
+    async def go():
+        assert (await call(m)).status == 200
+        return await then()
+    return run(go())
+
+
+def test_close_cuts_a_pause_short_and_the_queue_works_after(monkeypatch, caplog):
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 30.0)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, cost=2, retries=0)
+        fake.fault = lambda meth, p, q: ("reply", 503, {"error": "unavailable", "detail": "x"}) \
+            if "key" in q else None
+
+        async def close_then_owe_again():
+            t0 = asyncio.get_running_loop().time()
+            await m._owed.close()
+            took = asyncio.get_running_loop().time() - t0
+            drops = []
+            fake.fault = lambda meth, p, q: ("drop",) if "key" in q and not drops.append(1) \
+                and len(drops) == 1 else None
+            assert (await call(m)).status == 200        # owed again, after the close
+            assert await m.drain(5)                     # and paid: the queue works
+            return took
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            took = _charge_owed_then(fake, m, close_then_owe_again)
+        assert took < 5 and m.stats["stranded"] == 1 and m.stats["unpaid_requests"] == 1
+        assert "the account owes 2" in caplog.text and fake.tot(CRED) == 8
+        assert m.stats["owed"] == 2
+
+
+def test_a_call_that_timed_out_at_close_is_stranded_unknown_not_unpaid(monkeypatch, caplog):
+    """Its charge lands after the client gave up on it: billed again
+    through on_unpaid, the consumer would pay twice."""
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        unpaid = []
+        m = mw(fake, cost=2, retries=0, timeout_s=0.3, on_unpaid=lambda c, a: unpaid.append(a))
+        charges = []
+
+        def fault(meth, path, params):
+            if "key" in params:
+                charges.append(1)
+                return ("drop",) if len(charges) == 1 else ("delay", 0.4)
+        fake.fault = fault
+
+        async def close():
+            await m._owed.close()
+            await asyncio.sleep(0.3)                # the late charge lands
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            _charge_owed_then(fake, m, close)
+        assert fake.tot(CRED) == 8 and unpaid == [] and m.stats["stranded"] == 1
+        assert "outcome unknown: look for key" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["bound", "cancelled"])
+def test_a_call_cut_off_at_close_is_stranded_unknown(how, monkeypatch, caplog):
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        unpaid = []
+        m = mw(fake, cost=2, retries=0, timeout_s=30, on_unpaid=lambda c, a: unpaid.append(a))
+        charges = []
+
+        def fault(meth, path, params):
+            if "key" in params:
+                charges.append(1)
+                return ("drop",) if len(charges) == 1 else ("delay", 2)
+        fake.fault = fault
+
+        async def close():
+            if how == "bound":
+                return await m._owed.close()
+            closing = asyncio.ensure_future(m._owed.close())
+            await asyncio.sleep(0.15)
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            _charge_owed_then(fake, m, close)
+        assert m.stats["stranded"] == 1 and unpaid == [] and len(m._owed) == 0
+        assert "outcome unknown: look for key" in caplog.text and not m._owed._closing

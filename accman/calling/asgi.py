@@ -38,6 +38,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Mapping
 
 from accman.calling.client import AccManClient
 from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_DRAIN_S, Mod,
@@ -45,7 +46,8 @@ from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_
 from accman.calling.reserve import DisconnectWatch, Reservation
 from accman.calling.settings import amount, check_calls, check_options, paths, request_ids, split
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, OutcomeUnknown,
-                           TooManyHolds, TransportError, Unauthorized, Unavailable)
+                           TooManyHolds, TransportError, Unauthorized, Unavailable,
+                           UnexpectedReply)
 from accman.limits import CRED_CHARS_MAX, INT64_MAX
 
 log = logging.getLogger("accman.asgi")
@@ -103,7 +105,7 @@ class AccManMiddleware:
         if client is None and url is None:
             raise ValueError("AccManMiddleware needs the AccMan url (or a client)")
         check_options(mode, on_unavailable, header, charge_below, hold_ttl_s)
-        check_calls(timeout_s, retries, on_unpaid)
+        timeout_s = check_calls(timeout_s, retries, on_unpaid)
         self.app = app
         self.mode = mode
         self._reserve = mode == "reserve"
@@ -113,8 +115,8 @@ class AccManMiddleware:
         self.hold_ttl_s = hold_ttl_s
         self._cost = self._price_value(cost, "cost")
         self._exempt_exact, self._exempt_prefixes = split(paths(exempt, "exempt"))
-        if prices is not None and not isinstance(prices, dict):
-            raise TypeError(f"prices must be a dict of path to price, not {type(prices).__name__}")
+        if prices is not None and not isinstance(prices, Mapping):
+            raise TypeError(f"prices must map paths to prices, not be a {type(prices).__name__}")
         prices = {path: self._price_value(price, f"prices[{path!r}]")
                   for path, price in (prices or {}).items()}
         exact, prefixes = split(paths(prices, "prices"))
@@ -191,7 +193,7 @@ class AccManMiddleware:
                         if cost else tot
                 except (Unauthorized, Forbidden) as e:
                     refused = True
-                    return await self._refused_charge(send, e)
+                    return await self._refused_charge(send, e, cred, key)
                 message = self._with_tot(message, new_tot)
             await send(message)
 
@@ -204,21 +206,29 @@ class AccManMiddleware:
         nothing.  A token without the role gets its 403 here, before the
         app works, not at the charge after it.  The balance, as `tot`."""
         try:
-            await acc.mod(cred, -1, min=INT64_MAX)
+            tot, seq = await acc.mod(cred, -1, min=INT64_MAX)
         except Insufficient as e:
             self._charge_seen = True
             return e.tot
-        raise AssertionError("AccMan applied a charge with min INT64_MAX")
+        # Not AccMan, or not keeping the SPEC's `min`: a configuration error.
+        log.error("accman: the role probe, a charge of 1 with min %d, was applied to account "
+                  "%s (seq %d, balance %d): the url does not name an AccMan that keeps `min`; "
+                  "that 1 is owed back", INT64_MAX, fingerprint(cred), seq, tot)
+        raise UnexpectedReply(200, "probe_applied", "a charge with min INT64_MAX applied")
 
-    async def _refused_charge(self, send, err):
+    async def _refused_charge(self, send, err, cred, key):
         """The charge after the work met 401 or 403: the token lost its
         role or was replaced.  The response is not delivered (a
         misconfiguration must not serve for free), so nothing is owed;
-        admission probes the role again."""
+        admission probes the role again.  Only if an earlier attempt of the
+        charge landed and its reply was lost did the consumer pay: the log
+        names the key to look for."""
         self._charge_seen = False
         self.stats["refused_unavailable"] += 1
         log.error("accman: AccMan refused the charge (%s %s): check the token's roles; "
-                  "refusing with 503", err.status, err.code)
+                  "refusing with 503 (account %s: if key %s is in its history, an earlier "
+                  "attempt landed and is owed back)", err.status, err.code, fingerprint(cred),
+                  key)
         return await _refuse_unavailable(send)
 
     async def _serve_reserved(self, scope, receive, send, cred, price, est):
@@ -326,9 +336,9 @@ class AccManMiddleware:
         return await self._owed.drain(None if end is None else max(end - loop.time(), 0))
 
     async def aclose(self) -> None:
-        """Let releases and owed calls land (SHUTDOWN_DRAIN_S at most),
-        strand the rest, close the client.  Called on the lifespan
-        shutdown."""
+        """Let releases and owed calls land (SHUTDOWN_DRAIN_S each, then
+        SHUTDOWN_LAST_CALL_S for the call under way), strand the rest,
+        close the client.  Called on the lifespan shutdown."""
         await self._releases(SHUTDOWN_DRAIN_S)
         await self._owed.close()
         if self._client is not None and self._own_client:
@@ -356,7 +366,13 @@ class AccManMiddleware:
         except Exception:
             if spoken:
                 raise
-            log.debug("accman: the app does not speak lifespan; the middleware does")
+            # ASGI's sign of an app without lifespan; logged in full, since
+            # it is also what an app failing its startup before reading
+            # looks like, and the server now starts.
+            log.warning("accman: the app raised on the lifespan scope before reading a "
+                        "message: taken as an app without lifespan, whose lifespan the "
+                        "middleware answers so that owed calls land at shutdown",
+                        exc_info=True)
         if not spoken:
             await self._own_lifespan(receive, send)
 

@@ -16,7 +16,8 @@ import collections
 import hashlib
 import logging
 
-from accman.errors import AccManError, HoldEnded, Insufficient, TransportError, Unavailable
+from accman.errors import (AccManError, HoldEnded, Insufficient, OutcomeUnknown, TransportError,
+                           Unavailable)
 
 log = logging.getLogger("accman.asgi")
 
@@ -30,6 +31,10 @@ FOLLOWUP_PAUSE_S = 0.1
 FOLLOWUP_PAUSE_MAX_S = 10.0
 # On shutdown, how long owed mods get to land before the rest are stranded.
 SHUTDOWN_DRAIN_S = 5.0
+# Then how long the call under way may still take to end: cut off, nobody
+# would know whether it landed.  Past this bound it is cut off all the same,
+# and stranded as of unknown outcome.
+SHUTDOWN_LAST_CALL_S = 10.0
 
 
 def fingerprint(cred: str) -> str:
@@ -136,6 +141,9 @@ class Owed:
         self._task = None
         self._closing = False
         self._wake = None               # set to cut a pause short when closing
+        # Whether the first item's last attempt may have landed: sent with
+        # no reply, or under way.
+        self._head_unknown = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -160,12 +168,14 @@ class Owed:
         attempt = 0
         while self._items and not self._closing:
             item = self._items[0]
+            self._head_unknown = True
             try:
                 await item.run(acc)
             except (TransportError, Unavailable) as e:
                 attempt += 1
+                self._head_unknown = isinstance(e, OutcomeUnknown)
                 if self._closing:
-                    continue            # close() strands it, knowing it did not land
+                    continue            # close() strands it
                 if attempt < FOLLOWUP_ATTEMPTS_MAX:
                     await self._pause(_pause_s(attempt))
                     continue
@@ -173,6 +183,7 @@ class Owed:
             except AccManError as e:
                 self._strand(item, e.code)
             self._items.popleft()
+            self._head_unknown = False
             attempt = 0
 
     async def _pause(self, seconds: float) -> None:
@@ -181,8 +192,16 @@ class Owed:
         except asyncio.TimeoutError:
             pass
 
-    def _strand(self, item, why: str) -> None:
+    def _strand(self, item, why: str, unknown: bool = False) -> None:
+        """Logs `item` as stranded, and an amount the account owes as unpaid
+        unless the item's last attempt may have landed (`unknown`): billed
+        later, it could be billed twice, so the log says where to look."""
         self._stats["stranded"] += 1
+        if unknown and item.by:
+            log.error("accman: stranded %s of %d, outcome unknown: look for %s in the history "
+                      "of account %s before settling it (%s)", item.what, abs(item.by),
+                      item.ref, fingerprint(item.cred), why)
+            return
         if item.by < 0:
             owed_by = f"the account owes {-item.by}"
         elif item.by > 0:
@@ -208,17 +227,29 @@ class Owed:
 
     async def close(self) -> None:
         """Let owed mods land (SHUTDOWN_DRAIN_S at most), strand the rest.
-        A call under way when the time is up is not cut off, since then
-        nobody would know whether it landed: it ends within the client's
-        own bound (timeout_s per attempt, its retries), and only what did
-        not land is stranded."""
-        if not await self.drain(SHUTDOWN_DRAIN_S):
+        The call under way when the time is up gets SHUTDOWN_LAST_CALL_S
+        more to end, and nothing new starts.  Whatever is left, even when
+        close itself is cancelled, is stranded: the first item as of
+        unknown outcome if its last attempt may have landed."""
+        try:
+            if await self.drain(SHUTDOWN_DRAIN_S):
+                return
             self._closing = True
             self._wake.set()
-            await self._task
-            while self._items:
-                self._strand(self._items.popleft(), "shutting down")
-            self._closing = False
+            await asyncio.wait_for(asyncio.shield(self._task), SHUTDOWN_LAST_CALL_S)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        unknown = self._head_unknown
+        while self._items:
+            self._strand(self._items.popleft(), "shutting down", unknown)
+            unknown = False
+        self._head_unknown = self._closing = False
 
 
 def _pause_s(attempt: int) -> float:
@@ -227,4 +258,4 @@ def _pause_s(attempt: int) -> float:
 
 __all__ = ["Owed", "Mod", "Settle", "Unhold", "fingerprint", "expired_charge_key",
            "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "FOLLOWUP_PAUSE_S", "FOLLOWUP_PAUSE_MAX_S",
-           "SHUTDOWN_DRAIN_S"]
+           "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S"]

@@ -3,7 +3,10 @@ the setting (accman.calling.asgi), and its per-request ids.  No I/O."""
 
 from __future__ import annotations
 
+import decimal
 import itertools
+import math
+import numbers
 import os
 import re
 
@@ -30,7 +33,8 @@ class RequestIds:
 
 
 request_ids = RequestIds()
-os.register_at_fork(after_in_child=request_ids.reseed)
+if hasattr(os, "register_at_fork"):         # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=request_ids.reseed)
 
 
 def check_options(mode, on_unavailable, header, charge_below, hold_ttl_s) -> None:
@@ -49,16 +53,20 @@ def check_options(mode, on_unavailable, header, charge_below, hold_ttl_s) -> Non
         raise ValueError(f"hold_ttl_s must be whole seconds from 1 to {HOLD_TTL_S_MAX}")
 
 
-def check_calls(timeout_s, retries, on_unpaid) -> None:
+def check_calls(timeout_s, retries, on_unpaid) -> float:
     """Refuses a setting of its calls to AccMan, naming it: checked here,
-    since the client itself is made at the first request."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+    since the client itself is made at the first request.  `timeout_s`
+    as a float."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (numbers.Real, decimal.Decimal)):
         raise TypeError(f"timeout_s must be a number, not {type(timeout_s).__name__}")
+    if not math.isfinite(timeout_s):
+        raise ValueError("timeout_s must be a finite number of seconds")
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError(f"retries must be an int, not {type(retries).__name__}")
-    check_settings(timeout_s, retries)
+    check_settings(float(timeout_s), retries)
     if on_unpaid is not None and not callable(on_unpaid):
         raise TypeError("on_unpaid must be a callable on_unpaid(cred, amount), or None")
+    return float(timeout_s)
 
 
 def split(paths: list) -> tuple:
@@ -69,15 +77,15 @@ def split(paths: list) -> tuple:
 
 def paths(paths, what: str) -> list:
     """`paths` as a list of URL paths, each "/..." (a prefix when it ends in
-    `*`).  A bare string is refused: `exempt=("/health")`, a missing comma,
+    `*`; "*" alone is every path).  A bare string is refused: `exempt=("/health")`, a missing comma,
     would otherwise exempt "/", "h", "e", ... one character each."""
     if isinstance(paths, (str, bytes)):
         raise TypeError(f"{what} must be a collection of paths, not one string: "
                         f"write ({paths!r},)")
     paths = list(paths)
     for path in paths:
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ValueError(f"{what}: {path!r} is not a path starting with /")
+        if not isinstance(path, str) or not (path.startswith("/") or path == "*"):
+            raise ValueError(f"{what}: {path!r} is not a path starting with /, nor *")
     return paths
 
 
