@@ -115,6 +115,8 @@ class Owed {
     this.deadline = Infinity
     this.closed = false
     this.wake = null // ends a pause between attempts early, at close
+    // Whether the first item's last attempt may have landed (sent, no reply).
+    this.headUnknown = false
   }
 
   get size () {
@@ -147,6 +149,7 @@ class Owed {
         await item.run(this.client, this.log)
       } catch (err) {
         const transient = err instanceof Unavailable || err instanceof OutcomeUnknown
+        this.headUnknown = err instanceof OutcomeUnknown
         if (transient && ++attempt < OWED_ATTEMPTS_MAX) {
           await this.pause(Math.min(OWED_PAUSE_MS * 2 ** (attempt - 1), OWED_PAUSE_MAX_MS))
           continue
@@ -154,6 +157,7 @@ class Owed {
         this.strand(item, transient ? `still ${err.code} after ${attempt} attempts` : (err.code || String(err)))
       }
       this.queue.shift()
+      this.headUnknown = false
       attempt = 0
     }
   }
@@ -187,13 +191,18 @@ class Owed {
   // none is retried; the call under way finishes, bounded by the client's
   // own timeout and retries, so that a call that lands is never reported
   // stranded (an onUnpaid biller would bill it twice).  What is left is
-  // stranded, and so is any call owed later.
+  // stranded, and so is any call owed later: the first item as of unknown
+  // outcome when its last attempt may have landed.
   async close (drainMs) {
     this.deadline = performance.now() + drainMs
     if (this.wake !== null) this.wake()
     while (this.running !== null) await this.running
     this.closed = true
-    while (this.queue.length) this.strand(this.queue.shift(), 'shutting down')
+    let unknown = this.headUnknown
+    while (this.queue.length) {
+      this.strand(this.queue.shift(), 'shutting down', unknown)
+      unknown = false
+    }
   }
 }
 

@@ -98,7 +98,7 @@ class Meter {
     // request, so a consumer cannot replay an old key to be served free.
     this.ridBase = crypto.randomBytes(12).toString('hex')
     this.ridNext = 0
-    this.owed = new Owed(this.client, (item, why) => this.strand(item, why), this.log)
+    this.owed = new Owed(this.client, (item, why, unknown) => this.strand(item, why, unknown), this.log)
     this.releasing = new Set() // releases under way (release()), awaited at close
     this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
     this.challenge = `AccMan header="${this.header}"`
@@ -363,9 +363,16 @@ class Meter {
   // An owed call that will not land.  Who owes whom follows the sign of
   // what it moves: a charge or a settle never landed, so the account owes
   // it (unpaid, told to onUnpaid); a release loses nothing, since a hold
-  // returns by itself at its expiry.  As accman/calling/owed.py's _strand.
-  strand (item, why) {
+  // returns by itself at its expiry.  A call whose last attempt may have
+  // landed (`unknown`) is not unpaid: billed later, it could be billed
+  // twice, so the log says where to look.  As accman/calling/owed.py's _strand.
+  strand (item, why, unknown = false) {
     this.stats.stranded++
+    if (unknown && item.by !== 0n) {
+      this.log.error({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, why },
+        `accman: stranded ${item.what}, outcome unknown: look for ${item.key} in the account's history before settling it`)
+      return
+    }
     this.log.error({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, why },
       `accman: stranded ${item.what}: ${owedBy(item.by)}`)
     if (item.by < 0n) this.unpaid(item.cred, -item.by, why)

@@ -304,6 +304,39 @@ test('at close, an owed charge under way past the drain time lands and is not re
   assert.deepEqual(messages(logs, 50), ['accman: stranded charge: the account owes 1'])
 })
 
+test('at close, an owed charge that timed out may have landed: stranded of unknown outcome, not unpaid', async () => {
+  const { CLOSE_DRAIN_MS } = accman.limits
+  const DELAY_MS = CLOSE_DRAIN_MS + 1500 // AccMan applies the charge at once; its reply comes late
+  await mint.mod('p-close-unknown', 10)
+  const unpaid = []
+  const logs = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({
+    url: proxy.url,
+    token: TOKENS.service,
+    checkFreshMs: 60000,
+    retries: 0,
+    timeoutMs: CLOSE_DRAIN_MS + 500, // gives up on the reply after the drain time, before it comes
+    onUnpaid: (...a) => unpaid.push(a)
+  }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'p-close-unknown')).accman, '9')
+    proxy.set('refuse')
+    assert.deepEqual(Object.values(await get(url + '/w', 'p-close-unknown')).slice(0, 2), [200, null])
+    const mods = () => proxy.targets.filter((t) => t.startsWith('/mod?')).length
+    const sent = mods()
+    proxy.set('delay', DELAY_MS)
+    await until(() => mods() > sent)
+    await app.close()
+  } finally {
+    await proxy.close()
+  }
+  assert.equal(await mint.tot('p-close-unknown'), 8) // it landed
+  assert.equal(app.accman.stats.stranded, 1)
+  assert.deepEqual(unpaid, []) // so it is not billed a second time
+  assert.match(messages(logs, 50).join('\n'), /stranded charge, outcome unknown: look for \S+-c in the account's history/)
+})
+
 test('checkFreshMs 0: every admission asks AccMan', async () => {
   await mint.mod('p-fresh', 10)
   await withService({ checkFreshMs: 0 }, async (url) => {
