@@ -22,25 +22,21 @@ import argparse
 import json
 import os
 import re
-import secrets
 import sys
 
 import accman
-from accman.calling.commands import by_value, decimal, events_values, prepare
+from accman.calling.commands import (OPEN_KEY, events_values, new_cred, prepare, role_hint,
+                                     unknown_hint)
 from accman.calling.follow import FOLLOW_WAIT_S, follow
 from accman.calling.sync import AccManSyncClient
 from accman.errors import (AccManError, BadRequest, EventsTrimmed, Forbidden, Insufficient,
-                           OutcomeUnknown, TransportError, Unauthorized, Unavailable,
-                           Unreachable)
+                           TransportError, Unauthorized, Unavailable, Unreachable)
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
                            HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
 CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an error
-# The idempotency key of the mod that opens an account: the credential is
-# new, so one key suffices, and it makes the opening safe to repeat.
-OPEN_KEY = "accman-open"
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
@@ -226,8 +222,6 @@ def main(argv=None) -> int:
         return cmd_verify(args)
     if args.command == "migrate":
         return cmd_migrate(args)
-    if args.command == "open":
-        return cmd_open(args)
     return cmd_call(args)
 
 
@@ -319,6 +313,12 @@ def cmd_verify(args) -> int:
 
 # --- client commands ---------------------------------------------------------
 
+# What a bad host in the URL is, whichever way the client finds it: Python
+# encodes a host as ASCII for the request and as IDNA labels to connect.
+_BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
+             "characters (an international name goes in its xn-- form) (--url/ACCMAN_URL)")
+
+
 def _connect(args):
     """The client for --url and --token (or their variables).  Raises
     ValueError naming what is wrong (never the token itself)."""
@@ -326,31 +326,32 @@ def _connect(args):
     token = args.token or os.environ.get("ACCMAN_TOKEN") or None
     try:
         return AccManSyncClient(url, token, timeout_s=CLIENT_TIMEOUT_S)
-    except ValueError as e:
+    except (ValueError, AccManError) as e:
         raise ValueError(f"{e} (--url/ACCMAN_URL, --token/ACCMAN_TOKEN)") from None
 
 
-def _usage(args, message) -> int:
+def _usage(args, e) -> int:
+    message = e.detail if isinstance(e, BadRequest) else e
     return _fail(f"{message} (try: accman {args.command} --help)")
 
 
 def cmd_call(args) -> int:
-    """tot, mod, past, hold, settle and events."""
+    """open, tot, mod, past, hold, settle and events: the values checked
+    and the client made before anything is sent, then the call, whose end
+    _failure says."""
     if args.command == "events" and args.follow:
         return cmd_follow(args)
     try:
         call = prepare(args)
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
-        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
+        return _usage(args, e)
     with acc:
         try:
             out = call(acc)
-        except (Unreachable, OutcomeUnknown) as e:
-            return _fail(f"no answer: {e.detail}{_unknown_hint(args, e)}", EXIT_NO_ANSWER)
-        except AccManError as e:
-            return _refused(e, _role_hint(args))
-    print(json.dumps(out, separators=(",", ":")), flush=True)
+        except _CALL_ENDS as e:
+            return _say(*_failure(args, e))
+    print(out if isinstance(out, str) else json.dumps(out, separators=(",", ":")), flush=True)
     return EXIT_OK
 
 
@@ -362,52 +363,53 @@ def cmd_follow(args) -> int:
         after, limit, wait_s = events_values(args)
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
-        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
+        return _usage(args, e)
 
     def note(text):
         print(f"accman: events: {text}", file=sys.stderr, flush=True)
     with acc:
-        end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s, note=note)
+        try:
+            end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
+                         note=note)
+        except _CALL_ENDS as e:
+            return _say(*_failure(args, e))
     resume = f"to resume: accman events --follow --after {end.after}"
     if end.error is None:
         note(f"stopped ({end.why}); {resume}")
         return EXIT_OK
-    if isinstance(end.error, (TransportError, Unavailable)):
-        return _fail(f"no answer: {end.error.detail}; {resume}", EXIT_NO_ANSWER)
-    code = _refused(end.error, _role_hint(args))
-    if not isinstance(end.error, EventsTrimmed):
-        note(resume)
+    text, code = _failure(args, end.error)
+    return _say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
+
+
+# What may end a client command's call, each said by _failure: the client's
+# errors, and a host that Python cannot encode (raised before anything is
+# sent, so no write's outcome is in doubt).
+_CALL_ENDS = (AccManError, UnicodeError)
+
+
+def _failure(args, e) -> tuple:
+    """`(line, exit code)` for what ended the call of the client command
+    `args`: the one place where the client's errors become what the command
+    says and its code."""
+    if isinstance(e, UnicodeError):
+        return f"accman: error: {_BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
+    if isinstance(e, Unreachable):
+        nothing = "nothing was opened" if args.command == "open" else "nothing was sent"
+        return f"accman: error: no answer: {e.detail}; {nothing}", EXIT_NO_ANSWER
+    if isinstance(e, TransportError) or (
+            isinstance(e, Unavailable) and getattr(args, "follow", False)):
+        # events --follow rode out every 503 for FOLLOW_OUTAGE_S_MAX: an outage
+        return f"accman: error: no answer: {e.detail}{unknown_hint(args)}", EXIT_NO_ANSWER
+    return _refusal(e, role_hint(args)), EXIT_REFUSED
+
+
+def _say(line, code) -> int:
+    if line:
+        print(line, file=sys.stderr, flush=True)
     return code
 
 
-def _unknown_hint(args, e) -> str:
-    if isinstance(e, Unreachable):
-        return "; nothing was sent"
-    what = args.command
-    if what == "settle":
-        return ("; the settle may or may not have applied: run the same command again (with "
-                "the same USE it applies at most once and answers its result)")
-    if what not in ("mod", "hold"):
-        return ""
-    if args.key is not None:
-        return (f"; the {what} may or may not have applied: run the same command again, with "
-                "the same --key, to apply it at most once and see its result")
-    hint = (f"; the {what} may or may not have applied: read `accman past` for this credential "
-            f"before you try again (a {what} with --key is safe to repeat)")
-    if what == "hold":
-        hint += f"; a hold never settled ends by itself after --ttl {args.ttl} s"
-    return hint
-
-
-def _role_hint(args) -> str:
-    if args.command in ("hold", "settle"):
-        return "the charge role"
-    if args.command != "mod":
-        return "the read role"
-    return "the mint role (a positive by funds)" if by_value(args.by) > 0 else "the charge role"
-
-
-def _refused(e: AccManError, role: str) -> int:
+def _refusal(e: AccManError, role: str) -> str:
     text = f"accman: {e.status} {e.code}: {e.detail}"
     if isinstance(e, Insufficient):
         text += f" (tot {e.tot})"
@@ -418,46 +420,13 @@ def _refused(e: AccManError, role: str) -> int:
         text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
     elif isinstance(e, Forbidden):
         text += f"; this needs a token with {role}"
-    print(text, file=sys.stderr, flush=True)
-    return EXIT_REFUSED
+    return text
 
 
-def new_cred() -> str:
-    """192 random bits less one draw in 64; token_urlsafe's alphabet is the
-    SPEC's A-Z a-z 0-9 _ -.  Drawn again when it starts with "-": a command
-    line (this one's included) would take such a credential for an option."""
-    while True:
-        cred = secrets.token_urlsafe(24)
-        if not cred.startswith("-"):
-            return cred
-
-
-def cmd_open(args) -> int:
-    try:
-        by = decimal(args.by, "--by")
-        if by <= 0:
-            raise BadRequest("--by must be a positive integer: the opening balance "
-                             "(only a funding mod opens an account)")
-        acc = _connect(args)
-    except (BadRequest, ValueError) as e:
-        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
-    cred = new_cred()
-    with acc:
-        try:
-            acc.mod(cred, by, key=OPEN_KEY)
-        except Unreachable as e:
-            return _fail(f"no answer: {e.detail}; nothing was opened", EXIT_NO_ANSWER)
-        except OutcomeUnknown as e:
-            # The account may exist: hand over its credential, and the
-            # keyed mod that finishes the opening at most once.
-            return _fail(f"no answer: {e.detail}; the account may or may not have been "
-                         f"opened: its credential is {cred}; to finish opening it, run: "
-                         f"accman mod {cred} {by} --key {OPEN_KEY}", EXIT_NO_ANSWER)
-        except AccManError as e:
-            return _refused(e, "the mint role (opening an account funds it)")
-    print(cred, flush=True)
-    return EXIT_OK
-
+# OPEN_KEY and new_cred live with the commands; they are named here too, as
+# the command line's.
+__all__ = ["main", "build_parser", "OPEN_KEY", "new_cred", "EXIT_OK", "EXIT_REFUSED",
+           "EXIT_USAGE", "EXIT_NO_ANSWER"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,12 +1,14 @@
 """The command line's client commands (accman.cli), as calls: each
 command's values, from the text of its arguments, checked against the
 SPEC's rules before anything is sent, and the call it then makes, which
-returns what the command prints (one JSON object in the SPEC's shape).
-No I/O here but the call itself."""
+returns what the command prints (one JSON object in the SPEC's shape, or
+`open`'s new credential); and what a command says when a write's outcome
+is unknown, or a token lacks a role.  No I/O here but the call itself."""
 
 from __future__ import annotations
 
 import re
+import secrets
 
 from accman.calling.requests import check_name
 from accman.errors import BadRequest
@@ -14,6 +16,12 @@ from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, 
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
 _DECIMAL_RE = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)
+# The idempotency key of the mod that opens an account: the credential is
+# new, so one key suffices, and it makes the opening safe to repeat.
+OPEN_KEY = "accman-open"
+# The commands that change a balance: when one of them gets no whole
+# answer, it may or may not have applied.
+WRITES = ("open", "mod", "hold", "settle")
 
 
 def decimal(text, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
@@ -45,6 +53,33 @@ def _key(args):
 
 def _cred(args) -> str:
     return check_name(args.cred, "cred", CRED_CHARS_MAX)
+
+
+def new_cred() -> str:
+    """192 random bits less one draw in 64; token_urlsafe's alphabet is the
+    SPEC's A-Z a-z 0-9 _ -.  Drawn again when it starts with "-": a command
+    line (this one's included) would take such a credential for an option."""
+    while True:
+        cred = secrets.token_urlsafe(24)
+        if not cred.startswith("-"):
+            return cred
+
+
+def _prepare_open(args):
+    """A funding mod of a new credential, keyed OPEN_KEY; it prints the
+    credential alone.  The credential is drawn here, before anything is sent,
+    and kept as `args.cred`, so that every message about this call can hand
+    it over."""
+    by = decimal(args.by, "--by")
+    if by <= 0:
+        raise BadRequest("--by must be a positive integer: the opening balance "
+                         "(only a funding mod opens an account)")
+    cred = args.cred = new_cred()
+
+    def open_account(acc):
+        acc.mod(cred, by, key=OPEN_KEY)
+        return cred
+    return open_account
 
 
 def _prepare_tot(args):
@@ -116,7 +151,7 @@ def _prepare_events(args):
     return events
 
 
-_PREPARE = {"tot": _prepare_tot, "mod": _prepare_mod, "past": _prepare_past,
+_PREPARE = {"open": _prepare_open, "tot": _prepare_tot, "mod": _prepare_mod, "past": _prepare_past,
             "hold": _prepare_hold, "settle": _prepare_settle, "events": _prepare_events}
 
 
@@ -127,4 +162,42 @@ def prepare(args):
     return _PREPARE[args.command](args)
 
 
-__all__ = ["decimal", "by_value", "events_values", "prepare"]
+def unknown_hint(args) -> str:
+    """What to do when the outcome of the write `args.command` is unknown
+    (no whole reply, a 503 that acknowledged nothing, or ^C while it was in
+    flight), as the tail of a message: "" for a read.  A keyed write and a
+    settle are repeated safely; a keyless one is not, so its credential's
+    history comes first (docs/CALLING.md, "Unknown outcomes and retries")."""
+    what = args.command
+    if what == "open":
+        return (f"; the account may or may not have been opened: its credential is "
+                f"{args.cred}; to finish opening it, run: "
+                f"accman mod {args.cred} {args.by} --key {OPEN_KEY}")
+    if what == "settle":
+        return ("; the settle may or may not have applied: run the same command again (with "
+                "the same USE it applies at most once and answers its result)")
+    if what not in ("mod", "hold"):
+        return ""
+    if args.key is not None:
+        return (f"; the {what} may or may not have applied: run the same command again, with "
+                "the same --key, to apply it at most once and see its result")
+    hint = (f"; the {what} may or may not have applied: read `accman past` for this credential "
+            f"before you try again (a {what} with --key is safe to repeat)")
+    if what == "hold":
+        hint += f"; a hold never settled ends by itself after --ttl {args.ttl} s"
+    return hint
+
+
+def role_hint(args) -> str:
+    """The role a token needs for `args.command`, for a 401 or 403."""
+    if args.command == "open":
+        return "the mint role (opening an account funds it)"
+    if args.command in ("hold", "settle"):
+        return "the charge role"
+    if args.command != "mod":
+        return "the read role"
+    return "the mint role (a positive by funds)" if by_value(args.by) > 0 else "the charge role"
+
+
+__all__ = ["OPEN_KEY", "WRITES", "decimal", "by_value", "events_values", "new_cred", "prepare",
+           "role_hint", "unknown_hint"]
