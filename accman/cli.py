@@ -6,8 +6,9 @@ its reader closing the pipe); 1 the server (or the check) answered with an
 error; 2 bad flags or values (refused before anything is sent), or `serve`
 could not start (busy port, data directory locked or corrupt, bad tokens
 file, a non-loopback bind without tokens); 3 no answer from the server
-(cannot connect, timeout, cut connection: for `mod`, `hold`, `settle` and
-`open` the outcome may then be unknown, and the message says what to do).
+(cannot connect, timeout, cut connection), or a 503 `unavailable` to `mod`,
+`hold`, `settle` or `open`: their outcome may then be unknown, and the
+message says what to do.
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
@@ -25,12 +26,12 @@ import re
 import sys
 
 import accman
-from accman.calling.commands import (OPEN_KEY, events_values, new_cred, prepare, role_hint,
-                                     unknown_hint)
+from accman.calling.commands import (OPEN_KEY, WRITES, events_values, new_cred, prepare,
+                                     role_hint, unknown_hint)
 from accman.calling.follow import FOLLOW_WAIT_S, follow
 from accman.calling.sync import AccManSyncClient
-from accman.errors import (AccManError, BadRequest, EventsTrimmed, Forbidden, Insufficient,
-                           TransportError, Unauthorized, Unavailable, Unreachable)
+from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
+                           Insufficient, TransportError, Unauthorized, Unavailable, Unreachable)
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
                            HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
 
@@ -400,6 +401,11 @@ def _failure(args, e) -> tuple:
             isinstance(e, Unavailable) and getattr(args, "follow", False)):
         # events --follow rode out every 503 for FOLLOW_OUTAGE_S_MAX: an outage
         return f"accman: error: no answer: {e.detail}{unknown_hint(args)}", EXIT_NO_ANSWER
+    if isinstance(e, Unavailable) and not isinstance(e, Busy) and args.command in WRITES:
+        # A 503 that is not back-pressure says "not acknowledged", never "not
+        # applied" (a commit may fail after it was written): an unknown outcome.
+        return (f"{_refusal(e, role_hint(args))}; not acknowledged{unknown_hint(args)}",
+                EXIT_NO_ANSWER)
     return _refusal(e, role_hint(args)), EXIT_REFUSED
 
 

@@ -7,10 +7,118 @@ never shows a credential."""
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+
 import pytest
 
 from conftest import run_accman
 from test_cli import one_line_error
+
+# --- a fault-injecting proxy ----------------------------------------------------------
+
+# What a store that cannot commit answers (SPEC "Errors": 503 unavailable).
+REPLY_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 58\r\n\r\n"
+             b'{"error":"unavailable","detail":"the store cannot commit"}')
+PROXY_TIMEOUT_S = 30.0      # no test waits this long for a byte
+
+
+class FaultProxy:
+    """A TCP proxy in front of AccMan that acts on each request in turn by
+    `plan` ("pass" once it is used up): "pass" forwards the request and its
+    reply; "503" forwards it, so that the server applies it, and answers
+    REPLY_503 in place of the reply (applied, not acknowledged); "hang"
+    forwards it and never answers.  `seen` counts the requests."""
+
+    def __init__(self, port: int, plan=()):
+        self.upstream = ("127.0.0.1", port)
+        self.plan = list(plan)
+        self.seen = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.socks = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        for s in self.socks:
+            s.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream, timeout=PROXY_TIMEOUT_S)
+            client.settimeout(PROXY_TIMEOUT_S)
+            self.socks += [client, upstream]
+            threading.Thread(target=self._serve, args=(client, upstream), daemon=True).start()
+
+    def _next_action(self) -> str:
+        with self.lock:
+            self.seen += 1
+            return self.plan.pop(0) if self.plan else "pass"
+
+    def _serve(self, client, upstream):
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:       # the API's requests have no body
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                request, _, buf = buf.partition(b"\r\n\r\n")
+                action = self._next_action()
+                upstream.sendall(request + b"\r\n\r\n")
+                if action == "hang":
+                    threading.Event().wait(PROXY_TIMEOUT_S)
+                    return
+                reply = _read_reply(upstream)
+                client.sendall(REPLY_503 if action == "503" else reply)
+        except OSError:
+            return
+
+
+def _read_reply(sock) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.fixture
+def proxy():
+    made = []
+
+    def make(server, *plan):
+        made.append(FaultProxy(server.port, plan))
+        return made[-1]
+    yield make
+    for p in made:
+        p.close()
+
+
+def funded(server, tot=100) -> str:
+    """A new credential of `server`, funded with `tot` by `accman open`."""
+    proc = run_accman("open", "--by", tot, "--url", server.url)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def history(server, cred) -> list:
+    proc = run_accman("past", cred, "--url", server.url)
+    assert proc.returncode == 0, proc.stderr
+    return [e["by"] for e in json.loads(proc.stdout)["past"]]
+
 
 # --- a URL whose host cannot be used ----------------------------------------------------
 
@@ -23,3 +131,55 @@ def test_a_host_that_cannot_be_used_is_one_line_and_exit_2(host, args):
     err = one_line_error(run_accman(*args, "--url", f"http://{host}:8080"))
     assert "the host in the URL cannot be used" in err and "xn--" in err
     assert f"accman {args[0]} --help" in err
+
+
+# --- a 503 from a store that cannot commit ------------------------------------------------
+
+@pytest.mark.parametrize("args,hint", [
+    (["mod", "-3"], "read `accman past` for this credential before you try again"),
+    (["mod", "-3", "--key", "k503"], "with the same --key, to apply it at most once"),
+    (["hold", "-3", "--ttl", "60"], "read `accman past` for this credential before you try"),
+    (["hold", "-3", "--ttl", "60", "--key", "h503"], "with the same --key"),
+])
+def test_a_503_to_a_write_is_an_unknown_outcome_that_says_what_to_do(start_server, proxy,
+                                                                    args, hint):
+    """The server applied it and the answer was a 503: "not acknowledged",
+    so exit 3 with the advice of a lost reply, also for a keyed write once
+    the client's retries (which repeat it at most once) are spent."""
+    s = start_server()
+    cred = funded(s)
+    p = proxy(s, "503", "503", "503")
+    proc = run_accman(args[0], cred, *args[1:], "--url", p.url)
+    err = one_line_error(proc, 3)
+    assert err.startswith("accman: 503 unavailable: the store cannot commit; not acknowledged")
+    assert f"the {args[0]} may or may not have applied" in err and hint in err
+    assert proc.stdout == "" and cred not in err
+    assert p.seen == (3 if "--key" in args else 1)          # a keyless write is never repeated
+    assert history(s, cred) == [-3, 100]                     # it did apply, once
+
+
+def test_a_503_to_open_hands_over_the_credential_and_a_503_to_a_read_is_a_refusal(
+        start_server, proxy):
+    s = start_server()
+    p = proxy(s, "503", "503", "503")
+    err = one_line_error(run_accman("open", "--by", 40, "--url", p.url), 3)
+    assert "may or may not have been opened" in err
+    finish = err.split("run: ", 1)[1].split()
+    assert finish[:2] == ["accman", "mod"] and finish[3:] == ["40", "--key", "accman-open"]
+    proc = run_accman(*finish[1:], "--url", s.url)           # finishes it at most once
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"tot": 40, "seq": 1}
+    p.plan = ["503"] * 3
+    err = one_line_error(run_accman("tot", finish[2], "--url", p.url), 1)
+    assert err == "accman: 503 unavailable: the store cannot commit"
+
+
+def test_a_503_to_a_settle_says_it_is_safe_to_repeat(start_server, proxy):
+    s = start_server()
+    cred = funded(s)
+    held = json.loads(run_accman("hold", cred, "-5", "--ttl", "60", "--url", s.url).stdout)
+    p = proxy(s, "503", "503", "503")
+    err = one_line_error(run_accman("settle", cred, held["hold"], "2", "--url", p.url), 3)
+    assert "not acknowledged; the settle may or may not have applied" in err
+    assert "with the same USE it applies at most once" in err
+    proc = run_accman("settle", cred, held["hold"], "2", "--url", s.url)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["tot"] == 98
