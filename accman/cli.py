@@ -8,7 +8,8 @@ could not start (busy port, data directory locked or corrupt, bad tokens
 file, a non-loopback bind without tokens); 3 no answer from the server
 (cannot connect, timeout, cut connection), or a 503 `unavailable` to `mod`,
 `hold`, `settle` or `open`: their outcome may then be unknown, and the
-message says what to do.
+message says what to do; 130 ^C (SIGINT), which for a write in flight
+says what to do too.
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
@@ -40,6 +41,7 @@ DEFAULT_DATA = "./accman-data"
 CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an error
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130      # 128 + SIGINT: what a shell reports for a command ^C ended
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -212,6 +214,15 @@ def _webhook_arguments(s):
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # ^C with no call in flight (one in flight is said by _failure):
+        # nothing to say.
+        return EXIT_INTERRUPTED
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -259,7 +270,7 @@ def cmd_serve(args) -> int:
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def cmd_migrate(args) -> int:
@@ -350,9 +361,10 @@ def cmd_call(args) -> int:
     with acc:
         try:
             out = call(acc)
+            print(out if isinstance(out, str) else json.dumps(out, separators=(",", ":")),
+                  flush=True)
         except _CALL_ENDS as e:
             return _say(*_failure(args, e))
-    print(out if isinstance(out, str) else json.dumps(out, separators=(",", ":")), flush=True)
     return EXIT_OK
 
 
@@ -383,15 +395,19 @@ def cmd_follow(args) -> int:
 
 
 # What may end a client command's call, each said by _failure: the client's
-# errors, and a host that Python cannot encode (raised before anything is
-# sent, so no write's outcome is in doubt).
-_CALL_ENDS = (AccManError, UnicodeError)
+# errors, a host that Python cannot encode (raised before anything is sent,
+# so no write's outcome is in doubt), and ^C.
+_CALL_ENDS = (AccManError, UnicodeError, KeyboardInterrupt)
 
 
 def _failure(args, e) -> tuple:
     """`(line, exit code)` for what ended the call of the client command
     `args`: the one place where the client's errors become what the command
-    says and its code."""
+    says and its code.  ^C says nothing for a read, and what to do for a
+    write, which may have reached the server."""
+    if isinstance(e, KeyboardInterrupt):
+        hint = unknown_hint(args)
+        return (f"accman: interrupted{hint}" if hint else None), EXIT_INTERRUPTED
     if isinstance(e, UnicodeError):
         return f"accman: error: {_BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
     if isinstance(e, Unreachable):
@@ -432,7 +448,7 @@ def _refusal(e: AccManError, role: str) -> str:
 # OPEN_KEY and new_cred live with the commands; they are named here too, as
 # the command line's.
 __all__ = ["main", "build_parser", "OPEN_KEY", "new_cred", "EXIT_OK", "EXIT_REFUSED",
-           "EXIT_USAGE", "EXIT_NO_ANSWER"]
+           "EXIT_USAGE", "EXIT_NO_ANSWER", "EXIT_INTERRUPTED"]
 
 if __name__ == "__main__":
     sys.exit(main())

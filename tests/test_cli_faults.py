@@ -8,12 +8,16 @@ never shows a credential."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
-from conftest import run_accman
+from conftest import ROOT, run_accman, server_env
 from test_cli import one_line_error
 
 # --- a fault-injecting proxy ----------------------------------------------------------
@@ -183,3 +187,51 @@ def test_a_503_to_a_settle_says_it_is_safe_to_repeat(start_server, proxy):
     assert "with the same USE it applies at most once" in err
     proc = run_accman("settle", cred, held["hold"], "2", "--url", s.url)
     assert proc.returncode == 0 and json.loads(proc.stdout)["tot"] == 98
+
+
+# --- ^C while a call is in flight -------------------------------------------------------
+
+def interrupted(url, *args) -> subprocess.CompletedProcess:
+    """`accman ARGS --url URL`, sent SIGINT once its request has reached the
+    server through `url`, a FaultProxy that never answers it."""
+    proc = subprocess.Popen([sys.executable, "-m", "accman", *map(str, args), "--url", url.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=server_env(), cwd=ROOT)
+    deadline = time.monotonic() + 15
+    while url.seen == 0:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    time.sleep(0.2)                         # the server has the request: it applies it
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=15)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["mod", "-7"], "read `accman past` for this credential before you try again"),
+    (["mod", "-7", "--key", "kint"], "with the same --key"),
+    (["hold", "-7", "--ttl", "60"], "a hold never settled ends by itself after --ttl 60 s"),
+])
+def test_sigint_during_a_write_says_what_to_do_and_exits_130(start_server, proxy, args, hint):
+    s = start_server()
+    cred = funded(s)
+    proc = interrupted(proxy(s, "hang"), args[0], cred, *args[1:])
+    err = one_line_error(proc, 130)
+    assert err.startswith(f"accman: interrupted; the {args[0]} may or may not have applied")
+    assert hint in err and proc.stdout == ""
+    assert history(s, cred) == [-7, 100]                      # it had applied
+
+
+def test_sigint_during_open_hands_over_the_credential(start_server, proxy):
+    s = start_server()
+    err = one_line_error(interrupted(proxy(s, "hang"), "open", "--by", 30), 130)
+    finish = err.split("run: ", 1)[1].split()
+    assert "may or may not have been opened" in err and finish[3:] == ["30", "--key",
+                                                                         "accman-open"]
+    assert json.loads(run_accman("tot", finish[2], "--url", s.url).stdout) == {"tot": 30}
+
+
+def test_sigint_during_a_read_exits_130_quietly(start_server, proxy):
+    s = start_server()
+    proc = interrupted(proxy(s, "hang"), "tot", funded(s))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
