@@ -2,7 +2,8 @@
 events | verify`.
 
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
-its reader closing the pipe); 1 the server (or the check) answered with an
+its reader closing the pipe, and any client command whose reader closed
+stdout before its reply: what the call did is done); 1 the server (or the check) answered with an
 error; 2 bad flags or values (refused before anything is sent), or `serve`
 could not start (busy port, data directory locked or corrupt, bad tokens
 file, a non-loopback bind without tokens); 3 no answer from the server
@@ -29,7 +30,7 @@ import sys
 import accman
 from accman.calling.commands import (OPEN_KEY, WRITES, events_values, new_cred, prepare,
                                      role_hint, unknown_hint)
-from accman.calling.follow import FOLLOW_WAIT_S, follow
+from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.sync import AccManSyncClient
 from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
                            Insufficient, TransportError, Unauthorized, Unavailable, Unreachable)
@@ -361,10 +362,31 @@ def cmd_call(args) -> int:
     with acc:
         try:
             out = call(acc)
-            print(out if isinstance(out, str) else json.dumps(out, separators=(",", ":")),
-                  flush=True)
+            return _print_reply(args, out if isinstance(out, str)
+                                else json.dumps(out, separators=(",", ":")))
         except _CALL_ENDS as e:
             return _say(*_failure(args, e))
+
+
+def _print_reply(args, line) -> int:
+    """Prints the reply.  A reader that closed stdout ends the command as it
+    ends `events --follow`, exit 0 and no traceback: the call did what it
+    was asked, and a code that said otherwise would invite a second mod.
+    A write's reply then goes to stderr, so that what it did (for open, the
+    new credential) is not lost with the pipe."""
+    try:
+        if sys.stdout is None:          # started with stdout closed: print() drops it
+            raise BrokenPipeError
+        print(line, flush=True)
+    except BrokenPipeError:
+        if sys.stdout is not None:
+            silence(sys.stdout)
+        if args.command == "open":
+            return _say(f"accman: stdout is closed; the account was opened: its credential "
+                        f"is {line}", EXIT_OK)
+        if args.command in WRITES:
+            return _say(f"accman: stdout is closed; the {args.command} applied: {line}",
+                        EXIT_OK)
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ never shows a credential."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -235,3 +236,48 @@ def test_sigint_during_a_read_exits_130_quietly(start_server, proxy):
     s = start_server()
     proc = interrupted(proxy(s, "hang"), "tot", funded(s))
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
+
+
+# --- a closed stdout ------------------------------------------------------------------------
+
+def with_reader_gone(url, *args) -> subprocess.CompletedProcess:
+    """`accman ARGS --url URL` writing into a pipe whose reader has closed
+    it, as `accman past CRED | (exec 0<&-; true)` does."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "accman", *map(str, args), "--url", url],
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=30,
+                              env=server_env(), cwd=ROOT)
+    finally:
+        os.close(w)
+
+
+def test_a_read_whose_reader_is_gone_exits_0_quietly(start_server):
+    s = start_server()
+    cred = funded(s)
+    for args in (["past", cred], ["tot", cred], ["events"]):
+        proc = with_reader_gone(s.url, *args)
+        assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_a_write_whose_reader_is_gone_says_on_stderr_what_it_did(start_server):
+    s = start_server()
+    cred = funded(s)
+    proc = with_reader_gone(s.url, "mod", cred, "-4")
+    assert proc.returncode == 0
+    assert proc.stderr == 'accman: stdout is closed; the mod applied: {"tot":96,"seq":2}\n'
+    proc = with_reader_gone(s.url, "open", "--by", 9)
+    err = one_line_error(proc, 0)
+    assert err.startswith("accman: stdout is closed; the account was opened: its credential is")
+    assert history(s, err.split()[-1]) == [9]
+
+
+def test_open_started_with_stdout_closed_hands_over_the_credential(start_server):
+    s = start_server()
+    proc = subprocess.run(["bash", "-c", f'exec "$0" -m accman open --by 8 --url {s.url} >&-',
+                           sys.executable], capture_output=True, text=True, timeout=30,
+                          env=server_env(), cwd=ROOT)
+    err = one_line_error(proc, 0)
+    assert "the account was opened: its credential is" in err
+    assert history(s, err.split()[-1]) == [8]

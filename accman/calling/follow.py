@@ -59,7 +59,7 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
     except KeyboardInterrupt:
         return Followed(state["after"], "signal")
     except BrokenPipeError:
-        _quiet(out)
+        silence(out)
         return Followed(state["after"], "reader gone")
     finally:
         for s, handler in old.items():
@@ -125,7 +125,7 @@ def _reader_gone(out) -> bool:
         return False
 
 
-def _quiet(out) -> None:
+def silence(out) -> None:
     """After the reader went away: point `out` at /dev/null, so that the
     flush at exit does not fail again."""
     try:
@@ -136,5 +136,5 @@ def _quiet(out) -> None:
         pass
 
 
-__all__ = ["follow", "Followed", "FOLLOW_WAIT_S", "FOLLOW_PAUSE_S", "FOLLOW_PAUSE_MAX_S",
+__all__ = ["follow", "Followed", "silence", "FOLLOW_WAIT_S", "FOLLOW_PAUSE_S", "FOLLOW_PAUSE_MAX_S",
            "FOLLOW_OUTAGE_S_MAX"]
