@@ -28,12 +28,12 @@ import re
 import sys
 
 import accman
-from accman.calling.commands import (OPEN_KEY, WRITES, events_values, new_cred, prepare,
-                                     role_hint, unknown_hint)
+from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
+                                     EXIT_REFUSED, EXIT_USAGE, OPEN_KEY, WRITES, events_values,
+                                     failure, new_cred, prepare)
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.sync import AccManSyncClient
-from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
-                           Insufficient, TransportError, Unauthorized, Unavailable, Unreachable)
+from accman.errors import AccManError, BadRequest, EventsTrimmed
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
                            HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
 
@@ -41,8 +41,6 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
 CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an error
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
-EXIT_INTERRUPTED = 130      # 128 + SIGINT: what a shell reports for a command ^C ended
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -326,12 +324,6 @@ def cmd_verify(args) -> int:
 
 # --- client commands ---------------------------------------------------------
 
-# What a bad host in the URL is, whichever way the client finds it: Python
-# encodes a host as ASCII for the request and as IDNA labels to connect.
-_BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
-             "characters (an international name goes in its xn-- form) (--url/ACCMAN_URL)")
-
-
 def _connect(args):
     """The client for --url and --token (or their variables).  Raises
     ValueError naming what is wrong (never the token itself)."""
@@ -351,7 +343,7 @@ def _usage(args, e) -> int:
 def cmd_call(args) -> int:
     """open, tot, mod, past, hold, settle and events: the values checked
     and the client made before anything is sent, then the call, whose end
-    _failure says."""
+    failure says."""
     if args.command == "events" and args.follow:
         return cmd_follow(args)
     try:
@@ -364,8 +356,8 @@ def cmd_call(args) -> int:
             out = call(acc)
             return _print_reply(args, out if isinstance(out, str)
                                 else json.dumps(out, separators=(",", ":")))
-        except _CALL_ENDS as e:
-            return _say(*_failure(args, e))
+        except CALL_ENDS as e:
+            return _say(*failure(args, e))
 
 
 def _print_reply(args, line) -> int:
@@ -406,45 +398,14 @@ def cmd_follow(args) -> int:
         try:
             end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
                          note=note)
-        except _CALL_ENDS as e:
-            return _say(*_failure(args, e))
+        except CALL_ENDS as e:
+            return _say(*failure(args, e))
     resume = f"to resume: accman events --follow --after {end.after}"
     if end.error is None:
         note(f"stopped ({end.why}); {resume}")
         return EXIT_OK
-    text, code = _failure(args, end.error)
+    text, code = failure(args, end.error)
     return _say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
-
-
-# What may end a client command's call, each said by _failure: the client's
-# errors, a host that Python cannot encode (raised before anything is sent,
-# so no write's outcome is in doubt), and ^C.
-_CALL_ENDS = (AccManError, UnicodeError, KeyboardInterrupt)
-
-
-def _failure(args, e) -> tuple:
-    """`(line, exit code)` for what ended the call of the client command
-    `args`: the one place where the client's errors become what the command
-    says and its code.  ^C says nothing for a read, and what to do for a
-    write, which may have reached the server."""
-    if isinstance(e, KeyboardInterrupt):
-        hint = unknown_hint(args)
-        return (f"accman: interrupted{hint}" if hint else None), EXIT_INTERRUPTED
-    if isinstance(e, UnicodeError):
-        return f"accman: error: {_BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
-    if isinstance(e, Unreachable):
-        nothing = "nothing was opened" if args.command == "open" else "nothing was sent"
-        return f"accman: error: no answer: {e.detail}; {nothing}", EXIT_NO_ANSWER
-    if isinstance(e, TransportError) or (
-            isinstance(e, Unavailable) and getattr(args, "follow", False)):
-        # events --follow rode out every 503 for FOLLOW_OUTAGE_S_MAX: an outage
-        return f"accman: error: no answer: {e.detail}{unknown_hint(args)}", EXIT_NO_ANSWER
-    if isinstance(e, Unavailable) and not isinstance(e, Busy) and args.command in WRITES:
-        # A 503 that is not back-pressure says "not acknowledged", never "not
-        # applied" (a commit may fail after it was written): an unknown outcome.
-        return (f"{_refusal(e, role_hint(args))}; not acknowledged{unknown_hint(args)}",
-                EXIT_NO_ANSWER)
-    return _refusal(e, role_hint(args)), EXIT_REFUSED
 
 
 def _say(line, code) -> int:
@@ -453,22 +414,8 @@ def _say(line, code) -> int:
     return code
 
 
-def _refusal(e: AccManError, role: str) -> str:
-    text = f"accman: {e.status} {e.code}: {e.detail}"
-    if isinstance(e, Insufficient):
-        text += f" (tot {e.tot})"
-    elif isinstance(e, EventsTrimmed):
-        text += (f"; the oldest event kept is {e.first}: go on from there with "
-                 f"--after {e.first - 1} (the events before it are gone)")
-    elif isinstance(e, Unauthorized):
-        text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
-    elif isinstance(e, Forbidden):
-        text += f"; this needs a token with {role}"
-    return text
-
-
-# OPEN_KEY and new_cred live with the commands; they are named here too, as
-# the command line's.
+# OPEN_KEY, new_cred and the exit codes live with the commands; they are
+# named here too, as the command line's.
 __all__ = ["main", "build_parser", "OPEN_KEY", "new_cred", "EXIT_OK", "EXIT_REFUSED",
            "EXIT_USAGE", "EXIT_NO_ANSWER", "EXIT_INTERRUPTED"]
 

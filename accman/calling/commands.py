@@ -2,8 +2,9 @@
 command's values, from the text of its arguments, checked against the
 SPEC's rules before anything is sent, and the call it then makes, which
 returns what the command prints (one JSON object in the SPEC's shape, or
-`open`'s new credential); and what a command says when a write's outcome
-is unknown, or a token lacks a role.  No I/O here but the call itself."""
+`open`'s new credential); and `failure`, what a command says when its
+call ends otherwise, with its exit code.  No I/O here but the call
+itself."""
 
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ import re
 import secrets
 
 from accman.calling.requests import check_name
-from accman.errors import BadRequest
+from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
+                           Insufficient, TransportError, Unauthorized, Unavailable, Unreachable)
 from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX)
+
+# The exit codes (accman.cli says what each means).
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130      # 128 + SIGINT: what a shell reports for a command ^C ended
+# What a bad host in the URL is, whichever way the client finds it: Python
+# encodes a host as ASCII for the request and as IDNA labels to connect.
+BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
+            "characters (an international name goes in its xn-- form) (--url/ACCMAN_URL)")
 
 _DECIMAL_RE = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)
 # The idempotency key of the mod that opens an account: the credential is
@@ -199,5 +209,51 @@ def role_hint(args) -> str:
     return "the mint role (a positive by funds)" if by_value(args.by) > 0 else "the charge role"
 
 
-__all__ = ["OPEN_KEY", "WRITES", "decimal", "by_value", "events_values", "new_cred", "prepare",
-           "role_hint", "unknown_hint"]
+# What may end a client command's call, each said by failure: the client's
+# errors, a host that Python cannot encode (raised before anything is sent,
+# so no write's outcome is in doubt), and ^C.
+CALL_ENDS = (AccManError, UnicodeError, KeyboardInterrupt)
+
+
+def failure(args, e) -> tuple:
+    """`(line, exit code)` for what ended the call of the client command
+    `args`: the one place where the client's errors become what the command
+    says and its code.  ^C says nothing for a read, and what to do for a
+    write, which may have reached the server."""
+    if isinstance(e, KeyboardInterrupt):
+        hint = unknown_hint(args)
+        return (f"accman: interrupted{hint}" if hint else None), EXIT_INTERRUPTED
+    if isinstance(e, UnicodeError):
+        return f"accman: error: {BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
+    if isinstance(e, Unreachable):
+        nothing = "nothing was opened" if args.command == "open" else "nothing was sent"
+        return f"accman: error: no answer: {e.detail}; {nothing}", EXIT_NO_ANSWER
+    if isinstance(e, TransportError) or (
+            isinstance(e, Unavailable) and getattr(args, "follow", False)):
+        # events --follow rode out every 503 for FOLLOW_OUTAGE_S_MAX: an outage
+        return f"accman: error: no answer: {e.detail}{unknown_hint(args)}", EXIT_NO_ANSWER
+    if isinstance(e, Unavailable) and not isinstance(e, Busy) and args.command in WRITES:
+        # A 503 that is not back-pressure says "not acknowledged", never "not
+        # applied" (a commit may fail after it was written): an unknown outcome.
+        return (f"{_refusal(e, role_hint(args))}; not acknowledged{unknown_hint(args)}",
+                EXIT_NO_ANSWER)
+    return _refusal(e, role_hint(args)), EXIT_REFUSED
+
+
+def _refusal(e: AccManError, role: str) -> str:
+    text = f"accman: {e.status} {e.code}: {e.detail}"
+    if isinstance(e, Insufficient):
+        text += f" (tot {e.tot})"
+    elif isinstance(e, EventsTrimmed):
+        text += (f"; the oldest event kept is {e.first}: go on from there with "
+                 f"--after {e.first - 1} (the events before it are gone)")
+    elif isinstance(e, Unauthorized):
+        text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
+    elif isinstance(e, Forbidden):
+        text += f"; this needs a token with {role}"
+    return text
+
+
+__all__ = ["OPEN_KEY", "WRITES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_NO_ANSWER",
+           "EXIT_INTERRUPTED", "BAD_HOST", "CALL_ENDS", "decimal", "by_value", "events_values",
+           "new_cred", "prepare", "failure", "role_hint", "unknown_hint"]
