@@ -22,6 +22,7 @@ credential alone, so that `cred=$(accman open --by 100)` works;
 """
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -44,15 +45,65 @@ CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an e
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2."""
+    """argparse, but a usage error is one line and exit code 2, and shows no
+    word of the command line (`given`) but the names of flags and commands
+    (`names`, shared by a parser and its commands): any other word may be a
+    credential, which is never echoed (docs/CALLING.md)."""
 
     # Said with every usage error of a command that takes a credential.
     cred_hint = None
 
+    def __init__(self, *args, given=(), names=None, **kwargs):
+        self.given = given
+        self.names = set() if names is None else names
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        self.names.update(a for a in args if a.startswith("-"))
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message):
         hint = f"; {self.cred_hint}" if self.cred_hint else ""
+        message = _unechoed(message, self.given, self.names)
         sys.stderr.write(f"accman: error: {message} (try: {self.prog} --help{hint})\n")
         sys.exit(EXIT_USAGE)
+
+
+# How alike a word starting with "--" must be to a flag's name to be shown
+# as a mistyped flag (difflib's ratio; --tokn is 0.92 from --token): a
+# credential, which may start with "--" too, is nothing like one.
+FLAG_LIKENESS_MIN = 0.6
+# What a usage error shows in place of a word it does not echo.
+UNSHOWN = "<not shown>"
+
+
+def _shown(word, names):
+    """What a usage error may show of a word of the command line: a flag's
+    or a command's name, without any "=value"; None for anything else."""
+    name = word.split("=", 1)[0] if word.startswith("--") else word
+    if name in names or (name.startswith("--") and difflib.get_close_matches(
+            name, [n for n in names if n.startswith("--")], 1, FLAG_LIKENESS_MIN)):
+        return name
+    return None
+
+
+def _unechoed(message, given, names) -> str:
+    """`message` with every word of `given` that is not a name (and every
+    value after a flag's "=") put out of sight, bare or quoted as argparse
+    prints it."""
+    hidden = 0
+    for word in sorted(set(given) - {""}, key=len, reverse=True):
+        shown = _shown(word, names)
+        if word == shown:
+            continue
+        out_of_sight = [(word, shown or UNSHOWN), (repr(word), repr(shown or UNSHOWN))]
+        if shown and word.partition("=")[2]:
+            out_of_sight.append((word.partition("=")[2], UNSHOWN))
+        for text, instead in out_of_sight:
+            pattern = rf"(?<![\w-]){re.escape(text)}(?![\w-])"
+            message, n = re.subn(pattern, lambda _m, instead=instead: instead, message)
+            hidden += n
+    return f"{message} (a value is never shown: it may be a credential)" if hidden else message
 
 
 _INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
@@ -81,14 +132,19 @@ def _port(text):
     return int(text)
 
 
-def build_parser():
-    p = _ArgumentParser(prog="accman", description="Prepaid balances for web APIs.")
+def build_parser(given=()):
+    """The parser of `accman`; `given` is the command line it will parse,
+    for its usage errors to leave out."""
+    p = _ArgumentParser(prog="accman", description="Prepaid balances for web APIs.",
+                        given=tuple(given))
     p.add_argument("--version", action="version", version=f"accman {accman.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p.commands = {}
 
     def command(name, help_text):
-        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        p.names.add(name)
+        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text,
+                                              given=p.given, names=p.names)
         return c
 
     _serve_arguments(command("serve", "run the HTTP service"))
@@ -222,7 +278,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # Said by the command's own parser, so that it points at its --help.

@@ -281,3 +281,25 @@ def test_open_started_with_stdout_closed_hands_over_the_credential(start_server)
     err = one_line_error(proc, 0)
     assert "the account was opened: its credential is" in err
     assert history(s, err.split()[-1]) == [8]
+
+
+# --- a mistyped flag --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,names", [
+    (["tot", "--tokn", "SECRETtoken", "SECRETcred"], "unrecognized arguments: --tokn <not shown>"),
+    (["tot", "--tokn=SECRETtoken", "SECRETcred"], "unrecognized arguments: --tokn "),
+    (["tot", "SECRETcred1", "SECRETcred2"], "unrecognized arguments: <not shown>"),
+    (["mod", "SECRETcred", "5", "-SECRETdash"], "unrecognized arguments: <not shown>"),
+    (["tot", "--", "--SECRETdash", "--SECRETmore"], "unrecognized arguments: <not shown>"),
+    (["hold", "SECRETcred", "-5", "--ttl", "60", "--t=SECRET"], "ambiguous option: --t could"),
+    (["events", "--follow=SECRET"], "argument --follow: ignored explicit argument"),
+    (["SECRETcred"], "invalid choice: '<not shown>'"),
+    (["serve", "--verify=SECRET"], "argument --verify: invalid choice"),
+])
+def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path):
+    """An unknown flag's name may be shown (one like a known flag: a
+    credential may start with "--" too); a positional value, a value after a
+    flag or after "=", never."""
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert names in err and "SECRET" not in err
+    assert "a value is never shown: it may be a credential" in err
