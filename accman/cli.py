@@ -442,7 +442,7 @@ def _print_reply(args, line) -> int:
 def cmd_follow(args) -> int:
     """`accman events --follow` (accman.calling.follow), its values and
     client checked as every command's.  However it ends, stderr names the
-    --after that resumes it."""
+    last event written and the --after that resumes from it."""
     try:
         after, limit, wait_s = events_values(args)
         acc = _connect(args)
@@ -457,7 +457,11 @@ def cmd_follow(args) -> int:
                          note=note)
         except CALL_ENDS as e:
             return _say(*failure(args, e))
-    resume = f"to resume: accman events --follow --after {end.after}"
+    # Written, not read: lines in the pipe when the reader stopped were
+    # never handled, and only the reader knows how many (docs/CALLING.md).
+    resume = (f"events written up to id {end.after} (not necessarily read); to resume: "
+              f"accman events --follow --after {end.after}, or --after the last id the "
+              "reader handled")
     if end.error is None:
         note(f"stopped ({end.why}); {resume}")
         return EXIT_OK

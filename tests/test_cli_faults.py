@@ -303,3 +303,41 @@ def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path)
     err = one_line_error(run_accman(*args, cwd=tmp_path))
     assert names in err and "SECRET" not in err
     assert "a value is never shown: it may be a credential" in err
+
+
+# --- events --follow and its reader -------------------------------------------------------
+
+def test_follow_into_head_names_the_last_event_written_not_read(start_server):
+    """`accman events --follow | head -n 3`: the follower wrote all ten
+    events into the pipe, head read three; stderr says the id is the last
+    written, not read, and the follower, idle in a 25 s long poll, ends
+    within READER_CHECK_S of head leaving, not with the poll."""
+    s = start_server()
+    for by in range(1, 11):
+        s.mod("abc", by)
+    cmd = f'"$0" -m accman events --follow --url {s.url} | head -n 3'
+    t = time.monotonic()
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd, sys.executable],
+                          capture_output=True, text=True, timeout=60, env=server_env(), cwd=ROOT)
+    assert time.monotonic() - t < 10
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == [1, 2, 3]
+    assert proc.stderr == (
+        "accman: events: stopped (reader gone); events written up to id 10 (not necessarily "
+        "read); to resume: accman events --follow --after 10, or --after the last id the "
+        "reader handled\n")
+
+
+def test_an_idle_follower_notices_its_reader_gone_within_a_poll(start_server):
+    s = start_server()
+    proc = subprocess.Popen([sys.executable, "-m", "accman", "events", "--follow", "--url", s.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(),
+                            cwd=ROOT)
+    try:
+        time.sleep(1.5)                         # in its first long poll, of 25 s
+        proc.stdout.close()
+        assert proc.wait(timeout=8) == 0
+        assert "stopped (reader gone); events written up to id 0" in proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
