@@ -3,14 +3,14 @@ events | verify`.
 
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
 its reader closing the pipe, and any client command whose reader closed
-stdout before its reply: what the call did is done); 1 the server (or the check) answered with an
-error; 2 bad flags or values (refused before anything is sent), or `serve`
-could not start (busy port, data directory locked or corrupt, bad tokens
-file, a non-loopback bind without tokens); 3 no answer from the server
-(cannot connect, timeout, cut connection), or a 503 `unavailable` to `mod`,
-`hold`, `settle` or `open`: their outcome may then be unknown, and the
-message says what to do; 130 ^C (SIGINT), which for a write in flight
-says what to do too.
+stdout before its reply: what the call did is done); 1 the server (or the
+check) answered with an error; 2 bad flags or values (refused before
+anything is sent), or `serve` could not start (busy port, data directory
+locked or corrupt, bad tokens file, a non-loopback bind without tokens);
+3 no answer from the server (cannot connect, timeout, cut connection), or
+a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome
+may then be unknown, and the message says what to do; 130 ^C (SIGINT),
+which for a write in flight says what to do too.
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
@@ -41,7 +41,6 @@ from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
 CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an error
-
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -272,7 +271,7 @@ def main(argv=None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        # ^C with no call in flight (one in flight is said by _failure):
+        # ^C with no call in flight (one in flight is said by failure):
         # nothing to say.
         return EXIT_INTERRUPTED
 

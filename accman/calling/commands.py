@@ -210,8 +210,8 @@ def role_hint(args) -> str:
 
 
 # What may end a client command's call, each said by failure: the client's
-# errors, a host that Python cannot encode (raised before anything is sent,
-# so no write's outcome is in doubt), and ^C.
+# errors, a host that Python cannot encode for the request or resolve (both
+# before anything is sent, so no write's outcome is in doubt), and ^C.
 CALL_ENDS = (AccManError, UnicodeError, KeyboardInterrupt)
 
 
