@@ -2,12 +2,15 @@
 events | verify`.
 
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
-its reader closing the pipe); 1 the server (or the check) answered with an
-error; 2 bad flags or values (refused before anything is sent), or `serve`
-could not start (busy port, data directory locked or corrupt, bad tokens
-file, a non-loopback bind without tokens); 3 no answer from the server
-(cannot connect, timeout, cut connection: for `mod`, `hold`, `settle` and
-`open` the outcome may then be unknown, and the message says what to do).
+its reader closing the pipe, and any client command whose reader closed
+stdout before its reply: what the call did is done); 1 the server (or the
+check) answered with an error; 2 bad flags or values (refused before
+anything is sent), or `serve` could not start (busy port, data directory
+locked or corrupt, bad tokens file, a non-loopback bind without tokens);
+3 no answer from the server (cannot connect, timeout, cut connection), or
+a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome
+may then be unknown, and the message says what to do; 130 ^C (SIGINT),
+which for a write in flight says what to do too.
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
@@ -19,42 +22,87 @@ credential alone, so that `cred=$(accman open --by 100)` works;
 """
 
 import argparse
+import difflib
 import json
 import os
 import re
-import secrets
 import sys
 
 import accman
-from accman.calling.commands import by_value, decimal, events_values, prepare
-from accman.calling.follow import FOLLOW_WAIT_S, follow
+from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
+                                     EXIT_REFUSED, EXIT_USAGE, OPEN_KEY, WRITES, events_values,
+                                     failure, new_cred, prepare)
+from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.sync import AccManSyncClient
-from accman.errors import (AccManError, BadRequest, EventsTrimmed, Forbidden, Insufficient,
-                           OutcomeUnknown, TransportError, Unauthorized, Unavailable,
-                           Unreachable)
+from accman.errors import AccManError, BadRequest, EventsTrimmed
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
                            HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
 CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an error
-# The idempotency key of the mod that opens an account: the credential is
-# new, so one key suffices, and it makes the opening safe to repeat.
-OPEN_KEY = "accman-open"
-
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2."""
+    """argparse, but a usage error is one line and exit code 2, and shows no
+    word of the command line (`given`) but the names of flags and commands
+    (`names`, shared by a parser and its commands): any other word may be a
+    credential, which is never echoed (docs/CALLING.md)."""
 
     # Said with every usage error of a command that takes a credential.
     cred_hint = None
 
+    def __init__(self, *args, given=(), names=None, **kwargs):
+        self.given = given
+        self.names = set() if names is None else names
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        self.names.update(a for a in args if a.startswith("-"))
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message):
         hint = f"; {self.cred_hint}" if self.cred_hint else ""
+        message = _unechoed(message, self.given, self.names)
         sys.stderr.write(f"accman: error: {message} (try: {self.prog} --help{hint})\n")
         sys.exit(EXIT_USAGE)
+
+
+# How alike a word starting with "--" must be to a flag's name to be shown
+# as a mistyped flag (difflib's ratio; --tokn is 0.92 from --token): a
+# credential, which may start with "--" too, is nothing like one.
+FLAG_LIKENESS_MIN = 0.6
+# What a usage error shows in place of a word it does not echo.
+UNSHOWN = "<not shown>"
+
+
+def _shown(word, names):
+    """What a usage error may show of a word of the command line: a flag's
+    or a command's name, without any "=value"; None for anything else."""
+    name = word.split("=", 1)[0] if word.startswith("--") else word
+    if name in names or (name.startswith("--") and difflib.get_close_matches(
+            name, [n for n in names if n.startswith("--")], 1, FLAG_LIKENESS_MIN)):
+        return name
+    return None
+
+
+def _unechoed(message, given, names) -> str:
+    """`message` with every word of `given` that is not a name (and every
+    value after a flag's "=") put out of sight, bare or quoted as argparse
+    prints it."""
+    hidden = 0
+    for word in sorted(set(given) - {""}, key=len, reverse=True):
+        shown = _shown(word, names)
+        if word == shown:
+            continue
+        out_of_sight = [(word, shown or UNSHOWN), (repr(word), repr(shown or UNSHOWN))]
+        if shown and word.partition("=")[2]:
+            out_of_sight.append((word.partition("=")[2], UNSHOWN))
+        for text, instead in out_of_sight:
+            pattern = rf"(?<![\w-]){re.escape(text)}(?![\w-])"
+            message, n = re.subn(pattern, lambda _m, instead=instead: instead, message)
+            hidden += n
+    return f"{message} (a value is never shown: it may be a credential)" if hidden else message
 
 
 _INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
@@ -83,14 +131,19 @@ def _port(text):
     return int(text)
 
 
-def build_parser():
-    p = _ArgumentParser(prog="accman", description="Prepaid balances for web APIs.")
+def build_parser(given=()):
+    """The parser of `accman`; `given` is the command line it will parse,
+    for its usage errors to leave out."""
+    p = _ArgumentParser(prog="accman", description="Prepaid balances for web APIs.",
+                        given=tuple(given))
     p.add_argument("--version", action="version", version=f"accman {accman.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p.commands = {}
 
     def command(name, help_text):
-        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        p.names.add(name)
+        c = p.commands[name] = sub.add_parser(name, help=help_text, description=help_text,
+                                              given=p.given, names=p.names)
         return c
 
     _serve_arguments(command("serve", "run the HTTP service"))
@@ -215,7 +268,17 @@ def _webhook_arguments(s):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # ^C with no call in flight (one in flight is said by failure):
+        # nothing to say.
+        return EXIT_INTERRUPTED
+
+
+def _main(argv) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # Said by the command's own parser, so that it points at its --help.
@@ -226,8 +289,6 @@ def main(argv=None) -> int:
         return cmd_verify(args)
     if args.command == "migrate":
         return cmd_migrate(args)
-    if args.command == "open":
-        return cmd_open(args)
     return cmd_call(args)
 
 
@@ -264,7 +325,7 @@ def cmd_serve(args) -> int:
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def cmd_migrate(args) -> int:
@@ -326,138 +387,97 @@ def _connect(args):
     token = args.token or os.environ.get("ACCMAN_TOKEN") or None
     try:
         return AccManSyncClient(url, token, timeout_s=CLIENT_TIMEOUT_S)
-    except ValueError as e:
+    except (ValueError, AccManError) as e:
         raise ValueError(f"{e} (--url/ACCMAN_URL, --token/ACCMAN_TOKEN)") from None
 
 
-def _usage(args, message) -> int:
+def _usage(args, e) -> int:
+    message = e.detail if isinstance(e, BadRequest) else e
     return _fail(f"{message} (try: accman {args.command} --help)")
 
 
 def cmd_call(args) -> int:
-    """tot, mod, past, hold, settle and events."""
+    """open, tot, mod, past, hold, settle and events: the values checked
+    and the client made before anything is sent, then the call, whose end
+    failure says."""
     if args.command == "events" and args.follow:
         return cmd_follow(args)
     try:
         call = prepare(args)
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
-        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
+        return _usage(args, e)
     with acc:
         try:
             out = call(acc)
-        except (Unreachable, OutcomeUnknown) as e:
-            return _fail(f"no answer: {e.detail}{_unknown_hint(args, e)}", EXIT_NO_ANSWER)
-        except AccManError as e:
-            return _refused(e, _role_hint(args))
-    print(json.dumps(out, separators=(",", ":")), flush=True)
+            return _print_reply(args, out if isinstance(out, str)
+                                else json.dumps(out, separators=(",", ":")))
+        except CALL_ENDS as e:
+            return _say(*failure(args, e))
+
+
+def _print_reply(args, line) -> int:
+    """Prints the reply.  A reader that closed stdout ends the command as it
+    ends `events --follow`, exit 0 and no traceback: the call did what it
+    was asked, and a code that said otherwise would invite a second mod.
+    A write's reply then goes to stderr, so that what it did (for open, the
+    new credential) is not lost with the pipe."""
+    try:
+        if sys.stdout is None:          # started with stdout closed: print() drops it
+            raise BrokenPipeError
+        print(line, flush=True)
+    except BrokenPipeError:
+        if sys.stdout is not None:
+            silence(sys.stdout)
+        if args.command == "open":
+            return _say(f"accman: stdout is closed; the account was opened: its credential "
+                        f"is {line}", EXIT_OK)
+        if args.command in WRITES:
+            return _say(f"accman: stdout is closed; the {args.command} applied: {line}",
+                        EXIT_OK)
     return EXIT_OK
 
 
 def cmd_follow(args) -> int:
     """`accman events --follow` (accman.calling.follow), its values and
     client checked as every command's.  However it ends, stderr names the
-    --after that resumes it."""
+    last event written and the --after that resumes from it."""
     try:
         after, limit, wait_s = events_values(args)
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
-        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
+        return _usage(args, e)
 
     def note(text):
         print(f"accman: events: {text}", file=sys.stderr, flush=True)
     with acc:
-        end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s, note=note)
-    resume = f"to resume: accman events --follow --after {end.after}"
+        try:
+            end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
+                         note=note)
+        except CALL_ENDS as e:
+            return _say(*failure(args, e))
+    # Written, not read: lines in the pipe when the reader stopped were
+    # never handled, and only the reader knows how many (docs/CALLING.md).
+    resume = (f"events written up to id {end.after} (not necessarily read); to resume: "
+              f"accman events --follow --after {end.after}, or --after the last id the "
+              "reader handled")
     if end.error is None:
         note(f"stopped ({end.why}); {resume}")
         return EXIT_OK
-    if isinstance(end.error, (TransportError, Unavailable)):
-        return _fail(f"no answer: {end.error.detail}; {resume}", EXIT_NO_ANSWER)
-    code = _refused(end.error, _role_hint(args))
-    if not isinstance(end.error, EventsTrimmed):
-        note(resume)
+    text, code = failure(args, end.error)
+    return _say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
+
+
+def _say(line, code) -> int:
+    if line:
+        print(line, file=sys.stderr, flush=True)
     return code
 
 
-def _unknown_hint(args, e) -> str:
-    if isinstance(e, Unreachable):
-        return "; nothing was sent"
-    what = args.command
-    if what == "settle":
-        return ("; the settle may or may not have applied: run the same command again (with "
-                "the same USE it applies at most once and answers its result)")
-    if what not in ("mod", "hold"):
-        return ""
-    if args.key is not None:
-        return (f"; the {what} may or may not have applied: run the same command again, with "
-                "the same --key, to apply it at most once and see its result")
-    hint = (f"; the {what} may or may not have applied: read `accman past` for this credential "
-            f"before you try again (a {what} with --key is safe to repeat)")
-    if what == "hold":
-        hint += f"; a hold never settled ends by itself after --ttl {args.ttl} s"
-    return hint
-
-
-def _role_hint(args) -> str:
-    if args.command in ("hold", "settle"):
-        return "the charge role"
-    if args.command != "mod":
-        return "the read role"
-    return "the mint role (a positive by funds)" if by_value(args.by) > 0 else "the charge role"
-
-
-def _refused(e: AccManError, role: str) -> int:
-    text = f"accman: {e.status} {e.code}: {e.detail}"
-    if isinstance(e, Insufficient):
-        text += f" (tot {e.tot})"
-    elif isinstance(e, EventsTrimmed):
-        text += (f"; the oldest event kept is {e.first}: go on from there with "
-                 f"--after {e.first - 1} (the events before it are gone)")
-    elif isinstance(e, Unauthorized):
-        text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
-    elif isinstance(e, Forbidden):
-        text += f"; this needs a token with {role}"
-    print(text, file=sys.stderr, flush=True)
-    return EXIT_REFUSED
-
-
-def new_cred() -> str:
-    """192 random bits less one draw in 64; token_urlsafe's alphabet is the
-    SPEC's A-Z a-z 0-9 _ -.  Drawn again when it starts with "-": a command
-    line (this one's included) would take such a credential for an option."""
-    while True:
-        cred = secrets.token_urlsafe(24)
-        if not cred.startswith("-"):
-            return cred
-
-
-def cmd_open(args) -> int:
-    try:
-        by = decimal(args.by, "--by")
-        if by <= 0:
-            raise BadRequest("--by must be a positive integer: the opening balance "
-                             "(only a funding mod opens an account)")
-        acc = _connect(args)
-    except (BadRequest, ValueError) as e:
-        return _usage(args, e.detail if isinstance(e, BadRequest) else e)
-    cred = new_cred()
-    with acc:
-        try:
-            acc.mod(cred, by, key=OPEN_KEY)
-        except Unreachable as e:
-            return _fail(f"no answer: {e.detail}; nothing was opened", EXIT_NO_ANSWER)
-        except OutcomeUnknown as e:
-            # The account may exist: hand over its credential, and the
-            # keyed mod that finishes the opening at most once.
-            return _fail(f"no answer: {e.detail}; the account may or may not have been "
-                         f"opened: its credential is {cred}; to finish opening it, run: "
-                         f"accman mod {cred} {by} --key {OPEN_KEY}", EXIT_NO_ANSWER)
-        except AccManError as e:
-            return _refused(e, "the mint role (opening an account funds it)")
-    print(cred, flush=True)
-    return EXIT_OK
-
+# OPEN_KEY, new_cred and the exit codes live with the commands; they are
+# named here too, as the command line's.
+__all__ = ["main", "build_parser", "OPEN_KEY", "new_cred", "EXIT_OK", "EXIT_REFUSED",
+           "EXIT_USAGE", "EXIT_NO_ANSWER", "EXIT_INTERRUPTED"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -217,7 +217,8 @@ def test_follow_prints_one_event_a_line_and_stops_cleanly_on_a_signal(fake, foll
     code, rest, err = f.stop(sig)
     assert code == 0 and rest == b""
     assert err.strip().splitlines()[-1] == (
-        "accman: events: stopped (signal); to resume: accman events --follow --after 3")
+        "accman: events: stopped (signal); events written up to id 3 (not necessarily read); "
+        "to resume: accman events --follow --after 3, or --after the last id the reader handled")
     assert [r[2]["after"] for r in fake.calls("/events")][:3] == ["0", "1", "2"]
 
 
@@ -263,3 +264,5 @@ def test_follow_gives_up_after_follow_outage_s_max(monkeypatch):
     assert end.after == 7 and end.why == "error" and isinstance(end.error, Unreachable)
     assert len(notes) >= 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # handlers restored
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)        # and its timer stopped

@@ -1,19 +1,37 @@
 """The command line's client commands (accman.cli), as calls: each
 command's values, from the text of its arguments, checked against the
 SPEC's rules before anything is sent, and the call it then makes, which
-returns what the command prints (one JSON object in the SPEC's shape).
-No I/O here but the call itself."""
+returns what the command prints (one JSON object in the SPEC's shape, or
+`open`'s new credential); and `failure`, what a command says when its
+call ends otherwise, with its exit code.  No I/O here but the call
+itself."""
 
 from __future__ import annotations
 
 import re
+import secrets
 
 from accman.calling.requests import check_name
-from accman.errors import BadRequest
+from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
+                           Insufficient, TransportError, Unauthorized, Unavailable, Unreachable)
 from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
+# The exit codes (accman.cli says what each means).
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130      # 128 + SIGINT: what a shell reports for a command ^C ended
+# What a bad host in the URL is, whichever way the client finds it: Python
+# encodes a host as ASCII for the request and as IDNA labels to connect.
+BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
+            "characters (an international name goes in its xn-- form) (--url/ACCMAN_URL)")
+
 _DECIMAL_RE = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)
+# The idempotency key of the mod that opens an account: the credential is
+# new, so one key suffices, and it makes the opening safe to repeat.
+OPEN_KEY = "accman-open"
+# The commands that change a balance: when one of them gets no whole
+# answer, it may or may not have applied.
+WRITES = ("open", "mod", "hold", "settle")
 
 
 def decimal(text, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
@@ -45,6 +63,33 @@ def _key(args):
 
 def _cred(args) -> str:
     return check_name(args.cred, "cred", CRED_CHARS_MAX)
+
+
+def new_cred() -> str:
+    """192 random bits less one draw in 64; token_urlsafe's alphabet is the
+    SPEC's A-Z a-z 0-9 _ -.  Drawn again when it starts with "-": a command
+    line (this one's included) would take such a credential for an option."""
+    while True:
+        cred = secrets.token_urlsafe(24)
+        if not cred.startswith("-"):
+            return cred
+
+
+def _prepare_open(args):
+    """A funding mod of a new credential, keyed OPEN_KEY; it prints the
+    credential alone.  The credential is drawn here, before anything is sent,
+    and kept as `args.cred`, so that every message about this call can hand
+    it over."""
+    by = decimal(args.by, "--by")
+    if by <= 0:
+        raise BadRequest("--by must be a positive integer: the opening balance "
+                         "(only a funding mod opens an account)")
+    cred = args.cred = new_cred()
+
+    def open_account(acc):
+        acc.mod(cred, by, key=OPEN_KEY)
+        return cred
+    return open_account
 
 
 def _prepare_tot(args):
@@ -116,7 +161,7 @@ def _prepare_events(args):
     return events
 
 
-_PREPARE = {"tot": _prepare_tot, "mod": _prepare_mod, "past": _prepare_past,
+_PREPARE = {"open": _prepare_open, "tot": _prepare_tot, "mod": _prepare_mod, "past": _prepare_past,
             "hold": _prepare_hold, "settle": _prepare_settle, "events": _prepare_events}
 
 
@@ -127,4 +172,88 @@ def prepare(args):
     return _PREPARE[args.command](args)
 
 
-__all__ = ["decimal", "by_value", "events_values", "prepare"]
+def unknown_hint(args) -> str:
+    """What to do when the outcome of the write `args.command` is unknown
+    (no whole reply, a 503 that acknowledged nothing, or ^C while it was in
+    flight), as the tail of a message: "" for a read.  A keyed write and a
+    settle are repeated safely; a keyless one is not, so its credential's
+    history comes first (docs/CALLING.md, "Unknown outcomes and retries")."""
+    what = args.command
+    if what == "open":
+        return (f"; the account may or may not have been opened: its credential is "
+                f"{args.cred}; to finish opening it, run: "
+                f"accman mod {args.cred} {args.by} --key {OPEN_KEY}")
+    if what == "settle":
+        return ("; the settle may or may not have applied: run the same command again (with "
+                "the same USE it applies at most once and answers its result)")
+    if what not in ("mod", "hold"):
+        return ""
+    if args.key is not None:
+        return (f"; the {what} may or may not have applied: run the same command again, with "
+                "the same --key, to apply it at most once and see its result")
+    hint = (f"; the {what} may or may not have applied: read `accman past` for this credential "
+            f"before you try again (a {what} with --key is safe to repeat)")
+    if what == "hold":
+        hint += f"; a hold never settled ends by itself after --ttl {args.ttl} s"
+    return hint
+
+
+def role_hint(args) -> str:
+    """The role a token needs for `args.command`, for a 401 or 403."""
+    if args.command == "open":
+        return "the mint role (opening an account funds it)"
+    if args.command in ("hold", "settle"):
+        return "the charge role"
+    if args.command != "mod":
+        return "the read role"
+    return "the mint role (a positive by funds)" if by_value(args.by) > 0 else "the charge role"
+
+
+# What may end a client command's call, each said by failure: the client's
+# errors, a host that Python cannot encode for the request or resolve (both
+# before anything is sent, so no write's outcome is in doubt), and ^C.
+CALL_ENDS = (AccManError, UnicodeError, KeyboardInterrupt)
+
+
+def failure(args, e) -> tuple:
+    """`(line, exit code)` for what ended the call of the client command
+    `args`: the one place where the client's errors become what the command
+    says and its code.  ^C says nothing for a read, and what to do for a
+    write, which may have reached the server."""
+    if isinstance(e, KeyboardInterrupt):
+        hint = unknown_hint(args)
+        return (f"accman: interrupted{hint}" if hint else None), EXIT_INTERRUPTED
+    if isinstance(e, UnicodeError):
+        return f"accman: error: {BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
+    if isinstance(e, Unreachable):
+        nothing = "nothing was opened" if args.command == "open" else "nothing was sent"
+        return f"accman: error: no answer: {e.detail}; {nothing}", EXIT_NO_ANSWER
+    if isinstance(e, TransportError) or (
+            isinstance(e, Unavailable) and getattr(args, "follow", False)):
+        # events --follow rode out every 503 for FOLLOW_OUTAGE_S_MAX: an outage
+        return f"accman: error: no answer: {e.detail}{unknown_hint(args)}", EXIT_NO_ANSWER
+    if isinstance(e, Unavailable) and not isinstance(e, Busy) and args.command in WRITES:
+        # A 503 that is not back-pressure says "not acknowledged", never "not
+        # applied" (a commit may fail after it was written): an unknown outcome.
+        return (f"{_refusal(e, role_hint(args))}; not acknowledged{unknown_hint(args)}",
+                EXIT_NO_ANSWER)
+    return _refusal(e, role_hint(args)), EXIT_REFUSED
+
+
+def _refusal(e: AccManError, role: str) -> str:
+    text = f"accman: {e.status} {e.code}: {e.detail}"
+    if isinstance(e, Insufficient):
+        text += f" (tot {e.tot})"
+    elif isinstance(e, EventsTrimmed):
+        text += (f"; the oldest event kept is {e.first}: go on from there with "
+                 f"--after {e.first - 1} (the events before it are gone)")
+    elif isinstance(e, Unauthorized):
+        text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
+    elif isinstance(e, Forbidden):
+        text += f"; this needs a token with {role}"
+    return text
+
+
+__all__ = ["OPEN_KEY", "WRITES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_NO_ANSWER",
+           "EXIT_INTERRUPTED", "BAD_HOST", "CALL_ENDS", "decimal", "by_value", "events_values",
+           "new_cred", "prepare", "failure", "role_hint", "unknown_hint"]

@@ -4,9 +4,13 @@ event written as one JSON line, until the follower is told to stop.
 
 It stops cleanly (whole lines only, and `after` names the last event
 written) on SIGINT or SIGTERM, and when the reader of its output goes away
-(a closed pipe: `accman events --follow | head`).  An outage (AccMan
-restarting, a network blip) is ridden out with pauses, up to
-FOLLOW_OUTAGE_S_MAX without an answer; any other error ends it."""
+(a closed pipe: `accman events --follow | head`), noticed within
+READER_CHECK_S even while a long poll waits.  Written is not read: the
+lines still in the pipe when the reader left were never handled, and the
+follower cannot know how many; a reader resumes from the last id it
+handled itself.  An outage (AccMan restarting, a network blip) is ridden
+out with pauses, up to FOLLOW_OUTAGE_S_MAX without an answer; any other
+error ends it."""
 
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ FOLLOW_WAIT_S = 25
 FOLLOW_PAUSE_S = 1.0
 FOLLOW_PAUSE_MAX_S = 10.0
 FOLLOW_OUTAGE_S_MAX = 300.0
+# While it waits (a long poll, a pause), how often the follower looks
+# whether the reader of its output has gone: a poll waits up to
+# FOLLOW_WAIT_S, and a follower whose reader left ends within a second,
+# not when the poll does.
+READER_CHECK_S = 1.0
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -50,18 +59,22 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
            note=None) -> Followed:
     """Follows the stream from `after` with `acc` (an AccManSyncClient),
     writing to `out` (default stdout); `note(text)` is told of each retry.
-    Must run in the main thread (it handles STOP_SIGNALS meanwhile)."""
+    Must run in the main thread: it handles STOP_SIGNALS meanwhile, and
+    SIGALRM, from an ITIMER_REAL of its own, for the reader check."""
     out = sys.stdout if out is None else out
-    state = {"after": after}
+    state = {"after": after, "waiting": False, "gone": False}
     old = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS}
+    old[signal.SIGALRM] = signal.signal(signal.SIGALRM, _reader_check(out, state))
+    signal.setitimer(signal.ITIMER_REAL, READER_CHECK_S, READER_CHECK_S)
     try:
         return _loop(acc, state, limit, wait_s, out, note or _silent)
     except KeyboardInterrupt:
-        return Followed(state["after"], "signal")
+        return Followed(state["after"], "reader gone" if state["gone"] else "signal")
     except BrokenPipeError:
-        _quiet(out)
+        silence(out)
         return Followed(state["after"], "reader gone")
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for s, handler in old.items():
             signal.signal(s, handler)
 
@@ -73,7 +86,8 @@ def _loop(acc, state, limit, wait_s, out, note) -> Followed:
         if _reader_gone(out):
             return Followed(state["after"], "reader gone")
         try:
-            events, nxt = acc.events(state["after"], limit=limit, wait_s=wait_s)
+            events, nxt = _waiting(state, acc.events, state["after"], limit=limit,
+                                   wait_s=wait_s)
         except (TransportError, Unavailable) as e:
             now = time.monotonic()
             failing_since = failing_since or now
@@ -81,7 +95,7 @@ def _loop(acc, state, limit, wait_s, out, note) -> Followed:
                 return Followed(state["after"], "error", e)
             pause = min(FOLLOW_PAUSE_S * 2 ** attempt, FOLLOW_PAUSE_MAX_S)
             note(f"no answer ({e.detail}); trying again in {pause:g} s")
-            time.sleep(pause)
+            _waiting(state, time.sleep, pause)
             attempt += 1
             continue
         except AccManError as e:
@@ -105,6 +119,27 @@ def _write(out, events, nxt, state) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
+def _waiting(state, wait, *args, **kwargs):
+    """`wait(*args, **kwargs)`, during which the reader check may end the
+    follower: only here, so that it never ends one inside a write."""
+    state["waiting"] = True
+    try:
+        return wait(*args, **kwargs)
+    finally:
+        state["waiting"] = False
+
+
+def _reader_check(out, state):
+    """The SIGALRM handler, every READER_CHECK_S: while the follower waits,
+    a reader gone ends it (as ^C would, a poll left unanswered being
+    harmless to a read)."""
+    def check(_signum, _frame):
+        if state["waiting"] and _reader_gone(out):
+            state["gone"] = True
+            raise KeyboardInterrupt
+    return check
+
+
 def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
@@ -125,7 +160,7 @@ def _reader_gone(out) -> bool:
         return False
 
 
-def _quiet(out) -> None:
+def silence(out) -> None:
     """After the reader went away: point `out` at /dev/null, so that the
     flush at exit does not fail again."""
     try:
@@ -136,5 +171,5 @@ def _quiet(out) -> None:
         pass
 
 
-__all__ = ["follow", "Followed", "FOLLOW_WAIT_S", "FOLLOW_PAUSE_S", "FOLLOW_PAUSE_MAX_S",
-           "FOLLOW_OUTAGE_S_MAX"]
+__all__ = ["follow", "Followed", "silence", "FOLLOW_WAIT_S", "FOLLOW_PAUSE_S",
+           "FOLLOW_PAUSE_MAX_S", "FOLLOW_OUTAGE_S_MAX", "READER_CHECK_S"]

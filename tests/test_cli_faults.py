@@ -1,0 +1,343 @@
+"""The command line's client commands when things go wrong, against a real
+AccMan: a URL whose host cannot be used, a 503 from a store that cannot
+commit, ^C while a call is in flight, a closed stdout, a mistyped flag.
+Faults a real server does not make on demand come from FaultProxy, a TCP
+proxy in front of it.  Every message is one line, never a traceback, and
+never shows a credential."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, run_accman, server_env
+from test_cli import one_line_error
+
+# --- a fault-injecting proxy ----------------------------------------------------------
+
+# What a store that cannot commit answers (SPEC "Errors": 503 unavailable).
+REPLY_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 58\r\n\r\n"
+             b'{"error":"unavailable","detail":"the store cannot commit"}')
+PROXY_TIMEOUT_S = 30.0      # no test waits this long for a byte
+
+
+class FaultProxy:
+    """A TCP proxy in front of AccMan that acts on each request in turn by
+    `plan` ("pass" once it is used up): "pass" forwards the request and its
+    reply; "503" forwards it, so that the server applies it, and answers
+    REPLY_503 in place of the reply (applied, not acknowledged); "hang"
+    forwards it and never answers.  `seen` counts the requests."""
+
+    def __init__(self, port: int, plan=()):
+        self.upstream = ("127.0.0.1", port)
+        self.plan = list(plan)
+        self.seen = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.socks = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        for s in self.socks:
+            s.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream, timeout=PROXY_TIMEOUT_S)
+            client.settimeout(PROXY_TIMEOUT_S)
+            self.socks += [client, upstream]
+            threading.Thread(target=self._serve, args=(client, upstream), daemon=True).start()
+
+    def _next_action(self) -> str:
+        with self.lock:
+            self.seen += 1
+            return self.plan.pop(0) if self.plan else "pass"
+
+    def _serve(self, client, upstream):
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:       # the API's requests have no body
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                request, _, buf = buf.partition(b"\r\n\r\n")
+                action = self._next_action()
+                upstream.sendall(request + b"\r\n\r\n")
+                if action == "hang":
+                    threading.Event().wait(PROXY_TIMEOUT_S)
+                    return
+                reply = _read_reply(upstream)
+                client.sendall(REPLY_503 if action == "503" else reply)
+        except OSError:
+            return
+
+
+def _read_reply(sock) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.fixture
+def proxy():
+    made = []
+
+    def make(server, *plan):
+        made.append(FaultProxy(server.port, plan))
+        return made[-1]
+    yield make
+    for p in made:
+        p.close()
+
+
+def funded(server, tot=100) -> str:
+    """A new credential of `server`, funded with `tot` by `accman open`."""
+    proc = run_accman("open", "--by", tot, "--url", server.url)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def history(server, cred) -> list:
+    proc = run_accman("past", cred, "--url", server.url)
+    assert proc.returncode == 0, proc.stderr
+    return [e["by"] for e in json.loads(proc.stdout)["past"]]
+
+
+# --- a URL whose host cannot be used ----------------------------------------------------
+
+@pytest.mark.parametrize("host", ["bücher.example", "a..b", "x" * 64 + ".example"])
+@pytest.mark.parametrize("args", [["tot", "abc"], ["mod", "abc", "-1"], ["open", "--by", "5"],
+                                  ["events", "--follow"]])
+def test_a_host_that_cannot_be_used_is_one_line_and_exit_2(host, args):
+    """Non-ASCII (Python cannot encode it for the request) or not IDNA
+    labels (nor for the connection): either way nothing is sent."""
+    err = one_line_error(run_accman(*args, "--url", f"http://{host}:8080"))
+    assert "the host in the URL cannot be used" in err and "xn--" in err
+    assert f"accman {args[0]} --help" in err
+
+
+# --- a 503 from a store that cannot commit ------------------------------------------------
+
+@pytest.mark.parametrize("args,hint", [
+    (["mod", "-3"], "read `accman past` for this credential before you try again"),
+    (["mod", "-3", "--key", "k503"], "with the same --key, to apply it at most once"),
+    (["hold", "-3", "--ttl", "60"], "read `accman past` for this credential before you try"),
+    (["hold", "-3", "--ttl", "60", "--key", "h503"], "with the same --key"),
+])
+def test_a_503_to_a_write_is_an_unknown_outcome_that_says_what_to_do(start_server, proxy,
+                                                                    args, hint):
+    """The server applied it and the answer was a 503: "not acknowledged",
+    so exit 3 with the advice of a lost reply, also for a keyed write once
+    the client's retries (which repeat it at most once) are spent."""
+    s = start_server()
+    cred = funded(s)
+    p = proxy(s, "503", "503", "503")
+    proc = run_accman(args[0], cred, *args[1:], "--url", p.url)
+    err = one_line_error(proc, 3)
+    assert err.startswith("accman: 503 unavailable: the store cannot commit; not acknowledged")
+    assert f"the {args[0]} may or may not have applied" in err and hint in err
+    assert proc.stdout == "" and cred not in err
+    assert p.seen == (3 if "--key" in args else 1)          # a keyless write is never repeated
+    assert history(s, cred) == [-3, 100]                     # it did apply, once
+
+
+def test_a_503_to_open_hands_over_the_credential_and_a_503_to_a_read_is_a_refusal(
+        start_server, proxy):
+    s = start_server()
+    p = proxy(s, "503", "503", "503")
+    err = one_line_error(run_accman("open", "--by", 40, "--url", p.url), 3)
+    assert "may or may not have been opened" in err
+    finish = err.split("run: ", 1)[1].split()
+    assert finish[:2] == ["accman", "mod"] and finish[3:] == ["40", "--key", "accman-open"]
+    proc = run_accman(*finish[1:], "--url", s.url)           # finishes it at most once
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"tot": 40, "seq": 1}
+    p.plan = ["503"] * 3
+    err = one_line_error(run_accman("tot", finish[2], "--url", p.url), 1)
+    assert err == "accman: 503 unavailable: the store cannot commit"
+
+
+def test_a_503_to_a_settle_says_it_is_safe_to_repeat(start_server, proxy):
+    s = start_server()
+    cred = funded(s)
+    held = json.loads(run_accman("hold", cred, "-5", "--ttl", "60", "--url", s.url).stdout)
+    p = proxy(s, "503", "503", "503")
+    err = one_line_error(run_accman("settle", cred, held["hold"], "2", "--url", p.url), 3)
+    assert "not acknowledged; the settle may or may not have applied" in err
+    assert "with the same USE it applies at most once" in err
+    proc = run_accman("settle", cred, held["hold"], "2", "--url", s.url)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["tot"] == 98
+
+
+# --- ^C while a call is in flight -------------------------------------------------------
+
+def interrupted(url, *args) -> subprocess.CompletedProcess:
+    """`accman ARGS --url URL`, sent SIGINT once its request has reached the
+    server through `url`, a FaultProxy that never answers it."""
+    proc = subprocess.Popen([sys.executable, "-m", "accman", *map(str, args), "--url", url.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=server_env(), cwd=ROOT)
+    deadline = time.monotonic() + 15
+    while url.seen == 0:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    time.sleep(0.2)                         # the server has the request: it applies it
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=15)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["mod", "-7"], "read `accman past` for this credential before you try again"),
+    (["mod", "-7", "--key", "kint"], "with the same --key"),
+    (["hold", "-7", "--ttl", "60"], "a hold never settled ends by itself after --ttl 60 s"),
+])
+def test_sigint_during_a_write_says_what_to_do_and_exits_130(start_server, proxy, args, hint):
+    s = start_server()
+    cred = funded(s)
+    proc = interrupted(proxy(s, "hang"), args[0], cred, *args[1:])
+    err = one_line_error(proc, 130)
+    assert err.startswith(f"accman: interrupted; the {args[0]} may or may not have applied")
+    assert hint in err and proc.stdout == ""
+    assert history(s, cred) == [-7, 100]                      # it had applied
+
+
+def test_sigint_during_open_hands_over_the_credential(start_server, proxy):
+    s = start_server()
+    err = one_line_error(interrupted(proxy(s, "hang"), "open", "--by", 30), 130)
+    finish = err.split("run: ", 1)[1].split()
+    assert "may or may not have been opened" in err and finish[3:] == ["30", "--key",
+                                                                         "accman-open"]
+    assert json.loads(run_accman("tot", finish[2], "--url", s.url).stdout) == {"tot": 30}
+
+
+def test_sigint_during_a_read_exits_130_quietly(start_server, proxy):
+    s = start_server()
+    proc = interrupted(proxy(s, "hang"), "tot", funded(s))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
+
+
+# --- a closed stdout ------------------------------------------------------------------------
+
+def with_reader_gone(url, *args) -> subprocess.CompletedProcess:
+    """`accman ARGS --url URL` writing into a pipe whose reader has closed
+    it, as `accman past CRED | (exec 0<&-; true)` does."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "accman", *map(str, args), "--url", url],
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=30,
+                              env=server_env(), cwd=ROOT)
+    finally:
+        os.close(w)
+
+
+def test_a_read_whose_reader_is_gone_exits_0_quietly(start_server):
+    s = start_server()
+    cred = funded(s)
+    for args in (["past", cred], ["tot", cred], ["events"]):
+        proc = with_reader_gone(s.url, *args)
+        assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_a_write_whose_reader_is_gone_says_on_stderr_what_it_did(start_server):
+    s = start_server()
+    cred = funded(s)
+    proc = with_reader_gone(s.url, "mod", cred, "-4")
+    assert proc.returncode == 0
+    assert proc.stderr == 'accman: stdout is closed; the mod applied: {"tot":96,"seq":2}\n'
+    proc = with_reader_gone(s.url, "open", "--by", 9)
+    err = one_line_error(proc, 0)
+    assert err.startswith("accman: stdout is closed; the account was opened: its credential is")
+    assert history(s, err.split()[-1]) == [9]
+
+
+def test_open_started_with_stdout_closed_hands_over_the_credential(start_server):
+    s = start_server()
+    proc = subprocess.run(["bash", "-c", f'exec "$0" -m accman open --by 8 --url {s.url} >&-',
+                           sys.executable], capture_output=True, text=True, timeout=30,
+                          env=server_env(), cwd=ROOT)
+    err = one_line_error(proc, 0)
+    assert "the account was opened: its credential is" in err
+    assert history(s, err.split()[-1]) == [8]
+
+
+# --- a mistyped flag --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,names", [
+    (["tot", "--tokn", "SECRETtoken", "SECRETcred"], "unrecognized arguments: --tokn <not shown>"),
+    (["tot", "--tokn=SECRETtoken", "SECRETcred"], "unrecognized arguments: --tokn "),
+    (["tot", "SECRETcred1", "SECRETcred2"], "unrecognized arguments: <not shown>"),
+    (["mod", "SECRETcred", "5", "-SECRETdash"], "unrecognized arguments: <not shown>"),
+    (["tot", "--", "--SECRETdash", "--SECRETmore"], "unrecognized arguments: <not shown>"),
+    (["hold", "SECRETcred", "-5", "--ttl", "60", "--t=SECRET"], "ambiguous option: --t could"),
+    (["events", "--follow=SECRET"], "argument --follow: ignored explicit argument"),
+    (["SECRETcred"], "invalid choice: '<not shown>'"),
+    (["serve", "--verify=SECRET"], "argument --verify: invalid choice"),
+])
+def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path):
+    """An unknown flag's name may be shown (one like a known flag: a
+    credential may start with "--" too); a positional value, a value after a
+    flag or after "=", never."""
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert names in err and "SECRET" not in err
+    assert "a value is never shown: it may be a credential" in err
+
+
+# --- events --follow and its reader -------------------------------------------------------
+
+def test_follow_into_head_names_the_last_event_written_not_read(start_server):
+    """`accman events --follow | head -n 3`: the follower wrote all ten
+    events into the pipe, head read three; stderr says the id is the last
+    written, not read, and the follower, idle in a 25 s long poll, ends
+    within READER_CHECK_S of head leaving, not with the poll."""
+    s = start_server()
+    for by in range(1, 11):
+        s.mod("abc", by)
+    cmd = f'"$0" -m accman events --follow --url {s.url} | head -n 3'
+    t = time.monotonic()
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd, sys.executable],
+                          capture_output=True, text=True, timeout=60, env=server_env(), cwd=ROOT)
+    assert time.monotonic() - t < 10
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == [1, 2, 3]
+    assert proc.stderr == (
+        "accman: events: stopped (reader gone); events written up to id 10 (not necessarily "
+        "read); to resume: accman events --follow --after 10, or --after the last id the "
+        "reader handled\n")
+
+
+def test_an_idle_follower_notices_its_reader_gone_within_a_poll(start_server):
+    s = start_server()
+    proc = subprocess.Popen([sys.executable, "-m", "accman", "events", "--follow", "--url", s.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(),
+                            cwd=ROOT)
+    try:
+        time.sleep(1.5)                         # in its first long poll, of 25 s
+        proc.stdout.close()
+        assert proc.wait(timeout=8) == 0
+        assert "stopped (reader gone); events written up to id 0" in proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
