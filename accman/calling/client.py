@@ -361,10 +361,23 @@ class AccManClient:
         except OSError as e:
             reason = e.strerror or type(e).__name__
             raise Unreachable(f"cannot connect to AccMan at {ep.where}: {reason}") from None
-        if self._closed:
-            conn.transport.close()
-            raise Unreachable("the client is closed")
+        if self._closed or not conn.usable:
+            self._discard(conn)
         return conn
+
+    def _discard(self, conn: Conn):
+        """Raises the error of a connection that is no use as it opens: the
+        client closed meanwhile, or the connection died or was refused before
+        its first request (its `connection_lost` may already have run).  It
+        is never pooled, and nothing was sent on it."""
+        conn.usable = False
+        if conn.transport is not None:
+            conn.transport.close()
+        if self._closed:
+            raise Unreachable("the client is closed")
+        if conn.refusal is not None:
+            raise conn.refusal
+        raise Unreachable(f"AccMan at {self._ep.where} closed the connection as it opened")
 
     async def _open_spare(self) -> None:
         try:

@@ -9,6 +9,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING
 
+from accman.calling import replies
 from accman.calling.parser import ReplyParser
 from accman.errors import BadReply, CallTimeout, OutcomeUnknown, Unreachable
 
@@ -30,6 +31,7 @@ class Conn(asyncio.Protocol):
         self.out = []                       # request bytes not yet written
         self.usable = True                  # takes new requests
         self.idle_since = self.loop.time()
+        self.refusal = None                 # the server's 503 as it opened, if any
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -44,7 +46,7 @@ class Conn(asyncio.Protocol):
         waiting = self.waiting
         for reply in answered:
             if not waiting:
-                self.abort(BadReply("a reply that no request asked for"))
+                self._unasked(reply)
                 return
             fut = waiting.popleft()
             if not fut.done():
@@ -60,7 +62,22 @@ class Conn(asyncio.Protocol):
         elif not self.usable:
             self.close_if_abandoned()
 
+    def _unasked(self, reply) -> None:
+        """A reply with no request waiting for it.  A closing 503 is the
+        server refusing the connection as it opens (a full server answers
+        `503 busy` and closes, SPEC "Limits"): it is kept as the error of
+        the call that dialled.  Anything else means the connection is out
+        of step with its requests."""
+        status, body, close = reply
+        if close and status == 503:
+            self.usable = False
+            self.refusal = replies.error(status, body)
+            self.transport.close()
+        else:
+            self.abort(BadReply("a reply that no request asked for"))
+
     def eof_received(self):
+        self.usable = False             # the server is closing: write nothing more
         return False                    # close our side too
 
     def connection_lost(self, exc):
@@ -89,11 +106,16 @@ class Conn(asyncio.Protocol):
 
     # the client's side
     def send(self, request: bytes, fut) -> None:
+        transport = self.transport
+        if not self.usable or transport is None or transport.is_closing():
+            # A write into a closing transport is dropped: nothing would be
+            # sent, and the close would report the call as an unknown outcome.
+            raise Unreachable("the connection to AccMan closed before the request was sent")
         waiting = self.waiting
         waiting.append(fut)
         if len(waiting) == 1:
             # Nothing else in flight here: write at once, sparing a loop turn.
-            self.transport.write(request)
+            transport.write(request)
             return
         # Pipelining: gather this turn's requests into one write.
         if not self.out:

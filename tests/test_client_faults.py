@@ -1,0 +1,78 @@
+"""The async client against the real AccMan server when connections fail:
+a full server that refuses connections as they open.  What each failure
+means for money is in its type (docs/CALLING.md, "Errors"), so each test
+checks the type and what the server applied."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from accman.client import AccManClient, OutcomeUnknown, Unreachable
+from accman.errors import Busy
+from fake_accman import run
+
+
+def hold_slots(srv, n: int) -> list:
+    """`n` connections to `srv`, each admitted (it answered a request on it)."""
+    held = []
+    for _ in range(n):
+        c = srv.connect()
+        c.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert c.response().status == 200
+        held.append(c)
+    return held
+
+
+def wait_for_room(srv, timeout_s: float = 5.0) -> None:
+    """Until `srv` takes a new connection again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = srv.get("/health")
+        if r.status == 200:
+            return
+        assert time.monotonic() < deadline, r
+        time.sleep(0.02)
+
+
+def kinds(results) -> set:
+    return {type(r) for r in results}
+
+
+# --- a full server refuses connections as they open ------------------------------
+def test_a_full_server_s_refusals_are_busy_and_never_wedge_the_pool(start_server, cred):
+    """A server at CONNECTIONS_MAX answers `503 busy` and closes as the
+    connection opens, often before the client has sent anything.  No such
+    connection is pooled; each call gets Busy, or Unreachable when it was
+    never sent, never an AttributeError or a CallTimeout; and the client
+    works again as soon as the server has room.
+
+    A request that reaches the server before it accepts the connection
+    makes its close a reset, which can destroy the 503 on the way: that
+    call cannot tell a refusal from a crash, and is an OutcomeUnknown (the
+    server applied nothing, as the balance shows)."""
+    srv = start_server(env={"ACCMAN_CONNECTIONS_MAX": "2"})
+    srv.mod(cred, 100)
+    held = hold_slots(srv, 2)
+
+    async def while_full(acc):
+        one_by_one = []
+        for _ in range(12):
+            one_by_one += await asyncio.gather(acc.tot(cred), return_exceptions=True)
+        at_once = await asyncio.gather(*(acc.mod(cred, -1) for _ in range(40)),
+                                       return_exceptions=True)
+        assert kinds(one_by_one + at_once) <= {Busy, Unreachable, OutcomeUnknown}
+        assert Busy in kinds(one_by_one)
+        assert all(c.usable and c.transport is not None for c in acc._conns)
+
+    async def go():
+        async with AccManClient(srv.url, connections_max=4, timeout_s=1.0, retries=2) as acc:
+            await while_full(acc)
+            for c in held:
+                c.close()
+            await asyncio.get_running_loop().run_in_executor(None, wait_for_room, srv)
+            t = time.monotonic()
+            assert [await acc.mod(cred, -1) for _ in range(5)][-1][0] == 95
+            assert time.monotonic() - t < 1.0           # no call waited out its timeout
+    run(go())
+    assert srv.tot(cred) == 95                          # nothing refused was applied
