@@ -1,16 +1,20 @@
 """The async client against the real AccMan server when connections fail:
-a full server that refuses connections as they open.  What each failure
-means for money is in its type (docs/CALLING.md, "Errors"), so each test
-checks the type and what the server applied."""
+a full server that refuses connections as they open, an AccMan that is down
+or stalled.  What each failure means for money is in its type
+(docs/CALLING.md, "Errors"), so each test checks the type and what the
+server applied."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
 import time
 
-from accman.client import AccManClient, OutcomeUnknown, Unreachable
+from accman.calling import client as client_mod
+from accman.client import AccManClient, CallTimeout, OutcomeUnknown, Unreachable
 from accman.errors import Busy
-from fake_accman import run
+from fake_accman import closed_port, run
 
 
 def hold_slots(srv, n: int) -> list:
@@ -76,3 +80,75 @@ def test_a_full_server_s_refusals_are_busy_and_never_wedge_the_pool(start_server
             assert time.monotonic() - t < 1.0           # no call waited out its timeout
     run(go())
     assert srv.tot(cred) == 95                          # nothing refused was applied
+
+
+# --- dials that fail -----------------------------------------------------------------
+def test_calls_waiting_on_dials_that_fail_are_unreachable_at_once():
+    """AccMan down: every call, also those queued behind the pool's dials,
+    is Unreachable (nothing sent) as soon as the dials are refused, not a
+    CallTimeout after timeout_s."""
+    url = f"http://127.0.0.1:{closed_port()}"
+
+    async def go():
+        async with AccManClient(url, timeout_s=2.0, retries=0) as acc:
+            t = time.monotonic()
+            results = await asyncio.gather(*(acc.mod("alice", -1) for _ in range(50)),
+                                           return_exceptions=True)
+            return results, time.monotonic() - t
+    results, elapsed = run(go())
+    assert kinds(results) == {Unreachable}
+    assert elapsed < 1.0
+
+
+def test_a_call_queued_behind_a_stalled_dial_is_unreachable():
+    """A listener whose accept queue is full: connects hang.  The call
+    that waits for the dialling one's slot was never sent: Unreachable,
+    not an OutcomeUnknown."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fill = [socket.socket() for _ in range(4)]
+    for s in fill:
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+    url = f"http://127.0.0.1:{port}"
+
+    async def go():
+        async with AccManClient(url, connections_max=1, timeout_s=0.5, retries=0) as acc:
+            dialling = asyncio.create_task(acc.tot("alice"))
+            await asyncio.sleep(0.01)
+            return await asyncio.gather(dialling, acc.mod("alice", -1),
+                                        return_exceptions=True)
+    try:
+        results = run(go())
+    finally:
+        for s in fill + [listener]:
+            s.close()
+    assert [type(r) for r in results] == [Unreachable, Unreachable]
+
+
+def test_a_call_that_never_got_a_connection_is_unreachable_and_not_applied(
+        start_server, cred, monkeypatch):
+    """A stalled AccMan (SIGSTOP): the call on the only connection is sent
+    and times out (CallTimeout: unknown); those queued for a slot time out
+    unsent, Unreachable, and the server, once resumed, applied none of
+    them."""
+    monkeypatch.setattr(client_mod, "PIPELINE_DEPTH_MAX", 1)
+    srv = start_server()
+    srv.mod(cred, 100)
+
+    async def go():
+        async with AccManClient(srv.url, connections_max=1, timeout_s=0.5, retries=0) as acc:
+            await acc.tot(cred)
+            srv.send_signal(signal.SIGSTOP)
+            try:
+                return await asyncio.gather(*(acc.mod(cred, -1) for _ in range(6)),
+                                            return_exceptions=True)
+            finally:
+                srv.send_signal(signal.SIGCONT)
+    results = run(go())
+    assert kinds(results) == {CallTimeout, Unreachable}
+    sent = sum(isinstance(r, OutcomeUnknown) for r in results)
+    time.sleep(0.2)
+    assert 100 - sent <= srv.tot(cred) <= 100

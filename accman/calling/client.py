@@ -15,7 +15,8 @@ and flushed with one `write` (uvloop's habit).  `AccManSyncClient`
 
 What a failure means for money is in the exception type (accman.errors):
 
-- `Unreachable` (an `Unavailable`): nothing reached the server; nothing was
+- `Unreachable` (an `Unavailable`): nothing reached the server (the connect
+  failed, or no connection was free within the timeout); nothing was
   applied.  Always safe to retry.
 - a server `503` (`Unavailable`, `Busy`): refused, nothing acknowledged.
 - `OutcomeUnknown` (and its `CallTimeout`, `BadReply`): the request was sent
@@ -325,8 +326,9 @@ class AccManClient:
                 except ValueError:
                     pass
                 if isinstance(e, asyncio.TimeoutError):
-                    raise CallTimeout(
-                        f"no AccMan connection free within {self._timeout_s} s") from None
+                    # Nothing was sent: not an unknown outcome, whatever the call.
+                    raise Unreachable(f"no AccMan connection free within {self._timeout_s:g} s; "
+                                      "the call was not sent") from None
                 raise
             finally:
                 timer.cancel()
@@ -340,11 +342,16 @@ class AccManClient:
 
     async def _open(self, deadline: float) -> Conn:
         """A new pooled connection (the caller has counted itself in
-        `_connecting`)."""
+        `_connecting`).  When the dial fails its slot is free again, and a
+        waiting call is woken to dial in it: it learns at once whether
+        AccMan can be reached, rather than wait out its timeout."""
         try:
             conn = await self._dial(deadline, pooled=True)
-        finally:
+        except BaseException:
             self._connecting -= 1
+            self._wake()
+            raise
+        self._connecting -= 1
         self._conns.append(conn)
         self._wake(conn)
         return conn
