@@ -1,19 +1,21 @@
 """The async client against the real AccMan server when connections fail:
 a full server that refuses connections as they open, an AccMan that is down
-or stalled.  What each failure means for money is in its type
-(docs/CALLING.md, "Errors"), so each test checks the type and what the
-server applied."""
+or stalled, and replies that close a connection with calls pipelined behind
+them.  What each failure means for money is in its type (docs/CALLING.md,
+"Errors"), so each test checks the type and what the server applied."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import socket
+import threading
 import time
 
 from accman.calling import client as client_mod
-from accman.client import AccManClient, CallTimeout, OutcomeUnknown, Unreachable
-from accman.errors import Busy
+from accman.client import (AccManClient, CallTimeout, OutcomeUnknown, Unauthorized,
+                           Unreachable)
+from accman.errors import AccManError, Busy
 from fake_accman import closed_port, run
 
 
@@ -37,6 +39,67 @@ def wait_for_room(srv, timeout_s: float = 5.0) -> None:
             return
         assert time.monotonic() < deadline, r
         time.sleep(0.02)
+
+
+class Front:
+    """A TCP proxy before the real server, in a thread of its own.  The
+    first connection made through it is answered `refusal` (raw bytes) once
+    `heads` requests have arrived on it, and closed, as a full server does;
+    every later one is passed through."""
+
+    def __init__(self, upstream_port: int, refusal: bytes, heads: int):
+        self.upstream_port = upstream_port
+        self.refusal = refusal
+        self.heads = heads
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(5)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _stop(self) -> None:
+        self.server.close()
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        if self.connections == 1:
+            for _ in range(self.heads):
+                await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.refusal)
+            await writer.drain()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader, writer) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
 
 
 def kinds(results) -> set:
@@ -152,3 +215,45 @@ def test_a_call_that_never_got_a_connection_is_unreachable_and_not_applied(
     sent = sum(isinstance(r, OutcomeUnknown) for r in results)
     time.sleep(0.2)
     assert 100 - sent <= srv.tot(cred) <= 100
+
+
+# --- replies that close the connection ---------------------------------------------
+def test_calls_pipelined_behind_a_401_are_unauthorized_too(start_server):
+    """A wrong token: the server answers 401 and closes, processing nothing
+    after it (RFC 9112 §9.6).  Every call pipelined behind it is refused
+    the same way, none is an unknown outcome."""
+    srv = start_server(tokens=f"read,charge,mint {'T' * 32}")
+
+    async def go():
+        async with AccManClient(srv.url, "W" * 32, connections_max=1) as acc:
+            return await asyncio.gather(*(acc.mod("alice", -1) for _ in range(20)),
+                                        return_exceptions=True)
+    assert kinds(run(go())) == {Unauthorized}
+
+
+def test_calls_pipelined_behind_a_closing_refusal_are_sent_again(start_server, cred):
+    """The first connection is answered `503 busy` and closed, as a full
+    server does, once 20 keyless mods are pipelined on it.  The 19 behind
+    the first were never processed: they are retried as unsent calls, as
+    is the first (Busy), and every mod applies exactly once."""
+    srv = start_server()
+    srv.mod(cred, 100)
+    body = b'{"error":"busy","detail":"the server is at CONNECTIONS_MAX connections"}'
+    front = Front(srv.port, b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body), heads=20)
+
+    async def go():
+        async with AccManClient(front.url, connections_max=1, retries=2) as acc:
+            first = asyncio.create_task(acc.mod(cred, -1))
+            while not acc._conns:                       # the first is sent: pipeline on it
+                await asyncio.sleep(0.005)
+            rest = await asyncio.gather(*(acc.mod(cred, -1) for _ in range(19)),
+                                        return_exceptions=True)
+            return [await first] + rest
+    try:
+        results = run(go())
+    finally:
+        front.close()
+    assert not [r for r in results if isinstance(r, AccManError)], results
+    assert srv.tot(cred) == 80 and front.connections == 2

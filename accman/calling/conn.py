@@ -1,7 +1,11 @@
 """One keep-alive connection of `AccManClient` (accman.calling.client): an
 asyncio protocol that writes requests, gathering the writes of one loop
 turn (uvloop's habit), and hands each reply from `ReplyParser` to the
-future of its request, in order."""
+future of its request, in order.
+
+A reply that closes the connection ends it for the requests behind it too:
+the server processes nothing after it (RFC 9112 §9.6), so they are failed
+at once as never processed, not left to the close as unknown outcomes."""
 
 from __future__ import annotations
 
@@ -51,10 +55,11 @@ class Conn(asyncio.Protocol):
             fut = waiting.popleft()
             if not fut.done():
                 fut.set_result(reply)
+            if reply[2]:
+                self._closing_reply(reply)
+                return
             if self.client._waiters and self.usable and self.pooled:
                 self.client._wake(self)
-            if reply[2]:
-                self.usable = False     # the server closes after this reply
         if not waiting:
             self.idle_since = self.loop.time()
             if not self.usable:
@@ -75,6 +80,23 @@ class Conn(asyncio.Protocol):
             self.transport.close()
         else:
             self.abort(BadReply("a reply that no request asked for"))
+
+    def _closing_reply(self, reply) -> None:
+        """The server closes after `reply` and processes no request behind
+        it (RFC 9112 §9.6; AccMan takes no more once it has decided to
+        close).  Those calls were not applied: a 401 would be theirs too
+        (one client, one token), so they get it; any other may be sent
+        again as a call that was never sent (`Unreachable`)."""
+        self.usable = False
+        self.out = []
+        waiting, self.waiting = self.waiting, collections.deque()
+        status, body, _ = reply
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(replies.error(status, body) if status == 401 else Unreachable(
+                    f"AccMan closed the connection after the reply to an earlier request "
+                    f"({status}) and did not process this one"))
+        self.transport.close()
 
     def eof_received(self):
         self.usable = False             # the server is closing: write nothing more
