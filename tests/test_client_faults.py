@@ -1,8 +1,9 @@
-"""The async client against the real AccMan server when connections fail:
-a full server that refuses connections as they open, an AccMan that is down
-or stalled, and replies that close a connection with calls pipelined behind
-them.  What each failure means for money is in its type (docs/CALLING.md,
-"Errors"), so each test checks the type and what the server applied."""
+"""The clients against the real AccMan server when connections fail or are
+shared: a full server that refuses connections as they open, an AccMan that
+is down or stalled, replies that close a connection with calls pipelined
+behind them, and one sync client shared by threads.  What each failure
+means for money is in its type (docs/CALLING.md, "Errors"), so each test
+checks the type and what the server applied."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import threading
 import time
 
 from accman.calling import client as client_mod
-from accman.client import (AccManClient, CallTimeout, OutcomeUnknown, Unauthorized,
-                           Unreachable)
+from accman.client import (AccManClient, AccManSyncClient, CallTimeout, OutcomeUnknown,
+                           Unauthorized, Unreachable)
 from accman.errors import AccManError, Busy
 from fake_accman import closed_port, run
 
@@ -257,3 +258,58 @@ def test_calls_pipelined_behind_a_closing_refusal_are_sent_again(start_server, c
         front.close()
     assert not [r for r in results if isinstance(r, AccManError)], results
     assert srv.tot(cred) == 80 and front.connections == 2
+
+
+# --- one sync client shared by threads -----------------------------------------------
+def test_threads_sharing_a_sync_client_each_get_their_own_replies(shared_server, cred):
+    """Eight threads on one AccManSyncClient, half reading balances, half
+    charging with min=0: every reply is the one to the thread's own call
+    (replies on a socket name no request: shared unguarded, a thread read
+    another account's balance and an applied mod came back Insufficient)."""
+    creds = [f"{cred}-{i}" for i in range(8)]
+    wrong = []
+
+    def work(acc, i):
+        for n in range(150):
+            try:
+                if i % 2:
+                    got, want = acc.tot(creds[i]), 1000 * (i + 1)
+                else:
+                    got, want = acc.mod(creds[i], -1, min=0)[0], 1000 * (i + 1) - n - 1
+            except AccManError as e:
+                got, want = e, None
+            if got != want:
+                wrong.append((i, n, got, want))
+
+    with AccManSyncClient(shared_server.url) as acc:
+        for i, c in enumerate(creds):
+            acc.mod(c, 1000 * (i + 1))
+        threads = [threading.Thread(target=work, args=(acc, i)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert wrong == []
+    assert [shared_server.tot(c) for c in creds[::2]] == [850, 2850, 4850, 6850]
+
+
+def test_a_thread_that_waits_out_its_turn_is_unreachable_and_not_sent(start_server, cred):
+    """One thread's long poll holds the shared connection; another thread's
+    keyless mod that does not get its turn within timeout_s is Unreachable
+    (never sent), and the server applied nothing."""
+    srv = start_server()
+    srv.mod(cred, 100)
+    with AccManSyncClient(srv.url, timeout_s=0.5, retries=0) as acc:
+        last = acc.events(after=0).next
+        poll = threading.Thread(target=acc.events, args=(last,), kwargs={"wait_s": 2})
+        poll.start()
+        time.sleep(0.2)
+        t = time.monotonic()
+        try:
+            acc.mod(cred, -1)
+        except AccManError as e:
+            err = e
+        waited = time.monotonic() - t
+        poll.join()
+    assert type(err) is Unreachable and 0.25 <= waited < 1.0
+    assert srv.tot(cred) == 100
