@@ -1,17 +1,21 @@
 """The clients against the real AccMan server when connections fail or are
 shared: a full server that refuses connections as they open, an AccMan that
 is down or stalled, replies that close a connection with calls pipelined
-behind them, and one sync client shared by threads.  What each failure
-means for money is in its type (docs/CALLING.md, "Errors"), so each test
-checks the type and what the server applied."""
+behind them, and one sync client shared by threads; and the event stream's
+order check against every page real servers send.  What each failure means
+for money is in its type (docs/CALLING.md, "Errors"), so each test checks
+the type and what the server applied."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import socket
+import sys
 import threading
 import time
+
+import pytest
 
 from accman.calling import client as client_mod
 from accman.client import (AccManClient, AccManSyncClient, CallTimeout, OutcomeUnknown,
@@ -313,3 +317,69 @@ def test_a_thread_that_waits_out_its_turn_is_unreachable_and_not_sent(start_serv
         poll.join()
     assert type(err) is Unreachable and 0.25 <= waited < 1.0
     assert srv.tot(cred) == 100
+
+
+# --- the event stream's order check and what real servers send -----------------------
+async def follow(acc, after: int = 0, limit: int = 3) -> tuple:
+    """Every event after `after`, page by page, each page checked by the
+    client; (ids, the last next)."""
+    ids = []
+    while True:
+        events, nxt = await acc.events(after, limit=limit)
+        if not events:
+            return ids, after
+        ids += [e.id for e in events]
+        after = nxt
+
+
+def test_every_page_a_real_server_sends_passes_the_order_check(start_server, cred):
+    """The client's check (ids from after + 1, one by one, next the last;
+    an empty page's next at most after) refuses no reply of a correct
+    server: small pages, a page asked past the end of the stream, a long
+    poll woken by a mod."""
+    srv = start_server()
+
+    async def go():
+        async with AccManClient(srv.url) as acc:
+            for i in range(10):
+                await acc.mod(f"{cred}-{i % 3}", 5 + i)
+            hold, _, _ = await acc.hold(f"{cred}-0", -3, ttl_s=60)
+            await acc.settle(f"{cred}-0", hold, 1)
+            ids, last = await follow(acc)
+            assert ids == list(range(1, 13)) and last == 12
+            assert await acc.events(last + 50) == ([], last)    # told where the stream ends
+            poll = asyncio.create_task(acc.events(last, wait_s=5))
+            await asyncio.sleep(0.2)
+            await acc.mod(f"{cred}-1", 1)
+            events, nxt = await poll
+            assert [e.id for e in events] == [13] and nxt == 13
+    run(go())
+
+
+def test_a_store_of_two_clusters_passes_the_order_check(start_server, request, tmp_path):
+    """PostgreSQL with two clusters: each numbers its own events and the
+    home cluster merges them into one order (accman.postgres.merge).  A
+    follower paging while mods land on both clusters sees ids 1..n, every
+    page accepted."""
+    if start_server.store.embedded:
+        pytest.skip("several clusters are the PostgreSQL store's")
+    pg = request.getfixturevalue("pg")
+    urls = [pg.create_database(f"c{id(tmp_path)}_{n}") for n in "ab"]
+    srv = start_server(cmd=[sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1",
+                            "--port", "0", "--data", str(tmp_path / "data"),
+                            "--store", urls[0], "--store", urls[1]])
+
+    async def go():
+        async with AccManClient(srv.url) as acc:
+            writes = asyncio.gather(*(acc.mod(f"two-{i}", 1 + i) for i in range(60)))
+            seen, after = [], 0
+            while not writes.done() or len(seen) < 60:
+                ids, after = await follow(acc, after, limit=7)
+                seen += ids
+                await asyncio.sleep(0.01)
+            await writes
+            return seen
+    assert run(go()) == list(range(1, 61))
+    accounts = [int(pg.psql("SELECT count(*) FROM accman_accounts", url.rsplit("/", 1)[1]))
+                for url in urls]
+    assert sum(accounts) == 60 and min(accounts) > 0         # both clusters took mods

@@ -302,6 +302,8 @@ def test_events_read_each_event_and_next():
     events, nxt = page
     assert events == [Event(**EVENT), Event(**second)] and nxt == 8
     assert replies.events(8)(200, body({"events": [], "next": 8})) == ([], 8)
+    # `after` past the end of the stream: the server says where it ends.
+    assert replies.events(20)(200, body({"events": [], "next": 8})) == ([], 8)
 
 
 @pytest.mark.parametrize("reply", [
@@ -322,6 +324,9 @@ def test_events_read_each_event_and_next():
     {"events": [dict(EVENT, id=6)], "next": 6},              # not after `after`
     {"events": [EVENT, dict(EVENT, id=9)], "next": 9},       # a gap
     {"events": [EVENT, EVENT], "next": 7},                   # a repeat
+    {"events": [dict(EVENT, id=8), dict(EVENT, id=9)], "next": 9},  # 7 skipped
+    {"events": [EVENT, dict(EVENT, id=8)], "next": 20},      # next past its last event
+    {"events": [], "next": 7},                               # next past an empty page
 ])
 def test_events_refuse_what_breaks_the_specs_shape_or_order(reply):
     with pytest.raises(BadReply):
