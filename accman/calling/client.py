@@ -48,7 +48,7 @@ from accman.calling.conn import Conn
 from accman.calling.parser import (HEAD_CACHE_MAX, REPLY_BODY_BYTES_MAX, REPLY_HEAD_BYTES_MAX,
                                    REPLY_HEADERS_MAX, ReplyParser)
 from accman.calling.policy import (IDLE_REUSE_S, RETRIES_DEFAULT, RETRY_PAUSE_MAX_S,
-                                   RETRY_PAUSE_S, TIMEOUT_S_DEFAULT)
+                                   RETRY_PAUSE_S, TIMEOUT_S_DEFAULT, TIMEOUT_S_MAX)
 from accman.calling.replies import EventsPage, PastPage
 from accman.calling.requests import (Endpoint, target_events, target_hold, target_mod,
                                      target_past, target_settle, target_tot)
@@ -104,6 +104,8 @@ class AccManClient:
                  connections_max: int = CONNECTIONS_MAX_DEFAULT,
                  retries: int = RETRIES_DEFAULT):
         policy.check_settings(timeout_s, retries)
+        if isinstance(connections_max, bool) or not isinstance(connections_max, int):
+            raise TypeError(f"connections_max must be an int, not {type(connections_max).__name__}")
         if not 1 <= connections_max <= CONNECTIONS_MAX:
             raise ValueError(f"connections_max must be 1 to {CONNECTIONS_MAX}")
         self._ep = Endpoint(url, token)
@@ -416,7 +418,7 @@ __all__ = [
     "AccManClient", "AccManSyncClient", "Entry", "Event", "PastPage", "EventsPage", "ReplyParser",
     "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
     "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply",
-    "TIMEOUT_S_DEFAULT", "CONNECTIONS_MAX_DEFAULT", "PIPELINE_DEPTH_MAX",
+    "TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "CONNECTIONS_MAX_DEFAULT", "PIPELINE_DEPTH_MAX",
     "CALLS_WAITING_MAX", "LONG_POLLS_MAX", "RETRIES_DEFAULT", "RETRY_PAUSE_S",
     "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S",
     "REPLY_HEAD_BYTES_MAX", "REPLY_HEADERS_MAX", "REPLY_BODY_BYTES_MAX", "HEAD_CACHE_MAX",
