@@ -1,8 +1,9 @@
 """The clients against the real AccMan server when connections fail or are
 shared: a full server that refuses connections as they open, an AccMan that
 is down or stalled, replies that close a connection with calls pipelined
-behind them, and one sync client shared by threads; and the event stream's
-order check against every page real servers send.  What each failure means
+behind them, one sync client shared by threads, one async client used
+under two event loops; and the event stream's order check against every
+page real servers send.  What each failure means
 for money is in its type (docs/CALLING.md, "Errors"), so each test checks
 the type and what the server applied."""
 
@@ -383,3 +384,17 @@ def test_a_store_of_two_clusters_passes_the_order_check(start_server, request, t
     accounts = [int(pg.psql("SELECT count(*) FROM accman_accounts", url.rsplit("/", 1)[1]))
                 for url in urls]
     assert sum(accounts) == 60 and min(accounts) > 0         # both clusters took mods
+
+
+# --- one async client, two event loops -------------------------------------------------
+def test_a_client_used_under_a_second_event_loop_says_why_it_cannot(shared_server, cred):
+    """Each asyncio.run() makes a new loop; the client's connections belong
+    to the first.  A call under the second is a RuntimeError naming that,
+    not asyncio's "Event loop is closed" from deep inside, and nothing is
+    sent; closing the client afterwards is still fine."""
+    acc = AccManClient(shared_server.url)
+    assert run(acc.mod(cred, 3)) == (3, 1)
+    with pytest.raises(RuntimeError, match="one client per event loop"):
+        run(acc.mod(cred, 3))
+    run(acc.aclose())
+    assert shared_server.tot(cred) == 3

@@ -132,8 +132,17 @@ class AccManClient:
 
     async def aclose(self) -> None:
         """Close every connection.  Calls in flight fail with
-        `OutcomeUnknown`; later calls fail with `Unreachable`."""
+        `OutcomeUnknown`; later calls fail with `Unreachable`.  Closing a
+        client whose event loop has ended (a finished `asyncio.run`) only
+        lets go of its connections: their sockets close as they are
+        collected, since no loop is left to close them."""
         self._closed = True
+        loop = self._loop
+        if loop is not None and loop is not asyncio.get_running_loop() and loop.is_closed():
+            self._conns, self._polls = [], []
+            self._waiters.clear()
+            return
+        self._bound_loop()
         for c in self._conns + self._polls:
             c.usable = False
             if c.transport is not None:
@@ -218,9 +227,7 @@ class AccManClient:
 
     async def _attempt(self, req: bytes) -> tuple:
         """One attempt: the reply's `(status, body, close)`."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._bound_loop()
         deadline = loop.time() + self._timeout_s
         conn = self._pick()
         if conn is None:
@@ -240,9 +247,7 @@ class AccManClient:
             raise Unreachable("the client is closed")
         if self._polls_in_flight >= LONG_POLLS_MAX:
             raise Busy("more than LONG_POLLS_MAX long polls in flight on this client")
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._bound_loop()
         deadline = loop.time() + timeout_s
         self._polls_in_flight += 1
         try:
@@ -264,6 +269,23 @@ class AccManClient:
                 timer.cancel()
         finally:
             self._polls_in_flight -= 1
+
+    def _bound_loop(self):
+        """The running event loop, which must be the one this client first
+        ran on: its connections, futures and timers belong to that loop and
+        cannot move (asyncio would fail deep inside, "Event loop is
+        closed", or hang)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            if self._loop is not None:
+                ended = " (it has ended: each asyncio.run() makes a new one)" \
+                    if self._loop.is_closed() else ""
+                raise RuntimeError(
+                    f"this AccManClient was first used on another event loop{ended}, to which "
+                    f"its connections belong: make one client per event loop, for instance "
+                    f"inside the coroutine that asyncio.run() runs")
+            self._loop = loop
+        return loop
 
     def _idle_poll(self):
         """A long poll's connection with nothing owed, not idle too long."""
