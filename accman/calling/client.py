@@ -16,8 +16,10 @@ and flushed with one `write` (uvloop's habit).  `AccManSyncClient`
 What a failure means for money is in the exception type (accman.errors):
 
 - `Unreachable` (an `Unavailable`): nothing reached the server (the connect
-  failed, or no connection was free within the timeout); nothing was
-  applied.  Always safe to retry.
+  failed, or no connection was free within the timeout), or the server
+  closed the connection before processing the call (it was pipelined
+  behind a reply that closed it); nothing was applied.  Always safe to
+  retry.
 - a server `503` (`Unavailable`, `Busy`): refused, nothing acknowledged.
 - `OutcomeUnknown` (and its `CallTimeout`, `BadReply`): the request was sent
   and no complete reply came.  A read can simply be retried.  A mod may or may
@@ -26,10 +28,10 @@ What a failure means for money is in the exception type (accman.errors):
   original result); without a key, only the account's `past` can tell.
 
 So the clients retry reads and keyed mods, and retry a keyless mod only when
-nothing was sent (`Unreachable`).  A hold is retried as a mod is; a settle
-always, since settling again with the same `use` answers the first reply
-(SPEC "Holds").  Tokens and credentials never appear in exception
-messages, reprs or logs.
+it was not sent or not processed (`Unreachable`) or refused as `Busy`.  A
+hold is retried as a mod is; a settle always, since settling again with the
+same `use` answers the first reply (SPEC "Holds").  Tokens and credentials
+never appear in exception messages, reprs or logs.
 
 A long poll (`events` with `wait_s`) has a connection of its own, outside
 the pool: its reply may be held back for up to `wait_s`, and everything

@@ -45,7 +45,7 @@ def retryable(exc: BaseException, safe: bool) -> bool:
     """Whether a failed attempt may be repeated.  `safe` is true for reads
     and keyed mods: repeating them never changes a balance twice."""
     if isinstance(exc, (Unreachable, Busy)):
-        return True             # nothing was sent, or the server refused before applying
+        return True             # not sent or not processed, or refused before applying
     if isinstance(exc, (OutcomeUnknown, Unavailable)):
         return safe
     return False
