@@ -151,6 +151,32 @@ def test_a_full_server_s_refusals_are_busy_and_never_wedge_the_pool(start_server
     assert srv.tot(cred) == 95                          # nothing refused was applied
 
 
+def test_a_refusal_before_any_request_is_busy_or_else_unreachable():
+    """A closing 503 that comes as the connection opens, before the client
+    wrote anything: AccMan's own (`busy`) is Busy; any other (a proxy's
+    503) is Unreachable, since nothing was sent, so even a keyless call is
+    retried."""
+    async def refused(body: bytes):
+        acc = AccManClient("http://127.0.0.1:1")
+        acc._bound_loop()
+        conn = client_mod.Conn(acc)
+        conn.connection_made(_Transport())
+        conn.data_received(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            acc._discard(conn)
+        except AccManError as e:
+            return e
+    assert type(run(refused(b'{"error":"busy","detail":"full"}'))) is Busy
+    err = run(refused(b'{"error":"unavailable","detail":"no backend"}'))
+    assert type(err) is Unreachable and "no backend" in err.detail
+
+
+class _Transport(asyncio.Transport):
+    def close(self) -> None:
+        pass
+
+
 # --- dials that fail -----------------------------------------------------------------
 def test_calls_waiting_on_dials_that_fail_are_unreachable_at_once():
     """AccMan down: every call, also those queued behind the pool's dials,
@@ -269,8 +295,9 @@ def test_calls_pipelined_behind_a_closing_refusal_are_sent_again(start_server, c
 def test_threads_sharing_a_sync_client_each_get_their_own_replies(shared_server, cred):
     """Eight threads on one AccManSyncClient, half reading balances, half
     charging with min=0: every reply is the one to the thread's own call
-    (replies on a socket name no request: shared unguarded, a thread read
-    another account's balance and an applied mod came back Insufficient)."""
+    (replies on a socket name no request: unguarded, a thread would read
+    another account's balance, and an applied mod could come back
+    Insufficient)."""
     creds = [f"{cred}-{i}" for i in range(8)]
     wrong = []
 

@@ -408,9 +408,10 @@ class AccManClient:
             conn.transport.close()
         if self._closed:
             raise Unreachable("the client is closed")
-        if conn.refusal is not None:
-            raise conn.refusal
-        raise Unreachable(f"AccMan at {self._ep.where} closed the connection as it opened")
+        if isinstance(conn.refusal, Busy):
+            raise conn.refusal          # AccMan's own: at CONNECTIONS_MAX, or shutting down
+        why = f": {conn.refusal.detail}" if conn.refusal is not None else ""
+        raise Unreachable(f"AccMan at {self._ep.where} closed the connection as it opened{why}")
 
     async def _open_spare(self) -> None:
         try:
