@@ -200,8 +200,11 @@ class TransportError(AccManError):
 
 
 class Unreachable(TransportError, Unavailable):
-    """Nothing reached the server (connection refused, connect timeout, the
-    client closed): nothing was applied, any call can be retried."""
+    """Nothing reached the server (connection refused, connect timeout, no
+    connection free in time, the client closed), or the server closed the
+    connection before processing the request (it was pipelined behind a
+    reply that closed it: RFC 9112 §9.6): nothing was applied, any call can
+    be retried."""
 
     code = "unreachable"
 

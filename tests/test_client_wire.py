@@ -20,7 +20,8 @@ from accman.client import (AccManClient, AccManSyncClient, BadReply, Entry, Forb
 from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient, KeyReused,
                            NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)
 from accman.records import Event
-from accman.limits import INT64_MAX, INT64_MIN
+from accman.calling.policy import TIMEOUT_S_MAX
+from accman.limits import EVENTS_WAIT_S_MAX, INT64_MAX, INT64_MIN
 from fake_accman import FakeAccMan, run
 
 
@@ -173,12 +174,59 @@ def test_bad_urls_and_tokens_are_refused():
     for url in ["ftp://h", "http://", "http://h/?q=1", "http://u:p@h", "http://h/a b"]:
         with pytest.raises(ValueError):
             AccManClient(url)
+    for url in ["http://bücher.example:8080", "http://h\u0435st", "https://a b/"]:
+        for cls in (AccManClient, AccManSyncClient):
+            with pytest.raises(ValueError, match="host must be ASCII"):
+                cls(url)
+    for url in ["http://h:0", "http://h:65536", "http://h:x"]:
+        with pytest.raises(ValueError, match="port must be a number from 1 to 65535"):
+            AccManSyncClient(url)
+    assert AccManSyncClient("http://xn--bcher-kva.example:8080").where == \
+        "http://xn--bcher-kva.example:8080"
+    assert AccManSyncClient("http://[::1]:8080").where == "http://[::1]:8080"
     for token in ["", "a b", "tok\r\nX: y", 5]:
         with pytest.raises(ValueError) as e:
             AccManSyncClient("http://h", token)
         assert "\r\n" not in str(e.value) and "a b" not in str(e.value)
 
 
+
+@pytest.mark.parametrize("cls", [AccManClient, AccManSyncClient])
+@pytest.mark.parametrize("kwargs,exc,named", [
+    ({"timeout_s": float("inf")}, ValueError, "TIMEOUT_S_MAX"),
+    ({"timeout_s": 1e300}, ValueError, "TIMEOUT_S_MAX"),
+    ({"timeout_s": TIMEOUT_S_MAX * 1.001}, ValueError, "TIMEOUT_S_MAX"),
+    ({"timeout_s": float("nan")}, ValueError, "timeout_s"),
+    ({"timeout_s": 0}, ValueError, "timeout_s"),
+    ({"timeout_s": "5"}, TypeError, "timeout_s"),
+    ({"timeout_s": True}, TypeError, "timeout_s"),
+    ({"retries": 1.5}, TypeError, "retries"),
+    ({"retries": 11}, ValueError, "retries"),
+])
+def test_settings_no_call_could_keep_are_refused_when_the_client_is_made(cls, kwargs, exc,
+                                                                          named):
+    with pytest.raises(exc, match=named):
+        cls("http://127.0.0.1:1", **kwargs)
+
+
+def test_connections_max_is_a_whole_number():
+    for value in (2.5, True):
+        with pytest.raises(TypeError, match="connections_max"):
+            AccManClient("http://127.0.0.1:1", connections_max=value)
+
+
+def test_calls_at_timeout_s_max_work(shared_server, cred):
+    """The longest timeout allowed, also under a long poll's extra wait,
+    fits every socket timeout and timer on the way."""
+    with AccManSyncClient(shared_server.url, timeout_s=TIMEOUT_S_MAX) as acc:
+        assert acc.mod(cred, 5)[0] == 5
+        assert acc.events(0, limit=1, wait_s=EVENTS_WAIT_S_MAX).next >= 1
+
+    async def go():
+        async with AccManClient(shared_server.url, timeout_s=TIMEOUT_S_MAX) as acc:
+            assert await acc.tot(cred) == 5
+            assert (await acc.events(0, limit=1, wait_s=EVENTS_WAIT_S_MAX)).next >= 1
+    run(go())
 
 
 # --- the reply decoders -----------------------------------------------------
@@ -302,6 +350,8 @@ def test_events_read_each_event_and_next():
     events, nxt = page
     assert events == [Event(**EVENT), Event(**second)] and nxt == 8
     assert replies.events(8)(200, body({"events": [], "next": 8})) == ([], 8)
+    # `after` past the end of the stream: the server says where it ends.
+    assert replies.events(20)(200, body({"events": [], "next": 8})) == ([], 8)
 
 
 @pytest.mark.parametrize("reply", [
@@ -322,6 +372,9 @@ def test_events_read_each_event_and_next():
     {"events": [dict(EVENT, id=6)], "next": 6},              # not after `after`
     {"events": [EVENT, dict(EVENT, id=9)], "next": 9},       # a gap
     {"events": [EVENT, EVENT], "next": 7},                   # a repeat
+    {"events": [dict(EVENT, id=8), dict(EVENT, id=9)], "next": 9},  # 7 skipped
+    {"events": [EVENT, dict(EVENT, id=8)], "next": 20},      # next past its last event
+    {"events": [], "next": 7},                               # next past an empty page
 ])
 def test_events_refuse_what_breaks_the_specs_shape_or_order(reply):
     with pytest.raises(BadReply):

@@ -15,8 +15,11 @@ and flushed with one `write` (uvloop's habit).  `AccManSyncClient`
 
 What a failure means for money is in the exception type (accman.errors):
 
-- `Unreachable` (an `Unavailable`): nothing reached the server; nothing was
-  applied.  Always safe to retry.
+- `Unreachable` (an `Unavailable`): nothing reached the server (the connect
+  failed, or no connection was free within the timeout), or the server
+  closed the connection before processing the call (it was pipelined
+  behind a reply that closed it); nothing was applied.  Always safe to
+  retry.
 - a server `503` (`Unavailable`, `Busy`): refused, nothing acknowledged.
 - `OutcomeUnknown` (and its `CallTimeout`, `BadReply`): the request was sent
   and no complete reply came.  A read can simply be retried.  A mod may or may
@@ -25,10 +28,10 @@ What a failure means for money is in the exception type (accman.errors):
   original result); without a key, only the account's `past` can tell.
 
 So the clients retry reads and keyed mods, and retry a keyless mod only when
-nothing was sent (`Unreachable`).  A hold is retried as a mod is; a settle
-always, since settling again with the same `use` answers the first reply
-(SPEC "Holds").  Tokens and credentials never appear in exception
-messages, reprs or logs.
+it was not sent or not processed (`Unreachable`) or refused as `Busy`.  A
+hold is retried as a mod is; a settle always, since settling again with the
+same `use` answers the first reply (SPEC "Holds").  Tokens and credentials
+never appear in exception messages, reprs or logs.
 
 A long poll (`events` with `wait_s`) has a connection of its own, outside
 the pool: its reply may be held back for up to `wait_s`, and everything
@@ -47,7 +50,7 @@ from accman.calling.conn import Conn
 from accman.calling.parser import (HEAD_CACHE_MAX, REPLY_BODY_BYTES_MAX, REPLY_HEAD_BYTES_MAX,
                                    REPLY_HEADERS_MAX, ReplyParser)
 from accman.calling.policy import (IDLE_REUSE_S, RETRIES_DEFAULT, RETRY_PAUSE_MAX_S,
-                                   RETRY_PAUSE_S, TIMEOUT_S_DEFAULT)
+                                   RETRY_PAUSE_S, TIMEOUT_S_DEFAULT, TIMEOUT_S_MAX)
 from accman.calling.replies import EventsPage, PastPage
 from accman.calling.requests import (Endpoint, target_events, target_hold, target_mod,
                                      target_past, target_settle, target_tot)
@@ -103,6 +106,8 @@ class AccManClient:
                  connections_max: int = CONNECTIONS_MAX_DEFAULT,
                  retries: int = RETRIES_DEFAULT):
         policy.check_settings(timeout_s, retries)
+        if isinstance(connections_max, bool) or not isinstance(connections_max, int):
+            raise TypeError(f"connections_max must be an int, not {type(connections_max).__name__}")
         if not 1 <= connections_max <= CONNECTIONS_MAX:
             raise ValueError(f"connections_max must be 1 to {CONNECTIONS_MAX}")
         self._ep = Endpoint(url, token)
@@ -129,8 +134,17 @@ class AccManClient:
 
     async def aclose(self) -> None:
         """Close every connection.  Calls in flight fail with
-        `OutcomeUnknown`; later calls fail with `Unreachable`."""
+        `OutcomeUnknown`; later calls fail with `Unreachable`.  Closing a
+        client whose event loop has ended (a finished `asyncio.run`) only
+        lets go of its connections: their sockets close as they are
+        collected, since no loop is left to close them."""
         self._closed = True
+        loop = self._loop
+        if loop is not None and loop is not asyncio.get_running_loop() and loop.is_closed():
+            self._conns, self._polls = [], []
+            self._waiters.clear()
+            return
+        self._bound_loop()
         for c in self._conns + self._polls:
             c.usable = False
             if c.transport is not None:
@@ -215,9 +229,7 @@ class AccManClient:
 
     async def _attempt(self, req: bytes) -> tuple:
         """One attempt: the reply's `(status, body, close)`."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._bound_loop()
         deadline = loop.time() + self._timeout_s
         conn = self._pick()
         if conn is None:
@@ -237,9 +249,7 @@ class AccManClient:
             raise Unreachable("the client is closed")
         if self._polls_in_flight >= LONG_POLLS_MAX:
             raise Busy("more than LONG_POLLS_MAX long polls in flight on this client")
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._bound_loop()
         deadline = loop.time() + timeout_s
         self._polls_in_flight += 1
         try:
@@ -261,6 +271,23 @@ class AccManClient:
                 timer.cancel()
         finally:
             self._polls_in_flight -= 1
+
+    def _bound_loop(self):
+        """The running event loop, which must be the one this client first
+        ran on: its connections, futures and timers belong to that loop and
+        cannot move (asyncio would fail deep inside, "Event loop is
+        closed", or hang)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            if self._loop is not None:
+                ended = " (it has ended: each asyncio.run() makes a new one)" \
+                    if self._loop.is_closed() else ""
+                raise RuntimeError(
+                    f"this AccManClient was first used on another event loop{ended}, to which "
+                    f"its connections belong: make one client per event loop, for instance "
+                    f"inside the coroutine that asyncio.run() runs")
+            self._loop = loop
+        return loop
 
     def _idle_poll(self):
         """A long poll's connection with nothing owed, not idle too long."""
@@ -325,8 +352,9 @@ class AccManClient:
                 except ValueError:
                     pass
                 if isinstance(e, asyncio.TimeoutError):
-                    raise CallTimeout(
-                        f"no AccMan connection free within {self._timeout_s} s") from None
+                    # Nothing was sent: not an unknown outcome, whatever the call.
+                    raise Unreachable(f"no AccMan connection free within {self._timeout_s:g} s; "
+                                      "the call was not sent") from None
                 raise
             finally:
                 timer.cancel()
@@ -340,11 +368,16 @@ class AccManClient:
 
     async def _open(self, deadline: float) -> Conn:
         """A new pooled connection (the caller has counted itself in
-        `_connecting`)."""
+        `_connecting`).  When the dial fails its slot is free again, and a
+        waiting call is woken to dial in it: it learns at once whether
+        AccMan can be reached, rather than wait out its timeout."""
         try:
             conn = await self._dial(deadline, pooled=True)
-        finally:
+        except BaseException:
             self._connecting -= 1
+            self._wake()
+            raise
+        self._connecting -= 1
         self._conns.append(conn)
         self._wake(conn)
         return conn
@@ -361,10 +394,24 @@ class AccManClient:
         except OSError as e:
             reason = e.strerror or type(e).__name__
             raise Unreachable(f"cannot connect to AccMan at {ep.where}: {reason}") from None
-        if self._closed:
-            conn.transport.close()
-            raise Unreachable("the client is closed")
+        if self._closed or not conn.usable:
+            self._discard(conn)
         return conn
+
+    def _discard(self, conn: Conn):
+        """Raises the error of a connection that is no use as it opens: the
+        client closed meanwhile, or the connection died or was refused before
+        its first request (its `connection_lost` may already have run).  It
+        is never pooled, and nothing was sent on it."""
+        conn.usable = False
+        if conn.transport is not None:
+            conn.transport.close()
+        if self._closed:
+            raise Unreachable("the client is closed")
+        if isinstance(conn.refusal, Busy):
+            raise conn.refusal          # AccMan's own: at CONNECTIONS_MAX, or shutting down
+        why = f": {conn.refusal.detail}" if conn.refusal is not None else ""
+        raise Unreachable(f"AccMan at {self._ep.where} closed the connection as it opened{why}")
 
     async def _open_spare(self) -> None:
         try:
@@ -396,7 +443,7 @@ __all__ = [
     "AccManClient", "AccManSyncClient", "Entry", "Event", "PastPage", "EventsPage", "ReplyParser",
     "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
     "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply",
-    "TIMEOUT_S_DEFAULT", "CONNECTIONS_MAX_DEFAULT", "PIPELINE_DEPTH_MAX",
+    "TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "CONNECTIONS_MAX_DEFAULT", "PIPELINE_DEPTH_MAX",
     "CALLS_WAITING_MAX", "LONG_POLLS_MAX", "RETRIES_DEFAULT", "RETRY_PAUSE_S",
     "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S",
     "REPLY_HEAD_BYTES_MAX", "REPLY_HEADERS_MAX", "REPLY_BODY_BYTES_MAX", "HEAD_CACHE_MAX",

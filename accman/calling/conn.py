@@ -1,7 +1,11 @@
 """One keep-alive connection of `AccManClient` (accman.calling.client): an
 asyncio protocol that writes requests, gathering the writes of one loop
 turn (uvloop's habit), and hands each reply from `ReplyParser` to the
-future of its request, in order."""
+future of its request, in order.
+
+A reply that closes the connection ends it for the requests behind it too:
+the server processes nothing after it (RFC 9112 §9.6), so they are failed
+at once as never processed, not left to the close as unknown outcomes."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING
 
+from accman.calling import replies
 from accman.calling.parser import ReplyParser
 from accman.errors import BadReply, CallTimeout, OutcomeUnknown, Unreachable
 
@@ -30,6 +35,7 @@ class Conn(asyncio.Protocol):
         self.out = []                       # request bytes not yet written
         self.usable = True                  # takes new requests
         self.idle_since = self.loop.time()
+        self.refusal = None                 # the server's 503 as it opened, if any
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -44,15 +50,16 @@ class Conn(asyncio.Protocol):
         waiting = self.waiting
         for reply in answered:
             if not waiting:
-                self.abort(BadReply("a reply that no request asked for"))
+                self._unasked(reply)
                 return
             fut = waiting.popleft()
             if not fut.done():
                 fut.set_result(reply)
+            if reply[2]:
+                self._closing_reply(reply)
+                return
             if self.client._waiters and self.usable and self.pooled:
                 self.client._wake(self)
-            if reply[2]:
-                self.usable = False     # the server closes after this reply
         if not waiting:
             self.idle_since = self.loop.time()
             if not self.usable:
@@ -60,7 +67,39 @@ class Conn(asyncio.Protocol):
         elif not self.usable:
             self.close_if_abandoned()
 
+    def _unasked(self, reply) -> None:
+        """A reply with no request waiting for it.  A closing 503 is the
+        server refusing the connection as it opens (a full server answers
+        `503 busy` and closes, SPEC "Limits"): it is kept as the error of
+        the call that dialled.  Anything else means the connection is out
+        of step with its requests."""
+        status, body, close = reply
+        if close and status == 503:
+            self.usable = False
+            self.refusal = replies.error(status, body)
+            self.transport.close()
+        else:
+            self.abort(BadReply("a reply that no request asked for"))
+
+    def _closing_reply(self, reply) -> None:
+        """The server closes after `reply` and processes no request behind
+        it (RFC 9112 §9.6; AccMan takes no more once it has decided to
+        close).  Those calls were not applied: a 401 would be theirs too
+        (one client, one token), so they get it; any other may be sent
+        again as a call that was never sent (`Unreachable`)."""
+        self.usable = False
+        self.out = []
+        waiting, self.waiting = self.waiting, collections.deque()
+        status, body, _ = reply
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(replies.error(status, body) if status == 401 else Unreachable(
+                    f"AccMan closed the connection after the reply to an earlier request "
+                    f"({status}) and did not process this one"))
+        self.transport.close()
+
     def eof_received(self):
+        self.usable = False             # the server is closing: write nothing more
         return False                    # close our side too
 
     def connection_lost(self, exc):
@@ -89,11 +128,16 @@ class Conn(asyncio.Protocol):
 
     # the client's side
     def send(self, request: bytes, fut) -> None:
+        transport = self.transport
+        if not self.usable or transport is None or transport.is_closing():
+            # A write into a closing transport is dropped: nothing would be
+            # sent, and the close would report the call as an unknown outcome.
+            raise Unreachable("the connection to AccMan closed before the request was sent")
         waiting = self.waiting
         waiting.append(fut)
         if len(waiting) == 1:
             # Nothing else in flight here: write at once, sparing a loop turn.
-            self.transport.write(request)
+            transport.write(request)
             return
         # Pipelining: gather this turn's requests into one write.
         if not self.out:

@@ -11,6 +11,11 @@ from accman.limits import IDLE_TIMEOUT_S
 # waits for its group commit (a few ms); 5 s is far beyond that yet short
 # enough that a hung AccMan does not hang the calling service.
 TIMEOUT_S_DEFAULT = 5.0
+# The longest attempt a client may be given.  An AccMan that has not answered
+# in an hour is hung, not slow; and every deadline stays within what socket
+# timeouts and the event loop's timers accept (float('inf') or 1e300
+# overflow them, and would fail every call instead of the construction).
+TIMEOUT_S_MAX = 3600.0
 # Extra attempts for a retryable call, with doubling pauses from the first.
 RETRIES_DEFAULT = 2
 RETRIES_MAX = 10
@@ -24,9 +29,14 @@ IDLE_REUSE_S = min(30.0, IDLE_TIMEOUT_S / 2)
 
 
 def check_settings(timeout_s, retries) -> None:
-    """Refuses a client's settings that no call could keep."""
-    if not timeout_s > 0:
-        raise ValueError("timeout_s must be positive")
+    """Refuses a client's settings that no call could keep, naming them."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"timeout_s must be a number of seconds, not {type(timeout_s).__name__}")
+    if not 0 < timeout_s <= TIMEOUT_S_MAX:
+        raise ValueError(f"timeout_s must be more than 0 and at most TIMEOUT_S_MAX "
+                         f"({TIMEOUT_S_MAX:g} s)")
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int, not {type(retries).__name__}")
     if not 0 <= retries <= RETRIES_MAX:
         raise ValueError(f"retries must be 0 to {RETRIES_MAX}")
 
@@ -35,7 +45,7 @@ def retryable(exc: BaseException, safe: bool) -> bool:
     """Whether a failed attempt may be repeated.  `safe` is true for reads
     and keyed mods: repeating them never changes a balance twice."""
     if isinstance(exc, (Unreachable, Busy)):
-        return True             # nothing was sent, or the server refused before applying
+        return True             # not sent or not processed, or refused before applying
     if isinstance(exc, (OutcomeUnknown, Unavailable)):
         return safe
     return False
@@ -46,5 +56,5 @@ def pause_s(attempt: int) -> float:
     return min(RETRY_PAUSE_S * (2 ** attempt), RETRY_PAUSE_MAX_S)
 
 
-__all__ = ["TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT", "RETRIES_MAX", "RETRY_PAUSE_S",
+__all__ = ["TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "RETRIES_DEFAULT", "RETRIES_MAX", "RETRY_PAUSE_S",
            "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S", "check_settings", "retryable", "pause_s"]

@@ -181,25 +181,40 @@ def hold(status: int, body: bytes) -> tuple:
 
 def events(after: int):
     """GET /events?after=`after`: the decoder of its reply, an `EventsPage`.
-    Besides each event's shape it checks the order the SPEC promises, ids
-    growing by one from after `after`, so that a follower that resumes from
-    `next` can neither skip nor repeat an event without noticing."""
+    Besides each event's shape it checks the order the SPEC promises, so
+    that a follower that resumes from `next` can neither skip nor repeat an
+    event without noticing (see `_check_order`)."""
     def decode(status: int, body: bytes) -> EventsPage:
         obj = ok(status, body)
         items, nxt = obj.get("events"), obj.get("next")
         if not isinstance(items, list) or not (_is_int(nxt) and nxt >= 0):
             raise BadReply("/events reply without an events list and an integer next")
         page = [_event(e) for e in items]
-        if page:
-            if page[0].id <= after:
-                raise BadReply(f"/events reply with event {page[0].id}, not after {after}")
-            for a, b in zip(page, page[1:], strict=False):
-                if b.id != a.id + 1:
-                    raise BadReply(f"/events reply with event {b.id} after {a.id}")
-            if nxt < page[-1].id:
-                raise BadReply(f"/events reply whose next {nxt} is before its last event")
+        _check_order(after, page, nxt)
         return EventsPage(page, nxt)
     return decode
+
+
+def _check_order(after: int, page: list, nxt: int) -> None:
+    """Ids grow by one with no gaps (SPEC "Events"), so a page after
+    `after` starts at `after + 1`, goes on one by one, and its `next` is
+    its last id: the embedded store and the PostgreSQL one (several
+    clusters' events merged into one order first, accman.postgres.merge)
+    answer EventsTrimmed rather than start later.  An empty page's `next`
+    is `after`, or the newest id when `after` is past the end of the stream
+    (the server says where it ends); never more than `after`, which would
+    skip events unseen."""
+    if not page:
+        if nxt > after:
+            raise BadReply(f"/events reply with no events and next {nxt}, past after {after}")
+        return
+    if page[0].id != after + 1:
+        raise BadReply(f"/events reply starting with event {page[0].id}, not {after + 1}")
+    for a, b in zip(page, page[1:], strict=False):
+        if b.id != a.id + 1:
+            raise BadReply(f"/events reply with event {b.id} after {a.id}")
+    if nxt != page[-1].id:
+        raise BadReply(f"/events reply whose next {nxt} is not its last event {page[-1].id}")
 
 
 def past(status: int, body: bytes) -> PastPage:

@@ -17,6 +17,11 @@ from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")     # RFC 6750 b64token
 _PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+# A host as it goes into the Host header and to the resolver: a DNS name, an
+# IPv4 address, or an IPv6 one (with its zone, if any).  ASCII only: the
+# request line and headers are ASCII, so an internationalized name is written
+# in its IDNA form (xn--...).
+_HOST_RE = re.compile(r"[A-Za-z0-9._:%-]+")
 
 
 def check_name(value, what: str, chars_max: int) -> str:
@@ -114,14 +119,17 @@ class Endpoint:
             raise ValueError("the AccMan url takes no query, fragment or userinfo")
         if not parts.hostname:
             raise ValueError("the AccMan url has no host")
+        if _HOST_RE.fullmatch(parts.hostname) is None:
+            raise ValueError("the AccMan url's host must be ASCII: a name, or an IP address; "
+                             "write an internationalized name in its xn-- (IDNA) form")
         self.host = parts.hostname
         self.tls = parts.scheme == "https"
-        self.port = parts.port or (443 if self.tls else 80)
+        self.port = _port(parts) or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
         if self.prefix and _PREFIX_RE.fullmatch(self.prefix) is None:
             raise ValueError("the AccMan url path must be plain ASCII segments")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        if parts.port is not None:
+        if _port(parts) is not None:
             host += f":{self.port}"
         self.where = f"{parts.scheme}://{host}{self.prefix}"
         tail = f" HTTP/1.1\r\nHost: {host}\r\n"
@@ -134,6 +142,17 @@ class Endpoint:
     def request(self, method: str, target: str) -> bytes:
         """`method` ends with its space: "GET " or "PATCH "."""
         return (method + self.prefix + target + self.tail).encode("ascii")
+
+
+def _port(parts):
+    """The URL's port, or None when it names none."""
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the AccMan url's port must be a number from 1 to 65535")
+    return port
 
 
 __all__ = ["Endpoint", "check_name", "check_int", "target_tot", "target_mod", "target_past",

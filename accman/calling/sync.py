@@ -1,6 +1,12 @@
 """`AccManSyncClient`: the blocking client, for scripts and the `accman`
 command line.  The same calls, errors and retry rules as `AccManClient`
-(accman.calling.client), over one keep-alive socket."""
+(accman.calling.client), over one keep-alive socket.
+
+Replies on the socket come in request order and carry nothing that names
+their request, so two calls on it at once would take each other's
+replies (another account's balance; an applied mod read as refused).
+Calls from several threads therefore take turns on it: each attempt holds
+the client's lock from its write to its reply."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import logging
 import select
 import socket
 import ssl as _ssl
+import threading
 import time
 
 from accman.calling import policy, replies
@@ -22,8 +29,9 @@ RECV_BYTES = 65536          # one read from the socket
 
 
 class AccManSyncClient:
-    """The blocking client: one keep-alive connection, one call at a time
-    (use one client per thread).
+    """The blocking client: one keep-alive connection, one call at a time.
+    Threads may share it: their calls take turns, each attempt still
+    bounded by `timeout_s` from the moment it asks for its turn.
 
     >>> with AccManSyncClient("http://127.0.0.1:8035", token) as acc:
     ...     acc.mod("alice", 1000, key="fund-2024-07-alice")
@@ -41,6 +49,7 @@ class AccManSyncClient:
         self._idle_since = 0.0
         self._closed = False
         self._ssl = _ssl.create_default_context() if self._ep.tls else None
+        self._turn = threading.Lock()       # one attempt at a time on the socket
 
     def __repr__(self) -> str:
         return f"<AccManSyncClient {self._ep.where}>"
@@ -107,9 +116,21 @@ class AccManSyncClient:
             attempt += 1
 
     def _attempt(self, req: bytes, timeout_s: float) -> tuple:
+        """One attempt, in this thread's turn on the socket: a call that
+        does not get it within `timeout_s` was never sent (`Unreachable`,
+        as for the async client's calls that find no connection free)."""
+        deadline = time.monotonic() + timeout_s
+        if not self._turn.acquire(timeout=timeout_s):
+            raise Unreachable(f"another thread's call held the AccMan connection for "
+                              f"{timeout_s:g} s; this call was not sent")
+        try:
+            return self._attempt_in_turn(req, timeout_s, deadline)
+        finally:
+            self._turn.release()
+
+    def _attempt_in_turn(self, req: bytes, timeout_s: float, deadline: float) -> tuple:
         if self._closed:
             raise Unreachable("the client is closed")
-        deadline = time.monotonic() + timeout_s
         sock = self._ready(deadline)
         try:
             replies_read = self._exchange(sock, req, deadline)

@@ -1,0 +1,427 @@
+"""The clients against the real AccMan server when connections fail or are
+shared: a full server that refuses connections as they open, an AccMan that
+is down or stalled, replies that close a connection with calls pipelined
+behind them, one sync client shared by threads, one async client used
+under two event loops; and the event stream's order check against every
+page real servers send.  What each failure means
+for money is in its type (docs/CALLING.md, "Errors"), so each test checks
+the type and what the server applied."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from accman.calling import client as client_mod
+from accman.client import (AccManClient, AccManSyncClient, CallTimeout, OutcomeUnknown,
+                           Unauthorized, Unreachable)
+from accman.errors import AccManError, Busy
+from fake_accman import closed_port, run
+
+
+def hold_slots(srv, n: int) -> list:
+    """`n` connections to `srv`, each admitted (it answered a request on it)."""
+    held = []
+    for _ in range(n):
+        c = srv.connect()
+        c.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert c.response().status == 200
+        held.append(c)
+    return held
+
+
+def wait_for_room(srv, timeout_s: float = 5.0) -> None:
+    """Until `srv` takes a new connection again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = srv.get("/health")
+        if r.status == 200:
+            return
+        assert time.monotonic() < deadline, r
+        time.sleep(0.02)
+
+
+class Front:
+    """A TCP proxy before the real server, in a thread of its own.  The
+    first connection made through it is answered `refusal` (raw bytes) once
+    `heads` requests have arrived on it, and closed, as a full server does;
+    every later one is passed through."""
+
+    def __init__(self, upstream_port: int, refusal: bytes, heads: int):
+        self.upstream_port = upstream_port
+        self.refusal = refusal
+        self.heads = heads
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(5)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _stop(self) -> None:
+        self.server.close()
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        if self.connections == 1:
+            for _ in range(self.heads):
+                await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.refusal)
+            await writer.drain()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader, writer) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+def kinds(results) -> set:
+    return {type(r) for r in results}
+
+
+# --- a full server refuses connections as they open ------------------------------
+def test_a_full_server_s_refusals_are_busy_and_never_wedge_the_pool(start_server, cred):
+    """A server at CONNECTIONS_MAX answers `503 busy` and closes as the
+    connection opens, often before the client has sent anything.  No such
+    connection is pooled; each call gets Busy, or Unreachable when it was
+    never sent, never an AttributeError or a CallTimeout; and the client
+    works again as soon as the server has room.
+
+    A request that reaches the server before it accepts the connection
+    makes its close a reset, which can destroy the 503 on the way: that
+    call cannot tell a refusal from a crash, and is an OutcomeUnknown (the
+    server applied nothing, as the balance shows)."""
+    srv = start_server(env={"ACCMAN_CONNECTIONS_MAX": "2"})
+    srv.mod(cred, 100)
+    held = hold_slots(srv, 2)
+
+    async def while_full(acc):
+        one_by_one = []
+        for _ in range(12):
+            one_by_one += await asyncio.gather(acc.tot(cred), return_exceptions=True)
+        at_once = await asyncio.gather(*(acc.mod(cred, -1) for _ in range(40)),
+                                       return_exceptions=True)
+        assert kinds(one_by_one + at_once) <= {Busy, Unreachable, OutcomeUnknown}
+        assert Busy in kinds(one_by_one)
+        assert all(c.usable and c.transport is not None for c in acc._conns)
+
+    async def go():
+        async with AccManClient(srv.url, connections_max=4, timeout_s=1.0, retries=2) as acc:
+            await while_full(acc)
+            for c in held:
+                c.close()
+            await asyncio.get_running_loop().run_in_executor(None, wait_for_room, srv)
+            t = time.monotonic()
+            assert [await acc.mod(cred, -1) for _ in range(5)][-1][0] == 95
+            assert time.monotonic() - t < 1.0           # no call waited out its timeout
+    run(go())
+    assert srv.tot(cred) == 95                          # nothing refused was applied
+
+
+def test_a_refusal_before_any_request_is_busy_or_else_unreachable():
+    """A closing 503 that comes as the connection opens, before the client
+    wrote anything: AccMan's own (`busy`) is Busy; any other (a proxy's
+    503) is Unreachable, since nothing was sent, so even a keyless call is
+    retried."""
+    async def refused(body: bytes):
+        acc = AccManClient("http://127.0.0.1:1")
+        acc._bound_loop()
+        conn = client_mod.Conn(acc)
+        conn.connection_made(_Transport())
+        conn.data_received(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            acc._discard(conn)
+        except AccManError as e:
+            return e
+    assert type(run(refused(b'{"error":"busy","detail":"full"}'))) is Busy
+    err = run(refused(b'{"error":"unavailable","detail":"no backend"}'))
+    assert type(err) is Unreachable and "no backend" in err.detail
+
+
+class _Transport(asyncio.Transport):
+    def close(self) -> None:
+        pass
+
+
+# --- dials that fail -----------------------------------------------------------------
+def test_calls_waiting_on_dials_that_fail_are_unreachable_at_once():
+    """AccMan down: every call, also those queued behind the pool's dials,
+    is Unreachable (nothing sent) as soon as the dials are refused, not a
+    CallTimeout after timeout_s."""
+    url = f"http://127.0.0.1:{closed_port()}"
+
+    async def go():
+        async with AccManClient(url, timeout_s=2.0, retries=0) as acc:
+            t = time.monotonic()
+            results = await asyncio.gather(*(acc.mod("alice", -1) for _ in range(50)),
+                                           return_exceptions=True)
+            return results, time.monotonic() - t
+    results, elapsed = run(go())
+    assert kinds(results) == {Unreachable}
+    assert elapsed < 1.0
+
+
+def test_a_call_queued_behind_a_stalled_dial_is_unreachable():
+    """A listener whose accept queue is full: connects hang.  The call
+    that waits for the dialling one's slot was never sent: Unreachable,
+    not an OutcomeUnknown."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fill = [socket.socket() for _ in range(4)]
+    for s in fill:
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+    url = f"http://127.0.0.1:{port}"
+
+    async def go():
+        async with AccManClient(url, connections_max=1, timeout_s=0.5, retries=0) as acc:
+            dialling = asyncio.create_task(acc.tot("alice"))
+            await asyncio.sleep(0.01)
+            return await asyncio.gather(dialling, acc.mod("alice", -1),
+                                        return_exceptions=True)
+    try:
+        results = run(go())
+    finally:
+        for s in fill + [listener]:
+            s.close()
+    assert [type(r) for r in results] == [Unreachable, Unreachable]
+
+
+def test_a_call_that_never_got_a_connection_is_unreachable_and_not_applied(
+        start_server, cred, monkeypatch):
+    """A stalled AccMan (SIGSTOP): the call on the only connection is sent
+    and times out (CallTimeout: unknown); those queued for a slot time out
+    unsent, Unreachable, and the server, once resumed, applied none of
+    them."""
+    monkeypatch.setattr(client_mod, "PIPELINE_DEPTH_MAX", 1)
+    srv = start_server()
+    srv.mod(cred, 100)
+
+    async def go():
+        async with AccManClient(srv.url, connections_max=1, timeout_s=0.5, retries=0) as acc:
+            await acc.tot(cred)
+            srv.send_signal(signal.SIGSTOP)
+            try:
+                return await asyncio.gather(*(acc.mod(cred, -1) for _ in range(6)),
+                                            return_exceptions=True)
+            finally:
+                srv.send_signal(signal.SIGCONT)
+    results = run(go())
+    assert kinds(results) == {CallTimeout, Unreachable}
+    sent = sum(isinstance(r, OutcomeUnknown) for r in results)
+    time.sleep(0.2)
+    assert 100 - sent <= srv.tot(cred) <= 100
+
+
+# --- replies that close the connection ---------------------------------------------
+def test_calls_pipelined_behind_a_401_are_unauthorized_too(start_server):
+    """A wrong token: the server answers 401 and closes, processing nothing
+    after it (RFC 9112 §9.6).  Every call pipelined behind it is refused
+    the same way, none is an unknown outcome."""
+    srv = start_server(tokens=f"read,charge,mint {'T' * 32}")
+
+    async def go():
+        async with AccManClient(srv.url, "W" * 32, connections_max=1) as acc:
+            return await asyncio.gather(*(acc.mod("alice", -1) for _ in range(20)),
+                                        return_exceptions=True)
+    assert kinds(run(go())) == {Unauthorized}
+
+
+def test_calls_pipelined_behind_a_closing_refusal_are_sent_again(start_server, cred):
+    """The first connection is answered `503 busy` and closed, as a full
+    server does, once 20 keyless mods are pipelined on it.  The 19 behind
+    the first were never processed: they are retried as unsent calls, as
+    is the first (Busy), and every mod applies exactly once."""
+    srv = start_server()
+    srv.mod(cred, 100)
+    body = b'{"error":"busy","detail":"the server is at CONNECTIONS_MAX connections"}'
+    front = Front(srv.port, b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body), heads=20)
+
+    async def go():
+        async with AccManClient(front.url, connections_max=1, retries=2) as acc:
+            first = asyncio.create_task(acc.mod(cred, -1))
+            while not acc._conns:                       # the first is sent: pipeline on it
+                await asyncio.sleep(0.005)
+            rest = await asyncio.gather(*(acc.mod(cred, -1) for _ in range(19)),
+                                        return_exceptions=True)
+            return [await first] + rest
+    try:
+        results = run(go())
+    finally:
+        front.close()
+    assert not [r for r in results if isinstance(r, AccManError)], results
+    assert srv.tot(cred) == 80 and front.connections == 2
+
+
+# --- one sync client shared by threads -----------------------------------------------
+def test_threads_sharing_a_sync_client_each_get_their_own_replies(shared_server, cred):
+    """Eight threads on one AccManSyncClient, half reading balances, half
+    charging with min=0: every reply is the one to the thread's own call
+    (replies on a socket name no request: unguarded, a thread would read
+    another account's balance, and an applied mod could come back
+    Insufficient)."""
+    creds = [f"{cred}-{i}" for i in range(8)]
+    wrong = []
+
+    def work(acc, i):
+        for n in range(150):
+            try:
+                if i % 2:
+                    got, want = acc.tot(creds[i]), 1000 * (i + 1)
+                else:
+                    got, want = acc.mod(creds[i], -1, min=0)[0], 1000 * (i + 1) - n - 1
+            except AccManError as e:
+                got, want = e, None
+            if got != want:
+                wrong.append((i, n, got, want))
+
+    with AccManSyncClient(shared_server.url) as acc:
+        for i, c in enumerate(creds):
+            acc.mod(c, 1000 * (i + 1))
+        threads = [threading.Thread(target=work, args=(acc, i)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert wrong == []
+    assert [shared_server.tot(c) for c in creds[::2]] == [850, 2850, 4850, 6850]
+
+
+def test_a_thread_that_waits_out_its_turn_is_unreachable_and_not_sent(start_server, cred):
+    """One thread's long poll holds the shared connection; another thread's
+    keyless mod that does not get its turn within timeout_s is Unreachable
+    (never sent), and the server applied nothing."""
+    srv = start_server()
+    srv.mod(cred, 100)
+    with AccManSyncClient(srv.url, timeout_s=0.5, retries=0) as acc:
+        last = acc.events(after=0).next
+        poll = threading.Thread(target=acc.events, args=(last,), kwargs={"wait_s": 2})
+        poll.start()
+        time.sleep(0.2)
+        t = time.monotonic()
+        try:
+            acc.mod(cred, -1)
+        except AccManError as e:
+            err = e
+        waited = time.monotonic() - t
+        poll.join()
+    assert type(err) is Unreachable and 0.25 <= waited < 1.0
+    assert srv.tot(cred) == 100
+
+
+# --- the event stream's order check and what real servers send -----------------------
+async def follow(acc, after: int = 0, limit: int = 3) -> tuple:
+    """Every event after `after`, page by page, each page checked by the
+    client; (ids, the last next)."""
+    ids = []
+    while True:
+        events, nxt = await acc.events(after, limit=limit)
+        if not events:
+            return ids, after
+        ids += [e.id for e in events]
+        after = nxt
+
+
+def test_every_page_a_real_server_sends_passes_the_order_check(start_server, cred):
+    """The client's check (ids from after + 1, one by one, next the last;
+    an empty page's next at most after) refuses no reply of a correct
+    server: small pages, a page asked past the end of the stream, a long
+    poll woken by a mod."""
+    srv = start_server()
+
+    async def go():
+        async with AccManClient(srv.url) as acc:
+            for i in range(10):
+                await acc.mod(f"{cred}-{i % 3}", 5 + i)
+            hold, _, _ = await acc.hold(f"{cred}-0", -3, ttl_s=60)
+            await acc.settle(f"{cred}-0", hold, 1)
+            ids, last = await follow(acc)
+            assert ids == list(range(1, 13)) and last == 12
+            assert await acc.events(last + 50) == ([], last)    # told where the stream ends
+            poll = asyncio.create_task(acc.events(last, wait_s=5))
+            await asyncio.sleep(0.2)
+            await acc.mod(f"{cred}-1", 1)
+            events, nxt = await poll
+            assert [e.id for e in events] == [13] and nxt == 13
+    run(go())
+
+
+def test_a_store_of_two_clusters_passes_the_order_check(start_server, request, tmp_path):
+    """PostgreSQL with two clusters: each numbers its own events and the
+    home cluster merges them into one order (accman.postgres.merge).  A
+    follower paging while mods land on both clusters sees ids 1..n, every
+    page accepted."""
+    if start_server.store.embedded:
+        pytest.skip("several clusters are the PostgreSQL store's")
+    pg = request.getfixturevalue("pg")
+    urls = [pg.create_database(f"c{id(tmp_path)}_{n}") for n in "ab"]
+    srv = start_server(cmd=[sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1",
+                            "--port", "0", "--data", str(tmp_path / "data"),
+                            "--store", urls[0], "--store", urls[1]])
+
+    async def go():
+        async with AccManClient(srv.url) as acc:
+            writes = asyncio.gather(*(acc.mod(f"two-{i}", 1 + i) for i in range(60)))
+            seen, after = [], 0
+            while not writes.done() or len(seen) < 60:
+                ids, after = await follow(acc, after, limit=7)
+                seen += ids
+                await asyncio.sleep(0.01)
+            await writes
+            return seen
+    assert run(go()) == list(range(1, 61))
+    accounts = [int(pg.psql("SELECT count(*) FROM accman_accounts", url.rsplit("/", 1)[1]))
+                for url in urls]
+    assert sum(accounts) == 60 and min(accounts) > 0         # both clusters took mods
+
+
+# --- one async client, two event loops -------------------------------------------------
+def test_a_client_used_under_a_second_event_loop_says_why_it_cannot(shared_server, cred):
+    """Each asyncio.run() makes a new loop; the client's connections belong
+    to the first.  A call under the second is a RuntimeError naming that,
+    not asyncio's "Event loop is closed" from deep inside, and nothing is
+    sent; closing the client afterwards is still fine."""
+    acc = AccManClient(shared_server.url)
+    assert run(acc.mod(cred, 3)) == (3, 1)
+    with pytest.raises(RuntimeError, match="one client per event loop"):
+        run(acc.mod(cred, 3))
+    run(acc.aclose())
+    assert shared_server.tot(cred) == 3
