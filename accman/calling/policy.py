@@ -3,6 +3,9 @@ clients keep (docs/CALLING.md, "Unknown outcomes and retries").  No I/O."""
 
 from __future__ import annotations
 
+import decimal
+import numbers
+
 from accman.errors import Busy, OutcomeUnknown, Unavailable, Unreachable
 from accman.limits import IDLE_TIMEOUT_S
 
@@ -30,9 +33,9 @@ IDLE_REUSE_S = min(30.0, IDLE_TIMEOUT_S / 2)
 
 def check_settings(timeout_s, retries) -> None:
     """Refuses a client's settings that no call could keep, naming them."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (numbers.Real, decimal.Decimal)):
         raise TypeError(f"timeout_s must be a number of seconds, not {type(timeout_s).__name__}")
-    if not 0 < timeout_s <= TIMEOUT_S_MAX:
+    if not 0 < float(timeout_s) <= TIMEOUT_S_MAX:
         raise ValueError(f"timeout_s must be more than 0 and at most TIMEOUT_S_MAX "
                          f"({TIMEOUT_S_MAX:g} s)")
     if isinstance(retries, bool) or not isinstance(retries, int):

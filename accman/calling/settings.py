@@ -3,10 +3,7 @@ the setting (accman.calling.asgi), and its per-request ids.  No I/O."""
 
 from __future__ import annotations
 
-import decimal
 import itertools
-import math
-import numbers
 import os
 import re
 
@@ -57,13 +54,7 @@ def check_calls(timeout_s, retries, on_unpaid) -> float:
     """Refuses a setting of its calls to AccMan, naming it: checked here,
     since the client itself is made at the first request.  `timeout_s`
     as a float."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (numbers.Real, decimal.Decimal)):
-        raise TypeError(f"timeout_s must be a number, not {type(timeout_s).__name__}")
-    if not math.isfinite(timeout_s):
-        raise ValueError("timeout_s must be a finite number of seconds")
-    if isinstance(retries, bool) or not isinstance(retries, int):
-        raise TypeError(f"retries must be an int, not {type(retries).__name__}")
-    check_settings(float(timeout_s), retries)
+    check_settings(timeout_s, retries)
     if on_unpaid is not None and not callable(on_unpaid):
         raise TypeError("on_unpaid must be a callable on_unpaid(cred, amount), or None")
     return float(timeout_s)
