@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import sys
 import threading
 import time
 
@@ -382,35 +381,6 @@ def test_every_page_a_real_server_sends_passes_the_order_check(start_server, cre
             events, nxt = await poll
             assert [e.id for e in events] == [13] and nxt == 13
     run(go())
-
-
-def test_a_store_of_two_clusters_passes_the_order_check(start_server, request, tmp_path):
-    """PostgreSQL with two clusters: each numbers its own events and the
-    home cluster merges them into one order (accman.postgres.merge).  A
-    follower paging while mods land on both clusters sees ids 1..n, every
-    page accepted."""
-    if start_server.store.embedded:
-        pytest.skip("several clusters are the PostgreSQL store's")
-    pg = request.getfixturevalue("pg")
-    urls = [pg.create_database(f"c{id(tmp_path)}_{n}") for n in "ab"]
-    srv = start_server(cmd=[sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1",
-                            "--port", "0", "--data", str(tmp_path / "data"),
-                            "--store", urls[0], "--store", urls[1]])
-
-    async def go():
-        async with AccManClient(srv.url) as acc:
-            writes = asyncio.gather(*(acc.mod(f"two-{i}", 1 + i) for i in range(60)))
-            seen, after = [], 0
-            while not writes.done() or len(seen) < 60:
-                ids, after = await follow(acc, after, limit=7)
-                seen += ids
-                await asyncio.sleep(0.01)
-            await writes
-            return seen
-    assert run(go()) == list(range(1, 61))
-    accounts = [int(pg.psql("SELECT count(*) FROM accman_accounts", url.rsplit("/", 1)[1]))
-                for url in urls]
-    assert sum(accounts) == 60 and min(accounts) > 0         # both clusters took mods
 
 
 # --- one async client, two event loops -------------------------------------------------

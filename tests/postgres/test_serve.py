@@ -3,10 +3,12 @@ only the PostgreSQL store has (the server suite runs on it too, through the
 fixtures of tests/conftest.py): /health while no primary is reachable, the
 ready line's URL, several clusters, the migrate command."""
 
+import asyncio
 import time
 
 from conftest import assert_error, get, patch, run_accman, spawn_server
 
+from accman.client import AccManClient
 from accman.postgres.schema import SCHEMA_VERSION
 from ledgerhelp import wait_for
 
@@ -143,6 +145,36 @@ def test_migrate_makes_and_upgrades_the_schema_once(pg):
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == f"accman: 1 cluster(s) at schema version {SCHEMA_VERSION}"
     assert pg.psql("SELECT version FROM accman_schema", "mig") == str(SCHEMA_VERSION)
+
+
+def test_a_store_of_two_clusters_passes_the_clients_order_check(pg, pg_factory, tmp_path):
+    """Each cluster numbers its own events and the home cluster merges them
+    into one order (accman.postgres.merge).  A follower paging while mods
+    land on both sees ids 1..n, every page accepted by the client's check
+    that a page starts at after + 1 and ends at next."""
+    other = pg_factory(name="second")
+    urls = [pg.create_database("order"), other.create_database("order")]
+    srv = spawn_server(tmp_path / "data", tmp_path / "log",
+                       args=[a for u in urls for a in ("--store", u)])
+
+    async def go():
+        async with AccManClient(srv.url) as acc:
+            writes = asyncio.gather(*(acc.mod(f"two-{i}", 1 + i) for i in range(60)))
+            seen, after = [], 0
+            while not writes.done() or len(seen) < 60:
+                events, nxt = await acc.events(after, limit=7)
+                seen += [e.id for e in events]
+                after = nxt if events else after
+                await asyncio.sleep(0.01)
+            await writes
+            return seen
+    try:
+        assert asyncio.run(go()) == list(range(1, 61))
+        held = [int(pg.psql("SELECT count(*) FROM accman_accounts", "order")),
+                int(other.psql("SELECT count(*) FROM accman_accounts", "order"))]
+        assert sum(held) == 60 and min(held) > 0, held       # both clusters took mods
+    finally:
+        srv.stop()
 
 
 def test_two_clusters_serve_one_store(pg, pg_factory, tmp_path):
