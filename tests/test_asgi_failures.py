@@ -265,8 +265,8 @@ def test_close_cuts_a_pause_short_and_the_queue_works_after(monkeypatch, caplog)
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
         m = mw(fake, cost=2, retries=0)
-        fake.fault = lambda meth, p, q: ("reply", 503, {"error": "unavailable", "detail": "x"}) \
-            if "key" in q else None
+        fake.fault = lambda meth, p, q: ("reply", 503, {"error": "busy", "detail": "x"}) \
+            if "key" in q else None          # refused before applying: known not landed
 
         async def close_then_owe_again():
             t0 = asyncio.get_running_loop().time()

@@ -300,13 +300,38 @@ def test_a_stranded_settle_is_unpaid(monkeypatch, caplog):
     monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 2)
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
-        fake.fault = lambda m, p, q: ("drop",) if p == "/settle" else None
+        # refused before it applies (busy): known not to have landed
+        fake.fault = lambda m, p, q: ("reply", 503, {"error": "busy", "detail": "full"}) \
+            if p == "/settle" else None
         unpaid = []
         m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0,
                on_unpaid=lambda cred, amount: unpaid.append(amount))
         with caplog.at_level(logging.ERROR, logger="accman.asgi"):
             served_and_drained(m)
         assert unpaid == [2] and "the account owes 2" in caplog.text
+
+
+def test_a_settle_stranded_after_a_dropped_reply_is_of_unknown_outcome(monkeypatch, caplog):
+    """A settle sent with no reply may have landed, whatever its later
+    attempts met: billed through on_unpaid, it could be billed twice."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 3)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        settles = []
+
+        def fault(m, p, q):
+            if p == "/settle":
+                settles.append(1)
+                return ("apply_drop",) if len(settles) == 1 else \
+                    ("reply", 503, {"error": "busy", "detail": "full"})
+        fake.fault = fault
+        unpaid = []
+        m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0,
+               on_unpaid=lambda cred, amount: unpaid.append(amount))
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            served_and_drained(m)
+        assert unpaid == [] and m.stats["stranded"] == 1 and fake.tot(CRED) == 8
+        assert "outcome unknown: look for hold" in caplog.text
 
 
 # --- concurrency ------------------------------------------------------------------

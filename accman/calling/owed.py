@@ -16,8 +16,8 @@ import collections
 import hashlib
 import logging
 
-from accman.errors import (AccManError, HoldEnded, Insufficient, OutcomeUnknown, TransportError,
-                           Unavailable)
+from accman.errors import (AccManError, Busy, Forbidden, HoldEnded, Insufficient, OutcomeUnknown,
+                           TransportError, Unauthorized, Unavailable, Unreachable)
 
 log = logging.getLogger("accman.asgi")
 
@@ -45,16 +45,18 @@ def fingerprint(cred: str) -> str:
 
 # Each owed call has `cred`, `by` (what it moves: < 0 the account owes the
 # service, > 0 the service owes the account, 0 nothing is lost if it never
-# lands), `what` and `ref` (for logs), and `run(acc)`.
+# lands), `what` and `ref` (for logs), `maybe` (an attempt of it may have
+# landed: sent, with no reply) and `run(acc)`.
 
 class Mod:
     """An owed mod, retried with its key until it lands.  `what` names it
     in logs: "charge" or "refund"."""
 
-    __slots__ = ("cred", "by", "key", "what")
+    __slots__ = ("cred", "by", "key", "what", "maybe")
 
     def __init__(self, cred: str, by: int, key: str, what: str):
         self.cred, self.by, self.key, self.what = cred, by, key, what
+        self.maybe = False
 
     @property
     def ref(self) -> str:
@@ -76,11 +78,12 @@ class Settle:
     mod instead: the hold expired (the app ran past its ttl, or the settle
     could not land in time) and all of it went back."""
 
-    __slots__ = ("cred", "hold", "use", "rid", "by", "what")
+    __slots__ = ("cred", "hold", "use", "rid", "by", "what", "maybe")
 
     def __init__(self, cred: str, hold: int, use: int, rid: str):
         self.cred, self.hold, self.use, self.rid = cred, hold, use, rid
         self.by, self.what = -use, "settle" if use else "release"
+        self.maybe = False
 
     @property
     def ref(self) -> str:
@@ -105,11 +108,12 @@ class Unhold:
     Left alone it would return by itself at its expiry; this returns it
     sooner."""
 
-    __slots__ = ("cred", "amount", "ttl_s", "key", "by", "what")
+    __slots__ = ("cred", "amount", "ttl_s", "key", "by", "what", "maybe")
 
     def __init__(self, cred: str, amount: int, ttl_s: int, key: str):
         self.cred, self.amount, self.ttl_s, self.key = cred, amount, ttl_s, key
         self.by, self.what = 0, "release"
+        self.maybe = False
 
     @property
     def ref(self) -> str:
@@ -141,9 +145,7 @@ class Owed:
         self._task = None
         self._closing = False
         self._wake = None               # set to cut a pause short when closing
-        # Whether the first item's last attempt may have landed: sent with
-        # no reply, or under way.
-        self._head_unknown = False
+        self._running = None            # the item whose call is under way
 
     def __len__(self) -> int:
         return len(self._items)
@@ -155,6 +157,7 @@ class Owed:
         if len(self._items) >= FOLLOWUPS_MAX:
             self._strand(item, "FOLLOWUPS_MAX owed mods already queued")
             return
+        item.maybe = _may_have_landed(cause)
         self._stats["owed"] += 1
         log.info("accman: %s of %d for account %s queued (after %s), %s",
                  item.what, abs(item.by), fingerprint(item.cred), code, item.ref)
@@ -168,22 +171,25 @@ class Owed:
         attempt = 0
         while self._items and not self._closing:
             item = self._items[0]
-            self._head_unknown = True
+            self._running = item
             try:
                 await item.run(acc)
             except (TransportError, Unavailable) as e:
                 attempt += 1
-                self._head_unknown = isinstance(e, OutcomeUnknown)
+                item.maybe = item.maybe or _may_have_landed(e)
                 if self._closing:
                     continue            # close() strands it
                 if attempt < FOLLOWUP_ATTEMPTS_MAX:
                     await self._pause(_pause_s(attempt))
                     continue
-                self._strand(item, f"still {e.code} after {attempt} attempts")
+                self._strand(item, f"still {e.code} after {attempt} attempts", item.maybe)
+            except (Unauthorized, Forbidden) as e:
+                self._strand(item, e.code, item.maybe)     # refused before its key was read
             except AccManError as e:
-                self._strand(item, e.code)
+                self._strand(item, e.code)      # a definite answer: it had not landed
+            finally:
+                self._running = None
             self._items.popleft()
-            self._head_unknown = False
             attempt = 0
 
     async def _pause(self, seconds: float) -> None:
@@ -194,8 +200,8 @@ class Owed:
 
     def _strand(self, item, why: str, unknown: bool = False) -> None:
         """Logs `item` as stranded, and an amount the account owes as unpaid
-        unless the item's last attempt may have landed (`unknown`): billed
-        later, it could be billed twice, so the log says where to look."""
+        unless an attempt of it may have landed (`unknown`): billed later,
+        it could be billed twice, so the log says where to look."""
         self._stats["stranded"] += 1
         if unknown and item.by:
             log.error("accman: stranded %s of %d, outcome unknown: look for %s in the history "
@@ -245,11 +251,20 @@ class Owed:
     def _end(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        unknown = self._head_unknown
         while self._items:
-            self._strand(self._items.popleft(), "shutting down", unknown)
-            unknown = False
-        self._head_unknown = self._closing = False
+            item = self._items.popleft()
+            self._strand(item, "shutting down", item.maybe or item is self._running)
+        self._running = None
+        self._closing = False
+
+
+def _may_have_landed(exc: BaseException) -> bool:
+    """Sent with no reply, or a plain 503 (a commit that failed: not
+    acknowledged, which is not the same as not applied); not Busy or
+    Unreachable, refused or never sent."""
+    if isinstance(exc, OutcomeUnknown):
+        return True
+    return isinstance(exc, Unavailable) and not isinstance(exc, (Busy, Unreachable))
 
 
 def _pause_s(attempt: int) -> float:
