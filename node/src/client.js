@@ -13,7 +13,8 @@
 const { Pool } = require('undici')
 const limits = require('./limits')
 const {
-  AccManError, Busy, Unavailable, Unreachable, OutcomeUnknown, CallTimeout, BadReply
+  AccManError, Busy, Unavailable, Unreachable, OutcomeUnknown, CallTimeout, BadReply,
+  Unauthorized, Forbidden, mayHaveLanded
 } = require('./errors')
 const values = require('./values')
 
@@ -126,6 +127,11 @@ class Attempt {
   }
 }
 
+function saysNothing (err) {
+  return err instanceof Unreachable || err instanceof Busy || err instanceof Unauthorized ||
+    err instanceof Forbidden
+}
+
 function retryable (err, safe) {
   if (err instanceof Unreachable || err instanceof Busy) return true
   if (err instanceof OutcomeUnknown || err instanceof Unavailable) return safe
@@ -209,15 +215,21 @@ class AccManClient {
     await this._pool.close()
   }
 
+  // Once an attempt may have landed, the call ends with that error unless
+  // a later attempt gets a definite answer: a retry refused before it was
+  // read (Busy, Unreachable, a 401 or 403, which come before the key is
+  // looked up) says nothing of the earlier attempt.
   async _call (method, target, safe, decode) {
     const path = this._prefix + target
+    let maybe = null
     for (let attempt = 0; ; attempt++) {
       try {
         const [status, text] = await this._attempt(method, path)
         return decode(status, text, this.bigint)
       } catch (err) {
+        if (maybe === null && mayHaveLanded(err)) maybe = err
         if (!(err instanceof AccManError) || attempt >= this.retries || this._closed || !retryable(err, safe)) {
-          throw err
+          throw maybe !== null && saysNothing(err) ? maybe : err
         }
       }
       await new Promise((resolve) => setTimeout(resolve, pauseMs(attempt)))

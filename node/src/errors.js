@@ -134,7 +134,17 @@ function errorOfReply (status, obj, tot) {
   return new UnexpectedReply(detail, code || 'unexpected', status)
 }
 
+// Whether a failed call may still have landed: sent with no reply
+// (OutcomeUnknown), or a plain 503, a commit that failed ("not
+// acknowledged" is not "not applied").  Busy and Unreachable were refused
+// before applying, or never sent.
+function mayHaveLanded (err) {
+  if (err instanceof OutcomeUnknown) return true
+  return err instanceof Unavailable && !(err instanceof Busy) && !(err instanceof Unreachable)
+}
+
 module.exports = {
+  mayHaveLanded,
   AccManError,
   BadRequest,
   Unauthorized,

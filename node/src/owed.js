@@ -11,7 +11,8 @@ const {
   OWED_MAX, OWED_ATTEMPTS_MAX, OWED_PAUSE_MS, OWED_PAUSE_MAX_MS
 } = require('./limits')
 const {
-  Unavailable, OutcomeUnknown, HoldEnded, Insufficient, NoAccount
+  Unavailable, OutcomeUnknown, HoldEnded, Insufficient, NoAccount, Unauthorized, Forbidden,
+  mayHaveLanded
 } = require('./errors')
 
 // How logs name an account: not the credential, a bearer secret, but 12 hex
@@ -115,16 +116,16 @@ class Owed {
     this.deadline = Infinity
     this.closed = false
     this.wake = null // ends a pause between attempts early, at close
-    // Whether the first item's last attempt may have landed (sent, no reply).
-    this.headUnknown = false
   }
 
   get size () {
     return this.queue.length
   }
 
-  // `item` is a Charge, a Settle or an Unhold.
-  add (item) {
+  // `item` is a Charge, a Settle or an Unhold; `cause` the error that kept
+  // it from landing now.  `item.maybe`: an attempt of it may have landed.
+  add (item, cause) {
+    item.maybe = cause !== undefined && mayHaveLanded(cause)
     if (this.closed) {
       this.strand(item, 'shutting down')
       return false
@@ -149,15 +150,17 @@ class Owed {
         await item.run(this.client, this.log)
       } catch (err) {
         const transient = err instanceof Unavailable || err instanceof OutcomeUnknown
-        this.headUnknown = err instanceof OutcomeUnknown
+        item.maybe = item.maybe || mayHaveLanded(err)
         if (transient && ++attempt < OWED_ATTEMPTS_MAX) {
           await this.pause(Math.min(OWED_PAUSE_MS * 2 ** (attempt - 1), OWED_PAUSE_MAX_MS))
           continue
         }
-        this.strand(item, transient ? `still ${err.code} after ${attempt} attempts` : (err.code || String(err)))
+        // A definite refusal says it had not landed, but for a 401 or 403,
+        // which comes before the key is read.
+        const unknown = item.maybe && (transient || err instanceof Unauthorized || err instanceof Forbidden)
+        this.strand(item, transient ? `still ${err.code} after ${attempt} attempts` : (err.code || String(err)), unknown)
       }
       this.queue.shift()
-      this.headUnknown = false
       attempt = 0
     }
   }
@@ -198,10 +201,9 @@ class Owed {
     if (this.wake !== null) this.wake()
     while (this.running !== null) await this.running
     this.closed = true
-    let unknown = this.headUnknown
     while (this.queue.length) {
-      this.strand(this.queue.shift(), 'shutting down', unknown)
-      unknown = false
+      const item = this.queue.shift()
+      this.strand(item, 'shutting down', item.maybe === true)
     }
   }
 }

@@ -353,7 +353,7 @@ class Meter {
 
   // --- owed calls, stats --------------------------------------------------------
   owe (item, cause) {
-    if (this.owed.add(item)) {
+    if (this.owed.add(item, cause)) {
       this.stats.owed++
       this.log.info({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, after: cause.code },
         `accman: ${item.what} queued to retry`)

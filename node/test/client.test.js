@@ -10,6 +10,8 @@ const E = require('../src/errors')
 const { CALLS_IN_FLIGHT_MAX } = require('../src/limits')
 const { AccManServer, TOKENS } = require('./helpers/accman')
 const { fakeAccMan, reply } = require('./helpers/fake')
+const { proxyTo } = require('./helpers/proxy')
+const { until } = require('./helpers/app')
 
 let server, mint, service
 test.before(async () => {
@@ -161,4 +163,20 @@ test('a closed client refuses calls with Unreachable', async () => {
   const client = new AccManClient({ url: server.url, token: TOKENS.service })
   await client.close()
   await assert.rejects(client.tot('c-basic'), E.Unreachable)
+})
+
+test('a keyed mod whose first attempt may have landed stays OutcomeUnknown when its retries meet a refused connect', async () => {
+  await mint.mod('c-maybe', 10)
+  const proxy = await proxyTo(server.url)
+  const client = new AccManClient({ url: proxy.url, token: TOKENS.service, retries: 2 })
+  try {
+    proxy.set('delay', 60000) // the request reaches AccMan at once; its reply is held back
+    const call = client.mod('c-maybe', -3, { key: 'maybe-1' })
+    await until(() => proxy.targets.some((t) => t.startsWith('/mod?')))
+    await proxy.close() // the held reply is lost; every retry's connect is refused
+    await assert.rejects(call, (err) => err instanceof E.OutcomeUnknown)
+  } finally {
+    await client.close()
+  }
+  assert.equal(await service.tot('c-maybe'), 7) // it had landed: "not applied" would be wrong
 })

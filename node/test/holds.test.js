@@ -152,7 +152,7 @@ test('reserve: a stranded settle is owed by the account and unpaid; a stranded r
     const paid = get(url + '/slow?ms=300', 'h-strand')
     const failed = get(url + '/slowfail?ms=300', 'h-strand')
     await until(() => app.served === 2) // both held
-    proxy.set('refuse') // the settle and the release meet no AccMan: owed
+    await proxy.set('down') // the settle and the release meet no AccMan: owed, known unsent
     assert.deepEqual([(await paid).status, (await paid).accman], [200, null])
     assert.equal((await failed).status, 500)
     await until(() => app.accman.stats.owed === 2)
@@ -160,7 +160,7 @@ test('reserve: a stranded settle is owed by the account and unpaid; a stranded r
     server.writeTokens({ service: 'read' })
     await server.stop()
     await server.start()
-    proxy.set('pass')
+    await proxy.set('pass')
     assert.ok(await app.accman.drain(30000))
   } finally {
     await app.close()

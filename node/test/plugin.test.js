@@ -284,12 +284,12 @@ test('at close, an owed charge under way past the drain time lands and is not re
   }, { logs })
   try {
     assert.equal((await get(url + '/w', 'p-close')).accman, '9')
-    proxy.set('refuse') // two more requests, admitted on the fresh balance: their charges are owed
+    await proxy.set('down') // two more requests, admitted on the fresh balance: their charges are owed
     for (let i = 0; i < 2; i++) assert.deepEqual(Object.values(await get(url + '/w', 'p-close')).slice(0, 2), [200, null])
     assert.equal(app.accman.stats.owed, 2)
     const mods = () => proxy.targets.filter((t) => t.startsWith('/mod?')).length
     const sent = mods()
-    proxy.set('delay', DELAY_MS)
+    await proxy.set('delay', DELAY_MS)
     await until(() => mods() > sent) // the first owed charge reached AccMan; its reply is held back
     await app.close()
   } finally {

@@ -1,7 +1,9 @@
 'use strict'
 // A TCP proxy in front of a real AccMan, for what comes between a service
-// and AccMan: in mode `refuse` it drops every connection (AccMan out of
-// reach), in mode `delay` it holds AccMan's replies back `delayMs` (a
+// and AccMan: in mode `refuse` it drops every connection it accepts (the
+// client cannot tell whether its request was read: OutcomeUnknown), in
+// mode `down` it stops listening (connections are refused: nothing is
+// sent, Unreachable), in mode `delay` it holds AccMan's replies back `delayMs` (a
 // stalled network: the request reaches AccMan at once, its reply late).
 // `targets` lists the request targets it forwarded, in order.
 
@@ -43,19 +45,25 @@ async function proxyTo (url) {
     upstream.on('close', () => later(() => client.destroy()))
   })
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const port = server.address().port
   return {
-    url: `http://127.0.0.1:${server.address().port}`,
+    url: `http://127.0.0.1:${port}`,
     targets,
-    // 'pass', 'refuse' (every open connection is dropped too) or 'delay'.
+    // 'pass', 'refuse' or 'down' (every open connection is dropped too),
+    // or 'delay'.  Leaving 'down' listens again on the same port: await it.
     set (newMode, newDelayMs = 0) {
+      const wasDown = mode === 'down'
       mode = newMode
       delayMs = newMode === 'delay' ? newDelayMs : 0
-      if (mode === 'refuse') for (const s of sockets) s.destroy()
+      if (mode === 'refuse' || mode === 'down') for (const s of sockets) s.destroy()
+      if (mode === 'down' && !wasDown) return new Promise((resolve) => server.close(resolve))
+      if (wasDown && mode !== 'down') return new Promise((resolve) => server.listen(port, '127.0.0.1', resolve))
     },
     close () {
       for (const t of timers) clearTimeout(t)
       delayMs = 0
       for (const s of sockets) s.destroy()
+      if (mode === 'down') return Promise.resolve()
       return new Promise((resolve) => server.close(resolve))
     }
   }
