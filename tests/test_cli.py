@@ -347,13 +347,12 @@ def test_help_names_the_default_data_directory(command):
     assert proc.returncode == 0 and "default ./accman-data" in proc.stdout
 
 
-@pytest.mark.parametrize("args,shown", [(["serve", "--bogus"], "--bogus"),
-                                        (["verify", "--bogus"], "--bogus"),
-                                        (["tot", "abc", "--bogus"], "--bogus"),
-                                        (["open", "--by", "5", "extra"], "<not shown>")])
-def test_an_unknown_argument_points_at_its_commands_help(args, shown, tmp_path):
+@pytest.mark.parametrize("args", [["serve", "--bogus"], ["verify", "--bogus"],
+                                  ["tot", "abc", "--bogus"], ["open", "--by", "5", "extra"]])
+def test_an_unknown_argument_points_at_its_commands_help(args, tmp_path):
     err = one_line_error(run_accman(*args, cwd=tmp_path))
-    assert f"(try: accman {args[0]} --help" in err and shown in err
+    assert f"(try: accman {args[0]} --help" in err
+    assert "unrecognized arguments: <not shown>" in err and args[-1] not in err
 
 
 # --- a source tree without its build (issue 11, item 10) ------------------------------
