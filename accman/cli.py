@@ -45,9 +45,9 @@ CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an e
 
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2, and shows no
-    word of the command line (`given`) but the names of flags and commands
-    (`names`, shared by a parser and its commands): any other word may be a
-    credential, which is never echoed (docs/CALLING.md)."""
+    word of the command line (`given`) but the exact names of flags and
+    commands (`names`, shared by a parser and its commands): any other word
+    may be a credential, which is never echoed (docs/CALLING.md)."""
 
     # Said with every usage error of a command that takes a credential.
     cred_hint = None
@@ -55,44 +55,57 @@ class _ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, given=(), names=None, **kwargs):
         self.given = given
         self.names = set() if names is None else names
+        self.flags = []         # this parser's own, for "did you mean"
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
-        self.names.update(a for a in args if a.startswith("-"))
+        flags = [a for a in args if a.startswith("-")]
+        self.names.update(flags)
+        self.flags += flags
         return super().add_argument(*args, **kwargs)
 
-    def error(self, message):
+    def error(self, message, suggestion=""):
         hint = f"; {self.cred_hint}" if self.cred_hint else ""
-        message = _unechoed(message, self.given, self.names)
+        message = _unechoed(message, self.given, self.names, suggestion)
         sys.stderr.write(f"accman: error: {message} (try: {self.prog} --help{hint})\n")
         sys.exit(EXIT_USAGE)
 
+    def unrecognized(self, extra):
+        """The usage error for the words that no argument took: none shown,
+        and for those that read as flags, the closest of this command's."""
+        close = _close_flags(extra, self.given, [f for f in self.flags if f.startswith("--")])
+        self.error(f"unrecognized arguments: {' '.join(extra)}",
+                   f"; did you mean {' or '.join(close)}?" if close else "")
 
-# How alike a word starting with "--" must be to a flag's name to be shown
-# as a mistyped flag (difflib's ratio; --tokn is 0.92 from --token): a
-# credential, which may start with "--" too, is nothing like one.
+
+# How alike an unknown word that reads as a flag must be to a flag's name
+# for a usage error to suggest that flag (difflib's ratio; --tokn is 0.92
+# from --token).  The suggestion is the flag's own name, never the word.
 FLAG_LIKENESS_MIN = 0.6
 # What a usage error shows in place of a word it does not echo.
 UNSHOWN = "<not shown>"
 
 
-def _shown(word, names):
-    """What a usage error may show of a word of the command line: a flag's
-    or a command's name, without any "=value"; None for anything else."""
-    name = word.split("=", 1)[0] if word.startswith("--") else word
-    if name in names or (name.startswith("--") and difflib.get_close_matches(
-            name, [n for n in names if n.startswith("--")], 1, FLAG_LIKENESS_MIN)):
-        return name
-    return None
+def _close_flags(extra, given, flags) -> list:
+    """For each word of `extra` that reads as a flag (it starts with "-" and
+    comes before any "--", after which every word is a value), the closest
+    of `flags`, if one is close enough; each named once."""
+    options = given[:given.index("--")] if "--" in given else given
+    close = [difflib.get_close_matches(word.split("=", 1)[0], flags, 1, FLAG_LIKENESS_MIN)
+             for word in extra if word.startswith("-") and word in options]
+    return list(dict.fromkeys(flag for match in close for flag in match))
 
 
-def _unechoed(message, given, names) -> str:
-    """`message` with every word of `given` that is not a name (and every
-    value after a flag's "=") put out of sight, bare or quoted as argparse
-    prints it."""
+def _unechoed(message, given, names, suggestion="") -> str:
+    """`message` with every word of `given` that is not the exact name of a
+    flag (with any "=value" put out of sight) or of a command put out of
+    sight, bare or quoted as argparse prints it; then `suggestion`, which is
+    not searched (it names flags).  A word like a flag's name, --tokn or
+    --tokenSECRET, is not one: it may hold a credential."""
     hidden = 0
     for word in sorted(set(given) - {""}, key=len, reverse=True):
-        shown = _shown(word, names)
+        name = word.split("=", 1)[0] if word.startswith("--") else word
+        shown = name if name in names else None
         if word == shown:
             continue
         out_of_sight = [(word, shown or UNSHOWN), (repr(word), repr(shown or UNSHOWN))]
@@ -102,6 +115,7 @@ def _unechoed(message, given, names) -> str:
             pattern = rf"(?<![\w-]){re.escape(text)}(?![\w-])"
             message, n = re.subn(pattern, lambda _m, instead=instead: instead, message)
             hidden += n
+    message += suggestion
     return f"{message} (a value is never shown: it may be a credential)" if hidden else message
 
 
@@ -282,7 +296,7 @@ def _main(argv) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # Said by the command's own parser, so that it points at its --help.
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.commands[args.command].unrecognized(extra)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "verify":

@@ -289,20 +289,31 @@ def test_open_started_with_stdout_closed_hands_over_the_credential(start_server)
 # --- a mistyped flag --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,names", [
-    (["tot", "--tokn", "SECRETtoken", "SECRETcred"], "unrecognized arguments: --tokn <not shown>"),
-    (["tot", "--tokn=SECRETtoken", "SECRETcred"], "unrecognized arguments: --tokn "),
-    (["tot", "SECRETcred1", "SECRETcred2"], "unrecognized arguments: <not shown>"),
-    (["mod", "SECRETcred", "5", "-SECRETdash"], "unrecognized arguments: <not shown>"),
-    (["tot", "--", "--SECRETdash", "--SECRETmore"], "unrecognized arguments: <not shown>"),
-    (["hold", "SECRETcred", "-5", "--ttl", "60", "--t=SECRET"], "ambiguous option: --t could"),
+    (["tot", "--tokn", "SECRETtoken", "SECRETcred"],
+     "unrecognized arguments: <not shown> <not shown>; did you mean --token?"),
+    (["tot", "--tokn=SECRETtoken", "SECRETcred"],
+     "unrecognized arguments: <not shown>; did you mean --token?"),
+    (["tot", "--tokenSECRET12", "c"], "unrecognized arguments: <not shown>; did you mean --token?"),
+    (["tot", "--SECRETtoken", "c"], "unrecognized arguments: <not shown>; did you mean --token?"),
+    (["mod", "c", "5", "--SECRETkey", "k"],
+     "unrecognized arguments: <not shown> <not shown>; did you mean --key?"),
+    (["tot", "SECRETcred1", "SECRETcred2"], "unrecognized arguments: <not shown> ("),
+    (["mod", "SECRETcred", "5", "-SECRETdash"], "unrecognized arguments: <not shown> ("),
+    (["tot", "--", "--SECRETdash", "--SECRETmore"], "unrecognized arguments: <not shown> ("),
+    (["tot", "--", "c", "--tokenSECRET"], "unrecognized arguments: <not shown> ("),
+    (["hold", "SECRETcred", "-5", "--ttl", "60", "--t=SECRET"],
+     "ambiguous option: <not shown> could match --token, --ttl"),
     (["events", "--follow=SECRET"], "argument --follow: ignored explicit argument"),
     (["SECRETcred"], "invalid choice: '<not shown>'"),
     (["serve", "--verify=SECRET"], "argument --verify: invalid choice"),
 ])
 def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path):
-    """An unknown flag's name may be shown (one like a known flag: a
-    credential may start with "--" too); a positional value, a value after a
-    flag or after "=", never."""
+    """A usage error shows only the exact names of flags and commands: an
+    unknown flag, however like a known one (a credential may start with
+    "--" too, and a value may be glued to a flag's name), is not shown, and
+    the closest flag is suggested by its own name; after "--" every word is
+    a value, and no flag is suggested for it.  A positional value, a value
+    after a flag or after "=", is never shown either."""
     err = one_line_error(run_accman(*args, cwd=tmp_path))
     assert names in err and "SECRET" not in err
     assert "a value is never shown: it may be a credential" in err

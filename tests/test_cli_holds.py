@@ -266,3 +266,122 @@ def test_follow_gives_up_after_follow_outage_s_max(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # handlers restored
     assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)        # and its timer stopped
+
+
+# --- follow as a library call: the caller's signals and timer ----------------------------
+
+class NoEvents:
+    """A client that must not be asked: the reader is gone before the first poll."""
+
+    def events(self, *args, **kwargs):
+        raise AssertionError("polled with no reader")
+
+
+class ReaderLeaves:
+    """A client whose long poll outlasts the reader: it closes the read end
+    of the follower's pipe, then waits."""
+
+    def __init__(self, read_fd):
+        self.read_fd = read_fd
+
+    def events(self, *args, **kwargs):
+        os.close(self.read_fd)
+        time.sleep(5)
+        raise AssertionError("the reader check did not end the follower")
+
+
+@pytest.fixture
+def caller():
+    """A library caller's own SIGALRM and SIGTERM handlers (what they were
+    called with in `alarms`), put back as they were after the test whatever
+    the follower left, and a pipe for the follower to write to."""
+    alarms = []
+    before = {s: signal.getsignal(s) for s in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, _frame):
+        alarms.append(signum)
+    signal.signal(signal.SIGALRM, handler)
+    signal.signal(signal.SIGTERM, handler)
+    r, w = os.pipe()
+    out = os.fdopen(w, "w")
+    try:
+        yield handler, alarms, r, out
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in before.items():
+            signal.signal(s, h)
+        out.close()
+        try:
+            os.close(r)
+        except OSError:
+            pass
+
+
+def test_follow_puts_back_the_callers_handlers_and_running_timer(caller):
+    handler, alarms, r, out = caller
+    signal.setitimer(signal.ITIMER_REAL, 5.0, 7.0)
+    os.close(r)                                             # the reader is gone
+    end = follow_mod.follow(NoEvents(), 4, None, 1, out=out)
+    assert end == follow_mod.Followed(4, "reader gone")
+    assert signal.getsignal(signal.SIGALRM) is handler
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    value_s, interval_s = signal.getitimer(signal.ITIMER_REAL)
+    assert 4.0 < value_s <= 5.0 and interval_s == 7.0        # running, less the time spent
+    assert alarms == []
+
+
+def test_a_callers_alarm_that_falls_due_while_following_goes_off_after(caller):
+    handler, alarms, r, out = caller
+    signal.setitimer(signal.ITIMER_REAL, 0.3)                 # one-shot, due mid-follow
+    end = follow_mod.follow(ReaderLeaves(r), 0, None, 25, out=out)
+    assert end.why == "reader gone"                          # at the 1 s reader check
+    deadline = time.monotonic() + 2
+    while not alarms and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert alarms == [signal.SIGALRM] and signal.getsignal(signal.SIGALRM) is handler
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # a one-shot goes off once
+
+
+def test_a_stop_as_follow_arms_its_timer_still_puts_everything_back(caller, monkeypatch):
+    """^C just after the follower armed its timer, before its loop: it
+    ends as a stop, and the caller's handlers and timer are back."""
+    handler, alarms, r, out = caller
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    setitimer = signal.setitimer
+
+    def armed_then_interrupted(which, value_s, interval_s=0.0):
+        old = setitimer(which, value_s, interval_s)
+        if value_s == follow_mod.READER_CHECK_S:
+            raise KeyboardInterrupt
+        return old
+    monkeypatch.setattr(signal, "setitimer", armed_then_interrupted)
+    try:
+        end = follow_mod.follow(NoEvents(), 4, None, 1, out=out)
+    except KeyboardInterrupt:
+        end = "escaped follow"                  # a fail, not the end of the test run
+    finally:
+        monkeypatch.undo()
+    assert end == follow_mod.Followed(4, "signal")
+    assert signal.getsignal(signal.SIGALRM) is handler
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    value_s, interval_s = signal.getitimer(signal.ITIMER_REAL)
+    assert 4.0 < value_s <= 5.0 and interval_s == 0.0
+
+
+def test_a_stop_while_follow_puts_things_back_goes_to_the_callers_handler(caller, monkeypatch):
+    """SIGTERM while the follower is putting back the caller's handlers:
+    not a KeyboardInterrupt out of follow, but a SIGTERM to the caller's
+    own handler once it is back."""
+    handler, alarms, r, out = caller
+    os.close(r)
+    put_back = follow_mod._put_back
+
+    def stopped_meanwhile(*args):
+        signal.raise_signal(signal.SIGTERM)     # still the follower's handler
+        put_back(*args)
+    monkeypatch.setattr(follow_mod, "_put_back", stopped_meanwhile)
+    end = follow_mod.follow(NoEvents(), 4, None, 1, out=out)
+    assert end == follow_mod.Followed(4, "reader gone")
+    assert alarms == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler

@@ -43,6 +43,9 @@ FOLLOW_OUTAGE_S_MAX = 300.0
 READER_CHECK_S = 1.0
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What a caller's ITIMER_REAL alarm that fell due while following is put
+# back with: it goes off at once, late rather than never.
+ALARM_DUE_S = 1e-6
 
 
 class Followed(NamedTuple):
@@ -60,13 +63,31 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
     """Follows the stream from `after` with `acc` (an AccManSyncClient),
     writing to `out` (default stdout); `note(text)` is told of each retry.
     Must run in the main thread: it handles STOP_SIGNALS meanwhile, and
-    SIGALRM, from an ITIMER_REAL of its own, for the reader check."""
+    SIGALRM, from an ITIMER_REAL of its own, for the reader check.
+
+    However it ends, the caller's handlers of those signals are put back,
+    and so is its ITIMER_REAL: with the time it had left less the time
+    spent following, and its interval.  An alarm that fell due meanwhile
+    goes off at once, once however many ticks of a periodic one fell due,
+    and its interval runs on from then.  A stop signal that comes while
+    they are being put back goes to the caller's handler once it is back."""
     out = sys.stdout if out is None else out
-    state = {"after": after, "waiting": False, "gone": False}
-    old = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS}
-    old[signal.SIGALRM] = signal.signal(signal.SIGALRM, _reader_check(out, state))
-    signal.setitimer(signal.ITIMER_REAL, READER_CHECK_S, READER_CHECK_S)
+    state = {"after": after, "waiting": False, "gone": False, "restoring": False,
+             "late": []}
+    ours = {s: _stopper(state) for s in STOP_SIGNALS}
+    ours[signal.SIGALRM] = _reader_check(out, state)
+    # Read before anything is changed, so that any exit from here on finds
+    # what to put back.
+    handlers = {s: signal.getsignal(s) for s in ours}
+    timer, since = signal.getitimer(signal.ITIMER_REAL), time.monotonic()
     try:
+        for s in STOP_SIGNALS:
+            signal.signal(s, ours[s])
+        # Swapped before SIGALRM is ours, so that the caller's alarm never
+        # reaches our handler; the swap answers exactly what it replaced.
+        timer, since = (signal.setitimer(signal.ITIMER_REAL, READER_CHECK_S, READER_CHECK_S),
+                        time.monotonic())
+        signal.signal(signal.SIGALRM, ours[signal.SIGALRM])
         return _loop(acc, state, limit, wait_s, out, note or _silent)
     except KeyboardInterrupt:
         return Followed(state["after"], "reader gone" if state["gone"] else "signal")
@@ -74,9 +95,23 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
         silence(out)
         return Followed(state["after"], "reader gone")
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        state["restoring"], state["waiting"] = True, False
+        _put_back(handlers, timer, since)
+        for s in state["late"]:
+            signal.raise_signal(s)
+
+
+def _put_back(handlers, timer, since) -> None:
+    """The caller's handlers, and its ITIMER_REAL (`timer`, as it was at
+    `since`), in place of ours.  A handler not set from Python (getsignal's
+    None) cannot be put back: SIG_DFL stands in for it."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for s, handler in handlers.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    value_s, interval_s = timer
+    if value_s > 0:
+        left_s = value_s - (time.monotonic() - since)
+        signal.setitimer(signal.ITIMER_REAL, max(left_s, ALARM_DUE_S), interval_s)
 
 
 def _loop(acc, state, limit, wait_s, out, note) -> Followed:
@@ -140,8 +175,16 @@ def _reader_check(out, state):
     return check
 
 
-def _interrupt(_signum, _frame):
-    raise KeyboardInterrupt
+def _stopper(state):
+    """The handler of STOP_SIGNALS: a stop ends the follower, as ^C would;
+    one that comes while the caller's handlers are being put back is kept
+    for them."""
+    def stop(signum, _frame):
+        if state["restoring"]:
+            state["late"].append(signum)
+        else:
+            raise KeyboardInterrupt
+    return stop
 
 
 def _silent(_text) -> None:
@@ -172,4 +215,4 @@ def silence(out) -> None:
 
 
 __all__ = ["follow", "Followed", "silence", "FOLLOW_WAIT_S", "FOLLOW_PAUSE_S",
-           "FOLLOW_PAUSE_MAX_S", "FOLLOW_OUTAGE_S_MAX", "READER_CHECK_S"]
+           "FOLLOW_PAUSE_MAX_S", "FOLLOW_OUTAGE_S_MAX", "READER_CHECK_S", "ALARM_DUE_S"]
