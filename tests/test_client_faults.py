@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -288,6 +289,116 @@ def test_calls_pipelined_behind_a_closing_refusal_are_sent_again(start_server, c
         front.close()
     assert not [r for r in results if isinstance(r, AccManError)], results
     assert srv.tot(cred) == 80 and front.connections == 2
+
+
+# An AccMan whose /past for the credential "boom" raises: a bug stands in for
+# any internal error, which the server answers `500` and closes
+# (Server.internal_error) after requests behind it went to the store.
+BUGGY_SERVER = """
+import sys
+from accman.server import routes, run
+
+past = routes.Routes._past
+
+def buggy_past(self, conn, req, mode, ordered):
+    if req.cred == "boom":
+        raise RuntimeError("injected bug")
+    return past(self, conn, req, mode, ordered)
+
+routes.Routes._past = buggy_past
+sys.exit(run(host="127.0.0.1", port=0, data=sys.argv[1]))
+"""
+
+
+@pytest.mark.embedded_only("it serves the data directory through an injected bug")
+def test_calls_pipelined_behind_a_500_are_unknown_and_never_charged_twice(
+        start_server, tmp_path, cred):
+    """Keyless mods pipelined around a read that hits a server bug: the
+    500 closes the connection after mods behind it in the pipeline may
+    have been applied.  None of them is sent again: each either is
+    reported applied or is an OutcomeUnknown, and the server charged no
+    more than those calls."""
+    script = tmp_path / "buggy_server.py"
+    script.write_text(BUGGY_SERVER)
+    srv = start_server(cmd=[sys.executable, str(script), str(tmp_path / "data")])
+    srv.mod(cred, 1000)
+
+    async def go():
+        async with AccManClient(srv.url, connections_max=1, retries=2) as acc:
+            await acc.tot(cred)                 # the connection is open: one write each
+            calls = [acc.mod(cred, -1) for _ in range(10)] + [acc.past("boom"),
+                                                             acc.mod(cred, -1)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+    results = run(go())
+    mods = results[:10] + results[11:]
+    applied = sum(isinstance(r, tuple) for r in mods)
+    unknown = sum(isinstance(r, OutcomeUnknown) for r in mods)
+    assert applied + unknown == 11, results
+    assert applied <= 1000 - srv.tot(cred) <= applied + unknown, results
+
+
+class _Wire(asyncio.Transport):
+    """A transport that keeps what is written and never closes."""
+
+    def __init__(self):
+        super().__init__()
+        self.written = []
+
+    def write(self, data) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def _behind_closing(reply: bytes) -> list:
+    """The errors of three calls pipelined behind a first that gets
+    `reply`: two written, the third not yet flushed."""
+    async def go():
+        acc = AccManClient("http://127.0.0.1:1")
+        loop = acc._bound_loop()
+        conn = client_mod.Conn(acc)
+        conn.connection_made(_Wire())
+        futs = [loop.create_future() for _ in range(4)]
+        for fut in futs[:3]:
+            conn.send(b"PATCH /mod?cred=a&by=-1 HTTP/1.1\r\n\r\n", fut)
+        conn.flush()
+        conn.send(b"PATCH /mod?cred=a&by=-1 HTTP/1.1\r\n\r\n", futs[3])
+        conn.data_received(reply)
+        return [type(f.exception()) for f in futs[1:]]
+    return run(go())
+
+
+def _closing(status: int, body: bytes) -> bytes:
+    return (b"HTTP/1.1 %d X\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+@pytest.mark.parametrize("status,code", [(500, b"internal"), (502, b"bad_gateway"),
+                                         (503, b"unavailable"), (400, b"")])
+def test_calls_written_behind_another_closing_reply_are_unknown(status, code):
+    """Behind a closing reply that AccMan does not give before taking
+    anything more (a 500, a proxy's 502, a 503 `unavailable`, a 400 that
+    is not AccMan's), each written call may have been applied:
+    OutcomeUnknown; the one not yet written is Unreachable."""
+    body = b'{"error":"%s","detail":"x"}' % code if code else b"<html>bad</html>"
+    assert _behind_closing(_closing(status, body)) == [OutcomeUnknown, OutcomeUnknown,
+                                                       Unreachable]
+
+
+@pytest.mark.parametrize("status,code", [(503, b"busy"), (503, b"shutting_down"),
+                                         (400, b"bad_request"), (408, b"timeout"),
+                                         (413, b"payload_too_large"),
+                                         (431, b"headers_too_large")])
+def test_calls_behind_a_reply_given_before_taking_more_are_unreachable(status, code):
+    """Behind the closing replies AccMan gives before taking any request
+    more on the connection (conn.UNTAKEN_BEHIND), nothing was processed:
+    every call is Unreachable, and is sent again."""
+    body = b'{"error":"%s","detail":"x"}' % code
+    assert _behind_closing(_closing(status, body)) == [Unreachable] * 3
 
 
 # --- one sync client shared by threads -----------------------------------------------
