@@ -401,6 +401,70 @@ def test_calls_behind_a_reply_given_before_taking_more_are_unreachable(status, c
     assert _behind_closing(_closing(status, body)) == [Unreachable] * 3
 
 
+class BlackHole:
+    """A proxy before the real server, in a thread: the first connection's
+    first request is passed on (the server applies it) and its reply is
+    swallowed; then the proxy stops listening, so every later connect is
+    refused, as when AccMan goes down after taking a request."""
+
+    def __init__(self, upstream_port: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.upstream_port = upstream_port
+        self.forwarded = threading.Event()
+        self.held = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        self.listener.close()
+        up = socket.create_connection(("127.0.0.1", self.upstream_port))
+        self.held += [conn, up]
+        up.sendall(conn.recv(65536))
+        up.recv(65536)                      # the reply, swallowed
+        self.forwarded.set()
+
+    def close(self) -> None:
+        for s in self.held + [self.listener]:
+            s.close()
+
+
+def test_a_sync_keyed_mod_sent_then_unreachable_is_unknown(start_server, cred):
+    """A keyed mod whose first attempt reached the server and got no reply
+    (CallTimeout), and whose retries then find AccMan down (Unreachable):
+    the call is an OutcomeUnknown, since the server applied it, never
+    `Unreachable` ("not applied")."""
+    srv = start_server()
+    srv.mod(cred, 100)
+    hole = BlackHole(srv.port)
+    try:
+        with AccManSyncClient(hole.url, timeout_s=0.5, retries=2) as acc:
+            with pytest.raises(OutcomeUnknown) as got:
+                acc.mod(cred, -1, key="k-sync")
+    finally:
+        hole.close()
+    assert type(got.value) is CallTimeout and "may have been applied" in got.value.detail
+    assert srv.tot(cred) == 99
+
+
+def test_an_async_keyed_hold_sent_then_unreachable_is_unknown(start_server, cred):
+    """The same for AccManClient, with a keyed hold."""
+    srv = start_server()
+    srv.mod(cred, 100)
+    hole = BlackHole(srv.port)
+
+    async def go():
+        async with AccManClient(hole.url, timeout_s=0.5, retries=2) as acc:
+            return (await asyncio.gather(acc.hold(cred, -10, ttl_s=60, key="k-async"),
+                                         return_exceptions=True))[0]
+    try:
+        err = run(go())
+    finally:
+        hole.close()
+    assert type(err) is CallTimeout and "may have been applied" in err.detail
+    assert srv.tot(cred) == 90
+
+
 # --- one sync client shared by threads -----------------------------------------------
 def test_threads_sharing_a_sync_client_each_get_their_own_replies(shared_server, cred):
     """Eight threads on one AccManSyncClient, half reading balances, half

@@ -213,7 +213,7 @@ class AccManClient:
 
     # --- machinery ---------------------------------------------------------
     async def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
-        attempt = 0
+        attempts = policy.Attempts(safe, self._retries)
         while True:
             try:
                 if wait_s:
@@ -222,11 +222,13 @@ class AccManClient:
                     status, body, _ = await self._attempt(req)
                 return decode(status, body)
             except AccManError as e:
-                if attempt >= self._retries or self._closed or not policy.retryable(e, safe):
+                ending = attempts.failed(e, self._closed)
+                if ending is e:
                     raise
-                log.debug("AccMan call failed (%s), retry %d", e.code, attempt + 1)
-            await asyncio.sleep(policy.pause_s(attempt))
-            attempt += 1
+                if ending is not None:
+                    raise ending from e
+                log.debug("AccMan call failed (%s), retry %d", e.code, attempts.made)
+            await asyncio.sleep(attempts.pause_s())
 
     async def _attempt(self, req: bytes) -> tuple:
         """One attempt: the reply's `(status, body, close)`."""

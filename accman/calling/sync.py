@@ -104,16 +104,18 @@ class AccManSyncClient:
         return self._call(req, True, replies.past)
 
     def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
-        attempt = 0
+        attempts = policy.Attempts(safe, self._retries)
         while True:
             try:
                 return decode(*self._attempt(req, self._timeout_s + wait_s))
             except AccManError as e:
-                if attempt >= self._retries or self._closed or not policy.retryable(e, safe):
+                ending = attempts.failed(e, self._closed)
+                if ending is e:
                     raise
-                log.debug("AccMan call failed (%s), retry %d", e.code, attempt + 1)
-            time.sleep(policy.pause_s(attempt))
-            attempt += 1
+                if ending is not None:
+                    raise ending from e
+                log.debug("AccMan call failed (%s), retry %d", e.code, attempts.made)
+            time.sleep(attempts.pause_s())
 
     def _attempt(self, req: bytes, timeout_s: float) -> tuple:
         """One attempt, in this thread's turn on the socket: a call that
