@@ -10,6 +10,7 @@ the type and what the server applied."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -519,6 +520,75 @@ def test_a_thread_that_waits_out_its_turn_is_unreachable_and_not_sent(start_serv
         poll.join()
     assert type(err) is Unreachable and 0.25 <= waited < 1.0
     assert srv.tot(cred) == 100
+
+
+def test_an_interrupt_as_a_call_takes_its_turn_does_not_keep_the_lock(shared_server, cred):
+    """^C arriving just as a call's acquire of the lock returns (the
+    profile hook raises KeyboardInterrupt there, where the interpreter
+    runs signal handlers): the lock is released, and the next calls, from
+    this thread or another, are served."""
+    shared_server.mod(cred, 100)
+    with AccManSyncClient(shared_server.url, timeout_s=1.0, retries=0) as acc:
+        turn = acc._turn
+
+        def interrupt(frame, event, arg):
+            if event == "c_return" and getattr(arg, "__self__", None) is turn \
+                    and arg.__name__ == "acquire":
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+        sys.setprofile(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                acc.tot(cred)
+        finally:
+            sys.setprofile(None)
+        other = []
+        t = threading.Thread(target=lambda: other.append(acc.tot(cred)))
+        t.start()
+        t.join()
+        assert other == [100] and acc.tot(cred) == 100
+
+
+def test_a_forked_child_has_its_own_lock_and_connection(shared_server, cred):
+    """A sync client with an open keep-alive connection forks while
+    another thread holds its lock.  The child's calls neither wait for
+    that lock nor use the parent's socket: parent and child each make
+    calls at the same time and get their own replies, and the parent's
+    connection still works afterwards."""
+    mine, childs = cred + "-parent", cred + "-child"
+    with AccManSyncClient(shared_server.url, timeout_s=2.0, retries=0) as acc:
+        acc.mod(mine, 1000)
+        acc.mod(childs, 1000)
+        sock = acc._sock
+        held, release = threading.Event(), threading.Event()
+
+        def hold_turn():
+            with acc._turn:
+                held.set()
+                release.wait(10)
+        holder = threading.Thread(target=hold_turn)
+        holder.start()
+        held.wait(5)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                    # the child
+            try:
+                got = [acc.mod(childs, 7)[0] for _ in range(20)]
+                os.write(w, repr(got).encode())
+            except BaseException as e:
+                os.write(w, repr(e).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        release.set()
+        holder.join()
+        parent = [acc.mod(mine, -1)[0] for _ in range(20)]
+        with os.fdopen(r) as f:
+            child = f.read()
+        os.waitpid(pid, 0)
+        assert parent == list(range(999, 979, -1))
+        assert child == repr(list(range(1007, 1147, 7)))
+        assert acc._sock is sock and acc.tot(mine) == 980
 
 
 # --- the event stream's order check and what real servers send -----------------------
