@@ -140,14 +140,14 @@ def test_a_full_server_s_refusals_are_busy_and_never_wedge_the_pool(start_server
         assert all(c.usable and c.transport is not None for c in acc._conns)
 
     async def go():
-        async with AccManClient(srv.url, connections_max=4, timeout_s=1.0, retries=2) as acc:
+        async with AccManClient(srv.url, connections_max=4, timeout_s=10.0, retries=2) as acc:
             await while_full(acc)
             for c in held:
                 c.close()
             await asyncio.get_running_loop().run_in_executor(None, wait_for_room, srv)
             t = time.monotonic()
             assert [await acc.mod(cred, -1) for _ in range(5)][-1][0] == 95
-            assert time.monotonic() - t < 1.0           # no call waited out its timeout
+            assert time.monotonic() - t < 5.0           # no call waited out its timeout
     run(go())
     assert srv.tot(cred) == 95                          # nothing refused was applied
 
@@ -186,14 +186,14 @@ def test_calls_waiting_on_dials_that_fail_are_unreachable_at_once():
     url = f"http://127.0.0.1:{closed_port()}"
 
     async def go():
-        async with AccManClient(url, timeout_s=2.0, retries=0) as acc:
+        async with AccManClient(url, timeout_s=10.0, retries=0) as acc:
             t = time.monotonic()
             results = await asyncio.gather(*(acc.mod("alice", -1) for _ in range(50)),
                                            return_exceptions=True)
             return results, time.monotonic() - t
     results, elapsed = run(go())
     assert kinds(results) == {Unreachable}
-    assert elapsed < 1.0
+    assert elapsed < 5.0                    # no call waited out its timeout
 
 
 def test_a_call_queued_behind_a_stalled_dial_is_unreachable():
@@ -508,9 +508,12 @@ def test_a_thread_that_waits_out_its_turn_is_unreachable_and_not_sent(start_serv
     srv.mod(cred, 100)
     with AccManSyncClient(srv.url, timeout_s=0.5, retries=0) as acc:
         last = acc.events(after=0).next
-        poll = threading.Thread(target=acc.events, args=(last,), kwargs={"wait_s": 2})
+        poll = threading.Thread(target=acc.events, args=(last,), kwargs={"wait_s": 3})
         poll.start()
-        time.sleep(0.2)
+        while acc._turn.acquire(blocking=False):       # until the poll holds the turn
+            acc._turn.release()
+            time.sleep(0.005)
+        err = None
         t = time.monotonic()
         try:
             acc.mod(cred, -1)
@@ -518,7 +521,7 @@ def test_a_thread_that_waits_out_its_turn_is_unreachable_and_not_sent(start_serv
             err = e
         waited = time.monotonic() - t
         poll.join()
-    assert type(err) is Unreachable and 0.25 <= waited < 1.0
+    assert type(err) is Unreachable and 0.25 <= waited < 2.5
     assert srv.tot(cred) == 100
 
 
