@@ -18,14 +18,15 @@ What a failure means for money is in the exception type (accman.errors):
 - `Unreachable` (an `Unavailable`): nothing reached the server (the connect
   failed, or no connection was free within the timeout), or the server
   closed the connection before processing the call (it was pipelined
-  behind a reply that closed it); nothing was applied.  Always safe to
-  retry.
+  behind a closing reply AccMan gives before taking more: conn.py
+  UNTAKEN_BEHIND); nothing was applied.  Always safe to retry.
 - a server `503` (`Unavailable`, `Busy`): refused, nothing acknowledged.
 - `OutcomeUnknown` (and its `CallTimeout`, `BadReply`): the request was sent
-  and no complete reply came.  A read can simply be retried.  A mod may or may
-  not have been applied: with a `key`, sending it again with the same key
-  settles the question without charging twice (the server answers the
-  original result); without a key, only the account's `past` can tell.
+  and no complete reply came (also behind any other closing reply).  A
+  read can simply be retried.  A mod may or may not have been applied:
+  with a `key`, sending it again with the same key settles the question
+  without charging twice (the server answers the original result);
+  without a key, only the account's `past` can tell.
 
 So the clients retry reads and keyed mods, and retry a keyless mod only when
 it was not sent or not processed (`Unreachable`) or refused as `Busy`.  A
@@ -212,7 +213,7 @@ class AccManClient:
 
     # --- machinery ---------------------------------------------------------
     async def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
-        attempt = 0
+        attempts = policy.Attempts(safe, self._retries)
         while True:
             try:
                 if wait_s:
@@ -221,11 +222,13 @@ class AccManClient:
                     status, body, _ = await self._attempt(req)
                 return decode(status, body)
             except AccManError as e:
-                if attempt >= self._retries or self._closed or not policy.retryable(e, safe):
+                ending = attempts.failed(e, self._closed)
+                if ending is e:
                     raise
-                log.debug("AccMan call failed (%s), retry %d", e.code, attempt + 1)
-            await asyncio.sleep(policy.pause_s(attempt))
-            attempt += 1
+                if ending is not None:
+                    raise ending from e
+                log.debug("AccMan call failed (%s), retry %d", e.code, attempts.made)
+            await asyncio.sleep(attempts.pause_s())
 
     async def _attempt(self, req: bytes) -> tuple:
         """One attempt: the reply's `(status, body, close)`."""

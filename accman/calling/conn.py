@@ -3,9 +3,12 @@ asyncio protocol that writes requests, gathering the writes of one loop
 turn (uvloop's habit), and hands each reply from `ReplyParser` to the
 future of its request, in order.
 
-A reply that closes the connection ends it for the requests behind it too:
-the server processes nothing after it (RFC 9112 §9.6), so they are failed
-at once as never processed, not left to the close as unknown outcomes."""
+A reply that closes the connection ends it for the requests behind it too.
+Whether they were processed depends on the reply (`UNTAKEN_BEHIND`): after
+the replies AccMan gives before taking anything more on that connection,
+they were not, and are failed at once as never processed; after any other
+(a 500 from a server bug, a proxy's reply) each one that was written may
+have been, and is an unknown outcome."""
 
 from __future__ import annotations
 
@@ -19,6 +22,28 @@ from accman.errors import BadReply, CallTimeout, OutcomeUnknown, Unreachable
 
 if TYPE_CHECKING:
     from accman.calling.client import AccManClient
+
+# The closing replies after which AccMan has taken no request more on that
+# connection (accman/server: it calls `take_no_more` before the next one is
+# taken, or takes none at all), by (status, SPEC code):
+# - 401: a request without a valid token (routes._access);
+# - 503 `busy`: the refusal of a full server as the connection opens
+#   (server._refusal), and back-pressure answered while it stops;
+# - 503 `shutting_down`: the reply to what a stopping server holds back
+#   (connection.stop) or is sent (routes._mod);
+# - the framing errors of the request parser (ext/wire.pyx `_fail`: its
+#   last request) and the head deadline (connection._head_timeout).  A 400
+#   for a bad query value does not close unless the server stops, and then
+#   it takes nothing after it either.
+# A 500 is not among them: on an internal error the server answers 500 and
+# closes (Server.internal_error) after requests behind it may already have
+# gone to the store.  Nor is any reply another server (a proxy) may send.
+UNTAKEN_BEHIND = frozenset({
+    (401, "unauthorized"), (503, "busy"), (503, "shutting_down"),
+    (400, "bad_request"), (408, "timeout"), (411, "length_required"),
+    (413, "payload_too_large"), (414, "uri_too_long"), (431, "headers_too_large"),
+    (501, "not_implemented"), (505, "version_not_supported"),
+})
 
 
 class Conn(asyncio.Protocol):
@@ -82,20 +107,35 @@ class Conn(asyncio.Protocol):
             self.abort(BadReply("a reply that no request asked for"))
 
     def _closing_reply(self, reply) -> None:
-        """The server closes after `reply` and processes no request behind
-        it (RFC 9112 §9.6; AccMan takes no more once it has decided to
-        close).  Those calls were not applied: a 401 would be theirs too
-        (one client, one token), so they get it; any other may be sent
-        again as a call that was never sent (`Unreachable`)."""
+        """The server closes after `reply`.  Behind AccMan's 401 every call
+        gets it: it would be theirs too (one client, one token).  Otherwise
+        a call never written was not sent (`Unreachable`), and one written
+        was not processed when the reply is one of UNTAKEN_BEHIND, so it
+        may be sent again as a call never sent (`Unreachable`); behind any
+        other closing reply it may have been applied (`OutcomeUnknown`)."""
         self.usable = False
+        unsent = len(self.out)
         self.out = []
         waiting, self.waiting = self.waiting, collections.deque()
+        sent = len(waiting) - unsent
         status, body, _ = reply
-        for fut in waiting:
-            if not fut.done():
-                fut.set_exception(replies.error(status, body) if status == 401 else Unreachable(
+        untaken = (status, replies._error_object(body).get("error")) in UNTAKEN_BEHIND
+        for i, fut in enumerate(waiting):
+            if fut.done():
+                continue
+            if status == 401 and untaken:
+                fut.set_exception(replies.error(status, body))
+            elif i >= sent:
+                fut.set_exception(Unreachable(
+                    "AccMan closed the connection before the request was sent"))
+            elif untaken:
+                fut.set_exception(Unreachable(
                     f"AccMan closed the connection after the reply to an earlier request "
                     f"({status}) and did not process this one"))
+            else:
+                fut.set_exception(OutcomeUnknown(
+                    f"AccMan closed the connection after a {status} reply to an earlier "
+                    f"request; this one was sent and may have been processed"))
         self.transport.close()
 
     def eof_received(self):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import decimal
 import numbers
 
-from accman.errors import Busy, OutcomeUnknown, Unavailable, Unreachable
+from accman.errors import (Busy, Conflict, EventsTrimmed, NoAccount, NoHold, OutcomeUnknown,
+                           Unavailable, Unreachable)
 from accman.limits import IDLE_TIMEOUT_S
 
 # --- bounds (TigerBeetle: a limit on everything) ------------------------------
@@ -54,10 +55,61 @@ def retryable(exc: BaseException, safe: bool) -> bool:
     return False
 
 
+def definite(exc: BaseException) -> bool:
+    """Whether a failed attempt got a reply that settles what earlier
+    attempts did: a SPEC refusal (409, 404 `no_account`/`no_hold`, 410)
+    that the same request, a keyed mod's key included, is answered the
+    same way each time.  Had an earlier attempt applied, a repeat would
+    have answered its result instead."""
+    return isinstance(exc, (Conflict, NoAccount, NoHold, EventsTrimmed))
+
+
+class Attempts:
+    """The attempts of one call so far, for the clients' retry loops.
+
+    Once an attempt may have reached the server (`OutcomeUnknown`), the
+    call ends `OutcomeUnknown` unless a later attempt gets a definite
+    reply (a success, or a `definite` refusal): a retry that is
+    Unreachable, Busy, or refused by a 401 says nothing of what the
+    first attempt did, and reporting it would call a charge that may
+    have happened "not applied"."""
+
+    __slots__ = ("safe", "retries", "made", "unknown")
+
+    def __init__(self, safe: bool, retries: int):
+        self.safe = safe
+        self.retries = retries
+        self.made = 0
+        self.unknown = None         # the first error that may have reached the server
+
+    def failed(self, exc: BaseException, closed: bool):
+        """After a failed attempt: None to try again (after `pause_s`), or
+        the error the call ends with."""
+        if isinstance(exc, OutcomeUnknown) and self.unknown is None:
+            self.unknown = exc
+        self.made += 1
+        if self.made <= self.retries and not closed and retryable(exc, self.safe):
+            return None
+        return self.ending(exc)
+
+    def ending(self, exc: BaseException) -> BaseException:
+        unknown = self.unknown
+        if unknown is None or isinstance(exc, OutcomeUnknown) or definite(exc):
+            return exc
+        return type(unknown)(f"{unknown.detail}; the call may have been applied (a later "
+                             f"attempt failed with {getattr(exc, 'code', type(exc).__name__)}, "
+                             f"which does not tell)")
+
+    def pause_s(self) -> float:
+        """The pause before the next attempt."""
+        return pause_s(self.made - 1)
+
+
 def pause_s(attempt: int) -> float:
     """The pause before retry `attempt + 1`."""
     return min(RETRY_PAUSE_S * (2 ** attempt), RETRY_PAUSE_MAX_S)
 
 
 __all__ = ["TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "RETRIES_DEFAULT", "RETRIES_MAX", "RETRY_PAUSE_S",
-           "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S", "check_settings", "retryable", "pause_s"]
+           "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S", "check_settings", "retryable", "definite",
+           "Attempts", "pause_s"]

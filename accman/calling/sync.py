@@ -6,16 +6,23 @@ Replies on the socket come in request order and carry nothing that names
 their request, so two calls on it at once would take each other's
 replies (another account's balance; an applied mod read as refused).
 Calls from several threads therefore take turns on it: each attempt holds
-the client's lock from its write to its reply."""
+the client's lock from its write to its reply.
+
+A child made by fork() starts with a lock of its own and no connection:
+the parent's socket would carry both processes' requests and cross their
+replies, and a lock another thread held at the fork would never be
+released in the child."""
 
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import ssl as _ssl
 import threading
 import time
+import weakref
 
 from accman.calling import policy, replies
 from accman.calling.parser import ReplyParser
@@ -26,6 +33,9 @@ from accman.errors import AccManError, BadReply, CallTimeout, OutcomeUnknown, Un
 log = logging.getLogger("accman.client")
 
 RECV_BYTES = 65536          # one read from the socket
+
+# Every open client, for the fork handler (weak: a client leaves when dropped).
+_CLIENTS = weakref.WeakSet()
 
 
 class AccManSyncClient:
@@ -49,7 +59,10 @@ class AccManSyncClient:
         self._idle_since = 0.0
         self._closed = False
         self._ssl = _ssl.create_default_context() if self._ep.tls else None
-        self._turn = threading.Lock()       # one attempt at a time on the socket
+        # One attempt at a time on the socket.  An RLock knows its owner:
+        # `_attempt` releases it exactly when this thread holds it.
+        self._turn = threading.RLock()
+        _CLIENTS.add(self)
 
     def __repr__(self) -> str:
         return f"<AccManSyncClient {self._ep.where}>"
@@ -104,29 +117,41 @@ class AccManSyncClient:
         return self._call(req, True, replies.past)
 
     def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
-        attempt = 0
+        attempts = policy.Attempts(safe, self._retries)
         while True:
             try:
                 return decode(*self._attempt(req, self._timeout_s + wait_s))
             except AccManError as e:
-                if attempt >= self._retries or self._closed or not policy.retryable(e, safe):
+                ending = attempts.failed(e, self._closed)
+                if ending is e:
                     raise
-                log.debug("AccMan call failed (%s), retry %d", e.code, attempt + 1)
-            time.sleep(policy.pause_s(attempt))
-            attempt += 1
+                if ending is not None:
+                    raise ending from e
+                log.debug("AccMan call failed (%s), retry %d", e.code, attempts.made)
+            time.sleep(attempts.pause_s())
 
     def _attempt(self, req: bytes, timeout_s: float) -> tuple:
         """One attempt, in this thread's turn on the socket: a call that
         does not get it within `timeout_s` was never sent (`Unreachable`,
         as for the async client's calls that find no connection free)."""
         deadline = time.monotonic() + timeout_s
-        if not self._turn.acquire(timeout=timeout_s):
-            raise Unreachable(f"another thread's call held the AccMan connection for "
-                              f"{timeout_s:g} s; this call was not sent")
+        turn = self._turn
+        if turn._is_owned():
+            # A call made inside this thread's own call (a signal handler):
+            # it would write into the middle of that call's exchange.
+            raise Unreachable("a call made during another call of the same thread; "
+                              "this call was not sent")
         try:
+            if not turn.acquire(timeout=timeout_s):
+                raise Unreachable(f"another thread's call held the AccMan connection for "
+                                  f"{timeout_s:g} s; this call was not sent")
             return self._attempt_in_turn(req, timeout_s, deadline)
         finally:
-            self._turn.release()
+            # The lock's own record, not a flag set after acquire: an
+            # interrupt (^C) raised as acquire returns would leave a flag
+            # unset and the lock held for good.
+            if turn._is_owned():
+                turn.release()
 
     def _attempt_in_turn(self, req: bytes, timeout_s: float, deadline: float) -> tuple:
         if self._closed:
@@ -202,6 +227,19 @@ class AccManSyncClient:
             raise Unreachable(f"cannot connect to AccMan at {ep.where}: {reason}") from None
         return sock
 
+    def _forked(self) -> None:
+        """In a child after fork(): a fresh lock and no connection.  The
+        child's copy of the socket is closed, not shut down: shutdown()
+        would end the connection for the parent too, close() lets go of
+        this process's descriptor only."""
+        self._turn = threading.RLock()
+        sock, self._sock, self._parser = self._sock, None, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
     def _drop(self) -> None:
         if self._sock is not None:
             try:
@@ -209,6 +247,15 @@ class AccManSyncClient:
             except OSError:
                 pass
             self._sock = None
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+if hasattr(os, "register_at_fork"):         # not on every platform (Windows)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _peer_closed(sock) -> bool:
