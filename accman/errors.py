@@ -202,8 +202,9 @@ class TransportError(AccManError):
 class Unreachable(TransportError, Unavailable):
     """Nothing reached the server (connection refused, connect timeout, no
     connection free in time, the client closed), or the server closed the
-    connection before processing the request (it was pipelined behind a
-    reply that closed it: RFC 9112 §9.6): nothing was applied, any call can
+    connection before taking the request (it was pipelined behind a closing
+    reply that AccMan gives before it takes anything more: a 503 `busy`, a
+    framing error; conn.UNTAKEN_BEHIND): nothing was applied, any call can
     be retried."""
 
     code = "unreachable"
