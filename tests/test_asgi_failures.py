@@ -285,6 +285,19 @@ def test_close_cuts_a_pause_short_and_the_queue_works_after(monkeypatch, caplog)
         assert m.stats["owed"] == 2
 
 
+def _charges_busy_then(fake, later) -> None:
+    """The first charge is refused busy (owed, and known not to have
+    landed); every later one meets the fault `later`."""
+    charges = []
+
+    def fault(meth, path, params):
+        if "key" in params:
+            charges.append(1)
+            return ("reply", 503, {"error": "busy", "detail": "full"}) if len(charges) == 1 \
+                else later
+    fake.fault = fault
+
+
 def test_a_call_that_timed_out_at_close_is_stranded_unknown_not_unpaid(monkeypatch, caplog):
     """Its charge lands after the client gave up on it: billed again
     through on_unpaid, the consumer would pay twice."""
@@ -293,13 +306,7 @@ def test_a_call_that_timed_out_at_close_is_stranded_unknown_not_unpaid(monkeypat
         fake.fund(CRED, 10)
         unpaid = []
         m = mw(fake, cost=2, retries=0, timeout_s=0.3, on_unpaid=lambda c, a: unpaid.append(a))
-        charges = []
-
-        def fault(meth, path, params):
-            if "key" in params:
-                charges.append(1)
-                return ("drop",) if len(charges) == 1 else ("delay", 0.4)
-        fake.fault = fault
+        _charges_busy_then(fake, ("delay", 0.4))
 
         async def close():
             await m._owed.close()
@@ -318,13 +325,7 @@ def test_a_call_cut_off_at_close_is_stranded_unknown(how, monkeypatch, caplog):
         fake.fund(CRED, 10)
         unpaid = []
         m = mw(fake, cost=2, retries=0, timeout_s=30, on_unpaid=lambda c, a: unpaid.append(a))
-        charges = []
-
-        def fault(meth, path, params):
-            if "key" in params:
-                charges.append(1)
-                return ("drop",) if len(charges) == 1 else ("delay", 2)
-        fake.fault = fault
+        _charges_busy_then(fake, ("delay", 2))
 
         async def close():
             if how == "bound":

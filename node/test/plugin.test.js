@@ -321,11 +321,11 @@ test('at close, an owed charge that timed out may have landed: stranded of unkno
   }, { logs })
   try {
     assert.equal((await get(url + '/w', 'p-close-unknown')).accman, '9')
-    proxy.set('refuse')
+    await proxy.set('down') // owed, and known not to have landed: only the timeout below is unknown
     assert.deepEqual(Object.values(await get(url + '/w', 'p-close-unknown')).slice(0, 2), [200, null])
     const mods = () => proxy.targets.filter((t) => t.startsWith('/mod?')).length
     const sent = mods()
-    proxy.set('delay', DELAY_MS)
+    await proxy.set('delay', DELAY_MS)
     await until(() => mods() > sent)
     await app.close()
   } finally {
