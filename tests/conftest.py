@@ -8,7 +8,10 @@ data directory then holds only the server's lock), so the same data
 directory started again is the same store.  A test about the embedded
 store itself (its files, its log, `accman verify`), or that serves a store
 of its own, is marked `@pytest.mark.embedded_only("why")` and runs on
-leveldb alone.  ACCMAN_TEST_STORES=leveldb (or postgresql) picks one.
+leveldb alone; one whose subject lies between the client and the server (a
+fault a proxy injects, the command line's own output) is marked
+`@pytest.mark.any_one_store("why")` and runs on the first store under test.
+ACCMAN_TEST_STORES=leveldb (or postgresql) picks one.
 
     def test_x(server):                    # a fresh server, temp data dir
         r = server.get("/tot?cred=a")      # one request on a new connection
@@ -390,6 +393,10 @@ def pytest_configure(config):
         "markers", "embedded_only(why): the test is about the embedded store itself (its "
                    "data directory, write-ahead log, verify, kill -9 of LevelDB) or serves a "
                    "store of its own; it runs on leveldb only")
+    config.addinivalue_line(
+        "markers", "any_one_store(why): what the test checks lies between the client and the "
+                   "server (a fault a proxy injects, the command line's own output) and "
+                   "not in the store; it runs on the first store under test only")
 
 
 def pytest_generate_tests(metafunc):
@@ -399,6 +406,8 @@ def pytest_generate_tests(metafunc):
         return
     embedded_only = metafunc.definition.get_closest_marker("embedded_only") is not None
     names = [n for n in stores_under_test() if n == "leveldb" or not embedded_only]
+    if metafunc.definition.get_closest_marker("any_one_store") is not None:
+        names = names[:1]
     metafunc.parametrize("server_store", names, indirect=True, scope="module")
 
 
