@@ -139,16 +139,7 @@ def test_lifespan_shutdown_drains_within_shutdown_drain_s(monkeypatch):
             with pytest.raises(ValueError):
                 await call(m)
             fake.fault = lambda meth, p, q: ("drop",)
-            messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
-            sent = []
-
-            async def receive():
-                return next(messages)
-
-            async def send(msg):
-                sent.append(msg["type"])
-            await m({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-            return sent
+            return await lifespan(m, "startup", "shutdown")
         assert run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
         assert m.stats["stranded"] == 1 and m._client is None
 
@@ -217,16 +208,7 @@ def test_an_app_without_lifespan_gets_the_middlewares_own(bare, monkeypatch):
         async def go():
             fake.fault = lambda meth, p, q: ("drop",) if "key" in q else None
             assert (await call(m)).status == 200            # its charge is owed
-            messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
-            sent = []
-
-            async def receive():
-                return next(messages)
-
-            async def send(msg):
-                sent.append(msg["type"])
-            await m({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-            return sent
+            return await lifespan(m, "startup", "shutdown")
         assert run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
         assert m.stats["stranded"] == 1 and m._client is None       # drained, then closed
 
@@ -238,17 +220,25 @@ def test_an_app_that_reads_its_lifespan_then_raises_is_not_taken_over():
 
     with FakeAccMan() as fake:
         m = mw(fake, app)
-        messages = iter([{"type": "lifespan.startup"}])
         sent = []
-
-        async def receive():
-            return next(messages)
-
-        async def send(msg):
-            sent.append(msg["type"])
         with pytest.raises(RuntimeError, match="database"):
-            run(m({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+            run(lifespan(m, "startup", sent=sent))
         assert sent == []
+
+
+async def lifespan(m, *events, sent=None) -> list:
+    """Drives `m` through the lifespan events named (e.g. "startup",
+    "shutdown"); the types of the messages it sent back."""
+    messages = iter([{"type": f"lifespan.{e}"} for e in events])
+    sent = [] if sent is None else sent
+
+    async def receive():
+        return next(messages)
+
+    async def send(msg):
+        sent.append(msg["type"])
+    await m({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    return sent
 
 
 def _charge_owed_then(fake, m, then):

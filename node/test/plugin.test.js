@@ -268,73 +268,56 @@ test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests 
   assert.equal(new Set(keys).size, 3)
 })
 
-test('at close, an owed charge under way past the drain time lands and is not reported unpaid', async () => {
+// A service behind a proxy, with `owe` charges owed (AccMan down: known
+// not to have landed), closed while AccMan holds its reply to the first
+// owed charge back past the drain time.  What it logged and gave onUnpaid.
+async function closeWithOwed (cred, owe, options) {
   const { CLOSE_DRAIN_MS } = accman.limits
-  const DELAY_MS = CLOSE_DRAIN_MS + 1500 // AccMan's reply to the owed charge comes after the drain time
-  await mint.mod('p-close', 10)
+  await mint.mod(cred, 10)
   const unpaid = []
   const logs = []
   const proxy = await proxyTo(server.url)
   const { app, url } = await serviceApp({
-    url: proxy.url,
-    token: TOKENS.service,
-    checkFreshMs: 60000,
-    timeoutMs: DELAY_MS + 5000, // the attempt under way outlives the delay
-    onUnpaid: (...a) => unpaid.push(a)
+    url: proxy.url, token: TOKENS.service, checkFreshMs: 60000, onUnpaid: (...a) => unpaid.push(a), ...options
   }, { logs })
   try {
-    assert.equal((await get(url + '/w', 'p-close')).accman, '9')
-    await proxy.set('down') // two more requests, admitted on the fresh balance: their charges are owed
-    for (let i = 0; i < 2; i++) assert.deepEqual(Object.values(await get(url + '/w', 'p-close')).slice(0, 2), [200, null])
-    assert.equal(app.accman.stats.owed, 2)
+    assert.equal((await get(url + '/w', cred)).accman, '9')
+    await proxy.set('down') // admitted on the fresh balance: their charges are owed
+    for (let i = 0; i < owe; i++) assert.deepEqual(Object.values(await get(url + '/w', cred)).slice(0, 2), [200, null])
+    assert.equal(app.accman.stats.owed, owe)
     const mods = () => proxy.targets.filter((t) => t.startsWith('/mod?')).length
     const sent = mods()
-    await proxy.set('delay', DELAY_MS)
-    await until(() => mods() > sent) // the first owed charge reached AccMan; its reply is held back
-    await app.close()
-  } finally {
-    await proxy.close()
-  }
-  // The first owed charge landed during close: not unpaid.  The second
-  // never started: stranded, unpaid, never charged.
-  assert.equal(await mint.tot('p-close'), 8)
-  assert.equal((await chargeKeys('p-close')).length, 2)
-  assert.equal(app.accman.stats.stranded, 1)
-  assert.deepEqual(unpaid, [['p-close', 1n, 'shutting down']])
-  assert.deepEqual(messages(logs, 50), ['accman: stranded charge: the account owes 1'])
-})
-
-test('at close, an owed charge that timed out may have landed: stranded of unknown outcome, not unpaid', async () => {
-  const { CLOSE_DRAIN_MS } = accman.limits
-  const DELAY_MS = CLOSE_DRAIN_MS + 1500 // AccMan applies the charge at once; its reply comes late
-  await mint.mod('p-close-unknown', 10)
-  const unpaid = []
-  const logs = []
-  const proxy = await proxyTo(server.url)
-  const { app, url } = await serviceApp({
-    url: proxy.url,
-    token: TOKENS.service,
-    checkFreshMs: 60000,
-    retries: 0,
-    timeoutMs: CLOSE_DRAIN_MS + 500, // gives up on the reply after the drain time, before it comes
-    onUnpaid: (...a) => unpaid.push(a)
-  }, { logs })
-  try {
-    assert.equal((await get(url + '/w', 'p-close-unknown')).accman, '9')
-    await proxy.set('down') // owed, and known not to have landed: only the timeout below is unknown
-    assert.deepEqual(Object.values(await get(url + '/w', 'p-close-unknown')).slice(0, 2), [200, null])
-    const mods = () => proxy.targets.filter((t) => t.startsWith('/mod?')).length
-    const sent = mods()
-    await proxy.set('delay', DELAY_MS)
+    await proxy.set('delay', CLOSE_DRAIN_MS + 1500) // AccMan applies at once; its reply comes late
     await until(() => mods() > sent)
     await app.close()
   } finally {
     await proxy.close()
   }
+  return { stats: app.accman.stats, unpaid, errors: messages(logs, 50) }
+}
+
+test('at close, an owed charge under way past the drain time lands and is not reported unpaid', async () => {
+  const { CLOSE_DRAIN_MS } = accman.limits
+  // The attempt under way outlives the delay.
+  const { stats, unpaid, errors } = await closeWithOwed('p-close', 2, { timeoutMs: CLOSE_DRAIN_MS + 6500 })
+  // The first owed charge landed during close: not unpaid.  The second
+  // never started: stranded, unpaid, never charged.
+  assert.equal(await mint.tot('p-close'), 8)
+  assert.equal((await chargeKeys('p-close')).length, 2)
+  assert.equal(stats.stranded, 1)
+  assert.deepEqual(unpaid, [['p-close', 1n, 'shutting down']])
+  assert.deepEqual(errors, ['accman: stranded charge: the account owes 1'])
+})
+
+test('at close, an owed charge that timed out may have landed: stranded of unknown outcome, not unpaid', async () => {
+  const { CLOSE_DRAIN_MS } = accman.limits
+  // It gives up on the reply after the drain time, before the reply comes.
+  const { stats, unpaid, errors } = await closeWithOwed('p-close-unknown', 1,
+    { retries: 0, timeoutMs: CLOSE_DRAIN_MS + 500 })
   assert.equal(await mint.tot('p-close-unknown'), 8) // it landed
-  assert.equal(app.accman.stats.stranded, 1)
+  assert.equal(stats.stranded, 1)
   assert.deepEqual(unpaid, []) // so it is not billed a second time
-  assert.match(messages(logs, 50).join('\n'), /stranded charge, outcome unknown: look for \S+-c in the account's history/)
+  assert.match(errors.join('\n'), /stranded charge, outcome unknown: look for \S+-c in the account's history/)
 })
 
 test('checkFreshMs 0: every admission asks AccMan', async () => {
