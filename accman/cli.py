@@ -9,8 +9,8 @@ anything is sent), or `serve` could not start (busy port, data directory
 locked or corrupt, bad tokens file, a non-loopback bind without tokens);
 3 no answer from the server (cannot connect, timeout, cut connection), or
 a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome
-may then be unknown, and the message says what to do; 130 ^C (SIGINT),
-which for a write in flight says what to do too.
+may then be unknown, and the message says what to do; 130 ^C (SIGINT)
+and 143 SIGTERM, which for a write in flight say what to do too.
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
@@ -31,7 +31,7 @@ import sys
 import accman
 from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
                                      EXIT_REFUSED, EXIT_USAGE, OPEN_KEY, WRITES, events_values,
-                                     failure, new_cred, prepare)
+                                     failure, new_cred, prepare, sigterm_ends_call)
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.sync import AccManSyncClient
 from accman.errors import AccManError, BadRequest, EventsTrimmed
@@ -421,7 +421,7 @@ def cmd_call(args) -> int:
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
         return _usage(args, e)
-    with acc:
+    with acc, sigterm_ends_call():
         try:
             out = call(acc)
             return _print_reply(args, out if isinstance(out, str)

@@ -148,6 +148,12 @@ class HttpError(AccManError):
 
 # --- the server ----------------------------------------------------------------
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while a client command's call is in flight: it ends as ^C
+    does, saying what to do for a write that may have reached the server,
+    with the shell's code for SIGTERM (accman.calling.commands)."""
+
+
 class StartupError(Exception):
     """`accman serve` cannot start; the message is one line for a person."""
 

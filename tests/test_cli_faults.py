@@ -198,8 +198,8 @@ def test_a_503_to_a_settle_says_it_is_safe_to_repeat(start_server, proxy):
 
 # --- ^C while a call is in flight -------------------------------------------------------
 
-def interrupted(url, *args) -> subprocess.CompletedProcess:
-    """`accman ARGS --url URL`, sent SIGINT once its request has reached the
+def interrupted(url, *args, sig=signal.SIGINT) -> subprocess.CompletedProcess:
+    """`accman ARGS --url URL`, sent `sig` once its request has reached the
     server through `url`, a FaultProxy that never answers it."""
     proc = subprocess.Popen([sys.executable, "-m", "accman", *map(str, args), "--url", url.url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -209,7 +209,7 @@ def interrupted(url, *args) -> subprocess.CompletedProcess:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     time.sleep(0.2)                         # the server has the request: it applies it
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=15)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -227,6 +227,19 @@ def test_sigint_during_a_write_says_what_to_do_and_exits_130(start_server, proxy
     err = one_line_error(proc, 130)
     assert err.startswith(f"accman: interrupted; the {args[0]} may or may not have applied")
     assert hint in err and proc.stdout == ""
+    assert history(s, cred) == [-7, 100]                      # it had applied
+
+
+@pytest.mark.any_one_store("the 503 or the silence comes from a proxy, not the store")
+def test_sigterm_during_a_write_says_what_to_do_and_exits_143(start_server, proxy):
+    """A service manager stopping a script mid-charge: killed silently, the
+    script's log would not say that the mod may have applied."""
+    s = start_server()
+    cred = funded(s)
+    proc = interrupted(proxy(s, "hang"), "mod", cred, -7, sig=signal.SIGTERM)
+    err = one_line_error(proc, 143)
+    assert err.startswith("accman: terminated; the mod may or may not have applied")
+    assert "read `accman past` for this credential before you try again" in err
     assert history(s, cred) == [-7, 100]                      # it had applied
 
 

@@ -8,18 +8,22 @@ itself."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
+import signal
 
 from accman.calling.requests import check_name
 from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
-                           Insufficient, TransportError, Unauthorized, Unavailable, Unreachable)
+                           Insufficient, Terminated, TransportError, Unauthorized, Unavailable,
+                           Unreachable)
 from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
 # The exit codes (accman.cli says what each means).
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130      # 128 + SIGINT: what a shell reports for a command ^C ended
+EXIT_TERMINATED = 143       # 128 + SIGTERM
 # What a bad host in the URL is, whichever way the client finds it: Python
 # encodes a host as ASCII for the request and as IDNA labels to connect.
 BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
@@ -215,6 +219,20 @@ def role_hint(args) -> str:
 CALL_ENDS = (AccManError, UnicodeError, KeyboardInterrupt)
 
 
+@contextlib.contextmanager
+def sigterm_ends_call():
+    """While a call is in flight, SIGTERM ends it as ^C does (Terminated):
+    killed silently, a write that may have reached the server would leave
+    no word of what to do."""
+    def terminated(_signum, _frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def failure(args, e) -> tuple:
     """`(line, exit code)` for what ended the call of the client command
     `args`: the one place where the client's errors become what the command
@@ -222,7 +240,9 @@ def failure(args, e) -> tuple:
     write, which may have reached the server."""
     if isinstance(e, KeyboardInterrupt):
         hint = unknown_hint(args)
-        return (f"accman: interrupted{hint}" if hint else None), EXIT_INTERRUPTED
+        word, code = (("terminated", EXIT_TERMINATED) if isinstance(e, Terminated)
+                      else ("interrupted", EXIT_INTERRUPTED))
+        return (f"accman: {word}{hint}" if hint else None), code
     if isinstance(e, UnicodeError):
         return f"accman: error: {BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
     if isinstance(e, Unreachable):
