@@ -38,7 +38,9 @@ class FakeAccMan:
     `fault(method, path, params)` may return None or one action:
     ("delay", s) waits before handling; ("drop",) closes without handling;
     ("apply_drop",) handles then closes without replying (an applied call
-    whose reply is lost); ("raw", bytes) writes those bytes as the reply;
+    whose reply is lost); ("apply_reply", status, obj) handles, then answers
+    that instead (an applied call whose commit failed: a plain 503);
+    ("raw", bytes) writes those bytes as the reply;
     ("reply", status, obj) answers that instead of handling.
 
     Holds expire `ttl` seconds after they start, checked at every request
@@ -171,6 +173,8 @@ class FakeAccMan:
                     status, obj = await self._handle(method, path, params, headers)
                 if action and action[0] == "apply_drop":
                     return
+                if action and action[0] == "apply_reply":
+                    status, obj = action[1], action[2]
                 body = json.dumps(obj).encode()
                 close = headers.get("connection", "").lower() == "close"
                 writer.write(reply_bytes(status, body, close))

@@ -329,3 +329,34 @@ def test_a_call_cut_off_at_close_is_stranded_unknown(how, monkeypatch, caplog):
             _charge_owed_then(fake, m, close)
         assert m.stats["stranded"] == 1 and unpaid == [] and len(m._owed) == 0
         assert "outcome unknown: look for key" in caplog.text and not m._owed._closing
+
+
+@pytest.mark.parametrize("then", ["not_found", "queue_full"])
+def test_a_charge_that_may_have_landed_is_never_billed_however_it_is_stranded(
+        then, monkeypatch, caplog):
+    """Its first attempt applied and the reply was lost.  Stranded after a
+    reply that is not AccMan's (a proxy's 404), or at once because the
+    queue is full, it is still of unknown outcome: given to on_unpaid, it
+    would be billed twice."""
+    if then == "queue_full":
+        monkeypatch.setattr(owed_mod, "FOLLOWUPS_MAX", 0)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        charges = []
+
+        def fault(meth, path, params):
+            if "key" in params:
+                charges.append(1)
+                return ("apply_drop",) if len(charges) == 1 else \
+                    ("reply", 404, {"error": "not_found", "detail": "a proxy's"})
+        fake.fault = fault
+        unpaid = []
+        m = mw(fake, cost=2, retries=0, on_unpaid=lambda c, a: unpaid.append(a))
+
+        async def go():
+            assert (await call(m)).status == 200
+            assert await m.drain(5)
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            run(go())
+        assert fake.tot(CRED) == 8 and unpaid == [] and m.stats["stranded"] == 1
+        assert "outcome unknown: look for key" in caplog.text

@@ -363,3 +363,26 @@ def test_a_shared_client_is_used_for_holds(fake):
             m = AccManMiddleware(make_app(), client=acc, mode="reserve", cost=2)
             return await call(m)
     assert run(go()).headers["accman"] == "8"
+
+
+def test_a_hold_answered_by_a_failed_commit_is_undone_at_once():
+    """A plain 503 to a hold ("not acknowledged", not "not applied"): the
+    request gets 503, and the hold, which may have applied, is repeated
+    with its key and released rather than left to its ttl."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        holds = []
+
+        def fault(m, p, q):
+            if p == "/hold":
+                holds.append(1)
+                if len(holds) == 1:
+                    return ("apply_reply", 503, {"error": "unavailable", "detail": "commit"})
+        fake.fault = fault
+        m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0, hold_ttl_s=3600)
+
+        async def go():
+            assert (await call(m)).status == 503
+            assert await m.drain(5)
+        run(go())
+        assert fake.tot(CRED) == 10 and fake.open_holds(CRED) == {}

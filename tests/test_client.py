@@ -378,3 +378,11 @@ def test_a_call_that_may_have_reached_the_server_ends_unknown_unless_settled():
     assert ends(first, OutcomeUnknown("again"), retries=1).detail == "again"
     assert type(ends(Unreachable("down"), Unreachable("down"), retries=1)) is Unreachable
     assert ends(first, safe=False) is first             # a keyless mod is not retried
+    # A plain 503 (a commit that failed: not acknowledged) may have applied
+    # too; so may an attempt a proxy answered in place of AccMan.
+    failed = Unavailable("the store cannot commit")
+    for later in (Unreachable("down"), Busy("full")):
+        err = ends(failed, later, retries=1)
+        assert type(err) is Unavailable and "may have been applied" in err.detail
+    err = ends(first, UnexpectedReply(404, "not_found", "a proxy's"), retries=1)
+    assert type(err) is CallTimeout

@@ -43,11 +43,11 @@ from collections.abc import Mapping
 from accman.calling.client import AccManClient
 from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_DRAIN_S, Mod,
                                  Owed, Unhold, fingerprint)
+from accman.calling.policy import may_have_landed
 from accman.calling.reserve import DisconnectWatch, Reservation
 from accman.calling.settings import amount, check_calls, check_options, paths, request_ids, split
-from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, OutcomeUnknown,
-                           TooManyHolds, TransportError, Unauthorized, Unavailable,
-                           UnexpectedReply)
+from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
+                           TransportError, Unauthorized, Unavailable, UnexpectedReply)
 from accman.limits import CRED_CHARS_MAX, INT64_MAX
 
 log = logging.getLogger("accman.asgi")
@@ -243,7 +243,7 @@ class AccManMiddleware:
         except TooManyHolds:
             return await self._too_many(send, cred)
         except AccManError as e:
-            if est and isinstance(e, OutcomeUnknown):
+            if est and may_have_landed(e):
                 self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), e)
             return await self._unavailable(scope, receive, send, cred, price, e)
         try:

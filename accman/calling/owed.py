@@ -16,8 +16,8 @@ import collections
 import hashlib
 import logging
 
-from accman.errors import (AccManError, Busy, Forbidden, HoldEnded, Insufficient, OutcomeUnknown,
-                           TransportError, Unauthorized, Unavailable, Unreachable)
+from accman.calling.policy import definite, may_have_landed
+from accman.errors import AccManError, HoldEnded, Insufficient, TransportError, Unavailable
 
 log = logging.getLogger("accman.asgi")
 
@@ -154,10 +154,10 @@ class Owed:
         """`item` (a Mod, Settle or Unhold) must still land; `cause` is the
         error that kept it from landing now."""
         code = getattr(cause, "code", type(cause).__name__)
+        item.maybe = may_have_landed(cause)
         if len(self._items) >= FOLLOWUPS_MAX:
-            self._strand(item, "FOLLOWUPS_MAX owed mods already queued")
+            self._strand(item, "FOLLOWUPS_MAX owed mods already queued", item.maybe)
             return
-        item.maybe = _may_have_landed(cause)
         self._stats["owed"] += 1
         log.info("accman: %s of %d for account %s queued (after %s), %s",
                  item.what, abs(item.by), fingerprint(item.cred), code, item.ref)
@@ -176,17 +176,17 @@ class Owed:
                 await item.run(acc)
             except (TransportError, Unavailable) as e:
                 attempt += 1
-                item.maybe = item.maybe or _may_have_landed(e)
+                item.maybe = item.maybe or may_have_landed(e)
                 if self._closing:
                     continue            # close() strands it
                 if attempt < FOLLOWUP_ATTEMPTS_MAX:
                     await self._pause(_pause_s(attempt))
                     continue
                 self._strand(item, f"still {e.code} after {attempt} attempts", item.maybe)
-            except (Unauthorized, Forbidden) as e:
-                self._strand(item, e.code, item.maybe)     # refused before its key was read
             except AccManError as e:
-                self._strand(item, e.code)      # a definite answer: it had not landed
+                # Only a SPEC refusal, answered the same to every repeat,
+                # says that no earlier attempt landed (policy.definite).
+                self._strand(item, e.code, item.maybe and not definite(e))
             finally:
                 self._running = None
             self._items.popleft()
@@ -256,15 +256,6 @@ class Owed:
             self._strand(item, "shutting down", item.maybe or item is self._running)
         self._running = None
         self._closing = False
-
-
-def _may_have_landed(exc: BaseException) -> bool:
-    """Sent with no reply, or a plain 503 (a commit that failed: not
-    acknowledged, which is not the same as not applied); not Busy or
-    Unreachable, refused or never sent."""
-    if isinstance(exc, OutcomeUnknown):
-        return True
-    return isinstance(exc, Unavailable) and not isinstance(exc, (Busy, Unreachable))
 
 
 def _pause_s(attempt: int) -> float:

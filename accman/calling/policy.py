@@ -55,6 +55,16 @@ def retryable(exc: BaseException, safe: bool) -> bool:
     return False
 
 
+def may_have_landed(exc: BaseException) -> bool:
+    """Whether a failed attempt may still have applied: sent with no reply
+    (`OutcomeUnknown`), or a plain 503, a commit that failed ("not
+    acknowledged" is not "not applied").  Busy and Unreachable were refused
+    before applying, or never sent."""
+    if isinstance(exc, OutcomeUnknown):
+        return True
+    return isinstance(exc, Unavailable) and not isinstance(exc, (Busy, Unreachable))
+
+
 def definite(exc: BaseException) -> bool:
     """Whether a failed attempt got a reply that settles what earlier
     attempts did: a SPEC refusal (409, 404 `no_account`/`no_hold`, 410)
@@ -67,12 +77,12 @@ def definite(exc: BaseException) -> bool:
 class Attempts:
     """The attempts of one call so far, for the clients' retry loops.
 
-    Once an attempt may have reached the server (`OutcomeUnknown`), the
-    call ends `OutcomeUnknown` unless a later attempt gets a definite
-    reply (a success, or a `definite` refusal): a retry that is
-    Unreachable, Busy, or refused by a 401 says nothing of what the
-    first attempt did, and reporting it would call a charge that may
-    have happened "not applied"."""
+    Once an attempt may have applied (`may_have_landed`), the call ends
+    with that attempt's kind of error unless a later attempt gets a
+    definite reply (a success, or a `definite` refusal): a retry that is
+    Unreachable, Busy, refused by a 401 or answered by something that is
+    not AccMan says nothing of what the first attempt did, and reporting
+    it would call a charge that may have happened "not applied"."""
 
     __slots__ = ("safe", "retries", "made", "unknown")
 
@@ -85,7 +95,7 @@ class Attempts:
     def failed(self, exc: BaseException, closed: bool):
         """After a failed attempt: None to try again (after `pause_s`), or
         the error the call ends with."""
-        if isinstance(exc, OutcomeUnknown) and self.unknown is None:
+        if self.unknown is None and may_have_landed(exc):
             self.unknown = exc
         self.made += 1
         if self.made <= self.retries and not closed and retryable(exc, self.safe):
@@ -94,7 +104,7 @@ class Attempts:
 
     def ending(self, exc: BaseException) -> BaseException:
         unknown = self.unknown
-        if unknown is None or isinstance(exc, OutcomeUnknown) or definite(exc):
+        if unknown is None or may_have_landed(exc) or definite(exc):
             return exc
         return type(unknown)(f"{unknown.detail}; the call may have been applied (a later "
                              f"attempt failed with {getattr(exc, 'code', type(exc).__name__)}, "
@@ -112,4 +122,4 @@ def pause_s(attempt: int) -> float:
 
 __all__ = ["TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "RETRIES_DEFAULT", "RETRIES_MAX", "RETRY_PAUSE_S",
            "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S", "check_settings", "retryable", "definite",
-           "Attempts", "pause_s"]
+           "may_have_landed", "Attempts", "pause_s"]
