@@ -14,7 +14,7 @@ const { Pool } = require('undici')
 const limits = require('./limits')
 const {
   AccManError, Busy, Unavailable, Unreachable, OutcomeUnknown, CallTimeout, BadReply,
-  Unauthorized, Forbidden, mayHaveLanded
+  mayHaveLanded, definite
 } = require('./errors')
 const values = require('./values')
 
@@ -127,11 +127,6 @@ class Attempt {
   }
 }
 
-function saysNothing (err) {
-  return err instanceof Unreachable || err instanceof Busy || err instanceof Unauthorized ||
-    err instanceof Forbidden
-}
-
 function retryable (err, safe) {
   if (err instanceof Unreachable || err instanceof Busy) return true
   if (err instanceof OutcomeUnknown || err instanceof Unavailable) return safe
@@ -216,9 +211,11 @@ class AccManClient {
   }
 
   // Once an attempt may have landed, the call ends with that error unless
-  // a later attempt gets a definite answer: a retry refused before it was
-  // read (Busy, Unreachable, a 401 or 403, which come before the key is
-  // looked up) says nothing of the earlier attempt.
+  // a later attempt gets a definite answer (a success, or a refusal that
+  // settles it: errors.definite): a retry refused before it was read (Busy,
+  // Unreachable, a 401 or 403, which come before the key is looked up) or
+  // answered by something that is not AccMan says nothing of the earlier
+  // attempt.
   async _call (method, target, safe, decode) {
     const path = this._prefix + target
     let maybe = null
@@ -229,7 +226,7 @@ class AccManClient {
       } catch (err) {
         if (maybe === null && mayHaveLanded(err)) maybe = err
         if (!(err instanceof AccManError) || attempt >= this.retries || this._closed || !retryable(err, safe)) {
-          throw maybe !== null && saysNothing(err) ? maybe : err
+          throw maybe !== null && !mayHaveLanded(err) && !definite(err) ? maybe : err
         }
       }
       await new Promise((resolve) => setTimeout(resolve, pauseMs(attempt)))

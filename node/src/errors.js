@@ -138,12 +138,21 @@ function errorOfReply (status, obj, tot) {
 // (OutcomeUnknown), or a plain 503, a commit that failed ("not
 // acknowledged" is not "not applied").  Busy and Unreachable were refused
 // before applying, or never sent.
+// Whether a refusal settles what earlier attempts of the same call did: a
+// SPEC refusal (409, 404 no_account or no_hold) is answered the same to
+// every repeat, and had an earlier keyed attempt applied, the repeat would
+// have answered its result instead.
+function definite (err) {
+  return err instanceof Conflict || err instanceof NoAccount || err instanceof NoHold
+}
+
 function mayHaveLanded (err) {
   if (err instanceof OutcomeUnknown) return true
   return err instanceof Unavailable && !(err instanceof Busy) && !(err instanceof Unreachable)
 }
 
 module.exports = {
+  definite,
   mayHaveLanded,
   AccManError,
   BadRequest,

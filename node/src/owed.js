@@ -11,8 +11,7 @@ const {
   OWED_MAX, OWED_ATTEMPTS_MAX, OWED_PAUSE_MS, OWED_PAUSE_MAX_MS
 } = require('./limits')
 const {
-  Unavailable, OutcomeUnknown, HoldEnded, Insufficient, NoAccount, Unauthorized, Forbidden,
-  mayHaveLanded
+  Unavailable, OutcomeUnknown, HoldEnded, Insufficient, NoAccount, mayHaveLanded, definite
 } = require('./errors')
 
 // How logs name an account: not the credential, a bearer secret, but 12 hex
@@ -127,11 +126,11 @@ class Owed {
   add (item, cause) {
     item.maybe = cause !== undefined && mayHaveLanded(cause)
     if (this.closed) {
-      this.strand(item, 'shutting down')
+      this.strand(item, 'shutting down', item.maybe)
       return false
     }
     if (this.queue.length >= OWED_MAX) {
-      this.strand(item, 'OWED_MAX owed calls already queued')
+      this.strand(item, 'OWED_MAX owed calls already queued', item.maybe)
       return false
     }
     this.queue.push(item)
@@ -155,9 +154,8 @@ class Owed {
           await this.pause(Math.min(OWED_PAUSE_MS * 2 ** (attempt - 1), OWED_PAUSE_MAX_MS))
           continue
         }
-        // A definite refusal says it had not landed, but for a 401 or 403,
-        // which comes before the key is read.
-        const unknown = item.maybe && (transient || err instanceof Unauthorized || err instanceof Forbidden)
+        // Only a definite refusal says that no earlier attempt landed.
+        const unknown = item.maybe && !definite(err)
         this.strand(item, transient ? `still ${err.code} after ${attempt} attempts` : (err.code || String(err)), unknown)
       }
       this.queue.shift()

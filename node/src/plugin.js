@@ -14,7 +14,7 @@ const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
   AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown,
-  Unauthorized, Forbidden
+  Unauthorized, Forbidden, mayHaveLanded
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
@@ -187,7 +187,7 @@ class Meter {
     try {
       r = await this.client.hold(state.cred, -state.estimate, { ttlS: this.holdTtlS, min: 0, key })
     } catch (err) {
-      if (err instanceof OutcomeUnknown) this.owe(new Unhold(state.cred, state.estimate, this.holdTtlS, key), err)
+      if (mayHaveLanded(err)) this.owe(new Unhold(state.cred, state.estimate, this.holdTtlS, key), err)
       if (!this.open || !this.isOutage(err)) throw err
       state.unpaid = err
       return

@@ -180,3 +180,25 @@ test('a keyed mod whose first attempt may have landed stays OutcomeUnknown when 
   }
   assert.equal(await service.tot('c-maybe'), 7) // it had landed: "not applied" would be wrong
 })
+
+test('a keyed mod answered by a failed commit stays unknown when its retries find no AccMan', async () => {
+  const fake = await fakeAccMan(() => {
+    setImmediate(() => fake.close()) // AccMan gone after answering: the retries are refused
+    return reply(503, '{"error":"unavailable","detail":"the store cannot commit"}')
+  })
+  const client = new AccManClient({ url: fake.url, retries: 2 })
+  // A plain 503 is "not acknowledged", not "not applied": never Unreachable.
+  await assert.rejects(client.mod('c', -1, { key: 'k' }),
+    (err) => err instanceof E.Unavailable && !(err instanceof E.Unreachable))
+  await client.close()
+})
+
+test('a keyed mod with its reply lost stays unknown when a proxy answers its retry', async () => {
+  const answers = [null, reply(404, '{"error":"not_found","detail":"a proxy"}')]
+  const fake = await fakeAccMan(() => answers.shift())
+  const client = new AccManClient({ url: fake.url, retries: 1, timeoutMs: 300 })
+  await assert.rejects(client.mod('c', -1, { key: 'k' }), E.OutcomeUnknown)
+  assert.equal(fake.heads.length, 2)
+  await client.close()
+  await fake.close()
+})
