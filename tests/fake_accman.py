@@ -356,6 +356,28 @@ class FakeAccMan:
         return 200, {"events": page, "next": page[-1]["id"] if page else after}
 
 
+BUSY = ("reply", 503, {"error": "busy", "detail": "full"})     # refused before applying
+
+
+def first_then(matches, first, later=None):
+    """A fault for FakeAccMan: the first request for which `matches(path,
+    params)` holds meets `first`, each later one `later` (None: handled as
+    usual); every other request is handled as usual."""
+    seen = [0]
+
+    def fault(method, path, params):
+        if matches(path, params):
+            seen[0] += 1
+            return first if seen[0] == 1 else later
+    return fault
+
+
+def charges(path, params) -> bool:
+    """The middleware's charges and settles' keyed mods: the /mod calls
+    with a key."""
+    return "key" in params
+
+
 def _is_probe(request) -> bool:
     params = request[2]
     return params.get("by") == "-1" and params.get("min") == str(INT64_MAX)

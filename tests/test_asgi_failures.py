@@ -12,7 +12,7 @@ import pytest
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
 from asgi_harness import CRED, call, make_app, mw
-from fake_accman import FakeAccMan, closed_port, run
+from fake_accman import BUSY, FakeAccMan, charges, closed_port, first_then, run
 
 
 @pytest.fixture
@@ -171,13 +171,7 @@ def test_a_call_under_way_when_the_drain_ends_is_not_cut_off(monkeypatch, caplog
         fake.fund(CRED, 10)
         unpaid = []
         m = mw(fake, cost=2, retries=0, on_unpaid=lambda c, a: unpaid.append(a))
-        charges = []
-
-        def fault(method, path, params):
-            if path == "/mod" and "key" in params:
-                charges.append(1)
-                return ("drop",) if len(charges) == 1 else ("delay", 0.5)
-        fake.fault = fault
+        fake.fault = first_then(charges, ("drop",), ("delay", 0.5))
 
         async def go():
             r = await call(m)               # the charge is dropped: owed
@@ -185,7 +179,7 @@ def test_a_call_under_way_when_the_drain_ends_is_not_cut_off(monkeypatch, caplog
             return r
         with caplog.at_level(logging.ERROR, logger="accman.asgi"):
             assert run(go()).status == 200
-        assert fake.tot(CRED) == 8 and len(charges) == 2
+        assert fake.tot(CRED) == 8 and len(fake.mods()) == 2      # the charge, sent twice
         assert m.stats["stranded"] == 0 and unpaid == [] and "stranded" not in caplog.text
 
 
@@ -255,16 +249,13 @@ def test_close_cuts_a_pause_short_and_the_queue_works_after(monkeypatch, caplog)
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
         m = mw(fake, cost=2, retries=0)
-        fake.fault = lambda meth, p, q: ("reply", 503, {"error": "busy", "detail": "x"}) \
-            if "key" in q else None          # refused before applying: known not landed
+        fake.fault = lambda meth, p, q: BUSY if "key" in q else None   # known not landed
 
         async def close_then_owe_again():
             t0 = asyncio.get_running_loop().time()
             await m._owed.close()
             took = asyncio.get_running_loop().time() - t0
-            drops = []
-            fake.fault = lambda meth, p, q: ("drop",) if "key" in q and not drops.append(1) \
-                and len(drops) == 1 else None
+            fake.fault = first_then(charges, ("drop",))
             assert (await call(m)).status == 200        # owed again, after the close
             assert await m.drain(5)                     # and paid: the queue works
             return took
@@ -275,19 +266,6 @@ def test_close_cuts_a_pause_short_and_the_queue_works_after(monkeypatch, caplog)
         assert m.stats["owed"] == 2
 
 
-def _charges_busy_then(fake, later) -> None:
-    """The first charge is refused busy (owed, and known not to have
-    landed); every later one meets the fault `later`."""
-    charges = []
-
-    def fault(meth, path, params):
-        if "key" in params:
-            charges.append(1)
-            return ("reply", 503, {"error": "busy", "detail": "full"}) if len(charges) == 1 \
-                else later
-    fake.fault = fault
-
-
 def test_a_call_that_timed_out_at_close_is_stranded_unknown_not_unpaid(monkeypatch, caplog):
     """Its charge lands after the client gave up on it: billed again
     through on_unpaid, the consumer would pay twice."""
@@ -296,7 +274,7 @@ def test_a_call_that_timed_out_at_close_is_stranded_unknown_not_unpaid(monkeypat
         fake.fund(CRED, 10)
         unpaid = []
         m = mw(fake, cost=2, retries=0, timeout_s=0.3, on_unpaid=lambda c, a: unpaid.append(a))
-        _charges_busy_then(fake, ("delay", 0.4))
+        fake.fault = first_then(charges, BUSY, ("delay", 0.4))     # owed, known unlanded
 
         async def close():
             await m._owed.close()
@@ -315,7 +293,7 @@ def test_a_call_cut_off_at_close_is_stranded_unknown(how, monkeypatch, caplog):
         fake.fund(CRED, 10)
         unpaid = []
         m = mw(fake, cost=2, retries=0, timeout_s=30, on_unpaid=lambda c, a: unpaid.append(a))
-        _charges_busy_then(fake, ("delay", 2))
+        fake.fault = first_then(charges, BUSY, ("delay", 2))
 
         async def close():
             if how == "bound":
@@ -342,14 +320,8 @@ def test_a_charge_that_may_have_landed_is_never_billed_however_it_is_stranded(
         monkeypatch.setattr(owed_mod, "FOLLOWUPS_MAX", 0)
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
-        charges = []
-
-        def fault(meth, path, params):
-            if "key" in params:
-                charges.append(1)
-                return ("apply_drop",) if len(charges) == 1 else \
-                    ("reply", 404, {"error": "not_found", "detail": "a proxy's"})
-        fake.fault = fault
+        fake.fault = first_then(charges, ("apply_drop",),
+                                ("reply", 404, {"error": "not_found", "detail": "a proxy's"}))
         unpaid = []
         m = mw(fake, cost=2, retries=0, on_unpaid=lambda c, a: unpaid.append(a))
 

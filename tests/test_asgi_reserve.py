@@ -17,7 +17,7 @@ from accman.asgi import HOLD_TTL_S_DEFAULT, AccManMiddleware, fingerprint
 from accman.calling import owed as owed_mod
 from accman.limits import HOLD_TTL_S_MAX
 from asgi_harness import CRED, call, entries, make_app, mw
-from fake_accman import FakeAccMan, run
+from fake_accman import BUSY, FakeAccMan, first_then, run
 
 
 @pytest.fixture
@@ -301,8 +301,7 @@ def test_a_stranded_settle_is_unpaid(monkeypatch, caplog):
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
         # refused before it applies (busy): known not to have landed
-        fake.fault = lambda m, p, q: ("reply", 503, {"error": "busy", "detail": "full"}) \
-            if p == "/settle" else None
+        fake.fault = lambda m, p, q: BUSY if p == "/settle" else None
         unpaid = []
         m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0,
                on_unpaid=lambda cred, amount: unpaid.append(amount))
@@ -317,14 +316,7 @@ def test_a_settle_stranded_after_a_dropped_reply_is_of_unknown_outcome(monkeypat
     monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 3)
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
-        settles = []
-
-        def fault(m, p, q):
-            if p == "/settle":
-                settles.append(1)
-                return ("apply_drop",) if len(settles) == 1 else \
-                    ("reply", 503, {"error": "busy", "detail": "full"})
-        fake.fault = fault
+        fake.fault = first_then(lambda path, _: path == "/settle", ("apply_drop",), BUSY)
         unpaid = []
         m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0,
                on_unpaid=lambda cred, amount: unpaid.append(amount))
@@ -371,14 +363,8 @@ def test_a_hold_answered_by_a_failed_commit_is_undone_at_once():
     with its key and released rather than left to its ttl."""
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
-        holds = []
-
-        def fault(m, p, q):
-            if p == "/hold":
-                holds.append(1)
-                if len(holds) == 1:
-                    return ("apply_reply", 503, {"error": "unavailable", "detail": "commit"})
-        fake.fault = fault
+        fake.fault = first_then(lambda path, _: path == "/hold",
+                                ("apply_reply", 503, {"error": "unavailable", "detail": "commit"}))
         m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0, hold_ttl_s=3600)
 
         async def go():
