@@ -48,16 +48,12 @@ def wait_for_room(srv, timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-class Front:
-    """A TCP proxy before the real server, in a thread of its own.  The
-    first connection made through it is answered `refusal` (raw bytes) once
-    `heads` requests have arrived on it, and closed, as a full server does;
-    every later one is passed through."""
+class Proxy:
+    """A TCP proxy before the real server, in a thread of its own, with an
+    event loop of its own: `_serve` is each connection's handler."""
 
-    def __init__(self, upstream_port: int, refusal: bytes, heads: int):
+    def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
-        self.refusal = refusal
-        self.heads = heads
         self.connections = 0
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -84,6 +80,20 @@ class Front:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, reader, writer) -> None:
+        raise NotImplementedError
+
+
+class Front(Proxy):
+    """The first connection made through it is answered `refusal` (raw
+    bytes) once `heads` requests have arrived on it, and closed, as a full
+    server does; every later one is passed through."""
+
+    def __init__(self, upstream_port: int, refusal: bytes, heads: int):
+        self.refusal = refusal
+        self.heads = heads
+        super().__init__(upstream_port)
 
     async def _serve(self, reader, writer) -> None:
         self.connections += 1
