@@ -1,6 +1,7 @@
 """The clients against the real AccMan server when connections fail or are
 shared: a full server that refuses connections as they open, an AccMan that
-is down or stalled, replies that close a connection with calls pipelined
+is down or stalled, a burst of calls while the pool's connections are
+dialled, replies that close a connection with calls pipelined
 behind them, one sync client shared by threads, one async client used
 under two event loops; and the event stream's order check against every
 page real servers send.  What each failure means
@@ -48,16 +49,12 @@ def wait_for_room(srv, timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-class Front:
-    """A TCP proxy before the real server, in a thread of its own.  The
-    first connection made through it is answered `refusal` (raw bytes) once
-    `heads` requests have arrived on it, and closed, as a full server does;
-    every later one is passed through."""
+class Proxy:
+    """A TCP proxy before the real server, in a thread of its own, with an
+    event loop of its own: `_serve` is each connection's handler."""
 
-    def __init__(self, upstream_port: int, refusal: bytes, heads: int):
+    def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
-        self.refusal = refusal
-        self.heads = heads
         self.connections = 0
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -84,6 +81,20 @@ class Front:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, reader, writer) -> None:
+        raise NotImplementedError
+
+
+class Front(Proxy):
+    """The first connection made through it is answered `refusal` (raw
+    bytes) once `heads` requests have arrived on it, and closed, as a full
+    server does; every later one is passed through."""
+
+    def __init__(self, upstream_port: int, refusal: bytes, heads: int):
+        self.refusal = refusal
+        self.heads = heads
+        super().__init__(upstream_port)
 
     async def _serve(self, reader, writer) -> None:
         self.connections += 1
@@ -248,6 +259,93 @@ def test_a_call_that_never_got_a_connection_is_unreachable_and_not_applied(
     sent = sum(isinstance(r, OutcomeUnknown) for r in results)
     time.sleep(0.2)
     assert 100 - sent <= srv.tot(cred) <= 100
+
+
+# --- a burst while the pool dials -----------------------------------------------------
+class HoldReplies(Proxy):
+    """Passes every request on to the real server at once and holds every
+    reply back until `release()`.  `heads` counts the requests passed on
+    (AccMan's requests have no body: one head each); `reached` is set once
+    `expect` of them have been."""
+
+    def __init__(self, upstream_port: int, expect: int):
+        self.expect = expect
+        self.heads = 0
+        self.reached = threading.Event()
+        self._released = asyncio.Event()        # bound to the proxy's loop at its first wait
+        super().__init__(upstream_port)
+
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(self._released.set)
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        await asyncio.gather(self._requests(reader, up_writer), self._replies(up_reader, writer))
+
+    async def _requests(self, reader, writer) -> None:
+        tail = b""                          # a head's end may be split between reads
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                seen = tail + data
+                self.heads += seen.count(b"\r\n\r\n")
+                end = seen.rfind(b"\r\n\r\n")
+                tail = seen[end + 4 if end >= 0 else 0:][-3:]
+                if self.heads >= self.expect:
+                    self.reached.set()
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _replies(self, reader, writer) -> None:
+        await self._released.wait()
+        await _pipe(reader, writer)
+
+
+DEPTH = client_mod.PIPELINE_DEPTH_MAX
+
+
+@pytest.mark.any_one_store("the subject lies between the client and the server")
+@pytest.mark.parametrize("connections_max,calls", [(1, 20), (4, 100), (1, DEPTH + 8)])
+def test_calls_queued_while_the_pool_dials_are_pipelined_at_once(shared_server, cred,
+                                                                   connections_max, calls):
+    """Calls started together on a fresh client, most of them queued while
+    the pool's connections are dialled: each is written as soon as a
+    connection is up, pipelined as on an open connection, not one per
+    reply.  All of them, up to PIPELINE_DEPTH_MAX per connection, reach
+    the server before it has answered any, the rest wait for a slot; and
+    each call gets the reply to its own request."""
+    creds = [f"{cred}-{i}" for i in range(calls)]
+    for i, c in enumerate(creds):
+        shared_server.mod(c, 100 + i)
+    on_wire = min(calls, connections_max * DEPTH)
+    proxy = HoldReplies(shared_server.port, on_wire)
+
+    async def go():
+        async with AccManClient(proxy.url, connections_max=connections_max,
+                                timeout_s=30.0, retries=0) as acc:
+            burst = asyncio.gather(*(acc.mod(c, -1) if i % 2 else acc.tot(c)
+                                     for i, c in enumerate(creds)), return_exceptions=True)
+            try:
+                reached = await asyncio.get_running_loop().run_in_executor(
+                    None, proxy.reached.wait, 10.0)
+                assert reached, f"{proxy.heads} of {on_wire} requests sent before any reply"
+                assert len(acc._conns) == connections_max == proxy.connections
+                in_flight = [len(c.waiting) for c in acc._conns]
+                assert sum(in_flight) == on_wire == proxy.heads and max(in_flight) <= DEPTH
+                assert len(acc._waiters) == calls - on_wire
+            finally:
+                proxy.release()
+                results = await burst
+            return results
+    try:
+        results = run(go())
+    finally:
+        proxy.close()
+    assert results == [(100 + i - 1, 2) if i % 2 else 100 + i for i in range(calls)]
 
 
 # --- replies that close the connection ---------------------------------------------

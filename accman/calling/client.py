@@ -339,7 +339,7 @@ class AccManClient:
         while True:
             if len(self._conns) + self._connecting < self._connections_max:
                 self._connecting += 1
-                return await self._open(deadline)
+                return await self._open(deadline, own_call=True)
             if len(self._waiters) >= CALLS_WAITING_MAX:
                 raise Busy("more than CALLS_WAITING_MAX calls wait for an AccMan connection")
             fut = self._loop.create_future()
@@ -361,19 +361,24 @@ class AccManClient:
                 raise
             finally:
                 timer.cancel()
-            # A waiter is handed the connection that freed a slot, if it
-            # still has one; otherwise it picks again.
+            # A waiter is handed a connection that freed a slot or has just
+            # opened, if it still has room (a call that picked it meanwhile
+            # may have taken the slot); otherwise it picks again.
             if conn is not None and conn.usable and len(conn.waiting) < PIPELINE_DEPTH_MAX:
                 return conn
             conn = self._pick()
             if conn is not None:
                 return conn
 
-    async def _open(self, deadline: float) -> Conn:
+    async def _open(self, deadline: float, own_call: bool) -> Conn:
         """A new pooled connection (the caller has counted itself in
-        `_connecting`).  When the dial fails its slot is free again, and a
-        waiting call is woken to dial in it: it learns at once whether
-        AccMan can be reached, rather than wait out its timeout."""
+        `_connecting`; with `own_call` it sends its call on it as this
+        returns).  The calls that queued while it was dialled are handed
+        all the room beside that call at once, and go out pipelined in one
+        write as on an open connection, rather than one per reply.  When
+        the dial fails its slot is free again, and a waiting call is woken
+        to dial in it: it learns at once whether AccMan can be reached,
+        rather than wait out its timeout."""
         try:
             conn = await self._dial(deadline, pooled=True)
         except BaseException:
@@ -382,7 +387,7 @@ class AccManClient:
             raise
         self._connecting -= 1
         self._conns.append(conn)
-        self._wake(conn)
+        self._wake(conn, PIPELINE_DEPTH_MAX - len(conn.waiting) - int(own_call))
         return conn
 
     async def _dial(self, deadline: float, pooled: bool) -> Conn:
@@ -418,17 +423,22 @@ class AccManClient:
 
     async def _open_spare(self) -> None:
         try:
-            await self._open(self._loop.time() + self._timeout_s)
+            await self._open(self._loop.time() + self._timeout_s, own_call=False)
         except AccManError as e:
             log.debug("spare AccMan connection failed: %s", e.detail)
 
-    def _wake(self, conn=None) -> None:
-        """Wake the oldest waiting call, handing it `conn` if given."""
-        while self._waiters:
+    def _wake(self, conn=None, calls: int = 1) -> None:
+        """Wake the `calls` oldest waiting calls, handing them `conn` if
+        given.  A connection is handed out as far as it has room: all of
+        it once as it opens (`_open`), then a slot per reply that frees one
+        (Conn.data_received), so it is never handed to more waiting calls
+        than PIPELINE_DEPTH_MAX allows; each still checks the room as it
+        runs (`_acquire`)."""
+        while calls > 0 and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(conn)
-                return
+                calls -= 1
 
     def _wake_all(self) -> None:
         while self._waiters:
