@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from accman import Ledger
+from accman.errors import StoreCorrupt, StoreError
 from accman.ledger import datadir, keyfile, wal
-from accman.cli import EXIT_REFUSED
+from accman.cli import EXIT_REFUSED, EXIT_USAGE
 from conftest import run_accman
 
 
@@ -148,3 +149,73 @@ def test_the_default_acl_is_what_makes_new_files_0600(tmp_path, umask_022):
     fd = os.open(path / "000009.log", os.O_CREAT | os.O_WRONLY, 0o644)
     os.close(fd)
     assert stat.S_IMODE((path / "000009.log").stat().st_mode) == 0o600
+
+
+def _state(path):
+    """What a refused open must leave as it was: each entry's mode and
+    bytes, and the directory's own mode and default ACL."""
+    path = Path(path)
+    try:
+        acl = os.getxattr(path, "system.posix_acl_default")
+    except OSError:
+        acl = None
+    return (stat.S_IMODE(path.stat().st_mode), acl,
+            {p.name: (stat.S_IMODE(p.lstat().st_mode), p.read_bytes() if p.is_file() else None)
+             for p in sorted(path.iterdir())})
+
+
+def test_a_data_path_that_is_a_file_is_refused_and_left_as_it_was(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a store")
+    os.chmod(afile, 0o644)
+    with pytest.raises(StoreError, match="not a directory"):
+        Ledger(str(afile))
+    for store_args in ([], ["--store", "postgresql://accman@127.0.0.1:1/none"]):
+        proc = run_accman("serve", "--port", "0", "--data", afile, *store_args)
+        assert proc.returncode == EXIT_USAGE, proc.stderr   # serve's refusals
+        assert "not a directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert stat.S_IMODE(afile.stat().st_mode) == 0o644
+    assert afile.read_bytes() == b"not a store"
+
+
+def test_a_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path):
+    """A mistyped --data (a home or system directory) is not made 0700
+    and filled with a store."""
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    os.chmod(other, 0o755)
+    before = _state(other)
+    with pytest.raises(StoreError, match=r"not empty \(notes.txt, sub\)"):
+        Ledger(str(other))
+    proc = run_accman("serve", "--port", "0", "--data", other)
+    assert proc.returncode == EXIT_USAGE
+    assert "holds no AccMan store and is not empty" in proc.stderr
+    assert _state(other) == before
+
+
+def test_a_file_system_root_with_only_lost_found_takes_a_new_store(tmp_path):
+    root = tmp_path / "volume"
+    (root / "lost+found").mkdir(parents=True)
+    with Ledger(str(root)) as led:
+        led.mod("alice", 5)
+    with Ledger(str(root)) as led:
+        assert led.tot("alice") == 5
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+def test_a_refused_store_keeps_its_files_modes(tmp_path):
+    """Tightening comes after every check: a store refused as damaged is
+    left as it was found, modes included."""
+    path = tmp_path / "data"
+    with Ledger(str(path)) as led:
+        led.mod("alice", 1)
+    os.chmod(path, 0o755)
+    os.removexattr(path, "system.posix_acl_default")
+    for f in path.iterdir():
+        os.chmod(f, 0o644)
+    (path / "CURRENT").unlink()             # LevelDB's files without CURRENT
+    before = _state(path)
+    with pytest.raises(StoreCorrupt):
+        Ledger(str(path))
+    assert _state(path) == before

@@ -21,6 +21,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 
@@ -40,6 +41,36 @@ _ACL_XATTR = "system.posix_acl_default"
 _ACL_OWNER_ONLY = struct.pack("<I", 2) + b"".join(
     struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
     for tag, perm in ((0x01, 6), (0x04, 0), (0x20, 0)))
+
+
+# What a directory may hold besides a store's files and still be taken for
+# a new store: the root of a file system made for the store has lost+found.
+_MAY_PRECEDE_STORE = {"lost+found"}
+# A store exists once any of these does (a creation cut short has none).
+_STORE_MARKS = ("CURRENT", "accman.wal", "accman.checkpoint")
+_FOREIGN_NAMED_MAX = 3
+
+
+def check_usable(path: str) -> None:
+    """Refuses, changing nothing, a data directory path that is not a
+    directory, or a directory that holds no store and is not empty: a
+    mistyped `--data` (a home or system directory) is never made 0700 and
+    filled with a store."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return                                  # make() creates it
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path}: not a directory")
+    names = os.listdir(path)
+    if any(mark in names for mark in _STORE_MARKS):
+        return
+    foreign = sorted(n for n in names if not STORE_FILE.match(n) and n not in _MAY_PRECEDE_STORE)
+    if foreign:
+        shown = ", ".join(foreign[:_FOREIGN_NAMED_MAX])
+        more = ", ..." if len(foreign) > _FOREIGN_NAMED_MAX else ""
+        raise StoreError(f"{path}: holds no AccMan store and is not empty ({shown}{more}); "
+                         "give a new or empty directory (nothing was changed)")
 
 
 def make(path: str) -> bool:

@@ -119,13 +119,17 @@ class Store:
                 self._lock_fd = datadir.lock_shared(self.path)
                 self.dir = self._scratch = datadir.snapshot(self.path)
             else:
+                datadir.check_usable(self.path)
                 datadir.make(self.path)
+                self._lock()
+            salt, ckpt, records = self._recover(existed, check_files, create)
+            if not self.read_only:
+                # After every check: a refused store is left as it was found.
+                # Before LevelDB's first file: the default ACL makes it 0600.
                 changed = datadir.tighten(self.path)
                 if changed and existed:
                     log.info("%s: made the data directory 0700 and its files 0600 "
-                                "(%d were open to others)", self.path, len(changed))
-                self._lock()
-            salt, ckpt, records = self._recover(existed, check_files, create)
+                             "(%d were open to others)", self.path, len(changed))
             self.db = plyvel.DB(
                 self.dir,
                 create_if_missing=create,

@@ -100,12 +100,16 @@ def lock_directory(data_path: str) -> None:
     flock on LOCK, accman.ledger.leveldb), so that a server of either store
     and `accman verify` refuse a directory that a server of the other has."""
     from accman.ledger import datadir
-    os.makedirs(data_path, mode=0o700, exist_ok=True)
+    if os.path.lexists(data_path) and not os.path.isdir(data_path):
+        raise StartupError(f"data directory {data_path}: not a directory")
     try:
+        os.makedirs(data_path, mode=0o700, exist_ok=True)
         _LOCKS.append(datadir.lock_exclusive(data_path, "LOCK"))
     except StoreLocked:
         raise StartupError(f"data directory {data_path} is in use by another accman "
                            "server") from None
+    except OSError as e:
+        raise StartupError(f"data directory {data_path}: {e.strerror or e}") from None
 
 
 def redacted(url: str) -> str:
