@@ -5,8 +5,9 @@
 // charge role until the role is seen; reserve mode: a hold of the
 // estimate), onSend charges or settles and sets the ACCMAN response header
 // to the new balance, onRequestAbort and onResponse end a hold that no
-// response settled, onRoute checks each route's price.  README.md has the
-// sequence of calls and every failure.
+// response settled, onRoute checks each route's price, and onReady refuses
+// the routes it meters without having checked them (routes.js).  README.md
+// has the sequence of calls and every failure.
 
 const crypto = require('node:crypto')
 const fp = require('fastify-plugin')
@@ -19,6 +20,7 @@ const {
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { settings, checkRoute, amount, price } = require('./options')
+const { uncheckedRoutes, uncheckedError } = require('./routes')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
 const JSON_TYPE = 'application/json; charset=utf-8'
@@ -28,6 +30,12 @@ const STATS = [
   'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped',
   'unpaid_requests', 'unpaid_amount', 'owed', 'stranded'
 ]
+
+// `fn`, named `name`: printRoutes() shows a route's hooks by name.
+function named (name, fn) {
+  Object.defineProperty(fn, 'name', { value: name })
+  return fn
+}
 
 // A refusal's body: short JSON, `extra` members added as JSON text.
 function body (code, detail, extra = '') {
@@ -422,8 +430,26 @@ async function fastifyAccman (fastify, opts) {
     drain: (timeoutMs = limits.CLOSE_DRAIN_MS) => meter.owed.drain(timeoutMs)
   })
   fastify.decorateRequest('accman', null)
-  fastify.addHook('onRoute', checkRoute)
-  fastify.addHook('onRequest', (request, reply) => meter.admit(request, reply))
+  // Every route the plugin meters has its onRequest hook; every route it
+  // checked, a preHandler of its own.  Their names are this registration's
+  // own, for the plugin may be registered in more than one scope.
+  const id = crypto.randomBytes(4).toString('hex')
+  const admitName = `fastify-accman ${id} admit`
+  const checkedName = `fastify-accman ${id} checked`
+  const checkedHook = named(checkedName, (request, reply, done) => done())
+  let routesChecked = 0
+  fastify.addHook('onRoute', (route) => {
+    checkRoute(route)
+    routesChecked++
+    route.preHandler = [].concat(route.preHandler ?? [], checkedHook)
+  })
+  fastify.addHook('onReady', async () => {
+    const text = fastify.printRoutes({ includeMeta: ['onRequest', 'preHandler'] })
+    const { unchecked, readable } = uncheckedRoutes(text, admitName, checkedName, routesChecked)
+    if (!readable) meter.log.warn('accman: printRoutes() is not in the shape known: routes added before the plugin are not found')
+    if (unchecked.length) throw uncheckedError(unchecked)
+  })
+  fastify.addHook('onRequest', named(admitName, (request, reply) => meter.admit(request, reply)))
   fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))
   fastify.addHook('onRequestAbort', async (request) => {
     const state = request.accman
