@@ -21,6 +21,7 @@ const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { settings, checkRoute, amount, price } = require('./options')
 const { uncheckedRoutes, uncheckedError } = require('./routes')
+const { headersOf, keptHeaders } = require('./headers')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
 const JSON_TYPE = 'application/json; charset=utf-8'
@@ -66,6 +67,7 @@ class AccManRequest {
     this.tot = null // bigint: the balance seen at admission
     this.hold = null // the hold's id (reserve mode)
     this.unpaid = null // the AccMan error when served unpaid (onUnavailable 'open')
+    this.before = null // check mode: the reply's headers just before the handler
     this.ended = false
     this.gone = false
   }
@@ -244,6 +246,15 @@ class Meter {
     return reply.send(body(code, detail, extra))
   }
 
+  // --- preHandler ---------------------------------------------------------------
+  // The last preHandler of each route the plugin checked (onRoute appends
+  // it), so it runs just before the handler: check mode keeps the headers
+  // set so far, for a 503 that replaces the response (refuseCharge).
+  beforeHandler (request, reply) {
+    const state = request.accman
+    if (state && this.mode === 'check') state.before = headersOf(reply)
+  }
+
   // --- onSend -----------------------------------------------------------------
   // Charges (check mode) or settles (reserve mode) the response's cost and
   // sets the balance header.  The payload to send: the app's, or in check
@@ -264,7 +275,7 @@ class Meter {
       try {
         tot = await this.mod(state, cost, false)
       } catch (err) {
-        return this.refuseCharge(reply, payload, err)
+        return this.refuseCharge(reply, payload, err, state)
       }
     }
     if (tot !== null) reply.header(this.header, String(tot))
@@ -301,17 +312,19 @@ class Meter {
 
   // The charge after the work met 401 or 403: the token lost its charge
   // role or was replaced.  A misconfiguration must not serve for free, so
-  // the response is not delivered: the app's reply, headers and all, gives
-  // way to the 503 refusal, and nothing is owed for it.  Admission probes
-  // the role again.
-  refuseCharge (reply, payload, err) {
+  // the response is not delivered: the app's body and its headers give way
+  // to the 503 refusal, which keeps the headers of the request's handling
+  // (keptHeaders), and nothing is owed for it.  Admission probes the role
+  // again.
+  refuseCharge (reply, payload, err, state) {
     this.chargeSeen = false
     this.stats.refused_unavailable++
     this.log.error({ status: err.status, code: err.code },
       'accman: AccMan refused the charge: check the token\'s roles; refusing with 503')
     if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
+    const kept = keptHeaders(state.before, reply.getHeaders())
     for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name)
-    reply.code(503).headers({ 'retry-after': '1' }).type(JSON_TYPE)
+    reply.code(503).headers(kept).headers({ 'retry-after': '1' }).type(JSON_TYPE)
     return body('unavailable', UNAVAILABLE_DETAIL)
   }
 
@@ -431,12 +444,16 @@ async function fastifyAccman (fastify, opts) {
   })
   fastify.decorateRequest('accman', null)
   // Every route the plugin meters has its onRequest hook; every route it
-  // checked, a preHandler of its own.  Their names are this registration's
-  // own, for the plugin may be registered in more than one scope.
+  // checked, its preHandler (Meter.beforeHandler).  Their names are this
+  // registration's own, for the plugin may be registered in more than one
+  // scope.
   const id = crypto.randomBytes(4).toString('hex')
   const admitName = `fastify-accman ${id} admit`
   const checkedName = `fastify-accman ${id} checked`
-  const checkedHook = named(checkedName, (request, reply, done) => done())
+  const checkedHook = named(checkedName, (request, reply, done) => {
+    meter.beforeHandler(request, reply)
+    done()
+  })
   let routesChecked = 0
   fastify.addHook('onRoute', (route) => {
     checkRoute(route)

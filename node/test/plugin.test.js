@@ -485,3 +485,50 @@ test('a printRoutes() the plugin cannot read is a warning at ready(), not a sile
   assert.deepEqual(messages(logs, 40),
     ['accman: printRoutes() is not in the shape known: routes added before the plugin are not found'])
 })
+
+test('check mode, a charge refused after the work: the 503 keeps the headers of other plugins\' hooks, none of the app\'s', async () => {
+  await mint.mod('p-headers', 100)
+  const app = Fastify()
+  await app.register(require('@fastify/cors'), { origin: true, exposedHeaders: 'x-request-id' })
+  app.addHook('onRequest', async (request, reply) => { reply.header('x-request-id', request.id) })
+  // onSend hooks before the plugin's: a CORS header is kept, any other dropped.
+  app.addHook('onSend', async (request, reply) => { reply.header('access-control-allow-credentials', 'true').header('x-sent-before', 'app') })
+  await app.register(accman, { url: server.url, token: TOKENS.service, checkFreshMs: 0 })
+  app.addHook('preHandler', async (request, reply) => { reply.header('x-before-handler', 'kept') })
+  app.addHook('onSend', async (request, reply) => { reply.header('x-sent-after', 'on the 503') }) // after the plugin's
+  app.get('/paid', async (request, reply) => {
+    reply.header('x-rows', '25').header('etag', '"v1"').header('cache-control', 'public, max-age=600')
+      .header('set-cookie', 'receipt=paid').type('text/html')
+    return '<p>paid content</p>'
+  })
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  const origin = 'https://app.example'
+  try {
+    const served = await fetch(url + '/paid', { headers: { accman: 'p-headers', origin } }) // the probe sees the charge role
+    assert.deepEqual([served.status, served.headers.get('accman'), served.headers.get('x-rows'), await served.text()],
+      [200, '99', '25', '<p>paid content</p>'])
+    await restartWith({ service: 'read' }) // the token loses it: the charge after the work meets 403
+    const r = await get(url + '/paid', 'p-headers', { headers: { accman: 'p-headers', origin } })
+    assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after'), r.headers.get('content-type')],
+      [503, 'unavailable', '1', 'application/json; charset=utf-8'])
+    const kept = ['access-control-allow-origin', 'access-control-expose-headers', 'access-control-allow-credentials',
+      'x-request-id', 'x-before-handler', 'x-sent-after']
+    assert.deepEqual(kept.map((h) => r.headers.get(h)), [origin, 'x-request-id', 'true', 'req-2', 'kept', 'on the 503'])
+    const dropped = ['x-rows', 'etag', 'cache-control', 'set-cookie', 'x-sent-before', 'accman']
+    assert.deepEqual(dropped.map((h) => r.headers.get(h)), dropped.map(() => null))
+  } finally {
+    await app.close()
+    await restartWith({})
+  }
+  assert.equal(await mint.tot('p-headers'), 99)
+})
+
+test('the headers the 503 keeps: those set before the handler but the body\'s, and CORS headers set since', () => {
+  const { keptHeaders } = require('../src/headers')
+  const before = { 'x-request-id': 'req-1', 'content-type': 'text/html', 'cache-control': 'public', 'set-cookie': ['s=1'] }
+  const now = { ...before, 'x-rows': '25', 'set-cookie': ['s=1', 'receipt=paid'], 'access-control-allow-origin': '*' }
+  assert.deepEqual(keptHeaders(before, now),
+    { 'x-request-id': 'req-1', 'set-cookie': ['s=1'], 'access-control-allow-origin': '*' })
+  // A response that a hook sent before the handler ran: only its CORS headers.
+  assert.deepEqual(keptHeaders(null, now), { 'access-control-allow-origin': '*' })
+})
