@@ -76,6 +76,9 @@ const OWED_PAUSE_MAX_MS = 10000
 // no owed call starts and none is retried; the one under way finishes
 // (bounded by the client's timeout and retries), and the rest are stranded.
 const CLOSE_DRAIN_MS = 5000
+// Routes named in the error that fails ready() when the plugin meters routes
+// whose price it never checked: enough to find them; the rest are counted.
+const ROUTES_NAMED_MAX = 10
 
 module.exports = {
   CRED_CHARS_MAX,
@@ -105,5 +108,6 @@ module.exports = {
   OWED_ATTEMPTS_MAX,
   OWED_PAUSE_MS,
   OWED_PAUSE_MAX_MS,
-  CLOSE_DRAIN_MS
+  CLOSE_DRAIN_MS,
+  ROUTES_NAMED_MAX
 }

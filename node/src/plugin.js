@@ -5,8 +5,9 @@
 // charge role until the role is seen; reserve mode: a hold of the
 // estimate), onSend charges or settles and sets the ACCMAN response header
 // to the new balance, onRequestAbort and onResponse end a hold that no
-// response settled, onRoute checks each route's price.  README.md has the
-// sequence of calls and every failure.
+// response settled, onRoute checks each route's price, and onReady refuses
+// the routes it meters without having checked them (routes.js).  README.md
+// has the sequence of calls and every failure.
 
 const crypto = require('node:crypto')
 const fp = require('fastify-plugin')
@@ -19,6 +20,8 @@ const {
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { settings, checkRoute, amount, price } = require('./options')
+const { uncheckedRoutes, uncheckedError } = require('./routes')
+const { headersOf, keptHeaders } = require('./headers')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
 const JSON_TYPE = 'application/json; charset=utf-8'
@@ -28,6 +31,12 @@ const STATS = [
   'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped',
   'unpaid_requests', 'unpaid_amount', 'owed', 'stranded'
 ]
+
+// `fn`, named `name`: printRoutes() shows a route's hooks by name.
+function named (name, fn) {
+  Object.defineProperty(fn, 'name', { value: name })
+  return fn
+}
 
 // A refusal's body: short JSON, `extra` members added as JSON text.
 function body (code, detail, extra = '') {
@@ -58,6 +67,7 @@ class AccManRequest {
     this.tot = null // bigint: the balance seen at admission
     this.hold = null // the hold's id (reserve mode)
     this.unpaid = null // the AccMan error when served unpaid (onUnavailable 'open')
+    this.before = null // check mode: the reply's headers just before the handler
     this.ended = false
     this.gone = false
   }
@@ -236,6 +246,15 @@ class Meter {
     return reply.send(body(code, detail, extra))
   }
 
+  // --- preHandler ---------------------------------------------------------------
+  // The last preHandler of each route the plugin checked (onRoute appends
+  // it), so it runs just before the handler: check mode keeps the headers
+  // set so far, for a 503 that replaces the response (refuseCharge).
+  beforeHandler (request, reply) {
+    const state = request.accman
+    if (state && this.mode === 'check') state.before = headersOf(reply)
+  }
+
   // --- onSend -----------------------------------------------------------------
   // Charges (check mode) or settles (reserve mode) the response's cost and
   // sets the balance header.  The payload to send: the app's, or in check
@@ -256,7 +275,7 @@ class Meter {
       try {
         tot = await this.mod(state, cost, false)
       } catch (err) {
-        return this.refuseCharge(reply, payload, err)
+        return this.refuseCharge(reply, payload, err, state)
       }
     }
     if (tot !== null) reply.header(this.header, String(tot))
@@ -293,17 +312,19 @@ class Meter {
 
   // The charge after the work met 401 or 403: the token lost its charge
   // role or was replaced.  A misconfiguration must not serve for free, so
-  // the response is not delivered: the app's reply, headers and all, gives
-  // way to the 503 refusal, and nothing is owed for it.  Admission probes
-  // the role again.
-  refuseCharge (reply, payload, err) {
+  // the response is not delivered: the app's body and its headers give way
+  // to the 503 refusal, which keeps the headers of the request's handling
+  // (keptHeaders), and nothing is owed for it.  Admission probes the role
+  // again.
+  refuseCharge (reply, payload, err, state) {
     this.chargeSeen = false
     this.stats.refused_unavailable++
     this.log.error({ status: err.status, code: err.code },
       'accman: AccMan refused the charge: check the token\'s roles; refusing with 503')
     if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
+    const kept = keptHeaders(state.before, reply.getHeaders())
     for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name)
-    reply.code(503).headers({ 'retry-after': '1' }).type(JSON_TYPE)
+    reply.code(503).headers(kept).headers({ 'retry-after': '1' }).type(JSON_TYPE)
     return body('unavailable', UNAVAILABLE_DETAIL)
   }
 
@@ -422,8 +443,30 @@ async function fastifyAccman (fastify, opts) {
     drain: (timeoutMs = limits.CLOSE_DRAIN_MS) => meter.owed.drain(timeoutMs)
   })
   fastify.decorateRequest('accman', null)
-  fastify.addHook('onRoute', checkRoute)
-  fastify.addHook('onRequest', (request, reply) => meter.admit(request, reply))
+  // Every route the plugin meters has its onRequest hook; every route it
+  // checked, its preHandler (Meter.beforeHandler).  Their names are this
+  // registration's own, for the plugin may be registered in more than one
+  // scope.
+  const id = crypto.randomBytes(4).toString('hex')
+  const admitName = `fastify-accman ${id} admit`
+  const checkedName = `fastify-accman ${id} checked`
+  const checkedHook = named(checkedName, (request, reply, done) => {
+    meter.beforeHandler(request, reply)
+    done()
+  })
+  let routesChecked = 0
+  fastify.addHook('onRoute', (route) => {
+    checkRoute(route)
+    routesChecked++
+    route.preHandler = [].concat(route.preHandler ?? [], checkedHook)
+  })
+  fastify.addHook('onReady', async () => {
+    const text = fastify.printRoutes({ includeMeta: ['onRequest', 'preHandler'] })
+    const { unchecked, readable } = uncheckedRoutes(text, admitName, checkedName, routesChecked)
+    if (!readable) meter.log.warn('accman: printRoutes() is not in the shape known: routes added before the plugin are not found')
+    if (unchecked.length) throw uncheckedError(unchecked)
+  })
+  fastify.addHook('onRequest', named(admitName, (request, reply) => meter.admit(request, reply)))
   fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))
   fastify.addHook('onRequestAbort', async (request) => {
     const state = request.accman

@@ -398,3 +398,137 @@ test('a wrong route price is refused at ready(), naming the route and the value'
   assert.throws(() => app.get('/bad', { config: { accman: -5 } }, async () => 'bad'), /GET \/bad .* not -5$/)
   await app.close()
 })
+
+// fastify runs the plugin's onRoute hook only for routes added after the
+// plugin loads, and gives its request hooks to those added before too.
+test('a route the plugin meters but was added before it fails ready(), naming it', async () => {
+  const handler = async () => 'paid'
+  const opts = { url: server.url }
+  for (const [build, named] of [
+    // Declared before register(), with a price nobody checked.
+    [(app) => {
+      app.get('/early', { config: { accman: '5' } }, handler)
+      app.register(accman, opts)
+    }, 'a route added before it, whose price it never checked: GET,HEAD /early. '],
+    // Declared after a register() that is not awaited: added before the plugin loads.
+    [(app) => {
+      app.register(accman, opts)
+      app.post('/a/:x-:y', { config: { accman: 5 } }, handler)
+      app.get('/v', { constraints: { version: '1.2.0' } }, handler)
+      app.addHttpMethod('M-SEARCH')
+      app.route({ method: 'M-SEARCH', url: '/ssdp', handler })
+    }, '3 routes added before it, whose price it never checked: POST /a/:x-:y; GET,HEAD /v {"version":"1.2.0"}; ' +
+      'M-SEARCH /ssdp. '],
+    // In a plugin registered before it, which it meters all the same.
+    [(app) => {
+      app.register(async (scope) => {
+        scope.get('/files/*', handler)
+        scope.get('/', { config: { accman: false } }, handler)
+      }, { prefix: '/v1' })
+      app.register(accman, opts)
+    }, '3 routes added before it, whose price it never checked: GET,HEAD /v1; GET,HEAD /v1/; GET,HEAD /v1/files/*. ']
+  ]) {
+    const app = Fastify()
+    build(app)
+    app.register(async (scope) => scope.get('/late', handler)) // added after the plugin loads: checked, not named
+    await assert.rejects(app.ready(), (err) => err.message === `fastify-accman meters ${named}` +
+      'Register the plugin before the routes it meters (await fastify.register(...) before adding them)', named)
+    await app.close()
+  }
+})
+
+test('ready() names ROUTES_NAMED_MAX routes the plugin never checked, and counts the rest', async () => {
+  const { ROUTES_NAMED_MAX } = accman.limits
+  const app = Fastify()
+  for (let i = 0; i < ROUTES_NAMED_MAX + 2; i++) app.post(`/r${String(i).padStart(2, '0')}`, async () => 'paid')
+  app.register(accman, { url: server.url })
+  const names = Array.from({ length: ROUTES_NAMED_MAX }, (_, i) => `POST /r${String(i).padStart(2, '0')}`)
+  await assert.rejects(app.ready(), (err) => err.message.includes(`meters ${ROUTES_NAMED_MAX + 2} routes added before it, ` +
+    `whose price it never checked: ${names.join('; ')}; and 2 more. `), 'named')
+  await app.close()
+})
+
+test('routes outside the plugin\'s scope, and a CORS plugin\'s preflight route registered first, pass ready()', async () => {
+  await mint.mod('p-scope', 10)
+  const app = Fastify()
+  await app.register(require('@fastify/cors'), { origin: true }) // before the plugin: its headers are on the refusals
+  app.get('/admin', async () => 'not metered') // outside the scope below
+  app.register(async (api) => {
+    await api.register(accman, { url: server.url, token: TOKENS.service })
+    api.get('/w', async () => ({ ok: true }))
+  }, { prefix: '/api' })
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  try {
+    const origin = { origin: 'https://app.example' }
+    const preflight = await fetch(url + '/api/w', {
+      method: 'OPTIONS', headers: { ...origin, 'access-control-request-method': 'GET', 'access-control-request-headers': 'accman' }
+    })
+    assert.deepEqual([preflight.status, preflight.headers.get('access-control-allow-origin')], [204, 'https://app.example'])
+    const refused = await get(url + '/api/w', undefined, { headers: origin })
+    assert.deepEqual([refused.status, refused.headers.get('access-control-allow-origin')], [401, 'https://app.example'])
+    const paid = await get(url + '/api/w', 'p-scope')
+    assert.deepEqual([paid.status, paid.accman], [200, '9'])
+    assert.equal((await fetch(url + '/admin')).status, 200)
+  } finally {
+    await app.close()
+  }
+})
+
+test('a printRoutes() the plugin cannot read is a warning at ready(), not a silent pass', async () => {
+  const logs = []
+  const app = Fastify({ logger: { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } } })
+  app.printRoutes = () => '(the routes in another shape)'
+  await app.register(accman, { url: server.url })
+  app.get('/w', async () => 'paid')
+  await app.ready()
+  await app.close()
+  assert.deepEqual(messages(logs, 40),
+    ['accman: printRoutes() is not in the shape known: routes added before the plugin are not found'])
+})
+
+test('check mode, a charge refused after the work: the 503 keeps the headers of other plugins\' hooks, none of the app\'s', async () => {
+  await mint.mod('p-headers', 100)
+  const app = Fastify()
+  await app.register(require('@fastify/cors'), { origin: true, exposedHeaders: 'x-request-id' })
+  app.addHook('onRequest', async (request, reply) => { reply.header('x-request-id', request.id) })
+  // onSend hooks before the plugin's: a CORS header is kept, any other dropped.
+  app.addHook('onSend', async (request, reply) => { reply.header('access-control-allow-credentials', 'true').header('x-sent-before', 'app') })
+  await app.register(accman, { url: server.url, token: TOKENS.service, checkFreshMs: 0 })
+  app.addHook('preHandler', async (request, reply) => { reply.header('x-before-handler', 'kept') })
+  app.addHook('onSend', async (request, reply) => { reply.header('x-sent-after', 'on the 503') }) // after the plugin's
+  app.get('/paid', async (request, reply) => {
+    reply.header('x-rows', '25').header('etag', '"v1"').header('cache-control', 'public, max-age=600')
+      .header('set-cookie', 'receipt=paid').type('text/html')
+    return '<p>paid content</p>'
+  })
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  const origin = 'https://app.example'
+  try {
+    const served = await fetch(url + '/paid', { headers: { accman: 'p-headers', origin } }) // the probe sees the charge role
+    assert.deepEqual([served.status, served.headers.get('accman'), served.headers.get('x-rows'), await served.text()],
+      [200, '99', '25', '<p>paid content</p>'])
+    await restartWith({ service: 'read' }) // the token loses it: the charge after the work meets 403
+    const r = await get(url + '/paid', 'p-headers', { headers: { accman: 'p-headers', origin } })
+    assert.deepEqual([r.status, r.body.error, r.headers.get('retry-after'), r.headers.get('content-type')],
+      [503, 'unavailable', '1', 'application/json; charset=utf-8'])
+    const kept = ['access-control-allow-origin', 'access-control-expose-headers', 'access-control-allow-credentials',
+      'x-request-id', 'x-before-handler', 'x-sent-after']
+    assert.deepEqual(kept.map((h) => r.headers.get(h)), [origin, 'x-request-id', 'true', 'req-2', 'kept', 'on the 503'])
+    const dropped = ['x-rows', 'etag', 'cache-control', 'set-cookie', 'x-sent-before', 'accman']
+    assert.deepEqual(dropped.map((h) => r.headers.get(h)), dropped.map(() => null))
+  } finally {
+    await app.close()
+    await restartWith({})
+  }
+  assert.equal(await mint.tot('p-headers'), 99)
+})
+
+test('the headers the 503 keeps: those set before the handler but the body\'s, and CORS headers set since', () => {
+  const { keptHeaders } = require('../src/headers')
+  const before = { 'x-request-id': 'req-1', 'content-type': 'text/html', 'cache-control': 'public', 'set-cookie': ['s=1'] }
+  const now = { ...before, 'x-rows': '25', 'set-cookie': ['s=1', 'receipt=paid'], 'access-control-allow-origin': '*' }
+  assert.deepEqual(keptHeaders(before, now),
+    { 'x-request-id': 'req-1', 'set-cookie': ['s=1'], 'access-control-allow-origin': '*' })
+  // A response that a hook sent before the handler ran: only its CORS headers.
+  assert.deepEqual(keptHeaders(null, now), { 'access-control-allow-origin': '*' })
+})

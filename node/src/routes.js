@@ -1,0 +1,108 @@
+'use strict'
+// The routes the plugin meters without having checked their price.
+//
+// fastify runs a plugin's onRoute hook only for the routes added after the
+// plugin loads, yet at ready() it gives the plugin's request hooks to every
+// route of the plugin's scope, those added before it too (a route declared
+// before register(), or just after a register() that is not awaited): such
+// a route is metered, and its `config.accman` was never checked.  fastify 5
+// has no public API that lists routes with their options; printRoutes()
+// lists each route with the names of its hooks.  So the plugin names its
+// onRequest hook, which every route it meters has, and gives each route it
+// checks a preHandler of another name: a route with the first and not the
+// second was never checked.
+
+const { ROUTES_NAMED_MAX } = require('./limits')
+
+// printRoutes() draws a tree: each line is an indent of `│   ` or four
+// spaces per level, then `├── ` or `└── ` and a node's path segment, with
+// ` (METHODS)` and the route's constraints when a route ends there.  Lines
+// under a node without a branch carry its hooks (`• (onRequest) [names]`)
+// or another route ending at the same node.  A node's path is the segments
+// from the root down; a root without a segment is shown as EMPTY_ROOT.
+const INDENT_RE = /^(?:│ {3}| {4})*/
+const BRANCH_RE = /^[├└]── /
+const ENTRY_RE = /^(.*) \(([A-Z][A-Z-]*(?:, [A-Z][A-Z-]*)*)\)(?: (\{.*\}))?$/
+const HOOKS_RE = /^• \(([A-Za-z]+)\) (\[.*\])$/
+const EMPTY_ROOT = '(empty root node)'
+
+// The routes of printRoutes({ includeMeta: [hooks] }): each with its path,
+// methods, constraints (as printed) and the names of its hooks.
+function printedRoutes (text) {
+  const segments = []
+  const routes = []
+  let route = null
+  for (const line of text.split('\n')) {
+    const indent = INDENT_RE.exec(line)[0]
+    let rest = line.slice(indent.length)
+    if (BRANCH_RE.test(rest)) {
+      rest = rest.slice(4)
+      const entry = ENTRY_RE.exec(rest)
+      const segment = entry ? entry[1] : rest
+      segments.length = indent.length / 4
+      segments.push(segment === EMPTY_ROOT ? '' : segment)
+      route = entry ? addRoute(routes, segments.join(''), entry) : null
+      continue
+    }
+    const hooks = HOOKS_RE.exec(rest)
+    if (hooks && route) {
+      route.hooks[hooks[1]] = hookNames(hooks[2])
+      continue
+    }
+    const entry = ENTRY_RE.exec(rest)
+    if (entry && segments.length) route = addRoute(routes, segments.join(''), entry)
+  }
+  return routes
+}
+
+function addRoute (routes, path, entry) {
+  const route = { path, methods: entry[2].split(', '), constraints: entry[3] || null, hooks: {} }
+  routes.push(route)
+  return route
+}
+
+function hookNames (json) {
+  try {
+    const names = JSON.parse(json)
+    return Array.isArray(names) ? names : []
+  } catch {
+    return []
+  }
+}
+
+// How printRoutes() shows a hook: its function's name and `()`.
+function printedName (hookName) {
+  return `${hookName}()`
+}
+
+// The routes that carry the hook named `meteredBy` (onRequest) and not the
+// one named `checkedBy` (preHandler).  A route that answers only OPTIONS is
+// let through: a CORS plugin registers before this one, so that its headers
+// are on this plugin's refusals, and adds a route for preflights (OPTIONS
+// *), which never carry a credential and are answered in its hook.
+// `readable` is false when no route carries `checkedBy` though the plugin
+// checked `checked` routes: then the text is not in the shape read here.
+function uncheckedRoutes (text, meteredBy, checkedBy, checked) {
+  const routes = printedRoutes(text)
+  const has = (route, hook, name) => (route.hooks[hook] || []).includes(printedName(name))
+  const unchecked = routes.filter((r) => has(r, 'onRequest', meteredBy) && !has(r, 'preHandler', checkedBy) &&
+    !r.methods.every((m) => m === 'OPTIONS'))
+  const readable = checked === 0 || routes.some((r) => has(r, 'preHandler', checkedBy))
+  return { unchecked, readable }
+}
+
+function routeName (route) {
+  return `${route.methods.join(',')} ${route.path}${route.constraints ? ' ' + route.constraints : ''}`
+}
+
+// The error that fails ready(): the routes named, up to ROUTES_NAMED_MAX.
+function uncheckedError (unchecked) {
+  const names = unchecked.slice(0, ROUTES_NAMED_MAX).map(routeName)
+  if (unchecked.length > ROUTES_NAMED_MAX) names.push(`and ${unchecked.length - ROUTES_NAMED_MAX} more`)
+  const one = unchecked.length === 1
+  return new Error(`fastify-accman meters ${one ? 'a route' : unchecked.length + ' routes'} added before it, ` +
+    `whose price it never checked: ${names.join('; ')}. Register the plugin before the routes it meters ` +
+    '(await fastify.register(...) before adding them)')
+}
+
+module.exports = { uncheckedRoutes, uncheckedError }
