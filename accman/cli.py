@@ -2,15 +2,18 @@
 events | verify`.
 
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
-its reader closing the pipe, and any client command whose reader closed
-stdout before its reply: what the call did is done); 1 the server (or the
+its reader closing the pipe, and any command whose reader closed stdout
+before its output: what the call did is done); 1 the server (or the
 check) answered with an error; 2 bad flags or values (refused before
 anything is sent), or `serve` could not start (busy port, data directory
 locked or corrupt, bad tokens file, a non-loopback bind without tokens);
 3 no answer from the server (cannot connect, timeout, cut connection), or
 a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome
-may then be unknown, and the message says what to do; 130 ^C (SIGINT)
-and 143 SIGTERM, which for a write in flight say what to do too.
+may then be unknown, and the message says what to do; 4 the call was
+made, a write applied, but stdout failed (a full disk, an I/O error): the
+output is on stderr instead (for `open`, the credential), and a write is
+not to be repeated; 130 ^C (SIGINT) and 143 SIGTERM, which for a write in
+flight say what to do too.
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
@@ -30,9 +33,11 @@ import sys
 
 import accman
 from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
-                                     EXIT_REFUSED, EXIT_USAGE, OPEN_KEY, WRITES, events_values,
-                                     failure, new_cred, prepare, sigterm_ends_call)
-from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
+                                     EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_USAGE, OPEN_KEY,
+                                     events_values, failure, new_cred, prepare, sigterm_ends_call,
+                                     unprinted)
+from accman.calling.follow import FOLLOW_WAIT_S, follow
+from accman.calling.output import say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.errors import AccManError, BadRequest, EventsTrimmed
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
@@ -67,8 +72,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message, suggestion=""):
         hint = f"; {self.cred_hint}" if self.cred_hint else ""
         message = _unechoed(message, self.given, self.names, suggestion)
-        sys.stderr.write(f"accman: error: {message} (try: {self.prog} --help{hint})\n")
-        sys.exit(EXIT_USAGE)
+        sys.exit(say(f"accman: error: {message} (try: {self.prog} --help{hint})", EXIT_USAGE))
 
     def unrecognized(self, extra):
         """The usage error for the words that no argument took: none shown,
@@ -309,8 +313,7 @@ def _main(argv) -> int:
 # --- serve / verify ----------------------------------------------------------
 
 def _fail(message, code=EXIT_USAGE):
-    print(f"accman: error: {message}", file=sys.stderr, flush=True)
-    return code
+    return say(f"accman: error: {message}", code)
 
 
 def cmd_serve(args) -> int:
@@ -427,29 +430,13 @@ def cmd_call(args) -> int:
             return _print_reply(args, out if isinstance(out, str)
                                 else json.dumps(out, separators=(",", ":")))
         except CALL_ENDS as e:
-            return _say(*failure(args, e))
+            return say(*failure(args, e))
 
 
 def _print_reply(args, line) -> int:
-    """Prints the reply.  A reader that closed stdout ends the command as it
-    ends `events --follow`, exit 0 and no traceback: the call did what it
-    was asked, and a code that said otherwise would invite a second mod.
-    A write's reply then goes to stderr, so that what it did (for open, the
-    new credential) is not lost with the pipe."""
-    try:
-        if sys.stdout is None:          # started with stdout closed: print() drops it
-            raise BrokenPipeError
-        print(line, flush=True)
-    except BrokenPipeError:
-        if sys.stdout is not None:
-            silence(sys.stdout)
-        if args.command == "open":
-            return _say(f"accman: stdout is closed; the account was opened: its credential "
-                        f"is {line}", EXIT_OK)
-        if args.command in WRITES:
-            return _say(f"accman: stdout is closed; the {args.command} applied: {line}",
-                        EXIT_OK)
-    return EXIT_OK
+    """Prints the reply; one that stdout does not take is said by unprinted."""
+    e = to_stdout(line)
+    return EXIT_OK if e is None else say(*unprinted(args, line, e))
 
 
 def cmd_follow(args) -> int:
@@ -469,7 +456,7 @@ def cmd_follow(args) -> int:
             end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
                          note=note)
         except CALL_ENDS as e:
-            return _say(*failure(args, e))
+            return say(*failure(args, e))
     # Written, not read: lines in the pipe when the reader stopped were
     # never handled, and only the reader knows how many (docs/CALLING.md).
     resume = (f"events written up to id {end.after} (not necessarily read); to resume: "
@@ -479,19 +466,13 @@ def cmd_follow(args) -> int:
         note(f"stopped ({end.why}); {resume}")
         return EXIT_OK
     text, code = failure(args, end.error)
-    return _say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
-
-
-def _say(line, code) -> int:
-    if line:
-        print(line, file=sys.stderr, flush=True)
-    return code
+    return say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
 
 
 # OPEN_KEY, new_cred and the exit codes live with the commands; they are
 # named here too, as the command line's.
 __all__ = ["main", "build_parser", "OPEN_KEY", "new_cred", "EXIT_OK", "EXIT_REFUSED",
-           "EXIT_USAGE", "EXIT_NO_ANSWER", "EXIT_INTERRUPTED"]
+           "EXIT_USAGE", "EXIT_NO_ANSWER", "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED"]
 
 if __name__ == "__main__":
     sys.exit(main())
