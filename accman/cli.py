@@ -35,7 +35,7 @@ import accman
 from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
                                      EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_USAGE, OPEN_KEY,
                                      events_values, failure, new_cred, prepare, sigterm_ends_call,
-                                     unprinted)
+                                     stdout_failed, unprinted)
 from accman.calling.follow import FOLLOW_WAIT_S, follow
 from accman.calling.output import say, to_stdout
 from accman.calling.sync import AccManSyncClient
@@ -450,7 +450,7 @@ def cmd_follow(args) -> int:
         return _usage(args, e)
 
     def note(text):
-        print(f"accman: events: {text}", file=sys.stderr, flush=True)
+        say(f"accman: events: {text}", None)
     with acc:
         try:
             end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
@@ -465,6 +465,9 @@ def cmd_follow(args) -> int:
     if end.error is None:
         note(f"stopped ({end.why}); {resume}")
         return EXIT_OK
+    if end.why == "output failed":
+        words, code = stdout_failed(end.error)
+        return say(f"accman: events: {words}; {resume}", code)
     text, code = failure(args, end.error)
     return say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
 

@@ -88,3 +88,17 @@ def test_a_stderr_that_fails_too_loses_the_line_not_the_exit_code(start_server):
             proc = subprocess.run(accman(*args), stdout=full, stderr=full, timeout=30,
                                   env=server_env(), cwd=ROOT)
             assert proc.returncode == code, args
+
+
+@pytest.mark.any_one_store("what is checked is the command line writing to a stdout that fails")
+def test_a_follower_whose_stdout_fails_says_where_to_resume_and_exits_4(start_server,
+                                                                        failing_stdout):
+    out, words = failing_stdout
+    s = start_server()
+    for by in (1, 2):
+        s.mod("abc", by)
+    proc = run_with(out, "events", "--follow", "--url", s.url)
+    assert (proc.returncode, proc.stderr) == (4, (
+        f"accman: events: error: cannot write to stdout: {words}; events written up to id 0 "
+        "(not necessarily read); to resume: accman events --follow --after 0, or --after the "
+        "last id the reader handled\n"))

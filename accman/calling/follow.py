@@ -10,7 +10,8 @@ lines still in the pipe when the reader left were never handled, and the
 follower cannot know how many; a reader resumes from the last id it
 handled itself.  An outage (AccMan restarting, a network blip) is ridden
 out with pauses, up to FOLLOW_OUTAGE_S_MAX without an answer; any other
-error ends it."""
+error ends it, and so does an output that fails otherwise than by a closed
+pipe (a full disk, an I/O error)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,14 @@ ALARM_DUE_S = 1e-6
 
 class Followed(NamedTuple):
     """How following ended: `after` is the id of the last event written
-    (resume with it); `why` is "signal", "reader gone", or "error" with
-    `error` the AccManError that ended it."""
+    (resume with it); `why` is "signal", "reader gone", "error" with
+    `error` the AccManError that ended it, or "output failed" with `error`
+    the OSError that a write to `out` raised (ENOSPC, EIO: anything but a
+    closed pipe, which is "reader gone"); `out` is then /dev/null."""
 
     after: int
     why: str
-    error: AccManError | None = None
+    error: AccManError | OSError | None = None
 
 
 def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
@@ -136,7 +139,13 @@ def _loop(acc, state, limit, wait_s, out, note) -> Followed:
         except AccManError as e:
             return Followed(state["after"], "error", e)
         failing_since, attempt = None, 0
-        _write(out, events, nxt, state)
+        try:
+            _write(out, events, nxt, state)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            silence(out)
+            return Followed(state["after"], "output failed", e)
 
 
 def _write(out, events, nxt, state) -> None:
