@@ -34,10 +34,10 @@ import sys
 import accman
 from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
                                      EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_USAGE, OPEN_KEY,
-                                     events_values, failure, new_cred, prepare, sigterm_ends_call,
-                                     stdout_failed, unprinted)
+                                     events_values, failure, new_cred, prepare,
+                                     sigterm_ends_call, stdout_failed, unprinted)
 from accman.calling.follow import FOLLOW_WAIT_S, follow
-from accman.calling.output import say, to_stdout
+from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.errors import AccManError, BadRequest, EventsTrimmed
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
@@ -338,7 +338,7 @@ def cmd_serve(args) -> int:
         return run(host=args.host, port=args.port, data=data,
                    tokens=tokens, limits=limits, verify=args.verify,
                    low_balance=args.low_balance, events_retention_s=args.events_retention,
-                   store_urls=args.store, webhook=webhook)
+                   store_urls=args.store, webhook=webhook, ready=print_ready)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set
@@ -352,10 +352,10 @@ def cmd_migrate(args) -> int:
     except ImportError:
         return _fail("the PostgreSQL store needs asyncpg: pip install 'accman[postgres]'")
     try:
-        print(migrate_sync(args.store), flush=True)
+        done = migrate_sync(args.store)
     except StoreError as e:
         return _fail(e.detail)
-    return EXIT_OK
+    return print_result(done, EXIT_OK)
 
 
 def cmd_verify(args) -> int:
@@ -379,20 +379,17 @@ def cmd_verify(args) -> int:
     except StoreLocked:
         return _fail(f"data directory {path} is in use by a running server; stop it first")
     except StoreCorrupt as e:
-        print(f"accman: verify {path}: FAILED: {e.detail}", flush=True)
-        return EXIT_REFUSED
+        return print_result(f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED)
     except AccManError as e:
         return _fail(f"cannot open data directory {path}: {e.detail}")
     try:
         counts = ledger.verify()
     except StoreCorrupt as e:
-        print(f"accman: verify {path}: FAILED: {e.detail}", flush=True)
-        return EXIT_REFUSED
+        return print_result(f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED)
     finally:
         ledger.close()
     described = ", ".join(f"{name}={n}" for name, n in counts.items())
-    print(f"accman: verify {path}: ok ({described})", flush=True)
-    return EXIT_OK
+    return print_result(f"accman: verify {path}: ok ({described})", EXIT_OK)
 
 
 # --- client commands ---------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -14,6 +16,8 @@ import pytest
 from conftest import ROOT, server_env
 from test_cli import one_line_error
 from test_cli_faults import funded, history
+
+WAIT_S = 15.0               # no step of these tests comes near it
 
 
 def accman(*args) -> list:
@@ -102,3 +106,47 @@ def test_a_follower_whose_stdout_fails_says_where_to_resume_and_exits_4(start_se
         f"accman: events: error: cannot write to stdout: {words}; events written up to id 0 "
         "(not necessarily read); to resume: accman events --follow --after 0, or --after the "
         "last id the reader handled\n"))
+
+
+@pytest.mark.embedded_only("verify checks the embedded store's data directory")
+def test_verify_whose_stdout_fails_puts_its_verdict_on_stderr(start_server, tmp_path,
+                                                              failing_stdout):
+    out, words = failing_stdout
+    data = tmp_path / "data"
+    s = start_server(data)
+    s.mod("acct", 10)
+    assert s.stop() == 0
+    err = one_line_error(run_with(out, "verify", "--data", data), 4)
+    assert err.startswith(f"accman: error: cannot write to stdout: {words}; verify {data}: ok (")
+
+
+def test_serve_whose_stdout_fails_refuses_to_start(tmp_path, failing_stdout):
+    """Whoever waits for the ready line would wait for ever: the start ends,
+    as every refused start does, with one line and exit 2."""
+    out, words = failing_stdout
+    proc = run_with(out, "serve", "--port", 0, "--data", tmp_path / "data")
+    assert one_line_error(proc, 2) == (
+        f"accman: error: cannot write the ready line to stdout: {words}")
+
+
+def test_serve_whose_reader_closed_stdout_serves_and_says_so_on_stderr(tmp_path):
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.Popen(accman("serve", "--port", 0, "--data", tmp_path / "data"),
+                                stdout=w, stderr=subprocess.PIPE, text=True, env=server_env(),
+                                cwd=ROOT)
+    finally:
+        os.close(w)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("accman: stdout is closed; serving http://127.0.0.1:"), line
+        port = int(line.split("http://127.0.0.1:", 1)[1].split()[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as c:
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT_S) == 0
+    finally:
+        proc.kill()
+        proc.wait()
