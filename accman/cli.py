@@ -33,13 +33,13 @@ import sys
 
 import accman
 from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
-                                     EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_USAGE, OPEN_KEY,
-                                     events_values, failure, new_cred, prepare,
-                                     sigterm_ends_call, stdout_failed, unprinted)
+                                     EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_TERMINATED, EXIT_USAGE,
+                                     OPEN_KEY, WRITES, events_values, failure, hold_stops,
+                                     new_cred, prepare, stdout_failed, stops_end_call, unprinted)
 from accman.calling.follow import FOLLOW_WAIT_S, follow
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
-from accman.errors import AccManError, BadRequest, EventsTrimmed
+from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
                            HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
 
@@ -288,10 +288,10 @@ def _webhook_arguments(s):
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except KeyboardInterrupt:
-        # ^C with no call in flight (one in flight is said by failure):
+    except KeyboardInterrupt as e:
+        # A stop with no call in flight (one in flight is said by failure):
         # nothing to say.
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
 def _main(argv) -> int:
@@ -421,12 +421,15 @@ def cmd_call(args) -> int:
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
         return _usage(args, e)
-    with acc, sigterm_ends_call():
+    with acc, stops_end_call():
         try:
             out = call(acc)
+            if args.command in WRITES:
+                hold_stops()        # it applied: its reply is printed whole
             return _print_reply(args, out if isinstance(out, str)
                                 else json.dumps(out, separators=(",", ":")))
         except CALL_ENDS as e:
+            hold_stops()            # the end is known: it is said whole
             return say(*failure(args, e))
 
 

@@ -223,18 +223,39 @@ def role_hint(args) -> str:
 CALL_ENDS = (AccManError, UnicodeError, KeyboardInterrupt)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def sigterm_ends_call():
+def stops_end_call():
     """While a call is in flight, SIGTERM ends it as ^C does (Terminated):
     killed silently, a write that may have reached the server would leave
-    no word of what to do."""
-    def terminated(_signum, _frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, terminated)
+    no word of what to do.  Only the first stop ends it: from then on both
+    are held back (hold_stops), so that a second SIGTERM or a ^C while the
+    command says how the call ended neither cuts that line nor changes the
+    exit code.  Two stops that land together end it once."""
+    ended = []
+
+    def stop(signum, _frame):
+        hold_stops()
+        if not ended:
+            ended.append(signum)
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def hold_stops() -> None:
+    """Holds SIGINT and SIGTERM back for the rest of the process, once a
+    command's end is known: what it says then is written whole, however
+    slow its reader, and its exit code is that end's.  A stop held back
+    dies with the process (SIGKILL still ends one whose stderr nobody
+    reads)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def failure(args, e) -> tuple:
@@ -314,4 +335,5 @@ def unprinted(args, line: str, e: OSError) -> tuple:
 __all__ = ["OPEN_KEY", "WRITES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_NO_ANSWER",
            "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "BAD_HOST", "CALL_ENDS",
            "decimal", "by_value", "events_values", "new_cred", "prepare", "failure", "role_hint",
-           "unknown_hint", "stdout_failed", "os_reason", "unprinted"]
+           "unknown_hint", "stdout_failed", "os_reason", "unprinted", "stops_end_call",
+           "hold_stops", "STOP_SIGNALS"]
