@@ -452,6 +452,10 @@ def cmd_follow(args) -> int:
     def note(text):
         say(f"accman: events: {text}", None)
     with acc:
+        # Held back until the follower takes them, and again from its end:
+        # a stop that came before it is not lost, and one after it does not
+        # cut the line that says where to resume, nor change the exit code.
+        hold_stops()
         try:
             end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
                          note=note)

@@ -312,3 +312,22 @@ def test_a_stop_while_a_write_prints_its_reply_is_held_back(start_server, full_s
     wait_for(lambda: taken_or_held(proc, signal.SIGINT), "SIGINT taken or held back")
     proc = full_stream.finish(proc)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, '{"tot":95,"seq":2}\n', "")
+
+
+@pytest.mark.any_one_store("what is checked is the command line's own output")
+def test_a_second_stop_while_a_follower_says_where_to_resume_changes_nothing(start_server,
+                                                                             full_stream):
+    s = start_server()
+    s.mod("abc", 3)
+    proc = full_stream(["events", "--follow", "--url", s.url], "stderr")
+    assert json.loads(proc.stdout.readline())["id"] == 1
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: blocked_writing_to_a_pipe(proc), "write to the full stderr")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: taken_or_held(proc, signal.SIGTERM), "SIGTERM taken or held back")
+    proc = full_stream.finish(proc)
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert proc.stderr == (
+        "accman: events: stopped (signal); events written up to id 1 (not necessarily read); "
+        "to resume: accman events --follow --after 1, or --after the last id the reader "
+        "handled\n")

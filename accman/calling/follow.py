@@ -73,7 +73,13 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
     spent following, and its interval.  An alarm that fell due meanwhile
     goes off at once, once however many ticks of a periodic one fell due,
     and its interval runs on from then.  A stop signal that comes while
-    they are being put back goes to the caller's handler once it is back."""
+    they are being put back goes to the caller's handler once it is back.
+
+    A caller may hold the stop signals back (its signal mask) until the
+    follower's handlers are in place, and from its end on: the follower
+    takes them while it follows (one that came before is taken at once)
+    and puts the caller's mask back first thing at its end, so that no stop
+    is lost and none ends the caller's own last words."""
     out = sys.stdout if out is None else out
     state = {"after": after, "waiting": False, "gone": False, "restoring": False,
              "late": []}
@@ -83,6 +89,7 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
     # what to put back.
     handlers = {s: signal.getsignal(s) for s in ours}
     timer, since = signal.getitimer(signal.ITIMER_REAL), time.monotonic()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
         for s in STOP_SIGNALS:
             signal.signal(s, ours[s])
@@ -91,6 +98,7 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
         timer, since = (signal.setitimer(signal.ITIMER_REAL, READER_CHECK_S, READER_CHECK_S),
                         time.monotonic())
         signal.signal(signal.SIGALRM, ours[signal.SIGALRM])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return _loop(acc, state, limit, wait_s, out, note or _silent)
     except KeyboardInterrupt:
         return Followed(state["after"], "reader gone" if state["gone"] else "signal")
@@ -99,6 +107,7 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
         return Followed(state["after"], "reader gone")
     finally:
         state["restoring"], state["waiting"] = True, False
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _put_back(handlers, timer, since)
         for s in state["late"]:
             signal.raise_signal(s)
