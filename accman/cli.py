@@ -2,15 +2,18 @@
 events | verify`.
 
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
-its reader closing the pipe, and any client command whose reader closed
-stdout before its reply: what the call did is done); 1 the server (or the
+its reader closing the pipe, and any command whose reader closed stdout
+before its output: what the call did is done); 1 the server (or the
 check) answered with an error; 2 bad flags or values (refused before
 anything is sent), or `serve` could not start (busy port, data directory
 locked or corrupt, bad tokens file, a non-loopback bind without tokens);
 3 no answer from the server (cannot connect, timeout, cut connection), or
 a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome
-may then be unknown, and the message says what to do; 130 ^C (SIGINT)
-and 143 SIGTERM, which for a write in flight say what to do too.
+may then be unknown, and the message says what to do; 4 the call was
+made, a write applied, but stdout failed (a full disk, an I/O error): the
+output is on stderr instead (for `open`, the credential), and a write is
+not to be repeated; 130 ^C (SIGINT) and 143 SIGTERM, which for a write in
+flight say what to do too.
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
@@ -30,11 +33,13 @@ import sys
 
 import accman
 from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
-                                     EXIT_REFUSED, EXIT_USAGE, OPEN_KEY, WRITES, events_values,
-                                     failure, new_cred, prepare, sigterm_ends_call)
-from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
+                                     EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_TERMINATED, EXIT_USAGE,
+                                     OPEN_KEY, WRITES, events_values, failure, hold_stops,
+                                     new_cred, prepare, stdout_failed, stops_end_call, unprinted)
+from accman.calling.follow import FOLLOW_WAIT_S, follow
+from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
-from accman.errors import AccManError, BadRequest, EventsTrimmed
+from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
                            HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
 
@@ -67,8 +72,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message, suggestion=""):
         hint = f"; {self.cred_hint}" if self.cred_hint else ""
         message = _unechoed(message, self.given, self.names, suggestion)
-        sys.stderr.write(f"accman: error: {message} (try: {self.prog} --help{hint})\n")
-        sys.exit(EXIT_USAGE)
+        sys.exit(say(f"accman: error: {message} (try: {self.prog} --help{hint})", EXIT_USAGE))
 
     def unrecognized(self, extra):
         """The usage error for the words that no argument took: none shown,
@@ -284,10 +288,10 @@ def _webhook_arguments(s):
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except KeyboardInterrupt:
-        # ^C with no call in flight (one in flight is said by failure):
+    except KeyboardInterrupt as e:
+        # A stop with no call in flight (one in flight is said by failure):
         # nothing to say.
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
 def _main(argv) -> int:
@@ -309,8 +313,7 @@ def _main(argv) -> int:
 # --- serve / verify ----------------------------------------------------------
 
 def _fail(message, code=EXIT_USAGE):
-    print(f"accman: error: {message}", file=sys.stderr, flush=True)
-    return code
+    return say(f"accman: error: {message}", code)
 
 
 def cmd_serve(args) -> int:
@@ -335,7 +338,7 @@ def cmd_serve(args) -> int:
         return run(host=args.host, port=args.port, data=data,
                    tokens=tokens, limits=limits, verify=args.verify,
                    low_balance=args.low_balance, events_retention_s=args.events_retention,
-                   store_urls=args.store, webhook=webhook)
+                   store_urls=args.store, webhook=webhook, ready=print_ready)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set
@@ -349,10 +352,10 @@ def cmd_migrate(args) -> int:
     except ImportError:
         return _fail("the PostgreSQL store needs asyncpg: pip install 'accman[postgres]'")
     try:
-        print(migrate_sync(args.store), flush=True)
+        done = migrate_sync(args.store)
     except StoreError as e:
         return _fail(e.detail)
-    return EXIT_OK
+    return print_result(done, EXIT_OK)
 
 
 def cmd_verify(args) -> int:
@@ -376,20 +379,17 @@ def cmd_verify(args) -> int:
     except StoreLocked:
         return _fail(f"data directory {path} is in use by a running server; stop it first")
     except StoreCorrupt as e:
-        print(f"accman: verify {path}: FAILED: {e.detail}", flush=True)
-        return EXIT_REFUSED
+        return print_result(f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED)
     except AccManError as e:
         return _fail(f"cannot open data directory {path}: {e.detail}")
     try:
         counts = ledger.verify()
     except StoreCorrupt as e:
-        print(f"accman: verify {path}: FAILED: {e.detail}", flush=True)
-        return EXIT_REFUSED
+        return print_result(f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED)
     finally:
         ledger.close()
     described = ", ".join(f"{name}={n}" for name, n in counts.items())
-    print(f"accman: verify {path}: ok ({described})", flush=True)
-    return EXIT_OK
+    return print_result(f"accman: verify {path}: ok ({described})", EXIT_OK)
 
 
 # --- client commands ---------------------------------------------------------
@@ -421,35 +421,22 @@ def cmd_call(args) -> int:
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
         return _usage(args, e)
-    with acc, sigterm_ends_call():
+    with acc, stops_end_call():
         try:
             out = call(acc)
+            if args.command in WRITES:
+                hold_stops()        # it applied: its reply is printed whole
             return _print_reply(args, out if isinstance(out, str)
                                 else json.dumps(out, separators=(",", ":")))
         except CALL_ENDS as e:
-            return _say(*failure(args, e))
+            hold_stops()            # the end is known: it is said whole
+            return say(*failure(args, e))
 
 
 def _print_reply(args, line) -> int:
-    """Prints the reply.  A reader that closed stdout ends the command as it
-    ends `events --follow`, exit 0 and no traceback: the call did what it
-    was asked, and a code that said otherwise would invite a second mod.
-    A write's reply then goes to stderr, so that what it did (for open, the
-    new credential) is not lost with the pipe."""
-    try:
-        if sys.stdout is None:          # started with stdout closed: print() drops it
-            raise BrokenPipeError
-        print(line, flush=True)
-    except BrokenPipeError:
-        if sys.stdout is not None:
-            silence(sys.stdout)
-        if args.command == "open":
-            return _say(f"accman: stdout is closed; the account was opened: its credential "
-                        f"is {line}", EXIT_OK)
-        if args.command in WRITES:
-            return _say(f"accman: stdout is closed; the {args.command} applied: {line}",
-                        EXIT_OK)
-    return EXIT_OK
+    """Prints the reply; one that stdout does not take is said by unprinted."""
+    e = to_stdout(line)
+    return EXIT_OK if e is None else say(*unprinted(args, line, e))
 
 
 def cmd_follow(args) -> int:
@@ -463,13 +450,17 @@ def cmd_follow(args) -> int:
         return _usage(args, e)
 
     def note(text):
-        print(f"accman: events: {text}", file=sys.stderr, flush=True)
+        say(f"accman: events: {text}", None)
     with acc:
+        # Held back until the follower takes them, and again from its end:
+        # a stop that came before it is not lost, and one after it does not
+        # cut the line that says where to resume, nor change the exit code.
+        hold_stops()
         try:
             end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
                          note=note)
         except CALL_ENDS as e:
-            return _say(*failure(args, e))
+            return say(*failure(args, e))
     # Written, not read: lines in the pipe when the reader stopped were
     # never handled, and only the reader knows how many (docs/CALLING.md).
     resume = (f"events written up to id {end.after} (not necessarily read); to resume: "
@@ -478,20 +469,17 @@ def cmd_follow(args) -> int:
     if end.error is None:
         note(f"stopped ({end.why}); {resume}")
         return EXIT_OK
+    if end.why == "output failed":
+        words, code = stdout_failed(end.error)
+        return say(f"accman: events: {words}; {resume}", code)
     text, code = failure(args, end.error)
-    return _say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
-
-
-def _say(line, code) -> int:
-    if line:
-        print(line, file=sys.stderr, flush=True)
-    return code
+    return say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
 
 
 # OPEN_KEY, new_cred and the exit codes live with the commands; they are
 # named here too, as the command line's.
 __all__ = ["main", "build_parser", "OPEN_KEY", "new_cred", "EXIT_OK", "EXIT_REFUSED",
-           "EXIT_USAGE", "EXIT_NO_ANSWER", "EXIT_INTERRUPTED"]
+           "EXIT_USAGE", "EXIT_NO_ANSWER", "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -86,8 +86,8 @@ def test_the_shared_leaves_and_the_package_import_no_part():
                                     "accman.calling.requests", "accman.calling.policy",
                                     "accman.calling.asgi", "accman.calling.owed",
                                     "accman.calling.conn", "accman.calling.commands",
-                                    "accman.calling.follow", "accman.calling.reserve",
-                                    "accman.calling.settings",
+                                    "accman.calling.follow", "accman.calling.output",
+                                    "accman.calling.reserve", "accman.calling.settings",
                                     "accman.cli"])
 def test_every_exception_class_is_in_accman_errors(module):
     mod = importlib.import_module(module)

@@ -385,3 +385,20 @@ def test_a_stop_while_follow_puts_things_back_goes_to_the_callers_handler(caller
     end = follow_mod.follow(NoEvents(), 4, None, 1, out=out)
     assert end == follow_mod.Followed(4, "reader gone")
     assert alarms == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_stop_the_caller_held_back_is_taken_by_follow_and_its_mask_put_back(caller):
+    """A caller that holds the stops back until the follower takes them
+    (accman events --follow does, for its resume line): one that came
+    before is taken at once, as a stop, not lost; at the end the caller's
+    mask is back, and a stop then waits for the caller."""
+    handler, alarms, r, out = caller
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        signal.raise_signal(signal.SIGTERM)            # held back: pending
+        end = follow_mod.follow(NoEvents(), 4, None, 1, out=out)
+        assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        assert signal.SIGTERM not in signal.sigpending()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert end == follow_mod.Followed(4, "signal") and alarms == []

@@ -9,6 +9,7 @@ itself."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import secrets
 import signal
@@ -24,6 +25,9 @@ from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130      # 128 + SIGINT: what a shell reports for a command ^C ended
 EXIT_TERMINATED = 143       # 128 + SIGTERM
+# The call was made (a write applied) but what the command prints could not
+# be written to stdout (a full disk, an I/O error); stderr has it instead.
+EXIT_OUTPUT_LOST = 4
 # What a bad host in the URL is, whichever way the client finds it: Python
 # encodes a host as ASCII for the request and as IDNA labels to connect.
 BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
@@ -219,18 +223,39 @@ def role_hint(args) -> str:
 CALL_ENDS = (AccManError, UnicodeError, KeyboardInterrupt)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def sigterm_ends_call():
+def stops_end_call():
     """While a call is in flight, SIGTERM ends it as ^C does (Terminated):
     killed silently, a write that may have reached the server would leave
-    no word of what to do."""
-    def terminated(_signum, _frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, terminated)
+    no word of what to do.  Only the first stop ends it: from then on both
+    are held back (hold_stops), so that a second SIGTERM or a ^C while the
+    command says how the call ended neither cuts that line nor changes the
+    exit code.  Two stops that land together end it once."""
+    ended = []
+
+    def stop(signum, _frame):
+        hold_stops()
+        if not ended:
+            ended.append(signum)
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def hold_stops() -> None:
+    """Holds SIGINT and SIGTERM back for the rest of the process, once a
+    command's end is known: what it says then is written whole, however
+    slow its reader, and its exit code is that end's.  A stop held back
+    dies with the process (SIGKILL still ends one whose stderr nobody
+    reads)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def failure(args, e) -> tuple:
@@ -274,6 +299,41 @@ def _refusal(e: AccManError, role: str) -> str:
     return text
 
 
+def stdout_failed(e: OSError) -> tuple:
+    """`(words, exit code)` for a write to stdout that raised `e`: the one
+    place where such an error becomes what a command says.  A reader that
+    closed stdout (a broken pipe) chose to read no more, as `| head` does:
+    exit 0, and a failing code would invite a second mod.  Any other error
+    (ENOSPC, EIO) lost output that someone asked for: EXIT_OUTPUT_LOST, with
+    the OS's words and the errno's name."""
+    if isinstance(e, BrokenPipeError):
+        return "stdout is closed", EXIT_OK
+    return f"error: cannot write to stdout: {os_reason(e)}", EXIT_OUTPUT_LOST
+
+
+def os_reason(e: OSError) -> str:
+    """The OS's words for `e` and its errno's name: "No space left on
+    device (ENOSPC)"."""
+    name = errno.errorcode.get(e.errno)
+    return f"{e.strerror} ({name})" if e.strerror and name else str(e)
+
+
+def unprinted(args, line: str, e: OSError) -> tuple:
+    """`(line or None, exit code)` when the reply `line` of the client
+    command `args` could not be written to stdout (stdout_failed says how,
+    and the code).  A write's reply goes on stderr instead, so that what it
+    did (for open, the new credential) is not lost; a read's is not said
+    again: a broken pipe says nothing, another error that the reply is lost."""
+    words, code = stdout_failed(e)
+    if args.command == "open":
+        return f"accman: {words}; the account was opened: its credential is {line}", code
+    if args.command in WRITES:
+        return f"accman: {words}; the {args.command} applied: {line}", code
+    return (None if code == EXIT_OK else f"accman: {words}; the reply was not written"), code
+
+
 __all__ = ["OPEN_KEY", "WRITES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_NO_ANSWER",
-           "EXIT_INTERRUPTED", "BAD_HOST", "CALL_ENDS", "decimal", "by_value", "events_values",
-           "new_cred", "prepare", "failure", "role_hint", "unknown_hint"]
+           "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "BAD_HOST", "CALL_ENDS",
+           "decimal", "by_value", "events_values", "new_cred", "prepare", "failure", "role_hint",
+           "unknown_hint", "stdout_failed", "os_reason", "unprinted", "stops_end_call",
+           "hold_stops", "STOP_SIGNALS"]

@@ -10,7 +10,8 @@ lines still in the pipe when the reader left were never handled, and the
 follower cannot know how many; a reader resumes from the last id it
 handled itself.  An outage (AccMan restarting, a network blip) is ridden
 out with pauses, up to FOLLOW_OUTAGE_S_MAX without an answer; any other
-error ends it."""
+error ends it, and so does an output that fails otherwise than by a closed
+pipe (a full disk, an I/O error)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,14 @@ ALARM_DUE_S = 1e-6
 
 class Followed(NamedTuple):
     """How following ended: `after` is the id of the last event written
-    (resume with it); `why` is "signal", "reader gone", or "error" with
-    `error` the AccManError that ended it."""
+    (resume with it); `why` is "signal", "reader gone", "error" with
+    `error` the AccManError that ended it, or "output failed" with `error`
+    the OSError that a write to `out` raised (ENOSPC, EIO: anything but a
+    closed pipe, which is "reader gone"); `out` is then /dev/null."""
 
     after: int
     why: str
-    error: AccManError | None = None
+    error: AccManError | OSError | None = None
 
 
 def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
@@ -70,7 +73,13 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
     spent following, and its interval.  An alarm that fell due meanwhile
     goes off at once, once however many ticks of a periodic one fell due,
     and its interval runs on from then.  A stop signal that comes while
-    they are being put back goes to the caller's handler once it is back."""
+    they are being put back goes to the caller's handler once it is back.
+
+    A caller may hold the stop signals back (its signal mask) until the
+    follower's handlers are in place, and from its end on: the follower
+    takes them while it follows (one that came before is taken at once)
+    and puts the caller's mask back first thing at its end, so that no stop
+    is lost and none ends the caller's own last words."""
     out = sys.stdout if out is None else out
     state = {"after": after, "waiting": False, "gone": False, "restoring": False,
              "late": []}
@@ -80,6 +89,7 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
     # what to put back.
     handlers = {s: signal.getsignal(s) for s in ours}
     timer, since = signal.getitimer(signal.ITIMER_REAL), time.monotonic()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
         for s in STOP_SIGNALS:
             signal.signal(s, ours[s])
@@ -88,6 +98,7 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
         timer, since = (signal.setitimer(signal.ITIMER_REAL, READER_CHECK_S, READER_CHECK_S),
                         time.monotonic())
         signal.signal(signal.SIGALRM, ours[signal.SIGALRM])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return _loop(acc, state, limit, wait_s, out, note or _silent)
     except KeyboardInterrupt:
         return Followed(state["after"], "reader gone" if state["gone"] else "signal")
@@ -96,6 +107,7 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
         return Followed(state["after"], "reader gone")
     finally:
         state["restoring"], state["waiting"] = True, False
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _put_back(handlers, timer, since)
         for s in state["late"]:
             signal.raise_signal(s)
@@ -136,7 +148,13 @@ def _loop(acc, state, limit, wait_s, out, note) -> Followed:
         except AccManError as e:
             return Followed(state["after"], "error", e)
         failing_since, attempt = None, 0
-        _write(out, events, nxt, state)
+        try:
+            _write(out, events, nxt, state)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            silence(out)
+            return Followed(state["after"], "output failed", e)
 
 
 def _write(out, events, nxt, state) -> None:

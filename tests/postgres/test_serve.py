@@ -4,9 +4,11 @@ fixtures of tests/conftest.py): /health while no primary is reachable, the
 ready line's URL, several clusters, the migrate command."""
 
 import asyncio
+import subprocess
+import sys
 import time
 
-from conftest import assert_error, get, patch, run_accman, spawn_server
+from conftest import ROOT, assert_error, get, patch, run_accman, server_env, spawn_server
 
 from accman.client import AccManClient
 from accman.postgres.schema import SCHEMA_VERSION
@@ -145,6 +147,19 @@ def test_migrate_makes_and_upgrades_the_schema_once(pg):
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == f"accman: 1 cluster(s) at schema version {SCHEMA_VERSION}"
     assert pg.psql("SELECT version FROM accman_schema", "mig") == str(SCHEMA_VERSION)
+
+
+def test_migrate_whose_stdout_fails_says_it_is_done_on_stderr_and_exits_4(pg):
+    """/dev/full: every write ENOSPC.  The schema is made all the same."""
+    url = pg.create_database("migfull")
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "accman", "migrate", "--store", url],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=server_env(), cwd=ROOT)
+    assert (proc.returncode, proc.stderr) == (4, (
+        "accman: error: cannot write to stdout: No space left on device (ENOSPC); "
+        f"1 cluster(s) at schema version {SCHEMA_VERSION}\n"))
+    assert pg.psql("SELECT version FROM accman_schema", "migfull") == str(SCHEMA_VERSION)
 
 
 def test_a_store_of_two_clusters_passes_the_clients_order_check(pg, pg_factory, tmp_path):
