@@ -44,7 +44,8 @@ from accman.calling.client import AccManClient
 from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_DRAIN_S, Mod,
                                  Owed, Unhold, fingerprint)
 from accman.calling.policy import may_have_landed
-from accman.calling.reserve import DisconnectWatch, Reservation
+from accman.calling.disconnect import DisconnectWatch
+from accman.calling.reserve import Reservation
 from accman.calling.settings import amount, check_calls, check_options, paths, request_ids, split
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
                            TransportError, Unauthorized, Unavailable, UnexpectedReply)
