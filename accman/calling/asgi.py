@@ -198,7 +198,8 @@ class AccManMiddleware:
                 message = self._with_tot(message, new_tot)
             await send(message)
 
-        await self.app(scope, watch.receive, send_)
+        async with watch:
+            await self.app(scope, watch.receive, send_)
 
     async def _probe(self, acc, cred) -> int:
         """Check mode's admission until the token's `charge` role is seen:
@@ -247,10 +248,11 @@ class AccManMiddleware:
             if est and may_have_landed(e):
                 self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), e)
             return await self._unavailable(scope, receive, send, cred, price, e)
-        try:
-            await self.app(scope, r.watch.receive, r.sender(send))
-        finally:
-            r.release()     # the app raised, or sent no response; else settled already
+        async with r.watch:
+            try:
+                await self.app(scope, r.watch.receive, r.sender(send))
+            finally:
+                r.release()     # the app raised, or sent no response; else settled already
 
     async def _charge(self, acc, cred, cost, key, served=True):
         """Charges `cost` with `key`; the new balance, or None when the
