@@ -9,8 +9,8 @@ Every route but /seen takes `id` (the test's name for the request):
   seconds and answers, never reading `receive()` again;
 - /listen?s=S reads the body, works S seconds, reads `receive()` once
   more and answers (to nobody, once the consumer has gone);
-- /idle?s=S never reads `receive()` at all, not even the body, works S
-  seconds and answers.
+- /idle?s=S never reads `receive()` at all, not even the body: notes
+  "started", works S seconds and answers.
 
 /seen?id=ID (exempt) answers, as a JSON list, what the app did for that
 request so far: its body messages, the type of each later message it
@@ -50,7 +50,9 @@ async def service(scope, receive, send):
     if scope["path"] == "/seen":
         return await answer(send, text=json.dumps(SEEN.get(query["id"], [])).encode())
     seen = SEEN.setdefault(query["id"], [])
-    if scope["path"] != "/idle":
+    if scope["path"] == "/idle":
+        seen.append("started")
+    else:
         await body(receive, seen)
     await asyncio.sleep(float(query.get("s", "0")))
     if scope["path"] == "/listen":

@@ -17,6 +17,7 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
+from accman.calling.disconnect import bodiless
 from accman.client import AccManClient
 from asgi_harness import CRED, call, history, make_app, mw
 from fake_accman import FakeAccMan, closed_port, run
@@ -385,3 +386,15 @@ def test_a_shared_client_and_a_custom_header(fake):
             return r
     r = run(go())
     assert r.status == 200 and r.headers["x-balance"] == "9"
+
+
+@pytest.mark.parametrize("version,headers,expected", [
+    ("1.1", [], True),
+    ("1.0", [(b"host", b"x")], True),
+    ("1.1", [(b"content-length", b"0")], True),
+    ("1.1", [(b"content-length", b"5")], False),
+    ("1.1", [(b"transfer-encoding", b"chunked")], False),
+    ("2", [], False),               # HTTP/2 may send a body without Content-Length
+])
+def test_a_request_is_bodiless_only_when_its_http1_head_says_so(version, headers, expected):
+    assert bodiless({"http_version": version, "headers": headers}) is expected

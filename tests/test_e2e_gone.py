@@ -104,10 +104,11 @@ def bys(stack, cred) -> list:
     return [e.by for e in reversed(past(stack, cred))]
 
 
-def leave(url: str, path: str, rid: str, cred: str, parts=()) -> None:
+def leave(url: str, path: str, rid: str, cred: str, parts=(), until="body 0") -> None:
     """Sends a request (with a body of `parts`, each sent once the app has
     read the one before) and closes the connection once the app has read
-    the body whole, before any response."""
+    the body whole (or, for a request without a body, has done `until`),
+    before any response."""
     u = urlsplit(url)
     headers = [("ACCMAN", cred)]
     if parts:
@@ -119,7 +120,7 @@ def leave(url: str, path: str, rid: str, cred: str, parts=()) -> None:
             sock.sendall(part)
             wait_seen(url, rid, f"body {len(part)}" + (" more" if i < len(parts) - 1 else ""))
         if not parts:
-            wait_seen(url, rid, "body 0")
+            wait_seen(url, rid, until)
     # closed: the consumer has gone, the app is still working
 
 
@@ -135,6 +136,19 @@ def test_a_consumer_gone_before_the_response_is_not_charged(stack, mode):
         wait_tot(stack, cred, 10)
         assert "answered" not in seen(url, rid)
     assert wait_seen(url, rid, "answered") == ["body 0", "answered"]
+    assert tot(stack, cred) == 10 and bys(stack, cred) == BYS_GONE[mode]
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_consumer_gone_from_an_app_that_never_reads_is_not_charged(stack, mode):
+    """/idle never calls `receive()`, as most GET handlers: a request
+    whose head says it has no body is read for it, and the watch starts."""
+    cred, rid, url = new_cred(stack), new_id(), stack[mode]
+    leave(url, f"/idle?s={WORK_S}", rid, cred, until="started")
+    if mode == "reserve":
+        wait_tot(stack, cred, 10)
+        assert "answered" not in seen(url, rid)
+    assert wait_seen(url, rid, "answered") == ["started", "answered"]
     assert tot(stack, cred) == 10 and bys(stack, cred) == BYS_GONE[mode]
 
 
@@ -163,7 +177,7 @@ def test_a_streamed_body_is_the_apps_and_its_consumer_may_leave_after_it(stack, 
 # --- consumers who stay ------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["check", "reserve"])
 @pytest.mark.parametrize("path,body,did", [("/work", b"0123456789", ["body 10", "answered"]),
-                                           ("/idle", b"", ["answered"])])
+                                           ("/idle", b"", ["started", "answered"])])
 def test_a_consumer_who_stays_is_charged_once_per_request(stack, mode, path, body, did):
     """Two requests on one keep-alive connection: each charged once, and
     the app that never reads its body (/idle) loses nothing to the watch."""

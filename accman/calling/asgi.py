@@ -180,7 +180,7 @@ class AccManMiddleware:
         if tot < est:
             return await self._insufficient(send, tot, est)
         key = self._rid() + "-c"
-        watch = DisconnectWatch(receive)
+        watch = DisconnectWatch(receive, scope=scope)
         refused = False
 
         async def send_(message):

@@ -10,8 +10,12 @@ the app has read the body whole (the `http.request` without `more_body`),
 own, and shares it with the app's later `receive()` calls.
 
 - Nothing is read before the app has read the whole body: the body is the
-  app's, streamed at its pace, and an app that never reads it gives the
-  watch nothing to start from.
+  app's, streamed at its pace.  A request whose head says it has none (an
+  HTTP/1 request without Content-Length, or with 0, and without
+  Transfer-Encoding: RFC 9112 6.3) has nothing to stream: its one empty
+  `http.request` is read as the app starts and handed to the app's first
+  `receive()`, so that the watch starts for an app that never reads the
+  body, as most GET handlers do.
 - After the body the server sends nothing but `http.disconnect` (ASGI
   "HTTP": sent when the connection closes or the response is complete), so
   the message the watch takes is the one every later `receive()` gets:
@@ -34,16 +38,22 @@ class DisconnectWatch:
     app runs inside `async with watch:`, which closes the watch when the
     app has returned, raised or been cancelled."""
 
-    __slots__ = ("_receive", "_on_gone", "gone", "_watcher", "_body_read")
+    __slots__ = ("_receive", "_on_gone", "gone", "_watcher", "_body_read", "_bodiless", "_first")
 
-    def __init__(self, receive, on_gone=None):
+    def __init__(self, receive, on_gone=None, scope=None):
         self._receive = receive
         self._on_gone = on_gone
         self.gone = False
         self._watcher = None        # the task reading the message after the body
         self._body_read = False
+        self._bodiless = scope is not None and bodiless(scope)
+        self._first = None          # a bodiless request's message, read for the app
 
     async def receive(self):
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
         watcher = self._watcher
         if watcher is None:
             message = await self._receive()
@@ -79,6 +89,9 @@ class DisconnectWatch:
                 self._on_gone()
 
     async def __aenter__(self) -> "DisconnectWatch":
+        if self._bodiless:
+            self._first = await self._receive()
+            self._seen(self._first)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -101,6 +114,20 @@ class DisconnectWatch:
                 watcher.cancel()
         if not watcher.done():
             await asyncio.wait((watcher,))
+
+
+def bodiless(scope) -> bool:
+    """True for an HTTP/1 request whose head says it has no body (RFC 9112
+    6.3: neither Transfer-Encoding nor a Content-Length but 0).  HTTP/2's
+    requests may carry a body without Content-Length: never bodiless."""
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return False
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding":
+            return False
+        if name == b"content-length" and value.strip() != b"0":
+            return False
+    return True
 
 
 def _retrieve(watcher) -> None:

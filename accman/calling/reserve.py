@@ -40,7 +40,7 @@ class Reservation:
         self.rid, self.est = rid, est
         self.hold = self.tot = None
         self.ended = False
-        self.watch = DisconnectWatch(receive, self.release)
+        self.watch = DisconnectWatch(receive, self.release, scope)
 
     @property
     def hold_key(self) -> str:
