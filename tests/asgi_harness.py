@@ -25,7 +25,10 @@ class Reply:
         return json.loads(self.body)
 
 
-async def call(app, path="/thing", cred=CRED, headers=(), disconnect=False):
+async def call(app, path="/thing", cred=CRED, headers=(), disconnect=False, later=None):
+    """One GET through `app`: after its body, receive() answers
+    `http.disconnect` (`disconnect`), what `await later()` gives, or
+    nothing for an hour (a consumer waiting for its response)."""
     hs = [(k.encode(), v.encode()) for k, v in headers]
     if cred is not None:
         hs.append((b"accman", cred.encode()))
@@ -43,6 +46,8 @@ async def call(app, path="/thing", cred=CRED, headers=(), disconnect=False):
             return {"type": "http.request", "body": b"", "more_body": False}
         if disconnect:
             return {"type": "http.disconnect"}
+        if later is not None:
+            return await later()
         await asyncio.sleep(3600)
 
     async def send(message):

@@ -7,7 +7,9 @@ calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import decimal
+import gc
 import logging
 import types
 
@@ -15,6 +17,7 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
+from accman.calling.disconnect import bodiless
 from accman.client import AccManClient
 from asgi_harness import CRED, call, history, make_app, mw
 from fake_accman import FakeAccMan, closed_port, run
@@ -119,6 +122,113 @@ def test_a_client_gone_before_the_response_is_not_charged_in_check_mode(fake):
     fake.fund(CRED, 10)
     run(call(mw(fake, make_app(read_disconnect=True)), disconnect=True))
     assert fake.tot(CRED) == 10 and fake.mods() == []
+
+
+def watches() -> list:
+    """The middleware's disconnect watches still running on this loop."""
+    return [t for t in asyncio.all_tasks() if "DisconnectWatch._watch" in repr(t.get_coro())]
+
+
+async def answer_after(seconds, receive, send):
+    await asyncio.sleep(seconds)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_client_gone_is_seen_though_the_app_never_reads_it_again(fake, mode):
+    """The middleware reads the disconnect itself once the app has read the
+    body; its watch ends with the request (tests/test_e2e_gone.py has the
+    same under uvicorn)."""
+    fake.fund(CRED, 10)
+
+    async def app(scope, receive, send):
+        await receive()
+        await answer_after(0.05, receive, send)     # the consumer leaves meanwhile
+
+    async def go():
+        m = mw(fake, app, mode=mode, cost=3)
+        await call(m, disconnect=True)
+        assert watches() == [] and await m.drain(5)
+        return m
+    m = run(go())
+    assert fake.tot(CRED) == 10 and m.stats["charged"] == 0
+    assert history(fake) == ([(10, None)] if mode == "check" else
+                             [(10, None), (-3, "-h"), (3, None)])
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_the_watch_ends_with_the_request_and_leaves_no_error_behind(fake, mode, caplog):
+    """A consumer that waits is charged once; the watch's read, still
+    waiting, is cancelled when the app returns, and a read that failed is
+    retrieved (asyncio logs an error nobody retrieved when its task goes)."""
+    fake.fund(CRED, 10)
+
+    async def broken():
+        raise OSError("the server's receive failed")
+
+    async def go():
+        m = mw(fake, make_app(), mode=mode, cost=3)
+        assert (await call(m)).headers["accman"] == "7"
+        assert watches() == []
+        assert (await call(m, later=broken)).headers["accman"] == "4"
+        gc.collect()
+        assert watches() == [] and await m.drain(5)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        run(go())
+    assert fake.tot(CRED) == 4 and "never retrieved" not in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+@pytest.mark.parametrize("cancels", [1, 2])
+def test_a_cancelled_request_ends_its_watch(fake, mode, cancels):
+    """The ASGI server cancels the request (a shutdown's timeout) while the
+    app works after reading its body, once, or again while the request
+    ends its watch: nothing charged, no watch left."""
+    fake.fund(CRED, 10)
+
+    working = []
+
+    async def app(scope, receive, send):
+        await receive()
+        working.append(1)
+        await answer_after(3600, receive, send)
+
+    async def go():
+        m = mw(fake, app, mode=mode, cost=3)
+        task = asyncio.create_task(call(m))
+        while not working:
+            await asyncio.sleep(0.01)
+        for _ in range(cancels):
+            task.cancel()
+            await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)          # a cancelled watch ends in the next turn
+        assert watches() == [] and await m.drain(5)
+    run(go())
+    assert fake.tot(CRED) == 10 and fake.mods() == []
+
+
+def test_an_app_that_gives_up_a_read_leaves_the_shared_one_running(fake):
+    """A read the app cancels (a timeout, Starlette's is_disconnected) does
+    not cancel the watch's: the app's next read gets the disconnect."""
+    fake.fund(CRED, 10)
+    got = []
+
+    async def leaves():
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def app(scope, receive, send):
+        await receive()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(receive(), 0.001)
+        got.append((await receive())["type"])
+        await answer_after(0, receive, send)
+
+    run(call(mw(fake, app, cost=3), later=leaves))
+    assert got == ["http.disconnect"] and fake.mods() == []
 
 
 def test_check_mode_charge_that_fails_after_serving_is_retried_with_its_key(fake):
@@ -276,3 +386,15 @@ def test_a_shared_client_and_a_custom_header(fake):
             return r
     r = run(go())
     assert r.status == 200 and r.headers["x-balance"] == "9"
+
+
+@pytest.mark.parametrize("version,headers,expected", [
+    ("1.1", [], True),
+    ("1.0", [(b"host", b"x")], True),
+    ("1.1", [(b"content-length", b"0")], True),
+    ("1.1", [(b"content-length", b"5")], False),
+    ("1.1", [(b"transfer-encoding", b"chunked")], False),
+    ("2", [], False),               # HTTP/2 may send a body without Content-Length
+])
+def test_a_request_is_bodiless_only_when_its_http1_head_says_so(version, headers, expected):
+    assert bodiless({"http_version": version, "headers": headers}) is expected

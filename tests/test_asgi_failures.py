@@ -103,9 +103,15 @@ def test_owed_mods_beyond_followups_max_are_stranded_at_once(monkeypatch):
         fake.fault = lambda meth, p, q: ("drop",) if p == "/settle" else None
 
         async def go():
-            for _ in range(2):
+            for settles in (2, 3):
                 with pytest.raises(ValueError):
                     await call(m)
+                # A hold pipelined behind a dropped settle would be dropped
+                # with it: the next request waits until the release and the
+                # owed queue's first try of it are over (the next try waits
+                # FOLLOWUP_PAUSE_S).
+                while len(fake.calls("/settle")) < settles:
+                    await asyncio.sleep(0.01)
             # each release is tried at once, then owed: one queued, one stranded
             for _ in range(100):
                 if m.stats["stranded"] + m.stats["owed"] == 2:
@@ -134,11 +140,12 @@ def test_lifespan_shutdown_drains_within_shutdown_drain_s(monkeypatch):
             await inner(scope, receive, send)
 
         m = mw(fake, app, mode="reserve", cost=2, retries=0)
+        # The hold lands; its release, and every retry of it, does not.
+        fake.fault = lambda meth, p, q: ("drop",) if p == "/settle" else None
 
         async def go():
             with pytest.raises(ValueError):
                 await call(m)
-            fake.fault = lambda meth, p, q: ("drop",)
             return await lifespan(m, "startup", "shutdown")
         assert run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
         assert m.stats["stranded"] == 1 and m._client is None

@@ -44,7 +44,8 @@ from accman.calling.client import AccManClient
 from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_DRAIN_S, Mod,
                                  Owed, Unhold, fingerprint)
 from accman.calling.policy import may_have_landed
-from accman.calling.reserve import DisconnectWatch, Reservation
+from accman.calling.disconnect import DisconnectWatch
+from accman.calling.reserve import Reservation
 from accman.calling.settings import amount, check_calls, check_options, paths, request_ids, split
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
                            TransportError, Unauthorized, Unavailable, UnexpectedReply)
@@ -179,7 +180,7 @@ class AccManMiddleware:
         if tot < est:
             return await self._insufficient(send, tot, est)
         key = self._rid() + "-c"
-        watch = DisconnectWatch(receive)
+        watch = DisconnectWatch(receive, scope=scope)
         refused = False
 
         async def send_(message):
@@ -197,7 +198,8 @@ class AccManMiddleware:
                 message = self._with_tot(message, new_tot)
             await send(message)
 
-        await self.app(scope, watch.receive, send_)
+        async with watch:
+            await self.app(scope, watch.receive, send_)
 
     async def _probe(self, acc, cred) -> int:
         """Check mode's admission until the token's `charge` role is seen:
@@ -246,10 +248,11 @@ class AccManMiddleware:
             if est and may_have_landed(e):
                 self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), e)
             return await self._unavailable(scope, receive, send, cred, price, e)
-        try:
-            await self.app(scope, r.watch.receive, r.sender(send))
-        finally:
-            r.release()     # the app raised, or sent no response; else settled already
+        async with r.watch:
+            try:
+                await self.app(scope, r.watch.receive, r.sender(send))
+            finally:
+                r.release()     # the app raised, or sent no response; else settled already
 
     async def _charge(self, acc, cred, cost, key, served=True):
         """Charges `cost` with `key`; the new balance, or None when the

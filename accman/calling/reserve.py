@@ -12,39 +12,19 @@ itself after hold_ttl_s, all of it returned: no reservation leaks.  A
 settle is idempotent (the same `use` answers the first reply), so one that
 fails is owed and retried (accman.calling.owed); one that meets
 `hold_ended` because the hold expired first (the app ran past
-hold_ttl_s) is charged as a keyed mod instead, and logged.
-
-`DisconnectWatch`, which both modes use, is here too."""
+hold_ttl_s) is charged as a keyed mod instead, and logged.  A consumer
+that goes away before the response starts releases the hold at once
+(accman.calling.disconnect)."""
 
 from __future__ import annotations
 
 import logging
 
+from accman.calling.disconnect import DisconnectWatch
 from accman.calling.owed import Settle, expired_charge_key, fingerprint
 from accman.errors import AccManError, HoldEnded
 
 log = logging.getLogger("accman.asgi")
-
-
-class DisconnectWatch:
-    """Wraps an ASGI `receive` and remembers whether the client went away
-    (http.disconnect), so that a request whose client left is not charged;
-    `on_gone()`, if given, is called when it is seen."""
-
-    __slots__ = ("_receive", "_on_gone", "gone")
-
-    def __init__(self, receive, on_gone=None):
-        self._receive = receive
-        self._on_gone = on_gone
-        self.gone = False
-
-    async def receive(self):
-        message = await self._receive()
-        if message["type"] == "http.disconnect" and not self.gone:
-            self.gone = True
-            if self._on_gone is not None:
-                self._on_gone()
-        return message
 
 
 class Reservation:
@@ -60,7 +40,7 @@ class Reservation:
         self.rid, self.est = rid, est
         self.hold = self.tot = None
         self.ended = False
-        self.watch = DisconnectWatch(receive, self.release)
+        self.watch = DisconnectWatch(receive, self.release, scope)
 
     @property
     def hold_key(self) -> str:
@@ -141,4 +121,4 @@ class Reservation:
             self.mw._owed.add(Settle(self.cred, self.hold, 0, self.rid), e)
 
 
-__all__ = ["DisconnectWatch", "Reservation"]
+__all__ = ["Reservation"]
