@@ -34,8 +34,8 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 # The files of a store: LevelDB's (leveldb db/filename.cc) and AccMan's,
 # CURRENT.dbtmp among them (write_new_leveldb).
-STORE_FILE = re.compile(r"^(CURRENT(\.dbtmp)?|LOCK|LOG|LOG\.old|MANIFEST-\d+|\d+\.(log|ldb|sst|dbtmp)"
-                        r"|accman\.[a-z]+(\.tmp)?)$")
+STORE_FILE = re.compile(r"^(CURRENT(\.dbtmp)?|LOCK|LOG|LOG\.old|MANIFEST-\d+"
+                        r"|\d+\.(log|ldb|sst|dbtmp)|accman\.[a-z]+(\.tmp)?)$")
 # A default ACL in Linux's xattr form (linux/posix_acl_xattr.h): version 2,
 # then (tag, perm, id) entries: the owner rw, the group and others nothing.
 _ACL_XATTR = "system.posix_acl_default"
