@@ -34,9 +34,10 @@ import sys
 import accman
 from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
                                      EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_TERMINATED, EXIT_USAGE,
-                                     OPEN_KEY, WRITES, events_values, failure, hold_stops,
-                                     new_cred, prepare, stdout_failed, stops_end_call, unprinted)
-from accman.calling.follow import FOLLOW_WAIT_S, follow
+                                     OPEN_KEY, events_values, failure, hold_stops, new_cred,
+                                     prepare, stdout_failed, stopped_printing, stops_end_call,
+                                     unprinted)
+from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
@@ -422,14 +423,19 @@ def cmd_call(args) -> int:
     except (BadRequest, ValueError) as e:
         return _usage(args, e)
     with acc, stops_end_call():
+        line = None
         try:
             out = call(acc)
-            if args.command in WRITES:
-                hold_stops()        # it applied: its reply is printed whole
-            return _print_reply(args, out if isinstance(out, str)
-                                else json.dumps(out, separators=(",", ":")))
+            line = out if isinstance(out, str) else json.dumps(out, separators=(",", ":"))
+            return _print_reply(args, line)
         except CALL_ENDS as e:
             hold_stops()            # the end is known: it is said whole
+            if line is not None and isinstance(e, KeyboardInterrupt):
+                # Stopped while stdout took the reply, which may never
+                # drain: the rest of it is dropped (the flush at exit would
+                # block again) and stderr says what the call did.
+                silence(sys.stdout)
+                return say(*stopped_printing(args, line, e))
             return say(*failure(args, e))
 
 

@@ -301,17 +301,48 @@ def test_a_second_stop_while_the_advice_is_written_changes_nothing(start_server,
 
 
 @pytest.mark.any_one_store("what is checked is the command line's own output")
-def test_a_stop_while_a_write_prints_its_reply_is_held_back(start_server, full_stream):
-    """The mod applied: its reply is written whole and the exit is 0, not
-    an "interrupted; may or may not have applied" that is no longer so."""
+@pytest.mark.parametrize("sig,word,code", [(signal.SIGINT, "interrupted", 130),
+                                           (signal.SIGTERM, "terminated", 143)])
+def test_a_stop_while_a_write_prints_its_reply_ends_it_saying_what_applied(
+        start_server, full_stream, sig, word, code):
+    """stdout may never drain (a full pipe, a stopped terminal): a stop
+    ends the command at once, and stderr says what the mod did, since the
+    outcome is known."""
     s = start_server()
     cred = funded(s)
     proc = full_stream(["mod", cred, -5, "--url", s.url], "stdout")
     wait_for(lambda: blocked_writing_to_a_pipe(proc), "write to the full stdout")
-    proc.send_signal(signal.SIGINT)
-    wait_for(lambda: taken_or_held(proc, signal.SIGINT), "SIGINT taken or held back")
+    proc.send_signal(sig)
+    proc.wait(WAIT_S)                       # ends with its stdout still full
     proc = full_stream.finish(proc)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, '{"tot":95,"seq":2}\n', "")
+    assert proc.returncode == code and proc.stdout == ""
+    assert proc.stderr == f'accman: {word}; the mod applied: {{"tot":95,"seq":2}}\n'
+    assert history(s, cred) == [-5, 100]
+
+
+@pytest.mark.any_one_store("what is checked is the command line's own output")
+def test_a_stop_the_command_was_started_ignoring_stays_ignored(start_server, proxy):
+    """A background job of a non-interactive shell starts with SIGINT
+    ignored: a ^C meant for the foreground does not cut its write short."""
+    s = start_server()
+    cred = funded(s)
+    slow = proxy(s, "hang")
+    proc = subprocess.Popen(accman("mod", cred, -7, "--url", slow.url), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=server_env(), cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_for(lambda: slow.seen > 0, "request at the server")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: taken_or_held(proc, signal.SIGINT), "SIGINT taken")
+        time.sleep(0.2)
+        assert proc.poll() is None          # still waiting for its reply
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and err.startswith(b"accman: terminated; the mod may or may not")
 
 
 @pytest.mark.any_one_store("what is checked is the command line's own output")

@@ -233,7 +233,8 @@ def stops_end_call():
     no word of what to do.  Only the first stop ends it: from then on both
     are held back (hold_stops), so that a second SIGTERM or a ^C while the
     command says how the call ended neither cuts that line nor changes the
-    exit code.  Two stops that land together end it once."""
+    exit code.  Two stops that land together end it once.  A stop the
+    command was started ignoring (a background job's SIGINT) stays ignored."""
     ended = []
 
     def stop(signum, _frame):
@@ -241,7 +242,8 @@ def stops_end_call():
         if not ended:
             ended.append(signum)
             raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -318,6 +320,21 @@ def os_reason(e: OSError) -> str:
     return f"{e.strerror} ({name})" if e.strerror and name else str(e)
 
 
+def stopped_printing(args, line: str, e: KeyboardInterrupt) -> tuple:
+    """`(line or None, exit code)` when a stop ended the client command
+    `args` while its reply `line` was being written to stdout (a full pipe,
+    a stopped terminal: a write that may block for good).  The call's
+    outcome is known: a write's reply goes on stderr, so that what it did
+    is not lost; a read says nothing more, as for ^C during its call."""
+    word, code = (("terminated", EXIT_TERMINATED) if isinstance(e, Terminated)
+                  else ("interrupted", EXIT_INTERRUPTED))
+    if args.command == "open":
+        return f"accman: {word}; the account was opened: its credential is {line}", code
+    if args.command in WRITES:
+        return f"accman: {word}; the {args.command} applied: {line}", code
+    return None, code
+
+
 def unprinted(args, line: str, e: OSError) -> tuple:
     """`(line or None, exit code)` when the reply `line` of the client
     command `args` could not be written to stdout (stdout_failed says how,
@@ -335,5 +352,6 @@ def unprinted(args, line: str, e: OSError) -> tuple:
 __all__ = ["OPEN_KEY", "WRITES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_NO_ANSWER",
            "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "BAD_HOST", "CALL_ENDS",
            "decimal", "by_value", "events_values", "new_cred", "prepare", "failure", "role_hint",
-           "unknown_hint", "stdout_failed", "os_reason", "unprinted", "stops_end_call",
+           "unknown_hint", "stdout_failed", "os_reason", "unprinted", "stopped_printing",
+           "stops_end_call",
            "hold_stops", "STOP_SIGNALS"]

@@ -92,7 +92,8 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
         for s in STOP_SIGNALS:
-            signal.signal(s, ours[s])
+            if handlers[s] is not signal.SIG_IGN:       # a background job's SIGINT
+                signal.signal(s, ours[s])
         # Swapped before SIGALRM is ours, so that the caller's alarm never
         # reaches our handler; the swap answers exactly what it replaced.
         timer, since = (signal.setitimer(signal.ITIMER_REAL, READER_CHECK_S, READER_CHECK_S),
