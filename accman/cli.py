@@ -9,11 +9,13 @@ anything is sent), or `serve` could not start (busy port, data directory
 locked or corrupt, bad tokens file, a non-loopback bind without tokens);
 3 no answer from the server (cannot connect, timeout, cut connection), or
 a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome
-may then be unknown, and the message says what to do; 4 the call was
-made, a write applied, but stdout failed (a full disk, an I/O error): the
-output is on stderr instead (for `open`, the credential), and a write is
-not to be repeated; 130 ^C (SIGINT) and 143 SIGTERM, which for a write in
-flight say what to do too.
+may then be unknown, and the message says what to do; 4 the command did
+its work (a write applied; a read, verify or migrate ran) but stdout
+failed (a full disk, an I/O error): a write's reply and verify's or
+migrate's verdict are on stderr instead (for `open`, the credential), and
+a write is not to be repeated; 130 ^C (SIGINT) and 143 SIGTERM, which for
+a write in flight say what to do too, and for one whose reply was being
+written say what applied.
 
 The client commands use AccManSyncClient against a running server; the URL
 and token come from --url/--token or ACCMAN_URL/ACCMAN_TOKEN.  Values are
