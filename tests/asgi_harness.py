@@ -29,13 +29,7 @@ async def call(app, path="/thing", cred=CRED, headers=(), disconnect=False, late
     """One GET through `app`: after its body, receive() answers
     `http.disconnect` (`disconnect`), what `await later()` gives, or
     nothing for an hour (a consumer waiting for its response)."""
-    hs = [(k.encode(), v.encode()) for k, v in headers]
-    if cred is not None:
-        hs.append((b"accman", cred.encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "headers": hs,
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+    scope = http_scope(path, cred, headers)
     sent_body = False
     messages = []
 
@@ -55,6 +49,17 @@ async def call(app, path="/thing", cred=CRED, headers=(), disconnect=False, late
 
     await app(scope, receive, send)
     return Reply(messages)
+
+
+def http_scope(path="/thing", cred=CRED, headers=()) -> dict:
+    """The scope of an HTTP/1.1 GET of `path` with `cred` and `headers`."""
+    hs = [(k.encode(), v.encode()) for k, v in headers]
+    if cred is not None:
+        hs.append((b"accman", cred.encode()))
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "headers": hs,
+            "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
 
 
 def make_app(status=200, body=b"ok", headers=(), raise_exc=None, read_disconnect=False,

@@ -398,3 +398,24 @@ def test_a_shared_client_and_a_custom_header(fake):
 ])
 def test_a_request_is_bodiless_only_when_its_http1_head_says_so(version, headers, expected):
     assert bodiless({"http_version": version, "headers": headers}) is expected
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_read_that_outlives_the_request_gets_the_disconnect(fake, mode):
+    """A task of the app still reading receive() when the request has
+    ended (its watch cancelled) is told the request is over, as ASGI says,
+    not cancelled itself."""
+    fake.fund(CRED, 10)
+    later = []
+
+    async def app(scope, receive, send):
+        await receive()
+        later.append(asyncio.create_task(receive()))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def go():
+        m = mw(fake, app, mode=mode, cost=3)
+        await call(m)
+        return await asyncio.wait_for(later[0], 5)
+    assert run(go()) == {"type": "http.disconnect"}

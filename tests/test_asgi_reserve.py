@@ -16,7 +16,7 @@ import pytest
 from accman.asgi import HOLD_TTL_S_DEFAULT, AccManMiddleware, fingerprint
 from accman.calling import owed as owed_mod
 from accman.limits import HOLD_TTL_S_MAX
-from asgi_harness import CRED, call, entries, make_app, mw
+from asgi_harness import CRED, call, entries, http_scope, make_app, mw
 from fake_accman import BUSY, FakeAccMan, first_then, run
 
 
@@ -372,3 +372,30 @@ def test_a_hold_answered_by_a_failed_commit_is_undone_at_once():
             assert await m.drain(5)
         run(go())
         assert fake.tot(CRED) == 10 and fake.open_holds(CRED) == {}
+
+
+def test_a_request_cancelled_before_its_first_message_releases_its_hold(fake):
+    """The server cancels the request (a shutdown's timeout) while the
+    middleware reads a bodiless request's one message for the app: the
+    hold is released at once, not left to its ttl."""
+    fake.fund(CRED, 10)
+
+    async def go():
+        m = mw(fake, make_app(), mode="reserve", cost=3)
+        reading = asyncio.Event()
+
+        async def receive():
+            reading.set()
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            raise AssertionError(f"nothing is sent: {message}")
+        task = asyncio.create_task(m(http_scope(), receive, send))
+        await reading.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await m.drain(5)
+        return m
+    m = run(go())
+    assert fake.tot(CRED) == 10 and m.stats["released"] == 1

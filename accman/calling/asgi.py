@@ -248,11 +248,11 @@ class AccManMiddleware:
             if est and may_have_landed(e):
                 self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), e)
             return await self._unavailable(scope, receive, send, cred, price, e)
-        async with r.watch:
-            try:
+        try:
+            async with r.watch:         # its start may read, and be cancelled
                 await self.app(scope, r.watch.receive, r.sender(send))
-            finally:
-                r.release()     # the app raised, or sent no response; else settled already
+        finally:
+            r.release()     # the app raised, or sent no response; else settled already
 
     async def _charge(self, acc, cred, cost, key, served=True):
         """Charges `cost` with `key`; the new balance, or None when the

@@ -61,7 +61,15 @@ class DisconnectWatch:
             return message
         # Shielded: an app that gives up waiting (a cancelled scope) must
         # not cancel the read that the watch shares.
-        message = await asyncio.shield(watcher)
+        try:
+            message = await asyncio.shield(watcher)
+        except asyncio.CancelledError:
+            if not watcher.cancelled() or asyncio.current_task().cancelling():
+                raise
+            # The watch ended with the request (close): a read that
+            # outlives it is told the request is over, as ASGI's server
+            # would tell it.
+            return {"type": "http.disconnect"}
         if message["type"] != "http.disconnect":
             self._watcher = None    # not ASGI's after a body: handed over once
         return message
