@@ -204,6 +204,37 @@ def test_a_file_system_root_with_only_lost_found_takes_a_new_store(tmp_path):
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
 
 
+def test_a_creation_cut_short_on_a_file_system_root_is_made_again(tmp_path):
+    """What a power cut during a new store's creation leaves (the key, a
+    first MANIFEST, CURRENT.dbtmp) beside lost+found is made again."""
+    made = tmp_path / "made"
+    with Ledger(str(made)):
+        pass
+    root = tmp_path / "volume"
+    (root / "lost+found").mkdir(parents=True)
+    shutil.copy(made / keyfile.KEY_NAME, root / keyfile.KEY_NAME)
+    (root / "MANIFEST-000001").write_bytes(datadir._first_manifest())
+    (root / "CURRENT.dbtmp").write_bytes(b"MANIF")
+    with Ledger(str(root)) as led:
+        assert led.mod("alice", 3) == (3, 1)
+    assert (root / "lost+found").is_dir()
+
+
+def test_a_lock_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path):
+    """--data beside --store holds only the lock: a directory of other
+    files is refused before the lock is made in it, as for the embedded
+    store."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    before = _state(other)
+    proc = run_accman("serve", "--port", "0", "--data", other,
+                      "--store", "postgresql://accman@127.0.0.1:1/none")
+    assert proc.returncode == EXIT_USAGE
+    assert "holds no AccMan store and is not empty (notes.txt)" in proc.stderr
+    assert _state(other) == before
+
+
 def test_a_refused_store_keeps_its_files_modes(tmp_path):
     """Tightening comes after every check: a store refused as damaged is
     left as it was found, modes included."""

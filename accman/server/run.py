@@ -100,8 +100,10 @@ def lock_directory(data_path: str) -> None:
     flock on LOCK, accman.ledger.leveldb), so that a server of either store
     and `accman verify` refuse a directory that a server of the other has."""
     from accman.ledger import datadir
-    if os.path.lexists(data_path) and not os.path.isdir(data_path):
-        raise StartupError(f"data directory {data_path}: not a directory")
+    try:
+        datadir.check_usable(data_path)
+    except StoreError as e:
+        raise StartupError(f"data directory {e.detail}") from None
     try:
         os.makedirs(data_path, mode=0o700, exist_ok=True)
         _LOCKS.append(datadir.lock_exclusive(data_path, "LOCK"))
