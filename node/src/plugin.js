@@ -5,7 +5,7 @@
 // charge role until the role is seen; reserve mode: a hold of the
 // estimate), onSend charges or settles and sets the ACCMAN response header
 // to the new balance, onRequestAbort and onResponse end a hold that no
-// response settled, onRoute checks each route's price, and onReady refuses
+// response settled, onRoute checks each route's price, and onReady warns of
 // the routes it meters without having checked them (routes.js).  README.md
 // has the sequence of calls and every failure.
 
@@ -20,7 +20,7 @@ const {
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { settings, checkRoute, amount, price } = require('./options')
-const { uncheckedRoutes, uncheckedError } = require('./routes')
+const { uncheckedRoutes, uncheckedWarning } = require('./routes')
 const { headersOf, keptHeaders } = require('./headers')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
@@ -464,7 +464,7 @@ async function fastifyAccman (fastify, opts) {
     const text = fastify.printRoutes({ includeMeta: ['onRequest', 'preHandler'] })
     const { unchecked, readable } = uncheckedRoutes(text, admitName, checkedName, routesChecked)
     if (!readable) meter.log.warn('accman: printRoutes() is not in the shape known: routes added before the plugin are not found')
-    if (unchecked.length) throw uncheckedError(unchecked)
+    if (unchecked.length) meter.log.warn(uncheckedWarning(unchecked))
   })
   fastify.addHook('onRequest', named(admitName, (request, reply) => meter.admit(request, reply)))
   fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))

@@ -95,14 +95,17 @@ function routeName (route) {
   return `${route.methods.join(',')} ${route.path}${route.constraints ? ' ' + route.constraints : ''}`
 }
 
-// The error that fails ready(): the routes named, up to ROUTES_NAMED_MAX.
-function uncheckedError (unchecked) {
+// The warning at ready(): the routes named, up to ROUTES_NAMED_MAX.  Not an
+// error: their prices are checked at each of their requests instead, where
+// a bad one fails the request with a 500 and nothing is served free, and a
+// working app that registered the plugin without awaiting it keeps working.
+function uncheckedWarning (unchecked) {
   const names = unchecked.slice(0, ROUTES_NAMED_MAX).map(routeName)
   if (unchecked.length > ROUTES_NAMED_MAX) names.push(`and ${unchecked.length - ROUTES_NAMED_MAX} more`)
   const one = unchecked.length === 1
-  return new Error(`fastify-accman meters ${one ? 'a route' : unchecked.length + ' routes'} added before it, ` +
-    `whose price it never checked: ${names.join('; ')}. Register the plugin before the routes it meters ` +
-    '(await fastify.register(...) before adding them)')
+  return `accman: ${one ? 'a route' : unchecked.length + ' routes'} added before the plugin, whose price ` +
+    `is checked at each request instead of at ready(): ${names.join('; ')}. Register the plugin before ` +
+    'the routes it meters (await fastify.register(...) before adding them)'
 }
 
-module.exports = { uncheckedRoutes, uncheckedError }
+module.exports = { uncheckedRoutes, uncheckedWarning }
