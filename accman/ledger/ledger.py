@@ -228,6 +228,7 @@ class Ledger:
                   ordered: bool = False):
         """A Page of history, as the store interface reads it."""
         self._check_open()
+        _check_past(limit, before)
         if not ordered:
             acct = self._book.account(cred)
             if acct is None:
@@ -453,12 +454,15 @@ class Ledger:
 def _check_past(limit, before) -> None:
     if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
         raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
-    if before is not None and (type(before) is not int or before < 1):
-        raise BadRequest("before must be a positive int (a seq)")
+    if before is not None:
+        _ledger.check_int64(before, "before")
+        if before < 1:
+            raise BadRequest("before must be a positive int (a seq)")
 
 
 def _check_events(after, limit, wait_s) -> None:
-    if type(after) is not int or after < 0:
+    _ledger.check_int64(after, "after")
+    if after < 0:
         raise BadRequest("after must be an event id: an int, 0 or more")
     if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
         raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")

@@ -22,6 +22,7 @@ import time
 from accman.errors import BadRequest, Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
+from accman.postgres.batch import check_int64
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
 from accman.records import Event
 
@@ -96,7 +97,8 @@ class EventReader:
             await self.listener.close()
 
     def read(self, after, limit, wait_s, done):
-        if type(after) is not int or after < 0:
+        check_int64(after, "after")
+        if after < 0:
             raise BadRequest("after must be an int >= 0 (an event id)")
         if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
             raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")

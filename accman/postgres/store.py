@@ -376,8 +376,10 @@ class PgStore:
     def read_past(self, cred, limit, before, done, ordered=False):
         if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
             raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
-        if before is not None and (type(before) is not int or before < 1):
-            raise BadRequest("before must be a positive int (a seq)")
+        if before is not None:
+            B.check_int64(before, "before")
+            if before < 1:
+                raise BadRequest("before must be a positive int (a seq)")
         hid, cluster = self._locate(cred)
         op = B.Op(_PAST_BARRIER, hid, limit, before, None, None, done)
         if ordered:
