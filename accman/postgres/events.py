@@ -169,7 +169,7 @@ class EventReader:
         except EventsTrimmed as e:
             return e
         except Exception as e:
-            return Unavailable(f"the database cannot be read: {E.describe(e)}")
+            return Unavailable(E.read_detail(e))
 
     async def _answer(self, after, limit, done) -> bool:
         """Reads a page for a waiter; False when there is nothing yet."""
@@ -286,7 +286,8 @@ class EventReader:
             gone, newest_gone = await self.cluster.pool.fetchrow(_TRIM_SQL, cutoff_ms, copied,
                                                                  timeout=60.0)
         except Exception as e:
-            log.warning("trimming events failed (retried later): %s", E.describe(e))
+            log.warning("trimming events failed (retried later): %s (%s)", E.describe(e),
+                        E.where(e))
             return
         if gone:
             self.trimmed += gone
