@@ -148,7 +148,17 @@ def commit_detail(exc: BaseException, kind: str) -> str:
 def store_error(exc: BaseException, what: str) -> StoreError:
     """A StoreError for `what` (the step that failed) made of `exc`: its
     detail names the step, its `reason` is `exc` described."""
-    reason = describe(exc)
+    return _store_error(what, describe(exc))
+
+
+def unreadable_url(what: str) -> StoreError:
+    """`store_error` of a URL that asyncpg's parser refused with a plain
+    ValueError, whose message quotes the piece it could not read: a piece
+    of the password, when the password holds a raw `/`."""
+    return _store_error(what, BAD_URL)
+
+
+def _store_error(what: str, reason: str) -> StoreError:
     error = StoreError(f"{what}: {reason}")
     error.reason = reason
     return error

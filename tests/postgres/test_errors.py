@@ -13,7 +13,9 @@ import socket
 import asyncpg
 import pytest
 
+from accman.errors import StoreError
 from accman.postgres import errors as E
+from accman.server.run import redacted
 
 UNREACHABLE = "the PostgreSQL store cannot be reached"
 LOST = "the PostgreSQL store lost its connection"
@@ -45,9 +47,33 @@ def test_an_error_is_said_in_the_store_s_words(exc, says):
     assert E.describe(exc) == says
 
 
+def test_a_url_the_parser_cannot_read_is_not_quoted():
+    """asyncpg's URL parser quotes the piece it could not read: with a raw
+    `/` in the password, that piece is the password's."""
+    from accman.postgres.migrate import connect
+    with pytest.raises(StoreError) as e:
+        asyncio.run(connect("postgresql://accman:s3cret/pw@127.0.0.1:5432/accman"))
+    assert e.value.detail == ("cannot connect to a PostgreSQL cluster of the store: the store "
+                              "URL cannot be used: check its scheme, hosts, ports and options")
+    assert E.describe(e.value) == E.BAD_URL         # the step is the detail's alone
+
+
 def test_a_log_line_names_the_type_and_place_not_the_message():
     try:
         raise ConnectionResetError(104, "s3cret in a message")
     except ConnectionResetError as e:
         said = E.where(e)
     assert re.fullmatch(r"ConnectionResetError at \S+/test_errors\.py:\d+", said), said
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://accman:s3cret@db1,db2/accman?target_session_attrs=read-write",
+     "postgresql://db1,db2/accman?target_session_attrs=read-write"),
+    ("postgresql://db/accman?password=s3cret&sslmode=require",
+     "postgresql://db/accman?sslmode=require"),
+    ("postgresql://db/accman?sslpassword=s3cret", "postgresql://db/accman"),
+    ("postgresql://accman@db/accman?a=1&PASSWORD=s3cret&b=2", "postgresql://db/accman?a=1&b=2"),
+    ("postgresql:///accman?host=/run/pg&password=s3cret", "postgresql:///accman?host=/run/pg"),
+])
+def test_a_store_url_is_shown_without_its_password(url, shown):
+    assert redacted(url) == shown

@@ -162,27 +162,33 @@ def test_a_batch_the_database_refuses_stops_writes_until_one_commits(pg, tmp_pat
 
 
 def test_the_ready_line_names_the_store_without_its_password(pg, tmp_path):
+    """Neither the URL's password nor a `password` parameter is shown."""
     url = pg.create_database("ready")
-    secret_url = url.replace("postgres@", "postgres:s3cret-pw@")
+    secret_url = (url.replace("postgres@", "postgres:s3cret-pw@")
+                  + "?password=an0ther-pw&application_name=accman")
     srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", secret_url])
     try:
         line = (srv.log_dir / "stdout").read_text().splitlines()[0]
-        shown = url.replace("postgres@", "")
+        shown = url.replace("postgres@", "") + "?application_name=accman"
         assert line == f"accman: serving http://127.0.0.1:{srv.port} store={shown}"
-        assert "s3cret" not in srv.stderr() + (srv.log_dir / "stdout").read_text()
+        said = srv.stderr() + (srv.log_dir / "stdout").read_text()
+        assert "s3cret" not in said and "an0ther" not in said
     finally:
         srv.kill()
 
 
 def test_a_store_that_cannot_be_reached_is_one_line_and_exit_2(tmp_path):
-    """Nothing answering, a host that does not resolve: one line in
-    AccMan's words, no part of the URL."""
+    """Nothing answering, a host that does not resolve, a URL that does not
+    parse (a password with a raw `/` reads as a port, which the parser's
+    error quoted): one line in AccMan's words, no part of the password."""
     from postgres.pgcluster import free_port
     port = free_port()
     for url, says in ((f"postgresql://postgres:pw@127.0.0.1:{port}/x",
                        "the PostgreSQL store cannot be reached (connection refused)"),
                       ("postgresql://postgres:pw@nohost.invalid/x",
-                       "the PostgreSQL store cannot be reached (its host name does not resolve)")):
+                       "the PostgreSQL store cannot be reached (its host name does not resolve)"),
+                      (f"postgresql://postgres:s3cret/pw@127.0.0.1:{port}/x",
+                       "the store URL cannot be used")):
         proc = run_accman("serve", "--port", 0, "--data", tmp_path / "d", "--store", url)
         assert proc.returncode == 2, proc.stderr
         err = proc.stderr.strip()
