@@ -68,6 +68,13 @@ cdef inline void _check_int64(object v, str name) except *:
         raise BadRequest(f"{name} must fit in a signed 64-bit integer")
 
 
+def check_int64(v, str name):
+    """The check above for the Ledger's own arguments (a seq, an event id):
+    every integer the Python API takes is held to the wire's signed 64-bit
+    range, in the same words."""
+    _check_int64(v, name)
+
+
 # --- accounts and batches ---------------------------------------------------
 
 # Not tracked by the garbage collector: a ledger holds one Account per

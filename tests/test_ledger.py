@@ -57,6 +57,28 @@ def test_past_pages_with_before_and_limit(led):
     assert [e.seq for e in led.past("a", before=1000)][:1] == [10]
 
 
+@pytest.mark.parametrize("call,says", [
+    (lambda led: led.past("a", before=INT64_MAX + 1), "before must fit in a signed 64-bit"),
+    (lambda led: led.past("a", before=2 ** 64), "before must fit in a signed 64-bit"),
+    (lambda led: led.past("a", before=True), "before must be an int, got bool"),
+    (lambda led: led.read_past("a", 10, 2 ** 64, print), "before must fit in a signed 64-bit"),
+    (lambda led: led.read_past("a", 0, None, print), "limit must be an int from 1"),
+    (lambda led: led.events(after=INT64_MAX + 1), "after must fit in a signed 64-bit"),
+    (lambda led: led.events(after=2 ** 64), "after must fit in a signed 64-bit"),
+    (lambda led: led.read_events(2 ** 64, 10, 0, print), "after must fit in a signed 64-bit"),
+])
+def test_a_seq_or_an_event_id_past_64_bits_is_refused_as_on_the_wire(led, call, says):
+    """SPEC "Values": /past?before= and /events?after= past the signed
+    64-bit range are 400 on the wire; here BadRequest, in the words of the
+    check that by, min, hold and use get."""
+    for by in (5, -1, -1):
+        led.mod("a", by)
+    with pytest.raises(BadRequest, match=f"^{says}"):
+        call(led)
+    assert [e.seq for e in led.past("a", before=INT64_MAX)] == [3, 2, 1]    # the bound is in
+    assert led.events(after=INT64_MAX) == ([], 3)
+
+
 def test_unknown_cred_reads_none(led):
     assert led.tot("nobody") is None
     assert led.past("nobody") is None

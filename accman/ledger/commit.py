@@ -24,6 +24,7 @@ import time
 from accman.errors import StoreError, Unavailable
 from accman.ledger.applier import Applier
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
+from accman.ledger.gate import CLOSED_DETAIL, CLOSING_DETAIL
 from accman.store import run_callbacks
 
 log = logging.getLogger("accman.commit")
@@ -72,6 +73,9 @@ class Committer:
         self._writing = False
         self._kick_pending = False
         self._closing = False
+        # What every change is told once the ledger closes (CLOSING_DETAIL,
+        # then CLOSED_DETAIL); None while it is open.
+        self.refusal: str | None = None
         self._loop = None
         self._deliver_on_loop = run_callbacks
         # The loop's side of filling (FILL_*): read and written on the loop.
@@ -126,7 +130,7 @@ class Committer:
         at_ms = self.clock_ms()
         with self.lock:
             if self._closing:
-                raise Unavailable("the ledger is closing")
+                raise Unavailable(self.refusal)
             outcome = self.book.apply(cred, by, min_, key, done, on_loop, at_ms, low)
             self._queued(outcome, on_loop)
         if outcome is not None:
@@ -145,7 +149,7 @@ class Committer:
         at_ms = self.clock_ms()
         with self.lock:
             if self._closing:
-                raise Unavailable("the ledger is closing")
+                raise Unavailable(self.refusal)
             outcome = apply(*args, done, on_loop, at_ms)
             self._queued(outcome, on_loop)
         if outcome is not None:
@@ -351,7 +355,7 @@ class Committer:
         this call ended."""
         with self.lock:
             if self._closing:
-                raise Unavailable("the ledger is closing")
+                raise Unavailable(self.refusal)
             book = self.book
             n = book.expire_due(self.clock_ms(), book.queued_mods_max)
             # Every change is one event or more, so the newest event id
@@ -403,12 +407,19 @@ class Committer:
     # -- closing -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Writes what is queued, then stops the writer thread."""
+        """Refuses every change from now on (CLOSING_DETAIL), writes what
+        is queued, then stops the writer thread."""
         with self.lock:
             self._closing = True
+            self.refusal = CLOSING_DETAIL
             self._wake.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+
+    def closed(self) -> None:
+        """The store is closed too: changes are refused as CLOSED_DETAIL."""
+        with self.lock:
+            self.refusal = CLOSED_DETAIL
 
     @property
     def healthy(self) -> bool:

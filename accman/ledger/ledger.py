@@ -13,6 +13,7 @@ from accman.errors import AccManError, BadRequest, NoAccount, StoreCorrupt, Unav
 from accman.ledger import _ledger
 from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
 from accman.ledger.events import EventLog
+from accman.ledger.gate import Gate
 from accman.ledger.leveldb import Store
 from accman.limits import (EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_WAIT_S_MAX, PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX)
@@ -65,6 +66,12 @@ class Ledger:
     expired while the ledger was closed end when it opens, before it is
     returned.
 
+    From the start of `close` every method raises Unavailable ("the ledger
+    is closing"), and once it has returned, Unavailable ("the ledger is
+    closed"); `close` itself does nothing again.  What describes the ledger
+    rather than reads it still answers: the properties (`healthy` is False)
+    and the metrics' `drain_samples`.
+
     Two attributes are the book's and the committer's own methods, bound
     per instance so that the server's hot paths run no Python frame of
     this class:
@@ -109,7 +116,9 @@ class Ledger:
             self.store.close()
             raise
         self._committer = Committer(self._book, self.store, self._events, lock, self._clock_ms)
-        self._closed = False
+        self._gate = Gate()
+        self._check_open = self._gate.check
+        self._reading = self._gate.reading
         self.tot = self._book.tot
         self.submit = self._committer.submit
         # accman/store.py: the server's compiled Pipelines take mods and
@@ -147,26 +156,20 @@ class Ledger:
             book.applied(batch)
             self._events.append(batch.first_event, batch.nevents, batch.changes)
 
-    def _refuse_closed(self, *_args):
-        raise Unavailable("the ledger is closed")
-
     # -- reads -------------------------------------------------------------------
 
     def past(self, cred: str, limit: int = PAST_LIMIT_DEFAULT,
              before: int | None = None) -> list[Entry] | None:
         """Up to `limit` history entries of `cred`, newest first, with seq
         below `before` when it is given; None for an unknown cred."""
-        if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
-            raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
-        if before is not None and (type(before) is not int or before < 1):
-            raise BadRequest("before must be a positive int (a seq)")
-        if self._closed:
-            self._refuse_closed()
+        self._check_open()
+        _check_past(limit, before)
         acct = self._book.account(cred)
         if acct is None:
             return None
         # Durable seq read once: everything up to it is on disk.
-        return self._entries(acct.hid, acct.seq, limit, before)
+        with self._reading():
+            return self._entries(acct.hid, acct.seq, limit, before)
 
     def _entries(self, hid: bytes, seq: int, limit: int, before: int | None) -> list[Entry]:
         """The page of the history 1..seq (all durable) below `before`:
@@ -185,6 +188,7 @@ class Ledger:
 
     def account_id(self, cred: str) -> str | None:
         """The account's public id (SPEC "Events"), None for an unknown cred."""
+        self._check_open()
         acct = self._book.account(cred)
         return None if acct is None else acct.hid.hex()
 
@@ -192,8 +196,10 @@ class Ledger:
         """(events, next): up to `limit` durable events with ids after
         `after`, oldest first; `next` is the `after` of the next call.
         Raises EventsTrimmed below the retention."""
-        self._check_events(after, limit, 0)
-        return _result(self._events.read(after, limit))
+        self._check_open()
+        _check_events(after, limit, 0)
+        with self._reading():
+            return _result(self._events.read(after, limit))
 
     async def aevents(self, after: int = 0, limit: int = EVENTS_LIMIT_DEFAULT,
                       wait_s: float = 0) -> tuple:
@@ -204,6 +210,7 @@ class Ledger:
 
     def __len__(self) -> int:
         """The number of accounts."""
+        self._check_open()
         return len(self._book)
 
     # -- the store interface's reads (accman/store.py) ------------------------------
@@ -211,6 +218,7 @@ class Ledger:
     def read_tot(self, cred: str, done, ordered: bool = False):
         """The balance as the store interface reads it: `ordered` sees every
         call made before this one (a read pipelined behind mods)."""
+        self._check_open()
         if not ordered:
             tot = self.tot(cred)
             return _no_account() if tot is None else tot
@@ -219,8 +227,8 @@ class Ledger:
     def read_past(self, cred: str, limit: int, before: int | None, done,
                   ordered: bool = False):
         """A Page of history, as the store interface reads it."""
-        if self._closed:
-            self._refuse_closed()
+        self._check_open()
+        _check_past(limit, before)
         if not ordered:
             acct = self._book.account(cred)
             if acct is None:
@@ -230,7 +238,11 @@ class Ledger:
         def page_at(seq):
             if isinstance(seq, AccManError):
                 return done(seq)
-            return done(self._page(self._book.hid_of(cred), seq, limit, before))
+            try:
+                page = self._page(self._book.hid_of(cred), seq, limit, before)
+            except Unavailable as e:        # the ledger closed meanwhile
+                page = e
+            return done(page)
 
         seq = self._committer.read_ordered(cred, _ledger.READ_SEQ, page_at)
         if seq is None or isinstance(seq, AccManError):
@@ -238,7 +250,8 @@ class Ledger:
         return self._page(self._book.hid_of(cred), seq, limit, before)
 
     def _page(self, hid: bytes, seq: int, limit: int, before: int | None) -> Page:
-        entries = self._entries(hid, seq, limit, before)
+        with self._reading():
+            entries = self._entries(hid, seq, limit, before)
         return Page(hid.hex(), entries, page_next(entries, limit))
 
     def read_events(self, after: int, limit: int, wait_s: float, done):
@@ -246,44 +259,39 @@ class Ledger:
         `done` is called on the loop.  Only a caller at the end of the
         stream waits: one whose `after` is past the newest event is told at
         once where the stream ends (`next`)."""
-        self._check_events(after, limit, wait_s)
-        if self._closed:
-            self._refuse_closed()
+        self._check_open()
+        _check_events(after, limit, wait_s)
         events = self._events
-        with self._committer.lock:
-            taken = events.take(after, limit)
-            if wait_s and taken == ([], after) and not events.waits_ended:
-                events.wait(asyncio.get_running_loop(), after, limit, wait_s, done)
-                return None
-        return events.fetch(taken)
+        with self._reading():
+            with self._committer.lock:
+                taken = events.take(after, limit)
+                if wait_s and taken == ([], after) and not events.waits_ended:
+                    events.wait(asyncio.get_running_loop(), after, limit, wait_s, done)
+                    return None
+            return events.fetch(taken)
 
     def end_wait(self, done) -> None:
         """The store interface's: the long poll of `done` answered now."""
+        self._check_open()
         self._events.end_wait(done)
 
     def end_waits(self) -> None:
         """Answers every long poll of the running loop now, with what it
         has, and any later one at once (a server that stops calls this: no
         poll holds it up)."""
+        self._check_open()
         self._events.end_waits(asyncio.get_running_loop())
-
-    @staticmethod
-    def _check_events(after, limit, wait_s) -> None:
-        if type(after) is not int or after < 0:
-            raise BadRequest("after must be an event id: an int, 0 or more")
-        if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
-            raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
-        if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
-            raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
 
     # -- changes -----------------------------------------------------------------------
 
     def submit_hold(self, cred, by, ttl_s, min=None, key=None, done=None):  # noqa: A002
         """The store interface's hold: outcome (hold, tot, seq)."""
+        self._check_open()
         return self._committer.submit_hold(cred, by, ttl_s, min, key, done)
 
     def submit_settle(self, cred, hold, use, done=None):
         """The store interface's settle: outcome (tot, seq)."""
+        self._check_open()
         return self._committer.submit_settle(cred, hold, use, done)
 
     def mod(self, cred: str, by: int, *, min: int | None = None,
@@ -311,9 +319,11 @@ class Ledger:
         """Ends the holds due by now and returns once that is durable, with
         how many ended.  The writer does this by itself when a hold is due;
         this is for a caller that must see it done (tests, with `clock_ms`)."""
+        self._check_open()
         return self._committer.expire_due()
 
     def _blocking(self, submit, *args, **kw):
+        self._check_open()
         if running_loop() is not None:
             # Its completion would be queued to the loop this call blocks,
             # or it would stall every other task on it: both are bugs.
@@ -335,6 +345,7 @@ class Ledger:
         `deliver`, if given, is called there with each batch's list of
         (done, outcome) pairs instead of calling each `done(outcome)`;
         it must tell every `done` its outcome."""
+        self._check_open()
         self._committer.bind_loop(loop, deliver)
 
     async def amod(self, cred: str, by: int, *, min: int | None = None,
@@ -350,6 +361,7 @@ class Ledger:
         return await self._awaited(self._committer.submit_settle, cred, hold, use)
 
     async def _awaited(self, submit, *args, **kw):
+        self._check_open()
         loop = asyncio.get_running_loop()
         if self._committer._loop is not loop:
             self.bind_loop(loop)
@@ -367,7 +379,7 @@ class Ledger:
     @property
     def healthy(self) -> bool:
         """True while the ledger can commit."""
-        return not self._closed and self._committer.healthy
+        return self._gate.refusal is None and self._committer.healthy
 
     @property
     def failure(self) -> str | None:
@@ -414,23 +426,48 @@ class Ledger:
         """The full check (accman.ledger.verify).  Raises StoreCorrupt;
         returns counts."""
         from accman.ledger.verify import verify_store
-        self._committer.applier.apply()
-        return verify_store(self.store)
+        with self._reading():
+            self._committer.applier.apply()
+            return verify_store(self.store)
 
     def close(self) -> None:
-        """Commits what is queued, stops the writer, closes the store."""
-        if self._closed:
+        """Commits what is queued, stops the writer, waits for the reads in
+        flight, closes the store.  Every call made from its start is
+        refused (see the class)."""
+        if not self._gate.close():
             return
-        self._closed = True
-        self.tot = self._refuse_closed
+        self.tot = self._check_open         # raises from now on
         self._committer.close()
+        self._gate.wait_reads()
         self.store.close()
+        self._gate.closed()
+        self._committer.closed()
 
     def __enter__(self) -> "Ledger":
+        self._check_open()
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_past(limit, before) -> None:
+    if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
+        raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
+    if before is not None:
+        _ledger.check_int64(before, "before")
+        if before < 1:
+            raise BadRequest("before must be a positive int (a seq)")
+
+
+def _check_events(after, limit, wait_s) -> None:
+    _ledger.check_int64(after, "after")
+    if after < 0:
+        raise BadRequest("after must be an event id: an int, 0 or more")
+    if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
+        raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
+    if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
+        raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
 
 
 __all__ = ["Ledger", "Entry", "Event", "Unavailable"]

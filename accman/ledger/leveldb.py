@@ -19,8 +19,9 @@ import threading
 import plyvel
 
 from accman.errors import (CheckpointPostponed, FileDamage, StoreCorrupt, StoreError,
-                           StoreLocked)
+                           StoreLocked, Unavailable)
 from accman.ledger import _ledger, datadir, fsck, keyfile, migrate, wal, walwriter
+from accman.ledger.gate import CLOSED_DETAIL
 
 log = logging.getLogger("accman.ledger.leveldb")
 
@@ -51,9 +52,16 @@ APPLY_LAG_BATCHES_MAX = 2
 @contextlib.contextmanager
 def _translated(path: str, action: str):
     """Turns plyvel and OS errors into StoreLocked / StoreCorrupt /
-    StoreError, naming the directory and what was being done."""
+    StoreError, naming the directory and what was being done; plyvel's
+    refusal of a closed database into the ledger's Unavailable."""
     try:
         yield
+    except RuntimeError as e:
+        # plyvel's only RuntimeErrors: "Database is closed", "Database or
+        # iterator is closed" (and snapshot); anything else is a bug here.
+        if "closed" not in _msg(e):
+            raise
+        raise Unavailable(CLOSED_DETAIL) from e
     except plyvel.CorruptionError as e:
         raise StoreCorrupt(f"{path}: data files are damaged ({action}): "
                            f"{_msg(e)}; refusing to serve, nothing repaired") from e

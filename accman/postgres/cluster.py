@@ -94,8 +94,12 @@ class Cluster:
         try:
             for lane in self.lanes:
                 await lane.connect(self.url)
+            # min_size=0: the pool connects when a read asks.  With a floor
+            # it restores the floor by itself while the database is down,
+            # logging a traceback for every failed try (asyncpg.pool), while
+            # the store already says the cluster is lost, once.
             self.pool = self.pool or await asyncpg.create_pool(
-                self.url, min_size=1, max_size=READ_POOL_CONNECTIONS_MAX,
+                self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
                 server_settings=SESSION_SETTINGS)
         except BaseException:
             for lane in self.lanes:

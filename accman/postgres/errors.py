@@ -16,12 +16,22 @@ A failed call is one of three things to the store:
 
 A database that takes no writes (a standby, or `transaction_read_only`)
 is UNKNOWN: the store reconnects until it reaches one that does.
+
+What a client and the log are told of an error (`describe`) is a sentence
+of AccMan's own, or PostgreSQL's own message: never the driver's or the
+OS's text, which names driver internals and may quote the store's URL,
+and so its password (asyncpg's URL parser quotes the piece it could not
+read).  An outage reads alike whatever the driver raised: the PostgreSQL
+store "cannot be reached" or "lost its connection".  A log line adds the
+error's type and place (`where`), as the server logs a surfaced bug
+(docs/SERVER.md), never its message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import socket
 
 import asyncpg
 
@@ -51,24 +61,68 @@ def classify(exc: BaseException) -> str:
 
 
 READ_ONLY = "the database takes no writes (a standby, or read-only)"
+UNREACHABLE = "the PostgreSQL store cannot be reached"
+LOST = "the PostgreSQL store lost its connection"
+SLOW = "the database did not answer in time"
+BAD_URL = "the store URL cannot be used: check its scheme, hosts, ports and options"
 # A quoted path in the database server's message (`could not extend file
 # "base/16384/2619"`): a 503's detail names no file (SPEC "Access").
 _QUOTED_PATH = re.compile(r'"[^"]*/[^"]*"')
+# The errors of a connection that never came up: nothing answered, or the
+# database refused to start a session.  Any other error of a connection
+# (class 08, a shutdown, a closed socket or connection) lost one.
+_NOT_REACHED = (
+    (ConnectionRefusedError, f"{UNREACHABLE} (connection refused)"),
+    (socket.gaierror, f"{UNREACHABLE} (its host name does not resolve)"),
+    (asyncpg.exceptions.CannotConnectNowError,
+     f"{UNREACHABLE} (the database is starting up or shutting down)"),
+    ((asyncpg.exceptions.ClientCannotConnectError,
+      asyncpg.exceptions.ConnectionRejectionError), UNREACHABLE),
+)
+_LOST = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+         asyncpg.PostgresConnectionError, asyncpg.exceptions.AdminShutdownError,
+         asyncpg.exceptions.CrashShutdownError, asyncpg.InterfaceError)
 
 
 def describe(exc: BaseException) -> str:
-    """A sentence about `exc` for a log or a 503's detail: its kind and the
-    server's message, never a URL, a password, the hash key or a path."""
+    """A sentence about `exc` for a log or a 503's detail, the same for
+    every error of its kind: never a URL, a password, the hash key, a path,
+    or the driver's words."""
     if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
         return f"PostgreSQL {exc.sqlstate}: {READ_ONLY}"
     if isinstance(exc, StoreError):
-        return str(exc)
+        # One that wraps a driver's error (store_error) says it as that one does.
+        return getattr(exc, "reason", None) or exc.detail
+    if isinstance(exc, asyncio.TimeoutError):
+        return SLOW
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        return BAD_URL
+    for kind, sentence in _NOT_REACHED:
+        if isinstance(exc, kind):
+            return sentence
+    if isinstance(exc, _LOST):
+        return LOST
+    if isinstance(exc, OSError):
+        return UNREACHABLE          # no route, no network: the socket never came up
     if isinstance(exc, asyncpg.PostgresError):
         message = exc.args[0] if exc.args else type(exc).__name__
         return f"PostgreSQL {exc.sqlstate}: {_QUOTED_PATH.sub('(a path)', str(message))}"
-    if isinstance(exc, asyncio.TimeoutError):
-        return "the database did not answer in time"
-    return f"{type(exc).__name__}: {exc}"
+    return f"an unexpected error ({type(exc).__name__})"
+
+
+def where(exc: BaseException) -> str:
+    """`exc`'s type and the place it was raised, for a log line beside
+    `describe`: never its message (docs/SERVER.md, the server's logs)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    place = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+    return f"{type(exc).__name__} at {place}"
+
+
+def read_detail(exc: BaseException) -> str:
+    """The 503 detail of a read (/tot, /past, /events) that failed."""
+    return f"the database cannot be read: {describe(exc)}"
 
 
 def commit_detail(exc: BaseException, kind: str) -> str:
@@ -92,4 +146,19 @@ def commit_detail(exc: BaseException, kind: str) -> str:
 
 
 def store_error(exc: BaseException, what: str) -> StoreError:
-    return StoreError(f"{what}: {describe(exc)}")
+    """A StoreError for `what` (the step that failed) made of `exc`: its
+    detail names the step, its `reason` is `exc` described."""
+    return _store_error(what, describe(exc))
+
+
+def unreadable_url(what: str) -> StoreError:
+    """`store_error` of a URL that asyncpg's parser refused with a plain
+    ValueError, whose message quotes the piece it could not read: a piece
+    of the password, when the password holds a raw `/`."""
+    return _store_error(what, BAD_URL)
+
+
+def _store_error(what: str, reason: str) -> StoreError:
+    error = StoreError(f"{what}: {reason}")
+    error.reason = reason
+    return error

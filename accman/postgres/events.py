@@ -22,6 +22,7 @@ import time
 from accman.errors import BadRequest, Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
+from accman.postgres.batch import check_int64
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
 from accman.records import Event
 
@@ -96,7 +97,8 @@ class EventReader:
             await self.listener.close()
 
     def read(self, after, limit, wait_s, done):
-        if type(after) is not int or after < 0:
+        check_int64(after, "after")
+        if after < 0:
             raise BadRequest("after must be an int >= 0 (an event id)")
         if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
             raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
@@ -167,7 +169,7 @@ class EventReader:
         except EventsTrimmed as e:
             return e
         except Exception as e:
-            return Unavailable(f"the database cannot be read: {E.describe(e)}")
+            return Unavailable(E.read_detail(e))
 
     async def _answer(self, after, limit, done) -> bool:
         """Reads a page for a waiter; False when there is nothing yet."""
@@ -284,7 +286,8 @@ class EventReader:
             gone, newest_gone = await self.cluster.pool.fetchrow(_TRIM_SQL, cutoff_ms, copied,
                                                                  timeout=60.0)
         except Exception as e:
-            log.warning("trimming events failed (retried later): %s", E.describe(e))
+            log.warning("trimming events failed (retried later): %s (%s)", E.describe(e),
+                        E.where(e))
             return
         if gone:
             self.trimmed += gone

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from accman.errors import StoreCorrupt
 from accman.postgres import errors as E
 
 log = logging.getLogger("accman.postgres")
@@ -89,8 +90,8 @@ class Merger:
         try:
             await self.catch_up(force=True)
         except Exception as e:
-            log.warning("copying events to the home cluster failed (retried): %s",
-                        E.describe(e))
+            log.warning("copying events to the home cluster failed (retried): %s (%s)",
+                        E.describe(e), E.where(e))
 
     # -- copying ----------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class Merger:
                     self.committed[cluster.index] = max(self.committed[cluster.index], upto)
                     return 0
                 if rows[0]["id"] != upto + 1:
-                    raise RuntimeError(f"events {upto + 1}..{rows[0]['id'] - 1} of a cluster "
+                    raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of a cluster "
                                        "were trimmed before they were copied to the home")
                 cols = list(zip(*rows, strict=True))
                 await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],

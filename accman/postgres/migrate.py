@@ -25,7 +25,7 @@ from typing import NamedTuple
 import asyncpg
 
 from accman.errors import StoreError
-from accman.postgres.errors import store_error
+from accman.postgres.errors import store_error, unreadable_url
 from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 
 HASH_KEY_BYTES = 16
@@ -147,6 +147,9 @@ SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
                     "enable_mergejoin": "off", "jit": "off"}
 
 
+_CONNECT = "cannot connect to a PostgreSQL cluster of the store"
+
+
 async def connect(url: str, settings: dict | None = None):
     """A connection with SESSION_SETTINGS, and `settings` besides."""
     try:
@@ -154,7 +157,9 @@ async def connect(url: str, settings: dict | None = None):
                                      server_settings={**SESSION_SETTINGS, **(settings or {})})
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
             asyncpg.InterfaceError) as e:
-        raise store_error(e, "cannot connect to a PostgreSQL cluster of the store") from None
+        raise store_error(e, _CONNECT) from None
+    except ValueError:
+        raise unreadable_url(_CONNECT) from None
 
 
 async def migrate(urls: list[str]) -> list[ClusterInfo]:

@@ -305,9 +305,11 @@ class PgStore:
     def lost(self, cluster: Cluster, exc: BaseException) -> None:
         """The cluster's connections are gone (or their outcome unknown, or
         the database refused a batch): it is unhealthy until the store has
-        reconnected, with backoff."""
+        reconnected, with backoff.  Said once, however long it lasts."""
+        if cluster.healthy:
+            log.warning("%s (%s); writes are refused until the store has reconnected",
+                        E.describe(exc), E.where(exc))
         cluster.error = E.describe(exc)
-        log.warning("the database cannot commit: %s; reconnecting", cluster.error)
         for lane in cluster.lanes:
             lane.drop()
         if not cluster.reconnecting and not self._closed:
@@ -332,7 +334,7 @@ class PgStore:
                 # Lost again while the listener restarted (a batch refused
                 # meanwhile), which started no reconnection: go on.
                 if cluster.healthy:
-                    log.warning("reconnected to the database")
+                    log.warning("reconnected to the PostgreSQL store; taking writes again")
                     return
         finally:
             cluster.reconnecting = False
@@ -364,7 +366,7 @@ class PgStore:
                     tots = await cluster.pool.fetchval(_TOT_SQL, [h for h, _ in taken],
                                                        timeout=READ_TIMEOUT_S)
                 except Exception as e:
-                    error = Unavailable(f"the database cannot be read: {E.describe(e)}")
+                    error = Unavailable(E.read_detail(e))
                     self._deliver([(done, error) for _, done in taken])
                     continue
                 self._deliver([(done, t if t is not None else B.no_account())
@@ -376,8 +378,10 @@ class PgStore:
     def read_past(self, cred, limit, before, done, ordered=False):
         if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
             raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
-        if before is not None and (type(before) is not int or before < 1):
-            raise BadRequest("before must be a positive int (a seq)")
+        if before is not None:
+            B.check_int64(before, "before")
+            if before < 1:
+                raise BadRequest("before must be a positive int (a seq)")
         hid, cluster = self._locate(cred)
         op = B.Op(_PAST_BARRIER, hid, limit, before, None, None, done)
         if ordered:
@@ -393,8 +397,7 @@ class PgStore:
         try:
             rows = await conn.fetch(_PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
         except Exception as e:
-            self._deliver([(op.done, Unavailable(f"the database cannot be read: "
-                                                 f"{E.describe(e)}"))])
+            self._deliver([(op.done, Unavailable(E.read_detail(e)))])
             return
         if not rows:
             self._deliver([(op.done, B.no_account())])

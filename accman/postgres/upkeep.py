@@ -61,7 +61,8 @@ async def merge_round(store) -> None:
     try:
         await merger.lead()
     except Exception as e:
-        log.warning("taking the copying role failed (retried next round): %s", E.describe(e))
+        log.warning("taking the copying role failed (retried next round): %s (%s)",
+                    E.describe(e), E.where(e))
     if merger.leading:
         merger.kick()
 
@@ -77,7 +78,9 @@ async def expire_round(store, cluster) -> None:
             cluster.note_counts(counts[:4])
             cluster.events.first = counts[4]
     except Exception as e:
-        if E.classify(e) == E.UNKNOWN and cluster.healthy:
+        if E.classify(e) != E.UNKNOWN:
+            log.warning("ending due holds failed (retried next round): %s (%s)",
+                        E.describe(e), E.where(e))
+        elif cluster.healthy:
             store.lost(cluster, e)
-        else:
-            log.warning("ending due holds failed (retried next round): %s", E.describe(e))
+        # else the cluster is lost already, and was said to be then

@@ -115,8 +115,14 @@ def lock_directory(data_path: str) -> None:
 
 
 def redacted(url: str) -> str:
-    """A store URL for the log: without its user and password."""
-    return re.sub(r"//[^/@]*@", "//", url)
+    """A store URL for the log: without its user and password, in the
+    authority (everything up to its last `@`, so that none of a password
+    that holds an `@` is left) or as a parameter (`password=`,
+    `sslpassword=`)."""
+    url = re.sub(r"//[^/?#]*@", "//", url, count=1)
+    base, sep, query = url.partition("?")
+    kept = [p for p in query.split("&") if not p.partition("=")[0].lower().endswith("password")]
+    return base + (sep + "&".join(kept) if any(kept) else "")
 
 
 def _loop_exception_handler(_loop, context):

@@ -51,6 +51,24 @@ def test_refusals_say_what_the_embedded_store_says(pg_url):
     run(main())
 
 
+def test_a_seq_or_an_event_id_past_64_bits_is_refused_as_on_the_wire(pg_url):
+    """/past?before= and /events?after= past the signed 64-bit range are 400
+    on the wire; through the store's Python calls they are BadRequest too,
+    never a query that the driver cannot encode."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            await c.mod("a", 5)
+            for call, name in ((lambda: c.past("a", before=INT64_MAX + 1), "before"),
+                               (lambda: c.past("a", before=2 ** 64, ordered=True), "before"),
+                               (lambda: c.events(after=INT64_MAX + 1), "after"),
+                               (lambda: c.events(after=2 ** 64), "after")):
+                with pytest.raises(BadRequest, match=f"^{name} must be a signed 64-bit integer$"):
+                    await call()
+            assert [e.seq for e in (await c.past("a", before=INT64_MAX)).entries] == [1]
+            assert await c.events(after=INT64_MAX) == ([], 1)
+    run(main())
+
+
 def test_a_mod_leaves_room_for_what_open_holds_give_back(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):

@@ -4,6 +4,7 @@ fixtures of tests/conftest.py): /health while no primary is reachable, the
 ready line's URL, several clusters, the migrate command."""
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -49,6 +50,52 @@ def test_health_is_503_while_no_primary_is_reachable(pg_factory, tmp_path):
         assert srv.mod("a", 1).json == {"tot": 6, "seq": 2}      # the refused one never applied
     finally:
         srv.kill()
+
+
+# What a client is told while PostgreSQL is down: AccMan's sentences only.
+OUTAGE_DETAIL = re.compile(
+    r"(the store cannot commit|the database cannot be read): the PostgreSQL store "
+    r"(lost its connection|cannot be reached( \((connection refused|the database is starting "
+    r"up or shutting down)\))?)")
+OUTAGE_LOG = re.compile(
+    r"the PostgreSQL store (lost its connection|cannot be reached( \([a-z ]+\))?) "
+    r"\(\w+ at \S+:\d+\); writes are refused until the store has reconnected")
+
+
+def test_an_outage_is_said_plainly_and_once(pg_factory, tmp_path):
+    """PostgreSQL stopped (pg_ctl) under a running front-end, then started:
+    every 503 says in AccMan's words that the store cannot be reached or
+    lost its connection, never the driver's (a class, an errno, a call);
+    stderr has one line when it goes (the error's type and place, not its
+    message) and one when it is back, and no traceback however long it
+    lasts; the URL's password is nowhere."""
+    pg = pg_factory(name="outage")
+    url = pg.create_database("o").replace("postgres@", "postgres:s3cret-pw@")
+    srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", url])
+    try:
+        assert srv.mod("a", 5).json == {"tot": 5, "seq": 1}
+        pg.stop()
+        wait_for(lambda: health(srv) == 503, 10, "/health 503 with PostgreSQL stopped")
+        details = []
+        for _ in range(4):          # 4 s: asyncpg's pool retried at 1, 2 and 4 s
+            for r in (srv.mod("a", 1), srv.patch("/hold?cred=a&by=-1&ttl=60"),
+                      srv.patch("/settle?cred=a&hold=1&use=0"), srv.get("/tot?cred=a"),
+                      srv.get("/past?cred=a"), srv.get("/events")):
+                details.append(assert_error(r, 503, "unavailable")["detail"])
+            time.sleep(1)
+        assert [d for d in details if not OUTAGE_DETAIL.fullmatch(d)] == []
+        pg.start()
+        wait_for(lambda: health(srv) == 200, 20, "/health 200 with PostgreSQL back")
+        assert srv.mod("a", 1).json == {"tot": 6, "seq": 2}
+    finally:
+        srv.stop()
+    err = srv.stderr()
+    assert "Traceback" not in err and "s3cret" not in err, err
+    said = [line for line in err.splitlines() if not line.startswith("accman: SIGTERM")
+            and line != "accman: stopped"]
+    assert len(said) == 2 and OUTAGE_LOG.fullmatch(said[0]), err
+    assert said[1] == "reconnected to the PostgreSQL store; taking writes again", err
+    assert "s3cret" not in (srv.log_dir / "stdout").read_text()
 
 
 def test_a_database_that_takes_no_writes_is_503_until_it_does(pg_factory, tmp_path):
@@ -117,27 +164,40 @@ def test_a_batch_the_database_refuses_stops_writes_until_one_commits(pg, tmp_pat
 
 
 def test_the_ready_line_names_the_store_without_its_password(pg, tmp_path):
+    """Neither the URL's password nor a `password` parameter is shown."""
     url = pg.create_database("ready")
-    secret_url = url.replace("postgres@", "postgres:s3cret-pw@")
+    secret_url = (url.replace("postgres@", "postgres:s3cret-pw@")
+                  + "?password=an0ther-pw&application_name=accman")
     srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", secret_url])
     try:
         line = (srv.log_dir / "stdout").read_text().splitlines()[0]
-        shown = url.replace("postgres@", "")
+        shown = url.replace("postgres@", "") + "?application_name=accman"
         assert line == f"accman: serving http://127.0.0.1:{srv.port} store={shown}"
-        assert "s3cret" not in srv.stderr() + (srv.log_dir / "stdout").read_text()
+        said = srv.stderr() + (srv.log_dir / "stdout").read_text()
+        assert "s3cret" not in said and "an0ther" not in said
     finally:
         srv.kill()
 
 
 def test_a_store_that_cannot_be_reached_is_one_line_and_exit_2(tmp_path):
+    """Nothing answering, a host that does not resolve, a URL that does not
+    parse (a password with a raw `/` reads as a port, which the parser's
+    error quoted): one line in AccMan's words, no part of the password."""
     from postgres.pgcluster import free_port
-    proc = run_accman("serve", "--port", 0, "--data", tmp_path / "d",
-                      "--store", f"postgresql://postgres:pw@127.0.0.1:{free_port()}/x")
-    assert proc.returncode == 2, proc.stderr
-    err = proc.stderr.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith("accman: error: cannot open the PostgreSQL store")
-    assert ":pw@" not in err
+    port = free_port()
+    for url, says in ((f"postgresql://postgres:pw@127.0.0.1:{port}/x",
+                       "the PostgreSQL store cannot be reached (connection refused)"),
+                      ("postgresql://postgres:pw@nohost.invalid/x",
+                       "the PostgreSQL store cannot be reached (its host name does not resolve)"),
+                      (f"postgresql://postgres:s3cret/pw@127.0.0.1:{port}/x",
+                       "the store URL cannot be used")):
+        proc = run_accman("serve", "--port", 0, "--data", tmp_path / "d", "--store", url)
+        assert proc.returncode == 2, proc.stderr
+        err = proc.stderr.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("accman: error: cannot open the PostgreSQL store: "
+                              f"cannot connect to a PostgreSQL cluster of the store: {says}"), err
+        assert ":pw@" not in err and "s3cret" not in err
 
 
 def test_migrate_makes_and_upgrades_the_schema_once(pg):

@@ -1,0 +1,68 @@
+"""A ledger's way from open to closed, as its callers see it: every call is
+refused from the start of `close` (CLOSING_DETAIL) and after it
+(CLOSED_DETAIL), the same for every method, and the calls that read LevelDB
+are counted, so that close waits for the ones in flight before it closes
+LevelDB: a read that a close overtook would find LevelDB freed under it
+(plyvel checks that a database is open, then reads without the GIL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from accman.errors import Unavailable
+
+# What every call of a ledger is told from the start of its close, and once
+# it has closed.
+CLOSING_DETAIL = "the ledger is closing"
+CLOSED_DETAIL = "the ledger is closed"
+
+
+class Gate:
+    """Open, closing, or closed; and the reads in flight."""
+
+    def __init__(self):
+        self.refusal: str | None = None     # None while open, else the detail
+        self._reads = 0
+        self._cond = threading.Condition()
+
+    def check(self, *_args, **_kw) -> None:
+        """Raises Unavailable unless the ledger is open."""
+        refusal = self.refusal
+        if refusal is not None:
+            raise Unavailable(refusal)
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Around a call that reads LevelDB: refused unless open; counted
+        until it ends."""
+        with self._cond:
+            self.check()
+            self._reads += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._reads -= 1
+                if not self._reads:
+                    self._cond.notify_all()
+
+    def close(self) -> bool:
+        """Every call is refused as closing from now on.  False when the
+        ledger was closing or closed already."""
+        with self._cond:
+            if self.refusal is not None:
+                return False
+            self.refusal = CLOSING_DETAIL
+            return True
+
+    def wait_reads(self) -> None:
+        """Returns once no read is in flight (none starts any more)."""
+        with self._cond:
+            while self._reads:
+                self._cond.wait()
+
+    def closed(self) -> None:
+        with self._cond:
+            self.refusal = CLOSED_DETAIL

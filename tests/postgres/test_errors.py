@@ -1,0 +1,79 @@
+"""What the PostgreSQL store says of the errors it meets
+(accman/postgres/errors.py): a sentence of AccMan's, the same for every
+error of a kind, or PostgreSQL's own message; never the driver's or the
+OS's words, which name driver internals and may quote the store's URL;
+and the type and place of the error, without its message, for a log line.
+(The same over HTTP, with PostgreSQL stopped under a server:
+test_serve.py, test_an_outage_is_said_plainly_and_once.)"""
+
+import asyncio
+import re
+import socket
+
+import asyncpg
+import pytest
+
+from accman.errors import StoreError
+from accman.postgres import errors as E
+from accman.server.run import redacted
+
+UNREACHABLE = "the PostgreSQL store cannot be reached"
+LOST = "the PostgreSQL store lost its connection"
+
+
+@pytest.mark.parametrize("exc,says", [
+    (ConnectionRefusedError(111, "Connection refused"), f"{UNREACHABLE} (connection refused)"),
+    (socket.gaierror(-2, "Name or service not known"),
+     f"{UNREACHABLE} (its host name does not resolve)"),
+    (asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
+     f"{UNREACHABLE} (the database is starting up or shutting down)"),
+    (OSError(113, "No route to host"), UNREACHABLE),
+    (asyncpg.exceptions.ClientCannotConnectError("could not connect"), UNREACHABLE),
+    (asyncpg.InterfaceError("cannot call PreparedStatement.fetchrow(): the underlying "
+                            "connection is closed"), LOST),
+    (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle "
+                                                    "of operation"), LOST),
+    (asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator "
+                                           "command"), LOST),
+    (ConnectionResetError(104, "Connection reset by peer"), LOST),
+    (asyncio.TimeoutError(), "the database did not answer in time"),
+    (asyncpg.exceptions.ClientConfigurationError("`sslmode` parameter must be one of ..."),
+     "the store URL cannot be used: check its scheme, hosts, ports and options"),
+    (asyncpg.exceptions.InvalidPasswordError('password authentication failed for user "u"'),
+     'PostgreSQL 28P01: password authentication failed for user "u"'),
+    (RuntimeError("a message that may quote anything"), "an unexpected error (RuntimeError)"),
+])
+def test_an_error_is_said_in_the_store_s_words(exc, says):
+    assert E.describe(exc) == says
+
+
+def test_a_url_the_parser_cannot_read_is_not_quoted():
+    """asyncpg's URL parser quotes the piece it could not read: with a raw
+    `/` in the password, that piece is the password's."""
+    from accman.postgres.migrate import connect
+    with pytest.raises(StoreError) as e:
+        asyncio.run(connect("postgresql://accman:s3cret/pw@127.0.0.1:5432/accman"))
+    assert e.value.detail == ("cannot connect to a PostgreSQL cluster of the store: the store "
+                              "URL cannot be used: check its scheme, hosts, ports and options")
+    assert E.describe(e.value) == E.BAD_URL         # the step is the detail's alone
+
+
+def test_a_log_line_names_the_type_and_place_not_the_message():
+    try:
+        raise ConnectionResetError(104, "s3cret in a message")
+    except ConnectionResetError as e:
+        said = E.where(e)
+    assert re.fullmatch(r"ConnectionResetError at \S+/test_errors\.py:\d+", said), said
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://accman:s3cret@db1,db2/accman?target_session_attrs=read-write",
+     "postgresql://db1,db2/accman?target_session_attrs=read-write"),
+    ("postgresql://db/accman?password=s3cret&sslmode=require",
+     "postgresql://db/accman?sslmode=require"),
+    ("postgresql://db/accman?sslpassword=s3cret", "postgresql://db/accman"),
+    ("postgresql://accman@db/accman?a=1&PASSWORD=s3cret&b=2", "postgresql://db/accman?a=1&b=2"),
+    ("postgresql:///accman?host=/run/pg&password=s3cret", "postgresql:///accman?host=/run/pg"),
+])
+def test_a_store_url_is_shown_without_its_password(url, shown):
+    assert redacted(url) == shown

@@ -1,0 +1,179 @@
+"""A Ledger that is closing or closed refuses every call the same way:
+Unavailable, "the ledger is closing" from the start of `close`, "the ledger
+is closed" once it has returned; no call reaches plyvel's own errors, and
+close waits for the reads in flight before it closes LevelDB."""
+
+import asyncio
+import inspect
+import threading
+
+import pytest
+
+from accman import Ledger, Unavailable
+from accman.ledger import _ledger
+from accman.ledger.leveldb import Store
+from ledgerhelp import GatedStore, wait_for
+
+
+async def _in_loop(fn):
+    return fn()
+
+
+def every_call(led, done):
+    """Each public method of a Ledger (and the per-instance `tot` and
+    `submit`), called with good arguments."""
+    loop = asyncio.new_event_loop()
+    try:
+        yield from {
+            "tot": lambda: led.tot("a"),
+            "submit": lambda: led.submit("a", 1, done=done),
+            "past": lambda: led.past("a"),
+            "account_id": lambda: led.account_id("a"),
+            "events": lambda: led.events(),
+            "aevents": lambda: asyncio.run(led.aevents()),
+            "__len__": lambda: len(led),
+            "read_tot": lambda: led.read_tot("a", done),
+            "read_past": lambda: led.read_past("a", 10, None, done),
+            "read_events": lambda: led.read_events(0, 10, 0, done),
+            "end_wait": lambda: led.end_wait(done),
+            "end_waits": lambda: asyncio.run(_in_loop(led.end_waits)),
+            "submit_hold": lambda: led.submit_hold("a", -1, 5, done=done),
+            "submit_settle": lambda: led.submit_settle("a", 2, 0, done=done),
+            "mod": lambda: led.mod("a", 1),
+            "hold": lambda: led.hold("a", -1, 5),
+            "settle": lambda: led.settle("a", 2, 0),
+            "expire_due": lambda: led.expire_due(),
+            "bind_loop": lambda: led.bind_loop(loop),
+            "amod": lambda: asyncio.run(led.amod("a", 1)),
+            "ahold": lambda: asyncio.run(led.ahold("a", -1, 5)),
+            "asettle": lambda: asyncio.run(led.asettle("a", 2, 0)),
+            "verify": lambda: led.verify(),
+            "__enter__": lambda: led.__enter__(),
+        }.items()
+    finally:
+        loop.close()
+
+
+def public_methods() -> set:
+    """Ledger's public methods, from the class, and the two callables bound
+    per instance; beside `close` and `__exit__` (closing again does
+    nothing) and `drain_samples` (the metrics' samples: it describes the
+    ledger, as its properties do, and answers)."""
+    own = {name for name, v in vars(Ledger).items() if inspect.isfunction(v)
+           and (not name.startswith("_") or name in ("__len__", "__enter__", "__exit__"))}
+    return own - {"close", "__exit__", "drain_samples"} | {"tot", "submit"}
+
+
+def assert_every_call_refused(led, detail):
+    told = []
+    names = set()
+    for name, call in every_call(led, told.append):
+        names.add(name)
+        with pytest.raises(Unavailable) as e:
+            call()
+        assert (e.value.detail, e.value.code, e.value.status) == (detail, "unavailable", 503), name
+    assert told == []                           # refused at once, nothing queued
+    assert names == public_methods()            # a method added later is checked too
+
+
+def funded(path, **kw):
+    led = Ledger(path, **kw)
+    led.mod("a", 5)
+    led.hold("a", -2, 60)
+    return led
+
+
+def test_every_method_of_a_closed_ledger_says_it_is_closed(tmp_path):
+    path = str(tmp_path / "d")
+    led = funded(path)
+    events = led.events()
+    led.close()
+    assert_every_call_refused(led, "the ledger is closed")
+    led.close()                                 # again: nothing
+    led.__exit__(None, None, None)
+    assert not led.healthy
+    assert led.open_holds == 1 and led.stats["accounts"] == 1      # properties answer
+    assert sum(led.drain_samples()[0]) == 2
+    with Ledger(path) as again:                 # nothing changed
+        assert again.tot("a") == 3 and again.events() == events
+
+
+class HeldReads(Store):
+    """A store whose history reads wait for `release` while `held`."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.held = False
+        self.reading = threading.Event()
+        self.release = threading.Event()
+
+    def history(self, *args):
+        if self.held:
+            self.reading.set()
+            assert self.release.wait(30)
+        return super().history(*args)
+
+
+def test_calls_during_close_say_closing_and_close_waits_for_reads(tmp_path):
+    """A read in flight when close starts gets its page: LevelDB is closed
+    after it, not under it; every call made meanwhile says closing."""
+    path = str(tmp_path / "d")
+    store = HeldReads(path)
+    led = funded(path, store=store)
+    store.held = True
+    pages = []
+    reader = threading.Thread(target=lambda: pages.append(led.past("a")))
+    reader.start()
+    assert store.reading.wait(10)
+    closer = threading.Thread(target=led.close)
+    closer.start()
+    wait_for(lambda: not led.healthy, what="the close to start")
+    store.held = False
+    assert_every_call_refused(led, "the ledger is closing")
+    closer.join(0.3)
+    assert closer.is_alive()                    # waiting for the read
+    store.release.set()
+    reader.join(10)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert [(e.seq, e.by, e.tot) for e in pages[0]] == [(2, -2, 3), (1, 5, 5)]
+    assert_every_call_refused(led, "the ledger is closed")
+
+
+def test_a_change_in_flight_when_close_starts_is_made_durable(tmp_path):
+    """Close writes what was queued before it; meanwhile every call says
+    closing, the reads included."""
+    path = str(tmp_path / "d")
+    store = GatedStore(path, gate=threading.Event())
+    led = Ledger(path, store=store)
+    outcome = []
+    modder = threading.Thread(target=lambda: outcome.append(led.mod("a", 5)))
+    modder.start()
+    assert store.writing.wait(10)
+    closer = threading.Thread(target=led.close)
+    closer.start()
+    wait_for(lambda: not led.healthy, what="the close to start")
+    assert_every_call_refused(led, "the ledger is closing")
+    store.gate.set()
+    modder.join(10)
+    closer.join(10)
+    assert outcome == [(5, 1)]
+    assert_every_call_refused(led, "the ledger is closed")
+    with Ledger(path) as again:
+        assert again.tot("a") == 5
+
+
+def test_plyvel_s_closed_database_is_translated_where_its_errors_are(tmp_path):
+    """accman.ledger.leveldb._translated is the one place: a closed store's
+    reads are Unavailable, not plyvel's bare RuntimeError."""
+    store = Store(str(tmp_path / "d"))
+    store.close()
+    hid = b"\x01" * _ledger.HID_BYTES
+    for call in (lambda: store.get(_ledger.EVENTS_META_KEY),
+                 lambda: store.history(hid, 1, 2),
+                 lambda: store.scan(_ledger.HISTORY_PREFIX, _ledger.HISTORY_PREFIX, 5),
+                 lambda: list(store.iterate(_ledger.HISTORY_PREFIX)),
+                 lambda: list(store.accounts()),
+                 store.check_all_blocks):
+        with pytest.raises(Unavailable, match="^the ledger is closed$"):
+            call()
