@@ -7,6 +7,7 @@ closed pipe.  The real server: tests/test_e2e_holds.py."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -20,6 +21,7 @@ import pytest
 from accman.calling import follow as follow_mod
 from accman.client import AccManSyncClient
 from accman.errors import Unreachable
+from accman.records import Event
 from conftest import ROOT, run_accman, server_env
 from fake_accman import FakeAccMan, account_id, closed_port
 from test_cli import one_line_error
@@ -402,3 +404,42 @@ def test_a_stop_the_caller_held_back_is_taken_by_follow_and_its_mask_put_back(ca
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
     assert end == follow_mod.Followed(4, "signal") and alarms == []
+
+
+class OneEvent:
+    """A client with one event to give, once."""
+
+    def events(self, after, **kwargs):
+        return [Event(id=after + 1, type="mod", account="ab" * 16, seq=1, by=5, tot=5,
+                      at=1, key=None, hold=None)], after + 1
+
+
+class FullDisk:
+    """An output whose write fails as a full disk, after a stop came
+    meanwhile (held back while the follower writes)."""
+
+    def __init__(self):
+        self.fd = os.open(os.devnull, os.O_WRONLY)
+
+    def write(self, _text):
+        signal.raise_signal(signal.SIGTERM)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self.fd
+
+
+def test_a_write_that_fails_while_a_stop_waits_is_reported_as_the_failure(caller):
+    """The stop held back during the write is taken as the mask is put
+    back, but the end is the write's failure (exit 4 for the command), not
+    a stop (exit 0)."""
+    out = FullDisk()
+    try:
+        end = follow_mod.follow(OneEvent(), 4, None, 1, out=out)
+    finally:
+        os.close(out.fd)
+    assert end.why == "output failed" and end.error.errno == errno.ENOSPC
+    assert end.after == 4

@@ -102,7 +102,11 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return _loop(acc, state, limit, wait_s, out, note or _silent)
     except KeyboardInterrupt:
-        return Followed(state["after"], "reader gone" if state["gone"] else "signal")
+        failed = state.get("failed")
+        if failed is not None and not isinstance(failed, BrokenPipeError):
+            silence(out)
+            return Followed(state["after"], "output failed", failed)
+        return Followed(state["after"], "reader gone" if state["gone"] or failed else "signal")
     except BrokenPipeError:
         silence(out)
         return Followed(state["after"], "reader gone")
@@ -169,6 +173,12 @@ def _write(out, events, nxt, state) -> None:
                               for e in events))
             out.flush()
         state["after"] = nxt
+    except OSError as e:
+        # Noted before the mask is put back: a stop held back meanwhile
+        # then ends the follower, and the write's failure is still what
+        # it reports (follow's KeyboardInterrupt).
+        state["failed"] = e
+        raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
