@@ -33,9 +33,11 @@ from accman.ledger.tablecheck import varint_bytes
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 # The files of a store: LevelDB's (leveldb db/filename.cc) and AccMan's,
-# CURRENT.dbtmp among them (write_new_leveldb).
+# CURRENT.dbtmp among them (write_new_leveldb), and the webhook's cursor
+# files (accman.server.cursors), which a directory beside --store may hold.
 STORE_FILE = re.compile(r"^(CURRENT(\.dbtmp)?|LOCK|LOG|LOG\.old|MANIFEST-\d+"
-                        r"|\d+\.(log|ldb|sst|dbtmp)|accman\.[a-z]+(\.tmp)?)$")
+                        r"|\d+\.(log|ldb|sst|dbtmp)|accman\.[a-z]+(\.tmp)?"
+                        r"|[a-z][a-z0-9_-]{0,31}\.cursor(\.tmp|\.adopted)?)$")
 # A default ACL in Linux's xattr form (linux/posix_acl_xattr.h): version 2,
 # then (tag, perm, id) entries: the owner rw, the group and others nothing.
 _ACL_XATTR = "system.posix_acl_default"
