@@ -542,3 +542,18 @@ def led(path, clock):
     from accman import Ledger
     with Ledger(path, clock_ms=clock) as led:
         yield led
+
+
+@pytest.fixture
+def proxy():
+    """`make(server, *plan)`: a FaultProxy (tests/test_cli_faults.py) in
+    front of `server`, doing `plan`'s faults; closed after the test."""
+    from test_cli_faults import FaultProxy
+    made = []
+
+    def make(server, *plan):
+        made.append(FaultProxy(server.port, plan))
+        return made[-1]
+    yield make
+    for p in made:
+        p.close()

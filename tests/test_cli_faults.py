@@ -100,16 +100,6 @@ def _read_reply(sock) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-@pytest.fixture
-def proxy():
-    made = []
-
-    def make(server, *plan):
-        made.append(FaultProxy(server.port, plan))
-        return made[-1]
-    yield make
-    for p in made:
-        p.close()
 
 
 def funded(server, tot=100) -> str:

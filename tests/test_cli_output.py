@@ -23,7 +23,7 @@ import pytest
 
 from conftest import ROOT, server_env
 from test_cli import one_line_error
-from test_cli_faults import FaultProxy, funded, history
+from test_cli_faults import funded, history
 
 WAIT_S = 15.0               # no step of these tests comes near it
 
@@ -161,18 +161,6 @@ def test_serve_whose_reader_closed_stdout_serves_and_says_so_on_stderr(tmp_path)
 
 
 # --- a second stop while the command writes -----------------------------------------------
-
-@pytest.fixture
-def proxy():
-    made = []
-
-    def make(server, *plan):
-        made.append(FaultProxy(server.port, plan))
-        return made[-1]
-    yield make
-    for p in made:
-        p.close()
-
 
 def full_pipe() -> tuple:
     """`(read end, write end, bytes in it)` of a pipe filled to the brim:

@@ -45,7 +45,9 @@ def test_a_new_store_is_0700_and_every_file_0600_leveldb_later_files_too(tmp_pat
     assert {keyfile.KEY_NAME, wal.WAL_NAME, wal.CHECKPOINT_NAME} <= set(made_while_open)
 
 
-def test_a_store_made_before_is_tightened_at_open(tmp_path):
+def open_to_others(tmp_path):
+    """A store with one mod, made as an AccMan before data at rest left
+    it: the directory 0755 without its default ACL, its files 0644."""
     path = tmp_path / "data"
     with Ledger(str(path)) as led:
         led.mod("alice", 1)
@@ -53,6 +55,11 @@ def test_a_store_made_before_is_tightened_at_open(tmp_path):
     os.removexattr(path, "system.posix_acl_default")
     for f in path.iterdir():
         os.chmod(f, 0o644)
+    return path
+
+
+def test_a_store_made_before_is_tightened_at_open(tmp_path):
+    path = open_to_others(tmp_path)
     with Ledger(str(path)) as led:
         assert led.tot("alice") == 1
         led.mod("alice", 1)
@@ -238,13 +245,7 @@ def test_a_lock_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path)
 def test_a_refused_store_keeps_its_files_modes(tmp_path):
     """Tightening comes after every check: a store refused as damaged is
     left as it was found, modes included."""
-    path = tmp_path / "data"
-    with Ledger(str(path)) as led:
-        led.mod("alice", 1)
-    os.chmod(path, 0o755)
-    os.removexattr(path, "system.posix_acl_default")
-    for f in path.iterdir():
-        os.chmod(f, 0o644)
+    path = open_to_others(tmp_path)
     (path / "CURRENT").unlink()             # LevelDB's files without CURRENT
     before = _state(path)
     with pytest.raises(StoreCorrupt):

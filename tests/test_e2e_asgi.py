@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import re
@@ -97,22 +98,32 @@ def start_app(log_dir: Path, name: str, accman_url: str, mode: str, token: str,
                      **(env or {})})
 
 
+@contextlib.contextmanager
+def services(log_dir, prefix="", **app):
+    """A real AccMan, and a service under uvicorn in each mode (`app`:
+    start_app's, the example's by default), all stopped at the end:
+    {"accman", "funder" (a client with mint), "check", "reserve" (their
+    URLs), "apps"}."""
+    accman = start_accman(log_dir)
+    apps = {mode: start_app(log_dir, f"{prefix}{mode}", accman.url, mode, token, **app)
+            for mode, token in (("check", SVC_CHECK), ("reserve", SVC_RESERVE))}
+    try:
+        for a in apps.values():
+            a.wait_ready(UVICORN_READY, "stderr")
+        with AccManSyncClient(accman.url, FUNDER) as funder:
+            yield {"accman": accman, "funder": funder, "apps": apps,
+                   **{k: a.url for k, a in apps.items()}}
+    finally:
+        for a in apps.values():
+            a.stop()
+        accman.stop()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("e2e")
-    accman = start_accman(log_dir)
-    apps = {"check": start_app(log_dir, "check", accman.url, "check", SVC_CHECK),
-            "reserve": start_app(log_dir, "reserve", accman.url, "reserve", SVC_RESERVE)}
-    try:
-        for app in apps.values():
-            app.wait_ready(UVICORN_READY, "stderr")
-        with AccManSyncClient(accman.url, FUNDER) as funder:
-            yield {"accman": accman, "funder": funder, **{k: a.url for k, a in apps.items()}}
-    finally:
-        for app in apps.values():
-            app.stop()
-        accman.stop()
-    for app in apps.values():
+    with services(tmp_path_factory.mktemp("e2e")) as s:
+        yield s
+    for app in s["apps"].values():
         log = app.err.read_text(errors="replace")
         assert "Traceback" not in log, log[-3000:]
 

@@ -23,10 +23,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from accman.client import AccManSyncClient
 from conftest import request_bytes
-from test_e2e_asgi import (FUNDER, SVC_CHECK, SVC_RESERVE, UVICORN_READY, past, start_accman,
-                           start_app, tot)
+from test_e2e_asgi import SVC_CHECK, UVICORN_READY, past, services, start_app, tot
 
 # How long /work works: far longer than a close takes to reach uvicorn, so
 # that the consumer has gone well before the response starts.
@@ -41,21 +39,9 @@ LOG_FAULTS = ("Traceback", "Task was destroyed", "never retrieved", "ERROR")
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("e2e-gone")
-    accman = start_accman(log_dir)
-    apps = {mode: start_app(log_dir, f"gone-{mode}", accman.url, mode, token,
-                            app="tests.gone_app:app")
-            for mode, token in (("check", SVC_CHECK), ("reserve", SVC_RESERVE))}
-    try:
-        for app in apps.values():
-            app.wait_ready(UVICORN_READY, "stderr")
-        with AccManSyncClient(accman.url, FUNDER) as funder:
-            yield {"accman": accman, "funder": funder, **{k: a.url for k, a in apps.items()}}
-    finally:
-        for app in apps.values():
-            app.stop()
-        accman.stop()
-    for app in apps.values():
+    with services(tmp_path_factory.mktemp("e2e-gone"), "gone-", app="tests.gone_app:app") as s:
+        yield s
+    for app in s["apps"].values():
         stopped_cleanly(app)
 
 
