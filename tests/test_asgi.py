@@ -17,6 +17,7 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
+from accman.calling import disconnect
 from accman.calling.disconnect import bodiless
 from accman.client import AccManClient
 from asgi_harness import CRED, call, history, make_app, mw
@@ -419,3 +420,9 @@ def test_a_read_that_outlives_the_request_gets_the_disconnect(fake, mode):
         await call(m)
         return await asyncio.wait_for(later[0], 5)
     assert run(go()) == {"type": "http.disconnect"}
+
+
+def test_a_task_that_cannot_say_it_is_cancelling_is_taken_as_not():
+    """Python 3.10's tasks have no cancelling(): the watch's read must not
+    fail on them (pyproject's requires-python is 3.10)."""
+    assert disconnect._cancelling(types.SimpleNamespace()) is False

@@ -64,7 +64,7 @@ class DisconnectWatch:
         try:
             message = await asyncio.shield(watcher)
         except asyncio.CancelledError:
-            if not watcher.cancelled() or asyncio.current_task().cancelling():
+            if not watcher.cancelled() or _cancelling(asyncio.current_task()):
                 raise
             # The watch ended with the request (close): a read that
             # outlives it is told the request is over, as ASGI's server
@@ -122,6 +122,14 @@ class DisconnectWatch:
                 watcher.cancel()
         if not watcher.done():
             await asyncio.wait((watcher,))
+
+
+def _cancelling(task) -> bool:
+    """True if `task` itself is being cancelled.  Python 3.10 cannot tell
+    (Task.cancelling is 3.11's): there a read whose own cancel coincides
+    with the request's end is told the request is over, not cancelled."""
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0
 
 
 def bodiless(scope) -> bool:
