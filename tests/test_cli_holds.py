@@ -443,3 +443,34 @@ def test_a_write_that_fails_while_a_stop_waits_is_reported_as_the_failure(caller
         os.close(out.fd)
     assert end.why == "output failed" and end.error.errno == errno.ENOSPC
     assert end.after == 4
+
+
+class ClosedPipe:
+    """An output on a real pipe whose reader has gone, after a stop came
+    meanwhile (held back while the follower writes)."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+
+    def write(self, _text):
+        signal.raise_signal(signal.SIGTERM)
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self.w
+
+
+def test_a_closed_pipe_while_a_stop_waits_is_the_reader_gone_and_silenced(caller):
+    """The end is the reader's, and the output is pointed at /dev/null, so
+    that the flush at exit does not fail again (exit 120 and a warning)."""
+    out = ClosedPipe()
+    try:
+        end = follow_mod.follow(OneEvent(), 4, None, 1, out=out)
+        assert end == follow_mod.Followed(4, "reader gone")
+        assert os.fstat(out.w).st_rdev == os.stat(os.devnull).st_rdev
+    finally:
+        os.close(out.r)
+        os.close(out.w)

@@ -103,9 +103,10 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
         return _loop(acc, state, limit, wait_s, out, note or _silent)
     except KeyboardInterrupt:
         failed = state.get("failed")
-        if failed is not None and not isinstance(failed, BrokenPipeError):
+        if failed is not None:
             silence(out)
-            return Followed(state["after"], "output failed", failed)
+            if not isinstance(failed, BrokenPipeError):
+                return Followed(state["after"], "output failed", failed)
         return Followed(state["after"], "reader gone" if state["gone"] or failed else "signal")
     except BrokenPipeError:
         silence(out)
