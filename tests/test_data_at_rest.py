@@ -251,3 +251,16 @@ def test_a_refused_store_keeps_its_files_modes(tmp_path):
     with pytest.raises(StoreCorrupt):
         Ledger(str(path))
     assert _state(path) == before
+
+
+def test_a_webhook_cursor_is_the_lock_directorys_not_a_new_stores(tmp_path):
+    """A cursor an older AccMan left beside --store is that directory's to
+    hold; with no store behind it, it is not where a new embedded store
+    starts (its deliveries would resume past events never sent)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "LOCK").write_bytes(b"")
+    (d / "webhook.cursor").write_text("20\n")
+    datadir.check_usable(str(d), also=datadir.CURSOR_FILE)
+    with pytest.raises(StoreError, match=r"not empty \(webhook.cursor\)"):
+        Ledger(str(d))

@@ -33,11 +33,14 @@ from accman.ledger.tablecheck import varint_bytes
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 # The files of a store: LevelDB's (leveldb db/filename.cc) and AccMan's,
-# CURRENT.dbtmp among them (write_new_leveldb), and the webhook's cursor
-# files (accman.server.cursors), which a directory beside --store may hold.
+# CURRENT.dbtmp among them (write_new_leveldb).
 STORE_FILE = re.compile(r"^(CURRENT(\.dbtmp)?|LOCK|LOG|LOG\.old|MANIFEST-\d+"
-                        r"|\d+\.(log|ldb|sst|dbtmp)|accman\.[a-z]+(\.tmp)?"
-                        r"|[a-z][a-z0-9_-]{0,31}\.cursor(\.tmp|\.adopted)?)$")
+                        r"|\d+\.(log|ldb|sst|dbtmp)|accman\.[a-z]+(\.tmp)?)$")
+# What the directory beside --store may hold besides its LOCK: the webhook's
+# cursor an AccMan before schema 3 kept there (accman.server.cursors), until
+# the store adopts it.  Not a new embedded store's: a cursor with no store
+# behind it would resume deliveries past events never sent.
+CURSOR_FILE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.cursor(\.tmp|\.adopted)?$")
 # A default ACL in Linux's xattr form (linux/posix_acl_xattr.h): version 2,
 # then (tag, perm, id) entries: the owner rw, the group and others nothing.
 _ACL_XATTR = "system.posix_acl_default"
@@ -54,11 +57,11 @@ _STORE_MARKS = ("CURRENT", "accman.wal", "accman.checkpoint")
 _FOREIGN_NAMED_MAX = 3
 
 
-def check_usable(path: str) -> None:
+def check_usable(path: str, also=None) -> None:
     """Refuses, changing nothing, a data directory path that is not a
-    directory, or a directory that holds no store and is not empty: a
-    mistyped `--data` (a home or system directory) is never made 0700 and
-    filled with a store."""
+    directory, or a directory that holds no store and is not empty (but
+    for names `also` matches): a mistyped `--data` (a home or system
+    directory) is never made 0700 and filled with a store."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -68,7 +71,8 @@ def check_usable(path: str) -> None:
     names = os.listdir(path)
     if any(mark in names for mark in _STORE_MARKS):
         return
-    foreign = sorted(n for n in names if not STORE_FILE.match(n) and n not in _MAY_PRECEDE_STORE)
+    foreign = sorted(n for n in names if not STORE_FILE.match(n) and n not in _MAY_PRECEDE_STORE
+                     and not (also is not None and also.match(n)))
     if foreign:
         shown = ", ".join(foreign[:_FOREIGN_NAMED_MAX])
         more = ", ..." if len(foreign) > _FOREIGN_NAMED_MAX else ""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import ssl
 
 import asyncpg
 
@@ -65,6 +66,7 @@ UNREACHABLE = "the PostgreSQL store cannot be reached"
 LOST = "the PostgreSQL store lost its connection"
 SLOW = "the database did not answer in time"
 BAD_URL = "the store URL cannot be used: check its scheme, hosts, ports and options"
+TLS_FAILED = f"{UNREACHABLE} (TLS failed: check sslmode and the certificates)"
 # A quoted path in the database server's message (`could not extend file
 # "base/16384/2619"`): a 503's detail names no file (SPEC "Access").
 _QUOTED_PATH = re.compile(r'"[^"]*/[^"]*"')
@@ -76,12 +78,20 @@ _NOT_REACHED = (
     (socket.gaierror, f"{UNREACHABLE} (its host name does not resolve)"),
     (asyncpg.exceptions.CannotConnectNowError,
      f"{UNREACHABLE} (the database is starting up or shutting down)"),
+    (ssl.SSLError, TLS_FAILED),
+    (PermissionError, f"{UNREACHABLE} (permission denied)"),
     ((asyncpg.exceptions.ClientCannotConnectError,
       asyncpg.exceptions.ConnectionRejectionError), UNREACHABLE),
 )
 _LOST = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
          asyncpg.PostgresConnectionError, asyncpg.exceptions.AdminShutdownError,
-         asyncpg.exceptions.CrashShutdownError, asyncpg.InterfaceError)
+         asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.ConnectionDoesNotExistError)
+# asyncpg says a connection it found closed (an InterfaceError of its own)
+# and a server that will not speak TLS (a plain ConnectionError) only in
+# words: recognised by them, never quoted.  Any other InterfaceError is
+# AccMan's misuse of the driver: unexpected, by its type.
+_CLOSED_WORDS = ("connection is closed", "connection was closed")
+_TLS_REFUSED_WORDS = "SSL"
 
 
 def describe(exc: BaseException) -> str:
@@ -100,7 +110,10 @@ def describe(exc: BaseException) -> str:
     for kind, sentence in _NOT_REACHED:
         if isinstance(exc, kind):
             return sentence
-    if isinstance(exc, _LOST):
+    if type(exc) is ConnectionError and _TLS_REFUSED_WORDS in str(exc):
+        return TLS_FAILED
+    if isinstance(exc, _LOST) or (isinstance(exc, asyncpg.InterfaceError)
+                                  and any(w in str(exc) for w in _CLOSED_WORDS)):
         return LOST
     if isinstance(exc, OSError):
         return UNREACHABLE          # no route, no network: the socket never came up

@@ -10,6 +10,7 @@ import os
 import re
 import resource
 import socket
+import urllib.parse
 
 from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
 from accman.limits import EVENTS_RETENTION_S_DEFAULT, FDS_RESERVED
@@ -101,7 +102,7 @@ def lock_directory(data_path: str) -> None:
     and `accman verify` refuse a directory that a server of the other has."""
     from accman.ledger import datadir
     try:
-        datadir.check_usable(data_path)
+        datadir.check_usable(data_path, also=datadir.CURSOR_FILE)
     except StoreError as e:
         raise StartupError(f"data directory {e.detail}") from None
     try:
@@ -121,7 +122,8 @@ def redacted(url: str) -> str:
     `sslpassword=`)."""
     url = re.sub(r"//[^/?#]*@", "//", url, count=1)
     base, sep, query = url.partition("?")
-    kept = [p for p in query.split("&") if not p.partition("=")[0].lower().endswith("password")]
+    kept = [p for p in query.split("&")
+            if not urllib.parse.unquote_plus(p.partition("=")[0]).lower().endswith("password")]
     return base + (sep + "&".join(kept) if any(kept) else "")
 
 

@@ -9,6 +9,7 @@ test_serve.py, test_an_outage_is_said_plainly_and_once.)"""
 import asyncio
 import re
 import socket
+import ssl
 
 import asyncpg
 import pytest
@@ -42,6 +43,14 @@ LOST = "the PostgreSQL store lost its connection"
     (asyncpg.exceptions.InvalidPasswordError('password authentication failed for user "u"'),
      'PostgreSQL 28P01: password authentication failed for user "u"'),
     (RuntimeError("a message that may quote anything"), "an unexpected error (RuntimeError)"),
+    (ssl.SSLCertVerificationError(1, "certificate verify failed"),
+     f"{UNREACHABLE} (TLS failed: check sslmode and the certificates)"),
+    (ConnectionError("PostgreSQL server at \"db:5432\" rejected SSL upgrade"),
+     f"{UNREACHABLE} (TLS failed: check sslmode and the certificates)"),
+    (PermissionError(13, "Permission denied"), f"{UNREACHABLE} (permission denied)"),
+    # The driver misused by AccMan: not an outage, whatever its class.
+    (asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+     "an unexpected error (InterfaceError)"),
 ])
 def test_an_error_is_said_in_the_store_s_words(exc, says):
     assert E.describe(exc) == says
@@ -74,6 +83,7 @@ def test_a_log_line_names_the_type_and_place_not_the_message():
     ("postgresql://db/accman?sslpassword=s3cret", "postgresql://db/accman"),
     ("postgresql://accman@db/accman?a=1&PASSWORD=s3cret&b=2", "postgresql://db/accman?a=1&b=2"),
     ("postgresql:///accman?host=/run/pg&password=s3cret", "postgresql:///accman?host=/run/pg"),
+    ("postgresql://db/accman?pass%77ord=s3cret&x=1", "postgresql://db/accman?x=1"),  # decoded
 ])
 def test_a_store_url_is_shown_without_its_password(url, shown):
     assert redacted(url) == shown
