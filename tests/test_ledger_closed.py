@@ -177,3 +177,19 @@ def test_plyvel_s_closed_database_is_translated_where_its_errors_are(tmp_path):
                  store.check_all_blocks):
         with pytest.raises(Unavailable, match="^the ledger is closed$"):
             call()
+
+
+def test_a_long_poll_waiting_when_the_ledger_closes_is_told_so_at_once(tmp_path):
+    """A poll waiting for events gets Unavailable as the ledger closes,
+    from another thread, not an empty page when its wait runs out."""
+    led = Ledger(str(tmp_path / "d"))
+
+    async def poll():
+        task = asyncio.ensure_future(led.aevents(after=0, wait_s=30))
+        await asyncio.sleep(0.05)                   # it waits: no event yet
+        closing = threading.Thread(target=led.close)
+        closing.start()
+        with pytest.raises(Unavailable, match="the ledger is closing"):
+            await asyncio.wait_for(task, 10)        # well before the poll's 30 s
+        closing.join()
+    asyncio.run(poll())

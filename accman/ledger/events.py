@@ -20,6 +20,7 @@ reader never holds up a commit.
 from __future__ import annotations
 
 import collections
+import contextlib
 
 from accman.errors import Busy, EventsTrimmed, StoreCorrupt
 from accman.ledger import _ledger, eventrecords
@@ -216,10 +217,27 @@ class EventLog:
                 del self.waiters[id(waiter)]
         self._answer(ready)
 
+    def refuse_waits(self, error) -> None:
+        """From any thread: every long poll is answered with `error` on its
+        own loop, and no read waits from now on (the ledger closes: a poll
+        must not wait out its time for a page it can no longer get)."""
+        with self.lock:
+            self.waits_ended = True
+            waiting = list(self.waiters.values())
+            self.waiters.clear()
+        for waiter in waiting:
+            with contextlib.suppress(RuntimeError):     # its loop has closed
+                waiter[4].call_soon_threadsafe(_refused, waiter, error)
+
     def _answer(self, ready: list) -> None:
         for waiter, taken in ready:
             waiter[3].cancel()
             waiter[2](self.fetch(taken))
+
+def _refused(waiter, error) -> None:
+    waiter[3].cancel()
+    waiter[2](error)
+
 
 class Page:
     """Events a read serves, ids start..stop, fixed under the lock;

@@ -13,7 +13,7 @@ from accman.errors import AccManError, BadRequest, NoAccount, StoreCorrupt, Unav
 from accman.ledger import _ledger
 from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
 from accman.ledger.events import EventLog
-from accman.ledger.gate import Gate
+from accman.ledger.gate import CLOSING_DETAIL, Gate
 from accman.ledger.leveldb import Store
 from accman.limits import (EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_WAIT_S_MAX, PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX)
@@ -439,6 +439,7 @@ class Ledger:
         self.tot = self._check_open         # raises from now on
         self._committer.close()
         self._gate.wait_reads()
+        self._events.refuse_waits(Unavailable(CLOSING_DETAIL))
         self.store.close()
         self._gate.closed()
         self._committer.closed()
