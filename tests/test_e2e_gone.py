@@ -28,7 +28,7 @@ from test_e2e_asgi import SVC_CHECK, UVICORN_READY, past, services, start_app, t
 
 # How long /work works: far longer than a close takes to reach uvicorn, so
 # that the consumer has gone well before the response starts.
-WORK_S = 3
+WORK_S = 1.5
 WAIT_S = 20.0               # how long a test waits for what it expects
 BYS_GONE = {"check": [10], "reserve": [10, -2, 2]}      # nothing charged; the hold back
 BYS_ONE = {"check": [10, -2], "reserve": [10, -2, 0]}   # charged once: a mod, or a settle
