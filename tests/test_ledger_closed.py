@@ -193,3 +193,52 @@ def test_a_long_poll_waiting_when_the_ledger_closes_is_told_so_at_once(tmp_path)
             await asyncio.wait_for(task, 10)        # well before the poll's 30 s
         closing.join()
     asyncio.run(poll())
+
+
+def _closed(led) -> bool:
+    try:
+        led.tot("x")
+    except Unavailable as e:
+        return e.detail == "the ledger is closed"
+    return False
+
+
+def test_a_close_from_a_completion_on_the_writer_ends_after_the_writer(tmp_path):
+    """A completion callback (run on the writer thread) that closes the
+    ledger while other threads submit: every change accepted before the
+    close is made durable, none fails, and the store closes once the
+    writer has stopped."""
+    path = str(tmp_path / "d")
+    led = Ledger(path)
+    led.mod("x", 1000)
+    outcomes, lock = [], threading.Lock()
+
+    def done(outcome):
+        with lock:
+            outcomes.append(outcome)
+
+    def close_on_writer(outcome):
+        done(outcome)
+        led.close()
+
+    stop = threading.Event()
+
+    def submitter():
+        while not stop.is_set():
+            try:
+                led.submit("x", 1, done=done)
+            except Unavailable:
+                return
+    threads = [threading.Thread(target=submitter) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(outcomes) > 50, what="mods under way")
+    led.submit("x", 1, done=close_on_writer)
+    wait_for(lambda: _closed(led), what="the ledger closed")
+    stop.set()
+    for t in threads:
+        t.join()
+    failed = [o for o in outcomes if not isinstance(o, tuple)]
+    assert failed == []
+    with Ledger(path) as again:
+        assert again.tot("x") == 1000 + len(outcomes)

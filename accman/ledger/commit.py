@@ -73,6 +73,7 @@ class Committer:
         self._writing = False
         self._kick_pending = False
         self._closing = False
+        self._then = None           # what a close made on the writer runs at its end
         # What every change is told once the ledger closes (CLOSING_DETAIL,
         # then CLOSED_DETAIL); None while it is open.
         self.refusal: str | None = None
@@ -235,6 +236,11 @@ class Committer:
             self._write_batches()
         finally:
             self.applier.stop()
+            if self._then is not None:
+                try:
+                    self._then()
+                except StoreError as e:         # no caller is left to raise it to
+                    log.error("the store's close after the writer's end failed: %s", e.detail)
 
     def _write_batches(self) -> None:
         while True:
@@ -406,15 +412,23 @@ class Committer:
 
     # -- closing -------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, then=None) -> None:
         """Refuses every change from now on (CLOSING_DETAIL), writes what
-        is queued, then stops the writer thread."""
+        is queued, then stops the writer thread; `then()`, if given, runs
+        once it has stopped.  Called on the writer itself (from a
+        completion), it returns at once and `then` runs at the writer's
+        end: what comes after (the store's close) must not happen under a
+        writer that has batches left to write."""
         with self.lock:
             self._closing = True
             self.refusal = CLOSING_DETAIL
             self._wake.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+            if threading.current_thread() is self._thread:
+                self._then = then
+                return
+        self._thread.join()
+        if then is not None:
+            then()
 
     def closed(self) -> None:
         """The store is closed too: changes are refused as CLOSED_DETAIL."""

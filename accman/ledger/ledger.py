@@ -433,11 +433,18 @@ class Ledger:
     def close(self) -> None:
         """Commits what is queued, stops the writer, waits for the reads in
         flight, closes the store.  Every call made from its start is
-        refused (see the class)."""
+        refused (see the class).  From a completion callback (on the
+        writer thread) it returns at once, and the rest happens as the
+        writer ends."""
         if not self._gate.close():
             return
         self.tot = self._check_open         # raises from now on
-        self._committer.close()
+        # From a completion on the writer thread, the rest runs at the
+        # writer's end, and the ledger is "closing" until then.
+        self._committer.close(then=self._close_store)
+
+    def _close_store(self) -> None:
+        """The end of close, once the writer has stopped."""
         self._gate.wait_reads()
         self._events.refuse_waits(Unavailable(CLOSING_DETAIL))
         self.store.close()
