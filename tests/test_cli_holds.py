@@ -414,47 +414,17 @@ class OneEvent:
                       at=1, key=None, hold=None)], after + 1
 
 
-class FullDisk:
-    """An output whose write fails as a full disk, after a stop came
-    meanwhile (held back while the follower writes)."""
+class FailingOutput:
+    """An output on a real pipe whose write raises `error` after a stop
+    came meanwhile (held back while the follower writes)."""
 
-    def __init__(self):
-        self.fd = os.open(os.devnull, os.O_WRONLY)
-
-    def write(self, _text):
-        signal.raise_signal(signal.SIGTERM)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def flush(self):
-        pass
-
-    def fileno(self):
-        return self.fd
-
-
-def test_a_write_that_fails_while_a_stop_waits_is_reported_as_the_failure(caller):
-    """The stop held back during the write is taken as the mask is put
-    back, but the end is the write's failure (exit 4 for the command), not
-    a stop (exit 0)."""
-    out = FullDisk()
-    try:
-        end = follow_mod.follow(OneEvent(), 4, None, 1, out=out)
-    finally:
-        os.close(out.fd)
-    assert end.why == "output failed" and end.error.errno == errno.ENOSPC
-    assert end.after == 4
-
-
-class ClosedPipe:
-    """An output on a real pipe whose reader has gone, after a stop came
-    meanwhile (held back while the follower writes)."""
-
-    def __init__(self):
+    def __init__(self, error: OSError):
+        self.error = error
         self.r, self.w = os.pipe()
 
     def write(self, _text):
         signal.raise_signal(signal.SIGTERM)
-        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        raise self.error
 
     def flush(self):
         pass
@@ -462,15 +432,31 @@ class ClosedPipe:
     def fileno(self):
         return self.w
 
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
+
+
+def test_a_write_that_fails_while_a_stop_waits_is_reported_as_the_failure(caller):
+    """The stop held back during the write is taken as the mask is put
+    back, but the end is the write's failure (exit 4 for the command), not
+    a stop (exit 0)."""
+    out = FailingOutput(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    try:
+        end = follow_mod.follow(OneEvent(), 4, None, 1, out=out)
+    finally:
+        out.close()
+    assert end.why == "output failed" and end.error.errno == errno.ENOSPC
+    assert end.after == 4
+
 
 def test_a_closed_pipe_while_a_stop_waits_is_the_reader_gone_and_silenced(caller):
     """The end is the reader's, and the output is pointed at /dev/null, so
     that the flush at exit does not fail again (exit 120 and a warning)."""
-    out = ClosedPipe()
+    out = FailingOutput(BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE)))
     try:
         end = follow_mod.follow(OneEvent(), 4, None, 1, out=out)
         assert end == follow_mod.Followed(4, "reader gone")
         assert os.fstat(out.w).st_rdev == os.stat(os.devnull).st_rdev
     finally:
-        os.close(out.r)
-        os.close(out.w)
+        out.close()
