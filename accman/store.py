@@ -53,6 +53,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, NamedTuple, Protocol
 
+from accman.errors import BadRequest
+from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, PAST_LIMIT_MAX
 from accman.records import Entry
 
 log = logging.getLogger("accman.store")
@@ -85,6 +87,29 @@ def page_next(entries: list[Entry], limit: int) -> int | None:
     if entries and len(entries) == limit and entries[-1].seq > 1:
         return entries[-1].seq
     return None
+
+
+def check_past(limit, before, int64) -> None:
+    """A /past read's values, as every store checks them; `int64(value,
+    name)` is the store's own check that a value fits its 64-bit fields."""
+    if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
+        raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
+    if before is not None:
+        int64(before, "before")
+        if before < 1:
+            raise BadRequest("before must be a positive int (a seq)")
+
+
+def check_events(after, limit, wait_s, int64) -> None:
+    """An /events read's values, as every store checks them (`int64`: as
+    check_past's)."""
+    int64(after, "after")
+    if after < 0:
+        raise BadRequest("after must be an event id: an int, 0 or more")
+    if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
+        raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
+    if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
+        raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
 
 
 class Store(Protocol):

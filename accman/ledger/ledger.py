@@ -9,16 +9,15 @@ import asyncio
 import threading
 import time
 
-from accman.errors import AccManError, BadRequest, NoAccount, StoreCorrupt, Unavailable
+from accman.errors import AccManError, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
 from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
 from accman.ledger.events import EventLog
 from accman.ledger.gate import CLOSING_DETAIL, Gate
 from accman.ledger.leveldb import Store
-from accman.limits import (EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
-                           EVENTS_WAIT_S_MAX, PAST_LIMIT_DEFAULT, PAST_LIMIT_MAX)
+from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
 from accman.records import Entry, Event
-from accman.store import Page, page_next
+from accman.store import Page, check_events, check_past, page_next
 
 # What is checked at open, from most to least (see Ledger):
 #   full   the files' CRCs (accman.fsck) and every record read through LevelDB
@@ -163,7 +162,7 @@ class Ledger:
         """Up to `limit` history entries of `cred`, newest first, with seq
         below `before` when it is given; None for an unknown cred."""
         self._check_open()
-        _check_past(limit, before)
+        check_past(limit, before, _ledger.check_int64)
         acct = self._book.account(cred)
         if acct is None:
             return None
@@ -197,7 +196,7 @@ class Ledger:
         `after`, oldest first; `next` is the `after` of the next call.
         Raises EventsTrimmed below the retention."""
         self._check_open()
-        _check_events(after, limit, 0)
+        check_events(after, limit, 0, _ledger.check_int64)
         with self._reading():
             return _result(self._events.read(after, limit))
 
@@ -228,7 +227,7 @@ class Ledger:
                   ordered: bool = False):
         """A Page of history, as the store interface reads it."""
         self._check_open()
-        _check_past(limit, before)
+        check_past(limit, before, _ledger.check_int64)
         if not ordered:
             acct = self._book.account(cred)
             if acct is None:
@@ -260,7 +259,7 @@ class Ledger:
         stream waits: one whose `after` is past the newest event is told at
         once where the stream ends (`next`)."""
         self._check_open()
-        _check_events(after, limit, wait_s)
+        check_events(after, limit, wait_s, _ledger.check_int64)
         events = self._events
         with self._reading():
             with self._committer.lock:
@@ -457,25 +456,6 @@ class Ledger:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _check_past(limit, before) -> None:
-    if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
-        raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
-    if before is not None:
-        _ledger.check_int64(before, "before")
-        if before < 1:
-            raise BadRequest("before must be a positive int (a seq)")
-
-
-def _check_events(after, limit, wait_s) -> None:
-    _ledger.check_int64(after, "after")
-    if after < 0:
-        raise BadRequest("after must be an event id: an int, 0 or more")
-    if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
-        raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
-    if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
-        raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
 
 
 __all__ = ["Ledger", "Entry", "Event", "Unavailable"]

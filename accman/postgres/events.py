@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import time
 
-from accman.errors import BadRequest, Busy, EventsTrimmed, Unavailable
-from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
+from accman.errors import Busy, EventsTrimmed, Unavailable
+from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
 from accman.postgres.batch import check_int64
+from accman.store import check_events
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
 from accman.records import Event
 
@@ -97,13 +98,7 @@ class EventReader:
             await self.listener.close()
 
     def read(self, after, limit, wait_s, done):
-        check_int64(after, "after")
-        if after < 0:
-            raise BadRequest("after must be an int >= 0 (an event id)")
-        if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
-            raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
-        if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
-            raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
+        check_events(after, limit, wait_s, check_int64)
         if wait_s > 0 and len(self.waiters) + self._queued_polls >= EVENTS_WAITERS_MAX:
             raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
                        "retry shortly")

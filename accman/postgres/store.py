@@ -30,9 +30,9 @@ import hashlib
 import logging
 import time
 
-from accman.errors import BadRequest, Busy, Unavailable
+from accman.errors import Busy, Unavailable
 from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX,
-                           HOLDS_PER_ACCOUNT_MAX, PAST_LIMIT_MAX, QUEUED_MODS_MAX)
+                           HOLDS_PER_ACCOUNT_MAX, QUEUED_MODS_MAX)
 from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
@@ -43,7 +43,7 @@ from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import check_infos, connect, migrate, read_info
 from accman.records import Entry
-from accman.store import Page, run_callbacks
+from accman.store import Page, check_past, run_callbacks
 
 log = logging.getLogger("accman.postgres")
 
@@ -376,12 +376,7 @@ class PgStore:
             cluster.reading = False
 
     def read_past(self, cred, limit, before, done, ordered=False):
-        if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
-            raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
-        if before is not None:
-            B.check_int64(before, "before")
-            if before < 1:
-                raise BadRequest("before must be a positive int (a seq)")
+        check_past(limit, before, B.check_int64)
         hid, cluster = self._locate(cred)
         op = B.Op(_PAST_BARRIER, hid, limit, before, None, None, done)
         if ordered:
