@@ -43,8 +43,9 @@ from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
-from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT, EVENTS_WAIT_S_MAX,
-                           HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
+from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
+                           EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
+                           INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
@@ -139,11 +140,17 @@ def _int64(text):
     return int(text)
 
 
-def _duration(text):
+def _retention(text):
+    """--events-retention: 3600, 90m, 7d..., EVENTS_RETENTION_S_MAX at most."""
     m = _DURATION_RE.fullmatch(text) if text.isascii() else None
     if m is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m or 7d")
-    return int(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
+    seconds = int(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
+    if seconds > EVENTS_RETENTION_S_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is longer than the longest retention, "
+            f"{EVENTS_RETENTION_S_MAX // 86400}d (EVENTS_RETENTION_S_MAX)")
+    return seconds
 
 
 def _port(text):
@@ -233,10 +240,10 @@ def _serve_arguments(s):
     s.add_argument("--low-balance", type=_int64, metavar="L", default=None,
                    help="emit a low_balance event when a balance crosses below L, for "
                         "accounts whose funding mod set no low= of their own (default: none)")
-    s.add_argument("--events-retention", type=_duration, metavar="DURATION",
+    s.add_argument("--events-retention", type=_retention, metavar="DURATION",
                    default=EVENTS_RETENTION_S_DEFAULT,
                    help="keep events at least this long: seconds, or a number with s, m, h "
-                        "or d (default 7d)")
+                        f"or d (default 7d, at most {EVENTS_RETENTION_S_MAX // 86400}d)")
 
 
 def _takes_cred(c, example):

@@ -38,6 +38,9 @@ EVENTS_WAIT_S_MAX = 60        # SPEC: wait is 0..60 seconds.
 # Events are kept at least this long (SPEC: default 7 days); older ones may
 # be trimmed, and asking for them is 410 events_trimmed.
 EVENTS_RETENTION_S_DEFAULT = 7 * 24 * 3600
+# The longest retention a store takes (--events-retention): a century, as
+# good as "keep them all", with the cut-off still a plain 64-bit time.
+EVENTS_RETENTION_S_MAX = 100 * 365 * 24 * 3600
 # Long polls waiting at once, server-wide: each is one entry in a list, no
 # thread, no timer of its own.  Over it: 503 busy, retry.
 EVENTS_WAITERS_MAX = 1024

@@ -54,7 +54,9 @@ import logging
 from typing import Any, Callable, NamedTuple, Protocol
 
 from accman.errors import BadRequest
-from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, PAST_LIMIT_MAX
+from accman.limits import (BATCH_MODS_MAX, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_MAX,
+                           EVENTS_WAIT_S_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX, INT64_MAX,
+                           INT64_MIN, PAST_LIMIT_MAX, QUEUED_MODS_MAX)
 from accman.records import Entry
 
 log = logging.getLogger("accman.store")
@@ -89,27 +91,65 @@ def page_next(entries: list[Entry], limit: int) -> int | None:
     return None
 
 
-def check_past(limit, before, int64) -> None:
-    """A /past read's values, as every store checks them; `int64(value,
-    name)` is the store's own check that a value fits its 64-bit fields."""
+def check_int64(value, name: str) -> None:
+    """An integer the Python API takes, held to the wire's signed 64-bit
+    range.  bool is an int subclass and float is not an amount: both are
+    refused.  ext/ledger.pyx's `_check_int64` says the same words (a test
+    holds them equal)."""
+    if type(value) is not int:
+        raise BadRequest(f"{name} must be an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise BadRequest(f"{name} must fit in a signed 64-bit integer")
+
+
+def check_past(limit, before) -> None:
+    """A /past read's values, as every store checks them."""
     if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
         raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
     if before is not None:
-        int64(before, "before")
+        check_int64(before, "before")
         if before < 1:
             raise BadRequest("before must be a positive int (a seq)")
 
 
-def check_events(after, limit, wait_s, int64) -> None:
-    """An /events read's values, as every store checks them (`int64`: as
-    check_past's)."""
-    int64(after, "after")
+def check_events(after, limit, wait_s) -> None:
+    """An /events read's values, as every store checks them."""
+    check_int64(after, "after")
     if after < 0:
         raise BadRequest("after must be an event id: an int, 0 or more")
     if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
         raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
     if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
         raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
+
+
+# What a store may be opened with: each bound of limits.py may be lowered
+# (tests do), never raised past what the rest of AccMan is sized for.
+_OPTION_BOUNDS = {
+    "batch_mods_max": BATCH_MODS_MAX,
+    "queued_mods_max": QUEUED_MODS_MAX,
+    "holds_max": HOLDS_MAX,
+    "holds_per_account_max": HOLDS_PER_ACCOUNT_MAX,
+}
+
+
+def check_options(*, low_balance, events_retention_s, **bounds) -> None:
+    """A store's options, as both stores check them before the store is
+    opened or made, so that a wrong one changes nothing: ValueError naming
+    the option and what it may be.  `bounds` are the limits above, each an
+    int or None (the default)."""
+    if low_balance is not None and (type(low_balance) is not int
+                                    or not INT64_MIN <= low_balance <= INT64_MAX):
+        raise ValueError(f"low_balance must be an int in the signed 64-bit range, "
+                         f"got {low_balance!r}")
+    if (type(events_retention_s) not in (int, float)
+            or not 0 < events_retention_s <= EVENTS_RETENTION_S_MAX):
+        raise ValueError(f"events_retention_s must be a number of seconds from just over 0 "
+                         f"to {EVENTS_RETENTION_S_MAX}, got {events_retention_s!r}")
+    for name, value in bounds.items():
+        most = _OPTION_BOUNDS[name]
+        if value is not None and (type(value) is not int or not 1 <= value <= most):
+            raise ValueError(f"{name} must be an int from 1 to {most}, got {value!r}")
 
 
 class Store(Protocol):

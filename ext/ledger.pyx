@@ -61,18 +61,13 @@ cdef inline bytes _key_bytes(object key):
 
 
 cdef inline void _check_int64(object v, str name) except *:
-    # bool is an int subclass and float is not an amount: both refused.
+    # accman.store.check_int64, compiled for the mod path, in the same words
+    # (a test holds them equal): bool is an int subclass and float is not an
+    # amount, both refused.
     if type(v) is not int:
         raise BadRequest(f"{name} must be an int, got {type(v).__name__}")
     if not (INT64_MIN <= v <= INT64_MAX):
         raise BadRequest(f"{name} must fit in a signed 64-bit integer")
-
-
-def check_int64(v, str name):
-    """The check above for the Ledger's own arguments (a seq, an event id):
-    every integer the Python API takes is held to the wire's signed 64-bit
-    range, in the same words."""
-    _check_int64(v, name)
 
 
 # --- accounts and batches ---------------------------------------------------

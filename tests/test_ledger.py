@@ -12,7 +12,8 @@ from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAc
                     Ledger, Overflow, StoreCorrupt, StoreError, StoreLocked,
                     Unavailable)
 from accman.ledger import _ledger, commit
-from accman.limits import INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
+from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
+from accman.store import check_int64
 from accman.ledger.leveldb import Store
 from ledgerhelp import GatedStore
 
@@ -719,6 +720,61 @@ def test_damage_met_after_open_is_refused_when_read(tmp_path):
                 led.past("alice", limit=50, before=before)
 
 
-def test_unknown_verify_mode_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="verify"):
-        Ledger(str(tmp_path / "d"), verify="quick")
+@pytest.mark.parametrize("option,value,says", [
+    ("verify", "quick", "verify must be one of full, heads, none"),
+    ("create", "no", "create must be True or False, got 'no'"),
+    ("batch_mods_max", 0, "batch_mods_max must be an int from 1 to 4096, got 0"),
+    ("batch_mods_max", 2 ** 64, "batch_mods_max must be an int from 1 to 4096"),
+    ("batch_mods_max", True, "batch_mods_max must be an int from 1 to 4096, got True"),
+    ("queued_mods_max", 65537, "queued_mods_max must be an int from 1 to 65536"),
+    ("holds_max", -1, "holds_max must be an int from 1 to 1000000, got -1"),
+    ("holds_per_account_max", 2 ** 70, "holds_per_account_max must be an int from 1 to 4096"),
+    ("holds_per_account_max", 2.0, "holds_per_account_max must be an int from 1 to 4096"),
+    ("events_retention_s", 0, "events_retention_s must be a number of seconds"),
+    ("events_retention_s", float("inf"), "events_retention_s .* got inf"),
+    ("events_retention_s", float("nan"), "events_retention_s .* got nan"),
+    ("events_retention_s", "5", "events_retention_s .* got '5'"),
+    ("events_retention_s", EVENTS_RETENTION_S_MAX + 1, "events_retention_s .* to 3153600000"),
+    ("low_balance", 2 ** 64, "low_balance must be an int in the signed 64-bit range"),
+    ("low_balance", 5.0, "low_balance must be an int in the signed 64-bit range, got 5.0"),
+])
+def test_a_wrong_option_is_refused_before_the_directory_is_touched(tmp_path, option, value,
+                                                                   says):
+    """Options past their bounds (limits.py) or of the wrong type are
+    ValueError naming the option, before the store is made: a directory
+    that was not there is still not there, one that was is unchanged."""
+    with pytest.raises(ValueError, match=f"^{says}"):
+        Ledger(str(tmp_path / "new"), **{option: value})
+    assert not (tmp_path / "new").exists()
+    path = str(tmp_path / "old")
+    with Ledger(path) as led:
+        led.mod("a", 5)
+    before = {p: os.stat(os.path.join(path, p)).st_mtime_ns for p in os.listdir(path)}
+    with pytest.raises(ValueError, match=f"^{says}"):
+        Ledger(path, **{option: value})
+    assert {p: os.stat(os.path.join(path, p)).st_mtime_ns for p in os.listdir(path)} == before
+
+
+@pytest.mark.parametrize("bounds", [
+    dict(batch_mods_max=4096, queued_mods_max=65536, holds_max=1_000_000,
+         holds_per_account_max=4096, events_retention_s=EVENTS_RETENTION_S_MAX,
+         low_balance=INT64_MAX),
+    dict(batch_mods_max=1, queued_mods_max=1, holds_max=1, holds_per_account_max=1,
+         events_retention_s=0.001, low_balance=INT64_MIN)])
+def test_every_option_takes_its_bounds(tmp_path, bounds):
+    with Ledger(str(tmp_path / "d"), **bounds) as led:
+        assert led.mod("a", 5) == (5, 1)
+        assert led.hold("a", -1, 60) == (2, 4, 2)
+
+
+@pytest.mark.parametrize("value", [INT64_MAX + 1, INT64_MIN - 1, 2 ** 64, True, 1.5, "5"])
+def test_the_mod_path_words_a_64_bit_refusal_as_every_store_does(led, value):
+    """ext's compiled check (the embedded store's mods) and
+    accman.store.check_int64 (the PostgreSQL store's, and both stores'
+    /past and /events) refuse the same value in the same words."""
+    with pytest.raises(BadRequest) as compiled:
+        led.mod("a", 1, min=value)
+    with pytest.raises(BadRequest) as shared:
+        check_int64(value, "min")
+    assert compiled.value.detail == shared.value.detail
+    assert led.tot("a") is None

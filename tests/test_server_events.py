@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import assert_error, get, parse_responses, patch, request_bytes
-from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX
+from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX,
+                           EVENTS_WAITERS_MAX)
 from ledgerhelp import wait_for
 
 TOKENS = {"read": "read-token-0123456789abcdef", "charge": "charge-token-0123456789abcdef",
@@ -348,6 +349,8 @@ def test_events_past_a_short_retention_are_410_with_first(start_server, tmp_path
 
 
 @pytest.mark.parametrize("value,ok", [("1s", True), ("90m", True), ("7d", True), ("3600", True),
+                                      ("36500d", True), ("36501d", False),
+                                      (str(EVENTS_RETENTION_S_MAX + 1), False),
                                       ("0", False), ("1w", False), ("-5", False), ("", False)])
 def test_events_retention_takes_a_duration(start_server, tmp_path, value, ok):
     if ok:

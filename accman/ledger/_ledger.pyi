@@ -30,10 +30,6 @@ EVENT_NAMES: Final[dict[int, str]]
 READ_TOT: Final[int]              # Book.read_ordered's `what`
 READ_SEQ: Final[int]
 
-def check_int64(v: object, name: str) -> None:
-    """BadRequest naming `name` unless `v` is an int (not a bool) in the
-    signed 64-bit range: the check of by, min, low, hold and use."""
-
 # -- records (records.pxi) ------------------------------------------------------
 
 def pack_account(tot: int, seq: int) -> bytes:

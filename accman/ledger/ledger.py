@@ -17,7 +17,7 @@ from accman.ledger.gate import CLOSING_DETAIL, Gate
 from accman.ledger.leveldb import Store
 from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
 from accman.records import Entry, Event
-from accman.store import Page, check_events, check_past, page_next
+from accman.store import Page, check_events, check_options, check_past, page_next
 
 # What is checked at open, from most to least (see Ledger):
 #   full   the files' CRCs (accman.fsck) and every record read through LevelDB
@@ -55,9 +55,12 @@ class Ledger:
 
     `low_balance`: the threshold under which an account's balance emits a
     `low_balance` event, for accounts whose funding set none;
-    `events_retention_s`: how long events are kept at least; `holds_max`
-    and `holds_per_account_max` lower the bounds of limits.py (tests);
-    `clock_ms`, unix milliseconds, is the clock of changes and expiries.
+    `events_retention_s`: how long events are kept at least (up to
+    EVENTS_RETENTION_S_MAX); `batch_mods_max`, `queued_mods_max`,
+    `holds_max` and `holds_per_account_max` lower the bounds of limits.py
+    (tests); `clock_ms`, unix milliseconds, is the clock of changes and
+    expiries.  A wrong option is ValueError, before the directory is
+    opened or made.
 
     Reads answer from memory and show durable state only.  `mod`, `hold`
     and `settle` block until their batch is on disk; many concurrent ones
@@ -96,8 +99,11 @@ class Ledger:
                  clock_ms=None):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
-        if not events_retention_s > 0:
-            raise ValueError("events_retention_s must be positive")
+        if type(create) is not bool:
+            raise ValueError(f"create must be True or False, got {create!r}")
+        check_options(low_balance=low_balance, events_retention_s=events_retention_s,
+                      batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
+                      holds_max=holds_max, holds_per_account_max=holds_per_account_max)
         self.store = store if store is not None else Store(
             path, create=create, check_files=(verify != "none"))
         self.path = self.store.path
@@ -162,7 +168,7 @@ class Ledger:
         """Up to `limit` history entries of `cred`, newest first, with seq
         below `before` when it is given; None for an unknown cred."""
         self._check_open()
-        check_past(limit, before, _ledger.check_int64)
+        check_past(limit, before)
         acct = self._book.account(cred)
         if acct is None:
             return None
@@ -196,7 +202,7 @@ class Ledger:
         `after`, oldest first; `next` is the `after` of the next call.
         Raises EventsTrimmed below the retention."""
         self._check_open()
-        check_events(after, limit, 0, _ledger.check_int64)
+        check_events(after, limit, 0)
         with self._reading():
             return _result(self._events.read(after, limit))
 
@@ -227,7 +233,7 @@ class Ledger:
                   ordered: bool = False):
         """A Page of history, as the store interface reads it."""
         self._check_open()
-        check_past(limit, before, _ledger.check_int64)
+        check_past(limit, before)
         if not ordered:
             acct = self._book.account(cred)
             if acct is None:
@@ -259,7 +265,7 @@ class Ledger:
         stream waits: one whose `after` is past the newest event is told at
         once where the stream ends (`next`)."""
         self._check_open()
-        check_events(after, limit, wait_s, _ledger.check_int64)
+        check_events(after, limit, wait_s)
         events = self._events
         with self._reading():
             with self._committer.lock:

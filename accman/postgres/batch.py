@@ -15,6 +15,7 @@ from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAcc
                            NoHold, Overflow, TooManyHolds)
 from accman.limits import CRED_CHARS_MAX, HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX
 from accman.postgres import schema as S
+from accman.store import check_int64
 
 _CRED = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % CRED_CHARS_MAX, re.ASCII)
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % KEY_CHARS_MAX, re.ASCII)
@@ -24,11 +25,6 @@ def check_cred(cred) -> None:
     if type(cred) is not str or not _CRED.match(cred):
         raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
                          "from A-Z a-z 0-9 _ -")
-
-
-def check_int64(value, name: str) -> None:
-    if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
-        raise BadRequest(f"{name} must be a signed 64-bit integer")
 
 
 def check_key(key) -> None:

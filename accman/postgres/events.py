@@ -22,7 +22,6 @@ import time
 from accman.errors import Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
-from accman.postgres.batch import check_int64
 from accman.store import check_events
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
 from accman.records import Event
@@ -98,7 +97,7 @@ class EventReader:
             await self.listener.close()
 
     def read(self, after, limit, wait_s, done):
-        check_events(after, limit, wait_s, check_int64)
+        check_events(after, limit, wait_s)
         if wait_s > 0 and len(self.waiters) + self._queued_polls >= EVENTS_WAITERS_MAX:
             raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
                        "retry shortly")

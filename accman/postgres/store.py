@@ -43,7 +43,7 @@ from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import check_infos, connect, migrate, read_info
 from accman.records import Entry
-from accman.store import Page, check_past, run_callbacks
+from accman.store import Page, check_options, check_past, run_callbacks
 
 log = logging.getLogger("accman.postgres")
 
@@ -121,7 +121,11 @@ class PgStore:
                    holds_per_account_max: int = HOLDS_PER_ACCOUNT_MAX,
                    holds_max: int = HOLDS_MAX) -> "PgStore":
         """Connects to every cluster (migrating the schema first unless
-        told not to) and checks that they make one store."""
+        told not to) and checks that they make one store.  A wrong option
+        is ValueError, before any cluster is reached."""
+        check_options(low_balance=low_default, events_retention_s=retention_s,
+                      batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
+                      holds_per_account_max=holds_per_account_max, holds_max=holds_max)
         urls = list(urls)
         if migrate_schema:
             infos = await migrate(urls)
@@ -376,7 +380,7 @@ class PgStore:
             cluster.reading = False
 
     def read_past(self, cred, limit, before, done, ordered=False):
-        check_past(limit, before, B.check_int64)
+        check_past(limit, before)
         hid, cluster = self._locate(cred)
         op = B.Op(_PAST_BARRIER, hid, limit, before, None, None, done)
         if ordered:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from accman.errors import Busy, Unavailable
+from accman.postgres import PgStore
 from accman.postgres import cluster as cluster_module
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
@@ -223,3 +224,17 @@ def test_a_batch_whose_outcome_is_unknown_is_never_said_unapplied(exc, says):
     their detail asks for a retry with the key."""
     from accman.postgres import errors as E
     assert E.commit_detail(exc, E.classify(exc)) == says
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("batch_mods_max", 4097, "batch_mods_max must be an int from 1 to 4096, got 4097"),
+    ("holds_max", 0, "holds_max must be an int from 1 to 1000000, got 0"),
+    ("retention_s", float("inf"), "events_retention_s must be a number of seconds"),
+    ("low_default", 2 ** 63, "low_balance must be an int in the signed 64-bit range"),
+])
+def test_a_wrong_option_is_refused_before_any_cluster_is_reached(option, value, says):
+    """As the embedded Ledger's (tests/test_ledger.py): the same check, the
+    same words.  Nothing listens at this URL: reaching for it first would
+    be a StoreError."""
+    with pytest.raises(ValueError, match=f"^{says}"):
+        run(PgStore.open(["postgresql://127.0.0.1:1/none"], **{option: value}))
