@@ -22,6 +22,7 @@ import time
 from accman.errors import Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
+from accman.postgres.complaints import doing
 from accman.store import check_events
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
 from accman.records import Event
@@ -280,9 +281,9 @@ class EventReader:
             gone, newest_gone = await self.cluster.pool.fetchrow(_TRIM_SQL, cutoff_ms, copied,
                                                                  timeout=60.0)
         except Exception as e:
-            log.warning("trimming events failed (retried later): %s (%s)", E.describe(e),
-                        E.where(e))
+            self.store.complaints.failed(doing(self.store, "trimming events", self.cluster), e)
             return
+        self.store.complaints.worked(doing(self.store, "trimming events", self.cluster))
         if gone:
             self.trimmed += gone
             self.first = max(self.first, newest_gone + 1)

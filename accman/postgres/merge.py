@@ -30,12 +30,8 @@ of every write answered before it (SPEC "Routes": pipelined order).
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from accman.errors import StoreCorrupt
-from accman.postgres import errors as E
-
-log = logging.getLogger("accman.postgres")
 
 # Events copied per pass (one transaction on the home); a cluster further
 # behind is copied in several passes.
@@ -90,8 +86,9 @@ class Merger:
         try:
             await self.catch_up(force=True)
         except Exception as e:
-            log.warning("copying events to the home cluster failed (retried): %s (%s)",
-                        E.describe(e), E.where(e))
+            self.store.complaints.failed("copying events to the home cluster", e)
+        else:
+            self.store.complaints.worked("copying events to the home cluster")
 
     # -- copying ----------------------------------------------------------------------
 

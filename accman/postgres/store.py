@@ -38,6 +38,7 @@ from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
 from accman.postgres.cluster import Cluster
+from accman.postgres.complaints import Complaints
 from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
@@ -91,6 +92,7 @@ class PgStore:
         self.holds_per_account_max = holds_per_account_max
         self.holds_max = holds_max
         self.queued_mods = 0
+        self.complaints = Complaints()
         self._creds: dict = {}
         self._loop = asyncio.get_running_loop()
         self._deliver = run_callbacks

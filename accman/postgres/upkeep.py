@@ -12,12 +12,10 @@ service cannot commit).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 from accman.postgres import errors as E
-
-log = logging.getLogger("accman.postgres")
+from accman.postgres.complaints import doing
 
 # Due holds are ended in rounds this often (a hold ends at most this long
 # after its ttl; a settle after the ttl is hold_expired at once regardless),
@@ -61,8 +59,9 @@ async def merge_round(store) -> None:
     try:
         await merger.lead()
     except Exception as e:
-        log.warning("taking the copying role failed (retried next round): %s (%s)",
-                    E.describe(e), E.where(e))
+        store.complaints.failed("taking the copying role", e)
+    else:
+        store.complaints.worked("taking the copying role")
     if merger.leading:
         merger.kick()
 
@@ -79,8 +78,9 @@ async def expire_round(store, cluster) -> None:
             cluster.events.first = counts[4]
     except Exception as e:
         if E.classify(e) != E.UNKNOWN:
-            log.warning("ending due holds failed (retried next round): %s (%s)",
-                        E.describe(e), E.where(e))
+            store.complaints.failed(doing(store, "ending due holds", cluster), e)
         elif cluster.healthy:
             store.lost(cluster, e)
         # else the cluster is lost already, and was said to be then
+    else:
+        store.complaints.worked(doing(store, "ending due holds", cluster))

@@ -2,13 +2,16 @@
 reached; and what a lost or stalled database does to calls and health."""
 
 import asyncio
+import re
 import time
 
+import asyncpg
 import pytest
 
 from accman.errors import Busy, Unavailable
 from accman.postgres import PgStore
 from accman.postgres import cluster as cluster_module
+from accman.postgres import complaints as complaints_module
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
@@ -238,3 +241,40 @@ def test_a_wrong_option_is_refused_before_any_cluster_is_reached(option, value, 
     be a StoreError."""
     with pytest.raises(ValueError, match=f"^{says}"):
         run(PgStore.open(["postgresql://127.0.0.1:1/none"], **{option: value}))
+
+
+def test_upkeep_that_fails_every_round_is_said_once_and_its_end_once(pg_url, monkeypatch,
+                                                                      caplog):
+    """A round's failure that is not an outage (here accman_expire dropped
+    by hand; in life a full disk) leaves the cluster healthy and is logged
+    when it starts, every COMPLAINT_REPEAT_S while it lasts, and once when
+    it ends: not a line a round."""
+    monkeypatch.setattr(upkeep_module, "EXPIRE_INTERVAL_S", 0.05)
+    monkeypatch.setattr(complaints_module, "COMPLAINT_REPEAT_S", 0.6)
+    caplog.set_level("WARNING", logger="accman.postgres")
+
+    def said():
+        return [r.getMessage() for r in caplog.records if "ending due holds" in r.getMessage()]
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            admin = await asyncpg.connect(pg_url)
+            try:
+                await admin.execute("ALTER FUNCTION accman_expire(integer) RENAME TO away")
+                await until(lambda: len(said()) >= 3, 10)      # the start and two repeats
+                assert store.healthy and await c.mod("a", 5) == (5, 1)
+                await admin.execute("ALTER FUNCTION away(integer) RENAME TO accman_expire")
+                await until(lambda: said()[-1] == "ending due holds works again", 10)
+                await asyncio.sleep(0.3)                       # more rounds, all working
+            finally:
+                await admin.close()
+        lines = said()
+        assert lines[0].startswith("ending due holds failed (retried): PostgreSQL 42883: "
+                                   "function accman_expire(integer) does not exist")
+        repeats = lines[1:-1]
+        assert repeats and all(re.match(r"ending due holds still fails \(\d+ more times "
+                                        r"in \d+ s\): PostgreSQL 42883", r) for r in repeats)
+        rounds = sum(int(re.search(r"\((\d+) more", r).group(1)) for r in repeats)
+        assert rounds >= 2 * len(repeats)                   # each line stood for several rounds
+        assert lines.count("ending due holds works again") == 1
+    run(main())

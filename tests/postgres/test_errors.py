@@ -16,6 +16,7 @@ import pytest
 
 from accman.errors import StoreError
 from accman.postgres import errors as E
+from accman.postgres.complaints import COMPLAINT_REPEAT_S, Complaints
 from accman.server.run import redacted
 
 UNREACHABLE = "the PostgreSQL store cannot be reached"
@@ -87,3 +88,27 @@ def test_a_log_line_names_the_type_and_place_not_the_message():
 ])
 def test_a_store_url_is_shown_without_its_password(url, shown):
     assert redacted(url) == shown
+
+
+def test_a_failure_that_lasts_is_said_when_it_starts_then_once_a_repeat_then_its_end(caplog):
+    """COMPLAINT_REPEAT_S: upkeep that fails every round (each second) is
+    not a log line a second."""
+    now = [100.0]
+    complaints = Complaints(clock=lambda: now[0])
+    disk = asyncpg.exceptions.DiskFullError('could not extend file "base/1/2"')
+    caplog.set_level("WARNING", logger="accman.postgres")
+    for _ in range(int(COMPLAINT_REPEAT_S) * 2 + 1):          # one round a second
+        complaints.failed("ending due holds", disk)
+        now[0] += 1.0
+    complaints.failed("ending due holds", ConnectionResetError())    # other words: said
+    complaints.worked("trimming events")                             # never failed: silent
+    complaints.worked("ending due holds")
+    complaints.worked("ending due holds")                             # said once
+    said = [r.getMessage() for r in caplog.records]
+    words = "PostgreSQL 53100: could not extend file (a path) (DiskFullError at ?)"
+    assert len(said) == 5, said
+    assert said[0] == f"ending due holds failed (retried): {words}"
+    assert said[1] == f"ending due holds still fails (60 more times in 60 s): {words}"
+    assert said[2] == said[1]
+    assert said[3].startswith("ending due holds failed (retried): the PostgreSQL store lost")
+    assert said[4] == "ending due holds works again"

@@ -62,7 +62,8 @@ def test_a_seq_or_an_event_id_past_64_bits_is_refused_as_on_the_wire(pg_url):
                                (lambda: c.past("a", before=2 ** 64, ordered=True), "before"),
                                (lambda: c.events(after=INT64_MAX + 1), "after"),
                                (lambda: c.events(after=2 ** 64), "after")):
-                with pytest.raises(BadRequest, match=f"^{name} must fit in a signed 64-bit integer$"):
+                with pytest.raises(BadRequest,
+                                   match=f"^{name} must fit in a signed 64-bit integer$"):
                     await call()
             assert [e.seq for e in (await c.past("a", before=INT64_MAX)).entries] == [1]
             assert await c.events(after=INT64_MAX) == ([], 1)
