@@ -3,6 +3,8 @@ order" rules."""
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -249,13 +251,51 @@ def test_open_without_create_on_missing_dir(tmp_path):
         Ledger(str(tmp_path / "missing"), create=False)
 
 
-def test_a_foreign_leveldb_is_not_taken_for_a_store(tmp_path):
+def _files(path):
+    """Each file of a directory, and the directory itself, as (mode, bytes)."""
+    found = {".": (os.stat(path).st_mode, None)}
+    for name in os.listdir(path):
+        with open(os.path.join(path, name), "rb") as f:
+            found[name] = (os.stat(os.path.join(path, name)).st_mode, f.read())
+    return found
+
+
+@pytest.mark.parametrize("records", [0, 1, 5000])
+def test_a_foreign_leveldb_is_refused_as_it_was_found(tmp_path, records):
+    """Another program's LevelDB given as the data directory: refused, and
+    not one of its files changed, not even a mode (its log unreplayed: a
+    LevelDB open would have turned it into a table)."""
     import plyvel
-    db = plyvel.DB(str(tmp_path / "d"), create_if_missing=True)
-    db.put(b"x", b"y")
+    path = str(tmp_path / "d")
+    db = plyvel.DB(path, create_if_missing=True)
+    for i in range(records):
+        db.put(b"x%05d" % i, b"y" * 100)
     db.close()
-    with pytest.raises(StoreCorrupt, match="format record"):
-        Ledger(str(tmp_path / "d"))
+    os.chmod(path, 0o755)
+    before = _files(path)
+    with pytest.raises(StoreCorrupt, match="^.*/d: a LevelDB database without a format record: "
+                       "not an AccMan store, or damaged; nothing was changed$"):
+        Ledger(path)
+    assert _files(path) == before
+
+
+def test_a_leveldb_open_in_another_program_is_refused_as_it_was_found(tmp_path):
+    """Another process has the LevelDB open (in this one, a closed
+    descriptor of its LOCK would drop LevelDB's POSIX lock)."""
+    path = str(tmp_path / "d")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import plyvel, sys; db = plyvel.DB(sys.argv[1], "
+         "create_if_missing=True); db.put(b'x', b'y'); print('open', flush=True); "
+         "sys.stdin.read()", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        os.chmod(path, 0o755)
+        before = _files(path)
+        with pytest.raises(StoreLocked, match="open in another process"):
+            Ledger(path)
+        assert _files(path) == before
+    finally:
+        holder.communicate("")
 
 
 def _as_format_1(path, accounts):
@@ -778,3 +818,22 @@ def test_the_mod_path_words_a_64_bit_refusal_as_every_store_does(led, value):
         check_int64(value, "min")
     assert compiled.value.detail == shared.value.detail
     assert led.tot("a") is None
+
+
+def test_a_store_from_before_the_key_file_and_the_log_still_opens(tmp_path):
+    """A LevelDB with AccMan's format record and nothing beside it (a store
+    of the first AccMan, before its key file and its log) is read from a
+    copy first (as another program's LevelDB is), then opened and kept."""
+    from accman.ledger import keyfile, wal
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        led.mod("alice", 10, key="k")
+        salt = led.store.salt
+    for name in os.listdir(path):
+        if name.startswith(("accman.", keyfile.KEY_NAME, wal.WAL_NAME)):
+            os.unlink(os.path.join(path, name))
+    with Ledger(path) as led:
+        assert led.tot("alice") == 10
+        assert led.mod("alice", 10, key="k") == (10, 1)        # its key record kept
+        assert led.store.salt == salt
+    assert keyfile.read_key(path) == salt
