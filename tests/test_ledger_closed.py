@@ -164,7 +164,7 @@ def test_a_change_in_flight_when_close_starts_is_made_durable(tmp_path):
 
 
 def test_plyvel_s_closed_database_is_translated_where_its_errors_are(tmp_path):
-    """accman.ledger.leveldb._translated is the one place: a closed store's
+    """accman.ledger.plyvel_errors.translated is the one place: a closed store's
     reads are Unavailable, not plyvel's bare RuntimeError."""
     store = Store(str(tmp_path / "d"))
     store.close()

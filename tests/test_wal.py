@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from accman import Ledger
-from accman.ledger import _check, fsck, keyfile, wal, walwriter
+from accman.ledger import _check, fsck, keyfile, plyvel_errors, wal, walwriter
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
-from accman.ledger import leveldb
 from accman.ledger.leveldb import Store
 
 
@@ -395,7 +394,7 @@ def test_a_failed_commit_logs_its_cause_and_tells_the_client_no_path_or_os_error
     and no OS error (SPEC "Access")."""
     class NoSpace(Store):
         def write(self, wal_record):
-            with leveldb._translated(self.path, "commit"):
+            with plyvel_errors.translated(self.path, "commit"):
                 raise OSError(28, "No space left on device")
 
     path = str(tmp_path / "data")

@@ -1,15 +1,14 @@
 """LevelDB through plyvel, behind AccMan's write-ahead log (accman.ledger.wal):
 open, lock, recover, load, verify, write batches.
 
-This module is the one place where plyvel's and the OS's errors become
-AccMan's (`_translated`), the way plyvel itself raises every LevelDB status
-through one `raise_for_status`.
+plyvel's and the OS's errors become AccMan's in one place
+(accman.ledger.plyvel_errors.translated), the way plyvel itself raises
+every LevelDB status through one `raise_for_status`.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import hmac
 import json
 import logging
@@ -19,9 +18,9 @@ import threading
 import plyvel
 
 from accman.errors import (CheckpointPostponed, FileDamage, StoreCorrupt, StoreError,
-                           StoreLocked, Unavailable)
+                           StoreLocked)
 from accman.ledger import _ledger, datadir, fsck, keyfile, migrate, wal, walwriter
-from accman.ledger.gate import CLOSED_DETAIL
+from accman.ledger.plyvel_errors import translated
 
 log = logging.getLogger("accman.ledger.leveldb")
 
@@ -47,39 +46,6 @@ BLOCK_CACHE_BYTES = 64 * 1024 * 1024
 # writer applies them itself, so that the book's memory of what LevelDB
 # lacks (and a /past's tail) stays small.
 APPLY_LAG_BATCHES_MAX = 2
-
-
-@contextlib.contextmanager
-def _translated(path: str, action: str):
-    """Turns plyvel and OS errors into StoreLocked / StoreCorrupt /
-    StoreError, naming the directory and what was being done; plyvel's
-    refusal of a closed database into the ledger's Unavailable."""
-    try:
-        yield
-    except RuntimeError as e:
-        # plyvel's only RuntimeErrors: "Database is closed", "Database or
-        # iterator is closed" (and snapshot); anything else is a bug here.
-        if "closed" not in _msg(e):
-            raise
-        raise Unavailable(CLOSED_DETAIL) from e
-    except plyvel.CorruptionError as e:
-        raise StoreCorrupt(f"{path}: data files are damaged ({action}): "
-                           f"{_msg(e)}; refusing to serve, nothing repaired") from e
-    except plyvel.IOError as e:
-        msg = _msg(e)
-        if "lock" in msg.lower():
-            raise StoreLocked(f"{path}: the data directory is open in another "
-                              f"process (LevelDB lock held)") from e
-        raise StoreError(f"{path}: {action} failed: {msg}") from e
-    except plyvel.Error as e:
-        raise StoreError(f"{path}: {action} failed: {_msg(e)}") from e
-    except OSError as e:
-        raise StoreError(f"{path}: {action} failed: {e.strerror or e}") from e
-
-
-def _msg(e: BaseException) -> str:
-    arg = e.args[0] if e.args else e
-    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
 class Store:
@@ -119,7 +85,7 @@ class Store:
             raise
 
     def _open(self, create: bool, check_files: bool, wal_bytes: tuple) -> None:
-        with _translated(self.path, "open"):
+        with translated(self.path, "open"):
             existed = os.path.isdir(self.path)
             if not existed and (self.read_only or not create):
                 raise StoreError(f"{self.path}: no such data directory")
@@ -154,7 +120,7 @@ class Store:
         # checkpoint every LevelDB write is one record's batch, which is
         # what recovery's count of LevelDB's batches relies on.
         self.salt = self._meta(salt)
-        with _translated(self.path, "replay the write-ahead log"):
+        with translated(self.path, "replay the write-ahead log"):
             if salt is None:
                 # A store written before the key file: its key is the
                 # format record's, written out before the first AMW2 record.
@@ -298,7 +264,7 @@ class Store:
         """The format record: checked, migrated, or written in a new store
         with the key file's `salt`.  Returns the key that hashes credentials;
         the key file's copy (`salt`, None if there is none yet) must agree."""
-        with _translated(self.path, "read the format record"):
+        with translated(self.path, "read the format record"):
             raw = self.db.get(META_KEY, verify_checksums=True)
             if raw is None:
                 with self.db.iterator(include_value=False) as it:
@@ -319,7 +285,7 @@ class Store:
             raise StoreCorrupt(f"{self.path}: {keyfile.KEY_NAME} does not match the "
                                "store's format record; refusing to serve, nothing repaired")
         if fmt == 1:       # holds came with format 2: no open-hold records to write
-            with _translated(self.path, "migrate from store format 1"):
+            with translated(self.path, "migrate from store format 1"):
                 migrate.from_format_1(self.db, self.path, dict(meta, format=STORE_FORMAT))
         elif fmt in (2, 3):
             self._from_format = fmt
@@ -338,7 +304,7 @@ class Store:
         back to the previous history's newest), not a read of every entry."""
         hid_end = 1 + _ledger.HID_BYTES
         key_bytes = hid_end + 8
-        with _translated(self.path, "load accounts"):
+        with translated(self.path, "load accounts"):
             it = self.db.raw_iterator(verify_checksums=True, fill_cache=False)
             try:
                 it.seek(_ledger.HISTORY_END)
@@ -373,7 +339,7 @@ class Store:
     def open_holds(self):
         """Yields (hid, hold, amount, expires_ms) of every open hold, found
         by the open-hold records alone: an ended hold is not read."""
-        with _translated(self.path, "load holds"):
+        with translated(self.path, "load holds"):
             for k, v in self.iterate(_ledger.OPEN_HOLD_PREFIX):
                 yield self._open_hold(k, v)
 
@@ -403,7 +369,7 @@ class Store:
         flipped byte anywhere in a table is found now, at open, rather than
         when a page of history happens to read it.  Returns the count."""
         n = 0
-        with _translated(self.path, "check every record"):
+        with translated(self.path, "check every record"):
             with self.db.iterator(include_value=False, verify_checksums=True,
                                   fill_cache=False) as it:
                 for _ in it:
@@ -411,7 +377,7 @@ class Store:
         return n
 
     def get(self, key: bytes):
-        with _translated(self.path, "read"):
+        with translated(self.path, "read"):
             return self.db.get(key, verify_checksums=True)
 
     def history(self, hid: bytes, first_seq: int, last_seq: int):
@@ -421,7 +387,7 @@ class Store:
         # returns nothing when `start` is the last key before `stop`
         # (seen here with start=b"h2", stop=b"h3").  A page is at most
         # PAST_LIMIT_MAX records, so the list costs nothing that matters.
-        with _translated(self.path, "read history"):
+        with translated(self.path, "read history"):
             with self.db.iterator(start=_ledger.history_key(hid, first_seq),
                                   stop=_ledger.history_key(hid, last_seq + 1),
                                   verify_checksums=True) as it:
@@ -433,7 +399,7 @@ class Store:
         """Up to `limit` (key, value) records from `start` on, under `prefix`."""
         out = []
         stop = prefix[:-1] + bytes([prefix[-1] + 1])
-        with _translated(self.path, "scan"):
+        with translated(self.path, "scan"):
             with self.db.iterator(start=start, stop=stop, verify_checksums=True) as it:
                 for kv in it:
                     out.append(kv)
@@ -444,7 +410,7 @@ class Store:
     def iterate(self, prefix: bytes, start: bytes | None = None):
         """Every (key, value) under a prefix (from `start` on), in order."""
         stop = prefix[:-1] + bytes([prefix[-1] + 1])
-        with _translated(self.path, "scan"):
+        with translated(self.path, "scan"):
             with self.db.iterator(start=start or prefix, stop=stop, verify_checksums=True,
                                   fill_cache=False) as it:
                 yield from it
@@ -463,7 +429,7 @@ class Store:
         the disk: all of the batch, or none of it."""
         if len(self._queued) >= APPLY_LAG_BATCHES_MAX or self.wal.wraps(len(wal_record)):
             self.apply()
-        with _translated(self.path, "commit"):
+        with translated(self.path, "commit"):
             try:
                 self.wal.append(wal_record)
             except BaseException:
@@ -478,7 +444,7 @@ class Store:
         again (the next open replays the log)."""
         with self._apply_lock:
             while self._queued:
-                with _translated(self.path, "commit"):
+                with translated(self.path, "commit"):
                     try:
                         wb = self.db.write_batch()
                         _ledger.fill_write_batch(wb, self._queued[0])
@@ -498,7 +464,7 @@ class Store:
             if self.db is not None and not self.db.closed:
                 if checkpoint and self.wal is not None and not self.wal.broken:
                     self.apply()
-                    with _translated(self.path, "checkpoint at close"):
+                    with translated(self.path, "checkpoint at close"):
                         try:
                             self.wal.checkpoint()
                         except CheckpointPostponed as e:

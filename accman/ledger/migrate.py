@@ -12,7 +12,7 @@ Format 4 keeps an open-hold record (`O`) beside each open hold's record
 (`open_hold_records`) through the log, then the new format record: a
 crash midway leaves the old format, and the next open does it again.
 
-plyvel's errors are the caller's to translate (leveldb._translated)."""
+plyvel's errors are the caller's to translate (accman.ledger.plyvel_errors.translated)."""
 
 from __future__ import annotations
 
