@@ -9,13 +9,16 @@ or held back."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -350,3 +353,42 @@ def test_a_second_stop_while_a_follower_says_where_to_resume_changes_nothing(sta
         "accman: events: stopped (signal); events written up to id 1 (not necessarily read); "
         "to resume: accman events --follow --after 1, or --after the last id the reader "
         "handled\n")
+
+
+def in_pipe(r) -> int:
+    """The bytes waiting in the pipe whose read end is `r` (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def waiting_for_room(proc) -> bool:
+    """Linux's /proc: `proc` sleeps in poll (for room in its stdout)."""
+    assert proc.poll() is None, "the command ended before it waited"
+    return "poll" in Path(f"/proc/{proc.pid}/wchan").read_text()
+
+
+@pytest.mark.any_one_store("what is checked is the command line's own output")
+def test_a_follower_whose_reader_stops_reading_ends_at_a_stop_on_a_whole_line(start_server,
+                                                                           full_stream):
+    """A follower whose reader neither reads nor exits ends at a stop, at
+    once, not only by SIGKILL: it writes a piece of whole lines only once
+    the pipe has room for it, and a stop while it waits for room ends it
+    there, naming the last line written."""
+    s = start_server()
+    for i in range(60):                                     # ~3 pieces of lines
+        s.mod(f"cred-{i:02d}", 3)
+    proc = full_stream(["events", "--follow", "--url", s.url], "stdout")
+    stream, r, filled = proc.full
+    wait_for(lambda: waiting_for_room(proc), "wait for room in the full stdout")
+    assert len(os.read(r, 4096)) == 4096                    # room for one piece
+    wait_for(lambda: in_pipe(r) > filled - 4096, "a piece written")
+    wait_for(lambda: waiting_for_room(proc), "wait for room again")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(WAIT_S)                                       # its stdout still full
+    written = drain(r, proc)[filled - 4096:].decode()
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 0 and written.endswith("\n")
+    ids = [json.loads(line)["id"] for line in written.splitlines()]
+    assert ids == list(range(1, len(ids) + 1)) and 1 < len(ids) < 60
+    assert err == (f"accman: events: stopped (signal); events written up to id {ids[-1]} (not "
+                   f"necessarily read); to resume: accman events --follow --after {ids[-1]}, "
+                   "or --after the last id the reader handled\n")

@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 from accman.errors import AccManError, TransportError, Unavailable
 
+PIPE_BUF = select.PIPE_BUF      # POSIX: a pipe takes a write this long whole
+
 # --- bounds ------------------------------------------------------------------
 # Each long poll's wait: under the 30 to 60 s after which common proxies
 # close an idle connection, so that one between the follower and AccMan
@@ -81,8 +83,8 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
     and puts the caller's mask back first thing at its end, so that no stop
     is lost and none ends the caller's own last words."""
     out = sys.stdout if out is None else out
-    state = {"after": after, "waiting": False, "gone": False, "restoring": False,
-             "late": []}
+    state = {"after": after, "waiting": False, "writing": False, "gone": False,
+             "restoring": False, "late": []}
     ours = {s: _stopper(state) for s in STOP_SIGNALS}
     ours[signal.SIGALRM] = _reader_check(out, state)
     # Read before anything is changed, so that any exit from here on finds
@@ -102,12 +104,7 @@ def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return _loop(acc, state, limit, wait_s, out, note or _silent)
     except KeyboardInterrupt:
-        failed = state.get("failed")
-        if failed is not None:
-            silence(out)
-            if not isinstance(failed, BrokenPipeError):
-                return Followed(state["after"], "output failed", failed)
-        return Followed(state["after"], "reader gone" if state["gone"] or failed else "signal")
+        return Followed(state["after"], "reader gone" if state["gone"] else "signal")
     except BrokenPipeError:
         silence(out)
         return Followed(state["after"], "reader gone")
@@ -164,24 +161,61 @@ def _loop(acc, state, limit, wait_s, out, note) -> Followed:
 
 
 def _write(out, events, nxt, state) -> None:
-    """Writes the events, one JSON line each, and moves `after` on, with
-    the stop signals held back meanwhile: a stop lands between batches,
-    never inside a line, and `after` always names the last line written."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Writes the events, one JSON line each, and moves `after` on.  The
+    lines go out in pieces of whole lines, at most PIPE_BUF bytes each (a
+    pipe takes such a piece whole or not at all), each once `out` has room
+    for it: a stop that comes while the follower waits for room ends it
+    there, however long the reader leaves the pipe full, and one that
+    comes while a piece is written is taken after it.  So a stop lands
+    between lines, never inside one, and `after` always names the last
+    line written."""
+    for piece, last in _pieces(events):
+        _wait_for_room(out)
+        _write_piece(out, piece, last, state)
+    state["after"] = nxt
+
+
+def _pieces(events):
+    """(text, id of its last event): whole lines, at most PIPE_BUF bytes."""
+    piece, size, last = [], 0, None
+    for e in events:
+        line = json.dumps(e._asdict(), separators=(",", ":")) + "\n"
+        assert len(line) <= PIPE_BUF, "an event's line is shorter than a pipe's atomic write"
+        if size + len(line) > PIPE_BUF:
+            yield "".join(piece), last
+            piece, size = [], 0
+        piece.append(line)
+        size += len(line)
+        last = e.id
+    if piece:
+        yield "".join(piece), last
+
+
+def _wait_for_room(out) -> None:
+    """Until `out` can take a piece without blocking (a pipe with room for
+    PIPE_BUF bytes), or its reader has gone (the write then says so); a
+    stop meanwhile ends the follower.  An output that cannot be polled
+    (not a file descriptor) is written at once."""
     try:
-        if events:
-            out.write("".join(json.dumps(e._asdict(), separators=(",", ":")) + "\n"
-                              for e in events))
-            out.flush()
-        state["after"] = nxt
-    except OSError as e:
-        # Noted before the mask is put back: a stop held back meanwhile
-        # then ends the follower, and the write's failure is still what
-        # it reports (follow's KeyboardInterrupt).
-        state["failed"] = e
-        raise
+        poller = select.poll()
+        poller.register(out.fileno(), select.POLLOUT)
+    except (OSError, ValueError):
+        return
+    poller.poll()
+
+
+def _write_piece(out, piece, last, state) -> None:
+    """One piece written and `after` moved to its last event, a stop that
+    comes meanwhile held (by _stopper) until both are done."""
+    state["writing"] = True
+    try:
+        out.write(piece)
+        out.flush()
+        state["after"] = last
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        state["writing"] = False
+    if state.pop("stop", None) is not None:
+        raise KeyboardInterrupt
 
 
 def _waiting(state, wait, *args, **kwargs):
@@ -207,11 +241,14 @@ def _reader_check(out, state):
 
 def _stopper(state):
     """The handler of STOP_SIGNALS: a stop ends the follower, as ^C would;
-    one that comes while the caller's handlers are being put back is kept
-    for them."""
+    one that comes while a piece is written is held until it is written
+    (_write_piece); one that comes while the caller's handlers are being
+    put back is kept for them."""
     def stop(signum, _frame):
         if state["restoring"]:
             state["late"].append(signum)
+        elif state["writing"]:
+            state["stop"] = signum
         else:
             raise KeyboardInterrupt
     return stop
