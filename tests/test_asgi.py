@@ -251,6 +251,7 @@ def test_check_mode_charge_that_fails_after_serving_is_retried_with_its_key(fake
     assert r.status == 200 and "accman" not in r.headers      # served; balance unknown
     assert fake.tot(CRED) == 8 and history(fake) == [(10, None), (-2, "-c")]
     assert m.stats["owed"] == 1 and m.stats["stranded"] == 0
+    assert m.stats["charged"] == 1 and m.stats["charged_amount"] == 2     # once it landed
 
 
 # --- what is free -------------------------------------------------------------

@@ -240,6 +240,7 @@ def test_a_settle_that_fails_is_owed_and_lands_once(fake):
     assert entries(fake) == [(10, None, None), (-5, "-h", 2), (3, None, 2)]
     assert m.stats["owed"] == 1 and m.stats["stranded"] == 0
     assert {c[2]["use"] for c in fake.calls("/settle")} == {"2"}
+    assert m.stats["charged"] == 1 and m.stats["charged_amount"] == 2     # once it landed
 
 
 def test_an_owed_settle_whose_hold_expired_meanwhile_is_charged_as_a_mod(fake):

@@ -41,10 +41,12 @@ import re
 from collections.abc import Mapping
 
 from accman.calling.client import AccManClient
-from accman.calling.owed import (FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX, SHUTDOWN_DRAIN_S, Mod,
-                                 Owed, Unhold, fingerprint)
+from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
+                                 SHUTDOWN_DRAIN_S, Mod, Owed, Refund, Unhold, charge_key,
+                                 fingerprint)
 from accman.calling.policy import may_have_landed
 from accman.calling.disconnect import DisconnectWatch
+from accman.calling.lifespan import lifespan
 from accman.calling.reserve import Reservation
 from accman.calling.settings import amount, check_calls, check_options, paths, request_ids, split
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
@@ -141,7 +143,7 @@ class AccManMiddleware:
         # admission is that refusal (`_probe`).
         self._charge_seen = False
         self.stats = dict.fromkeys(_STATS, 0)
-        self._owed = Owed(self._acc, self.stats, self._unpaid)
+        self._owed = Owed(self._acc, self.stats, self._charged, self._unpaid)
         self._tasks = set()             # releases under way (Reservation.release)
 
     @staticmethod
@@ -153,7 +155,7 @@ class AccManMiddleware:
         kind = scope["type"]
         if kind != "http":
             if kind == "lifespan":
-                return await self._lifespan(scope, receive, send)
+                return await lifespan(self.app, self.aclose, scope, receive, send)
             return await self.app(scope, receive, send)     # websockets are not metered
         price = self._price_for(scope["path"])
         if price is None:
@@ -179,7 +181,8 @@ class AccManMiddleware:
             return await self._unavailable(scope, receive, send, cred, price, e)
         if tot < est:
             return await self._insufficient(send, tot, est)
-        key = self._rid() + "-c"
+        rid = self._rid()
+        key = charge_key(rid)
         watch = DisconnectWatch(receive, scope=scope)
         refused = False
 
@@ -195,6 +198,12 @@ class AccManMiddleware:
                 except (Unauthorized, Forbidden) as e:
                     refused = True
                     return await self._refused_charge(send, e, cred, key)
+                except asyncio.CancelledError:
+                    # The charge may have landed, and the response is not sent.
+                    if cost:
+                        self._owed.add(Refund(Mod(cred, -cost, key, "charge"), cost, rid),
+                                       CANCELLED)
+                    raise
                 message = self._with_tot(message, new_tot)
             await send(message)
 
@@ -238,6 +247,11 @@ class AccManMiddleware:
         r = Reservation(self, acc, scope, cred, price, self._rid(), est, receive)
         try:
             await r.admit(self.hold_ttl_s)
+        except asyncio.CancelledError:
+            # The hold may have landed, and no response will settle it.
+            if est:
+                self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), CANCELLED)
+            raise
         except NoAccount:
             return await self._no_account(send)
         except Insufficient as e:
@@ -347,47 +361,6 @@ class AccManMiddleware:
         if self._client is not None and self._own_client:
             await self._client.aclose()
             self._client = None
-
-    async def _lifespan(self, scope, receive, send):
-        """The app's lifespan, with the drain before its shutdown completes.
-        An app that does not speak lifespan (it returns or raises before
-        it reads a message, as ASGI allows) gets the middleware's own, so
-        that owed calls still land at shutdown."""
-        spoken = False
-
-        async def receive_():
-            nonlocal spoken
-            spoken = True
-            return await receive()
-
-        async def send_(message):
-            if message["type"] == "lifespan.shutdown.complete":
-                await self.aclose()
-            await send(message)
-        try:
-            await self.app(scope, receive_, send_)
-        except Exception:
-            if spoken:
-                raise
-            # ASGI's sign of an app without lifespan; logged in full, since
-            # it is also what an app failing its startup before reading
-            # looks like, and the server now starts.
-            log.warning("accman: the app raised on the lifespan scope before reading a "
-                        "message: taken as an app without lifespan, whose lifespan the "
-                        "middleware answers so that owed calls land at shutdown",
-                        exc_info=True)
-        if not spoken:
-            await self._own_lifespan(receive, send)
-
-    async def _own_lifespan(self, receive, send):
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     # --- small parts --------------------------------------------------------
     def _acc(self):

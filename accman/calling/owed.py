@@ -17,7 +17,8 @@ import hashlib
 import logging
 
 from accman.calling.policy import definite, may_have_landed
-from accman.errors import AccManError, HoldEnded, Insufficient, TransportError, Unavailable
+from accman.errors import (AccManError, HoldEnded, Insufficient, OutcomeUnknown, TransportError,
+                           Unavailable)
 
 log = logging.getLogger("accman.asgi")
 
@@ -66,9 +67,20 @@ class Mod:
         await acc.mod(self.cred, self.by, key=self.key)
 
 
-def expired_charge_key(rid: str) -> str:
-    """The key of the mod that charges a request whose hold expired."""
+def charge_key(rid: str) -> str:
+    """The key of the mod that charges request `rid`: in check mode, and
+    in reserve mode when its hold expired first."""
     return rid + "-c"
+
+
+def refund_key(rid: str) -> str:
+    """The key of the mod that gives request `rid`'s charge back (Refund)."""
+    return rid + "-r"
+
+
+# What a request cancelled with a call in flight (the ASGI server shutting
+# down, a task group) gives as the cause of what it leaves owed.
+CANCELLED = OutcomeUnknown("the request was cancelled while this call was in flight")
 
 
 class Settle:
@@ -97,8 +109,8 @@ class Settle:
                 return              # released already, or expired: nothing is held
             log.warning("accman: hold %d of account %s ended before its settle landed: "
                         "charging %d as a mod, key %s", self.hold, fingerprint(self.cred),
-                        self.use, expired_charge_key(self.rid))
-            await acc.mod(self.cred, -self.use, key=expired_charge_key(self.rid))
+                        self.use, charge_key(self.rid))
+            await acc.mod(self.cred, -self.use, key=charge_key(self.rid))
 
 
 class Unhold:
@@ -130,16 +142,46 @@ class Unhold:
             pass                    # expired already: nothing held
 
 
+class Refund:
+    """A charge the consumer got nothing for: its request was cancelled
+    while the charge was in flight, before the response started.  `first`
+    (the owed charge, a Mod, or the owed settle, a Settle) lands at most
+    once, then `amount` goes back as a mod keyed `rid-r`: the net is zero
+    whatever the cancelled attempt did.  A charge that cannot land now
+    (insufficient: it never did, or its key would answer) gives nothing
+    back.  Stranded half-way, the service owes the account `amount` if the
+    charge landed: the log names both keys."""
+
+    __slots__ = ("first", "cred", "amount", "rid", "by", "what", "maybe")
+
+    def __init__(self, first, amount: int, rid: str):
+        self.first, self.cred, self.amount, self.rid = first, first.cred, amount, rid
+        self.by, self.what = amount, "refund"
+        self.maybe = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.first.ref}, then key {refund_key(self.rid)}"
+
+    async def run(self, acc) -> None:
+        try:
+            await self.first.run(acc)
+        except Insufficient:
+            return
+        await acc.mod(self.cred, self.amount, key=refund_key(self.rid))
+
+
 class Owed:
     """The queue of owed mods and the task that pays them, oldest first.
 
     `acc()` gives the client to pay with; `stats` is the middleware's
-    counters ("owed", "stranded"); `unpaid(cred, amount, why)` records a
-    stranded charge as unpaid."""
+    counters ("owed", "stranded"); `charged(amount)` counts a charge or
+    settle that landed late, `unpaid(cred, amount, why)` one stranded."""
 
-    def __init__(self, acc, stats: dict, unpaid):
+    def __init__(self, acc, stats: dict, charged, unpaid):
         self._acc = acc
         self._stats = stats
+        self._charged = charged
         self._unpaid = unpaid
         self._items = collections.deque()
         self._task = None
@@ -174,6 +216,8 @@ class Owed:
             self._running = item
             try:
                 await item.run(acc)
+                if item.by < 0:
+                    self._charged(-item.by)
             except (TransportError, Unavailable) as e:
                 attempt += 1
                 item.maybe = item.maybe or may_have_landed(e)
@@ -262,6 +306,7 @@ def _pause_s(attempt: int) -> float:
     return min(FOLLOWUP_PAUSE_S * 2 ** (attempt - 1), FOLLOWUP_PAUSE_MAX_S)
 
 
-__all__ = ["Owed", "Mod", "Settle", "Unhold", "fingerprint", "expired_charge_key",
+__all__ = ["Owed", "Mod", "Settle", "Unhold", "Refund", "fingerprint", "charge_key",
+           "refund_key", "CANCELLED",
            "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "FOLLOWUP_PAUSE_S", "FOLLOWUP_PAUSE_MAX_S",
            "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S"]

@@ -6,6 +6,9 @@ its hold and its settle, on AccMan's holds (SPEC "Holds").
     the app raised, the  PATCH /settle?cred=C&hold=H&use=0, at once, in the
     consumer left, or    background
     no response came
+    cancelled while the  owed: the hold repeated by its key, then released;
+    hold or the settle   the settle repeated, then its use refunded (ID-r)
+    was in flight
 
 A hold that is never settled (the service crashed or lost AccMan) ends by
 itself after hold_ttl_s, all of it returned: no reservation leaks.  A
@@ -18,10 +21,11 @@ that goes away before the response starts releases the hold at once
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from accman.calling.disconnect import DisconnectWatch
-from accman.calling.owed import Settle, expired_charge_key, fingerprint
+from accman.calling.owed import CANCELLED, Refund, Settle, charge_key, fingerprint
 from accman.errors import AccManError, HoldEnded
 
 log = logging.getLogger("accman.asgi")
@@ -80,7 +84,13 @@ class Reservation:
             return mw._with_tot(message, self.tot)     # nothing held, nothing charged
         if not cost:
             mw.stats["released"] += 1
-        return mw._with_tot(message, await self._settle(cost))
+        try:
+            return mw._with_tot(message, await self._settle(cost))
+        except asyncio.CancelledError:
+            # The settle may have landed, and the response is not sent.
+            settle = Settle(self.cred, self.hold, cost, self.rid)
+            mw._owed.add(Refund(settle, cost, self.rid) if cost else settle, CANCELLED)
+            raise
 
     async def _settle(self, use: int):
         mw = self.mw
@@ -90,7 +100,7 @@ class Reservation:
             if not use:
                 return None             # expired: all of it came back already
             mw.stats["expired"] += 1
-            key = expired_charge_key(self.rid)
+            key = charge_key(self.rid)
             log.warning("accman: hold %d of account %s expired before the response (the app "
                         "ran past hold_ttl_s=%d s): charging %d as a mod, key %s", self.hold,
                         fingerprint(self.cred), mw.hold_ttl_s, use, key)
