@@ -137,17 +137,21 @@ function pauseMs (attempt) {
   return Math.min(limits.RETRY_PAUSE_MS * 2 ** attempt, limits.RETRY_PAUSE_MAX_MS)
 }
 
+const CLIENT_OPTIONS = ['url', 'token', 'timeoutMs', 'connections', 'retries', 'bigint']
+
 class AccManClient {
-  constructor ({
-    url, token, timeoutMs = limits.TIMEOUT_MS_DEFAULT, connections = limits.CONNECTIONS_DEFAULT,
-    retries = limits.RETRIES_DEFAULT, bigint = false
-  } = {}) {
+  constructor (options) {
+    const {
+      url, token, timeoutMs = limits.TIMEOUT_MS_DEFAULT, connections = limits.CONNECTIONS_DEFAULT,
+      retries = limits.RETRIES_DEFAULT, bigint = false
+    } = values.checkOptions(options, 'AccManClient', CLIENT_OPTIONS)
     const { origin, prefix } = parseUrl(url)
     this.where = origin + prefix // for messages: no token
     this.timeoutMs = intOption(timeoutMs, 'timeoutMs', 1, 3600000)
     this.retries = intOption(retries, 'retries', 0, limits.RETRIES_MAX)
     intOption(connections, 'connections', 1, limits.CONNECTIONS_MAX)
-    this.bigint = bigint === true
+    if (typeof bigint !== 'boolean') throw new TypeError('bigint must be true or false')
+    this.bigint = bigint
     this._prefix = prefix
     this._headers = null
     if (token !== undefined && token !== null) {
@@ -178,21 +182,25 @@ class AccManClient {
 
   // Changes the balance by `by`; { tot, seq } once durable.  With `min` it
   // applies only if the new balance is >= min, else Insufficient (.tot);
-  // with `key` it applies at most once.
-  mod (cred, by, { min, key } = {}) {
-    const target = values.targetMod(cred, by, min, key)
+  // with `key` it applies at most once; `low` (funding only) sets the
+  // account's low-balance threshold.
+  mod (cred, by, options) {
+    const { min, key, low } = values.checkOptions(options, 'mod', ['min', 'key', 'low'])
+    const target = values.targetMod(cred, by, min, key, low)
     return this._call('PATCH', target, key !== undefined && key !== null, values.decodeMod)
   }
 
   // One page of history, newest first: { account, past, next }, `next` the
   // `before` of the following page or null.
-  past (cred, { limit, before } = {}) {
+  past (cred, options) {
+    const { limit, before } = values.checkOptions(options, 'past', ['limit', 'before'])
     return this._call('GET', values.targetPast(cred, limit, before), true, values.decodePast)
   }
 
   // Holds -by (by < 0) for up to ttlS seconds: { hold, tot, seq }, `tot` what
   // is left to spend.  `min` defaults to 0 on the server.
-  hold (cred, by, { ttlS, min, key } = {}) {
+  hold (cred, by, options) {
+    const { ttlS, min, key } = values.checkOptions(options, 'hold', ['ttlS', 'min', 'key'])
     const target = values.targetHold(cred, by, ttlS, min, key)
     return this._call('PATCH', target, key !== undefined && key !== null, values.decodeHold)
   }

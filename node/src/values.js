@@ -54,11 +54,33 @@ function targetTot (c) {
   return '/tot?cred=' + cred(c)
 }
 
-function targetMod (c, by, min, key) {
-  let t = '/mod?cred=' + cred(c) + '&by=' + checkBy(by)
+function targetMod (c, by, min, key, low) {
+  const amount = checkBy(by)
+  let t = '/mod?cred=' + cred(c) + '&by=' + amount
   if (min !== undefined && min !== null) t += '&min=' + checkInt(min, 'min')
   if (key !== undefined && key !== null) t += '&key=' + checkName(key, 'key', KEY_CHARS_MAX)
+  if (low !== undefined && low !== null) {
+    const l = checkInt(low, 'low')
+    if (amount[0] === '-') throw new BadRequest('low is set by a funding mod only (by > 0), not by a charge')
+    t += '&low=' + l
+  }
   return t
+}
+
+// A call's options: an object (or nothing) with no name but `names`, so
+// that a misspelt one (`Key`, `ttl`) is refused rather than ignored (a mod
+// meant to be keyed going out without its key).
+function checkOptions (options, call, names) {
+  if (options === undefined) return {}
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+    throw new TypeError(`the options of ${call} must be an object { ${names.join(', ')} }`)
+  }
+  const unknown = Object.keys(options).filter((name) => !names.includes(name))
+  if (unknown.length) {
+    throw new TypeError(`unknown option${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')}: ` +
+      `${call} takes ${names.join(', ')}`)
+  }
+  return options
 }
 
 function targetPast (c, limit, before) {
@@ -226,6 +248,7 @@ module.exports = {
   checkInt,
   targetTot,
   targetMod,
+  checkOptions,
   targetPast,
   targetHold,
   targetSettle,

@@ -157,6 +157,34 @@ test('options are checked when the client is made', () => {
   assert.throws(() => new AccManClient({ url: 'http://x', timeoutMs: 0 }), TypeError)
   assert.throws(() => new AccManClient({ url: 'http://x', connections: 0 }), TypeError)
   assert.throws(() => new AccManClient({ url: 'http://x', retries: 11 }), TypeError)
+  // A misspelt option is refused, never its default taken silently.
+  assert.throws(() => new AccManClient({ url: 'http://x', timeoutMS: 1, retrys: 9 }),
+    { name: 'TypeError', message: 'unknown options timeoutMS, retrys: AccManClient takes url, token, timeoutMs, connections, retries, bigint' })
+  assert.throws(() => new AccManClient({ url: 'http://x', bigint: 'yes' }), { message: 'bigint must be true or false' })
+  assert.throws(() => new AccManClient('http://x'), { message: /the options of AccManClient must be an object/ })
+})
+
+test('a call\'s misspelt option is refused and sends nothing: a keyed mod never goes out keyless', async () => {
+  await mint.mod('c-opts', 100)
+  const refused = [
+    [() => service.mod('c-opts', -60, { Key: 'req-1' }), 'unknown option Key: mod takes min, key, low'],
+    [() => service.mod('c-opts', -1, 'req-1'), 'the options of mod must be an object { min, key, low }'],
+    [() => service.hold('c-opts', -1, { ttlS: 5, kye: 'h1' }), 'unknown option kye: hold takes ttlS, min, key'],
+    [() => service.hold('c-opts', -1, { ttl: 5 }), 'unknown option ttl: hold takes ttlS, min, key'],
+    [() => service.past('c-opts', { limt: 1 }), 'unknown option limt: past takes limit, before']
+  ]
+  for (const [call, message] of refused) assert.throws(call, { name: 'TypeError', message })
+  assert.equal(await service.tot('c-opts'), 100)
+  assert.equal((await service.past('c-opts')).past.length, 1) // nothing went out
+})
+
+test('low on a funding mod sets the account\'s threshold; on a charge it is refused', async () => {
+  assert.deepEqual(await mint.mod('c-low', 100, { key: 'fund', low: 50 }), { tot: 100, seq: 1 })
+  assert.throws(() => service.mod('c-low', -1, { low: 5 }), { name: 'BadRequest', message: /low is set by a funding mod only/ })
+  await service.mod('c-low', -60) // 40: crosses 50
+  const events = await fetch(server.url + '/events', { headers: { authorization: 'Bearer ' + TOKENS.mint } })
+  const lows = (await events.json()).events.filter((e) => e.type === 'low_balance')
+  assert.deepEqual(lows.map((e) => [e.seq, e.tot]), [[2, 40]])
 })
 
 test('a closed client refuses calls with Unreachable', async () => {

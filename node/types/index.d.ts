@@ -32,8 +32,8 @@ export interface AccManClient<N extends number | bigint = number> {
   readonly retries: number
   /** The durable balance. NoAccount for an unknown credential. */
   tot (cred: string): Promise<N>
-  /** Changes the balance by `by` once durable; Insufficient under `min`; at most once per `key`. */
-  mod (cred: string, by: Amount, options?: { min?: Amount | null, key?: string | null }): Promise<ModResult<N>>
+  /** Changes the balance by `by` once durable; Insufficient under `min`; at most once per `key`; `low` (funding only) sets the low-balance threshold. */
+  mod (cred: string, by: Amount, options?: { min?: Amount | null, key?: string | null, low?: Amount | null }): Promise<ModResult<N>>
   /** One page of history, newest first. */
   past (cred: string, options?: { limit?: Amount | null, before?: Amount | null }): Promise<Page<N>>
   /** Holds -by (by < 0) for ttlS seconds. */
