@@ -152,10 +152,10 @@ class EventReader:
     async def _outcome(self, after, limit):
         merger = self.store.merger
         if merger is not None:
-            # What this front-end's answered writes committed on the other
-            # clusters is copied before it is read (pipelined order).
+            # What every front-end's answered writes committed on the other
+            # clusters is copied before it is read.
             try:
-                await merger.catch_up()
+                await merger.before_read()
             except Exception as e:
                 return Unavailable(f"the events of a cluster cannot be copied: "
                                    f"{E.describe(e)}")

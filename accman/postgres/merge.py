@@ -23,8 +23,9 @@ transaction.  So:
 
 One front-end at a time copies as other clusters commit (the one holding a
 session advisory lock on the home, taken in the upkeep rounds); every
-front-end copies before it answers /events, so that a read sees the events
-of every write answered before it (SPEC "Routes": pipelined order).
+front-end copies whatever the other clusters have committed before it
+answers /events, so that a read sees the events of every write answered
+before it, by this front-end or another (SPEC "Routes": pipelined order).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Merger:
         self.copied = {c.index: 0 for c in others}
         self._lock = asyncio.Lock()       # one pass at a time in this front-end
         self._kicked = False
+        # Reads asked for a whole copy (numbered), and the last one served.
+        self._asked = self._served = 0
 
     # -- what wakes it ------------------------------------------------------------
 
@@ -97,10 +100,28 @@ class Merger:
         `force`, whatever the other clusters have); returns once it is
         copied, or raises."""
         async with self._lock:
-            for c in self.others:
-                while force or self.copied[c.index] < self.committed[c.index]:
-                    if await self._pass(c) < MERGE_BATCH_MAX:
-                        break
+            await self._copy(force)
+
+    async def _copy(self, force: bool) -> None:
+        for c in self.others:
+            while force or self.copied[c.index] < self.committed[c.index]:
+                if await self._pass(c) < MERGE_BATCH_MAX:
+                    break
+
+    async def before_read(self) -> None:
+        """Copies whatever the other clusters had committed when it was
+        called, by any front-end: a read then sees the events of every
+        write answered before it, wherever it was answered.  One forced
+        copy serves every read that asked before it began, so that many
+        long polls woken at once cost one copy, not one each."""
+        self._asked += 1
+        mine = self._asked
+        async with self._lock:
+            if self._served >= mine:
+                return                  # a copy begun after this call is done
+            began = self._asked
+            await self._copy(force=True)
+            self._served = began
 
     async def _pass(self, cluster) -> int:
         """One copy of `cluster`'s next events; how many were copied."""

@@ -95,6 +95,48 @@ def test_a_long_poll_hears_a_commit_on_another_cluster(pg, pg_factory):
     run(main())
 
 
+def test_a_read_on_one_front_end_sees_every_write_another_answered(pg, pg_factory):
+    """A mod on a cluster that is not the events' home, acknowledged by one
+    front-end, is in the very next /events of another front-end: it copies
+    whatever the other clusters have committed before it reads, not only
+    what it knows of (its own commits, the notifications it has heard)."""
+    other, urls = two_clusters(pg, pg_factory, "raw")
+
+    async def main():
+        s1, c1 = await opened(urls)
+        s2, c2 = await opened(urls)
+        try:
+            creds = far_creds(s1, 200)[:40]
+            after = 0
+            for cred in creds:
+                await c1.mod(cred, 5)
+                events, after = await c2.events(after=after)
+                assert [e.account for e in events] == [s1.account_id(cred)], cred
+        finally:
+            await s1.aclose()
+            await s2.aclose()
+    run(main())
+
+
+def test_many_reads_at_once_share_one_copy(pg, pg_factory, monkeypatch):
+    """before_read: reads that asked before a copy began are served by it,
+    so that long polls woken together cost one copy, not one each."""
+    other, urls = two_clusters(pg, pg_factory, "share")
+    passes = []
+
+    async def main():
+        async with stored(urls) as (store, c):
+            real = store.merger._pass
+
+            async def counted(cluster):
+                passes.append(cluster.index)
+                return await real(cluster)
+            monkeypatch.setattr(store.merger, "_pass", counted)
+            await asyncio.gather(*(c.events(after=0) for _ in range(50)))
+    run(main())
+    assert 1 <= len(passes) <= 2
+
+
 def test_a_store_grown_to_two_clusters_keeps_the_ids_it_gave(pg, pg_factory):
     first = pg.create_database("g_a")
 
