@@ -41,6 +41,8 @@ class ClusterInfo(NamedTuple):
     hash_key: bytes
     cluster_id: bytes
     events_home: bytes | None = None
+    # On the events' home of a store of several: the other clusters' ids.
+    members: frozenset = frozenset()
 
 
 async def read_info(conn) -> ClusterInfo | None:
@@ -50,40 +52,81 @@ async def read_info(conn) -> ClusterInfo | None:
     row = await conn.fetchrow("SELECT * FROM accman_schema")   # version 1 has no events_home
     if row is None:
         raise StoreError("the accman_schema table is empty: not a store AccMan made")
+    try:
+        version, key, cid = row["version"], bytes(row["hash_key"]), bytes(row["cluster_id"])
+    except (KeyError, TypeError):
+        raise StoreError("the accman_schema table is not AccMan's: not a store AccMan "
+                         "made") from None
     home = row.get("events_home")
-    return ClusterInfo(row["version"], bytes(row["hash_key"]), bytes(row["cluster_id"]),
-                       bytes(home) if home is not None else None)
+    home = bytes(home) if home is not None else None
+    members = frozenset()
+    if home == cid:
+        members = frozenset(bytes(r[0]) for r in
+                            await conn.fetch("SELECT cluster_id FROM accman_merged"))
+    return ClusterInfo(version, key, cid, home, members)
 
 
-async def migrate_cluster(conn, hash_key: bytes) -> ClusterInfo:
+async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False) -> ClusterInfo:
     """Brings one cluster to SCHEMA_VERSION, in one transaction; a new one
-    gets `hash_key`.  Refuses a newer schema, or one with another key."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK_ID)
-        info = await read_info(conn)
-        version = 0 if info is None else info.version
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"the store's schema is version {version}, newer than this "
-                             f"AccMan's {SCHEMA_VERSION}: upgrade AccMan")
-        if info is not None and info.hash_key != hash_key:
-            raise StoreError("the clusters disagree on the credential-hash key: they are "
-                             "not one store")
-        for v, sql in MIGRATIONS:
-            if v > version:
-                await conn.execute(sql)
-        if info is None:
-            info = ClusterInfo(SCHEMA_VERSION, hash_key, secrets.token_bytes(CLUSTER_ID_BYTES))
-            await conn.execute("INSERT INTO accman_schema VALUES (true, $1, $2, $3)",
-                               SCHEMA_VERSION, hash_key, info.cluster_id)
-        else:
-            await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
-            info = info._replace(version=SCHEMA_VERSION)
+    gets `hash_key`.  Refuses a newer schema, or one with another key,
+    unless `adopt`: `hash_key` was made for a store that had none, and one
+    made meanwhile (another front-end migrating at once) is its key.
+
+    The advisory lock is the session's, taken before the transaction
+    begins: a transaction that began before another migration committed
+    would not see the tables it made (PostgreSQL takes in catalog changes
+    at a transaction's start, and at a table's lock, not an advisory
+    lock's), and would make them again."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+    try:
+        async with conn.transaction():
+            info = await read_info(conn)
+            version = 0 if info is None else info.version
+            _check_version(version)
+            if info is not None and info.hash_key != hash_key and not adopt:
+                raise StoreError("the clusters disagree on the credential-hash key: they are "
+                                 "not one store")
+            for v, sql in MIGRATIONS:
+                if v > version:
+                    await conn.execute(sql)
+            if info is None:
+                info = ClusterInfo(SCHEMA_VERSION, hash_key,
+                                   secrets.token_bytes(CLUSTER_ID_BYTES))
+                await conn.execute("INSERT INTO accman_schema VALUES (true, $1, $2, $3)",
+                                   SCHEMA_VERSION, hash_key, info.cluster_id)
+            else:
+                await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
+                info = info._replace(version=SCHEMA_VERSION)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
     return info
+
+
+def _check_version(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"the store's schema is version {version}, newer than this "
+                         f"AccMan's {SCHEMA_VERSION}: upgrade AccMan")
+
+
+def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
+    """What `migrate` refuses before it changes anything: a schema newer
+    than this AccMan's, clusters of two stores, one named twice, and some
+    clusters of a store of several without the others (more than the store
+    has is a cluster being added)."""
+    found = [i for i in infos if i is not None]
+    for i in found:
+        _check_version(i.version)
+    if len({i.hash_key for i in found}) > 1:
+        raise StoreError("the clusters disagree on the credential-hash key: they are not "
+                         "one store")
+    if len({i.cluster_id for i in found}) != len(found):
+        raise StoreError("the same cluster is named twice")
+    _check_members(found, exact=False)
 
 
 def check_infos(infos: list[ClusterInfo | None]) -> bytes:
     """The store's hash key, after checking that the clusters make one
-    store at this AccMan's version."""
+    store, all of it, at this AccMan's version."""
     if any(i is None for i in infos):
         raise StoreError("a cluster has no AccMan schema: run `accman migrate --store URL` "
                          "with every cluster's URL")
@@ -96,15 +139,35 @@ def check_infos(infos: list[ClusterInfo | None]) -> bytes:
         if i.version != SCHEMA_VERSION:
             raise StoreError(f"a cluster's schema is version {i.version}, this AccMan's is "
                              f"{SCHEMA_VERSION}: run `accman migrate --store URL`")
-    if len(infos) > 1:
-        homes = {i.events_home for i in infos}
-        if len(homes) != 1 or None in homes:
-            raise StoreError("the clusters do not agree on where the store's events are "
-                             "numbered: run `accman migrate` with every cluster's --store")
-        if homes.pop() not in {i.cluster_id for i in infos}:
-            raise StoreError("the store's events are numbered on a cluster not given: "
-                             "give every cluster of the store with --store")
+    if len(infos) > 1 and None in {i.events_home for i in infos}:
+        raise StoreError("the clusters do not agree on where the store's events are "
+                         "numbered: run `accman migrate` with every cluster's --store")
+    _check_members(infos, exact=True)
     return infos[0].hash_key
+
+
+def _check_members(infos: list[ClusterInfo], exact: bool) -> None:
+    """A store of several clusters is given whole (`exact`), or with more
+    (a cluster being added, to `migrate`): a front-end given some of its
+    clusters would open accounts where the others cannot see them, and
+    number events on its own."""
+    homes = {i.events_home for i in infos} - {None}
+    if not homes:
+        return
+    if len(homes) > 1:
+        raise StoreError("the clusters disagree on where the store's events are numbered: "
+                         "they are not one store")
+    home = homes.pop()
+    given = {i.cluster_id: i for i in infos}
+    if home not in given:
+        raise StoreError("the store's events are numbered on a cluster not given: "
+                         "give every cluster of the store with --store")
+    store = given[home].members | {home}
+    if not store <= given.keys() or (exact and store != given.keys()):
+        raise StoreError(f"the store has {len(store)} clusters and {len(given)} were given "
+                         f"({len(store & given.keys())} of its own): give every cluster of "
+                         "the store with --store, or run `accman migrate` with all of them "
+                         "to add one")
 
 
 async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
@@ -148,6 +211,8 @@ SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
 
 
 _CONNECT = "cannot connect to a PostgreSQL cluster of the store"
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError,
+                  asyncpg.exceptions.InternalClientError, OSError, asyncio.TimeoutError)
 
 
 async def connect(url: str, settings: dict | None = None):
@@ -155,8 +220,7 @@ async def connect(url: str, settings: dict | None = None):
     try:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S,
                                      server_settings={**SESSION_SETTINGS, **(settings or {})})
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-            asyncpg.InterfaceError) as e:
+    except _DRIVER_ERRORS as e:
         raise store_error(e, _CONNECT) from None
     except ValueError:
         raise unreadable_url(_CONNECT) from None
@@ -169,18 +233,21 @@ async def migrate(urls: list[str]) -> list[ClusterInfo]:
         raise StoreError("no cluster URL given")
     conns = [await connect(u) for u in urls]
     try:
-        infos = [await read_info(c) for c in conns]
+        infos = [await _read(c) for c in conns]
+        check_before_migrating(infos)
         keys = {i.hash_key for i in infos if i is not None}
-        if len(keys) > 1:
-            raise StoreError("the clusters disagree on the credential-hash key: they are "
-                             "not one store")
+        adopt = not keys
         key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)
         try:
-            out = [await migrate_cluster(c, key) for c in conns]
+            out = []
+            for c in conns:
+                out.append(await migrate_cluster(c, key, adopt))
+                key, adopt = out[-1].hash_key, False
+            if len({i.cluster_id for i in out}) != len(out):   # a new one, named twice
+                raise StoreError("the same cluster is named twice")
             if len(out) > 1:
                 out = await settle_home(conns, out)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                asyncio.TimeoutError) as e:
+        except _DRIVER_ERRORS as e:
             # A standby, a read-only database, a schema that is not ours.
             raise store_error(e, "cannot migrate the schema of a cluster of the store") from None
         check_infos(out)
@@ -188,6 +255,26 @@ async def migrate(urls: list[str]) -> list[ClusterInfo]:
     finally:
         for c in conns:
             await c.close()
+
+
+async def read_infos(urls: list[str]) -> list[ClusterInfo | None]:
+    """Every cluster's schema row, changing nothing (a store opened without
+    migrating)."""
+    out = []
+    for u in urls:
+        conn = await connect(u)
+        try:
+            out.append(await _read(conn))
+        finally:
+            await conn.close()
+    return out
+
+
+async def _read(conn) -> ClusterInfo | None:
+    try:
+        return await read_info(conn)
+    except _DRIVER_ERRORS as e:
+        raise store_error(e, "cannot read the schema of a cluster of the store") from None
 
 
 def migrate_sync(urls: list[str]) -> str:

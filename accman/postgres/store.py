@@ -42,7 +42,7 @@ from accman.postgres.complaints import Complaints
 from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
-from accman.postgres.migrate import check_infos, connect, migrate, read_info
+from accman.postgres.migrate import check_infos, migrate, read_infos
 from accman.records import Entry
 from accman.store import Page, check_options, check_past, run_callbacks
 
@@ -129,16 +129,7 @@ class PgStore:
                       batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
                       holds_per_account_max=holds_per_account_max, holds_max=holds_max)
         urls = list(urls)
-        if migrate_schema:
-            infos = await migrate(urls)
-        else:
-            infos = []
-            for u in urls:
-                conn = await connect(u)
-                try:
-                    infos.append(await read_info(conn))
-                finally:
-                    await conn.close()
+        infos = await (migrate(urls) if migrate_schema else read_infos(urls))
         key = check_infos(infos)
         store = cls(infos, urls, hash_key=key, low_default=low_default,
                     retention_s=retention_s, batch_mods_max=batch_mods_max,
@@ -313,14 +304,19 @@ class PgStore:
         the database refused a batch): it is unhealthy until the store has
         reconnected, with backoff.  Said once, however long it lasts."""
         if cluster.healthy:
-            log.warning("%s (%s); writes are refused until the store has reconnected",
-                        E.describe(exc), E.where(exc))
+            log.warning("%s%s (%s); writes are refused until the store has reconnected",
+                        self._named(cluster), E.describe(exc), E.where(exc))
         cluster.error = E.describe(exc)
         for lane in cluster.lanes:
             lane.drop()
         if not cluster.reconnecting and not self._closed:
             cluster.reconnecting = True
             self._spawn(self._reconnect(cluster))
+
+    def _named(self, cluster: Cluster) -> str:
+        """The cluster, for a log line, on a store of several (numbered as
+        their --store options, from 1)."""
+        return f"cluster {cluster.index + 1}: " if len(self.clusters) > 1 else ""
 
     async def _reconnect(self, cluster: Cluster) -> None:
         # After refused batches, a longer first wait: reconnecting succeeds
@@ -340,7 +336,8 @@ class PgStore:
                 # Lost again while the listener restarted (a batch refused
                 # meanwhile), which started no reconnection: go on.
                 if cluster.healthy:
-                    log.warning("reconnected to the PostgreSQL store; taking writes again")
+                    log.warning("%sreconnected to the PostgreSQL store; taking writes again",
+                                self._named(cluster))
                     return
         finally:
             cluster.reconnecting = False

@@ -75,3 +75,99 @@ def test_unmigrated_cluster_is_refused_without_migration(pg):
     a = pg.create_database("bare")
     with pytest.raises(StoreError, match="no AccMan schema"):
         run(opened(a, migrate_schema=False))
+
+
+def _schema_dump(pg, dbs) -> dict:
+    """What migrating could change: each database's tables and its schema row."""
+    return {db: (pg.psql("SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class "
+                         "WHERE relname LIKE 'accman%'", db),
+                 pg.psql("SELECT to_regclass('accman_schema') IS NOT NULL", db) == "t"
+                 and pg.psql("SELECT row(version, events_home) FROM accman_schema", db))
+            for db in dbs}
+
+
+def test_some_clusters_of_a_store_are_refused_and_change_nothing(pg):
+    """A front-end given some clusters of a store of several would open an
+    account where the others cannot see it (a second row for a credential
+    another cluster holds) and number events on its own: refused, by
+    `serve` and by `migrate`, whichever clusters are left out."""
+    a, b = pg.create_database("part_a"), pg.create_database("part_b")
+    infos = run(migrate([a, b]))
+    home = [u for u, i in zip((a, b), infos, strict=True) if i.cluster_id == i.events_home][0]
+    other = b if home == a else a
+    before = _schema_dump(pg, ("part_a", "part_b"))
+    for given, says in (([home], "the store has 2 clusters and 1 were given"),
+                        ([other], "numbered on a cluster not given")):
+        with pytest.raises(StoreError, match=says):
+            run(opened(given))
+        with pytest.raises(StoreError, match=says):
+            run(opened(given, migrate_schema=False))
+        with pytest.raises(StoreError, match=says):
+            run(migrate(given))
+    assert _schema_dump(pg, ("part_a", "part_b")) == before
+    assert pg.psql("SELECT count(*) FROM accman_accounts", "part_a") == "0"
+
+    # A third cluster is added by `migrate` with all three; then the store
+    # is three, and two of them are refused.
+    c = pg.create_database("part_c")
+    assert len(run(migrate([a, b, c]))) == 3
+    with pytest.raises(StoreError, match="the store has 3 clusters and 2 were given"):
+        run(opened([a, b], migrate_schema=False))
+    run(stored([c, b, a], migrate_schema=False).__aenter__())   # whole, in any order
+
+
+def test_a_refused_migration_changes_no_cluster(pg):
+    """A newer schema on one cluster, or one cluster named twice, is
+    refused before any cluster is migrated or given a home."""
+    fresh, newer = pg.create_database("mig_fresh"), pg.create_database("mig_newer")
+    run(migrate([newer]))
+    pg.psql("UPDATE accman_schema SET version = 99", "mig_newer")
+    with pytest.raises(StoreError, match="version 99, newer than this AccMan's"):
+        run(migrate([fresh, newer]))
+    assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "mig_fresh") == "t"
+    one = pg.create_database("mig_one")
+    run(migrate([one]))
+    same = one.replace("127.0.0.1", "localhost")
+    with pytest.raises(StoreError, match="named twice"):
+        run(migrate([one, same]))
+    assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "mig_one") == "t"
+
+
+def test_front_ends_migrating_a_new_cluster_at_once_all_start(pg):
+    """Migrations started together run one after the other, and the later
+    ones see what the first made (a transaction begun before it committed
+    would make its tables again: "relation accman_schema already
+    exists")."""
+    async def together(url):
+        return await asyncio.gather(*(migrate([url]) for _ in range(4)))
+    for n in range(3):
+        infos = run(together(pg.create_database(f"race_{n}")))
+        assert len({i[0].cluster_id for i in infos}) == 1
+
+
+def test_a_table_named_accman_schema_of_another_program_is_refused_plainly(pg):
+    url = pg.create_database("foreign_schema")
+    pg.psql("CREATE TABLE accman_schema (id int, name text); "
+            "INSERT INTO accman_schema VALUES (1, 'x')", "foreign_schema")
+    for call in (lambda: migrate([url]), lambda: opened(url, migrate_schema=False)):
+        with pytest.raises(StoreError, match="the accman_schema table is not AccMan's"):
+            run(call())
+
+
+def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
+    a, b = pg.create_database("named_a"), pg.create_database("named_b")
+    caplog.set_level("WARNING", logger="accman.postgres")
+
+    async def main():
+        async with stored([a, b]) as (store, c):
+            second = store.clusters[1]
+            store.lost(second, ConnectionResetError(104, "reset"))
+            for _ in range(200):
+                if second.healthy:
+                    break
+                await asyncio.sleep(0.05)
+            assert second.healthy
+    run(main())
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("cluster 2: the PostgreSQL store lost its connection") for m in said)
+    assert "cluster 2: reconnected to the PostgreSQL store; taking writes again" in said
