@@ -42,10 +42,11 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
+from accman.cli_values import int64, port, retention, store_url
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
-                           INT64_MAX, INT64_MIN, PAST_LIMIT_MAX)
+                           PAST_LIMIT_MAX)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
@@ -127,38 +128,6 @@ def _unechoed(message, given, names, suggestion="") -> str:
     return f"{message} (a value is never shown: it may be a credential)" if hidden else message
 
 
-_INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
-_DURATION_RE = re.compile(r"([1-9][0-9]*)([smhd]?)")
-_DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _int64(text):
-    """The SPEC's plain ASCII decimal, in signed 64-bit range."""
-    if not text.isascii() or _INT64_RE.fullmatch(text) is None \
-            or not INT64_MIN <= int(text) <= INT64_MAX:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a signed 64-bit decimal integer")
-    return int(text)
-
-
-def _retention(text):
-    """--events-retention: 3600, 90m, 7d..., EVENTS_RETENTION_S_MAX at most."""
-    m = _DURATION_RE.fullmatch(text) if text.isascii() else None
-    if m is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m or 7d")
-    seconds = int(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
-    if seconds > EVENTS_RETENTION_S_MAX:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is longer than the longest retention, "
-            f"{EVENTS_RETENTION_S_MAX // 86400}d (EVENTS_RETENTION_S_MAX)")
-    return seconds
-
-
-def _port(text):
-    if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0..65535)")
-    return int(text)
-
-
 def build_parser(given=()):
     """The parser of `accman`; `given` is the command line it will parse,
     for its usage errors to leave out."""
@@ -208,7 +177,7 @@ def build_parser(given=()):
     _holds_and_events(client)
 
     g = command("migrate", "create or upgrade the PostgreSQL schema (serve does it too)")
-    g.add_argument("--store", action="append", metavar="URL", required=True,
+    g.add_argument("--store", action="append", metavar="URL", required=True, type=store_url,
                    help="a libpq URL of each cluster of the store")
 
     v = command("verify", "check a data directory (the server must be stopped)")
@@ -220,12 +189,12 @@ def build_parser(given=()):
 def _serve_arguments(s):
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; others need --tokens)")
-    s.add_argument("--port", type=_port, default=8080,
+    s.add_argument("--port", type=port, default=8080,
                    help="port (default 8080; 0 picks a free one)")
     s.add_argument("--data", default=None,
                    help=f"data directory (default {DEFAULT_DATA}; created if missing): the "
                         "embedded store; with --store it holds only this server's lock")
-    s.add_argument("--store", action="append", metavar="URL", default=[],
+    s.add_argument("--store", action="append", metavar="URL", default=[], type=store_url,
                    help="serve from PostgreSQL instead of the embedded store: a libpq URL "
                         "(several hosts with target_session_attrs=read-write for failover); "
                         "given more than once, accounts spread over the clusters "
@@ -237,10 +206,10 @@ def _serve_arguments(s):
                         "read (full, the default), or the files' checksums and each "
                         "account's newest entry (heads)")
     _webhook_arguments(s)
-    s.add_argument("--low-balance", type=_int64, metavar="L", default=None,
+    s.add_argument("--low-balance", type=int64, metavar="L", default=None,
                    help="emit a low_balance event when a balance crosses below L, for "
                         "accounts whose funding mod set no low= of their own (default: none)")
-    s.add_argument("--events-retention", type=_retention, metavar="DURATION",
+    s.add_argument("--events-retention", type=retention, metavar="DURATION",
                    default=EVENTS_RETENTION_S_DEFAULT,
                    help="keep events at least this long: seconds, or a number with s, m, h "
                         f"or d (default 7d, at most {EVENTS_RETENTION_S_MAX // 86400}d)")

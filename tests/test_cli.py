@@ -417,3 +417,10 @@ def test_importing_ledger_from_a_tree_without_its_build_says_what_to_run(unbuilt
     assert last.startswith("ImportError: ") and "pip install -e ." in last
     proc = run_in(unbuilt_tree, "-c", "from accman import AccManError, Entry; import accman.client")
     assert proc.returncode == 0, proc.stderr         # the calling side needs no build
+
+
+@pytest.mark.parametrize("args", [["serve", "--store", ""], ["migrate", "--store", " "]])
+def test_an_empty_store_url_is_a_usage_error_not_a_refused_connection(args):
+    proc = run_accman(*args)
+    assert proc.returncode == 2
+    assert "--store: an empty URL: give a postgresql:// URL" in proc.stderr

@@ -67,6 +67,9 @@ LOST = "the PostgreSQL store lost its connection"
 SLOW = "the database did not answer in time"
 BAD_URL = "the store URL cannot be used: check its scheme, hosts, ports and options"
 TLS_FAILED = f"{UNREACHABLE} (TLS failed: check sslmode and the certificates)"
+# target_session_attrs=read-write found only standbys or read-only databases
+# (a failover under way): the store waits for a primary.
+NO_PRIMARY = f"{UNREACHABLE} (no host of the store URL takes writes)"
 # A quoted path in the database server's message (`could not extend file
 # "base/16384/2619"`): a 503's detail names no file (SPEC "Access").
 _QUOTED_PATH = re.compile(r'"[^"]*/[^"]*"')
@@ -82,6 +85,15 @@ _NOT_REACHED = (
     (PermissionError, f"{UNREACHABLE} (permission denied)"),
     ((asyncpg.exceptions.ClientCannotConnectError,
       asyncpg.exceptions.ConnectionRejectionError), UNREACHABLE),
+)
+# The errors said by their type alone, the first that matches.
+_BY_TYPE = (
+    (asyncio.TimeoutError, SLOW),
+    (asyncpg.exceptions.ClientConfigurationError, BAD_URL),
+    (asyncpg.exceptions.TargetServerAttributeNotMatched, NO_PRIMARY),
+    # Any other: the driver's state broken by a connection that went.
+    (asyncpg.exceptions.InternalClientError, LOST),
+    *_NOT_REACHED,
 )
 _LOST = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
          asyncpg.PostgresConnectionError, asyncpg.exceptions.AdminShutdownError,
@@ -103,11 +115,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, StoreError):
         # One that wraps a driver's error (store_error) says it as that one does.
         return getattr(exc, "reason", None) or exc.detail
-    if isinstance(exc, asyncio.TimeoutError):
-        return SLOW
-    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
-        return BAD_URL
-    for kind, sentence in _NOT_REACHED:
+    for kind, sentence in _BY_TYPE:
         if isinstance(exc, kind):
             return sentence
     if type(exc) is ConnectionError and _TLS_REFUSED_WORDS in str(exc):

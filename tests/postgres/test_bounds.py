@@ -8,8 +8,9 @@ import time
 import asyncpg
 import pytest
 
-from accman.errors import Busy, Unavailable
+from accman.errors import Busy, StoreError, Unavailable
 from accman.postgres import PgStore
+from accman.postgres.migrate import migrate
 from accman.postgres import cluster as cluster_module
 from accman.postgres import complaints as complaints_module
 from accman.postgres import store as store_module
@@ -278,3 +279,16 @@ def test_upkeep_that_fails_every_round_is_said_once_and_its_end_once(pg_url, mon
         assert rounds >= 2 * len(repeats)                   # each line stood for several rounds
         assert lines.count("ending due holds works again") == 1
     run(main())
+
+
+def test_a_url_that_finds_no_primary_is_refused_in_the_store_s_words(pg, pg_url):
+    """target_session_attrs=read-write (SCALING.md's layout) with no host
+    that takes writes (mid-failover): a StoreError that says so, not the
+    driver's TargetServerAttributeNotMatched."""
+    run(migrate([pg_url]))
+    dbname = pg_url.rsplit("/", 1)[1]
+    pg.psql(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    with pytest.raises(StoreError, match=r"^cannot connect to a PostgreSQL cluster of the "
+                       r"store: the PostgreSQL store cannot be reached \(no host of the store "
+                       r"URL takes writes\)$"):
+        run(PgStore.open([pg_url + "?target_session_attrs=read-write"]))

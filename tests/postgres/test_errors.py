@@ -49,6 +49,10 @@ LOST = "the PostgreSQL store lost its connection"
     (ConnectionError("PostgreSQL server at \"db:5432\" rejected SSL upgrade"),
      f"{UNREACHABLE} (TLS failed: check sslmode and the certificates)"),
     (PermissionError(13, "Permission denied"), f"{UNREACHABLE} (permission denied)"),
+    (asyncpg.exceptions.TargetServerAttributeNotMatched('None of the hosts match the '
+                                                        'target attribute requirement'),
+     f"{UNREACHABLE} (no host of the store URL takes writes)"),
+    (asyncpg.exceptions.InternalClientError("unexpected state"), LOST),
     # The driver misused by AccMan: not an outage, whatever its class.
     (asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
      "an unexpected error (InterfaceError)"),

@@ -1,0 +1,46 @@
+"""The command line's value types (argparse `type=`): each refuses what
+the SPEC refuses, naming the value, before anything is sent or opened."""
+
+import argparse
+import re
+
+from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN
+
+_INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
+_DURATION_RE = re.compile(r"([1-9][0-9]*)([smhd]?)")
+_DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def int64(text):
+    """The SPEC's plain ASCII decimal, in signed 64-bit range."""
+    if not text.isascii() or _INT64_RE.fullmatch(text) is None \
+            or not INT64_MIN <= int(text) <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a signed 64-bit decimal integer")
+    return int(text)
+
+
+def retention(text):
+    """--events-retention: 3600, 90m, 7d..., EVENTS_RETENTION_S_MAX at most."""
+    m = _DURATION_RE.fullmatch(text) if text.isascii() else None
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m or 7d")
+    seconds = int(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
+    if seconds > EVENTS_RETENTION_S_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is longer than the longest retention, "
+            f"{EVENTS_RETENTION_S_MAX // 86400}d (EVENTS_RETENTION_S_MAX)")
+    return seconds
+
+
+def store_url(text):
+    """--store: a libpq URL, read by the driver; an empty one is refused
+    here, not met as "connection refused"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty URL: give a postgresql:// URL")
+    return text
+
+
+def port(text):
+    if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0..65535)")
+    return int(text)
