@@ -271,10 +271,35 @@ async def read_infos(urls: list[str]) -> list[ClusterInfo | None]:
 
 
 async def _read(conn) -> ClusterInfo | None:
+    """The cluster's schema row; a schema of this AccMan's version must
+    have every object it made (a damaged one is refused, not repaired)."""
     try:
-        return await read_info(conn)
+        info = await read_info(conn)
+        if info is not None and info.version == SCHEMA_VERSION:
+            missing = await conn.fetchval(_MISSING_SQL, list(SCHEMA_TABLES),
+                                          list(SCHEMA_FUNCTIONS))
+            if missing:
+                raise StoreError(f"the store's schema is damaged: {', '.join(missing)} "
+                                 "missing; nothing was repaired")
+        return info
     except _DRIVER_ERRORS as e:
         raise store_error(e, "cannot read the schema of a cluster of the store") from None
+
+
+# What a schema of SCHEMA_VERSION is made of (accman.postgres.schema_v*):
+# each is looked for in the connection's search_path.
+SCHEMA_TABLES = ("accman_schema", "accman_counter", "accman_accounts", "accman_history",
+                 "accman_holds", "accman_events", "accman_merged", "accman_cursors",
+                 "accman_holds_due", "accman_history_key", "accman_history_hold_end")
+SCHEMA_FUNCTIONS = ("accman_apply", "accman_expire", "accman_number_events", "accman_merge")
+_MISSING_SQL = """
+SELECT array_agg(name ORDER BY name) FROM (
+    SELECT t AS name FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NULL
+    UNION ALL
+    SELECT f FROM unnest($2::text[]) AS f
+     WHERE NOT EXISTS (SELECT 1 FROM pg_proc p WHERE p.proname = f
+                          AND pg_function_is_visible(p.oid))) AS gone
+"""
 
 
 def migrate_sync(urls: list[str]) -> str:

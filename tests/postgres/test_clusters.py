@@ -171,3 +171,21 @@ def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("cluster 2: the PostgreSQL store lost its connection") for m in said)
     assert "cluster 2: reconnected to the PostgreSQL store; taking writes again" in said
+
+
+@pytest.mark.parametrize("drop,says", [
+    ("DROP TABLE accman_holds", "accman_holds, accman_holds_due"),   # its index went with it
+    ("DROP FUNCTION accman_merge", "accman_merge"),
+    ("DROP INDEX accman_history_key", "accman_history_key")])
+def test_a_damaged_schema_is_refused_by_serve_and_migrate_not_repaired(pg, drop, says):
+    url = pg.create_database(f"damaged_{drop.split()[-1]}")
+    run(migrate([url]))
+    pg.psql(drop, url.rsplit("/", 1)[1])
+    name = drop.split()[-1]
+    for call in (lambda: migrate([url]), lambda: opened(url),
+                 lambda: opened(url, migrate_schema=False)):
+        with pytest.raises(StoreError, match=f"^the store's schema is damaged: {says} missing; "
+                           "nothing was repaired$"):
+            run(call())
+    assert pg.psql(f"SELECT to_regclass('{name}') IS NULL AND NOT EXISTS (SELECT 1 FROM "
+                   f"pg_proc WHERE proname = '{name}')", url.rsplit("/", 1)[1]) == "t"
