@@ -42,7 +42,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
-from accman.cli_values import int64, port, retention, store_url
+from accman.calling.arguments import int64, port, retention, store_url
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
