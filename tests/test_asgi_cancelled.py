@@ -1,13 +1,15 @@
 """The middleware when the request's task is cancelled (the ASGI server
 shutting down, a task group) while one of its calls to AccMan is in flight:
-against a real AccMan behind a proxy that forwards that call, so that the
-server applies it, and never answers.  The call may have landed, and the
-consumer gets no response: what it moved is given back, exactly once
-(docs/CALLING.md, "Releases happen at once")."""
+against a real AccMan with tokens (the service's has `read` and `charge`,
+as CALLING.md tells), behind a proxy that forwards that call, so that the
+server applies it, and never answers ("hang"), or swallows it ("swallow").
+The call may or may not have landed, and the consumer gets no response
+(docs/CALLING.md, "A request cancelled with a call in flight")."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -15,6 +17,9 @@ import pytest
 from accman.asgi import AccManMiddleware
 from asgi_harness import call, make_app
 
+MINT = "mint-token-0123456789abcdef"
+SERVICE = "service-token-0123456789abcdef"
+TOKENS = f"read,charge,mint {MINT}\nread,charge {SERVICE}\n"
 FUNDS = 10
 COST = 3
 WAIT_S = 10.0
@@ -24,18 +29,25 @@ APPLIED_S = 0.3
 pytestmark = pytest.mark.any_one_store("what is checked is the middleware's own bookkeeping")
 
 
-def cancelled_at(server, proxy, mode, calls_before):
-    """One request through the middleware in `mode`, its task cancelled
-    once the proxy has forwarded its call number `calls_before + 1` (which
-    it never answers); then the owed calls landed.  The middleware's
-    stats."""
-    p = proxy(server, *["pass"] * calls_before, "hang")
-    m = AccManMiddleware(make_app(), url=p.url, mode=mode, cost=COST, retries=0)
+@pytest.fixture
+def funded(start_server):
+    s = start_server(tokens=TOKENS)
+    s.mod("cx", FUNDS, token=MINT)
+    return s
+
+
+def cancelled_at(server, proxy, mode, *plan):
+    """One request through the middleware in `mode`, the proxy acting on
+    its calls by `plan`; the task is cancelled once the proxy has the call
+    the plan's last step is for; then the owed calls land.  The
+    middleware's stats."""
+    p = proxy(server, *plan)
+    m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, mode=mode, cost=COST, retries=0)
 
     async def main():
         task = asyncio.ensure_future(call(m, cred="cx"))
         deadline = time.monotonic() + WAIT_S
-        while p.seen <= calls_before:
+        while p.seen < len(plan):
             assert time.monotonic() < deadline and not task.done()
             await asyncio.sleep(0.01)
         await asyncio.sleep(APPLIED_S)
@@ -50,42 +62,52 @@ def cancelled_at(server, proxy, mode, calls_before):
 
 def entries(server):
     """The account's history, oldest first: (by, key suffix, hold)."""
-    past = server.get("/past?cred=cx").json["past"]
+    past = server.get("/past?cred=cx", token=MINT).json["past"]
     return [(e["by"], e["key"][-2:] if e["key"] else None, e["hold"]) for e in reversed(past)]
 
 
-def test_check_a_charge_in_flight_at_the_cancel_is_given_back(start_server, proxy):
-    """The probe passes, the charge after the work is forwarded, applied
-    and never answered: it is owed to the end (its key lands it once),
-    then refunded (key ...-r)."""
-    s = start_server()
-    s.mod("cx", FUNDS)
-    stats = cancelled_at(s, proxy, "check", 1)
-    assert entries(s) == [(FUNDS, None, None), (-COST, "-c", None), (COST, "-r", None)]
-    assert s.tot("cx") == FUNDS
-    assert stats["charged"] == 0 and stats["stranded"] == 0
+def test_check_a_charge_in_flight_at_the_cancel_is_said_with_its_key(funded, proxy, caplog):
+    """The probe passes; the charge after the work is forwarded, applied
+    and never answered.  The service cannot give it back (no `mint`), and
+    nothing it can read tells a landed charge from one still on its way:
+    the log names the key to look for."""
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        stats = cancelled_at(funded, proxy, "check", "pass", "hang")
+    past = funded.get("/past?cred=cx", token=MINT).json["past"]
+    assert [(e["by"], e["key"][-2:] if e["key"] else None) for e in past] == [(-COST, "-c"),
+                                                                               (FUNDS, None)]
+    said = [r.getMessage() for r in caplog.records if "was cancelled while" in r.getMessage()]
+    assert said == [f"accman: a request of account {said[0].split()[5]} was cancelled while its "
+                    f"charge of {COST} was in flight: if key {past[0]['key']} is in the "
+                    "account's history, the consumer paid for a response it did not get"]
+    assert stats["stranded"] == 0 and stats["owed"] == 0
 
 
-def test_reserve_a_hold_in_flight_at_the_cancel_is_released(start_server, proxy):
+def test_reserve_a_hold_in_flight_at_the_cancel_is_released(funded, proxy):
     """The hold is forwarded, applied and never answered: an owed unhold
     repeats it by its key (AccMan answers its id) and releases it, long
     before its ttl."""
-    s = start_server()
-    s.mod("cx", FUNDS)
-    stats = cancelled_at(s, proxy, "reserve", 0)
-    assert entries(s) == [(FUNDS, None, None), (-COST, "-h", 2), (COST, None, 2)]
-    assert s.tot("cx") == FUNDS
-    assert stats["stranded"] == 0
+    stats = cancelled_at(funded, proxy, "reserve", "hang")
+    assert entries(funded) == [(FUNDS, None, None), (-COST, "-h", 2), (COST, None, 2)]
+    assert funded.tot("cx", token=MINT) == FUNDS and stats["stranded"] == 0
 
 
-def test_reserve_a_settle_in_flight_at_the_cancel_is_given_back(start_server, proxy):
-    """The hold passes, the settle with the response's cost is forwarded,
-    applied and never answered: the same settle is owed (it answers its
-    first reply), then the cost is refunded."""
-    s = start_server()
-    s.mod("cx", FUNDS)
-    stats = cancelled_at(s, proxy, "reserve", 1)
-    assert entries(s) == [(FUNDS, None, None), (-COST, "-h", 2), (0, None, 2),
-                          (COST, "-r", None)]
-    assert s.tot("cx") == FUNDS
-    assert stats["charged"] == 0 and stats["stranded"] == 0
+def test_reserve_a_settle_swallowed_at_the_cancel_is_a_release(funded, proxy):
+    """The settle with the response's cost never reached AccMan: the hold
+    is released (use 0) at once, the consumer pays nothing."""
+    stats = cancelled_at(funded, proxy, "reserve", "pass", "swallow")
+    assert entries(funded) == [(FUNDS, None, None), (-COST, "-h", 2), (COST, None, 2)]
+    assert funded.tot("cx", token=MINT) == FUNDS and stats["stranded"] == 0
+
+
+def test_reserve_a_settle_landed_at_the_cancel_is_found_and_said(funded, proxy, caplog):
+    """The settle was applied, its reply lost: the release meets
+    hold_ended, and the same settle answers its first reply, applying
+    nothing; the log says what the service owes the account."""
+    with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+        stats = cancelled_at(funded, proxy, "reserve", "pass", "hang")
+    assert entries(funded) == [(FUNDS, None, None), (-COST, "-h", 2), (0, None, 2)]
+    assert funded.tot("cx", token=MINT) == FUNDS - COST and stats["stranded"] == 0
+    assert any(f"was settled with use {COST} by a call in flight" in r.getMessage()
+               and r.getMessage().endswith(f"the service owes the account {COST}")
+               for r in caplog.records)

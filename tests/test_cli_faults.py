@@ -35,7 +35,8 @@ class FaultProxy:
     `plan` ("pass" once it is used up): "pass" forwards the request and its
     reply; "503" forwards it, so that the server applies it, and answers
     REPLY_503 in place of the reply (applied, not acknowledged); "hang"
-    forwards it and never answers.  `seen` counts the requests."""
+    forwards it and never answers; "swallow" neither forwards it nor
+    answers (never applied).  `seen` counts the requests."""
 
     def __init__(self, port: int, plan=()):
         self.upstream = ("127.0.0.1", port)
@@ -78,6 +79,9 @@ class FaultProxy:
                     buf += chunk
                 request, _, buf = buf.partition(b"\r\n\r\n")
                 action = self._next_action()
+                if action == "swallow":
+                    threading.Event().wait(PROXY_TIMEOUT_S)
+                    return
                 upstream.sendall(request + b"\r\n\r\n")
                 if action == "hang":
                     threading.Event().wait(PROXY_TIMEOUT_S)

@@ -33,6 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 20.0
 ACCMAN_READY = re.compile(r"http://127\.0\.0\.1:(\d+)")
 UVICORN_READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+HYPERCORN_READY = re.compile(r"Running on http://127\.0\.0\.1:(\d+)")
+# The ASGI servers a service may run under: the command that serves `app`
+# on a free port, and the ready line that names the port (on stderr).
+SERVERS = {
+    "uvicorn": (lambda app: ["-m", "uvicorn", app, "--app-dir", str(ROOT), "--host",
+                             "127.0.0.1", "--port", "0", "--no-access-log"], UVICORN_READY),
+    "hypercorn": (lambda app: ["-m", "hypercorn", app, "--bind", "127.0.0.1:0"],
+                  HYPERCORN_READY),
+}
 
 FUNDER = "funder-token-0123456789abcdef"
 SVC_CHECK = "svc-check-token-0123456789abcdef"       # read, charge
@@ -91,25 +100,28 @@ def start_accman(log_dir: Path, name="accman", port=0) -> Proc:
 
 
 def start_app(log_dir: Path, name: str, accman_url: str, mode: str, token: str,
-              app: str = "examples.app:app", env=None) -> Proc:
-    return Proc(name, [sys.executable, "-m", "uvicorn", app, "--app-dir", str(ROOT),
-                       "--host", "127.0.0.1", "--port", "0", "--no-access-log"], log_dir,
+              app: str = "examples.app:app", env=None, server: str = "uvicorn") -> Proc:
+    """`app` under `server` (SERVERS); its `ready` is the ready line's pattern."""
+    args, ready = SERVERS[server]
+    proc = Proc(name, [sys.executable, *args(app)], log_dir,
                 env={"ACCMAN_URL": accman_url, "ACCMAN_MODE": mode, "ACCMAN_TOKEN": token,
                      **(env or {})})
+    proc.ready = ready
+    return proc
 
 
 @contextlib.contextmanager
 def services(log_dir, prefix="", **app):
-    """A real AccMan, and a service under uvicorn in each mode (`app`:
-    start_app's, the example's by default), all stopped at the end:
-    {"accman", "funder" (a client with mint), "check", "reserve" (their
-    URLs), "apps"}."""
+    """A real AccMan, and a service under an ASGI server (uvicorn unless
+    `server=` says) in each mode (`app`: start_app's, the example's by
+    default), all stopped at the end: {"accman", "funder" (a client with
+    mint), "check", "reserve" (their URLs), "apps"}."""
     accman = start_accman(log_dir)
     apps = {mode: start_app(log_dir, f"{prefix}{mode}", accman.url, mode, token, **app)
             for mode, token in (("check", SVC_CHECK), ("reserve", SVC_RESERVE))}
     try:
         for a in apps.values():
-            a.wait_ready(UVICORN_READY, "stderr")
+            a.wait_ready(a.ready, "stderr")
         with AccManSyncClient(accman.url, FUNDER) as funder:
             yield {"accman": accman, "funder": funder, "apps": apps,
                    **{k: a.url for k, a in apps.items()}}

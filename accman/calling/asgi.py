@@ -42,8 +42,7 @@ from collections.abc import Mapping
 
 from accman.calling.client import AccManClient
 from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
-                                 SHUTDOWN_DRAIN_S, Mod, Owed, Refund, Unhold, charge_key,
-                                 fingerprint)
+                                 SHUTDOWN_DRAIN_S, Mod, Owed, Unhold, charge_key, fingerprint)
 from accman.calling.policy import may_have_landed
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.lifespan import lifespan
@@ -181,8 +180,7 @@ class AccManMiddleware:
             return await self._unavailable(scope, receive, send, cred, price, e)
         if tot < est:
             return await self._insufficient(send, tot, est)
-        rid = self._rid()
-        key = charge_key(rid)
+        key = charge_key(self._rid())
         watch = DisconnectWatch(receive, scope=scope)
         refused = False
 
@@ -199,10 +197,7 @@ class AccManMiddleware:
                     refused = True
                     return await self._refused_charge(send, e, cred, key)
                 except asyncio.CancelledError:
-                    # The charge may have landed, and the response is not sent.
-                    if cost:
-                        self._owed.add(Refund(Mod(cred, -cost, key, "charge"), cost, rid),
-                                       CANCELLED)
+                    self._cancelled_charge(cred, cost, key)
                     raise
                 message = self._with_tot(message, new_tot)
             await send(message)
@@ -267,6 +262,16 @@ class AccManMiddleware:
                 await self.app(scope, r.watch.receive, r.sender(send))
         finally:
             r.release()     # the app raised, or sent no response; else settled already
+
+    def _cancelled_charge(self, cred, cost, key) -> None:
+        """The request was cancelled while its charge was in flight, before
+        the response started: the consumer gets nothing, and the charge may
+        have landed.  The service's token cannot give it back (a positive
+        mod needs `mint`), nor can a read tell it apart from one still on
+        its way, so the log names the key to look for."""
+        log.warning("accman: a request of account %s was cancelled while its charge of %d "
+                    "was in flight: if key %s is in the account's history, the consumer "
+                    "paid for a response it did not get", fingerprint(cred), cost, key)
 
     async def _charge(self, acc, cred, cost, key, served=True):
         """Charges `cost` with `key`; the new balance, or None when the

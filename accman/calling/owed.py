@@ -73,11 +73,6 @@ def charge_key(rid: str) -> str:
     return rid + "-c"
 
 
-def refund_key(rid: str) -> str:
-    """The key of the mod that gives request `rid`'s charge back (Refund)."""
-    return rid + "-r"
-
-
 # What a request cancelled with a call in flight (the ASGI server shutting
 # down, a task group) gives as the cause of what it leaves owed.
 CANCELLED = OutcomeUnknown("the request was cancelled while this call was in flight")
@@ -142,33 +137,42 @@ class Unhold:
             pass                    # expired already: nothing held
 
 
-class Refund:
-    """A charge the consumer got nothing for: its request was cancelled
-    while the charge was in flight, before the response started.  `first`
-    (the owed charge, a Mod, or the owed settle, a Settle) lands at most
-    once, then `amount` goes back as a mod keyed `rid-r`: the net is zero
-    whatever the cancelled attempt did.  A charge that cannot land now
-    (insufficient: it never did, or its key would answer) gives nothing
-    back.  Stranded half-way, the service owes the account `amount` if the
-    charge landed: the log names both keys."""
+class Unsettle:
+    """A settle of hold `hold` with `use` that was in flight when its
+    request was cancelled, before the response started: the consumer got
+    nothing, and should pay nothing.  The service's token cannot give money
+    back (a positive mod needs `mint`), so this releases the hold (use 0)
+    if the settle did not land, and otherwise finds out that it did: a
+    settle with the same `use` answers its first reply once the hold has
+    ended, and applies nothing.  Whichever of the two settles lands first
+    ends the hold; a landed one is logged as an error naming the amount the
+    service owes the account, to give back with a `mint` token."""
 
-    __slots__ = ("first", "cred", "amount", "rid", "by", "what", "maybe")
+    __slots__ = ("cred", "hold", "use", "by", "what", "maybe")
 
-    def __init__(self, first, amount: int, rid: str):
-        self.first, self.cred, self.amount, self.rid = first, first.cred, amount, rid
-        self.by, self.what = amount, "refund"
+    def __init__(self, cred: str, hold: int, use: int):
+        self.cred, self.hold, self.use = cred, hold, use
+        self.by, self.what = 0, "release"
         self.maybe = False
 
     @property
     def ref(self) -> str:
-        return f"{self.first.ref}, then key {refund_key(self.rid)}"
+        return f"hold {self.hold}"
 
     async def run(self, acc) -> None:
         try:
-            await self.first.run(acc)
-        except Insufficient:
-            return
-        await acc.mod(self.cred, self.amount, key=refund_key(self.rid))
+            await acc.settle(self.cred, self.hold, 0)
+            return                  # released: the cancelled settle never landed
+        except HoldEnded:
+            pass                    # settled before (by the cancelled call), or expired
+        try:
+            await acc.settle(self.cred, self.hold, self.use)
+        except HoldEnded:
+            return                  # expired: all of it came back
+        log.error("accman: hold %d of account %s was settled with use %d by a call in "
+                  "flight when its request was cancelled: the consumer paid for a response "
+                  "it did not get; the service owes the account %d", self.hold,
+                  fingerprint(self.cred), self.use, self.use)
 
 
 class Owed:
@@ -306,7 +310,7 @@ def _pause_s(attempt: int) -> float:
     return min(FOLLOWUP_PAUSE_S * 2 ** (attempt - 1), FOLLOWUP_PAUSE_MAX_S)
 
 
-__all__ = ["Owed", "Mod", "Settle", "Unhold", "Refund", "fingerprint", "charge_key",
-           "refund_key", "CANCELLED",
+__all__ = ["Owed", "Mod", "Settle", "Unhold", "Unsettle", "fingerprint", "charge_key",
+           "CANCELLED",
            "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "FOLLOWUP_PAUSE_S", "FOLLOWUP_PAUSE_MAX_S",
            "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S"]

@@ -7,8 +7,8 @@ its hold and its settle, on AccMan's holds (SPEC "Holds").
     consumer left, or    background
     no response came
     cancelled while the  owed: the hold repeated by its key, then released;
-    hold or the settle   the settle repeated, then its use refunded (ID-r)
-    was in flight
+    hold or the settle   the hold released if the settle had not landed (a
+    was in flight        landed one is logged: the service owes its use)
 
 A hold that is never settled (the service crashed or lost AccMan) ends by
 itself after hold_ttl_s, all of it returned: no reservation leaks.  A
@@ -25,7 +25,7 @@ import asyncio
 import logging
 
 from accman.calling.disconnect import DisconnectWatch
-from accman.calling.owed import CANCELLED, Refund, Settle, charge_key, fingerprint
+from accman.calling.owed import CANCELLED, Settle, Unsettle, charge_key, fingerprint
 from accman.errors import AccManError, HoldEnded
 
 log = logging.getLogger("accman.asgi")
@@ -88,8 +88,7 @@ class Reservation:
             return mw._with_tot(message, await self._settle(cost))
         except asyncio.CancelledError:
             # The settle may have landed, and the response is not sent.
-            settle = Settle(self.cred, self.hold, cost, self.rid)
-            mw._owed.add(Refund(settle, cost, self.rid) if cost else settle, CANCELLED)
+            mw._owed.add(Unsettle(self.cred, self.hold, cost), CANCELLED)
             raise
 
     async def _settle(self, use: int):

@@ -149,16 +149,26 @@ class EventReader:
                         r[7], r[8]) for r in rows]
         return events, events[-1].id
 
-    async def _outcome(self, after, limit):
+    async def _copy_first(self):
+        """What every front-end's answered writes committed on the other
+        clusters, copied before a read: None, or the Unavailable that
+        answers the read instead."""
         merger = self.store.merger
         if merger is not None:
-            # What every front-end's answered writes committed on the other
-            # clusters is copied before it is read.
             try:
                 await merger.before_read()
             except Exception as e:
                 return Unavailable(f"the events of a cluster cannot be copied: "
                                    f"{E.describe(e)}")
+        return None
+
+    async def _outcome(self, after, limit, copied=False):
+        """A page or the error that answers it; `copied`: _copy_first ran
+        after every call it answers was made."""
+        if not copied:
+            failed = await self._copy_first()
+            if failed is not None:
+                return failed
         try:
             return await self._page(after, limit)
         except EventsTrimmed as e:
@@ -180,9 +190,10 @@ class EventReader:
         try:
             while self._queued:
                 queued, self._queued = self._queued, {}
+                failed = await self._copy_first()       # one copy for the whole batch
                 for (after, limit), calls in queued.items():
                     commits = self._commits
-                    outcome = await self._outcome(after, limit)
+                    outcome = failed or await self._outcome(after, limit, copied=True)
                     # Only a reader at the end waits: one past it is told
                     # at once where the stream ends, as the embedded store does.
                     waits = (isinstance(outcome, tuple) and outcome == ([], after)
@@ -228,8 +239,9 @@ class EventReader:
             pages: dict = {}
             for w in taken:
                 pages.setdefault((w[0], w[1]), []).append(w)
+            failed = await self._copy_first()
             for (after, limit), group in pages.items():
-                outcome = await self._outcome(after, limit)
+                outcome = failed or await self._outcome(after, limit, copied=True)
                 if isinstance(outcome, tuple) and not outcome[0] and not self.ended:
                     self.waiters.extend(group)
                 else:

@@ -19,6 +19,7 @@ id on a tie, so that front-ends started together choose the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from typing import NamedTuple
 
@@ -79,26 +80,34 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False) -> Cluster
     lock's), and would make them again."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
     try:
-        async with conn.transaction():
-            info = await read_info(conn)
-            version = 0 if info is None else info.version
-            _check_version(version)
-            if info is not None and info.hash_key != hash_key and not adopt:
-                raise StoreError("the clusters disagree on the credential-hash key: they are "
-                                 "not one store")
-            for v, sql in MIGRATIONS:
-                if v > version:
-                    await conn.execute(sql)
-            if info is None:
-                info = ClusterInfo(SCHEMA_VERSION, hash_key,
-                                   secrets.token_bytes(CLUSTER_ID_BYTES))
-                await conn.execute("INSERT INTO accman_schema VALUES (true, $1, $2, $3)",
-                                   SCHEMA_VERSION, hash_key, info.cluster_id)
-            else:
-                await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
-                info = info._replace(version=SCHEMA_VERSION)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+        info = await _migrate_locked(conn, hash_key, adopt)
+    except BaseException:
+        # The connection may be gone with the lock: the first error is the one to tell.
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+        raise
+    await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+    return info
+
+
+async def _migrate_locked(conn, hash_key: bytes, adopt: bool) -> ClusterInfo:
+    async with conn.transaction():
+        info = await read_info(conn)
+        version = 0 if info is None else info.version
+        _check_version(version)
+        if info is not None and info.hash_key != hash_key and not adopt:
+            raise StoreError("the clusters disagree on the credential-hash key: they are "
+                             "not one store")
+        for v, sql in MIGRATIONS:
+            if v > version:
+                await conn.execute(sql)
+        if info is None:
+            info = ClusterInfo(SCHEMA_VERSION, hash_key, secrets.token_bytes(CLUSTER_ID_BYTES))
+            await conn.execute("INSERT INTO accman_schema VALUES (true, $1, $2, $3)",
+                               SCHEMA_VERSION, hash_key, info.cluster_id)
+        else:
+            await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
+            info = info._replace(version=SCHEMA_VERSION)
     return info
 
 
@@ -239,10 +248,14 @@ async def migrate(urls: list[str]) -> list[ClusterInfo]:
         adopt = not keys
         key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)
         try:
-            out = []
-            for c in conns:
-                out.append(await migrate_cluster(c, key, adopt))
-                key, adopt = out[-1].hash_key, False
+            # In the URLs' order, whatever order they were given in: front-ends
+            # migrating a new store at once all start on the same cluster, and
+            # the later ones adopt the key the first made there.
+            got = {}
+            for k in sorted(range(len(urls)), key=lambda k: urls[k]):
+                got[k] = await migrate_cluster(conns[k], key, adopt)
+                key, adopt = got[k].hash_key, False
+            out = [got[k] for k in range(len(conns))]
             if len({i.cluster_id for i in out}) != len(out):   # a new one, named twice
                 raise StoreError("the same cluster is named twice")
             if len(out) > 1:

@@ -113,7 +113,10 @@ def test_some_clusters_of_a_store_are_refused_and_change_nothing(pg):
     assert len(run(migrate([a, b, c]))) == 3
     with pytest.raises(StoreError, match="the store has 3 clusters and 2 were given"):
         run(opened([a, b], migrate_schema=False))
-    run(stored([c, b, a], migrate_schema=False).__aenter__())   # whole, in any order
+    async def whole():                                          # whole, in any order
+        async with stored([c, b, a], migrate_schema=False) as (store, _):
+            assert len(store.clusters) == 3
+    run(whole())
 
 
 def test_a_refused_migration_changes_no_cluster(pg):
@@ -138,11 +141,17 @@ def test_front_ends_migrating_a_new_cluster_at_once_all_start(pg):
     ones see what the first made (a transaction begun before it committed
     would make its tables again: "relation accman_schema already
     exists")."""
-    async def together(url):
-        return await asyncio.gather(*(migrate([url]) for _ in range(4)))
+    async def together(*lists):
+        return await asyncio.gather(*(migrate(urls) for urls in lists))
     for n in range(3):
-        infos = run(together(pg.create_database(f"race_{n}")))
+        url = pg.create_database(f"race_{n}")
+        infos = run(together(*[[url]] * 4))
         assert len({i[0].cluster_id for i in infos}) == 1
+        # Two clusters, given in either order: one key, made once.
+        a, b = pg.create_database(f"race_{n}_a"), pg.create_database(f"race_{n}_b")
+        infos = run(together([a, b], [b, a], [a, b], [b, a]))
+        assert len({i.hash_key for got in infos for i in got}) == 1
+        assert len({i.cluster_id for got in infos for i in got}) == 2
 
 
 def test_a_table_named_accman_schema_of_another_program_is_refused_plainly(pg):

@@ -132,9 +132,10 @@ def test_many_reads_at_once_share_one_copy(pg, pg_factory, monkeypatch):
                 passes.append(cluster.index)
                 return await real(cluster)
             monkeypatch.setattr(store.merger, "_pass", counted)
-            await asyncio.gather(*(c.events(after=0) for _ in range(50)))
+            # Each `after` its own read (reads of one `after` share a page).
+            await asyncio.gather(*(c.events(after=n) for n in range(50)))
     run(main())
-    assert 1 <= len(passes) <= 2
+    assert 1 <= len(passes) <= 4            # 50 without the sharing (an upkeep round may add one)
 
 
 def test_a_store_grown_to_two_clusters_keeps_the_ids_it_gave(pg, pg_factory):
