@@ -45,6 +45,18 @@ def stack(tmp_path_factory):
         stopped_cleanly(app)
 
 
+@pytest.fixture(scope="module")
+def hyper_stack(tmp_path_factory):
+    """The same service under hypercorn (HTTP/1.1), whose disconnects and
+    shutdown are its own."""
+    with services(tmp_path_factory.mktemp("e2e-gone-hyper"), "hyper-",
+                  app="tests.gone_app:app", server="hypercorn") as s:
+        yield s
+    for app in s["apps"].values():
+        log = app.err.read_text(errors="replace")
+        assert not [f for f in LOG_FAULTS if f in log], log[-3000:]
+
+
 def stopped_cleanly(app) -> None:
     """uvicorn ended its shutdown (it raises the SIGTERM it caught again as
     it exits) and logged no fault."""
@@ -190,3 +202,17 @@ def test_a_request_under_way_at_shutdown_ends_charged_and_logs_nothing(stack, tm
     assert [r.status_code for r in replies] == [200] and replies[0].headers["accman"] == "8"
     assert bys(stack, cred) == BYS_ONE["check"]
     stopped_cleanly(app)
+
+
+# --- the same under hypercorn ------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+@pytest.mark.parametrize("path,until", [("/work", "body 0"), ("/idle", "started")])
+def test_under_hypercorn_a_consumer_gone_is_not_charged(hyper_stack, mode, path, until):
+    test_a_consumer_gone_before_the_response_is_not_charged(hyper_stack, mode, path, until)
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_under_hypercorn_a_consumer_who_stays_is_charged_once(hyper_stack, mode):
+    # hypercorn ends a body with an empty message of its own.
+    test_a_consumer_who_stays_is_charged_once_per_request(
+        hyper_stack, mode, "/work", b"0123456789", ["body 10 more", "body 0", "answered"])
