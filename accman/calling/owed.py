@@ -44,20 +44,28 @@ def fingerprint(cred: str) -> str:
     return hashlib.sha256(cred.encode()).hexdigest()[:12]
 
 
-# Each owed call has `cred`, `by` (what it moves: < 0 the account owes the
-# service, > 0 the service owes the account, 0 nothing is lost if it never
-# lands), `what` and `ref` (for logs), `maybe` (an attempt of it may have
-# landed: sent, with no reply) and `run(acc)`.
+class Item:
+    """An owed call: `cred`, `by` (what it moves: < 0 the account owes the
+    service, > 0 the service owes the account, 0 nothing is lost if it never
+    lands), `what` and `ref` (for logs), `maybe` (an attempt of it may have
+    landed: sent, with no reply) and `run(acc)`."""
 
-class Mod:
+    __slots__ = ("cred", "by", "what", "maybe")
+
+    def __init__(self, cred: str, by: int, what: str):
+        self.cred, self.by, self.what = cred, by, what
+        self.maybe = False
+
+
+class Mod(Item):
     """An owed mod, retried with its key until it lands.  `what` names it
     in logs: "charge" or "refund"."""
 
-    __slots__ = ("cred", "by", "key", "what", "maybe")
+    __slots__ = ("key",)
 
     def __init__(self, cred: str, by: int, key: str, what: str):
-        self.cred, self.by, self.key, self.what = cred, by, key, what
-        self.maybe = False
+        super().__init__(cred, by, what)
+        self.key = key
 
     @property
     def ref(self) -> str:
@@ -78,19 +86,18 @@ def charge_key(rid: str) -> str:
 CANCELLED = OutcomeUnknown("the request was cancelled while this call was in flight")
 
 
-class Settle:
+class Settle(Item):
     """An owed settle of hold `hold` with `use`.  Repeating it answers the
     first reply, so it needs no key.  If the hold has ended meanwhile, a
     release (use 0) has nothing left to do, and a use is charged as a keyed
     mod instead: the hold expired (the app ran past its ttl, or the settle
     could not land in time) and all of it went back."""
 
-    __slots__ = ("cred", "hold", "use", "rid", "by", "what", "maybe")
+    __slots__ = ("hold", "use", "rid")
 
     def __init__(self, cred: str, hold: int, use: int, rid: str):
-        self.cred, self.hold, self.use, self.rid = cred, hold, use, rid
-        self.by, self.what = -use, "settle" if use else "release"
-        self.maybe = False
+        super().__init__(cred, -use, "settle" if use else "release")
+        self.hold, self.use, self.rid = hold, use, rid
 
     @property
     def ref(self) -> str:
@@ -108,19 +115,18 @@ class Settle:
             await acc.mod(self.cred, -self.use, key=charge_key(self.rid))
 
 
-class Unhold:
+class Unhold(Item):
     """A hold whose outcome is unknown, to be undone: repeating it with its
     key answers whether it applied (the first reply, with its id) or not
     (it applies now, or is refused); a settle with use 0 then releases it.
     Left alone it would return by itself at its expiry; this returns it
     sooner."""
 
-    __slots__ = ("cred", "amount", "ttl_s", "key", "by", "what", "maybe")
+    __slots__ = ("amount", "ttl_s", "key")
 
     def __init__(self, cred: str, amount: int, ttl_s: int, key: str):
-        self.cred, self.amount, self.ttl_s, self.key = cred, amount, ttl_s, key
-        self.by, self.what = 0, "release"
-        self.maybe = False
+        super().__init__(cred, 0, "release")
+        self.amount, self.ttl_s, self.key = amount, ttl_s, key
 
     @property
     def ref(self) -> str:
@@ -137,7 +143,7 @@ class Unhold:
             pass                    # expired already: nothing held
 
 
-class Unsettle:
+class Unsettle(Item):
     """A settle of hold `hold` with `use` that was in flight when its
     request was cancelled, before the response started: the consumer got
     nothing, and should pay nothing.  The service's token cannot give money
@@ -148,12 +154,11 @@ class Unsettle:
     ends the hold; a landed one is logged as an error naming the amount the
     service owes the account, to give back with a `mint` token."""
 
-    __slots__ = ("cred", "hold", "use", "by", "what", "maybe")
+    __slots__ = ("hold", "use")
 
     def __init__(self, cred: str, hold: int, use: int):
-        self.cred, self.hold, self.use = cred, hold, use
-        self.by, self.what = 0, "release"
-        self.maybe = False
+        super().__init__(cred, 0, "release")
+        self.hold, self.use = hold, use
 
     @property
     def ref(self) -> str:
