@@ -25,6 +25,8 @@ COST = 3
 WAIT_S = 10.0
 # After the proxy saw the call: time for the server to apply it.
 APPLIED_S = 0.3
+# Each call's own bound: a call the proxy never answers ends after it.
+CALL_TIMEOUT_S = 1.5
 
 pytestmark = pytest.mark.any_one_store("what is checked is the middleware's own bookkeeping")
 
@@ -42,7 +44,8 @@ def cancelled_at(server, proxy, mode, *plan):
     the plan's last step is for; then the owed calls land.  The
     middleware's stats."""
     p = proxy(server, *plan)
-    m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, mode=mode, cost=COST, retries=0)
+    m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, mode=mode, cost=COST, retries=0,
+                         timeout_s=CALL_TIMEOUT_S)
 
     async def main():
         task = asyncio.ensure_future(call(m, cred="cx"))
@@ -66,11 +69,26 @@ def entries(server):
     return [(e["by"], e["key"][-2:] if e["key"] else None, e["hold"]) for e in reversed(past)]
 
 
+def test_check_a_charge_landed_after_the_cancel_is_said_with_what_is_owed(funded, proxy,
+                                                                          caplog):
+    """The probe passes; the charge is applied and answered late, after
+    the cancel: the call is not cut short, and once it ends the log says
+    what the service owes the account (it cannot give it back: no `mint`)."""
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        stats = cancelled_at(funded, proxy, "check", "pass", "late")
+    assert entries(funded) == [(FUNDS, None, None), (-COST, "-c", None)]
+    said = [r.getMessage() for r in caplog.records if "was cancelled while" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(
+        f"and the charge landed: the consumer paid for a response it did not get; the "
+        f"service owes the account {COST}")
+    assert stats["charged"] == 1 and stats["stranded"] == 0 and stats["owed"] == 0
+
+
 def test_check_a_charge_in_flight_at_the_cancel_is_said_with_its_key(funded, proxy, caplog):
     """The probe passes; the charge after the work is forwarded, applied
     and never answered.  The service cannot give it back (no `mint`), and
     nothing it can read tells a landed charge from one still on its way:
-    the log names the key to look for."""
+    once the call times out, the log names the key to look for."""
     with caplog.at_level(logging.WARNING, logger="accman.asgi"):
         stats = cancelled_at(funded, proxy, "check", "pass", "hang")
     past = funded.get("/past?cred=cx", token=MINT).json["past"]

@@ -28,6 +28,7 @@ REPLY_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/jso
              b"Content-Length: 58\r\n\r\n"
              b'{"error":"unavailable","detail":"the store cannot commit"}')
 PROXY_TIMEOUT_S = 30.0      # no test waits this long for a byte
+LATE_S = 1.0                # "late": well after a test has cancelled the call
 
 
 class FaultProxy:
@@ -36,7 +37,8 @@ class FaultProxy:
     reply; "503" forwards it, so that the server applies it, and answers
     REPLY_503 in place of the reply (applied, not acknowledged); "hang"
     forwards it and never answers; "swallow" neither forwards it nor
-    answers (never applied).  `seen` counts the requests."""
+    answers (never applied); "late" forwards it and answers LATE_S after
+    its reply came.  `seen` counts the requests."""
 
     def __init__(self, port: int, plan=()):
         self.upstream = ("127.0.0.1", port)
@@ -87,6 +89,8 @@ class FaultProxy:
                     threading.Event().wait(PROXY_TIMEOUT_S)
                     return
                 reply = _read_reply(upstream)
+                if action == "late":
+                    time.sleep(LATE_S)
                 client.sendall(REPLY_503 if action == "503" else reply)
         except OSError:
             return

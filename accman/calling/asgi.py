@@ -35,6 +35,7 @@ SHA-256 fingerprint.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -196,9 +197,6 @@ class AccManMiddleware:
                 except (Unauthorized, Forbidden) as e:
                     refused = True
                     return await self._refused_charge(send, e, cred, key)
-                except asyncio.CancelledError:
-                    self._cancelled_charge(cred, cost, key)
-                    raise
                 message = self._with_tot(message, new_tot)
             await send(message)
 
@@ -263,22 +261,18 @@ class AccManMiddleware:
         finally:
             r.release()     # the app raised, or sent no response; else settled already
 
-    def _cancelled_charge(self, cred, cost, key) -> None:
-        """The request was cancelled while its charge was in flight, before
-        the response started: the consumer gets nothing, and the charge may
-        have landed.  The service's token cannot give it back (a positive
-        mod needs `mint`), nor can a read tell it apart from one still on
-        its way, so the log names the key to look for."""
-        log.warning("accman: a request of account %s was cancelled while its charge of %d "
-                    "was in flight: if key %s is in the account's history, the consumer "
-                    "paid for a response it did not get", fingerprint(cred), cost, key)
-
     async def _charge(self, acc, cred, cost, key, served=True):
         """Charges `cost` with `key`; the new balance, or None when the
         charge is owed.  Before the response is `served`, a 401 or 403 is
-        raised instead: the caller refuses the request."""
+        raised instead: the caller refuses the request.  A cancel of the
+        request meanwhile does not cut the call short: it goes on, and what
+        it did is said when it ends (_charged_unserved)."""
+        call = self._spawn(acc.mod(cred, -cost, key=key))
         try:
-            new_tot, _ = await acc.mod(cred, -cost, key=key)
+            new_tot, _ = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(functools.partial(self._charged_unserved, cred, cost, key))
+            raise
         except AccManError as e:
             if not served and isinstance(e, (Unauthorized, Forbidden)):
                 raise
@@ -286,6 +280,25 @@ class AccManMiddleware:
             return None
         self._charged(cost)
         return new_tot
+
+    def _charged_unserved(self, cred, cost, key, call) -> None:
+        """The request was cancelled while its charge was in flight, before
+        its response started: the consumer gets nothing.  The service's
+        token cannot give a landed charge back (a positive mod needs
+        `mint`): the log says what the service owes, or, when the call's
+        outcome is unknown, the key to look for."""
+        error = None if call.cancelled() else call.exception()
+        if call.cancelled() or (error is not None and (
+                may_have_landed(error) or not isinstance(error, AccManError))):
+            log.warning("accman: a request of account %s was cancelled while its charge of %d "
+                        "was in flight: if key %s is in the account's history, the consumer "
+                        "paid for a response it did not get", fingerprint(cred), cost, key)
+        elif error is None:
+            self._charged(cost)
+            log.error("accman: a request of account %s was cancelled while its charge of %d "
+                      "(key %s) was in flight, and the charge landed: the consumer paid for a "
+                      "response it did not get; the service owes the account %d",
+                      fingerprint(cred), cost, key, cost)
 
     # --- refusals and the unavailable path ---------------------------------
     def _challenge(self):
@@ -337,10 +350,12 @@ class AccManMiddleware:
         return await _refuse_unavailable(send)
 
     # --- owed calls, releases under way, shutdown -----------------------------
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
+        """A task of the middleware's, waited for at shutdown (_releases)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _releases(self, timeout_s: float | None) -> bool:
         if self._tasks:
