@@ -25,8 +25,11 @@ COST = 3
 WAIT_S = 10.0
 # After the proxy saw the call: time for the server to apply it.
 APPLIED_S = 0.3
-# Each call's own bound: a call the proxy never answers ends after it.
-CALL_TIMEOUT_S = 1.5
+# Each call's own bound: a call the proxy never answers ends after it
+# (and so does an owed call sent behind it on the same connection).
+CALL_TIMEOUT_S = 0.5
+# The same for the call the proxy answers late: past LATE_S.
+LATE_CALL_TIMEOUT_S = 3.0
 
 pytestmark = pytest.mark.any_one_store("what is checked is the middleware's own bookkeeping")
 
@@ -38,14 +41,14 @@ def funded(start_server):
     return s
 
 
-def cancelled_at(server, proxy, mode, *plan):
+def cancelled_at(server, proxy, mode, *plan, timeout_s=CALL_TIMEOUT_S):
     """One request through the middleware in `mode`, the proxy acting on
     its calls by `plan`; the task is cancelled once the proxy has the call
     the plan's last step is for; then the owed calls land.  The
     middleware's stats."""
     p = proxy(server, *plan)
     m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, mode=mode, cost=COST, retries=0,
-                         timeout_s=CALL_TIMEOUT_S)
+                         timeout_s=timeout_s)
 
     async def main():
         task = asyncio.ensure_future(call(m, cred="cx"))
@@ -75,7 +78,8 @@ def test_check_a_charge_landed_after_the_cancel_is_said_with_what_is_owed(funded
     the cancel: the call is not cut short, and once it ends the log says
     what the service owes the account (it cannot give it back: no `mint`)."""
     with caplog.at_level(logging.WARNING, logger="accman.asgi"):
-        stats = cancelled_at(funded, proxy, "check", "pass", "late")
+        stats = cancelled_at(funded, proxy, "check", "pass", "late",
+                             timeout_s=LATE_CALL_TIMEOUT_S)
     assert entries(funded) == [(FUNDS, None, None), (-COST, "-c", None)]
     said = [r.getMessage() for r in caplog.records if "was cancelled while" in r.getMessage()]
     assert len(said) == 1 and said[0].endswith(
