@@ -205,9 +205,11 @@ def test_a_request_under_way_at_shutdown_ends_charged_and_logs_nothing(stack, tm
 
 
 # --- the same under hypercorn ------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["check", "reserve"])
-@pytest.mark.parametrize("path,until", [("/work", "body 0"), ("/idle", "started")])
+@pytest.mark.parametrize("mode,path,until", [("check", "/work", "body 0"),
+                                              ("reserve", "/idle", "started")])
 def test_under_hypercorn_a_consumer_gone_is_not_charged(hyper_stack, mode, path, until):
+    """Both ways the watch sees a disconnect (after the body the app read;
+    the bodiless request read for the app), one in each mode."""
     test_a_consumer_gone_before_the_response_is_not_charged(hyper_stack, mode, path, until)
 
 
