@@ -180,7 +180,7 @@ def _pieces(events):
     piece, size, last = [], 0, None
     for e in events:
         line = json.dumps(e._asdict(), separators=(",", ":")) + "\n"
-        assert len(line) <= PIPE_BUF, "an event's line is shorter than a pipe's atomic write"
+        assert len(line) <= PIPE_BUF, "an event line longer than a pipe's atomic write"
         if size + len(line) > PIPE_BUF:
             yield "".join(piece), last
             piece, size = [], 0
