@@ -79,7 +79,7 @@ _KNOWN_STATS = {
                     "Events written: the newest event id."),
     "events_first": ("accman_events_first", "gauge", "The oldest event id kept."),
     "events_trimmed": ("accman_events_trimmed_total", "counter",
-                       "Events deleted past the retention since start."),
+                       "Events this server deleted past the retention since it started."),
     "queued_mods": ("accman_queued_mods", "gauge",
                     "Mods applied in memory, waiting for their batch to be durable."),
     "last_batch_mods": ("accman_last_batch_mods", "gauge",
