@@ -351,7 +351,7 @@ def test_a_malformed_status_line_is_refused(head):
 # --- the cursor file --------------------------------------------------------------------
 
 def test_a_cursor_survives_as_a_0600_file_written_whole(tmp_path, cursors):
-    assert cursors.load(CURSOR_NAME) == 0
+    assert cursors.load(CURSOR_NAME) is None                    # never saved
     cursors.save(CURSOR_NAME, 41)
     cursors.save(CURSOR_NAME, 42)
     path = tmp_path / "webhook.cursor"
@@ -654,7 +654,9 @@ def test_the_cursor_is_saved_at_most_once_per_interval_and_at_once_on_stop(rx, t
                       limits=limits)
     assert time.monotonic() - started < 15, "the stop waited for the save interval"
     assert len(rx.snapshot()) == 8
-    assert len(cursors.saves) == 2 and cursors.saves[0] < 40 and cursors.saves[1] == 40
+    # The first start's save marks the webhook configured; none follows
+    # within the interval; the stop saves the last acknowledged id at once.
+    assert cursors.saves == [0, 40]
     assert d.saved == 40 == FileCursors(str(tmp_path)).load(CURSOR_NAME)
 
 
@@ -664,7 +666,7 @@ def test_a_stop_waits_for_a_stuck_cursor_save_at_most_one_attempt_timeout(rx, tm
     said = []
     d = run_deliverer(with_events(3), rx, lambda d: d.cursor == 3, cursors=cursors,
                       limits=limits, said=said)
-    assert d.saved == 0 and FileCursors(str(tmp_path)).load(CURSOR_NAME) == 0
+    assert d.saved == 0 and FileCursors(str(tmp_path)).load(CURSOR_NAME) is None
     assert said == ["the cursor could not be saved past event 0: the events after it are "
                     "sent again at the next start"]
 
@@ -715,6 +717,8 @@ def test_events_trimmed_before_delivery_are_said_and_counted(rx, cursors):
 
 
 def test_a_new_webhook_starts_from_the_oldest_event_kept(rx, cursors):
+    """Events trimmed before the webhook was configured were never its
+    receiver's: nothing said."""
     def setup(loop):
         store = FakeEvents(loop)
         store.add(6)
@@ -724,6 +728,34 @@ def test_a_new_webhook_starts_from_the_oldest_event_kept(rx, cursors):
     said = []
     d = run_deliverer(setup, rx, lambda d: d.cursor == 6, cursors=cursors, said=said)
     assert delivered_ids(rx) == [4, 5, 6] and d.skipped == 0 and said == []
+
+
+def test_a_new_webhook_is_saved_configured_before_its_receiver_acknowledges_any(rx, cursors):
+    rx.mode = "fail"
+    run_deliverer(with_events(4), rx, lambda d: d.failures >= 2, cursors=cursors)
+    assert FileCursors(cursors.directory).load(CURSOR_NAME) == 0       # was None
+
+
+def test_events_trimmed_before_a_configured_receiver_acknowledged_any_are_said(rx, cursors):
+    """A webhook configured at an earlier start whose receiver never
+    acknowledged anything (its cursor saved at 0): events trimmed since
+    were its receiver's, lost to it, and said and counted as for any
+    cursor."""
+    cursors.save(CURSOR_NAME, 0)
+
+    def setup(loop):
+        store = FakeEvents(loop)
+        store.add(8)
+        store.first = 6           # 1..5 went past the retention
+        return store
+
+    said = []
+    d = run_deliverer(setup, rx, lambda d: d.cursor == 8, cursors=FileCursors(
+        cursors.directory), said=said)
+    assert delivered_ids(rx) == [6, 7, 8] and d.skipped == 5
+    assert said == ["events 1 to 5 were trimmed from the store (past its retention) before "
+                    "the receiver acknowledged them: 5 events are not delivered; going on "
+                    "from event 6"]
 
 
 def test_the_metrics_show_cursor_lag_and_failures(rx, cursors):

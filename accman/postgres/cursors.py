@@ -64,10 +64,9 @@ class PgCursors:
         self._leading: dict = {}     # name -> True while this front-end holds the role
         self._checked: dict = {}     # name -> when the held role's session last answered
 
-    async def load_cursor(self, name: str) -> int:
-        """The cursor as last saved by any front-end; 0 when never."""
-        value = await self._call("fetchval", _LOAD_SQL, name, "read")
-        return 0 if value is None else value
+    async def load_cursor(self, name: str) -> int | None:
+        """The cursor as last saved by any front-end; None when never."""
+        return await self._call("fetchval", _LOAD_SQL, name, "read")
 
     async def save_cursor(self, name: str, value: int) -> None:
         """Durable when it returns (committed as the mods are); a value

@@ -5,7 +5,7 @@ after it and never skips one.
 
 The interface, two coroutines:
 
-    await cursors.load_cursor(name) -> int     0 when it was never saved
+    await cursors.load_cursor(name) -> int     None when it was never saved
     await cursors.save_cursor(name, value)     durable when it returns
 
 `value` never decreases (asserted).  A store that keeps cursors itself
@@ -76,7 +76,7 @@ class FileCursors:
 
     # --- the interface -------------------------------------------------------------
 
-    async def load_cursor(self, name: str) -> int:
+    async def load_cursor(self, name: str) -> int | None:
         return self.load(name)
 
     async def save_cursor(self, name: str, value: int) -> None:
@@ -86,13 +86,13 @@ class FileCursors:
 
     # --- blocking ------------------------------------------------------------------
 
-    def load(self, name: str) -> int:
+    def load(self, name: str) -> int | None:
         path = self.path(name)
         try:
             with open(path, "rb") as f:
                 data = f.read(FILE_BYTES_MAX + 1)
         except FileNotFoundError:
-            value = 0
+            return None
         except OSError as e:
             raise StoreError(f"cannot read the cursor file {path}: "
                              f"{e.strerror or type(e).__name__}") from None

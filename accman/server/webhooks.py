@@ -146,7 +146,12 @@ class Deliverer:
         self.failures = 0           # attempts that failed, ever
         self.failing = 0            # attempts that failed since the last success
         self.skipped = 0            # events trimmed from the store before delivery
-        self._delivered = False     # anything was ever acknowledged (or loaded)
+        # The webhook was there before the events after its cursor: set by a
+        # cursor saved before this start, and by the first read of the
+        # store.  Only then are events trimmed before the receiver
+        # acknowledged them lost to it, and said so (_trimmed).
+        self._known = False
+        self._unmarked = False      # no cursor saved yet: the first start saves 0
         # Whether this front-end delivers: always without roles (see above).
         self.leading = not hasattr(cursors, "lead")
         self._task = None
@@ -160,13 +165,16 @@ class Deliverer:
         shared store, says so when the cursor was last moved for another
         receiver (`_check_target`)."""
         try:
-            self.cursor = await self.cursors.load_cursor(CURSOR_NAME)
+            loaded = await self.cursors.load_cursor(CURSOR_NAME)
             if hasattr(self.cursors, "target"):
                 self._check_target(await self.cursors.target(CURSOR_NAME))
         except StoreError as e:
             raise StartupError(f"webhook: {e.detail}") from None
-        self.seen = self.saved = self.cursor
-        self._delivered = self.cursor > 0
+        self.cursor = self.seen = self.saved = loaded or 0
+        self._known = loaded is not None
+        # Configured for the first time: its cursor is saved (0) as it starts,
+        # so that a later start knows its receiver was waiting for what is kept.
+        self._unmarked = loaded is None
 
     @property
     def target_id(self) -> bytes:
@@ -191,6 +199,8 @@ class Deliverer:
             self.say(f"delivering to {self.config.target.where} while this front-end "
                      f"holds the role (one front-end of the store delivers)")
         self._task = self.loop.create_task(self._run())
+        if self._unmarked:
+            self._saver = self.loop.create_task(self._save())
 
     async def stop(self) -> None:
         """Stops at once: a batch not yet acknowledged is sent again at the
@@ -256,7 +266,6 @@ class Deliverer:
         self.batches += 1
         self.events += n
         self.cursor = last
-        self._delivered = True
         if self._saver is None or self._saver.done():
             self._saver = self.loop.create_task(self._save())
 
@@ -274,7 +283,7 @@ class Deliverer:
             leading = await lead(CURSOR_NAME, interval_s)
             if not (leading and self.leading):
                 # Taking the role, or following: the cursor as saved.
-                self._follow(await self.cursors.load_cursor(CURSOR_NAME))
+                self._follow(await self.cursors.load_cursor(CURSOR_NAME) or 0)
             if leading and not self.leading:
                 self.say(f"this front-end delivers now, after event {self.cursor}")
                 self._check_target(await self.cursors.target(CURSOR_NAME))
@@ -296,7 +305,6 @@ class Deliverer:
         self.cursor = max(self.cursor, saved)
         self.saved = max(self.saved, saved)
         self.seen = max(self.seen, self.cursor)
-        self._delivered = self._delivered or self.cursor > 0
 
     async def _read(self) -> list[Event]:
         """The events after the cursor, waiting for the first (long poll);
@@ -305,9 +313,11 @@ class Deliverer:
         while True:
             try:
                 events, nxt = await self._read_once(self.cursor)
+                self._known = True      # what comes after this read is its receiver's
                 break
             except EventsTrimmed as e:
                 self._trimmed(e.first)
+                self._known = True
             except AccManError as e:
                 failures += 1
                 if failures == 1:
@@ -341,10 +351,10 @@ class Deliverer:
     def _trimmed(self, first: int) -> None:
         """The events after the cursor are gone from the store (past its
         retention): delivery goes on from the oldest kept.  Said loudly and
-        counted, unless this webhook never delivered anything (a new one
-        starts from the oldest event kept)."""
+        counted, unless the webhook is new (configured at this start, before
+        its first read: it starts from the oldest event kept)."""
         assert first - 1 > self.cursor, (first, self.cursor)
-        if self._delivered:
+        if self._known:
             lost = first - 1 - self.cursor
             self.skipped += lost
             self.say(f"events {self.cursor + 1} to {first - 1} were trimmed from the store "
@@ -392,7 +402,7 @@ class Deliverer:
         WEBHOOK_CURSOR_SAVE_INTERVAL_S (a stop saves at once), each of the
         newest acknowledged id.  Retried while it fails."""
         failures = 0
-        while self.saved < self.cursor:
+        while self.saved < self.cursor or self._unmarked:
             await self._save_interval()
             value = self.cursor
             self._saved_at = self.loop.time()
@@ -406,6 +416,7 @@ class Deliverer:
                                               self.limits.webhook_backoff_cap_s))
                 continue
             self.saved = value
+            self._unmarked = False
 
     async def _save_interval(self) -> None:
         """Until WEBHOOK_CURSOR_SAVE_INTERVAL_S after the last save started,
