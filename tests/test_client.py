@@ -386,3 +386,32 @@ def test_a_call_that_may_have_reached_the_server_ends_unknown_unless_settled():
         assert type(err) is Unavailable and "may have been applied" in err.detail
     err = ends(first, UnexpectedReply(404, "not_found", "a proxy's"), retries=1)
     assert type(err) is CallTimeout
+
+
+def test_a_read_ends_with_its_last_error_never_may_have_been_applied():
+    """A read applies nothing: a timeout then a refused connection (AccMan
+    restarting) ends as the refused connection, not as "the call may have
+    been applied"."""
+    attempts = policy.Attempts(True, 1, read=True)
+    assert attempts.failed(CallTimeout("no reply"), False) is None
+    down = Unreachable("down")
+    assert attempts.failed(down, False) is down
+
+
+def test_every_read_of_both_clients_is_made_as_a_read(server):
+    """What each client's reads send starts with GET, which is how a call
+    is told to be a read (policy.Attempts' `read`)."""
+    made = []
+    real = policy.Attempts.__init__
+
+    def noting(self, safe, retries, read=False):
+        made.append(read)
+        real(self, safe, retries, read)
+    policy.Attempts.__init__ = noting
+    try:
+        with AccManSyncClient(server.url) as acc:
+            acc.mod("r", 5)
+            acc.tot("r"), acc.past("r"), acc.events()
+    finally:
+        policy.Attempts.__init__ = real
+    assert made == [False, True, True, True]

@@ -213,7 +213,7 @@ class AccManClient:
 
     # --- machinery ---------------------------------------------------------
     async def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
-        attempts = policy.Attempts(safe, self._retries)
+        attempts = policy.Attempts(safe, self._retries, read=req.startswith(b"GET "))
         while True:
             try:
                 if wait_s:

@@ -84,10 +84,11 @@ class Attempts:
     not AccMan says nothing of what the first attempt did, and reporting
     it would call a charge that may have happened "not applied"."""
 
-    __slots__ = ("safe", "retries", "made", "unknown")
+    __slots__ = ("safe", "read", "retries", "made", "unknown")
 
-    def __init__(self, safe: bool, retries: int):
+    def __init__(self, safe: bool, retries: int, read: bool = False):
         self.safe = safe
+        self.read = read            # a read applies nothing: it ends with its last error
         self.retries = retries
         self.made = 0
         self.unknown = None         # the first error that may have reached the server
@@ -95,7 +96,7 @@ class Attempts:
     def failed(self, exc: BaseException, closed: bool):
         """After a failed attempt: None to try again (after `pause_s`), or
         the error the call ends with."""
-        if self.unknown is None and may_have_landed(exc):
+        if self.unknown is None and not self.read and may_have_landed(exc):
             self.unknown = exc
         self.made += 1
         if self.made <= self.retries and not closed and retryable(exc, self.safe):

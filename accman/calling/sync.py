@@ -117,7 +117,7 @@ class AccManSyncClient:
         return self._call(req, True, replies.past)
 
     def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
-        attempts = policy.Attempts(safe, self._retries)
+        attempts = policy.Attempts(safe, self._retries, read=req.startswith(b"GET "))
         while True:
             try:
                 return decode(*self._attempt(req, self._timeout_s + wait_s))
