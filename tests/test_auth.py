@@ -1,12 +1,16 @@
 """Tokens files and the one token grammar (SPEC "Access"): a token that a
 tokens file accepts is one a request can carry, and the reverse."""
 
+import signal
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accman.server._wire import Parser
 from accman.server.auth import CHARGE, MINT, READ, TOKEN_CHARS, Tokens, TokensError
+from conftest import request_bytes
 
 GOOD = "abcdefghijklmnop"
 
@@ -57,3 +61,58 @@ def test_roles_and_errors_name_the_line_not_the_token():
         with pytest.raises(TokensError, match=message) as e:
             Tokens.parse(text)
         assert "abc=def" not in str(e.value) and GOOD not in str(e.value)
+
+
+# --- reading the tokens file again (SIGHUP) -------------------------------------------------
+
+A_TOKEN = "first-token-0123456789"
+B_TOKEN = "second-token-0123456789"
+
+
+def wait_said(srv, text, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while text not in srv.stderr():
+        assert time.monotonic() < deadline, f"never said {text!r}: {srv.stderr()[-500:]}"
+        time.sleep(0.02)
+
+
+@pytest.mark.any_one_store("what is checked is the server's tokens, not the store")
+def test_sighup_reads_the_tokens_file_again_and_revokes_at_the_next_request(start_server,
+                                                                            tmp_path):
+    """A token is revoked or added without a restart: SIGHUP reads the file
+    again, all or none; a keep-alive connection's token is checked again
+    at its next request."""
+    path = tmp_path / "tokens"
+    path.write_text(f"read,charge,mint {A_TOKEN}\n")
+    path.chmod(0o600)
+    srv = start_server(tokens=str(path))
+    with srv.connect() as c:
+        auth = [("Authorization", f"Bearer {A_TOKEN}")]
+        c.send(request_bytes("PATCH", "/mod?cred=h&by=5", auth))
+        assert c.response().status == 200
+        path.write_text(f"read {B_TOKEN}\n")            # A revoked, B added
+        srv.send_signal(signal.SIGHUP)
+        wait_said(srv, f"accman: SIGHUP: 1 tokens read again from {path}")
+        c.send(request_bytes("GET", "/tot?cred=h", auth))
+        assert c.response().status == 401                 # the same connection
+    assert srv.tot("h", token=B_TOKEN) == 5
+    assert srv.get("/tot?cred=h", token=A_TOKEN).status == 401
+    path.write_text("admin x\n")                          # wrong: nothing taken
+    srv.send_signal(signal.SIGHUP)
+    wait_said(srv, "accman: SIGHUP: the tokens were not read again, the previous ones stay: "
+                   f"{path} line 1: unknown role 'admin'")
+    assert srv.tot("h", token=B_TOKEN) == 5
+    path.chmod(0o644)                                     # open to others: refused too
+    path.write_text(f"read {A_TOKEN}\n")
+    srv.send_signal(signal.SIGHUP)
+    wait_said(srv, "is open to other users")
+    assert srv.get("/tot?cred=h", token=A_TOKEN).status == 401
+    assert srv.proc.poll() is None and srv.stop() == 0
+
+
+@pytest.mark.any_one_store("what is checked is the server's tokens, not the store")
+def test_sighup_without_tokens_is_ignored_and_the_server_goes_on(start_server):
+    srv = start_server()
+    srv.send_signal(signal.SIGHUP)
+    wait_said(srv, "accman: SIGHUP: this server has no tokens file to read again; ignored")
+    assert srv.mod("x", 5).status == 200 and srv.stop() == 0

@@ -39,12 +39,13 @@ def roles_text(roles: int) -> str:
 class Tokens:
     """The configured tokens and their roles (a bit set of READ|CHARGE|MINT)."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "path")
 
-    def __init__(self, entries):
+    def __init__(self, entries, path: str | None = None):
         self._entries = tuple((bytes(tok), int(roles)) for tok, roles in entries)
         if not self._entries:
             raise TokensError("no tokens configured")
+        self.path = path            # the file they were read from, if any
 
     def __len__(self):
         return len(self._entries)
@@ -100,7 +101,16 @@ class Tokens:
         if mode & 0o077:
             raise TokensError(f"tokens file {path} is open to other users (mode "
                               f"{stat.S_IMODE(mode):04o}): run chmod 600 {path}")
-        return cls.parse(text, source=str(path))
+        tokens = cls.parse(text, source=str(path))
+        tokens.path = path
+        return tokens
+
+    def reload(self) -> int:
+        """Reads the file they came from again and takes its tokens, all or
+        none: TokensError, the tokens as they were, when it cannot be read
+        or is wrong.  How many there are now."""
+        self._entries = Tokens.load(self.path)._entries
+        return len(self._entries)
 
     def roles(self, token) -> int:
         """The roles of `token` (bytes), 0 when it is missing or unknown.

@@ -20,6 +20,7 @@ import signal
 import time
 from time import perf_counter
 
+from accman.errors import TokensError
 from accman.server._pipeline import LaneStats, Turn
 from accman.server.metrics import MOD_LATENCY_BUCKETS_S, Metrics
 from accman.server.say import say
@@ -319,6 +320,23 @@ class Server:
     def install_signal_handlers(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, sig.name)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload_tokens)
+
+    def reload_tokens(self):
+        """SIGHUP: the tokens file read again, so that a token is added or
+        revoked without a restart (docs/SERVER.md, "Access"); each
+        connection checks its token again at its next request."""
+        if self.tokens is None or self.tokens.path is None:
+            say("accman: SIGHUP: this server has no tokens file to read again; ignored")
+            return
+        try:
+            count = self.tokens.reload()
+        except TokensError as e:
+            say(f"accman: SIGHUP: the tokens were not read again, the previous ones stay: {e}")
+            return
+        for conn in self.connections:
+            conn.token = None
+        say(f"accman: SIGHUP: {count} tokens read again from {self.tokens.path}")
 
     async def serve_until_stopped(self):
         await self._stopped.wait()
