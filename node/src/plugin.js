@@ -110,6 +110,7 @@ class Meter {
     this.ridNext = 0
     this.owed = new Owed(this.client, (item, why, unknown) => this.strand(item, why, unknown), this.log)
     this.releasing = new Set() // releases under way (release()), awaited at close
+    this.unmeteredRoutes = new Set() // routes answered past onSend, warned of once
     this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
     this.challenge = `AccMan header="${this.header}"`
   }
@@ -361,6 +362,18 @@ class Meter {
     if (state.hold !== null) this.release(state)
   }
 
+  // A response that went out without fastify's onSend (the route called
+  // reply.hijack() or wrote to reply.raw, as server-sent events do) is
+  // served free: said once per route, since it is not the consumer's
+  // doing but the service's, and silent it would cost money on every call.
+  unmetered (request) {
+    const route = `${request.method} ${request.routeOptions.url}`
+    if (this.unmeteredRoutes.has(route)) return
+    this.unmeteredRoutes.add(route)
+    this.log.warn(`accman: ${route} was answered without fastify's onSend (reply.hijack() or ` +
+      'a write to reply.raw): its requests are served free; answer it with reply.send() to meter it')
+  }
+
   release (state) {
     state.ended = true
     if (state.hold === null) return
@@ -475,8 +488,13 @@ async function fastifyAccman (fastify, opts) {
       if (state.tot !== null || state.unpaid !== null) meter.end(state)
     }
   })
-  fastify.addHook('onResponse', async (request) => {
-    if (request.accman) meter.end(request.accman)
+  fastify.addHook('onResponse', async (request, reply) => {
+    const state = request.accman
+    if (!state) return
+    if (!state.ended && !state.gone && state.unpaid === null && reply.statusCode < 400) {
+      meter.unmetered(request) // answered past onSend: reply.hijack() or reply.raw
+    }
+    meter.end(state)
   })
   fastify.addHook('onClose', () => meter.close())
 }

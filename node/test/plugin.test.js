@@ -563,3 +563,29 @@ test('the headers the 503 keeps: those set before the handler but the body\'s, a
   // A response that a hook sent before the handler ran: only its CORS headers.
   assert.deepEqual(keptHeaders(null, now), { 'access-control-allow-origin': '*' })
 })
+
+test('a route answered past onSend (reply.hijack(), reply.raw) is named once: served free', async () => {
+  await mint.mod('p-hijack', 10)
+  const logs = []
+  const raw = Fastify({ logger: { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } } })
+  await raw.register(accman, { url: server.url, token: TOKENS.service })
+  raw.get('/sse', async (request, reply) => {
+    reply.hijack()
+    reply.raw.writeHead(200, { 'content-type': 'text/event-stream' })
+    reply.raw.end('data: 1\n\n')
+  })
+  const rawUrl = await raw.listen({ port: 0, host: '127.0.0.1' })
+  try {
+    for (let i = 0; i < 3; i++) {
+      const r = await fetch(rawUrl + '/sse', { headers: { accman: 'p-hijack' } })
+      assert.equal(r.status, 200)
+      assert.equal(await r.text(), 'data: 1\n\n')
+    }
+    await until(() => messages(logs, 40).length >= 1)
+  } finally {
+    await raw.close()
+  }
+  assert.deepEqual(messages(logs, 40), ['accman: GET /sse was answered without fastify\'s onSend ' +
+    '(reply.hijack() or a write to reply.raw): its requests are served free; answer it with reply.send() to meter it'])
+  assert.equal(await mint.tot('p-hijack'), 10) // free, as said
+})
