@@ -697,23 +697,28 @@ def test_webhook_body_bytes_max_splits_a_batch(rx, cursors):
     assert [len(p.ids) for p in posts] == [3, 3, 3, 1]
 
 
-def test_events_trimmed_before_delivery_are_said_and_counted(rx, cursors):
-    cursors.save(CURSOR_NAME, 3)
+@pytest.mark.parametrize("cursor,newest,first", [
+    (3, 12, 9),     # 4..8 went past the retention before the receiver acknowledged them
+    # A webhook configured at an earlier start whose receiver never
+    # acknowledged anything (its cursor saved at 0): the same.
+    (0, 8, 6)])
+def test_events_trimmed_before_delivery_are_said_and_counted(rx, cursors, cursor, newest, first):
+    cursors.save(CURSOR_NAME, cursor)
 
     def setup(loop):
         store = FakeEvents(loop)
-        store.add(12)
-        store.first = 9           # 4..8 went past the retention
+        store.add(newest)
+        store.first = first
         return store
 
     said = []
-    d = run_deliverer(setup, rx, lambda d: d.cursor == 12, cursors=FileCursors(
+    d = run_deliverer(setup, rx, lambda d: d.cursor == newest, cursors=FileCursors(
         cursors.directory), said=said)
-    assert delivered_ids(rx) == [9, 10, 11, 12]
-    assert d.skipped == 5
-    assert said == ["events 4 to 8 were trimmed from the store (past its retention) before "
-                    "the receiver acknowledged them: 5 events are not delivered; going on "
-                    "from event 9"]
+    lost = first - 1 - cursor
+    assert delivered_ids(rx) == list(range(first, newest + 1)) and d.skipped == lost
+    assert said == [f"events {cursor + 1} to {first - 1} were trimmed from the store (past its "
+                    f"retention) before the receiver acknowledged them: {lost} events are not "
+                    f"delivered; going on from event {first}"]
 
 
 def test_a_new_webhook_starts_from_the_oldest_event_kept(rx, cursors):
@@ -734,28 +739,6 @@ def test_a_new_webhook_is_saved_configured_before_its_receiver_acknowledges_any(
     rx.mode = "fail"
     run_deliverer(with_events(4), rx, lambda d: d.failures >= 2, cursors=cursors)
     assert FileCursors(cursors.directory).load(CURSOR_NAME) == 0       # was None
-
-
-def test_events_trimmed_before_a_configured_receiver_acknowledged_any_are_said(rx, cursors):
-    """A webhook configured at an earlier start whose receiver never
-    acknowledged anything (its cursor saved at 0): events trimmed since
-    were its receiver's, lost to it, and said and counted as for any
-    cursor."""
-    cursors.save(CURSOR_NAME, 0)
-
-    def setup(loop):
-        store = FakeEvents(loop)
-        store.add(8)
-        store.first = 6           # 1..5 went past the retention
-        return store
-
-    said = []
-    d = run_deliverer(setup, rx, lambda d: d.cursor == 8, cursors=FileCursors(
-        cursors.directory), said=said)
-    assert delivered_ids(rx) == [6, 7, 8] and d.skipped == 5
-    assert said == ["events 1 to 5 were trimmed from the store (past its retention) before "
-                    "the receiver acknowledged them: 5 events are not delivered; going on "
-                    "from event 6"]
 
 
 def test_the_metrics_show_cursor_lag_and_failures(rx, cursors):
