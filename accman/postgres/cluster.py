@@ -69,6 +69,7 @@ class Cluster:
         # Batches the database refused in a row (E.FAILED): each makes the
         # store wait twice as long before it takes writes again.
         self.refused_in_row = 0
+        self.losses = 0                    # store.lost calls: one reconnection sees another
         self.error: str | None = "not connected yet"
         self.events = None                 # accman.postgres.events.EventReader
         # The counter row as last seen (after a batch of ours, or a round).
@@ -90,7 +91,10 @@ class Cluster:
         if counts is not None:
             self.last_event, self.accounts, self.open_holds, self.holds_expired = counts
 
-    async def connect(self) -> None:
+    async def connect(self, healthy: bool = True) -> None:
+        """The writer lanes and the read pool; healthy once they are, unless
+        the caller says so itself (a reconnection, whose listener comes
+        back after them)."""
         try:
             for lane in self.lanes:
                 await lane.connect(self.url)
@@ -105,4 +109,5 @@ class Cluster:
             for lane in self.lanes:
                 lane.drop()
             raise
-        self.error = None
+        if healthy:
+            self.error = None

@@ -307,6 +307,7 @@ class PgStore:
             log.warning("%s%s (%s); writes are refused until the store has reconnected",
                         self._named(cluster), E.describe(exc), E.where(exc))
         cluster.error = E.describe(exc)
+        cluster.losses += 1
         for lane in cluster.lanes:
             lane.drop()
         if not cluster.reconnecting and not self._closed:
@@ -327,15 +328,17 @@ class PgStore:
             while not self._closed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_BACKOFF_S_MAX)
+                losses = cluster.losses
                 try:
-                    await cluster.connect()
+                    # Healthy (/health 200, writes taken) only once the
+                    # listener is back too: not between the two.
+                    await cluster.connect(healthy=False)
                     await cluster.events.restart()
                 except Exception as e:
                     cluster.error = E.describe(e)
                     continue
-                # Lost again while the listener restarted (a batch refused
-                # meanwhile), which started no reconnection: go on.
-                if cluster.healthy:
+                if cluster.losses == losses:    # else lost again meanwhile: go on
+                    cluster.error = None
                     log.warning("%sreconnected to the PostgreSQL store; taking writes again",
                                 self._named(cluster))
                     return

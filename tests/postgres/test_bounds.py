@@ -292,3 +292,35 @@ def test_a_url_that_finds_no_primary_is_refused_in_the_store_s_words(pg, pg_url)
                        r"store: the PostgreSQL store cannot be reached \(no host of the store "
                        r"URL takes writes\)$"):
         run(PgStore.open([pg_url + "?target_session_attrs=read-write"]))
+
+
+def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkeypatch, caplog):
+    """Between the writer's connection and the listener's, the store is not
+    healthy yet (/health 503, writes refused): a listener that fails then
+    would otherwise leave a server that said 200 and took writes, then
+    went back to 503 without a line, and "reconnected" said late or never."""
+    monkeypatch.setattr(store_module, "RECONNECT_BACKOFF_S_MAX", 0.1)
+    caplog.set_level("WARNING", logger="accman.postgres")
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            cluster = store.clusters[0]
+            gate = asyncio.Event()
+            real = cluster.events.restart
+
+            async def held():
+                await gate.wait()
+                await real()
+            monkeypatch.setattr(cluster.events, "restart", held)
+            store.lost(cluster, ConnectionResetError(104, "reset"))
+            await until(lambda: cluster.lanes[0].writer is not None, 10)
+            await asyncio.sleep(0.2)
+            assert not store.healthy
+            with pytest.raises(Unavailable):
+                await c.mod("a", 1)
+            gate.set()
+            await until(lambda: store.healthy, 10)
+            assert await c.mod("a", 1) == (1, 1)
+    run(main())
+    said = [r.getMessage() for r in caplog.records]
+    assert said[-1] == "reconnected to the PostgreSQL store; taking writes again"
