@@ -279,6 +279,12 @@ class Meter {
         return this.refuseCharge(reply, payload, err, state)
       }
     }
+    if (state.gone && cost > 0n) {
+      // The charge is the response's start: one who left while it was in
+      // flight pays (README, "Modes"), said so that it can be found.
+      this.log.warn({ account: fingerprint(state.cred), amount: String(cost), key: state.rid },
+        'accman: the consumer left while its charge was in flight: charged for a response it does not get')
+    }
     if (tot !== null) reply.header(this.header, String(tot))
     return payload
   }

@@ -589,3 +589,26 @@ test('a route answered past onSend (reply.hijack(), reply.raw) is named once: se
     '(reply.hijack() or a write to reply.raw): its requests are served free; answer it with reply.send() to meter it'])
   assert.equal(await mint.tot('p-hijack'), 10) // free, as said
 })
+
+test('a consumer who leaves while the charge is in flight is charged, and it is said', async () => {
+  await mint.mod('p-left', 10)
+  const proxy = await proxyTo(server.url)
+  const logs = []
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'p-left')).status, 200) // the role probe; the balance fresh
+    await proxy.set('delay', 600) // AccMan applies the charge at once, its reply comes late
+    const leaving = new AbortController()
+    const asked = fetch(url + '/w', { headers: { accman: 'p-left' }, signal: leaving.signal })
+    await sleep(250)
+    leaving.abort()
+    await assert.rejects(asked)
+    await until(() => messages(logs, 40).length >= 1)
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  assert.deepEqual(messages(logs, 40),
+    ['accman: the consumer left while its charge was in flight: charged for a response it does not get'])
+  assert.equal(await mint.tot('p-left'), 8) // charged twice: the request served, the one left
+})
