@@ -202,8 +202,8 @@ class Owed:
         return len(self._items)
 
     def add(self, item, cause) -> None:
-        """`item` (a Mod, Settle or Unhold) must still land; `cause` is the
-        error that kept it from landing now."""
+        """`item` (an Item: Mod, Settle, Unhold, Unsettle) must still land;
+        `cause` is the error that kept it from landing now."""
         code = getattr(cause, "code", type(cause).__name__)
         item.maybe = may_have_landed(cause)
         if len(self._items) >= FOLLOWUPS_MAX:
