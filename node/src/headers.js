@@ -1,7 +1,8 @@
 'use strict'
-// The headers of the 503 that replaces a served response when AccMan
-// refuses its charge (check mode, 401 or 403 after the work): the consumer
-// gets nothing it did not pay for, yet a browser can read the refusal.
+// The headers of an error that replaces a served response: the 503 when
+// AccMan refuses its charge (check mode, 401 or 403 after the work), the
+// 500 when the cost function fails at the charge.  The consumer gets
+// nothing it did not pay for, yet a browser can read the refusal.
 
 // The headers that describe a response's body: the 503 keeps none of them.
 const BODY_HEADERS = new Set([
@@ -33,4 +34,14 @@ function keptHeaders (before, now) {
   return kept
 }
 
-module.exports = { headersOf, keptHeaders }
+// Replaces the reply's headers with those kept from `state.before` (the
+// headers when the handler started) for an error response that takes the
+// paid response's place: a 503 after a refused charge, fastify's 500 after
+// a cost function's bug.
+function dropHandlerHeaders (reply, state) {
+  const kept = keptHeaders(state.before, reply.getHeaders())
+  for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name)
+  reply.headers(kept)
+}
+
+module.exports = { headersOf, keptHeaders, dropHandlerHeaders }

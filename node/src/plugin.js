@@ -21,7 +21,7 @@ const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { settings, checkRoute, amount, price } = require('./options')
 const { uncheckedRoutes, uncheckedWarning } = require('./routes')
-const { headersOf, keptHeaders } = require('./headers')
+const { headersOf, dropHandlerHeaders } = require('./headers')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
 const JSON_TYPE = 'application/json; charset=utf-8'
@@ -67,7 +67,7 @@ class AccManRequest {
     this.tot = null // bigint: the balance seen at admission
     this.hold = null // the hold's id (reserve mode)
     this.unpaid = null // the AccMan error when served unpaid (onUnavailable 'open')
-    this.before = null // check mode: the reply's headers just before the handler
+    this.before = null // the reply's headers just before the handler
     this.ended = false
     this.gone = false
   }
@@ -249,11 +249,11 @@ class Meter {
 
   // --- preHandler ---------------------------------------------------------------
   // The last preHandler of each route the plugin checked (onRoute appends
-  // it), so it runs just before the handler: check mode keeps the headers
-  // set so far, for a 503 that replaces the response (refuseCharge).
+  // it), so it runs just before the handler: it keeps the headers set so
+  // far, for an error that replaces the response (dropHandlerHeaders).
   beforeHandler (request, reply) {
     const state = request.accman
-    if (state && this.mode === 'check') state.before = headersOf(reply)
+    if (state) state.before = headersOf(reply)
   }
 
   // --- onSend -----------------------------------------------------------------
@@ -295,6 +295,7 @@ class Meter {
       return this.costOf(state.price, request, reply, 'charge')
     } catch (err) {
       this.release(state) // a bug in the service: never keep the consumer's money on it
+      dropHandlerHeaders(reply, state) // fastify's 500 takes the response's place
       throw err
     }
   }
@@ -321,17 +322,16 @@ class Meter {
   // role or was replaced.  A misconfiguration must not serve for free, so
   // the response is not delivered: the app's body and its headers give way
   // to the 503 refusal, which keeps the headers of the request's handling
-  // (keptHeaders), and nothing is owed for it.  Admission probes the role
-  // again.
+  // (dropHandlerHeaders), and nothing is owed for it.  Admission probes the
+  // role again.
   refuseCharge (reply, payload, err, state) {
     this.chargeSeen = false
     this.stats.refused_unavailable++
     this.log.error({ status: err.status, code: err.code },
       'accman: AccMan refused the charge: check the token\'s roles; refusing with 503')
     if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
-    const kept = keptHeaders(state.before, reply.getHeaders())
-    for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name)
-    reply.code(503).headers(kept).headers({ 'retry-after': '1' }).type(JSON_TYPE)
+    dropHandlerHeaders(reply, state)
+    reply.code(503).headers({ 'retry-after': '1' }).type(JSON_TYPE)
     return body('unavailable', UNAVAILABLE_DETAIL)
   }
 

@@ -123,12 +123,16 @@ test('per-route prices: a number, a function of request and reply, false; exempt
 })
 
 test('a cost function that returns a non-amount is a 500 and charges nothing', async () => {
-  await mint.mod('p-badcost', 5)
-  await withService({}, async (url) => {
-    const r = await get(url + '/badcost', 'p-badcost')
-    assert.equal(r.status, 500)
-  })
-  assert.equal(await mint.tot('p-badcost'), 5)
+  await mint.mod('p-badcost', 10)
+  for (const mode of ['check', 'reserve']) {
+    await withService({ mode }, async (url) => {
+      const r = await get(url + '/badcost', 'p-badcost')
+      // The handler's headers belong to the response that was not sold.
+      assert.deepEqual([r.status, r.headers.get('set-cookie'), r.headers.get('x-app')], [500, null, null], mode)
+      assert.equal(r.headers.get('x-before'), 'hook', mode)
+    })
+  }
+  assert.equal(await mint.tot('p-badcost'), 10)
 })
 
 test('AccMan unreachable: 503 with Retry-After when closed; served unpaid and reported when open', async () => {

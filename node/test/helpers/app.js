@@ -34,7 +34,13 @@ async function serviceApp (options, { logs } = {}) {
     reply.header('x-rows', request.query.rows)
     return { rows: Number(request.query.rows) }
   })
-  app.get('/badcost', { config: { accman: (request, reply, stage) => stage === 'estimate' ? 1 : -1 } }, async () => ({}))
+  app.get('/badcost', {
+    config: { accman: (request, reply, stage) => stage === 'estimate' ? 1 : -1 },
+    preHandler: async (request, reply) => { reply.header('x-before', 'hook') }
+  }, async (request, reply) => {
+    reply.header('set-cookie', 'session=paid-response').header('x-app', 'handler')
+    return {}
+  })
   app.get('/slow', async (request) => {
     await sleep(Number(request.query.ms))
     return { slow: true }
