@@ -392,3 +392,26 @@ def test_a_follower_whose_reader_stops_reading_ends_at_a_stop_on_a_whole_line(st
     assert err == (f"accman: events: stopped (signal); events written up to id {ids[-1]} (not "
                    f"necessarily read); to resume: accman events --follow --after {ids[-1]}, "
                    "or --after the last id the reader handled\n")
+
+
+@pytest.mark.any_one_store("what is checked is the follower's reading of `next`")
+def test_a_follower_after_the_stream_s_end_says_so_and_follows_from_the_newest(start_server):
+    """An `--after` past the newest event (a store restored from an older
+    copy): the server's `next` is the newest id, and the events after it
+    are new ones, written, with a line on stderr that says so."""
+    s = start_server()
+    s.mod("abc", 1)
+    proc = subprocess.Popen(accman("events", "--follow", "--after", 9, "--wait", 1, "--url", s.url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(),
+                            cwd=ROOT)
+    try:
+        time.sleep(1.0)
+        s.mod("abc", 2)
+        line = json.loads(proc.stdout.readline())
+        assert (line["id"], line["by"]) == (2, 2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert err.decode().splitlines()[0] == (
+        "accman: events: event 9 is past the stream's end (the newest is 1): following from "
+        "event 1")

@@ -66,7 +66,8 @@ class Followed(NamedTuple):
 def follow(acc, after: int, limit: int | None, wait_s: int, out=None,
            note=None) -> Followed:
     """Follows the stream from `after` with `acc` (an AccManSyncClient),
-    writing to `out` (default stdout); `note(text)` is told of each retry.
+    writing to `out` (default stdout); `note(text)` is told of each retry,
+    and of an `after` past the end of the stream.
     Must run in the main thread: it handles STOP_SIGNALS meanwhile, and
     SIGALRM, from an ITIMER_REAL of its own, for the reader check.
 
@@ -151,6 +152,12 @@ def _loop(acc, state, limit, wait_s, out, note) -> Followed:
         except AccManError as e:
             return Followed(state["after"], "error", e)
         failing_since, attempt = None, 0
+        if nxt < state["after"]:
+            # The server's `next` for an `after` past its newest event (a
+            # store restored from an older copy, or another store): ids
+            # after `nxt` are new events, the follower's to write.
+            note(f"event {state['after']} is past the stream's end (the newest is {nxt}): "
+                 f"following from event {nxt}")
         try:
             _write(out, events, nxt, state)
         except BrokenPipeError:
