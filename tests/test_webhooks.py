@@ -70,13 +70,15 @@ class FakeEvents:
     def _page(self, after, limit):
         if after < self.first - 1:
             return EventsTrimmed(self.first)
+        if after > len(self.events):
+            return [], len(self.events)             # past the end: told so at once
         page = [e for e in self.events if e.id > after][:limit]
         return page, (page[-1].id if page else after)
 
     def read_events(self, after, limit, wait_s, done):
         self.reads.append((after, limit, wait_s))
         page = self._page(after, limit)
-        if isinstance(page, EventsTrimmed) or page[0] or wait_s == 0:
+        if isinstance(page, EventsTrimmed) or page[0] or page[1] != after or wait_s == 0:
             return page
 
         def expire():
@@ -719,6 +721,29 @@ def test_events_trimmed_before_delivery_are_said_and_counted(rx, cursors, cursor
     assert said == [f"events {cursor + 1} to {first - 1} were trimmed from the store (past its "
                     f"retention) before the receiver acknowledged them: {lost} events are not "
                     f"delivered; going on from event {first}"]
+
+
+def test_a_cursor_past_the_store_s_newest_event_is_said_once_and_kept(rx, cursors):
+    """A store older than its receiver's acknowledgements (restored from an
+    older copy): the read past its end is answered at once, said once, and
+    the cursor stays; the events after it are delivered as they come."""
+    cursors.save(CURSOR_NAME, 9)
+
+    def setup(loop):
+        store = FakeEvents(loop)
+        store.add(5)
+        loop.call_later(0.3, store.add, 6)          # events 6 to 11
+        return store
+
+    said = []
+    d = run_deliverer(setup, rx, lambda d: d.cursor == 11, cursors=FileCursors(
+        cursors.directory), said=said)
+    assert delivered_ids(rx) == [10, 11] and d.skipped == 0
+    assert said == ["the receiver acknowledged events up to 9, past the store's newest event "
+                    "(5): the store is older than its receiver (restored from an older copy?); "
+                    "the events it makes with ids up to 9 are not delivered, and delivery goes "
+                    "on after event 9"]
+    assert len(d.store.reads) < 100                 # read again after a pause, not at once
 
 
 def test_a_new_webhook_starts_from_the_oldest_event_kept(rx, cursors):

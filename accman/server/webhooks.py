@@ -152,6 +152,7 @@ class Deliverer:
         # acknowledged them lost to it, and said so (_trimmed).
         self._known = False
         self._unmarked = False      # no cursor saved yet: the first start saves 0
+        self._ahead_said = False    # a cursor past the store's newest event, said
         # Whether this front-end delivers: always without roles (see above).
         self.leading = not hasattr(cursors, "lead")
         self._task = None
@@ -329,8 +330,23 @@ class Deliverer:
         if events:
             assert events[0].id > self.cursor, (events[0].id, self.cursor)
             self.seen = max(self.seen, events[-1].id)
+        elif nxt < self.cursor:
+            self._ahead(nxt)
         self.seen = max(self.seen, nxt)
         return events
+
+    def _ahead(self, newest: int) -> None:
+        """The cursor is past the store's newest event: the store is older
+        than the receiver's acknowledgements (restored from an older copy,
+        or another store under the same cursor).  The cursor stays (it never
+        moves back, and the receiver dedupes by id, so it would drop new
+        events under ids it acknowledged): said once, loudly."""
+        if not self._ahead_said:
+            self._ahead_said = True
+            self.say(f"the receiver acknowledged events up to {self.cursor}, past the store's "
+                     f"newest event ({newest}): the store is older than its receiver (restored "
+                     f"from an older copy?); the events it makes with ids up to {self.cursor} "
+                     f"are not delivered, and delivery goes on after event {self.cursor}")
 
     def _read_once(self, after: int):
         fut = self.loop.create_future()
