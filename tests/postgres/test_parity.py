@@ -51,6 +51,27 @@ def test_refusals_say_what_the_embedded_store_says(pg_url):
     run(main())
 
 
+def test_a_hold_over_a_limit_is_too_many_holds_whatever_the_balance(pg_url):
+    """The embedded store judges a hold's limits before its balance: at a
+    limit, an account that could not cover the hold either is told
+    too_many_holds, not insufficient or overflow."""
+    async def main():
+        async with stored(pg_url, holds_per_account_max=2, holds_max=3) as (store, c):
+            await c.mod("a", 2)
+            await c.hold("a", -1, 60)
+            await c.hold("a", -1, 60)                       # a's balance is 0 now
+            with pytest.raises(TooManyHolds, match=r"HOLDS_PER_ACCOUNT_MAX \(2\)"):
+                await c.hold("a", -1, 60)
+            await c.mod("b", 1)
+            await c.hold("b", -1, 60)                       # three open: the store's limit
+            await c.mod("c", 1)
+            await c.mod("c", INT64_MIN)                     # a mod with no min may go below 0
+            with pytest.raises(TooManyHolds, match=r"HOLDS_MAX \(3\)"):
+                await c.hold("c", -2, 60, min=INT64_MIN)    # that would also overflow
+            assert [await c.tot(x) for x in "abc"] == [0, 0, INT64_MIN + 1]
+    run(main())
+
+
 def test_a_seq_or_an_event_id_past_64_bits_is_refused_as_on_the_wire(pg_url):
     """/past?before= and /events?after= past the signed 64-bit range are 400
     on the wire; through the store's Python calls they are BadRequest too,
