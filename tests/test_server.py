@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import assert_error, get, parse_responses, patch, request_bytes
+from conftest import ROOT, assert_error, get, parse_responses, patch, request_bytes
 
 INT64_MAX = 2 ** 63 - 1
 
@@ -178,6 +178,16 @@ def test_metrics_is_prometheus_text(shared_server, cred):
                    "accman_healthy 1"):
         assert needle in text, needle
     sample_values(text)
+
+
+def test_every_metric_a_server_renders_is_in_server_md(shared_server):
+    """SERVER.md's "Metrics" is where an operator looks a name up: every
+    name the server renders, on either store, is there."""
+    text = shared_server.get("/metrics").body.decode()
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    doc = (ROOT / "docs" / "SERVER.md").read_text()
+    assert len(names) > 20
+    assert [n for n in names if f"`{n}" not in doc] == []
 
 
 def sample_values(text):
