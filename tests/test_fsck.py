@@ -15,7 +15,9 @@ import pytest
 from accman import Ledger
 from accman.ledger import _check, fsck, tablecheck, wal
 from accman.errors import FileDamage, StoreCorrupt
+from accman.ledger import leveldb as leveldb_module
 from accman.ledger.leveldb import Store
+from test_wal import as_before_the_log
 
 LOG_BLOCK_BYTES = 32768
 LOG_HEADER_BYTES = 7
@@ -229,8 +231,7 @@ def test_a_log_cut_in_the_middle_of_its_last_record_is_a_torn_tail(log_store, tm
     # a store written before AccMan's own write-ahead log, that is: with a
     # checkpoint, the cut log has lost synced bytes and is refused
     # (tests/test_wal.py), since a torn write cannot reach below it.
-    for name in (wal.WAL_NAME, wal.CHECKPOINT_NAME):
-        (data / name).unlink()
+    as_before_the_log(data)
     with Ledger(str(data)) as led:
         assert led.tot("acct-2") + led.tot("acct-1") + led.tot("acct-0") == sum(range(1, 60))
 

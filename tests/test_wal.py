@@ -6,16 +6,18 @@ ledger whose mods are all acknowledged: the copy is what a kill -9 leaves
 Power cuts with garbage in LevelDB's unsynced logs are in
 tests/test_ledger_crash.py."""
 
+import json
 import logging
 import os
 import shutil
 import struct
 from pathlib import Path
 
+import plyvel
 import pytest
 
 from accman import Ledger
-from accman.ledger import _check, fsck, keyfile, plyvel_errors, wal, walwriter
+from accman.ledger import _check, fsck, keyfile, migrate, plyvel_errors, wal, walwriter
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
 from accman.ledger.leveldb import Store
 
@@ -288,6 +290,40 @@ def test_an_unreadable_checkpoint_is_refused(crashed, text):
     refused(path, f"{wal.CHECKPOINT_NAME} is unreadable")
 
 
+def test_a_checkpoint_flipped_to_format_1_is_refused_not_read_without_its_mac(crashed):
+    """Format 1 (before the key file) has no MAC: a format-2 checkpoint
+    whose one digit turned into 1 would be taken without one, its log read
+    as AMW1 and every batch after the checkpoint lost."""
+    path, _ = crashed
+    raw = (path / wal.CHECKPOINT_NAME).read_bytes()
+    assert raw.count(b'"format": 2') == 1
+    (path / wal.CHECKPOINT_NAME).write_bytes(raw.replace(b'"format": 2', b'"format": 1'))
+    refused(path, f"{wal.CHECKPOINT_NAME} says format 1 but has mac, wal_bytes, which "
+                  "format 1 has not")
+
+
+@pytest.mark.parametrize("name", [wal.CHECKPOINT_NAME, keyfile.KEY_NAME])
+def test_a_checkpoint_or_key_nested_past_the_stack_is_refused_plainly(crashed, name):
+    path, _ = crashed
+    (path / name).write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    refused(path, f"{name} is unreadable")
+
+
+@pytest.mark.parametrize("how", ["crashed", "closed"])
+def test_a_store_whose_checkpoint_and_log_are_both_gone_is_refused(crashed, tmp_path, how):
+    """With the key file there, no checkpoint and no log would read as a
+    store from before the log: every batch LevelDB lacked (after a crash:
+    what its unsynced logs lost) silently gone.  Its format record says it
+    was written with the log."""
+    path, _ = crashed
+    if how == "closed":
+        Ledger(str(path)).close()
+    (path / wal.CHECKPOINT_NAME).unlink()
+    (path / wal.WAL_NAME).unlink()
+    refused(path, f"{wal.CHECKPOINT_NAME} is missing, but the store holds records of store "
+                  "format 4, which is written with it: damaged")
+
+
 def test_a_checkpoint_of_another_format_is_refused(crashed):
     path, _ = crashed
     (path / wal.CHECKPOINT_NAME).write_bytes(b'{"format": 3, "lsn": 3, "logs": {}}')
@@ -349,12 +385,29 @@ def test_a_batch_bigger_than_the_log_still_fits(tmp_path):
         assert led.tot("c0") == 2 and led.tot("c199") == 1
 
 
-def test_a_store_written_before_the_log_opens_and_gets_a_checkpoint(tmp_path):
+def as_before_the_log(path, keep_key=False):
+    """The store at `path` made as an AccMan before its write-ahead log left
+    its stores: no log, no checkpoint, no key file (unless `keep_key`), at
+    store format 2.  Its LevelDB logs are left as they are."""
+    for name in (wal.WAL_NAME, wal.CHECKPOINT_NAME):
+        (path / name).unlink()
+    if not keep_key:
+        (path / keyfile.KEY_NAME).unlink()
+    db = plyvel.DB(str(path))
+    meta = json.loads(db.get(migrate.META_KEY))
+    db.put(migrate.META_KEY, json.dumps(dict(meta, format=2)).encode(), sync=True)
+    db.close()
+
+
+@pytest.mark.parametrize("key_file", ["none yet", "written by an upgrade cut short"])
+def test_a_store_written_before_the_log_opens_and_gets_a_checkpoint(tmp_path, key_file):
+    """Store format 2, no log, no checkpoint and no key file, as an AccMan
+    before the log left it; or with the key file that an upgrade writes
+    before its first checkpoint, cut short there."""
     path = tmp_path / "data"
     with Ledger(str(path)) as led:
         led.mod("alice", 7)
-    for name in (wal.WAL_NAME, wal.CHECKPOINT_NAME):
-        (path / name).unlink()
+    as_before_the_log(path, keep_key=key_file != "none yet")
     with Ledger(str(path)) as led:
         assert led.tot("alice") == 7
         assert checkpoint_of(path) is not None

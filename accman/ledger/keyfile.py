@@ -57,7 +57,7 @@ def read_key(dir_path: str) -> bytes | None:
         salt = bytes.fromhex(doc["key"])
         ok = (doc["format"] == KEY_FORMAT and len(salt) == SALT_BYTES
               and doc["crc"] == _check.crc32c(salt))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):   # JSON nested past Python's stack
         ok = False
     if not ok:
         raise FileDamage(f"{KEY_NAME} is unreadable (the key that hashes credentials)")

@@ -17,9 +17,8 @@ import threading
 
 import plyvel
 
-from accman.errors import (CheckpointPostponed, FileDamage, StoreCorrupt, StoreError,
-                           StoreLocked)
-from accman.ledger import _ledger, datadir, fsck, keyfile, migrate, wal, walwriter
+from accman.errors import CheckpointPostponed, FileDamage, StoreCorrupt, StoreError
+from accman.ledger import _ledger, datadir, found, fsck, keyfile, migrate, wal, walwriter
 from accman.ledger.plyvel_errors import translated
 
 log = logging.getLogger("accman.ledger.leveldb")
@@ -98,7 +97,7 @@ class Store:
                 self._lock()
             salt, ckpt, records = self._recover(existed, check_files, create)
             if existed and not self.read_only:
-                self._refuse_unless_accman(salt, ckpt)
+                found.refuse_unless_accman(self.path, self.path, salt, ckpt)
             if not self.read_only:
                 # After every check: a refused store is left as it was found.
                 # Before LevelDB's first file: the default ACL makes it 0600.
@@ -146,32 +145,6 @@ class Store:
             if self._upgrade is not None:
                 migrate.through_log(self, self._upgrade, self._from_format)
 
-    def _refuse_unless_accman(self, salt, ckpt) -> None:
-        """Before the first change to a directory that was there: a LevelDB
-        with nothing of AccMan's beside it (no key file, no checkpoint) is
-        another program's, or a store from before the key file.  Its format
-        record is read from a private copy (datadir.snapshot), and without
-        one it is refused as it was found: neither tightened nor opened,
-        which would let LevelDB rewrite its files.  One that another
-        process has open is refused as locked, for the same reason."""
-        if datadir.locked_elsewhere(self.path):
-            raise StoreLocked(f"{self.path}: the data directory is open in another "
-                              "process (LevelDB lock held)")
-        if salt is not None or ckpt is not None:
-            return
-        scratch = datadir.snapshot(self.path)
-        try:
-            db = plyvel.DB(scratch, create_if_missing=False, paranoid_checks=True)
-            try:
-                raw = db.get(META_KEY, verify_checksums=True)
-            finally:
-                db.close()
-        finally:
-            datadir.remove_snapshot(scratch)
-        if raw is None:
-            raise StoreCorrupt(f"{self.path}: a LevelDB database without a format record: "
-                               "not an AccMan store, or damaged; nothing was changed")
-
     def checkpoint_at_open(self, after: str) -> None:
         """Everything written so far applied and checkpointed (its step
         named in the error)."""
@@ -207,7 +180,7 @@ class Store:
         records = []
         # Another LevelDB (not an AccMan: it would hold our lock) has the
         # directory: its files are changing under us, so neither read nor
-        # cut nor checked, and _refuse_unless_accman refuses it as locked.
+        # cut nor checked, and found.refuse_unless_accman refuses it as locked.
         if existed and not datadir.locked_elsewhere(path):
             # Read and parsed (and refused if damaged) before any file is cut.
             records = [(rec.lsn, self._puts_of(rec))
@@ -277,7 +250,7 @@ class Store:
         try:
             meta = json.loads(raw)
             fmt, found = meta["format"], bytes.fromhex(meta["salt"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise StoreCorrupt(f"{self.path}: unreadable format record") from e
         if len(found) != keyfile.SALT_BYTES:
             raise StoreCorrupt(f"{self.path}: bad credential-hash key length")

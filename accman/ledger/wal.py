@@ -88,6 +88,7 @@ WAL_NAME = "accman.wal"
 CHECKPOINT_NAME = "accman.checkpoint"
 CHECKPOINT_FORMAT = 2           # 1: no MAC, no wal_bytes, records in AMW1
 CHECKPOINT_FORMATS_READ = (1, 2)
+CHECKPOINT_1_FIELDS = {"format", "lsn", "logs"}     # all that format 1 wrote
 
 BLOCK_BYTES = 4096              # O_DIRECT: buffers, offsets, lengths aligned
 MAC_BYTES = 16
@@ -159,11 +160,17 @@ def read_checkpoint(path: str, keys: Keys | None) -> Checkpoint | None:
     try:
         doc = json.loads(raw)
         fmt = doc["format"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):   # RecursionError: nested JSON
         raise FileDamage(f"{CHECKPOINT_NAME} is unreadable") from None
     if fmt not in CHECKPOINT_FORMATS_READ:
         raise FileDamage(f"{CHECKPOINT_NAME} is of format {fmt}, this AccMan reads "
                          f"formats {', '.join(map(str, CHECKPOINT_FORMATS_READ))}")
+    later = sorted(set(doc) - CHECKPOINT_1_FIELDS) if fmt == 1 else []
+    if later:
+        # A format-1 checkpoint has no MAC to check: one with a later
+        # format's fields is a flipped digit, not a store from before the key.
+        raise FileDamage(f"{CHECKPOINT_NAME} says format 1 but has {', '.join(later)}, "
+                         "which format 1 has not")
     if fmt >= 2:
         if keys is None:
             raise FileDamage(f"{keyfile.KEY_NAME} is missing, but {CHECKPOINT_NAME} "
