@@ -472,3 +472,65 @@ def test_a_manifest_that_leveldb_would_refuse_is_refused_before_anything_changes
     refused(data, rf"{manifest.name}: record at offset {offset} fails its checksum")
     manifest.write_bytes(b"")
     refused(data, f"{manifest.name} has no next file number, log number, last sequence")
+
+
+# --- a MANIFEST that lost its last edits -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flushed_store(tmp_path_factory):
+    """A store whose LevelDB made tables of its memtable while it ran (a
+    small write buffer): its MANIFEST ends in edits that each name a new
+    log, the log before deleted."""
+    path = tmp_path_factory.mktemp("flushed") / "data"
+    saved = leveldb_module.WRITE_BUFFER_BYTES
+    leveldb_module.WRITE_BUFFER_BYTES = 64 * 1024
+    try:
+        build(path, 3000, 50)
+    finally:
+        leveldb_module.WRITE_BUFFER_BYTES = saved
+    return path
+
+
+@pytest.mark.parametrize("damage", ["cut at its last record", "last record's length raised"])
+def test_a_manifest_that_lost_its_last_edit_is_refused_by_its_missing_log(
+        flushed_store, tmp_path, damage):
+    """Its last edit made a table of the log and named a new log; without
+    it LevelDB would open the version before, whose log it had deleted:
+    the table's writes lost, the table itself deleted.  Both damages read
+    as a torn tail of the MANIFEST; the log that its last version names is
+    not there, which no crash leaves."""
+    data = copy_of(flushed_store, tmp_path)
+    manifest = data / (data / "CURRENT").read_text().strip()
+    raw = manifest.read_bytes()
+    assert len(log_records(raw)) >= 3
+    offset = log_records(raw)[-1][0]
+    if damage == "cut at its last record":
+        manifest.write_bytes(raw[:offset])
+    else:
+        manifest.write_bytes(flipped(raw, offset + 5, 0x10))   # the length's high byte
+    refused(data, rf"LevelDB log \d{{6}}\.log, which {manifest.name} names as its newest, "
+                  "is missing")
+    before = files_of(data)
+    with pytest.raises(StoreCorrupt, match="names as its newest, is missing"):
+        Ledger(str(data))
+    assert files_of(data) == before
+    with pytest.raises(StoreCorrupt, match="names as its newest, is missing"):
+        Store(str(data), read_only=True)
+    assert files_of(data) == before
+
+
+def test_a_read_only_open_leaves_the_store_s_left_over_tables_alone(log_store, tmp_path):
+    """Tables the MANIFEST does not list are not linked into the private
+    copy: LevelDB there gives their numbers to the tables it makes, and
+    would truncate the store's own file through a link."""
+    data = copy_of(log_store, tmp_path)
+    for n in range(1, 40):
+        if not list(data.glob(f"{n:06d}.*")):
+            (data / f"{n:06d}.ldb").write_bytes(b"left over")
+    before = files_of(data)
+    store = Store(str(data), read_only=True)
+    try:
+        assert store.get(b"\x00nothing") is None
+    finally:
+        store.close()
+    assert files_of(data) == before

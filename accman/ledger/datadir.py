@@ -25,8 +25,8 @@ import stat
 import struct
 import tempfile
 
-from accman.errors import StoreError, StoreLocked
-from accman.ledger import _check
+from accman.errors import FileDamage, StoreCorrupt, StoreError, StoreLocked
+from accman.ledger import _check, fsck
 from accman.ledger.fsck import LEVELDB_COMPARATOR, LOG_FULL, LOG_HEADER_BYTES, TABLE_NAME
 from accman.ledger.tablecheck import varint_bytes
 
@@ -243,9 +243,20 @@ def locked_elsewhere(path: str) -> bool:
 def snapshot(path: str) -> str:
     """A private copy of the store at `path` to open without changing a
     file of it (`accman verify` on a read-only copy or a live backup):
-    its tables as symbolic links (LevelDB never writes a table after
-    making it), every other file copied.  Returns the copy's directory,
-    0700 under the system's temporary directory; the caller removes it."""
+    the tables its MANIFEST lists as symbolic links (LevelDB never writes
+    a table after making it), every other file copied but other tables.
+    Those are left-overs that LevelDB deletes at open, and numbers it may
+    give a table it makes in the copy: a link there would be the store's
+    own file, truncated through it.  Returns the copy's directory, 0700
+    under the system's temporary directory; the caller removes it.
+    StoreCorrupt if the MANIFEST is damaged."""
+    try:
+        listed = fsck.tables_listed(path)
+    except FileDamage as e:
+        raise StoreCorrupt(f"{path}: data files are damaged: {e}; refusing to read "
+                           "it, nothing changed") from None
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the store: {e.strerror or e}") from e
     scratch = tempfile.mkdtemp(prefix="accman-verify-")
     try:
         for name in sorted(os.listdir(path)):
@@ -253,7 +264,8 @@ def snapshot(path: str) -> str:
             if not STORE_FILE.match(name) or name in ("LOCK", "LOG", "LOG.old"):
                 continue
             if TABLE_NAME.match(name):
-                os.symlink(src, os.path.join(scratch, name))
+                if name in listed:
+                    os.symlink(src, os.path.join(scratch, name))
             else:
                 shutil.copyfile(src, os.path.join(scratch, name))
                 os.chmod(os.path.join(scratch, name), FILE_MODE)

@@ -102,6 +102,16 @@ def _check_dir(path: str, synced_logs: dict | None) -> Checked:
     if state is None:
         return Checked(0, 0, 0, 0, 0)
     logs = sorted(int(m.group(1)) for m in map(LOG_NAME.match, names) if m)
+    if state.log_number and state.log_number not in logs:
+        # LevelDB makes a log before the version edit that names it, and
+        # deletes the one before only once that edit is synced: the log of
+        # the MANIFEST's last version is there after any crash.  Without
+        # it, the MANIFEST lost its last edits (cut short at a record, or a
+        # record's length damaged into a torn tail), and LevelDB would open
+        # an older version, its writes since lost and their tables deleted.
+        raise FileDamage(f"LevelDB log {state.log_number:06d}.log, which {state.manifest} "
+                         "names as its newest, is missing: the MANIFEST lost its last "
+                         "records, or the log was deleted")
     live_logs = [n for n in logs if n >= state.log_number or n == state.prev_log_number]
     if synced_logs is not None:
         for name, synced in sorted(synced_logs.items()):
@@ -146,6 +156,17 @@ def _read_manifest(path: str, names: set):
     state = _apply_edits(edits, manifest)
     state.manifest = manifest
     return state, len(raw)
+
+
+def tables_listed(path: str) -> set[str]:
+    """The names of the tables the MANIFEST that CURRENT names lists (what
+    LevelDB will read; any other table it deletes at open).  FileDamage if
+    the MANIFEST is."""
+    names = set(os.listdir(path))
+    state, _ = _read_manifest(path, names)
+    if state is None:
+        return set()
+    return {n for n in names if (m := TABLE_NAME.match(n)) and int(m.group(1)) in state.tables}
 
 
 def _check_tables(path: str, names: set, state) -> tuple[int, int]:
