@@ -219,7 +219,7 @@ def test_a_creation_cut_short_on_a_file_system_root_is_made_again(tmp_path):
         pass
     root = tmp_path / "volume"
     (root / "lost+found").mkdir(parents=True)
-    shutil.copy(made / keyfile.KEY_NAME, root / keyfile.KEY_NAME)
+    shutil.copy(made / keyfile.KEY_NAME, root / keyfile.PENDING_NAME)     # sealed after
     (root / "MANIFEST-000001").write_bytes(datadir._first_manifest())
     (root / "CURRENT.dbtmp").write_bytes(b"MANIF")
     with Ledger(str(root)) as led:

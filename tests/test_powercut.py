@@ -122,9 +122,9 @@ def test_every_power_cut_state_opens_with_every_acknowledged_mod(tmp_path):
 
 def test_a_creation_cut_short_is_made_again_and_nothing_else_is(tmp_path):
     """What the emulation found: a power cut while a new store writes its
-    first files can leave the key file and part of MANIFEST-000001 without
-    CURRENT.  Nothing was stored there yet: the open makes the store again
-    (with the key already written).  A MANIFEST that is not that prefix is
+    first files can leave the pending key file and part of MANIFEST-000001
+    without CURRENT.  Nothing was stored there yet: the open makes the
+    store again (with the key already written).  A MANIFEST that is not that prefix is
     not a creation cut short, and is refused."""
     from accman.errors import StoreCorrupt
     from accman.ledger import datadir, keyfile
@@ -136,7 +136,7 @@ def test_a_creation_cut_short_is_made_again_and_nothing_else_is(tmp_path):
     for keep in (0, 10, len(first)):
         path = tmp_path / f"cut-{keep}"
         path.mkdir()
-        shutil.copy(made / keyfile.KEY_NAME, path / keyfile.KEY_NAME)
+        shutil.copy(made / keyfile.KEY_NAME, path / keyfile.PENDING_NAME)   # sealed after
         (path / "MANIFEST-000001").write_bytes(first[:keep])
         (path / "CURRENT.dbtmp").write_bytes(b"MANIF")
         with Ledger(str(path)) as led:

@@ -309,19 +309,42 @@ def test_a_checkpoint_or_key_nested_past_the_stack_is_refused_plainly(crashed, n
     refused(path, f"{name} is unreadable")
 
 
-@pytest.mark.parametrize("how", ["crashed", "closed"])
-def test_a_store_whose_checkpoint_and_log_are_both_gone_is_refused(crashed, tmp_path, how):
-    """With the key file there, no checkpoint and no log would read as a
-    store from before the log: every batch LevelDB lacked (after a crash:
-    what its unsynced logs lost) silently gone.  Its format record says it
-    was written with the log."""
+@pytest.mark.parametrize("how", ["crashed", "closed", "power cut"])
+def test_a_store_whose_checkpoint_and_log_are_gone_is_refused(crashed, tmp_path, how):
+    """With the key file there, no checkpoint (and no log) would read as a
+    store from before the log, or as a creation cut short: every batch
+    LevelDB lacked silently gone (after a power cut, all that its unsynced
+    logs held).  The key file is named accman.key only once the first
+    checkpoint is written."""
     path, _ = crashed
     if how == "closed":
         Ledger(str(path)).close()
-    (path / wal.CHECKPOINT_NAME).unlink()
-    (path / wal.WAL_NAME).unlink()
-    refused(path, f"{wal.CHECKPOINT_NAME} is missing, but the store holds records of store "
-                  "format 4, which is written with it: damaged")
+    elif how == "power cut":
+        for log, synced in checkpoint_of(path).logs.items():
+            os.truncate(path / log, synced)
+    for name in (wal.CHECKPOINT_NAME, wal.WAL_NAME):
+        (path / name).unlink()
+    refused(path, f"{wal.CHECKPOINT_NAME} is missing, but {keyfile.KEY_NAME} is here, which "
+                  "a store has only once its first checkpoint is written: damaged")
+
+
+def test_a_new_store_s_key_is_pending_until_its_first_checkpoint(tmp_path, monkeypatch):
+    """A creation cut short before its first checkpoint holds nothing
+    acknowledged: it is made again with its pending key."""
+    path = tmp_path / "data"
+
+    def crash(self, after):
+        raise KeyboardInterrupt("the power went")
+    monkeypatch.setattr(Store, "checkpoint_at_open", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Ledger(str(path))
+    assert (path / keyfile.PENDING_NAME).exists() and not (path / keyfile.KEY_NAME).exists()
+    pending = keyfile.read_key(str(path))
+    monkeypatch.undo()
+    with Ledger(str(path)) as led:
+        assert led.store.salt == pending and led.mod("alice", 3) == (3, 1)
+    assert keyfile.read_key_sealed(str(path)) == (pending, True)
+    assert not (path / keyfile.PENDING_NAME).exists()
 
 
 def test_a_checkpoint_of_another_format_is_refused(crashed):
@@ -385,13 +408,16 @@ def test_a_batch_bigger_than_the_log_still_fits(tmp_path):
         assert led.tot("c0") == 2 and led.tot("c199") == 1
 
 
-def as_before_the_log(path, keep_key=False):
+def as_before_the_log(path, pending_key=False):
     """The store at `path` made as an AccMan before its write-ahead log left
-    its stores: no log, no checkpoint, no key file (unless `keep_key`), at
-    store format 2.  Its LevelDB logs are left as they are."""
+    its stores: no log, no checkpoint, no key file (or with `pending_key`,
+    the one an upgrade writes before its first checkpoint), at store format
+    2.  Its LevelDB logs are left as they are."""
     for name in (wal.WAL_NAME, wal.CHECKPOINT_NAME):
         (path / name).unlink()
-    if not keep_key:
+    if pending_key:
+        (path / keyfile.KEY_NAME).rename(path / keyfile.PENDING_NAME)
+    else:
         (path / keyfile.KEY_NAME).unlink()
     db = plyvel.DB(str(path))
     meta = json.loads(db.get(migrate.META_KEY))
@@ -407,7 +433,7 @@ def test_a_store_written_before_the_log_opens_and_gets_a_checkpoint(tmp_path, ke
     path = tmp_path / "data"
     with Ledger(str(path)) as led:
         led.mod("alice", 7)
-    as_before_the_log(path, keep_key=key_file != "none yet")
+    as_before_the_log(path, pending_key=key_file != "none yet")
     with Ledger(str(path)) as led:
         assert led.tot("alice") == 7
         assert checkpoint_of(path) is not None

@@ -147,7 +147,7 @@ def creation_cut_short(path: str) -> bool:
     key file write before a store has CURRENT: a creation that a crash cut
     short, to be made again."""
     names = {n for n in os.listdir(path)
-             if not n.startswith("accman.key") and n not in _MAY_PRECEDE_STORE}
+             if not n.startswith(("accman.key", "accman.newkey")) and n not in _MAY_PRECEDE_STORE}
     if not names <= _CREATION_LEFTOVERS:
         return False
     if "MANIFEST-000001" in names:

@@ -9,8 +9,12 @@ a copy (as every store has since format 1); the two must agree, so that a
 damaged key file is refused rather than hashing every credential to an
 account that does not exist.
 
-The file is JSON, written once (temp file, fsync, rename, fsync of the
-directory), mode 0600: {"format": 1, "key": hex, "crc": crc32c of the key}.
+The file is JSON, mode 0600: {"format": 1, "key": hex, "crc": crc32c of
+the key}.  It is written whole (temp file, fsync, rename, fsync of the
+directory) as `accman.newkey` when a store is made (or upgraded from one
+without it), and renamed `accman.key` once the store's first checkpoint is
+written: a store with `accman.key` has had a checkpoint, so one without a
+checkpoint beside it is damaged, never a creation cut short.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from accman.errors import FileDamage
 from accman.ledger import _check
 
 KEY_NAME = "accman.key"
+PENDING_NAME = "accman.newkey"      # the key until the store's first checkpoint
 KEY_FORMAT = 1
 SALT_BYTES = 16              # the BLAKE2b key of credential hashes (ext/ledger.pyx)
 DERIVED_KEY_BYTES = 32       # BLAKE2b's largest key
@@ -44,14 +49,26 @@ def derive(salt: bytes, purpose: bytes) -> bytes:
 
 
 def read_key(dir_path: str) -> bytes | None:
-    """The store's secret, or None when the directory has no key file (a new
-    store, or one written before the file existed).  FileDamage if the file
-    is there but unreadable."""
-    try:
-        with open(os.path.join(dir_path, KEY_NAME), "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return None
+    """The store's secret (read_key_sealed), or None."""
+    return read_key_sealed(dir_path)[0]
+
+
+def read_key_sealed(dir_path: str) -> tuple[bytes | None, bool]:
+    """(the store's secret, whether it is `accman.key`): from `accman.key`,
+    else from the pending `accman.newkey` of a store whose first checkpoint
+    is not yet written; (None, False) when there is neither (a new store, or
+    one written before the file existed).  FileDamage if the file is there
+    but unreadable."""
+    for name, sealed in ((KEY_NAME, True), (PENDING_NAME, False)):
+        try:
+            with open(os.path.join(dir_path, name), "rb") as f:
+                return _parse(f.read(), name), sealed
+        except FileNotFoundError:
+            continue
+    return None, False
+
+
+def _parse(raw: bytes, name: str) -> bytes:
     try:
         doc = json.loads(raw)
         salt = bytes.fromhex(doc["key"])
@@ -60,13 +77,14 @@ def read_key(dir_path: str) -> bytes | None:
     except (ValueError, KeyError, TypeError, RecursionError):   # JSON nested past Python's stack
         ok = False
     if not ok:
-        raise FileDamage(f"{KEY_NAME} is unreadable (the key that hashes credentials)")
+        raise FileDamage(f"{name} is unreadable (the key that hashes credentials)")
     return salt
 
 
 def write_key(dir_fd: int, salt: bytes) -> None:
-    """Writes the key file durably, mode 0600, in the directory open as
-    `dir_fd`; the caller makes sure there is none yet."""
+    """Writes the pending key file (`accman.newkey`) whole and durably, mode
+    0600, in the directory open as `dir_fd`; the caller makes sure there is
+    no key file yet, and seals it (seal_key) after the first checkpoint."""
     assert len(salt) == SALT_BYTES
     doc = json.dumps({"format": KEY_FORMAT, "key": salt.hex(), "crc": _check.crc32c(salt)})
     tmp = KEY_NAME + ".tmp"
@@ -76,5 +94,12 @@ def write_key(dir_fd: int, salt: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, KEY_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.rename(tmp, PENDING_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
+def seal_key(dir_fd: int) -> None:
+    """The pending key becomes `accman.key`, durably: the store's first
+    checkpoint is written."""
+    os.rename(PENDING_NAME, KEY_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     os.fsync(dir_fd)

@@ -95,7 +95,7 @@ class Store:
                 datadir.check_usable(self.path)
                 datadir.make(self.path)
                 self._lock()
-            salt, ckpt, records = self._recover(existed, check_files, create)
+            salt, sealed, ckpt, records = self._recover(existed, check_files, create)
             if existed and not self.read_only:
                 found.refuse_unless_accman(self.path, self.path, salt, ckpt)
             if not self.read_only:
@@ -142,6 +142,8 @@ class Store:
             # before anything is written at its start, over records that
             # LevelDB's synced files may lack.
             self.checkpoint_at_open("recovery")
+            if not sealed and not self.read_only:
+                keyfile.seal_key(self._dir_fd())        # its first checkpoint is written
             if self._upgrade is not None:
                 migrate.through_log(self, self._upgrade, self._from_format)
 
@@ -157,12 +159,15 @@ class Store:
 
     def _recover(self, existed: bool, check_files: bool, create: bool):
         """Recovery's steps 1 to 4 (accman.ledger.wal), then the file checks;
-        returns the key (None for a store written before the key file), the
-        checkpoint and the records to replay, as (lsn, puts)."""
+        returns the key (None for a store written before the key file),
+        whether it is sealed (keyfile), the checkpoint and the records to
+        replay, as (lsn, puts)."""
         path = self.dir
-        salt = self._step(keyfile.read_key, path)
+        salt, sealed = self._step(keyfile.read_key_sealed, path)
         keys = wal.Keys.of(salt) if salt is not None else None
         ckpt = self._step(wal.read_checkpoint, path, keys)
+        if sealed and ckpt is None and not os.path.exists(os.path.join(path, wal.WAL_NAME)):
+            self._refuse_sealed_without_checkpoint()
         if (ckpt is None and not os.path.exists(os.path.join(path, "CURRENT"))
                 and not os.path.exists(os.path.join(path, wal.WAL_NAME))):
             if _has_leveldb_files(path) and not datadir.creation_cut_short(path):
@@ -176,7 +181,7 @@ class Store:
                 salt = keyfile.new_salt()
                 keyfile.write_key(self._dir_fd(), salt)
             datadir.write_new_leveldb(path)
-            return salt, None, []
+            return salt, False, None, []
         records = []
         # Another LevelDB (not an AccMan: it would hold our lock) has the
         # directory: its files are changing under us, so neither read nor
@@ -200,7 +205,15 @@ class Store:
                 log.info("%s: recovery: cut %d unsynced bytes from LevelDB's "
                          "logs, to be replayed from %s", self.path,
                          sum(cuts.values()), wal.WAL_NAME)
-        return salt, ckpt, records
+        if sealed and ckpt is None:
+            self._refuse_sealed_without_checkpoint()    # after the log's own refusal
+        return salt, sealed, ckpt, records
+
+    def _refuse_sealed_without_checkpoint(self):
+        raise StoreCorrupt(f"{self.path}: {wal.CHECKPOINT_NAME} is missing, but "
+                           f"{keyfile.KEY_NAME} is here, which a store has only once its "
+                           "first checkpoint is written: damaged (the checkpoint removed?); "
+                           "refusing to serve, nothing repaired")
 
     def _dir_fd(self) -> int:
         """The directory's descriptor, held while the store is open (the
