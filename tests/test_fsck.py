@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from accman import Ledger
-from accman.ledger import _check, fsck, tablecheck, wal
+from accman.ledger import _check, fsck, tablecheck
 from accman.errors import FileDamage, StoreCorrupt
 from accman.ledger import leveldb as leveldb_module
 from accman.ledger.leveldb import Store

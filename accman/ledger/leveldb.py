@@ -124,17 +124,7 @@ class Store:
                 # A store written before the key file: its key is the
                 # format record's, written out before the first AMW2 record.
                 keyfile.write_key(self._dir_fd(), self.salt)
-            for _, puts in records:
-                wb = self.db.write_batch(transaction=True)
-                for k, v in puts:
-                    if v is None:
-                        wb.delete(k)        # events past their retention
-                    else:
-                        wb.put(k, v)
-                wb.write()
-            if records:
-                log.info("%s: recovery: replayed %d batches from %s", self.path,
-                         len(records), wal.WAL_NAME)
+            self._replay(records)
             next_lsn = (records[-1][0] + 1 if records
                         else ckpt.lsn if ckpt is not None else 1)
             self.wal = walwriter.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
@@ -146,6 +136,20 @@ class Store:
                 keyfile.seal_key(self._dir_fd())        # its first checkpoint is written
             if self._upgrade is not None:
                 migrate.through_log(self, self._upgrade, self._from_format)
+
+    def _replay(self, records) -> None:
+        """The log's records after the checkpoint, written into LevelDB."""
+        for _, puts in records:
+            wb = self.db.write_batch(transaction=True)
+            for k, v in puts:
+                if v is None:
+                    wb.delete(k)        # events past their retention
+                else:
+                    wb.put(k, v)
+            wb.write()
+        if records:
+            log.info("%s: recovery: replayed %d batches from %s", self.path,
+                     len(records), wal.WAL_NAME)
 
     def checkpoint_at_open(self, after: str) -> None:
         """Everything written so far applied and checkpointed (its step
