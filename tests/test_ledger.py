@@ -554,6 +554,40 @@ def test_blocking_mod_inside_an_event_loop_is_refused(led):
     assert led.mod("a", 1) == (2, 2)     # outside the loop it works again
 
 
+def test_async_writes_from_a_second_running_loop_are_refused_not_hung(led):
+    """Completions go to the loop the ledger is bound to: a second loop,
+    in another thread, while the first still runs, would wait for ever.
+    It is refused, before anything is applied; once the first loop has
+    ended, the next loop takes the ledger over."""
+    first_running, first_may_end = threading.Event(), threading.Event()
+
+    async def first():
+        await led.amod("a", 1)
+        first_running.set()
+        while not first_may_end.is_set():
+            await asyncio.sleep(0.01)
+
+    thread = threading.Thread(target=asyncio.run, args=(first(),))
+    thread.start()
+    assert first_running.wait(10)
+
+    async def second():
+        with pytest.raises(RuntimeError, match="belong to another event loop, still running"):
+            await led.amod("a", 1)
+
+    try:
+        asyncio.run(second())
+        assert led.tot("a") == 1
+    finally:
+        first_may_end.set()
+        thread.join(10)
+
+    async def third():
+        return await led.amod("a", 1)
+
+    assert asyncio.run(third()) == (2, 2)
+
+
 def test_a_bound_deliver_gets_each_batch_whole_on_the_loop(led):
     """bind_loop(loop, deliver): the batch's (done, outcome) pairs reach
     `deliver` on the loop's thread, and the ledger calls no `done` itself."""

@@ -111,11 +111,24 @@ class Committer:
         default each is called, `done(outcome)`).  A server passes its own
         to answer a whole batch in one call, without a call per mod."""
         with self.lock:
-            if loop is not self._loop:
-                # A completion handed to a former loop may never run there.
-                self._writing = False
-            self._loop = loop
-            self._deliver_on_loop = deliver or run_callbacks
+            self._bind(loop, deliver)
+
+    def _bind(self, loop, deliver) -> None:
+        if loop is not self._loop:
+            # A completion handed to a former loop may never run there.
+            self._writing = False
+        self._loop = loop
+        self._deliver_on_loop = deliver or run_callbacks
+
+    def claim_loop(self, loop) -> bool:
+        """Binds `loop` (bind_loop, the default delivery) unless another
+        loop that is still running is bound: False then, since its
+        completions would go to a loop whose thread is not this one's."""
+        with self.lock:
+            if self._loop is not None and self._loop is not loop and self._loop.is_running():
+                return False
+            self._bind(loop, None)
+            return True
 
     # -- the submitting side ---------------------------------------------------
 

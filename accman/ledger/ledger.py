@@ -368,8 +368,10 @@ class Ledger:
     async def _awaited(self, submit, *args, **kw):
         self._check_open()
         loop = asyncio.get_running_loop()
-        if self._committer._loop is not loop:
-            self.bind_loop(loop)
+        if self._committer._loop is not loop and not self._committer.claim_loop(loop):
+            raise RuntimeError("this Ledger's async writes belong to another event loop, "
+                               "still running: await them there, or call mod, hold and "
+                               "settle (from any thread)")
         fut = loop.create_future()
 
         def done(outcome):
