@@ -42,7 +42,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
-from accman.calling.arguments import int64, port, retention, store_url
+from accman.calling.arguments import data_dir, int64, port, retention, store_url
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
@@ -181,7 +181,7 @@ def build_parser(given=()):
                    help="a libpq URL of each cluster of the store")
 
     v = command("verify", "check a data directory (the server must be stopped)")
-    v.add_argument("--data", default=DEFAULT_DATA,
+    v.add_argument("--data", default=DEFAULT_DATA, type=data_dir,
                    help=f"data directory (default {DEFAULT_DATA})")
     return p
 
@@ -191,7 +191,7 @@ def _serve_arguments(s):
                    help="address to bind (default 127.0.0.1; others need --tokens)")
     s.add_argument("--port", type=port, default=8080,
                    help="port (default 8080; 0 picks a free one)")
-    s.add_argument("--data", default=None,
+    s.add_argument("--data", default=None, type=data_dir,
                    help=f"data directory (default {DEFAULT_DATA}; created if missing): the "
                         "embedded store; with --store it holds only this server's lock")
     s.add_argument("--store", action="append", metavar="URL", default=[], type=store_url,

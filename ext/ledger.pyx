@@ -277,7 +277,10 @@ cdef class Book:
         return h.digest()
 
     cdef inline Account _find(self, object cred):
-        """The account of a valid cred, or None; caches cred -> account."""
+        """The account of a valid cred, or None; caches cred -> account.
+        Anything but a str is refused before the cache is asked."""
+        if type(cred) is not str:
+            _check_cred(cred)
         cdef Account acct = self.by_cred.get(cred)
         if acct is not None:
             return acct
@@ -326,7 +329,10 @@ cdef class Book:
     cdef inline Account _lookup(self, object cred):
         """The account of `cred`, durable or pending, or None.  A cred not
         seen before is checked and hashed here; its hash is then
-        self._hid (the name of a new account)."""
+        self._hid (the name of a new account).  Anything but a str is
+        refused before the cache is asked (a list is not even hashable)."""
+        if type(cred) is not str:
+            _check_cred(cred)
         cdef Account acct = self.by_cred.get(cred)
         if acct is not None:
             self._hid = acct.hid

@@ -424,3 +424,14 @@ def test_an_empty_store_url_is_a_usage_error_not_a_refused_connection(args):
     proc = run_accman(*args)
     assert proc.returncode == 2
     assert "--store: an empty URL: give a postgresql:// URL" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "verify"])
+def test_an_empty_data_path_is_a_usage_error_not_the_current_directory(command, tmp_path):
+    """`--data ""` would be the current directory: made 0700 and given a
+    store by serve, read by verify."""
+    mode = tmp_path.stat().st_mode
+    proc = run_accman(command, "--data", "", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--data: an empty path: give the data directory's path" in proc.stderr
+    assert list(tmp_path.iterdir()) == [] and tmp_path.stat().st_mode == mode

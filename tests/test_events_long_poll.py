@@ -16,7 +16,8 @@ from ledgerhelp import wait_for
 
 
 
-@pytest.mark.parametrize("wait_s", [-1, EVENTS_WAIT_S_MAX + 0.5, EVENTS_WAIT_S_MAX + 1, "1"])
+@pytest.mark.parametrize("wait_s", [-1, EVENTS_WAIT_S_MAX + 0.5, EVENTS_WAIT_S_MAX + 1, "1",
+                                    True, float("nan")])
 def test_a_wait_out_of_0_to_events_wait_s_max_is_refused(led, wait_s):
     async def poll():
         return await led.aevents(wait_s=wait_s)

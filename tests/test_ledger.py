@@ -88,7 +88,8 @@ def test_unknown_cred_reads_none(led):
 
 
 @pytest.mark.parametrize("cred", ["", "x" * 129, "al ice", "alice%20", "é", "a+b",
-                                  "ａ", "a\x00", "a/b", b"alice", 5, None])
+                                  "ａ", "a\x00", "a/b", b"alice", 5, None, ["alice"],
+                                  {"a": 1}])
 def test_bad_creds_are_refused_and_change_nothing(led, cred):
     led.mod("alice", 10)
     with pytest.raises(BadRequest, match="cred"):
@@ -97,6 +98,8 @@ def test_bad_creds_are_refused_and_change_nothing(led, cred):
         led.tot(cred)
     with pytest.raises(BadRequest, match="cred"):
         led.past(cred)
+    with pytest.raises(BadRequest, match="cred"):
+        led.account_id(cred)
     assert snapshot(led, "alice")[0] == 10
     assert len(led) == 1
 
@@ -811,6 +814,7 @@ def test_damage_met_after_open_is_refused_when_read(tmp_path):
     ("events_retention_s", EVENTS_RETENTION_S_MAX + 1, "events_retention_s .* to 3153600000"),
     ("low_balance", 2 ** 64, "low_balance must be an int in the signed 64-bit range"),
     ("low_balance", 5.0, "low_balance must be an int in the signed 64-bit range, got 5.0"),
+    ("clock_ms", "now", "clock_ms must be a function returning unix milliseconds, got 'now'"),
 ])
 def test_a_wrong_option_is_refused_before_the_directory_is_touched(tmp_path, option, value,
                                                                    says):
@@ -827,6 +831,22 @@ def test_a_wrong_option_is_refused_before_the_directory_is_touched(tmp_path, opt
     with pytest.raises(ValueError, match=f"^{says}"):
         Ledger(path, **{option: value})
     assert {p: os.stat(os.path.join(path, p)).st_mtime_ns for p in os.listdir(path)} == before
+
+
+@pytest.mark.parametrize("path,says", [
+    ("", "path must name a directory, got an empty one"),
+    (b"/tmp/accman-bytes-path", "path must be a str or a path object naming a directory, "
+                                "got bytes"),
+    (7, "path must be a str or a path object naming a directory, got int")])
+def test_a_wrong_path_is_refused_before_anything_is_touched(tmp_path, monkeypatch, path, says):
+    """An empty path would be the current directory, made 0700 and given
+    a store; a bytes one left an empty directory behind."""
+    monkeypatch.chdir(tmp_path)
+    mode = os.stat(tmp_path).st_mode
+    with pytest.raises(ValueError, match=f"^{says}$"):
+        Ledger(path)
+    assert os.listdir(tmp_path) == [] and os.stat(tmp_path).st_mode == mode
+    assert not os.path.exists("/tmp/accman-bytes-path")
 
 
 @pytest.mark.parametrize("bounds", [

@@ -40,6 +40,14 @@ def store_url(text):
     return text
 
 
+def data_dir(text):
+    """--data: a directory's path; an empty one would be the current
+    directory, made 0700 and filled with a store."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give the data directory's path")
+    return text
+
+
 def port(text):
     if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r} (0..65535)")

@@ -101,6 +101,9 @@ class Ledger:
             raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
         if type(create) is not bool:
             raise ValueError(f"create must be True or False, got {create!r}")
+        if clock_ms is not None and not callable(clock_ms):
+            raise ValueError(f"clock_ms must be a function returning unix milliseconds, "
+                             f"got {clock_ms!r}")
         check_options(low_balance=low_balance, events_retention_s=events_retention_s,
                       batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
                       holds_max=holds_max, holds_per_account_max=holds_per_account_max)
