@@ -380,3 +380,39 @@ cdef inline bint _host_chars(const unsigned char* s, Py_ssize_t n) noexcept nogi
         if not HOST[s[i]]:
             return False
     return True
+
+
+cdef bint host_shape_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """s[0:n] is uri-host [":" port] (RFC 3986 3.2.2, 3.2.3; RFC 9112
+    3.2): HOST bytes only; an IP-literal's brackets around hex digits,
+    colons and dots, and nowhere else; at most one colon outside them,
+    before a port of digits; no empty host before a port (RFC 9110
+    4.2.1).  An empty value is allowed (RFC 9112 3.2)."""
+    cdef Py_ssize_t i = 0, colon = -1
+    if not _host_chars(s, n):
+        return False
+    if n > 0 and s[0] == c'[':
+        i = 1
+        while i < n and s[i] != c']':
+            if not (c'0' <= s[i] <= c'9' or c'a' <= (s[i] | 0x20) <= c'f'
+                    or s[i] == c':' or s[i] == c'.'):
+                return False
+            i += 1
+        if i == n or i == 1:
+            return False                    # no closing bracket, or nothing inside
+        i += 1
+        if i == n:
+            return True
+        if s[i] != c':':
+            return False
+        return _all_digits(s + i + 1, n - i - 1) or i + 1 == n
+    for i in range(n):
+        if s[i] == c'[' or s[i] == c']':
+            return False
+        if s[i] == c':':
+            if colon >= 0:
+                return False
+            colon = i
+    if colon < 0:
+        return True
+    return colon > 0 and (colon == n - 1 or _all_digits(s + colon + 1, n - colon - 1))

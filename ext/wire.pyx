@@ -71,6 +71,7 @@ cdef int64_t PAST_LIMIT_DEFAULT = _limits.PAST_LIMIT_DEFAULT
 # REQUEST_LINE_BYTES_MAX bytes plus CRLF, or a header line that fills the
 # whole header block.  Every copy into the buffer is checked against the
 # limits first, so this is an assertion, not a client-reachable limit.
+AMBIGUOUS_CL_TE = "Content-Length with Transfer-Encoding is ambiguous framing"
 cdef Py_ssize_t LINE_BYTES_CAP = max(REQUEST_LINE_BYTES_MAX + 2, HEADER_BYTES_MAX)
 # Where the line buffer starts when a line first spans two feeds.
 cdef Py_ssize_t LINE_BYTES_FIRST = 256
@@ -350,7 +351,7 @@ cdef class Parser:
         v = j + 1
         if (n - v != 8 or memcmp(s + v, b"HTTP/", 5) != 0 or s[v + 6] != c'.'
                 or not (c'0' <= s[v + 5] <= c'9') or not (c'0' <= s[v + 7] <= c'9')):
-            return self._fail(400, "the HTTP version must be HTTP/1.1 or HTTP/1.0", out)
+            return self._fail_version(s + v, n - v, out)
         if s[v + 5] != c'1' or s[v + 7] > c'1':
             return self._fail(505, f"{quoted(s + v, 8)} is not supported: use HTTP/1.1 or HTTP/1.0", out)
         method = method_of(s, i)
@@ -385,7 +386,7 @@ cdef class Parser:
             a = 7
             while a < n and s[a] != c'/' and s[a] != c'?':
                 a += 1
-            if a == 7 or not _host_chars(s + 7, a - 7):
+            if a == 7 or not host_shape_ok(s + 7, a - 7):
                 return bad_query("the authority of an absolute request target must be host[:port]")
             req.loopback_host = host_is_loopback(s + 7, a - 7)
             self._absolute = True
@@ -416,6 +417,17 @@ cdef class Parser:
         if err is None:
             req.route = route
         return err
+
+    cdef int _fail_version(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
+        """What follows the target, v[0:n], is not a version: said as a bare
+        CR, or as a space inside the target when the line ends in one."""
+        cdef Py_ssize_t k = n - 9      # where the SP before a final "HTTP/x.y" would be
+        if memchr(v, CR, n) != NULL:
+            return self._fail(400, "a bare CR (not followed by LF) in the request line", out)
+        if k > 0 and v[0] != SP and v[k] == SP and memcmp(v + k + 1, b"HTTP/", 5) == 0:
+            return self._fail(400, "the request line must be METHOD SP /path SP HTTP/1.1: "
+                                   "a space in the target must be sent as %20", out)
+        return self._fail(400, "the HTTP version must be HTTP/1.1 or HTTP/1.0", out)
 
     cdef int _fail_request_line(self, const unsigned char* s, Py_ssize_t n,
                                 Py_ssize_t at, list out) except -1:
@@ -468,11 +480,11 @@ cdef class Parser:
                 self._expect_continue = True
             return 0
         if i == 17 and ci_equal(s, b"transfer-encoding", 17):
+            # Judged at the end of the head (_framing), whatever the order
+            # of the framing headers: ambiguity first.
             if self._cl_seen:
-                return self._fail(400, "Content-Length with Transfer-Encoding is ambiguous framing", out)
-            # RFC 9112 6.3: a body without a Content-Length.
-            return self._fail(411, "a body needs a Content-Length (Transfer-Encoding is not "
-                                   "accepted: the routes take no body)", out)
+                return self._fail(400, AMBIGUOUS_CL_TE, out)
+            self._te_seen = True
         return 0
 
     cdef int _host(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
@@ -480,7 +492,7 @@ cdef class Parser:
         self._hosts += 1
         if self._hosts > 1:
             return self._fail(400, "a request must have at most one Host header", out)
-        if not _host_chars(v, n):
+        if not host_shape_ok(v, n):
             return self._fail(400, "the Host header must be host[:port]", out)
         if not self._absolute:
             self._req.loopback_host = host_is_loopback(v, n)
@@ -537,6 +549,8 @@ cdef class Parser:
         cdef Py_ssize_t i, cl = 0
         if self._cl_seen:
             return self._fail(400, "two Content-Length headers are ambiguous framing", out)
+        if self._te_seen:
+            return self._fail(400, AMBIGUOUS_CL_TE, out)
         self._cl_seen = True
         if n == 0:
             return self._fail(400, "Content-Length must be decimal digits", out)
@@ -545,13 +559,21 @@ cdef class Parser:
                 return self._fail(400, "Content-Length must be decimal digits", out)
             if cl <= BODY_BYTES_MAX:        # stops growing once over: no overflow
                 cl = cl * 10 + (v[i] - c'0')
-        if cl > BODY_BYTES_MAX:
-            return self._fail(413, f"the body is over {BODY_BYTES_MAX} bytes: the routes take no body", out)
-        self._cl = cl
+        self._cl = cl               # over BODY_BYTES_MAX: 413 at the end of the head
         return 0
 
     cdef int _end_of_head(self, list out) except -1:
         cdef Request req = self._req
+        # The body's framing is judged once every header is read: ambiguity
+        # (a second Content-Length, or one beside Transfer-Encoding) is
+        # refused as it comes, so no order of the headers answers otherwise.
+        if self._te_seen:
+            # RFC 9112 6.3: a body without a Content-Length.
+            return self._fail(411, "a body needs a Content-Length (Transfer-Encoding is not "
+                                   "accepted: the routes take no body)", out)
+        if self._cl > BODY_BYTES_MAX:
+            return self._fail(413, f"the body is over {BODY_BYTES_MAX} bytes: the routes take "
+                                   "no body", out)
         if not req.http10 and self._hosts != 1:
             return self._fail(400, "an HTTP/1.1 request needs a Host header", out)
         if req.http10:
@@ -582,6 +604,7 @@ cdef class Parser:
         self._header_lines = 0
         self._hosts = 0
         self._cl_seen = False
+        self._te_seen = False
         self._cl = 0
         self._conn_close = False
         self._conn_keep_alive = False

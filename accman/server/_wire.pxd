@@ -36,6 +36,7 @@ cdef class Parser:
     cdef int _header_lines
     cdef int _hosts
     cdef bint _cl_seen
+    cdef bint _te_seen              # Transfer-Encoding: 411 at the end of the head (wire.pyx)
     cdef Py_ssize_t _cl
     cdef Py_ssize_t _body_left
     cdef bint _conn_close
@@ -64,6 +65,7 @@ cdef class Parser:
     cdef int _host(self, const unsigned char* v, Py_ssize_t n, list out) except -1
     cdef int _connection(self, const unsigned char* v, Py_ssize_t n, list out) except -1
     cdef int _authorization(self, const unsigned char* v, Py_ssize_t n) except -1
+    cdef int _fail_version(self, const unsigned char* v, Py_ssize_t n, list out) except -1
     cdef int _content_length(self, const unsigned char* v, Py_ssize_t n, list out) except -1
     cdef int _end_of_head(self, list out) except -1
     cdef int _emit(self, list out) except -1
