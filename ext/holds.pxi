@@ -102,9 +102,11 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
         return TooManyHolds(f"the account has HOLDS_PER_ACCOUNT_MAX "
                             f"({book.holds_per_account_max}) open holds; settle some first")
     if book.open_holds >= book.holds_max:
-        return TooManyHolds(f"the ledger has HOLDS_MAX ({book.holds_max}) open holds; "
+        return TooManyHolds(f"the store has HOLDS_MAX ({book.holds_max}) open holds; "
                             "retry later")
     outcome = book._judge(acct, by, min_)
+    if type(outcome) is Insufficient:
+        outcome = Insufficient(outcome.tot, f"the balance {outcome.tot} does not cover this hold")
     if outcome is not None:
         return book._told(outcome, done, on_loop)
     cdef Batch batch = book._change(acct, by, at_ms, kb, -1, EV_HOLD)

@@ -433,7 +433,7 @@ cdef class Book:
         self._wait = None
         if pk is not None:
             if pk.by != by or pk.min_ != min_ or pk.ttl_s != ttl_s:
-                outcome = KeyReused("key was used with another by, min or ttl")
+                outcome = KeyReused("key was used with another route, by, min or ttl")
             else:
                 outcome = pk.result
             self._wait = self._pending(pk.batch)
@@ -443,7 +443,7 @@ cdef class Book:
             return _NOT_KEYED
         seq, sby, stot, smin, sttl = unpack_key(stored)
         if sby != by or smin != min_ or sttl != ttl_s:
-            return KeyReused("key was used with another by, min or ttl")
+            return KeyReused("key was used with another route, by, min or ttl")
         return (seq, stot, seq) if ttl_s else (stot, seq)
 
     cdef object _judge(self, Account acct, int64_t by, object min_):

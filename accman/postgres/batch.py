@@ -125,8 +125,9 @@ def refusals(holds_per_account_max: int, holds_max: int) -> dict:
     return {
         S.NO_ACCOUNT: lambda kind, _tot: NoAccount(
             _NO_ACCOUNT.get(kind, "no account has this cred")),
-        S.INSUFFICIENT: lambda _kind, tot: Insufficient(tot),
-        S.KEY_REUSED: lambda _kind, _tot: KeyReused("key was used with another by, min or ttl"),
+        S.INSUFFICIENT: lambda kind, tot: Insufficient(
+            tot, f"the balance {tot} does not cover this hold" if kind == S.HOLD else ""),
+        S.KEY_REUSED: lambda _kind, _tot: KeyReused("key was used with another route, by, min or ttl"),
         S.OVERFLOW: lambda _kind, _tot: Overflow(
             "the balance would leave the signed 64-bit range"),
         S.OVERFLOW_HELD: lambda _kind, _tot: Overflow(

@@ -407,7 +407,8 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.take_no_more()
         self.last_reply(self.routes.error(
             "none", 408, "timeout",
-            f"the request head did not arrive within HEAD_TIMEOUT_S "
+            f"the request (its head, and the body its Content-Length announces) did not "
+            f"arrive whole within HEAD_TIMEOUT_S "
             f"({self.server.limits.head_timeout_s:g} s)", CLOSE))
 
     def last_reply(self, reply):

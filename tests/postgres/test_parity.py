@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, KeyReused, NoAccount,
-                           Overflow, TooManyHolds)
+from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient, KeyReused,
+                           NoAccount, Overflow, TooManyHolds)
 from accman.limits import INT64_MAX, INT64_MIN
 
 from .helpers import opened, run, stored
@@ -29,8 +29,12 @@ def test_refusals_say_what_the_embedded_store_says(pg_url):
             with pytest.raises(BadRequest, match=rf"by must be from {-INT64_MAX} to -1"):
                 await c.hold("a", INT64_MIN, 60, min=INT64_MIN)
             assert await c.hold("a", -5, 60, key="h") == (2, 95, 2)
-            with pytest.raises(KeyReused, match="by, min or ttl"):
+            with pytest.raises(KeyReused, match="^key was used with another route, by, min or ttl$"):
                 await c.hold("a", -5, 61, key="h")
+            with pytest.raises(Insufficient, match="^the balance 95 does not cover this hold$"):
+                await c.hold("a", -96, 60)
+            with pytest.raises(Insufficient, match="^the balance 95 does not cover this mod$"):
+                await c.mod("a", -96, min=0)
             await c.hold("a", -5, 1)
             with pytest.raises(TooManyHolds, match=r"HOLDS_PER_ACCOUNT_MAX \(2\)"):
                 await c.hold("a", -5, 60)

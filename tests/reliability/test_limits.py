@@ -437,6 +437,17 @@ def test_a_head_stalled_after_its_request_line_gets_408(start_server):
     assert "HEAD_TIMEOUT_S" in replies[0].json["detail"]
 
 
+def test_a_body_short_of_its_content_length_gets_408_saying_so(start_server):
+    """The deadline covers the body a whole head announces, and says so."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "0.5"})
+    with s.connect() as c:
+        c.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nhello")
+        replies = read_until_closed(c)
+    assert [r.status for r in replies] == [408]
+    assert replies[0].json["detail"].startswith(
+        "the request (its head, and the body its Content-Length announces) did not arrive whole")
+
+
 def test_header_lines_trickled_one_by_one_still_meet_the_head_deadline(start_server):
     """Each line comes well within the deadline; the head as a whole does
     not: the deadline runs from the head's first byte."""
