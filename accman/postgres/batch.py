@@ -127,7 +127,8 @@ def refusals(holds_per_account_max: int, holds_max: int) -> dict:
             _NO_ACCOUNT.get(kind, "no account has this cred")),
         S.INSUFFICIENT: lambda kind, tot: Insufficient(
             tot, f"the balance {tot} does not cover this hold" if kind == S.HOLD else ""),
-        S.KEY_REUSED: lambda _kind, _tot: KeyReused("key was used with another route, by, min or ttl"),
+        S.KEY_REUSED: lambda _kind, _tot: KeyReused(
+            "key was used with another route, by, min or ttl"),
         S.OVERFLOW: lambda _kind, _tot: Overflow(
             "the balance would leave the signed 64-bit range"),
         S.OVERFLOW_HELD: lambda _kind, _tot: Overflow(

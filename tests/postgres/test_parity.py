@@ -29,7 +29,8 @@ def test_refusals_say_what_the_embedded_store_says(pg_url):
             with pytest.raises(BadRequest, match=rf"by must be from {-INT64_MAX} to -1"):
                 await c.hold("a", INT64_MIN, 60, min=INT64_MIN)
             assert await c.hold("a", -5, 60, key="h") == (2, 95, 2)
-            with pytest.raises(KeyReused, match="^key was used with another route, by, min or ttl$"):
+            with pytest.raises(KeyReused,
+                               match="^key was used with another route, by, min or ttl$"):
                 await c.hold("a", -5, 61, key="h")
             with pytest.raises(Insufficient, match="^the balance 95 does not cover this hold$"):
                 await c.hold("a", -96, 60)
