@@ -384,18 +384,18 @@ cdef inline bint _host_chars(const unsigned char* s, Py_ssize_t n) noexcept nogi
 
 cdef bint host_shape_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     """s[0:n] is uri-host [":" port] (RFC 3986 3.2.2, 3.2.3; RFC 9112
-    3.2): HOST bytes only; an IP-literal's brackets around hex digits,
-    colons and dots, and nowhere else; at most one colon outside them,
-    before a port of digits; no empty host before a port (RFC 9110
-    4.2.1).  An empty value is allowed (RFC 9112 3.2)."""
+    3.2): HOST bytes only; an IP-literal's brackets (an IPv6 address, one
+    with a zone id, RFC 6874, or an IPvFuture) at its ends and nowhere
+    else; at most one colon outside them, before a port of digits; no
+    empty host before a port (RFC 9110 4.2.1).  An empty value is allowed
+    (RFC 9112 3.2)."""
     cdef Py_ssize_t i = 0, colon = -1
     if not _host_chars(s, n):
         return False
     if n > 0 and s[0] == c'[':
         i = 1
         while i < n and s[i] != c']':
-            if not (c'0' <= s[i] <= c'9' or c'a' <= (s[i] | 0x20) <= c'f'
-                    or s[i] == c':' or s[i] == c'.'):
+            if s[i] == c'[':
                 return False
             i += 1
         if i == n or i == 1:

@@ -878,14 +878,13 @@ def test_a_store_from_before_the_key_file_and_the_log_still_opens(tmp_path):
     """A LevelDB with AccMan's format record and nothing beside it (a store
     of the first AccMan, before its key file and its log) is read from a
     copy first (as another program's LevelDB is), then opened and kept."""
-    from accman.ledger import keyfile, wal
+    from accman.ledger import keyfile
+    from test_wal import as_before_the_log
     path = str(tmp_path / "d")
     with Ledger(path) as led:
         led.mod("alice", 10, key="k")
         salt = led.store.salt
-    for name in os.listdir(path):
-        if name.startswith(("accman.", keyfile.KEY_NAME, wal.WAL_NAME)):
-            os.unlink(os.path.join(path, name))
+    as_before_the_log(tmp_path / "d")
     with Ledger(path) as led:
         assert led.tot("alice") == 10
         assert led.mod("alice", 10, key="k") == (10, 1)        # its key record kept

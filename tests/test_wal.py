@@ -17,7 +17,7 @@ import plyvel
 import pytest
 
 from accman import Ledger
-from accman.ledger import _check, fsck, keyfile, migrate, plyvel_errors, wal, walwriter
+from accman.ledger import _check, datadir, fsck, keyfile, migrate, plyvel_errors, wal, walwriter
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
 from accman.ledger.leveldb import Store
 
@@ -310,6 +310,45 @@ def test_a_checkpoint_or_key_nested_past_the_stack_is_refused_plainly(crashed, n
 
 
 @pytest.mark.parametrize("how", ["crashed", "closed", "power cut"])
+def test_a_store_whose_key_checkpoint_and_log_are_all_gone_is_refused(crashed, how):
+    """Without the key file either, the format record tells a store from
+    before the key file (format 1 or 2) from one written with it."""
+    path, _ = crashed
+    if how == "closed":
+        Ledger(str(path)).close()
+    elif how == "power cut":
+        for log, synced in checkpoint_of(path).logs.items():
+            os.truncate(path / log, synced)
+    for name in (keyfile.KEY_NAME, wal.CHECKPOINT_NAME, wal.WAL_NAME):
+        (path / name).unlink()
+    refused(path, f"{keyfile.KEY_NAME}, {wal.CHECKPOINT_NAME} and {wal.WAL_NAME} are missing, "
+                  "but the store is at format 4, written with them: damaged")
+    with pytest.raises(StoreCorrupt, match="written with them: damaged"):
+        Store(str(path), read_only=True)
+
+
+def test_an_upgrade_cut_short_before_its_first_checkpoint_opens_again(tmp_path, monkeypatch):
+    """A store from before the key file gets its key, pending, before
+    LevelDB's first change: an upgrade cut short (after format 1's
+    migration, say) is never a store at format 4 without a key file."""
+    path = tmp_path / "data"
+    with Ledger(str(path)) as led:
+        led.mod("alice", 7)
+    as_before_the_log(path)
+
+    def crash(self, after):
+        raise KeyboardInterrupt("the power went")
+    monkeypatch.setattr(Store, "checkpoint_at_open", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Ledger(str(path))
+    assert (path / keyfile.PENDING_NAME).exists() and not (path / keyfile.KEY_NAME).exists()
+    monkeypatch.undo()
+    with Ledger(str(path)) as led:
+        assert led.tot("alice") == 7
+    assert keyfile.read_key_sealed(str(path))[1]
+
+
+@pytest.mark.parametrize("how", ["crashed", "closed", "power cut"])
 def test_a_store_whose_checkpoint_and_log_are_gone_is_refused(crashed, tmp_path, how):
     """With the key file there, no checkpoint (and no log) would read as a
     store from before the log, or as a creation cut short: every batch
@@ -345,6 +384,17 @@ def test_a_new_store_s_key_is_pending_until_its_first_checkpoint(tmp_path, monke
         assert led.store.salt == pending and led.mod("alice", 3) == (3, 1)
     assert keyfile.read_key_sealed(str(path)) == (pending, True)
     assert not (path / keyfile.PENDING_NAME).exists()
+
+
+def test_verify_of_a_creation_cut_short_says_there_is_no_store(tmp_path):
+    """Before CURRENT, a directory holds no store: a read-only open says
+    so, as it did before it read the MANIFEST for its private copy."""
+    path = tmp_path / "data"
+    path.mkdir()
+    keyfile.write_key(os.open(path, os.O_RDONLY | os.O_DIRECTORY), keyfile.new_salt())
+    (path / "MANIFEST-000001").write_bytes(datadir._first_manifest()[:10])
+    with pytest.raises(StoreError, match="no store in this directory"):
+        Store(str(path), read_only=True)
 
 
 def test_a_checkpoint_of_another_format_is_refused(crashed):

@@ -484,6 +484,18 @@ def test_loopback_host(host, loopback):
     assert req.loopback_host is loopback
 
 
+@pytest.mark.parametrize("host", [
+    b"", b"example.com.", b"EXAMPLE.COM:80", b"127.0.0.1:0", b"127.0.0.1:", b"[::1]:",
+    b"[::FFFF:127.0.0.1]:8080", b"[fe80::1%25eth0]", b"[v1.x]", b"a%41b", b"x" * 200])
+def test_every_host_of_the_uri_host_port_shape_is_taken(host):
+    """RFC 3986's uri-host [":" port] (an empty port, a zone id, an
+    IPvFuture, a percent-encoded name) and RFC 9112's empty Host."""
+    req = run(R(b"GET /tot?cred=a HTTP/1.1", b"Host: " + host, host=False))
+    assert req.error is None
+    req = run(R(b"GET http://" + (host or b"h") + b"/tot?cred=a HTTP/1.1"))
+    assert req.error is None
+
+
 @pytest.mark.parametrize("authority,loopback", [(b"127.0.0.1:8080", True), (b"localhost", True),
                                                (b"[::1]", True), (b"evil.example", False)])
 def test_absolute_form_authority_stands_for_host(authority, loopback):
@@ -598,6 +610,7 @@ HARD = [
     ("host-bracket-inside", R(LINE, b"Host: a[b]", host=False), 400, BAD_HOST),
     ("host-literal-garbage", R(LINE, b"Host: [::1]x", host=False), 400, BAD_HOST),
     ("host-literal-empty", R(LINE, b"Host: []", host=False), 400, BAD_HOST),
+    ("host-literal-nested", R(LINE, b"Host: [[::1]]", host=False), 400, BAD_HOST),
     ("cl-letters", R(LINE, b"Content-Length: abc"), 400, CL_DIGITS),
     ("cl-negative", R(LINE, b"Content-Length: -1"), 400, CL_DIGITS),
     ("cl-plus", R(LINE, b"Content-Length: +5"), 400, CL_DIGITS),

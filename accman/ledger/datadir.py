@@ -251,7 +251,10 @@ def snapshot(path: str) -> str:
     under the system's temporary directory; the caller removes it.
     StoreCorrupt if the MANIFEST is damaged."""
     try:
-        listed = fsck.tables_listed(path)
+        # Without CURRENT there is no store yet (a creation cut short) or a
+        # damaged one: recovery says which, from the copy.
+        listed = (fsck.tables_listed(path) if os.path.exists(os.path.join(path, "CURRENT"))
+                  else set())
     except FileDamage as e:
         raise StoreCorrupt(f"{path}: data files are damaged: {e}; refusing to read "
                            "it, nothing changed") from None

@@ -96,8 +96,13 @@ class Store:
                 datadir.make(self.path)
                 self._lock()
             salt, sealed, ckpt, records = self._recover(existed, check_files, create)
-            if existed and not self.read_only:
-                found.refuse_unless_accman(self.path, self.path, salt, ckpt)
+            if existed:
+                old_key = found.key_of_keyless(self.dir, self.path, salt, ckpt)
+                if old_key is not None and not self.read_only:
+                    # A store from before the key file: its key, pending,
+                    # before LevelDB's first change (an upgrade of format 1).
+                    keyfile.write_key(self._dir_fd(), old_key)
+                    salt = old_key
             if not self.read_only:
                 # After every check: a refused store is left as it was found.
                 # Before LevelDB's first file: the default ACL makes it 0600.
@@ -189,7 +194,7 @@ class Store:
         records = []
         # Another LevelDB (not an AccMan: it would hold our lock) has the
         # directory: its files are changing under us, so neither read nor
-        # cut nor checked, and found.refuse_unless_accman refuses it as locked.
+        # cut nor checked, and found.key_of_keyless refuses it as locked.
         if existed and not datadir.locked_elsewhere(path):
             # Read and parsed (and refused if damaged) before any file is cut.
             records = [(rec.lsn, self._puts_of(rec))
