@@ -309,22 +309,43 @@ def test_a_checkpoint_or_key_nested_past_the_stack_is_refused_plainly(crashed, n
     refused(path, f"{name} is unreadable")
 
 
+SEALED_WITHOUT_CHECKPOINT = (f"{wal.CHECKPOINT_NAME} is missing, but {keyfile.KEY_NAME} is "
+                             "here, which a store has only once its first checkpoint is written: "
+                             "damaged")
+ALL_THREE_GONE = (f"{keyfile.KEY_NAME}, {wal.CHECKPOINT_NAME} and {wal.WAL_NAME} are missing, "
+                  "but the store is at format 4, written with them: damaged")
+
+
 @pytest.mark.parametrize("how", ["crashed", "closed", "power cut"])
-def test_a_store_whose_key_checkpoint_and_log_are_all_gone_is_refused(crashed, how):
-    """Without the key file either, the format record tells a store from
-    before the key file (format 1 or 2) from one written with it."""
+@pytest.mark.parametrize("gone,says", [
+    ((wal.CHECKPOINT_NAME, wal.WAL_NAME), SEALED_WITHOUT_CHECKPOINT),
+    ((keyfile.KEY_NAME, wal.CHECKPOINT_NAME, wal.WAL_NAME), ALL_THREE_GONE)])
+def test_a_store_whose_checkpoint_and_log_are_gone_is_refused(crashed, how, gone, says):
+    """With the key file there, no checkpoint (and no log) would read as a
+    store from before the log, or as a creation cut short: every batch
+    LevelDB lacked silently gone (after a power cut, all that its unsynced
+    logs held).  The key file is named accman.key only once the first
+    checkpoint is written.  Without the key file either, the format record
+    tells a store from before the key file (format 1 or 2) from one
+    written with it.  Serve and verify alike."""
     path, _ = crashed
     if how == "closed":
         Ledger(str(path)).close()
     elif how == "power cut":
         for log, synced in checkpoint_of(path).logs.items():
             os.truncate(path / log, synced)
-    for name in (keyfile.KEY_NAME, wal.CHECKPOINT_NAME, wal.WAL_NAME):
+    for name in gone:
         (path / name).unlink()
-    refused(path, f"{keyfile.KEY_NAME}, {wal.CHECKPOINT_NAME} and {wal.WAL_NAME} are missing, "
-                  "but the store is at format 4, written with them: damaged")
-    with pytest.raises(StoreCorrupt, match="written with them: damaged"):
+    refused(path, says)
+    with pytest.raises(StoreCorrupt, match=says):
         Store(str(path), read_only=True)
+
+
+def power_goes_at_the_first_checkpoint(monkeypatch):
+    """The next open stops where its first checkpoint would be written."""
+    def crash(self, after):
+        raise KeyboardInterrupt("the power went")
+    monkeypatch.setattr(Store, "checkpoint_at_open", crash)
 
 
 def test_an_upgrade_cut_short_before_its_first_checkpoint_opens_again(tmp_path, monkeypatch):
@@ -336,9 +357,7 @@ def test_an_upgrade_cut_short_before_its_first_checkpoint_opens_again(tmp_path, 
         led.mod("alice", 7)
     as_before_the_log(path)
 
-    def crash(self, after):
-        raise KeyboardInterrupt("the power went")
-    monkeypatch.setattr(Store, "checkpoint_at_open", crash)
+    power_goes_at_the_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         Ledger(str(path))
     assert (path / keyfile.PENDING_NAME).exists() and not (path / keyfile.KEY_NAME).exists()
@@ -348,33 +367,11 @@ def test_an_upgrade_cut_short_before_its_first_checkpoint_opens_again(tmp_path, 
     assert keyfile.read_key_sealed(str(path))[1]
 
 
-@pytest.mark.parametrize("how", ["crashed", "closed", "power cut"])
-def test_a_store_whose_checkpoint_and_log_are_gone_is_refused(crashed, tmp_path, how):
-    """With the key file there, no checkpoint (and no log) would read as a
-    store from before the log, or as a creation cut short: every batch
-    LevelDB lacked silently gone (after a power cut, all that its unsynced
-    logs held).  The key file is named accman.key only once the first
-    checkpoint is written."""
-    path, _ = crashed
-    if how == "closed":
-        Ledger(str(path)).close()
-    elif how == "power cut":
-        for log, synced in checkpoint_of(path).logs.items():
-            os.truncate(path / log, synced)
-    for name in (wal.CHECKPOINT_NAME, wal.WAL_NAME):
-        (path / name).unlink()
-    refused(path, f"{wal.CHECKPOINT_NAME} is missing, but {keyfile.KEY_NAME} is here, which "
-                  "a store has only once its first checkpoint is written: damaged")
-
-
 def test_a_new_store_s_key_is_pending_until_its_first_checkpoint(tmp_path, monkeypatch):
     """A creation cut short before its first checkpoint holds nothing
     acknowledged: it is made again with its pending key."""
     path = tmp_path / "data"
-
-    def crash(self, after):
-        raise KeyboardInterrupt("the power went")
-    monkeypatch.setattr(Store, "checkpoint_at_open", crash)
+    power_goes_at_the_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         Ledger(str(path))
     assert (path / keyfile.PENDING_NAME).exists() and not (path / keyfile.KEY_NAME).exists()

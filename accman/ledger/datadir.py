@@ -57,6 +57,20 @@ _STORE_MARKS = ("CURRENT", "accman.wal", "accman.checkpoint")
 _FOREIGN_NAMED_MAX = 3
 
 
+def checked_path(path) -> str:
+    """A data directory's path as given, before anything is touched: a str
+    or an os.PathLike of one, not empty (that would be the current
+    directory, made 0700 and filled with a store)."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if type(path) is not str:
+        raise ValueError(f"path must be a str or a path object naming a directory, "
+                         f"got {type(path).__name__}")
+    if not path:
+        raise ValueError("path must name a directory, got an empty one")
+    return path
+
+
 def check_usable(path: str, also=None) -> None:
     """Refuses, changing nothing, a data directory path that is not a
     directory, or a directory that holds no store and is not empty (but

@@ -64,7 +64,7 @@ class Store:
         read-only copy or mount): recovery and LevelDB run in a private
         copy (accman.ledger.datadir.snapshot), under a shared lock that no
         server holds.  Reads only; there is nothing to write to."""
-        self.path = os.path.abspath(_checked_path(path))     # named in every message
+        self.path = os.path.abspath(datadir.checked_path(path))     # named in every message
         self.dir = self.path                    # where the files are opened
         self.read_only = read_only
         self._lock_fd = -1
@@ -480,20 +480,6 @@ class Store:
             if self._scratch is not None:
                 datadir.remove_snapshot(self._scratch)
                 self._scratch = None
-
-
-def _checked_path(path) -> str:
-    """A data directory's path as given, before anything is touched: a str
-    or an os.PathLike of one, not empty (that would be the current
-    directory, made 0700 and filled with a store)."""
-    if isinstance(path, os.PathLike):
-        path = os.fspath(path)
-    if type(path) is not str:
-        raise ValueError(f"path must be a str or a path object naming a directory, "
-                         f"got {type(path).__name__}")
-    if not path:
-        raise ValueError("path must name a directory, got an empty one")
-    return path
 
 
 def _has_leveldb_files(path: str) -> bool:
