@@ -4,13 +4,14 @@ is closed" once it has returned; no call reaches plyvel's own errors, and
 close waits for the reads in flight before it closes LevelDB."""
 
 import asyncio
+import errno
 import inspect
 import threading
 
 import pytest
 
-from accman import Ledger, Unavailable
-from accman.ledger import _ledger
+from accman import Ledger, StoreError, Unavailable
+from accman.ledger import _ledger, plyvel_errors
 from accman.ledger.leveldb import Store
 from ledgerhelp import GatedStore, wait_for
 
@@ -177,6 +178,18 @@ def test_plyvel_s_closed_database_is_translated_where_its_errors_are(tmp_path):
                  store.check_all_blocks):
         with pytest.raises(Unavailable, match="^the ledger is closed$"):
             call()
+
+
+def test_an_os_error_names_the_file_it_met(tmp_path):
+    """An immutable (chattr +i) or unreadable file of the store: the
+    refusal names it, not only the directory and the OS's words."""
+    with pytest.raises(StoreError, match=r"^/d: replay the write-ahead log failed "
+                                         r"\(accman.wal\): Operation not permitted$"):
+        with plyvel_errors.translated("/d", "replay the write-ahead log"):
+            raise PermissionError(errno.EPERM, "Operation not permitted", "accman.wal")
+    with pytest.raises(StoreError, match=r"^/d: open failed: No space left on device$"):
+        with plyvel_errors.translated("/d", "open"):
+            raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_a_long_poll_waiting_when_the_ledger_closes_is_told_so_at_once(tmp_path):

@@ -5,6 +5,7 @@ No I/O."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import plyvel
 
@@ -37,7 +38,10 @@ def translated(path: str, action: str):
     except plyvel.Error as e:
         raise StoreError(f"{path}: {action} failed: {message(e)}") from e
     except OSError as e:
-        raise StoreError(f"{path}: {action} failed: {e.strerror or e}") from e
+        # The file, when the OS names one (an immutable or unreadable file
+        # among the store's: which one is what a person needs to know).
+        where = f" ({os.path.basename(e.filename)})" if isinstance(e.filename, str) else ""
+        raise StoreError(f"{path}: {action} failed{where}: {e.strerror or e}") from e
 
 
 def message(e: BaseException) -> str:
