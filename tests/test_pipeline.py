@@ -4,6 +4,8 @@ requests that it leaves to the general path, are answered in order with
 exactly the SPEC's outcomes, with tokens as without, and counted in
 /metrics like any other reply.  The real server as a subprocess."""
 
+import threading
+
 import pytest
 
 from conftest import assert_error, get, parse_responses, patch, request_bytes
@@ -43,6 +45,40 @@ def test_each_pipelined_read_sees_exactly_the_mods_before_it(shared_server, cred
     for i in range(1, 21):
         expected += [{"tot": 100 - i, "seq": 1 + i}, {"tot": 100 - i}]
     assert replies == expected
+
+
+def test_a_read_sees_none_of_the_mods_pipelined_after_it_while_reads_are_busy(shared_server,
+                                                                                cred):
+    """SPEC "Routes": a read sees none of the later mods of its connection,
+    also when the store answers it later, beside its writes (PostgreSQL's
+    read pool, kept busy here by other connections reading)."""
+    shared_server.mod(f"{cred}-load", 5)
+    stop = threading.Event()
+
+    def load():
+        with shared_server.connect() as c:
+            while not stop.is_set():
+                c.send(get(f"/past?cred={cred}-load&limit=50"))
+                c.responses(1)
+
+    loaders = [threading.Thread(target=load) for _ in range(4)]
+    for t in loaders:
+        t.start()
+    try:
+        seen = []
+        for i in range(40):
+            with shared_server.connect() as c:
+                c.send(patch(f"/mod?cred={cred}-{i}&by=10"))
+                assert c.responses(1)[0].status == 200
+                c.send(get(f"/tot?cred={cred}-{i}") + patch(f"/mod?cred={cred}-{i}&by=-1")
+                       + get(f"/past?cred={cred}-{i}") + patch(f"/mod?cred={cred}-{i}&by=-1"))
+                tot, _, past, _ = c.responses(4)
+                seen.append((tot.json["tot"], [e["seq"] for e in past.json["past"]]))
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join()
+    assert seen == [(10, [2, 1])] * 40
 
 
 def test_lane_and_general_requests_answer_in_order(shared_server, cred):

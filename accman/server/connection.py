@@ -11,7 +11,10 @@ share batches; its reply waits in `waiting` (a compiled Pipeline,
 ext/pipeline.pyx) behind those before it.  A read pipelined behind
 unanswered writes asks the store for an ordered read, which sees exactly
 the writes before it; a read of server state (/health, /metrics, /events)
-behind them is evaluated when its turn comes.  Mods and /tot reads that
+behind them is evaluated when its turn comes.  A read the store answers
+later beside its writes (PostgreSQL's read pool) holds the writes that come
+after it on its connection until it is answered, so that it never sees
+them.  Mods and /tot reads that
 the store's Lane takes (the embedded store) never come back to this
 module's per-request code: the Pipeline takes them and answers them.
 
@@ -30,13 +33,17 @@ import asyncio
 from hmac import compare_digest
 
 from accman.server._pipeline import Pipeline
-from accman.server._wire import ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_METRICS, ROUTE_TOT, Parser
+from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_METRICS,
+                                 ROUTE_MOD, ROUTE_SETTLE, ROUTE_TOT, Parser)
 from accman.server.replies import CLOSE, CONTINUE, KEEP, KEEP10
 from accman.server.routes import Slot
 from accman.server.state import CLOSED, DRAINING, OPEN, SHUT, Lifecycle
 
 # Reads of server state, evaluated at their turn when pipelined behind writes.
 _AT_ITS_TURN = frozenset((ROUTE_HEALTH, ROUTE_METRICS, ROUTE_EVENTS))
+# Requests that change an account: held while an unordered read of their
+# connection is owed (routes.Routes._read_settled).
+_WRITES = frozenset((ROUTE_MOD, ROUTE_HOLD, ROUTE_SETTLE))
 
 
 class Connection(asyncio.Protocol, Lifecycle):
@@ -44,7 +51,8 @@ class Connection(asyncio.Protocol, Lifecycle):
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "write_paused", "write_paused_at", "head_started_at",
                  "last_active_at", "shut_at", "token", "token_roles", "authed", "buffered",
-                 "flush_soon", "continue_owed", "reserved", "until_drained", "activity_seen")
+                 "flush_soon", "continue_owed", "reserved", "until_drained", "activity_seen",
+                 "reads_owed")
 
     def __init__(self, server):
         self.server = server
@@ -79,6 +87,9 @@ class Connection(asyncio.Protocol, Lifecycle):
         # An /events read is owed: nothing more is taken until every reply
         # is out (SPEC: a read sees none of the later mods of its connection).
         self.until_drained = False
+        # Unordered reads the store answers later: a write after them waits
+        # until they are answered (routes.Routes._read_settled).
+        self.reads_owed = 0
         self.activity_seen = 0      # the Pipeline's activity at the last sweep
 
     # --- asyncio callbacks ---
@@ -210,7 +221,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         for reply in out:
             room -= len(reply)
         while i < n:
-            if self._held_back(room, out):
+            if self._held_back(room, out) or (self.reads_owed and reqs[i].route in _WRITES):
                 self.backlog = (reqs, i)
                 return
             taken = waiting.take(reqs, i, stopping)
@@ -334,7 +345,8 @@ class Connection(asyncio.Protocol, Lifecycle):
         owed, or the reserves of pending replies): its completion flushes
         this connection (Slot.done), so that waiting by polling every loop
         turn would only spin."""
-        return bool(self.waiting) and (self.until_drained or self.reserved > 0)
+        return bool(self.waiting) and (self.until_drained or self.reserved > 0
+                                       or self.reads_owed > 0)
 
     def _flush_soon(self):
         self.flush_soon = False

@@ -52,7 +52,7 @@ class Slot:
       state pipelined behind writes, or a 100 Continue's request)."""
 
     __slots__ = ("conn", "route", "mode", "head", "reply", "pending", "req", "t0", "reserve",
-                 "long_poll")
+                 "long_poll", "read_owed")
 
     def __init__(self, conn, route, mode, head=False, reply=None, req=None):
         self.conn = conn
@@ -67,6 +67,9 @@ class Slot:
         # buffer while it is owed (a /past or /events page answered later).
         self.reserve = 0
         self.long_poll = False      # an /events read that may wait for events
+        # An unordered read the store answers later (Connection.reads_owed):
+        # its connection's later writes wait for it.
+        self.read_owed = False
 
     def done(self, outcome):
         """The store's completion, on the loop thread (Server.deliver
@@ -76,6 +79,9 @@ class Slot:
             conn.metrics.mod_latency_s.observe(perf_counter() - self.t0)
         self.reply = conn.routes.reply_of(self.route, outcome, self.mode, self.head)
         self.pending = False
+        if self.read_owed:
+            self.read_owed = False
+            conn.reads_owed -= 1
         conn.server.mark_ready(conn)
 
     __call__ = done
@@ -193,7 +199,7 @@ class Routes:
             outcome = self.store.read_tot(req.cred, slot, ordered)
         except AccManError as e:
             return self.error_of(ROUTE_TOT, e, mode, req.head)
-        return self._settled(slot, outcome)
+        return self._read_settled(conn, slot, outcome, ordered)
 
     def _mod(self, conn, req, mode):
         if self.server.stopping:
@@ -214,7 +220,7 @@ class Routes:
             outcome = self.store.read_past(req.cred, req.limit, req.before, slot, ordered)
         except AccManError as e:
             return self.error_of(ROUTE_PAST, e, mode, req.head)
-        return self._settled(slot, outcome)
+        return self._read_settled(conn, slot, outcome, ordered)
 
     def _hold_or_settle(self, conn, req, mode):
         route = req.route
@@ -258,6 +264,18 @@ class Routes:
         return T200[mode] % (DATE.now, len(body), b"" if head else body)
 
     # --- outcomes to replies: each success reply is built here -------------------
+
+    def _read_settled(self, conn, slot, outcome, ordered):
+        """A read's reply or pending Slot.  An unordered read answered later
+        is owed (Connection.reads_owed): it runs beside the store's writes,
+        so a write of its connection that comes after it must wait for it,
+        or the read could see it (SPEC: "none of the later ones").  An
+        ordered read is queued with the writes, in order."""
+        r = self._settled(slot, outcome)
+        if r is slot and not ordered:
+            slot.read_owed = True
+            conn.reads_owed += 1
+        return r
 
     def _settled(self, slot, outcome):
         if outcome is None:
