@@ -354,6 +354,17 @@ def test_a_funding_mod_s_low_sets_the_account_s_threshold_and_it_is_kept(path, c
         assert len(low_events(led)) == 2
 
 
+def test_a_keyed_funding_mod_sent_again_with_another_low_sets_nothing(led):
+    """`low` is not part of what a key names: the replay answers the first
+    reply and the threshold stays the first mod's (SERVER.md)."""
+    assert led.mod("a", 100, low=10, key="fund") == (100, 1)
+    assert led.mod("a", 100, low=50, key="fund") == (100, 1)
+    led.mod("a", -60)                       # 40: under 50, not under 10
+    assert low_events(led) == []
+    led.mod("a", -35)                       # 5: crosses 10
+    assert [tot for _, _, tot, _ in low_events(led)] == [5]
+
+
 def test_no_threshold_no_low_balance_event(led):
     led.mod("a", 10)
     led.mod("a", -20)
