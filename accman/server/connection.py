@@ -207,9 +207,10 @@ class Connection(asyncio.Protocol, Lifecycle):
 
     def _take(self, reqs, i, out):
         """Take reqs[i:] in order until one ends the connection, the pipeline
-        is full, or the replies made and not yet sent (and the reserves of
-        those still owed) reach WRITE_BUFFER_BYTES_MAX; the rest wait in
-        `backlog`."""
+        is full, the replies made and not yet sent (and the reserves of
+        those still owed) reach WRITE_BUFFER_BYTES_MAX, or a write comes
+        while a read of this connection is owed (`reads_owed`); the rest
+        wait in `backlog`."""
         waiting = self.waiting
         routes = self.routes
         stopping = self.server.stopping
@@ -224,7 +225,9 @@ class Connection(asyncio.Protocol, Lifecycle):
             if self._held_back(room, out) or (self.reads_owed and reqs[i].route in _WRITES):
                 self.backlog = (reqs, i)
                 return
-            taken = waiting.take(reqs, i, stopping)
+            # The store's Lane takes a run of requests, writes among them:
+            # not while a read of this connection is owed.
+            taken = waiting.take(reqs, i, stopping) if not self.reads_owed else i
             if taken != i:
                 i = taken
                 continue
@@ -342,9 +345,10 @@ class Connection(asyncio.Protocol, Lifecycle):
 
     def _held_for_the_store(self) -> bool:
         """Held back until a reply the store owes arrives (an /events read
-        owed, or the reserves of pending replies): its completion flushes
-        this connection (Slot.done), so that waiting by polling every loop
-        turn would only spin."""
+        owed, an unordered read that a write waits for, or the reserves of
+        pending replies): its completion flushes this connection
+        (Slot.done), so that waiting by polling every loop turn would only
+        spin."""
         return bool(self.waiting) and (self.until_drained or self.reserved > 0
                                        or self.reads_owed > 0)
 

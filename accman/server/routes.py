@@ -79,12 +79,17 @@ class Slot:
             conn.metrics.mod_latency_s.observe(perf_counter() - self.t0)
         self.reply = conn.routes.reply_of(self.route, outcome, self.mode, self.head)
         self.pending = False
-        if self.read_owed:
-            self.read_owed = False
-            conn.reads_owed -= 1
+        self.unowe()
         conn.server.mark_ready(conn)
 
     __call__ = done
+
+    def unowe(self):
+        """An owed read is answered (or was never asked): its connection's
+        writes may go on (Connection.reads_owed)."""
+        if self.read_owed:
+            self.read_owed = False
+            self.conn.reads_owed -= 1
 
 
 class Routes:
@@ -194,12 +199,13 @@ class Routes:
                 return self.error("tot", 404, "no_account", "no account has this cred", mode,
                                   head=req.head)
             return self.reply_of(ROUTE_TOT, tot, mode, req.head)
-        slot = Slot(conn, ROUTE_TOT, mode, req.head)
+        slot = self._read_slot(conn, ROUTE_TOT, mode, req.head, ordered)
         try:
             outcome = self.store.read_tot(req.cred, slot, ordered)
         except AccManError as e:
+            slot.unowe()
             return self.error_of(ROUTE_TOT, e, mode, req.head)
-        return self._read_settled(conn, slot, outcome, ordered)
+        return self._read_settled(slot, outcome)
 
     def _mod(self, conn, req, mode):
         if self.server.stopping:
@@ -214,13 +220,14 @@ class Routes:
         return self._settled(slot, outcome)
 
     def _past(self, conn, req, mode, ordered):
-        slot = Slot(conn, ROUTE_PAST, mode, req.head)
+        slot = self._read_slot(conn, ROUTE_PAST, mode, req.head, ordered)
         slot.reserve = (req.limit + 1) * PAST_ENTRY_BYTES_MAX
         try:
             outcome = self.store.read_past(req.cred, req.limit, req.before, slot, ordered)
         except AccManError as e:
+            slot.unowe()
             return self.error_of(ROUTE_PAST, e, mode, req.head)
-        return self._read_settled(conn, slot, outcome, ordered)
+        return self._read_settled(slot, outcome)
 
     def _hold_or_settle(self, conn, req, mode):
         route = req.route
@@ -265,21 +272,30 @@ class Routes:
 
     # --- outcomes to replies: each success reply is built here -------------------
 
-    def _read_settled(self, conn, slot, outcome, ordered):
-        """A read's reply or pending Slot.  An unordered read answered later
-        is owed (Connection.reads_owed): it runs beside the store's writes,
-        so a write of its connection that comes after it must wait for it,
-        or the read could see it (SPEC: "none of the later ones").  An
-        ordered read is queued with the writes, in order."""
-        r = self._settled(slot, outcome)
-        if r is slot and not ordered:
+    @staticmethod
+    def _read_slot(conn, route, mode, head, ordered):
+        """The Slot of a read.  An unordered one is owed on its connection
+        (Connection.reads_owed) from before the store is asked until it is
+        answered: it runs beside the store's writes, so a write of its
+        connection that comes after it waits for it, or the read could see
+        it (SPEC: "none of the later ones").  An ordered read is queued with
+        the writes, in order."""
+        slot = Slot(conn, route, mode, head)
+        if not ordered:
             slot.read_owed = True
             conn.reads_owed += 1
+        return slot
+
+    def _read_settled(self, slot, outcome):
+        r = self._settled(slot, outcome)
+        if r is not slot:
+            slot.unowe()            # answered at once
         return r
 
     def _settled(self, slot, outcome):
         if outcome is None:
-            slot.pending = True
+            # A store may have called `done` already (accman/store.py).
+            slot.pending = slot.reply is None
             return slot
         return self.reply_of(slot.route, outcome, slot.mode, slot.head)
 
