@@ -38,8 +38,8 @@ class Insufficient(Conflict):
 
     code = "insufficient"
 
-    def __init__(self, tot: int, detail: str = ""):
-        super().__init__(detail or f"the balance {tot} does not cover this mod")
+    def __init__(self, tot: int, detail: str = "", *, what: str = "mod"):
+        super().__init__(detail or f"the balance {tot} does not cover this {what}")
         self.tot = tot
 
 

@@ -104,9 +104,7 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
     if book.open_holds >= book.holds_max:
         return TooManyHolds(f"the store has HOLDS_MAX ({book.holds_max}) open holds; "
                             "retry later")
-    outcome = book._judge(acct, by, min_)
-    if type(outcome) is Insufficient:
-        outcome = Insufficient(outcome.tot, f"the balance {outcome.tot} does not cover this hold")
+    outcome = book._judge(acct, by, min_, "hold")
     if outcome is not None:
         return book._told(outcome, done, on_loop)
     cdef Batch batch = book._change(acct, by, at_ms, kb, -1, EV_HOLD)

@@ -406,7 +406,7 @@ cdef class Book:
             outcome = self._replay(hid + kb, by, min_, 0)
             if outcome is not _NOT_KEYED:
                 return outcome
-        outcome = self._judge(acct, by, min_)
+        outcome = self._judge(acct, by, min_, "mod")
         if outcome is not None:
             return outcome
         if acct is None:
@@ -446,11 +446,11 @@ cdef class Book:
             return KeyReused("key was used with another route, by, min or ttl")
         return (seq, stot, seq) if ttl_s else (stot, seq)
 
-    cdef object _judge(self, Account acct, int64_t by, object min_):
-        """A refusal (overflow, insufficient) of the change on the pending
-        balance, or None when it applies.  A refusal judged on state that
-        is not yet durable is told only once it is: self._wait is then
-        that state's batch.
+    cdef object _judge(self, Account acct, int64_t by, object min_, str what):
+        """A refusal (overflow, insufficient) of the change (`what`: "mod"
+        or "hold", as its refusal names it) on the pending balance, or None
+        when it applies.  A refusal judged on state that is not yet durable
+        is told only once it is: self._wait is then that state's batch.
 
         The balance plus what open holds took must stay in range too: their
         ends give it back, and an expiry cannot be refused."""
@@ -463,7 +463,7 @@ cdef class Book:
             refusal = Overflow("the balance, with what its open holds give back when they "
                                "end, would leave the signed 64-bit range")
         elif min_ is not None and cur + by < <int64_t>min_:
-            refusal = Insufficient(cur)
+            refusal = Insufficient(cur, what=what)
         if refusal is not None and acct is not None:
             self._wait = acct.pbatch
         return refusal

@@ -71,13 +71,14 @@ cdef int64_t PAST_LIMIT_DEFAULT = _limits.PAST_LIMIT_DEFAULT
 # REQUEST_LINE_BYTES_MAX bytes plus CRLF, or a header line that fills the
 # whole header block.  Every copy into the buffer is checked against the
 # limits first, so this is an assertion, not a client-reachable limit.
-AMBIGUOUS_CL_TE = "Content-Length with Transfer-Encoding is ambiguous framing"
 cdef Py_ssize_t LINE_BYTES_CAP = max(REQUEST_LINE_BYTES_MAX + 2, HEADER_BYTES_MAX)
 # Where the line buffer starts when a line first spans two feeds.
 cdef Py_ssize_t LINE_BYTES_FIRST = 256
 # A value quoted back in an error detail is cut to this many characters: the
 # detail is a sentence for a person, not an echo of the request.
 cdef Py_ssize_t DETAIL_QUOTE_CHARS_MAX = 40
+# Refused as it comes, whichever of the two headers comes first.
+AMBIGUOUS_CL_TE = "Content-Length with Transfer-Encoding is ambiguous framing"
 # feed's default: every request the bytes complete.
 cdef Py_ssize_t FEED_ALL = PY_SSIZE_T_MAX
 
@@ -480,8 +481,8 @@ cdef class Parser:
                 self._expect_continue = True
             return 0
         if i == 17 and ci_equal(s, b"transfer-encoding", 17):
-            # Judged at the end of the head (_framing), whatever the order
-            # of the framing headers: ambiguity first.
+            # Alone, judged at the end of the head (_end_of_head): ambiguity
+            # is refused first, whatever the order of the framing headers.
             if self._cl_seen:
                 return self._fail(400, AMBIGUOUS_CL_TE, out)
             self._te_seen = True

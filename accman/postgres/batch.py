@@ -126,7 +126,7 @@ def refusals(holds_per_account_max: int, holds_max: int) -> dict:
         S.NO_ACCOUNT: lambda kind, _tot: NoAccount(
             _NO_ACCOUNT.get(kind, "no account has this cred")),
         S.INSUFFICIENT: lambda kind, tot: Insufficient(
-            tot, f"the balance {tot} does not cover this hold" if kind == S.HOLD else ""),
+            tot, what="hold" if kind == S.HOLD else "mod"),
         S.KEY_REUSED: lambda _kind, _tot: KeyReused(
             "key was used with another route, by, min or ttl"),
         S.OVERFLOW: lambda _kind, _tot: Overflow(

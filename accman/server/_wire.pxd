@@ -36,7 +36,7 @@ cdef class Parser:
     cdef int _header_lines
     cdef int _hosts
     cdef bint _cl_seen
-    cdef bint _te_seen              # Transfer-Encoding: 411 at the end of the head (wire.pyx)
+    cdef bint _te_seen              # Transfer-Encoding seen: 411 at the end of the head
     cdef Py_ssize_t _cl
     cdef Py_ssize_t _body_left
     cdef bint _conn_close
