@@ -12,9 +12,9 @@ argument, and returns either its outcome at once or None.  When it returns
 None, `done(outcome)` is called later on the loop given to `bind_loop`
 (through its `deliver`), once the outcome is final and everything it shows
 is durable.  A store may also return None and call `done` for an outcome
-it knew at once, even before it returns.  An outcome is the call's value (below) or an
-AccManError instance.  A call raises only BadRequest, Unavailable or Busy,
-and only when it changed nothing and queued nothing.
+it knew at once, even before it returns.  An outcome is the call's value
+(below) or an AccManError instance.  A call raises only BadRequest,
+Unavailable or Busy, and only when it changed nothing and queued nothing.
 
 Order (SPEC "Durability and order", and pipelined requests): calls apply in
 the order they are made.  A read made with `ordered=True` sees the effect

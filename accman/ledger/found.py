@@ -1,10 +1,10 @@
 """What a data directory that was there holds, judged before the first
-change to it: an AccMan store, another program's LevelDB, or an AccMan
-store that lost its key file, checkpoint and log together.  What LevelDB
-holds is read from a private copy (accman.ledger.datadir.snapshot): a
-refused directory is left as it was found, where LevelDB opening it would
-turn its log into a table and delete files.  No I/O on the directory
-itself but reads.
+change to it: open in another process, another program's LevelDB, an
+AccMan store from before the key file, or one that lost its key file.
+What LevelDB holds is read from a private copy
+(accman.ledger.datadir.snapshot): a refused directory is left as it was
+found, where LevelDB opening it would turn its log into a table and delete
+files.  No I/O on the directory itself but reads.
 """
 
 from __future__ import annotations
@@ -23,21 +23,23 @@ from accman.ledger import datadir, keyfile, migrate, wal
 FORMAT_WITH_KEY_MIN = 3
 
 
-def key_of_keyless(path: str, shown: str, salt, ckpt) -> bytes | None:
-    """Refuses the directory `path` (named `shown`) unless it is an AccMan
-    store, given its key (`salt`, None without a key file) and checkpoint
-    (`ckpt`, None when missing).  With neither, its format record decides:
-    without one, another program's LevelDB; at a format written with the
-    key file, a store that lost it with its checkpoint and log; else a
-    store from before the key file, whose key (the format record's) this
-    returns, to be written before LevelDB opens the directory.  Returns
-    None otherwise.  One that another process has open is refused as
-    locked."""
+def refuse_if_locked(path: str, shown: str) -> None:
+    """Another process has the directory open (LevelDB's lock held): its
+    files are changing under us, so it is refused as it was found."""
     if datadir.locked_elsewhere(path):
         raise StoreLocked(f"{shown}: the data directory is open in another "
                           "process (LevelDB lock held)")
-    if salt is not None or ckpt is not None:
-        return None
+
+
+def key_of_keyless(path: str, shown: str, ckpt) -> bytes:
+    """The key of the directory `path` (named `shown`), which has no key
+    file, from its format record, to be written before LevelDB opens the
+    directory; refused unless it is a store from before the key file.
+    Without a format record, another program's LevelDB; at a format
+    written with the key file, a store that lost it (with its checkpoint,
+    `ckpt` None, and its log).  One that another process has open is
+    refused as locked."""
+    refuse_if_locked(path, shown)
     raw = _format_record(path)
     if raw is None:
         raise StoreCorrupt(f"{shown}: a LevelDB database without a format record: "
@@ -50,9 +52,11 @@ def key_of_keyless(path: str, shown: str, salt, ckpt) -> bytes | None:
         raise StoreCorrupt(f"{shown}: unreadable format record; refusing to serve, "
                            "nothing repaired") from None
     if fmt >= FORMAT_WITH_KEY_MIN:
-        raise StoreCorrupt(f"{shown}: {keyfile.KEY_NAME}, {wal.CHECKPOINT_NAME} and "
-                           f"{wal.WAL_NAME} are missing, but the store is at format {fmt}, "
-                           "written with them: damaged; refusing to serve, nothing repaired")
+        gone = (f"{keyfile.KEY_NAME} is missing, but the store is at format {fmt}, "
+                "written with it" if ckpt is not None else
+                f"{keyfile.KEY_NAME}, {wal.CHECKPOINT_NAME} and {wal.WAL_NAME} are missing, "
+                f"but the store is at format {fmt}, written with them")
+        raise StoreCorrupt(f"{shown}: {gone}: damaged; refusing to serve, nothing repaired")
     return key
 
 

@@ -96,13 +96,15 @@ class Store:
                 datadir.make(self.path)
                 self._lock()
             salt, sealed, ckpt, records = self._recover(existed, check_files, create)
-            if existed:
-                old_key = found.key_of_keyless(self.dir, self.path, salt, ckpt)
-                if old_key is not None and not self.read_only:
-                    # A store from before the key file: its key, pending,
-                    # before LevelDB's first change (an upgrade of format 1).
-                    keyfile.write_key(self._dir_fd(), old_key)
-                    salt = old_key
+            if existed and salt is None:
+                # A store from before the key file: its key (the format
+                # record's) pending before LevelDB's first change to it (an
+                # upgrade of format 1, the log's first record).
+                salt = found.key_of_keyless(self.dir, self.path, ckpt)
+                if not self.read_only:
+                    keyfile.write_key(self._dir_fd(), salt)
+            elif existed:
+                found.refuse_if_locked(self.dir, self.path)
             if not self.read_only:
                 # After every check: a refused store is left as it was found.
                 # Before LevelDB's first file: the default ACL makes it 0600.
@@ -125,10 +127,6 @@ class Store:
         # what recovery's count of LevelDB's batches relies on.
         self.salt = self._meta(salt)
         with translated(self.path, "replay the write-ahead log"):
-            if salt is None:
-                # A store written before the key file: its key is the
-                # format record's, written out before the first AMW2 record.
-                keyfile.write_key(self._dir_fd(), self.salt)
             self._replay(records)
             next_lsn = (records[-1][0] + 1 if records
                         else ckpt.lsn if ckpt is not None else 1)
@@ -175,10 +173,10 @@ class Store:
         salt, sealed = self._step(keyfile.read_key_sealed, path)
         keys = wal.Keys.of(salt) if salt is not None else None
         ckpt = self._step(wal.read_checkpoint, path, keys)
-        if sealed and ckpt is None and not os.path.exists(os.path.join(path, wal.WAL_NAME)):
-            self._refuse_sealed_without_checkpoint()
         if (ckpt is None and not os.path.exists(os.path.join(path, "CURRENT"))
                 and not os.path.exists(os.path.join(path, wal.WAL_NAME))):
+            if sealed:
+                self._refuse_sealed_without_checkpoint()
             if _has_leveldb_files(path) and not datadir.creation_cut_short(path):
                 raise StoreCorrupt(f"{self.path}: LevelDB files without CURRENT: "
                                    "not an AccMan store, or damaged")
@@ -194,7 +192,7 @@ class Store:
         records = []
         # Another LevelDB (not an AccMan: it would hold our lock) has the
         # directory: its files are changing under us, so neither read nor
-        # cut nor checked, and found.key_of_keyless refuses it as locked.
+        # cut nor checked, and found refuses it as locked.
         if existed and not datadir.locked_elsewhere(path):
             # Read and parsed (and refused if damaged) before any file is cut.
             records = [(rec.lsn, self._puts_of(rec))

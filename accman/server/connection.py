@@ -14,9 +14,9 @@ the writes before it; a read of server state (/health, /metrics, /events)
 behind them is evaluated when its turn comes.  A read the store answers
 later beside its writes (PostgreSQL's read pool) holds the writes that come
 after it on its connection until it is answered, so that it never sees
-them.  Mods and /tot reads that
-the store's Lane takes (the embedded store) never come back to this
-module's per-request code: the Pipeline takes them and answers them.
+them.  Mods and /tot reads that the store's Lane takes (the embedded
+store) never come back to this module's per-request code: the Pipeline
+takes them and answers them.
 
 Bounds (accman/limits.py, ServerLimits): requests unanswered per connection
 (PIPELINE_REQUESTS_MAX: at most that many are parsed, the rest of a read is
@@ -42,7 +42,7 @@ from accman.server.state import CLOSED, DRAINING, OPEN, SHUT, Lifecycle
 # Reads of server state, evaluated at their turn when pipelined behind writes.
 _AT_ITS_TURN = frozenset((ROUTE_HEALTH, ROUTE_METRICS, ROUTE_EVENTS))
 # Requests that change an account: held while an unordered read of their
-# connection is owed (routes.Routes._read_settled).
+# connection is owed (routes.Routes._read_slot).
 _WRITES = frozenset((ROUTE_MOD, ROUTE_HOLD, ROUTE_SETTLE))
 
 
@@ -88,7 +88,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         # is out (SPEC: a read sees none of the later mods of its connection).
         self.until_drained = False
         # Unordered reads the store answers later: a write after them waits
-        # until they are answered (routes.Routes._read_settled).
+        # until they are answered (routes.Routes._read_slot).
         self.reads_owed = 0
         self.activity_seen = 0      # the Pipeline's activity at the last sweep
 
