@@ -20,6 +20,7 @@
 DEF CHANGE_LOW = 0x80
 DEF CHANGE_KIND = 0x7F
 DEF CHANGE_BYTES_MAX = 1 + 16 + 10 * 5 + 1 + 64
+DEF CHANGE_BYTES_MIN = 1 + 16 + 5 + 1      # kind, hid, five one-byte varints, klen
 DEF BLOCK_HEAD_BYTES = 17          # 0x00, first:u64, events:u32, bytes:u32
 DEF EVENTS_VALUE_HEAD = 9          # ver, first:u64
 
@@ -212,14 +213,17 @@ cdef Py_ssize_t _block_at(const unsigned char* p, Py_ssize_t n, Py_ssize_t i,
 cpdef list leveldb_puts(const unsigned char[::1] payload):
     """-> [(key, value or None for a delete), ...]: what LevelDB gets for
     one write-ahead log record's payload: its puts, then for its changes
-    their history entries and one record of their events.  ValueError when
-    the payload does not parse whole.  (The applier's write batch and
-    recovery's replay alike: LevelDB gets the same from the same record.)"""
+    their history (a record per account: history.pxi) and one record of
+    their events.  ValueError when the payload does not parse whole.  (The
+    applier's write batch and recovery's replay alike: LevelDB gets the
+    same from the same record.)"""
     cdef const unsigned char* p = &payload[0] if payload.shape[0] else NULL
     cdef Py_ssize_t i = 0, n = payload.shape[0], kl, vl, nbytes, events, end
+    cdef Py_ssize_t changes, changes_max
     cdef int64_t first, at = 0, count = 0
     cdef bint delete
-    cdef Change c
+    cdef Change* cs
+    cdef bytearray parsed
     out = []
     while i < n:
         if p[i] == 0:
@@ -230,14 +234,22 @@ cpdef list leveldb_puts(const unsigned char[::1] payload):
             (<char*>PyBytes_AS_STRING(head))[0] = 1
             _put64(PyBytes_AS_STRING(head) + 1, first)
             value = head + (<const char*>p)[i:end]
+            changes_max = min(events, nbytes // CHANGE_BYTES_MIN)
+            parsed = bytearray(changes_max * sizeof(Change))
+            cs = <Change*>PyByteArray_AS_STRING(parsed)
+            changes = 0
             while i < end:
-                i = _change_get(p, end, i, at, &c)
-                at = c.at_ms
-                count += 2 if c.low else 1
-                out.append((_history_key_of(&c), _history_value(&c)))
+                if changes == changes_max:
+                    raise ValueError("a write-ahead log record's changes hold another "
+                                     "count of events than its head")
+                i = _change_get(p, end, i, at, &cs[changes])
+                at = cs[changes].at_ms
+                count += 2 if cs[changes].low else 1
+                changes += 1
             if count != events:
                 raise ValueError("a write-ahead log record's changes hold another "
                                  "count of events than its head")
+            out += _history_groups(cs, changes)
             out.append((events_key(first + events - 1), value))
             continue
         if i + 2 > n:

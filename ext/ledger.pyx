@@ -24,6 +24,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
 from libc.stdint cimport INT64_MAX as C_INT64_MAX, INT64_MIN as C_INT64_MIN
+from libc.stdlib cimport qsort
 from libc.string cimport memcmp, memcpy
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
@@ -40,6 +41,7 @@ from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLD_TTL_S_MAX, HOLDS
 
 include "records.pxi"
 include "changes.pxi"
+include "history.pxi"
 
 
 # --- value checks: the Python API's equivalent of the wire's rules ----------

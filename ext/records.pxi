@@ -4,7 +4,10 @@
 # All integers are big-endian; every value starts with its format version,
 # so that a later format can migrate.  `hid` is the account's keyed hash.
 #
-#   b"h" + hid + seq:u64      history entry (ver 1: no hold; ver 2: hold)
+#   b"h" + hid + seq:u64      history: one entry a record in store formats
+#                             2-4 (ver 1: no hold; ver 2: hold), an
+#                             account's entries of one batch from format 5
+#                             (ver 3: history.pxi)
 #       1: ver, by, tot, at_ms, key ascii
 #       2: ver, by, tot, at_ms, hold, key ascii
 #   b"k" + hid + key ascii    idempotency record (ver 1: a mod; ver 2: a hold)

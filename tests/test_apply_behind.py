@@ -30,8 +30,7 @@ class GatedApply(Store):
 
 
 def in_leveldb(store, cred_hid, seq):
-    from accman.ledger import _ledger
-    return store.get(_ledger.history_key(cred_hid, seq)) is not None
+    return seq in store.history(cred_hid, seq, seq)
 
 
 def gated(store, call, *args, **kw):

@@ -93,7 +93,7 @@ def test_a_format_3_store_gains_its_open_hold_records_at_open(path, clock):
     rewrite(path, deletes=open_hold_keys(hids), fmt=3)
     assert records(path, _ledger.OPEN_HOLD_PREFIX) == {}
     with Ledger(path, clock_ms=clock) as led:
-        assert json.loads(led.store.get(META_KEY))["format"] == STORE_FORMAT == 4
+        assert json.loads(led.store.get(META_KEY))["format"] == STORE_FORMAT == 5
         assert led.open_holds == 2
         assert led.verify()["open_holds"] == 2
         clock.advance(30)
@@ -164,7 +164,7 @@ def test_a_crash_in_the_migration_loses_nothing_and_the_next_open_finishes_it(
     for script, args in ((SERVE_AS_FORMAT_3_AND_CRASH, []), (CRASH_IN_MIGRATION, [crash_at])):
         subprocess.run([sys.executable, "-c", script, path, *args], check=True, timeout=60)
     with Ledger(path, clock_ms=clock) as led:
-        assert json.loads(led.store.get(META_KEY))["format"] == 4
+        assert json.loads(led.store.get(META_KEY))["format"] == STORE_FORMAT
         assert led.tot("c") == 5 and led.open_holds == 2
         assert led.verify()["open_holds"] == 2
     assert set(records(path, _ledger.OPEN_HOLD_PREFIX)) == open_hold_keys(hids)

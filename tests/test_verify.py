@@ -104,7 +104,11 @@ def held(tmp_path):
 
 
 def _entry(s, hid, seq):
-    return _ledger.unpack_history(s.db.get(_ledger.history_key(hid, seq)))
+    """(by, tot, at_ms, key, hold) of a history record of one entry (each
+    change here is a batch of its own)."""
+    [(_, *entry)] = _ledger.unpack_history_group(
+        seq, s.db.get(_ledger.history_key(hid, seq)))
+    return tuple(entry)
 
 
 def _record(s, event_id):

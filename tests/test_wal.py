@@ -19,7 +19,7 @@ import pytest
 from accman import Ledger
 from accman.ledger import _check, datadir, fsck, keyfile, migrate, plyvel_errors, wal, walwriter
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
-from accman.ledger.leveldb import Store
+from accman.ledger.leveldb import STORE_FORMAT, Store
 
 
 def crash_copy(led, tmp_path, name="crashed"):
@@ -313,7 +313,7 @@ SEALED_WITHOUT_CHECKPOINT = (f"{wal.CHECKPOINT_NAME} is missing, but {keyfile.KE
                              "here, which a store has only once its first checkpoint is written: "
                              "damaged")
 ALL_THREE_GONE = (f"{keyfile.KEY_NAME}, {wal.CHECKPOINT_NAME} and {wal.WAL_NAME} are missing, "
-                  "but the store is at format 4, written with them: damaged")
+                  f"but the store is at format {STORE_FORMAT}, written with them: damaged")
 
 
 @pytest.mark.parametrize("how", ["crashed", "closed", "power cut"])
@@ -351,7 +351,7 @@ def power_goes_at_the_first_checkpoint(monkeypatch):
 def test_an_upgrade_cut_short_before_its_first_checkpoint_opens_again(tmp_path, monkeypatch):
     """A store from before the key file gets its key, pending, before
     LevelDB's first change: an upgrade cut short (after format 1's
-    migration, say) is never a store at format 4 without a key file."""
+    migration, say) is never a store of a later format without a key file."""
     path = tmp_path / "data"
     with Ledger(str(path)) as led:
         led.mod("alice", 7)

@@ -47,6 +47,11 @@ def events_key(last_id: int) -> bytes:
     """The key of the LevelDB record of a batch's events, ..last_id."""
 def unpack_history(value: bytes) -> tuple[int, int, int, str | None, int | None]:
     """-> (by, tot, at_ms, key or None, hold or None)."""
+def unpack_history_group(seq: int, value: bytes, first: int = 1, last: int = ...) -> list[
+        tuple[int, int, int, int, str | None, int | None]]:
+    """(seq, by, tot, at_ms, key, hold) of the entries first..last of the
+    history record whose key's seq is `seq`, newest first; ValueError if
+    the record does not parse whole."""
 def unpack_key(value: bytes) -> tuple[int, int, int, int | None, int]:
     """-> (seq, by, tot, min or None, ttl_s: 0 for a mod's key)."""
 def unpack_hold(value: bytes) -> tuple[int, int, int, int, int, int]:

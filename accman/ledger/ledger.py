@@ -188,11 +188,11 @@ class Ledger:
             return []
         first = max(1, last - limit + 1)
         with self._committer.lock:
-            tail = dict(self._book.history_tail(hid, first, last))
-        page = {_ledger.history_key_seq(k): v for k, v in self.store.history(hid, first, last)}
-        page.update(tail)
+            tail = self._book.history_tail(hid, first, last)
+        page = self.store.history(hid, first, last)
+        page.update((s, _ledger.unpack_history(v)) for s, v in tail)
         assert len(page) == last - first + 1, "a durable history entry is nowhere"
-        return [Entry(s, *_ledger.unpack_history(page[s])) for s in range(last, first - 1, -1)]
+        return [Entry(s, *page[s]) for s in range(last, first - 1, -1)]
 
     def account_id(self, cred: str) -> str | None:
         """The account's public id (SPEC "Events"), None for an unknown cred."""

@@ -18,13 +18,14 @@ import threading
 import plyvel
 
 from accman.errors import CheckpointPostponed, FileDamage, StoreCorrupt, StoreError
-from accman.ledger import _ledger, datadir, found, fsck, keyfile, migrate, wal, walwriter
+from accman.ledger import (_ledger, datadir, found, fsck, histories, keyfile, migrate, wal,
+                           walwriter)
 from accman.ledger.plyvel_errors import translated
 
 log = logging.getLogger("accman.ledger.leveldb")
 
 META_KEY = migrate.META_KEY   # sorts before every account, history and key record
-STORE_FORMAT = 4             # bump with a migration when a record format changes
+STORE_FORMAT = 5             # bump with a migration when a record format changes
 # Format 1 kept an account record beside each history; format 2 derives the
 # account from its history's newest entry (see ext/ledger.pyx).  A format-1
 # directory is migrated at open: its account records are checked against
@@ -35,6 +36,9 @@ STORE_FORMAT = 4             # bump with a migration when a record format change
 # 2 to 3 rewrites the format record alone, through the log.  Format 4 adds
 # an open-hold record beside each open hold (accman.ledger.migrate); going
 # from 2 or 3 writes them, then the format record, through the log.
+# Format 5 writes an account's changes in one batch as one history record
+# (ext/history.pxi); the one record per change of formats 2-4 stays
+# readable, so going from 4 to 5 rewrites the format record alone.
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
 # small embedded use; a ledger with a million accounts reads its account
 # records at open and history pages at random, so give both more room.
@@ -280,7 +284,7 @@ class Store:
         if fmt == 1:       # holds came with format 2: no open-hold records to write
             with translated(self.path, "migrate from store format 1"):
                 migrate.from_format_1(self.db, self.path, dict(meta, format=STORE_FORMAT))
-        elif fmt in (2, 3):
+        elif fmt in (2, 3, 4):
             self._from_format = fmt
             self._upgrade = dict(meta, format=STORE_FORMAT)
         elif fmt != STORE_FORMAT:
@@ -291,43 +295,8 @@ class Store:
     # -- reads ---------------------------------------------------------------
 
     def accounts(self):
-        """Yields (hid, tot, seq) of every account, checksums verified: the
-        newest entry of each history, from the last history back.  At most
-        one seek per account (to its history's first entry, then one step
-        back to the previous history's newest), not a read of every entry."""
-        hid_end = 1 + _ledger.HID_BYTES
-        key_bytes = hid_end + 8
-        with translated(self.path, "load accounts"):
-            it = self.db.raw_iterator(verify_checksums=True, fill_cache=False)
-            try:
-                it.seek(_ledger.HISTORY_END)
-                if it.valid():
-                    it.prev()
-                else:
-                    it.seek_to_last()
-                while it.valid():
-                    k = it.key()
-                    if k[:1] != _ledger.HISTORY_PREFIX:
-                        break
-                    if len(k) != key_bytes:
-                        raise StoreCorrupt(f"{self.path}: malformed history key")
-                    try:
-                        tot = _ledger.unpack_history(it.value())[1]
-                    except ValueError as e:
-                        raise StoreCorrupt(f"{self.path}: {e}") from e
-                    seq = _ledger.history_key_seq(k)
-                    if seq < 1:
-                        raise StoreCorrupt(f"{self.path}: a history entry with seq {seq}")
-                    yield k[1:hid_end], tot, seq
-                    # One step back is the previous history's newest entry
-                    # unless this history has older entries: then seek
-                    # past them.  (Short histories never seek.)
-                    it.prev()
-                    if it.valid() and it.key()[:hid_end] == k[:hid_end]:
-                        it.seek(k[:hid_end])
-                        it.prev()
-            finally:
-                it.close()
+        """Yields (hid, tot, seq) of every account: its history's newest entry."""
+        return histories.newest(self.db, self.path)
 
     def open_holds(self):
         """Yields (hid, hold, amount, expires_ms) of every open hold, found
@@ -373,20 +342,10 @@ class Store:
         with translated(self.path, "read"):
             return self.db.get(key, verify_checksums=True)
 
-    def history(self, hid: bytes, first_seq: int, last_seq: int):
-        """Raw (key, value) history records of seqs last_seq down to
-        first_seq, newest first: one range scan."""
-        # Forward, then reversed in memory: plyvel 1.5's reverse iterator
-        # returns nothing when `start` is the last key before `stop`
-        # (seen here with start=b"h2", stop=b"h3").  A page is at most
-        # PAST_LIMIT_MAX records, so the list costs nothing that matters.
-        with translated(self.path, "read history"):
-            with self.db.iterator(start=_ledger.history_key(hid, first_seq),
-                                  stop=_ledger.history_key(hid, last_seq + 1),
-                                  verify_checksums=True) as it:
-                page = list(it)
-        page.reverse()
-        return page
+    def history(self, hid: bytes, first_seq: int, last_seq: int) -> dict:
+        """{seq: (by, tot, at_ms, key, hold)} of the entries
+        first_seq..last_seq that LevelDB holds."""
+        return histories.page(self.db, self.path, hid, first_seq, last_seq)
 
     def scan(self, start: bytes, prefix: bytes, limit: int) -> list:
         """Up to `limit` (key, value) records from `start` on, under `prefix`."""

@@ -60,7 +60,7 @@ def _check_head(heads, path: str, hid: bytes, tot: int, seq: int) -> None:
     ok = seq >= 1 and heads.valid() and heads.key() == key
     if ok:
         try:
-            ok = _ledger.unpack_history(heads.value())[1] == tot
+            ok = _ledger.unpack_history_group(seq, heads.value())[0][2] == tot
         except ValueError:
             ok = False
         heads.next()        # nothing may follow the head in this history
@@ -72,18 +72,22 @@ def _check_head(heads, path: str, hid: bytes, tot: int, seq: int) -> None:
 
 
 def through_log(store, meta: dict, from_format: int) -> None:
-    """From format 2 or 3, on an open store whose recovery is checkpointed:
-    through the log (LevelDB gets no batch outside it once a store has a
-    checkpoint), each step checkpointed: the open-hold records, then the
-    format record `meta` alone.  The format says 4 only once the records
-    are in; only between the format record's write and its checkpoint
-    does it say so in the log alone (an older AccMan that opened the store
-    then would replay it, and serve a format it does not know: after a
-    crash during an upgrade, the new AccMan must open the store first)."""
-    puts = open_hold_records(store.db, store.path)
-    for i in range(0, len(puts), PUTS_PER_RECORD):
-        store.write(_ledger.wal_record(puts[i:i + PUTS_PER_RECORD]))
-    store.checkpoint_at_open("the open-hold records")
+    """From format 2, 3 or 4, on an open store whose recovery is
+    checkpointed: through the log (LevelDB gets no batch outside it once a
+    store has a checkpoint), each step checkpointed: from 2 or 3 the
+    open-hold records (format 4's), then the format record `meta` alone
+    (format 5 reads the records of 4 as they are).  The format says the new
+    one only once the records are in; only between the format record's
+    write and its checkpoint does it say so in the log alone (an older
+    AccMan that opened the store then would replay it, and serve a format
+    it does not know: after a crash during an upgrade, the new AccMan must
+    open the store first)."""
+    puts = []
+    if from_format < 4:
+        puts = open_hold_records(store.db, store.path)
+        for i in range(0, len(puts), PUTS_PER_RECORD):
+            store.write(_ledger.wal_record(puts[i:i + PUTS_PER_RECORD]))
+        store.checkpoint_at_open("the open-hold records")
     store.write(_ledger.wal_record([(META_KEY, json.dumps(meta).encode())]))
     store.checkpoint_at_open("the format record")
     log.info("%s: store format %d -> %d (%d open-hold records written or removed)%s",

@@ -3,8 +3,10 @@ and an operator who wants proof: it reads every record once."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from accman.errors import StoreCorrupt
-from accman.ledger import _ledger, eventrecords
+from accman.ledger import _ledger, eventrecords, histories
 
 
 def verify_store(store) -> dict:
@@ -71,18 +73,18 @@ def _check_histories(store, accounts: dict, holds: _Holds) -> tuple[int, dict]:
         if len(k) != 1 + _ledger.HID_BYTES + 8:
             raise StoreCorrupt("malformed history key")
         hid = k[1:1 + _ledger.HID_BYTES]
-        seq = _ledger.history_key_seq(k)
-        by, tot, _at, key, hold = _decoded(_ledger.unpack_history, v)
-        prev_tot, prev_seq = ends.get(hid, (0, 0))
-        if seq != prev_seq + 1:
-            raise StoreCorrupt(f"history seq {seq} follows {prev_seq}: a gap")
-        if tot != prev_tot + by:
-            raise StoreCorrupt(f"history entry {seq}: tot is not the previous tot plus by")
-        holds.entry(hid, seq, by, tot, hold)
-        if key is not None:
-            history_keys[(hid, key)] = (seq, by, tot)
-        ends[hid] = (tot, seq)
-        entries += 1
+        group = _decoded(partial(_ledger.unpack_history_group, _ledger.history_key_seq(k)), v)
+        for seq, by, tot, _at, key, hold in reversed(group):
+            prev_tot, prev_seq = ends.get(hid, (0, 0))
+            if seq != prev_seq + 1:
+                raise StoreCorrupt(f"history seq {seq} follows {prev_seq}: a gap")
+            if tot != prev_tot + by:
+                raise StoreCorrupt(f"history entry {seq}: tot is not the previous tot plus by")
+            holds.entry(hid, seq, by, tot, hold)
+            if key is not None:
+                history_keys[(hid, key)] = (seq, by, tot)
+            ends[hid] = (tot, seq)
+            entries += 1
     for hid, end in ends.items():
         if hid not in accounts:
             raise StoreCorrupt("a history that loading does not find")
@@ -157,13 +159,13 @@ def _check_events(store) -> int:
     first, last = _decoded(_ledger.unpack_events_meta, meta) if meta is not None else (0, 0)
     expect = first
     newest = {}                 # hid -> the seq of its newest change event
+    entries = _Entries(store)
     prev = None                 # (hid, seq) of the previous event, a change
     for event_id, kind_no, hid, seq, by, tot, at, key, hold in eventrecords.events(store, 0):
         if event_id != expect:
             raise StoreCorrupt(f"event {event_id} where {expect} was due: an id skipped")
         kind = _ledger.EVENT_NAMES[kind_no]
-        raw = store.get(_ledger.history_key(hid, seq))
-        if raw is None or _decoded(_ledger.unpack_history, raw) != (by, tot, at, key, hold):
+        if entries.get(hid, seq) != (by, tot, at, key, hold):
             raise StoreCorrupt(f"event {event_id} does not match the history entry it names")
         if kind == "low_balance":
             # The first event kept may follow a change trimmed before it.
@@ -182,6 +184,26 @@ def _check_events(store) -> int:
     if first and expect != last + 1:
         raise StoreCorrupt(f"the events end at {expect - 1}, the store says {last}")
     return expect - first if first else 0
+
+
+class _Entries:
+    """The history entries that the events name, read a record at a time:
+    a batch's events of one account name one record's entries."""
+
+    RECORDS_KEPT = 1024
+
+    def __init__(self, store):
+        self.store = store
+        self.records = {}       # hid -> {seq: entry} of its record read last
+
+    def get(self, hid: bytes, seq: int):
+        entry = self.records.get(hid, {}).get(seq)
+        if entry is None:
+            if len(self.records) >= self.RECORDS_KEPT:
+                self.records.clear()
+            self.records[hid] = histories.record_of(self.store.db, self.store.path, hid, seq)
+            entry = self.records[hid].get(seq)
+        return entry
 
 
 _ENDED = {"settle": _ledger.HOLD_SETTLED, "expire": _ledger.HOLD_EXPIRED}
