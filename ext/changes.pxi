@@ -235,7 +235,7 @@ cpdef list leveldb_puts(const unsigned char[::1] payload):
             _put64(PyBytes_AS_STRING(head) + 1, first)
             value = head + (<const char*>p)[i:end]
             changes_max = min(events, nbytes // CHANGE_BYTES_MIN)
-            parsed = bytearray(changes_max * sizeof(Change))
+            parsed = PyByteArray_FromStringAndSize(NULL, changes_max * sizeof(Change))
             cs = <Change*>PyByteArray_AS_STRING(parsed)
             changes = 0
             while i < end:

@@ -21,53 +21,61 @@ DEF GROUP_VERSION = 3
 DEF GROUP_ENTRY_BYTES_MAX = 4 * 10 + 1 + 255    # four varints, klen, key
 
 
-cdef struct Placed:
-    const unsigned char* hid
-    Py_ssize_t pos                  # the change's place in its batch
-
-
-cdef int _hid_then_newest(const void* a, const void* b) noexcept nogil:
-    cdef const Placed* x = <const Placed*>a
-    cdef const Placed* y = <const Placed*>b
-    cdef int c = memcmp(x.hid, y.hid, 16)
-    if c:
-        return c
-    return (x.pos < y.pos) - (x.pos > y.pos)
-
-
 cdef list _history_groups(const Change* cs, Py_ssize_t n):
     """[(key, value)]: one history group per account of a batch's n
     changes, given in their order in the batch.  ValueError when an
-    account's changes skip a seq."""
-    cdef bytearray placed = bytearray(n * sizeof(Placed))
-    cdef Placed* order = <Placed*>PyByteArray_AS_STRING(placed)
-    cdef Py_ssize_t i, j
+    account's changes skip a seq.  The changes are grouped by an open
+    hash table on the hid (linear probing, at most half full): `newest`
+    is each account's newest change so far, `older` links a change to
+    its account's one before it."""
+    cdef Py_ssize_t cap = 16, i, j, slot, change, runs = 0
+    while cap < 2 * n:
+        cap *= 2
+    cdef bytearray tables = PyByteArray_FromStringAndSize(
+        NULL, (cap + 3 * n) * sizeof(Py_ssize_t))
+    cdef bytearray scratch = PyByteArray_FromStringAndSize(NULL, 0)
+    cdef Py_ssize_t* newest = <Py_ssize_t*>PyByteArray_AS_STRING(tables)
+    cdef Py_ssize_t* older = newest + cap
+    cdef Py_ssize_t* slots = older + n      # the accounts' slots, in first-change order
+    cdef Py_ssize_t* run = slots + n
+    cdef uint64_t lead
+    memset(newest, 0xFF, cap * sizeof(Py_ssize_t))     # -1: empty
     for i in range(n):
-        order[i].hid = cs[i].hid
-        order[i].pos = i
-    qsort(order, n, sizeof(Placed), _hid_then_newest)
+        memcpy(&lead, cs[i].hid, 8)
+        slot = <Py_ssize_t>(lead & <uint64_t>(cap - 1))
+        while newest[slot] >= 0 and memcmp(cs[newest[slot]].hid, cs[i].hid, 16) != 0:
+            slot = (slot + 1) & (cap - 1)
+        if newest[slot] < 0:
+            slots[runs] = slot
+            runs += 1
+        older[i] = newest[slot]
+        newest[slot] = i
     out = []
-    i = 0
-    while i < n:
-        j = i + 1
-        while j < n and memcmp(order[j].hid, order[i].hid, 16) == 0:
+    for i in range(runs):
+        j = 0
+        change = newest[slots[i]]
+        while change >= 0:
+            run[j] = change
             j += 1
-        out.append(_history_group(cs, order + i, j - i))
-        i = j
+            change = older[change]
+        out.append(_history_group(cs, run, j, scratch))
     return out
 
 
-cdef tuple _history_group(const Change* cs, const Placed* run, Py_ssize_t n):
-    """(key, value) of one account's n changes, `run` newest first."""
-    cdef const Change* c = &cs[run[0].pos]
+cdef tuple _history_group(const Change* cs, const Py_ssize_t* run, Py_ssize_t n,
+                          bytearray scratch):
+    """(key, value) of one account's n changes, `run` newest first, made
+    in `scratch` (grown to fit)."""
+    cdef const Change* c = &cs[run[0]]
     cdef int64_t seq = c.seq, prev_at = 0
-    cdef bytearray buf = bytearray(1 + 10 + n * GROUP_ENTRY_BYTES_MAX)
-    cdef char* start = PyByteArray_AS_STRING(buf)
+    cdef Py_ssize_t i, need = 1 + 10 + n * GROUP_ENTRY_BYTES_MAX
+    if len(scratch) < need:
+        PyByteArray_Resize(scratch, need)
+    cdef char* start = PyByteArray_AS_STRING(scratch)
     cdef char* p = _put_varint(start + 1, <uint64_t>n)
-    cdef Py_ssize_t i
     start[0] = GROUP_VERSION
     for i in range(n):
-        c = &cs[run[i].pos]
+        c = &cs[run[i]]
         if c.seq != seq - i:
             raise ValueError("a write-ahead log record's changes skip a seq of an account")
         p = _put_varint(p, _zigzag(c.by))
@@ -78,7 +86,7 @@ cdef tuple _history_group(const Change* cs, const Placed* run, Py_ssize_t n):
         p[0] = <char>c.klen
         memcpy(p + 1, c.key, c.klen)
         p += 1 + c.klen
-    return (_history_key_of(<Change*>&cs[run[0].pos]), PyBytes_FromStringAndSize(start, p - start))
+    return (_history_key_of(<Change*>&cs[run[0]]), PyBytes_FromStringAndSize(start, p - start))
 
 
 cpdef list unpack_history_group(int64_t seq, bytes value, int64_t first=1,

@@ -254,7 +254,7 @@ def block(*entries):
 
 
 def test_a_batch_s_changes_become_one_group_per_account():
-    a, b = b"A" * 16, b"B" * 16
+    a, b = b"A" * 16, b"A" * 8 + b"B" * 8           # one slot, told apart by the whole hid
     puts = dict(_ledger.leveldb_puts(block(change(a, 1, 5, 5, 1000), change(b, 7, 1, 8, 1),
                                            change(a, 2, -2, 3, 0), change(a, 3, 4, 7, 2))))
     assert _ledger.unpack_history_group(3, puts.pop(_ledger.history_key(a, 3))) == [
