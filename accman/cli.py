@@ -312,6 +312,9 @@ def cmd_serve(args) -> int:
         webhook = load_config(args.webhook, args.webhook_secret)
     except (TokensError, LimitsError, StartupError) as e:
         return _fail(e)
+    for name in ServerLimits.ignored_names():
+        say(f"accman: warning: {name} is not a setting of the server, ignored "
+            "(its settings: docs/SERVER.md, \"Limits\")", None)
     try:
         data = args.data if args.data is not None or args.store else DEFAULT_DATA
         return run(host=args.host, port=args.port, data=data,

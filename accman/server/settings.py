@@ -8,6 +8,17 @@ from dataclasses import dataclass, fields
 from accman import limits as L
 from accman.errors import LimitsError
 
+# The ACCMAN_* variables that other parts read: the client commands of
+# `accman` (URL, TOKEN), the calling side's example apps (MODE,
+# ON_UNAVAILABLE, HOLD_TTL_S), the build (ONLY, DEBUG), the tests and the
+# benchmarks.  A server says nothing of these; of any other ACCMAN_* name
+# that is not its own, it says that it ignores it (a misspelt override,
+# or a bound that is not overridable, would otherwise pass unseen).
+OTHER_NAMES = frozenset({
+    "ACCMAN_URL", "ACCMAN_TOKEN", "ACCMAN_MODE", "ACCMAN_ON_UNAVAILABLE", "ACCMAN_HOLD_TTL_S",
+    "ACCMAN_ONLY", "ACCMAN_DEBUG", "ACCMAN_BIN", "ACCMAN_TEST_STORES", "ACCMAN_CRASH_LONG",
+    "ACCMAN_CRASH_SEED", "ACCMAN_CRASH_SECONDS", "ACCMAN_PG_LONG", "ACCMAN_BENCH_ACCOUNTS"})
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -44,8 +55,7 @@ class ServerLimits:
     def from_env(cls, environ=None) -> "ServerLimits":
         environ = os.environ if environ is None else environ
         values = {}
-        for f in fields(cls):
-            name = "ACCMAN_" + f.name.upper()
+        for f, name in zip(fields(cls), cls.names(), strict=True):
             raw = environ.get(name)
             if raw is None:
                 continue
@@ -58,6 +68,19 @@ class ServerLimits:
                 raise LimitsError(f"{name} must be positive")
             values[f.name] = value
         return cls(**values)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The environment variables that override the server's bounds."""
+        return ["ACCMAN_" + f.name.upper() for f in fields(cls)]
+
+    @classmethod
+    def ignored_names(cls, environ=None) -> list[str]:
+        """The ACCMAN_* variables set that neither the server nor any other
+        part of AccMan reads, sorted."""
+        environ = os.environ if environ is None else environ
+        known = OTHER_NAMES.union(cls.names())
+        return sorted(n for n in environ if n.startswith("ACCMAN_") and n not in known)
 
     @property
     def sweep_interval_s(self) -> float:
