@@ -57,10 +57,13 @@ cdef inline int64_t _unzigzag(uint64_t u) noexcept nogil:
 
 cdef inline Py_ssize_t _get_varint(const unsigned char* p, Py_ssize_t n, Py_ssize_t i,
                                    uint64_t* out) noexcept nogil:
-    """The varint at p[i:n] into out; the index after it, or -1."""
+    """The varint at p[i:n] into out; the index after it, or -1 (cut
+    short, or more than 64 bits: a tenth byte above 1)."""
     cdef uint64_t v = 0
     cdef int shift = 0
     while i < n and shift < 64:
+        if shift == 63 and p[i] > 1:
+            return -1
         v |= <uint64_t>(p[i] & 0x7F) << shift
         i += 1
         if not (p[i - 1] & 0x80):

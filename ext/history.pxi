@@ -121,7 +121,7 @@ cpdef list unpack_history_group(int64_t seq, bytes value, int64_t first=1,
         if i >= 0:
             i = _get_varint(p, n, i, &hold)
         if i < 0 or i >= n or i + 1 + p[i] > n:
-            raise ValueError("a history group is cut short")
+            raise ValueError("a history group is cut short, or holds a number past 64 bits")
         if hold > <uint64_t>C_INT64_MAX:
             raise ValueError("a history group names a hold past the largest id")
         klen = p[i]

@@ -220,6 +220,22 @@ def test_a_group_that_reaches_below_seq_1_is_refused(path, grouped):
         Ledger(path).close()
 
 
+@pytest.mark.parametrize("value,says", [
+    (bytes([3, 1, 2, 2, 0, 0, 0]), None),                          # seq 1: by 1, tot 1
+    (bytes([3, 1, 2, 2, 0, 0, 0, 7]), "has bytes after its entries"),
+    (bytes([3, 1, 2, 2, 0]) + b"\x80" * 9 + bytes([1, 0]), "names a hold past the largest id"),
+    (bytes([3, 1, 0x82]) + b"\x80" * 8 + bytes([0x7E, 2, 0, 0, 0]), "a number past 64 bits"),
+    (bytes([3, 0]), "count of entries is cut short or 0"),
+    (bytes([3, 2, 2, 2, 0, 0, 0]), "reaches below seq 1"),
+])
+def test_a_malformed_group_is_refused(value, says):
+    if says is None:
+        assert _ledger.unpack_history_group(1, value) == [(1, 1, 1, 0, None, None)]
+    else:
+        with pytest.raises(ValueError, match=says):
+            _ledger.unpack_history_group(1, value)
+
+
 def test_a_record_of_an_unknown_version_is_refused():
     for value in (b"", b"\x03", b"\x04\x00\x00\x00\x00\x00"):
         with pytest.raises(ValueError, match="history record of unknown format"):

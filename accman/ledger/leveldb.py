@@ -145,18 +145,26 @@ class Store:
                 migrate.through_log(self, self._upgrade, self._from_format)
 
     def _replay(self, records) -> None:
-        """The log's records after the checkpoint, written into LevelDB."""
+        """The log's records after the checkpoint, written into LevelDB (in
+        a store from before format 5, with the deletes of the history
+        records that the replay's cover: migrate.covered_records)."""
+        covered = 0
         for _, puts in records:
+            if self._from_format < 5:
+                deletes = migrate.covered_records(self.db, self.path, puts)
+                covered += len(deletes)
+                puts = puts + deletes
             wb = self.db.write_batch(transaction=True)
             for k, v in puts:
                 if v is None:
-                    wb.delete(k)        # events past their retention
+                    wb.delete(k)        # events past their retention; covered records
                 else:
                     wb.put(k, v)
             wb.write()
         if records:
-            log.info("%s: recovery: replayed %d batches from %s", self.path,
-                     len(records), wal.WAL_NAME)
+            log.info("%s: recovery: replayed %d batches from %s%s", self.path,
+                     len(records), wal.WAL_NAME, f" ({covered} history records of format "
+                     f"{self._from_format} replaced)" if covered else "")
 
     def checkpoint_at_open(self, after: str) -> None:
         """Everything written so far applied and checkpointed (its step

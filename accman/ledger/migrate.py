@@ -90,10 +90,46 @@ def through_log(store, meta: dict, from_format: int) -> None:
         store.checkpoint_at_open("the open-hold records")
     store.write(_ledger.wal_record([(META_KEY, json.dumps(meta).encode())]))
     store.checkpoint_at_open("the format record")
-    log.info("%s: store format %d -> %d (%d open-hold records written or removed)%s",
-             store.path, from_format, meta["format"], len(puts),
+    log.info("%s: store format %d -> %d%s%s", store.path, from_format, meta["format"],
+             f" ({len(puts)} open-hold records written or removed)" if from_format < 4 else "",
              " in the read-only open's private copy; the directory is unchanged"
              if store.read_only else "")
+
+
+def covered_records(db, path: str, puts: list) -> list:
+    """The deletes that go with a replayed log record's puts in a store
+    from before format 5.  An older AccMan wrote the record's history one
+    entry a record, and LevelDB may have kept some of those in its tables
+    (its memtable written out before the crash, past what recovery cuts
+    back); the replay writes the same entries as one record per account,
+    keyed by the newest.  Each older record that such a record covers is
+    deleted, once it is checked to say what the new one says of its seq:
+    else the store is damaged, and refused."""
+    out = []
+    for k, v in puts:
+        if v is None or k[:1] != _ledger.HISTORY_PREFIX:
+            continue
+        hid = k[1:1 + _ledger.HID_BYTES]
+        for i, entry in enumerate(_ledger.unpack_history_group(_ledger.history_key_seq(k), v)):
+            key = k if i == 0 else _ledger.history_key(hid, entry[0])
+            old = db.get(key, verify_checksums=True)
+            if old is None or old == v:
+                continue            # not written, or this replay's own record
+            if not _says(entry, old):
+                raise StoreCorrupt(f"{path}: history entry {entry[0]} of a replayed batch differs "
+                                   "from the record an older AccMan wrote of it; refusing to "
+                                   "serve, nothing repaired")
+            if i:
+                out.append((key, None))
+    return out
+
+
+def _says(entry: tuple, record: bytes) -> bool:
+    """The one-entry history record says `entry` (seq, by, tot, at, key, hold)."""
+    try:
+        return _ledger.unpack_history_group(entry[0], record) == [entry]
+    except ValueError:
+        return False
 
 
 def open_hold_records(db, path: str) -> list:
