@@ -6,8 +6,11 @@ is refused, never served."""
 
 import asyncio
 import json
+import logging
 import random
 import struct
+import subprocess
+import sys
 
 import plyvel
 import pytest
@@ -284,3 +287,91 @@ def test_a_batch_whose_account_skips_a_seq_is_refused():
     a = b"A" * 16
     with pytest.raises(ValueError, match="changes skip a seq of an account"):
         _ledger.leveldb_puts(block(change(a, 1, 5, 5, 0), change(a, 3, 1, 6, 0)))
+
+
+# --- an upgrade over an older AccMan's crash --------------------------------------
+
+# An AccMan of store format 4: one history record a change (the format is
+# kept at 4, and LevelDB's write batches made as formats 2-4 made them),
+# its memtable written out often, crashing after 300 batches that each
+# change 8 accounts 4 times.
+OLDER_ACCMAN_CRASHES = """
+import asyncio, os, struct, sys
+from accman import Ledger
+from accman.ledger import _ledger, leveldb, migrate
+
+migrate.through_log = lambda *args: None
+leveldb.WRITE_BUFFER_BYTES = 64 * 1024
+
+def one_entry_a_record(wb, payload):
+    for k, v in _ledger.leveldb_puts(payload):
+        if v is None:
+            wb.delete(k)
+        elif k[:1] != _ledger.HISTORY_PREFIX:
+            wb.put(k, v)
+        else:
+            for seq, by, tot, at, key, hold in _ledger.unpack_history_group(
+                    _ledger.history_key_seq(k), v):
+                head = (struct.pack(">Bqqq", 1, by, tot, at) if hold is None
+                        else struct.pack(">Bqqqq", 2, by, tot, at, hold))
+                wb.put(_ledger.history_key(k[1:17], seq), head + (key or "").encode())
+
+_ledger.fill_write_batch = one_entry_a_record
+led = Ledger(sys.argv[1])
+
+async def run():
+    for _ in range(300):
+        await asyncio.gather(*[led.amod(f"c{i % 8}", 1) for i in range(32)])
+
+asyncio.run(run())
+os._exit(0)
+"""
+
+
+def test_an_upgrade_replaying_an_older_accman_s_log_leaves_one_record_an_entry(
+        path, caplog):
+    """The replay of the older AccMan's log writes each batch's history as
+    format 5 does, over the one-entry records of it that LevelDB kept in its
+    tables: those are checked against it and deleted in the same write, so
+    that no entry is in two records (verify would see a gap)."""
+    Ledger(path).close()
+    rewrite(path, fmt=4)
+    subprocess.run([sys.executable, "-c", OLDER_ACCMAN_CRASHES, path], check=True, timeout=120)
+    with caplog.at_level(logging.INFO, logger="accman.ledger.leveldb"):
+        led = Ledger(path)
+    try:
+        replaced = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
+        assert len(replaced) == 1 and "history records of format 4 replaced" in replaced[0]
+        assert led.verify()["entries"] == 9600
+        for i in range(8):
+            full = [tuple(e) for e in led.past(f"c{i}", limit=1000)] + \
+                [tuple(e) for e in led.past(f"c{i}", limit=1000, before=201)]
+            assert [(e[0], e[2]) for e in full] == [(s, s) for s in range(1200, 0, -1)]
+    finally:
+        led.close()
+    records = history_records(path)
+    for (hid, newest), value in records.items():
+        count = len(_ledger.unpack_history_group(newest, value))
+        assert not any((hid, s) in records for s in range(newest - count + 1, newest))
+
+
+def test_a_replayed_batch_s_record_is_checked_against_the_older_ones_it_covers(tmp_path):
+    """migrate.covered_records: an older one-entry record that the replayed
+    group covers is deleted if it says the same, refused if not; one that
+    is not there is nothing; the newest seq's key is overwritten, checked."""
+    from accman.ledger import migrate
+    hid = b"H" * 16
+    group = dict(_ledger.leveldb_puts(block(change(hid, 1, 5, 5, 1000), change(hid, 2, 1, 6, 0),
+                                            change(hid, 3, 2, 8, 0))))
+    puts = list(group.items())
+    db = plyvel.DB(str(tmp_path / "db"), create_if_missing=True)
+    try:
+        assert migrate.covered_records(db, "d", puts) == []
+        db.put(_ledger.history_key(hid, 1), one_entry_record(5, 5, 1000, None, None))
+        db.put(_ledger.history_key(hid, 3), one_entry_record(2, 8, 1000, None, None))
+        assert migrate.covered_records(db, "d", puts) == [(_ledger.history_key(hid, 1), None)]
+        db.put(_ledger.history_key(hid, 2), one_entry_record(1, 7, 1000, None, None))
+        with pytest.raises(StoreCorrupt, match="d: history entry 2 of a replayed batch differs"):
+            migrate.covered_records(db, "d", puts)
+    finally:
+        db.close()
