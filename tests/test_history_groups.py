@@ -18,7 +18,8 @@ import pytest
 from accman import Ledger
 from accman.errors import StoreCorrupt
 from accman.ledger import _ledger
-from accman.ledger.leveldb import META_KEY, STORE_FORMAT, Store
+from accman.ledger.leveldb import META_KEY, STORE_FORMAT
+from test_open_holds import rewrite
 
 # --- helpers ----------------------------------------------------------------
 
@@ -41,22 +42,6 @@ def history_records(path) -> dict:
                 for k, v in db.iterator(prefix=_ledger.HISTORY_PREFIX)}
     finally:
         db.close()
-
-
-def rewrite(path, puts=(), deletes=(), fmt=None):
-    """Records changed behind the ledger's back, then a checkpoint (the
-    store closed): what an older AccMan or damage would leave."""
-    store = Store(path)
-    try:
-        for k in deletes:
-            store.db.delete(k)
-        for k, v in puts:
-            store.db.put(k, v)
-        if fmt is not None:
-            meta = json.loads(store.db.get(META_KEY))
-            store.db.put(META_KEY, json.dumps(dict(meta, format=fmt)).encode(), sync=True)
-    finally:
-        store.close()
 
 
 def one_entry_record(by, tot, at, key, hold):
