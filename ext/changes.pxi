@@ -150,7 +150,7 @@ cdef bytes _history_value(Change* c):
     return _pack_history(c.by, c.tot, c.at_ms, key, c.hold)
 
 
-cdef bytes _history_key_of(Change* c):
+cdef bytes _history_key_of(const Change* c):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, HISTORY_KEY_BYTES)
     cdef char* p = PyBytes_AS_STRING(out)
     p[0] = c'h'

@@ -86,7 +86,7 @@ cdef tuple _history_group(const Change* cs, const Py_ssize_t* run, Py_ssize_t n,
         p[0] = <char>c.klen
         memcpy(p + 1, c.key, c.klen)
         p += 1 + c.klen
-    return (_history_key_of(<Change*>&cs[run[0]]), PyBytes_FromStringAndSize(start, p - start))
+    return (_history_key_of(&cs[run[0]]), PyBytes_FromStringAndSize(start, p - start))
 
 
 cpdef list unpack_history_group(int64_t seq, bytes value, int64_t first=1,

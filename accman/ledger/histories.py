@@ -53,16 +53,30 @@ def page(db, path: str, hid: bytes, first: int, last: int) -> dict:
     LevelDB holds: one forward range scan, from the record that holds
     `first` to the one that holds `last`."""
     out = {}
+    for newest_seq, value in _records_from(db, path, hid, first):
+        for seq, *entry in _group(path, newest_seq, value, first, last):
+            out[seq] = tuple(entry)
+        if newest_seq >= last:
+            break
+    return out
+
+
+def record_of(db, path: str, hid: bytes, seq: int) -> dict:
+    """{seq: (by, tot, at_ms, key, hold)} of every entry of the record that
+    holds `seq`; empty when none does."""
+    for newest_seq, value in _records_from(db, path, hid, seq):
+        return {s: tuple(entry) for s, *entry in _group(path, newest_seq, value, 1, newest_seq)}
+    return {}
+
+
+def _records_from(db, path: str, hid: bytes, seq: int):
+    """Yields (newest seq, value) of hid's history records from the one
+    that holds `seq` on (a record's key is its newest seq)."""
     with translated(path, "read history"):
-        with db.iterator(start=_ledger.history_key(hid, first),
+        with db.iterator(start=_ledger.history_key(hid, seq),
                          stop=_ledger.history_key(hid, INT64_MAX), verify_checksums=True) as it:
             for k, v in it:
-                newest_seq = _ledger.history_key_seq(k)
-                for seq, *entry in _group(path, newest_seq, v, first, last):
-                    out[seq] = tuple(entry)
-                if newest_seq >= last:
-                    break
-    return out
+                yield _ledger.history_key_seq(k), v
 
 
 def _group(path: str, seq: int, value: bytes, first: int, last: int) -> list:
@@ -71,15 +85,3 @@ def _group(path: str, seq: int, value: bytes, first: int, last: int) -> list:
     except ValueError as e:
         raise StoreCorrupt(f"{path}: the history record of seq {seq}: {e}; "
                            "refusing to serve, nothing repaired") from e
-
-
-def record_of(db, path: str, hid: bytes, seq: int) -> dict:
-    """{seq: (by, tot, at_ms, key, hold)} of every entry of the record that
-    holds `seq`; empty when none does."""
-    with translated(path, "read history"):
-        with db.iterator(start=_ledger.history_key(hid, seq),
-                         stop=_ledger.history_key(hid, INT64_MAX), verify_checksums=True) as it:
-            for k, v in it:
-                newest_seq = _ledger.history_key_seq(k)
-                return {s: tuple(entry) for s, *entry in _group(path, newest_seq, v, 1, newest_seq)}
-    return {}
