@@ -304,7 +304,8 @@ async def _read(conn) -> ClusterInfo | None:
 SCHEMA_TABLES = ("accman_schema", "accman_counter", "accman_accounts", "accman_history",
                  "accman_holds", "accman_events", "accman_merged", "accman_cursors",
                  "accman_holds_due", "accman_history_key", "accman_history_hold_end")
-SCHEMA_FUNCTIONS = ("accman_apply", "accman_expire", "accman_number_events", "accman_merge")
+SCHEMA_FUNCTIONS = ("accman_apply", "accman_charges", "accman_expire", "accman_number_events",
+                    "accman_merge")
 _MISSING_SQL = """
 SELECT array_agg(name ORDER BY name) FROM (
     SELECT t AS name FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NULL

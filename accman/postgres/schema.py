@@ -20,6 +20,7 @@ from accman.postgres.schema_v1 import V1_APPLY, V1_EXPIRE, V1_NUMBER, V1_TABLES
 from accman.postgres.schema_v2 import V2
 from accman.postgres.schema_v3 import V3
 from accman.postgres.schema_v4 import V4
+from accman.postgres.schema_v5 import V5
 
 # Codes in accman_apply's r_code (accman.postgres.store maps them to errors).
 OK = 0
@@ -53,5 +54,6 @@ MIGRATIONS: list[tuple[int, str]] = [
     (2, V2),
     (3, V3),
     (4, V4),
+    (5, V5),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
