@@ -11,9 +11,19 @@ apply them all: it locks each account as it charges it (in hid order), and
 applies a charge only where the account exists and the new balance is in
 range and at least `min`.  If every charge applied, the batch's history
 and events are written from the update's rows and the outcomes returned.
-If one was refused, the batch is undone (the accounts are still locked by
-this transaction) and accman_apply judges it op by op, as before: a
-refusal's answer, and which charges apply, are then exactly version 4's.
+If one was refused, the set path's subtransaction is rolled back (undoing
+its charges and releasing the accounts it locked, so that the op-by-op
+judgement locks every account in hid order from none) and accman_apply
+judges the batch op by op, as before: a refusal's answer, and which
+charges apply, are then exactly version 4's.
+
+The hid order of the UPDATE's locks is its plan's: a nested loop whose
+outer side is the ops sorted by hid, which the front-end's session
+settings make the only join it plans (accman.postgres.migrate
+SESSION_SETTINGS: no hash or merge joins, no sequential scans).  A
+connection without them could lock in another order; the cost would be a
+deadlock that PostgreSQL breaks and the store sends again, not a wrong
+answer.
 
 accman_apply is version 4's with the dispatch inserted before its first
 lock, made from version 4's text as version 4 was made from version 2's.
@@ -24,7 +34,8 @@ from accman.postgres.schema_v4 import V4
 # Charges on distinct accounts (p_acct[j] = the index in p_hids of op j's
 # account; no two ops share one), none keyed: applied together, with the
 # outcomes in r_tot and r_seq and the counter in r_state; or, when any is
-# refused, nothing changed and r_state NULL.
+# refused, SQLSTATE AMC01, which the caller catches in a block whose
+# subtransaction's rollback undoes the charges and unlocks their accounts.
 V5_CHARGES = r"""
 CREATE FUNCTION accman_charges(
     p_hids bytea[], p_acct integer[], p_by bigint[], p_min bigint[], p_low_default bigint,
@@ -54,11 +65,13 @@ BEGIN
            array_agg(up.tot ORDER BY up.j), array_agg(up.seq ORDER BY up.j),
            array_agg(up.low ORDER BY up.j)
       INTO f_j, f_hid, r_tot, r_seq, f_low FROM up;
+    -- A refusal: the caller's subtransaction is rolled back, which undoes
+    -- the charges and releases their rows.  An undo by a second UPDATE
+    -- would keep them locked: the op-by-op judgement that follows would
+    -- then lock a refused account, lower in hid order, while holding
+    -- higher ones, and deadlock with a batch that locks in hid order.
     IF coalesce(array_length(f_j, 1), 0) < n_ops THEN
-        UPDATE accman_accounts a SET tot = a.tot - p_by[u.j], seq = a.seq - 1
-          FROM unnest(f_j, f_hid) AS u(j, hid) WHERE a.hid = u.hid;
-        r_tot := NULL; r_seq := NULL;
-        RETURN;
+        RAISE EXCEPTION 'accman_charges: a charge was refused' USING ERRCODE = 'AMC01';
     END IF;
     INSERT INTO accman_history
     SELECT u.hid, u.seq, 1, u.by, u.tot, now_ms, NULL, NULL, NULL, NULL
@@ -88,12 +101,16 @@ _DISPATCH = """\
     -- (accman_charges) unless one is refused.
     IF n_ops > 0 AND n_acct = n_ops AND p_key IS NULL AND p_arg IS NULL
        AND p_kind <@ ARRAY[1::smallint] AND 0 > ALL(p_by) THEN
-        SELECT c.r_tot, c.r_seq, c.r_state INTO f_tot, f_seq, f_state
-          FROM accman_charges(p_hids, p_acct, p_by, p_min, p_low_default) AS c;
-        IF f_state IS NOT NULL THEN
+        -- A block of its own: its subtransaction, rolled back on a refusal,
+        -- releases the accounts the set path locked.
+        BEGIN
+            SELECT c.r_tot, c.r_seq, c.r_state INTO f_tot, f_seq, f_state
+              FROM accman_charges(p_hids, p_acct, p_by, p_min, p_low_default) AS c;
             r_tot := f_tot; r_seq := f_seq; r_state := f_state;
             RETURN;
-        END IF;
+        EXCEPTION WHEN SQLSTATE 'AMC01' THEN
+            NULL;
+        END;
     END IF;
 """
 
