@@ -112,6 +112,21 @@ def test_charges_match_the_op_by_op_judgement(pg, pg_url):
                                              "WHERE id > $1::bigint - $2::int AND type = $3",
                                              got[3][0], len(ops) * 2, S.LOW_BALANCE)
                 codes |= set(got[0])
+            # The edges of int64: a balance charged to exactly INT64_MIN,
+            # charges of INT64_MIN, and one more below either.
+            tot_sql = "SELECT tot FROM accman_accounts WHERE hid = $1"
+            t11, t12 = await a.fetchval(tot_sql, hid(11)), await a.fetchval(tot_sql, hid(12))
+            assert t11 > 0 and t12 > INT64_MIN
+            landing = [(hid(11), S.MOD, INT64_MIN, None, None),
+                       (hid(12), S.MOD, INT64_MIN - t12, INT64_MIN, None)]
+            below = [(hid(11), S.MOD, INT64_MIN, INT64_MIN, None),
+                     (hid(12), S.MOD, -1, None, None)]
+            got, _called = await apply(a, landing)
+            assert got == (await apply(b, landing, op_by_op=True))[0]
+            assert (got[0], got[1]) == ([S.OK, S.OK], [t11 + INT64_MIN, INT64_MIN])
+            got, _called = await apply(a, below)
+            assert got == (await apply(b, below, op_by_op=True))[0]
+            assert got[0] == [S.OVERFLOW, S.OVERFLOW]
             assert await state(a) == await state(b)
             # Both outcomes of the set path, every refusal a charge can get,
             # and low_balance events of batches it applied were among them.
