@@ -178,39 +178,44 @@ def test_a_keyed_charge_takes_the_op_by_op_path(pg_url):
     run(main())
 
 
+async def waiting_for_account_1(url, batch):
+    """Accounts 1 and 2 funded with 100; `batch` sent while another
+    transaction holds account 1.  Once the batch waits for account 1, it
+    must not hold account 2 (a probe locks it with NOWAIT): a batch that
+    held 2 while it waited for 1 would close a cycle with one that holds 1
+    and then locks 2 (a deadlock, found only after deadlock_timeout).
+    Returns the batch's row and set-path calls once account 1 is free."""
+    conns = [await connect(url) for _ in range(3)]
+    holder, charger, prober = conns
+    try:
+        await apply(holder, [(hid(1), S.MOD, 100, None, None), (hid(2), S.MOD, 100, None, None)])
+        lock = "SELECT 1 FROM accman_accounts WHERE hid = $1 FOR UPDATE"
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(lock, hid(1))
+        pid = charger.get_server_pid()
+        charging = asyncio.ensure_future(apply(charger, batch))
+        for _ in range(500):                      # until it waits for account 1
+            if await prober.fetchval("SELECT wait_event_type FROM pg_stat_activity "
+                                     "WHERE pid = $1", pid) == "Lock":
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the batch never waited for account 1's lock")
+        async with prober.transaction():          # account 2 is not held
+            assert await prober.fetchval(lock + " NOWAIT", hid(2)) == 1
+        await tx.commit()
+        return await asyncio.wait_for(charging, 30)
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
 def test_the_set_path_locks_accounts_in_hid_order(pg_url):
-    """A batch charging accounts 2 then 1, while account 1 is locked by
-    another transaction, waits for 1 before it locks 2: two batches that
-    share accounts never wait on each other in a cycle."""
-    async def main():
-        conns = [await connect(pg_url) for _ in range(3)]
-        holder, charger, prober = conns
-        try:
-            await apply(holder, [(hid(1), S.MOD, 100, None, None),
-                                 (hid(2), S.MOD, 100, None, None)])
-            lock = "SELECT 1 FROM accman_accounts WHERE hid = $1 FOR UPDATE"
-            tx = holder.transaction()
-            await tx.start()
-            await holder.execute(lock, hid(1))
-            pid = charger.get_server_pid()
-            charging = asyncio.ensure_future(apply(charger, [(hid(2), S.MOD, -5, 0, None),
-                                                             (hid(1), S.MOD, -5, 0, None)]))
-            for _ in range(500):                      # until it waits for account 1
-                if await prober.fetchval("SELECT wait_event_type FROM pg_stat_activity "
-                                         "WHERE pid = $1", pid) == "Lock":
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                pytest.fail("the batch never waited for account 1's lock")
-            async with prober.transaction():          # account 2 is not locked yet
-                assert await prober.fetchval(lock + " NOWAIT", hid(2)) == 1
-            await tx.commit()
-            (codes, tots, seqs, _state), called = await asyncio.wait_for(charging, 30)
-            assert (codes, tots, seqs, called) == ([0, 0], [95, 95], [2, 2], 1)
-        finally:
-            for conn in conns:
-                await conn.close()
-    run(main())
+    """A batch charging accounts 2 then 1 locks 1 first."""
+    (codes, tots, seqs, _state), called = run(waiting_for_account_1(
+        pg_url, [(hid(2), S.MOD, -5, 0, None), (hid(1), S.MOD, -5, 0, None)]))
+    assert (codes, tots, seqs, called) == ([0, 0], [95, 95], [2, 2], 1)
 
 
 def test_a_refused_charge_leaves_the_rest_of_its_batch_applied_once(pg_url):
@@ -233,37 +238,9 @@ def test_a_refused_charge_leaves_the_rest_of_its_batch_applied_once(pg_url):
 
 
 def test_a_refused_batch_holds_no_account_while_it_locks_in_hid_order(pg_url):
-    """A batch whose charge on account 1 is refused by the set path, and
-    whose charge on account 2 applied there, is judged op by op: while it
-    waits for account 1 (locked by another transaction) it must not hold
-    account 2, or a batch that holds 1 and then locks 2 waits on it in a
-    cycle (a deadlock, found only after deadlock_timeout)."""
-    async def main():
-        conns = [await connect(pg_url) for _ in range(3)]
-        holder, charger, prober = conns
-        try:
-            await apply(holder, [(hid(1), S.MOD, 100, None, None),
-                                 (hid(2), S.MOD, 100, None, None)])
-            lock = "SELECT 1 FROM accman_accounts WHERE hid = $1 FOR UPDATE"
-            tx = holder.transaction()
-            await tx.start()
-            await holder.execute(lock, hid(1))
-            pid = charger.get_server_pid()
-            charging = asyncio.ensure_future(apply(charger, [(hid(1), S.MOD, -150, 0, None),
-                                                             (hid(2), S.MOD, -5, 0, None)]))
-            for _ in range(500):                      # until it waits for account 1
-                if await prober.fetchval("SELECT wait_event_type FROM pg_stat_activity "
-                                         "WHERE pid = $1", pid) == "Lock":
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                pytest.fail("the batch never waited for account 1's lock")
-            async with prober.transaction():          # account 2 is not held
-                assert await prober.fetchval(lock + " NOWAIT", hid(2)) == 1
-            await tx.commit()
-            (codes, tots, seqs, _state), _called = await asyncio.wait_for(charging, 30)
-            assert (codes, tots, seqs) == ([S.INSUFFICIENT, S.OK], [100, 95], [None, 2])
-        finally:
-            for conn in conns:
-                await conn.close()
-    run(main())
+    """A batch whose charge on account 1 is refused by the set path (on the
+    balance it reads without waiting) and whose charge on account 2 applied
+    there is judged op by op: it waits for account 1 holding nothing."""
+    (codes, tots, seqs, _state), _called = run(waiting_for_account_1(
+        pg_url, [(hid(1), S.MOD, -150, 0, None), (hid(2), S.MOD, -5, 0, None)]))
+    assert (codes, tots, seqs) == ([S.INSUFFICIENT, S.OK], [100, 95], [None, 2])
