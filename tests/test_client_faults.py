@@ -150,9 +150,20 @@ def test_a_full_server_s_refusals_are_busy_and_never_wedge_the_pool(start_server
         assert Busy in kinds(one_by_one)
         assert all(c.usable and c.transport is not None for c in acc._conns)
 
+    async def refused_all(acc):
+        # Every connection the client opened while the server was full, a
+        # spare dialled in the background among them, refused and gone: one
+        # dialled as the slots free would take one, and the probe below
+        # would find the server full of the client's idle connections.
+        deadline = time.monotonic() + 10.0
+        while acc._conns or acc._connecting:
+            assert time.monotonic() < deadline, (acc._conns, acc._connecting)
+            await asyncio.sleep(0.01)
+
     async def go():
         async with AccManClient(srv.url, connections_max=4, timeout_s=10.0, retries=2) as acc:
             await while_full(acc)
+            await refused_all(acc)
             for c in held:
                 c.close()
             await asyncio.get_running_loop().run_in_executor(None, wait_for_room, srv)
