@@ -13,9 +13,10 @@ from accman.postgres import errors as E
 from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
-# 64 callers a second lane halved each batch and every batch still waits
-# for the counter row, so mods/s fell (bench/pg_store.py; the commit says
-# by how much); a second front-end is what adds throughput.
+# 64 callers a second connection, whether it took half of the accounts or
+# the next batch in time, halved each batch, and every batch still waits
+# for the counter row, so mods/s fell (docs/PERFORMANCE.md, "PostgreSQL");
+# a second front-end is what adds throughput.
 WRITE_LANES = 1
 # Read connections per cluster (the batched /tot query, /past pages, event
 # reads): two, so that a /past page never waits behind a /tot batch.
