@@ -23,6 +23,12 @@ EVENT_BYTES_MAX = 297
 
 # --- holds (SPEC "Holds") -----------------------------------------------------
 HOLD_TTL_S_MAX = 86400        # SPEC: ttl is 1..86400 seconds.
+# A reading of a Ledger's own clock (`clock_ms`, unix milliseconds) is 0
+# to the last millisecond of the year 9999: every time kept (a change's
+# `at`, a hold's expiry, at most HOLD_TTL_S_MAX later) stays far inside
+# int64.  Another reading is refused: a ValueError to the call that read it,
+# nothing applied; the writer's own housekeeping waits for a good one.
+CLOCK_MS_MAX = 253_402_300_799_999
 # Open holds per account: a service holds one per request in flight, so a
 # few thousand covers the busiest consumer; more is a leak in the caller.
 HOLDS_PER_ACCOUNT_MAX = 4096

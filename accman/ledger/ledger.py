@@ -15,7 +15,8 @@ from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
 from accman.ledger.events import EventLog
 from accman.ledger.gate import CLOSING_DETAIL, Gate
 from accman.ledger.leveldb import Store
-from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
+from accman.limits import (CLOCK_MS_MAX, EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT,
+                           PAST_LIMIT_DEFAULT)
 from accman.records import Entry, Event
 from accman.store import Page, check_events, check_options, check_past, page_next
 
@@ -34,6 +35,18 @@ def _result(outcome):
     if isinstance(outcome, AccManError):
         raise outcome
     return outcome
+
+
+def checked_clock(clock_ms):
+    """`clock_ms`, each reading checked (CLOCK_MS_MAX): a wrong one is a
+    ValueError naming it, raised before anything is applied."""
+    def read() -> int:
+        ms = clock_ms()
+        if type(ms) is not int or not 0 <= ms <= CLOCK_MS_MAX:
+            raise ValueError(f"clock_ms returned {ms!r}: a clock must return an int of unix "
+                             f"milliseconds from 0 to {CLOCK_MS_MAX}")
+        return ms
+    return read
 
 
 class Ledger:
@@ -111,7 +124,8 @@ class Ledger:
             path, create=create, check_files=(verify != "none"))
         self.path = self.store.path
         lock = threading.Lock()
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = (lambda: time.time_ns() // 1_000_000) if clock_ms is None \
+            else checked_clock(clock_ms)
         limits = {name: value for name, value in (
             ("batch_mods_max", batch_mods_max), ("queued_mods_max", queued_mods_max),
             ("holds_max", holds_max), ("holds_per_account_max", holds_per_account_max))

@@ -1,0 +1,108 @@
+"""A Ledger's own clock (`clock_ms=`, unix milliseconds) and its bound,
+CLOCK_MS_MAX: a wrong reading is refused where it is read and changes
+nothing; the writer's housekeeping waits for a right one and the ledger
+goes on."""
+
+import logging
+import re
+import threading
+
+import pytest
+
+from accman import Ledger
+from accman.errors import HoldEnded
+from accman.ledger import commit as commit_module
+from accman.limits import CLOCK_MS_MAX, HOLD_TTL_S_MAX
+from ledgerhelp import wait_for
+from model import Clock
+
+WRONG = [CLOCK_MS_MAX + 1, 2 ** 63 - 1, -1, 1.5, None, True, "1700000000000"]
+
+
+def refused(reading):
+    return pytest.raises(ValueError, match="^" + re.escape(
+        f"clock_ms returned {reading!r}: a clock must return an int of unix milliseconds "
+        f"from 0 to {CLOCK_MS_MAX}") + "$")
+
+
+@pytest.mark.parametrize("reading", WRONG)
+def test_a_wrong_reading_is_refused_and_changes_nothing(led, clock, reading):
+    led.mod("a", 100)
+    hold, _, _ = led.hold("a", -5, 60)
+    clock.set(reading)
+    for call in (lambda: led.mod("a", -1), lambda: led.mod("b", 1),
+                 lambda: led.hold("a", -1, 60), lambda: led.settle("a", hold, 1),
+                 led.expire_due):
+        with refused(reading):
+            call()
+    clock.set(Clock.START_MS)
+    assert led.tot("a") == 95 and led.tot("b") is None and led.open_holds == 1
+    assert [e.seq for e in led.past("a")] == [2, 1]
+    assert led.settle("a", hold, 1) == (99, 3)
+    led.verify()
+
+
+def test_the_bounds_of_a_reading_are_taken(led, clock):
+    """0 and CLOCK_MS_MAX are right readings: a hold of HOLD_TTL_S_MAX that
+    ends in the bound's last second ends by its last reading, and one taken
+    at it is kept (its expiry, past the bound, inside int64)."""
+    last_second = CLOCK_MS_MAX + 1 - 1000
+    clock.set(0)
+    assert led.mod("a", 10) == (10, 1)
+    clock.set(last_second - HOLD_TTL_S_MAX * 1000)
+    led.hold("a", -3, HOLD_TTL_S_MAX)
+    clock.set(CLOCK_MS_MAX)
+    led.expire_due()                # it, or the writer on its own clock, ends the hold
+    assert led.tot("a") == 10 and led.open_holds == 0
+    led.hold("a", -2, HOLD_TTL_S_MAX)
+    assert led.tot("a") == 8 and led.open_holds == 1
+    assert [e.at for e in led.past("a")] == [CLOCK_MS_MAX] * 2 + [
+        last_second - HOLD_TTL_S_MAX * 1000, 0]
+    led.verify()
+
+
+def test_a_ledger_whose_clock_reads_wrong_at_open_is_not_opened(path, clock):
+    with Ledger(path, clock_ms=clock) as led:
+        led.mod("a", 1)
+    clock.set(-5)
+    with refused(-5):
+        Ledger(path, clock_ms=clock)
+    clock.set(Clock.START_MS)
+    with Ledger(path, clock_ms=clock) as led:           # the directory was let go
+        assert led.tot("a") == 1
+
+
+def test_the_writer_waits_out_a_wrong_reading_and_goes_on(path, monkeypatch, caplog):
+    """The writer reads the clock on its own thread to end due holds: a
+    wrong reading there is said once, ends nothing, and stops nothing: the
+    callers' changes are written, and due holds end once it reads right."""
+    monkeypatch.setattr(commit_module, "CLOCK_RETRY_S", 0.02)
+    caplog.set_level(logging.INFO, logger="accman.commit")
+    callers, writer = Clock(), [Clock.START_MS]
+
+    def clock_ms():
+        on_writer = threading.current_thread().name == "accman-commit"
+        return writer[0] if on_writer else callers()
+
+    with Ledger(path, clock_ms=clock_ms) as led:
+        led.mod("a", 10)
+        hold, _, _ = led.hold("a", -4, 1)
+        writer[0] = 2 ** 63 - 1
+        for n in range(5):
+            assert led.mod("a", -1) == (5 - n, 3 + n)
+        wait_for(lambda: any("holds do not expire" in r.getMessage() for r in caplog.records),
+                 what="the writer's word on the wrong reading")
+        assert led.open_holds == 1
+        callers.advance(2)
+        writer[0] = callers()
+        wait_for(lambda: led.open_holds == 0, what="the due hold's end")
+        assert led.tot("a") == 1 + 4
+        with pytest.raises(HoldEnded):
+            led.settle("a", hold, 1)
+        led.verify()
+    said = [r.getMessage() for r in caplog.records if r.name == "accman.commit"]
+    assert said == [
+        "holds do not expire and events are not trimmed while clock_ms returned "
+        f"{2 ** 63 - 1}: a clock must return an int of unix milliseconds from 0 to "
+        f"{CLOCK_MS_MAX}",
+        "clock_ms reads right again: holds expire and events are trimmed"]
