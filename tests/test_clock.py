@@ -19,10 +19,33 @@ from model import Clock
 WRONG = [CLOCK_MS_MAX + 1, 2 ** 63 - 1, -1, 1.5, None, True, "1700000000000"]
 
 
+def within(call, timeout_s=10.0):
+    """call()'s result, made on a thread of its own: a change whose writer
+    thread is gone would wait for ever."""
+    box = []
+    threading.Thread(target=lambda: box.append(call()), daemon=True).start()
+    wait_for(lambda: box, timeout_s, what="the change's answer (is the writer thread gone?)")
+    return box[0]
+
+
 def refused(reading):
     return pytest.raises(ValueError, match="^" + re.escape(
         f"clock_ms returned {reading!r}: a clock must return an int of unix milliseconds "
         f"from 0 to {CLOCK_MS_MAX}") + "$")
+
+
+def test_a_clock_that_raises_is_refused_as_a_wrong_reading(path):
+    def clock_ms():
+        raise RuntimeError("the clock's source is gone")
+    with pytest.raises(ValueError, match="^clock_ms raised RuntimeError: the clock's source "
+                                         "is gone$"):
+        Ledger(path, clock_ms=clock_ms)
+
+
+def test_a_huge_wrong_reading_is_named_in_a_line(led, clock):
+    clock.set(10 ** 200)
+    with pytest.raises(ValueError, match=r"^clock_ms returned 1000000000\d{70}: a clock must"):
+        led.mod("a", 1)
 
 
 @pytest.mark.parametrize("reading", WRONG)
@@ -72,6 +95,20 @@ def test_a_ledger_whose_clock_reads_wrong_at_open_is_not_opened(path, clock):
         assert led.tot("a") == 1
 
 
+def test_the_open_ends_the_due_holds_by_one_reading(path, clock):
+    """At open, holds that expired while the ledger was closed end in
+    batches, all by one reading: a later wrong one cannot leave them half
+    ended, nor refuse an open whose work is done."""
+    with Ledger(path, clock_ms=clock, batch_mods_max=2) as led:
+        led.mod("a", 100)
+        for _ in range(5):
+            led.hold("a", -1, 1)
+    readings = iter([clock.ms + 2000])
+    with Ledger(path, clock_ms=lambda: next(readings, -1), batch_mods_max=2) as led:
+        assert led.open_holds == 0 and led.tot("a") == 100
+        assert [e.seq for e in led.past("a")] == list(range(11, 0, -1))
+
+
 def test_the_writer_waits_out_a_wrong_reading_and_goes_on(path, monkeypatch, caplog):
     """The writer reads the clock on its own thread to end due holds: a
     wrong reading there is said once, ends nothing, and stops nothing: the
@@ -81,17 +118,23 @@ def test_the_writer_waits_out_a_wrong_reading_and_goes_on(path, monkeypatch, cap
     callers, writer = Clock(), [Clock.START_MS]
 
     def clock_ms():
-        on_writer = threading.current_thread().name == "accman-commit"
-        return writer[0] if on_writer else callers()
+        if threading.current_thread().name != "accman-commit":
+            return callers()
+        if writer[0] is None:
+            raise RuntimeError("the clock's source is gone")
+        return writer[0]
 
     with Ledger(path, clock_ms=clock_ms) as led:
         led.mod("a", 10)
         hold, _, _ = led.hold("a", -4, 1)
         writer[0] = 2 ** 63 - 1
         for n in range(5):
-            assert led.mod("a", -1) == (5 - n, 3 + n)
+            assert within(lambda: led.mod("a", -1)) == (5 - n, 3 + n)
         wait_for(lambda: any("holds do not expire" in r.getMessage() for r in caplog.records),
                  what="the writer's word on the wrong reading")
+        writer[0] = None                      # a clock that raises: the same
+        assert within(lambda: led.mod("a", 1)) == (2, 8)
+        assert within(lambda: led.mod("a", -1)) == (1, 9)
         assert led.open_holds == 1
         callers.advance(2)
         writer[0] = callers()
@@ -106,3 +149,48 @@ def test_the_writer_waits_out_a_wrong_reading_and_goes_on(path, monkeypatch, cap
         f"{2 ** 63 - 1}: a clock must return an int of unix milliseconds from 0 to "
         f"{CLOCK_MS_MAX}",
         "clock_ms reads right again: holds expire and events are trimmed"]
+
+
+def test_the_server_s_lane_reads_the_checked_clock(tmp_path):
+    """The server's compiled path (the Lane) reads a ledger's injected clock
+    through the same check: a mod read with a wrong reading is a 500 with
+    nothing applied, and the next, with a right one, is served."""
+    import asyncio
+
+    import uvloop
+
+    from accman.server import Server
+    from conftest import request_bytes
+
+    clock = Clock()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        led = Ledger(str(tmp_path / "d"), clock_ms=clock)
+        server = Server(led, loop=loop)
+        led.bind_loop(loop, deliver=server.deliver)
+        host, port = await server.start("127.0.0.1", 0)
+
+        async def one(target):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request_bytes("PATCH", target))
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            writer.close()
+            return head.split(b" ")[1], body
+        try:
+            got = [await one("/mod?cred=a&by=5")]
+            clock.set(-1)
+            got.append(await one("/mod?cred=a&by=5"))
+            clock.set(Clock.START_MS)
+            got.append(await one("/mod?cred=a&by=1"))
+        finally:
+            server.listener.close()
+            led.close()
+        return got
+
+    got = uvloop.run(asyncio.wait_for(main(), 20))
+    assert got[0] == (b"200", b'{"tot":5,"seq":1}')
+    assert got[1][0] == b"500" and b'"error":"internal"' in got[1][1]
+    assert got[2] == (b"200", b'{"tot":6,"seq":2}')

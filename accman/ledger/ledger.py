@@ -38,13 +38,17 @@ def _result(outcome):
 
 
 def checked_clock(clock_ms):
-    """`clock_ms`, each reading checked (CLOCK_MS_MAX): a wrong one is a
-    ValueError naming it, raised before anything is applied."""
+    """`clock_ms`, each reading checked (CLOCK_MS_MAX): a wrong one, or a
+    clock that raises, is a ValueError naming it, raised before anything
+    is applied."""
     def read() -> int:
-        ms = clock_ms()
+        try:
+            ms = clock_ms()
+        except Exception as e:
+            raise ValueError(f"clock_ms raised {type(e).__name__}: {e}") from e
         if type(ms) is not int or not 0 <= ms <= CLOCK_MS_MAX:
-            raise ValueError(f"clock_ms returned {ms!r}: a clock must return an int of unix "
-                             f"milliseconds from 0 to {CLOCK_MS_MAX}")
+            raise ValueError(f"clock_ms returned {ms!r:.80}: a clock must return an int of "
+                             f"unix milliseconds from 0 to {CLOCK_MS_MAX}")
         return ms
     return read
 
@@ -170,7 +174,8 @@ class Ledger:
         """Holds that expired while the ledger was closed end now, durably,
         before anyone can settle them (SPEC "Holds")."""
         book = self._book
-        while book.expire_due(self._clock_ms(), book.batch_mods_max):
+        now_ms = self._clock_ms()           # one reading: all or none of the work
+        while book.expire_due(now_ms, book.batch_mods_max):
             batch = book.seal()
             self.store.write(batch.wal)
             self.store.apply()
