@@ -14,8 +14,8 @@ from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
 # 64 callers a second connection, whether it took half of the accounts or
-# the next batch in time, halved each batch, and every batch still waits
-# for the counter row, so mods/s fell (docs/PERFORMANCE.md, "PostgreSQL");
+# the next batch in time, made the batches smaller, and every batch still
+# waits for the counter row, so mods/s fell (docs/PERFORMANCE.md, "PostgreSQL");
 # a second front-end is what adds throughput.
 WRITE_LANES = 1
 # Read connections per cluster (the batched /tot query, /past pages, event
