@@ -212,7 +212,7 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
 # before autoanalyze first ran) is cached for the connection's life, and a
 # hash join over a sequential scan of accman_accounts then costs each batch
 # and each /tot a scan of every account (measured: 2.7k charges/s instead
-# of 14k, with 100k accounts).  A scan that no index can serve (the one-row
+# of 14-16k, with 100k accounts).  A scan that no index can serve (the one-row
 # counter) still runs, at a cost the planner only counts high; JIT, which
 # such a cost would wake on every call, is off (these statements are small).
 SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
