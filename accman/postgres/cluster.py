@@ -18,9 +18,15 @@ from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
 # waits for the counter row, so mods/s fell (docs/PERFORMANCE.md, "PostgreSQL");
 # a second front-end is what adds throughput.
 WRITE_LANES = 1
-# Read connections per cluster (the batched /tot query, /past pages, event
-# reads): two, so that a /past page never waits behind a /tot batch.
-READ_POOL_CONNECTIONS_MAX = 2
+# /tot queries of one cluster in flight at once: a second starts once as
+# many reads wait as the first carries, so that the queries stay large and
+# a read waits for less than two round trips (docs/PERFORMANCE.md,
+# "PostgreSQL": /tot at 64 connections 1.03-1.07x one query at a time).
+READ_BATCHES_MAX = 2
+# Read connections per cluster (the batched /tot queries, /past pages, event
+# reads): one more than READ_BATCHES_MAX, so that a /past page never waits
+# behind the /tot queries in flight.
+READ_POOL_CONNECTIONS_MAX = READ_BATCHES_MAX + 1
 _APPLY_SQL = "SELECT * FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
 
@@ -65,7 +71,8 @@ class Cluster:
         self.lanes = [Lane() for _ in range(WRITE_LANES)]
         self.pool = None
         self.reads: list = []              # (hid, done)
-        self.reading = False
+        self.readers = 0                   # /tot queries running or about to
+        self.reads_flying = 0              # reads in the /tot queries in flight
         self.reconnecting = False
         # Batches the database refused in a row (E.FAILED): each makes the
         # store wait twice as long before it takes writes again.
@@ -85,6 +92,13 @@ class Cluster:
     @property
     def healthy(self) -> bool:
         return self.error is None
+
+    def another_reader(self) -> bool:
+        """Whether a /tot read just queued starts a query of its own: the
+        first, or another (up to READ_BATCHES_MAX) once as many reads wait
+        as the queries in flight carry."""
+        return self.readers == 0 or (self.readers < READ_BATCHES_MAX
+                                     and len(self.reads) >= self.reads_flying)
 
     def note_counts(self, counts) -> None:
         """accman_counter's (last event id, accounts, open holds, holds

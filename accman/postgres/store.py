@@ -8,8 +8,9 @@ Group commit at the database: the calls of one loop turn go to a cluster as
 one call of accman_apply (one transaction, one round trip), and are
 answered only after that commit returned; the next batch fills while one is
 in flight.  Unordered /tot reads of a loop turn go as one query on a read
-connection.  Everything a batch judges (min, overflow, keys, seq, holds) is
-judged in the database against rows it has locked (accman.postgres.schema).
+connection (a second beside it once as many wait: Cluster.another_reader).
+Everything a batch judges (min, overflow, keys, seq, holds) is judged in
+the database against rows it has locked (accman.postgres.schema).
 
 Accounts spread over the clusters by rendezvous hashing of the account id
 with each cluster's id: adding a cluster moves only the accounts that now
@@ -357,8 +358,8 @@ class PgStore:
         if len(cluster.reads) >= QUEUED_READS_MAX:
             raise Busy(f"{QUEUED_READS_MAX} reads are waiting for the database; retry shortly")
         cluster.reads.append((hid, done))
-        if not cluster.reading:
-            cluster.reading = True
+        if cluster.another_reader():
+            cluster.readers += 1
             self._spawn(self._read_tots(cluster))
         return None
 
@@ -368,6 +369,7 @@ class PgStore:
             while cluster.reads:
                 taken = cluster.reads[:READ_BATCH_MAX]
                 del cluster.reads[:READ_BATCH_MAX]
+                cluster.reads_flying += len(taken)
                 try:
                     tots = await cluster.pool.fetchval(_TOT_SQL, [h for h, _ in taken],
                                                        timeout=READ_TIMEOUT_S)
@@ -375,11 +377,13 @@ class PgStore:
                     error = Unavailable(E.read_detail(e))
                     self._deliver([(done, error) for _, done in taken])
                     continue
+                finally:
+                    cluster.reads_flying -= len(taken)
                 self._deliver([(done, t if t is not None else B.no_account())
                                for (_, done), t in zip(taken, tots, strict=True)])
                 await asyncio.sleep(0)
         finally:
-            cluster.reading = False
+            cluster.readers -= 1
 
     def read_past(self, cred, limit, before, done, ordered=False):
         check_past(limit, before)

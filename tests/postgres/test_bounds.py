@@ -135,6 +135,56 @@ def test_two_write_lanes_keep_each_account_in_order(pg_url, monkeypatch):
     run(main())
 
 
+async def queries_waiting(url, like="%") -> int:
+    """The queries (LIKE `like`) that wait for a lock in the database."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE $1", like)
+    finally:
+        await conn.close()
+
+
+def tot_queries_waiting(url):
+    return queries_waiting(url, "SELECT array_agg(a.tot%")
+
+
+def test_a_second_tot_query_goes_out_while_one_waits(pg_url):
+    """READ_BATCHES_MAX: while a /tot query waits in the database, the reads
+    queued behind it go as a second one, and no more than that: a third
+    read waits for one of them.  All are answered once the database is."""
+    assert cluster_module.READ_BATCHES_MAX == 2
+    assert cluster_module.READ_POOL_CONNECTIONS_MAX == 3
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            await asyncio.gather(*(c.mod(f"t{i}", i + 1) for i in range(3)))
+            async with locked(pg_url, "accman_accounts"):
+                reads = [asyncio.ensure_future(c.tot("t0"))]
+                await until_async(lambda: tot_queries_waiting(pg_url), 1)
+                reads.append(asyncio.ensure_future(c.tot("t1")))
+                await until_async(lambda: tot_queries_waiting(pg_url), 2)
+                reads.append(asyncio.ensure_future(c.tot("t2")))
+                await asyncio.sleep(0.3)
+                assert await tot_queries_waiting(pg_url) == 2
+                assert not any(r.done() for r in reads)
+                # A /past page has a connection of its own beside them (it
+                # waits for the same lock, as a query of its own).
+                page = asyncio.ensure_future(c.past("t0"))
+                await until_async(lambda: queries_waiting(pg_url), 3)
+            assert await asyncio.gather(*reads) == [1, 2, 3]
+            assert [e.tot for e in (await page).entries] == [1]
+    run(main())
+
+
+async def until_async(count, want, timeout_s=10):
+    deadline = time.monotonic() + timeout_s
+    while (got := await count()) != want:
+        assert time.monotonic() < deadline, f"{got} of {want} within {timeout_s} s"
+        await asyncio.sleep(0.02)
+
+
 def test_a_read_that_waits_past_read_timeout_s_is_unavailable(pg_url, monkeypatch):
     """READ_TIMEOUT_S: a /tot or /past that the database does not answer in
     time is 503 unavailable, not a wait without end; the next is served."""
