@@ -18,14 +18,15 @@ from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
 # waits for the counter row, so mods/s fell (docs/PERFORMANCE.md, "PostgreSQL");
 # a second front-end is what adds throughput.
 WRITE_LANES = 1
-# /tot queries of one cluster in flight at once: a second starts once as
-# many reads wait as the first carries, so that the queries stay large and
-# a read waits for less than two round trips (docs/PERFORMANCE.md,
-# "PostgreSQL": /tot at 64 connections 1.03-1.07x one query at a time).
+# /tot queries of one cluster in flight at once: a second reader starts once
+# as many reads wait as the first query carries (once running, a reader
+# takes what is queued each time its query returns), so that a read waits
+# for less than two round trips (docs/PERFORMANCE.md, "PostgreSQL": /tot
+# at 64 connections 1.03-1.07x one query at a time).
 READ_BATCHES_MAX = 2
 # Read connections per cluster (the batched /tot queries, /past pages, event
-# reads): one more than READ_BATCHES_MAX, so that a /past page never waits
-# behind the /tot queries in flight.
+# reads): one more than READ_BATCHES_MAX, so that a /past page does not
+# wait behind the /tot queries alone (upkeep and event reads share it).
 READ_POOL_CONNECTIONS_MAX = READ_BATCHES_MAX + 1
 _APPLY_SQL = "SELECT * FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
