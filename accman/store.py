@@ -46,6 +46,11 @@ accman.ledger._ledger.Lane): the same mods and /tot reads as `submit` and
 server's compiled code (ext/pipeline.pyx) without a Python call, an
 outcome object or a callback per request.  A store without one (PostgreSQL)
 is called through the methods below alone.
+
+A store that keeps no cursors of its own has `keep_events_after(id)`: the
+events after `id` are kept past the retention (the webhook's saved cursor,
+accman.server.webhooks).  One that keeps them (PostgreSQL's `cursors`)
+keeps the events after each cursor by itself.
 """
 
 from __future__ import annotations

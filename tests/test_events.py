@@ -410,6 +410,30 @@ def test_the_newest_event_is_never_trimmed(path, clock):
         assert [e.id for e in led.events(after=4)[0]] == [5, 6]
 
 
+def test_events_after_the_kept_id_outlive_the_retention_until_it_moves(path, clock):
+    """A webhook's saved cursor (accman serve --webhook): the events after
+    it wait for its receiver whatever their age."""
+    with Ledger(path, clock_ms=clock, events_retention_s=0.5, events_kept_after=3) as led:
+        for _ in range(6):
+            led.mod("a", 1)
+        clock.advance(60)
+        wait_for(lambda: led.stats["events_first"] == 4)
+        time.sleep(1.2)                                     # two more passes
+        assert led.stats["events_first"] == 4
+        assert [e.id for e in led.events(after=3)[0]] == [4, 5, 6]
+        with pytest.raises(ValueError, match="^events_kept_after must be an event id"):
+            led.keep_events_after(-2)
+        led.keep_events_after(5)
+        wait_for(lambda: led.stats["events_first"] == 6)
+        led.keep_events_after(0)
+        led.mod("a", 1)
+        clock.advance(60)
+        time.sleep(1.2)
+        assert led.stats["events_first"] == 6               # 6 and 7 kept
+        led.keep_events_after(None)                         # the retention alone
+        wait_for(lambda: led.stats["events_first"] == 7)    # the newest stays
+
+
 def test_trimming_deletes_events_trim_max_a_pass_and_keeps_up(path, clock, monkeypatch):
     """A pass deletes at most EVENTS_TRIM_MAX events records (the lock is
     never held long); a full pass is followed by the next one at once.  It

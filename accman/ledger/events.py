@@ -7,9 +7,12 @@ This log keeps the newest durable events in memory (EVENTS_RING_MAX), reads
 older ones from LevelDB (accman.ledger.eventrecords), answers long polls
 without a thread or a timer of its own per waiter beyond one loop timer
 handle (EVENTS_WAITERS_MAX of them), and finds the events records past the
-retention for the writer to delete.  LevelDB may lag the durable events by
-a few batches (accman.ledger.commit): the ring holds far more than that,
-so what is read from LevelDB is always there.
+retention for the writer to delete: never one with an event after
+`kept_after`, the webhook's durably saved cursor while a server delivers
+them (SPEC "Events": the receiver never loses one), whatever its age.
+LevelDB may lag the durable events by a few batches
+(accman.ledger.commit): the ring holds far more than that, so what is
+read from LevelDB is always there.
 
 Thread use: `append` runs on the writer thread and `take`/`wait` on the
 loop, all under the committer's lock, which they are given; `fetch`, the
@@ -38,6 +41,12 @@ EVENTS_TRIM_MAX = 4096
 EVENTS_TRIM_INTERVAL_S = 60.0
 
 
+def check_kept_after(event_id) -> None:
+    if event_id is not None and (type(event_id) is not int or event_id < 0):
+        raise ValueError(f"events_kept_after must be an event id, 0 or more, or None; "
+                         f"got {event_id!r}")
+
+
 def event_of(event_id: int, kind: int, hid: bytes, seq: int, by: int, tot: int, at: int,
              key: str | None, hold: int | None) -> Event:
     """An Event of a decoded change (_ledger.decode_changes)."""
@@ -45,7 +54,8 @@ def event_of(event_id: int, kind: int, hid: bytes, seq: int, by: int, tot: int, 
 
 
 class EventLog:
-    def __init__(self, store, lock, first: int, last: int, retention_s: float):
+    def __init__(self, store, lock, first: int, last: int, retention_s: float,
+                 kept_after: int | None = None):
         self.store = store
         self.lock = lock
         self.first = first          # the oldest id kept, 0: none yet
@@ -58,12 +68,20 @@ class EventLog:
         self.waiters: dict = {}     # id(waiter) -> [after, limit, done, timer, loop]
         self.waits_ended = False    # end_waits was called: no read waits from now on
         self.trimmed = 0
+        self.kept_after = kept_after    # None: the retention alone trims
 
     @classmethod
-    def open(cls, store, lock, retention_s: float) -> "EventLog":
+    def open(cls, store, lock, retention_s: float, kept_after: int | None) -> "EventLog":
         meta = store.get(_ledger.EVENTS_META_KEY)
         first, last = _ledger.unpack_events_meta(meta) if meta is not None else (0, 0)
-        return cls(store, lock, first, last, retention_s)
+        return cls(store, lock, first, last, retention_s, kept_after)
+
+    def keep_after(self, event_id: int | None) -> None:
+        """Events after `event_id` are kept whatever their age (None: the
+        retention alone); from any thread."""
+        check_kept_after(event_id)
+        with self.lock:
+            self.kept_after = event_id
 
     # -- the writer's side (under the lock) ---------------------------------------
 
@@ -98,7 +116,8 @@ class EventLog:
         first = self.first
         full = False
         for key, _, last, newest_at in eventrecords.spans(self.store, first):
-            if last >= self.last or newest_at >= cutoff:
+            if last >= self.last or newest_at >= cutoff or (
+                    self.kept_after is not None and last > self.kept_after):
                 break
             if out and last - self.first + 1 > EVENTS_TRIM_MAX:
                 full = True

@@ -12,7 +12,7 @@ import time
 from accman.errors import AccManError, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
 from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
-from accman.ledger.events import EventLog
+from accman.ledger.events import EventLog, check_kept_after
 from accman.ledger.gate import CLOSING_DETAIL, Gate
 from accman.ledger.leveldb import Store
 from accman.limits import (CLOCK_MS_MAX, EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT,
@@ -73,7 +73,10 @@ class Ledger:
     `low_balance`: the threshold under which an account's balance emits a
     `low_balance` event, for accounts whose funding set none;
     `events_retention_s`: how long events are kept at least (up to
-    EVENTS_RETENTION_S_MAX); `batch_mods_max`, `queued_mods_max`,
+    EVENTS_RETENTION_S_MAX); `events_kept_after`: an event id after which
+    events are kept whatever their age, until `keep_events_after(id)` moves
+    it (a webhook's saved cursor; None, the default: the retention alone
+    trims); `batch_mods_max`, `queued_mods_max`,
     `holds_max` and `holds_per_account_max` lower the bounds of limits.py
     (tests); `clock_ms`, unix milliseconds, is the clock of changes and
     expiries.  A wrong option is ValueError, before the directory is
@@ -113,7 +116,7 @@ class Ledger:
                  store: Store | None = None, low_balance: int | None = None,
                  events_retention_s: float = EVENTS_RETENTION_S_DEFAULT,
                  holds_max: int | None = None, holds_per_account_max: int | None = None,
-                 clock_ms=None):
+                 clock_ms=None, events_kept_after: int | None = None):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
         if type(create) is not bool:
@@ -124,6 +127,7 @@ class Ledger:
         check_options(low_balance=low_balance, events_retention_s=events_retention_s,
                       batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
                       holds_max=holds_max, holds_per_account_max=holds_per_account_max)
+        check_kept_after(events_kept_after)
         self.store = store if store is not None else Store(
             path, create=create, check_files=(verify != "none"))
         self.path = self.store.path
@@ -135,7 +139,8 @@ class Ledger:
             ("holds_max", holds_max), ("holds_per_account_max", holds_per_account_max))
             if value is not None}
         try:
-            self._events = EventLog.open(self.store, lock, events_retention_s)
+            self._events = EventLog.open(self.store, lock, events_retention_s,
+                                         events_kept_after)
             self._book = self._load(verify, limits, low_balance)
             self._expire_at_open()
         except BaseException:
@@ -147,6 +152,7 @@ class Ledger:
         self._reading = self._gate.reading
         self.tot = self._book.tot
         self.submit = self._committer.submit
+        self.keep_events_after = self._events.keep_after
         # accman/store.py: the server's compiled Pipelines take mods and
         # /tot reads through it, without a Python call per request.
         self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL, clock_ms is None)

@@ -36,9 +36,12 @@ _ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), 
              "next_event - 1 FROM accman_counter")
 # Keeps a contiguous run of the newest events: everything below the first
 # event younger than the cutoff goes (the newest event always stays), and on
-# a cluster that is not the home, nothing past what is copied ($2).
+# a cluster that is not the home, nothing past what is copied ($2); nothing
+# past a cursor of the store either (the webhook's, on the home: its
+# receiver has not acknowledged what is after it, whatever its age).
 # Returns how many went, and the newest of them.
-_TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id < coalesce("
+_TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id <= coalesce("
+             "(SELECT min(value) FROM accman_cursors), $2) AND id < coalesce("
              "(SELECT id FROM accman_events WHERE at >= $1 ORDER BY id LIMIT 1), "
              "(SELECT max(id) FROM accman_events)) RETURNING id) "
              "SELECT count(*), max(id) FROM gone")

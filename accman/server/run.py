@@ -224,9 +224,13 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
+    store_options = dict(store_options or {})
+    if webhook is not None and not store_urls:
+        # Every event is kept until the deliverer has loaded its cursor.
+        store_options.setdefault("events_kept_after", 0)
     try:
         store, where = open_store(loop, store, data_path, store_urls, verify, low_balance,
-                                  events_retention_s, store_options or {})
+                                  events_retention_s, store_options)
     except BaseException:
         asyncio.set_event_loop(None)
         loop.close()

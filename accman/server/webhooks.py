@@ -155,6 +155,10 @@ class Deliverer:
         self._ahead_said = False    # a cursor past the store's newest event, said
         # Whether this front-end delivers: always without roles (see above).
         self.leading = not hasattr(cursors, "lead")
+        # The store keeps the events after the saved cursor past its
+        # retention, told so at each save; a store that keeps the cursor
+        # itself (PostgreSQL) keeps them by it and has no such call.
+        self._keep = getattr(store, "keep_events_after", None)
         self._task = None
         self._saver = None          # the task saving the cursor, while one runs
         self._saved_at = None       # loop time the last save started
@@ -172,6 +176,8 @@ class Deliverer:
         except StoreError as e:
             raise StartupError(f"webhook: {e.detail}") from None
         self.cursor = self.seen = self.saved = loaded or 0
+        if self._keep is not None:
+            self._keep(self.saved)
         self._known = loaded is not None
         # Configured for the first time: its cursor is saved (0) as it starts,
         # so that a later start knows its receiver was waiting for what is kept.
@@ -433,6 +439,8 @@ class Deliverer:
                 continue
             self.saved = value
             self._unmarked = False
+            if self._keep is not None:
+                self._keep(value)
 
     async def _save_interval(self) -> None:
         """Until WEBHOOK_CURSOR_SAVE_INTERVAL_S after the last save started,

@@ -197,6 +197,30 @@ def test_events_trimmed(pg, pg_url):
     run(main())
 
 
+def test_a_cursor_of_the_store_keeps_the_events_after_it_past_the_retention(pg, pg_url):
+    """The webhook's cursor row holds the events its receiver has not
+    acknowledged, for every front-end's trimming, with or without a
+    --webhook of its own (accman.postgres.events)."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            for _ in range(6):
+                await c.mod("a", 1)
+            await store.cursors.save_cursor("webhook", 2)
+            pg.psql("UPDATE accman_events SET at = 0", pg_url.rsplit("/", 1)[1])
+            await store.clusters[0].events.trim(retention_s=3600)
+            with pytest.raises(EventsTrimmed) as e:
+                await c.events(after=1)
+            assert e.value.first == 3
+            events, _ = await c.events(after=2)
+            assert [x.id for x in events] == [3, 4, 5, 6]
+            await store.cursors.save_cursor("webhook", 6)
+            await store.clusters[0].events.trim(retention_s=3600)
+            with pytest.raises(EventsTrimmed) as e:
+                await c.events(after=2)
+            assert e.value.first == 6                   # the newest stays
+    run(main())
+
+
 def test_busy_when_queue_full(pg_url):
     async def main():
         async with stored(pg_url, queued_mods_max=4) as (store, c):

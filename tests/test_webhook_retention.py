@@ -1,0 +1,115 @@
+"""A webhook's receiver down for longer than the events' retention loses
+nothing (SPEC "Events": "never losing one across restarts"): the store
+keeps every event after the webhook's saved cursor whatever its age, and
+trims them by the retention once the receiver has acknowledged them.  Real
+servers on both stores, a real receiver (tests/webhook_receiver.py)."""
+
+import os
+import re
+import time
+
+from webhook_receiver import Receiver
+
+SECRET = b"retention-webhook-secret-0123456789"
+ENV = {"ACCMAN_WEBHOOK_BACKOFF_BASE_S": "0.02", "ACCMAN_WEBHOOK_BACKOFF_CAP_S": "0.2",
+       "ACCMAN_WEBHOOK_POLL_WAIT_S": "1"}
+RETENTION = "1s"
+# Several retention passes (one a second at this retention) after the
+# events are past it.
+PAST_RETENTION_S = 3.5
+WAIT_S = 30.0
+
+
+def secret_file(tmp_path):
+    path = tmp_path / "webhook.secret"
+    path.write_bytes(SECRET + b"\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def serve(start_server, tmp_path, rx, webhook=True):
+    args = ["--events-retention", RETENTION]
+    if webhook:
+        args += ["--webhook", rx.url, "--webhook-secret", secret_file(tmp_path)]
+    return start_server(data=tmp_path / "data", env=ENV, args=args)
+
+
+def event_ids(srv):
+    r = srv.get("/events?after=0")
+    assert r.status == 200, r
+    return [e["id"] for e in r.json["events"]]
+
+
+def wait_for(check, what):
+    deadline = time.monotonic() + WAIT_S
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def delivered(rx):
+    seen = []
+    for post in rx.posts:
+        if post.answered == 200:
+            seen += [i for i in post.ids if i not in seen]
+    return seen
+
+
+def metric(srv, name):
+    m = re.search(rf"(?m)^{name} (\d+)$", srv.get("/metrics").body.decode())
+    return int(m.group(1))
+
+
+def test_a_receiver_down_past_the_retention_and_a_restart_loses_nothing(start_server,
+                                                                       tmp_path):
+    with Receiver(SECRET) as rx:
+        rx.down()
+        srv = serve(start_server, tmp_path, rx)
+        for _ in range(5):
+            assert srv.mod("a", 1).status == 200
+        time.sleep(PAST_RETENTION_S)
+        assert event_ids(srv) == [1, 2, 3, 4, 5]
+        # A restart with the receiver still down: the cursor (saved at 0 as
+        # the webhook started) holds them from the start.
+        assert srv.stop() == 0
+        srv = serve(start_server, tmp_path, rx)
+        time.sleep(PAST_RETENTION_S)
+        assert event_ids(srv) == [1, 2, 3, 4, 5]
+        rx.up()
+        wait_for(lambda: delivered(rx) == [1, 2, 3, 4, 5], "the events delivered")
+        assert all(post.valid(SECRET) for post in rx.posts)
+        assert metric(srv, "accman_webhook_events_skipped_total") == 0
+        assert "trimmed" not in srv.stderr()
+        # Acknowledged and saved: the retention trims them again (the
+        # newest event always stays).
+        wait_for(lambda: srv.get("/events?after=0").status == 410, "the events trimmed")
+        assert srv.get("/events?after=0").json["first"] == 5
+
+
+def test_events_acknowledged_are_trimmed_and_the_rest_kept(start_server, tmp_path):
+    with Receiver(SECRET) as rx:
+        srv = serve(start_server, tmp_path, rx)
+        for _ in range(3):
+            assert srv.mod("a", 1).status == 200
+        wait_for(lambda: delivered(rx) == [1, 2, 3], "the first events delivered")
+        rx.down()
+        for _ in range(3):
+            assert srv.mod("a", 1).status == 200
+        # 1 to 3 acknowledged go by the retention; 4 to 6 wait for the receiver.
+        wait_for(lambda: srv.get("/events?after=0").status == 410, "1 to 3 trimmed")
+        time.sleep(PAST_RETENTION_S)
+        r = srv.get("/events?after=0")
+        assert r.status == 410 and r.json["first"] == 4
+        assert [e["id"] for e in srv.get("/events?after=3").json["events"]] == [4, 5, 6]
+        rx.up()
+        wait_for(lambda: delivered(rx) == [1, 2, 3, 4, 5, 6], "the rest delivered")
+        assert metric(srv, "accman_webhook_events_skipped_total") == 0
+
+
+def test_without_a_webhook_the_retention_alone_trims(start_server, tmp_path):
+    with Receiver(SECRET) as rx:
+        srv = serve(start_server, tmp_path, rx, webhook=False)
+        for _ in range(3):
+            assert srv.mod("a", 1).status == 200
+        wait_for(lambda: srv.get("/events?after=0").status == 410, "the events trimmed")
+        assert srv.get("/events?after=0").json["first"] == 3
