@@ -8,15 +8,20 @@ import os
 import re
 import time
 
+import pytest
+
+from accman.errors import StartupError
+from accman.server.cursors import FileCursors
+from accman.server.run import webhook_hold
 from webhook_receiver import Receiver
 
 SECRET = b"retention-webhook-secret-0123456789"
 ENV = {"ACCMAN_WEBHOOK_BACKOFF_BASE_S": "0.02", "ACCMAN_WEBHOOK_BACKOFF_CAP_S": "0.2",
        "ACCMAN_WEBHOOK_POLL_WAIT_S": "1"}
 RETENTION = "1s"
-# Several retention passes (one a second at this retention) after the
+# A retention pass (one a second at this retention) or two after the
 # events are past it.
-PAST_RETENTION_S = 3.5
+PAST_RETENTION_S = 2.5
 WAIT_S = 30.0
 
 
@@ -113,3 +118,43 @@ def test_without_a_webhook_the_retention_alone_trims(start_server, tmp_path):
             assert srv.mod("a", 1).status == 200
         wait_for(lambda: srv.get("/events?after=0").status == 410, "the events trimmed")
         assert srv.get("/events?after=0").json["first"] == 3
+
+
+def test_a_restart_without_the_webhook_keeps_its_events_until_it_is_given_up(start_server,
+                                                                            tmp_path):
+    """A --webhook forgotten at a restart loses its receiver nothing: the
+    saved cursor (a file in --data, or the store's row) still holds the
+    events; deleting it gives the receiver up, and the retention trims."""
+    with Receiver(SECRET) as rx:
+        rx.down()
+        srv = serve(start_server, tmp_path, rx)
+        for _ in range(3):
+            assert srv.mod("a", 1).status == 200
+        assert srv.stop() == 0
+        srv = serve(start_server, tmp_path, rx, webhook=False)
+        time.sleep(PAST_RETENTION_S)
+        assert event_ids(srv) == [1, 2, 3]
+        assert srv.stop() == 0
+        store = srv.store
+        if store.embedded:
+            os.unlink(tmp_path / "data" / "webhook.cursor")
+        else:
+            store.pg.psql("DELETE FROM accman_cursors WHERE name = 'webhook'",
+                          store.dbname(tmp_path / "data"))
+        srv = serve(start_server, tmp_path, rx, webhook=False)
+        wait_for(lambda: srv.get("/events?after=0").status == 410, "the events trimmed")
+        assert srv.get("/events?after=0").json["first"] == 3
+
+
+def test_the_embedded_store_s_hold_at_open_is_the_cursor_file_s(tmp_path):
+    data = tmp_path / "data"
+    assert webhook_hold(str(data), webhook=False) is None       # no directory yet
+    assert webhook_hold(str(data), webhook=True) == 0           # everything waits
+    data.mkdir()
+    assert webhook_hold(str(data), webhook=True) == 0
+    FileCursors(str(data)).save("webhook", 41)
+    assert webhook_hold(str(data), webhook=True) == 41
+    assert webhook_hold(str(data), webhook=False) == 41         # the flag forgotten
+    (data / "webhook.cursor").write_bytes(b"garbage\n")
+    with pytest.raises(StartupError, match="^webhook: the cursor file .* is damaged"):
+        webhook_hold(str(data), webhook=False)

@@ -55,6 +55,10 @@ class FakeEvents:
         self.first = 1
         self.waiters = []
         self.reads = []             # (after, limit, wait_s) of every call
+        self.kept = []              # every keep_events_after(id), in order
+
+    def keep_events_after(self, event_id):
+        self.kept.append(event_id)
 
     def add(self, n, **kw):
         start = len(self.events) + 1
@@ -643,6 +647,21 @@ def test_batches_go_on_while_the_cursor_is_saved_and_a_stop_saves_the_last(rx, t
     assert len(cursors.saves) < 6 and cursors.saves == sorted(cursors.saves)
     assert cursors.saves[-1] == 30 and d.saved == 30
     assert FileCursors(str(tmp_path)).load(CURSOR_NAME) == 30
+
+
+def test_the_store_keeps_the_events_after_the_saved_cursor_never_the_acknowledged(rx,
+                                                                                 tmp_path):
+    """What the store may trim follows the cursor as saved (durable), not
+    as acknowledged: a crash before a save resumes from the saved one."""
+    cursors = SlowCursors(str(tmp_path), 0.2)
+    limits = ServerLimits(webhook_events_per_post_max=5, webhook_poll_wait_s=1.0)
+    d = run_deliverer(with_events(30), rx, lambda d: d.cursor == 30, cursors=cursors,
+                      limits=limits)
+    # Six batches were acknowledged within the first save; none of their
+    # ids was given to the store before it was saved.
+    assert d.store.kept[0] == 0                     # loaded (none yet: 0) before the start
+    assert set(d.store.kept) <= {0} | set(cursors.saves)
+    assert d.store.kept == sorted(d.store.kept) and d.store.kept[-1] == 30
 
 
 def test_the_cursor_is_saved_at_most_once_per_interval_and_at_once_on_stop(rx, tmp_path):

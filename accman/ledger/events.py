@@ -105,7 +105,8 @@ class EventLog:
 
     def past_retention(self, now_ms: int) -> tuple[list, bool]:
         """Keys of the oldest events records whose every event is past the
-        retention (never the one of the newest event), which the writer
+        retention (never the one of the newest event, nor one with an event
+        after `kept_after`), which the writer
         deletes; `first` moves on.  A pass takes EVENTS_TRIM_MAX events at
         most (one record at least), reading only each record's span.  The
         bool is True when the pass was full: more may be past it."""

@@ -36,12 +36,13 @@ _ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), 
              "next_event - 1 FROM accman_counter")
 # Keeps a contiguous run of the newest events: everything below the first
 # event younger than the cutoff goes (the newest event always stays), and on
-# a cluster that is not the home, nothing past what is copied ($2); nothing
-# past a cursor of the store either (the webhook's, on the home: its
-# receiver has not acknowledged what is after it, whatever its age).
+# a cluster that is not the home, nothing past what is copied ($2); on the
+# home ($3), nothing past a cursor of the store (the webhook's: its
+# receiver has not acknowledged what is after it, whatever its age; other
+# clusters number their own events, which cursors do not name).
 # Returns how many went, and the newest of them.
 _TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id <= coalesce("
-             "(SELECT min(value) FROM accman_cursors), $2) AND id < coalesce("
+             "(SELECT min(value) FROM accman_cursors WHERE $3), $2) AND id < coalesce("
              "(SELECT id FROM accman_events WHERE at >= $1 ORDER BY id LIMIT 1), "
              "(SELECT max(id) FROM accman_events)) RETURNING id) "
              "SELECT count(*), max(id) FROM gone")
@@ -293,8 +294,8 @@ class EventReader:
         cutoff_ms = int((time.time() - retention_s) * 1000)
         try:
             copied = _NO_BOUND if self.home else await self.store.merger.upto(self.cluster)
-            gone, newest_gone = await self.cluster.pool.fetchrow(_TRIM_SQL, cutoff_ms, copied,
-                                                                 timeout=60.0)
+            gone, newest_gone = await self.cluster.pool.fetchrow(
+                _TRIM_SQL, cutoff_ms, copied, self.home, timeout=60.0)
         except Exception as e:
             self.store.complaints.failed(doing(self.store, "trimming events", self.cluster), e)
             return

@@ -134,6 +134,24 @@ def _loop_exception_handler(_loop, context):
     say(f"accman: event loop {what}: {context.get('message', '')}")
 
 
+def webhook_hold(data_path: str | None, webhook: bool) -> int | None:
+    """The event id after which the embedded store keeps its events past
+    the retention, from before it opens: the webhook's cursor saved in the
+    data directory, with or without --webhook this time (a flag forgotten
+    at a restart loses the receiver nothing; deleting the file gives it
+    up), 0 for a webhook with no cursor yet (everything waits for it),
+    None for neither.  A cursor file that cannot be read stops the start."""
+    from accman.server.cursors import FileCursors
+    from accman.server.webhooks import CURSOR_NAME
+    saved = None
+    if data_path is not None and os.path.isdir(data_path):
+        try:
+            saved = FileCursors(data_path).load(CURSOR_NAME)
+        except StoreError as e:
+            raise StartupError(f"webhook: {e.detail}") from None
+    return 0 if saved is None and webhook else saved
+
+
 def start_webhook(store, webhook, limits, loop, data_path):
     """The webhook's deliverer (None without a webhook), its cursor loaded
     (before a port is bound: a cursor that cannot be read is a start-up
@@ -225,9 +243,10 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
     store_options = dict(store_options or {})
-    if webhook is not None and not store_urls:
-        # Every event is kept until the deliverer has loaded its cursor.
-        store_options.setdefault("events_kept_after", 0)
+    if store is None and not store_urls:
+        kept_after = webhook_hold(data_path, webhook is not None)
+        if kept_after is not None:
+            store_options.setdefault("events_kept_after", kept_after)
     try:
         store, where = open_store(loop, store, data_path, store_urls, verify, low_balance,
                                   events_retention_s, store_options)

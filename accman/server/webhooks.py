@@ -205,6 +205,9 @@ class Deliverer:
         else:
             self.say(f"delivering to {self.config.target.where} while this front-end "
                      f"holds the role (one front-end of the store delivers)")
+        if self._keep is None and not hasattr(self.store, "cursors"):
+            self.say("this store does not keep the events the receiver has not acknowledged "
+                     "past its retention: a receiver down for longer may miss some")
         self._task = self.loop.create_task(self._run())
         if self._unmarked:
             self._saver = self.loop.create_task(self._save())

@@ -268,3 +268,22 @@ def test_a_cluster_far_behind_is_copied_in_passes_of_merge_batch_max(pg, pg_fact
             copied = [n for n in passes if n]
             assert sum(copied) == 23 and max(copied) == 5 and len(copied) >= 5
     run(main())
+
+
+def test_a_cursor_row_off_the_events_home_holds_back_no_trimming(pg, pg_factory):
+    """Cursors name ids of the store's one order, which only the home's
+    events carry; another cluster numbers its own, so a row left there
+    (a store whose home moved as it grew) keeps nothing."""
+    other, urls = two_clusters(pg, pg_factory, "cur")
+
+    async def main():
+        async with stored(urls) as (store, c):
+            for cred in far_creds(store, 40)[:3]:
+                await c.mod(cred, 5)
+            assert len(await all_events(c)) == 3            # copied to the home
+            (away,) = [k for k in store.clusters if k is not store.home]
+            await away.pool.execute("INSERT INTO accman_cursors VALUES ('webhook', 0)")
+            await away.pool.execute("UPDATE accman_events SET at = 0")
+            await away.events.trim(retention_s=3600)
+            return await away.pool.fetchval("SELECT count(*) FROM accman_events")
+    assert run(main()) == 1                                 # the newest stays
