@@ -152,6 +152,22 @@ def webhook_hold(data_path: str | None, webhook: bool) -> int | None:
     return 0 if saved is None and webhook else saved
 
 
+def hold_for_webhook(options: dict, data_path: str | None, webhook: bool) -> None:
+    """The embedded store's `events_kept_after` (webhook_hold), and a line
+    on stderr when a cursor holds events while no --webhook is given: they
+    stay in the store until it is served with one, or the file goes."""
+    kept_after = webhook_hold(data_path, webhook)
+    if kept_after is None:
+        return
+    options.setdefault("events_kept_after", kept_after)
+    if not webhook:
+        from accman.server.webhooks import CURSOR_NAME
+        say(f"accman: webhook: the cursor in {data_path} (event {kept_after}) keeps the "
+            f"events after it past the retention, and no --webhook is given: serve with "
+            f"it, or stop and delete {data_path}/{CURSOR_NAME}.cursor to give its "
+            f"receiver up")
+
+
 def start_webhook(store, webhook, limits, loop, data_path):
     """The webhook's deliverer (None without a webhook), its cursor loaded
     (before a port is bound: a cursor that cannot be read is a start-up
@@ -224,8 +240,10 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
 
     `store`, when given, is served instead of opening the ledger in `data`
     (tests inject a wrapped or faulty one this way); it is closed on the
-    way out.  `store_urls`, PostgreSQL URLs, serve that store instead; then
-    `data`, if not None, holds only the server's lock.  `webhook`
+    way out, and its events are kept for a webhook as it was opened
+    (`events_kept_after`: hold_for_webhook does not apply).  `store_urls`,
+    PostgreSQL URLs, serve that store instead; then `data`, if not None,
+    holds only the server's lock.  `webhook`
     (accman.server.webhook_config.load_config) has the events POSTed to it.
     `store_options` are more keyword arguments for the store that is
     opened (its bounds: tests reach them small)."""
@@ -239,14 +257,12 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     # Files this process makes are its own (SPEC "Access": data files 0600).
     os.umask(0o077)
     data_path = os.path.abspath(data) if data is not None else None
+    store_options = dict(store_options or {})
+    if store is None and not store_urls:
+        hold_for_webhook(store_options, data_path, webhook is not None)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
-    store_options = dict(store_options or {})
-    if store is None and not store_urls:
-        kept_after = webhook_hold(data_path, webhook is not None)
-        if kept_after is not None:
-            store_options.setdefault("events_kept_after", kept_after)
     try:
         store, where = open_store(loop, store, data_path, store_urls, verify, low_balance,
                                   events_retention_s, store_options)
