@@ -19,12 +19,21 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 HEAD_BYTES_MAX = 64 * 1024
+
+
+def secret_file(directory, secret: bytes):
+    """`--webhook-secret`'s file for `secret` in `directory`, 0600."""
+    path = directory / "webhook.secret"
+    path.write_bytes(secret + b"\n")
+    os.chmod(path, 0o600)
+    return path
 
 
 @dataclass

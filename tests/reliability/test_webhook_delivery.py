@@ -23,7 +23,7 @@ import time
 
 from accman.server.cursors import parse_cursor
 from conftest import Conn, request_bytes
-from webhook_receiver import Receiver
+from webhook_receiver import Receiver, secret_file
 
 SECRET = b"reliability-webhook-secret-0123456789"
 # Retries every 20-200 ms and short waits: the faults below last about a second.
@@ -38,16 +38,10 @@ CREDS = [f"hook-{i}" for i in range(6)]
 WAIT_S = 60.0
 
 
-def secret_file(tmp_path):
-    path = tmp_path / "webhook.secret"
-    path.write_bytes(SECRET + b"\n")
-    os.chmod(path, 0o600)
-    return path
-
-
 def start(start_server, tmp_path, rx, env=None):
     return start_server(data=tmp_path / "data", env={**ENV, **(env or {})},
-                        args=["--webhook", rx.url, "--webhook-secret", secret_file(tmp_path)])
+                        args=["--webhook", rx.url,
+                              "--webhook-secret", secret_file(tmp_path, SECRET)])
 
 
 class Mods:
