@@ -472,12 +472,11 @@ class PgStore:
         return out
 
     async def aclose(self) -> None:
-        """Waits for what is queued to commit, and the /tot reads queued to be
-        answered, then closes every connection."""
+        """Waits for what is queued to commit, then closes every connection."""
         if self._closed:
             return
-        while any(c.reads or c.reads_flying or any(lane.ops or lane.writing for lane in c.lanes)
-                  for c in self.clusters) and any(c.healthy for c in self.clusters):
+        while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
+                any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)
         self._closed = True
         for t in list(self._tasks):

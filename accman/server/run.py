@@ -173,20 +173,16 @@ def start_webhook(store, webhook, limits, loop, data_path):
     (before a port is bound: a cursor that cannot be read is a start-up
     error), not yet started.  The cursor is the store's when it keeps
     cursors (shared by its front-ends, one of which delivers), else a file
-    in the data directory (accman/server/cursors.py).  A cursor file that
-    an AccMan before PostgreSQL schema 3 left in --data is given to a store
-    that keeps cursors first, with or without a webhook."""
-    cursors = getattr(store, "cursors", None)
-    if cursors is not None and data_path is not None:
-        # With or without --webhook: the store's row holds the events
-        # after it for every front-end, where the file held nothing.
-        _adopt_cursor(cursors, data_path, loop)
+    in the data directory (accman/server/cursors.py)."""
     if webhook is None:
         return None
     from accman.server.cursors import FileCursors
     from accman.server.webhook_config import check_limits
     from accman.server.webhooks import Deliverer
     check_limits(limits)
+    cursors = getattr(store, "cursors", None)
+    if cursors is not None and data_path is not None:
+        _adopt_cursor(cursors, data_path, loop)
     if cursors is None:
         directory = getattr(store, "path", None) or data_path
         if directory is None:

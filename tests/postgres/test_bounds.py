@@ -16,7 +16,7 @@ from accman.postgres import complaints as complaints_module
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
-from .helpers import locked, opened, run, stored
+from .helpers import locked, run, stored
 
 
 def test_batch_mods_max(pg_url):
@@ -374,20 +374,3 @@ def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkey
     run(main())
     said = [r.getMessage() for r in caplog.records]
     assert said[-1] == "reconnected to the PostgreSQL store; taking writes again"
-
-
-def test_a_close_answers_the_tot_reads_queued_before_it(pg_url, monkeypatch):
-    """aclose waits for the /tot reads queued and in flight, as for the
-    mods: a caller is told, never left waiting (they were cancelled)."""
-    monkeypatch.setattr(store_module, "READ_BATCH_MAX", 4)
-
-    async def main():
-        store, _ = await opened(pg_url)
-        await store.clusters[0].pool.execute("SELECT 1")
-        outcomes = []
-        for _ in range(20):                 # five queries' worth
-            assert store.read_tot("nobody", outcomes.append) is None
-        await store.aclose()
-        return outcomes
-    outcomes = run(main())
-    assert [o.code for o in outcomes] == ["no_account"] * 20

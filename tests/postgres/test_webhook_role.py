@@ -278,25 +278,3 @@ def test_a_cursor_left_in_the_data_directory_goes_to_the_store(pg, pg_url, tmp_p
             assert (data / "webhook.cursor.adopted").exists()
         finally:
             srv.kill()
-
-
-def test_a_cursor_left_in_the_data_directory_goes_to_the_store_without_the_webhook(
-        pg_url, tmp_path):
-    """Adopted at a start without --webhook too: the store's row then holds
-    the events its receiver has not acknowledged for every front-end
-    (SERVER.md, Webhooks, "Retention"), where the file held nothing."""
-    data = tmp_path / "d"
-    data.mkdir(mode=0o700)
-    FileCursors(str(data)).save("webhook", 20)
-    srv = spawn_server(data, tmp_path / "log", args=["--store", pg_url])
-    try:
-        assert "(event 20) is now the store's" in srv.stderr()
-        assert not (data / "webhook.cursor").exists()
-        assert (data / "webhook.cursor.adopted").exists()
-    finally:
-        srv.kill()
-
-    async def saved():
-        async with stored(pg_url) as (store, _):
-            return await store.cursors.load_cursor("webhook")
-    assert run(saved()) == 20
