@@ -74,6 +74,7 @@ class Cluster:
         self.reads: list = []              # (hid, done)
         self.readers = 0                   # /tot queries running or about to
         self.reads_flying = 0              # reads in the /tot queries in flight
+        self._flying: list = []            # those queries' reads, a list each
         self.reconnecting = False
         # Batches the database refused in a row (E.FAILED): each makes the
         # store wait twice as long before it takes writes again.
@@ -100,6 +101,23 @@ class Cluster:
         as the queries in flight carry."""
         return self.readers == 0 or (self.readers < READ_BATCHES_MAX
                                      and len(self.reads) >= self.reads_flying)
+
+    def take_reads(self, most: int) -> list:
+        """The oldest `most` queued reads, for a query now in flight."""
+        taken = self.reads[:most]
+        del self.reads[:most]
+        self.reads_flying += len(taken)
+        self._flying.append(taken)
+        return taken
+
+    def landed(self, taken: list) -> None:
+        """A query of `take_reads` has its answer, or has failed."""
+        self.reads_flying -= len(taken)
+        self._flying = [batch for batch in self._flying if batch is not taken]
+
+    def unanswered_reads(self) -> list:
+        """Every /tot read queued or in flight, (hid, done) each."""
+        return self.reads + [read for batch in self._flying for read in batch]
 
     def note_counts(self, counts) -> None:
         """accman_counter's (last event id, accounts, open holds, holds

@@ -367,9 +367,7 @@ class PgStore:
         try:
             await asyncio.sleep(0)
             while cluster.reads:
-                taken = cluster.reads[:READ_BATCH_MAX]
-                del cluster.reads[:READ_BATCH_MAX]
-                cluster.reads_flying += len(taken)
+                taken = cluster.take_reads(READ_BATCH_MAX)
                 try:
                     tots = await cluster.pool.fetchval(_TOT_SQL, [h for h, _ in taken],
                                                        timeout=READ_TIMEOUT_S)
@@ -378,7 +376,7 @@ class PgStore:
                     self._deliver([(done, error) for _, done in taken])
                     continue
                 finally:
-                    cluster.reads_flying -= len(taken)
+                    cluster.landed(taken)
                 self._deliver([(done, t if t is not None else B.no_account())
                                for (_, done), t in zip(taken, tots, strict=True)])
                 await asyncio.sleep(0)
@@ -472,16 +470,19 @@ class PgStore:
         return out
 
     async def aclose(self) -> None:
-        """Waits for what is queued to commit, then closes every connection."""
+        """Waits for what is queued to commit, then closes every connection;
+        a /tot read not yet answered is told Unavailable."""
         if self._closed:
             return
         while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
                 any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)
         self._closed = True
+        reads = [done for c in self.clusters for _, done in c.unanswered_reads()]
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._deliver([(done, Unavailable("the store is closed")) for done in reads])
         await self.cursors.close()
         for c in self.clusters:
             if c.events is not None:

@@ -16,7 +16,7 @@ from accman.postgres import complaints as complaints_module
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
-from .helpers import locked, run, stored
+from .helpers import locked, opened, run, stored
 
 
 def test_batch_mods_max(pg_url):
@@ -374,3 +374,27 @@ def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkey
     run(main())
     said = [r.getMessage() for r in caplog.records]
     assert said[-1] == "reconnected to the PostgreSQL store; taking writes again"
+
+
+def test_a_close_tells_every_tot_read_it_leaves_unanswered(pg_url, monkeypatch):
+    """Reads queued, and reads whose query is in flight, when the store
+    closes: each caller is told, answered or Unavailable, once."""
+    monkeypatch.setattr(store_module, "READ_BATCH_MAX", 4)
+
+    async def main():
+        store, _ = await opened(pg_url)
+        await store.clusters[0].pool.execute("SELECT 1")
+        told = {}
+        for i in range(20):                 # five queries' worth
+            assert store.read_tot("nobody", lambda o, i=i: told.setdefault(i, []).append(o)) \
+                is None
+        for _ in range(3):                  # the first queries leave
+            await asyncio.sleep(0)
+        flying = store.clusters[0].reads_flying
+        await store.aclose()
+        return told, flying
+    told, flying = run(main())
+    assert flying > 0, "no query was in flight at the close"
+    assert sorted(told) == list(range(20)) and all(len(o) == 1 for o in told.values())
+    codes = [o[0].code for o in told.values()]
+    assert set(codes) <= {"no_account", "unavailable"} and "unavailable" in codes
