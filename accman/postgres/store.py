@@ -104,9 +104,8 @@ class PgStore:
         self.commit_s_total = 0.0
         self.last_batch_mods = 0
         self._samples: tuple[list, list] = ([], [])
-        # Where the store's events are numbered and read: the one cluster,
-        # or the events' home of several, with the merger that copies the
-        # others' events into it (accman.postgres.merge).
+        # Where the store's events are numbered and read: the one cluster, or
+        # the events' home of several, the merger copying the others' there.
         home_id = clusters_info[0].events_home if len(clusters_info) > 1 else None
         self.home = next(c for c in self.clusters
                          if home_id is None or c.cluster_id == home_id)
@@ -470,19 +469,20 @@ class PgStore:
         return out
 
     async def aclose(self) -> None:
-        """Waits for what is queued to commit, then closes every connection;
-        a /tot read not yet answered is told Unavailable."""
-        if self._closed:
-            return
+        """Waits for what is queued to commit, then closes every connection.
+        A /tot read left unanswered is told Unavailable as its query is
+        cancelled (a cancelled task never delivers)."""
         while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
                 any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)
+        if self._closed:                    # after the wait: one close of two acts
+            return
         self._closed = True
         reads = [done for c in self.clusters for _, done in c.unanswered_reads()]
         for t in list(self._tasks):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._deliver([(done, Unavailable("the store is closed")) for done in reads])
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.cursors.close()
         for c in self.clusters:
             if c.events is not None:

@@ -377,15 +377,16 @@ def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkey
 
 
 def test_a_close_tells_every_tot_read_it_leaves_unanswered(pg_url, monkeypatch):
-    """Reads queued, and reads whose query is in flight, when the store
-    closes: each caller is told, answered or Unavailable, once."""
+    """Reads queued, and reads whose queries are in flight (two, at the
+    close), when the store closes: each caller is told once, and at once,
+    before the cancelled queries' connections are cleaned up."""
     monkeypatch.setattr(store_module, "READ_BATCH_MAX", 4)
 
     async def main():
         store, _ = await opened(pg_url)
         await store.clusters[0].pool.execute("SELECT 1")
         told = {}
-        for i in range(20):                 # five queries' worth
+        for i in range(20):                 # five queries' worth, of 4 reads
             assert store.read_tot("nobody", lambda o, i=i: told.setdefault(i, []).append(o)) \
                 is None
         for _ in range(3):                  # the first queries leave
