@@ -73,8 +73,7 @@ class Cluster:
         self.pool = None
         self.reads: list = []              # (hid, done)
         self.readers = 0                   # /tot queries running or about to
-        self.reads_flying = 0              # reads in the /tot queries in flight
-        self._flying: list = []            # those queries' reads, a list each
+        self._flying: list = []            # the reads of each /tot query in flight
         self.reconnecting = False
         # Batches the database refused in a row (E.FAILED): each makes the
         # store wait twice as long before it takes writes again.
@@ -95,6 +94,11 @@ class Cluster:
     def healthy(self) -> bool:
         return self.error is None
 
+    @property
+    def reads_flying(self) -> int:
+        """Reads in the /tot queries in flight."""
+        return sum(len(batch) for batch in self._flying)
+
     def another_reader(self) -> bool:
         """Whether a /tot read just queued starts a query of its own: the
         first, or another (up to READ_BATCHES_MAX) once as many reads wait
@@ -106,13 +110,11 @@ class Cluster:
         """The oldest `most` queued reads, for a query now in flight."""
         taken = self.reads[:most]
         del self.reads[:most]
-        self.reads_flying += len(taken)
         self._flying.append(taken)
         return taken
 
     def landed(self, taken: list) -> None:
         """A query of `take_reads` has its answer, or has failed."""
-        self.reads_flying -= len(taken)
         self._flying = [batch for batch in self._flying if batch is not taken]
 
     def unanswered_reads(self) -> list:

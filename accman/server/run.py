@@ -161,11 +161,12 @@ def hold_for_webhook(options: dict, data_path: str | None, webhook: bool) -> Non
         return
     options.setdefault("events_kept_after", kept_after)
     if not webhook:
+        from accman.server.cursors import FileCursors
         from accman.server.webhooks import CURSOR_NAME
         say(f"accman: webhook: the cursor in {data_path} (event {kept_after}) keeps the "
             f"events after it past the retention, and no --webhook is given: serve with "
-            f"it, or stop and delete {data_path}/{CURSOR_NAME}.cursor to give its "
-            f"receiver up")
+            f"it, or stop and delete {FileCursors(data_path).path(CURSOR_NAME)} to give "
+            f"its receiver up")
 
 
 def start_webhook(store, webhook, limits, loop, data_path):
