@@ -15,7 +15,8 @@ from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAcc
                            NoHold, Overflow, TooManyHolds)
 from accman.limits import CRED_CHARS_MAX, HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX
 from accman.postgres import schema as S
-from accman.store import check_int64
+from accman.records import Entry
+from accman.store import Page, check_int64
 
 _CRED = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % CRED_CHARS_MAX, re.ASCII)
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % KEY_CHARS_MAX, re.ASCII)
@@ -162,3 +163,13 @@ def outcome(kind: int, code: int, tot, seq, refused: dict):
 
 def no_account():
     return NoAccount("no account has this cred")
+
+
+def past_page(hid: bytes, limit: int, rows):
+    """A /past page from the rows of one account's history query: none if
+    the account is unknown, one row of nulls if it has no history yet."""
+    if not rows:
+        return no_account()
+    entries = [Entry(*r) for r in rows if r[0] is not None]
+    nxt = entries[-1].seq if len(entries) == limit and entries[-1].seq > 1 else None
+    return Page(hid.hex(), entries, nxt)

@@ -44,8 +44,7 @@ from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import check_infos, migrate, read_infos
-from accman.records import Entry
-from accman.store import Page, check_options, check_past, run_callbacks
+from accman.store import check_options, check_past, run_callbacks
 
 log = logging.getLogger("accman.postgres")
 
@@ -99,6 +98,7 @@ class PgStore:
         self._deliver = run_callbacks
         self._closed = False
         self._tasks: set = set()
+        self._pasts: set = set()           # unordered /past ops whose query flies
         self.batches = 0
         self.mods = 0
         self.commit_s_total = 0.0
@@ -391,6 +391,7 @@ class PgStore:
         else:
             if self._closed:
                 raise Unavailable("the store is closed")
+            self._pasts.add(op)
             self._spawn(self._past(op, cluster.pool))
         return None
 
@@ -399,14 +400,11 @@ class PgStore:
         try:
             rows = await conn.fetch(_PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
         except Exception as e:
-            self._deliver([(op.done, Unavailable(E.read_detail(e)))])
-            return
-        if not rows:
-            self._deliver([(op.done, B.no_account())])
-            return
-        entries = [Entry(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows if r[0] is not None]
-        nxt = entries[-1].seq if len(entries) == op.by and entries[-1].seq > 1 else None
-        self._deliver([(op.done, Page(op.hid.hex(), entries, nxt))])
+            page = Unavailable(E.read_detail(e))
+        else:
+            page = B.past_page(op.hid, op.by, rows)
+        self._pasts.discard(op)
+        self._deliver([(op.done, page)])
 
     # -- events --------------------------------------------------------------------------
 
@@ -470,8 +468,8 @@ class PgStore:
 
     async def aclose(self) -> None:
         """Waits for what is queued to commit, then closes every connection.
-        A /tot read left unanswered is told Unavailable as its query is
-        cancelled (a cancelled task never delivers)."""
+        A /tot or /past read left unanswered is told Unavailable as its
+        query is cancelled (a cancelled task never delivers)."""
         while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
                 any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)
@@ -479,6 +477,7 @@ class PgStore:
             return
         self._closed = True
         reads = [done for c in self.clusters for _, done in c.unanswered_reads()]
+        reads += [op.done for op in self._pasts]
         for t in list(self._tasks):
             t.cancel()
         self._deliver([(done, Unavailable("the store is closed")) for done in reads])

@@ -376,10 +376,11 @@ def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkey
     assert said[-1] == "reconnected to the PostgreSQL store; taking writes again"
 
 
-def test_a_close_tells_every_tot_read_it_leaves_unanswered(pg_url, monkeypatch):
-    """Reads queued, and reads whose queries are in flight (two, at the
-    close), when the store closes: each caller is told once, and at once,
-    before the cancelled queries' connections are cleaned up."""
+def test_a_close_tells_every_read_it_leaves_unanswered(pg_url, monkeypatch):
+    """/tot reads queued, and reads whose queries are in flight (two, at
+    the close), and /past reads in flight, when the store closes: each
+    caller is told once, and at once, before the cancelled queries'
+    connections are cleaned up."""
     monkeypatch.setattr(store_module, "READ_BATCH_MAX", 4)
 
     async def main():
@@ -389,13 +390,17 @@ def test_a_close_tells_every_tot_read_it_leaves_unanswered(pg_url, monkeypatch):
         for i in range(20):                 # five queries' worth, of 4 reads
             assert store.read_tot("nobody", lambda o, i=i: told.setdefault(i, []).append(o)) \
                 is None
+        for i in range(20, 23):
+            assert store.read_past("nobody", 10, None,
+                                   lambda o, i=i: told.setdefault(i, []).append(o)) is None
         for _ in range(3):                  # the first queries leave
             await asyncio.sleep(0)
         flying = store.clusters[0].reads_flying
         await store.aclose()
         return told, flying
     told, flying = run(main())
-    assert flying > 0, "no query was in flight at the close"
-    assert sorted(told) == list(range(20)) and all(len(o) == 1 for o in told.values())
+    assert flying > 0, "no /tot query was in flight at the close"
+    assert sorted(told) == list(range(23)) and all(len(o) == 1 for o in told.values())
     codes = [o[0].code for o in told.values()]
-    assert set(codes) <= {"no_account", "unavailable"} and "unavailable" in codes
+    assert set(codes) <= {"no_account", "unavailable"} and "unavailable" in codes[:20]
+    assert "unavailable" in codes[20:], "no /past query was in flight at the close"
