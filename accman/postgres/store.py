@@ -308,8 +308,7 @@ class PgStore:
                         self._named(cluster), E.describe(exc), E.where(exc))
         cluster.error = E.describe(exc)
         cluster.losses += 1
-        for lane in cluster.lanes:
-            lane.drop()
+        cluster.drop(Unavailable(E.read_detail(exc)) if E.classify(exc) == E.UNKNOWN else None)
         if not cluster.reconnecting and not self._closed:
             cluster.reconnecting = True
             self._spawn(self._reconnect(cluster))

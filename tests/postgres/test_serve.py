@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, assert_error, get, patch, run_accman, server_env, spawn_server
+from conftest import (ROOT, assert_error, get, patch, request_bytes, run_accman, server_env,
+                      spawn_server)
 
 from accman.client import AccManClient
 from accman.postgres.schema import SCHEMA_VERSION
@@ -65,7 +66,8 @@ OUTAGE_LOG = re.compile(
 def test_an_outage_is_said_plainly_and_once(pg_factory, tmp_path):
     """PostgreSQL stopped (pg_ctl) under a running front-end, then started:
     every 503 says in AccMan's words that the store cannot be reached or
-    lost its connection, never the driver's (a class, an errno, a call);
+    lost its connection, never the driver's (a class, an errno, a call), a
+    long poll waiting then among them;
     stderr has one line when it goes (the error's type and place, not its
     message) and one when it is back, and no traceback however long it
     lasts; the URL's password is nowhere."""
@@ -74,9 +76,14 @@ def test_an_outage_is_said_plainly_and_once(pg_factory, tmp_path):
     srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", url])
     try:
         assert srv.mod("a", 5).json == {"tot": 5, "seq": 1}
+        poll = srv.connect(timeout=5)
+        poll.send(request_bytes("GET", "/events?after=1&wait=60"))
+        time.sleep(0.3)                     # waiting when the database goes
         pg.stop()
         wait_for(lambda: health(srv) == 503, 10, "/health 503 with PostgreSQL stopped")
-        details = []
+        # Told at once, as a poll made now is, not at its deadline.
+        details = [assert_error(poll.response(), 503, "unavailable")["detail"]]
+        poll.close()
         for _ in range(4):          # 4 s: asyncpg's pool retried at 1, 2 and 4 s
             for r in (srv.mod("a", 1), srv.patch("/hold?cred=a&by=-1&ttl=60"),
                       srv.patch("/settle?cred=a&hold=1&use=0"), srv.get("/tot?cred=a"),
