@@ -335,15 +335,16 @@ cdef inline bint ci_prefix(const unsigned char* s, Py_ssize_t n, const char* low
 cdef bint host_is_loopback(const unsigned char* h, Py_ssize_t n) noexcept nogil:
     """True when the uri-host [":" port] h[0:n] names this machine by a
     loopback name: localhost, 127.x.y.z or [::1] (SPEC "Access": with no
-    tokens configured, nothing else is answered)."""
+    tokens configured, nothing else is answered).  The port may be empty
+    (RFC 3986 3.2.3: the same as none)."""
     cdef Py_ssize_t i, end = n, dots = 0, digits = 0, octet = 0
     if n >= 5 and memcmp(h, b"[::1]", 5) == 0:
-        return n == 5 or (h[5] == c':' and _all_digits(h + 6, n - 6))
+        return n == 5 or (h[5] == c':' and (n == 6 or _all_digits(h + 6, n - 6)))
     i = n - 1
     while i >= 0 and c'0' <= h[i] <= c'9':
         i -= 1
-    if i >= 0 and h[i] == c':' and i < n - 1:
-        end = i                     # a port
+    if i >= 0 and h[i] == c':':
+        end = i                     # a port, or an empty one
     if end == 9 and ci_equal(h, b"localhost", 9):
         return True
     if not ci_prefix(h, end, b"127.", 4):

@@ -106,7 +106,8 @@ cdef class Request:
     is that error, and the query values are left at their defaults (cred,
     min, key, before, low None; by, ttl, hold, after, wait 0; use -1; limit
     PAST_LIMIT_DEFAULT).  `token` is the Bearer token of the Authorization
-    header (None if absent, malformed or repeated), `keep_alive` whether the
+    header (None if absent, malformed or repeated; `auth_fault` then says
+    which of the last two, for the 401's detail), `keep_alive` whether the
     connection stays open after the reply, `http10` whether the request was
     HTTP/1.0, `head` whether it was a HEAD (answered as its GET, without
     the body), `loopback_host` whether its Host (or absolute-form
@@ -524,12 +525,15 @@ cdef class Parser:
 
     cdef int _authorization(self, const unsigned char* v, Py_ssize_t n) except -1:
         """`Bearer <b64token>` (RFC 6750 2.1) sets the request's token.  A
-        malformed or repeated Authorization leaves it None: the server's 401."""
+        malformed or repeated Authorization leaves it None, and says which in
+        `auth_fault`: the detail of the server's 401."""
         cdef Py_ssize_t i = 6, a
         self._req.token = None
         if self._auth_seen:
+            self._req.auth_fault = "a request must have at most one Authorization header"
             return 0
         self._auth_seen = True
+        self._req.auth_fault = "the Authorization header must be Bearer, a space and a token"
         if n < 8 or not ci_equal(v, b"bearer", 6) or v[6] != SP:
             return 0
         while i < n and v[i] == SP:
@@ -544,6 +548,7 @@ cdef class Parser:
         if i != n:
             return 0
         self._req.token = (<const char*>v)[a:n]
+        self._req.auth_fault = None
         return 0
 
     cdef int _content_length(self, const unsigned char* v, Py_ssize_t n, list out) except -1:

@@ -227,7 +227,7 @@ def test_without_tokens_a_non_loopback_host_is_refused(shared_server, cred, host
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost:9", "LOCALHOST", "[::1]:80",
-                                  "127.8.9.10"])
+                                  "127.8.9.10", "127.0.0.1:"])
 def test_without_tokens_a_loopback_host_is_served(shared_server, host):
     with shared_server.connect() as c:
         c.send(request_bytes("GET", "/health", [("Host", host)]))

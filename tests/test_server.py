@@ -510,6 +510,20 @@ def test_a_wrong_token_is_401(token_server, cred):
         assert "Bearer" in r.headers["www-authenticate"]
 
 
+@pytest.mark.parametrize("headers,says", [
+    ([], "this call needs an Authorization: Bearer token"),
+    ([("Authorization", "Basic dXNlcjpwYXNz")],
+     "the Authorization header must be Bearer, a space and a token"),
+    ([("Authorization", f"Bearer {TOKENS['read']} extra")],
+     "the Authorization header must be Bearer, a space and a token"),
+    ([("Authorization", f"Bearer {TOKENS['read']}")] * 2,
+     "a request must have at most one Authorization header"),
+    ([("Authorization", "Bearer nope-nope-nope-nope")], "the bearer token is not valid")])
+def test_a_401_says_what_is_wrong_with_the_authorization(token_server, cred, headers, says):
+    r = token_server.request("GET", f"/tot?cred={cred}", headers=headers)
+    assert assert_error(r, 401, "unauthorized")["detail"] == says
+
+
 def test_roles(token_server, cred):
     t = TOKENS
     assert_error(token_server.mod(cred, 10, token=t["read"]), 403, "forbidden")

@@ -474,14 +474,33 @@ def test_absolute_form_is_accepted(target):
     (b"LocalHost:80", True), (b"[::1]", True), (b"[::1]:8080", True),
     (b"127.0.0.1.evil.example", False), (b"127.0.0", False), (b"127.0.0.256", False),
     (b"localhost.evil.example", False), (b"evil.example", False), (b"10.0.0.1", False),
-    (b"[::2]", False), (b"1270.0.0.1", False), (b"", False), (b"127.0.0.1:", False)])
+    (b"[::2]", False), (b"1270.0.0.1", False), (b"", False), (b"127.0.0.1:", True),
+    (b"[::1]:", True), (b"localhost:", True), (b"evil.example:", False), (b"127.0.0.:1", False)])
 def test_loopback_host(host, loopback):
     """SPEC "Access": with no tokens, only a loopback Host is answered (the
     server checks loopback_host); the absolute form's authority counts
-    instead of Host.  (A Host that is not host[:port], such as [::1]x or
-    localhost:8x, is a 400 before that: HARD.)"""
+    instead of Host.  An empty port is no port (RFC 3986 3.2.3).  (A Host
+    that is not host[:port], such as [::1]x or localhost:8x, is a 400
+    before that: HARD.)"""
     req = run(R(b"GET /tot?cred=a HTTP/1.1", b"Host: " + host, host=False))
     assert req.loopback_host is loopback
+
+
+@pytest.mark.parametrize("headers,fault", [
+    ((), None), ((b"Authorization: Bearer tok",), None),
+    ((b"Authorization: Basic dXNlcjpwYXNz",), "must be Bearer, a space and a token"),
+    ((b"Authorization: Bearer a b",), "must be Bearer, a space and a token"),
+    ((b"Authorization: Bearer",), "must be Bearer, a space and a token"),
+    ((b"Authorization: Bearer tok", b"Authorization: Bearer tok"),
+     "a request must have at most one Authorization header")])
+def test_an_authorization_header_not_taken_says_why(headers, fault):
+    """The 401's detail (the server's): a malformed header and a repeated
+    one are told apart from a missing one."""
+    req = run(R(b"GET /tot?cred=a HTTP/1.1", *headers))
+    if fault is None:
+        assert req.auth_fault is None
+    else:
+        assert req.token is None and fault in req.auth_fault
 
 
 @pytest.mark.parametrize("host", [

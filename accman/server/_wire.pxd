@@ -17,6 +17,7 @@ cdef class Request:
     cdef public long long wait
     cdef public object low
     cdef public bytes token
+    cdef public str auth_fault
     cdef public bint keep_alive
     cdef public bint http10
     cdef public bint head

@@ -47,6 +47,7 @@ class Request:
     wait: int
     low: int | None
     token: bytes | None
+    auth_fault: str | None
     keep_alive: bool
     http10: bool
     head: bool
