@@ -12,8 +12,9 @@ MOD_LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                          0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Powers of four up to limits.BATCH_MODS_MAX (4096).
 BATCH_SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
-# One batch made durable (its synced write-ahead log record, then LevelDB):
-# ~0.2 ms on this machine's disk, far more on a slow or failing one.
+# One batch made durable (its synced write-ahead log record; LevelDB gets it
+# after the replies): ~0.2 ms on a local SSD, far more on a slow or failing
+# disk.
 FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -65,7 +66,8 @@ _KNOWN_STATS = {
     "mods": ("accman_mods_committed_total", "counter",
              "Mods made durable by committed batches."),
     "fsync_s_total": ("accman_fsync_seconds_total", "counter",
-                      "Time spent making batches durable (synced log write, then LevelDB)."),
+                      "Time spent making batches durable (the synced log write, or "
+                      "PostgreSQL's whole commit)."),
     "checkpoints": ("accman_checkpoints_total", "counter",
                     "Write-ahead log checkpoints (LevelDB's logs synced): when "
                     "the log wraps, at open and at close."),
@@ -128,7 +130,8 @@ class Metrics:
         self.batch_size.render("accman_batch_size_mods",
                                "Mods per committed write batch.", out)
         self.fsync_s.render("accman_fsync_seconds",
-                            "One batch made durable: its synced log write, then LevelDB's.", out)
+                            "One batch made durable: its synced log write, or "
+                            "PostgreSQL's whole commit.", out)
         out += [
             "# HELP accman_open_connections Client connections open now.",
             "# TYPE accman_open_connections gauge",
