@@ -213,7 +213,7 @@ def test_many_pipelined_mods_and_reads_in_one_send(shared_server, cred):
 # --- protected mode: no tokens, loopback only ----------------------------------------
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "10.0.0.1",
-                                  "127.0.0.1.nip.io", ""])
+                                  "127.0.0.1.nip.io", "", "evil.example:"])
 def test_without_tokens_a_non_loopback_host_is_refused(shared_server, cred, host):
     """SPEC "Access": a page served from another name, rebound by DNS to
     127.0.0.1, cannot move money: its requests carry that name as Host."""

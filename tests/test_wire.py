@@ -516,7 +516,8 @@ def test_every_host_of_the_uri_host_port_shape_is_taken(host):
 
 
 @pytest.mark.parametrize("authority,loopback", [(b"127.0.0.1:8080", True), (b"localhost", True),
-                                               (b"[::1]", True), (b"evil.example", False)])
+                                               (b"[::1]", True), (b"evil.example", False),
+                                               (b"127.0.0.1:", True), (b"evil.example:", False)])
 def test_absolute_form_authority_stands_for_host(authority, loopback):
     for host in (b"127.0.0.1", b"evil.example"):
         req = run(R(b"GET http://" + authority + b"/tot?cred=a HTTP/1.1", b"Host: " + host,

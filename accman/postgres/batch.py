@@ -1,5 +1,6 @@
 """A write batch for accman_apply, and its outcomes: values in, arrays out,
-codes back to outcomes.  No I/O.
+codes back to outcomes; the reads' queries, and their rows to pages.  No
+I/O.
 
 The server checks every value against the SPEC before it calls a store;
 these checks repeat the ones the store cannot do without (types and
@@ -165,9 +166,19 @@ def no_account():
     return NoAccount("no account has this cred")
 
 
+# The balances of $1's hids, in order; null for an unknown account.
+TOT_SQL = ("SELECT array_agg(a.tot ORDER BY q.n) FROM unnest($1::bytea[]) WITH ORDINALITY "
+           "AS q(hid, n) LEFT JOIN accman_accounts a ON a.hid = q.hid AND a.seq > 0")
+# One account's /past page: $1 the hid, $2 the seq to start below, $3 the
+# limit.  No row: no account; one row of nulls: an account with no history.
+PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_accounts a "
+            "LEFT JOIN LATERAL (SELECT * FROM accman_history x WHERE x.hid = a.hid "
+            "AND x.seq < $2 ORDER BY x.seq DESC LIMIT $3) h ON true "
+            "WHERE a.hid = $1 AND a.seq > 0 ORDER BY h.seq DESC")
+
+
 def past_page(hid: bytes, limit: int, rows):
-    """A /past page from the rows of one account's history query: none if
-    the account is unknown, one row of nulls if it has no history yet."""
+    """A /past page from PAST_SQL's rows."""
     if not rows:
         return no_account()
     entries = [Entry(*r) for r in rows if r[0] is not None]

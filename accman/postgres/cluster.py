@@ -117,15 +117,10 @@ class Cluster:
         """A query of `take_reads` has its answer, or has failed."""
         self._flying = [batch for batch in self._flying if batch is not taken]
 
-    def drop(self, error) -> None:
-        """The cluster is lost: each lane's writer goes, and when its
-        connection is (`error`, not None) the long polls waiting on its
-        events (the store's, on the home) are told `error` now, as a poll
-        made meanwhile is, not at their deadlines."""
+    def drop(self) -> None:
+        """The cluster is lost: each lane's writer goes."""
         for lane in self.lanes:
             lane.drop()
-        if error is not None and self.events is not None and self.events.home:
-            self.events.fail_waiters(error)
 
     def unanswered_reads(self) -> list:
         """Every /tot read queued or in flight, (hid, done) each."""

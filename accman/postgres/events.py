@@ -283,12 +283,6 @@ class EventReader:
             self.store._deliver([(w[3], await self._outcome(w[0], w[1]))])
         self._arm()
 
-    def fail_waiters(self, error) -> None:
-        """Every waiter is told `error` now (its cluster is lost)."""
-        waiting, self.waiters = self.waiters, []
-        self._arm()
-        self.store._deliver([(w[3], error) for w in waiting])
-
     def end_waits(self) -> None:
         """Every waiter is answered now, with what there is, and no read
         waits from now on."""

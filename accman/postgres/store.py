@@ -64,12 +64,6 @@ RECONNECT_BACKOFF_S_MAX = 2.0
 # cred -> (hid, cluster) cache: hashing is ~1 us, a dict hit ~50 ns.
 CRED_CACHE_MAX = 65536
 
-_TOT_SQL = ("SELECT array_agg(a.tot ORDER BY q.n) FROM unnest($1::bytea[]) WITH ORDINALITY "
-            "AS q(hid, n) LEFT JOIN accman_accounts a ON a.hid = q.hid AND a.seq > 0")
-_PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_accounts a "
-             "LEFT JOIN LATERAL (SELECT * FROM accman_history x WHERE x.hid = a.hid "
-             "AND x.seq < $2 ORDER BY x.seq DESC LIMIT $3) h ON true "
-             "WHERE a.hid = $1 AND a.seq > 0 ORDER BY h.seq DESC")
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
 
 
@@ -98,7 +92,7 @@ class PgStore:
         self._deliver = run_callbacks
         self._closed = False
         self._tasks: set = set()
-        self._pasts: set = set()           # unordered /past ops whose query flies
+        self._pasts: dict = {}             # unordered /past ops whose query flies, in order
         self.batches = 0
         self.mods = 0
         self.commit_s_total = 0.0
@@ -308,7 +302,9 @@ class PgStore:
                         self._named(cluster), E.describe(exc), E.where(exc))
         cluster.error = E.describe(exc)
         cluster.losses += 1
-        cluster.drop(Unavailable(E.read_detail(exc)) if E.classify(exc) == E.UNKNOWN else None)
+        cluster.drop()
+        if self.home.events is not None:    # long polls read again, told as a new one is
+            self.home.events.local_commit()
         if not cluster.reconnecting and not self._closed:
             cluster.reconnecting = True
             self._spawn(self._reconnect(cluster))
@@ -367,7 +363,7 @@ class PgStore:
             while cluster.reads:
                 taken = cluster.take_reads(READ_BATCH_MAX)
                 try:
-                    tots = await cluster.pool.fetchval(_TOT_SQL, [h for h, _ in taken],
+                    tots = await cluster.pool.fetchval(B.TOT_SQL, [h for h, _ in taken],
                                                        timeout=READ_TIMEOUT_S)
                 except Exception as e:
                     error = Unavailable(E.read_detail(e))
@@ -390,19 +386,19 @@ class PgStore:
         else:
             if self._closed:
                 raise Unavailable("the store is closed")
-            self._pasts.add(op)
+            self._pasts[op] = None
             self._spawn(self._past(op, cluster.pool))
         return None
 
     async def _past(self, op, conn) -> None:
         before = op.min if op.min is not None else 2 ** 63 - 1
         try:
-            rows = await conn.fetch(_PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
+            rows = await conn.fetch(B.PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
         except Exception as e:
             page = Unavailable(E.read_detail(e))
         else:
             page = B.past_page(op.hid, op.by, rows)
-        self._pasts.discard(op)
+        self._pasts.pop(op, None)
         self._deliver([(op.done, page)])
 
     # -- events --------------------------------------------------------------------------
@@ -466,9 +462,12 @@ class PgStore:
         return out
 
     async def aclose(self) -> None:
-        """Waits for what is queued to commit, then closes every connection.
-        A /tot or /past read left unanswered is told Unavailable as its
-        query is cancelled (a cancelled task never delivers)."""
+        """Waits for what is queued to commit while a cluster is healthy,
+        then closes every connection.  What is left unanswered is told
+        Unavailable as its task is cancelled (a cancelled task never
+        delivers): the unordered /tot and /past reads, and the calls still
+        queued; a batch in flight on a cluster just lost is told by its
+        connection's end, if that comes before the cancel."""
         while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
                 any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)
@@ -477,6 +476,7 @@ class PgStore:
         self._closed = True
         reads = [done for c in self.clusters for _, done in c.unanswered_reads()]
         reads += [op.done for op in self._pasts]
+        reads += [op.done for c in self.clusters for lane in c.lanes for op in lane.ops]
         for t in list(self._tasks):
             t.cancel()
         self._deliver([(done, Unavailable("the store is closed")) for done in reads])

@@ -176,11 +176,11 @@ class Routes:
         name = ROUTE_NAMES.get(route, "none")
         if not roles:
             conn.take_no_more()     # SPEC: a connection refused 401 is closed
-            none = req.token is None
-            detail = ("the bearer token is not valid" if not none else req.auth_fault
-                      or "this call needs an Authorization: Bearer token")
+            missing = req.token is None     # absent, malformed or repeated (auth_fault)
+            detail = ((req.auth_fault or "this call needs an Authorization: Bearer token")
+                      if missing else "the bearer token is not valid")
             return self.error(name, 401, "unauthorized", detail, replies.CLOSE,
-                              _CHALLENGE if none else _CHALLENGE_INVALID, head=req.head)
+                              _CHALLENGE if missing else _CHALLENGE_INVALID, head=req.head)
         if err is not None:
             return None             # its own error says what is wrong
         return self.error(name, 403, "forbidden",

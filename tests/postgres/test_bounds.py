@@ -8,7 +8,7 @@ import time
 import asyncpg
 import pytest
 
-from accman.errors import Busy, StoreError, Unavailable
+from accman.errors import Busy, NoAccount, StoreError, Unavailable
 from accman.postgres import PgStore
 from accman.postgres.migrate import migrate
 from accman.postgres import cluster as cluster_module
@@ -89,7 +89,9 @@ def test_lost_database_then_reconnect(pg_factory, monkeypatch):
 
 def test_stalled_commit_is_not_acknowledged(pg_factory, monkeypatch):
     """A primary whose synchronous standby is gone never finishes a commit:
-    the batch is answered Unavailable after COMMIT_TIMEOUT_S, never 200."""
+    the batch is answered Unavailable after COMMIT_TIMEOUT_S, never 200.
+    A long poll waiting meanwhile reads again when the cluster is taken as
+    lost, finds the events still readable, and waits on."""
     monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 1.0)
     primary = pg_factory(name="lonely")
     standby = primary.add_standby("gone", sync=True)
@@ -98,15 +100,21 @@ def test_stalled_commit_is_not_acknowledged(pg_factory, monkeypatch):
     async def main():
         async with stored(url) as (store, c):
             assert await c.mod("a", 5) == (5, 1)
+            poll = asyncio.ensure_future(c.events(after=1, wait_s=30))
+            await asyncio.sleep(0.3)
             standby.stop("immediate")
             with pytest.raises(Unavailable):
                 await c.mod("a", 1)
+            await asyncio.sleep(0.3)
+            assert not poll.done(), poll.result()
             standby.start()
             await until(lambda: store.healthy, 10)
             # The stalled mod committed on the primary once the standby came
             # back: outcome unknown was the honest answer.  Its key-less
             # retry would apply twice; keyed retries are what clients use.
             assert (await c.mod("a", 1, key="after"))[0] in (6, 7)
+            events, _ = await asyncio.wait_for(poll, 10)
+            assert events[0].id == 2
     run(main())
 
 
@@ -401,6 +409,29 @@ def test_a_close_tells_every_read_it_leaves_unanswered(pg_url, monkeypatch):
     told, flying = run(main())
     assert flying > 0, "no /tot query was in flight at the close"
     assert sorted(told) == list(range(23)) and all(len(o) == 1 for o in told.values())
-    codes = [o[0].code for o in told.values()]
+    codes = [told[i][0].code for i in range(23)]
     assert set(codes) <= {"no_account", "unavailable"} and "unavailable" in codes[:20]
     assert "unavailable" in codes[20:], "no /past query was in flight at the close"
+
+
+def test_a_close_with_no_cluster_healthy_tells_the_calls_still_queued(pg_url):
+    """Calls queued when their cluster is lost and the store then closes,
+    before their writer ran: each is told once that the store is closed,
+    none applied."""
+    async def main():
+        store, c = await opened(pg_url)
+        told = []
+        for i in range(3):
+            store.submit(f"q{i}", 5, done=told.append)
+        store.lost(store.clusters[0], ConnectionResetError())
+        await store.aclose()
+        return told
+    told = run(main())
+    assert [(type(o), o.detail) for o in told] == [(Unavailable, "the store is closed")] * 3
+
+    async def after():
+        async with stored(pg_url) as (_, c):
+            for i in range(3):
+                with pytest.raises(NoAccount):
+                    await c.tot(f"q{i}")
+    run(after())

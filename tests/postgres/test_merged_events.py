@@ -95,6 +95,34 @@ def test_a_long_poll_hears_a_commit_on_another_cluster(pg, pg_factory):
     run(main())
 
 
+def test_a_long_poll_is_told_at_once_when_another_cluster_is_lost(pg, pg_factory):
+    """A cluster that is not the events' home stops: a poll waiting on the
+    home is answered Unavailable within the upkeep round that notices, as
+    a poll made then is (its copy from that cluster fails), not at its
+    deadline."""
+    first = pg.create_database("lost_a")
+
+    async def seed():                       # an event on `first` makes it the home
+        async with stored(first) as (_, c):
+            await c.mod("seed", 1)
+    run(seed())
+    other = pg_factory(name="lost")
+    urls = [first, other.create_database("lost_b")]
+
+    async def main():
+        async with stored(urls) as (store, c):
+            assert store.home.url == first
+            poll = asyncio.ensure_future(c.events(after=1, wait_s=30))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            other.stop("immediate")
+            with pytest.raises(Unavailable, match="the events of a cluster cannot be copied"):
+                await asyncio.wait_for(poll, 20)
+            return time.monotonic() - t0
+    took = run(main())
+    assert took < 5, took
+
+
 def test_a_read_on_one_front_end_sees_every_write_another_answered(pg, pg_factory):
     """A mod on a cluster that is not the events' home, acknowledged by one
     front-end, is in the very next /events of another front-end: it copies

@@ -78,7 +78,7 @@ def test_an_outage_is_said_plainly_and_once(pg_factory, tmp_path):
         assert srv.mod("a", 5).json == {"tot": 5, "seq": 1}
         poll = srv.connect(timeout=5)
         poll.send(request_bytes("GET", "/events?after=1&wait=60"))
-        time.sleep(0.3)                     # waiting when the database goes
+        time.sleep(0.5)                     # waiting when the database goes
         pg.stop()
         wait_for(lambda: health(srv) == 503, 10, "/health 503 with PostgreSQL stopped")
         # Told at once, as a poll made now is, not at its deadline.
