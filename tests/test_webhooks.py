@@ -28,6 +28,7 @@ from accman.server.metrics import Metrics
 from accman.server.settings import ServerLimits
 from accman.server.webhook_http import parse_status, parse_url
 from accman.server.webhook_config import WebhookConfig, load_config, read_secret
+from accman.server import webhooks
 from accman.server.webhooks import CURSOR_NAME, Deliverer, backoff_s, batch_body, event_json
 from conftest import run_accman
 from webhook_receiver import Receiver
@@ -690,6 +691,46 @@ def test_a_stop_waits_for_a_stuck_cursor_save_at_most_one_attempt_timeout(rx, tm
     assert d.saved == 0 and FileCursors(str(tmp_path)).load(CURSOR_NAME) is None
     assert said == ["the cursor could not be saved past event 0: the events after it are "
                     "sent again at the next start"]
+
+
+def test_a_stop_ends_a_deliverer_whose_attempt_swallowed_the_cancel(rx, cursors, monkeypatch):
+    """Python 3.11's asyncio.wait_for turns a cancel that lands as its
+    inner call fails (a connection refused just then) into that failure:
+    the deliverer took it for a failed attempt and retried, and the stop
+    (so the server's) waited for it for ever.  The first attempt here
+    answers its cancel so, as wait_for did; the stop still ends."""
+    attempts = []
+
+    async def post(*_args, **_kw):
+        attempts.append(time.monotonic())
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if len(attempts) > 1:
+                raise
+            raise ConnectionRefusedError(111, "Connection refused") from None
+    monkeypatch.setattr(webhooks.webhook_http, "post", post)
+    limits = ServerLimits(webhook_poll_wait_s=1.0, webhook_backoff_base_s=0.001,
+                          webhook_backoff_cap_s=0.001)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        d = Deliverer(with_events(3)(loop), cursors, config_for(rx), limits, loop,
+                      say=lambda _line: None)
+        await d.prepare()
+        d.start()
+        while not attempts:
+            await asyncio.sleep(0.005)
+        stopping = asyncio.ensure_future(d.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=2)
+        if not done:
+            stopping.cancel()               # the old way: cancelled from outside only
+            await asyncio.wait({stopping})
+        return bool(done), len(attempts)
+    stopped, attempts_made = asyncio.run(main())
+    assert stopped, "the stop still waited 2 s after its first cancel was swallowed"
+    assert attempts_made == 2               # the first cancel swallowed, a second attempt
+    assert rx.snapshot() == []
 
 
 def test_webhook_events_per_post_max_bounds_a_post(rx, cursors):

@@ -57,6 +57,10 @@ CURSOR_NAME = "webhook"
 SIGNATURE_HEADER = "AccMan-Signature"
 IDS_HEADER = "AccMan-Event-Ids"
 USER_AGENT = f"accman/{accman.__version__}"
+# A stop cancels the deliverer again this often until it ends: Python
+# 3.11's asyncio.wait_for turns a cancel that lands as its inner call fails
+# (an attempt refused just then) into that failure, which is retried.
+STOP_RECANCEL_S = 0.05
 
 
 # --- the POST's bytes (no I/O) ------------------------------------------------------
@@ -217,12 +221,9 @@ class Deliverer:
         next start.  The cursor of the last acknowledged one is saved first
         (waiting at most one attempt's timeout for the disk)."""
         task, self._task = self._task, None
-        if task is not None:
+        while task is not None and not task.done():
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({task}, timeout=STOP_RECANCEL_S)
         self._stopping.set()
         saver = self._saver
         if saver is not None and not saver.done():
