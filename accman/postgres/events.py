@@ -93,11 +93,16 @@ class EventReader:
             merger.kick()
 
     async def stop(self) -> None:
+        """Every poll still waiting, or queued for its first read, is told
+        the store is closing (the store's close has cancelled the reads:
+        each put back what it held)."""
         if self._timer is not None:
             self._timer.cancel()
-        for w in self.waiters:
-            self.store._deliver([(w[3], Unavailable("the store is closing"))])
+        told = [w[3] for w in self.waiters]
+        told += [done for calls in self._queued.values() for _, done in calls]
         self.waiters.clear()
+        self._queued.clear()
+        self.store._deliver([(done, Unavailable("the store is closing")) for done in told])
         if self.listener is not None:
             await self.listener.close()
 
@@ -133,7 +138,17 @@ class EventReader:
                     return
 
     async def _answer_now(self, w) -> None:
-        self.store._deliver([(w[3], await self._outcome(w[0], w[1]))])
+        self.store._deliver([(w[3], await self._read_held(w))])
+
+    async def _read_held(self, w):
+        """The outcome for waiter `w`, taken out of the list while it is read
+        (so that no other round answers it too); put back if the read is
+        cancelled (the store closing), for stop() to tell."""
+        try:
+            return await self._outcome(w[0], w[1])
+        except BaseException:
+            self.waiters.append(w)
+            raise
 
     async def _page(self, after, limit):
         """(events, next) after `after`, or EventsTrimmed.  With none after
@@ -191,13 +206,16 @@ class EventReader:
     async def _first_reads(self) -> None:
         """The first read of every call queued, one query per page asked;
         each query starts after every call it answers was made."""
+        queued: dict = {}
         try:
             while self._queued:
                 queued, self._queued = self._queued, {}
+                commits = self._commits                 # heard of from now on: read again
                 failed = await self._copy_first()       # one copy for the whole batch
-                for (after, limit), calls in queued.items():
-                    commits = self._commits
+                while queued:
+                    (after, limit), calls = next(iter(queued.items()))
                     outcome = failed or await self._outcome(after, limit, copied=True)
+                    del queued[(after, limit)]
                     # Only a reader at the end waits: one past it is told
                     # at once where the stream ends, as the embedded store does.
                     waits = (isinstance(outcome, tuple) and outcome == ([], after)
@@ -211,10 +229,12 @@ class EventReader:
                         else:
                             answered.append((done, outcome))
                     self.store._deliver(answered)
-                    if self._commits != commits:
-                        self.local_commit()     # heard of during the read
+                if self._commits != commits:
+                    self.local_commit()         # a commit or a lost cluster, during the reads
                 self._arm()
         finally:
+            for page, calls in queued.items():  # not read: cancelled, for stop() to tell
+                self._queued.setdefault(page, []).extend(calls)
             self._reading = False
 
     # -- waking ----------------------------------------------------------------------
@@ -238,19 +258,23 @@ class EventReader:
         # asking the same page share one read.  A commit heard of meanwhile
         # wakes them again.
         commits = self._commits
+        taken, self.waiters = self.waiters, []
+        pages: dict = {}
+        for w in taken:
+            pages.setdefault((w[0], w[1]), []).append(w)
         try:
-            taken, self.waiters = self.waiters, []
-            pages: dict = {}
-            for w in taken:
-                pages.setdefault((w[0], w[1]), []).append(w)
             failed = await self._copy_first()
-            for (after, limit), group in pages.items():
+            while pages:
+                (after, limit), group = next(iter(pages.items()))
                 outcome = failed or await self._outcome(after, limit, copied=True)
+                del pages[(after, limit)]
                 if isinstance(outcome, tuple) and not outcome[0] and not self.ended:
                     self.waiters.extend(group)
                 else:
                     self.store._deliver([(w[3], outcome) for w in group])
         finally:
+            for group in pages.values():        # not read: cancelled, for stop() to tell
+                self.waiters.extend(group)
             self._waking = False
             self._arm()
         if self._commits != commits:
@@ -280,7 +304,7 @@ class EventReader:
             if w not in self.waiters:
                 continue
             self.waiters.remove(w)
-            self.store._deliver([(w[3], await self._outcome(w[0], w[1]))])
+            self.store._deliver([(w[3], await self._read_held(w))])
         self._arm()
 
     def end_waits(self) -> None:

@@ -404,22 +404,24 @@ class PgStore:
     # -- events --------------------------------------------------------------------------
 
     def read_events(self, after, limit, wait_s, done):
+        if self._closed:
+            raise Unavailable("the store is closed")
         return self.home.events.read(after, limit, wait_s, done)
 
     def end_wait(self, done) -> None:
         """The long poll of `done` answered now (its client has left)."""
-        if self.home.events is not None:
+        if self.home.events is not None and not self._closed:    # else stop() tells it
             self.home.events.end_wait(done)
 
     def end_waits(self) -> None:
-        """Answers every long poll now, with what it has (a server that
-        stops does not keep them waiting)."""
+        """Answers every long poll now, with what it has (a server stopping)."""
         if self.home.events is not None:
             self.home.events.end_waits()
 
-    # -- upkeep (accman.postgres.upkeep) -------------------------------------------------
-
     def _spawn(self, coro) -> None:
+        if self._closed:                    # nothing starts once closed: nothing would end it
+            coro.close()
+            return
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

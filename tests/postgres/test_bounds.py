@@ -435,3 +435,29 @@ def test_a_close_with_no_cluster_healthy_tells_the_calls_still_queued(pg_url):
                 with pytest.raises(NoAccount):
                     await c.tot(f"q{i}")
     run(after())
+
+
+def test_a_close_tells_every_long_poll_whose_read_it_cancels(pg_url):
+    """Long polls whose reads are held up (the events' table locked from
+    outside) when the store closes: one waiting, whose wake-up read runs,
+    and one in its first read.  Each is told once that the store is
+    closing, not left waiting for a read the close cancelled."""
+    async def main():
+        store, c = await opened(pg_url)
+        await c.mod("a", 5)
+        waiting = asyncio.ensure_future(c.events(after=1, wait_s=30))
+        await asyncio.sleep(0.3)
+        async with locked(pg_url, "accman_events"):
+            store.home.events.local_commit()        # its wake-up read waits on the lock
+            first = asyncio.ensure_future(c.events(after=0, wait_s=30))
+            await asyncio.sleep(0.3)
+            assert not waiting.done() and not first.done()
+            await store.aclose()
+            outcomes = await asyncio.gather(asyncio.wait_for(waiting, 5),
+                                            asyncio.wait_for(first, 5),
+                                            return_exceptions=True)
+        with pytest.raises(Unavailable, match="the store is closed"):
+            await c.events(after=0, wait_s=30)
+        return outcomes
+    outcomes = run(main())
+    assert [(type(o), str(o)) for o in outcomes] == [(Unavailable, "the store is closing")] * 2
