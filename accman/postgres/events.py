@@ -126,9 +126,10 @@ class EventReader:
         no more.  Nothing when it is not waiting."""
         for w in self.waiters:
             if w[3] is done:
-                self.waiters.remove(w)
+                # Due now: the deadline's round reads and answers it, taking
+                # it out of the list only as its read starts.
+                w[2] = time.monotonic()
                 self._arm()
-                self.store._spawn(self._answer_now(w))
                 return
         for calls in self._queued.values():
             for n, (deadline, d) in enumerate(calls):
@@ -136,9 +137,6 @@ class EventReader:
                     calls[n] = (None, d)
                     self._queued_polls -= 1
                     return
-
-    async def _answer_now(self, w) -> None:
-        self.store._deliver([(w[3], await self._read_held(w))])
 
     async def _read_held(self, w):
         """The outcome for waiter `w`, taken out of the list while it is read

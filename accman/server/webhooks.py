@@ -224,6 +224,8 @@ class Deliverer:
         while task is not None and not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=STOP_RECANCEL_S)
+        if task is not None and not task.cancelled():
+            task.result()               # an error of its own is raised, not dropped
         self._stopping.set()
         saver = self._saver
         if saver is not None and not saver.done():

@@ -441,23 +441,48 @@ def test_a_close_tells_every_long_poll_whose_read_it_cancels(pg_url):
     """Long polls whose reads are held up (the events' table locked from
     outside) when the store closes: one waiting, whose wake-up read runs,
     and one in its first read.  Each is told once that the store is
-    closing, not left waiting for a read the close cancelled."""
+    closing, not left waiting for a read the close cancelled; a read after
+    the close is refused."""
     async def main():
         store, c = await opened(pg_url)
         await c.mod("a", 5)
-        waiting = asyncio.ensure_future(c.events(after=1, wait_s=30))
-        await asyncio.sleep(0.3)
+        events, told = store.home.events, {}
+
+        def poll(name, after):
+            store.read_events(after, 100, 30, lambda o: told.setdefault(name, []).append(o))
+        poll("waiting", 1)
+        await until(lambda: len(events.waiters) == 1, 5)
         async with locked(pg_url, "accman_events"):
-            store.home.events.local_commit()        # its wake-up read waits on the lock
-            first = asyncio.ensure_future(c.events(after=0, wait_s=30))
+            events.local_commit()           # its wake-up read waits on the lock
+            poll("first", 0)                # its first read too
+            await until(lambda: not events.waiters, 5)
             await asyncio.sleep(0.3)
-            assert not waiting.done() and not first.done()
+            assert told == {}
             await store.aclose()
-            outcomes = await asyncio.gather(asyncio.wait_for(waiting, 5),
-                                            asyncio.wait_for(first, 5),
-                                            return_exceptions=True)
-        with pytest.raises(Unavailable, match="the store is closed"):
-            await c.events(after=0, wait_s=30)
-        return outcomes
-    outcomes = run(main())
-    assert [(type(o), str(o)) for o in outcomes] == [(Unavailable, "the store is closing")] * 2
+            await asyncio.sleep(0.2)        # a second answer would come by now
+        return store, told
+    store, told = run(main())
+    assert {k: [(type(o), str(o)) for o in v] for k, v in told.items()} == {
+        "waiting": [(Unavailable, "the store is closing")],
+        "first": [(Unavailable, "the store is closing")]}
+    with pytest.raises(Unavailable, match="the store is closed"):
+        store.read_events(0, 100, 30, lambda _o: None)
+
+
+def test_a_poll_ended_as_the_store_closes_is_told_once(pg_url):
+    """end_wait (its client gone) and the close in one loop turn: the poll
+    is told once, by the close, not lost with a read the close cancelled
+    before it began."""
+    async def main():
+        store, c = await opened(pg_url)
+        await c.mod("a", 5)
+        told = []
+        done = told.append                  # one object: end_wait finds the poll by it
+        store.read_events(1, 100, 30, done)
+        await until(lambda: len(store.home.events.waiters) == 1, 5)
+        store.end_wait(done)
+        await store.aclose()
+        await asyncio.sleep(0.2)
+        return told
+    told = run(main())
+    assert [(type(o), str(o)) for o in told] == [(Unavailable, "the store is closing")]
