@@ -389,6 +389,13 @@ def stores_under_test() -> list:
 
 
 def pytest_configure(config):
+    # The suite sends SIGINT to the commands it starts as a terminal's ^C
+    # would.  Started as a background job (nohup, `cmd &` in a script) it
+    # inherits SIGINT ignored, which its children would keep (the command
+    # line honours an ignored SIGINT: test_cli_output), so it takes Python's
+    # own handler back first.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers", "embedded_only(why): the test is about the embedded store itself (its "
                    "data directory, write-ahead log, verify, kill -9 of LevelDB) or serves a "
