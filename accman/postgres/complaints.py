@@ -50,3 +50,8 @@ def doing(store, what: str, cluster) -> str:
     if len(store.clusters) == 1:
         return what
     return f"{what} on cluster {cluster.index + 1}"
+
+
+def named(store, cluster) -> str:
+    """The cluster, as a log line's prefix, when the store has several."""
+    return "" if len(store.clusters) == 1 else f"cluster {cluster.index + 1}: "

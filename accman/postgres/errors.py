@@ -146,6 +146,11 @@ def read_detail(exc: BaseException) -> str:
     return f"the database cannot be read: {describe(exc)}"
 
 
+# A batch in flight when its store closed: the commit may have landed.
+CLOSED_MID_COMMIT = ("the store closed during the commit; nothing in this batch was "
+                     "acknowledged, retry with its key")
+
+
 def commit_detail(exc: BaseException, kind: str) -> str:
     """The 503 detail of a batch that did not commit, by what `classify`
     made of `exc`."""

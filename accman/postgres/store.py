@@ -39,7 +39,7 @@ from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
 from accman.postgres.cluster import Cluster
-from accman.postgres.complaints import Complaints
+from accman.postgres.complaints import Complaints, named
 from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
@@ -57,14 +57,11 @@ QUEUED_READS_MAX = 65536
 # for a synchronous standby that is gone never answers otherwise.
 COMMIT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 10.0
-# Reconnecting after a lost connection: the first retry after the minimum,
-# doubling to the maximum (a failover with Patroni takes ~10-30 s).
-RECONNECT_BACKOFF_S_MIN = 0.05
-RECONNECT_BACKOFF_S_MAX = 2.0
 # cred -> (hid, cluster) cache: hashing is ~1 us, a dict hit ~50 ns.
 CRED_CACHE_MAX = 65536
 
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
+_TOLD = object()            # an op of _flying that a close has told already
 
 
 class PgStore:
@@ -92,7 +89,7 @@ class PgStore:
         self._deliver = run_callbacks
         self._closed = False
         self._tasks: set = set()
-        self._pasts: dict = {}             # unordered /past ops whose query flies, in order
+        self._flying: dict = {}            # ops whose commit or /past query flies, in order
         self.batches = 0
         self.mods = 0
         self.commit_s_total = 0.0
@@ -236,6 +233,7 @@ class PgStore:
                 f"the store cannot commit, nothing of this call was applied: {cluster.error}"))
 
     async def _commit(self, cluster: Cluster, lane, ops: list) -> None:
+        self._flying.update(dict.fromkeys(ops))
         args = B.arrays(ops)
         t0 = time.perf_counter()
         for attempt in range(3):
@@ -254,8 +252,8 @@ class PgStore:
                     cluster.refused_in_row += 1
                 if kind != E.RETRY:         # rolled back thrice: nothing says the store is ill
                     self.lost(cluster, e)
-                detail = E.commit_detail(e, kind)
-                self._deliver([(op.done, Unavailable(detail)) for op in ops])
+                error = Unavailable(E.commit_detail(e, kind))
+                self._deliver([(op.done, error) for op in self._landed(ops)])
                 return
         cluster.refused_in_row = 0
         commit_s = time.perf_counter() - t0
@@ -272,8 +270,15 @@ class PgStore:
             else:
                 self.merger.note_commit(cluster, counts[0])
         outcome, refused = B.outcome, self._refused
-        self._deliver([(op.done, outcome(op.kind, code, tot, seq, refused))
-                       for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)])
+        told = {op: outcome(op.kind, code, tot, seq, refused)
+                for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)}
+        self._deliver([(op.done, told[op]) for op in self._landed(ops)])
+
+    def _landed(self, ops) -> list:
+        """Those of `ops` (whose commit or query flew) not yet told: a
+        close tells, and forgets, every op whose task it cancels."""
+        flying = self._flying
+        return [op for op in ops if flying.pop(op, _TOLD) is not _TOLD]
 
     def _count(self, nmods: int, commit_s: float) -> None:
         self.batches += 1
@@ -299,7 +304,7 @@ class PgStore:
         reconnected, with backoff.  Said once, however long it lasts."""
         if cluster.healthy:
             log.warning("%s%s (%s); writes are refused until the store has reconnected",
-                        self._named(cluster), E.describe(exc), E.where(exc))
+                        named(self, cluster), E.describe(exc), E.where(exc))
         cluster.error = E.describe(exc)
         cluster.losses += 1
         cluster.drop()
@@ -307,38 +312,7 @@ class PgStore:
             self.home.events.local_commit()
         if not cluster.reconnecting and not self._closed:
             cluster.reconnecting = True
-            self._spawn(self._reconnect(cluster))
-
-    def _named(self, cluster: Cluster) -> str:
-        """The cluster, for a log line, on a store of several (numbered as
-        their --store options, from 1)."""
-        return f"cluster {cluster.index + 1}: " if len(self.clusters) > 1 else ""
-
-    async def _reconnect(self, cluster: Cluster) -> None:
-        # After refused batches, a longer first wait: reconnecting succeeds
-        # at once, and the next batch would be refused again (a full disk).
-        delay = min(RECONNECT_BACKOFF_S_MIN * 2 ** min(cluster.refused_in_row, 16),
-                    RECONNECT_BACKOFF_S_MAX)
-        try:
-            while not self._closed:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_BACKOFF_S_MAX)
-                losses = cluster.losses
-                try:
-                    # Healthy (/health 200, writes taken) only once the
-                    # listener is back too: not between the two.
-                    await cluster.connect(healthy=False)
-                    await cluster.events.restart()
-                except Exception as e:
-                    cluster.error = E.describe(e)
-                    continue
-                if cluster.losses == losses:    # else lost again meanwhile: go on
-                    cluster.error = None
-                    log.warning("%sreconnected to the PostgreSQL store; taking writes again",
-                                self._named(cluster))
-                    return
-        finally:
-            cluster.reconnecting = False
+            self._spawn(upkeep.reconnect(self, cluster))
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -386,11 +360,12 @@ class PgStore:
         else:
             if self._closed:
                 raise Unavailable("the store is closed")
-            self._pasts[op] = None
+            self._flying[op] = None
             self._spawn(self._past(op, cluster.pool))
         return None
 
     async def _past(self, op, conn) -> None:
+        self._flying[op] = None             # an ordered one: now, off its lane's queue
         before = op.min if op.min is not None else 2 ** 63 - 1
         try:
             rows = await conn.fetch(B.PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
@@ -398,8 +373,8 @@ class PgStore:
             page = Unavailable(E.read_detail(e))
         else:
             page = B.past_page(op.hid, op.by, rows)
-        self._pasts.pop(op, None)
-        self._deliver([(op.done, page)])
+        if self._landed([op]):
+            self._deliver([(op.done, page)])
 
     # -- events --------------------------------------------------------------------------
 
@@ -466,10 +441,9 @@ class PgStore:
     async def aclose(self) -> None:
         """Waits for what is queued to commit while a cluster is healthy,
         then closes every connection.  What is left unanswered is told
-        Unavailable as its task is cancelled (a cancelled task never
-        delivers): the unordered /tot and /past reads, and the calls still
-        queued; a batch in flight on a cluster just lost is told by its
-        connection's end, if that comes before the cancel."""
+        Unavailable, once, as its task is cancelled: the /tot reads, the
+        calls still queued, and the batches and /past reads in flight (a
+        batch's outcome unknown: a keyed retry gets the original reply)."""
         while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
                 any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)
@@ -477,11 +451,15 @@ class PgStore:
             return
         self._closed = True
         reads = [done for c in self.clusters for _, done in c.unanswered_reads()]
-        reads += [op.done for op in self._pasts]
         reads += [op.done for c in self.clusters for lane in c.lanes for op in lane.ops]
+        closed, unknown = Unavailable("the store is closed"), Unavailable(E.CLOSED_MID_COMMIT)
+        told = [(done, closed) for done in reads]
+        told += [(op.done, closed if op.kind in (S.READ, _PAST_BARRIER) else unknown)
+                 for op in self._flying]
+        self._flying.clear()
         for t in list(self._tasks):
             t.cancel()
-        self._deliver([(done, Unavailable("the store is closed")) for done in reads])
+        self._deliver(told)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.cursors.close()
         for c in self.clusters:

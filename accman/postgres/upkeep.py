@@ -1,5 +1,6 @@
 """A PostgreSQL store's upkeep, on its loop: due holds ended in rounds, the
-counts refreshed, events past the retention trimmed.  Every front-end runs
+counts refreshed, events past the retention trimmed, a lost cluster
+reconnected.  Every front-end runs
 it; the database makes each due hold end once (accman_expire locks its
 account, SKIP LOCKED).
 
@@ -12,10 +13,13 @@ service cannot commit).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from accman.postgres import errors as E
-from accman.postgres.complaints import doing
+from accman.postgres.complaints import doing, named
+
+log = logging.getLogger("accman.postgres")
 
 # Due holds are ended in rounds this often (a hold ends at most this long
 # after its ttl; a settle after the ttl is hold_expired at once regardless),
@@ -27,6 +31,10 @@ EXPIRE_ACCOUNTS_MAX = 1024
 TRIM_INTERVAL_S = 60.0
 # A round's calls, each: a round not answered by then marks the cluster lost.
 ROUND_TIMEOUT_S = 10.0
+# Reconnecting after a lost connection: the first retry after the minimum,
+# doubling to the maximum (a failover with Patroni takes ~10-30 s).
+RECONNECT_BACKOFF_S_MIN = 0.05
+RECONNECT_BACKOFF_S_MAX = 2.0
 
 _COUNTS_SQL = ("SELECT ARRAY[next_event - 1, accounts, open_holds, holds_expired, "
                "coalesce((SELECT min(id) FROM accman_events), 0)] FROM accman_counter")
@@ -84,3 +92,32 @@ async def expire_round(store, cluster) -> None:
         # else the cluster is lost already, and was said to be then
     else:
         store.complaints.worked(doing(store, "ending due holds", cluster))
+
+
+async def reconnect(store, cluster) -> None:
+    """Reconnects a lost cluster, with backoff, until it is back or the
+    store closes (spawned by the store when it loses the cluster)."""
+    # After refused batches, a longer first wait: reconnecting succeeds
+    # at once, and the next batch would be refused again (a full disk).
+    delay = min(RECONNECT_BACKOFF_S_MIN * 2 ** min(cluster.refused_in_row, 16),
+                RECONNECT_BACKOFF_S_MAX)
+    try:
+        while not store.closed:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_BACKOFF_S_MAX)
+            losses = cluster.losses
+            try:
+                # Healthy (/health 200, writes taken) only once the
+                # listener is back too: not between the two.
+                await cluster.connect(healthy=False)
+                await cluster.events.restart()
+            except Exception as e:
+                cluster.error = E.describe(e)
+                continue
+            if cluster.losses == losses:    # else lost again meanwhile: go on
+                cluster.error = None
+                log.warning("%sreconnected to the PostgreSQL store; taking writes again",
+                            named(store, cluster))
+                return
+    finally:
+        cluster.reconnecting = False

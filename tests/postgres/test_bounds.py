@@ -66,7 +66,7 @@ async def until(pred, timeout_s):
 
 
 def test_lost_database_then_reconnect(pg_factory, monkeypatch):
-    monkeypatch.setattr(store_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
     pg = pg_factory(name="flaky")
     url = pg.create_database("f")
 
@@ -81,7 +81,7 @@ def test_lost_database_then_reconnect(pg_factory, monkeypatch):
                 store.submit("a", 1, None, None, done=print)   # refused at once
             await asyncio.sleep(0.5)                 # backoff reaches its maximum
             pg.start()
-            await until(lambda: store.healthy, 5 * store_module.RECONNECT_BACKOFF_S_MAX + 5)
+            await until(lambda: store.healthy, 5 * upkeep_module.RECONNECT_BACKOFF_S_MAX + 5)
             assert await c.mod("a", 1, key="k2") == (6, 2)
             assert await c.mod("a", 5, key="k") == (5, 1)
     run(main())
@@ -219,7 +219,7 @@ def test_an_upkeep_round_past_round_timeout_s_marks_the_cluster_lost(pg_url, mon
     is unhealthy (/health 503) until the store has reconnected."""
     monkeypatch.setattr(upkeep_module, "ROUND_TIMEOUT_S", 0.5)
     monkeypatch.setattr(upkeep_module, "EXPIRE_INTERVAL_S", 0.1)
-    monkeypatch.setattr(store_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
 
     async def main():
         async with stored(pg_url) as (store, c):
@@ -357,7 +357,7 @@ def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkey
     healthy yet (/health 503, writes refused): a listener that fails then
     would otherwise leave a server that said 200 and took writes, then
     went back to 503 without a line, and "reconnected" said late or never."""
-    monkeypatch.setattr(store_module, "RECONNECT_BACKOFF_S_MAX", 0.1)
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.1)
     caplog.set_level("WARNING", logger="accman.postgres")
 
     async def main():
@@ -435,6 +435,42 @@ def test_a_close_with_no_cluster_healthy_tells_the_calls_still_queued(pg_url):
                 with pytest.raises(NoAccount):
                     await c.tot(f"q{i}")
     run(after())
+
+
+@pytest.mark.parametrize("flying", ["batch", "ordered past"])
+def test_a_close_with_no_cluster_healthy_tells_what_flies_on_its_lane(pg_url, flying):
+    """A batch whose commit waits (its table locked from outside), or an
+    ordered /past whose query does, when the cluster is lost and the store
+    then closes: each call is told once, at the close; the batch that its
+    outcome is unknown, so that its keyed retry gets the original reply."""
+    from accman.postgres import errors as E
+
+    async def main():
+        async with stored(pg_url) as (_, c):
+            await c.mod("p", 5)
+        store, _ = await opened(pg_url)
+        told = []
+        async with locked(pg_url, "accman_accounts"):
+            if flying == "batch":
+                for i in range(3):
+                    store.submit(f"f{i}", 5, key="k", done=told.append)
+            else:
+                store.read_past("p", 10, None, told.append, ordered=True)
+            await asyncio.sleep(0.3)
+            assert told == [], "the call was answered before the lock was let go"
+            store.lost(store.clusters[0], ConnectionResetError())
+            await store.aclose()
+        return told
+    told = run(main())
+    says = E.CLOSED_MID_COMMIT if flying == "batch" else "the store is closed"
+    assert [(type(o), o.detail) for o in told] == [(Unavailable, says)] * len(told)
+    assert len(told) == (3 if flying == "batch" else 1)
+
+    async def retried():
+        async with stored(pg_url) as (_, c):
+            return [await c.mod(f"f{i}", 5, key="k") for i in range(3)]
+    if flying == "batch":                   # applied or not, the retry's reply is the first's
+        assert run(retried()) == [(5, 1)] * 3
 
 
 def test_a_close_tells_every_long_poll_whose_read_it_cancels(pg_url):
