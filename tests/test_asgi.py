@@ -20,7 +20,7 @@ from accman.calling import owed as owed_mod
 from accman.calling import disconnect
 from accman.calling.disconnect import bodiless
 from accman.client import AccManClient
-from asgi_harness import CRED, call, history, make_app, mw
+from asgi_harness import CRED, Reply, call, history, http_scope, make_app, mw
 from fake_accman import FakeAccMan, closed_port, run
 
 
@@ -340,6 +340,7 @@ def test_configuration_errors_are_refused_at_once(fake):
            ({"retries": 1.0}, TypeError, "retries"),
            ({"exempt": "/health"}, TypeError, "exempt"),       # ("/health") without its comma
            ({"exempt": ["health"]}, ValueError, "exempt"),
+           ({"exempt": 5}, TypeError, "exempt must be a collection of paths, not a int"),
            ({"prices": {"x": 1}}, ValueError, "prices"),
            ({"prices": [("/x", 1)]}, TypeError, "prices"),
            ({"on_unpaid": 5}, TypeError, "on_unpaid"),
@@ -347,6 +348,8 @@ def test_configuration_errors_are_refused_at_once(fake):
     for kw, error, named in bad:
         with pytest.raises(error, match=named):
             AccManMiddleware(app, url=fake.url, **kw)
+    with pytest.raises(TypeError, match="the AccMan url must be a str"):
+        AccManMiddleware(app, url=123)
 
 
 def test_settings_of_every_usual_type_are_taken(fake):
@@ -356,6 +359,34 @@ def test_settings_of_every_usual_type_are_taken(fake):
     assert run(call(m)).headers["accman"] == "7"
     assert run(call(m, path="/free")).headers["accman"] == "7"
     assert run(call(m, path="/health", cred=None)).status == 200
+    assert run(call(mw(fake, exempt=None))).headers["accman"] == "6"     # None: no exemption
+
+
+@pytest.mark.parametrize("path,root_path,tot", [
+    ("/v1/report", "/v1", 90),          # mounted (a Starlette Mount, uvicorn --root-path)
+    ("/v1", "/v1", 99),                 # the mount's own root: "/", the default cost
+    ("/report", "/v1", 90),             # a server that strips the root path itself
+    ("/v10/report", "/v1", 99),         # not under the mount: matched as it is
+])
+def test_paths_are_matched_without_the_root_path_the_app_is_mounted_at(fake, path, root_path,
+                                                                       tot):
+    fake.fund(CRED, 100)
+    m = mw(fake, exempt=("/health",), prices={"/report": 10})
+    scope = http_scope(path)
+    scope["root_path"] = root_path
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    run(m(scope, receive, send))
+    assert Reply(sent).headers["accman"] == str(tot)
+    exempt = http_scope("/v1/health", cred=None)
+    exempt["root_path"] = "/v1"
+    run(m(exempt, receive, send))
+    assert len(fake.mods()) == 1
 
 
 def test_a_probe_that_applies_is_a_configuration_error(fake, caplog):

@@ -181,6 +181,10 @@ def test_bad_urls_and_tokens_are_refused():
     for url in ["http://h:0", "http://h:65536", "http://h:x"]:
         with pytest.raises(ValueError, match="port must be a number from 1 to 65535"):
             AccManSyncClient(url)
+    for url in [123, None, b"http://h"]:
+        for cls in (AccManClient, AccManSyncClient):
+            with pytest.raises(TypeError, match="the AccMan url must be a str such as"):
+                cls(url)
     assert AccManSyncClient("http://xn--bcher-kva.example:8080").where == \
         "http://xn--bcher-kva.example:8080"
     assert AccManSyncClient("http://[::1]:8080").where == "http://[::1]:8080"

@@ -41,6 +41,9 @@ SERVERS = {
                              "127.0.0.1", "--port", "0", "--no-access-log"], UVICORN_READY),
     "hypercorn": (lambda app: ["-m", "hypercorn", app, "--bind", "127.0.0.1:0"],
                   HYPERCORN_READY),
+    # Behind a proxy that strips /api: the scope's path is /api/..., its root_path /api.
+    "uvicorn --root-path /api": (lambda app: [*SERVERS["uvicorn"][0](app), "--root-path",
+                                              "/api"], UVICORN_READY),
 }
 
 FUNDER = "funder-token-0123456789abcdef"
@@ -242,6 +245,20 @@ def test_reserve_mode_never_overdraws_under_100_concurrent_requests(stack):
         assert all(e.tot >= 0 for e in entries)     # never below zero, at any step
         holds = collections.Counter(e.hold for e in entries if e.hold is not None)
         assert set(holds.values()) == {2}           # every hold started and ended once
+
+
+def test_prices_and_exemptions_name_the_app_s_paths_under_a_root_path(tmp_path):
+    """The example under `uvicorn --root-path /api`: a report of 25 rows
+    costs its 3, not the default 1, and /health needs no credential, in
+    both modes: the middleware matches the path as the app routes it."""
+    with services(tmp_path, "rp-", server="uvicorn --root-path /api") as s:
+        cred = new_cred(s, 20)
+        for mode, left in (("check", 17), ("reserve", 14)):
+            with httpx.Client(base_url=s[mode]) as http:
+                assert http.get("/health").status_code == 200
+                r = http.get("/report", params={"rows": 25}, headers={"ACCMAN": cred})
+                assert r.status_code == 200 and r.headers["accman"] == str(left), mode
+        assert tot(s, cred) == 14
 
 
 def test_503_when_accman_goes_down_under_a_running_service(tmp_path):

@@ -18,8 +18,8 @@ Modes:
   requests can both pass the check: the balance may go below zero.
 - "reserve" (no overdraft, ever): a server-side hold of the estimate before
   the app, with a ttl (`hold_ttl_s`), settled with the cost (capped at the
-  hold) when the response starts, or with 0 at once if the app raises, the
-  client goes away or no response comes.  A service that crashes or loses
+  hold) when the response starts, or with 0 at once if the app raises or
+  the client goes away before that, or no response comes.  A service that crashes or loses
   AccMan leaks nothing: its holds end by themselves.  The token needs
   `read` and `charge` (accman.calling.reserve).
 
@@ -48,7 +48,8 @@ from accman.calling.policy import may_have_landed
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.lifespan import lifespan
 from accman.calling.reserve import Reservation
-from accman.calling.settings import amount, check_calls, check_options, paths, request_ids, split
+from accman.calling.settings import (amount, check_calls, check_options, paths, request_ids,
+                                     route_path, split)
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
                            TransportError, Unauthorized, Unavailable, UnexpectedReply)
 from accman.limits import CRED_CHARS_MAX, INT64_MAX
@@ -90,7 +91,8 @@ class AccManMiddleware:
     without asking `cost`; `charge_below=None` leaves every status to it.
 
     `exempt` and `prices` name paths exactly, or by prefix when they end in
-    `*`; the longest matching price wins.  Exempt paths never touch AccMan.
+    `*`; the longest matching price wins.  A path is the app's own, without
+    the `root_path` it is mounted at.  Exempt paths never touch AccMan.
     `on_unavailable="open"` serves requests AccMan cannot admit and records
     them as unpaid (log, `stats`, and `on_unpaid(cred, amount)` if given).
     `hold_ttl_s` is how long a reserve-mode hold lives if nothing settles
@@ -117,7 +119,8 @@ class AccManMiddleware:
         self._charge_below = charge_below
         self.hold_ttl_s = hold_ttl_s
         self._cost = self._price_value(cost, "cost")
-        self._exempt_exact, self._exempt_prefixes = split(paths(exempt, "exempt"))
+        self._exempt_exact, self._exempt_prefixes = split(
+            paths(() if exempt is None else exempt, "exempt"))
         if prices is not None and not isinstance(prices, Mapping):
             raise TypeError(f"prices must map paths to prices, not be a {type(prices).__name__}")
         prices = {path: self._price_value(price, f"prices[{path!r}]")
@@ -157,7 +160,7 @@ class AccManMiddleware:
             if kind == "lifespan":
                 return await lifespan(self.app, self.aclose, scope, receive, send)
             return await self.app(scope, receive, send)     # websockets are not metered
-        price = self._price_for(scope["path"])
+        price = self._price_for(route_path(scope))
         if price is None:
             self.stats["exempt"] += 1
             return await self.app(scope, receive, send)

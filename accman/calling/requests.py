@@ -112,6 +112,9 @@ class Endpoint:
     holds the token."""
 
     def __init__(self, url: str, token: str | None):
+        if not isinstance(url, str):
+            raise TypeError(f"the AccMan url must be a str such as 'http://127.0.0.1:8035', "
+                            f"not {type(url).__name__}")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise ValueError("the AccMan url must start with http:// or https://")

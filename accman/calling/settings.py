@@ -73,11 +73,25 @@ def paths(paths, what: str) -> list:
     if isinstance(paths, (str, bytes)):
         raise TypeError(f"{what} must be a collection of paths, not one string: "
                         f"write ({paths!r},)")
-    paths = list(paths)
+    try:
+        paths = list(paths)
+    except TypeError:
+        raise TypeError(f"{what} must be a collection of paths, not a "
+                        f"{type(paths).__name__}") from None
     for path in paths:
         if not isinstance(path, str) or not (path.startswith("/") or path == "*"):
             raise ValueError(f"{what}: {path!r} is not a path starting with /, nor *")
     return paths
+
+
+def route_path(scope) -> str:
+    """The path that `exempt` and `prices` name: the request's path as the
+    app routes it, without the `root_path` it is mounted at (uvicorn
+    --root-path, a Starlette Mount), as Starlette's routing takes it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):] or "/"
+    return path
 
 
 def amount(value, what: str) -> int:
@@ -89,4 +103,4 @@ def amount(value, what: str) -> int:
 
 
 __all__ = ["RequestIds", "request_ids", "check_options", "check_calls", "split", "paths",
-           "amount"]
+           "route_path", "amount"]
