@@ -130,6 +130,7 @@ def test_reserve_a_settle_landed_at_the_cancel_is_found_and_said(funded, proxy, 
         stats = cancelled_at(funded, proxy, "reserve", "pass", "hang")
     assert entries(funded) == [(FUNDS, None, None), (-COST, "-h", 2), (0, None, 2)]
     assert funded.tot("cx", token=MINT) == FUNDS - COST and stats["stranded"] == 0
+    assert stats["charged"] == 1 and stats["charged_amount"] == COST    # it landed
     assert any(f"was settled with use {COST} by a call in flight" in r.getMessage()
                and r.getMessage().endswith(f"the service owes the account {COST}")
                for r in caplog.records)

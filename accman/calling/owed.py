@@ -48,7 +48,8 @@ class Item:
     """An owed call: `cred`, `by` (what it moves: < 0 the account owes the
     service, > 0 the service owes the account, 0 nothing is lost if it never
     lands), `what` and `ref` (for logs), `maybe` (an attempt of it may have
-    landed: sent, with no reply) and `run(acc)`."""
+    landed: sent, with no reply) and `run(acc)`, which returns what it
+    charged the account (0: nothing)."""
 
     __slots__ = ("cred", "by", "what", "maybe")
 
@@ -71,8 +72,9 @@ class Mod(Item):
     def ref(self) -> str:
         return f"key {self.key}"
 
-    async def run(self, acc) -> None:
+    async def run(self, acc) -> int:
         await acc.mod(self.cred, self.by, key=self.key)
+        return max(-self.by, 0)
 
 
 def charge_key(rid: str) -> str:
@@ -103,16 +105,17 @@ class Settle(Item):
     def ref(self) -> str:
         return f"hold {self.hold}"
 
-    async def run(self, acc) -> None:
+    async def run(self, acc) -> int:
         try:
             await acc.settle(self.cred, self.hold, self.use)
         except HoldEnded:
             if not self.use:
-                return              # released already, or expired: nothing is held
+                return 0            # released already, or expired: nothing is held
             log.warning("accman: hold %d of account %s ended before its settle landed: "
                         "charging %d as a mod, key %s", self.hold, fingerprint(self.cred),
                         self.use, charge_key(self.rid))
             await acc.mod(self.cred, -self.use, key=charge_key(self.rid))
+        return self.use
 
 
 class Unhold(Item):
@@ -132,15 +135,16 @@ class Unhold(Item):
     def ref(self) -> str:
         return f"key {self.key}"
 
-    async def run(self, acc) -> None:
+    async def run(self, acc) -> int:
         try:
             hold, _, _ = await acc.hold(self.cred, -self.amount, self.ttl_s, key=self.key)
         except Insufficient:
-            return                  # it never applied and now cannot: nothing held
+            return 0                # it never applied and now cannot: nothing held
         try:
             await acc.settle(self.cred, hold, 0)
         except HoldEnded:
             pass                    # expired already: nothing held
+        return 0
 
 
 class Unsettle(Item):
@@ -164,20 +168,21 @@ class Unsettle(Item):
     def ref(self) -> str:
         return f"hold {self.hold}"
 
-    async def run(self, acc) -> None:
+    async def run(self, acc) -> int:
         try:
             await acc.settle(self.cred, self.hold, 0)
-            return                  # released: the cancelled settle never landed
+            return 0                # released: the cancelled settle never landed
         except HoldEnded:
             pass                    # settled before (by the cancelled call), or expired
         try:
             await acc.settle(self.cred, self.hold, self.use)
         except HoldEnded:
-            return                  # expired: all of it came back
+            return 0                # expired: all of it came back
         log.error("accman: hold %d of account %s was settled with use %d by a call in "
                   "flight when its request was cancelled: the consumer paid for a response "
                   "it did not get; the service owes the account %d", self.hold,
                   fingerprint(self.cred), self.use, self.use)
+        return self.use
 
 
 class Owed:
@@ -224,9 +229,9 @@ class Owed:
             item = self._items[0]
             self._running = item
             try:
-                await item.run(acc)
-                if item.by < 0:
-                    self._charged(-item.by)
+                charged = await item.run(acc)
+                if charged:
+                    self._charged(charged)
             except (TransportError, Unavailable) as e:
                 attempt += 1
                 item.maybe = item.maybe or may_have_landed(e)
