@@ -175,8 +175,11 @@ class AccManClient {
     Object.defineProperty(this, '_headers', { enumerable: false }) // no token in inspect()
   }
 
+  // Every call returns a promise: a value refused before anything is sent
+  // (BadRequest, TypeError) rejects it as AccMan's own refusal would.
+
   // The durable balance.  NoAccount for an unknown credential.
-  tot (cred) {
+  async tot (cred) {
     return this._call('GET', values.targetTot(cred), true, values.decodeTot)
   }
 
@@ -184,7 +187,7 @@ class AccManClient {
   // applies only if the new balance is >= min, else Insufficient (.tot);
   // with `key` it applies at most once; `low` (funding only) sets the
   // account's low-balance threshold.
-  mod (cred, by, options) {
+  async mod (cred, by, options) {
     const { min, key, low } = values.checkOptions(options, 'mod', ['min', 'key', 'low'])
     const target = values.targetMod(cred, by, min, key, low)
     return this._call('PATCH', target, key !== undefined && key !== null, values.decodeMod)
@@ -192,21 +195,21 @@ class AccManClient {
 
   // One page of history, newest first: { account, past, next }, `next` the
   // `before` of the following page or null.
-  past (cred, options) {
+  async past (cred, options) {
     const { limit, before } = values.checkOptions(options, 'past', ['limit', 'before'])
     return this._call('GET', values.targetPast(cred, limit, before), true, values.decodePast)
   }
 
   // Holds -by (by < 0) for up to ttlS seconds: { hold, tot, seq }, `tot` what
   // is left to spend.  `min` defaults to 0 on the server.
-  hold (cred, by, options) {
+  async hold (cred, by, options) {
     const { ttlS, min, key } = values.checkOptions(options, 'hold', ['ttlS', 'min', 'key'])
     const target = values.targetHold(cred, by, ttlS, min, key)
     return this._call('PATCH', target, key !== undefined && key !== null, values.decodeHold)
   }
 
   // Ends a hold: `use` of it is spent, the rest returns.  { tot, seq }.
-  settle (cred, hold, use) {
+  async settle (cred, hold, use) {
     return this._call('PATCH', values.targetSettle(cred, hold, use), true, values.decodeSettle)
   }
 

@@ -173,14 +173,14 @@ test('a call\'s misspelt option is refused and sends nothing: a keyed mod never 
     [() => service.hold('c-opts', -1, { ttl: 5 }), 'unknown option ttl: hold takes ttlS, min, key'],
     [() => service.past('c-opts', { limt: 1 }), 'unknown option limt: past takes limit, before']
   ]
-  for (const [call, message] of refused) assert.throws(call, { name: 'TypeError', message })
+  for (const [call, message] of refused) await assert.rejects(call(), { name: 'TypeError', message })
   assert.equal(await service.tot('c-opts'), 100)
   assert.equal((await service.past('c-opts')).past.length, 1) // nothing went out
 })
 
 test('low on a funding mod sets the account\'s threshold; on a charge it is refused', async () => {
   assert.deepEqual(await mint.mod('c-low', 100, { key: 'fund', low: 50 }), { tot: 100, seq: 1 })
-  assert.throws(() => service.mod('c-low', -1, { low: 5 }), { name: 'BadRequest', message: /low is set by a funding mod only/ })
+  await assert.rejects(service.mod('c-low', -1, { low: 5 }), { name: 'BadRequest', message: /low is set by a funding mod only/ })
   await service.mod('c-low', -60) // 40: crosses 50
   const events = await fetch(server.url + '/events', { headers: { authorization: 'Bearer ' + TOKENS.mint } })
   const lows = (await events.json()).events.filter((e) => e.type === 'low_balance')
