@@ -11,6 +11,9 @@ const OPTIONS = [
   'url', 'token', 'client', 'cost', 'mode', 'onUnavailable', 'exempt', 'header', 'chargeErrors',
   'holdTtlS', 'checkFreshMs', 'timeoutMs', 'retries', 'connections', 'onUnpaid'
 ]
+// The options that make the plugin's own client: with `client` given, they
+// would have no effect, so they are refused.
+const CLIENT_OPTIONS = ['url', 'token', 'timeoutMs', 'retries', 'connections']
 // fastify's own options of register(), which it hands to the plugin too.
 const REGISTER_OPTIONS = ['prefix', 'logLevel', 'logSerializers']
 const KNOWN = new Set([...OPTIONS, ...REGISTER_OPTIONS])
@@ -78,10 +81,21 @@ function exemptTest (exempt) {
   const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
   const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
   return (request) => {
-    const q = request.url.indexOf('?')
-    const path = q < 0 ? request.url : request.url.slice(0, q)
+    const path = routePath(request)
     return exact.has(path) || prefixes.some((p) => path.startsWith(p))
   }
+}
+
+// The path that `exempt` names: the route fastify chose, as declared (its
+// prefix included), so that another spelling of the URL (`/h%65alth`, a
+// trailing slash, another case) is exempt exactly when its route is, and a
+// URL that only looks exempt (`/docs/` routed to a priced `/docs`) is not;
+// the URL's own path for a request that matched no route (its 404).
+function routePath (request) {
+  const url = request.routeOptions ? request.routeOptions.url : undefined
+  if (typeof url === 'string') return url
+  const q = request.url.indexOf('?')
+  return q < 0 ? request.url : request.url.slice(0, q)
 }
 
 // A misspelt option would otherwise be ignored and its default taken
@@ -96,9 +110,17 @@ function refuseUnknown (opts) {
 
 // The plugin's settings from its options, each checked; the client's own
 // options (url, token, timeoutMs, retries, connections) are checked by
-// AccManClient.
+// AccManClient, and refused beside a client given whole.
 function settings (opts) {
   refuseUnknown(opts)
+  if (opts.client !== undefined) {
+    const mixed = CLIENT_OPTIONS.filter((name) => opts[name] !== undefined)
+    if (mixed.length) {
+      const many = mixed.length > 1
+      throw new TypeError(`${mixed.join(', ')} ${many ? 'are options' : 'is an option'} of the client: ` +
+        `with client given, set ${many ? 'them' : 'it'} on that AccManClient`)
+    }
+  }
   const onUnpaid = opts.onUnpaid ?? null
   if (onUnpaid !== null && typeof onUnpaid !== 'function') throw new TypeError('onUnpaid must be a function')
   return {

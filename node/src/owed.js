@@ -102,11 +102,12 @@ class Unhold {
 }
 
 class Owed {
-  // `strand(item, why)` is told of every call that will not be retried;
-  // `log` is the plugin's logger.
-  constructor (client, strand, log) {
+  // `strand(item, why)` is told of every call that will not be retried,
+  // `landed(item)` of every one that landed; `log` is the plugin's logger.
+  constructor (client, strand, log, landed = () => {}) {
     this.client = client
     this.strand = strand
+    this.landed = landed
     this.log = log
     this.queue = []
     this.running = null
@@ -147,6 +148,7 @@ class Owed {
       const item = this.queue[0]
       try {
         await item.run(this.client, this.log)
+        this.landed(item)
       } catch (err) {
         const transient = err instanceof Unavailable || err instanceof OutcomeUnknown
         item.maybe = item.maybe || mayHaveLanded(err)

@@ -108,7 +108,8 @@ class Meter {
     // request, so a consumer cannot replay an old key to be served free.
     this.ridBase = crypto.randomBytes(12).toString('hex')
     this.ridNext = 0
-    this.owed = new Owed(this.client, (item, why, unknown) => this.strand(item, why, unknown), this.log)
+    this.owed = new Owed(this.client, (item, why, unknown) => this.strand(item, why, unknown), this.log,
+      (item) => this.charged(-item.by)) // a release moves 0: not counted
     this.releasing = new Set() // releases under way (release()), awaited at close
     this.unmeteredRoutes = new Set() // routes answered past onSend, warned of once
     this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
@@ -271,7 +272,8 @@ class Meter {
     }
     let tot
     if (this.mode === 'reserve') {
-      tot = state.hold === null ? state.tot : await this.settle(state, cost) // nothing held: nothing charged
+      if (state.hold === null) this.cap(cost, 0n) // an estimate of 0: nothing held, nothing charged
+      tot = state.hold === null ? state.tot : await this.settle(state, cost)
     } else {
       try {
         tot = await this.mod(state, cost, false)
@@ -335,13 +337,17 @@ class Meter {
     return body('unavailable', UNAVAILABLE_DETAIL)
   }
 
+  // What reserve mode charges of `cost` with `held` held: a cost over the
+  // hold is capped at it, counted and said.
+  cap (cost, held) {
+    if (cost <= held) return cost
+    this.stats.capped++
+    this.log.warn({ cost: String(cost), held: String(held) }, 'accman: cost over the hold: charged the hold')
+    return held
+  }
+
   async settle (state, cost) {
-    let use = cost
-    if (use > state.estimate) {
-      this.stats.capped++
-      this.log.warn({ cost: String(cost), held: String(state.estimate) }, 'accman: cost over the hold: charged the hold')
-      use = state.estimate
-    }
+    const use = this.cap(cost, state.estimate)
     if (use === 0n) this.stats.released++
     try {
       const r = await this.client.settle(state.cred, state.hold, use)
@@ -430,10 +436,12 @@ class Meter {
     this.stats.unpaid_amount += Number(cost)
     this.log.warn({ account: fingerprint(cred), amount: String(cost), why }, 'accman: served unpaid')
     if (this.onUnpaid !== null) {
+      // A failing onUnpaid is logged, whether it throws or its promise
+      // rejects: never a crash of the service, nor a stop of the owed calls.
       try {
-        this.onUnpaid(cred, cost, why)
+        Promise.resolve(this.onUnpaid(cred, cost, why)).catch((err) => this.log.error({ err }, 'accman: onUnpaid failed'))
       } catch (err) {
-        this.log.error({ err }, 'accman: onUnpaid threw')
+        this.log.error({ err }, 'accman: onUnpaid failed')
       }
     }
   }

@@ -120,6 +120,18 @@ test('reserve: a cost over the hold is capped at the hold', async () => {
   })
 })
 
+test('reserve: an estimate of 0 holds nothing; a cost over it is capped at 0, counted and said', async () => {
+  await mint.mod('h-cap0', 100)
+  const logs = []
+  await withReserve({ cost: (request, reply, stage) => stage === 'estimate' ? 0 : 5 }, async (url, app) => {
+    const r = await get(url + '/w', 'h-cap0')
+    assert.deepEqual([r.status, r.accman], [200, '100'])
+    assert.equal(app.accman.stats.capped, 1)
+    assert.ok(messages(logs, 40).includes('accman: cost over the hold: charged the hold'))
+  }, logs)
+  assert.equal(await mint.tot('h-cap0'), 100)
+})
+
 test('reserve: a hold that expired before the response is charged as a keyed mod', async () => {
   await mint.mod('h-expire', 10)
   await withReserve({ holdTtlS: 1 }, async (url) => {

@@ -122,6 +122,42 @@ test('per-route prices: a number, a function of request and reply, false; exempt
   })
 })
 
+test('exempt names routes as fastify routes them: another spelling of an exempt URL is exempt, a look-alike of a priced one is not', async () => {
+  await mint.mod('p-exempt-route', 100)
+  const app = Fastify({ ignoreTrailingSlash: true })
+  await app.register(accman, { url: server.url, token: TOKENS.service, exempt: ['/health', '/docs/*'] })
+  app.get('/health', async () => ({ up: true }))
+  app.get('/docs', { config: { accman: 10 } }, async () => ({ paid: true }))
+  app.get('/docs/:page', async () => ({ page: true }))
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  try {
+    assert.equal((await get(url + '/docs/')).status, 401) // routed to the priced /docs
+    const paid = await get(url + '/docs/', 'p-exempt-route')
+    assert.deepEqual([paid.status, paid.accman], [200, '90'])
+    for (const path of ['/h%65alth', '/health/', '/docs/intro']) {
+      const free = await get(url + path, 'p-exempt-route')
+      assert.deepEqual([free.status, free.accman], [200, null], path)
+    }
+  } finally {
+    await app.close()
+  }
+  assert.equal(await mint.tot('p-exempt-route'), 90)
+})
+
+test('an onUnpaid whose promise rejects is logged, never a crash', async () => {
+  const logs = []
+  const { app, url } = await serviceApp({
+    url: 'http://127.0.0.1:9', token: TOKENS.service, timeoutMs: 500, onUnavailable: 'open',
+    onUnpaid: async () => { throw new Error('billing db down') }
+  }, { logs })
+  try {
+    assert.equal((await get(url + '/pricey', 'p-any')).status, 200)
+    await until(() => messages(logs, 50).includes('accman: onUnpaid failed'))
+  } finally {
+    await app.close()
+  }
+})
+
 test('a cost function that returns a non-amount is a 500 and charges nothing', async () => {
   await mint.mod('p-badcost', 10)
   for (const mode of ['check', 'reserve']) {
@@ -264,6 +300,7 @@ test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests 
     await server.start()
     assert.ok(await app.accman.drain(30000))
     assert.equal(app.accman.stats.stranded, 0)
+    assert.equal(app.accman.stats.charged, 2) // the owed charge is counted once it lands
     const after = await get(url + '/w', 'p-restart')
     assert.deepEqual([after.status, after.accman], [200, '7'])
   })
@@ -377,6 +414,17 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
     app.register(accman, { url: server.url, ...bad })
     await assert.rejects(app.ready(), (err) => err instanceof TypeError && named.test(err.message), JSON.stringify(bad))
   }
+  // With a client given, the options that make one would go unused: refused.
+  const client = new accman.AccManClient({ url: server.url, bigint: true })
+  for (const [bad, named] of [
+    [{ client, timeoutMs: 100, retries: 0 }, /^timeoutMs, retries are options of the client: with client given, set them on that AccManClient$/],
+    [{ client, url: server.url }, /^url is an option of the client: with client given, set it on /]
+  ]) {
+    const app = Fastify()
+    app.register(accman, bad)
+    await assert.rejects(app.ready(), (err) => err instanceof TypeError && named.test(err.message), named.source)
+  }
+  await client.close()
   // fastify's own register options reach the plugin too, and are not refused.
   const app = Fastify()
   app.register(accman, { url: server.url, chargeErrors: false, logLevel: 'warn', token: undefined })

@@ -98,7 +98,7 @@ export interface FastifyAccmanOptions {
   mode?: 'check' | 'reserve'
   /** 'closed': 503 when AccMan cannot be reached; 'open': serve unpaid. Default 'closed'. */
   onUnavailable?: 'closed' | 'open'
-  /** Paths never metered (a trailing * matches a prefix), or a test of the request. */
+  /** Routes never metered, by the path they were declared with (a trailing * matches a prefix), or a test of the request. */
   exempt?: string[] | ((request: FastifyRequest) => boolean)
   /** The request and response header. Default 'accman'. */
   header?: string
@@ -112,7 +112,7 @@ export interface FastifyAccmanOptions {
   retries?: number
   connections?: number
   /** Told of every request served or charged without payment. */
-  onUnpaid?: (cred: string, amount: bigint, why: string) => void
+  onUnpaid?: (cred: string, amount: bigint, why: string) => void | Promise<void>
 }
 
 export interface AccManRequest {
