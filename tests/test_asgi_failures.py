@@ -54,6 +54,23 @@ def test_unreachable_accman_fails_open_and_records_the_unpaid(mode, caplog):
     assert "accman_mw_unpaid_amount_total 4" in m.render_metrics()
 
 
+def test_an_async_on_unpaid_is_refused_and_an_awaitable_one_said(caplog):
+    """Nothing awaits on_unpaid: an async one would never run (the unpaid
+    amount never billed, and no word of it), so it is refused when the
+    middleware is made; a plain one that returns an awaitable anyway is an
+    error in the log, not a silent loss."""
+    async def biller(cred, amount):
+        pass
+    with pytest.raises(TypeError, match="on_unpaid must be a plain function, not async"):
+        AccManMiddleware(make_app(), url="http://127.0.0.1:1", on_unpaid=biller)
+    m = AccManMiddleware(make_app(), url=f"http://127.0.0.1:{closed_port()}", cost=4,
+                         retries=0, on_unavailable="open", on_unpaid=lambda c, a: biller(c, a))
+    with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+        assert run(call(m)).status == 200
+    assert m.stats["unpaid_amount"] == 4
+    assert "on_unpaid returned an awaitable, which nothing awaits" in caplog.text
+
+
 def test_a_wrong_token_is_503_even_when_open(caplog):
     with FakeAccMan(tokens={"good": {"read", "charge"}}) as fake:
         fake.fund(CRED, 10)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import logging
 import re
@@ -450,7 +451,11 @@ class AccManMiddleware:
         log.warning("accman: unpaid %d (account %s): %s", amount, fingerprint(cred), why)
         if self._on_unpaid is not None:
             try:
-                self._on_unpaid(cred, amount)
+                told = self._on_unpaid(cred, amount)
+                if inspect.isawaitable(told):       # a lambda around an async function
+                    if inspect.iscoroutine(told):
+                        told.close()                # never run: no "never awaited" warning
+                    raise TypeError("on_unpaid returned an awaitable, which nothing awaits")
             except Exception:
                 log.exception("accman: on_unpaid failed")
 

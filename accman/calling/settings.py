@@ -3,6 +3,7 @@ the setting (accman.calling.asgi), and its per-request ids.  No I/O."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import re
@@ -57,6 +58,10 @@ def check_calls(timeout_s, retries, on_unpaid) -> float:
     check_settings(timeout_s, retries)
     if on_unpaid is not None and not callable(on_unpaid):
         raise TypeError("on_unpaid must be a callable on_unpaid(cred, amount), or None")
+    if inspect.iscoroutinefunction(on_unpaid):
+        # Called where nothing awaits it, its coroutine would never run.
+        raise TypeError("on_unpaid must be a plain function, not async: start a task from "
+                        "it to bill asynchronously")
     return float(timeout_s)
 
 
