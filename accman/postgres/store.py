@@ -61,7 +61,7 @@ READ_TIMEOUT_S = 10.0
 CRED_CACHE_MAX = 65536
 
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
-_TOLD = object()            # an op of _flying that a close has told already
+_TOLD = object()            # pop's default: the op is gone from _flying, told by a close
 
 
 class PgStore:
@@ -233,8 +233,16 @@ class PgStore:
                 f"the store cannot commit, nothing of this call was applied: {cluster.error}"))
 
     async def _commit(self, cluster: Cluster, lane, ops: list) -> None:
-        self._flying.update(dict.fromkeys(ops))
         args = B.arrays(ops)
+        self._flying.update(dict.fromkeys(ops))
+        try:
+            await self._committed(cluster, lane, ops, args)
+        except Exception as e:      # a fault of AccMan's after the call: the outcome unknown
+            log.exception("a batch's reply could not be read")
+            error = Unavailable(E.commit_detail(e, E.classify(e)))
+            self._deliver([(op.done, error) for op in self._landed(ops)])
+
+    async def _committed(self, cluster: Cluster, lane, ops: list, args: tuple) -> None:
         t0 = time.perf_counter()
         for attempt in range(3):
             try:
@@ -244,7 +252,7 @@ class PgStore:
                 break
             except Exception as e:  # translated by E.classify, the one place
                 kind = E.classify(e)
-                if kind == E.RETRY and attempt < 2:
+                if kind == E.RETRY and attempt < 2 and not self._closed:
                     continue
                 self.queued_mods -= len(ops)
                 if kind == E.FAILED:
@@ -369,10 +377,9 @@ class PgStore:
         before = op.min if op.min is not None else 2 ** 63 - 1
         try:
             rows = await conn.fetch(B.PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
+            page = B.past_page(op.hid, op.by, rows)
         except Exception as e:
             page = Unavailable(E.read_detail(e))
-        else:
-            page = B.past_page(op.hid, op.by, rows)
         if self._landed([op]):
             self._deliver([(op.done, page)])
 

@@ -473,6 +473,34 @@ def test_a_close_with_no_cluster_healthy_tells_what_flies_on_its_lane(pg_url, fl
         assert run(retried()) == [(5, 1)] * 3
 
 
+def test_a_fault_of_accman_s_in_a_committed_batch_s_reply_tells_each_caller(pg_url,
+                                                                            monkeypatch):
+    """A bug of AccMan's in reading a committed batch's reply leaves no
+    caller waiting: each is told once that the commit failed in AccMan and
+    to retry with its key, which then gets the batch's reply; the lane's
+    writer goes on with the next batch."""
+    from accman.postgres import batch as batch_module
+
+    def broken(*args):
+        raise ValueError("a reply that did not decode")
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            told = []
+            with monkeypatch.context() as m:
+                m.setattr(batch_module, "outcome", broken)
+                for i in range(3):
+                    store.submit(f"b{i}", 5, key="k", done=told.append)
+                await until(lambda: len(told) >= 3, 5)
+                await asyncio.sleep(0.05)       # a second telling would come now
+            return told, [await c.mod(f"b{i}", 5, key="k") for i in range(3)]
+    told, retried = run(main())
+    assert [(type(o), o.detail) for o in told] == [(
+        Unavailable, "the commit failed in AccMan (ValueError); nothing in this batch was "
+                     "acknowledged, retry with its key")] * 3
+    assert retried == [(5, 1)] * 3
+
+
 def test_a_close_tells_every_long_poll_whose_read_it_cancels(pg_url):
     """Long polls whose reads are held up (the events' table locked from
     outside) when the store closes: one waiting, whose wake-up read runs,
