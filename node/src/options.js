@@ -80,8 +80,8 @@ function exemptTest (exempt) {
   }
   const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
   const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
-  return (request) => {
-    const path = routePath(request)
+  return (request, options = request.routeOptions) => {
+    const path = routePath(request, options)
     return exact.has(path) || prefixes.some((p) => path.startsWith(p))
   }
 }
@@ -91,8 +91,8 @@ function exemptTest (exempt) {
 // trailing slash, another case) is exempt exactly when its route is, and a
 // URL that only looks exempt (`/docs/` routed to a priced `/docs`) is not;
 // the URL's own path for a request that matched no route (its 404).
-function routePath (request) {
-  const url = request.routeOptions ? request.routeOptions.url : undefined
+function routePath (request, options) {
+  const url = options ? options.url : undefined
   if (typeof url === 'string') return url
   const q = request.url.indexOf('?')
   return q < 0 ? request.url : request.url.slice(0, q)

@@ -121,8 +121,9 @@ class Meter {
   }
 
   priceFor (request) {
-    const route = request.routeOptions && request.routeOptions.config ? request.routeOptions.config.accman : undefined
-    if (route === false || this.exempt(request)) return null
+    const options = request.routeOptions // a getter that builds its object at each read
+    const route = options && options.config ? options.config.accman : undefined
+    if (route === false || this.exempt(request, options)) return null
     return route === undefined ? this.cost : price(route, 'config.accman')
   }
 
@@ -281,7 +282,7 @@ class Meter {
         return this.refuseCharge(reply, payload, err, state)
       }
     }
-    if (state.gone && cost > 0n) {
+    if (state.gone && cost > 0n && (this.mode === 'check' || state.hold !== null)) {
       // The charge is the response's start: one who left while it was in
       // flight pays (README, "Modes"), said so that it can be found.
       this.log.warn({ account: fingerprint(state.cred), amount: String(cost), key: state.rid },
