@@ -364,7 +364,7 @@ def test_settings_of_every_usual_type_are_taken(fake):
 
 @pytest.mark.parametrize("path,root_path,tot", [
     ("/v1/report", "/v1", 90),          # mounted (a Starlette Mount, uvicorn --root-path)
-    ("/v1", "/v1", 99),                 # the mount's own root: "/", the default cost
+    ("/v1", "/v1", 99),                 # the mount's own root: "", the default cost
     ("/report", "/v1", 90),             # a server that strips the root path itself
     ("/v10/report", "/v1", 99),         # not under the mount: matched as it is
 ])

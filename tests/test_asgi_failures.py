@@ -54,21 +54,31 @@ def test_unreachable_accman_fails_open_and_records_the_unpaid(mode, caplog):
     assert "accman_mw_unpaid_amount_total 4" in m.render_metrics()
 
 
-def test_an_async_on_unpaid_is_refused_and_an_awaitable_one_said(caplog):
-    """Nothing awaits on_unpaid: an async one would never run (the unpaid
-    amount never billed, and no word of it), so it is refused when the
-    middleware is made; a plain one that returns an awaitable anyway is an
-    error in the log, not a silent loss."""
+@pytest.mark.parametrize("form", ["async def", "a task", "failing"])
+def test_an_async_on_unpaid_runs_to_its_end_by_the_shutdown(form, caplog):
+    """An async biller (or a plain one that starts a task) is awaited: it
+    bills even when it finishes after the request, and the shutdown waits
+    for it; one that fails is logged, never lost in silence."""
+    billed = []
+
     async def biller(cred, amount):
-        pass
-    with pytest.raises(TypeError, match="on_unpaid must be a plain function, not async"):
-        AccManMiddleware(make_app(), url="http://127.0.0.1:1", on_unpaid=biller)
+        await asyncio.sleep(0.05)
+        if form == "failing":
+            raise RuntimeError("the billing database is down")
+        billed.append(amount)
+    on_unpaid = biller if form != "a task" else (
+        lambda c, a: asyncio.get_running_loop().create_task(biller(c, a)))
     m = AccManMiddleware(make_app(), url=f"http://127.0.0.1:{closed_port()}", cost=4,
-                         retries=0, on_unavailable="open", on_unpaid=lambda c, a: biller(c, a))
+                         retries=0, on_unavailable="open", on_unpaid=on_unpaid)
+
+    async def main():
+        assert (await call(m)).status == 200
+        await m.aclose()
     with caplog.at_level(logging.ERROR, logger="accman.asgi"):
-        assert run(call(m)).status == 200
+        run(main())
     assert m.stats["unpaid_amount"] == 4
-    assert "on_unpaid returned an awaitable, which nothing awaits" in caplog.text
+    assert billed == ([] if form == "failing" else [4])
+    assert ("accman: on_unpaid failed" in caplog.text) == (form == "failing")
 
 
 def test_a_wrong_token_is_503_even_when_open(caplog):

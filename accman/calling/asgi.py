@@ -19,9 +19,9 @@ Modes:
 - "reserve" (no overdraft, ever): a server-side hold of the estimate before
   the app, with a ttl (`hold_ttl_s`), settled with the cost (capped at the
   hold) when the response starts, or with 0 at once if the app raises or
-  the client goes away before that, or no response comes.  A service that crashes or loses
-  AccMan leaks nothing: its holds end by themselves.  The token needs
-  `read` and `charge` (accman.calling.reserve).
+  the client goes away before that, or no response comes.  A service that
+  crashes or loses AccMan leaks nothing: its holds end by themselves.  The
+  token needs `read` and `charge` (accman.calling.reserve).
 
 Every hold and mod carries an idempotency key made from a per-request id
 that is random per process, drawn again in a forked child (never taken
@@ -37,11 +37,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import json
 import logging
 import re
 from collections.abc import Mapping
 
+from accman.calling.answers import refuse, refuse_unavailable, with_tot
 from accman.calling.client import AccManClient
 from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
                                  SHUTDOWN_DRAIN_S, Mod, Owed, Unhold, charge_key, fingerprint)
@@ -73,7 +73,6 @@ CHARGE_BELOW_DEFAULT = 400
 HOLD_TTL_S_DEFAULT = 90
 
 _CRED_RE = re.compile(r"[A-Za-z0-9_-]+")
-_JSON = (b"content-type", b"application/json")
 _STATS = ("requests", "exempt", "refused_no_credential", "refused_no_account",
           "refused_insufficient", "refused_too_many", "refused_unavailable", "charged",
           "charged_amount", "free_status", "released", "capped", "expired", "unpaid_requests",
@@ -148,7 +147,7 @@ class AccManMiddleware:
         self._charge_seen = False
         self.stats = dict.fromkeys(_STATS, 0)
         self._owed = Owed(self._acc, self.stats, self._charged, self._unpaid)
-        self._tasks = set()             # releases under way (Reservation.release)
+        self._tasks = set()             # releases, async on_unpaid calls under way
 
     @staticmethod
     def _price_value(value, what: str):
@@ -169,7 +168,7 @@ class AccManMiddleware:
         cred, problem = self._cred(scope)
         if cred is None:
             self.stats["refused_no_credential"] += 1
-            return await _refuse(send, 401, "no_credential", problem, self._challenge())
+            return await refuse(send, 401, "no_credential", problem, self._challenge())
         est = self._charge_of(price, scope, None, None)
         if self._reserve:
             return await self._serve_reserved(scope, receive, send, cred, price, est)
@@ -237,7 +236,7 @@ class AccManMiddleware:
                   "refusing with 503 (account %s: if key %s is in its history, an earlier "
                   "attempt landed and is owed back)", err.status, err.code, fingerprint(cred),
                   key)
-        return await _refuse_unavailable(send)
+        return await refuse_unavailable(send)
 
     async def _serve_reserved(self, scope, receive, send, cred, price, est):
         acc = self._acc()
@@ -310,7 +309,7 @@ class AccManMiddleware:
 
     async def _no_account(self, send):
         self.stats["refused_no_account"] += 1
-        return await _refuse(send, 401, "no_account", "the credential names no account",
+        return await refuse(send, 401, "no_account", "the credential names no account",
                              self._challenge())
 
     async def _too_many(self, send, cred):
@@ -319,13 +318,13 @@ class AccManMiddleware:
         self.stats["refused_too_many"] += 1
         log.warning("accman: too many holds open for account %s; refusing with 429",
                     fingerprint(cred))
-        return await _refuse(send, 429, "too_many_requests",
+        return await refuse(send, 429, "too_many_requests",
                              "too many requests of this account are in flight",
                              [(b"retry-after", b"1")])
 
     async def _insufficient(self, send, tot, est):
         self.stats["refused_insufficient"] += 1
-        return await _refuse(send, 402, "insufficient",
+        return await refuse(send, 402, "insufficient",
                              f"the balance {tot} does not cover the cost {est}",
                              [(self._header, str(tot).encode())], {"tot": tot, "cost": est})
 
@@ -351,7 +350,7 @@ class AccManMiddleware:
         else:
             log.warning("accman: AccMan unavailable (%s); refusing with 503", err.code)
         self.stats["refused_unavailable"] += 1
-        return await _refuse_unavailable(send)
+        return await refuse_unavailable(send)
 
     # --- owed calls, releases under way, shutdown -----------------------------
     def _spawn(self, coro) -> asyncio.Task:
@@ -382,6 +381,7 @@ class AccManMiddleware:
         close the client.  Called on the lifespan shutdown."""
         await self._releases(SHUTDOWN_DRAIN_S)
         await self._owed.close()
+        await self._releases(SHUTDOWN_DRAIN_S)  # on_unpaid of what the close stranded
         if self._client is not None and self._own_client:
             await self._client.aclose()
             self._client = None
@@ -452,22 +452,13 @@ class AccManMiddleware:
         if self._on_unpaid is not None:
             try:
                 told = self._on_unpaid(cred, amount)
-                if inspect.isawaitable(told):       # a lambda around an async function
-                    if inspect.iscoroutine(told):
-                        told.close()                # never run: no "never awaited" warning
-                    raise TypeError("on_unpaid returned an awaitable, which nothing awaits")
+                if inspect.isawaitable(told):       # an async biller: awaited at shutdown too
+                    self._spawn(_billed(told))
             except Exception:
                 log.exception("accman: on_unpaid failed")
 
     def _with_tot(self, message, tot):
-        if tot is None:
-            return message
-        header = self._header
-        headers = [h for h in message.get("headers", ()) if h[0].lower() != header]
-        headers.append((header, str(tot).encode()))
-        message = dict(message)
-        message["headers"] = headers
-        return message
+        return with_tot(message, self._header, tot)
 
     def render_metrics(self) -> str:
         """`stats` in the Prometheus text format, for a /metrics route."""
@@ -475,19 +466,12 @@ class AccManMiddleware:
                        for k, v in self.stats.items())
 
 
-async def _refuse(send, status: int, code: str, detail: str, headers=(), extra=None):
-    obj = {"error": code, "detail": detail}
-    if extra:
-        obj.update(extra)
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [_JSON, (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _refuse_unavailable(send):
-    await _refuse(send, 503, "unavailable", "the balance service cannot be reached",
-                  [(b"retry-after", b"1")])
+async def _billed(told) -> None:
+    """An async on_unpaid's call, run to its end; its failure logged."""
+    try:
+        await told
+    except Exception:
+        log.exception("accman: on_unpaid failed")
 
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",

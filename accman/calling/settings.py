@@ -3,7 +3,6 @@ the setting (accman.calling.asgi), and its per-request ids.  No I/O."""
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 import re
@@ -58,10 +57,6 @@ def check_calls(timeout_s, retries, on_unpaid) -> float:
     check_settings(timeout_s, retries)
     if on_unpaid is not None and not callable(on_unpaid):
         raise TypeError("on_unpaid must be a callable on_unpaid(cred, amount), or None")
-    if inspect.iscoroutinefunction(on_unpaid):
-        # Called where nothing awaits it, its coroutine would never run.
-        raise TypeError("on_unpaid must be a plain function, not async: start a task from "
-                        "it to bill asynchronously")
     return float(timeout_s)
 
 
@@ -95,7 +90,7 @@ def route_path(scope) -> str:
     --root-path, a Starlette Mount), as Starlette's routing takes it."""
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
-        return path[len(root):] or "/"
+        return path[len(root):]         # "" for the root itself, as Starlette has it
     return path
 
 

@@ -1,8 +1,7 @@
 """A PostgreSQL store's upkeep, on its loop: due holds ended in rounds, the
 counts refreshed, events past the retention trimmed, a lost cluster
-reconnected.  Every front-end runs
-it; the database makes each due hold end once (accman_expire locks its
-account, SKIP LOCKED).
+reconnected.  Every front-end runs it; the database makes each due hold
+end once (accman_expire locks its account, SKIP LOCKED).
 
 The expiry round is also the store's heartbeat: a round that loses its
 connection marks the cluster lost, so that /health says 503 within a round

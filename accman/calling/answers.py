@@ -1,0 +1,39 @@
+"""What the middleware itself sends the consumer (accman.calling.asgi): its
+refusals, short JSON errors in the SPEC's shape, and the balance header on
+the app's response start.  No I/O but the ASGI `send` it is given."""
+
+from __future__ import annotations
+
+import json
+
+_JSON = (b"content-type", b"application/json")
+
+
+async def refuse(send, status: int, code: str, detail: str, headers=(), extra=None):
+    obj = {"error": code, "detail": detail}
+    if extra:
+        obj.update(extra)
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [_JSON, (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def refuse_unavailable(send):
+    await refuse(send, 503, "unavailable", "the balance service cannot be reached",
+                 [(b"retry-after", b"1")])
+
+
+def with_tot(message, header: bytes, tot):
+    """The response start `message` with `header: tot` in place of any the
+    app set; as it is when `tot` is None (nothing charged is known)."""
+    if tot is None:
+        return message
+    headers = [h for h in message.get("headers", ()) if h[0].lower() != header]
+    headers.append((header, str(tot).encode()))
+    message = dict(message)
+    message["headers"] = headers
+    return message
+
+
+__all__ = ["refuse", "refuse_unavailable", "with_tot"]
