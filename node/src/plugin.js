@@ -111,6 +111,7 @@ class Meter {
     this.owed = new Owed(this.client, (item, why, unknown) => this.strand(item, why, unknown), this.log,
       (item) => this.charged(-item.by)) // a release moves 0: not counted
     this.releasing = new Set() // releases under way (release()), awaited at close
+    this.billing = new Set() // async onUnpaid calls under way, awaited at close
     this.unmeteredRoutes = new Set() // routes answered past onSend, warned of once
     this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
     this.challenge = `AccMan header="${this.header}"`
@@ -440,7 +441,10 @@ class Meter {
       // A failing onUnpaid is logged, whether it throws or its promise
       // rejects: never a crash of the service, nor a stop of the owed calls.
       try {
-        Promise.resolve(this.onUnpaid(cred, cost, why)).catch((err) => this.log.error({ err }, 'accman: onUnpaid failed'))
+        const billing = Promise.resolve(this.onUnpaid(cred, cost, why))
+          .catch((err) => this.log.error({ err }, 'accman: onUnpaid failed'))
+          .finally(() => this.billing.delete(billing))
+        this.billing.add(billing)
       } catch (err) {
         this.log.error({ err }, 'accman: onUnpaid failed')
       }
@@ -452,12 +456,17 @@ class Meter {
   }
 
   // Releases under way end (a failed one is owed), then owed calls get
-  // what is left of CLOSE_DRAIN_MS to land (Owed.close); then the client
-  // closes.
+  // what is left of CLOSE_DRAIN_MS to land (Owed.close); async onUnpaid
+  // calls, those of what the close stranded among them, get CLOSE_DRAIN_MS
+  // more; then the client closes.
   async close () {
     const deadline = performance.now() + limits.CLOSE_DRAIN_MS
     await Promise.all(this.releasing)
     await this.owed.close(Math.max(deadline - performance.now(), 0))
+    let timer
+    const late = new Promise((resolve) => { timer = setTimeout(resolve, limits.CLOSE_DRAIN_MS) })
+    await Promise.race([Promise.all(this.billing), late])
+    clearTimeout(timer)
     if (this.ownClient) await this.client.close()
   }
 }

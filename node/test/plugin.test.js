@@ -311,7 +311,8 @@ test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests 
 
 // A service behind a proxy, with `owe` charges owed (AccMan down: known
 // not to have landed), closed while AccMan holds its reply to the first
-// owed charge back past the drain time.  What it logged and gave onUnpaid.
+// owed charge back past the drain time.  What it logged and gave onUnpaid,
+// an async one that bills a little after it is called: close waits for it.
 async function closeWithOwed (cred, owe, options) {
   const { CLOSE_DRAIN_MS } = accman.limits
   await mint.mod(cred, 10)
@@ -319,7 +320,8 @@ async function closeWithOwed (cred, owe, options) {
   const logs = []
   const proxy = await proxyTo(server.url)
   const { app, url } = await serviceApp({
-    url: proxy.url, token: TOKENS.service, checkFreshMs: 60000, onUnpaid: (...a) => unpaid.push(a), ...options
+    url: proxy.url, token: TOKENS.service, checkFreshMs: 60000, ...options,
+    onUnpaid: async (...a) => { await sleep(50); unpaid.push(a) }
   }, { logs })
   try {
     assert.equal((await get(url + '/w', cred)).accman, '9')
