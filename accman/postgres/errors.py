@@ -53,6 +53,12 @@ _UNKNOWN = (
 )
 
 
+def ours(exc: BaseException) -> bool:
+    """Raised by AccMan's own code, not by the driver, the database or the
+    network: a bug, to be logged with its traceback."""
+    return not isinstance(exc, (asyncpg.PostgresError, *_UNKNOWN))
+
+
 def classify(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):
         return RETRY

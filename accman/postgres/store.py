@@ -233,16 +233,21 @@ class PgStore:
                 f"the store cannot commit, nothing of this call was applied: {cluster.error}"))
 
     async def _commit(self, cluster: Cluster, lane, ops: list) -> None:
-        args = B.arrays(ops)
         self._flying.update(dict.fromkeys(ops))
         try:
-            await self._committed(cluster, lane, ops, args)
-        except Exception as e:      # a fault of AccMan's after the call: the outcome unknown
-            log.exception("a batch's reply could not be read")
+            await self._committed(cluster, lane, ops)
+        except Exception as e:
+            # A fault of AccMan's in making the call or reading its reply
+            # (the database's own errors are told in _committed): the
+            # batch may have committed.
+            log.exception("a batch failed in AccMan")
             error = Unavailable(E.commit_detail(e, E.classify(e)))
             self._deliver([(op.done, error) for op in self._landed(ops)])
+        finally:
+            self.queued_mods -= len(ops)
 
-    async def _committed(self, cluster: Cluster, lane, ops: list, args: tuple) -> None:
+    async def _committed(self, cluster: Cluster, lane, ops: list) -> None:
+        args = B.arrays(ops)
         t0 = time.perf_counter()
         for attempt in range(3):
             try:
@@ -252,9 +257,8 @@ class PgStore:
                 break
             except Exception as e:  # translated by E.classify, the one place
                 kind = E.classify(e)
-                if kind == E.RETRY and attempt < 2 and not self._closed:
+                if kind == E.RETRY and attempt < 2:
                     continue
-                self.queued_mods -= len(ops)
                 if kind == E.FAILED:
                     log.error("a batch failed: %s", E.describe(e))
                     cluster.refused_in_row += 1
@@ -265,7 +269,6 @@ class PgStore:
                 return
         cluster.refused_in_row = 0
         commit_s = time.perf_counter() - t0
-        self.queued_mods -= len(ops)
         nmods = sum(1 for op in ops if op.kind != S.READ)
         self._count(nmods, commit_s)
         codes, tots, seqs, counts = row
@@ -379,6 +382,8 @@ class PgStore:
             rows = await conn.fetch(B.PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
             page = B.past_page(op.hid, op.by, rows)
         except Exception as e:
+            if E.ours(e):
+                log.exception("a /past page failed in AccMan")
             page = Unavailable(E.read_detail(e))
         if self._landed([op]):
             self._deliver([(op.done, page)])
