@@ -78,7 +78,40 @@ def test_an_async_on_unpaid_runs_to_its_end_by_the_shutdown(form, caplog):
         run(main())
     assert m.stats["unpaid_amount"] == 4
     assert billed == ([] if form == "failing" else [4])
-    assert ("accman: on_unpaid failed" in caplog.text) == (form == "failing")
+    assert ("on_unpaid of 4 (account " in caplog.text
+            and "failed" in caplog.text) == (form == "failing")
+    assert CRED not in caplog.text
+
+
+@pytest.mark.parametrize("bill_s", [0.05, 5.0])
+def test_an_async_biller_of_a_charge_stranded_at_close_is_waited_for_or_said(
+        bill_s, monkeypatch, caplog):
+    """The close strands an owed charge that AccMan keeps refusing (503
+    busy: nothing applied) and tells on_unpaid: an async biller is waited for,
+    SHUTDOWN_DRAIN_S more; one still running when the loop ends is logged
+    as not billed, with the amount."""
+    import accman.calling.asgi as asgi_mod
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(asgi_mod, "SHUTDOWN_DRAIN_S", 0.3)
+    billed = []
+
+    async def biller(cred, amount):
+        await asyncio.sleep(bill_s)
+        billed.append(amount)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, cost=2, retries=0, on_unpaid=biller)
+        fake.fault = lambda meth, p, q: BUSY if p == "/mod" and q.get("key") else None
+
+        async def go():
+            assert (await call(m)).status == 200        # served; its charge owed
+            await m.aclose()
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            run(go())
+    assert m.stats["stranded"] == 1 and m.stats["unpaid_amount"] == 2
+    assert billed == ([2] if bill_s < 1 else [])
+    assert ("on_unpaid of 2 (account " in caplog.text
+            and "was cut off at shutdown: not billed" in caplog.text) == (bill_s > 1)
 
 
 def test_a_wrong_token_is_503_even_when_open(caplog):

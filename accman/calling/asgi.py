@@ -147,7 +147,8 @@ class AccManMiddleware:
         self._charge_seen = False
         self.stats = dict.fromkeys(_STATS, 0)
         self._owed = Owed(self._acc, self.stats, self._charged, self._unpaid)
-        self._tasks = set()             # releases, async on_unpaid calls under way
+        self._tasks = set()             # releases and charges under way (_spawn)
+        self._billing = set()           # async on_unpaid calls under way (_unpaid)
 
     @staticmethod
     def _price_value(value, what: str):
@@ -354,34 +355,40 @@ class AccManMiddleware:
 
     # --- owed calls, releases under way, shutdown -----------------------------
     def _spawn(self, coro) -> asyncio.Task:
-        """A task of the middleware's, waited for at shutdown (_releases)."""
+        """A task of the middleware's, waited for at shutdown (aclose)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _releases(self, timeout_s: float | None) -> bool:
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
+    @staticmethod
+    async def _ended(tasks: set, timeout_s: float | None) -> bool:
+        if tasks:
+            _, pending = await asyncio.wait(list(tasks), timeout=timeout_s)
             return not pending
         return True
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until every release under way and every owed call has
-        landed or been stranded; False if `timeout_s` passed first."""
+        landed or been stranded, then for the async on_unpaid calls (those
+        of what was stranded among them); False if `timeout_s` passed first."""
         loop = asyncio.get_running_loop()
         end = None if timeout_s is None else loop.time() + timeout_s
-        if not await self._releases(timeout_s):
-            return False
-        return await self._owed.drain(None if end is None else max(end - loop.time(), 0))
+
+        def left():
+            return None if end is None else max(end - loop.time(), 0)
+        return (await self._ended(self._tasks, timeout_s) and await self._owed.drain(left())
+                and await self._ended(self._billing, left()))
 
     async def aclose(self) -> None:
         """Let releases and owed calls land (SHUTDOWN_DRAIN_S each, then
-        SHUTDOWN_LAST_CALL_S for the call under way), strand the rest,
-        close the client.  Called on the lifespan shutdown."""
-        await self._releases(SHUTDOWN_DRAIN_S)
+        SHUTDOWN_LAST_CALL_S for the call under way), strand the rest, give
+        async on_unpaid calls SHUTDOWN_DRAIN_S more (those of what was
+        stranded among them), close the client.  Called on the lifespan
+        shutdown."""
+        await self._ended(self._tasks, SHUTDOWN_DRAIN_S)
         await self._owed.close()
-        await self._releases(SHUTDOWN_DRAIN_S)  # on_unpaid of what the close stranded
+        await self._ended(self._billing, SHUTDOWN_DRAIN_S)     # cut off past it: logged
         if self._client is not None and self._own_client:
             await self._client.aclose()
             self._client = None
@@ -453,9 +460,12 @@ class AccManMiddleware:
             try:
                 told = self._on_unpaid(cred, amount)
                 if inspect.isawaitable(told):       # an async biller: awaited at shutdown too
-                    self._spawn(_billed(told))
+                    task = asyncio.get_running_loop().create_task(_billed(told, cred, amount))
+                    self._billing.add(task)
+                    task.add_done_callback(self._billing.discard)
             except Exception:
-                log.exception("accman: on_unpaid failed")
+                log.exception("accman: on_unpaid of %d (account %s) failed", amount,
+                              fingerprint(cred))
 
     def _with_tot(self, message, tot):
         return with_tot(message, self._header, tot)
@@ -466,12 +476,17 @@ class AccManMiddleware:
                        for k, v in self.stats.items())
 
 
-async def _billed(told) -> None:
-    """An async on_unpaid's call, run to its end; its failure logged."""
+async def _billed(told, cred: str, amount: int) -> None:
+    """An async on_unpaid's call, run to its end; its failure, or its cut
+    at shutdown, logged with the account and the amount not billed."""
     try:
         await told
+    except asyncio.CancelledError:
+        log.error("accman: on_unpaid of %d (account %s) was cut off at shutdown: not billed",
+                  amount, fingerprint(cred))
+        raise
     except Exception:
-        log.exception("accman: on_unpaid failed")
+        log.exception("accman: on_unpaid of %d (account %s) failed", amount, fingerprint(cred))
 
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",

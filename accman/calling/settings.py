@@ -87,10 +87,12 @@ def paths(paths, what: str) -> list:
 def route_path(scope) -> str:
     """The path that `exempt` and `prices` name: the request's path as the
     app routes it, without the `root_path` it is mounted at (uvicorn
-    --root-path, a Starlette Mount), as Starlette's routing takes it."""
+    --root-path, a Starlette Mount), as Starlette's routing takes it; the
+    mount's root itself is "/" (Starlette's "", which it redirects to "/"),
+    so that its redirect is priced, or exempt, as "/" is."""
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
-        return path[len(root):]         # "" for the root itself, as Starlette has it
+        return path[len(root):] or "/"
     return path
 
 

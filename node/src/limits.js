@@ -75,6 +75,7 @@ const OWED_PAUSE_MAX_MS = 10000
 // At close, how long releases under way and owed calls get to land.  Then
 // no owed call starts and none is retried; the one under way finishes
 // (bounded by the client's timeout and retries), and the rest are stranded.
+// Then async onUnpaid calls get as long again.
 const CLOSE_DRAIN_MS = 5000
 // Routes named in the error that fails ready() when the plugin meters routes
 // whose price it never checked: enough to find them; the rest are counted.

@@ -442,11 +442,11 @@ class Meter {
       // rejects: never a crash of the service, nor a stop of the owed calls.
       try {
         const billing = Promise.resolve(this.onUnpaid(cred, cost, why))
-          .catch((err) => this.log.error({ err }, 'accman: onUnpaid failed'))
+          .catch((err) => this.log.error({ err, account: fingerprint(cred), amount: String(cost) }, 'accman: onUnpaid failed'))
           .finally(() => this.billing.delete(billing))
         this.billing.add(billing)
       } catch (err) {
-        this.log.error({ err }, 'accman: onUnpaid failed')
+        this.log.error({ err, account: fingerprint(cred), amount: String(cost) }, 'accman: onUnpaid failed')
       }
     }
   }
@@ -467,6 +467,7 @@ class Meter {
     const late = new Promise((resolve) => { timer = setTimeout(resolve, limits.CLOSE_DRAIN_MS) })
     await Promise.race([Promise.all(this.billing), late])
     clearTimeout(timer)
+    if (this.billing.size) this.log.error(`accman: ${this.billing.size} onUnpaid calls still under way at close: their bills may not be made`)
     if (this.ownClient) await this.client.close()
   }
 }
