@@ -118,6 +118,11 @@ def test_bad_limit_override(tmp_path):
     err = one_line_error(run_accman("serve", "--port", 0, "--data", tmp_path / "d",
                                     env={"ACCMAN_HEAD_TIMEOUT_S": "soon"}))
     assert "ACCMAN_HEAD_TIMEOUT_S" in err
+    # An infinite linger stopped the webhook's delivery after its first POST.
+    err = one_line_error(run_accman("serve", "--port", 0, "--data", tmp_path / "d",
+                                    env={"ACCMAN_WEBHOOK_LINGER_S": "inf"}))
+    assert err == ("accman: error: ACCMAN_WEBHOOK_LINGER_S='inf': must be a number of seconds "
+                   "above 0 and at most 604800, in plain digits (a fraction allowed)")
 
 
 @pytest.mark.embedded_only("the ready line names the data directory when it holds the store")

@@ -1,10 +1,15 @@
 """The server's ACCMAN_* overrides (docs/SERVER.md, "Limits"): a variable
 that names no setting of the server's, nor one another part of AccMan
-reads, is said at start and ignored, never silently taken for one."""
+reads, is said at start and ignored, never silently taken for one; a
+setting's value is plain digits, finite and bounded, or the start is
+refused naming it."""
 
 import re
 from pathlib import Path
 
+import pytest
+
+from accman.errors import LimitsError
 from accman.server.settings import OTHER_NAMES, ServerLimits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,3 +46,24 @@ def test_every_accman_variable_the_project_reads_is_known_to_the_server():
     assert "ACCMAN_URL" in read and "ACCMAN_ONLY" in read
     assert read == OTHER_NAMES
     assert not OTHER_NAMES & set(ServerLimits.names())
+
+
+@pytest.mark.parametrize("name,raw", [
+    ("ACCMAN_WEBHOOK_LINGER_S", "inf"), ("ACCMAN_WEBHOOK_BACKOFF_CAP_S", "1e400"),
+    ("ACCMAN_HEAD_TIMEOUT_S", "nan"), ("ACCMAN_WEBHOOK_ATTEMPT_TIMEOUT_S", "1_0"),
+    ("ACCMAN_IDLE_TIMEOUT_S", " 5"), ("ACCMAN_IDLE_TIMEOUT_S", "0"),
+    ("ACCMAN_IDLE_TIMEOUT_S", "-1"), ("ACCMAN_IDLE_TIMEOUT_S", "1e3"),
+    ("ACCMAN_LINGER_S", "604801"), ("ACCMAN_CONNECTIONS_MAX", "5.0"),
+    ("ACCMAN_CONNECTIONS_MAX", "010"), ("ACCMAN_CONNECTIONS_MAX", "+5"),
+    ("ACCMAN_CONNECTIONS_MAX", "2147483648"), ("ACCMAN_CONNECTIONS_MAX", "\u0665"),
+])
+def test_a_limit_override_is_plain_finite_and_bounded(name, raw):
+    with pytest.raises(LimitsError, match=f"^{name}="):
+        ServerLimits.from_env({name: raw})
+
+
+def test_limit_overrides_in_plain_digits_are_taken():
+    limits = ServerLimits.from_env({"ACCMAN_HEAD_TIMEOUT_S": ".5", "ACCMAN_IDLE_TIMEOUT_S": "5.",
+                                    "ACCMAN_LINGER_S": "604800", "ACCMAN_CONNECTIONS_MAX": "64"})
+    assert (limits.head_timeout_s, limits.idle_timeout_s, limits.linger_s,
+            limits.connections_max) == (0.5, 5.0, 604800.0, 64)

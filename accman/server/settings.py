@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 
 from accman import limits as L
@@ -18,6 +19,33 @@ OTHER_NAMES = frozenset({
     "ACCMAN_URL", "ACCMAN_TOKEN", "ACCMAN_MODE", "ACCMAN_ON_UNAVAILABLE", "ACCMAN_HOLD_TTL_S",
     "ACCMAN_ONLY", "ACCMAN_DEBUG", "ACCMAN_BIN", "ACCMAN_TEST_STORES", "ACCMAN_CRASH_LONG",
     "ACCMAN_CRASH_SEED", "ACCMAN_CRASH_SECONDS", "ACCMAN_PG_LONG", "ACCMAN_BENCH_ACCOUNTS"})
+
+
+# An override is plain ASCII decimal: Python's int() and float() also take
+# "inf", "1e400" (infinite), "1_0" and " 5", and an infinite timeout never
+# fires (a webhook's linger of inf stopped its delivery without a word).
+_COUNT_RE = re.compile(r"[1-9][0-9]*")
+_SECONDS_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+# Beyond these an override is a typo, and would overflow the native parts'
+# C integers or the event loop's timers.
+COUNT_OVERRIDE_MAX = 2 ** 31 - 1
+SECONDS_OVERRIDE_MAX = 7 * 24 * 3600.0
+
+
+def _override(name: str, raw: str, count: bool):
+    """`raw` as the value of setting `name`: a whole number for a count, a
+    number of seconds (a fraction allowed) otherwise."""
+    if count:
+        if _COUNT_RE.fullmatch(raw) is None or int(raw) > COUNT_OVERRIDE_MAX:
+            raise LimitsError(f"{name}={raw[:40]!r}: must be a whole number from 1 to "
+                              f"{COUNT_OVERRIDE_MAX}, in plain digits")
+        return int(raw)
+    value = float(raw) if _SECONDS_RE.fullmatch(raw) else 0.0
+    if not 0 < value <= SECONDS_OVERRIDE_MAX:
+        raise LimitsError(f"{name}={raw[:40]!r}: must be a number of seconds above 0 and at "
+                          f"most {SECONDS_OVERRIDE_MAX:.0f}, in plain digits (a fraction "
+                          "allowed)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -59,14 +87,7 @@ class ServerLimits:
             raw = environ.get(name)
             if raw is None:
                 continue
-            kind = int if f.type in ("int", int) else float
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise LimitsError(f"{name}={raw!r} is not a number") from None
-            if not value > 0:
-                raise LimitsError(f"{name} must be positive")
-            values[f.name] = value
+            values[f.name] = _override(name, raw, f.type in ("int", int))
         return cls(**values)
 
     @classmethod
