@@ -186,6 +186,9 @@ def test_a_webhook_url_parses_into_its_target(url, want):
     ("http://ex\u00e4mple.com/", "ASCII"),
     ("http://example.com/#frag", "fragment"),
     ("http://exa_mple.com/", "not a name or an address"),
+    ("http://256.256.256.256/", "not an IPv4 address: 256.256.256.256"),
+    ("http://127.1/", "not an IPv4 address"),
+    ("http://010.0.0.1/", "not an IPv4 address"),
     ("http://[fe80::zz]/", "does not parse"),
 ])
 def test_a_bad_webhook_url_is_refused_saying_why(url, why):

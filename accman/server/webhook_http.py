@@ -73,6 +73,17 @@ def parse_url(url: str) -> Target:
     if parts.fragment or url.endswith("#"):
         raise ValueError("must have no #fragment")
     host = parts.hostname or ""
+    _check_host(host)
+    if port == 0:
+        raise ValueError("has port 0")
+    path = parts.path or "/"
+    if parts.query or url.endswith("?"):
+        path += "?" + parts.query
+    host_header = parts.netloc.lower()
+    return Target(scheme, host, port or SCHEMES[scheme], path, host_header)
+
+
+def _check_host(host: str) -> None:
     if not host:
         raise ValueError("has no host")
     if ":" in host:
@@ -82,13 +93,13 @@ def parse_url(url: str) -> Target:
             raise ValueError(f"has a host that is not an IPv6 address: [{host}]") from None
     elif _HOST_RE.fullmatch(host) is None:
         raise ValueError(f"has a host that is not a name or an address: {host}")
-    if port == 0:
-        raise ValueError("has port 0")
-    path = parts.path or "/"
-    if parts.query or url.endswith("?"):
-        path += "?" + parts.query
-    host_header = parts.netloc.lower()
-    return Target(scheme, host, port or SCHEMES[scheme], path, host_header)
+    elif host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+        # A name's last label is never all digits (RFC 3696 2): this is an
+        # IPv4 address, and only its four-part dotted form is taken.
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"has a host that is not an IPv4 address: {host}") from None
 
 
 def request_head(target: Target, body_bytes: int, headers) -> bytes:
