@@ -198,11 +198,11 @@ _NUMBER_RULES = {
     P_LOW: "a signed 64-bit decimal integer",
     P_LIMIT: f"a decimal integer from 1 to {_limits.PAST_LIMIT_MAX}",
     P_BEFORE: "a seq: a positive signed 64-bit decimal integer",
-    P_TTL: f"a number of seconds from 1 to {_limits.HOLD_TTL_S_MAX}",
+    P_TTL: f"a whole number of seconds from 1 to {_limits.HOLD_TTL_S_MAX}",
     P_HOLD: "a hold id: a positive signed 64-bit decimal integer",
     P_USE: "an amount from 0 to the held amount: a decimal integer",
     P_AFTER: "an event id: a decimal integer, 0 or more",
-    P_WAIT: f"a number of seconds from 0 to {_limits.EVENTS_WAIT_S_MAX}",
+    P_WAIT: f"a whole number of seconds from 0 to {_limits.EVENTS_WAIT_S_MAX}",
 }
 
 
