@@ -85,7 +85,7 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
         raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
                          "takes is a signed 64-bit integer")
     if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
-        raise BadRequest(f"ttl must be an int number of seconds from 1 to {HOLD_TTL_S_MAX}")
+        raise BadRequest(f"ttl must be a whole number of seconds from 1 to {HOLD_TTL_S_MAX}")
     if min_ is None:
         min_ = 0
     _check_int64(min_, "min")

@@ -408,10 +408,12 @@ cdef class Parser:
         if route_patches(route):
             if method != M_PATCH:
                 return HttpError(405, "method_not_allowed",
-                                 f"{ROUTE_PATHS[route]} accepts only PATCH (and OPTIONS)", allow=ALLOW_PATCH)
+                                 f"{ROUTE_PATHS[route]} accepts only PATCH (and OPTIONS)",
+                                 allow=ALLOW_PATCH)
         elif method != M_GET and method != M_HEAD:
             return HttpError(405, "method_not_allowed",
-                             f"{ROUTE_PATHS[route]} accepts only GET and HEAD (and OPTIONS)", allow=ALLOW_GET)
+                             f"{ROUTE_PATHS[route]} accepts only GET and HEAD (and OPTIONS)",
+                             allow=ALLOW_GET)
         if question == NULL:
             err = parse_query(req, route, s + n, 0)
         else:

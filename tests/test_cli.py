@@ -122,7 +122,8 @@ def test_bad_limit_override(tmp_path):
     err = one_line_error(run_accman("serve", "--port", 0, "--data", tmp_path / "d",
                                     env={"ACCMAN_WEBHOOK_LINGER_S": "inf"}))
     assert err == ("accman: error: ACCMAN_WEBHOOK_LINGER_S='inf': must be a number of seconds "
-                   "above 0 and at most 604800, in plain digits (a fraction allowed)")
+                   "from 0.001 to 604800, in plain digits without leading zeros (a fraction "
+                   "allowed)")
 
 
 @pytest.mark.embedded_only("the ready line names the data directory when it holds the store")

@@ -172,7 +172,7 @@ def test_the_largest_amount_a_hold_can_take(led, clock):
 @pytest.mark.parametrize("ttl", [0, -1, HOLD_TTL_S_MAX + 1, 1.5, True, "60", None])
 def test_ttl_out_of_1_to_hold_ttl_s_max_is_refused(led, ttl):
     led.mod("a", 5)
-    with pytest.raises(BadRequest, match=f"ttl must be an int number of seconds from 1 to "
+    with pytest.raises(BadRequest, match=f"ttl must be a whole number of seconds from 1 to "
                                          f"{HOLD_TTL_S_MAX}"):
         led.hold("a", -1, ttl)
     assert led.tot("a") == 5 and led.open_holds == 0

@@ -56,6 +56,9 @@ def test_every_accman_variable_the_project_reads_is_known_to_the_server():
     ("ACCMAN_LINGER_S", "604801"), ("ACCMAN_CONNECTIONS_MAX", "5.0"),
     ("ACCMAN_CONNECTIONS_MAX", "010"), ("ACCMAN_CONNECTIONS_MAX", "+5"),
     ("ACCMAN_CONNECTIONS_MAX", "2147483648"), ("ACCMAN_CONNECTIONS_MAX", "\u0665"),
+    ("ACCMAN_CONNECTIONS_MAX", "9" * 5000),     # past int()'s digits limit: no ValueError
+    ("ACCMAN_IDLE_TIMEOUT_S", "00.5"), ("ACCMAN_IDLE_TIMEOUT_S", "0.0001"),
+    ("ACCMAN_IDLE_TIMEOUT_S", "604800.0000000001"),
 ])
 def test_a_limit_override_is_plain_finite_and_bounded(name, raw):
     with pytest.raises(LimitsError, match=f"^{name}="):

@@ -164,6 +164,8 @@ def delivered_ids(rx):
                                    "hooks.example.com")),
     ("HTTP://Example.COM/a?b=c&d", ("http", "example.com", 80, "/a?b=c&d", "example.com")),
     ("http://[::1]:8080/x", ("http", "::1", 8080, "/x", "[::1]:8080")),
+    ("http://1password.com/", ("http", "1password.com", 80, "/", "1password.com")),
+    ("http://123.example/", ("http", "123.example", 80, "/", "123.example")),
     ("https://example.com:8443/p/q/?", ("https", "example.com", 8443, "/p/q/?",
                                         "example.com:8443")),
 ])
@@ -189,6 +191,9 @@ def test_a_webhook_url_parses_into_its_target(url, want):
     ("http://256.256.256.256/", "not an IPv4 address: 256.256.256.256"),
     ("http://127.1/", "not an IPv4 address"),
     ("http://010.0.0.1/", "not an IPv4 address"),
+    ("http://0x7f000001/", "not an IPv4 address"),
+    ("http://127.0.0.0x1/", "not an IPv4 address"),
+    ("http://0x7f.1/", "not an IPv4 address"),
     ("http://[fe80::zz]/", "does not parse"),
 ])
 def test_a_bad_webhook_url_is_refused_saying_why(url, why):

@@ -57,7 +57,7 @@ def check_hold(by, ttl_s, min_, key) -> None:
         raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
                          "takes is a signed 64-bit integer")
     if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
-        raise BadRequest(f"ttl must be an int number of seconds from 1 to {HOLD_TTL_S_MAX}")
+        raise BadRequest(f"ttl must be a whole number of seconds from 1 to {HOLD_TTL_S_MAX}")
     if min_ is not None:
         check_int64(min_, "min")
     check_key(key)

@@ -24,11 +24,13 @@ OTHER_NAMES = frozenset({
 # An override is plain ASCII decimal: Python's int() and float() also take
 # "inf", "1e400" (infinite), "1_0" and " 5", and an infinite timeout never
 # fires (a webhook's linger of inf stopped its delivery without a word).
-_COUNT_RE = re.compile(r"[1-9][0-9]*")
-_SECONDS_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-# Beyond these an override is a typo, and would overflow the native parts'
-# C integers or the event loop's timers.
+_COUNT_RE = re.compile(r"[1-9][0-9]{0,9}")
+_SECONDS_RE = re.compile(r"(?:0|[1-9][0-9]{0,9})(?:\.[0-9]{0,9})?|\.[0-9]{1,9}")
+# Beyond these an override is a typo: it would overflow the native parts'
+# C integers or the event loop's timers, or (under a millisecond) make the
+# server's sweep of deadlines spin.
 COUNT_OVERRIDE_MAX = 2 ** 31 - 1
+SECONDS_OVERRIDE_MIN = 0.001
 SECONDS_OVERRIDE_MAX = 7 * 24 * 3600.0
 
 
@@ -38,13 +40,13 @@ def _override(name: str, raw: str, count: bool):
     if count:
         if _COUNT_RE.fullmatch(raw) is None or int(raw) > COUNT_OVERRIDE_MAX:
             raise LimitsError(f"{name}={raw[:40]!r}: must be a whole number from 1 to "
-                              f"{COUNT_OVERRIDE_MAX}, in plain digits")
+                              f"{COUNT_OVERRIDE_MAX}, in plain digits without leading zeros")
         return int(raw)
     value = float(raw) if _SECONDS_RE.fullmatch(raw) else 0.0
-    if not 0 < value <= SECONDS_OVERRIDE_MAX:
-        raise LimitsError(f"{name}={raw[:40]!r}: must be a number of seconds above 0 and at "
-                          f"most {SECONDS_OVERRIDE_MAX:.0f}, in plain digits (a fraction "
-                          "allowed)")
+    if not SECONDS_OVERRIDE_MIN <= value <= SECONDS_OVERRIDE_MAX:
+        raise LimitsError(f"{name}={raw[:40]!r}: must be a number of seconds from "
+                          f"{SECONDS_OVERRIDE_MIN} to {SECONDS_OVERRIDE_MAX:.0f}, in plain "
+                          "digits without leading zeros (a fraction allowed)")
     return value
 
 

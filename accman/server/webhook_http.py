@@ -31,6 +31,9 @@ SCHEMES = {"http": 80, "https": 443}
 # checked with ipaddress.
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?",
                       re.ASCII)
+# A host's last label that makes it an IPv4 address, in some form
+# (decimal, or hex as resolvers take it: 0x7f.1 is 127.0.0.1).
+_NUMBER_LABEL_RE = re.compile(r"[0-9]+|0x[0-9a-f]*", re.ASCII)
 _STATUS_RE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?", re.ASCII)
 # Interim (1xx) replies read before the final one: a receiver has no reason
 # to send any, since no request says Expect.
@@ -93,9 +96,9 @@ def _check_host(host: str) -> None:
             raise ValueError(f"has a host that is not an IPv6 address: [{host}]") from None
     elif _HOST_RE.fullmatch(host) is None:
         raise ValueError(f"has a host that is not a name or an address: {host}")
-    elif host.rstrip(".").rsplit(".", 1)[-1].isdigit():
-        # A name's last label is never all digits (RFC 3696 2): this is an
-        # IPv4 address, and only its four-part dotted form is taken.
+    elif _NUMBER_LABEL_RE.fullmatch(host.rstrip(".").rsplit(".", 1)[-1]):
+        # A name's last label is never a number (RFC 3696 2): this is an
+        # IPv4 address, and only its four-part dotted decimal form is taken.
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
