@@ -123,15 +123,18 @@ function settings (opts) {
   }
   const onUnpaid = opts.onUnpaid ?? null
   if (onUnpaid !== null && typeof onUnpaid !== 'function') throw new TypeError('onUnpaid must be a function')
+  // An option left out takes its default; one given as null is a wrong
+  // value like any other (`cost: null` is not "the default price").
+  const given = (name, value) => opts[name] === undefined ? value : opts[name]
   return {
-    mode: choice(opts.mode ?? 'check', ['check', 'reserve'], 'mode'),
-    open: choice(opts.onUnavailable ?? 'closed', ['closed', 'open'], 'onUnavailable') === 'open',
-    header: headerName(opts.header ?? 'accman'),
-    cost: price(opts.cost ?? 1, 'cost'),
-    exempt: exemptTest(opts.exempt ?? []),
-    chargeErrors: flag(opts.chargeErrors ?? false, 'chargeErrors'),
-    holdTtlS: integer(opts.holdTtlS ?? limits.HOLD_TTL_S_DEFAULT, 'holdTtlS', 1, limits.HOLD_TTL_S_MAX),
-    checkFreshMs: integer(opts.checkFreshMs ?? limits.CHECK_FRESH_MS_DEFAULT, 'checkFreshMs', 0,
+    mode: choice(given('mode', 'check'), ['check', 'reserve'], 'mode'),
+    open: choice(given('onUnavailable', 'closed'), ['closed', 'open'], 'onUnavailable') === 'open',
+    header: headerName(given('header', 'accman')),
+    cost: price(given('cost', 1), 'cost'),
+    exempt: exemptTest(given('exempt', [])),
+    chargeErrors: flag(given('chargeErrors', false), 'chargeErrors'),
+    holdTtlS: integer(given('holdTtlS', limits.HOLD_TTL_S_DEFAULT), 'holdTtlS', 1, limits.HOLD_TTL_S_MAX),
+    checkFreshMs: integer(given('checkFreshMs', limits.CHECK_FRESH_MS_DEFAULT), 'checkFreshMs', 0,
       limits.CHECK_FRESH_MS_MAX),
     onUnpaid
   }
