@@ -49,6 +49,7 @@ def every_call(led, done):
             "ahold": lambda: asyncio.run(led.ahold("a", -1, 5)),
             "asettle": lambda: asyncio.run(led.asettle("a", 2, 0)),
             "verify": lambda: led.verify(),
+            "keep_events_after": lambda: led.keep_events_after(1),
             "__enter__": lambda: led.__enter__(),
         }.items()
     finally:

@@ -472,7 +472,7 @@ class Committer:
 # files and OS errors of the server: it goes to the log and to
 # Committer.error, never to a client (SPEC "Access").
 FAILED_DETAIL = ("the store failed to commit; nothing in this batch was acknowledged, "
-                 "and the server takes no more writes")
+                 "and the store takes no more writes until it is reopened")
 
 
 def _unavailable(callbacks: list, error: StoreError) -> list:

@@ -152,7 +152,6 @@ class Ledger:
         self._reading = self._gate.reading
         self.tot = self._book.tot
         self.submit = self._committer.submit
-        self.keep_events_after = self._events.keep_after
         # accman/store.py: the server's compiled Pipelines take mods and
         # /tot reads through it, without a Python call per request.
         self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL, clock_ms is None)
@@ -459,11 +458,24 @@ class Ledger:
 
     def verify(self) -> dict:
         """The full check (accman.ledger.verify).  Raises StoreCorrupt;
-        returns counts."""
+        returns counts.  Unavailable once LevelDB's write of a batch has
+        failed: its files then lack acknowledged batches (the log has them,
+        replayed at the next open), and a check of them would pass on less
+        than the store holds."""
         from accman.ledger.verify import verify_store
         with self._reading():
-            self._committer.applier.apply()
+            applier = self._committer.applier
+            applier.apply()
+            if applier.error is not None:
+                raise Unavailable("LevelDB's write of an acknowledged batch failed, so its "
+                                  "files cannot be checked: reopen the ledger, then verify")
             return verify_store(self.store)
+
+    def keep_events_after(self, event_id: int | None) -> None:
+        """Events after `event_id` are kept whatever their age (None: the
+        retention alone); from any thread (the webhook's cursor)."""
+        self._check_open()
+        self._events.keep_after(event_id)
 
     def close(self) -> None:
         """Commits what is queued, stops the writer, waits for the reads in
