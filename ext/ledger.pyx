@@ -348,7 +348,7 @@ cdef class Book:
 
     cdef inline int _check_writable(self) except -1:
         if self.failed:
-            raise Unavailable("the store failed to commit; the ledger takes no "
+            raise Unavailable("the store failed to commit; the store takes no "
                               "more writes until it is reopened")
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"{self.queued_mods_max} mods are waiting for the disk; "

@@ -96,8 +96,9 @@ class Meter {
     this.client = opts.client || new AccManClient({
       url: opts.url,
       token: opts.token,
-      timeoutMs: opts.timeoutMs ?? limits.PLUGIN_TIMEOUT_MS_DEFAULT,
-      retries: opts.retries ?? limits.PLUGIN_RETRIES_DEFAULT,
+      // Left out, the plugin's defaults; null is the client's to refuse.
+      timeoutMs: opts.timeoutMs === undefined ? limits.PLUGIN_TIMEOUT_MS_DEFAULT : opts.timeoutMs,
+      retries: opts.retries === undefined ? limits.PLUGIN_RETRIES_DEFAULT : opts.retries,
       connections: opts.connections,
       bigint: true
     })

@@ -399,7 +399,8 @@ test('metrics render the counters in the Prometheus text format', async () => {
 test('options are checked at register', async () => {
   for (const bad of [{ mode: 'maybe' }, { onUnavailable: 'ajar' }, { cost: -1 }, { cost: 1.5 }, { header: 'a b' },
     { holdTtlS: 0 }, { exempt: '/x' }, { url: 'ftp://x' }, { checkFreshMs: -1 },
-    { cost: null }, { mode: null }, { exempt: null }, { chargeErrors: null }]) {
+    { cost: null }, { mode: null }, { exempt: null }, { chargeErrors: null }, { timeoutMs: null },
+    { retries: null }]) {
     const app = Fastify()
     app.register(accman, { url: server.url, ...bad })
     await assert.rejects(app.ready(), TypeError, JSON.stringify(bad))

@@ -112,7 +112,7 @@ export interface FastifyAccmanOptions {
   retries?: number
   connections?: number
   /** Told of every request served or charged without payment. */
-  onUnpaid?: (cred: string, amount: bigint, why: string) => void | Promise<void>
+  onUnpaid?: ((cred: string, amount: bigint, why: string) => void | Promise<void>) | null
 }
 
 export interface AccManRequest {
