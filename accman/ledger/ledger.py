@@ -431,20 +431,14 @@ class Ledger:
     @property
     def stats(self) -> dict:
         c = self._committer
+        book, wal, events = self._book, self.store.wal, self._events
         return {
-            "accounts": len(self._book),
-            "batches": c.batches,
-            "mods": c.mods,
-            "fsync_s_total": c.fsync_s_total,
-            "checkpoints": self.store.wal.checkpoints,
-            "checkpoint_s_total": self.store.wal.checkpoint_s_total,
-            "last_batch_mods": c.last_batch_mods,
-            "queued_mods": self._book.queued_mods,
-            "open_holds": self._book.open_holds_durable,
-            "holds_expired": self._book.holds_expired,
-            "events_last": self._events.last,
-            "events_first": self._events.first,
-            "events_trimmed": self._events.trimmed,
+            "accounts": len(book), "batches": c.batches, "mods": c.mods,
+            "fsync_s_total": c.fsync_s_total, "checkpoints": wal.checkpoints,
+            "checkpoint_s_total": wal.checkpoint_s_total, "last_batch_mods": c.last_batch_mods,
+            "queued_mods": book.queued_mods, "open_holds": book.open_holds_durable,
+            "holds_expired": book.holds_expired, "events_last": events.last,
+            "events_first": events.first, "events_trimmed": events.trimmed,
             "healthy": self.healthy,
         }
 
@@ -459,9 +453,7 @@ class Ledger:
     def verify(self) -> dict:
         """The full check (accman.ledger.verify).  Raises StoreCorrupt;
         returns counts.  Unavailable once LevelDB's write of a batch has
-        failed: its files then lack acknowledged batches (the log has them,
-        replayed at the next open), and a check of them would pass on less
-        than the store holds."""
+        failed: its files lack acknowledged batches until the next open."""
         from accman.ledger.verify import verify_store
         with self._reading():
             applier = self._committer.applier
@@ -472,8 +464,7 @@ class Ledger:
             return verify_store(self.store)
 
     def keep_events_after(self, event_id: int | None) -> None:
-        """Events after `event_id` are kept whatever their age (None: the
-        retention alone); from any thread (the webhook's cursor)."""
+        """Events after `event_id` are kept whatever their age; from any thread."""
         self._check_open()
         self._events.keep_after(event_id)
 
