@@ -354,11 +354,13 @@ class AccManMiddleware:
         return await refuse_unavailable(send)
 
     # --- owed calls, releases under way, shutdown -----------------------------
-    def _spawn(self, coro) -> asyncio.Task:
-        """A task of the middleware's, waited for at shutdown (aclose)."""
+    def _spawn(self, coro, tasks: set | None = None) -> asyncio.Task:
+        """A task of the middleware's, kept in `tasks` (the releases' and
+        charges' by default) and waited for at shutdown (aclose)."""
+        tasks = self._tasks if tasks is None else tasks
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
 
     @staticmethod
@@ -460,9 +462,7 @@ class AccManMiddleware:
             try:
                 told = self._on_unpaid(cred, amount)
                 if inspect.isawaitable(told):       # an async biller: awaited at shutdown too
-                    task = asyncio.get_running_loop().create_task(_billed(told, cred, amount))
-                    self._billing.add(task)
-                    task.add_done_callback(self._billing.discard)
+                    self._spawn(_billed(told, cred, amount), self._billing)
             except Exception:
                 log.exception("accman: on_unpaid of %d (account %s) failed", amount,
                               fingerprint(cred))

@@ -218,6 +218,7 @@ class PgStore:
                 if ops[0].kind == _PAST_BARRIER:
                     op = ops.popleft()
                     self.queued_mods -= 1
+                    self._flying[op] = None     # told by a close from now on
                     await self._past(op, lane.writer)
                     continue
                 taken = []
@@ -376,7 +377,6 @@ class PgStore:
         return None
 
     async def _past(self, op, conn) -> None:
-        self._flying[op] = None             # an ordered one: now, off its lane's queue
         before = op.min if op.min is not None else 2 ** 63 - 1
         try:
             rows = await conn.fetch(B.PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
