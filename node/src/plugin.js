@@ -275,8 +275,12 @@ class Meter {
     }
     let tot
     if (this.mode === 'reserve') {
-      if (state.hold === null) this.cap(cost, 0n) // an estimate of 0: nothing held, nothing charged
-      tot = state.hold === null ? state.tot : await this.settle(state, cost)
+      if (state.hold === null) {
+        this.cap(cost, 0n) // an estimate of 0: nothing held, nothing charged
+        tot = state.tot
+      } else {
+        tot = await this.settle(state, cost)
+      }
     } else {
       try {
         tot = await this.mod(state, cost, false)
