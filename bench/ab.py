@@ -85,7 +85,8 @@ def describe(label, row):
                  if row["mods_per_batch"] is not None else "")
     cpu = " + ".join(f"{us:.1f}" for us in row["cpu_us_by_thread"])
     return (f"{label}  {row['rps']:>10,.0f} req/s  p50 {report.fmt_us(row['p50_us']):>8}  "
-            f"p99 {report.fmt_us(row['p99_us']):>8}  CPU/request {cpu} µs{per_batch}"
+            f"p99 {report.fmt_us(row['p99_us']):>8}  max {report.fmt_us(row['max_us']):>8}  "
+            f"CPU/request {cpu} µs{per_batch}"
             f"  non-2xx {row['non_2xx']}")
 
 

@@ -172,6 +172,7 @@ def test_parse_wrk_reads_rate_latency_and_failures():
     row = runners.parse_wrk(WRK_OUT)
     assert row["rps"] == 61115.0
     assert row["p50_us"] == 850.0 and row["p99_us"] == 3330.0
+    assert row["mean_us"] == 910.12 and row["max_us"] == 9000.0
     assert row["requests"] == 305575 and row["non_2xx"] == 12 and row["socket_errors"] == 0
 
 

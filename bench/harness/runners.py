@@ -14,7 +14,9 @@ from .cpu import cpu_meter
 
 UNITS_US = {"us": 1.0, "ms": 1e3, "s": 1e6}
 WRK_LATENCY_RE = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
-WRK_MEAN_RE = re.compile(r"^\s*Latency\s+([\d.]+)(us|ms|s)\s", re.M)
+# wrk's "Latency  mean  stdev  max  +/- stdev" line.
+WRK_MEAN_RE = re.compile(r"^\s*Latency\s+([\d.]+)(us|ms|s)\s+[\d.]+(?:us|ms|s)\s+"
+                         r"([\d.]+)(us|ms|s)\s", re.M)
 WRK_RPS_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
 WRK_TOTAL_RE = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)", re.M)
 WRK_NON2XX_RE = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
@@ -49,6 +51,7 @@ def parse_wrk(text):
         "rps": float(rps.group(1)),
         "p50_us": lat.get("50"), "p99_us": lat.get("99"),
         "mean_us": float(mean.group(1)) * UNITS_US[mean.group(2)] if mean else None,
+        "max_us": float(mean.group(3)) * UNITS_US[mean.group(4)] if mean else None,
         "requests": int(total.group(1)) if total else None,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": sum(map(int, sock.groups())) if sock else 0,
