@@ -6,7 +6,8 @@ AccMan's own write-ahead log, with group commit.
 ledger.py is the Python `Ledger`; the in-memory book and the record formats
 are the native accman.ledger._ledger (ext/ledger.pyx); commit.py is the
 group committer, store.py LevelDB, wal.py the write-ahead log, fsck.py the
-file checks at open and verify.py the full consistency check.
+file checks at open and verify.py the full consistency check; background.py
+keeps LevelDB's compaction behind the request path.
 """
 
 from accman.ledger.ledger import VERIFY_MODES, Entry, Ledger

@@ -17,6 +17,7 @@ import logging
 import threading
 
 from accman.errors import StoreError
+from accman.ledger import background
 
 log = logging.getLogger("accman.commit")
 
@@ -42,6 +43,7 @@ class Applier:
         self._pending = False           # the writer handed it a batch
         self._stop = False
         self._marked = store.applied    # the store's applied batches the book knows of
+        self._compaction = background.watch(store.level0_files)
         self._thread = threading.Thread(target=self._run, name="accman-apply", daemon=True)
         self._thread.start()
 
@@ -54,9 +56,12 @@ class Applier:
 
     def answered(self, nmods: int) -> None:
         """On the loop: a batch's replies are out; a small one is written
-        now, while the next batch may be on its way to the disk."""
+        now, while the next batch may be on its way to the disk.  Then the
+        loop gives LevelDB's compaction what it owes it (accman.ledger.background)."""
         if nmods <= APPLY_ON_LOOP_MODS_MAX:
             self.apply()
+        if self._compaction is not None:
+            self._compaction.give_way()
 
     def _run(self) -> None:
         while True:

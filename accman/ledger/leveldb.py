@@ -416,6 +416,15 @@ class Store:
                 self.applied += 1
             return self.applied
 
+    def level0_files(self) -> int | None:
+        """The tables in LevelDB's level 0 (its compaction's backlog), or
+        None once closed."""
+        try:
+            value = self.db.get_property(b"leveldb.num-files-at-level0")
+        except (AttributeError, RuntimeError):
+            return None         # closed (plyvel's RuntimeError), or never opened
+        return int(value) if value is not None else None
+
     def close(self, *, checkpoint: bool = True) -> None:
         """Closes LevelDB and the log, after a checkpoint (so that the next
         open has nothing to replay) unless a write failed.  A checkpoint

@@ -53,7 +53,8 @@ def fit_to_descriptors(limits: ServerLimits) -> ServerLimits:
 
 
 def open_ledger(data_path: str, verify: str, **options):
-    from accman.ledger import Ledger
+    from accman.ledger import Ledger, background
+    background.start_behind()       # compaction behind the request path
     try:
         return Ledger(data_path, verify=verify, **options)
     except StoreLocked:

@@ -1,0 +1,139 @@
+"""LevelDB's compaction behind the request path (accman/ledger/background.py):
+a server starts LevelDB's background thread at the lowest priority, and its
+loop gives way to that thread when it has less than its share of a core."""
+
+import os
+import subprocess
+import textwrap
+
+import pytest
+
+from accman.ledger import background
+from accman.ledger.background import (CREDIT_S_MAX, LEVEL0_FILES_OK, OWED_S_MAX, SHARE_BEHIND,
+                                      SHARE_MIN, settle, share)
+from accman.ledger.leveldb import Store
+
+from conftest import PYTHON, ROOT, spawn_server
+
+def test_its_share_grows_with_leveldb_s_backlog():
+    assert share(0) == share(LEVEL0_FILES_OK) == SHARE_MIN
+    assert share(LEVEL0_FILES_OK + 1) == SHARE_BEHIND
+    assert share(None) == SHARE_BEHIND        # not known: as if behind
+
+
+def test_what_it_is_owed():
+    # Ran 1 ms of the 4 it wanted a core: owed its share of 4, less the 1.
+    assert settle(0.0, 0.001, 0.004, 0.5) == pytest.approx(0.001)
+    assert settle(0.0, 0.001, 0.004, 0.2) == pytest.approx(-0.0002)
+    # What it had beyond its share is credit, up to a bound...
+    assert settle(0.0, 0.1, 0.1, 0.2) == -CREDIT_S_MAX
+    # ... and what it is owed is bounded too, so that the loop's sleep is.
+    assert settle(0.0, 0.0, 0.1, 0.5) == OWED_S_MAX
+    # A thread that wanted no core is owed nothing, and keeps its credit.
+    assert settle(0.0008, 0.0, 0.0, 0.5) == 0.0
+    assert settle(-0.005, 0.0, 0.0, 0.5) == -0.005
+
+
+def test_the_store_counts_its_level0_tables(tmp_path):
+    store = Store(str(tmp_path / "d"))
+    assert store.level0_files() == 0
+    store.db.put(b"\xff-scratch", b"x")
+    store.db.compact_range(start=b"\xff-scratch", stop=b"\xff-scratch\x00")
+    assert store.level0_files() == 0          # compacted past level 0
+    store.close()
+    assert store.level0_files() is None
+
+
+def threads_nice(pid):
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+    return out
+
+
+def test_a_server_runs_leveldb_s_compaction_below_its_request_path(tmp_path):
+    srv = spawn_server(tmp_path / "data", tmp_path / "logs")
+    try:
+        assert srv.mod("c" * 16, 5).status == 200
+        nice = threads_nice(srv.pid)
+        assert sorted(nice.values()).count(background.BACKGROUND_NICE) == 1, nice
+        assert set(nice.values()) == {0, background.BACKGROUND_NICE}, nice
+    finally:
+        srv.stop()
+
+
+def run_python(code, timeout=60):
+    out = subprocess.run([PYTHON, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_the_thread_it_starts_is_the_one_that_compacts():
+    ran = run_python("""
+        import os, tempfile, plyvel
+        from accman.ledger import background
+        assert background.start_behind()
+        tid = background._tid
+        assert os.getpriority(os.PRIO_PROCESS, tid) == background.BACKGROUND_NICE
+        def ran():
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                return int(f.read().split()[0])
+        db = plyvel.DB(tempfile.mkdtemp(), create_if_missing=True, write_buffer_size=1 << 16)
+        before = ran()
+        for i in range(20000):
+            db.put(b"%08d" % i, os.urandom(64))
+        db.compact_range()
+        print(before, ran())
+    """)
+    assert int(ran[1]) > int(ran[0])
+
+
+def test_a_thread_already_running_is_left_as_it_is():
+    out = run_python("""
+        import os, tempfile, plyvel
+        from accman.ledger import background
+        plyvel.DB(tempfile.mkdtemp(), create_if_missing=True).compact_range()
+        print(background.start_behind(), background.watch(lambda: 0))
+        print(sorted({os.getpriority(os.PRIO_PROCESS, int(t))
+                      for t in os.listdir("/proc/self/task")}))
+    """)
+    assert out == ["False", "None", "[0]"]
+
+
+STARVED = """
+    import hashlib, os, sys, threading, time
+    from accman.ledger import background
+    give_way = sys.argv[1] == "give-way"
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})   # one core, for both
+    tid = []
+    def busy():             # a core's worth of work in C, without the GIL
+        tid.append(threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, tid[0], background.BACKGROUND_NICE)
+        hashlib.pbkdf2_hmac("sha256", b"k", b"s", (1 << 31) - 1)   # for minutes
+    threading.Thread(target=busy, daemon=True).start()
+    while not tid:
+        time.sleep(0.01)
+    watch = background.Watch(tid[0], lambda: 100)   # LevelDB far behind
+    def sample():
+        with open(f"/proc/self/task/{tid[0]}/schedstat") as f:
+            return [int(v) for v in f.read().split()[:2]]
+    ran0, waited0 = sample()
+    slept = 0.0
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:       # the loop, busy
+        if give_way:
+            slept += watch.give_way()
+    ran1, waited1 = sample()
+    print((ran1 - ran0) / (ran1 - ran0 + waited1 - waited0), slept)
+"""
+
+
+def test_the_loop_gives_way_to_a_starved_compaction():
+    """A busy loop leaves a thread at the lowest priority next to nothing
+    of its core; giving way, it leaves it about the share it is owed."""
+    alone, _ = map(float, run_python(STARVED.replace("sys.argv[1]", "'no'")))
+    given, slept = map(float, run_python(STARVED.replace("sys.argv[1]", "'give-way'")))
+    assert alone < 0.15, alone
+    assert given > 0.35 and slept > 0.2, (given, slept)
