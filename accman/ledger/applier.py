@@ -63,6 +63,11 @@ class Applier:
         if self._compaction is not None:
             self._compaction.give_way()
 
+    @property
+    def gave_way_s(self) -> float:
+        """The loop's sleeps for LevelDB's compaction, all told."""
+        return self._compaction.slept_s if self._compaction is not None else 0.0
+
     def _run(self) -> None:
         while True:
             with self.lock:

@@ -159,6 +159,7 @@ class Watch:
         self._at = self._looked = 0.0
         self._seen: tuple[int, bool] | None = None     # ns run, runnable
         self.owed_s = 0.0               # settle's
+        self.slept_s = 0.0              # all the loop's sleeps for it (/metrics)
         self._share = SHARE_MIN
 
     def give_way(self) -> float:
@@ -172,6 +173,7 @@ class Watch:
             # It runs while the loop sleeps, and is owed its share of that too.
             slept = self.owed_s / (1 - self._share)
             time.sleep(slept)
+            self.slept_s += slept
             self._look()
         self._at = time.monotonic()
         return slept

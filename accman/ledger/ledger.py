@@ -439,7 +439,7 @@ class Ledger:
             "queued_mods": book.queued_mods, "open_holds": book.open_holds_durable,
             "holds_expired": book.holds_expired, "events_last": events.last,
             "events_first": events.first, "events_trimmed": events.trimmed,
-            "healthy": self.healthy,
+            "healthy": self.healthy, "gave_way_s_total": c.applier.gave_way_s,
         }
 
     def drain_samples(self) -> tuple[list[int], list[float]]:

@@ -73,6 +73,9 @@ _KNOWN_STATS = {
                     "the log wraps, at open and at close."),
     "checkpoint_s_total": ("accman_checkpoint_seconds_total", "counter",
                            "Time spent in checkpoints; a batch waits behind one."),
+    "gave_way_s_total": ("accman_gave_way_seconds_total", "counter",
+                         "Time the loop slept to give LevelDB's compaction, starved, "
+                         "its share of the core."),
     "accounts": ("accman_accounts", "gauge", "Accounts in the ledger."),
     "open_holds": ("accman_open_holds", "gauge", "Holds open now (SPEC \"Holds\")."),
     "holds_expired": ("accman_holds_expired_total", "counter",
