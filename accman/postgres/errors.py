@@ -152,9 +152,13 @@ def read_detail(exc: BaseException) -> str:
     return f"the database cannot be read: {describe(exc)}"
 
 
-# A batch in flight when its store closed: the commit may have landed.
-CLOSED_MID_COMMIT = ("the store closed during the commit; nothing in this batch was "
-                     "acknowledged, retry with its key")
+# A batch whose commit may have landed: what each of its callers can do.  A
+# keyed mod or hold sent again, or a settle repeated, answers its first
+# reply; one without a key has no safe retry (its account's /past tells).
+MAY_HAVE_LANDED = ("nothing in this batch was acknowledged and it may have been applied: "
+                   "a mod or hold sent again with its key, or a settle repeated, gets its "
+                   "first reply")
+CLOSED_MID_COMMIT = "the store closed during the commit; " + MAY_HAVE_LANDED
 
 
 def commit_detail(exc: BaseException, kind: str) -> str:
@@ -164,17 +168,14 @@ def commit_detail(exc: BaseException, kind: str) -> str:
         return (f"{READ_ONLY}: nothing in this batch was applied; the store is looking "
                 "for one that does")
     if isinstance(exc, asyncio.TimeoutError):
-        return ("the database did not answer the commit in time; nothing in this batch was "
-                "acknowledged, retry with its key")
+        return "the database did not answer the commit in time; " + MAY_HAVE_LANDED
     if kind == UNKNOWN:
-        return ("the connection to the database broke during the commit; nothing in this "
-                "batch was acknowledged, retry with its key")
+        return "the connection to the database broke during the commit; " + MAY_HAVE_LANDED
     if isinstance(exc, asyncpg.PostgresError):
         # The database said so itself: it rolled the transaction back.
         return f"the database refused the batch, nothing of it was applied: {describe(exc)}"
     # Raised on our side, perhaps after the database committed: unknown.
-    return (f"the commit failed in AccMan ({type(exc).__name__}); nothing in this batch was "
-            "acknowledged, retry with its key")
+    return f"the commit failed in AccMan ({type(exc).__name__}); " + MAY_HAVE_LANDED
 
 
 def store_error(exc: BaseException, what: str) -> StoreError:
