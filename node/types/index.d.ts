@@ -87,11 +87,28 @@ export type CostStage = 'estimate' | 'charge'
 export type CostFunction = (request: FastifyRequest, reply: FastifyReply, stage: CostStage) => Amount
 export type Price = Amount | CostFunction
 
-export interface FastifyAccmanOptions {
+/** The plugin's own client, made from these (the default). */
+export interface OwnClientOptions {
   url?: string
   token?: string
-  /** A client to share instead of the plugin's own; must be made with { bigint: true }. */
-  client?: AccManClient<bigint>
+  timeoutMs?: number
+  retries?: number
+  connections?: number
+  client?: never
+}
+
+/** A client to share instead of the plugin's own: its settings are the client's. */
+export interface SharedClientOptions {
+  /** Must be made with { bigint: true }. */
+  client: AccManClient<bigint>
+  url?: never
+  token?: never
+  timeoutMs?: never
+  retries?: never
+  connections?: never
+}
+
+export type FastifyAccmanOptions = (OwnClientOptions | SharedClientOptions) & {
   /** The default price of a request. Default 1. */
   cost?: Price
   /** 'check' (tot, then charge) or 'reserve' (hold, then settle). Default 'check'. */
@@ -108,9 +125,6 @@ export interface FastifyAccmanOptions {
   holdTtlS?: number
   /** Check mode: admit on a balance read this recently. Default 1000; 0 reads every time. */
   checkFreshMs?: number
-  timeoutMs?: number
-  retries?: number
-  connections?: number
   /** Told of every request served or charged without payment. */
   onUnpaid?: ((cred: string, amount: bigint, why: string) => void | Promise<void>) | null
 }

@@ -37,6 +37,10 @@ async function main (): Promise<void> {
     if (err instanceof Insufficient) console.log(err.tot, err.code, err.status)
     if (err instanceof OutcomeUnknown) console.log('unknown outcome', err.detail)
   }
+  const shared = Fastify()
+  await shared.register(accman, { client: big, cost: 2 })
+  // @ts-expect-error a shared client's settings are its own, not the plugin's
+  await shared.register(accman, { client: big, url: 'http://127.0.0.1:8080' })
   // @ts-expect-error a bigint client's tot is not a number
   const wrong: number = await big.tot('alice')
   // @ts-expect-error hold needs its ttlS
