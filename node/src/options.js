@@ -80,10 +80,12 @@ function exemptTest (exempt) {
   }
   const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
   const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
-  return (request, options = request.routeOptions) => {
+  const test = (request, options = request.routeOptions) => {
     const path = routePath(request, options)
     return exact.has(path) || prefixes.some((p) => path.startsWith(p))
   }
+  test.entries = exempt.slice() // for ready()'s check of what they name (routes.js)
+  return test
 }
 
 // The path that `exempt` names: the route fastify chose, as declared (its

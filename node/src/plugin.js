@@ -20,7 +20,7 @@ const {
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { settings, checkRoute, amount, price } = require('./options')
-const { uncheckedRoutes, uncheckedWarning } = require('./routes')
+const { uncheckedRoutes, uncheckedWarning, unroutedExempt } = require('./routes')
 const { headersOf, dropHandlerHeaders } = require('./headers')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
@@ -498,16 +498,23 @@ async function fastifyAccman (fastify, opts) {
     done()
   })
   let routesChecked = 0
+  const declared = [] // the paths of the routes added after the plugin
   fastify.addHook('onRoute', (route) => {
     checkRoute(route)
     routesChecked++
+    declared.push(route.url)
     route.preHandler = [].concat(route.preHandler ?? [], checkedHook)
   })
   fastify.addHook('onReady', async () => {
     const text = fastify.printRoutes({ includeMeta: ['onRequest', 'preHandler'] })
-    const { unchecked, readable } = uncheckedRoutes(text, admitName, checkedName, routesChecked)
+    const { unchecked, readable, paths } = uncheckedRoutes(text, admitName, checkedName, routesChecked)
     if (!readable) meter.log.warn('accman: printRoutes() is not in the shape known: routes added before the plugin are not found')
     if (unchecked.length) meter.log.warn(uncheckedWarning(unchecked))
+    const unrouted = unroutedExempt(meter.exempt.entries ?? [], declared.concat(paths))
+    if (unrouted.length) {
+      meter.log.warn(`accman: exempt names no route: ${unrouted.join(', ')}; it exempts only ` +
+        'requests that no route answers (exempt names routes by their declared path)')
+    }
   })
   fastify.addHook('onRequest', named(admitName, (request, reply) => meter.admit(request, reply)))
   fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))

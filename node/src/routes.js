@@ -84,11 +84,23 @@ function printedName (hookName) {
 // checked `checked` routes: then the text is not in the shape read here.
 function uncheckedRoutes (text, meteredBy, checkedBy, checked) {
   const routes = printedRoutes(text)
+  const paths = routes.map((r) => r.path)
   const has = (route, hook, name) => (route.hooks[hook] || []).includes(printedName(name))
   const unchecked = routes.filter((r) => has(r, 'onRequest', meteredBy) && !has(r, 'preHandler', checkedBy) &&
     !r.methods.every((m) => m === 'OPTIONS'))
   const readable = checked === 0 || routes.some((r) => has(r, 'preHandler', checkedBy))
-  return { unchecked, readable }
+  return { unchecked, readable, paths }
+}
+
+// The exempt entries (options.js) that name no route of `paths`: an exact
+// one that is no route's declared path, a prefix (`/docs/*`) that begins
+// none.  They exempt only requests that no route answers (their 404s), which
+// is seldom what was meant: a typo, or a route's URL where its declared path
+// (`/users/:id`) is what exempt names.
+function unroutedExempt (entries, paths) {
+  return entries.filter((entry) => entry.endsWith('*')
+    ? !paths.some((path) => path.startsWith(entry.slice(0, -1)))
+    : !paths.includes(entry))
 }
 
 function routeName (route) {
@@ -108,4 +120,4 @@ function uncheckedWarning (unchecked) {
     'the routes it meters (await fastify.register(...) before adding them)'
 }
 
-module.exports = { uncheckedRoutes, uncheckedWarning }
+module.exports = { uncheckedRoutes, uncheckedWarning, unroutedExempt }

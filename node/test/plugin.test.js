@@ -505,6 +505,23 @@ test('a route the plugin meters but was added before it is named at ready(), a w
   }
 })
 
+test('exempt entries that name no route are named at ready(), a warning', async () => {
+  const handler = async () => 'ok'
+  const { app, warnings } = await readyWarnings((app) => {
+    app.get('/early', handler) // added before the plugin: found by printRoutes()
+    app.register(accman, { url: server.url, exempt: ['/health', '/helth', '/early', '/docs/*', '/nodocs/*', '/users/7'] })
+    app.register(async (scope) => {
+      scope.get('/health', handler)
+      scope.get('/docs/a', handler)
+      scope.get('/users/:id', handler)
+    })
+  })
+  assert.deepEqual(warnings.filter((w) => !w.includes('added before the plugin')), [
+    'accman: exempt names no route: /helth, /nodocs/*, /users/7; it exempts only requests that no route ' +
+    'answers (exempt names routes by their declared path)'])
+  await app.close()
+})
+
 test('a bad price on a route added before the plugin fails its requests, never serves them free', async () => {
   await mint.mod('p-early', 10)
   let served = 0
