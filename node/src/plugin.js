@@ -398,10 +398,7 @@ class Meter {
     if (state.hold === null) return
     this.stats.released++
     const item = new Settle(state.cred, state.hold, 0n, state.estimate, state.rid)
-    const releasing = item.run(this.client, this.log)
-      .catch((err) => this.owe(item, err))
-      .finally(() => this.releasing.delete(releasing))
-    this.releasing.add(releasing)
+    track(this.releasing, item.run(this.client, this.log).catch((err) => this.owe(item, err)))
   }
 
   // --- owed calls, stats --------------------------------------------------------
@@ -446,10 +443,8 @@ class Meter {
       // A failing onUnpaid is logged, whether it throws or its promise
       // rejects: never a crash of the service, nor a stop of the owed calls.
       try {
-        const billing = Promise.resolve(this.onUnpaid(cred, cost, why))
-          .catch((err) => this.log.error({ err, account: fingerprint(cred), amount: String(cost) }, 'accman: onUnpaid failed'))
-          .finally(() => this.billing.delete(billing))
-        this.billing.add(billing)
+        track(this.billing, Promise.resolve(this.onUnpaid(cred, cost, why))
+          .catch((err) => this.log.error({ err, account: fingerprint(cred), amount: String(cost) }, 'accman: onUnpaid failed')))
       } catch (err) {
         this.log.error({ err, account: fingerprint(cred), amount: String(cost) }, 'accman: onUnpaid failed')
       }
@@ -475,6 +470,12 @@ class Meter {
     if (this.billing.size) this.log.error(`accman: ${this.billing.size} onUnpaid calls still under way at close: their bills may not be made`)
     if (this.ownClient) await this.client.close()
   }
+}
+
+// Keeps `promise` in `set` until it settles, for close() to wait for.
+function track (set, promise) {
+  const kept = promise.finally(() => set.delete(kept))
+  set.add(kept)
 }
 
 async function fastifyAccman (fastify, opts) {
