@@ -201,7 +201,7 @@ class AccManMiddleware:
                 except (Unauthorized, Forbidden) as e:
                     refused = True
                     return await self._refused_charge(send, e, cred, key)
-                message = self._with_tot(message, new_tot)
+                message = with_tot(message, self._header, new_tot)
             await send(message)
 
         async with watch:
@@ -466,9 +466,6 @@ class AccManMiddleware:
             except Exception:
                 log.exception("accman: on_unpaid of %d (account %s) failed", amount,
                               fingerprint(cred))
-
-    def _with_tot(self, message, tot):
-        return with_tot(message, self._header, tot)
 
     def render_metrics(self) -> str:
         """`stats` in the Prometheus text format, for a /metrics route."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from accman.calling.answers import with_tot
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.owed import CANCELLED, Settle, Unsettle, charge_key, fingerprint
 from accman.errors import AccManError, HoldEnded
@@ -81,11 +82,11 @@ class Reservation:
             log.warning("accman: cost %d over the hold %d: charged %d", cost, self.est, self.est)
             cost = self.est
         if self.hold is None:
-            return mw._with_tot(message, self.tot)     # nothing held, nothing charged
+            return with_tot(message, mw._header, self.tot)     # nothing held, nothing charged
         if not cost:
             mw.stats["released"] += 1
         try:
-            return mw._with_tot(message, await self._settle(cost))
+            return with_tot(message, mw._header, await self._settle(cost))
         except asyncio.CancelledError:
             # The settle may have landed, and the response is not sent.
             mw._owed.add(Unsettle(self.cred, self.hold, cost), CANCELLED)
