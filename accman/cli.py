@@ -42,7 +42,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
-from accman.calling.arguments import data_dir, int64, port, retention, store_url
+from accman.calling.arguments import data_dir, int64, nice, port, retention, store_url
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
@@ -209,6 +209,11 @@ def _serve_arguments(s):
     s.add_argument("--low-balance", type=int64, metavar="L", default=None,
                    help="emit a low_balance event when a balance crosses below L, for "
                         "accounts whose funding mod set no low= of their own (default: none)")
+    s.add_argument("--compaction-nice", type=nice, metavar="N", default=0,
+                   help="run LevelDB's compaction at nice N (1..19; default 0, not lowered) "
+                        "below the request path, for a shorter durable /mod tail: on a host "
+                        "or cgroup where AccMan runs alone (docs/SERVER.md); the embedded "
+                        "store only")
     s.add_argument("--events-retention", type=retention, metavar="DURATION",
                    default=EVENTS_RETENTION_S_DEFAULT,
                    help="keep events at least this long: seconds, or a number with s, m, h "
@@ -315,12 +320,16 @@ def cmd_serve(args) -> int:
     for name in ServerLimits.ignored_names():
         say(f"accman: warning: {name} is not a setting of the server, ignored "
             "(its settings: docs/SERVER.md, \"Limits\")", None)
+    if args.compaction_nice and args.store:
+        return _fail("--compaction-nice is the embedded store's: PostgreSQL compacts "
+                     "nothing of AccMan's")
     try:
         data = args.data if args.data is not None or args.store else DEFAULT_DATA
         return run(host=args.host, port=args.port, data=data,
                    tokens=tokens, limits=limits, verify=args.verify,
                    low_balance=args.low_balance, events_retention_s=args.events_retention,
-                   store_urls=args.store, webhook=webhook, ready=print_ready)
+                   store_urls=args.store, webhook=webhook, ready=print_ready,
+                   compaction_nice=args.compaction_nice)
     except StartupError as e:
         return _fail(e)
     except KeyboardInterrupt:       # ^C before the signal handlers were set

@@ -52,3 +52,11 @@ def port(text):
     if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r} (0..65535)")
     return int(text)
+
+
+def nice(text):
+    """A nice value to lower a thread to: 0 (not lowered) .. 19."""
+    if (not text.isascii() or not text.isdigit() or len(text) > 2
+            or (text != "0" and text.startswith("0")) or not 0 <= int(text) <= 19):
+        raise argparse.ArgumentTypeError(f"invalid nice value {text!r} (0..19)")
+    return int(text)

@@ -1,31 +1,32 @@
-"""LevelDB's compaction behind the request path.
+"""LevelDB's compaction behind the request path, when asked for
+(`accman serve --compaction-nice N`).
 
 LevelDB compacts (a full memtable's flush, then the merges of its tables)
 on one background thread per process, started by whichever thread first
 schedules a compaction, at that thread's priority.  On the core it shares
 with the loop, a compaction at the same priority takes half of it for tens
 of milliseconds at a time, and the mods read meanwhile wait: part of the
-durable /mod tail (docs/PERFORMANCE.md).  So a server starts that thread
-itself, from a thread at BACKGROUND_NICE (start_behind): the loop, the
-writer and the applier take the core before it, and it has what they
-leave.
+durable /mod tail (docs/PERFORMANCE.md).  So a server asked to starts that
+thread itself, from a thread at nice N (start_behind): the loop, the writer
+and the applier take the core before it, and it has what they leave.
 
 Starved, compaction would fall behind until LevelDB stops its writers (a
 full memtable while the one before is not yet flushed, or too many level-0
 tables) for as long as a whole compaction takes: a second under a load
 that keeps the core busy.  A thread's priority cannot be raised again
 without privilege, so the loop gives way instead (Watch.give_way): after a
-batch, at most every CHECK_INTERVAL_S, it reads how long the thread ran and
-how long it waited for a core since the last look (its schedstat), and
-sleeps while the thread has less than its share (`share`) of the time it
-wanted a core: a small share while LevelDB keeps up, half of it once its
-level 0 grows.  Only the request path's own threads are held back this
-way: on a host whose other processes keep its cores busy, compaction
-competes with them at its low priority (within the process's cgroup when
-the service runs in one of its own, as under systemd).
+batch, at most every CHECK_INTERVAL_S, it reads the thread's run time, its
+wait for a core and its state (schedstat and stat), and sleeps while the
+thread has had less than its share (`share`) of the time it wanted a core:
+a small share while LevelDB keeps up, half of it once its level 0 grows.
 
-Linux only, and only where a thread's schedstat can be read: elsewhere the
-thread runs at the priority it has and no loop gives way."""
+That holds the request path back, not other processes: beside a busy
+process of the same scheduling group (one container or cgroup, one
+session under autogroup) a lowered compaction falls behind whatever the
+loop does, and LevelDB stops its writers for up to a second.  Hence not
+the default: for a host or cgroup where AccMan runs alone.  Linux only,
+and only where a thread's schedstat can be read: elsewhere the thread runs
+at the priority it has and no loop gives way."""
 
 from __future__ import annotations
 
@@ -39,23 +40,23 @@ import plyvel
 
 log = logging.getLogger("accman.ledger.background")
 
-# The lowest: beside a busy thread of the request path (nice 0) it has
-# ~1.5 % of the core (CFS weights 15 : 1024), and what the loop gives way.
-BACKGROUND_NICE = 19
 # Of the time compaction wants a core, the share the loop lets it have
 # (settle): SHARE_MIN while LevelDB's level 0 holds at most LEVEL0_FILES_OK
 # tables (it starts compacting them at 4), which is less than it has at
-# BACKGROUND_NICE beside a loop that is not busy all the time, so that the
+# a low nice beside a loop that is not busy all the time, so that the
 # loop does not sleep then; SHARE_BEHIND past it, well before LevelDB slows
 # its writers (8 tables) and stops them (12).
 SHARE_MIN = 0.2
 SHARE_BEHIND = 0.5
 LEVEL0_FILES_OK = 4
-# How often the loop looks at the thread; the most it owes it (so that the
+# How often the loop looks at the thread, and the longest interval between
+# two looks taken as one (a look after a longer gap starts afresh, so that a
+# quiet spell is not owed for); the most it owes it (so that the
 # loop sleeps at most OWED_S_MAX / (1 - SHARE) at once) and the most it may
 # have had beyond its share (so that a quiet minute does not pay for the
 # next burst).
 CHECK_INTERVAL_S = 0.002
+LOOK_GAP_S_MAX = 4 * CHECK_INTERVAL_S
 OWED_S_MAX = 0.001
 CREDIT_S_MAX = 0.020
 # Shorter sleeps are not worth the system call.
@@ -65,15 +66,16 @@ _started = threading.Lock()
 _tid: int | None = None     # the thread start_behind started; 0 if it did not
 
 
-def start_behind() -> bool:
-    """Starts LevelDB's background thread at BACKGROUND_NICE, once per
+def start_behind(nice: int) -> bool:
+    """Starts LevelDB's background thread at `nice` (1..19), once per
     process, before the first store opens.  False when it was already
-    running (a store opened before in this process) or this system does not
-    allow it: it then runs at the priority it has, and no loop gives way."""
+    running (a store of this process compacted before) or this system does
+    not allow it: it then runs at the priority it has, and no loop gives way."""
+    assert 1 <= nice <= 19, nice
     global _tid
     with _started:
         if _tid is None:
-            _tid = _start(BACKGROUND_NICE) or 0
+            _tid = _start(nice) or 0
         return _tid != 0
 
 
@@ -110,17 +112,16 @@ def _start(nice: int) -> int | None:
     starter = threading.Thread(target=schedule, name="accman-leveldb-start")
     starter.start()
     starter.join()
-    if failure:
-        log.info("LevelDB's compaction runs at the default priority: %s", failure[0])
-        return None
-    # The starter itself may linger in the list for a moment after its join.
+    # Found even when the throwaway store failed after LevelDB started it:
+    # lowered, it must be given way to.  The starter itself may linger in
+    # the list for a moment after its join.
     new = set(os.listdir(tasks)) - before - set(starter_tid)
     started = [int(t) for t in new if _nice_of(int(t)) == nice]
-    if len(started) != 1:
-        log.info("LevelDB's compaction runs at the default priority: its thread was "
-                 "already running in this process")
-        return None
-    return started[0]
+    if len(started) == 1:
+        return started[0]
+    why = failure[0] if failure else "its thread was already running in this process"
+    log.warning("LevelDB's compaction runs at the default priority: %s", why)
+    return None
 
 
 def _nice_of(tid: int) -> int | None:
@@ -157,7 +158,7 @@ class Watch:
         self._schedstat = f"/proc/self/task/{tid}/schedstat"
         self._stat = f"/proc/self/task/{tid}/stat"
         self._at = self._looked = 0.0
-        self._seen: tuple[int, bool] | None = None     # ns run, runnable
+        self._seen: tuple[int, int, bool] | None = None    # _sample's
         self.owed_s = 0.0               # settle's
         self.slept_s = 0.0              # all the loop's sleeps for it (/metrics)
         self._share = SHARE_MIN
@@ -171,34 +172,45 @@ class Watch:
         slept = 0.0
         if self.owed_s >= SLEEP_S_MIN:
             # It runs while the loop sleeps, and is owed its share of that too.
-            slept = self.owed_s / (1 - self._share)
-            time.sleep(slept)
+            t0 = time.monotonic()
+            time.sleep(self.owed_s / (1 - self._share))
+            slept = time.monotonic() - t0
             self.slept_s += slept
             self._look()
         self._at = time.monotonic()
         return slept
 
     def _look(self) -> None:
-        """Its run time since the last look, and whether it wants a core
-        now.  A thread waiting for a core has its wait counted in schedstat
-        only once it runs, so one found runnable is taken to have wanted it
-        since the last look; one found asleep, only for the time it ran."""
+        """What it ran and waited for a core since the last look.  Linux
+        counts a wait in schedstat once the thread runs, so one found
+        runnable at both looks that ran little is taken to have wanted the
+        core all along; a look that cannot read it forgets what is owed."""
         now, seen, since = time.monotonic(), self._seen, self._looked
         self._seen, self._looked = self._sample(), now
-        self._share = share(self._level0_files())
-        if seen is None or self._seen is None:
+        if self._seen is None:
+            self.owed_s = min(self.owed_s, 0.0)
+            return
+        runnable = self._seen[2]
+        self._share = share(self._level0_files()) if runnable else SHARE_MIN
+        if seen is None or now - since > LOOK_GAP_S_MAX:
+            # A baseline, or a look after a quiet spell, in which the loop
+            # left the core to it: what it was owed is paid.
+            self.owed_s = min(self.owed_s, 0.0)
             return
         ran_s = (self._seen[0] - seen[0]) / 1e9
-        wanted_s = now - since if self._seen[1] else ran_s
+        wanted_s = ran_s + (self._seen[1] - seen[1]) / 1e9
+        if runnable and seen[2]:
+            wanted_s = max(wanted_s, now - since)
         self.owed_s = settle(self.owed_s, ran_s, wanted_s, self._share)
 
-    def _sample(self) -> tuple[int, bool] | None:
-        """Its run time (ns) and whether it is runnable, or None."""
+    def _sample(self) -> tuple[int, int, bool] | None:
+        """Its run time and its waits for a core (ns), and whether it is
+        runnable now; None if they cannot be read."""
         try:
             with open(self._schedstat, "rb") as f:
-                ran = int(f.read().split()[0])
+                ran, waited = (int(v) for v in f.read().split()[:2])
             with open(self._stat, "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
         except (OSError, ValueError, IndexError):
             return None
-        return ran, state == b"R"
+        return ran, waited, state == b"R"

@@ -420,10 +420,9 @@ class Store:
         """The tables in LevelDB's level 0 (its compaction's backlog), or
         None once closed."""
         try:
-            value = self.db.get_property(b"leveldb.num-files-at-level0")
-        except (AttributeError, RuntimeError):
-            return None         # closed (plyvel's RuntimeError), or never opened
-        return int(value) if value is not None else None
+            return int(self.db.get_property(b"leveldb.num-files-at-level0"))
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            return None     # closed (plyvel's RuntimeError), never opened, or not a count
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Closes LevelDB and the log, after a checkpoint (so that the next

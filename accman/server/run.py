@@ -52,9 +52,10 @@ def fit_to_descriptors(limits: ServerLimits) -> ServerLimits:
     return limits
 
 
-def open_ledger(data_path: str, verify: str, **options):
+def open_ledger(data_path: str, verify: str, compaction_nice: int = 0, **options):
     from accman.ledger import Ledger, background
-    background.start_behind()       # compaction behind the request path
+    if compaction_nice:
+        background.start_behind(compaction_nice)
     try:
         return Ledger(data_path, verify=verify, **options)
     except StoreLocked:
@@ -236,7 +237,7 @@ async def _serve(server, host, port, deliverer, where, ready) -> None:
 def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         limits=None, store=None, ready=None, verify="full", low_balance=None,
         events_retention_s=EVENTS_RETENTION_S_DEFAULT, store_urls=(), webhook=None,
-        store_options=None) -> int:
+        store_options=None, compaction_nice=0) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code.  Raises
     StartupError (one line for a person) when it cannot start.
 
@@ -248,7 +249,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     holds only the server's lock.  `webhook`
     (accman.server.webhook_config.load_config) has the events POSTed to it.
     `store_options` are more keyword arguments for the store that is
-    opened (its bounds: tests reach them small)."""
+    opened (its bounds: tests reach them small).  `compaction_nice`, not 0,
+    lowers LevelDB's compaction to that nice value (accman.ledger.background):
+    the embedded store's only."""
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
@@ -262,6 +265,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     store_options = dict(store_options or {})
     if store is None and not store_urls:
         hold_for_webhook(store_options, data_path, webhook is not None)
+        store_options["compaction_nice"] = compaction_nice
+    elif compaction_nice:
+        raise StartupError("compaction_nice is the embedded store's, opened here")
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
