@@ -242,6 +242,25 @@ def test_a_lock_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path)
     assert _state(other) == before
 
 
+def test_a_front_end_s_lock_directory_is_not_taken_for_an_embedded_store(tmp_path):
+    """A restart that leaves out --store must not serve an empty embedded
+    ledger from the front-end's directory beside the real one."""
+    d = tmp_path / "d"
+    proc = run_accman("serve", "--port", "0", "--data", d,
+                      "--store", "postgresql://accman@127.0.0.1:1/none")
+    assert proc.returncode == EXIT_USAGE            # no database there, but the lock was made
+    assert sorted(os.listdir(d)) == ["LOCK", datadir.FRONTEND_MARK]
+    before = _state(d)
+    proc = run_accman("serve", "--port", "0", "--data", d)
+    assert proc.returncode == EXIT_USAGE
+    assert "holds the lock of a front-end of a PostgreSQL store (accman.frontend)" in proc.stderr
+    with pytest.raises(StoreError, match="not an embedded store: serve it with --store"):
+        Ledger(str(d))
+    assert _state(d) == before
+    # The front-end itself takes it again.
+    datadir.check_usable(str(d), also=datadir.CURSOR_FILE, frontend=True)
+
+
 def test_a_refused_store_keeps_its_files_modes(tmp_path):
     """Tightening comes after every check: a store refused as damaged is
     left as it was found, modes included."""

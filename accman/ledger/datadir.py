@@ -49,6 +49,12 @@ _ACL_OWNER_ONLY = struct.pack("<I", 2) + b"".join(
     for tag, perm in ((0x01, 6), (0x04, 0), (0x20, 0)))
 
 
+# What a PostgreSQL front-end leaves beside its LOCK in --data
+# (accman.server.run.lock_directory): without it a directory that holds
+# only a LOCK (a front-end's, or a creation cut short) would be taken for a
+# new embedded store, and a restart that left out --store would serve an
+# empty ledger beside the real one.
+FRONTEND_MARK = "accman.frontend"
 # What a directory may hold besides a store's files and still be taken for
 # a new store: the root of a file system made for the store has lost+found.
 _MAY_PRECEDE_STORE = {"lost+found"}
@@ -71,11 +77,12 @@ def checked_path(path) -> str:
     return path
 
 
-def check_usable(path: str, also=None) -> None:
+def check_usable(path: str, also=None, frontend: bool = False) -> None:
     """Refuses, changing nothing, a data directory path that is not a
     directory, or a directory that holds no store and is not empty (but
     for names `also` matches): a mistyped `--data` (a home or system
-    directory) is never made 0700 and filled with a store."""
+    directory) is never made 0700 and filled with a store.  A PostgreSQL
+    front-end's directory (FRONTEND_MARK) is refused unless `frontend`."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -85,6 +92,10 @@ def check_usable(path: str, also=None) -> None:
     names = os.listdir(path)
     if any(mark in names for mark in _STORE_MARKS):
         return
+    if FRONTEND_MARK in names and not frontend:
+        raise StoreError(f"{path}: holds the lock of a front-end of a PostgreSQL store "
+                         f"({FRONTEND_MARK}), not an embedded store: serve it with --store, "
+                         "or give a new or empty directory (nothing was changed)")
     foreign = sorted(n for n in names if not STORE_FILE.match(n) and n not in _MAY_PRECEDE_STORE
                      and not (also is not None and also.match(n)))
     if foreign:
@@ -92,6 +103,17 @@ def check_usable(path: str, also=None) -> None:
         more = ", ..." if len(foreign) > _FOREIGN_NAMED_MAX else ""
         raise StoreError(f"{path}: holds no AccMan store and is not empty ({shown}{more}); "
                          "give a new or empty directory (nothing was changed)")
+
+
+def mark_frontend(path: str) -> None:
+    """Leaves FRONTEND_MARK, synced, in a PostgreSQL front-end's data
+    directory that holds no embedded store and has none yet."""
+    names = os.listdir(path)
+    if FRONTEND_MARK in names or any(mark in names for mark in _STORE_MARKS):
+        return
+    _write_synced(path, FRONTEND_MARK, b"the lock directory of a front-end of a PostgreSQL "
+                                       b"store (accman serve --store ... --data DIR)\n")
+    _fsync_path(path)
 
 
 def make(path: str) -> bool:

@@ -104,12 +104,13 @@ def lock_directory(data_path: str) -> None:
     and `accman verify` refuse a directory that a server of the other has."""
     from accman.ledger import datadir
     try:
-        datadir.check_usable(data_path, also=datadir.CURSOR_FILE)
+        datadir.check_usable(data_path, also=datadir.CURSOR_FILE, frontend=True)
     except StoreError as e:
         raise StartupError(f"data directory {e.detail}") from None
     try:
         os.makedirs(data_path, mode=0o700, exist_ok=True)
         _LOCKS.append(datadir.lock_exclusive(data_path, "LOCK"))
+        datadir.mark_frontend(data_path)
     except StoreLocked:
         raise StartupError(f"data directory {data_path} is in use by another accman "
                            "server") from None
