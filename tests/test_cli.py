@@ -367,6 +367,21 @@ def test_version_is_the_packages():
     assert importlib.metadata.version("accman") == accman.__version__
 
 
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+@pytest.mark.parametrize("url,port", [
+    ("postgresql://postgres:secret@127.0.0.1:99999/a", "99999"),
+    ("postgresql://h1:5432,h2:65536/a?target_session_attrs=read-write", "65536"),
+    ("postgresql://[::1]:-1/a", "-1"),
+    ("postgresql:///a?host=/tmp&port=5432,0", "0"),
+])
+def test_a_store_url_with_a_port_out_of_range_is_a_usage_error(command, url, port):
+    """Not a traceback (the driver's OverflowError), nor "connection refused"."""
+    proc = run_accman(command, "--store", url)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--store: the store URL's port '{port}' is not a port (1..65535)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "secret" not in proc.stderr
+
+
 @pytest.mark.parametrize("command", ["serve", "verify"])
 def test_help_names_the_default_data_directory(command):
     proc = run_accman(command, "--help")

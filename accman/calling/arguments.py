@@ -33,11 +33,34 @@ def retention(text):
 
 
 def store_url(text):
-    """--store: a libpq URL, read by the driver; an empty one is refused
-    here, not met as "connection refused"."""
+    """--store: a libpq URL, read by the driver; an empty one, or one with
+    a port out of range, is refused here, not met as "connection refused"
+    (or as the driver's OverflowError)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty URL: give a postgresql:// URL")
+    for p in _url_ports(text):
+        if p and not (p.isascii() and p.isdigit() and 1 <= int(p) <= 65535):
+            raise argparse.ArgumentTypeError(
+                f"the store URL's port {p[:16]!r} is not a port (1..65535)")
     return text
+
+
+def _url_ports(url: str) -> list[str]:
+    """The ports a libpq URL names: in its hosts (`h1:5432,[::1]:5433`) and
+    in a `port=` parameter (a list, one a host)."""
+    rest = url.partition("://")[2]
+    hosts, _, after = rest.partition("/")
+    hosts, _, query = hosts.partition("?") if not after else (hosts, "", after.partition("?")[2])
+    ports = []
+    for host in hosts.rpartition("@")[2].split(","):
+        tail = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in tail:
+            ports.append(tail.rpartition(":")[2])
+    for param in query.split("&"):
+        name, _, value = param.partition("=")
+        if name == "port" and value:
+            ports.extend(value.split(","))
+    return ports
 
 
 def data_dir(text):
