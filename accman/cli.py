@@ -350,7 +350,6 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from accman.errors import AccManError, StoreCorrupt, StoreLocked
     try:
         from accman.ledger import Ledger
         from accman.ledger.leveldb import Store
@@ -363,10 +362,23 @@ def cmd_verify(args) -> int:
     path = os.path.abspath(args.data)
     if not os.path.isdir(path):
         return _fail(f"no data directory at {path}")
+    # SIGTERM ends it as ^C does, through the closes that remove the
+    # private copy, which holds the store's key.
+    with stops_end_call():
+        return _verify(path, Ledger, Store)
+
+
+def _verify(path, Ledger, Store) -> int:
+    from accman.errors import AccManError, StoreCorrupt, StoreLocked
     try:
         # Read-only: recovery runs in a private copy, so that a read-only
         # copy or mount can be verified and no file of the store changes.
-        ledger = Ledger(path, create=False, store=Store(path, create=False, read_only=True))
+        store = Store(path, create=False, read_only=True)
+        try:
+            ledger = Ledger(path, create=False, store=store)
+        except BaseException:
+            store.close(checkpoint=False)
+            raise
     except StoreLocked:
         return _fail(f"data directory {path} is in use by a running server; stop it first")
     except StoreCorrupt as e:

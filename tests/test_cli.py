@@ -2,14 +2,17 @@
 code 2), the client commands against a real server, and against the fake
 AccMan of tests/fake_accman.py where a reply must be lost on purpose."""
 
+import asyncio
 import importlib.metadata
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -359,6 +362,33 @@ def test_verify(start_server, tmp_path):
     assert "ok" in proc.stdout and "entries=2" in proc.stdout
     err = one_line_error(run_accman("verify", "--data", tmp_path / "missing"))
     assert "no data directory" in err
+
+
+def test_verify_stopped_by_sigterm_leaves_no_copy_of_the_store(tmp_path):
+    """Its private copy holds the store's key: a SIGTERM ends it as ^C
+    does, and the copy is removed on the way out."""
+    from accman import Ledger
+    from accman.calling.commands import EXIT_TERMINATED
+    from conftest import PYTHON, server_env
+    data = tmp_path / "data"
+    with Ledger(str(data)) as led:
+        async def fill():           # in batches: big enough that verify takes a while
+            for start in range(0, 20000, 1000):
+                await asyncio.gather(*(led.amod(f"acct{i % 2000}", 1 + i)
+                                       for i in range(start, start + 1000)))
+        asyncio.run(fill())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen([PYTHON, "-m", "accman", "verify", "--data", str(data)],
+                            env=server_env({"TMPDIR": scratch}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not any(scratch.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert any(scratch.iterdir()), "verify made no copy"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == EXIT_TERMINATED, proc.stderr.read()
+    assert list(scratch.iterdir()) == []
 
 
 def test_version_is_the_packages():

@@ -297,6 +297,7 @@ def snapshot(path: str) -> str:
     except OSError as e:
         raise StoreError(f"{path}: cannot read the store: {e.strerror or e}") from e
     scratch = tempfile.mkdtemp(prefix="accman-verify-")
+    name = None
     try:
         for name in sorted(os.listdir(path)):
             src = os.path.join(path, name)
@@ -308,9 +309,13 @@ def snapshot(path: str) -> str:
             else:
                 shutil.copyfile(src, os.path.join(scratch, name))
                 os.chmod(os.path.join(scratch, name), FILE_MODE)
-    except OSError as e:
+    except BaseException as e:
+        # Whatever ends it (a stop too): the copy holds the store's key.
         remove_snapshot(scratch)
-        raise StoreError(f"{path}: cannot copy the store to read it: "
+        if not isinstance(e, OSError):
+            raise
+        what = name if name is not None else "its directory"
+        raise StoreError(f"{path}: cannot copy the store to read it ({what}): "
                          f"{e.strerror or e}") from e
     return scratch
 
