@@ -300,10 +300,14 @@ async def _read(conn) -> ClusterInfo | None:
 
 
 # What a schema of SCHEMA_VERSION is made of (accman.postgres.schema_v*):
-# each is looked for in the connection's search_path.
-SCHEMA_TABLES = ("accman_schema", "accman_counter", "accman_accounts", "accman_history",
-                 "accman_holds", "accman_events", "accman_merged", "accman_cursors",
-                 "accman_holds_due", "accman_history_key", "accman_history_hold_end")
+# each is looked for in the connection's search_path.  Its relations: the
+# tables, their primary keys' indexes (PostgreSQL's names; without one an
+# account's row or an entry is no longer unique, and ON CONFLICT fails every
+# write), and the other indexes.
+_TABLES = ("accman_schema", "accman_counter", "accman_accounts", "accman_history",
+           "accman_holds", "accman_events", "accman_merged", "accman_cursors")
+SCHEMA_TABLES = (_TABLES + tuple(t + "_pkey" for t in _TABLES)
+                 + ("accman_holds_due", "accman_history_key", "accman_history_hold_end"))
 SCHEMA_FUNCTIONS = ("accman_apply", "accman_charges", "accman_expire", "accman_number_events",
                     "accman_merge")
 _MISSING_SQL = """

@@ -183,9 +183,11 @@ def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
 
 
 @pytest.mark.parametrize("drop,says", [
-    ("DROP TABLE accman_holds", "accman_holds, accman_holds_due"),   # its index went with it
+    # Its indexes went with it.
+    ("DROP TABLE accman_holds", "accman_holds, accman_holds_due, accman_holds_pkey"),
     ("DROP FUNCTION accman_merge", "accman_merge"),
-    ("DROP INDEX accman_history_key", "accman_history_key")])
+    ("DROP INDEX accman_history_key", "accman_history_key"),
+    ("ALTER TABLE accman_accounts DROP CONSTRAINT accman_accounts_pkey", "accman_accounts_pkey")])
 def test_a_damaged_schema_is_refused_by_serve_and_migrate_not_repaired(pg, drop, says):
     url = pg.create_database(f"damaged_{drop.split()[-1]}")
     run(migrate([url]))
