@@ -205,6 +205,9 @@ cdef class Book:
     cdef readonly Py_ssize_t holds_max
     cdef readonly Py_ssize_t holds_per_account_max
     cdef readonly Py_ssize_t holds_expired
+    # Accounts whose first change is durable (seq > 0), as tot: what a read
+    # (len, /metrics) is told; by_hid also holds those whose first is pending.
+    cdef readonly Py_ssize_t accounts_durable
     cdef readonly int64_t next_event
     cdef public int64_t events_first      # the oldest event kept (the committer trims)
     cdef int64_t events_sealed            # the newest event in a sealed batch
@@ -259,7 +262,9 @@ cdef class Book:
 
     def load(self, bytes hid, int64_t tot, int64_t seq):
         """Adds an account read from the store at open."""
+        assert seq > 0, "a stored account has a history"
         self.by_hid[hid] = Account(hid, tot, seq)
+        self.accounts_durable += 1
 
     def load_low(self, bytes hid, int64_t low):
         """An account's low-balance threshold, read at open."""
@@ -271,7 +276,7 @@ cdef class Book:
         self.open_holds_durable += 1
 
     def __len__(self):
-        return len(self.by_hid)
+        return self.accounts_durable
 
     cpdef bytes hid_of(self, str cred):
         h = self._hasher.copy()
@@ -578,6 +583,8 @@ cdef class Book:
         balances become visible.  LevelDB gets it after (`applied`)."""
         cdef Account acct
         for acct, tot, seq in batch.sealed:
+            if acct.seq == 0:
+                self.accounts_durable += 1
             acct.tot = tot
             acct.seq = seq
             if acct.pbatch is batch:

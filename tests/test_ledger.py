@@ -894,3 +894,21 @@ def test_a_store_from_before_the_key_file_and_the_log_still_opens(tmp_path):
         assert led.mod("alice", 10, key="k") == (10, 1)        # its key record kept
         assert led.store.salt == salt
     assert keyfile.read_key(path) == salt
+
+
+def test_an_account_is_counted_once_its_first_change_is_durable():
+    """len() and /metrics' accman_accounts read durable state: an account
+    whose funding mod is still in a batch being written is not counted,
+    nor one whose batch failed."""
+    book = _ledger.Book(b"k" * 16, lambda k: None)
+    book.load(b"\x01" * 16, 5, 1)
+    assert len(book) == 1
+    book.apply("new-1", 10, None, None, None, False, 1)
+    book.apply("new-1", -3, None, None, None, False, 2)       # the same account, pending
+    assert len(book) == 1
+    batch = book.seal()
+    book.finish(batch)
+    assert len(book) == 2
+    book.apply("new-2", 10, None, None, None, False, 3)
+    book.fail(book.seal())
+    assert len(book) == 2

@@ -142,6 +142,7 @@ class Book:
     queued_mods_max: int
     open_holds: int
     open_holds_durable: int
+    accounts_durable: int
     holds_max: int
     holds_per_account_max: int
     holds_expired: int
