@@ -3,6 +3,7 @@ the SPEC refuses, naming the value, before anything is sent or opened."""
 
 import argparse
 import re
+import urllib.parse
 
 from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN
 
@@ -32,6 +33,12 @@ def retention(text):
     return seconds
 
 
+# The most a port has; a URL's port is quoted back only when it is digits of
+# at most PORT_DIGITS_SHOWN (other text there may be a password's part).
+PORT_MAX = 65535
+PORT_DIGITS_SHOWN = 8
+
+
 def store_url(text):
     """--store: a libpq URL, read by the driver; an empty one, or one with
     a port out of range, is refused here, not met as "connection refused"
@@ -39,28 +46,32 @@ def store_url(text):
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty URL: give a postgresql:// URL")
     for p in _url_ports(text):
-        if p and not (p.isascii() and p.isdigit() and 1 <= int(p) <= 65535):
-            raise argparse.ArgumentTypeError(
-                f"the store URL's port {p[:16]!r} is not a port (1..65535)")
+        if p.isascii() and p.isdigit() and 1 <= int(p) <= PORT_MAX:
+            continue
+        shown = repr(p) if p.isascii() and p.isdigit() and len(p) <= PORT_DIGITS_SHOWN \
+            else "that is not a number"
+        raise argparse.ArgumentTypeError(
+            f"the store URL has a port {shown}: a port is 1..{PORT_MAX}")
     return text
 
 
 def _url_ports(url: str) -> list[str]:
-    """The ports a libpq URL names: in its hosts (`h1:5432,[::1]:5433`) and
-    in a `port=` parameter (a list, one a host)."""
+    """The ports a libpq URL names (percent-decoded): in its hosts
+    (`h1:5432,[::1]:5433`) and in a `port=` parameter (a list, one a
+    host).  An empty one is the default port."""
     rest = url.partition("://")[2]
-    hosts, _, after = rest.partition("/")
-    hosts, _, query = hosts.partition("?") if not after else (hosts, "", after.partition("?")[2])
+    authority_path, _, query = rest.partition("?")
+    hosts = authority_path.partition("/")[0].rpartition("@")[2]
     ports = []
-    for host in hosts.rpartition("@")[2].split(","):
+    for host in hosts.split(","):
         tail = host.rpartition("]")[2] if host.startswith("[") else host
         if ":" in tail:
-            ports.append(tail.rpartition(":")[2])
+            ports.append(urllib.parse.unquote(tail.rpartition(":")[2]))
     for param in query.split("&"):
         name, _, value = param.partition("=")
-        if name == "port" and value:
-            ports.extend(value.split(","))
-    return ports
+        if urllib.parse.unquote(name) == "port":
+            ports.extend(urllib.parse.unquote(value).split(","))
+    return [p for p in ports if p]
 
 
 def data_dir(text):
