@@ -249,16 +249,26 @@ def test_a_front_end_s_lock_directory_is_not_taken_for_an_embedded_store(tmp_pat
     proc = run_accman("serve", "--port", "0", "--data", d,
                       "--store", "postgresql://accman@127.0.0.1:1/none")
     assert proc.returncode == EXIT_USAGE            # no database there, but the lock was made
-    assert sorted(os.listdir(d)) == ["LOCK", datadir.FRONTEND_MARK]
+    assert sorted(os.listdir(d)) == sorted(["LOCK", datadir.FRONTEND_MARK])
     before = _state(d)
     proc = run_accman("serve", "--port", "0", "--data", d)
     assert proc.returncode == EXIT_USAGE
-    assert "holds the lock of a front-end of a PostgreSQL store (accman.frontend)" in proc.stderr
+    assert ("holds the lock of a front-end of a PostgreSQL store (FRONTEND.accman)"
+            in proc.stderr)
     with pytest.raises(StoreError, match="not an embedded store: serve it with --store"):
         Ledger(str(d))
     assert _state(d) == before
-    # The front-end itself takes it again.
+    # The front-end itself takes it again; not one that holds an embedded store.
     datadir.check_usable(str(d), also=datadir.CURSOR_FILE, frontend=True)
+    store = tmp_path / "store"
+    with Ledger(str(store)) as led:
+        led.mod("alice", 5)
+    before = _state(store)
+    proc = run_accman("serve", "--port", "0", "--data", store,
+                      "--store", "postgresql://accman@127.0.0.1:1/none")
+    assert proc.returncode == EXIT_USAGE
+    assert "holds an embedded store: a front-end of a PostgreSQL store needs" in proc.stderr
+    assert _state(store) == before
 
 
 def test_a_refused_store_keeps_its_files_modes(tmp_path):

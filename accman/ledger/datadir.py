@@ -53,8 +53,9 @@ _ACL_OWNER_ONLY = struct.pack("<I", 2) + b"".join(
 # (accman.server.run.lock_directory): without it a directory that holds
 # only a LOCK (a front-end's, or a creation cut short) would be taken for a
 # new embedded store, and a restart that left out --store would serve an
-# empty ledger beside the real one.
-FRONTEND_MARK = "accman.frontend"
+# empty ledger beside the real one.  Not a name STORE_FILE matches, so that
+# an AccMan from before the mark refuses the directory as one of other files.
+FRONTEND_MARK = "FRONTEND.accman"
 # What a directory may hold besides a store's files and still be taken for
 # a new store: the root of a file system made for the store has lost+found.
 _MAY_PRECEDE_STORE = {"lost+found"}
@@ -91,13 +92,18 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
         raise StoreError(f"{path}: not a directory")
     names = os.listdir(path)
     if any(mark in names for mark in _STORE_MARKS):
+        if frontend:
+            # A restart without --store would serve its balances, stale.
+            raise StoreError(f"{path}: holds an embedded store: a front-end of a PostgreSQL "
+                             "store needs a directory of its own (nothing was changed)")
         return
     if FRONTEND_MARK in names and not frontend:
         raise StoreError(f"{path}: holds the lock of a front-end of a PostgreSQL store "
                          f"({FRONTEND_MARK}), not an embedded store: serve it with --store, "
                          "or give a new or empty directory (nothing was changed)")
     foreign = sorted(n for n in names if not STORE_FILE.match(n) and n not in _MAY_PRECEDE_STORE
-                     and not (also is not None and also.match(n)))
+                     and not (also is not None and also.match(n))
+                     and not (frontend and n == FRONTEND_MARK))
     if foreign:
         shown = ", ".join(foreign[:_FOREIGN_NAMED_MAX])
         more = ", ..." if len(foreign) > _FOREIGN_NAMED_MAX else ""
@@ -107,9 +113,8 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
 
 def mark_frontend(path: str) -> None:
     """Leaves FRONTEND_MARK, synced, in a PostgreSQL front-end's data
-    directory that holds no embedded store and has none yet."""
-    names = os.listdir(path)
-    if FRONTEND_MARK in names or any(mark in names for mark in _STORE_MARKS):
+    directory (check_usable(frontend=True) refused one with a store)."""
+    if os.path.exists(os.path.join(path, FRONTEND_MARK)):
         return
     _write_synced(path, FRONTEND_MARK, b"the lock directory of a front-end of a PostgreSQL "
                                        b"store (accman serve --store ... --data DIR)\n")

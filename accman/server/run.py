@@ -110,12 +110,17 @@ def lock_directory(data_path: str) -> None:
     try:
         os.makedirs(data_path, mode=0o700, exist_ok=True)
         _LOCKS.append(datadir.lock_exclusive(data_path, "LOCK"))
-        datadir.mark_frontend(data_path)
     except StoreLocked:
         raise StartupError(f"data directory {data_path} is in use by another accman "
                            "server") from None
     except OSError as e:
         raise StartupError(f"data directory {data_path}: {e.strerror or e}") from None
+    try:
+        datadir.mark_frontend(data_path)
+    except OSError as e:     # the front-end needs no room of its own: it serves on
+        say(f"accman: warning: data directory {data_path}: the mark that it is a "
+            f"front-end's ({datadir.FRONTEND_MARK}) could not be written: {e.strerror or e}; "
+            "a restart without --store would take it for a new embedded store")
 
 
 def redacted(url: str) -> str:
