@@ -363,12 +363,16 @@ def cmd_verify(args) -> int:
     if not os.path.isdir(path):
         return _fail(f"no data directory at {path}")
     # SIGTERM ends it as ^C does, through the closes that remove the
-    # private copy, which holds the store's key.
+    # private copy, which holds the store's key; once the verdict is known,
+    # both are held back, so that it is said whole with its exit code.
     with stops_end_call():
-        return _verify(path, Ledger, Store)
+        verdict = _verify(path, Ledger, Store)
+        hold_stops()
+    return verdict()
 
 
-def _verify(path, Ledger, Store) -> int:
+def _verify(path, Ledger, Store):
+    """The verdict on the store at `path`: a call that says it, returning the exit code."""
     from accman.errors import AccManError, StoreCorrupt, StoreLocked
     try:
         # Read-only: recovery runs in a private copy, so that a read-only
@@ -380,19 +384,22 @@ def _verify(path, Ledger, Store) -> int:
             store.close(checkpoint=False)
             raise
     except StoreLocked:
-        return _fail(f"data directory {path} is in use by a running server; stop it first")
+        return lambda: _fail(f"data directory {path} is in use by a running server; "
+                             "stop it first")
     except StoreCorrupt as e:
-        return print_result(f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED)
+        return lambda d=e.detail: print_result(f"accman: verify {path}: FAILED: {d}",
+                                               EXIT_REFUSED)
     except AccManError as e:
-        return _fail(f"cannot open data directory {path}: {e.detail}")
+        return lambda d=e.detail: _fail(f"cannot open data directory {path}: {d}")
     try:
         counts = ledger.verify()
     except StoreCorrupt as e:
-        return print_result(f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED)
+        return lambda d=e.detail: print_result(f"accman: verify {path}: FAILED: {d}",
+                                               EXIT_REFUSED)
     finally:
         ledger.close()
     described = ", ".join(f"{name}={n}" for name, n in counts.items())
-    return print_result(f"accman: verify {path}: ok ({described})", EXIT_OK)
+    return lambda: print_result(f"accman: verify {path}: ok ({described})", EXIT_OK)
 
 
 # --- client commands ---------------------------------------------------------

@@ -173,3 +173,6 @@ UNAUTHED_IDLE_TIMEOUT_S = 10.0
 LINGER_S = 2.0
 # On SIGTERM: how long in-flight requests get to be answered before close.
 SHUTDOWN_GRACE_S = 10.0
+
+# The lowest priority a thread can be given (`accman serve --compaction-nice`).
+NICE_MAX = 19

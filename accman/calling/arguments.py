@@ -5,7 +5,7 @@ import argparse
 import re
 import urllib.parse
 
-from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN
+from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, NICE_MAX
 
 _INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
 _DURATION_RE = re.compile(r"([1-9][0-9]*)([smhd]?)")
@@ -89,8 +89,8 @@ def port(text):
 
 
 def nice(text):
-    """A nice value to lower a thread to: 0 (not lowered) .. 19."""
-    if (not text.isascii() or not text.isdigit() or len(text) > 2
-            or (text != "0" and text.startswith("0")) or not 0 <= int(text) <= 19):
-        raise argparse.ArgumentTypeError(f"invalid nice value {text!r} (0..19)")
+    """A nice value to lower a thread to: 0 (not lowered) .. NICE_MAX."""
+    if (not text.isascii() or not text.isdigit() or len(text) > len(str(NICE_MAX))
+            or (text != "0" and text.startswith("0")) or not 0 <= int(text) <= NICE_MAX):
+        raise argparse.ArgumentTypeError(f"invalid nice value {text!r} (0..{NICE_MAX})")
     return int(text)

@@ -38,6 +38,8 @@ import time
 
 import plyvel
 
+from accman.limits import NICE_MAX
+
 log = logging.getLogger("accman.ledger.background")
 
 # Of the time compaction wants a core, the share the loop lets it have
@@ -49,9 +51,10 @@ log = logging.getLogger("accman.ledger.background")
 SHARE_MIN = 0.2
 SHARE_BEHIND = 0.5
 LEVEL0_FILES_OK = 4
-# How often the loop looks at the thread, and the longest interval between
-# two looks taken as one (a look after a longer gap starts afresh, so that a
-# quiet spell is not owed for); the most it owes it (so that the
+# How often the loop looks at the thread, and the most of the interval
+# between two looks that a thread found runnable at both is taken to have
+# wanted (looks come after batches, which may be far apart); the most it
+# owes it (so that the
 # loop sleeps at most OWED_S_MAX / (1 - SHARE) at once) and the most it may
 # have had beyond its share (so that a quiet minute does not pay for the
 # next burst).
@@ -71,7 +74,7 @@ def start_behind(nice: int) -> bool:
     process, before the first store opens.  False when it was already
     running (a store of this process compacted before) or this system does
     not allow it: it then runs at the priority it has, and no loop gives way."""
-    assert 1 <= nice <= 19, nice
+    assert 1 <= nice <= NICE_MAX, nice
     global _tid
     with _started:
         if _tid is None:
@@ -88,6 +91,7 @@ def watch(level0_files) -> Watch | None:
 def _start(nice: int) -> int | None:
     tasks = "/proc/self/task"
     if not os.path.isdir(tasks):
+        log.warning("LevelDB's compaction runs at the default priority: no %s here", tasks)
         return None
     before = set(os.listdir(tasks))
     starter_tid = []
@@ -183,8 +187,9 @@ class Watch:
     def _look(self) -> None:
         """What it ran and waited for a core since the last look.  Linux
         counts a wait in schedstat once the thread runs, so one found
-        runnable at both looks that ran little is taken to have wanted the
-        core all along; a look that cannot read it forgets what is owed."""
+        runnable at both looks is taken to have wanted the core since the
+        last one (LOOK_GAP_S_MAX at most); a look that cannot read it
+        forgets what is owed."""
         now, seen, since = time.monotonic(), self._seen, self._looked
         self._seen, self._looked = self._sample(), now
         if self._seen is None:
@@ -192,15 +197,12 @@ class Watch:
             return
         runnable = self._seen[2]
         self._share = share(self._level0_files()) if runnable else SHARE_MIN
-        if seen is None or now - since > LOOK_GAP_S_MAX:
-            # A baseline, or a look after a quiet spell, in which the loop
-            # left the core to it: what it was owed is paid.
-            self.owed_s = min(self.owed_s, 0.0)
-            return
+        if seen is None:
+            return          # a baseline
         ran_s = (self._seen[0] - seen[0]) / 1e9
         wanted_s = ran_s + (self._seen[1] - seen[1]) / 1e9
         if runnable and seen[2]:
-            wanted_s = max(wanted_s, now - since)
+            wanted_s = max(wanted_s, min(now - since, LOOK_GAP_S_MAX))
         self.owed_s = settle(self.owed_s, ran_s, wanted_s, self._share)
 
     def _sample(self) -> tuple[int, int, bool] | None:

@@ -13,7 +13,7 @@ import socket
 import urllib.parse
 
 from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
-from accman.limits import EVENTS_RETENTION_S_DEFAULT, FDS_RESERVED
+from accman.limits import EVENTS_RETENTION_S_DEFAULT, FDS_RESERVED, NICE_MAX
 from accman.server.say import say
 from accman.server.server import Server
 from accman.server.settings import ServerLimits
@@ -269,6 +269,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     os.umask(0o077)
     data_path = os.path.abspath(data) if data is not None else None
     store_options = dict(store_options or {})
+    if type(compaction_nice) is not int or not 0 <= compaction_nice <= NICE_MAX:
+        raise StartupError(f"compaction_nice must be a whole number 0..{NICE_MAX}, "
+                           f"not {compaction_nice!r}")
     if store is None and not store_urls:
         hold_for_webhook(store_options, data_path, webhook is not None)
         store_options["compaction_nice"] = compaction_nice

@@ -20,7 +20,7 @@ const {
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { settings, checkRoute, amount, price } = require('./options')
-const { uncheckedRoutes, uncheckedWarning, unroutedExempt } = require('./routes')
+const { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning } = require('./routes')
 const { headersOf, dropHandlerHeaders } = require('./headers')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
@@ -503,7 +503,9 @@ async function fastifyAccman (fastify, opts) {
   fastify.addHook('onRoute', (route) => {
     checkRoute(route)
     routesChecked++
-    declared.push(route.url)
+    // A prefixed '/' route answers /v1 and /v1/, both routed to '/v1'
+    // (routeOptions.url), which is what exempt names.
+    declared.push(route.prefix && route.routePath === '/' ? route.prefix : route.url)
     route.preHandler = [].concat(route.preHandler ?? [], checkedHook)
   })
   fastify.addHook('onReady', async () => {
@@ -511,11 +513,9 @@ async function fastifyAccman (fastify, opts) {
     const { unchecked, readable, paths } = uncheckedRoutes(text, admitName, checkedName, routesChecked)
     if (!readable) meter.log.warn('accman: printRoutes() is not in the shape known: routes added before the plugin are not found')
     if (unchecked.length) meter.log.warn(uncheckedWarning(unchecked))
-    const unrouted = unroutedExempt(meter.exempt.entries ?? [], declared.concat(paths))
-    if (unrouted.length) {
-      meter.log.warn(`accman: exempt names no route: ${unrouted.join(', ')}; it exempts only ` +
-        'requests that no route answers (exempt names routes by their declared path)')
-    }
+    // Only when printRoutes() was read: else routes added before the plugin are not known.
+    const unrouted = readable ? unroutedExempt(meter.exempt.entries ?? [], declared.concat(paths)) : []
+    if (unrouted.length) meter.log.warn(unroutedWarning(unrouted))
   })
   fastify.addHook('onRequest', named(admitName, (request, reply) => meter.admit(request, reply)))
   fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))

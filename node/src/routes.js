@@ -84,7 +84,9 @@ function printedName (hookName) {
 // checked `checked` routes: then the text is not in the shape read here.
 function uncheckedRoutes (text, meteredBy, checkedBy, checked) {
   const routes = printedRoutes(text)
-  const paths = routes.map((r) => r.path)
+  // A prefixed '/' route is printed as /v1 and /v1/, and routed as '/v1'.
+  const printed = new Set(routes.map((r) => r.path))
+  const paths = [...printed].filter((p) => !(p.length > 1 && p.endsWith('/') && printed.has(p.slice(0, -1))))
   const has = (route, hook, name) => (route.hooks[hook] || []).includes(printedName(name))
   const unchecked = routes.filter((r) => has(r, 'onRequest', meteredBy) && !has(r, 'preHandler', checkedBy) &&
     !r.methods.every((m) => m === 'OPTIONS'))
@@ -120,4 +122,12 @@ function uncheckedWarning (unchecked) {
     'the routes it meters (await fastify.register(...) before adding them)'
 }
 
-module.exports = { uncheckedRoutes, uncheckedWarning, unroutedExempt }
+// The warning at ready(): the entries named, up to ROUTES_NAMED_MAX.
+function unroutedWarning (unrouted) {
+  const names = unrouted.slice(0, ROUTES_NAMED_MAX)
+  if (unrouted.length > ROUTES_NAMED_MAX) names.push(`and ${unrouted.length - ROUTES_NAMED_MAX} more`)
+  return `accman: exempt names no route: ${names.join(', ')}; it exempts only requests that no ` +
+    'route answers (exempt names routes by their declared path)'
+}
+
+module.exports = { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning }

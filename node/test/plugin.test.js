@@ -509,16 +509,21 @@ test('exempt entries that name no route are named at ready(), a warning', async 
   const handler = async () => 'ok'
   const { app, warnings } = await readyWarnings((app) => {
     app.get('/early', handler) // added before the plugin: found by printRoutes()
-    app.register(accman, { url: server.url, exempt: ['/health', '/helth', '/early', '/docs/*', '/nodocs/*', '/users/7'] })
+    app.register(accman, {
+      url: server.url,
+      exempt: ['/health', '/helth', '/early', '/docs/*', '/nodocs/*', '/users/7', '/v1', '/v1/']
+    })
     app.register(async (scope) => {
       scope.get('/health', handler)
       scope.get('/docs/a', handler)
       scope.get('/users/:id', handler)
     })
+    app.register(async (scope) => scope.get('/', handler), { prefix: '/v1' })
   })
+  // '/v1/' names no route: a prefixed '/' route is '/v1' whichever URL asked.
   assert.deepEqual(warnings.filter((w) => !w.includes('added before the plugin')), [
-    'accman: exempt names no route: /helth, /nodocs/*, /users/7; it exempts only requests that no route ' +
-    'answers (exempt names routes by their declared path)'])
+    'accman: exempt names no route: /helth, /nodocs/*, /users/7, /v1/; it exempts only requests that no ' +
+    'route answers (exempt names routes by their declared path)'])
   await app.close()
 })
 
