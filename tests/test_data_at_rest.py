@@ -227,6 +227,19 @@ def test_a_creation_cut_short_on_a_file_system_root_is_made_again(tmp_path):
     assert (root / "lost+found").is_dir()
 
 
+NO_DATABASE = "postgresql://accman@127.0.0.1:1/none"
+
+
+def _front_end_refused(data, says):
+    """A front-end of a PostgreSQL store given `data` is refused before it
+    changes anything there, saying `says`."""
+    before = _state(data)
+    proc = run_accman("serve", "--port", "0", "--data", data, "--store", NO_DATABASE)
+    assert proc.returncode == EXIT_USAGE
+    assert says in proc.stderr
+    assert _state(data) == before
+
+
 def test_a_lock_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path):
     """--data beside --store holds only the lock: a directory of other
     files is refused before the lock is made in it, as for the embedded
@@ -234,20 +247,14 @@ def test_a_lock_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    before = _state(other)
-    proc = run_accman("serve", "--port", "0", "--data", other,
-                      "--store", "postgresql://accman@127.0.0.1:1/none")
-    assert proc.returncode == EXIT_USAGE
-    assert "holds no AccMan store and is not empty (notes.txt)" in proc.stderr
-    assert _state(other) == before
+    _front_end_refused(other, "holds no AccMan store and is not empty (notes.txt)")
 
 
 def test_a_front_end_s_lock_directory_is_not_taken_for_an_embedded_store(tmp_path):
     """A restart that leaves out --store must not serve an empty embedded
     ledger from the front-end's directory beside the real one."""
     d = tmp_path / "d"
-    proc = run_accman("serve", "--port", "0", "--data", d,
-                      "--store", "postgresql://accman@127.0.0.1:1/none")
+    proc = run_accman("serve", "--port", "0", "--data", d, "--store", NO_DATABASE)
     assert proc.returncode == EXIT_USAGE            # no database there, but the lock was made
     assert sorted(os.listdir(d)) == sorted(["LOCK", datadir.FRONTEND_MARK])
     before = _state(d)
@@ -263,12 +270,7 @@ def test_a_front_end_s_lock_directory_is_not_taken_for_an_embedded_store(tmp_pat
     store = tmp_path / "store"
     with Ledger(str(store)) as led:
         led.mod("alice", 5)
-    before = _state(store)
-    proc = run_accman("serve", "--port", "0", "--data", store,
-                      "--store", "postgresql://accman@127.0.0.1:1/none")
-    assert proc.returncode == EXIT_USAGE
-    assert "holds an embedded store: a front-end of a PostgreSQL store needs" in proc.stderr
-    assert _state(store) == before
+    _front_end_refused(store, "holds an embedded store: a front-end of a PostgreSQL store needs")
 
 
 def test_a_refused_store_keeps_its_files_modes(tmp_path):
