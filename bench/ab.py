@@ -3,6 +3,7 @@
     .venv/bin/python bench/ab.py HEAD~1 HEAD                  # durable /mod, 64 connections
     .venv/bin/python bench/ab.py --route tot --conns 16 main WORKTREE
     .venv/bin/python bench/ab.py --route mod_pipelined main WORKTREE
+    .venv/bin/python bench/ab.py --b-args=--compaction-nice=19 HEAD HEAD   # a flag's worth
 
 On this shared machine one figure moves by 5-20 % from minute to minute, so a
 change is judged by alternating the two revisions, round after round, and
@@ -62,9 +63,9 @@ def checkout(rev, into):
     return path
 
 
-def one_run(repo, workdir, route, conns, duration_s):
+def one_run(repo, workdir, route, conns, duration_s, server_args=()):
     script, args, accounts = ROUTES[route]
-    with AccManServer(workdir, repo=repo) as server:
+    with AccManServer(workdir, repo=repo, args=server_args) as server:
         fund_accounts(server.port, plan.CYCLE_PREFIX, accounts, plan.FUND_BY)
         run_wrk(server.url, script, args, conns, plan.WARMUP_S)
         before = thread_cpu_ticks(server.pid), metrics_counters(server.port, COMMIT_COUNTERS)
@@ -98,16 +99,22 @@ def main(argv=None):
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=plan.DURATION_S, help="seconds per run")
+    ap.add_argument("--b-args", default="", metavar="FLAGS",
+                    help="more flags of `accman serve` for B, split at spaces")
     opts = ap.parse_args(argv)
+    server_args = {"A": [], "B": opts.b_args.split()}
     with tempfile.TemporaryDirectory(prefix="accman-ab-") as tmp:
-        repos = {"A": checkout(opts.a, tmp), "B": checkout(opts.b, tmp)}
-        print(f"A = {opts.a}, B = {opts.b}: {opts.route} at {opts.conns} connections, "
+        repos = {"A": checkout(opts.a, tmp)}
+        repos["B"] = repos["A"] if opts.b == opts.a else checkout(opts.b, tmp)
+        print(f"A = {opts.a}, B = {opts.b} {opts.b_args}: {opts.route} at {opts.conns} "
+              f"connections, "
               f"{opts.rounds} rounds of {opts.duration:g} s, alternating", flush=True)
         rps = {"A": [], "B": []}
         for i in range(opts.rounds):
             # Alternate which goes first, so that neither always follows the other.
             for label in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                row = one_run(repos[label], tmp, opts.route, opts.conns, opts.duration)
+                row = one_run(repos[label], tmp, opts.route, opts.conns, opts.duration,
+                              server_args[label])
                 rps[label].append(row["rps"])
                 print(f"round {i + 1}  " + describe(label, row), flush=True)
         med = {k: statistics.median(v) for k, v in rps.items()}

@@ -135,14 +135,15 @@ class AccManServer(Server):
     name, title = "accman", "AccMan"
     READY_RE = re.compile(r"http://127\.0\.0\.1:(\d+)")
 
-    def __init__(self, workdir, repo=REPO_DIR):
+    def __init__(self, workdir, repo=REPO_DIR, args=()):
         super().__init__(workdir)
         self.repo = Path(repo)       # bench/ab.py serves other revisions' checkouts
+        self.args = list(args)       # more flags of `accman serve` (bench/ab.py)
 
     def __enter__(self):
         env = dict(os.environ, PYTHONPATH=str(self.repo))
         self.start([PYTHON, "-m", "accman", "serve", "--host", HOST, "--port", "0",
-                    "--data", str(self.workdir / "data")],
+                    "--data", str(self.workdir / "data"), *self.args],
                    stdout_pipe=True, cwd=self.repo, env=env)
         lines = queue.Queue()
 
