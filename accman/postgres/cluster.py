@@ -152,3 +152,17 @@ class Cluster:
             raise
         if healthy:
             self.error = None
+
+
+def health_detail(clusters) -> str | None:
+    """/health's 503 detail for a store of `clusters`, or None when every
+    one can commit: with some of several lost, the others' accounts still
+    take writes, and the detail says which cannot."""
+    lost = [str(n) for n, c in enumerate(clusters, 1) if not c.healthy]
+    if not lost:
+        return None
+    if len(lost) == len(clusters):
+        return "the store cannot commit; the server takes no writes"
+    which = "cluster " + lost[0] if len(lost) == 1 else "clusters " + ", ".join(lost)
+    return (f"{which} of the store's {len(clusters)} cannot commit: writes to accounts there "
+            "are refused, the others' are taken")

@@ -38,7 +38,7 @@ from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
-from accman.postgres.cluster import Cluster
+from accman.postgres.cluster import Cluster, health_detail
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
@@ -418,6 +418,10 @@ class PgStore:
     @property
     def healthy(self) -> bool:
         return not self._closed and all(c.healthy for c in self.clusters)
+
+    @property
+    def unhealthy_detail(self) -> str | None:
+        return "the store is closed" if self._closed else health_detail(self.clusters)
 
     @property
     def closed(self) -> bool:

@@ -263,9 +263,10 @@ class Routes:
             return self.error("health", 503, "shutting_down", "the server is shutting down",
                               mode, head=head)
         if not self.store.healthy:
-            return self.error("health", 503, "unavailable",
-                              "the store cannot commit; the server takes no writes", mode,
-                              head=head)
+            # A store of several clusters may say which cannot commit.
+            detail = (getattr(self.store, "unhealthy_detail", None)
+                      or "the store cannot commit; the server takes no writes")
+            return self.error("health", 503, "unavailable", detail, mode, head=head)
         self.requests["health", 200] += 1
         body = replies.HEALTH_BODY % getattr(self.store, "open_holds", 0)
         return T200[mode] % (DATE.now, len(body), b"" if head else body)

@@ -170,7 +170,12 @@ def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
     async def main():
         async with stored([a, b]) as (store, c):
             second = store.clusters[1]
+            assert store.unhealthy_detail is None
             store.lost(second, ConnectionResetError(104, "reset"))
+            # /health's detail: the other cluster's accounts still take writes.
+            assert store.unhealthy_detail == (
+                "cluster 2 of the store's 2 cannot commit: writes to accounts there are "
+                "refused, the others' are taken")
             for _ in range(200):
                 if second.healthy:
                     break
@@ -200,3 +205,15 @@ def test_a_damaged_schema_is_refused_by_serve_and_migrate_not_repaired(pg, drop,
             run(call())
     assert pg.psql(f"SELECT to_regclass('{name}') IS NULL AND NOT EXISTS (SELECT 1 FROM "
                    f"pg_proc WHERE proname = '{name}')", url.rsplit("/", 1)[1]) == "t"
+
+
+def test_health_says_which_clusters_cannot_commit():
+    from types import SimpleNamespace as C
+
+    from accman.postgres.cluster import health_detail
+    assert health_detail([C(healthy=True), C(healthy=True)]) is None
+    assert health_detail([C(healthy=False)]) == ("the store cannot commit; the server takes "
+                                                 "no writes")
+    assert health_detail([C(healthy=False), C(healthy=True), C(healthy=False)]) == (
+        "clusters 1, 3 of the store's 3 cannot commit: writes to accounts there are refused, "
+        "the others' are taken")
