@@ -42,7 +42,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
-from accman.calling.arguments import data_dir, int64, nice, port, retention, store_url
+from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
@@ -66,7 +66,7 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.given = given
         self.names = set() if names is None else names
         self.flags = []         # this parser's own, for "did you mean"
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)   # --tok is no --token
 
     def add_argument(self, *args, **kwargs):
         flags = [a for a in args if a.startswith("-")]
@@ -147,9 +147,9 @@ def build_parser(given=()):
 
     def client(name, help_text):
         c = command(name, help_text)
-        c.add_argument("--url", default=None,
+        c.add_argument("--url", default=None, type=nonempty,
                        help=f"server URL (default $ACCMAN_URL or {DEFAULT_URL})")
-        c.add_argument("--token", default=None, help="bearer token (default $ACCMAN_TOKEN)")
+        c.add_argument("--token", type=nonempty, help="bearer token (default $ACCMAN_TOKEN)")
         return c
 
     o = client("open", "make a new credential funded with --by (needs the mint role)")
@@ -178,7 +178,7 @@ def build_parser(given=()):
 
     g = command("migrate", "create or upgrade the PostgreSQL schema (serve does it too)")
     g.add_argument("--store", action="append", metavar="URL", required=True, type=store_url,
-                   help="a libpq URL of each cluster of the store")
+                   help="a libpq URL of a cluster of the store: given once for each cluster")
 
     v = command("verify", "check a data directory (the server must be stopped)")
     v.add_argument("--data", default=DEFAULT_DATA, type=data_dir,

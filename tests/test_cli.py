@@ -208,6 +208,7 @@ def fake():
     (["open", "--by", "-5"], "--by must be a positive integer"),
     (["open", "--by", "0"], "--by must be a positive integer"),
     (["open", "--by", "ten"], "--by"),
+    (["hold", "abc", "-3", "--ttl", "1.5"], "--ttl must be a plain decimal integer, like 100 ("),
 ])
 def test_bad_values_are_refused_before_anything_is_sent(fake, args, names):
     err = one_line_error(run_accman(*args, "--url", fake.url))
@@ -223,6 +224,23 @@ def test_bad_values_are_refused_before_anything_is_sent(fake, args, names):
 def test_a_bad_url_or_token_is_a_usage_error(flags, names):
     err = one_line_error(run_accman("tot", "abc", *flags))
     assert names in err and "secret" not in err
+
+
+@pytest.mark.parametrize("flag", ["--url", "--token"])
+def test_an_empty_url_or_token_is_a_usage_error_not_the_default(fake, flag):
+    """An unset variable in a script (--token "$T") is a mistake, never a
+    fall-back to the environment's token or the default URL."""
+    env = {"ACCMAN_URL": fake.url, "ACCMAN_TOKEN": "t" * 20}
+    err = one_line_error(run_accman("tot", "abc", flag, "", env=env))
+    assert f"argument {flag}: is empty" in err
+    assert fake.requests == []
+
+
+def test_an_abbreviated_flag_is_not_taken_for_the_flag(fake):
+    """A later flag would make an abbreviation mean another one."""
+    err = one_line_error(run_accman("mod", "abc", "-3", "--ke", "k1", "--url", fake.url))
+    assert "unrecognized arguments" in err and "did you mean --key?" in err
+    assert fake.requests == []
 
 
 def test_past_prints_the_account_and_each_entrys_hold(fake):

@@ -6,6 +6,7 @@ byte (or a truncation, for a torn write).  check_dir must refuse exactly
 when the files are damaged, and accept a clean store and a torn tail."""
 
 import random
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -343,7 +344,9 @@ def test_current_must_name_an_existing_manifest(table_store, tmp_path):
     (data / "CURRENT").write_text("MANIFEST-999999\n")
     refused(data, "CURRENT names MANIFEST-999999, which is missing")
     (data / "CURRENT").write_text("MANIFEST-000004")
-    refused(data, "CURRENT does not name a MANIFEST")
+    refused(data, "CURRENT does not name a MANIFEST: it holds 'MANIFEST-000004'")
+    (data / "CURRENT").write_bytes(b"MANIFEST\xff\n")     # as text, not a bytes repr
+    refused(data, re.escape(r"CURRENT does not name a MANIFEST: it holds 'MANIFEST\xff\n'"))
     (data / "CURRENT").unlink()
     refused(data, "CURRENT is missing")
 

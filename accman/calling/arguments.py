@@ -33,6 +33,14 @@ def retention(text):
     return seconds
 
 
+def nonempty(text):
+    """--url and --token: an empty one is a mistake (an unset variable in a
+    script), never a fall-back to $ACCMAN_URL, $ACCMAN_TOKEN or the default."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: give a value, or leave the flag out")
+    return text
+
+
 # The most a port has; a URL's port is quoted back only when it is digits of
 # at most PORT_DIGITS_SHOWN (other text there may be a password's part).
 PORT_MAX = 65535

@@ -47,7 +47,8 @@ def decimal(text, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int
     plain ASCII decimal, an optional "-", no leading zeros, no "+", "_" or
     spaces (Python's int() takes all of those)."""
     if _DECIMAL_RE.fullmatch(text) is None or text == "-0":
-        raise BadRequest(f"{what} must be a plain decimal integer, like 100 or -3")
+        like = "100" if low >= 0 else "100 or -3"
+        raise BadRequest(f"{what} must be a plain decimal integer, like {like}")
     value = int(text)
     if not low <= value <= high:
         raise BadRequest(f"{what} must be from {low} to {high}")

@@ -148,7 +148,8 @@ def _read_manifest(path: str, names: set):
     current = _read(path, "CURRENT")
     manifest = current[:-1].decode("ascii", "replace")
     if not current.endswith(b"\n") or not MANIFEST_NAME.match(manifest):
-        raise FileDamage(f"CURRENT does not name a MANIFEST: {current[:80]!r}")
+        shown = ascii(current[:80].decode("latin-1"))    # each byte, escaped if not ASCII
+        raise FileDamage(f"CURRENT does not name a MANIFEST: it holds {shown}")
     if manifest not in names:
         raise FileDamage(f"CURRENT names {manifest}, which is missing")
     raw = _read(path, manifest)
