@@ -180,6 +180,21 @@ def test_metrics_is_prometheus_text(shared_server, cred):
     sample_values(text)
 
 
+def test_mods_committed_counts_changes_not_refused_calls(start_server, cred):
+    """accman_mods_committed_total counts what changed a balance, on either
+    store: a mod refused as insufficient or key_reused changes nothing."""
+    srv = start_server()
+
+    def committed():
+        return sample_values(srv.get("/metrics").body.decode())["accman_mods_committed_total"]
+    assert srv.mod(cred, 10, key="k1").status == 200
+    assert committed() == 1
+    assert srv.mod(cred, -11, min=0).json["error"] == "insufficient"
+    assert srv.mod(cred, 9, key="k1").json["error"] == "key_reused"
+    assert srv.mod(cred, -10, min=0).json == {"tot": 0, "seq": 2}
+    assert committed() == 2
+
+
 def test_every_metric_a_server_renders_is_in_server_md(shared_server):
     """SERVER.md's "Metrics" is where an operator looks a name up: every
     name the server renders, on either store, is there."""

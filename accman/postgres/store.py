@@ -270,9 +270,11 @@ class PgStore:
                 return
         cluster.refused_in_row = 0
         commit_s = time.perf_counter() - t0
-        nmods = sum(1 for op in ops if op.kind != S.READ)
-        self._count(nmods, commit_s)
         codes, tots, seqs, counts = row
+        # The changes, as the embedded store counts them: a refused call is
+        # none.  A keyed repeat's reply is its first one's: counted again.
+        changes = zip(ops, codes, strict=True)
+        self._count(sum(1 for op, code in changes if code == S.OK and op.kind != S.READ), commit_s)
         cluster.note_counts(counts)
         if counts is not None:
             # Before the replies: an /events pipelined behind them copies
