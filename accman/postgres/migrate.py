@@ -48,7 +48,14 @@ class ClusterInfo(NamedTuple):
 
 async def read_info(conn) -> ClusterInfo | None:
     """The cluster's schema row, None when it has no AccMan schema."""
-    if await conn.fetchval("SELECT to_regclass('accman_schema') IS NULL"):
+    missing, tables = await conn.fetchrow(
+        "SELECT to_regclass('accman_schema') IS NULL, to_regclass('accman_accounts') IS NOT NULL")
+    if missing and tables:
+        # Migrating from version 0 would fail on a table that exists.
+        raise StoreError("the database holds AccMan's tables (accman_accounts) but no "
+                         "accman_schema, which names their version and the credential-hash "
+                         "key: a damaged store, not migrated; restore it from a backup")
+    if missing:
         return None
     row = await conn.fetchrow("SELECT * FROM accman_schema")   # version 1 has no events_home
     if row is None:

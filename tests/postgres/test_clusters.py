@@ -163,6 +163,19 @@ def test_a_table_named_accman_schema_of_another_program_is_refused_plainly(pg):
             run(call())
 
 
+def test_a_store_that_lost_its_accman_schema_is_refused_naming_it(pg):
+    """Not "relation accman_counter already exists" from migrating it anew:
+    without its key, no credential finds its account."""
+    url = pg.create_database("lost_schema")
+    run(migrate([url]))
+    pg.psql("DROP TABLE accman_schema", "lost_schema")
+    for call in (lambda: migrate([url]), lambda: opened(url, migrate_schema=False)):
+        with pytest.raises(StoreError, match="AccMan's tables .accman_accounts. but no "
+                                             "accman_schema.*restore it from a backup"):
+            run(call())
+    assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "lost_schema") == "t"
+
+
 def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
     a, b = pg.create_database("named_a"), pg.create_database("named_b")
     caplog.set_level("WARNING", logger="accman.postgres")
