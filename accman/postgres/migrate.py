@@ -143,8 +143,11 @@ def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
 def check_infos(infos: list[ClusterInfo | None]) -> bytes:
     """The store's hash key, after checking that the clusters make one
     store, all of it, at this AccMan's version."""
-    if any(i is None for i in infos):
-        raise StoreError("a cluster has no AccMan schema: run `accman migrate --store URL` "
+    bare = [str(n) for n, i in enumerate(infos, 1) if i is None]
+    if bare:
+        which = ("a cluster" if len(infos) == 1 else
+                 f"cluster{'s' * (len(bare) > 1)} {', '.join(bare)} of {len(infos)}")
+        raise StoreError(f"{which} has no AccMan schema: run `accman migrate --store URL` "
                          "with every cluster's URL")
     if len({i.hash_key for i in infos}) != 1:
         raise StoreError("the clusters disagree on the credential-hash key: they are not "
@@ -247,9 +250,9 @@ async def migrate(urls: list[str]) -> list[ClusterInfo]:
     it to the others, or a new one is made."""
     if not urls:
         raise StoreError("no cluster URL given")
-    conns = [await connect(u) for u in urls]
+    conns = await _connect_all(urls)
     try:
-        infos = [await _read(c) for c in conns]
+        infos = await _read_all(conns)
         check_before_migrating(infos)
         keys = {i.hash_key for i in infos if i is not None}
         adopt = not keys
@@ -280,14 +283,43 @@ async def migrate(urls: list[str]) -> list[ClusterInfo]:
 async def read_infos(urls: list[str]) -> list[ClusterInfo | None]:
     """Every cluster's schema row, changing nothing (a store opened without
     migrating)."""
-    out = []
-    for u in urls:
-        conn = await connect(u)
-        try:
-            out.append(await _read(conn))
-        finally:
-            await conn.close()
-    return out
+    conns = await _connect_all(urls)
+    try:
+        return await _read_all(conns)
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def _connect_all(urls: list[str]) -> list:
+    """A connection to each cluster, in order; on a failure, those made
+    are closed and the one that failed is named."""
+    conns = []
+    try:
+        for n, url in enumerate(urls):
+            conns.append(await _of_cluster(connect(url), n, len(urls)))
+    except BaseException:
+        for c in conns:
+            c.terminate()
+        raise
+    return conns
+
+
+async def _read_all(conns) -> list[ClusterInfo | None]:
+    return [await _of_cluster(_read(c), n, len(conns)) for n, c in enumerate(conns)]
+
+
+async def _of_cluster(step, n: int, count: int):
+    """Awaits `step`, a step on the cluster given `n`th (from 0) of `count`:
+    its StoreError names the cluster when the store has several."""
+    try:
+        return await step
+    except StoreError as e:
+        if count == 1:
+            raise
+        named = StoreError(f"cluster {n + 1} of the {count} given with --store: {e.detail}")
+        named.reason = getattr(e, "reason", e.detail)
+        raise named from None
 
 
 async def _read(conn) -> ClusterInfo | None:

@@ -10,6 +10,7 @@ from accman.errors import StoreError
 from accman.postgres.migrate import migrate
 
 from .helpers import opened, run, stored, two_clusters
+from .pgcluster import free_port
 
 ACCOUNTS = 200
 
@@ -174,6 +175,22 @@ def test_a_store_that_lost_its_accman_schema_is_refused_naming_it(pg):
                                              "accman_schema.*restore it from a backup"):
             run(call())
     assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "lost_schema") == "t"
+
+
+def test_a_cluster_that_cannot_be_opened_is_named_on_a_store_of_several(pg):
+    """Which of the --store URLs is down, or bare, is the first thing an
+    operator needs; a store of one says "a cluster" as before."""
+    a, b = pg.create_database("which_a"), pg.create_database("which_b")
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    for call in (lambda: migrate([a, down]), lambda: opened([a, down])):
+        with pytest.raises(StoreError, match="^cluster 2 of the 2 given with --store: "
+                                             "cannot connect to a PostgreSQL cluster"):
+            run(call())
+    run(migrate([a]))
+    with pytest.raises(StoreError, match="^cluster 2 of 2 has no AccMan schema"):
+        run(opened([a, b], migrate_schema=False))
+    with pytest.raises(StoreError, match="^a cluster has no AccMan schema"):
+        run(opened([b], migrate_schema=False))
 
 
 def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
