@@ -356,7 +356,8 @@ def test_tokens_from_flag_and_environment(start_server):
     assert "mint role" in proc.stderr
     proc = run_accman("open", "--by", 10, "--url", s.url, "--token", TOKENS["service"])
     assert proc.returncode == 1 and "403" in proc.stderr
-    assert "needs a token with the mint role" in proc.stderr and proc.stdout == ""
+    assert proc.stdout == "" and proc.stderr.count("needs a token with") == 1, proc.stderr
+    assert "the token given (--token or ACCMAN_TOKEN) does not have the mint role" in proc.stderr
     proc = run_accman("open", "--by", 10, "--url", s.url, "--token", TOKENS["mint"])
     assert proc.returncode == 0
     cred = proc.stdout.strip()

@@ -298,7 +298,7 @@ def _refusal(e: AccManError, role: str) -> str:
     elif isinstance(e, Unauthorized):
         text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
     elif isinstance(e, Forbidden):
-        text += f"; this needs a token with {role}"
+        text += f"; the token given (--token or ACCMAN_TOKEN) does not have {role}"
     return text
 
 
