@@ -157,11 +157,10 @@ class Watch:
     called on the loop, which it alone uses."""
 
     def __init__(self, tid: int, level0_files):
-        self.tid = tid
         self._level0_files = level0_files       # () -> LevelDB's level-0 tables
         self._schedstat = f"/proc/self/task/{tid}/schedstat"
         self._stat = f"/proc/self/task/{tid}/stat"
-        self._at = self._looked = 0.0
+        self._looked = 0.0             # the last look's time
         self._seen: tuple[int, int, bool] | None = None    # _sample's
         self.owed_s = 0.0               # settle's
         self.slept_s = 0.0              # all the loop's sleeps for it (/metrics)
@@ -170,7 +169,7 @@ class Watch:
     def give_way(self) -> float:
         """After a batch, on the loop: sleeps while the thread has the core
         it is owed (see the module's doc); the seconds slept."""
-        if time.monotonic() - self._at < CHECK_INTERVAL_S:
+        if time.monotonic() - self._looked < CHECK_INTERVAL_S:
             return 0.0
         self._look()
         slept = 0.0
@@ -181,7 +180,6 @@ class Watch:
             slept = time.monotonic() - t0
             self.slept_s += slept
             self._look()
-        self._at = time.monotonic()
         return slept
 
     def _look(self) -> None:
