@@ -107,6 +107,40 @@ def test_verify_changes_no_file_of_the_store(tmp_path):
                 if p.stat().st_uid == os.getuid() and str(data) in str(p)]
 
 
+@pytest.mark.parametrize("where", ["LevelDB's close", "the copy's removal"])
+def test_a_stop_on_the_way_out_still_removes_the_private_copy(tmp_path, monkeypatch, where):
+    """^C or SIGTERM (raised in Python between any two steps) landing in
+    the read-only store's close, before or during the removal of its copy
+    (an rmtree of many files): the copy, which holds the store's key, is
+    removed all the same, and the stop goes on."""
+    from accman.ledger.leveldb import Store
+    data, scratch = crashed_store(tmp_path), tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    store = Store(str(data), create=False, read_only=True)
+    assert [p.name[:14] for p in scratch.iterdir()] == ["accman-verify-"]
+    if where == "LevelDB's close":
+        release = store._release
+
+        def stopped():
+            release()
+            raise KeyboardInterrupt
+        monkeypatch.setattr(store, "_release", stopped)
+    else:
+        rmtree, calls = shutil.rmtree, []
+
+        def stopped(path, ignore_errors=False):
+            calls.append(path)
+            if len(calls) == 1:
+                os.unlink(next(p for p in Path(path).iterdir() if p.is_file()))
+                raise KeyboardInterrupt
+            rmtree(path, ignore_errors=ignore_errors)
+        monkeypatch.setattr(datadir.shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        store.close(checkpoint=False)
+    assert list(scratch.iterdir()) == []
+
+
 def test_verify_finds_damage_in_a_read_only_open_as_in_a_normal_one(tmp_path):
     data = crashed_store(tmp_path)
     raw = bytearray((data / wal.WAL_NAME).read_bytes())

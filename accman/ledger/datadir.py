@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import stat
 import struct
@@ -281,16 +282,26 @@ def locked_elsewhere(path: str) -> bool:
     return l_type != fcntl.F_UNLCK
 
 
-def snapshot(path: str) -> str:
-    """A private copy of the store at `path` to open without changing a
-    file of it (`accman verify` on a read-only copy or a live backup):
-    the tables its MANIFEST lists as symbolic links (LevelDB never writes
-    a table after making it), every other file copied but other tables.
-    Those are left-overs that LevelDB deletes at open, and numbers it may
-    give a table it makes in the copy: a link there would be the store's
-    own file, truncated through it.  Returns the copy's directory, 0700
-    under the system's temporary directory; the caller removes it.
-    StoreCorrupt if the MANIFEST is damaged."""
+def scratch_path() -> str:
+    """Where a private copy (snapshot) goes: a directory not yet made,
+    under the system's temporary directory, named by 128 random bits.  The
+    caller holds the name before the copy exists, so that a stop (^C,
+    SIGTERM) cannot land between the copy's making and the caller's
+    knowing what to remove: the copy holds the store's key."""
+    return os.path.join(tempfile.gettempdir(), f"accman-verify-{secrets.token_hex(16)}")
+
+
+def snapshot(path: str, scratch: str) -> None:
+    """Makes `scratch` (from scratch_path) a private copy of the store at
+    `path`, to open without changing a file of it (`accman verify` on a
+    read-only copy or a live backup): the tables its MANIFEST lists as
+    symbolic links (LevelDB never writes a table after making it), every
+    other file copied but other tables.  Those are left-overs that
+    LevelDB deletes at open, and numbers it may give a table it makes in
+    the copy: a link there would be the store's own file, truncated
+    through it.  The directory is 0700; the caller removes it
+    (remove_snapshot), whether this returns or raises.  StoreCorrupt if
+    the MANIFEST is damaged."""
     try:
         # Without CURRENT there is no store yet (a creation cut short) or a
         # damaged one: recovery says which, from the copy.
@@ -301,9 +312,9 @@ def snapshot(path: str) -> str:
                            "it, nothing changed") from None
     except OSError as e:
         raise StoreError(f"{path}: cannot read the store: {e.strerror or e}") from e
-    scratch = tempfile.mkdtemp(prefix="accman-verify-")
     name = None
     try:
+        os.mkdir(scratch, 0o700)
         for name in sorted(os.listdir(path)):
             src = os.path.join(path, name)
             if not STORE_FILE.match(name) or name in ("LOCK", "LOG", "LOG.old"):
@@ -322,11 +333,16 @@ def snapshot(path: str) -> str:
         what = name if name is not None else "its directory"
         raise StoreError(f"{path}: cannot copy the store to read it ({what}): "
                          f"{e.strerror or e}") from e
-    return scratch
 
 
 def remove_snapshot(scratch: str) -> None:
-    shutil.rmtree(scratch, ignore_errors=True)
+    """Removes the copy (none made: nothing).  A stop that lands while it
+    does is raised once the copy is gone."""
+    try:
+        shutil.rmtree(scratch, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 def _write_synced(path: str, name: str, data: bytes) -> None:

@@ -61,8 +61,9 @@ def key_of_keyless(path: str, shown: str, ckpt) -> bytes:
 
 
 def _format_record(path: str) -> bytes | None:
-    scratch = datadir.snapshot(path)
+    scratch = datadir.scratch_path()
     try:
+        datadir.snapshot(path, scratch)
         db = plyvel.DB(scratch, create_if_missing=False, paranoid_checks=True)
         try:
             return db.get(migrate.META_KEY, verify_checksums=True)

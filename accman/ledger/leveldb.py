@@ -94,7 +94,8 @@ class Store:
                 raise StoreError(f"{self.path}: no such data directory")
             if self.read_only:
                 self._lock_fd = datadir.lock_shared(self.path)
-                self.dir = self._scratch = datadir.snapshot(self.path)
+                self.dir = self._scratch = datadir.scratch_path()    # close removes it
+                datadir.snapshot(self.path, self._scratch)
             else:
                 datadir.check_usable(self.path)
                 datadir.make(self.path)
@@ -440,19 +441,25 @@ class Store:
                                         "replays the log, nothing is lost): %s",
                                         self.path, e)
         finally:
-            if self.wal is not None:
-                self.wal.close()
-            if self.db is not None and not self.db.closed:
-                self.db.close()
-            if getattr(self, "_open_dir_fd", -1) >= 0:
-                os.close(self._open_dir_fd)
-                self._open_dir_fd = -1
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)       # releases the flock
-                self._lock_fd = -1
-            if self._scratch is not None:
-                datadir.remove_snapshot(self._scratch)
-                self._scratch = None
+            try:
+                self._release()
+            finally:
+                # Even when a stop lands on the way: the copy holds the key.
+                if self._scratch is not None:
+                    datadir.remove_snapshot(self._scratch)
+                    self._scratch = None
+
+    def _release(self) -> None:
+        if self.wal is not None:
+            self.wal.close()
+        if self.db is not None and not self.db.closed:
+            self.db.close()
+        if getattr(self, "_open_dir_fd", -1) >= 0:
+            os.close(self._open_dir_fd)
+            self._open_dir_fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)       # releases the flock
+            self._lock_fd = -1
 
 
 def _has_leveldb_files(path: str) -> bool:
