@@ -177,8 +177,9 @@ def build_parser(given=()):
     _holds_and_events(client)
 
     g = command("migrate", "create or upgrade the PostgreSQL schema (serve does it too)")
-    g.add_argument("--store", action="append", metavar="URL", required=True, type=store_url,
-                   help="a libpq URL of a cluster of the store: given once for each cluster")
+    g.add_argument("--store", action="append", metavar="URL", type=store_url,
+                   help="a libpq URL of a cluster of the store (required): given once for "
+                        "each cluster")
 
     v = command("verify", "check a data directory (the server must be stopped)")
     v.add_argument("--data", default=DEFAULT_DATA, type=data_dir,
@@ -285,13 +286,8 @@ def _main(argv) -> int:
     if extra:
         # Said by the command's own parser, so that it points at its --help.
         parser.commands[args.command].unrecognized(extra)
-    if args.command == "serve":
-        return cmd_serve(args)
-    if args.command == "verify":
-        return cmd_verify(args)
-    if args.command == "migrate":
-        return cmd_migrate(args)
-    return cmd_call(args)
+    return {"serve": cmd_serve, "verify": cmd_verify, "migrate": cmd_migrate}.get(
+        args.command, cmd_call)(args)
 
 
 # --- serve / verify ----------------------------------------------------------
@@ -338,6 +334,8 @@ def cmd_serve(args) -> int:
 
 def cmd_migrate(args) -> int:
     from accman.errors import StoreError
+    if not args.store:      # checked here, so that a misspelt --stor is said first
+        return _fail("migrate needs --store URL (try: accman migrate --help)")
     try:
         from accman.postgres import migrate_sync
     except ImportError:
@@ -352,6 +350,7 @@ def cmd_migrate(args) -> int:
 def cmd_verify(args) -> int:
     try:
         from accman.ledger import Ledger
+        from accman.ledger.datadir import remove_snapshots
         from accman.ledger.leveldb import Store
     except ImportError:
         why = accman.native_missing()
@@ -362,12 +361,14 @@ def cmd_verify(args) -> int:
     path = os.path.abspath(args.data)
     if not os.path.isdir(path):
         return _fail(f"no data directory at {path}")
-    # SIGTERM ends it as ^C does, through the closes that remove the
-    # private copy, which holds the store's key; once the verdict is known,
-    # both are held back, so that it is said whole with its exit code.
-    with stops_end_call():
-        verdict = _verify(path, Ledger, Store)
-        hold_stops()
+    # SIGTERM ends it as ^C does; the private copy (it holds the store's
+    # key) is removed however it ends; the verdict is said whole.
+    try:
+        with stops_end_call():
+            verdict = _verify(path, Ledger, Store)
+            hold_stops()
+    finally:
+        remove_snapshots()      # a stop may have cut a removal short
     return verdict()
 
 
@@ -491,8 +492,7 @@ def cmd_follow(args) -> int:
     return say(text if isinstance(end.error, EventsTrimmed) else f"{text}; {resume}", code)
 
 
-# OPEN_KEY, new_cred and the exit codes live with the commands; they are
-# named here too, as the command line's.
+# OPEN_KEY, new_cred and the exit codes, the commands', named as the command line's too.
 __all__ = ["main", "build_parser", "OPEN_KEY", "new_cred", "EXIT_OK", "EXIT_REFUSED",
            "EXIT_USAGE", "EXIT_NO_ANSWER", "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED"]
 

@@ -141,6 +141,36 @@ def test_a_stop_on_the_way_out_still_removes_the_private_copy(tmp_path, monkeypa
     assert list(scratch.iterdir()) == []
 
 
+def test_verify_stopped_before_its_store_closes_still_removes_the_copy(tmp_path, monkeypatch):
+    """A stop in the ledger's close, before the store's own close (where
+    the removal is) runs at all: verify's last step removes the copy."""
+    from accman import cli
+    from accman.ledger.ledger import Ledger
+    data, scratch = crashed_store(tmp_path), tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+
+    def stopped(self, *args, **kwargs):
+        assert [p.name[:14] for p in scratch.iterdir()] == ["accman-verify-"]
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Ledger, "close", stopped)
+    assert cli.main(["verify", "--data", str(data)]) == cli.EXIT_INTERRUPTED
+    assert list(scratch.iterdir()) == [] and datadir._copies == set()
+
+
+def test_a_copy_s_name_taken_by_another_is_refused_and_left_alone(tmp_path, monkeypatch):
+    from accman.ledger.leveldb import Store
+    data, scratch = crashed_store(tmp_path), tmp_path / "tmp"
+    (scratch / "accman-verify-0000").mkdir(parents=True)
+    (scratch / "accman-verify-0000" / "theirs").write_text("x")
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    monkeypatch.setattr(datadir.secrets, "token_hex", lambda n: "0000")
+    with pytest.raises(StoreError, match="cannot copy the store to read it .a directory in "):
+        Store(str(data), create=False, read_only=True)
+    assert (scratch / "accman-verify-0000" / "theirs").read_text() == "x"
+    assert datadir._copies == set()
+
+
 def test_verify_finds_damage_in_a_read_only_open_as_in_a_normal_one(tmp_path):
     data = crashed_store(tmp_path)
     raw = bytearray((data / wal.WAL_NAME).read_bytes())

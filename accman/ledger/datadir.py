@@ -16,6 +16,7 @@ keeps others out, and the store's files are brought to 0600 at every open
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import os
@@ -282,13 +283,24 @@ def locked_elsewhere(path: str) -> bool:
     return l_type != fcntl.F_UNLCK
 
 
+# The private copies (snapshot) this process has named and not removed.  A
+# stop (^C, SIGTERM: an exception Python raises between any two steps) may
+# cut short a caller's way to remove_snapshot; remove_snapshots finds them
+# here, as the interpreter's exit does.
+_copies: set[str] = set()
+# An rmtree that meets a file made meanwhile (LevelDB's own thread, still
+# compacting in the copy) leaves the directory: it is tried again.
+REMOVE_TRIES = 3
+
+
 def scratch_path() -> str:
-    """Where a private copy (snapshot) goes: a directory not yet made,
-    under the system's temporary directory, named by 128 random bits.  The
-    caller holds the name before the copy exists, so that a stop (^C,
-    SIGTERM) cannot land between the copy's making and the caller's
-    knowing what to remove: the copy holds the store's key."""
-    return os.path.join(tempfile.gettempdir(), f"accman-verify-{secrets.token_hex(16)}")
+    """Where a private copy goes: a directory not yet made, under the
+    system's temporary directory, named by 128 random bits and recorded
+    before it exists, so that no stop lands between the copy's making and
+    the process's knowing what to remove: the copy holds the store's key."""
+    scratch = os.path.join(tempfile.gettempdir(), f"accman-verify-{secrets.token_hex(16)}")
+    _copies.add(scratch)
+    return scratch
 
 
 def snapshot(path: str, scratch: str) -> None:
@@ -312,9 +324,15 @@ def snapshot(path: str, scratch: str) -> None:
                            "it, nothing changed") from None
     except OSError as e:
         raise StoreError(f"{path}: cannot read the store: {e.strerror or e}") from e
-    name = None
     try:
         os.mkdir(scratch, 0o700)
+    except OSError as e:
+        if isinstance(e, FileExistsError):
+            _copies.discard(scratch)        # not this process's: never removed
+        raise StoreError(f"{path}: cannot copy the store to read it (a directory in "
+                         f"{tempfile.gettempdir()}): {e.strerror or e}") from e
+    name = None
+    try:
         for name in sorted(os.listdir(path)):
             src = os.path.join(path, name)
             if not STORE_FILE.match(name) or name in ("LOCK", "LOG", "LOG.old"):
@@ -336,13 +354,32 @@ def snapshot(path: str, scratch: str) -> None:
 
 
 def remove_snapshot(scratch: str) -> None:
-    """Removes the copy (none made: nothing).  A stop that lands while it
-    does is raised once the copy is gone."""
+    """Removes the copy named `scratch` (none made, or not this process's:
+    nothing).  A stop that lands while it does is raised once it is gone."""
     try:
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove(scratch)
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove(scratch)
         raise
+
+
+def remove_snapshots() -> None:
+    """Removes every copy this process made and has not removed."""
+    for scratch in list(_copies):
+        remove_snapshot(scratch)
+
+
+def _remove(scratch: str) -> None:
+    if scratch not in _copies:
+        return
+    for _ in range(REMOVE_TRIES):
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not os.path.lexists(scratch):
+            _copies.discard(scratch)
+            return
+
+
+atexit.register(remove_snapshots)
 
 
 def _write_synced(path: str, name: str, data: bytes) -> None:
