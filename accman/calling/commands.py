@@ -298,7 +298,8 @@ def _refusal(e: AccManError, role: str) -> str:
     elif isinstance(e, Unauthorized):
         text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
     elif isinstance(e, Forbidden):
-        text += f"; the token given (--token or ACCMAN_TOKEN) does not have {role}"
+        why = role.partition(" (")[2]     # the server's detail names the role
+        text += f"; the token given (--token or ACCMAN_TOKEN) lacks it{' (' + why if why else ''}"
     return text
 
 
