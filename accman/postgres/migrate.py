@@ -48,14 +48,15 @@ class ClusterInfo(NamedTuple):
 
 async def read_info(conn) -> ClusterInfo | None:
     """The cluster's schema row, None when it has no AccMan schema."""
-    missing, tables = await conn.fetchrow(
-        "SELECT to_regclass('accman_schema') IS NULL, to_regclass('accman_accounts') IS NOT NULL")
-    if missing and tables:
-        # Migrating from version 0 would fail on a table that exists.
-        raise StoreError("the database holds AccMan's tables (accman_accounts) but no "
-                         "accman_schema, which names their version and the credential-hash "
-                         "key: a damaged store, not migrated; restore it from a backup")
-    if missing:
+    if await conn.fetchval("SELECT to_regclass('accman_schema') IS NULL"):
+        found = await conn.fetchval("SELECT array_agg(t) FROM unnest($1::text[]) t "
+                                    "WHERE to_regclass(t) IS NOT NULL", list(_TABLES))
+        if found:
+            # Migrating from version 0 would fail on a table that exists.
+            raise StoreError(f"the database holds AccMan's tables ({', '.join(found)}) but "
+                             "no accman_schema, which names their version and the "
+                             "credential-hash key: a damaged store, not migrated; restore "
+                             "it from a backup")
         return None
     row = await conn.fetchrow("SELECT * FROM accman_schema")   # version 1 has no events_home
     if row is None:
@@ -124,6 +125,22 @@ def _check_version(version: int) -> None:
                          f"AccMan's {SCHEMA_VERSION}: upgrade AccMan")
 
 
+def _which(numbers: list[int], count: int) -> str:
+    """Clusters named by their place among the store's URLs (from 1), as
+    /health and the log name them: "a cluster" on a store of one."""
+    if count == 1:
+        return "a cluster"
+    return f"cluster{'s' * (len(numbers) > 1)} {', '.join(map(str, numbers))} of {count}"
+
+
+def _check_not_twice(infos: list[ClusterInfo | None]) -> None:
+    first = {}
+    for n, i in enumerate(infos, 1):
+        if i is not None and first.setdefault(i.cluster_id, n) != n:
+            raise StoreError(f"{_which([first[i.cluster_id], n], len(infos))} are the same "
+                             "cluster, named twice")
+
+
 def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
     """What `migrate` refuses before it changes anything: a schema newer
     than this AccMan's, clusters of two stores, one named twice, and some
@@ -135,29 +152,26 @@ def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
     if len({i.hash_key for i in found}) > 1:
         raise StoreError("the clusters disagree on the credential-hash key: they are not "
                          "one store")
-    if len({i.cluster_id for i in found}) != len(found):
-        raise StoreError("the same cluster is named twice")
+    _check_not_twice(infos)
     _check_members(found, exact=False)
 
 
 def check_infos(infos: list[ClusterInfo | None]) -> bytes:
     """The store's hash key, after checking that the clusters make one
     store, all of it, at this AccMan's version."""
-    bare = [str(n) for n, i in enumerate(infos, 1) if i is None]
+    bare = [n for n, i in enumerate(infos, 1) if i is None]
     if bare:
-        which = ("a cluster" if len(infos) == 1 else
-                 f"cluster{'s' * (len(bare) > 1)} {', '.join(bare)} of {len(infos)}")
-        raise StoreError(f"{which} has no AccMan schema: run `accman migrate --store URL` "
-                         "with every cluster's URL")
+        raise StoreError(f"{_which(bare, len(infos))} has no AccMan schema: run `accman "
+                         "migrate --store URL` with every cluster's URL")
     if len({i.hash_key for i in infos}) != 1:
         raise StoreError("the clusters disagree on the credential-hash key: they are not "
                          "one store")
-    if len({i.cluster_id for i in infos}) != len(infos):
-        raise StoreError("the same cluster is named twice")
-    for i in infos:
+    _check_not_twice(infos)
+    for n, i in enumerate(infos, 1):
         if i.version != SCHEMA_VERSION:
-            raise StoreError(f"a cluster's schema is version {i.version}, this AccMan's is "
-                             f"{SCHEMA_VERSION}: run `accman migrate --store URL`")
+            raise StoreError(f"{_which([n], len(infos))}'s schema is version {i.version}, "
+                             f"this AccMan's is {SCHEMA_VERSION}: run `accman migrate "
+                             "--store URL`")
     if len(infos) > 1 and None in {i.events_home for i in infos}:
         raise StoreError("the clusters do not agree on where the store's events are "
                          "numbered: run `accman migrate` with every cluster's --store")
@@ -263,16 +277,14 @@ async def migrate(urls: list[str]) -> list[ClusterInfo]:
             # the later ones adopt the key the first made there.
             got = {}
             for k in sorted(range(len(urls)), key=lambda k: urls[k]):
-                got[k] = await migrate_cluster(conns[k], key, adopt)
+                got[k] = await _of_cluster(_migrated(conns[k], key, adopt), k, len(urls))
                 key, adopt = got[k].hash_key, False
             out = [got[k] for k in range(len(conns))]
-            if len({i.cluster_id for i in out}) != len(out):   # a new one, named twice
-                raise StoreError("the same cluster is named twice")
+            _check_not_twice(out)        # a new one, named twice
             if len(out) > 1:
                 out = await settle_home(conns, out)
         except _DRIVER_ERRORS as e:
-            # A standby, a read-only database, a schema that is not ours.
-            raise store_error(e, "cannot migrate the schema of a cluster of the store") from None
+            raise store_error(e, "cannot record the store's clusters") from None
         check_infos(out)
         return out
     finally:
@@ -309,6 +321,14 @@ async def _read_all(conns) -> list[ClusterInfo | None]:
     return [await _of_cluster(_read(c), n, len(conns)) for n, c in enumerate(conns)]
 
 
+async def _migrated(conn, key: bytes, adopt: bool) -> ClusterInfo:
+    try:
+        return await migrate_cluster(conn, key, adopt)
+    except _DRIVER_ERRORS as e:
+        # A standby, a read-only database, a schema that is not ours.
+        raise store_error(e, "cannot migrate the schema of a cluster of the store") from None
+
+
 async def _of_cluster(step, n: int, count: int):
     """Awaits `step`, a step on the cluster given `n`th (from 0) of `count`:
     its StoreError names the cluster when the store has several."""
@@ -317,7 +337,7 @@ async def _of_cluster(step, n: int, count: int):
     except StoreError as e:
         if count == 1:
             raise
-        named = StoreError(f"cluster {n + 1} of the {count} given with --store: {e.detail}")
+        named = StoreError(f"{_which([n + 1], count)}: {e.detail}")
         named.reason = getattr(e, "reason", e.detail)
         raise named from None
 

@@ -171,10 +171,13 @@ def test_a_store_that_lost_its_accman_schema_is_refused_naming_it(pg):
     run(migrate([url]))
     pg.psql("DROP TABLE accman_schema", "lost_schema")
     for call in (lambda: migrate([url]), lambda: opened(url, migrate_schema=False)):
-        with pytest.raises(StoreError, match="AccMan's tables .accman_accounts. but no "
-                                             "accman_schema.*restore it from a backup"):
+        with pytest.raises(StoreError, match=r"AccMan's tables \(accman_counter, accman_accounts, "
+                                             r".*\) but no accman_schema.*restore it from a "):
             run(call())
     assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "lost_schema") == "t"
+    pg.psql("DROP TABLE accman_accounts CASCADE", "lost_schema")       # any of them says so
+    with pytest.raises(StoreError, match=r"AccMan's tables \(accman_counter, accman_history"):
+        run(migrate([url]))
 
 
 def test_a_cluster_that_cannot_be_opened_is_named_on_a_store_of_several(pg):
@@ -183,14 +186,18 @@ def test_a_cluster_that_cannot_be_opened_is_named_on_a_store_of_several(pg):
     a, b = pg.create_database("which_a"), pg.create_database("which_b")
     down = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     for call in (lambda: migrate([a, down]), lambda: opened([a, down])):
-        with pytest.raises(StoreError, match="^cluster 2 of the 2 given with --store: "
-                                             "cannot connect to a PostgreSQL cluster"):
+        with pytest.raises(StoreError, match="^cluster 2 of 2: cannot connect to a PostgreSQL "):
             run(call())
     run(migrate([a]))
     with pytest.raises(StoreError, match="^cluster 2 of 2 has no AccMan schema"):
         run(opened([a, b], migrate_schema=False))
     with pytest.raises(StoreError, match="^a cluster has no AccMan schema"):
         run(opened([b], migrate_schema=False))
+    pg.psql("ALTER DATABASE which_b SET default_transaction_read_only = on")
+    with pytest.raises(StoreError, match="^cluster 2 of 2: cannot migrate the schema"):
+        run(migrate([a, b]))
+    with pytest.raises(StoreError, match="^clusters 1, 2 of 2 are the same cluster, named twice"):
+        run(migrate([a, a.replace("127.0.0.1", "localhost")]))
 
 
 def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
