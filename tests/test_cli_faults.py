@@ -321,8 +321,9 @@ def test_open_started_with_stdout_closed_hands_over_the_credential(start_server)
     (["mod", "SECRETcred", "5", "-SECRETdash"], "unrecognized arguments: <not shown> ("),
     (["tot", "--", "--SECRETdash", "--SECRETmore"], "unrecognized arguments: <not shown> ("),
     (["tot", "--", "c", "--tokenSECRET"], "unrecognized arguments: <not shown> ("),
+    # A flag's whole name only: an abbreviation is an unknown flag.
     (["hold", "SECRETcred", "-5", "--ttl", "60", "--t=SECRET"],
-     "ambiguous option: <not shown> could match --token, --ttl"),
+     "unrecognized arguments: <not shown>; did you mean --ttl?"),
     (["events", "--follow=SECRET"], "argument --follow: ignored explicit argument"),
     (["SECRETcred"], "invalid choice: '<not shown>'"),
     (["serve", "--verify=SECRET"], "argument --verify: invalid choice"),
