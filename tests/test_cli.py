@@ -2,6 +2,7 @@
 code 2), the client commands against a real server, and against the fake
 AccMan of tests/fake_accman.py where a reply must be lost on purpose."""
 
+import argparse
 import asyncio
 import importlib.metadata
 import json
@@ -236,6 +237,19 @@ def test_an_empty_url_or_token_is_a_usage_error_not_the_default(fake, flag):
     assert fake.requests == []
 
 
+@pytest.mark.parametrize("detail,said", [
+    ("this call needs a token with the role mint", "; the token given (--token or ACCMAN_TOKEN) "
+                                                   "does not have it (a positive by funds)"),
+    ("forbidden", "; this needs a token (--token or ACCMAN_TOKEN) with the mint role (a "
+                  "positive by funds)"),
+])
+def test_a_403_names_the_role_once_whatever_the_server_said(detail, said):
+    from accman.calling.commands import failure
+    from accman.errors import Forbidden
+    args = argparse.Namespace(command="mod", by="5", key=None, cred="c")
+    assert failure(args, Forbidden(detail)) == (f"accman: 403 forbidden: {detail}{said}", 1)
+
+
 def test_migrate_without_store_is_a_usage_error_and_a_misspelt_one_is_named():
     err = one_line_error(run_accman("migrate"))
     assert "migrate needs --store URL" in err
@@ -365,7 +379,7 @@ def test_tokens_from_flag_and_environment(start_server):
     assert proc.returncode == 1 and "403" in proc.stderr
     assert proc.stdout == "" and proc.stderr.count("mint") == 1, proc.stderr   # said once
     assert ("needs a token with the role mint; the token given (--token or ACCMAN_TOKEN) "
-            "lacks it (opening an account funds it)") in proc.stderr
+            "does not have it (opening an account funds it)") in proc.stderr
     proc = run_accman("open", "--by", 10, "--url", s.url, "--token", TOKENS["mint"])
     assert proc.returncode == 0
     cred = proc.stdout.strip()

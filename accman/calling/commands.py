@@ -207,15 +207,16 @@ def unknown_hint(args) -> str:
     return hint
 
 
-def role_hint(args) -> str:
-    """The role a token needs for `args.command`, for a 401 or 403."""
+def role_hint(args) -> tuple[str, str]:
+    """The role a token needs for `args.command`, for a 401 or 403, and
+    why when the command does not say it ("" otherwise)."""
     if args.command == "open":
-        return "the mint role (opening an account funds it)"
+        return "mint", "opening an account funds it"
     if args.command in ("hold", "settle"):
-        return "the charge role"
+        return "charge", ""
     if args.command != "mod":
-        return "the read role"
-    return "the mint role (a positive by funds)" if by_value(args.by) > 0 else "the charge role"
+        return "read", ""
+    return ("mint", "a positive by funds") if by_value(args.by) > 0 else ("charge", "")
 
 
 # What may end a client command's call, each said by failure: the client's
@@ -288,18 +289,23 @@ def failure(args, e) -> tuple:
     return _refusal(e, role_hint(args)), EXIT_REFUSED
 
 
-def _refusal(e: AccManError, role: str) -> str:
+def _refusal(e: AccManError, role: tuple[str, str]) -> str:
     text = f"accman: {e.status} {e.code}: {e.detail}"
     if isinstance(e, Insufficient):
         text += f" (tot {e.tot})"
     elif isinstance(e, EventsTrimmed):
         text += (f"; the oldest event kept is {e.first}: go on from there with "
                  f"--after {e.first - 1} (the events before it are gone)")
-    elif isinstance(e, Unauthorized):
-        text += f"; this server needs a token (--token or ACCMAN_TOKEN) with {role}"
-    elif isinstance(e, Forbidden):
-        why = role.partition(" (")[2]     # the server's detail names the role
-        text += f"; the token given (--token or ACCMAN_TOKEN) lacks it{' (' + why if why else ''}"
+    elif isinstance(e, (Unauthorized, Forbidden)):
+        name, why = role
+        why = f" ({why})" if why else ""
+        if isinstance(e, Unauthorized):
+            text += f"; this server needs a token (--token or ACCMAN_TOKEN) with the {name} role"
+        elif re.search(rf"\b{name}\b", e.detail):    # AccMan's detail names it: said once
+            text += "; the token given (--token or ACCMAN_TOKEN) does not have it"
+        else:
+            text += f"; this needs a token (--token or ACCMAN_TOKEN) with the {name} role"
+        text += why
     return text
 
 
