@@ -24,7 +24,7 @@ serve data="./accman-data" port="8080":
 
 # in-process ledger, client and middleware benchmarks (pytest-benchmark)
 bench: build
-    {{py}} -m pytest bench/bench_ledger.py bench/bench_client.py bench/bench_asgi.py --benchmark-enable -p no:cacheprovider -s
+    {{py}} -m pytest bench/bench_ledger.py bench/bench_client.py bench/bench_asgi.py --benchmark-enable -n 0 -p no:cacheprovider -s
 
 # HTTP load benchmark: AccMan and its peers, 3 rounds of 5 s per figure; writes bench/results/
 bench-load: build
@@ -40,12 +40,12 @@ bench-profile: build
 
 # the long crash checker (kill -9 rounds for minutes; prints the seed)
 crash:
-    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -p no:cacheprovider -s
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -n 0 -p no:cacheprovider -s
 
 # the long power-loss emulation: every crash point of longer recorded runs, and the
 # damaged-file property with many more flips (needs strace; prints the counts)
 powercut:
-    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_powercut.py tests/test_damaged_files.py -p no:cacheprovider -s
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_powercut.py tests/test_damaged_files.py -n 0 -p no:cacheprovider -s
 
 # bounded soak run: connection churn and pipelined floods, RSS measured
 soak:
@@ -57,7 +57,7 @@ lint:
 
 # the PostgreSQL store's loads for a minute each (bank checker, failover)
 pg-long:
-    ACCMAN_PG_LONG=1 {{py}} -m pytest tests/postgres/test_front_ends.py tests/postgres/test_failover.py -p no:cacheprovider
+    ACCMAN_PG_LONG=1 {{py}} -m pytest tests/postgres/test_front_ends.py tests/postgres/test_failover.py -n 0 -p no:cacheprovider
 
 # the PostgreSQL store's figures over HTTP against pgbench, same run (docs/SCALING.md)
 bench-pg-http:

@@ -1,7 +1,7 @@
 """The latency the middleware adds per request, p50 and p99, against the same
 app without it, in the same run, with the real AccMan server behind it.
 
-    /work/venv/bin/python -m pytest bench/bench_asgi.py --benchmark-enable -p no:cacheprovider -s
+    .venv/bin/python -m pytest bench/bench_asgi.py --benchmark-enable -n 0 -p no:cacheprovider -s
 
 Two settings, each with the plain Starlette service of examples/app.py, the
 same service under AccManMiddleware in "check" mode (a `tot` before, a `mod`

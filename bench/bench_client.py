@@ -1,7 +1,7 @@
 """AccManClient against aiohttp and httpx: the same calls, against the same
 real AccMan server, in the same run.
 
-    /work/venv/bin/python -m pytest bench/bench_client.py --benchmark-enable -p no:cacheprovider -s
+    .venv/bin/python -m pytest bench/bench_client.py --benchmark-enable -n 0 -p no:cacheprovider -s
 
 Each workload is one benchmark group; pytest-benchmark's table shows the
 three clients side by side, and the last test prints the ratios (how many

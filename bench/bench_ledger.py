@@ -1,6 +1,6 @@
 """In-process ledger benchmarks (pytest-benchmark).
 
-    python -m pytest bench/bench_ledger.py --benchmark-enable -p no:cacheprovider -s
+    .venv/bin/python -m pytest bench/bench_ledger.py --benchmark-enable -n 0 -p no:cacheprovider -s
 
 Each figure is printed beside its peer measured in the same run:
 

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import pytest
 
+import alone
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 READY_RE = re.compile(r"accman: serving http://(\S+):(\d+) (?:data|store)=(.+)$")
@@ -401,9 +403,20 @@ def pytest_configure(config):
                    "data directory, write-ahead log, verify, kill -9 of LevelDB) or serves a "
                    "store of its own; it runs on leveldb only")
     config.addinivalue_line(
+        "markers", "alone(why): the test measures how a core is shared, and runs with no "
+                   "other test running (tests/alone.py)")
+    config.addinivalue_line(
         "markers", "any_one_store(why): what the test checks lies between the client and the "
                    "server (a fault a proxy injects, the command line's own output) and "
                    "not in the store; it runs on the first store under test only")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # Setup, call and teardown (a module's shared servers' start and stop
+    # too) under the run's lock: tests/alone.py.
+    with alone.turn(item.get_closest_marker("alone") is not None):
+        yield
 
 
 def pytest_generate_tests(metafunc):
