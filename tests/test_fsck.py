@@ -483,19 +483,25 @@ def test_a_manifest_that_leveldb_would_refuse_is_refused_before_anything_changes
 def flushed_store(tmp_path_factory):
     """A store whose LevelDB made tables of its memtable while it ran (a
     small write buffer): its MANIFEST ends in edits that each name a new
-    log, the log before deleted.  Its tables compacted into one level, then
-    fewer than four made of the memtable (LevelDB compacts its first level
-    at four), so that the last edit is one that names a new log, not a
-    compaction's, however the writes fell."""
+    log, the log before deleted.  Its tables are then compacted, so that
+    nothing is left for a compaction to start on, and its last edit is a
+    flush of the memtable that names a new log, not a compaction's,
+    however the writes fell (a compaction at the end, under a busy
+    machine's timing, made the cut version name a deleted table)."""
     path = tmp_path_factory.mktemp("flushed") / "data"
     saved = leveldb_module.WRITE_BUFFER_BYTES
     leveldb_module.WRITE_BUFFER_BYTES = 64 * 1024
     try:
         build(path, 3000, 50)
         with Ledger(str(path)) as led:
-            led.store.db.compact_range()
             for i in range(600):
                 led.mod(f"acct-{i % 50}", 1, key=f"more-{i}")
+            led.store.apply()               # LevelDB catches up with the log
+            led.store.db.compact_range()
+            for i in range(20):             # less than a memtable
+                led.mod(f"acct-{i}", 1, key=f"last-{i}")
+            led.store.apply()
+            led.store.db.compact_range(start=b"\xff" * 16)   # past every key: a flush alone
     finally:
         leveldb_module.WRITE_BUFFER_BYTES = saved
     return path
