@@ -123,7 +123,9 @@ def _start(nice: int) -> int | None:
     started = [int(t) for t in new if _nice_of(int(t)) == nice]
     if len(started) == 1:
         return started[0]
-    why = failure[0] if failure else "its thread was already running in this process"
+    why = failure[0] if failure else (
+        f"its thread was already running in this process ({len(started)} of {len(new)} "
+        f"new threads at nice {nice})")
     log.warning("LevelDB's compaction runs at the default priority: %s", why)
     return None
 
