@@ -12,7 +12,7 @@
         let
           py = pkgs.python311.withPackages (ps: with ps; [
             uvloop plyvel cython setuptools wheel
-            pytest pytest-benchmark hypothesis
+            pytest pytest-benchmark pytest-xdist hypothesis
             httpx aiohttp uvicorn starlette httptools
           ]);
         in {

@@ -398,6 +398,8 @@ def pytest_configure(config):
     # own handler back first.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not hasattr(config, "workerinput"):      # the run's first process: tests/alone.py
+        alone.begin_run()
     config.addinivalue_line(
         "markers", "embedded_only(why): the test is about the embedded store itself (its "
                    "data directory, write-ahead log, verify, kill -9 of LevelDB) or serves a "
@@ -409,6 +411,11 @@ def pytest_configure(config):
         "markers", "any_one_store(why): what the test checks lies between the client and the "
                    "server (a fault a proxy injects, the command line's own output) and "
                    "not in the store; it runs on the first store under test only")
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        alone.end_run()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -96,6 +96,7 @@ def threads_nice(pid):
     return out
 
 
+@pytest.mark.alone("LevelDB's thread is found by its priority (see below)")
 def test_a_server_asked_runs_leveldb_s_compaction_below_its_request_path(tmp_path):
     srv = spawn_server(tmp_path / "data", tmp_path / "logs", args=["--compaction-nice", "19"])
     try:

@@ -130,12 +130,14 @@ def test_roles_named_for_holds_and_events():
         fake.fund("abc", 5)
         err = one_line_error(run_accman("hold", "abc", "-1", "--ttl", "9", "--url", fake.url,
                                         "--token", "reader-token-0123"), 1)
-        assert "403" in err and "charge" in err and "(--token or ACCMAN_TOKEN)" in err
+        assert "403 forbidden: the token lacks charge; the token given (--token or " \
+               "ACCMAN_TOKEN) does not have it" in err
         err = one_line_error(run_accman("settle", "abc", "1", "0", "--url", fake.url), 1)
         assert "401" in err and "the charge role" in err
         err = one_line_error(run_accman("events", "--url", fake.url,
                                         "--token", "charger-token-0123"), 1)
-        assert "403" in err and "read" in err and "(--token or ACCMAN_TOKEN)" in err
+        assert "403 forbidden: the token lacks read; the token given (--token or " \
+               "ACCMAN_TOKEN) does not have it" in err
         assert "token-0123" not in err
 
 

@@ -65,10 +65,29 @@ def pg_bin() -> Path:
     return Path(found[-1])
 
 
+# Each test worker (pytest-xdist's gw0, gw1, ...) takes its clusters' ports
+# from a range of its own, below the kernel's ephemeral ports (32768 and
+# up here), which the servers the tests start on port 0 are given: a port
+# found free stays free while its cluster is made, or stopped and started
+# again, whatever the other workers do meanwhile.
+PORTS_BASE = 20000
+PORTS_PER_WORKER = 1000
+_next_port = [0]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first = PORTS_BASE + PORTS_PER_WORKER * int(worker.removeprefix("gw"))
+    for _ in range(PORTS_PER_WORKER):
+        port = first + _next_port[0] % PORTS_PER_WORKER
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue            # taken by another program
+        return port
+    raise RuntimeError(f"no free port in {first}..{first + PORTS_PER_WORKER - 1}")
 
 
 def _chown_tree(path: Path) -> None:
