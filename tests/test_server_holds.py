@@ -232,6 +232,7 @@ def test_a_hold_expires_while_the_server_runs(server, cred):
     m = metrics(server)
     assert m["accman_open_holds"] == 0 and m["accman_holds_expired_total"] == 1
     assert m["accman_events_written_total"] == 3
+    assert m["accman_mods_committed_total"] == 3        # the mod, the hold, its expiry
 
 
 def test_a_hold_that_expired_while_the_server_was_down_ends_before_the_port_is_bound(

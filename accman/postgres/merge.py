@@ -63,6 +63,7 @@ class Merger:
         self._kicked = False
         # Reads asked for a whole copy (numbered), and the last one served.
         self._asked = self._served = 0
+        self._at = others[0] if others else None     # the cluster a copy is at, for the log
 
     # -- what wakes it ------------------------------------------------------------
 
@@ -89,9 +90,16 @@ class Merger:
         try:
             await self.catch_up(force=True)
         except Exception as e:
-            self.store.complaints.failed("copying events to the home cluster", e)
+            self.store.complaints.failed(self._copying(self._at), e)
         else:
-            self.store.complaints.worked("copying events to the home cluster")
+            for c in self.others:
+                self.store.complaints.worked(self._copying(c))
+
+    def _copying(self, cluster) -> str:
+        """What a copy does, for its complaints: both clusters named, as
+        /health and the log name them (from 1)."""
+        return (f"copying events of cluster {cluster.index + 1} to the home, "
+                f"cluster {self.home.index + 1}")
 
     # -- copying ----------------------------------------------------------------------
 
@@ -104,6 +112,7 @@ class Merger:
 
     async def _copy(self, force: bool) -> None:
         for c in self.others:
+            self._at = c
             while force or self.copied[c.index] < self.committed[c.index]:
                 if await self._pass(c) < MERGE_BATCH_MAX:
                     break

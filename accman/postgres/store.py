@@ -180,7 +180,8 @@ class PgStore:
         if self._closed:
             raise Unavailable("the store is closed")
         if not cluster.healthy:
-            raise Unavailable(f"the store cannot commit: {cluster.error or 'reconnecting'}")
+            raise Unavailable("the store cannot commit, nothing of this call was applied: "
+                              f"{cluster.error or 'reconnecting'}")
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"{self.queued_mods_max} calls are waiting for the database; "
                        "retry shortly")
@@ -274,7 +275,8 @@ class PgStore:
         # The changes, as the embedded store counts them: a refused call is
         # none.  A keyed repeat's reply is its first one's: counted again.
         changes = zip(ops, codes, strict=True)
-        self._count(sum(1 for op, code in changes if code == S.OK and op.kind != S.READ), commit_s)
+        self.count_batch(sum(1 for op, code in changes if code == S.OK and op.kind != S.READ),
+                         commit_s)
         cluster.note_counts(counts)
         if counts is not None:
             # Before the replies: an /events pipelined behind them copies
@@ -294,7 +296,8 @@ class PgStore:
         flying = self._flying
         return [op for op in ops if flying.pop(op, _TOLD) is not _TOLD]
 
-    def _count(self, nmods: int, commit_s: float) -> None:
+    def count_batch(self, nmods: int, commit_s: float) -> None:
+        """A committed batch of `nmods` changes, for /metrics."""
         self.batches += 1
         self.mods += nmods
         self.commit_s_total += commit_s

@@ -116,3 +116,29 @@ def test_a_failure_that_lasts_is_said_when_it_starts_then_once_a_repeat_then_its
     assert said[2] == said[1]
     assert said[3].startswith("ending due holds failed (retried): the PostgreSQL store lost")
     assert said[4] == "ending due holds works again"
+
+
+def test_a_copy_of_events_that_fails_names_both_clusters(caplog):
+    """On a store of several, the log says which cluster's events could not
+    be copied to which home, as /health names them (from 1)."""
+    from types import SimpleNamespace
+    from accman.postgres.merge import Merger
+    store = SimpleNamespace(complaints=Complaints())
+    home, first, third = (SimpleNamespace(index=i) for i in (1, 0, 2))
+    merger = Merger(store, home, [first, third])
+    caplog.set_level("WARNING", logger="accman.postgres")
+
+    async def copies(fail_at):
+        async def one_pass(cluster):
+            if cluster is fail_at:
+                raise ConnectionResetError(104, "reset")
+            return 0
+        merger._pass = one_pass
+        await merger._run()
+    asyncio.run(copies(third))
+    asyncio.run(copies(None))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert said[0].startswith("copying events of cluster 3 to the home, cluster 2 failed "
+                              "(retried): the PostgreSQL store lost its connection")
+    assert said[1] == "copying events of cluster 3 to the home, cluster 2 works again"

@@ -55,7 +55,8 @@ def test_health_is_503_while_no_primary_is_reachable(pg_factory, tmp_path):
 
 # What a client is told while PostgreSQL is down: AccMan's sentences only.
 OUTAGE_DETAIL = re.compile(
-    r"(the store cannot commit|the database cannot be read): the PostgreSQL store "
+    r"(the store cannot commit(, nothing of this call was applied)?|the database cannot be "
+    r"read): the PostgreSQL store "
     r"(lost its connection|cannot be reached( \((connection refused|the database is starting "
     r"up or shutting down)\))?)")
 OUTAGE_LOG = re.compile(
@@ -161,7 +162,8 @@ def test_a_batch_the_database_refuses_stops_writes_until_one_commits(pg, tmp_pat
                 "the database refused the batch, nothing of it was applied")
         assert health(srv) == 503
         detail = assert_error(srv.mod("b", 1), 503, "unavailable")["detail"]
-        assert detail.startswith("the store cannot commit"), detail     # not sent
+        assert detail.startswith("the store cannot commit, nothing of this call was applied: "), \
+            detail                                                      # not sent
         pg.psql("ALTER TABLE accman_history DROP CONSTRAINT refuse", dbname="refused")
         wait_for(lambda: srv.mod("a", 1).status == 200, 20, "writes back")
         assert health(srv) == 200
