@@ -91,9 +91,6 @@ class Merger:
             await self.catch_up(force=True)
         except Exception as e:
             self.store.complaints.failed(self._copying(self._at), e)
-        else:
-            for c in self.others:
-                self.store.complaints.worked(self._copying(c))
 
     def _copying(self, cluster) -> str:
         """What a copy does, for its complaints: both clusters named, as
@@ -116,6 +113,7 @@ class Merger:
             while force or self.copied[c.index] < self.committed[c.index]:
                 if await self._pass(c) < MERGE_BATCH_MAX:
                     break
+            self.store.complaints.worked(self._copying(c))     # said if it had failed
 
     async def before_read(self) -> None:
         """Copies whatever the other clusters had committed when it was

@@ -20,6 +20,7 @@ import contextlib
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -65,29 +66,48 @@ def pg_bin() -> Path:
     return Path(found[-1])
 
 
-# Each test worker (pytest-xdist's gw0, gw1, ...) takes its clusters' ports
-# from a range of its own, below the kernel's ephemeral ports (32768 and
-# up here), which the servers the tests start on port 0 are given: a port
-# found free stays free while its cluster is made, or stopped and started
-# again, whatever the other workers do meanwhile.
-PORTS_BASE = 20000
-PORTS_PER_WORKER = 1000
-_next_port = [0]
+# The clusters' ports are taken below the kernel's ephemeral ports, which
+# the servers the tests start on port 0 are given, so that a port found
+# free stays free while its cluster is made, or stopped and started again.
+# Each is claimed for the life of the process that found it (an abstract
+# Unix socket named after it: no file, gone with the process), so that
+# another worker, or another run on the machine, never takes it too.
+PORTS_FIRST = 20000
+_claims: list[socket.socket] = []
 
 
 def free_port() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    first = PORTS_BASE + PORTS_PER_WORKER * int(worker.removeprefix("gw"))
-    for _ in range(PORTS_PER_WORKER):
-        port = first + _next_port[0] % PORTS_PER_WORKER
-        _next_port[0] += 1
+    last = _ephemeral_first() - 1
+    span = last - PORTS_FIRST + 1
+    if span <= 0:
+        raise RuntimeError(f"the kernel's ephemeral ports begin at {last + 1}, not above "
+                           f"{PORTS_FIRST}: no ports for the test clusters")
+    start = random.randrange(span)
+    for k in range(span):
+        port = PORTS_FIRST + (start + k) % span
+        claim = socket.socket(socket.AF_UNIX)
+        try:
+            claim.bind(f"\0accman-tests-port-{port}")
+        except OSError:
+            claim.close()
+            continue                # claimed by another test process
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
+                claim.close()
                 continue            # taken by another program
+        _claims.append(claim)
         return port
-    raise RuntimeError(f"no free port in {first}..{first + PORTS_PER_WORKER - 1}")
+    raise RuntimeError(f"no free port in {PORTS_FIRST}..{last}")
+
+
+def _ephemeral_first() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _chown_tree(path: Path) -> None:

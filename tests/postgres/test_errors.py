@@ -135,10 +135,12 @@ def test_a_copy_of_events_that_fails_names_both_clusters(caplog):
             return 0
         merger._pass = one_pass
         await merger._run()
-    asyncio.run(copies(third))
-    asyncio.run(copies(None))
+    for fail_at in (first, third, None):     # the failure moves on, then ends
+        asyncio.run(copies(fail_at))
     said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 2, said
-    assert said[0].startswith("copying events of cluster 3 to the home, cluster 2 failed "
+    assert len(said) == 4, said
+    assert said[0].startswith("copying events of cluster 1 to the home, cluster 2 failed "
                               "(retried): the PostgreSQL store lost its connection")
-    assert said[1] == "copying events of cluster 3 to the home, cluster 2 works again"
+    assert said[1] == "copying events of cluster 1 to the home, cluster 2 works again"
+    assert said[2].startswith("copying events of cluster 3 to the home, cluster 2 failed ")
+    assert said[3] == "copying events of cluster 3 to the home, cluster 2 works again"
