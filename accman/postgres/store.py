@@ -61,6 +61,7 @@ READ_TIMEOUT_S = 10.0
 CRED_CACHE_MAX = 65536
 
 _PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
+_READS = (S.READ, _PAST_BARRIER)
 _TOLD = object()            # pop's default: the op is gone from _flying, told by a close
 
 
@@ -179,9 +180,10 @@ class PgStore:
     def _queue(self, cluster: Cluster, op) -> None:
         if self._closed:
             raise Unavailable("the store is closed")
-        if not cluster.healthy:
-            raise Unavailable("the store cannot commit, nothing of this call was applied: "
-                              f"{cluster.error or 'reconnecting'}")
+        if not cluster.healthy:     # a read here is in order behind its connection's changes
+            why = cluster.error or "reconnecting"
+            raise Unavailable(f"the database cannot be read: {why}" if op.kind in _READS else
+                              f"the store cannot commit, nothing of this call was applied: {why}")
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"{self.queued_mods_max} calls are waiting for the database; "
                        "retry shortly")
@@ -293,8 +295,7 @@ class PgStore:
     def _landed(self, ops) -> list:
         """Those of `ops` (whose commit or query flew) not yet told: a
         close tells, and forgets, every op whose task it cancels."""
-        flying = self._flying
-        return [op for op in ops if flying.pop(op, _TOLD) is not _TOLD]
+        return [op for op in ops if self._flying.pop(op, _TOLD) is not _TOLD]
 
     def count_batch(self, nmods: int, commit_s: float) -> None:
         """A committed batch of `nmods` changes, for /metrics."""

@@ -77,8 +77,11 @@ def test_lost_database_then_reconnect(pg_factory, monkeypatch):
             with pytest.raises(Unavailable):
                 await c.mod("a", 1, key="k2")         # outcome unknown: not acknowledged
             assert not store.healthy
-            with pytest.raises(Unavailable):
+            with pytest.raises(Unavailable, match="^the store cannot commit, nothing of this "
+                                                  "call was applied: "):
                 store.submit("a", 1, None, None, done=print)   # refused at once
+            with pytest.raises(Unavailable, match="^the database cannot be read: "):
+                store.read_tot("a", print, ordered=True)       # in order behind changes
             await asyncio.sleep(0.5)                 # backoff reaches its maximum
             pg.start()
             await until(lambda: store.healthy, 5 * upkeep_module.RECONNECT_BACKOFF_S_MAX + 5)
