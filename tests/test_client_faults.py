@@ -11,6 +11,7 @@ the type and what the server applied."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -752,3 +753,59 @@ def test_a_client_used_under_a_second_event_loop_says_why_it_cannot(shared_serve
         run(acc.mod(cred, 3))
     run(acc.aclose())
     assert shared_server.tot(cred) == 3
+
+
+class Echo:
+    """Not AccMan at the URL (a proxy, a firewall, another service): every
+    request is answered with `status` and `code`, and a detail that quotes
+    the request's head, credential and token included."""
+
+    def __init__(self, status: int, code: str):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.status, self.code = status, code
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                head = conn.recv(65536).split(b"\r\n\r\n")[0].decode("latin-1")
+                body = json.dumps({"error": self.code, "detail": "x" * 150 + head}).encode()
+                conn.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                             % (self.status, len(body), body))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("status,code", [(400, "bad_request"), (404, "not_found"),
+                                         (401, "unauthorized"), (403, "forbidden")])
+def test_a_detail_that_quotes_the_request_shows_no_credential_or_token(status, code):
+    """CALLING.md: a credential is never echoed in a message.  The detail
+    is cut to DETAIL_CHARS_MAX after the secrets are out of sight, so that
+    no piece of one is left at the cut either."""
+    cred, token = "SECRETcred" + "c" * 40, "SECRETtoken" + "t" * 40
+    echo = Echo(status, code)
+    try:
+        with AccManSyncClient(echo.url, token, retries=0) as acc:
+            with pytest.raises(AccManError) as sync_error:
+                acc.tot(cred)
+
+        async def calls():
+            async with AccManClient(echo.url, token, retries=0) as acc:
+                with pytest.raises(AccManError) as async_error:
+                    await acc.mod(cred, -1)
+                return async_error
+        async_error = run(calls())
+    finally:
+        echo.close()
+    for info in (sync_error, async_error):
+        message = str(info.value)
+        assert info.value.detail == message and len(message) <= 200
+        assert "SECRET" not in message and "<not shown>" in message, message
+        assert "SECRET" not in repr(info.value)

@@ -22,6 +22,12 @@ from accman.records import EVENT_TYPES, Entry, Event
 ACCOUNT_CHARS_MAX = 128
 # How much of an error reply's detail a message keeps.
 DETAIL_CHARS_MAX = 200
+# What a reply's detail may quote of its request.  AccMan never does, but
+# something else at the URL (a proxy, a firewall, a wrong service) may echo
+# the request line and headers: the credential and the bearer token.
+_QUOTABLE_RE = re.compile(rb"[?&]cred=([^&\s]+)|\nauthorization:[ \t]*bearer[ \t]+([^\r\n]+)",
+                          re.IGNORECASE)
+UNSHOWN = "<not shown>"
 
 _ACCOUNT_RE = re.compile(r"[0-9a-f]+")
 
@@ -96,7 +102,7 @@ def error(status: int, body: bytes) -> AccManError:
     obj = _error_object(body)
     code = obj.get("error") if isinstance(obj.get("error"), str) else ""
     detail = obj.get("detail") if isinstance(obj.get("detail"), str) else ""
-    detail = detail[:DETAIL_CHARS_MAX] or f"AccMan answered {status} {code}".rstrip()
+    detail = detail or f"AccMan answered {status} {code}".rstrip()     # cut by unechoed
     if status == 409 and code == "insufficient":
         tot = obj.get("tot")
         if not _is_int(tot):
@@ -120,6 +126,26 @@ def error(status: int, body: bytes) -> AccManError:
         # A 500/502/504 comes from a proxy or a crash: the mod may have applied.
         return OutcomeUnknown(f"AccMan (or a proxy) answered {status}")
     return UnexpectedReply(status, code or "unexpected", detail)
+
+
+def unechoed(e: BaseException, req: bytes) -> BaseException:
+    """`e`, raised by the call of `req`, with the request's credential and
+    token put out of sight in its detail and in those of the errors it
+    was raised from, each then cut to DETAIL_CHARS_MAX: what a reply's
+    detail says is a message to a person, never a secret."""
+    quoted = {v.decode("latin-1").strip() for pair in _QUOTABLE_RE.findall(req) for v in pair}
+    quoted.discard("")
+    chain, seen = e, set()
+    while isinstance(chain, AccManError) and id(chain) not in seen:
+        seen.add(id(chain))
+        detail = chain.detail
+        for secret in sorted(quoted, key=len, reverse=True):
+            detail = detail.replace(secret, UNSHOWN)
+        detail = detail[:DETAIL_CHARS_MAX]
+        if detail != chain.detail:
+            chain.detail, chain.args = detail, (detail,)
+        chain = chain.__cause__ or chain.__context__
+    return e
 
 
 def _error_object(body: bytes) -> dict:
@@ -262,4 +288,4 @@ def _entry(e) -> Entry:
 
 
 __all__ = ["PastPage", "EventsPage", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX", "ok", "error",
-           "tot", "mod", "past", "hold", "settle", "events"]
+           "unechoed", "tot", "mod", "past", "hold", "settle", "events"]
