@@ -14,7 +14,7 @@ const { Pool } = require('undici')
 const limits = require('./limits')
 const {
   AccManError, Busy, Unavailable, Unreachable, OutcomeUnknown, CallTimeout, BadReply,
-  mayHaveLanded, definite
+  mayHaveLanded, definite, unechoed
 } = require('./errors')
 const values = require('./values')
 
@@ -237,11 +237,18 @@ class AccManClient {
       } catch (err) {
         if (maybe === null && mayHaveLanded(err)) maybe = err
         if (!(err instanceof AccManError) || attempt >= this.retries || this._closed || !retryable(err, safe)) {
-          throw maybe !== null && !mayHaveLanded(err) && !definite(err) ? maybe : err
+          const ending = maybe !== null && !mayHaveLanded(err) && !definite(err) ? maybe : err
+          throw unechoed(ending, this._secrets(target))
         }
       }
       await new Promise((resolve) => setTimeout(resolve, pauseMs(attempt)))
     }
+  }
+
+  // What a reply's detail must not show of this call's request.
+  _secrets (target) {
+    const cred = /[?&]cred=([^&]+)/.exec(target)
+    return [cred ? cred[1] : null, this._headers ? this._headers[1].slice('Bearer '.length) : null]
   }
 
   _attempt (method, path) {

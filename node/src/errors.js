@@ -106,7 +106,7 @@ const CODE_409 = { key_reused: KeyReused, overflow: Overflow, hold_ended: HoldEn
 // balance, already converted.
 function errorOfReply (status, obj, tot) {
   const code = obj && typeof obj.error === 'string' ? obj.error : ''
-  let detail = obj && typeof obj.detail === 'string' ? obj.detail.slice(0, 200) : ''
+  let detail = obj && typeof obj.detail === 'string' ? obj.detail : '' // cut by unechoed
   detail = detail || `AccMan answered ${status} ${code}`.trimEnd()
   if (status === 409) {
     if (code === 'insufficient') {
@@ -134,6 +134,29 @@ function errorOfReply (status, obj, tot) {
   return new UnexpectedReply(detail, code || 'unexpected', status)
 }
 
+// How much of a reply's detail an error keeps.
+const DETAIL_CHARS_MAX = 200
+
+// `err`, thrown by a call whose request held `secrets` (its credential and
+// token), with them out of sight in its detail, message and stack, then its
+// detail cut to DETAIL_CHARS_MAX.  AccMan never quotes a request, but
+// something else at the URL (a proxy, a firewall, a wrong service) may.
+function unechoed (err, secrets) {
+  if (!(err instanceof AccManError)) return err
+  const before = err.detail
+  let detail = before
+  for (const secret of secrets) {
+    if (secret) detail = detail.split(secret).join('<not shown>')
+  }
+  detail = detail.slice(0, DETAIL_CHARS_MAX)
+  if (detail !== before) {
+    if (typeof err.stack === 'string') err.stack = err.stack.split(before).join(detail)
+    err.detail = detail
+    err.message = detail
+  }
+  return err
+}
+
 // Whether a failed call may still have landed: sent with no reply
 // (OutcomeUnknown), or a plain 503, a commit that failed ("not
 // acknowledged" is not "not applied").  Busy and Unreachable were refused
@@ -152,6 +175,8 @@ function mayHaveLanded (err) {
 }
 
 module.exports = {
+  DETAIL_CHARS_MAX,
+  unechoed,
   definite,
   mayHaveLanded,
   AccManError,

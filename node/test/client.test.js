@@ -230,3 +230,26 @@ test('a keyed mod with its reply lost stays unknown when a proxy answers its ret
   await client.close()
   await fake.close()
 })
+
+test('a reply\'s detail that quotes the request shows no credential or token', async () => {
+  // Not AccMan at the URL (a proxy, a firewall): its detail quotes the head.
+  const fake = await fakeAccMan((head) => {
+    const status = head.startsWith('GET') ? 400 : 401
+    return reply(status, JSON.stringify({ error: 'x', detail: 'x'.repeat(150) + head }))
+  })
+  const cred = 'SECRETcred' + 'c'.repeat(40)
+  const client = new AccManClient({ url: fake.url, token: 'SECRETtoken' + 't'.repeat(40), retries: 0 })
+  try {
+    for (const call of [() => client.tot(cred), () => client.mod(cred, -1)]) {
+      const err = await call().then(() => null, (e) => e)
+      assert.ok(err instanceof E.AccManError, String(err))
+      assert.ok(err.detail.includes('<not shown>') && err.detail.length <= 200, err.detail)
+      for (const text of [err.detail, err.message, err.stack, util.inspect(err)]) {
+        assert.ok(!text.includes('SECRET'), text)
+      }
+    }
+  } finally {
+    await client.close()
+    await fake.close()
+  }
+})
