@@ -48,6 +48,7 @@ from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX
 from accman.calling.policy import may_have_landed
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.lifespan import lifespan
+from accman.calling.repeats import Repeats
 from accman.calling.reserve import Reservation
 from accman.calling.settings import (amount, check_calls, check_options, paths, request_ids,
                                      route_path, split)
@@ -116,6 +117,7 @@ class AccManMiddleware:
         self._reserve = mode == "reserve"
         self._open = on_unavailable == "open"
         self._header = header.lower().encode("ascii")
+        self._repeats = Repeats(log)        # lines every refused request would say
         self._charge_below = charge_below
         self.hold_ttl_s = hold_ttl_s
         self._cost = self._price_value(cost, "cost")
@@ -335,10 +337,11 @@ class AccManMiddleware:
         if config:
             # The service's own token or url is wrong: not the caller's fault,
             # and never a reason to serve for free.
-            log.error("accman: AccMan refused the service (%s %s): check the url and token",
-                      err.status, err.code)
+            self._repeats.say(logging.ERROR, f"accman: AccMan refused the service ({err.status} "
+                                             f"{err.code}): check the url and token")
         elif self._open:
-            log.warning("accman: AccMan unavailable (%s); serving unpaid", err.code)
+            self._repeats.say(logging.WARNING,
+                              f"accman: AccMan unavailable ({err.code}); serving unpaid")
 
             async def send_(message):
                 if message["type"] == "http.response.start":
@@ -349,7 +352,8 @@ class AccManMiddleware:
 
             return await self.app(scope, receive, send_)
         else:
-            log.warning("accman: AccMan unavailable (%s); refusing with 503", err.code)
+            self._repeats.say(logging.WARNING,
+                              f"accman: AccMan unavailable ({err.code}); refusing with 503")
         self.stats["refused_unavailable"] += 1
         return await refuse_unavailable(send)
 

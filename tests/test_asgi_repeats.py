@@ -1,0 +1,21 @@
+"""Log lines that every refused request would say (accman.calling.repeats)."""
+
+import logging
+
+from accman.calling.repeats import REPEAT_S, Repeats
+
+
+def test_a_line_every_request_meets_is_said_at_most_once_a_repeat(caplog):
+    now = [100.0]
+    repeats = Repeats(logging.getLogger("accman.test"), clock=lambda: now[0])
+    caplog.set_level("WARNING", logger="accman.test")
+    for _ in range(3841):                       # refused requests for 30 s, 128 a second
+        repeats.say(logging.WARNING, "accman: AccMan unavailable (unreachable); refusing")
+        now[0] += 1 / 128
+    repeats.say(logging.ERROR, "accman: AccMan refused the service (401 unauthorized)")
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said[0] == (logging.WARNING, "accman: AccMan unavailable (unreachable); refusing")
+    assert len(said) == 1 + int(30 / REPEAT_S) + 1, said
+    assert said[1] == (logging.WARNING, "accman: AccMan unavailable (unreachable); refusing "
+                                        "(1279 more times in 10 s)")
+    assert said[-1] == (logging.ERROR, "accman: AccMan refused the service (401 unauthorized)")
