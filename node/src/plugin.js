@@ -19,6 +19,7 @@ const {
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
+const { Repeats } = require('./repeats')
 const { settings, checkRoute, amount, price } = require('./options')
 const { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning } = require('./routes')
 const { headersOf, dropHandlerHeaders } = require('./headers')
@@ -104,6 +105,7 @@ class Meter {
     })
     if (!this.client.bigint) throw new TypeError('a client given to the plugin must be made with { bigint: true }')
     this.log = fastify.log.child({ plugin: 'accman' })
+    this.repeats = new Repeats(this.log) // lines every refused request would say
     // A request id: 96 random bits per process, then a counter.  Keys are
     // `<id>-h` (a hold) and `<id>-c` (a charge): never taken from the
     // request, so a consumer cannot replay an old key to be served free.
@@ -236,11 +238,12 @@ class Meter {
     }
     if (!(err instanceof AccManError)) throw err // a bug (a cost function that threw, say): fastify's 500
     if (this.isOutage(err)) {
-      this.log.warn({ code: err.code }, 'accman: AccMan unavailable; refusing with 503')
+      this.repeats.say('warn', { code: err.code }, 'accman: AccMan unavailable; refusing with 503')
     } else {
       // The service's own token or url is wrong: not the consumer's fault,
       // and never a reason to serve for free.
-      this.log.error({ status: err.status, code: err.code }, 'accman: AccMan refused the service: check the url and token')
+      this.repeats.say('error', { status: err.status, code: err.code },
+        'accman: AccMan refused the service: check the url and token')
     }
     this.stats.refused_unavailable++
     return this.refuse(reply, 503, 'unavailable', UNAVAILABLE_DETAIL, { 'retry-after': '1' })
@@ -336,7 +339,7 @@ class Meter {
   refuseCharge (reply, payload, err, state) {
     this.chargeSeen = false
     this.stats.refused_unavailable++
-    this.log.error({ status: err.status, code: err.code },
+    this.repeats.say('error', { status: err.status, code: err.code },
       'accman: AccMan refused the charge: check the token\'s roles; refusing with 503')
     if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
     dropHandlerHeaders(reply, state)

@@ -1,0 +1,23 @@
+'use strict'
+// Log lines that every refused request would say (src/repeats.js).
+
+const test = require('node:test')
+const assert = require('node:assert/strict')
+const { Repeats, REPEAT_MS } = require('../src/repeats')
+
+test('a line every request meets is said at most once a REPEAT_MS, with its count', () => {
+  const said = []
+  const log = { warn: (f, t) => said.push(['warn', f, t]), error: (f, t) => said.push(['error', f, t]) }
+  let now = 100000
+  const repeats = new Repeats(log, () => now)
+  for (let i = 0; i <= 3000; i++) { // refused requests for 30 s, 100 a second
+    repeats.say('warn', { code: 'unreachable' }, 'accman: AccMan unavailable; refusing with 503')
+    now += 10
+  }
+  repeats.say('error', { status: 401, code: 'unauthorized' }, 'accman: AccMan refused the service')
+  assert.equal(said.length, 1 + 30000 / REPEAT_MS + 1)
+  assert.deepEqual(said[0], ['warn', { code: 'unreachable' }, 'accman: AccMan unavailable; refusing with 503'])
+  assert.deepEqual(said[1], ['warn', { code: 'unreachable', repeated: 999, seconds: 10 },
+    'accman: AccMan unavailable; refusing with 503'])
+  assert.equal(said[said.length - 1][0], 'error')
+})
