@@ -19,3 +19,16 @@ def test_a_line_every_request_meets_is_said_at_most_once_a_repeat(caplog):
     assert said[1] == (logging.WARNING, "accman: AccMan unavailable (unreachable); refusing "
                                         "(1279 more times in 10 s)")
     assert said[-1] == (logging.ERROR, "accman: AccMan refused the service (401 unauthorized)")
+
+
+def test_a_line_that_stopped_and_comes_back_is_said_at_once(caplog):
+    now = [100.0]
+    repeats = Repeats(logging.getLogger("accman.test2"), clock=lambda: now[0])
+    caplog.set_level("WARNING", logger="accman.test2")
+    for _ in range(5):                          # a spell of 5 over 4 s
+        repeats.say(logging.WARNING, "down")
+        now[0] += 1.0
+    now[0] += 3600.0                            # an hour later, again
+    repeats.say(logging.WARNING, "down")
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["down", "down (before, 4 more times in the 4 s after it was last said)"]

@@ -400,3 +400,17 @@ def test_each_holds_and_events_error_has_its_type(status, reply, exc):
     assert type(e) is exc
     if exc is EventsTrimmed:
         assert e.first == 40 and e.detail == "a sentence" and e.status == 410
+
+
+def test_a_quoted_request_is_out_of_sight_whoever_s_it_is_and_only_where_it_stands_alone():
+    """A reply behind a pipelined one may quote another call's request: any
+    cred= or bearer value goes; this call's own secrets go where they stand
+    alone, so that a credential "a" does not eat every "a" of the detail."""
+    e = replies.error(400, body({"error": "bad_request",
+                                 "detail": "the balance a; GET /tot?cred=OTHERcred HTTP/1.1 "
+                                           "Authorization: Bearer OTHERtoken; a"}))
+    replies.unechoed(e, b"GET /tot?cred=a HTTP/1.1\r\nAuthorization: Bearer t0k\r\n\r\n")
+    assert e.detail == ("the balance <not shown>; GET /tot?cred=<not shown> HTTP/1.1 "
+                        "Authorization: Bearer <not shown>; <not shown>")
+    assert replies.error(404, body({"error": "x" * 41, "detail": "d"})).code == "unexpected"
+    assert replies.error(404, body({"error": "not_found", "detail": "d"})).code == "not_found"

@@ -213,13 +213,6 @@ class AccManClient:
 
     # --- machinery ---------------------------------------------------------
     async def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
-        try:
-            return await self._attempts(req, safe, decode, wait_s)
-        except AccManError as e:
-            replies.unechoed(e, req)        # a reply may quote the request: never its secrets
-            raise
-
-    async def _attempts(self, req: bytes, safe: bool, decode, wait_s: int):
         attempts = policy.Attempts(safe, self._retries, read=req.startswith(b"GET "))
         while True:
             try:
@@ -229,6 +222,7 @@ class AccManClient:
                     status, body, _ = await self._attempt(req)
                 return decode(status, body)
             except AccManError as e:
+                replies.unechoed(e, req)    # a reply may quote the request: never its secrets
                 ending = attempts.failed(e, self._closed)
                 if ending is e:
                     raise
@@ -432,7 +426,7 @@ class AccManClient:
         try:
             await self._open(self._loop.time() + self._timeout_s, own_call=False)
         except AccManError as e:
-            log.debug("spare AccMan connection failed: %s", e.detail)
+            log.debug("spare AccMan connection failed: %s", e.detail[:replies.DETAIL_CHARS_MAX])
 
     def _wake(self, conn=None, calls: int = 1) -> None:
         """Wake the `calls` oldest waiting calls, handing them `conn` if

@@ -20,15 +20,22 @@ class Repeats:
     def __init__(self, log: logging.Logger, clock=time.monotonic):
         self._log = log
         self._clock = clock
-        self._said: dict[str, list] = {}      # text -> [said at, times since]
+        self._said: dict[str, list] = {}      # text -> [said at, times since, last met]
 
     def say(self, level: int, text: str) -> None:
         now = self._clock()
         state = self._said.get(text)
-        if state is not None and now - state[0] < REPEAT_S:
+        if state is None:
+            more = ""
+        elif now - state[2] >= REPEAT_S:        # it had stopped: a new spell
+            more = "" if not state[1] else \
+                f" (before, {state[1]} more times in the {state[2] - state[0]:.0f} s after it " \
+                "was last said)"
+        elif now - state[0] >= REPEAT_S:
+            more = f" ({state[1]} more times in {now - state[0]:.0f} s)"
+        else:
             state[1] += 1
+            state[2] = now
             return
-        more = "" if state is None or not state[1] else \
-            f" ({state[1]} more times in {now - state[0]:.0f} s)"
         self._log.log(level, "%s%s", text, more)
-        self._said[text] = [now, 0]
+        self._said[text] = [now, 0, now]

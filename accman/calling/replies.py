@@ -27,7 +27,15 @@ DETAIL_CHARS_MAX = 200
 # the request line and headers: the credential and the bearer token.
 _QUOTABLE_RE = re.compile(rb"[?&]cred=([^&\s]+)|\nauthorization:[ \t]*bearer[ \t]+([^\r\n]+)",
                           re.IGNORECASE)
+# Whatever the value: a reply behind a pipelined one (a closing 401) may
+# quote another call's request.
+_QUOTED_RE = re.compile(r"((?:^|[?&])cred=|bearer\s+)[^&\s\"';,]+", re.IGNORECASE)
+# The characters of credentials and tokens: a secret is out of sight where
+# it stands alone, not inside a word ("a" is no credential inside "balance").
+_SECRET_CHARS = r"A-Za-z0-9_\-.~+/="
 UNSHOWN = "<not shown>"
+# A reply's error code as AccMan writes them; anything else is "unexpected".
+_CODE_RE = re.compile(r"[a-z_]{1,40}")
 
 _ACCOUNT_RE = re.compile(r"[0-9a-f]+")
 
@@ -101,6 +109,7 @@ def error(status: int, body: bytes) -> AccManError:
     """The typed error of a reply other than 200."""
     obj = _error_object(body)
     code = obj.get("error") if isinstance(obj.get("error"), str) else ""
+    code = code if _CODE_RE.fullmatch(code) else ("unexpected" if code else "")
     detail = obj.get("detail") if isinstance(obj.get("detail"), str) else ""
     detail = detail or f"AccMan answered {status} {code}".rstrip()     # cut by unechoed
     if status == 409 and code == "insufficient":
@@ -135,12 +144,14 @@ def unechoed(e: BaseException, req: bytes) -> BaseException:
     detail says is a message to a person, never a secret."""
     quoted = {v.decode("latin-1").strip() for pair in _QUOTABLE_RE.findall(req) for v in pair}
     quoted.discard("")
+    alone = [re.compile(rf"(?<![{_SECRET_CHARS}]){re.escape(s)}(?![{_SECRET_CHARS}])")
+             for s in sorted(quoted, key=len, reverse=True)]
     chain, seen = e, set()
     while isinstance(chain, AccManError) and id(chain) not in seen:
         seen.add(id(chain))
-        detail = chain.detail
-        for secret in sorted(quoted, key=len, reverse=True):
-            detail = detail.replace(secret, UNSHOWN)
+        detail = _QUOTED_RE.sub(lambda m: m.group(1) + UNSHOWN, chain.detail)
+        for secret in alone:
+            detail = secret.sub(UNSHOWN, detail)
         detail = detail[:DETAIL_CHARS_MAX]
         if detail != chain.detail:
             chain.detail, chain.args = detail, (detail,)

@@ -117,18 +117,12 @@ class AccManSyncClient:
         return self._call(req, True, replies.past)
 
     def _call(self, req: bytes, safe: bool, decode, wait_s: int = 0):
-        try:
-            return self._attempts(req, safe, decode, wait_s)
-        except AccManError as e:
-            replies.unechoed(e, req)        # a reply may quote the request: never its secrets
-            raise
-
-    def _attempts(self, req: bytes, safe: bool, decode, wait_s: int):
         attempts = policy.Attempts(safe, self._retries, read=req.startswith(b"GET "))
         while True:
             try:
                 return decode(*self._attempt(req, self._timeout_s + wait_s))
             except AccManError as e:
+                replies.unechoed(e, req)    # a reply may quote the request: never its secrets
                 ending = attempts.failed(e, self._closed)
                 if ending is e:
                     raise
