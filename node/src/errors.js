@@ -105,7 +105,8 @@ const CODE_409 = { key_reused: KeyReused, overflow: Overflow, hold_ended: HoldEn
 // (with exact integers, see values.js) or null; `tot` is the insufficient
 // balance, already converted.
 function errorOfReply (status, obj, tot) {
-  const code = obj && typeof obj.error === 'string' ? obj.error : ''
+  let code = obj && typeof obj.error === 'string' ? obj.error : ''
+  if (code && !/^[a-z_]{1,40}$/.test(code)) code = 'unexpected' // not of AccMan's form
   let detail = obj && typeof obj.detail === 'string' ? obj.detail : '' // cut by unechoed
   detail = detail || `AccMan answered ${status} ${code}`.trimEnd()
   if (status === 409) {
@@ -136,6 +137,8 @@ function errorOfReply (status, obj, tot) {
 
 // How much of a reply's detail an error keeps.
 const DETAIL_CHARS_MAX = 200
+// The characters of credentials and tokens, for a regular expression's class.
+const SECRET_CHARS = 'A-Za-z0-9_\\-.~+/='
 
 // `err`, thrown by a call whose request held `secrets` (its credential and
 // token), with them out of sight in its detail, message and stack, then its
@@ -144,9 +147,13 @@ const DETAIL_CHARS_MAX = 200
 function unechoed (err, secrets) {
   if (!(err instanceof AccManError)) return err
   const before = err.detail
-  let detail = before
+  // Any cred= or bearer value, whoever's it is; this call's own secrets
+  // where they stand alone (a credential "a" is not inside "balance").
+  let detail = before.replace(/((?:^|[?&])cred=|bearer\s+)[^&\s"';,]+/gi, '$1<not shown>')
   for (const secret of secrets) {
-    if (secret) detail = detail.split(secret).join('<not shown>')
+    if (!secret) continue
+    const escaped = secret.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')
+    detail = detail.replace(new RegExp(`(?<![${SECRET_CHARS}])${escaped}(?![${SECRET_CHARS}])`, 'g'), '<not shown>')
   }
   detail = detail.slice(0, DETAIL_CHARS_MAX)
   if (detail !== before) {

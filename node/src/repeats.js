@@ -3,8 +3,9 @@
 // unreachable, the service's token refused): each refused request would say
 // it again, thousands a second.  Said when it starts, then at most every
 // REPEAT_MS while it goes on, with how many times it came meanwhile
-// (`repeated`, over `seconds`).  As the Python middleware's
-// accman.calling.repeats.
+// (`repeated`, over `seconds`; a line that had stopped and comes back is
+// said at once, with `repeatedBefore`, its last spell's count).  As the
+// Python middleware's accman.calling.repeats.
 
 // A line met by every request is said again at most this often.
 const REPEAT_MS = 10000
@@ -12,7 +13,7 @@ const REPEAT_MS = 10000
 class Repeats {
   // `log` is a pino-like logger; `now` a clock in ms.  The lines are known
   // by their level, fields and text: a few fixed ones, so the map stays small.
-  constructor (log, now = Date.now) {
+  constructor (log, now = () => performance.now()) { // monotonic: a clock set back stays silent
     this.log = log
     this.now = now
     this.said = new Map()
@@ -22,15 +23,20 @@ class Repeats {
     const now = this.now()
     const key = `${level} ${JSON.stringify(fields)} ${text}`
     const state = this.said.get(key)
-    if (state !== undefined && now - state.at < REPEAT_MS) {
+    let more = {}
+    if (state === undefined) {
+      // the first time: said as it is
+    } else if (now - state.seen >= REPEAT_MS) { // it had stopped: a new spell
+      if (state.since) more = { repeatedBefore: state.since, seconds: Math.round((state.seen - state.at) / 1000) }
+    } else if (now - state.at >= REPEAT_MS) {
+      more = { repeated: state.since, seconds: Math.round((now - state.at) / 1000) }
+    } else {
       state.since++
+      state.seen = now
       return
     }
-    const more = state !== undefined && state.since
-      ? { repeated: state.since, seconds: Math.round((now - state.at) / 1000) }
-      : {}
     this.log[level]({ ...fields, ...more }, text)
-    this.said.set(key, { at: now, since: 0 })
+    this.said.set(key, { at: now, since: 0, seen: now })
   }
 }
 

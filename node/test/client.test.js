@@ -253,3 +253,20 @@ test('a reply\'s detail that quotes the request shows no credential or token', a
     await fake.close()
   }
 })
+
+test('any quoted cred= or bearer value goes, and a short credential only where it stands alone', async () => {
+  const fake = await fakeAccMan(() => reply(400, JSON.stringify({
+    error: 'x'.repeat(41),
+    detail: 'the balance a; GET /tot?cred=OTHERcred HTTP/1.1 Authorization: Bearer OTHERtoken; a'
+  })))
+  const client = new AccManClient({ url: fake.url, token: 't0k', retries: 0 })
+  try {
+    const err = await client.tot('a').then(() => null, (e) => e)
+    assert.equal(err.detail, 'the balance <not shown>; GET /tot?cred=<not shown> HTTP/1.1 ' +
+      'Authorization: Bearer <not shown>; <not shown>')
+    assert.equal(err.code, 'unexpected')
+  } finally {
+    await client.close()
+    await fake.close()
+  }
+})

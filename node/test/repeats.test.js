@@ -21,3 +21,13 @@ test('a line every request meets is said at most once a REPEAT_MS, with its coun
     'accman: AccMan unavailable; refusing with 503'])
   assert.equal(said[said.length - 1][0], 'error')
 })
+
+test('a line that stopped and comes back is said at once, with its last spell\'s count', () => {
+  const said = []
+  let now = 0
+  const repeats = new Repeats({ warn: (f, t) => said.push([f, t]) }, () => now)
+  for (let i = 0; i < 5; i++) { repeats.say('warn', {}, 'down'); now += 1000 }
+  now += 3600000
+  repeats.say('warn', {}, 'down')
+  assert.deepEqual(said, [[{}, 'down'], [{ repeatedBefore: 4, seconds: 4 }, 'down']])
+})
