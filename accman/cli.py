@@ -41,6 +41,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
                                      unprinted)
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
+from accman.calling.replies import UNSHOWN     # in place of a word a usage error does not echo
 from accman.calling.sync import AccManSyncClient
 from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
@@ -91,8 +92,6 @@ class _ArgumentParser(argparse.ArgumentParser):
 # for a usage error to suggest that flag (difflib's ratio; --tokn is 0.92
 # from --token).  The suggestion is the flag's own name, never the word.
 FLAG_LIKENESS_MIN = 0.6
-# What a usage error shows in place of a word it does not echo.
-UNSHOWN = "<not shown>"
 
 
 def _close_flags(extra, given, flags) -> list:

@@ -33,6 +33,7 @@ _QUOTED_RE = re.compile(r"((?:^|[?&])cred=|bearer\s+)[^&\s\"';,]+", re.IGNORECAS
 # The characters of credentials and tokens: a secret is out of sight where
 # it stands alone, not inside a word ("a" is no credential inside "balance").
 _SECRET_CHARS = r"A-Za-z0-9_\-.~+/="
+# What a message shows in place of a secret (a reply's detail, a usage error).
 UNSHOWN = "<not shown>"
 # A reply's error code as AccMan writes them; anything else is "unexpected".
 _CODE_RE = re.compile(r"[a-z_]{1,40}")
