@@ -204,9 +204,22 @@ class Store(Protocol):
         there is (its client has left: its place goes to another); nothing
         when it is not waiting."""
 
+    def end_waits(self) -> None:
+        """Every long poll is answered now, with what it has (the server is
+        stopping)."""
+
     @property
     def healthy(self) -> bool:
         """True while the store can commit (GET /health)."""
+
+    @property
+    def unhealthy_detail(self) -> str | None:
+        """While not `healthy`: why, in words fit for a client (GET /health's
+        503 says them), or None for the server's own words."""
+
+    @property
+    def open_holds(self) -> int:
+        """Holds open now, as durable (GET /health)."""
 
     @property
     def stats(self) -> dict:

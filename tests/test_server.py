@@ -835,7 +835,7 @@ from accman.store import Page
 class FakeLedger:
     """The store interface with a failed store ("failed") or a writer that
     never finishes a batch ("stuck")."""
-    inline_reads = True
+    inline_reads, unhealthy_detail, open_holds = True, None, 0
     def __init__(self, mode):
         self.mode, self.loop = mode, None
     healthy = property(lambda self: self.mode != "failed")
@@ -851,6 +851,10 @@ class FakeLedger:
     def submit(self, cred, by, min=None, key=None, done=None, low=None):
         if self.mode == "failed":
             self.loop.call_soon(done, Unavailable("the store failed to commit"))
+    def drain_samples(self):
+        return [], []
+    def end_waits(self):
+        pass
     def close(self):
         print("ledger closed", file=sys.stderr, flush=True)
 

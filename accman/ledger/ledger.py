@@ -11,12 +11,12 @@ import time
 
 from accman.errors import AccManError, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
+from accman.ledger.clock import checked_clock
 from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
 from accman.ledger.events import EventLog, check_kept_after
 from accman.ledger.gate import CLOSING_DETAIL, Gate
 from accman.ledger.leveldb import Store
-from accman.limits import (CLOCK_MS_MAX, EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT,
-                           PAST_LIMIT_DEFAULT)
+from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
 from accman.records import Entry, Event
 from accman.store import Page, check_events, check_options, check_past, page_next
 
@@ -35,22 +35,6 @@ def _result(outcome):
     if isinstance(outcome, AccManError):
         raise outcome
     return outcome
-
-
-def checked_clock(clock_ms):
-    """`clock_ms`, each reading checked (CLOCK_MS_MAX): a wrong one, or a
-    clock that raises, is a ValueError naming it, raised before anything
-    is applied."""
-    def read() -> int:
-        try:
-            ms = clock_ms()
-        except Exception as e:
-            raise ValueError(f"clock_ms raised {type(e).__name__}: {e}") from e
-        if type(ms) is not int or not 0 <= ms <= CLOCK_MS_MAX:
-            raise ValueError(f"clock_ms returned {ms!r:.80}: a clock must return an int of "
-                             f"unix milliseconds from 0 to {CLOCK_MS_MAX}")
-        return ms
-    return read
 
 
 class Ledger:
@@ -421,6 +405,10 @@ class Ledger:
         (it names files and OS errors: never for a client)."""
         error = self._committer.error or self._committer.applier.error
         return None if error is None else error.detail
+
+    # A client hears the server's own words when this store cannot commit:
+    # `failure` names files and OS errors, for the operator's log only.
+    unhealthy_detail = None
 
     @property
     def open_holds(self) -> int:

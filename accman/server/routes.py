@@ -264,11 +264,11 @@ class Routes:
                               mode, head=head)
         if not self.store.healthy:
             # A store of several clusters may say which cannot commit.
-            detail = (getattr(self.store, "unhealthy_detail", None)
+            detail = (self.store.unhealthy_detail
                       or "the store cannot commit; the server takes no writes")
             return self.error("health", 503, "unavailable", detail, mode, head=head)
         self.requests["health", 200] += 1
-        body = replies.HEALTH_BODY % getattr(self.store, "open_holds", 0)
+        body = replies.HEALTH_BODY % self.store.open_holds
         return T200[mode] % (DATE.now, len(body), b"" if head else body)
 
     # --- outcomes to replies: each success reply is built here -------------------

@@ -218,9 +218,7 @@ class Server:
     def _drain_samples(self):
         # The store keeps per-batch samples until drained; draining every
         # sweep keeps its buffer far from its cap.
-        drain = getattr(self.store, "drain_samples", None)
-        if drain is not None:
-            self.metrics.observe_batches(*drain())
+        self.metrics.observe_batches(*self.store.drain_samples())
 
     def _give_back_memory(self):
         """Once many connections have come and gone, returns the freed heap
@@ -304,9 +302,7 @@ class Server:
             conn.stop()
         # Long polls are answered now, with what they have: waiting out
         # their `wait` would hold the stop for the whole grace.
-        end_waits = getattr(self.store, "end_waits", None)
-        if end_waits is not None:
-            end_waits()
+        self.store.end_waits()
         deadline = self.loop.time() + self.limits.shutdown_grace_s
         while self.connections and not self._hurry and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
