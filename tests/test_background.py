@@ -126,6 +126,7 @@ def test_by_default_no_thread_of_a_server_is_lowered(tmp_path):
 def test_a_bad_compaction_nice_is_refused(tmp_path, value):
     out = run_accman("serve", "--port", "0", "--data", tmp_path / "d", "--compaction-nice", value)
     assert out.returncode == 2 and "--compaction-nice" in out.stderr, out.stderr
+    assert "from zero to 19" in out.stderr, out.stderr     # the bound shown, whatever --port
     assert not (tmp_path / "d").exists()
 
 

@@ -46,6 +46,10 @@ def one_line_error(proc, code=2):
     ["serve", "--port", "http"],
     ["serve", "--port", "70000"],
     ["serve", "--port", "-1"],
+    ["serve", "--port", "08080"],
+    ["serve", "--port", "+8080"],
+    ["serve", "--port", "٨٠٨٠"],
+    ["serve", "--port", "65536"],
     ["frobnicate"],
     [],
 ])

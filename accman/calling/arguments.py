@@ -90,15 +90,23 @@ def data_dir(text):
     return text
 
 
-def port(text):
-    if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0..65535)")
+def _plain_int(text, most: int, what: str) -> int:
+    """0..most in plain ASCII digits, without leading zeros (as the SPEC
+    writes its numbers): `--port 08080` is a typo, not port 8080."""
+    if (not text.isascii() or not text.isdigit() or len(text) > len(str(most))
+            or (text != "0" and text.startswith("0")) or int(text) > most):
+        # "zero", not "0": a message's words that the command line also holds
+        # are put out of sight (accman.cli._unechoed), and `--port 0` is common.
+        raise argparse.ArgumentTypeError(
+            f"invalid {what} {text!r}: a whole number from zero to {most}, in plain digits")
     return int(text)
+
+
+def port(text):
+    """--port: 0 (any free port) .. PORT_MAX."""
+    return _plain_int(text, PORT_MAX, "port")
 
 
 def nice(text):
     """A nice value to lower a thread to: 0 (not lowered) .. NICE_MAX."""
-    if (not text.isascii() or not text.isdigit() or len(text) > len(str(NICE_MAX))
-            or (text != "0" and text.startswith("0")) or not 0 <= int(text) <= NICE_MAX):
-        raise argparse.ArgumentTypeError(f"invalid nice value {text!r} (0..{NICE_MAX})")
-    return int(text)
+    return _plain_int(text, NICE_MAX, "nice value")
