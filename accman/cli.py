@@ -368,11 +368,14 @@ def cmd_verify(args) -> int:
             hold_stops()
     finally:
         remove_snapshots()      # a stop may have cut a removal short
-    return verdict()
+    line, code, is_result = verdict
+    return print_result(line, code) if is_result else _fail(line, code)
 
 
 def _verify(path, Ledger, Store):
-    """The verdict on the store at `path`: a call that says it, returning the exit code."""
+    """The verdict on the store at `path`, said by the caller once the stops
+    are held back: (line, exit code, whether it is the result, for stdout,
+    or an error, for stderr)."""
     from accman.errors import AccManError, StoreCorrupt, StoreLocked
     try:
         # Read-only: recovery runs in a private copy, so that a read-only
@@ -384,22 +387,20 @@ def _verify(path, Ledger, Store):
             store.close(checkpoint=False)
             raise
     except StoreLocked:
-        return lambda: _fail(f"data directory {path} is in use by a running server; "
-                             "stop it first")
+        return (f"data directory {path} is in use by a running server; stop it first",
+                EXIT_USAGE, False)
     except StoreCorrupt as e:
-        return lambda d=e.detail: print_result(f"accman: verify {path}: FAILED: {d}",
-                                               EXIT_REFUSED)
+        return f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED, True
     except AccManError as e:
-        return lambda d=e.detail: _fail(f"cannot open data directory {path}: {d}")
+        return f"cannot open data directory {path}: {e.detail}", EXIT_USAGE, False
     try:
         counts = ledger.verify()
     except StoreCorrupt as e:
-        return lambda d=e.detail: print_result(f"accman: verify {path}: FAILED: {d}",
-                                               EXIT_REFUSED)
+        return f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED, True
     finally:
         ledger.close()
     described = ", ".join(f"{name}={n}" for name, n in counts.items())
-    return lambda: print_result(f"accman: verify {path}: ok ({described})", EXIT_OK)
+    return f"accman: verify {path}: ok ({described})", EXIT_OK, True
 
 
 # --- client commands ---------------------------------------------------------
