@@ -414,3 +414,22 @@ def test_a_quoted_request_is_out_of_sight_whoever_s_it_is_and_only_where_it_stan
                         "Authorization: Bearer <not shown>; <not shown>")
     assert replies.error(404, body({"error": "x" * 41, "detail": "d"})).code == "unexpected"
     assert replies.error(404, body({"error": "not_found", "detail": "d"})).code == "not_found"
+
+
+@pytest.mark.parametrize("echo", [
+    "token Zm9vYmFyYmF6…",                                # cut short by what quotes it
+    "...c0ffee-abc",                                       # the credential's head
+    "it said Zm9vYmFyYmF6cXV4%2B%2FZm9vYmFy%3D%3D, whole",    # percent-encoded
+    "token=vYmFyYmF6cXV4+/Z",                            # a piece inside a longer word
+])
+def test_a_piece_of_a_secret_of_eight_characters_or_more_is_out_of_sight(echo):
+    cred, token = "c0ffee-abcdef0123456789", "Zm9vYmFyYmF6cXV4+/Zm9vYmFy=="
+    e = replies.error(400, body({"error": "bad_request",
+                                 "detail": f"the balance is short; {echo}"}))
+    replies.unechoed(e, f"GET /tot?cred={cred} HTTP/1.1\r\nAuthorization: Bearer {token}"
+                        "\r\n\r\n".encode())
+    assert e.detail.startswith("the balance is short; ") and replies.UNSHOWN in e.detail
+    n = replies.SECRET_PIECE_CHARS_MIN
+    for secret in (cred, token):
+        for i in range(len(secret) - n + 1):
+            assert secret[i:i + n] not in e.detail, e.detail

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import urllib.parse
 from typing import NamedTuple
 
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsTrimmed, Forbidden,
@@ -33,6 +34,11 @@ _QUOTED_RE = re.compile(r"((?:^|[?&])cred=|bearer\s+)[^&\s\"';,]+", re.IGNORECAS
 # The characters of credentials and tokens: a secret is out of sight where
 # it stands alone, not inside a word ("a" is no credential inside "balance").
 _SECRET_CHARS = r"A-Za-z0-9_\-.~+/="
+# A piece of a secret this long or longer is out of sight too, in any word
+# that holds it: what quotes a request may cut a secret short, or quote it
+# percent-encoded.  Shorter pieces would hide ordinary words.
+SECRET_PIECE_CHARS_MIN = 8
+_SECRET_RUN_RE = re.compile(rf"[{_SECRET_CHARS}]{{{SECRET_PIECE_CHARS_MIN},}}")
 # What a message shows in place of a secret (a reply's detail, a usage error).
 UNSHOWN = "<not shown>"
 # A reply's error code as AccMan writes them; anything else is "unexpected".
@@ -145,19 +151,30 @@ def unechoed(e: BaseException, req: bytes) -> BaseException:
     detail says is a message to a person, never a secret."""
     quoted = {v.decode("latin-1").strip() for pair in _QUOTABLE_RE.findall(req) for v in pair}
     quoted.discard("")
+    quoted |= {urllib.parse.quote(s, safe="") for s in quoted}     # as a URL would quote it
     alone = [re.compile(rf"(?<![{_SECRET_CHARS}]){re.escape(s)}(?![{_SECRET_CHARS}])")
              for s in sorted(quoted, key=len, reverse=True)]
+    pieces = {s[i:i + SECRET_PIECE_CHARS_MIN]
+              for s in quoted for i in range(len(s) - SECRET_PIECE_CHARS_MIN + 1)}
     chain, seen = e, set()
     while isinstance(chain, AccManError) and id(chain) not in seen:
         seen.add(id(chain))
         detail = _QUOTED_RE.sub(lambda m: m.group(1) + UNSHOWN, chain.detail)
         for secret in alone:
             detail = secret.sub(UNSHOWN, detail)
+        if pieces:
+            detail = _SECRET_RUN_RE.sub(lambda m: _unless_piece(m.group(), pieces), detail)
         detail = detail[:DETAIL_CHARS_MAX]
         if detail != chain.detail:
             chain.detail, chain.args = detail, (detail,)
         chain = chain.__cause__ or chain.__context__
     return e
+
+
+def _unless_piece(word: str, pieces: set[str]) -> str:
+    """`word`, or UNSHOWN where it holds a piece of a secret."""
+    n = SECRET_PIECE_CHARS_MIN
+    return UNSHOWN if any(word[i:i + n] in pieces for i in range(len(word) - n + 1)) else word
 
 
 def _error_object(body: bytes) -> dict:

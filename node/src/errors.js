@@ -139,6 +139,11 @@ function errorOfReply (status, obj, tot) {
 const DETAIL_CHARS_MAX = 200
 // The characters of credentials and tokens, for a regular expression's class.
 const SECRET_CHARS = 'A-Za-z0-9_\\-.~+/='
+// A piece of a secret this long or longer is out of sight too, in any word
+// that holds it: what quotes a request may cut a secret short, or quote it
+// percent-encoded.  Shorter pieces would hide ordinary words.
+const SECRET_PIECE_CHARS_MIN = 8
+const SECRET_RUN_RE = new RegExp(`[${SECRET_CHARS}]{${SECRET_PIECE_CHARS_MIN},}`, 'g')
 
 // `err`, thrown by a call whose request held `secrets` (its credential and
 // token), with them out of sight in its detail, message and stack, then its
@@ -148,13 +153,17 @@ function unechoed (err, secrets) {
   if (!(err instanceof AccManError)) return err
   const before = err.detail
   // Any cred= or bearer value, whoever's it is; this call's own secrets
-  // where they stand alone (a credential "a" is not inside "balance").
+  // where they stand alone (a credential "a" is not inside "balance"), and
+  // any word holding a piece of one of SECRET_PIECE_CHARS_MIN or more.
   let detail = before.replace(/((?:^|[?&])cred=|bearer\s+)[^&\s"';,]+/gi, '$1<not shown>')
-  for (const secret of secrets) {
-    if (!secret) continue
+  const given = secrets.filter(Boolean)
+  const quoted = new Set([...given, ...given.map(encodeURIComponent)]) // as a URL quotes it
+  for (const secret of [...quoted].sort((a, b) => b.length - a.length)) {
     const escaped = secret.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')
     detail = detail.replace(new RegExp(`(?<![${SECRET_CHARS}])${escaped}(?![${SECRET_CHARS}])`, 'g'), '<not shown>')
   }
+  const pieces = piecesOf(quoted)
+  if (pieces.size) detail = detail.replace(SECRET_RUN_RE, (word) => holdsPiece(word, pieces) ? '<not shown>' : word)
   detail = detail.slice(0, DETAIL_CHARS_MAX)
   if (detail !== before) {
     if (typeof err.stack === 'string') err.stack = err.stack.split(before).join(detail)
@@ -162,6 +171,21 @@ function unechoed (err, secrets) {
     err.message = detail
   }
   return err
+}
+
+function piecesOf (secrets) {
+  const pieces = new Set()
+  for (const s of secrets) {
+    for (let i = 0; i + SECRET_PIECE_CHARS_MIN <= s.length; i++) pieces.add(s.slice(i, i + SECRET_PIECE_CHARS_MIN))
+  }
+  return pieces
+}
+
+function holdsPiece (word, pieces) {
+  for (let i = 0; i + SECRET_PIECE_CHARS_MIN <= word.length; i++) {
+    if (pieces.has(word.slice(i, i + SECRET_PIECE_CHARS_MIN))) return true
+  }
+  return false
 }
 
 // Whether a failed call may still have landed: sent with no reply
@@ -183,6 +207,7 @@ function mayHaveLanded (err) {
 
 module.exports = {
   DETAIL_CHARS_MAX,
+  SECRET_PIECE_CHARS_MIN,
   unechoed,
   definite,
   mayHaveLanded,

@@ -254,6 +254,36 @@ test('a reply\'s detail that quotes the request shows no credential or token', a
   }
 })
 
+for (const echo of [
+  'token Zm9vYmFyYmF6…', // cut short by what quotes it
+  '...c0ffee-abc', // the credential's head
+  'it said Zm9vYmFyYmF6cXV4%2B%2FZm9vYmFy%3D%3D, whole', // percent-encoded
+  'token=vYmFyYmF6cXV4+/Z' // a piece inside a longer word
+]) {
+  test(`a piece of a secret of 8 characters or more is out of sight: ${echo}`, async () => {
+    const cred = 'c0ffee-abcdef0123456789'
+    const token = 'Zm9vYmFyYmF6cXV4+/Zm9vYmFy=='
+    const fake = await fakeAccMan(() => reply(400, JSON.stringify({
+      error: 'bad_request', detail: `the balance is short; ${echo}`
+    })))
+    const client = new AccManClient({ url: fake.url, token, retries: 0 })
+    try {
+      const err = await client.tot(cred).then(() => null, (e) => e)
+      assert.ok(err.detail.startsWith('the balance is short; ') && err.detail.includes('<not shown>'), err.detail)
+      const n = E.SECRET_PIECE_CHARS_MIN
+      for (const secret of [cred, token]) {
+        for (let i = 0; i + n <= secret.length; i++) {
+          assert.ok(!err.detail.includes(secret.slice(i, i + n)), err.detail)
+          assert.ok(!err.message.includes(secret.slice(i, i + n)) && !err.stack.includes(secret.slice(i, i + n)))
+        }
+      }
+    } finally {
+      await client.close()
+      await fake.close()
+    }
+  })
+}
+
 test('any quoted cred= or bearer value goes, and a short credential only where it stands alone', async () => {
   const fake = await fakeAccMan(() => reply(400, JSON.stringify({
     error: 'x'.repeat(41),
