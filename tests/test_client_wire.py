@@ -408,7 +408,7 @@ def test_a_quoted_request_is_out_of_sight_whoever_s_it_is_and_only_where_it_stan
     alone, so that a credential "a" does not eat every "a" of the detail."""
     e = replies.error(400, body({"error": "bad_request",
                                  "detail": "the balance a; GET /tot?cred=OTHERcred HTTP/1.1 "
-                                           "Authorization: Bearer OTHERtoken; a"}))
+                                           "Authorization: Bearer OTHERtoken0123456789; a"}))
     replies.unechoed(e, b"GET /tot?cred=a HTTP/1.1\r\nAuthorization: Bearer t0k\r\n\r\n")
     assert e.detail == ("the balance <not shown>; GET /tot?cred=<not shown> HTTP/1.1 "
                         "Authorization: Bearer <not shown>; <not shown>")

@@ -29,8 +29,13 @@ DETAIL_CHARS_MAX = 200
 _QUOTABLE_RE = re.compile(rb"[?&]cred=([^&\s]+)|\nauthorization:[ \t]*bearer[ \t]+([^\r\n]+)",
                           re.IGNORECASE)
 # Whatever the value: a reply behind a pipelined one (a closing 401) may
-# quote another call's request.
-_QUOTED_RE = re.compile(r"((?:^|[?&])cred=|bearer\s+)[^&\s\"';,]+", re.IGNORECASE)
+# quote another call's request.  A bearer value is one of at least
+# BEARER_VALUE_CHARS_MIN, AccMan's shortest token (accman.server.auth's
+# TOKEN_CHARS_MIN): a shorter word after "Bearer" is prose, as in AccMan's
+# own "this call needs an Authorization: Bearer token".
+BEARER_VALUE_CHARS_MIN = 16
+_QUOTED_RE = re.compile(r"((?:^|[?&])cred=)[^&\s\"';,]+|(bearer\s+)[^&\s\"';,]{%d,}"
+                        % BEARER_VALUE_CHARS_MIN, re.IGNORECASE)
 # The characters of credentials and tokens: a secret is out of sight where
 # it stands alone, not inside a word ("a" is no credential inside "balance").
 _SECRET_CHARS = r"A-Za-z0-9_\-.~+/="
@@ -159,7 +164,7 @@ def unechoed(e: BaseException, req: bytes) -> BaseException:
     chain, seen = e, set()
     while isinstance(chain, AccManError) and id(chain) not in seen:
         seen.add(id(chain))
-        detail = _QUOTED_RE.sub(lambda m: m.group(1) + UNSHOWN, chain.detail)
+        detail = _QUOTED_RE.sub(lambda m: (m.group(1) or m.group(2)) + UNSHOWN, chain.detail)
         for secret in alone:
             detail = secret.sub(UNSHOWN, detail)
         if pieces:

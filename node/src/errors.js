@@ -143,6 +143,11 @@ const SECRET_CHARS = 'A-Za-z0-9_\\-.~+/='
 // that holds it: what quotes a request may cut a secret short, or quote it
 // percent-encoded.  Shorter pieces would hide ordinary words.
 const SECRET_PIECE_CHARS_MIN = 8
+// Any cred= value, and any bearer value of at least AccMan's shortest token
+// (16 characters, accman/server/auth.py): a shorter word after "Bearer" is
+// prose, as in AccMan's own "this call needs an Authorization: Bearer token".
+const BEARER_VALUE_CHARS_MIN = 16
+const QUOTED_RE = new RegExp(`((?:^|[?&])cred=)[^&\\s"';,]+|(bearer\\s+)[^&\\s"';,]{${BEARER_VALUE_CHARS_MIN},}`, 'gi')
 const SECRET_RUN_RE = new RegExp(`[${SECRET_CHARS}]{${SECRET_PIECE_CHARS_MIN},}`, 'g')
 
 // `err`, thrown by a call whose request held `secrets` (its credential and
@@ -155,7 +160,7 @@ function unechoed (err, secrets) {
   // Any cred= or bearer value, whoever's it is; this call's own secrets
   // where they stand alone (a credential "a" is not inside "balance"), and
   // any word holding a piece of one of SECRET_PIECE_CHARS_MIN or more.
-  let detail = before.replace(/((?:^|[?&])cred=|bearer\s+)[^&\s"';,]+/gi, '$1<not shown>')
+  let detail = before.replace(QUOTED_RE, (m, cred, bearer) => (cred || bearer) + '<not shown>')
   const given = secrets.filter(Boolean)
   const quoted = new Set([...given, ...given.map(encodeURIComponent)]) // as a URL quotes it
   for (const secret of [...quoted].sort((a, b) => b.length - a.length)) {
