@@ -118,6 +118,11 @@ REQUEST_LINE_BYTES_MAX = 2048          # over it: 414
 # All header lines of one request, like nginx's/h11's 8-16 KiB defaults.
 HEADER_BYTES_MAX = 8192                # over it: 431
 HEADERS_MAX = 64                       # header lines per request; over it: 431
+# Empty lines before a request line are skipped (RFC 9112 2.2 asks for "at
+# least one"; a client may send a stray CRLF after a body), up to this many:
+# beyond it 400, closed, or a client could hold a connection for ever with
+# a CRLF now and then, no request ever starting its deadline.
+REQUEST_BLANK_LINES_MAX = 4            # over it: 400
 # The routes take no body.  A client library that sends a small body anyway
 # (an empty JSON object, say) is read and ignored up to this size; larger is
 # 413.  Chunked bodies are refused (400): there is nothing to stream.

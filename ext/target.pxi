@@ -184,6 +184,12 @@ cdef object bad_query(str detail):
     return HttpError(400, "bad_request", detail)
 
 
+cdef object bad_target(str detail):
+    """A 400 for a request target of no form HTTP/1.1 has: the request line
+    is malformed, a framing error (SPEC "Errors"): answered, then closed."""
+    return HttpError(400, "bad_request", detail, close=True)
+
+
 # --- numeric values --------------------------------------------------------------
 # Each numeric parameter: the grammar flags of parse_int64, its range, and
 # the rule an error states.

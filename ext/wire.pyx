@@ -62,6 +62,7 @@ cdef enum:
 cdef Py_ssize_t REQUEST_LINE_BYTES_MAX = _limits.REQUEST_LINE_BYTES_MAX
 cdef Py_ssize_t HEADER_BYTES_MAX = _limits.HEADER_BYTES_MAX
 cdef int HEADERS_MAX = _limits.HEADERS_MAX
+cdef int REQUEST_BLANK_LINES_MAX = _limits.REQUEST_BLANK_LINES_MAX
 cdef Py_ssize_t BODY_BYTES_MAX = _limits.BODY_BYTES_MAX
 cdef Py_ssize_t CRED_CHARS_MAX = _limits.CRED_CHARS_MAX
 cdef Py_ssize_t KEY_CHARS_MAX = _limits.KEY_CHARS_MAX
@@ -95,6 +96,13 @@ CODES = {
 }
 
 include "bytes.pxi"
+
+
+cdef inline bint not_a_method(unsigned char c):
+    """Whether `c` cannot start a request line: not a method's (a token's)
+    first byte, nor the CR or LF of a blank line before it."""
+    return not TOKEN[c] and c != CR and c != LF
+
 
 
 @cython.final
@@ -292,6 +300,8 @@ cdef class Parser:
         cdef Py_ssize_t have = self._line_len + n
         cdef bint ends_cr = p[n - 1] == CR     # may be the CR of the CRLF to come
         if self._phase == PH_START:
+            if self._line_len == 0 and not_a_method(p[0]):
+                return self._fail_not_http(out)
             if have - ends_cr > REQUEST_LINE_BYTES_MAX:
                 return self._fail_request_line_too_long(out)
         elif self._head_bytes + have + 1 > HEADER_BYTES_MAX:   # + 1: its LF
@@ -314,11 +324,18 @@ cdef class Parser:
                        list out) except -1:
         """s[0:total] is a whole line, LF included, within its byte limit."""
         cdef Py_ssize_t n = total - 1 - crlf
+        if self._phase == PH_START and not_a_method(s[0]):
+            return self._fail_not_http(out)
         if not crlf:
             return self._fail(400, "a line of the request head ends in a bare LF, not CRLF", out)
         if self._phase == PH_START:
-            if n == 0:
-                return 0    # RFC 9112 2.2: blank lines before a request line are ignored
+            if n == 0:      # RFC 9112 2.2: blank lines before a request line are ignored
+                self._blank_lines += 1
+                if self._blank_lines > REQUEST_BLANK_LINES_MAX:
+                    return self._fail(400, f"more than {REQUEST_BLANK_LINES_MAX} blank lines "
+                                           "before a request line", out)
+                return 0
+            self._blank_lines = 0
             return self._request_line(s, n, out)
         self._head_bytes += total
         if n == 0:
@@ -327,6 +344,12 @@ cdef class Parser:
         if self._header_lines > HEADERS_MAX:
             return self._fail(431, f"the request has more than {HEADERS_MAX} header lines", out)
         return self._header(s, n, out)
+
+    cdef int _fail_not_http(self, list out) except -1:
+        # Said at a request line's first byte, whole or not: TLS sent to a
+        # plain port, say, is refused at once, not when the head's deadline ends.
+        return self._fail(400, "a request line starts with its method (a token): "
+                               "this is not an HTTP/1.1 request", out)
 
     # --- the request line -----------------------------------------------------
 
@@ -365,6 +388,8 @@ cdef class Parser:
         self._req = req
         self._phase = PH_HEAD
         self._pending = self._target(req, method, s + t, j - t)
+        if self._pending is not None and self._pending.close:
+            return self._fail(400, self._pending.detail, out)   # a malformed target
         return 0
 
     cdef object _target(self, Request req, int method, const unsigned char* s,
@@ -383,13 +408,14 @@ cdef class Parser:
             # RFC 9112 3.2.2: a server accepts the absolute form; its
             # authority stands for the Host header.
             if not ci_prefix(s, n, b"http://", 7):
-                return bad_query("the request target must be a path such as /tot, "
-                                 "or an http:// URI naming this server")
+                return bad_target("the request target must be a path such as /tot, "
+                                  "or an http:// URI naming this server")
             a = 7
             while a < n and s[a] != c'/' and s[a] != c'?':
                 a += 1
             if a == 7 or not host_shape_ok(s + 7, a - 7):
-                return bad_query("the authority of an absolute request target must be host[:port]")
+                return bad_target("the authority of an absolute request target must be "
+                                  "host[:port]")
             req.loopback_host = host_is_loopback(s + 7, a - 7)
             self._absolute = True
             if a == n:

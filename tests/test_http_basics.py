@@ -162,6 +162,45 @@ def test_a_chunked_body_is_411_and_the_connection_closes(shared_server):
         assert r.headers["connection"] == "close" and c.closed_by_peer(5)
 
 
+@pytest.mark.parametrize("target", ["tot?cred={cred}", "*", "http://u@127.0.0.1/tot?cred={cred}"])
+def test_a_malformed_target_is_a_framing_error_and_nothing_after_it_applies(shared_server,
+                                                                             cred, target):
+    """SPEC "Errors": a malformed request line is a framing error, answered
+    and closed; a mod pipelined behind it is not applied."""
+    shared_server.mod(cred, 5)
+    with shared_server.connect() as c:
+        c.send(get(target.format(cred=cred)) + patch(f"/mod?cred={cred}&by=-1"))
+        r = c.response()
+        assert_error(r, 400, "bad_request")
+        assert r.headers["connection"] == "close" and c.closed_by_peer(5)
+    assert shared_server.tot(cred) == 5
+
+
+def test_blank_lines_do_not_hold_a_connection(shared_server):
+    """REQUEST_BLANK_LINES_MAX: a CRLF now and then never starts a request
+    (nor its deadline), so past the bound the connection is closed."""
+    from accman.limits import REQUEST_BLANK_LINES_MAX
+    with shared_server.connect() as c:
+        for _ in range(REQUEST_BLANK_LINES_MAX):
+            c.send(b"\r\n")
+        assert not c.closed_by_peer(0.3)
+        c.sock.settimeout(10)
+        c.send(b"\r\n")
+        r = c.response()
+        assert_error(r, 400, "bad_request")
+        assert "blank lines" in r.json["detail"] and c.closed_by_peer(5)
+
+
+def test_a_tls_hello_is_refused_at_once(shared_server):
+    """A first byte no method starts with (TLS to a plain-HTTP port) is a
+    400 at once, not a 408 when the head's deadline ends."""
+    with shared_server.connect() as c:
+        c.send(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")
+        r = c.response()
+        assert_error(r, 400, "bad_request")
+        assert "not an HTTP/1.1 request" in r.json["detail"] and c.closed_by_peer(5)
+
+
 # --- pipelined order (RFC 9112 9.3.2) ------------------------------------------------------------
 
 def test_a_pipelined_read_sees_exactly_the_writes_before_it(shared_server, cred):

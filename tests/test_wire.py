@@ -265,8 +265,8 @@ OK = [
      ok_view(ROUTE_TOT, cred="a")),
     ("body-max", R(b"GET /tot?cred=a HTTP/1.1", b"Content-Length: %d" % limits.BODY_BYTES_MAX)
      + b"\0" * limits.BODY_BYTES_MAX, ok_view(ROUTE_TOT, cred="a")),
-    ("leading-blank-lines", b"\r\n\r\n" + R(b"GET /tot?cred=a HTTP/1.1"),
-     ok_view(ROUTE_TOT, cred="a")),
+    ("leading-blank-lines", b"\r\n" * limits.REQUEST_BLANK_LINES_MAX
+     + R(b"GET /tot?cred=a HTTP/1.1"), ok_view(ROUTE_TOT, cred="a")),
 ]
 
 
@@ -314,14 +314,7 @@ SOFT = [
     ("405-connect", R(b"CONNECT /tot HTTP/1.1"), 405, "/tot accepts only GET", ALLOW_GET),
     ("405-before-query", R(b"POST /tot?junk&&= HTTP/1.1"), 405, "/tot accepts only GET",
      ALLOW_GET),
-    ("asterisk-form-get", R(b"GET * HTTP/1.1"), 400, "must be a path", ""),
-    ("absolute-form-https", R(b"GET https://x/tot?cred=a HTTP/1.1"), 400, "must be a path", ""),
-    ("absolute-form-userinfo", R(b"GET http://u@x/tot?cred=a HTTP/1.1"), 400,
-     "must be host[:port]", ""),
-    ("absolute-form-no-host", R(b"GET http:///tot?cred=a HTTP/1.1"), 400,
-     "must be host[:port]", ""),
     ("absolute-form-no-path", R(b"GET http://x HTTP/1.1"), 404, NOT_FOUND, ""),
-    ("authority-form", R(b"CONNECT x:443 HTTP/1.1"), 400, "must be a path", ""),
     ("no-query", R(b"GET /tot HTTP/1.1"), 400, "parameter 'cred' is required", ""),
     ("empty-query", R(b"GET /tot? HTTP/1.1"), 400, "parameter 'cred' is required", ""),
     ("cred-empty", R(b"GET /tot?cred= HTTP/1.1"), 400, "parameter 'cred' is empty", ""),
@@ -669,7 +662,7 @@ HARD = [
     ("trailing-space", R(b"GET /tot?cred=a HTTP/1.1 "), 400, BAD_VERSION),
     ("no-version", R(b"GET /tot?cred=a"), 400, BAD_LINE),
     ("method-only", R(b"GET"), 400, BAD_LINE),
-    ("leading-space", R(b" GET /tot?cred=a HTTP/1.1"), 400, BAD_LINE),
+    ("leading-space", R(b" GET /tot?cred=a HTTP/1.1"), 400, "not an HTTP/1.1 request"),
     ("tab-separator", R(b"GET\t/tot?cred=a HTTP/1.1"), 400, BAD_LINE),
     ("method-paren", R(b"G(T /tot?cred=a HTTP/1.1"), 400, BAD_LINE),
     ("version-lower", R(b"GET /tot?cred=a http/1.1"), 400, BAD_VERSION),
@@ -687,6 +680,16 @@ HARD = [
     ("501-mixed", R(b"Get /tot?cred=a HTTP/1.1"), 501, "the method Get is not implemented"),
     ("501-foo", R(b"FOO /tot?cred=a HTTP/1.1"), 501, "the method FOO is not implemented"),
     ("501-propfind", R(b"PROPFIND / HTTP/1.1"), 501, "the method PROPFIND is not implemented"),
+    # A target of no form HTTP/1.1 has is a malformed request line: closed.
+    ("asterisk-form-get", R(b"GET * HTTP/1.1"), 400, "must be a path"),
+    ("absolute-form-https", R(b"GET https://x/tot?cred=a HTTP/1.1"), 400, "must be a path"),
+    ("absolute-form-userinfo", R(b"GET http://u@x/tot?cred=a HTTP/1.1"), 400,
+     "must be host[:port]"),
+    ("absolute-form-no-host", R(b"GET http:///tot?cred=a HTTP/1.1"), 400, "must be host[:port]"),
+    ("authority-form", R(b"CONNECT x:443 HTTP/1.1"), 400, "must be a path"),
+    ("blank-lines-over", b"\r\n" * (limits.REQUEST_BLANK_LINES_MAX + 1) + R(LINE), 400,
+     "more than %d blank lines" % limits.REQUEST_BLANK_LINES_MAX),
+    ("tls-client-hello", b"\x16\x03\x01\x00\xa5\x01\x00", 400, "not an HTTP/1.1 request"),
     ("414", R(line_of(limits.REQUEST_LINE_BYTES_MAX + 1)), 414,
      "the request line is over %d bytes" % limits.REQUEST_LINE_BYTES_MAX),
     ("414-no-end", b"GET /" + b"a" * limits.REQUEST_LINE_BYTES_MAX, 414,
@@ -1132,3 +1135,18 @@ def test_capped_feeds_give_the_same_requests(parts, caps):
         assert len(out) <= len(parts)
         out += p.more(cap)
     assert views(out) == whole(raw) and p.held_bytes == 0
+
+
+def test_blank_lines_are_counted_per_request_line():
+    """REQUEST_BLANK_LINES_MAX bounds the blank lines before each request
+    line, fed whole or a CRLF at a time; a request line starts the count
+    again."""
+    p = Parser()
+    blanks = b"\r\n" * limits.REQUEST_BLANK_LINES_MAX
+    reqs = p.feed(blanks + R(LINE) + blanks + R(LINE))
+    assert [r.route for r in reqs] == [ROUTE_TOT, ROUTE_TOT] and not p.pending
+    for _ in range(limits.REQUEST_BLANK_LINES_MAX):
+        assert p.feed(b"\r\n") == []
+    [req] = p.feed(b"\r\n")
+    assert req.error.status == 400 and req.error.close and not req.keep_alive
+    assert p.feed(R(LINE)) == []

@@ -35,6 +35,7 @@ cdef class Parser:
     cdef object _pending            # a non-closing HttpError for _req, replied after its head
     cdef Py_ssize_t _head_bytes     # header block bytes so far, CRLFs included
     cdef int _header_lines
+    cdef int _blank_lines           # empty lines skipped before this request line
     cdef int _hosts
     cdef bint _cl_seen
     cdef bint _te_seen              # Transfer-Encoding seen: 411 at the end of the head
@@ -71,5 +72,6 @@ cdef class Parser:
     cdef int _end_of_head(self, list out) except -1
     cdef int _emit(self, list out) except -1
     cdef int _fail(self, int status, str detail, list out) except -1
+    cdef int _fail_not_http(self, list out) except -1
     cdef int _fail_request_line_too_long(self, list out) except -1
     cdef int _fail_headers_too_large(self, list out) except -1
