@@ -9,8 +9,9 @@ accman.asgi) never uses it, so a service that only calls AccMan loads
 neither LevelDB nor the server (tests/test_calling_layout.py).
 """
 
-from accman.errors import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAccount,
-                           Overflow, StoreCorrupt, StoreError, StoreLocked, Unavailable)
+from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient,
+                           KeyReused, NoAccount, NoHold, Overflow, StoreCorrupt, StoreError,
+                           StoreLocked, TooManyHolds, Unavailable)
 from accman.records import Entry, Event
 
 # The one place the version is written: pyproject.toml reads it from here.
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ledger", "Entry", "Event", "AccManError", "BadRequest", "Busy", "Insufficient",
     "KeyReused", "NoAccount", "Overflow", "StoreCorrupt", "StoreError", "StoreLocked",
-    "Unavailable", "__version__",
+    "Unavailable", "TooManyHolds", "HoldEnded", "NoHold", "EventsTrimmed", "__version__",
 ]
 
 # The compiled modules (setup.py builds them from ext/), by package.

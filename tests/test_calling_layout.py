@@ -130,3 +130,37 @@ def test_files_and_functions_of_the_calling_side_stay_small(path):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
         and node.end_lineno - node.lineno + 1 > FUNCTION_LINES_MAX]
     assert long_functions == []
+
+
+def test_the_names_the_docs_say_are_importable_are():
+    """CALLING.md: every error of its table is importable from accman.client;
+    the client's bounds from accman.client and the middleware's from
+    accman.asgi.  README: the errors it names are importable from accman."""
+    import re
+
+    import accman.asgi
+    import accman.client
+    calling = (ROOT / "docs" / "CALLING.md").read_text()
+    table = calling.split("### Errors", 1)[1].split("\n\n", 2)[1]
+    flat = set(re.findall(r"^\| `(\w+)`", table, re.MULTILINE))
+    flat |= {n for pair in re.findall(r"\(`(\w+)`, `(\w+)`\)", table) for n in pair}
+    assert {"NoAccount", "HoldEnded", "Unavailable", "CallTimeout"} <= flat
+    for name in flat:
+        assert hasattr(accman.client, name), name
+    limits = calling.split("## Limits", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)\.(\w+)`(?: / `(\w+)`)?(?:, `(\w+)`)?", limits, re.MULTILINE)
+    where = {"policy": accman.client, "client": accman.client, "parser": accman.client,
+             "replies": accman.client, "asgi": accman.asgi, "owed": accman.asgi}
+    checked = 0
+    for module, *names in rows:
+        if module in where:
+            for name in filter(None, names):
+                assert hasattr(where[module], name), f"{module}.{name}"
+                checked += 1
+    assert checked >= 25, rows
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"Errors are `AccManError` subclasses[^(]*\(([^)]*)\)", readme).group(1)
+    for name in re.findall(r"`(\w+)`", listed):
+        assert name in accman.__all__ and hasattr(accman, name), name
+    for name in ("TooManyHolds", "HoldEnded", "NoHold", "EventsTrimmed"):
+        assert name in accman.__all__, name

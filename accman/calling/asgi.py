@@ -44,7 +44,8 @@ from collections.abc import Mapping
 from accman.calling.answers import refuse, refuse_unavailable, with_tot
 from accman.calling.client import AccManClient
 from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
-                                 SHUTDOWN_DRAIN_S, Mod, Owed, Unhold, charge_key, fingerprint)
+                                 SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Mod, Owed, Unhold,
+                                 charge_key, fingerprint)
 from accman.calling.policy import may_have_landed
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.lifespan import lifespan
@@ -492,4 +493,4 @@ async def _billed(told, cred: str, amount: int) -> None:
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",
            "CHARGE_BELOW_DEFAULT", "HOLD_TTL_S_DEFAULT", "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX",
-           "SHUTDOWN_DRAIN_S"]
+           "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S"]

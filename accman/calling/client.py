@@ -56,8 +56,12 @@ from accman.calling.replies import EventsPage, PastPage
 from accman.calling.requests import (Endpoint, target_events, target_hold, target_mod,
                                      target_past, target_settle, target_tot)
 from accman.calling.sync import AccManSyncClient
-from accman.errors import (AccManError, BadReply, Busy, CallTimeout, Forbidden, OutcomeUnknown,
-                           TransportError, Unauthorized, UnexpectedReply, Unreachable)
+from accman.calling.policy import RETRIES_MAX
+from accman.calling.replies import ACCOUNT_CHARS_MAX, DETAIL_CHARS_MAX
+from accman.errors import (AccManError, BadReply, BadRequest, Busy, CallTimeout, EventsTrimmed,
+                           Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
+                           OutcomeUnknown, Overflow, TooManyHolds, TransportError, Unauthorized,
+                           Unavailable, UnexpectedReply, Unreachable)
 from accman.limits import PIPELINE_REQUESTS_MAX
 from accman.records import Entry, Event
 
@@ -455,8 +459,12 @@ def _expire(fut) -> None:
 
 __all__ = [
     "AccManClient", "AccManSyncClient", "Entry", "Event", "PastPage", "EventsPage", "ReplyParser",
+    # Every error a call raises (CALLING.md, "Errors"), all of accman.errors.
+    "AccManError", "NoAccount", "Insufficient", "KeyReused", "Overflow", "TooManyHolds",
+    "HoldEnded", "NoHold", "EventsTrimmed", "BadRequest", "Unavailable", "Busy",
     "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
     "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply",
+    "RETRIES_MAX", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX",
     "TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "CONNECTIONS_MAX_DEFAULT", "PIPELINE_DEPTH_MAX",
     "CALLS_WAITING_MAX", "LONG_POLLS_MAX", "RETRIES_DEFAULT", "RETRY_PAUSE_S",
     "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S",
