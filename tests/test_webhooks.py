@@ -290,13 +290,24 @@ def test_serve_refuses_an_open_secret_file_before_opening_the_data(tmp_path):
     assert not data.exists()
 
 
-def test_serve_refuses_webhook_limits_past_the_stores(tmp_path):
+@pytest.mark.parametrize("env,said", [
+    ({"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX": str(L.EVENTS_LIMIT_MAX + 1)},
+     f"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX={L.EVENTS_LIMIT_MAX + 1}: at most {L.EVENTS_LIMIT_MAX}"),
+    ({"ACCMAN_WEBHOOK_POLL_WAIT_S": str(L.EVENTS_WAIT_S_MAX + 1)},
+     f"ACCMAN_WEBHOOK_POLL_WAIT_S={L.EVENTS_WAIT_S_MAX + 1}: at most {L.EVENTS_WAIT_S_MAX}"),
+    ({"ACCMAN_WEBHOOK_BACKOFF_BASE_S": "60"},
+     "ACCMAN_WEBHOOK_BACKOFF_BASE_S=60 must not be over ACCMAN_WEBHOOK_BACKOFF_CAP_S=30"),
+])
+@pytest.mark.parametrize("webhook", [True, False])
+def test_serve_refuses_webhook_limits_past_the_stores_before_opening_it(tmp_path, env, said,
+                                                                         webhook):
+    """Checked with the other settings, before the store is opened or made,
+    with or without --webhook (SERVER.md: a bad override exits 2)."""
     path = write_secret(tmp_path / "s", SECRET)
-    r = run_accman("serve", "--port", 0, "--data", tmp_path / "d", "--webhook",
-                   "http://127.0.0.1:9/", "--webhook-secret", path,
-                   env={"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX": str(L.EVENTS_LIMIT_MAX + 1)})
-    assert r.returncode == 2
-    assert f"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX is at most {L.EVENTS_LIMIT_MAX}" in r.stderr
+    hook = ["--webhook", "http://127.0.0.1:9/", "--webhook-secret", path] if webhook else []
+    r = run_accman("serve", "--port", 0, "--data", tmp_path / "d", *hook, env=env)
+    assert r.returncode == 2 and said in r.stderr, r.stderr
+    assert not (tmp_path / "d").exists()
 
 
 # --- the POST's bytes -------------------------------------------------------------------

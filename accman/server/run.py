@@ -186,9 +186,7 @@ def start_webhook(store, webhook, limits, loop, data_path):
     if webhook is None:
         return None
     from accman.server.cursors import FileCursors
-    from accman.server.webhook_config import check_limits
     from accman.server.webhooks import Deliverer
-    check_limits(limits)
     cursors = getattr(store, "cursors", None)
     if cursors is not None and data_path is not None:
         _adopt_cursor(cursors, data_path, loop)

@@ -81,6 +81,22 @@ class ServerLimits:
     webhook_cursor_save_interval_s: float = L.WEBHOOK_CURSOR_SAVE_INTERVAL_S
     webhook_lead_interval_s: float = L.WEBHOOK_LEAD_INTERVAL_S
 
+    def __post_init__(self):
+        """The bounds that depend on each other or on the store's, checked
+        wherever the limits come from, before anything is opened: the
+        deliverer reads at most EVENTS_LIMIT_MAX events a call, waiting at
+        most EVENTS_WAIT_S_MAX, and its backoff starts under its cap."""
+        if self.webhook_events_per_post_max > L.EVENTS_LIMIT_MAX:
+            raise LimitsError(f"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX="
+                              f"{self.webhook_events_per_post_max}: at most {L.EVENTS_LIMIT_MAX}")
+        if self.webhook_poll_wait_s > L.EVENTS_WAIT_S_MAX:
+            raise LimitsError(f"ACCMAN_WEBHOOK_POLL_WAIT_S={self.webhook_poll_wait_s:g}: "
+                              f"at most {L.EVENTS_WAIT_S_MAX}")
+        if self.webhook_backoff_base_s > self.webhook_backoff_cap_s:
+            raise LimitsError(f"ACCMAN_WEBHOOK_BACKOFF_BASE_S={self.webhook_backoff_base_s:g} "
+                              f"must not be over ACCMAN_WEBHOOK_BACKOFF_CAP_S="
+                              f"{self.webhook_backoff_cap_s:g}")
+
     @classmethod
     def from_env(cls, environ=None) -> "ServerLimits":
         environ = os.environ if environ is None else environ

@@ -13,8 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from accman.errors import StartupError
-from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, WEBHOOK_SECRET_BYTES_MAX,
-                           WEBHOOK_SECRET_BYTES_MIN)
+from accman.limits import WEBHOOK_SECRET_BYTES_MAX, WEBHOOK_SECRET_BYTES_MIN
 from accman.server import webhook_http
 from accman.server.webhook_http import Target
 
@@ -79,16 +78,3 @@ def read_secret(path: str) -> bytes:
                            f"{WEBHOOK_SECRET_BYTES_MIN} to {WEBHOOK_SECRET_BYTES_MAX} bytes "
                            f"(besides surrounding whitespace)")
     return secret
-
-
-def check_limits(limits) -> None:
-    """The deliverer's overridable bounds against the store's: one read
-    returns at most EVENTS_LIMIT_MAX events and waits at most
-    EVENTS_WAIT_S_MAX.  Raises StartupError."""
-    if limits.webhook_events_per_post_max > EVENTS_LIMIT_MAX:
-        raise StartupError(f"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX is at most {EVENTS_LIMIT_MAX}")
-    if limits.webhook_poll_wait_s > EVENTS_WAIT_S_MAX:
-        raise StartupError(f"ACCMAN_WEBHOOK_POLL_WAIT_S is at most {EVENTS_WAIT_S_MAX}")
-    if limits.webhook_backoff_base_s > limits.webhook_backoff_cap_s:
-        raise StartupError("ACCMAN_WEBHOOK_BACKOFF_BASE_S must not be over "
-                           "ACCMAN_WEBHOOK_BACKOFF_CAP_S")
