@@ -42,3 +42,9 @@ cdef str quoted(const unsigned char* p, Py_ssize_t n):
     if n > DETAIL_QUOTE_CHARS_MAX:
         return (<const char*>p)[:DETAIL_QUOTE_CHARS_MAX].decode("ascii") + "..."
     return (<const char*>p)[:n].decode("ascii")
+
+
+cdef inline bint not_a_method(unsigned char c):
+    """Whether `c` cannot start a request line: not a method's (a token's)
+    first byte, nor the CR or LF of a blank line before it."""
+    return not TOKEN[c] and c != CR and c != LF

@@ -423,3 +423,28 @@ cdef bint host_shape_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     if colon < 0:
         return True
     return colon > 0 and (colon == n - 1 or _all_digits(s + colon + 1, n - colon - 1))
+
+
+# --- a request's values ------------------------------------------------------------
+
+cdef void clear_values(Request req):
+    """An error's request carries no route and no values."""
+    req.route = R_NONE
+    req.cred = None
+    req.by = 0
+    req.min = None
+    req.key = None
+    req.limit = PAST_LIMIT_DEFAULT
+    req.before = None
+    req.ttl = req.hold = req.after = req.wait = 0
+    req.use = -1
+    req.low = None
+    req.allow = None
+
+
+cdef Request new_request():
+    cdef Request req = Request.__new__(Request)
+    req.limit = PAST_LIMIT_DEFAULT
+    req.use = -1
+    req.loopback_host = True
+    return req

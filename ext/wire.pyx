@@ -98,13 +98,6 @@ CODES = {
 include "bytes.pxi"
 
 
-cdef inline bint not_a_method(unsigned char c):
-    """Whether `c` cannot start a request line: not a method's (a token's)
-    first byte, nor the CR or LF of a blank line before it."""
-    return not TOKEN[c] and c != CR and c != LF
-
-
-
 @cython.final
 @cython.freelist(64)
 cdef class Request:
@@ -135,29 +128,6 @@ cdef class Request:
 
 
 include "target.pxi"
-
-
-cdef void clear_values(Request req):
-    """An error's request carries no route and no values."""
-    req.route = R_NONE
-    req.cred = None
-    req.by = 0
-    req.min = None
-    req.key = None
-    req.limit = PAST_LIMIT_DEFAULT
-    req.before = None
-    req.ttl = req.hold = req.after = req.wait = 0
-    req.use = -1
-    req.low = None
-    req.allow = None
-
-
-cdef Request new_request():
-    cdef Request req = Request.__new__(Request)
-    req.limit = PAST_LIMIT_DEFAULT
-    req.use = -1
-    req.loopback_host = True
-    return req
 
 
 @cython.final
