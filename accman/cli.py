@@ -26,11 +26,8 @@ credential alone, so that `cred=$(accman open --by 100)` works;
 `events --follow` prints one event a line (accman.calling.follow).
 """
 
-import argparse
-import difflib
 import json
 import os
-import re
 import sys
 
 import accman
@@ -41,8 +38,8 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
                                      unprinted)
 from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
-from accman.calling.replies import UNSHOWN     # in place of a word a usage error does not echo
 from accman.calling.sync import AccManSyncClient
+from accman.calling.usage import ArgumentParser
 from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
@@ -54,83 +51,10 @@ DEFAULT_DATA = "./accman-data"
 CLIENT_TIMEOUT_S = 30.0     # a mod waits for an fsync; a stalled server is an error
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2, and shows no
-    word of the command line (`given`) but the exact names of flags and
-    commands (`names`, shared by a parser and its commands): any other word
-    may be a credential, which is never echoed (docs/CALLING.md)."""
-
-    # Said with every usage error of a command that takes a credential.
-    cred_hint = None
-
-    def __init__(self, *args, given=(), names=None, **kwargs):
-        self.given = given
-        self.names = set() if names is None else names
-        self.flags = []         # this parser's own, for "did you mean"
-        super().__init__(*args, allow_abbrev=False, **kwargs)   # --tok is no --token
-
-    def add_argument(self, *args, **kwargs):
-        flags = [a for a in args if a.startswith("-")]
-        self.names.update(flags)
-        self.flags += flags
-        return super().add_argument(*args, **kwargs)
-
-    def error(self, message, suggestion=""):
-        hint = f"; {self.cred_hint}" if self.cred_hint else ""
-        message = _unechoed(message, self.given, self.names, suggestion)
-        sys.exit(say(f"accman: error: {message} (try: {self.prog} --help{hint})", EXIT_USAGE))
-
-    def unrecognized(self, extra):
-        """The usage error for the words that no argument took: none shown,
-        and for those that read as flags, the closest of this command's."""
-        close = _close_flags(extra, self.given, [f for f in self.flags if f.startswith("--")])
-        self.error(f"unrecognized arguments: {' '.join(extra)}",
-                   f"; did you mean {' or '.join(close)}?" if close else "")
-
-
-# How alike an unknown word that reads as a flag must be to a flag's name
-# for a usage error to suggest that flag (difflib's ratio; --tokn is 0.92
-# from --token).  The suggestion is the flag's own name, never the word.
-FLAG_LIKENESS_MIN = 0.6
-
-
-def _close_flags(extra, given, flags) -> list:
-    """For each word of `extra` that reads as a flag (it starts with "-" and
-    comes before any "--", after which every word is a value), the closest
-    of `flags`, if one is close enough; each named once."""
-    options = given[:given.index("--")] if "--" in given else given
-    close = [difflib.get_close_matches(word.split("=", 1)[0], flags, 1, FLAG_LIKENESS_MIN)
-             for word in extra if word.startswith("-") and word in options]
-    return list(dict.fromkeys(flag for match in close for flag in match))
-
-
-def _unechoed(message, given, names, suggestion="") -> str:
-    """`message` with every word of `given` that is not the exact name of a
-    flag (with any "=value" put out of sight) or of a command put out of
-    sight, bare or quoted as argparse prints it; then `suggestion`, which is
-    not searched (it names flags).  A word like a flag's name, --tokn or
-    --tokenSECRET, is not one: it may hold a credential."""
-    hidden = 0
-    for word in sorted(set(given) - {""}, key=len, reverse=True):
-        name = word.split("=", 1)[0] if word.startswith("--") else word
-        shown = name if name in names else None
-        if word == shown:
-            continue
-        out_of_sight = [(word, shown or UNSHOWN), (repr(word), repr(shown or UNSHOWN))]
-        if shown and word.partition("=")[2]:
-            out_of_sight.append((word.partition("=")[2], UNSHOWN))
-        for text, instead in out_of_sight:
-            pattern = rf"(?<![\w-]){re.escape(text)}(?![\w-])"
-            message, n = re.subn(pattern, lambda _m, instead=instead: instead, message)
-            hidden += n
-    message += suggestion
-    return f"{message} (a value is never shown: it may be a credential)" if hidden else message
-
-
 def build_parser(given=()):
     """The parser of `accman`; `given` is the command line it will parse,
     for its usage errors to leave out."""
-    p = _ArgumentParser(prog="accman", description="Prepaid balances for web APIs.",
+    p = ArgumentParser(prog="accman", description="Prepaid balances for web APIs.",
                         given=tuple(given))
     p.add_argument("--version", action="version", version=f"accman {accman.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

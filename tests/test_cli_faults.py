@@ -340,6 +340,29 @@ def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path)
     assert "a value is never shown: it may be a credential" in err
 
 
+@pytest.mark.parametrize("args,said", [
+    (["serve", "--port", "99999"], "invalid port '99999'"),
+    (["serve", "--port=99999"], "invalid port '99999'"),
+    (["serve", "--events-retention", "5w"], "'5w' is not a duration"),
+    (["serve", "--compaction-nice", "20", "--port", "0"], "invalid nice value '20'"),
+])
+def test_a_usage_error_shows_a_value_that_is_never_a_secret(args, said, tmp_path):
+    """A number, a duration or a path given to a flag of this command that
+    takes only those is shown, so that the typo can be seen."""
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert said in err and "never shown" not in err, err
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--port", "SECRET9", "--url", "SECRET9"],      # given elsewhere too
+    ["tot", "--port", "SECRET9"],                             # not a flag of tot
+    ["tot", "--", "--port", "SECRET9"],                       # after "--": values
+])
+def test_a_value_also_given_where_it_may_be_a_secret_is_not_shown(args, tmp_path):
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert "SECRET9" not in err, err
+
+
 # --- events --follow and its reader -------------------------------------------------------
 
 def test_follow_into_head_names_the_last_event_written_not_read(start_server):

@@ -95,8 +95,8 @@ def _plain_int(text, most: int, what: str) -> int:
     writes its numbers): `--port 08080` is a typo, not port 8080."""
     if (not text.isascii() or not text.isdigit() or len(text) > len(str(most))
             or (text != "0" and text.startswith("0")) or int(text) > most):
-        # "zero", not "0": a message's words that the command line also holds
-        # are put out of sight (accman.cli._unechoed), and `--port 0` is common.
+        # "zero", not "0": a word the command line also holds as a possible
+        # credential is put out of sight in a usage error (accman.calling.usage).
         raise argparse.ArgumentTypeError(
             f"invalid {what} {text!r}: a whole number from zero to {most}, in plain digits")
     return int(text)

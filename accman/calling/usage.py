@@ -1,0 +1,115 @@
+"""The command line's usage errors: one line, exit code 2, and no word of
+the command line in them but the names of flags and commands and the
+values of flags that are never secrets (docs/CALLING.md: a credential is
+never echoed)."""
+
+import argparse
+import difflib
+import re
+import sys
+
+from accman.calling.commands import EXIT_USAGE
+from accman.calling.output import say
+from accman.calling.replies import UNSHOWN     # in place of a word a usage error does not echo
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2, and shows no
+    word of the command line (`given`) but the exact names of flags and
+    commands (`names`, shared by a parser and its commands): any other word
+    may be a credential, which is never echoed (docs/CALLING.md)."""
+
+    # Said with every usage error of a command that takes a credential.
+    cred_hint = None
+
+    def __init__(self, *args, given=(), names=None, **kwargs):
+        self.given = given
+        self.names = set() if names is None else names
+        self.flags = []         # this parser's own, for "did you mean"
+        super().__init__(*args, allow_abbrev=False, **kwargs)   # --tok is no --token
+
+    def add_argument(self, *args, **kwargs):
+        flags = [a for a in args if a.startswith("-")]
+        self.names.update(flags)
+        self.flags += flags
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message, suggestion=""):
+        hint = f"; {self.cred_hint}" if self.cred_hint else ""
+        shown = VALUE_SHOWN_FLAGS.intersection(self.flags)     # this command's own
+        message = _unechoed(message, self.given, self.names, shown, suggestion)
+        sys.exit(say(f"accman: error: {message} (try: {self.prog} --help{hint})", EXIT_USAGE))
+
+    def unrecognized(self, extra):
+        """The usage error for the words that no argument took: none shown,
+        and for those that read as flags, the closest of this command's."""
+        close = _close_flags(extra, self.given, [f for f in self.flags if f.startswith("--")])
+        self.error(f"unrecognized arguments: {' '.join(extra)}",
+                   f"; did you mean {' or '.join(close)}?" if close else "")
+
+
+# How alike an unknown word that reads as a flag must be to a flag's name
+# for a usage error to suggest that flag (difflib's ratio; --tokn is 0.92
+# from --token).  The suggestion is the flag's own name, never the word.
+FLAG_LIKENESS_MIN = 0.6
+
+
+def _close_flags(extra, given, flags) -> list:
+    """For each word of `extra` that reads as a flag (it starts with "-" and
+    comes before any "--", after which every word is a value), the closest
+    of `flags`, if one is close enough; each named once."""
+    options = given[:given.index("--")] if "--" in given else given
+    close = [difflib.get_close_matches(word.split("=", 1)[0], flags, 1, FLAG_LIKENESS_MIN)
+             for word in extra if word.startswith("-") and word in options]
+    return list(dict.fromkeys(flag for match in close for flag in match))
+
+
+# Flags whose values are never secrets (numbers, durations, paths, an
+# address): a usage error shows them, so that a typo can be seen.  Not
+# --url, --store or --webhook (a URL may hold a password), --token or --key.
+VALUE_SHOWN_FLAGS = frozenset({
+    "--port", "--host", "--data", "--tokens", "--webhook-secret", "--events-retention",
+    "--low-balance", "--compaction-nice", "--by", "--min", "--low", "--ttl", "--limit",
+    "--before", "--after", "--wait"})
+
+
+def _shown_values(given, flags) -> set:
+    """The words of `given` that stand only as values of `flags` (a word
+    also given elsewhere may be a credential there; after "--" every word
+    is a positional value)."""
+    options = given[:given.index("--")] if "--" in given else given
+    as_value, elsewhere, after_flag = set(), set(given[len(options):]), False
+    for word in options:
+        name, eq, value = word.partition("=")
+        if after_flag:
+            as_value.add(word)
+        elif name in flags and eq:
+            as_value.add(value)
+        elif word not in flags:
+            elsewhere.add(word)
+        after_flag = word in flags
+    return as_value - elsewhere
+
+
+def _unechoed(message, given, names, flags, suggestion="") -> str:
+    """`message` with every word of `given` that is not the exact name of a
+    flag (with any "=value" put out of sight) or of a command, nor a value
+    of `flags` (_shown_values), put out of sight, bare or quoted as argparse
+    prints it; then `suggestion`, which is not searched (it names flags).
+    A word like a flag's name, --tokn or --tokenSECRET, is not one: it may
+    hold a credential."""
+    hidden, values = 0, _shown_values(given, flags)
+    for word in sorted(set(given) - {""} - values, key=len, reverse=True):
+        name = word.split("=", 1)[0] if word.startswith("--") else word
+        shown = name if name in names else None
+        if word == shown:
+            continue
+        out_of_sight = [(word, shown or UNSHOWN), (repr(word), repr(shown or UNSHOWN))]
+        if shown and word.partition("=")[2] and word.partition("=")[2] not in values:
+            out_of_sight.append((word.partition("=")[2], UNSHOWN))
+        for text, instead in out_of_sight:
+            pattern = rf"(?<![\w-]){re.escape(text)}(?![\w-])"
+            message, n = re.subn(pattern, lambda _m, instead=instead: instead, message)
+            hidden += n
+    message += suggestion
+    return f"{message} (a value is never shown: it may be a credential)" if hidden else message
