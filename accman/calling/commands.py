@@ -181,26 +181,32 @@ def prepare(args):
     return _PREPARE[args.command](args)
 
 
-def unknown_hint(args) -> str:
+def unknown_hint(args, replied: bool = False) -> str:
     """What to do when the outcome of the write `args.command` is unknown
     (no whole reply, a 503 that acknowledged nothing, or ^C while it was in
     flight), as the tail of a message: "" for a read.  A keyed write and a
     settle are repeated safely; a keyless one is not, so its credential's
-    history comes first (docs/CALLING.md, "Unknown outcomes and retries")."""
+    history comes first (docs/CALLING.md, "Unknown outcomes and retries").
+    `replied`: a 503 whose words, just before, may say that nothing was
+    applied (the PostgreSQL store's refusal while it has no database)."""
     what = args.command
+    doubt = ("may have applied, unless AccMan's words say nothing was" if replied
+             else "may or may not have applied")
     if what == "open":
-        return (f"; the account may or may not have been opened: its credential is "
+        opened = ("may have been opened, unless AccMan's words say nothing was" if replied
+                  else "may or may not have been opened")
+        return (f"; the account {opened}: its credential is "
                 f"{args.cred}; to finish opening it, run: "
                 f"accman mod {args.cred} {args.by} --key {OPEN_KEY}")
     if what == "settle":
-        return ("; the settle may or may not have applied: run the same command again (with "
+        return (f"; the settle {doubt}: run the same command again (with "
                 "the same USE it applies at most once and answers its result)")
     if what not in ("mod", "hold"):
         return ""
     if args.key is not None:
-        return (f"; the {what} may or may not have applied: run the same command again, with "
+        return (f"; the {what} {doubt}: run the same command again, with "
                 "the same --key, to apply it at most once and see its result")
-    hint = (f"; the {what} may or may not have applied: read `accman past` for this credential "
+    hint = (f"; the {what} {doubt}: read `accman past` for this credential "
             f"before you try again (a {what} with --key is safe to repeat)")
     if what == "hold":
         hint += f"; a hold never settled ends by itself after --ttl {args.ttl} s"
@@ -284,7 +290,7 @@ def failure(args, e) -> tuple:
     if isinstance(e, Unavailable) and not isinstance(e, Busy) and args.command in WRITES:
         # A 503 that is not back-pressure says "not acknowledged", never "not
         # applied" (a commit may fail after it was written): an unknown outcome.
-        return (f"{_refusal(e, role_hint(args))}; not acknowledged{unknown_hint(args)}",
+        return (f"{_refusal(e, role_hint(args))}; not acknowledged{unknown_hint(args, True)}",
                 EXIT_NO_ANSWER)
     return _refusal(e, role_hint(args)), EXIT_REFUSED
 
