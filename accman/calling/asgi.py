@@ -338,8 +338,10 @@ class AccManMiddleware:
         if config:
             # The service's own token or url is wrong: not the caller's fault,
             # and never a reason to serve for free.
+            # AccMan's words name what is wrong (the role the token lacks, a
+            # path that is not AccMan's); the client keeps secrets out of them.
             self._repeats.say(logging.ERROR, f"accman: AccMan refused the service ({err.status} "
-                                             f"{err.code}): check the url and token")
+                                             f"{err.code}: {err.detail}): check the url and token")
         elif self._open:
             self._repeats.say(logging.WARNING,
                               f"accman: AccMan unavailable ({err.code}); serving unpaid")
