@@ -59,7 +59,8 @@ def store_url(text):
         shown = repr(p) if p.isascii() and p.isdigit() and len(p) <= PORT_DIGITS_SHOWN \
             else "that is not a number"
         raise argparse.ArgumentTypeError(
-            f"the store URL has a port {shown}: a port is 1..{PORT_MAX}")
+            f"the store URL has a port {shown}: a port is 1..{PORT_MAX} (write a '/', ':' "
+            f"or '@' of the user info as %2F, %3A or %40)")
     return text
 
 
