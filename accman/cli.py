@@ -316,7 +316,8 @@ def _verify(path, Ledger, Store):
     except StoreCorrupt as e:
         return f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED, True
     except AccManError as e:
-        return f"cannot open data directory {path}: {e.detail}", EXIT_USAGE, False
+        why = e.detail.removeprefix(f"{path}: ")      # the store's words name it too
+        return f"cannot open data directory {path}: {why}", EXIT_USAGE, False
     try:
         counts = ledger.verify()
     except StoreCorrupt as e:

@@ -327,6 +327,9 @@ def test_a_front_end_s_lock_directory_is_not_taken_for_an_embedded_store(tmp_pat
             in proc.stderr)
     with pytest.raises(StoreError, match="not an embedded store: serve it with --store"):
         Ledger(str(d))
+    proc = run_accman("verify", "--data", d)          # verify says what the directory is
+    assert proc.returncode == EXIT_USAGE and "holds the lock of a front-end of a PostgreSQL " \
+        "store (FRONTEND.accman), not an embedded store" in proc.stderr, proc.stderr
     assert _state(d) == before
     # The front-end itself takes it again; not one that holds an embedded store.
     datadir.check_usable(str(d), also=datadir.CURSOR_FILE, frontend=True)

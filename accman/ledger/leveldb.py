@@ -194,6 +194,10 @@ class Store:
                 raise StoreCorrupt(f"{self.path}: LevelDB files without CURRENT: "
                                    "not an AccMan store, or damaged")
             if self.read_only or not create:
+                if os.path.exists(os.path.join(self.path, datadir.FRONTEND_MARK)):
+                    raise StoreError(f"{self.path}: holds the lock of a front-end of a "
+                                     f"PostgreSQL store ({datadir.FRONTEND_MARK}), not an "
+                                     "embedded store: its balances are in PostgreSQL")
                 raise StoreError(f"{self.path}: no store in this directory")
             # A new store (or one whose creation a crash cut short: nothing
             # was stored yet): its key first, then LevelDB's first files.
