@@ -224,6 +224,7 @@ def cmd_serve(args) -> int:
         from accman.errors import TokensError
         from accman.server import LimitsError, ServerLimits, StartupError, run
         from accman.server.auth import Tokens
+        from accman.server.say import log_to_stderr
         from accman.server.webhook_config import load_config
     except ImportError:
         why = accman.native_missing()
@@ -242,6 +243,7 @@ def cmd_serve(args) -> int:
     if args.compaction_nice and args.store:
         return _fail("--compaction-nice is the embedded store's: PostgreSQL compacts "
                      "nothing of AccMan's")
+    log_to_stderr()
     try:
         data = args.data if args.data is not None or args.store else DEFAULT_DATA
         return run(host=args.host, port=args.port, data=data,

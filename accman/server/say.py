@@ -4,6 +4,7 @@ written is dropped, and so are the ones after it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -14,3 +15,24 @@ def say(line: str) -> None:
     except (BrokenPipeError, OSError):
         # Later lines, and the interpreter's flush at exit, go nowhere.
         sys.stderr = open(os.devnull, "w")
+
+
+class SayHandler(logging.Handler):
+    """The lines of AccMan's loggers (a store's outage and recovery, a
+    failed batch), said as the server's own: "accman: " first, on stderr,
+    by `say`.  Installed by `accman serve`; an application that runs the
+    server itself configures its own logging."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            say("accman: " + self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def log_to_stderr() -> None:
+    """AccMan's warnings and errors as the server's lines (without a handler
+    Python prints them bare); nothing when the logger has a handler."""
+    logger = logging.getLogger("accman")
+    if not logger.handlers:
+        logger.addHandler(SayHandler(logging.WARNING))

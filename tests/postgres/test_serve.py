@@ -60,7 +60,7 @@ OUTAGE_DETAIL = re.compile(
     r"(lost its connection|cannot be reached( \((connection refused|the database is starting "
     r"up or shutting down)\))?)")
 OUTAGE_LOG = re.compile(
-    r"the PostgreSQL store (lost its connection|cannot be reached( \([a-z ]+\))?) "
+    r"accman: the PostgreSQL store (lost its connection|cannot be reached( \([a-z ]+\))?) "
     r"\(\w+ at \S+:\d+\); writes are refused until the store has reconnected")
 
 
@@ -102,7 +102,7 @@ def test_an_outage_is_said_plainly_and_once(pg_factory, tmp_path):
     said = [line for line in err.splitlines() if not line.startswith("accman: SIGTERM")
             and line != "accman: stopped"]
     assert len(said) == 2 and OUTAGE_LOG.fullmatch(said[0]), err
-    assert said[1] == "reconnected to the PostgreSQL store; taking writes again", err
+    assert said[1] == "accman: reconnected to the PostgreSQL store; taking writes again", err
     assert "s3cret" not in (srv.log_dir / "stdout").read_text()
 
 
