@@ -78,10 +78,11 @@ def build_parser(given=()):
     o = client("open", "make a new credential funded with --by (needs the mint role)")
     o.add_argument("--by", required=True, help="the opening balance, a positive integer")
 
-    t = client("tot", "print an account's balance")
+    t = client("tot", "print an account's balance (needs the read role)")
     _takes_cred(t, "accman tot -- -xYz")
 
-    m = client("mod", "change a balance by BY (negative charges, positive funds)")
+    m = client("mod", "change a balance by BY (negative charges, needing the charge role; "
+                    "positive funds, needing the mint role)")
     _takes_cred(m, "accman mod --min 0 -- -xYz -3")
     m.add_argument("by")
     m.add_argument("--min", default=None, help="apply only if the new balance is >= MIN")
@@ -91,7 +92,7 @@ def build_parser(given=()):
                    help="with a positive BY only: the account's low-balance threshold, under "
                         "which a low_balance event is emitted")
 
-    pa = client("past", "print an account's history, newest first")
+    pa = client("past", "print an account's history, newest first (needs the read role)")
     _takes_cred(pa, "accman past --limit 5 -- -xYz")
     pa.add_argument("--limit", default=None,
                     help=f"entries per page (1..{PAST_LIMIT_MAX}, default 100)")
@@ -103,6 +104,8 @@ def build_parser(given=()):
     g.add_argument("--store", action="append", metavar="URL", type=store_url,
                    help="a libpq URL of a cluster of the store (required): given once for "
                         "each cluster")
+    # Required, and checked by cmd_migrate so that a misspelt --stor is said first.
+    g.usage = "%(prog)s [-h] --store URL [--store URL ...]"
 
     v = command("verify", "check a data directory (the server must be stopped)")
     v.add_argument("--data", default=DEFAULT_DATA, type=data_dir,

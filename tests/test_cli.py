@@ -484,6 +484,17 @@ def test_help_names_the_default_data_directory(command):
     assert proc.returncode == 0 and "default ./accman-data" in proc.stdout
 
 
+@pytest.mark.parametrize("command,said", [
+    ("tot", "(needs the read role)"), ("past", "(needs the read role)"),
+    ("mod", "needing the charge role"), ("mod", "needing the mint role"),
+    ("open", "(needs the mint role)"), ("hold", "charge role"), ("settle", "charge role"),
+    ("events", "read role"), ("migrate", "usage: accman migrate [-h] --store URL [--store"),
+])
+def test_help_names_the_role_a_command_needs_and_what_is_required(command, said):
+    proc = run_accman(command, "--help")
+    assert proc.returncode == 0 and said in " ".join(proc.stdout.split()), proc.stdout
+
+
 @pytest.mark.parametrize("args", [["serve", "--bogus"], ["verify", "--bogus"],
                                   ["tot", "abc", "--bogus"], ["open", "--by", "5", "extra"]])
 def test_an_unknown_argument_points_at_its_commands_help(args, tmp_path):
