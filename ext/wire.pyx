@@ -231,6 +231,10 @@ cdef class Parser:
                 crlf = p[i + k - 2] == CR
             else:
                 crlf = self._line_len > 0 and self._line[self._line_len - 1] == CR
+            if self._phase == PH_START and not_a_method(
+                    self._line[0] if self._line_len != 0 else p[i]):
+                self._fail_not_http(out)    # before its length, as _unfinished does
+                break
             if self._too_long(total, crlf, out):
                 break
             if self._line_len != 0:
@@ -294,8 +298,6 @@ cdef class Parser:
                        list out) except -1:
         """s[0:total] is a whole line, LF included, within its byte limit."""
         cdef Py_ssize_t n = total - 1 - crlf
-        if self._phase == PH_START and not_a_method(s[0]):
-            return self._fail_not_http(out)
         if not crlf:
             return self._fail(400, "a line of the request head ends in a bare LF, not CRLF", out)
         if self._phase == PH_START:
@@ -319,7 +321,7 @@ cdef class Parser:
         # Said at a request line's first byte, whole or not: TLS sent to a
         # plain port, say, is refused at once, not when the head's deadline ends.
         return self._fail(400, "a request line starts with its method (a token): "
-                               "this is not an HTTP/1.1 request", out)
+                               "this is not an HTTP request", out)
 
     # --- the request line -----------------------------------------------------
 
