@@ -29,13 +29,11 @@ DETAIL_CHARS_MAX = 200
 _QUOTABLE_RE = re.compile(rb"[?&]cred=([^&\s]+)|\nauthorization:[ \t]*bearer[ \t]+([^\r\n]+)",
                           re.IGNORECASE)
 # Whatever the value: a reply behind a pipelined one (a closing 401) may
-# quote another call's request.  A bearer value is one of at least
-# BEARER_VALUE_CHARS_MIN, AccMan's shortest token (accman.server.auth's
-# TOKEN_CHARS_MIN): a shorter word after "Bearer" is prose, as in AccMan's
-# own "this call needs an Authorization: Bearer token".
-BEARER_VALUE_CHARS_MIN = 16
-_QUOTED_RE = re.compile(r"((?:^|[?&])cred=)[^&\s\"';,]+|(bearer\s+)[^&\s\"';,]{%d,}"
-                        % BEARER_VALUE_CHARS_MIN, re.IGNORECASE)
+# quote another call's request.  The words after "Bearer" in AccMan's own
+# 401s ("needs an Authorization: Bearer token", "the bearer token is not
+# valid") are prose, not a value.
+_QUOTED_RE = re.compile(r"((?:^|[?&])cred=)[^&\s\"';,]+"
+                        r"|(bearer\s+)(?!(?:token|tokens|realm)\b)[^&\s\"';,]+", re.IGNORECASE)
 # The characters of credentials and tokens: a secret is out of sight where
 # it stands alone, not inside a word ("a" is no credential inside "balance").
 _SECRET_CHARS = r"A-Za-z0-9_\-.~+/="
@@ -43,7 +41,8 @@ _SECRET_CHARS = r"A-Za-z0-9_\-.~+/="
 # that holds it: what quotes a request may cut a secret short, or quote it
 # percent-encoded.  Shorter pieces would hide ordinary words.
 SECRET_PIECE_CHARS_MIN = 8
-_SECRET_RUN_RE = re.compile(rf"[{_SECRET_CHARS}]{{{SECRET_PIECE_CHARS_MIN},}}")
+_SECRET_RUN_RE = re.compile(rf"[{_SECRET_CHARS}%]{{{SECRET_PIECE_CHARS_MIN},}}")  # % : encoded
+_LOWER_HEX_RE = re.compile(r"%[0-9A-F]{2}")
 # What a message shows in place of a secret (a reply's detail, a usage error).
 UNSHOWN = "<not shown>"
 # A reply's error code as AccMan writes them; anything else is "unexpected".
@@ -156,7 +155,8 @@ def unechoed(e: BaseException, req: bytes) -> BaseException:
     detail says is a message to a person, never a secret."""
     quoted = {v.decode("latin-1").strip() for pair in _QUOTABLE_RE.findall(req) for v in pair}
     quoted.discard("")
-    quoted |= {urllib.parse.quote(s, safe="") for s in quoted}     # as a URL would quote it
+    encoded = {urllib.parse.quote(s, safe="") for s in quoted}      # as a URL would quote it
+    quoted |= encoded | {_LOWER_HEX_RE.sub(lambda m: m.group().lower(), s) for s in encoded}
     alone = [re.compile(rf"(?<![{_SECRET_CHARS}]){re.escape(s)}(?![{_SECRET_CHARS}])")
              for s in sorted(quoted, key=len, reverse=True)]
     pieces = {s[i:i + SECRET_PIECE_CHARS_MIN]

@@ -143,12 +143,12 @@ const SECRET_CHARS = 'A-Za-z0-9_\\-.~+/='
 // that holds it: what quotes a request may cut a secret short, or quote it
 // percent-encoded.  Shorter pieces would hide ordinary words.
 const SECRET_PIECE_CHARS_MIN = 8
-// Any cred= value, and any bearer value of at least AccMan's shortest token
-// (16 characters, accman/server/auth.py): a shorter word after "Bearer" is
-// prose, as in AccMan's own "this call needs an Authorization: Bearer token".
-const BEARER_VALUE_CHARS_MIN = 16
-const QUOTED_RE = new RegExp(`((?:^|[?&])cred=)[^&\\s"';,]+|(bearer\\s+)[^&\\s"';,]{${BEARER_VALUE_CHARS_MIN},}`, 'gi')
-const SECRET_RUN_RE = new RegExp(`[${SECRET_CHARS}]{${SECRET_PIECE_CHARS_MIN},}`, 'g')
+// Any cred= value and any bearer value, whoever's it is; the words after
+// "Bearer" in AccMan's own 401s ("needs an Authorization: Bearer token",
+// "the bearer token is not valid") are prose, not a value.
+const QUOTED_RE = /((?:^|[?&])cred=)[^&\s"';,]+|(bearer\s+)(?!(?:token|tokens|realm)\b)[^&\s"';,]+/gi
+// A run of a secret's characters, or of its percent-encoded form's.
+const SECRET_RUN_RE = new RegExp(`[${SECRET_CHARS}%]{${SECRET_PIECE_CHARS_MIN},}`, 'g')
 
 // `err`, thrown by a call whose request held `secrets` (its credential and
 // token), with them out of sight in its detail, message and stack, then its
@@ -162,7 +162,8 @@ function unechoed (err, secrets) {
   // any word holding a piece of one of SECRET_PIECE_CHARS_MIN or more.
   let detail = before.replace(QUOTED_RE, (m, cred, bearer) => (cred || bearer) + '<not shown>')
   const given = secrets.filter(Boolean)
-  const quoted = new Set([...given, ...given.map(encodeURIComponent)]) // as a URL quotes it
+  const encoded = given.map(encodeURIComponent) // as a URL quotes it, in either case of hex
+  const quoted = new Set([...given, ...encoded, ...encoded.map((e) => e.replace(/%[0-9A-F]{2}/g, (h) => h.toLowerCase()))])
   for (const secret of [...quoted].sort((a, b) => b.length - a.length)) {
     const escaped = secret.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')
     detail = detail.replace(new RegExp(`(?<![${SECRET_CHARS}])${escaped}(?![${SECRET_CHARS}])`, 'g'), '<not shown>')
