@@ -1,7 +1,7 @@
 """The command line's usage errors: one line, exit code 2, and no word of
-the command line in them but the names of flags and commands and the
-values of flags that are never secrets (docs/CALLING.md: a credential is
-never echoed)."""
+the command line in them but the names of flags and commands and a
+number given to a flag that takes numbers (docs/CALLING.md: a credential
+is never echoed)."""
 
 import argparse
 import difflib
@@ -16,8 +16,9 @@ from accman.calling.replies import UNSHOWN     # in place of a word a usage erro
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2, and shows no
     word of the command line (`given`) but the exact names of flags and
-    commands (`names`, shared by a parser and its commands): any other word
-    may be a credential, which is never echoed (docs/CALLING.md)."""
+    commands (`names`, shared by a parser and its commands) and the
+    numbers of _shown_values: any other word may be a credential, which is
+    never echoed (docs/CALLING.md)."""
 
     # Said with every usage error of a command that takes a credential.
     cred_hint = None
@@ -64,19 +65,20 @@ def _close_flags(extra, given, flags) -> list:
     return list(dict.fromkeys(flag for match in close for flag in match))
 
 
-# Flags whose values are never secrets (numbers, durations, paths, an
-# address): a usage error shows them, so that a typo can be seen.  Not
-# --url, --store or --webhook (a URL may hold a password), --token or --key.
+# Flags that take numbers (a port, an amount, a duration, an address): a
+# usage error shows their value when it has a number's shape, so that a
+# typo can be seen.  A value of another shape is a mistake of another kind
+# (a variable swapped in a script) and may be a secret: not shown.
 VALUE_SHOWN_FLAGS = frozenset({
-    "--port", "--host", "--data", "--tokens", "--webhook-secret", "--events-retention",
-    "--low-balance", "--compaction-nice", "--by", "--min", "--low", "--ttl", "--limit",
-    "--before", "--after", "--wait"})
+    "--port", "--host", "--events-retention", "--low-balance", "--compaction-nice", "--by",
+    "--min", "--low", "--ttl", "--limit", "--before", "--after", "--wait"})
+_NUMBER_SHAPE_RE = re.compile(r"[-+]?[0-9][0-9A-Za-z.]{0,11}")
 
 
 def _shown_values(given, flags) -> set:
-    """The words of `given` that stand only as values of `flags` (a word
-    also given elsewhere may be a credential there; after "--" every word
-    is a positional value)."""
+    """The words of `given` of a number's shape that stand only as values of
+    `flags` (a word also given elsewhere may be a credential there; after
+    "--" every word is a positional value)."""
     options = given[:given.index("--")] if "--" in given else given
     as_value, elsewhere, after_flag = set(), set(given[len(options):]), False
     for word in options:
@@ -86,9 +88,9 @@ def _shown_values(given, flags) -> set:
         elif name in flags and eq:
             as_value.add(value)
         elif word not in flags:
-            elsewhere.add(word)
+            elsewhere.update((word, value) if eq else (word,))
         after_flag = word in flags
-    return as_value - elsewhere
+    return {w for w in as_value - elsewhere if _NUMBER_SHAPE_RE.fullmatch(w)}
 
 
 def _unechoed(message, given, names, flags, suggestion="") -> str:
@@ -112,4 +114,4 @@ def _unechoed(message, given, names, flags, suggestion="") -> str:
             message, n = re.subn(pattern, lambda _m, instead=instead: instead, message)
             hidden += n
     message += suggestion
-    return f"{message} (a value is never shown: it may be a credential)" if hidden else message
+    return f"{message} (a value that may be a credential is not shown)" if hidden else message
