@@ -32,3 +32,18 @@ def test_a_line_that_stopped_and_comes_back_is_said_at_once(caplog):
     repeats.say(logging.WARNING, "down")
     said = [r.getMessage() for r in caplog.records]
     assert said == ["down", "down (before, 4 more times in the 4 s after it was last said)"]
+
+
+def test_what_accman_said_is_logged_but_does_not_make_a_new_line(caplog):
+    """AccMan's words vary with what answers at the URL (a proxy may quote
+    each request): they are said with the line, and the lines kept stay
+    one per fixed text however many different words come."""
+    now = [100.0]
+    repeats = Repeats(logging.getLogger("accman.test3"), clock=lambda: now[0])
+    caplog.set_level("ERROR", logger="accman.test3")
+    for i in range(1000):
+        repeats.say(logging.ERROR, "refused", f"quoted request {i}")
+        now[0] += 0.001
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["refused; AccMan said: quoted request 0"]
+    assert len(repeats._said) == 1

@@ -316,7 +316,8 @@ def test_a_token_without_charge_is_503_before_the_app_runs(stack, on_unavailable
         replies = [asyncio.run(call(m, cred=cred)) for _ in range(2)]
     assert [r.status for r in replies] == [503, 503] and served == []
     assert "check the url and token" in caplog.text and SVC_READ not in caplog.text
-    assert "403 forbidden: this call needs a token with the role charge" in caplog.text
+    assert ("(403 forbidden): check the url and token; AccMan said: this call needs a token "
+            "with the role charge") in caplog.text
     assert m.stats["unpaid_requests"] == 0 and tot(stack, cred) == 10
     assert [e.by for e in past(stack, cred)] == [10]        # the probe changed nothing
 

@@ -339,9 +339,10 @@ class AccManMiddleware:
             # The service's own token or url is wrong: not the caller's fault,
             # and never a reason to serve for free.
             # AccMan's words name what is wrong (the role the token lacks, a
-            # path that is not AccMan's); the client keeps secrets out of them.
+            # path that is not AccMan's; the client keeps secrets out of them),
+            # said with the line, which is not known by them: they vary.
             self._repeats.say(logging.ERROR, f"accman: AccMan refused the service ({err.status} "
-                                             f"{err.code}: {err.detail}): check the url and token")
+                                             f"{err.code}): check the url and token", err.detail)
         elif self._open:
             self._repeats.say(logging.WARNING,
                               f"accman: AccMan unavailable ({err.code}); serving unpaid")

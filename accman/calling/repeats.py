@@ -22,7 +22,9 @@ class Repeats:
         self._clock = clock
         self._said: dict[str, list] = {}      # text -> [said at, times since, last met]
 
-    def say(self, level: int, text: str) -> None:
+    def say(self, level: int, text: str, said: str = "") -> None:
+        """`said` (AccMan's words, which vary with what answers) is logged
+        after `text` but is no part of what the line is known by."""
         now = self._clock()
         state = self._said.get(text)
         if state is None:
@@ -37,5 +39,5 @@ class Repeats:
             state[1] += 1
             state[2] = now
             return
-        self._log.log(level, "%s%s", text, more)
+        self._log.log(level, "%s%s%s", text, f"; AccMan said: {said}" if said else "", more)
         self._said[text] = [now, 0, now]

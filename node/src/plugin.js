@@ -242,10 +242,12 @@ class Meter {
     } else {
       // The service's own token or url is wrong: not the consumer's fault,
       // and never a reason to serve for free.
-      // AccMan's words name what is wrong (the role the token lacks, a path
-      // that is not AccMan's); the client keeps secrets out of them.
+      // AccMan's words (`detail`) name what is wrong: the role the token
+      // lacks, a path that is not AccMan's; the client keeps secrets out of
+      // them.  They are not what the line is known by: they vary with what
+      // answers at the URL.
       this.repeats.say('error', { status: err.status, code: err.code },
-        `accman: AccMan refused the service (${err.detail}): check the url and token`)
+        'accman: AccMan refused the service: check the url and token', { detail: err.detail })
     }
     this.stats.refused_unavailable++
     return this.refuse(reply, 503, 'unavailable', UNAVAILABLE_DETAIL, { 'retry-after': '1' })

@@ -19,7 +19,9 @@ class Repeats {
     this.said = new Map()
   }
 
-  say (level, fields, text) {
+  // `said` (fields too, such as AccMan's words, which vary with what answers)
+  // is logged with the line but is no part of what the line is known by.
+  say (level, fields, text, said = {}) {
     const now = this.now()
     const key = `${level} ${JSON.stringify(fields)} ${text}`
     const state = this.said.get(key)
@@ -35,7 +37,7 @@ class Repeats {
       state.seen = now
       return
     }
-    this.log[level]({ ...fields, ...more }, text)
+    this.log[level]({ ...fields, ...said, ...more }, text)
     this.said.set(key, { at: now, since: 0, seen: now })
   }
 }

@@ -246,8 +246,9 @@ test('check mode, a token without the charge role: 503 at admission, logged, nev
   }
   assert.deepEqual(proxy.targets, [probe('p-readonly'), probe('p-readonly')])
   // Said once for both requests: it lasts until the token is mended (src/repeats.js).
-  assert.deepEqual(messages(logs, 50), ['accman: AccMan refused the service (this call needs a token ' +
-    'with the role charge): check the url and token'])
+  assert.deepEqual(messages(logs, 50), ['accman: AccMan refused the service: check the url and token'])
+  assert.deepEqual(logs.filter((l) => l.level === 50).map((l) => l.detail),
+    ['this call needs a token with the role charge'])
   assert.equal(await mint.tot('p-readonly'), 5)
 })
 

@@ -31,3 +31,16 @@ test('a line that stopped and comes back is said at once, with its last spell\'s
   repeats.say('warn', {}, 'down')
   assert.deepEqual(said, [[{}, 'down'], [{ repeatedBefore: 4, seconds: 4 }, 'down']])
 })
+
+test('what AccMan said is logged but does not make a new line', () => {
+  const lines = []
+  const log = { error: (fields, text) => lines.push([fields, text]) }
+  let t = 0
+  const repeats = new Repeats(log, () => t)
+  for (let i = 0; i < 1000; i++) {
+    repeats.say('error', { status: 404 }, 'refused', { detail: `quoted request ${i}` })
+    t += 1
+  }
+  assert.deepEqual(lines, [[{ status: 404, detail: 'quoted request 0' }, 'refused']])
+  assert.equal(repeats.said.size, 1)
+})
