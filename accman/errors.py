@@ -244,3 +244,14 @@ class BadReply(OutcomeUnknown):
 class WebhookBadReply(Exception):
     """A webhook receiver's reply is not an HTTP/1.1 status line and head
     (accman.server.webhook_http): that attempt failed, and is retried."""
+
+
+def where(exc: BaseException) -> str:
+    """`exc`'s type and the place it was raised, for a log line: never its
+    message, which could quote a credential or a store's URL (the server's
+    logs, docs/SERVER.md)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    place = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+    return f"{type(exc).__name__} at {place}"

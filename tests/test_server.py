@@ -974,3 +974,33 @@ def test_sigterm_stops_a_server_whose_stderr_reader_has_gone(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_s_log_lines_are_its_own_and_name_an_exception_by_type_and_place(capsys):
+    """accman serve says AccMan's loggers' warnings as its own lines
+    ("accman: " first, once, whatever the root logger has) and names an
+    exception by its type and place, never its message nor a traceback."""
+    import logging
+
+    from accman.server.say import SayHandler, log_to_stderr
+    logger = logging.getLogger("accman")
+    saved = logger.handlers[:], logger.propagate
+    root = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(root)
+    try:
+        logger.handlers.clear()
+        log_to_stderr()
+        log_to_stderr()                                 # once, however often asked
+        assert [type(h) for h in logger.handlers] == [SayHandler]
+        try:
+            {}["s3cret-in-a-message"]
+        except KeyError:
+            logging.getLogger("accman.postgres").exception("a batch failed in AccMan")
+        logging.getLogger("accman.ledger").info("not said: below a warning")
+    finally:
+        logging.getLogger().removeHandler(root)
+        logger.handlers[:], logger.propagate = saved
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"accman: a batch failed in AccMan: KeyError at \S+test_server\.py:\d+\n",
+                        err), err
+

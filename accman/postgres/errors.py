@@ -137,16 +137,6 @@ def describe(exc: BaseException) -> str:
     return f"an unexpected error ({type(exc).__name__})"
 
 
-def where(exc: BaseException) -> str:
-    """`exc`'s type and the place it was raised, for a log line beside
-    `describe`: never its message (docs/SERVER.md, the server's logs)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    place = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
-    return f"{type(exc).__name__} at {place}"
-
-
 def read_detail(exc: BaseException) -> str:
     """The 503 detail of a read (/tot, /past, /events) that failed."""
     return f"the database cannot be read: {describe(exc)}"

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import time
 
-from accman.errors import Busy, Unavailable
+from accman.errors import Busy, Unavailable, where
 from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX,
                            HOLDS_PER_ACCOUNT_MAX, QUEUED_MODS_MAX)
 from accman.postgres import batch as B
@@ -322,7 +322,7 @@ class PgStore:
         reconnected, with backoff.  Said once, however long it lasts."""
         if cluster.healthy:
             log.warning("%s%s (%s); writes are refused until the store has reconnected",
-                        named(self, cluster), E.describe(exc), E.where(exc))
+                        named(self, cluster), E.describe(exc), where(exc))
         cluster.error = E.describe(exc)
         cluster.losses += 1
         cluster.drop()

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from accman.errors import where
+
 
 def say(line: str) -> None:
     try:
@@ -24,8 +26,12 @@ class SayHandler(logging.Handler):
     server itself configures its own logging."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        # An exception is named by its type and place, never its message nor
+        # a traceback, which could quote a credential or a URL.
         try:
-            say("accman: " + self.format(record))
+            error = record.exc_info[1] if record.exc_info else None
+            said = record.getMessage() + (f": {where(error)}" if error is not None else "")
+            say("accman: " + said)
         except Exception:
             self.handleError(record)
 
@@ -36,3 +42,4 @@ def log_to_stderr() -> None:
     logger = logging.getLogger("accman")
     if not logger.handlers:
         logger.addHandler(SayHandler(logging.WARNING))
+        logger.propagate = False        # said once, whatever the root logger has

@@ -20,7 +20,7 @@ import signal
 import time
 from time import perf_counter
 
-from accman.errors import TokensError
+from accman.errors import TokensError, where
 from accman.server._pipeline import LaneStats, Turn
 from accman.server.metrics import MOD_LATENCY_BUCKETS_S, Metrics
 from accman.server.say import say
@@ -272,11 +272,7 @@ class Server:
     def internal_error(self, conn, exc):
         # Only the type and where it was raised: an exception's message may
         # quote a credential.
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-        say(f"accman: internal error {type(exc).__name__} at {where}; connection closed")
+        say(f"accman: internal error {where(exc)}; connection closed")
         if conn is None or not conn.fail():
             return
         transport = conn.transport

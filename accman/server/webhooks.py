@@ -46,7 +46,7 @@ import random
 import re
 
 import accman
-from accman.errors import AccManError, EventsTrimmed, StartupError, StoreError
+from accman.errors import AccManError, EventsTrimmed, StartupError, StoreError, where
 from accman.limits import WEBHOOK_REPLY_HEAD_BYTES_MAX
 from accman.records import Event
 from accman.server import webhook_http
@@ -242,11 +242,7 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception as e:       # a bug: said, then retried; the server goes on
-                tb = e.__traceback__
-                while tb is not None and tb.tb_next is not None:
-                    tb = tb.tb_next
-                where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-                self.say(f"internal error {type(e).__name__} at {where}; retrying")
+                self.say(f"internal error {where(e)}; retrying")
                 await asyncio.sleep(self.limits.webhook_backoff_cap_s)
 
     async def _round(self) -> None:

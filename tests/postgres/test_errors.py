@@ -14,7 +14,7 @@ import ssl
 import asyncpg
 import pytest
 
-from accman.errors import StoreError
+from accman.errors import StoreError, where
 from accman.postgres import errors as E
 from accman.postgres.complaints import COMPLAINT_REPEAT_S, Complaints
 from accman.server.run import redacted
@@ -76,7 +76,7 @@ def test_a_log_line_names_the_type_and_place_not_the_message():
     try:
         raise ConnectionResetError(104, "s3cret in a message")
     except ConnectionResetError as e:
-        said = E.where(e)
+        said = where(e)
     assert re.fullmatch(r"ConnectionResetError at \S+/test_errors\.py:\d+", said), said
 
 
