@@ -164,3 +164,15 @@ def test_the_names_the_docs_say_are_importable_are():
         assert name in accman.__all__ and hasattr(accman, name), name
     for name in ("TooManyHolds", "HoldEnded", "NoHold", "EventsTrimmed"):
         assert name in accman.__all__, name
+
+
+def test_the_node_client_keeps_the_python_client_s_redaction_bounds():
+    """node/src/errors.js mirrors accman/calling/replies.py: the same detail
+    cut and the same shortest piece of a secret put out of sight."""
+    import re
+
+    from accman.calling import replies
+    js = (ROOT / "node" / "src" / "errors.js").read_text()
+    for name in ("DETAIL_CHARS_MAX", "SECRET_PIECE_CHARS_MIN"):
+        m = re.search(rf"^const {name} = (\d+)$", js, re.MULTILINE)
+        assert m is not None and int(m.group(1)) == getattr(replies, name), name
