@@ -239,8 +239,15 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
 # of 14-16k, with 100k accounts).  A scan that no index can serve (the one-row
 # counter) still runs, at a cost the planner only counts high; JIT, which
 # such a cost would wake on every call, is off (these statements are small).
+#
+# And a commit AccMan makes is durable before anyone hears of it (SPEC
+# "Durability and order"): synchronous_commit is `on` on its connections
+# whatever the database, role or server sets (a connection's own setting
+# comes first).  `off` loses recent commits in a crash, `local` does not
+# wait for a synchronous standby; `remote_apply` (a standby's readers see
+# the commit) is not needed either, since AccMan reads the primary only.
 SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
-                    "enable_mergejoin": "off", "jit": "off"}
+                    "enable_mergejoin": "off", "jit": "off", "synchronous_commit": "on"}
 
 
 _CONNECT = "cannot connect to a PostgreSQL cluster of the store"
