@@ -181,18 +181,22 @@ def test_metrics_is_prometheus_text(shared_server, cred):
 
 
 def test_mods_committed_counts_changes_not_refused_calls(start_server, cred):
-    """accman_mods_committed_total counts what changed a balance, on either
-    store: a mod refused as insufficient or key_reused changes nothing."""
+    """accman_mods_committed_total counts what changed a balance, and
+    accman_batches_total the batches that did, on either store: a mod
+    refused as insufficient, key_reused or no_account changes nothing."""
     srv = start_server()
 
     def committed():
-        return sample_values(srv.get("/metrics").body.decode())["accman_mods_committed_total"]
+        m = sample_values(srv.get("/metrics").body.decode())
+        return m["accman_mods_committed_total"], m["accman_batches_total"]
     assert srv.mod(cred, 10, key="k1").status == 200
-    assert committed() == 1
+    assert committed() == (1, 1)
     assert srv.mod(cred, -11, min=0).json["error"] == "insufficient"
     assert srv.mod(cred, 9, key="k1").json["error"] == "key_reused"
+    assert srv.mod("nobody-" + cred, -1).json["error"] == "no_account"
+    assert committed() == (1, 1)
     assert srv.mod(cred, -10, min=0).json == {"tot": 0, "seq": 2}
-    assert committed() == 2
+    assert committed() == (2, 2)
 
 
 def test_every_metric_a_server_renders_is_in_server_md(shared_server):

@@ -4,11 +4,10 @@
     store.bind_loop(loop, deliver)
     store.submit("alice", 100, None, "k1", done)      # done((tot, seq)) once committed
 
-Group commit at the database: the calls of one loop turn go to a cluster as
-one call of accman_apply (one transaction, one round trip), and are
-answered only after that commit returned; the next batch fills while one is
-in flight.  Unordered /tot reads of a loop turn go as one query on a read
-connection (a second beside it once as many wait: Cluster.another_reader).
+Group commit at the database: the calls of one loop turn go to a cluster as one call of
+accman_apply (one transaction, one round trip), answered only after that commit returned;
+the next batch fills while one is in flight. Unordered /tot reads of a loop turn go as one
+query on a read connection (a second beside it once as many wait: Cluster.another_reader).
 Everything a batch judges (min, overflow, keys, seq, holds) is judged in
 the database against rows it has locked (accman.postgres.schema).
 
@@ -17,11 +16,10 @@ with each cluster's id: adding a cluster moves only the accounts that now
 rank it first (docs/SCALING.md).  Their events are numbered in one
 gap-free order on one of them (accman.postgres.merge).
 
-A broken connection mid-batch leaves the batch's outcome unknown: its calls
-are answered Unavailable (nothing acknowledged; a keyed retry gets the
-original reply), the cluster is unhealthy, and the store reconnects by
-itself with backoff, through the URL's hosts (target_session_attrs=
-read-write finds the new primary after a failover).
+A broken connection mid-batch leaves the batch's outcome unknown: its calls are answered
+Unavailable (nothing acknowledged; a keyed retry gets the original reply), the cluster is
+unhealthy, and the store reconnects by itself with backoff, through the URL's hosts
+(target_session_attrs=read-write finds the new primary after a failover).
 """
 
 from __future__ import annotations
@@ -276,9 +274,8 @@ class PgStore:
         codes, tots, seqs, counts = row
         # The changes, as the embedded store counts them: a refused call is
         # none.  A keyed repeat's reply is its first one's: counted again.
-        changes = zip(ops, codes, strict=True)
-        self.count_batch(sum(1 for op, code in changes if code == S.OK and op.kind != S.READ),
-                         commit_s)
+        self.count_batch(sum(1 for op, code in zip(ops, codes, strict=True)
+                             if code == S.OK and op.kind != S.READ), commit_s)
         cluster.note_counts(counts)
         if counts is not None:
             # Before the replies: an /events pipelined behind them copies
@@ -298,7 +295,10 @@ class PgStore:
         return [op for op in ops if self._flying.pop(op, _TOLD) is not _TOLD]
 
     def count_batch(self, nmods: int, commit_s: float) -> None:
-        """A committed batch of `nmods` changes, for /metrics."""
+        """A committed batch of `nmods` changes, for /metrics; one of none
+        (its calls all refused) is none, as the embedded store has it."""
+        if nmods == 0:
+            return
         self.batches += 1
         self.mods += nmods
         self.commit_s_total += commit_s
