@@ -424,6 +424,7 @@ def test_a_quoted_request_is_out_of_sight_whoever_s_it_is_and_only_where_it_stan
     "upstream refused Bearer%20Zm9vYmFyYmF6cXV4%2B%2FZm9v",  # encoded and cut
     "upstream refused bearer%20zm9v Zm9vYmFyYmF6cXV4%2b%2fZm9vYmFy%3d%3d",  # lower-case hex
     "Authorization: Bearer Zm9vYmF",                      # another's, cut short: any bearer value
+    "Authorization: Bearer token-1f2e3d4c5b6a7980",       # another's, starting like prose
 ])
 def test_a_piece_of_a_secret_of_eight_characters_or_more_is_out_of_sight(echo):
     cred, token = "c0ffee-abcdef0123456789", "Zm9vYmFyYmF6cXV4+/Zm9vYmFy=="

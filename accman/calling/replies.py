@@ -31,9 +31,11 @@ _QUOTABLE_RE = re.compile(rb"[?&]cred=([^&\s]+)|\nauthorization:[ \t]*bearer[ \t
 # Whatever the value: a reply behind a pipelined one (a closing 401) may
 # quote another call's request.  The words after "Bearer" in AccMan's own
 # 401s ("needs an Authorization: Bearer token", "the bearer token is not
-# valid") are prose, not a value.
+# valid") and its challenge (`Bearer realm="accman"`) are not a value; a
+# token that starts with them (token-1f2e...) is.
 _QUOTED_RE = re.compile(r"((?:^|[?&])cred=)[^&\s\"';,]+"
-                        r"|(bearer\s+)(?!(?:token|tokens|realm)\b)[^&\s\"';,]+", re.IGNORECASE)
+                        r"|(bearer\s+)(?!tokens?(?![A-Za-z0-9_\-.~+/=])|realm=\")[^&\s\"';,]+",
+                        re.IGNORECASE)
 # The characters of credentials and tokens: a secret is out of sight where
 # it stands alone, not inside a word ("a" is no credential inside "balance").
 _SECRET_CHARS = r"A-Za-z0-9_\-.~+/="

@@ -145,8 +145,9 @@ const SECRET_CHARS = 'A-Za-z0-9_\\-.~+/='
 const SECRET_PIECE_CHARS_MIN = 8
 // Any cred= value and any bearer value, whoever's it is; the words after
 // "Bearer" in AccMan's own 401s ("needs an Authorization: Bearer token",
-// "the bearer token is not valid") are prose, not a value.
-const QUOTED_RE = /((?:^|[?&])cred=)[^&\s"';,]+|(bearer\s+)(?!(?:token|tokens|realm)\b)[^&\s"';,]+/gi
+// "the bearer token is not valid") and its challenge (Bearer realm="accman")
+// are not a value; a token that starts with them (token-1f2e...) is.
+const QUOTED_RE = /((?:^|[?&])cred=)[^&\s"';,]+|(bearer\s+)(?!tokens?(?![A-Za-z0-9_\-.~+/=])|realm=")[^&\s"';,]+/gi
 // A run of a secret's characters, or of its percent-encoded form's.
 const SECRET_RUN_RE = new RegExp(`[${SECRET_CHARS}%]{${SECRET_PIECE_CHARS_MIN},}`, 'g')
 

@@ -263,7 +263,8 @@ for (const echo of [
   'token=vYmFyYmF6cXV4+/Z', // a piece inside a longer word
   'upstream refused Bearer%20Zm9vYmFyYmF6cXV4%2B%2FZm9v', // encoded and cut
   'upstream refused bearer%20zm9v Zm9vYmFyYmF6cXV4%2b%2fZm9vYmFy%3d%3d', // lower-case hex
-  'Authorization: Bearer Zm9vYmF' // another's, cut short: any bearer value
+  'Authorization: Bearer Zm9vYmF', // another's, cut short: any bearer value
+  'Authorization: Bearer token-1f2e3d4c5b6a7980' // another's, starting like prose
 ]) {
   test(`a piece of a secret of 8 characters or more is out of sight: ${echo}`, async () => {
     const cred = 'c0ffee-abcdef0123456789'
