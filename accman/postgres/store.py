@@ -272,12 +272,12 @@ class PgStore:
         cluster.refused_in_row = 0
         commit_s = time.perf_counter() - t0
         codes, tots, seqs, counts = row
-        # The changes, as the embedded store counts them: a refused call is
-        # none.  A keyed repeat's reply is its first one's: counted again.
-        self.count_batch(sum(1 for op, code in zip(ops, codes, strict=True)
-                             if code == S.OK and op.kind != S.READ), commit_s)
         cluster.note_counts(counts)
-        if counts is not None:
+        if counts is not None:          # it changed something (events, holds)
+            # The changes, as the embedded store counts them: a refused call is
+            # none.  A keyed repeat's reply is its first one's: counted again.
+            self.count_batch(sum(1 for op, code in zip(ops, codes, strict=True)
+                                 if code == S.OK and op.kind != S.READ), commit_s)
             # Before the replies: an /events pipelined behind them copies
             # (merge) or reads what they committed.
             if cluster is self.home:
@@ -295,10 +295,9 @@ class PgStore:
         return [op for op in ops if self._flying.pop(op, _TOLD) is not _TOLD]
 
     def count_batch(self, nmods: int, commit_s: float) -> None:
-        """A committed batch of `nmods` changes, for /metrics; one of none
-        (its calls all refused) is none, as the embedded store has it."""
-        if nmods == 0:
-            return
+        """A committed batch of `nmods` changes, for /metrics: only one that
+        changed something (calls all refused are no batch, as on the
+        embedded store; a settle that found its hold due ended it)."""
         self.batches += 1
         self.mods += nmods
         self.commit_s_total += commit_s
