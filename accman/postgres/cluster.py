@@ -49,6 +49,7 @@ class Lane:
             if await writer.fetchval("SHOW transaction_read_only",
                                      timeout=CONNECT_TIMEOUT_S) == "on":
                 raise StoreError(f"{E.READ_ONLY}: waiting for one that does")
+            await _refuse_undurable(writer)
             self.apply = await writer.prepare(_APPLY_SQL)
         except BaseException:
             await writer.close()
@@ -152,6 +153,22 @@ class Cluster:
             raise
         if healthy:
             self.error = None
+
+
+# Server settings under which a commit does not survive a crash of the
+# database's machine, whatever a session sets (SPEC "Durability and
+# order": a 200 is on disk): such a server takes no writes of AccMan's.
+_UNDURABLE_SQL = ("SELECT ARRAY[current_setting('fsync'), "
+                  "current_setting('full_page_writes')]")
+
+
+async def _refuse_undurable(writer) -> None:
+    fsync, full_pages = await writer.fetchval(_UNDURABLE_SQL, timeout=CONNECT_TIMEOUT_S)
+    for name, value in (("fsync", fsync), ("full_page_writes", full_pages)):
+        if value != "on":
+            raise StoreError(f"the PostgreSQL server runs with {name} = {value}: its commits "
+                             "do not survive a crash of its machine, and AccMan writes "
+                             "nothing there; set it on")
 
 
 def health_detail(clusters) -> str | None:
