@@ -361,6 +361,7 @@ def test_a_usage_error_shows_a_value_that_is_never_a_secret(args, said, tmp_path
     ["tot", "--", "--port", "SECRET9"],                       # after "--": values
     ["serve", "--port", "postgresql://app:SECRET9@db/a"],     # a swapped variable
     ["serve", "--compaction-nice", "SECRET9SECRET9"],         # no number's shape
+    ["serve", "--port", "7SECRET9"],                          # a digit first, then letters
     ["serve", "--webhook=9SECRET9", "--port", "9SECRET9"],    # given elsewhere, glued
 ])
 def test_a_value_also_given_where_it_may_be_a_secret_is_not_shown(args, tmp_path):

@@ -72,7 +72,7 @@ def _close_flags(extra, given, flags) -> list:
 VALUE_SHOWN_FLAGS = frozenset({
     "--port", "--host", "--events-retention", "--low-balance", "--compaction-nice", "--by",
     "--min", "--low", "--ttl", "--limit", "--before", "--after", "--wait"})
-_NUMBER_SHAPE_RE = re.compile(r"[-+]?[0-9][0-9A-Za-z.]{0,11}")
+_NUMBER_SHAPE_RE = re.compile(r"[-+]?[0-9][0-9.]{0,11}[A-Za-z]{0,2}")   # 99999, 5w, 127.0.0.1
 
 
 def _shown_values(given, flags) -> set:

@@ -293,6 +293,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
                                                            data_path)
         loop.run_until_complete(_serve(server, host, port, deliverer, where, ready))
         failure = None if store.healthy else (getattr(store, "failure", None)
+                                              or store.unhealthy_detail
                                               or "the store failed to commit")
     finally:
         try:
