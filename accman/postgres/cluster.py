@@ -179,7 +179,8 @@ def health_detail(clusters) -> str | None:
     if not lost:
         return None
     if len(lost) == len(clusters):
-        return "the store cannot commit; the server takes no writes"
+        why = clusters[0].error            # AccMan's words (errors.describe)
+        return f"the store cannot commit ({why}); the server takes no writes"
     which = "cluster " + lost[0] if len(lost) == 1 else "clusters " + ", ".join(lost)
     return (f"{which} of the store's {len(clusters)} cannot commit: writes to accounts there "
             "are refused, the others' are taken")

@@ -249,8 +249,9 @@ def test_health_says_which_clusters_cannot_commit():
 
     from accman.postgres.cluster import health_detail
     assert health_detail([C(healthy=True), C(healthy=True)]) is None
-    assert health_detail([C(healthy=False)]) == ("the store cannot commit; the server takes "
-                                                 "no writes")
+    lost = "the PostgreSQL store lost its connection"
+    assert health_detail([C(healthy=False, error=lost)]) == (
+        f"the store cannot commit ({lost}); the server takes no writes")
     assert health_detail([C(healthy=False), C(healthy=True), C(healthy=False)]) == (
         "clusters 1, 3 of the store's 3 cannot commit: writes to accounts there are refused, "
         "the others' are taken")

@@ -296,3 +296,22 @@ def test_two_clusters_serve_one_store(pg, pg_factory, tmp_path):
             list(range(2 * len(creds) + 1, 2 * len(creds) + 9))
     finally:
         srv.kill()
+
+
+def test_a_front_end_stopped_while_it_cannot_commit_exits_1_saying_why(pg_factory, tmp_path):
+    """SERVER.md, "Running it": exit 1 when the store cannot commit at the
+    stop, the last line giving the store's own words, not a default."""
+    pg = pg_factory(name="stopped_down")
+    url = pg.create_database("d")
+    srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", url])
+    try:
+        assert srv.mod("a", 5).status == 200
+        pg.stop("immediate")
+        wait_for(lambda: health(srv) == 503, 10, "/health 503 with PostgreSQL stopped")
+    finally:
+        code = srv.stop()
+    last = srv.stderr().splitlines()[-1]
+    assert code == 1 and re.fullmatch(r"accman: stopped; the store cannot commit \(the "
+                                      r"PostgreSQL store (lost its connection|cannot be reached"
+                                      r" \(connection refused\))\); the server takes no writes",
+                                      last), last
