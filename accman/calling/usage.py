@@ -55,11 +55,16 @@ class ArgumentParser(argparse.ArgumentParser):
 FLAG_LIKENESS_MIN = 0.6
 
 
+def _options(given) -> list:
+    """The words of `given` before any "--": after it every word is a value."""
+    return given[:given.index("--")] if "--" in given else given
+
+
 def _close_flags(extra, given, flags) -> list:
     """For each word of `extra` that reads as a flag (it starts with "-" and
     comes before any "--", after which every word is a value), the closest
     of `flags`, if one is close enough; each named once."""
-    options = given[:given.index("--")] if "--" in given else given
+    options = _options(given)
     close = [difflib.get_close_matches(word.split("=", 1)[0], flags, 1, FLAG_LIKENESS_MIN)
              for word in extra if word.startswith("-") and word in options]
     return list(dict.fromkeys(flag for match in close for flag in match))
@@ -79,7 +84,7 @@ def _shown_values(given, flags) -> set:
     """The words of `given` of a number's shape that stand only as values of
     `flags` (a word also given elsewhere may be a credential there; after
     "--" every word is a positional value)."""
-    options = given[:given.index("--")] if "--" in given else given
+    options = _options(given)
     as_value, elsewhere, after_flag = set(), set(given[len(options):]), False
     for word in options:
         name, eq, value = word.partition("=")
