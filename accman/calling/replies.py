@@ -159,8 +159,10 @@ def unechoed(e: BaseException, req: bytes) -> BaseException:
     quoted.discard("")
     encoded = {urllib.parse.quote(s, safe="") for s in quoted}      # as a URL would quote it
     quoted |= encoded | {_LOWER_HEX_RE.sub(lambda m: m.group().lower(), s) for s in encoded}
+    # A secret of a piece's length or more is found by its pieces; a shorter
+    # one where it stands alone.
     alone = [re.compile(rf"(?<![{_SECRET_CHARS}]){re.escape(s)}(?![{_SECRET_CHARS}])")
-             for s in sorted(quoted, key=len, reverse=True)]
+             for s in quoted if len(s) < SECRET_PIECE_CHARS_MIN]
     pieces = {s[i:i + SECRET_PIECE_CHARS_MIN]
               for s in quoted for i in range(len(s) - SECRET_PIECE_CHARS_MIN + 1)}
     chain, seen = e, set()

@@ -165,7 +165,9 @@ function unechoed (err, secrets) {
   const given = secrets.filter(Boolean)
   const encoded = given.map(encodeURIComponent) // as a URL quotes it, in either case of hex
   const quoted = new Set([...given, ...encoded, ...encoded.map((e) => e.replace(/%[0-9A-F]{2}/g, (h) => h.toLowerCase()))])
-  for (const secret of [...quoted].sort((a, b) => b.length - a.length)) {
+  // A secret of a piece's length or more is found by its pieces; a shorter
+  // one where it stands alone.
+  for (const secret of [...quoted].filter((q) => q.length < SECRET_PIECE_CHARS_MIN)) {
     const escaped = secret.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')
     detail = detail.replace(new RegExp(`(?<![${SECRET_CHARS}])${escaped}(?![${SECRET_CHARS}])`, 'g'), '<not shown>')
   }
