@@ -381,6 +381,24 @@ cdef inline bint _all_digits(const unsigned char* s, Py_ssize_t n) noexcept nogi
     return True
 
 
+cdef enum:
+    PORT_MAX = 65535       # the largest TCP port
+
+
+cdef inline bint _port_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """s[0:n] is a port: digits (leading zeros allowed, RFC 3986 3.2.3) of
+    at most PORT_MAX, the largest TCP port."""
+    cdef Py_ssize_t i
+    cdef long port = 0
+    if not _all_digits(s, n):
+        return False
+    for i in range(n):
+        port = port * 10 + (s[i] - c'0')
+        if port > PORT_MAX:
+            return False
+    return True
+
+
 cdef inline bint _host_chars(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
@@ -393,7 +411,8 @@ cdef bint host_shape_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     """s[0:n] is uri-host [":" port] (RFC 3986 3.2.2, 3.2.3; RFC 9112
     3.2): HOST bytes only; an IP-literal's brackets (an IPv6 address, one
     with a zone id, RFC 6874, or an IPvFuture) at its ends and nowhere
-    else; at most one colon outside them, before a port of digits; no
+    else; at most one colon outside them, before a port of digits up to
+    PORT_MAX; no
     empty host before a port (RFC 9110 4.2.1).  An empty value is allowed
     (RFC 9112 3.2)."""
     cdef Py_ssize_t i = 0, colon = -1
@@ -412,7 +431,7 @@ cdef bint host_shape_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
             return True
         if s[i] != c':':
             return False
-        return _all_digits(s + i + 1, n - i - 1) or i + 1 == n
+        return _port_ok(s + i + 1, n - i - 1) or i + 1 == n
     for i in range(n):
         if s[i] == c'[' or s[i] == c']':
             return False
@@ -422,7 +441,7 @@ cdef bint host_shape_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
             colon = i
     if colon < 0:
         return True
-    return colon > 0 and (colon == n - 1 or _all_digits(s + colon + 1, n - colon - 1))
+    return colon > 0 and (colon == n - 1 or _port_ok(s + colon + 1, n - colon - 1))
 
 
 # --- a request's values ------------------------------------------------------------

@@ -276,6 +276,9 @@ cdef class Parser:
         if self._phase == PH_START:
             if self._line_len == 0 and not_a_method(p[0]):
                 return self._fail_not_http(out)
+            if have > 1 and (self._line[0] if self._line_len else p[0]) == CR:
+                # Only CRLF starts with a CR here, and p holds no LF: said at once.
+                return self._fail(400, "a bare CR (not followed by LF) in the request line", out)
             if have - ends_cr > REQUEST_LINE_BYTES_MAX:
                 return self._fail_request_line_too_long(out)
         elif self._head_bytes + have + 1 > HEADER_BYTES_MAX:   # + 1: its LF
@@ -495,7 +498,7 @@ cdef class Parser:
         if self._hosts > 1:
             return self._fail(400, "a request must have at most one Host header", out)
         if not host_shape_ok(v, n):
-            return self._fail(400, "the Host header must be host[:port]", out)
+            return self._fail(400, f"the Host header must be host[:port], a port at most {PORT_MAX}", out)
         if not self._absolute:
             self._req.loopback_host = host_is_loopback(v, n)
         return 0
@@ -573,6 +576,8 @@ cdef class Parser:
         # The body's framing is judged once every header is read: ambiguity
         # (a second Content-Length, or one beside Transfer-Encoding) is
         # refused as it comes, so no order of the headers answers otherwise.
+        if self._te_seen and req.http10:       # RFC 9112 6.1: a faulty framing
+            return self._fail(400, "Transfer-Encoding in an HTTP/1.0 request is faulty framing", out)
         if self._te_seen:
             # RFC 9112 6.3: a body without a Content-Length.
             return self._fail(411, "a body needs a Content-Length (Transfer-Encoding is not "

@@ -500,9 +500,11 @@ def test_an_authorization_header_not_taken_says_why(headers, fault):
 
 @pytest.mark.parametrize("host", [
     b"", b"example.com.", b"EXAMPLE.COM:80", b"127.0.0.1:0", b"127.0.0.1:", b"[::1]:",
-    b"[::FFFF:127.0.0.1]:8080", b"[fe80::1%25eth0]", b"[v1.x]", b"a%41b", b"x" * 200])
+    b"[::FFFF:127.0.0.1]:8080", b"[fe80::1%25eth0]", b"[v1.x]", b"a%41b", b"x" * 200,
+    b"x:65535", b"[::1]:65535", b"x:0000000000000080"])
 def test_every_host_of_the_uri_host_port_shape_is_taken(host):
-    """RFC 3986's uri-host [":" port] (an empty port, a zone id, an
+    """RFC 3986's uri-host [":" port] (an empty port, a port of leading
+    zeros or the largest TCP port, a zone id, an
     IPvFuture, a percent-encoded name) and RFC 9112's empty Host."""
     req = run(R(b"GET /tot?cred=a HTTP/1.1", b"Host: " + host, host=False))
     assert req.error is None
@@ -626,6 +628,11 @@ HARD = [
     ("host-literal-garbage", R(LINE, b"Host: [::1]x", host=False), 400, BAD_HOST),
     ("host-literal-empty", R(LINE, b"Host: []", host=False), 400, BAD_HOST),
     ("host-literal-nested", R(LINE, b"Host: [[::1]]", host=False), 400, BAD_HOST),
+    ("host-port-over", R(LINE, b"Host: 127.0.0.1:65536", host=False), 400, BAD_HOST),
+    ("host-port-huge", R(LINE, b"Host: x:99999999999999999999999", host=False), 400, BAD_HOST),
+    ("host-literal-port-over", R(LINE, b"Host: [::1]:99999", host=False), 400, BAD_HOST),
+    ("absolute-form-port-over", R(b"GET http://localhost:70000/tot?cred=a HTTP/1.1"), 400,
+     "must be host[:port]"),
     ("cl-letters", R(LINE, b"Content-Length: abc"), 400, CL_DIGITS),
     ("cl-negative", R(LINE, b"Content-Length: -1"), 400, CL_DIGITS),
     ("cl-plus", R(LINE, b"Content-Length: +5"), 400, CL_DIGITS),
@@ -643,6 +650,9 @@ HARD = [
     ("cl-huge", R(LINE, b"Content-Length: 99999999999999999999999999999"), 413, "the body is over"),
     ("te", R(LINE, b"Transfer-Encoding: chunked"), 411, "a body needs a Content-Length"),
     ("te-case", R(LINE, b"transfer-ENCODING: identity"), 411, "a body needs a Content-Length"),
+    # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding; its framing is faulty.
+    ("te-http10", R(b"GET /tot?cred=a HTTP/1.0", b"Transfer-Encoding: chunked", host=False), 400,
+     "Transfer-Encoding in an HTTP/1.0 request is faulty framing"),
     ("te-after-cl", R(LINE, b"Content-Length: 5", b"Transfer-Encoding: chunked"), 400,
      "ambiguous framing"),
     ("te-before-cl", R(LINE, b"Transfer-Encoding: chunked", b"Content-Length: 5"), 400,
@@ -689,6 +699,10 @@ HARD = [
     ("authority-form", R(b"CONNECT x:443 HTTP/1.1"), 400, "must be a path"),
     ("blank-lines-over", b"\r\n" * (limits.REQUEST_BLANK_LINES_MAX + 1) + R(LINE), 400,
      "more than %d blank lines" % limits.REQUEST_BLANK_LINES_MAX),
+    # Only CRLF starts with a CR before a request line: said at the second byte.
+    ("cr-then-junk", b"\rX", 400, BARE_CR),
+    ("cr-then-method", b"\rGET /tot?cred=a HTTP/1.1\r\n", 400, BARE_CR),
+    ("blank-line-then-cr-junk", b"\r\n\r\x16", 400, BARE_CR),
     ("tls-client-hello", b"\x16\x03\x01\x00\xa5\x01\x00", 400, "not an HTTP request"),
     # Said before the line's length, however the bytes are split.
     ("not-a-method-long-line", b"\x16" + b"A" * (limits.REQUEST_LINE_BYTES_MAX + 10) + b"\r\n",
