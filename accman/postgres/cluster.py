@@ -29,6 +29,14 @@ READ_BATCHES_MAX = 2
 # wait behind the /tot queries alone (upkeep and event reads share it).
 READ_POOL_CONNECTIONS_MAX = READ_BATCHES_MAX + 1
 _APPLY_SQL = "SELECT * FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+# A backend is named by its pid and its start: a pid alone may be reused.
+_BACKEND_SQL = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+# An idle one holds no lock, and may wait hours for its dead socket's keepalive.
+_RUNNING_SQL = ("SELECT count(*) FROM pg_stat_activity a JOIN unnest($1::int[], "
+                "$2::timestamptz[]) AS b(pid, started) ON a.pid = b.pid "
+                "AND a.backend_start = b.started WHERE a.state <> 'idle'")
+STALLED = ("a commit of the connection the store dropped still waits in the database (for "
+           "its synchronous standby, or for a lock): writes are refused until it ends")
 
 
 class Lane:
@@ -39,6 +47,7 @@ class Lane:
 
     def __init__(self):
         self.writer = None
+        self.backend = None                # (pid, backend_start) of the writer's backend
         self.apply = None
         self.ops: deque = deque()          # B.Op, an ordered /past among them
         self.writing = False
@@ -51,15 +60,20 @@ class Lane:
                 raise StoreError(f"{E.READ_ONLY}: waiting for one that does")
             await _refuse_undurable(writer)
             self.apply = await writer.prepare(_APPLY_SQL)
+            self.backend = tuple(await writer.fetchrow(_BACKEND_SQL, timeout=CONNECT_TIMEOUT_S))
         except BaseException:
             await writer.close()
             raise
         self.writer = writer
 
-    def drop(self) -> None:
+    def drop(self):
+        """Closes the writer's socket; returns its backend, which may go on
+        in the database (see Cluster.stalled)."""
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.terminate()
+            return self.backend
+        return None
 
 
 class Cluster:
@@ -76,6 +90,7 @@ class Cluster:
         self.readers = 0                   # /tot queries running or about to
         self._flying: list = []            # the reads of each /tot query in flight
         self.reconnecting = False
+        self.abandoned: list = []          # backends of dropped writers: Lane.drop
         # Batches the database refused in a row (E.FAILED): each makes the
         # store wait twice as long before it takes writes again.
         self.refused_in_row = 0
@@ -121,7 +136,27 @@ class Cluster:
     def drop(self) -> None:
         """The cluster is lost: each lane's writer goes."""
         for lane in self.lanes:
-            lane.drop()
+            backend = lane.drop()
+            if backend is not None:
+                self.abandoned.append(backend)
+
+    async def stalled(self, conn) -> bool:
+        """Whether a backend of a writer dropped since the store last took
+        writes here is still in a statement or a transaction.  A backend that waits for its commit's
+        synchronous standby does not notice its client gone and holds its
+        accounts' locks: a new writer's batches would queue behind it, one
+        dropped connection each, up to max_connections; and ending it would
+        make its commit, on this server alone, visible to readers.  So the
+        store takes no writes here until it ends by itself (the standby
+        back, or the requirement lifted).  On another server (a failover)
+        none matches."""
+        if self.abandoned:
+            pids, starts = zip(*self.abandoned, strict=True)
+            if await conn.fetchval(_RUNNING_SQL, list(pids), list(starts),
+                                   timeout=CONNECT_TIMEOUT_S):
+                return True
+            self.abandoned = []
+        return False
 
     def unanswered_reads(self) -> list:
         """Every /tot read queued or in flight, (hid, done) each."""
@@ -140,6 +175,8 @@ class Cluster:
         try:
             for lane in self.lanes:
                 await lane.connect(self.url)
+            if await self.stalled(self.lanes[0].writer):
+                raise StoreError(STALLED)
             # min_size=0: the pool connects when a read asks.  With a floor
             # it restores the floor by itself while the database is down,
             # logging a traceback for every failed try (asyncpg.pool), while

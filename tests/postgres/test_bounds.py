@@ -121,6 +121,50 @@ def test_stalled_commit_is_not_acknowledged(pg_factory, monkeypatch):
     run(main())
 
 
+async def backends_busy(url) -> int:
+    """The database's backends, but this one, that are in a statement: a
+    writer that waits for its standby, or for a lock behind one."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state = 'active' AND pid <> pg_backend_pid()")
+    finally:
+        await conn.close()
+
+
+def test_a_stalled_commit_stops_writes_until_it_ends(pg_factory, monkeypatch):
+    """A batch past COMMIT_TIMEOUT_S is unknown (503) and its connection
+    dropped; its backend, waiting for the standby with its accounts' locks,
+    does not notice.  The store takes no writes there until that backend
+    ends: later calls are refused unsent (not one more backend each until
+    max_connections), /health names the cause, and the stalled commit is
+    not made visible by ending it."""
+    monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 1.0)
+    primary = pg_factory(name="alone")
+    standby = primary.add_standby("away", sync=True)
+    url = primary.create_database("s")
+
+    async def main():
+        async with stored(url) as (store, c):
+            assert await c.mod("a", 5) == (5, 1)
+            standby.stop("immediate")
+            with pytest.raises(Unavailable):
+                await c.mod("a", 1, key="k")
+            await asyncio.sleep(1.5)            # reconnection tries, backoff
+            assert not store.healthy and "still waits" in store.unhealthy_detail
+            for n in range(3):
+                with pytest.raises(Unavailable, match="nothing of this call was applied"):
+                    await c.mod("b", 1, key=f"b{n}")
+            assert await backends_busy(url) == 1
+            assert await c.tot("a") == 5        # the stalled commit is not seen
+            standby.start()
+            await until(lambda: store.healthy, 15)
+            assert await c.mod("a", 1, key="k") == (6, 2)      # it had committed
+            assert await c.mod("b", 1, key="b0") == (1, 1)     # the refused were not
+    run(main())
+
+
 def test_read_pool_bound(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):
