@@ -1,6 +1,8 @@
 # cython: language_level=3
 """CRC-32C (Castagnoli) and LevelDB's masked form of it, for accman.ledger.fsck,
-which checks a data directory's logs and tables before LevelDB opens it.
+which checks a data directory's logs and tables before LevelDB opens it;
+and the layout of a write-ahead log record over stamped sectors, for
+accman.ledger.walsectors.
 
 Table-driven, eight bytes a step ("slicing by 8"), in a C loop with the GIL
 released, so that checking a large store costs little more than reading it.
@@ -8,6 +10,7 @@ No I/O here: buffers in, numbers out (h11's habit).
 """
 
 from libc.stdint cimport uint8_t, uint32_t
+from libc.string cimport memcpy, memset
 
 # The reflected Castagnoli polynomial (RFC 3720, iSCSI), as LevelDB uses.
 cdef uint32_t POLY = 0x82F63B78u
@@ -152,3 +155,29 @@ def find_log_record(const uint8_t[::1] buf, Py_ssize_t start) -> int:
                 found = i
                 break
     return found
+
+
+# --- the write-ahead log's stamped sectors (accman.ledger.walsectors) ----------------------
+
+def lay_out_sectors(uint8_t[::1] buf, const uint8_t[::1] record, const uint8_t[::1] stamp,
+                    Py_ssize_t sector_bytes) -> int:
+    """Writes `record` into `buf` from offset 0 in pieces of sector_bytes -
+    len(stamp), each followed by `stamp`, the last piece zero-padded;
+    returns the bytes written (whole sectors)."""
+    cdef Py_ssize_t n = record.shape[0], s = stamp.shape[0]
+    cdef Py_ssize_t data = sector_bytes - s, at = 0, i = 0, piece
+    if data <= 0:
+        raise ValueError("a sector must hold more than its stamp")
+    cdef Py_ssize_t k = (n + data - 1) // data
+    if k * sector_bytes > buf.shape[0]:
+        raise ValueError(f"{k} sectors do not fit in a buffer of {buf.shape[0]} bytes")
+    with nogil:
+        while i < n:
+            piece = min(data, n - i)
+            memcpy(&buf[at], &record[i], piece)
+            if piece < data:
+                memset(&buf[at + piece], 0, data - piece)
+            memcpy(&buf[at + data], &stamp[0], s)
+            i += piece
+            at += sector_bytes
+    return at

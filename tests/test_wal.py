@@ -17,9 +17,13 @@ import plyvel
 import pytest
 
 from accman import Ledger
-from accman.ledger import _check, datadir, fsck, keyfile, migrate, plyvel_errors, wal, walwriter
+from accman.ledger import (_check, datadir, fsck, keyfile, migrate, plyvel_errors, wal,
+                           walsectors, walwriter)
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
 from accman.ledger.leveldb import STORE_FORMAT, Store
+
+
+SECTOR = walsectors.SECTOR_BYTES
 
 
 def crash_copy(led, tmp_path, name="crashed"):
@@ -50,7 +54,7 @@ def offsets_of(path):
     out, off = [], 0
     for rec in records_of(path):
         out.append((rec.lsn, off))
-        off += -(-(wal.HEADER.size + len(rec.payload)) // wal.BLOCK_BYTES) * wal.BLOCK_BYTES
+        off += wal.record_span(len(rec.payload))
     return out
 
 
@@ -113,23 +117,87 @@ def leveldb_log_without_its_last_batch(path):
     return len(records) - 1
 
 
-def test_a_torn_last_record_is_dropped_and_the_rest_replayed(crashed):
-    """What a power cut during the newest record's write leaves: the record
-    torn, and LevelDB never got its batch (it is written after the record
-    returns).  Never acknowledged: dropped, the rest replayed."""
-    path, acked = crashed
-    last_lsn, off = offsets_of(path)[-1]
+def newest_record_unapplied(tmp_path, damage):
+    """A store whose newest record (lsn, offset) LevelDB never got, as when
+    a crash comes after the record's write and before LevelDB's (the
+    replies go out between): written by the log alone here, 1200 bytes of
+    payload over three sectors.  `damage(raw, off, lsn)` is then done to
+    the log's bytes.  Returns the path and what the ledger acknowledged."""
+    led = Ledger(str(tmp_path / "data"))
+    acked = [led.mod("alice", by, key=f"k{by}") for by in (100, 20, 3)]
+    lsn = led.store.wal.next_lsn
+    led.store.wal.append(b"\x09" * 1200)          # not what a sector held before
+    path = crash_copy(led, tmp_path)
+    led.close()
+    assert [r.lsn for r in records_of(path)][-1] == lsn
+    off = offsets_of(path)[-1][1]
     f = path / wal.WAL_NAME
     raw = bytearray(f.read_bytes())
-    raw[off + wal.HEADER.size + 3] ^= 0x40
+    damage(raw, off, lsn)
     f.write_bytes(bytes(raw))
-    leveldb_log_without_its_last_batch(path)
+    return path, acked
+
+
+def zero_sector(i):
+    def damage(raw, off, lsn):
+        raw[off + i * SECTOR:off + (i + 1) * SECTOR] = bytes(SECTOR)
+    return damage
+
+
+def older_sector(i):
+    """What a previous lap left in sector i: a sector stamped by an older record."""
+    def damage(raw, off, lsn):
+        at = off + i * SECTOR
+        raw[at:at + SECTOR] = b"\x07" * walsectors.SECTOR_DATA_BYTES + walsectors.STAMP.pack(
+            lsn - 1, 40)
+    return damage
+
+
+@pytest.mark.parametrize("damage", [zero_sector(0), zero_sector(1), zero_sector(2),
+                                    older_sector(0), older_sector(2)],
+                         ids=["first-zeros", "middle-zeros", "last-zeros", "first-older",
+                              "last-older"])
+def test_a_torn_last_record_is_dropped_and_the_rest_replayed(tmp_path, damage):
+    """A power cut during the newest record's write: a sector of it did not
+    land (it holds zeros, or an older lap's sector), and LevelDB never got
+    its batch.  Never acknowledged (its write never returned): dropped, the
+    rest replayed."""
+    path, acked = newest_record_unapplied(tmp_path, damage)
     with Ledger(str(path)) as led:
-        # The torn batch was mod k19 (alice).
-        assert led.tot("alice") == sum(range(2, 20, 2))
-        assert [e.key for e in led.past("alice", limit=1)] == ["k17"]
-        assert led.tot("bob") == acked[-2][0]
+        assert led.tot("alice") == 123
+        assert led.mod("alice", 3, key="k3") == acked[-1]
         led.verify()
+
+
+def flip(at):
+    def damage(raw, off, lsn):
+        raw[off + at] ^= 0x01
+    return damage
+
+
+def stamp_of_later(raw, off, lsn):
+    """A sector's stamp naming a record after it, and its data damaged
+    (a stamp alone damaged leaves a record that passes its check)."""
+    walsectors.STAMP.pack_into(raw, off + 2 * SECTOR - walsectors.STAMP.size, lsn + 5, 1200)
+    raw[off + SECTOR + 3] ^= 0x01
+
+
+@pytest.mark.parametrize("damage,why", [
+    (flip(wal.HEADER.size + 7), "every sector of its write landed, yet it fails its check"),
+    (flip(SECTOR + 100), "every sector of its write landed, yet it fails its check"),
+    (flip(2 * SECTOR + 10), "every sector of its write landed, yet it fails its check"),
+    (flip(12), "its header and its first sector's stamp disagree on its length"),
+    (flip(20), "every sector of its write landed, yet it fails its check"),
+    (stamp_of_later, "a sector at offset \\d+ names record \\d+, after"),
+], ids=["header-data", "middle-data", "last-data", "header-length", "header-mac",
+        "later-stamp"])
+def test_a_damaged_newest_record_that_landed_whole_is_refused(tmp_path, damage, why):
+    """The probe's case: the newest record's write had landed (and been
+    acknowledged, perhaps) but LevelDB never got its batch; then a byte of
+    it was damaged.  It used to be taken for a torn write and dropped, with
+    the mods it held; every sector bears its stamp: damage, refused."""
+    path, _ = newest_record_unapplied(tmp_path, damage)
+    refused(path, rf"{wal.WAL_NAME}: record \d+ at offset \d+, the newest, is damaged: {why}")
 
 
 def three_mods_then_kill(tmp_path):
@@ -152,8 +220,7 @@ def test_a_damaged_newest_record_that_leveldb_has_is_refused_not_dropped(tmp_pat
     raw = bytearray(f.read_bytes())
     raw[off + wal.HEADER.size + 5] ^= 0x01
     f.write_bytes(bytes(raw))
-    refused(path, r"LevelDB's logs hold 3 batches written after the last checkpoint "
-                  r"\(3 in \d+\.log\), but accman.wal holds 2 records")
+    refused(path, rf"{wal.WAL_NAME}: record \d+ at offset \d+, the newest, is damaged")
 
 
 @pytest.mark.parametrize("how", ["removed", "emptied", "zeroed"])
@@ -291,13 +358,14 @@ def test_an_unreadable_checkpoint_is_refused(crashed, text):
 
 
 def test_a_checkpoint_flipped_to_format_1_is_refused_not_read_without_its_mac(crashed):
-    """Format 1 (before the key file) has no MAC: a format-2 checkpoint
+    """Format 1 (before the key file) has no MAC: a later checkpoint
     whose one digit turned into 1 would be taken without one, its log read
     as AMW1 and every batch after the checkpoint lost."""
     path, _ = crashed
     raw = (path / wal.CHECKPOINT_NAME).read_bytes()
-    assert raw.count(b'"format": 2') == 1
-    (path / wal.CHECKPOINT_NAME).write_bytes(raw.replace(b'"format": 2', b'"format": 1'))
+    now = b'"format": %d' % wal.CHECKPOINT_FORMAT
+    assert raw.count(now) == 1
+    (path / wal.CHECKPOINT_NAME).write_bytes(raw.replace(now, b'"format": 1'))
     refused(path, f"{wal.CHECKPOINT_NAME} says format 1 but has mac, wal_bytes, which "
                   "format 1 has not")
 
@@ -396,8 +464,8 @@ def test_verify_of_a_creation_cut_short_says_there_is_no_store(tmp_path):
 
 def test_a_checkpoint_of_another_format_is_refused(crashed):
     path, _ = crashed
-    (path / wal.CHECKPOINT_NAME).write_bytes(b'{"format": 3, "lsn": 3, "logs": {}}')
-    refused(path, f"{wal.CHECKPOINT_NAME} is of format 3, this AccMan reads formats 1, 2")
+    (path / wal.CHECKPOINT_NAME).write_bytes(b'{"format": 4, "lsn": 3, "logs": {}}')
+    refused(path, f"{wal.CHECKPOINT_NAME} is of format 4, this AccMan reads formats 1, 2, 3")
 
 
 def test_a_leveldb_log_shorter_than_its_synced_length_is_refused(crashed):
@@ -635,7 +703,7 @@ def test_a_store_of_the_previous_log_format_opens_and_moves_to_the_keyed_one(tmp
     """tests/fixtures/amw1-store was written by the AccMan before keyed
     records (AMW1, a format-1 checkpoint, no key file), killed with six
     acknowledged batches in its log.  It opens with all six, gets its key
-    file from its format record, and writes AMW2 from then on."""
+    file from its format record, and writes the current format from then on."""
     path = tmp_path / "data"
     shutil.copytree(FIXTURES / "amw1-store", path)
     assert not (path / keyfile.KEY_NAME).exists()
@@ -656,4 +724,41 @@ def test_a_store_of_the_previous_log_format_opens_and_moves_to_the_keyed_one(tmp
     assert (copy / wal.WAL_NAME).read_bytes()[:4] == wal.MAGIC
     with Ledger(str(copy)) as led:
         assert led.tot("alice") == 125 and led.tot("bob") == 90
+        led.verify()
+
+
+def test_a_damaged_stamp_alone_leaves_a_record_that_passes_its_check(tmp_path):
+    """The stamps only judge a record that fails its MAC: one whose data
+    is whole is replayed whatever a stamp says."""
+    path = three_mods_then_kill(tmp_path)
+    last_lsn, off = offsets_of(path)[-1]
+    f = path / wal.WAL_NAME
+    raw = bytearray(f.read_bytes())
+    walsectors.STAMP.pack_into(raw, off + SECTOR - walsectors.STAMP.size, last_lsn + 9, 7)
+    f.write_bytes(bytes(raw))
+    with Ledger(str(path)) as led:
+        assert led.tot("alice") == 123
+
+
+def test_a_store_of_the_unstamped_log_format_opens_and_moves_to_the_stamped_one(tmp_path):
+    """tests/fixtures/amw2-store was written by the AccMan before stamped
+    sectors (AMW2, a format-2 checkpoint), killed with six acknowledged
+    batches in its log, the last of three mods.  It opens with all of
+    them, and writes AMW3 from then on."""
+    path = tmp_path / "data"
+    shutil.copytree(FIXTURES / "amw2-store", path)
+    assert checkpoint_of(path).format == 2
+    assert (path / wal.WAL_NAME).read_bytes()[:4] == wal.MAGIC_AMW2
+    led = Ledger(str(path))
+    assert (led.tot("bob"), led.tot("alice"), led.tot("carol")) == (90, 60, 6)
+    assert led.mod("carol", 2, key="c2") == (3, 2)           # answered from its record
+    led.verify()
+    assert checkpoint_of(path).format == wal.CHECKPOINT_FORMAT == 3
+    led.mod("carol", 4, key="new")
+    copy = crash_copy(led, tmp_path)
+    led.close()
+    assert [r.lsn for r in records_of(copy)] == [checkpoint_of(copy).lsn]
+    assert (copy / wal.WAL_NAME).read_bytes()[:4] == wal.MAGIC
+    with Ledger(str(copy)) as led:
+        assert (led.tot("carol"), led.tot("bob")) == (10, 90)
         led.verify()

@@ -27,3 +27,8 @@ def log_record_ok(buf: Buffer, offset: int) -> bool:
 
 def find_log_record(buf: Buffer, start: int) -> int:
     """The first offset >= start where a valid log record starts, or -1."""
+
+def lay_out_sectors(buf: Buffer, record: Buffer, stamp: Buffer, sector_bytes: int) -> int:
+    """Writes `record` into `buf` in pieces of sector_bytes - len(stamp),
+    each followed by `stamp`, the last zero-padded; returns the bytes
+    written (whole sectors)."""

@@ -12,9 +12,11 @@ recycled, are the precedent.  (What it gains: docs/PERFORMANCE.md.)
 The files, in the data directory beside LevelDB's:
 
 * `accman.wal`: records at 4 KiB boundaries (O_DIRECT writes whole, aligned
-  blocks).  A record is a 32-byte header, then its payload, zero-padded:
+  blocks).  A record is a 32-byte header, then its payload, laid out over
+  512-byte sectors that each end in the record's stamp (lsn and payload
+  bytes; accman.ledger.walsectors), zero-padded:
 
-      magic b"AMW2", lsn:u64, payload bytes:u32, mac:16 bytes
+      magic b"AMW3", lsn:u64, payload bytes:u32, mac:16 bytes
 
   `mac` is a keyed BLAKE2b-128 of lsn, payload bytes and payload, under a
   key derived from the store's secret (accman.ledger.keyfile): bytes that a
@@ -22,9 +24,10 @@ The files, in the data directory beside LevelDB's:
   a record.  The payload is the batch's LevelDB puts in the book's encoding
   (ext/ledger.pyx); it may hold any record the book writes, not only mods.
   Record numbers (lsn) grow by one per batch and never repeat, across laps
-  and restarts.  Format AMW1 (a plain CRC-32C where the mac is) was written
-  before; a store that has it is read once, at the open after the upgrade,
-  whose checkpoint starts the log afresh in AMW2.
+  and restarts.  Formats AMW1 (a plain CRC-32C where the mac is) and AMW2
+  (the payload right after the header, no stamps) were written before; a
+  store that has one is read once, at the open after the upgrade, whose
+  checkpoint starts the log afresh in AMW3.
 * `accman.checkpoint`: JSON, replaced atomically (write, fsync, rename,
   fsync the directory), with a MAC of its own: `lsn`, the first record not
   known to be in LevelDB's synced files; `logs`, the length of each LevelDB
@@ -52,6 +55,9 @@ runs these steps in this order):
    A valid record with a later lsn after the end is damage, not a torn
    tail: a torn write can only be the last record, since each write
    completes before the next starts and a failed one stops all writing.
+   And where the log ends, a record whose every sector landed but that
+   fails its check is damage (it may have been acknowledged, and LevelDB
+   may not have its batch), not a torn write (walsectors).
 3. `check_leveldb_tail`: LevelDB's logs, past their synced lengths, may
    hold no more batches than step 2 found records: each batch reached
    LevelDB after its record was durable, so a batch there without its
@@ -81,22 +87,24 @@ import struct
 from typing import NamedTuple
 
 from accman.errors import FileDamage
-from accman.ledger import _check, keyfile
+from accman.ledger import _check, keyfile, walsectors
 from accman.ledger.fsck import LOG_NAME
 
 WAL_NAME = "accman.wal"
 CHECKPOINT_NAME = "accman.checkpoint"
-CHECKPOINT_FORMAT = 2           # 1: no MAC, no wal_bytes, records in AMW1
-CHECKPOINT_FORMATS_READ = (1, 2)
+# 1: no MAC, no wal_bytes, records in AMW1; 2: records in AMW2, unstamped.
+CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMATS_READ = (1, 2, 3)
 CHECKPOINT_1_FIELDS = {"format", "lsn", "logs"}     # all that format 1 wrote
 
 BLOCK_BYTES = 4096              # O_DIRECT: buffers, offsets, lengths aligned
 MAC_BYTES = 16
 HEADER = struct.Struct("<4sQI16s")
-MAGIC = b"AMW2"
+MAGIC = b"AMW3"                 # a record laid out in stamped sectors (walsectors)
+MAGIC_AMW2 = b"AMW2"            # the same header, the payload after it unstamped
 HEADER_AMW1 = struct.Struct("<4sQII12x")
 MAGIC_AMW1 = b"AMW1"
-assert HEADER.size == HEADER_AMW1.size == 32
+assert HEADER.size == HEADER_AMW1.size == walsectors._HEADER_BYTES == 32
 # The log's size: one lap at the full durable /mod rate is seconds, so a
 # checkpoint (fsyncs of LevelDB's logs, a few ms) is rare, and reading the
 # whole file at open stays short.
@@ -229,7 +237,7 @@ def scan(path: str, ckpt: Checkpoint | None, keys: Keys | None) -> list[Record]:
         if rec is None or rec.lsn != expect:
             break
         out.append(rec)
-        off += record_span(len(rec.payload))
+        off += record_span(len(rec.payload), ckpt.format)
         expect += 1
     # Nothing valid may follow the end with an lsn that should have come.
     for at in range(off, len(raw) - HEADER.size + 1, BLOCK_BYTES):
@@ -238,20 +246,41 @@ def scan(path: str, ckpt: Checkpoint | None, keys: Keys | None) -> list[Record]:
             raise FileDamage(f"{WAL_NAME}: record {rec.lsn} at offset {at} follows "
                              f"the end of the log at offset {off} (record {expect} "
                              "is missing or damaged)")
+    if ckpt.format >= 3:
+        _refuse_damaged_end(view, off, expect)
     return out
 
 
+def _refuse_damaged_end(view, off: int, lsn: int) -> None:
+    """Where the records end, record `lsn` was never written, or was torn
+    by a crash as it was written (never acknowledged: dropped); a record
+    whose sectors all landed and that fails its check was acknowledged,
+    perhaps, and is in no other file: FileDamage (accman.ledger.walsectors)."""
+    header = None
+    if off + HEADER.size <= len(view):
+        magic, seen, n, _ = HEADER.unpack_from(view, off)
+        if magic == MAGIC:
+            header = (seen, n)
+            if seen == lsn and n > PAYLOAD_BYTES_MAX:
+                raise FileDamage(f"{WAL_NAME}: record {lsn} at offset {off} says it has "
+                                 f"{n} bytes, over {PAYLOAD_BYTES_MAX}: damaged")
+    why = walsectors.damage_at_end(view, off, lsn, header)
+    if why is not None:
+        raise FileDamage(f"{WAL_NAME}: record {lsn} at offset {off}, the newest, is damaged: "
+                         f"{why} (a crash tears only a write that had not landed)")
+
+
 def _refuse_any_record(raw: bytes, keys: Keys | None) -> None:
-    """Without a checkpoint the log must hold no record, of either format.
-    Without the key, a block that starts with the AMW2 magic is taken for
-    one: refusing is the safe side."""
+    """Without a checkpoint the log must hold no record, of any format.
+    Without the key, a block that starts with the AMW2 or AMW3 magic is
+    taken for one: refusing is the safe side."""
     view = memoryview(raw)
-    amw1 = _reader(1, None)
-    amw2 = _reader(2, keys) if keys is not None else None
+    readers = [_reader(1, None)]
+    if keys is not None:
+        readers += [_reader(2, keys), _reader(3, keys)]
     for at in range(0, len(raw) - HEADER.size + 1, BLOCK_BYTES):
-        if (amw1(view, at, 0) is not None
-                or (amw2 is None and raw[at:at + 4] == MAGIC)
-                or (amw2 is not None and amw2(view, at, 0) is not None)):
+        if (any(read(view, at, 0) is not None for read in readers)
+                or (keys is None and raw[at:at + 4] in (MAGIC_AMW2, MAGIC))):
             raise FileDamage(f"{WAL_NAME} holds records but {CHECKPOINT_NAME} is missing")
 
 
@@ -275,7 +304,13 @@ def _reader(fmt: int, keys: Keys | None):
         if off + HEADER.size > len(view):
             return None
         magic, lsn, n, mac = HEADER.unpack_from(view, off)
-        payload = _payload(view, off, magic, MAGIC, lsn, min_lsn, n)
+        if fmt == 2:
+            payload = _payload(view, off, magic, MAGIC_AMW2, lsn, min_lsn, n)
+        elif magic != MAGIC or lsn < min_lsn or n > PAYLOAD_BYTES_MAX:
+            payload = None
+        else:
+            data = walsectors.gather(view, off, HEADER.size + n)
+            payload = None if data is None else memoryview(data)[HEADER.size:]
         if payload is None or not hmac.compare_digest(record_mac(key, lsn, n, payload), mac):
             return None
         return Record(lsn, bytes(payload))
@@ -350,8 +385,12 @@ def round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
-def record_span(payload_bytes: int) -> int:
-    """A record's bytes in the file: header and payload, whole blocks."""
+def record_span(payload_bytes: int, fmt: int = CHECKPOINT_FORMAT) -> int:
+    """A record's bytes in the file, whole blocks: its stamped sectors, or
+    (before format 3) its header and payload."""
+    if fmt >= 3:
+        return round_up(walsectors.sectors(HEADER.size + payload_bytes)
+                        * walsectors.SECTOR_BYTES, BLOCK_BYTES)
     return round_up(HEADER.size + payload_bytes, BLOCK_BYTES)
 
 

@@ -25,6 +25,7 @@ import threading
 import time
 
 from accman.errors import CheckpointPostponed
+from accman.ledger import walsectors
 from accman.ledger.fsck import LOG_NAME
 from accman.ledger.wal import (BLOCK_BYTES, CHECKPOINT_FORMAT, CHECKPOINT_NAME, HEADER, MAGIC,
                                PAYLOAD_BYTES_MAX, WAL_BYTES_MAX, WAL_NAME, Checkpoint, Keys,
@@ -182,9 +183,8 @@ class Wal:
             self._buf = mmap.mmap(-1, span)
         buf = self._buf
         lsn = self.next_lsn
-        HEADER.pack_into(buf, 0, MAGIC, lsn, n, record_mac(self._keys.wal, lsn, n, payload))
-        body_end = HEADER.size + n
-        buf[HEADER.size:body_end] = payload
+        record = HEADER.pack(MAGIC, lsn, n, record_mac(self._keys.wal, lsn, n, payload)) + payload
+        body_end = walsectors.lay_out(buf, record, lsn, n)
         buf[body_end:span] = _ZEROS[:span - body_end]     # no earlier record's bytes
         with memoryview(buf) as view:
             written = os.pwritev(self.fd, [view[:span]], self.pos)
