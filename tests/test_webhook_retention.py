@@ -146,6 +146,25 @@ def test_the_embedded_store_s_hold_at_open_is_the_cursor_file_s(tmp_path):
         webhook_hold(str(data), webhook=False)
 
 
+def test_a_data_directory_accman_cannot_enter_is_said_so_not_blamed_on_the_cursor(tmp_path):
+    """A probe's case: serve as a user who cannot enter the directory said
+    "webhook: cannot read the cursor file", with no webhook in use."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    os.chmod(data, 0o000)           # root may still enter: it runs as another user below
+    euid = os.geteuid()
+    try:
+        if euid == 0:
+            os.seteuid(65534)
+        with pytest.raises(StartupError, match="^cannot open data directory .*: permission "
+                                               "denied .accman must be able to enter"):
+            webhook_hold(str(data), webhook=False)
+    finally:
+        if euid == 0:
+            os.seteuid(0)
+        os.chmod(data, 0o700)
+
+
 def test_a_damaged_cursor_file_stops_a_start_without_the_webhook_and_leaves_no_loop(
         tmp_path):
     """Refused, never guessed (a guess could trim what its receiver

@@ -10,6 +10,7 @@ import os
 import re
 import resource
 import socket
+import stat
 import urllib.parse
 
 from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
@@ -152,12 +153,28 @@ def webhook_hold(data_path: str | None, webhook: bool) -> int | None:
     from accman.server.cursors import FileCursors
     from accman.server.webhooks import CURSOR_NAME
     saved = None
-    if data_path is not None and os.path.isdir(data_path):
+    if data_path is not None and _usable_directory(data_path):
         try:
             saved = FileCursors(data_path).load(CURSOR_NAME)
         except StoreError as e:
             raise StartupError(f"webhook: {e.detail}") from None
     return 0 if saved is None and webhook else saved
+
+
+def _usable_directory(data_path: str) -> bool:
+    """Whether the data directory is there; StartupError when it is (or may
+    be) but accman may not use it, said of the directory as the store would
+    say it: the cursor file is only the first file read, and may be unused."""
+    try:
+        there = stat.S_ISDIR(os.stat(data_path).st_mode)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        there = True
+    if there and not os.access(data_path, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+        raise StartupError(f"cannot open data directory {data_path}: permission denied "
+                           "(accman must be able to enter, read and write it)")
+    return there
 
 
 def hold_for_webhook(options: dict, data_path: str | None, webhook: bool) -> None:
