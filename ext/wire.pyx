@@ -269,20 +269,19 @@ cdef class Parser:
 
     cdef int _unfinished(self, const unsigned char* p, Py_ssize_t n,
                          list out) except -1:
-        """p[0:n] continues the current line without ending it: keep it, or
-        answer 414/431 now if the line can no longer end within its limit."""
+        """p[0:n] continues the current line without ending it (no LF): keep
+        it, or answer now a bare CR (one before p's last byte, or after the
+        line kept) or 414/431 if the line can no longer end within its limit."""
         cdef Py_ssize_t have = self._line_len + n
-        cdef bint ends_cr = p[n - 1] == CR     # may be the CR of the CRLF to come
         if self._phase == PH_START:
             if self._line_len == 0 and not_a_method(p[0]):
                 return self._fail_not_http(out)
-            if have > 1 and (self._line[0] if self._line_len else p[0]) == CR:
-                # Only CRLF starts with a CR here, and p holds no LF: said at once.
-                return self._fail(400, "a bare CR (not followed by LF) in the request line", out)
-            if have - ends_cr > REQUEST_LINE_BYTES_MAX:
+            if have - (p[n - 1] == CR) > REQUEST_LINE_BYTES_MAX:     # may end in CRLF
                 return self._fail_request_line_too_long(out)
         elif self._head_bytes + have + 1 > HEADER_BYTES_MAX:   # + 1: its LF
             return self._fail_headers_too_large(out)
+        if memchr(p, CR, n - 1) != NULL or (self._line_len and self._line[self._line_len - 1] == CR):
+            return self._fail_bare_cr(out)
         return self._keep(p, n)
 
     cdef bint _too_long(self, Py_ssize_t total, bint crlf, list out) except -1:
@@ -299,8 +298,11 @@ cdef class Parser:
 
     cdef int _complete(self, const unsigned char* s, Py_ssize_t total, bint crlf,
                        list out) except -1:
-        """s[0:total] is a whole line, LF included, within its byte limit."""
+        """s[0:total] is a whole line, LF included, within its byte limit.  A
+        bare CR in it is said before anything else, as _unfinished says it."""
         cdef Py_ssize_t n = total - 1 - crlf
+        if memchr(s, CR, n) != NULL:
+            return self._fail_bare_cr(out)
         if not crlf:
             return self._fail(400, "a line of the request head ends in a bare LF, not CRLF", out)
         if self._phase == PH_START:
@@ -320,9 +322,12 @@ cdef class Parser:
             return self._fail(431, f"the request has more than {HEADERS_MAX} header lines", out)
         return self._header(s, n, out)
 
+    cdef int _fail_bare_cr(self, list out) except -1:
+        return self._fail(400, "a bare CR (not followed by LF) in " + (
+            "the request line" if self._phase == PH_START else "a header line"), out)
+
     cdef int _fail_not_http(self, list out) except -1:
-        # Said at a request line's first byte, whole or not: TLS sent to a
-        # plain port, say, is refused at once, not when the head's deadline ends.
+        # At a line's first byte, whole or not: TLS to a plain port is refused at once.
         return self._fail(400, "a request line starts with its method (a token): "
                                "this is not an HTTP request", out)
 
@@ -338,16 +343,14 @@ cdef class Parser:
         while i < n and TOKEN[s[i]]:
             i += 1
         if i == 0 or i == n or s[i] != SP:
-            return self._fail_request_line(s, n, i, out)
+            return self._fail_request_line(out)
         t = j = i + 1
         while j < n and TARGET[s[j]]:
             j += 1
         if j < n and s[j] != SP:
-            if s[j] == CR:
-                return self._fail_request_line(s, n, j, out)
             return self._fail(400, "the request target has a byte that is not allowed in a URI", out)
         if j == t or j == n:
-            return self._fail_request_line(s, n, j, out)
+            return self._fail_request_line(out)
         v = j + 1
         if (n - v != 8 or memcmp(s + v, b"HTTP/", 5) != 0 or s[v + 6] != c'.'
                 or not (c'0' <= s[v + 5] <= c'9') or not (c'0' <= s[v + 7] <= c'9')):
@@ -390,9 +393,13 @@ cdef class Parser:
                 a += 1
             if a == 7 or not host_shape_ok(s + 7, a - 7):
                 return bad_target("the authority of an absolute request target must be "
-                                  "host[:port]")
+                                  f"host[:port], a port at most {PORT_MAX}")
             req.loopback_host = host_is_loopback(s + 7, a - 7)
             self._absolute = True
+            if a == n and method == M_OPTIONS:      # RFC 9112 3.2.4: the same as "*"
+                req.allow = ALLOW_ANY
+                req.route = R_OPTIONS
+                return None
             if a == n:
                 return HttpError(404, "not_found", f"no such path: the routes are {_ROUTE_LIST}")
             s += a
@@ -424,20 +431,15 @@ cdef class Parser:
         return err
 
     cdef int _fail_version(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
-        """What follows the target, v[0:n], is not a version: said as a bare
-        CR, or as a space inside the target when the line ends in one."""
+        """What follows the target, v[0:n], is not a version: said as a space
+        inside the target when the line ends in one."""
         cdef Py_ssize_t k = n - 9      # where the SP before a final "HTTP/x.y" would be
-        if memchr(v, CR, n) != NULL:
-            return self._fail(400, "a bare CR (not followed by LF) in the request line", out)
         if k > 0 and v[0] != SP and v[k] == SP and memcmp(v + k + 1, b"HTTP/", 5) == 0:
             return self._fail(400, "the request line must be METHOD SP /path SP HTTP/1.1: "
                                    "a space in the target must be sent as %20", out)
         return self._fail(400, "the HTTP version must be HTTP/1.1 or HTTP/1.0", out)
 
-    cdef int _fail_request_line(self, const unsigned char* s, Py_ssize_t n,
-                                Py_ssize_t at, list out) except -1:
-        if at < n and s[at] == CR:
-            return self._fail(400, "a bare CR (not followed by LF) in the request line", out)
+    cdef int _fail_request_line(self, list out) except -1:
         return self._fail(400, "the request line must be METHOD SP /path SP HTTP/1.1", out)
 
     # --- header lines ---------------------------------------------------------
@@ -456,15 +458,11 @@ cdef class Parser:
         if c != c':':
             if c == SP or c == HT:
                 return self._fail(400, "whitespace between a header name and its colon", out)
-            if c == CR:
-                return self._fail(400, "a bare CR (not followed by LF) in a header line", out)
             return self._fail(400, "a header name has a byte that is not a token character", out)
         if i == 0:
             return self._fail(400, "a header line has an empty name", out)
         for a in range(i + 1, n):
             if not VALUE[s[a]]:
-                if s[a] == CR:
-                    return self._fail(400, "a bare CR (not followed by LF) in a header line", out)
                 return self._fail(400, "a header value has a control character", out)
         a = i + 1
         e = n

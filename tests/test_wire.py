@@ -445,7 +445,9 @@ def test_head_of_an_error_is_marked_head():
                                           (b"/mod?cred=a", "PATCH, OPTIONS"),
                                           (b"/events", "GET, HEAD, OPTIONS"),
                                           (b"/settle", "PATCH, OPTIONS"),
-                                          (b"*", "GET, HEAD, PATCH, OPTIONS")])
+                                          (b"*", "GET, HEAD, PATCH, OPTIONS"),
+                                          # RFC 9112 3.2.4: an empty path is "*" for OPTIONS
+                                          (b"http://127.0.0.1:8080", "GET, HEAD, PATCH, OPTIONS")])
 def test_options_names_the_methods_of_a_path(target, allow):
     req = run(R(b"OPTIONS " + target + b" HTTP/1.1"))
     assert req.error is None and req.route == ROUTE_OPTIONS and req.allow == allow
@@ -454,6 +456,7 @@ def test_options_names_the_methods_of_a_path(target, allow):
 
 def test_options_of_an_unknown_path_is_404():
     assert run(R(b"OPTIONS /nope HTTP/1.1")).error.status == 404
+    assert run(R(b"GET http://127.0.0.1:8080 HTTP/1.1")).error.status == 404   # GET has no "*"
 
 
 @pytest.mark.parametrize("target", [b"http://127.0.0.1:8080/tot?cred=a", b"HTTP://localhost/tot?cred=a",
@@ -597,6 +600,17 @@ HARD = [
     ("bare-cr-value", R(LINE, b"X: a\rb"), 400, BARE_CR),
     ("bare-cr-name", R(LINE, b"X\r: a"), 400, BARE_CR),
     ("bare-cr-before-crlf", b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\r\n\r\n", 400, BARE_CR),
+    ("bare-cr-header-line-alone", b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\n\r\r\n", 400,
+     BARE_CR),
+    # A line not ended yet: said at once, not when the head's deadline ends.
+    ("bare-cr-unfinished-request-line", b"GET /tot?cred=al\rice HTTP/1.1", 400, BARE_CR),
+    ("bare-cr-unfinished-header", b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\nX: a\rb", 400,
+     BARE_CR),
+    ("bare-cr-unfinished-header-start", b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\n\rX", 400,
+     BARE_CR),
+    # Said before any other fault of its line, so that every split says the same.
+    ("bare-cr-after-a-bad-method-byte", R(b"G(T /tot?cred=a\rb HTTP/1.1"), 400, BARE_CR),
+    ("bare-cr-after-a-bad-name-byte", R(LINE, b"X(Y\rZ: v"), 400, BARE_CR),
     ("obs-fold-sp", R(LINE, b"X: a", b" b"), 400, "obs-fold"),
     ("obs-fold-tab", R(LINE, b"X: a", b"\tb"), 400, "obs-fold"),
     ("obs-fold-first", R(LINE, b" X: a", host=False), 400, "obs-fold"),
@@ -632,7 +646,7 @@ HARD = [
     ("host-port-huge", R(LINE, b"Host: x:99999999999999999999999", host=False), 400, BAD_HOST),
     ("host-literal-port-over", R(LINE, b"Host: [::1]:99999", host=False), 400, BAD_HOST),
     ("absolute-form-port-over", R(b"GET http://localhost:70000/tot?cred=a HTTP/1.1"), 400,
-     "must be host[:port]"),
+     "must be host[:port], a port at most 65535"),
     ("cl-letters", R(LINE, b"Content-Length: abc"), 400, CL_DIGITS),
     ("cl-negative", R(LINE, b"Content-Length: -1"), 400, CL_DIGITS),
     ("cl-plus", R(LINE, b"Content-Length: +5"), 400, CL_DIGITS),
