@@ -399,6 +399,15 @@ class Connection(asyncio.Protocol, Lifecycle):
             return
         if state == DRAINING:
             return
+        if self.read_paused and self.server.over_budget and not self.waiting and self.owes():
+            # Held back by SERVER_BUFFER_BYTES_MAX with nothing in flight: a
+            # client that has gone is not seen while it is not read, and its
+            # held bytes would keep the budget spent for good.  No progress
+            # for the idle time: dropped (nothing it holds was taken).
+            if now - self.last_active_at >= limits.idle_timeout_s:
+                self.metrics.idle_closes += 1
+                self.abort()
+            return
         if self.head_started_at:
             if not self.read_paused and now - self.head_started_at >= limits.head_timeout_s:
                 self._head_timeout()
