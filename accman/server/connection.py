@@ -37,7 +37,7 @@ from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_M
                                  ROUTE_MOD, ROUTE_SETTLE, ROUTE_TOT, Parser)
 from accman.server.replies import CLOSE, CONTINUE, KEEP, KEEP10
 from accman.server.routes import Slot
-from accman.server.state import CLOSED, DRAINING, OPEN, SHUT, Lifecycle
+from accman.server.state import CLOSED, OPEN, SHUT, Lifecycle
 
 # Reads of server state, evaluated at their turn when pipelined behind writes.
 _AT_ITS_TURN = frozenset((ROUTE_HEALTH, ROUTE_METRICS, ROUTE_EVENTS))
@@ -397,8 +397,12 @@ class Connection(asyncio.Protocol, Lifecycle):
             elif waited >= limits.linger_s and not self.transport.get_write_buffer_size():
                 self.transport.close()
             return
-        if state == DRAINING:
-            return
+        if state == OPEN:               # a draining one ends when its replies are out
+            self._sweep_open(now, limits)
+
+    def _sweep_open(self, now, limits):
+        """An open connection's bounds: held back by the budget, its head's
+        deadline, its idle time."""
         if self.read_paused and self.server.over_budget and not self.waiting and self.owes():
             # Held back by SERVER_BUFFER_BYTES_MAX with nothing in flight: a
             # client that has gone is not seen while it is not read, and its
