@@ -84,6 +84,22 @@ def test_token_is_sent_and_roles_map_to_401_and_403():
         assert fake.requests[0][3] == "Bearer svc-tok"
 
 
+def test_an_empty_token_is_no_token_as_none_is(fake):
+    """ACCMAN_TOKEN set but empty names a server without tokens (the Node
+    client agrees): both clients send no Authorization header."""
+    fake.fund("alice", 10)
+
+    async def go():
+        async with AccManClient(fake.url, "") as acc:
+            return await acc.tot("alice")
+    assert run(go()) == 10
+    with AccManSyncClient(fake.url, "") as acc:
+        assert acc.tot("alice") == 10
+    assert [r[3] for r in fake.requests] == [None, None]
+    with pytest.raises(ValueError, match="b64token"):
+        AccManClient(fake.url, " ")
+
+
 def test_503_and_busy_and_unexpected_replies(fake):
     fake.fund("alice", 10)
 

@@ -27,6 +27,7 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.client import AccManSyncClient
+from accman.limits import INT64_MAX, INT64_MIN
 from asgi_harness import call, make_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,6 +321,25 @@ def test_a_token_without_charge_is_503_before_the_app_runs(stack, on_unavailable
             "with the role charge") in caplog.text
     assert m.stats["unpaid_requests"] == 0 and tot(stack, cred) == 10
     assert [e.by for e in past(stack, cred)] == [10]        # the probe changed nothing
+
+
+def test_an_account_at_int64_min_is_402_though_the_probe_meets_overflow(stack, caplog):
+    """A charge of 1 leaves the range of a balance at INT64_MIN: the probe
+    meets 409 overflow, with no `tot`.  It shows the role, as any 409 does:
+    the balance is read, and the consumer is told it."""
+    cred = new_cred(stack, 1)
+    with AccManSyncClient(stack["accman"].url, SVC_CHECK) as acc:
+        acc.mod(cred, -INT64_MAX)
+        acc.mod(cred, -2)
+    served = []
+    m = AccManMiddleware(make_app(calls=served), url=stack["accman"].url, token=SVC_CHECK)
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        replies = [asyncio.run(call(m, cred=cred)) for _ in range(2)]
+    assert [(r.status, r.headers.get("accman")) for r in replies] == [(402, str(INT64_MIN))] * 2
+    assert replies[0].json()["error"] == "insufficient" and replies[0].json()["tot"] == INT64_MIN
+    assert served == [] and caplog.text == ""
+    assert m.stats["refused_insufficient"] == 2 and m.stats["refused_unavailable"] == 0
+    assert [e.by for e in past(stack, cred)] == [-2, -INT64_MAX, 1]     # the probe changed nothing
 
 
 def test_an_owed_charge_lands_at_shutdown_of_an_app_without_lifespan(tmp_path):

@@ -53,7 +53,7 @@ from accman.calling.repeats import Repeats
 from accman.calling.reserve import Reservation
 from accman.calling.settings import (amount, check_calls, check_options, paths, request_ids,
                                      route_path, split)
-from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
+from accman.errors import (AccManError, Conflict, Forbidden, Insufficient, NoAccount, TooManyHolds,
                            TransportError, Unauthorized, Unavailable, UnexpectedReply)
 from accman.limits import CRED_CHARS_MAX, INT64_MAX
 
@@ -212,15 +212,16 @@ class AccManMiddleware:
 
     async def _probe(self, acc, cred) -> int:
         """Check mode's admission until the token's `charge` role is seen:
-        a charge of 1 with `min` INT64_MAX, which no balance can meet, so
-        AccMan refuses it for the balance (409, with `tot`), changing
-        nothing.  A token without the role gets its 403 here, before the
-        app works, not at the charge after it.  The balance, as `tot`."""
+        a charge of 1 with `min` INT64_MAX, which no balance can meet.  A
+        token without the role gets its 403 here, before the app works; a
+        409 (the account judged, nothing changed) shows the role.  The
+        balance: an insufficient's `tot`, or read after an overflow (at
+        INT64_MIN, where a charge of 1 leaves the range, with no `tot`)."""
         try:
             tot, seq = await acc.mod(cred, -1, min=INT64_MAX)
-        except Insufficient as e:
+        except Conflict as e:
             self._charge_seen = True
-            return e.tot
+            return e.tot if isinstance(e, Insufficient) else await acc.tot(cred)
         # Not AccMan, or not keeping the SPEC's `min`: a configuration error.
         log.error("accman: the role probe, a charge of 1 with min %d, was applied to account "
                   "%s (seq %d, balance %d): the url does not name an AccMan that keeps `min`; "

@@ -136,9 +136,11 @@ class Endpoint:
             host += f":{self.port}"
         self.where = f"{parts.scheme}://{host}{self.prefix}"
         tail = f" HTTP/1.1\r\nHost: {host}\r\n"
-        if token is not None:
+        # An empty token is no token, as None is: ACCMAN_TOKEN set but empty
+        # names a server without tokens (docs/CALLING.md; the Node client agrees).
+        if token is not None and token != "":
             if not isinstance(token, str) or _TOKEN_RE.fullmatch(token) is None:
-                raise ValueError("the token must be a non-empty RFC 6750 b64token")
+                raise ValueError("the token must be an RFC 6750 b64token (None or empty: none)")
             tail += f"Authorization: Bearer {token}\r\n"
         self.tail = tail + "\r\n"
 

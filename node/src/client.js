@@ -154,9 +154,11 @@ class AccManClient {
     this.bigint = bigint
     this._prefix = prefix
     this._headers = null
-    if (token !== undefined && token !== null) {
+    // An empty token is no token, as null is: `token: process.env.ACCMAN_TOKEN`
+    // set but empty is a server without tokens, as on the Python side.
+    if (token !== undefined && token !== null && token !== '') {
       if (typeof token !== 'string' || !TOKEN_RE.test(token)) {
-        throw new TypeError('token must be a non-empty RFC 6750 b64token')
+        throw new TypeError('token must be an RFC 6750 b64token (null, undefined or empty: none)')
       }
       this._headers = ['authorization', 'Bearer ' + token]
     }

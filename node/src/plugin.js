@@ -15,7 +15,7 @@ const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
   AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown,
-  Unauthorized, Forbidden, mayHaveLanded
+  Conflict, Unauthorized, Forbidden, mayHaveLanded
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
@@ -42,6 +42,16 @@ function named (name, fn) {
 // A refusal's body: short JSON, `extra` members added as JSON text.
 function body (code, detail, extra = '') {
   return `{"error":${JSON.stringify(code)},"detail":${JSON.stringify(detail)}${extra}}`
+}
+
+// How many times the header `name` (lower case) is in a request's raw
+// headers, which keep each as it came: req.headers joins repeats.
+function headerCount (rawHeaders, name) {
+  let n = 0
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    if (rawHeaders[i].length === name.length && rawHeaders[i].toLowerCase() === name) n++
+  }
+  return n
 }
 
 // AccMan's answer to a token that is wrong (401) or lacks the role (403).
@@ -146,8 +156,8 @@ class Meter {
     const raw = request.headers[this.header]
     if (typeof raw !== 'string' || !CRED_RE.test(raw)) {
       this.stats.refused_no_credential++
-      const detail = raw === undefined ? `the ${this.header} header is required` : `the ${this.header} header is not a credential`
-      return this.refuse(reply, 401, 'no_credential', detail, { 'www-authenticate': this.challenge })
+      return this.refuse(reply, 401, 'no_credential', this.noCredential(request, raw),
+        { 'www-authenticate': this.challenge })
     }
     const state = new AccManRequest(raw, p, this.costOf(p, request, reply, 'estimate'), this.rid())
     request.accman = state
@@ -162,6 +172,15 @@ class Meter {
       return this.refuseFor(reply, state, err)
     }
     if (state.gone) this.end(state) // the consumer left while we waited for AccMan
+  }
+
+  // Why the request has no credential, in the Python middleware's words.
+  // Node joins a repeated header's values with ", ", which no credential
+  // matches: two headers are told apart from one bad value by counting.
+  noCredential (request, raw) {
+    if (raw === undefined) return `the ${this.header} header is required`
+    if (headerCount(request.raw.rawHeaders, this.header) > 1) return `more than one ${this.header} header`
+    return `the ${this.header} header is not a credential`
   }
 
   async checkFor (state) {
@@ -186,14 +205,17 @@ class Meter {
   // for the balance (409 insufficient, with tot) and changes nothing.  A
   // token without the role meets its 403 here, before the handler works,
   // not at the charge after it.  A 404 no_account refuses the request and
-  // probes on.  The balance, as tot.
+  // probes on.  The balance, as tot.  Any of AccMan's 409s is a judgment
+  // of the account, which only a token with the role gets: it shows the
+  // role too.  A balance at INT64_MIN, where a charge of 1 leaves the
+  // range, is 409 overflow, with no tot: the balance is then read.
   async probe (cred) {
     try {
       await this.client.mod(cred, -1n, { min: limits.INT64_MAX })
     } catch (err) {
-      if (!(err instanceof Insufficient)) throw err
+      if (!(err instanceof Conflict)) throw err
       this.chargeSeen = true
-      return err.tot
+      return err instanceof Insufficient ? err.tot : await this.client.tot(cred)
     }
     throw new Error('AccMan applied a charge with min INT64_MAX')
   }

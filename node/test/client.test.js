@@ -166,6 +166,27 @@ test('options are checked when the client is made', () => {
   assert.throws(() => new AccManClient('http://x'), { message: /the options of AccManClient must be an object/ })
 })
 
+test('an empty token is no token, as null is: no Authorization header is sent', async () => {
+  // `token: process.env.ACCMAN_TOKEN` with the variable set but empty, as
+  // the Python clients take it.
+  const fake = await fakeAccMan(() => reply(200, '{"tot":7}'))
+  try {
+    for (const token of ['', null, undefined]) {
+      const client = new AccManClient({ url: fake.url, token })
+      try {
+        assert.equal(await client.tot('c'), 7)
+      } finally {
+        await client.close()
+      }
+    }
+  } finally {
+    await fake.close()
+  }
+  assert.equal(fake.heads.length, 3)
+  for (const head of fake.heads) assert.doesNotMatch(head, /authorization/i)
+  assert.throws(() => new AccManClient({ url: 'http://x', token: ' ' }), { name: 'TypeError', message: /b64token/ })
+})
+
 test('a call\'s misspelt option is refused and sends nothing: a keyed mod never goes out keyless', async () => {
   await mint.mod('c-opts', 100)
   const refused = [

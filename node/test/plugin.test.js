@@ -11,6 +11,7 @@ const accman = require('..')
 const { AccManServer, TOKENS } = require('./helpers/accman')
 const { serviceApp, get, sleep, messages, until } = require('./helpers/app')
 const { proxyTo } = require('./helpers/proxy')
+const { fakeAccMan, reply } = require('./helpers/fake')
 
 let server, mint
 test.before(async () => {
@@ -67,6 +68,42 @@ test('no credential, a malformed one or two of them: 401 no_credential, nothing 
     assert.match(raw, /^HTTP\/1\.1 401 /)
     assert.equal(app.accman.stats.refused_no_credential, 4)
   })
+})
+
+// One GET /w over a raw socket with `headers` (lines, each as sent): the
+// status and the JSON body.  fetch() would join repeated headers itself.
+function rawGet (url, headers) {
+  const { port } = new URL(url)
+  const head = ['GET /w HTTP/1.1', 'Host: x', ...headers, 'Connection: close', '', ''].join('\r\n')
+  return new Promise((resolve, reject) => {
+    const s = net.connect(port, '127.0.0.1', () => s.end(head))
+    let out = ''
+    s.on('data', (d) => { out += d })
+    s.on('error', reject)
+    s.on('end', () => {
+      try {
+        resolve({ status: Number(out.split(' ')[1]), body: JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)) })
+      } catch (err) {
+        reject(new Error(`not a JSON reply: ${out}`))
+      }
+    })
+  })
+}
+
+test('no_credential names the cause as the Python middleware does: two headers are "more than one"', async () => {
+  await mint.mod('p-twice', 10)
+  await withService({}, async (url) => {
+    const cases = [
+      [['ACCMAN: p-twice', 'accman: p-twice'], 'more than one accman header'],
+      [['accman: p-twice', 'accman: other'], 'more than one accman header'],
+      [['accman: p-twice, p-twice'], 'the accman header is not a credential'], // one value, as sent
+      [[], 'the accman header is required']
+    ]
+    for (const [headers, detail] of cases) {
+      assert.deepEqual(await rawGet(url, headers), { status: 401, body: { error: 'no_credential', detail } })
+    }
+  })
+  assert.equal(await mint.tot('p-twice'), 10)
 })
 
 test('an unknown account: 401 no_account', async () => {
@@ -200,6 +237,26 @@ test('a wrong token is a configuration error: 503 even when open, never served f
   assert.equal(await mint.tot('p-token'), 5)
 })
 
+test('an empty token is no token, as null is: the plugin registers and calls AccMan without one', async () => {
+  // `token: process.env.ACCMAN_TOKEN` with the variable set but empty.
+  const fake = await fakeAccMan((head) => head.includes('&min=')
+    ? reply(409, '{"error":"insufficient","tot":5,"detail":"the balance 5 does not cover this mod"}')
+    : reply(200, '{"tot":4,"seq":2}'))
+  try {
+    const { app, url } = await serviceApp({ url: fake.url, token: '' })
+    try {
+      const r = await get(url + '/w', 'p-no-token')
+      assert.deepEqual([r.status, r.accman], [200, '4'])
+    } finally {
+      await app.close()
+    }
+  } finally {
+    await fake.close()
+  }
+  assert.equal(fake.heads.length, 2) // the probe and the charge
+  for (const head of fake.heads) assert.doesNotMatch(head, /authorization/i)
+})
+
 // The check-mode probe: a charge of 1 that no balance can meet.
 const probe = (cred) => `/mod?cred=${cred}&by=-1&min=9223372036854775807`
 
@@ -226,6 +283,32 @@ test('check mode admits with a probe until the charge role is seen, then with to
   const charge = proxy.targets[3]
   assert.deepEqual(proxy.targets, [probe('p-probe-nobody'), probe('p-probe'), '/tot?cred=p-probe', charge])
   assert.match(charge, /^\/mod\?cred=p-probe&by=-1&key=[0-9a-f]+-c$/)
+})
+
+test('check mode, a probe that meets 409 overflow (a balance at INT64_MIN) shows the role: 402 with the balance read, no error', async () => {
+  const big = new accman.AccManClient({ url: server.url, token: TOKENS.service, bigint: true })
+  const logs = []
+  const proxy = await proxyTo(server.url)
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, checkFreshMs: 0 }, { logs })
+  try {
+    await mint.mod('p-int64-min', 1)
+    await big.mod('p-int64-min', -9223372036854775807n)
+    await big.mod('p-int64-min', -2n) // -2^63: a charge of 1 leaves the range
+    for (let i = 0; i < 2; i++) {
+      const r = await get(url + '/w', 'p-int64-min')
+      assert.deepEqual([r.status, r.body.error, r.accman], [402, 'insufficient', '-9223372036854775808'])
+    }
+    assert.equal(app.served, 0)
+    // The 409 showed the role: the balance was read, and admission is a tot since.
+    assert.deepEqual(proxy.targets, [probe('p-int64-min'), '/tot?cred=p-int64-min', '/tot?cred=p-int64-min'])
+    assert.deepEqual(logs.filter((l) => l.level >= 40), [])
+    const { past } = await big.past('p-int64-min')
+    assert.deepEqual(past.map((e) => e.by), [-2n, -9223372036854775807n, 1n]) // the probe changed nothing
+  } finally {
+    await app.close()
+    await proxy.close()
+    await big.close()
+  }
 })
 
 test('check mode, a token without the charge role: 503 at admission, logged, never served free', async () => {

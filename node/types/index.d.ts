@@ -9,7 +9,7 @@ export type Amount = number | bigint
 export interface ClientOptions {
   /** AccMan's base URL, http:// or https://, with an optional path prefix. */
   url: string
-  /** Bearer token (roles read, charge; mint for funding). */
+  /** Bearer token (roles read, charge; mint for funding); left out or '': none. */
   token?: string
   /** Per attempt, from asking for a connection to the parsed reply. Default 5000. */
   timeoutMs?: number
