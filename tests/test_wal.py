@@ -135,7 +135,7 @@ def newest_record_unapplied(tmp_path, damage):
     raw = bytearray(f.read_bytes())
     damage(raw, off, lsn)
     f.write_bytes(bytes(raw))
-    return path, acked
+    return path, acked, lsn
 
 
 def zero_sector(i):
@@ -144,25 +144,28 @@ def zero_sector(i):
     return damage
 
 
-def older_sector(i):
-    """What a previous lap left in sector i: a sector stamped by an older record."""
+def other_sector(i, dlsn):
+    """What a previous write left in sector i: an older lap's sector (a
+    lower lsn), or an older format's unstamped bytes, which may read as
+    any stamp (a later lsn)."""
     def damage(raw, off, lsn):
         at = off + i * SECTOR
         raw[at:at + SECTOR] = b"\x07" * walsectors.SECTOR_DATA_BYTES + walsectors.STAMP.pack(
-            lsn - 1, 40)
+            max(0, lsn + dlsn), 40)
     return damage
 
 
 @pytest.mark.parametrize("damage", [zero_sector(0), zero_sector(1), zero_sector(2),
-                                    older_sector(0), older_sector(2)],
+                                    other_sector(0, -1), other_sector(1, -7), other_sector(2, -1),
+                                    other_sector(1, 10**12)],
                          ids=["first-zeros", "middle-zeros", "last-zeros", "first-older",
-                              "last-older"])
+                              "middle-older", "last-older", "middle-amw2-bytes"])
 def test_a_torn_last_record_is_dropped_and_the_rest_replayed(tmp_path, damage):
     """A power cut during the newest record's write: a sector of it did not
     land (it holds zeros, or an older lap's sector), and LevelDB never got
     its batch.  Never acknowledged (its write never returned): dropped, the
     rest replayed."""
-    path, acked = newest_record_unapplied(tmp_path, damage)
+    path, acked, _ = newest_record_unapplied(tmp_path, damage)
     with Ledger(str(path)) as led:
         assert led.tot("alice") == 123
         assert led.mod("alice", 3, key="k3") == acked[-1]
@@ -175,28 +178,19 @@ def flip(at):
     return damage
 
 
-def stamp_of_later(raw, off, lsn):
-    """A sector's stamp naming a record after it, and its data damaged
-    (a stamp alone damaged leaves a record that passes its check)."""
-    walsectors.STAMP.pack_into(raw, off + 2 * SECTOR - walsectors.STAMP.size, lsn + 5, 1200)
-    raw[off + SECTOR + 3] ^= 0x01
-
-
 @pytest.mark.parametrize("damage,why", [
     (flip(wal.HEADER.size + 7), "every sector of its write landed, yet it fails its check"),
     (flip(SECTOR + 100), "every sector of its write landed, yet it fails its check"),
     (flip(2 * SECTOR + 10), "every sector of its write landed, yet it fails its check"),
     (flip(12), "its header and its first sector's stamp disagree on its length"),
     (flip(20), "every sector of its write landed, yet it fails its check"),
-    (stamp_of_later, "a sector at offset \\d+ names record \\d+, after"),
-], ids=["header-data", "middle-data", "last-data", "header-length", "header-mac",
-        "later-stamp"])
+], ids=["header-data", "middle-data", "last-data", "header-length", "header-mac"])
 def test_a_damaged_newest_record_that_landed_whole_is_refused(tmp_path, damage, why):
     """The probe's case: the newest record's write had landed (and been
     acknowledged, perhaps) but LevelDB never got its batch; then a byte of
     it was damaged.  It used to be taken for a torn write and dropped, with
     the mods it held; every sector bears its stamp: damage, refused."""
-    path, _ = newest_record_unapplied(tmp_path, damage)
+    path, _, _ = newest_record_unapplied(tmp_path, damage)
     refused(path, rf"{wal.WAL_NAME}: record \d+ at offset \d+, the newest, is damaged: {why}")
 
 
@@ -762,3 +756,47 @@ def test_a_store_of_the_unstamped_log_format_opens_and_moves_to_the_stamped_one(
     with Ledger(str(copy)) as led:
         assert (led.tot("carol"), led.tot("bob")) == (10, 90)
         led.verify()
+
+
+def test_the_lsn_due_where_the_records_ended_is_never_written(tmp_path):
+    """A review's case: a torn record dropped, its lsn written again at the
+    same offset and torn too, would make one record of the two writes'
+    landed sectors, all bearing its stamp, and be refused.  An open skips
+    the lsn due where the records ended, so no two writes share one."""
+    path, _, torn = newest_record_unapplied(tmp_path, zero_sector(2))
+    with Ledger(str(path)) as led:
+        assert led.store.wal.next_lsn == torn + 1
+        led.mod("alice", 1)
+        copy = crash_copy(led, tmp_path, "again")
+    assert [r.lsn for r in records_of(copy)] == [torn + 1]
+    with Ledger(str(copy)) as led:
+        assert led.tot("alice") == 124
+
+
+@pytest.mark.parametrize("payload_bytes", [0, 1, 467, 468, 469, 968, 3968, 3969, 4064, 70000])
+def test_a_record_of_any_size_is_laid_out_over_stamped_sectors_and_read_back(payload_bytes):
+    """The sector arithmetic at its edges (500 bytes of record a sector,
+    the 32-byte header, whole blocks): laid out, gathered back, its span
+    whole blocks that hold every sector, every sector stamped."""
+    record = bytes(range(256)) * (payload_bytes // 256 + 1)
+    record = bytes(wal.HEADER.size) + record[:payload_bytes]
+    span = wal.record_span(payload_bytes)
+    buf = bytearray(span + 4096)
+    used = walsectors.lay_out(buf, record, 9, payload_bytes)
+    k = walsectors.sectors(len(record))
+    assert used == k * SECTOR <= span < used + wal.BLOCK_BYTES and span % wal.BLOCK_BYTES == 0
+    assert walsectors.gather(memoryview(buf), 0, len(record)) == record
+    assert all(walsectors.STAMP.unpack_from(buf, i * SECTOR + walsectors.SECTOR_DATA_BYTES)
+               == (9, payload_bytes) for i in range(k))
+    with pytest.raises(ValueError, match="do not fit"):
+        walsectors.lay_out(bytearray(used - 1), record, 9, payload_bytes)
+
+
+def test_a_newest_record_cut_by_the_file_s_end_is_damage():
+    """The file is written ahead of every record, so a record whose first
+    sector is there and whose rest is past the end was cut: damage."""
+    record = bytes(wal.HEADER.size) + b"\x05" * 1200
+    buf = bytearray(4096)
+    walsectors.lay_out(buf, record, 4, 1200)
+    view = memoryview(buf)[:2 * SECTOR]
+    assert "the file ends inside it" in walsectors.damage_at_end(view, 0, 4, None)

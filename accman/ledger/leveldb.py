@@ -133,8 +133,11 @@ class Store:
         self.salt = self._meta(salt)
         with translated(self.path, "replay the write-ahead log"):
             self._replay(records)
-            next_lsn = (records[-1][0] + 1 if records
-                        else ckpt.lsn if ckpt is not None else 1)
+            # The lsn due where the records end is skipped: a torn write of
+            # it may lie there, and a write of the same lsn over it must not
+            # make one record of the two writes' sectors (walsectors).
+            next_lsn = (records[-1][0] + 2 if records
+                        else ckpt.lsn + 1 if ckpt is not None else 1)
             self.wal = walwriter.Wal(self.dir, next_lsn, wal.Keys.of(self.salt), *wal_bytes)
             # Replayed records synced in LevelDB, and the log starts afresh:
             # before anything is written at its start, over records that

@@ -23,7 +23,8 @@ The files, in the data directory beside LevelDB's:
   client chose (its amounts and keys, inside a payload) can never pass for
   a record.  The payload is the batch's LevelDB puts in the book's encoding
   (ext/ledger.pyx); it may hold any record the book writes, not only mods.
-  Record numbers (lsn) grow by one per batch and never repeat, across laps
+  Record numbers (lsn) grow by one per batch (two across an open, which
+  skips the one due where the records ended) and never repeat, across laps
   and restarts.  Formats AMW1 (a plain CRC-32C where the mac is) and AMW2
   (the payload right after the header, no stamps) were written before; a
   store that has one is read once, at the open after the upgrade, whose

@@ -9,9 +9,9 @@ progress (never acknowledged), and a torn write is dropped; damage to a
 write that had landed must be refused, not dropped.  A MAC alone cannot
 tell the two apart.  So each 512-byte sector of a record ends in a stamp,
 the record's lsn and payload length: a sector that did not land holds what
-was there before, zeros or an older record's sector, whose stamp names an
-older lsn.  A record that fails its MAC while every sector of it carries
-its stamp was written whole: damage.  (SQL Server's torn page detection
+was there before (zeros, an older record's sector, an older format's
+bytes), whose stamp is not this record's.  A record that fails its MAC
+while every sector of it carries its stamp was written whole: damage.  (SQL Server's torn page detection
 stamps each sector of a page for the same reason.)
 
 A record is its 32-byte header (accman.ledger.wal.HEADER) and its payload,
@@ -63,10 +63,13 @@ def damage_at_end(view, off: int, lsn: int, header: tuple | None) -> str | None:
     is right, else None.
 
     The first sector landed when its stamp or its header names `lsn` (no
-    earlier write put that lsn there); then its length is known, and the
-    record landed whole when each of its sectors bears its stamp.  A stamp
-    naming a later record, or sectors that disagree on the length, are
-    damage too."""
+    earlier write put that lsn there: an open skips the lsn due where the
+    records ended); then its length is known, and the record landed whole
+    when each of its sectors bears its stamp.  A sector whose stamp is
+    another's did not land (it holds zeros, an older lap's sector, or an
+    older format's bytes, which may read as any stamp).  Damage too: a
+    header and a stamp of `lsn` that disagree on the length, and a record
+    cut by the file's end (the file is written ahead of every record)."""
     if off + SECTOR_BYTES > len(view):
         return None
     first = STAMP.unpack_from(view, off + SECTOR_DATA_BYTES)
@@ -80,12 +83,7 @@ def damage_at_end(view, off: int, lsn: int, header: tuple | None) -> str | None:
     for i in range(1, sectors(_HEADER_BYTES + length)):
         at = off + i * SECTOR_BYTES
         if at + SECTOR_BYTES > len(view):
-            return None
-        stamp = STAMP.unpack_from(view, at + SECTOR_DATA_BYTES)
-        if stamp[0] > lsn:
-            return f"a sector at offset {at} names record {stamp[0]}, after {lsn}"
-        if stamp[0] < lsn:
+            return f"the file ends inside it, at offset {len(view)}"
+        if STAMP.unpack_from(view, at + SECTOR_DATA_BYTES) != (lsn, length):
             return None                             # this sector did not land: torn
-        if stamp[1] != length:
-            return f"its sectors disagree on its length ({length} and {stamp[1]} bytes)"
     return "every sector of its write landed, yet it fails its check"
