@@ -11,8 +11,9 @@ tell the two apart.  So each 512-byte sector of a record ends in a stamp,
 the record's lsn and payload length: a sector that did not land holds what
 was there before (zeros, an older record's sector, an older format's
 bytes), whose stamp is not this record's.  A record that fails its MAC
-while every sector of it carries its stamp was written whole: damage.  (SQL Server's torn page detection
-stamps each sector of a page for the same reason.)
+while every sector of it carries its stamp was written whole: damage.
+(SQL Server's torn page detection stamps each sector of a page for the
+same reason.)
 
 A record is its 32-byte header (accman.ledger.wal.HEADER) and its payload,
 cut into SECTOR_DATA_BYTES pieces, each followed by the stamp; the last
