@@ -444,6 +444,37 @@ cdef bint host_shape_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     return colon > 0 and (colon == n - 1 or _port_ok(s + colon + 1, n - colon - 1))
 
 
+# --- the Authorization header ----------------------------------------------------
+
+cdef int read_authorization(Request req, const unsigned char* v, Py_ssize_t n,
+                            bint repeated) except -1:
+    """`Bearer <b64token>` (RFC 6750 2.1) sets the request's token.  A
+    malformed or repeated Authorization leaves it None, and says which in
+    `auth_fault`: the detail of the server's 401."""
+    cdef Py_ssize_t i = 6, a
+    req.token = None
+    if repeated:
+        req.auth_fault = "a request must have at most one Authorization header"
+        return 0
+    req.auth_fault = "the Authorization header must be Bearer, a space and a token"
+    if n < 8 or not ci_equal(v, b"bearer", 6) or v[6] != SP:
+        return 0
+    while i < n and v[i] == SP:
+        i += 1
+    a = i
+    while i < n and B64TOKEN[v[i]]:
+        i += 1
+    if i == a:
+        return 0
+    while i < n and v[i] == c'=':
+        i += 1
+    if i != n:
+        return 0
+    req.token = (<const char*>v)[a:n]
+    req.auth_fault = None
+    return 0
+
+
 # --- a request's values ------------------------------------------------------------
 
 cdef void clear_values(Request req):

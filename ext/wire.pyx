@@ -75,26 +75,10 @@ cdef int64_t PAST_LIMIT_DEFAULT = _limits.PAST_LIMIT_DEFAULT
 cdef Py_ssize_t LINE_BYTES_CAP = max(REQUEST_LINE_BYTES_MAX + 2, HEADER_BYTES_MAX)
 # Where the line buffer starts when a line first spans two feeds.
 cdef Py_ssize_t LINE_BYTES_FIRST = 256
-# A value quoted back in an error detail is cut to this many characters: the
-# detail is a sentence for a person, not an echo of the request.
-cdef Py_ssize_t DETAIL_QUOTE_CHARS_MAX = 40
-# Refused as it comes, whichever of the two headers comes first.
-AMBIGUOUS_CL_TE = "Content-Length with Transfer-Encoding is ambiguous framing"
 # feed's default: every request the bytes complete.
 cdef Py_ssize_t FEED_ALL = PY_SSIZE_T_MAX
 
-CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    411: "length_required",
-    413: "payload_too_large",
-    414: "uri_too_long",
-    431: "headers_too_large",
-    501: "not_implemented",
-    505: "version_not_supported",
-}
-
+include "errors.pxi"
 include "bytes.pxi"
 
 
@@ -208,6 +192,7 @@ cdef class Parser:
         cdef const unsigned char* nl
         cdef const unsigned char* line
         cdef bint crlf
+        self._cur_n = 0                     # no line of an earlier call is current
         while i < n and self._phase != PH_DEAD:
             if len(out) >= max_requests:
                 self._rest = data
@@ -235,7 +220,7 @@ cdef class Parser:
                     self._line[0] if self._line_len != 0 else p[i]):
                 self._fail_not_http(out)    # before its length, as _unfinished does
                 break
-            if self._too_long(total, crlf, out):
+            if self._too_long(p + i, total, crlf, out):
                 break
             if self._line_len != 0:
                 # The line began in an earlier feed: complete it in the buffer.
@@ -243,7 +228,12 @@ cdef class Parser:
                 line = self._line
                 self._line_len = 0
             i += k
+            # Any fault of a line with a CR is said as a bare CR (_fail), as
+            # _unfinished says it whatever the split, at no cost to a good line.
+            self._cur = line
+            self._cur_n = total - 1 - crlf
             self._complete(line, total, crlf, out)
+            self._cur_n = 0
         return out
 
     # --- lines ----------------------------------------------------------------
@@ -270,39 +260,60 @@ cdef class Parser:
     cdef int _unfinished(self, const unsigned char* p, Py_ssize_t n,
                          list out) except -1:
         """p[0:n] continues the current line without ending it (no LF): keep
-        it, or answer now a bare CR (one before p's last byte, or after the
-        line kept) or 414/431 if the line can no longer end within its limit."""
+        it, or answer now a bare CR, or 414/431 if the line can no longer end
+        within its limit."""
         cdef Py_ssize_t have = self._line_len + n
+        if self._phase == PH_START and self._line_len == 0 and not_a_method(p[0]):
+            return self._fail_not_http(out)
+        if self._bare_cr_in_limit(p, n, max(0, self._line_len - 1)):
+            return self._fail_bare_cr(out)
         if self._phase == PH_START:
-            if self._line_len == 0 and not_a_method(p[0]):
-                return self._fail_not_http(out)
             if have - (p[n - 1] == CR) > REQUEST_LINE_BYTES_MAX:     # may end in CRLF
                 return self._fail_request_line_too_long(out)
         elif self._head_bytes + have + 1 > HEADER_BYTES_MAX:   # + 1: its LF
             return self._fail_headers_too_large(out)
-        if memchr(p, CR, n - 1) != NULL or (self._line_len and self._line[self._line_len - 1] == CR):
-            return self._fail_bare_cr(out)
         return self._keep(p, n)
 
-    cdef bint _too_long(self, Py_ssize_t total, bint crlf, list out) except -1:
-        """Whether the complete line of `total` bytes (LF included) breaks its
-        limit; if so the error is emitted."""
-        if self._phase == PH_START:
-            if total - 1 - crlf > REQUEST_LINE_BYTES_MAX:
-                self._fail_request_line_too_long(out)
-                return True
-        elif self._head_bytes + total > HEADER_BYTES_MAX:
-            self._fail_headers_too_large(out)
-            return True
+    cdef bint _bare_cr_in_limit(self, const unsigned char* p, Py_ssize_t n,
+                                Py_ssize_t j) noexcept:
+        """Whether the line (the part kept, then p[0:n]) has, from position j
+        on, a CR followed by a byte other than LF, both within the line's
+        limit as a feed of one byte at a time meets them: that feed says a
+        bare CR before the line's length, so every split says it."""
+        cdef Py_ssize_t kept = self._line_len, total = self._line_len + n
+        cdef unsigned char after
+        while j + 1 < total:
+            if (self._line[j] if j < kept else p[j - kept]) == CR:
+                after = self._line[j + 1] if j + 1 < kept else p[j + 1 - kept]
+                if after != LF:
+                    if self._phase == PH_START:
+                        return j + 2 - (after == CR) <= REQUEST_LINE_BYTES_MAX
+                    return self._head_bytes + j + 3 <= HEADER_BYTES_MAX
+            j += 1
         return False
+
+    cdef bint _too_long(self, const unsigned char* p, Py_ssize_t total, bint crlf,
+                        list out) except -1:
+        """Whether the complete line of `total` bytes (LF included; the part
+        kept, then p) breaks its limit; if so the error is emitted: a bare
+        CR met within the limit first (_unfinished)."""
+        if self._phase == PH_START:
+            if total - 1 - crlf <= REQUEST_LINE_BYTES_MAX:
+                return False
+        elif self._head_bytes + total <= HEADER_BYTES_MAX:
+            return False
+        if self._bare_cr_in_limit(p, total - 1 - self._line_len, 0):
+            self._fail_bare_cr(out)
+        elif self._phase == PH_START:
+            self._fail_request_line_too_long(out)
+        else:
+            self._fail_headers_too_large(out)
+        return True
 
     cdef int _complete(self, const unsigned char* s, Py_ssize_t total, bint crlf,
                        list out) except -1:
-        """s[0:total] is a whole line, LF included, within its byte limit.  A
-        bare CR in it is said before anything else, as _unfinished says it."""
+        """s[0:total] is a whole line, LF included, within its byte limit."""
         cdef Py_ssize_t n = total - 1 - crlf
-        if memchr(s, CR, n) != NULL:
-            return self._fail_bare_cr(out)
         if not crlf:
             return self._fail(400, "a line of the request head ends in a bare LF, not CRLF", out)
         if self._phase == PH_START:
@@ -323,8 +334,7 @@ cdef class Parser:
         return self._header(s, n, out)
 
     cdef int _fail_bare_cr(self, list out) except -1:
-        return self._fail(400, "a bare CR (not followed by LF) in " + (
-            "the request line" if self._phase == PH_START else "a header line"), out)
+        return self._fail(400, _BARE_CR[self._phase == PH_START], out)
 
     cdef int _fail_not_http(self, list out) except -1:
         # At a line's first byte, whole or not: TLS to a plain port is refused at once.
@@ -475,7 +485,9 @@ cdef class Parser:
         if i == 10 and ci_equal(s, b"connection", 10):
             return self._connection(s + a, e - a, out)
         if i == 13 and ci_equal(s, b"authorization", 13):
-            return self._authorization(s + a, e - a)
+            read_authorization(self._req, s + a, e - a, self._auth_seen)
+            self._auth_seen = True
+            return 0
         if i == 14 and ci_equal(s, b"content-length", 14):
             return self._content_length(s + a, e - a, out)
         if i == 6 and ci_equal(s, b"expect", 6):
@@ -522,34 +534,6 @@ cdef class Parser:
                 self._conn_close = True
             elif e - a == 10 and ci_equal(v + a, b"keep-alive", 10):
                 self._conn_keep_alive = True
-        return 0
-
-    cdef int _authorization(self, const unsigned char* v, Py_ssize_t n) except -1:
-        """`Bearer <b64token>` (RFC 6750 2.1) sets the request's token.  A
-        malformed or repeated Authorization leaves it None, and says which in
-        `auth_fault`: the detail of the server's 401."""
-        cdef Py_ssize_t i = 6, a
-        self._req.token = None
-        if self._auth_seen:
-            self._req.auth_fault = "a request must have at most one Authorization header"
-            return 0
-        self._auth_seen = True
-        self._req.auth_fault = "the Authorization header must be Bearer, a space and a token"
-        if n < 8 or not ci_equal(v, b"bearer", 6) or v[6] != SP:
-            return 0
-        while i < n and v[i] == SP:
-            i += 1
-        a = i
-        while i < n and B64TOKEN[v[i]]:
-            i += 1
-        if i == a:
-            return 0
-        while i < n and v[i] == c'=':
-            i += 1
-        if i != n:
-            return 0
-        self._req.token = (<const char*>v)[a:n]
-        self._req.auth_fault = None
         return 0
 
     cdef int _content_length(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
@@ -626,6 +610,8 @@ cdef class Parser:
     cdef int _fail(self, int status, str detail, list out) except -1:
         """A framing error: return it as the last request and read no more."""
         cdef Request req = self._req
+        if self._cur_n and memchr(self._cur, CR, self._cur_n) != NULL:
+            status, detail = 400, _BARE_CR[self._phase == PH_START]
         if req is None:
             req = new_request()
         clear_values(req)

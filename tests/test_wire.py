@@ -611,6 +611,20 @@ HARD = [
     # Said before any other fault of its line, so that every split says the same.
     ("bare-cr-after-a-bad-method-byte", R(b"G(T /tot?cred=a\rb HTTP/1.1"), 400, BARE_CR),
     ("bare-cr-after-a-bad-name-byte", R(LINE, b"X(Y\rZ: v"), 400, BARE_CR),
+    # Within a line over its limit: a bare CR whose next byte is within the
+    # limit is said (a feed of one byte at a time meets it first), one past
+    # it is not.
+    ("bare-cr-early-in-a-long-line",
+     b"GET /tot?x\rb" + b"a" * limits.REQUEST_LINE_BYTES_MAX + b" HTTP/1.1\r\n", 400, BARE_CR),
+    ("bare-cr-past-the-line-limit",
+     b"GET /" + b"a" * limits.REQUEST_LINE_BYTES_MAX + b"\rb HTTP/1.1\r\n", 414,
+     "the request line is over"),
+    ("bare-cr-early-in-long-headers",
+     b"GET /tot?cred=a HTTP/1.1\r\nX: a\rb" + b"c" * limits.HEADER_BYTES_MAX + b"\r\n\r\n",
+     400, BARE_CR),
+    ("bare-cr-past-the-headers-limit",
+     b"GET /tot?cred=a HTTP/1.1\r\nX: " + b"c" * limits.HEADER_BYTES_MAX + b"\rb\r\n\r\n",
+     431, "the request headers are over"),
     ("obs-fold-sp", R(LINE, b"X: a", b" b"), 400, "obs-fold"),
     ("obs-fold-tab", R(LINE, b"X: a", b"\tb"), 400, "obs-fold"),
     ("obs-fold-first", R(LINE, b" X: a", host=False), 400, "obs-fold"),
@@ -1181,3 +1195,16 @@ def test_blank_lines_are_counted_per_request_line():
     [req] = p.feed(b"\r\n")
     assert req.error.status == 400 and req.error.close and not req.keep_alive
     assert p.feed(R(LINE)) == []
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in HARD if c[0].startswith("bare-cr")],
+                         ids=[c[0] for c in HARD if c[0].startswith("bare-cr")])
+def test_a_bare_cr_is_said_alike_in_every_split_of_two(raw):
+    """A review found 414 whole and 400 split for a line with an early bare
+    CR over the limit: every cut in two, around the CR and the limits and
+    every 97 bytes, answers as the whole does."""
+    want = whole(raw)
+    marks = {raw.find(b"\r"), limits.REQUEST_LINE_BYTES_MAX, limits.HEADER_BYTES_MAX}
+    cuts = set(range(0, len(raw), 97)) | {m + d for m in marks for d in range(-3, 4)}
+    for cut in sorted(c for c in cuts if 0 < c < len(raw)):
+        assert in_chunks(raw, [cut]) == want, cut

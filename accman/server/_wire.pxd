@@ -29,6 +29,8 @@ cdef class Request:
 cdef class Parser:
     cdef int _phase
     cdef unsigned char* _line       # the unfinished line, carried between feeds
+    cdef const unsigned char* _cur  # the complete line being read (_complete), _cur_n bytes
+    cdef Py_ssize_t _cur_n
     cdef Py_ssize_t _line_len
     cdef Py_ssize_t _line_cap
     cdef Request _req               # the request being read, from its request line
@@ -56,7 +58,10 @@ cdef class Parser:
     cdef list _parse(self, bytes data, Py_ssize_t i, Py_ssize_t max_requests)
     cdef int _keep(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int _unfinished(self, const unsigned char* p, Py_ssize_t n, list out) except -1
-    cdef bint _too_long(self, Py_ssize_t total, bint crlf, list out) except -1
+    cdef bint _too_long(self, const unsigned char* p, Py_ssize_t total, bint crlf,
+                        list out) except -1
+    cdef bint _bare_cr_in_limit(self, const unsigned char* p, Py_ssize_t n,
+                                Py_ssize_t j) noexcept
     cdef int _complete(self, const unsigned char* s, Py_ssize_t total, bint crlf,
                        list out) except -1
     cdef int _request_line(self, const unsigned char* s, Py_ssize_t n, list out) except -1
@@ -65,7 +70,6 @@ cdef class Parser:
     cdef int _header(self, const unsigned char* s, Py_ssize_t n, list out) except -1
     cdef int _host(self, const unsigned char* v, Py_ssize_t n, list out) except -1
     cdef int _connection(self, const unsigned char* v, Py_ssize_t n, list out) except -1
-    cdef int _authorization(self, const unsigned char* v, Py_ssize_t n) except -1
     cdef int _fail_version(self, const unsigned char* v, Py_ssize_t n, list out) except -1
     cdef int _content_length(self, const unsigned char* v, Py_ssize_t n, list out) except -1
     cdef int _end_of_head(self, list out) except -1
