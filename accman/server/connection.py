@@ -335,11 +335,16 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.update_reading()
         if (self.state == OPEN and not self.write_paused and not self.flush_soon
                 and (self.backlog is not None or self.parser.held_bytes)
-                and len(self.waiting) < self.pipeline_max and not self.server.over_budget
+                and len(self.waiting) < self.pipeline_max
+                and (not self.server.over_budget or not transport.get_write_buffer_size())
                 and not self._held_for_the_store()):
             # Held back (the turn's requests spent, or the bytes bound) but
             # able to go on: next loop turn, after the other connections
-            # have had theirs.
+            # have had theirs.  Over the server's budget too while its
+            # client reads what it is sent: taking its held requests is
+            # what lowers the total (their replies go out, not into the
+            # buffer); a client that does not read stops at its first
+            # reply left in the buffer.
             self.flush_soon = True
             self.server.loop.call_soon(self._flush_soon)
 
@@ -411,6 +416,8 @@ class Connection(asyncio.Protocol, Lifecycle):
             if now - self.last_active_at >= limits.idle_timeout_s:
                 self.metrics.idle_closes += 1
                 self.abort()
+            elif not self.transport.get_write_buffer_size():
+                self.flush()                # its client has read what it was sent: go on
             return
         if self.head_started_at:
             if not self.read_paused and now - self.head_started_at >= limits.head_timeout_s:

@@ -147,6 +147,44 @@ def test_connections_held_back_by_the_budget_are_freed_once_their_clients_go(sta
         assert [r.status for r in c.responses(50)] == [200] * 50
 
 
+def test_clients_that_read_are_served_through_a_spent_budget(start_server):
+    """A review's case: 20 clients pipeline 100 KB of /health each while
+    reading every reply.  Their unparsed requests alone spent a 500 KB
+    budget, and nothing was taken while it was spent: all of them stalled
+    until IDLE_TIMEOUT_S dropped them.  A connection whose client reads
+    what it is sent goes on taking its held requests over the budget."""
+    import threading
+
+    s = start_server(env={"ACCMAN_SERVER_BUFFER_BYTES_MAX": "500000",
+                          "ACCMAN_IDLE_TIMEOUT_S": "30"})
+    request = get("/health")
+    burst = request * (100_000 // len(request))
+    want = len(burst) // len(request)
+    got = [0] * 20
+
+    def client(i):
+        with socket.create_connection((s.host, s.port)) as c:
+            threading.Thread(target=c.sendall, args=(burst,), daemon=True).start()
+            tail = b""
+            while got[i] < want:
+                data = c.recv(1 << 16)
+                if not data:
+                    return
+                tail += data
+                got[i] += tail.count(b"HTTP/1.1 200")
+                tail = tail[tail.rfind(b"HTTP/1.1 200") + 1:] if b"HTTP/1.1 200" in tail \
+                    else tail[-16:]
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(25)                  # well before IDLE_TIMEOUT_S would drop them
+    assert got == [want] * 20
+    m = metrics(s)
+    assert m["accman_budget_pauses_total"] >= 1 and m["accman_idle_closes_total"] == 0
+
+
 def spawn_with_nofile(start_server, nofile, data, args=(), **kw):
     """The server under `ulimit -n nofile` (soft and hard: it cannot raise it),
     on `data` and the test's store."""
