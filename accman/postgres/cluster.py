@@ -31,10 +31,13 @@ READ_POOL_CONNECTIONS_MAX = READ_BATCHES_MAX + 1
 _APPLY_SQL = "SELECT * FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 # A backend is named by its pid and its start: a pid alone may be reused.
 _BACKEND_SQL = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-# An idle one holds no lock, and may wait hours for its dead socket's keepalive.
+# In a statement or a transaction: an idle one holds no lock, and may wait
+# hours for its dead socket's keepalive (and with track_activities off every
+# state reads 'disabled': not waited for).
 _RUNNING_SQL = ("SELECT count(*) FROM pg_stat_activity a JOIN unnest($1::int[], "
                 "$2::timestamptz[]) AS b(pid, started) ON a.pid = b.pid "
-                "AND a.backend_start = b.started WHERE a.state <> 'idle'")
+                "AND a.backend_start = b.started WHERE a.state IN "
+                "('active', 'idle in transaction', 'idle in transaction (aborted)')")
 STALLED = ("a commit of the connection the store dropped still waits in the database (for "
            "its synchronous standby, or for a lock): writes are refused until it ends")
 
@@ -91,6 +94,7 @@ class Cluster:
         self._flying: list = []            # the reads of each /tot query in flight
         self.reconnecting = False
         self.abandoned: list = []          # backends of dropped writers: Lane.drop
+        self.stall_said = False            # STALLED logged (upkeep), once while it lasts
         # Batches the database refused in a row (E.FAILED): each makes the
         # store wait twice as long before it takes writes again.
         self.refused_in_row = 0
@@ -155,7 +159,7 @@ class Cluster:
             if await conn.fetchval(_RUNNING_SQL, list(pids), list(starts),
                                    timeout=CONNECT_TIMEOUT_S):
                 return True
-            self.abandoned = []
+            self.abandoned, self.stall_said = [], False
         return False
 
     def unanswered_reads(self) -> list:

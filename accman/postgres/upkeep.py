@@ -16,6 +16,7 @@ import logging
 import time
 
 from accman.postgres import errors as E
+from accman.postgres.cluster import STALLED
 from accman.postgres.complaints import doing, named
 
 log = logging.getLogger("accman.postgres")
@@ -119,6 +120,9 @@ async def reconnect(store, cluster) -> None:
                 await cluster.events.restart()
             except Exception as e:
                 cluster.error = E.describe(e)
+                if cluster.error == STALLED and not cluster.stall_said:
+                    cluster.stall_said = True
+                    log.warning("%s%s", named(store, cluster), STALLED)
                 continue
             if cluster.losses == losses:    # else lost again meanwhile: go on
                 cluster.error = None

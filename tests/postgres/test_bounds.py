@@ -133,7 +133,7 @@ async def backends_busy(url) -> int:
         await conn.close()
 
 
-def test_a_stalled_commit_stops_writes_until_it_ends(pg_factory, monkeypatch):
+def test_a_stalled_commit_stops_writes_until_it_ends(pg_factory, monkeypatch, caplog):
     """A batch past COMMIT_TIMEOUT_S is unknown (503) and its connection
     dropped; its backend, waiting for the standby with its accounts' locks,
     does not notice.  The store takes no writes there until that backend
@@ -153,6 +153,7 @@ def test_a_stalled_commit_stops_writes_until_it_ends(pg_factory, monkeypatch):
                 await c.mod("a", 1, key="k")
             await asyncio.sleep(1.5)            # reconnection tries, backoff
             assert not store.healthy and "still waits" in store.unhealthy_detail
+            assert sum("still waits" in r.message for r in caplog.records) == 1   # said once
             for n in range(3):
                 with pytest.raises(Unavailable, match="nothing of this call was applied"):
                     await c.mod("b", 1, key=f"b{n}")
