@@ -90,15 +90,20 @@ def test_lost_database_then_reconnect(pg_factory, monkeypatch):
     run(main())
 
 
+def with_sync_standby(pg_factory, monkeypatch, name):
+    """A primary and its synchronous standby, a database on it, and a
+    COMMIT_TIMEOUT_S of 1 s: (standby, url)."""
+    monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 1.0)
+    primary = pg_factory(name=name)
+    return primary.add_standby(name + "_standby", sync=True), primary.create_database("s")
+
+
 def test_stalled_commit_is_not_acknowledged(pg_factory, monkeypatch):
     """A primary whose synchronous standby is gone never finishes a commit:
     the batch is answered Unavailable after COMMIT_TIMEOUT_S, never 200.
     A long poll waiting meanwhile reads again when the cluster is taken as
     lost, finds the events still readable, and waits on."""
-    monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 1.0)
-    primary = pg_factory(name="lonely")
-    standby = primary.add_standby("gone", sync=True)
-    url = primary.create_database("s")
+    standby, url = with_sync_standby(pg_factory, monkeypatch, "lonely")
 
     async def main():
         async with stored(url) as (store, c):
@@ -140,10 +145,7 @@ def test_a_stalled_commit_stops_writes_until_it_ends(pg_factory, monkeypatch, ca
     ends: later calls are refused unsent (not one more backend each until
     max_connections), /health names the cause, and the stalled commit is
     not made visible by ending it."""
-    monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 1.0)
-    primary = pg_factory(name="alone")
-    standby = primary.add_standby("away", sync=True)
-    url = primary.create_database("s")
+    standby, url = with_sync_standby(pg_factory, monkeypatch, "alone")
 
     async def main():
         async with stored(url) as (store, c):
