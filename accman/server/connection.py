@@ -219,6 +219,12 @@ class Connection(asyncio.Protocol, Lifecycle):
         # of small pipelined /past requests can ask for megabytes, also when
         # the store answers them later.
         room = self.write_buffer_max - self.transport.get_write_buffer_size() - self.reserved
+        if self.server.over_budget:
+            # One reply at a time (finish() goes on while the client reads
+            # it): an empty transport buffer may only mean that the kernel's
+            # are not full yet, and a client that never reads must not fill
+            # its own buffer past the server's budget.
+            room = min(room, 1)
         for reply in out:
             room -= len(reply)
         while i < n:
@@ -341,10 +347,9 @@ class Connection(asyncio.Protocol, Lifecycle):
             # Held back (the turn's requests spent, or the bytes bound) but
             # able to go on: next loop turn, after the other connections
             # have had theirs.  Over the server's budget too while its
-            # client reads what it is sent: taking its held requests is
-            # what lowers the total (their replies go out, not into the
-            # buffer); a client that does not read stops at its first
-            # reply left in the buffer.
+            # client reads what it is sent: taking its held requests, one
+            # reply at a time (_take), is what lowers the total; a client
+            # that does not read stops at its first reply left in the buffer.
             self.flush_soon = True
             self.server.loop.call_soon(self._flush_soon)
 
