@@ -390,9 +390,11 @@ cdef inline bint _port_ok(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     at most PORT_MAX, the largest TCP port."""
     cdef Py_ssize_t i
     cdef long port = 0
-    if not _all_digits(s, n):
+    if n < 1:
         return False
     for i in range(n):
+        if not (c'0' <= s[i] <= c'9'):
+            return False
         port = port * 10 + (s[i] - c'0')
         if port > PORT_MAX:
             return False

@@ -146,9 +146,9 @@ class Cluster:
 
     async def stalled(self, conn) -> bool:
         """Whether a backend of a writer dropped since the store last took
-        writes here is still in a statement or a transaction.  A backend that waits for its commit's
-        synchronous standby does not notice its client gone and holds its
-        accounts' locks: a new writer's batches would queue behind it, one
+        writes here is still in a statement or a transaction.  A backend
+        that waits for its commit's synchronous standby does not notice its
+        client gone and holds its accounts' locks: a new writer's batches would queue behind it, one
         dropped connection each, up to max_connections; and ending it would
         make its commit, on this server alone, visible to readers.  So the
         store takes no writes here until it ends by itself (the standby
