@@ -10,6 +10,7 @@ import asyncpg
 
 from accman.errors import StoreError
 from accman.postgres import errors as E
+from accman.postgres.backends import Connection, identify
 from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
@@ -29,8 +30,6 @@ READ_BATCHES_MAX = 2
 # wait behind the /tot queries alone (upkeep and event reads share it).
 READ_POOL_CONNECTIONS_MAX = READ_BATCHES_MAX + 1
 _APPLY_SQL = "SELECT * FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-# A backend is named by its pid and its start: a pid alone may be reused.
-_BACKEND_SQL = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
 # In a statement or a transaction: an idle one holds no lock, and may wait
 # hours for its dead socket's keepalive (and with track_activities off every
 # state reads 'disabled': not waited for).
@@ -50,20 +49,19 @@ class Lane:
 
     def __init__(self):
         self.writer = None
-        self.backend = None                # (pid, backend_start) of the writer's backend
         self.apply = None
         self.ops: deque = deque()          # B.Op, an ordered /past among them
         self.writing = False
 
     async def connect(self, url) -> None:
-        writer = await connect(url)
+        writer = await connect(url, connection_class=Connection)
         try:
             if await writer.fetchval("SHOW transaction_read_only",
                                      timeout=CONNECT_TIMEOUT_S) == "on":
                 raise StoreError(f"{E.READ_ONLY}: waiting for one that does")
             await _refuse_undurable(writer)
             self.apply = await writer.prepare(_APPLY_SQL)
-            self.backend = tuple(await writer.fetchrow(_BACKEND_SQL, timeout=CONNECT_TIMEOUT_S))
+            await identify(writer)
         except BaseException:
             await writer.close()
             raise
@@ -75,7 +73,7 @@ class Lane:
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.terminate()
-            return self.backend
+            return writer.backend
         return None
 
 
@@ -93,7 +91,7 @@ class Cluster:
         self.readers = 0                   # /tot queries running or about to
         self._flying: list = []            # the reads of each /tot query in flight
         self.reconnecting = False
-        self.abandoned: list = []          # backends of dropped writers: Lane.drop
+        self.abandoned: list = []          # backends dropped mid-commit: Lane.drop, backends
         self.stall_said = False            # STALLED logged (upkeep), once while it lasts
         # Batches the database refused in a row (E.FAILED): each makes the
         # store wait twice as long before it takes writes again.
@@ -141,19 +139,20 @@ class Cluster:
         """The cluster is lost: each lane's writer goes."""
         for lane in self.lanes:
             backend = lane.drop()
-            if backend is not None:
+            if backend is not None and backend not in self.abandoned:
                 self.abandoned.append(backend)
 
     async def stalled(self, conn) -> bool:
-        """Whether a backend of a writer dropped since the store last took
-        writes here is still in a statement or a transaction.  A backend
-        that waits for its commit's synchronous standby does not notice its
-        client gone and holds its accounts' locks: a new writer's batches would queue behind it, one
-        dropped connection each, up to max_connections; and ending it would
-        make its commit, on this server alone, visible to readers.  So the
-        store takes no writes here until it ends by itself (the standby
-        back, or the requirement lifted).  On another server (a failover)
-        none matches."""
+        """Whether a backend dropped mid-commit (a writer's, or an upkeep's:
+        accman.postgres.backends) since the store last took writes here is
+        still in a statement or a transaction.  A backend that waits for its
+        commit's synchronous standby does not notice its client gone and
+        holds its accounts' locks: a new writer's batches would queue behind
+        it, one dropped connection each, up to max_connections; and ending
+        it would make its commit, on this server alone, visible to readers.
+        So the store takes no writes here until it ends by itself (the
+        standby back, or the requirement lifted).  On another server (a
+        failover) none matches."""
         if self.abandoned:
             pids, starts = zip(*self.abandoned, strict=True)
             if await conn.fetchval(_RUNNING_SQL, list(pids), list(starts),
@@ -187,7 +186,7 @@ class Cluster:
             # the store already says the cluster is lost, once.
             self.pool = self.pool or await asyncpg.create_pool(
                 self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
-                server_settings=SESSION_SETTINGS)
+                server_settings=SESSION_SETTINGS, connection_class=Connection, init=identify)
         except BaseException:
             for lane in self.lanes:
                 lane.drop()

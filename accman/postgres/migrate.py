@@ -255,11 +255,13 @@ _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError,
                   asyncpg.exceptions.InternalClientError, OSError, asyncio.TimeoutError)
 
 
-async def connect(url: str, settings: dict | None = None):
+async def connect(url: str, settings: dict | None = None,
+                  connection_class=asyncpg.Connection):
     """A connection with SESSION_SETTINGS, and `settings` besides."""
     try:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S,
-                                     server_settings={**SESSION_SETTINGS, **(settings or {})})
+                                     server_settings={**SESSION_SETTINGS, **(settings or {})},
+                                     connection_class=connection_class)
     except _DRIVER_ERRORS as e:
         raise store_error(e, _CONNECT) from None
     except ValueError:

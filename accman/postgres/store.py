@@ -36,6 +36,7 @@ from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
+from accman.postgres.backends import committed
 from accman.postgres.cluster import Cluster, health_detail
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.cursors import PgCursors
@@ -253,9 +254,9 @@ class PgStore:
         t0 = time.perf_counter()
         for attempt in range(3):
             try:
-                row = await lane.apply.fetchrow(
-                    *args, self.low_default, self.holds_per_account_max, self.holds_max,
-                    timeout=COMMIT_TIMEOUT_S)
+                row = await committed(lane.writer, lane.apply.fetchrow(
+                    *args, self.low_default, self.holds_per_account_max, self.holds_max),
+                    COMMIT_TIMEOUT_S, cluster.abandoned)
                 break
             except Exception as e:  # translated by E.classify, the one place
                 kind = E.classify(e)

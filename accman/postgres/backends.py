@@ -1,0 +1,70 @@
+"""Commits awaited to a deadline of AccMan's, never the driver's.
+
+The driver's timeout, like a cancelled task, sends the database a cancel
+request.  A commit that waits for its synchronous standby and is cancelled
+stops waiting and becomes visible on the primary alone: its readers see
+it, its events may be delivered, and a failover to the standby loses it
+(PostgreSQL, "Synchronous Replication").  So a statement that commits is
+given a deadline of AccMan's instead, past which its connection's socket
+is closed: its backend does not notice, goes on waiting, and its commit
+stays unseen until the standby has it.  The backend is noted as abandoned,
+and the store takes no writes on its cluster until it ends by itself
+(Cluster.stalled): it holds its accounts' locks meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from accman.postgres.migrate import CONNECT_TIMEOUT_S
+
+# A backend is named by its pid and its start: a pid alone may be reused.
+_BACKEND_SQL = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+
+
+class Abandoned(asyncio.TimeoutError):
+    """A commit given up at its deadline: its backend may go on, and commit."""
+
+
+class Connection(asyncpg.Connection):
+    """A connection that knows its backend, once `identify` has run."""
+
+    __slots__ = ("backend",)
+
+
+async def identify(conn) -> None:
+    """Notes the connection's backend (a pool's init, and each writer's)."""
+    conn.backend = tuple(await conn.fetchrow(_BACKEND_SQL, timeout=CONNECT_TIMEOUT_S))
+
+
+async def committed(conn, call, timeout_s: float, abandoned: list | None):
+    """Awaits `call`, a coroutine that commits on `conn` (a Connection, or
+    a pool's proxy of one), for at most `timeout_s`, in a task of its own:
+    cancelling the caller does not cancel it.  Past the deadline, or when
+    the caller is cancelled, closes the connection's socket and adds its
+    backend to `abandoned` (unless None: a commit whose locks stop no
+    writer); past the deadline, raises Abandoned (the outcome unknown)."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout_s)
+    except BaseException:
+        _give_up(conn, task, abandoned)
+        raise
+    if not done:
+        _give_up(conn, task, abandoned)
+        raise Abandoned(f"no answer in {timeout_s} s")
+    return task.result()
+
+
+def _give_up(conn, task, abandoned: list | None) -> None:
+    task.add_done_callback(_retrieved)          # it ends as the socket closes
+    if abandoned is not None and conn.backend not in abandoned:
+        abandoned.append(conn.backend)
+    conn.terminate()
+
+
+def _retrieved(task) -> None:
+    if not task.cancelled():
+        task.exception()
