@@ -22,6 +22,7 @@ import time
 from accman.errors import Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
+from accman.postgres.backends import committed
 from accman.postgres.complaints import doing
 from accman.store import check_events
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
@@ -47,6 +48,8 @@ _TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id <= c
              "(SELECT max(id) FROM accman_events)) RETURNING id) "
              "SELECT count(*), max(id) FROM gone")
 _NO_BOUND = 2 ** 63 - 1
+# A trim not answered by then is given up (a complaint; the next one goes on).
+TRIM_TIMEOUT_S = 60.0
 
 
 class EventReader:
@@ -316,8 +319,10 @@ class EventReader:
         cutoff_ms = int((time.time() - retention_s) * 1000)
         try:
             copied = _NO_BOUND if self.home else await self.store.merger.upto(self.cluster)
-            gone, newest_gone = await self.cluster.pool.fetchrow(
-                _TRIM_SQL, cutoff_ms, copied, self.home, timeout=60.0)
+            async with self.cluster.pool.acquire() as conn:
+                # Its locks are on events past the retention: no writer's.
+                gone, newest_gone = await committed(conn, conn.fetchrow(
+                    _TRIM_SQL, cutoff_ms, copied, self.home), TRIM_TIMEOUT_S, None)
         except Exception as e:
             self.store.complaints.failed(doing(self.store, "trimming events", self.cluster), e)
             return

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import asyncio
 
-from accman.errors import StoreCorrupt
+from accman.errors import StoreCorrupt, StoreError
+from accman.postgres.backends import Abandoned, committed
 
 # Events copied per pass (one transaction on the home); a cluster further
 # behind is copied in several passes.
@@ -132,26 +133,42 @@ class Merger:
 
     async def _pass(self, cluster) -> int:
         """One copy of `cluster`'s next events; how many were copied."""
+        if not self.home.healthy:
+            raise StoreError(self.home.error)
         async with self.home.pool.acquire() as hc:
-            async with hc.transaction():
-                upto = await hc.fetchval(_UPTO_SQL, cluster.cluster_id, timeout=MERGE_TIMEOUT_S)
-                rows = await cluster.pool.fetch(_LOCAL_SQL, upto, MERGE_BATCH_MAX,
-                                                timeout=MERGE_TIMEOUT_S)
-                if not rows:
-                    self.copied[cluster.index] = upto
-                    self.committed[cluster.index] = max(self.committed[cluster.index], upto)
-                    return 0
-                if rows[0]["id"] != upto + 1:
-                    raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of a cluster "
-                                       "were trimmed before they were copied to the home")
-                cols = list(zip(*rows, strict=True))
-                await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],
-                                 timeout=MERGE_TIMEOUT_S)
+            try:
+                # It holds the home's counter row, as a writer's batch does.
+                rows = await committed(hc, self._copied(hc, cluster), MERGE_TIMEOUT_S,
+                                       self.home.abandoned)
+            except Abandoned as e:
+                self.store.lost(self.home, e)   # no writes there while it waits
+                raise
+        if not rows:
+            return 0
         last = rows[-1]["id"]
         self.copied[cluster.index] = last
         self.committed[cluster.index] = max(self.committed[cluster.index], last)
         self.home.events.local_commit()
         return len(rows)
+
+    async def _copied(self, hc, cluster) -> list:
+        """The transaction of a pass, on the home's connection `hc`: the
+        rows it copied (none: `cluster` is copied up to its newest)."""
+        async with hc.transaction():
+            upto = await hc.fetchval(_UPTO_SQL, cluster.cluster_id, timeout=MERGE_TIMEOUT_S)
+            rows = await cluster.pool.fetch(_LOCAL_SQL, upto, MERGE_BATCH_MAX,
+                                            timeout=MERGE_TIMEOUT_S)
+            if not rows:
+                self.copied[cluster.index] = upto
+                self.committed[cluster.index] = max(self.committed[cluster.index], upto)
+                return rows
+            if rows[0]["id"] != upto + 1:
+                raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of a cluster "
+                                   "were trimmed before they were copied to the home")
+            cols = list(zip(*rows, strict=True))
+            await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],
+                             timeout=MERGE_TIMEOUT_S)
+        return rows
 
     async def upto(self, cluster) -> int:
         """How far `cluster`'s events are copied, as the home says."""

@@ -16,6 +16,7 @@ import logging
 import time
 
 from accman.postgres import errors as E
+from accman.postgres.backends import committed
 from accman.postgres.cluster import STALLED
 from accman.postgres.complaints import doing, named
 
@@ -80,8 +81,9 @@ async def expire_round(store, cluster) -> None:
         async with cluster.pool.acquire() as conn:
             while True:
                 t0 = time.perf_counter()
-                ended = await conn.fetchval("SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX,
-                                            timeout=ROUND_TIMEOUT_S)
+                ended = await committed(conn, conn.fetchval(
+                    "SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX), ROUND_TIMEOUT_S,
+                    cluster.abandoned)
                 if not ended:
                     break
                 # A batch of changes, as the embedded store's writer counts

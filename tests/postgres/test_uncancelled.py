@@ -1,0 +1,157 @@
+"""Commits are never cancelled in the database (accman/postgres/backends.py):
+a cancel ends a commit's wait for its synchronous standby and makes it
+visible on the primary alone, to be lost in a failover.  Past AccMan's
+deadline, or when its caller is cancelled, a commit's socket is closed
+instead; its backend waits on, unseen, and the store takes no writes on
+its cluster until it ends."""
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from accman.postgres import events as events_module
+from accman.postgres import merge as merge_module
+from accman.postgres import store as store_module
+from accman.postgres import upkeep as upkeep_module
+from accman.postgres.backends import Connection, committed, identify
+
+from .helpers import far_creds, locked, run, stored
+from .test_bounds import backends_busy, until
+
+
+def standby_of(primary, name):
+    return primary.add_standby(name + "_standby", sync=True)
+
+
+async def count(url, sql):
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+async def waiting_for_standby(url) -> int:
+    return await count(url, "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE wait_event = 'SyncRep'")
+
+
+def test_a_commit_past_its_deadline_or_cancelled_is_left_to_wait_unseen(pg_factory):
+    primary = pg_factory(name="deadline")
+    standby = standby_of(primary, "deadline")
+    url = primary.create_database("d")
+    primary.psql("CREATE TABLE t (x int)", "d")
+
+    async def main():
+        conns = [await asyncpg.connect(url, connection_class=Connection) for _ in range(2)]
+        for conn in conns:
+            await identify(conn)
+        standby.stop("immediate")
+        abandoned = []
+        with pytest.raises(asyncio.TimeoutError):
+            await committed(conns[0], conns[0].execute("INSERT INTO t VALUES (1)"), 0.5,
+                            abandoned)
+        caller = asyncio.ensure_future(committed(
+            conns[1], conns[1].execute("INSERT INTO t VALUES (2)"), 60, abandoned))
+        while await waiting_for_standby(url) < 2:
+            await asyncio.sleep(0.02)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert all(conn.is_closed() for conn in conns)
+        assert abandoned == [conn.backend for conn in conns]
+        await asyncio.sleep(0.5)                    # a cancel request would have landed
+        assert await waiting_for_standby(url) == 2
+        assert await count(url, "SELECT count(*) FROM t") == 0
+        standby.start()
+        for _ in range(500):
+            if await count(url, "SELECT count(*) FROM t") == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert await count(url, "SELECT count(*) FROM t") == 2
+    run(main())
+
+
+def test_a_stalled_expiry_is_neither_seen_nor_let_past(pg_factory, monkeypatch):
+    """A due hold's end that waits for a missing standby: past
+    ROUND_TIMEOUT_S its connection is dropped, the cluster is unhealthy
+    and stays so while that backend waits, and nothing of the end is seen
+    (the balance, the events) until the standby has it."""
+    monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(upkeep_module, "ROUND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(upkeep_module, "EXPIRE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+    primary = pg_factory(name="expiry")
+    standby = standby_of(primary, "expiry")
+    url = primary.create_database("e")
+
+    async def main():
+        async with stored(url) as (store, c):
+            assert await c.mod("a", 10) == (10, 1)
+            assert await c.hold("a", -4, 1) == (2, 6, 2)
+            standby.stop("immediate")
+            await until(lambda: "still waits" in (store.unhealthy_detail or ""), 15)
+            assert await backends_busy(url) == 1
+            assert await count(url, "SELECT max(id) FROM accman_events") == 2
+            assert await c.tot("a") == 6
+            await asyncio.sleep(1.0)
+            assert not store.healthy                # reconnection tries: still stalled
+            standby.start()
+            await until(lambda: store.healthy, 15)
+            assert await c.tot("a") == 10
+            events, _ = await c.events(after=2)
+            assert [(e.type, e.by, e.hold) for e in events] == [("expire", 4, 2)]
+    run(main())
+
+
+def test_a_stalled_copy_of_events_is_not_seen_on_the_home(pg_factory, monkeypatch):
+    """The merger's commit on the home (events of another cluster given
+    the store's next ids) waits for the home's missing standby: past
+    MERGE_TIMEOUT_S its connection is dropped and its backend noted, and
+    the copied events are not readable until the standby has them."""
+    monkeypatch.setattr(merge_module, "MERGE_TIMEOUT_S", 1.0)
+    servers = [pg_factory(name="merge_a"), pg_factory(name="merge_b")]
+    urls = [server.create_database("m") for server in servers]
+
+    async def main():
+        async with stored(urls) as (store, c):
+            far = far_creds(store, 64)[0]
+            home = store.clusters.index(store.home)
+            standby = standby_of(servers[home], "merge")
+            standby.stop("immediate")
+            assert await c.mod(far, 5) == (5, 1)    # commits on the other cluster
+            await until(lambda: store.home.abandoned, 10)
+            await asyncio.sleep(0.5)
+            assert await count(urls[home], "SELECT count(*) FROM accman_events") == 0
+            assert await backends_busy(urls[home]) == 1
+            assert not store.home.healthy
+            standby.start()
+            await until(lambda: store.healthy, 15)
+            events, _ = await c.events()
+            assert [(e.type, e.by) for e in events] == [("mod", 5)]
+    run(main())
+
+
+def test_a_trim_past_trim_timeout_s_is_given_up_and_the_next_goes_on(pg_url, monkeypatch,
+                                                                     caplog):
+    """TRIM_TIMEOUT_S: a trim the database does not answer in time is given
+    up (its connection closed, never its statement cancelled), said in the
+    log, and the cluster stays healthy (a trim holds no row a writer
+    needs); the next trim goes on."""
+    monkeypatch.setattr(events_module, "TRIM_TIMEOUT_S", 0.5)
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            for _ in range(3):
+                await c.mod("a", 1)
+            reader = store.home.events
+            async with locked(pg_url, "accman_cursors"):
+                await reader.trim(0)
+                assert "trimming events failed" in caplog.text
+                assert await backends_busy(pg_url) == 1
+            assert store.healthy and not store.home.abandoned
+            assert await c.mod("b", 1) == (1, 1)
+            await reader.trim(0)
+            assert reader.trimmed == 3 and reader.first == 4
+    run(main())
