@@ -39,7 +39,7 @@ async def identify(conn) -> None:
     conn.backend = tuple(await conn.fetchrow(_BACKEND_SQL, timeout=CONNECT_TIMEOUT_S))
 
 
-async def committed(conn, call, timeout_s: float, abandoned: list | None):
+async def committed(conn, call, timeout_s: float, abandoned: set | None):
     """Awaits `call`, a coroutine that commits on `conn` (a Connection, or
     a pool's proxy of one), for at most `timeout_s`, in a task of its own:
     cancelling the caller does not cancel it.  Past the deadline, or when
@@ -58,10 +58,10 @@ async def committed(conn, call, timeout_s: float, abandoned: list | None):
     return task.result()
 
 
-def _give_up(conn, task, abandoned: list | None) -> None:
+def _give_up(conn, task, abandoned: set | None) -> None:
     task.add_done_callback(_retrieved)          # it ends as the socket closes
-    if abandoned is not None and conn.backend not in abandoned:
-        abandoned.append(conn.backend)
+    if abandoned is not None:
+        abandoned.add(conn.backend)
     conn.terminate()
 
 

@@ -91,7 +91,7 @@ class Cluster:
         self.readers = 0                   # /tot queries running or about to
         self._flying: list = []            # the reads of each /tot query in flight
         self.reconnecting = False
-        self.abandoned: list = []          # backends dropped mid-commit: Lane.drop, backends
+        self.abandoned: set = set()        # backends dropped mid-commit: Lane.drop, backends
         self.stall_said = False            # STALLED logged (upkeep), once while it lasts
         # Batches the database refused in a row (E.FAILED): each makes the
         # store wait twice as long before it takes writes again.
@@ -139,8 +139,8 @@ class Cluster:
         """The cluster is lost: each lane's writer goes."""
         for lane in self.lanes:
             backend = lane.drop()
-            if backend is not None and backend not in self.abandoned:
-                self.abandoned.append(backend)
+            if backend is not None:
+                self.abandoned.add(backend)
 
     async def stalled(self, conn) -> bool:
         """Whether a backend dropped mid-commit (a writer's, or an upkeep's:
@@ -158,7 +158,7 @@ class Cluster:
             if await conn.fetchval(_RUNNING_SQL, list(pids), list(starts),
                                    timeout=CONNECT_TIMEOUT_S):
                 return True
-            self.abandoned, self.stall_said = [], False
+            self.abandoned, self.stall_said = set(), False
         return False
 
     def unanswered_reads(self) -> list:
