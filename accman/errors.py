@@ -34,12 +34,16 @@ class Conflict(AccManError):
 
 class Insufficient(Conflict):
     """The mod would leave the balance under `min`.  `tot` is the balance it
-    was judged against (durable when this error is delivered)."""
+    was judged against (durable when this error is delivered).  A store's
+    refusal names `by` and `min`, the two values at fault; a client's is
+    the detail the server sent."""
 
     code = "insufficient"
 
-    def __init__(self, tot: int, detail: str = "", *, what: str = "mod"):
-        super().__init__(detail or f"the balance {tot} does not cover this {what}")
+    def __init__(self, tot: int, detail: str = "", *, what: str = "mod",
+                 by: int = 0, min_: int = 0):
+        super().__init__(detail or f"this {what} (by {by}) would take the balance {tot} "
+                                   f"to {tot + by}, under min {min_}")
         self.tot = tot
 
 

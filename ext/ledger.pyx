@@ -470,7 +470,7 @@ cdef class Book:
             refusal = Overflow("the balance, with what its open holds give back when they "
                                "end, would leave the signed 64-bit range")
         elif min_ is not None and cur + by < <int64_t>min_:
-            refusal = Insufficient(cur, what=what)
+            refusal = Insufficient(cur, what=what, by=by, min_=min_)
         if refusal is not None and acct is not None:
             self._wait = acct.pbatch
         return refusal

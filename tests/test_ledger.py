@@ -137,6 +137,7 @@ def test_min_refuses_and_reports_the_balance(led):
     with pytest.raises(Insufficient) as e:
         led.mod("alice", -6, min=0)
     assert e.value.tot == 5 and e.value.code == "insufficient" and e.value.status == 409
+    assert e.value.detail == "this mod (by -6) would take the balance 5 to -1, under min 0"
     assert led.mod("alice", -5, min=0) == (0, 2)
     assert led.mod("alice", -5, min=-5) == (-5, 3)
     assert [e.seq for e in led.past("alice")] == [3, 2, 1]
@@ -158,6 +159,7 @@ def test_min_on_a_funding_mod_of_an_unknown_account_is_judged_against_zero(led):
     with pytest.raises(Insufficient) as e:
         led.mod("ghost", 5, min=10)
     assert e.value.tot == 0
+    assert e.value.detail == "this mod (by 5) would take the balance 0 to 5, under min 10"
     assert led.tot("ghost") is None and len(led) == 0
 
 

@@ -123,38 +123,40 @@ _NO_ACCOUNT = {S.MOD: "no account has this cred; a charge opens none",
 
 
 def refusals(holds_per_account_max: int, holds_max: int) -> dict:
-    """{code: (kind, tot) -> AccManError} for a store with these bounds."""
+    """{code: (op, tot) -> AccManError} for a store with these bounds."""
     return {
-        S.NO_ACCOUNT: lambda kind, _tot: NoAccount(
-            _NO_ACCOUNT.get(kind, "no account has this cred")),
-        S.INSUFFICIENT: lambda kind, tot: Insufficient(
-            tot, what="hold" if kind == S.HOLD else "mod"),
-        S.KEY_REUSED: lambda _kind, _tot: KeyReused(
+        S.NO_ACCOUNT: lambda op, _tot: NoAccount(
+            _NO_ACCOUNT.get(op.kind, "no account has this cred")),
+        S.INSUFFICIENT: lambda op, tot: Insufficient(
+            tot, what="hold" if op.kind == S.HOLD else "mod", by=op.by,
+            min_=0 if op.min is None else op.min),
+        S.KEY_REUSED: lambda _op, _tot: KeyReused(
             "key was used with another route, by, min or ttl"),
-        S.OVERFLOW: lambda _kind, _tot: Overflow(
+        S.OVERFLOW: lambda _op, _tot: Overflow(
             "the balance would leave the signed 64-bit range"),
-        S.OVERFLOW_HELD: lambda _kind, _tot: Overflow(
+        S.OVERFLOW_HELD: lambda _op, _tot: Overflow(
             "the balance, with what its open holds give back when they end, would leave the "
             "signed 64-bit range"),
-        S.TOO_MANY_HOLDS_ACCOUNT: lambda _kind, _tot: TooManyHolds(
+        S.TOO_MANY_HOLDS_ACCOUNT: lambda _op, _tot: TooManyHolds(
             f"the account has HOLDS_PER_ACCOUNT_MAX ({holds_per_account_max}) open holds; "
             "settle some first"),
-        S.TOO_MANY_HOLDS_STORE: lambda _kind, _tot: TooManyHolds(
+        S.TOO_MANY_HOLDS_STORE: lambda _op, _tot: TooManyHolds(
             f"the store has HOLDS_MAX ({holds_max}) open holds; retry later"),
-        S.NO_HOLD: lambda _kind, _tot: NoHold("the account has no hold with this id"),
-        S.HOLD_ENDED: lambda _kind, _tot: HoldEnded("the hold was settled with another use"),
-        S.HOLD_EXPIRED: lambda _kind, _tot: HoldEnded(
+        S.NO_HOLD: lambda _op, _tot: NoHold("the account has no hold with this id"),
+        S.HOLD_ENDED: lambda _op, _tot: HoldEnded("the hold was settled with another use"),
+        S.HOLD_EXPIRED: lambda _op, _tot: HoldEnded(
             "the hold expired before it was settled; its amount went back to the balance"),
-        S.USE_OVER_HOLD: lambda _kind, tot: BadRequest(
+        S.USE_OVER_HOLD: lambda _op, tot: BadRequest(
             f"use must be from 0 to the held amount {tot}"),
     }
 
 
-def outcome(kind: int, code: int, tot, seq, refused: dict):
-    """The outcome of one op of `kind` from accman_apply's row; `refused`
-    is the store's refusals()."""
+def outcome(op: Op, code: int, tot, seq, refused: dict):
+    """The outcome of `op` from accman_apply's row; `refused` is the
+    store's refusals()."""
+    kind = op.kind
     if code != S.OK:
-        return refused[code](kind, tot)
+        return refused[code](op, tot)
     if kind == S.READ:
         return tot
     if kind == S.HOLD:

@@ -286,7 +286,7 @@ class PgStore:
             else:
                 self.merger.note_commit(cluster, counts[0])
         outcome, refused = B.outcome, self._refused
-        told = {op: outcome(op.kind, code, tot, seq, refused)
+        told = {op: outcome(op, code, tot, seq, refused)
                 for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)}
         self._deliver([(op.done, told[op]) for op in self._landed(ops)])
 

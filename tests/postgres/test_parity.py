@@ -32,10 +32,15 @@ def test_refusals_say_what_the_embedded_store_says(pg_url):
             with pytest.raises(KeyReused,
                                match="^key was used with another route, by, min or ttl$"):
                 await c.hold("a", -5, 61, key="h")
-            with pytest.raises(Insufficient, match="^the balance 95 does not cover this hold$"):
+            with pytest.raises(Insufficient, match=r"^this hold \(by -96\) would take the balance "
+                                                   r"95 to -1, under min 0$"):
                 await c.hold("a", -96, 60)
-            with pytest.raises(Insufficient, match="^the balance 95 does not cover this mod$"):
+            with pytest.raises(Insufficient, match=r"^this mod \(by -96\) would take the balance "
+                                                   r"95 to -1, under min 0$"):
                 await c.mod("a", -96, min=0)
+            with pytest.raises(Insufficient, match=r"^this mod \(by 5\) would take the balance "
+                                                   r"95 to 100, under min 1000$"):
+                await c.mod("a", 5, min=1000)
             await c.hold("a", -5, 1)
             with pytest.raises(TooManyHolds, match=r"HOLDS_PER_ACCOUNT_MAX \(2\)"):
                 await c.hold("a", -5, 60)
