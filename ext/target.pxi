@@ -328,6 +328,12 @@ cdef object _route_rules(Request req, int route, int seen):
     if route == R_HOLD and req.by >= 0:
         return bad_query("by must be negative for a hold: the amount it takes "
                          f"out of the balance, got '{req.by}'")
+    if route == R_HOLD and req.by == -_limits.INT64_MAX - 1:
+        # The ledger's own rule (the amount, -by, is a signed 64-bit
+        # integer), checked here so that the reply is a bad query like
+        # any other: counted as one, answered before the store is asked.
+        return bad_query(f"by must be from {-_limits.INT64_MAX} to -1 for a hold: the amount "
+                         f"it takes is a signed 64-bit integer, got '{req.by}'")
     return None
 
 

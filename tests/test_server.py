@@ -180,6 +180,21 @@ def test_metrics_is_prometheus_text(shared_server, cred):
     sample_values(text)
 
 
+def test_metrics_count_a_bad_query_as_reaching_no_route(start_server, cred):
+    """SERVER.md: route "none" counts a request that reached no route, a
+    bad query on any route included; none reaches the store."""
+    srv = start_server()
+    srv.mod(cred, 10)
+    targets = (f"/hold?cred={cred}&by=-9223372036854775808&ttl=1", f"/hold?cred={cred}&by=5&ttl=1",
+               f"/settle?cred={cred}&hold=0&use=1", f"/mod?cred={cred}&by=1x")
+    for target in targets:
+        assert srv.patch(target).json["error"] == "bad_request", target
+    m = sample_values(srv.get("/metrics").body.decode())
+    assert m['accman_requests_total{route="none",status="400"}'] == len(targets)
+    assert not [k for k in m if 'status="400"' in k and 'route="none"' not in k]
+    assert srv.tot(cred) == 10
+
+
 def test_mods_committed_counts_changes_not_refused_calls(start_server, cred):
     """accman_mods_committed_total counts what changed a balance, and
     accman_batches_total the batches that did, on either store: a mod
