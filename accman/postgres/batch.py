@@ -122,8 +122,11 @@ _NO_ACCOUNT = {S.MOD: "no account has this cred; a charge opens none",
                S.HOLD: "no account has this cred; a hold opens none"}
 
 
-def refusals(holds_per_account_max: int, holds_max: int) -> dict:
-    """{code: (op, tot) -> AccManError} for a store with these bounds."""
+def refusals(holds_per_account_max: int, holds_max: int, clusters: int) -> dict:
+    """{code: (op, tot) -> AccManError} for a store of `clusters` with
+    these bounds.  HOLDS_MAX bounds each cluster's open holds: each keeps
+    and ends its own (SCALING.md)."""
+    where = "the store has" if clusters == 1 else "the account's cluster has"
     return {
         S.NO_ACCOUNT: lambda op, _tot: NoAccount(
             _NO_ACCOUNT.get(op.kind, "no account has this cred")),
@@ -141,7 +144,7 @@ def refusals(holds_per_account_max: int, holds_max: int) -> dict:
             f"the account has HOLDS_PER_ACCOUNT_MAX ({holds_per_account_max}) open holds; "
             "settle some first"),
         S.TOO_MANY_HOLDS_STORE: lambda _op, _tot: TooManyHolds(
-            f"the store has HOLDS_MAX ({holds_max}) open holds; retry later"),
+            f"{where} HOLDS_MAX ({holds_max}) open holds; retry later"),
         S.NO_HOLD: lambda _op, _tot: NoHold("the account has no hold with this id"),
         S.HOLD_ENDED: lambda _op, _tot: HoldEnded("the hold was settled with another use"),
         S.HOLD_EXPIRED: lambda _op, _tot: HoldEnded(

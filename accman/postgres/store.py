@@ -73,7 +73,7 @@ class PgStore:
     def __init__(self, clusters_info, urls, *, hash_key, low_default, retention_s,
                  batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):
         self._hasher = hashlib.blake2b(digest_size=16, key=hash_key)
-        self._refused = B.refusals(holds_per_account_max, holds_max)
+        self._refused = B.refusals(holds_per_account_max, holds_max, len(urls))
         self.clusters = [Cluster(u, i, info.cluster_id)
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
         self.low_default = low_default

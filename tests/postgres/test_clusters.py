@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from accman.errors import StoreError
+from accman.errors import StoreError, TooManyHolds
 from accman.postgres.migrate import migrate
 
 from .helpers import opened, run, stored, two_clusters
@@ -46,6 +46,39 @@ def test_accounts_spread_over_two_clusters(pg, pg_factory):
             assert await asyncio.gather(*(c.tot(f"u{i}") for i in range(ACCOUNTS))) == \
                 [9] * ACCOUNTS
     run(again())
+
+
+def test_holds_max_bounds_each_cluster_of_a_store(pg):
+    """SERVER.md, SCALING.md: on a store of several clusters HOLDS_MAX
+    bounds each cluster's open holds, and its refusal says so."""
+    urls = [pg.create_database("hmax_a"), pg.create_database("hmax_b")]
+
+    async def main():
+        async with stored(urls, holds_max=3) as (store, c):
+            creds = [f"h{i}" for i in range(40)]
+            for cred in creds:
+                await c.mod(cred, 10)
+            held, refused = [], []
+            for cred in creds:
+                try:
+                    held.append((cred, (await c.hold(cred, -1, 60))[0]))
+                except TooManyHolds as e:
+                    refused.append(e.detail)
+            assert len(held) == 6 and len(refused) == 34
+            assert set(refused) == {"the account's cluster has HOLDS_MAX (3) open holds; "
+                                    "retry later"}
+            assert store.open_holds == 6
+            await c.settle(*held[0], 0)                      # room in its cluster only
+            assert store.open_holds == 5
+            again = [cred for cred in creds if cred != held[0][0]]
+            got = []
+            for cred in again:
+                try:
+                    got.append((await c.hold(cred, -1, 60))[0])
+                except TooManyHolds:
+                    pass
+            assert len(got) == 1 and store.open_holds == 6
+    run(main())
 
 
 def test_a_cluster_added_later_gets_the_key(pg):
