@@ -63,6 +63,16 @@ def native_missing() -> str | None:
     return f"accman's compiled modules are not built in {here}: {build}"
 
 
+def postgres_missing() -> str | None:
+    """When the PostgreSQL store's driver (asyncpg, the `postgres` extra)
+    is not installed: one line saying what to install.  None when it is."""
+    import importlib.util
+
+    if importlib.util.find_spec("asyncpg") is not None:
+        return None
+    return "the PostgreSQL store needs asyncpg: pip install 'accman[postgres]'"
+
+
 def _lacks_native(package_dir: str) -> bool:
     import importlib.machinery
     import os

@@ -264,10 +264,10 @@ def cmd_migrate(args) -> int:
     from accman.errors import StoreError
     if not args.store:      # checked here, so that a misspelt --stor is said first
         return _fail("migrate needs --store URL (try: accman migrate --help)")
-    try:
-        from accman.postgres import migrate_sync
-    except ImportError:
-        return _fail("the PostgreSQL store needs asyncpg: pip install 'accman[postgres]'")
+    why = accman.postgres_missing()
+    if why is not None:
+        return _fail(why)
+    from accman.postgres import migrate_sync
     try:
         done = migrate_sync(args.store)
     except StoreError as e:

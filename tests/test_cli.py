@@ -554,6 +554,24 @@ def test_an_empty_store_url_is_a_usage_error_not_a_refused_connection(args):
     assert "--store: an empty URL: give a postgresql:// URL" in proc.stderr
 
 
+# `python -m accman ARGS` on a Python where asyncpg cannot be imported.
+WITHOUT_ASYNCPG = ("import runpy, sys; sys.modules['asyncpg'] = None; "
+                   "sys.argv[0] = 'accman'; runpy.run_module('accman', run_name='__main__')")
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_the_postgresql_store_without_its_driver_is_one_line_and_touches_nothing(command,
+                                                                                tmp_path):
+    data = tmp_path / "d"
+    args = [command, "--store", "postgresql://127.0.0.1:1/x"]
+    args += ["--data", str(data), "--port", "0"] if command == "serve" else []
+    proc = run_in(ROOT, "-c", WITHOUT_ASYNCPG, *args)
+    err = one_line_error(proc)
+    assert err == ("accman: error: the PostgreSQL store needs asyncpg: "
+                   "pip install 'accman[postgres]'")
+    assert not data.exists()
+
+
 @pytest.mark.parametrize("command", ["serve", "verify"])
 def test_an_empty_data_path_is_a_usage_error_not_the_current_directory(command, tmp_path):
     """`--data ""` would be the current directory: made 0700 and given a

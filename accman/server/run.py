@@ -13,6 +13,7 @@ import socket
 import stat
 import urllib.parse
 
+import accman
 from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
 from accman.limits import EVENTS_RETENTION_S_DEFAULT, FDS_RESERVED, NICE_MAX
 from accman.server.say import say
@@ -70,7 +71,11 @@ def open_ledger(data_path: str, verify: str, compaction_nice: int = 0, **options
 
 def open_postgres(loop, urls: list, data_path: str | None, **options):
     """The PostgreSQL store on `loop` (accman.postgres); the data directory,
-    if given, holds only this server's lock."""
+    if given, holds only this server's lock.  Refused before the lock is
+    taken when the store's driver is not installed."""
+    why = accman.postgres_missing()
+    if why is not None:
+        raise StartupError(why)
     from accman.postgres import PgStore
     if data_path is not None:
         lock_directory(data_path)
