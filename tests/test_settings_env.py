@@ -48,6 +48,15 @@ def test_every_accman_variable_the_project_reads_is_known_to_the_server():
     assert not OTHER_NAMES & set(ServerLimits.names())
 
 
+def test_every_variable_the_project_reads_is_documented():
+    """A user meets the calling side's variables in CALLING.md, the
+    examples' README or node/README.md, a developer the build's and the
+    tests' in DESIGN.md."""
+    docs = "".join((ROOT / p).read_text() for p in ("docs/CALLING.md", "docs/DESIGN.md",
+                                                    "examples/README.md", "node/README.md"))
+    assert sorted(n for n in OTHER_NAMES if not re.search(rf"\b{n}\b", docs)) == []
+
+
 @pytest.mark.parametrize("name,raw", [
     ("ACCMAN_WEBHOOK_LINGER_S", "inf"), ("ACCMAN_WEBHOOK_BACKOFF_CAP_S", "1e400"),
     ("ACCMAN_HEAD_TIMEOUT_S", "nan"), ("ACCMAN_WEBHOOK_ATTEMPT_TIMEOUT_S", "1_0"),
