@@ -11,7 +11,10 @@ Each figure is printed beside its peer measured in the same run:
   same run: one synced put (the fsync cost) and large synced batches of puts
   (LevelDB's write rate);
 - open time and memory per account with ACCOUNTS_BIG accounts, against the
-  size of the same data as plain Python dict entries.
+  size of the same data as plain Python dict entries;
+- holds ended by their ttl, HOLDS_CROWDED of them due in the same second,
+  against the durable mods/s of 1024 writers (an expiry is one change, as
+  a mod is).
 
 The figures and the targets are written into docs/PERFORMANCE.md by hand
 from a run's output.  Nothing here asserts on time.
@@ -110,6 +113,41 @@ def test_leveldb_ceiling(benchmark, tmp_path):
     db.close()
 
 
+HOLDS_CROWDED = 100_000
+HOLDS_PER_ACCOUNT = 4000
+
+
+def test_expire_a_crowded_second(benchmark, tmp_path):
+    """HOLDS_CROWDED holds with the same expiry second, ended as the writer
+    ends them (Ledger.expire_due, the writer's own call, on a test clock)."""
+    now = [1_700_000_000_000]
+    accounts = [f"held-{i}" for i in range(HOLDS_CROWDED // HOLDS_PER_ACCOUNT)]
+
+    with Ledger(str(tmp_path / "d"), clock_ms=lambda: now[0]) as held:
+        for cred in accounts:
+            held.mod(cred, 10 ** 12)
+
+        def open_holds():
+            async def holder(cred):
+                for _ in range(HOLDS_PER_ACCOUNT):
+                    await held.ahold(cred, -1, 1)
+
+            async def main():
+                await asyncio.gather(*map(holder, accounts))
+            now[0] += 10_000
+            uvloop.run(main())
+            assert held.open_holds == HOLDS_CROWDED
+            now[0] += 2_000
+            return (), {}
+
+        def expire():
+            while held.open_holds:
+                held.expire_due()
+
+        benchmark.pedantic(expire, setup=open_holds, rounds=3, iterations=1)
+    results["expiries_per_s"] = HOLDS_CROWDED / benchmark.stats["mean"]
+
+
 def _rss_bytes():
     with open("/proc/self/status") as f:
         for line in f:
@@ -184,6 +222,12 @@ def test_report():
                 # each mod writes ~2 records (history + account)
                 extra = f"  ({r[k] * 2 / r['leveldb_puts_per_s']:.0%} of the put ceiling)"
             lines.append(f"  durable mods/s, {w:>4} writers: {r[k]:,.0f}{extra}")
+    if "expiries_per_s" in r:
+        peer = r.get("mods_per_s_1024")
+        ratio = f"; ratio {r['expiries_per_s'] / peer:.2f}x" if peer else ""
+        lines.append(f"  {HOLDS_CROWDED:,} holds due in one second ended: "
+                     f"{r['expiries_per_s']:,.0f}/s (durable mods/s, 1024 writers: "
+                     f"{peer or 0:,.0f}{ratio})")
     if "open_s" in r:
         lines.append(f"  open {ACCOUNTS_BIG:,} accounts: {r['open_s']:.2f} s, "
                      f"{r['bytes_per_account']:.0f} B/account (a bare dict of 16-byte "

@@ -211,8 +211,11 @@ cdef Py_ssize_t book_expire_due(Book book, int64_t now_ms, Py_ssize_t most) exce
     while book.wheel_seconds and book.wheel_seconds[0] * 1000 <= now_ms and n < most:
         second = book.wheel_seconds[0]
         bucket = book.wheel.get(second)
-        while bucket and n < most:
-            hold_id = next(iter(bucket))
+        # The bucket's first holds, in the order they were made, taken in
+        # one pass: a dict keeps the slots of the ones ended before, and
+        # looking for its first key again after each end would scan them
+        # all, quadratic in the holds a second ends.
+        for hold_id in list(islice(bucket or (), most - n)):
             h = book.holds[hold_id]
             _end(book, h, hold_id, 0, HOLD_EXPIRED, now_ms)     # takes it off the wheel
             n += 1

@@ -32,6 +32,7 @@ from values cimport valid_name
 
 import hashlib
 import heapq
+from itertools import islice
 
 from accman.errors import (AccManError, BadRequest, Busy, HoldEnded, Insufficient, KeyReused,
                            NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)

@@ -179,6 +179,24 @@ def test_open_holds_survive_a_reopen_and_expire_on_time(path, clock):
         assert led.tot("a") == 100
 
 
+def test_holds_of_one_second_end_in_the_order_they_were_made_a_part_at_a_time(path, clock):
+    """A second's holds end in the order they were made, however many
+    calls take them (each at most its bound), a settled one skipped."""
+    with Ledger(path, clock_ms=clock, batch_mods_max=2, queued_mods_max=3) as led:
+        for cred in "abc":
+            led.mod(cred, 100)
+        made = [(cred, led.hold(cred, -1, 5)[0]) for cred in "abc" * 4]
+        led.settle(*made[4], 0)
+        after = led.events(limit=1000)[1]
+        clock.advance(5)
+        while led.expire_due():
+            pass
+        ended, _ = led.events(after=after, limit=1000)
+        ids = {led.account_id(cred): cred for cred in "abc"}
+        assert [(ids[e.account], e.hold) for e in ended] == made[:4] + made[5:]
+        assert {e.type for e in ended} == {"expire"} and led.open_holds == 0
+
+
 def test_expiry_is_by_the_second_after_the_ttl(led, clock):
     """The expiry wheel has a bucket per second: a hold ends by itself at
     the first whole second at or after its ttl; a settle from its ttl on
