@@ -22,11 +22,14 @@ from accman.postgres.complaints import doing, named
 
 log = logging.getLogger("accman.postgres")
 
-# Due holds are ended in rounds this often (a hold ends at most this long
-# after its ttl; a settle after the ttl is hold_expired at once regardless),
-# at most EXPIRE_ACCOUNTS_MAX accounts per call of accman_expire.
+# Due holds are ended in rounds this often, at most EXPIRE_HOLDS_MAX per
+# call of accman_expire (one transaction: the accounts it ends holds of
+# wait for its commit), calls following one another until one ends none.
+# A hold ends a round after its ttl, or later while its account is locked
+# by a write when the round comes (SKIP LOCKED: the next round ends it);
+# a settle after the ttl is hold_expired at once regardless.
 EXPIRE_INTERVAL_S = 1.0
-EXPIRE_ACCOUNTS_MAX = 1024
+EXPIRE_HOLDS_MAX = 4096
 # Events past the retention are trimmed this often (or each round, when the
 # retention is shorter).
 TRIM_INTERVAL_S = 60.0
@@ -82,7 +85,7 @@ async def expire_round(store, cluster) -> None:
             while True:
                 t0 = time.perf_counter()
                 ended = await committed(conn, conn.fetchval(
-                    "SELECT accman_expire($1)", EXPIRE_ACCOUNTS_MAX), ROUND_TIMEOUT_S,
+                    "SELECT accman_expire($1)", EXPIRE_HOLDS_MAX), ROUND_TIMEOUT_S,
                     cluster.abandoned)
                 if not ended:
                     break

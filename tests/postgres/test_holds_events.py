@@ -4,6 +4,7 @@
 import asyncio
 import time
 
+import asyncpg
 import pytest
 
 from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient,
@@ -234,7 +235,7 @@ def test_busy_when_queue_full(pg_url):
 
 
 def test_expiry_rounds_are_bounded_and_go_on(pg_url, monkeypatch):
-    monkeypatch.setattr(upkeep, "EXPIRE_ACCOUNTS_MAX", 1)
+    monkeypatch.setattr(upkeep, "EXPIRE_HOLDS_MAX", 1)
     monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 0.1)
 
     async def main():
@@ -244,6 +245,32 @@ def test_expiry_rounds_are_bounded_and_go_on(pg_url, monkeypatch):
                 await c.hold(x, -10, 1)
             await asyncio.sleep(1.6)
             assert [await c.tot(x) for x in ("a", "b", "c")] == [10, 10, 10]
+    run(main())
+
+
+def test_a_call_of_accman_expire_ends_at_most_p_max_holds(pg_url, monkeypatch):
+    """Each call is one short transaction: it stops inside an account once
+    it has ended p_max holds, and the next call ends that account's later
+    ones, in hold order."""
+    monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 3600.0)    # no round of its own
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            for x in ("a", "b", "c"):
+                await c.mod(x, 100)
+                for _ in range(5):
+                    await c.hold(x, -10, 1)
+            await asyncio.sleep(1.2)
+            conn = await asyncpg.connect(pg_url)
+            try:
+                ended = [await conn.fetchval("SELECT accman_expire(4)") for _ in range(5)]
+            finally:
+                await conn.close()
+            assert ended == [4, 4, 4, 3, 0]
+            for x in ("a", "b", "c"):
+                entries = (await c.past(x)).entries
+                assert [(e.seq, e.hold, e.tot) for e in entries[:5]] == \
+                    [(11 - i, 6 - i, 100 - 10 * i) for i in range(5)]
     run(main())
 
 
