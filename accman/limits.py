@@ -151,6 +151,12 @@ PIPELINE_REQUESTS_MAX = 64
 # accepts about one connection a turn while the loop is busy); the
 # connections held back go on next turn, in turn.
 TURN_REQUESTS_MAX = 512
+# What a request of a costly route counts for in that budget, in requests:
+# a /metrics render is ~10 /tot's work, and a page of /past or /events one
+# request per PAGE_ENTRIES_PER_TURN_REQUEST entries it holds (docs/
+# PERFORMANCE.md has the measurement).  A flood of them keeps turns short.
+METRICS_TURN_REQUESTS = 10
+PAGE_ENTRIES_PER_TURN_REQUEST = 3
 # Bytes of replies queued in the transport before the server pauses reading
 # from that client (uvloop's write buffer high-water mark).
 WRITE_BUFFER_BYTES_MAX = 256 * 1024

@@ -26,6 +26,8 @@ class Turn:
     def __init__(self, size: int, spent: Any) -> None: ...
     def grant(self, n: int) -> int:
         """How many of `n` requests a connection may take now."""
+    def charge(self, n: int) -> int:
+        """`n` requests' worth more, for a request that is more work."""
     def refund(self, n: int) -> int:
         """Requests granted and not taken."""
     def renew(self) -> None: ...

@@ -16,7 +16,8 @@ from __future__ import annotations
 from time import perf_counter
 
 from accman.errors import AccManError, EventsTrimmed, Insufficient
-from accman.limits import EVENT_BYTES_MAX, PAST_ENTRY_BYTES_MAX
+from accman.limits import (EVENT_BYTES_MAX, METRICS_TURN_REQUESTS, PAGE_ENTRIES_PER_TURN_REQUEST,
+                           PAST_ENTRY_BYTES_MAX)
 from accman.server import replies
 from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_METRICS,
                                  ROUTE_MOD, ROUTE_OPTIONS, ROUTE_PAST, ROUTE_SETTLE,
@@ -145,6 +146,7 @@ class Routes:
             return self._health(mode, req.head)
         if route == ROUTE_METRICS:
             self.requests["metrics", 200] += 1
+            self.server.turn.charge(METRICS_TURN_REQUESTS - 1)
             return replies.reply(200, self.server.render_metrics(), mode,
                                  content_type=METRICS_CONTENT_TYPE, head=req.head)
         if route == ROUTE_OPTIONS:
@@ -311,10 +313,12 @@ class Routes:
             if route == ROUTE_MOD or route == ROUTE_SETTLE:
                 body = MOD_BODY % outcome
             elif route == ROUTE_PAST:
+                self.server.turn.charge(len(outcome.entries) // PAGE_ENTRIES_PER_TURN_REQUEST)
                 body = past_body(outcome.account, outcome.entries, outcome.next)
             elif route == ROUTE_HOLD:
                 body = HOLD_BODY % outcome
             elif route == ROUTE_EVENTS:
+                self.server.turn.charge(len(outcome[0]) // PAGE_ENTRIES_PER_TURN_REQUEST)
                 body = events_body(*outcome)
             else:
                 raise AssertionError(f"no success reply for route {route}")

@@ -270,3 +270,25 @@ def test_a_loop_turn_takes_at_most_turn_requests_max_and_the_rest_go_on(start_se
         for c in conns:
             c.close()
     assert metrics(s)["accman_turns_spent_total"] >= 600 // 8 - 8
+
+
+def test_a_costly_request_counts_for_more_in_the_turn(start_server, cred):
+    """METRICS_TURN_REQUESTS, PAGE_ENTRIES_PER_TURN_REQUEST: a /metrics
+    counts for 10 requests and a page for one per 3 entries, so that a
+    flood of them keeps turns short.  With 200 a turn (a read is granted
+    PIPELINE_REQUESTS_MAX, 64, so a turn is spent once fewer are left), 40
+    /metrics or 20 pages of 60 entries spend at least two turns, where 40
+    requests of one each would spend none."""
+    s = start_server(env={"ACCMAN_TURN_REQUESTS_MAX": "200"})
+    for _ in range(60):
+        s.mod(cred, 1)
+    spent = metrics(s)["accman_turns_spent_total"]
+    for _ in range(40):
+        assert s.get("/metrics").status == 200
+    spent, was = metrics(s)["accman_turns_spent_total"], spent
+    assert spent - was >= 2
+    for target, field in ((f"/past?cred={cred}&limit=60", "past"), ("/events?limit=60", "events")):
+        for _ in range(20):
+            assert len(s.get(target).json[field]) == 60
+        spent, was = metrics(s)["accman_turns_spent_total"], spent
+        assert spent - was >= 2, target
