@@ -1,6 +1,7 @@
 'use strict'
 // README.md as a user reads it: every file it points to is in the
-// repository.  No AccMan needed.
+// repository, and the limits it gives are the package's, reached the way
+// it says.  No AccMan needed.
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
@@ -29,4 +30,39 @@ test('every file README.md names, by a link or a path, is in the repository', ()
   const missing = named.filter((p) => !fs.existsSync(path.resolve(PACKAGE_DIR, p)))
   assert.deepEqual(missing, [])
   assert.ok(named.includes('../docs/SPEC.md'), 'the README links the SPEC')
+})
+
+// The README's text under a `## ` heading, up to the next one.
+function section (heading) {
+  const start = README.indexOf(`\n## ${heading}\n`)
+  assert.ok(start >= 0, `README.md has a "${heading}" section`)
+  const end = README.indexOf('\n## ', start + 1)
+  return README.slice(start, end < 0 ? README.length : end)
+}
+
+// A limit's value as the README writes it, in the unit its name ends in:
+// `(5 s)` is 5000 for a `_MS` name and 5 for an `_S` one; `(10 000)`,
+// `(8 KiB)` and `(1 MiB)` are counts of things or bytes.
+const SCALE = { '': 1, KiB: 1024, MiB: 1024 * 1024 }
+function valueIn (name, written) {
+  const m = /^([\d ]+?)(?: (s|KiB|MiB))?$/.exec(written)
+  assert.ok(m, `${name}'s value (${written}) is read`)
+  const n = Number(m[1].replaceAll(' ', ''))
+  if (m[2] !== 's') return n * SCALE[m[2] ?? '']
+  assert.match(name, /_(MS|S)(_|$)/, `${name} is a time`)
+  return /_MS(_|$)/.test(name) ? n * 1000 : n
+}
+
+test('the limits are reached as the README says, with the values it gives', () => {
+  const text = section('Limits')
+  const how = /`require\('([\w-]+)'\)\.limits`/.exec(text)
+  assert.ok(how, 'the Limits section says how a service requires them')
+  // The package's own name, which a test resolves as a service would:
+  // through package.json's `exports`, that `src/limits.js` is not in.
+  const limits = require(how[1]).limits
+  const given = [...text.matchAll(/`([A-Z][A-Z0-9_]+)`\s+\(([^)]+)\)/g)]
+  assert.ok(given.length >= 10, 'the section gives the limits with their values')
+  for (const [, name, written] of given) {
+    assert.equal(limits[name], valueIn(name, written.replace(/\s+/g, ' ')), name)
+  }
 })
