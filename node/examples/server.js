@@ -5,12 +5,22 @@
 // at the repository root serves http://127.0.0.1:8080, loopback only):
 //
 //   cd node && npm ci
-//   npm run example            # or: ACCMAN_URL=... ACCMAN_TOKEN=... MODE=reserve node examples/server.js
+//   npm run example            # or: ACCMAN_MODE=reserve PORT=3001 node examples/server.js
 //
 // then, with a funded credential (`.venv/bin/accman open --by 100` prints one):
 //
 //   curl -i -H "accman: $cred" http://127.0.0.1:3000/weather
 //   curl -i -H "accman: $cred" "http://127.0.0.1:3000/report?rows=42"
+//
+// The environment, by the names the Python example (examples/app.py) reads:
+// ACCMAN_URL (default http://127.0.0.1:8080), ACCMAN_TOKEN (unset or
+// empty: no token), ACCMAN_MODE (check, the default, or reserve),
+// ACCMAN_ON_UNAVAILABLE (closed, the default, or open) and
+// ACCMAN_HOLD_TTL_S (default 90); the plugin refuses a wrong value, which
+// stops the example at start.  PORT (default 3000, on 127.0.0.1) and
+// LOG_LEVEL (pino's, default info) keep their plain names: the Python
+// example has them from uvicorn, and `accman serve` warns of an ACCMAN_
+// name that no part of AccMan reads.
 
 const Fastify = require('fastify')
 const accman = require('..')
@@ -24,8 +34,9 @@ async function build () {
     url: ACCMAN_URL,
     token: process.env.ACCMAN_TOKEN, // read,charge; none when AccMan has no tokens
     cost: 1, // the default price of a request
-    mode: process.env.MODE === 'reserve' ? 'reserve' : 'check',
-    onUnavailable: 'closed', // 503 when AccMan cannot be reached
+    mode: process.env.ACCMAN_MODE || 'check',
+    onUnavailable: process.env.ACCMAN_ON_UNAVAILABLE || 'closed', // closed: 503 when AccMan cannot be reached
+    holdTtlS: process.env.ACCMAN_HOLD_TTL_S ? Number(process.env.ACCMAN_HOLD_TTL_S) : undefined, // the default
     exempt: ['/health', '/metrics']
   })
 

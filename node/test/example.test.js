@@ -11,11 +11,25 @@ const { AccManClient, limits } = require('..')
 const { AccManServer } = require('./helpers/accman')
 const { proxyTo } = require('./helpers/proxy')
 
-// The example on a free port, talking to AccMan at `accmanUrl`: its URL,
-// its process, its log lines (pino's objects) and its exit.
-async function startExample (t, accmanUrl) {
-  const child = spawn(process.execPath, [path.join(__dirname, '..', 'examples', 'server.js')], {
-    env: { ...process.env, ACCMAN_URL: accmanUrl, PORT: '0', LOG_LEVEL: 'info' },
+const EXAMPLE = path.join(__dirname, '..', 'examples', 'server.js')
+
+// The environment the example is given: the test's own, less the example's
+// variables (a developer's ACCMAN_MODE must not change what a test sees),
+// plus `env`.
+function exampleEnv (env) {
+  const base = { ...process.env }
+  for (const name of ['ACCMAN_URL', 'ACCMAN_TOKEN', 'ACCMAN_MODE', 'ACCMAN_ON_UNAVAILABLE', 'ACCMAN_HOLD_TTL_S']) {
+    delete base[name]
+  }
+  return { ...base, PORT: '0', LOG_LEVEL: 'info', ...env }
+}
+
+// The example on a free port, talking to AccMan at `accmanUrl`, with `env`
+// added to its environment: its URL, its process, its log lines (pino's
+// objects) and its exit.
+async function startExample (t, accmanUrl, env = {}) {
+  const child = spawn(process.execPath, [EXAMPLE], {
+    env: exampleEnv({ ACCMAN_URL: accmanUrl, ...env }),
     stdio: ['ignore', 'pipe', 'inherit']
   })
   t.after(() => child.kill('SIGKILL'))
@@ -58,6 +72,55 @@ test('the example charges a report by its rows and sets the header', async (t) =
   assert.equal(report.headers.get('accman'), '94')
   assert.equal((await fetch(url + '/status')).status, 200)
   assert.match(await (await fetch(url + '/metrics')).text(), /accman_plugin_charged_total 2/)
+})
+
+test('ACCMAN_MODE=reserve: the example holds a report\'s estimate, then settles what it cost', async (t) => {
+  const { server, acc } = await startAccMan(t)
+  await acc.mod('example-reserve', 100)
+  const { url } = await startExample(t, server.url, { ACCMAN_MODE: 'reserve' })
+  const report = await fetch(url + '/report?rows=42', { headers: { accman: 'example-reserve' } })
+  assert.deepEqual([report.status, report.headers.get('accman')], [200, '95'])
+  // Newest first: the settle's return of 5 of the 10 held, then the hold,
+  // made with the plugin's hold key (check mode would show one mod of -5).
+  const [settle, hold] = (await acc.past('example-reserve')).past
+  assert.deepEqual([settle.by, hold.by], [5, -10])
+  assert.match(hold.key, /-h$/)
+})
+
+test('ACCMAN_ON_UNAVAILABLE=open: with AccMan out of reach the example serves unpaid', async (t) => {
+  const { server } = await startAccMan(t)
+  const proxy = await proxyTo(server.url)
+  t.after(() => proxy.close())
+  proxy.set('refuse')
+  const open = await startExample(t, proxy.url, { ACCMAN_ON_UNAVAILABLE: 'open' })
+  const served = await fetch(open.url + '/weather', { headers: { accman: 'example-open' } })
+  assert.deepEqual([served.status, served.headers.get('accman')], [200, null])
+  const closed = await startExample(t, proxy.url)
+  assert.equal((await fetch(closed.url + '/weather', { headers: { accman: 'example-open' } })).status, 503)
+})
+
+// The example run to its exit, with `env` added: its exit code (null if
+// it was still running after START_REFUSED_MS, and was killed) and its
+// stderr.
+const START_REFUSED_MS = 10000
+async function runExample (env) {
+  const child = spawn(process.execPath, [EXAMPLE], { env: exampleEnv(env), stdio: ['ignore', 'ignore', 'pipe'] })
+  const timer = setTimeout(() => child.kill('SIGKILL'), START_REFUSED_MS)
+  let stderr = ''
+  child.stderr.on('data', (d) => { stderr += d })
+  const code = await new Promise((resolve) => child.on('exit', resolve))
+  clearTimeout(timer)
+  return { code, stderr }
+}
+
+test('a wrong ACCMAN_MODE or ACCMAN_HOLD_TTL_S stops the example at start, naming the option', async () => {
+  const url = 'http://127.0.0.1:1' // never reached: the options are refused first
+  const mode = await runExample({ ACCMAN_URL: url, ACCMAN_MODE: 'reserv' })
+  assert.equal(mode.code, 1)
+  assert.match(mode.stderr, /TypeError: mode must be 'check' or 'reserve', not "reserv"/)
+  const ttl = await runExample({ ACCMAN_URL: url, ACCMAN_HOLD_TTL_S: '0' })
+  assert.equal(ttl.code, 1)
+  assert.match(ttl.stderr, /TypeError: holdTtlS must be an integer from 1 to 86400, not 0/)
 })
 
 // A charge owed by the example: one paid request, then AccMan out of reach
