@@ -7,6 +7,8 @@
 //   cd node && npm ci
 //   npm run example            # or: ACCMAN_MODE=reserve PORT=3001 node examples/server.js
 //
+// (the npm script execs node, so that the SIGTERM npm forwards reaches it)
+//
 // then, with a funded credential (`.venv/bin/accman open --by 100` prints one):
 //
 //   curl -i -H "accman: $cred" http://127.0.0.1:3000/weather
@@ -61,17 +63,31 @@ async function build () {
 // fastify does not close itself on a signal, and a process that ends at
 // SIGTERM loses the charges it still owes AccMan.  close() gives them
 // CLOSE_DRAIN_MS to land and logs any it must strand; then the process
-// exits.  A second signal ends it at once.
+// exits.  A second signal ends it at once (node's default action), but not
+// one within SIGNAL_COPY_MS of the first: that is a copy.  A Ctrl-C under
+// `npm run example` reaches node twice, a millisecond apart: from the
+// terminal, to its whole process group, and as npm forwards it; a process
+// manager that signals the group does the same with SIGTERM.
+const SIGNAL_COPY_MS = 500
+const SIGNALS = ['SIGTERM', 'SIGINT']
+
 function closeOnSignals (app) {
-  for (const signal of ['SIGTERM', 'SIGINT']) {
-    process.once(signal, () => {
-      app.log.info({ signal }, 'closing')
-      app.close().then(() => process.exit(0), (err) => {
-        app.log.error({ err }, 'close failed')
-        process.exit(1)
-      })
+  const copy = () => {}
+  const close = (signal) => {
+    for (const s of SIGNALS) {
+      process.on(s, copy) // before the removal: no moment under the default action
+      process.removeListener(s, close)
+    }
+    setTimeout(() => {
+      for (const s of SIGNALS) process.removeListener(s, copy)
+    }, SIGNAL_COPY_MS).unref()
+    app.log.info({ signal }, 'closing')
+    app.close().then(() => process.exit(0), (err) => {
+      app.log.error({ err }, 'close failed')
+      process.exit(1)
     })
   }
+  for (const s of SIGNALS) process.on(s, close)
 }
 
 if (require.main === module) {
@@ -86,4 +102,4 @@ if (require.main === module) {
     })
 }
 
-module.exports = { build, closeOnSignals }
+module.exports = { build, closeOnSignals, SIGNAL_COPY_MS }

@@ -1,13 +1,16 @@
 'use strict'
-// The example service as a user runs it: `node examples/server.js` beside a
-// running AccMan (no tokens, loopback), then curl-like requests, and the
-// SIGTERM a process manager sends to stop it.
+// The example service as a user runs it: `node examples/server.js` or
+// `npm run example` beside a running AccMan (no tokens, loopback), then
+// curl-like requests, and the SIGTERM a process manager sends to stop it.
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
 const path = require('node:path')
 const { spawn } = require('node:child_process')
 const { AccManClient, limits } = require('..')
+const { SIGNAL_COPY_MS } = require('../examples/server')
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 const { AccManServer } = require('./helpers/accman')
 const { proxyTo } = require('./helpers/proxy')
 
@@ -162,4 +165,80 @@ test('SIGTERM with a charge owed and AccMan gone: the charge is stranded and log
   assert.equal(errors.length, 1)
   assert.match(errors[0], /^accman: stranded charge(: the account owes 1|, outcome unknown: look for \S+-c in the account's history)/)
   assert.equal(await acc.tot('example-term-strands'), 9)
+})
+
+test('two SIGINTs a moment apart (a Ctrl-C under npm run): the example still drains, and the charge lands', async (t) => {
+  const { acc, proxy, example } = await oweCharge(t, 'example-int-twice')
+  // The terminal's SIGINT, then npm's forwarded copy once the first is
+  // handled (sent together, the kernel would merge them into one).
+  example.child.kill('SIGINT')
+  while (!example.logs.some((l) => l.msg === 'closing')) await sleep(5)
+  example.child.kill('SIGINT')
+  proxy.set('pass')
+  assert.deepEqual(await example.exited, { code: 0, signal: null })
+  assert.equal(await acc.tot('example-int-twice'), 8)
+  assert.equal(example.logs.filter((l) => l.msg === 'closing').length, 1)
+})
+
+test('a second signal after the copy window ends the example at once', async (t) => {
+  const { example } = await oweCharge(t, 'example-term-twice')
+  const sent = performance.now()
+  example.child.kill('SIGTERM')
+  await sleep(SIGNAL_COPY_MS + 500)
+  example.child.kill('SIGTERM') // AccMan is still gone: the drain would take CLOSE_DRAIN_MS
+  assert.deepEqual(await example.exited, { code: null, signal: 'SIGTERM' })
+  assert.ok(performance.now() - sent < limits.CLOSE_DRAIN_MS)
+})
+
+// npm as a user runs it: the npm that runs this test (npm_execpath), or the
+// one on PATH.
+function spawnNpm (args, options) {
+  const npmCli = process.env.npm_execpath
+  if (npmCli && npmCli.endsWith('.js')) return spawn(process.execPath, [npmCli, ...args], options)
+  return spawn('npm', args, options)
+}
+
+function alive (pid) {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch {
+    return false
+  }
+}
+
+test('SIGTERM to `npm run example` reaches the example: it closes, and no node is left behind', async (t) => {
+  const { server } = await startAccMan(t)
+  const npm = spawnNpm(['run', 'example'], {
+    cwd: path.join(__dirname, '..'),
+    env: exampleEnv({ ACCMAN_URL: server.url }),
+    stdio: ['ignore', 'pipe', 'inherit']
+  })
+  t.after(() => npm.kill('SIGKILL'))
+  const exited = new Promise((resolve) => npm.on('exit', (code, signal) => resolve({ code, signal })))
+  // npm's own lines (`> fastify-accman@... example`) come first; the
+  // example's are pino's JSON, with its pid.
+  const logs = []
+  let out = ''
+  const listening = new Promise((resolve, reject) => {
+    npm.stdout.on('data', (d) => {
+      out += d
+      let nl
+      while ((nl = out.indexOf('\n')) >= 0) {
+        const line = out.slice(0, nl)
+        out = out.slice(nl + 1)
+        if (!line.startsWith('{')) continue
+        logs.push(JSON.parse(line))
+        if (/^Server listening at /.test(logs.at(-1).msg)) resolve(logs.at(-1).pid)
+      }
+    })
+    exited.then(({ code }) => reject(new Error(`npm run example exited with ${code}`)))
+  })
+  const pid = await listening
+  t.after(() => { if (alive(pid)) process.kill(pid, 'SIGKILL') })
+  assert.notEqual(pid, npm.pid)
+  npm.kill('SIGTERM')
+  assert.deepEqual(await exited, { code: 0, signal: null })
+  assert.deepEqual(logs.filter((l) => l.msg === 'closing').map((l) => l.signal), ['SIGTERM'])
+  assert.equal(alive(pid), false)
 })
