@@ -207,7 +207,7 @@ _NUMBER_RULES = {
     P_TTL: f"a whole number of seconds from 1 to {_limits.HOLD_TTL_S_MAX}",
     P_HOLD: "a hold id: a positive signed 64-bit decimal integer",
     P_USE: "an amount from 0 to the held amount: a decimal integer",
-    P_AFTER: "an event id: a decimal integer, 0 or more",
+    P_AFTER: f"an event id: a decimal integer from 0 to {_limits.INT64_MAX}",
     P_WAIT: f"a whole number of seconds from 0 to {_limits.EVENTS_WAIT_S_MAX}",
 }
 

@@ -282,6 +282,7 @@ BY_RULE = "by must be a non-zero signed 64-bit decimal integer, got "
 MIN_RULE = "min must be a signed 64-bit decimal integer, got "
 LIMIT_RULE = "limit must be a decimal integer from 1 to 1000, got "
 BEFORE_RULE = "before must be a seq: a positive signed 64-bit decimal integer, got "
+AFTER_RULE = "after must be an event id: a decimal integer from 0 to 9223372036854775807, got "
 CRED_RULE = "cred must be 1 to 128 characters from A-Z a-z 0-9 _ -"
 KEY_RULE = "key must be 1 to 64 characters from A-Z a-z 0-9 _ -"
 
@@ -381,8 +382,6 @@ SOFT = [
      "unknown parameter 'cred' for /events", ""),
     ("events-wait-over", R(b"GET /events?wait=61 HTTP/1.1"), 400,
      "wait must be a whole number of seconds from 0 to 60, got '61'", ""),
-    ("events-after-negative", R(b"GET /events?after=-1 HTTP/1.1"), 400,
-     "after must be an event id: a decimal integer, 0 or more, got '-1'", ""),
     ("events-limit-0", R(b"GET /events?limit=0 HTTP/1.1"), 400,
      "limit must be a decimal integer from 1 to 1000, got '0'", ""),
     ("events-limit-over", R(b"GET /events?limit=1001 HTTP/1.1"), 400,
@@ -403,6 +402,25 @@ for bad in [b"0", b"1001", b"01", b"-1", b"1e2", b"+1", b"99999999999999999999"]
 for bad in [b"0", b"-1", b"01", b"+1", b"9223372036854775808"]:
     SOFT.append(("before=" + bad.decode(), R(b"GET /past?cred=a&before=" + bad + b" HTTP/1.1"), 400,
                  BEFORE_RULE + "'" + bad.decode() + "'", ""))
+for bad in [b"-1", b"-0", b"01", b"+1", b"9223372036854775808", b"99999999999999999999"]:
+    SOFT.append(("after=" + bad.decode(), R(b"GET /events?after=" + bad + b" HTTP/1.1"), 400,
+                 AFTER_RULE + "'" + bad.decode() + "'", ""))
+# Every other number of /events and of the holds routes, one past the signed
+# 64-bit range: the error states the value's whole range, not half of it.
+for target, rule in [
+        (b"GET /events?wait=", "wait must be a whole number of seconds from 0 to 60, got "),
+        (b"GET /events?limit=", LIMIT_RULE),
+        (b"PATCH /hold?cred=a&by=-1&ttl=",
+         "ttl must be a whole number of seconds from 1 to 86400, got "),
+        (b"PATCH /hold?cred=a&ttl=1&by=-1&min=", MIN_RULE),
+        (b"PATCH /settle?cred=a&use=1&hold=",
+         "hold must be a hold id: a positive signed 64-bit decimal integer, got "),
+        (b"PATCH /settle?cred=a&hold=1&use=",
+         "use must be an amount from 0 to the held amount: a decimal integer, got ")]:
+    SOFT.append((target.decode() + "2^63", R(target + b"9223372036854775808 HTTP/1.1"), 400,
+                 rule + "'9223372036854775808'", ""))
+SOFT.append(("hold-by=-2^63-1", R(b"PATCH /hold?cred=a&ttl=1&by=-9223372036854775809 HTTP/1.1"),
+             400, BY_RULE + "'-9223372036854775809'", ""))
 for bad in [b"a%20b", b"a+b", b"a.b", b"%41", b"sec~ret", b"c" * 129]:
     SOFT.append(("cred=" + bad.decode()[:8], R(b"GET /tot?cred=" + bad + b" HTTP/1.1"), 400,
                  CRED_RULE, ""))
