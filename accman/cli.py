@@ -43,8 +43,8 @@ from accman.calling.usage import ArgumentParser
 from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
-                           EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
-                           PAST_LIMIT_MAX)
+                           EVENTS_RETENTION_S_MAX, EVENTS_RETENTION_S_MIN, EVENTS_WAIT_S_MAX,
+                           HOLD_TTL_S_MAX, PAST_LIMIT_MAX)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"
@@ -144,7 +144,8 @@ def _serve_arguments(s):
     s.add_argument("--events-retention", type=retention, metavar="DURATION",
                    default=EVENTS_RETENTION_S_DEFAULT,
                    help="keep events at least this long: seconds, or a number with s, m, h "
-                        f"or d (default 7d, at most {EVENTS_RETENTION_S_MAX // 86400}d)")
+                        f"or d (default 7d; at least {EVENTS_RETENTION_S_MIN}s, at most "
+                        f"{EVENTS_RETENTION_S_MAX // 86400}d)")
 
 
 def _takes_cred(c, example):

@@ -44,6 +44,11 @@ EVENTS_WAIT_S_MAX = 60        # SPEC: wait is 0..60 seconds.
 # Events are kept at least this long (SPEC: default 7 days); older ones may
 # be trimmed, and asking for them is 410 events_trimmed.
 EVENTS_RETENTION_S_DEFAULT = 7 * 24 * 3600
+# The shortest retention `accman serve --events-retention` takes: one
+# second, the command line's smallest unit.  A retention of 0 would keep no
+# event for a reader, so no store takes it; the Python API takes any
+# positive number of seconds.
+EVENTS_RETENTION_S_MIN = 1
 # The longest retention a store takes (--events-retention): a century, as
 # good as "keep them all", with the cut-off still a plain 64-bit time.
 EVENTS_RETENTION_S_MAX = 100 * 365 * 24 * 3600

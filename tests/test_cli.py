@@ -484,6 +484,14 @@ def test_help_names_the_default_data_directory(command):
     assert proc.returncode == 0 and "default ./accman-data" in proc.stdout
 
 
+def test_serve_help_is_the_one_server_md_shows():
+    """docs/SERVER.md shows `accman serve --help` whole, as 80 columns wrap
+    it: a flag's help and its documentation change together."""
+    proc = run_accman("serve", "--help", env={"COLUMNS": "80"})
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: accman serve")
+    assert f"```\n{proc.stdout}```\n" in (ROOT / "docs" / "SERVER.md").read_text()
+
+
 @pytest.mark.parametrize("command,said", [
     ("tot", "(needs the read role)"), ("past", "(needs the read role)"),
     ("mod", "needing the charge role"), ("mod", "needing the mint role"),

@@ -5,10 +5,13 @@ import argparse
 import re
 import urllib.parse
 
-from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, NICE_MAX
+from accman.limits import (EVENTS_RETENTION_S_MAX, EVENTS_RETENTION_S_MIN, INT64_MAX, INT64_MIN,
+                           NICE_MAX)
 
 _INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
-_DURATION_RE = re.compile(r"([1-9][0-9]*)([smhd]?)")
+# A zero is a duration too, so that "0" and "0d" are refused as too short,
+# not as something other than a duration.
+_DURATION_RE = re.compile(r"(0|[1-9][0-9]*)([smhd]?)")
 _DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -21,11 +24,16 @@ def int64(text):
 
 
 def retention(text):
-    """--events-retention: 3600, 90m, 7d..., EVENTS_RETENTION_S_MAX at most."""
+    """--events-retention: 3600, 90m, 7d..., from EVENTS_RETENTION_S_MIN to
+    EVENTS_RETENTION_S_MAX."""
     m = _DURATION_RE.fullmatch(text) if text.isascii() else None
     if m is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m or 7d")
     seconds = int(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
+    if seconds < EVENTS_RETENTION_S_MIN:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is shorter than the shortest retention: it must be at least "
+            f"{EVENTS_RETENTION_S_MIN}s (EVENTS_RETENTION_S_MIN)")
     if seconds > EVENTS_RETENTION_S_MAX:
         raise argparse.ArgumentTypeError(
             f"{text!r} is longer than the longest retention, "
