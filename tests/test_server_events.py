@@ -361,8 +361,9 @@ def test_events_retention_takes_a_duration(start_server, tmp_path, value, ok):
             start_server(data=tmp_path / "d", args=["--events-retention", value])
 
 
-@pytest.mark.parametrize("value", ["abc", "1.5", "+5", "9223372036854775808", ""])
+@pytest.mark.parametrize("value", ["abc", "1.5", "+5", "9223372036854775808", "", "-0", "-00"])
 def test_low_balance_takes_a_signed_64_bit_integer(start_server, tmp_path, value):
+    """As the wire's low= takes it: `-0`, a 400 there, is refused here."""
     with pytest.raises(RuntimeError, match="low-balance"):
         start_server(data=tmp_path / "d", args=["--low-balance", value])
 

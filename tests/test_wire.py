@@ -9,13 +9,17 @@ mutated input only ever gives requests or the listed HttpErrors, and that
 numbers parse exactly as the SPEC's grammar says (a regex model).
 """
 
+import argparse
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from accman import limits
+from accman.calling.arguments import int64
+from accman.calling.commands import decimal
+from accman.errors import BadRequest
 from accman.server._wire import (CODES, ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD,
                                  ROUTE_METRICS, ROUTE_MOD, ROUTE_OPTIONS, ROUTE_PAST,
                                  ROUTE_SETTLE, ROUTE_TOT, Parser, Request)
@@ -1155,6 +1159,27 @@ def test_numbers_follow_the_spec_grammar(name, text):
         if not req.error.close:
             assert (req.error.detail.startswith(name + " must be")
                     or req.error.detail == f"parameter '{name}' is empty")
+
+
+def _or_none(read, text, refusal):
+    try:
+        return read(text)
+    except refusal:
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(number_texts)
+@example("-0")
+@example("-" + "9" * 5000)
+def test_the_command_line_reads_a_number_as_the_wire_does(text):
+    """`accman serve --low-balance L`, `accman mod --low L` and the wire's
+    `low=L` go by one grammar (the SPEC's, `-0` refused): what the server
+    would refuse, the command line refuses before anything is sent."""
+    [req] = Parser().feed(R(b"PATCH /mod?cred=a&by=1&low=" + text.encode() + b" HTTP/1.1"))
+    wire = req.low if req.error is None else None
+    assert _or_none(int64, text, argparse.ArgumentTypeError) == wire
+    assert _or_none(lambda t: decimal(t, "--low"), text, BadRequest) == wire
 
 
 # --- capped feeds: the server's bound on requests per connection and per turn ------

@@ -8,19 +8,44 @@ import urllib.parse
 from accman.limits import (EVENTS_RETENTION_S_MAX, EVENTS_RETENTION_S_MIN, INT64_MAX, INT64_MIN,
                            NICE_MAX)
 
-_INT64_RE = re.compile(r"-?(0|[1-9][0-9]*)")
+# The SPEC's plain ASCII decimal, as the wire's parser reads every number
+# (ext/values.pxd, parse_int64): an optional "-", no leading zeros, and never
+# "-0".  Each value has one spelling, so a number the command line takes is
+# one the server takes too (`low=-0` is a 400, so `--low-balance -0` is
+# refused as well).
+_DECIMAL_RE = re.compile(r"0|-?[1-9][0-9]*", re.ASCII)
+# The most digits a signed 64-bit integer has: text with more is out of
+# range whatever it says, and never handed to int() (which refuses over
+# 4300 digits, with words about itself).
+INT64_DIGITS_MAX = len(str(INT64_MAX))
 # A zero is a duration too, so that "0" and "0d" are refused as too short,
 # not as something other than a duration.
 _DURATION_RE = re.compile(r"(0|[1-9][0-9]*)([smhd]?)")
 _DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def plain_decimal(text: str) -> int | None:
+    """`text` as the SPEC's plain ASCII decimal (_DECIMAL_RE), or None when
+    it is any other text: the one reading of a number the command line
+    gives, for its flags and its commands' values alike.  Python's int()
+    also takes "+5", " 5", "1_000", "-0" and non-ASCII digits.  A number of
+    more digits than INT64_DIGITS_MAX comes back as one just outside the
+    signed 64-bit range, for the caller's range check to refuse."""
+    if _DECIMAL_RE.fullmatch(text) is None:
+        return None
+    if len(text.lstrip("-")) > INT64_DIGITS_MAX:
+        return INT64_MIN - 1 if text.startswith("-") else INT64_MAX + 1
+    return int(text)
+
+
 def int64(text):
     """The SPEC's plain ASCII decimal, in signed 64-bit range."""
-    if not text.isascii() or _INT64_RE.fullmatch(text) is None \
-            or not INT64_MIN <= int(text) <= INT64_MAX:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a signed 64-bit decimal integer")
-    return int(text)
+    value = plain_decimal(text)
+    if value is None or not INT64_MIN <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a signed 64-bit decimal integer in plain digits "
+            "(an optional '-', no leading zeros, never -0)")
+    return value
 
 
 def retention(text):

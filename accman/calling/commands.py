@@ -14,6 +14,7 @@ import re
 import secrets
 import signal
 
+from accman.calling.arguments import plain_decimal
 from accman.calling.requests import check_name
 from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
                            Insufficient, Terminated, TransportError, Unauthorized, Unavailable,
@@ -33,7 +34,6 @@ EXIT_OUTPUT_LOST = 4
 BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
             "characters (an international name goes in its xn-- form) (--url/ACCMAN_URL)")
 
-_DECIMAL_RE = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)
 # The idempotency key of the mod that opens an account: the credential is
 # new, so one key suffices, and it makes the opening safe to repeat.
 OPEN_KEY = "accman-open"
@@ -43,13 +43,13 @@ WRITES = ("open", "mod", "hold", "settle")
 
 
 def decimal(text, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
-    """A number from the command line, by the SPEC's rules for the wire:
-    plain ASCII decimal, an optional "-", no leading zeros, no "+", "_" or
-    spaces (Python's int() takes all of those)."""
-    if _DECIMAL_RE.fullmatch(text) is None or text == "-0":
+    """A number from the command line, by the SPEC's rules for the wire
+    (accman.calling.arguments.plain_decimal): plain ASCII decimal, an
+    optional "-", no leading zeros, no "-0", no "+", "_" or spaces."""
+    value = plain_decimal(text)
+    if value is None:
         like = "100" if low >= 0 else "100 or -3"
         raise BadRequest(f"{what} must be a plain decimal integer, like {like}")
-    value = int(text)
     if not low <= value <= high:
         raise BadRequest(f"{what} must be from {low} to {high}")
     return value
