@@ -29,8 +29,9 @@ from accman.server.settings import ServerLimits
 from accman.server.webhook_http import parse_status, parse_url
 from accman.server.webhook_config import WebhookConfig, load_config, read_secret
 from accman.server import webhooks
-from accman.server.webhooks import CURSOR_NAME, Deliverer, backoff_s, batch_body, event_json
-from conftest import run_accman
+from accman.server.webhooks import (CURSOR_NAME, Deliverer, backoff_s, batch_body, event_json,
+                                    post_bytes)
+from conftest import ROOT, run_accman
 from webhook_receiver import Receiver
 
 SECRET = b"webhook-secret-0123456789abcdef"
@@ -346,6 +347,23 @@ def test_a_batch_is_cut_to_webhook_body_bytes_max():
 def test_a_batch_holds_one_event_even_over_the_byte_bound():
     body, n = batch_body([ev(1), ev(2)], 10)
     assert n == 1 and json.loads(body)["events"][0]["id"] == 1
+
+
+def test_server_md_shows_the_post_head_the_deliverer_sends():
+    """SERVER.md's example POST (Webhooks) is the head post_bytes makes for
+    its URL: the same lines, each header once, in the order sent.  Only what
+    depends on the body (its length, its signature) and on the version is
+    left out there."""
+    doc = (ROOT / "docs" / "SERVER.md").read_text()
+    shown = ("POST " + doc.split("\n```\nPOST ", 1)[1].split("\n\n", 1)[0]).splitlines()
+    config = WebhookConfig(parse_url("https://billing.example.com/hooks/accman"), SECRET, None)
+    body, _ = batch_body([ev(41), ev(42)], L.WEBHOOK_BODY_BYTES_MAX)
+    sent = post_bytes(config, body, 41, 42).split(b"\r\n\r\n")[0].decode().split("\r\n")
+    assert [line.split(": ")[0] for line in shown] == [line.split(": ")[0] for line in sent]
+    elided = ("Content-Length: ", "AccMan-Signature: sha256=", "User-Agent: accman/")
+    for line_shown, line_sent in zip(shown, sent, strict=True):
+        same = next((p for p in elided if line_sent.startswith(p)), line_sent)
+        assert line_shown.startswith(same), (line_shown, line_sent)
 
 
 def test_backoff_grows_exponentially_up_to_its_cap_with_jitter():
