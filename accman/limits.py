@@ -65,11 +65,13 @@ WEBHOOK_EVENTS_PER_POST_MAX = 1000
 # default (nginx's client_max_body_size).  A batch over it is cut to a
 # prefix that fits; the rest goes in the next POST.
 WEBHOOK_BODY_BYTES_MAX = 512 * 1024
-# One delivery attempt, from connect to the reply's status line: a receiver
-# that takes longer is a failed attempt, retried.  Stripe gives 20 s,
+# One delivery attempt, from connect (TLS included) to the end of the reply's
+# head, its status line and headers (and any interim 1xx heads before it): a
+# receiver that takes longer is a failed attempt, retried.  Stripe gives 20 s,
 # GitHub 10 s; a receiver should answer at once and work later.
 WEBHOOK_ATTEMPT_TIMEOUT_S = 10.0
-# The reply's status line and headers; the body is never read.
+# The reply's status line and headers; the body is never read.  A longer
+# head is a failed attempt, said naming this bound.
 WEBHOOK_REPLY_HEAD_BYTES_MAX = 16 * 1024
 # Retries after a failed attempt wait base * 2^(n-1), at most the cap, each
 # jittered down by up to half (so that many servers behind one receiver do

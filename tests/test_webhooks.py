@@ -571,27 +571,20 @@ def test_an_attempt_without_a_reply_times_out_and_is_retried(rx, cursors):
     assert "no reply within 0.2 s" in said[0]
 
 
-def test_a_reply_head_over_webhook_reply_head_bytes_max_is_a_failure(tmp_path, cursors):
-    """A receiver whose reply head never ends within the bound."""
-    big = b"HTTP/1.1 200 OK\r\nX: " + b"a" * L.WEBHOOK_REPLY_HEAD_BYTES_MAX + b"\r\n\r\n"
-    fits = b"HTTP/1.1 200 OK\r\nX: " + b"a" * (L.WEBHOOK_REPLY_HEAD_BYTES_MAX - 30) + b"\r\n\r\n"
-    said, replies = [], [big, fits]
+def deliver_to(serve, cursors, limits=FAST, said=None):
+    """Runs a Deliverer with one event against `serve(reader, writer)`, an
+    asyncio server of the test's own, until the event is acknowledged;
+    returns the deliverer."""
+    said = [] if said is None else said
 
     async def main():
         loop = asyncio.get_running_loop()
-
-        async def serve(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(replies.pop(0) if replies else fits)
-            await writer.drain()
-            writer.close()
-
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         store = FakeEvents(loop)
         store.add(1)
         config = WebhookConfig(parse_url(f"http://127.0.0.1:{port}/"), SECRET, None)
-        d = Deliverer(store, cursors, config, FAST, loop, say=said.append)
+        d = Deliverer(store, cursors, config, limits, loop, say=said.append)
         await d.prepare()
         d.start()
         said.pop(0)
@@ -601,8 +594,50 @@ def test_a_reply_head_over_webhook_reply_head_bytes_max_is_a_failure(tmp_path, c
         server.close()
         return d
 
-    d = asyncio.run(main())
-    assert d.failures == 1 and "the reply's head is too long" in said[0]
+    return asyncio.run(main())
+
+
+def test_a_reply_head_over_webhook_reply_head_bytes_max_is_a_failure(tmp_path, cursors):
+    """A receiver whose reply head never ends within the bound: a failed
+    attempt, said naming the bound."""
+    big = b"HTTP/1.1 200 OK\r\nX: " + b"a" * L.WEBHOOK_REPLY_HEAD_BYTES_MAX + b"\r\n\r\n"
+    fits = b"HTTP/1.1 200 OK\r\nX: " + b"a" * (L.WEBHOOK_REPLY_HEAD_BYTES_MAX - 30) + b"\r\n\r\n"
+    said, replies = [], [big, fits]
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(replies.pop(0) if replies else fits)
+        await writer.drain()
+        writer.close()
+
+    d = deliver_to(serve, cursors, said=said)
+    assert d.failures == 1 and len(said) == 2
+    assert said[0].startswith("delivery to http://127.0.0.1:")
+    assert said[0].endswith(" failed: the reply's head is over WEBHOOK_REPLY_HEAD_BYTES_MAX "
+                            f"({L.WEBHOOK_REPLY_HEAD_BYTES_MAX} bytes); retrying with backoff")
+
+
+def test_the_attempt_timeout_bounds_the_whole_reply_head(cursors):
+    """WEBHOOK_ATTEMPT_TIMEOUT_S runs to the end of the reply's head, not to
+    its status line: a receiver that sends "200 OK" at once and then
+    trickles headers without ending them has failed the attempt."""
+    limits = ServerLimits(webhook_backoff_base_s=0.01, webhook_backoff_cap_s=0.02,
+                          webhook_attempt_timeout_s=0.3, webhook_poll_wait_s=1.0)
+    said, trickles = [], [True]
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        if trickles.pop() if trickles else False:
+            for _ in range(20):                     # 1 s of headers, never their end
+                await asyncio.sleep(0.05)
+                writer.write(b"X-Slow: a\r\n")
+        writer.write(b"\r\n")
+        await writer.drain()
+        writer.close()
+
+    d = deliver_to(serve, cursors, limits=limits, said=said)
+    assert d.failures == 1 and "failed: no reply within 0.3 s" in said[0]
 
 
 def test_a_restart_resumes_after_the_last_acknowledged_batch(rx, cursors):

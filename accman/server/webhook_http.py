@@ -127,6 +127,9 @@ def parse_status(head: bytes) -> int:
 async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_max: int,
                ssl_context: ssl.SSLContext | None) -> int:
     """Sends `request` (head and body) and returns the final reply's status.
+    `timeout_s` bounds the whole attempt: the connection (TLS included),
+    the request sent, and every reply head read to its end, interim ones
+    too; `head_bytes_max` bounds each head.
     Raises what `describe` explains: OSError, asyncio.TimeoutError,
     WebhookBadReply, asyncio.IncompleteReadError, asyncio.LimitOverrunError."""
     return await asyncio.wait_for(
@@ -153,13 +156,14 @@ async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
         writer.close()
 
 
-def describe(exc: BaseException, timeout_s: float) -> str:
+def describe(exc: BaseException, timeout_s: float, head_bytes_max: int) -> str:
     """What a failed attempt's exception means, in a few words that name
-    no secret and no path of the receiver."""
+    no secret and no path of the receiver; a bound reached is named, as
+    SERVER.md's Limits name it."""
     if isinstance(exc, asyncio.TimeoutError):
         return f"no reply within {timeout_s:g} s"
     if isinstance(exc, asyncio.LimitOverrunError):
-        return "the reply's head is too long"
+        return f"the reply's head is over WEBHOOK_REPLY_HEAD_BYTES_MAX ({head_bytes_max} bytes)"
     if isinstance(exc, asyncio.IncompleteReadError):
         return "the receiver closed the connection before its reply"
     if isinstance(exc, WebhookBadReply):

@@ -403,7 +403,8 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                why = webhook_http.describe(e, limits.webhook_attempt_timeout_s)
+                why = webhook_http.describe(e, limits.webhook_attempt_timeout_s,
+                                            WEBHOOK_REPLY_HEAD_BYTES_MAX)
             self.failures += 1
             self.failing += 1
             if self.failing == 1:
