@@ -254,6 +254,17 @@ def test_a_403_names_the_role_once_whatever_the_server_said(detail, said):
     assert failure(args, Forbidden(detail)) == (f"accman: 403 forbidden: {detail}{said}", 1)
 
 
+@pytest.mark.parametrize("follow", [False, True])
+def test_events_trimmed_says_the_oldest_kept_once_and_the_after_that_goes_on(follow):
+    """The server's detail names the oldest event kept; the command adds
+    only where to go on, without saying it again."""
+    from accman.errors import EventsTrimmed
+    args = argparse.Namespace(command="events", follow=follow)
+    assert failure(args, EventsTrimmed(4)) == (
+        "accman: 410 events_trimmed: events before 4 are past the retention and were "
+        "trimmed; the oldest kept is 4; go on from event 4 with --after 3", 1)
+
+
 def test_migrate_without_store_is_a_usage_error_and_a_misspelt_one_is_named():
     err = one_line_error(run_accman("migrate"))
     assert "migrate needs --store URL" in err

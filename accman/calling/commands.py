@@ -300,8 +300,9 @@ def _refusal(e: AccManError, role: tuple[str, str]) -> str:
     if isinstance(e, Insufficient):
         text += f" (tot {e.tot})"
     elif isinstance(e, EventsTrimmed):
-        text += (f"; the oldest event kept is {e.first}: go on from there with "
-                 f"--after {e.first - 1} (the events before it are gone)")
+        # AccMan's detail already says what was trimmed and what is kept:
+        # only the flag that goes on is added.
+        text += f"; go on from event {e.first} with --after {e.first - 1}"
     elif isinstance(e, (Unauthorized, Forbidden)):
         name, why = role
         why = f" ({why})" if why else ""
