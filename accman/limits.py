@@ -80,11 +80,12 @@ WEBHOOK_BACKOFF_BASE_S = 0.5
 WEBHOOK_BACKOFF_CAP_S = 30.0
 # The deliverer's long poll of the store: one waiter (of EVENTS_WAITERS_MAX).
 WEBHOOK_POLL_WAIT_S = 30.0
-# Under a steady stream of events, POSTs start at most once per linger, so
-# that a receiver that keeps up gets ~100 POSTs a second of many events,
-# not one per commit batch (Kafka's linger.ms): a POST costs the server's
-# loop a connection and a cursor save whatever its size.  After a quiet
-# spell the first event leaves at once.
+# Under a steady stream of events, POSTs start at most once per linger
+# (counted from when the last one started, its bytes made), so that a
+# receiver that keeps up gets ~100 POSTs a second of many events, not one
+# per commit batch (Kafka's linger.ms): a POST costs the server's loop a
+# connection and a cursor save whatever its size.  After a quiet spell the
+# first event leaves at once.
 WEBHOOK_LINGER_S = 0.01
 # The webhook's cursor is saved (two fsyncs: the file, the directory) at
 # most this often, beside delivery: a receiver that keeps up with a busy

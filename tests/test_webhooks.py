@@ -28,7 +28,7 @@ from accman.server.metrics import Metrics
 from accman.server.settings import ServerLimits
 from accman.server.webhook_http import parse_status, parse_url
 from accman.server.webhook_config import WebhookConfig, load_config, read_secret
-from accman.server import webhooks
+from accman.server import webhook_http, webhooks
 from accman.server.webhooks import (CURSOR_NAME, Deliverer, backoff_s, batch_body, event_json,
                                     post_bytes)
 from conftest import ROOT, run_accman
@@ -661,38 +661,78 @@ def test_a_restart_resumes_after_the_last_acknowledged_batch(rx, cursors):
     assert delivered_ids(rx) == list(range(1, 24))
 
 
-def test_under_a_steady_stream_posts_leave_at_most_once_per_linger(rx, cursors, monkeypatch):
-    """WEBHOOK_LINGER_S: an event every few milliseconds goes out in a few
-    larger POSTs, spaced by the linger, not in one POST per event.  The
-    spacing is taken where the POSTs leave, on the deliverer's clock: the
-    receiver's arrival times add its own scheduling on a busy machine."""
-    limits = ServerLimits(webhook_linger_s=0.05, webhook_poll_wait_s=1.0)
-    left = []
-    post = Deliverer._post
+def stream_with_linger(rx, cursors, monkeypatch, limits, build_s=lambda _i: 0.0):
+    """Runs the deliverer while one event comes per poll of the test's loop
+    (~5 ms), 60 in all, until all are acknowledged.  Returns `(started,
+    at_start, built)`, one of each per POST: the deliverer's `_posted_at`,
+    from which it spaces the next POST, as the POST starts
+    (webhook_http.post called: its connection opens next); the loop's time
+    then; and the loop's time once the POST's bytes were made (post_bytes
+    returned), which takes `build_s(i)` seconds more for the i-th."""
+    box, started, at_start, built = [], [], [], []
+    post, make = webhook_http.post, webhooks.post_bytes
 
-    async def timed_post(self, request):
-        left.append(self.loop.time())
-        return await post(self, request)
+    async def timed_post(target, request, **kw):
+        started.append(box[1]._posted_at)
+        at_start.append(asyncio.get_running_loop().time())
+        return await post(target, request, **kw)
 
-    monkeypatch.setattr(Deliverer, "_post", timed_post)
-    box = []
+    def slow_bytes(*args):
+        time.sleep(build_s(len(built)))
+        out = make(*args)
+        built.append(asyncio.get_running_loop().time())
+        return out
+
+    monkeypatch.setattr(webhook_http, "post", timed_post)
+    monkeypatch.setattr(webhooks, "post_bytes", slow_bytes)
 
     def setup(loop):
         box.append(FakeEvents(loop))
         return box[0]
 
     def until(d):
+        if len(box) == 1:
+            box.append(d)           # before its first POST: start() ran no round yet
         if len(box[0].events) < 60:
-            box[0].add(1)               # one event per poll of this loop: ~5 ms
+            box[0].add(1)
         return d.cursor == 60
 
     run_deliverer(setup, rx, until, cursors=cursors, limits=limits)
-    posts = rx.snapshot()
     assert delivered_ids(rx) == list(range(1, 61))
-    assert len(left) == len(posts)                  # no POST was retried
-    gaps = [b - a for a, b in zip(left, left[1:], strict=False)]
-    assert min(gaps) >= 0.05 - 0.001, gaps          # the loop's timers: to a millisecond
+    assert len(started) == len(built) == len(rx.snapshot())     # no POST was retried
+    return started, at_start, built
+
+
+def gaps(times):
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def test_under_a_steady_stream_posts_leave_at_most_once_per_linger(rx, cursors, monkeypatch):
+    """WEBHOOK_LINGER_S: an event every few milliseconds goes out in a few
+    larger POSTs, spaced by the linger, not in one POST per event.  The
+    spacing is read where the POSTs start, as the deliverer's clock had it
+    when it spaced them: the receiver's arrival times add its own
+    scheduling on a busy machine."""
+    limits = ServerLimits(webhook_linger_s=0.05, webhook_poll_wait_s=1.0)
+    started, _, _ = stream_with_linger(rx, cursors, monkeypatch, limits)
+    assert min(gaps(started)) >= 0.05 - 0.001, gaps(started)    # the loop's timers
+    posts = rx.snapshot()
     assert 2 <= len(posts) <= 15 and max(len(p.ids) for p in posts) >= 5
+
+
+def test_the_linger_counts_from_when_a_post_starts_not_before_its_bytes(rx, cursors,
+                                                                        monkeypatch):
+    """Every other POST takes 30 ms to make (a large body signed on a busy
+    machine): the next still waits the whole linger from when that POST
+    started, since the linger is counted from after its bytes are made."""
+    limits = ServerLimits(webhook_linger_s=0.05, webhook_poll_wait_s=1.0)
+    started, at_start, built = stream_with_linger(
+        rx, cursors, monkeypatch, limits, build_s=lambda i: 0.03 if i % 2 == 0 else 0.0)
+    assert all(s >= b for s, b in zip(started, built, strict=True)), (started, built)
+    assert min(gaps(started)) >= 0.05 - 0.001, gaps(started)
+    # Where the POSTs really start: not 30 ms early, as when the linger
+    # was counted from before the bytes were made.
+    assert min(gaps(at_start)) >= 0.05 - 0.01, gaps(at_start)
 
 
 class SlowCursors(FileCursors):

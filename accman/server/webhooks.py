@@ -253,7 +253,9 @@ class Deliverer:
             # Under a steady stream, POSTs leave at most once per linger, each
             # carrying what came meanwhile: fewer, larger batches, at a cost
             # of at most the linger in latency.  After a quiet spell the first
-            # event leaves at once.
+            # event leaves at once.  The linger counts from when the last POST
+            # started (_post), so the time spent making a POST's bytes is not
+            # taken off the next one's wait.
             wait_s = self._posted_at + self.limits.webhook_linger_s - self.loop.time()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
@@ -269,7 +271,6 @@ class Deliverer:
             return                  # the role went while the read waited
         body, n = batch_body(events, self.limits.webhook_body_bytes_max)
         first, last = events[0].id, events[n - 1].id
-        self._posted_at = self.loop.time()
         if not await self._post(post_bytes(self.config, body, first, last)):
             return                  # the role went while the receiver failed
         self.batches += 1
@@ -393,6 +394,9 @@ class Deliverer:
         limits = self.limits
         while True:
             try:
+                # The moment the POST starts: its bytes are made, its
+                # connection opens next.  The linger is counted from here.
+                self._posted_at = self.loop.time()
                 status = await webhook_http.post(
                     self.config.target, request, timeout_s=limits.webhook_attempt_timeout_s,
                     head_bytes_max=WEBHOOK_REPLY_HEAD_BYTES_MAX,
