@@ -30,6 +30,7 @@ import pytest
 import uvloop
 
 from accman import Ledger
+from accman.limits import BATCH_MODS_MAX
 
 ACCOUNTS_BIG = int(os.environ.get("ACCMAN_BENCH_ACCOUNTS", "1000000"))
 LOOKUP_CREDS = [f"cred-{i:06d}" for i in range(1000)]
@@ -119,11 +120,14 @@ HOLDS_PER_ACCOUNT = 4000
 
 def test_expire_a_crowded_second(benchmark, tmp_path):
     """HOLDS_CROWDED holds with the same expiry second, ended as the writer
-    ends them (Ledger.expire_due, the writer's own call, on a test clock)."""
+    ends them: BATCH_MODS_MAX a batch, each batch made durable before the
+    next (Ledger.expire_due takes QUEUED_MODS_MAX a call: set to the
+    writer's batch here), on a test clock."""
     now = [1_700_000_000_000]
     accounts = [f"held-{i}" for i in range(HOLDS_CROWDED // HOLDS_PER_ACCOUNT)]
 
-    with Ledger(str(tmp_path / "d"), clock_ms=lambda: now[0]) as held:
+    with Ledger(str(tmp_path / "d"), clock_ms=lambda: now[0],
+                queued_mods_max=BATCH_MODS_MAX) as held:
         for cred in accounts:
             held.mod(cred, 10 ** 12)
 

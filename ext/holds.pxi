@@ -211,17 +211,29 @@ cdef Py_ssize_t book_expire_due(Book book, int64_t now_ms, Py_ssize_t most) exce
     while book.wheel_seconds and book.wheel_seconds[0] * 1000 <= now_ms and n < most:
         second = book.wheel_seconds[0]
         bucket = book.wheel.get(second)
-        # The bucket's first holds, in the order they were made, taken in
-        # one pass: a dict keeps the slots of the ones ended before, and
-        # looking for its first key again after each end would scan them
-        # all, quadratic in the holds a second ends.
-        for hold_id in list(islice(bucket or (), most - n)):
-            h = book.holds[hold_id]
-            _end(book, h, hold_id, 0, HOLD_EXPIRED, now_ms)     # takes it off the wheel
-            n += 1
+        if bucket:
+            # The bucket is walked once, in the order its holds were made,
+            # across calls: a copy of its ids, whose iterator keeps its
+            # place.  Looking for the dict's first key again would scan the
+            # slots of every hold ended before (a dict keeps them): quadratic
+            # in the holds of a second.  A hold settled since the copy is no
+            # longer in the bucket; one added since (a clock set back) is in
+            # the next copy.
+            if book.due_ids is None or book.due_second != second:
+                book.due_second = second
+                book.due_ids = iter(list(bucket))
+            for hold_id in book.due_ids:
+                if hold_id in bucket:
+                    _end(book, book.holds[hold_id], hold_id, 0, HOLD_EXPIRED, now_ms)
+                    n += 1
+                    if n == most:
+                        break
+            else:
+                book.due_ids = None
         if not bucket:
             heapq.heappop(book.wheel_seconds)
             book.wheel.pop(second, None)
+            book.due_ids = None
     return n
 
 

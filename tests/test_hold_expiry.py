@@ -197,6 +197,25 @@ def test_holds_of_one_second_end_in_the_order_they_were_made_a_part_at_a_time(pa
         assert {e.type for e in ended} == {"expire"} and led.open_holds == 0
 
 
+def test_a_hold_added_to_a_second_being_ended_ends_after_the_others(path, clock):
+    """A clock set back can put a new hold in the second whose holds are
+    being ended, a part at a time: it ends too, after those made before."""
+    with Ledger(path, clock_ms=clock, batch_mods_max=2, queued_mods_max=3) as led:
+        clock.set(1_700_000_000_000)
+        led.mod("a", 100)
+        holds = [led.hold("a", -1, 1)[0] for _ in range(5)]
+        after = led.events(limit=1000)[1]
+        clock.set(1_700_000_001_000)
+        led.expire_due()
+        clock.set(1_700_000_000_000)
+        holds.append(led.hold("a", -1, 1)[0])
+        clock.set(1_700_000_001_000)
+        while led.expire_due():
+            pass
+        ended = [e.hold for e in led.events(after=after, limit=1000)[0] if e.type == "expire"]
+        assert ended == holds and led.open_holds == 0 and led.tot("a") == 100
+
+
 def test_expiry_is_by_the_second_after_the_ttl(led, clock):
     """The expiry wheel has a bucket per second: a hold ends by itself at
     the first whole second at or after its ttl; a settle from its ttl on
