@@ -41,9 +41,12 @@ class Insufficient(Conflict):
     code = "insufficient"
 
     def __init__(self, tot: int, detail: str = "", *, what: str = "mod",
-                 by: int = 0, min_: int = 0):
-        super().__init__(detail or f"this {what} (by {by}) would take the balance {tot} "
-                                   f"to {tot + by}, under min {min_}")
+                 by: int | None = None, min_: int = 0):
+        if not detail:
+            detail = (f"the balance {tot} does not cover this {what}" if by is None else
+                      f"this {what} (by {by}) would take the balance {tot} to {tot + by}, "
+                      f"under min {min_}")
+        super().__init__(detail)
         self.tot = tot
 
 

@@ -548,6 +548,14 @@ def test_errors_carry_spec_codes():
     assert all(issubclass(c, AccManError) for c in (BadRequest, Busy, StoreLocked))
 
 
+def test_an_insufficient_made_without_by_says_only_the_balance():
+    """A store's refusal names by and min; one made without them (a
+    caller's own) says nothing it does not know."""
+    assert Insufficient(5).detail == "the balance 5 does not cover this mod"
+    assert Insufficient(5, what="hold", by=-6, min_=0).detail == \
+        "this hold (by -6) would take the balance 5 to -1, under min 0"
+
+
 def test_blocking_mod_inside_an_event_loop_is_refused(led):
     async def main():
         led.bind_loop(asyncio.get_running_loop())
