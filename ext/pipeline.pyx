@@ -178,11 +178,20 @@ cdef class Turn:
     cdef readonly Py_ssize_t left
     cdef readonly Py_ssize_t size
     cdef object spent
+    cdef bint over                  # `spent` was called: once a turn, until renew
 
     def __cinit__(self, Py_ssize_t size, spent):
         assert size > 0, "a turn takes at least one request"
         self.size = self.left = size
         self.spent = spent
+
+    cdef int _end(self) except -1:
+        """The turn's budget has run out: `spent`, once a turn (a refund
+        after it can leave some budget, and a charge spend it again)."""
+        if not self.over:
+            self.over = True
+            self.spent()
+        return 0
 
     cpdef Py_ssize_t grant(self, Py_ssize_t n) except -1:
         """How many of `n` requests a connection may take now."""
@@ -193,7 +202,7 @@ cdef class Turn:
             return n
         if left > 0:
             self.left = 0
-            self.spent()
+            self._end()
         return max(left, 0)
 
     cpdef int charge(self, Py_ssize_t n) except -1:
@@ -204,7 +213,7 @@ cdef class Turn:
         assert n >= 0, "a charge of a negative number of requests"
         self.left = left - n
         if left > 0 and self.left <= 0:
-            self.spent()
+            self._end()
         return 0
 
     cpdef int refund(self, Py_ssize_t n) except -1:
@@ -215,6 +224,7 @@ cdef class Turn:
 
     def renew(self):
         self.left = self.size
+        self.over = False
 
 
 @cython.final

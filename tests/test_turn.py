@@ -21,6 +21,20 @@ def test_a_charge_ends_the_turn_once_and_renew_starts_the_next():
     assert turn.left == 20 and turn.grant(30) == 20 and spent == [1, 1]
 
 
+def test_a_refund_after_the_turn_ran_out_does_not_end_it_twice():
+    """A read granted the turn's last requests ends it; a refund of those
+    it did not take, then a charge that spends them, is the same turn."""
+    spent = []
+    turn = Turn(20, lambda: spent.append(1))
+    assert turn.grant(64) == 20 and spent == [1]
+    turn.refund(19)
+    turn.charge(30)
+    assert turn.left == -11 and spent == [1]
+    turn.renew()
+    turn.charge(25)
+    assert spent == [1, 1]
+
+
 def test_a_negative_charge_is_refused():
     with pytest.raises(AssertionError):
         Turn(20, lambda: None).charge(-1)

@@ -147,6 +147,9 @@ class Routes:
         if route == ROUTE_METRICS:
             self.requests["metrics", 200] += 1
             self.server.turn.charge(METRICS_TURN_REQUESTS - 1)
+            # Its own connection counted as of its last read: a request held
+            # back then would be counted in the bytes it reports.
+            self.server.account(conn)
             return replies.reply(200, self.server.render_metrics(), mode,
                                  content_type=METRICS_CONTENT_TYPE, head=req.head)
         if route == ROUTE_OPTIONS:
