@@ -23,7 +23,7 @@ from accman.errors import StoreError
 from accman.ledger import fsck, keyfile, wal
 from test_ledger_crash import run_round
 
-LONG = bool(os.environ.get("ACCMAN_CRASH_LONG"))
+LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
 FLIPS_PER_FILE = 40 if LONG else 6
 SEED = int(os.environ.get("ACCMAN_CRASH_SEED", "20261201"))
 

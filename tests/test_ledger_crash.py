@@ -27,7 +27,7 @@ from ledger_child import CREDS, hold_of, mod_of  # noqa: E402
 
 HERE = Path(__file__).parent
 # `just crash` sets ACCMAN_CRASH_LONG=1 for many more rounds.
-ROUNDS = 50 if os.environ.get("ACCMAN_CRASH_LONG") else 5
+ROUNDS = 50 if os.environ.get("ACCMAN_CRASH_LONG") == "1" else 5
 
 
 def run_round(path, round_no, rnd, wal_bytes_max=None, holds=False):

@@ -25,7 +25,7 @@ from conftest import server_env
 from crash import powercut
 
 HERE = Path(__file__).parent
-LONG = bool(os.environ.get("ACCMAN_CRASH_LONG"))
+LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
 SEED = int(os.environ.get("ACCMAN_CRASH_SEED", "20261201"))
 PHASES = 3 if LONG else 2
 MODS_PER_THREAD = 40 if LONG else 8
