@@ -328,7 +328,7 @@ cdef object _route_rules(Request req, int route, int seen):
     if route == R_HOLD and req.by >= 0:
         return bad_query("by must be negative for a hold: the amount it takes "
                          f"out of the balance, got '{req.by}'")
-    if route == R_HOLD and req.by == -_limits.INT64_MAX - 1:
+    if route == R_HOLD and req.by == C_INT64_MIN:
         # The ledger's own rule (the amount, -by, is a signed 64-bit
         # integer), checked here so that the reply is a bad query like
         # any other: counted as one, answered before the store is asked.

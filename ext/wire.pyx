@@ -34,7 +34,7 @@ Limits come from accman.limits.  What counts, precisely:
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.pyport cimport PY_SSIZE_T_MAX
-from libc.stdint cimport int64_t
+from libc.stdint cimport INT64_MIN as C_INT64_MIN, int64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcmp, memcpy
 
