@@ -210,6 +210,15 @@ _NUMBER_RULES = {
     P_AFTER: f"an event id: a decimal integer from 0 to {_limits.INT64_MAX}",
     P_WAIT: f"a whole number of seconds from 0 to {_limits.EVENTS_WAIT_S_MAX}",
 }
+# /events' limit has a bound of its own.
+_EVENTS_LIMIT_RULE = f"a decimal integer from 1 to {_limits.EVENTS_LIMIT_MAX}"
+
+
+cdef str _number_rule(int param, int route):
+    """The rule of `param`'s values on `route`, as its 400 states it."""
+    if param == P_LIMIT and route == R_EVENTS:
+        return _EVENTS_LIMIT_RULE
+    return _NUMBER_RULES[param]
 
 
 cdef inline bint number_ok(int param, const unsigned char* v, Py_ssize_t n,
@@ -303,7 +312,7 @@ cdef object parse_query(Request req, int route, const unsigned char* q, Py_ssize
         elif number_ok(param, value, value_len, &number):
             _set_number(req, param, number)
         else:
-            return bad_query(f"{name} must be {_NUMBER_RULES[param]}, "
+            return bad_query(f"{name} must be {_number_rule(param, route)}, "
                              f"got '{quoted(value, value_len)}'")
         if amp == NULL:
             break
@@ -321,8 +330,7 @@ cdef object _route_rules(Request req, int route, int seen):
     if route == R_PAST and req.limit > _limits.PAST_LIMIT_MAX:
         return bad_query(f"limit must be {_NUMBER_RULES[P_LIMIT]}, got '{req.limit}'")
     if route == R_EVENTS and req.limit > _limits.EVENTS_LIMIT_MAX:
-        return bad_query(f"limit must be a decimal integer from 1 to "
-                         f"{_limits.EVENTS_LIMIT_MAX}, got '{req.limit}'")
+        return bad_query(f"limit must be {_EVENTS_LIMIT_RULE}, got '{req.limit}'")
     if route == R_MOD and (seen & P_LOW) and req.by < 0:
         return bad_query("low is set by a funding mod only (by > 0), not by a charge")
     if route == R_HOLD and req.by >= 0:
