@@ -219,21 +219,20 @@ cdef Py_ssize_t book_expire_due(Book book, int64_t now_ms, Py_ssize_t most) exce
             # in the holds of a second.  A hold settled since the copy is no
             # longer in the bucket; one added since (a clock set back) is in
             # the next copy.
-            if book.due_ids is None or book.due_second != second:
-                book.due_second = second
-                book.due_ids = iter(list(bucket))
-            for hold_id in book.due_ids:
+            if book.due is None or book.due[0] != second:
+                book.due = (second, iter(list(bucket)))
+            for hold_id in book.due[1]:
                 if hold_id in bucket:
                     _end(book, book.holds[hold_id], hold_id, 0, HOLD_EXPIRED, now_ms)
                     n += 1
                     if n == most:
                         break
             else:
-                book.due_ids = None
+                book.due = None
         if not bucket:
             heapq.heappop(book.wheel_seconds)
             book.wheel.pop(second, None)
-            book.due_ids = None
+            book.due = None
     return n
 
 

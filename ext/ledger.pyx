@@ -195,8 +195,7 @@ cdef class Book:
     cdef dict holds              # hid + hold:u64 -> Hold: open, or ended in a pending batch
     cdef dict wheel              # expiry second -> {hold id: None} (holds.pxi)
     cdef list wheel_seconds      # a heap of the wheel's seconds
-    cdef int64_t due_second      # the bucket book_expire_due is walking, and
-    cdef object due_ids          # its walk: an iterator over its ids, or None
+    cdef object due              # book_expire_due's walk: (second, iterator of ids) or None
     cdef readonly list open_batches   # filling batches, oldest first
     cdef readonly Py_ssize_t queued_mods
     cdef readonly Py_ssize_t batch_mods_max
@@ -236,7 +235,6 @@ cdef class Book:
         self.holds = {}
         self.wheel = {}
         self.wheel_seconds = []
-        self.due_ids = None
         self.open_batches = [Batch(1)]
         self.queued_mods = 0
         self.batch_mods_max = batch_mods_max
