@@ -349,6 +349,7 @@ def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path)
     (["serve", "--events-retention", "0"], "argument --events-retention: '0' is shorter than "
      "the shortest retention: it must be at least 1s (EVENTS_RETENTION_S_MIN)"),
     (["serve", "--events-retention", "0d"], "'0d' is shorter than the shortest retention"),
+    (["serve", "--events-retention", "9" * 5000 + "d"], "is longer than the longest retention"),
     (["serve", "--compaction-nice", "20", "--port", "0"], "invalid nice value '20'"),
 ])
 def test_a_usage_error_shows_a_value_that_is_never_a_secret(args, said, tmp_path):

@@ -26,8 +26,9 @@ _DURATION_UNITS_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def plain_decimal(text: str) -> int | None:
     """`text` as the SPEC's plain ASCII decimal (_DECIMAL_RE), or None when
-    it is any other text: the one reading of a number the command line
-    gives, for its flags and its commands' values alike.  Python's int()
+    it is any other text: how the command line reads an amount or a count
+    (--low-balance, --events-retention's digits, the commands' values;
+    --port and --compaction-nice have their own small ranges).  Python's int()
     also takes "+5", " 5", "1_000", "-0" and non-ASCII digits.  A number of
     more digits than INT64_DIGITS_MAX comes back as one just outside the
     signed 64-bit range, for the caller's range check to refuse."""
@@ -54,7 +55,7 @@ def retention(text):
     m = _DURATION_RE.fullmatch(text) if text.isascii() else None
     if m is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m or 7d")
-    seconds = int(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
+    seconds = plain_decimal(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
     if seconds < EVENTS_RETENTION_S_MIN:
         raise argparse.ArgumentTypeError(
             f"{text!r} is shorter than the shortest retention: it must be at least "
