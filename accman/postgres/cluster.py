@@ -219,7 +219,11 @@ def health_detail(clusters) -> str | None:
     if not lost:
         return None
     if len(lost) == len(clusters):
-        why = clusters[0].error            # AccMan's words (errors.describe)
+        # AccMan's words (errors.describe): each cause once, by its
+        # clusters when they differ.
+        causes = dict.fromkeys(c.error for c in clusters)
+        why = next(iter(causes)) if len(causes) == 1 else "; ".join(
+            f"cluster {n}: {c.error}" for n, c in enumerate(clusters, 1))
         return f"the store cannot commit ({why}); the server takes no writes"
     which = "cluster " + lost[0] if len(lost) == 1 else "clusters " + ", ".join(lost)
     return (f"{which} of the store's {len(clusters)} cannot commit: writes to accounts there "

@@ -285,6 +285,12 @@ def test_health_says_which_clusters_cannot_commit():
     lost = "the PostgreSQL store lost its connection"
     assert health_detail([C(healthy=False, error=lost)]) == (
         f"the store cannot commit ({lost}); the server takes no writes")
+    assert health_detail([C(healthy=False, error=lost)] * 2) == (
+        f"the store cannot commit ({lost}); the server takes no writes")
+    full = "the PostgreSQL store's disk is full"
+    assert health_detail([C(healthy=False, error=lost), C(healthy=False, error=full)]) == (
+        f"the store cannot commit (cluster 1: {lost}; cluster 2: {full}); the server takes "
+        "no writes")
     assert health_detail([C(healthy=False), C(healthy=True), C(healthy=False)]) == (
         "clusters 1, 3 of the store's 3 cannot commit: writes to accounts there are refused, "
         "the others' are taken")
