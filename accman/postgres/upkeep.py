@@ -79,23 +79,24 @@ async def merge_round(store) -> None:
 
 
 async def expire_round(store, cluster) -> None:
-    """Ends the cluster's due holds, then reads its counts."""
+    """Ends the cluster's due holds, reading its counts after each call:
+    a round of many calls (a million holds due) shows its progress."""
     try:
         async with cluster.pool.acquire() as conn:
-            while True:
+            ended = True
+            while ended:
                 t0 = time.perf_counter()
                 ended = await committed(conn, conn.fetchval(
                     "SELECT accman_expire($1)", EXPIRE_HOLDS_MAX), ROUND_TIMEOUT_S,
                     cluster.abandoned)
-                if not ended:
-                    break
-                # A batch of changes, as the embedded store's writer counts
-                # the expiries it writes (/metrics).
-                store.count_batch(ended, time.perf_counter() - t0)
-                cluster.events.local_commit()
-            counts = await conn.fetchval(_COUNTS_SQL, timeout=ROUND_TIMEOUT_S)
-            cluster.note_counts(counts[:4])
-            cluster.events.first = counts[4]
+                if ended:
+                    # A batch of changes, as the embedded store's writer
+                    # counts the expiries it writes (/metrics).
+                    store.count_batch(ended, time.perf_counter() - t0)
+                    cluster.events.local_commit()
+                counts = await conn.fetchval(_COUNTS_SQL, timeout=ROUND_TIMEOUT_S)
+                cluster.note_counts(counts[:4])
+                cluster.events.first = counts[4]
     except Exception as e:
         if E.classify(e) != E.UNKNOWN:
             store.complaints.failed(doing(store, "ending due holds", cluster), e)

@@ -235,6 +235,9 @@ def test_busy_when_queue_full(pg_url):
 
 
 def test_expiry_rounds_are_bounded_and_go_on(pg_url, monkeypatch):
+    """A round calls accman_expire until a call ends none, EXPIRE_HOLDS_MAX
+    a call, and reads the counts after each: /health's open holds go down
+    as the round goes, not at its end."""
     monkeypatch.setattr(upkeep, "EXPIRE_HOLDS_MAX", 1)
     monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 0.1)
 
@@ -243,8 +246,14 @@ def test_expiry_rounds_are_bounded_and_go_on(pg_url, monkeypatch):
             for x in ("a", "b", "c"):
                 await c.mod(x, 10)
                 await c.hold(x, -10, 1)
+            seen = []
+            note = store.clusters[0].note_counts
+            monkeypatch.setattr(store.clusters[0], "note_counts",
+                                lambda counts: (seen.append(counts[2]), note(counts)))
             await asyncio.sleep(1.6)
             assert [await c.tot(x) for x in ("a", "b", "c")] == [10, 10, 10]
+            steps = [n for i, n in enumerate(seen) if i == 0 or n != seen[i - 1]]
+            assert steps == [3, 2, 1, 0], seen
     run(main())
 
 
