@@ -327,10 +327,9 @@ cdef object _route_rules(Request req, int route, int seen):
     for param in (P_CRED, P_BY, P_TTL, P_HOLD, P_USE):
         if missing & param:
             return bad_query(f"parameter '{PARAM_NAMES[param]}' is required")
-    if route == R_PAST and req.limit > _limits.PAST_LIMIT_MAX:
-        return bad_query(f"limit must be {_NUMBER_RULES[P_LIMIT]}, got '{req.limit}'")
-    if route == R_EVENTS and req.limit > _limits.EVENTS_LIMIT_MAX:
-        return bad_query(f"limit must be {_EVENTS_LIMIT_RULE}, got '{req.limit}'")
+    if ((route == R_PAST and req.limit > _limits.PAST_LIMIT_MAX)
+            or (route == R_EVENTS and req.limit > _limits.EVENTS_LIMIT_MAX)):
+        return bad_query(f"limit must be {_number_rule(P_LIMIT, route)}, got '{req.limit}'")
     if route == R_MOD and (seen & P_LOW) and req.by < 0:
         return bad_query("low is set by a funding mod only (by > 0), not by a charge")
     if route == R_HOLD and req.by >= 0:
