@@ -822,8 +822,10 @@ def test_damage_met_after_open_is_refused_when_read(tmp_path):
     ("events_retention_s", float("nan"), "events_retention_s .* got nan"),
     ("events_retention_s", "5", "events_retention_s .* got '5'"),
     ("events_retention_s", EVENTS_RETENTION_S_MAX + 1, "events_retention_s .* to 3153600000"),
-    ("events_kept_after", -1, "events_kept_after must be an event id, 0 or more, or None; "
-                              "got -1"),
+    ("events_kept_after", -1, "events_kept_after must be an event id, "
+                              "0 to 9223372036854775807, or None; got -1"),
+    ("events_kept_after", 2 ** 63, "events_kept_after must be an event id, .* "
+                                   "got 9223372036854775808"),
     ("events_kept_after", True, "events_kept_after must be an event id, .* got True"),
     ("events_kept_after", 3.0, "events_kept_after must be an event id, .* got 3.0"),
     ("low_balance", 2 ** 64, "low_balance must be an int in the signed 64-bit range"),

@@ -27,7 +27,7 @@ import contextlib
 
 from accman.errors import Busy, EventsTrimmed, StoreCorrupt
 from accman.ledger import _ledger, eventrecords
-from accman.limits import EVENTS_WAITERS_MAX
+from accman.limits import EVENTS_WAITERS_MAX, INT64_MAX
 from accman.records import Event
 
 # Events kept in memory for /events: a long poll that follows the stream
@@ -42,9 +42,11 @@ EVENTS_TRIM_INTERVAL_S = 60.0
 
 
 def check_kept_after(event_id) -> None:
-    if event_id is not None and (type(event_id) is not int or event_id < 0):
-        raise ValueError(f"events_kept_after must be an event id, 0 or more, or None; "
-                         f"got {event_id!r}")
+    """An event id as /events' `after` takes it (SPEC), or None."""
+    if event_id is not None and (type(event_id) is not int
+                                 or not 0 <= event_id <= INT64_MAX):
+        raise ValueError(f"events_kept_after must be an event id, 0 to {INT64_MAX}, "
+                         f"or None; got {event_id!r}")
 
 
 def event_of(event_id: int, kind: int, hid: bytes, seq: int, by: int, tot: int, at: int,
