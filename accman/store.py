@@ -60,8 +60,8 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 from accman.errors import BadRequest
 from accman.limits import (BATCH_MODS_MAX, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_MAX,
-                           EVENTS_WAIT_S_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX, INT64_MAX,
-                           INT64_MIN, PAST_LIMIT_MAX, QUEUED_MODS_MAX)
+                           EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX,
+                           INT64_MAX, INT64_MIN, PAST_LIMIT_MAX, QUEUED_MODS_MAX)
 from accman.records import Entry
 
 log = logging.getLogger("accman.store")
@@ -105,6 +105,32 @@ def check_int64(value, name: str) -> None:
         raise BadRequest(f"{name} must be an int, got {type(value).__name__}")
     if not INT64_MIN <= value <= INT64_MAX:
         raise BadRequest(f"{name} must fit in a signed 64-bit integer")
+
+
+def check_hold(by, ttl_s, min_) -> None:
+    """A hold's values, as every store checks them (its key is the store's
+    own check)."""
+    check_int64(by, "by")
+    if by >= 0:
+        raise BadRequest("by must be negative for a hold: the amount it takes")
+    if by == INT64_MIN:
+        # Its amount, -by, would not fit in a signed 64-bit integer.
+        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
+                         "takes is a signed 64-bit integer")
+    if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
+        raise BadRequest(f"ttl must be a whole number of seconds from 1 to {HOLD_TTL_S_MAX}")
+    if min_ is not None:
+        check_int64(min_, "min")
+
+
+def check_settle(hold, use) -> None:
+    """A settle's values, as every store checks them."""
+    check_int64(hold, "hold")
+    check_int64(use, "use")
+    if hold < 1:
+        raise BadRequest("hold must be a hold id: a positive int")
+    if use < 0:
+        raise BadRequest("use must be from 0 to the held amount")
 
 
 def check_past(limit, before) -> None:

@@ -12,6 +12,9 @@
 # batch is (a second settle then answers from it); after that, its record
 # on disk says how it ended.
 
+# A hold's and a settle's values are checked as the other stores check them.
+from accman.store import check_hold, check_settle
+
 cdef class Hold:
     cdef Account acct
     cdef int64_t hold
@@ -77,18 +80,9 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
     is (hold, tot, seq).  `min` defaults to 0 (SPEC), judged as a mod's.
     Returns it, or None when `done` waits for a batch, as Book.apply."""
     cdef Account acct = book._lookup(cred)
-    _check_int64(by, "by")
-    if by >= 0:
-        raise BadRequest("by must be negative for a hold: the amount it takes")
-    if by == INT64_MIN:
-        # Its amount, -by, would not fit in the hold's signed 64-bit record.
-        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
-                         "takes is a signed 64-bit integer")
-    if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
-        raise BadRequest(f"ttl must be a whole number of seconds from 1 to {HOLD_TTL_S_MAX}")
+    check_hold(by, ttl_s, min_)
     if min_ is None:
         min_ = 0
-    _check_int64(min_, "min")
     cdef bytes kb = _key_bytes(key)
     book._check_writable()
     if acct is None:
@@ -128,12 +122,7 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
     or a hold that expired, is HoldEnded; a hold the account never had is
     NoHold.  A hold past its expiry is expired first, here."""
     cdef Account acct = book._lookup(cred)
-    _check_int64(hold, "hold")
-    _check_int64(use, "use")
-    if hold < 1:
-        raise BadRequest("hold must be a hold id: a positive int")
-    if use < 0:
-        raise BadRequest("use must be from 0 to the held amount")
+    check_settle(hold, use)
     book._check_writable()
     if acct is None:
         return NoAccount("no account has this cred")

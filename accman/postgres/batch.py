@@ -14,10 +14,11 @@ import re
 
 from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAccount,
                            NoHold, Overflow, TooManyHolds)
-from accman.limits import CRED_CHARS_MAX, HOLD_TTL_S_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX
+from accman.limits import CRED_CHARS_MAX, KEY_CHARS_MAX
 from accman.postgres import schema as S
 from accman.records import Entry
 from accman.store import Page, check_int64
+from accman.store import check_hold as store_check_hold
 
 _CRED = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % CRED_CHARS_MAX, re.ASCII)
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % KEY_CHARS_MAX, re.ASCII)
@@ -49,25 +50,8 @@ def check_mod(by, min_, key, low) -> None:
 
 
 def check_hold(by, ttl_s, min_, key) -> None:
-    check_int64(by, "by")
-    if by >= 0:
-        raise BadRequest("by must be negative for a hold: the amount it takes")
-    if by == INT64_MIN:
-        # Its amount, -by, would not fit in a signed 64-bit column.
-        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
-                         "takes is a signed 64-bit integer")
-    if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
-        raise BadRequest(f"ttl must be a whole number of seconds from 1 to {HOLD_TTL_S_MAX}")
-    if min_ is not None:
-        check_int64(min_, "min")
+    store_check_hold(by, ttl_s, min_)
     check_key(key)
-
-
-def check_settle(hold, use) -> None:
-    if type(hold) is not int or not 1 <= hold <= INT64_MAX:
-        raise BadRequest("hold must be a positive int (the seq that started the hold)")
-    if type(use) is not int or not 0 <= use <= INT64_MAX:
-        raise BadRequest("use must be an int from 0 to the held amount")
 
 
 class Op:

@@ -43,7 +43,7 @@ from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import check_infos, migrate, read_infos
-from accman.store import check_options, check_past, run_callbacks
+from accman.store import check_options, check_past, check_settle, run_callbacks
 
 log = logging.getLogger("accman.postgres")
 
@@ -205,7 +205,7 @@ class PgStore:
                                   done))
 
     def submit_settle(self, cred, hold, use, done):
-        B.check_settle(hold, use)
+        check_settle(hold, use)
         hid, cluster = self._locate(cred)
         self._queue(cluster, B.Op(S.SETTLE, hid, use, None, None, hold, done))
 

@@ -28,6 +28,17 @@ def test_refusals_say_what_the_embedded_store_says(pg_url):
             await c.mod("a", 100)
             with pytest.raises(BadRequest, match=rf"by must be from {-INT64_MAX} to -1"):
                 await c.hold("a", INT64_MIN, 60, min=INT64_MIN)
+            # The values' words are accman.store's, the same for every store.
+            for call, says in ((lambda: c.hold("a", -1, 0), "ttl must be a whole number of "
+                                "seconds from 1 to 86400"),
+                               (lambda: c.settle("a", 0, 0), "hold must be a hold id: a "
+                                "positive int"),
+                               (lambda: c.settle("a", 2 ** 64, 0), "hold must fit in a signed "
+                                "64-bit integer"),
+                               (lambda: c.settle("a", 2, -1), "use must be from 0 to the held "
+                                "amount")):
+                with pytest.raises(BadRequest, match=f"^{says}$"):
+                    await call()
             assert await c.hold("a", -5, 60, key="h") == (2, 95, 2)
             with pytest.raises(KeyReused,
                                match="^key was used with another route, by, min or ttl$"):
