@@ -45,7 +45,11 @@ function body (code, detail, extra = '') {
 }
 
 // How many times the header `name` (lower case) is in a request's raw
-// headers, which keep each as it came: req.headers joins repeats.
+// headers, which keep each as it came.  req.headers joins the repeats of
+// most names with ", ", but keeps only the first of those Node holds
+// single (authorization, user-agent, host...), and light-my-request and
+// HTTP/2 have no headersDistinct: rawHeaders is the one record of every
+// copy that all of them keep.
 function headerCount (rawHeaders, name) {
   let n = 0
   for (let i = 0; i < rawHeaders.length; i += 2) {
@@ -154,7 +158,10 @@ class Meter {
     }
     this.stats.requests++
     const raw = request.headers[this.header]
-    if (typeof raw !== 'string' || !CRED_RE.test(raw)) {
+    // A repeated header is ambiguous, whatever its name: counted, since a
+    // name Node holds single shows only its first copy in request.headers.
+    if (typeof raw !== 'string' || !CRED_RE.test(raw) ||
+        headerCount(request.raw.rawHeaders, this.header) > 1) {
       this.stats.refused_no_credential++
       return this.refuse(reply, 401, 'no_credential', this.noCredential(request, raw),
         { 'www-authenticate': this.challenge })
@@ -174,9 +181,8 @@ class Meter {
     if (state.gone) this.end(state) // the consumer left while we waited for AccMan
   }
 
-  // Why the request has no credential, in the Python middleware's words.
-  // Node joins a repeated header's values with ", ", which no credential
-  // matches: two headers are told apart from one bad value by counting.
+  // Why the request has no credential, in the Python middleware's words:
+  // two headers are told apart from one bad value by counting.
   noCredential (request, raw) {
     if (raw === undefined) return `the ${this.header} header is required`
     if (headerCount(request.raw.rawHeaders, this.header) > 1) return `more than one ${this.header} header`

@@ -72,11 +72,14 @@ test('no credential, a malformed one or two of them: 401 no_credential, nothing 
 
 // One GET /w over a raw socket with `headers` (lines, each as sent): the
 // status and the JSON body.  fetch() would join repeated headers itself.
+// The socket is written, not ended: Node's server closes a connection
+// whose client has ended it before it answers a request that waits for
+// AccMan; `Connection: close` ends it after the answer.
 function rawGet (url, headers) {
   const { port } = new URL(url)
   const head = ['GET /w HTTP/1.1', 'Host: x', ...headers, 'Connection: close', '', ''].join('\r\n')
   return new Promise((resolve, reject) => {
-    const s = net.connect(port, '127.0.0.1', () => s.end(head))
+    const s = net.connect(port, '127.0.0.1', () => s.write(head))
     let out = ''
     s.on('data', (d) => { out += d })
     s.on('error', reject)
@@ -104,6 +107,24 @@ test('no_credential names the cause as the Python middleware does: two headers a
     }
   })
   assert.equal(await mint.tot('p-twice'), 10)
+})
+
+// Node keeps only the first copy of some names in request.headers
+// (authorization, user-agent...) and joins the rest: a repeat is refused
+// whichever kind the header's name is.
+test('a repeated header is refused whatever its name, those Node keeps one copy of too', async () => {
+  await mint.mod('p-twice-named', 10)
+  for (const header of ['authorization', 'user-agent', 'x-api-key']) {
+    await withService({ header }, async (url) => {
+      const detail = `more than one ${header} header`
+      for (const second of ['p-twice-named', 'other']) {
+        const r = await rawGet(url, [`${header}: p-twice-named`, `${header}: ${second}`])
+        assert.deepEqual(r, { status: 401, body: { error: 'no_credential', detail } }, `${header}: ${second}`)
+      }
+      assert.deepEqual(await rawGet(url, [`${header}: p-twice-named`]), { status: 200, body: { ok: true } })
+    })
+  }
+  assert.equal(await mint.tot('p-twice-named'), 7)
 })
 
 test('an unknown account: 401 no_account', async () => {
