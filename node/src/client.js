@@ -51,6 +51,13 @@ function intOption (value, what, lo, hi) {
 // One attempt of one call, as an undici dispatch handler.  `sent` turns true
 // when undici is about to write the request: an error before that means
 // nothing reached AccMan (Unreachable), after it the outcome is unknown.
+// undici writes the whole request in the same call, and a new connection's
+// request as soon as the connection opens; it looks at a reused connection
+// for the server's close before writing, and a request that meets a close
+// there goes on a new connection or fails unsent.  So a close seen once
+// `sent` came after the request went into the socket: it may come from a
+// server that read the request and died before answering, even when it was
+// one that closes each connection as it opens.
 class Attempt {
   constructor (client, resolve, reject) {
     this.client = client

@@ -4,6 +4,7 @@
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
+const net = require('node:net')
 const util = require('node:util')
 const { AccManClient } = require('..')
 const E = require('../src/errors')
@@ -99,6 +100,30 @@ test('a hung AccMan: CallTimeout; a keyless mod is sent once, a keyed one retrie
   assert.equal(fake.heads.length, 1 + 3 + 3)
   await client.close()
   await fake.close()
+})
+
+// A server that accepts each connection and closes it at once, reading
+// nothing.  undici writes a new connection's request as soon as it opens,
+// so the close comes after the request went into the socket: the client
+// cannot tell it from a server that read the request and died before
+// answering, and a keyless mod is not sent again.
+test('a server that closes each connection as it opens: OutcomeUnknown, a keyless mod sent once, a keyed one retried', async () => {
+  let connections = 0
+  const closer = net.createServer((socket) => {
+    connections++
+    socket.destroy()
+  })
+  await new Promise((resolve) => closer.listen(0, '127.0.0.1', resolve))
+  const client = new AccManClient({ url: `http://127.0.0.1:${closer.address().port}`, retries: 2 })
+  try {
+    await assert.rejects(client.mod('c', -1), (err) => err.constructor === E.OutcomeUnknown)
+    assert.equal(connections, 1)
+    await assert.rejects(client.mod('c', -1, { key: 'k' }), (err) => err.constructor === E.OutcomeUnknown)
+    assert.equal(connections, 1 + 3)
+  } finally {
+    await client.close()
+    await new Promise((resolve) => closer.close(resolve))
+  }
 })
 
 test('a 503 is retried for reads and keyed mods only; busy for any call', async () => {
