@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 
-from accman.errors import where
 from accman.postgres import errors as E
 
 log = logging.getLogger("accman.postgres")
@@ -27,7 +26,7 @@ class Complaints:
         self._open: dict[str, list] = {}     # what -> [words, said at, failures since]
 
     def failed(self, what: str, exc: BaseException) -> None:
-        words = f"{E.describe(exc)} ({where(exc)})"
+        words = f"{E.describe(exc)} ({E.placed(exc)})"
         now = self._clock()
         state = self._open.get(what)
         if state is None or state[0] != words:

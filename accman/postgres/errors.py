@@ -36,7 +36,7 @@ import ssl
 
 import asyncpg
 
-from accman.errors import StoreError
+from accman.errors import StoreError, where
 
 RETRY = "retry"
 UNKNOWN = "unknown"
@@ -172,6 +172,24 @@ def store_error(exc: BaseException, what: str) -> StoreError:
     """A StoreError for `what` (the step that failed) made of `exc`: its
     detail names the step, its `reason` is `exc` described."""
     return _store_error(what, describe(exc))
+
+
+def step_error(exc: BaseException, step: str) -> StoreError:
+    """A StoreError for `step` of a task that works on several clusters (a
+    copy of events: which cluster failed, doing what) made of `exc`: its
+    reason, as well as its detail, is `step: exc described`, so that every
+    sentence made of it (a complaint in the log, a 503's detail) names the
+    step; its `place` is where `exc` was raised, for a log line."""
+    error = _store_error(step, describe(exc))
+    error.reason = error.detail
+    error.place = where(exc)
+    return error
+
+
+def placed(exc: BaseException) -> str:
+    """Where `exc` was raised, for a log line: a step_error's, where the
+    error it was made of was."""
+    return getattr(exc, "place", None) or where(exc)
 
 
 def unreadable_url(what: str) -> StoreError:

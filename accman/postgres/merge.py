@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 
 from accman.errors import StoreCorrupt, StoreError
+from accman.postgres import errors as E
 from accman.postgres.backends import Abandoned, committed
 
 # Events copied per pass (one transaction on the home); a cluster further
@@ -47,6 +48,12 @@ _LOCAL_SQL = ("SELECT id, type, hid, seq, by, tot, at, key, hold FROM accman_eve
               "WHERE id > $1 ORDER BY id LIMIT $2")
 _MERGE_SQL = "SELECT accman_merge($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _LEAD_SQL = "SELECT pg_try_advisory_lock($1)"
+# The steps of a copy, for its errors: each names the cluster that failed
+# (the home, written to, or the cluster read from) and what it was doing.
+_LOCKING, _READING, _WRITING = ("the home, cluster {home}, failed taking its record of the copy",
+                                "cluster {other} failed reading its events",
+                                "the home, cluster {home}, failed writing the copy")
+_READING_UPTO = "the home, cluster {home}, failed reading how far the copy is"
 
 
 class Merger:
@@ -64,7 +71,6 @@ class Merger:
         self._kicked = False
         # Reads asked for a whole copy (numbered), and the last one served.
         self._asked = self._served = 0
-        self._at = others[0] if others else None     # the cluster a copy is at, for the log
 
     # -- what wakes it ------------------------------------------------------------
 
@@ -90,14 +96,20 @@ class Merger:
         self._kicked = False
         try:
             await self.catch_up(force=True)
-        except Exception as e:
-            self.store.complaints.failed(self._copying(self._at), e)
+        except Exception:       # said by _copy; the next kick or round copies again
+            return
 
     def _copying(self, cluster) -> str:
         """What a copy does, for its complaints: both clusters named, as
         /health and the log name them (from 1)."""
         return (f"copying events of cluster {cluster.index + 1} to the home, "
                 f"cluster {self.home.index + 1}")
+
+    def _failed(self, step: str, cluster, exc: BaseException) -> StoreError:
+        """`exc`, raised in `step` of a copy of `cluster`'s events, as an
+        error that names the cluster at fault and the step."""
+        return E.step_error(exc, step.format(home=self.home.index + 1,
+                                             other=cluster.index + 1))
 
     # -- copying ----------------------------------------------------------------------
 
@@ -109,11 +121,16 @@ class Merger:
             await self._copy(force)
 
     async def _copy(self, force: bool) -> None:
+        """A failed copy is a complaint (accman.postgres.complaints),
+        whoever asked for it: a read, a commit, or a round."""
         for c in self.others:
-            self._at = c
-            while force or self.copied[c.index] < self.committed[c.index]:
-                if await self._pass(c) < MERGE_BATCH_MAX:
-                    break
+            try:
+                while force or self.copied[c.index] < self.committed[c.index]:
+                    if await self._pass(c) < MERGE_BATCH_MAX:
+                        break
+            except Exception as e:
+                self.store.complaints.failed(self._copying(c), e)
+                raise
             self.store.complaints.worked(self._copying(c))     # said if it had failed
 
     async def before_read(self) -> None:
@@ -132,17 +149,22 @@ class Merger:
             self._served = began
 
     async def _pass(self, cluster) -> int:
-        """One copy of `cluster`'s next events; how many were copied."""
-        if not self.home.healthy:
-            raise StoreError(self.home.error)
-        async with self.home.pool.acquire() as hc:
-            try:
-                # It holds the home's counter row, as a writer's batch does.
-                rows = await committed(hc, self._copied(hc, cluster), MERGE_TIMEOUT_S,
-                                       self.home.abandoned)
-            except Abandoned as e:
-                self.store.lost(self.home, e)   # no writes there while it waits
-                raise
+        """One copy of `cluster`'s next events; how many were copied.  Its
+        error names the cluster that failed, and the step."""
+        step = [_LOCKING]               # the step under way, as _copied moves on
+        try:
+            if not self.home.healthy:
+                raise StoreError(self.home.error)
+            async with self.home.pool.acquire() as hc:
+                try:
+                    # It holds the home's counter row, as a writer's batch does.
+                    rows = await committed(hc, self._copied(hc, cluster, step),
+                                           MERGE_TIMEOUT_S, self.home.abandoned)
+                except Abandoned as e:
+                    self.store.lost(self.home, e)   # no writes there while it waits
+                    raise
+        except Exception as e:
+            raise self._failed(step[0], cluster, e) from None
         if not rows:
             return 0
         last = rows[-1]["id"]
@@ -151,11 +173,13 @@ class Merger:
         self.home.events.local_commit()
         return len(rows)
 
-    async def _copied(self, hc, cluster) -> list:
+    async def _copied(self, hc, cluster, step: list) -> list:
         """The transaction of a pass, on the home's connection `hc`: the
-        rows it copied (none: `cluster` is copied up to its newest)."""
+        rows it copied (none: `cluster` is copied up to its newest).
+        `step[0]` is the step under way."""
         async with hc.transaction():
             upto = await hc.fetchval(_UPTO_SQL, cluster.cluster_id, timeout=MERGE_TIMEOUT_S)
+            step[0] = _READING
             rows = await cluster.pool.fetch(_LOCAL_SQL, upto, MERGE_BATCH_MAX,
                                             timeout=MERGE_TIMEOUT_S)
             if not rows:
@@ -163,18 +187,24 @@ class Merger:
                 self.committed[cluster.index] = max(self.committed[cluster.index], upto)
                 return rows
             if rows[0]["id"] != upto + 1:
-                raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of a cluster "
-                                   "were trimmed before they were copied to the home")
+                raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of cluster "
+                                   f"{cluster.index + 1} were trimmed before they were "
+                                   "copied to the home")
+            step[0] = _WRITING              # the commit too, as the block ends
             cols = list(zip(*rows, strict=True))
             await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],
                              timeout=MERGE_TIMEOUT_S)
         return rows
 
     async def upto(self, cluster) -> int:
-        """How far `cluster`'s events are copied, as the home says."""
-        return await self.home.pool.fetchval(
-            "SELECT upto FROM accman_merged WHERE cluster_id = $1", cluster.cluster_id,
-            timeout=MERGE_TIMEOUT_S)
+        """How far `cluster`'s events are copied, as the home says; its
+        error names the home."""
+        try:
+            return await self.home.pool.fetchval(
+                "SELECT upto FROM accman_merged WHERE cluster_id = $1", cluster.cluster_id,
+                timeout=MERGE_TIMEOUT_S)
+        except Exception as e:
+            raise self._failed(_READING_UPTO, cluster, e) from None
 
     # -- who copies as others commit --------------------------------------------------
 

@@ -5,6 +5,7 @@ read kept when a store grows to two clusters, a copy that fails part-way
 copying nothing, and front-ends killed mid-load losing nothing."""
 
 import asyncio
+import re
 import signal
 import time
 
@@ -320,3 +321,52 @@ def test_a_cursor_row_off_the_events_home_holds_back_no_trimming(pg, pg_factory)
             await away.events.trim(retention_s=3600)
             return await away.pool.fetchval("SELECT count(*) FROM accman_events")
     assert run(main()) == 1                                 # the newest stays
+
+
+# What a failing copy says (the log, a 503's detail): the cluster at fault,
+# what it was doing, and why in AccMan's words.
+_COPY_FAILED = {
+    "source": r"cluster 2 failed reading its events",
+    "home": r"the home, cluster 2, failed (taking its record of the copy|writing the copy)"}
+_OUTAGE = r": the PostgreSQL store (cannot be reached \(connection refused\)|lost its connection)"
+
+
+@pytest.mark.parametrize("down", ["source", "home"])
+def test_a_copy_that_fails_names_the_cluster_at_fault_and_its_step(pg, pg_factory, caplog,
+                                                                  down):
+    """Cluster 2 of a store of two stops (pg_ctl stop -m immediate): the
+    one events are copied from, or the home they are copied to.  The log's
+    complaint and /events' 503 name cluster 2 and the step it failed, not
+    only the two clusters of the copy; /health names it too."""
+    caplog.set_level("WARNING", logger="accman.postgres")
+    other = pg_factory(name="down")
+    urls = [pg.create_database(f"fault_{down}"), other.create_database(f"fault_{down}")]
+    home_url = urls[1] if down == "home" else urls[0]
+
+    async def seed():                       # an event there makes it the home
+        async with stored(home_url) as (_, c):
+            await c.mod("seed", 1)
+    run(seed())
+
+    async def main():
+        async with stored(urls) as (store, c):
+            assert store.home.url == home_url
+            off_home = far_creds(store, 200)[0]
+            await c.mod(off_home, 1)
+            assert len(await all_events(c)) == 2        # copied: the copy worked
+            other.stop("immediate")
+            if down == "home":
+                await c.mod(off_home, 1)    # a commit on cluster 1 is copied at once
+            with pytest.raises(Unavailable) as told:
+                await c.events(after=2)
+            await until(lambda: not store.clusters[1].healthy, 10)
+            return told.value.detail, store.unhealthy_detail
+    detail, health = run(main())
+    copy = ("copying events of cluster 2 to the home, cluster 1" if down == "source" else
+            "copying events of cluster 1 to the home, cluster 2")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(copy)]
+    assert said and re.match(rf"{copy} failed \(retried\): {_COPY_FAILED[down]}{_OUTAGE} "
+                             r"\(\w+ at \S+:\d+\)$", said[0]), said
+    assert re.fullmatch(rf"the events of a cluster cannot be copied: {_COPY_FAILED[down]}"
+                        rf"{_OUTAGE}", detail), detail
+    assert health.startswith("cluster 2 of the store's 2 cannot commit"), health
