@@ -63,7 +63,10 @@ class EventReader:
         self.listener = None
         self._timer = None
         self._waking = False
-        self.first = 0                   # the oldest event id kept, as last seen; 0: none
+        # The oldest event id kept, as last seen, or when none was, the id
+        # the next event gets: an event committed since is the oldest then
+        # (0: not read yet).  PgStore.stats says it as the embedded store does.
+        self.first = 0
         self.ended = False               # end_waits was called: no read waits any more
         # Calls waiting for their first read, by the page they ask for: one
         # query answers all that ask for the same page (a thousand pollers
@@ -76,6 +79,12 @@ class EventReader:
         # rather than wait for the next.
         self._commits = 0
         self.trimmed = 0                 # events this front-end trimmed since it started
+
+    def oldest(self) -> int:
+        """The oldest event id kept; 0 while none is known to be, as on the
+        embedded store: an event counts from the commit that wrote it, not
+        from the next round that reads the table."""
+        return self.first if 0 < self.first <= self.cluster.last_event else 0
 
     async def start(self) -> None:
         from accman.postgres.migrate import connect
@@ -167,6 +176,7 @@ class EventReader:
                 raise EventsTrimmed(rows[0]["id"])
         events = [Event(r[0], EVENT_TYPES[r[1]], bytes(r[2]).hex(), r[3], r[4], r[5], r[6],
                         r[7], r[8]) for r in rows]
+        self.cluster.note_event(events[-1].id)      # read: so it is written
         return events, events[-1].id
 
     async def _copy_first(self):
@@ -242,6 +252,9 @@ class EventReader:
 
     def _notified(self, _conn, _pid, _channel, payload) -> None:
         if self.home:
+            # The newest id of a commit (any front-end's, a copy's among
+            # them), for /metrics before the next round.
+            self.cluster.note_event(payload)
             self.local_commit()
         else:
             self.store.merger.note_notified(self.cluster, payload)

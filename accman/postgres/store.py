@@ -452,7 +452,7 @@ class PgStore:
         home = self.home
         stats["events_last"] = home.last_event
         if home.events is not None:
-            stats["events_first"] = home.events.first
+            stats["events_first"] = home.events.oldest()
             stats["events_trimmed"] = home.events.trimmed
         return stats
 

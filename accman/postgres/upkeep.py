@@ -40,8 +40,10 @@ ROUND_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_S_MIN = 0.05
 RECONNECT_BACKOFF_S_MAX = 2.0
 
+# The counts, and the oldest event kept or, when none is, the id the next
+# event gets (EventReader.first).
 _COUNTS_SQL = ("SELECT ARRAY[next_event - 1, accounts, open_holds, holds_expired, "
-               "coalesce((SELECT min(id) FROM accman_events), 0)] FROM accman_counter")
+               "coalesce((SELECT min(id) FROM accman_events), next_event)] FROM accman_counter")
 
 
 async def maintain(store) -> None:

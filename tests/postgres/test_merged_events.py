@@ -13,6 +13,7 @@ import pytest
 
 from accman.errors import Unavailable
 from accman.postgres import merge as merge_module
+from accman.postgres import upkeep as upkeep_module
 from accman.postgres.migrate import migrate
 
 from .bank import spawn_front_end
@@ -302,6 +303,23 @@ def test_a_cluster_far_behind_is_copied_in_passes_of_merge_batch_max(pg, pg_fact
             copied = [n for n in passes if n]
             assert sum(copied) == 23 and max(copied) == 5 and len(copied) >= 5
     run(main())
+
+
+def test_copied_events_are_in_the_metrics_before_the_next_round(pg, pg_factory, monkeypatch):
+    """accman_events_written_total and accman_events_first count the events
+    copied to the home once they are read, not from the next round."""
+    monkeypatch.setattr(upkeep_module, "EXPIRE_INTERVAL_S", 3600.0)     # open's round alone
+    other, urls = two_clusters(pg, pg_factory, "met")
+
+    async def main():
+        async with stored(urls) as (store, c):
+            ends = [(store.stats["events_first"], store.stats["events_last"])]
+            for cred in far_creds(store, 40)[:3]:
+                await c.mod(cred, 5)
+            assert len(await all_events(c)) == 3                # copied to the home
+            ends.append((store.stats["events_first"], store.stats["events_last"]))
+            return ends
+    assert run(main()) == [(0, 0), (1, 3)]
 
 
 def test_a_cursor_row_off_the_events_home_holds_back_no_trimming(pg, pg_factory):

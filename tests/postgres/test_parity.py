@@ -12,6 +12,7 @@ import pytest
 from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient, KeyReused,
                            NoAccount, Overflow, TooManyHolds)
 from accman.limits import INT64_MAX, INT64_MIN
+from accman.postgres import upkeep as upkeep_module
 
 from .helpers import opened, run, stored
 
@@ -141,6 +142,21 @@ def test_the_counts_are_in_the_stats(pg_url):
             assert (stats["open_holds"], stats["holds_expired"], stats["events_last"]) == \
                 (1, 1, 5)
     run(main())
+
+
+def test_events_first_reads_the_first_event_from_its_commit_on(pg_url, monkeypatch):
+    """accman_events_first, the oldest event kept, reads 0 while there is
+    none and the first event's id from the commit that wrote it, as on the
+    embedded store: not 0 beside events written until the next round."""
+    monkeypatch.setattr(upkeep_module, "EXPIRE_INTERVAL_S", 3600.0)     # open's round alone
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            ends = [(store.stats["events_first"], store.stats["events_last"])]
+            await c.mod("a", 5)
+            ends.append((store.stats["events_first"], store.stats["events_last"]))
+            return ends
+    assert run(main()) == [(0, 0), (1, 1)]
 
 
 def test_a_hold_that_expired_while_down_ends_before_open_returns(pg_url):

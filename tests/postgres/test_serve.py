@@ -285,6 +285,9 @@ def test_two_clusters_serve_one_store(pg, pg_factory, tmp_path):
         assert metrics(srv)["accman_accounts"] == len(creds)
         doc = srv.get("/events?limit=1000").json
         assert [e["id"] for e in doc["events"]] == list(range(1, 2 * len(creds) + 1))
+        m = metrics(srv)            # what was read is counted written, whatever the round
+        assert (m["accman_events_first"], m["accman_events_written_total"]) == \
+            (1, 2 * len(creds))
         account = srv.get("/past?cred=c7").json["account"]
         assert [(e["seq"], e["tot"]) for e in doc["events"] if e["account"] == account] == \
             [(1, 3), (2, 2)]
