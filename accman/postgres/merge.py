@@ -161,7 +161,13 @@ class Merger:
                     rows = await committed(hc, self._copied(hc, cluster, step),
                                            MERGE_TIMEOUT_S, self.home.abandoned)
                 except Abandoned as e:
-                    self.store.lost(self.home, e)   # no writes there while it waits
+                    # Past the deadline while the home waited for the row or
+                    # wrote, its backend may go on and take the counter row:
+                    # no writes there while it waits.  While the other
+                    # cluster was read, it held nothing of a writer's, and
+                    # ends as its socket closes: the home is not at fault.
+                    if step[0] != _READING:
+                        self.store.lost(self.home, e)
                     raise
         except Exception as e:
             raise self._failed(step[0], cluster, e) from None
@@ -182,15 +188,17 @@ class Merger:
             step[0] = _READING
             rows = await cluster.pool.fetch(_LOCAL_SQL, upto, MERGE_BATCH_MAX,
                                             timeout=MERGE_TIMEOUT_S)
+            if rows and rows[0]["id"] != upto + 1:
+                raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of cluster "
+                                   f"{cluster.index + 1} were trimmed before they were "
+                                   "copied to the home")
+            # The home's from here on: its commit too, as the block ends
+            # (one that copies nothing commits its row lock all the same).
+            step[0] = _WRITING
             if not rows:
                 self.copied[cluster.index] = upto
                 self.committed[cluster.index] = max(self.committed[cluster.index], upto)
                 return rows
-            if rows[0]["id"] != upto + 1:
-                raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of cluster "
-                                   f"{cluster.index + 1} were trimmed before they were "
-                                   "copied to the home")
-            step[0] = _WRITING              # the commit too, as the block ends
             cols = list(zip(*rows, strict=True))
             await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],
                              timeout=MERGE_TIMEOUT_S)

@@ -251,6 +251,36 @@ def test_a_copy_that_waits_past_merge_timeout_s_is_unavailable(pg, pg_factory, m
     run(main())
 
 
+def test_a_copy_from_a_cluster_that_does_not_answer_leaves_the_home_healthy(
+        pg, pg_factory, monkeypatch, caplog):
+    """MERGE_TIMEOUT_S passed while the other cluster's events were read
+    (its accman_events locked by hand): the copy fails naming that
+    cluster, and the home, which held nothing a writer needs, is not taken
+    for lost: its writes, in flight or new, go on."""
+    monkeypatch.setattr(merge_module, "MERGE_TIMEOUT_S", 0.5)
+    caplog.set_level("WARNING", logger="accman.postgres")
+    other, urls = two_clusters(pg, pg_factory, "slow")
+
+    async def main():
+        async with stored(urls) as (store, c):
+            far = far_creds(store, 200)
+            near = next(f"n{i}" for i in range(200) if store._locate(f"n{i}")[1] is store.home)
+            await c.mod(far[0], 1)
+            away = next(k for k in store.clusters if k is not store.home)
+            async with locked(away.url, "accman_events"):
+                with pytest.raises(Unavailable) as told:
+                    await asyncio.wait_for(c.events(), 5)
+                await asyncio.sleep(0.3)
+                assert store.home.healthy
+                await c.mod(near, 1)
+            return told.value.detail, away.index + 1, store.home.index + 1
+    detail, slow, home = run(main())
+    assert detail == (f"the events of a cluster cannot be copied: cluster {slow} failed "
+                      "reading its events: the database did not answer in time")
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if m.startswith(f"cluster {home}:")], said
+
+
 def test_front_ends_killed_mid_load_lose_no_event(pg, pg_factory, tmp_path):
     """Two front-end processes on a store of two clusters, keyed mods from
     32 callers each; one is killed with SIGKILL halfway.  A front-end opened
