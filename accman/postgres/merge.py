@@ -169,6 +169,8 @@ class Merger:
                     if step[0] != _READING:
                         self.store.lost(self.home, e)
                     raise
+        except StoreCorrupt:
+            raise                       # damage, named where it is found: refused as such
         except Exception as e:
             raise self._failed(step[0], cluster, e) from None
         if not rows:

@@ -9,6 +9,7 @@ import re
 import signal
 import time
 
+import asyncpg
 import pytest
 
 from accman.errors import Unavailable
@@ -279,6 +280,39 @@ def test_a_copy_from_a_cluster_that_does_not_answer_leaves_the_home_healthy(
                       "reading its events: the database did not answer in time")
     said = [r.getMessage() for r in caplog.records]
     assert not [m for m in said if m.startswith(f"cluster {home}:")], said
+
+
+def test_events_gone_from_a_cluster_before_their_copy_are_damage_named_as_such(
+        pg, pg_factory):
+    """Events of another cluster missing before they were copied (deleted
+    by hand here, as damage or a trim that did not wait would) are never
+    skipped: the read is refused with the damage's own words, the range
+    and the cluster, and nothing is copied past the gap."""
+    other, urls = two_clusters(pg, pg_factory, "gap")
+
+    async def main():
+        async with stored(urls) as (store, c):
+            far = far_creds(store, 200)
+            away = next(k for k in store.clusters if k is not store.home)
+            async with locked(store.home.url, "accman_merged"):
+                await asyncio.gather(*(c.mod(z, 1) for z in far[:4]))
+                conn = await asyncpg.connect(away.url)
+                try:
+                    await conn.execute("DELETE FROM accman_events WHERE id <= 2")
+                finally:
+                    await conn.close()
+            with pytest.raises(Unavailable) as told:
+                await asyncio.wait_for(c.events(), 10)
+            conn = await asyncpg.connect(store.home.url)
+            try:
+                copied = await conn.fetchval("SELECT count(*) FROM accman_events")
+            finally:
+                await conn.close()
+            return told.value.detail, away.index + 1, copied
+    detail, gone, copied = run(main())
+    assert detail == ("the events of a cluster cannot be copied: events 1..2 of cluster "
+                      f"{gone} were trimmed before they were copied to the home")
+    assert copied == 0
 
 
 def test_front_ends_killed_mid_load_lose_no_event(pg, pg_factory, tmp_path):
