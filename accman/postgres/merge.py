@@ -56,6 +56,12 @@ _LOCKING, _READING, _WRITING = ("the home, cluster {home}, failed taking its rec
 _READING_UPTO = "the home, cluster {home}, failed reading how far the copy is"
 
 
+class _NothingNew(Exception):
+    """A pass found nothing to copy: its transaction rolls back, since its
+    row lock wrote nothing that needs keeping, and a commit would wait for
+    the WAL's flush and the home's synchronous standby like a write."""
+
+
 class Merger:
     """Copies the other clusters' events into the home's, for one store."""
 
@@ -185,25 +191,27 @@ class Merger:
         """The transaction of a pass, on the home's connection `hc`: the
         rows it copied (none: `cluster` is copied up to its newest).
         `step[0]` is the step under way."""
-        async with hc.transaction():
-            upto = await hc.fetchval(_UPTO_SQL, cluster.cluster_id, timeout=MERGE_TIMEOUT_S)
-            step[0] = _READING
-            rows = await cluster.pool.fetch(_LOCAL_SQL, upto, MERGE_BATCH_MAX,
-                                            timeout=MERGE_TIMEOUT_S)
-            if rows and rows[0]["id"] != upto + 1:
-                raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of cluster "
-                                   f"{cluster.index + 1} were trimmed before they were "
-                                   "copied to the home")
-            # The home's from here on: its commit too, as the block ends
-            # (one that copies nothing commits its row lock all the same).
-            step[0] = _WRITING
-            if not rows:
-                self.copied[cluster.index] = upto
-                self.committed[cluster.index] = max(self.committed[cluster.index], upto)
-                return rows
-            cols = list(zip(*rows, strict=True))
-            await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],
-                             timeout=MERGE_TIMEOUT_S)
+        try:
+            async with hc.transaction():
+                upto = await hc.fetchval(_UPTO_SQL, cluster.cluster_id,
+                                         timeout=MERGE_TIMEOUT_S)
+                step[0] = _READING
+                rows = await cluster.pool.fetch(_LOCAL_SQL, upto, MERGE_BATCH_MAX,
+                                                timeout=MERGE_TIMEOUT_S)
+                if rows and rows[0]["id"] != upto + 1:
+                    raise StoreCorrupt(f"events {upto + 1}..{rows[0]['id'] - 1} of cluster "
+                                       f"{cluster.index + 1} were trimmed before they were "
+                                       "copied to the home")
+                step[0] = _WRITING          # the home's from here on, its commit too
+                if not rows:
+                    raise _NothingNew(upto)
+                cols = list(zip(*rows, strict=True))
+                await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],
+                                 timeout=MERGE_TIMEOUT_S)
+        except _NothingNew:
+            self.copied[cluster.index] = upto
+            self.committed[cluster.index] = max(self.committed[cluster.index], upto)
+            return []
         return rows
 
     async def upto(self, cluster) -> int:

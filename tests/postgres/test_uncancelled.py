@@ -133,6 +133,32 @@ def test_a_stalled_copy_of_events_is_not_seen_on_the_home(pg_factory, monkeypatc
     run(main())
 
 
+def test_a_read_with_nothing_new_to_copy_commits_nothing(pg_factory, monkeypatch):
+    """A copy that finds nothing new rolls back its row lock: a read of
+    /events on a store of two clusters answers what is there while the
+    home's synchronous standby is away, where a commit would wait for it
+    past MERGE_TIMEOUT_S and the home would be taken for lost."""
+    monkeypatch.setattr(merge_module, "MERGE_TIMEOUT_S", 1.0)
+    servers = [pg_factory(name="empty_a"), pg_factory(name="empty_b")]
+    urls = [server.create_database("m") for server in servers]
+
+    async def main():
+        async with stored(urls) as (store, c):
+            far = far_creds(store, 64)[0]
+            home = store.clusters.index(store.home)
+            standby = standby_of(servers[home], "empty")
+            assert await c.mod(far, 5) == (5, 1)
+            events, _ = await c.events()                    # copied, the standby there
+            standby.stop("immediate")
+            for _ in range(3):
+                again, _ = await asyncio.wait_for(c.events(), 5)
+                assert again == events
+            assert await waiting_for_standby(urls[home]) == 0
+            assert store.home.healthy and not store.home.abandoned
+            standby.start()
+    run(main())
+
+
 def test_a_trim_past_trim_timeout_s_is_given_up_and_the_next_goes_on(pg_url, monkeypatch,
                                                                      caplog):
     """TRIM_TIMEOUT_S: a trim the database does not answer in time is given
