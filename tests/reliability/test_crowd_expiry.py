@@ -1,0 +1,308 @@
+"""A crowd of holds due in the same second, ended while things go wrong
+(SPEC "Holds": a hold not settled within its ttl ends by itself, durably,
+also across restarts; every hold has exactly one end; a settle from the ttl
+on finds it ended.  "Events": ids grow by one, with no gaps).
+
+The servers are tests/reliability/controlled_serve.py with a small
+BATCH_MODS_MAX (nothing is ever held): the crowd then ends in hundreds of
+batches, each made durable before the next, so that a kill or a settle
+lands while the crowd is being ended, not before or after it.  Each test
+checks from the replies and /events that it did.
+
+After each: every hold has exactly one end in the events (a settle for a
+settle answered 200, an expiry otherwise), each account's balance is its
+funding less what its 200 settles used, its history's seq gap-free and
+its balances each the one before plus `by`, the event ids gap-free, each
+history entry one event, and no hold open.
+"""
+
+import itertools
+import queue
+import threading
+import time
+
+import pytest
+
+from conftest import assert_error, patch, request_bytes
+from relhelp import Control, PgControl, get_json, history, spawn_controlled, stop_quietly
+
+FUNDING = 10 ** 9
+AMOUNT = 7          # every hold's
+USE = 2             # every settle's
+TTL_S = 1
+ACCOUNTS = 4
+PER_ACCOUNT = 1000  # holds of each account: 4000 in the crowd
+# Eight ends a batch: the crowd ends in 500 batches, ~0.3 s here.
+BATCH_MODS_MAX = 8
+
+
+@pytest.fixture
+def controlled(tmp_path, server_store):
+    """start(data) -> (server, control): a controlled_serve.py server on
+    `data` (a directory under tmp_path), on the test's store, and what holds
+    its commits (relhelp.Control; on PostgreSQL, relhelp.PgControl); the
+    server killed and its commits released at teardown."""
+    started = []
+
+    def start(data="data"):
+        control = Control(tmp_path / "control")
+        srv = spawn_controlled(tmp_path / data, tmp_path / f"log{len(started)}", control,
+                               store=server_store,
+                               batch_mods_max=BATCH_MODS_MAX if server_store.embedded else None)
+        if not server_store.embedded:
+            control = PgControl(server_store, tmp_path / data)
+        started.append((srv, control))
+        return srv, control
+
+    yield start
+    for srv, control in started:
+        control.release()
+        stop_quietly(srv)
+
+
+def make_crowd(srv, creds):
+    """Funds each cred and makes PER_ACCOUNT holds of AMOUNT on it, pipelined,
+    from the start of a whole second so that all are made within it and
+    fall due in one second.  Returns {cred: [hold ids]}."""
+    for cred in creds:
+        assert srv.mod(cred, FUNDING).json == {"tot": FUNDING, "seq": 1}
+    while time.time() % 1 > 0.02:
+        time.sleep(0.002)
+    holds = {}
+
+    def make(cred):
+        with srv.connect(timeout=60) as c:
+            c.send(patch(f"/hold?cred={cred}&by=-{AMOUNT}&ttl={TTL_S}") * PER_ACCOUNT)
+            replies = c.responses(PER_ACCOUNT)
+        assert [r.status for r in replies] == [200] * PER_ACCOUNT
+        holds[cred] = [r.json["hold"] for r in replies]
+
+    threads = [threading.Thread(target=make, args=(cred,)) for cred in creds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(holds) == sorted(creds)
+    return holds
+
+
+def all_events(srv):
+    out, after = [], 0
+    with srv.connect(timeout=30) as c:
+        while True:
+            status, doc = get_json(c, f"/events?after={after}&limit=1000")
+            assert status == 200, doc
+            if not doc["events"]:
+                return out
+            out += doc["events"]
+            after = doc["next"]
+
+
+def open_holds(srv):
+    return srv.get("/health").json["open_holds"]
+
+
+def wait_all_ended(srv, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while open_holds(srv) != 0:
+        assert time.monotonic() < deadline, f"holds still open after {timeout_s} s"
+        time.sleep(0.01)
+
+
+def check_books(srv, holds, used):
+    """The accounting after the crowd has ended: see the module's doc.
+    `used` is {(cred, hold): use} of the settles answered 200.  Returns the
+    events."""
+    events = all_events(srv)
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    ends = {}
+    for e in events:
+        if e["type"] in ("settle", "expire"):
+            ends.setdefault((e["account"], e["hold"]), []).append(e)
+    entries = set()
+    for cred, ids in holds.items():
+        past = history(srv, cred)
+        account = srv.get(f"/past?cred={cred}&limit=1").json["account"]
+        assert [e["seq"] for e in past] == list(range(1, len(past) + 1)), cred
+        for before, e in itertools.pairwise(past):
+            assert e["tot"] == before["tot"] + e["by"], (cred, e)
+        entries |= {(account, e["seq"]) for e in past}
+        spent = 0
+        for hold in ids:
+            end = ends.pop((account, hold), [])
+            assert len(end) == 1, (cred, hold, end)
+            if (cred, hold) in used:
+                assert (end[0]["type"], end[0]["by"]) == ("settle", AMOUNT - used[cred, hold])
+                spent += used[cred, hold]
+            else:
+                assert (end[0]["type"], end[0]["by"]) == ("expire", AMOUNT), (cred, end)
+        assert past[-1]["tot"] == srv.tot(cred) == FUNDING - spent, cred
+    assert ends == {}, "ends of holds no test made"
+    assert {(e["account"], e["seq"]) for e in events if e["type"] != "low_balance"} == entries
+    assert open_holds(srv) == 0
+    return events
+
+
+def crowd_second(events):
+    """The one second the crowd falls due in (the wheel's: the first whole
+    second at or after each hold's ttl); fails if the holds span two."""
+    seconds = {(e["at"] + TTL_S * 1000 + 999) // 1000 for e in events if e["type"] == "hold"}
+    assert len(seconds) == 1, f"the crowd was made across a second's edge: {seconds}"
+    return seconds.pop()
+
+
+@pytest.mark.embedded_only("SIGKILL of the embedded store mid-expiry; PostgreSQL's: "
+                           "tests/postgres/test_crowd_expiry.py")
+def test_a_crowd_of_holds_ends_once_across_a_kill_mid_expiry(controlled):
+    """SIGKILL while the crowd is being ended (/health's open holds, read
+    just before, shows some ended and most not), then a restart on the same
+    data: the store opens, the rest end at open, and every hold has ended
+    exactly once, a hold settled before by its settle alone."""
+    srv, _ = controlled()
+    creds = [f"k{i}" for i in range(ACCOUNTS)]
+    holds = make_crowd(srv, creds)
+    used = {}
+    with srv.connect() as c:
+        for cred, ids in holds.items():
+            for hold in ids[::10]:
+                c.send(patch(f"/settle?cred={cred}&hold={hold}&use={USE}"))
+                assert c.response().status == 200
+                used[cred, hold] = USE
+    crowd = ACCOUNTS * PER_ACCOUNT - len(used)
+    with srv.connect() as c:
+        while True:
+            c.send(request_bytes("GET", "/health"))
+            left = c.response().json["open_holds"]
+            if left <= crowd - 10 * BATCH_MODS_MAX:
+                break
+            time.sleep(0.001)
+    killed_ms = time.time() * 1000
+    srv.kill()
+    assert 0 < left < crowd, "the kill did not land while the crowd was being ended"
+    srv, _ = controlled()                       # the same data: opened, not refused
+    wait_all_ended(srv)
+    events = check_books(srv, holds, used)
+    expired_at = [e["at"] for e in events if e["type"] == "expire"]
+    # Ended by the first server, and by the second at its open: the kill
+    # landed mid-expiry.
+    assert sum(at < killed_ms for at in expired_at) >= crowd - left
+    assert sum(at > killed_ms for at in expired_at) > 0
+
+
+def settle_at_times(srv, plan, senders=4):
+    """Sends each (at_s, cred, hold) of `plan` (sorted by at_s) at its time,
+    from `senders` connections; returns (sent_ms, cred, hold, reply) each."""
+    todo = queue.Queue()
+    for item in plan:
+        todo.put(item)
+    done = []
+
+    def send():
+        with srv.connect(timeout=30) as c:
+            while True:
+                try:
+                    at_s, cred, hold = todo.get_nowait()
+                except queue.Empty:
+                    return
+                time.sleep(max(0.0, at_s - time.time()))
+                sent_ms = time.time() * 1000
+                c.send(patch(f"/settle?cred={cred}&hold={hold}&use={USE}"))
+                done.append((sent_ms, cred, hold, c.response()))
+
+    threads = [threading.Thread(target=send) for _ in range(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(done) == len(plan)
+    return done
+
+
+def test_settles_racing_a_crowd_s_expiry_end_each_hold_once(controlled):
+    """Settles of a quarter of the crowd, spread from before the holds' ttl
+    to after the crowd's second: each is 200 (then its hold ends by it
+    alone, before its ttl, its use charged once) or 409 hold_ended as
+    expired (then its amount came back whole), and some of them are sent
+    while the crowd is being ended."""
+    srv, _ = controlled()
+    creds = [f"r{i}" for i in range(ACCOUNTS)]
+    holds = make_crowd(srv, creds)
+    due_s = crowd_second(all_events(srv))
+    chosen = [(cred, hold) for cred, ids in holds.items() for hold in ids[::4]]
+    step_s = 2.4 / len(chosen)
+    plan = [(due_s - 1.2 + i * step_s, cred, hold)
+            for i, (cred, hold) in enumerate(sorted(chosen, key=lambda ch: ch[1]))]
+    replies = settle_at_times(srv, plan)
+    used, refused_ms = {}, []
+    for sent_ms, cred, hold, r in replies:
+        if r.status == 200:
+            used[cred, hold] = USE
+        else:
+            assert "expired" in assert_error(r, 409, "hold_ended")["detail"], r
+            refused_ms.append(sent_ms)
+    wait_all_ended(srv)
+    events = check_books(srv, holds, used)
+    made_ms = {(e["account"], e["hold"]): e["at"] for e in events if e["type"] == "hold"}
+    for e in events:
+        if e["type"] == "settle":               # before the ttl, never from it on
+            assert e["at"] < made_ms[e["account"], e["hold"]] + TTL_S * 1000, e
+    assert used and refused_ms, "the settles did not straddle the holds' ttl"
+    accounts = {cred: srv.get(f"/past?cred={cred}&limit=1").json["account"] for cred in creds}
+    asked = {(accounts[cred], hold) for cred, hold in chosen}
+    wheel_ms = [e["at"] for e in events
+                if e["type"] == "expire" and (e["account"], e["hold"]) not in asked]
+    # The crowd's end: on the embedded store hundreds of batches from the
+    # second on, some settles sent between the first and the last; on
+    # PostgreSQL a round's calls of accman_expire, `at` each call's start
+    # (whether a settle waited on a call's locks is not seen from here).
+    if srv.store.embedded:
+        assert any(min(wheel_ms) <= ms <= max(wheel_ms) for ms in refused_ms), \
+            "no settle was sent while the crowd was being ended"
+    else:
+        assert any(ms >= min(wheel_ms) for ms in refused_ms), \
+            "no settle was sent once the crowd's round had begun"
+
+
+def wait_settles_waiting(srv, control, timeout_s=10.0):
+    """On PostgreSQL: until a batch waits for a lock besides the held
+    round (the settles', on the accounts the round has locked)."""
+    if srv.store.embedded:
+        time.sleep(0.2)         # the settles are in the book: nothing to wait on
+        return
+    deadline = time.monotonic() + timeout_s
+    sql = (f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{control.dbname}' "
+           "AND wait_event_type = 'Lock'")
+    while int(control.pg.psql(sql, control.dbname)) < 2:
+        assert time.monotonic() < deadline, f"no settle waited within {timeout_s} s"
+        time.sleep(0.01)
+
+
+def test_settles_sent_while_the_crowd_s_end_waits_to_commit_are_refused_as_expired(
+        controlled):
+    """The crowd's first commit of ends is held (a stalled disk; on
+    PostgreSQL the round's accman_expire waits for the counter row with
+    the accounts locked); settles of crowd holds sent meanwhile all answer
+    409 hold_ended as expired once it commits, and each hold ends once,
+    its money back whole."""
+    srv, control = controlled()
+    creds = [f"w{i}" for i in range(ACCOUNTS)]
+    holds = make_crowd(srv, creds)
+    control.hold()              # before the first hold is due: the crowd's first commit waits
+    try:
+        due_s = crowd_second(all_events(srv))
+        control.wait_holding(timeout_s=5 + TTL_S)
+        assert open_holds(srv) == ACCOUNTS * PER_ACCOUNT
+        time.sleep(max(0.0, due_s - time.time()))      # every hold of the crowd is due
+        with srv.connect(timeout=30) as c:
+            chosen = [(cred, hold) for cred, ids in holds.items() for hold in ids[::40]]
+            c.send(b"".join(patch(f"/settle?cred={cred}&hold={hold}&use={USE}")
+                            for cred, hold in chosen))
+            wait_settles_waiting(srv, control)
+            control.release()
+            replies = c.responses(len(chosen))
+    finally:
+        control.release()
+    for r in replies:
+        assert "expired" in assert_error(r, 409, "hold_ended")["detail"], r
+    wait_all_ended(srv)
+    check_books(srv, holds, {})
