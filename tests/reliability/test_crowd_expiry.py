@@ -3,20 +3,18 @@
 also across restarts; every hold has exactly one end; a settle from the ttl
 on finds it ended.  "Events": ids grow by one, with no gaps).
 
-The servers are tests/reliability/controlled_serve.py with a small
-BATCH_MODS_MAX (nothing is ever held): the crowd then ends in hundreds of
+The servers are tests/reliability/controlled_serve.py, on the embedded
+store with a small BATCH_MODS_MAX: the crowd then ends in hundreds of
 batches, each made durable before the next, so that a kill or a settle
 lands while the crowd is being ended, not before or after it.  Each test
-checks from the replies and /events that it did.
+checks from the replies and /events that it did.  One test holds the
+crowd's first commit of ends (controlled_serve's control) and settles
+meanwhile.
 
-After each: every hold has exactly one end in the events (a settle for a
-settle answered 200, an expiry otherwise), each account's balance is its
-funding less what its 200 settles used, its history's seq gap-free and
-its balances each the one before plus `by`, the event ids gap-free, each
-history entry one event, and no hold open.
+After each, tests/crowd.py's check_books: every hold has exactly one end,
+balances exact, seq and event ids gap-free, no hold open.
 """
 
-import itertools
 import queue
 import threading
 import time
@@ -24,12 +22,11 @@ import time
 import pytest
 
 from conftest import assert_error, patch, request_bytes
-from relhelp import Control, PgControl, get_json, history, spawn_controlled, stop_quietly
+from crowd import (TTL_S, all_events, check_books, crowd_second, make_crowd, open_holds,
+                   wait_all_ended)
+from relhelp import Control, PgControl, spawn_controlled, stop_quietly
 
-FUNDING = 10 ** 9
-AMOUNT = 7          # every hold's
 USE = 2             # every settle's
-TTL_S = 1
 ACCOUNTS = 4
 PER_ACCOUNT = 1000  # holds of each account: 4000 in the crowd
 # Eight ends a batch: the crowd ends in 500 batches, ~0.3 s here.
@@ -60,97 +57,6 @@ def controlled(tmp_path, server_store):
         stop_quietly(srv)
 
 
-def make_crowd(srv, creds):
-    """Funds each cred and makes PER_ACCOUNT holds of AMOUNT on it, pipelined,
-    from the start of a whole second so that all are made within it and
-    fall due in one second.  Returns {cred: [hold ids]}."""
-    for cred in creds:
-        assert srv.mod(cred, FUNDING).json == {"tot": FUNDING, "seq": 1}
-    while time.time() % 1 > 0.02:
-        time.sleep(0.002)
-    holds = {}
-
-    def make(cred):
-        with srv.connect(timeout=60) as c:
-            c.send(patch(f"/hold?cred={cred}&by=-{AMOUNT}&ttl={TTL_S}") * PER_ACCOUNT)
-            replies = c.responses(PER_ACCOUNT)
-        assert [r.status for r in replies] == [200] * PER_ACCOUNT
-        holds[cred] = [r.json["hold"] for r in replies]
-
-    threads = [threading.Thread(target=make, args=(cred,)) for cred in creds]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(holds) == sorted(creds)
-    return holds
-
-
-def all_events(srv):
-    out, after = [], 0
-    with srv.connect(timeout=30) as c:
-        while True:
-            status, doc = get_json(c, f"/events?after={after}&limit=1000")
-            assert status == 200, doc
-            if not doc["events"]:
-                return out
-            out += doc["events"]
-            after = doc["next"]
-
-
-def open_holds(srv):
-    return srv.get("/health").json["open_holds"]
-
-
-def wait_all_ended(srv, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while open_holds(srv) != 0:
-        assert time.monotonic() < deadline, f"holds still open after {timeout_s} s"
-        time.sleep(0.01)
-
-
-def check_books(srv, holds, used):
-    """The accounting after the crowd has ended: see the module's doc.
-    `used` is {(cred, hold): use} of the settles answered 200.  Returns the
-    events."""
-    events = all_events(srv)
-    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
-    ends = {}
-    for e in events:
-        if e["type"] in ("settle", "expire"):
-            ends.setdefault((e["account"], e["hold"]), []).append(e)
-    entries = set()
-    for cred, ids in holds.items():
-        past = history(srv, cred)
-        account = srv.get(f"/past?cred={cred}&limit=1").json["account"]
-        assert [e["seq"] for e in past] == list(range(1, len(past) + 1)), cred
-        for before, e in itertools.pairwise(past):
-            assert e["tot"] == before["tot"] + e["by"], (cred, e)
-        entries |= {(account, e["seq"]) for e in past}
-        spent = 0
-        for hold in ids:
-            end = ends.pop((account, hold), [])
-            assert len(end) == 1, (cred, hold, end)
-            if (cred, hold) in used:
-                assert (end[0]["type"], end[0]["by"]) == ("settle", AMOUNT - used[cred, hold])
-                spent += used[cred, hold]
-            else:
-                assert (end[0]["type"], end[0]["by"]) == ("expire", AMOUNT), (cred, end)
-        assert past[-1]["tot"] == srv.tot(cred) == FUNDING - spent, cred
-    assert ends == {}, "ends of holds no test made"
-    assert {(e["account"], e["seq"]) for e in events if e["type"] != "low_balance"} == entries
-    assert open_holds(srv) == 0
-    return events
-
-
-def crowd_second(events):
-    """The one second the crowd falls due in (the wheel's: the first whole
-    second at or after each hold's ttl); fails if the holds span two."""
-    seconds = {(e["at"] + TTL_S * 1000 + 999) // 1000 for e in events if e["type"] == "hold"}
-    assert len(seconds) == 1, f"the crowd was made across a second's edge: {seconds}"
-    return seconds.pop()
-
-
 @pytest.mark.embedded_only("SIGKILL of the embedded store mid-expiry; PostgreSQL's: "
                            "tests/postgres/test_crowd_expiry.py")
 def test_a_crowd_of_holds_ends_once_across_a_kill_mid_expiry(controlled):
@@ -160,14 +66,12 @@ def test_a_crowd_of_holds_ends_once_across_a_kill_mid_expiry(controlled):
     exactly once, a hold settled before by its settle alone."""
     srv, _ = controlled()
     creds = [f"k{i}" for i in range(ACCOUNTS)]
-    holds = make_crowd(srv, creds)
-    used = {}
-    with srv.connect() as c:
-        for cred, ids in holds.items():
-            for hold in ids[::10]:
-                c.send(patch(f"/settle?cred={cred}&hold={hold}&use={USE}"))
-                assert c.response().status == 200
-                used[cred, hold] = USE
+    holds = make_crowd(srv, creds, PER_ACCOUNT)
+    used = {(cred, hold): USE for cred, ids in holds.items() for hold in ids[::10]}
+    with srv.connect() as c:                    # long before the ttl
+        c.send(b"".join(patch(f"/settle?cred={cred}&hold={hold}&use={USE}")
+                        for cred, hold in used))
+        assert [r.status for r in c.responses(len(used))] == [200] * len(used)
     crowd = ACCOUNTS * PER_ACCOUNT - len(used)
     with srv.connect() as c:
         while True:
@@ -181,7 +85,7 @@ def test_a_crowd_of_holds_ends_once_across_a_kill_mid_expiry(controlled):
     assert 0 < left < crowd, "the kill did not land while the crowd was being ended"
     srv, _ = controlled()                       # the same data: opened, not refused
     wait_all_ended(srv)
-    events = check_books(srv, holds, used)
+    events, _ = check_books(srv, holds, used)
     expired_at = [e["at"] for e in events if e["type"] == "expire"]
     # Ended by the first server, and by the second at its open: the kill
     # landed mid-expiry.
@@ -226,7 +130,7 @@ def test_settles_racing_a_crowd_s_expiry_end_each_hold_once(controlled):
     while the crowd is being ended."""
     srv, _ = controlled()
     creds = [f"r{i}" for i in range(ACCOUNTS)]
-    holds = make_crowd(srv, creds)
+    holds = make_crowd(srv, creds, PER_ACCOUNT)
     due_s = crowd_second(all_events(srv))
     chosen = [(cred, hold) for cred, ids in holds.items() for hold in ids[::4]]
     step_s = 2.4 / len(chosen)
@@ -241,13 +145,12 @@ def test_settles_racing_a_crowd_s_expiry_end_each_hold_once(controlled):
             assert "expired" in assert_error(r, 409, "hold_ended")["detail"], r
             refused_ms.append(sent_ms)
     wait_all_ended(srv)
-    events = check_books(srv, holds, used)
+    events, accounts = check_books(srv, holds, used)
     made_ms = {(e["account"], e["hold"]): e["at"] for e in events if e["type"] == "hold"}
     for e in events:
         if e["type"] == "settle":               # before the ttl, never from it on
             assert e["at"] < made_ms[e["account"], e["hold"]] + TTL_S * 1000, e
     assert used and refused_ms, "the settles did not straddle the holds' ttl"
-    accounts = {cred: srv.get(f"/past?cred={cred}&limit=1").json["account"] for cred in creds}
     asked = {(accounts[cred], hold) for cred, hold in chosen}
     wheel_ms = [e["at"] for e in events
                 if e["type"] == "expire" and (e["account"], e["hold"]) not in asked]
@@ -286,7 +189,7 @@ def test_settles_sent_while_the_crowd_s_end_waits_to_commit_are_refused_as_expir
     its money back whole."""
     srv, control = controlled()
     creds = [f"w{i}" for i in range(ACCOUNTS)]
-    holds = make_crowd(srv, creds)
+    holds = make_crowd(srv, creds, PER_ACCOUNT)
     control.hold()              # before the first hold is due: the crowd's first commit waits
     try:
         due_s = crowd_second(all_events(srv))
