@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import PYTHON, Conn, ServerProc, request_bytes, spawn_command
 
 HERE = Path(__file__).resolve().parent
@@ -116,6 +118,33 @@ def spawn_controlled(data, log_dir, control, *, port=0, env=None,
     srv = spawn_command([str(c) for c in cmd], log_dir, data=data, env=env)
     srv.store = store
     return srv
+
+
+@pytest.fixture
+def controlled(tmp_path, server_store):
+    """start(data=None, env=None, **kw) -> (server, Control): a
+    controlled_serve.py server whose commits can be held (on PostgreSQL, in
+    the database: PgControl), on the test's store.  `data` names its data
+    directory under tmp_path (a new one each start when not given; the same
+    name again reopens it); `kw` as spawn_controlled's.  Every server is
+    killed, its commits released, at teardown.  A test module imports it."""
+    started = []
+
+    def start(data=None, env=None, **kw):
+        n = len(started)
+        path = tmp_path / (data or f"data{n}")
+        control = Control(tmp_path / f"control{n}")
+        srv = spawn_controlled(path, tmp_path / f"log{n}", control, env=env,
+                               store=server_store, **kw)
+        if not server_store.embedded:
+            control = PgControl(server_store, path)
+        started.append((srv, control))
+        return srv, control
+
+    yield start
+    for srv, control in started:
+        control.release()
+        stop_quietly(srv)
 
 
 def stop_quietly(srv):

@@ -24,7 +24,9 @@ import pytest
 from conftest import assert_error, patch, request_bytes
 from crowd import (TTL_S, all_events, check_books, crowd_second, make_crowd, open_holds,
                    wait_all_ended)
-from relhelp import Control, PgControl, spawn_controlled, stop_quietly
+import relhelp
+
+controlled = relhelp.controlled      # a fixture: relhelp's, registered here
 
 USE = 2             # every settle's
 ACCOUNTS = 4
@@ -34,37 +36,22 @@ BATCH_MODS_MAX = 8
 
 
 @pytest.fixture
-def controlled(tmp_path, server_store):
-    """start(data) -> (server, control): a controlled_serve.py server on
-    `data` (a directory under tmp_path), on the test's store, and what holds
-    its commits (relhelp.Control; on PostgreSQL, relhelp.PgControl); the
-    server killed and its commits released at teardown."""
-    started = []
-
-    def start(data="data"):
-        control = Control(tmp_path / "control")
-        srv = spawn_controlled(tmp_path / data, tmp_path / f"log{len(started)}", control,
-                               store=server_store,
-                               batch_mods_max=BATCH_MODS_MAX if server_store.embedded else None)
-        if not server_store.embedded:
-            control = PgControl(server_store, tmp_path / data)
-        started.append((srv, control))
-        return srv, control
-
-    yield start
-    for srv, control in started:
-        control.release()
-        stop_quietly(srv)
+def crowd_server(controlled, server_store):
+    """start() -> (server, control): relhelp's controlled server, on the
+    same data directory at each start, with BATCH_MODS_MAX on the embedded
+    store (PostgreSQL's batches are its own)."""
+    kw = {"batch_mods_max": BATCH_MODS_MAX} if server_store.embedded else {}
+    return lambda: controlled("data", **kw)
 
 
 @pytest.mark.embedded_only("SIGKILL of the embedded store mid-expiry; PostgreSQL's: "
                            "tests/postgres/test_crowd_expiry.py")
-def test_a_crowd_of_holds_ends_once_across_a_kill_mid_expiry(controlled):
+def test_a_crowd_of_holds_ends_once_across_a_kill_mid_expiry(crowd_server):
     """SIGKILL while the crowd is being ended (/health's open holds, read
     just before, shows some ended and most not), then a restart on the same
     data: the store opens, the rest end at open, and every hold has ended
     exactly once, a hold settled before by its settle alone."""
-    srv, _ = controlled()
+    srv, _ = crowd_server()
     creds = [f"k{i}" for i in range(ACCOUNTS)]
     holds = make_crowd(srv, creds, PER_ACCOUNT)
     used = {(cred, hold): USE for cred, ids in holds.items() for hold in ids[::10]}
@@ -83,7 +70,7 @@ def test_a_crowd_of_holds_ends_once_across_a_kill_mid_expiry(controlled):
     killed_ms = time.time() * 1000
     srv.kill()
     assert 0 < left < crowd, "the kill did not land while the crowd was being ended"
-    srv, _ = controlled()                       # the same data: opened, not refused
+    srv, _ = crowd_server()                       # the same data: opened, not refused
     wait_all_ended(srv)
     events, _ = check_books(srv, holds, used)
     expired_at = [e["at"] for e in events if e["type"] == "expire"]
@@ -122,13 +109,13 @@ def settle_at_times(srv, plan, senders=4):
     return done
 
 
-def test_settles_racing_a_crowd_s_expiry_end_each_hold_once(controlled):
+def test_settles_racing_a_crowd_s_expiry_end_each_hold_once(crowd_server):
     """Settles of a quarter of the crowd, spread from before the holds' ttl
     to after the crowd's second: each is 200 (then its hold ends by it
     alone, before its ttl, its use charged once) or 409 hold_ended as
     expired (then its amount came back whole), and some of them are sent
     while the crowd is being ended."""
-    srv, _ = controlled()
+    srv, _ = crowd_server()
     creds = [f"r{i}" for i in range(ACCOUNTS)]
     holds = make_crowd(srv, creds, PER_ACCOUNT)
     due_s = crowd_second(all_events(srv))
@@ -181,13 +168,13 @@ def wait_settles_waiting(srv, control, timeout_s=10.0):
 
 
 def test_settles_sent_while_the_crowd_s_end_waits_to_commit_are_refused_as_expired(
-        controlled):
+        crowd_server):
     """The crowd's first commit of ends is held (a stalled disk; on
     PostgreSQL the round's accman_expire waits for the counter row with
     the accounts locked); settles of crowd holds sent meanwhile all answer
     409 hold_ended as expired once it commits, and each hold ends once,
     its money back whole."""
-    srv, control = controlled()
+    srv, control = crowd_server()
     creds = [f"w{i}" for i in range(ACCOUNTS)]
     holds = make_crowd(srv, creds, PER_ACCOUNT)
     control.hold()              # before the first hold is due: the crowd's first commit waits

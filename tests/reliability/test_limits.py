@@ -21,35 +21,16 @@ import pytest
 
 from accman import limits as L
 from conftest import assert_error, get, parse_responses, patch, spawn_server
-from relhelp import Control, PgControl, history, metrics, spawn_controlled, stop_quietly
+import relhelp
+from relhelp import history, metrics
+
+controlled = relhelp.controlled      # a fixture: relhelp's, registered here
 
 
 def read_until_closed(c, timeout_s=10.0):
     """Every reply until the server closes the connection."""
     assert c.closed_by_peer(timeout_s), "the server did not close the connection"
     return parse_responses(c.buf)
-
-
-@pytest.fixture
-def controlled(tmp_path, server_store):
-    """start(**kw) -> (server, Control): a server whose commits can be held
-    (on PostgreSQL, in the database: relhelp.PgControl)."""
-    started = []
-
-    def start(env=None, **kw):
-        data = tmp_path / f"data{len(started)}"
-        control = Control(tmp_path / f"control{len(started)}")
-        srv = spawn_controlled(data, tmp_path / f"log{len(started)}", control, env=env,
-                               store=server_store, **kw)
-        if not server_store.embedded:
-            control = PgControl(server_store, data)
-        started.append((srv, control))
-        return srv, control
-
-    yield start
-    for srv, control in started:
-        control.release()
-        stop_quietly(srv)
 
 
 # --- values: CRED_CHARS_MAX, KEY_CHARS_MAX, the int64 range ---------------------------
