@@ -75,6 +75,11 @@ class EventReader:
         self._queued: dict = {}          # (after, limit) -> [(deadline or None, done)]
         self._queued_polls = 0
         self._reading = False
+        # What a read has taken out of _queued or waiters while its query
+        # runs: end_wait finds a poll there too, or its client's leaving
+        # would go unheard until its deadline.
+        self._in_first_read: dict = {}   # as _queued
+        self._in_wake: list = []         # as waiters
         # Commits heard of so far: a read that began before one re-reads
         # rather than wait for the next.
         self._commits = 0
@@ -136,19 +141,21 @@ class EventReader:
         """The long poll of `done` is answered now, with what there is
         (after one more read); one still waiting for its first read waits
         no more.  Nothing when it is not waiting."""
-        for w in self.waiters:
+        for w in self.waiters + self._in_wake:
             if w[3] is done:
                 # Due now: the deadline's round reads and answers it, taking
-                # it out of the list only as its read starts.
+                # it out of the list only as its read starts (one being read
+                # by a wake-up goes back to the list due, if it finds none).
                 w[2] = time.monotonic()
                 self._arm()
                 return
-        for calls in self._queued.values():
-            for n, (deadline, d) in enumerate(calls):
-                if d is done and deadline is not None:
-                    calls[n] = (None, d)
-                    self._queued_polls -= 1
-                    return
+        for queued in (self._queued, self._in_first_read):
+            for calls in queued.values():
+                for n, (deadline, d) in enumerate(calls):
+                    if d is done and deadline is not None:
+                        calls[n] = (None, d)    # answered by its read, with what there is
+                        self._queued_polls -= 1
+                        return
 
     async def _read_held(self, w):
         """The outcome for waiter `w`, taken out of the list while it is read
@@ -221,6 +228,7 @@ class EventReader:
         try:
             while self._queued:
                 queued, self._queued = self._queued, {}
+                self._in_first_read = queued
                 commits = self._commits                 # heard of from now on: read again
                 failed = await self._copy_first()       # one copy for the whole batch
                 while queued:
@@ -246,6 +254,7 @@ class EventReader:
         finally:
             for page, calls in queued.items():  # not read: cancelled, for stop() to tell
                 self._queued.setdefault(page, []).extend(calls)
+            self._in_first_read = {}
             self._reading = False
 
     # -- waking ----------------------------------------------------------------------
@@ -273,6 +282,7 @@ class EventReader:
         # wakes them again.
         commits = self._commits
         taken, self.waiters = self.waiters, []
+        self._in_wake = taken
         pages: dict = {}
         for w in taken:
             pages.setdefault((w[0], w[1]), []).append(w)
@@ -289,6 +299,7 @@ class EventReader:
         finally:
             for group in pages.values():        # not read: cancelled, for stop() to tell
                 self.waiters.extend(group)
+            self._in_wake = []
             self._waking = False
             self._arm()
         if self._commits != commits:

@@ -605,6 +605,50 @@ def test_a_poll_ended_as_the_store_closes_is_told_once(pg_url):
     assert [(type(o), str(o)) for o in told] == [(Unavailable, "the store is closing")]
 
 
+async def reads_waiting_for_a_lock(url) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%FROM accman_events%'")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("read", ["first", "wake-up"])
+def test_a_poll_ended_while_its_read_runs_is_answered_as_it_ends(pg_url, read):
+    """end_wait (its client gone: a half-close) while the poll's read is in
+    the database (its first read, or one a commit's notification woke;
+    accman_events locked by hand): the poll is answered as that read ends,
+    with what there is, not at its deadline."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            await c.mod("a", 5)
+            told = asyncio.get_running_loop().create_future()
+            done = told.set_result          # one object: end_wait finds the poll by it
+            if read == "wake-up":
+                store.read_events(1, 100, 30, done)
+                await until(lambda: len(store.home.events.waiters) == 1, 5)
+            async with locked(pg_url, "accman_events"):
+                if read == "first":
+                    store.read_events(1, 100, 30, done)
+                else:
+                    await notify_commit(pg_url)
+                await until_async(lambda: reads_waiting_for_a_lock(pg_url), 1)
+                store.end_wait(done)
+            return await asyncio.wait_for(told, 5)
+    assert run(main()) == ([], 1)
+
+
+async def notify_commit(url):
+    """A commit's notification, as another front-end's would come."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("NOTIFY accman_events, '1'")
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("setting", ["off", "local", "remote_apply"])
 def test_commits_are_durable_whatever_the_database_sets(pg, pg_url, setting):
     """SPEC "Durability and order": a 200 is on disk.  A database set to
