@@ -172,12 +172,11 @@ class Cluster:
             self.note_event(counts[0])
             self.accounts, self.open_holds, self.holds_expired = counts[1:]
 
-    def note_event(self, last) -> None:
-        """An event id known written (an int, or a notification's digits):
-        the newest only grows, whatever order the news arrives in (a
-        commit's reply may come after a later commit's notification)."""
-        if isinstance(last, int) or last.isdigit():
-            self.last_event = max(self.last_event, int(last))
+    def note_event(self, last: int) -> None:
+        """An event id known written: the newest only grows, whatever order
+        the news arrives in (a commit's reply may come after a later
+        commit's notification)."""
+        self.last_event = max(self.last_event, last)
 
     async def connect(self, healthy: bool = True) -> None:
         """The writer lanes and the read pool; healthy once they are, unless

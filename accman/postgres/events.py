@@ -260,13 +260,16 @@ class EventReader:
     # -- waking ----------------------------------------------------------------------
 
     def _notified(self, _conn, _pid, _channel, payload) -> None:
+        # The payload is the newest event id of a commit (any front-end's,
+        # a copy's among them); anything else (one sent by hand) says only
+        # that something committed.
+        last = int(payload) if payload.isdigit() else None
         if self.home:
-            # The newest id of a commit (any front-end's, a copy's among
-            # them), for /metrics before the next round.
-            self.cluster.note_event(payload)
+            if last is not None:
+                self.cluster.note_event(last)       # for /metrics before the next round
             self.local_commit()
         else:
-            self.store.merger.note_notified(self.cluster, payload)
+            self.store.merger.note_notified(self.cluster, last)
 
     def local_commit(self) -> None:
         """Events may have been committed: waiters read again."""

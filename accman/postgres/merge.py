@@ -86,10 +86,11 @@ class Merger:
         self.committed[cluster.index] = max(self.committed[cluster.index], last_event)
         self.kick()
 
-    def note_notified(self, cluster, payload: str) -> None:
-        """Another front-end's batch committed on `cluster`."""
-        if payload.isdigit():
-            self.committed[cluster.index] = max(self.committed[cluster.index], int(payload))
+    def note_notified(self, cluster, last: int | None) -> None:
+        """Another front-end's batch committed on `cluster`, up to event
+        `last` when the notification said."""
+        if last is not None:
+            self.committed[cluster.index] = max(self.committed[cluster.index], last)
         if self.leading:
             self.kick()
 
@@ -157,11 +158,13 @@ class Merger:
     async def _pass(self, cluster) -> int:
         """One copy of `cluster`'s next events; how many were copied.  Its
         error names the cluster that failed, and the step."""
+        if not self.home.healthy:
+            raise StoreError(f"the home, cluster {self.home.index + 1}, takes no writes: "
+                             f"{self.home.error}")
         step = [_LOCKING]               # the step under way, as _copied moves on
         try:
-            if not self.home.healthy:
-                raise StoreError(self.home.error)
             async with self.home.pool.acquire() as hc:
+                backend = hc.backend
                 try:
                     # It holds the home's counter row, as a writer's batch does.
                     rows = await committed(hc, self._copied(hc, cluster, step),
@@ -174,6 +177,8 @@ class Merger:
                     # ends as its socket closes: the home is not at fault.
                     if step[0] != _READING:
                         self.store.lost(self.home, e)
+                    else:
+                        self.home.abandoned.discard(backend)
                     raise
         except StoreCorrupt:
             raise                       # damage, named where it is found: refused as such
@@ -204,7 +209,7 @@ class Merger:
                                        "copied to the home")
                 step[0] = _WRITING          # the home's from here on, its commit too
                 if not rows:
-                    raise _NothingNew(upto)
+                    raise _NothingNew
                 cols = list(zip(*rows, strict=True))
                 await hc.execute(_MERGE_SQL, cluster.cluster_id, rows[-1]["id"], *cols[1:],
                                  timeout=MERGE_TIMEOUT_S)

@@ -272,7 +272,7 @@ def test_a_copy_from_a_cluster_that_does_not_answer_leaves_the_home_healthy(
                 with pytest.raises(Unavailable) as told:
                     await asyncio.wait_for(c.events(), 5)
                 await asyncio.sleep(0.3)
-                assert store.home.healthy
+                assert store.home.healthy and not store.home.abandoned
                 await c.mod(near, 1)
             return told.value.detail, away.index + 1, store.home.index + 1
     detail, slow, home = run(main())
