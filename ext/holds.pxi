@@ -12,9 +12,6 @@
 # batch is (a second settle then answers from it); after that, its record
 # on disk says how it ended.
 
-# A hold's and a settle's values are checked as the other stores check them.
-from accman.store import check_hold, check_settle
-
 cdef class Hold:
     cdef Account acct
     cdef int64_t hold

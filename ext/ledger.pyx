@@ -35,9 +35,9 @@ import heapq
 
 from accman.errors import (AccManError, BadRequest, Busy, HoldEnded, Insufficient, KeyReused,
                            NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)
-from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLDS_MAX,
-                           HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX,
-                           QUEUED_MODS_MAX)
+from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX,
+                           INT64_MAX, INT64_MIN, KEY_CHARS_MAX, QUEUED_MODS_MAX)
+from accman.store import check_hold, check_settle
 
 include "records.pxi"
 include "changes.pxi"

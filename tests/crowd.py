@@ -14,7 +14,7 @@ from conftest import patch, request_bytes
 
 FUNDING = 10 ** 9
 AMOUNT = 7          # every hold's
-TTL_S = 1
+TTL_S = 3           # room to make the crowd, and settle some, on a busy machine
 
 
 def get_json(c, target):
@@ -96,13 +96,13 @@ def wait_all_ended(srv, timeout_s=20.0):
         time.sleep(0.01)
 
 
-def crowd_second(events):
-    """The one second the crowd falls due in (the embedded store's wheel's:
-    the first whole second at or after each hold's ttl); fails if the
-    holds span two."""
+def crowd_seconds(events):
+    """(first, last): the seconds the crowd falls due in (the embedded
+    store's wheel's: the first whole second at or after each hold's ttl);
+    one second, or two when making it crossed a second's edge."""
     seconds = {(e["at"] + TTL_S * 1000 + 999) // 1000 for e in events if e["type"] == "hold"}
-    assert len(seconds) == 1, f"the crowd was made across a second's edge: {seconds}"
-    return seconds.pop()
+    assert max(seconds) - min(seconds) <= 1, f"the crowd took seconds to make: {seconds}"
+    return min(seconds), max(seconds)
 
 
 def check_books(srv, holds, used):

@@ -9,7 +9,7 @@ The two front-ends' rounds come every EXPIRE_INTERVAL_S each, at phases
 of their own: left alone, one of them often ends the whole crowd before
 the other's round comes, and a call that starts with part of the crowd
 due takes it all (a call locks the accounts of the first EXPIRE_HOLDS_MAX
-holds due, fifty at a time, PL/pgSQL's fetch: one that ends fewer than
+holds due, a few at a time as PL/pgSQL's loop fetches them: one that ends fewer than
 its bound locks every one of them, and the other's call, which looks at
 the same holds, finds none to lock).  So the test stops both front-ends
 (SIGSTOP) from before the crowd is due until all of it is, holds the
