@@ -6,6 +6,7 @@ instead; its backend waits on, unseen, and the store takes no writes on
 its cluster until it ends."""
 
 import asyncio
+import contextlib
 
 import asyncpg
 import pytest
@@ -22,6 +23,17 @@ from .test_bounds import backends_busy, until
 
 def standby_of(primary, name):
     return primary.add_standby(name + "_standby", sync=True)
+
+
+@contextlib.asynccontextmanager
+async def two_clusters_home_standby(pg_factory, name):
+    """(store, calls, the home's synchronous standby, a credential whose
+    account lives on the other cluster): a store of two new clusters."""
+    servers = [pg_factory(name=f"{name}_a"), pg_factory(name=f"{name}_b")]
+    urls = [server.create_database("m") for server in servers]
+    async with stored(urls) as (store, c):
+        standby = standby_of(servers[store.clusters.index(store.home)], name)
+        yield store, c, standby, far_creds(store, 64)[0]
 
 
 async def count(url, sql):
@@ -111,20 +123,16 @@ def test_a_stalled_copy_of_events_is_not_seen_on_the_home(pg_factory, monkeypatc
     MERGE_TIMEOUT_S its connection is dropped and its backend noted, and
     the copied events are not readable until the standby has them."""
     monkeypatch.setattr(merge_module, "MERGE_TIMEOUT_S", 1.0)
-    servers = [pg_factory(name="merge_a"), pg_factory(name="merge_b")]
-    urls = [server.create_database("m") for server in servers]
 
     async def main():
-        async with stored(urls) as (store, c):
-            far = far_creds(store, 64)[0]
-            home = store.clusters.index(store.home)
-            standby = standby_of(servers[home], "merge")
+        async with two_clusters_home_standby(pg_factory, "merge") as (store, c, standby, far):
+            home_url = store.home.url
             standby.stop("immediate")
             assert await c.mod(far, 5) == (5, 1)    # commits on the other cluster
             await until(lambda: store.home.abandoned, 10)
             await asyncio.sleep(0.5)
-            assert await count(urls[home], "SELECT count(*) FROM accman_events") == 0
-            assert await backends_busy(urls[home]) == 1
+            assert await count(home_url, "SELECT count(*) FROM accman_events") == 0
+            assert await backends_busy(home_url) == 1
             assert not store.home.healthy
             standby.start()
             await until(lambda: store.healthy, 15)
@@ -139,21 +147,16 @@ def test_a_read_with_nothing_new_to_copy_commits_nothing(pg_factory, monkeypatch
     home's synchronous standby is away, where a commit would wait for it
     past MERGE_TIMEOUT_S and the home would be taken for lost."""
     monkeypatch.setattr(merge_module, "MERGE_TIMEOUT_S", 1.0)
-    servers = [pg_factory(name="empty_a"), pg_factory(name="empty_b")]
-    urls = [server.create_database("m") for server in servers]
 
     async def main():
-        async with stored(urls) as (store, c):
-            far = far_creds(store, 64)[0]
-            home = store.clusters.index(store.home)
-            standby = standby_of(servers[home], "empty")
+        async with two_clusters_home_standby(pg_factory, "empty") as (store, c, standby, far):
             assert await c.mod(far, 5) == (5, 1)
             events, _ = await c.events()                    # copied, the standby there
             standby.stop("immediate")
             for _ in range(3):
                 again, _ = await asyncio.wait_for(c.events(), 5)
                 assert again == events
-            assert await waiting_for_standby(urls[home]) == 0
+            assert await waiting_for_standby(store.home.url) == 0
             assert store.home.healthy and not store.home.abandoned
             standby.start()
     run(main())
