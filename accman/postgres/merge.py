@@ -170,12 +170,14 @@ class Merger:
                     rows = await committed(hc, self._copied(hc, cluster, step),
                                            MERGE_TIMEOUT_S, self.home.abandoned)
                 except Abandoned as e:
-                    # Past the deadline while the home waited for the row or
-                    # wrote, its backend may go on and take the counter row:
-                    # no writes there while it waits.  While the other
-                    # cluster was read, it held nothing of a writer's, and
-                    # ends as its socket closes: the home is not at fault.
-                    if step[0] != _READING:
+                    # Past the deadline while the home wrote (accman_merge
+                    # takes the counter row; the commit may wait for the
+                    # standby), its backend may go on and commit: no writes
+                    # there while it waits.  Before, waiting for the copy's
+                    # record (another front-end's copy may hold it) or while
+                    # the other cluster was read, it held nothing of a
+                    # writer's, and ends as its socket closes.
+                    if step[0] == _WRITING:
                         self.store.lost(self.home, e)
                     else:
                         self.home.abandoned.discard(backend)
