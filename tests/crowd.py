@@ -1,4 +1,4 @@
-"""A crowd of holds due in the same second, and the accounting checked
+"""A crowd of holds due at once (made within a second), and the accounting checked
 once it has ended (tests/reliability/test_crowd_expiry.py,
 tests/postgres/test_crowd_expiry.py): every hold has exactly one end in
 the events (a settle for a settle answered 200, an expiry otherwise),
@@ -26,7 +26,8 @@ def get_json(c, target):
 def make_crowd(srv, creds, per_account, via=(), ttl_s=TTL_S):
     """Funds each cred and makes `per_account` holds of AMOUNT on it, for
     `ttl_s`, from the start of a whole second so that all are made within
-    it and fall due in one second.  Through `srv`, one connection a cred;
+    it and fall due in one second (two, on a machine too busy to make them
+    within it: crowd_seconds).  Through `srv`, one connection a cred;
     or through each front-end of `via` in turn, one connection each, its
     creds' holds pipelined in turn (c0, c1, .., c0, c1, ..), so that those
     due first are of every account.  Returns {cred: [hold ids]}."""

@@ -1,4 +1,4 @@
-"""A crowd of holds due in the same second, ended while things go wrong
+"""A crowd of holds due at once (made within a second), ended while things go wrong
 (SPEC "Holds": a hold not settled within its ttl ends by itself, durably,
 also across restarts; every hold has exactly one end; a settle from the ttl
 on finds it ended.  "Events": ids grow by one, with no gaps).
