@@ -23,6 +23,16 @@ def get_json(c, target):
     return r.status, r.json
 
 
+def in_threads(target, argses):
+    """target(*args) for each args of `argses`, each in a thread of its
+    own, all at once; returns once all have."""
+    threads = [threading.Thread(target=target, args=args) for args in argses]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def make_crowd(srv, creds, per_account, via=(), ttl_s=TTL_S):
     """Funds each cred and makes `per_account` holds of AMOUNT on it, for
     `ttl_s`, from the start of a whole second so that all are made within
@@ -51,11 +61,7 @@ def make_crowd(srv, creds, per_account, via=(), ttl_s=TTL_S):
         for cred, r in zip(order, replies, strict=True):
             holds.setdefault(cred, []).append(r.json["hold"])
 
-    threads = [threading.Thread(target=make, args=group) for group in groups]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(make, groups)
     assert sorted(holds) == sorted(creds)
     return holds
 

@@ -115,14 +115,25 @@ def open_in_db(pg, dbname) -> int:
     return int(pg.psql("SELECT count(*) FROM accman_holds", dbname))
 
 
+@contextlib.contextmanager
+def crowd_on_two_front_ends(pg_url, tmp_path, prefix):
+    """(front-ends, database name, {cred: [hold ids]}): front_ends, and a
+    crowd made through both on ACCOUNTS credentials named from `prefix`;
+    the front-ends killed on the way out."""
+    fes = front_ends(pg_url, tmp_path)
+    try:
+        creds = [f"{prefix}{i}" for i in range(ACCOUNTS)]
+        holds = make_crowd(fes[0], creds, PER_ACCOUNT, via=fes, ttl_s=TTL_S)
+        yield fes, pg_url.rsplit("/", 1)[1], holds
+    finally:
+        for fe in fes:
+            fe.kill()
+
+
 def test_two_front_ends_end_a_crowd_of_holds_each_once(pg, pg_url, tmp_path):
     """Both front-ends' calls end holds of the crowd at once (each one's
     mods committed counts the ends it wrote), and every hold ends once."""
-    fes = front_ends(pg_url, tmp_path)
-    dbname = pg_url.rsplit("/", 1)[1]
-    try:
-        creds = [f"c{i}" for i in range(ACCOUNTS)]
-        holds = make_crowd(fes[0], creds, PER_ACCOUNT, via=fes, ttl_s=TTL_S)
+    with crowd_on_two_front_ends(pg_url, tmp_path, "c") as (fes, dbname, holds):
         with both_expiring(pg, dbname, fes):
             assert open_in_db(pg, dbname) == ACCOUNTS * PER_ACCOUNT
         wait_all_ended(fes[0])
@@ -136,9 +147,6 @@ def test_two_front_ends_end_a_crowd_of_holds_each_once(pg, pg_url, tmp_path):
                  for fe, n in zip(fes, made, strict=True)]
         assert sum(ended) == ACCOUNTS * PER_ACCOUNT
         assert min(ended) > 0, f"one front-end ended none of the crowd: {ended}"
-    finally:
-        for fe in fes:
-            fe.kill()
 
 
 def test_a_front_end_killed_inside_its_call_leaves_the_rest_to_the_other(
@@ -146,17 +154,10 @@ def test_a_front_end_killed_inside_its_call_leaves_the_rest_to_the_other(
     """fe0 SIGKILLed while its call of accman_expire has ended holds but
     not committed, and its sessions ended as PostgreSQL ends a dead
     client's: its call rolls back, and fe1 ends the rest, each hold once."""
-    fes = front_ends(pg_url, tmp_path)
-    dbname = pg_url.rsplit("/", 1)[1]
-    try:
-        creds = [f"k{i}" for i in range(ACCOUNTS)]
-        holds = make_crowd(fes[0], creds, PER_ACCOUNT, via=fes, ttl_s=TTL_S)
+    with crowd_on_two_front_ends(pg_url, tmp_path, "k") as (fes, dbname, holds):
         with both_expiring(pg, dbname, fes):
             fes[0].kill()
             pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE application_name = 'fe0'", dbname)
         wait_all_ended(fes[1])
         check_books(fes[1], holds, {})
-    finally:
-        for fe in fes:
-            fe.kill()

@@ -17,14 +17,13 @@ balances exact, seq and event ids gap-free, no hold open.
 
 import queue
 import select
-import threading
 import time
 
 import pytest
 
 from conftest import assert_error, patch, request_bytes
-from crowd import (TTL_S, all_events, check_books, crowd_seconds, make_crowd, open_holds,
-                   wait_all_ended)
+from crowd import (TTL_S, all_events, check_books, crowd_seconds, in_threads, make_crowd,
+                   open_holds, wait_all_ended)
 import relhelp
 
 controlled = relhelp.controlled      # a fixture: relhelp's, registered here
@@ -105,11 +104,7 @@ def settle_at_times(srv, plan, senders=4):
                 c.send(patch(f"/settle?cred={cred}&hold={hold}&use={USE}"))
                 done.append((sent_ms, cred, hold, c.response()))
 
-    threads = [threading.Thread(target=send) for _ in range(senders)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(send, [()] * senders)
     assert len(done) == len(plan)
     return done
 
