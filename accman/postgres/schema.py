@@ -22,6 +22,7 @@ from accman.postgres.schema_v3 import V3
 from accman.postgres.schema_v4 import V4
 from accman.postgres.schema_v5 import V5
 from accman.postgres.schema_v6 import V6
+from accman.postgres.schema_v7 import V7
 
 # Codes in accman_apply's r_code (accman.postgres.store maps them to errors).
 OK = 0
@@ -57,5 +58,6 @@ MIGRATIONS: list[tuple[int, str]] = [
     (4, V4),
     (5, V5),
     (6, V6),
+    (7, V7),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -8,17 +8,18 @@ exactly one end, balances exact, seq and event ids gap-free, no hold open.
 The two front-ends' rounds come every EXPIRE_INTERVAL_S each, at phases
 of their own: left alone, one of them often ends the whole crowd before
 the other's round comes, and a call that starts with part of the crowd
-due takes it all (a call locks the accounts of the first EXPIRE_HOLDS_MAX
-holds due, a few at a time as PL/pgSQL's loop fetches them: one that ends fewer than
-its bound locks every one of them, and the other's call, which looks at
-the same holds, finds none to lock).  So the test stops both front-ends
+due takes it all (a call locks, as it starts, the accounts of the oldest
+EXPIRE_HOLDS_MAX due holds whose accounts it can lock: one that starts
+with fewer due locks every one of them, and the other's call finds none
+due that it can lock).  So the test stops both front-ends
 (SIGSTOP) from before the crowd is due until all of it is, holds the
 counter row's lock (which a call takes last, to number its events), lets
 both go on, and waits until a call of each waits for that lock with the
 accounts it locked and the holds it ended: the two calls run at once by
 construction, and commit once the lock is let go.  The crowd is of 200
 accounts and the front-ends end EXPIRE_HOLDS_MAX = 500 holds a call, so
-that a call stops before it has locked every account the other looks at.
+that a call locks a part of the crowd's accounts and the other's call the
+next part.
 """
 
 import contextlib

@@ -11,6 +11,7 @@ from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insuffici
                            KeyReused, NoAccount, NoHold, TooManyHolds)
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import upkeep
+from accman.postgres.schema_v7 import EXPIRE_LOOK_FACTOR
 
 from .helpers import opened, run, stored
 
@@ -280,6 +281,81 @@ def test_a_call_of_accman_expire_ends_at_most_p_max_holds(pg_url, monkeypatch):
                 entries = (await c.past(x)).entries
                 assert [(e.seq, e.hold, e.tot) for e in entries[:5]] == \
                     [(11 - i, 6 - i, 100 - 10 * i) for i in range(5)]
+    run(main())
+
+
+async def _due_holds(c, counts: dict) -> None:
+    """Funds each account of `counts` and opens its count of holds of 10
+    with a ttl of 1 s, in that order, and waits until they are all due."""
+    for x, n in counts.items():
+        await c.mod(x, 100)
+        for _ in range(n):
+            await c.hold(x, -10, 1)
+    await asyncio.sleep(1.2)
+
+
+async def _expire_beside_a_lock(pg_url, p_max: int, held: int) -> int:
+    """accman_expire(p_max) called while another transaction holds the
+    accounts of the oldest `held` due holds (FOR UPDATE): what it ended."""
+    holder, conn = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM accman_accounts WHERE hid IN (SELECT hid FROM accman_holds "
+                "ORDER BY expires_at LIMIT $1) FOR UPDATE", held)
+            return await conn.fetchval("SELECT accman_expire($1)", p_max)
+    finally:
+        await holder.close()
+        await conn.close()
+
+
+def test_a_call_of_accman_expire_skips_locked_accounts_before_it_picks(pg_url, monkeypatch):
+    """The oldest due holds' account held by another transaction (another
+    front-end's call, a write), a call of p_max = 1 ends the next due hold
+    of an account it can lock, within the oldest p_max * EXPIRE_LOOK_FACTOR
+    due holds; past them it ends none and leaves the rest to a later call."""
+    monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 3600.0)    # no round of its own
+    n = EXPIRE_LOOK_FACTOR
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            await _due_holds(c, {"a": n - 1, "b": 1})
+            assert await _expire_beside_a_lock(pg_url, 1, n - 1) == 1
+            assert [await c.tot(x) for x in ("a", "b")] == [100 - 10 * (n - 1), 100]
+            await _due_holds(c, {"c": n, "d": 1})
+            assert await _expire_beside_a_lock(pg_url, 1, 2 * n - 1) == 0
+            assert [await c.tot(x) for x in ("a", "c", "d")] == [
+                100 - 10 * (n - 1), 100 - 10 * n, 90]
+    run(main())
+
+
+def test_a_call_of_accman_expire_ends_an_account_met_again_once(pg_url, monkeypatch):
+    """Holds due in the order a, b, a, b, a, b: one call ends each account's
+    due holds once, in hold order, the account written once (written
+    again as the call's snapshot saw it, its balance and seq would go
+    back)."""
+    monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 3600.0)    # no round of its own
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            for x in ("a", "b"):
+                await c.mod(x, 100)
+            for _ in range(3):
+                for x in ("a", "b"):
+                    await c.hold(x, -10, 1)
+            await asyncio.sleep(1.2)
+            conn = await asyncpg.connect(pg_url)
+            try:
+                assert await conn.fetchval("SELECT accman_expire(100)") == 6
+                assert await conn.fetchval("SELECT accman_expire(100)") == 0
+            finally:
+                await conn.close()
+            for x in ("a", "b"):
+                assert await c.tot(x) == 100
+                entries = (await c.past(x)).entries
+                assert [(e.seq, e.hold, e.tot) for e in entries] == [
+                    (7, 4, 100), (6, 3, 90), (5, 2, 80), (4, 4, 70), (3, 3, 80), (2, 2, 90),
+                    (1, None, 100)]
     run(main())
 
 
