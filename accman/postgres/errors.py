@@ -118,9 +118,11 @@ def describe(exc: BaseException) -> str:
     or the driver's words."""
     if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
         return f"PostgreSQL {exc.sqlstate}: {READ_ONLY}"
+    if isinstance(exc, CausedStoreError):
+        # One made of another error says it as that one does.
+        return exc.reason
     if isinstance(exc, StoreError):
-        # One that wraps a driver's error (store_error) says it as that one does.
-        return getattr(exc, "reason", None) or exc.detail
+        return exc.detail
     for kind, sentence in _BY_TYPE:
         if isinstance(exc, kind):
             return sentence
@@ -180,16 +182,16 @@ def step_error(exc: BaseException, step: str) -> StoreError:
     reason, as well as its detail, is `step: exc described`, so that every
     sentence made of it (a complaint in the log, a 503's detail) names the
     step; its `place` is where `exc` was raised, for a log line."""
-    error = _store_error(step, describe(exc))
-    error.reason = error.detail
-    error.place = where(exc)
-    return error
+    sentence = f"{step}: {describe(exc)}"
+    return CausedStoreError(sentence, sentence, where(exc))
 
 
 def placed(exc: BaseException) -> str:
     """Where `exc` was raised, for a log line: a step_error's, where the
     error it was made of was."""
-    return getattr(exc, "place", None) or where(exc)
+    if isinstance(exc, CausedStoreError) and exc.place is not None:
+        return exc.place
+    return where(exc)
 
 
 def unreadable_url(what: str) -> StoreError:
@@ -200,6 +202,15 @@ def unreadable_url(what: str) -> StoreError:
 
 
 def _store_error(what: str, reason: str) -> StoreError:
-    error = StoreError(f"{what}: {reason}")
-    error.reason = reason
-    return error
+    return CausedStoreError(f"{what}: {reason}", reason)
+
+
+class CausedStoreError(StoreError):
+    """A StoreError made of another error: `detail` says what failed and
+    why, `reason` why alone (as `describe` says the error it was made of),
+    `place` where that error was raised when it is not where this one is."""
+
+    def __init__(self, detail: str, reason: str, place: str | None = None):
+        super().__init__(detail)
+        self.reason = reason
+        self.place = place

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import asyncpg
 
 from accman.errors import StoreError
-from accman.postgres.errors import store_error, unreadable_url
+from accman.postgres.errors import CausedStoreError, describe, store_error, unreadable_url
 from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 
 HASH_KEY_BYTES = 16
@@ -346,9 +346,8 @@ async def _of_cluster(step, n: int, count: int):
     except StoreError as e:
         if count == 1:
             raise
-        named = StoreError(f"{_which([n + 1], count)}: {e.detail}")
-        named.reason = getattr(e, "reason", e.detail)
-        raise named from None
+        raise CausedStoreError(f"{_which([n + 1], count)}: {e.detail}",
+                               describe(e)) from None
 
 
 async def _read(conn) -> ClusterInfo | None:
