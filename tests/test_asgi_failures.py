@@ -278,6 +278,48 @@ def test_an_app_without_lifespan_gets_the_middlewares_own(bare, monkeypatch):
         assert m.stats["stranded"] == 1 and m._client is None       # drained, then closed
 
 
+@pytest.mark.parametrize("fails", ["starlette", "raises"])
+def test_a_shutdown_that_fails_in_the_app_still_drains(fails, monkeypatch):
+    """The app's own shutdown fails (Starlette sends lifespan.shutdown.failed
+    and re-raises; a bare app raises): the owed calls are still drained
+    and the stranded logged, not lost with the process unsaid."""
+    from contextlib import asynccontextmanager
+    from starlette.applications import Starlette
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    inner = make_app()
+
+    @asynccontextmanager
+    async def failing(_app):
+        yield
+        raise RuntimeError("the database pool would not close")
+    service = Starlette(lifespan=failing)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await inner(scope, receive, send)
+        if fails == "starlette":
+            return await service(scope, receive, send)
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        raise RuntimeError("the database pool would not close")
+
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, app, cost=2, retries=0)
+        sent = []
+
+        async def go():
+            fake.fault = lambda meth, p, q: ("drop",) if "key" in q else None
+            assert (await call(m)).status == 200            # its charge is owed
+            await lifespan(m, "startup", "shutdown", sent=sent)
+        with pytest.raises(RuntimeError, match="would not close"):
+            run(go())
+        assert sent[0] == "lifespan.startup.complete"
+        assert sent[1:] == (["lifespan.shutdown.failed"] if fails == "starlette" else [])
+        assert m.stats["stranded"] == 1 and m._client is None       # drained, then closed
+
+
 def test_an_app_that_reads_its_lifespan_then_raises_is_not_taken_over():
     async def app(scope, receive, send):
         await receive()
