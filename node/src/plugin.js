@@ -398,7 +398,11 @@ class Meter {
     } catch (err) {
       if (err instanceof HoldEnded) {
         // The hold expired before the response (holdTtlS): all of it came
-        // back, so the use is charged as a keyed mod instead.
+        // back, so the use is charged as a keyed mod instead.  With no use
+        // there is nothing to charge, and no reply tells the balance: the
+        // one seen at admission lacks the hold that came back, so the
+        // response goes without the header, as on the Python side.
+        if (use === 0n) return null
         this.log.warn({ account: fingerprint(state.cred) }, 'accman: the hold expired before the response; charging it as a mod')
         return this.mod(state, use, true)
       }

@@ -141,6 +141,17 @@ test('reserve: a hold that expired before the response is charged as a keyed mod
   assert.equal(await service.tot('h-expire'), 9)
 })
 
+test('reserve: a free response after its hold expired carries no balance header, never a wrong one', async () => {
+  await mint.mod('h-expire-free', 10)
+  await withReserve({ holdTtlS: 1 }, async (url) => {
+    const r = await get(url + '/slowfail?ms=3000', 'h-expire-free')
+    // The 10 came back at the expiry: 9, the balance left after the hold,
+    // is not the balance.  As the Python middleware: no header.
+    assert.deepEqual([r.status, r.accman], [500, null])
+  })
+  assert.equal(await service.tot('h-expire-free'), 10)
+})
+
 test('reserve: AccMan unreachable is a 503 with nothing held', async () => {
   await mint.mod('h-down', 10)
   await withReserve({}, async (url) => {
