@@ -78,6 +78,10 @@ function exemptTest (exempt) {
   if (!Array.isArray(exempt) || exempt.some((p) => typeof p !== 'string')) {
     throw new TypeError('exempt must be an array of paths (a trailing * matches a prefix) or a function')
   }
+  // A route's path and a URL's both start with /: an entry without it
+  // (a typo) would exempt nothing, silently.  '*' alone is every path.
+  const wrong = exempt.find((p) => !(p.startsWith('/') || p === '*'))
+  if (wrong !== undefined) throw new TypeError(`exempt: ${shown(wrong)} is not a path starting with /, nor *`)
   const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
   const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
   const test = (request, options = request.routeOptions) => {

@@ -519,7 +519,10 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
     [{ chargeErrors: 'yes' }, /^chargeErrors must be true or false, not "yes"$/],
     [{ chargeErrors: 1 }, /^chargeErrors must be true or false, not 1$/],
     [{ modee: 'reserve' }, /^unknown option modee: fastify-accman takes url, token, /],
-    [{ mode: 'reserve', holdTTLS: 5, onUnpayed: () => {} }, /^unknown options holdTTLS, onUnpayed: /]
+    [{ mode: 'reserve', holdTTLS: 5, onUnpayed: () => {} }, /^unknown options holdTTLS, onUnpayed: /],
+    // A path without its / names no route and no URL: as the Python middleware, refused.
+    [{ exempt: ['/health', 'docs/*'] }, /^exempt: "docs\/\*" is not a path starting with \/, nor \*$/],
+    [{ exempt: [''] }, /^exempt: "" is not a path starting with \/, nor \*$/]
   ]) {
     const app = Fastify()
     app.register(accman, { url: server.url, ...bad })
