@@ -11,6 +11,7 @@ import contextlib
 import decimal
 import gc
 import logging
+import re
 import types
 
 import pytest
@@ -350,6 +351,24 @@ def test_configuration_errors_are_refused_at_once(fake):
             AccManMiddleware(app, url=fake.url, **kw)
     with pytest.raises(TypeError, match="the AccMan url must be a str"):
         AccManMiddleware(app, url=123)
+
+
+def test_a_price_that_only_exempt_paths_match_is_refused(fake):
+    """Exempt wins over any price: a price that exempt paths alone match
+    would never be charged, and is refused rather than served free."""
+    app = make_app()
+    for exempt, prices, by in [(("/public/*",), {"/public/premium/*": 5}, "/public/*"),
+                               (("/public/*",), {"/public/report": 5}, "/public/*"),
+                               (("/health",), {"/health": 5}, "/health"),
+                               (("*",), {"/x": 1}, "*")]:
+        price = next(iter(prices))
+        with pytest.raises(ValueError, match=re.escape(f"prices[{price!r}] is exempt (by {by!r})")):
+            AccManMiddleware(app, url=fake.url, exempt=exempt, prices=prices)
+    # A price that paths outside exempt match too is kept; exempt wins where it matches.
+    fake.fund(CRED, 10)
+    m = mw(fake, exempt=("/api/health",), prices={"/api/*": 2})
+    assert run(call(m, path="/api/x")).headers["accman"] == "8"
+    assert run(call(m, path="/api/health", cred=None)).status == 200
 
 
 def test_settings_of_every_usual_type_are_taken(fake):

@@ -51,8 +51,8 @@ from accman.calling.disconnect import DisconnectWatch
 from accman.calling.lifespan import lifespan
 from accman.calling.repeats import Repeats
 from accman.calling.reserve import Reservation
-from accman.calling.settings import (amount, check_calls, check_options, paths, request_ids,
-                                     route_path, split)
+from accman.calling.settings import (amount, check_calls, check_options, paths, priced,
+                                     request_ids, route_path, split)
 from accman.errors import (AccManError, Conflict, Forbidden, Insufficient, NoAccount, TooManyHolds,
                            TransportError, Unauthorized, Unavailable, UnexpectedReply)
 from accman.limits import CRED_CHARS_MAX, INT64_MAX
@@ -128,7 +128,7 @@ class AccManMiddleware:
             raise TypeError(f"prices must map paths to prices, not be a {type(prices).__name__}")
         prices = {path: self._price_value(price, f"prices[{path!r}]")
                   for path, price in (prices or {}).items()}
-        exact, prefixes = split(paths(prices, "prices"))
+        exact, prefixes = priced(prices, self._exempt_exact, self._exempt_prefixes)
         self._prices_exact = {path: prices[path] for path in exact}
         self._price_prefixes = sorted(((p, prices[p + "*"]) for p in prefixes),
                                       key=lambda p: len(p[0]), reverse=True)

@@ -66,6 +66,23 @@ def split(paths: list) -> tuple:
     return exact, [p[:-1] for p in paths if p.endswith("*")]
 
 
+def priced(prices, exempt_exact: set, exempt_prefixes: list) -> tuple:
+    """The paths of `prices` as `split` gives them.  A price that only
+    exempt paths match is refused: exempt wins over any price, so it would
+    never be charged, and `exempt=("/public/*",)` beside `prices=
+    {"/public/premium/*": 5}` would serve the premium paths free unsaid."""
+    exact, prefixes = split(paths(prices, "prices"))
+    for path in [*exact, *(p + "*" for p in prefixes)]:
+        stem = path[:-1] if path.endswith("*") else path
+        by = next((e + "*" for e in exempt_prefixes if stem.startswith(e)), None)
+        if by is None and path in exempt_exact:
+            by = path
+        if by is not None:
+            raise ValueError(f"prices[{path!r}] is exempt (by {by!r}) and would never be "
+                             f"charged: an exempt path is free whatever prices says")
+    return exact, prefixes
+
+
 def paths(paths, what: str) -> list:
     """`paths` as a list of URL paths, each "/..." (a prefix when it ends in
     `*`; "*" alone is every path).  A bare string is refused: `exempt=("/health")`, a missing comma,
@@ -104,5 +121,5 @@ def amount(value, what: str) -> int:
     return value
 
 
-__all__ = ["RequestIds", "request_ids", "check_options", "check_calls", "split", "paths",
+__all__ = ["RequestIds", "request_ids", "check_options", "check_calls", "split", "priced", "paths",
            "route_path", "amount"]
