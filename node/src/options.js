@@ -158,4 +158,19 @@ function checkRoute (route) {
     `a function or false, not ${shown(value)}`)
 }
 
-module.exports = { settings, checkRoute, amount, price }
+// A route priced by its `config.accman` that `exempt` (an array) also
+// names, its declared `path` matching an entry: exempt wins, so the price
+// would never be charged, and the route its author meant to sell would be
+// served free unsaid.  Refused, as the Python middleware refuses a price
+// that only exempt paths match.
+function checkExempt (route, path, exempt) {
+  const value = route.config ? route.config.accman : undefined
+  if (value === undefined || value === false || !exempt.entries) return
+  const by = exempt.entries.find((e) => e.endsWith('*') ? path.startsWith(e.slice(0, -1)) : path === e)
+  if (by === undefined) return
+  const methods = [].concat(route.method).join(',')
+  throw new TypeError(`config.accman of the route ${methods} ${path} is a price, but exempt names the route ` +
+    `(by ${shown(by)}): an exempt route is never metered`)
+}
+
+module.exports = { settings, checkRoute, checkExempt, amount, price }

@@ -20,7 +20,7 @@ const {
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { Repeats } = require('./repeats')
-const { settings, checkRoute, amount, price } = require('./options')
+const { settings, checkRoute, checkExempt, amount, price } = require('./options')
 const { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning } = require('./routes')
 const { headersOf, dropHandlerHeaders } = require('./headers')
 
@@ -541,10 +541,12 @@ async function fastifyAccman (fastify, opts) {
   const declared = [] // the paths of the routes added after the plugin
   fastify.addHook('onRoute', (route) => {
     checkRoute(route)
-    routesChecked++
     // A prefixed '/' route answers /v1 and /v1/, both routed to '/v1'
     // (routeOptions.url), which is what exempt names.
-    declared.push(route.prefix && route.routePath === '/' ? route.prefix : route.url)
+    const path = route.prefix && route.routePath === '/' ? route.prefix : route.url
+    checkExempt(route, path, meter.exempt)
+    routesChecked++
+    declared.push(path)
     route.preHandler = [].concat(route.preHandler ?? [], checkedHook)
   })
   fastify.addHook('onReady', async () => {

@@ -565,6 +565,24 @@ test('a wrong route price is refused at ready(), naming the route and the value'
   await app.close()
 })
 
+test('a route with a price that exempt also names is refused, as the Python middleware refuses such a price', async () => {
+  for (const [exempt, path, by] of [[['/public/*'], '/public/premium', '/public/*'], [['/report'], '/report', '/report'], [['*'], '/x', '*']]) {
+    const app = Fastify()
+    app.register(accman, { url: server.url, exempt })
+    app.register(async (scope) => { scope.get(path, { config: { accman: 5 } }, async () => 'paid') })
+    await assert.rejects(app.ready(), (err) => err instanceof TypeError &&
+      err.message === `config.accman of the route GET ${path} is a price, but exempt names the route (by ${JSON.stringify(by)}): an exempt route is never metered`,
+    path)
+  }
+  // An exempt route with no price of its own, or with accman: false, is fine.
+  const app = Fastify()
+  await app.register(accman, { url: server.url, exempt: ['/public/*'] })
+  app.get('/public/a', async () => 'a')
+  app.get('/public/b', { config: { accman: false } }, async () => 'b')
+  await app.ready()
+  await app.close()
+})
+
 // fastify runs the plugin's onRoute hook only for routes added after the
 // plugin loads, and gives its request hooks to those added before too.
 // ready() with a logger: the warnings it logged (level 40).
