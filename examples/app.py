@@ -11,7 +11,7 @@ http://127.0.0.1:8035), ACCMAN_TOKEN (unset: no token, for a server without
 tokens on loopback; else a token with the read and charge roles),
 ACCMAN_MODE ("check" or "reserve"), ACCMAN_ON_UNAVAILABLE ("closed" or
 "open") and ACCMAN_HOLD_TTL_S (reserve mode: how long a hold lives if
-nothing settles it; default 90).
+nothing settles it; default 90).  A variable set but empty is unset.
 """
 
 import os
@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from accman.asgi import HOLD_TTL_S_DEFAULT, AccManMiddleware
+from accman.calling.arguments import plain_decimal
 
 REPORT_ROWS_MAX = 100       # a report has at most 100 rows, so costs at most 10
 
@@ -52,6 +53,23 @@ def report_cost(_scope, status, headers):
     return (rows + 9) // 10
 
 
+def env(name: str, default: str) -> str:
+    """An environment variable; an empty one is unset, as the command line
+    and the Node example take it (`ACCMAN_MODE=` in an env file)."""
+    return os.environ.get(name) or default
+
+
+def hold_ttl_s() -> int:
+    """ACCMAN_HOLD_TTL_S in plain digits, read as the command line reads a
+    number (int() would take "+90", " 90" and "9_0"); the middleware checks
+    its range."""
+    text = env("ACCMAN_HOLD_TTL_S", str(HOLD_TTL_S_DEFAULT))
+    value = plain_decimal(text)
+    if value is None:
+        raise ValueError(f"ACCMAN_HOLD_TTL_S must be whole seconds in plain digits, not {text!r}")
+    return value
+
+
 async def metrics(_request):
     return PlainTextResponse(app.render_metrics())
 
@@ -67,12 +85,12 @@ service = Starlette(routes=[
 
 app = AccManMiddleware(
     service,
-    url=os.environ.get("ACCMAN_URL", "http://127.0.0.1:8035"),
+    url=env("ACCMAN_URL", "http://127.0.0.1:8035"),
     token=os.environ.get("ACCMAN_TOKEN") or None,     # unset or empty: no token
     cost=1,
-    mode=os.environ.get("ACCMAN_MODE", "check"),
-    on_unavailable=os.environ.get("ACCMAN_ON_UNAVAILABLE", "closed"),
+    mode=env("ACCMAN_MODE", "check"),
+    on_unavailable=env("ACCMAN_ON_UNAVAILABLE", "closed"),
     exempt=("/health", "/metrics"),
     prices={"/report": report_cost},
-    hold_ttl_s=int(os.environ.get("ACCMAN_HOLD_TTL_S", HOLD_TTL_S_DEFAULT)),
+    hold_ttl_s=hold_ttl_s(),
 )

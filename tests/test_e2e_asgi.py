@@ -53,6 +53,28 @@ SVC_RESERVE = "svc-reserve-token-0123456789abcdef"   # read, charge: holds need 
 SVC_READ = "svc-read-token-0123456789abcdef"         # read: a service's token set up wrong
 
 
+def test_the_example_takes_an_empty_variable_as_unset_and_names_a_bad_one():
+    """As the command line and the Node example: `ACCMAN_MODE=` in an env
+    file is the default, and ACCMAN_HOLD_TTL_S is read in plain digits,
+    a bad value named (int() would take "+90" and say nothing of "")."""
+    def example(**env):
+        script = "import examples.app as a; m = a.app; print(m.mode, m.hold_ttl_s, m._url)"
+        return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30,
+                              env={**{k: v for k, v in os.environ.items()
+                                      if not k.startswith("ACCMAN_")}, **env})
+    empty = example(ACCMAN_URL="", ACCMAN_MODE="", ACCMAN_ON_UNAVAILABLE="",
+                    ACCMAN_HOLD_TTL_S="", ACCMAN_TOKEN="")
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout.split() == ["check", "90", "http://127.0.0.1:8035"]
+    assert example(ACCMAN_MODE="reserve", ACCMAN_HOLD_TTL_S="30").stdout.split()[:2] == [
+        "reserve", "30"]
+    for bad in ("+90", " 90", "9_0", "1.5"):
+        r = example(ACCMAN_HOLD_TTL_S=bad)
+        assert r.returncode == 1
+        assert f"ACCMAN_HOLD_TTL_S must be whole seconds in plain digits, not {bad!r}" in r.stderr
+
+
 class Proc:
     """A subprocess whose stdout and stderr go to files, and the URL it
     announced in its ready line."""
