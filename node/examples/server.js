@@ -30,6 +30,16 @@ const accman = require('..')
 const ACCMAN_URL = process.env.ACCMAN_URL || 'http://127.0.0.1:8080'
 const PORT = Number(process.env.PORT || 3000)
 
+// ACCMAN_HOLD_TTL_S in plain digits, as the Python example reads it
+// (Number() would take 0x5a, 1e1 and ' 90 '); the plugin checks its range.
+function holdTtlS (text) {
+  if (!text) return undefined
+  if (!/^(0|[1-9][0-9]*)$/.test(text)) {
+    throw new TypeError(`ACCMAN_HOLD_TTL_S must be whole seconds in plain digits, not ${JSON.stringify(text)}`)
+  }
+  return Number(text)
+}
+
 async function build () {
   const app = Fastify({ logger: { level: process.env.LOG_LEVEL || 'info' } })
   await app.register(accman, {
@@ -38,7 +48,7 @@ async function build () {
     cost: 1, // the default price of a request
     mode: process.env.ACCMAN_MODE || 'check',
     onUnavailable: process.env.ACCMAN_ON_UNAVAILABLE || 'closed', // closed: 503 when AccMan cannot be reached
-    holdTtlS: process.env.ACCMAN_HOLD_TTL_S ? Number(process.env.ACCMAN_HOLD_TTL_S) : undefined, // the default
+    holdTtlS: holdTtlS(process.env.ACCMAN_HOLD_TTL_S), // unset or empty: the default
     exempt: ['/health', '/metrics']
   })
 

@@ -124,6 +124,13 @@ test('a wrong ACCMAN_MODE or ACCMAN_HOLD_TTL_S stops the example at start, namin
   const ttl = await runExample({ ACCMAN_URL: url, ACCMAN_HOLD_TTL_S: '0' })
   assert.equal(ttl.code, 1)
   assert.match(ttl.stderr, /TypeError: holdTtlS must be an integer from 1 to 86400, not 0/)
+  // Read in plain digits, as the Python example reads it: Number() would
+  // take 0x5a, 1e1 and ' 90 ' as numbers.
+  for (const bad of ['0x5a', '1e1', ' 90 ']) {
+    const r = await runExample({ ACCMAN_URL: url, ACCMAN_HOLD_TTL_S: bad })
+    assert.equal(r.code, 1, bad)
+    assert.match(r.stderr, new RegExp(`TypeError: ACCMAN_HOLD_TTL_S must be whole seconds in plain digits, not ${JSON.stringify(bad).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`))
+  }
 })
 
 // A charge owed by the example: one paid request, then AccMan out of reach
