@@ -555,6 +555,8 @@ cdef class Pipeline:
                         break
                     if e.err != NULL:
                         self._flush_buf(out)
+                        if e.route == R_MOD:    # a refused mod is an outcome too
+                            self.stats.observe(_now() - e.t0)
                         out.append(routes.reply_of(e.route, <object>e.err, e.mode))
                     else:
                         if date is None:

@@ -214,6 +214,27 @@ def test_mods_committed_counts_changes_not_refused_calls(start_server, cred):
     assert committed() == (2, 2)
 
 
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "close"])
+def test_mod_latency_counts_every_mod_the_store_answers(shared_server, cred, close):
+    """accman_mod_latency_seconds is a /mod from its arrival to its
+    outcome, durable or refused (SERVER.md, "Metrics"): a refusal the
+    store answers at once and a keyed repeat count as a change does, on
+    the keep-alive path (the compiled pipeline on the embedded store) and
+    on the general one (a closing request)."""
+    srv = shared_server
+    headers = [("Connection", "close")] if close else []
+
+    def count():
+        return sample_values(srv.get("/metrics").body.decode())[
+            "accman_mod_latency_seconds_count"]
+    before = count()
+    targets = [f"/mod?cred={cred}&by=10&key=k1", f"/mod?cred={cred}&by=10&key=k1",
+               f"/mod?cred={cred}&by=-11&min=0", f"/mod?cred={cred}&by=9&key=k1",
+               f"/mod?cred=nobody-{cred}&by=-1"]
+    assert [srv.patch(t, headers=headers).status for t in targets] == [200, 200, 409, 409, 404]
+    assert count() - before == len(targets)
+
+
 def test_every_metric_a_server_renders_is_in_server_md(shared_server):
     """SERVER.md's "Metrics" is where an operator looks a name up: every
     name the server renders, on either store, is there."""

@@ -129,7 +129,7 @@ class Metrics:
             out.append(f'accman_requests_total{{route="{route}",status="{status}"}} {n}')
         self.mod_latency_s.render(
             "accman_mod_latency_seconds",
-            "From a mod's arrival to its durable outcome.", out)
+            "From a mod's arrival to its outcome: durable, or refused.", out)
         self.batch_size.render("accman_batch_size_mods",
                                "Mods per committed write batch.", out)
         self.fsync_s.render("accman_fsync_seconds",

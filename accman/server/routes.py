@@ -220,7 +220,8 @@ class Routes:
         slot.t0 = perf_counter()
         try:
             outcome = self.store.submit(req.cred, req.by, req.min, req.key, slot, req.low)
-        except AccManError as e:
+        except AccManError as e:        # busy, unavailable: refused at once, an outcome too
+            conn.metrics.mod_latency_s.observe(perf_counter() - slot.t0)
             return self.error_of(ROUTE_MOD, e, mode)
         return self._settled(slot, outcome)
 
