@@ -1,4 +1,4 @@
-# The byte classes of HTTP/1.1 request parsing and two helpers over them.
+# The byte classes of HTTP/1.1 request parsing and helpers over them.
 # Included by wire.pyx; no I/O.
 
 # --- byte classes -------------------------------------------------------------
@@ -35,6 +35,22 @@ cdef inline bint ci_equal(const unsigned char* s, const char* lower,
         if (s[i] | 0x20) != <unsigned char>lower[i]:
             return False
     return True
+
+
+cdef bint last_element_is(const unsigned char* v, Py_ssize_t n, const char* lower,
+                          Py_ssize_t k) noexcept nogil:
+    """The comma-separated list v[0:n] ends in the element `lower` (k
+    bytes), ignoring case; empty elements and the whitespace around each
+    are skipped (RFC 9110 5.6.1)."""
+    cdef Py_ssize_t e = n, a
+    while e > 0 and (v[e - 1] == SP or v[e - 1] == HT or v[e - 1] == c','):
+        e -= 1
+    a = e
+    while a > 0 and v[a - 1] != c',':
+        a -= 1
+    while a < e and (v[a] == SP or v[a] == HT):
+        a += 1
+    return e - a == k and ci_equal(v + a, lower, k)
 
 
 cdef str quoted(const unsigned char* p, Py_ssize_t n):

@@ -500,6 +500,8 @@ cdef class Parser:
             if self._cl_seen:
                 return self._fail(400, AMBIGUOUS_CL_TE, out)
             self._te_seen = True
+            # The codings end with the last line's (RFC 9110 5.3: lines join in order).
+            self._te_chunked = last_element_is(s + a, e - a, b"chunked", 7)
         return 0
 
     cdef int _host(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
@@ -560,6 +562,9 @@ cdef class Parser:
         # refused as it comes, so no order of the headers answers otherwise.
         if self._te_seen and req.http10:       # RFC 9112 6.1: a faulty framing
             return self._fail(400, "Transfer-Encoding in an HTTP/1.0 request is faulty framing", out)
+        if self._te_seen and not self._te_chunked:     # RFC 9112 6.3: no knowable length
+            return self._fail(400, "Transfer-Encoding does not end in chunked: the body's "
+                                   "length cannot be known", out)
         if self._te_seen:
             # RFC 9112 6.3: a body without a Content-Length.
             return self._fail(411, "a body needs a Content-Length (Transfer-Encoding is not "

@@ -363,6 +363,7 @@ def _framing_cases(big_line):
                       b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
         ("chunked", b"PATCH /mod?cred=a&by=1 HTTP/1.1\r\nTransfer-Encoding: chunked"
                     b"\r\n\r\n0\r\n\r\n", 411),
+        ("gzip", b"PATCH /mod?cred=a&by=1 HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
         ("two_cl", b"GET /health HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n", 400),
         ("obs_fold", b"GET /health HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n", 400),
         ("bare_cr", b"GET /health HTTP/1.1\r\nX-A: b\rc\r\n\r\n", 400),

@@ -612,6 +612,7 @@ NOT_TOKEN = "a header name has a byte that is not a token character"
 CL_DIGITS = "Content-Length must be decimal digits"
 BAD_HOST = "the Host header must be host[:port]"
 BAD_CONNECTION = "the Connection header must be a comma-separated list of tokens"
+TE_NOT_CHUNKED = "Transfer-Encoding does not end in chunked: the body's length cannot be known"
 
 HARD = [
     # (id, raw, status, detail (substring))
@@ -702,7 +703,20 @@ HARD = [
      "the body is over %d bytes" % limits.BODY_BYTES_MAX),
     ("cl-huge", R(LINE, b"Content-Length: 99999999999999999999999999999"), 413, "the body is over"),
     ("te", R(LINE, b"Transfer-Encoding: chunked"), 411, "a body needs a Content-Length"),
-    ("te-case", R(LINE, b"transfer-ENCODING: identity"), 411, "a body needs a Content-Length"),
+    ("te-case", R(LINE, b"transfer-ENCODING: CHUNKED"), 411, "a body needs a Content-Length"),
+    ("te-chunked-last", R(LINE, b"Transfer-Encoding: gzip ,chunked\t,"), 411,
+     "a body needs a Content-Length"),
+    ("te-chunked-last-line", R(LINE, b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked"),
+     411, "a body needs a Content-Length"),
+    # RFC 9112 6.3: a request whose codings do not end in chunked has a
+    # body of no knowable length: 400, never a guess.
+    ("te-identity", R(LINE, b"transfer-ENCODING: identity"), 400, TE_NOT_CHUNKED),
+    ("te-gzip", R(LINE, b"Transfer-Encoding: gzip"), 400, TE_NOT_CHUNKED),
+    ("te-empty", R(LINE, b"Transfer-Encoding:"), 400, TE_NOT_CHUNKED),
+    ("te-chunked-then-gzip", R(LINE, b"Transfer-Encoding: chunked, gzip"), 400, TE_NOT_CHUNKED),
+    ("te-chunked-line-then-gzip", R(LINE, b"Transfer-Encoding: chunked",
+                                    b"Transfer-Encoding: gzip"), 400, TE_NOT_CHUNKED),
+    ("te-chunked-params", R(LINE, b"Transfer-Encoding: chunked;q=1"), 400, TE_NOT_CHUNKED),
     # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding; its framing is faulty.
     ("te-http10", R(b"GET /tot?cred=a HTTP/1.0", b"Transfer-Encoding: chunked", host=False), 400,
      "Transfer-Encoding in an HTTP/1.0 request is faulty framing"),

@@ -40,7 +40,8 @@ cdef class Parser:
     cdef int _blank_lines           # empty lines skipped before this request line
     cdef int _hosts
     cdef bint _cl_seen
-    cdef bint _te_seen              # Transfer-Encoding seen: 411 at the end of the head
+    cdef bint _te_seen              # Transfer-Encoding seen: 411 or 400 at the end of the head
+    cdef bint _te_chunked           # its codings end in chunked (411), else 400
     cdef Py_ssize_t _cl
     cdef Py_ssize_t _body_left
     cdef bint _conn_close
