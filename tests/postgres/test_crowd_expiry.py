@@ -8,10 +8,10 @@ exactly one end, balances exact, seq and event ids gap-free, no hold open.
 The two front-ends' rounds come every EXPIRE_INTERVAL_S each, at phases
 of their own: left alone, one of them often ends the whole crowd before
 the other's round comes, and a call that starts with part of the crowd
-due takes it all (a call locks, as it starts, the accounts of the oldest
-EXPIRE_HOLDS_MAX due holds whose accounts it can lock: one that starts
-with fewer due locks every one of them, and the other's call finds none
-due that it can lock).  So the test stops both front-ends
+due takes it all (a call locks, one after the other, the accounts of the
+oldest EXPIRE_HOLDS_MAX due holds whose accounts it can lock: one that
+starts with fewer due locks every one of them, and the other's call finds
+none due that it can lock).  So the test stops both front-ends
 (SIGSTOP) from before the crowd is due until all of it is, holds the
 counter row's lock (which a call takes last, to number its events), lets
 both go on, and waits until a call of each waits for that lock with the

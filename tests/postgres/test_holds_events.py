@@ -11,6 +11,7 @@ from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insuffici
                            KeyReused, NoAccount, NoHold, TooManyHolds)
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import upkeep
+from accman.postgres.migrate import connect
 from accman.postgres.schema_v7 import EXPIRE_LOOK_FACTOR
 
 from .helpers import opened, run, stored
@@ -356,6 +357,39 @@ def test_a_call_of_accman_expire_ends_an_account_met_again_once(pg_url, monkeypa
                 assert [(e.seq, e.hold, e.tot) for e in entries] == [
                     (7, 4, 100), (6, 3, 90), (5, 2, 80), (4, 4, 70), (3, 3, 80), (2, 2, 90),
                     (1, None, 100)]
+    run(main())
+
+
+def test_a_call_of_accman_expire_locks_and_reads_only_the_accounts_it_ends(pg_url,
+                                                                          monkeypatch):
+    """Twelve accounts with a hold due, a call of p_max = 1 whose
+    transaction is still open has locked the oldest hold's account alone
+    (another front-end's call, or a write, can take every other one at
+    once), and has read, by the accounts' index, that account's row twice
+    (its lock, its update) and no other account of its window (the
+    front-end's session settings: index scans only)."""
+    monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 3600.0)    # no round of its own
+    names = [f"a{i}" for i in range(12)]
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            await _due_holds(c, dict.fromkeys(names, 1))
+            conn, other = await connect(pg_url), await asyncpg.connect(pg_url)
+            try:
+                async with conn.transaction():
+                    assert await conn.fetchval("SELECT accman_expire(1)") == 1
+                    reads = await conn.fetchval(
+                        "SELECT idx_scan FROM pg_stat_xact_user_tables "
+                        "WHERE relname = 'accman_accounts'")
+                    async with other.transaction():
+                        free = await other.fetchval(
+                            "SELECT count(*) FROM (SELECT 1 FROM accman_accounts "
+                            "FOR UPDATE SKIP LOCKED) s")
+            finally:
+                await conn.close()
+                await other.close()
+            assert (free, reads) == (len(names) - 1, 2)
+            assert [await c.tot(x) for x in names] == [100] + [90] * (len(names) - 1)
     run(main())
 
 
