@@ -46,12 +46,13 @@ _SELECTION = """\
     LOOP
 """
 # The accounts of the window's due holds, each once, oldest due first; each
-# locked by its own statement, or skipped.
+# locked by its own statement, or skipped.  The window's size is a bigint: any
+# p_max version 6 took is taken.
 _SKIPPING_FIRST = f"""\
     FOR due IN
         SELECT w.hid FROM (SELECT d.hid, d.expires_at FROM accman_holds d
                             WHERE d.expires_at <= now_ms
-                            ORDER BY d.expires_at LIMIT p_max * {EXPIRE_LOOK_FACTOR}) w
+                            ORDER BY d.expires_at LIMIT p_max::bigint * {EXPIRE_LOOK_FACTOR}) w
          GROUP BY w.hid ORDER BY min(w.expires_at)
     LOOP
         SELECT a.hid, a.tot, a.seq, a.holds INTO acct FROM accman_accounts a

@@ -393,6 +393,24 @@ def test_a_call_of_accman_expire_locks_and_reads_only_the_accounts_it_ends(pg_ur
     run(main())
 
 
+def test_a_call_of_accman_expire_takes_any_p_max(pg_url, monkeypatch):
+    """p_max at the top of integer (as version 6 took it): the call ends
+    every due hold; its window, p_max * EXPIRE_LOOK_FACTOR, does not
+    overflow."""
+    monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 3600.0)    # no round of its own
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            await _due_holds(c, {"a": 2, "b": 1})
+            conn = await asyncpg.connect(pg_url)
+            try:
+                assert await conn.fetchval("SELECT accman_expire(2147483647)") == 3
+            finally:
+                await conn.close()
+            assert [await c.tot(x) for x in ("a", "b")] == [100, 100]
+    run(main())
+
+
 def test_retention_trims_in_the_background(pg, pg_url, monkeypatch):
     monkeypatch.setattr(upkeep, "TRIM_INTERVAL_S", 0.2)
     monkeypatch.setattr(upkeep, "EXPIRE_INTERVAL_S", 0.1)
