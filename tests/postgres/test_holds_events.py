@@ -287,11 +287,15 @@ def test_a_call_of_accman_expire_ends_at_most_p_max_holds(pg_url, monkeypatch):
 
 async def _due_holds(c, counts: dict) -> None:
     """Funds each account of `counts` and opens its count of holds of 10
-    with a ttl of 1 s, in that order, and waits until they are all due."""
+    with a ttl of 1 s, in that order, and waits until they are all due.
+    An account's holds fall due after the previous account's, never in
+    the same millisecond (a due time's unit), so that "the oldest due
+    holds" names the same accounts to every query."""
     for x, n in counts.items():
         await c.mod(x, 100)
         for _ in range(n):
             await c.hold(x, -10, 1)
+        await asyncio.sleep(0.002)
     await asyncio.sleep(1.2)
 
 
