@@ -214,3 +214,7 @@ class CausedStoreError(StoreError):
         super().__init__(detail)
         self.reason = reason
         self.place = place
+
+    def __reduce__(self):
+        # Copied or pickled whole (an exception's default is its args alone).
+        return (type(self), (self.detail, self.reason, self.place))

@@ -7,6 +7,8 @@ and the type and place of the error, without its message, for a log line.
 test_serve.py, test_an_outage_is_said_plainly_and_once.)"""
 
 import asyncio
+import copy
+import pickle
 import re
 import socket
 import ssl
@@ -78,6 +80,20 @@ def test_a_log_line_names_the_type_and_place_not_the_message():
     except ConnectionResetError as e:
         said = where(e)
     assert re.fullmatch(r"ConnectionResetError at \S+/test_errors\.py:\d+", said), said
+
+
+def test_a_step_s_error_keeps_its_words_and_place_when_copied():
+    """A step_error (a copy of events) names the step in its detail and its
+    reason, and where the error it was made of was raised; so does a copy
+    of it, or one pickled and read back."""
+    try:
+        raise ConnectionResetError(104, "s3cret in a message")
+    except ConnectionResetError as e:
+        error, place = E.step_error(e, "cluster 2 failed reading its events"), where(e)
+    said = f"cluster 2 failed reading its events: {LOST}"
+    for made in (error, copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert isinstance(made, StoreError)
+        assert (made.detail, E.describe(made), E.placed(made)) == (said, said, place)
 
 
 @pytest.mark.parametrize("url,shown", [
