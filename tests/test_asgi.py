@@ -233,7 +233,11 @@ def test_an_app_that_gives_up_a_read_leaves_the_shared_one_running(fake):
     assert got == ["http.disconnect"] and fake.mods() == []
 
 
-def test_check_mode_charge_that_fails_after_serving_is_retried_with_its_key(fake):
+def test_check_mode_charge_that_fails_after_serving_is_retried_with_its_key(fake, caplog):
+    """A charge that fails after the app answered is owed, retried with its
+    key, and lands once; its queueing is a warning, shown where logging is
+    left as Python sets it: the service log's first sign that AccMan fails."""
+    caplog.set_level(logging.WARNING, logger="accman.asgi")
     fake.fund(CRED, 10)
     lost = []
 
@@ -253,6 +257,7 @@ def test_check_mode_charge_that_fails_after_serving_is_retried_with_its_key(fake
     assert fake.tot(CRED) == 8 and history(fake) == [(10, None), (-2, "-c")]
     assert m.stats["owed"] == 1 and m.stats["stranded"] == 0
     assert m.stats["charged"] == 1 and m.stats["charged_amount"] == 2     # once it landed
+    assert [r.levelname for r in caplog.records if "queued" in r.getMessage()] == ["WARNING"]
 
 
 # --- what is free -------------------------------------------------------------

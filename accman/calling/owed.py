@@ -215,8 +215,8 @@ class Owed:
             self._strand(item, "FOLLOWUPS_MAX owed mods already queued", item.maybe)
             return
         self._stats["owed"] += 1
-        log.info("accman: %s of %d for account %s queued (after %s), %s",
-                 item.what, abs(item.by), fingerprint(item.cred), code, item.ref)
+        log.warning("accman: %s of %d for account %s queued (after %s), %s",
+                    item.what, abs(item.by), fingerprint(item.cred), code, item.ref)
         self._items.append(item)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._pay())

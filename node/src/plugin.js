@@ -444,7 +444,7 @@ class Meter {
   owe (item, cause) {
     if (this.owed.add(item, cause)) {
       this.stats.owed++
-      this.log.info({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, after: cause.code },
+      this.log.warn({ account: fingerprint(item.cred), amount: String(item.amount), key: item.key, after: cause.code },
         `accman: ${item.what} queued to retry`)
     }
   }
