@@ -127,13 +127,16 @@ def test_stalled_commit_is_not_acknowledged(pg_factory, monkeypatch):
 
 
 async def backends_busy(url) -> int:
-    """The database's backends, but this one, that are in a statement: a
-    writer that waits for its standby, or for a lock behind one."""
+    """The database's backends in a statement that waits: a writer that
+    waits for its standby (SyncRep), or for a lock behind one.  A short
+    read of a front-end's (its counts, a reconnection's checks) caught in
+    its statement on a busy machine is not one."""
     conn = await asyncpg.connect(url)
     try:
         return await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND state = 'active' AND pid <> pg_backend_pid()")
+            "AND state = 'active' AND pid <> pg_backend_pid() "
+            "AND (wait_event = 'SyncRep' OR wait_event_type = 'Lock')")
     finally:
         await conn.close()
 
