@@ -53,7 +53,10 @@ class Lane:
         self.ops: deque = deque()          # B.Op, an ordered /past among them
         self.writing = False
 
-    async def connect(self, url) -> None:
+    async def connect(self, url, on_closed) -> None:
+        """Connects the writer (the last one, left idle by a reconnection
+        that failed after it, goes); `on_closed` hears its close."""
+        self.drop()
         writer = await connect(url, connection_class=Connection)
         try:
             if await writer.fetchval("SHOW transaction_read_only",
@@ -66,6 +69,7 @@ class Lane:
             await writer.close()
             raise
         self.writer = writer
+        writer.add_termination_listener(on_closed)
 
     def drop(self):
         """Closes the writer's socket; returns its backend, which may go on
@@ -81,7 +85,8 @@ class Cluster:
     """One PostgreSQL cluster of the store: its writer lanes, its read pool
     and queue, its event reader."""
 
-    def __init__(self, url: str, index: int, cluster_id: bytes):
+    def __init__(self, url: str, index: int, cluster_id: bytes, store):
+        self.store = store
         self.url = url
         self.index = index
         self.cluster_id = cluster_id
@@ -142,6 +147,20 @@ class Cluster:
             if backend is not None:
                 self.abandoned.add(backend)
 
+    def closed_under(self, conn) -> None:
+        """Hears the close of each session the store keeps open here (each
+        writer's, the listener's).  One closed while still in use was closed
+        by the database's side (a restart, a failover, its backend ended):
+        the cluster is lost as it closes, idle or not, and reconnected.  The
+        upkeep round alone would miss a restart quicker than a round (it
+        reads through the pool, which connects anew): /health would say 200
+        while the next batch met a closed socket and the listener heard no
+        other front-end's commit, until a write of this one failed."""
+        in_use = any(conn is lane.writer for lane in self.lanes) or (
+            self.events is not None and conn is self.events.listener)
+        if in_use and not self.store.closed:
+            self.store.lost(self, E.closed_by_the_database())
+
     async def stalled(self, conn) -> bool:
         """Whether a backend dropped mid-commit (a writer's, or an upkeep's:
         accman.postgres.backends) since the store last took writes here is
@@ -184,7 +203,7 @@ class Cluster:
         back after them)."""
         try:
             for lane in self.lanes:
-                await lane.connect(self.url)
+                await lane.connect(self.url, self.closed_under)
             if await self.stalled(self.lanes[0].writer):
                 raise StoreError(STALLED)
             # min_size=0: the pool connects when a read asks.  With a floor

@@ -194,6 +194,16 @@ def placed(exc: BaseException) -> str:
     return where(exc)
 
 
+def closed_by_the_database() -> Exception:
+    """What a session that the database's side closed (a restart, a
+    failover, its backend ended) is noted as when its close is heard, with
+    no call in flight: raised here, so that a log line names this place."""
+    try:
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+    except asyncpg.exceptions.ConnectionDoesNotExistError as e:
+        return e
+
+
 def unreadable_url(what: str) -> StoreError:
     """`store_error` of a URL that asyncpg's parser refused with a plain
     ValueError, whose message quotes the piece it could not read: a piece

@@ -92,14 +92,24 @@ class EventReader:
         return self.first if 0 < self.first <= self.cluster.last_event else 0
 
     async def start(self) -> None:
+        """LISTENs on a session of its own, whose close by the database's
+        side loses the cluster (Cluster.closed_under): no commit is heard
+        meanwhile."""
         from accman.postgres.migrate import connect
-        self.listener = await connect(self.cluster.url)
-        await self.listener.add_listener(NOTIFY_CHANNEL, self._notified)
+        listener = await connect(self.cluster.url)
+        try:
+            await listener.add_listener(NOTIFY_CHANNEL, self._notified)
+        except BaseException:
+            listener.terminate()
+            raise
+        self.listener = listener
+        listener.add_termination_listener(self.cluster.closed_under)
 
     async def restart(self) -> None:
         merger = self.store.merger
         if self.listener is not None:
-            self.listener.terminate()
+            old, self.listener = self.listener, None
+            old.terminate()
             if self.home and merger is not None:
                 merger.lost_home()          # the copying role went with the session
         await self.start()

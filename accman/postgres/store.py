@@ -74,7 +74,7 @@ class PgStore:
                  batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):
         self._hasher = hashlib.blake2b(digest_size=16, key=hash_key)
         self._refused = B.refusals(holds_per_account_max, holds_max, len(urls))
-        self.clusters = [Cluster(u, i, info.cluster_id)
+        self.clusters = [Cluster(u, i, info.cluster_id, self)
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
         self.low_default = low_default
         self.retention_s = retention_s
