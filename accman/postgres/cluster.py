@@ -147,18 +147,15 @@ class Cluster:
             if backend is not None:
                 self.abandoned.add(backend)
 
-    def closed_under(self, conn) -> None:
-        """Hears the close of each session the store keeps open here (each
-        writer's, the listener's).  One closed while still in use was closed
-        by the database's side (a restart, a failover, its backend ended):
-        the cluster is lost as it closes, idle or not, and reconnected.  The
-        upkeep round alone would miss a restart quicker than a round (it
-        reads through the pool, which connects anew): /health would say 200
-        while the next batch met a closed socket and the listener heard no
-        other front-end's commit, until a write of this one failed."""
-        in_use = any(conn is lane.writer for lane in self.lanes) or (
-            self.events is not None and conn is self.events.listener)
-        if in_use and not self.store.closed:
+    def writer_closed(self, conn) -> None:
+        """Hears the close of each writer's session.  One closed while still
+        in use was closed by the database's side (a restart, a failover,
+        its backend ended): the cluster is lost as it closes, idle or not,
+        and reconnected.  The upkeep round alone would miss a restart
+        quicker than a round (it reads through the pool, which connects
+        anew): /health would say 200 while the next batch met a closed
+        socket.  (The listener's session: EventReader._closed.)"""
+        if any(conn is lane.writer for lane in self.lanes) and not self.store.closed:
             self.store.lost(self, E.closed_by_the_database())
 
     async def stalled(self, conn) -> bool:
@@ -203,7 +200,7 @@ class Cluster:
         back after them)."""
         try:
             for lane in self.lanes:
-                await lane.connect(self.url, self.closed_under)
+                await lane.connect(self.url, self.writer_closed)
             if await self.stalled(self.lanes[0].writer):
                 raise StoreError(STALLED)
             # min_size=0: the pool connects when a read asks.  With a floor

@@ -16,6 +16,7 @@ cannot hide an event) and is answered with what there is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -61,6 +62,7 @@ class EventReader:
         self.home = cluster is store.home
         self.waiters: list = []          # [after, limit, deadline, done]
         self.listener = None
+        self._restarting = asyncio.Lock()
         self._timer = None
         self._waking = False
         # The oldest event id kept, as last seen, or when none was, the id
@@ -92,9 +94,7 @@ class EventReader:
         return self.first if 0 < self.first <= self.cluster.last_event else 0
 
     async def start(self) -> None:
-        """LISTENs on a session of its own, whose close by the database's
-        side loses the cluster (Cluster.closed_under): no commit is heard
-        meanwhile."""
+        """LISTENs on a session of its own (`_closed` hears it end)."""
         from accman.postgres.migrate import connect
         listener = await connect(self.cluster.url)
         try:
@@ -103,21 +103,40 @@ class EventReader:
             listener.terminate()
             raise
         self.listener = listener
-        listener.add_termination_listener(self.cluster.closed_under)
+        listener.add_termination_listener(self._closed)
 
     async def restart(self) -> None:
-        merger = self.store.merger
-        if self.listener is not None:
-            old, self.listener = self.listener, None
-            old.terminate()
-            if self.home and merger is not None:
-                merger.lost_home()          # the copying role went with the session
-        await self.start()
+        """A new listener in place of the last (one at a time: a
+        reconnection's and _relisten's may meet)."""
+        async with self._restarting:
+            merger = self.store.merger
+            if self.listener is not None:
+                old, self.listener = self.listener, None
+                old.terminate()
+                if self.home and merger is not None:
+                    merger.lost_home()          # the copying role went with the session
+            await self.start()
         # What was missed while away.
         if self.home:
             self.local_commit()
         else:
             merger.kick()
+
+    def _closed(self, conn) -> None:
+        """The listener's session closed.  Still the one in use, it was
+        closed by the database's side (a restart, a failover, an
+        idle_session_timeout, its backend ended): no commit would be heard
+        again, and long polls would wait out their wait.  It is made again
+        at once, the writers left as they are (one may have a batch in
+        flight); one that cannot be made loses the cluster."""
+        if conn is self.listener and not self.store.closed:
+            self.store._spawn(self._relisten())
+
+    async def _relisten(self) -> None:
+        try:
+            await self.restart()
+        except Exception as e:
+            self.store.lost(self.cluster, e)
 
     async def stop(self) -> None:
         """Every poll still waiting, or queued for its first read, is told

@@ -2,7 +2,8 @@
 (`pg_ctl restart`, a quick switchover): the round, which reads through the
 pool, finds a database that answers, yet every session the front-end held
 open (its writer, its listener) went with the restart.  The front-end
-notices each such close itself, as it happens, idle or not."""
+notices each such close itself, as it happens, idle or not; a listener
+ended alone is made again without touching the writer."""
 
 import asyncio
 import re
@@ -127,4 +128,36 @@ def test_a_write_while_the_database_is_down_says_nothing_was_applied(pg_factory)
             assert await c.mod("a", 1) == (6, 2)
         finally:
             await store.aclose()
+    run(main())
+
+
+def test_a_listener_ended_alone_is_made_again_and_leaves_writes_alone(pg_url):
+    """The listener's backend ended by itself (pg_terminate_backend, an
+    idle_session_timeout): the listener is made again at once, and a poll
+    hears another front-end's commit; the writer, which may have a batch
+    in flight, is left as it is, and the store stays healthy."""
+    async def main():
+        s1, c1 = await opened(pg_url)
+        s2, c2 = await opened(pg_url)
+        try:
+            cluster = s1.clusters[0]
+            writer, listener = cluster.lanes[0].writer, cluster.events.listener
+            assert await c1.mod("x", 5) == (5, 1)
+            await s2.clusters[0].pool.execute("SELECT pg_terminate_backend($1)",
+                                              listener.get_server_pid())
+            await until(lambda: cluster.events.listener not in (None, listener), 10,
+                        "the listener made again")
+            assert cluster.lanes[0].writer is writer and cluster.losses == 0
+            assert s1.healthy
+            poll = asyncio.ensure_future(c1.events(after=1, wait_s=8))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            assert await c2.mod("x", 5) == (10, 2)
+            events, nxt = await asyncio.wait_for(poll, 10)
+            assert [(e.seq, e.tot) for e in events] == [(2, 10)] and nxt == 2
+            assert time.monotonic() - t0 < 3, "the poll waited out its wait"
+            assert await c1.mod("x", 1) == (11, 3)
+        finally:
+            await s1.aclose()
+            await s2.aclose()
     run(main())
