@@ -58,6 +58,27 @@ async def committed(conn, call, timeout_s: float, abandoned: set | None):
     return task.result()
 
 
+async def within(call, timeout_s: float):
+    """Awaits `call`, a read (a pool's, which may first connect), for at
+    most `timeout_s` in all, in a task of its own: past it, raises
+    asyncio.TimeoutError without waiting for the task to end.  Against a
+    database that does not answer, neither the pool's connect (the
+    driver's 60 s) nor the return of a timed-out query's connection to
+    the pool (it waits for the cancel request's answer) is bounded by the
+    query's own timeout."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout_s)
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(_retrieved)
+        raise
+    if not done:
+        task.add_done_callback(_retrieved)      # it ends by itself, later
+        raise asyncio.TimeoutError(f"no answer in {timeout_s} s")
+    return task.result()
+
+
 def _give_up(conn, task, abandoned: set | None) -> None:
     task.add_done_callback(_retrieved)          # it ends as the socket closes
     if abandoned is not None:

@@ -207,8 +207,10 @@ class Cluster:
             # it restores the floor by itself while the database is down,
             # logging a traceback for every failed try (asyncpg.pool), while
             # the store already says the cluster is lost, once.
+            # Its connects end at CONNECT_TIMEOUT_S, not the driver's 60 s.
             self.pool = self.pool or await asyncpg.create_pool(
                 self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
+                timeout=CONNECT_TIMEOUT_S,
                 server_settings=SESSION_SETTINGS, connection_class=Connection, init=identify)
         except BaseException:
             for lane in self.lanes:

@@ -23,7 +23,7 @@ import time
 from accman.errors import Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
-from accman.postgres.backends import committed
+from accman.postgres.backends import committed, within
 from accman.postgres.complaints import doing
 from accman.store import check_events
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
@@ -200,20 +200,25 @@ class EventReader:
         """(events, next) after `after`, or EventsTrimmed.  With none after
         it, `next` is `after`, or the newest id when `after` is past it (the
         reader is told where the stream ends, as the embedded store does)."""
-        pool = self.cluster.pool
-        async with pool.acquire() as conn:
-            rows = await conn.fetch(_PAGE_SQL, after, limit, timeout=10.0)
-            if not rows:
-                first, last = await conn.fetchrow(_ENDS_SQL)
-                if after + 1 < first:
-                    raise EventsTrimmed(first)
-                return [], min(after, last)
-            if rows[0]["id"] != after + 1:
-                raise EventsTrimmed(rows[0]["id"])
+        from accman.postgres.store import READ_TIMEOUT_S
+        rows, ends = await within(self._rows(after, limit, READ_TIMEOUT_S), READ_TIMEOUT_S)
+        if not rows:
+            first, last = ends
+            if after + 1 < first:
+                raise EventsTrimmed(first)
+            return [], min(after, last)
+        if rows[0]["id"] != after + 1:
+            raise EventsTrimmed(rows[0]["id"])
         events = [Event(r[0], EVENT_TYPES[r[1]], bytes(r[2]).hex(), r[3], r[4], r[5], r[6],
                         r[7], r[8]) for r in rows]
         self.cluster.note_event(events[-1].id)      # read: so it is written
         return events, events[-1].id
+
+    async def _rows(self, after, limit, timeout_s):
+        """The page's rows, and with none, the ends of the stream."""
+        async with self.cluster.pool.acquire() as conn:
+            rows = await conn.fetch(_PAGE_SQL, after, limit, timeout=timeout_s)
+            return rows, None if rows else await conn.fetchrow(_ENDS_SQL, timeout=timeout_s)
 
     async def _copy_first(self):
         """What every front-end's answered writes committed on the other

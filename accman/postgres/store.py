@@ -36,7 +36,7 @@ from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
-from accman.postgres.backends import committed
+from accman.postgres.backends import committed, within
 from accman.postgres.cluster import Cluster, health_detail
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.cursors import PgCursors
@@ -355,8 +355,8 @@ class PgStore:
             while cluster.reads:
                 taken = cluster.take_reads(READ_BATCH_MAX)
                 try:
-                    tots = await cluster.pool.fetchval(B.TOT_SQL, [h for h, _ in taken],
-                                                       timeout=READ_TIMEOUT_S)
+                    tots = await within(cluster.pool.fetchval(
+                        B.TOT_SQL, [h for h, _ in taken], timeout=READ_TIMEOUT_S), READ_TIMEOUT_S)
                 except Exception as e:
                     error = Unavailable(E.read_detail(e))
                     self._deliver([(done, error) for _, done in taken])
@@ -385,8 +385,8 @@ class PgStore:
     async def _past(self, op, conn) -> None:
         before = op.min if op.min is not None else 2 ** 63 - 1
         try:
-            rows = await conn.fetch(B.PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S)
-            page = B.past_page(op.hid, op.by, rows)
+            page = B.past_page(op.hid, op.by, await within(conn.fetch(
+                B.PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S), READ_TIMEOUT_S))
         except Exception as e:
             if E.ours(e):
                 log.exception("a /past page failed in AccMan")
