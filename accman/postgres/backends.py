@@ -24,6 +24,11 @@ from accman.postgres.migrate import CONNECT_TIMEOUT_S
 _BACKEND_SQL = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
 
 
+# A query's timeout when the deadline has all but passed: asyncpg takes 0
+# as no timeout at all.
+_LEAST_S = 0.001
+
+
 class Abandoned(asyncio.TimeoutError):
     """A commit given up at its deadline: its backend may go on, and commit."""
 
@@ -58,25 +63,32 @@ async def committed(conn, call, timeout_s: float, abandoned: set | None):
     return task.result()
 
 
-async def within(call, timeout_s: float):
-    """Awaits `call`, a read (a pool's, which may first connect), for at
-    most `timeout_s` in all, in a task of its own: past it, raises
-    asyncio.TimeoutError without waiting for the task to end.  Against a
-    database that does not answer, neither the pool's connect (the
-    driver's 60 s) nor the return of a timed-out query's connection to
-    the pool (it waits for the cancel request's answer) is bounded by the
-    query's own timeout."""
-    task = asyncio.ensure_future(call)
+async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):
+    """`conn.<method>(sql, *args)` on a connection of `pool`, answered or
+    failed within `timeout_s` in all.  The acquire (which may connect) and
+    the query share the deadline; a connection whose query failed or ran
+    out of time is closed, not given back: against a database that does
+    not answer, its return to the pool would wait for the cancel request's
+    answer (the driver's), and a new connect for the driver's 60 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    conn = await pool.acquire(timeout=timeout_s)
     try:
-        done, _ = await asyncio.wait((task,), timeout=timeout_s)
+        return await getattr(conn, method)(sql, *args,
+                                           timeout=max(deadline - loop.time(), _LEAST_S))
     except BaseException:
-        task.cancel()
-        task.add_done_callback(_retrieved)
+        conn.terminate()
         raise
-    if not done:
-        task.add_done_callback(_retrieved)      # it ends by itself, later
-        raise asyncio.TimeoutError(f"no answer in {timeout_s} s")
-    return task.result()
+    finally:
+        await pool.release(conn)
+
+
+async def no_reset(conn) -> None:
+    """A read pool's reset on release (asyncpg's `reset`): none.  Its
+    sessions hold no state of their own (no LISTEN, advisory lock, SET or
+    cursor: those live on connections of their own), and asyncpg rolls an
+    open transaction back before this runs; its default reset is a round
+    trip on every release."""
 
 
 def _give_up(conn, task, abandoned: set | None) -> None:

@@ -166,6 +166,11 @@ PAST_SQL = ("SELECT h.seq, h.by, h.tot, h.at, h.key, h.hold FROM accman_accounts
             "WHERE a.hid = $1 AND a.seq > 0 ORDER BY h.seq DESC")
 
 
+def past_query(op) -> tuple:
+    """PAST_SQL and its arguments for a /past op (`min` its before, `by` its limit)."""
+    return PAST_SQL, op.hid, op.min if op.min is not None else 2 ** 63 - 1, op.by
+
+
 def past_page(hid: bytes, limit: int, rows):
     """A /past page from PAST_SQL's rows."""
     if not rows:

@@ -10,7 +10,7 @@ import asyncpg
 
 from accman.errors import StoreError
 from accman.postgres import errors as E
-from accman.postgres.backends import Connection, identify
+from accman.postgres.backends import Connection, identify, no_reset
 from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
 
 # Writer connections per cluster, each with one batch in flight.  One: with
@@ -210,7 +210,7 @@ class Cluster:
             # Its connects end at CONNECT_TIMEOUT_S, not the driver's 60 s.
             self.pool = self.pool or await asyncpg.create_pool(
                 self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
-                timeout=CONNECT_TIMEOUT_S,
+                timeout=CONNECT_TIMEOUT_S, reset=no_reset,
                 server_settings=SESSION_SETTINGS, connection_class=Connection, init=identify)
         except BaseException:
             for lane in self.lanes:

@@ -23,7 +23,7 @@ import time
 from accman.errors import Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
-from accman.postgres.backends import committed, within
+from accman.postgres.backends import committed, pool_read
 from accman.postgres.complaints import doing
 from accman.store import check_events
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
@@ -201,7 +201,7 @@ class EventReader:
         it, `next` is `after`, or the newest id when `after` is past it (the
         reader is told where the stream ends, as the embedded store does)."""
         from accman.postgres.store import READ_TIMEOUT_S
-        rows, ends = await within(self._rows(after, limit, READ_TIMEOUT_S), READ_TIMEOUT_S)
+        rows, ends = await self._rows(after, limit, READ_TIMEOUT_S)
         if not rows:
             first, last = ends
             if after + 1 < first:
@@ -215,10 +215,16 @@ class EventReader:
         return events, events[-1].id
 
     async def _rows(self, after, limit, timeout_s):
-        """The page's rows, and with none, the ends of the stream."""
-        async with self.cluster.pool.acquire() as conn:
-            rows = await conn.fetch(_PAGE_SQL, after, limit, timeout=timeout_s)
-            return rows, None if rows else await conn.fetchrow(_ENDS_SQL, timeout=timeout_s)
+        """The page's rows, and with none, the ends of the stream: both
+        within `timeout_s`."""
+        pool, deadline = self.cluster.pool, time.monotonic() + timeout_s
+        rows = await pool_read(pool, timeout_s, "fetch", _PAGE_SQL, after, limit)
+        if rows:
+            return rows, None
+        left_s = max(deadline - time.monotonic(), 0.0)
+        if left_s == 0.0:
+            raise asyncio.TimeoutError(f"no answer in {timeout_s} s")
+        return rows, await pool_read(pool, left_s, "fetchrow", _ENDS_SQL)
 
     async def _copy_first(self):
         """What every front-end's answered writes committed on the other

@@ -36,7 +36,7 @@ from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
-from accman.postgres.backends import committed, within
+from accman.postgres.backends import committed, pool_read
 from accman.postgres.cluster import Cluster, health_detail
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.cursors import PgCursors
@@ -221,7 +221,7 @@ class PgStore:
                     op = ops.popleft()
                     self.queued_mods -= 1
                     self._flying[op] = None     # told by a close from now on
-                    await self._past(op, lane.writer)
+                    await self._past(op, writer=lane.writer)
                     continue
                 taken = []
                 while ops and len(taken) < self.batch_mods_max and ops[0].kind != _PAST_BARRIER:
@@ -355,8 +355,8 @@ class PgStore:
             while cluster.reads:
                 taken = cluster.take_reads(READ_BATCH_MAX)
                 try:
-                    tots = await within(cluster.pool.fetchval(
-                        B.TOT_SQL, [h for h, _ in taken], timeout=READ_TIMEOUT_S), READ_TIMEOUT_S)
+                    tots = await pool_read(cluster.pool, READ_TIMEOUT_S, "fetchval",
+                                           B.TOT_SQL, [h for h, _ in taken])
                 except Exception as e:
                     error = Unavailable(E.read_detail(e))
                     self._deliver([(done, error) for _, done in taken])
@@ -379,14 +379,14 @@ class PgStore:
             if self._closed:
                 raise Unavailable("the store is closed")
             self._flying[op] = None
-            self._spawn(self._past(op, cluster.pool))
+            self._spawn(self._past(op, pool=cluster.pool))
         return None
 
-    async def _past(self, op, conn) -> None:
-        before = op.min if op.min is not None else 2 ** 63 - 1
+    async def _past(self, op, pool=None, writer=None) -> None:   # writer: after its commit
         try:
-            page = B.past_page(op.hid, op.by, await within(conn.fetch(
-                B.PAST_SQL, op.hid, before, op.by, timeout=READ_TIMEOUT_S), READ_TIMEOUT_S))
+            rows = await (writer.fetch(*B.past_query(op), timeout=READ_TIMEOUT_S) if writer
+                          else pool_read(pool, READ_TIMEOUT_S, "fetch", *B.past_query(op)))
+            page = B.past_page(op.hid, op.by, rows)
         except Exception as e:
             if E.ours(e):
                 log.exception("a /past page failed in AccMan")
