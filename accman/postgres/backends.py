@@ -24,11 +24,6 @@ from accman.postgres.migrate import CONNECT_TIMEOUT_S
 _BACKEND_SQL = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
 
 
-# A query's timeout when the deadline has all but passed: asyncpg takes 0
-# as no timeout at all.
-_LEAST_S = 0.001
-
-
 class Abandoned(asyncio.TimeoutError):
     """A commit given up at its deadline: its backend may go on, and commit."""
 
@@ -74,8 +69,8 @@ async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):
     deadline = loop.time() + timeout_s
     conn = await pool.acquire(timeout=timeout_s)
     try:
-        return await getattr(conn, method)(sql, *args,
-                                           timeout=max(deadline - loop.time(), _LEAST_S))
+        # A deadline passed by now: asyncpg raises TimeoutError at once.
+        return await getattr(conn, method)(sql, *args, timeout=deadline - loop.time())
     except BaseException:
         conn.terminate()
         raise
