@@ -18,6 +18,7 @@ import asyncio
 
 import asyncpg
 
+from accman.postgres import errors as E
 from accman.postgres.migrate import CONNECT_TIMEOUT_S
 
 # A backend is named by its pid and its start: a pid alone may be reused.
@@ -61,8 +62,9 @@ async def committed(conn, call, timeout_s: float, abandoned: set | None):
 async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):
     """`conn.<method>(sql, *args)` on a connection of `pool`, answered or
     failed within `timeout_s` in all.  The acquire (which may connect) and
-    the query share the deadline; a connection whose query failed or ran
-    out of time is closed, not given back: against a database that does
+    the query share the deadline; a connection whose query ran out of
+    time or broke (not an error the database answered) is closed, not
+    given back: against a database that does
     not answer, its return to the pool would wait for the cancel request's
     answer (the driver's), and a new connect for the driver's 60 s."""
     loop = asyncio.get_running_loop()
@@ -71,8 +73,9 @@ async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):
     try:
         # A deadline passed by now: asyncpg raises TimeoutError at once.
         return await getattr(conn, method)(sql, *args, timeout=deadline - loop.time())
-    except BaseException:
-        conn.terminate()
+    except BaseException as e:
+        if not E.answered(e):           # the database's own answer: the session is kept
+            conn.terminate()
         raise
     finally:
         await pool.release(conn)

@@ -67,6 +67,12 @@ def classify(exc: BaseException) -> str:
     return FAILED
 
 
+def answered(exc: BaseException) -> bool:
+    """Whether `exc` is the database's own answer to a statement (its
+    session goes on as before), not a timeout or a broken connection."""
+    return isinstance(exc, asyncpg.PostgresError)
+
+
 READ_ONLY = "the database takes no writes (a standby, or read-only)"
 UNREACHABLE = "the PostgreSQL store cannot be reached"
 LOST = "the PostgreSQL store lost its connection"

@@ -85,20 +85,16 @@ async def expire_round(store, cluster) -> None:
     a round of many calls (a million holds due) shows its progress."""
     try:
         async with cluster.pool.acquire() as conn:
-            ended = True
-            while ended:
-                t0 = time.perf_counter()
-                ended = await committed(conn, conn.fetchval(
-                    "SELECT accman_expire($1)", EXPIRE_HOLDS_MAX), ROUND_TIMEOUT_S,
-                    cluster.abandoned)
-                if ended:
-                    # A batch of changes, as the embedded store's writer
-                    # counts the expiries it writes (/metrics).
-                    store.count_batch(ended, time.perf_counter() - t0)
-                    cluster.events.local_commit()
-                counts = await conn.fetchval(_COUNTS_SQL, timeout=ROUND_TIMEOUT_S)
-                cluster.note_counts(counts[:4])
-                cluster.events.first = counts[4]
+            try:
+                await _expire_calls(store, cluster, conn)
+            except BaseException as e:
+                # Closed, not given back, unless the database answered the
+                # error itself: the return of a connection whose read timed
+                # out waits for the cancel's answer, as long as a database
+                # that does not answer, and the round with it.
+                if not E.answered(e):
+                    conn.terminate()
+                raise
     except Exception as e:
         if E.classify(e) != E.UNKNOWN:
             store.complaints.failed(doing(store, "ending due holds", cluster), e)
@@ -107,6 +103,23 @@ async def expire_round(store, cluster) -> None:
         # else the cluster is lost already, and was said to be then
     else:
         store.complaints.worked(doing(store, "ending due holds", cluster))
+
+
+async def _expire_calls(store, cluster, conn) -> None:
+    ended = True
+    while ended:
+        t0 = time.perf_counter()
+        ended = await committed(conn, conn.fetchval(
+            "SELECT accman_expire($1)", EXPIRE_HOLDS_MAX), ROUND_TIMEOUT_S,
+            cluster.abandoned)
+        if ended:
+            # A batch of changes, as the embedded store's writer counts
+            # the expiries it writes (/metrics).
+            store.count_batch(ended, time.perf_counter() - t0)
+            cluster.events.local_commit()
+        counts = await conn.fetchval(_COUNTS_SQL, timeout=ROUND_TIMEOUT_S)
+        cluster.note_counts(counts[:4])
+        cluster.events.first = counts[4]
 
 
 async def reconnect(store, cluster) -> None:

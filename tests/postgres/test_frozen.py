@@ -16,8 +16,10 @@ import pytest
 
 from accman.errors import Unavailable
 from accman.postgres import store as store_module
+from accman.postgres import upkeep as upkeep_module
 
 from .helpers import run, stored
+from .test_bounds import until
 
 
 @contextlib.contextmanager
@@ -63,4 +65,33 @@ def test_reads_are_503_within_read_timeout_s_when_the_database_does_not_answer(
                 for read in reads:
                     await unanswered(read)
             assert await c.tot("a") == 5
+    run(main())
+
+
+def test_a_round_frozen_in_its_counts_read_loses_the_cluster_in_time(
+        pg_factory, monkeypatch):
+    """The upkeep round is the store's heartbeat (/health 503 within a
+    round of the database going away, idle or not).  Frozen while the
+    round reads its counts, the read times out at ROUND_TIMEOUT_S and its
+    connection is closed, not given back to the pool, whose return would
+    wait for the cancel's answer as long as the database is stopped: the
+    cluster is lost in time, with no write to notice it."""
+    monkeypatch.setattr(upkeep_module, "ROUND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(upkeep_module, "EXPIRE_INTERVAL_S", 0.1)
+    # The counts read, made slow enough to be caught in flight.
+    monkeypatch.setattr(upkeep_module, "_COUNTS_SQL", "SELECT c FROM ("
+                        + upkeep_module._COUNTS_SQL + ") q(c), pg_sleep(0.2)")
+    pg = pg_factory(name="frozenround")
+    url = pg.create_database("r")
+
+    async def main():
+        async with stored(url) as (store, c):
+            assert await c.mod("a", 5) == (5, 1)
+            await until(lambda: pg.psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT c FROM (%' "
+                "AND state = 'active'", "r") == "1", 10)
+            with frozen(pg):
+                t0 = time.monotonic()
+                await until(lambda: not store.healthy, 5)
+                assert time.monotonic() - t0 < 3
     run(main())
