@@ -169,6 +169,8 @@ def delivered_ids(rx):
     ("http://123.example/", ("http", "123.example", 80, "/", "123.example")),
     ("https://example.com:8443/p/q/?", ("https", "example.com", 8443, "/p/q/?",
                                         "example.com:8443")),
+    ("http://h.example/a%2Fb;c=d/e:f@g?h=%41&i='j'!*(k)~", (
+        "http", "h.example", 80, "/a%2Fb;c=d/e:f@g?h=%41&i='j'!*(k)~", "h.example")),
 ])
 def test_a_webhook_url_parses_into_its_target(url, want):
     assert tuple(parse_url(url)) == want
@@ -196,6 +198,14 @@ def test_a_webhook_url_parses_into_its_target(url, want):
     ("http://127.0.0.0x1/", "not an IPv4 address"),
     ("http://0x7f.1/", "not an IPv4 address"),
     ("http://[fe80::zz]/", "does not parse"),
+    ("http://example.com:/hook", "a ':' without a port"),
+    ("http://example.com/a%zz", "'%' not followed by two hex digits: '%zz'"),
+    ("http://example.com/a?b=%4", "'%' not followed by two hex digits: '%4'"),
+    ('http://example.com/a"b', "'\"' in its path or query.*%22"),
+    ("http://example.com/{id}", "'{' in its path or query.*%7B"),
+    ("http://example.com/a?b=c|d", "'\\|' in its path or query.*%7C"),
+    ("http://example.com/a^b", "'\\^' in its path or query.*%5E"),
+    ("http://example.com/a`b<c>", "'`' in its path or query.*%60"),
 ])
 def test_a_bad_webhook_url_is_refused_saying_why(url, why):
     with pytest.raises(ValueError, match=why):

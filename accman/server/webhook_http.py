@@ -34,6 +34,11 @@ _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0
 # A host's last label that makes it an IPv4 address, in some form
 # (decimal, or hex as resolvers take it: 0x7f.1 is 127.0.0.1).
 _NUMBER_LABEL_RE = re.compile(r"[0-9]+|0x[0-9a-f]*", re.ASCII)
+# What a request target's path and query may hold (RFC 3986 3.3, 3.4): the
+# unreserved and sub-delims characters, ":", "@", "/", "?" and %XX escapes.
+# Anything else (a quote, "<", "{", "|", a backslash, a "%" without two hex
+# digits) is not a URI, and a receiver may refuse it with a 400 forever.
+_TARGET_RE = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*", re.ASCII)
 _STATUS_RE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?", re.ASCII)
 # Interim (1xx) replies read before the final one: a receiver has no reason
 # to send any, since no request says Expect.
@@ -79,11 +84,23 @@ def parse_url(url: str) -> Target:
     _check_host(host)
     if port == 0:
         raise ValueError("has port 0")
+    if port is None and parts.netloc.endswith(":"):
+        raise ValueError("has a ':' without a port")
     path = parts.path or "/"
     if parts.query or url.endswith("?"):
         path += "?" + parts.query
+    _check_target(path)
     host_header = parts.netloc.lower()
     return Target(scheme, host, port or SCHEMES[scheme], path, host_header)
+
+
+def _check_target(path: str) -> None:
+    bad = path[_TARGET_RE.match(path).end():]
+    if bad.startswith("%"):
+        raise ValueError(f"has a '%' not followed by two hex digits: {bad[:3]!r}")
+    if bad:
+        raise ValueError(f"has {bad[0]!r} in its path or query, which a URI does not "
+                         f"take as it is: write it as %{ord(bad[0]):02X}")
 
 
 def _check_host(host: str) -> None:
