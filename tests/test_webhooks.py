@@ -199,6 +199,8 @@ def test_a_webhook_url_parses_into_its_target(url, want):
     ("http://0x7f.1/", "not an IPv4 address"),
     ("http://[fe80::zz]/", "does not parse"),
     ("http://example.com:/hook", "a ':' without a port"),
+    ("http://[fe80::1%25lo]/", "an IPv6 zone"),
+    ("http://[fe80::1%lo]/", "an IPv6 zone"),
     ("http://example.com/a%zz", "'%' not followed by two hex digits: '%zz'"),
     ("http://example.com/a?b=%4", "'%' not followed by two hex digits: '%4'"),
     ('http://example.com/a"b', "'\"' in its path or query.*%22"),

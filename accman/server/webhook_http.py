@@ -107,6 +107,11 @@ def _check_host(host: str) -> None:
     if not host:
         raise ValueError("has no host")
     if ":" in host:
+        if "%" in host:
+            # A zone (RFC 6874 "%25eth0", or a bare "%eth0") names an
+            # interface of this host, which the receiver's Host header must
+            # not carry; "%25..." never resolves, so it would fail forever.
+            raise ValueError(f"has an IPv6 zone, which is not taken: [{host}]")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
