@@ -61,12 +61,9 @@ async def committed(conn, call, timeout_s: float, abandoned: set | None):
 
 async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):
     """`conn.<method>(sql, *args)` on a connection of `pool`, answered or
-    failed within `timeout_s` in all.  The acquire (which may connect) and
-    the query share the deadline; a connection whose query ran out of
-    time or broke (not an error the database answered) is closed, not
-    given back: against a database that does
-    not answer, its return to the pool would wait for the cancel request's
-    answer (the driver's), and a new connect for the driver's 60 s."""
+    failed within `timeout_s` in all (0 or less: at once).  The acquire
+    (which may connect: else the driver's 60 s) and the query share the
+    deadline; a connection whose query failed is closed_unless_answered."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     conn = await pool.acquire(timeout=timeout_s)
@@ -74,11 +71,20 @@ async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):
         # A deadline passed by now: asyncpg raises TimeoutError at once.
         return await getattr(conn, method)(sql, *args, timeout=deadline - loop.time())
     except BaseException as e:
-        if not E.answered(e):           # the database's own answer: the session is kept
-            conn.terminate()
+        closed_unless_answered(conn, e)
         raise
     finally:
         await pool.release(conn)
+
+
+def closed_unless_answered(conn, exc: BaseException) -> None:
+    """Closes a pool's `conn` that `exc` ended a call on, before it goes
+    back, unless the database answered the error itself (its session goes
+    on as before): the return of a connection whose call timed out waits
+    for the cancel request's answer, as long as a database that does not
+    answer."""
+    if not E.answered(exc):
+        conn.terminate()
 
 
 async def no_reset(conn) -> None:

@@ -16,7 +16,7 @@ import logging
 import time
 
 from accman.postgres import errors as E
-from accman.postgres.backends import committed
+from accman.postgres.backends import closed_unless_answered, committed
 from accman.postgres.cluster import STALLED
 from accman.postgres.complaints import doing, named
 
@@ -88,12 +88,7 @@ async def expire_round(store, cluster) -> None:
             try:
                 await _expire_calls(store, cluster, conn)
             except BaseException as e:
-                # Closed, not given back, unless the database answered the
-                # error itself: the return of a connection whose read timed
-                # out waits for the cancel's answer, as long as a database
-                # that does not answer, and the round with it.
-                if not E.answered(e):
-                    conn.terminate()
+                closed_unless_answered(conn, e)     # else the round waits with it
                 raise
     except Exception as e:
         if E.classify(e) != E.UNKNOWN:
