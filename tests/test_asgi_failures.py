@@ -58,6 +58,25 @@ def test_unreachable_accman_fails_open_and_records_the_unpaid(mode, caplog):
     assert "accman_mw_unpaid_amount_total 4" in m.render_metrics()
 
 
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_consumer_gone_before_an_unpaid_response_owes_nothing(mode):
+    """Served unpaid, a consumer who leaves before the response starts is
+    not recorded as unpaid: with AccMan up it would not have been charged
+    (docs/CALLING.md, "The consumer goes away")."""
+    unpaid = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await asyncio.sleep(0.05)           # the consumer leaves meanwhile
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+    m = AccManMiddleware(app, url=f"http://127.0.0.1:{closed_port()}", mode=mode, cost=4,
+                         retries=0, on_unavailable="open",
+                         on_unpaid=lambda cred, amount: unpaid.append((cred, amount)))
+    run(call(m, disconnect=True))
+    assert unpaid == [] and m.stats["unpaid_requests"] == 0
+    assert m.stats["unpaid_amount"] == 0
+
 @pytest.mark.parametrize("form", ["async def", "a task", "failing"])
 def test_an_async_on_unpaid_runs_to_its_end_by_the_shutdown(form, caplog):
     """An async biller (or a plain one that starts a task) is awaited: it

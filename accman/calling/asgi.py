@@ -45,7 +45,7 @@ from accman.calling.answers import refuse, refuse_unavailable, with_tot
 from accman.calling.client import AccManClient
 from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
                                  SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Mod, Owed, Unhold,
-                                 charge_key, fingerprint)
+                                 billed, charge_key, fingerprint)
 from accman.calling.policy import may_have_landed
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.lifespan import lifespan
@@ -348,14 +348,19 @@ class AccManMiddleware:
             self._repeats.say(logging.WARNING,
                               f"accman: AccMan unavailable ({err.code}); serving unpaid")
 
+            # A consumer gone before its response starts is not charged when
+            # AccMan answers, so it owes nothing when AccMan does not.
+            watch = DisconnectWatch(receive, scope=scope)
+
             async def send_(message):
-                if message["type"] == "http.response.start":
+                if message["type"] == "http.response.start" and not watch.gone:
                     cost = self._cost_of_response(price, scope, message)
                     if cost:
                         self._unpaid(cred, cost, err.code)
                 await send(message)
 
-            return await self.app(scope, receive, send_)
+            async with watch:
+                return await self.app(scope, watch.receive, send_)
         else:
             self._repeats.say(logging.WARNING,
                               f"accman: AccMan unavailable ({err.code}); refusing with 503")
@@ -471,7 +476,7 @@ class AccManMiddleware:
             try:
                 told = self._on_unpaid(cred, amount)
                 if inspect.isawaitable(told):       # an async biller: awaited at shutdown too
-                    self._spawn(_billed(told, cred, amount), self._billing)
+                    self._spawn(billed(told, cred, amount), self._billing)
             except Exception:
                 log.exception("accman: on_unpaid of %d (account %s) failed", amount,
                               fingerprint(cred))
@@ -480,19 +485,6 @@ class AccManMiddleware:
         """`stats` in the Prometheus text format, for a /metrics route."""
         return "".join(f"# TYPE accman_mw_{k}_total counter\naccman_mw_{k}_total {v}\n"
                        for k, v in self.stats.items())
-
-
-async def _billed(told, cred: str, amount: int) -> None:
-    """An async on_unpaid's call, run to its end; its failure, or its cut
-    at shutdown, logged with the account and the amount not billed."""
-    try:
-        await told
-    except asyncio.CancelledError:
-        log.error("accman: on_unpaid of %d (account %s) was cut off at shutdown: not billed",
-                  amount, fingerprint(cred))
-        raise
-    except Exception:
-        log.exception("accman: on_unpaid of %d (account %s) failed", amount, fingerprint(cred))
 
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",

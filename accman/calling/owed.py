@@ -320,7 +320,20 @@ def _pause_s(attempt: int) -> float:
     return min(FOLLOWUP_PAUSE_S * 2 ** (attempt - 1), FOLLOWUP_PAUSE_MAX_S)
 
 
-__all__ = ["Owed", "Mod", "Settle", "Unhold", "Unsettle", "fingerprint", "charge_key",
+async def billed(told, cred: str, amount: int) -> None:
+    """An async on_unpaid's call, run to its end; its failure, or its cut
+    at shutdown, logged with the account and the amount not billed."""
+    try:
+        await told
+    except asyncio.CancelledError:
+        log.error("accman: on_unpaid of %d (account %s) was cut off at shutdown: not billed",
+                  amount, fingerprint(cred))
+        raise
+    except Exception:
+        log.exception("accman: on_unpaid of %d (account %s) failed", amount, fingerprint(cred))
+
+
+__all__ = ["Owed", "billed", "Mod", "Settle", "Unhold", "Unsettle", "fingerprint", "charge_key",
            "CANCELLED",
            "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "FOLLOWUP_PAUSE_S", "FOLLOWUP_PAUSE_MAX_S",
            "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S"]

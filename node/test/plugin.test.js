@@ -249,6 +249,27 @@ test('AccMan unreachable: 503 with Retry-After when closed; served unpaid and re
   await open.app.close()
 })
 
+test('served unpaid, a consumer who leaves before the response owes nothing', async () => {
+  const unpaid = []
+  const { app, url } = await serviceApp({
+    url: 'http://127.0.0.1:9', token: TOKENS.service, onUnavailable: 'open', onUnpaid: (...a) => unpaid.push(a)
+  })
+  try {
+    const leaving = new AbortController()
+    const asked = fetch(url + '/slow?ms=300', { headers: { accman: 'p-open-left' }, signal: leaving.signal })
+    await sleep(100)
+    leaving.abort()
+    await assert.rejects(asked)
+    await sleep(400) // the handler answers to nobody meanwhile
+    const stayed = await get(url + '/slow?ms=1', 'p-open-left')
+    assert.equal(stayed.status, 200)
+  } finally {
+    await app.close()
+  }
+  assert.deepEqual(unpaid, [['p-open-left', 1n, 'unreachable']]) // the one who stayed
+  assert.deepEqual([app.accman.stats.unpaid_requests, app.accman.stats.unpaid_amount], [1, 1])
+})
+
 test('a wrong token is a configuration error: 503 even when open, never served free', async () => {
   await mint.mod('p-token', 5)
   await withService({ token: 'not-a-configured-token-123', onUnavailable: 'open' }, async (url) => {
