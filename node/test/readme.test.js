@@ -7,6 +7,7 @@ const test = require('node:test')
 const assert = require('node:assert/strict')
 const fs = require('node:fs')
 const path = require('node:path')
+const vm = require('node:vm')
 
 const PACKAGE_DIR = path.join(__dirname, '..')
 const README = fs.readFileSync(path.join(PACKAGE_DIR, 'README.md'), 'utf8')
@@ -52,6 +53,12 @@ function valueIn (name, written) {
   assert.match(name, /_(MS|S)(_|$)/, `${name} is a time`)
   return /_MS(_|$)/.test(name) ? n * 1000 : n
 }
+
+test('the Register snippet is a CommonJS script as it stands: no top-level await', () => {
+  const code = /```js\n([\s\S]*?)```/.exec(section('Register'))[1]
+  assert.match(code, /require\('fastify-accman'\)/)
+  assert.doesNotThrow(() => new vm.Script(code, { filename: 'README.md#register' }))
+})
 
 test('the limits are reached as the README says, with the values it gives', () => {
   const text = section('Limits')
