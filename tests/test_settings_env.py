@@ -79,3 +79,25 @@ def test_limit_overrides_in_plain_digits_are_taken():
                                     "ACCMAN_LINGER_S": "604800", "ACCMAN_CONNECTIONS_MAX": "64"})
     assert (limits.head_timeout_s, limits.idle_timeout_s, limits.linger_s,
             limits.connections_max) == (0.5, 5.0, 604800.0, 64)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("head_timeout_s", 0), ("head_timeout_s", -1.0), ("idle_timeout_s", float("nan")),
+    ("idle_timeout_s", float("inf")), ("linger_s", "5"), ("linger_s", True),
+    ("connections_max", 0), ("connections_max", 5.0), ("connections_max", True),
+    ("pipeline_requests_max", 2 ** 31), ("webhook_linger_s", None),
+])
+def test_a_limit_given_in_code_holds_to_an_overrides_range(field, value):
+    """ServerLimits(...) from Python (accman.server.run's `limits`) is
+    checked as the environment's overrides are: a timeout of 0 or NaN would
+    make the sweep spin or never fire.  The message names the field and
+    its variable."""
+    with pytest.raises(LimitsError, match=rf"^{field} \(ACCMAN_{field.upper()}\)="):
+        ServerLimits(**{field: value})
+
+
+def test_the_defaults_and_limits_in_range_given_in_code_are_taken():
+    limits = ServerLimits(head_timeout_s=0.001, idle_timeout_s=5, connections_max=2 ** 31 - 1)
+    assert (limits.head_timeout_s, limits.idle_timeout_s, limits.connections_max) == (
+        0.001, 5, 2 ** 31 - 1)
+    assert ServerLimits() == ServerLimits.from_env({})

@@ -305,11 +305,13 @@ def test_serve_refuses_an_open_secret_file_before_opening_the_data(tmp_path):
 
 @pytest.mark.parametrize("env,said", [
     ({"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX": str(L.EVENTS_LIMIT_MAX + 1)},
-     f"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX={L.EVENTS_LIMIT_MAX + 1}: at most {L.EVENTS_LIMIT_MAX}"),
+     f"(ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX)={L.EVENTS_LIMIT_MAX + 1}: at most "
+     f"{L.EVENTS_LIMIT_MAX}"),
     ({"ACCMAN_WEBHOOK_POLL_WAIT_S": str(L.EVENTS_WAIT_S_MAX + 1)},
-     f"ACCMAN_WEBHOOK_POLL_WAIT_S={L.EVENTS_WAIT_S_MAX + 1}: at most {L.EVENTS_WAIT_S_MAX}"),
+     f"(ACCMAN_WEBHOOK_POLL_WAIT_S)={L.EVENTS_WAIT_S_MAX + 1}: at most {L.EVENTS_WAIT_S_MAX}"),
     ({"ACCMAN_WEBHOOK_BACKOFF_BASE_S": "60"},
-     "ACCMAN_WEBHOOK_BACKOFF_BASE_S=60 must not be over ACCMAN_WEBHOOK_BACKOFF_CAP_S=30"),
+     "(ACCMAN_WEBHOOK_BACKOFF_BASE_S)=60 must not be over webhook_backoff_cap_s "
+     "(ACCMAN_WEBHOOK_BACKOFF_CAP_S)=30"),
 ])
 @pytest.mark.parametrize("webhook", [True, False])
 def test_serve_refuses_webhook_limits_past_the_stores_before_opening_it(tmp_path, env, said,

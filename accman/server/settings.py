@@ -50,6 +50,23 @@ def _override(name: str, raw: str, count: bool):
     return value
 
 
+def _named(field: str) -> str:
+    """A setting as a message names it: its field and its variable."""
+    return f"{field} (ACCMAN_{field.upper()})"
+
+
+def _check_value(field: str, value, count: bool) -> None:
+    """A value given in code holds to an override's range (_override)."""
+    if count:
+        if type(value) is not int or not 1 <= value <= COUNT_OVERRIDE_MAX:
+            raise LimitsError(f"{_named(field)}={value!r:.40}: must be a whole number (int) "
+                              f"from 1 to {COUNT_OVERRIDE_MAX}")
+    elif (type(value) not in (int, float)
+          or not SECONDS_OVERRIDE_MIN <= value <= SECONDS_OVERRIDE_MAX):
+        raise LimitsError(f"{_named(field)}={value!r:.40}: must be a number of seconds from "
+                          f"{SECONDS_OVERRIDE_MIN} to {SECONDS_OVERRIDE_MAX:.0f}")
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """Defaults come from accman/limits.py; each can be overridden by an
@@ -82,20 +99,25 @@ class ServerLimits:
     webhook_lead_interval_s: float = L.WEBHOOK_LEAD_INTERVAL_S
 
     def __post_init__(self):
-        """The bounds that depend on each other or on the store's, checked
-        wherever the limits come from, before anything is opened: the
-        deliverer reads at most EVENTS_LIMIT_MAX events a call, waiting at
-        most EVENTS_WAIT_S_MAX, and its backoff starts under its cap."""
+        """Every bound checked wherever the limits come from, before
+        anything is opened: each as an override is (a whole number, or
+        finite seconds, within the same range), then those that depend on
+        each other or on the store's: the deliverer reads at most
+        EVENTS_LIMIT_MAX events a call, waiting at most EVENTS_WAIT_S_MAX,
+        and its backoff starts under its cap.  A message names the field
+        and its variable, since the value may come from either."""
+        for f in fields(self):
+            _check_value(f.name, getattr(self, f.name), f.type in ("int", int))
         if self.webhook_events_per_post_max > L.EVENTS_LIMIT_MAX:
-            raise LimitsError(f"ACCMAN_WEBHOOK_EVENTS_PER_POST_MAX="
+            raise LimitsError(f"{_named('webhook_events_per_post_max')}="
                               f"{self.webhook_events_per_post_max}: at most {L.EVENTS_LIMIT_MAX}")
         if self.webhook_poll_wait_s > L.EVENTS_WAIT_S_MAX:
-            raise LimitsError(f"ACCMAN_WEBHOOK_POLL_WAIT_S={self.webhook_poll_wait_s:g}: "
+            raise LimitsError(f"{_named('webhook_poll_wait_s')}={self.webhook_poll_wait_s:g}: "
                               f"at most {L.EVENTS_WAIT_S_MAX}")
         if self.webhook_backoff_base_s > self.webhook_backoff_cap_s:
-            raise LimitsError(f"ACCMAN_WEBHOOK_BACKOFF_BASE_S={self.webhook_backoff_base_s:g} "
-                              f"must not be over ACCMAN_WEBHOOK_BACKOFF_CAP_S="
-                              f"{self.webhook_backoff_cap_s:g}")
+            raise LimitsError(f"{_named('webhook_backoff_base_s')}="
+                              f"{self.webhook_backoff_base_s:g} must not be over "
+                              f"{_named('webhook_backoff_cap_s')}={self.webhook_backoff_cap_s:g}")
 
     @classmethod
     def from_env(cls, environ=None) -> "ServerLimits":
