@@ -244,9 +244,44 @@ def test_a_data_path_that_is_a_file_is_refused_and_left_as_it_was(tmp_path):
         proc = run_accman("serve", "--port", "0", "--data", afile, *store_args)
         assert proc.returncode == EXIT_USAGE, proc.stderr   # serve's refusals
         assert "not a directory" in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.count(str(afile)) == 1, proc.stderr      # named once
     assert stat.S_IMODE(afile.stat().st_mode) == 0o644
     assert afile.read_bytes() == b"not a store"
 
+
+def _unfollowable(tmp_path, kind):
+    """A data path the OS cannot follow to a directory, and its strerror."""
+    if kind == "under a file":
+        (tmp_path / "afile").write_bytes(b"not a store")
+        return tmp_path / "afile" / "data", "Not a directory"
+    os.symlink("loop_b", tmp_path / "loop_a")
+    os.symlink("loop_a", tmp_path / "loop_b")
+    return tmp_path / "loop_a", "Too many levels of symbolic links"
+
+
+@pytest.mark.parametrize("store_args", [[], ["--store", "postgresql://accman@127.0.0.1:1/x"]])
+@pytest.mark.parametrize("kind", ["under a file", "a loop of links"])
+def test_a_data_path_the_os_cannot_follow_is_one_line_and_exit_2(tmp_path, kind, store_args):
+    """serve said a path under a file, or a loop of symbolic links, with a
+    traceback and exit 1 (its first look at the directory, before the
+    store's, let the OS error through): one line naming the path and why."""
+    data, why = _unfollowable(tmp_path, kind)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_accman("serve", "--port", "0", "--data", data, *store_args)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert str(data) in proc.stderr and why in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_data_path_that_is_a_dangling_link_is_named_as_one(tmp_path):
+    """A symbolic link to nothing was met as `open failed (LOCK): No such
+    file or directory`, a file the person never named."""
+    os.symlink(tmp_path / "gone", tmp_path / "data")
+    with pytest.raises(StoreError, match=r"data: a symbolic link to .*gone, which does not "
+                                         r"exist \(nothing was changed\)"):
+        Ledger(str(tmp_path / "data"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 def test_a_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path):
     """A mistyped --data (a home or system directory) is not made 0700

@@ -89,10 +89,18 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):        # make() would meet it as LevelDB's LOCK missing
+            raise StoreError(f"{path}: a symbolic link to {os.readlink(path)}, which does "
+                             "not exist (nothing was changed)") from None
         return                                  # make() creates it
+    except OSError as e:    # a file on the way, a loop of links: said, as the store would
+        raise StoreError(f"{path}: {e.strerror or e}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise StoreError(f"{path}: not a directory")
-    names = os.listdir(path)
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot list it: {e.strerror or e}") from None
     if any(mark in names for mark in _STORE_MARKS):
         if frontend:
             # A restart without --store would serve its balances, stale.

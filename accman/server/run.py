@@ -66,7 +66,8 @@ def open_ledger(data_path: str, verify: str, compaction_nice: int = 0, **options
     except StoreCorrupt as e:
         raise StartupError(f"corrupt data directory: {e.detail}") from None
     except StoreError as e:
-        raise StartupError(f"cannot open data directory {data_path}: {e.detail}") from None
+        why = e.detail.removeprefix(f"{data_path}: ")      # the store's words name it too
+        raise StartupError(f"cannot open data directory {data_path}: {why}") from None
 
 
 def open_postgres(loop, urls: list, data_path: str | None, **options):
@@ -176,6 +177,9 @@ def _usable_directory(data_path: str) -> bool:
         return False
     except PermissionError:
         there = True
+    except OSError as e:            # a file on the way, a loop of links
+        raise StartupError(f"cannot open data directory {data_path}: "
+                           f"{e.strerror or e}") from None
     if there and not os.access(data_path, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
         raise StartupError(f"cannot open data directory {data_path}: permission denied "
                            "(accman must be able to enter, read and write it)")
