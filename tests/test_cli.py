@@ -91,6 +91,25 @@ def test_non_loopback_without_tokens_refuses_and_says_what_to_do(tmp_path):
     assert not (tmp_path / "d").exists()         # refused before touching the store
 
 
+@pytest.mark.parametrize("host,with_tokens", [("accman-test.invalid", False),
+                                               ("accman-test.invalid", True),
+                                               ("a" * 64 + ".invalid", True)])
+def test_a_host_that_does_not_resolve_is_said_so_before_the_store(tmp_path, host,
+                                                                   with_tokens):
+    """Without tokens it was refused as a non-loopback bind (`pass --tokens
+    FILE`, which would not help); with them the store was made, then the
+    bind said `Unknown error -2`; a label over 63 characters (no name for
+    IDNA) was a traceback."""
+    args = ["--tokens", tmp_path / "tokens"] if with_tokens else []
+    (tmp_path / "tokens").write_text("read 0123456789abcdef0123\n")
+    (tmp_path / "tokens").chmod(0o600)
+    err = one_line_error(run_accman("serve", "--host", host, "--port", 0,
+                                    "--data", tmp_path / "d", *args))
+    assert err.startswith(f"accman: error: cannot resolve --host {host}: "), err
+    assert "--tokens" not in err and "Unknown error" not in err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("text,needle", [
     ("read short\n", "16"),
     ("admin 0123456789abcdef0123\n", "unknown role"),

@@ -33,6 +33,20 @@ def is_loopback(host) -> bool:
     return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
 
 
+def check_host(host) -> None:
+    """StartupError when `host` names no address: said as such before the
+    store opens, not as a bind without tokens (is_loopback's False) nor,
+    after the store was made, as the listener's `Unknown error`.  An empty
+    host (every interface) is the listener's to take."""
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        why = e.strerror if isinstance(e, socket.gaierror) else "not a host name"
+        raise StartupError(f"cannot resolve --host {host}: {why}") from None
+
+
 def fit_to_descriptors(limits: ServerLimits) -> ServerLimits:
     """Raises the soft RLIMIT_NOFILE to the hard one, and lowers the
     connection cap to stay FDS_RESERVED under it (SPEC "Limits": running
@@ -249,7 +263,10 @@ async def _serve(server, host, port, deliverer, where, ready) -> None:
     try:
         bound_host, bound_port = await server.start(host, port)
     except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
+        # A name that stopped resolving since check_host: gaierror's errno
+        # is getaddrinfo's, which os.strerror does not know.
+        reason = (e.strerror if isinstance(e, socket.gaierror) or not e.errno
+                  else os.strerror(e.errno)) or str(e)
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
     # Before the ready line: whoever waits for it may signal at once.
     server.install_signal_handlers()
@@ -285,6 +302,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
+    check_host(host)
     if tokens is None and not is_loopback(host):
         raise StartupError(
             f"refusing to serve on {host or 'all interfaces'} without tokens: "
