@@ -114,7 +114,7 @@ def build_parser(given=()):
 
 
 def _serve_arguments(s):
-    s.add_argument("--host", default="127.0.0.1",
+    s.add_argument("--host", default="127.0.0.1", type=nonempty,
                    help="address to bind (default 127.0.0.1; others need --tokens)")
     s.add_argument("--port", type=port, default=8080,
                    help="port (default 8080; 0 picks a free one)")
@@ -126,7 +126,7 @@ def _serve_arguments(s):
                         "(several hosts with target_session_attrs=read-write for failover); "
                         "given more than once, accounts spread over the clusters "
                         "(docs/SCALING.md)")
-    s.add_argument("--tokens", metavar="FILE",
+    s.add_argument("--tokens", metavar="FILE", type=nonempty,
                    help="tokens file: one `ROLE[,ROLE...] TOKEN` a line")
     s.add_argument("--verify", choices=("full", "heads"), default="full",
                    help="what to check at start: the files' checksums and every record "
@@ -189,10 +189,10 @@ def _holds_and_events(client):
 
 
 def _webhook_arguments(s):
-    s.add_argument("--webhook", metavar="URL",
+    s.add_argument("--webhook", metavar="URL", type=nonempty,
                    help="POST every event, in batches in id order, to this http:// or "
                         "https:// URL (needs --webhook-secret)")
-    s.add_argument("--webhook-secret", metavar="FILE",
+    s.add_argument("--webhook-secret", metavar="FILE", type=nonempty,
                    help="the webhook's HMAC-SHA256 key: this file's content (16 bytes at "
                         "least; only its owner may read it)")
 

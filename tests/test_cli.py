@@ -619,3 +619,25 @@ def test_an_empty_data_path_is_a_usage_error_not_the_current_directory(command, 
     assert proc.returncode == 2
     assert "--data: an empty path: give the data directory's path" in proc.stderr
     assert list(tmp_path.iterdir()) == [] and tmp_path.stat().st_mode == mode
+
+
+@pytest.mark.parametrize("flag,beside", [
+    ("--tokens", []),
+    ("--host", ["--tokens", "TOKENS"]),
+    ("--webhook", ["--webhook-secret", "TOKENS"]),
+    ("--webhook-secret", ["--webhook", "http://127.0.0.1:9/"]),
+])
+def test_an_empty_serve_flag_is_a_usage_error_not_its_absence(flag, beside, tmp_path):
+    """`--tokens "$TOKENS"` with TOKENS unset served without tokens, and
+    `--host "$HOST"` (with tokens) on every interface: an empty value was
+    taken for the flag left out.  An empty webhook URL or secret file was
+    refused for its form, not for being empty."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read 0123456789abcdef0123\n")
+    tokens.chmod(0o600)
+    beside = [tokens if a == "TOKENS" else a for a in beside]
+    proc = run_accman("serve", "--port", "0", "--data", tmp_path / "d", *beside, flag, "",
+                      timeout=10)
+    err = one_line_error(proc)
+    assert f"argument {flag}: is empty: give a value, or leave the flag out" in err
+    assert not (tmp_path / "d").exists()

@@ -68,8 +68,10 @@ def retention(text):
 
 
 def nonempty(text):
-    """--url and --token: an empty one is a mistake (an unset variable in a
-    script), never a fall-back to $ACCMAN_URL, $ACCMAN_TOKEN or the default."""
+    """--url, --token, and serve's --host, --tokens, --webhook and
+    --webhook-secret: an empty one is a mistake (an unset variable in a
+    script), never a fall-back to $ACCMAN_URL, $ACCMAN_TOKEN or the default,
+    nor the flag left out (no tokens; every interface)."""
     if not text:
         raise argparse.ArgumentTypeError("is empty: give a value, or leave the flag out")
     return text
