@@ -112,7 +112,9 @@ def test_a_host_that_does_not_resolve_is_said_so_before_the_store(tmp_path, host
 
 @pytest.mark.parametrize("text,needle", [
     ("read short\n", "16"),
-    ("admin 0123456789abcdef0123\n", "unknown role"),
+    ("admin 0123456789abcdef0123\n", "unknown role 'admin'"),
+    ("0123456789abcdef0123 read\n", "unknown role (20 characters"),    # swapped: not shown
+    ("read,0123456789abcdef0123 mint,0123456789abcdef01234\n", "unknown role (20 char"),
     ("read 0123456789abcdef0123 extra\n", "line 1"),
     ("# only a comment\n", "no tokens"),
     ("read 0123456789abcdef0123\nmint 0123456789abcdef0123\n", "twice"),

@@ -36,6 +36,14 @@ def roles_text(roles: int) -> str:
     return ",".join(name for name, bit in ROLE_BITS.items() if roles & bit)
 
 
+def _role_shown(name: str) -> str:
+    """An unknown role as an error may say it: a word as long as a token
+    may be one, put first by mistake (`TOKEN read`), so only its length."""
+    if len(name) < TOKEN_CHARS_MIN:
+        return repr(name)
+    return f"({len(name)} characters, not shown: a token before the roles?)"
+
+
 class Tokens:
     """The configured tokens and their roles (a bit set of READ|CHARGE|MINT)."""
 
@@ -67,9 +75,8 @@ class Tokens:
             for name in role_field.split(","):
                 bit = ROLE_BITS.get(name)
                 if bit is None:
-                    raise TokensError(
-                        f"{source} line {lineno}: unknown role {name!r} "
-                        f"(roles are read, charge, mint)")
+                    raise TokensError(f"{source} line {lineno}: unknown role "
+                                      f"{_role_shown(name)} (roles are read, charge, mint)")
                 roles |= bit
             if not TOKEN_CHARS_MIN <= len(token) <= TOKEN_CHARS_MAX:
                 raise TokensError(
