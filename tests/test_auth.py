@@ -63,6 +63,17 @@ def test_roles_and_errors_name_the_line_not_the_token():
         assert "abc=def" not in str(e.value) and GOOD not in str(e.value)
 
 
+def test_a_tokens_file_that_is_not_utf8_is_said_so_by_its_line(tmp_path):
+    """It was `cannot read tokens file F: UnicodeDecodeError`, an exception's
+    name for a person to decode."""
+    path = tmp_path / "tokens"
+    path.write_bytes(f"# roles\nread {GOOD}\n".encode() + b"mint \xff" + GOOD.encode())
+    path.chmod(0o600)
+    with pytest.raises(TokensError) as e:
+        Tokens.load(str(path))
+    assert str(e.value) == f"tokens file {path} line 3 is not UTF-8 text"
+
+
 # --- reading the tokens file again (SIGHUP) -------------------------------------------------
 
 A_TOKEN = "first-token-0123456789"

@@ -99,12 +99,16 @@ class Tokens:
         """Reads a tokens file, which only its owner may read or write (as
         ssh does with keys): anyone who can read it can move money."""
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, "rb") as f:
                 mode = os.fstat(f.fileno()).st_mode
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = getattr(e, "strerror", None) or type(e).__name__
-            raise TokensError(f"cannot read tokens file {path}: {reason}") from None
+                data = f.read()
+        except OSError as e:
+            raise TokensError(f"cannot read tokens file {path}: {e.strerror or e}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:     # its bytes unquoted: they may be a token's
+            line = data.count(b"\n", 0, e.start) + 1
+            raise TokensError(f"tokens file {path} line {line} is not UTF-8 text") from None
         if mode & 0o077:
             raise TokensError(f"tokens file {path} is open to other users (mode "
                               f"{stat.S_IMODE(mode):04o}): run chmod 600 {path}")
