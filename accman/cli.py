@@ -128,7 +128,8 @@ def _serve_arguments(s):
                         "(docs/SCALING.md)")
     s.add_argument("--tokens", metavar="FILE", type=nonempty,
                    help="tokens file: one `ROLE[,ROLE...] TOKEN` a line")
-    s.add_argument("--verify", choices=("full", "heads"), default="full",
+    # Default None: given beside --store, it is refused (cmd_serve); "full" otherwise.
+    s.add_argument("--verify", choices=("full", "heads"), default=None,
                    help="what to check at start: the files' checksums and every record "
                         "read (full, the default), or the files' checksums and each "
                         "account's newest entry (heads)")
@@ -247,11 +248,14 @@ def cmd_serve(args) -> int:
     if args.compaction_nice and args.store:
         return _fail("--compaction-nice is the embedded store's: PostgreSQL compacts "
                      "nothing of AccMan's")
+    if args.verify is not None and args.store:
+        return _fail("--verify is the embedded store's: it says what to check of the files "
+                     "in --data, and a PostgreSQL store keeps none there")
     log_to_stderr()
     try:
         data = args.data if args.data is not None or args.store else DEFAULT_DATA
         return run(host=args.host, port=args.port, data=data,
-                   tokens=tokens, limits=limits, verify=args.verify,
+                   tokens=tokens, limits=limits, verify=args.verify or "full",
                    low_balance=args.low_balance, events_retention_s=args.events_retention,
                    store_urls=args.store, webhook=webhook, ready=print_ready,
                    compaction_nice=args.compaction_nice)

@@ -594,6 +594,17 @@ def test_an_empty_store_url_is_a_usage_error_not_a_refused_connection(args):
     assert "--store: an empty URL: give a postgresql:// URL" in proc.stderr
 
 
+@pytest.mark.parametrize("mode", ["full", "heads"])
+def test_verify_is_refused_beside_a_postgresql_store(mode, tmp_path):
+    """`--verify heads` beside `--store` was taken and did nothing (the
+    embedded store's checks at open), as --compaction-nice is refused."""
+    err = one_line_error(run_accman("serve", "--port", "0", "--verify", mode, "--data",
+                                    tmp_path / "d", "--store", "postgresql://127.0.0.1:1/x"))
+    assert err == ("accman: error: --verify is the embedded store's: it says what to check "
+                   "of the files in --data, and a PostgreSQL store keeps none there")
+    assert not (tmp_path / "d").exists()
+
+
 # `python -m accman ARGS` on a Python where asyncpg cannot be imported.
 WITHOUT_ASYNCPG = ("import runpy, sys; sys.modules['asyncpg'] = None; "
                    "sys.argv[0] = 'accman'; runpy.run_module('accman', run_name='__main__')")
