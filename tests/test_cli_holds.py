@@ -69,6 +69,9 @@ def test_hold_with_min_and_a_credential_after_double_dash(fake):
     (["hold", "abc", "3", "--ttl", "60"], "by must be negative"),
     (["hold", "abc", "0", "--ttl", "60"], "by must not be 0"),
     (["hold", "abc", "-03", "--ttl", "60"], "by"),
+    # -2^63 gives back 2^63 at its end, no signed 64-bit integer (SERVER.md, "Values")
+    (["hold", "abc", "-9223372036854775808", "--ttl", "60"],
+     "by must be from -9223372036854775807 to -1"),
     (["hold", "abc", "-3", "--ttl", "0"], "--ttl"),
     (["hold", "abc", "-3", "--ttl", "86401"], "--ttl"),
     (["hold", "abc", "-3", "--ttl", "1.5"], "--ttl"),

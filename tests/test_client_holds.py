@@ -148,6 +148,7 @@ def test_a_keyed_hold_applies_once(fake, client):
 @pytest.mark.parametrize("call,exc", [
     (lambda a: a.hold("alice", 5, ttl_s=60), BadRequest),           # by must be negative
     (lambda a: a.hold("alice", 0, ttl_s=60), BadRequest),
+    (lambda a: a.hold("alice", -2**63, ttl_s=60), BadRequest),     # its end: 2^63 back
     (lambda a: a.hold("alice", True, ttl_s=60), TypeError),
     (lambda a: a.hold("alice", -1, ttl_s=0), BadRequest),
     (lambda a: a.hold("alice", -1, ttl_s=HOLD_TTL_S_MAX + 1), BadRequest),

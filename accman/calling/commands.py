@@ -135,6 +135,9 @@ def _prepare_hold(args):
     if by > 0:
         raise BadRequest("by must be negative for a hold: the amount it takes out of the "
                          "balance, like -3")
+    if by == INT64_MIN:     # its end would give back 2^63: the server's 400, said here
+        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
+                         "takes is a signed 64-bit integer")
     ttl_s = decimal(args.ttl, "--ttl", 1, HOLD_TTL_S_MAX)
 
     def hold(acc):

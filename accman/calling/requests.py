@@ -71,6 +71,9 @@ def target_hold(cred, by, ttl_s, min, key) -> str:
     if check_int(by, "by") >= 0:
         raise BadRequest("by must be negative for a hold: the amount it takes out of "
                          "the balance")
+    if by == INT64_MIN:     # its end would give back 2^63: the server's 400, said here
+        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
+                         "takes is a signed 64-bit integer")
     target += f"&by={by}&ttl={check_int(ttl_s, 'ttl_s', 1, HOLD_TTL_S_MAX)}"
     if min is not None:
         target += f"&min={check_int(min, 'min')}"
