@@ -324,18 +324,24 @@ def _verify(path, Ledger, Store):
         return (f"data directory {path} is in use by a running server; stop it first",
                 EXIT_USAGE, False)
     except StoreCorrupt as e:
-        return f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED, True
+        return _failed(path, e), EXIT_REFUSED, True
     except AccManError as e:
         why = e.detail.removeprefix(f"{path}: ")      # the store's words name it too
         return f"cannot open data directory {path}: {why}", EXIT_USAGE, False
     try:
         counts = ledger.verify()
     except StoreCorrupt as e:
-        return f"accman: verify {path}: FAILED: {e.detail}", EXIT_REFUSED, True
+        return _failed(path, e), EXIT_REFUSED, True
     finally:
         ledger.close()
     described = ", ".join(f"{name}={n}" for name, n in counts.items())
     return f"accman: verify {path}: ok ({described})", EXIT_OK, True
+
+
+def _failed(path, e) -> str:
+    """verify's verdict on a damaged store, naming it once (the store's
+    words name it too)."""
+    return f"accman: verify {path}: FAILED: {e.detail.removeprefix(f'{path}: ')}"
 
 
 # --- client commands ---------------------------------------------------------

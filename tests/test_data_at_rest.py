@@ -179,6 +179,7 @@ def test_verify_finds_damage_in_a_read_only_open_as_in_a_normal_one(tmp_path):
     assert proc.returncode == EXIT_REFUSED, proc.stdout + proc.stderr
     assert f"verify {data}: FAILED" in proc.stdout and "record" in proc.stdout
     assert str(data) in proc.stdout and "accman-verify-" not in proc.stdout
+    assert proc.stdout.count(str(data)) == 1, proc.stdout          # named once
 
 
 def test_verify_works_on_a_read_only_mount(tmp_path):
