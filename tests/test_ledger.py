@@ -256,6 +256,15 @@ def test_open_without_create_on_missing_dir(tmp_path):
         Ledger(str(tmp_path / "missing"), create=False)
 
 
+def test_open_without_create_on_an_empty_dir_leaves_it_empty(tmp_path):
+    """The refusal left a LOCK behind: a refused call changes nothing."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(StoreError, match="empty: no store in this directory$"):
+        Ledger(str(empty), create=False)
+    assert list(empty.iterdir()) == []
+
+
 def _files(path):
     """Each file of a directory, and the directory itself, as (mode, bytes)."""
     found = {".": (os.stat(path).st_mode, None)}

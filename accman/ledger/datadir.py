@@ -121,6 +121,12 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
                          "give a new or empty directory (nothing was changed)")
 
 
+def holds_nothing(path: str) -> bool:
+    """True if the directory holds no file of a store but its lock (what a
+    new store's creation leaves first, or a lock taken and left)."""
+    return set(os.listdir(path)) <= {"LOCK"} | _MAY_PRECEDE_STORE
+
+
 def mark_frontend(path: str) -> None:
     """Leaves FRONTEND_MARK, synced, in a PostgreSQL front-end's data
     directory (check_usable(frontend=True) refused one with a store)."""

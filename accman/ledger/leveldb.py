@@ -98,6 +98,9 @@ class Store:
                 datadir.snapshot(self.path, self._scratch)
             else:
                 datadir.check_usable(self.path)
+                if existed and not create and datadir.holds_nothing(self.path):
+                    # Refused before the lock, whose file would be left behind.
+                    raise StoreError(f"{self.path}: no store in this directory")
                 datadir.make(self.path)
                 self._lock()
             salt, sealed, ckpt, records = self._recover(existed, check_files, create)
