@@ -93,7 +93,8 @@ def test_non_loopback_without_tokens_refuses_and_says_what_to_do(tmp_path):
 
 @pytest.mark.parametrize("host,with_tokens", [("accman-test.invalid", False),
                                                ("accman-test.invalid", True),
-                                               ("a" * 64 + ".invalid", True)])
+                                               ("a" * 64 + ".invalid", True),
+                                               ("[::1]", False)])
 def test_a_host_that_does_not_resolve_is_said_so_before_the_store(tmp_path, host,
                                                                    with_tokens):
     """Without tokens it was refused as a non-loopback bind (`pass --tokens
@@ -106,6 +107,7 @@ def test_a_host_that_does_not_resolve_is_said_so_before_the_store(tmp_path, host
     err = one_line_error(run_accman("serve", "--host", host, "--port", 0,
                                     "--data", tmp_path / "d", *args))
     assert err.startswith(f"accman: error: cannot resolve --host {host}: "), err
+    assert ("an IPv6 address goes without brackets: --host ::1" in err) == ("[" in host)
     assert "--tokens" not in err and "Unknown error" not in err
     assert not (tmp_path / "d").exists()
 

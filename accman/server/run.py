@@ -44,6 +44,8 @@ def check_host(host) -> None:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         why = e.strerror if isinstance(e, socket.gaierror) else "not a host name"
+        if host.startswith("["):        # a URL's form of an IPv6 address
+            why += f" (an IPv6 address goes without brackets: --host {host.strip('[]')})"
         raise StartupError(f"cannot resolve --host {host}: {why}") from None
 
 
