@@ -182,8 +182,9 @@ def _holds_and_events(client):
     e.add_argument("--limit", default=None,
                    help=f"events per call (1..{EVENTS_LIMIT_MAX}, default 100)")
     e.add_argument("--wait", default=None,
-                   help=f"seconds (0..{EVENTS_WAIT_S_MAX}) that a call waits for a first event "
-                        f"(default: none, or {FOLLOW_WAIT_S} with --follow)")
+                   help=f"seconds (0..{EVENTS_WAIT_S_MAX}; 1..{EVENTS_WAIT_S_MAX} with --follow) "
+                        f"that a call waits for a first event (default: none, or "
+                        f"{FOLLOW_WAIT_S} with --follow)")
     e.add_argument("--follow", action="store_true",
                    help="keep going: one JSON event a line, until SIGINT or SIGTERM, or the "
                         "reader closes the pipe")

@@ -90,6 +90,8 @@ def test_hold_with_min_and_a_credential_after_double_dash(fake):
     (["events", "--wait", "61"], "--wait"),
     (["events", "--wait", "1.5"], "--wait"),
     (["events", "--follow", "--wait", "-1"], "--wait"),
+    # It asked again at once after every empty reply, thousands of times a second.
+    (["events", "--follow", "--wait", "0"], "--wait 0 with --follow would ask again at once"),
     (["mod", "abc", "-3", "--low", "5"], "--low is set by a funding mod only"),
     (["mod", "abc", "3", "--low", "05"], "--low"),
 ])

@@ -161,6 +161,11 @@ def events_values(args) -> tuple:
     after = decimal(args.after, "--after", 0)
     limit = _opt(args.limit, "--limit", 1, EVENTS_LIMIT_MAX)
     wait_s = _opt(args.wait, "--wait", 0, EVENTS_WAIT_S_MAX)
+    if wait_s == 0 and args.follow:
+        # A follower asks again as soon as a reply comes: without a wait,
+        # it would flood AccMan with empty reads while nothing happens.
+        raise BadRequest(f"--wait 0 with --follow would ask again at once after every empty "
+                         f"reply: give 1 to {EVENTS_WAIT_S_MAX} seconds, or leave it out")
     return after, limit, wait_s
 
 
