@@ -862,7 +862,8 @@ def test_a_wrong_option_is_refused_before_the_directory_is_touched(tmp_path, opt
     ("", "path must name a directory, got an empty one"),
     (b"/tmp/accman-bytes-path", "path must be a str or a path object naming a directory, "
                                 "got bytes"),
-    (7, "path must be a str or a path object naming a directory, got int")])
+    (7, "path must be a str or a path object naming a directory, got int"),
+    ("data\0dir", "path must not hold a NUL character")])        # was "embedded null byte"
 def test_a_wrong_path_is_refused_before_anything_is_touched(tmp_path, monkeypatch, path, says):
     """An empty path would be the current directory, made 0700 and given
     a store; a bytes one left an empty directory behind."""

@@ -77,6 +77,8 @@ def checked_path(path) -> str:
                          f"got {type(path).__name__}")
     if not path:
         raise ValueError("path must name a directory, got an empty one")
+    if "\0" in path:       # the OS's own refusal says "embedded null byte", naming nothing
+        raise ValueError("path must not hold a NUL character")
     return path
 
 
