@@ -93,6 +93,8 @@ function targetPast (c, limit, before) {
 function targetHold (c, by, ttlS, min, key) {
   const amount = checkBy(by)
   if (amount[0] !== '-') throw new BadRequest('by of a hold must be negative (the amount held)')
+  // Its end would give back 2^63, past the range: the server's 400, said here.
+  if (amount === String(INT64_MIN)) throw new BadRequest(`by of a hold must be from ${-INT64_MAX} to -1`)
   let t = '/hold?cred=' + cred(c) + '&by=' + amount +
     '&ttl=' + checkInt(ttlS, 'ttlS', 1n, BigInt(HOLD_TTL_S_MAX))
   if (min !== undefined && min !== null) t += '&min=' + checkInt(min, 'min')

@@ -16,6 +16,9 @@ test('targets carry exactly the SPEC parameters', () => {
   assert.equal(v.targetHold('a', -10, 60, 0, 'h'), '/hold?cred=a&by=-10&ttl=60&min=0&key=h')
   assert.equal(v.targetSettle('a', 4, 0), '/settle?cred=a&hold=4&use=0')
   assert.equal(v.targetMod('a', INT64_MIN), `/mod?cred=a&by=${INT64_MIN}`)
+  assert.equal(v.targetHold('a', -INT64_MAX, 60), `/hold?cred=a&by=${-INT64_MAX}&ttl=60`)
+  // A hold of -2^63 would give back 2^63 at its end: refused before it is sent.
+  assert.throws(() => v.targetHold('a', INT64_MIN, 60), E.BadRequest)
 })
 
 test('a credential or key outside the SPEC alphabet or length is refused, never echoed', () => {
