@@ -42,7 +42,8 @@ async def identify(conn) -> None:
 
 async def committed(conn, call, timeout_s: float, abandoned: set | None):
     """Awaits `call`, a coroutine that commits on `conn` (a Connection, or
-    a pool's proxy of one), for at most `timeout_s`, in a task of its own:
+    a pool's proxy of one; or reads, writer_read), for at most `timeout_s`,
+    in a task of its own:
     cancelling the caller does not cancel it.  Past the deadline, or when
     the caller is cancelled, closes the connection's socket and adds its
     backend to `abandoned` (unless None: a commit whose locks stop no
@@ -75,6 +76,15 @@ async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):
         raise
     finally:
         await pool.release(conn)
+
+
+async def writer_read(conn, timeout_s: float, sql: str, *args):
+    """`conn.fetch(sql, *args)` on a writer's connection, outside any
+    transaction, to a deadline of AccMan's (committed's, with no backend
+    to note: a read holds no lock): past it the socket is closed, where the
+    driver's timeout would leave the connection waiting for its cancel's
+    answer, and the batch sent next on it would wait too."""
+    return await committed(conn, conn.fetch(sql, *args), timeout_s, None)
 
 
 def closed_unless_answered(conn, exc: BaseException) -> None:

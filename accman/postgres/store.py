@@ -5,16 +5,15 @@
     store.submit("alice", 100, None, "k1", done)      # done((tot, seq)) once committed
 
 Group commit at the database: the calls of one loop turn go to a cluster as one call of
-accman_apply (one transaction, one round trip), answered only after that commit returned;
-the next batch fills while one is in flight. Unordered /tot reads of a loop turn go as one
-query on a read connection (a second beside it once as many wait: Cluster.another_reader).
-Everything a batch judges (min, overflow, keys, seq, holds) is judged in
-the database against rows it has locked (accman.postgres.schema).
+accman_apply (one transaction, one round trip), answered only after that commit returned; the next
+batch fills while one is in flight. Unordered /tot reads of a loop turn go as one query on a read
+connection (a second beside it once as many wait: Cluster.another_reader). Everything a batch
+judges (min, overflow, keys, seq, holds) is judged in the database against rows it has locked
+(accman.postgres.schema).
 
-Accounts spread over the clusters by rendezvous hashing of the account id
-with each cluster's id: adding a cluster moves only the accounts that now
-rank it first (docs/SCALING.md).  Their events are numbered in one
-gap-free order on one of them (accman.postgres.merge).
+Accounts spread over the clusters by rendezvous hashing of the account id with each cluster's id:
+adding a cluster moves only the accounts that now rank it first (docs/SCALING.md). Their events are
+numbered in one gap-free order on one of them (accman.postgres.merge).
 
 A broken connection mid-batch leaves the batch's outcome unknown: its calls are answered
 Unavailable (nothing acknowledged; a keyed retry gets the original reply), the cluster is
@@ -36,7 +35,7 @@ from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
-from accman.postgres.backends import committed, pool_read
+from accman.postgres.backends import committed, pool_read, writer_read
 from accman.postgres.cluster import Cluster, health_detail
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.cursors import PgCursors
@@ -210,8 +209,7 @@ class PgStore:
         self._queue(cluster, B.Op(S.SETTLE, hid, use, None, None, hold, done))
 
     async def _write(self, cluster: Cluster, lane) -> None:
-        """A lane's writer: one batch in flight at a time, each made of
-        everything queued when it starts."""
+        """A lane's writer: one batch in flight at a time, of all queued as it starts."""
         ops = lane.ops
         try:
             # Let this loop turn's other callbacks queue their calls first.
@@ -221,7 +219,7 @@ class PgStore:
                     op = ops.popleft()
                     self.queued_mods -= 1
                     self._flying[op] = None     # told by a close from now on
-                    await self._past(op, writer=lane.writer)
+                    await self._past(op, lane=lane, cluster=cluster)
                     continue
                 taken = []
                 while ops and len(taken) < self.batch_mods_max and ops[0].kind != _PAST_BARRIER:
@@ -382,14 +380,16 @@ class PgStore:
             self._spawn(self._past(op, pool=cluster.pool))
         return None
 
-    async def _past(self, op, pool=None, writer=None) -> None:   # writer: after its commit
-        try:
-            rows = await (writer.fetch(*B.past_query(op), timeout=READ_TIMEOUT_S) if writer
+    async def _past(self, op, pool=None, lane=None, cluster=None) -> None:
+        try:        # on the lane's writer: behind its writes, after their commit
+            rows = await (writer_read(lane.writer, READ_TIMEOUT_S, *B.past_query(op)) if lane
                           else pool_read(pool, READ_TIMEOUT_S, "fetch", *B.past_query(op)))
             page = B.past_page(op.hid, op.by, rows)
         except Exception as e:
             if E.ours(e):
                 log.exception("a /past page failed in AccMan")
+            elif lane is not None and not E.answered(e):    # the writer is gone, or closed:
+                self.lost(cluster, e)   # the writes queued behind are refused, not sent
             page = Unavailable(E.read_detail(e))
         if self._landed([op]):
             self._deliver([(op.done, page)])
