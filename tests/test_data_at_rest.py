@@ -284,6 +284,17 @@ def test_a_data_path_that_is_a_dangling_link_is_named_as_one(tmp_path):
         Ledger(str(tmp_path / "data"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
+
+def test_a_data_path_under_a_dangling_link_names_the_link(tmp_path):
+    """A link to nothing on the way (`LINK/data`) was said as `open failed
+    (LINK): File exists`: the link is named as one, and nothing is made."""
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    with pytest.raises(StoreError, match=r"link/data: on its way, .*link is a symbolic link "
+                                         r"to .*gone, which does not exist"):
+        Ledger(str(tmp_path / "link" / "data"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
 def test_a_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path):
     """A mistyped --data (a home or system directory) is not made 0700
     and filled with a store."""

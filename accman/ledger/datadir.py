@@ -91,9 +91,16 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        if os.path.islink(path):        # make() would meet it as LevelDB's LOCK missing
+        # make() would meet a link to nothing as LevelDB's LOCK missing, or
+        # one on the way as `File exists`: each is named as what it is.
+        link = _dangling_link(path)
+        if link == path:
             raise StoreError(f"{path}: a symbolic link to {os.readlink(path)}, which does "
                              "not exist (nothing was changed)") from None
+        if link is not None:
+            raise StoreError(f"{path}: on its way, {link} is a symbolic link to "
+                             f"{os.readlink(link)}, which does not exist (nothing was "
+                             "changed)") from None
         return                                  # make() creates it
     except OSError as e:    # a file on the way, a loop of links: said, as the store would
         raise StoreError(f"{path}: {e.strerror or e}") from None
@@ -121,6 +128,18 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
         more = ", ..." if len(foreign) > _FOREIGN_NAMED_MAX else ""
         raise StoreError(f"{path}: holds no AccMan store and is not empty ({shown}{more}); "
                          "give a new or empty directory (nothing was changed)")
+
+
+def _dangling_link(path: str) -> str | None:
+    """`path`, or the nearest directory on its way, that is a symbolic link
+    to nothing; None if none is."""
+    while True:
+        if os.path.islink(path) and not os.path.exists(path):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path or not parent:
+            return None
+        path = parent
 
 
 def holds_nothing(path: str) -> bool:
