@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,23 @@ def test_a_data_path_under_a_dangling_link_names_the_link(tmp_path):
                                          r"to .*gone, which does not exist"):
         Ledger(str(tmp_path / "link" / "data"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+@pytest.mark.parametrize("data,says", [
+    ("", "data: path must name a directory, got an empty one"),
+    ("a\0b", "data: path must not hold a NUL character")])
+def test_run_refuses_a_data_path_as_serve_does(tmp_path, data, says):
+    """accman.server.run(data="") served a store made in the current
+    directory (abspath's reading of ""), and a NUL character was a
+    ValueError traceback: `--data` and Ledger refuse both."""
+    code = ("from accman.server.run import run\n"
+            "def served(line):\n"
+            "    raise SystemExit('served: ' + line)\n"
+            f"run(port=0, data={data!r}, ready=served)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)
+    assert f"StartupError: {says}" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_directory_of_other_files_is_refused_and_left_as_it_was(tmp_path):

@@ -49,6 +49,16 @@ def check_host(host) -> None:
         raise StartupError(f"cannot resolve --host {host}: {why}") from None
 
 
+def _checked_data(data) -> str:
+    """`data` refused as `--data` and a Ledger refuse it: an empty path
+    would be the current directory (abspath's), made 0700 and given a store."""
+    from accman.ledger.datadir import checked_path
+    try:
+        return checked_path(data)
+    except ValueError as e:
+        raise StartupError(f"data: {e}") from None
+
+
 def fit_to_descriptors(limits: ServerLimits) -> ServerLimits:
     """Raises the soft RLIMIT_NOFILE to the hard one, and lowers the
     connection cap to stay FDS_RESERVED under it (SPEC "Limits": running
@@ -311,7 +321,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
             f"pass --tokens FILE, or bind a loopback address such as 127.0.0.1")
     # Files this process makes are its own (SPEC "Access": data files 0600).
     os.umask(0o077)
-    data_path = os.path.abspath(data) if data is not None else None
+    data_path = os.path.abspath(_checked_data(data)) if data is not None else None
     store_options = dict(store_options or {})
     if type(compaction_nice) is not int or not 0 <= compaction_nice <= NICE_MAX:
         raise StartupError(f"compaction_nice must be a whole number 0..{NICE_MAX}, "
