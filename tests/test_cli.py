@@ -112,6 +112,18 @@ def test_a_host_that_does_not_resolve_is_said_so_before_the_store(tmp_path, host
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("host,hint", [
+    ("[::1]:8080", "(an IPv6 address goes without brackets: --host ::1 --port 8080)"),
+    ("localhost:8080", "(a port goes in --port: --host localhost --port 8080)")])
+def test_a_host_written_with_its_port_is_told_the_flags_to_give(tmp_path, host, hint):
+    """`[::1]:8080`, the ready line's form, was told `--host ::1]:8080`."""
+    err = one_line_error(run_accman("serve", "--host", host, "--port", 0,
+                                    "--data", tmp_path / "d"))
+    assert err.startswith(f"accman: error: cannot resolve --host {host}: "), err
+    assert err.endswith(hint), err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("text,needle", [
     ("read short\n", "16"),
     ("admin 0123456789abcdef0123\n", "unknown role 'admin'"),

@@ -44,9 +44,24 @@ def check_host(host) -> None:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         why = e.strerror if isinstance(e, socket.gaierror) else "not a host name"
-        if host.startswith("["):        # a URL's form of an IPv6 address
-            why += f" (an IPv6 address goes without brackets: --host {host.strip('[]')})"
-        raise StartupError(f"cannot resolve --host {host}: {why}") from None
+        raise StartupError(f"cannot resolve --host {host}: {why}{_host_hint(host)}") from None
+
+
+# A URL's form of an address (`[::1]`, `[::1]:8080`, `localhost:8080`), which
+# the ready line writes: said with the flags to give instead.
+_BRACKETED_RE = re.compile(r"\[([^\]]*)\](?::([0-9]+))?")
+_NAME_PORT_RE = re.compile(r"([^:\[\]]+):([0-9]+)")
+
+
+def _host_hint(host: str) -> str:
+    m = _BRACKETED_RE.fullmatch(host)
+    if m is not None:
+        port = f" --port {m[2]}" if m[2] else ""
+        return f" (an IPv6 address goes without brackets: --host {m[1]}{port})"
+    m = _NAME_PORT_RE.fullmatch(host)
+    if m is not None:
+        return f" (a port goes in --port: --host {m[1]} --port {m[2]})"
+    return ""
 
 
 def _checked_data(data) -> str:
