@@ -80,10 +80,12 @@ async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):
 
 async def writer_read(conn, timeout_s: float, sql: str, *args):
     """`conn.fetch(sql, *args)` on a writer's connection, outside any
-    transaction, to a deadline of AccMan's (committed's, with no backend
-    to note: a read holds no lock): past it the socket is closed, where the
-    driver's timeout would leave the connection waiting for its cancel's
-    answer, and the batch sent next on it would wait too."""
+    transaction, to a deadline of AccMan's (committed's): past it the
+    socket is closed, where the driver's timeout would leave the connection
+    waiting for its cancel's answer, and the batch sent next on it would
+    wait too.  Its caller then loses the cluster, which notes the writer's
+    backend as any dropped writer's: the reconnection waits for it to end
+    (Cluster.stalled), as a read that holds no lock soon does."""
     return await committed(conn, conn.fetch(sql, *args), timeout_s, None)
 
 

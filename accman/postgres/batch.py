@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAccount,
-                           NoHold, Overflow, TooManyHolds)
+                           NoHold, Overflow, TooManyHolds, Unavailable)
 from accman.limits import CRED_CHARS_MAX, KEY_CHARS_MAX
 from accman.postgres import schema as S
 from accman.records import Entry
@@ -153,6 +153,19 @@ def outcome(op: Op, code: int, tot, seq, refused: dict):
 
 def no_account():
     return NoAccount("no account has this cred")
+
+
+# The op kind of a /past in order behind its connection's changes (on the
+# writer, between batches); the kinds that read.
+PAST = -1
+READS = (S.READ, PAST)
+
+
+def unsent(op, why: str) -> Unavailable:
+    """The refusal of a call never sent, the database not reached (`why`):
+    a read's, or a change's."""
+    return Unavailable(f"the database cannot be read: {why}" if op.kind in READS else
+                       f"the store cannot commit, nothing of this call was applied: {why}")
 
 
 # The balances of $1's hids, in order; null for an unknown account.

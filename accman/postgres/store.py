@@ -58,8 +58,7 @@ READ_TIMEOUT_S = 10.0
 # cred -> (hid, cluster) cache: hashing is ~1 us, a dict hit ~50 ns.
 CRED_CACHE_MAX = 65536
 
-_PAST_BARRIER = -1          # an ordered /past: runs on the writer between batches
-_READS = (S.READ, _PAST_BARRIER)
+_PAST_BARRIER = B.PAST     # an ordered /past: runs on the writer between batches
 _TOLD = object()            # pop's default: the op is gone from _flying, told by a close
 
 
@@ -179,9 +178,7 @@ class PgStore:
         if self._closed:
             raise Unavailable("the store is closed")
         if not cluster.healthy:     # a read here is in order behind its connection's changes
-            why = cluster.error or "reconnecting"
-            raise Unavailable(f"the database cannot be read: {why}" if op.kind in _READS else
-                              f"the store cannot commit, nothing of this call was applied: {why}")
+            raise B.unsent(op, cluster.error or "reconnecting")
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"{self.queued_mods_max} calls are waiting for the database; "
                        "retry shortly")
@@ -230,8 +227,7 @@ class PgStore:
             lane.writing = False
         if ops and not self._closed:
             # The cluster went unhealthy with calls still queued: none was sent.
-            self._refuse(lane, Unavailable(
-                f"the store cannot commit, nothing of this call was applied: {cluster.error}"))
+            self._refuse(lane, cluster.error)
 
     async def _commit(self, cluster: Cluster, lane, ops: list) -> None:
         self._flying.update(dict.fromkeys(ops))
@@ -306,11 +302,11 @@ class PgStore:
             sizes.append(nmods)
             times.append(commit_s)
 
-    def _refuse(self, lane, error) -> None:
+    def _refuse(self, lane, why: str) -> None:
         ops = list(lane.ops)
         lane.ops.clear()
         self.queued_mods -= len(ops)
-        self._deliver([(op.done, error) for op in ops])
+        self._deliver([(op.done, B.unsent(op, why)) for op in ops])
 
     # -- losing and regaining a cluster ---------------------------------------------------
 

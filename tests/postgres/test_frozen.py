@@ -104,7 +104,8 @@ def test_a_past_behind_writes_frozen_on_the_writer_leaves_the_writes_after_it_re
     the writer's connection is closed: the writes queued behind it are
     refused as not applied, at once, not sent on a connection whose
     timed-out query waits for the cancel's answer (and then answered as of
-    unknown outcome at COMMIT_TIMEOUT_S)."""
+    unknown outcome at COMMIT_TIMEOUT_S); a read queued behind them is
+    refused as a read."""
     monkeypatch.setattr(store_module, "READ_TIMEOUT_S", 1.0)
     monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 4.0)
     pg = pg_factory(name="frozen-past")
@@ -114,17 +115,21 @@ def test_a_past_behind_writes_frozen_on_the_writer_leaves_the_writes_after_it_re
         async with stored(url) as (store, c):
             assert await c.mod("a", 5) == (5, 1)
             loop = asyncio.get_running_loop()
-            page, after = loop.create_future(), loop.create_future()
+            page, after, page2 = (loop.create_future() for _ in range(3))
             with frozen(pg):
                 t0 = time.monotonic()
                 store.read_past("a", 10, None, page.set_result, ordered=True)
                 store.submit("a", -1, done=after.set_result)
+                store.read_past("a", 10, None, page2.set_result, ordered=True)
                 got = await asyncio.wait_for(page, 5)
                 assert isinstance(got, Unavailable) and time.monotonic() - t0 < 3
                 refused = await asyncio.wait_for(after, 5)
                 assert time.monotonic() - t0 < 3, refused
                 assert isinstance(refused, Unavailable), refused
                 assert "nothing of this call was applied" in refused.detail, refused.detail
+                unread = await asyncio.wait_for(page2, 5)     # a read: said as one
+                assert isinstance(unread, Unavailable), unread
+                assert unread.detail.startswith("the database cannot be read: "), unread.detail
             await until(lambda: store.healthy, 20)
             assert await c.tot("a") == 5
     run(main())
