@@ -115,7 +115,8 @@ def build_parser(given=()):
 
 def _serve_arguments(s):
     s.add_argument("--host", default="127.0.0.1", type=nonempty,
-                   help="address to bind (default 127.0.0.1; others need --tokens)")
+                   help="address to bind (default 127.0.0.1; others need --tokens; "
+                        "* for every interface, IPv4 and IPv6)")
     s.add_argument("--port", type=port, default=8080,
                    help="port (default 8080; 0 picks a free one)")
     s.add_argument("--data", default=None, type=data_dir,
@@ -237,6 +238,16 @@ def cmd_serve(args) -> int:
         if why is None:
             raise
         return _fail(why)
+    # The flags first (SERVER.md, "Order at start"), then the files they name.
+    if args.compaction_nice and args.store:
+        return _fail("--compaction-nice is the embedded store's: PostgreSQL compacts "
+                     "nothing of AccMan's")
+    if args.host == "*" and args.port == 0:
+        return _fail("--host '*' needs a --port other than 0: each address family would "
+                     "get a port of its own")
+    if args.verify is not None and args.store:
+        return _fail("--verify is the embedded store's: it says what to check of the files "
+                     "in --data, and a PostgreSQL store keeps none there")
     try:
         tokens = Tokens.load(args.tokens) if args.tokens else None
         limits = ServerLimits.from_env()
@@ -246,16 +257,11 @@ def cmd_serve(args) -> int:
     for name in ServerLimits.ignored_names():
         say(f"accman: warning: {name} is not a setting of the server, ignored "
             "(its settings: docs/SERVER.md, \"Limits\")", None)
-    if args.compaction_nice and args.store:
-        return _fail("--compaction-nice is the embedded store's: PostgreSQL compacts "
-                     "nothing of AccMan's")
-    if args.verify is not None and args.store:
-        return _fail("--verify is the embedded store's: it says what to check of the files "
-                     "in --data, and a PostgreSQL store keeps none there")
     log_to_stderr()
     try:
         data = args.data if args.data is not None or args.store else DEFAULT_DATA
-        return run(host=args.host, port=args.port, data=data,
+        host = "" if args.host == "*" else args.host      # "": every interface, both families
+        return run(host=host, port=args.port, data=data,
                    tokens=tokens, limits=limits, verify=args.verify or "full",
                    low_balance=args.low_balance, events_retention_s=args.events_retention,
                    store_urls=args.store, webhook=webhook, ready=print_ready,

@@ -91,6 +91,31 @@ def test_non_loopback_without_tokens_refuses_and_says_what_to_do(tmp_path):
     assert not (tmp_path / "d").exists()         # refused before touching the store
 
 
+def test_host_star_serves_every_interface_of_both_families_with_tokens(start_server,
+                                                                          tmp_path):
+    """`--host '*'` binds every interface, IPv4 and IPv6 (`::` alone is IPv6
+    only); like any address not loopback it needs tokens.  An empty
+    --host, which did the same, is a usage error (an unset variable)."""
+    err = one_line_error(run_accman("serve", "--host", "*", "--port", 8080,
+                                    "--data", tmp_path / "d"))
+    assert "refusing to serve on all interfaces without tokens" in err
+    tokens = "read 0123456789abcdef0123\n"
+    err = one_line_error(run_accman("serve", "--host", "*", "--port", 0,
+                                    "--data", tmp_path / "d"))
+    assert "--host '*' needs a --port other than 0" in err     # a port for each family
+    with socket.socket(socket.AF_INET6) as probe:   # a port free in both families
+        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(("::", 0))
+        port = probe.getsockname()[1]
+    srv = start_server(host="*", port=port, tokens=tokens)
+    for addr, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        with socket.socket(family) as s:
+            s.settimeout(10)
+            s.connect((addr, srv.port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.1 200 "), addr
+
+
 @pytest.mark.parametrize("host,with_tokens", [("accman-test.invalid", False),
                                                ("accman-test.invalid", True),
                                                ("a" * 64 + ".invalid", True),
