@@ -170,3 +170,26 @@ def test_a_write_the_process_was_killed_inside_is_written_never_synced(tmp_path)
     disk.feed(powercut.Call("fsync", [fd], "? <unavailable>"))
     f = disk.files[disk.names[path]]
     assert bytes(f.current) == b"abcd" and bytes(f.synced) == b""
+
+
+def test_a_file_removed_while_open_is_followed_to_its_close(tmp_path):
+    """strace names the descriptor of a file removed while open
+    `7</path>(deleted)` (LevelDB closes the log it has just removed once
+    its memtable is a table): the model parses it, and the removed file's
+    data is in no state.  Taking it for an unparsable descriptor stopped
+    every emulation long enough to reach LevelDB's own log rotation."""
+    def hx(b: bytes) -> str:                  # strace -xx's form of bytes
+        return "".join(f"\\x{c:02x}" for c in b)
+
+    root = str(tmp_path / "r")
+    path = f"{root}/000003.log"
+    fd = f"7<{hx(path.encode())}>"
+    disk = powercut.Disk(root)
+    disk.feed(powercut.Call("openat", ["AT_FDCWD</>", f'"{hx(path.encode())}"',
+                                       "O_WRONLY|O_CREAT", "0644"], fd))
+    disk.feed(powercut.Call("write", [fd, f'"{hx(b"abcd")}"', "4"], "4"))
+    disk.feed(powercut.Call("unlink", [f'"{hx(path.encode())}"'], "0"))
+    disk.feed(powercut.Call("fsync", [fd + "(deleted)"], "0"))
+    disk.feed(powercut.Call("close", [fd + "(deleted)"], "0"))
+    assert 7 not in disk.fds
+    assert disk.snapshot(random.Random(1), "all") == {}

@@ -97,8 +97,10 @@ def _string(arg: str) -> bytes:
 
 
 def _fd(arg: str) -> tuple[int, str | None]:
-    """`5</path>` -> (5, "/path"); AT_FDCWD<...> -> (-100, cwd)."""
-    m = re.match(r"^(-?\d+|AT_FDCWD)(?:<(.*)>)?$", arg)
+    """`5</path>` -> (5, "/path"); AT_FDCWD<...> -> (-100, cwd).  A file
+    removed while open is `5</path>(deleted)` (LevelDB closes a log it has
+    just deleted)."""
+    m = re.match(r"^(-?\d+|AT_FDCWD)(?:<(.*)>)?(?:\(deleted\))?$", arg)
     assert m, arg
     fd = -100 if m.group(1) == "AT_FDCWD" else int(m.group(1))
     path = m.group(2)
