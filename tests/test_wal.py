@@ -665,6 +665,44 @@ def test_a_full_disk_while_growing_the_file_fails_the_batch_and_stops_writes(
         assert led.mod("alice", 2) == (acked + 2, acked + 1)
 
 
+def test_a_grower_that_cannot_start_fails_the_open_and_never_hangs_it(tmp_path, monkeypatch):
+    """The thread that writes the file ahead maps its buffer of zeros
+    first; the OS refusing it (ENOMEM) is its failure, told to the writer
+    waiting for the file, as a full disk is.  It used to end the thread
+    before its `try`: the writer waited for ever (a new store's open hung;
+    a young store's first batch past the written file hung every mod, the
+    ledger still healthy)."""
+    import mmap
+    import threading
+    real_mmap = mmap.mmap
+
+    def no_memory_for_the_grower(*args, **kw):
+        if threading.current_thread().name == "accman-wal-grow":
+            raise OSError(12, "Cannot allocate memory")
+        return real_mmap(*args, **kw)
+
+    monkeypatch.setattr(mmap, "mmap", no_memory_for_the_grower)
+    path = str(tmp_path / "data")
+    outcome = []
+
+    def open_it():
+        try:
+            Ledger(path).close()
+            outcome.append("opened")
+        except StoreError as e:
+            outcome.append(e)
+
+    opening = threading.Thread(target=open_it, daemon=True)
+    opening.start()
+    opening.join(10)
+    assert outcome, "the open hung: the writer waits for a grower that has ended"
+    assert isinstance(outcome[0], StoreError), outcome
+    assert "growing accman.wal: Cannot allocate memory" in outcome[0].detail
+    monkeypatch.undo()
+    with Ledger(path) as led:               # nothing was left open or half made
+        assert led.mod("alice", 1) == (1, 1)
+
+
 def test_a_file_system_that_refuses_o_direct_gets_the_same_log_through_the_cache(
         tmp_path, monkeypatch):
     real_open = os.open

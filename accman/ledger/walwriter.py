@@ -157,7 +157,11 @@ class Wal:
             # A new log has its first chunk before its first checkpoint,
             # which records it: a log emptied later is then told apart.
             self._asked = self._grower.ask(GROW_LEAD_BYTES)
-            self._ready = self._grower.wait_for(BLOCK_BYTES)
+            try:
+                self._ready = self._grower.wait_for(BLOCK_BYTES)
+            except BaseException:
+                self.close()        # the caller never gets the log to close
+                raise
 
     def wraps(self, payload_bytes: int) -> bool:
         """Whether appending a record of this payload tries a checkpoint
@@ -307,7 +311,12 @@ class _Grower:
             return self.ready
 
     def _run(self) -> None:
-        zeros_map = mmap.mmap(-1, GROW_BYTES)       # page-aligned, for O_DIRECT
+        try:
+            zeros_map = mmap.mmap(-1, GROW_BYTES)   # page-aligned, for O_DIRECT
+        except OSError as e:
+            # Told like any failure of this thread: a writer waits for it.
+            self._fail(e)
+            return
         zeros = memoryview(zeros_map)
         while True:
             with self.cv:
@@ -324,13 +333,18 @@ class _Grower:
                     raise OSError(f"a short write growing {WAL_NAME}")
                 os.fdatasync(self.fd)
             except OSError as e:
-                with self.cv:
-                    self.error = e
-                    self.cv.notify_all()
+                self._fail(e)
                 return
             with self.cv:
                 self.ready = end
                 self.cv.notify_all()
+
+    def _fail(self, e: OSError) -> None:
+        """The thread ends: a writer waiting in `wait_for`, or the next one,
+        gets the cause (fail-stop) rather than waiting for ever."""
+        with self.cv:
+            self.error = e
+            self.cv.notify_all()
 
     def close(self) -> None:
         with self.cv:
