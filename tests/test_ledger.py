@@ -431,6 +431,44 @@ def test_failed_commit_acknowledges_nothing_and_stops_writes(tmp_path):
         assert led.mod("alice", 1) == (11, 2)   # seq continues without a gap
 
 
+@pytest.mark.parametrize("where", ["after the write", "at seal"])
+def test_a_fault_of_the_writer_s_own_fails_stop_and_never_hangs(tmp_path, monkeypatch, where):
+    """A bug raised on the writer thread outside the store's write (its
+    books after a durable write, or its housekeeping before a seal) ended
+    the thread: every mod then waited for ever, the ledger still healthy.
+    Now it is a failed commit: the waiting mod is told Unavailable, writes
+    stop, and a reopen finds every durable change."""
+    path = str(tmp_path / "d")
+    led = Ledger(path)
+    assert led.mod("alice", 10) == (10, 1)
+    name = "_count" if where == "after the write" else "_housekeep"
+    real = getattr(commit.Committer, name)
+
+    def broken(self, *args):
+        raise RuntimeError("a bug of the writer's")
+    monkeypatch.setattr(commit.Committer, name, broken)
+    outcome = []
+
+    def mod():
+        try:
+            outcome.append(led.mod("alice", 5))
+        except Unavailable as e:
+            outcome.append(e)
+    caller = threading.Thread(target=mod, daemon=True)
+    caller.start()
+    caller.join(10)
+    assert outcome, "the mod hung: the writer thread is gone"
+    assert isinstance(outcome[0], Unavailable), outcome
+    assert "a bug of the writer's" in led._committer.error.detail and not led.healthy
+    with pytest.raises(Unavailable, match="failed to commit"):
+        led.mod("bob", 1)
+    monkeypatch.setattr(commit.Committer, name, real)
+    led.close()
+    with Ledger(path) as led:       # the first durable; the second only if it was written
+        assert led.tot("alice") == (15 if where == "after the write" else 10)
+        assert led.mod("alice", 1)[0] == led.tot("alice")
+
+
 def test_failed_commit_fails_every_waiting_mod(tmp_path):
     path = str(tmp_path / "d")
     store = FailingStore(path)

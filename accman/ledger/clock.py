@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from accman.limits import CLOCK_MS_MAX
 
 
@@ -19,3 +21,8 @@ def checked_clock(clock_ms):
                              f"unix milliseconds from 0 to {CLOCK_MS_MAX}")
         return ms
     return read
+
+
+def wall_ms() -> int:
+    """Unix milliseconds: the ledger's clock unless a test gives its own."""
+    return time.time_ns() // 1_000_000

@@ -24,7 +24,8 @@ import time
 from accman.errors import StoreError, Unavailable
 from accman.ledger.applier import Applier
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
-from accman.ledger.gate import CLOSED_DETAIL, CLOSING_DETAIL
+from accman.ledger.clock import wall_ms
+from accman.ledger.gate import CLOSED_DETAIL, CLOSING_DETAIL, FAILED_DETAIL
 from accman.store import run_callbacks
 
 log = logging.getLogger("accman.commit")
@@ -63,7 +64,7 @@ class Committer:
         self.store = store
         self.events = events            # accman.ledger.events.EventLog, or None
         # Unix milliseconds: the time of each change, and the expiry clock.
-        self.clock_ms = clock_ms or _wall_ms
+        self.clock_ms = clock_ms or wall_ms
         self.lock = lock or threading.Lock()
         self._wake = threading.Condition(self.lock)
         # Notified after each batch is durable (or failed): expire_due waits on it.
@@ -89,6 +90,7 @@ class Committer:
         self._fill_target = 0
         self._filling_since = None
         self.error: StoreError | None = None
+        self._untold = None             # the batch sealed whose callers are not told yet
         # Counters for /metrics; read without the lock (ints, set in one step).
         self.batches = 0
         self.mods = 0
@@ -178,10 +180,7 @@ class Committer:
         thread) or at the end of the loop turn."""
         if outcome is None:
                 if not on_loop:
-                    self._seal_now = True
-                    if self._writer_idle:
-                        self._writer_idle = False
-                        self._wake.notify()
+                    self._seal_soon()
                 elif not self._writing and not self._kick_pending:
                     # Wake the writer once this loop turn has read every
                     # ready socket (call_soon runs after the I/O callbacks),
@@ -198,6 +197,13 @@ class Committer:
             self._loop.call_soon(done, outcome)
         else:
             done(outcome)
+
+    def _seal_soon(self) -> None:
+        """Under the lock: the writer may seal what is queued, woken if idle."""
+        self._seal_now = True
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.notify()
 
     def read_ordered(self, cred, what: int, done):
         """A read that sees every call made before it (ext/ledger.pyx,
@@ -226,10 +232,7 @@ class Committer:
         with self.lock:
             # The writer may not be waiting yet (it has just handed over a
             # completion); it sees _seal_now before it waits.
-            self._seal_now = True
-            if self._writer_idle:
-                self._writer_idle = False
-                self._wake.notify()
+            self._seal_soon()
 
     def _delivered(self, pairs: list, nmods: int) -> None:
         """On the loop: a batch's completions, then the next batch's kick,
@@ -251,6 +254,8 @@ class Committer:
     def _run(self) -> None:
         try:
             self._write_batches()
+        except Exception as e:      # a bug: fail-stop, as a disk's error, never a hang
+            self._fail_stop(e)
         finally:
             self.applier.stop()
             if self._then is not None:
@@ -261,7 +266,7 @@ class Committer:
 
     def _write_batches(self) -> None:
         while True:
-            batch = self._next_batch()
+            batch = self._untold = self._next_batch()
             if batch is None:
                 return          # closing, and everything is written
             t0 = time.perf_counter()
@@ -330,19 +335,37 @@ class Committer:
             else:
                 self.error = error
                 failed = book.fail(batch)
+                self._untold = None     # its callers are told below, with the rest
             self._durable.notify_all()
         if error is not None:
             log.error("a batch could not be made durable; the store takes no more "
                       "writes until it is reopened: %s", error.detail)
-            for b in failed:
-                self._deliver(_unavailable(b.done_loop, error),
-                              _unavailable(b.done_direct, error), b.nmods)
+            self._tell_failed(failed, error)
             return False
         self._count(batch.nmods, fsync_s)
+        self._untold = None
         kicks = self._deliver(batch.done_loop, batch.done_direct, batch.nmods)
         for loop in waiting:
             self._wake_events(loop)
         return kicks
+
+    def _fail_stop(self, exc: Exception) -> None:
+        """The writer ends on a fault of its own: as when a batch cannot be made durable
+        (_done), every caller waiting is told, and the ledger takes no more writes."""
+        log.exception("the commit writer failed; the store takes no more writes until reopened")
+        error = StoreError(f"{self.store.path}: commit failed: unexpected {type(exc).__name__} "
+                           f"in the writer: {exc}")
+        with self.lock:
+            self.error = error
+            failed = self.book.fail(self._untold)
+            self._untold = None
+            self._durable.notify_all()
+        self._tell_failed(failed, error)
+
+    def _tell_failed(self, failed: list, error: StoreError) -> None:
+        for b in failed:
+            self._deliver(_unavailable(b.done_loop, error), _unavailable(b.done_direct, error),
+                          b.nmods)
 
     def _housekeep(self):
         """Under the lock, on the writer thread: the changes the ledger makes
@@ -382,11 +405,10 @@ class Committer:
         return sleep_s
 
     def expire_due(self) -> int:
-        """Ends the holds due by now, and returns once that, and every
-        change applied before it, is durable: what the writer does by
-        itself on its clock, done now (the writer may have taken some of
-        them a moment before: those are waited for too).  Returns how many
-        this call ended."""
+        """Ends the holds due by now, and returns once that, and every change applied
+        before it, is durable: what the writer does by itself on its clock, done now (the
+        writer may have taken some of them a moment before: those are waited for too).
+        Returns how many this call ended."""
         with self.lock:
             if self._closing:
                 raise Unavailable(self.refusal)
@@ -395,10 +417,7 @@ class Committer:
             # Every change is one event or more, so the newest event id
             # applied says how far the durable state must reach.
             target = book.next_event - 1
-            self._seal_now = True
-            if self._writer_idle:
-                self._writer_idle = False
-                self._wake.notify()
+            self._seal_soon()
             while self.events.last < target and self.error is None:
                 self._durable.wait()
             if self.error is not None:
@@ -468,20 +487,9 @@ class Committer:
         return self.error is None and self.applier.error is None and not self._closing
 
 
-# What a client is told of a failed commit.  The cause (error.detail) names
-# files and OS errors of the server: it goes to the log and to
-# Committer.error, never to a client (SPEC "Access").
-FAILED_DETAIL = ("the store failed to commit; nothing in this batch was acknowledged, "
-                 "and the store takes no more writes until it is reopened")
-
-
 def _unavailable(callbacks: list, error: StoreError) -> list:
     assert error is not None
     return [(done, Unavailable(FAILED_DETAIL)) for done, _ in callbacks]
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def running_loop():

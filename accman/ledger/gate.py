@@ -17,6 +17,11 @@ from accman.errors import Unavailable
 # it has closed.
 CLOSING_DETAIL = "the ledger is closing"
 CLOSED_DETAIL = "the ledger is closed"
+# What a client is told of a failed commit.  The cause (error.detail) names
+# files and OS errors of the server: it goes to the log and to
+# Committer.error, never to a client (SPEC "Access").
+FAILED_DETAIL = ("the store failed to commit; nothing in this batch was acknowledged, "
+                 "and the store takes no more writes until it is reopened")
 
 
 class Gate:

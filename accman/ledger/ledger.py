@@ -12,9 +12,9 @@ import time
 from accman.errors import AccManError, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
 from accman.ledger.clock import checked_clock
-from accman.ledger.commit import FAILED_DETAIL, Committer, running_loop
+from accman.ledger.commit import Committer, running_loop
 from accman.ledger.events import EventLog, check_kept_after
-from accman.ledger.gate import CLOSING_DETAIL, Gate
+from accman.ledger.gate import CLOSING_DETAIL, FAILED_DETAIL, Gate
 from accman.ledger.leveldb import Store
 from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
 from accman.records import Entry, Event
