@@ -426,3 +426,19 @@ def test_a_webhook_cursor_is_the_lock_directorys_not_a_new_stores(tmp_path):
     datadir.check_usable(str(d), also=datadir.CURSOR_FILE)
     with pytest.raises(StoreError, match=r"not empty \(webhook.cursor\)"):
         Ledger(str(d))
+
+
+def test_the_store_s_own_files_are_written_whole_by_an_os_that_writes_short(
+        tmp_path, monkeypatch):
+    """`os.write` may take fewer bytes than it is given.  The key, the
+    checkpoint and the format record were each one unchecked call: with an
+    OS that writes at most 7 bytes a call, a new store's files were short,
+    and the next open refused the store as damaged."""
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        assert led.mod("alice", 5) == (5, 1)
+    monkeypatch.undo()
+    with Ledger(path) as led:
+        assert led.tot("alice") == 5 and led.mod("alice", 1) == (6, 2)

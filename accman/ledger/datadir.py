@@ -29,6 +29,7 @@ import tempfile
 
 from accman.errors import FileDamage, StoreCorrupt, StoreError, StoreLocked
 from accman.ledger import _check, fsck
+from accman.ledger.files import write_whole
 from accman.ledger.fsck import LEVELDB_COMPARATOR, LOG_FULL, LOG_HEADER_BYTES, TABLE_NAME
 from accman.ledger.tablecheck import varint_bytes
 
@@ -420,7 +421,7 @@ atexit.register(remove_snapshots)
 def _write_synced(path: str, name: str, data: bytes) -> None:
     fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
-        os.write(fd, data)
+        write_whole(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

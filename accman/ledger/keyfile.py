@@ -26,6 +26,7 @@ import secrets
 
 from accman.errors import FileDamage
 from accman.ledger import _check
+from accman.ledger.files import write_whole
 
 KEY_NAME = "accman.key"
 PENDING_NAME = "accman.newkey"      # the key until the store's first checkpoint
@@ -90,7 +91,7 @@ def write_key(dir_fd: int, salt: bytes) -> None:
     tmp = KEY_NAME + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=dir_fd)
     try:
-        os.write(fd, doc.encode())
+        write_whole(fd, doc.encode())
         os.fsync(fd)
     finally:
         os.close(fd)

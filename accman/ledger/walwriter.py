@@ -26,6 +26,7 @@ import time
 
 from accman.errors import CheckpointPostponed
 from accman.ledger import walsectors
+from accman.ledger.files import write_whole
 from accman.ledger.fsck import LOG_NAME
 from accman.ledger.wal import (BLOCK_BYTES, CHECKPOINT_FORMAT, CHECKPOINT_NAME, HEADER, MAGIC,
                                PAYLOAD_BYTES_MAX, WAL_BYTES_MAX, WAL_NAME, Checkpoint, Keys,
@@ -64,7 +65,7 @@ def _write_checkpoint(dir_fd: int, key: bytes, ckpt: Checkpoint) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=dir_fd)
         try:
-            os.write(fd, json.dumps(doc, sort_keys=True).encode())
+            write_whole(fd, json.dumps(doc, sort_keys=True).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
