@@ -23,6 +23,24 @@ def wait_for(predicate, timeout_s=10.0, what="the condition"):
         time.sleep(0.01)
 
 
+def outcome_within(call, timeout_s, hung):
+    """What `call()` returns or raises (an exception is returned), run in a
+    thread; fails with `hung` if it has not ended within `timeout_s` (a
+    wait for a thread that is gone would never end)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as e:
+            outcome.append(e)
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    caller.join(timeout_s)
+    assert outcome, hung
+    return outcome[0]
+
+
 def entries(led, cred):
     """The history, oldest first, as (seq, by, tot, key, hold)."""
     return [(e.seq, e.by, e.tot, e.key, e.hold) for e in reversed(led.past(cred, limit=1000))]

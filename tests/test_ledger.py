@@ -17,7 +17,7 @@ from accman.ledger import _ledger, commit
 from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
 from accman.store import check_int64
 from accman.ledger.leveldb import Store
-from ledgerhelp import GatedStore
+from ledgerhelp import GatedStore, outcome_within
 
 
 @pytest.fixture
@@ -447,18 +447,9 @@ def test_a_fault_of_the_writer_s_own_fails_stop_and_never_hangs(tmp_path, monkey
     def broken(self, *args):
         raise RuntimeError("a bug of the writer's")
     monkeypatch.setattr(commit.Committer, name, broken)
-    outcome = []
-
-    def mod():
-        try:
-            outcome.append(led.mod("alice", 5))
-        except Unavailable as e:
-            outcome.append(e)
-    caller = threading.Thread(target=mod, daemon=True)
-    caller.start()
-    caller.join(10)
-    assert outcome, "the mod hung: the writer thread is gone"
-    assert isinstance(outcome[0], Unavailable), outcome
+    got = outcome_within(lambda: led.mod("alice", 5), 10,
+                         "the mod hung: the writer thread is gone")
+    assert isinstance(got, Unavailable), got
     assert "a bug of the writer's" in led._committer.error.detail and not led.healthy
     with pytest.raises(Unavailable, match="failed to commit"):
         led.mod("bob", 1)

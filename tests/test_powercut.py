@@ -151,15 +151,17 @@ def test_a_creation_cut_short_is_made_again_and_nothing_else_is(tmp_path):
         Ledger(str(path))
 
 
+def hx(b: bytes) -> str:
+    """strace -xx's form of bytes."""
+    return "".join(f"\\x{c:02x}" for c in b)
+
+
 def test_a_write_the_process_was_killed_inside_is_written_never_synced(tmp_path):
     """strace ends a call the process was killed inside with "= ? <unavailable>"
     (an applier's LevelDB write at the moment of SIGKILL): the model takes
     its data as written, never durable, even on an O_DSYNC descriptor, and
     takes any other such call as not made.  Parsing it as a length broke
     the emulation."""
-    def hx(b: bytes) -> str:                  # strace -xx's form of bytes
-        return "".join(f"\\x{c:02x}" for c in b)
-
     root = str(tmp_path / "r")
     path = f"{root}/f"
     fd = f"7<{hx(path.encode())}>"
@@ -178,9 +180,6 @@ def test_a_file_removed_while_open_is_followed_to_its_close(tmp_path):
     its memtable is a table): the model parses it, and the removed file's
     data is in no state.  Taking it for an unparsable descriptor stopped
     every emulation long enough to reach LevelDB's own log rotation."""
-    def hx(b: bytes) -> str:                  # strace -xx's form of bytes
-        return "".join(f"\\x{c:02x}" for c in b)
-
     root = str(tmp_path / "r")
     path = f"{root}/000003.log"
     fd = f"7<{hx(path.encode())}>"

@@ -21,6 +21,7 @@ from accman.ledger import (_check, datadir, fsck, keyfile, migrate, plyvel_error
                            walsectors, walwriter)
 from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
 from accman.ledger.leveldb import STORE_FORMAT, Store
+from ledgerhelp import outcome_within
 
 
 SECTOR = walsectors.SECTOR_BYTES
@@ -683,21 +684,10 @@ def test_a_grower_that_cannot_start_fails_the_open_and_never_hangs_it(tmp_path, 
 
     monkeypatch.setattr(mmap, "mmap", no_memory_for_the_grower)
     path = str(tmp_path / "data")
-    outcome = []
-
-    def open_it():
-        try:
-            Ledger(path).close()
-            outcome.append("opened")
-        except StoreError as e:
-            outcome.append(e)
-
-    opening = threading.Thread(target=open_it, daemon=True)
-    opening.start()
-    opening.join(10)
-    assert outcome, "the open hung: the writer waits for a grower that has ended"
-    assert isinstance(outcome[0], StoreError), outcome
-    assert "growing accman.wal: Cannot allocate memory" in outcome[0].detail
+    got = outcome_within(lambda: Ledger(path).close(), 10,
+                         "the open hung: the writer waits for a grower that has ended")
+    assert isinstance(got, StoreError), got
+    assert "growing accman.wal: Cannot allocate memory" in got.detail
     monkeypatch.undo()
     with Ledger(path) as led:               # nothing was left open or half made
         assert led.mod("alice", 1) == (1, 1)
