@@ -13,9 +13,10 @@ server by DNS rebinding.
 
 from __future__ import annotations
 
+import logging
 from time import perf_counter
 
-from accman.errors import AccManError, EventsTrimmed, Insufficient
+from accman.errors import AccManError, EventsTrimmed, Insufficient, StoreError
 from accman.limits import (EVENT_BYTES_MAX, METRICS_TURN_REQUESTS, PAGE_ENTRIES_PER_TURN_REQUEST,
                            PAST_ENTRY_BYTES_MAX)
 from accman.server import replies
@@ -35,6 +36,13 @@ ANY_ROLE = READ | CHARGE | MINT
 ROUTE_ROLES = {ROUTE_TOT: READ, ROUTE_PAST: READ, ROUTE_EVENTS: READ, ROUTE_HOLD: CHARGE,
                ROUTE_SETTLE: CHARGE, ROUTE_METRICS: ANY_ROLE, ROUTE_HEALTH: 0,
                ROUTE_OPTIONS: 0}
+
+# A store's own error (a read of its files that failed) names the server's
+# files and the OS's words: said in the log, once a kind (at most
+# STORE_ERRORS_SAID_MAX kinds), never to the client (SPEC "Access").
+STORE_ERROR_DETAIL = "the store could not read its data files; the server's log says why"
+STORE_ERRORS_SAID_MAX = 64
+log = logging.getLogger("accman.server")
 
 _CHALLENGE = b'WWW-Authenticate: Bearer realm="accman"\r\n'
 _CHALLENGE_INVALID = b'WWW-Authenticate: Bearer realm="accman", error="invalid_token"\r\n'
@@ -103,6 +111,7 @@ class Routes:
         self.metrics = server.metrics
         self.requests = server.metrics.requests
         self.inline_reads = bool(getattr(server.store, "inline_reads", False))
+        self._store_errors_said: set = set()
 
     # --- the hot path ---------------------------------------------------------
 
@@ -338,6 +347,12 @@ class Routes:
         name = ROUTE_NAMES.get(route, "none")
         if not isinstance(e, AccManError):
             return self.error(name, 500, "internal", "the store failed unexpectedly", mode)
+        if isinstance(e, StoreError):   # its words name the server's files: the log's
+            if len(self._store_errors_said) < STORE_ERRORS_SAID_MAX and \
+                    e.detail not in self._store_errors_said:
+                self._store_errors_said.add(e.detail)
+                log.error("a %s read failed: %s", name, e.detail)
+            return self.error(name, e.status, e.code, STORE_ERROR_DETAIL, mode, head=head)
         return self.error(name, e.status, e.code, e.detail, mode, head=head, **extra)
 
     def error(self, route_name, status, code, detail, mode, extra_headers=b"", head=False,

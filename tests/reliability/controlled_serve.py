@@ -8,6 +8,8 @@ simplest channel that survives SIGSTOP and needs no protocol):
     CONTROL/fail-after   the next commits are written, then fail (a failed
                          fsync whose data reached the disk anyway)
     CONTROL/holding      written by the store while a commit is held
+    CONTROL/lose-read    history reads miss their oldest entry (an iterator
+                         that stopped short at a block damaged after open)
 
 Usage: python controlled_serve.py --data DIR --control DIR [--port N]
            [--batch-mods-max N] [--queued-mods-max N] [--store URL]
@@ -43,6 +45,12 @@ class ControlledStore(Store):
 
     def _flag(self, name):
         return os.path.exists(os.path.join(self.control, name))
+
+    def history(self, hid, first_seq, last_seq):
+        page = super().history(hid, first_seq, last_seq)
+        if self._flag("lose-read") and page:
+            del page[min(page)]
+        return page
 
     def write(self, wal_record):
         if self._flag("hold"):

@@ -49,6 +49,9 @@ class Control:
     def fail_after(self, on=True):
         self._set("fail-after", on)
 
+    def lose_read(self, on=True):
+        self._set("lose-read", on)
+
     def wait_holding(self, timeout_s=10.0):
         """Until a commit is held (the writer took a batch and waits)."""
         deadline = time.monotonic() + timeout_s

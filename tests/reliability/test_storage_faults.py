@@ -186,6 +186,34 @@ def test_a_full_disk_acknowledges_nothing_stops_writes_and_loses_nothing(small_d
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_history_lost_after_the_open_is_refused_and_said_in_the_log_only(tmp_path):
+    """A history entry of a durable account missing from LevelDB's answer
+    (its iterator stops short at a block damaged after the open, which the
+    open's checks could not see) is damage: /past is 503 store_corrupt, not
+    an assertion's 500.  The detail, which names the server's files, goes to
+    the log once; the client's names none."""
+    control = Control(tmp_path / "control")
+    data = tmp_path / "data"
+    srv = spawn_controlled(data, tmp_path / "log1", control)
+    try:
+        with srv.connect() as c:
+            for i in range(5):
+                c.send(patch(mod_target("rot", 10 + i, f"r{i}")))
+                assert c.response().status == 200
+        assert len(history(srv, "rot")) == 5
+        control.lose_read()
+        for _ in range(2):
+            r = srv.get("/past?cred=rot")
+            assert r.status == 503 and r.json["error"] == "store_corrupt", r.body
+            assert str(data) not in r.body.decode() and "log" in r.json["detail"]
+        assert srv.tot("rot") == sum(range(10, 15))        # balances are not reads of it
+        said = [line for line in srv.stderr().splitlines() if "in no data file" in line]
+        assert len(said) == 1 and str(data) in said[0], said
+    finally:
+        stop_quietly(srv)
+    control.lose_read(False)
+
+
 def test_a_commit_that_fails_after_its_write_is_retried_exactly_once(tmp_path):
     """The worst failed commit: the batch reached the disk, then the store
     reported an error (a failed fsync).  The server cannot know; it answers
