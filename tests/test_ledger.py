@@ -460,6 +460,28 @@ def test_a_fault_of_the_writer_s_own_fails_stop_and_never_hangs(tmp_path, monkey
         assert led.mod("alice", 1)[0] == led.tot("alice")
 
 
+def test_an_open_whose_writer_cannot_start_leaves_the_directory_unlocked(tmp_path,
+                                                                          monkeypatch):
+    """Out of threads, the commit writer's start raises: the open fails, and
+    the store it had opened is closed, so that the directory is not left
+    locked for the rest of the process."""
+    path = str(tmp_path / "d")
+    with Ledger(path) as led:
+        led.mod("alice", 3)
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "accman-commit":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        Ledger(path)
+    monkeypatch.undo()
+    with Ledger(path) as led:
+        assert led.tot("alice") == 3
+
+
 def test_failed_commit_fails_every_waiting_mod(tmp_path):
     path = str(tmp_path / "d")
     store = FailingStore(path)

@@ -127,10 +127,11 @@ class Ledger:
                                          events_kept_after)
             self._book = self._load(verify, limits, low_balance)
             self._expire_at_open()
-        except BaseException:
+            self._committer = Committer(self._book, self.store, self._events, lock,
+                                        self._clock_ms)
+        except BaseException:       # a thread that cannot start too: the lock goes
             self.store.close()
             raise
-        self._committer = Committer(self._book, self.store, self._events, lock, self._clock_ms)
         self._gate = Gate()
         self._check_open = self._gate.check
         self._reading = self._gate.reading
