@@ -400,3 +400,15 @@ def test_a_request_cancelled_before_its_first_message_releases_its_hold(fake):
         return m
     m = run(go())
     assert fake.tot(CRED) == 10 and m.stats["released"] == 1
+
+
+def test_a_release_of_a_hold_on_no_account_is_nothing_held(fake):
+    """An owed release repeats the hold with its key: on an account that
+    is not there the hold never applied, so nothing is held, as the Node
+    plugin takes it, rather than a failure to retry and strand."""
+    from accman.calling.client import AccManClient
+
+    async def main():
+        async with AccManClient(fake.url) as acc:
+            return await owed_mod.Unhold("nobody-here", 5, 60, "rel-1").run(acc)
+    assert run(main()) == 0

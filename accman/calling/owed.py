@@ -17,8 +17,8 @@ import hashlib
 import logging
 
 from accman.calling.policy import definite, may_have_landed
-from accman.errors import (AccManError, HoldEnded, Insufficient, OutcomeUnknown, TransportError,
-                           Unavailable)
+from accman.errors import (AccManError, HoldEnded, Insufficient, NoAccount, OutcomeUnknown,
+                           TransportError, Unavailable)
 
 log = logging.getLogger("accman.asgi")
 
@@ -138,7 +138,7 @@ class Unhold(Item):
     async def run(self, acc) -> int:
         try:
             hold, _, _ = await acc.hold(self.cred, -self.amount, self.ttl_s, key=self.key)
-        except Insufficient:
+        except (Insufficient, NoAccount):
             return 0                # it never applied and now cannot: nothing held
         try:
             await acc.settle(self.cred, hold, 0)
