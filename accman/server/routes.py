@@ -37,10 +37,11 @@ ROUTE_ROLES = {ROUTE_TOT: READ, ROUTE_PAST: READ, ROUTE_EVENTS: READ, ROUTE_HOLD
                ROUTE_SETTLE: CHARGE, ROUTE_METRICS: ANY_ROLE, ROUTE_HEALTH: 0,
                ROUTE_OPTIONS: 0}
 
-# A store's own error (a read of its files that failed) names the server's
-# files and the OS's words: said in the log, once a kind (at most
-# STORE_ERRORS_SAID_MAX kinds), never to the client (SPEC "Access").
-STORE_ERROR_DETAIL = "the store could not read its data files; the server's log says why"
+# A store's own error (a read of its files or its database that failed)
+# names the server's files and the OS's words: said in the log, once a
+# kind (at most STORE_ERRORS_SAID_MAX kinds), never to the client (SPEC
+# "Access").
+STORE_ERROR_DETAIL = "the store could not serve this read; the server's log says why"
 STORE_ERRORS_SAID_MAX = 64
 log = logging.getLogger("accman.server")
 
