@@ -203,6 +203,44 @@ def _check_members(infos: list[ClusterInfo], exact: bool) -> None:
                          "to add one")
 
 
+async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
+    """A front-end (`serve`) does not add a cluster to a store that holds
+    accounts: the accounts that would rank the new cluster first are not
+    there, so each would answer `no_account`, and a funding mod would open
+    a second one beside it.  Adding one is SCALING.md's procedure, with
+    the front-ends stopped: `accman migrate`, then the accounts moved.  A
+    store with no account yet grows at once (front-ends started together
+    on new clusters, one of them migrating while another reads)."""
+    homes = {i.events_home for i in infos if i is not None} - {None}
+    home = next((i for i in infos if i is not None and i.cluster_id in homes), None)
+    if home is not None:
+        own = home.members | {home.cluster_id}
+    else:
+        own = {i.cluster_id for i in infos if i is not None}
+        if len(own) == len(infos):
+            return
+    new = [n for n, i in enumerate(infos, 1) if i is None or i.cluster_id not in own]
+    if not new:
+        return
+    held = [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
+            if i is not None and i.cluster_id in own
+            and await _of_cluster(_holds_accounts(c), n - 1, len(infos))]
+    if held:
+        raise StoreError(f"{_which(new, len(infos))} {'is' if len(new) == 1 else 'are'} "
+                         f"not of the store, which holds accounts (on "
+                         f"{_which(held, len(infos))}): serve does not add a cluster, "
+                         "whose accounts would not be found; stop the front-ends, run "
+                         "`accman migrate` with every --store and move the accounts "
+                         '(docs/SCALING.md, "Several clusters")')
+
+
+async def _holds_accounts(conn) -> bool:
+    try:
+        return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accman_accounts)")
+    except _DRIVER_ERRORS as e:
+        raise store_error(e, "cannot read the accounts of a cluster of the store") from None
+
+
 async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
     """Records on every cluster of a store of several which one numbers the
     store's events, choosing it if none has been (see above), and gives the
@@ -268,15 +306,19 @@ async def connect(url: str, settings: dict | None = None,
         raise unreadable_url(_CONNECT) from None
 
 
-async def migrate(urls: list[str]) -> list[ClusterInfo]:
+async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
     """Migrates every cluster of a store; the first that has a key gives
-    it to the others, or a new one is made."""
+    it to the others, or a new one is made.  Unless `grow` (`accman
+    migrate`), a cluster given beside a store that holds accounts is
+    refused (check_not_growing)."""
     if not urls:
         raise StoreError("no cluster URL given")
     conns = await _connect_all(urls)
     try:
         infos = await _read_all(conns)
         check_before_migrating(infos)
+        if not grow:
+            await check_not_growing(conns, infos)
         keys = {i.hash_key for i in infos if i is not None}
         adopt = not keys
         key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)

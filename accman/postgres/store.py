@@ -118,7 +118,7 @@ class PgStore:
                       batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
                       holds_per_account_max=holds_per_account_max, holds_max=holds_max)
         urls = list(urls)
-        infos = await (migrate(urls) if migrate_schema else read_infos(urls))
+        infos = await (migrate(urls, grow=False) if migrate_schema else read_infos(urls))
         key = check_infos(infos)
         store = cls(infos, urls, hash_key=key, low_default=low_default,
                     retention_s=retention_s, batch_mods_max=batch_mods_max,

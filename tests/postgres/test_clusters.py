@@ -170,6 +170,27 @@ def test_a_refused_migration_changes_no_cluster(pg):
     assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "mig_one") == "t"
 
 
+def test_serve_does_not_add_a_cluster_to_a_store_that_holds_accounts(pg):
+    """SCALING.md: adding a cluster is done with the front-ends stopped,
+    `accman migrate`, then the accounts moved.  A front-end started with one
+    more --store added it by itself, and the accounts that ranked the new
+    cluster answered no_account (a funding mod would open a second row):
+    refused, changing no cluster; `accman migrate` still adds it."""
+    first, added = pg.create_database("grow_a"), pg.create_database("grow_b")
+
+    async def fund():
+        async with stored(first) as (store, c):
+            for i in range(8):
+                await c.mod(f"g{i}", 5)
+    run(fund())
+    with pytest.raises(StoreError, match=r"cluster 2 of 2 is not of the store, which holds "
+                                         r"accounts \(on cluster 1 of 2\).*accman migrate"):
+        run(opened([first, added]))
+    assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "grow_b") == "t"
+    assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "grow_a") == "t"
+    assert len(run(migrate([first, added]))) == 2
+
+
 def test_front_ends_migrating_a_new_cluster_at_once_all_start(pg):
     """Migrations started together run one after the other, and the later
     ones see what the first made (a transaction begun before it committed
