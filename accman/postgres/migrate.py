@@ -295,12 +295,26 @@ _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError,
 
 async def connect(url: str, settings: dict | None = None,
                   connection_class=asyncpg.Connection):
-    """A connection with SESSION_SETTINGS, and `settings` besides."""
+    """A connection with SESSION_SETTINGS, and `settings` besides.
+
+    A URL of several hosts whose session the driver turned down (a standby,
+    with target_session_attrs=read-write) beside one it could not reach (the
+    lost primary, mid-failover) fails with the unreachable one's OSError
+    alone; a host that answered is then said: no host takes writes, not
+    `connection refused` as if no database were up."""
+    answered = []
+
+    class Counted(connection_class):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            answered.append(True)
     try:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S,
                                      server_settings={**SESSION_SETTINGS, **(settings or {})},
-                                     connection_class=connection_class)
+                                     connection_class=Counted)
     except _DRIVER_ERRORS as e:
+        if answered and isinstance(e, OSError):
+            e = asyncpg.exceptions.TargetServerAttributeNotMatched("no host takes writes")
         raise store_error(e, _CONNECT) from None
     except ValueError:
         raise unreadable_url(_CONNECT) from None

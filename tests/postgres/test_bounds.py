@@ -17,6 +17,7 @@ from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
 from .helpers import locked, opened, run, stored
+from .pgcluster import free_port
 
 
 def test_batch_mods_max(pg_url):
@@ -407,6 +408,23 @@ def test_a_url_that_finds_no_primary_is_refused_in_the_store_s_words(pg, pg_url)
                        r"store: the PostgreSQL store cannot be reached \(no host of the store "
                        r"URL takes writes\)$"):
         run(PgStore.open([pg_url + "?target_session_attrs=read-write"]))
+
+
+def test_a_primary_down_beside_a_standby_is_said_as_no_host_taking_writes(pg, pg_url):
+    """SCALING.md's failover: the primary's host refuses connections and the
+    other host is a standby (here read-only).  The driver raises the down
+    host's ConnectionRefusedError, which was said `(connection refused)`,
+    as if no database were up; it is `(no host of the store URL takes
+    writes)`, as the docs say, whichever host the URL names first."""
+    run(migrate([pg_url]))
+    dbname = pg_url.rsplit("/", 1)[1]
+    pg.psql(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    up, down = f"127.0.0.1:{pg.port}", f"127.0.0.1:{free_port()}"
+    for hosts in (f"{down},{up}", f"{up},{down}"):
+        url = f"postgresql://postgres@{hosts}/{dbname}?target_session_attrs=read-write"
+        with pytest.raises(StoreError, match=r"cannot be reached \(no host of the store "
+                           r"URL takes writes\)$"):
+            run(PgStore.open([url]))
 
 
 def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkeypatch, caplog):
