@@ -3,6 +3,7 @@ hash, each account's history whole in one cluster; the key made once and
 given to a cluster added later; clusters that are not one store refused."""
 
 import asyncio
+import hashlib
 
 import pytest
 
@@ -189,6 +190,25 @@ def test_serve_does_not_add_a_cluster_to_a_store_that_holds_accounts(pg):
     assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "grow_b") == "t"
     assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "grow_a") == "t"
     assert len(run(migrate([first, added]))) == 2
+
+
+def test_an_account_is_held_by_the_cluster_scaling_md_s_rank_names(pg):
+    """SCALING.md's procedure for adding a cluster moves the accounts whose
+    rank names the new one, and gives the rank's formula: the cluster that
+    holds each account is the one it names, from the tables' own bytes."""
+    urls = [pg.create_database("rank_a"), pg.create_database("rank_b")]
+
+    async def fund():
+        async with stored(urls) as (store, c):
+            for i in range(20):
+                await c.mod(f"r{i}", 1)
+    run(fund())
+    cid = {db: bytes.fromhex(pg.psql("SELECT encode(cluster_id, 'hex') FROM accman_schema", db))
+           for db in ("rank_a", "rank_b")}
+    for db in cid:
+        for hid in map(bytes.fromhex, hids_of(pg, db)):
+            assert max(cid, key=lambda d: hashlib.blake2b(
+                hid, digest_size=8, key=cid[d]).digest()) == db
 
 
 def test_front_ends_migrating_a_new_cluster_at_once_all_start(pg):
