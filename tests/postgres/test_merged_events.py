@@ -112,6 +112,7 @@ def test_a_long_poll_is_told_at_once_when_another_cluster_is_lost(pg, pg_factory
     run(seed())
     other = pg_factory(name="lost")
     urls = [first, other.create_database("lost_b")]
+    run(migrate(urls))                      # a cluster added to a store with accounts
 
     async def main():
         async with stored(urls) as (store, c):
@@ -436,6 +437,7 @@ def test_a_copy_that_fails_names_the_cluster_at_fault_and_its_step(pg, pg_factor
         async with stored(home_url) as (_, c):
             await c.mod("seed", 1)
     run(seed())
+    run(migrate(urls))                      # a cluster added to a store with accounts
 
     async def main():
         async with stored(urls) as (store, c):
