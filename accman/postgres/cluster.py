@@ -240,16 +240,17 @@ def health_detail(clusters) -> str | None:
     """/health's 503 detail for a store of `clusters`, or None when every
     one can commit: with some of several lost, the others' accounts still
     take writes, and the detail says which cannot."""
-    lost = [str(n) for n, c in enumerate(clusters, 1) if not c.healthy]
+    lost = [(n, c) for n, c in enumerate(clusters, 1) if not c.healthy]
     if not lost:
         return None
+    # AccMan's words (errors.describe): each cause once, by its clusters
+    # when they differ, so that an operator reads why as well as which.
+    causes = dict.fromkeys(c.error for _, c in lost)
+    why = next(iter(causes)) if len(causes) == 1 else "; ".join(
+        f"cluster {n}: {c.error}" for n, c in lost)
     if len(lost) == len(clusters):
-        # AccMan's words (errors.describe): each cause once, by its
-        # clusters when they differ.
-        causes = dict.fromkeys(c.error for c in clusters)
-        why = next(iter(causes)) if len(causes) == 1 else "; ".join(
-            f"cluster {n}: {c.error}" for n, c in enumerate(clusters, 1))
         return f"the store cannot commit ({why}); the server takes no writes"
-    which = "cluster " + lost[0] if len(lost) == 1 else "clusters " + ", ".join(lost)
-    return (f"{which} of the store's {len(clusters)} cannot commit: writes to accounts there "
-            "are refused, the others' are taken")
+    numbers = [str(n) for n, _ in lost]
+    which = "cluster " + numbers[0] if len(lost) == 1 else "clusters " + ", ".join(numbers)
+    return (f"{which} of the store's {len(clusters)} cannot commit ({why}): writes to "
+            "accounts there are refused, the others' are taken")

@@ -285,8 +285,8 @@ def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
             store.lost(second, ConnectionResetError(104, "reset"))
             # /health's detail: the other cluster's accounts still take writes.
             assert store.unhealthy_detail == (
-                "cluster 2 of the store's 2 cannot commit: writes to accounts there are "
-                "refused, the others' are taken")
+                "cluster 2 of the store's 2 cannot commit (the PostgreSQL store lost its "
+                "connection): writes to accounts there are refused, the others' are taken")
             for _ in range(200):
                 if second.healthy:
                     break
@@ -332,6 +332,13 @@ def test_health_says_which_clusters_cannot_commit():
     assert health_detail([C(healthy=False, error=lost), C(healthy=False, error=full)]) == (
         f"the store cannot commit (cluster 1: {lost}; cluster 2: {full}); the server takes "
         "no writes")
-    assert health_detail([C(healthy=False), C(healthy=True), C(healthy=False)]) == (
-        "clusters 1, 3 of the store's 3 cannot commit: writes to accounts there are refused, "
-        "the others' are taken")
+    # Some of several: which, and why (SCALING.md: a stalled commit's /health
+    # names its cause), each cause once.
+    assert health_detail([C(healthy=False, error=lost), C(healthy=True),
+                          C(healthy=False, error=lost)]) == (
+        f"clusters 1, 3 of the store's 3 cannot commit ({lost}): writes to accounts there "
+        "are refused, the others' are taken")
+    assert health_detail([C(healthy=True), C(healthy=False, error=full),
+                          C(healthy=False, error=lost)]) == (
+        f"clusters 2, 3 of the store's 3 cannot commit (cluster 2: {full}; cluster 3: "
+        f"{lost}): writes to accounts there are refused, the others' are taken")
