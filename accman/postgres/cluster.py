@@ -11,7 +11,8 @@ import asyncpg
 from accman.errors import StoreError
 from accman.postgres import errors as E
 from accman.postgres.backends import Connection, identify, no_reset
-from accman.postgres.migrate import CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect
+from accman.postgres.migrate import (CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect,
+                                     connect_each_host)
 
 # Writer connections per cluster, each with one batch in flight.  One: with
 # 64 callers a second connection, whether it took half of the accounts or
@@ -207,11 +208,13 @@ class Cluster:
             # it restores the floor by itself while the database is down,
             # logging a traceback for every failed try (asyncpg.pool), while
             # the store already says the cluster is lost, once.
-            # Its connects end at CONNECT_TIMEOUT_S, not the driver's 60 s.
+            # Its connects end at CONNECT_TIMEOUT_S, not the driver's 60 s, on each
+            # host of the URL in turn (connect_each_host).
             self.pool = self.pool or await asyncpg.create_pool(
                 self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
                 timeout=CONNECT_TIMEOUT_S, reset=no_reset,
-                server_settings=SESSION_SETTINGS, connection_class=Connection, init=identify)
+                server_settings=SESSION_SETTINGS, connection_class=Connection, init=identify,
+                connect=connect_each_host)
         except BaseException:
             for lane in self.lanes:
                 lane.drop()

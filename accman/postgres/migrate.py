@@ -295,29 +295,69 @@ _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError,
 
 async def connect(url: str, settings: dict | None = None,
                   connection_class=asyncpg.Connection):
-    """A connection with SESSION_SETTINGS, and `settings` besides.
-
-    A URL of several hosts whose session the driver turned down (a standby,
-    with target_session_attrs=read-write) beside one it could not reach (the
-    lost primary, mid-failover) fails with the unreachable one's OSError
-    alone; a host that answered is then said: no host takes writes, not
-    `connection refused` as if no database were up."""
-    answered = []
-
-    class Counted(connection_class):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            answered.append(True)
+    """A connection with SESSION_SETTINGS, and `settings` besides."""
     try:
-        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S,
-                                     server_settings={**SESSION_SETTINGS, **(settings or {})},
-                                     connection_class=Counted)
+        return await connect_each_host(url, timeout=CONNECT_TIMEOUT_S,
+                                       server_settings={**SESSION_SETTINGS, **(settings or {})},
+                                       connection_class=connection_class)
     except _DRIVER_ERRORS as e:
-        if answered and isinstance(e, OSError):
-            e = asyncpg.exceptions.TargetServerAttributeNotMatched("no host takes writes")
         raise store_error(e, _CONNECT) from None
     except ValueError:
         raise unreadable_url(_CONNECT) from None
+
+
+# What makes connect_each_host try the next host, as asyncpg's own loop
+# does: nothing answered, or the database is starting up or shutting down.
+_NEXT_HOST = (OSError, asyncio.TimeoutError, asyncpg.exceptions.CannotConnectNowError)
+
+
+async def connect_each_host(dsn: str, **kw):
+    """asyncpg.connect, given one host of `dsn` at a time, each with the
+    whole `timeout`: asyncpg's timeout spans every host of a URL, so a host
+    that does not answer (the old primary cut off, mid-failover) spent it
+    all and the hosts after it, the new primary among them, were never
+    tried.  A host that answered but takes no writes (target_session_attrs)
+    beside one that did not answer is said as no host taking writes, not
+    as the unanswered one's error, as if no database were up."""
+    urls = _one_host_urls(dsn)
+    if urls is None:
+        return await asyncpg.connect(dsn, **kw)
+    # The host that last took a connection is tried first: the others
+    # before it may be the old primary, which does not answer.
+    first = _last_host.get(dsn)
+    if first in urls:
+        urls.insert(0, urls.pop(urls.index(first)))
+    turned_down = last = None
+    for one in urls:
+        try:
+            conn = await asyncpg.connect(one, **kw)
+            _last_host[dsn] = one
+            return conn
+        except asyncpg.exceptions.TargetServerAttributeNotMatched as e:
+            turned_down = e
+        except _NEXT_HOST as e:
+            last = e
+    raise turned_down or last
+
+
+# For each URL of several hosts, the one of them that last took a
+# connection (a URL's hosts are few, and a store has few URLs).
+_last_host: dict[str, str] = {}
+
+
+def _one_host_urls(url: str) -> list[str] | None:
+    """`url` once for each host its authority names, None when it names
+    one (or is not a URL this can split: asyncpg reads it whole)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+    cut = min(ends, default=len(rest))
+    user, at, hosts = rest[:cut].rpartition("@")
+    parts = [h for h in hosts.split(",") if h]
+    if len(parts) < 2:
+        return None
+    return [f"{scheme}://{user}{at}{h}{rest[cut:]}" for h in parts]
 
 
 async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:

@@ -2,7 +2,9 @@
 reached; and what a lost or stalled database does to calls and health."""
 
 import asyncio
+import importlib
 import re
+import socket
 import time
 
 import asyncpg
@@ -425,6 +427,31 @@ def test_a_primary_down_beside_a_standby_is_said_as_no_host_taking_writes(pg, pg
         with pytest.raises(StoreError, match=r"cannot be reached \(no host of the store "
                            r"URL takes writes\)$"):
             run(PgStore.open([url]))
+
+
+def test_a_host_that_does_not_answer_leaves_the_next_host_of_the_url_tried(pg, pg_url,
+                                                                           monkeypatch):
+    """SCALING.md: after a failover a front-end finds the new primary by
+    itself.  With the old primary's host cut off (here a socket that never
+    answers) listed before it, asyncpg spent its whole connect timeout on
+    that host and never tried the next: serve refused to start, a running
+    front-end never reconnected.  Each host now has the timeout to itself."""
+    # The module, which accman.postgres's `migrate` function hides.
+    migrate_module = importlib.import_module("accman.postgres.migrate")
+    monkeypatch.setattr(migrate_module, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 0.5)
+    dbname = pg_url.rsplit("/", 1)[1]
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", free_port()))
+        hole.listen(16)                     # connections queue; nothing answers
+        hosts = f"127.0.0.1:{hole.getsockname()[1]},127.0.0.1:{pg.port}"
+        url = f"postgresql://postgres@{hosts}/{dbname}?target_session_attrs=read-write"
+
+        async def main():
+            async with stored(url) as (_, c):
+                assert await c.mod("cut", 5) == (5, 1)
+                assert await c.tot("cut") == 5
+        run(main())
 
 
 def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkeypatch, caplog):
