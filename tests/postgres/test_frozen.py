@@ -29,12 +29,20 @@ def frozen(pg):
                           text=True).stdout.split()
     pids = [pg.pid, *map(int, kids)]
     for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+        _signal(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        # The children first: the postmaster, once running, reaps those
+        # that had already exited (pgrep lists them until it does).
+        for pid in reversed(pids):
+            _signal(pid, signal.SIGCONT)
+
+
+def _signal(pid: int, sig) -> None:
+    """`sig` to `pid`, unless it has ended (an exiting backend, reaped)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 async def unanswered(read):
