@@ -272,7 +272,7 @@ def fake():
     (["past", "abc", "--before", "0"], "--before"),
     (["open", "--by", "-5"], "--by must be a positive integer"),
     (["open", "--by", "0"], "--by must be a positive integer"),
-    (["open", "--by", "ten"], "--by"),
+    (["open", "--by", "ten"], "--by must be a plain decimal integer, like 100 ("),
     (["hold", "abc", "-3", "--ttl", "1.5"], "--ttl must be a plain decimal integer, like 100 ("),
 ])
 def test_bad_values_are_refused_before_anything_is_sent(fake, args, names):

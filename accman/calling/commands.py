@@ -42,13 +42,15 @@ OPEN_KEY = "accman-open"
 WRITES = ("open", "mod", "hold", "settle")
 
 
-def decimal(text, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+def decimal(text, what: str, low: int = INT64_MIN, high: int = INT64_MAX,
+            like: str | None = None) -> int:
     """A number from the command line, by the SPEC's rules for the wire
     (accman.calling.arguments.plain_decimal): plain ASCII decimal, an
-    optional "-", no leading zeros, no "-0", no "+", "_" or spaces."""
+    optional "-", no leading zeros, no "-0", no "+", "_" or spaces.  `like`
+    is the example the refusal gives (by default, from `low`)."""
     value = plain_decimal(text)
     if value is None:
-        like = "100" if low >= 0 else "100 or -3"
+        like = like or ("100" if low >= 0 else "100 or -3")
         raise BadRequest(f"{what} must be a plain decimal integer, like {like}")
     if not low <= value <= high:
         raise BadRequest(f"{what} must be from {low} to {high}")
@@ -89,7 +91,7 @@ def _prepare_open(args):
     credential alone.  The credential is drawn here, before anything is sent,
     and kept as `args.cred`, so that every message about this call can hand
     it over."""
-    by = decimal(args.by, "--by")
+    by = decimal(args.by, "--by", like="100")
     if by <= 0:
         raise BadRequest("--by must be a positive integer: the opening balance "
                          "(only a funding mod opens an account)")
