@@ -178,7 +178,7 @@ class PgStore:
         if self._closed:
             raise Unavailable("the store is closed")
         if not cluster.healthy:     # a read here is in order behind its connection's changes
-            raise B.unsent(op, cluster.error or "reconnecting")
+            raise B.unsent(op, named(self, cluster) + (cluster.error or "reconnecting"))
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"{self.queued_mods_max} calls are waiting for the database; "
                        "retry shortly")
@@ -227,7 +227,7 @@ class PgStore:
             lane.writing = False
         if ops and not self._closed:
             # The cluster went unhealthy with calls still queued: none was sent.
-            self._refuse(lane, cluster.error)
+            self._refuse(lane, named(self, cluster) + cluster.error)
 
     async def _commit(self, cluster: Cluster, lane, ops: list) -> None:
         self._flying.update(dict.fromkeys(ops))

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from accman.errors import StoreError, TooManyHolds
+from accman.errors import StoreError, TooManyHolds, Unavailable
 from accman.postgres.migrate import migrate
 
 from .helpers import opened, run, stored, two_clusters
@@ -283,6 +283,11 @@ def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
             second = store.clusters[1]
             assert store.unhealthy_detail is None
             store.lost(second, ConnectionResetError(104, "reset"))
+            # A write refused there names its cluster, as /health does.
+            there = next(f"z{i}" for i in range(100) if store._locate(f"z{i}")[1] is second)
+            with pytest.raises(Unavailable, match="nothing of this call was applied: cluster 2: "
+                                                  "the PostgreSQL store lost its connection"):
+                await c.mod(there, 5)
             # /health's detail: the other cluster's accounts still take writes.
             assert store.unhealthy_detail == (
                 "cluster 2 of the store's 2 cannot commit (the PostgreSQL store lost its "
