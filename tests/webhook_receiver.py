@@ -58,6 +58,26 @@ class Post:
         return [e["id"] for e in self.events]
 
 
+# The ports of receivers taken down, or closed, stay bound (not listening)
+# for the rest of the process: a deliverer still retrying meets a refused
+# connection there, never a server of another test (another xdist worker)
+# that was given the freed port meanwhile.
+_RETIRED: list = []
+
+
+def _held(port: int):
+    """A socket bound to `port` that does not listen, or None if another
+    took the port first."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 class Receiver:
     def __init__(self, secret: bytes, port: int = 0, ssl_context=None):
         self.secret = secret
@@ -73,6 +93,7 @@ class Receiver:
         self.server = None
         self.port = port
         self._hung: list = []
+        self._holding = None        # the port held while down (_held)
         self.thread.start()
         self.up()
 
@@ -93,6 +114,9 @@ class Receiver:
             self.down()
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+        if self._holding is not None:
+            _RETIRED.append(self._holding)
+            self._holding = None
 
     def __enter__(self):
         return self
@@ -127,6 +151,9 @@ class Receiver:
     # --- the server, on its own loop ---
 
     async def _listen(self):
+        if self._holding is not None:
+            self._holding.close()
+            self._holding = None
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
@@ -138,6 +165,7 @@ class Receiver:
         if self.server is not None:
             self.server.close()
             self.server = None
+            self._holding = _held(self.port)
         for w in self._hung:
             w.transport.abort()
         self._hung.clear()
