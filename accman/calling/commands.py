@@ -15,7 +15,7 @@ import secrets
 import signal
 
 from accman.calling.arguments import plain_decimal
-from accman.calling.requests import check_name
+from accman.calling.requests import check_hold_amount, check_name
 from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
                            Insufficient, Terminated, TransportError, Unauthorized, Unavailable,
                            Unreachable)
@@ -137,9 +137,7 @@ def _prepare_hold(args):
     if by > 0:
         raise BadRequest("by must be negative for a hold: the amount it takes out of the "
                          "balance, like -3")
-    if by == INT64_MIN:     # its end would give back 2^63: the server's 400, said here
-        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
-                         "takes is a signed 64-bit integer")
+    check_hold_amount(by)
     ttl_s = decimal(args.ttl, "--ttl", 1, HOLD_TTL_S_MAX)
 
     def hold(acc):

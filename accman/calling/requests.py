@@ -65,15 +65,21 @@ def target_mod(cred, by, min, key, low=None) -> str:
     return target
 
 
+def check_hold_amount(by: int) -> None:
+    """A hold's negative `by` is not -2^63: its end would give back 2^63,
+    past the range (the server's 400, said before sending)."""
+    if by == INT64_MIN:
+        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
+                         "takes is a signed 64-bit integer")
+
+
 def target_hold(cred, by, ttl_s, min, key) -> str:
     """SPEC "Holds": `by` is negative, the amount taken out of the balance."""
     target = "/hold?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
     if check_int(by, "by") >= 0:
         raise BadRequest("by must be negative for a hold: the amount it takes out of "
                          "the balance")
-    if by == INT64_MIN:     # its end would give back 2^63: the server's 400, said here
-        raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
-                         "takes is a signed 64-bit integer")
+    check_hold_amount(by)
     target += f"&by={by}&ttl={check_int(ttl_s, 'ttl_s', 1, HOLD_TTL_S_MAX)}"
     if min is not None:
         target += f"&min={check_int(min, 'min')}"

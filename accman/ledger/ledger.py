@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 from accman.errors import AccManError, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
-from accman.ledger.clock import checked_clock
+from accman.ledger.clock import checked_clock, wall_ms
 from accman.ledger.commit import Committer, running_loop
 from accman.ledger.events import EventLog, check_kept_after
 from accman.ledger.gate import CLOSING_DETAIL, FAILED_DETAIL, Gate
@@ -116,8 +115,7 @@ class Ledger:
             path, create=create, check_files=(verify != "none"))
         self.path = self.store.path
         lock = threading.Lock()
-        self._clock_ms = (lambda: time.time_ns() // 1_000_000) if clock_ms is None \
-            else checked_clock(clock_ms)
+        self._clock_ms = wall_ms if clock_ms is None else checked_clock(clock_ms)
         limits = {name: value for name, value in (
             ("batch_mods_max", batch_mods_max), ("queued_mods_max", queued_mods_max),
             ("holds_max", holds_max), ("holds_per_account_max", holds_per_account_max))
