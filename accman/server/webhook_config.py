@@ -7,6 +7,7 @@ quoting the secret.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 import stat
@@ -16,6 +17,14 @@ from accman.errors import StartupError
 from accman.limits import WEBHOOK_SECRET_BYTES_MAX, WEBHOOK_SECRET_BYTES_MIN
 from accman.server import webhook_http
 from accman.server.webhook_http import Target
+
+# The receiver's mark in a shared cursor's row: the URL's half, the secret's
+# half (target_mark).  A mark written before the secret's half was (the
+# whole SHA-256 of the URL) says nothing of the secret, and is not taken
+# for another secret.
+MARK_HALF_BYTES = 16
+# ~16 MiB and tens of milliseconds, once at each start.
+MARK_SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
 
 
 @dataclass(frozen=True, repr=False)
@@ -78,3 +87,16 @@ def read_secret(path: str) -> bytes:
                            f"{WEBHOOK_SECRET_BYTES_MIN} to {WEBHOOK_SECRET_BYTES_MAX} bytes "
                            f"(besides surrounding whitespace)")
     return secret
+
+
+def target_mark(config: WebhookConfig) -> tuple[bytes, bytes]:
+    """(SHA-256 of the URL, the mark of the receiver): the mark that the
+    shared cursor's row records (32 bytes) is the first half of the URL's
+    digest, then a scrypt of the secret salted by that digest, so that a
+    front-end given another URL or another secret can be told, and the
+    row hands out neither (a URL's path may carry the receiver's secret;
+    scrypt makes guessing a weak webhook secret from the row slow)."""
+    t = config.target
+    url = hashlib.sha256(f"{t.where}{t.path}".encode()).digest()
+    secret = hashlib.scrypt(config.secret, salt=url, dklen=MARK_HALF_BYTES, **MARK_SCRYPT)
+    return url, url[:MARK_HALF_BYTES] + secret

@@ -51,7 +51,7 @@ from accman.limits import WEBHOOK_REPLY_HEAD_BYTES_MAX
 from accman.records import Event
 from accman.server import webhook_http
 from accman.server.say import say
-from accman.server.webhook_config import WebhookConfig
+from accman.server.webhook_config import MARK_HALF_BYTES, WebhookConfig, target_mark
 
 CURSOR_NAME = "webhook"
 SIGNATURE_HEADER = "AccMan-Signature"
@@ -168,6 +168,9 @@ class Deliverer:
         self._saved_at = None       # loop time the last save started
         self._stopping = asyncio.Event()    # a stop: save now, no more waiting
         self._posted_at = None      # loop time the last POST started
+        # The receiver's mark, on a store whose front-ends share the cursor.
+        self._url_digest, self.target_id = (target_mark(config) if hasattr(cursors, "target")
+                                            else (b"", b""))
 
     async def prepare(self) -> None:
         """Loads the cursor; raises StartupError if it cannot be read.  On a
@@ -187,21 +190,22 @@ class Deliverer:
         # so that a later start knows its receiver was waiting for what is kept.
         self._unmarked = loaded is None
 
-    @property
-    def target_id(self) -> bytes:
-        """The receiver, as the shared cursor records it: SHA-256 of its
-        URL (never the URL: its path may carry the receiver's secret)."""
-        t = self.config.target
-        return hashlib.sha256(f"{t.where}{t.path}".encode()).digest()
-
     def _check_target(self, marked: bytes | None) -> None:
         """The front-ends of a store share one cursor: one given another
-        --webhook than the front-end that last delivered would move it past
-        events its own receiver never got, or its receiver past theirs."""
-        if marked is not None and marked != self.target_id:
-            self.say(f"the store's cursor (event {self.cursor}) was last moved by a "
-                     f"front-end delivering to another --webhook URL; every front-end "
-                     f"of a store needs the same one")
+        --webhook or --webhook-secret than the front-end that last delivered
+        would move it past events its own receiver never got, or accepted."""
+        if marked is None:
+            return
+        if marked[:MARK_HALF_BYTES] != self.target_id[:MARK_HALF_BYTES]:
+            what, same = "another --webhook URL", "one"
+        elif marked[MARK_HALF_BYTES:] in (self.target_id[MARK_HALF_BYTES:],
+                                          self._url_digest[MARK_HALF_BYTES:]):
+            return          # this receiver; or a mark of its URL alone, its secret unknown
+        else:
+            what, same = "this URL with another --webhook-secret", "secret"
+        self.say(f"the store's cursor (event {self.cursor}) was last moved by a "
+                 f"front-end delivering to {what}; every front-end of a store "
+                 f"needs the same {same}")
 
     def start(self) -> None:
         if self.leading:

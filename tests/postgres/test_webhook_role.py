@@ -5,6 +5,7 @@ receiver."""
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import time
@@ -181,6 +182,40 @@ def test_a_front_end_given_another_url_says_so(pg_url):
             assert said[2:] == ["this front-end delivers now, after event 0", warning]
             await same.prepare()                # now the other URL is the marked one
             assert said[4:] == [warning]
+    run(main())
+
+
+def test_a_front_end_given_another_secret_says_so(pg_url):
+    """The same URL with another --webhook-secret: its POSTs fail the
+    receiver's check while it holds the role, so a front-end started with
+    it says so.  A mark of the URL alone (AccMan before the secret's half)
+    is taken for neither secret, and the row holds neither the URL nor the
+    secret in clear."""
+    url = "http://127.0.0.1:9/hook?s=one"
+
+    def deliverer(store, secret, said):
+        return Deliverer(store, store.cursors, WebhookConfig(parse_url(url), secret, None),
+                         ServerLimits(webhook_lead_interval_s=LEAD_S),
+                         asyncio.get_running_loop(), say=said.append)
+
+    async def main():
+        async with two_front_ends(pg_url) as (a, b):
+            said = []
+            holder = deliverer(a, SECRET, said)
+            await holder.prepare()
+            assert await holder._lead()
+            marked = await a.cursors.target("webhook")
+            assert SECRET not in marked and b"hook" not in marked
+            await deliverer(b, SECRET, said).prepare()
+            assert said == ["this front-end delivers now, after event 0"]
+            await deliverer(b, b"another-secret-0123456789", said).prepare()
+            assert said[1:] == ["the store's cursor (event 0) was last moved by a front-end "
+                                "delivering to this URL with another --webhook-secret; every "
+                                "front-end of a store needs the same secret"]
+            await a.cursors.mark("webhook", hashlib.sha256(url.encode()).digest())  # the old mark
+            await deliverer(b, b"another-secret-0123456789", said).prepare()
+            await deliverer(b, SECRET, said).prepare()
+            assert len(said) == 2
     run(main())
 
 
