@@ -2,7 +2,8 @@
 spare (issue 11 item 3): a checkpoint that cannot open a file lost nothing,
 so commits go on and it is tried again; only a failure that can have lost
 an acknowledged write stops them.  The descriptors are really exhausted
-(RLIMIT_NOFILE lowered, every slot filled), not simulated."""
+(RLIMIT_NOFILE lowered, every slot filled), not simulated.  And no
+checkpoint at all once a write has failed: the wrap stops commits."""
 
 import errno
 import logging
@@ -10,12 +11,14 @@ import os
 import resource
 import shutil
 import time
+import types
 
+import plyvel
 import pytest
 
 from accman import Ledger
-from accman.errors import Unavailable
-from accman.ledger import keyfile, wal, walwriter
+from accman.errors import StoreError, Unavailable
+from accman.ledger import _ledger, keyfile, wal, walwriter
 from accman.ledger.leveldb import Store
 
 LAP_BYTES = 4 * wal.BLOCK_BYTES         # four one-block records a lap
@@ -156,6 +159,66 @@ def test_a_failed_fsync_of_leveldb_s_log_at_a_checkpoint_stops_commits(tmp_path,
     monkeypatch.undo()
     with Ledger(path) as led:
         assert led.tot("alice") == acked
+
+
+class NoSpaceOnce:
+    """LevelDB, whose next write of a batch fails as a full disk makes it
+    (plyvel's IOError) once `armed`; the retry goes through."""
+
+    def __init__(self, db):
+        self._db = db
+        self.armed = False
+
+    def write_batch(self, **options):
+        wb = self._db.write_batch(**options)
+        batch = types.SimpleNamespace(put=wb.put, delete=wb.delete, write=wb.write)
+        if self.armed:
+            self.armed = False
+
+            def no_space():
+                raise plyvel.IOError(b"IO error: 000003.log: No space left on device")
+            batch.write = no_space
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def record(i):
+    return _ledger.wal_record([(b"\xfetest-%04d" % i, b"%d" % i)])
+
+
+def test_no_checkpoint_after_a_failed_leveldb_write_not_even_once_its_retry_went_through(
+        tmp_path):
+    """A LevelDB write that fails may leave part of its batch in LevelDB's
+    log (tests/reliability/test_storage_faults.py has a full disk do it);
+    the records since the last checkpoint are then the only whole copy.  A
+    later wrap must not make them redundant: it stops writes, naming why."""
+    path = str(tmp_path / "data")
+    store = Store(path, wal_bytes_max=LAP_BYTES)
+    db = store.db = NoSpaceOnce(store.db)
+    ckpt_before = open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read()
+    try:
+        store.write(record(1))
+        db.armed = True
+        with pytest.raises(StoreError, match="commit failed: IO error: .*No space left"):
+            store.apply()
+        written = [1]
+        with pytest.raises(StoreError, match="no checkpoint after a failed write"):
+            for i in range(2, 2 + LAP_BYTES // wal.BLOCK_BYTES):
+                store.write(record(i))          # its lag bound retries batch 1
+                written.append(i)
+        assert store.applied >= 1               # the retry went through
+        assert written == list(range(1, 1 + LAP_BYTES // wal.BLOCK_BYTES))
+        assert open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read() == ckpt_before
+    finally:
+        store.close()
+    store = Store(path)
+    try:
+        for i in written:
+            assert store.get(b"\xfetest-%04d" % i) == b"%d" % i
+    finally:
+        store.close()
 
 
 def test_the_key_file_is_made_before_leveldb_and_kept_by_every_open(tmp_path):

@@ -12,6 +12,13 @@ is tried again.  A failed fsync or rename is fail-stop (OSError, for
 accman.ledger.commit): after a failed fsync the kernel may have dropped
 LevelDB's pages while marking them clean, and a later checkpoint would
 then wrap over records that LevelDB lacks.
+
+Once a write has failed (the log's, or LevelDB's of a batch: `broken`) no
+checkpoint is taken at all, fail-stop as well: a LevelDB write that failed
+may have left part of its batch in LevelDB's log, and its retry the whole
+batch after it, so LevelDB's files can no longer be trusted to read back
+what they were given; the records since the last checkpoint are the only
+whole copy, and the next open cuts LevelDB's logs back and replays them.
 """
 
 from __future__ import annotations
@@ -133,7 +140,7 @@ class Wal:
         self.overrun_bytes_max = overrun_bytes_max
         self._keys = keys
         self.pos = 0
-        self.broken = False         # set by the store when a write failed
+        self.broken = False         # set by the store when a write failed: no checkpoint
         # For /metrics and the log: read without a lock (set in one step each).
         self.checkpoints = 0
         self.checkpoint_s_total = 0.0
@@ -222,7 +229,12 @@ class Wal:
     def checkpoint(self) -> None:
         """Makes every record so far redundant: LevelDB's logs synced, then
         the checkpoint naming the next record, which is written at 0.
-        CheckpointPostponed when it could not be taken and nothing changed."""
+        CheckpointPostponed when it could not be taken and nothing changed;
+        OSError (fail-stop) once a write has failed (`broken`)."""
+        if self.broken:
+            raise OSError(f"no checkpoint after a failed write: LevelDB's files may lack a "
+                          f"batch, or hold it damaged, that {WAL_NAME} alone holds whole; "
+                          "the next open replays it")
         t0 = time.perf_counter()
         logs = _sync_leveldb_logs(self.dir_fd)
         _write_checkpoint(self.dir_fd, self._keys.checkpoint,

@@ -27,7 +27,10 @@ import pytest
 
 from accman import Ledger
 from accman.errors import AccManError, StoreCorrupt, StoreError
+from accman.ledger import _ledger, wal
+from accman.ledger.leveldb import Store
 from conftest import request_bytes, run_accman, spawn_server
+from ledgerhelp import wait_for
 from relhelp import (Control, fill, history, metrics, mount_tmpfs, spawn_controlled,
                      stop_quietly, umount)
 
@@ -184,6 +187,55 @@ def test_a_full_disk_acknowledges_nothing_stops_writes_and_loses_nothing(small_d
     assert srv.stop() == 0
     done = run_accman("verify", "--data", data)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_leveldb_write_torn_by_a_full_disk_is_never_checkpointed_over(small_disk):
+    """LevelDB's write of a durable batch, behind its answer, that a full
+    disk cuts short leaves part of the batch in LevelDB's log; its retry
+    once space is back writes the whole batch after that part, and LevelDB's
+    log no longer reads back.  The log's records since the last checkpoint
+    are then the only whole copy: the log's next wrap stops writes, naming
+    why, rather than take a checkpoint that makes them redundant (the store
+    would be refused as damaged at every open after), and the next open
+    cuts LevelDB's log back and replays every record."""
+    disk, _ = small_disk
+    path = str(disk / "data")
+    lap_records = 64
+    store = Store(path, wal_bytes_max=lap_records * wal.BLOCK_BYTES)
+
+    def record(i):      # ~1.5 KB a batch: a few of them cross a page of LevelDB's log
+        return _ledger.wal_record([(b"\xfefull-%04d-%d" % (i, j), b"%d" % i * 50)
+                                   for j in range(7)])
+    written, stopped = [], None
+    try:
+        # The log's file is written ahead of its records to its size: that
+        # first, then the disk fills, for LevelDB alone to meet.
+        wal_file = os.path.join(path, wal.WAL_NAME)
+        wait_for(lambda: os.path.getsize(wal_file) == lap_records * wal.BLOCK_BYTES)
+        filler = fill(disk)
+        with pytest.raises(StoreError, match=r"commit failed: IO error: .*\.log: No space"):
+            for i in range(1, lap_records):
+                store.write(record(i))
+                written.append(i)
+                store.apply()
+        filler.unlink()
+        for i in range(written[-1] + 1, written[-1] + 1 + lap_records):
+            try:
+                store.write(record(i))          # its lag bound retries the torn batch
+            except StoreError as e:
+                stopped = e.detail
+                break
+            written.append(i)
+        assert store.applied >= len(written) - 2, "the retry did not go through"
+    finally:
+        store.close()
+    store = Store(path)
+    try:
+        for i in written:
+            assert store.get(b"\xfefull-%04d-6" % i) == b"%d" % i * 50, i
+    finally:
+        store.close()
+    assert stopped is not None and "no checkpoint after a failed write" in stopped, stopped
 
 
 def test_history_lost_after_the_open_is_refused_and_said_in_the_log_only(tmp_path):
