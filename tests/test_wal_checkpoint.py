@@ -161,6 +161,81 @@ def test_a_failed_fsync_of_leveldb_s_log_at_a_checkpoint_stops_commits(tmp_path,
         assert led.tot("alice") == acked
 
 
+def test_a_checkpoint_whose_temp_file_meets_a_full_disk_is_postponed_and_commits_go_on(
+        tmp_path, caplog, monkeypatch):
+    """The new checkpoint is written whole to a temp file before the rename:
+    a failure there leaves the checkpoint as it was, so it is postponed and
+    the temp file removed; the log runs on, a kill -9 meanwhile loses
+    nothing, and the retry takes the checkpoint once the disk has room."""
+    path = str(tmp_path / "data")
+    led = Ledger(path, store=Store(path, wal_bytes_max=LAP_BYTES))
+    ckpt_before = open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read()
+    real_write = os.write
+
+    def no_space_for_the_checkpoint(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(wal.CHECKPOINT_NAME + ".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", no_space_for_the_checkpoint)
+    monkeypatch.setattr(walwriter, "CHECKPOINT_RETRY_S", 0.0)     # every wrap tries
+    with caplog.at_level(logging.WARNING, logger="accman.ledger.wal"):
+        for i in range(1, 13):                  # three laps' worth
+            assert led.mod("alice", 1) == (i, i)
+    assert led.healthy and led.store.wal.checkpoints_postponed >= 2
+    assert led.store.wal.pos > LAP_BYTES                    # the log ran on
+    assert "writing accman.checkpoint.tmp: No space left on device" in caplog.text
+    assert open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read() == ckpt_before
+    assert not os.path.exists(os.path.join(path, wal.CHECKPOINT_NAME + ".tmp"))
+    copy = tmp_path / "crashed"
+    shutil.copytree(path, copy)
+    monkeypatch.setattr(os, "write", real_write)
+    led.mod("alice", 1)
+    assert led.store.wal.pos <= LAP_BYTES                   # taken: the log wrapped
+    led.close()
+    with Ledger(str(copy)) as led:
+        assert led.tot("alice") == 12 and len(led.past("alice")) == 12
+    with Ledger(path) as led:
+        assert led.tot("alice") == 13
+
+
+@pytest.mark.parametrize("took_effect", [False, True])
+def test_a_failed_rename_of_the_checkpoint_stops_commits_and_loses_nothing(
+        tmp_path, monkeypatch, took_effect):
+    """Unlike its temp file, a rename that failed is not known to have
+    changed nothing: a network file system may have done it and lost the
+    reply.  Taken for postponed, a rename that took effect would leave a
+    checkpoint that names the next record at offset 0 while that record is
+    written past the log's size, and the next open would refuse the store
+    as damaged (a record after the log's end): so it is fail-stop."""
+    path = str(tmp_path / "data")
+    led = Ledger(path, store=Store(path, wal_bytes_max=LAP_BYTES))
+    real_rename = os.rename
+
+    def failing_rename(src, dst, **kw):
+        if dst == wal.CHECKPOINT_NAME:
+            if took_effect:
+                real_rename(src, dst, **kw)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    acked = 0
+    with pytest.raises(Unavailable, match="the store failed to commit"):
+        for _ in range(LAP_BYTES // wal.BLOCK_BYTES + 1):
+            led.mod("alice", 1)
+            acked += 1
+    assert acked == LAP_BYTES // wal.BLOCK_BYTES
+    assert "Input/output error" in led._committer.error.detail
+    copy = tmp_path / "crashed"
+    shutil.copytree(path, copy)
+    led.close()
+    monkeypatch.undo()
+    for p in (copy, path):
+        with Ledger(str(p)) as led:
+            assert led.tot("alice") == acked
+
+
 class NoSpaceOnce:
     """LevelDB, whose next write of a batch fails as a full disk makes it
     (plyvel's IOError) once `armed`; the retry goes through."""

@@ -79,6 +79,10 @@ def _write_checkpoint(dir_fd: int, key: bytes, ckpt: Checkpoint) -> None:
     except OSError as e:
         _unlink_quietly(tmp, dir_fd)
         raise CheckpointPostponed(f"writing {tmp}: {e.strerror or e}") from e
+    # Never postponed: a rename that failed may yet have taken effect (a
+    # network file system that did it and lost the reply), and a checkpoint
+    # in place that the writer took for postponed would name the next record
+    # at offset 0 while it is written past the log's size.
     os.rename(tmp, CHECKPOINT_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     os.fsync(dir_fd)
 
