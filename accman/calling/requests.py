@@ -149,7 +149,8 @@ class Endpoint:
         # names a server without tokens (docs/CALLING.md; the Node client agrees).
         if token is not None and token != "":
             if not isinstance(token, str) or _TOKEN_RE.fullmatch(token) is None:
-                raise ValueError("the token must be an RFC 6750 b64token (None or empty: none)")
+                raise ValueError("the token must be an RFC 6750 b64token: letters, digits and "
+                                 "- . _ ~ + /, with = only at its end (an empty token is none)")
             tail += f"Authorization: Bearer {token}\r\n"
         self.tail = tail + "\r\n"
 

@@ -165,7 +165,8 @@ class AccManClient {
     // set but empty is a server without tokens, as on the Python side.
     if (token !== undefined && token !== null && token !== '') {
       if (typeof token !== 'string' || !TOKEN_RE.test(token)) {
-        throw new TypeError('token must be an RFC 6750 b64token (null, undefined or empty: none)')
+        throw new TypeError('token must be an RFC 6750 b64token: letters, digits and - . _ ~ + /, ' +
+          'with = only at its end (null, undefined or empty: none)')
       }
       this._headers = ['authorization', 'Bearer ' + token]
     }

@@ -209,7 +209,7 @@ test('an empty token is no token, as null is: no Authorization header is sent', 
   }
   assert.equal(fake.heads.length, 3)
   for (const head of fake.heads) assert.doesNotMatch(head, /authorization/i)
-  assert.throws(() => new AccManClient({ url: 'http://x', token: ' ' }), { name: 'TypeError', message: /b64token/ })
+  assert.throws(() => new AccManClient({ url: 'http://x', token: ' ' }), { name: 'TypeError', message: /b64token: letters, digits and - \. _ ~ \+ \/, with = only at its end/ })
 })
 
 test('a call\'s misspelt option is refused and sends nothing: a keyed mod never goes out keyless', async () => {
