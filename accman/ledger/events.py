@@ -41,11 +41,12 @@ EVENTS_TRIM_MAX = 4096
 EVENTS_TRIM_INTERVAL_S = 60.0
 
 
-def check_kept_after(event_id) -> None:
-    """An event id as /events' `after` takes it (SPEC), or None."""
+def check_kept_after(event_id, name: str = "events_kept_after") -> None:
+    """An event id as /events' `after` takes it (SPEC), or None; a refusal
+    names the caller's parameter, `name`."""
     if event_id is not None and (type(event_id) is not int
                                  or not 0 <= event_id <= INT64_MAX):
-        raise ValueError(f"events_kept_after must be an event id, 0 to {INT64_MAX}, "
+        raise ValueError(f"{name} must be an event id, 0 to {INT64_MAX}, "
                          f"or None; got {event_id!r}")
 
 
@@ -81,7 +82,7 @@ class EventLog:
     def keep_after(self, event_id: int | None) -> None:
         """Events after `event_id` are kept whatever their age (None: the
         retention alone); from any thread."""
-        check_kept_after(event_id)
+        check_kept_after(event_id, "event_id")
         with self.lock:
             self.kept_after = event_id
 
