@@ -19,7 +19,7 @@ import asyncio
 import asyncpg
 
 from accman.postgres import errors as E
-from accman.postgres.migrate import CONNECT_TIMEOUT_S
+from accman.postgres.connecting import CONNECT_TIMEOUT_S
 
 # A backend is named by its pid and its start: a pid alone may be reused.
 _BACKEND_SQL = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"

@@ -11,8 +11,8 @@ import asyncpg
 from accman.errors import StoreError
 from accman.postgres import errors as E
 from accman.postgres.backends import Connection, identify, no_reset
-from accman.postgres.migrate import (CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect,
-                                     connect_each_host)
+from accman.postgres.connecting import (CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect,
+                                        connect_each_host)
 
 # Writer connections per cluster, each with one batch in flight.  One: with
 # 64 callers a second connection, whether it took half of the accounts or

@@ -111,7 +111,7 @@ class PgCursors:
             return True
         try:
             if conn is None:
-                from accman.postgres.migrate import connect
+                from accman.postgres.connecting import connect
                 conn = self._conns[name] = await connect(self.store.home.url, ROLE_KEEPALIVE)
             if self._leading.get(name):
                 await conn.fetchval("SELECT 1", timeout=CURSOR_TIMEOUT_S)

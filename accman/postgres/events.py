@@ -95,7 +95,7 @@ class EventReader:
 
     async def start(self) -> None:
         """LISTENs on a session of its own (`_closed` hears it end)."""
-        from accman.postgres.migrate import connect
+        from accman.postgres.connecting import connect
         listener = await connect(self.cluster.url)
         try:
             await listener.add_listener(NOTIFY_CHANNEL, self._notified)

@@ -23,15 +23,13 @@ import contextlib
 import secrets
 from typing import NamedTuple
 
-import asyncpg
-
 from accman.errors import StoreError
-from accman.postgres.errors import CausedStoreError, describe, store_error, unreadable_url
+from accman.postgres.connecting import DRIVER_ERRORS, connect
+from accman.postgres.errors import CausedStoreError, describe, store_error
 from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 
 HASH_KEY_BYTES = 16
 CLUSTER_ID_BYTES = 16
-CONNECT_TIMEOUT_S = 10.0
 # Held while a migration runs, so that front-ends started together run it
 # once: a transaction-level advisory lock on this number ("accman" in ASCII).
 MIGRATE_LOCK_ID = 0x6163636D616E
@@ -91,7 +89,7 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False) -> Cluster
         info = await _migrate_locked(conn, hash_key, adopt)
     except BaseException:
         # The connection may be gone with the lock: the first error is the one to tell.
-        with contextlib.suppress(*_DRIVER_ERRORS):
+        with contextlib.suppress(*DRIVER_ERRORS):
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
         raise
     await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
@@ -237,7 +235,7 @@ async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
 async def _holds_accounts(conn) -> bool:
     try:
         return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accman_accounts)")
-    except _DRIVER_ERRORS as e:
+    except DRIVER_ERRORS as e:
         raise store_error(e, "cannot read the accounts of a cluster of the store") from None
 
 
@@ -269,97 +267,6 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
     return out
 
 
-# Every connection of a store plans its statements for an index, whatever
-# the statistics say: a plan made while a table was small (a new store, or
-# before autoanalyze first ran) is cached for the connection's life, and a
-# hash join over a sequential scan of accman_accounts then costs each batch
-# and each /tot a scan of every account (measured: 2.7k charges/s instead
-# of 14-16k, with 100k accounts).  A scan that no index can serve (the one-row
-# counter) still runs, at a cost the planner only counts high; JIT, which
-# such a cost would wake on every call, is off (these statements are small).
-#
-# And a commit AccMan makes is durable before anyone hears of it (SPEC
-# "Durability and order"): synchronous_commit is `on` on its connections
-# whatever the database, role or server sets (a connection's own setting
-# comes first).  `off` loses recent commits in a crash, `local` does not
-# wait for a synchronous standby; `remote_apply` (a standby's readers see
-# the commit) is not needed either, since AccMan reads the primary only.
-SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
-                    "enable_mergejoin": "off", "jit": "off", "synchronous_commit": "on"}
-
-
-_CONNECT = "cannot connect to a PostgreSQL cluster of the store"
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError,
-                  asyncpg.exceptions.InternalClientError, OSError, asyncio.TimeoutError)
-
-
-async def connect(url: str, settings: dict | None = None,
-                  connection_class=asyncpg.Connection):
-    """A connection with SESSION_SETTINGS, and `settings` besides."""
-    try:
-        return await connect_each_host(url, timeout=CONNECT_TIMEOUT_S,
-                                       server_settings={**SESSION_SETTINGS, **(settings or {})},
-                                       connection_class=connection_class)
-    except _DRIVER_ERRORS as e:
-        raise store_error(e, _CONNECT) from None
-    except ValueError:
-        raise unreadable_url(_CONNECT) from None
-
-
-# What makes connect_each_host try the next host, as asyncpg's own loop
-# does: nothing answered, or the database is starting up or shutting down.
-_NEXT_HOST = (OSError, asyncio.TimeoutError, asyncpg.exceptions.CannotConnectNowError)
-
-
-async def connect_each_host(dsn: str, **kw):
-    """asyncpg.connect, given one host of `dsn` at a time, each with the
-    whole `timeout`: asyncpg's timeout spans every host of a URL, so a host
-    that does not answer (the old primary cut off, mid-failover) spent it
-    all and the hosts after it, the new primary among them, were never
-    tried.  A host that answered but takes no writes (target_session_attrs)
-    beside one that did not answer is said as no host taking writes, not
-    as the unanswered one's error, as if no database were up."""
-    urls = _one_host_urls(dsn)
-    if urls is None:
-        return await asyncpg.connect(dsn, **kw)
-    # The host that last took a connection is tried first: the others
-    # before it may be the old primary, which does not answer.
-    first = _last_host.get(dsn)
-    if first in urls:
-        urls.insert(0, urls.pop(urls.index(first)))
-    turned_down = last = None
-    for one in urls:
-        try:
-            conn = await asyncpg.connect(one, **kw)
-            _last_host[dsn] = one
-            return conn
-        except asyncpg.exceptions.TargetServerAttributeNotMatched as e:
-            turned_down = e
-        except _NEXT_HOST as e:
-            last = e
-    raise turned_down or last
-
-
-# For each URL of several hosts, the one of them that last took a
-# connection (a URL's hosts are few, and a store has few URLs).
-_last_host: dict[str, str] = {}
-
-
-def _one_host_urls(url: str) -> list[str] | None:
-    """`url` once for each host its authority names, None when it names
-    one (or is not a URL this can split: asyncpg reads it whole)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return None
-    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
-    cut = min(ends, default=len(rest))
-    user, at, hosts = rest[:cut].rpartition("@")
-    parts = [h for h in hosts.split(",") if h]
-    if len(parts) < 2:
-        return None
-    return [f"{scheme}://{user}{at}{h}{rest[cut:]}" for h in parts]
-
-
 async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
     """Migrates every cluster of a store; the first that has a key gives
     it to the others, or a new one is made.  Unless `grow` (`accman
@@ -388,7 +295,7 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
             _check_not_twice(out)        # a new one, named twice
             if len(out) > 1:
                 out = await settle_home(conns, out)
-        except _DRIVER_ERRORS as e:
+        except DRIVER_ERRORS as e:
             raise store_error(e, "cannot record the store's clusters") from None
         check_infos(out)
         return out
@@ -429,7 +336,7 @@ async def _read_all(conns) -> list[ClusterInfo | None]:
 async def _migrated(conn, key: bytes, adopt: bool) -> ClusterInfo:
     try:
         return await migrate_cluster(conn, key, adopt)
-    except _DRIVER_ERRORS as e:
+    except DRIVER_ERRORS as e:
         # A standby, a read-only database, a schema that is not ours.
         raise store_error(e, "cannot migrate the schema of a cluster of the store") from None
 
@@ -458,7 +365,7 @@ async def _read(conn) -> ClusterInfo | None:
                 raise StoreError(f"the store's schema is damaged: {', '.join(missing)} "
                                  "missing; nothing was repaired")
         return info
-    except _DRIVER_ERRORS as e:
+    except DRIVER_ERRORS as e:
         raise store_error(e, "cannot read the schema of a cluster of the store") from None
 
 

@@ -19,7 +19,7 @@ charges apply, are then exactly version 4's.
 
 The hid order of the UPDATE's locks is its plan's: a nested loop whose
 outer side is the ops sorted by hid, which the front-end's session
-settings make the only join it plans (accman.postgres.migrate
+settings make the only join it plans (accman.postgres.connecting
 SESSION_SETTINGS: no hash or merge joins, no sequential scans).  A
 connection without them could lock in another order; the cost would be a
 deadlock that PostgreSQL breaks and the store sends again, not a wrong

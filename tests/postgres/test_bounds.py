@@ -2,7 +2,6 @@
 reached; and what a lost or stalled database does to calls and health."""
 
 import asyncio
-import importlib
 import re
 import socket
 import time
@@ -15,6 +14,7 @@ from accman.postgres import PgStore
 from accman.postgres.migrate import migrate
 from accman.postgres import cluster as cluster_module
 from accman.postgres import complaints as complaints_module
+from accman.postgres import connecting
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
@@ -436,9 +436,7 @@ def test_a_host_that_does_not_answer_leaves_the_next_host_of_the_url_tried(pg, p
     answers) listed before it, asyncpg spent its whole connect timeout on
     that host and never tried the next: serve refused to start, a running
     front-end never reconnected.  Each host now has the timeout to itself."""
-    # The module, which accman.postgres's `migrate` function hides.
-    migrate_module = importlib.import_module("accman.postgres.migrate")
-    monkeypatch.setattr(migrate_module, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(connecting, "CONNECT_TIMEOUT_S", 0.5)
     monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 0.5)
     dbname = pg_url.rsplit("/", 1)[1]
     with socket.socket() as hole:

@@ -14,7 +14,8 @@ from accman.errors import Insufficient
 from accman.limits import HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX, INT64_MIN
 from accman.postgres import batch as B
 from accman.postgres import schema as S
-from accman.postgres.migrate import SESSION_SETTINGS, migrate
+from accman.postgres.connecting import SESSION_SETTINGS
+from accman.postgres.migrate import migrate
 
 from .helpers import run, stored
 

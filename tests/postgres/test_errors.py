@@ -66,7 +66,7 @@ def test_an_error_is_said_in_the_store_s_words(exc, says):
 def test_a_url_the_parser_cannot_read_is_not_quoted():
     """asyncpg's URL parser quotes the piece it could not read: with a raw
     `/` in the password, that piece is the password's."""
-    from accman.postgres.migrate import connect
+    from accman.postgres.connecting import connect
     with pytest.raises(StoreError) as e:
         asyncio.run(connect("postgresql://accman:s3cret/pw@127.0.0.1:5432/accman"))
     assert e.value.detail == ("cannot connect to a PostgreSQL cluster of the store: the store "

@@ -11,7 +11,7 @@ from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insuffici
                            KeyReused, NoAccount, NoHold, TooManyHolds)
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import upkeep
-from accman.postgres.migrate import connect
+from accman.postgres.connecting import connect
 from accman.postgres.schema_v7 import EXPIRE_LOOK_FACTOR
 
 from .helpers import opened, run, stored

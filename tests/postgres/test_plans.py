@@ -1,7 +1,7 @@
 """A store's statements find accounts through the index, whatever the
 statistics: plans cached while the tables were small (a new store, before
 autoanalyze first runs) must not scan every account per batch or read as
-the store grows (accman.postgres.migrate.SESSION_SETTINGS)."""
+the store grows (accman.postgres.connecting.SESSION_SETTINGS)."""
 
 import asyncio
 
