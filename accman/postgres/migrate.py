@@ -30,6 +30,9 @@ from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 
 HASH_KEY_BYTES = 16
 CLUSTER_ID_BYTES = 16
+# The schema version that records the events' home (schema_v2): a store of
+# several clusters at an older one numbered its events on each.
+HOME_SCHEMA_VERSION = 2
 # Held while a migration runs, so that front-ends started together run it
 # once: a transaction-level advisory lock on this number ("accman" in ASCII).
 MIGRATE_LOCK_ID = 0x6163636D616E
@@ -232,6 +235,41 @@ async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
                          '(docs/SCALING.md, "Several clusters")')
 
 
+async def check_homeless(conns, infos: list[ClusterInfo | None], grow: bool) -> None:
+    """Clusters of AccMan's schema, several, none recorded as the events'
+    home: as an `accman migrate` cut short before it recorded the home
+    leaves them, or clusters given one key by such a migrate and then each
+    served alone.  The home is chosen (settle_home) only while at most one
+    of them holds accounts, whose events are then the store's: two that do
+    are separate stores, each numbering its events from 1, and one made the
+    other's home would number its events again, past the ids already read,
+    and hide the accounts that rank the other cluster.  `serve` (not
+    `grow`) chooses no home for a store that holds accounts: finishing a
+    migration is `accman migrate`'s, with the front-ends stopped, and
+    without the home's record a front-end cannot tell that it was given
+    every cluster of the store.  A store with no account yet (front-ends
+    started together on new clusters) is settled at start.  A store of
+    several from before the home (HOME_SCHEMA_VERSION) gets one as ever:
+    its clusters were one store, and it served no /events."""
+    found = [(n, i) for n, i in enumerate(infos) if i is not None]
+    if len(found) < 2 or any(i.events_home is not None or i.version < HOME_SCHEMA_VERSION
+                             for _, i in found):
+        return
+    held = [n + 1 for n, _ in found
+            if await _of_cluster(_holds_accounts(conns[n]), n, len(infos))]
+    if len(held) > 1:
+        raise StoreError(f"{_which(held, len(infos))} each hold accounts and none is recorded "
+                         "as the store's events' home: they are separate stores, each "
+                         "numbering its events from 1, which AccMan does not merge; give "
+                         "each its own --store")
+    if held and not grow:
+        raise StoreError(f"no cluster of the {len(infos)} given is recorded as the store's "
+                         f"events' home, and {_which(held, len(infos))} holds accounts: serve "
+                         "does not choose the home of a store that holds accounts (as an "
+                         "`accman migrate` cut short leaves it); stop the front-ends and run "
+                         "`accman migrate` with every --store of the store")
+
+
 async def _holds_accounts(conn) -> bool:
     try:
         return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accman_accounts)")
@@ -278,6 +316,7 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
     try:
         infos = await _read_all(conns)
         check_before_migrating(infos)
+        await check_homeless(conns, infos, grow)
         if not grow:
             await check_not_growing(conns, infos)
         keys = {i.hash_key for i in infos if i is not None}

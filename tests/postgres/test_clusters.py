@@ -4,6 +4,7 @@ given to a cluster added later; clusters that are not one store refused."""
 
 import asyncio
 import hashlib
+import importlib
 
 import pytest
 
@@ -14,6 +15,8 @@ from .helpers import opened, run, stored, two_clusters
 from .pgcluster import free_port
 
 ACCOUNTS = 200
+# The module (accman.postgres's `migrate` function hides its name).
+migrate_module = importlib.import_module("accman.postgres.migrate")
 
 
 def hids_of(cluster, dbname):
@@ -190,6 +193,79 @@ def test_serve_does_not_add_a_cluster_to_a_store_that_holds_accounts(pg):
     assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "grow_b") == "t"
     assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "grow_a") == "t"
     assert len(run(migrate([first, added]))) == 2
+
+
+def _migrate_cut_short_before_the_home(monkeypatch, urls):
+    """`accman migrate` of `urls` whose connection is lost once every
+    cluster has the schema, before the events' home is recorded."""
+    def lost(*_):
+        raise ConnectionResetError(104, "reset")
+    with monkeypatch.context() as m:
+        m.setattr(migrate_module, "settle_home", lost)
+        with pytest.raises(StoreError, match="cannot record the store's clusters"):
+            run(migrate(urls))
+
+
+def test_serve_does_not_choose_the_home_of_a_store_that_holds_accounts(pg, monkeypatch):
+    """SPEC "Events": a store's events are numbered on one home.  An
+    `accman migrate` adding a cluster to a store that holds accounts, cut
+    short before the home was recorded, left both clusters with AccMan's
+    schema and no home, and serve chose one and served, as if the added
+    cluster had always been there: the accounts ranking it first answered
+    no_account.  Serve refuses, changing nothing; `accman migrate` finishes
+    the setup, the home the cluster that numbered the store's events."""
+    first, added = pg.create_database("cut_a"), pg.create_database("cut_b")
+
+    async def fund():
+        async with stored(first) as (_, c):
+            for i in range(8):
+                await c.mod(f"c{i}", 5)
+    run(fund())
+    _migrate_cut_short_before_the_home(monkeypatch, [first, added])
+    before = _schema_dump(pg, ("cut_a", "cut_b"))
+    assert all(pg.psql("SELECT events_home IS NULL FROM accman_schema", db) == "t"
+               for db in before)
+    with pytest.raises(StoreError, match=r"^no cluster of the 2 given is recorded as the "
+                       r"store's events' home, and cluster 1 of 2 holds accounts: .*run "
+                       r"`accman migrate` with every --store of the store$"):
+        run(opened([first, added]))
+    with pytest.raises(StoreError, match=r"where the store's events are numbered: run "
+                                         r"`accman migrate`"):
+        run(opened([first, added], migrate_schema=False))
+    assert _schema_dump(pg, ("cut_a", "cut_b")) == before
+
+    infos = run(migrate([first, added]))
+    assert infos[0].events_home == infos[1].events_home == infos[0].cluster_id
+
+    async def served():
+        async with stored([added, first]) as (store, c):
+            assert store.home is store.clusters[1]
+            page = await c.events(after=0)
+            assert [e.id for e in page[0]] == list(range(1, 9))
+    run(served())
+
+
+def test_clusters_of_two_stores_of_one_key_are_not_merged(pg, monkeypatch):
+    """Two clusters given the key by one `accman migrate` cut short before
+    the home, then each served alone, are two stores holding accounts, each
+    numbering its events from 1.  Given together, serve and migrate made
+    one the home and renumbered the other's events after its own: refused,
+    by both, changing nothing."""
+    a, b = pg.create_database("sep_a"), pg.create_database("sep_b")
+    _migrate_cut_short_before_the_home(monkeypatch, [a, b])
+
+    async def fund(url, cred):
+        async with stored(url) as (_, c):
+            await c.mod(cred, 5)
+    run(fund(a, "sa"))
+    run(fund(b, "sb"))
+    before = _schema_dump(pg, ("sep_a", "sep_b"))
+    for call in (lambda: opened([a, b]), lambda: migrate([a, b])):
+        with pytest.raises(StoreError, match=r"^clusters 1, 2 of 2 each hold accounts and none "
+                           r"is recorded as the store's events' home: they are separate "
+                           r"stores, .*give each its own --store$"):
+            run(call())
+    assert _schema_dump(pg, ("sep_a", "sep_b")) == before
 
 
 def test_an_account_is_held_by_the_cluster_scaling_md_s_rank_names(pg):

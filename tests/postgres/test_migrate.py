@@ -12,18 +12,26 @@ from .helpers import opened, run
 migrate_module = importlib.import_module("accman.postgres.migrate")
 
 
-def test_a_version_1_store_is_migrated_with_its_accounts(pg, monkeypatch):
-    url = pg.create_database("v1")
-    # A store as version 1 made it: its migrations alone.
+# Version 1's accman_apply: accounts \x01 (10, -3) and \x02 (7), a charge refused.
+_V1_APPLY = ("SELECT * FROM accman_apply("
+             "ARRAY['\\x01'::bytea, '\\x02'::bytea], ARRAY[true, true], ARRAY[1, 1, 2, 1], "
+             "ARRAY[1, 1, 1, 1]::smallint[], ARRAY[10, -3, 7, -100]::bigint[], "
+             "ARRAY[NULL, NULL, NULL, 0]::bigint[], ARRAY['k1', NULL, NULL, NULL], "
+             "ARRAY[NULL, NULL, NULL, NULL]::bigint[], NULL, 4096, 1000000)")
+
+
+def _as_version_1(monkeypatch, url):
+    """`url` migrated as version 1 made a store: its migrations alone."""
     with monkeypatch.context() as m:
         m.setattr(migrate_module, "MIGRATIONS", S.MIGRATIONS[:1])
         m.setattr(migrate_module, "SCHEMA_VERSION", 1)
         run(migrate([url]))
-        pg.psql("SELECT * FROM accman_apply("
-                "ARRAY['\\x01'::bytea, '\\x02'::bytea], ARRAY[true, true], ARRAY[1, 1, 2, 1], "
-                "ARRAY[1, 1, 1, 1]::smallint[], ARRAY[10, -3, 7, -100]::bigint[], "
-                "ARRAY[NULL, NULL, NULL, 0]::bigint[], ARRAY['k1', NULL, NULL, NULL], "
-                "ARRAY[NULL, NULL, NULL, NULL]::bigint[], NULL, 4096, 1000000)", "v1")
+
+
+def test_a_version_1_store_is_migrated_with_its_accounts(pg, monkeypatch):
+    url = pg.create_database("v1")
+    _as_version_1(monkeypatch, url)
+    pg.psql(_V1_APPLY, "v1")
     assert pg.psql("SELECT version FROM accman_schema", "v1") == "1"
     assert pg.psql("SELECT string_agg(tot || ':' || seq, ' ' ORDER BY hid) "
                    "FROM accman_accounts", "v1") == "7:2 7:1"
@@ -42,3 +50,19 @@ def test_a_version_1_store_is_migrated_with_its_accounts(pg, monkeypatch):
     run(main())
     assert pg.psql("SELECT version FROM accman_schema", "v1") == str(S.SCHEMA_VERSION)
     assert pg.psql("SELECT accounts FROM accman_counter", "v1") == "3"
+
+
+def test_a_version_1_store_of_two_clusters_holding_accounts_gets_its_home(pg, monkeypatch):
+    """Version 1 numbered events on each cluster of a store of several: both
+    hold accounts and none is the home, as two separate stores would, which
+    migrate refuses.  Such a store is one store, from before the home, and
+    migrating it chooses its home as ever."""
+    urls = [pg.create_database("v1two_a"), pg.create_database("v1two_b")]
+    for url in urls:
+        _as_version_1(monkeypatch, url)
+    key = pg.psql("SELECT encode(hash_key, 'hex') FROM accman_schema", "v1two_a")
+    pg.psql(f"UPDATE accman_schema SET hash_key = '\\x{key}'", "v1two_b")     # one store's
+    pg.psql(_V1_APPLY, "v1two_a")
+    pg.psql(_V1_APPLY.replace("\\x0", "\\x1"), "v1two_b")
+    infos = run(migrate(urls))
+    assert infos[0].events_home == infos[1].events_home is not None
