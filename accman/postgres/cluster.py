@@ -209,7 +209,8 @@ class Cluster:
             # logging a traceback for every failed try (asyncpg.pool), while
             # the store already says the cluster is lost, once.
             # Its connects end at CONNECT_TIMEOUT_S, not the driver's 60 s, on each
-            # host of the URL in turn (connect_each_host).
+            # host of the URL, the next tried beside one that does not answer
+            # (connect_each_host).
             self.pool = self.pool or await asyncpg.create_pool(
                 self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
                 timeout=CONNECT_TIMEOUT_S, reset=no_reset,

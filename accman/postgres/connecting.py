@@ -55,35 +55,82 @@ async def connect(url: str, settings: dict | None = None,
 # What makes connect_each_host try the next host, as asyncpg's own loop
 # does: nothing answered, or the database is starting up or shutting down.
 _NEXT_HOST = (OSError, asyncio.TimeoutError, asyncpg.exceptions.CannotConnectNowError)
+# A host of a URL of several that has not answered within this long has the
+# next host tried beside it, its own attempt going on to its whole timeout:
+# a host cut off (the old primary, mid-failover) never answers, and waiting
+# for its timeout first delayed each start and each new connection by it (a
+# read needing one was 503 at READ_TIMEOUT_S).  A database that is up answers
+# within milliseconds, and one slower than this is still taken.
+NEXT_HOST_AFTER_S = 1.0
 
 
-async def connect_each_host(dsn: str, **kw):
-    """asyncpg.connect, given one host of `dsn` at a time, each with the
-    whole `timeout`: asyncpg's timeout spans every host of a URL, so a host
-    that does not answer (the old primary cut off, mid-failover) spent it
-    all and the hosts after it, the new primary among them, were never
-    tried.  A host that answered but takes no writes (target_session_attrs)
-    beside one that did not answer is said as no host taking writes, not
-    as the unanswered one's error, as if no database were up."""
+async def connect_each_host(dsn: str, *, timeout: float, **kw):
+    """asyncpg.connect on each host of `dsn` in the URL's order, as libpq
+    tries them, each attempt with the whole `timeout` of its own: asyncpg's
+    timeout spans every host of a URL, so a host that does not answer spent
+    it all, and the hosts after it, the new primary among them, were never
+    tried.  The next host is tried once the last one tried has failed, or
+    has not answered within NEXT_HOST_AFTER_S; the first connection taken
+    (the earlier begun on a tie) ends the other attempts.  A host that
+    answered but takes no writes (target_session_attrs) beside one that
+    did not answer is said as no host taking writes, not as the unanswered
+    one's error, as if no database were up."""
     urls = _one_host_urls(dsn)
     if urls is None:
-        return await asyncpg.connect(dsn, **kw)
+        return await asyncpg.connect(dsn, timeout=timeout, **kw)
     # The host that last took a connection is tried first: the others
     # before it may be the old primary, which does not answer.
     first = _last_host.get(dsn)
     if first in urls:
         urls.insert(0, urls.pop(urls.index(first)))
-    turned_down = last = None
-    for one in urls:
-        try:
-            conn = await asyncpg.connect(one, **kw)
-            _last_host[dsn] = one
-            return conn
-        except asyncpg.exceptions.TargetServerAttributeNotMatched as e:
-            turned_down = e
-        except _NEXT_HOST as e:
-            last = e
-    raise turned_down or last
+    trying: dict = {}           # attempt -> its host's URL, in the order begun
+    failed: list = []
+    try:
+        for k, one in enumerate(urls):
+            newest = asyncio.ensure_future(asyncpg.connect(one, timeout=timeout, **kw))
+            trying[newest] = one
+            taken = await _taken(trying, failed, newest if k < len(urls) - 1 else None)
+            if taken is not None:
+                _last_host[dsn] = trying.pop(taken)
+                return taken.result()
+    finally:
+        for attempt in trying:
+            attempt.cancel()
+            attempt.add_done_callback(_left)
+    turned_down = [e for e in failed
+                   if isinstance(e, asyncpg.exceptions.TargetServerAttributeNotMatched)]
+    raise (turned_down or failed)[-1]
+
+
+async def _taken(trying: dict, failed: list, newest):
+    """The attempt of `trying` that took a connection; None once every
+    attempt has failed, or `newest` (unless None) has failed or has not
+    answered within NEXT_HOST_AFTER_S.  A failed attempt leaves `trying`,
+    its error for `failed`; an error that no other host could mend (a
+    password refused) is raised, as libpq tries no further host then."""
+    loop = asyncio.get_running_loop()
+    end = None if newest is None else loop.time() + NEXT_HOST_AFTER_S
+    while trying:
+        left = None if end is None else max(0.0, end - loop.time())
+        done, _ = await asyncio.wait(trying, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        for attempt in [a for a in trying if a in done]:
+            error = attempt.exception()
+            if error is None:
+                return attempt
+            del trying[attempt]
+            if not isinstance(error, (*_NEXT_HOST,
+                                      asyncpg.exceptions.TargetServerAttributeNotMatched)):
+                raise error
+            failed.append(error)
+        if not done or (newest is not None and newest.done()):
+            return None
+    return None
+
+
+def _left(attempt) -> None:
+    """An attempt ended unused: the connection it may have taken is closed."""
+    if not attempt.cancelled() and attempt.exception() is None:
+        attempt.result().terminate()
 
 
 # For each URL of several hosts, the one of them that last took a

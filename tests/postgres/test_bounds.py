@@ -2,6 +2,7 @@
 reached; and what a lost or stalled database does to calls and health."""
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
@@ -450,6 +451,77 @@ def test_a_host_that_does_not_answer_leaves_the_next_host_of_the_url_tried(pg, p
                 assert await c.mod("cut", 5) == (5, 1)
                 assert await c.tot("cut") == 5
         run(main())
+
+
+def _hole():
+    """A host cut off: a socket that takes connections and never answers."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", free_port()))
+    hole.listen(16)                         # connections queue; nothing answers
+    return hole
+
+
+def test_a_host_that_does_not_answer_has_the_next_tried_beside_it(pg, pg_url, monkeypatch):
+    """SCALING.md: with the host first in line cut off (at start, or the
+    old primary remembered as the host that last took a connection, after
+    a failover), a new connection waited CONNECT_TIMEOUT_S on it before
+    trying the next: a start took 10 s, and a read needing a new pool
+    connection was 503 at READ_TIMEOUT_S without trying the next host.  The
+    next host is tried once the first has not answered within
+    NEXT_HOST_AFTER_S, the timeouts themselves unchanged."""
+    monkeypatch.setattr(connecting, "NEXT_HOST_AFTER_S", 0.2)
+    assert connecting.CONNECT_TIMEOUT_S == store_module.READ_TIMEOUT_S == 10
+    dbname = pg_url.rsplit("/", 1)[1]
+    with _hole() as hole:
+        cut = f"127.0.0.1:{hole.getsockname()[1]}"
+        url = (f"postgresql://postgres@{cut},127.0.0.1:{pg.port}/{dbname}"
+               "?target_session_attrs=read-write")
+
+        async def main():
+            began = time.monotonic()
+            async with stored(url) as (store, c):
+                assert time.monotonic() - began < 3
+                assert await c.mod("cut", 5) == (5, 1)
+                # As after a failover: the cut-off host is the one that last
+                # took a connection, and the read pool connects anew.
+                connecting._last_host[url] = url.replace(f"{cut},127.0.0.1:{pg.port}", cut)
+                await store.clusters[0].pool.expire_connections()
+                began = time.monotonic()
+                assert await c.tot("cut") == 5
+                assert time.monotonic() - began < 3
+        run(main())
+
+
+def test_a_host_slower_than_next_host_after_s_is_still_taken(pg, pg_url, monkeypatch):
+    """The next host tried beside a slow one ends no attempt: a primary
+    that answers after NEXT_HOST_AFTER_S, beside a host that refuses, is
+    connected to, within its CONNECT_TIMEOUT_S."""
+    monkeypatch.setattr(connecting, "NEXT_HOST_AFTER_S", 0.1)
+    dbname = pg_url.rsplit("/", 1)[1]
+
+    async def late(reader, writer):
+        await asyncio.sleep(0.5)            # then a plain relay to the database
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", pg.port)
+
+        async def relay(src, dst):
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+        await asyncio.gather(relay(reader, up_w), relay(up_r, writer))
+
+    async def main():
+        slow = await asyncio.start_server(late, "127.0.0.1", free_port())
+        async with slow:
+            hosts = f"127.0.0.1:{slow.sockets[0].getsockname()[1]},127.0.0.1:{free_port()}"
+            url = f"postgresql://postgres@{hosts}/{dbname}?target_session_attrs=read-write"
+            conn = await connecting.connect(url)
+            try:
+                assert await conn.fetchval("SELECT current_database()") == dbname
+            finally:
+                await conn.close()
+    run(main())
 
 
 def test_a_reconnection_is_healthy_only_once_its_listener_is_back(pg_url, monkeypatch, caplog):
