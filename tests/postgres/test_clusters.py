@@ -181,18 +181,20 @@ def test_serve_does_not_add_a_cluster_to_a_store_that_holds_accounts(pg):
     cluster answered no_account (a funding mod would open a second row):
     refused, changing no cluster; `accman migrate` still adds it."""
     first, added = pg.create_database("grow_a"), pg.create_database("grow_b")
-
-    async def fund():
-        async with stored(first) as (store, c):
-            for i in range(8):
-                await c.mod(f"g{i}", 5)
-    run(fund())
+    run(_fund(first, [f"g{i}" for i in range(8)]))
     with pytest.raises(StoreError, match=r"cluster 2 of 2 is not of the store, which holds "
                                          r"accounts \(on cluster 1 of 2\).*accman migrate"):
         run(opened([first, added]))
     assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "grow_b") == "t"
     assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "grow_a") == "t"
     assert len(run(migrate([first, added]))) == 2
+
+
+async def _fund(url, creds):
+    """Opens an account for each of `creds` on the store at `url`."""
+    async with stored(url) as (_, c):
+        for cred in creds:
+            await c.mod(cred, 5)
 
 
 def _migrate_cut_short_before_the_home(monkeypatch, urls):
@@ -215,12 +217,7 @@ def test_serve_does_not_choose_the_home_of_a_store_that_holds_accounts(pg, monke
     no_account.  Serve refuses, changing nothing; `accman migrate` finishes
     the setup, the home the cluster that numbered the store's events."""
     first, added = pg.create_database("cut_a"), pg.create_database("cut_b")
-
-    async def fund():
-        async with stored(first) as (_, c):
-            for i in range(8):
-                await c.mod(f"c{i}", 5)
-    run(fund())
+    run(_fund(first, [f"c{i}" for i in range(8)]))
     _migrate_cut_short_before_the_home(monkeypatch, [first, added])
     before = _schema_dump(pg, ("cut_a", "cut_b"))
     assert all(pg.psql("SELECT events_home IS NULL FROM accman_schema", db) == "t"
@@ -253,12 +250,8 @@ def test_clusters_of_two_stores_of_one_key_are_not_merged(pg, monkeypatch):
     by both, changing nothing."""
     a, b = pg.create_database("sep_a"), pg.create_database("sep_b")
     _migrate_cut_short_before_the_home(monkeypatch, [a, b])
-
-    async def fund(url, cred):
-        async with stored(url) as (_, c):
-            await c.mod(cred, 5)
-    run(fund(a, "sa"))
-    run(fund(b, "sb"))
+    run(_fund(a, ["sa"]))
+    run(_fund(b, ["sb"]))
     before = _schema_dump(pg, ("sep_a", "sep_b"))
     for call in (lambda: opened([a, b]), lambda: migrate([a, b])):
         with pytest.raises(StoreError, match=r"^clusters 1, 2 of 2 each hold accounts and none "

@@ -153,15 +153,17 @@ def test_a_holder_that_lost_the_role_goes_on_from_the_saved_cursor(pg_url):
     run(main())
 
 
+def deliverer(store, url, said, secret=SECRET):
+    """A deliverer on `store` for `url`, its sayings into `said`."""
+    return Deliverer(store, store.cursors, WebhookConfig(parse_url(url), secret, None),
+                     ServerLimits(webhook_lead_interval_s=LEAD_S),
+                     asyncio.get_running_loop(), say=said.append)
+
+
 def test_a_front_end_given_another_url_says_so(pg_url):
     """One cursor for the store's receiver: a front-end started, or taking
     the role, with another --webhook than the last holder's says so (the
     URL itself, which may hold the receiver's secret, is never said)."""
-    def deliverer(store, url, said):
-        return Deliverer(store, store.cursors, WebhookConfig(parse_url(url), SECRET, None),
-                         ServerLimits(webhook_lead_interval_s=LEAD_S),
-                         asyncio.get_running_loop(), say=said.append)
-
     async def main():
         async with two_front_ends(pg_url) as (a, b):
             said = []
@@ -192,29 +194,24 @@ def test_a_front_end_given_another_secret_says_so(pg_url):
     is taken for neither secret, and the row holds neither the URL nor the
     secret in clear."""
     url = "http://127.0.0.1:9/hook?s=one"
-
-    def deliverer(store, secret, said):
-        return Deliverer(store, store.cursors, WebhookConfig(parse_url(url), secret, None),
-                         ServerLimits(webhook_lead_interval_s=LEAD_S),
-                         asyncio.get_running_loop(), say=said.append)
-
+    other = b"another-secret-0123456789"
     async def main():
         async with two_front_ends(pg_url) as (a, b):
             said = []
-            holder = deliverer(a, SECRET, said)
+            holder = deliverer(a, url, said)
             await holder.prepare()
             assert await holder._lead()
             marked = await a.cursors.target("webhook")
             assert SECRET not in marked and b"hook" not in marked
-            await deliverer(b, SECRET, said).prepare()
+            await deliverer(b, url, said).prepare()
             assert said == ["this front-end delivers now, after event 0"]
-            await deliverer(b, b"another-secret-0123456789", said).prepare()
+            await deliverer(b, url, said, other).prepare()
             assert said[1:] == ["the store's cursor (event 0) was last moved by a front-end "
                                 "delivering to this URL with another --webhook-secret; every "
                                 "front-end of a store needs the same secret"]
             await a.cursors.mark("webhook", hashlib.sha256(url.encode()).digest())  # the old mark
-            await deliverer(b, b"another-secret-0123456789", said).prepare()
-            await deliverer(b, SECRET, said).prepare()
+            await deliverer(b, url, said, other).prepare()
+            await deliverer(b, url, said).prepare()
             assert len(said) == 2
     run(main())
 
