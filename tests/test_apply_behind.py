@@ -6,10 +6,12 @@ the answer loses nothing that was answered and stops the writes."""
 
 import threading
 import time
+import types
 
+import plyvel
 import pytest
 
-from accman import Ledger, StoreError, Unavailable
+from accman import Ledger, Unavailable
 from accman.ledger.leveldb import Store
 
 
@@ -84,30 +86,46 @@ def test_a_batch_is_answered_before_leveldb_has_it_and_read_from_memory(tmp_path
         assert led.tot("alice") == 85
 
 
-class FailingApply(Store):
-    """LevelDB's writes fail from the `fail_from`th on (1-based)."""
+class FullDisk:
+    """LevelDB (plyvel's DB) on a disk that is full while `full` is set:
+    each write of a batch fails then as a full disk fails it, plyvel's
+    IOError with nothing inserted, and the store keeps the batch at the head
+    of its queue (Store.apply).  `writes` counts every write of a batch
+    tried, failed or not."""
 
-    fail_from = 10 ** 9
-    applies = 0
+    def __init__(self, db):
+        self._db = db
+        self.full = False
+        self.writes = 0
 
-    def apply(self):
-        if self._queued:
-            self.applies += 1
-            if self.applies >= self.fail_from:
-                self._queued.clear()
-                self.wal.broken = True
-                raise StoreError(f"{self.path}: commit failed: injected LevelDB fault")
-        return super().apply()
+    def write_batch(self, **options):
+        wb = self._db.write_batch(**options)
+
+        def write():
+            self.writes += 1
+            if self.full:
+                raise plyvel.IOError(b"IO error: 000005.log: No space left on device")
+            wb.write()
+        return types.SimpleNamespace(put=wb.put, delete=wb.delete, write=write)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def on_full_disk(path):
+    """A ledger whose LevelDB is FullDisk's, and that FullDisk."""
+    store = Store(path)
+    disk = store.db = FullDisk(store.db)
+    return Ledger(path, store=store), disk
 
 
 def test_a_failed_leveldb_write_after_the_answer_loses_nothing_and_stops_writes(tmp_path):
     path = str(tmp_path / "data")
-    store = FailingApply(path)
-    led = Ledger(path, store=store)
+    led, disk = on_full_disk(path)
     answered = [led.mod("alice", 10)]
     try:
         led.verify()                    # waits until LevelDB has it
-        store.fail_from = store.applies + 1
+        disk.full = True
         # Durable in the log, so answered; LevelDB's write then fails.
         answered.append(led.mod("alice", 5, key="k"))
         assert answered == [(10, 1), (15, 2)]
@@ -118,7 +136,7 @@ def test_a_failed_leveldb_write_after_the_answer_loses_nothing_and_stops_writes(
                 answered.append(led.mod("alice", 1))
                 time.sleep(0.01)
         assert not led.healthy
-        assert "injected LevelDB fault" in led.failure
+        assert "commit failed: IO error: 000005.log: No space left" in led.failure
         # LevelDB lacks acknowledged batches: a check of it would pass on less.
         with pytest.raises(Unavailable, match="files cannot be checked: reopen the ledger"):
             led.verify()
@@ -130,3 +148,4 @@ def test_a_failed_leveldb_write_after_the_answer_loses_nothing_and_stops_writes(
         assert [(e.tot, e.seq) for e in led.past("alice")] == list(reversed(answered))
         assert led.mod("alice", 5, key="k") == (15, 2)
         assert led.verify()["entries"] == len(answered)
+
