@@ -2,7 +2,8 @@
 answered once its log record is durable, and written into LevelDB after
 that.  Until it is, the book answers what LevelDB would (the history of a
 /past, an idempotency key, a settled hold); a failed LevelDB write after
-the answer loses nothing that was answered and stops the writes."""
+the answer loses nothing that was answered and stops the writes, LevelDB's
+too (no retry) until the reopen replays the log."""
 
 import threading
 import time
@@ -11,8 +12,10 @@ import types
 import plyvel
 import pytest
 
-from accman import Ledger, Unavailable
+from accman import Ledger, StoreError, Unavailable
+from accman.ledger import _ledger
 from accman.ledger.leveldb import Store
+from ledgerhelp import wait_for
 
 
 class GatedApply(Store):
@@ -138,7 +141,7 @@ def test_a_failed_leveldb_write_after_the_answer_loses_nothing_and_stops_writes(
         assert not led.healthy
         assert "commit failed: IO error: 000005.log: No space left" in led.failure
         # LevelDB lacks acknowledged batches: a check of it would pass on less.
-        with pytest.raises(Unavailable, match="files cannot be checked: reopen the ledger"):
+        with pytest.raises(Unavailable, match="cannot be checked: reopen the ledger"):
             led.verify()
         assert led.tot("alice") == answered[-1][0]
         assert [e.seq for e in led.past("alice")] == [s for _, s in reversed(answered)]
@@ -149,3 +152,68 @@ def test_a_failed_leveldb_write_after_the_answer_loses_nothing_and_stops_writes(
         assert led.mod("alice", 5, key="k") == (15, 2)
         assert led.verify()["entries"] == len(answered)
 
+
+def test_no_leveldb_write_is_tried_once_one_has_failed(tmp_path):
+    """A LevelDB write that failed may have left part of its batch in
+    LevelDB's log, and a retry would write the batch whole after that part.
+    Once one has failed, the store writes LevelDB no more, not even once the
+    disk has room again: not for the writer's next batch, nor for a verify,
+    nor at close (on a full disk each would only fail again).  The log
+    holds every answered batch whole, the next open replays them, and until
+    then every read sees them, from the book."""
+    path = str(tmp_path / "data")
+    led, disk = on_full_disk(path)
+    try:
+        led.mod("alice", 10)
+        led.verify()                                    # waits until LevelDB has it
+        disk.full = True
+        assert led.mod("alice", 5, key="k") == (15, 2)  # durable, then LevelDB's write fails
+        wait_for(lambda: not led.healthy, what="the failed LevelDB write")
+        writes = disk.writes
+        disk.full = False                               # a retry would go through now
+        with pytest.raises(Unavailable, match="failed to commit"):
+            led.mod("alice", 1)
+        with pytest.raises(Unavailable, match="cannot be checked: reopen the ledger"):
+            led.verify()
+        assert led.tot("alice") == 15
+        assert [(e.tot, e.seq, e.key) for e in led.past("alice")] == [(15, 2, "k"),
+                                                                     (10, 1, None)]
+        assert [(e.id, e.tot) for e in led.events()[0]] == [(1, 10), (2, 15)]
+    finally:
+        led.close()
+    assert disk.writes == writes
+    with Ledger(path) as led:           # the log's records are replayed
+        assert [(e.tot, e.seq) for e in led.past("alice")] == [(15, 2), (10, 1)]
+        assert led.mod("alice", 5, key="k") == (15, 2)
+
+
+def test_verify_refuses_once_the_log_failed_with_an_answered_batch_not_in_leveldb(tmp_path):
+    """The log's write fails while LevelDB still lacks an answered batch:
+    LevelDB is not written after that either, so a check of its files would
+    pass on less than was answered; verify refuses until the reopen, which
+    replays the batch."""
+    path = str(tmp_path / "data")
+    store = GatedApply(path)
+    led = Ledger(path, store=store)
+    try:
+        led.mod("alice", 10)
+        answer, release = gated(store, led.mod, "alice", 5)
+        assert answer == (15, 2)
+
+        def no_space(payload):
+            raise OSError(28, "No space left on device")
+        store.wal.append = no_space
+        # The writer's write of the next batch, as it fails (the writer
+        # itself waits in LevelDB's write of the answered one).
+        with pytest.raises(StoreError, match="commit failed: No space left on device"):
+            store.write(_ledger.wal_record([(b"\xfetest", b"1")]))
+        release()
+        with pytest.raises(Unavailable, match="cannot be checked: reopen the ledger"):
+            led.verify()
+        assert [(e.tot, e.seq) for e in led.past("alice")] == [(15, 2), (10, 1)]
+    finally:
+        store.gate.set()
+        led.close()
+    with Ledger(path) as led:
+        assert [(e.tot, e.seq) for e in led.past("alice")] == [(15, 2), (10, 1)]
+        assert led.verify()["entries"] == 2

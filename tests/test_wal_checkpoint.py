@@ -3,7 +3,7 @@ spare (issue 11 item 3): a checkpoint that cannot open a file lost nothing,
 so commits go on and it is tried again; only a failure that can have lost
 an acknowledged write stops them.  The descriptors are really exhausted
 (RLIMIT_NOFILE lowered, every slot filled), not simulated.  And no
-checkpoint at all once a write has failed: the wrap stops commits."""
+checkpoint at all once a write has failed, nor any write."""
 
 import errno
 import logging
@@ -263,35 +263,35 @@ def record(i):
     return _ledger.wal_record([(b"\xfetest-%04d" % i, b"%d" % i)])
 
 
-def test_no_checkpoint_after_a_failed_leveldb_write_not_even_once_its_retry_went_through(
-        tmp_path):
+def test_after_a_failed_leveldb_write_nothing_is_retried_written_or_checkpointed(tmp_path):
     """A LevelDB write that fails may leave part of its batch in LevelDB's
-    log (tests/reliability/test_storage_faults.py has a full disk do it);
-    the records since the last checkpoint are then the only whole copy.  A
-    later wrap must not make them redundant: it stops writes, naming why."""
+    log (tests/reliability/test_storage_faults.py has a full disk do it),
+    which a retry would follow with the whole batch; the records since the
+    last checkpoint are then the only whole copy.  So the store retries
+    nothing, though the retry would go through, takes no write (naming
+    why), and no checkpoint that would make those records redundant; the
+    next open replays them."""
     path = str(tmp_path / "data")
     store = Store(path, wal_bytes_max=LAP_BYTES)
     db = store.db = NoSpaceOnce(store.db)
     ckpt_before = open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read()
     try:
         store.write(record(1))
+        store.write(record(2))
         db.armed = True
         with pytest.raises(StoreError, match="commit failed: IO error: .*No space left"):
             store.apply()
-        written = [1]
-        with pytest.raises(StoreError, match="no checkpoint after a failed write"):
-            for i in range(2, 2 + LAP_BYTES // wal.BLOCK_BYTES):
-                store.write(record(i))          # its lag bound retries batch 1
-                written.append(i)
-        assert store.applied >= 1               # the retry went through
-        assert written == list(range(1, 1 + LAP_BYTES // wal.BLOCK_BYTES))
-        assert open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read() == ckpt_before
+        assert store.apply() == 0               # neither batch: the failed one is not retried
+        with pytest.raises(StoreError, match="refused, since a write before it failed"):
+            store.write(record(3))
+        with pytest.raises(OSError, match="no checkpoint after a failed write"):
+            store.wal.checkpoint()
     finally:
         store.close()
+    assert open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read() == ckpt_before
     store = Store(path)
     try:
-        for i in written:
-            assert store.get(b"\xfetest-%04d" % i) == b"%d" % i
+        assert [store.get(b"\xfetest-%04d" % i) for i in (1, 2, 3)] == [b"1", b"2", None]
     finally:
         store.close()
 

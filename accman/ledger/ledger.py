@@ -443,15 +443,17 @@ class Ledger:
 
     def verify(self) -> dict:
         """The full check (accman.ledger.verify).  Raises StoreCorrupt;
-        returns counts.  Unavailable once LevelDB's write of a batch has
-        failed: its files lack acknowledged batches until the next open."""
+        returns counts.  Unavailable once a write has failed (the log's or
+        LevelDB's): LevelDB is not written after it (Store.apply), so its
+        files may lack acknowledged batches until the next open."""
         from accman.ledger.verify import verify_store
         with self._reading():
             applier = self._committer.applier
             applier.apply()
-            if applier.error is not None:
-                raise Unavailable("LevelDB's write of an acknowledged batch failed, so its "
-                                  "files cannot be checked: reopen the ledger, then verify")
+            if applier.error is not None or self.store.wal.broken:
+                raise Unavailable("a write of the store failed, so LevelDB's files may lack "
+                                  "acknowledged batches and cannot be checked: reopen the "
+                                  "ledger, then verify")
             return verify_store(self.store)
 
     def keep_events_after(self, event_id: int | None) -> None:

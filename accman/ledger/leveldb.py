@@ -395,9 +395,14 @@ class Store:
         path (unsynced: the record is what makes it durable).  At
         APPLY_LAG_BATCHES_MAX queued, and before a record that wraps the
         log (its checkpoint needs every record so far in LevelDB), the
-        queued ones are applied here first.  After a failure no checkpoint
-        is taken again, so the next open replays the record if it reached
-        the disk: all of the batch, or none of it."""
+        queued ones are applied here first.  After a failure (`broken`) no
+        write is taken, nor a checkpoint (`apply`), so the next open replays
+        the failed batch's record if it reached the disk: all of the batch,
+        or none of it."""
+        if self.wal.broken:
+            raise StoreError(f"{self.path}: commit failed: refused, since a write before it "
+                             "failed (logged as it failed); no more writes until the store "
+                             "is reopened")
         if len(self._queued) >= APPLY_LAG_BATCHES_MAX or self.wal.wraps(len(wal_record)):
             self.apply()
         with translated(self.path, "commit"):
@@ -411,10 +416,14 @@ class Store:
     def apply(self) -> int:
         """Writes the queued durable batches into LevelDB, oldest first
         (any thread; one at a time).  Returns how many batches `write` has
-        had applied since open.  After a failure no checkpoint is taken
-        again (the next open replays the log)."""
+        had applied since open.  After a failure (`broken`) LevelDB is not
+        written again, nor a checkpoint taken: a LevelDB write that failed
+        may have left part of its batch in LevelDB's log, which a retry
+        would follow with the whole batch, and on a full disk a retry is
+        busy work.  The log holds every queued batch whole and the next open
+        replays them; until then the book keeps what LevelDB lacks."""
         with self._apply_lock:
-            while self._queued:
+            while self._queued and not self.wal.broken:
                 with translated(self.path, "commit"):
                     try:
                         wb = self.db.write_batch()

@@ -15,10 +15,11 @@ then wrap over records that LevelDB lacks.
 
 Once a write has failed (the log's, or LevelDB's of a batch: `broken`) no
 checkpoint is taken at all, fail-stop as well: a LevelDB write that failed
-may have left part of its batch in LevelDB's log, and its retry the whole
-batch after it, so LevelDB's files can no longer be trusted to read back
-what they were given; the records since the last checkpoint are the only
-whole copy, and the next open cuts LevelDB's logs back and replays them.
+may have left part of its batch in LevelDB's log (which is why the store
+writes nothing after it: a retry would put the whole batch after that
+part), so LevelDB's files can no longer be trusted to read back what they
+were given; the records since the last checkpoint are the only whole copy,
+and the next open cuts LevelDB's logs back and replays them.
 """
 
 from __future__ import annotations

@@ -191,22 +191,28 @@ def test_a_full_disk_acknowledges_nothing_stops_writes_and_loses_nothing(small_d
 
 def test_a_leveldb_write_torn_by_a_full_disk_is_never_checkpointed_over(small_disk):
     """LevelDB's write of a durable batch, behind its answer, that a full
-    disk cuts short leaves part of the batch in LevelDB's log; its retry
-    once space is back writes the whole batch after that part, and LevelDB's
-    log no longer reads back.  The log's records since the last checkpoint
-    are then the only whole copy: the log's next wrap stops writes, naming
-    why, rather than take a checkpoint that makes them redundant (the store
-    would be refused as damaged at every open after), and the next open
-    cuts LevelDB's log back and replays every record."""
+    disk cuts short leaves part of the batch in LevelDB's log; a retry once
+    space is back would write the whole batch after that part, and LevelDB's
+    log would no longer read back.  The log's records since the last
+    checkpoint are then the only whole copy: with space back, the store
+    writes nothing more, neither LevelDB (no retry) nor the log, naming why,
+    and takes no checkpoint that would make them redundant (the store would
+    be refused as damaged at every open after), not even at close; the next
+    open cuts LevelDB's log back and replays every record."""
     disk, _ = small_disk
     path = str(disk / "data")
     lap_records = 64
     store = Store(path, wal_bytes_max=lap_records * wal.BLOCK_BYTES)
+    ckpt_before = Path(path, wal.CHECKPOINT_NAME).read_bytes()
 
     def record(i):      # ~1.5 KB a batch: a few of them cross a page of LevelDB's log
         return _ledger.wal_record([(b"\xfefull-%04d-%d" % (i, j), b"%d" % i * 50)
                                    for j in range(7)])
-    written, stopped = [], None
+
+    def leveldb_logs():
+        return {n: os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+                if n.endswith(".log")}
+    written = []
     try:
         # The log's file is written ahead of its records to its size: that
         # first, then the disk fills, for LevelDB alone to meet.
@@ -219,23 +225,23 @@ def test_a_leveldb_write_torn_by_a_full_disk_is_never_checkpointed_over(small_di
                 written.append(i)
                 store.apply()
         filler.unlink()
-        for i in range(written[-1] + 1, written[-1] + 1 + lap_records):
-            try:
-                store.write(record(i))          # its lag bound retries the torn batch
-            except StoreError as e:
-                stopped = e.detail
-                break
-            written.append(i)
-        assert store.applied >= len(written) - 2, "the retry did not go through"
+        torn = leveldb_logs()
+        with pytest.raises(StoreError, match="refused, since a write before it failed"):
+            store.write(record(written[-1] + 1))
+        assert store.apply() == len(written) - 1, "the torn batch was retried"
+        assert leveldb_logs() == torn
+        with pytest.raises(OSError, match="no checkpoint after a failed write"):
+            store.wal.checkpoint()
     finally:
         store.close()
+    assert leveldb_logs() == torn
+    assert Path(path, wal.CHECKPOINT_NAME).read_bytes() == ckpt_before
     store = Store(path)
     try:
         for i in written:
             assert store.get(b"\xfefull-%04d-6" % i) == b"%d" % i * 50, i
     finally:
         store.close()
-    assert stopped is not None and "no checkpoint after a failed write" in stopped, stopped
 
 
 def test_history_lost_after_the_open_is_refused_and_said_in_the_log_only(tmp_path):
