@@ -4,8 +4,9 @@
 // mode: the balance covers the estimate, read by a probe of the token's
 // charge role until the role is seen; reserve mode: a hold of the
 // estimate), onSend charges or settles and sets the ACCMAN response header
-// to the new balance, onRequestAbort and onResponse end a hold that no
-// response settled, onRoute checks each route's price, and onReady warns of
+// to the new balance, the response's close before its end (a consumer
+// who left), onRequestAbort and onResponse end a hold that no response
+// settled, onRoute checks each route's price, and onReady warns of
 // the routes it meters without having checked them (routes.js).  README.md
 // has the sequence of calls and every failure.
 
@@ -168,6 +169,11 @@ class Meter {
     }
     const state = new AccManRequest(raw, p, this.costOf(p, request, reply, 'estimate'), this.rid())
     request.accman = state
+    // fastify's onRequestAbort tells a consumer who left by req.aborted,
+    // which stays false once the request's body was read: a POST whose
+    // consumer leaves mid-handler is no abort to it.  The response closing
+    // before it ended is one, whatever the request carried.
+    reply.raw.once('close', () => { if (!reply.raw.writableEnded) this.left(state) })
     try {
       if (this.mode === 'reserve' && state.estimate > 0n) {
         await this.holdFor(state)
@@ -411,13 +417,21 @@ class Meter {
     }
   }
 
-  // --- onRequestAbort, onResponse ------------------------------------------------
+  // --- the consumer left (onRequestAbort, the response's close), onResponse ------
   // Ends the request's part without a charge: the consumer left, or no
   // response went through onSend.  A hold is released at once.
   end (state) {
     if (state.ended) return
     state.ended = true
     if (state.hold !== null) this.release(state)
+  }
+
+  // The consumer left before its response ended: a request admitted ends
+  // here (its hold released); one still being admitted ends as admission
+  // returns (admit).
+  left (state) {
+    state.gone = true
+    if (state.tot !== null || state.unpaid !== null) this.end(state)
   }
 
   // A response that went out without fastify's onSend (the route called
@@ -561,11 +575,7 @@ async function fastifyAccman (fastify, opts) {
   fastify.addHook('onRequest', named(admitName, (request, reply) => meter.admit(request, reply)))
   fastify.addHook('onSend', (request, reply, payload) => meter.charge(request, reply, payload))
   fastify.addHook('onRequestAbort', async (request) => {
-    const state = request.accman
-    if (state) {
-      state.gone = true
-      if (state.tot !== null || state.unpaid !== null) meter.end(state)
-    }
+    if (request.accman) meter.left(request.accman)
   })
   fastify.addHook('onResponse', async (request, reply) => {
     const state = request.accman

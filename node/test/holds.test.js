@@ -111,6 +111,24 @@ test('reserve: a consumer that leaves gets the hold back at once, before the han
   assert.equal(await service.tot('h-abort'), 10)
 })
 
+test('reserve: a consumer that leaves after sending a body gets the hold back at once', async () => {
+  await mint.mod('h-abort-post', 10)
+  await withReserve({}, async (url) => {
+    const ac = new AbortController()
+    const pending = fetch(url + '/slow?ms=800', {
+      method: 'POST', body: '{"a":1}', headers: { accman: 'h-abort-post', 'content-type': 'application/json' }, signal: ac.signal
+    }).catch((e) => e.name)
+    await sleep(200)
+    assert.equal(await service.tot('h-abort-post'), 9) // held
+    ac.abort()
+    assert.equal(await pending, 'AbortError')
+    await sleep(200)
+    assert.equal(await service.tot('h-abort-post'), 10) // released while the handler still sleeps
+    await sleep(600)
+  })
+  assert.equal(await service.tot('h-abort-post'), 10) // and not charged when it ends
+})
+
 test('reserve: a cost over the hold is capped at the hold', async () => {
   await mint.mod('h-cap', 100)
   await withReserve({}, async (url, app) => {

@@ -517,6 +517,22 @@ test('a consumer that leaves before the response is not charged', async () => {
   assert.equal(await mint.tot('p-abort'), 10)
 })
 
+test('a consumer that leaves after sending a body, before the response, is not charged', async () => {
+  await mint.mod('p-abort-post', 10)
+  await withService({}, async (url, app) => {
+    const ac = new AbortController()
+    const pending = fetch(url + '/slow?ms=400', {
+      method: 'POST', body: '{"a":1}', headers: { accman: 'p-abort-post', 'content-type': 'application/json' }, signal: ac.signal
+    }).catch((e) => e.name)
+    await sleep(150)
+    ac.abort()
+    assert.equal(await pending, 'AbortError')
+    await sleep(500)
+    assert.equal(app.accman.stats.charged, 0)
+  })
+  assert.equal(await mint.tot('p-abort-post'), 10)
+})
+
 test('metrics render the counters in the Prometheus text format', async () => {
   await mint.mod('p-metrics', 3)
   await withService({}, async (url, app) => {

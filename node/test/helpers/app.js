@@ -45,6 +45,11 @@ async function serviceApp (options, { logs } = {}) {
     await sleep(Number(request.query.ms))
     return { slow: true }
   })
+  // As /slow, for a request with a body, which fastify reads before the handler.
+  app.post('/slow', async (request) => {
+    await sleep(Number(request.query.ms))
+    return { slow: true, body: request.body }
+  })
   app.get('/slowfail', async (request, reply) => {
     await sleep(Number(request.query.ms))
     return reply.code(500).send({ error: 'slow and failed' })
