@@ -7,7 +7,8 @@
 // to the new balance, the response's close before its end (a consumer
 // who left), onRequestAbort and onResponse end a hold that no response
 // settled, onRoute checks each route's price, and onReady warns of
-// the routes it meters without having checked them (routes.js).  README.md
+// the routes it meters without having checked them (routes.js); from
+// preClose on, responses close their connections (see charge).  README.md
 // has the sequence of calls and every failure.
 
 const crypto = require('node:crypto')
@@ -132,6 +133,7 @@ class Meter {
     this.billing = new Set() // async onUnpaid calls under way, awaited at close
     this.unmeteredRoutes = new Set() // routes answered past onSend, warned of once
     this.stats = Object.fromEntries(STATS.map((k) => [k, 0]))
+    this.closing = false // fastify's close() has begun (preClose)
     this.challenge = `AccMan header="${this.header}"`
   }
 
@@ -306,6 +308,13 @@ class Meter {
   // sets the balance header.  The payload to send: the app's, or in check
   // mode the refusal in its place when AccMan refuses the charge.
   async charge (request, reply, payload) {
+    // fastify's close() waits for every connection to end before the
+    // onClose hooks, the owed calls' drain among them, and a kept-alive
+    // connection whose request was under way at close() stays open for
+    // the server's keepAliveTimeout (72 s): longer than a process manager
+    // waits before SIGKILL.  Once closing, each response in this scope
+    // closes its connection (HTTP/1 only: HTTP/2 has no such header).
+    if (this.closing && request.raw.httpVersionMajor === 1) reply.header('connection', 'close')
     const state = request.accman
     if (!state || state.ended) return payload
     state.ended = true
@@ -585,6 +594,7 @@ async function fastifyAccman (fastify, opts) {
     }
     meter.end(state)
   })
+  fastify.addHook('preClose', async () => { meter.closing = true })
   fastify.addHook('onClose', () => meter.close())
 }
 

@@ -493,6 +493,24 @@ test('at close, an owed charge that timed out may have landed: stranded of unkno
   assert.match(errors.join('\n'), /stranded charge, outcome unknown: look for \S+-c in the account's history/)
 })
 
+test('close() ends with the request under way: its kept-alive connection is closed, not held for keepAliveTimeout', async () => {
+  await mint.mod('p-close-alive', 10)
+  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service })
+  let closed = false
+  try {
+    const asked = get(url + '/slow?ms=300', 'p-close-alive') // fetch keeps its connection alive
+    await sleep(100)
+    const closing = app.close().then(() => { closed = true })
+    const r = await asked
+    assert.deepEqual([r.status, r.accman, r.headers.get('connection')], [200, '9', 'close'])
+    await Promise.race([closing, sleep(1500)])
+    assert.ok(closed, 'close() still waits on the kept-alive connection')
+  } finally {
+    if (!closed) app.server.closeAllConnections()
+    await app.close()
+  }
+})
+
 test('checkFreshMs 0: every admission asks AccMan', async () => {
   await mint.mod('p-fresh', 10)
   await withService({ checkFreshMs: 0 }, async (url) => {
