@@ -768,6 +768,31 @@ test('routes outside the plugin\'s scope, and a CORS plugin\'s preflight route r
   }
 })
 
+test('the README\'s CORS registration lets a page read the balance header of a 200 and a 402', async () => {
+  await mint.mod('p-cors-read', 1)
+  const readme = require('node:fs').readFileSync(require('node:path').join(__dirname, '..', 'README.md'), 'utf8')
+  const snippet = /register\(require\('@fastify\/cors'\), (\{[^\n]*\})\)/.exec(readme)
+  assert.ok(snippet, 'the README shows how to register @fastify/cors')
+  const corsOptions = require('node:vm').runInNewContext(`(${snippet[1]})`)
+  const app = Fastify()
+  await app.register(require('@fastify/cors'), corsOptions)
+  await app.register(accman, { url: server.url, token: TOKENS.service })
+  app.get('/w', async () => ({ ok: true }))
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  try {
+    const origin = { origin: [].concat(corsOptions.origin)[0] }
+    const exposed = (r) => (r.headers.get('access-control-expose-headers') || '').toLowerCase().split(/\s*,\s*/)
+    const paid = await get(url + '/w', 'p-cors-read', { headers: { ...origin, accman: 'p-cors-read' } })
+    assert.deepEqual([paid.status, paid.accman], [200, '0'])
+    assert.ok(exposed(paid).includes('accman'), 'a page can read the balance of a paid response')
+    const poor = await get(url + '/w', 'p-cors-read', { headers: { ...origin, accman: 'p-cors-read' } })
+    assert.deepEqual([poor.status, poor.accman], [402, '0'])
+    assert.ok(exposed(poor).includes('accman'), 'a page can read the balance of a 402')
+  } finally {
+    await app.close()
+  }
+})
+
 test('a printRoutes() the plugin cannot read is a warning at ready(), not a silent pass', async () => {
   const logs = []
   const app = Fastify({ logger: { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } } })
