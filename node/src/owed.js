@@ -116,6 +116,12 @@ class Owed {
     this.deadline = Infinity
     this.closed = false
     this.wake = null // ends a pause between attempts early, at close
+    // What became of the calls owed since the queue was last empty: each
+    // is a warning as it is queued, and a stranded one an error, so the
+    // log also says when the queue empties, or an outage's warnings would
+    // never be followed by word that their calls landed.
+    this.landedCount = 0
+    this.strandedCount = 0
   }
 
   get size () {
@@ -148,6 +154,7 @@ class Owed {
       const item = this.queue[0]
       try {
         await item.run(this.client, this.log)
+        this.landedCount++
         this.landed(item)
       } catch (err) {
         const transient = err instanceof Unavailable || err instanceof OutcomeUnknown
@@ -158,11 +165,22 @@ class Owed {
         }
         // Only a definite refusal says that no earlier attempt landed.
         const unknown = item.maybe && !definite(err)
+        this.strandedCount++
         this.strand(item, transient ? `still ${err.code} after ${attempt} attempts` : (err.code || String(err)), unknown)
       }
       this.queue.shift()
       attempt = 0
     }
+    if (this.queue.length === 0) this.emptied()
+  }
+
+  // The queue is empty: says how many of the calls owed since it was last
+  // empty landed, and how many were stranded (each of them an error too).
+  emptied () {
+    const landed = this.landedCount
+    const stranded = this.strandedCount
+    this.landedCount = this.strandedCount = 0
+    this.log.info({ landed, stranded }, `accman: no call owed any more: ${landed} landed, ${stranded} stranded`)
   }
 
   // Waits `ms`, or less: never past the deadline.
@@ -201,10 +219,13 @@ class Owed {
     if (this.wake !== null) this.wake()
     while (this.running !== null) await this.running
     this.closed = true
+    if (this.queue.length === 0) return
     while (this.queue.length) {
       const item = this.queue.shift()
+      this.strandedCount++
       this.strand(item, 'shutting down', item.maybe === true)
     }
+    this.emptied()
   }
 }
 

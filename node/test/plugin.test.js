@@ -24,8 +24,8 @@ test.after(async () => {
   await server.close()
 })
 
-async function withService (options, fn) {
-  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, exempt: ['/health'], ...options })
+async function withService (options, fn, logs) {
+  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, exempt: ['/health'], ...options }, { logs })
   try {
     await fn(url, app)
   } finally {
@@ -411,8 +411,9 @@ test('check mode, a charge refused 403 after the work: 503 in its place, nothing
   assert.equal(await mint.tot('p-revoked'), 98)
 })
 
-test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests go on after', async () => {
+test('AccMan restarted mid-test: the charge owed meanwhile lands once, and the log says so; requests go on after', async () => {
   await mint.mod('p-restart', 10)
+  const logs = []
   await withService({}, async (url, app) => {
     assert.equal((await get(url + '/w', 'p-restart')).accman, '9')
     await server.stop()
@@ -431,7 +432,10 @@ test('AccMan restarted mid-test: the charge owed meanwhile lands once; requests 
     assert.equal(app.accman.stats.charged, 2) // the owed charge is counted once it lands
     const after = await get(url + '/w', 'p-restart')
     assert.deepEqual([after.status, after.accman], [200, '7'])
-  })
+  }, logs)
+  // The warning as the charge was queued, and word that it landed.
+  assert.deepEqual(messages(logs, 40).filter((m) => m.includes('queued')), ['accman: charge queued to retry'])
+  assert.deepEqual(messages(logs, 30).filter((m) => m.includes('owed')), ['accman: no call owed any more: 1 landed, 0 stranded'])
   const keys = await chargeKeys('p-restart')
   assert.equal(keys.length, 3)
   assert.equal(new Set(keys).size, 3)
