@@ -28,6 +28,8 @@ function shown (value) {
   }
   if (typeof value === 'bigint') return `${value}n`
   if (typeof value === 'number' || typeof value === 'boolean' || value === null) return String(value)
+  // An async function's result: an amount is wanted now, not later.
+  if (typeof value === 'object' && typeof value.then === 'function') return 'a promise (it must not be async)'
   const type = typeof value
   return `${/^[aeiou]/.test(type) ? 'an' : 'a'} ${type}`
 }

@@ -148,8 +148,13 @@ class Meter {
     return route === undefined ? this.cost : price(route, 'config.accman')
   }
 
+  // A cost function's result names the route and the stage, for the log
+  // line of the 500 it causes to point at the function at fault.
   costOf (p, request, reply, stage) {
-    return typeof p === 'function' ? amount(p(request, reply, stage), 'the cost function\'s result') : p
+    if (typeof p !== 'function') return p
+    const options = request.routeOptions
+    return amount(p(request, reply, stage),
+      `the result of ${request.method} ${options ? options.url : request.url}'s cost function at '${stage}'`)
   }
 
   // --- onRequest ------------------------------------------------------------

@@ -229,6 +229,19 @@ test('a cost function that returns a non-amount is a 500 and charges nothing', a
   assert.equal(await mint.tot('p-badcost'), 10)
 })
 
+test('a cost function\'s wrong result is named with its route and stage: an async one returns a promise', async () => {
+  await mint.mod('p-asynccost', 10)
+  await withService({}, async (url) => {
+    const r = await get(url + '/asynccost', 'p-asynccost')
+    assert.deepEqual([r.status, r.body.message], [500, 'the result of GET /asynccost\'s cost function at \'estimate\' ' +
+      'must be a non-negative integer, not a promise (it must not be async)'])
+    const b = await get(url + '/badcost', 'p-asynccost')
+    assert.deepEqual([b.status, b.body.message], [500, 'the result of GET /badcost\'s cost function at \'charge\' ' +
+      'must be a non-negative integer, not -1'])
+  })
+  assert.equal(await mint.tot('p-asynccost'), 10)
+})
+
 test('AccMan unreachable: 503 with Retry-After when closed; served unpaid and reported when open', async () => {
   await mint.mod('p-down', 5)
   const unpaid = []

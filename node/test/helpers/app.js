@@ -41,6 +41,7 @@ async function serviceApp (options, { logs } = {}) {
     reply.header('set-cookie', 'session=paid-response').header('x-app', 'handler')
     return {}
   })
+  app.get('/asynccost', { config: { accman: async () => 1 } }, async () => ({}))
   app.get('/slow', async (request) => {
     await sleep(Number(request.query.ms))
     return { slow: true }
