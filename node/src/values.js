@@ -20,23 +20,34 @@ const NAME_RE = /^[A-Za-z0-9_-]+$/
 // A credential or a key.  The value is never echoed: it may be a live
 // credential.
 function checkName (value, what, charsMax) {
-  if (typeof value !== 'string') throw new TypeError(`${what} must be a string`)
+  if (value === undefined) throw new TypeError(`${what} is missing: a string`)
+  if (typeof value !== 'string') throw new TypeError(`${what} must be a string, not ${typeName(value, false)}`)
   if (value.length < 1 || value.length > charsMax || !NAME_RE.test(value)) {
     throw new BadRequest(`${what} must be 1 to ${charsMax} characters from A-Z a-z 0-9 _ -`)
   }
   return value
 }
 
+// What a wrong value was, for a message: its type, not its contents (a
+// credential may be in it), but an amount's number as it is (1.5, 2 ** 53).
+function typeName (value, number = true) {
+  if (value === null) return 'null'
+  if (typeof value === 'number' && number) return String(value)
+  return `${/^[aeiou]/.test(typeof value) ? 'an' : 'a'} ${typeof value}`
+}
+
 // An integer (a safe-integer number or a bigint) in [lo, hi], as its decimal
-// digits.
+// digits.  A required one left out is said to be missing.
 function checkInt (value, what, lo = INT64_MIN, hi = INT64_MAX) {
   let big
   if (typeof value === 'bigint') {
     big = value
   } else if (typeof value === 'number' && Number.isSafeInteger(value)) {
     big = BigInt(value)
+  } else if (value === undefined) {
+    throw new TypeError(`${what} is missing: an integer (a safe-integer number or a bigint)`)
   } else {
-    throw new TypeError(`${what} must be an integer (a safe-integer number or a bigint)`)
+    throw new TypeError(`${what} must be an integer (a safe-integer number or a bigint), not ${typeName(value)}`)
   }
   if (big < lo || big > hi) throw new BadRequest(`${what} must be between ${lo} and ${hi}`)
   return String(big)

@@ -31,6 +31,17 @@ test('a credential or key outside the SPEC alphabet or length is refused, never 
   assert.throws(() => v.targetTot(5), TypeError)
 })
 
+test('a value left out is missing, a wrong one is named by its type, never by its contents', () => {
+  assert.throws(() => v.targetHold('a', -10), { name: 'TypeError', message: 'ttlS is missing: an integer (a safe-integer number or a bigint)' })
+  assert.throws(() => v.targetSettle('a', 3), { name: 'TypeError', message: 'use is missing: an integer (a safe-integer number or a bigint)' })
+  assert.throws(() => v.targetTot(), { name: 'TypeError', message: 'cred is missing: a string' })
+  assert.throws(() => v.targetMod('a', 1.5), { message: 'by must be an integer (a safe-integer number or a bigint), not 1.5' })
+  assert.throws(() => v.targetMod('a', '5'), { message: 'by must be an integer (a safe-integer number or a bigint), not a string' })
+  assert.throws(() => v.targetMod('a', null), { message: 'by must be an integer (a safe-integer number or a bigint), not null' })
+  assert.throws(() => v.targetTot(12345), { message: 'cred must be a string, not a number' }) // a credential is never shown
+  assert.throws(() => v.targetMod('a', -1, null, {}), { message: 'key must be a string, not an object' })
+})
+
 test('amounts are integers in int64: no floats, no unsafe numbers, no zero by', () => {
   assert.throws(() => v.targetMod('a', 0), /by must not be 0/)
   assert.throws(() => v.targetMod('a', 0n), /by must not be 0/)
