@@ -87,6 +87,7 @@ class AccManRequest {
     this.before = null // the reply's headers just before the handler
     this.ended = false
     this.gone = false
+    this.cost = 0n // what onSend charged (or owes, or settles)
   }
 
   toJSON () {
@@ -323,7 +324,39 @@ class Meter {
     const state = request.accman
     if (!state || state.ended) return payload
     state.ended = true
+    // A stream's 'error' while the charge is in flight would find no
+    // listener (fastify adds its own once the onSend hooks are done), and
+    // an unheard 'error' ends the process.  Heard here, the stream is left
+    // errored for fastify to answer, as without the plugin (a 500 before
+    // the first byte); the charge, made as the response started, stands.
+    if (payload !== null && typeof payload === 'object' && typeof payload.pipe === 'function') {
+      // A file stream not yet open (fs.createReadStream) may still fail to
+      // open, and fastify then answers 500: it is waited for, and a
+      // response that failed before its start is not charged.
+      if (payload.pending === true) await opened(payload)
+      if (payload.errored) {
+        this.release(state)
+        return payload
+      }
+      let charging = true
+      payload.on('error', () => {
+        if (charging && state.cost > 0n && state.unpaid === null) {
+          this.log.warn({ account: fingerprint(state.cred), amount: String(state.cost), key: state.rid },
+            'accman: the response\'s stream failed while its charge was in flight: charged for a response that failed')
+        }
+      })
+      try {
+        return await this.chargeSent(state, request, reply, payload)
+      } finally {
+        charging = false
+      }
+    }
+    return this.chargeSent(state, request, reply, payload)
+  }
+
+  async chargeSent (state, request, reply, payload) {
     const cost = this.chargeOf(state, request, reply)
+    state.cost = cost
     if (state.unpaid !== null) {
       if (cost > 0n) this.unpaid(state.cred, cost, state.unpaid.code) // a free response owes nothing
       return payload
@@ -537,6 +570,19 @@ class Meter {
     if (this.billing.size) this.log.error(`accman: ${this.billing.size} onUnpaid calls still under way at close: their bills may not be made`)
     if (this.ownClient) await this.client.close()
   }
+}
+
+// Resolves once the file stream `stream` has opened, or failed to.
+function opened (stream) {
+  return new Promise((resolve) => {
+    const done = () => {
+      stream.removeListener('ready', done)
+      stream.removeListener('error', done)
+      resolve()
+    }
+    stream.once('ready', done)
+    stream.once('error', done)
+  })
 }
 
 // Keeps `promise` in `set` until it settles, for close() to wait for.

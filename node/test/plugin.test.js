@@ -242,6 +242,37 @@ test('a cost function\'s wrong result is named with its route and stage: an asyn
   assert.equal(await mint.tot('p-asynccost'), 10)
 })
 
+test('a file stream that fails to open is fastify\'s 500, not charged', async () => {
+  await mint.mod('p-nofile', 10)
+  for (const mode of ['check', 'reserve']) {
+    await withService({ mode }, async (url) => {
+      const r = await fetch(url + '/nofile', { headers: { accman: 'p-nofile' } })
+      assert.deepEqual([r.status, r.headers.get('accman'), (await r.json()).code], [500, null, 'ENOENT'], mode)
+    })
+  }
+  assert.equal(await mint.tot('p-nofile'), 10)
+})
+
+test('a stream that fails while its charge is in flight is charged as the response\'s start, said, and the service lives', async () => {
+  await mint.mod('p-streamfails', 10)
+  const proxy = await proxyTo(server.url)
+  const logs = []
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'p-streamfails')).status, 200) // the role probe; the balance fresh
+    await proxy.set('delay', 300) // the charge's reply comes after the stream failed
+    const r = await fetch(url + '/streamfails?ms=50', { headers: { accman: 'p-streamfails' } })
+    assert.equal(r.status, 500)
+    assert.equal((await get(url + '/w', 'p-streamfails')).status, 200) // still serving
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  assert.deepEqual(messages(logs, 40),
+    ['accman: the response\'s stream failed while its charge was in flight: charged for a response that failed'])
+  assert.equal(await mint.tot('p-streamfails'), 7)
+})
+
 test('AccMan unreachable: 503 with Retry-After when closed; served unpaid and reported when open', async () => {
   await mint.mod('p-down', 5)
   const unpaid = []

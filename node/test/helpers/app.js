@@ -4,6 +4,10 @@
 // collects the service's log lines (pino's objects: level 40 a warning, 50
 // an error); `app.served` counts the handlers that ran.
 
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
+const { Readable } = require('node:stream')
 const Fastify = require('fastify')
 const accman = require('../..')
 
@@ -42,6 +46,14 @@ async function serviceApp (options, { logs } = {}) {
     return {}
   })
   app.get('/asynccost', { config: { accman: async () => 1 } }, async () => ({}))
+  // A file that is not there: the stream fails as it opens, after onSend.
+  app.get('/nofile', async (request, reply) => reply.type('text/plain').send(fs.createReadStream(path.join(os.tmpdir(), 'accman-no-such-file'))))
+  // A stream that fails `ms` after it is handed over, before its first byte.
+  app.get('/streamfails', async (request, reply) => {
+    const stream = new Readable({ read () {} })
+    setTimeout(() => stream.destroy(new Error('the stream failed')), Number(request.query.ms))
+    return reply.type('text/plain').send(stream)
+  })
   app.get('/slow', async (request) => {
     await sleep(Number(request.query.ms))
     return { slow: true }
