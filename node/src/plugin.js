@@ -17,7 +17,7 @@ const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
   AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown,
-  Conflict, Unauthorized, Forbidden, mayHaveLanded
+  Conflict, Unauthorized, Forbidden, Busy, Unreachable, mayHaveLanded
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
@@ -63,6 +63,13 @@ function headerCount (rawHeaders, name) {
 // AccMan's answer to a token that is wrong (401) or lacks the role (403).
 function refusesToken (err) {
   return err instanceof Unauthorized || err instanceof Forbidden
+}
+
+// AccMan's own 503 to a change, neither back-pressure (Busy) nor the
+// client's (Unreachable): its store cannot commit, and it takes no writes
+// while it goes on reading.
+function takesNoWrites (err) {
+  return err instanceof Unavailable && !(err instanceof Busy) && !(err instanceof Unreachable)
 }
 
 // Who owes whom when an owed call that moves `by` never lands.
@@ -410,6 +417,12 @@ class Meter {
       return r.tot
     } catch (err) {
       if (!served && refusesToken(err)) throw err
+      // An AccMan that takes no writes still answers tot: admitted on it,
+      // every request would be served and its charge owed.  Admission goes
+      // back to the probe, a change that meets the same 503 until AccMan
+      // takes writes again: a closed service refuses, an open one serves
+      // unpaid and says so at once.
+      if (this.mode === 'check' && takesNoWrites(err)) this.chargeSeen = false
       this.owe(new Charge(state.cred, cost, key), err)
       return null
     }

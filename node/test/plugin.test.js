@@ -485,6 +485,41 @@ test('AccMan restarted mid-test: the charge owed meanwhile lands once, and the l
   assert.equal(new Set(keys).size, 3)
 })
 
+test('check mode, AccMan\'s store takes no writes: once a charge meets its 503, admission refuses, not serves on', async () => {
+  // AccMan opens its write-ahead log at 3 MiB and grows it ahead of its
+  // records, each at least a 4 KiB block: with no file allowed past 3 MiB,
+  // a commit a few hundred batches on fails, and the store takes no more
+  // writes while reads go on.  One mod at a time is one batch each.
+  const failing = new AccManServer({ fileSizeKiB: 3072 })
+  await failing.start()
+  const fund = new accman.AccManClient({ url: failing.url, token: TOKENS.mint, retries: 0 })
+  const { app, url } = await serviceApp({ url: failing.url, token: TOKENS.service })
+  try {
+    await fund.mod('p-nowrites', 100)
+    assert.deepEqual(Object.values(await get(url + '/w', 'p-nowrites')).slice(0, 2), [200, '99'])
+    let failed = null
+    for (let n = 0; failed === null && n < 5000; n++) await fund.mod('p-filler', 1).catch((e) => { failed = e })
+    assert.equal(failed && failed.code, 'unavailable')
+    assert.equal(await fund.tot('p-nowrites'), 99) // reads go on
+    // Admitted on the balance just charged; its charge meets the 503: owed.
+    assert.deepEqual(Object.values(await get(url + '/w', 'p-nowrites')).slice(0, 2), [200, null])
+    assert.equal(app.accman.stats.owed, 1)
+    const refused = await get(url + '/w', 'p-nowrites')
+    assert.deepEqual([refused.status, refused.body.error], [503, 'unavailable'])
+    // Reopened with room, AccMan takes the owed charge, and admission goes on.
+    await failing.stop()
+    failing.fileSizeKiB = null
+    await failing.start()
+    assert.ok(await app.accman.drain(5000))
+    assert.deepEqual(Object.values(await get(url + '/w', 'p-nowrites')).slice(0, 2), [200, '97'])
+    assert.equal(app.accman.stats.owed, 1)
+  } finally {
+    await app.close()
+    await fund.close()
+    await failing.close()
+  }
+})
+
 // A service behind a proxy, with `owe` charges owed (AccMan down: known
 // not to have landed), closed while AccMan holds its reply to the first
 // owed charge back past the drain time.  What it logged and gave onUnpaid,

@@ -34,7 +34,10 @@ function accmanInstalled () {
 }
 
 class AccManServer {
-  constructor ({ tokens = true } = {}) {
+  // `fileSizeKiB`: the largest file the server may write (ulimit -f), for
+  // a store whose commits fail once its write-ahead log must grow.
+  constructor ({ tokens = true, fileSizeKiB = null } = {}) {
+    this.fileSizeKiB = fileSizeKiB
     if (!accmanInstalled()) throw new Error(INSTALL_HINT)
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'accman-node-'))
     this.data = path.join(this.dir, 'data')
@@ -61,7 +64,10 @@ class AccManServer {
   async start () {
     const args = ['serve', '--host', '127.0.0.1', '--port', String(this.port), '--data', this.data]
     if (this.tokensFile) args.push('--tokens', this.tokensFile)
-    const child = spawn(ACCMAN_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = this.fileSizeKiB === null
+      ? spawn(ACCMAN_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn('sh', ['-c', `ulimit -f ${this.fileSizeKiB} && exec "$0" "$@"`, ACCMAN_BIN, ...args],
+        { stdio: ['ignore', 'pipe', 'pipe'] })
     this.child = child
     let stderr = ''
     child.stderr.setEncoding('utf8')
