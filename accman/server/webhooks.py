@@ -178,11 +178,12 @@ class Deliverer:
         receiver (`_check_target`)."""
         try:
             loaded = await self.cursors.load_cursor(CURSOR_NAME)
-            if hasattr(self.cursors, "target"):
-                self._check_target(await self.cursors.target(CURSOR_NAME))
+            marked = (await self.cursors.target(CURSOR_NAME)
+                      if hasattr(self.cursors, "target") else None)
         except StoreError as e:
             raise StartupError(f"webhook: {e.detail}") from None
         self.cursor = self.seen = self.saved = loaded or 0
+        self._check_target(marked)      # after the cursor is read: its warning names it
         if self._keep is not None:
             self._keep(self.saved)
         self._known = loaded is not None

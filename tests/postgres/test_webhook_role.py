@@ -216,6 +216,28 @@ def test_a_front_end_given_another_secret_says_so(pg_url):
     run(main())
 
 
+def test_a_start_s_warning_names_the_cursor_as_saved(pg_url):
+    """SERVER.md: the warning of a front-end started with another URL or
+    secret names the event the store's cursor is at, not the 0 this
+    front-end's cursor was before it read the saved one."""
+    url = "http://127.0.0.1:9/hook?s=one"
+
+    async def main():
+        async with two_front_ends(pg_url) as (a, b):
+            said = []
+            holder = deliverer(a, url, said)
+            await holder.prepare()
+            assert await holder._lead()
+            await a.cursors.save_cursor("webhook", 7)
+            for other in (deliverer(b, url + "x", said),
+                          deliverer(b, url, said, b"another-secret-0123456789")):
+                await other.prepare()
+                assert other.cursor == 7
+            assert [s[:len("the store's cursor (event 7) ")] for s in said[1:]] == \
+                ["the store's cursor (event 7) "] * 2
+    run(main())
+
+
 def test_a_stop_does_not_wait_for_a_role_session_that_does_not_answer(pg_url):
     async def main():
         a, _ = await opened(pg_url)
