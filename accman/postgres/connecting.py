@@ -58,23 +58,23 @@ _NEXT_HOST = (OSError, asyncio.TimeoutError, asyncpg.exceptions.CannotConnectNow
 # A host of a URL of several that has not answered within this long has the
 # next host tried beside it, its own attempt going on to its whole timeout:
 # a host cut off (the old primary, mid-failover) never answers, and waiting
-# for its timeout first delayed each start and each new connection by it (a
-# read needing one was 503 at READ_TIMEOUT_S).  A database that is up answers
-# within milliseconds, and one slower than this is still taken.
+# out its timeout first would delay each start and each new connection by it
+# (a read needing one would be 503 at READ_TIMEOUT_S).  A database that is up
+# answers well within it, and one slower than this is still taken.
 NEXT_HOST_AFTER_S = 1.0
 
 
 async def connect_each_host(dsn: str, *, timeout: float, **kw):
     """asyncpg.connect on each host of `dsn` in the URL's order, as libpq
     tries them, each attempt with the whole `timeout` of its own: asyncpg's
-    timeout spans every host of a URL, so a host that does not answer spent
-    it all, and the hosts after it, the new primary among them, were never
-    tried.  The next host is tried once the last one tried has failed, or
-    has not answered within NEXT_HOST_AFTER_S; the first connection taken
-    (the earlier begun on a tie) ends the other attempts.  A host that
-    answered but takes no writes (target_session_attrs) beside one that
-    did not answer is said as no host taking writes, not as the unanswered
-    one's error, as if no database were up."""
+    timeout spans every host of a URL, so a host that does not answer would
+    spend it all, and the hosts after it, the new primary among them, would
+    never be tried.  The next host is tried once the last one tried has
+    failed, or has not answered within NEXT_HOST_AFTER_S; the first
+    connection taken (the earlier begun on a tie) ends the other attempts.
+    A host that answered but takes no writes (target_session_attrs) beside
+    one that did not answer is said as no host taking writes, not as the
+    unanswered one's error, as if no database were up."""
     urls = _one_host_urls(dsn)
     if urls is None:
         return await asyncpg.connect(dsn, timeout=timeout, **kw)

@@ -23,7 +23,9 @@ from accman.server.webhook_http import Target
 # whole SHA-256 of the URL) says nothing of the secret, and is not taken
 # for another secret.
 MARK_HALF_BYTES = 16
-# ~16 MiB and tens of milliseconds, once at each start.
+# scrypt's parameters for an interactive login (Percival's paper; RFC 7914):
+# 128 * r * n bytes of memory and a fraction of a second of one core, paid
+# once at each start, and only where front-ends share the cursor.
 MARK_SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
 
 
