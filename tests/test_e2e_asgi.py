@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.client import AccManSyncClient
+from accman.errors import Unavailable
 from accman.limits import INT64_MAX, INT64_MIN
 from asgi_harness import call, make_app
 
@@ -79,14 +81,18 @@ class Proc:
     """A subprocess whose stdout and stderr go to files, and the URL it
     announced in its ready line."""
 
-    def __init__(self, name, cmd, log_dir: Path, env=None):
+    def __init__(self, name, cmd, log_dir: Path, env=None, file_bytes_max=None):
         self.name = name
         self.out = log_dir / f"{name}.out"
         self.err = log_dir / f"{name}.err"
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+
+        def limit():        # `ulimit -f`: no file written past it (EFBIG; Python ignores SIGXFSZ)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes_max, file_bytes_max))
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                         cwd=ROOT, env=full_env)
+                                         cwd=ROOT, env=full_env,
+                                         preexec_fn=limit if file_bytes_max else None)
         self.url = None
 
     def wait_ready(self, pattern, stream: str) -> str:
@@ -113,14 +119,15 @@ class Proc:
                 self.proc.wait()
 
 
-def start_accman(log_dir: Path, name="accman", port=0) -> Proc:
+def start_accman(log_dir: Path, name="accman", port=0, file_bytes_max=None) -> Proc:
     tokens = log_dir / f"{name}-tokens"
     tokens.write_text(f"mint {FUNDER}\nread,charge {SVC_CHECK}\nread,charge {SVC_RESERVE}\n"
                       f"read {SVC_READ}\n")
     tokens.chmod(0o600)
     p = Proc(name, [sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1",
                     "--port", str(port),
-                    "--data", str(log_dir / f"{name}-data"), "--tokens", str(tokens)], log_dir)
+                    "--data", str(log_dir / f"{name}-data"), "--tokens", str(tokens)], log_dir,
+             file_bytes_max=file_bytes_max)
     p.wait_ready(ACCMAN_READY, "stdout")
     return p
 
@@ -304,6 +311,37 @@ def test_503_when_accman_goes_down_under_a_running_service(tmp_path):
         app.stop()
         accman.stop()
     assert cred not in app.err.read_text(errors="replace")      # never logged
+
+
+def test_check_mode_stops_admitting_while_accman_takes_no_writes(tmp_path):
+    """An AccMan whose store cannot commit answers every write 503 and
+    goes on answering /tot.  Check mode admitted on /tot, so a service with
+    on_unavailable "closed" served every request, each charge owed.  Once a
+    charge meets AccMan's own 503, admission goes back to the role probe,
+    a write, which meets the same 503: refused.  The store is made unable
+    to commit by a file-size limit its write-ahead log soon reaches."""
+    accman = start_accman(tmp_path, "accman-full", file_bytes_max=(9 << 20) // 4)
+    app = start_app(tmp_path, "app-full", accman.url, "check", SVC_CHECK)
+    try:
+        app.wait_ready(UVICORN_READY, "stderr")
+        cred = "full-test"
+        with AccManSyncClient(accman.url, FUNDER) as funder, \
+                AccManSyncClient(accman.url, SVC_CHECK) as reader, \
+                httpx.Client(base_url=app.url) as http:
+            funder.mod(cred, 100)
+            r = http.get("/weather", headers={"ACCMAN": cred})
+            assert r.status_code == 200 and r.headers["accman"] == "99"
+            with pytest.raises(Unavailable):
+                for _ in range(5000):
+                    funder.mod("full-filler", 1)
+            assert reader.tot(cred) == 99                       # reads go on
+            r = http.get("/weather", headers={"ACCMAN": cred})  # admitted on tot; owed
+            assert r.status_code == 200 and "accman" not in r.headers
+            r = http.get("/weather", headers={"ACCMAN": cred})
+            assert r.status_code == 503 and r.json()["error"] == "unavailable"
+    finally:
+        app.stop(signal.SIGKILL)    # its owed charge cannot land: no drain
+        accman.stop()
 
 
 # --- the middleware's own faults, found by probing it as a service would ------

@@ -55,14 +55,19 @@ def retryable(exc: BaseException, safe: bool) -> bool:
     return False
 
 
+def takes_no_writes(exc: BaseException) -> bool:
+    """Whether a write met AccMan's own plain 503: its store cannot commit
+    (or it is stopping), while it may go on answering reads.  Busy is
+    back-pressure, Unreachable no AccMan at all."""
+    return isinstance(exc, Unavailable) and not isinstance(exc, (Busy, Unreachable))
+
+
 def may_have_landed(exc: BaseException) -> bool:
     """Whether a failed attempt may still have applied: sent with no reply
     (`OutcomeUnknown`), or a plain 503, a commit that failed ("not
     acknowledged" is not "not applied").  Busy and Unreachable were refused
     before applying, or never sent."""
-    if isinstance(exc, OutcomeUnknown):
-        return True
-    return isinstance(exc, Unavailable) and not isinstance(exc, (Busy, Unreachable))
+    return isinstance(exc, OutcomeUnknown) or takes_no_writes(exc)
 
 
 def definite(exc: BaseException) -> bool:
