@@ -18,8 +18,6 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
-from accman.calling import disconnect
-from accman.calling.disconnect import bodiless
 from accman.client import AccManClient
 from asgi_harness import CRED, Reply, call, history, http_scope, make_app, mw
 from fake_accman import FakeAccMan, closed_port, run
@@ -448,18 +446,6 @@ def test_a_shared_client_and_a_custom_header(fake):
     assert r.status == 200 and r.headers["x-balance"] == "9"
 
 
-@pytest.mark.parametrize("version,headers,expected", [
-    ("1.1", [], True),
-    ("1.0", [(b"host", b"x")], True),
-    ("1.1", [(b"content-length", b"0")], True),
-    ("1.1", [(b"content-length", b"5")], False),
-    ("1.1", [(b"transfer-encoding", b"chunked")], False),
-    ("2", [], False),               # HTTP/2 may send a body without Content-Length
-])
-def test_a_request_is_bodiless_only_when_its_http1_head_says_so(version, headers, expected):
-    assert bodiless({"http_version": version, "headers": headers}) is expected
-
-
 @pytest.mark.parametrize("mode", ["check", "reserve"])
 def test_a_read_that_outlives_the_request_gets_the_disconnect(fake, mode):
     """A task of the app still reading receive() when the request has
@@ -480,8 +466,3 @@ def test_a_read_that_outlives_the_request_gets_the_disconnect(fake, mode):
         return await asyncio.wait_for(later[0], 5)
     assert run(go()) == {"type": "http.disconnect"}
 
-
-def test_a_task_that_cannot_say_it_is_cancelling_is_taken_as_not():
-    """Python 3.10's tasks have no cancelling(): the watch's read must not
-    fail on them (pyproject's requires-python is 3.10)."""
-    assert disconnect._cancelling(types.SimpleNamespace()) is False

@@ -377,8 +377,8 @@ def test_a_hold_answered_by_a_failed_commit_is_undone_at_once():
 
 def test_a_request_cancelled_before_its_first_message_releases_its_hold(fake):
     """The server cancels the request (a shutdown's timeout) while the
-    middleware reads a bodiless request's one message for the app: the
-    hold is released at once, not left to its ttl."""
+    app waits for its first message, which the middleware's watch reads
+    for it: the hold is released at once, not left to its ttl."""
     fake.fund(CRED, 10)
 
     async def go():

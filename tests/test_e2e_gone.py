@@ -104,9 +104,10 @@ def bys(stack, cred) -> list:
 
 def leave(url: str, path: str, rid: str, cred: str, parts=(), until="body 0") -> None:
     """Sends a request (with a body of `parts`, each sent once the app has
-    read the one before) and closes the connection once the app has read
-    the body whole (or, for a request without a body, has done `until`),
-    before any response."""
+    read the one before, or all at once when `until` is "started": an app
+    that never reads) and closes the connection once the app has read the
+    body whole (or, for a request without a body or an app that does not
+    read it, has done `until`), before any response."""
     u = urlsplit(url)
     headers = [("ACCMAN", cred)]
     if parts:
@@ -114,6 +115,9 @@ def leave(url: str, path: str, rid: str, cred: str, parts=(), until="body 0") ->
     target = f"{path}{'&' if '?' in path else '?'}id={rid}"
     with socket.create_connection((u.hostname, u.port), timeout=WAIT_S) as sock:
         sock.sendall(request_bytes("POST" if parts else "GET", target, headers))
+        if until == "started":
+            sock.sendall(b"".join(parts))
+            parts = ()
         for i, part in enumerate(parts):
             sock.sendall(part)
             wait_seen(url, rid, f"body {len(part)}" + (" more" if i < len(parts) - 1 else ""))
@@ -161,13 +165,29 @@ def test_a_streamed_body_is_the_apps_and_its_consumer_may_leave_after_it(stack, 
     assert tot(stack, cred) == 10 and bys(stack, cred) == BYS_GONE[mode]
 
 
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_consumer_gone_after_posting_a_body_the_app_never_reads_is_not_charged(stack, mode):
+    """A JSON POST to a handler that has no use for its body (/idle never
+    calls receive()): the middleware reads the body and the disconnect
+    behind it, so the hold comes back while the app is still working."""
+    cred, rid, url = new_cred(stack), new_id(), stack[mode]
+    leave(url, f"/idle?s={WORK_S}", rid, cred, parts=(b'{"city": "Lisbon"}',), until="started")
+    if mode == "reserve":
+        wait_tot(stack, cred, 10)
+        assert "answered" not in seen(url, rid)
+    assert wait_seen(url, rid, "answered") == ["started", "answered"]
+    assert tot(stack, cred) == 10 and bys(stack, cred) == BYS_GONE[mode]
+
+
 # --- consumers who stay ------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["check", "reserve"])
 @pytest.mark.parametrize("path,body,did", [("/work", b"0123456789", ["body 10", "answered"]),
+                                           ("/idle", b"0123456789", ["started", "answered"]),
                                            ("/idle", b"", ["started", "answered"])])
 def test_a_consumer_who_stays_is_charged_once_per_request(stack, mode, path, body, did):
     """Two requests on one keep-alive connection: each charged once, and
-    the app that never reads its body (/idle) loses nothing to the watch."""
+    the app that never reads its body (/idle), which the watch reads for
+    it, loses nothing to the watch."""
     cred, url = new_cred(stack), stack[mode]
     with httpx.Client(base_url=url, timeout=WAIT_S) as http:
         for balance in ("8", "6"):
@@ -209,7 +229,7 @@ def test_a_request_under_way_at_shutdown_ends_charged_and_logs_nothing(stack, tm
                                               ("reserve", "/idle", "started")])
 def test_under_hypercorn_a_consumer_gone_is_not_charged(hyper_stack, mode, path, until):
     """Both ways the watch sees a disconnect (after the body the app read;
-    the bodiless request read for the app), one in each mode."""
+    the request read for the app, which never reads it), one in each mode."""
     test_a_consumer_gone_before_the_response_is_not_charged(hyper_stack, mode, path, until)
 
 
@@ -218,3 +238,8 @@ def test_under_hypercorn_a_consumer_who_stays_is_charged_once(hyper_stack, mode)
     # hypercorn ends a body with an empty message of its own.
     test_a_consumer_who_stays_is_charged_once_per_request(
         hyper_stack, mode, "/work", b"0123456789", ["body 10 more", "body 0", "answered"])
+
+
+def test_under_hypercorn_a_consumer_gone_after_a_body_never_read_is_not_charged(hyper_stack):
+    test_a_consumer_gone_after_posting_a_body_the_app_never_reads_is_not_charged(
+        hyper_stack, "reserve")

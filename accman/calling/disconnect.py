@@ -4,22 +4,26 @@ mode) and its hold is released at once (reserve mode).
 
 ASGI reports a disconnect only through `receive()`: an app that does not
 read it again after the request body would never tell the middleware, and
-uvicorn drops the sends of a disconnected request without a word.  So once
-the app has read the body whole (the `http.request` without `more_body`),
-`DisconnectWatch` reads the server's next message itself, in a task of its
-own, and shares it with the app's later `receive()` calls.
+uvicorn drops the sends of a disconnected request without a word.  Nor
+does every app read the body: a handler that has no use for it (a POST
+whose JSON it ignores, a GET that a consumer sent with a body) never
+calls `receive()` at all.  So `DisconnectWatch` reads the server's
+messages itself, in a task of its own, as the app starts, and hands them
+to the app's `receive()` calls in the order the server sent them.
 
-- Nothing is read before the app has read the whole body: the body is the
-  app's, streamed at its pace.  A request whose head says it has none (an
-  HTTP/1 request without Content-Length, or with 0, and without
-  Transfer-Encoding: RFC 9112 6.3) has nothing to stream: its one empty
-  `http.request` is read as the app starts and handed to the app's first
-  `receive()`, so that the watch starts for an app that never reads the
-  body, as most GET handlers do.
+- The body is read ahead of the app by at most READ_AHEAD_BYTES_MAX: past
+  that, the watch waits until the app has taken some, so a large body is
+  still streamed at the app's pace and held in memory only that far.  A
+  body that the app never reads and that is larger than that keeps the
+  watch from the disconnect behind it (docs/CALLING.md says so).
+- A request with `Expect: 100-continue` is not read before the app reads
+  it: reading it makes the server tell the consumer to send the body
+  (uvicorn sends `100 Continue` on the first `receive()`), which is the
+  app's to decide.
 - After the body the server sends nothing but `http.disconnect` (ASGI
-  "HTTP": sent when the connection closes or the response is complete), so
-  the message the watch takes is the one every later `receive()` gets:
-  no message goes to the wrong party.
+  "HTTP": sent when the connection closes or the response is complete),
+  so the watch reads until that message, which every later `receive()`
+  gets, and then stops.
 - The watch ends with the request (`async with watch:` around the app):
   a read still waiting then is cancelled and waited for, so no task
   outlives the request or is destroyed pending, and an error of the
@@ -29,62 +33,98 @@ own, and shares it with the app's later `receive()` calls.
 from __future__ import annotations
 
 import asyncio
+import collections
+
+# The most request body the watch holds that the app has not taken yet:
+# uvicorn's own per-connection buffer (its flow control's high-water
+# mark), so a request costs at most twice the memory it costs without the
+# middleware, and a JSON or form body is read whole by the watch.
+READ_AHEAD_BYTES_MAX = 64 * 1024
+
+_DISCONNECT = {"type": "http.disconnect"}
 
 
 class DisconnectWatch:
     """Wraps an ASGI `receive` and remembers whether the client went away
     (http.disconnect), whether the app reads it or not; `on_gone()`, if
     given, is called once, when it is seen.  `receive` is the app's; the
-    app runs inside `async with watch:`, which closes the watch when the
-    app has returned, raised or been cancelled."""
+    app runs inside `async with watch:`, which starts the watch and closes
+    it when the app has returned, raised or been cancelled.  Without a
+    `scope` the watch starts at the app's first read."""
 
-    __slots__ = ("_receive", "_on_gone", "gone", "_watcher", "_body_read", "_bodiless", "_first")
+    __slots__ = ("_receive", "_on_gone", "gone", "_watcher", "_lazy", "_read", "_ahead",
+                 "_more", "_room", "_closed")
 
     def __init__(self, receive, on_gone=None, scope=None):
         self._receive = receive
         self._on_gone = on_gone
         self.gone = False
-        self._watcher = None        # the task reading the message after the body
-        self._body_read = False
-        self._bodiless = scope is not None and bodiless(scope)
-        self._first = None          # a bodiless request's message, read for the app
+        self._watcher = None                # the task reading the server's messages
+        self._lazy = scope is None or expects_continue(scope)
+        self._read = collections.deque()    # messages read, not yet the app's
+        self._ahead = 0                     # body bytes in _read
+        self._more = asyncio.Event()        # set once when a message is read, then replaced
+        self._room = asyncio.Event()        # set once when the app takes one, then replaced
+        self._closed = False
 
     async def receive(self):
-        first = self._first
-        if first is not None:
-            self._first = None
-            return first
-        watcher = self._watcher
-        if watcher is None:
-            message = await self._receive()
-            self._seen(message)
-            return message
-        # Shielded: an app that gives up waiting (a cancelled scope) must
-        # not cancel the read that the watch shares.
-        try:
-            message = await asyncio.shield(watcher)
-        except asyncio.CancelledError:
-            if not watcher.cancelled() or _cancelling(asyncio.current_task()):
-                raise
-            # The watch ended with the request (close): a read that
-            # outlives it is told the request is over, as ASGI's server
-            # would tell it.
-            return {"type": "http.disconnect"}
-        if message["type"] != "http.disconnect":
-            self._watcher = None    # not ASGI's after a body: handed over once
+        while True:
+            if self._read:
+                return self._take()
+            watcher = self._watcher
+            if watcher is None:
+                if self._closed:
+                    return _DISCONNECT      # the request is over, as the server would say
+                self._start()
+                continue
+            if watcher.done():
+                if watcher.cancelled():
+                    # The watch ended with the request (close): a read that
+                    # outlives it is told the request is over, as ASGI's
+                    # server would tell it.
+                    return _DISCONNECT
+                watcher.result()            # raises the error of the server's receive()
+                return await self._direct()     # past ASGI's messages: no watch
+            # An app that gives up waiting (a cancelled scope) leaves the
+            # watch's read running: it waits for the event, not the read.
+            await self._more.wait()
+
+    def _take(self):
+        message = self._read[0]
+        if message["type"] == "http.disconnect":
+            return message                  # and to every later read, as the server does
+        self._read.popleft()
+        self._ahead -= len(message.get("body", b""))
+        self._room.set()
+        self._room = asyncio.Event()
         return message
 
-    def _seen(self, message) -> None:
-        kind = message["type"]
-        if kind == "http.disconnect":
-            self._gone()
-        elif kind == "http.request" and not message.get("more_body", False) \
-                and not self._body_read and not self.gone:
-            self._body_read = True
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-            self._watcher.add_done_callback(_retrieve)
+    def _start(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._watcher.add_done_callback(_retrieve)
 
     async def _watch(self):
+        body_read = False
+        try:
+            while True:
+                while self._ahead >= READ_AHEAD_BYTES_MAX:
+                    await self._room.wait()
+                message = await self._receive()
+                self._read.append(message)
+                self._ahead += len(message.get("body", b""))
+                if message["type"] == "http.disconnect":
+                    self._gone()
+                    return
+                if body_read:
+                    return                  # not ASGI's after a body: handed over once
+                body_read = message["type"] == "http.request" and not message.get(
+                    "more_body", False)
+                self._more.set()
+                self._more = asyncio.Event()
+        finally:
+            self._more.set()                # the app's waiting read looks again
+
+    async def _direct(self):
         message = await self._receive()
         if message["type"] == "http.disconnect":
             self._gone()
@@ -97,9 +137,8 @@ class DisconnectWatch:
                 self._on_gone()
 
     async def __aenter__(self) -> "DisconnectWatch":
-        if self._bodiless:
-            self._first = await self._receive()
-            self._seen(self._first)
+        if not self._lazy:
+            self._start()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -112,6 +151,7 @@ class DisconnectWatch:
         cancel; a read still waiting after it (or when the request is
         cancelled meanwhile) is cancelled: the request is over, and what
         it would read concerns nobody."""
+        self._closed = True
         watcher = self._watcher
         if watcher is None or watcher.done():
             return
@@ -124,26 +164,11 @@ class DisconnectWatch:
             await asyncio.wait((watcher,))
 
 
-def _cancelling(task) -> bool:
-    """True if `task` itself is being cancelled.  Python 3.10 cannot tell
-    (Task.cancelling is 3.11's): there a read whose own cancel coincides
-    with the request's end is told the request is over, not cancelled."""
-    cancelling = getattr(task, "cancelling", None)
-    return cancelling is not None and cancelling() > 0
-
-
-def bodiless(scope) -> bool:
-    """True for an HTTP/1 request whose head says it has no body (RFC 9112
-    6.3: neither Transfer-Encoding nor a Content-Length but 0).  HTTP/2's
-    requests may carry a body without Content-Length: never bodiless."""
-    if scope.get("http_version") not in ("1.0", "1.1"):
-        return False
-    for name, value in scope.get("headers", ()):
-        if name == b"transfer-encoding":
-            return False
-        if name == b"content-length" and value.strip() != b"0":
-            return False
-    return True
+def expects_continue(scope) -> bool:
+    """True for a request that asks to be told before it sends its body
+    (RFC 9110 10.1.1, `Expect: 100-continue`)."""
+    return any(name == b"expect" and value.strip().lower() == b"100-continue"
+               for name, value in scope.get("headers", ()))
 
 
 def _retrieve(watcher) -> None:
@@ -153,4 +178,4 @@ def _retrieve(watcher) -> None:
         watcher.exception()
 
 
-__all__ = ["DisconnectWatch"]
+__all__ = ["DisconnectWatch", "READ_AHEAD_BYTES_MAX"]
