@@ -36,12 +36,10 @@ import asyncio
 import collections
 
 # The most request body the watch holds that the app has not taken yet:
-# uvicorn's own per-connection buffer (its flow control's high-water
-# mark), so a request costs at most twice the memory it costs without the
-# middleware, and a JSON or form body is read whole by the watch.
+# the size of uvicorn's own buffer (its flow control's high-water mark), so
+# the watch adds no more memory to a request than the server already
+# spends on it, and reads a JSON or form body whole.
 READ_AHEAD_BYTES_MAX = 64 * 1024
-
-_DISCONNECT = {"type": "http.disconnect"}
 
 
 class DisconnectWatch:
@@ -74,7 +72,7 @@ class DisconnectWatch:
             watcher = self._watcher
             if watcher is None:
                 if self._closed:
-                    return _DISCONNECT      # the request is over, as the server would say
+                    return {"type": "http.disconnect"}     # the request is over
                 self._start()
                 continue
             if watcher.done():
@@ -82,7 +80,7 @@ class DisconnectWatch:
                     # The watch ended with the request (close): a read that
                     # outlives it is told the request is over, as ASGI's
                     # server would tell it.
-                    return _DISCONNECT
+                    return {"type": "http.disconnect"}
                 watcher.result()            # raises the error of the server's receive()
                 return await self._direct()     # past ASGI's messages: no watch
             # An app that gives up waiting (a cancelled scope) leaves the
