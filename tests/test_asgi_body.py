@@ -12,10 +12,11 @@ import asyncio
 
 import pytest
 
+from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
 from accman.calling.disconnect import READ_AHEAD_BYTES_MAX
 from asgi_harness import CRED, Reply, history, http_scope, mw
-from fake_accman import FakeAccMan, run
+from fake_accman import FakeAccMan, closed_port, run
 
 CHUNK = b"x" * (READ_AHEAD_BYTES_MAX * 5 // 8)      # two of them pass the bound
 
@@ -102,6 +103,19 @@ def test_a_consumer_who_stays_is_charged_and_the_app_gets_the_body_in_order(fake
     assert r.status == 200 and r.headers["accman"] == "7" and fake.tot(CRED) == 7
     assert [(g["body"], g["more_body"]) for g in got] == [(b"ab", True), (b"cd", True),
                                                           (b"e", False)]
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_served_unpaid_a_consumer_gone_unread_is_not_recorded_unpaid(mode):
+    """AccMan unreachable, on_unavailable="open": the consumer who left
+    behind a body the app never read owes nothing, as with AccMan up."""
+    unpaid = []
+    m = AccManMiddleware(lambda scope, receive, send: answer(send, 0.05),
+                         url=f"http://127.0.0.1:{closed_port()}", mode=mode, cost=4,
+                         retries=0, on_unavailable="open",
+                         on_unpaid=lambda cred, amount: unpaid.append((cred, amount)))
+    run(Consumer([b'{"city": "Lisbon"}'], leaves=True).call(m))
+    assert unpaid == [] and m.stats["unpaid_requests"] == 0
 
 
 def test_the_watch_reads_ahead_of_the_app_by_its_bound_at_most(fake):
