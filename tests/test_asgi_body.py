@@ -121,8 +121,9 @@ def test_served_unpaid_a_consumer_gone_unread_is_not_recorded_unpaid(mode):
 def test_the_watch_reads_ahead_of_the_app_by_its_bound_at_most(fake):
     """A large body stays the app's, streamed at its pace: the watch stops
     reading once it holds READ_AHEAD_BYTES_MAX, goes on as the app takes,
-    and the app gets all of it; a disconnect behind a larger body than
-    that, which the app never reads, is not seen (docs/CALLING.md)."""
+    and the app gets all of it; a disconnect behind a body it cannot
+    read whole within that, which the app never reads, is not seen
+    (docs/CALLING.md)."""
     fake.fund(CRED, 10)
     consumer = Consumer([CHUNK] * 4)
     reads = []
@@ -144,8 +145,19 @@ def test_the_watch_reads_ahead_of_the_app_by_its_bound_at_most(fake):
 
     fake.fund(CRED, 3)
     idle = mw(fake, lambda scope, receive, send: answer(send, 0.02), cost=3)
-    run(Consumer([CHUNK] * 2, leaves=True).call(idle))
+    run(Consumer([CHUNK] * 3, leaves=True).call(idle))
     assert fake.tot(CRED) == 7              # the disconnect went unseen: charged
+
+
+def test_a_body_read_whole_past_the_bound_does_not_hide_the_disconnect(fake):
+    """The bound holds the body back, not what follows it: once the watch
+    has read the last of a body (here past READ_AHEAD_BYTES_MAX, in two
+    parts) that the app never reads, the disconnect behind it costs no
+    memory and is seen: the consumer who left is not charged."""
+    fake.fund(CRED, 10)
+    idle = mw(fake, lambda scope, receive, send: answer(send, 0.05), cost=3)
+    run(Consumer([CHUNK] * 2, leaves=True).call(idle))
+    assert fake.tot(CRED) == 10 and idle.stats["charged"] == 0
 
 
 @pytest.mark.parametrize("mode", ["check", "reserve"])

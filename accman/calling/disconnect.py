@@ -14,8 +14,9 @@ to the app's `receive()` calls in the order the server sent them.
 - The body is read ahead of the app by at most READ_AHEAD_BYTES_MAX: past
   that, the watch waits until the app has taken some, so a large body is
   still streamed at the app's pace and held in memory only that far.  A
-  body that the app never reads and that is larger than that keeps the
-  watch from the disconnect behind it (docs/CALLING.md says so).
+  body that the app never reads and that the watch cannot read whole
+  within that bound keeps the watch from the disconnect behind it
+  (docs/CALLING.md says so); one read whole does not.
 - A request with `Expect: 100-continue` is not read before the app reads
   it: reading it makes the server tell the consumer to send the body
   (uvicorn sends `100 Continue` on the first `receive()`), which is the
@@ -105,7 +106,9 @@ class DisconnectWatch:
         body_read = False
         try:
             while True:
-                while self._ahead >= READ_AHEAD_BYTES_MAX:
+                # Only body is held: once it is read whole, what follows
+                # (the disconnect) costs no memory, and is read at once.
+                while not body_read and self._ahead >= READ_AHEAD_BYTES_MAX:
                     await self._room.wait()
                 message = await self._receive()
                 self._read.append(message)
