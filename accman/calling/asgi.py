@@ -264,7 +264,7 @@ class AccManMiddleware:
                 self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), e)
             return await self._unavailable(scope, receive, send, cred, price, e)
         try:
-            async with r.watch:         # its start may read, and be cancelled
+            async with r.watch:         # reads the server's messages while the app runs
                 await self.app(scope, r.watch.receive, r.sender(send))
         finally:
             r.release()     # the app raised, or sent no response; else settled already
