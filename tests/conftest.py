@@ -584,3 +584,20 @@ def proxy():
     yield make
     for p in made:
         p.close()
+
+
+# --- the calling side's fake AccMan (tests/fake_accman.py) -------------------
+
+@pytest.fixture
+def fake():
+    """A fake AccMan for the calling side's unit tests, stopped after."""
+    from fake_accman import FakeAccMan
+    with FakeAccMan() as f:
+        yield f
+
+
+@pytest.fixture
+def quick_followups(monkeypatch):
+    """The middleware's owed calls retried at once (the ASGI tests use it)."""
+    from accman.calling import owed
+    monkeypatch.setattr(owed, "FOLLOWUP_PAUSE_S", 0.01)

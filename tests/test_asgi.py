@@ -17,21 +17,12 @@ import types
 import pytest
 
 from accman.asgi import AccManMiddleware
-from accman.calling import owed as owed_mod
 from accman.client import AccManClient
 from asgi_harness import CRED, Reply, call, history, http_scope, make_app, mw
-from fake_accman import FakeAccMan, closed_port, run
+from fake_accman import closed_port, run
 
-
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
-
-
-@pytest.fixture(autouse=True)
-def quick_followups(monkeypatch):
-    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.01)
+# Owed calls retried at once, not after their pause.
+pytestmark = pytest.mark.usefixtures("quick_followups")
 
 
 # --- check mode -------------------------------------------------------------

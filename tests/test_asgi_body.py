@@ -13,23 +13,14 @@ import asyncio
 import pytest
 
 from accman.asgi import AccManMiddleware
-from accman.calling import owed as owed_mod
 from accman.calling.disconnect import READ_AHEAD_BYTES_MAX
 from asgi_harness import CRED, Reply, history, http_scope, mw
-from fake_accman import FakeAccMan, closed_port, run
+from fake_accman import closed_port, run
 
 CHUNK = b"x" * (READ_AHEAD_BYTES_MAX * 5 // 8)      # two of them pass the bound
 
-
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
-
-
-@pytest.fixture(autouse=True)
-def quick_followups(monkeypatch):
-    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.01)
+# Owed calls retried at once, not after their pause.
+pytestmark = pytest.mark.usefixtures("quick_followups")
 
 
 class Consumer:

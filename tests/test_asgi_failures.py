@@ -14,16 +14,8 @@ from accman.calling import owed as owed_mod
 from asgi_harness import CRED, call, make_app, mw
 from fake_accman import BUSY, FakeAccMan, charges, closed_port, first_then, run
 
-
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
-
-
-@pytest.fixture(autouse=True)
-def quick_followups(monkeypatch):
-    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.01)
+# Owed calls retried at once, not after their pause.
+pytestmark = pytest.mark.usefixtures("quick_followups")
 
 
 # --- AccMan unavailable -----------------------------------------------------

@@ -19,16 +19,8 @@ from accman.limits import HOLD_TTL_S_MAX
 from asgi_harness import CRED, call, entries, http_scope, make_app, mw
 from fake_accman import BUSY, FakeAccMan, first_then, run
 
-
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
-
-
-@pytest.fixture(autouse=True)
-def quick_followups(monkeypatch):
-    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.01)
+# Owed calls retried at once, not after their pause.
+pytestmark = pytest.mark.usefixtures("quick_followups")
 
 
 def served_and_drained(m, **kw):

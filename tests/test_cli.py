@@ -22,7 +22,7 @@ from accman.calling.commands import failure, prepare
 from accman.cli import OPEN_KEY, build_parser, new_cred
 from accman.errors import BadReply, CallTimeout, OutcomeUnknown, Unreachable
 from conftest import ROOT, run_accman
-from fake_accman import FakeAccMan, account_id
+from fake_accman import account_id
 
 TOKENS = {
     "mint": "mint-token-0123456789abcdef",
@@ -245,12 +245,6 @@ def test_client_errors_exit_1_with_the_error(start_server):
     assert run_accman("mod", "abc", "3", "--url", s.url).returncode == 0
     proc = run_accman("mod", "abc", "-5", "--min", "0", "--url", s.url)
     assert proc.returncode == 1 and "409 insufficient" in proc.stderr and "(tot 3)" in proc.stderr
-
-
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
 
 
 @pytest.mark.parametrize("args,names", [

@@ -27,12 +27,6 @@ from fake_accman import FakeAccMan, account_id, closed_port
 from test_cli import one_line_error
 
 
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
-
-
 def ok_json(proc):
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
     assert proc.stderr == ""

@@ -18,12 +18,6 @@ from accman.limits import INT64_MAX
 from fake_accman import FakeAccMan, account_id, closed_port, run
 
 
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
-
-
 # --- the async client against the fake -------------------------------------
 def test_tot_mod_past(fake):
     async def go():

@@ -20,13 +20,7 @@ from accman.client import (AccManClient, AccManSyncClient, CallTimeout, Event, E
 from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient, KeyReused,
                            NoAccount, NoHold, TooManyHolds)
 from accman.limits import EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX, INT64_MAX
-from fake_accman import FakeAccMan, account_id
-
-
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
+from fake_accman import account_id
 
 
 class AsyncAsSync:

@@ -22,13 +22,7 @@ from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insuffici
 from accman.records import Event
 from accman.calling.policy import TIMEOUT_S_MAX
 from accman.limits import EVENTS_WAIT_S_MAX, INT64_MAX, INT64_MIN
-from fake_accman import FakeAccMan, run
-
-
-@pytest.fixture
-def fake():
-    with FakeAccMan() as f:
-        yield f
+from fake_accman import run
 
 
 # --- the reply parser -------------------------------------------------------
