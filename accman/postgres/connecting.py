@@ -7,9 +7,12 @@ URL's hosts tried one at a time, as libpq tries them.
 from __future__ import annotations
 
 import asyncio
+import os
+import urllib.parse
 
 import asyncpg
 
+from accman.errors import StoreError
 from accman.postgres.errors import store_error, unreadable_url
 
 CONNECT_TIMEOUT_S = 10.0
@@ -76,6 +79,7 @@ async def connect_each_host(dsn: str, *, timeout: float, **kw):
     one that did not answer is said as no host taking writes, not as the
     unanswered one's error, as if no database were up."""
     urls = _one_host_urls(dsn)
+    kw.setdefault("target_session_attrs", target_session_attrs(dsn, urls))
     if urls is None:
         return await asyncpg.connect(dsn, timeout=timeout, **kw)
     # The host that last took a connection is tried first: the others
@@ -125,6 +129,41 @@ async def _taken(trying: dict, failed: list, newest):
         if not done or (newest is not None and newest.done()):
             return None
     return None
+
+
+# AccMan writes on a cluster's primary and reads there what it wrote (a
+# standby's reads lag its commits), so each of its connections must reach
+# a host that takes writes.  libpq's default, `any`, takes whichever host
+# answers first, a standby perhaps, whose writes fail on every try: a URL
+# of several hosts asks for read-write unless it names one of these.  One
+# host is taken as it is (the store then says itself when it takes no
+# writes).  The values that never reach a primary are refused.
+TAKES_WRITES = ("read-write", "primary")
+_NEVER_A_PRIMARY = ("read-only", "standby", "prefer-standby")
+
+
+def target_session_attrs(dsn: str, one_host_urls: list[str] | None) -> str | None:
+    """What to connect to `dsn` with: the URL's target_session_attrs (or
+    PGTARGETSESSIONATTRS), read-write for several hosts naming none, None
+    (the driver's default) for one; a value that can take a host other than
+    the primary raises StoreError."""
+    given = _query_value(dsn, "target_session_attrs") or os.environ.get("PGTARGETSESSIONATTRS")
+    several = one_host_urls is not None or "," in (_query_value(dsn, "host") or "")
+    if given in _NEVER_A_PRIMARY or (given == "any" and several):
+        raise StoreError(
+            f"{_CONNECT}: target_session_attrs={given} cannot be used: AccMan writes on a "
+            "cluster's primary and reads there what it wrote, and this may take a standby; "
+            "leave it out or give read-write")
+    if given:
+        return given
+    return TAKES_WRITES[0] if several else None
+
+
+def _query_value(url: str, name: str) -> str | None:
+    """The last value of the query parameter `name` of `url`, decoded."""
+    query = url.partition("?")[2]
+    values = [v for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k == name]
+    return values[-1] if values else None
 
 
 def _left(attempt) -> None:

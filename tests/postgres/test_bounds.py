@@ -430,6 +430,60 @@ def test_a_primary_down_beside_a_standby_is_said_as_no_host_taking_writes(pg, pg
             run(PgStore.open([url]))
 
 
+def test_a_url_of_several_hosts_takes_the_one_that_takes_writes(pg, pg_url, pg_factory):
+    """SCALING.md's URL names every host of a cluster.  One that leaves out
+    target_session_attrs took the first host that answered, a standby
+    perhaps (here a read-only database listed first), and the store never
+    opened, its writes refused on every try: read-write is the default for
+    several hosts, and reads go to the primary too."""
+    run(migrate([pg_url]))
+    dbname = pg_url.rsplit("/", 1)[1]
+    standby_like = pg_factory(name="ro-host")
+    standby_like.create_database(dbname)
+    standby_like.psql(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    url = f"postgresql://postgres@127.0.0.1:{standby_like.port},127.0.0.1:{pg.port}/{dbname}"
+
+    async def main():
+        async with stored(url) as (_, c):
+            assert await c.mod("w", 5) == (5, 1)
+            assert await c.tot("w") == 5
+    run(main())
+
+
+@pytest.mark.parametrize("attrs,hosts", [
+    ("standby", 1), ("read-only", 1), ("prefer-standby", 2), ("any", 2),
+])
+def test_a_url_that_may_take_a_standby_is_refused(pg, pg_url, attrs, hosts):
+    """A URL whose target_session_attrs can take a host other than the
+    primary (`any` of several hosts takes whichever answers first) is
+    refused at open, saying which setting and why, not met later as writes
+    refused on a standby or reads that lag."""
+    dbname = pg_url.rsplit("/", 1)[1]
+    url = (f"postgresql://postgres@{','.join([f'127.0.0.1:{pg.port}'] * hosts)}/{dbname}"
+           f"?target_session_attrs={attrs}")
+    with pytest.raises(StoreError, match=rf"^cannot connect to a PostgreSQL cluster of the "
+                       rf"store: target_session_attrs={attrs} cannot be used: AccMan writes "
+                       rf"on a cluster's primary .* leave it out or give read-write$"):
+        run(PgStore.open([url]))
+
+
+def test_the_session_attrs_of_the_environment_are_checked_as_the_url_s(pg_url, monkeypatch):
+    """PGTARGETSESSIONATTRS stands in for a URL that names none."""
+    monkeypatch.setenv("PGTARGETSESSIONATTRS", "standby")
+    with pytest.raises(StoreError, match="target_session_attrs=standby cannot be used"):
+        run(PgStore.open([pg_url]))
+
+
+def test_any_of_one_host_is_taken(pg_url):
+    """One host is the one there is: `any` (libpq's default) takes it."""
+    run(migrate([pg_url]))
+
+    async def main():
+        async with stored(pg_url + "?target_session_attrs=any") as (_, c):
+            assert await c.mod("one", 2) == (2, 1)
+    run(main())
+
+
 def test_a_host_that_does_not_answer_leaves_the_next_host_of_the_url_tried(pg, pg_url,
                                                                            monkeypatch):
     """SCALING.md: after a failover a front-end finds the new primary by
