@@ -90,20 +90,27 @@ SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "met
 
 
 async def _one(app):
+    """One request, its `receive` as uvicorn's: the body, then nothing
+    until the response has ended, then `http.disconnect` (the middleware's
+    disconnect watch then ends as it does under a server)."""
     done = False
     status = None
+    ended = asyncio.Event()
 
     async def receive():
         nonlocal done
         if not done:
             done = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.sleep(3600)
+        await ended.wait()
+        return {"type": "http.disconnect"}
 
     async def send(message):
         nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
+        elif not message.get("more_body", False):
+            ended.set()
 
     await app(dict(SCOPE), receive, send)
     assert status == 200
