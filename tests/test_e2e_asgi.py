@@ -42,6 +42,9 @@ HYPERCORN_READY = re.compile(r"Running on http://127\.0\.0\.1:(\d+)")
 SERVERS = {
     "uvicorn": (lambda app: ["-m", "uvicorn", app, "--app-dir", str(ROOT), "--host",
                              "127.0.0.1", "--port", "0", "--no-access-log"], UVICORN_READY),
+    # uvicorn[standard]'s HTTP/1.1 protocol, whose disconnects are its own.
+    "uvicorn --http httptools": (lambda app: [*SERVERS["uvicorn"][0](app), "--http",
+                                              "httptools"], UVICORN_READY),
     "hypercorn": (lambda app: ["-m", "hypercorn", app, "--bind", "127.0.0.1:0"],
                   HYPERCORN_READY),
     # Behind a proxy that strips /api: the scope's path is /api/..., its root_path /api.

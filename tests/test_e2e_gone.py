@@ -37,9 +37,12 @@ BYS_ONE = {"check": [10, -2], "reserve": [10, -2, 0]}   # charged once: a mod, o
 LOG_FAULTS = ("Traceback", "Task was destroyed", "never retrieved", "ERROR")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with services(tmp_path_factory.mktemp("e2e-gone"), "gone-", app="tests.gone_app:app") as s:
+@pytest.fixture(scope="module", params=["uvicorn", "uvicorn --http httptools"])
+def stack(request, tmp_path_factory):
+    """The service under uvicorn, with each of its HTTP/1.1 protocols: h11,
+    and httptools (uvicorn[standard]'s), whose disconnects are their own."""
+    with services(tmp_path_factory.mktemp("e2e-gone"), "gone-", app="tests.gone_app:app",
+                  server=request.param) as s:
         yield s
     for app in s["apps"].values():
         stopped_cleanly(app)
