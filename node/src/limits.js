@@ -77,6 +77,12 @@ const OWED_PAUSE_MAX_MS = 10000
 // (bounded by the client's timeout and retries), and the rest are stranded.
 // Then async onUnpaid calls get as long again.
 const CLOSE_DRAIN_MS = 5000
+// From fastify's close() on, how long a connection is kept alive after its
+// response (the server's keepAliveTimeout, to which Node may add its own
+// keepAliveTimeoutBuffer, 1 s): close() waits for every connection to end
+// before the owed calls drain, and fastify's 72 s outlasts what a process
+// manager waits before SIGKILL.  Not 0, which Node reads as "never".
+const CLOSE_KEEP_ALIVE_MS = 100
 // Routes named in the error that fails ready() when the plugin meters routes
 // whose price it never checked: enough to find them; the rest are counted.
 const ROUTES_NAMED_MAX = 10
@@ -110,5 +116,6 @@ module.exports = {
   OWED_PAUSE_MS,
   OWED_PAUSE_MAX_MS,
   CLOSE_DRAIN_MS,
+  CLOSE_KEEP_ALIVE_MS,
   ROUTES_NAMED_MAX
 }

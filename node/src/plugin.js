@@ -8,7 +8,8 @@
 // who left), onRequestAbort and onResponse end a hold that no response
 // settled, onRoute checks each route's price, and onReady warns of
 // the routes it meters without having checked them (routes.js); from
-// preClose on, responses close their connections (see charge).  README.md
+// preClose on, responses close their connections (see charge), and those
+// of other scopes are kept alive briefly (shortenKeepAlive).  README.md
 // has the sequence of calls and every failure.
 
 const crypto = require('node:crypto')
@@ -598,6 +599,25 @@ function opened (stream) {
   })
 }
 
+// From close() on, a connection kept alive after its response ends within
+// CLOSE_KEEP_ALIVE_MS, whichever scope's route answered it.  fastify's
+// close() runs the onClose hooks, the owed calls' drain among them, only
+// once every connection has ended; server.close() ends the connections
+// idle at that moment, while one whose request was under way is kept alive
+// after its response for keepAliveTimeout (fastify's 72 s).  The plugin's
+// onSend closes the connections of its own scope (charge), but a route in a
+// sibling or parent scope never meets that hook.  Node reads the server's
+// keepAliveTimeout as each response ends, so the shorter one holds for
+// every response that ends from now on, with no hook on other scopes'
+// routes: the server is closing, and an idle connection is what fastify's
+// own close ends (forceCloseConnections 'idle').  HTTP/2 servers have no
+// such timeout (fastify closes their sessions itself).
+function shortenKeepAlive (server) {
+  if (server && typeof server.keepAliveTimeout === 'number' && server.keepAliveTimeout > limits.CLOSE_KEEP_ALIVE_MS) {
+    server.keepAliveTimeout = limits.CLOSE_KEEP_ALIVE_MS
+  }
+}
+
 // Keeps `promise` in `set` until it settles, for close() to wait for.
 function track (set, promise) {
   const kept = promise.finally(() => set.delete(kept))
@@ -658,7 +678,10 @@ async function fastifyAccman (fastify, opts) {
     }
     meter.end(state)
   })
-  fastify.addHook('preClose', async () => { meter.closing = true })
+  fastify.addHook('preClose', async () => {
+    meter.closing = true
+    shortenKeepAlive(fastify.server)
+  })
   fastify.addHook('onClose', () => meter.close())
 }
 

@@ -594,6 +594,38 @@ test('close() ends with the request under way: its kept-alive connection is clos
   }
 })
 
+// The plugin registered in a scope of its own: a route of the root never
+// meets its onSend hook, so its response keeps the connection alive.
+test('close() ends with a request under way outside the plugin\'s scope: its kept-alive connection is not held for keepAliveTimeout', async () => {
+  const app = Fastify()
+  let started
+  const handling = new Promise((resolve) => { started = resolve })
+  app.get('/admin/slow', async () => {
+    started()
+    await sleep(100)
+    return { slow: true }
+  })
+  app.register(async (api) => {
+    await api.register(accman, { url: server.url, token: TOKENS.service })
+    api.get('/w', async () => ({ ok: true }))
+  }, { prefix: '/api' })
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  let closed = false
+  try {
+    const asked = fetch(url + '/admin/slow') // fetch keeps its connection alive
+    await handling
+    const closing = app.close().then(() => { closed = true })
+    const r = await asked
+    assert.deepEqual([r.status, r.headers.get('connection')], [200, 'keep-alive'])
+    await r.json()
+    await Promise.race([closing, sleep(accman.limits.CLOSE_KEEP_ALIVE_MS + 1500)])
+    assert.ok(closed, 'close() still waits on the kept-alive connection')
+  } finally {
+    if (!closed) app.server.closeAllConnections()
+    await app.close()
+  }
+})
+
 test('checkFreshMs 0: every admission asks AccMan', async () => {
   await mint.mod('p-fresh', 10)
   await withService({ checkFreshMs: 0 }, async (url) => {

@@ -42,13 +42,18 @@ function section (heading) {
 }
 
 // A limit's value as the README writes it, in the unit its name ends in:
-// `(5 s)` is 5000 for a `_MS` name and 5 for an `_S` one; `(10 000)`,
-// `(8 KiB)` and `(1 MiB)` are counts of things or bytes.
+// `(5 s)` is 5000 for a `_MS` name and 5 for an `_S` one, `(100 ms)` is
+// 100 for a `_MS` name; `(10 000)`, `(8 KiB)` and `(1 MiB)` are counts of
+// things or bytes.
 const SCALE = { '': 1, KiB: 1024, MiB: 1024 * 1024 }
 function valueIn (name, written) {
-  const m = /^([\d ]+?)(?: (s|KiB|MiB))?$/.exec(written)
+  const m = /^([\d ]+?)(?: (s|ms|KiB|MiB))?$/.exec(written)
   assert.ok(m, `${name}'s value (${written}) is read`)
   const n = Number(m[1].replaceAll(' ', ''))
+  if (m[2] === 'ms') {
+    assert.match(name, /_MS(_|$)/, `${name} is a time in ms`)
+    return n
+  }
   if (m[2] !== 's') return n * SCALE[m[2] ?? '']
   assert.match(name, /_(MS|S)(_|$)/, `${name} is a time`)
   return /_MS(_|$)/.test(name) ? n * 1000 : n
