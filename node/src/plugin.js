@@ -363,7 +363,7 @@ class Meter {
   }
 
   async chargeSent (state, request, reply, payload) {
-    const cost = this.chargeOf(state, request, reply)
+    const cost = this.chargeOf(state, request, reply, payload)
     state.cost = cost
     if (state.unpaid !== null) {
       if (cost > 0n) this.unpaid(state.cred, cost, state.unpaid.code) // a free response owes nothing
@@ -394,13 +394,14 @@ class Meter {
     return payload
   }
 
-  chargeOf (state, request, reply) {
+  chargeOf (state, request, reply, payload) {
     if (!this.chargeErrors && reply.statusCode >= 400) return 0n
     try {
       return this.costOf(state.price, request, reply, 'charge')
     } catch (err) {
       this.release(state) // a bug in the service: never keep the consumer's money on it
       dropHandlerHeaders(reply, state) // fastify's 500 takes the response's place
+      discard(payload) // ... and never reads the payload: a file's fd would stay open
       throw err
     }
   }
@@ -440,7 +441,7 @@ class Meter {
     this.stats.refused_unavailable++
     this.repeats.say('error', { status: err.status, code: err.code },
       'accman: AccMan refused the charge: check the token\'s roles; refusing with 503')
-    if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
+    discard(payload)
     dropHandlerHeaders(reply, state)
     reply.code(503).headers({ 'retry-after': '1' }).type(JSON_TYPE)
     return body('unavailable', UNAVAILABLE_DETAIL)
@@ -584,6 +585,12 @@ class Meter {
     if (this.billing.size) this.log.error(`accman: ${this.billing.size} onUnpaid calls still under way at close: their bills may not be made`)
     if (this.ownClient) await this.client.close()
   }
+}
+
+// Ends a payload that will not be sent: a stream's resources (a file's fd)
+// are freed only when it is read to its end or destroyed.
+function discard (payload) {
+  if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
 }
 
 // Resolves once the file stream `stream` has opened, or failed to.

@@ -242,6 +242,22 @@ test('a cost function\'s wrong result is named with its route and stage: an asyn
   assert.equal(await mint.tot('p-asynccost'), 10)
 })
 
+test('a cost function that throws on a file stream\'s response: a 500, the file closed, nothing charged', async () => {
+  await mint.mod('p-filethrows', 10)
+  for (const mode of ['check', 'reserve']) {
+    await withService({ mode }, async (url, app) => {
+      const r = await get(url + '/filethrows', 'p-filethrows')
+      assert.deepEqual([r.status, r.body.message, r.accman], [500, 'the cost function failed', null], mode)
+      const [stream] = app.streams
+      // fastify answers the error and never reads the stream: its fd stays
+      // open unless the stream is destroyed.
+      await until(() => stream.closed, 500).catch(() => {})
+      assert.deepEqual([stream.destroyed, stream.closed], [true, true], mode)
+    })
+  }
+  assert.equal(await mint.tot('p-filethrows'), 10)
+})
+
 test('a file stream that fails to open is fastify\'s 500, not charged', async () => {
   await mint.mod('p-nofile', 10)
   for (const mode of ['check', 'reserve']) {

@@ -46,6 +46,21 @@ async function serviceApp (options, { logs } = {}) {
     return {}
   })
   app.get('/asynccost', { config: { accman: async () => 1 } }, async () => ({}))
+  // A file streamed by a route whose cost function throws at 'charge';
+  // app.streams keeps each stream, to see that its file is closed.
+  app.decorate('streams', [])
+  app.get('/filethrows', {
+    config: {
+      accman: (request, reply, stage) => {
+        if (stage === 'estimate') return 1
+        throw new Error('the cost function failed')
+      }
+    }
+  }, async (request, reply) => {
+    const stream = fs.createReadStream(__filename)
+    app.streams.push(stream)
+    return reply.type('text/plain').send(stream)
+  })
   // A file that is not there: the stream fails as it opens, after onSend.
   app.get('/nofile', async (request, reply) => reply.type('text/plain').send(fs.createReadStream(path.join(os.tmpdir(), 'accman-no-such-file'))))
   // A stream that fails `ms` after it is handed over, before its first byte.
