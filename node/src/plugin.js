@@ -332,6 +332,7 @@ class Meter {
     const state = request.accman
     if (!state || state.ended) return payload
     state.ended = true
+    payload = unwrapResponse(reply, payload)
     // A stream's 'error' while the charge is in flight would find no
     // listener (fastify adds its own once the onSend hooks are done), and
     // an unheard 'error' ends the process.  Heard here, the stream is left
@@ -585,6 +586,22 @@ class Meter {
     if (this.billing.size) this.log.error(`accman: ${this.billing.size} onUnpaid calls still under way at close: their bills may not be made`)
     if (this.ownClient) await this.client.close()
   }
+}
+
+// A web Response (which fastify 5 takes from a handler) as the reply's
+// status, headers and body.  fastify applies a Response's status and
+// headers only once the onSend hooks are done (reply.js, onSendEnd), so the
+// charge would judge the reply's 200 and a cost function would not see the
+// Response's headers: applied here, as fastify applies them, the charge
+// and the cost function see what goes out, and the payload is the body (a
+// web stream, or null), which fastify sends as it does a Response's.  One
+// whose body was used is left for fastify to refuse.
+function unwrapResponse (reply, payload) {
+  if (payload === null || typeof payload !== 'object' ||
+      Object.prototype.toString.call(payload) !== '[object Response]' || payload.bodyUsed) return payload
+  reply.code(payload.status)
+  for (const [name, value] of payload.headers) reply.header(name, value)
+  return payload.body
 }
 
 // Ends a payload that will not be sent: a stream's resources (a file's fd)

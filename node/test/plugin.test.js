@@ -164,6 +164,20 @@ test('responses of 400 and over are not charged, unless chargeErrors', async () 
   })
 })
 
+// fastify takes a Response's status and headers only after the onSend hooks.
+test('a web Response is charged on its own status and headers: one of 400 and over is not charged', async () => {
+  await mint.mod('p-response', 100)
+  for (const mode of ['check', 'reserve']) {
+    await withService({ mode }, async (url) => {
+      const failed = await get(url + '/response?status=500&rows=42', 'p-response')
+      assert.deepEqual([failed.status, failed.headers.get('x-rows')], [500, '42'], mode)
+      const paid = await get(url + '/response?status=200&rows=42', 'p-response')
+      assert.deepEqual([paid.status, paid.body, paid.headers.get('x-rows')], [200, { rows: 42 }, '42'], mode)
+    })
+  }
+  assert.equal(await mint.tot('p-response'), 90) // 5 a mode, for the 200s only
+})
+
 test('per-route prices: a number, a function of request and reply, false; exempt paths', async () => {
   await mint.mod('p-route', 100)
   await withService({ cost: 2 }, async (url) => {

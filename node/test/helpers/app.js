@@ -45,6 +45,15 @@ async function serviceApp (options, { logs } = {}) {
     reply.header('set-cookie', 'session=paid-response').header('x-app', 'handler')
     return {}
   })
+  // As /rows, answered with a web Response (fastify 5 takes one from a
+  // handler): its status and x-rows header come from the query.
+  app.get('/response', {
+    config: {
+      accman: (request, reply, stage) => stage === 'estimate' ? 10 : Math.ceil(Number(reply.getHeader('x-rows')) / 10)
+    }
+  }, async (request) => new Response(JSON.stringify({ rows: Number(request.query.rows) }), {
+    status: Number(request.query.status), headers: { 'content-type': 'application/json', 'x-rows': request.query.rows }
+  }))
   app.get('/asynccost', { config: { accman: async () => 1 } }, async () => ({}))
   // A file streamed by a route whose cost function throws at 'charge';
   // app.streams keeps each stream, to see that its file is closed.
