@@ -605,9 +605,15 @@ function unwrapResponse (reply, payload) {
 }
 
 // Ends a payload that will not be sent: a stream's resources (a file's fd)
-// are freed only when it is read to its end or destroyed.
+// are freed only when it is read to its end, destroyed (a Node stream) or
+// cancelled (a web stream, which a locked one refuses: its reader ends it).
 function discard (payload) {
-  if (payload !== null && typeof payload === 'object' && typeof payload.destroy === 'function') payload.destroy()
+  if (payload === null || typeof payload !== 'object') return
+  if (typeof payload.destroy === 'function') {
+    payload.destroy()
+  } else if (typeof payload.getReader === 'function' && typeof payload.cancel === 'function') {
+    payload.cancel().catch(() => {})
+  }
 }
 
 // Resolves once the file stream `stream` has opened, or failed to.

@@ -260,13 +260,15 @@ test('a cost function that throws on a file stream\'s response: a 500, the file 
   await mint.mod('p-filethrows', 10)
   for (const mode of ['check', 'reserve']) {
     await withService({ mode }, async (url, app) => {
-      const r = await get(url + '/filethrows', 'p-filethrows')
-      assert.deepEqual([r.status, r.body.message, r.accman], [500, 'the cost function failed', null], mode)
-      const [stream] = app.streams
-      // fastify answers the error and never reads the stream: its fd stays
-      // open unless the stream is destroyed.
-      await until(() => stream.closed, 500).catch(() => {})
-      assert.deepEqual([stream.destroyed, stream.closed], [true, true], mode)
+      for (const as of ['node', 'web', 'response']) {
+        const r = await get(url + '/filethrows?as=' + as, 'p-filethrows')
+        assert.deepEqual([r.status, r.body.message, r.accman], [500, 'the cost function failed', null], `${mode} ${as}`)
+        const stream = app.streams.at(-1)
+        // fastify answers the error and never reads the stream: its fd
+        // stays open unless the stream is destroyed.
+        await until(() => stream.closed, 500).catch(() => {})
+        assert.deepEqual([stream.destroyed, stream.closed], [true, true], `${mode} ${as}`)
+      }
     })
   }
   assert.equal(await mint.tot('p-filethrows'), 10)

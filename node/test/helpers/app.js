@@ -55,8 +55,10 @@ async function serviceApp (options, { logs } = {}) {
     status: Number(request.query.status), headers: { 'content-type': 'application/json', 'x-rows': request.query.rows }
   }))
   app.get('/asynccost', { config: { accman: async () => 1 } }, async () => ({}))
-  // A file streamed by a route whose cost function throws at 'charge';
-  // app.streams keeps each stream, to see that its file is closed.
+  // A file streamed by a route whose cost function throws at 'charge':
+  // as a Node stream, or with ?as=web as a web stream, or with
+  // ?as=response as a web Response's body.  app.streams keeps each file
+  // stream, to see that its file is closed.
   app.decorate('streams', [])
   app.get('/filethrows', {
     config: {
@@ -66,8 +68,11 @@ async function serviceApp (options, { logs } = {}) {
       }
     }
   }, async (request, reply) => {
-    const stream = fs.createReadStream(__filename)
+    // A file larger than a web stream reads ahead: node's own executable.
+    const stream = fs.createReadStream(process.execPath)
     app.streams.push(stream)
+    if (request.query.as === 'web') return reply.type('text/plain').send(Readable.toWeb(stream))
+    if (request.query.as === 'response') return new Response(Readable.toWeb(stream))
     return reply.type('text/plain').send(stream)
   })
   // A file that is not there: the stream fails as it opens, after onSend.
