@@ -122,6 +122,12 @@ function refuseUnknown (opts) {
 function settings (opts) {
   refuseUnknown(opts)
   if (opts.client !== undefined) {
+    // Anything else would pass ready() and fail each request that calls
+    // it.  Known by its tag, which a copy of the package loaded twice
+    // shares, where instanceof would not.
+    if (Object.prototype.toString.call(opts.client) !== '[object AccManClient]') {
+      throw new TypeError(`client must be an AccManClient made with { bigint: true }, not ${shown(opts.client)}`)
+    }
     const mixed = CLIENT_OPTIONS.filter((name) => opts[name] !== undefined)
     if (mixed.length) {
       const many = mixed.length > 1

@@ -742,6 +742,20 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
     app.register(accman, bad)
     await assert.rejects(app.ready(), (err) => err instanceof TypeError && named.test(err.message), named.source)
   }
+  // Anything but an AccManClient is refused as the client, at ready(), not
+  // by each request that calls it; null too (no client is left out).
+  for (const [bad, named] of [
+    [{ client: {} }, /^client must be an AccManClient made with \{ bigint: true \}, not an object$/],
+    [{ client: { bigint: true } }, /^client must be an AccManClient made with \{ bigint: true \}, not an object$/],
+    [{ client: 'http://127.0.0.1:9' }, /^client must be an AccManClient made with \{ bigint: true \}, not "http:/],
+    [{ client: null, url: server.url }, /^client must be an AccManClient made with \{ bigint: true \}, not null$/],
+    [{ client: new accman.AccManClient({ url: server.url }) }, /^a client given to the plugin must be made with \{ bigint: true \}$/]
+  ]) {
+    const app = Fastify()
+    app.register(accman, bad)
+    await assert.rejects(app.ready(), (err) => err instanceof TypeError && named.test(err.message), named.source)
+    if (bad.client instanceof accman.AccManClient) await bad.client.close()
+  }
   await client.close()
   // fastify's own register options reach the plugin too, and are not refused.
   const app = Fastify()
