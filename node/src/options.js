@@ -181,4 +181,4 @@ function checkExempt (route, path, exempt) {
     `(by ${shown(by)}): an exempt route is never metered`)
 }
 
-module.exports = { settings, checkRoute, checkExempt, amount, price }
+module.exports = { settings, checkRoute, checkExempt, amount, price, shown }

@@ -10,9 +10,13 @@ const crypto = require('node:crypto')
 const {
   OWED_MAX, OWED_ATTEMPTS_MAX, OWED_PAUSE_MS, OWED_PAUSE_MAX_MS
 } = require('./limits')
+const { shown } = require('./options')
 const {
   Unavailable, OutcomeUnknown, HoldEnded, Insufficient, NoAccount, mayHaveLanded, definite
 } = require('./errors')
+
+// The longest delay a Node timer takes (a signed 32-bit count of ms).
+const TIMER_MS_MAX = 2 ** 31 - 1
 
 // How logs name an account: not the credential, a bearer secret, but 12 hex
 // digits of its SHA-256.
@@ -198,8 +202,12 @@ class Owed {
   }
 
   // Waits until every owed call has landed or been stranded; false if
-  // `timeoutMs` passed first.
+  // `timeoutMs` passed first.  A timer waits 1 ms for a delay it cannot
+  // take: refused instead, for that false would say calls are still owed.
   async drain (timeoutMs) {
+    if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > TIMER_MS_MAX) {
+      throw new TypeError(`timeoutMs must be an integer from 0 to ${TIMER_MS_MAX}, not ${shown(timeoutMs)}`)
+    }
     if (this.running === null) return true
     let timer
     const late = new Promise((resolve) => { timer = setTimeout(resolve, timeoutMs, false) })

@@ -37,3 +37,16 @@ test('a charge that may have landed, stranded because the queue is closed, is un
   owed.add(new Charge('c', 2n, 'k-unsent'), new E.Unreachable('nothing sent'))
   assert.deepEqual(stranded, [['k-late', 'shutting down', true], ['k-unsent', 'shutting down', false]])
 })
+
+// setTimeout waits 1 ms for what it cannot take (a string is coerced, a
+// delay past 2^31 - 1 ms or below 0 is 1 ms): drain() would answer false
+// at once, as if calls were still owed, rather than say what was wrong.
+test('drain() refuses a timeout that is no whole number of ms a timer can wait', async () => {
+  const owed = new Owed(null, () => {}, quiet)
+  for (const bad of ['5000', -1, 1.5, 2 ** 31, null, NaN]) {
+    await assert.rejects(owed.drain(bad),
+      (err) => err instanceof TypeError && /^timeoutMs must be an integer from 0 to 2147483647, not /.test(err.message),
+      String(bad))
+  }
+  assert.equal(await owed.drain(0), true)
+})
