@@ -640,10 +640,11 @@ function opened (stream) {
 // keepAliveTimeout as each response ends, so the shorter one holds for
 // every response that ends from now on, with no hook on other scopes'
 // routes: the server is closing, and an idle connection is what fastify's
-// own close ends (forceCloseConnections 'idle').  HTTP/2 servers have no
-// such timeout (fastify closes their sessions itself).
+// own close ends (forceCloseConnections 'idle').  0 is Node's "never".
+// HTTP/2 servers have no such timeout (fastify closes their sessions).
 function shortenKeepAlive (server) {
-  if (server && typeof server.keepAliveTimeout === 'number' && server.keepAliveTimeout > limits.CLOSE_KEEP_ALIVE_MS) {
+  const ms = server ? server.keepAliveTimeout : undefined
+  if (typeof ms === 'number' && (ms === 0 || ms > limits.CLOSE_KEEP_ALIVE_MS)) {
     server.keepAliveTimeout = limits.CLOSE_KEEP_ALIVE_MS
   }
 }
