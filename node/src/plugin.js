@@ -26,6 +26,7 @@ const { Repeats } = require('./repeats')
 const { settings, checkRoute, checkExempt, amount, price } = require('./options')
 const { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning } = require('./routes')
 const { headersOf, dropHandlerHeaders } = require('./headers')
+const { unwrapResponse, discard, opened } = require('./payload')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
 const JSON_TYPE = 'application/json; charset=utf-8'
@@ -586,47 +587,6 @@ class Meter {
     if (this.billing.size) this.log.error(`accman: ${this.billing.size} onUnpaid calls still under way at close: their bills may not be made`)
     if (this.ownClient) await this.client.close()
   }
-}
-
-// A web Response (which fastify 5 takes from a handler) as the reply's
-// status, headers and body.  fastify applies a Response's status and
-// headers only once the onSend hooks are done (reply.js, onSendEnd), so the
-// charge would judge the reply's 200 and a cost function would not see the
-// Response's headers: applied here, as fastify applies them, the charge
-// and the cost function see what goes out, and the payload is the body (a
-// web stream, or null), which fastify sends as it does a Response's.  One
-// whose body was used is left for fastify to refuse.
-function unwrapResponse (reply, payload) {
-  if (payload === null || typeof payload !== 'object' ||
-      Object.prototype.toString.call(payload) !== '[object Response]' || payload.bodyUsed) return payload
-  reply.code(payload.status)
-  for (const [name, value] of payload.headers) reply.header(name, value)
-  return payload.body
-}
-
-// Ends a payload that will not be sent: a stream's resources (a file's fd)
-// are freed only when it is read to its end, destroyed (a Node stream) or
-// cancelled (a web stream, which a locked one refuses: its reader ends it).
-function discard (payload) {
-  if (payload === null || typeof payload !== 'object') return
-  if (typeof payload.destroy === 'function') {
-    payload.destroy()
-  } else if (typeof payload.getReader === 'function' && typeof payload.cancel === 'function') {
-    payload.cancel().catch(() => {})
-  }
-}
-
-// Resolves once the file stream `stream` has opened, or failed to.
-function opened (stream) {
-  return new Promise((resolve) => {
-    const done = () => {
-      stream.removeListener('ready', done)
-      stream.removeListener('error', done)
-      resolve()
-    }
-    stream.once('ready', done)
-    stream.once('error', done)
-  })
 }
 
 // From close() on, a connection kept alive after its response ends within

@@ -1,0 +1,48 @@
+'use strict'
+// The reply's payload as the plugin's onSend meets it: a handler's web
+// Response taken apart as fastify takes it, a file stream waited for until
+// it has opened, and a payload that will not be sent given up, so that what
+// it holds (a file's fd) is freed.
+
+// A web Response (which fastify 5 takes from a handler) as the reply's
+// status, headers and body.  fastify applies a Response's status and
+// headers only once the onSend hooks are done (reply.js, onSendEnd), so the
+// charge would judge the reply's 200 and a cost function would not see the
+// Response's headers: applied here, as fastify applies them, the charge
+// and the cost function see what goes out, and the payload is the body (a
+// web stream, or null), which fastify sends as it does a Response's.  One
+// whose body was used is left for fastify to refuse.
+function unwrapResponse (reply, payload) {
+  if (payload === null || typeof payload !== 'object' ||
+      Object.prototype.toString.call(payload) !== '[object Response]' || payload.bodyUsed) return payload
+  reply.code(payload.status)
+  for (const [name, value] of payload.headers) reply.header(name, value)
+  return payload.body
+}
+
+// Ends a payload that will not be sent: a stream's resources (a file's fd)
+// are freed only when it is read to its end, destroyed (a Node stream) or
+// cancelled (a web stream, which a locked one refuses: its reader ends it).
+function discard (payload) {
+  if (payload === null || typeof payload !== 'object') return
+  if (typeof payload.destroy === 'function') {
+    payload.destroy()
+  } else if (typeof payload.getReader === 'function' && typeof payload.cancel === 'function') {
+    payload.cancel().catch(() => {})
+  }
+}
+
+// Resolves once the file stream `stream` has opened, or failed to.
+function opened (stream) {
+  return new Promise((resolve) => {
+    const done = () => {
+      stream.removeListener('ready', done)
+      stream.removeListener('error', done)
+      resolve()
+    }
+    stream.once('ready', done)
+    stream.once('error', done)
+  })
+}
+
+module.exports = { unwrapResponse, discard, opened }
