@@ -2,7 +2,7 @@
 
 import logging
 
-from accman.calling.repeats import REPEAT_S, Repeats
+from accman.calling.repeats import LINES_MAX, REPEAT_S, Repeats
 
 
 def test_a_line_every_request_meets_is_said_at_most_once_a_repeat(caplog):
@@ -47,3 +47,22 @@ def test_what_accman_said_is_logged_but_does_not_make_a_new_line(caplog):
     said = [r.getMessage() for r in caplog.records]
     assert said == ["refused; AccMan said: quoted request 0"]
     assert len(repeats._said) == 1
+
+
+def test_the_lines_kept_are_bounded_and_the_one_met_longest_ago_goes(caplog):
+    """A foreign server at a wrong URL may answer a new error code each time:
+    the lines kept stay at LINES_MAX, each new one still said, and a line
+    met lately is still known as said."""
+    now = [100.0]
+    repeats = Repeats(logging.getLogger("accman.test4"), clock=lambda: now[0])
+    caplog.set_level("WARNING", logger="accman.test4")
+    for i in range(10 * LINES_MAX):
+        repeats.say(logging.WARNING, "steady")              # met every time: kept
+        repeats.say(logging.WARNING, f"refused (code_{i})")
+        now[0] += 0.001
+        assert len(repeats._said) <= LINES_MAX
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("steady") == 1 and len(said) == 1 + 10 * LINES_MAX
+    repeats.say(logging.WARNING, f"refused (code_{10 * LINES_MAX - 1})")    # kept: not said
+    repeats.say(logging.WARNING, "refused (code_0)")         # forgotten: said again
+    assert [r.getMessage() for r in caplog.records][len(said):] == ["refused (code_0)"]

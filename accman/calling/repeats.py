@@ -11,11 +11,16 @@ import time
 
 # A line met by every request is said again at most this often.
 REPEAT_S = 10.0
+# The lines kept.  A line's text holds the error code of the reply, and a
+# foreign server at a wrong URL may send a new code with every reply: past
+# this many, the line met longest ago is forgotten (said at once if it
+# comes back), so that the lines kept stay bounded.
+LINES_MAX = 64
 
 
 class Repeats:
     """The lines of one middleware, each known by its text (a few fixed
-    texts: the set stays small)."""
+    texts and the codes of the replies: at most LINES_MAX kept)."""
 
     def __init__(self, log: logging.Logger, clock=time.monotonic):
         self._log = log
@@ -40,4 +45,7 @@ class Repeats:
             state[2] = now
             return
         self._log.log(level, "%s%s%s", text, f"; AccMan said: {said}" if said else "", more)
+        if state is None and len(self._said) >= LINES_MAX:
+            del self._said[min(self._said, key=lambda t: self._said[t][2])]
         self._said[text] = [now, 0, now]
+        assert len(self._said) <= LINES_MAX

@@ -9,10 +9,16 @@
 
 // A line met by every request is said again at most this often.
 const REPEAT_MS = 10000
+// The lines kept.  A line is known by its fields, which hold the reply's
+// error code, and a foreign server at a wrong URL may send a new code with
+// every reply: past this many, the line met longest ago is forgotten (said
+// at once if it comes back), so that the lines kept stay bounded.
+const LINES_MAX = 64
 
 class Repeats {
   // `log` is a pino-like logger; `now` a clock in ms.  The lines are known
-  // by their level, fields and text: a few fixed ones, so the map stays small.
+  // by their level, fields and text: a few fixed ones and the replies' codes,
+  // at most LINES_MAX kept.
   constructor (log, now = () => performance.now()) { // monotonic: a clock set back stays silent
     this.log = log
     this.now = now
@@ -38,8 +44,17 @@ class Repeats {
       return
     }
     this.log[level]({ ...fields, ...said, ...more }, text)
+    if (state === undefined && this.said.size >= LINES_MAX) this.said.delete(this.metLongestAgo())
     this.said.set(key, { at: now, since: 0, seen: now })
+  }
+
+  metLongestAgo () {
+    let oldest
+    for (const [key, state] of this.said) {
+      if (oldest === undefined || state.seen < this.said.get(oldest).seen) oldest = key
+    }
+    return oldest
   }
 }
 
-module.exports = { Repeats, REPEAT_MS }
+module.exports = { Repeats, REPEAT_MS, LINES_MAX }

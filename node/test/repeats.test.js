@@ -3,7 +3,7 @@
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
-const { Repeats, REPEAT_MS } = require('../src/repeats')
+const { Repeats, REPEAT_MS, LINES_MAX } = require('../src/repeats')
 
 test('a line every request meets is said at most once a REPEAT_MS, with its count', () => {
   const said = []
@@ -43,4 +43,22 @@ test('what AccMan said is logged but does not make a new line', () => {
   }
   assert.deepEqual(lines, [[{ status: 404, detail: 'quoted request 0' }, 'refused']])
   assert.equal(repeats.said.size, 1)
+})
+
+test('the lines kept are bounded, the one met longest ago forgotten', () => {
+  // A foreign server at a wrong URL may answer a new error code each time.
+  const said = []
+  let now = 0
+  const repeats = new Repeats({ warn: (f, t) => said.push(f.code) }, () => now)
+  for (let i = 0; i < 10 * LINES_MAX; i++) {
+    repeats.say('warn', { code: 'steady' }, 'refused') // met every time: kept
+    repeats.say('warn', { code: `code_${i}` }, 'refused')
+    now += 1
+    assert.ok(repeats.said.size <= LINES_MAX)
+  }
+  assert.equal(said.filter((c) => c === 'steady').length, 1)
+  assert.equal(said.length, 1 + 10 * LINES_MAX)
+  repeats.say('warn', { code: `code_${10 * LINES_MAX - 1}` }, 'refused') // kept: not said
+  repeats.say('warn', { code: 'code_0' }, 'refused') // forgotten: said again
+  assert.deepEqual(said.slice(1 + 10 * LINES_MAX), ['code_0'])
 })
