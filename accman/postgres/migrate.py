@@ -1,6 +1,6 @@
-"""Creating and migrating the schema on one or more clusters, and the
-checks a store makes before it serves (`accman migrate --store URL`, and
-at `accman serve --store URL` start).
+"""Creating and migrating the schema on one or more clusters, after the
+checks a store makes before it serves (accman.postgres.shape), at
+`accman migrate --store URL` and at `accman serve --store URL` start.
 
     accman.postgres.migrate_sync(["postgresql://…"])   # the CLI's `migrate`
 
@@ -21,30 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from typing import NamedTuple
 
 from accman.errors import StoreError
 from accman.postgres.connecting import DRIVER_ERRORS, connect
-from accman.postgres.errors import CausedStoreError, describe, store_error
+from accman.postgres.errors import store_error
 from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
+from accman.postgres.shape import (CLUSTER_ID_BYTES, ClusterInfo, check_before_migrating,
+                                   check_homeless, check_infos, check_not_growing,
+                                   check_not_twice, check_version, of_cluster)
 
 HASH_KEY_BYTES = 16
-CLUSTER_ID_BYTES = 16
-# The schema version that records the events' home (schema_v2): a store of
-# several clusters at an older one numbered its events on each.
-HOME_SCHEMA_VERSION = 2
 # Held while a migration runs, so that front-ends started together run it
 # once: a transaction-level advisory lock on this number ("accman" in ASCII).
 MIGRATE_LOCK_ID = 0x6163636D616E
-
-
-class ClusterInfo(NamedTuple):
-    version: int
-    hash_key: bytes
-    cluster_id: bytes
-    events_home: bytes | None = None
-    # On the events' home of a store of several: the other clusters' ids.
-    members: frozenset = frozenset()
 
 
 async def read_info(conn) -> ClusterInfo | None:
@@ -103,7 +92,7 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool) -> ClusterInfo:
     async with conn.transaction():
         info = await read_info(conn)
         version = 0 if info is None else info.version
-        _check_version(version)
+        check_version(version)
         if info is not None and info.hash_key != hash_key and not adopt:
             raise StoreError("the clusters disagree on the credential-hash key: they are "
                              "not one store")
@@ -118,163 +107,6 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool) -> ClusterInfo:
             await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
             info = info._replace(version=SCHEMA_VERSION)
     return info
-
-
-def _check_version(version: int) -> None:
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"the store's schema is version {version}, newer than this "
-                         f"AccMan's {SCHEMA_VERSION}: upgrade AccMan")
-
-
-def _which(numbers: list[int], count: int) -> str:
-    """Clusters named by their place among the store's URLs (from 1), as
-    /health and the log name them: "a cluster" on a store of one."""
-    if count == 1:
-        return "a cluster"
-    return f"cluster{'s' * (len(numbers) > 1)} {', '.join(map(str, numbers))} of {count}"
-
-
-def _check_not_twice(infos: list[ClusterInfo | None]) -> None:
-    first = {}
-    for n, i in enumerate(infos, 1):
-        if i is not None and first.setdefault(i.cluster_id, n) != n:
-            raise StoreError(f"{_which([first[i.cluster_id], n], len(infos))} are the same "
-                             "cluster, named twice")
-
-
-def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
-    """What `migrate` refuses before it changes anything: a schema newer
-    than this AccMan's, clusters of two stores, one named twice, and some
-    clusters of a store of several without the others (more than the store
-    has is a cluster being added)."""
-    found = [i for i in infos if i is not None]
-    for i in found:
-        _check_version(i.version)
-    if len({i.hash_key for i in found}) > 1:
-        raise StoreError("the clusters disagree on the credential-hash key: they are not "
-                         "one store")
-    _check_not_twice(infos)
-    _check_members(found, exact=False)
-
-
-def check_infos(infos: list[ClusterInfo | None]) -> bytes:
-    """The store's hash key, after checking that the clusters make one
-    store, all of it, at this AccMan's version."""
-    bare = [n for n, i in enumerate(infos, 1) if i is None]
-    if bare:
-        raise StoreError(f"{_which(bare, len(infos))} has no AccMan schema: run `accman "
-                         "migrate --store URL` with every cluster's URL")
-    if len({i.hash_key for i in infos}) != 1:
-        raise StoreError("the clusters disagree on the credential-hash key: they are not "
-                         "one store")
-    _check_not_twice(infos)
-    for n, i in enumerate(infos, 1):
-        if i.version != SCHEMA_VERSION:
-            raise StoreError(f"{_which([n], len(infos))}'s schema is version {i.version}, "
-                             f"this AccMan's is {SCHEMA_VERSION}: run `accman migrate "
-                             "--store URL`")
-    if len(infos) > 1 and None in {i.events_home for i in infos}:
-        raise StoreError("the clusters do not agree on where the store's events are "
-                         "numbered: run `accman migrate` with every cluster's --store")
-    _check_members(infos, exact=True)
-    return infos[0].hash_key
-
-
-def _check_members(infos: list[ClusterInfo], exact: bool) -> None:
-    """A store of several clusters is given whole (`exact`), or with more
-    (a cluster being added, to `migrate`): a front-end given some of its
-    clusters would open accounts where the others cannot see them, and
-    number events on its own."""
-    homes = {i.events_home for i in infos} - {None}
-    if not homes:
-        return
-    if len(homes) > 1:
-        raise StoreError("the clusters disagree on where the store's events are numbered: "
-                         "they are not one store")
-    home = homes.pop()
-    given = {i.cluster_id: i for i in infos}
-    if home not in given:
-        raise StoreError("the store's events are numbered on a cluster not given: "
-                         "give every cluster of the store with --store")
-    store = given[home].members | {home}
-    if not store <= given.keys() or (exact and store != given.keys()):
-        raise StoreError(f"the store has {len(store)} clusters and {len(given)} were given "
-                         f"({len(store & given.keys())} of its own): give every cluster of "
-                         "the store with --store, or run `accman migrate` with all of them "
-                         "to add one")
-
-
-async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
-    """A front-end (`serve`) does not add a cluster to a store that holds
-    accounts: the accounts that would rank the new cluster first are not
-    there, so each would answer `no_account`, and a funding mod would open
-    a second one beside it.  Adding one is SCALING.md's procedure, with
-    the front-ends stopped: `accman migrate`, then the accounts moved.  A
-    store with no account yet grows at once (front-ends started together
-    on new clusters, one of them migrating while another reads)."""
-    homes = {i.events_home for i in infos if i is not None} - {None}
-    home = next((i for i in infos if i is not None and i.cluster_id in homes), None)
-    if home is not None:
-        own = home.members | {home.cluster_id}
-    else:
-        own = {i.cluster_id for i in infos if i is not None}
-        if len(own) == len(infos):
-            return
-    new = [n for n, i in enumerate(infos, 1) if i is None or i.cluster_id not in own]
-    if not new:
-        return
-    held = [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
-            if i is not None and i.cluster_id in own
-            and await _of_cluster(_holds_accounts(c), n - 1, len(infos))]
-    if held:
-        raise StoreError(f"{_which(new, len(infos))} {'is' if len(new) == 1 else 'are'} "
-                         f"not of the store, which holds accounts (on "
-                         f"{_which(held, len(infos))}): serve does not add a cluster, "
-                         "whose accounts would not be found; stop the front-ends, run "
-                         "`accman migrate` with every --store and move the accounts "
-                         '(docs/SCALING.md, "Several clusters")')
-
-
-async def check_homeless(conns, infos: list[ClusterInfo | None], grow: bool) -> None:
-    """Clusters of AccMan's schema, several, none recorded as the events'
-    home: as an `accman migrate` cut short before it recorded the home
-    leaves them, or clusters given one key by such a migrate and then each
-    served alone.  The home is chosen (settle_home) only while at most one
-    of them holds accounts, whose events are then the store's: two that do
-    are separate stores, each numbering its events from 1, and one made the
-    other's home would number its events again, past the ids already read,
-    and hide the accounts that rank the other cluster.  `serve` (not
-    `grow`) chooses no home for a store that holds accounts: finishing a
-    migration is `accman migrate`'s, with the front-ends stopped, and
-    without the home's record a front-end cannot tell that it was given
-    every cluster of the store.  A store with no account yet (front-ends
-    started together on new clusters) is settled at start.  A store of
-    several from before the home (HOME_SCHEMA_VERSION) gets one as ever:
-    its clusters were one store, and it served no /events."""
-    found = [(n, i) for n, i in enumerate(infos) if i is not None]
-    if len(found) < 2 or any(i.events_home is not None or i.version < HOME_SCHEMA_VERSION
-                             for _, i in found):
-        return
-    held = [n + 1 for n, _ in found
-            if await _of_cluster(_holds_accounts(conns[n]), n, len(infos))]
-    if len(held) > 1:
-        raise StoreError(f"{_which(held, len(infos))} each hold accounts and none is recorded "
-                         "as the store's events' home: they are separate stores, each "
-                         "numbering its events from 1, which AccMan does not merge; give "
-                         "each its own --store")
-    if held and not grow:
-        raise StoreError(f"no cluster of the {len(infos)} given is recorded as the store's "
-                         f"events' home, and {_which(held, len(infos))} holds accounts: serve "
-                         "does not choose the home of a store that holds accounts (as an "
-                         "`accman migrate` cut short leaves it); stop the front-ends and run "
-                         "`accman migrate` with every --store of the store")
-
-
-async def _holds_accounts(conn) -> bool:
-    try:
-        return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accman_accounts)")
-    except DRIVER_ERRORS as e:
-        raise store_error(e, "cannot read the accounts of a cluster of the store") from None
 
 
 async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
@@ -328,10 +160,10 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
             # the later ones adopt the key the first made there.
             got = {}
             for k in sorted(range(len(urls)), key=lambda k: urls[k]):
-                got[k] = await _of_cluster(_migrated(conns[k], key, adopt), k, len(urls))
+                got[k] = await of_cluster(_migrated(conns[k], key, adopt), k, len(urls))
                 key, adopt = got[k].hash_key, False
             out = [got[k] for k in range(len(conns))]
-            _check_not_twice(out)        # a new one, named twice
+            check_not_twice(out)        # a new one, named twice
             if len(out) > 1:
                 out = await settle_home(conns, out)
         except DRIVER_ERRORS as e:
@@ -360,7 +192,7 @@ async def _connect_all(urls: list[str]) -> list:
     conns = []
     try:
         for n, url in enumerate(urls):
-            conns.append(await _of_cluster(connect(url), n, len(urls)))
+            conns.append(await of_cluster(connect(url), n, len(urls)))
     except BaseException:
         for c in conns:
             c.terminate()
@@ -369,7 +201,7 @@ async def _connect_all(urls: list[str]) -> list:
 
 
 async def _read_all(conns) -> list[ClusterInfo | None]:
-    return [await _of_cluster(_read(c), n, len(conns)) for n, c in enumerate(conns)]
+    return [await of_cluster(_read(c), n, len(conns)) for n, c in enumerate(conns)]
 
 
 async def _migrated(conn, key: bytes, adopt: bool) -> ClusterInfo:
@@ -378,18 +210,6 @@ async def _migrated(conn, key: bytes, adopt: bool) -> ClusterInfo:
     except DRIVER_ERRORS as e:
         # A standby, a read-only database, a schema that is not ours.
         raise store_error(e, "cannot migrate the schema of a cluster of the store") from None
-
-
-async def _of_cluster(step, n: int, count: int):
-    """Awaits `step`, a step on the cluster given `n`th (from 0) of `count`:
-    its StoreError names the cluster when the store has several."""
-    try:
-        return await step
-    except StoreError as e:
-        if count == 1:
-            raise
-        raise CausedStoreError(f"{_which([n + 1], count)}: {e.detail}",
-                               describe(e)) from None
 
 
 async def _read(conn) -> ClusterInfo | None:

@@ -41,7 +41,8 @@ from accman.postgres.complaints import Complaints, named
 from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
-from accman.postgres.migrate import check_infos, migrate, read_infos
+from accman.postgres.migrate import migrate, read_infos
+from accman.postgres.shape import check_infos
 from accman.store import check_options, check_past, check_settle, run_callbacks
 
 log = logging.getLogger("accman.postgres")

@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 from accman.postgres import schema as S
+from accman.postgres import shape
 from accman.postgres.connecting import connect
 from accman.postgres.migrate import migrate
 
@@ -27,7 +28,8 @@ def _as_version_1(monkeypatch, url, version=1):
     """`url` migrated as `version` made a store: its migrations alone."""
     with monkeypatch.context() as m:
         m.setattr(migrate_module, "MIGRATIONS", S.MIGRATIONS[:version])
-        m.setattr(migrate_module, "SCHEMA_VERSION", version)
+        for module in (migrate_module, shape):
+            m.setattr(module, "SCHEMA_VERSION", version)
         run(migrate([url]))
 
 

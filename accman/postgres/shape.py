@@ -1,0 +1,198 @@
+"""What makes clusters one store, and the checks `serve` and `migrate`
+make of the clusters they are given before they change or serve any
+(accman.postgres.migrate does the changing).
+
+Every cluster of a store holds the same credential-hash key and its own
+random cluster id, and records the store's events' home; the home records
+the other clusters (accman_merged).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from accman.errors import StoreError
+from accman.postgres.connecting import DRIVER_ERRORS
+from accman.postgres.errors import CausedStoreError, describe, store_error
+from accman.postgres.schema import SCHEMA_VERSION
+
+CLUSTER_ID_BYTES = 16
+# The schema version that records the events' home (schema_v2): a store of
+# several clusters at an older one numbered its events on each.
+HOME_SCHEMA_VERSION = 2
+
+
+class ClusterInfo(NamedTuple):
+    version: int
+    hash_key: bytes
+    cluster_id: bytes
+    events_home: bytes | None = None
+    # On the events' home of a store of several: the other clusters' ids.
+    members: frozenset = frozenset()
+
+def check_version(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"the store's schema is version {version}, newer than this "
+                         f"AccMan's {SCHEMA_VERSION}: upgrade AccMan")
+
+
+def which(numbers: list[int], count: int) -> str:
+    """Clusters named by their place among the store's URLs (from 1), as
+    /health and the log name them: "a cluster" on a store of one."""
+    if count == 1:
+        return "a cluster"
+    return f"cluster{'s' * (len(numbers) > 1)} {', '.join(map(str, numbers))} of {count}"
+
+
+async def of_cluster(step, n: int, count: int):
+    """Awaits `step`, a step on the cluster given `n`th (from 0) of `count`:
+    its StoreError names the cluster when the store has several."""
+    try:
+        return await step
+    except StoreError as e:
+        if count == 1:
+            raise
+        raise CausedStoreError(f"{which([n + 1], count)}: {e.detail}",
+                               describe(e)) from None
+
+def check_not_twice(infos: list[ClusterInfo | None]) -> None:
+    first = {}
+    for n, i in enumerate(infos, 1):
+        if i is not None and first.setdefault(i.cluster_id, n) != n:
+            raise StoreError(f"{which([first[i.cluster_id], n], len(infos))} are the same "
+                             "cluster, named twice")
+
+
+def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
+    """What `migrate` refuses before it changes anything: a schema newer
+    than this AccMan's, clusters of two stores, one named twice, and some
+    clusters of a store of several without the others (more than the store
+    has is a cluster being added)."""
+    found = [i for i in infos if i is not None]
+    for i in found:
+        check_version(i.version)
+    if len({i.hash_key for i in found}) > 1:
+        raise StoreError("the clusters disagree on the credential-hash key: they are not "
+                         "one store")
+    check_not_twice(infos)
+    _check_members(found, exact=False)
+
+
+def check_infos(infos: list[ClusterInfo | None]) -> bytes:
+    """The store's hash key, after checking that the clusters make one
+    store, all of it, at this AccMan's version."""
+    bare = [n for n, i in enumerate(infos, 1) if i is None]
+    if bare:
+        raise StoreError(f"{which(bare, len(infos))} has no AccMan schema: run `accman "
+                         "migrate --store URL` with every cluster's URL")
+    if len({i.hash_key for i in infos}) != 1:
+        raise StoreError("the clusters disagree on the credential-hash key: they are not "
+                         "one store")
+    check_not_twice(infos)
+    for n, i in enumerate(infos, 1):
+        if i.version != SCHEMA_VERSION:
+            raise StoreError(f"{which([n], len(infos))}'s schema is version {i.version}, "
+                             f"this AccMan's is {SCHEMA_VERSION}: run `accman migrate "
+                             "--store URL`")
+    if len(infos) > 1 and None in {i.events_home for i in infos}:
+        raise StoreError("the clusters do not agree on where the store's events are "
+                         "numbered: run `accman migrate` with every cluster's --store")
+    _check_members(infos, exact=True)
+    return infos[0].hash_key
+
+
+def _check_members(infos: list[ClusterInfo], exact: bool) -> None:
+    """A store of several clusters is given whole (`exact`), or with more
+    (a cluster being added, to `migrate`): a front-end given some of its
+    clusters would open accounts where the others cannot see them, and
+    number events on its own."""
+    homes = {i.events_home for i in infos} - {None}
+    if not homes:
+        return
+    if len(homes) > 1:
+        raise StoreError("the clusters disagree on where the store's events are numbered: "
+                         "they are not one store")
+    home = homes.pop()
+    given = {i.cluster_id: i for i in infos}
+    if home not in given:
+        raise StoreError("the store's events are numbered on a cluster not given: "
+                         "give every cluster of the store with --store")
+    store = given[home].members | {home}
+    if not store <= given.keys() or (exact and store != given.keys()):
+        raise StoreError(f"the store has {len(store)} clusters and {len(given)} were given "
+                         f"({len(store & given.keys())} of its own): give every cluster of "
+                         "the store with --store, or run `accman migrate` with all of them "
+                         "to add one")
+
+
+async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
+    """A front-end (`serve`) does not add a cluster to a store that holds
+    accounts: the accounts that would rank the new cluster first are not
+    there, so each would answer `no_account`, and a funding mod would open
+    a second one beside it.  Adding one is SCALING.md's procedure, with
+    the front-ends stopped: `accman migrate`, then the accounts moved.  A
+    store with no account yet grows at once (front-ends started together
+    on new clusters, one of them migrating while another reads)."""
+    homes = {i.events_home for i in infos if i is not None} - {None}
+    home = next((i for i in infos if i is not None and i.cluster_id in homes), None)
+    if home is not None:
+        own = home.members | {home.cluster_id}
+    else:
+        own = {i.cluster_id for i in infos if i is not None}
+        if len(own) == len(infos):
+            return
+    new = [n for n, i in enumerate(infos, 1) if i is None or i.cluster_id not in own]
+    if not new:
+        return
+    held = [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
+            if i is not None and i.cluster_id in own
+            and await of_cluster(holds_accounts(c), n - 1, len(infos))]
+    if held:
+        raise StoreError(f"{which(new, len(infos))} {'is' if len(new) == 1 else 'are'} "
+                         f"not of the store, which holds accounts (on "
+                         f"{which(held, len(infos))}): serve does not add a cluster, "
+                         "whose accounts would not be found; stop the front-ends, run "
+                         "`accman migrate` with every --store and move the accounts "
+                         '(docs/SCALING.md, "Several clusters")')
+
+
+async def check_homeless(conns, infos: list[ClusterInfo | None], grow: bool) -> None:
+    """Clusters of AccMan's schema, several, none recorded as the events'
+    home: as an `accman migrate` cut short before it recorded the home
+    leaves them, or clusters given one key by such a migrate and then each
+    served alone.  The home is chosen (settle_home) only while at most one
+    of them holds accounts, whose events are then the store's: two that do
+    are separate stores, each numbering its events from 1, and one made the
+    other's home would number its events again, past the ids already read,
+    and hide the accounts that rank the other cluster.  `serve` (not
+    `grow`) chooses no home for a store that holds accounts: finishing a
+    migration is `accman migrate`'s, with the front-ends stopped, and
+    without the home's record a front-end cannot tell that it was given
+    every cluster of the store.  A store with no account yet (front-ends
+    started together on new clusters) is settled at start.  A store of
+    several from before the home (HOME_SCHEMA_VERSION) gets one as ever:
+    its clusters were one store, and it served no /events."""
+    found = [(n, i) for n, i in enumerate(infos) if i is not None]
+    if len(found) < 2 or any(i.events_home is not None or i.version < HOME_SCHEMA_VERSION
+                             for _, i in found):
+        return
+    held = [n + 1 for n, _ in found
+            if await of_cluster(holds_accounts(conns[n]), n, len(infos))]
+    if len(held) > 1:
+        raise StoreError(f"{which(held, len(infos))} each hold accounts and none is recorded "
+                         "as the store's events' home: they are separate stores, each "
+                         "numbering its events from 1, which AccMan does not merge; give "
+                         "each its own --store")
+    if held and not grow:
+        raise StoreError(f"no cluster of the {len(infos)} given is recorded as the store's "
+                         f"events' home, and {which(held, len(infos))} holds accounts: serve "
+                         "does not choose the home of a store that holds accounts (as an "
+                         "`accman migrate` cut short leaves it); stop the front-ends and run "
+                         "`accman migrate` with every --store of the store")
+
+
+async def holds_accounts(conn) -> bool:
+    try:
+        return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accman_accounts)")
+    except DRIVER_ERRORS as e:
+        raise store_error(e, "cannot read the accounts of a cluster of the store") from None
