@@ -26,9 +26,10 @@ from accman.errors import StoreError
 from accman.postgres.connecting import DRIVER_ERRORS, connect
 from accman.postgres.errors import store_error
 from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
-from accman.postgres.shape import (CLUSTER_ID_BYTES, ClusterInfo, check_before_migrating,
-                                   check_homeless, check_infos, check_not_growing,
-                                   check_not_twice, check_version, of_cluster)
+from accman.postgres.shape import (CLUSTER_ID_BYTES, SETUP_PREFIX, ClusterInfo,
+                                   check_before_migrating, check_homeless, check_infos,
+                                   check_not_growing, check_not_twice, check_version,
+                                   of_cluster, setting_up)
 
 HASH_KEY_BYTES = 16
 # Held while a migration runs, so that front-ends started together run it
@@ -65,11 +66,14 @@ async def read_info(conn) -> ClusterInfo | None:
     return ClusterInfo(version, key, cid, home, members)
 
 
-async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False) -> ClusterInfo:
+async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
+                          setup: bytes | None = None) -> ClusterInfo:
     """Brings one cluster to SCHEMA_VERSION, in one transaction; a new one
     gets `hash_key`.  Refuses a newer schema, or one with another key,
     unless `adopt`: `hash_key` was made for a store that had none, and one
-    made meanwhile (another front-end migrating at once) is its key.
+    made meanwhile (another front-end migrating at once) is its key.  A
+    cluster with no events' home recorded gets `setup` (setting_up) there,
+    in the same transaction, when given.
 
     The advisory lock is the session's, taken before the transaction
     begins: a transaction that began before another migration committed
@@ -78,7 +82,7 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False) -> Cluster
     lock's), and would make them again."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
     try:
-        info = await _migrate_locked(conn, hash_key, adopt)
+        info = await _migrate_locked(conn, hash_key, adopt, setup)
     except BaseException:
         # The connection may be gone with the lock: the first error is the one to tell.
         with contextlib.suppress(*DRIVER_ERRORS):
@@ -88,7 +92,7 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False) -> Cluster
     return info
 
 
-async def _migrate_locked(conn, hash_key: bytes, adopt: bool) -> ClusterInfo:
+async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | None) -> ClusterInfo:
     async with conn.transaction():
         info = await read_info(conn)
         version = 0 if info is None else info.version
@@ -106,14 +110,19 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool) -> ClusterInfo:
         else:
             await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
             info = info._replace(version=SCHEMA_VERSION)
+        if setup is not None and info.events_home is None:
+            await conn.execute("UPDATE accman_schema SET events_home = $1", setup)
+            info = info._replace(events_home=setup)
     return info
 
 
 async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
     """Records on every cluster of a store of several which one numbers the
     store's events, choosing it if none has been (see above), and gives the
-    home a row in accman_merged for each other cluster."""
-    homes = {i.events_home for i in infos} - {None}
+    home a row in accman_merged for each other cluster.  The home first:
+    once a cluster names the home, the home records the store's clusters,
+    so that a setup cut short leaves none naming a home that does not."""
+    homes = {i.home for i in infos} - {None}
     if len(homes) > 1:
         raise StoreError("the clusters disagree on where the store's events are numbered: "
                          "they are not one store")
@@ -123,18 +132,20 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
         numbered = [await c.fetchval("SELECT next_event FROM accman_counter") for c in conns]
         home = max(zip(numbered, infos, strict=True),
                    key=lambda pair: (pair[0], [-b for b in pair[1].cluster_id]))[1].cluster_id
-    out = []
-    for conn, info in zip(conns, infos, strict=True):
+    out = {}
+    for k in sorted(range(len(infos)), key=lambda k: infos[k].cluster_id != home):
+        conn = conns[k]
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK_ID)
-            await conn.execute("UPDATE accman_schema SET events_home = $1 "
-                               "WHERE events_home IS NULL", home)
-            if info.cluster_id == home:
+            await conn.execute("UPDATE accman_schema SET events_home = $1 WHERE events_home "
+                               "IS NULL OR substr(events_home, 1, $2) = $3", home,
+                               len(SETUP_PREFIX), SETUP_PREFIX)
+            if infos[k].cluster_id == home:
                 await conn.executemany(
                     "INSERT INTO accman_merged VALUES ($1, 0) ON CONFLICT DO NOTHING",
                     [(i.cluster_id,) for i in infos if i.cluster_id != home])
-        out.append(await read_info(conn))
-    return out
+        out[k] = await read_info(conn)
+    return [out[k] for k in range(len(infos))]
 
 
 async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
@@ -154,16 +165,18 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
         keys = {i.hash_key for i in infos if i is not None}
         adopt = not keys
         key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)
+        setup = setting_up(len(urls)) if len(urls) > 1 else None
         try:
             # In the URLs' order, whatever order they were given in: front-ends
             # migrating a new store at once all start on the same cluster, and
             # the later ones adopt the key the first made there.
             got = {}
             for k in sorted(range(len(urls)), key=lambda k: urls[k]):
-                got[k] = await of_cluster(_migrated(conns[k], key, adopt), k, len(urls))
+                got[k] = await of_cluster(_migrated(conns[k], key, adopt, setup), k,
+                                          len(urls))
                 key, adopt = got[k].hash_key, False
             out = [got[k] for k in range(len(conns))]
-            check_not_twice(out)        # a new one, named twice
+            await _check_not_twice_new(conns, out, setup)
             if len(out) > 1:
                 out = await settle_home(conns, out)
         except DRIVER_ERRORS as e:
@@ -204,9 +217,22 @@ async def _read_all(conns) -> list[ClusterInfo | None]:
     return [await of_cluster(_read(c), n, len(conns)) for n, c in enumerate(conns)]
 
 
-async def _migrated(conn, key: bytes, adopt: bool) -> ClusterInfo:
+async def _check_not_twice_new(conns, infos: list[ClusterInfo], setup: bytes | None) -> None:
+    """A new cluster named twice is found once migrated: it is given back
+    the events' home it had, none, so that it serves alone, not as a
+    cluster of an unfinished setup of another count."""
     try:
-        return await migrate_cluster(conn, key, adopt)
+        check_not_twice(infos)
+    except StoreError:
+        for conn in conns if setup is not None else ():
+            await conn.execute("UPDATE accman_schema SET events_home = NULL "
+                               "WHERE events_home = $1", setup)
+        raise
+
+
+async def _migrated(conn, key: bytes, adopt: bool, setup: bytes | None) -> ClusterInfo:
+    try:
+        return await migrate_cluster(conn, key, adopt, setup)
     except DRIVER_ERRORS as e:
         # A standby, a read-only database, a schema that is not ours.
         raise store_error(e, "cannot migrate the schema of a cluster of the store") from None

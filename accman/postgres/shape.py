@@ -4,7 +4,17 @@ make of the clusters they are given before they change or serve any
 
 Every cluster of a store holds the same credential-hash key and its own
 random cluster id, and records the store's events' home; the home records
-the other clusters (accman_merged).
+the other clusters (accman_merged).  A store's setup is not one
+transaction: `accman migrate` migrates each cluster in its own, then
+records the home on each, the home first.  Until the home is recorded
+there, a cluster that a migrate of several is setting up holds in
+events_home how many clusters that migrate was given (setting_up): serve
+and migrate refuse it given with another count, so that no cluster of a
+store meant to be several serves as a store of one and opens accounts that
+the store of several would then look for on another cluster.  The count is
+all a cluster can hold then: the ids of the clusters not migrated yet do
+not exist, and the order of the --store URLs is not part of a store (an
+account's cluster is chosen by rendezvous hashing over the ids).
 """
 
 from __future__ import annotations
@@ -20,6 +30,13 @@ CLUSTER_ID_BYTES = 16
 # The schema version that records the events' home (schema_v2): a store of
 # several clusters at an older one numbered its events on each.
 HOME_SCHEMA_VERSION = 2
+# events_home of a cluster being set up by a migrate of several, before the
+# home is recorded there: these 12 zero bytes, then the count of clusters it
+# was given (4 bytes, big-endian).  A random cluster id begins so once in
+# 2**96; it fits the column's check (16 bytes), so the schema's version
+# stays, and an AccMan that does not know it refuses the cluster as one
+# whose events' home is not given.
+SETUP_PREFIX = bytes(12)
 
 
 class ClusterInfo(NamedTuple):
@@ -29,6 +46,26 @@ class ClusterInfo(NamedTuple):
     events_home: bytes | None = None
     # On the events' home of a store of several: the other clusters' ids.
     members: frozenset = frozenset()
+
+    @property
+    def home(self) -> bytes | None:
+        """The store's events' home as recorded here, None while not."""
+        return None if self.setup_of is not None else self.events_home
+
+    @property
+    def setup_of(self) -> int | None:
+        """How many clusters the migrate setting this one up was given,
+        while that setup has not recorded the home here."""
+        h = self.events_home
+        if h is None or h[:len(SETUP_PREFIX)] != SETUP_PREFIX:
+            return None
+        return int.from_bytes(h[len(SETUP_PREFIX):], "big")
+
+
+def setting_up(count: int) -> bytes:
+    """events_home of a cluster being set up by a migrate of `count`."""
+    return SETUP_PREFIX + count.to_bytes(CLUSTER_ID_BYTES - len(SETUP_PREFIX), "big")
+
 
 def check_version(version: int) -> None:
     if version > SCHEMA_VERSION:
@@ -55,6 +92,7 @@ async def of_cluster(step, n: int, count: int):
         raise CausedStoreError(f"{which([n + 1], count)}: {e.detail}",
                                describe(e)) from None
 
+
 def check_not_twice(infos: list[ClusterInfo | None]) -> None:
     first = {}
     for n, i in enumerate(infos, 1):
@@ -65,9 +103,10 @@ def check_not_twice(infos: list[ClusterInfo | None]) -> None:
 
 def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
     """What `migrate` refuses before it changes anything: a schema newer
-    than this AccMan's, clusters of two stores, one named twice, and some
+    than this AccMan's, clusters of two stores, one named twice, some
     clusters of a store of several without the others (more than the store
-    has is a cluster being added)."""
+    has is a cluster being added), and a cluster whose setup is unfinished
+    given with another count than its setup's."""
     found = [i for i in infos if i is not None]
     for i in found:
         check_version(i.version)
@@ -76,11 +115,13 @@ def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
                          "one store")
     check_not_twice(infos)
     _check_members(found, exact=False)
+    _check_setup_count(infos)
 
 
 def check_infos(infos: list[ClusterInfo | None]) -> bytes:
     """The store's hash key, after checking that the clusters make one
-    store, all of it, at this AccMan's version."""
+    store, all of it, at this AccMan's version, its setup finished."""
+    _check_setup_count(infos)
     bare = [n for n, i in enumerate(infos, 1) if i is None]
     if bare:
         raise StoreError(f"{which(bare, len(infos))} has no AccMan schema: run `accman "
@@ -94,9 +135,9 @@ def check_infos(infos: list[ClusterInfo | None]) -> bytes:
             raise StoreError(f"{which([n], len(infos))}'s schema is version {i.version}, "
                              f"this AccMan's is {SCHEMA_VERSION}: run `accman migrate "
                              "--store URL`")
-    if len(infos) > 1 and None in {i.events_home for i in infos}:
-        raise StoreError("the clusters do not agree on where the store's events are "
-                         "numbered: run `accman migrate` with every cluster's --store")
+    if len(infos) > 1 and None in {i.home for i in infos}:
+        raise StoreError("the store's setup by `accman migrate` was not finished: run "
+                         "`accman migrate` with the same --store list to finish it")
     _check_members(infos, exact=True)
     return infos[0].hash_key
 
@@ -106,7 +147,7 @@ def _check_members(infos: list[ClusterInfo], exact: bool) -> None:
     (a cluster being added, to `migrate`): a front-end given some of its
     clusters would open accounts where the others cannot see them, and
     number events on its own."""
-    homes = {i.events_home for i in infos} - {None}
+    homes = {i.home for i in infos} - {None}
     if not homes:
         return
     if len(homes) > 1:
@@ -125,6 +166,39 @@ def _check_members(infos: list[ClusterInfo], exact: bool) -> None:
                          "to add one")
 
 
+def _check_setup_count(infos: list[ClusterInfo | None]) -> None:
+    """A cluster whose setup is unfinished serves, and is migrated, only
+    given with as many clusters as that setup was (or as a cluster the
+    home records, whose record is then finished)."""
+    recorded = set()
+    for i in infos:
+        if i is not None and i.home == i.cluster_id:
+            recorded |= i.members
+    wrong: dict[int, list[int]] = {}
+    for n, i in enumerate(infos, 1):
+        if i is not None and i.setup_of not in (None, len(infos)) \
+                and i.cluster_id not in recorded:
+            wrong.setdefault(i.setup_of, []).append(n)
+    if wrong:
+        meant, numbers = min(wrong.items())
+        raise StoreError(f"{which(numbers, len(infos))} {'was' if len(numbers) == 1 else 'were'}"
+                         f" being set up by `accman migrate` as part of a store of {meant} "
+                         f"clusters, and that setup was not finished ({len(infos)} given): "
+                         f"run `accman migrate` with the same {meant} --store URLs, which "
+                         "finishes it")
+
+
+def _unfinished(why: str, held: list[int], count: int) -> StoreError:
+    """Accounts held mean a cluster was being added to a store that served:
+    once the setup is finished, the accounts that rank it are moved."""
+    return StoreError(f"the store's setup by `accman migrate` was not finished ({why}), "
+                      f"and {which(held, count)} {'holds' if len(held) == 1 else 'hold'} "
+                      "accounts: serve does not finish the setup of a store that holds "
+                      "accounts; stop the front-ends and run `accman migrate` with the same "
+                      "--store list, which finishes it, then move the accounts of the "
+                      'clusters added (docs/SCALING.md, "Several clusters")')
+
+
 async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
     """A front-end (`serve`) does not add a cluster to a store that holds
     accounts: the accounts that would rank the new cluster first are not
@@ -132,11 +206,18 @@ async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
     a second one beside it.  Adding one is SCALING.md's procedure, with
     the front-ends stopped: `accman migrate`, then the accounts moved.  A
     store with no account yet grows at once (front-ends started together
-    on new clusters, one of them migrating while another reads)."""
-    homes = {i.events_home for i in infos if i is not None} - {None}
+    on new clusters, one of them migrating while another reads).  Nor does
+    it finish the setup of a store that holds accounts: a home that does
+    not record the store's clusters (a migrate cut short before its own
+    record, by an AccMan that recorded the others first) cannot tell which
+    were meant."""
+    homes = {i.home for i in infos if i is not None} - {None}
     home = next((i for i in infos if i is not None and i.cluster_id in homes), None)
-    if home is not None:
+    recorded = home is not None and home.home == home.cluster_id
+    if recorded:
         own = home.members | {home.cluster_id}
+    elif home is not None:
+        own = {home.cluster_id}
     else:
         own = {i.cluster_id for i in infos if i is not None}
         if len(own) == len(infos):
@@ -147,33 +228,44 @@ async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
     held = [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
             if i is not None and i.cluster_id in own
             and await of_cluster(holds_accounts(c), n - 1, len(infos))]
-    if held:
-        raise StoreError(f"{which(new, len(infos))} {'is' if len(new) == 1 else 'are'} "
-                         f"not of the store, which holds accounts (on "
-                         f"{which(held, len(infos))}): serve does not add a cluster, "
-                         "whose accounts would not be found; stop the front-ends, run "
-                         "`accman migrate` with every --store and move the accounts "
-                         '(docs/SCALING.md, "Several clusters")')
+    if not held:
+        return
+    if home is not None and not recorded:
+        n = infos.index(home) + 1
+        raise _unfinished(f"{which([n], len(infos))}, the store's events' home, does not "
+                          "record its clusters", held, len(infos))
+    if any(i is not None and i.setup_of == len(infos) for i in infos):
+        raise _unfinished(f"no cluster of the {len(infos)} given is recorded as the store's "
+                          "events' home" if home is None else
+                          f"the home does not record {which(new, len(infos))} yet",
+                          held, len(infos))
+    raise StoreError(f"{which(new, len(infos))} {'is' if len(new) == 1 else 'are'} "
+                     f"not of the store, which holds accounts (on "
+                     f"{which(held, len(infos))}): serve does not add a cluster, "
+                     "whose accounts would not be found; stop the front-ends, run "
+                     "`accman migrate` with every --store and move the accounts "
+                     '(docs/SCALING.md, "Several clusters")')
 
 
 async def check_homeless(conns, infos: list[ClusterInfo | None], grow: bool) -> None:
     """Clusters of AccMan's schema, several, none recorded as the events'
     home: as an `accman migrate` cut short before it recorded the home
     leaves them, or clusters given one key by such a migrate and then each
-    served alone.  The home is chosen (settle_home) only while at most one
-    of them holds accounts, whose events are then the store's: two that do
-    are separate stores, each numbering its events from 1, and one made the
-    other's home would number its events again, past the ids already read,
-    and hide the accounts that rank the other cluster.  `serve` (not
-    `grow`) chooses no home for a store that holds accounts: finishing a
-    migration is `accman migrate`'s, with the front-ends stopped, and
-    without the home's record a front-end cannot tell that it was given
-    every cluster of the store.  A store with no account yet (front-ends
-    started together on new clusters) is settled at start.  A store of
-    several from before the home (HOME_SCHEMA_VERSION) gets one as ever:
-    its clusters were one store, and it served no /events."""
+    served alone (by an AccMan that served such a cluster alone).  The home
+    is chosen (settle_home) only while at most one of them holds accounts,
+    whose events are then the store's: two that do are separate stores,
+    each numbering its events from 1, and one made the other's home would
+    number its events again, past the ids already read, and hide the
+    accounts that rank the other cluster.  `serve` (not `grow`) chooses no
+    home for a store that holds accounts: finishing a migration is
+    `accman migrate`'s, with the front-ends stopped, and without the home's
+    record a front-end cannot tell that it was given every cluster of the
+    store.  A store with no account yet (front-ends started together on
+    new clusters) is settled at start.  A store of several from before the
+    home (HOME_SCHEMA_VERSION) gets one as ever: its clusters were one
+    store, and it served no /events."""
     found = [(n, i) for n, i in enumerate(infos) if i is not None]
-    if len(found) < 2 or any(i.events_home is not None or i.version < HOME_SCHEMA_VERSION
+    if len(found) < 2 or any(i.home is not None or i.version < HOME_SCHEMA_VERSION
                              for _, i in found):
         return
     held = [n + 1 for n, _ in found
@@ -184,11 +276,8 @@ async def check_homeless(conns, infos: list[ClusterInfo | None], grow: bool) -> 
                          "numbering its events from 1, which AccMan does not merge; give "
                          "each its own --store")
     if held and not grow:
-        raise StoreError(f"no cluster of the {len(infos)} given is recorded as the store's "
-                         f"events' home, and {which(held, len(infos))} holds accounts: serve "
-                         "does not choose the home of a store that holds accounts (as an "
-                         "`accman migrate` cut short leaves it); stop the front-ends and run "
-                         "`accman migrate` with every --store of the store")
+        raise _unfinished(f"no cluster of the {len(infos)} given is recorded as the store's "
+                          "events' home", held, len(infos))
 
 
 async def holds_accounts(conn) -> bool:

@@ -3,11 +3,17 @@ AccManError raised as an exception."""
 
 import asyncio
 import contextlib
+import importlib
 
 import asyncpg
+import pytest
 
-from accman.errors import AccManError
+from accman.errors import AccManError, StoreError
+from accman.postgres.migrate import migrate
 from accman.postgres.store import PgStore
+
+# The module (accman.postgres's `migrate` function hides its name).
+migrate_module = importlib.import_module("accman.postgres.migrate")
 
 
 class Calls:
@@ -90,3 +96,32 @@ async def locked(url, table):
             yield
     finally:
         await conn.close()
+
+
+async def fund(url, creds):
+    """Opens an account for each of `creds` on the store at `url`."""
+    async with stored(url) as (_, c):
+        for cred in creds:
+            await c.mod(cred, 5)
+
+
+def migrate_cut_short_before_the_home(monkeypatch, urls):
+    """`accman migrate` of `urls` whose connection is lost once every
+    cluster has the schema, before the events' home is recorded."""
+    def lost(*_):
+        raise ConnectionResetError(104, "reset")
+    with monkeypatch.context() as m:
+        m.setattr(migrate_module, "settle_home", lost)
+        with pytest.raises(StoreError, match="cannot record the store's clusters"):
+            run(migrate(urls))
+
+
+def schema_dump(pg, dbs) -> dict:
+    """What migrating could change: each database's tables, its schema row
+    and the clusters its accman_merged records."""
+    return {db: (pg.psql("SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class "
+                         "WHERE relname LIKE 'accman%'", db),
+                 pg.psql("SELECT to_regclass('accman_schema') IS NOT NULL", db) == "t"
+                 and pg.psql("SELECT row(version, events_home, (SELECT array_agg(cluster_id "
+                             "ORDER BY cluster_id) FROM accman_merged)) FROM accman_schema", db))
+            for db in dbs}

@@ -4,19 +4,17 @@ given to a cluster added later; clusters that are not one store refused."""
 
 import asyncio
 import hashlib
-import importlib
 
 import pytest
 
 from accman.errors import StoreError, TooManyHolds, Unavailable
 from accman.postgres.migrate import migrate
 
-from .helpers import opened, run, stored, two_clusters
+from .helpers import (fund, migrate_cut_short_before_the_home, opened, run, schema_dump, stored,
+                      two_clusters)
 from .pgcluster import free_port
 
 ACCOUNTS = 200
-# The module (accman.postgres's `migrate` function hides its name).
-migrate_module = importlib.import_module("accman.postgres.migrate")
 
 
 def hids_of(cluster, dbname):
@@ -115,15 +113,6 @@ def test_unmigrated_cluster_is_refused_without_migration(pg):
         run(opened(a, migrate_schema=False))
 
 
-def _schema_dump(pg, dbs) -> dict:
-    """What migrating could change: each database's tables and its schema row."""
-    return {db: (pg.psql("SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class "
-                         "WHERE relname LIKE 'accman%'", db),
-                 pg.psql("SELECT to_regclass('accman_schema') IS NOT NULL", db) == "t"
-                 and pg.psql("SELECT row(version, events_home) FROM accman_schema", db))
-            for db in dbs}
-
-
 def test_some_clusters_of_a_store_are_refused_and_change_nothing(pg):
     """A front-end given some clusters of a store of several would open an
     account where the others cannot see it (a second row for a credential
@@ -133,7 +122,7 @@ def test_some_clusters_of_a_store_are_refused_and_change_nothing(pg):
     infos = run(migrate([a, b]))
     home = [u for u, i in zip((a, b), infos, strict=True) if i.cluster_id == i.events_home][0]
     other = b if home == a else a
-    before = _schema_dump(pg, ("part_a", "part_b"))
+    before = schema_dump(pg, ("part_a", "part_b"))
     for given, says in (([home], "the store has 2 clusters and 1 were given"),
                         ([other], "numbered on a cluster not given")):
         with pytest.raises(StoreError, match=says):
@@ -142,7 +131,7 @@ def test_some_clusters_of_a_store_are_refused_and_change_nothing(pg):
             run(opened(given, migrate_schema=False))
         with pytest.raises(StoreError, match=says):
             run(migrate(given))
-    assert _schema_dump(pg, ("part_a", "part_b")) == before
+    assert schema_dump(pg, ("part_a", "part_b")) == before
     assert pg.psql("SELECT count(*) FROM accman_accounts", "part_a") == "0"
 
     # A third cluster is added by `migrate` with all three; then the store
@@ -181,31 +170,13 @@ def test_serve_does_not_add_a_cluster_to_a_store_that_holds_accounts(pg):
     cluster answered no_account (a funding mod would open a second row):
     refused, changing no cluster; `accman migrate` still adds it."""
     first, added = pg.create_database("grow_a"), pg.create_database("grow_b")
-    run(_fund(first, [f"g{i}" for i in range(8)]))
+    run(fund(first, [f"g{i}" for i in range(8)]))
     with pytest.raises(StoreError, match=r"cluster 2 of 2 is not of the store, which holds "
                                          r"accounts \(on cluster 1 of 2\).*accman migrate"):
         run(opened([first, added]))
     assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "grow_b") == "t"
     assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "grow_a") == "t"
     assert len(run(migrate([first, added]))) == 2
-
-
-async def _fund(url, creds):
-    """Opens an account for each of `creds` on the store at `url`."""
-    async with stored(url) as (_, c):
-        for cred in creds:
-            await c.mod(cred, 5)
-
-
-def _migrate_cut_short_before_the_home(monkeypatch, urls):
-    """`accman migrate` of `urls` whose connection is lost once every
-    cluster has the schema, before the events' home is recorded."""
-    def lost(*_):
-        raise ConnectionResetError(104, "reset")
-    with monkeypatch.context() as m:
-        m.setattr(migrate_module, "settle_home", lost)
-        with pytest.raises(StoreError, match="cannot record the store's clusters"):
-            run(migrate(urls))
 
 
 def test_serve_does_not_choose_the_home_of_a_store_that_holds_accounts(pg, monkeypatch):
@@ -217,19 +188,21 @@ def test_serve_does_not_choose_the_home_of_a_store_that_holds_accounts(pg, monke
     no_account.  Serve refuses, changing nothing; `accman migrate` finishes
     the setup, the home the cluster that numbered the store's events."""
     first, added = pg.create_database("cut_a"), pg.create_database("cut_b")
-    run(_fund(first, [f"c{i}" for i in range(8)]))
-    _migrate_cut_short_before_the_home(monkeypatch, [first, added])
-    before = _schema_dump(pg, ("cut_a", "cut_b"))
-    assert all(pg.psql("SELECT events_home IS NULL FROM accman_schema", db) == "t"
-               for db in before)
-    with pytest.raises(StoreError, match=r"^no cluster of the 2 given is recorded as the "
-                       r"store's events' home, and cluster 1 of 2 holds accounts: .*run "
-                       r"`accman migrate` with every --store of the store$"):
+    run(fund(first, [f"c{i}" for i in range(8)]))
+    migrate_cut_short_before_the_home(monkeypatch, [first, added])
+    before = schema_dump(pg, ("cut_a", "cut_b"))
+    # No home; each marked as set up by a migrate of 2 (accman.postgres.shape).
+    assert all(pg.psql("SELECT encode(events_home, 'hex') FROM accman_schema", db) ==
+               "00" * 12 + "00000002" for db in before)
+    with pytest.raises(StoreError, match=r"^the store's setup by `accman migrate` was not "
+                       r"finished \(no cluster of the 2 given is recorded as the store's "
+                       r"events' home\), and cluster 1 of 2 holds accounts: .*run `accman "
+                       r"migrate` with the same --store list, which finishes it, then move "):
         run(opened([first, added]))
-    with pytest.raises(StoreError, match=r"where the store's events are numbered: run "
-                                         r"`accman migrate`"):
+    with pytest.raises(StoreError, match=r"^the store's setup by `accman migrate` was not "
+                                         r"finished: run `accman migrate`"):
         run(opened([first, added], migrate_schema=False))
-    assert _schema_dump(pg, ("cut_a", "cut_b")) == before
+    assert schema_dump(pg, ("cut_a", "cut_b")) == before
 
     infos = run(migrate([first, added]))
     assert infos[0].events_home == infos[1].events_home == infos[0].cluster_id
@@ -247,18 +220,22 @@ def test_clusters_of_two_stores_of_one_key_are_not_merged(pg, monkeypatch):
     the home, then each served alone, are two stores holding accounts, each
     numbering its events from 1.  Given together, serve and migrate made
     one the home and renumbered the other's events after its own: refused,
-    by both, changing nothing."""
+    by both, changing nothing.  (Served alone they are refused now, as
+    clusters of an unfinished setup of 2: these are as an AccMan that did
+    not mark them left them.)"""
     a, b = pg.create_database("sep_a"), pg.create_database("sep_b")
-    _migrate_cut_short_before_the_home(monkeypatch, [a, b])
-    run(_fund(a, ["sa"]))
-    run(_fund(b, ["sb"]))
-    before = _schema_dump(pg, ("sep_a", "sep_b"))
+    migrate_cut_short_before_the_home(monkeypatch, [a, b])
+    for db in ("sep_a", "sep_b"):
+        pg.psql("UPDATE accman_schema SET events_home = NULL", db)
+    run(fund(a, ["sa"]))
+    run(fund(b, ["sb"]))
+    before = schema_dump(pg, ("sep_a", "sep_b"))
     for call in (lambda: opened([a, b]), lambda: migrate([a, b])):
         with pytest.raises(StoreError, match=r"^clusters 1, 2 of 2 each hold accounts and none "
                            r"is recorded as the store's events' home: they are separate "
                            r"stores, .*give each its own --store$"):
             run(call())
-    assert _schema_dump(pg, ("sep_a", "sep_b")) == before
+    assert schema_dump(pg, ("sep_a", "sep_b")) == before
 
 
 def test_an_account_is_held_by_the_cluster_scaling_md_s_rank_names(pg):

@@ -1,0 +1,197 @@
+"""A store of several clusters whose setup by `accman migrate` was cut
+short: what `serve` and `migrate` say of it, and that no cluster of it
+serves in a store of another shape (SCALING.md, "Several clusters")."""
+
+import asyncio
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from accman.errors import StoreError
+from accman.postgres.migrate import MIGRATE_LOCK_ID, migrate
+
+from .helpers import fund, migrate_cut_short_before_the_home, opened, run, schema_dump, stored
+
+# On a cluster: its own record as the events' home refused (a full disk, a
+# connection lost there), so that a migrate stops at that write.
+_REFUSE_HOME_RECORD = """
+CREATE FUNCTION refuse_home_record() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the home''s record refused'; END $$;
+CREATE TRIGGER refuse_home_record BEFORE UPDATE OF events_home ON accman_schema
+    FOR EACH ROW WHEN (NEW.events_home = NEW.cluster_id) EXECUTE FUNCTION refuse_home_record();
+"""
+# On the home: a new row of accman_merged refused (a cluster being added).
+_REFUSE_MERGED_ROW = """
+CREATE FUNCTION refuse_merged_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the home''s record refused'; END $$;
+CREATE TRIGGER refuse_merged_row BEFORE INSERT ON accman_merged
+    FOR EACH ROW EXECUTE FUNCTION refuse_merged_row();
+"""
+_FINISH = (r"serve does not finish the setup of a store that holds accounts; stop the "
+           r"front-ends and run `accman migrate` with the same --store list, which finishes it, "
+           r"then move the accounts of the clusters added \(docs/SCALING.md, \"Several "
+           r"clusters\"\)$")
+_UNFINISHED = r"^the store's setup by `accman migrate` was not finished .*" + _FINISH
+
+
+def test_a_migrate_cut_short_at_the_home_s_record_is_said_to_be_unfinished(pg):
+    """A migrate adding a cluster to a store that holds accounts, cut short
+    when the home's own record failed: the cluster given before it in the
+    --store list already named the home, and serve said "cluster 1 of 2 is
+    not of the store", as if it were added by hand.  Serve says the setup
+    was not finished and that migrate with the same list finishes it,
+    changing nothing; that migrate then does."""
+    home, added = pg.create_database("half_a"), pg.create_database("half_b")
+    creds = [f"h{i}" for i in range(8)]
+    run(fund(home, creds))
+    pg.psql(_REFUSE_HOME_RECORD, "half_a")
+    with pytest.raises(StoreError, match="cannot record the store's clusters"):
+        run(migrate([added, home]))
+    pg.psql("DROP TRIGGER refuse_home_record ON accman_schema", "half_a")
+    before = schema_dump(pg, ("half_a", "half_b"))
+    with pytest.raises(StoreError, match=_UNFINISHED):
+        run(opened([added, home]))
+    assert schema_dump(pg, ("half_a", "half_b")) == before
+    infos = run(migrate([added, home]))
+    assert infos[0].events_home == infos[1].events_home == infos[1].cluster_id
+    _serves_the_store([home, added], len(creds))
+
+
+def test_a_home_that_does_not_record_the_store_is_said_to_be_unfinished(pg):
+    """The clusters as an AccMan that recorded the home in --store order
+    left them, cut short at the home's own record: the cluster given first
+    names the home, which records nothing.  Serve said "cluster 1 of 2 is
+    not of the store"; it says the setup was not finished."""
+    home, added = pg.create_database("noted_a"), pg.create_database("noted_b")
+    creds = [f"n{i}" for i in range(8)]
+    run(fund(home, creds))
+    pg.psql(_REFUSE_HOME_RECORD, "noted_a")
+    with pytest.raises(StoreError, match="cannot record the store's clusters"):
+        run(migrate([added, home]))
+    pg.psql("DROP TRIGGER refuse_home_record ON accman_schema", "noted_a")
+    home_id = pg.psql("SELECT encode(cluster_id, 'hex') FROM accman_schema", "noted_a")
+    pg.psql(f"UPDATE accman_schema SET events_home = '\\x{home_id}'", "noted_b")
+    pg.psql("UPDATE accman_schema SET events_home = NULL", "noted_a")
+    before = schema_dump(pg, ("noted_a", "noted_b"))
+    with pytest.raises(StoreError, match=r"^the store's setup by `accman migrate` was not "
+                       r"finished \(cluster 2 of 2, the store's events' home, does not record "
+                       r"its clusters\), and cluster 2 of 2 holds accounts: " + _FINISH):
+        run(opened([added, home]))
+    assert schema_dump(pg, ("noted_a", "noted_b")) == before
+    run(migrate([added, home]))
+    _serves_the_store([home, added], len(creds))
+
+
+def test_a_cluster_added_by_a_migrate_cut_short_at_the_home_is_said_to_be_unfinished(pg):
+    """A third cluster added to a store of two that holds accounts, the
+    migrate cut short when the home was to record it: serve said it "is not
+    of the store", as if given by mistake; it says the setup was not
+    finished, and migrate with the same list finishes it."""
+    urls = [pg.create_database(f"third_{x}") for x in "abc"]
+    run(fund(urls[:2], ["t1", "t2", "t3"]))
+    home = next(db for db in ("third_a", "third_b")
+                if pg.psql("SELECT events_home = cluster_id FROM accman_schema", db) == "t")
+    pg.psql(_REFUSE_MERGED_ROW, home)
+    with pytest.raises(StoreError, match="cannot record the store's clusters"):
+        run(migrate(urls))
+    pg.psql("DROP TRIGGER refuse_merged_row ON accman_merged", home)
+    before = schema_dump(pg, ("third_a", "third_b", "third_c"))
+    with pytest.raises(StoreError, match=r"^the store's setup by `accman migrate` was not "
+                       r"finished \(the home does not record cluster 3 of 3 yet\), and "
+                       r"clusters? [\d, ]+ of 3 holds? accounts: " + _FINISH):
+        run(opened(urls))
+    assert schema_dump(pg, ("third_a", "third_b", "third_c")) == before
+    assert len(run(migrate(urls))) == 3
+
+
+def _serves_the_store(urls, events):
+    """The store of `urls` serves, its events' home the first URL's cluster,
+    which numbered the store's `events` (the accounts that rank the added
+    cluster are then moved there: SCALING.md)."""
+    async def served():
+        async with stored(urls) as (store, c):
+            assert store.home is store.clusters[0]
+            page = await c.events(after=0)
+            assert [e.id for e in page[0]] == list(range(1, events + 1))
+    run(served())
+
+
+_OTHER_SHAPE = (r"^(a cluster was|clusters? [\d, ]+ of 3 (was|were)) being set up by `accman "
+                r"migrate` as part of a store of 2 clusters, and that setup was not finished "
+                r"\(\d given\): run `accman migrate` with the same 2 --store URLs, which "
+                r"finishes it$")
+
+
+def test_a_cluster_of_an_unfinished_setup_is_refused_in_a_store_of_another_shape(pg,
+                                                                                  monkeypatch):
+    """A migrate of two new clusters cut short before the home was
+    recorded: each was served alone, as a store of one, whose accounts
+    the store of two would then look for on the other cluster.  Every
+    other count is refused, by serve and migrate, changing nothing; the
+    two, in either order, finish the setup and serve."""
+    a, b, c = (pg.create_database(f"shape_{x}") for x in "abc")
+    migrate_cut_short_before_the_home(monkeypatch, [a, b])
+    before = schema_dump(pg, ("shape_a", "shape_b", "shape_c"))
+    calls = ((opened, {}), (opened, {"migrate_schema": False}), (migrate, {}))
+    for given, tried in (([a], calls), ([a, b, c], calls), ([b], calls[:1]),
+                         ([c, b, a], calls[:1])):
+        for call, kw in tried:
+            with pytest.raises(StoreError, match=_OTHER_SHAPE):
+                run(call(given, **kw))
+    assert schema_dump(pg, ("shape_a", "shape_b", "shape_c")) == before
+    with pytest.raises(StoreError, match=r"^the store's setup by `accman migrate` was not "
+                                         r"finished: run `accman migrate` with the same "):
+        run(opened([a, b], migrate_schema=False))
+    run(fund([b, a], ["s1", "s2", "s3"]))          # no account yet: serve finishes it
+    with pytest.raises(StoreError, match="the store has 2 clusters and 1 were given|"
+                                         "numbered on a cluster not given"):
+        run(opened([a]))
+
+
+# The migrate lock awaited in this database (pg_locks lists every database's).
+_MIGRATE_WAITS_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON "
+                      "l.database = d.oid WHERE l.locktype = 'advisory' AND NOT l.granted "
+                      "AND d.datname = current_database())")
+
+
+def test_a_cluster_left_by_a_migrate_killed_mid_way_serves_only_in_its_store(pg):
+    """`accman migrate` of two new clusters killed (SIGKILL) once the first
+    has its schema, while the second's migration waits for its lock: the
+    first was served alone, as a store of one.  Refused; the two finish."""
+    a, b = pg.create_database("killed_a"), pg.create_database("killed_b")
+
+    async def kill_mid_way():
+        holder = await asyncpg.connect(b)
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+            proc = subprocess.Popen([sys.executable, "-m", "accman", "migrate", "--store", a,
+                                     "--store", b])
+            try:
+                while not await holder.fetchval(_MIGRATE_WAITS_SQL):
+                    assert proc.poll() is None
+                    await asyncio.sleep(0.02)
+            finally:
+                proc.kill()
+                proc.wait()
+        finally:
+            await holder.close()
+    run(kill_mid_way())
+    assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "killed_b") == "t"
+    before = schema_dump(pg, ("killed_a", "killed_b"))
+    with pytest.raises(StoreError, match=_OTHER_SHAPE):
+        run(opened([a]))
+    assert schema_dump(pg, ("killed_a", "killed_b")) == before
+    run(fund([a, b], ["k1"]))
+
+
+def test_a_new_cluster_named_twice_is_left_a_cluster_that_serves_alone(pg):
+    """A new cluster is known to be named twice only once migrated: it is
+    not left marked as one of a setup of 2, which it never was."""
+    url = pg.create_database("twice_new")
+    with pytest.raises(StoreError, match="^clusters 1, 2 of 2 are the same cluster, named "
+                                         "twice$"):
+        run(migrate([url, url.replace("127.0.0.1", "localhost")]))
+    assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "twice_new") == "t"
+    run(fund(url, ["w"]))
