@@ -188,29 +188,32 @@ def _check_setup_count(infos: list[ClusterInfo | None]) -> None:
                          "finishes it")
 
 
-def _unfinished(why: str, held: list[int], count: int) -> StoreError:
-    """Accounts held mean a cluster was being added to a store that served:
-    once the setup is finished, the accounts that rank it are moved."""
-    return StoreError(f"the store's setup by `accman migrate` was not finished ({why}), "
-                      f"and {which(held, count)} {'holds' if len(held) == 1 else 'hold'} "
-                      "accounts: serve does not finish the setup of a store that holds "
-                      "accounts; stop the front-ends and run `accman migrate` with the same "
-                      "--store list, which finishes it, then move the accounts of the "
-                      'clusters added (docs/SCALING.md, "Several clusters")')
+def _unfinished(why: str, reason: str) -> StoreError:
+    return StoreError(f"the store's setup by `accman migrate` was not finished ({why}){reason}; "
+                      "stop the front-ends and run `accman migrate` with the same --store "
+                      "list, which finishes it, then move the accounts of the clusters added "
+                      '(docs/SCALING.md, "Several clusters")')
+
+
+def _holding(held: list[int], count: int) -> str:
+    return (f", and {which(held, count)} {'holds' if len(held) == 1 else 'hold'} accounts: "
+            "serve does not finish the setup of a store that holds accounts")
 
 
 async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
     """A front-end (`serve`) does not add a cluster to a store that holds
     accounts: the accounts that would rank the new cluster first are not
     there, so each would answer `no_account`, and a funding mod would open
-    a second one beside it.  Adding one is SCALING.md's procedure, with
-    the front-ends stopped: `accman migrate`, then the accounts moved.  A
-    store with no account yet grows at once (front-ends started together
-    on new clusters, one of them migrating while another reads).  Nor does
-    it finish the setup of a store that holds accounts: a home that does
-    not record the store's clusters (a migrate cut short before its own
-    record, by an AccMan that recorded the others first) cannot tell which
-    were meant."""
+    a second one beside it.  Nor to a store set up already (a store of
+    one, or one whose home records its clusters), accounts or not: a
+    front-end serving it would go on with the clusters it has, and open
+    accounts where this one does not look.  Adding one is SCALING.md's
+    procedure, with the front-ends stopped: `accman migrate`, then the
+    accounts moved.  A setup in progress (front-ends started together on
+    new clusters, one of them migrating while another reads) is finished
+    at once while it holds no account.  A home that does not record the
+    store's clusters (a migrate cut short before its own record, by an
+    AccMan that recorded the others first) cannot tell which were meant."""
     homes = {i.home for i in infos if i is not None} - {None}
     home = next((i for i in infos if i is not None and i.cluster_id in homes), None)
     recorded = home is not None and home.home == home.cluster_id
@@ -225,23 +228,35 @@ async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
     new = [n for n, i in enumerate(infos, 1) if i is None or i.cluster_id not in own]
     if not new:
         return
+    count = len(infos)
     held = [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
             if i is not None and i.cluster_id in own
-            and await of_cluster(holds_accounts(c), n - 1, len(infos))]
-    if not held:
-        return
+            and await of_cluster(holds_accounts(c), n - 1, count)]
+    set_up = [n for n, i in enumerate(infos, 1)
+              if i is not None and i.cluster_id in own and i.setup_of is None]
     if home is not None and not recorded:
-        n = infos.index(home) + 1
-        raise _unfinished(f"{which([n], len(infos))}, the store's events' home, does not "
-                          "record its clusters", held, len(infos))
-    if any(i is not None and i.setup_of == len(infos) for i in infos):
-        raise _unfinished(f"no cluster of the {len(infos)} given is recorded as the store's "
-                          "events' home" if home is None else
-                          f"the home does not record {which(new, len(infos))} yet",
-                          held, len(infos))
-    raise StoreError(f"{which(new, len(infos))} {'is' if len(new) == 1 else 'are'} "
+        if held:
+            raise _unfinished(f"{which([infos.index(home) + 1], count)}, the store's events' "
+                              "home, does not record its clusters", _holding(held, count))
+        return
+    if not held and not set_up:
+        return
+    if any(i is not None and i.setup_of == count for i in infos):
+        raise _unfinished(f"no cluster of the {count} given is recorded as the store's events' "
+                          "home" if home is None else
+                          f"the home does not record {which(new, count)} yet",
+                          _holding(held, count) if held else
+                          ": serve does not add a cluster to a store set up already")
+    if not held:
+        raise StoreError(f"{which(new, count)} {'is' if len(new) == 1 else 'are'} not of the "
+                         f"store, which {which(set_up, count)} already "
+                         f"make{'s' * (len(set_up) == 1)}: serve does not add a cluster, which "
+                         "a front-end serving the store would not know of; stop the "
+                         "front-ends and run `accman migrate` with every --store "
+                         '(docs/SCALING.md, "Several clusters")')
+    raise StoreError(f"{which(new, count)} {'is' if len(new) == 1 else 'are'} "
                      f"not of the store, which holds accounts (on "
-                     f"{which(held, len(infos))}): serve does not add a cluster, "
+                     f"{which(held, count)}): serve does not add a cluster, "
                      "whose accounts would not be found; stop the front-ends, run "
                      "`accman migrate` with every --store and move the accounts "
                      '(docs/SCALING.md, "Several clusters")')
@@ -277,7 +292,7 @@ async def check_homeless(conns, infos: list[ClusterInfo | None], grow: bool) -> 
                          "each its own --store")
     if held and not grow:
         raise _unfinished(f"no cluster of the {len(infos)} given is recorded as the store's "
-                          "events' home", held, len(infos))
+                          "events' home", _holding(held, len(infos)))
 
 
 async def holds_accounts(conn) -> bool:

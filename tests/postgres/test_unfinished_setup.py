@@ -195,3 +195,27 @@ def test_a_new_cluster_named_twice_is_left_a_cluster_that_serves_alone(pg):
         run(migrate([url, url.replace("127.0.0.1", "localhost")]))
     assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "twice_new") == "t"
     run(fund(url, ["w"]))
+
+
+@pytest.mark.parametrize("served", [1, 2])
+def test_serve_does_not_add_a_cluster_to_a_store_a_front_end_serves(pg, served):
+    """A front-end serving a store with no account yet, and another started
+    with one more --store: the second added the cluster at its start, the
+    first went on with the clusters it had, and a credential funded
+    through one was looked for on another cluster by the other
+    (no_account).  Serve adds no cluster to a store set up already,
+    changing nothing; `accman migrate`, with the front-ends stopped,
+    does."""
+    urls = [pg.create_database(f"running{served}_{x}") for x in "abc"][:served + 1]
+    dbs = [u.rsplit("/", 1)[1] for u in urls]
+
+    async def main():
+        async with stored(urls[:served]):
+            before = schema_dump(pg, dbs)
+            with pytest.raises(StoreError, match=rf"^cluster {served + 1} of {served + 1} is "
+                               r"not of the store, which .* already makes?: serve does not "
+                               r"add a cluster, .*run `accman migrate` with every --store"):
+                await opened(urls)
+            assert schema_dump(pg, dbs) == before
+    run(main())
+    assert len(run(migrate(urls))) == served + 1
