@@ -73,7 +73,10 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
     unless `adopt`: `hash_key` was made for a store that had none, and one
     made meanwhile (another front-end migrating at once) is its key.  A
     cluster with no events' home recorded gets `setup` (setting_up) there,
-    in the same transaction, when given.
+    in the same transaction, when given, unless it holds accounts: then it
+    is a store of one already, which goes on serving alone while the setup
+    is unfinished (a cluster being added to it that is cut short), and the
+    accounts it opens meanwhile are moved with the others once finished.
 
     The advisory lock is the session's, taken before the transaction
     begins: a transaction that began before another migration committed
@@ -110,7 +113,8 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | Non
         else:
             await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
             info = info._replace(version=SCHEMA_VERSION)
-        if setup is not None and info.events_home is None:
+        if setup is not None and info.events_home is None and not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM accman_accounts)"):
             await conn.execute("UPDATE accman_schema SET events_home = $1", setup)
             info = info._replace(events_home=setup)
     return info

@@ -7,7 +7,8 @@ random cluster id, and records the store's events' home; the home records
 the other clusters (accman_merged).  A store's setup is not one
 transaction: `accman migrate` migrates each cluster in its own, then
 records the home on each, the home first.  Until the home is recorded
-there, a cluster that a migrate of several is setting up holds in
+there, a cluster that a migrate of several is setting up (one that holds
+no account: one that does is a store of one already) holds in
 events_home how many clusters that migrate was given (setting_up): serve
 and migrate refuse it given with another count, so that no cluster of a
 store meant to be several serves as a store of one and opens accounts that

@@ -191,9 +191,10 @@ def test_serve_does_not_choose_the_home_of_a_store_that_holds_accounts(pg, monke
     run(fund(first, [f"c{i}" for i in range(8)]))
     migrate_cut_short_before_the_home(monkeypatch, [first, added])
     before = schema_dump(pg, ("cut_a", "cut_b"))
-    # No home; each marked as set up by a migrate of 2 (accman.postgres.shape).
-    assert all(pg.psql("SELECT encode(events_home, 'hex') FROM accman_schema", db) ==
-               "00" * 12 + "00000002" for db in before)
+    # No home; the added cluster marked as set up by a migrate of 2
+    # (accman.postgres.shape), the one holding accounts a store of one still.
+    assert [pg.psql("SELECT encode(events_home, 'hex') FROM accman_schema", db)
+            for db in before] == ["", "00" * 12 + "00000002"]
     with pytest.raises(StoreError, match=r"^the store's setup by `accman migrate` was not "
                        r"finished \(no cluster of the 2 given is recorded as the store's "
                        r"events' home\), and cluster 1 of 2 holds accounts: .*run `accman "

@@ -34,6 +34,10 @@ _FINISH = (r"serve does not finish the setup of a store that holds accounts; sto
            r"then move the accounts of the clusters added \(docs/SCALING.md, \"Several "
            r"clusters\"\)$")
 _UNFINISHED = r"^the store's setup by `accman migrate` was not finished .*" + _FINISH
+_OTHER_SHAPE = (r"^(a cluster was|clusters? [\d, ]+ of 3 (was|were)) being set up by `accman "
+                r"migrate` as part of a store of 2 clusters, and that setup was not finished "
+                r"\(\d given\): run `accman migrate` with the same 2 --store URLs, which "
+                r"finishes it$")
 
 
 def test_a_migrate_cut_short_at_the_home_s_record_is_said_to_be_unfinished(pg):
@@ -42,7 +46,8 @@ def test_a_migrate_cut_short_at_the_home_s_record_is_said_to_be_unfinished(pg):
     --store list already named the home, and serve said "cluster 1 of 2 is
     not of the store", as if it were added by hand.  Serve says the setup
     was not finished and that migrate with the same list finishes it,
-    changing nothing; that migrate then does."""
+    changing nothing; that migrate then does.  Meanwhile the store of one
+    it was serves alone, and the added cluster does not."""
     home, added = pg.create_database("half_a"), pg.create_database("half_b")
     creds = [f"h{i}" for i in range(8)]
     run(fund(home, creds))
@@ -54,6 +59,13 @@ def test_a_migrate_cut_short_at_the_home_s_record_is_said_to_be_unfinished(pg):
     with pytest.raises(StoreError, match=_UNFINISHED):
         run(opened([added, home]))
     assert schema_dump(pg, ("half_a", "half_b")) == before
+    with pytest.raises(StoreError, match=_OTHER_SHAPE):
+        run(opened([added]))
+
+    async def alone():           # the store of one it was goes on, its accounts found
+        async with stored(home) as (_, c):
+            assert await c.tot(creds[0]) == 5
+    run(alone())
     infos = run(migrate([added, home]))
     assert infos[0].events_home == infos[1].events_home == infos[1].cluster_id
     _serves_the_store([home, added], len(creds))
@@ -116,12 +128,6 @@ def _serves_the_store(urls, events):
             page = await c.events(after=0)
             assert [e.id for e in page[0]] == list(range(1, events + 1))
     run(served())
-
-
-_OTHER_SHAPE = (r"^(a cluster was|clusters? [\d, ]+ of 3 (was|were)) being set up by `accman "
-                r"migrate` as part of a store of 2 clusters, and that setup was not finished "
-                r"\(\d given\): run `accman migrate` with the same 2 --store URLs, which "
-                r"finishes it$")
 
 
 def test_a_cluster_of_an_unfinished_setup_is_refused_in_a_store_of_another_shape(pg,
