@@ -121,7 +121,7 @@ def test_a_cluster_added_by_a_migrate_cut_short_at_the_home_is_said_to_be_unfini
 def _serves_the_store(urls, events):
     """The store of `urls` serves, its events' home the first URL's cluster,
     which numbered the store's `events` (the accounts that rank the added
-    cluster are then moved there: SCALING.md)."""
+    cluster would then be moved to it: SCALING.md)."""
     async def served():
         async with stored(urls) as (store, c):
             assert store.home is store.clusters[0]
@@ -156,7 +156,9 @@ def test_a_cluster_of_an_unfinished_setup_is_refused_in_a_store_of_another_shape
         run(opened([a]))
 
 
-# The migrate lock awaited in this database (pg_locks lists every database's).
+# The migrate lock awaited in this database (pg_locks lists every database's),
+# looked for every 20 ms for up to 10 s.
+_WAIT_POLLS_MAX = 500
 _MIGRATE_WAITS_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON "
                       "l.database = d.oid WHERE l.locktype = 'advisory' AND NOT l.granted "
                       "AND d.datname = current_database())")
@@ -175,9 +177,13 @@ def test_a_cluster_left_by_a_migrate_killed_mid_way_serves_only_in_its_store(pg)
             proc = subprocess.Popen([sys.executable, "-m", "accman", "migrate", "--store", a,
                                      "--store", b])
             try:
-                while not await holder.fetchval(_MIGRATE_WAITS_SQL):
+                for _ in range(_WAIT_POLLS_MAX):
+                    if await holder.fetchval(_MIGRATE_WAITS_SQL):
+                        break
                     assert proc.poll() is None
                     await asyncio.sleep(0.02)
+                else:
+                    pytest.fail("the migrate never waited for the second cluster's lock")
             finally:
                 proc.kill()
                 proc.wait()
