@@ -13,6 +13,7 @@ from accman.postgres import errors as E
 from accman.postgres.backends import Connection, identify, no_reset
 from accman.postgres.connecting import (CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect,
                                         connect_each_host)
+from accman.postgres.serving import join
 
 # Writer connections per cluster, each with one batch in flight.  One: with
 # 64 callers a second connection, whether it took half of the accounts or
@@ -204,6 +205,7 @@ class Cluster:
                 await lane.connect(self.url, self.writer_closed)
             if await self.stalled(self.lanes[0].writer):
                 raise StoreError(STALLED)
+            await join(self.lanes[0].writer, *self.recorded_shape())
             # min_size=0: the pool connects when a read asks.  With a floor
             # it restores the floor by itself while the database is down,
             # logging a traceback for every failed try (asyncpg.pool), while
@@ -222,6 +224,15 @@ class Cluster:
             raise
         if healthy:
             self.error = None
+
+    def recorded_shape(self) -> tuple:
+        """What this cluster records of the store as this front-end opened
+        it (serving.join): the events' home, and on the home the others."""
+        store = self.store
+        if len(store.clusters) == 1:
+            return None, None
+        others = frozenset(c.cluster_id for c in store.clusters if c is not store.home)
+        return store.home.cluster_id, others if self is store.home else None
 
 
 # Server settings under which a commit does not survive a crash of the

@@ -26,10 +26,11 @@ from accman.errors import StoreError
 from accman.postgres.connecting import DRIVER_ERRORS, connect
 from accman.postgres.errors import store_error
 from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
+from accman.postgres.serving import take_exclusively
 from accman.postgres.shape import (CLUSTER_ID_BYTES, SETUP_PREFIX, ClusterInfo,
                                    check_before_migrating, check_homeless, check_infos,
                                    check_not_growing, check_not_twice, check_version,
-                                   of_cluster, setting_up)
+                                   of_cluster, served_if_growing, setting_up)
 
 HASH_KEY_BYTES = 16
 # Held while a migration runs, so that front-ends started together run it
@@ -156,7 +157,8 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
     """Migrates every cluster of a store; the first that has a key gives
     it to the others, or a new one is made.  Unless `grow` (`accman
     migrate`), a cluster given beside a store that holds accounts is
-    refused (check_not_growing)."""
+    refused (check_not_growing); with it, one given beside a store set up
+    already is refused while front-ends serve the store (serving)."""
     if not urls:
         raise StoreError("no cluster URL given")
     conns = await _connect_all(urls)
@@ -166,6 +168,8 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
         await check_homeless(conns, infos, grow)
         if not grow:
             await check_not_growing(conns, infos)
+        else:
+            await take_exclusively(conns, served_if_growing(infos), len(urls))
         keys = {i.hash_key for i in infos if i is not None}
         adopt = not keys
         key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)

@@ -119,6 +119,24 @@ def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
     _check_setup_count(infos)
 
 
+def served_if_growing(infos: list[ClusterInfo | None]) -> list[int]:
+    """The clusters (1-based) of a store set up already, a store of one or
+    one whose home records its clusters, that `infos` gives more clusters
+    beside (after check_before_migrating): front-ends may serve it, and
+    must be stopped before one is added (accman.postgres.serving).  None
+    for a store given whole, or a setup in progress (clusters marked by
+    setting_up, or bare)."""
+    homes = {i.home for i in infos if i is not None} - {None}
+    if homes:
+        home = next(i for i in infos if i is not None and i.cluster_id in homes)
+        own = home.members | {home.cluster_id}
+        served = [n for n, i in enumerate(infos, 1) if i is not None and i.cluster_id in own]
+        return served if len(served) < len(infos) else []
+    if len(infos) < 2:
+        return []
+    return [n for n, i in enumerate(infos, 1) if i is not None and i.setup_of is None]
+
+
 def check_infos(infos: list[ClusterInfo | None]) -> bytes:
     """The store's hash key, after checking that the clusters make one
     store, all of it, at this AccMan's version, its setup finished."""
