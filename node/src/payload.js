@@ -4,6 +4,11 @@
 // it has opened, and a payload that will not be sent given up, so that what
 // it holds (a file's fd) is freed.
 
+function isResponse (payload) {
+  return payload !== null && typeof payload === 'object' &&
+    Object.prototype.toString.call(payload) === '[object Response]'
+}
+
 // A web Response (which fastify 5 takes from a handler) as the reply's
 // status, headers and body.  fastify applies a Response's status and
 // headers only once the onSend hooks are done (reply.js, onSendEnd), so the
@@ -11,13 +16,20 @@
 // Response's headers: applied here, as fastify applies them, the charge
 // and the cost function see what goes out, and the payload is the body (a
 // web stream, or null), which fastify sends as it does a Response's.  One
-// whose body was used is left for fastify to refuse.
+// whose body was used is left as it is, for fastify to refuse with a 500
+// (refused); reply.code() throws for Response.error()'s status 0, which
+// fastify refuses the same way.
 function unwrapResponse (reply, payload) {
-  if (payload === null || typeof payload !== 'object' ||
-      Object.prototype.toString.call(payload) !== '[object Response]' || payload.bodyUsed) return payload
+  if (!isResponse(payload) || payload.bodyUsed) return payload
   reply.code(payload.status)
   for (const [name, value] of payload.headers) reply.header(name, value)
   return payload.body
+}
+
+// Whether fastify refuses `payload`, left by unwrapResponse, with a 500
+// after the onSend hooks: a Response whose body was used.
+function refused (payload) {
+  return isResponse(payload) && payload.bodyUsed
 }
 
 // Ends a payload that will not be sent: a stream's resources (a file's fd)
@@ -45,4 +57,4 @@ function opened (stream) {
   })
 }
 
-module.exports = { unwrapResponse, discard, opened }
+module.exports = { unwrapResponse, refused, discard, opened }

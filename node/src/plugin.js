@@ -26,7 +26,7 @@ const { Repeats } = require('./repeats')
 const { settings, checkRoute, checkExempt, amount, price } = require('./options')
 const { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning } = require('./routes')
 const { headersOf, dropHandlerHeaders } = require('./headers')
-const { unwrapResponse, discard, opened } = require('./payload')
+const { unwrapResponse, refused, discard, opened } = require('./payload')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
 const JSON_TYPE = 'application/json; charset=utf-8'
@@ -333,7 +333,18 @@ class Meter {
     const state = request.accman
     if (!state || state.ended) return payload
     state.ended = true
-    payload = unwrapResponse(reply, payload)
+    // A Response that fastify refuses (a used body, a status that is no
+    // HTTP status) is its 500: nothing charged, the hold released.
+    try {
+      payload = unwrapResponse(reply, payload)
+    } catch (err) {
+      this.release(state)
+      throw err
+    }
+    if (refused(payload)) {
+      this.release(state)
+      return payload
+    }
     // A stream's 'error' while the charge is in flight would find no
     // listener (fastify adds its own once the onSend hooks are done), and
     // an unheard 'error' ends the process.  Heard here, the stream is left

@@ -178,6 +178,23 @@ test('a web Response is charged on its own status and headers: one of 400 and ov
   assert.equal(await mint.tot('p-response'), 90) // 5 a mode, for the 200s only
 })
 
+// fastify refuses a Response whose body was used, or whose status is 0
+// (Response.error()), with its 500 once the onSend hooks are done.
+test('a web Response that fastify refuses with a 500 is not charged, and its hold is released', async () => {
+  await mint.mod('p-badresponse', 10)
+  for (const mode of ['check', 'reserve']) {
+    await withService({ mode }, async (url) => {
+      for (const as of ['used', 'error']) {
+        const r = await get(url + '/badresponse?as=' + as, 'p-badresponse')
+        assert.deepEqual([r.status, r.accman], [500, null], `${mode} ${as}`)
+        // A release is under way once the response is out; the hold's expiry is 90 s off.
+        await until(async () => await mint.tot('p-badresponse') === 10, 500).catch(() => {})
+        assert.equal(await mint.tot('p-badresponse'), 10, `${mode} ${as}`)
+      }
+    })
+  }
+})
+
 test('per-route prices: a number, a function of request and reply, false; exempt paths', async () => {
   await mint.mod('p-route', 100)
   await withService({ cost: 2 }, async (url) => {

@@ -54,6 +54,15 @@ async function serviceApp (options, { logs } = {}) {
   }, async (request) => new Response(JSON.stringify({ rows: Number(request.query.rows) }), {
     status: Number(request.query.status), headers: { 'content-type': 'application/json', 'x-rows': request.query.rows }
   }))
+  // A web Response that fastify refuses with a 500 after the onSend hooks:
+  // ?as=used, one whose body was read; ?as=error, Response.error(), whose
+  // status 0 is no HTTP status.
+  app.get('/badresponse', async (request) => {
+    if (request.query.as === 'error') return Response.error()
+    const used = new Response('read already')
+    await used.text()
+    return used
+  })
   app.get('/asynccost', { config: { accman: async () => 1 } }, async () => ({}))
   // A file streamed by a route whose cost function throws at 'charge':
   // as a Node stream, or with ?as=web as a web stream, or with
