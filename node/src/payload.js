@@ -23,6 +23,10 @@ function unwrapResponse (reply, payload) {
   if (!isResponse(payload) || payload.bodyUsed) return payload
   reply.code(payload.status)
   for (const [name, value] of payload.headers) reply.header(name, value)
+  // The HEAD route fastify adds beside a GET (exposeHeadRoutes) has an
+  // onSend hook after every plugin's, which fails on a null payload with a
+  // 500: a HEAD's body, never sent, is an empty web stream, which it cancels.
+  if (payload.body === null && reply.request.method === 'HEAD') return new ReadableStream()
   return payload.body
 }
 

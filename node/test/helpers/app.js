@@ -63,6 +63,10 @@ async function serviceApp (options, { logs } = {}) {
     await used.text()
     return used
   })
+  // A web Response with no body, of the status ?status.
+  app.get('/emptyresponse', async (request) => new Response(null, {
+    status: Number(request.query.status), headers: { 'x-empty': 'yes' }
+  }))
   app.get('/asynccost', { config: { accman: async () => 1 } }, async () => ({}))
   // A file streamed by a route whose cost function throws at 'charge':
   // as a Node stream, or with ?as=web as a web stream, or with
