@@ -613,10 +613,16 @@ class Meter {
 // routes: the server is closing, and an idle connection is what fastify's
 // own close ends (forceCloseConnections 'idle').  0 is Node's "never".
 // HTTP/2 servers have no such timeout (fastify closes their sessions).
+// Returns what puts it back, for onClose: fastify runs that hook once the
+// server has closed, or at once for a server it does not close (a
+// serverFactory's that the service listens on itself, and may share),
+// which goes on serving as it did.
 function shortenKeepAlive (server) {
   const ms = server ? server.keepAliveTimeout : undefined
-  if (typeof ms === 'number' && (ms === 0 || ms > limits.CLOSE_KEEP_ALIVE_MS)) {
-    server.keepAliveTimeout = limits.CLOSE_KEEP_ALIVE_MS
+  if (typeof ms !== 'number' || (ms !== 0 && ms <= limits.CLOSE_KEEP_ALIVE_MS)) return () => {}
+  server.keepAliveTimeout = limits.CLOSE_KEEP_ALIVE_MS
+  return () => {
+    if (server.keepAliveTimeout === limits.CLOSE_KEEP_ALIVE_MS) server.keepAliveTimeout = ms
   }
 }
 
@@ -680,11 +686,15 @@ async function fastifyAccman (fastify, opts) {
     }
     meter.end(state)
   })
+  let keepAliveBack = () => {}
   fastify.addHook('preClose', async () => {
     meter.closing = true
-    shortenKeepAlive(fastify.server)
+    keepAliveBack = shortenKeepAlive(fastify.server)
   })
-  fastify.addHook('onClose', () => meter.close())
+  fastify.addHook('onClose', () => {
+    keepAliveBack()
+    return meter.close()
+  })
 }
 
 const plugin = fp(fastifyAccman, { fastify: '5.x', name: 'fastify-accman' })

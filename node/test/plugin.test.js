@@ -706,6 +706,28 @@ test('close() ends with a request under way outside the plugin\'s scope: its con
   assert.deepEqual(closed, [true, true], 'close() still waits on the kept-alive connection')
 })
 
+// fastify closes a server of a serverFactory only if fastify.listen()
+// listened on it: one the service listens on itself, and may share with
+// other handlers, goes on serving after fastify's close().
+test('close() leaves a server that fastify does not close keeping its connections alive as before', async () => {
+  const shared = require('node:http').createServer()
+  shared.keepAliveTimeout = 5000
+  const app = Fastify({
+    serverFactory: (handler) => shared.on('request', (req, res) => req.url === '/other' ? res.end('other') : handler(req, res))
+  })
+  await app.register(accman, { url: server.url, token: TOKENS.service })
+  await new Promise((resolve) => shared.listen(0, '127.0.0.1', resolve))
+  try {
+    await app.ready()
+    await app.close()
+    const r = await fetch(`http://127.0.0.1:${shared.address().port}/other`)
+    assert.deepEqual([await r.text(), r.headers.get('keep-alive')], ['other', 'timeout=5'])
+  } finally {
+    shared.closeAllConnections()
+    await new Promise((resolve) => shared.close(resolve))
+  }
+})
+
 test('checkFreshMs 0: every admission asks AccMan', async () => {
   await mint.mod('p-fresh', 10)
   await withService({ checkFreshMs: 0 }, async (url) => {
