@@ -376,6 +376,10 @@ class Meter {
   }
 
   async chargeSent (state, request, reply, payload) {
+    // The header is the balance a reply of AccMan told, or missing: never
+    // one the handler or its web Response brought (relayed from another
+    // service metered by AccMan, say).
+    reply.removeHeader(this.header)
     const cost = this.chargeOf(state, request, reply, payload)
     state.cost = cost
     if (state.unpaid !== null) {

@@ -215,6 +215,18 @@ test('a HEAD of a web Response with no body is answered as its GET, and charged 
   assert.equal(await mint.tot('p-emptyresponse'), 2) // 1 a request
 })
 
+test('a web Response\'s own ACCMAN header never goes out as the balance', async () => {
+  await mint.mod('p-relayed', 10)
+  await withService({}, async (url) => {
+    assert.deepEqual(Object.values(await get(url + '/relayed', 'p-relayed')).slice(0, 2), [200, '9'])
+  })
+  // Served unpaid, no reply tells the balance: the header is missing.
+  await withService({ url: 'http://127.0.0.1:9', onUnavailable: 'open', timeoutMs: 200 }, async (url) => {
+    const r = await get(url + '/relayed', 'p-relayed')
+    assert.deepEqual([r.status, r.accman, r.body], [200, null, { relayed: true }])
+  })
+})
+
 test('per-route prices: a number, a function of request and reply, false; exempt paths', async () => {
   await mint.mod('p-route', 100)
   await withService({ cost: 2 }, async (url) => {

@@ -67,6 +67,11 @@ async function serviceApp (options, { logs } = {}) {
   app.get('/emptyresponse', async (request) => new Response(null, {
     status: Number(request.query.status), headers: { 'x-empty': 'yes' }
   }))
+  // A web Response that carries an ACCMAN header of its own, as one
+  // relayed from another service metered by AccMan does.
+  app.get('/relayed', async () => new Response('{"relayed":true}', {
+    headers: { 'content-type': 'application/json', accman: '12345' }
+  }))
   app.get('/asynccost', { config: { accman: async () => 1 } }, async () => ({}))
   // A file streamed by a route whose cost function throws at 'charge':
   // as a Node stream, or with ?as=web as a web stream, or with
