@@ -31,9 +31,15 @@ function unwrapResponse (reply, payload) {
 }
 
 // Whether fastify refuses `payload`, left by unwrapResponse, with a 500
-// after the onSend hooks: a Response whose body was used.
-function refused (payload) {
-  return isResponse(payload) && payload.bodyUsed
+// after the onSend hooks: a Response whose body was used, or a web stream
+// that a reader holds, which fastify cannot read (reply.js, sendWebStream).
+// fastify reads no body of a 1xx or 204, nor its HEAD route's.
+function refused (reply, payload) {
+  if (isResponse(payload)) return payload.bodyUsed
+  if (payload === null || typeof payload !== 'object' || typeof payload.getReader !== 'function' ||
+      !payload.locked) return false
+  const status = reply.statusCode
+  return status >= 200 && status !== 204 && reply.request.method !== 'HEAD'
 }
 
 // Ends a payload that will not be sent: a stream's resources (a file's fd)

@@ -333,15 +333,16 @@ class Meter {
     const state = request.accman
     if (!state || state.ended) return payload
     state.ended = true
-    // A Response that fastify refuses (a used body, a status that is no
-    // HTTP status) is its 500: nothing charged, the hold released.
+    // A payload that fastify refuses (a Response's used body, a status
+    // that is no HTTP status, a locked web stream) is its 500: nothing
+    // charged, the hold released.
     try {
       payload = unwrapResponse(reply, payload)
     } catch (err) {
       this.release(state)
       throw err
     }
-    if (refused(payload)) {
+    if (refused(reply, payload)) {
       this.release(state)
       return payload
     }

@@ -56,9 +56,15 @@ async function serviceApp (options, { logs } = {}) {
   }))
   // A web Response that fastify refuses with a 500 after the onSend hooks:
   // ?as=used, one whose body was read; ?as=error, Response.error(), whose
-  // status 0 is no HTTP status.
-  app.get('/badresponse', async (request) => {
+  // status 0 is no HTTP status; ?as=locked below.
+  app.get('/badresponse', async (request, reply) => {
     if (request.query.as === 'error') return Response.error()
+    // ?as=locked, a web stream that a reader holds: fastify refuses it too.
+    if (request.query.as === 'locked') {
+      const stream = new Response('locked').body
+      stream.getReader()
+      return reply.type('text/plain').send(stream)
+    }
     const used = new Response('read already')
     await used.text()
     return used
