@@ -83,6 +83,14 @@ const CLOSE_DRAIN_MS = 5000
 // before the owed calls drain, and fastify's 72 s outlasts what a process
 // manager waits before SIGKILL.  Not 0, which Node reads as "never".
 const CLOSE_KEEP_ALIVE_MS = 100
+// A log line that every refused request meets (AccMan unreachable, the
+// service's token refused) is said again at most this often (repeats.js).
+const REPEAT_MS = 10000
+// The repeated lines kept.  A line is known by its fields, which hold the
+// reply's error code, and a foreign server at a wrong URL may send a new
+// code with every reply: past this many, the line met longest ago is
+// forgotten (said at once if it comes back), so that they stay bounded.
+const REPEATED_LINES_MAX = 64
 // Routes named in the error that fails ready() when the plugin meters routes
 // whose price it never checked: enough to find them; the rest are counted.
 const ROUTES_NAMED_MAX = 10
@@ -117,5 +125,7 @@ module.exports = {
   OWED_PAUSE_MAX_MS,
   CLOSE_DRAIN_MS,
   CLOSE_KEEP_ALIVE_MS,
+  REPEAT_MS,
+  REPEATED_LINES_MAX,
   ROUTES_NAMED_MAX
 }

@@ -7,13 +7,7 @@
 // said at once, with `repeatedBefore`, its last spell's count).  As the
 // Python middleware's accman.calling.repeats.
 
-// A line met by every request is said again at most this often.
-const REPEAT_MS = 10000
-// The lines kept.  A line is known by its fields, which hold the reply's
-// error code, and a foreign server at a wrong URL may send a new code with
-// every reply: past this many, the line met longest ago is forgotten (said
-// at once if it comes back), so that the lines kept stay bounded.
-const LINES_MAX = 64
+const { REPEAT_MS, REPEATED_LINES_MAX: LINES_MAX } = require('./limits')
 
 class Repeats {
   // `log` is a pino-like logger; `now` a clock in ms.  The lines are known
