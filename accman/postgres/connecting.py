@@ -79,7 +79,7 @@ async def connect_each_host(dsn: str, *, timeout: float, **kw):
     one that did not answer is said as no host taking writes, not as the
     unanswered one's error, as if no database were up."""
     urls = _one_host_urls(dsn)
-    kw.setdefault("target_session_attrs", target_session_attrs(dsn, urls))
+    kw.setdefault("target_session_attrs", target_session_attrs(dsn))
     if urls is None:
         return await asyncpg.connect(dsn, timeout=timeout, **kw)
     # The host that last took a connection is tried first: the others
@@ -142,13 +142,16 @@ TAKES_WRITES = ("read-write", "primary")
 _NEVER_A_PRIMARY = ("read-only", "standby", "prefer-standby")
 
 
-def target_session_attrs(dsn: str, one_host_urls: list[str] | None) -> str | None:
+def target_session_attrs(dsn: str) -> str | None:
     """What to connect to `dsn` with: the URL's target_session_attrs (or
     PGTARGETSESSIONATTRS), read-write for several hosts naming none, None
     (the driver's default) for one; a value that can take a host other than
     the primary raises StoreError."""
     given = _query_value(dsn, "target_session_attrs") or os.environ.get("PGTARGETSESSIONATTRS")
-    several = one_host_urls is not None or "," in (_query_value(dsn, "host") or "")
+    # The hosts are the authority's, else the host= parameter's, else
+    # PGHOST's (libpq's order, and asyncpg's): each may list several.
+    hosts = _split(dsn)[2] or _query_value(dsn, "host") or os.environ.get("PGHOST", "")
+    several = "," in hosts
     if given in _NEVER_A_PRIMARY or (given == "any" and several):
         raise StoreError(
             f"{_CONNECT}: target_session_attrs={given} cannot be used: AccMan writes on a "
@@ -180,13 +183,20 @@ _last_host: dict[str, str] = {}
 def _one_host_urls(url: str) -> list[str] | None:
     """`url` once for each host its authority names, None when it names
     one (or is not a URL this can split: asyncpg reads it whole)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return None
-    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
-    cut = min(ends, default=len(rest))
-    user, at, hosts = rest[:cut].rpartition("@")
+    scheme, user_at, hosts, tail = _split(url)
     parts = [h for h in hosts.split(",") if h]
     if len(parts) < 2:
         return None
-    return [f"{scheme}://{user}{at}{h}{rest[cut:]}" for h in parts]
+    return [f"{scheme}://{user_at}{h}{tail}" for h in parts]
+
+
+def _split(url: str) -> tuple[str, str, str, str]:
+    """`url`'s scheme, its user up to the `@`, the hosts of its authority
+    and what follows them; hosts "" when it names none or is no URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", "", ""
+    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+    cut = min(ends, default=len(rest))
+    user, at, hosts = rest[:cut].rpartition("@")
+    return scheme, user + at, hosts, rest[cut:]

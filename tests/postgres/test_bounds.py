@@ -450,6 +450,28 @@ def test_a_url_of_several_hosts_takes_the_one_that_takes_writes(pg, pg_url, pg_f
     run(main())
 
 
+def test_hosts_of_pghost_take_the_one_that_takes_writes(pg, pg_url, pg_factory, monkeypatch):
+    """A URL that names no host takes PGHOST's, a list of several as a URL's
+    own (libpq's and asyncpg's rule): a read-only host listed first there
+    was taken with `any`, and `any` given with them was not refused."""
+    run(migrate([pg_url]))
+    dbname = pg_url.rsplit("/", 1)[1]
+    standby_like = pg_factory(name="ro-pghost")
+    standby_like.create_database(dbname)
+    standby_like.psql(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    monkeypatch.setenv("PGHOST", "127.0.0.1,127.0.0.1")
+    monkeypatch.setenv("PGPORT", f"{standby_like.port},{pg.port}")
+    url = f"postgresql://postgres@/{dbname}"
+
+    async def main():
+        async with stored(url) as (_, c):
+            assert await c.mod("w", 5) == (5, 1)
+            assert await c.tot("w") == 5
+    run(main())
+    with pytest.raises(StoreError, match="target_session_attrs=any cannot be used"):
+        run(PgStore.open([url + "?target_session_attrs=any"]))
+
+
 @pytest.mark.parametrize("attrs,hosts", [
     ("standby", 1), ("read-only", 1), ("prefer-standby", 2), ("any", 2),
 ])
