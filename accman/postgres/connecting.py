@@ -181,13 +181,29 @@ _last_host: dict[str, str] = {}
 
 
 def _one_host_urls(url: str) -> list[str] | None:
-    """`url` once for each host its authority names, None when it names
-    one (or is not a URL this can split: asyncpg reads it whole)."""
+    """`url` once for each host it names, None when it names one (or is
+    not a URL this can split: asyncpg reads it whole).  The hosts are its
+    authority's, else its host= list's, else PGHOST's (libpq's order);
+    those of a list outside the authority each get their port of the
+    port= list, else of PGPORT (one for all, or one for each host)."""
     scheme, user_at, hosts, tail = _split(url)
     parts = [h for h in hosts.split(",") if h]
-    if len(parts) < 2:
+    if len(parts) > 1:
+        return [f"{scheme}://{user_at}{h}{tail}" for h in parts]
+    if parts or not scheme:
         return None
-    return [f"{scheme}://{user_at}{h}{tail}" for h in parts]
+    hosts = (_query_value(url, "host") or os.environ.get("PGHOST", "")).split(",")
+    ports = (_query_value(url, "port") or os.environ.get("PGPORT", "")).split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(hosts) < 2 or "" in hosts or len(ports) != len(hosts):
+        return None
+    path, _, query = tail.partition("?")
+    kept = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
+            if k not in ("host", "port")]
+    return [f"{scheme}://{user_at}{path}?" + urllib.parse.urlencode(
+                [*kept, ("host", h)] + ([("port", p)] if p else []))
+            for h, p in zip(hosts, ports, strict=True)]
 
 
 def _split(url: str) -> tuple[str, str, str, str]:

@@ -529,6 +529,32 @@ def test_a_host_that_does_not_answer_leaves_the_next_host_of_the_url_tried(pg, p
         run(main())
 
 
+@pytest.mark.parametrize("form", ["host=", "PGHOST"])
+def test_a_host_list_outside_the_authority_leaves_the_next_host_tried(pg, pg_url, monkeypatch,
+                                                                       form):
+    """A URL's hosts may be listed in its host= parameter, or in PGHOST when
+    it names none (libpq's forms): asyncpg, given them, spent its whole
+    connect timeout on a host cut off listed first and never tried the
+    next.  They are tried one at a time, as the authority's are."""
+    monkeypatch.setattr(connecting, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 0.5)
+    dbname = pg_url.rsplit("/", 1)[1]
+    with _hole() as hole:
+        hosts, ports = "127.0.0.1,127.0.0.1", f"{hole.getsockname()[1]},{pg.port}"
+        url = f"postgresql://postgres@/{dbname}"
+        if form == "host=":
+            url += f"?host={hosts}&port={ports}"
+        else:
+            monkeypatch.setenv("PGHOST", hosts)
+            monkeypatch.setenv("PGPORT", ports)
+
+        async def main():
+            async with stored(url) as (_, c):
+                assert await c.mod("cut", 5) == (5, 1)
+                assert await c.tot("cut") == 5
+        run(main())
+
+
 def _hole():
     """A host cut off: a socket that takes connections and never answers."""
     hole = socket.socket()
