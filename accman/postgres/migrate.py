@@ -68,7 +68,7 @@ async def read_info(conn) -> ClusterInfo | None:
 
 
 async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
-                          setup: bytes | None = None) -> ClusterInfo:
+                          setup: bytes | None = None, bare: bool = False) -> ClusterInfo:
     """Brings one cluster to SCHEMA_VERSION, in one transaction; a new one
     gets `hash_key`.  Refuses a newer schema, or one with another key,
     unless `adopt`: `hash_key` was made for a store that had none, and one
@@ -78,6 +78,10 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
     is a store of one already, which goes on serving alone while the setup
     is unfinished (a cluster being added to it that is cut short), and the
     accounts it opens meanwhile are moved with the others once finished.
+    A cluster found `bare` before the lock, and set up meanwhile with no
+    mark (by another AccMan given it alone, started at once), is refused:
+    a front-end may serve it as a store of one, looking for its accounts
+    there only.
 
     The advisory lock is the session's, taken before the transaction
     begins: a transaction that began before another migration committed
@@ -86,7 +90,7 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
     lock's), and would make them again."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
     try:
-        info = await _migrate_locked(conn, hash_key, adopt, setup)
+        info = await _migrate_locked(conn, hash_key, adopt, setup, bare)
     except BaseException:
         # The connection may be gone with the lock: the first error is the one to tell.
         with contextlib.suppress(*DRIVER_ERRORS):
@@ -96,9 +100,15 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
     return info
 
 
-async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | None) -> ClusterInfo:
+async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | None,
+                          bare: bool) -> ClusterInfo:
     async with conn.transaction():
         info = await read_info(conn)
+        if bare and setup is not None and info is not None and info.events_home is None:
+            raise StoreError("it was set up meanwhile by another AccMan, as a store of one, "
+                             "which a front-end may serve: stop the front-ends given it "
+                             "alone, and run `accman migrate` with every --store "
+                             '(docs/SCALING.md, "Several clusters")')
         version = 0 if info is None else info.version
         check_version(version)
         if info is not None and info.hash_key != hash_key and not adopt:
@@ -180,8 +190,8 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
             # the later ones adopt the key the first made there.
             got = {}
             for k in sorted(range(len(urls)), key=lambda k: urls[k]):
-                got[k] = await of_cluster(_migrated(conns[k], key, adopt, setup), k,
-                                          len(urls))
+                got[k] = await of_cluster(_migrated(conns[k], key, adopt, setup,
+                                                    infos[k] is None), k, len(urls))
                 key, adopt = got[k].hash_key, False
             out = [got[k] for k in range(len(conns))]
             await _check_not_twice_new(conns, out, setup)
@@ -238,9 +248,10 @@ async def _check_not_twice_new(conns, infos: list[ClusterInfo], setup: bytes | N
         raise
 
 
-async def _migrated(conn, key: bytes, adopt: bool, setup: bytes | None) -> ClusterInfo:
+async def _migrated(conn, key: bytes, adopt: bool, setup: bytes | None,
+                    bare: bool) -> ClusterInfo:
     try:
-        return await migrate_cluster(conn, key, adopt, setup)
+        return await migrate_cluster(conn, key, adopt, setup, bare)
     except DRIVER_ERRORS as e:
         # A standby, a read-only database, a schema that is not ours.
         raise store_error(e, "cannot migrate the schema of a cluster of the store") from None

@@ -3,6 +3,7 @@ short: what `serve` and `migrate` say of it, and that no cluster of it
 serves in a store of another shape (SCALING.md, "Several clusters")."""
 
 import asyncio
+import re
 import subprocess
 import sys
 
@@ -231,3 +232,52 @@ def test_serve_does_not_add_a_cluster_to_a_store_a_front_end_serves(pg, served):
             assert schema_dump(pg, dbs) == before
     run(main())
     assert len(run(migrate(urls))) == served + 1
+
+
+_MIGRATE_WAITERS_SQL = ("SELECT count(*) FROM pg_locks l JOIN pg_database d ON l.database = "
+                        "d.oid WHERE l.locktype = 'advisory' AND NOT l.granted "
+                        "AND d.datname = current_database()")
+
+
+async def _waiting(holder, count):
+    """Until `count` migrations wait for the migrate lock `holder` holds."""
+    for _ in range(_WAIT_POLLS_MAX):
+        if await holder.fetchval(_MIGRATE_WAITERS_SQL) >= count:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{count} migrations never waited for the migrate lock")
+
+
+def test_front_ends_started_at_once_with_one_and_two_clusters_do_not_both_serve(pg):
+    """Front-ends started at once on new clusters, one given A, the other
+    A and B (a --store added to one's configuration only): each found A
+    bare, the first made it a store of one, and the second, migrating A
+    next, marked it as one of two and served both: a credential funded
+    through the first was no_account through the second.  The second,
+    finding A set up meanwhile, is refused and changes nothing; the first
+    serves."""
+    a, b = pg.create_database("together_a"), pg.create_database("together_b")
+
+    async def main():
+        holder = await asyncpg.connect(a)
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+            alone = asyncio.ensure_future(opened([a]))
+            await _waiting(holder, 1)
+            both = asyncio.ensure_future(opened([b, a]))
+            await _waiting(holder, 2)
+            await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            done = await asyncio.gather(alone, both, return_exceptions=True)
+        finally:
+            await holder.close()
+        for store in [d[0] for d in done if isinstance(d, tuple)]:
+            await store.aclose()
+        assert isinstance(done[0], tuple)
+        assert isinstance(done[1], StoreError), done[1]
+        assert re.match(r"^cluster 2 of 2: it was set up meanwhile by another AccMan, as a "
+                        r"store of one, which a front-end may serve: stop the front-ends "
+                        r"given it alone, and run `accman migrate` with every --store",
+                        str(done[1])), str(done[1])
+    run(main())
+    assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "together_b") == "t"
+    assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "together_a") == "t"
