@@ -241,7 +241,9 @@ async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
     elif home is not None:
         own = {home.cluster_id}
     else:
-        own = {i.cluster_id for i in infos if i is not None}
+        # With no home, the store set up already is the clusters not marked:
+        # one marked beside it is being added by a migrate cut short.
+        own = {i.cluster_id for i in infos if i is not None and i.setup_of is None}
         if len(own) == len(infos):
             return
     new = [n for n, i in enumerate(infos, 1) if i is None or i.cluster_id not in own]

@@ -281,3 +281,40 @@ def test_front_ends_started_at_once_with_one_and_two_clusters_do_not_both_serve(
     run(main())
     assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "together_b") == "t"
     assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "together_a") == "t"
+
+
+def test_a_store_of_one_whose_growth_was_cut_short_is_not_grown_by_serve(pg):
+    """`accman migrate` adding a new cluster to a store of one with no
+    account yet, killed once the new cluster (first in the URLs' order) was
+    migrated and marked, before the store's own cluster was: serve given
+    both then marked the store of one and served the two, while a
+    front-end serving it alone went on, opening accounts the store of two
+    looks for on the other cluster.  Serve refuses, changing nothing."""
+    one, added = pg.create_database("grown_z"), pg.create_database("grown_a")
+    run(migrate([one]))
+
+    async def main():
+        holder = await asyncpg.connect(one)
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+            proc = subprocess.Popen([sys.executable, "-m", "accman", "migrate", "--store", one,
+                                     "--store", added])
+            try:
+                await _waiting(holder, 1)
+            finally:
+                proc.kill()
+                proc.wait()
+        finally:
+            await holder.close()
+        assert pg.psql("SELECT events_home IS NOT NULL FROM accman_schema", "grown_a") == "t"
+        async with stored(one):                       # a front-end serving it alone
+            before = schema_dump(pg, ("grown_z", "grown_a"))
+            with pytest.raises(StoreError, match=r"^the store's setup by `accman migrate` was "
+                               r"not finished \(no cluster of the 2 given is recorded as the "
+                               r"store's events' home\): serve does not add a cluster to a "
+                               r"store set up already; stop the front-ends and run `accman "
+                               r"migrate` with the same --store list, which finishes it"):
+                await opened([one, added])
+            assert schema_dump(pg, ("grown_z", "grown_a")) == before
+    run(main())
+    assert len(run(migrate([one, added]))) == 2
