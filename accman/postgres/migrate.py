@@ -29,8 +29,8 @@ from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 from accman.postgres.serving import take_exclusively
 from accman.postgres.shape import (CLUSTER_ID_BYTES, SETUP_PREFIX, ClusterInfo,
                                    check_before_migrating, check_homeless, check_infos,
-                                   check_not_growing, check_not_twice, check_version,
-                                   of_cluster, served_if_growing, setting_up)
+                                   check_not_growing, check_not_pending, check_not_twice,
+                                   check_version, of_cluster, served_if_growing, setting_up)
 
 HASH_KEY_BYTES = 16
 # Held while a migration runs, so that front-ends started together run it
@@ -178,6 +178,7 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
         await check_homeless(conns, infos, grow)
         if not grow:
             await check_not_growing(conns, infos)
+            await check_not_pending(conns, infos)
         else:
             await take_exclusively(conns, served_if_growing(infos), len(urls))
         keys = {i.hash_key for i in infos if i is not None}

@@ -283,6 +283,27 @@ async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
                      '(docs/SCALING.md, "Several clusters")')
 
 
+async def check_not_pending(conns, infos: list[ClusterInfo | None]) -> None:
+    """A cluster the home records that does not record the home yet (a
+    migrate adding it cut short between the two records) is finished by
+    `serve` only while the store holds no account (front-ends started
+    together on new clusters, one reading while another records): else
+    the accounts that rank it are not moved yet, and finishing the setup
+    is `accman migrate`'s, with the front-ends stopped, before they are."""
+    homes = [i for i in infos if i is not None and i.home == i.cluster_id]
+    pending = [n for n, i in enumerate(infos, 1) if homes and i is not None
+               and i.setup_of is not None and i.cluster_id in homes[0].members]
+    if not pending:
+        return
+    count = len(infos)
+    held = [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
+            if i is not None and i.setup_of is None
+            and await of_cluster(holds_accounts(c), n - 1, count)]
+    if held:
+        raise _unfinished(f"{which(pending, count)} {'does' if len(pending) == 1 else 'do'} "
+                          "not record the store's events' home yet", _holding(held, count))
+
+
 async def check_homeless(conns, infos: list[ClusterInfo | None], grow: bool) -> None:
     """Clusters of AccMan's schema, several, none recorded as the events'
     home: as an `accman migrate` cut short before it recorded the home

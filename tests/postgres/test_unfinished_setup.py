@@ -318,3 +318,36 @@ def test_a_store_of_one_whose_growth_was_cut_short_is_not_grown_by_serve(pg):
             assert schema_dump(pg, ("grown_z", "grown_a")) == before
     run(main())
     assert len(run(migrate([one, added]))) == 2
+
+
+# events_home of a cluster marked by a migrate of 2 (accman.postgres.shape.setting_up).
+_MARKED_2 = "'\\x" + "00" * 12 + "00000002'"
+
+
+@pytest.mark.parametrize("accounts", [8, 0])
+def test_a_cluster_the_home_records_that_does_not_record_it_is_finished_only_without_accounts(
+        pg, accounts):
+    """A migrate adding a cluster to a store of one, cut short once the home
+    recorded the added cluster and before the added cluster recorded the
+    home (here the record undone by hand): serve finished the setup and
+    served, the accounts that rank the added cluster not moved (no_account
+    for them, a second row on a funding mod), where SCALING.md says serve
+    does not finish the setup of a store that holds accounts.  It refuses,
+    changing nothing; with no account (front-ends started together on new
+    clusters, one reading mid-way) it finishes it."""
+    one, added = (pg.create_database(f"pending{accounts}_{x}") for x in "ab")
+    dbs = [u.rsplit("/", 1)[1] for u in (one, added)]
+    run(fund(one, [f"p{i}" for i in range(accounts)]))
+    run(migrate([one, added]))
+    pg.psql(f"UPDATE accman_schema SET events_home = {_MARKED_2}", dbs[1])
+    before = schema_dump(pg, dbs)
+    if accounts:
+        with pytest.raises(StoreError, match=r"^the store's setup by `accman migrate` was not "
+                           r"finished \(cluster 2 of 2 does not record the store's events' "
+                           r"home yet\), and cluster 1 of 2 holds accounts: " + _FINISH):
+            run(opened([one, added]))
+        assert schema_dump(pg, dbs) == before
+        run(migrate([one, added]))
+        _serves_the_store([one, added], accounts)
+    else:
+        run(fund([one, added], ["q"]))
