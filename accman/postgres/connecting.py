@@ -132,21 +132,20 @@ async def _taken(trying: dict, failed: list, newest):
 
 
 # AccMan writes on a cluster's primary and reads there what it wrote (a
-# standby's reads lag its commits), so each of its connections must reach
-# a host that takes writes.  libpq's default, `any`, takes whichever host
-# answers first, a standby perhaps, whose writes fail on every try: a URL
-# of several hosts asks for read-write unless it names one of these.  One
-# host is taken as it is (the store then says itself when it takes no
-# writes).  The values that never reach a primary are refused.
+# standby's reads lag its commits), so each of its connections, the read
+# pool's too, must reach a host that takes writes.  libpq's default, `any`,
+# takes whichever host answers first, a standby perhaps (of several hosts,
+# or behind one name that resolves to several): a URL asks for read-write
+# unless it names one of these.  The values that never reach a primary are
+# refused, and `any` of several hosts; `any` of one is the user's to give.
 TAKES_WRITES = ("read-write", "primary")
 _NEVER_A_PRIMARY = ("read-only", "standby", "prefer-standby")
 
 
-def target_session_attrs(dsn: str) -> str | None:
+def target_session_attrs(dsn: str) -> str:
     """What to connect to `dsn` with: the URL's target_session_attrs (or
-    PGTARGETSESSIONATTRS), read-write for several hosts naming none, None
-    (the driver's default) for one; a value that can take a host other than
-    the primary raises StoreError."""
+    PGTARGETSESSIONATTRS), read-write when it names none; a value that can
+    take a host other than the primary raises StoreError."""
     given = _query_value(dsn, "target_session_attrs") or os.environ.get("PGTARGETSESSIONATTRS")
     # The hosts are the authority's, else the host= parameter's, else
     # PGHOST's (libpq's order, and asyncpg's): each may list several.
@@ -157,9 +156,7 @@ def target_session_attrs(dsn: str) -> str | None:
             f"{_CONNECT}: target_session_attrs={given} cannot be used: AccMan writes on a "
             "cluster's primary and reads there what it wrote, and this may take a standby; "
             "leave it out or give read-write")
-    if given:
-        return given
-    return TAKES_WRITES[0] if several else None
+    return given or TAKES_WRITES[0]
 
 
 def _query_value(url: str, name: str) -> str | None:

@@ -315,7 +315,9 @@ def test_a_cluster_that_cannot_be_opened_is_named_on_a_store_of_several(pg):
     with pytest.raises(StoreError, match="^a cluster has no AccMan schema"):
         run(opened([b], migrate_schema=False))
     pg.psql("ALTER DATABASE which_b SET default_transaction_read_only = on")
-    with pytest.raises(StoreError, match="^cluster 2 of 2: cannot migrate the schema"):
+    with pytest.raises(StoreError, match=r"^cluster 2 of 2: cannot connect to a PostgreSQL "
+                       r"cluster of the store: the PostgreSQL store cannot be reached \(no host "
+                       r"of the store URL takes writes\)$"):
         run(migrate([a, b]))
     with pytest.raises(StoreError, match="^clusters 1, 2 of 2 are the same cluster, named twice"):
         run(migrate([a, a.replace("127.0.0.1", "localhost")]))

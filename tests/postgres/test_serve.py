@@ -107,10 +107,10 @@ def test_an_outage_is_said_plainly_and_once(pg_factory, tmp_path):
 
 
 def test_a_database_that_takes_no_writes_is_503_until_it_does(pg_factory, tmp_path):
-    """A primary turned read-only (or a standby reached without
-    target_session_attrs=read-write): the batch is 503 and says why, and
-    the front-end stays unhealthy, its reconnections finding no writable
-    database, until writes are back."""
+    """A primary turned read-only (or a standby reached through a URL of
+    target_session_attrs=any): the batch is 503 and says why, and the
+    front-end stays unhealthy, its reconnections finding no writable
+    database (read-write, the default), until writes are back."""
     pg = pg_factory(name="ro")
     url = pg.create_database("ro")
     srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", url])
@@ -130,7 +130,8 @@ def test_a_database_that_takes_no_writes_is_503_until_it_does(pg_factory, tmp_pa
             assert health(srv) == 503
             time.sleep(0.1)
         proc = run_accman("migrate", "--store", url)                # one line, no traceback
-        assert proc.returncode == 2 and "takes no writes" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "(no host of the store URL takes writes)" in \
+            proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         pg.psql("ALTER SYSTEM RESET default_transaction_read_only")
         pg.psql("SELECT pg_reload_conf()")
