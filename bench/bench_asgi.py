@@ -15,7 +15,7 @@ when the response starts: two durable writes):
 
 A mod, hold or settle is answered only once durable, so each includes an
 fsync (shared by nothing here: requests go one at a time).  The last test
-prints p50/p99 and the added latency that docs/CALLING.md quotes.
+prints p50/p99 and the added latency that docs/PERFORMANCE.md quotes.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ real AccMan server, in the same run.
 
 Each workload is one benchmark group; pytest-benchmark's table shows the
 three clients side by side, and the last test prints the ratios (how many
-times longer aiohttp and httpx take than AccManClient) that docs/CALLING.md
+times longer aiohttp and httpx take than AccManClient) that docs/PERFORMANCE.md
 quotes.  All three clients get the same number of connections and parse the
 JSON body of every reply.  Workloads:
 
