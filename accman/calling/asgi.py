@@ -47,7 +47,7 @@ from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX
                                  SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Mod, Owed, Unhold,
                                  billed, charge_key, fingerprint)
 from accman.calling.policy import may_have_landed, takes_no_writes
-from accman.calling.disconnect import DisconnectWatch
+from accman.calling.disconnect import READ_AHEAD_BYTES_MAX, DisconnectWatch
 from accman.calling.lifespan import lifespan
 from accman.calling.repeats import Repeats
 from accman.calling.reserve import Reservation
@@ -495,4 +495,4 @@ class AccManMiddleware:
 
 __all__ = ["AccManMiddleware", "fingerprint", "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT",
            "CHARGE_BELOW_DEFAULT", "HOLD_TTL_S_DEFAULT", "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX",
-           "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S"]
+           "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S", "READ_AHEAD_BYTES_MAX"]
