@@ -37,14 +37,23 @@ READY_TIMEOUT_S = 20.0
 ACCMAN_READY = re.compile(r"http://127\.0\.0\.1:(\d+)")
 UVICORN_READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 HYPERCORN_READY = re.compile(r"Running on http://127\.0\.0\.1:(\d+)")
+
+
+def uvicorn(app: str, http: str) -> list:
+    """uvicorn serving `app` on a free port with the HTTP/1.1 protocol named:
+    its default, `auto`, picks httptools wherever it is installed (the test
+    extras install it), so a run that does not name one is never h11."""
+    return ["-m", "uvicorn", app, "--app-dir", str(ROOT), "--host", "127.0.0.1",
+            "--port", "0", "--no-access-log", "--http", http]
+
+
 # The ASGI servers a service may run under: the command that serves `app`
 # on a free port, and the ready line that names the port (on stderr).
 SERVERS = {
-    "uvicorn": (lambda app: ["-m", "uvicorn", app, "--app-dir", str(ROOT), "--host",
-                             "127.0.0.1", "--port", "0", "--no-access-log"], UVICORN_READY),
+    # h11: plain uvicorn's protocol (`pip install uvicorn`, the example's).
+    "uvicorn": (lambda app: uvicorn(app, "h11"), UVICORN_READY),
     # uvicorn[standard]'s HTTP/1.1 protocol, whose disconnects are its own.
-    "uvicorn --http httptools": (lambda app: [*SERVERS["uvicorn"][0](app), "--http",
-                                              "httptools"], UVICORN_READY),
+    "uvicorn --http httptools": (lambda app: uvicorn(app, "httptools"), UVICORN_READY),
     "hypercorn": (lambda app: ["-m", "hypercorn", app, "--bind", "127.0.0.1:0"],
                   HYPERCORN_READY),
     # Behind a proxy that strips /api: the scope's path is /api/..., its root_path /api.

@@ -43,7 +43,7 @@ def stack(request, tmp_path_factory):
     and httptools (uvicorn[standard]'s), whose disconnects are their own."""
     with services(tmp_path_factory.mktemp("e2e-gone"), "gone-", app="tests.gone_app:app",
                   server=request.param) as s:
-        yield s
+        yield {**s, "server": request.param}
     for app in s["apps"].values():
         stopped_cleanly(app)
 
@@ -127,6 +127,18 @@ def leave(url: str, path: str, rid: str, cred: str, parts=(), until="body 0") ->
         if not parts:
             wait_seen(url, rid, until)
     # closed: the consumer has gone, the app is still working
+
+
+def test_each_uvicorn_runs_the_protocol_it_names(stack):
+    """The two uvicorns are h11 and httptools, not the same one twice:
+    uvicorn's default picks httptools wherever it is installed (the test
+    extras install it).  h11 refuses an HTTP/1.1 request without a Host;
+    httptools passes it to the app, whose middleware wants a credential."""
+    port = urlsplit(stack["check"]).port
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.sendall(request_bytes("GET", "/idle", host=None))
+        status = sock.recv(64).split(b" ", 2)[1]
+    assert status == (b"401" if "httptools" in stack["server"] else b"400")
 
 
 # --- consumers who leave ---------------------------------------------------------------
