@@ -26,7 +26,7 @@ log = logging.getLogger("accman.asgi")
 # than held in memory without limit.
 FOLLOWUPS_MAX = 10_000
 # Attempts per owed mod, pausing FOLLOWUP_PAUSE_S doubling up to
-# FOLLOWUP_PAUSE_MAX_S (about three minutes in all) before it is stranded.
+# FOLLOWUP_PAUSE_MAX_S (over two minutes of pauses in all) before it is stranded.
 FOLLOWUP_ATTEMPTS_MAX = 20
 FOLLOWUP_PAUSE_S = 0.1
 FOLLOWUP_PAUSE_MAX_S = 10.0
