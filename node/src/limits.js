@@ -68,7 +68,7 @@ const CHECK_CACHE_ENTRIES_MAX = 10000
 // logged as stranded at once rather than held without limit.
 const OWED_MAX = 10000
 // Attempts per owed call, pausing OWED_PAUSE_MS doubling up to
-// OWED_PAUSE_MAX_MS (about three minutes in all) before it is stranded.
+// OWED_PAUSE_MAX_MS (over two minutes of pauses in all) before it is stranded.
 const OWED_ATTEMPTS_MAX = 20
 const OWED_PAUSE_MS = 100
 const OWED_PAUSE_MAX_MS = 10000
