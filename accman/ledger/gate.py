@@ -12,6 +12,7 @@ import contextlib
 import threading
 
 from accman.errors import Unavailable
+from accman.ledger.forked import FORKED_DETAIL
 
 # What every call of a ledger is told from the start of its close, and once
 # it has closed.
@@ -71,3 +72,11 @@ class Gate:
     def closed(self) -> None:
         with self._cond:
             self.refusal = CLOSED_DETAIL
+
+    def forked(self) -> None:
+        """In a child after fork() (accman.ledger.forked): every call is
+        refused with FORKED_DETAIL, and close does nothing.  The condition
+        is a new one: a thread of the parent may have held it at the fork."""
+        self._cond = threading.Condition()
+        self._reads = 0
+        self.refusal = FORKED_DETAIL

@@ -13,6 +13,7 @@ from accman.ledger import _ledger
 from accman.ledger.clock import checked_clock, wall_ms
 from accman.ledger.commit import Committer, running_loop
 from accman.ledger.events import EventLog, check_kept_after
+from accman.ledger.forked import track
 from accman.ledger.gate import CLOSING_DETAIL, FAILED_DETAIL, Gate
 from accman.ledger.leveldb import Store
 from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
@@ -138,6 +139,13 @@ class Ledger:
         # accman/store.py: the server's compiled Pipelines take mods and
         # /tot reads through it, without a Python call per request.
         self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL, clock_ms is None)
+        track(self)
+
+    def _forked(self) -> None:
+        """In a child after fork(): every call is refused (accman.ledger.forked)."""
+        self._gate.forked()
+        self.tot = self.submit = self._check_open
+        self.store.fork_child()
 
     def _load(self, verify, limits, low_balance):
         book = _ledger.Book(self.store.salt, self.store.get,
@@ -442,10 +450,9 @@ class Ledger:
         return sizes, times
 
     def verify(self) -> dict:
-        """The full check (accman.ledger.verify).  Raises StoreCorrupt;
-        returns counts.  Unavailable once a write has failed (the log's or
-        LevelDB's): LevelDB is not written after it (Store.apply), so its
-        files may lack acknowledged batches until the next open."""
+        """The full check (accman.ledger.verify): counts, or StoreCorrupt.  Unavailable
+        once a write has failed (the log's or LevelDB's): LevelDB is not written after it
+        (Store.apply), so its files may lack acknowledged batches until the next open."""
         from accman.ledger.verify import verify_store
         with self._reading():
             applier = self._committer.applier

@@ -81,6 +81,7 @@ class Store:
         self._queued = collections.deque()
         self._apply_lock = threading.Lock()
         self.applied = 0
+        self.forked = False         # in a child after fork(): see `fork_child`
         try:
             self._open(create, check_files, (wal_bytes_max, wal_overrun_bytes_max))
         except BaseException:
@@ -444,10 +445,23 @@ class Store:
         except (AttributeError, RuntimeError, TypeError, ValueError):
             return None     # closed (plyvel's RuntimeError), never opened, or not a count
 
+    def fork_child(self) -> None:
+        """In a child after fork() (accman.ledger.forked): the child's copy
+        of the flock's descriptor is closed (the parent keeps the lock), and
+        from now on close writes and closes nothing: the files are the
+        parent's, and LevelDB's close would wait for its threads."""
+        self.forked = True
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
     def close(self, *, checkpoint: bool = True) -> None:
         """Closes LevelDB and the log, after a checkpoint (so that the next
         open has nothing to replay) unless a write failed.  A checkpoint
-        that cannot be taken is logged: the next open replays the log."""
+        that cannot be taken is logged: the next open replays the log.
+        In a forked child it does nothing (fork_child)."""
+        if self.forked:
+            return
         try:
             if self.db is not None and not self.db.closed:
                 if checkpoint and self.wal is not None and not self.wal.broken:

@@ -1,0 +1,104 @@
+"""A Ledger open when its process forks (os.fork, multiprocessing's "fork"
+start method, a pre-forking server): the child has no writer thread and
+shares the parent's file descriptors.  Every call of the inherited ledger
+in the child is refused at once, saying why; nothing the child does writes
+the parent's store; and the child does not keep the parent's directory
+locked."""
+
+import os
+import signal
+
+import pytest
+
+from accman import Ledger, Unavailable
+from accman.ledger.forked import FORKED_DETAIL
+from test_ledger_closed import assert_every_call_refused, funded
+
+# A child that would wait for the writer thread it does not have is ended
+# by this alarm, and the test sees the signal instead of hanging.
+CHILD_ALARM_S = 5
+
+
+def in_child(body) -> tuple[int, str]:
+    """Forks; the child runs `body()` and reports what it returned or
+    raised.  (the child's exit status, that report)"""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            os.close(r)
+            signal.alarm(CHILD_ALARM_S)
+            report = repr(body())
+        except BaseException as e:          # the report is the test's evidence
+            report, status = f"{type(e).__name__}: {e}", 1
+        finally:
+            os.write(w, report.encode())
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r) as f:
+        report = f.read()
+    _, status = os.waitpid(pid, 0)
+    return status, report
+
+
+def test_every_call_in_a_forked_child_is_refused_at_once(tmp_path):
+    led = funded(str(tmp_path / "d"))
+    try:
+        def child():
+            assert_every_call_refused(led, FORKED_DETAIL)
+            led.close()                 # touches nothing of the parent's
+            with pytest.raises(Unavailable) as e:
+                led.mod("a", 1)
+            return e.value.detail
+        assert in_child(child) == (0, repr(FORKED_DETAIL))
+        assert led.mod("a", 1) == (4, 3)        # the parent's ledger works on
+    finally:
+        led.close()
+
+
+def test_a_forked_childs_close_writes_nothing_of_the_parents_store(tmp_path):
+    """The child closes the inherited ledger (the end of a `with` block)
+    while the parent goes on; then the parent dies without closing.  The
+    store opens with every acknowledged mod: the child's close took no
+    checkpoint of the parent's log."""
+    path = str(tmp_path / "d")
+
+    def parent():
+        led = funded(path)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.read(r, 1)
+            led.close()
+            os._exit(0)
+        led.mod("a", 1)
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+        led.mod("a", 1)
+        return led.tot("a")
+    status, report = in_child(parent)       # os._exit: no close, a crash
+    assert (status, report) == (0, "5")
+    with Ledger(path) as led:
+        assert led.tot("a") == 5 and [e.by for e in led.past("a")] == [1, 1, -2, 5]
+        led.verify()
+
+
+def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
+    """A worker forked while a ledger is open (a multiprocessing pool, say)
+    lives on; the parent closes its ledger and can open it again."""
+    path = str(tmp_path / "d")
+    led = funded(path)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    try:
+        led.close()
+        with Ledger(path) as again:
+            assert again.tot("a") == 3
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
