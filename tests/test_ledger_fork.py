@@ -11,7 +11,9 @@ import signal
 import pytest
 
 from accman import Ledger, Unavailable
+from accman.ledger import datadir
 from accman.ledger.forked import FORKED_DETAIL
+from accman.ledger.leveldb import Store
 from test_ledger_closed import assert_every_call_refused, funded
 
 # A child that would wait for the writer thread it does not have is ended
@@ -102,3 +104,17 @@ def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
     finally:
         os.close(w)
         os.waitpid(pid, 0)
+
+
+def test_a_forked_childs_exit_leaves_the_parents_read_only_copy(tmp_path):
+    """A read-only ledger (accman verify's: a private copy of the store)
+    is open when the process forks; the child's exit removes the copies it
+    made (atexit), which are none: the parent's copy and its reads stay."""
+    path = str(tmp_path / "d")
+    funded(path).close()
+    store = Store(path, read_only=True)
+    with Ledger(path, store=store) as led:
+        assert in_child(datadir.remove_snapshots) == (0, "None")
+        assert os.path.isdir(store.dir)
+        assert [e.by for e in led.past("a")] == [-2, 5]
+    assert not os.path.exists(store.dir)        # the parent's close removes it

@@ -416,6 +416,10 @@ def _remove(scratch: str) -> None:
 
 
 atexit.register(remove_snapshots)
+# A child made by fork() inherits the set but made none of its copies: its
+# exit removes none of its parent's, which the parent is reading.
+if hasattr(os, "register_at_fork"):         # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_copies.clear)
 
 
 def _write_synced(path: str, name: str, data: bytes) -> None:
