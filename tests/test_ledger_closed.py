@@ -142,6 +142,76 @@ def test_calls_during_close_say_closing_and_close_waits_for_reads(tmp_path):
     assert_every_call_refused(led, "the ledger is closed")
 
 
+def test_a_close_while_another_is_under_way_returns_once_the_ledger_is_closed(tmp_path):
+    """Two threads close one ledger (a `with` block's end and a shutdown
+    handler, say): each close returns once the ledger is closed, so either
+    caller may open the directory again at once."""
+    path = str(tmp_path / "d")
+    store = HeldReads(path)
+    led = funded(path, store=store)
+    store.held = True
+    reader = threading.Thread(target=led.past, args=("a",))
+    reader.start()
+    assert store.reading.wait(10)
+    first = threading.Thread(target=led.close)
+    first.start()
+    wait_for(lambda: not led.healthy, what="the close to start")
+    store.held = False
+    second = threading.Thread(target=led.close)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()                    # the first close waits for the read
+    store.release.set()
+    for t in (reader, first, second):
+        t.join(10)
+        assert not t.is_alive()
+    assert_every_call_refused(led, "the ledger is closed")
+    with Ledger(path) as again:
+        assert again.tot("a") == 3
+
+
+def test_a_close_from_a_completion_while_another_thread_closes_returns(tmp_path):
+    """A completion on the writer calls close while another thread's close
+    waits for the writer: it returns at once, not waiting for the close
+    that waits for it."""
+    led = Ledger(str(tmp_path / "d"))
+    closing, returned = threading.Event(), threading.Event()
+
+    def close_on_writer(outcome):
+        assert closing.wait(10)
+        led.close()
+        returned.set()
+    led.submit("a", 1, done=close_on_writer)
+    closer = threading.Thread(target=led.close)
+    closer.start()
+    wait_for(lambda: not led.healthy, what="the close to start")
+    closing.set()
+    closer.join(10)
+    assert returned.is_set() and not closer.is_alive()
+    assert _closed(led)
+
+
+def test_a_close_whose_checkpoint_fails_still_ends_closed(tmp_path):
+    """The checkpoint at close meets a disk error: close raises it, and the
+    ledger is closed all the same (its files are released): calls say so,
+    a second close returns, and the next open replays the log."""
+    path = str(tmp_path / "d")
+    led = funded(path)
+
+    def failing_checkpoint():
+        raise OSError(errno.EIO, "Input/output error")
+    led.store.wal.checkpoint = failing_checkpoint
+    with pytest.raises(StoreError, match="checkpoint at close"):
+        led.close()
+    assert_every_call_refused(led, "the ledger is closed")
+    again = threading.Thread(target=led.close)
+    again.start()
+    again.join(10)
+    assert not again.is_alive()
+    with Ledger(path) as reopened:
+        assert reopened.tot("a") == 3
+
+
 def test_a_change_in_flight_when_close_starts_is_made_durable(tmp_path):
     """Close writes what was queued before it; meanwhile every call says
     closing, the reads included."""

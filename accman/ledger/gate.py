@@ -54,11 +54,15 @@ class Gate:
                 if not self._reads:
                     self._cond.notify_all()
 
-    def close(self) -> bool:
+    def close(self, wait: bool = True) -> bool:
         """Every call is refused as closing from now on.  False when the
-        ledger was closing or closed already."""
+        ledger was closing or closed already, once that close has ended if
+        `wait`: a close returns with the ledger closed, whichever thread
+        began it (its writer, which that close waits for, does not wait)."""
         with self._cond:
             if self.refusal is not None:
+                while wait and self.refusal == CLOSING_DETAIL:
+                    self._cond.wait()
                 return False
             self.refusal = CLOSING_DETAIL
             return True
@@ -72,6 +76,7 @@ class Gate:
     def closed(self) -> None:
         with self._cond:
             self.refusal = CLOSED_DETAIL
+            self._cond.notify_all()
 
     def forked(self) -> None:
         """In a child after fork() (accman.ledger.forked): every call is

@@ -60,11 +60,10 @@ class Ledger:
     EVENTS_RETENTION_S_MAX); `events_kept_after`: an event id after which
     events are kept whatever their age, until `keep_events_after(id)` moves
     it (a webhook's saved cursor; None, the default: the retention alone
-    trims); `batch_mods_max`, `queued_mods_max`,
-    `holds_max` and `holds_per_account_max` lower the bounds of limits.py
-    (tests); `clock_ms`, unix milliseconds, is the clock of changes and
-    expiries.  A wrong option is ValueError, before the directory is
-    opened or made.
+    trims); `batch_mods_max`, `queued_mods_max`, `holds_max` and
+    `holds_per_account_max` lower the bounds of limits.py (tests);
+    `clock_ms`, unix milliseconds, is the clock of changes and expiries.
+    A wrong option is ValueError, before the directory is opened or made.
 
     Reads answer from memory and show durable state only.  `mod`, `hold`
     and `settle` block until their batch is on disk; many concurrent ones
@@ -74,13 +73,12 @@ class Ledger:
 
     From the start of `close` every method raises Unavailable ("the ledger
     is closing"), and once it has returned, Unavailable ("the ledger is
-    closed"); `close` itself does nothing again.  What describes the ledger
-    rather than reads it still answers: the properties (`healthy` is False)
-    and the metrics' `drain_samples`.
+    closed"); `close` again only waits for the first one to end.  What
+    describes the ledger rather than reads it still answers: the properties
+    (`healthy` is False) and the metrics' `drain_samples`.
 
-    Two attributes are the book's and the committer's own methods, bound
-    per instance so that the server's hot paths run no Python frame of
-    this class:
+    Two attributes are the book's and the committer's own methods, bound per
+    instance so that the server's hot paths run no Python frame of this class:
 
     `tot(cred) -> int | None`: the durable balance of `cred`, None for an
     unknown cred.
@@ -471,10 +469,10 @@ class Ledger:
     def close(self) -> None:
         """Commits what is queued, stops the writer, waits for the reads in
         flight, closes the store.  Every call made from its start is
-        refused (see the class).  From a completion callback (on the
-        writer thread) it returns at once, and the rest happens as the
-        writer ends."""
-        if not self._gate.close():
+        refused (see the class); a close while another runs returns when
+        that one has.  From a completion callback (on the writer thread)
+        it returns at once, and the rest happens as the writer ends."""
+        if not self._gate.close(wait=threading.current_thread() is not self._committer._thread):
             return
         self.tot = self._check_open         # raises from now on
         # From a completion on the writer thread, the rest runs at the
@@ -483,11 +481,13 @@ class Ledger:
 
     def _close_store(self) -> None:
         """The end of close, once the writer has stopped."""
-        self._gate.wait_reads()
-        self._events.refuse_waits(Unavailable(CLOSING_DETAIL))
-        self.store.close()
-        self._gate.closed()
-        self._committer.closed()
+        try:
+            self._gate.wait_reads()
+            self._events.refuse_waits(Unavailable(CLOSING_DETAIL))
+            self.store.close()
+        finally:        # Store.close releases its files even when its checkpoint fails
+            self._gate.closed()
+            self._committer.closed()
 
     def __enter__(self) -> "Ledger":
         self._check_open()
