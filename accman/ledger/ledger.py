@@ -16,6 +16,7 @@ from accman.ledger.events import EventLog, check_kept_after
 from accman.ledger.forked import track
 from accman.ledger.gate import CLOSING_DETAIL, FAILED_DETAIL, Gate
 from accman.ledger.leveldb import Store
+from accman.ledger.opening import expire_at_open, load_book
 from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
 from accman.records import Entry, Event
 from accman.store import Page, check_events, check_options, check_past, page_next
@@ -122,8 +123,8 @@ class Ledger:
         try:
             self._events = EventLog.open(self.store, lock, events_retention_s,
                                          events_kept_after)
-            self._book = self._load(verify, limits, low_balance)
-            self._expire_at_open()
+            self._book = load_book(self.store, self._events, verify, limits, low_balance)
+            expire_at_open(self._book, self.store, self._events, self._clock_ms())
             self._committer = Committer(self._book, self.store, self._events, lock,
                                         self._clock_ms)
         except BaseException:       # a thread that cannot start too: the lock goes
@@ -144,38 +145,6 @@ class Ledger:
         self._gate.forked()
         self.tot = self.submit = self._check_open
         self.store.fork_child()
-
-    def _load(self, verify, limits, low_balance):
-        book = _ledger.Book(self.store.salt, self.store.get,
-                            next_event=self._events.last + 1, low_default=low_balance,
-                            **limits)
-        book.events_first = self._events.first
-        if verify == "full":
-            self.store.check_all_blocks()
-        for hid, tot, seq in self.store.accounts():
-            book.load(hid, tot, seq)
-        for k, v in self.store.iterate(_ledger.LOW_PREFIX):
-            book.load_low(k[1:], _ledger.unpack_low(v))
-        for hid, hold, amount, expires_ms in self.store.open_holds():
-            try:
-                book.load_hold(hid, hold, amount, expires_ms)
-            except KeyError:
-                raise StoreCorrupt(f"{self.store.path}: hold {hold} of an account that has "
-                                   "no history; refusing to serve, nothing repaired") from None
-        return book
-
-    def _expire_at_open(self) -> None:
-        """Holds that expired while the ledger was closed end now, durably,
-        before anyone can settle them (SPEC "Holds")."""
-        book = self._book
-        now_ms = self._clock_ms()           # one reading: all or none of the work
-        while book.expire_due(now_ms, book.batch_mods_max):
-            batch = book.seal()
-            self.store.write(batch.wal)
-            self.store.apply()
-            book.finish(batch)
-            book.applied(batch)
-            self._events.append(batch.first_event, batch.nevents, batch.changes)
 
     # -- reads -------------------------------------------------------------------
 
