@@ -627,6 +627,27 @@ def test_blocking_mod_inside_an_event_loop_is_refused(led):
     assert led.mod("a", 1) == (2, 2)     # outside the loop it works again
 
 
+def test_blocking_calls_inside_a_completion_callback_are_refused_not_hung(led):
+    """A completion callback runs on the writer thread: a blocking call
+    there would wait for the writer it stops, and every other caller with
+    it.  It is refused, changing nothing; `submit` there works."""
+    told, refusals = threading.Event(), []
+
+    def done(outcome):
+        for call in (lambda: led.mod("a", 1), lambda: led.hold("a", -1, 5),
+                     lambda: led.settle("a", 1, 0), led.expire_due):
+            try:
+                refusals.append(call())
+            except RuntimeError as e:
+                refusals.append(str(e))
+        led.submit("a", 2, done=lambda o: (refusals.append(o), told.set()))
+    led.submit("a", 1, done=done)
+    assert told.wait(10)
+    assert [r[:60] for r in refusals[:4]] == ["Ledger calls block: inside a completion callback "
+                                              "use `led.su"] * 4
+    assert refusals[4] == (3, 2) and led.mod("a", 1) == (4, 3)
+
+
 def test_async_writes_from_a_second_running_loop_are_refused_not_hung(led):
     """Completions go to the loop the ledger is bound to: a second loop,
     in another thread, while the first still runs, would wait for ever.

@@ -313,11 +313,20 @@ class Ledger:
         """Ends the holds due by now and returns once that is durable, with
         how many ended.  The writer does this by itself when a hold is due;
         this is for a caller that must see it done (tests, with `clock_ms`)."""
-        self._check_open()
+        self._check_not_writer()
         return self._committer.expire_due()
 
-    def _blocking(self, submit, *args, **kw):
+    def _check_not_writer(self) -> None:
+        """Refuses a call that waits for the writer, made on the writer (in
+        a completion callback): it would wait for ever, and every caller
+        with it."""
         self._check_open()
+        if threading.current_thread() is self._committer._thread:
+            raise RuntimeError("Ledger calls block: inside a completion callback use "
+                               "`led.submit(...)`: this thread is the writer they wait for")
+
+    def _blocking(self, submit, *args, **kw):
+        self._check_not_writer()
         if running_loop() is not None:
             # Its completion would be queued to the loop this call blocks,
             # or it would stall every other task on it: both are bugs.
