@@ -5,7 +5,9 @@ in the child is refused at once, saying why; nothing the child does writes
 the parent's store; and the child does not keep the parent's directory
 locked."""
 
+import copy
 import os
+import pickle
 import signal
 
 import pytest
@@ -118,3 +120,13 @@ def test_a_forked_childs_exit_leaves_the_parents_read_only_copy(tmp_path):
         assert os.path.isdir(store.dir)
         assert [e.by for e in led.past("a")] == [-2, 5]
     assert not os.path.exists(store.dir)        # the parent's close removes it
+
+
+def test_a_ledger_is_not_pickled_nor_copied_and_says_why(tmp_path):
+    """Handing a ledger to a spawned worker (multiprocessing's "spawn" or
+    "forkserver") pickles it: refused, naming what to do instead."""
+    with Ledger(str(tmp_path / "d")) as led:
+        for copy_of in (pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match="^a Ledger belongs to the process that "
+                                                "opened it: open one in the other process"):
+                copy_of(led)

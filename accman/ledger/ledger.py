@@ -467,6 +467,12 @@ class Ledger:
             self._gate.closed()
             self._committer.closed()
 
+    def __reduce__(self):
+        # pickle and copy: a copy in another process (multiprocessing's spawn) would have
+        # none of the writer, the store's files or the lock; one in this process, the same.
+        raise TypeError("a Ledger belongs to the process that opened it: open one in the "
+                        "other process, once this one has closed it (a Ledger is not copied)")
+
     def __enter__(self) -> "Ledger":
         self._check_open()
         return self
