@@ -6,6 +6,7 @@ close waits for the reads in flight before it closes LevelDB."""
 import asyncio
 import errno
 import inspect
+import signal
 import threading
 
 import pytest
@@ -210,6 +211,45 @@ def test_a_close_whose_checkpoint_fails_still_ends_closed(tmp_path):
     assert not again.is_alive()
     with Ledger(path) as reopened:
         assert reopened.tot("a") == 3
+
+
+class SignalInRead(Store):
+    """A store whose history read is interrupted by `signum`, raised on
+    this (the main) thread while the read is under way."""
+
+    signum = None
+
+    def history(self, *args):
+        if self.signum is not None:
+            signal.raise_signal(self.signum)
+        return super().history(*args)
+
+
+def test_a_signal_handler_closing_the_ledger_inside_a_read_does_not_hang(tmp_path):
+    """A SIGTERM handler calls close while the main thread is inside a read
+    (past, events, ...): close cannot wait for that read, which resumes
+    only once the handler returns.  The read ends with its page, and the
+    close ends with it."""
+    path = str(tmp_path / "d")
+    store = SignalInRead(path)
+    led = funded(path, store=store)
+    details = []
+
+    def handler(*_):
+        led.close()
+        with pytest.raises(Unavailable) as e:
+            led.tot("a")
+        details.append(e.value.detail)
+    before = signal.signal(signal.SIGUSR1, handler)
+    try:
+        store.signum = signal.SIGUSR1
+        assert [e.by for e in led.past("a")] == [-2, 5]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert details == ["the ledger is closing"]
+    assert_every_call_refused(led, "the ledger is closed")
+    with Ledger(path) as again:
+        assert again.tot("a") == 3
 
 
 def test_a_change_in_flight_when_close_starts_is_made_durable(tmp_path):

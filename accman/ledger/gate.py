@@ -9,10 +9,13 @@ LevelDB: a read that a close overtook would find LevelDB freed under it
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
-from accman.errors import Unavailable
+from accman.errors import StoreError, Unavailable
 from accman.ledger.forked import FORKED_DETAIL
+
+log = logging.getLogger("accman.ledger.gate")
 
 # What every call of a ledger is told from the start of its close, and once
 # it has closed.
@@ -31,6 +34,11 @@ class Gate:
     def __init__(self):
         self.refusal: str | None = None     # None while open, else the detail
         self._reads = 0
+        # This thread's reads in flight, and a close to run as they end: a
+        # close made inside a read (by a signal handler, which runs on the
+        # main thread between two steps of whatever it interrupted) cannot
+        # wait for that read, nor for a lock the read holds.
+        self._mine = threading.local()
         self._cond = threading.Condition()
 
     def check(self, *_args, **_kw) -> None:
@@ -43,28 +51,52 @@ class Gate:
     def reading(self):
         """Around a call that reads LevelDB: refused unless open; counted
         until it ends."""
+        mine = self._mine
+        reads = getattr(mine, "reads", 0) + 1
         with self._cond:
             self.check()
+            # No call between the two counts, here and below: a signal
+            # handler runs at a call or a loop's jump, and finds them agree.
             self._reads += 1
+            mine.reads = reads
         try:
             yield
         finally:
             with self._cond:
                 self._reads -= 1
+                mine.reads -= 1
                 if not self._reads:
                     self._cond.notify_all()
+                then = None
+                if not mine.reads:
+                    then, mine.then = getattr(mine, "then", None), None
+            if then is not None:
+                try:
+                    then()
+                except StoreError as e:     # the close's failure, not this read's
+                    log.error("the store's close after a read failed: %s", e.detail)
 
     def close(self, wait: bool = True) -> bool:
         """Every call is refused as closing from now on.  False when the
         ledger was closing or closed already, once that close has ended if
         `wait`: a close returns with the ledger closed, whichever thread
-        began it (its writer, which that close waits for, does not wait)."""
+        began it (its writer, which that close waits for, does not wait,
+        nor does a thread inside a read)."""
         with self._cond:
             if self.refusal is not None:
+                wait = wait and not getattr(self._mine, "reads", 0)
                 while wait and self.refusal == CLOSING_DETAIL:
                     self._cond.wait()
                 return False
             self.refusal = CLOSING_DETAIL
+            return True
+
+    def after_my_reads(self, then) -> bool:
+        """True if this thread is inside a read: `then` runs as it ends."""
+        with self._cond:
+            if not getattr(self._mine, "reads", 0):
+                return False
+            self._mine.then = then
             return True
 
     def wait_reads(self) -> None:

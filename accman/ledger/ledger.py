@@ -449,10 +449,16 @@ class Ledger:
         flight, closes the store.  Every call made from its start is
         refused (see the class); a close while another runs returns when
         that one has.  From a completion callback (on the writer thread)
-        it returns at once, and the rest happens as the writer ends."""
+        it returns at once, and the rest happens as the writer ends; from
+        inside a read of this thread (a signal handler's close), as that
+        read ends."""
         if not self._gate.close(wait=threading.current_thread() is not self._committer._thread):
             return
-        self.tot = self._check_open         # raises from now on
+        self.tot = self.submit = self._check_open       # raise from now on
+        if not self._gate.after_my_reads(self._close_writer):
+            self._close_writer()
+
+    def _close_writer(self) -> None:
         # From a completion on the writer thread, the rest runs at the
         # writer's end, and the ledger is "closing" until then.
         self._committer.close(then=self._close_store)
