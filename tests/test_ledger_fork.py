@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from accman import Ledger, Unavailable
+from accman import Ledger, StoreLocked, Unavailable
 from accman.ledger import datadir
 from accman.ledger.forked import FORKED_DETAIL
 from accman.ledger.leveldb import Store
@@ -106,6 +106,38 @@ def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
     finally:
         os.close(w)
         os.waitpid(pid, 0)
+
+
+def test_a_forked_child_opening_the_inherited_directory_is_told_why(tmp_path):
+    """The parent closes its ledger; the child, which inherited it open,
+    cannot open the directory itself (LevelDB's lock table is the
+    parent's copy): refused before any file is read, saying why.  Another
+    directory it opens and uses."""
+    path, other = str(tmp_path / "d"), str(tmp_path / "other")
+    led = funded(path)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(w)
+            signal.alarm(CHILD_ALARM_S)
+            os.read(r, 1)                           # the parent has closed its ledger
+            with pytest.raises(StoreLocked, match="this process was forked from one that "
+                                                  "had the data directory open"):
+                Ledger(path)
+            with Ledger(other) as mine:
+                status = 0 if mine.mod("b", 1) == (1, 1) else 2
+        finally:
+            os._exit(status)
+    try:
+        led.close()
+    finally:
+        os.write(w, b"x")
+        _, status = os.waitpid(pid, 0)
+    assert status == 0
+    with Ledger(path) as again:
+        assert again.tot("a") == 3
 
 
 def test_a_forked_childs_exit_leaves_the_parents_read_only_copy(tmp_path):

@@ -19,18 +19,37 @@ from __future__ import annotations
 import os
 import weakref
 
+from accman.errors import StoreLocked
+
 FORKED_DETAIL = ("this ledger belongs to the process that opened it, and this process is a "
-                 "fork of that one: use the ledger there, or open one in this process once "
-                 "that process has closed its own")
+                 "fork of that one: use the ledger there, or open it in a process started "
+                 "afresh (multiprocessing's \"spawn\") once that one has closed it")
 
 # Every ledger of this process, for the fork handler (weak: a ledger dropped
 # is no longer handled; one closed is handled and does nothing).
 _ledgers: weakref.WeakSet = weakref.WeakSet()
+# In a child: the directories whose LevelDB was open at the fork.  LevelDB
+# keeps the locks it holds in a table of the process, which the child
+# inherits and cannot clear (closing the inherited database would wait for
+# the parent's compaction thread, which the child does not have): its own
+# open of such a directory would fail on that table, after recovery had
+# read and checked the files, with words that blame another process.
+inherited: set[str] = set()
 
 
 def track(ledger) -> None:
     """`ledger._forked()` is called in each child forked from now on."""
     _ledgers.add(ledger)
+
+
+def refuse_inherited(path: str) -> None:
+    """StoreLocked, saying why, for a directory that this process, a
+    forked child, inherited open."""
+    if path in inherited:
+        raise StoreLocked(f"{path}: this process was forked from one that had the data "
+                          "directory open, and LevelDB's lock table is that process's: "
+                          "open it in a process started afresh (multiprocessing's "
+                          "\"spawn\"), or fork before opening it")
 
 
 def _after_fork_in_child() -> None:

@@ -6,14 +6,16 @@ committer and the event log, and keeps the store interface
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 from accman.errors import AccManError, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
 from accman.ledger.clock import checked_clock, wall_ms
 from accman.ledger.commit import Committer, running_loop
+from accman.ledger.datadir import checked_path
 from accman.ledger.events import EventLog, check_kept_after
-from accman.ledger.forked import track
+from accman.ledger.forked import inherited, refuse_inherited, track
 from accman.ledger.gate import CLOSING_DETAIL, FAILED_DETAIL, Gate
 from accman.ledger.leveldb import Store
 from accman.ledger.opening import expire_at_open, load_book
@@ -111,6 +113,8 @@ class Ledger:
                       batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
                       holds_max=holds_max, holds_per_account_max=holds_per_account_max)
         check_kept_after(events_kept_after)
+        if store is None:
+            refuse_inherited(os.path.abspath(checked_path(path)))
         self.store = store if store is not None else Store(
             path, create=create, check_files=(verify != "none"))
         self.path = self.store.path
@@ -144,6 +148,8 @@ class Ledger:
         """In a child after fork(): every call is refused (accman.ledger.forked)."""
         self._gate.forked()
         self.tot = self.submit = self._check_open
+        if self.store.db is not None and not self.store.db.closed:
+            inherited.add(self.store.path)
         self.store.fork_child()
 
     # -- reads -------------------------------------------------------------------
