@@ -77,14 +77,17 @@ class Page(NamedTuple):
     next: int | None        # the `before` of the next page, None at the end
 
 
-def run_callbacks(pairs: list) -> None:
+def run_callbacks(pairs: list, catching: type = Exception) -> None:
     """Tells each `done` its outcome: a store's `deliver` when the server
     gave it none.  One caller's broken callback must not keep the others
-    from hearing theirs."""
+    from hearing theirs.  `catching` is BaseException on a store's own
+    thread, which no callback may end (a SystemExit there would end it
+    silently, and every later change with it); on a caller's thread (an
+    event loop's), a SystemExit or ^C goes on to that caller."""
     for done, outcome in pairs:
         try:
             done(outcome)
-        except Exception:
+        except catching:
             log.exception("a call's completion callback failed")
 
 

@@ -648,6 +648,21 @@ def test_blocking_calls_inside_a_completion_callback_are_refused_not_hung(led):
     assert refusals[4] == (3, 2) and led.mod("a", 1) == (4, 3)
 
 
+def test_a_completion_callback_that_raises_systemexit_leaves_the_writer_running(led):
+    """sys.exit() in a completion callback (on the writer thread) ended the
+    writer silently: the ledger still said healthy, and every later change
+    waited for ever.  The callback's exception is logged, as any other's."""
+    told = threading.Event()
+
+    def done(outcome):
+        told.set()
+        sys.exit(3)
+    led.submit("a", 5, done=done)
+    assert told.wait(10)
+    assert outcome_within(lambda: led.mod("a", 1), 5, "the writer is gone") == (6, 2)
+    assert led.healthy
+
+
 def test_async_writes_from_a_second_running_loop_are_refused_not_hung(led):
     """Completions go to the loop the ledger is bound to: a second loop,
     in another thread, while the first still runs, would wait for ever.

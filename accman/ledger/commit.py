@@ -454,7 +454,7 @@ class Committer:
             except RuntimeError:
                 pass        # the loop is closed: nobody is waiting on it
         if direct:
-            run_callbacks(direct)
+            run_callbacks(direct, BaseException)      # on the writer: it goes on
         return handed
 
     # -- closing -------------------------------------------------------------------
