@@ -61,6 +61,21 @@ def test_every_call_in_a_forked_child_is_refused_at_once(tmp_path):
         led.close()
 
 
+def test_what_describes_the_ledger_answers_in_a_child_forked_under_its_lock(tmp_path):
+    """The fork lands while the writer holds the ledger's lock (it does, a
+    moment per batch): in the child, where no thread will release it, the
+    properties and the metrics' samples still answer."""
+    led = funded(str(tmp_path / "d"))
+    try:
+        def child():
+            return led.healthy, led.open_holds, sum(led.drain_samples()[0])
+        with led._committer.lock:
+            got = in_child(child)
+        assert got == (0, "(False, 1, 2)")
+    finally:
+        led.close()
+
+
 def test_a_forked_childs_close_writes_nothing_of_the_parents_store(tmp_path):
     """The child closes the inherited ledger (the end of a `with` block)
     while the parent goes on; then the parent dies without closing.  The

@@ -148,6 +148,7 @@ class Ledger:
         """In a child after fork(): every call is refused (accman.ledger.forked)."""
         self._gate.forked()
         self.tot = self.submit = self._check_open
+        self._committer.lock = threading.Lock()     # the parent's writer may have held it
         if self.store.db is not None and not self.store.db.closed:
             inherited.add(self.store.path)
         self.store.fork_child()
