@@ -7,9 +7,34 @@ from functools import partial
 
 from accman.errors import StoreCorrupt
 from accman.ledger import _ledger, eventrecords, histories
+from accman.ledger.leveldb import Store
+from accman.ledger.plyvel_errors import translated
+
+
+class _AsOf:
+    """A store's reads as of one moment: its LevelDB through a snapshot.
+    A ledger in use goes on applying batches while the check reads pass
+    after pass; each batch is one write of LevelDB, so a snapshot holds
+    whole batches, and the passes agree on what they read."""
+
+    def __init__(self, store, snapshot):
+        self.path = store.path
+        self.db = snapshot          # get, iterator, raw_iterator: as a plyvel DB's
+
+    accounts, get, iterate = Store.accounts, Store.get, Store.iterate
 
 
 def verify_store(store) -> dict:
+    """The check (_verify) of the store as of now: a LevelDB snapshot."""
+    with translated(store.path, "verify"):
+        snapshot = store.db.snapshot()
+    try:
+        return _verify(_AsOf(store, snapshot))
+    finally:
+        snapshot.close()
+
+
+def _verify(store) -> dict:
     """Raises StoreCorrupt naming the first broken rule; returns counts.
 
     The accounts as open loads them (each history's newest entry, found by
