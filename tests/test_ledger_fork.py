@@ -123,13 +123,9 @@ def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
         os.waitpid(pid, 0)
 
 
-def test_a_forked_child_opening_the_inherited_directory_is_told_why(tmp_path):
-    """The parent closes its ledger; the child, which inherited it open,
-    cannot open the directory itself (LevelDB's lock table is the
-    parent's copy): refused before any file is read, saying why.  Another
-    directory it opens and uses."""
-    path, other = str(tmp_path / "d"), str(tmp_path / "other")
-    led = funded(path)
+def closed_then_in_child(led, body) -> int:
+    """Forks; the parent closes `led`, then the child (which inherited it
+    open) runs `body()`.  The child's exit status: 0 when body returned."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -138,11 +134,8 @@ def test_a_forked_child_opening_the_inherited_directory_is_told_why(tmp_path):
             os.close(w)
             signal.alarm(CHILD_ALARM_S)
             os.read(r, 1)                           # the parent has closed its ledger
-            with pytest.raises(StoreLocked, match="this process was forked from one that "
-                                                  "had the data directory open"):
-                Ledger(path)
-            with Ledger(other) as mine:
-                status = 0 if mine.mod("b", 1) == (1, 1) else 2
+            body()
+            status = 0
         finally:
             os._exit(status)
     try:
@@ -150,9 +143,39 @@ def test_a_forked_child_opening_the_inherited_directory_is_told_why(tmp_path):
     finally:
         os.write(w, b"x")
         _, status = os.waitpid(pid, 0)
-    assert status == 0
+    return status
+
+
+def test_a_forked_child_opening_the_inherited_directory_is_told_why(tmp_path):
+    """The parent closes its ledger; the child, which inherited it open,
+    cannot open the directory itself (LevelDB's lock table is the
+    parent's copy): refused before any file is read, saying why.  Another
+    directory it opens and uses."""
+    path, other = str(tmp_path / "d"), str(tmp_path / "other")
+
+    def child():
+        with pytest.raises(StoreLocked, match="this process was forked from one that "
+                                              "had the data directory open"):
+            Ledger(path)
+        with Ledger(other) as mine:
+            assert mine.mod("b", 1) == (1, 1)
+    assert closed_then_in_child(funded(path), child) == 0
     with Ledger(path) as again:
         assert again.tot("a") == 3
+
+
+def test_a_read_only_ledger_leaves_its_directory_to_a_forked_child(tmp_path):
+    """A read-only ledger reads a private copy (accman verify's): LevelDB's
+    lock is the copy's, so a child forked while it was open opens the
+    directory itself once the parent has closed it."""
+    path = str(tmp_path / "d")
+    funded(path).close()
+
+    def child():
+        with Ledger(path) as mine:
+            assert mine.mod("a", 1) == (4, 3)
+    led = Ledger(path, store=Store(path, read_only=True))
+    assert closed_then_in_child(led, child) == 0
 
 
 def test_a_forked_childs_exit_leaves_the_parents_read_only_copy(tmp_path):
