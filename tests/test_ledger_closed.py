@@ -8,6 +8,7 @@ import errno
 import inspect
 import signal
 import threading
+import time
 
 import pytest
 
@@ -244,6 +245,37 @@ def test_a_signal_handler_closing_the_ledger_inside_a_read_does_not_hang(tmp_pat
     try:
         store.signum = signal.SIGUSR1
         assert [e.by for e in led.past("a")] == [-2, 5]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert details == ["the ledger is closing"]
+    assert_every_call_refused(led, "the ledger is closed")
+    with Ledger(path) as again:
+        assert again.tot("a") == 3
+
+
+def test_a_signal_handler_closing_the_ledger_under_its_lock_does_not_hang(tmp_path):
+    """expire_due reads the clock under the ledger's lock, as a mod applies
+    under it: a SIGTERM handler that closes the ledger there would wait for
+    that lock for ever.  The call ends, and the close with it."""
+    signals = []
+
+    def clock_ms():
+        if signals and threading.current_thread() is threading.main_thread():
+            signal.raise_signal(signals.pop())
+        return int(time.time() * 1000)
+    path = str(tmp_path / "d")
+    led = funded(path, clock_ms=clock_ms)
+    details = []
+
+    def handler(*_):
+        led.close()
+        with pytest.raises(Unavailable) as e:
+            led.mod("a", 1)
+        details.append(e.value.detail)
+    before = signal.signal(signal.SIGUSR1, handler)
+    try:
+        signals.append(signal.SIGUSR1)
+        assert led.expire_due() == 0
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert details == ["the ledger is closing"]

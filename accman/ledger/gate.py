@@ -34,10 +34,10 @@ class Gate:
     def __init__(self):
         self.refusal: str | None = None     # None while open, else the detail
         self._reads = 0
-        # This thread's reads in flight, and a close to run as they end: a
-        # close made inside a read (by a signal handler, which runs on the
+        # This thread's calls in flight, and a close to run as they end: a
+        # close made inside a call (by a signal handler, which runs on the
         # main thread between two steps of whatever it interrupted) cannot
-        # wait for that read, nor for a lock the read holds.
+        # wait for that call, nor for a lock the call holds.
         self._mine = threading.local()
         self._cond = threading.Condition()
 
@@ -48,56 +48,64 @@ class Gate:
             raise Unavailable(refusal)
 
     @contextlib.contextmanager
-    def reading(self):
-        """Around a call that reads LevelDB: refused unless open; counted
-        until it ends."""
+    def calling(self):
+        """Around a call that takes the ledger's lock or waits for its
+        writer: counted for this thread until it ends, when a close made
+        inside it runs (after_my_calls)."""
         mine = self._mine
-        reads = getattr(mine, "reads", 0) + 1
-        with self._cond:
-            self.check()
-            # No call between the two counts, here and below: a signal
-            # handler runs at a call or a loop's jump, and finds them agree.
-            self._reads += 1
-            mine.reads = reads
+        mine.calls = getattr(mine, "calls", 0) + 1
         try:
             yield
         finally:
-            with self._cond:
-                self._reads -= 1
-                mine.reads -= 1
-                if not self._reads:
-                    self._cond.notify_all()
-                then = None
-                if not mine.reads:
-                    then, mine.then = getattr(mine, "then", None), None
+            mine.calls -= 1
+            then = None
+            if not mine.calls:
+                then, mine.then = getattr(mine, "then", None), None
             if then is not None:
                 try:
                     then()
-                except StoreError as e:     # the close's failure, not this read's
-                    log.error("the store's close after a read failed: %s", e.detail)
+                except StoreError as e:     # the close's failure, not this call's
+                    log.error("the store's close after a call failed: %s", e.detail)
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Around a call that reads LevelDB: refused unless open; counted
+        until it ends.  Inside `calling`, so that this thread's count
+        covers the whole of the read's: a close inside it never waits for
+        it."""
+        with self.calling():
+            with self._cond:
+                self.check()
+                self._reads += 1
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._reads -= 1
+                    if not self._reads:
+                        self._cond.notify_all()
 
     def close(self, wait: bool = True) -> bool:
         """Every call is refused as closing from now on.  False when the
         ledger was closing or closed already, once that close has ended if
         `wait`: a close returns with the ledger closed, whichever thread
         began it (its writer, which that close waits for, does not wait,
-        nor does a thread inside a read)."""
+        nor does a thread inside a call)."""
         with self._cond:
             if self.refusal is not None:
-                wait = wait and not getattr(self._mine, "reads", 0)
+                wait = wait and not getattr(self._mine, "calls", 0)
                 while wait and self.refusal == CLOSING_DETAIL:
                     self._cond.wait()
                 return False
             self.refusal = CLOSING_DETAIL
             return True
 
-    def after_my_reads(self, then) -> bool:
-        """True if this thread is inside a read: `then` runs as it ends."""
-        with self._cond:
-            if not getattr(self._mine, "reads", 0):
-                return False
-            self._mine.then = then
-            return True
+    def after_my_calls(self, then) -> bool:
+        """True if this thread is inside a call: `then` runs as it ends."""
+        if not getattr(self._mine, "calls", 0):
+            return False
+        self._mine.then = then
+        return True
 
     def wait_reads(self) -> None:
         """Returns once no read is in flight (none starts any more)."""

@@ -321,7 +321,8 @@ class Ledger:
         how many ended.  The writer does this by itself when a hold is due;
         this is for a caller that must see it done (tests, with `clock_ms`)."""
         self._check_not_writer()
-        return self._committer.expire_due()
+        with self._gate.calling():
+            return self._committer.expire_due()
 
     def _check_not_writer(self) -> None:
         """Refuses a call that waits for the writer, made on the writer (in
@@ -346,8 +347,9 @@ class Ledger:
             box.append(outcome)
             ready.set()
 
-        submit(*args, done=done, **kw)
-        ready.wait()
+        with self._gate.calling():
+            submit(*args, done=done, **kw)
+            ready.wait()
         return _result(box[0])
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop, deliver=None) -> None:
@@ -383,7 +385,8 @@ class Ledger:
             if not fut.done():
                 fut.set_result(outcome)
 
-        submit(*args, done=done, **kw)
+        with self._gate.calling():
+            submit(*args, done=done, **kw)
         return _result(await fut)
 
     # -- state -------------------------------------------------------------------------
@@ -457,12 +460,11 @@ class Ledger:
         refused (see the class); a close while another runs returns when
         that one has.  From a completion callback (on the writer thread)
         it returns at once, and the rest happens as the writer ends; from
-        inside a read of this thread (a signal handler's close), as that
-        read ends."""
+        inside a call of this thread (a signal handler's), as it ends."""
         if not self._gate.close(wait=threading.current_thread() is not self._committer._thread):
             return
         self.tot = self.submit = self._check_open       # raise from now on
-        if not self._gate.after_my_reads(self._close_writer):
+        if not self._gate.after_my_calls(self._close_writer):
             self._close_writer()
 
     def _close_writer(self) -> None:
