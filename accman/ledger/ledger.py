@@ -150,7 +150,7 @@ class Ledger:
         self.tot = self.submit = self._check_open
         self._committer.lock = threading.Lock()     # the parent's writer may have held it
         if self.store.db is not None and not self.store.db.closed:
-            inherited.add(self.store.dir)       # where LevelDB opened: a copy, read-only
+            inherited.add(self.store.dir)       # LevelDB's (a read-only one's: its copy)
         self.store.fork_child()
 
     # -- reads -------------------------------------------------------------------
