@@ -44,9 +44,10 @@ def track(ledger) -> None:
 
 def refuse_inherited(path: str) -> None:
     """StoreLocked, saying why, for a directory that this process, a
-    forked child, inherited open."""
-    if path in inherited:
-        raise StoreLocked(f"{path}: this process was forked from one that had the data "
+    forked child, inherited open (by any name: `inherited` holds real
+    paths)."""
+    if os.path.realpath(path) in inherited:
+        raise StoreLocked(f"{os.path.abspath(path)}: this process was forked from one that had the data "
                           "directory open, and LevelDB's lock table is that process's: "
                           "open it in a process started afresh (multiprocessing's "
                           "\"spawn\"), or fork before opening it")

@@ -114,7 +114,7 @@ class Ledger:
                       holds_max=holds_max, holds_per_account_max=holds_per_account_max)
         check_kept_after(events_kept_after)
         if store is None:
-            refuse_inherited(os.path.abspath(checked_path(path)))
+            refuse_inherited(checked_path(path))
         self.store = store if store is not None else Store(
             path, create=create, check_files=(verify != "none"))
         self.path = self.store.path
@@ -150,7 +150,7 @@ class Ledger:
         self.tot = self.submit = self._check_open
         self._committer.lock = threading.Lock()     # the parent's writer may have held it
         if self.store.db is not None and not self.store.db.closed:
-            inherited.add(self.store.dir)       # LevelDB's (a read-only one's: its copy)
+            inherited.add(os.path.realpath(self.store.dir))  # a read-only one's: its copy
         self.store.fork_child()
 
     # -- reads -------------------------------------------------------------------
