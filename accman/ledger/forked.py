@@ -47,10 +47,10 @@ def refuse_inherited(path: str) -> None:
     forked child, inherited open (by any name: `inherited` holds real
     paths)."""
     if os.path.realpath(path) in inherited:
-        raise StoreLocked(f"{os.path.abspath(path)}: this process was forked from one that had the data "
-                          "directory open, and LevelDB's lock table is that process's: "
-                          "open it in a process started afresh (multiprocessing's "
-                          "\"spawn\"), or fork before opening it")
+        raise StoreLocked(f"{os.path.abspath(path)}: this process was forked from one that "
+                          "had the data directory open, and LevelDB's lock table is that "
+                          "process's: open it in a process started afresh "
+                          "(multiprocessing's \"spawn\"), or fork before opening it")
 
 
 def _after_fork_in_child() -> None:
