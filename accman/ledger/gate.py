@@ -38,7 +38,11 @@ class Gate:
         # close made inside a call (by a signal handler, which runs on the
         # main thread between two steps of whatever it interrupted) cannot
         # wait for that call, nor for a lock the call holds.
-        self._mine = threading.local()
+        self._mine = _Mine()
+        # `with gate.calling:` around a call that takes the ledger's lock or
+        # waits for its writer (a class, not a generator: it is on the
+        # path of every change made through the Python API).
+        self.calling = _Calling(self)
         self._cond = threading.Condition()
 
     def check(self, *_args, **_kw) -> None:
@@ -48,32 +52,12 @@ class Gate:
             raise Unavailable(refusal)
 
     @contextlib.contextmanager
-    def calling(self):
-        """Around a call that takes the ledger's lock or waits for its
-        writer: counted for this thread until it ends, when a close made
-        inside it runs (after_my_calls)."""
-        mine = self._mine
-        mine.calls = getattr(mine, "calls", 0) + 1
-        try:
-            yield
-        finally:
-            mine.calls -= 1
-            then = None
-            if not mine.calls:
-                then, mine.then = getattr(mine, "then", None), None
-            if then is not None:
-                try:
-                    then()
-                except StoreError as e:     # the close's failure, not this call's
-                    log.error("the store's close after a call failed: %s", e.detail)
-
-    @contextlib.contextmanager
     def reading(self):
         """Around a call that reads LevelDB: refused unless open; counted
         until it ends.  Inside `calling`, so that this thread's count
         covers the whole of the read's: a close inside it never waits for
         it."""
-        with self.calling():
+        with self.calling:
             with self._cond:
                 self.check()
                 self._reads += 1
@@ -93,7 +77,7 @@ class Gate:
         nor does a thread inside a call)."""
         with self._cond:
             if self.refusal is not None:
-                wait = wait and not getattr(self._mine, "calls", 0)
+                wait = wait and not self._mine.calls
                 while wait and self.refusal == CLOSING_DETAIL:
                     self._cond.wait()
                 return False
@@ -102,7 +86,7 @@ class Gate:
 
     def after_my_calls(self, then) -> bool:
         """True if this thread is inside a call: `then` runs as it ends."""
-        if not getattr(self._mine, "calls", 0):
+        if not self._mine.calls:
             return False
         self._mine.then = then
         return True
@@ -125,3 +109,34 @@ class Gate:
         self._cond = threading.Condition()
         self._reads = 0
         self.refusal = FORKED_DETAIL
+
+
+class _Mine(threading.local):
+    """A thread's calls in flight (Gate.calling), and the close to run as
+    the last one ends."""
+    calls = 0
+    then = None
+
+
+class _Calling:
+    """Gate.calling: counted for this thread until it ends, when a close
+    made inside it runs (Gate.after_my_calls)."""
+
+    __slots__ = ("_mine",)
+
+    def __init__(self, gate: Gate):
+        self._mine = gate._mine
+
+    def __enter__(self) -> None:
+        self._mine.calls += 1
+
+    def __exit__(self, *_exc) -> None:
+        mine = self._mine
+        mine.calls -= 1
+        if mine.calls or mine.then is None:
+            return
+        then, mine.then = mine.then, None
+        try:
+            then()
+        except StoreError as e:     # the close's failure, not this call's
+            log.error("the store's close after a call failed: %s", e.detail)
