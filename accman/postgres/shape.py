@@ -250,9 +250,7 @@ async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
     if not new:
         return
     count = len(infos)
-    held = [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
-            if i is not None and i.cluster_id in own
-            and await of_cluster(holds_accounts(c), n - 1, count)]
+    held = await _held(conns, infos, lambda i: i.cluster_id in own)
     set_up = [n for n, i in enumerate(infos, 1)
               if i is not None and i.cluster_id in own and i.setup_of is None]
     if home is not None and not recorded:
@@ -296,9 +294,7 @@ async def check_not_pending(conns, infos: list[ClusterInfo | None]) -> None:
     if not pending:
         return
     count = len(infos)
-    held = [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
-            if i is not None and i.setup_of is None
-            and await of_cluster(holds_accounts(c), n - 1, count)]
+    held = await _held(conns, infos, lambda i: i.setup_of is None)
     if held:
         raise _unfinished(f"{which(pending, count)} {'does' if len(pending) == 1 else 'do'} "
                           "not record the store's events' home yet", _holding(held, count))
@@ -335,6 +331,14 @@ async def check_homeless(conns, infos: list[ClusterInfo | None], grow: bool) -> 
     if held and not grow:
         raise _unfinished(f"no cluster of the {len(infos)} given is recorded as the store's "
                           "events' home", _holding(held, len(infos)))
+
+
+async def _held(conns, infos: list[ClusterInfo | None], which_ones) -> list[int]:
+    """The clusters (1-based) of `infos` that `which_ones` takes and that
+    hold accounts."""
+    return [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
+            if i is not None and which_ones(i)
+            and await of_cluster(holds_accounts(c), n - 1, len(infos))]
 
 
 async def holds_accounts(conn) -> bool:

@@ -430,6 +430,16 @@ def test_a_primary_down_beside_a_standby_is_said_as_no_host_taking_writes(pg, pg
             run(PgStore.open([url]))
 
 
+def _read_only_twin(pg_url, pg_factory, name):
+    """The database of `pg_url` on a cluster of its own, read-only, as a
+    standby takes no writes: its name, and that cluster."""
+    dbname = pg_url.rsplit("/", 1)[1]
+    twin = pg_factory(name=name)
+    twin.create_database(dbname)
+    twin.psql(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    return dbname, twin
+
+
 def test_a_url_of_several_hosts_takes_the_one_that_takes_writes(pg, pg_url, pg_factory):
     """SCALING.md's URL names every host of a cluster.  One that leaves out
     target_session_attrs took the first host that answered, a standby
@@ -437,10 +447,7 @@ def test_a_url_of_several_hosts_takes_the_one_that_takes_writes(pg, pg_url, pg_f
     opened, its writes refused on every try: read-write is the default for
     several hosts, and reads go to the primary too."""
     run(migrate([pg_url]))
-    dbname = pg_url.rsplit("/", 1)[1]
-    standby_like = pg_factory(name="ro-host")
-    standby_like.create_database(dbname)
-    standby_like.psql(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    dbname, standby_like = _read_only_twin(pg_url, pg_factory, "ro-host")
     url = f"postgresql://postgres@127.0.0.1:{standby_like.port},127.0.0.1:{pg.port}/{dbname}"
 
     async def main():
@@ -455,10 +462,7 @@ def test_hosts_of_pghost_take_the_one_that_takes_writes(pg, pg_url, pg_factory, 
     own (libpq's and asyncpg's rule): a read-only host listed first there
     was taken with `any`, and `any` given with them was not refused."""
     run(migrate([pg_url]))
-    dbname = pg_url.rsplit("/", 1)[1]
-    standby_like = pg_factory(name="ro-pghost")
-    standby_like.create_database(dbname)
-    standby_like.psql(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    dbname, standby_like = _read_only_twin(pg_url, pg_factory, "ro-pghost")
     monkeypatch.setenv("PGHOST", "127.0.0.1,127.0.0.1")
     monkeypatch.setenv("PGPORT", f"{standby_like.port},{pg.port}")
     url = f"postgresql://postgres@/{dbname}"
