@@ -6,7 +6,9 @@ close waits for the reads in flight before it closes LevelDB."""
 import asyncio
 import errno
 import inspect
+import linecache
 import signal
+import sys
 import threading
 import time
 
@@ -14,6 +16,8 @@ import pytest
 
 from accman import Ledger, StoreError, Unavailable
 from accman.ledger import _ledger, plyvel_errors
+from accman.ledger.commit import Committer
+from accman.ledger.events import EventLog
 from accman.ledger.leveldb import Store
 from ledgerhelp import GatedStore, wait_for
 
@@ -282,6 +286,44 @@ def test_a_signal_handler_closing_the_ledger_under_its_lock_does_not_hang(tmp_pa
     assert_every_call_refused(led, "the ledger is closed")
     with Ledger(path) as again:
         assert again.tot("a") == 3
+
+
+def signal_under_lock(code, marker: str, signum) -> None:
+    """Traces this thread: `signum` is raised once, just before the line of
+    `code` that holds `marker` (a line under the ledger's lock) runs."""
+    def local(frame, event, _arg):
+        if event == "line" and marker in linecache.getline(code.co_filename, frame.f_lineno):
+            sys.settrace(None)
+            signal.raise_signal(signum)
+        return local
+    sys.settrace(lambda frame, *_: local if frame.f_code is code else None)
+
+
+@pytest.mark.parametrize("call, code, marker", [
+    (lambda led: led.drain_samples(), Ledger.drain_samples.__code__, "sizes, times ="),
+    (lambda led: led.keep_events_after(1), EventLog.keep_after.__code__, "self.kept_after ="),
+    (lambda led: led.bind_loop(asyncio.new_event_loop()), Committer._bind.__code__,
+     "self._loop = loop")])
+def test_a_signal_handler_closing_the_ledger_in_any_locked_call_does_not_hang(
+        tmp_path, call, code, marker):
+    """drain_samples, keep_events_after and bind_loop take the ledger's lock
+    on the caller's thread too: a SIGTERM handler's close there would wait
+    for that lock for ever (in a child: an alarm ends it if it hangs)."""
+    from test_ledger_fork import in_child
+
+    def child():
+        path = str(tmp_path / "d")
+        led = funded(path)
+        signal.signal(signal.SIGUSR1, lambda *_: led.close())
+        signal_under_lock(code, marker, signal.SIGUSR1)
+        try:
+            call(led)
+        finally:
+            sys.settrace(None)
+        assert_every_call_refused(led, "the ledger is closed")
+        with Ledger(path) as again:
+            return again.tot("a")
+    assert in_child(child) == (0, "3")
 
 
 def test_a_change_in_flight_when_close_starts_is_made_durable(tmp_path):

@@ -358,7 +358,8 @@ class Ledger:
         (done, outcome) pairs instead of calling each `done(outcome)`;
         it must tell every `done` its outcome."""
         self._check_open()
-        self._committer.bind_loop(loop, deliver)
+        with self._gate.calling:
+            self._committer.bind_loop(loop, deliver)
 
     async def amod(self, cred: str, by: int, *, min: int | None = None,
                    key: str | None = None, low: int | None = None) -> tuple[int, int]:
@@ -431,7 +432,7 @@ class Ledger:
     def drain_samples(self) -> tuple[list[int], list[float]]:
         """Batch sizes and fsync times since the last call (for histograms)."""
         c = self._committer
-        with c.lock:
+        with self._gate.calling, c.lock:
             sizes, times = c.batch_sizes, c.fsync_times_s
             c.batch_sizes, c.fsync_times_s = [], []
         return sizes, times
@@ -453,15 +454,15 @@ class Ledger:
     def keep_events_after(self, event_id: int | None) -> None:
         """Events after `event_id` are kept whatever their age; from any thread."""
         self._check_open()
-        self._events.keep_after(event_id)
+        with self._gate.calling:
+            self._events.keep_after(event_id)
 
     def close(self) -> None:
-        """Commits what is queued, stops the writer, waits for the reads in
-        flight, closes the store.  Every call made from its start is
-        refused (see the class); a close while another runs returns when
-        that one has.  From a completion callback (on the writer thread)
-        it returns at once, and the rest happens as the writer ends; from
-        inside a call of this thread (a signal handler's), as it ends."""
+        """Commits what is queued, stops the writer, waits for the reads in flight, closes
+        the store.  Every call made from its start is refused (see the class); a close
+        while another runs returns when that one has.  From a completion callback (on the
+        writer thread) it returns at once, and the rest happens as the writer ends; from
+        inside a call of this thread that takes the lock (a signal handler's), as it ends."""
         if not self._gate.close(wait=threading.current_thread() is not self._committer._thread):
             return
         self.tot = self.submit = self._check_open       # raise from now on
@@ -469,8 +470,7 @@ class Ledger:
             self._close_writer()
 
     def _close_writer(self) -> None:
-        # From a completion on the writer thread, the rest runs at the
-        # writer's end, and the ledger is "closing" until then.
+        # On the writer (a completion's close), the rest runs at its end: "closing" until then.
         self._committer.close(then=self._close_store)
 
     def _close_store(self) -> None:
