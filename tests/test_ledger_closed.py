@@ -326,6 +326,52 @@ def test_a_signal_handler_closing_the_ledger_in_any_locked_call_does_not_hang(
     assert in_child(child) == (0, "3")
 
 
+class Interrupted(Exception):
+    """What the test's ^C raises (KeyboardInterrupt would stop pytest)."""
+
+
+def test_a_close_interrupted_while_the_writer_ends_still_ends_closed(tmp_path):
+    """^C while close waits for the writer's last batch: that close raises,
+    and a later close (a `finally`, a `with`) returns once the ledger is
+    closed rather than waiting for ever on a close that nobody finishes."""
+    path = str(tmp_path / "d")
+    store = GatedStore(path, gate=threading.Event())
+    led = Ledger(path, store=store)
+    modder = threading.Thread(target=led.mod, args=("a", 5))
+    modder.start()
+    assert store.writing.wait(10)
+    main = threading.main_thread().ident
+
+    def in_committer_close():
+        frame = sys._current_frames()[main]
+        while frame is not None and frame.f_code is not Committer.close.__code__:
+            frame = frame.f_back
+        return frame is not None and frame.f_lineno != Committer.close.__code__.co_firstlineno
+
+    def interrupt():
+        wait_for(in_committer_close, what="close to wait for the writer")
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    def handler(*_):
+        raise Interrupted
+    before = signal.signal(signal.SIGUSR1, handler)
+    try:
+        threading.Thread(target=interrupt).start()
+        with pytest.raises(Interrupted):
+            led.close()
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    store.gate.set()
+    modder.join(10)
+    again = threading.Thread(target=led.close, daemon=True)
+    again.start()
+    again.join(10)
+    assert not again.is_alive()
+    assert_every_call_refused(led, "the ledger is closed")
+    with Ledger(path) as reopened:
+        assert reopened.tot("a") == 5
+
+
 def test_a_change_in_flight_when_close_starts_is_made_durable(tmp_path):
     """Close writes what was queued before it; meanwhile every call says
     closing, the reads included."""

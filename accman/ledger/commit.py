@@ -79,6 +79,8 @@ class Committer:
         self._closing = False
         self._clock_refused = False     # the writer's last clock reading was wrong
         self._then = None           # what a close made on the writer runs at its end
+        # Set as the writer stops: close waits on it (a ^C in Thread.join marks it ended).
+        self._ended = threading.Event()
         # What every change is told once the ledger closes (CLOSING_DETAIL,
         # then CLOSED_DETAIL); None while it is open.
         self.refusal: str | None = None
@@ -258,6 +260,7 @@ class Committer:
             self._fail_stop(e)
         finally:
             self.applier.stop()
+            self._ended.set()
             if self._then is not None:
                 try:
                     self._then()
@@ -425,9 +428,8 @@ class Committer:
         return n
 
     def _wake_events(self, loop) -> None:
-        """Long polls wait on their own loop, which need not be the bound
-        one (a mod from a plain thread wakes an `aevents` too): wake them
-        there."""
+        """Long polls wait on their own loop, which need not be the bound one (a mod
+        from a plain thread wakes an `aevents` too): wake them there."""
         try:
             loop.call_soon_threadsafe(self.events.wake, loop)
         except RuntimeError:
@@ -460,12 +462,10 @@ class Committer:
     # -- closing -------------------------------------------------------------------
 
     def close(self, then=None) -> None:
-        """Refuses every change from now on (CLOSING_DETAIL), writes what
-        is queued, then stops the writer thread; `then()`, if given, runs
-        once it has stopped.  Called on the writer itself (from a
-        completion), it returns at once and `then` runs at the writer's
-        end: what comes after (the store's close) must not happen under a
-        writer that has batches left to write."""
+        """Refuses every change from now on (CLOSING_DETAIL), writes what is queued, then
+        stops the writer thread; `then()`, if given, runs once it has stopped.  Called on
+        the writer itself (from a completion), it returns at once and `then` runs at the
+        writer's end: the store's close must not happen under a writer with batches left."""
         with self.lock:
             self._closing = True
             self.refusal = CLOSING_DETAIL
@@ -473,7 +473,7 @@ class Committer:
             if threading.current_thread() is self._thread:
                 self._then = then
                 return
-        self._thread.join()
+        self._ended.wait()
         if then is not None:
             then()
 

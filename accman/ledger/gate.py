@@ -84,6 +84,19 @@ class Gate:
             self.refusal = CLOSING_DETAIL
             return True
 
+    @contextlib.contextmanager
+    def ending(self, rest):
+        """Around a close's wait for its writer: interrupted there (^C in
+        the join), the close still ends (`rest`), on a thread of its own,
+        since a later close waits for this one to end."""
+        try:
+            yield
+        except BaseException:
+            if self.refusal == CLOSING_DETAIL:
+                threading.Thread(target=_logged, args=(rest,), name="accman-close",
+                                 daemon=True).start()
+            raise
+
     def after_my_calls(self, then) -> bool:
         """True if this thread is inside a call: `then` runs as it ends."""
         if not self._mine.calls:
@@ -109,6 +122,13 @@ class Gate:
         self._cond = threading.Condition()
         self._reads = 0
         self.refusal = FORKED_DETAIL
+
+
+def _logged(close) -> None:
+    try:
+        close()
+    except StoreError as e:     # no caller is left to raise it to
+        log.error("the store's close after an interrupted close failed: %s", e.detail)
 
 
 class _Mine(threading.local):

@@ -470,8 +470,8 @@ class Ledger:
             self._close_writer()
 
     def _close_writer(self) -> None:
-        # On the writer (a completion's close), the rest runs at its end: "closing" until then.
-        self._committer.close(then=self._close_store)
+        with self._gate.ending(self._close_writer):     # on the writer: the rest at its end
+            self._committer.close(then=self._close_store)
 
     def _close_store(self) -> None:
         """The end of close, once the writer has stopped."""
