@@ -61,6 +61,24 @@ def test_every_call_in_a_forked_child_is_refused_at_once(tmp_path):
         led.close()
 
 
+def test_a_submit_taken_before_the_fork_is_refused_in_the_child(tmp_path):
+    """`submit` (and the server's Lane) is the committer's own method, kept
+    by a caller from before the fork: in the child it is refused too, not
+    taken into a book that no writer will ever make durable."""
+    led = funded(str(tmp_path / "d"))
+    submit = led.submit
+    try:
+        def child():
+            told = []
+            with pytest.raises(Unavailable) as e:
+                submit("a", 1, done=told.append)
+            return e.value.detail, told
+        assert in_child(child) == (0, repr((FORKED_DETAIL, [])))
+        assert led.tot("a") == 3
+    finally:
+        led.close()
+
+
 def test_what_describes_the_ledger_answers_in_a_child_forked_under_its_lock(tmp_path):
     """The fork lands while the writer holds the ledger's lock (it does, a
     moment per batch): in the child, where no thread will release it, the

@@ -15,7 +15,7 @@ from accman.ledger.clock import checked_clock, wall_ms
 from accman.ledger.commit import Committer, running_loop
 from accman.ledger.datadir import checked_path
 from accman.ledger.events import EventLog, check_kept_after
-from accman.ledger.forked import inherited, refuse_inherited, track
+from accman.ledger.forked import FORKED_DETAIL, inherited, refuse_inherited, track
 from accman.ledger.gate import CLOSING_DETAIL, FAILED_DETAIL, Gate
 from accman.ledger.leveldb import Store
 from accman.ledger.opening import expire_at_open, load_book
@@ -145,10 +145,11 @@ class Ledger:
         track(self)
 
     def _forked(self) -> None:
-        """In a child after fork(): every call is refused (accman.ledger.forked)."""
+        """In a child after fork(): every call refuses, a kept `submit` and the Lane too."""
         self._gate.forked()
         self.tot = self.submit = self._check_open
-        self._committer.lock = threading.Lock()     # the parent's writer may have held it
+        c = self._committer     # a new lock: the parent's writer may have held it
+        c.lock, c._closing, c.refusal = threading.Lock(), True, FORKED_DETAIL
         if self.store.db is not None and not self.store.db.closed:
             inherited.add(os.path.realpath(self.store.dir))  # a read-only one's: its copy
         self.store.fork_child()
@@ -484,8 +485,7 @@ class Ledger:
             self._committer.closed()
 
     def __reduce__(self):
-        # pickle and copy: a copy in another process (multiprocessing's spawn) would have
-        # none of the writer, the store's files or the lock; one in this process, the same.
+        # pickle, copy: a copy (here, or spawned) would lack the writer, the files, the lock.
         raise TypeError("a Ledger belongs to the process that opened it: open one in the "
                         "other process, once this one has closed it (a Ledger is not copied)")
 
