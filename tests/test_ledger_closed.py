@@ -84,6 +84,14 @@ def assert_every_call_refused(led, detail):
     assert names == public_methods()            # a method added later is checked too
 
 
+def closed_then_reopened(led, path) -> int | None:
+    """Asserts that `led` refuses every call as closed; the balance of "a"
+    in the store reopened."""
+    assert_every_call_refused(led, "the ledger is closed")
+    with Ledger(path) as again:
+        return again.tot("a")
+
+
 def funded(path, **kw):
     led = Ledger(path, **kw)
     led.mod("a", 5)
@@ -171,9 +179,7 @@ def test_a_close_while_another_is_under_way_returns_once_the_ledger_is_closed(tm
     for t in (reader, first, second):
         t.join(10)
         assert not t.is_alive()
-    assert_every_call_refused(led, "the ledger is closed")
-    with Ledger(path) as again:
-        assert again.tot("a") == 3
+    assert closed_then_reopened(led, path) == 3
 
 
 def test_a_close_from_a_completion_while_another_thread_closes_returns(tmp_path):
@@ -252,9 +258,7 @@ def test_a_signal_handler_closing_the_ledger_inside_a_read_does_not_hang(tmp_pat
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert details == ["the ledger is closing"]
-    assert_every_call_refused(led, "the ledger is closed")
-    with Ledger(path) as again:
-        assert again.tot("a") == 3
+    assert closed_then_reopened(led, path) == 3
 
 
 def test_a_signal_handler_closing_the_ledger_under_its_lock_does_not_hang(tmp_path):
@@ -283,9 +287,7 @@ def test_a_signal_handler_closing_the_ledger_under_its_lock_does_not_hang(tmp_pa
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert details == ["the ledger is closing"]
-    assert_every_call_refused(led, "the ledger is closed")
-    with Ledger(path) as again:
-        assert again.tot("a") == 3
+    assert closed_then_reopened(led, path) == 3
 
 
 def signal_under_lock(code, marker: str, signum) -> None:
@@ -320,9 +322,7 @@ def test_a_signal_handler_closing_the_ledger_in_any_locked_call_does_not_hang(
             call(led)
         finally:
             sys.settrace(None)
-        assert_every_call_refused(led, "the ledger is closed")
-        with Ledger(path) as again:
-            return again.tot("a")
+        return closed_then_reopened(led, path)
     assert in_child(child) == (0, "3")
 
 
@@ -367,9 +367,7 @@ def test_a_close_interrupted_while_the_writer_ends_still_ends_closed(tmp_path):
     again.start()
     again.join(10)
     assert not again.is_alive()
-    assert_every_call_refused(led, "the ledger is closed")
-    with Ledger(path) as reopened:
-        assert reopened.tot("a") == 5
+    assert closed_then_reopened(led, path) == 5
 
 
 def test_a_change_in_flight_when_close_starts_is_made_durable(tmp_path):
@@ -390,9 +388,7 @@ def test_a_change_in_flight_when_close_starts_is_made_durable(tmp_path):
     modder.join(10)
     closer.join(10)
     assert outcome == [(5, 1)]
-    assert_every_call_refused(led, "the ledger is closed")
-    with Ledger(path) as again:
-        assert again.tot("a") == 5
+    assert closed_then_reopened(led, path) == 5
 
 
 def test_plyvel_s_closed_database_is_translated_where_its_errors_are(tmp_path):

@@ -430,6 +430,15 @@ def test_a_primary_down_beside_a_standby_is_said_as_no_host_taking_writes(pg, pg
             run(PgStore.open([url]))
 
 
+def _writes_and_reads(url):
+    """A store opened on `url` takes a mod, and reads it back."""
+    async def main():
+        async with stored(url) as (_, c):
+            assert await c.mod("w", 5) == (5, 1)
+            assert await c.tot("w") == 5
+    run(main())
+
+
 def _read_only_twin(pg_url, pg_factory, name):
     """The database of `pg_url` on a cluster of its own, read-only, as a
     standby takes no writes: its name, and that cluster."""
@@ -449,12 +458,7 @@ def test_a_url_of_several_hosts_takes_the_one_that_takes_writes(pg, pg_url, pg_f
     run(migrate([pg_url]))
     dbname, standby_like = _read_only_twin(pg_url, pg_factory, "ro-host")
     url = f"postgresql://postgres@127.0.0.1:{standby_like.port},127.0.0.1:{pg.port}/{dbname}"
-
-    async def main():
-        async with stored(url) as (_, c):
-            assert await c.mod("w", 5) == (5, 1)
-            assert await c.tot("w") == 5
-    run(main())
+    _writes_and_reads(url)
 
 
 def test_hosts_of_pghost_take_the_one_that_takes_writes(pg, pg_url, pg_factory, monkeypatch):
@@ -466,12 +470,7 @@ def test_hosts_of_pghost_take_the_one_that_takes_writes(pg, pg_url, pg_factory, 
     monkeypatch.setenv("PGHOST", "127.0.0.1,127.0.0.1")
     monkeypatch.setenv("PGPORT", f"{standby_like.port},{pg.port}")
     url = f"postgresql://postgres@/{dbname}"
-
-    async def main():
-        async with stored(url) as (_, c):
-            assert await c.mod("w", 5) == (5, 1)
-            assert await c.tot("w") == 5
-    run(main())
+    _writes_and_reads(url)
     with pytest.raises(StoreError, match="target_session_attrs=any cannot be used"):
         run(PgStore.open([url + "?target_session_attrs=any"]))
 

@@ -41,6 +41,20 @@ _OTHER_SHAPE = (r"^(a cluster was|clusters? [\d, ]+ of 3 (was|were)) being set u
                 r"finishes it$")
 
 
+def _grown_cut_short_at_the_home(pg, prefix, c):
+    """A store of one (PREFIX_a, 8 accounts C0..C7) whose growth by a
+    cluster (PREFIX_b) a migrate began and that stopped at the home's own
+    record: their URLs and the credentials."""
+    home, added = pg.create_database(f"{prefix}_a"), pg.create_database(f"{prefix}_b")
+    creds = [f"{c}{i}" for i in range(8)]
+    run(fund(home, creds))
+    pg.psql(_REFUSE_HOME_RECORD, f"{prefix}_a")
+    with pytest.raises(StoreError, match="cannot record the store's clusters"):
+        run(migrate([added, home]))
+    pg.psql("DROP TRIGGER refuse_home_record ON accman_schema", f"{prefix}_a")
+    return home, added, creds
+
+
 def test_a_migrate_cut_short_at_the_home_s_record_is_said_to_be_unfinished(pg):
     """A migrate adding a cluster to a store that holds accounts, cut short
     when the home's own record failed: the cluster given before it in the
@@ -49,13 +63,7 @@ def test_a_migrate_cut_short_at_the_home_s_record_is_said_to_be_unfinished(pg):
     was not finished and that migrate with the same list finishes it,
     changing nothing; that migrate then does.  Meanwhile the store of one
     it was serves alone, and the added cluster does not."""
-    home, added = pg.create_database("half_a"), pg.create_database("half_b")
-    creds = [f"h{i}" for i in range(8)]
-    run(fund(home, creds))
-    pg.psql(_REFUSE_HOME_RECORD, "half_a")
-    with pytest.raises(StoreError, match="cannot record the store's clusters"):
-        run(migrate([added, home]))
-    pg.psql("DROP TRIGGER refuse_home_record ON accman_schema", "half_a")
+    home, added, creds = _grown_cut_short_at_the_home(pg, "half", "h")
     before = schema_dump(pg, ("half_a", "half_b"))
     with pytest.raises(StoreError, match=_UNFINISHED):
         run(opened([added, home]))
@@ -77,13 +85,7 @@ def test_a_home_that_does_not_record_the_store_is_said_to_be_unfinished(pg):
     left them, cut short at the home's own record: the cluster given first
     names the home, which records nothing.  Serve said "cluster 1 of 2 is
     not of the store"; it says the setup was not finished."""
-    home, added = pg.create_database("noted_a"), pg.create_database("noted_b")
-    creds = [f"n{i}" for i in range(8)]
-    run(fund(home, creds))
-    pg.psql(_REFUSE_HOME_RECORD, "noted_a")
-    with pytest.raises(StoreError, match="cannot record the store's clusters"):
-        run(migrate([added, home]))
-    pg.psql("DROP TRIGGER refuse_home_record ON accman_schema", "noted_a")
+    home, added, creds = _grown_cut_short_at_the_home(pg, "noted", "n")
     home_id = pg.psql("SELECT encode(cluster_id, 'hex') FROM accman_schema", "noted_a")
     pg.psql(f"UPDATE accman_schema SET events_home = '\\x{home_id}'", "noted_b")
     pg.psql("UPDATE accman_schema SET events_home = NULL", "noted_a")
