@@ -340,10 +340,14 @@ def test_a_live_ledger_verifies_while_its_writer_goes_on(tmp_path):
         for t in writers:
             t.start()
         try:
-            counts = [led.verify() for _ in range(20)]
+            counts = [led.verify()]
+            # Pass after pass until the checks have seen three states: a
+            # loaded machine may schedule the writers late, never not at all.
+            while len({c["entries"] for c in counts}) < 3 and len(counts) < 5000:
+                counts.append(led.verify())
         finally:
             stop.set()
             for t in writers:
                 t.join()
-        assert counts[-1]["entries"] > counts[0]["entries"]    # it ran under writes
+        assert len({c["entries"] for c in counts}) >= 3      # it ran under writes
         assert led.verify()["entries"] == led.stats["events_last"]
