@@ -220,64 +220,56 @@ def _holding(held: list[int], count: int) -> str:
 
 
 async def check_not_growing(conns, infos: list[ClusterInfo | None]) -> None:
-    """A front-end (`serve`) does not add a cluster to a store that holds
-    accounts: the accounts that would rank the new cluster first are not
-    there, so each would answer `no_account`, and a funding mod would open
-    a second one beside it.  Nor to a store set up already (a store of
-    one, or one whose home records its clusters), accounts or not: a
-    front-end serving it would go on with the clusters it has, and open
-    accounts where this one does not look.  Adding one is SCALING.md's
-    procedure, with the front-ends stopped: `accman migrate`, then the
-    accounts moved.  A setup in progress (front-ends started together on
-    new clusters, one of them migrating while another reads) is finished
-    at once while it holds no account.  A home that does not record the
-    store's clusters (a migrate cut short before its own record, by an
-    AccMan that recorded the others first) cannot tell which were meant."""
-    homes = {i.home for i in infos if i is not None} - {None}
-    home = next((i for i in infos if i is not None and i.cluster_id in homes), None)
-    recorded = home is not None and home.home == home.cluster_id
-    if recorded:
-        own = home.members | {home.cluster_id}
-    elif home is not None:
-        own = {home.cluster_id}
-    else:
-        # With no home, the store set up already is the clusters not marked:
-        # one marked beside it is being added by a migrate cut short.
-        own = {i.cluster_id for i in infos if i is not None and i.setup_of is None}
-        if len(own) == len(infos):
-            return
-    new = [n for n, i in enumerate(infos, 1) if i is None or i.cluster_id not in own]
-    if not new:
-        return
+    """A front-end (`serve`) does not add a cluster to a store set up
+    already: a front-end serving that store goes on with the clusters it
+    has, and the accounts that rank the new cluster would answer
+    `no_account` (a funding mod opening a second one).  Adding one is
+    SCALING.md's procedure, with the front-ends stopped: `accman migrate`,
+    then the accounts moved.
+
+    The store set up already is the clusters its home records; with no
+    cluster recorded as its own home, the clusters that name no home and
+    bear no mark, each a store of one (or a store of several from before
+    the home).  A cluster given beside it is refused; with no such store
+    (new clusters, or a setup in progress: front-ends started together)
+    nothing is.  The refusal says the setup was unfinished when a migrate
+    cut short shows, by a home named that does not record itself (an
+    AccMan that recorded the others first) or by a cluster marked by a
+    migrate of this count; else that a cluster is being added, to a store
+    that holds accounts or not."""
     count = len(infos)
+    found = [i for i in infos if i is not None]
+    home = next((i for i in found if i.home == i.cluster_id), None)
+    own = (home.members | {home.cluster_id} if home is not None
+           else {i.cluster_id for i in found if i.events_home is None})
+    new = [n for n, i in enumerate(infos, 1) if i is None or i.cluster_id not in own]
+    if not own or not new:
+        return
     held = await _held(conns, infos, lambda i: i.cluster_id in own)
-    set_up = [n for n, i in enumerate(infos, 1)
-              if i is not None and i.cluster_id in own and i.setup_of is None]
-    if home is not None and not recorded:
-        if held:
-            raise _unfinished(f"{which([infos.index(home) + 1], count)}, the store's events' "
-                              "home, does not record its clusters", _holding(held, count))
-        return
-    if not held and not set_up:
-        return
-    if any(i is not None and i.setup_of == count for i in infos):
-        raise _unfinished(f"no cluster of the {count} given is recorded as the store's events' "
-                          "home" if home is None else
-                          f"the home does not record {which(new, count)} yet",
-                          _holding(held, count) if held else
+    named = [n for n, i in enumerate(infos, 1)
+             if i is not None and i.cluster_id in {j.home for j in found}]
+    if home is None and named:
+        why = f"{which(named, count)}, the store's events' home, does not record its clusters"
+    elif any(i.setup_of == count for i in found):
+        why = (f"the home does not record {which(new, count)} yet" if home is not None else
+               f"no cluster of the {count} given is recorded as the store's events' home")
+    else:
+        why = None
+    if why:
+        raise _unfinished(why, _holding(held, count) if held else
                           ": serve does not add a cluster to a store set up already")
-    if not held:
-        raise StoreError(f"{which(new, count)} {'is' if len(new) == 1 else 'are'} not of the "
-                         f"store, which {which(set_up, count)} already "
-                         f"make{'s' * (len(set_up) == 1)}: serve does not add a cluster, which "
-                         "a front-end serving the store would not know of; stop the "
-                         "front-ends and run `accman migrate` with every --store "
-                         '(docs/SCALING.md, "Several clusters")')
-    raise StoreError(f"{which(new, count)} {'is' if len(new) == 1 else 'are'} "
-                     f"not of the store, which holds accounts (on "
-                     f"{which(held, count)}): serve does not add a cluster, "
-                     "whose accounts would not be found; stop the front-ends, run "
-                     "`accman migrate` with every --store and move the accounts "
+    is_ = "is" if len(new) == 1 else "are"
+    if held:
+        raise StoreError(f"{which(new, count)} {is_} not of the store, which holds accounts "
+                         f"(on {which(held, count)}): serve does not add a cluster, whose "
+                         "accounts would not be found; stop the front-ends, run `accman "
+                         'migrate` with every --store and move the accounts (docs/SCALING.md, '
+                         '"Several clusters")')
+    store = [n for n, i in enumerate(infos, 1) if i is not None and i.cluster_id in own]
+    raise StoreError(f"{which(new, count)} {is_} not of the store, which {which(store, count)} "
+                     f"already make{'s' * (len(store) == 1)}: serve does not add a cluster, "
+                     "which a front-end serving the store would not know of; stop the "
+                     "front-ends and run `accman migrate` with every --store "
                      '(docs/SCALING.md, "Several clusters")')
 
 

@@ -99,6 +99,35 @@ def test_a_home_that_does_not_record_the_store_is_said_to_be_unfinished(pg):
     _serves_the_store([home, added], len(creds))
 
 
+def test_a_home_that_does_not_record_the_store_is_not_grown_by_serve_without_accounts(pg):
+    """The same, the store holding no account yet: the home, recording
+    nothing, is a store of one, which a front-end serves alone.  Serve given
+    both finished the setup and served the two, while that front-end went
+    on opening accounts that the store of two looks for on the other
+    cluster.  Serve refuses, changing nothing; `accman migrate`, with the
+    front-end stopped, finishes it."""
+    urls = [pg.create_database(f"bare_home_{x}") for x in "ab"]
+    run(migrate(urls))
+    dbs = [u.rsplit("/", 1)[1] for u in urls]
+    k = next(k for k, db in enumerate(dbs)
+             if pg.psql("SELECT events_home = cluster_id FROM accman_schema", db) == "t")
+    pg.psql("UPDATE accman_schema SET events_home = NULL; DELETE FROM accman_merged", dbs[k])
+
+    async def main():
+        async with stored(urls[k]):                      # a front-end serving the home alone
+            before = schema_dump(pg, dbs)
+            with pytest.raises(StoreError, match=rf"^the store's setup by `accman migrate` was "
+                               rf"not finished \(cluster {k + 1} of 2, the store's events' home, "
+                               r"does not record its clusters\): serve does not add a cluster to "
+                               r"a store set up already; stop the front-ends and run `accman "
+                               r"migrate` with the same --store list, which finishes it"):
+                await opened(urls)
+            assert schema_dump(pg, dbs) == before
+    run(main())
+    infos = run(migrate(urls))
+    assert infos[0].events_home == infos[1].events_home == infos[k].cluster_id
+
+
 def test_a_cluster_added_by_a_migrate_cut_short_at_the_home_is_said_to_be_unfinished(pg):
     """A third cluster added to a store of two that holds accounts, the
     migrate cut short when the home was to record it: serve said it "is not
