@@ -279,7 +279,12 @@ async def check_not_pending(conns, infos: list[ClusterInfo | None]) -> None:
     `serve` only while the store holds no account (front-ends started
     together on new clusters, one reading while another records): else
     the accounts that rank it are not moved yet, and finishing the setup
-    is `accman migrate`'s, with the front-ends stopped, before they are."""
+    is `accman migrate`'s, with the front-ends stopped, before they are.
+    The clusters pending are read again after the accounts: one that
+    records the home by then was finished meanwhile (by a front-end started
+    together with this one), which may have opened the accounts since; a
+    mark on a cluster the home records gives way only to the home, so one
+    still there was there when the accounts were read."""
     homes = [i for i in infos if i is not None and i.home == i.cluster_id]
     pending = [n for n, i in enumerate(infos, 1) if homes and i is not None
                and i.setup_of is not None and i.cluster_id in homes[0].members]
@@ -288,6 +293,8 @@ async def check_not_pending(conns, infos: list[ClusterInfo | None]) -> None:
     count = len(infos)
     held = await _held(conns, infos, lambda i: i.setup_of is None)
     if held:
+        pending = [n for n in pending if await of_cluster(_marked(conns[n - 1]), n - 1, count)]
+    if held and pending:
         raise _unfinished(f"{which(pending, count)} {'does' if len(pending) == 1 else 'do'} "
                           "not record the store's events' home yet", _holding(held, count))
 
@@ -331,6 +338,15 @@ async def _held(conns, infos: list[ClusterInfo | None], which_ones) -> list[int]
     return [n for n, (c, i) in enumerate(zip(conns, infos, strict=True), 1)
             if i is not None and which_ones(i)
             and await of_cluster(holds_accounts(c), n - 1, len(infos))]
+
+
+async def _marked(conn) -> bool:
+    """Whether the cluster's events_home is a setup's mark (setting_up)."""
+    try:
+        home = await conn.fetchval("SELECT events_home FROM accman_schema")
+    except DRIVER_ERRORS as e:
+        raise store_error(e, "cannot read the schema of a cluster of the store") from None
+    return home is not None and bytes(home)[:len(SETUP_PREFIX)] == SETUP_PREFIX
 
 
 async def holds_accounts(conn) -> bool:

@@ -13,7 +13,8 @@ import pytest
 from accman.errors import StoreError
 from accman.postgres.migrate import MIGRATE_LOCK_ID, migrate
 
-from .helpers import fund, migrate_cut_short_before_the_home, opened, run, schema_dump, stored
+from .helpers import (fund, locked, migrate_cut_short_before_the_home, opened, run, schema_dump,
+                      stored)
 
 # On a cluster: its own record as the events' home refused (a full disk, a
 # connection lost there), so that a migrate stops at that write.
@@ -382,3 +383,58 @@ def test_a_cluster_the_home_records_that_does_not_record_it_is_finished_only_wit
         _serves_the_store([one, added], accounts)
     else:
         run(fund([one, added], ["q"]))
+
+
+# A lock on a table awaited in this database, looked for as _waiting does.
+_TABLE_WAITS_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON l.database = "
+                    "d.oid WHERE l.locktype = 'relation' AND NOT l.granted "
+                    "AND d.datname = current_database())")
+
+
+def test_a_front_end_reading_while_another_finishes_the_setup_and_opens_an_account_starts(pg):
+    """Front-ends started together on a store of three with no account,
+    one cluster recorded by the home and not recording it yet: the first
+    read that cluster still marked; the second then finished the setup and
+    committed an account on the home; the first, reading the accounts
+    next, refused to start, as if the accounts were there while the setup
+    was not finished.  It starts."""
+    urls = [pg.create_database(f"overtaken_{x}") for x in "abc"]
+    dbs = [u.rsplit("/", 1)[1] for u in urls]
+    run(migrate(urls))
+    home = next(k for k, db in enumerate(dbs)
+                if pg.psql("SELECT events_home = cluster_id FROM accman_schema", db) == "t")
+    pending, other = (k for k in range(3) if k != home)
+    pg.psql("UPDATE accman_schema SET events_home = '\\x" + "00" * 12 + "00000003'",
+            dbs[pending])
+
+    async def main():
+        holder, watcher = await asyncpg.connect(urls[pending]), await asyncpg.connect(urls[other])
+        stores = []
+        try:
+            # The second front-end, past its checks, waits to migrate.
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+            second = asyncio.ensure_future(opened(urls))
+            await _waiting(holder, 1)
+            async with locked(urls[other], "accman_accounts"):
+                # The first has read the clusters and waits at the accounts of one.
+                first = asyncio.ensure_future(opened([urls[k] for k in (pending, other, home)]))
+                for _ in range(_WAIT_POLLS_MAX):
+                    if await watcher.fetchval(_TABLE_WAITS_SQL):
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    pytest.fail("the first front-end never read the accounts")
+                await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+                stores.append(await second)
+                store, calls = stores[0]
+                cred = next(f"o{i}" for i in range(100)
+                            if store._locate(f"o{i}")[1] is store.home)
+                assert await calls.mod(cred, 5) == (5, 1)
+            stores.append(await first)
+            assert await stores[1][1].tot(cred) == 5
+        finally:
+            for store, _ in stores:
+                await store.aclose()
+            await holder.close()
+            await watcher.close()
+    run(main())
