@@ -67,8 +67,8 @@ async def read_info(conn) -> ClusterInfo | None:
     return ClusterInfo(version, key, cid, home, members)
 
 
-async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
-                          setup: bytes | None = None, bare: bool = False) -> ClusterInfo:
+async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False, setup: bytes | None = None,
+                          bare: bool = False) -> tuple[ClusterInfo, bool]:
     """Brings one cluster to SCHEMA_VERSION, in one transaction; a new one
     gets `hash_key`.  Refuses a newer schema, or one with another key,
     unless `adopt`: `hash_key` was made for a store that had none, and one
@@ -81,7 +81,8 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
     A cluster found `bare` before the lock, and set up meanwhile with no
     mark (by another AccMan given it alone, started at once), is refused:
     a front-end may serve it as a store of one, looking for its accounts
-    there only.
+    there only.  Returns the cluster's row, and whether this call marked
+    it (a mark found there is another setup's, or an earlier call's).
 
     The advisory lock is the session's, taken before the transaction
     begins: a transaction that began before another migration committed
@@ -101,7 +102,8 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False,
 
 
 async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | None,
-                          bare: bool) -> ClusterInfo:
+                          bare: bool) -> tuple[ClusterInfo, bool]:
+    marked = False
     async with conn.transaction():
         info = await read_info(conn)
         if bare and setup is not None and info is not None and info.events_home is None:
@@ -127,8 +129,8 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | Non
         if setup is not None and info.events_home is None and not await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM accman_accounts)"):
             await conn.execute("UPDATE accman_schema SET events_home = $1", setup)
-            info = info._replace(events_home=setup)
-    return info
+            info, marked = info._replace(events_home=setup), True
+    return info, marked
 
 
 async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
@@ -189,13 +191,15 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
             # In the URLs' order, whatever order they were given in: front-ends
             # migrating a new store at once all start on the same cluster, and
             # the later ones adopt the key the first made there.
-            got = {}
+            got, marked = {}, []
             for k in sorted(range(len(urls)), key=lambda k: urls[k]):
-                got[k] = await of_cluster(_migrated(conns[k], key, adopt, setup,
-                                                    infos[k] is None), k, len(urls))
+                got[k], made = await of_cluster(_migrated(conns[k], key, adopt, setup,
+                                                          infos[k] is None), k, len(urls))
                 key, adopt = got[k].hash_key, False
+                if made:
+                    marked.append(conns[k])
             out = [got[k] for k in range(len(conns))]
-            await _check_not_twice_new(conns, out, setup)
+            await _check_not_twice_new(marked, out, setup)
             if len(out) > 1:
                 out = await settle_home(conns, out)
         except DRIVER_ERRORS as e:
@@ -236,21 +240,23 @@ async def _read_all(conns) -> list[ClusterInfo | None]:
     return [await of_cluster(_read(c), n, len(conns)) for n, c in enumerate(conns)]
 
 
-async def _check_not_twice_new(conns, infos: list[ClusterInfo], setup: bytes | None) -> None:
+async def _check_not_twice_new(marked, infos: list[ClusterInfo], setup: bytes | None) -> None:
     """A new cluster named twice is found once migrated: it is given back
     the events' home it had, none, so that it serves alone, not as a
-    cluster of an unfinished setup of another count."""
+    cluster of an unfinished setup of another count.  Only the marks this
+    migrate made (on the connections `marked`) go: one of the same count
+    found on a cluster is another setup's, which it keeps."""
     try:
         check_not_twice(infos)
     except StoreError:
-        for conn in conns if setup is not None else ():
+        for conn in marked:
             await conn.execute("UPDATE accman_schema SET events_home = NULL "
                                "WHERE events_home = $1", setup)
         raise
 
 
 async def _migrated(conn, key: bytes, adopt: bool, setup: bytes | None,
-                    bare: bool) -> ClusterInfo:
+                    bare: bool) -> tuple[ClusterInfo, bool]:
     try:
         return await migrate_cluster(conn, key, adopt, setup, bare)
     except DRIVER_ERRORS as e:

@@ -242,6 +242,24 @@ def test_a_new_cluster_named_twice_is_left_a_cluster_that_serves_alone(pg):
     run(fund(url, ["w"]))
 
 
+def test_a_new_cluster_named_twice_leaves_another_setup_s_mark(pg, monkeypatch):
+    """Named twice beside a cluster of another setup of as many clusters,
+    unfinished: that cluster's mark was cleared with the new one's, and it
+    then served alone, as a store of one, opening accounts the store of
+    three would look for on the other clusters.  Only the mark this
+    migrate made goes; the other setup's cluster is still refused alone."""
+    z, p, q, x = (pg.create_database(f"marks_{c}") for c in "zpqx")
+    migrate_cut_short_before_the_home(monkeypatch, [z, p, q])
+    with pytest.raises(StoreError, match="^clusters 1, 2 of 3 are the same cluster, named "
+                                         "twice$"):
+        run(migrate([x, x.replace("127.0.0.1", "localhost"), z]))
+    assert pg.psql("SELECT events_home IS NULL FROM accman_schema", "marks_x") == "t"
+    with pytest.raises(StoreError, match=r"^a cluster was being set up by `accman migrate` as "
+                                         r"part of a store of 3 clusters"):
+        run(opened([z]))
+    run(fund([q, p, z], ["m"]))                 # the setup of three finishes
+
+
 @pytest.mark.parametrize("served", [1, 2])
 def test_serve_does_not_add_a_cluster_to_a_store_a_front_end_serves(pg, served):
     """A front-end serving a store with no account yet, and another started
