@@ -260,6 +260,38 @@ def test_a_new_cluster_named_twice_leaves_another_setup_s_mark(pg, monkeypatch):
     run(fund([q, p, z], ["m"]))                 # the setup of three finishes
 
 
+def test_a_new_cluster_named_twice_leaves_the_mark_of_a_setup_that_migrated_it_meanwhile(pg):
+    """The same, the other setup's mark made on the very cluster named twice,
+    between this migrate's reads and its migration of it (front-ends
+    started at once on new clusters, one given one twice), and the other
+    setup then cut short: the mark went, and the cluster served alone."""
+    x, y = pg.create_database("meanwhile_x"), pg.create_database("meanwhile_y")
+
+    async def main():
+        holder_x, holder_y = await asyncpg.connect(x), await asyncpg.connect(y)
+        try:
+            for holder in (holder_x, holder_y):
+                await holder.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+            setup = asyncio.ensure_future(migrate([x, y]))
+            await _waiting(holder_x, 1)
+            twice = asyncio.ensure_future(migrate([x, x.replace("127.0.0.1", "localhost")]))
+            await _waiting(holder_x, 2)
+            await holder_x.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            with pytest.raises(StoreError, match="^clusters 1, 2 of 2 are the same cluster"):
+                await twice
+            await _waiting(holder_y, 1)             # the setup has marked x: cut short
+            setup.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await setup
+        finally:
+            await holder_x.close()
+            await holder_y.close()
+    run(main())
+    with pytest.raises(StoreError, match=_OTHER_SHAPE):
+        run(opened([x]))
+    run(fund([y, x], ["y"]))
+
+
 @pytest.mark.parametrize("served", [1, 2])
 def test_serve_does_not_add_a_cluster_to_a_store_a_front_end_serves(pg, served):
     """A front-end serving a store with no account yet, and another started
