@@ -68,3 +68,26 @@ def test_the_lines_kept_are_bounded_and_the_one_met_longest_ago_goes(caplog):
     repeats.say(logging.WARNING, f"refused (code_{10 * LINES_MAX - 1})")    # kept: not said
     repeats.say(logging.WARNING, "refused (code_0)")         # forgotten: said again
     assert said_here()[len(said):] == ["refused (code_0)"]
+
+
+def test_a_forgotten_line_says_the_repeats_it_had_not_said(caplog):
+    """A line forgotten past LINES_MAX takes its count with it unless it is
+    said as it goes: one line, at its own level, and none for a line with
+    no repeats since it was last said."""
+    now = [100.0]
+    repeats = Repeats(logging.getLogger("accman.test5"), clock=lambda: now[0])
+    caplog.set_level("WARNING", logger="accman.test5")
+    for _ in range(8):                                      # said once, then 7 more in 3.5 s
+        repeats.say(logging.ERROR, "refused (code_a)")
+        now[0] += 0.5
+    repeats.say(logging.WARNING, "refused (code_b)")        # said once, no repeats
+    for i in range(LINES_MAX):                              # new codes push both out
+        repeats.say(logging.WARNING, f"refused (code_{i})")
+        now[0] += 0.001
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "accman.test5"]
+    assert said[:2] == [(logging.ERROR, "refused (code_a)"), (logging.WARNING, "refused (code_b)")]
+    assert said.count((logging.ERROR, "refused (code_a) (7 more times in the 4 s after it was "
+                                      "last said; no longer counted)")) == 1
+    assert len(said) == 2 + LINES_MAX + 1                   # code_b had nothing more to say
+    assert "refused (code_a)" not in repeats._said and "refused (code_b)" not in repeats._said
+    assert len(repeats._said) == LINES_MAX

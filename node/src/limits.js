@@ -90,6 +90,8 @@ const REPEAT_MS = 10000
 // reply's error code, and a foreign server at a wrong URL may send a new
 // code with every reply: past this many, the line met longest ago is
 // forgotten (said at once if it comes back), so that they stay bounded.
+// Its repeats not yet said are said as it goes: at most one line more per
+// new line said.
 const REPEATED_LINES_MAX = 64
 // Routes named in the error that fails ready() when the plugin meters routes
 // whose price it never checked: enough to find them; the rest are counted.

@@ -4,8 +4,10 @@
 // it again, thousands a second.  Said when it starts, then at most every
 // REPEAT_MS while it goes on, with how many times it came meanwhile
 // (`repeated`, over `seconds`; a line that had stopped and comes back is
-// said at once, with `repeatedBefore`, its last spell's count).  As the
-// Python middleware's accman.calling.repeats.
+// said at once, with `repeatedBefore`, its last spell's count).  A line
+// forgotten (past LINES_MAX) with repeats not yet said says their count as
+// it goes, in one line (`repeated`, `seconds`, `forgotten: true`), so that no
+// repeat goes uncounted.  As the Python middleware's accman.calling.repeats.
 
 const { REPEAT_MS, REPEATED_LINES_MAX: LINES_MAX } = require('./limits')
 
@@ -38,8 +40,16 @@ class Repeats {
       return
     }
     this.log[level]({ ...fields, ...said, ...more }, text)
-    if (state === undefined && this.said.size >= LINES_MAX) this.said.delete(this.metLongestAgo())
-    this.said.set(key, { at: now, since: 0, seen: now })
+    if (state === undefined && this.said.size >= LINES_MAX) this.forget(this.metLongestAgo())
+    this.said.set(key, { at: now, since: 0, seen: now, level, fields, text })
+  }
+
+  // Forgets a line, saying the repeats that it has not said yet: an operator
+  // counts what an outage refused from these lines.
+  forget (key) {
+    const { at, since, seen, level, fields, text } = this.said.get(key)
+    this.said.delete(key)
+    if (since) this.log[level]({ ...fields, repeated: since, seconds: Math.round((seen - at) / 1000), forgotten: true }, text)
   }
 
   metLongestAgo () {

@@ -62,3 +62,24 @@ test('the lines kept are bounded, the one met longest ago forgotten', () => {
   repeats.say('warn', { code: 'code_0' }, 'refused') // forgotten: said again
   assert.deepEqual(said.slice(1 + 10 * LINES_MAX), ['code_0'])
 })
+
+test('a forgotten line says the repeats it had not said, once, at its level', () => {
+  // Forgotten past LINES_MAX, a line would take its count with it.
+  const said = []
+  const log = { warn: (f, t) => said.push(['warn', f, t]), error: (f, t) => said.push(['error', f, t]) }
+  let now = 0
+  const repeats = new Repeats(log, () => now)
+  for (let i = 0; i < 8; i++) { // said once, then 7 more in 3.5 s
+    repeats.say('error', { status: 404, code: 'a' }, 'refused', { detail: `quoted ${i}` })
+    now += 500
+  }
+  repeats.say('warn', { code: 'b' }, 'refused') // said once, no repeats
+  for (let i = 0; i < LINES_MAX; i++) { // new codes push both out
+    repeats.say('warn', { code: `code_${i}` }, 'refused')
+    now += 1
+  }
+  const forgotten = said.filter(([, f]) => f.forgotten)
+  assert.deepEqual(forgotten, [['error', { status: 404, code: 'a', repeated: 7, seconds: 4, forgotten: true }, 'refused']])
+  assert.equal(said.length, 2 + LINES_MAX + 1) // b had nothing more to say
+  assert.equal(repeats.said.size, LINES_MAX)
+})
