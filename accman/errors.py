@@ -248,6 +248,18 @@ class BadReply(OutcomeUnknown):
     code = "bad_reply"
 
 
+class ProxyUnavailable(OutcomeUnknown):
+    """A 503 without AccMan's error body (SPEC "Errors": a JSON object with
+    an `error` code and a `detail`): a proxy's or another server's at the
+    URL, such as nginx's HTML page when its upstream is down.  Not AccMan's
+    word on its store.  Some front ends answer 503 after they sent the
+    request on (Envoy's "upstream connect error or disconnect/reset before
+    headers", Varnish's "Backend fetch failed" past its first-byte
+    timeout), and no page tells which: a mod may have been applied."""
+
+    code = "proxy_unavailable"
+
+
 class WebhookBadReply(Exception):
     """A webhook receiver's reply is not an HTTP/1.1 status line and head
     (accman.server.webhook_http): that attempt failed, and is retried."""

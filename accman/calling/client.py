@@ -21,8 +21,9 @@ What a failure means for money is in the exception type (accman.errors):
   behind a closing reply AccMan gives before taking more: conn.py
   UNTAKEN_BEHIND); nothing was applied.  Always safe to retry.
 - a server `503` (`Unavailable`, `Busy`): refused, nothing acknowledged.
-- `OutcomeUnknown` (and its `CallTimeout`, `BadReply`): the request was sent
-  and no complete reply came (also behind any other closing reply).  A
+- `OutcomeUnknown` (and its `CallTimeout`, `BadReply`, `ProxyUnavailable`):
+  the request was sent and no complete reply from AccMan came (also behind
+  any other closing reply; a 503 without AccMan's error body is a proxy's).  A
   read can simply be retried.  A mod may or may not have been applied:
   with a `key`, sending it again with the same key settles the question
   without charging twice (the server answers the original result);
@@ -60,8 +61,9 @@ from accman.calling.policy import RETRIES_MAX
 from accman.calling.replies import ACCOUNT_CHARS_MAX, DETAIL_CHARS_MAX
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, CallTimeout, EventsTrimmed,
                            Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
-                           OutcomeUnknown, Overflow, TooManyHolds, TransportError, Unauthorized,
-                           Unavailable, UnexpectedReply, Unreachable)
+                           OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
+                           TransportError, Unauthorized, Unavailable, UnexpectedReply,
+                           Unreachable)
 from accman.limits import PIPELINE_REQUESTS_MAX
 from accman.records import Entry, Event
 
@@ -463,7 +465,7 @@ __all__ = [
     "AccManError", "NoAccount", "Insufficient", "KeyReused", "Overflow", "TooManyHolds",
     "HoldEnded", "NoHold", "EventsTrimmed", "BadRequest", "Unavailable", "Busy",
     "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
-    "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply",
+    "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply", "ProxyUnavailable",
     "RETRIES_MAX", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX",
     "TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "CONNECTIONS_MAX_DEFAULT", "PIPELINE_DEPTH_MAX",
     "CALLS_WAITING_MAX", "LONG_POLLS_MAX", "RETRIES_DEFAULT", "RETRY_PAUSE_S",

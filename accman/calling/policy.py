@@ -7,7 +7,7 @@ import decimal
 import numbers
 
 from accman.errors import (Busy, Conflict, EventsTrimmed, NoAccount, NoHold, OutcomeUnknown,
-                           Unavailable, Unreachable)
+                           ProxyUnavailable, Unavailable, Unreachable)
 from accman.limits import IDLE_TIMEOUT_S
 
 # --- bounds (TigerBeetle: a limit on everything) ------------------------------
@@ -56,17 +56,22 @@ def retryable(exc: BaseException, safe: bool) -> bool:
 
 
 def takes_no_writes(exc: BaseException) -> bool:
-    """Whether a write met AccMan's own plain 503: its store cannot commit
-    (or it is stopping), while it may go on answering reads.  Busy is
-    back-pressure, Unreachable no AccMan at all."""
-    return isinstance(exc, Unavailable) and not isinstance(exc, (Busy, Unreachable))
+    """Whether a write met a 503 that is neither back-pressure (Busy) nor
+    the client's own (Unreachable), so that the next write may meet it
+    too while reads go on: AccMan's own, its store cannot commit (or it is
+    stopping), or a front end's (ProxyUnavailable), which may refuse
+    writes while it passes reads (a maintenance mode, a rate limit on
+    PATCH)."""
+    return isinstance(exc, ProxyUnavailable) or (
+        isinstance(exc, Unavailable) and not isinstance(exc, (Busy, Unreachable)))
 
 
 def may_have_landed(exc: BaseException) -> bool:
     """Whether a failed attempt may still have applied: sent with no reply
-    (`OutcomeUnknown`), or a plain 503, a commit that failed ("not
-    acknowledged" is not "not applied").  Busy and Unreachable were refused
-    before applying, or never sent."""
+    from AccMan (`OutcomeUnknown`, a front end's 503 among them), or
+    AccMan's plain 503, a commit that failed ("not acknowledged" is not
+    "not applied").  Busy and Unreachable were refused before applying, or
+    never sent."""
     return isinstance(exc, OutcomeUnknown) or takes_no_writes(exc)
 
 

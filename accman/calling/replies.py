@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsTrimmed, Forbidden,
                            HoldEnded, Insufficient, KeyReused, NoAccount, NoHold, OutcomeUnknown,
-                           Overflow, TooManyHolds, Unauthorized, Unavailable, UnexpectedReply)
+                           Overflow, ProxyUnavailable, TooManyHolds, Unauthorized, Unavailable,
+                           UnexpectedReply)
 from accman.records import EVENT_TYPES, Entry, Event
 
 # An account's public id (SPEC "Events") is the hex of the store's keyed
@@ -135,6 +136,11 @@ def error(status: int, body: bytes) -> AccManError:
         if not _is_int(first):
             return BadReply("410 events_trimmed without an integer first")
         return EventsTrimmed(first, detail)
+    if status == 503 and not _own_error(obj):
+        # Not AccMan's error body: a proxy's page says nothing of AccMan's
+        # store, and may come after the request went on (ProxyUnavailable).
+        return ProxyUnavailable("a 503 without AccMan's error body came (a proxy's, or another "
+                                "server's at the URL): the call may have been applied")
     cls = _BY_CODE.get((status, code)) or _BY_STATUS.get(status)
     if cls is not None:
         return cls(detail)
@@ -184,6 +190,14 @@ def _unless_piece(word: str, pieces: set[str]) -> str:
     """`word`, or UNSHOWN where it holds a piece of a secret."""
     n = SECRET_PIECE_CHARS_MIN
     return UNSHOWN if any(word[i:i + n] in pieces for i in range(len(word) - n + 1)) else word
+
+
+def _own_error(obj: dict) -> bool:
+    """Whether an error reply's object has the shape of AccMan's own (SPEC
+    "Errors"): an `error` code of its form and a `detail` sentence."""
+    code = obj.get("error")
+    return (isinstance(code, str) and _CODE_RE.fullmatch(code) is not None
+            and isinstance(obj.get("detail"), str))
 
 
 def _error_object(body: bytes) -> dict:

@@ -5,9 +5,10 @@
 //
 //   Unreachable (an Unavailable)  nothing reached AccMan: nothing applied
 //   Unavailable, Busy             AccMan refused (503): nothing acknowledged
-//   OutcomeUnknown (CallTimeout, BadReply)
-//                                 sent, no complete reply: a mod may or may
-//                                 not have applied; repeat it with its key
+//   OutcomeUnknown (CallTimeout, BadReply, ProxyUnavailable)
+//                                 sent, no complete reply from AccMan: a mod
+//                                 may or may not have applied; repeat it
+//                                 with its key
 //   everything else               a definite answer: nothing applied
 //
 // Messages never contain a token or a credential.
@@ -85,6 +86,16 @@ class CallTimeout extends OutcomeUnknown {
 class BadReply extends OutcomeUnknown {
   constructor (detail) { super(detail, 'bad_reply') }
 }
+// A 503 without AccMan's error body (SPEC "Errors": a JSON object with an
+// `error` code and a `detail`): a proxy's or another server's at the URL,
+// such as nginx's HTML page when its upstream is down.  Not AccMan's word on
+// its store.  Some front ends answer 503 after they sent the request on
+// (Envoy's "upstream connect error or disconnect/reset before headers",
+// Varnish's "Backend fetch failed" past its first-byte timeout), and no page
+// tells which: a mod may have been applied.  As the Python client's.
+class ProxyUnavailable extends OutcomeUnknown {
+  constructor (detail) { super(detail, 'proxy_unavailable') }
+}
 // A well-framed reply the SPEC does not describe for this call (404
 // not_found or 405 from a wrong base URL, say).
 class UnexpectedReply extends AccManError {}
@@ -123,6 +134,12 @@ function errorOfReply (status, obj, tot) {
   } else if (status === 403) {
     return new Forbidden(detail)
   } else if (status === 503) {
+    // Not AccMan's error body: a proxy's page says nothing of AccMan's
+    // store, and may come after the request went on (ProxyUnavailable).
+    if (!ownError(obj)) {
+      return new ProxyUnavailable('a 503 without AccMan\'s error body came (a proxy\'s, or another ' +
+        'server\'s at the URL): the call may have been applied')
+    }
     return code === 'busy' ? new Busy(detail) : new Unavailable(detail)
   } else if (status === 400 || status === 413 || status === 414 || status === 431) {
     return new BadRequest(detail, code || 'bad_request', status)
@@ -133,6 +150,13 @@ function errorOfReply (status, obj, tot) {
     return err
   }
   return new UnexpectedReply(detail, code || 'unexpected', status)
+}
+
+// Whether an error reply's object has the shape of AccMan's own (SPEC
+// "Errors"): an `error` code of its form and a `detail` sentence.
+function ownError (obj) {
+  return obj !== null && typeof obj === 'object' && typeof obj.error === 'string' &&
+    /^[a-z_]{1,40}$/.test(obj.error) && typeof obj.detail === 'string'
 }
 
 // How much of a reply's detail an error keeps.
@@ -197,10 +221,6 @@ function holdsPiece (word, pieces) {
   return false
 }
 
-// Whether a failed call may still have landed: sent with no reply
-// (OutcomeUnknown), or a plain 503, a commit that failed ("not
-// acknowledged" is not "not applied").  Busy and Unreachable were refused
-// before applying, or never sent.
 // Whether a refusal settles what earlier attempts of the same call did: a
 // SPEC refusal (409, 404 no_account or no_hold) is answered the same to
 // every repeat, and had an earlier keyed attempt applied, the repeat would
@@ -209,6 +229,10 @@ function definite (err) {
   return err instanceof Conflict || err instanceof NoAccount || err instanceof NoHold
 }
 
+// Whether a failed call may still have landed: sent with no reply from
+// AccMan (OutcomeUnknown, a front end's 503 among them), or AccMan's plain
+// 503, a commit that failed ("not acknowledged" is not "not applied").
+// Busy and Unreachable were refused before applying, or never sent.
 function mayHaveLanded (err) {
   if (err instanceof OutcomeUnknown) return true
   return err instanceof Unavailable && !(err instanceof Busy) && !(err instanceof Unreachable)
@@ -238,6 +262,7 @@ module.exports = {
   OutcomeUnknown,
   CallTimeout,
   BadReply,
+  ProxyUnavailable,
   UnexpectedReply,
   Unrepresentable,
   errorOfReply

@@ -18,7 +18,7 @@ const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
   AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown,
-  Conflict, Unauthorized, Forbidden, Busy, Unreachable, mayHaveLanded
+  Conflict, Unauthorized, Forbidden, Busy, Unreachable, ProxyUnavailable, mayHaveLanded
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
@@ -67,10 +67,14 @@ function refusesToken (err) {
   return err instanceof Unauthorized || err instanceof Forbidden
 }
 
-// AccMan's own 503 to a change, neither back-pressure (Busy) nor the
-// client's (Unreachable): its store cannot commit, and it takes no writes
-// while it goes on reading.
+// A 503 to a change that is neither back-pressure (Busy) nor the client's
+// (Unreachable), so that the next change may meet it too while reads go on:
+// AccMan's own, its store cannot commit (or it is stopping), or a front
+// end's (ProxyUnavailable), which may refuse writes while it passes reads (a
+// maintenance mode, a rate limit on PATCH).  As the Python middleware's
+// policy.takes_no_writes.
 function takesNoWrites (err) {
+  if (err instanceof ProxyUnavailable) return true
   return err instanceof Unavailable && !(err instanceof Busy) && !(err instanceof Unreachable)
 }
 

@@ -76,6 +76,8 @@ export declare class Unreachable extends Unavailable {}
 export declare class OutcomeUnknown extends AccManError {}
 export declare class CallTimeout extends OutcomeUnknown {}
 export declare class BadReply extends OutcomeUnknown {}
+/** A 503 without AccMan's error body (a proxy's): a mod may have applied. */
+export declare class ProxyUnavailable extends OutcomeUnknown {}
 export declare class UnexpectedReply extends AccManError {}
 export declare class Unrepresentable extends AccManError {
   /** The reply, with bigints. */

@@ -1,0 +1,134 @@
+'use strict'
+// A 503 from a front end before AccMan (nginx's page when its upstream is
+// down, or its maintenance mode) told from AccMan's own 503 by the body
+// (SPEC "Errors": AccMan's is {"error": CODE, "detail": ...}), against a
+// real AccMan behind a real foreign HTTP server.  As the Python side's
+// tests/test_proxy_503.py.
+
+const test = require('node:test')
+const assert = require('node:assert/strict')
+const http = require('node:http')
+const accman = require('..')
+const { AccManServer, TOKENS } = require('./helpers/accman')
+const { serviceApp, get, messages } = require('./helpers/app')
+const { errorOfReply } = require('../src/errors')
+
+// What nginx answers when no upstream is up, or from `return 503;`.
+const NGINX_503 = '<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n' +
+  '<body>\r\n<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n' +
+  '<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n'
+
+// A foreign HTTP server before `upstreamUrl`: it passes each request on,
+// and while `refuseWrites` is set answers every PATCH with nginx's 503 page
+// (a front end in a read-only maintenance mode).  `lines` are the
+// requests it saw, as 'METHOD target'.
+async function frontOf (upstreamUrl) {
+  const up = new URL(upstreamUrl)
+  const front = { refuseWrites: false, lines: [] }
+  const server = http.createServer((req, res) => {
+    front.lines.push(`${req.method} ${req.url}`)
+    if (front.refuseWrites && req.method === 'PATCH') {
+      res.writeHead(503, 'Service Temporarily Unavailable', { server: 'nginx/1.24.0', 'content-type': 'text/html' })
+      res.end(NGINX_503)
+      return
+    }
+    const headers = { ...req.headers, host: up.host }
+    const pass = http.request({ host: up.hostname, port: up.port, method: req.method, path: req.url, headers }, (r) => {
+      res.writeHead(r.statusCode, r.headers)
+      r.pipe(res)
+    })
+    pass.on('error', () => res.destroy())
+    req.pipe(pass)
+  })
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
+  front.url = `http://127.0.0.1:${server.address().port}`
+  front.close = () => {
+    server.closeAllConnections()
+    return new Promise((resolve) => server.close(resolve))
+  }
+  return front
+}
+
+// The plugin's calls among the request lines a front end saw, an owed
+// charge's repeats (the same line: its key) left out.
+function calls (lines) {
+  const out = []
+  const seen = new Set()
+  for (const line of lines) {
+    if (line.endsWith('-c')) {
+      if (!seen.has(line)) out.push('charge')
+      seen.add(line)
+    } else if (line.includes('&min=')) {
+      out.push('probe')
+    } else if (line.startsWith('GET /tot?')) {
+      out.push('tot')
+    }
+  }
+  return out
+}
+
+let server, mint, front
+test.before(async () => {
+  server = new AccManServer()
+  await server.start()
+  mint = new accman.AccManClient({ url: server.url, token: TOKENS.mint })
+})
+test.after(async () => {
+  await mint.close()
+  await server.close()
+})
+test.beforeEach(async () => { front = await frontOf(server.url) })
+test.afterEach(async () => { await front.close() })
+
+test('a proxy\'s 503 is not AccMan\'s: the change may have landed, and is not retried keyless', async () => {
+  await mint.mod('x-proxy', 10)
+  front.refuseWrites = true
+  const client = new accman.AccManClient({ url: front.url, token: TOKENS.service, retries: 2 })
+  try {
+    assert.equal(await client.tot('x-proxy'), 10) // reads pass
+    const err = await client.mod('x-proxy', -1).catch((e) => e)
+    assert.ok(err instanceof accman.ProxyUnavailable && err instanceof accman.OutcomeUnknown, String(err))
+    assert.ok(!(err instanceof accman.Unavailable))
+    assert.deepEqual([err.code, err.status], ['proxy_unavailable', 503])
+    assert.ok(!err.detail.includes('AccMan answered'))
+    // Keyed, it is repeated, and ends unknown: nothing says it did not land.
+    await assert.rejects(client.hold('x-proxy', -3, { ttlS: 60, key: 'k1' }), accman.ProxyUnavailable)
+  } finally {
+    await client.close()
+  }
+  assert.deepEqual(front.lines.map((l) => l.split(' ')[0]), ['GET', 'PATCH', 'PATCH', 'PATCH', 'PATCH'])
+  assert.equal(await mint.tot('x-proxy'), 10)
+  // AccMan's own 503 bodies stay its own; others are foreign.
+  assert.ok(errorOfReply(503, { error: 'unavailable', detail: 'd' }) instanceof accman.Unavailable)
+  assert.ok(errorOfReply(503, { error: 'busy', detail: 'd' }) instanceof accman.Busy)
+  for (const foreign of [{ error: 'busy' }, { message: 'no healthy upstream' }, null]) {
+    assert.ok(errorOfReply(503, foreign) instanceof accman.ProxyUnavailable, JSON.stringify(foreign))
+  }
+})
+
+test('check mode names the proxy\'s 503 and probes writes after it, as after AccMan\'s own', async () => {
+  // A front end that refuses writes and passes reads would have check mode
+  // admit on tot and serve every request with its charge owed.
+  await mint.mod('x-check', 10)
+  const logs = []
+  const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0 }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'x-check')).status, 200) // probe, charge
+    front.refuseWrites = true
+    const served = await get(url + '/w', 'x-check') // admitted on the balance; its charge owed
+    assert.deepEqual([served.status, served.accman], [200, null])
+    const refused = await get(url + '/w', 'x-check')
+    assert.deepEqual([refused.status, refused.body.error], [503, 'unavailable'])
+    assert.equal(app.accman.stats.owed, 1)
+    front.refuseWrites = false // the owed charge lands
+    assert.ok(await app.accman.drain(2000))
+  } finally {
+    await app.close()
+  }
+  // The second request is admitted on the balance the first charge answered.
+  assert.deepEqual(calls(front.lines), ['probe', 'charge', 'charge', 'probe'])
+  const warned = logs.filter((l) => l.level === 40 && l.msg === 'accman: AccMan unavailable; refusing with 503')
+  assert.deepEqual(warned.map((l) => l.code), ['proxy_unavailable'])
+  assert.ok(messages(logs, 40).some((m) => m.includes('queued')))
+  assert.equal(await mint.tot('x-check'), 8)
+})

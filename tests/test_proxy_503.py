@@ -1,0 +1,189 @@
+"""A 503 from a front end before AccMan (nginx's page when its upstream is
+down, or its maintenance mode) told from AccMan's own 503 by the body
+(SPEC "Errors": AccMan's is `{"error": CODE, "detail": ...}`), against a
+real AccMan behind a real foreign HTTP server.  What a foreign 503 means
+for money is in accman.errors.ProxyUnavailable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+
+from accman.asgi import AccManMiddleware
+from accman.calling import replies
+from accman.calling.policy import may_have_landed, takes_no_writes
+from accman.client import AccManClient, AccManSyncClient, OutcomeUnknown, ProxyUnavailable
+from accman.errors import Unavailable
+from accman.server.replies import error_body
+from asgi_harness import call, make_app
+
+# What nginx answers when no upstream is up, or from `return 503;`.
+NGINX_503 = (b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n"
+             b"<body>\r\n<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n"
+             b"<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n")
+
+
+class Front:
+    """A foreign HTTP server before a real AccMan, in a thread of its own:
+    it passes each request on, one connection upstream each, and while
+    `refuse_writes` is set answers every PATCH with nginx's 503 page and
+    keeps the connection (a front end in a read-only maintenance mode).
+    `lines` are the request lines it saw."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.refuse_writes = False
+        self.lines: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(5)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        async def stop():
+            self.server.close()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                self.lines.append(line)
+                if self.refuse_writes and line.startswith("PATCH "):
+                    writer.write(b"HTTP/1.1 503 Service Temporarily Unavailable\r\n"
+                                 b"Server: nginx/1.24.0\r\nContent-Type: text/html\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(NGINX_503), NGINX_503))
+                else:
+                    writer.write(await self._pass(head))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _pass(self, head: bytes) -> bytes:
+        """AccMan's reply to `head` (its routes take no body), on a
+        connection of its own."""
+        r, w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        try:
+            w.write(head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            await w.drain()
+            return await r.read()
+        finally:
+            w.close()
+
+
+def calls(lines: list) -> list:
+    """The middleware's calls in the request lines a front end saw, an owed
+    charge's repeats (the same line: its key) left out."""
+    out, seen = [], set()
+    for line in lines:
+        if line.endswith("-c HTTP/1.1"):
+            if line not in seen:
+                out.append("charge")
+            seen.add(line)
+        elif "&min=" in line:
+            out.append("probe")
+        elif line.startswith("GET /tot?"):
+            out.append("tot")
+    return out
+
+
+@pytest.fixture
+def front(shared_server):
+    f = Front(shared_server.port)
+    yield f
+    f.close()
+
+
+@pytest.mark.any_one_store
+def test_a_proxy_503_is_not_accman_s_and_the_charge_may_have_landed(shared_server, front, cred):
+    """nginx's page is not AccMan's word on its store: ProxyUnavailable,
+    which may have landed (a front end may answer 503 after it sent the
+    request on), never Unreachable, and never retried for a keyless mod.
+    AccMan's own 503s, as its server writes them, stay AccMan's."""
+    shared_server.mod(cred, 10)
+    front.refuse_writes = True
+    with AccManSyncClient(front.url, retries=2) as acc:
+        assert acc.tot(cred) == 10                          # reads pass
+        with pytest.raises(ProxyUnavailable) as e:
+            acc.mod(cred, -1)
+    err = e.value
+    assert isinstance(err, OutcomeUnknown) and not isinstance(err, Unavailable)
+    assert err.code == "proxy_unavailable" and err.status == 503
+    assert "AccMan answered" not in err.detail
+    assert may_have_landed(err) and takes_no_writes(err)
+    assert [ln.split(" ")[0] for ln in front.lines] == ["GET", "PATCH"]    # not retried
+    assert shared_server.tot(cred) == 10
+    own = {code: replies.error(503, error_body(code, "d"))
+           for code in ("unavailable", "shutting_down", "busy")}
+    assert [type(own[c]).__name__ for c in own] == ["Unavailable", "Unavailable", "Busy"]
+    assert takes_no_writes(own["unavailable"]) and not takes_no_writes(own["busy"])
+    for foreign in (b'{"error":"busy"}', b'{"message":"no healthy upstream"}', b"", b"[]"):
+        assert type(replies.error(503, foreign)) is ProxyUnavailable, foreign
+
+
+@pytest.mark.any_one_store
+def test_check_mode_names_the_proxy_and_probes_writes_after_its_503(shared_server, front, cred,
+                                                                     caplog):
+    """A front end that refuses writes and passes reads would have check
+    mode admit on /tot and serve every request with its charge owed: once
+    a charge meets its 503, admission goes back to the role probe, a write,
+    which meets the same 503, as for AccMan's own.  The log line names the
+    front end's 503, not AccMan's store."""
+    shared_server.mod(cred, 10)
+    m = AccManMiddleware(make_app(), url=front.url, retries=0)
+
+    async def go():
+        assert (await call(m, cred=cred)).status == 200     # probe, charge
+        front.refuse_writes = True
+        served = await call(m, cred=cred)                   # admitted on tot; owed
+        refused = await call(m, cred=cred)
+        front.refuse_writes = False                         # the owed charge lands
+        assert await m.drain(2.0)
+        await m.aclose()
+        return served, refused
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        served, refused = asyncio.run(go())
+    assert served.status == 200 and refused.status == 503
+    assert m.stats["owed"] == 1 and m.stats["refused_unavailable"] == 1
+    assert calls(front.lines) == ["probe", "charge", "tot", "charge", "probe"]
+    assert "AccMan unavailable (proxy_unavailable); refusing with 503" in caplog.text
+    assert "(unavailable)" not in caplog.text
+    assert shared_server.tot(cred) == 8
+
+
+@pytest.mark.any_one_store
+def test_an_async_keyed_hold_behind_a_proxy_503_stays_unknown(shared_server, front, cred):
+    """Retried with its key (a keyed write is safe to repeat), the hold
+    meets the same page each time and ends unknown: nothing says it did
+    not land."""
+    shared_server.mod(cred, 10)
+    front.refuse_writes = True
+
+    async def go():
+        async with AccManClient(front.url, retries=1) as acc:
+            with pytest.raises(ProxyUnavailable):
+                await acc.hold(cred, -3, ttl_s=60, key="k1")
+    asyncio.run(go())
+    assert [ln.split(" ")[0] for ln in front.lines] == ["PATCH", "PATCH"]
