@@ -4,6 +4,8 @@
 // it has opened, and a payload that will not be sent given up, so that what
 // it holds (a file's fd) is freed.
 
+const { bySiblingHead } = require('./routes')
+
 function isResponse (payload) {
   return payload !== null && typeof payload === 'object' &&
     Object.prototype.toString.call(payload) === '[object Response]'
@@ -33,13 +35,15 @@ function unwrapResponse (reply, payload) {
 // Whether fastify refuses `payload`, left by unwrapResponse, with a 500
 // after the onSend hooks: a Response whose body was used, or a web stream
 // that a reader holds, which fastify cannot read (reply.js, sendWebStream).
-// fastify reads no body of a 1xx or 204, nor its HEAD route's.
+// fastify reads no body of a 1xx or 204, nor that of its own sibling HEAD
+// route (routes.js, headSiblings); a HEAD route the app declared is sent
+// as a GET route is.
 function refused (reply, payload) {
   if (isResponse(payload)) return payload.bodyUsed
   if (payload === null || typeof payload !== 'object' || typeof payload.getReader !== 'function' ||
       !payload.locked) return false
   const status = reply.statusCode
-  return status >= 200 && status !== 204 && reply.request.method !== 'HEAD'
+  return status >= 200 && status !== 204 && !bySiblingHead(reply.request)
 }
 
 // Ends a payload that will not be sent: a stream's resources (a file's fd)

@@ -24,7 +24,7 @@ const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { Repeats } = require('./repeats')
 const { settings, checkRoute, checkExempt, amount, price } = require('./options')
-const { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning } = require('./routes')
+const { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning, headSiblings } = require('./routes')
 const { headersOf, dropHandlerHeaders } = require('./headers')
 const { unwrapResponse, refused, discard, opened } = require('./payload')
 
@@ -663,8 +663,10 @@ async function fastifyAccman (fastify, opts) {
   })
   let routesChecked = 0
   const declared = [] // the paths of the routes added after the plugin
+  const markSiblingHead = headSiblings(fastify)
   fastify.addHook('onRoute', (route) => {
     checkRoute(route)
+    markSiblingHead(route)
     // A prefixed '/' route answers /v1 and /v1/, both routed to '/v1'
     // (routeOptions.url), which is what exempt names.
     const path = route.prefix && route.routePath === '/' ? route.prefix : route.url

@@ -130,4 +130,45 @@ function unroutedWarning (unrouted) {
     'route answers (exempt names routes by their declared path)'
 }
 
-module.exports = { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning }
+// fastify's own HEAD routes, the siblings it adds beside each GET route
+// (exposeHeadRoutes, or a route's exposeHeadRoute), have an onSend hook
+// after every plugin's that cancels a web stream and sends no body: a
+// locked web stream is answered 200 there, while a HEAD route the app
+// declared (fastify.head, or a route whose methods name HEAD) sends it as
+// a GET does, and fastify refuses it with a 500.  fastify tells them apart
+// by no public option, so the plugin's onRoute hook does: fastify adds the
+// sibling as it adds its GET, and runs onRoute for it next, with the GET's
+// options (its handler among them) and its url (and the url with a slash
+// for a prefixed '/' route, which fastify also serves).  A HEAD route
+// declared after its GET is refused by fastify (declared first, it is
+// found before the GET and no sibling is made).  A sibling is marked in
+// its `config` by SIBLING_HEAD, which request.routeOptions.config keeps.
+const SIBLING_HEAD = Symbol('fastify-accman sibling HEAD route')
+
+function headSiblings (fastify) {
+  let expected = null // the handler and urls of the sibling(s) the last GET route makes
+  return function mark (route) {
+    const methods = [].concat(route.method)
+    if (expected !== null && methods.length === 1 && methods[0] === 'HEAD' &&
+        route.handler === expected.handler && expected.urls.includes(route.url)) {
+      route.config = { ...route.config, [SIBLING_HEAD]: true }
+      return
+    }
+    expected = null
+    const exposed = route.exposeHeadRoute ?? fastify.initialConfig.exposeHeadRoutes ?? true
+    if (exposed && methods.includes('GET') && !methods.includes('HEAD')) {
+      const urls = [route.url]
+      if (route.prefix && route.routePath === '') urls.push(route.url + '/')
+      expected = { handler: route.handler, urls }
+    }
+  }
+}
+
+// Whether `request` came by fastify's sibling HEAD route (headSiblings).
+function bySiblingHead (request) {
+  const options = request.routeOptions
+  return request.method === 'HEAD' && options !== undefined && options.config !== undefined &&
+    options.config[SIBLING_HEAD] === true
+}
+
+module.exports = { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning, headSiblings, bySiblingHead }

@@ -196,6 +196,43 @@ test('a web Response or stream that fastify refuses with a 500 is not charged, a
   }
 })
 
+// fastify's own HEAD route beside a GET cancels a locked web stream and
+// answers 200; a HEAD route the app declared sends it as a GET route does,
+// and fastify refuses it with a 500: that one is not charged.
+test('a locked web stream is charged on fastify\'s HEAD route, not on one the app declared', async () => {
+  await mint.mod('p-lockedhead', 100)
+  const locked = async (request, reply) => {
+    const stream = new Response('locked').body
+    stream.getReader()
+    return reply.type('text/plain').send(stream)
+  }
+  for (const mode of ['check', 'reserve']) {
+    const app = Fastify()
+    await app.register(accman, { url: server.url, token: TOKENS.service })
+    app.head('/declared', locked) // before its GET: fastify makes no sibling
+    app.get('/declared', async () => 'get')
+    app.route({ method: ['GET', 'HEAD'], url: '/both', handler: locked })
+    app.get('/sibling', locked) // fastify's HEAD beside it
+    app.register(async (scope) => { scope.get('/', locked) }, { prefix: '/v1' }) // /v1 and /v1/
+    const url = await app.listen({ port: 0, host: '127.0.0.1' })
+    try {
+      const head = (path) => fetch(url + path, { method: 'HEAD', headers: { accman: 'p-lockedhead' } })
+        .then((r) => [r.status, r.headers.get('accman')])
+      assert.deepEqual(await head('/declared'), [500, null], mode)
+      assert.deepEqual(await head('/both'), [500, null], mode)
+      const tot = await mint.tot('p-lockedhead')
+      assert.deepEqual(await head('/sibling'), [200, String(tot - 1)], mode)
+      assert.deepEqual(await head('/v1'), [200, String(tot - 2)], mode)
+      assert.deepEqual(await head('/v1/'), [200, String(tot - 3)], mode)
+    } finally {
+      await app.close()
+    }
+    // A release is under way once a refused response is out.
+    await until(async () => await mint.tot('p-lockedhead') === (mode === 'check' ? 97 : 94), 2000).catch(() => {})
+  }
+  assert.equal(await mint.tot('p-lockedhead'), 94) // 3 a mode: the siblings only
+})
+
 // fastify's HEAD route beside a GET has an onSend hook of its own, after
 // the plugin's, which fails on a null payload (and on a Response).
 test('a HEAD of a web Response with no body is answered as its GET, and charged as it', async () => {
