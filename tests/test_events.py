@@ -421,7 +421,7 @@ def test_events_after_the_kept_id_outlive_the_retention_until_it_moves(path, clo
         time.sleep(1.2)                                     # two more passes
         assert led.stats["events_first"] == 4
         assert [e.id for e in led.events(after=3)[0]] == [4, 5, 6]
-        with pytest.raises(ValueError, match="^event_id must be an event id, 0 to "):
+        with pytest.raises(BadRequest, match="^event_id must be an event id, 0 to "):
             led.keep_events_after(-2)
         led.keep_events_after(5)
         wait_for(lambda: led.stats["events_first"] == 6)

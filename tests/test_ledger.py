@@ -945,6 +945,18 @@ def test_a_wrong_option_is_refused_before_the_directory_is_touched(tmp_path, opt
     assert {p: os.stat(os.path.join(path, p)).st_mtime_ns for p in os.listdir(path)} == before
 
 
+@pytest.mark.parametrize("event_id", [-1, 2 ** 63, True, 3.0, "3"])
+def test_a_wrong_kept_event_id_is_bad_request_as_every_calls_argument(led, event_id):
+    """docs/DESIGN.md: an option of the open is ValueError, an argument of a
+    call BadRequest, and keep_events_after's is a call's (it was the one
+    ValueError among them)."""
+    with pytest.raises(BadRequest, match="^event_id must be an event id, 0 to "
+                                         "9223372036854775807, or None; got "):
+        led.keep_events_after(event_id)
+    led.keep_events_after(INT64_MAX)
+    led.keep_events_after(None)
+
+
 @pytest.mark.parametrize("path,says", [
     ("", "path must name a directory, got an empty one"),
     (b"/tmp/accman-bytes-path", "path must be a str or a path object naming a directory, "

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 
-from accman.errors import Busy, EventsTrimmed, StoreCorrupt
+from accman.errors import BadRequest, Busy, EventsTrimmed, StoreCorrupt
 from accman.ledger import _ledger, eventrecords
 from accman.limits import EVENTS_WAITERS_MAX, INT64_MAX
 from accman.records import Event
@@ -41,13 +41,15 @@ EVENTS_TRIM_MAX = 4096
 EVENTS_TRIM_INTERVAL_S = 60.0
 
 
-def check_kept_after(event_id, name: str = "events_kept_after") -> None:
+def check_kept_after(event_id, name: str = "events_kept_after", error: type = ValueError) -> None:
     """An event id as /events' `after` takes it (SPEC), or None; a refusal
-    names the caller's parameter, `name`."""
+    names the caller's parameter, `name`.  `error` is what the caller's
+    API raises for it: ValueError for an option of the open, BadRequest
+    for a call's argument (docs/DESIGN.md, "The Ledger's Python API")."""
     if event_id is not None and (type(event_id) is not int
                                  or not 0 <= event_id <= INT64_MAX):
-        raise ValueError(f"{name} must be an event id, 0 to {INT64_MAX}, "
-                         f"or None; got {event_id!r}")
+        raise error(f"{name} must be an event id, 0 to {INT64_MAX}, "
+                    f"or None; got {event_id!r}")
 
 
 def event_of(event_id: int, kind: int, hid: bytes, seq: int, by: int, tot: int, at: int,
@@ -82,7 +84,7 @@ class EventLog:
     def keep_after(self, event_id: int | None) -> None:
         """Events after `event_id` are kept whatever their age (None: the
         retention alone); from any thread."""
-        check_kept_after(event_id, "event_id")
+        check_kept_after(event_id, "event_id", BadRequest)
         with self.lock:
             self.kept_after = event_id
 

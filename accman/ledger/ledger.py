@@ -66,7 +66,8 @@ class Ledger:
     trims); `batch_mods_max`, `queued_mods_max`, `holds_max` and
     `holds_per_account_max` lower the bounds of limits.py (tests);
     `clock_ms`, unix milliseconds, is the clock of changes and expiries.
-    A wrong option is ValueError, before the directory is opened or made.
+    A wrong option is ValueError, before the directory is opened or made;
+    a call's argument of the wrong type or range is BadRequest naming it.
 
     Reads answer from memory and show durable state only.  `mod`, `hold`
     and `settle` block until their batch is on disk; many concurrent ones
@@ -278,9 +279,8 @@ class Ledger:
         self._events.end_wait(done)
 
     def end_waits(self) -> None:
-        """Answers every long poll of the running loop now, with what it
-        has, and any later one at once (a server that stops calls this: no
-        poll holds it up)."""
+        """Answers every long poll of the running loop now, with what it has, and any
+        later one at once (a server that stops calls this: no poll holds it up)."""
         self._check_open()
         self._events.end_waits(asyncio.get_running_loop())
 
@@ -326,9 +326,8 @@ class Ledger:
             return self._committer.expire_due()
 
     def _check_not_writer(self) -> None:
-        """Refuses a call that waits for the writer, made on the writer (in
-        a completion callback): it would wait for ever, and every caller
-        with it."""
+        """Refuses a call that waits for the writer, made on the writer (in a completion
+        callback): it would wait for ever, and every caller with it."""
         self._check_open()
         if threading.current_thread() is self._committer._thread:
             raise RuntimeError("Ledger calls block: inside a completion callback use "
