@@ -55,6 +55,7 @@ keeps the events after each cursor by itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -155,6 +156,18 @@ def check_events(after, limit, wait_s) -> None:
         raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
     if type(wait_s) not in (int, float) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
         raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
+
+
+def check_binding(loop, deliver) -> None:
+    """bind_loop's values, checked before anything is bound: a loop bound
+    that is not one, or a `deliver` that cannot be called, would break
+    every later completion (each `done` never told, its caller waiting for
+    ever)."""
+    if not isinstance(loop, asyncio.AbstractEventLoop):
+        raise BadRequest(f"loop must be an asyncio event loop, got {type(loop).__name__}")
+    if deliver is not None and not callable(deliver):
+        raise BadRequest(f"deliver must be a function taking a list of (done, outcome), "
+                         f"or None; got {type(deliver).__name__}")
 
 
 # What a store may be opened with: each bound of limits.py may be lowered

@@ -21,7 +21,7 @@ from accman.ledger.leveldb import Store
 from accman.ledger.opening import expire_at_open, load_book
 from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
 from accman.records import Entry, Event
-from accman.store import Page, check_events, check_options, check_past, page_next
+from accman.store import Page, check_binding, check_events, check_options, check_past, page_next
 
 # What is checked at open, from most to least (see Ledger):
 #   full   the files' CRCs (accman.fsck) and every record read through LevelDB
@@ -358,6 +358,7 @@ class Ledger:
         (done, outcome) pairs instead of calling each `done(outcome)`;
         it must tell every `done` its outcome."""
         self._check_open()
+        check_binding(loop, deliver)
         with self._gate.calling:
             self._committer.bind_loop(loop, deliver)
 
