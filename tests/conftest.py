@@ -52,7 +52,8 @@ import alone
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-READY_RE = re.compile(r"accman: serving http://(\S+):(\d+) (?:data|store)=(.+)$")
+# The first URL of the ready line (it names every address bound).
+READY_RE = re.compile(r"accman: serving http://(\S+):(\d+)(?: http://\S+)* (?:data|store)=(.+)$")
 READY_TIMEOUT_S = 15.0
 
 

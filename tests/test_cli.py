@@ -108,6 +108,10 @@ def test_host_star_serves_every_interface_of_both_families_with_tokens(start_ser
         probe.bind(("::", 0))
         port = probe.getsockname()[1]
     srv = start_server(host="*", port=port, tokens=tokens)
+    # The ready line names both families' addresses: it said only 0.0.0.0.
+    line = (srv.log_dir / "stdout").read_text().splitlines()[0]
+    assert line.split()[:-1] == ["accman:", "serving", f"http://0.0.0.0:{port}",
+                                 f"http://[::]:{port}"]             # and then the store
     for addr, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
         with socket.socket(family) as s:
             s.settimeout(10)

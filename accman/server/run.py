@@ -288,7 +288,7 @@ async def _serve(server, host, port, deliverer, where, ready) -> None:
     sent on seeing the ready line, between two runs, was lost (the server
     never stopped)."""
     try:
-        bound_host, bound_port = await server.start(host, port)
+        await server.start(host, port)
     except OSError as e:
         # A name that stopped resolving since check_host: gaierror's errno
         # is getaddrinfo's, which os.strerror does not know.
@@ -299,8 +299,11 @@ async def _serve(server, host, port, deliverer, where, ready) -> None:
     server.install_signal_handlers()
     if deliverer is not None:
         deliverer.start()
-    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-    line = f"accman: serving http://{url_host}:{bound_port} {where}"
+    # Every address bound, one URL each (`--host '*'` serves both families):
+    # a script that reads the port finds it in the first URL.
+    urls = " ".join(f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}"
+                    for h, p in server.bound())
+    line = f"accman: serving {urls} {where}"
     if ready is None:
         print(line, flush=True)
     else:

@@ -85,6 +85,17 @@ class Server:
         self._stopped = asyncio.Event()
         return self.listener.sockets[0].getsockname()[:2]
 
+    def bound(self) -> list:
+        """Every (host, port) the listener is bound to, in its order: one
+        per address family for every interface (`--host '*'`), one per
+        address for a name with several."""
+        out = []
+        for sock in self.listener.sockets:
+            where = tuple(sock.getsockname()[:2])
+            if where not in out:
+                out.append(where)
+        return out
+
     # --- connections in and out ---------------------------------------------------
 
     def admit(self, conn, transport):
