@@ -9,11 +9,14 @@ import copy
 import os
 import pickle
 import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 
 from accman import Ledger, StoreLocked, Unavailable
-from accman.ledger import datadir
+from accman.ledger import datadir, leveldb
 from accman.ledger.forked import FORKED_DETAIL
 from accman.ledger.leveldb import Store
 from test_ledger_closed import assert_every_call_refused, funded
@@ -218,3 +221,65 @@ def test_a_ledger_is_not_pickled_nor_copied_and_says_why(tmp_path):
             with pytest.raises(TypeError, match="^a Ledger belongs to the process that "
                                                 "opened it: open one in the other process"):
                 copy_of(led)
+
+
+# --- programs started by the process: exec, not fork alone ---------------------------
+
+# A program that prints every descriptor it was given that is open on a
+# file of the directory in argv[1] (or the directory itself).
+LIST_FDS = """
+import os, sys
+where = os.path.realpath(sys.argv[1])
+for name in sorted(os.listdir("/proc/self/fd"), key=int):
+    try:
+        target = os.readlink("/proc/self/fd/" + name)
+    except OSError:
+        continue
+    if target == where or target.startswith(where + "/"):
+        print(name, target[len(where):])
+"""
+
+
+def inherited_by_a_program(path) -> list[str]:
+    """What a program started with every descriptor of this process that
+    is not close-on-exec (os.system, close_fds=False) holds of `path`."""
+    out = subprocess.run([sys.executable, "-c", LIST_FDS, str(path)], close_fds=False,
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    return out.splitlines()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists /proc/self/fd")
+def test_a_program_the_process_starts_inherits_no_file_of_the_store(tmp_path):
+    """LevelDB opens LOG, LOCK, its log and MANIFEST without O_CLOEXEC: a
+    program started by the application that embeds the ledger held them
+    (files deleted since stayed on disk, a child that drops its privileges
+    read the tables through them).  A read-only store's copy too."""
+    path = tmp_path / "d"
+    led = funded(str(path))
+    try:
+        assert inherited_by_a_program(path) == []
+    finally:
+        led.close()
+    store = Store(str(path), read_only=True)
+    try:
+        assert inherited_by_a_program(store.dir) == []
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists /proc/self/fd")
+def test_leveldbs_next_log_is_not_inherited_either(tmp_path, monkeypatch):
+    """LevelDB opens a new log each time its memtable fills, long after the
+    open: it is marked too, after the write that made it."""
+    monkeypatch.setattr(leveldb, "WRITE_BUFFER_BYTES", 64 * 1024)   # LevelDB's least
+    path = tmp_path / "d"
+    with Ledger(str(path)) as led:
+        first_log = [n for n in os.listdir(path) if n.endswith(".log")]
+        done = threading.Semaphore(0)
+        for i in range(3000):
+            led.submit(f"account-{i}", 1, key=f"key-{i}", done=lambda _: done.release())
+        for _ in range(3000):
+            done.acquire()
+        led.verify()                    # every durable batch is in LevelDB
+        assert [n for n in os.listdir(path) if n.endswith(".log")] != first_log
+        assert inherited_by_a_program(path) == []

@@ -128,6 +128,7 @@ class Store:
                 write_buffer_size=WRITE_BUFFER_BYTES,
                 lru_cache_size=BLOCK_CACHE_BYTES,
             )
+            self.unshared = datadir.CloseOnExec(self.dir)
             datadir.sync_leveldb_current(self.dir)
         # LevelDB is written outside the log only here, before a store's
         # first checkpoint: the format record of a new store, and the
@@ -247,8 +248,7 @@ class Store:
                            "refusing to serve, nothing repaired")
 
     def _dir_fd(self) -> int:
-        """The directory's descriptor, held while the store is open (the
-        write-ahead log's once it exists)."""
+        """The directory's descriptor, held while the store is open (the log's once it exists)."""
         if self.wal is not None:
             return self.wal.dir_fd
         if getattr(self, "_open_dir_fd", -1) < 0:
@@ -435,11 +435,11 @@ class Store:
                         raise
                 self._queued.popleft()
                 self.applied += 1
+            self.unshared.after_write()
             return self.applied
 
     def level0_files(self) -> int | None:
-        """The tables in LevelDB's level 0 (its compaction's backlog), or
-        None once closed."""
+        """The tables in LevelDB's level 0 (its compaction's backlog); None once closed."""
         try:
             return int(self.db.get_property(b"leveldb.num-files-at-level0"))
         except (AttributeError, RuntimeError, TypeError, ValueError):
