@@ -18,6 +18,7 @@ from accman import Ledger, StoreError, Unavailable
 from accman.ledger import _ledger, plyvel_errors
 from accman.ledger.commit import Committer
 from accman.ledger.events import EventLog
+from accman.ledger.gate import NESTED_DETAIL
 from accman.ledger.leveldb import Store
 from ledgerhelp import GatedStore, wait_for
 
@@ -324,6 +325,40 @@ def test_a_signal_handler_closing_the_ledger_in_any_locked_call_does_not_hang(
             sys.settrace(None)
         return closed_then_reopened(led, path)
     assert in_child(child) == (0, "3")
+
+
+@pytest.mark.parametrize("call, code, marker, tot", [
+    (lambda led: led.past("a"), Ledger._entries.__code__, "tail = self._book.history_tail", 3),
+    (lambda led: led.keep_events_after(1), EventLog.keep_after.__code__, "self.kept_after =", 3),
+    (lambda led: led.mod("a", 1), Ledger._blocking.__code__, "ready.wait()", 4)])
+def test_a_signal_handlers_mod_inside_a_call_of_its_thread_refuses_at_once(
+        tmp_path, call, code, marker, tot):
+    """A SIGUSR1 handler's mod runs on the main thread between two steps of
+    the call it interrupted; where that call held the ledger's lock (a
+    read's), the mod waited for it for ever (in a child: an alarm ends it).
+    It raises RuntimeError at once, saying why, whatever the call: the
+    interrupted call goes on, and the same mod works once it has ended."""
+    from test_ledger_fork import in_child
+
+    def child():
+        led = funded(str(tmp_path / "d"))
+        refused = []
+
+        def handler(*_):
+            try:
+                led.mod("a", 1)
+            except RuntimeError as e:
+                refused.append(str(e))
+        signal.signal(signal.SIGUSR1, handler)
+        signal_under_lock(code, marker, signal.SIGUSR1)
+        try:
+            call(led)
+        finally:
+            sys.settrace(None)
+        after = led.tot("a")
+        led.close()
+        return refused, after
+    assert in_child(child) == (0, repr(([NESTED_DETAIL], tot)))
 
 
 class Interrupted(Exception):

@@ -21,6 +21,11 @@ log = logging.getLogger("accman.ledger.gate")
 # it has closed.
 CLOSING_DETAIL = "the ledger is closing"
 CLOSED_DETAIL = "the ledger is closed"
+# What a call made inside another of its thread is told (Gate.calling).
+NESTED_DETAIL = ("a Ledger call made inside another call of this ledger on this thread (a "
+                 "signal handler's, run between two steps of the call it interrupted): that "
+                 "call may hold the ledger's lock, which this one would wait for forever; "
+                 "make it from another thread, or once the interrupted call has returned")
 # What a client is told of a failed commit.  The cause (error.detail) names
 # files and OS errors of the server: it goes to the log and to
 # Committer.error, never to a client (SPEC "Access").
@@ -140,7 +145,7 @@ class _Mine(threading.local):
 
 class _Calling:
     """Gate.calling: counted for this thread until it ends, when a close
-    made inside it runs (Gate.after_my_calls)."""
+    made inside it runs (Gate.after_my_calls); refused inside another."""
 
     __slots__ = ("_mine",)
 
@@ -148,7 +153,15 @@ class _Calling:
         self._mine = gate._mine
 
     def __enter__(self) -> None:
-        self._mine.calls += 1
+        # A call inside another of this thread is a signal handler's (or a
+        # finalizer's): refused, whatever the interrupted call, rather than
+        # hang when that call holds the lock.  The count is read once, as
+        # the increment alone reads it.
+        mine = self._mine
+        calls = mine.calls
+        if calls:
+            raise RuntimeError(NESTED_DETAIL)
+        mine.calls = calls + 1
 
     def __exit__(self, *_exc) -> None:
         mine = self._mine
