@@ -18,8 +18,8 @@ import threading
 import plyvel
 
 from accman.errors import CheckpointPostponed, FileDamage, StoreCorrupt, StoreError
-from accman.ledger import (_ledger, datadir, found, fsck, histories, keyfile, migrate, wal,
-                           walwriter)
+from accman.ledger import (_ledger, datadir, found, fsck, histories, keyfile, migrate, unshared,
+                           wal, walwriter)
 from accman.ledger.plyvel_errors import translated
 
 log = logging.getLogger("accman.ledger.leveldb")
@@ -128,7 +128,7 @@ class Store:
                 write_buffer_size=WRITE_BUFFER_BYTES,
                 lru_cache_size=BLOCK_CACHE_BYTES,
             )
-            self.unshared = datadir.CloseOnExec(self.dir)
+            self.unshared = unshared.CloseOnExec(self.dir)
             datadir.sync_leveldb_current(self.dir)
         # LevelDB is written outside the log only here, before a store's
         # first checkpoint: the format record of a new store, and the
