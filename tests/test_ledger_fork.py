@@ -126,16 +126,23 @@ def test_a_forked_childs_close_writes_nothing_of_the_parents_store(tmp_path):
 
 def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
     """A worker forked while a ledger is open (a multiprocessing pool, say)
-    lives on; the parent closes its ledger and can open it again."""
+    lives on; the parent closes its ledger and can open it again.  The
+    child's copy of the lock goes as it starts (its fork handler, before
+    its own code): the parent waits for that, as a pool's start does."""
     path = str(tmp_path / "d")
     led = funded(path)
     r, w = os.pipe()
+    started_r, started_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(w)
+        os.write(started_w, b"s")
         os.read(r, 1)
         os._exit(0)
     try:
+        os.close(started_w)
+        assert os.read(started_r, 1) == b"s"
+        os.close(started_r)
         led.close()
         with Ledger(path) as again:
             assert again.tot("a") == 3
