@@ -1,0 +1,124 @@
+"""A store URL that names a connection service (libpq's service file, by
+the URL's service= or by PGSERVICE): its hosts and settings follow the
+rule of the URL's own (accman/postgres/connecting.py, SCALING.md)."""
+
+import socket
+
+import pytest
+
+from accman.errors import StoreError
+from accman.postgres import PgStore
+from accman.postgres import cluster as cluster_module
+from accman.postgres import connecting
+
+from .helpers import run, stored
+from .pgcluster import free_port
+
+
+def _hole():
+    """A host cut off: a socket that takes connections and never answers."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", free_port()))
+    hole.listen(16)                         # connections queue; nothing answers
+    return hole
+
+
+@pytest.fixture
+def service_file(tmp_path, monkeypatch):
+    """write(text): the service file, as PGSERVICEFILE names it."""
+    path = tmp_path / "pg_service.conf"
+    for name in ("PGHOST", "PGPORT", "PGSERVICE", "PGTARGETSESSIONATTRS", "PGSYSCONFDIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PGSERVICEFILE", str(path))
+    return path.write_text
+
+
+def _named(url, form, monkeypatch, service="accman"):
+    """`url` naming `service` by its service= (form "service="), or by PGSERVICE."""
+    if form == "PGSERVICE":
+        monkeypatch.setenv("PGSERVICE", service)
+        return url
+    return url + ("&" if "?" in url else "?") + f"service={service}"
+
+
+@pytest.mark.parametrize("form", ["service=", "PGSERVICE"])
+def test_a_service_s_hosts_are_tried_one_at_a_time(pg, pg_url, service_file, monkeypatch,
+                                                   form):
+    """A service's host list went to asyncpg whole, one connect timeout for
+    all its hosts: a host cut off listed first spent it, and the next (the
+    new primary, after a failover) was never tried; PGSERVICE was not read
+    at all.  Its hosts are tried one at a time, as a URL's are."""
+    monkeypatch.setattr(connecting, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 0.5)
+    dbname = pg_url.rsplit("/", 1)[1]
+    with _hole() as hole:
+        service_file(f"[accman]\nhost=127.0.0.1,127.0.0.1\n"
+                     f"port={hole.getsockname()[1]},{pg.port}\n"
+                     f"dbname={dbname}\nuser=postgres\n")
+        url = _named("postgresql:///", form, monkeypatch)
+
+        async def main():
+            async with stored(url) as (_, c):
+                assert await c.mod("svc", 5) == (5, 1)
+                assert await c.tot("svc") == 5
+        run(main())
+    # The service's database: the URL's path names none.
+    assert pg.psql("SELECT count(*) FROM accman_accounts", dbname) == "1"
+
+
+@pytest.mark.parametrize("attrs,hosts", [("standby", 1), ("any", 2)])
+@pytest.mark.parametrize("form", ["service=", "PGSERVICE"])
+def test_a_service_s_target_session_attrs_is_checked_as_the_url_s(pg, pg_url, service_file,
+                                                                  monkeypatch, form, attrs,
+                                                                  hosts):
+    """A service's target_session_attrs was overridden by the read-write
+    that AccMan gives a URL naming none, without a word: it is read, and
+    one that may take a standby is refused at open, as a URL's is."""
+    dbname = pg_url.rsplit("/", 1)[1]
+    service_file(f"[accman]\nhost={','.join(['127.0.0.1'] * hosts)}\nport={pg.port}\n"
+                 f"target_session_attrs={attrs}\n")
+    url = _named(f"postgresql://postgres@/{dbname}", form, monkeypatch)
+    with pytest.raises(StoreError, match=rf"^cannot connect to a PostgreSQL cluster of the "
+                       rf"store: target_session_attrs={attrs} cannot be used"):
+        run(PgStore.open([url]))
+
+
+def test_the_url_s_own_settings_come_before_the_service_s(pg, pg_url, service_file):
+    """libpq's order: what the URL gives, then the service, then the
+    environment.  The URL's read-write stands before the service's
+    `any`, and its host before the service's host cut off."""
+    dbname = pg_url.rsplit("/", 1)[1]
+    with _hole() as hole:
+        service_file(f"[accman]\nhost=127.0.0.1,127.0.0.1\n"
+                     f"port={hole.getsockname()[1]},{pg.port}\n"
+                     "target_session_attrs=any\n")
+        url = (f"postgresql://postgres@127.0.0.1:{pg.port}/{dbname}"
+               "?service=accman&target_session_attrs=read-write")
+
+        async def main():
+            async with stored(url) as (_, c):
+                assert await c.mod("own", 3) == (3, 1)
+        run(main())
+
+
+@pytest.mark.parametrize("text,says", [
+    ("[other]\nhost=127.0.0.1\n",
+     r"the service accman \(the store URL's service=, or PGSERVICE\) is not defined in a "
+     r"service file \(PGSERVICEFILE, else ~/.pg_service.conf, else "
+     r"\$PGSYSCONFDIR/pg_service.conf\)$"),
+    ("[accman]\nhost=127.0.0.1\nconnect_timeout=3\napplication_name=x\n",
+     r"the service accman sets application_name, connect_timeout, which AccMan cannot "
+     r"apply from a service file: give it in the store URL, or leave it out$"),
+    ("[accman]\nhost=127.0.0.1\n[accman]\nport=1\n",
+     r"a service file \(PGSERVICEFILE, .*\) cannot be read: DuplicateSectionError$"),
+])
+def test_a_service_that_cannot_be_honoured_is_refused_at_open(pg_url, service_file, text,
+                                                              says):
+    """A service named but defined nowhere, or setting what AccMan cannot
+    apply (asyncpg reads some of libpq's settings from a service, and left
+    the others out without a word), is refused at open, naming it and no
+    file."""
+    service_file(text)
+    with pytest.raises(StoreError, match=r"^cannot connect to a PostgreSQL cluster of the "
+                       r"store: " + says):
+        run(PgStore.open([pg_url + "?service=accman"]))
