@@ -198,7 +198,9 @@ def test_metrics_count_a_bad_query_as_reaching_no_route(start_server, cred):
 def test_mods_committed_counts_changes_not_refused_calls(start_server, cred):
     """accman_mods_committed_total counts what changed a balance, and
     accman_batches_total the batches that did, on either store: a mod
-    refused as insufficient, key_reused or no_account changes nothing."""
+    refused as insufficient, key_reused or no_account changes nothing, nor
+    does a keyed repeat, answered from its first reply (on PostgreSQL one
+    that shared a batch with a change was counted as a change)."""
     srv = start_server()
 
     def committed():
@@ -212,6 +214,11 @@ def test_mods_committed_counts_changes_not_refused_calls(start_server, cred):
     assert committed() == (1, 1)
     assert srv.mod(cred, -10, min=0).json == {"tot": 0, "seq": 2}
     assert committed() == (2, 2)
+    with srv.connect() as c:                # one write: one batch
+        c.send(patch(f"/mod?cred={cred}&by=10&key=k1") + patch(f"/mod?cred={cred}&by=3"))
+        assert [r.json for r in c.responses(2)] == [{"tot": 10, "seq": 1},
+                                                    {"tot": 3, "seq": 3}]
+    assert committed() == (3, 3)
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "close"])

@@ -70,6 +70,24 @@ def test_settling_again_and_otherwise(shared_server, cred):
     assert srv.tot(cred) == 60
 
 
+def test_repeats_of_a_keyed_hold_and_a_settle_are_no_committed_change(server, cred):
+    """A keyed hold sent again, and a settle repeated with its use, are
+    answered with their first replies and change nothing: not counted in
+    accman_mods_committed_total, on either store (on PostgreSQL they were,
+    when they shared a batch with a change)."""
+    srv = server
+    assert srv.mod(cred, 100).status == 200
+    assert hold(srv, cred, -30, key="h1").json == {"hold": 2, "tot": 70, "seq": 2}
+    assert settle(srv, cred, 2, 5).json == {"tot": 95, "seq": 3}
+    assert metrics(srv)["accman_mods_committed_total"] == 3
+    with srv.connect() as c:                # one write: one batch
+        c.send(patch(f"/hold?cred={cred}&by=-30&ttl=60&key=h1")
+               + patch(f"/settle?cred={cred}&hold=2&use=5") + patch(f"/mod?cred={cred}&by=1"))
+        assert [r.json for r in c.responses(3)] == [
+            {"hold": 2, "tot": 70, "seq": 2}, {"tot": 95, "seq": 3}, {"tot": 96, "seq": 4}]
+    assert metrics(srv)["accman_mods_committed_total"] == 4
+
+
 def test_an_unknown_hold_is_404_no_hold(shared_server, cred):
     srv = shared_server
     srv.mod(cred, 100)

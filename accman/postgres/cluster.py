@@ -31,7 +31,12 @@ READ_BATCHES_MAX = 2
 # reads): one more than READ_BATCHES_MAX, so that a /past page does not
 # wait behind the /tot queries alone (upkeep and event reads share it).
 READ_POOL_CONNECTIONS_MAX = READ_BATCHES_MAX + 1
-_APPLY_SQL = "SELECT * FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+# A batch's outcomes, and the changes it made (schema version 8: null when
+# its charges took the set path, each a change).  The setting is read after
+# the function has run: a function in FROM is scanned before the select
+# list is computed.
+_APPLY_SQL = ("SELECT a.*, nullif(current_setting('accman.changes', true), '')::bigint "
+              "FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) AS a")
 # In a statement or a transaction: an idle one holds no lock, and may wait
 # hours for its dead socket's keepalive (and with track_activities off every
 # state reads 'disabled': not waited for).

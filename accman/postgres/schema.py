@@ -23,6 +23,7 @@ from accman.postgres.schema_v4 import V4
 from accman.postgres.schema_v5 import V5
 from accman.postgres.schema_v6 import V6
 from accman.postgres.schema_v7 import V7
+from accman.postgres.schema_v8 import V8
 
 # Codes in accman_apply's r_code (accman.postgres.store maps them to errors).
 OK = 0
@@ -59,5 +60,6 @@ MIGRATIONS: list[tuple[int, str]] = [
     (5, V5),
     (6, V6),
     (7, V7),
+    (8, V8),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -123,4 +123,5 @@ def _with_dispatch(apply: str) -> str:
             .replace(_FIRST_LOCK, _DISPATCH + _FIRST_LOCK))
 
 
-V5 = V5_CHARGES + _with_dispatch(V4)
+V5_APPLY = _with_dispatch(V4)
+V5 = V5_CHARGES + V5_APPLY

@@ -267,13 +267,16 @@ class PgStore:
                 return
         cluster.refused_in_row = 0
         commit_s = time.perf_counter() - t0
-        codes, tots, seqs, counts = row
+        codes, tots, seqs, counts, changes = row
         cluster.note_counts(counts)
         if counts is not None:          # it changed something (events, holds)
-            # The changes, as the embedded store counts them: a refused call is
-            # none.  A keyed repeat's reply is its first one's: counted again.
-            self.count_batch(sum(1 for op, code in zip(ops, codes, strict=True)
-                                 if code == S.OK and op.kind != S.READ), commit_s)
+            # The changes, as the embedded store counts them: the history entries
+            # made (not a refusal, nor a repeat answered with its first reply);
+            # None from the charges' set path, where each op is one.
+            if changes is None:
+                changes = sum(1 for op, code in zip(ops, codes, strict=True)
+                              if code == S.OK and op.kind != S.READ)
+            self.count_batch(changes, commit_s)
             # Before the replies: an /events pipelined behind them copies
             # (merge) or reads what they committed.
             if cluster is self.home:

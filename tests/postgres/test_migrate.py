@@ -90,7 +90,7 @@ async def _prepared(url):
     return conn, await conn.prepare(_APPLY_SQL), await conn.prepare(_EXPIRE_SQL)
 
 
-@pytest.mark.parametrize("version", [2, 5, 6])
+@pytest.mark.parametrize("version", [2, 5, 6, 7])
 def test_an_older_front_end_goes_on_through_a_rolling_upgrade(pg, monkeypatch, version):
     """SCALING.md: a front-end of version 2 or later still running after a
     newer one migrated the store goes on through the statements it had
