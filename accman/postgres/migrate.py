@@ -138,7 +138,30 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
     store's events, choosing it if none has been (see above), and gives the
     home a row in accman_merged for each other cluster.  The home first:
     once a cluster names the home, the home records the store's clusters,
-    so that a setup cut short leaves none naming a home that does not."""
+    so that a setup cut short leaves none naming a home that does not.
+
+    Under the migrate lock of every cluster, taken in cluster-id order (two
+    front-ends settling at once wait for each other, never in a cycle),
+    with the clusters' records read again: `infos`, read cluster by
+    cluster, may predate a home that another front-end recorded and began
+    serving since, whose event counters no longer choose it (a commit on
+    another cluster not yet copied to it)."""
+    order = sorted(range(len(conns)), key=lambda k: infos[k].cluster_id)
+    locked = []
+    try:
+        for k in order:
+            await conns[k].execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+            locked.append(conns[k])
+        infos = [await read_info(c) for c in conns]
+        return await _settle_home_locked(conns, infos)
+    finally:
+        for conn in reversed(locked):
+            # The connection may be gone with its lock: the first error is the one to tell.
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+
+
+async def _settle_home_locked(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
     homes = {i.home for i in infos} - {None}
     if len(homes) > 1:
         raise StoreError("the clusters disagree on where the store's events are numbered: "
@@ -153,7 +176,6 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
     for k in sorted(range(len(infos)), key=lambda k: infos[k].cluster_id != home):
         conn = conns[k]
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK_ID)
             await conn.execute("UPDATE accman_schema SET events_home = $1 WHERE events_home "
                                "IS NULL OR substr(events_home, 1, $2) = $3", home,
                                len(SETUP_PREFIX), SETUP_PREFIX)
