@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import secrets
 
+import asyncpg
+
 from accman.errors import StoreError
 from accman.postgres.connecting import DRIVER_ERRORS, connect
 from accman.postgres.errors import store_error
@@ -210,11 +212,15 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
         key = keys.pop() if keys else secrets.token_bytes(HASH_KEY_BYTES)
         setup = setting_up(len(urls)) if len(urls) > 1 else None
         try:
-            # In the URLs' order, whatever order they were given in: front-ends
-            # migrating a new store at once all start on the same cluster, and
-            # the later ones adopt the key the first made there.
+            # In the clusters' order, whatever order and spelling the URLs were
+            # given in: front-ends migrating a new store at once all start on
+            # the same cluster, and the later ones adopt the key the first made
+            # there (begun on two, each would refuse the other's key, and the
+            # clusters, keyed apart, would be refused by every later migrate).
+            places = [await of_cluster(_place(c, u), n, len(urls))
+                      for n, (c, u) in enumerate(zip(conns, urls, strict=True))]
             got, marked = {}, []
-            for k in sorted(range(len(urls)), key=lambda k: urls[k]):
+            for k in sorted(range(len(urls)), key=lambda k: places[k]):
                 got[k], made = await of_cluster(_migrated(conns[k], key, adopt, setup,
                                                           infos[k] is None), k, len(urls))
                 key, adopt = got[k].hash_key, False
@@ -256,6 +262,26 @@ async def _connect_all(urls: list[str]) -> list:
             c.terminate()
         raise
     return conns
+
+
+# Where a cluster is, alike in every front-end whatever its URL's spelling
+# (a host's name or address, a service): the server's system identifier,
+# the database's name, and the server's start, which tells apart servers
+# cloned from one data directory (one identifier).
+_PLACE_SQL = ("SELECT system_identifier::text || '/' || current_database() || '/' || "
+              "pg_postmaster_start_time()::text FROM pg_control_system()")
+
+
+async def _place(conn, url: str) -> tuple[str, str]:
+    """The cluster's place in the order front-ends migrate a store in: its
+    server's and database's names, then the URL (alone where the role may
+    not read the server's control data)."""
+    try:
+        return await conn.fetchval(_PLACE_SQL), url
+    except asyncpg.PostgresError:
+        return "", url
+    except DRIVER_ERRORS as e:
+        raise store_error(e, "cannot read the schema of a cluster of the store") from None
 
 
 async def _read_all(conns) -> list[ClusterInfo | None]:

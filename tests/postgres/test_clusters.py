@@ -276,6 +276,24 @@ def test_front_ends_migrating_a_new_cluster_at_once_all_start(pg):
         assert len({i.cluster_id for got in infos for i in got}) == 2
 
 
+def test_front_ends_started_together_with_urls_spelled_apart_make_one_key(pg):
+    """Front-ends started together on two new clusters, each front-end's
+    URLs spelled its own way (a host's name on one, its address on
+    another, as a service's may be): ordered by the URLs' text, each began
+    on another cluster and made a key there, both then refused the other's
+    ("the clusters disagree on the credential-hash key"), and so did every
+    later migrate.  Ordered by the clusters themselves, one key is made."""
+    async def together(*lists):
+        return await asyncio.gather(*(migrate(urls, grow=False) for urls in lists))
+    for n in range(2):
+        a, b = pg.create_database(f"spelled_{n}_a"), pg.create_database(f"spelled_{n}_b")
+        by_name = a.replace("@127.0.0.1:", "@localhost:")
+        assert min(a, b) == a and min(by_name, b) == b      # each text order begins apart
+        infos = run(together([a, b], [by_name, b]))
+        assert len({i.hash_key for got in infos for i in got}) == 1
+        assert len({i.cluster_id for got in infos for i in got}) == 2
+
+
 def test_a_table_named_accman_schema_of_another_program_is_refused_plainly(pg):
     url = pg.create_database("foreign_schema")
     pg.psql("CREATE TABLE accman_schema (id int, name text); "
