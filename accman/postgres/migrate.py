@@ -36,7 +36,10 @@ from accman.postgres.shape import (CLUSTER_ID_BYTES, SETUP_PREFIX, ClusterInfo,
 
 HASH_KEY_BYTES = 16
 # Held while a migration runs, so that front-ends started together run it
-# once: a transaction-level advisory lock on this number ("accman" in ASCII).
+# once, and while the events' home is chosen and recorded (settle_home): a
+# session advisory lock on this number ("accman" in ASCII), taken on one
+# cluster at a time by a migration, on every cluster in cluster-id order by
+# settle_home, so that no two holders wait on each other in a cycle.
 MIGRATE_LOCK_ID = 0x6163636D616E
 
 
