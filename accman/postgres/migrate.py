@@ -32,7 +32,8 @@ from accman.postgres.serving import take_exclusively
 from accman.postgres.shape import (CLUSTER_ID_BYTES, SETUP_PREFIX, ClusterInfo,
                                    check_before_migrating, check_homeless, check_infos,
                                    check_not_growing, check_not_pending, check_not_twice,
-                                   check_version, of_cluster, served_if_growing, setting_up)
+                                   check_setup_count, check_version, of_cluster,
+                                   served_if_growing, setting_up, which)
 
 HASH_KEY_BYTES = 16
 # Held while a migration runs, so that front-ends started together run it
@@ -138,7 +139,8 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | Non
     return info, marked
 
 
-async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
+async def settle_home(conns, infos: list[ClusterInfo],
+                      seen: frozenset = frozenset()) -> list[ClusterInfo]:
     """Records on every cluster of a store of several which one numbers the
     store's events, choosing it if none has been (see above), and gives the
     home a row in accman_merged for each other cluster.  The home first:
@@ -150,7 +152,10 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
     with the clusters' records read again: `infos`, read cluster by
     cluster, may predate a home that another front-end recorded and began
     serving since, whose event counters no longer choose it (a commit on
-    another cluster not yet copied to it)."""
+    another cluster not yet copied to it).  What was read again is
+    refused, changing nothing, when it is not the setup of these clusters
+    (check_set_up_meanwhile): `seen` are the homes recorded when this
+    migrate began."""
     order = sorted(range(len(conns)), key=lambda k: infos[k].cluster_id)
     locked = []
     try:
@@ -158,12 +163,35 @@ async def settle_home(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
             await conns[k].execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
             locked.append(conns[k])
         infos = [await read_info(c) for c in conns]
+        check_set_up_meanwhile(infos, seen)
         return await _settle_home_locked(conns, infos)
     finally:
         for conn in reversed(locked):
             # The connection may be gone with its lock: the first error is the one to tell.
             with contextlib.suppress(*DRIVER_ERRORS):
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+
+
+def check_set_up_meanwhile(infos: list[ClusterInfo], seen: frozenset) -> None:
+    """Front-ends started together on new clusters, with --store lists that
+    differ (a cluster more in one's configuration), each read them bare:
+    one may have marked them for its count, or recorded its store, since.
+    The other, settling a store of another shape on the same clusters,
+    would make two stores that front-ends serve at once, each opening
+    accounts where the other does not look for them.  So a cluster marked
+    by a setup of another count is refused, and a home recorded since
+    `seen` that records other clusters than these."""
+    check_setup_count(infos)
+    given = {i.cluster_id for i in infos}
+    for n, i in enumerate(infos, 1):
+        store = i.members | {i.cluster_id}
+        if i.home == i.cluster_id and i.cluster_id not in seen and store != given:
+            raise StoreError(
+                f"{which([n], len(infos))} was set up meanwhile by another AccMan as the home "
+                f"of a store of {len(store)} clusters ({len(store & given)} of the "
+                f"{len(given)} given), which a front-end may serve: give every cluster of the "
+                "store with --store, or stop its front-ends and run `accman migrate` with "
+                'all of them to add one (docs/SCALING.md, "Several clusters")')
 
 
 async def _settle_home_locked(conns, infos: list[ClusterInfo]) -> list[ClusterInfo]:
@@ -232,7 +260,8 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
             out = [got[k] for k in range(len(conns))]
             await _check_not_twice_new(marked, out, setup)
             if len(out) > 1:
-                out = await settle_home(conns, out)
+                seen = frozenset({i.home for i in infos if i is not None} - {None})
+                out = await settle_home(conns, out, seen)
         except DRIVER_ERRORS as e:
             raise store_error(e, "cannot record the store's clusters") from None
         check_infos(out)

@@ -116,7 +116,7 @@ def check_before_migrating(infos: list[ClusterInfo | None]) -> None:
                          "one store")
     check_not_twice(infos)
     _check_members(found, exact=False)
-    _check_setup_count(infos)
+    check_setup_count(infos)
 
 
 def served_if_growing(infos: list[ClusterInfo | None]) -> list[int]:
@@ -140,7 +140,7 @@ def served_if_growing(infos: list[ClusterInfo | None]) -> list[int]:
 def check_infos(infos: list[ClusterInfo | None]) -> bytes:
     """The store's hash key, after checking that the clusters make one
     store, all of it, at this AccMan's version, its setup finished."""
-    _check_setup_count(infos)
+    check_setup_count(infos)
     bare = [n for n, i in enumerate(infos, 1) if i is None]
     if bare:
         raise StoreError(f"{which(bare, len(infos))} has no AccMan schema: run `accman "
@@ -185,7 +185,7 @@ def _check_members(infos: list[ClusterInfo], exact: bool) -> None:
                          "to add one")
 
 
-def _check_setup_count(infos: list[ClusterInfo | None]) -> None:
+def check_setup_count(infos: list[ClusterInfo | None]) -> None:
     """A cluster whose setup is unfinished serves, and is migrated, only
     given with as many clusters as that setup was (or as a cluster the
     home records, whose record is then finished)."""

@@ -3,12 +3,15 @@ accman/postgres/migrate.py) by a front-end late to finish a setup that
 another finished meanwhile: the home the other recorded stands."""
 
 import asyncio
+import re
 
 import asyncpg
+import pytest
 
-from accman.postgres.migrate import migrate, read_info, settle_home
+from accman.errors import StoreError
+from accman.postgres.migrate import MIGRATE_LOCK_ID, migrate, read_info, settle_home
 
-from .helpers import migrate_cut_short_before_the_home, run, stored
+from .helpers import fund, migrate_cut_short_before_the_home, opened, run, stored
 
 
 def test_a_late_setup_keeps_the_home_another_recorded_meanwhile(pg, monkeypatch):
@@ -48,3 +51,100 @@ def test_a_late_setup_keeps_the_home_another_recorded_meanwhile(pg, monkeypatch)
             for c in conns:
                 await c.close()
     run(main())
+
+
+# Migrations waiting for a migrate lock in the database of the connection.
+_WAITERS_SQL = ("SELECT count(*) FROM pg_locks l JOIN pg_database d ON l.database = d.oid "
+                "WHERE l.locktype = 'advisory' AND NOT l.granted "
+                "AND d.datname = current_database()")
+
+
+async def _waiting(holder, count):
+    """Until `count` migrations wait for the migrate lock `holder` holds."""
+    for _ in range(500):
+        if await holder.fetchval(_WAITERS_SQL) >= count:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{count} migrations never waited for the migrate lock")
+
+
+async def _holding(urls):
+    """A connection holding the migrate lock on each of `urls`."""
+    holders = [await asyncpg.connect(u) for u in urls]
+    for h in holders:
+        await h.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+    return holders
+
+
+def test_a_setup_of_two_does_not_take_clusters_a_setup_of_three_marked(pg):
+    """Front-ends started together on new clusters, one given A, B and C,
+    the other A and B (a --store left out of one's configuration): both
+    read them bare, the first marked A and B as clusters of three, and the
+    second, migrating them next while the first migrated C, recorded A
+    and B as a store of two and served it; the first then added C to it
+    and served three, each front-end opening accounts where the other
+    does not look for them.  The second is refused; the first finishes."""
+    a, b, c = (pg.create_database(f"three_marks_{x}") for x in "abc")
+
+    async def main():
+        holders = await _holding([a, c])
+        try:
+            three = asyncio.ensure_future(migrate([a, b, c], grow=False))
+            await _waiting(holders[0], 1)
+            two = asyncio.ensure_future(opened([a, b]))
+            await _waiting(holders[0], 2)
+            await holders[0].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            done = await asyncio.wait_for(asyncio.gather(two, return_exceptions=True), 10)
+            await holders[1].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            got = await asyncio.wait_for(three, 10)
+        finally:
+            for h in holders:
+                await h.close()
+        for store in [d[0] for d in done if isinstance(d, tuple)]:
+            await store.aclose()
+        assert isinstance(done[0], StoreError), "served as a store of two"
+        assert re.match(r"^clusters 1, 2 of 2 were being set up by `accman migrate` as part "
+                        r"of a store of 3 clusters", str(done[0])), str(done[0])
+        assert len({i.events_home for i in got}) == 1
+    run(main())
+    run(fund([a, b, c], ["t"]))
+
+
+def test_a_setup_of_three_does_not_grow_a_store_of_two_recorded_meanwhile(pg):
+    """The same front-ends, the one given two first to the clusters: it
+    marked A and B and recorded them as a store of two, and served it,
+    while the other migrated C; that one then added C to the store and
+    served three.  It is refused, changing nothing; the store of two
+    serves."""
+    a, b, c = (pg.create_database(f"two_first_{x}") for x in "abc")
+
+    async def main():
+        holders = await _holding([a, b, c])
+        try:
+            two = asyncio.ensure_future(opened([a, b]))
+            await _waiting(holders[0], 1)
+            three = asyncio.ensure_future(migrate([a, b, c], grow=False))
+            await _waiting(holders[0], 2)
+            await holders[0].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            await _waiting(holders[1], 2)
+            await holders[1].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            store, _ = await asyncio.wait_for(two, 10)
+            await _waiting(holders[2], 1)
+            await holders[2].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            try:
+                with pytest.raises(StoreError, match=r"^cluster [12] of 3 was set up meanwhile by "
+                                   r"another AccMan as the home of a store of 2 clusters \(2 "
+                                   r"of the 3 given\), which a front-end may serve"):
+                    await asyncio.wait_for(three, 10)
+            finally:
+                await store.aclose()
+        finally:
+            for h in holders:
+                await h.close()
+    run(main())
+    # The store of two as it was recorded, and C still marked by its setup of three.
+    assert sum(int(pg.psql("SELECT count(*) FROM accman_merged", f"two_first_{x}"))
+               for x in "abc") == 1
+    assert pg.psql("SELECT encode(events_home, 'hex') LIKE '000000000000000000000000%' "
+                   "FROM accman_schema", "two_first_c") == "t"
+    run(fund([a, b], ["t"]))
