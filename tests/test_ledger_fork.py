@@ -12,11 +12,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from accman import Ledger, StoreLocked, Unavailable
-from accman.ledger import datadir, leveldb
+from accman.ledger import datadir, leveldb, unshared
 from accman.ledger.forked import FORKED_DETAIL
 from accman.ledger.leveldb import Store
 from test_ledger_closed import assert_every_call_refused, funded
@@ -290,3 +291,39 @@ def test_leveldbs_next_log_is_not_inherited_either(tmp_path, monkeypatch):
         led.verify()                    # every durable batch is in LevelDB
         assert [n for n in os.listdir(path) if n.endswith(".log")] != first_log
         assert inherited_by_a_program(path) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists /proc/self/fd")
+def test_a_change_of_the_directory_is_listed_once_not_at_every_write(tmp_path, monkeypatch):
+    """The mark's check runs after every write of LevelDB, on the server's
+    loop for a small batch: a directory changed within the file system's
+    clock tick was listed again at every write until the tick had passed
+    (a table a compaction writes: milliseconds a listing with thousands of
+    tables, at every batch).  It is listed once, and once more after the
+    tick, which still finds a log opened within it."""
+    path = tmp_path / "d"
+    path.mkdir()
+    for i in range(200):
+        (path / f"{i:06d}.ldb").write_bytes(b"")
+    marks = unshared.CloseOnExec(str(path))
+    listings = []
+    listdir = os.listdir
+    monkeypatch.setattr(unshared.os, "listdir", lambda p=".": listings.append(p) or listdir(p))
+    fds = [os.open(path / f"{n:06d}.log", os.O_CREAT | os.O_WRONLY, 0o600) for n in (300, 301)]
+    try:
+        os.set_inheritable(fds[0], True)    # as LevelDB opens it
+        start = time.monotonic()
+        while time.monotonic() - start < 0.005:
+            marks.after_write()
+        assert listings.count(marks.path) == 1
+        assert not os.get_inheritable(fds[0])
+        os.rename(path / "000301.log", path / "000302.log")     # a new log, maybe within the tick
+        os.set_inheritable(fds[1], True)
+        time.sleep(unshared._MTIME_TICK_NS / 1e9)
+        marks.after_write()
+        marks.after_write()
+        assert listings.count(marks.path) == 2
+        assert not os.get_inheritable(fds[1])
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -14,7 +14,8 @@ from accman.ledger import fsck
 _FD_DIR = "/proc/self/fd"
 # A file system stamps times from a clock that moves in ticks (Linux's
 # coarse clock: 1 to 10 ms): a directory changed again within the tick of
-# a change seen keeps its mtime, so an mtime this recent is looked at again.
+# a change seen keeps its mtime, so a directory listed within this long of
+# its mtime is listed once more, at the first write after it.
 _MTIME_TICK_NS = 20_000_000
 
 
@@ -24,23 +25,28 @@ class CloseOnExec:
     memtable full).  A stat a write, a listing when the directory changed,
     and the sweep (a flag read a descriptor, a readlink of those
     inheritable: milliseconds for thousands of connections) only for a new
-    log."""
+    log.  A listing costs a stat a table: a change is listed once (and
+    once more past its tick), never at every write of a busy moment."""
 
     def __init__(self, path: str):
         self.path = os.path.realpath(path)
         self._seen_ns = None
+        self._again_ns = None   # when a directory listed within its mtime's tick is listed again
         self._logs = None       # LevelDB's logs at the last sweep
         self.after_write()
 
     def after_write(self) -> None:
         try:
             mtime_ns = os.stat(self.path).st_mtime_ns
-            if mtime_ns == self._seen_ns:
+            if mtime_ns == self._seen_ns and (
+                    self._again_ns is None or time.time_ns() < self._again_ns):
                 return
             logs = {name for name in os.listdir(self.path) if fsck.LOG_NAME.match(name)}
         except OSError:         # removed under a closed store: nothing left to mark
             return
-        self._seen_ns = None if time.time_ns() - mtime_ns < _MTIME_TICK_NS else mtime_ns
+        self._seen_ns = mtime_ns
+        self._again_ns = (mtime_ns + _MTIME_TICK_NS
+                          if time.time_ns() - mtime_ns < _MTIME_TICK_NS else None)
         if self._logs is None or not logs <= self._logs:
             close_on_exec(self.path)
         self._logs = logs
