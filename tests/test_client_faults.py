@@ -512,6 +512,19 @@ def test_calls_behind_a_reply_given_before_taking_more_are_unreachable(status, c
     assert _behind_closing(_closing(status, body)) == [Unreachable] * 3
 
 
+@pytest.mark.parametrize("body", [b'{"error":"busy"}', b'{"error":"shutting_down"}',
+                                  b'{"error":"busy","detail":null}'])
+def test_calls_behind_a_foreign_503_with_accmans_code_are_unknown(body):
+    """A closing 503 whose body has AccMan's code but not its error shape
+    (SPEC "Errors": a `detail` string too) is a front end's
+    (ProxyUnavailable), which may have sent the calls behind it on: each
+    written one may have been applied, as behind any foreign reply.  They
+    were taken for never processed (Unreachable), and a keyless mod among
+    them would be sent again."""
+    assert _behind_closing(_closing(503, body)) == [OutcomeUnknown, OutcomeUnknown,
+                                                    Unreachable]
+
+
 class BlackHole:
     """A proxy before the real server, in a thread: the first connection's
     first request is passed on (the server applies it) and its reply is

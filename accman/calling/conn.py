@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 #   it takes nothing after it either.
 # A 500 is not among them: on an internal error the server answers 500 and
 # closes (Server.internal_error) after requests behind it may already have
-# gone to the store.  Nor is any reply another server (a proxy) may send.
+# gone to the store.  Nor is any reply another server (a proxy) may send:
+# one whose body has not AccMan's error shape is not taken for AccMan's,
+# whatever its code (replies._own_error, as for the reply itself).
 UNTAKEN_BEHIND = frozenset({
     (401, "unauthorized"), (503, "busy"), (503, "shutting_down"),
     (400, "bad_request"), (408, "timeout"), (411, "length_required"),
@@ -119,7 +121,8 @@ class Conn(asyncio.Protocol):
         waiting, self.waiting = self.waiting, collections.deque()
         sent = len(waiting) - unsent
         status, body, _ = reply
-        untaken = (status, replies._error_object(body).get("error")) in UNTAKEN_BEHIND
+        obj = replies._error_object(body)
+        untaken = replies._own_error(obj) and (status, obj["error"]) in UNTAKEN_BEHIND
         for i, fut in enumerate(waiting):
             if fut.done():
                 continue
