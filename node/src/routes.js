@@ -141,8 +141,11 @@ function unroutedWarning (unrouted) {
 // options (its handler among them) and its url (and the url with a slash
 // for a prefixed '/' route, which fastify also serves).  A HEAD route
 // declared after its GET is refused by fastify (declared first, it is
-// found before the GET and no sibling is made).  A sibling is marked in
-// its `config` by SIBLING_HEAD, which request.routeOptions.config keeps.
+// found before the GET and no sibling is made), but a HEAD route with a
+// constraint may stand beside the sibling, and come next with the same
+// handler and url: each expected url is matched once, so it stays the
+// app's.  A sibling is marked in its `config` by SIBLING_HEAD, which
+// request.routeOptions.config keeps.
 const SIBLING_HEAD = Symbol('fastify-accman sibling HEAD route')
 
 function headSiblings (fastify) {
@@ -152,6 +155,8 @@ function headSiblings (fastify) {
     if (expected !== null && methods.length === 1 && methods[0] === 'HEAD' &&
         route.handler === expected.handler && expected.urls.includes(route.url)) {
       route.config = { ...route.config, [SIBLING_HEAD]: true }
+      expected.urls = expected.urls.filter((url) => url !== route.url)
+      if (expected.urls.length === 0) expected = null
       return
     }
     expected = null

@@ -233,6 +233,34 @@ test('a locked web stream is charged on fastify\'s HEAD route, not on one the ap
   assert.equal(await mint.tot('p-lockedhead'), 94) // 3 a mode: the siblings only
 })
 
+// fastify makes one sibling HEAD a GET route (two for a prefixed '/'); a
+// HEAD route the app declares next with the same url and handler, under a
+// constraint that lets it stand beside the sibling, is the app's: fastify
+// refuses its locked web stream with a 500, which is not charged.
+test('a constrained HEAD route declared after its GET is not taken for fastify\'s sibling', async () => {
+  await mint.mod('p-lockedhead2', 100)
+  const locked = async (request, reply) => {
+    const stream = new Response('locked').body
+    stream.getReader()
+    return reply.type('text/plain').send(stream)
+  }
+  const app = Fastify()
+  await app.register(accman, { url: server.url, token: TOKENS.service })
+  app.get('/c', locked) // fastify's HEAD beside it
+  app.head('/c', { constraints: { host: 'b.example' } }, locked) // the app's
+  await app.ready()
+  try {
+    const head = (host) => app.inject({ method: 'HEAD', url: '/c', headers: { host, accman: 'p-lockedhead2' } })
+      .then((r) => [r.statusCode, r.headers.accman ?? null])
+    assert.deepEqual(await head('a.example'), [200, '99'])
+    assert.deepEqual(await head('b.example'), [500, null])
+  } finally {
+    await app.close()
+  }
+  await sleep(200) // a charge made for the 500 would be under way
+  assert.equal(await mint.tot('p-lockedhead2'), 99)
+})
+
 // fastify's HEAD route beside a GET has an onSend hook of its own, after
 // the plugin's, which fails on a null payload (and on a Response).
 test('a HEAD of a web Response with no body is answered as its GET, and charged as it', async () => {
