@@ -21,7 +21,7 @@ import accman
 from accman.calling.commands import failure, prepare
 from accman.cli import OPEN_KEY, build_parser, new_cred
 from accman.errors import BadReply, CallTimeout, OutcomeUnknown, Unreachable
-from conftest import ROOT, run_accman
+from conftest import PYTHON, ROOT, run_accman, server_env
 from fake_accman import account_id
 
 TOKENS = {
@@ -139,6 +139,44 @@ def test_a_host_that_does_not_resolve_is_said_so_before_the_store(tmp_path, host
     assert ("an IPv6 address goes without brackets: --host ::1" in err) == ("[" in host)
     assert "--tokens" not in err and "Unknown error" not in err
     assert not (tmp_path / "d").exists()
+
+
+def in_hosts_of_its_own(tmp_path, hosts: str, *args) -> list[str]:
+    """A command run where /etc/hosts is `hosts` (a mount namespace of its
+    own, the file bind-mounted over the system's): a name of several
+    addresses, which this machine's own hosts file has none of."""
+    (tmp_path / "hosts").write_text(hosts)
+    return ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+            str(tmp_path / "hosts"), PYTHON, "-m", "accman", *map(str, args)]
+
+
+def test_a_name_of_several_addresses_with_port_0_is_refused_before_the_store(tmp_path):
+    """Each address got a port of its own (`--port 0`), and a client told the
+    first URL missed the others; as `--host '*'` with port 0, refused."""
+    cmd = in_hosts_of_its_own(tmp_path, "127.0.0.1 twice\n127.0.0.2 twice\n",
+                              "serve", "--host", "twice", "--port", 0, "--data", tmp_path / "d")
+    err = one_line_error(subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                                        env=server_env(None), cwd=ROOT))
+    assert err == ("accman: error: --host twice names 2 addresses (127.0.0.1, 127.0.0.2), and "
+                   "--port 0 would give each a port of its own: give a --port other than 0")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_name_of_several_addresses_serves_each_on_its_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = in_hosts_of_its_own(tmp_path, "127.0.0.1 twice\n127.0.0.2 twice\n",
+                              "serve", "--host", "twice", "--port", port, "--data", tmp_path / "d")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=server_env(None), cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"accman: serving http://127.0.0.1:{port} "
+                               f"http://127.0.0.2:{port} data="), (line, proc.stderr)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 @pytest.mark.parametrize("host,hint", [

@@ -33,18 +33,25 @@ def is_loopback(host) -> bool:
     return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
 
 
-def check_host(host) -> None:
+def check_host(host, port) -> None:
     """StartupError when `host` names no address: said as such before the
     store opens, not as a bind without tokens (is_loopback's False) nor,
-    after the store was made, as the listener's `Unknown error`.  An empty
-    host (every interface) is the listener's to take."""
+    after the store was made, as the listener's `Unknown error`.  Nor may a
+    name of several addresses go with port 0: each address would get a port
+    of its own, and a client told the first would miss the others (as
+    `--host '*'`).  An empty host (every interface) is the listener's."""
     if not host:
         return
     try:
-        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         why = e.strerror if isinstance(e, socket.gaierror) else "not a host name"
         raise StartupError(f"cannot resolve --host {host}: {why}{_host_hint(host)}") from None
+    addresses = sorted({sockaddr[0] for *_, sockaddr in found})
+    if port == 0 and len(addresses) > 1:
+        raise StartupError(f"--host {host} names {len(addresses)} addresses "
+                           f"({', '.join(addresses)}), and --port 0 would give each a port "
+                           "of its own: give a --port other than 0")
 
 
 # A URL's form of an address (`[::1]`, `[::1]:8080`, `localhost:8080`), which
@@ -332,7 +339,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
-    check_host(host)
+    check_host(host, port)
     if tokens is None and not is_loopback(host):
         raise StartupError(
             f"refusing to serve on {host or 'all interfaces'} without tokens: "
