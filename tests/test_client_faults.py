@@ -26,6 +26,7 @@ from accman.client import (AccManClient, AccManSyncClient, CallTimeout, OutcomeU
                            Unauthorized, Unreachable)
 from accman.errors import AccManError, Busy
 from fake_accman import closed_port, run
+from threaded_proxy import Proxy
 
 
 def hold_slots(srv, n: int) -> list:
@@ -48,43 +49,6 @@ def wait_for_room(srv, timeout_s: float = 5.0) -> None:
             return
         assert time.monotonic() < deadline, r
         time.sleep(0.02)
-
-
-class Proxy:
-    """A TCP proxy before the real server, in a thread of its own, with an
-    event loop of its own: `_serve` is each connection's handler."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
-        self.connections = 0
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        ready.wait(5)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _run(self, ready) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-    async def _stop(self) -> None:
-        self.server.close()
-        tasks = asyncio.all_tasks() - {asyncio.current_task()}
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _serve(self, reader, writer) -> None:
-        raise NotImplementedError
 
 
 class Front(Proxy):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 
 import pytest
 
@@ -19,6 +18,7 @@ from accman.client import AccManClient, AccManSyncClient, OutcomeUnknown, ProxyU
 from accman.errors import Unavailable
 from accman.server.replies import error_body
 from asgi_harness import call, make_app
+from threaded_proxy import Proxy
 
 # What nginx answers when no upstream is up, or from `return 503;`.
 NGINX_503 = (b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n"
@@ -26,43 +26,17 @@ NGINX_503 = (b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title
              b"<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n")
 
 
-class Front:
-    """A foreign HTTP server before a real AccMan, in a thread of its own:
+class Front(Proxy):
+    """A foreign HTTP server before a real AccMan:
     it passes each request on, one connection upstream each, and while
     `refuse_writes` is set answers every PATCH with nginx's 503 page and
     keeps the connection (a front end in a read-only maintenance mode).
     `lines` are the request lines it saw."""
 
     def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
         self.refuse_writes = False
         self.lines: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(5)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _run(self, ready) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
-
-    def close(self) -> None:
-        async def stop():
-            self.server.close()
-            tasks = asyncio.all_tasks() - {asyncio.current_task()}
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+        super().__init__(upstream_port)
 
     async def _serve(self, reader, writer) -> None:
         try:
