@@ -31,10 +31,14 @@ class Front(Proxy):
     it passes each request on, one connection upstream each, and while
     `refuse_writes` is set answers every PATCH with nginx's 503 page and
     keeps the connection (a front end in a read-only maintenance mode).
+    While `fail_writes` is set, every PATCH fails so that its outcome is
+    unknown: "502" answers nginx's 502 page, "cut" passes it on (it lands)
+    and closes the connection with no reply, "hang" never answers.
     `lines` are the request lines it saw."""
 
     def __init__(self, upstream_port: int):
         self.refuse_writes = False
+        self.fail_writes: str | None = None
         self.lines: list[str] = []
         super().__init__(upstream_port)
 
@@ -43,7 +47,17 @@ class Front(Proxy):
             while head := await reader.readuntil(b"\r\n\r\n"):
                 line = head.split(b"\r\n", 1)[0].decode("latin-1")
                 self.lines.append(line)
-                if self.refuse_writes and line.startswith("PATCH "):
+                failing = self.fail_writes if line.startswith("PATCH ") else None
+                if failing == "cut":
+                    await self._pass(head)
+                    return
+                if failing == "hang":
+                    await reader.read()             # until the client gives up
+                    return
+                if failing == "502":
+                    writer.write(b"HTTP/1.1 502 Bad Gateway\r\nServer: nginx/1.24.0\r\n"
+                                 b"Content-Type: text/html\r\nContent-Length: 0\r\n\r\n")
+                elif self.refuse_writes and line.startswith("PATCH "):
                     writer.write(b"HTTP/1.1 503 Service Temporarily Unavailable\r\n"
                                  b"Server: nginx/1.24.0\r\nContent-Type: text/html\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(NGINX_503), NGINX_503))
@@ -145,6 +159,34 @@ def test_check_mode_names_the_proxy_and_probes_writes_after_its_503(shared_serve
     assert "AccMan unavailable (proxy_unavailable); refusing with 503" in caplog.text
     assert "(unavailable)" not in caplog.text
     assert shared_server.tot(cred) == 8
+
+
+@pytest.mark.any_one_store
+@pytest.mark.parametrize("failure", ["502", "cut", "hang"])
+def test_check_mode_probes_writes_after_a_charge_of_unknown_outcome(shared_server, front, cred,
+                                                                    failure):
+    """A charge that times out, meets a 502 or loses its connection after
+    sending may have landed, and says nothing of whether the next will:
+    admitted on /tot while writes keep failing so, every request would be
+    served with its charge owed.  Admission goes back to the role probe, as
+    after a 503; the first probe that AccMan answers ends it."""
+    shared_server.mod(cred, 10)
+    m = AccManMiddleware(make_app(), url=front.url, retries=0, timeout_s=0.2)
+
+    async def go():
+        statuses = [(await call(m, cred=cred)).status]      # probe, charge
+        front.fail_writes = failure
+        statuses.append((await call(m, cred=cred)).status)  # admitted on tot; owed
+        statuses.append((await call(m, cred=cred)).status)  # the probe fails too: 503
+        front.fail_writes = None                            # the owed charge lands
+        assert await m.drain(2.0)
+        statuses.append((await call(m, cred=cred)).status)  # probe, charge
+        await m.aclose()
+        return statuses
+    assert asyncio.run(go()) == [200, 200, 503, 200]
+    assert m.stats["owed"] == 1 and m.stats["refused_unavailable"] == 1
+    assert calls(front.lines) == ["probe", "charge", "tot", "charge", "probe", "probe", "charge"]
+    assert shared_server.tot(cred) == 7
 
 
 @pytest.mark.any_one_store

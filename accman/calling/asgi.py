@@ -46,7 +46,7 @@ from accman.calling.client import AccManClient
 from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
                                  SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Mod, Owed, Unhold,
                                  billed, charge_key, fingerprint)
-from accman.calling.policy import may_have_landed, takes_no_writes
+from accman.calling.policy import may_have_landed
 from accman.calling.disconnect import READ_AHEAD_BYTES_MAX, DisconnectWatch
 from accman.calling.lifespan import lifespan
 from accman.calling.repeats import Repeats
@@ -284,11 +284,13 @@ class AccManMiddleware:
         except AccManError as e:
             if not served and isinstance(e, (Unauthorized, Forbidden)):
                 raise
-            if takes_no_writes(e):
-                # AccMan still answers `tot` while its store cannot commit:
-                # admitted on it, every request would be served and its
-                # charge owed.  Admission goes back to the probe, a change
-                # that meets the same 503 until AccMan takes writes again.
+            if may_have_landed(e):
+                # A 503 that is not back-pressure, a timeout, a 502 or 504,
+                # a connection cut after sending: writes may be failing while
+                # `tot` goes on, and admitted on it, every request would be
+                # served with its charge owed.  Admission goes back to the
+                # probe, a change that meets the same failure until writes
+                # work again; one that answers ends it at the next request.
                 self._charge_seen = False
             self._owed.add(Mod(cred, -cost, key, "charge"), e)
             return None

@@ -18,7 +18,7 @@ const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
   AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown,
-  Conflict, Unauthorized, Forbidden, Busy, Unreachable, ProxyUnavailable, mayHaveLanded
+  Conflict, Unauthorized, Forbidden, mayHaveLanded
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
@@ -65,17 +65,6 @@ function headerCount (rawHeaders, name) {
 // AccMan's answer to a token that is wrong (401) or lacks the role (403).
 function refusesToken (err) {
   return err instanceof Unauthorized || err instanceof Forbidden
-}
-
-// A 503 to a change that is neither back-pressure (Busy) nor the client's
-// (Unreachable), so that the next change may meet it too while reads go on:
-// AccMan's own, its store cannot commit (or it is stopping), or a front
-// end's (ProxyUnavailable), which may refuse writes while it passes reads (a
-// maintenance mode, a rate limit on PATCH).  As the Python middleware's
-// policy.takes_no_writes.
-function takesNoWrites (err) {
-  if (err instanceof ProxyUnavailable) return true
-  return err instanceof Unavailable && !(err instanceof Busy) && !(err instanceof Unreachable)
 }
 
 // Who owes whom when an owed call that moves `by` never lands.
@@ -441,12 +430,14 @@ class Meter {
       return r.tot
     } catch (err) {
       if (!served && refusesToken(err)) throw err
-      // An AccMan that takes no writes still answers tot: admitted on it,
-      // every request would be served and its charge owed.  Admission goes
-      // back to the probe, a change that meets the same 503 until AccMan
-      // takes writes again: a closed service refuses, an open one serves
-      // unpaid and says so at once.
-      if (this.mode === 'check' && takesNoWrites(err)) this.chargeSeen = false
+      // A charge that may have landed (a 503 that is not back-pressure, a
+      // timeout, a 502 or 504, a connection cut after sending): writes may
+      // be failing while tot goes on, and admitted on it, every request
+      // would be served with its charge owed.  Admission goes back to the
+      // probe, a change that meets the same failure until writes work
+      // again (a closed service refuses, an open one serves unpaid and
+      // says so at once); one that answers ends it at the next request.
+      if (this.mode === 'check' && mayHaveLanded(err)) this.chargeSeen = false
       this.owe(new Charge(state.cred, cost, key), err)
       return null
     }

@@ -20,13 +20,23 @@ const NGINX_503 = '<html>\r\n<head><title>503 Service Temporarily Unavailable</t
 
 // A foreign HTTP server before `upstreamUrl`: it passes each request on,
 // and while `refuseWrites` is set answers every PATCH with nginx's 503 page
-// (a front end in a read-only maintenance mode).  `lines` are the
-// requests it saw, as 'METHOD target'.
+// (a front end in a read-only maintenance mode).  While `failWrites` is
+// set, every PATCH fails so that its outcome is unknown: '502' answers
+// nginx's 502, 'cut' passes it on (it lands) and destroys the connection
+// with no reply, 'hang' never answers.  `lines` are the requests it saw,
+// as 'METHOD target'.
 async function frontOf (upstreamUrl) {
   const up = new URL(upstreamUrl)
-  const front = { refuseWrites: false, lines: [] }
+  const front = { refuseWrites: false, failWrites: null, lines: [] }
   const server = http.createServer((req, res) => {
     front.lines.push(`${req.method} ${req.url}`)
+    const failing = req.method === 'PATCH' ? front.failWrites : null
+    if (failing === 'hang') return // until the client gives up, or close
+    if (failing === '502') {
+      res.writeHead(502, 'Bad Gateway', { server: 'nginx/1.24.0', 'content-type': 'text/html' })
+      res.end()
+      return
+    }
     if (front.refuseWrites && req.method === 'PATCH') {
       res.writeHead(503, 'Service Temporarily Unavailable', { server: 'nginx/1.24.0', 'content-type': 'text/html' })
       res.end(NGINX_503)
@@ -34,6 +44,11 @@ async function frontOf (upstreamUrl) {
     }
     const headers = { ...req.headers, host: up.host }
     const pass = http.request({ host: up.hostname, port: up.port, method: req.method, path: req.url, headers }, (r) => {
+      if (failing === 'cut') {
+        r.resume()
+        r.on('end', () => res.destroy())
+        return
+      }
       res.writeHead(r.statusCode, r.headers)
       r.pipe(res)
     })
@@ -132,3 +147,31 @@ test('check mode names the proxy\'s 503 and probes writes after it, as after Acc
   assert.ok(messages(logs, 40).some((m) => m.includes('queued')))
   assert.equal(await mint.tot('x-check'), 8)
 })
+
+for (const failure of ['502', 'cut', 'hang']) {
+  test(`check mode probes writes after a charge of unknown outcome (${failure}), until AccMan answers one`, async () => {
+    // A charge that times out, meets a 502 or loses its connection after
+    // sending may have landed, and says nothing of whether the next will:
+    // admitted on the balance while writes keep failing so, every request
+    // would be served with its charge owed.
+    const cred = `x-unknown-${failure}`
+    await mint.mod(cred, 10)
+    const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 200 })
+    const statuses = []
+    try {
+      statuses.push((await get(url + '/w', cred)).status) // probe, charge
+      front.failWrites = failure
+      statuses.push((await get(url + '/w', cred)).status) // admitted on the balance; owed
+      statuses.push((await get(url + '/w', cred)).status) // the probe fails too: 503
+      assert.equal(app.accman.stats.owed, 1)
+      front.failWrites = null // the owed charge lands
+      assert.ok(await app.accman.drain(2000))
+      statuses.push((await get(url + '/w', cred)).status) // probe, charge
+    } finally {
+      await app.close()
+    }
+    assert.deepEqual(statuses, [200, 200, 503, 200])
+    assert.deepEqual(calls(front.lines), ['probe', 'charge', 'charge', 'probe', 'probe', 'charge'])
+    assert.equal(await mint.tot(cred), 7)
+  })
+}
