@@ -407,15 +407,15 @@ class AccManMiddleware:
     async def aclose(self) -> None:
         """Let releases and owed calls land (SHUTDOWN_DRAIN_S each, then
         SHUTDOWN_LAST_CALL_S for the call under way), strand the rest, give
-        async on_unpaid calls SHUTDOWN_DRAIN_S more (those of what was
-        stranded among them), close the client.  Called on the lifespan
-        shutdown."""
+        async on_unpaid calls SHUTDOWN_DRAIN_S more, close the client, say
+        the repeated lines' unsaid counts.  Called on the lifespan shutdown."""
         await self._ended(self._tasks, SHUTDOWN_DRAIN_S)
         await self._owed.close()
         await self._ended(self._billing, SHUTDOWN_DRAIN_S)     # cut off past it: logged
         if self._client is not None and self._own_client:
             await self._client.aclose()
             self._client = None
+        self._repeats.close()           # no count unsaid, no timer left behind
 
     # --- small parts --------------------------------------------------------
     def _acc(self):

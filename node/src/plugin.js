@@ -586,7 +586,8 @@ class Meter {
   // Releases under way end (a failed one is owed), then owed calls get
   // what is left of CLOSE_DRAIN_MS to land (Owed.close); async onUnpaid
   // calls, those of what the close stranded among them, get CLOSE_DRAIN_MS
-  // more; then the client closes.
+  // more; then the client closes, and the repeated lines say their counts
+  // not yet said.
   async close () {
     const deadline = performance.now() + limits.CLOSE_DRAIN_MS
     await Promise.all(this.releasing)
@@ -597,6 +598,7 @@ class Meter {
     clearTimeout(timer)
     if (this.billing.size) this.log.error(`accman: ${this.billing.size} onUnpaid calls still under way at close: their bills may not be made`)
     if (this.ownClient) await this.client.close()
+    this.repeats.close() // no count unsaid, no timer left behind
   }
 }
 

@@ -4,12 +4,20 @@
 // it again, thousands a second.  Said when it starts, then at most every
 // REPEAT_MS while it goes on, with how many times it came meanwhile
 // (`repeated`, over `seconds`; a line that had stopped and comes back is
-// said at once, with `repeatedBefore`, its last spell's count).  A line
-// forgotten (past LINES_MAX) with repeats not yet said says their count as
-// it goes, in one line (`repeated`, `seconds`, `forgotten: true`), so that no
-// repeat goes uncounted.  As the Python middleware's accman.calling.repeats.
+// said at once, with `repeatedBefore`, its last spell's count).  Repeats not
+// yet said when the line stops coming are said once it has not come for
+// REPEAT_MS (`repeated`, `seconds`, `quiet: true`; an unref'd timer, armed
+// only while some count is unsaid), or at close.  A line forgotten (past
+// LINES_MAX) with repeats not yet said says their count as it goes, in one
+// line (`repeated`, `seconds`, `forgotten: true`), so that no repeat goes
+// uncounted.  As the Python middleware's accman.calling.repeats.
 
 const { REPEAT_MS, REPEATED_LINES_MAX: LINES_MAX } = require('./limits')
+
+// The shortest wait of the timer: a timer may run a little before the
+// injected clock says the line is due, and a line not yet due is waited for
+// again, never in a busy loop.
+const TIMER_MIN_MS = 1
 
 class Repeats {
   // `log` is a pino-like logger; `now` a clock in ms.  The lines are known
@@ -19,6 +27,7 @@ class Repeats {
     this.log = log
     this.now = now
     this.said = new Map()
+    this.timer = null
   }
 
   // `said` (fields too, such as AccMan's words, which vary with what answers)
@@ -37,11 +46,57 @@ class Repeats {
     } else {
       state.since++
       state.seen = now
+      this.arm(REPEAT_MS)
       return
     }
     this.log[level]({ ...fields, ...said, ...more }, text)
     if (state === undefined && this.said.size >= LINES_MAX) this.forget(this.metLongestAgo())
     this.said.set(key, { at: now, since: 0, seen: now, level, fields, text })
+    if (this.timer !== null && !this.unsaid()) this.cancel() // no count left to say
+  }
+
+  // Says the repeats not yet said of each line not met for REPEAT_MS (every
+  // line's, `closing`): a spell that ended says what it counted without
+  // waiting for the line to come again, which it may never do.  The timer's
+  // work; then armed again if some count is still unsaid.
+  flush (closing = false) {
+    this.cancel()
+    const now = this.now()
+    let dueMs = null // until the next unsaid count is due
+    for (const state of this.said.values()) {
+      if (!state.since) continue
+      const leftMs = state.seen + REPEAT_MS - now
+      if (closing || leftMs <= 0) {
+        const { since, at, seen, level, fields, text } = state
+        this.log[level]({ ...fields, repeated: since, seconds: Math.round((seen - at) / 1000), quiet: true }, text)
+        state.since = 0
+      } else if (dueMs === null || leftMs < dueMs) {
+        dueMs = leftMs
+      }
+    }
+    if (dueMs !== null) this.arm(dueMs)
+  }
+
+  // Says every count not yet said, and leaves no timer behind.
+  close () {
+    this.flush(true)
+  }
+
+  // Unref'd: a count waiting to be said never keeps the process alive.
+  arm (delayMs) {
+    if (this.timer !== null) return
+    this.timer = setTimeout(() => { this.timer = null; this.flush() }, Math.max(delayMs, TIMER_MIN_MS))
+    this.timer.unref()
+  }
+
+  cancel () {
+    if (this.timer !== null) clearTimeout(this.timer)
+    this.timer = null
+  }
+
+  unsaid () {
+    for (const state of this.said.values()) if (state.since) return true
+    return false
   }
 
   // Forgets a line, saying the repeats that it has not said yet: an operator

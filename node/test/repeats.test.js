@@ -4,6 +4,8 @@
 const test = require('node:test')
 const assert = require('node:assert/strict')
 const { Repeats, REPEAT_MS, LINES_MAX } = require('../src/repeats')
+const { TOKENS } = require('./helpers/accman')
+const { serviceApp, get } = require('./helpers/app')
 
 test('a line every request meets is said at most once a REPEAT_MS, with its count', () => {
   const said = []
@@ -82,4 +84,66 @@ test('a forgotten line says the repeats it had not said, once, at its level', ()
   assert.deepEqual(forgotten, [['error', { status: 404, code: 'a', repeated: 7, seconds: 4, forgotten: true }, 'refused']])
   assert.equal(said.length, 2 + LINES_MAX + 1) // b had nothing more to say
   assert.equal(repeats.said.size, LINES_MAX)
+})
+
+test('a spell that ends says its unsaid count once the line is quiet for REPEAT_MS, once', () => {
+  // 999 refusals in 5 s, then the outage ends: the line never comes again.
+  const said = []
+  let now = 100000
+  const repeats = new Repeats({ warn: (f, t) => said.push([f, t]) }, () => now)
+  for (let i = 0; i < 999; i++) { repeats.say('warn', {}, 'down'); now += 5000 / 998 }
+  assert.equal(repeats.timer.hasRef(), false) // a count to say never keeps the process alive
+  now += REPEAT_MS - 5000 / 998 - 10 // not yet quiet for REPEAT_MS
+  repeats.flush()
+  assert.deepEqual(said, [[{}, 'down']])
+  now += 10
+  repeats.flush()
+  repeats.flush()
+  assert.deepEqual(said, [[{}, 'down'], [{ repeated: 998, seconds: 5, quiet: true }, 'down']])
+  now += 3600000
+  repeats.say('warn', {}, 'down') // nothing left to say before it
+  repeats.close()
+  assert.deepEqual(said.slice(2), [[{}, 'down']])
+  assert.equal(repeats.timer, null)
+})
+
+test('the timer is armed only while a count is unsaid, and none is left at close', (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout'] })
+  const said = []
+  let now = 100000
+  const repeats = new Repeats({ warn: (f, t) => said.push([f, t]), error: (f, t) => said.push([f, t]) }, () => now)
+  const tick = (ms) => { now += ms; t.mock.timers.tick(ms) }
+  repeats.say('warn', {}, 'down')
+  assert.equal(repeats.timer, null) // nothing unsaid
+  repeats.say('warn', {}, 'down')
+  const timer = repeats.timer
+  assert.notEqual(timer, null)
+  tick(2000)
+  repeats.say('warn', {}, 'down')
+  assert.equal(repeats.timer, timer) // one timer, however many repeats
+  tick(REPEAT_MS - 2000) // it runs: the line was met 8 s ago, so it waits 2 s more
+  assert.equal(said.length, 1)
+  assert.notEqual(repeats.timer, null)
+  tick(2000)
+  assert.deepEqual(said[1], [{ repeated: 2, seconds: 2, quiet: true }, 'down'])
+  assert.equal(repeats.timer, null) // all said: no timer
+  repeats.say('error', { code: 'x' }, 'refused')
+  repeats.say('error', { code: 'x' }, 'refused')
+  repeats.close()
+  assert.deepEqual(said.slice(2), [[{ code: 'x' }, 'refused'], [{ code: 'x', repeated: 1, seconds: 0, quiet: true }, 'refused']])
+  assert.equal(repeats.timer, null)
+  tick(10 * REPEAT_MS)
+  assert.equal(said.length, 4)
+})
+
+test('the plugin says an outage\'s unsaid count at close', async () => {
+  // Refusals that stop before REPEAT_MS: at close, their count is said.
+  const logs = []
+  const dead = 'http://127.0.0.1:9' // discard port: nothing listens
+  const { app, url } = await serviceApp({ url: dead, token: TOKENS.service, retries: 0 }, { logs })
+  for (let i = 0; i < 5; i++) assert.equal((await get(url + '/w', 'r-down')).status, 503)
+  await app.close()
+  const lines = logs.filter((l) => l.msg === 'accman: AccMan unavailable; refusing with 503')
+  assert.deepEqual(lines.map((l) => [l.code, l.repeated, l.quiet]),
+    [['unreachable', undefined, undefined], ['unreachable', 4, true]])
 })
