@@ -7,6 +7,7 @@ import asyncio
 import importlib.metadata
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -177,6 +178,30 @@ def test_a_name_of_several_addresses_serves_each_on_its_port(tmp_path):
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_name_that_lists_one_address_twice_is_served_on_it_once(tmp_path, fixed):
+    """A hosts file may list one address twice for a name: bound as the
+    name, it was bound twice, on two ports with `--port 0` (the first URL
+    missed half the connections), and with a fixed port the second bind
+    failed into a traceback after the store was made."""
+    port = 0
+    if fixed:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    cmd = in_hosts_of_its_own(tmp_path, "127.0.0.1 twice\n127.0.0.1 twice\n",
+                              "serve", "--host", "twice", "--port", port, "--data", tmp_path / "d")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=server_env(None), cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert re.fullmatch(r"accman: serving http://127\.0\.0\.1:(\d+) data=.*\n", line), (line, err)
+    assert not fixed or f":{port} " in line
 
 
 @pytest.mark.parametrize("host,hint", [

@@ -33,25 +33,31 @@ def is_loopback(host) -> bool:
     return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
 
 
-def check_host(host, port) -> None:
-    """StartupError when `host` names no address: said as such before the
-    store opens, not as a bind without tokens (is_loopback's False) nor,
-    after the store was made, as the listener's `Unknown error`.  Nor may a
-    name of several addresses go with port 0: each address would get a port
-    of its own, and a client told the first would miss the others (as
-    `--host '*'`).  An empty host (every interface) is the listener's."""
+def check_host(host, port):
+    """The addresses `host` names, each once, in getaddrinfo's order: what
+    the listener binds (a name given as is would be bound once per time
+    getaddrinfo lists an address, and a hosts file may list one twice: a
+    port of its own each with port 0, and a failed second bind with
+    another).  StartupError when `host` names no address: said as such
+    before the store opens, not as a bind without tokens (is_loopback's
+    False) nor, after the store was made, as the listener's `Unknown error`.
+    Nor may a name of several addresses go with port 0: each address would
+    get a port of its own, and a client told the first would miss the others
+    (as `--host '*'`).  An empty host (every interface) is the listener's,
+    returned as it is."""
     if not host:
-        return
+        return host
     try:
         found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         why = e.strerror if isinstance(e, socket.gaierror) else "not a host name"
         raise StartupError(f"cannot resolve --host {host}: {why}{_host_hint(host)}") from None
-    addresses = sorted({sockaddr[0] for *_, sockaddr in found})
+    addresses = list(dict.fromkeys(sockaddr[0] for *_, sockaddr in found))
     if port == 0 and len(addresses) > 1:
         raise StartupError(f"--host {host} names {len(addresses)} addresses "
-                           f"({', '.join(addresses)}), and --port 0 would give each a port "
-                           "of its own: give a --port other than 0")
+                           f"({', '.join(sorted(addresses))}), and --port 0 would give each a "
+                           "port of its own: give a --port other than 0")
+    return addresses
 
 
 # A URL's form of an address (`[::1]`, `[::1]:8080`, `localhost:8080`), which
@@ -289,16 +295,16 @@ def _adopt_cursor(cursors, data_path, loop) -> None:
             f"store's, which its front-ends share")
 
 
-async def _serve(server, host, port, deliverer, where, ready) -> None:
+async def _serve(server, host, addresses, port, deliverer, where, ready) -> None:
     """Listens, then serves until stopped.  All of it in one run of the
     loop: uvloop hears signals only while its loop runs, and a SIGTERM
     sent on seeing the ready line, between two runs, was lost (the server
     never stopped)."""
     try:
-        await server.start(host, port)
+        await server.start(addresses, port)
     except OSError as e:
-        # A name that stopped resolving since check_host: gaierror's errno
-        # is getaddrinfo's, which os.strerror does not know.
+        # A gaierror's errno (the listener resolves an address too) is
+        # getaddrinfo's, which os.strerror does not know.
         reason = (e.strerror if isinstance(e, socket.gaierror) or not e.errno
                   else os.strerror(e.errno)) or str(e)
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
@@ -339,7 +345,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
-    check_host(host, port)
+    addresses = check_host(host, port)
     if tokens is None and not is_loopback(host):
         raise StartupError(
             f"refusing to serve on {host or 'all interfaces'} without tokens: "
@@ -372,7 +378,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         store.bind_loop(loop, deliver=server.deliver)
         deliverer = server.metrics.webhook = start_webhook(store, webhook, limits, loop,
                                                            data_path)
-        loop.run_until_complete(_serve(server, host, port, deliverer, where, ready))
+        loop.run_until_complete(_serve(server, host, addresses, port, deliverer, where,
+                                       ready))
         failure = None if store.healthy else (getattr(store, "failure", None)
                                               or store.unhealthy_detail
                                               or "the store failed to commit")
