@@ -71,12 +71,15 @@ class Front(Proxy):
 
     async def _pass(self, head: bytes) -> bytes:
         """AccMan's reply to `head` (its routes take no body), on a
-        connection of its own."""
+        connection of its own, without the `Connection: close` that ends
+        that one: the client's connection to the front end stays open, as
+        a front end's does (a client that sent the next request on it
+        would have it cut short)."""
         r, w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         try:
             w.write(head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
             await w.drain()
-            return await r.read()
+            return (await r.read()).replace(b"\r\nConnection: close\r\n", b"\r\n", 1)
         finally:
             w.close()
 
@@ -187,6 +190,33 @@ def test_check_mode_probes_writes_after_a_charge_of_unknown_outcome(shared_serve
     assert m.stats["owed"] == 1 and m.stats["refused_unavailable"] == 1
     assert calls(front.lines) == ["probe", "charge", "tot", "charge", "probe", "probe", "charge"]
     assert shared_server.tot(cred) == 7
+
+
+@pytest.mark.any_one_store
+def test_concurrent_requests_after_a_charge_of_unknown_outcome_share_one_probe(shared_server,
+                                                                               front, cred):
+    """After a charge of unknown outcome, the requests that come while the
+    probe is under way wait for it, then read the balance: one write, not
+    one per request in flight (a service under load met a transient failure
+    with as many probe writes as it had requests, each a change on AccMan's
+    write path, and a probe answered before the failure that ended after it
+    put admission back on /tot)."""
+    shared_server.mod(cred, 100)
+    m = AccManMiddleware(make_app(), url=front.url, retries=0, timeout_s=0.5)
+
+    async def go():
+        assert (await call(m, cred=cred)).status == 200     # probe, charge
+        front.fail_writes = "502"
+        assert (await call(m, cred=cred)).status == 200     # admitted on tot; owed
+        front.fail_writes = None
+        replies = await asyncio.gather(*(call(m, cred=cred) for _ in range(8)))
+        assert await m.drain(2.0)
+        await m.aclose()
+        return [r.status for r in replies]
+    assert asyncio.run(go()) == [200] * 8
+    assert calls(front.lines).count("probe") == 2
+    assert calls(front.lines).count("tot") == 1 + 7
+    assert shared_server.tot(cred) == 100 - 10
 
 
 @pytest.mark.any_one_store

@@ -47,15 +47,16 @@ from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX
                                  SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Mod, Owed, Unhold,
                                  billed, charge_key, fingerprint)
 from accman.calling.policy import may_have_landed
+from accman.calling.probe import RoleProbe
 from accman.calling.disconnect import READ_AHEAD_BYTES_MAX, DisconnectWatch
 from accman.calling.lifespan import lifespan
 from accman.calling.repeats import Repeats
 from accman.calling.reserve import Reservation
 from accman.calling.settings import (amount, check_calls, check_options, paths, priced,
                                      request_ids, route_path, split)
-from accman.errors import (AccManError, Conflict, Forbidden, Insufficient, NoAccount, TooManyHolds,
-                           TransportError, Unauthorized, Unavailable, UnexpectedReply)
-from accman.limits import CRED_CHARS_MAX, INT64_MAX
+from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
+                           TransportError, Unauthorized, Unavailable)
+from accman.limits import CRED_CHARS_MAX
 
 log = logging.getLogger("accman.asgi")
 
@@ -146,8 +147,8 @@ class AccManMiddleware:
         self._rid = request_ids
         # Check mode admits with `tot`, which a token without `charge` may
         # read; until a charge refused for its balance has shown the role,
-        # admission is that refusal (`_probe`).
-        self._charge_seen = False
+        # and after a charge that may have landed, admission is that refusal.
+        self._role = RoleProbe()
         self.stats = dict.fromkeys(_STATS, 0)
         self._owed = Owed(self._acc, self.stats, self._charged, self._unpaid)
         self._tasks = set()             # releases and charges under way (_spawn)
@@ -181,7 +182,7 @@ class AccManMiddleware:
     async def _serve_checked(self, scope, receive, send, cred, price, est):
         acc = self._acc()
         try:
-            tot = await (acc.tot(cred) if self._charge_seen else self._probe(acc, cred))
+            tot = await (acc.tot(cred) if self._role.seen else self._role.admit(acc, cred))
         except NoAccount:
             return await self._no_account(send)
         except AccManError as e:
@@ -210,24 +211,6 @@ class AccManMiddleware:
         async with watch:
             await self.app(scope, watch.receive, send_)
 
-    async def _probe(self, acc, cred) -> int:
-        """Check mode's admission until the token's `charge` role is seen:
-        a charge of 1 with `min` INT64_MAX, which no balance can meet.  A
-        token without the role gets its 403 here, before the app works; a
-        409 (the account judged, nothing changed) shows the role.  The
-        balance: an insufficient's `tot`, or read after an overflow (at
-        INT64_MIN, where a charge of 1 leaves the range, with no `tot`)."""
-        try:
-            tot, seq = await acc.mod(cred, -1, min=INT64_MAX)
-        except Conflict as e:
-            self._charge_seen = True
-            return e.tot if isinstance(e, Insufficient) else await acc.tot(cred)
-        # Not AccMan, or not keeping the SPEC's `min`: a configuration error.
-        log.error("accman: the role probe, a charge of 1 with min %d, was applied to account "
-                  "%s (seq %d, balance %d): the url does not name an AccMan that keeps `min`; "
-                  "that 1 is owed back", INT64_MAX, fingerprint(cred), seq, tot)
-        raise UnexpectedReply(200, "probe_applied", "a charge with min INT64_MAX applied")
-
     async def _refused_charge(self, send, err, cred, key):
         """The charge after the work met 401 or 403: the token lost its
         role or was replaced.  The response is not delivered (a
@@ -235,7 +218,7 @@ class AccManMiddleware:
         admission probes the role again.  Only if an earlier attempt of the
         charge landed and its reply was lost did the consumer pay: the log
         names the key to look for."""
-        self._charge_seen = False
+        self._role.lost()
         self.stats["refused_unavailable"] += 1
         log.error("accman: AccMan refused the charge (%s %s): check the token's roles; "
                   "refusing with 503 (account %s: if key %s is in its history, an earlier "
@@ -291,7 +274,7 @@ class AccManMiddleware:
                 # served with its charge owed.  Admission goes back to the
                 # probe, a change that meets the same failure until writes
                 # work again; one that answers ends it at the next request.
-                self._charge_seen = False
+                self._role.lost()
             self._owed.add(Mod(cred, -cost, key, "charge"), e)
             return None
         self._charged(cost)
