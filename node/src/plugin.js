@@ -18,10 +18,11 @@ const limits = require('./limits')
 const { AccManClient } = require('./client')
 const {
   AccManError, Insufficient, NoAccount, HoldEnded, TooManyHolds, Unavailable, OutcomeUnknown,
-  Conflict, Unauthorized, Forbidden, mayHaveLanded
+  Unauthorized, Forbidden, mayHaveLanded
 } = require('./errors')
 const { Owed, Charge, Settle, Unhold, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
+const { RoleProbe } = require('./probe')
 const { Repeats } = require('./repeats')
 const { settings, checkRoute, checkExempt, amount, price } = require('./options')
 const { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning, headSiblings } = require('./routes')
@@ -109,8 +110,9 @@ class Meter {
     this.holdTtlS = config.holdTtlS
     this.cache = new CheckCache(config.checkFreshMs)
     // Check mode admits with a tot, which a token without the charge role
-    // may read; until a probe has shown the role, admission is the probe.
-    this.chargeSeen = false
+    // may read; until a probe has shown the role, and after a charge that
+    // may have landed, admission is the probe (probe.js).
+    this.role = new RoleProbe()
     this.onUnpaid = config.onUnpaid
     this.ownClient = !opts.client
     this.client = opts.client || new AccManClient({
@@ -206,11 +208,11 @@ class Meter {
   }
 
   async checkFor (state) {
-    const probing = this.mode === 'check' && !this.chargeSeen
+    const probing = this.mode === 'check' && !this.role.seen
     let tot = probing ? null : this.cache.get(state.cred, state.estimate)
     if (tot === null) {
       try {
-        tot = probing ? await this.probe(state.cred) : await this.client.tot(state.cred)
+        tot = probing ? await this.role.admit(this.client, state.cred) : await this.client.tot(state.cred)
       } catch (err) {
         if (err instanceof NoAccount || !this.open || !this.isOutage(err)) throw err
         state.unpaid = err
@@ -220,26 +222,6 @@ class Meter {
       if (tot < state.estimate) throw new Insufficient(tot)
     }
     state.tot = tot
-  }
-
-  // Check mode's admission until the token's charge role is seen: a charge
-  // of 1 with min INT64_MAX, which no balance can meet, so AccMan refuses it
-  // for the balance (409 insufficient, with tot) and changes nothing.  A
-  // token without the role meets its 403 here, before the handler works,
-  // not at the charge after it.  A 404 no_account refuses the request and
-  // probes on.  The balance, as tot.  Any of AccMan's 409s is a judgment
-  // of the account, which only a token with the role gets: it shows the
-  // role too.  A balance at INT64_MIN, where a charge of 1 leaves the
-  // range, is 409 overflow, with no tot: the balance is then read.
-  async probe (cred) {
-    try {
-      await this.client.mod(cred, -1n, { min: limits.INT64_MAX })
-    } catch (err) {
-      if (!(err instanceof Conflict)) throw err
-      this.chargeSeen = true
-      return err instanceof Insufficient ? err.tot : await this.client.tot(cred)
-    }
-    throw new Error('AccMan applied a charge with min INT64_MAX')
   }
 
   async holdFor (state) {
@@ -437,7 +419,7 @@ class Meter {
       // probe, a change that meets the same failure until writes work
       // again (a closed service refuses, an open one serves unpaid and
       // says so at once); one that answers ends it at the next request.
-      if (this.mode === 'check' && mayHaveLanded(err)) this.chargeSeen = false
+      if (this.mode === 'check' && mayHaveLanded(err)) this.role.lost()
       this.owe(new Charge(state.cred, cost, key), err)
       return null
     }
@@ -450,7 +432,7 @@ class Meter {
   // (dropHandlerHeaders), and nothing is owed for it.  Admission probes the
   // role again.
   refuseCharge (reply, payload, err, state) {
-    this.chargeSeen = false
+    this.role.lost()
     this.stats.refused_unavailable++
     this.repeats.say('error', { status: err.status, code: err.code },
       'accman: AccMan refused the charge: check the token\'s roles; refusing with 503')

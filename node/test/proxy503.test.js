@@ -175,3 +175,26 @@ for (const failure of ['502', 'cut', 'hang']) {
     assert.equal(await mint.tot(cred), 7)
   })
 }
+
+test('check mode: the requests in flight after a charge of unknown outcome share one probe', async () => {
+  // A service under load met one transient failure with as many probe
+  // writes as it had requests in flight: the requests that come while the
+  // probe is under way wait for it, then read their balance.
+  const cred = 'x-unknown-herd'
+  await mint.mod(cred, 100)
+  const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 500 })
+  let statuses
+  try {
+    assert.equal((await get(url + '/w', cred)).status, 200) // probe, charge
+    front.failWrites = '502'
+    assert.equal((await get(url + '/w', cred)).status, 200) // admitted on the balance; owed
+    front.failWrites = null
+    statuses = (await Promise.all(Array.from({ length: 8 }, () => get(url + '/w', cred)))).map((r) => r.status)
+    assert.ok(await app.accman.drain(2000))
+  } finally {
+    await app.close()
+  }
+  assert.deepEqual(statuses, Array(8).fill(200))
+  assert.equal(calls(front.lines).filter((c) => c === 'probe').length, 2)
+  assert.equal(await mint.tot(cred), 90)
+})
