@@ -34,11 +34,14 @@ class Front(Proxy):
     While `fail_writes` is set, every PATCH fails so that its outcome is
     unknown: "502" answers nginx's 502 page, "cut" passes it on (it lands)
     and closes the connection with no reply, "hang" never answers.
-    `lines` are the request lines it saw."""
+    While `hold_probes` is set, a role probe waits before it is passed on
+    (or failed, as `fail_writes` was when it came).  `lines` are the
+    request lines it saw."""
 
     def __init__(self, upstream_port: int):
         self.refuse_writes = False
         self.fail_writes: str | None = None
+        self.hold_probes = False
         self.lines: list[str] = []
         super().__init__(upstream_port)
 
@@ -48,6 +51,8 @@ class Front(Proxy):
                 line = head.split(b"\r\n", 1)[0].decode("latin-1")
                 self.lines.append(line)
                 failing = self.fail_writes if line.startswith("PATCH ") else None
+                while self.hold_probes and "&min=" in line:
+                    await asyncio.sleep(0.005)
                 if failing == "cut":
                     await self._pass(head)
                     return
@@ -217,6 +222,59 @@ def test_concurrent_requests_after_a_charge_of_unknown_outcome_share_one_probe(s
     assert calls(front.lines).count("probe") == 2
     assert calls(front.lines).count("tot") == 1 + 7
     assert shared_server.tot(cred) == 100 - 10
+
+
+@pytest.mark.any_one_store
+def test_a_probe_answered_before_a_charge_failed_leaves_admission_on_the_probe(shared_server,
+                                                                              front, cred):
+    """A probe sent before a charge failed says nothing of the writes since:
+    its 409 put admission back on /tot, and the next request, writes still
+    failing, was served with its charge owed."""
+    shared_server.mod(cred, 100)
+    go_on = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        if scope["path"] == "/slow":
+            await go_on.wait()
+        status = 404 if scope["path"] == "/free" else 200   # a 404 is not charged
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+    m = AccManMiddleware(app, url=front.url, retries=0, timeout_s=0.5)
+
+    async def until(what: str, after: int):
+        while what not in calls(front.lines[after:]):
+            await asyncio.sleep(0.005)
+
+    async def go():
+        assert (await call(m, cred=cred)).status == 200     # probe, charge
+        # Two connections to the front end (the second request pipelines,
+        # and a spare is opened), so that a charge need not wait behind the
+        # held probe on one.
+        await asyncio.gather(call(m, path="/free", cred=cred), call(m, path="/free", cred=cred))
+        while len(m._acc()._conns) < 2:
+            await asyncio.sleep(0.005)
+        n = len(front.lines)
+        slow = asyncio.create_task(call(m, path="/slow", cred=cred))   # admitted on tot
+        await until("tot", n)
+        front.fail_writes = "502"
+        assert (await call(m, cred=cred)).status == 200     # its charge owed: to the probe
+        front.fail_writes, front.hold_probes = None, True
+        n = len(front.lines)
+        probing = asyncio.create_task(call(m, path="/free", cred=cred))
+        await until("probe", n)
+        front.fail_writes = "502"
+        go_on.set()
+        assert (await slow).status == 200                   # its charge fails after the probe
+        front.hold_probes = False
+        assert (await probing).status == 404                # the probe's 409, sent before
+        n = len(front.lines)
+        last = await call(m, cred=cred)
+        front.fail_writes = None
+        assert await m.drain(2.0)
+        await m.aclose()
+        return last.status, calls(front.lines[n:])[0]
+    assert asyncio.run(go()) == (503, "probe")
 
 
 @pytest.mark.any_one_store
