@@ -8,10 +8,13 @@
 const test = require('node:test')
 const assert = require('node:assert/strict')
 const http = require('node:http')
+const Fastify = require('fastify')
 const accman = require('..')
 const { AccManServer, TOKENS } = require('./helpers/accman')
 const { serviceApp, get, messages } = require('./helpers/app')
 const { errorOfReply } = require('../src/errors')
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
 // What nginx answers when no upstream is up, or from `return 503;`.
 const NGINX_503 = '<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n' +
@@ -23,14 +26,16 @@ const NGINX_503 = '<html>\r\n<head><title>503 Service Temporarily Unavailable</t
 // (a front end in a read-only maintenance mode).  While `failWrites` is
 // set, every PATCH fails so that its outcome is unknown: '502' answers
 // nginx's 502, 'cut' passes it on (it lands) and destroys the connection
-// with no reply, 'hang' never answers.  `lines` are the requests it saw,
-// as 'METHOD target'.
+// with no reply, 'hang' never answers.  While `holdProbes` is set, a role
+// probe waits before it is passed on (or failed, as `failWrites` was when
+// it came).  `lines` are the requests it saw, as 'METHOD target'.
 async function frontOf (upstreamUrl) {
   const up = new URL(upstreamUrl)
-  const front = { refuseWrites: false, failWrites: null, lines: [] }
-  const server = http.createServer((req, res) => {
+  const front = { refuseWrites: false, failWrites: null, holdProbes: false, lines: [] }
+  const server = http.createServer(async (req, res) => {
     front.lines.push(`${req.method} ${req.url}`)
     const failing = req.method === 'PATCH' ? front.failWrites : null
+    while (front.holdProbes && req.url.includes('&min=')) await sleep(5)
     if (failing === 'hang') return // until the client gives up, or close
     if (failing === '502') {
       res.writeHead(502, 'Bad Gateway', { server: 'nginx/1.24.0', 'content-type': 'text/html' })
@@ -197,4 +202,49 @@ test('check mode: the requests in flight after a charge of unknown outcome share
   assert.deepEqual(statuses, Array(8).fill(200))
   assert.equal(calls(front.lines).filter((c) => c === 'probe').length, 2)
   assert.equal(await mint.tot(cred), 90)
+})
+
+test('check mode: a probe answered before a charge failed leaves admission on the probe', async () => {
+  // A probe sent before a charge of unknown outcome says nothing of the
+  // writes since: its 409 put admission back on tot, and the next request,
+  // writes still failing, was served with its charge owed.
+  const cred = 'x-stale-probe'
+  await mint.mod(cred, 100)
+  let goOn
+  const slowGate = new Promise((resolve) => { goOn = resolve })
+  const app = Fastify()
+  await app.register(accman, { url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 500, checkFreshMs: 0 })
+  app.get('/w', async () => ({ ok: true }))
+  app.get('/slow', async () => { await slowGate; return { ok: true } })
+  app.get('/missing', async (request, reply) => reply.code(404).send({})) // not charged
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const url = `http://127.0.0.1:${app.server.address().port}`
+  const until = async (what, after) => { while (!calls(front.lines.slice(after)).includes(what)) await sleep(5) }
+  let last, next
+  try {
+    assert.equal((await get(url + '/w', cred)).status, 200) // probe, charge
+    let n = front.lines.length
+    const slow = get(url + '/slow', cred) // admitted on tot
+    await until('tot', n)
+    front.failWrites = '502'
+    assert.equal((await get(url + '/w', cred)).status, 200) // its charge owed: to the probe
+    front.failWrites = null
+    front.holdProbes = true
+    n = front.lines.length
+    const probing = get(url + '/missing', cred)
+    await until('probe', n)
+    front.failWrites = '502'
+    goOn()
+    assert.equal((await slow).status, 200) // its charge fails after the probe was sent
+    front.holdProbes = false
+    assert.equal((await probing).status, 404) // the probe's 409, sent before
+    n = front.lines.length
+    last = (await get(url + '/w', cred)).status
+    next = calls(front.lines.slice(n))[0]
+    front.failWrites = null
+    assert.ok(await app.accman.drain(2000))
+  } finally {
+    await app.close()
+  }
+  assert.deepEqual([last, next], [503, 'probe'])
 })
