@@ -105,6 +105,35 @@ def test_check_a_charge_in_flight_at_the_cancel_is_said_with_its_key(funded, pro
     assert stats["stranded"] == 0 and stats["owed"] == 0
 
 
+def test_check_a_charge_of_unknown_outcome_at_the_cancel_sends_admission_to_the_probe(
+        funded, proxy):
+    """A check-mode charge that may have landed sends admission back to the
+    role probe (docs/CALLING.md), also when the request was cancelled while
+    it was in flight (hypercorn cancels a request's task when its client
+    leaves, as clients do while AccMan hangs): the next request was
+    admitted on /tot, and while writes kept failing so, each was served
+    with its charge owed."""
+    p = proxy(funded, "pass", "hang")
+    m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, cost=COST, retries=0,
+                         timeout_s=CALL_TIMEOUT_S)
+
+    async def main():
+        task = asyncio.ensure_future(call(m, cred="cx"))
+        deadline = time.monotonic() + WAIT_S
+        while p.seen < 2:                                   # the probe, the charge
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await m.drain(WAIT_S)                        # the charge times out
+        n = len(p.lines)
+        assert (await call(m, cred="cx")).status == 200
+        await m.aclose()
+        return [line.split("?")[0] for line in p.lines[n:]]
+    assert asyncio.run(main()) == ["PATCH /mod", "PATCH /mod"]     # the probe, the charge
+
+
 def test_reserve_a_hold_in_flight_at_the_cancel_is_released(funded, proxy):
     """The hold is forwarded, applied and never answered: an owed unhold
     repeats it by its key (AccMan answers its id) and releases it, long

@@ -38,12 +38,14 @@ class FaultProxy:
     REPLY_503 in place of the reply (applied, not acknowledged); "hang"
     forwards it and never answers; "swallow" neither forwards it nor
     answers (never applied); "late" forwards it and answers LATE_S after
-    its reply came.  `seen` counts the requests."""
+    its reply came.  `seen` counts the requests; `lines` are their request
+    lines."""
 
     def __init__(self, port: int, plan=()):
         self.upstream = ("127.0.0.1", port)
         self.plan = list(plan)
         self.seen = 0
+        self.lines: list[str] = []
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -80,6 +82,7 @@ class FaultProxy:
                         return
                     buf += chunk
                 request, _, buf = buf.partition(b"\r\n\r\n")
+                self.lines.append(request.split(b"\r\n", 1)[0].decode("latin-1"))
                 action = self._next_action()
                 if action == "swallow":
                     threading.Event().wait(PROXY_TIMEOUT_S)

@@ -287,6 +287,8 @@ class AccManMiddleware:
         `mint`): the log says what the service owes, or, when the call's
         outcome is unknown, the key to look for."""
         error = None if call.cancelled() else call.exception()
+        if error is not None and may_have_landed(error):
+            self._role.lost()           # as for a request not cancelled (_charge)
         if call.cancelled() or (error is not None and (
                 may_have_landed(error) or not isinstance(error, AccManError))):
             log.warning("accman: a request of account %s was cancelled while its charge of %d "
