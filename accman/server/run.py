@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import ipaddress
 import os
 import re
@@ -33,7 +34,7 @@ def is_loopback(host) -> bool:
     return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
 
 
-def check_host(host, port):
+def check_host(host):
     """The addresses `host` names, each once, in getaddrinfo's order: what
     the listener binds (a name given as is would be bound once per time
     getaddrinfo lists an address, and a hosts file may list one twice: a
@@ -41,10 +42,7 @@ def check_host(host, port):
     another).  StartupError when `host` names no address: said as such
     before the store opens, not as a bind without tokens (is_loopback's
     False) nor, after the store was made, as the listener's `Unknown error`.
-    Nor may a name of several addresses go with port 0: each address would
-    get a port of its own, and a client told the first would miss the others
-    (as `--host '*'`).  An empty host (every interface) is the listener's,
-    returned as it is."""
+    An empty host (every interface) is the listener's, returned as it is."""
     if not host:
         return host
     try:
@@ -52,12 +50,7 @@ def check_host(host, port):
     except (socket.gaierror, UnicodeError) as e:
         why = e.strerror if isinstance(e, socket.gaierror) else "not a host name"
         raise StartupError(f"cannot resolve --host {host}: {why}{_host_hint(host)}") from None
-    addresses = list(dict.fromkeys(sockaddr[0] for *_, sockaddr in found))
-    if port == 0 and len(addresses) > 1:
-        raise StartupError(f"--host {host} names {len(addresses)} addresses "
-                           f"({', '.join(sorted(addresses))}), and --port 0 would give each a "
-                           "port of its own: give a --port other than 0")
-    return addresses
+    return list(dict.fromkeys(sockaddr[0] for *_, sockaddr in found))
 
 
 # A URL's form of an address (`[::1]`, `[::1]:8080`, `localhost:8080`), which
@@ -295,13 +288,38 @@ def _adopt_cursor(cursors, data_path, loop) -> None:
             f"store's, which its front-ends share")
 
 
+# With port 0 and a name of several addresses, the port picked free on the
+# first address may be taken on another: picked again, at most this often.
+PORT_PICKS_MAX = 8
+
+
+async def _listen(server, addresses, port) -> None:
+    """Binds every address on one port: with port 0 and a name of several
+    addresses, each would get a port of its own, and a client told the
+    first URL would miss the others.  So the port is one picked free on the
+    first address, taken on all (`--host '*'` with port 0 is refused: the
+    families it binds are the listener's to find)."""
+    if port != 0 or not isinstance(addresses, list) or len(addresses) < 2:
+        return await server.start(addresses, port)
+    for pick in range(PORT_PICKS_MAX):
+        family = socket.AF_INET6 if ":" in addresses[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((addresses[0], 0))
+            free = probe.getsockname()[1]
+        try:
+            return await server.start(addresses, free)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or pick == PORT_PICKS_MAX - 1:
+                raise
+
+
 async def _serve(server, host, addresses, port, deliverer, where, ready) -> None:
     """Listens, then serves until stopped.  All of it in one run of the
     loop: uvloop hears signals only while its loop runs, and a SIGTERM
     sent on seeing the ready line, between two runs, was lost (the server
     never stopped)."""
     try:
-        await server.start(addresses, port)
+        await _listen(server, addresses, port)
     except OSError as e:
         # A gaierror's errno (the listener resolves an address too) is
         # getaddrinfo's, which os.strerror does not know.
@@ -345,7 +363,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     import uvloop
 
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
-    addresses = check_host(host, port)
+    addresses = check_host(host)
     if tokens is None and not is_loopback(host):
         raise StartupError(
             f"refusing to serve on {host or 'all interfaces'} without tokens: "
