@@ -134,6 +134,36 @@ def test_check_a_charge_of_unknown_outcome_at_the_cancel_sends_admission_to_the_
     assert asyncio.run(main()) == ["PATCH /mod", "PATCH /mod"]     # the probe, the charge
 
 
+def test_check_a_charge_refused_403_after_the_cancel_sends_admission_to_the_probe(
+        funded, proxy, caplog):
+    """A charge met by 403 (the token lost its role) sends admission back to
+    the role probe and says so, also when the request was cancelled while
+    the charge was in flight: nothing was said, and the next request was
+    admitted on /tot with the token that can no longer charge."""
+    p = proxy(funded, "pass", "late403")
+    m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, cost=COST, retries=0,
+                         timeout_s=LATE_CALL_TIMEOUT_S)
+
+    async def main():
+        task = asyncio.ensure_future(call(m, cred="cx"))
+        deadline = time.monotonic() + WAIT_S
+        while p.seen < 2:                                   # the probe, the charge
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await m.drain(WAIT_S)                        # the charge's 403 came
+        n = len(p.lines)
+        assert (await call(m, cred="cx")).status == 200
+        await m.aclose()
+        return [line.split("?")[0] for line in p.lines[n:]]
+    with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+        assert asyncio.run(main()) == ["PATCH /mod", "PATCH /mod"]  # the probe, the charge
+    assert any("refused the charge of a cancelled request (403 forbidden)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_reserve_a_hold_in_flight_at_the_cancel_is_released(funded, proxy):
     """The hold is forwarded, applied and never answered: an owed unhold
     repeats it by its key (AccMan answers its id) and releases it, long

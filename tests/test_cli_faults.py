@@ -27,6 +27,10 @@ from test_cli import one_line_error
 REPLY_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
              b"Content-Length: 58\r\n\r\n"
              b'{"error":"unavailable","detail":"the store cannot commit"}')
+# What a token without the call's role is answered (SPEC "Access": 403).
+REPLY_403 = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 64\r\n\r\n"
+             b'{"error":"forbidden","detail":"the token lacks the charge role"}')
 PROXY_TIMEOUT_S = 30.0      # no test waits this long for a byte
 LATE_S = 1.0                # "late": well after a test has cancelled the call
 
@@ -38,8 +42,9 @@ class FaultProxy:
     REPLY_503 in place of the reply (applied, not acknowledged); "hang"
     forwards it and never answers; "swallow" neither forwards it nor
     answers (never applied); "late" forwards it and answers LATE_S after
-    its reply came.  `seen` counts the requests; `lines` are their request
-    lines."""
+    its reply came; "late403" neither forwards it nor answers until LATE_S,
+    then answers REPLY_403 (refused, never applied).  `seen` counts the
+    requests; `lines` are their request lines."""
 
     def __init__(self, port: int, plan=()):
         self.upstream = ("127.0.0.1", port)
@@ -87,6 +92,10 @@ class FaultProxy:
                 if action == "swallow":
                     threading.Event().wait(PROXY_TIMEOUT_S)
                     return
+                if action == "late403":
+                    time.sleep(LATE_S)
+                    client.sendall(REPLY_403)
+                    continue
                 upstream.sendall(request + b"\r\n\r\n")
                 if action == "hang":
                     threading.Event().wait(PROXY_TIMEOUT_S)

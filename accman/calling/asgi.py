@@ -289,6 +289,12 @@ class AccManMiddleware:
         error = None if call.cancelled() else call.exception()
         if error is not None and may_have_landed(error):
             self._role.lost()           # as for a request not cancelled (_charge)
+        if isinstance(error, (Unauthorized, Forbidden)):
+            self._role.lost()           # as _refused_charge: nothing applied, nothing owed
+            log.error("accman: AccMan refused the charge of a cancelled request (%s %s): "
+                      "check the token's roles (account %s)", error.status, error.code,
+                      fingerprint(cred))
+            return
         if call.cancelled() or (error is not None and (
                 may_have_landed(error) or not isinstance(error, AccManError))):
             log.warning("accman: a request of account %s was cancelled while its charge of %d "
