@@ -105,6 +105,31 @@ def test_check_a_charge_in_flight_at_the_cancel_is_said_with_its_key(funded, pro
     assert stats["stranded"] == 0 and stats["owed"] == 0
 
 
+def calls_after_a_cancelled_charge(server, proxy, action, timeout_s) -> list[str]:
+    """A check-mode request cancelled while its charge is in flight, the
+    proxy acting on the charge by `action`; once the charge has ended, the
+    calls (method and path) the next request makes."""
+    p = proxy(server, "pass", action)
+    m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, cost=COST, retries=0,
+                         timeout_s=timeout_s)
+
+    async def main():
+        task = asyncio.ensure_future(call(m, cred="cx"))
+        deadline = time.monotonic() + WAIT_S
+        while p.seen < 2:                                   # the probe, the charge
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await m.drain(WAIT_S)                        # the charge has ended
+        n = len(p.lines)
+        assert (await call(m, cred="cx")).status == 200
+        await m.aclose()
+        return [line.split("?")[0] for line in p.lines[n:]]
+    return asyncio.run(main())
+
+
 def test_check_a_charge_of_unknown_outcome_at_the_cancel_sends_admission_to_the_probe(
         funded, proxy):
     """A check-mode charge that may have landed sends admission back to the
@@ -113,25 +138,8 @@ def test_check_a_charge_of_unknown_outcome_at_the_cancel_sends_admission_to_the_
     leaves, as clients do while AccMan hangs): the next request was
     admitted on /tot, and while writes kept failing so, each was served
     with its charge owed."""
-    p = proxy(funded, "pass", "hang")
-    m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, cost=COST, retries=0,
-                         timeout_s=CALL_TIMEOUT_S)
-
-    async def main():
-        task = asyncio.ensure_future(call(m, cred="cx"))
-        deadline = time.monotonic() + WAIT_S
-        while p.seen < 2:                                   # the probe, the charge
-            assert time.monotonic() < deadline and not task.done()
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert await m.drain(WAIT_S)                        # the charge times out
-        n = len(p.lines)
-        assert (await call(m, cred="cx")).status == 200
-        await m.aclose()
-        return [line.split("?")[0] for line in p.lines[n:]]
-    assert asyncio.run(main()) == ["PATCH /mod", "PATCH /mod"]     # the probe, the charge
+    assert calls_after_a_cancelled_charge(funded, proxy, "hang", CALL_TIMEOUT_S) == [
+        "PATCH /mod", "PATCH /mod"]                                 # the probe, the charge
 
 
 def test_check_a_charge_refused_403_after_the_cancel_sends_admission_to_the_probe(
@@ -140,26 +148,9 @@ def test_check_a_charge_refused_403_after_the_cancel_sends_admission_to_the_prob
     the role probe and says so, also when the request was cancelled while
     the charge was in flight: nothing was said, and the next request was
     admitted on /tot with the token that can no longer charge."""
-    p = proxy(funded, "pass", "late403")
-    m = AccManMiddleware(make_app(), url=p.url, token=SERVICE, cost=COST, retries=0,
-                         timeout_s=LATE_CALL_TIMEOUT_S)
-
-    async def main():
-        task = asyncio.ensure_future(call(m, cred="cx"))
-        deadline = time.monotonic() + WAIT_S
-        while p.seen < 2:                                   # the probe, the charge
-            assert time.monotonic() < deadline and not task.done()
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert await m.drain(WAIT_S)                        # the charge's 403 came
-        n = len(p.lines)
-        assert (await call(m, cred="cx")).status == 200
-        await m.aclose()
-        return [line.split("?")[0] for line in p.lines[n:]]
     with caplog.at_level(logging.ERROR, logger="accman.asgi"):
-        assert asyncio.run(main()) == ["PATCH /mod", "PATCH /mod"]  # the probe, the charge
+        assert calls_after_a_cancelled_charge(funded, proxy, "late403", LATE_CALL_TIMEOUT_S) == [
+            "PATCH /mod", "PATCH /mod"]                             # the probe, the charge
     assert any("refused the charge of a cancelled request (403 forbidden)" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
