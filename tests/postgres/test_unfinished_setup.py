@@ -192,9 +192,35 @@ def test_a_cluster_of_an_unfinished_setup_is_refused_in_a_store_of_another_shape
 # The migrate lock awaited in this database (pg_locks lists every database's),
 # looked for every 20 ms for up to 10 s.
 _WAIT_POLLS_MAX = 500
-_MIGRATE_WAITS_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON "
-                      "l.database = d.oid WHERE l.locktype = 'advisory' AND NOT l.granted "
-                      "AND d.datname = current_database())")
+_MIGRATE_WAITERS_SQL = ("SELECT count(*) FROM pg_locks l JOIN pg_database d ON l.database = "
+                        "d.oid WHERE l.locktype = 'advisory' AND NOT l.granted "
+                        "AND d.datname = current_database()")
+
+
+async def _waiting(holder, count):
+    """Until `count` migrations wait for the migrate lock `holder` holds."""
+    for _ in range(_WAIT_POLLS_MAX):
+        if await holder.fetchval(_MIGRATE_WAITERS_SQL) >= count:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{count} migrations never waited for the migrate lock")
+
+
+async def _migrate_killed_waiting(held: str, stores: list[str]) -> None:
+    """`accman migrate` of `stores` killed (SIGKILL) once it waits for the
+    migrate lock, which this test holds on the cluster `held` meanwhile."""
+    holder = await asyncpg.connect(held)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
+        proc = subprocess.Popen([sys.executable, "-m", "accman", "migrate",
+                                 *(arg for url in stores for arg in ("--store", url))])
+        try:
+            await _waiting(holder, 1)
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        await holder.close()
 
 
 def test_a_cluster_left_by_a_migrate_killed_mid_way_serves_only_in_its_store(pg):
@@ -202,27 +228,7 @@ def test_a_cluster_left_by_a_migrate_killed_mid_way_serves_only_in_its_store(pg)
     has its schema, while the second's migration waits for its lock: the
     first was served alone, as a store of one.  Refused; the two finish."""
     a, b = pg.create_database("killed_a"), pg.create_database("killed_b")
-
-    async def kill_mid_way():
-        holder = await asyncpg.connect(b)
-        try:
-            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
-            proc = subprocess.Popen([sys.executable, "-m", "accman", "migrate", "--store", a,
-                                     "--store", b])
-            try:
-                for _ in range(_WAIT_POLLS_MAX):
-                    if await holder.fetchval(_MIGRATE_WAITS_SQL):
-                        break
-                    assert proc.poll() is None
-                    await asyncio.sleep(0.02)
-                else:
-                    pytest.fail("the migrate never waited for the second cluster's lock")
-            finally:
-                proc.kill()
-                proc.wait()
-        finally:
-            await holder.close()
-    run(kill_mid_way())
+    run(_migrate_killed_waiting(b, [a, b]))
     assert pg.psql("SELECT to_regclass('accman_schema') IS NULL", "killed_b") == "t"
     before = schema_dump(pg, ("killed_a", "killed_b"))
     with pytest.raises(StoreError, match=_OTHER_SHAPE):
@@ -316,20 +322,6 @@ def test_serve_does_not_add_a_cluster_to_a_store_a_front_end_serves(pg, served):
     assert len(run(migrate(urls))) == served + 1
 
 
-_MIGRATE_WAITERS_SQL = ("SELECT count(*) FROM pg_locks l JOIN pg_database d ON l.database = "
-                        "d.oid WHERE l.locktype = 'advisory' AND NOT l.granted "
-                        "AND d.datname = current_database()")
-
-
-async def _waiting(holder, count):
-    """Until `count` migrations wait for the migrate lock `holder` holds."""
-    for _ in range(_WAIT_POLLS_MAX):
-        if await holder.fetchval(_MIGRATE_WAITERS_SQL) >= count:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"{count} migrations never waited for the migrate lock")
-
-
 def test_front_ends_started_at_once_with_one_and_two_clusters_do_not_both_serve(pg):
     """Front-ends started at once on new clusters, one given A, the other
     A and B (a --store added to one's configuration only): each found A
@@ -376,18 +368,7 @@ def test_a_store_of_one_whose_growth_was_cut_short_is_not_grown_by_serve(pg):
     run(migrate([one]))
 
     async def main():
-        holder = await asyncpg.connect(one)
-        try:
-            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
-            proc = subprocess.Popen([sys.executable, "-m", "accman", "migrate", "--store", one,
-                                     "--store", added])
-            try:
-                await _waiting(holder, 1)
-            finally:
-                proc.kill()
-                proc.wait()
-        finally:
-            await holder.close()
+        await _migrate_killed_waiting(one, [one, added])
         assert pg.psql("SELECT events_home IS NOT NULL FROM accman_schema", "grown_a") == "t"
         async with stored(one):                       # a front-end serving it alone
             before = schema_dump(pg, ("grown_z", "grown_a"))
