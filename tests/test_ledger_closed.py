@@ -131,21 +131,30 @@ class HeldReads(Store):
         return super().history(*args)
 
 
-def test_calls_during_close_say_closing_and_close_waits_for_reads(tmp_path):
-    """A read in flight when close starts gets its page: LevelDB is closed
-    after it, not under it; every call made meanwhile says closing."""
+def closing_behind_a_read(tmp_path, read):
+    """A funded ledger whose LevelDB read `read(led)` is held in a thread,
+    and a close started in another meanwhile: (ledger, store, the reader's
+    thread, the closer's).  The store's `release` lets the read end."""
     path = str(tmp_path / "d")
     store = HeldReads(path)
     led = funded(path, store=store)
     store.held = True
-    pages = []
-    reader = threading.Thread(target=lambda: pages.append(led.past("a")))
+    reader = threading.Thread(target=read, args=(led,))
     reader.start()
     assert store.reading.wait(10)
     closer = threading.Thread(target=led.close)
     closer.start()
     wait_for(lambda: not led.healthy, what="the close to start")
     store.held = False
+    return led, store, reader, closer
+
+
+def test_calls_during_close_say_closing_and_close_waits_for_reads(tmp_path):
+    """A read in flight when close starts gets its page: LevelDB is closed
+    after it, not under it; every call made meanwhile says closing."""
+    pages = []
+    led, store, reader, closer = closing_behind_a_read(
+        tmp_path, lambda led: pages.append(led.past("a")))
     assert_every_call_refused(led, "the ledger is closing")
     closer.join(0.3)
     assert closer.is_alive()                    # waiting for the read
@@ -161,17 +170,7 @@ def test_a_close_while_another_is_under_way_returns_once_the_ledger_is_closed(tm
     """Two threads close one ledger (a `with` block's end and a shutdown
     handler, say): each close returns once the ledger is closed, so either
     caller may open the directory again at once."""
-    path = str(tmp_path / "d")
-    store = HeldReads(path)
-    led = funded(path, store=store)
-    store.held = True
-    reader = threading.Thread(target=led.past, args=("a",))
-    reader.start()
-    assert store.reading.wait(10)
-    first = threading.Thread(target=led.close)
-    first.start()
-    wait_for(lambda: not led.healthy, what="the close to start")
-    store.held = False
+    led, store, reader, first = closing_behind_a_read(tmp_path, lambda led: led.past("a"))
     second = threading.Thread(target=led.close)
     second.start()
     second.join(0.3)
@@ -180,7 +179,7 @@ def test_a_close_while_another_is_under_way_returns_once_the_ledger_is_closed(tm
     for t in (reader, first, second):
         t.join(10)
         assert not t.is_alive()
-    assert closed_then_reopened(led, path) == 3
+    assert closed_then_reopened(led, str(tmp_path / "d")) == 3
 
 
 def test_a_close_from_a_completion_while_another_thread_closes_returns(tmp_path):
