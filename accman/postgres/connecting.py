@@ -8,15 +8,14 @@ tries them.
 from __future__ import annotations
 
 import asyncio
-import configparser
 import os
-import pathlib
 import urllib.parse
 
 import asyncpg
 
 from accman.errors import StoreError
 from accman.postgres.errors import store_error, unreadable_url
+from accman.postgres.service_file import ServiceFileError, service_settings
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -164,14 +163,13 @@ def target_session_attrs(dsn: str) -> str:
 
 
 # What a service file may set (libpq's connection service file, named by the
-# URL's service= or PGSERVICE): the settings asyncpg reads from one, and no
-# other, since a setting read by libpq but not by the driver would be left
-# out without a word.
-SERVICE_SETTINGS = ("host", "port", "dbname", "database", "user", "password", "passfile",
+# URL's service= or PGSERVICE): the settings asyncpg reads from a URL, and
+# no other, since a setting read by libpq but not by the driver would be
+# left out without a word.
+SERVICE_SETTINGS = ("host", "port", "dbname", "user", "password", "passfile",
                     "sslmode", "sslcert", "sslkey", "sslrootcert", "sslnegotiation", "sslcrl",
                     "sslpassword", "ssl_min_protocol_version", "ssl_max_protocol_version",
                     "target_session_attrs", "krbsrvname", "gsslib")
-_SERVICE_FILES = "PGSERVICEFILE, else ~/.pg_service.conf, else $PGSYSCONFDIR/pg_service.conf"
 
 
 def with_service(dsn: str) -> str:
@@ -180,19 +178,16 @@ def with_service(dsn: str) -> str:
     itself left out: a service's hosts, ports and target_session_attrs then
     follow the rule of the URL's own (each host tried on its own, read-write
     unless one is named), as libpq takes a service's settings in place of
-    those a URL leaves out and before the environment's.  A service that no
-    service file defines, or that sets what AccMan cannot apply, raises
-    StoreError: libpq refuses the one, and the other would be half-honoured."""
+    those a URL leaves out and before the environment's.  The service file
+    is read at each call, as libpq reads it at each connect.  A service
+    file that libpq refuses, a service that no service file defines, or one
+    that sets what AccMan cannot apply, raises ServiceFileError: libpq
+    refuses the first two, and the other would be half-honoured."""
     scheme, user_at, hosts, tail = _split(dsn)
     name = _query_value(dsn, "service") or os.environ.get("PGSERVICE")
     if not scheme or not name:
         return dsn
-    settings = _service_settings(name)
-    unknown = sorted(set(settings) - set(SERVICE_SETTINGS))
-    if unknown:
-        raise StoreError(f"{_CONNECT}: the service {name} sets {', '.join(unknown)}, which "
-                         "AccMan cannot apply from a service file: give it in the store URL, "
-                         "or leave it out")
+    settings = _applicable(name, service_settings(name))
     path, _, query = tail.partition("?")
     # A path of "/" names no database (libpq's reading), where asyncpg
     # would take it for the empty name, and the service's dbname unread.
@@ -200,29 +195,19 @@ def with_service(dsn: str) -> str:
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
     kept = [p for p in query.split("&")
             if p and urllib.parse.unquote_plus(p.partition("=")[0]) != "service"]
-    added = [(k, v) for k, v in settings.items() if v and k not in given]
+    added = [(k, v) for k, v in settings.items() if k not in given]
     query = "&".join(kept + ([urllib.parse.urlencode(added)] if added else []))
     return head + ("?" + query if query else "")
 
 
-def _service_settings(name: str) -> dict[str, str]:
-    """The settings of the service `name` in the first service file that
-    defines it, in libpq's order of files."""
-    files = [os.environ.get("PGSERVICEFILE") or pathlib.Path.home() / ".pg_service.conf"]
-    if os.environ.get("PGSYSCONFDIR"):
-        files.append(pathlib.Path(os.environ["PGSYSCONFDIR"]) / "pg_service.conf")
-    for path in files:
-        # No interpolation and no default section: libpq's format has neither.
-        parser = configparser.ConfigParser(interpolation=None, default_section="\0")
-        try:
-            parser.read(path, encoding="utf-8")
-        except (configparser.Error, UnicodeDecodeError) as e:
-            raise StoreError(f"{_CONNECT}: a service file ({_SERVICE_FILES}) cannot be read: "
-                             f"{type(e).__name__}") from None
-        if parser.has_section(name):
-            return dict(parser.items(name))
-    raise StoreError(f"{_CONNECT}: the service {name} (the store URL's service=, or "
-                     f"PGSERVICE) is not defined in a service file ({_SERVICE_FILES})")
+def _applicable(name: str, settings: dict[str, str]) -> dict[str, str]:
+    """`settings` of the service `name`, if AccMan can apply each."""
+    unknown = sorted(set(settings) - set(SERVICE_SETTINGS))
+    if unknown:
+        raise ServiceFileError(
+            f"{_CONNECT}: the service {name} sets {', '.join(unknown)}, which AccMan cannot "
+            "apply from a service file: give it in the store URL, or leave it out")
+    return settings
 
 
 def _query_value(url: str, name: str) -> str | None:

@@ -2,6 +2,7 @@
 the URL's service= or by PGSERVICE): its hosts and settings follow the
 rule of the URL's own (accman/postgres/connecting.py, SCALING.md)."""
 
+import re
 import socket
 
 import pytest
@@ -102,23 +103,40 @@ def test_the_url_s_own_settings_come_before_the_service_s(pg, pg_url, service_fi
 
 
 @pytest.mark.parametrize("text,says", [
-    ("[other]\nhost=127.0.0.1\n",
-     r"the service accman \(the store URL's service=, or PGSERVICE\) is not defined in a "
-     r"service file \(PGSERVICEFILE, else ~/.pg_service.conf, else "
-     r"\$PGSYSCONFDIR/pg_service.conf\)$"),
     ("[accman]\nhost=127.0.0.1\nconnect_timeout=3\napplication_name=x\n",
      r"the service accman sets application_name, connect_timeout, which AccMan cannot "
      r"apply from a service file: give it in the store URL, or leave it out$"),
-    ("[accman]\nhost=127.0.0.1\n[accman]\nport=1\n",
-     r"a service file \(PGSERVICEFILE, .*\) cannot be read: DuplicateSectionError$"),
 ])
 def test_a_service_that_cannot_be_honoured_is_refused_at_open(pg_url, service_file, text,
                                                               says):
-    """A service named but defined nowhere, or setting what AccMan cannot
-    apply (asyncpg reads some of libpq's settings from a service, and left
-    the others out without a word), is refused at open, naming it and no
-    file."""
+    """A service setting what AccMan cannot apply (asyncpg reads some of
+    libpq's settings from a service, and left the others out without a
+    word) is refused at open, naming it."""
     service_file(text)
     with pytest.raises(StoreError, match=r"^cannot connect to a PostgreSQL cluster of the "
                        r"store: " + says):
+        run(PgStore.open([pg_url + "?service=accman"]))
+
+
+@pytest.mark.parametrize("sysconfdir", [False, True])
+def test_a_service_defined_nowhere_is_refused_naming_where_it_was_looked_for(
+        pg_url, service_file, tmp_path, monkeypatch, sysconfdir):
+    """The refusal said "PGSERVICEFILE, else ~/.pg_service.conf, else
+    $PGSYSCONFDIR/pg_service.conf" whatever was set, and not that libpq
+    also reads the file of a directory compiled into it, which AccMan
+    cannot know.  It names the files it read, and, without PGSYSCONFDIR,
+    how to make AccMan read the system's file."""
+    service_file("[other]\nhost=127.0.0.1\n")
+    looked = re.escape(f"{tmp_path / 'pg_service.conf'}")
+    if sysconfdir:
+        monkeypatch.setenv("PGSYSCONFDIR", str(tmp_path / "etc"))
+        looked += ", " + re.escape(f"{tmp_path / 'etc' / 'pg_service.conf'} (none)") + "$"
+    else:
+        looked += "; " + re.escape(
+            "libpq also reads pg_service.conf in a directory compiled into it "
+            "(`pg_config --sysconfdir` names it for the libpq of that pg_config), which "
+            "AccMan reads only when PGSYSCONFDIR names it") + "$"
+    with pytest.raises(StoreError, match=r"^cannot connect to a PostgreSQL cluster of the "
+                       r"store: the service accman \(the store URL's service=, or PGSERVICE\) "
+                       r"is not defined in a service file; looked in " + looked):
         run(PgStore.open([pg_url + "?service=accman"]))

@@ -1,0 +1,126 @@
+"""A connection service file means to AccMan what it means to libpq: each
+file below is given to psql (the installed libpq) and to AccMan's
+connect, and both connect to the same database, or both refuse the file
+at the same line (accman/postgres/service_file.py)."""
+
+import os
+import subprocess
+
+import pytest
+
+from accman.errors import StoreError
+from accman.postgres import connecting
+from accman.postgres.service_file import ServiceFileError
+
+from .helpers import run
+from .pgcluster import pg_bin
+
+# The service's first lines, {port} the session server's.
+HEAD = "[accman]\nhost=127.0.0.1\nport={port}\nuser=postgres\n"
+
+# (file text, what both do): ("db", NAME) connects to the database NAME
+# ({db} is the test's own); ("line", N) refuses line N, ("ldap", N) too, as
+# an LDAP lookup (an LDAP URL malformed, for psql); ("nowhere",) finds no
+# definition of the service.
+READ = [
+    (HEAD + "dbname={db}\ndbname=postgres\n", ("db", "{db}")),          # a key's first value
+    (HEAD + "dbname={db}\n[accman]\ndbname=postgres\n", ("db", "{db}")),  # the first section
+    (HEAD + "dbname={db}\ndbname=\n", ("db", "{db}")),   # an empty value after: not taken
+    ("[accman] the rest is not read\n" + HEAD[9:] + "dbname={db}\n", ("db", "{db}")),
+    ("  [accman]\t\r\n" + HEAD[9:] + " \t dbname={db} \r\n  # indented\n", ("db", "{db}")),
+    ("[other]\nno equals here\nPORT:1\n" + HEAD + "dbname={db}", ("db", "{db}")),
+    ("#" + "x" * 600 + "\n" + HEAD + "dbname={db}\n", ("db", "{db}")),   # no length limit
+    (HEAD + "dbname={db}\n[Accman]\nHOST:x\n", ("db", "{db}")),           # after: not read
+    (HEAD + "Dbname={db}\n", ("line", 5)),                 # keys are lower case
+    (HEAD + "dbname:{db}\n", ("line", 5)),                 # `=` only
+    (HEAD + "dbname = {db}\n", ("line", 5)),               # the key "dbname "
+    (HEAD + "; a comment?\ndbname={db}\n", ("line", 5)),   # `#` only
+    (HEAD + "dbname=x\n  {db}\n", ("line", 6)),            # no continuation lines
+    (HEAD + "database={db}\n", ("line", 5)),               # libpq's keyword is dbname
+    (HEAD + "service=other\n", ("line", 5)),               # no nesting
+    (HEAD + "ldapx\n", ("ldap", 5)),                      # an LDAP lookup
+    ("[Accman]\n" + HEAD[9:] + "dbname={db}\n", ("nowhere",)),   # names are case-sensitive
+    ("[accman\n" + HEAD[9:] + "dbname={db}\n", ("nowhere",)),
+]
+
+
+@pytest.fixture
+def service(tmp_path, monkeypatch):
+    """write(text): the service file (PGSERVICEFILE), no other."""
+    path = tmp_path / "pg_service.conf"
+    for name in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE",
+                 "PGTARGETSESSIONATTRS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PGSERVICEFILE", str(path))
+    monkeypatch.setenv("PGSYSCONFDIR", str(tmp_path))     # no pg_service.conf there
+    return path
+
+
+def _psql(url) -> tuple:
+    """What psql does with the service: ("db", NAME) or its error."""
+    done = subprocess.run([str(pg_bin() / "psql"), "-X", "-A", "-t", "-d", url,
+                           "-c", "SELECT current_database()"],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=30)
+    return ("db", done.stdout.strip()) if done.returncode == 0 else ("error", done.stderr)
+
+
+async def _accman(url) -> tuple:
+    try:
+        conn = await connecting.connect(url)
+    except StoreError as e:
+        return "error", e
+    try:
+        return "db", await conn.fetchval("SELECT current_database()")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("text,does", READ)
+def test_psql_and_accman_read_a_service_file_alike(pg, pg_url, service, text, does):
+    """configparser read what libpq refuses (upper-case keys, `:`, spaces
+    around `=`, `;` comments, continuation lines, `database`) and refused
+    what libpq reads (a key twice, a section twice).  Each file now
+    means the same to both: the same database, or a refusal at the same
+    line, AccMan's naming the file."""
+    db = pg_url.rsplit("/", 1)[1]
+    service.write_text(text.format(port=pg.port, db=db))
+    url = "postgresql:///?service=accman"
+    libpq, ours = _psql(url), run(_accman(url))
+    if does[0] == "db":
+        assert libpq == ours == ("db", does[1].format(db=db))
+        return
+    assert libpq[0] == ours[0] == "error"
+    assert isinstance(ours[1], ServiceFileError)
+    if does[0] in ("line", "ldap"):
+        assert (f'service file "{service}", line {does[1]}' if does[0] == "line"
+                else "invalid LDAP URL") in libpq[1]
+        assert str(ours[1]).startswith(
+            "cannot connect to a PostgreSQL cluster of the store: the service file "
+            f"{service}, line {does[1]}: ")
+    else:
+        assert 'definition of service "accman" not found' in libpq[1]
+        assert "the service accman (the store URL's service=, or PGSERVICE) is not " \
+               "defined in a service file" in str(ours[1])
+
+
+def test_an_empty_value_is_refused_where_libpq_takes_its_default(pg, service, monkeypatch):
+    """libpq takes `host=` as its built-in default, over PGHOST; the driver
+    would take PGHOST: AccMan refuses the line, naming it, rather than
+    reach another server than psql does."""
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    service.write_text(HEAD.format(port=pg.port).replace("host=127.0.0.1", "host="))
+    assert _psql("postgresql:///postgres?service=accman")[0] == "error"   # psql: no socket
+    with pytest.raises(ServiceFileError, match=rf"the service file {service}, line 2: sets "
+                       "host to nothing, which libpq reads as its built-in default and "
+                       "AccMan cannot: give a value, or leave the line out$"):
+        connecting.with_service("postgresql:///postgres?service=accman")
+
+
+def test_a_missing_pgservicefile_is_refused_naming_it(service):
+    """libpq refuses a PGSERVICEFILE that does not exist (service file not
+    found) and looks no further; AccMan went on to the next file."""
+    assert 'service file "' + str(service) + '" not found' in \
+        _psql("postgresql:///?service=accman")[1]
+    with pytest.raises(ServiceFileError, match=rf"the service file {service} cannot be read: "
+                       "No such file or directory$"):
+        connecting.with_service("postgresql:///?service=accman")
