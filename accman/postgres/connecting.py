@@ -8,6 +8,7 @@ tries them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import urllib.parse
 
@@ -16,6 +17,8 @@ import asyncpg
 from accman.errors import StoreError
 from accman.postgres.errors import store_error, unreadable_url
 from accman.postgres.service_file import ServiceFileError, service_settings
+
+log = logging.getLogger("accman.postgres")
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -187,7 +190,12 @@ def with_service(dsn: str) -> str:
     name = _query_value(dsn, "service") or os.environ.get("PGSERVICE")
     if not scheme or not name:
         return dsn
-    settings = _applicable(name, service_settings(name))
+    try:
+        settings = _applicable(name, service_settings(name))
+    except ServiceFileError as e:
+        _said.failed(name, e)
+        raise
+    _said.worked(name)
     path, _, query = tail.partition("?")
     # A path of "/" names no database (libpq's reading), where asyncpg
     # would take it for the empty name, and the service's dbname unread.
@@ -208,6 +216,30 @@ def _applicable(name: str, settings: dict[str, str]) -> dict[str, str]:
             f"{_CONNECT}: the service {name} sets {', '.join(unknown)}, which AccMan cannot "
             "apply from a service file: give it in the store URL, or leave it out")
     return settings
+
+
+class _Said:
+    """The log lines of a service file that fails once the store has read
+    it (edited or removed under a running server): each new failure said
+    once, with its file and line, and its end once.  A failure before any
+    read worked is the open's, which says it itself."""
+
+    def __init__(self):
+        self._read: set[str] = set()            # services read at least once
+        self._failing: dict[str, str] = {}      # service -> the failure last said
+
+    def failed(self, name: str, e: ServiceFileError) -> None:
+        if name in self._read and self._failing.get(name) != e.detail:
+            self._failing[name] = e.detail
+            log.error("%s; each new connection fails until the file is mended", e.detail)
+
+    def worked(self, name: str) -> None:
+        self._read.add(name)
+        if self._failing.pop(name, None) is not None:
+            log.warning("the connection service %s can be read again", name)
+
+
+_said = _Said()
 
 
 def _query_value(url: str, name: str) -> str | None:

@@ -55,8 +55,10 @@ _UNKNOWN = (
 
 def ours(exc: BaseException) -> bool:
     """Raised by AccMan's own code, not by the driver, the database or the
-    network: a bug, to be logged with its traceback."""
-    return not isinstance(exc, (asyncpg.PostgresError, *_UNKNOWN))
+    network: a bug, to be logged with its traceback.  A StoreError is no
+    bug: AccMan refuses something in words (a service file that cannot be
+    used), and those words are logged where it is raised."""
+    return not isinstance(exc, (asyncpg.PostgresError, StoreError, *_UNKNOWN))
 
 
 def classify(exc: BaseException) -> str:

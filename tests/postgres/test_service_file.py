@@ -6,11 +6,14 @@ import re
 import socket
 
 import pytest
+from conftest import assert_error, spawn_server
 
 from accman.errors import StoreError
 from accman.postgres import PgStore
 from accman.postgres import cluster as cluster_module
 from accman.postgres import connecting
+
+from ledgerhelp import wait_for
 
 from .helpers import run, stored
 from .pgcluster import free_port
@@ -140,3 +143,57 @@ def test_a_service_defined_nowhere_is_refused_naming_where_it_was_looked_for(
                        r"store: the service accman \(the store URL's service=, or PGSERVICE\) "
                        r"is not defined in a service file; looked in " + looked):
         run(PgStore.open([pg_url + "?service=accman"]))
+
+
+def _replied(srv, route, detail):
+    """A poll of `route`: its 503 reply once it has `detail`."""
+    def poll():
+        r = srv.get(route)
+        return r if r.status == 503 and r.json["detail"] == detail else None
+    return poll
+
+
+@pytest.mark.parametrize("change", ["edited", "removed"])
+def test_a_service_file_broken_under_a_running_server_is_said_once_and_mended(
+        pg, pg_url, tmp_path, change):
+    """The service file edited wrong or removed under a running server: the
+    next connections (the read pool's, the writer's reconnection) failed,
+    and a /past page logged "a /past page failed in AccMan", as a bug, the
+    503 saying how the file was read.  The log says it once, naming the
+    file and the line, no traceback; the caller gets a plain 503; and the
+    file is read again at each connect (libpq's rule), so mending it is
+    enough: the store is back without a restart."""
+    path = tmp_path / "pg_service.conf"
+    good = f"[accman]\nhost=127.0.0.1\nport={pg.port}\nuser=postgres\n" \
+           f"dbname={pg_url.rsplit('/', 1)[1]}\n"
+    path.write_text(good)
+    env = {"PGSERVICEFILE": path, "PGSYSCONFDIR": tmp_path, "PGSERVICE": None,
+           "PGHOST": None, "PGPORT": None}
+    srv = spawn_server(tmp_path / "data", tmp_path / "log", env=env,
+                       args=["--store", "postgresql:///?service=accman"])
+    try:
+        assert srv.mod("a", 5).json == {"tot": 5, "seq": 1}
+        if change == "edited":
+            path.write_text(good + "sslmode require\n")
+        else:
+            path.unlink()
+        pg.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{pg_url.rsplit('/', 1)[1]}'")
+        unusable = ("the database cannot be read: the store's connection service cannot be "
+                    "used (the server's log says why)")
+        for route in ("/past?cred=a", "/tot?cred=a"):
+            # A pooled connection may meet its end first (lost connection).
+            assert_error(wait_for(_replied(srv, route, unusable), 5, unusable), 503,
+                         "unavailable")
+        wait_for(lambda: srv.get("/health").status == 503, 5, "/health 503")
+        path.write_text(good)
+        wait_for(lambda: srv.get("/health").status == 200, 5, "/health 200 once mended")
+        assert srv.get("/past?cred=a").status == 200
+    finally:
+        srv.kill()
+    err = (tmp_path / "log" / "stderr").read_text()
+    what = (f"the service file {path}, line 6: has no `=`" if change == "edited"
+            else f"the service file {path} cannot be read: No such file or directory")
+    assert err.count(what) == 1, err
+    assert err.count("the connection service accman can be read again") == 1, err
+    assert "Traceback" not in err and "in AccMan" not in err, err
