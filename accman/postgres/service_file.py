@@ -84,16 +84,21 @@ def service_settings(name: str) -> dict[str, str]:
     raise ServiceFileError(
         f"{_CONNECT}: the service {name} (the store URL's service=, or PGSERVICE) is not "
         f"defined in a service file; looked in {', '.join(looked)}"
-        + ("" if os.environ.get("PGSYSCONFDIR") else f"; {SYSTEM_FILE_HINT}"))
+        + ("" if os.environ.get("PGSYSCONFDIR") is not None else f"; {SYSTEM_FILE_HINT}"))
 
 
 def _service_files() -> list[tuple[pathlib.Path, bool]]:
-    """libpq's service files in its order, each with whether it must exist."""
+    """libpq's service files in its order, each with whether it must exist.
+    A variable set empty counts as set, as libpq reads it (getenv)."""
     given = os.environ.get("PGSERVICEFILE")
-    files = [(pathlib.Path(given), True) if given
+    if given == "":
+        raise ServiceFileError(f"{_CONNECT}: PGSERVICEFILE is set but empty, which libpq "
+                               "refuses (service file \"\" not found): name a file, or unset it")
+    files = [(pathlib.Path(given), True) if given is not None
              else (pathlib.Path.home() / ".pg_service.conf", False)]
-    if os.environ.get("PGSYSCONFDIR"):
-        files.append((pathlib.Path(os.environ["PGSYSCONFDIR"]) / "pg_service.conf", False))
+    if os.environ.get("PGSYSCONFDIR") is not None:
+        # libpq's "%s/pg_service.conf": an empty directory names the root's.
+        files.append((pathlib.Path(f"{os.environ['PGSYSCONFDIR']}/pg_service.conf"), False))
     return files
 
 

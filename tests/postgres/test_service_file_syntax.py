@@ -116,11 +116,16 @@ def test_an_empty_value_is_refused_where_libpq_takes_its_default(pg, service, mo
         connecting.with_service("postgresql:///postgres?service=accman")
 
 
-def test_a_missing_pgservicefile_is_refused_naming_it(service):
-    """libpq refuses a PGSERVICEFILE that does not exist (service file not
-    found) and looks no further; AccMan went on to the next file."""
-    assert 'service file "' + str(service) + '" not found' in \
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_missing_pgservicefile_is_refused_naming_it(service, monkeypatch, empty):
+    """libpq refuses a PGSERVICEFILE that does not exist, or set empty
+    (service file not found), and looks no further; AccMan went on to
+    ~/.pg_service.conf and the next file."""
+    if empty:
+        monkeypatch.setenv("PGSERVICEFILE", "")
+    assert f'service file "{"" if empty else service}" not found' in \
         _psql("postgresql:///?service=accman")[1]
-    with pytest.raises(ServiceFileError, match=rf"the service file {service} cannot be read: "
-                       "No such file or directory$"):
+    says = ("PGSERVICEFILE is set but empty, which libpq refuses" if empty
+            else f"the service file {service} cannot be read: No such file or directory$")
+    with pytest.raises(ServiceFileError, match=says):
         connecting.with_service("postgresql:///?service=accman")
