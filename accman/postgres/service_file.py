@@ -20,6 +20,10 @@ libpq's rules, odd ones among them, followed as they are:
     `service` is refused (no nesting).  A key given twice keeps its first
     value.  A line beginning with `ldap` is an LDAP lookup.
   * The lines outside the service's section are never looked at.
+  * AccMan refuses, naming the line, three things libpq reads, rather
+    than read them differently: an LDAP lookup, a key's first value
+    empty (libpq's built-in default over the environment's), and a line
+    of the section that is not UTF-8.
   * The files: PGSERVICEFILE (which must exist), else ~/.pg_service.conf
     (if it exists); then, unless the first defined the service,
     pg_service.conf in PGSYSCONFDIR (if it exists).  libpq's own fallback
