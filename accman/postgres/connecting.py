@@ -187,8 +187,12 @@ def with_service(dsn: str) -> str:
     that sets what AccMan cannot apply, raises ServiceFileError: libpq
     refuses the first two, and the other would be half-honoured."""
     scheme, user_at, hosts, tail = _split(dsn)
-    name = _query_value(dsn, "service") or os.environ.get("PGSERVICE")
-    if not scheme or not name:
+    name = _query_value(dsn, "service")
+    if name is None:
+        # libpq's order; an empty value is a name too (`service=`, or
+        # PGSERVICE set empty): libpq looks it up, and refuses it.
+        name = os.environ.get("PGSERVICE")
+    if not scheme or name is None:
         return dsn
     try:
         settings = _applicable(name, service_settings(name))

@@ -85,8 +85,9 @@ def service_settings(name: str) -> dict[str, str]:
         if settings is not None:
             return settings
         looked.append(str(path))
+    shown = name or '""'                # libpq's words for the empty name
     raise ServiceFileError(
-        f"{_CONNECT}: the service {name} (the store URL's service=, or PGSERVICE) is not "
+        f"{_CONNECT}: the service {shown} (the store URL's service=, or PGSERVICE) is not "
         f"defined in a service file; looked in {', '.join(looked)}"
         + ("" if os.environ.get("PGSYSCONFDIR") is not None else f"; {SYSTEM_FILE_HINT}"))
 

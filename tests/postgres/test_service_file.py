@@ -145,6 +145,26 @@ def test_a_service_defined_nowhere_is_refused_naming_where_it_was_looked_for(
         run(PgStore.open([pg_url + "?service=accman"]))
 
 
+@pytest.mark.parametrize("form", ["service=", "PGSERVICE"])
+def test_an_empty_service_name_is_refused_as_libpq_refuses_it(pg_url, service_file,
+                                                              monkeypatch, form):
+    """An empty service= fell back to PGSERVICE, and an empty PGSERVICE
+    was taken for none, where libpq looks the empty name up and refuses
+    it ("definition of service "" not found"): the same URL and
+    environment reached a database through AccMan and not through psql."""
+    service_file("[accman]\nhost=127.0.0.1\n")
+    url = pg_url + "?service="
+    if form == "PGSERVICE":
+        monkeypatch.setenv("PGSERVICE", "")
+        url = pg_url
+    else:
+        monkeypatch.setenv("PGSERVICE", "accman")
+    with pytest.raises(StoreError, match=r"^cannot connect to a PostgreSQL cluster of the "
+                       'store: the service "" \\(the store URL\'s service=, or PGSERVICE\\) '
+                       r"is not defined in a service file"):
+        run(PgStore.open([url]))
+
+
 def _replied(srv, route, detail):
     """A poll of `route`: its 503 reply once it has `detail`."""
     def poll():
