@@ -37,7 +37,9 @@ function parseUrl (url) {
     throw new TypeError('url takes no query, fragment or userinfo')
   }
   const prefix = u.pathname.replace(/\/+$/, '')
-  if (prefix && !PREFIX_RE.test(prefix)) throw new TypeError('url path must be plain ASCII segments')
+  if (prefix && !PREFIX_RE.test(prefix)) {
+    throw new TypeError('url path must be plain ASCII segments')
+  }
   return { origin: u.origin, prefix }
 }
 
@@ -124,7 +126,9 @@ class Attempt {
     if (this.done) return
     const where = this.client.where
     if (!this.sent) {
-      const reason = err.code === 'UND_ERR_CONNECT_TIMEOUT' ? 'timed out' : (err.code || err.message)
+      const reason = err.code === 'UND_ERR_CONNECT_TIMEOUT'
+        ? 'timed out'
+        : (err.code || err.message)
       this.finish(new Unreachable(`cannot reach AccMan at ${where}: ${reason}`))
     } else if (FRAMING_CODES.has(err.code) || String(err.code).startsWith('HPE_')) {
       this.finish(new BadReply(`the reply from ${where} broke HTTP/1.1 framing`))
@@ -165,8 +169,8 @@ class AccManClient {
     // set but empty is a server without tokens, as on the Python side.
     if (token !== undefined && token !== null && token !== '') {
       if (typeof token !== 'string' || !TOKEN_RE.test(token)) {
-        throw new TypeError('token must be an RFC 6750 b64token: letters, digits and - . _ ~ + /, ' +
-          'with = only at its end (null, undefined or empty: none)')
+        throw new TypeError('token must be an RFC 6750 b64token: letters, digits and ' +
+          '- . _ ~ + /, with = only at its end (null, undefined or empty: none)')
       }
       this._headers = ['authorization', 'Bearer ' + token]
     }
@@ -246,7 +250,8 @@ class AccManClient {
         return decode(status, text, this.bigint)
       } catch (err) {
         if (maybe === null && mayHaveLanded(err)) maybe = err
-        if (!(err instanceof AccManError) || attempt >= this.retries || this._closed || !retryable(err, safe)) {
+        if (!(err instanceof AccManError) || attempt >= this.retries || this._closed ||
+            !retryable(err, safe)) {
           const ending = maybe !== null && !mayHaveLanded(err) && !definite(err) ? maybe : err
           throw unechoed(ending, this._secrets(target))
         }
@@ -264,15 +269,18 @@ class AccManClient {
   _attempt (method, path) {
     if (this._closed) return Promise.reject(new Unreachable('the AccMan client is closed'))
     if (this._inFlight >= limits.CALLS_IN_FLIGHT_MAX) {
-      return Promise.reject(new Busy('more than CALLS_IN_FLIGHT_MAX AccMan calls in flight: nothing was sent'))
+      return Promise.reject(new Busy(
+        'more than CALLS_IN_FLIGHT_MAX AccMan calls in flight: nothing was sent'))
     }
     this._inFlight++
     return new Promise((resolve, reject) => {
       const attempt = new Attempt(this, resolve, reject)
       try {
-        this._pool.dispatch({ method, path, headers: this._headers, idempotent: method === 'GET' }, attempt)
+        const idempotent = method === 'GET'
+        this._pool.dispatch({ method, path, headers: this._headers, idempotent }, attempt)
       } catch (err) {
-        attempt.finish(new Unreachable(`cannot send to AccMan at ${this.where}: ${err.code || err.message}`))
+        const why = err.code || err.message
+        attempt.finish(new Unreachable(`cannot send to AccMan at ${this.where}: ${why}`))
       }
     })
   }

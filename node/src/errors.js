@@ -110,7 +110,9 @@ class Unrepresentable extends AccManError {
   }
 }
 
-const CODE_409 = { key_reused: KeyReused, overflow: Overflow, hold_ended: HoldEnded, too_many_holds: TooManyHolds }
+const CODE_409 = {
+  key_reused: KeyReused, overflow: Overflow, hold_ended: HoldEnded, too_many_holds: TooManyHolds
+}
 
 // The typed error of a reply that is not a 200.  `obj` is its JSON object
 // (with exact integers, see values.js) or null; `tot` is the insufficient
@@ -137,8 +139,8 @@ function errorOfReply (status, obj, tot) {
     // Not AccMan's error body: a proxy's page says nothing of AccMan's
     // store, and may come after the request went on (ProxyUnavailable).
     if (!ownError(obj)) {
-      return new ProxyUnavailable('a 503 without AccMan\'s error body came (a proxy\'s, or another ' +
-        'server\'s at the URL): the call may have been applied')
+      return new ProxyUnavailable('a 503 without AccMan\'s error body came (a proxy\'s, or ' +
+        'another server\'s at the URL): the call may have been applied')
     }
     return code === 'busy' ? new Busy(detail) : new Unavailable(detail)
   } else if (status === 400 || status === 413 || status === 414 || status === 431) {
@@ -171,7 +173,8 @@ const SECRET_PIECE_CHARS_MIN = 8
 // "Bearer" in AccMan's own 401s ("needs an Authorization: Bearer token",
 // "the bearer token is not valid") and its challenge (Bearer realm="accman")
 // are not a value; a token that starts with them (token-1f2e...) is.
-const QUOTED_RE = /((?:^|[?&])cred=)[^&\s"';,]+|(bearer\s+)(?!tokens?(?![A-Za-z0-9_\-.~+/=])|realm=")[^&\s"';,]+/gi
+const QUOTED_RE =
+  /((?:^|[?&])cred=)[^&\s"';,]+|(bearer\s+)(?!tokens?(?![A-Za-z0-9_\-.~+/=])|realm=")[^&\s"';,]+/gi
 // A run of a secret's characters, or of its percent-encoded form's.
 const SECRET_RUN_RE = new RegExp(`[${SECRET_CHARS}%]{${SECRET_PIECE_CHARS_MIN},}`, 'g')
 
@@ -188,15 +191,20 @@ function unechoed (err, secrets) {
   let detail = before.replace(QUOTED_RE, (m, cred, bearer) => (cred || bearer) + '<not shown>')
   const given = secrets.filter(Boolean)
   const encoded = given.map(encodeURIComponent) // as a URL quotes it, in either case of hex
-  const quoted = new Set([...given, ...encoded, ...encoded.map((e) => e.replace(/%[0-9A-F]{2}/g, (h) => h.toLowerCase()))])
+  const lower = encoded.map((e) => e.replace(/%[0-9A-F]{2}/g, (h) => h.toLowerCase()))
+  const quoted = new Set([...given, ...encoded, ...lower])
   // A secret of a piece's length or more is found by its pieces; a shorter
   // one where it stands alone.
   for (const secret of [...quoted].filter((q) => q.length < SECRET_PIECE_CHARS_MIN)) {
     const escaped = secret.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')
-    detail = detail.replace(new RegExp(`(?<![${SECRET_CHARS}])${escaped}(?![${SECRET_CHARS}])`, 'g'), '<not shown>')
+    const alone = new RegExp(`(?<![${SECRET_CHARS}])${escaped}(?![${SECRET_CHARS}])`, 'g')
+    detail = detail.replace(alone, '<not shown>')
   }
   const pieces = piecesOf(quoted)
-  if (pieces.size) detail = detail.replace(SECRET_RUN_RE, (word) => holdsPiece(word, pieces) ? '<not shown>' : word)
+  if (pieces.size) {
+    const hidden = (word) => holdsPiece(word, pieces) ? '<not shown>' : word
+    detail = detail.replace(SECRET_RUN_RE, hidden)
+  }
   detail = detail.slice(0, DETAIL_CHARS_MAX)
   if (detail !== before) {
     if (typeof err.stack === 'string') err.stack = err.stack.split(before).join(detail)
@@ -209,7 +217,9 @@ function unechoed (err, secrets) {
 function piecesOf (secrets) {
   const pieces = new Set()
   for (const s of secrets) {
-    for (let i = 0; i + SECRET_PIECE_CHARS_MIN <= s.length; i++) pieces.add(s.slice(i, i + SECRET_PIECE_CHARS_MIN))
+    for (let i = 0; i + SECRET_PIECE_CHARS_MIN <= s.length; i++) {
+      pieces.add(s.slice(i, i + SECRET_PIECE_CHARS_MIN))
+    }
   }
   return pieces
 }

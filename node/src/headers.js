@@ -6,8 +6,9 @@
 
 // The headers that describe a response's body: the 503 keeps none of them.
 const BODY_HEADERS = new Set([
-  'content-type', 'content-length', 'content-encoding', 'content-language', 'content-location', 'content-range',
-  'content-disposition', 'transfer-encoding', 'etag', 'last-modified', 'cache-control', 'expires'
+  'content-type', 'content-length', 'content-encoding', 'content-language', 'content-location',
+  'content-range', 'content-disposition', 'transfer-encoding', 'etag', 'last-modified',
+  'cache-control', 'expires'
 ])
 const CORS_PREFIX = 'access-control-'
 
@@ -15,7 +16,9 @@ const CORS_PREFIX = 'access-control-'
 // copied too, since a later cookie is pushed onto it.
 function headersOf (reply) {
   const headers = reply.getHeaders()
-  for (const name in headers) if (Array.isArray(headers[name])) headers[name] = headers[name].slice()
+  for (const name in headers) {
+    if (Array.isArray(headers[name])) headers[name] = headers[name].slice()
+  }
   return headers
 }
 

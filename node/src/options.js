@@ -24,12 +24,17 @@ const SHOWN_CHARS_MAX = 40 // how much of a wrong string value a message quotes
 // a bigint with its n, only the type of anything else.
 function shown (value) {
   if (typeof value === 'string') {
-    return JSON.stringify(value.length > SHOWN_CHARS_MAX ? value.slice(0, SHOWN_CHARS_MAX) + '...' : value)
+    const start = value.length > SHOWN_CHARS_MAX ? value.slice(0, SHOWN_CHARS_MAX) + '...' : value
+    return JSON.stringify(start)
   }
   if (typeof value === 'bigint') return `${value}n`
-  if (typeof value === 'number' || typeof value === 'boolean' || value === null) return String(value)
+  if (typeof value === 'number' || typeof value === 'boolean' || value === null) {
+    return String(value)
+  }
   // An async function's result: an amount is wanted now, not later.
-  if (typeof value === 'object' && typeof value.then === 'function') return 'a promise (it must not be async)'
+  if (typeof value === 'object' && typeof value.then === 'function') {
+    return 'a promise (it must not be async)'
+  }
   const type = typeof value
   return `${/^[aeiou]/.test(type) ? 'an' : 'a'} ${type}`
 }
@@ -41,7 +46,9 @@ function isAmount (value) {
 
 // An amount of money as a bigint: a non-negative safe integer or bigint.
 function amount (value, what) {
-  if (!isAmount(value)) throw new TypeError(`${what} must be a non-negative integer, not ${shown(value)}`)
+  if (!isAmount(value)) {
+    throw new TypeError(`${what} must be a non-negative integer, not ${shown(value)}`)
+  }
   return BigInt(value)
 }
 
@@ -51,13 +58,16 @@ function price (value, what) {
 
 function choice (value, allowed, what) {
   if (!allowed.includes(value)) {
-    throw new TypeError(`${what} must be ${allowed.map((a) => `'${a}'`).join(' or ')}, not ${shown(value)}`)
+    const names = allowed.map((a) => `'${a}'`).join(' or ')
+    throw new TypeError(`${what} must be ${names}, not ${shown(value)}`)
   }
   return value
 }
 
 function flag (value, what) {
-  if (typeof value !== 'boolean') throw new TypeError(`${what} must be true or false, not ${shown(value)}`)
+  if (typeof value !== 'boolean') {
+    throw new TypeError(`${what} must be true or false, not ${shown(value)}`)
+  }
   return value
 }
 
@@ -78,12 +88,15 @@ function headerName (value) {
 function exemptTest (exempt) {
   if (typeof exempt === 'function') return exempt
   if (!Array.isArray(exempt) || exempt.some((p) => typeof p !== 'string')) {
-    throw new TypeError('exempt must be an array of paths (a trailing * matches a prefix) or a function')
+    throw new TypeError(
+      'exempt must be an array of paths (a trailing * matches a prefix) or a function')
   }
   // A route's path and a URL's both start with /: an entry without it
   // (a typo) would exempt nothing, silently.  '*' alone is every path.
   const wrong = exempt.find((p) => !(p.startsWith('/') || p === '*'))
-  if (wrong !== undefined) throw new TypeError(`exempt: ${shown(wrong)} is not a path starting with /, nor *`)
+  if (wrong !== undefined) {
+    throw new TypeError(`exempt: ${shown(wrong)} is not a path starting with /, nor *`)
+  }
   const exact = new Set(exempt.filter((p) => !p.endsWith('*')))
   const prefixes = exempt.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
   const test = (request, options = request.routeOptions) => {
@@ -126,17 +139,20 @@ function settings (opts) {
     // it.  Known by its tag, which a copy of the package loaded twice
     // shares, where instanceof would not.
     if (Object.prototype.toString.call(opts.client) !== '[object AccManClient]') {
-      throw new TypeError(`client must be an AccManClient made with { bigint: true }, not ${shown(opts.client)}`)
+      throw new TypeError('client must be an AccManClient made with { bigint: true }, ' +
+        `not ${shown(opts.client)}`)
     }
     const mixed = CLIENT_OPTIONS.filter((name) => opts[name] !== undefined)
     if (mixed.length) {
       const many = mixed.length > 1
-      throw new TypeError(`${mixed.join(', ')} ${many ? 'are options' : 'is an option'} of the client: ` +
-        `with client given, set ${many ? 'them' : 'it'} on that AccManClient`)
+      throw new TypeError(`${mixed.join(', ')} ${many ? 'are options' : 'is an option'} ` +
+        `of the client: with client given, set ${many ? 'them' : 'it'} on that AccManClient`)
     }
   }
   const onUnpaid = opts.onUnpaid ?? null
-  if (onUnpaid !== null && typeof onUnpaid !== 'function') throw new TypeError('onUnpaid must be a function')
+  if (onUnpaid !== null && typeof onUnpaid !== 'function') {
+    throw new TypeError('onUnpaid must be a function')
+  }
   // An option left out takes its default; one given as null is a wrong
   // value like any other (`cost: null` is not "the default price").
   const given = (name, value) => opts[name] === undefined ? value : opts[name]
@@ -147,7 +163,8 @@ function settings (opts) {
     cost: price(given('cost', 1), 'cost'),
     exempt: exemptTest(given('exempt', [])),
     chargeErrors: flag(given('chargeErrors', false), 'chargeErrors'),
-    holdTtlS: integer(given('holdTtlS', limits.HOLD_TTL_S_DEFAULT), 'holdTtlS', 1, limits.HOLD_TTL_S_MAX),
+    holdTtlS: integer(given('holdTtlS', limits.HOLD_TTL_S_DEFAULT), 'holdTtlS', 1,
+      limits.HOLD_TTL_S_MAX),
     checkFreshMs: integer(given('checkFreshMs', limits.CHECK_FRESH_MS_DEFAULT), 'checkFreshMs', 0,
       limits.CHECK_FRESH_MS_MAX),
     onUnpaid
@@ -160,10 +177,12 @@ function settings (opts) {
 // of failing every request to it with a 500.
 function checkRoute (route) {
   const value = route.config ? route.config.accman : undefined
-  if (value === undefined || value === false || typeof value === 'function' || isAmount(value)) return
+  if (value === undefined || value === false || typeof value === 'function' || isAmount(value)) {
+    return
+  }
   const methods = [].concat(route.method).join(',')
-  throw new TypeError(`config.accman of the route ${methods} ${route.url} must be a non-negative integer, ` +
-    `a function or false, not ${shown(value)}`)
+  throw new TypeError(`config.accman of the route ${methods} ${route.url} must be a ` +
+    `non-negative integer, a function or false, not ${shown(value)}`)
 }
 
 // A route priced by its `config.accman` that `exempt` (an array) also
@@ -174,11 +193,12 @@ function checkRoute (route) {
 function checkExempt (route, path, exempt) {
   const value = route.config ? route.config.accman : undefined
   if (value === undefined || value === false || !exempt.entries) return
-  const by = exempt.entries.find((e) => e.endsWith('*') ? path.startsWith(e.slice(0, -1)) : path === e)
+  const names = (e) => e.endsWith('*') ? path.startsWith(e.slice(0, -1)) : path === e
+  const by = exempt.entries.find(names)
   if (by === undefined) return
   const methods = [].concat(route.method).join(',')
-  throw new TypeError(`config.accman of the route ${methods} ${path} is a price, but exempt names the route ` +
-    `(by ${shown(by)}): an exempt route is never metered`)
+  throw new TypeError(`config.accman of the route ${methods} ${path} is a price, but exempt ` +
+    `names the route (by ${shown(by)}): an exempt route is never metered`)
 }
 
 module.exports = { settings, checkRoute, checkExempt, amount, price, shown }

@@ -68,8 +68,10 @@ class Settle {
     } catch (err) {
       if (!(err instanceof HoldEnded)) throw err
       if (this.use === 0n) return // released already, or expired: nothing is held
-      log.warn({ account: fingerprint(this.cred), hold: String(this.hold), amount: String(this.use), key: this.chargeKey },
-        'accman: the hold ended before its settle landed; charging it as a mod')
+      log.warn({
+        account: fingerprint(this.cred), hold: String(this.hold), amount: String(this.use),
+        key: this.chargeKey
+      }, 'accman: the hold ended before its settle landed; charging it as a mod')
       await client.mod(this.cred, -this.use, { key: this.chargeKey })
     }
   }
@@ -170,7 +172,10 @@ class Owed {
         // Only a definite refusal says that no earlier attempt landed.
         const unknown = item.maybe && !definite(err)
         this.strandedCount++
-        this.strand(item, transient ? `still ${err.code} after ${attempt} attempts` : (err.code || String(err)), unknown)
+        const why = transient
+          ? `still ${err.code} after ${attempt} attempts`
+          : (err.code || String(err))
+        this.strand(item, why, unknown)
       }
       this.queue.shift()
       attempt = 0
@@ -184,7 +189,8 @@ class Owed {
     const landed = this.landedCount
     const stranded = this.strandedCount
     this.landedCount = this.strandedCount = 0
-    this.log.info({ landed, stranded }, `accman: no call owed any more: ${landed} landed, ${stranded} stranded`)
+    this.log.info({ landed, stranded },
+      `accman: no call owed any more: ${landed} landed, ${stranded} stranded`)
   }
 
   // Waits `ms`, or less: never past the deadline.
@@ -206,7 +212,8 @@ class Owed {
   // take: refused instead, for that false would say calls are still owed.
   async drain (timeoutMs) {
     if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > TIMER_MS_MAX) {
-      throw new TypeError(`timeoutMs must be an integer from 0 to ${TIMER_MS_MAX}, not ${shown(timeoutMs)}`)
+      throw new TypeError(
+        `timeoutMs must be an integer from 0 to ${TIMER_MS_MAX}, not ${shown(timeoutMs)}`)
     }
     if (this.running === null) return true
     let timer

@@ -40,7 +40,9 @@ class Repeats {
     if (state === undefined) {
       // the first time: said as it is
     } else if (now - state.seen >= REPEAT_MS) { // it had stopped: a new spell
-      if (state.since) more = { repeatedBefore: state.since, seconds: Math.round((state.seen - state.at) / 1000) }
+      if (state.since) {
+        more = { repeatedBefore: state.since, seconds: Math.round((state.seen - state.at) / 1000) }
+      }
     } else if (now - state.at >= REPEAT_MS) {
       more = { repeated: state.since, seconds: Math.round((now - state.at) / 1000) }
     } else {
@@ -68,7 +70,8 @@ class Repeats {
       const leftMs = state.seen + REPEAT_MS - now
       if (closing || leftMs <= 0) {
         const { since, at, seen, level, fields, text } = state
-        this.log[level]({ ...fields, repeated: since, seconds: Math.round((seen - at) / 1000), quiet: true }, text)
+        const seconds = Math.round((seen - at) / 1000)
+        this.log[level]({ ...fields, repeated: since, seconds, quiet: true }, text)
         state.since = 0
       } else if (dueMs === null || leftMs < dueMs) {
         dueMs = leftMs
@@ -85,7 +88,8 @@ class Repeats {
   // Unref'd: a count waiting to be said never keeps the process alive.
   arm (delayMs) {
     if (this.timer !== null) return
-    this.timer = setTimeout(() => { this.timer = null; this.flush() }, Math.max(delayMs, TIMER_MIN_MS))
+    const ms = Math.max(delayMs, TIMER_MIN_MS)
+    this.timer = setTimeout(() => { this.timer = null; this.flush() }, ms)
     this.timer.unref()
   }
 
@@ -104,7 +108,10 @@ class Repeats {
   forget (key) {
     const { at, since, seen, level, fields, text } = this.said.get(key)
     this.said.delete(key)
-    if (since) this.log[level]({ ...fields, repeated: since, seconds: Math.round((seen - at) / 1000), forgotten: true }, text)
+    if (since) {
+      const seconds = Math.round((seen - at) / 1000)
+      this.log[level]({ ...fields, repeated: since, seconds, forgotten: true }, text)
+    }
   }
 
   metLongestAgo () {

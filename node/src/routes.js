@@ -86,10 +86,11 @@ function uncheckedRoutes (text, meteredBy, checkedBy, checked) {
   const routes = printedRoutes(text)
   // A prefixed '/' route is printed as /v1 and /v1/, and routed as '/v1'.
   const printed = new Set(routes.map((r) => r.path))
-  const paths = [...printed].filter((p) => !(p.length > 1 && p.endsWith('/') && printed.has(p.slice(0, -1))))
+  const slashed = (p) => p.length > 1 && p.endsWith('/') && printed.has(p.slice(0, -1))
+  const paths = [...printed].filter((p) => !slashed(p))
   const has = (route, hook, name) => (route.hooks[hook] || []).includes(printedName(name))
-  const unchecked = routes.filter((r) => has(r, 'onRequest', meteredBy) && !has(r, 'preHandler', checkedBy) &&
-    !r.methods.every((m) => m === 'OPTIONS'))
+  const unchecked = routes.filter((r) => has(r, 'onRequest', meteredBy) &&
+    !has(r, 'preHandler', checkedBy) && !r.methods.every((m) => m === 'OPTIONS'))
   const readable = checked === 0 || routes.some((r) => has(r, 'preHandler', checkedBy))
   return { unchecked, readable, paths }
 }
@@ -106,7 +107,8 @@ function unroutedExempt (entries, paths) {
 }
 
 function routeName (route) {
-  return `${route.methods.join(',')} ${route.path}${route.constraints ? ' ' + route.constraints : ''}`
+  const constraints = route.constraints ? ' ' + route.constraints : ''
+  return `${route.methods.join(',')} ${route.path}${constraints}`
 }
 
 // The warning at ready(): the routes named, up to ROUTES_NAMED_MAX.  Not an
@@ -115,17 +117,22 @@ function routeName (route) {
 // working app that registered the plugin without awaiting it keeps working.
 function uncheckedWarning (unchecked) {
   const names = unchecked.slice(0, ROUTES_NAMED_MAX).map(routeName)
-  if (unchecked.length > ROUTES_NAMED_MAX) names.push(`and ${unchecked.length - ROUTES_NAMED_MAX} more`)
+  if (unchecked.length > ROUTES_NAMED_MAX) {
+    names.push(`and ${unchecked.length - ROUTES_NAMED_MAX} more`)
+  }
   const one = unchecked.length === 1
-  return `accman: ${one ? 'a route' : unchecked.length + ' routes'} added before the plugin, whose price ` +
-    `is checked at each request instead of at ready(): ${names.join('; ')}. Register the plugin before ` +
+  return `accman: ${one ? 'a route' : unchecked.length + ' routes'} added before the plugin, ` +
+    'whose price is checked at each request instead of at ready(): ' +
+    `${names.join('; ')}. Register the plugin before ` +
     'the routes it meters (await fastify.register(...) before adding them)'
 }
 
 // The warning at ready(): the entries named, up to ROUTES_NAMED_MAX.
 function unroutedWarning (unrouted) {
   const names = unrouted.slice(0, ROUTES_NAMED_MAX)
-  if (unrouted.length > ROUTES_NAMED_MAX) names.push(`and ${unrouted.length - ROUTES_NAMED_MAX} more`)
+  if (unrouted.length > ROUTES_NAMED_MAX) {
+    names.push(`and ${unrouted.length - ROUTES_NAMED_MAX} more`)
+  }
   return `accman: exempt names no route: ${names.join(', ')}; it exempts only requests that no ` +
     'route answers (exempt names routes by their declared path)'
 }
@@ -176,4 +183,6 @@ function bySiblingHead (request) {
     options.config[SIBLING_HEAD] === true
 }
 
-module.exports = { uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning, headSiblings, bySiblingHead }
+module.exports = {
+  uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning, headSiblings, bySiblingHead
+}

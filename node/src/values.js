@@ -21,7 +21,9 @@ const NAME_RE = /^[A-Za-z0-9_-]+$/
 // credential.
 function checkName (value, what, charsMax) {
   if (value === undefined) throw new TypeError(`${what} is missing: a string`)
-  if (typeof value !== 'string') throw new TypeError(`${what} must be a string, not ${typeName(value, false)}`)
+  if (typeof value !== 'string') {
+    throw new TypeError(`${what} must be a string, not ${typeName(value, false)}`)
+  }
   if (value.length < 1 || value.length > charsMax || !NAME_RE.test(value)) {
     throw new BadRequest(`${what} must be 1 to ${charsMax} characters from A-Z a-z 0-9 _ -`)
   }
@@ -47,7 +49,8 @@ function checkInt (value, what, lo = INT64_MIN, hi = INT64_MAX) {
   } else if (value === undefined) {
     throw new TypeError(`${what} is missing: an integer (a safe-integer number or a bigint)`)
   } else {
-    throw new TypeError(`${what} must be an integer (a safe-integer number or a bigint), not ${typeName(value)}`)
+    throw new TypeError(`${what} must be an integer (a safe-integer number or a bigint), ` +
+      `not ${typeName(value)}`)
   }
   if (big < lo || big > hi) throw new BadRequest(`${what} must be between ${lo} and ${hi}`)
   return String(big)
@@ -72,7 +75,9 @@ function targetMod (c, by, min, key, low) {
   if (key !== undefined && key !== null) t += '&key=' + checkName(key, 'key', KEY_CHARS_MAX)
   if (low !== undefined && low !== null) {
     const l = checkInt(low, 'low')
-    if (amount[0] === '-') throw new BadRequest('low is set by a funding mod only (by > 0), not by a charge')
+    if (amount[0] === '-') {
+      throw new BadRequest('low is set by a funding mod only (by > 0), not by a charge')
+    }
     t += '&low=' + l
   }
   return t
@@ -96,7 +101,9 @@ function checkOptions (options, call, names) {
 
 function targetPast (c, limit, before) {
   let t = '/past?cred=' + cred(c)
-  if (limit !== undefined && limit !== null) t += '&limit=' + checkInt(limit, 'limit', 1n, BigInt(PAST_LIMIT_MAX))
+  if (limit !== undefined && limit !== null) {
+    t += '&limit=' + checkInt(limit, 'limit', 1n, BigInt(PAST_LIMIT_MAX))
+  }
   if (before !== undefined && before !== null) t += '&before=' + checkInt(before, 'before', 1n)
   return t
 }
@@ -105,7 +112,9 @@ function targetHold (c, by, ttlS, min, key) {
   const amount = checkBy(by)
   if (amount[0] !== '-') throw new BadRequest('by of a hold must be negative (the amount held)')
   // Its end would give back 2^63, past the range: the server's 400, said here.
-  if (amount === String(INT64_MIN)) throw new BadRequest(`by of a hold must be from ${-INT64_MAX} to -1`)
+  if (amount === String(INT64_MIN)) {
+    throw new BadRequest(`by of a hold must be from ${-INT64_MAX} to -1`)
+  }
   let t = '/hold?cred=' + cred(c) + '&by=' + amount +
     '&ttl=' + checkInt(ttlS, 'ttlS', 1n, BigInt(HOLD_TTL_S_MAX))
   if (min !== undefined && min !== null) t += '&min=' + checkInt(min, 'min')
@@ -132,7 +141,8 @@ const INT_TAG = '\u0000int'
 // JSON with every integer kept as its digits, wrapped in a tagged object
 // that no AccMan reply contains.
 function parseExact (text) {
-  const tagged = text.replace(TOKEN_RE, (m) => (m[0] === '"' || !INT_RE.test(m)) ? m : `{"\\u0000int":"${m}"}`)
+  const tagged = text.replace(TOKEN_RE,
+    (m) => (m[0] === '"' || !INT_RE.test(m)) ? m : `{"\\u0000int":"${m}"}`)
   try {
     return JSON.parse(tagged)
   } catch {
@@ -157,7 +167,8 @@ function present (status, result, bigint) {
 
 function convert (v) {
   if (typeof v === 'bigint') {
-    return (v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER)) ? Number(v) : undefined
+    const safe = v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER)
+    return safe ? Number(v) : undefined
   }
   if (Array.isArray(v)) {
     const out = new Array(v.length)
@@ -182,7 +193,9 @@ function convert (v) {
 function ok (status, text, bigint) {
   const obj = parseExact(text)
   if (status === 200) {
-    if (obj === null || typeof obj !== 'object' || Array.isArray(obj)) throw new BadReply('reply body is not a JSON object')
+    if (obj === null || typeof obj !== 'object' || Array.isArray(obj)) {
+      throw new BadReply('reply body is not a JSON object')
+    }
     return obj
   }
   const body = obj !== null && typeof obj === 'object' ? obj : null
@@ -234,12 +247,16 @@ function decodeEntry (e) {
   if (e === null || typeof e !== 'object') throw new BadReply('/past entry is not an object')
   const entry = ints(e, ['seq', 'by', 'tot', 'at'], '/past entry:')
   const key = e.key === undefined ? null : e.key
-  if (key !== null && typeof key !== 'string') throw new BadReply('/past entry with a key that is not a string')
+  if (key !== null && typeof key !== 'string') {
+    throw new BadReply('/past entry with a key that is not a string')
+  }
   entry.key = key
   entry.hold = null
   if (e.hold !== undefined && e.hold !== null) {
     entry.hold = exactInt(e.hold)
-    if (entry.hold === undefined) throw new BadReply('/past entry with a hold that is not an integer')
+    if (entry.hold === undefined) {
+      throw new BadReply('/past entry with a hold that is not an integer')
+    }
   }
   return entry
 }
