@@ -9,81 +9,70 @@ const util = require('node:util')
 const { AccManClient } = require('..')
 const E = require('../src/errors')
 const { CALLS_IN_FLIGHT_MAX } = require('../src/limits')
-const { AccManServer, TOKENS } = require('./helpers/accman')
+const { TOKENS, sharedAccMan } = require('./helpers/accman')
 const { fakeAccMan, reply } = require('./helpers/fake')
 const { proxyTo } = require('./helpers/proxy')
 const { until } = require('./helpers/app')
 
-let server, mint, service
-test.before(async () => {
-  server = new AccManServer()
-  await server.start()
-  mint = new AccManClient({ url: server.url, token: TOKENS.mint })
-  service = new AccManClient({ url: server.url, token: TOKENS.service })
-})
-test.after(async () => {
-  await mint.close()
-  await service.close()
-  await server.close()
-})
+const acc = sharedAccMan(test, { service: true })
 
 test('tot, mod with min and key, past: the SPEC\'s results', async () => {
-  assert.deepEqual(await mint.mod('c-basic', 100), { tot: 100, seq: 1 })
-  assert.equal(await service.tot('c-basic'), 100)
-  assert.deepEqual(await service.mod('c-basic', -30, { min: 0, key: 'k1' }), { tot: 70, seq: 2 })
+  assert.deepEqual(await acc.mint.mod('c-basic', 100), { tot: 100, seq: 1 })
+  assert.equal(await acc.service.tot('c-basic'), 100)
+  assert.deepEqual(await acc.service.mod('c-basic', -30, { min: 0, key: 'k1' }), { tot: 70, seq: 2 })
   // The same key again answers the first reply and changes nothing.
-  assert.deepEqual(await service.mod('c-basic', -30, { min: 0, key: 'k1' }), { tot: 70, seq: 2 })
-  assert.equal(await service.tot('c-basic'), 70)
-  const page = await service.past('c-basic', { limit: 1 })
+  assert.deepEqual(await acc.service.mod('c-basic', -30, { min: 0, key: 'k1' }), { tot: 70, seq: 2 })
+  assert.equal(await acc.service.tot('c-basic'), 70)
+  const page = await acc.service.past('c-basic', { limit: 1 })
   assert.equal(page.past.length, 1)
   assert.deepEqual({ ...page.past[0], at: 0 }, { seq: 2, by: -30, tot: 70, at: 0, key: 'k1', hold: null })
   assert.equal(page.next, 2)
-  const older = await service.past('c-basic', { before: page.next })
+  const older = await acc.service.past('c-basic', { before: page.next })
   assert.deepEqual(older.past.map((e) => e.seq), [1])
   assert.equal(older.next, null)
 })
 
 test('the SPEC\'s error codes arrive as typed errors, and change nothing', async () => {
-  await mint.mod('c-err', 10)
-  await assert.rejects(service.mod('c-err', -11, { min: 0 }), (e) => e instanceof E.Insufficient && e.tot === 10)
-  await assert.rejects(service.tot('c-none'), E.NoAccount)
-  await service.mod('c-err', -1, { key: 'same' })
-  await assert.rejects(service.mod('c-err', -2, { key: 'same' }), E.KeyReused)
-  await assert.rejects(service.mod('c-err', 5), E.Forbidden) // a funding mod needs mint
-  await assert.rejects(mint.mod('c-err', 2n ** 63n - 1n), E.Overflow)
-  const noToken = new AccManClient({ url: server.url })
+  await acc.mint.mod('c-err', 10)
+  await assert.rejects(acc.service.mod('c-err', -11, { min: 0 }), (e) => e instanceof E.Insufficient && e.tot === 10)
+  await assert.rejects(acc.service.tot('c-none'), E.NoAccount)
+  await acc.service.mod('c-err', -1, { key: 'same' })
+  await assert.rejects(acc.service.mod('c-err', -2, { key: 'same' }), E.KeyReused)
+  await assert.rejects(acc.service.mod('c-err', 5), E.Forbidden) // a funding mod needs mint
+  await assert.rejects(acc.mint.mod('c-err', 2n ** 63n - 1n), E.Overflow)
+  const noToken = new AccManClient({ url: acc.server.url })
   // AccMan's own words whole: "Bearer token" is prose, not a quoted secret.
   await assert.rejects(noToken.tot('c-err'), (e) => e instanceof E.Unauthorized &&
     e.detail.includes('this call needs an Authorization: Bearer token'))
   await noToken.close()
-  const wrongPath = new AccManClient({ url: server.url + '/nothing-here', token: TOKENS.mint })
+  const wrongPath = new AccManClient({ url: acc.server.url + '/nothing-here', token: TOKENS.mint })
   await assert.rejects(wrongPath.tot('c-err'), (e) => e instanceof E.UnexpectedReply && e.status === 404)
   await wrongPath.close()
-  assert.equal(await service.tot('c-err'), 9)
+  assert.equal(await acc.service.tot('c-err'), 9)
 })
 
 test('bigint: true gives exact balances past 2^53; the default refuses to round them', async () => {
-  const big = new AccManClient({ url: server.url, token: TOKENS.mint, bigint: true })
+  const big = new AccManClient({ url: acc.server.url, token: TOKENS.mint, bigint: true })
   assert.deepEqual(await big.mod('c-big', 2n ** 60n), { tot: 2n ** 60n, seq: 1n })
   assert.equal(await big.tot('c-big'), 2n ** 60n)
-  await assert.rejects(mint.tot('c-big'), (e) => e instanceof E.Unrepresentable && e.reply.tot === 2n ** 60n)
+  await assert.rejects(acc.mint.tot('c-big'), (e) => e instanceof E.Unrepresentable && e.reply.tot === 2n ** 60n)
   await big.close()
 })
 
 test('a token never appears in the client\'s inspection or errors', async () => {
-  assert.ok(!util.inspect(service, { depth: 5, showHidden: false }).includes(TOKENS.service))
-  const err = await service.tot('c-none').catch((e) => e)
+  assert.ok(!util.inspect(acc.service, { depth: 5, showHidden: false }).includes(TOKENS.service))
+  const err = await acc.service.tot('c-none').catch((e) => e)
   assert.ok(!util.inspect(err).includes(TOKENS.service))
   assert.ok(!err.message.includes('c-none'))
 })
 
 test('AccMan stopped: Unreachable (nothing sent); restarted: the same client carries on', async () => {
-  await mint.mod('c-restart', 50)
-  const client = new AccManClient({ url: server.url, token: TOKENS.service, retries: 0 })
+  await acc.mint.mod('c-restart', 50)
+  const client = new AccManClient({ url: acc.server.url, token: TOKENS.service, retries: 0 })
   assert.equal(await client.tot('c-restart'), 50)
-  await server.stop()
+  await acc.server.stop()
   await assert.rejects(client.mod('c-restart', -1), E.Unreachable)
-  await server.start()
+  await acc.server.start()
   assert.deepEqual(await client.mod('c-restart', -1, { key: 'after' }), { tot: 49, seq: 2 })
   await client.close()
 })
@@ -213,37 +202,37 @@ test('an empty token is no token, as null is: no Authorization header is sent', 
 })
 
 test('a call\'s misspelt option is refused and sends nothing: a keyed mod never goes out keyless', async () => {
-  await mint.mod('c-opts', 100)
+  await acc.mint.mod('c-opts', 100)
   const refused = [
-    [() => service.mod('c-opts', -60, { Key: 'req-1' }), 'unknown option Key: mod takes min, key, low'],
-    [() => service.mod('c-opts', -1, 'req-1'), 'the options of mod must be an object { min, key, low }'],
-    [() => service.hold('c-opts', -1, { ttlS: 5, kye: 'h1' }), 'unknown option kye: hold takes ttlS, min, key'],
-    [() => service.hold('c-opts', -1, { ttl: 5 }), 'unknown option ttl: hold takes ttlS, min, key'],
-    [() => service.past('c-opts', { limt: 1 }), 'unknown option limt: past takes limit, before']
+    [() => acc.service.mod('c-opts', -60, { Key: 'req-1' }), 'unknown option Key: mod takes min, key, low'],
+    [() => acc.service.mod('c-opts', -1, 'req-1'), 'the options of mod must be an object { min, key, low }'],
+    [() => acc.service.hold('c-opts', -1, { ttlS: 5, kye: 'h1' }), 'unknown option kye: hold takes ttlS, min, key'],
+    [() => acc.service.hold('c-opts', -1, { ttl: 5 }), 'unknown option ttl: hold takes ttlS, min, key'],
+    [() => acc.service.past('c-opts', { limt: 1 }), 'unknown option limt: past takes limit, before']
   ]
   for (const [call, message] of refused) await assert.rejects(call(), { name: 'TypeError', message })
-  assert.equal(await service.tot('c-opts'), 100)
-  assert.equal((await service.past('c-opts')).past.length, 1) // nothing went out
+  assert.equal(await acc.service.tot('c-opts'), 100)
+  assert.equal((await acc.service.past('c-opts')).past.length, 1) // nothing went out
 })
 
 test('low on a funding mod sets the account\'s threshold; on a charge it is refused', async () => {
-  assert.deepEqual(await mint.mod('c-low', 100, { key: 'fund', low: 50 }), { tot: 100, seq: 1 })
-  await assert.rejects(service.mod('c-low', -1, { low: 5 }), { name: 'BadRequest', message: /low is set by a funding mod only/ })
-  await service.mod('c-low', -60) // 40: crosses 50
-  const events = await fetch(server.url + '/events', { headers: { authorization: 'Bearer ' + TOKENS.mint } })
+  assert.deepEqual(await acc.mint.mod('c-low', 100, { key: 'fund', low: 50 }), { tot: 100, seq: 1 })
+  await assert.rejects(acc.service.mod('c-low', -1, { low: 5 }), { name: 'BadRequest', message: /low is set by a funding mod only/ })
+  await acc.service.mod('c-low', -60) // 40: crosses 50
+  const events = await fetch(acc.server.url + '/events', { headers: { authorization: 'Bearer ' + TOKENS.mint } })
   const lows = (await events.json()).events.filter((e) => e.type === 'low_balance')
   assert.deepEqual(lows.map((e) => [e.seq, e.tot]), [[2, 40]])
 })
 
 test('a closed client refuses calls with Unreachable', async () => {
-  const client = new AccManClient({ url: server.url, token: TOKENS.service })
+  const client = new AccManClient({ url: acc.server.url, token: TOKENS.service })
   await client.close()
   await assert.rejects(client.tot('c-basic'), E.Unreachable)
 })
 
 test('a keyed mod whose first attempt may have landed stays OutcomeUnknown when its retries meet a refused connect', async () => {
-  await mint.mod('c-maybe', 10)
-  const proxy = await proxyTo(server.url)
+  await acc.mint.mod('c-maybe', 10)
+  const proxy = await proxyTo(acc.server.url)
   const client = new AccManClient({ url: proxy.url, token: TOKENS.service, retries: 2 })
   try {
     proxy.set('delay', 60000) // the request reaches AccMan at once; its reply is held back
@@ -254,7 +243,7 @@ test('a keyed mod whose first attempt may have landed stays OutcomeUnknown when 
   } finally {
     await client.close()
   }
-  assert.equal(await service.tot('c-maybe'), 7) // it had landed: "not applied" would be wrong
+  assert.equal(await acc.service.tot('c-maybe'), 7) // it had landed: "not applied" would be wrong
 })
 
 test('a keyed mod answered by a failed commit stays unknown when its retries find no AccMan', async () => {

@@ -8,25 +8,14 @@ const test = require('node:test')
 const assert = require('node:assert/strict')
 const accman = require('..')
 const E = require('../src/errors')
-const { AccManServer, TOKENS } = require('./helpers/accman')
+const { TOKENS, sharedAccMan } = require('./helpers/accman')
 const { serviceApp, get, sleep, messages, until } = require('./helpers/app')
 const { proxyTo } = require('./helpers/proxy')
 
-let server, mint, service
-test.before(async () => {
-  server = new AccManServer()
-  await server.start()
-  mint = new accman.AccManClient({ url: server.url, token: TOKENS.mint })
-  service = new accman.AccManClient({ url: server.url, token: TOKENS.service })
-})
-test.after(async () => {
-  await mint.close()
-  await service.close()
-  await server.close()
-})
+const acc = sharedAccMan(test, { service: true })
 
 async function withReserve (options, fn, logs) {
-  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, mode: 'reserve', ...options }, { logs })
+  const { app, url } = await serviceApp({ url: acc.server.url, token: TOKENS.service, mode: 'reserve', ...options }, { logs })
   try {
     await fn(url, app)
   } finally {
@@ -35,29 +24,29 @@ async function withReserve (options, fn, logs) {
 }
 
 test('client: a hold takes the amount at once; a settle spends part and returns the rest', async () => {
-  await mint.mod('h-client', 100)
-  const h = await service.hold('h-client', -30, { ttlS: 60, key: 'hk' })
+  await acc.mint.mod('h-client', 100)
+  const h = await acc.service.hold('h-client', -30, { ttlS: 60, key: 'hk' })
   assert.equal(h.tot, 70)
-  assert.equal(await service.tot('h-client'), 70)
-  assert.deepEqual(await service.hold('h-client', -30, { ttlS: 60, key: 'hk' }), h) // keyed: once
-  const s = await service.settle('h-client', h.hold, 12)
+  assert.equal(await acc.service.tot('h-client'), 70)
+  assert.deepEqual(await acc.service.hold('h-client', -30, { ttlS: 60, key: 'hk' }), h) // keyed: once
+  const s = await acc.service.settle('h-client', h.hold, 12)
   assert.equal(s.tot, 88)
-  assert.deepEqual(await service.settle('h-client', h.hold, 12), s) // the first reply again
-  await assert.rejects(service.settle('h-client', h.hold, 5), E.HoldEnded)
-  await assert.rejects(service.settle('h-client', 999999, 0), E.NoHold)
-  await assert.rejects(service.hold('h-client', -1000, { ttlS: 60 }), (e) => e instanceof E.Insufficient && e.tot === 88)
-  await assert.rejects(service.hold('h-nobody', -1, { ttlS: 60 }), E.NoAccount)
-  const entries = (await service.past('h-client')).past
+  assert.deepEqual(await acc.service.settle('h-client', h.hold, 12), s) // the first reply again
+  await assert.rejects(acc.service.settle('h-client', h.hold, 5), E.HoldEnded)
+  await assert.rejects(acc.service.settle('h-client', 999999, 0), E.NoHold)
+  await assert.rejects(acc.service.hold('h-client', -1000, { ttlS: 60 }), (e) => e instanceof E.Insufficient && e.tot === 88)
+  await assert.rejects(acc.service.hold('h-nobody', -1, { ttlS: 60 }), E.NoAccount)
+  const entries = (await acc.service.past('h-client')).past
   assert.deepEqual(entries.slice(0, 2).map((e) => [e.by, e.hold]), [[18, h.hold], [-30, h.hold]])
 })
 
 test('reserve: the hold is settled at the cost and the header is the balance after it', async () => {
-  await mint.mod('h-paid', 100)
+  await acc.mint.mod('h-paid', 100)
   await withReserve({}, async (url) => {
     const r = await get(url + '/rows?rows=25', 'h-paid') // holds 10, costs 3
     assert.deepEqual([r.status, r.accman], [200, '97'])
   })
-  const past = (await service.past('h-paid')).past
+  const past = (await acc.service.past('h-paid')).past
   assert.deepEqual(past.slice(0, 2).map((e) => e.by), [7, -10])
   assert.match(past[1].key, /^[0-9a-f]{24}[0-9a-f]+-h$/)
 })
@@ -65,7 +54,7 @@ test('reserve: the hold is settled at the cost and the header is the balance aft
 test('reserve: concurrent requests never overdraw: exactly N of M succeed on a balance of N', async () => {
   const N = 20
   const M = 60
-  await mint.mod('h-race', N)
+  await acc.mint.mod('h-race', N)
   await withReserve({}, async (url) => {
     const results = await Promise.all(Array.from({ length: M }, () => get(url + '/slow?ms=50', 'h-race')))
     const statuses = results.map((r) => r.status)
@@ -73,11 +62,11 @@ test('reserve: concurrent requests never overdraw: exactly N of M succeed on a b
     assert.equal(statuses.filter((s) => s === 402).length, M - N)
     for (const r of results.filter((r) => r.status === 200)) assert.ok(Number(r.accman) >= 0)
   })
-  assert.equal(await service.tot('h-race'), 0)
+  assert.equal(await acc.service.tot('h-race'), 0)
 })
 
 test('reserve: 402 with the balance when the hold does not fit; 401 for an unknown account', async () => {
-  await mint.mod('h-poor', 4)
+  await acc.mint.mod('h-poor', 4)
   await withReserve({}, async (url) => {
     const r = await get(url + '/pricey', 'h-poor')
     assert.deepEqual([r.status, r.accman, r.body.tot, r.body.cost], [402, '4', 4, 5])
@@ -87,50 +76,50 @@ test('reserve: 402 with the balance when the hold does not fit; 401 for an unkno
 })
 
 test('reserve: an error response or a thrown handler releases the hold', async () => {
-  await mint.mod('h-fail', 10)
+  await acc.mint.mod('h-fail', 10)
   await withReserve({}, async (url) => {
     assert.deepEqual(Object.values(await get(url + '/fail', 'h-fail')).slice(0, 2), [500, '10'])
     assert.deepEqual(Object.values(await get(url + '/throw', 'h-fail')).slice(0, 2), [500, '10'])
   })
-  assert.equal(await service.tot('h-fail'), 10)
+  assert.equal(await acc.service.tot('h-fail'), 10)
 })
 
 test('reserve: a consumer that leaves gets the hold back at once, before the handler ends', async () => {
-  await mint.mod('h-abort', 10)
+  await acc.mint.mod('h-abort', 10)
   await withReserve({}, async (url) => {
     const ac = new AbortController()
     const pending = fetch(url + '/slow?ms=1500', { headers: { accman: 'h-abort' }, signal: ac.signal }).catch((e) => e.name)
     await sleep(200)
-    assert.equal(await service.tot('h-abort'), 9) // held
+    assert.equal(await acc.service.tot('h-abort'), 9) // held
     ac.abort()
     assert.equal(await pending, 'AbortError')
     await sleep(200)
-    assert.equal(await service.tot('h-abort'), 10) // released while the handler still sleeps
+    assert.equal(await acc.service.tot('h-abort'), 10) // released while the handler still sleeps
     await sleep(1500)
   })
-  assert.equal(await service.tot('h-abort'), 10)
+  assert.equal(await acc.service.tot('h-abort'), 10)
 })
 
 test('reserve: a consumer that leaves after sending a body gets the hold back at once', async () => {
-  await mint.mod('h-abort-post', 10)
+  await acc.mint.mod('h-abort-post', 10)
   await withReserve({}, async (url) => {
     const ac = new AbortController()
     const pending = fetch(url + '/slow?ms=800', {
       method: 'POST', body: '{"a":1}', headers: { accman: 'h-abort-post', 'content-type': 'application/json' }, signal: ac.signal
     }).catch((e) => e.name)
     await sleep(200)
-    assert.equal(await service.tot('h-abort-post'), 9) // held
+    assert.equal(await acc.service.tot('h-abort-post'), 9) // held
     ac.abort()
     assert.equal(await pending, 'AbortError')
     await sleep(200)
-    assert.equal(await service.tot('h-abort-post'), 10) // released while the handler still sleeps
+    assert.equal(await acc.service.tot('h-abort-post'), 10) // released while the handler still sleeps
     await sleep(600)
   })
-  assert.equal(await service.tot('h-abort-post'), 10) // and not charged when it ends
+  assert.equal(await acc.service.tot('h-abort-post'), 10) // and not charged when it ends
 })
 
 test('reserve: a cost over the hold is capped at the hold', async () => {
-  await mint.mod('h-cap', 100)
+  await acc.mint.mod('h-cap', 100)
   await withReserve({}, async (url, app) => {
     const r = await get(url + '/rows?rows=500', 'h-cap') // 50 asked, 10 held
     assert.deepEqual([r.status, r.accman], [200, '90'])
@@ -139,7 +128,7 @@ test('reserve: a cost over the hold is capped at the hold', async () => {
 })
 
 test('reserve: an estimate of 0 holds nothing; a cost over it is capped at 0, counted and said', async () => {
-  await mint.mod('h-cap0', 100)
+  await acc.mint.mod('h-cap0', 100)
   const logs = []
   await withReserve({ cost: (request, reply, stage) => stage === 'estimate' ? 0 : 5 }, async (url, app) => {
     const r = await get(url + '/w', 'h-cap0')
@@ -147,45 +136,45 @@ test('reserve: an estimate of 0 holds nothing; a cost over it is capped at 0, co
     assert.equal(app.accman.stats.capped, 1)
     assert.ok(messages(logs, 40).includes('accman: cost over the hold: charged the hold'))
   }, logs)
-  assert.equal(await mint.tot('h-cap0'), 100)
+  assert.equal(await acc.mint.tot('h-cap0'), 100)
 })
 
 test('reserve: a hold that expired before the response is charged as a keyed mod', async () => {
-  await mint.mod('h-expire', 10)
+  await acc.mint.mod('h-expire', 10)
   await withReserve({ holdTtlS: 1 }, async (url) => {
     const r = await get(url + '/slow?ms=3000', 'h-expire')
     assert.deepEqual([r.status, r.accman], [200, '9'])
   })
-  assert.equal(await service.tot('h-expire'), 9)
+  assert.equal(await acc.service.tot('h-expire'), 9)
 })
 
 test('reserve: a free response after its hold expired carries no balance header, never a wrong one', async () => {
-  await mint.mod('h-expire-free', 10)
+  await acc.mint.mod('h-expire-free', 10)
   await withReserve({ holdTtlS: 1 }, async (url) => {
     const r = await get(url + '/slowfail?ms=3000', 'h-expire-free')
     // The 10 came back at the expiry: 9, the balance left after the hold,
     // is not the balance.  As the Python middleware: no header.
     assert.deepEqual([r.status, r.accman], [500, null])
   })
-  assert.equal(await service.tot('h-expire-free'), 10)
+  assert.equal(await acc.service.tot('h-expire-free'), 10)
 })
 
 test('reserve: AccMan unreachable is a 503 with nothing held', async () => {
-  await mint.mod('h-down', 10)
+  await acc.mint.mod('h-down', 10)
   await withReserve({}, async (url) => {
-    await server.stop()
+    await acc.server.stop()
     const r = await get(url + '/w', 'h-down')
     assert.equal(r.status, 503)
-    await server.start()
+    await acc.server.start()
   })
-  assert.equal(await service.tot('h-down'), 10)
+  assert.equal(await acc.service.tot('h-down'), 10)
 })
 
 test('reserve: a stranded settle is owed by the account and unpaid; a stranded release loses nothing', async () => {
-  await mint.mod('h-strand', 10)
+  await acc.mint.mod('h-strand', 10)
   const logs = []
   const unpaid = []
-  const proxy = await proxyTo(server.url)
+  const proxy = await proxyTo(acc.server.url)
   const { app, url } = await serviceApp({
     url: proxy.url, token: TOKENS.service, mode: 'reserve', onUnpaid: (...a) => unpaid.push(a)
   }, { logs })
@@ -198,17 +187,17 @@ test('reserve: a stranded settle is owed by the account and unpaid; a stranded r
     assert.equal((await failed).status, 500)
     await until(() => app.accman.stats.owed === 2)
     // The token loses its charge role: both owed calls meet 403, stranded.
-    server.writeTokens({ service: 'read' })
-    await server.stop()
-    await server.start()
+    acc.server.writeTokens({ service: 'read' })
+    await acc.server.stop()
+    await acc.server.start()
     await proxy.set('pass')
     assert.ok(await app.accman.drain(30000))
   } finally {
     await app.close()
     await proxy.close()
-    server.writeTokens()
-    await server.stop()
-    await server.start()
+    acc.server.writeTokens()
+    await acc.server.stop()
+    await acc.server.start()
   }
   assert.equal(app.accman.stats.stranded, 2)
   assert.deepEqual(unpaid, [['h-strand', 1n, 'forbidden']])
@@ -220,9 +209,9 @@ test('reserve: a stranded settle is owed by the account and unpaid; a stranded r
 })
 
 test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed mod', async () => {
-  await mint.mod('h-owed-expire', 10)
+  await acc.mint.mod('h-owed-expire', 10)
   const logs = []
-  const proxy = await proxyTo(server.url)
+  const proxy = await proxyTo(acc.server.url)
   const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, mode: 'reserve', holdTtlS: 1 }, { logs })
   try {
     const paid = get(url + '/slow?ms=300', 'h-owed-expire')
@@ -232,7 +221,7 @@ test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed
     await until(() => app.accman.stats.owed === 1)
     // Past holdTtlS the hold ends by itself (AccMan's clock ends it within
     // a second or two), all of it back.
-    await until(async () => (await service.tot('h-owed-expire')) === 10)
+    await until(async () => (await acc.service.tot('h-owed-expire')) === 10)
     proxy.set('pass')
     assert.ok(await app.accman.drain(30000))
     assert.equal(app.accman.stats.stranded, 0)
@@ -240,8 +229,8 @@ test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed
     await app.close()
     await proxy.close()
   }
-  assert.equal(await service.tot('h-owed-expire'), 9)
-  const [charge, expiry, hold] = (await service.past('h-owed-expire')).past
+  assert.equal(await acc.service.tot('h-owed-expire'), 9)
+  const [charge, expiry, hold] = (await acc.service.past('h-owed-expire')).past
   assert.deepEqual([charge.by, expiry.by, hold.by], [-1, 1, -1])
   assert.deepEqual([expiry.key, expiry.hold], [null, hold.hold])
   assert.equal(charge.key, hold.key.replace(/-h$/, '-c'))
@@ -251,9 +240,9 @@ test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed
 test('reserve: an account with HOLDS_PER_ACCOUNT_MAX holds open gets 429 too_many_requests', async () => {
   const HOLDS_PER_ACCOUNT_MAX = 4096 // AccMan's bound (accman/limits.py)
   const BATCH = 256
-  await mint.mod('h-many', HOLDS_PER_ACCOUNT_MAX + 10)
+  await acc.mint.mod('h-many', HOLDS_PER_ACCOUNT_MAX + 10)
   for (let i = 0; i < HOLDS_PER_ACCOUNT_MAX; i += BATCH) {
-    await Promise.all(Array.from({ length: BATCH }, () => service.hold('h-many', -1, { ttlS: 60 })))
+    await Promise.all(Array.from({ length: BATCH }, () => acc.service.hold('h-many', -1, { ttlS: 60 })))
   }
   const logs = []
   await withReserve({}, async (url, app) => {
@@ -264,5 +253,5 @@ test('reserve: an account with HOLDS_PER_ACCOUNT_MAX holds open gets 429 too_man
   }, logs)
   assert.deepEqual(messages(logs, 50), [])
   assert.ok(messages(logs, 40).some((m) => /too many holds/.test(m)), messages(logs, 40).join('\n'))
-  assert.equal(await service.tot('h-many'), 10)
+  assert.equal(await acc.service.tot('h-many'), 10)
 })

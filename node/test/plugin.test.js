@@ -8,24 +8,15 @@ const assert = require('node:assert/strict')
 const net = require('node:net')
 const Fastify = require('fastify')
 const accman = require('..')
-const { AccManServer, TOKENS } = require('./helpers/accman')
+const { AccManServer, TOKENS, sharedAccMan } = require('./helpers/accman')
 const { serviceApp, get, sleep, messages, until } = require('./helpers/app')
 const { proxyTo } = require('./helpers/proxy')
 const { fakeAccMan, reply } = require('./helpers/fake')
 
-let server, mint
-test.before(async () => {
-  server = new AccManServer()
-  await server.start()
-  mint = new accman.AccManClient({ url: server.url, token: TOKENS.mint })
-})
-test.after(async () => {
-  await mint.close()
-  await server.close()
-})
+const acc = sharedAccMan(test)
 
 async function withService (options, fn, logs) {
-  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service, exempt: ['/health'], ...options }, { logs })
+  const { app, url } = await serviceApp({ url: acc.server.url, token: TOKENS.service, exempt: ['/health'], ...options }, { logs })
   try {
     await fn(url, app)
   } finally {
@@ -33,10 +24,10 @@ async function withService (options, fn, logs) {
   }
 }
 
-const chargeKeys = async (cred) => (await mint.past(cred)).past.filter((e) => e.by < 0).map((e) => e.key)
+const chargeKeys = async (cred) => (await acc.mint.past(cred)).past.filter((e) => e.by < 0).map((e) => e.key)
 
 test('a paid request is charged once, with a per-request key, and answers the new balance', async () => {
-  await mint.mod('p-paid', 10)
+  await acc.mint.mod('p-paid', 10)
   await withService({}, async (url) => {
     const a = await get(url + '/w', 'p-paid')
     assert.deepEqual([a.status, a.accman], [200, '9'])
@@ -47,7 +38,7 @@ test('a paid request is charged once, with a per-request key, and answers the ne
   assert.equal(keys.length, 2)
   assert.notEqual(keys[0], keys[1])
   assert.ok(keys.every((k) => /^[0-9a-f]{24}[0-9a-f]+-c$/.test(k)), keys.join())
-  assert.equal(await mint.tot('p-paid'), 4)
+  assert.equal(await acc.mint.tot('p-paid'), 4)
 })
 
 test('no credential, a malformed one or two of them: 401 no_credential, nothing called', async () => {
@@ -94,7 +85,7 @@ function rawGet (url, headers) {
 }
 
 test('no_credential names the cause as the Python middleware does: two headers are "more than one"', async () => {
-  await mint.mod('p-twice', 10)
+  await acc.mint.mod('p-twice', 10)
   await withService({}, async (url) => {
     const cases = [
       [['ACCMAN: p-twice', 'accman: p-twice'], 'more than one accman header'],
@@ -106,14 +97,14 @@ test('no_credential names the cause as the Python middleware does: two headers a
       assert.deepEqual(await rawGet(url, headers), { status: 401, body: { error: 'no_credential', detail } })
     }
   })
-  assert.equal(await mint.tot('p-twice'), 10)
+  assert.equal(await acc.mint.tot('p-twice'), 10)
 })
 
 // Node keeps only the first copy of some names in request.headers
 // (authorization, user-agent...) and joins the rest: a repeat is refused
 // whichever kind the header's name is.
 test('a repeated header is refused whatever its name, those Node keeps one copy of too', async () => {
-  await mint.mod('p-twice-named', 10)
+  await acc.mint.mod('p-twice-named', 10)
   for (const header of ['authorization', 'user-agent', 'x-api-key']) {
     await withService({ header }, async (url) => {
       const detail = `more than one ${header} header`
@@ -124,7 +115,7 @@ test('a repeated header is refused whatever its name, those Node keeps one copy 
       assert.deepEqual(await rawGet(url, [`${header}: p-twice-named`]), { status: 200, body: { ok: true } })
     })
   }
-  assert.equal(await mint.tot('p-twice-named'), 7)
+  assert.equal(await acc.mint.tot('p-twice-named'), 7)
 })
 
 test('an unknown account: 401 no_account', async () => {
@@ -135,7 +126,7 @@ test('an unknown account: 401 no_account', async () => {
 })
 
 test('a balance under the cost: 402 with the balance in the body and the header; the handler never runs', async () => {
-  await mint.mod('p-poor', 3)
+  await acc.mint.mod('p-poor', 3)
   await withService({}, async (url) => {
     const r = await get(url + '/pricey', 'p-poor')
     assert.equal(r.status, 402)
@@ -143,21 +134,21 @@ test('a balance under the cost: 402 with the balance in the body and the header;
     assert.deepEqual([r.body.error, r.body.tot, r.body.cost], ['insufficient', 3, 5])
     // Paid in just now: the next request is admitted at once, never refused
     // on a remembered balance.
-    await mint.mod('p-poor', 10)
+    await acc.mint.mod('p-poor', 10)
     const ok = await get(url + '/pricey', 'p-poor')
     assert.deepEqual([ok.status, ok.accman], [200, '8'])
   })
 })
 
 test('responses of 400 and over are not charged, unless chargeErrors', async () => {
-  await mint.mod('p-fail', 10)
+  await acc.mint.mod('p-fail', 10)
   await withService({}, async (url) => {
     const r = await get(url + '/fail', 'p-fail')
     assert.deepEqual([r.status, r.accman], [500, '10'])
     const t = await get(url + '/throw', 'p-fail')
     assert.deepEqual([t.status, t.accman], [500, '10'])
   })
-  assert.equal(await mint.tot('p-fail'), 10)
+  assert.equal(await acc.mint.tot('p-fail'), 10)
   await withService({ chargeErrors: true }, async (url) => {
     const r = await get(url + '/fail', 'p-fail')
     assert.deepEqual([r.status, r.accman], [500, '9'])
@@ -166,7 +157,7 @@ test('responses of 400 and over are not charged, unless chargeErrors', async () 
 
 // fastify takes a Response's status and headers only after the onSend hooks.
 test('a web Response is charged on its own status and headers: one of 400 and over is not charged', async () => {
-  await mint.mod('p-response', 100)
+  await acc.mint.mod('p-response', 100)
   for (const mode of ['check', 'reserve']) {
     await withService({ mode }, async (url) => {
       const failed = await get(url + '/response?status=500&rows=42', 'p-response')
@@ -175,22 +166,22 @@ test('a web Response is charged on its own status and headers: one of 400 and ov
       assert.deepEqual([paid.status, paid.body, paid.headers.get('x-rows')], [200, { rows: 42 }, '42'], mode)
     })
   }
-  assert.equal(await mint.tot('p-response'), 90) // 5 a mode, for the 200s only
+  assert.equal(await acc.mint.tot('p-response'), 90) // 5 a mode, for the 200s only
 })
 
 // fastify refuses a Response whose body was used, or whose status is 0
 // (Response.error()), and a locked web stream, with its 500 once the
 // onSend hooks are done.
 test('a web Response or stream that fastify refuses with a 500 is not charged, and its hold is released', async () => {
-  await mint.mod('p-badresponse', 10)
+  await acc.mint.mod('p-badresponse', 10)
   for (const mode of ['check', 'reserve']) {
     await withService({ mode }, async (url) => {
       for (const as of ['used', 'error', 'locked']) {
         const r = await get(url + '/badresponse?as=' + as, 'p-badresponse')
         assert.deepEqual([r.status, r.accman], [500, null], `${mode} ${as}`)
         // A release is under way once the response is out; the hold's expiry is 90 s off.
-        await until(async () => await mint.tot('p-badresponse') === 10, 500).catch(() => {})
-        assert.equal(await mint.tot('p-badresponse'), 10, `${mode} ${as}`)
+        await until(async () => await acc.mint.tot('p-badresponse') === 10, 500).catch(() => {})
+        assert.equal(await acc.mint.tot('p-badresponse'), 10, `${mode} ${as}`)
       }
     })
   }
@@ -200,7 +191,7 @@ test('a web Response or stream that fastify refuses with a 500 is not charged, a
 // answers 200; a HEAD route the app declared sends it as a GET route does,
 // and fastify refuses it with a 500: that one is not charged.
 test('a locked web stream is charged on fastify\'s HEAD route, not on one the app declared', async () => {
-  await mint.mod('p-lockedhead', 100)
+  await acc.mint.mod('p-lockedhead', 100)
   const locked = async (request, reply) => {
     const stream = new Response('locked').body
     stream.getReader()
@@ -208,7 +199,7 @@ test('a locked web stream is charged on fastify\'s HEAD route, not on one the ap
   }
   for (const mode of ['check', 'reserve']) {
     const app = Fastify()
-    await app.register(accman, { url: server.url, token: TOKENS.service })
+    await app.register(accman, { url: acc.server.url, token: TOKENS.service })
     app.head('/declared', locked) // before its GET: fastify makes no sibling
     app.get('/declared', async () => 'get')
     app.route({ method: ['GET', 'HEAD'], url: '/both', handler: locked })
@@ -220,7 +211,7 @@ test('a locked web stream is charged on fastify\'s HEAD route, not on one the ap
         .then((r) => [r.status, r.headers.get('accman')])
       assert.deepEqual(await head('/declared'), [500, null], mode)
       assert.deepEqual(await head('/both'), [500, null], mode)
-      const tot = await mint.tot('p-lockedhead')
+      const tot = await acc.mint.tot('p-lockedhead')
       assert.deepEqual(await head('/sibling'), [200, String(tot - 1)], mode)
       assert.deepEqual(await head('/v1'), [200, String(tot - 2)], mode)
       assert.deepEqual(await head('/v1/'), [200, String(tot - 3)], mode)
@@ -228,9 +219,9 @@ test('a locked web stream is charged on fastify\'s HEAD route, not on one the ap
       await app.close()
     }
     // A release is under way once a refused response is out.
-    await until(async () => await mint.tot('p-lockedhead') === (mode === 'check' ? 97 : 94), 2000).catch(() => {})
+    await until(async () => await acc.mint.tot('p-lockedhead') === (mode === 'check' ? 97 : 94), 2000).catch(() => {})
   }
-  assert.equal(await mint.tot('p-lockedhead'), 94) // 3 a mode: the siblings only
+  assert.equal(await acc.mint.tot('p-lockedhead'), 94) // 3 a mode: the siblings only
 })
 
 // fastify makes one sibling HEAD a GET route (two for a prefixed '/'); a
@@ -238,14 +229,14 @@ test('a locked web stream is charged on fastify\'s HEAD route, not on one the ap
 // constraint that lets it stand beside the sibling, is the app's: fastify
 // refuses its locked web stream with a 500, which is not charged.
 test('a constrained HEAD route declared after its GET is not taken for fastify\'s sibling', async () => {
-  await mint.mod('p-lockedhead2', 100)
+  await acc.mint.mod('p-lockedhead2', 100)
   const locked = async (request, reply) => {
     const stream = new Response('locked').body
     stream.getReader()
     return reply.type('text/plain').send(stream)
   }
   const app = Fastify()
-  await app.register(accman, { url: server.url, token: TOKENS.service })
+  await app.register(accman, { url: acc.server.url, token: TOKENS.service })
   app.get('/c', locked) // fastify's HEAD beside it
   app.head('/c', { constraints: { host: 'b.example' } }, locked) // the app's
   await app.ready()
@@ -258,13 +249,13 @@ test('a constrained HEAD route declared after its GET is not taken for fastify\'
     await app.close()
   }
   await sleep(200) // a charge made for the 500 would be under way
-  assert.equal(await mint.tot('p-lockedhead2'), 99)
+  assert.equal(await acc.mint.tot('p-lockedhead2'), 99)
 })
 
 // fastify's HEAD route beside a GET has an onSend hook of its own, after
 // the plugin's, which fails on a null payload (and on a Response).
 test('a HEAD of a web Response with no body is answered as its GET, and charged as it', async () => {
-  await mint.mod('p-emptyresponse', 10)
+  await acc.mint.mod('p-emptyresponse', 10)
   for (const mode of ['check', 'reserve']) {
     await withService({ mode }, async (url) => {
       for (const status of [200, 204]) {
@@ -278,11 +269,11 @@ test('a HEAD of a web Response with no body is answered as its GET, and charged 
       }
     })
   }
-  assert.equal(await mint.tot('p-emptyresponse'), 2) // 1 a request
+  assert.equal(await acc.mint.tot('p-emptyresponse'), 2) // 1 a request
 })
 
 test('a web Response\'s own ACCMAN header never goes out as the balance', async () => {
-  await mint.mod('p-relayed', 10)
+  await acc.mint.mod('p-relayed', 10)
   await withService({}, async (url) => {
     assert.deepEqual(Object.values(await get(url + '/relayed', 'p-relayed')).slice(0, 2), [200, '9'])
   })
@@ -294,7 +285,7 @@ test('a web Response\'s own ACCMAN header never goes out as the balance', async 
 })
 
 test('per-route prices: a number, a function of request and reply, false; exempt paths', async () => {
-  await mint.mod('p-route', 100)
+  await acc.mint.mod('p-route', 100)
   await withService({ cost: 2 }, async (url) => {
     assert.equal((await get(url + '/w', 'p-route')).accman, '98')
     assert.equal((await get(url + '/rows?rows=25', 'p-route')).accman, '95')
@@ -303,16 +294,16 @@ test('per-route prices: a number, a function of request and reply, false; exempt
     const health = await get(url + '/health')
     assert.deepEqual([health.status, health.accman], [200, null])
   })
-  assert.equal(await mint.tot('p-route'), 95)
+  assert.equal(await acc.mint.tot('p-route'), 95)
   await withService({ exempt: (request) => request.url.startsWith('/w') }, async (url) => {
     assert.equal((await get(url + '/w')).status, 200)
   })
 })
 
 test('exempt names routes as fastify routes them: another spelling of an exempt URL is exempt, a look-alike of a priced one is not', async () => {
-  await mint.mod('p-exempt-route', 100)
+  await acc.mint.mod('p-exempt-route', 100)
   const app = Fastify({ ignoreTrailingSlash: true })
-  await app.register(accman, { url: server.url, token: TOKENS.service, exempt: ['/health', '/docs/*'] })
+  await app.register(accman, { url: acc.server.url, token: TOKENS.service, exempt: ['/health', '/docs/*'] })
   app.get('/health', async () => ({ up: true }))
   app.get('/docs', { config: { accman: 10 } }, async () => ({ paid: true }))
   app.get('/docs/:page', async () => ({ page: true }))
@@ -328,7 +319,7 @@ test('exempt names routes as fastify routes them: another spelling of an exempt 
   } finally {
     await app.close()
   }
-  assert.equal(await mint.tot('p-exempt-route'), 90)
+  assert.equal(await acc.mint.tot('p-exempt-route'), 90)
 })
 
 test('an onUnpaid whose promise rejects is logged, never a crash', async () => {
@@ -346,7 +337,7 @@ test('an onUnpaid whose promise rejects is logged, never a crash', async () => {
 })
 
 test('a cost function that returns a non-amount is a 500 and charges nothing', async () => {
-  await mint.mod('p-badcost', 10)
+  await acc.mint.mod('p-badcost', 10)
   for (const mode of ['check', 'reserve']) {
     await withService({ mode }, async (url) => {
       const r = await get(url + '/badcost', 'p-badcost')
@@ -355,11 +346,11 @@ test('a cost function that returns a non-amount is a 500 and charges nothing', a
       assert.equal(r.headers.get('x-before'), 'hook', mode)
     })
   }
-  assert.equal(await mint.tot('p-badcost'), 10)
+  assert.equal(await acc.mint.tot('p-badcost'), 10)
 })
 
 test('a cost function\'s wrong result is named with its route and stage: an async one returns a promise', async () => {
-  await mint.mod('p-asynccost', 10)
+  await acc.mint.mod('p-asynccost', 10)
   await withService({}, async (url) => {
     const r = await get(url + '/asynccost', 'p-asynccost')
     assert.deepEqual([r.status, r.body.message], [500, 'the result of GET /asynccost\'s cost function at \'estimate\' ' +
@@ -368,11 +359,11 @@ test('a cost function\'s wrong result is named with its route and stage: an asyn
     assert.deepEqual([b.status, b.body.message], [500, 'the result of GET /badcost\'s cost function at \'charge\' ' +
       'must be a non-negative integer, not -1'])
   })
-  assert.equal(await mint.tot('p-asynccost'), 10)
+  assert.equal(await acc.mint.tot('p-asynccost'), 10)
 })
 
 test('a cost function that throws on a file stream\'s response: a 500, the file closed, nothing charged', async () => {
-  await mint.mod('p-filethrows', 10)
+  await acc.mint.mod('p-filethrows', 10)
   for (const mode of ['check', 'reserve']) {
     await withService({ mode }, async (url, app) => {
       for (const as of ['node', 'web', 'response']) {
@@ -386,23 +377,23 @@ test('a cost function that throws on a file stream\'s response: a 500, the file 
       }
     })
   }
-  assert.equal(await mint.tot('p-filethrows'), 10)
+  assert.equal(await acc.mint.tot('p-filethrows'), 10)
 })
 
 test('a file stream that fails to open is fastify\'s 500, not charged', async () => {
-  await mint.mod('p-nofile', 10)
+  await acc.mint.mod('p-nofile', 10)
   for (const mode of ['check', 'reserve']) {
     await withService({ mode }, async (url) => {
       const r = await fetch(url + '/nofile', { headers: { accman: 'p-nofile' } })
       assert.deepEqual([r.status, r.headers.get('accman'), (await r.json()).code], [500, null, 'ENOENT'], mode)
     })
   }
-  assert.equal(await mint.tot('p-nofile'), 10)
+  assert.equal(await acc.mint.tot('p-nofile'), 10)
 })
 
 test('a stream that fails while its charge is in flight is charged as the response\'s start, said, and the service lives', async () => {
-  await mint.mod('p-streamfails', 10)
-  const proxy = await proxyTo(server.url)
+  await acc.mint.mod('p-streamfails', 10)
+  const proxy = await proxyTo(acc.server.url)
   const logs = []
   const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service }, { logs })
   try {
@@ -417,11 +408,11 @@ test('a stream that fails while its charge is in flight is charged as the respon
   }
   assert.deepEqual(messages(logs, 40),
     ['accman: the response\'s stream failed while its charge was in flight: charged for a response that failed'])
-  assert.equal(await mint.tot('p-streamfails'), 7)
+  assert.equal(await acc.mint.tot('p-streamfails'), 7)
 })
 
 test('AccMan unreachable: 503 with Retry-After when closed; served unpaid and reported when open', async () => {
-  await mint.mod('p-down', 5)
+  await acc.mint.mod('p-down', 5)
   const unpaid = []
   const dead = 'http://127.0.0.1:9' // discard port: nothing listens
   const { app, url } = await serviceApp({ url: dead, token: TOKENS.service, timeoutMs: 500 })
@@ -462,12 +453,12 @@ test('served unpaid, a consumer who leaves before the response owes nothing', as
 })
 
 test('a wrong token is a configuration error: 503 even when open, never served free', async () => {
-  await mint.mod('p-token', 5)
+  await acc.mint.mod('p-token', 5)
   await withService({ token: 'not-a-configured-token-123', onUnavailable: 'open' }, async (url) => {
     const r = await get(url + '/w', 'p-token')
     assert.equal(r.status, 503)
   })
-  assert.equal(await mint.tot('p-token'), 5)
+  assert.equal(await acc.mint.tot('p-token'), 5)
 })
 
 test('an empty token is no token, as null is: the plugin registers and calls AccMan without one', async () => {
@@ -494,14 +485,14 @@ test('an empty token is no token, as null is: the plugin registers and calls Acc
 const probe = (cred) => `/mod?cred=${cred}&by=-1&min=9223372036854775807`
 
 async function restartWith (roles) {
-  server.writeTokens(roles)
-  await server.stop()
-  await server.start()
+  acc.server.writeTokens(roles)
+  await acc.server.stop()
+  await acc.server.start()
 }
 
 test('check mode admits with a probe until the charge role is seen, then with tot', async () => {
-  await mint.mod('p-probe', 3)
-  const proxy = await proxyTo(server.url)
+  await acc.mint.mod('p-probe', 3)
+  const proxy = await proxyTo(acc.server.url)
   const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, checkFreshMs: 0 })
   try {
     const nobody = await get(url + '/w', 'p-probe-nobody') // 404 no_account: no role seen, probing goes on
@@ -519,12 +510,12 @@ test('check mode admits with a probe until the charge role is seen, then with to
 })
 
 test('check mode, a probe that meets 409 overflow (a balance at INT64_MIN) shows the role: 402 with the balance read, no error', async () => {
-  const big = new accman.AccManClient({ url: server.url, token: TOKENS.service, bigint: true })
+  const big = new accman.AccManClient({ url: acc.server.url, token: TOKENS.service, bigint: true })
   const logs = []
-  const proxy = await proxyTo(server.url)
+  const proxy = await proxyTo(acc.server.url)
   const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, checkFreshMs: 0 }, { logs })
   try {
-    await mint.mod('p-int64-min', 1)
+    await acc.mint.mod('p-int64-min', 1)
     await big.mod('p-int64-min', -9223372036854775807n)
     await big.mod('p-int64-min', -2n) // -2^63: a charge of 1 leaves the range
     for (let i = 0; i < 2; i++) {
@@ -545,9 +536,9 @@ test('check mode, a probe that meets 409 overflow (a balance at INT64_MIN) shows
 })
 
 test('check mode, a token without the charge role: 503 at admission, logged, never served free', async () => {
-  await mint.mod('p-readonly', 5)
+  await acc.mint.mod('p-readonly', 5)
   const logs = []
-  const proxy = await proxyTo(server.url)
+  const proxy = await proxyTo(acc.server.url)
   const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.read, onUnavailable: 'open' }, { logs })
   try {
     for (let i = 0; i < 2; i++) {
@@ -566,14 +557,14 @@ test('check mode, a token without the charge role: 503 at admission, logged, nev
   const refused = 'accman: AccMan refused the service: check the url and token'
   assert.deepEqual(logs.filter((l) => l.level === 50).map((l) => [l.msg, l.detail, l.repeated]),
     [[refused, 'this call needs a token with the role charge', undefined], [refused, undefined, 1]])
-  assert.equal(await mint.tot('p-readonly'), 5)
+  assert.equal(await acc.mint.tot('p-readonly'), 5)
 })
 
 test('check mode, a charge refused 403 after the work: 503 in its place, nothing owed, the role probed again', async () => {
-  await mint.mod('p-revoked', 100)
+  await acc.mint.mod('p-revoked', 100)
   const logs = []
   const unpaid = []
-  const proxy = await proxyTo(server.url)
+  const proxy = await proxyTo(acc.server.url)
   const { app, url } = await serviceApp({
     url: proxy.url, token: TOKENS.service, checkFreshMs: 0, onUnpaid: (...a) => unpaid.push(a)
   }, { logs })
@@ -594,21 +585,21 @@ test('check mode, a charge refused 403 after the work: 503 in its place, nothing
   } finally {
     await app.close()
     await proxy.close()
-    server.writeTokens()
+    acc.server.writeTokens()
   }
   assert.deepEqual(unpaid, [])
   assert.ok(messages(logs, 50).includes('accman: AccMan refused the charge: check the token\'s roles; refusing with 503'))
   assert.deepEqual(proxy.targets.filter((t) => !t.includes('&key=')),
     [probe('p-revoked'), '/tot?cred=p-revoked', probe('p-revoked'), probe('p-revoked')])
-  assert.equal(await mint.tot('p-revoked'), 98)
+  assert.equal(await acc.mint.tot('p-revoked'), 98)
 })
 
 test('AccMan restarted mid-test: the charge owed meanwhile lands once, and the log says so; requests go on after', async () => {
-  await mint.mod('p-restart', 10)
+  await acc.mint.mod('p-restart', 10)
   const logs = []
   await withService({}, async (url, app) => {
     assert.equal((await get(url + '/w', 'p-restart')).accman, '9')
-    await server.stop()
+    await acc.server.stop()
     // Admitted on the balance AccMan reported just now (checkFreshMs); the
     // charge cannot land, so the response goes without the header and the
     // charge is owed.
@@ -618,7 +609,7 @@ test('AccMan restarted mid-test: the charge owed meanwhile lands once, and the l
     await sleep(1100) // past checkFreshMs: the next admission must ask AccMan
     const refused = await get(url + '/w', 'p-restart')
     assert.equal(refused.status, 503)
-    await server.start()
+    await acc.server.start()
     assert.ok(await app.accman.drain(30000))
     assert.equal(app.accman.stats.stranded, 0)
     assert.equal(app.accman.stats.charged, 2) // the owed charge is counted once it lands
@@ -674,10 +665,10 @@ test('check mode, AccMan\'s store takes no writes: once a charge meets its 503, 
 // an async one that bills a little after it is called: close waits for it.
 async function closeWithOwed (cred, owe, options) {
   const { CLOSE_DRAIN_MS } = accman.limits
-  await mint.mod(cred, 10)
+  await acc.mint.mod(cred, 10)
   const unpaid = []
   const logs = []
-  const proxy = await proxyTo(server.url)
+  const proxy = await proxyTo(acc.server.url)
   const { app, url } = await serviceApp({
     url: proxy.url, token: TOKENS.service, checkFreshMs: 60000, ...options,
     onUnpaid: async (...a) => { await sleep(50); unpaid.push(a) }
@@ -706,7 +697,7 @@ test('at close, an owed charge under way past the drain time lands and is not re
   assert.deepEqual(warnings.filter((m) => m.includes('queued')), Array(2).fill('accman: charge queued to retry'))
   // The first owed charge landed during close: not unpaid.  The second
   // never started: stranded, unpaid, never charged.
-  assert.equal(await mint.tot('p-close'), 8)
+  assert.equal(await acc.mint.tot('p-close'), 8)
   assert.equal((await chargeKeys('p-close')).length, 2)
   assert.equal(stats.stranded, 1)
   assert.deepEqual(unpaid, [['p-close', 1n, 'shutting down']])
@@ -718,15 +709,15 @@ test('at close, an owed charge that timed out may have landed: stranded of unkno
   // It gives up on the reply after the drain time, before the reply comes.
   const { stats, unpaid, errors } = await closeWithOwed('p-close-unknown', 1,
     { retries: 0, timeoutMs: CLOSE_DRAIN_MS + 500 })
-  assert.equal(await mint.tot('p-close-unknown'), 8) // it landed
+  assert.equal(await acc.mint.tot('p-close-unknown'), 8) // it landed
   assert.equal(stats.stranded, 1)
   assert.deepEqual(unpaid, []) // so it is not billed a second time
   assert.match(errors.join('\n'), /stranded charge, outcome unknown: look for \S+-c in the account's history/)
 })
 
 test('close() ends with the request under way: its kept-alive connection is closed, not held for keepAliveTimeout', async () => {
-  await mint.mod('p-close-alive', 10)
-  const { app, url } = await serviceApp({ url: server.url, token: TOKENS.service })
+  await acc.mint.mod('p-close-alive', 10)
+  const { app, url } = await serviceApp({ url: acc.server.url, token: TOKENS.service })
   let closed = false
   try {
     const asked = get(url + '/slow?ms=300', 'p-close-alive') // fetch keeps its connection alive
@@ -758,7 +749,7 @@ async function closeOutsideScope (keepAliveMs) {
     return { slow: true }
   })
   app.register(async (api) => {
-    await api.register(accman, { url: server.url, token: TOKENS.service })
+    await api.register(accman, { url: acc.server.url, token: TOKENS.service })
     api.get('/w', async () => ({ ok: true }))
   }, { prefix: '/api' })
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
@@ -794,7 +785,7 @@ test('close() leaves a server that fastify does not close keeping its connection
   const app = Fastify({
     serverFactory: (handler) => shared.on('request', (req, res) => req.url === '/other' ? res.end('other') : handler(req, res))
   })
-  await app.register(accman, { url: server.url, token: TOKENS.service })
+  await app.register(accman, { url: acc.server.url, token: TOKENS.service })
   await new Promise((resolve) => shared.listen(0, '127.0.0.1', resolve))
   try {
     await app.ready()
@@ -808,17 +799,17 @@ test('close() leaves a server that fastify does not close keeping its connection
 })
 
 test('checkFreshMs 0: every admission asks AccMan', async () => {
-  await mint.mod('p-fresh', 10)
+  await acc.mint.mod('p-fresh', 10)
   await withService({ checkFreshMs: 0 }, async (url) => {
     assert.equal((await get(url + '/w', 'p-fresh')).status, 200)
-    await server.stop()
+    await acc.server.stop()
     assert.equal((await get(url + '/w', 'p-fresh')).status, 503)
-    await server.start()
+    await acc.server.start()
   })
 })
 
 test('a consumer that leaves before the response is not charged', async () => {
-  await mint.mod('p-abort', 10)
+  await acc.mint.mod('p-abort', 10)
   await withService({}, async (url, app) => {
     const ac = new AbortController()
     const pending = fetch(url + '/slow?ms=400', { headers: { accman: 'p-abort' }, signal: ac.signal }).catch((e) => e.name)
@@ -828,11 +819,11 @@ test('a consumer that leaves before the response is not charged', async () => {
     await sleep(500)
     assert.equal(app.accman.stats.charged, 0)
   })
-  assert.equal(await mint.tot('p-abort'), 10)
+  assert.equal(await acc.mint.tot('p-abort'), 10)
 })
 
 test('a consumer that leaves after sending a body, before the response, is not charged', async () => {
-  await mint.mod('p-abort-post', 10)
+  await acc.mint.mod('p-abort-post', 10)
   await withService({}, async (url, app) => {
     const ac = new AbortController()
     const pending = fetch(url + '/slow?ms=400', {
@@ -844,11 +835,11 @@ test('a consumer that leaves after sending a body, before the response, is not c
     await sleep(500)
     assert.equal(app.accman.stats.charged, 0)
   })
-  assert.equal(await mint.tot('p-abort-post'), 10)
+  assert.equal(await acc.mint.tot('p-abort-post'), 10)
 })
 
 test('metrics render the counters in the Prometheus text format', async () => {
-  await mint.mod('p-metrics', 3)
+  await acc.mint.mod('p-metrics', 3)
   await withService({}, async (url, app) => {
     await get(url + '/w', 'p-metrics')
     assert.match(app.accman.metrics(), /^accman_plugin_charged_total 1$/m)
@@ -862,7 +853,7 @@ test('options are checked at register', async () => {
     { cost: null }, { mode: null }, { exempt: null }, { chargeErrors: null }, { timeoutMs: null },
     { retries: null }]) {
     const app = Fastify()
-    app.register(accman, { url: server.url, ...bad })
+    app.register(accman, { url: acc.server.url, ...bad })
     await assert.rejects(app.ready(), TypeError, JSON.stringify(bad))
   }
 })
@@ -878,14 +869,14 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
     [{ exempt: [''] }, /^exempt: "" is not a path starting with \/, nor \*$/]
   ]) {
     const app = Fastify()
-    app.register(accman, { url: server.url, ...bad })
+    app.register(accman, { url: acc.server.url, ...bad })
     await assert.rejects(app.ready(), (err) => err instanceof TypeError && named.test(err.message), JSON.stringify(bad))
   }
   // With a client given, the options that make one would go unused: refused.
-  const client = new accman.AccManClient({ url: server.url, bigint: true })
+  const client = new accman.AccManClient({ url: acc.server.url, bigint: true })
   for (const [bad, named] of [
     [{ client, timeoutMs: 100, retries: 0 }, /^timeoutMs, retries are options of the client: with client given, set them on that AccManClient$/],
-    [{ client, url: server.url }, /^url is an option of the client: with client given, set it on /]
+    [{ client, url: acc.server.url }, /^url is an option of the client: with client given, set it on /]
   ]) {
     const app = Fastify()
     app.register(accman, bad)
@@ -897,8 +888,8 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
     [{ client: {} }, /^client must be an AccManClient made with \{ bigint: true \}, not an object$/],
     [{ client: { bigint: true } }, /^client must be an AccManClient made with \{ bigint: true \}, not an object$/],
     [{ client: 'http://127.0.0.1:9' }, /^client must be an AccManClient made with \{ bigint: true \}, not "http:/],
-    [{ client: null, url: server.url }, /^client must be an AccManClient made with \{ bigint: true \}, not null$/],
-    [{ client: new accman.AccManClient({ url: server.url }) }, /^a client given to the plugin must be made with \{ bigint: true \}$/]
+    [{ client: null, url: acc.server.url }, /^client must be an AccManClient made with \{ bigint: true \}, not null$/],
+    [{ client: new accman.AccManClient({ url: acc.server.url }) }, /^a client given to the plugin must be made with \{ bigint: true \}$/]
   ]) {
     const app = Fastify()
     app.register(accman, bad)
@@ -908,7 +899,7 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
   await client.close()
   // fastify's own register options reach the plugin too, and are not refused.
   const app = Fastify()
-  app.register(accman, { url: server.url, chargeErrors: false, logLevel: 'warn', token: undefined })
+  app.register(accman, { url: acc.server.url, chargeErrors: false, logLevel: 'warn', token: undefined })
   await app.ready()
   await app.close()
 })
@@ -916,7 +907,7 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
 test('a wrong route price is refused at ready(), naming the route and the value', async () => {
   for (const [value, shown] of [[-5, '-5'], ['5', '"5"'], [1.5, '1.5'], [true, 'true'], [null, 'null'], [{}, 'an object'], [Symbol('x'), 'a symbol']]) {
     const app = Fastify()
-    app.register(accman, { url: server.url })
+    app.register(accman, { url: acc.server.url })
     app.register(async (scope) => {
       scope.get('/ok', { config: { accman: 5n } }, async () => 'ok')
       scope.get('/bad', { config: { accman: value } }, async () => 'bad')
@@ -927,7 +918,7 @@ test('a wrong route price is refused at ready(), naming the route and the value'
   }
   // A route added outside a plugin is refused at once, by fastify.route().
   const app = Fastify()
-  await app.register(accman, { url: server.url })
+  await app.register(accman, { url: acc.server.url })
   assert.throws(() => app.get('/bad', { config: { accman: -5 } }, async () => 'bad'), /GET \/bad .* not -5$/)
   await app.close()
 })
@@ -935,7 +926,7 @@ test('a wrong route price is refused at ready(), naming the route and the value'
 test('a route with a price that exempt also names is refused, as the Python middleware refuses such a price', async () => {
   for (const [exempt, path, by] of [[['/public/*'], '/public/premium', '/public/*'], [['/report'], '/report', '/report'], [['*'], '/x', '*']]) {
     const app = Fastify()
-    app.register(accman, { url: server.url, exempt })
+    app.register(accman, { url: acc.server.url, exempt })
     app.register(async (scope) => { scope.get(path, { config: { accman: 5 } }, async () => 'paid') })
     await assert.rejects(app.ready(), (err) => err instanceof TypeError &&
       err.message === `config.accman of the route GET ${path} is a price, but exempt names the route (by ${JSON.stringify(by)}): an exempt route is never metered`,
@@ -943,7 +934,7 @@ test('a route with a price that exempt also names is refused, as the Python midd
   }
   // An exempt route with no price of its own, or with accman: false, is fine.
   const app = Fastify()
-  await app.register(accman, { url: server.url, exempt: ['/public/*'] })
+  await app.register(accman, { url: acc.server.url, exempt: ['/public/*'] })
   app.get('/public/a', async () => 'a')
   app.get('/public/b', { config: { accman: false } }, async () => 'b')
   await app.ready()
@@ -965,7 +956,7 @@ const UNCHECKED_TAIL = '. Register the plugin before the routes it meters (await
 
 test('a route the plugin meters but was added before it is named at ready(), a warning', async () => {
   const handler = async () => 'paid'
-  const opts = { url: server.url }
+  const opts = { url: acc.server.url }
   for (const [build, named] of [
     // Declared before register(), with a price nobody checked.
     [(app) => {
@@ -1005,7 +996,7 @@ test('exempt entries that name no route are named at ready(), a warning', async 
   const { app, warnings } = await readyWarnings((app) => {
     app.get('/early', handler) // added before the plugin: found by printRoutes()
     app.register(accman, {
-      url: server.url,
+      url: acc.server.url,
       exempt: ['/health', '/helth', '/early', '/docs/*', '/nodocs/*', '/users/7', '/v1', '/v1/']
     })
     app.register(async (scope) => {
@@ -1023,18 +1014,18 @@ test('exempt entries that name no route are named at ready(), a warning', async 
 })
 
 test('a bad price on a route added before the plugin fails its requests, never serves them free', async () => {
-  await mint.mod('p-early', 10)
+  await acc.mint.mod('p-early', 10)
   let served = 0
   const { app } = await readyWarnings((app) => {
     app.get('/early', { config: { accman: '5' } }, async () => { served++; return 'paid' })
-    app.register(accman, { url: server.url, token: TOKENS.service })
+    app.register(accman, { url: acc.server.url, token: TOKENS.service })
   })
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
   try {
     const r = await get(url + '/early', 'p-early')
     assert.equal(r.status, 500)
     assert.equal(served, 0)
-    assert.equal(await mint.tot('p-early'), 10)
+    assert.equal(await acc.mint.tot('p-early'), 10)
   } finally {
     await app.close()
   }
@@ -1044,7 +1035,7 @@ test('ready() names ROUTES_NAMED_MAX routes the plugin never checked, and counts
   const { ROUTES_NAMED_MAX } = accman.limits
   const { app, warnings } = await readyWarnings((app) => {
     for (let i = 0; i < ROUTES_NAMED_MAX + 2; i++) app.post(`/r${String(i).padStart(2, '0')}`, async () => 'paid')
-    app.register(accman, { url: server.url })
+    app.register(accman, { url: acc.server.url })
   })
   const names = Array.from({ length: ROUTES_NAMED_MAX }, (_, i) => `POST /r${String(i).padStart(2, '0')}`)
   assert.deepEqual(warnings, [`accman: ${ROUTES_NAMED_MAX + 2} routes added before the plugin, whose price is ` +
@@ -1053,12 +1044,12 @@ test('ready() names ROUTES_NAMED_MAX routes the plugin never checked, and counts
 })
 
 test('routes outside the plugin\'s scope, and a CORS plugin\'s preflight route registered first, pass ready()', async () => {
-  await mint.mod('p-scope', 10)
+  await acc.mint.mod('p-scope', 10)
   const app = Fastify()
   await app.register(require('@fastify/cors'), { origin: true }) // before the plugin: its headers are on the refusals
   app.get('/admin', async () => 'not metered') // outside the scope below
   app.register(async (api) => {
-    await api.register(accman, { url: server.url, token: TOKENS.service })
+    await api.register(accman, { url: acc.server.url, token: TOKENS.service })
     api.get('/w', async () => ({ ok: true }))
   }, { prefix: '/api' })
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
@@ -1079,14 +1070,14 @@ test('routes outside the plugin\'s scope, and a CORS plugin\'s preflight route r
 })
 
 test('the README\'s CORS registration lets a page read the balance header of a 200 and a 402', async () => {
-  await mint.mod('p-cors-read', 1)
+  await acc.mint.mod('p-cors-read', 1)
   const readme = require('node:fs').readFileSync(require('node:path').join(__dirname, '..', 'README.md'), 'utf8')
   const snippet = /register\(require\('@fastify\/cors'\), (\{[^\n]*\})\)/.exec(readme)
   assert.ok(snippet, 'the README shows how to register @fastify/cors')
   const corsOptions = require('node:vm').runInNewContext(`(${snippet[1]})`)
   const app = Fastify()
   await app.register(require('@fastify/cors'), corsOptions)
-  await app.register(accman, { url: server.url, token: TOKENS.service })
+  await app.register(accman, { url: acc.server.url, token: TOKENS.service })
   app.get('/w', async () => ({ ok: true }))
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
   try {
@@ -1107,7 +1098,7 @@ test('a printRoutes() the plugin cannot read is a warning at ready(), not a sile
   const logs = []
   const app = Fastify({ logger: { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } } })
   app.printRoutes = () => '(the routes in another shape)'
-  await app.register(accman, { url: server.url })
+  await app.register(accman, { url: acc.server.url })
   app.get('/w', async () => 'paid')
   await app.ready()
   await app.close()
@@ -1116,13 +1107,13 @@ test('a printRoutes() the plugin cannot read is a warning at ready(), not a sile
 })
 
 test('check mode, a charge refused after the work: the 503 keeps the headers of other plugins\' hooks, none of the app\'s', async () => {
-  await mint.mod('p-headers', 100)
+  await acc.mint.mod('p-headers', 100)
   const app = Fastify()
   await app.register(require('@fastify/cors'), { origin: true, exposedHeaders: 'x-request-id' })
   app.addHook('onRequest', async (request, reply) => { reply.header('x-request-id', request.id) })
   // onSend hooks before the plugin's: a CORS header is kept, any other dropped.
   app.addHook('onSend', async (request, reply) => { reply.header('access-control-allow-credentials', 'true').header('x-sent-before', 'app') })
-  await app.register(accman, { url: server.url, token: TOKENS.service, checkFreshMs: 0 })
+  await app.register(accman, { url: acc.server.url, token: TOKENS.service, checkFreshMs: 0 })
   app.addHook('preHandler', async (request, reply) => { reply.header('x-before-handler', 'kept') })
   app.addHook('onSend', async (request, reply) => { reply.header('x-sent-after', 'on the 503') }) // after the plugin's
   app.get('/paid', async (request, reply) => {
@@ -1149,7 +1140,7 @@ test('check mode, a charge refused after the work: the 503 keeps the headers of 
     await app.close()
     await restartWith({})
   }
-  assert.equal(await mint.tot('p-headers'), 99)
+  assert.equal(await acc.mint.tot('p-headers'), 99)
 })
 
 test('the headers the 503 keeps: those set before the handler but the body\'s, and CORS headers set since', () => {
@@ -1163,10 +1154,10 @@ test('the headers the 503 keeps: those set before the handler but the body\'s, a
 })
 
 test('a route answered past onSend (reply.hijack(), reply.raw) is named once: served free', async () => {
-  await mint.mod('p-hijack', 10)
+  await acc.mint.mod('p-hijack', 10)
   const logs = []
   const raw = Fastify({ logger: { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } } })
-  await raw.register(accman, { url: server.url, token: TOKENS.service })
+  await raw.register(accman, { url: acc.server.url, token: TOKENS.service })
   raw.get('/sse', async (request, reply) => {
     reply.hijack()
     reply.raw.writeHead(200, { 'content-type': 'text/event-stream' })
@@ -1185,12 +1176,12 @@ test('a route answered past onSend (reply.hijack(), reply.raw) is named once: se
   }
   assert.deepEqual(messages(logs, 40), ['accman: GET /sse was answered without fastify\'s onSend ' +
     '(reply.hijack() or a write to reply.raw): its requests are served free; answer it with reply.send() to meter it'])
-  assert.equal(await mint.tot('p-hijack'), 10) // free, as said
+  assert.equal(await acc.mint.tot('p-hijack'), 10) // free, as said
 })
 
 test('a consumer who leaves while the charge is in flight is charged, and it is said', async () => {
-  await mint.mod('p-left', 10)
-  const proxy = await proxyTo(server.url)
+  await acc.mint.mod('p-left', 10)
+  const proxy = await proxyTo(acc.server.url)
   const logs = []
   const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service }, { logs })
   try {
@@ -1208,5 +1199,5 @@ test('a consumer who leaves while the charge is in flight is charged, and it is 
   }
   assert.deepEqual(messages(logs, 40),
     ['accman: the consumer left while its charge was in flight: charged for a response it does not get'])
-  assert.equal(await mint.tot('p-left'), 8) // charged twice: the request served, the one left
+  assert.equal(await acc.mint.tot('p-left'), 8) // charged twice: the request served, the one left
 })

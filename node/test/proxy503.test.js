@@ -10,7 +10,7 @@ const assert = require('node:assert/strict')
 const http = require('node:http')
 const Fastify = require('fastify')
 const accman = require('..')
-const { AccManServer, TOKENS } = require('./helpers/accman')
+const { TOKENS, sharedAccMan } = require('./helpers/accman')
 const { serviceApp, get, messages } = require('./helpers/app')
 const { errorOfReply } = require('../src/errors')
 
@@ -87,21 +87,13 @@ function calls (lines) {
   return out
 }
 
-let server, mint, front
-test.before(async () => {
-  server = new AccManServer()
-  await server.start()
-  mint = new accman.AccManClient({ url: server.url, token: TOKENS.mint })
-})
-test.after(async () => {
-  await mint.close()
-  await server.close()
-})
-test.beforeEach(async () => { front = await frontOf(server.url) })
+const acc = sharedAccMan(test)
+let front
+test.beforeEach(async () => { front = await frontOf(acc.server.url) })
 test.afterEach(async () => { await front.close() })
 
 test('a proxy\'s 503 is not AccMan\'s: the change may have landed, and is not retried keyless', async () => {
-  await mint.mod('x-proxy', 10)
+  await acc.mint.mod('x-proxy', 10)
   front.refuseWrites = true
   const client = new accman.AccManClient({ url: front.url, token: TOKENS.service, retries: 2 })
   try {
@@ -117,7 +109,7 @@ test('a proxy\'s 503 is not AccMan\'s: the change may have landed, and is not re
     await client.close()
   }
   assert.deepEqual(front.lines.map((l) => l.split(' ')[0]), ['GET', 'PATCH', 'PATCH', 'PATCH', 'PATCH'])
-  assert.equal(await mint.tot('x-proxy'), 10)
+  assert.equal(await acc.mint.tot('x-proxy'), 10)
   // AccMan's own 503 bodies stay its own; others are foreign.
   assert.ok(errorOfReply(503, { error: 'unavailable', detail: 'd' }) instanceof accman.Unavailable)
   assert.ok(errorOfReply(503, { error: 'busy', detail: 'd' }) instanceof accman.Busy)
@@ -129,7 +121,7 @@ test('a proxy\'s 503 is not AccMan\'s: the change may have landed, and is not re
 test('check mode names the proxy\'s 503 and probes writes after it, as after AccMan\'s own', async () => {
   // A front end that refuses writes and passes reads would have check mode
   // admit on tot and serve every request with its charge owed.
-  await mint.mod('x-check', 10)
+  await acc.mint.mod('x-check', 10)
   const logs = []
   const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0 }, { logs })
   try {
@@ -150,7 +142,7 @@ test('check mode names the proxy\'s 503 and probes writes after it, as after Acc
   const warned = logs.filter((l) => l.level === 40 && l.msg === 'accman: AccMan unavailable; refusing with 503')
   assert.deepEqual(warned.map((l) => l.code), ['proxy_unavailable'])
   assert.ok(messages(logs, 40).some((m) => m.includes('queued')))
-  assert.equal(await mint.tot('x-check'), 8)
+  assert.equal(await acc.mint.tot('x-check'), 8)
 })
 
 for (const failure of ['502', 'cut', 'hang']) {
@@ -160,7 +152,7 @@ for (const failure of ['502', 'cut', 'hang']) {
     // admitted on the balance while writes keep failing so, every request
     // would be served with its charge owed.
     const cred = `x-unknown-${failure}`
-    await mint.mod(cred, 10)
+    await acc.mint.mod(cred, 10)
     const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 200 })
     const statuses = []
     try {
@@ -177,7 +169,7 @@ for (const failure of ['502', 'cut', 'hang']) {
     }
     assert.deepEqual(statuses, [200, 200, 503, 200])
     assert.deepEqual(calls(front.lines), ['probe', 'charge', 'charge', 'probe', 'probe', 'charge'])
-    assert.equal(await mint.tot(cred), 7)
+    assert.equal(await acc.mint.tot(cred), 7)
   })
 }
 
@@ -186,7 +178,7 @@ test('check mode: the requests in flight after a charge of unknown outcome share
   // writes as it had requests in flight: the requests that come while the
   // probe is under way wait for it, then read their balance.
   const cred = 'x-unknown-herd'
-  await mint.mod(cred, 100)
+  await acc.mint.mod(cred, 100)
   const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 500 })
   let statuses
   try {
@@ -201,7 +193,7 @@ test('check mode: the requests in flight after a charge of unknown outcome share
   }
   assert.deepEqual(statuses, Array(8).fill(200))
   assert.equal(calls(front.lines).filter((c) => c === 'probe').length, 2)
-  assert.equal(await mint.tot(cred), 90)
+  assert.equal(await acc.mint.tot(cred), 90)
 })
 
 test('check mode: a probe answered before a charge failed leaves admission on the probe', async () => {
@@ -209,7 +201,7 @@ test('check mode: a probe answered before a charge failed leaves admission on th
   // writes since: its 409 put admission back on tot, and the next request,
   // writes still failing, was served with its charge owed.
   const cred = 'x-stale-probe'
-  await mint.mod(cred, 100)
+  await acc.mint.mod(cred, 100)
   let goOn
   const slowGate = new Promise((resolve) => { goOn = resolve })
   const app = Fastify()

@@ -7,6 +7,7 @@ const { spawn } = require('node:child_process')
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
+const { AccManClient } = require('../..')
 
 const REPO_ROOT = path.resolve(__dirname, '..', '..', '..')
 const ACCMAN_BIN = process.env.ACCMAN_BIN || path.join(REPO_ROOT, '.venv', 'bin', 'accman')
@@ -112,4 +113,25 @@ class AccManServer {
   }
 }
 
-module.exports = { AccManServer, TOKENS, accmanInstalled, INSTALL_HINT, ACCMAN_BIN }
+// One AccMan for a test file's tests, through its `test` (node:test): the
+// server started before them with a client of the mint token, and with
+// `service` one of the service token too, all closed after them.  The
+// object returned is filled in by the before hook: its fields are read in
+// the tests, not as the file loads.
+function sharedAccMan (test, { service = false } = {}) {
+  const acc = { server: null, mint: null, service: null }
+  test.before(async () => {
+    acc.server = new AccManServer()
+    await acc.server.start()
+    acc.mint = new AccManClient({ url: acc.server.url, token: TOKENS.mint })
+    if (service) acc.service = new AccManClient({ url: acc.server.url, token: TOKENS.service })
+  })
+  test.after(async () => {
+    await acc.mint?.close()
+    await acc.service?.close()
+    await acc.server?.close()
+  })
+  return acc
+}
+
+module.exports = { AccManServer, TOKENS, accmanInstalled, INSTALL_HINT, ACCMAN_BIN, sharedAccMan }
