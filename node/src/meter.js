@@ -226,6 +226,9 @@ function track (set, promise) {
   set.add(kept)
 }
 
+// Admission's methods and the response's are Meter's own, put on its
+// prototype: one object, whose jobs are modules, calling each other
+// through `this` as methods of one class do.
 Object.assign(Meter.prototype, admission, charging)
 
 module.exports = { Meter }
