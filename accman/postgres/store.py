@@ -43,7 +43,7 @@ from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import migrate, read_infos
 from accman.postgres.shape import check_infos
-from accman.store import check_options, check_past, check_settle, run_callbacks
+from accman.store import check_binding, check_options, check_past, check_settle, run_callbacks
 
 log = logging.getLogger("accman.postgres")
 
@@ -89,8 +89,7 @@ class PgStore:
         self._closed = False
         self._tasks: set = set()
         self._flying: dict = {}            # ops whose commit or /past query flies, in order
-        self.batches = 0
-        self.mods = 0
+        self.batches = self.mods = 0
         self.commit_s_total = 0.0
         self.last_batch_mods = 0
         self._samples: tuple[list, list] = ([], [])
@@ -169,6 +168,7 @@ class PgStore:
     # -- binding -----------------------------------------------------------------------
 
     def bind_loop(self, loop, deliver=None) -> None:
+        check_binding(loop, deliver)        # as the embedded store: nothing bound on bad input
         if loop is not self._loop:
             raise RuntimeError("a PgStore is used on the loop it was opened on")
         self._deliver = deliver or run_callbacks

@@ -1,6 +1,8 @@
 """The store's calls on one real PostgreSQL: tot, mod, past, keys, min,
 overflow, seq (SPEC "Routes", "Values")."""
 
+import asyncio
+
 import pytest
 
 from accman.errors import (BadRequest, Insufficient, KeyReused, NoAccount, Overflow)
@@ -138,6 +140,22 @@ def test_bad_values_queue_nothing(pg_url):
             with pytest.raises(BadRequest):
                 store.submit_hold("a", -5, 86401, None, None, done=print)
             assert store.queued_mods == 0
+    run(main())
+
+
+@pytest.mark.parametrize("loop,deliver,says", [
+    (1, None, "loop must be an asyncio event loop, got int"),
+    (None, None, "loop must be an asyncio event loop, got NoneType"),
+    ("own", 5, "deliver must be a function taking a list of .*, or None; got int")])
+def test_a_wrong_loop_or_deliver_is_refused_and_binds_nothing(pg_url, loop, deliver, says):
+    """As the embedded store's bind_loop: a `deliver` that cannot be called
+    was taken, and every later outcome was lost in it (the change applied,
+    its caller never told); a loop that is not one was a RuntimeError."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            with pytest.raises(BadRequest, match=f"^{says}$"):
+                store.bind_loop(asyncio.get_running_loop() if loop == "own" else loop, deliver)
+            assert await asyncio.wait_for(c.mod("a", 5), 5) == (5, 1)
     run(main())
 
 
