@@ -57,15 +57,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any, Callable, NamedTuple, Protocol
 
 from accman.errors import BadRequest
-from accman.limits import (BATCH_MODS_MAX, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_MAX,
-                           EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX,
-                           INT64_MAX, INT64_MIN, PAST_LIMIT_MAX, QUEUED_MODS_MAX)
+from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, EVENTS_LIMIT_MAX,
+                           EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX, HOLDS_MAX,
+                           HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX,
+                           PAST_LIMIT_MAX, QUEUED_MODS_MAX)
 from accman.records import Entry
 
 log = logging.getLogger("accman.store")
+
+_CRED = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % CRED_CHARS_MAX, re.ASCII)
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % KEY_CHARS_MAX, re.ASCII)
 
 Done = Callable[[Any], None]
 
@@ -109,6 +114,36 @@ def check_int64(value, name: str) -> None:
         raise BadRequest(f"{name} must be an int, got {type(value).__name__}")
     if not INT64_MIN <= value <= INT64_MAX:
         raise BadRequest(f"{name} must fit in a signed 64-bit integer")
+
+
+def check_cred(cred) -> None:
+    """A credential, as every store checks it (ext/ledger.pyx's
+    `_check_cred` says the same words)."""
+    if type(cred) is not str or not _CRED.match(cred):
+        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
+                         "from A-Z a-z 0-9 _ -")
+
+
+def check_key(key) -> None:
+    """An idempotency key or None, as every store checks it."""
+    if key is not None and (type(key) is not str or not _KEY.match(key)):
+        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
+                         "from A-Z a-z 0-9 _ -")
+
+
+def check_mod(by, min_, key, low) -> None:
+    """A mod's values, as every store checks them, in the order the
+    embedded store does (ext/ledger.pyx, Book.apply)."""
+    check_int64(by, "by")
+    if by == 0:
+        raise BadRequest("by must be non-zero")
+    if min_ is not None:
+        check_int64(min_, "min")
+    if low is not None:
+        check_int64(low, "low")
+        if by < 0:
+            raise BadRequest("low is set by a funding mod only (by > 0)")
+    check_key(key)
 
 
 def check_hold(by, ttl_s, min_) -> None:

@@ -697,6 +697,50 @@ def test_async_writes_from_a_second_running_loop_are_refused_not_hung(led):
     assert asyncio.run(third()) == (2, 2)
 
 
+def test_bad_async_calls_from_a_loop_not_bound_are_badrequest_and_bind_nothing(led):
+    """amod, ahold and asettle claimed the caller's loop before their values
+    were checked: from a second loop while the bound one ran, bad values
+    were a RuntimeError, not the BadRequest naming them; with no loop
+    running bound, they bound the caller's loop, and a good call from
+    another running loop was then refused."""
+    bad_calls = [(lambda: led.amod("a", 0), "by must be non-zero"),
+                 (lambda: led.amod("a b", 1), "cred must be a string"),
+                 (lambda: led.amod("a", -1, low=5, key="b c"), "low is set by a funding"),
+                 (lambda: led.ahold("a", 5, 10), "by must be negative for a hold"),
+                 (lambda: led.ahold("a", -5, 10, key="b c"), "key must be a string"),
+                 (lambda: led.asettle("a", 0, 0), "hold must be a hold id")]
+    go, told, end = threading.Event(), [], threading.Event()
+
+    async def first():          # runs all along; its first amod comes after the bad calls
+        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+        told.append(await led.amod("a", 1))
+        while not end.is_set():
+            await asyncio.sleep(0.01)
+
+    async def bad_ones():
+        for call, says in bad_calls:
+            with pytest.raises(BadRequest, match=says):
+                await call()
+
+    async def second():         # no loop bound yet: the bad calls bind none
+        await bad_ones()
+        go.set()
+        while not told:
+            await asyncio.sleep(0.01)
+
+    thread = threading.Thread(target=asyncio.run, args=(first(),))
+    thread.start()
+    try:
+        asyncio.run(asyncio.wait_for(second(), 5))
+        assert told == [(1, 1)]
+        asyncio.run(bad_ones())     # the first loop, bound, still runs: BadRequest all the same
+        assert led.tot("a") == 1
+    finally:
+        go.set()
+        end.set()
+        thread.join(10)
+
+
 def test_a_bound_deliver_gets_each_batch_whole_on_the_loop(led):
     """bind_loop(loop, deliver): the batch's (done, outcome) pairs reach
     `deliver` on the loop's thread, and the ledger calls no `done` itself."""

@@ -64,12 +64,12 @@ def every_call(led, done):
 
 
 def public_methods() -> set:
-    """Ledger's public methods, from the class, and the two callables bound
-    per instance; beside `close` and `__exit__` (closing again does
+    """Ledger's public methods, from the class and its bases, and the two
+    callables bound per instance; beside `close` and `__exit__` (closing again does
     nothing) and `drain_samples` (the metrics' samples: it describes the
     ledger, as its properties do, and answers)."""
-    own = {name for name, v in vars(Ledger).items() if inspect.isfunction(v)
-           and (not name.startswith("_") or name in ("__len__", "__enter__", "__exit__"))}
+    own = {name for name, _ in inspect.getmembers(Ledger, inspect.isfunction)
+           if (not name.startswith("_") or name in ("__len__", "__enter__", "__exit__"))}
     return own - {"close", "__exit__", "drain_samples"} | {"tot", "submit"}
 
 

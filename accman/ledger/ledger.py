@@ -11,6 +11,8 @@ import threading
 
 from accman.errors import AccManError, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
+from accman.ledger.asynccalls import AsyncCalls
+from accman.ledger.asynccalls import result as _result
 from accman.ledger.clock import checked_clock, wall_ms
 from accman.ledger.commit import Committer, running_loop
 from accman.ledger.datadir import checked_path
@@ -34,13 +36,7 @@ def _no_account() -> NoAccount:
     return NoAccount("no account has this cred")
 
 
-def _result(outcome):
-    if isinstance(outcome, AccManError):
-        raise outcome
-    return outcome
-
-
-class Ledger:
+class Ledger(AsyncCalls):
     """Balances, history, holds, idempotency and events, durable on LevelDB.
 
     >>> with Ledger("data") as led:
@@ -204,13 +200,6 @@ class Ledger:
         with self._reading():
             return _result(self._events.read(after, limit))
 
-    async def aevents(self, after: int = 0, limit: int = EVENTS_LIMIT_DEFAULT,
-                      wait_s: float = 0) -> tuple:
-        """`events`, waiting up to `wait_s` for the first one (long poll)."""
-        fut = asyncio.get_running_loop().create_future()
-        outcome = self.read_events(after, limit, wait_s, fut.set_result)
-        return _result(await fut if outcome is None else outcome)
-
     def __len__(self) -> int:
         """The number of accounts."""
         self._check_open()
@@ -361,36 +350,6 @@ class Ledger:
         check_binding(loop, deliver)
         with self._gate.calling:
             self._committer.bind_loop(loop, deliver)
-
-    async def amod(self, cred: str, by: int, *, min: int | None = None,
-                   key: str | None = None, low: int | None = None) -> tuple[int, int]:
-        """`mod` for asyncio: many concurrent amods share one fsync."""
-        return await self._awaited(self._committer.submit, cred, by, min, key, low=low)
-
-    async def ahold(self, cred: str, by: int, ttl_s: int, *, min: int | None = None,
-                    key: str | None = None) -> tuple[int, int, int]:
-        return await self._awaited(self._committer.submit_hold, cred, by, ttl_s, min, key)
-
-    async def asettle(self, cred: str, hold: int, use: int) -> tuple[int, int]:
-        return await self._awaited(self._committer.submit_settle, cred, hold, use)
-
-    async def _awaited(self, submit, *args, **kw):
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        if self._committer._loop is not loop and not self._committer.claim_loop(loop):
-            raise RuntimeError("this Ledger's async writes belong to another event loop, "
-                               "still running: await them there, or call mod, hold and "
-                               "settle (from any thread)")
-        fut = loop.create_future()
-
-        def done(outcome):
-            if not fut.done():
-                fut.set_result(outcome)
-
-        # Not counted by the gate's `calling` (a thread-local count, ~1 us of
-        # every change): an event loop's signals arrive between its callbacks.
-        submit(*args, done=done, **kw)
-        return _result(await fut)
 
     # -- state -------------------------------------------------------------------------
 

@@ -10,43 +10,13 @@ error, and nothing is queued.
 
 from __future__ import annotations
 
-import re
-
 from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAccount,
                            NoHold, Overflow, TooManyHolds, Unavailable)
-from accman.limits import CRED_CHARS_MAX, KEY_CHARS_MAX
 from accman.postgres import schema as S
 from accman.records import Entry
-from accman.store import Page, check_int64
+from accman.store import Page, check_key
+from accman.store import check_cred as check_cred, check_mod as check_mod     # PgStore's
 from accman.store import check_hold as store_check_hold
-
-_CRED = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % CRED_CHARS_MAX, re.ASCII)
-_KEY = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % KEY_CHARS_MAX, re.ASCII)
-
-
-def check_cred(cred) -> None:
-    if type(cred) is not str or not _CRED.match(cred):
-        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
-                         "from A-Z a-z 0-9 _ -")
-
-
-def check_key(key) -> None:
-    if key is not None and (type(key) is not str or not _KEY.match(key)):
-        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
-                         "from A-Z a-z 0-9 _ -")
-
-
-def check_mod(by, min_, key, low) -> None:
-    check_int64(by, "by")
-    if by == 0:
-        raise BadRequest("by must be non-zero")
-    if min_ is not None:
-        check_int64(min_, "min")
-    check_key(key)
-    if low is not None:
-        check_int64(low, "low")
-        if by < 0:
-            raise BadRequest("low is set by a funding mod only (by > 0)")
 
 
 def check_hold(by, ttl_s, min_, key) -> None:
