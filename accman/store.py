@@ -205,6 +205,15 @@ def check_binding(loop, deliver) -> None:
                          f"or None; got {type(deliver).__name__}")
 
 
+def check_done(done) -> None:
+    """A change's `done`: a callable, or None (nobody is told), checked before
+    anything is applied: one that cannot be called would fail only once the
+    change is durable, and its caller would never hear of it."""
+    if done is not None and not callable(done):
+        raise TypeError(f"done must be a function taking the outcome, or None; "
+                        f"got {type(done).__name__}")
+
+
 # What a store may be opened with: each bound of limits.py may be lowered
 # (tests do), never raised past what the rest of AccMan is sized for.
 _OPTION_BOUNDS = {

@@ -519,6 +519,26 @@ def test_concurrent_threads_share_commits_and_lose_nothing(led):
     assert led.verify()["entries"] == per * nthreads
 
 
+@pytest.mark.parametrize("done", [5, "print"])
+def test_a_done_that_cannot_be_called_is_refused_and_changes_nothing(led, done):
+    """submit took done=5: the mod was applied and made durable, the
+    writer's call of 5 failed (logged), and the caller was never told.  A
+    `done` neither callable nor None is TypeError naming it, before
+    anything is applied; None tells nobody, also of an outcome known at
+    once (it was a TypeError after the call, 'NoneType' not callable)."""
+    led.mod("a", 10)
+    for call in (lambda: led.submit("a", 5, done=done),
+                 lambda: led.submit_hold("a", -1, 10, done=done),
+                 lambda: led.submit_settle("a", 99, 0, done=done)):
+        with pytest.raises(TypeError, match=f"^done must be a function taking the outcome, or "
+                                            f"None; got {type(done).__name__}$"):
+            call()
+    led.submit("b", -1)             # NoAccount at once: nobody to tell
+    led.submit("a", 5)
+    assert led.mod("a", 1) == (16, 3)
+    assert led.tot("b") is None
+
+
 def test_asyncio_submits_apply_in_order_and_refuse_at_min(led):
     led.mod("acct", 100)
 

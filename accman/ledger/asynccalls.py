@@ -11,6 +11,14 @@ from accman.limits import EVENTS_LIMIT_DEFAULT
 from accman.store import check_cred, check_hold, check_key, check_mod, check_settle
 
 
+def running_loop():
+    """The event loop running in this thread, or None."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def result(outcome):
     """A call's value, or its AccManError raised."""
     if isinstance(outcome, AccManError):
@@ -87,4 +95,4 @@ class AsyncCalls:
         return result(await fut if outcome is None else outcome)
 
 
-__all__ = ["AsyncCalls", "result"]
+__all__ = ["AsyncCalls", "result", "running_loop"]

@@ -16,7 +16,6 @@ answered Unavailable and the book takes no more writes until reopened.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -26,7 +25,8 @@ from accman.ledger.applier import Applier
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
 from accman.ledger.clock import wall_ms
 from accman.ledger.gate import CLOSED_DETAIL, CLOSING_DETAIL, FAILED_DETAIL
-from accman.store import run_callbacks
+from accman.ledger.asynccalls import running_loop
+from accman.store import check_done, run_callbacks
 
 log = logging.getLogger("accman.commit")
 
@@ -145,6 +145,7 @@ class Committer:
         outcome is final and everything it depends on is durable.  (Named
         like Ledger.submit, which is this very method.)"""
         min_ = min
+        check_done(done)
         # Only a call made from inside the bound loop, while it runs, is
         # completed on it; a plain call from the same thread (the loop
         # stopped, or never ran there) is completed directly.
@@ -167,6 +168,7 @@ class Committer:
         self._change(self.book.settle, (cred, hold, use), done)
 
     def _change(self, apply, args, done):
+        check_done(done)
         on_loop = self._loop is not None and running_loop() is self._loop
         at_ms = self.clock_ms()
         with self.lock:
@@ -195,6 +197,8 @@ class Committer:
     def _final(self, done, outcome, on_loop) -> None:
         """An outcome final at once (a refusal of durable state, a replayed
         key): still delivered asynchronously, so callers see one contract."""
+        if done is None:
+            return          # nobody to tell, as for an outcome that waits (Batch.add_done)
         if on_loop:
             self._loop.call_soon(done, outcome)
         else:
@@ -490,11 +494,3 @@ class Committer:
 def _unavailable(callbacks: list, error: StoreError) -> list:
     assert error is not None
     return [(done, Unavailable(FAILED_DETAIL)) for done, _ in callbacks]
-
-
-def running_loop():
-    """The event loop running in this thread, or None."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

@@ -11,10 +11,10 @@ import threading
 
 from accman.errors import AccManError, NoAccount, StoreCorrupt, Unavailable
 from accman.ledger import _ledger
-from accman.ledger.asynccalls import AsyncCalls
+from accman.ledger.asynccalls import AsyncCalls, running_loop
 from accman.ledger.asynccalls import result as _result
 from accman.ledger.clock import checked_clock, wall_ms
-from accman.ledger.commit import Committer, running_loop
+from accman.ledger.commit import Committer
 from accman.ledger.datadir import checked_path
 from accman.ledger.events import EventLog, check_kept_after
 from accman.ledger.forked import FORKED_DETAIL, inherited, refuse_inherited, track
