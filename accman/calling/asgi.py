@@ -51,7 +51,7 @@ from accman.calling.probe import RoleProbe
 from accman.calling.disconnect import READ_AHEAD_BYTES_MAX, DisconnectWatch
 from accman.calling.lifespan import lifespan
 from accman.calling.repeats import Repeats
-from accman.calling.reserve import Reservation
+from accman.calling.reserve import Meter, Reservation
 from accman.calling.settings import (amount, check_calls, check_options, paths, priced,
                                      request_ids, route_path, split)
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
@@ -151,6 +151,9 @@ class AccManMiddleware:
         self._role = RoleProbe()
         self.stats = dict.fromkeys(_STATS, 0)
         self._owed = Owed(self._acc, self.stats, self._charged, self._unpaid)
+        # All that a reserve-mode request uses of the middleware (accman.calling.reserve).
+        self._meter = Meter(self._header, self.stats, self._owed, self._cost_of_response,
+                            self._charge, self._charged, self._spawn)
         self._tasks = set()             # releases and charges under way (_spawn)
         self._billing = set()           # async on_unpaid calls under way (_unpaid)
 
@@ -228,7 +231,7 @@ class AccManMiddleware:
 
     async def _serve_reserved(self, scope, receive, send, cred, price, est):
         acc = self._acc()
-        r = Reservation(self, acc, scope, cred, price, self._rid(), est, receive)
+        r = Reservation(self._meter, acc, scope, cred, price, self._rid(), est, receive)
         try:
             await r.admit(self.hold_ttl_s)
         except asyncio.CancelledError:

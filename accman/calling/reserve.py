@@ -23,13 +23,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable, NamedTuple
 
 from accman.calling.answers import with_tot
 from accman.calling.disconnect import DisconnectWatch
-from accman.calling.owed import CANCELLED, Settle, Unsettle, charge_key, fingerprint
+from accman.calling.owed import CANCELLED, Owed, Settle, Unsettle, charge_key, fingerprint
 from accman.errors import AccManError, HoldEnded
 
 log = logging.getLogger("accman.asgi")
+
+
+class Meter(NamedTuple):
+    """What a Reservation uses of the middleware that admits it
+    (accman.calling.asgi makes one), and nothing else of it."""
+
+    header: bytes                   # the response header the balance goes in
+    stats: dict                     # the middleware's counters
+    owed: Owed                      # calls that must still land
+    cost_of_response: Callable      # (price, scope, response start) -> the charge
+    charge: Callable                # async (acc, cred, cost, key) -> tot, None when owed
+    charged: Callable               # (cost): counted as charged
+    spawn: Callable                 # (coro) -> a task the middleware waits for at shutdown
 
 
 class Reservation:
@@ -37,13 +51,13 @@ class Reservation:
     estimate is 0 and nothing is held), `tot` the balance seen at
     admission, `ended` true once it is settled or released."""
 
-    __slots__ = ("mw", "acc", "scope", "cred", "price", "rid", "est", "hold", "tot", "ended",
-                 "watch")
+    __slots__ = ("meter", "acc", "scope", "cred", "price", "rid", "est", "ttl_s", "hold", "tot",
+                 "ended", "watch")
 
-    def __init__(self, mw, acc, scope, cred, price, rid, est, receive):
-        self.mw, self.acc, self.scope, self.cred, self.price = mw, acc, scope, cred, price
+    def __init__(self, meter: Meter, acc, scope, cred, price, rid, est, receive):
+        self.meter, self.acc, self.scope, self.cred, self.price = meter, acc, scope, cred, price
         self.rid, self.est = rid, est
-        self.hold = self.tot = None
+        self.ttl_s = self.hold = self.tot = None
         self.ended = False
         self.watch = DisconnectWatch(receive, self.release, scope)
 
@@ -54,6 +68,7 @@ class Reservation:
     async def admit(self, ttl_s: int) -> None:
         """Holds the estimate; raises the AccManError that refuses the
         request (NoAccount, Insufficient, TooManyHolds, an outage)."""
+        self.ttl_s = ttl_s
         if not self.est:
             self.tot = await self.acc.tot(self.cred)
             return
@@ -70,45 +85,45 @@ class Reservation:
     async def settle(self, message):
         """Settles the hold with the response's cost, capped at the hold;
         the response start with the balance header."""
-        mw = self.mw
+        meter = self.meter
         if self.ended:
             return message              # released: the consumer went away
         # A cost function that raises is a bug in the service: the caller
         # releases the hold, since `ended` is still false.
-        cost = mw._cost_of_response(self.price, self.scope, message)
+        cost = meter.cost_of_response(self.price, self.scope, message)
         self.ended = True
         if cost > self.est:
-            mw.stats["capped"] += 1
+            meter.stats["capped"] += 1
             log.warning("accman: cost %d over the hold %d: charged %d", cost, self.est, self.est)
             cost = self.est
         if self.hold is None:
-            return with_tot(message, mw._header, self.tot)     # nothing held, nothing charged
+            return with_tot(message, meter.header, self.tot)   # nothing held, nothing charged
         if not cost:
-            mw.stats["released"] += 1
+            meter.stats["released"] += 1
         try:
-            return with_tot(message, mw._header, await self._settle(cost))
+            return with_tot(message, meter.header, await self._settle(cost))
         except asyncio.CancelledError:
             # The settle may have landed, and the response is not sent.
-            mw._owed.add(Unsettle(self.cred, self.hold, cost), CANCELLED)
+            meter.owed.add(Unsettle(self.cred, self.hold, cost), CANCELLED)
             raise
 
     async def _settle(self, use: int):
-        mw = self.mw
+        meter = self.meter
         try:
             tot, _ = await self.acc.settle(self.cred, self.hold, use)
         except HoldEnded:
             if not use:
                 return None             # expired: all of it came back already
-            mw.stats["expired"] += 1
+            meter.stats["expired"] += 1
             key = charge_key(self.rid)
             log.warning("accman: hold %d of account %s expired before the response (the app "
                         "ran past hold_ttl_s=%d s): charging %d as a mod, key %s", self.hold,
-                        fingerprint(self.cred), mw.hold_ttl_s, use, key)
-            return await mw._charge(self.acc, self.cred, use, key)
+                        fingerprint(self.cred), self.ttl_s, use, key)
+            return await meter.charge(self.acc, self.cred, use, key)
         except AccManError as e:
-            mw._owed.add(Settle(self.cred, self.hold, use, self.rid), e)
+            meter.owed.add(Settle(self.cred, self.hold, use, self.rid), e)
             return None
-        mw._charged(use)
+        meter.charged(use)
         return tot
 
     def release(self) -> None:
@@ -119,8 +134,8 @@ class Reservation:
             return
         self.ended = True
         if self.hold is not None:
-            self.mw.stats["released"] += 1
-            self.mw._spawn(self._release())
+            self.meter.stats["released"] += 1
+            self.meter.spawn(self._release())
 
     async def _release(self) -> None:
         try:
@@ -128,7 +143,7 @@ class Reservation:
         except HoldEnded:
             pass                        # expired: nothing is held
         except AccManError as e:
-            self.mw._owed.add(Settle(self.cred, self.hold, 0, self.rid), e)
+            self.meter.owed.add(Settle(self.cred, self.hold, 0, self.rid), e)
 
 
-__all__ = ["Reservation"]
+__all__ = ["Meter", "Reservation"]
