@@ -250,6 +250,15 @@ class Store(Protocol):
     # then answers a /tot in line, with no callback.
     inline_reads: bool
 
+    # The data directory that holds the store's files, or None for a store
+    # that keeps none on this machine (PostgreSQL): what the ready line
+    # names, and where the webhook's cursor file goes without `cursors`.
+    path: str | None
+
+    # The webhook's cursors when the store keeps them, shared by its
+    # front-ends (PostgreSQL's, accman/server/cursors.py), else None.
+    cursors: Any
+
     def bind_loop(self, loop, deliver: Callable[[list], None] | None = None) -> None:
         """Later outcomes are delivered on `loop`: `deliver(pairs)` is called
         there with a list of (done, outcome), and must see every `done`
@@ -302,6 +311,12 @@ class Store(Protocol):
     def unhealthy_detail(self) -> str | None:
         """While not `healthy`: why, in words fit for a client (GET /health's
         503 says them), or None for the server's own words."""
+
+    @property
+    def failure(self) -> str | None:
+        """While not `healthy`: why, for the operator's log (it may name
+        files and OS errors, never said to a client), or None when
+        `unhealthy_detail` says it.  `accman serve` exits with it."""
 
     @property
     def open_holds(self) -> int:

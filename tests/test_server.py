@@ -892,6 +892,7 @@ class FakeLedger:
     """The store interface with a failed store ("failed") or a writer that
     never finishes a batch ("stuck")."""
     inline_reads, unhealthy_detail, open_holds = True, None, 0
+    path = cursors = failure = None
     def __init__(self, mode):
         self.mode, self.loop = mode, None
     healthy = property(lambda self: self.mode != "failed")

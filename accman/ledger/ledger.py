@@ -90,8 +90,10 @@ class Ledger(AsyncCalls):
     Raises BadRequest, Unavailable or Busy at once, changing nothing.
     """
 
-    # accman/store.py: `tot` answers from memory.
+    # accman/store.py: `tot` answers from memory; the server keeps the
+    # webhook's cursor in a file beside the store (`path`).
     inline_reads = True
+    cursors = None
 
     def __init__(self, path: str, *, create: bool = True, verify: str = "full",
                  batch_mods_max: int | None = None, queued_mods_max: int | None = None,

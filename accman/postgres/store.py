@@ -67,7 +67,7 @@ class PgStore:
     """The store interface (accman/store.py) on PostgreSQL.  Make one with
     `await PgStore.open(urls)`; calls are made on the loop it was opened on."""
 
-    inline_reads = False
+    inline_reads, path, failure = False, None, None         # accman/store.py
 
     def __init__(self, clusters_info, urls, *, hash_key, low_default, retention_s,
                  batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):

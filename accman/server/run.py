@@ -138,7 +138,7 @@ def open_store(loop, store, data_path, store_urls, verify, low_balance, events_r
     """(store, where): the store to serve and what the ready line says of
     it, `store` itself when one was given."""
     if store is not None:
-        return store, f"data={getattr(store, 'path', data_path)}"
+        return store, f"data={data_path if store.path is None else store.path}"
     if store_urls:
         store = open_postgres(loop, list(store_urls), data_path, low_default=low_balance,
                               retention_s=events_retention_s, **options)
@@ -260,11 +260,11 @@ def start_webhook(store, webhook, limits, loop, data_path):
         return None
     from accman.server.cursors import FileCursors
     from accman.server.webhooks import Deliverer
-    cursors = getattr(store, "cursors", None)
+    cursors = store.cursors
     if cursors is not None and data_path is not None:
         _adopt_cursor(cursors, data_path, loop)
     if cursors is None:
-        directory = getattr(store, "path", None) or data_path
+        directory = store.path or data_path
         if directory is None:
             raise StartupError("--webhook: this store keeps no webhook cursor, and there is "
                                "no --data directory to keep it in")
@@ -398,17 +398,13 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
                                                            data_path)
         loop.run_until_complete(_serve(server, host, addresses, port, deliverer, where,
                                        ready))
-        failure = None if store.healthy else (getattr(store, "failure", None)
-                                              or store.unhealthy_detail
+        failure = None if store.healthy else (store.failure or store.unhealthy_detail
                                               or "the store failed to commit")
     finally:
         try:
             if deliverer is not None:     # before the store closes
                 loop.run_until_complete(deliverer.stop())
-            if hasattr(store, "aclose"):
-                loop.run_until_complete(store.aclose())
-            else:
-                store.close()
+            store.close()       # PgStore's runs its aclose on this loop
         finally:
             asyncio.set_event_loop(None)
             loop.close()

@@ -12,9 +12,35 @@ import pytest
 from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient, KeyReused,
                            NoAccount, Overflow, TooManyHolds)
 from accman.limits import INT64_MAX, INT64_MIN
+from accman.ledger import Ledger
 from accman.postgres import upkeep as upkeep_module
+from accman.store import Store
 
 from .helpers import opened, run, stored
+
+
+def test_both_stores_have_every_name_of_the_store_interface(pg_url, tmp_path):
+    """The server reads a store only through accman/store.py's Store: run.py
+    read `path`, `cursors` and `failure` through getattr with a default,
+    names the interface did not have, so a store without one was served
+    with a guess.  The interface names them, and both stores have them
+    (`tot` is only a store's with `inline_reads`)."""
+    names = {n for n in vars(Store) if not n.startswith("_")} | set(Store.__annotations__)
+    assert {"path", "cursors", "failure"} <= names
+
+    def missing(store):
+        wanted = names if store.inline_reads else names - {"tot"}
+        return sorted(n for n in wanted if not hasattr(store, n))
+
+    with Ledger(str(tmp_path / "data")) as led:
+        assert missing(led) == []
+        assert (led.path, led.cursors, led.failure) == (str(tmp_path / "data"), None, None)
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            assert missing(store) == []
+            assert (store.path, store.failure) == (None, None) and store.cursors is not None
+    run(main())
 
 
 def test_refusals_say_what_the_embedded_store_says(pg_url):
