@@ -82,7 +82,7 @@ class AsyncCalls:
             if not fut.done():
                 fut.set_result(outcome)
 
-        # Not counted by the gate's `calling` (a thread-local count, ~1 us of
+        # Not counted by the gate's `calling` (a thread-local count, paid by
         # every change): an event loop's signals arrive between its callbacks.
         submit(*args, done=done, **kw)
         return result(await fut)
