@@ -19,7 +19,11 @@ libpq's rules, odd ones among them, followed as they are:
     `host= x` the value ` x`.  The key is a libpq keyword, lower case;
     `service` is refused (no nesting).  A key given twice keeps its first
     value.  A line beginning with `ldap` is an LDAP lookup.
-  * The lines outside the service's section are never looked at.
+  * The lines outside the service's section are never looked at, but for
+    their length: libpq 15 reads a line into a buffer of 1024 bytes
+    (fgets), and a line longer than LINE_BYTES_MAX, its newline counted,
+    refuses the file, wherever it is before the service's section ends
+    (a comment, another section, the header that ends it).
   * AccMan refuses, naming the line, three things libpq reads, rather
     than read them differently: an LDAP lookup, a key's first value
     empty (libpq's built-in default over the environment's), and a line
@@ -58,6 +62,10 @@ LIBPQ_KEYWORDS = frozenset((
     "require_auth", "sslcertmode", "load_balance_hosts", "gssdelegation", "sslnegotiation"))
 # C's isspace() in the C locale: what libpq trims a line of.
 _C_SPACE = " \t\n\v\f\r"
+# The longest line libpq 15 reads, its newline counted: its fgets() into
+# char buf[1024] takes at most 1023 bytes, and a line that fills them is
+# its "line N too long in service file".
+LINE_BYTES_MAX = 1022
 SYSTEM_FILE_HINT = ("libpq also reads pg_service.conf in a directory compiled into it "
                     "(`pg_config --sysconfdir` names it for the libpq of that pg_config), "
                     "which AccMan reads only when PGSYSCONFDIR names it")
@@ -116,9 +124,16 @@ def _read(path: pathlib.Path, name: str) -> dict[str, str] | None:
         raise ServiceFileError(f"{_CONNECT}: the service file {path} cannot be read: "
                                f"{e.strerror or type(e).__name__}") from None
     settings: dict[str, str] | None = None
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        # libpq reads a line as a C string: it ends at a NUL byte.
-        line = raw.partition(b"\0")[0].strip(_C_SPACE.encode())
+    rows = data.split(b"\n")
+    for number, raw in enumerate(rows, 1):
+        # libpq reads a line as a C string: it ends at a NUL byte, and
+        # its length (strlen) counts the newline when no NUL comes first.
+        line, nul, _ = raw.partition(b"\0")
+        if len(line) + (not nul and number < len(rows)) > LINE_BYTES_MAX:
+            raise _refused(path, number, f"is too long: libpq reads lines of at most "
+                           f"{LINE_BYTES_MAX} bytes, the newline counted, and refuses a longer "
+                           "one anywhere before the service's section ends")
+        line = line.strip(_C_SPACE.encode())
         if not line or line.startswith(b"#"):
             continue
         if line.startswith(b"["):

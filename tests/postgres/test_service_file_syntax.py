@@ -20,8 +20,8 @@ HEAD = "[accman]\nhost=127.0.0.1\nport={port}\nuser=postgres\n"
 
 # (file text, what both do): ("db", NAME) connects to the database NAME
 # ({db} is the test's own); ("line", N) refuses line N, ("ldap", N) too, as
-# an LDAP lookup (an LDAP URL malformed, for psql); ("nowhere",) finds no
-# definition of the service.
+# an LDAP lookup (an LDAP URL malformed, for psql), ("long", N) too, as a
+# line too long; ("nowhere",) finds no definition of the service.
 READ = [
     (HEAD + "dbname={db}\ndbname=postgres\n", ("db", "{db}")),          # a key's first value
     (HEAD + "dbname={db}\n[accman]\ndbname=postgres\n", ("db", "{db}")),  # the first section
@@ -29,7 +29,11 @@ READ = [
     ("[accman] the rest is not read\n" + HEAD[9:] + "dbname={db}\n", ("db", "{db}")),
     ("  [accman]\t\r\n" + HEAD[9:] + " \t dbname={db} \r\n  # indented\n", ("db", "{db}")),
     ("[other]\nno equals here\nPORT:1\n" + HEAD + "dbname={db}", ("db", "{db}")),
-    ("#" + "x" * 600 + "\n" + HEAD + "dbname={db}\n", ("db", "{db}")),   # no length limit
+    ("#" + "x" * 1020 + "\n" + HEAD + "dbname={db}\n", ("db", "{db}")),  # 1022 bytes: read
+    ("#" + "x" * 1021 + "\n" + HEAD + "dbname={db}\n", ("long", 1)),     # 1023: too long
+    (HEAD + "dbname={db}\npassword=" + "x" * 1013 + "\n", ("long", 6)),  # in the section
+    (HEAD + "dbname={db}\n[" + "x" * 1020 + "]\n", ("long", 6)),         # the header after it
+    (HEAD + "dbname={db}\n[other]\n#" + "x" * 1100 + "\n", ("db", "{db}")),  # after: not read
     (HEAD + "dbname={db}\n[Accman]\nHOST:x\n", ("db", "{db}")),           # after: not read
     (HEAD + "Dbname={db}\n", ("line", 5)),                 # keys are lower case
     (HEAD + "dbname:{db}\n", ("line", 5)),                 # `=` only
@@ -91,9 +95,11 @@ def test_psql_and_accman_read_a_service_file_alike(pg, pg_url, service, text, do
         return
     assert libpq[0] == ours[0] == "error"
     assert isinstance(ours[1], ServiceFileError)
-    if does[0] in ("line", "ldap"):
-        assert (f'service file "{service}", line {does[1]}' if does[0] == "line"
-                else "invalid LDAP URL") in libpq[1]
+    if does[0] in ("line", "ldap", "long"):
+        assert {"line": f'service file "{service}", line {does[1]}',
+                "ldap": "invalid LDAP URL",
+                "long": f'line {does[1]} too long in service file "{service}"'}[does[0]] \
+            in libpq[1]
         assert str(ours[1]).startswith(
             "cannot connect to a PostgreSQL cluster of the store: the service file "
             f"{service}, line {does[1]}: ")
