@@ -185,7 +185,9 @@ def with_service(dsn: str) -> str:
     is read at each call, as libpq reads it at each connect.  A service
     file that libpq refuses, a service that no service file defines, or one
     that sets what AccMan cannot apply, raises ServiceFileError: libpq
-    refuses the first two, and the other would be half-honoured."""
+    refuses the first two, and the other would be half-honoured.  One
+    whose target_session_attrs may take a standby raises StoreError
+    (target_session_attrs), said in the log as a broken file is."""
     scheme, user_at, hosts, tail = _split(dsn)
     name = _query_value(dsn, "service")
     if name is None:
@@ -196,10 +198,21 @@ def with_service(dsn: str) -> str:
         return dsn
     try:
         settings = _applicable(name, service_settings(name))
-    except ServiceFileError as e:
+        dsn = _with_settings(scheme, user_at, hosts, tail, settings)
+        # Checked here too, where a service file edited under a running
+        # server is said: a value it sets may take a standby.
+        target_session_attrs(dsn)
+    except StoreError as e:
         _said.failed(name, e)
         raise
     _said.worked(name)
+    return dsn
+
+
+def _with_settings(scheme: str, user_at: str, hosts: str, tail: str,
+                   settings: dict[str, str]) -> str:
+    """The URL of `scheme`, `user_at`, `hosts` and `tail` (its _split),
+    its service= left out, with `settings` where its query gives none."""
     path, _, query = tail.partition("?")
     # A path of "/" names no database (libpq's reading), where asyncpg
     # would take it for the empty name, and the service's dbname unread.
@@ -232,7 +245,7 @@ class _Said:
         self._read: set[str] = set()            # services read at least once
         self._failing: dict[str, str] = {}      # service -> the failure last said
 
-    def failed(self, name: str, e: ServiceFileError) -> None:
+    def failed(self, name: str, e: StoreError) -> None:
         if name in self._read and self._failing.get(name) != e.detail:
             self._failing[name] = e.detail
             log.error("%s; each new connection fails until the file is mended", e.detail)

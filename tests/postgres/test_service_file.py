@@ -173,7 +173,7 @@ def _replied(srv, route, detail):
     return poll
 
 
-@pytest.mark.parametrize("change", ["edited", "removed"])
+@pytest.mark.parametrize("change", ["edited", "removed", "standby"])
 def test_a_service_file_broken_under_a_running_server_is_said_once_and_mended(
         pg, pg_url, tmp_path, change):
     """The service file edited wrong or removed under a running server: the
@@ -182,7 +182,9 @@ def test_a_service_file_broken_under_a_running_server_is_said_once_and_mended(
     503 saying how the file was read.  The log says it once, naming the
     file and the line, no traceback; the caller gets a plain 503; and the
     file is read again at each connect (libpq's rule), so mending it is
-    enough: the store is back without a restart."""
+    enough: the store is back without a restart.  A service made to set
+    what AccMan refuses (a target_session_attrs that may take a standby)
+    is said alike: the log said only that the store lost its connection."""
     path = tmp_path / "pg_service.conf"
     good = f"[accman]\nhost=127.0.0.1\nport={pg.port}\nuser=postgres\n" \
            f"dbname={pg_url.rsplit('/', 1)[1]}\n"
@@ -195,12 +197,18 @@ def test_a_service_file_broken_under_a_running_server_is_said_once_and_mended(
         assert srv.mod("a", 5).json == {"tot": 5, "seq": 1}
         if change == "edited":
             path.write_text(good + "sslmode require\n")
+        elif change == "standby":
+            path.write_text(good + "target_session_attrs=standby\n")
         else:
             path.unlink()
         pg.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 f"WHERE datname = '{pg_url.rsplit('/', 1)[1]}'")
-        unusable = ("the database cannot be read: the store's connection service cannot be "
-                    "used (the server's log says why)")
+        unusable = "the database cannot be read: " + (
+            "the store's connection service cannot be used (the server's log says why)"
+            if change != "standby" else "cannot connect to a PostgreSQL cluster of the store: "
+            "target_session_attrs=standby cannot be used: AccMan writes on a cluster's primary "
+            "and reads there what it wrote, and this may take a standby; leave it out or give "
+            "read-write")
         for route in ("/past?cred=a", "/tot?cred=a"):
             # A pooled connection may meet its end first (lost connection).
             assert_error(wait_for(_replied(srv, route, unusable), 5, unusable), 503,
@@ -212,8 +220,12 @@ def test_a_service_file_broken_under_a_running_server_is_said_once_and_mended(
     finally:
         srv.kill()
     err = (tmp_path / "log" / "stderr").read_text()
-    what = (f"the service file {path}, line 6: has no `=`" if change == "edited"
-            else f"the service file {path} cannot be read: No such file or directory")
+    what = {"edited": f"the service file {path}, line 6: has no `=`",
+            "removed": f"the service file {path} cannot be read: No such file or directory",
+            "standby": "target_session_attrs=standby cannot be used: AccMan writes on a "
+                       "cluster's primary and reads there what it wrote, and this may take a "
+                       "standby; leave it out or give read-write; each new connection fails "
+                       "until the file is mended"}[change]
     assert err.count(what) == 1, err
     assert err.count("the connection service accman can be read again") == 1, err
     assert "Traceback" not in err and "in AccMan" not in err, err
