@@ -189,7 +189,7 @@ def with_service(dsn: str) -> str:
     whose target_session_attrs may take a standby raises StoreError
     (target_session_attrs), said in the log as a broken file is."""
     scheme, user_at, hosts, tail = _split(dsn)
-    name = _query_value(dsn, "service")
+    name = _service_name(dsn)
     if name is None:
         # libpq's order; an empty value is a name too (`service=`, or
         # PGSERVICE set empty): libpq looks it up, and refuses it.
@@ -257,6 +257,16 @@ class _Said:
 
 
 _said = _Said()
+
+
+def _service_name(url: str) -> str | None:
+    """The last service= of `url`'s query, decoded as libpq decodes a URL:
+    `%XX` and nothing else, a `+` kept (a form's encoding, which
+    _query_value reads, makes it a space, and names another service)."""
+    names = [urllib.parse.unquote(v) for k, _, v in
+             (p.partition("=") for p in url.partition("?")[2].split("&"))
+             if urllib.parse.unquote(k) == "service"]
+    return names[-1] if names else None
 
 
 def _query_value(url: str, name: str) -> str | None:

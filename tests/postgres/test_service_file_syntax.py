@@ -135,3 +135,15 @@ def test_a_missing_pgservicefile_is_refused_naming_it(service, monkeypatch, empt
             else f"the service file {service} cannot be read: No such file or directory$")
     with pytest.raises(ServiceFileError, match=says):
         connecting.with_service("postgresql:///?service=accman")
+
+
+@pytest.mark.parametrize("given,section", [("a+b", "a+b"), ("a%2Bb%20c", "a+b c")])
+def test_a_service_name_in_the_url_is_decoded_as_libpq_decodes_it(pg, pg_url, service,
+                                                                   given, section):
+    """libpq decodes a URL's `%XX` and nothing else: service=a+b names the
+    service "a+b".  AccMan decoded the query as a form's, `+` for a space,
+    and looked up "a b", which no file defines."""
+    db = pg_url.rsplit("/", 1)[1]
+    service.write_text(f"[{section}]\n" + HEAD[9:].format(port=pg.port) + f"dbname={db}\n")
+    url = f"postgresql:///?service={given}"
+    assert _psql(url) == run(_accman(url)) == ("db", db)
