@@ -29,7 +29,8 @@ libpq's rules, odd ones among them, followed as they are:
     empty (libpq's built-in default over the environment's), and a line
     of the section that is not UTF-8.
   * The files: PGSERVICEFILE (which must exist), else ~/.pg_service.conf
-    (if it exists); then, unless the first defined the service,
+    (if it exists; ~ is HOME, or if that is unset or empty, the user's
+    home of the password file); then, unless the first defined the service,
     pg_service.conf in PGSYSCONFDIR (if it exists).  libpq's own fallback
     for PGSYSCONFDIR is a directory compiled into it, which AccMan cannot
     know (see SYSTEM_FILE_HINT).
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pwd
 
 from accman.postgres.errors import CausedStoreError
 
@@ -107,12 +109,26 @@ def _service_files() -> list[tuple[pathlib.Path, bool]]:
     if given == "":
         raise ServiceFileError(f"{_CONNECT}: PGSERVICEFILE is set but empty, which libpq "
                                "refuses (service file \"\" not found): name a file, or unset it")
-    files = [(pathlib.Path(given), True) if given is not None
-             else (pathlib.Path.home() / ".pg_service.conf", False)]
+    home = _home()
+    files = ([(pathlib.Path(given), True)] if given is not None
+             else [(home / ".pg_service.conf", False)] if home is not None else [])
     if os.environ.get("PGSYSCONFDIR") is not None:
         # libpq's "%s/pg_service.conf": an empty directory names the root's.
         files.append((pathlib.Path(f"{os.environ['PGSYSCONFDIR']}/pg_service.conf"), False))
     return files
+
+
+def _home() -> pathlib.Path | None:
+    """libpq's home directory (pqGetHomeDirectory): HOME when it is set and
+    not empty, else the password file's home of the effective user; None
+    if there is neither, and libpq goes on to the next file.  Python's
+    Path.home() takes an empty HOME for the root directory."""
+    if os.environ.get("HOME"):
+        return pathlib.Path(os.environ["HOME"])
+    try:
+        return pathlib.Path(pwd.getpwuid(os.geteuid()).pw_dir)
+    except KeyError:
+        return None
 
 
 def _read(path: pathlib.Path, name: str) -> dict[str, str] | None:

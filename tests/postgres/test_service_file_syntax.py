@@ -4,6 +4,9 @@ connect, and both connect to the same database, or both refuse the file
 at the same line (accman/postgres/service_file.py)."""
 
 import os
+import pathlib
+import pwd
+import re
 import subprocess
 
 import pytest
@@ -147,3 +150,18 @@ def test_a_service_name_in_the_url_is_decoded_as_libpq_decodes_it(pg, pg_url, se
     service.write_text(f"[{section}]\n" + HEAD[9:].format(port=pg.port) + f"dbname={db}\n")
     url = f"postgresql:///?service={given}"
     assert _psql(url) == run(_accman(url)) == ("db", db)
+
+
+def test_an_empty_home_names_the_user_s_home_as_libpq_s(service, monkeypatch):
+    """libpq's ~ is HOME when it is set and not empty, else the user's home
+    of the password file (pqGetHomeDirectory); Python's Path.home() takes
+    an empty HOME for the root, and AccMan read /.pg_service.conf where
+    psql reads the user's."""
+    monkeypatch.delenv("PGSERVICEFILE")
+    monkeypatch.setenv("HOME", "")
+    home = pathlib.Path(pwd.getpwuid(os.geteuid()).pw_dir) / ".pg_service.conf"
+    if home.exists():
+        pytest.skip(f"{home} exists: the service might be defined there")
+    assert 'definition of service "accman" not found' in _psql("postgresql:///?service=accman")[1]
+    with pytest.raises(ServiceFileError, match=f"looked in {re.escape(str(home))} \\(none\\), "):
+        connecting.with_service("postgresql:///?service=accman")
