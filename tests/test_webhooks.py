@@ -14,6 +14,7 @@ import shutil
 import ssl
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -1002,6 +1003,44 @@ def test_https_to_a_trusted_receiver(tls_files, cursors):
                       ssl_context=client_ctx)
         assert delivered_ids(rx) == [1, 2, 3, 4, 5]
         assert all(p.valid(SECRET) for p in rx.snapshot())
+
+
+_POST_ONCE = """
+import asyncio, ssl, sys
+from accman.server import webhook_http
+target = webhook_http.parse_url(sys.argv[1])
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+head = webhook_http.request_head(target, 2, [])
+print(asyncio.run(webhook_http.post(target, head + b"[]", timeout_s=5,
+                                    head_bytes_max=8192, ssl_context=ctx)))
+"""
+
+
+def test_https_to_a_name_with_its_root_dot_checks_the_name_without_it(tmp_path):
+    """A webhook URL whose host ends in the root's dot (`hooks.test.`, a
+    fully qualified name) was given to TLS as it is: sent as the SNI name,
+    which RFC 6066 3 says goes without the dot, and matched against the
+    certificate, which names `hooks.test`, so that every delivery failed
+    as "not trusted".  The name without the dot is what TLS is given."""
+    d = tmp_path
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=hooks.test", "-addext", "subjectAltName=DNS:hooks.test",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
+    names = []
+    server_ctx.sni_callback = lambda sock, name, ctx: names.append(name)
+    (d / "hosts").write_text("127.0.0.1 localhost hooks.test.\n")
+    with Receiver(SECRET, ssl_context=server_ctx) as rx:
+        url = f"https://hooks.test.:{rx.port}/hooks"
+        out = subprocess.run(
+            ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+             str(d / "hosts"), sys.executable, "-c", _POST_ONCE, url, str(d / "cert.pem")],
+            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout == "200\n", out.stderr
+    assert names == ["hooks.test"]
 
 
 def test_https_to_an_untrusted_certificate_fails_and_says_so(tls_files, cursors):

@@ -160,9 +160,11 @@ async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_m
 
 async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
     tls = ssl_context if target.scheme == "https" else None
+    # TLS names the host without the root's dot (RFC 6066 3, the SNI name;
+    # a certificate names `hooks.example` for `hooks.example.`).
+    tls_name = target.host.removesuffix(".") if tls else None
     reader, writer = await asyncio.open_connection(
-        target.host, target.port, ssl=tls, server_hostname=target.host if tls else None,
-        limit=head_bytes_max)
+        target.host, target.port, ssl=tls, server_hostname=tls_name, limit=head_bytes_max)
     try:
         writer.write(request)
         await writer.drain()
