@@ -979,18 +979,23 @@ def test_the_metrics_show_cursor_lag_and_failures(rx, cursors):
 
 # --- https ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made with openssl."""
-    d = tmp_path_factory.mktemp("tls")
+def self_signed(d, name, alt):
+    """(cert, key): a self-signed certificate for `name` (its subjectAltName
+    `alt`, such as "IP:127.0.0.1"), made with openssl in the directory `d`."""
     openssl = shutil.which("openssl")
     assert openssl, "the https tests need the openssl command (Debian: openssl)"
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    f"/CN={name}", "-addext", f"subjectAltName={alt}",
                     "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
                    check=True, capture_output=True)
     return d / "cert.pem", d / "key.pem"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1."""
+    return self_signed(tmp_path_factory.mktemp("tls"), "127.0.0.1", "IP:127.0.0.1")
 
 
 def test_https_to_a_trusted_receiver(tls_files, cursors):
@@ -1023,13 +1028,9 @@ def test_https_to_a_name_with_its_root_dot_checks_the_name_without_it(tmp_path):
     certificate, which names `hooks.test`, so that every delivery failed
     as "not trusted".  The name without the dot is what TLS is given."""
     d = tmp_path
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
-                    "/CN=hooks.test", "-addext", "subjectAltName=DNS:hooks.test",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-                   check=True, capture_output=True)
+    cert, key = self_signed(d, "hooks.test", "DNS:hooks.test")
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
+    server_ctx.load_cert_chain(cert, key)
     names = []
     server_ctx.sni_callback = lambda sock, name, ctx: names.append(name)
     (d / "hosts").write_text("127.0.0.1 localhost hooks.test.\n")
@@ -1037,7 +1038,7 @@ def test_https_to_a_name_with_its_root_dot_checks_the_name_without_it(tmp_path):
         url = f"https://hooks.test.:{rx.port}/hooks"
         out = subprocess.run(
             ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
-             str(d / "hosts"), sys.executable, "-c", _POST_ONCE, url, str(d / "cert.pem")],
+             str(d / "hosts"), sys.executable, "-c", _POST_ONCE, url, str(cert)],
             capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.returncode == 0 and out.stdout == "200\n", out.stderr
     assert names == ["hooks.test"]
