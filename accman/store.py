@@ -14,7 +14,9 @@ None, `done(outcome)` is called later on the loop given to `bind_loop`
 is durable.  A store may also return None and call `done` for an outcome
 it knew at once, even before it returns.  An outcome is the call's value
 (below) or an AccManError instance.  A call raises only BadRequest,
-Unavailable or Busy, and only when it changed nothing and queued nothing.
+Unavailable or Busy, and only when it changed nothing and queued nothing;
+a change's `done` that is neither callable nor None is TypeError
+(check_done), and None tells nobody.
 
 Order (SPEC "Durability and order", and pipelined requests): calls apply in
 the order they are made.  A read made with `ordered=True` sees the effect

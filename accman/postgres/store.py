@@ -75,12 +75,9 @@ class PgStore:
         self._refused = B.refusals(holds_per_account_max, holds_max, len(urls))
         self.clusters = [Cluster(u, i, info.cluster_id, self)
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
-        self.low_default = low_default
-        self.retention_s = retention_s
-        self.batch_mods_max = batch_mods_max
-        self.queued_mods_max = queued_mods_max
-        self.holds_per_account_max = holds_per_account_max
-        self.holds_max = holds_max
+        self.low_default, self.retention_s = low_default, retention_s
+        self.batch_mods_max, self.queued_mods_max = batch_mods_max, queued_mods_max
+        self.holds_per_account_max, self.holds_max = holds_per_account_max, holds_max
         self.queued_mods = 0
         self.complaints = Complaints()
         self._creds: dict = {}
@@ -89,9 +86,8 @@ class PgStore:
         self._closed = False
         self._tasks: set = set()
         self._flying: dict = {}            # ops whose commit or /past query flies, in order
-        self.batches = self.mods = 0
+        self.batches = self.mods = self.last_batch_mods = 0
         self.commit_s_total = 0.0
-        self.last_batch_mods = 0
         self._samples: tuple[list, list] = ([], [])
         # Where the store's events are numbered and read: the one cluster, or
         # the events' home of several, the merger copying the others' there.
@@ -146,7 +142,7 @@ class PgStore:
         return self._locate(cred)[0].hex()
 
     def _locate(self, cred) -> tuple[bytes, Cluster]:
-        hit = self._creds.get(cred)
+        hit = self._creds.get(cred) if type(cred) is str else None     # as Book._find
         if hit is not None:
             return hit
         B.check_cred(cred)
@@ -190,20 +186,24 @@ class PgStore:
             lane.writing = True
             self._spawn(self._write(cluster, lane))
 
+    # A change's checks, in the embedded store's order: `done`, the cred, then the values.
     def submit(self, cred, by, min=None, key=None, done=None, low=None):  # noqa: A002
-        B.check_mod(by, min, key, low)
+        done = B.told(done)
         hid, cluster = self._locate(cred)
+        B.check_mod(by, min, key, low)
         self._queue(cluster, B.Op(S.MOD, hid, by, min, key, low, done))
 
     def submit_hold(self, cred, by, ttl_s, min, key, done):  # noqa: A002
-        B.check_hold(by, ttl_s, min, key)
+        done = B.told(done)
         hid, cluster = self._locate(cred)
+        B.check_hold(by, ttl_s, min, key)
         self._queue(cluster, B.Op(S.HOLD, hid, by, 0 if min is None else min, key, ttl_s,
                                   done))
 
     def submit_settle(self, cred, hold, use, done):
-        check_settle(hold, use)
+        done = B.told(done)
         hid, cluster = self._locate(cred)
+        check_settle(hold, use)
         self._queue(cluster, B.Op(S.SETTLE, hid, use, None, None, hold, done))
 
     async def _write(self, cluster: Cluster, lane) -> None:

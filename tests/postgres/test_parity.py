@@ -43,6 +43,64 @@ def test_both_stores_have_every_name_of_the_store_interface(pg_url, tmp_path):
     run(main())
 
 
+class _Cred(str):
+    """A str subclass: no credential, though equal to one."""
+
+
+# Calls with a bad value (the Python API's, not the wire's), each made on an
+# account "a" that both stores have: what each store raises, in its words.
+_BAD_CALLS = [
+    lambda s, d: s.submit(["a"], 5, None, None, done=d),           # unhashable
+    lambda s, d: s.submit(_Cred("a"), 5, None, None, done=d),      # equal to a known cred
+    lambda s, d: s.submit("a b", 0, None, None, done=d),           # cred and by: cred first
+    lambda s, d: s.submit("a", 5, None, None, done=5),
+    lambda s, d: s.submit_hold("a b", 5, 10, None, None, d),
+    lambda s, d: s.submit_hold({}, -1, 10, None, None, d),
+    lambda s, d: s.submit_hold("a", -1, 10, None, None, "print"),
+    lambda s, d: s.submit_settle("a b", 0, 0, d),
+    lambda s, d: s.submit_settle("a", 1, 0, 5),
+    lambda s, d: s.read_tot(["a"], d),
+]
+
+
+def _refusals(store, done) -> list:
+    said = []
+    for call in _BAD_CALLS:
+        try:
+            said.append(f"returned {call(store, done)!r}")
+        except Exception as e:
+            said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+def test_bad_values_and_dones_are_refused_as_the_embedded_store_refuses_them(pg_url, tmp_path,
+                                                                                caplog):
+    """The same bad call got another answer from each store: PostgreSQL's
+    took a `done` that cannot be called (the change committed, its caller
+    never told, as the embedded store did before it checked `done`), said
+    TypeError "unhashable type" for a list as cred, took a str subclass
+    equal to a cred it had cached, checked the values before the cred, and
+    logged a failed completion for a `done` of None.  Both stores now say
+    the same, and nothing of the bad calls is applied."""
+    told = []
+    with Ledger(str(tmp_path / "data")) as led:
+        led.mod("a", 10)
+        embedded = _refusals(led, told.append)
+        led.submit("a", 1, done=None)               # None tells nobody
+        assert led.mod("a", 1) == (12, 3)
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            await c.mod("a", 10)
+            assert _refusals(store, told.append) == embedded
+            store.submit("a", 1, None, None, done=None)
+            assert await c.mod("a", 1) == (12, 3)
+    run(main())
+    assert not any(said.startswith("returned") for said in embedded), embedded
+    assert told == []
+    assert "completion callback failed" not in caplog.text
+
+
 def test_refusals_say_what_the_embedded_store_says(pg_url):
     async def main():
         async with stored(pg_url, holds_per_account_max=2, holds_max=3) as (store, c):
