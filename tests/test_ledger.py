@@ -761,6 +761,33 @@ def test_bad_async_calls_from_a_loop_not_bound_are_badrequest_and_bind_nothing(l
         thread.join(10)
 
 
+def test_an_async_call_the_book_refuses_binds_no_loop(led):
+    """A call refused only once the ledger's state is read (a settle's use
+    over its hold, Busy, Unavailable) still bound the caller's loop, though
+    it changed nothing: a good call from another running loop was then
+    refused as if that loop had writes under way."""
+    led.mod("a", 10)
+    hold, _, _ = led.hold("a", -5, 60)
+    said, refused, end = [], threading.Event(), threading.Event()
+
+    async def first():          # runs all along, its one call refused
+        try:
+            await led.asettle("a", hold, 6)
+        except BadRequest as e:
+            said.append(str(e))
+        refused.set()
+        await asyncio.get_running_loop().run_in_executor(None, end.wait)
+
+    thread = threading.Thread(target=asyncio.run, args=(first(),))
+    thread.start()
+    try:
+        assert refused.wait(5) and said == ["use must be from 0 to the held amount 5"]
+        assert asyncio.run(asyncio.wait_for(led.amod("a", 1), 5)) == (6, 3)
+    finally:
+        end.set()
+        thread.join(10)
+
+
 def test_a_bound_deliver_gets_each_batch_whole_on_the_loop(led):
     """bind_loop(loop, deliver): the batch's (done, outcome) pairs reach
     `deliver` on the loop's thread, and the ledger calls no `done` itself."""

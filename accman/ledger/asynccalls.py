@@ -67,12 +67,14 @@ class AsyncCalls:
         self._check_open()
         loop = asyncio.get_running_loop()
         committer = self._committer
+        former = None
         if committer._loop is not loop:
             # Bad values are refused before the loop is claimed: BadRequest
             # names them, whichever loop holds the ledger, and a call that
             # changes nothing binds no loop either.
             values(*args, **kw)
-            if not committer.claim_loop(loop):
+            former = committer.claim_loop(loop)
+            if former is None:
                 raise RuntimeError("this Ledger's async writes belong to another event loop, "
                                    "still running: await them there, or call mod, hold and "
                                    "settle (from any thread)")
@@ -84,7 +86,14 @@ class AsyncCalls:
 
         # Not counted by the gate's `calling` (a thread-local count, paid by
         # every change): an event loop's signals arrive between its callbacks.
-        submit(*args, done=done, **kw)
+        try:
+            submit(*args, done=done, **kw)
+        except AccManError:
+            # Refused by what the ledger holds (a settle's use over its
+            # hold, Busy, Unavailable): nothing was submitted on the loop.
+            if former is not None:
+                committer.give_back(loop, former)
+            raise
         return result(await fut)
 
     async def aevents(self, after: int = 0, limit: int = EVENTS_LIMIT_DEFAULT,

@@ -75,8 +75,7 @@ class Committer:
         # by the loop, which kicks then; set by the writer at seal, cleared
         # by the loop (_delivered) or by the writer when nothing goes there.
         self._writing = False
-        self._kick_pending = False
-        self._closing = False
+        self._kick_pending = self._closing = False
         self._clock_refused = False     # the writer's last clock reading was wrong
         self._then = None           # what a close made on the writer runs at its end
         # Set as the writer stops: close waits on it (a ^C in Thread.join marks it ended).
@@ -94,10 +93,8 @@ class Committer:
         self.error: StoreError | None = None
         self._untold = None             # the batch sealed whose callers are not told yet
         # Counters for /metrics; read without the lock (ints, set in one step).
-        self.batches = 0
-        self.mods = 0
+        self.batches = self.mods = self.last_batch_mods = 0
         self.fsync_s_total = 0.0
-        self.last_batch_mods = 0
         self.batch_sizes: list[int] = []      # drained by metrics readers
         self.fsync_times_s: list[float] = []
         # Retention passes: every EVENTS_TRIM_INTERVAL_S, or the retention
@@ -128,15 +125,22 @@ class Committer:
         self._loop = loop
         self._deliver_on_loop = deliver or run_callbacks
 
-    def claim_loop(self, loop) -> bool:
-        """Binds `loop` (bind_loop, the default delivery) unless another
-        loop that is still running is bound: False then, since its
-        completions would go to a loop whose thread is not this one's."""
+    def claim_loop(self, loop):
+        """Binds `loop` (bind_loop, the default delivery), returning the binding it
+        replaced (for give_back), unless another loop still running is bound: None
+        then, since its completions would go to a loop whose thread is not this one's."""
         with self.lock:
             if self._loop is not None and self._loop is not loop and self._loop.is_running():
-                return False
+                return None
+            former = (self._loop, self._deliver_on_loop)
             self._bind(loop, None)
-            return True
+            return former
+
+    def give_back(self, loop, former) -> None:
+        """`former` bound again: the call that claimed `loop` was refused, none made on it."""
+        with self.lock:
+            if self._loop is loop:
+                self._bind(*former)
 
     # -- the submitting side ---------------------------------------------------
 
