@@ -11,7 +11,7 @@ import pytest
 
 from accman import Ledger
 from accman.errors import HoldEnded
-from accman.ledger import commit as commit_module
+from accman.ledger import housekeeping as housekeeping_module
 from accman.limits import CLOCK_MS_MAX, HOLD_TTL_S_MAX
 from ledgerhelp import wait_for
 from model import Clock
@@ -113,7 +113,7 @@ def test_the_writer_waits_out_a_wrong_reading_and_goes_on(path, monkeypatch, cap
     """The writer reads the clock on its own thread to end due holds: a
     wrong reading there is said once, ends nothing, and stops nothing: the
     callers' changes are written, and due holds end once it reads right."""
-    monkeypatch.setattr(commit_module, "CLOCK_RETRY_S", 0.02)
+    monkeypatch.setattr(housekeeping_module, "CLOCK_RETRY_S", 0.02)
     caplog.set_level(logging.INFO, logger="accman.commit")
     callers, writer = Clock(), [Clock.START_MS]
 

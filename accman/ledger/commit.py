@@ -26,6 +26,7 @@ from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
 from accman.ledger.clock import wall_ms
 from accman.ledger.gate import CLOSED_DETAIL, CLOSING_DETAIL, FAILED_DETAIL
 from accman.ledger.asynccalls import running_loop
+from accman.ledger.housekeeping import Housekeeping
 from accman.store import check_done, run_callbacks
 
 log = logging.getLogger("accman.commit")
@@ -45,12 +46,9 @@ SAMPLES_MAX = 65536
 # (docs/PERFORMANCE.md has the measurements).
 FILL_FRACTION = 0.5
 FILL_WAIT_S = 200e-6
-# After a wrong reading of a test's clock the writer reads it again this
-# much later (or at the next batch), to find due holds once it reads right.
-CLOCK_RETRY_S = 1.0
 
 
-class Committer:
+class Committer(Housekeeping):
     """Owns the lock around the book's changes and the writer thread.
 
     `submit` is called from any thread (the event loop's, or plain threads
@@ -75,7 +73,8 @@ class Committer:
         # by the loop, which kicks then; set by the writer at seal, cleared
         # by the loop (_delivered) or by the writer when nothing goes there.
         self._writing = False
-        self._kick_pending = self._closing = False
+        self._kick_pending = False
+        self._closing = False
         self._clock_refused = False     # the writer's last clock reading was wrong
         self._then = None           # what a close made on the writer runs at its end
         # Set as the writer stops: close waits on it (a ^C in Thread.join marks it ended).
@@ -93,8 +92,10 @@ class Committer:
         self.error: StoreError | None = None
         self._untold = None             # the batch sealed whose callers are not told yet
         # Counters for /metrics; read without the lock (ints, set in one step).
-        self.batches = self.mods = self.last_batch_mods = 0
+        self.batches = 0
+        self.mods = 0
         self.fsync_s_total = 0.0
+        self.last_batch_mods = 0
         self.batch_sizes: list[int] = []      # drained by metrics readers
         self.fsync_times_s: list[float] = []
         # Retention passes: every EVENTS_TRIM_INTERVAL_S, or the retention
@@ -377,63 +378,6 @@ class Committer:
         for b in failed:
             self._deliver(_unavailable(b.done_loop, error), _unavailable(b.done_direct, error),
                           b.nmods)
-
-    def _housekeep(self):
-        """Under the lock, on the writer thread: the changes the ledger makes
-        by itself go into the filling batch (holds past their expiry, events
-        past the retention).  Returns how long the writer may sleep."""
-        book = self.book
-        if book.failed or self._closing:
-            return None
-        try:
-            now_ms = self.clock_ms()
-        except ValueError as e:
-            # A test's clock (Ledger's clock_ms) read wrong: nothing is due
-            # by it, and the writer goes on writing what callers submit.
-            if not self._clock_refused:
-                log.error("holds do not expire and events are not trimmed while %s", e)
-                self._clock_refused = True
-            return CLOCK_RETRY_S
-        if self._clock_refused:
-            log.warning("clock_ms reads right again: holds expire and events are trimmed")
-            self._clock_refused = False
-        if book.expire_due(now_ms, book.batch_mods_max):
-            self._seal_now = True
-        if self.events is not None and time.monotonic() >= self._trim_at:
-            trimmed, more = self.events.past_retention(now_ms)
-            # A full pass leaves more behind: the next one follows this
-            # batch, so that trimming keeps up with any rate of events.
-            self._trim_at = time.monotonic() + (0.0 if more else self._trim_interval_s)
-            for key in trimmed:
-                book.delete(key)
-                book.events_first = self.events.first
-                self._seal_now = True
-        due = book.next_expiry_ms()
-        sleep_s = None if due is None else max(0.0, (due - now_ms) / 1000) + 0.001
-        if self.events is not None:
-            trim_s = self._trim_at - time.monotonic()
-            sleep_s = trim_s if sleep_s is None else min(sleep_s, trim_s)
-        return sleep_s
-
-    def expire_due(self) -> int:
-        """Ends the holds due by now, and returns once that, and every change applied
-        before it, is durable: what the writer does by itself on its clock, done now (the
-        writer may have taken some of them a moment before: those are waited for too).
-        Returns how many this call ended."""
-        with self.lock:
-            if self._closing:
-                raise Unavailable(self.refusal)
-            book = self.book
-            n = book.expire_due(self.clock_ms(), book.queued_mods_max)
-            # Every change is one event or more, so the newest event id
-            # applied says how far the durable state must reach.
-            target = book.next_event - 1
-            self._seal_soon()
-            while self.events.last < target and self.error is None:
-                self._durable.wait()
-            if self.error is not None:
-                raise Unavailable(FAILED_DETAIL)
-        return n
 
     def _wake_events(self, loop) -> None:
         """Long polls wait on their own loop, which need not be the bound one (a mod
