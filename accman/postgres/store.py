@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 
 from accman.errors import Busy, Unavailable, where
 from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX,
@@ -35,8 +34,9 @@ from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
 from accman.postgres import upkeep
-from accman.postgres.backends import committed, pool_read, writer_read
+from accman.postgres.backends import pool_read, writer_read
 from accman.postgres.cluster import Cluster, health_detail
+from accman.postgres.committing import PAST_BARRIER, Committing
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
@@ -51,23 +51,21 @@ log = logging.getLogger("accman.postgres")
 READ_BATCH_MAX = 4096
 # Unordered reads queued for a cluster; beyond it a read is refused `busy`.
 QUEUED_READS_MAX = 65536
-# A batch not committed within this long is taken as lost: its calls are
-# answered Unavailable and the connection is replaced.  A primary waiting
-# for a synchronous standby that is gone never answers otherwise.
-COMMIT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 10.0
 # cred -> (hid, cluster) cache: hashing is ~1 us, a dict hit ~50 ns.
 CRED_CACHE_MAX = 65536
 
-_PAST_BARRIER = B.PAST     # an ordered /past: runs on the writer between batches
-_TOLD = object()            # pop's default: the op is gone from _flying, told by a close
 
 
-class PgStore:
+class PgStore(Committing):
     """The store interface (accman/store.py) on PostgreSQL.  Make one with
     `await PgStore.open(urls)`; calls are made on the loop it was opened on."""
 
-    inline_reads, path, failure = False, None, None         # accman/store.py
+    # accman/store.py: every read goes to the database; no files on this
+    # machine; why it is unhealthy is in `unhealthy_detail`.
+    inline_reads = False
+    path = None
+    failure = None
 
     def __init__(self, clusters_info, urls, *, hash_key, low_default, retention_s,
                  batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):
@@ -75,9 +73,12 @@ class PgStore:
         self._refused = B.refusals(holds_per_account_max, holds_max, len(urls))
         self.clusters = [Cluster(u, i, info.cluster_id, self)
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
-        self.low_default, self.retention_s = low_default, retention_s
-        self.batch_mods_max, self.queued_mods_max = batch_mods_max, queued_mods_max
-        self.holds_per_account_max, self.holds_max = holds_per_account_max, holds_max
+        self.low_default = low_default
+        self.retention_s = retention_s
+        self.batch_mods_max = batch_mods_max
+        self.queued_mods_max = queued_mods_max
+        self.holds_per_account_max = holds_per_account_max
+        self.holds_max = holds_max
         self.queued_mods = 0
         self.complaints = Complaints()
         self._creds: dict = {}
@@ -86,8 +87,10 @@ class PgStore:
         self._closed = False
         self._tasks: set = set()
         self._flying: dict = {}            # ops whose commit or /past query flies, in order
-        self.batches = self.mods = self.last_batch_mods = 0
+        self.batches = 0
+        self.mods = 0
         self.commit_s_total = 0.0
+        self.last_batch_mods = 0
         self._samples: tuple[list, list] = ([], [])
         # Where the store's events are numbered and read: the one cluster, or
         # the events' home of several, the merger copying the others' there.
@@ -206,106 +209,6 @@ class PgStore:
         check_settle(hold, use)
         self._queue(cluster, B.Op(S.SETTLE, hid, use, None, None, hold, done))
 
-    async def _write(self, cluster: Cluster, lane) -> None:
-        """A lane's writer: one batch in flight at a time, of all queued as it starts."""
-        ops = lane.ops
-        try:
-            # Let this loop turn's other callbacks queue their calls first.
-            await asyncio.sleep(0)
-            while ops and cluster.healthy:
-                if ops[0].kind == _PAST_BARRIER:
-                    op = ops.popleft()
-                    self.queued_mods -= 1
-                    self._flying[op] = None     # told by a close from now on
-                    await self._past(op, lane=lane, cluster=cluster)
-                    continue
-                taken = []
-                while ops and len(taken) < self.batch_mods_max and ops[0].kind != _PAST_BARRIER:
-                    taken.append(ops.popleft())
-                await self._commit(cluster, lane, taken)
-                await asyncio.sleep(0)
-        finally:
-            lane.writing = False
-        if ops and not self._closed:
-            # The cluster went unhealthy with calls still queued: none was sent.
-            self._refuse(lane, named(self, cluster) + cluster.error)
-
-    async def _commit(self, cluster: Cluster, lane, ops: list) -> None:
-        self._flying.update(dict.fromkeys(ops))
-        try:
-            await self._committed(cluster, lane, ops)
-        except Exception as e:
-            # A fault of AccMan's in making the call or reading its reply
-            # (the database's own errors are told in _committed): the
-            # batch may have committed.
-            log.exception("a batch failed in AccMan")
-            error = Unavailable(E.commit_detail(e, E.classify(e)))
-            self._deliver([(op.done, error) for op in self._landed(ops)])
-        finally:
-            self.queued_mods -= len(ops)
-
-    async def _committed(self, cluster: Cluster, lane, ops: list) -> None:
-        args = B.arrays(ops)
-        t0 = time.perf_counter()
-        for attempt in range(3):
-            try:
-                row = await committed(lane.writer, lane.apply.fetchrow(
-                    *args, self.low_default, self.holds_per_account_max, self.holds_max),
-                    COMMIT_TIMEOUT_S, cluster.abandoned)
-                break
-            except Exception as e:  # translated by E.classify, the one place
-                kind = E.classify(e)
-                if kind == E.RETRY and attempt < 2:
-                    continue
-                if kind == E.FAILED:
-                    log.error("a batch failed: %s", E.describe(e))
-                    cluster.refused_in_row += 1
-                if kind != E.RETRY:         # rolled back thrice: nothing says the store is ill
-                    self.lost(cluster, e)
-                error = Unavailable(E.commit_detail(e, kind))
-                self._deliver([(op.done, error) for op in self._landed(ops)])
-                return
-        cluster.refused_in_row = 0
-        commit_s = time.perf_counter() - t0
-        codes, tots, seqs, counts, changes = row
-        cluster.note_counts(counts)
-        if counts is not None:          # it changed something (events, holds)
-            # The changes, as the embedded store counts them: the history entries
-            # made (not a refusal, nor a repeat answered with its first reply);
-            # None from the charges' set path, where each op is one.
-            if changes is None:
-                changes = sum(1 for op, code in zip(ops, codes, strict=True)
-                              if code == S.OK and op.kind != S.READ)
-            self.count_batch(changes, commit_s)
-            # Before the replies: an /events pipelined behind them copies
-            # (merge) or reads what they committed.
-            if cluster is self.home:
-                cluster.events.local_commit()
-            else:
-                self.merger.note_commit(cluster, counts[0])
-        outcome, refused = B.outcome, self._refused
-        told = {op: outcome(op, code, tot, seq, refused)
-                for op, code, tot, seq in zip(ops, codes, tots, seqs, strict=True)}
-        self._deliver([(op.done, told[op]) for op in self._landed(ops)])
-
-    def _landed(self, ops) -> list:
-        """Those of `ops` (whose commit or query flew) not yet told: a
-        close tells, and forgets, every op whose task it cancels."""
-        return [op for op in ops if self._flying.pop(op, _TOLD) is not _TOLD]
-
-    def count_batch(self, nmods: int, commit_s: float) -> None:
-        """A committed batch of `nmods` changes, for /metrics: only one that
-        changed something (calls all refused are no batch, as on the
-        embedded store; a settle that found its hold due ended it)."""
-        self.batches += 1
-        self.mods += nmods
-        self.commit_s_total += commit_s
-        self.last_batch_mods = nmods
-        sizes, times = self._samples
-        if len(sizes) < 65536:
-            sizes.append(nmods)
-            times.append(commit_s)
-
     def _refuse(self, lane, why: str) -> None:
         ops = list(lane.ops)
         lane.ops.clear()
@@ -370,7 +273,7 @@ class PgStore:
     def read_past(self, cred, limit, before, done, ordered=False):
         check_past(limit, before)
         hid, cluster = self._locate(cred)
-        op = B.Op(_PAST_BARRIER, hid, limit, before, None, None, done)
+        op = B.Op(PAST_BARRIER, hid, limit, before, None, None, done)
         if ordered:
             self._queue(cluster, op)
         else:
@@ -476,7 +379,7 @@ class PgStore:
         reads += [op.done for c in self.clusters for lane in c.lanes for op in lane.ops]
         closed, unknown = Unavailable("the store is closed"), Unavailable(E.CLOSED_MID_COMMIT)
         told = [(done, closed) for done in reads]
-        told += [(op.done, closed if op.kind in (S.READ, _PAST_BARRIER) else unknown)
+        told += [(op.done, closed if op.kind in (S.READ, PAST_BARRIER) else unknown)
                  for op in self._flying]
         self._flying.clear()
         for t in list(self._tasks):

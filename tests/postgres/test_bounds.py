@@ -16,6 +16,7 @@ from accman.postgres.migrate import migrate
 from accman.postgres import cluster as cluster_module
 from accman.postgres import complaints as complaints_module
 from accman.postgres import connecting
+from accman.postgres import committing
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
@@ -97,7 +98,7 @@ def test_lost_database_then_reconnect(pg_factory, monkeypatch):
 def with_sync_standby(pg_factory, monkeypatch, name):
     """A primary and its synchronous standby, a database on it, and a
     COMMIT_TIMEOUT_S of 1 s: (standby, url)."""
-    monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(committing, "COMMIT_TIMEOUT_S", 1.0)
     primary = pg_factory(name=name)
     return primary.add_standby(name + "_standby", sync=True), primary.create_database("s")
 

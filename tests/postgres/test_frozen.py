@@ -15,6 +15,7 @@ import time
 import pytest
 
 from accman.errors import Unavailable
+from accman.postgres import committing
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
 
@@ -115,7 +116,7 @@ def test_a_past_behind_writes_frozen_on_the_writer_leaves_the_writes_after_it_re
     unknown outcome at COMMIT_TIMEOUT_S); a read queued behind them is
     refused as a read."""
     monkeypatch.setattr(store_module, "READ_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(committing, "COMMIT_TIMEOUT_S", 4.0)
     pg = pg_factory(name="frozen-past")
     url = pg.create_database("fp")
 

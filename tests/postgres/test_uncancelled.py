@@ -13,7 +13,7 @@ import pytest
 
 from accman.postgres import events as events_module
 from accman.postgres import merge as merge_module
-from accman.postgres import store as store_module
+from accman.postgres import committing
 from accman.postgres import upkeep as upkeep_module
 from accman.postgres.backends import Connection, committed, identify
 
@@ -90,7 +90,7 @@ def test_a_stalled_expiry_is_neither_seen_nor_let_past(pg_factory, monkeypatch):
     ROUND_TIMEOUT_S its connection is dropped, the cluster is unhealthy
     and stays so while that backend waits, and nothing of the end is seen
     (the balance, the events) until the standby has it."""
-    monkeypatch.setattr(store_module, "COMMIT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(committing, "COMMIT_TIMEOUT_S", 1.0)
     monkeypatch.setattr(upkeep_module, "ROUND_TIMEOUT_S", 1.0)
     monkeypatch.setattr(upkeep_module, "EXPIRE_INTERVAL_S", 0.1)
     monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
