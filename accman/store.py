@@ -333,3 +333,13 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Commits what is queued and releases the store."""
+
+
+def missing_names(store) -> list[str]:
+    """The names of the Store interface that `store` lacks (`tot` only
+    where it has `inline_reads`), sorted: a store served without one
+    would fail mid-run, where a refusal at start names them."""
+    names = {n for n in vars(Store) if not n.startswith("_")} | set(Store.__annotations__)
+    if not getattr(store, "inline_reads", False):
+        names.discard("tot")
+    return sorted(n for n in names if not hasattr(store, n))

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -884,7 +885,7 @@ def test_a_client_that_never_reads_is_dropped_after_the_idle_time(start_server, 
 
 FAKE_LEDGER = '''
 import sys
-from accman.errors import NoAccount, Unavailable
+from accman.errors import NoAccount, StartupError, Unavailable
 from accman.server import run
 from accman.store import Page
 
@@ -908,14 +909,27 @@ class FakeLedger:
     def submit(self, cred, by, min=None, key=None, done=None, low=None):
         if self.mode == "failed":
             self.loop.call_soon(done, Unavailable("the store failed to commit"))
+    def submit_hold(self, cred, by, ttl_s, min, key, done):
+        raise Unavailable("no holds here")
+    def submit_settle(self, cred, hold, use, done):
+        raise Unavailable("no holds here")
+    def read_events(self, after, limit, wait_s, done):
+        raise Unavailable("no events here")
     def drain_samples(self):
         return [], []
+    def end_wait(self, done):
+        pass
     def end_waits(self):
         pass
     def close(self):
         print("ledger closed", file=sys.stderr, flush=True)
 
-sys.exit(run(host="127.0.0.1", port=0, data=".", store=FakeLedger(sys.argv[1])))
+if sys.argv[1] == "incomplete":
+    del FakeLedger.read_events, FakeLedger.end_wait
+try:
+    sys.exit(run(host="127.0.0.1", port=0, data=".", store=FakeLedger(sys.argv[1])))
+except StartupError as e:           # as the CLI says it
+    sys.exit(f"accman: {e}")
 '''
 
 
@@ -923,6 +937,23 @@ def fake_ledger_server(start_server, tmp_path, mode, env=None):
     script = tmp_path / "fake_ledger.py"
     script.write_text(FAKE_LEDGER)
     return start_server(cmd=[sys.executable, str(script), mode], env=env)
+
+
+@pytest.mark.embedded_only("it runs an injected fake store, not the fixture's")
+def test_a_store_lacking_a_name_of_the_interface_is_refused_at_start(tmp_path):
+    """run(store=...) read the store's names as it went: one without
+    `read_events` served until an /events request, which failed with an
+    AttributeError traceback, and one without `failure` failed only at
+    its stop.  It is refused at start, naming what it lacks, and left to
+    its caller unclosed (run() did not open it)."""
+    script = tmp_path / "fake_ledger.py"
+    script.write_text(FAKE_LEDGER)
+    proc = subprocess.run([sys.executable, str(script), "incomplete"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert ("accman: the store given to run() lacks end_wait, read_events of the store interface "
+            "(accman/store.py): it is not served") in proc.stderr
+    assert "Traceback" not in proc.stderr and "ledger closed" not in proc.stderr
 
 
 @pytest.mark.embedded_only("it serves an injected fake store, not the fixture's; on PostgreSQL: "

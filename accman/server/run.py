@@ -18,6 +18,7 @@ import accman
 from accman.errors import StartupError, StoreCorrupt, StoreError, StoreLocked
 from accman.limits import EVENTS_RETENTION_S_DEFAULT, FDS_RESERVED, NICE_MAX
 from accman.server.say import say
+from accman.store import missing_names
 from accman.server.server import Server
 from accman.server.settings import ServerLimits
 
@@ -138,6 +139,10 @@ def open_store(loop, store, data_path, store_urls, verify, low_balance, events_r
     """(store, where): the store to serve and what the ready line says of
     it, `store` itself when one was given."""
     if store is not None:
+        missing = missing_names(store)
+        if missing:
+            raise StartupError(f"the store given to run() lacks {', '.join(missing)} of the "
+                               "store interface (accman/store.py): it is not served")
         return store, f"data={data_path if store.path is None else store.path}"
     if store_urls:
         store = open_postgres(loop, list(store_urls), data_path, low_default=low_balance,
@@ -351,7 +356,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
 
     `store`, when given, is served instead of opening the ledger in `data`
     (tests inject a wrapped or faulty one this way); it is closed on the
-    way out, and its events are kept for a webhook as it was opened
+    way out (one that lacks a name of accman/store.py's Store is refused
+    at start, naming them, and left to its caller as it is), and its
+    events are kept for a webhook as it was opened
     (`events_kept_after`: hold_for_webhook does not apply).  `store_urls`,
     PostgreSQL URLs, serve that store instead; then `data`, if not None,
     holds only the server's lock.  `webhook`

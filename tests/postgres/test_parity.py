@@ -14,7 +14,7 @@ from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insuffici
 from accman.limits import INT64_MAX, INT64_MIN
 from accman.ledger import Ledger
 from accman.postgres import upkeep as upkeep_module
-from accman.store import Store
+from accman.store import Store, missing_names
 
 from .helpers import opened, run, stored
 
@@ -27,18 +27,13 @@ def test_both_stores_have_every_name_of_the_store_interface(pg_url, tmp_path):
     (`tot` is only a store's with `inline_reads`)."""
     names = {n for n in vars(Store) if not n.startswith("_")} | set(Store.__annotations__)
     assert {"path", "cursors", "failure"} <= names
-
-    def missing(store):
-        wanted = names if store.inline_reads else names - {"tot"}
-        return sorted(n for n in wanted if not hasattr(store, n))
-
     with Ledger(str(tmp_path / "data")) as led:
-        assert missing(led) == []
+        assert missing_names(led) == []
         assert (led.path, led.cursors, led.failure) == (str(tmp_path / "data"), None, None)
 
     async def main():
         async with stored(pg_url) as (store, c):
-            assert missing(store) == []
+            assert missing_names(store) == []
             assert (store.path, store.failure) == (None, None) and store.cursors is not None
     run(main())
 
