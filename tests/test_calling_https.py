@@ -1,0 +1,182 @@
+"""The calling side over https: both clients, the command line and the
+middleware against a real AccMan behind a TLS-terminating proxy (a
+deployment that crosses machines), with a private certificate made by
+openssl and trusted the way docs/CALLING.md tells users to: SSL_CERT_FILE.
+
+A certificate that is not trusted, or that names another host, fails the
+handshake before any request is written: `Unreachable`, nothing sent,
+never an unknown outcome, and the error says which check failed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import ssl
+
+import pytest
+
+from accman.asgi import AccManMiddleware
+from accman.calling.policy import may_have_landed
+from accman.client import AccManClient, AccManSyncClient, Unreachable
+from asgi_harness import call, make_app
+from conftest import run_accman, spawn_server
+from test_webhooks import self_signed
+from threaded_proxy import Proxy
+
+TOKEN = "https-test-token-0123456789abcdef"
+
+pytestmark = pytest.mark.any_one_store("TLS lies between the caller and the server")
+
+
+class TLSFront(Proxy):
+    """A TLS-terminating proxy: each connection's bytes pass both ways to
+    AccMan on a connection of its own.  `served` counts the connections
+    whose handshake succeeded; `names` are the SNI names the clients sent."""
+
+    def __init__(self, upstream_port: int, cert, key):
+        self.served = 0
+        self.names: list = []
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
+        tls.sni_callback = lambda sock, name, ctx: self.names.append(name)
+        super().__init__(upstream_port, tls)
+
+    async def _serve(self, reader, writer) -> None:
+        self.served += 1
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """`ok`: a certificate for 127.0.0.1, `other`: one for another name,
+    both in `bundle` (the private CA a user trusts); `stranger`: one for
+    127.0.0.1 that nobody trusts."""
+    d = tmp_path_factory.mktemp("https")
+    made = {}
+    for name, cn, alt in (("ok", "127.0.0.1", "IP:127.0.0.1"),
+                          ("other", "other.test", "DNS:other.test"),
+                          ("stranger", "127.0.0.1", "IP:127.0.0.1")):
+        (d / name).mkdir()
+        made[name] = self_signed(d / name, cn, alt)
+    bundle = d / "bundle.pem"
+    bundle.write_text(made["ok"][0].read_text() + made["other"][0].read_text())
+    made["bundle"] = bundle
+    return made
+
+
+@pytest.fixture(scope="module")
+def accman(tmp_path_factory, server_store):
+    """An AccMan with a token, as one reached across machines has."""
+    base = tmp_path_factory.mktemp(f"https-{server_store.name}")
+    srv = spawn_server(base / "data", base / "log", store=server_store,
+                       tokens=f"read,charge,mint {TOKEN}")
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture
+def front(accman, certs, request):
+    """A TLS front before `accman` with the certificate the test's
+    parameter names (`ok` when it has none)."""
+    f = TLSFront(accman.port, *certs[getattr(request, "param", "ok")])
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def cred():
+    """A fresh credential of hex digits only: the errors hide any word that
+    shares 8 characters with it, and the test's name (the shared `cred`
+    fixture's) holds the very words these tests look for."""
+    return secrets.token_hex(16)
+
+
+@pytest.fixture
+def trusted(certs, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs["bundle"]))
+
+
+def through(kind: str, url: str, cred: str) -> list:
+    """A funding mod, a keyless charge, a tot and a past through `url` with
+    the client `kind`: what each returned."""
+    if kind == "sync":
+        with AccManSyncClient(url, TOKEN, retries=0) as acc:
+            return [acc.mod(cred, 10), acc.mod(cred, -3), acc.tot(cred),
+                    [e.by for e in acc.past(cred).entries]]
+
+    async def go():
+        async with AccManClient(url, TOKEN, retries=0) as acc:
+            return [await acc.mod(cred, 10), await acc.mod(cred, -3), await acc.tot(cred),
+                    [e.by for e in (await acc.past(cred)).entries]]
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_client_calls_through_https_with_a_private_ca(accman, front, trusted, cred, kind):
+    assert through(kind, front.url, cred) == [(10, 1), (7, 2), 7, [-3, 10]]
+    assert front.served == 1
+
+
+def test_the_command_line_calls_through_https_with_a_private_ca(accman, front, certs, cred):
+    env = {"SSL_CERT_FILE": certs["bundle"], "ACCMAN_URL": front.url, "ACCMAN_TOKEN": TOKEN}
+    outs = [run_accman(*args, env=env) for args in
+            (("mod", cred, "10"), ("tot", cred), ("past", cred))]
+    assert [p.returncode for p in outs] == [0, 0, 0], [p.stderr for p in outs]
+    assert json.loads(outs[0].stdout) == {"tot": 10, "seq": 1}
+    assert json.loads(outs[1].stdout) == {"tot": 10}
+    assert [e["by"] for e in json.loads(outs[2].stdout)["past"]] == [10]
+
+
+def test_the_middleware_charges_through_https_with_a_private_ca(accman, front, trusted, cred):
+    accman.mod(cred, 5, token=TOKEN)
+    m = AccManMiddleware(make_app(), url=front.url, token=TOKEN, retries=0)
+
+    async def go():
+        reply = await call(m, cred=cred)
+        assert await m.drain(2.0)
+        await m.aclose()
+        return reply
+    reply = asyncio.run(go())
+    assert reply.status == 200 and m.stats["charged"] == 1
+    assert accman.tot(cred, token=TOKEN) == 4
+
+
+REFUSED = [("stranger", "self-signed certificate"),
+           ("other", "IP address mismatch, certificate is not valid for '127.0.0.1'")]
+
+
+@pytest.mark.parametrize("front, why", REFUSED, indirect=["front"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_certificate_not_trusted_for_the_host_is_nothing_sent(accman, front, trusted, cred,
+                                                               kind, why):
+    """The handshake fails before any request is written: a keyless mod is
+    `Unreachable` (not applied, safe to repeat), never an unknown outcome,
+    and the error names the check that failed."""
+    accman.mod(cred, 10, token=TOKEN)
+    with pytest.raises(Unreachable) as e:
+        through(kind, front.url, cred)
+    assert not may_have_landed(e.value)
+    assert "certificate verify failed" in e.value.detail and why in e.value.detail
+    assert front.served == 0 and accman.tot(cred, token=TOKEN) == 10
+
+
+@pytest.mark.parametrize("front", ["stranger"], indirect=True)
+def test_the_command_line_says_an_untrusted_certificate_sent_nothing(accman, front, certs, cred):
+    proc = run_accman("mod", cred, "-1", "--url", front.url, "--token", TOKEN,
+                      env={"SSL_CERT_FILE": certs["bundle"]})
+    assert proc.returncode == 3 and proc.stdout == ""
+    assert "certificate verify failed: self-signed certificate" in proc.stderr
+    assert proc.stderr.rstrip().endswith("nothing was sent"), proc.stderr
+    assert front.served == 0
