@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import ssl
 
@@ -180,3 +181,20 @@ def test_the_command_line_says_an_untrusted_certificate_sent_nothing(accman, fro
     assert "certificate verify failed: self-signed certificate" in proc.stderr
     assert proc.stderr.rstrip().endswith("nothing was sent"), proc.stderr
     assert front.served == 0
+
+
+@pytest.mark.parametrize("front", ["stranger"], indirect=True)
+def test_the_middleware_refuses_503_when_the_certificate_is_not_trusted(accman, front, trusted,
+                                                                        cred, caplog):
+    accman.mod(cred, 5, token=TOKEN)
+    m = AccManMiddleware(make_app(), url=front.url, token=TOKEN, retries=0)
+
+    async def go():
+        reply = await call(m, cred=cred)
+        await m.aclose()
+        return reply
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        reply = asyncio.run(go())
+    assert reply.status == 503 and m.stats["refused_unavailable"] == 1
+    assert "certificate verify failed: self-signed certificate" in caplog.text
+    assert front.served == 0 and accman.tot(cred, token=TOKEN) == 5

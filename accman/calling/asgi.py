@@ -336,6 +336,9 @@ class AccManMiddleware:
                              [(self._header, str(tot).encode())], {"tot": tot, "cost": est})
 
     async def _unavailable(self, scope, receive, send, cred, price, err):
+        # What failed on the way (a certificate not trusted, a refused
+        # connection) goes with the line: "unreachable" alone hides it.
+        why = err.detail if isinstance(err, TransportError) else ""
         config = isinstance(err, (Unauthorized, Forbidden)) or not isinstance(
             err, (TransportError, Unavailable))
         if config:
@@ -348,7 +351,7 @@ class AccManMiddleware:
                                              f"{err.code}): check the url and token", err.detail)
         elif self._open:
             self._repeats.say(logging.WARNING,
-                              f"accman: AccMan unavailable ({err.code}); serving unpaid")
+                              f"accman: AccMan unavailable ({err.code}); serving unpaid", why=why)
 
             # A consumer gone before its response starts is not charged when
             # AccMan answers, so it owes nothing when AccMan does not.
@@ -365,7 +368,8 @@ class AccManMiddleware:
                 return await self.app(scope, watch.receive, send_)
         else:
             self._repeats.say(logging.WARNING,
-                              f"accman: AccMan unavailable ({err.code}); refusing with 503")
+                              f"accman: AccMan unavailable ({err.code}); refusing with 503",
+                              why=why)
         self.stats["refused_unavailable"] += 1
         return await refuse_unavailable(send)
 

@@ -39,9 +39,11 @@ class Repeats:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop = None
 
-    def say(self, level: int, text: str, said: str = "") -> None:
-        """`said` (AccMan's words, which vary with what answers) is logged
-        after `text` but is no part of what the line is known by."""
+    def say(self, level: int, text: str, said: str = "", why: str = "") -> None:
+        """`said` (AccMan's words, which vary with what answers) and `why`
+        (the client's words of what failed on the way: a refused
+        connection, a certificate not trusted) are logged after `text` but
+        are no part of what the line is known by."""
         now = self._clock()
         state = self._said.get(text)
         if state is None:
@@ -57,7 +59,8 @@ class Repeats:
             state[2] = now
             self._arm(REPEAT_S)
             return
-        self._log.log(level, "%s%s%s", text, f"; AccMan said: {said}" if said else "", more)
+        self._log.log(level, "%s%s%s%s", text, f"; AccMan said: {said}" if said else "",
+                      f": {why}" if why else "", more)
         if state is None and len(self._said) >= LINES_MAX:
             self._forget(min(self._said, key=lambda t: self._said[t][2]))
         self._said[text] = [now, 0, now, level]
