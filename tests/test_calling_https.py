@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import secrets
+import subprocess
 import ssl
 
 import pytest
@@ -21,7 +22,7 @@ from accman.asgi import AccManMiddleware
 from accman.calling.policy import may_have_landed
 from accman.client import AccManClient, AccManSyncClient, Unreachable
 from asgi_harness import call, make_app
-from conftest import run_accman, spawn_server
+from conftest import PYTHON, ROOT, run_accman, spawn_server
 from test_webhooks import self_signed
 from threaded_proxy import Proxy
 
@@ -62,17 +63,19 @@ class TLSFront(Proxy):
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """`ok`: a certificate for 127.0.0.1, `other`: one for another name,
-    both in `bundle` (the private CA a user trusts); `stranger`: one for
-    127.0.0.1 that nobody trusts."""
+    `dotted`: one for accman.test, all in `bundle` (the private CA a user
+    trusts); `stranger`: one for 127.0.0.1 that nobody trusts."""
     d = tmp_path_factory.mktemp("https")
     made = {}
     for name, cn, alt in (("ok", "127.0.0.1", "IP:127.0.0.1"),
                           ("other", "other.test", "DNS:other.test"),
-                          ("stranger", "127.0.0.1", "IP:127.0.0.1")):
+                          ("stranger", "127.0.0.1", "IP:127.0.0.1"),
+                          ("dotted", "accman.test", "DNS:accman.test")):
         (d / name).mkdir()
         made[name] = self_signed(d / name, cn, alt)
     bundle = d / "bundle.pem"
-    bundle.write_text(made["ok"][0].read_text() + made["other"][0].read_text())
+    bundle.write_text(made["ok"][0].read_text() + made["other"][0].read_text()
+                      + made["dotted"][0].read_text())
     made["bundle"] = bundle
     return made
 
@@ -198,3 +201,36 @@ def test_the_middleware_refuses_503_when_the_certificate_is_not_trusted(accman, 
     assert reply.status == 503 and m.stats["refused_unavailable"] == 1
     assert "certificate verify failed: self-signed certificate" in caplog.text
     assert front.served == 0 and accman.tot(cred, token=TOKEN) == 5
+
+
+_DOTTED = """
+import asyncio, sys
+from accman.client import AccManClient, AccManSyncClient
+url, token = sys.argv[1:]
+with AccManSyncClient(url, token, retries=0) as acc:
+    print(acc.mod("dotted", 1)[0])
+
+async def go():
+    async with AccManClient(url, token, retries=0) as acc:
+        print((await acc.mod("dotted", 1))[0])
+asyncio.run(go())
+"""
+
+
+@pytest.mark.parametrize("front", ["dotted"], indirect=True)
+def test_a_host_with_the_root_s_dot_is_named_to_tls_without_it(accman, front, certs, tmp_path):
+    """`https://accman.test.:PORT` (a fully qualified name) is given to TLS
+    as `accman.test`, as the SNI name (RFC 6066 3: no trailing dot) and as
+    the name the certificate is checked for, by both clients.  The name
+    resolves in a process whose /etc/hosts is its own (as
+    test_webhooks's root's-dot test)."""
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost accman.test.\n")
+    url = f"https://accman.test.:{front.port}"
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+         str(tmp_path / "hosts"), PYTHON, "-c", _DOTTED, url, TOKEN],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+        env={"SSL_CERT_FILE": str(certs["bundle"]), "PYTHONPATH": str(ROOT),
+             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert out.returncode == 0 and out.stdout == "1\n2\n", out.stderr
+    assert front.names == ["accman.test", "accman.test"]

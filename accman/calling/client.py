@@ -402,7 +402,7 @@ class AccManClient:
         try:
             _, conn = await asyncio.wait_for(
                 self._loop.create_connection(lambda: Conn(self, pooled), ep.host, ep.port,
-                                             ssl=self._ssl),
+                                             ssl=self._ssl, server_hostname=ep.tls_name),
                 max(deadline - self._loop.time(), 0.001))
         except asyncio.TimeoutError:
             raise Unreachable(f"cannot connect to AccMan at {ep.where}: timed out") from None

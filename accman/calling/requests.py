@@ -116,8 +116,9 @@ def target_past(cred, limit, before) -> str:
 
 
 class Endpoint:
-    """The parsed base URL and the constant tail of every request (the Host
-    header and the token).  `where` names the server in messages; it never
+    """The parsed base URL, the name TLS is given (`tls_name`, None for
+    http), and the constant tail of every request (the Host header and the
+    token).  `where` names the server in messages; it never
     holds the token."""
 
     def __init__(self, url: str, token: str | None):
@@ -136,6 +137,11 @@ class Endpoint:
                              "write an internationalized name in its xn-- (IDNA) form")
         self.host = parts.hostname
         self.tls = parts.scheme == "https"
+        # The name TLS is given, as the SNI name and the name the certificate
+        # is checked for: the host without the root's dot (RFC 6066 3; a
+        # certificate names `accman.example` for `accman.example.`).  The
+        # connection and the Host header keep the host as written.
+        self.tls_name = self.host.removesuffix(".") if self.tls else None
         self.port = _port(parts) or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
         if self.prefix and _PREFIX_RE.fullmatch(self.prefix) is None:

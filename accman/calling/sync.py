@@ -219,7 +219,7 @@ class AccManSyncClient:
                                             timeout=max(deadline - time.monotonic(), 0.001))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._ssl is not None:
-                sock = self._ssl.wrap_socket(sock, server_hostname=ep.host)
+                sock = self._ssl.wrap_socket(sock, server_hostname=ep.tls_name)
         except OSError as e:
             if sock is not None:
                 sock.close()
