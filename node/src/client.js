@@ -43,6 +43,16 @@ function parseUrl (url) {
   return { origin: u.origin, prefix }
 }
 
+// Why a connection failed before its request was written, in the words of
+// the error and its code: a TLS handshake's names the check that failed,
+// `self-signed certificate (DEPTH_ZERO_SELF_SIGNED_CERT)`.
+function connectReason (err) {
+  if (err.code === 'UND_ERR_CONNECT_TIMEOUT') return 'timed out'
+  const message = String(err.message || '').replace(/[\s:]+$/, '') // node's may end in ': '
+  if (!err.code || message.includes(err.code)) return message || String(err.code)
+  return message ? `${message} (${err.code})` : err.code
+}
+
 function intOption (value, what, lo, hi) {
   if (!Number.isSafeInteger(value) || value < lo || value > hi) {
     throw new TypeError(`${what} must be an integer from ${lo} to ${hi}`)
@@ -126,10 +136,7 @@ class Attempt {
     if (this.done) return
     const where = this.client.where
     if (!this.sent) {
-      const reason = err.code === 'UND_ERR_CONNECT_TIMEOUT'
-        ? 'timed out'
-        : (err.code || err.message)
-      this.finish(new Unreachable(`cannot reach AccMan at ${where}: ${reason}`))
+      this.finish(new Unreachable(`cannot reach AccMan at ${where}: ${connectReason(err)}`))
     } else if (FRAMING_CODES.has(err.code) || String(err.code).startsWith('HPE_')) {
       this.finish(new BadReply(`the reply from ${where} broke HTTP/1.1 framing`))
     } else {

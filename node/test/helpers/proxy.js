@@ -5,16 +5,22 @@
 // mode `down` it stops listening (connections are refused: nothing is
 // sent, Unreachable), in mode `delay` it holds AccMan's replies back `delayMs` (a
 // stalled network: the request reaches AccMan at once, its reply late).
-// `targets` lists the request targets it forwarded, in order.
+// `targets` lists the request targets it forwarded, in order.  Given `tls`
+// ({ key, cert }) it terminates TLS (an https:// `url`), as the proxy before
+// AccMan of a deployment that crosses machines does: `served` counts the
+// connections whose handshake succeeded, `names` the SNI names they sent.
 
 const net = require('node:net')
+const tls = require('node:tls')
 
 const REQUEST_LINE_RE = /^[A-Z]+ (\S+) HTTP\/1\.1\r$/gm
 
-async function proxyTo (url) {
+async function proxyTo (url, { tls: tlsOptions = null } = {}) {
   const upstreamAt = new URL(url)
   const sockets = new Set()
   const targets = []
+  const names = []
+  let served = 0
   let mode = 'pass'
   let delayMs = 0
   const track = (socket) => {
@@ -28,8 +34,12 @@ async function proxyTo (url) {
     const timer = setTimeout(() => { timers.delete(timer); fn() }, delayMs)
     timers.add(timer)
   }
-  const server = net.createServer((client) => {
+  const onClient = (client) => {
     track(client)
+    if (tlsOptions) {
+      served++
+      names.push(client.servername)
+    }
     if (mode === 'refuse') {
       client.destroy()
       return
@@ -43,12 +53,18 @@ async function proxyTo (url) {
     upstream.on('data', (d) => later(() => client.write(d)))
     client.on('close', () => upstream.destroy())
     upstream.on('close', () => later(() => client.destroy()))
-  })
+  }
+  const server = tlsOptions
+    ? tls.createServer(tlsOptions, onClient).on('tlsClientError', () => {})
+    : net.createServer(onClient)
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
   const port = server.address().port
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: `${tlsOptions ? 'https' : 'http'}://127.0.0.1:${port}`,
+    port,
     targets,
+    names,
+    get served () { return served },
     // 'pass', 'refuse' or 'down' (every open connection is dropped too),
     // or 'delay'.  Leaving 'down' listens again on the same port: await it.
     set (newMode, newDelayMs = 0) {
