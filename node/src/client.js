@@ -40,7 +40,13 @@ function parseUrl (url) {
   if (prefix && !PREFIX_RE.test(prefix)) {
     throw new TypeError('url path must be plain ASCII segments')
   }
-  return { origin: u.origin, prefix }
+  // TLS is given the host without the root's dot, as the SNI name and the
+  // name the certificate is checked for (RFC 6066 3; a certificate names
+  // `accman.example` for `accman.example.`); undici would send it as written.
+  const tlsName = u.protocol === 'https:' && u.hostname.endsWith('.')
+    ? u.hostname.slice(0, -1)
+    : undefined
+  return { origin: u.origin, prefix, tlsName }
 }
 
 // Why a connection failed before its request was written, in the words of
@@ -163,7 +169,7 @@ class AccManClient {
       url, token, timeoutMs = limits.TIMEOUT_MS_DEFAULT, connections = limits.CONNECTIONS_DEFAULT,
       retries = limits.RETRIES_DEFAULT, bigint = false
     } = values.checkOptions(options, 'AccManClient', CLIENT_OPTIONS)
-    const { origin, prefix } = parseUrl(url)
+    const { origin, prefix, tlsName } = parseUrl(url)
     this.where = origin + prefix // for messages: no token
     this.timeoutMs = intOption(timeoutMs, 'timeoutMs', 1, 3600000)
     this.retries = intOption(retries, 'retries', 0, limits.RETRIES_MAX)
@@ -189,7 +195,9 @@ class AccManClient {
       maxHeaderSize: limits.REPLY_HEAD_BYTES_MAX,
       headersTimeout: 0, // each attempt has its own deadline (Attempt)
       bodyTimeout: 0,
-      connect: { timeout: this.timeoutMs }
+      connect: tlsName
+        ? { timeout: this.timeoutMs, servername: tlsName }
+        : { timeout: this.timeoutMs }
     })
     this._inFlight = 0
     this._closed = false

@@ -50,11 +50,12 @@ function selfSigned (file, name, alt) {
 const certs = {
   ok: selfSigned('ok', '127.0.0.1', 'IP:127.0.0.1'),
   other: selfSigned('other', 'other.test', 'DNS:other.test'),
-  stranger: selfSigned('stranger', '127.0.0.1', 'IP:127.0.0.1')
+  stranger: selfSigned('stranger', '127.0.0.1', 'IP:127.0.0.1'),
+  dotted: selfSigned('dotted', 'accman.test', 'DNS:accman.test')
 }
 // The private CA a user trusts: every certificate but the stranger's.
 const BUNDLE = path.join(dir, 'bundle.pem')
-fs.writeFileSync(BUNDLE, Buffer.concat([certs.ok.cert, certs.other.cert]))
+fs.writeFileSync(BUNDLE, Buffer.concat([certs.ok.cert, certs.other.cert, certs.dotted.cert]))
 
 let server = null
 let direct = null // to AccMan itself, over http
@@ -69,16 +70,16 @@ test.after(async () => {
   fs.rmSync(dir, { recursive: true, force: true })
 })
 
-// CALLS through an https proxy with `cert`.
-async function through (cert, cred) {
+// CALLS through an https proxy with `cert`, run as `argv` (before node).
+async function through (cert, cred, { argv = [], host = '127.0.0.1' } = {}) {
   const proxy = await proxyTo(server.url, { tls: cert })
   try {
-    const url = `https://127.0.0.1:${proxy.port}`
-    const args = ['-e', CALLS, PACKAGE, url, TOKENS.mint, cred]
-    const { stdout } = await promisify(execFile)(process.execPath, args, {
+    const url = `https://${host}:${proxy.port}`
+    const cmd = [...argv, process.execPath, '-e', CALLS, PACKAGE, url, TOKENS.mint, cred]
+    const { stdout } = await promisify(execFile)(cmd[0], cmd.slice(1), {
       env: { ...process.env, NODE_EXTRA_CA_CERTS: BUNDLE }, timeout: 10000
     })
-    return { out: JSON.parse(stdout), served: proxy.served }
+    return { out: JSON.parse(stdout), served: proxy.served, names: proxy.names }
   } finally {
     await proxy.close()
   }
@@ -103,3 +104,18 @@ for (const [which, why] of [['stranger', ': self-signed certificate (DEPTH_ZERO_
     await assert.rejects(direct.tot(`c-https-${which}`), NoAccount)
   })
 }
+
+test('a host with the root\'s dot is named to TLS without it', async () => {
+  // https://accman.test.:PORT (a fully qualified name): the SNI name goes
+  // without the dot (RFC 6066 3), and the certificate for accman.test
+  // passes (Node's check drops the dot itself; undici's SNI did not).  The
+  // name resolves in a child whose /etc/hosts is its own (a mount
+  // namespace of its own, as the Python side's tests do).
+  const hosts = path.join(dir, 'hosts')
+  fs.writeFileSync(hosts, '127.0.0.1 localhost accman.test.\n')
+  const argv = ['unshare', '--mount', 'sh', '-c', 'mount --bind "$0" /etc/hosts && exec "$@"',
+    hosts]
+  const { out, names } = await through(certs.dotted, 'c-https-dot', { argv, host: 'accman.test.' })
+  assert.deepEqual(out, [{ tot: 10, seq: 1 }, { tot: 7, seq: 2 }, 7, [-3, 10]])
+  assert.deepEqual([...new Set(names)], ['accman.test'])
+})
