@@ -7,7 +7,8 @@
 // README.md gives each failure.
 
 const {
-  AccManError, Insufficient, NoAccount, TooManyHolds, Unavailable, OutcomeUnknown, mayHaveLanded
+  AccManError, Insufficient, NoAccount, TooManyHolds, Unavailable, Unreachable, OutcomeUnknown,
+  mayHaveLanded
 } = require('./errors')
 const { Unhold, fingerprint } = require('./owed')
 
@@ -170,7 +171,11 @@ const admission = {
     // A bug (a cost function that threw, say): fastify's 500.
     if (!(err instanceof AccManError)) throw err
     if (this.isOutage(err)) {
-      this.repeats.say('warn', { code: err.code }, 'accman: AccMan unavailable; refusing with 503')
+      // What failed on the way (a certificate not trusted, a refused
+      // connection) goes with the line: "unreachable" alone hides it.
+      const onTheWay = err instanceof Unreachable || err instanceof OutcomeUnknown
+      this.repeats.say('warn', { code: err.code }, 'accman: AccMan unavailable; refusing with 503',
+        onTheWay ? { detail: err.detail } : {})
     } else {
       // The service's own token or url is wrong: not the consumer's fault,
       // and never a reason to serve for free.

@@ -146,4 +146,6 @@ test('the plugin says an outage\'s unsaid count at close', async () => {
   const lines = logs.filter((l) => l.msg === 'accman: AccMan unavailable; refusing with 503')
   assert.deepEqual(lines.map((l) => [l.code, l.repeated, l.quiet]),
     [['unreachable', undefined, undefined], ['unreachable', 4, true]])
+  // The spell's first line says why, in the client's words.
+  assert.match(lines[0].detail, /^cannot reach AccMan at http:\/\/127\.0\.0\.1:9: .*ECONNREFUSED/)
 })
