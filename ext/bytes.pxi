@@ -64,3 +64,17 @@ cdef inline bint not_a_method(unsigned char c):
     """Whether `c` cannot start a request line: not a method's (a token's)
     first byte, nor the CR or LF of a blank line before it."""
     return not TOKEN[c] and c != CR and c != LF
+
+
+cdef bint starts_head(const unsigned char* kept, Py_ssize_t kept_n,
+                      const unsigned char* rest, Py_ssize_t rest_n) noexcept:
+    """The line kept[0:kept_n], then rest[0:rest_n], starts with the method
+    HEAD and its SP."""
+    cdef Py_ssize_t k
+    cdef const unsigned char* want = <const unsigned char*>b"HEAD "
+    if kept_n + rest_n < 5:
+        return False
+    for k in range(5):
+        if (kept[k] if k < kept_n else rest[k - kept_n]) != want[k]:
+            return False
+    return True

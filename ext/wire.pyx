@@ -147,6 +147,12 @@ cdef class Parser:
         returned: the server's head deadline runs (SPEC "Limits")."""
         return self.pending_c()
 
+    @property
+    def pending_head(self):
+        """The request being received is a HEAD: its reply has no body (RFC 9112 6.3)."""
+        return self._req.head if self._req is not None else starts_head(
+            self._line, self._line_len, NULL, 0)
+
     cdef bint pending_c(self) noexcept:
         return (self._phase == PH_HEAD or self._phase == PH_BODY
                 or (self._phase == PH_START and self._line_len > 0))
@@ -205,6 +211,7 @@ cdef class Parser:
                 if self._body_left == 0:
                     self._emit(out)
                 continue
+            self._chunk, self._chunk_n = p + i, n - i
             nl = <const unsigned char*>memchr(p + i, LF, n - i)
             if nl == NULL:
                 self._unfinished(p + i, n - i, out)
@@ -618,7 +625,11 @@ cdef class Parser:
         if self._cur_n and memchr(self._cur, CR, self._cur_n) != NULL:
             status, detail = 400, _BARE_CR[self._phase == PH_START]
         if req is None:
+            # A HEAD's reply has no body (RFC 9112 6.3), its line parsed whole or not.
             req = new_request()
+            req.head = self._phase == PH_START and (
+                starts_head(self._cur, self._cur_n, NULL, 0) if self._cur_n
+                else starts_head(self._line, self._line_len, self._chunk, self._chunk_n))
         clear_values(req)
         req.keep_alive = False
         req.error = HttpError(status, CODES[status], detail, close=True)

@@ -73,6 +73,41 @@ def test_head_answers_the_get_head_without_its_body(shared_server, cred, target)
         assert c.response().status == 200       # nothing was left in between
 
 
+@pytest.mark.parametrize("line,status", [
+    (b"HEAD /tot?cred=a HTTP/1.2", 505),
+    (b"HEAD /tot?cred=" + b"a" * 3000 + b" HTTP/1.1", 414),
+    (b'HEAD /tot?cred="a" HTTP/1.1', 400),
+    (b"HEAD /tot?cred=a\rb HTTP/1.1", 400),
+    (b"HEAD /tot?cred=a  HTTP/1.1", 400),
+])
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_a_refused_head_request_line_is_answered_without_a_body(shared_server, line,
+                                                                status, bytewise):
+    """RFC 9112 6.3: a reply to a HEAD ends with its head, whatever its
+    Content-Length: a request line refused before it is parsed whole is a
+    HEAD's all the same, and bytes after the head would be read as the
+    start of a next reply."""
+    with shared_server.connect() as c:
+        data = line + b"\r\nHost: 127.0.0.1\r\n\r\n"
+        if bytewise and status != 414:
+            c.send_bytewise(data, stop_on_reply=True)
+        else:
+            c.send(data)
+        out = c.read_all()
+    head, sep, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status) and sep, out
+    assert b"\r\nContent-Length: " in head and body == b"", out
+
+
+def test_a_head_cut_by_the_head_deadline_is_answered_without_a_body(start_server):
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "0.3"})
+    with s.connect() as c:
+        c.send(b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        out = c.read_all()
+    head, sep, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and sep and body == b"", out
+
+
 def test_head_of_a_patch_route_is_405_without_a_body(shared_server):
     with shared_server.connect() as c:
         c.send(request_bytes("HEAD", "/mod?cred=a&by=1") + get("/health"))

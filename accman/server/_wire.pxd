@@ -31,6 +31,8 @@ cdef class Parser:
     cdef unsigned char* _line       # the unfinished line, carried between feeds
     cdef const unsigned char* _cur  # the complete line being read (_complete), _cur_n bytes
     cdef Py_ssize_t _cur_n
+    cdef const unsigned char* _chunk    # the bytes of this feed from the line's start on (_parse)
+    cdef Py_ssize_t _chunk_n
     cdef Py_ssize_t _line_len
     cdef Py_ssize_t _line_cap
     cdef Request _req               # the request being read, from its request line

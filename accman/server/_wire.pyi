@@ -75,3 +75,6 @@ class Parser:
     @property
     def pending(self) -> bool:
         """True while part of a request has been received but not returned."""
+    @property
+    def pending_head(self) -> bool:
+        """The request being received is a HEAD: its reply has no body."""

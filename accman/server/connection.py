@@ -450,7 +450,8 @@ class Connection(asyncio.Protocol, Lifecycle):
             "none", 408, "timeout",
             f"the request (its head, and the body its Content-Length announces) did not "
             f"arrive whole within HEAD_TIMEOUT_S "
-            f"({self.server.limits.head_timeout_s:g} s)", CLOSE))
+            f"({self.server.limits.head_timeout_s:g} s)", CLOSE,
+            head=self.parser.pending_head))
 
     def last_reply(self, reply):
         """Sends `reply` (a closing one) after every reply still owed."""
