@@ -357,8 +357,13 @@ cdef bint host_is_loopback(const unsigned char* h, Py_ssize_t n) noexcept nogil:
     tokens configured, nothing else is answered).  The port may be empty
     (RFC 3986 3.2.3: the same as none)."""
     cdef Py_ssize_t i, end = n, dots = 0, digits = 0, octet = 0
-    if n >= 5 and memcmp(h, b"[::1]", 5) == 0:
-        return n == 5 or (h[5] == c':' and (n == 6 or _all_digits(h + 6, n - 6)))
+    if n >= 1 and h[0] == c'[':
+        end = 1
+        while end < n and h[end] != c']':
+            end += 1
+        return (end < n and _ipv6_is_loopback(h + 1, end - 1)
+                and (end + 1 == n or (h[end + 1] == c':'
+                                      and (end + 2 == n or _all_digits(h + end + 2, n - end - 2)))))
     i = n - 1
     while i >= 0 and c'0' <= h[i] <= c'9':
         i -= 1
@@ -382,6 +387,48 @@ cdef bint host_is_loopback(const unsigned char* h, Py_ssize_t n) noexcept nogil:
         else:
             return False
     return dots == 2 and digits > 0
+
+
+cdef inline int _hex_value(unsigned char c) noexcept nogil:
+    if c'0' <= c <= c'9':
+        return c - c'0'
+    c |= 0x20
+    return c - c'a' + 10 if c'a' <= c <= c'f' else -1
+
+
+cdef bint _ipv6_is_loopback(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """s[0:n], an IP-literal without its brackets, is the address ::1 in any
+    of its spellings (RFC 4291 2.2: leading zeros, one :: for zero groups),
+    as the --host check reads it: [0:0:0:0:0:0:0:1] names it as [::1] does."""
+    cdef Py_ssize_t i = 0, groups = 0, digits
+    cdef int nonzero = 0
+    cdef long value = 0
+    cdef bint gap = n >= 2 and s[0] == c':' and s[1] == c':'
+    if gap:
+        i = 2
+    while i < n:
+        digits = 0
+        value = 0
+        while i < n and digits < 5 and _hex_value(s[i]) >= 0:
+            value = value * 16 + _hex_value(s[i])
+            digits += 1
+            i += 1
+        if digits == 0 or digits > 4:
+            return False
+        groups += 1
+        nonzero += value != 0
+        if i == n:
+            break
+        if s[i] != c':' or i + 1 == n:
+            return False
+        i += 1
+        if s[i] == c':':
+            if gap or i + 1 == n:
+                return False    # a second ::, or a :: last: its last group is 0
+            gap = True
+            i += 1
+    return (i == n and groups > 0 and value == 1 and nonzero == 1
+            and (groups <= 7 if gap else groups == 8))
 
 
 cdef inline bint _all_digits(const unsigned char* s, Py_ssize_t n) noexcept nogil:

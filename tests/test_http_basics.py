@@ -287,7 +287,7 @@ def test_many_pipelined_mods_and_reads_in_one_send(shared_server, cred):
 # --- protected mode: no tokens, loopback only ----------------------------------------
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "10.0.0.1",
-                                  "127.0.0.1.nip.io", "", "evil.example:"])
+                                  "127.0.0.1.nip.io", "", "evil.example:", "[::1:0]"])
 def test_without_tokens_a_non_loopback_host_is_refused(shared_server, cred, host):
     """SPEC "Access": a page served from another name, rebound by DNS to
     127.0.0.1, cannot move money: its requests carry that name as Host."""
@@ -301,7 +301,8 @@ def test_without_tokens_a_non_loopback_host_is_refused(shared_server, cred, host
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost:9", "LOCALHOST", "[::1]:80",
-                                  "127.8.9.10", "127.0.0.1:"])
+                                  "127.8.9.10", "127.0.0.1:", "[0:0:0:0:0:0:0:1]",
+                                  "[0::1]:80"])
 def test_without_tokens_a_loopback_host_is_served(shared_server, host):
     with shared_server.connect() as c:
         c.send(request_bytes("GET", "/health", [("Host", host)]))

@@ -498,7 +498,10 @@ def test_absolute_form_is_accepted(target):
     (b"127.0.0.1.evil.example", False), (b"127.0.0", False), (b"127.0.0.256", False),
     (b"localhost.evil.example", False), (b"evil.example", False), (b"10.0.0.1", False),
     (b"[::2]", False), (b"1270.0.0.1", False), (b"", False), (b"127.0.0.1:", True),
-    (b"[::1]:", True), (b"localhost:", True), (b"evil.example:", False), (b"127.0.0.:1", False)])
+    (b"[::1]:", True), (b"localhost:", True), (b"evil.example:", False), (b"127.0.0.:1", False),
+    (b"[0:0:0:0:0:0:0:1]", True), (b"[0000::0001]:80", True), (b"[::0:1]", True),
+    (b"[::1:0]", False), (b"[1::]", False), (b"[1::1]", False), (b"[0:0:0:0:0:0:1]", False),
+    (b"[0:0:0:0:0:0:0:0:1]", False), (b"[::00001]", False), (b"[::]", False)])
 def test_loopback_host(host, loopback):
     """SPEC "Access": with no tokens, only a loopback Host is answered (the
     server checks loopback_host); the absolute form's authority counts
