@@ -32,7 +32,8 @@ Values
     submit (a mod)   (tot, seq)                     Insufficient, KeyReused,
                                                     Overflow, NoAccount
     submit_hold      (hold, tot, seq)               as a mod, and TooManyHolds
-    submit_settle    (tot, seq)                     NoHold, HoldEnded
+    submit_settle    (tot, seq)                     NoHold, HoldEnded,
+                                                    BadRequest (use over the hold)
     read_events      (events, next)                 EventsTrimmed
 
 `events` is a list of accman.records.Event, oldest first, and `next` the

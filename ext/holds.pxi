@@ -126,7 +126,13 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
     cdef bytes hold_id = _hold_id(acct.hid, hold)
     cdef Hold h = book.holds.get(hold_id)
     if h is None:
-        return _ended_on_disk(book, acct.hid, hold, use)
+        outcome = _ended_on_disk(book, acct.hid, hold, use)
+        if isinstance(outcome, NoHold):
+            # Judged on an account whose opening may not be durable yet:
+            # told once it is, as a refusal of a pending balance is.
+            book._wait = book._pending(acct.pbatch)
+            return book._told(outcome, done, on_loop)
+        return outcome
     if h.state == HOLD_OPEN and at_ms >= h.expires_ms:
         _end(book, h, hold_id, 0, HOLD_EXPIRED, at_ms)
     if h.state != HOLD_OPEN:
@@ -137,7 +143,11 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
         book._wait = book._pending(h.end_batch)
         return book._told(outcome, done, on_loop)
     if use > h.amount:
-        raise BadRequest(f"use must be from 0 to the held amount {h.amount}")
+        # The held amount is the hold's own state, maybe not durable yet:
+        # told once it is, as the PostgreSQL store tells it after its commit.
+        book._wait = book._pending(acct.pbatch)
+        return book._told(BadRequest(f"use must be from 0 to the held amount {h.amount}"),
+                          done, on_loop)
     # Never true while ptot + held stays in range (Book._judge keeps it);
     # a store written before that rule may still hold such a balance.
     if <object>acct.ptot + (h.amount - use) > INT64_MAX:

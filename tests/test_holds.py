@@ -91,6 +91,32 @@ def test_a_hold_and_its_settles_in_one_batch(path, clock):
         assert led.verify()["holds"] == 1
 
 
+def test_a_settle_refused_on_state_not_yet_durable_is_told_once_it_is(path, clock):
+    """A settle judged on state whose batch is not durable yet, no such hold
+    on an account just opened, or a use over a hold just made, is answered
+    once that batch is durable, as an Insufficient is: answered at once, it
+    would tell of an account or a hold that a crash could still lose."""
+    with gated_ledger(path, clock) as (led, store):
+        gate = store.gate
+        led.mod("a", 100)
+        gate.clear()
+        got = []
+        led.submit("b", 1, done=got.append)
+        store.writing.wait(10)
+        led.submit("n", 10, done=got.append)              # opens n, in the next batch
+        led.submit_settle("n", 5, 0, done=got.append)
+        led.submit_hold("a", -30, 60, done=got.append)
+        led.submit_settle("a", 2, 31, done=got.append)
+        assert got == []
+        gate.set()
+        wait_for(lambda: len(got) == 5)
+        assert got[:2] == [(1, 1), (10, 1)] and got[3] == (2, 70, 2)
+        assert isinstance(got[2], NoHold)
+        assert isinstance(got[4], BadRequest) and "held amount 30" in str(got[4])
+        assert led.tot("a") == 70 and led.open_holds == 1
+        assert led.settle("a", 2, 30) == (70, 3)
+
+
 def test_an_unknown_hold_is_no_hold(led):
     led.mod("a", 100)
     led.mod("b", 100)

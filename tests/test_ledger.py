@@ -761,31 +761,42 @@ def test_bad_async_calls_from_a_loop_not_bound_are_badrequest_and_bind_nothing(l
         thread.join(10)
 
 
-def test_an_async_call_the_book_refuses_binds_no_loop(led):
-    """A call refused only once the ledger's state is read (a settle's use
-    over its hold, Busy, Unavailable) still bound the caller's loop, though
-    it changed nothing: a good call from another running loop was then
-    refused as if that loop had writes under way."""
-    led.mod("a", 10)
-    hold, _, _ = led.hold("a", -5, 60)
-    said, refused, end = [], threading.Event(), threading.Event()
-
-    async def first():          # runs all along, its one call refused
-        try:
-            await led.asettle("a", hold, 6)
-        except BadRequest as e:
-            said.append(str(e))
-        refused.set()
-        await asyncio.get_running_loop().run_in_executor(None, end.wait)
-
-    thread = threading.Thread(target=asyncio.run, args=(first(),))
-    thread.start()
+def test_an_async_call_the_book_refuses_binds_no_loop(tmp_path):
+    """A call refused at once only once the ledger's state is read (Busy,
+    Unavailable) still bound the caller's loop, though it changed nothing:
+    a good call from another running loop was then refused as if that loop
+    had writes under way."""
+    path = str(tmp_path / "d")
+    gate = threading.Event()
+    led = Ledger(path, store=GatedStore(path, gate), queued_mods_max=1)
+    said, refused, end, durable = [], threading.Event(), threading.Event(), threading.Event()
     try:
-        assert refused.wait(5) and said == ["use must be from 0 to the held amount 5"]
-        assert asyncio.run(asyncio.wait_for(led.amod("a", 1), 5)) == (6, 3)
+        led.submit("a", 1, done=lambda _: durable.set())     # held: the queue is full
+
+        async def first():          # runs all along, its one call refused
+            try:
+                await led.amod("a", 1)
+            except Busy as e:
+                said.append(type(e).__name__)
+            refused.set()
+            await asyncio.get_running_loop().run_in_executor(None, end.wait)
+
+        thread = threading.Thread(target=asyncio.run, args=(first(),))
+        thread.start()
+        try:
+            assert refused.wait(5) and said == ["Busy"]
+            gate.set()
+            assert durable.wait(5)
+
+            async def second():
+                return await asyncio.wait_for(led.amod("a", 2), 5)
+            assert asyncio.run(second()) == (3, 2)
+        finally:
+            end.set()
+            thread.join(10)
     finally:
-        end.set()
-        thread.join(10)
+        gate.set()
+        led.close()
 
 
 def test_a_bound_deliver_gets_each_batch_whole_on_the_loop(led):

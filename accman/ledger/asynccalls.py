@@ -89,8 +89,10 @@ class AsyncCalls:
         try:
             submit(*args, done=done, **kw)
         except AccManError:
-            # Refused by what the ledger holds (a settle's use over its
-            # hold, Busy, Unavailable): nothing was submitted on the loop.
+            # Refused at once by what the ledger holds (Busy, Unavailable):
+            # nothing was submitted on the loop.  A refusal told through
+            # `done` (Insufficient, a use over its hold) binds it, as a
+            # change does: it is delivered there.
             if former is not None:
                 committer.give_back(loop, former)
             raise
