@@ -90,8 +90,11 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
         if outcome is not _NOT_KEYED:
             return book._told(outcome, done, on_loop)
     if acct.open_holds >= book.holds_per_account_max:
-        return TooManyHolds(f"the account has HOLDS_PER_ACCOUNT_MAX "
-                            f"({book.holds_per_account_max}) open holds; settle some first")
+        # The count takes in holds not durable yet: told once they are.
+        book._wait = book._pending(acct.pbatch)
+        return book._told(TooManyHolds(f"the account has HOLDS_PER_ACCOUNT_MAX "
+                                       f"({book.holds_per_account_max}) open holds; "
+                                       "settle some first"), done, on_loop)
     if book.open_holds >= book.holds_max:
         return TooManyHolds(f"the store has HOLDS_MAX ({book.holds_max}) open holds; "
                             "retry later")

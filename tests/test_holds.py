@@ -10,7 +10,7 @@ import pytest
 from accman import BadRequest, Insufficient, KeyReused, Ledger, NoAccount, Overflow
 from accman.errors import HoldEnded, NoHold, TooManyHolds
 from accman.limits import HOLD_TTL_S_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN
-from ledgerhelp import entries, gated_ledger, wait_for
+from ledgerhelp import GatedStore, entries, gated_ledger, wait_for
 
 
 
@@ -279,6 +279,30 @@ def test_holds_per_account_max_is_reached_and_a_settle_makes_room(path, clock):
     with Ledger(path, clock_ms=clock) as led:               # the count is rebuilt at open
         with pytest.raises(TooManyHolds):
             led.hold("a", -1, 60)
+
+
+def test_holds_per_account_max_reached_by_holds_not_yet_durable_waits_for_them(path, clock):
+    """The account's count takes in holds whose batch is not durable yet:
+    the refusal it makes is told once they are, as an Insufficient is."""
+    store = GatedStore(path)
+    led = Ledger(path, clock_ms=clock, store=store, holds_per_account_max=2)
+    try:
+        led.mod("a", 10)
+        assert led.hold("a", -1, 60)[0] == 2
+        store.gate.clear()
+        got = []
+        led.submit("b", 1, done=got.append)
+        store.writing.wait(10)
+        led.submit_hold("a", -1, 60, done=got.append)     # the second, in the next batch
+        led.submit_hold("a", -1, 60, done=got.append)     # one too many
+        assert got == []
+        store.gate.set()
+        wait_for(lambda: len(got) == 3)
+        assert got[:2] == [(1, 1), (3, 8, 3)] and isinstance(got[2], TooManyHolds)
+        assert led.tot("a") == 8 and led.open_holds == 2
+    finally:
+        store.gate.set()
+        led.close()
 
 
 def test_holds_max_bounds_all_holds_together(path, clock):
