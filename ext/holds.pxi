@@ -96,12 +96,15 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
                                        f"({book.holds_per_account_max}) open holds; "
                                        "settle some first"), done, on_loop)
     if book.open_holds >= book.holds_max:
-        return TooManyHolds(f"the store has HOLDS_MAX ({book.holds_max}) open holds; "
-                            "retry later")
+        # Counted with the holds of every account, not all durable yet.
+        book._wait = book._pending(book.holds_batch)
+        return book._told(TooManyHolds(f"the store has HOLDS_MAX ({book.holds_max}) open "
+                                       "holds; retry later"), done, on_loop)
     outcome = book._judge(acct, by, min_, "hold")
     if outcome is not None:
         return book._told(outcome, done, on_loop)
     cdef Batch batch = book._change(acct, by, at_ms, kb, -1, EV_HOLD)
+    book.holds_batch = batch
     cdef int64_t hold = acct.pseq
     cdef int64_t expires_ms = at_ms + <int64_t>ttl_s * 1000
     _track_hold(book, acct, hold, -by, expires_ms)
@@ -166,6 +169,7 @@ cdef Batch _end(Book book, Hold h, bytes hold_id, int64_t use, int state, int64_
     cdef Account acct = h.acct
     cdef Batch batch = book._change(acct, h.amount - use, at_ms, None, h.hold,
                                     EV_SETTLE if state == HOLD_SETTLED else EV_EXPIRE)
+    book.holds_batch = batch
     _untrack_hold(book, h, hold_id)
     batch.holds_delta -= 1
     h.state = state

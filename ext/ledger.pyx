@@ -220,6 +220,7 @@ cdef class Book:
     cdef int64_t last_no                  # the newest batch made
     cdef bytes _hid              # _lookup's hash of a cred not seen before
     cdef Batch _wait             # the batch that _replay's or _judge's answer waits for
+    cdef Batch holds_batch       # the newest batch that opened or ended a hold
 
     def __cinit__(self, bytes salt, get,
                   Py_ssize_t batch_mods_max=BATCH_MODS_MAX,
@@ -389,8 +390,7 @@ cdef class Book:
         return self._told(outcome, done, on_loop)
 
     cdef object _told(self, object outcome, object done, bint on_loop):
-        """`outcome`, final now; or None once `done` waits for the batch
-        that _mod, _replay or _judge left in self._wait."""
+        """`outcome`, final now; or None once `done` waits for self._wait."""
         if self._wait is None:
             return outcome
         self._wait.add_done(done, outcome, on_loop)

@@ -305,6 +305,31 @@ def test_holds_per_account_max_reached_by_holds_not_yet_durable_waits_for_them(p
         led.close()
 
 
+def test_holds_max_reached_by_holds_not_yet_durable_waits_for_them(path, clock):
+    """HOLDS_MAX counts the holds of every account: a refusal it makes on
+    holds not durable yet, of another account too, is told once they are."""
+    store = GatedStore(path)
+    led = Ledger(path, clock_ms=clock, store=store, holds_max=2)
+    try:
+        led.mod("a", 10)
+        led.mod("c", 10)
+        assert led.hold("a", -1, 60)[0] == 2
+        store.gate.clear()
+        got = []
+        led.submit("b", 1, done=got.append)
+        store.writing.wait(10)
+        led.submit_hold("c", -1, 60, done=got.append)     # the second, in the next batch
+        led.submit_hold("a", -1, 60, done=got.append)     # one too many, in all
+        assert got == []
+        store.gate.set()
+        wait_for(lambda: len(got) == 3)
+        assert got[:2] == [(1, 1), (2, 9, 2)] and isinstance(got[2], TooManyHolds)
+        assert "HOLDS_MAX (2)" in str(got[2]) and led.open_holds == 2
+    finally:
+        store.gate.set()
+        led.close()
+
+
 def test_holds_max_bounds_all_holds_together(path, clock):
     """HOLDS_MAX itself (a million) is the default: shown below; reached
     here with holds_max=5.  Expiry makes room as a settle does."""
