@@ -63,6 +63,17 @@ def test_settling_again_answers_the_first_reply_also_after_reopen(path, clock):
         assert [x[2] for x in entries(led, "a")] == [100, 70, 90, 91]
 
 
+def disk_busy(led, store) -> list:
+    """The disk held busy writing b's opening (store: a GatedStore): what is
+    submitted from now on fills the next batch, told once the gate opens.
+    Returns the list every outcome is appended to, b's first."""
+    store.gate.clear()
+    got = []
+    led.submit("b", 1, done=got.append)
+    store.writing.wait(10)
+    return got
+
+
 def test_a_hold_and_its_settles_in_one_batch(path, clock):
     """While the disk is busy with another batch, a hold and two settles of
     it fill the next one: the settle ends a hold that is not yet durable,
@@ -70,10 +81,7 @@ def test_a_hold_and_its_settles_in_one_batch(path, clock):
     with gated_ledger(path, clock) as (led, store):
         gate = store.gate
         led.mod("a", 100)
-        gate.clear()
-        got = []
-        led.submit("b", 1, done=got.append)
-        store.writing.wait(10)
+        got = disk_busy(led, store)
         led.submit_hold("a", -30, 60, done=got.append)
         led.submit_settle("a", 2, 5, done=got.append)
         led.submit_settle("a", 2, 5, done=got.append)
@@ -99,10 +107,7 @@ def test_a_settle_refused_on_state_not_yet_durable_is_told_once_it_is(path, cloc
     with gated_ledger(path, clock) as (led, store):
         gate = store.gate
         led.mod("a", 100)
-        gate.clear()
-        got = []
-        led.submit("b", 1, done=got.append)
-        store.writing.wait(10)
+        got = disk_busy(led, store)
         led.submit("n", 10, done=got.append)              # opens n, in the next batch
         led.submit_settle("n", 5, 0, done=got.append)
         led.submit_hold("a", -30, 60, done=got.append)
@@ -289,10 +294,7 @@ def test_holds_per_account_max_reached_by_holds_not_yet_durable_waits_for_them(p
     try:
         led.mod("a", 10)
         assert led.hold("a", -1, 60)[0] == 2
-        store.gate.clear()
-        got = []
-        led.submit("b", 1, done=got.append)
-        store.writing.wait(10)
+        got = disk_busy(led, store)
         led.submit_hold("a", -1, 60, done=got.append)     # the second, in the next batch
         led.submit_hold("a", -1, 60, done=got.append)     # one too many
         assert got == []
@@ -314,10 +316,7 @@ def test_holds_max_reached_by_holds_not_yet_durable_waits_for_them(path, clock):
         led.mod("a", 10)
         led.mod("c", 10)
         assert led.hold("a", -1, 60)[0] == 2
-        store.gate.clear()
-        got = []
-        led.submit("b", 1, done=got.append)
-        store.writing.wait(10)
+        got = disk_busy(led, store)
         led.submit_hold("c", -1, 60, done=got.append)     # the second, in the next batch
         led.submit_hold("a", -1, 60, done=got.append)     # one too many, in all
         assert got == []
