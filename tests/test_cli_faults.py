@@ -144,8 +144,7 @@ def test_a_host_that_cannot_be_used_is_one_line_and_exit_2(host, args):
     """Non-ASCII (Python cannot encode it for the request) or not IDNA
     labels (nor for the connection): either way nothing is sent."""
     err = one_line_error(run_accman(*args, "--url", f"http://{host}:8080"))
-    # Refused by the client when it is made (non-ASCII), or by the CLI at
-    # the connection (labels the client takes): each says what to write.
+    # Refused by the client when it is made: it says what to write.
     assert ("the host in the URL cannot be used" in err
             or "host must be ASCII" in err) and "xn--" in err
     assert f"accman {args[0]} --help" in err

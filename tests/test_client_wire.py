@@ -172,6 +172,14 @@ def test_bad_urls_and_tokens_are_refused():
         for cls in (AccManClient, AccManSyncClient):
             with pytest.raises(ValueError, match="host must be ASCII"):
                 cls(url)
+    # A label empty or over 63 characters fails in the resolver, as a bare
+    # UnicodeError at each call; an empty TLS name turns asyncio's name check off.
+    for url in ["https://./", "http://a..b", "https://.a:8443", "http://" + "a" * 64 + ".example"]:
+        for cls in (AccManClient, AccManSyncClient):
+            with pytest.raises(ValueError, match="host must be ASCII: a name .labels of 1 to 63"):
+                cls(url)
+    assert AccManSyncClient("https://" + "a" * 63 + ".example.").where == \
+        "https://" + "a" * 63 + ".example."
     for url in ["http://h:0", "http://h:65536", "http://h:x"]:
         with pytest.raises(ValueError, match="port must be a number from 1 to 65535"):
             AccManSyncClient(url)

@@ -22,6 +22,11 @@ _PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 # request line and headers are ASCII, so an internationalized name is written
 # in its IDNA form (xn--...).
 _HOST_RE = re.compile(r"[A-Za-z0-9._:%-]+")
+# A name's labels: 1 to 63 characters each (RFC 1035 2.3.4), the root's dot
+# at most at its end.  The resolver's IDNA step refuses anything else with a
+# bare UnicodeError, and a name of only the root's dot would reach TLS as ""
+# (asyncio then checks no name at all).  An IPv6 literal has no labels.
+_LABELS_RE = re.compile(r"(?:[^.]{1,63}\.)*[^.]{1,63}\.?")
 
 
 def check_name(value, what: str, chars_max: int) -> str:
@@ -132,9 +137,11 @@ class Endpoint:
             raise ValueError("the AccMan url takes no query, fragment or userinfo")
         if not parts.hostname:
             raise ValueError("the AccMan url has no host")
-        if _HOST_RE.fullmatch(parts.hostname) is None:
-            raise ValueError("the AccMan url's host must be ASCII: a name, or an IP address; "
-                             "write an internationalized name in its xn-- (IDNA) form")
+        if _HOST_RE.fullmatch(parts.hostname) is None or (
+                ":" not in parts.hostname and _LABELS_RE.fullmatch(parts.hostname) is None):
+            raise ValueError("the AccMan url's host must be ASCII: a name (labels of 1 to 63 "
+                             "characters), or an IP address; write an internationalized name "
+                             "in its xn-- (IDNA) form")
         self.host = parts.hostname
         self.tls = parts.scheme == "https"
         # The name TLS is given, as the SNI name and the name the certificate
