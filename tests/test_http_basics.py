@@ -4,6 +4,7 @@ form of the target, 411 for a body without a length, pipelined order, and
 the protected mode's Host check (SPEC "Access")."""
 
 import email.utils
+import signal
 import time
 
 import httpx
@@ -106,6 +107,25 @@ def test_a_head_cut_by_the_head_deadline_is_answered_without_a_body(start_server
         out = c.read_all()
     head, sep, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ") and sep and body == b"", out
+
+
+@pytest.mark.parametrize("pipeline_max", ["64", "1"])
+def test_a_head_held_back_at_shutdown_is_answered_without_a_body(start_server, pipeline_max):
+    """A stop answers the request it holds back (here behind a long poll of
+    /events, which later requests wait for) with a 503: a HEAD's ends with
+    its head, as every reply to a HEAD does; parsed (held back) or not yet
+    (past PIPELINE_REQUESTS_MAX, unparsed)."""
+    s = start_server(env={"ACCMAN_PIPELINE_REQUESTS_MAX": pipeline_max})
+    with s.connect() as c:
+        c.send(get("/health") + get("/events?after=0&wait=30")
+               + request_bytes("HEAD", "/health"))
+        assert c.response().status == 200       # all three were read
+        s.send_signal(signal.SIGTERM)
+        out = c.read_all(10)
+    assert s.proc.wait(15) == 0
+    assert b"HTTP/1.1 503 " in out, out
+    head, sep, body = out[out.index(b"HTTP/1.1 503 "):].partition(b"\r\n\r\n")
+    assert sep and body == b"", out
 
 
 def test_head_of_a_patch_route_is_405_without_a_body(shared_server):
