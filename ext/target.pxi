@@ -398,8 +398,9 @@ cdef inline int _hex_value(unsigned char c) noexcept nogil:
 
 cdef bint _ipv6_is_loopback(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     """s[0:n], an IP-literal without its brackets, is the address ::1 in any
-    of its spellings (RFC 4291 2.2: leading zeros, one :: for zero groups),
-    as the --host check reads it: [0:0:0:0:0:0:0:1] names it as [::1] does."""
+    of its spellings (RFC 4291 2.2: leading zeros, one :: for zero groups,
+    the last two groups as an IPv4 address), as the --host check reads it:
+    [0:0:0:0:0:0:0:1] and [::0.0.0.1] name it as [::1] does."""
     cdef Py_ssize_t i = 0, groups = 0, digits
     cdef int nonzero = 0
     cdef long value = 0
@@ -407,6 +408,14 @@ cdef bint _ipv6_is_loopback(const unsigned char* s, Py_ssize_t n) noexcept nogil
     if gap:
         i = 2
     while i < n:
+        if n - i == 7 and memcmp(s + i, b"0.0.0.1", 7) == 0:
+            # The last 32 bits written as IPv4 (a leading zero is refused, as
+            # ipaddress refuses it): groups 0 and 1.
+            groups += 2
+            nonzero += 1
+            value = 1
+            i = n
+            break
         digits = 0
         value = 0
         while i < n and digits < 5 and _hex_value(s[i]) >= 0:

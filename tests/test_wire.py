@@ -501,7 +501,11 @@ def test_absolute_form_is_accepted(target):
     (b"[::1]:", True), (b"localhost:", True), (b"evil.example:", False), (b"127.0.0.:1", False),
     (b"[0:0:0:0:0:0:0:1]", True), (b"[0000::0001]:80", True), (b"[::0:1]", True),
     (b"[::1:0]", False), (b"[1::]", False), (b"[1::1]", False), (b"[0:0:0:0:0:0:1]", False),
-    (b"[0:0:0:0:0:0:0:0:1]", False), (b"[::00001]", False), (b"[::]", False)])
+    (b"[0:0:0:0:0:0:0:0:1]", False), (b"[::00001]", False), (b"[::]", False),
+    # RFC 4291 2.2 (3): the last 32 bits as an IPv4 address, as ipaddress reads it.
+    (b"[::0.0.0.1]", True), (b"[0:0:0:0:0:0:0.0.0.1]:80", True), (b"[::0:0.0.0.1]", True),
+    (b"[::ffff:0.0.0.1]", False), (b"[::0.0.0.01]", False), (b"[::1.0.0.0]", False),
+    (b"[0:0:0:0:0:0:0:0.0.0.1]", False), (b"[0.0.0.1]", False), (b"[:0.0.0.1]", False)])
 def test_loopback_host(host, loopback):
     """SPEC "Access": with no tokens, only a loopback Host is answered (the
     server checks loopback_host); the absolute form's authority counts
