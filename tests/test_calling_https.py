@@ -234,3 +234,62 @@ def test_a_host_with_the_root_s_dot_is_named_to_tls_without_it(accman, front, ce
              "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     assert out.returncode == 0 and out.stdout == "1\n2\n", out.stderr
     assert front.names == ["accman.test", "accman.test"]
+
+
+@pytest.fixture
+def untrusted(monkeypatch):
+    """No process-wide trust of the private CA: only the default bundle."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+def mod_and_tot(kind: str, url: str, cred: str, **options) -> list:
+    """A funding mod and a tot through `url` with the client `kind`."""
+    if kind == "sync":
+        with AccManSyncClient(url, TOKEN, retries=0, **options) as acc:
+            return [acc.mod(cred, 10), acc.tot(cred)]
+
+    async def go():
+        async with AccManClient(url, TOKEN, retries=0, **options) as acc:
+            return [await acc.mod(cred, 10), await acc.tot(cred)]
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_client_trusts_a_private_ca_through_its_own_ssl_context(accman, front, certs, untrusted,
+                                                                  cred, kind):
+    """`ssl_context` trusts the private CA for this client alone, with no
+    SSL_CERT_FILE: without it the same call is refused as untrusted."""
+    with pytest.raises(Unreachable, match="certificate verify failed"):
+        mod_and_tot(kind, front.url, cred)
+    assert front.served == 0
+    ctx = ssl.create_default_context(cafile=str(certs["bundle"]))
+    assert mod_and_tot(kind, front.url, cred, ssl_context=ctx) == [(10, 1), 10]
+    assert front.served == 1
+
+
+def test_the_middleware_passes_its_ssl_context_to_its_client(accman, front, certs, untrusted,
+                                                             cred):
+    accman.mod(cred, 5, token=TOKEN)
+    ctx = ssl.create_default_context(cafile=str(certs["bundle"]))
+    m = AccManMiddleware(make_app(), url=front.url, token=TOKEN, retries=0, ssl_context=ctx)
+
+    async def go():
+        reply = await call(m, cred=cred)
+        assert await m.drain(2.0)
+        await m.aclose()
+        return reply
+    reply = asyncio.run(go())
+    assert reply.status == 200 and m.stats["charged"] == 1
+    assert accman.tot(cred, token=TOKEN) == 4
+
+
+@pytest.mark.parametrize("make", [AccManClient, AccManSyncClient,
+                                  lambda url, token, **kw: AccManMiddleware(make_app(), url, token,
+                                                                            **kw)])
+def test_an_ssl_context_that_is_not_one_or_would_go_unused_is_refused(make, certs):
+    with pytest.raises(TypeError, match="ssl_context must be an ssl.SSLContext or None, not str"):
+        make("https://127.0.0.1:1", TOKEN, ssl_context=str(certs["bundle"]))
+    with pytest.raises(ValueError, match="ssl_context is for an https:// url; "
+                                         "http://127.0.0.1:1 is http://"):
+        make("http://127.0.0.1:1", TOKEN, ssl_context=ssl.create_default_context())

@@ -99,15 +99,15 @@ class AccManMiddleware:
     `on_unavailable="open"` serves requests AccMan cannot admit and records
     them as unpaid (log, `stats`, and `on_unpaid(cred, amount)` if given).
     `hold_ttl_s` is how long a reserve-mode hold lives if nothing settles
-    it.  `client` replaces the internal AccManClient (sharing a pool,
-    tests).
+    it.  `ssl_context` is the TLS trust of an https url (AccManClient's).
+    `client` replaces the internal AccManClient (sharing a pool, tests).
     """
 
     def __init__(self, app, url: str | None = None, token: str | None = None,
                  cost=1, header: str = "accman", mode: str = "check",
                  on_unavailable: str = "closed", exempt=(), prices=None, *,
                  client=None, timeout_s: float = TIMEOUT_S_DEFAULT,
-                 retries: int = RETRIES_DEFAULT, on_unpaid=None,
+                 retries: int = RETRIES_DEFAULT, on_unpaid=None, ssl_context=None,
                  charge_below: int | None = CHARGE_BELOW_DEFAULT,
                  hold_ttl_s: int = HOLD_TTL_S_DEFAULT):
         if client is None and url is None:
@@ -134,12 +134,12 @@ class AccManMiddleware:
         self._price_prefixes = sorted(((p, prices[p + "*"]) for p in prefixes),
                                       key=lambda p: len(p[0]), reverse=True)
         self._url, self._token = url, token
-        self._timeout_s, self._retries = timeout_s, retries
+        self._calls = dict(timeout_s=timeout_s, retries=retries, ssl_context=ssl_context)
         self._client = client
         self._own_client = client is None
         self._client_loop = None
         if client is None:
-            AccManClient(url, token)    # check url and token now, not at the first request
+            AccManClient(url, token, ssl_context=ssl_context)   # checked now, not at a request
         self._on_unpaid = on_unpaid
         # Keys are `<request id>-h` (a reserve-mode hold) and `-c` (a charge:
         # check mode's, or a reserve-mode request whose hold expired): 42
@@ -421,8 +421,7 @@ class AccManMiddleware:
             return self._client
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
-            self._client = AccManClient(self._url, self._token, timeout_s=self._timeout_s,
-                                        retries=self._retries)
+            self._client = AccManClient(self._url, self._token, **self._calls)
             self._client_loop = loop
         return self._client
 

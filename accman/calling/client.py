@@ -54,8 +54,8 @@ from accman.calling.parser import (HEAD_CACHE_MAX, REPLY_BODY_BYTES_MAX, REPLY_H
 from accman.calling.policy import (IDLE_REUSE_S, RETRIES_DEFAULT, RETRY_PAUSE_MAX_S,
                                    RETRY_PAUSE_S, TIMEOUT_S_DEFAULT, TIMEOUT_S_MAX)
 from accman.calling.replies import EventsPage, PastPage
-from accman.calling.requests import (Endpoint, target_events, target_hold, target_mod,
-                                     target_past, target_settle, target_tot)
+from accman.calling.requests import (Endpoint, check_ssl_context, target_events, target_hold,
+                                     target_mod, target_past, target_settle, target_tot)
 from accman.calling.sync import AccManSyncClient
 from accman.calling.policy import RETRIES_MAX
 from accman.calling.replies import ACCOUNT_CHARS_MAX, DETAIL_CHARS_MAX
@@ -106,18 +106,22 @@ class AccManClient:
     PIPELINE_DEPTH_MAX calls on each.  Each attempt of a call has
     `timeout_s`; reads and keyed mods are retried up to `retries` times,
     a keyless mod only when nothing was sent (see the module docstring).
+    `ssl_context` is the TLS trust of an https url, used as given (a
+    private CA: `ssl.create_default_context(cafile=...)`); None, the
+    default context.
     """
 
     def __init__(self, url: str, token: str | None = None, *,
                  timeout_s: float = TIMEOUT_S_DEFAULT,
                  connections_max: int = CONNECTIONS_MAX_DEFAULT,
-                 retries: int = RETRIES_DEFAULT):
+                 retries: int = RETRIES_DEFAULT, ssl_context: _ssl.SSLContext | None = None):
         policy.check_settings(timeout_s, retries)
         if isinstance(connections_max, bool) or not isinstance(connections_max, int):
             raise TypeError(f"connections_max must be an int, not {type(connections_max).__name__}")
         if not 1 <= connections_max <= CONNECTIONS_MAX:
             raise ValueError(f"connections_max must be 1 to {CONNECTIONS_MAX}")
         self._ep = Endpoint(url, token)
+        check_ssl_context(ssl_context, self._ep)
         self._timeout_s = float(timeout_s)
         self._connections_max = connections_max
         self._retries = retries
@@ -128,7 +132,7 @@ class AccManClient:
         self._polls: list[Conn] = []       # long polls' own connections
         self._polls_in_flight = 0
         self._closed = False
-        self._ssl = _ssl.create_default_context() if self._ep.tls else None
+        self._ssl = (ssl_context or _ssl.create_default_context()) if self._ep.tls else None
 
     def __repr__(self) -> str:
         return f"<AccManClient {self._ep.where} connections={len(self._conns)}>"

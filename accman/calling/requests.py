@@ -8,6 +8,7 @@ wire; a credential is never echoed in the message, since it is a secret."""
 from __future__ import annotations
 
 import re
+import ssl
 from urllib.parse import urlsplit
 
 from accman.errors import BadRequest
@@ -172,6 +173,20 @@ class Endpoint:
         return (method + self.prefix + target + self.tail).encode("ascii")
 
 
+def check_ssl_context(ssl_context, ep: Endpoint) -> None:
+    """A caller's own TLS trust: an `ssl.SSLContext`, used as given for an
+    https url (None: the default context).  With an http url it would be
+    silently unused, so it is refused."""
+    if ssl_context is None:
+        return
+    if not isinstance(ssl_context, ssl.SSLContext):
+        raise TypeError(f"ssl_context must be an ssl.SSLContext or None, "
+                        f"not {type(ssl_context).__name__}")
+    if not ep.tls:
+        raise ValueError(f"ssl_context is for an https:// url; {ep.where} is http://, "
+                         f"where it would not be used")
+
+
 def _port(parts):
     """The URL's port, or None when it names none."""
     try:
@@ -183,5 +198,5 @@ def _port(parts):
     return port
 
 
-__all__ = ["Endpoint", "check_name", "check_int", "target_tot", "target_mod", "target_past",
-           "target_hold", "target_settle", "target_events"]
+__all__ = ["Endpoint", "check_ssl_context", "check_name", "check_int", "target_tot", "target_mod",
+           "target_past", "target_hold", "target_settle", "target_events"]

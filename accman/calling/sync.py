@@ -26,8 +26,8 @@ import weakref
 
 from accman.calling import policy, replies
 from accman.calling.parser import ReplyParser
-from accman.calling.requests import (Endpoint, target_events, target_hold, target_mod,
-                                     target_past, target_settle, target_tot)
+from accman.calling.requests import (Endpoint, check_ssl_context, target_events, target_hold,
+                                     target_mod, target_past, target_settle, target_tot)
 from accman.errors import AccManError, BadReply, CallTimeout, OutcomeUnknown, Unreachable
 
 log = logging.getLogger("accman.client")
@@ -42,6 +42,7 @@ class AccManSyncClient:
     """The blocking client: one keep-alive connection, one call at a time.
     Threads may share it: their calls take turns, each attempt still
     bounded by `timeout_s` from the moment it asks for its turn.
+    `ssl_context` as for AccManClient.
 
     >>> with AccManSyncClient("http://127.0.0.1:8035", token) as acc:
     ...     acc.mod("alice", 1000, key="fund-2024-07-alice")
@@ -49,16 +50,18 @@ class AccManSyncClient:
 
     def __init__(self, url: str, token: str | None = None, *,
                  timeout_s: float = policy.TIMEOUT_S_DEFAULT,
-                 retries: int = policy.RETRIES_DEFAULT):
+                 retries: int = policy.RETRIES_DEFAULT,
+                 ssl_context: _ssl.SSLContext | None = None):
         policy.check_settings(timeout_s, retries)
         self._ep = Endpoint(url, token)
+        check_ssl_context(ssl_context, self._ep)
         self._timeout_s = float(timeout_s)
         self._retries = retries
         self._sock = None
         self._parser = None
         self._idle_since = 0.0
         self._closed = False
-        self._ssl = _ssl.create_default_context() if self._ep.tls else None
+        self._ssl = (ssl_context or _ssl.create_default_context()) if self._ep.tls else None
         # One attempt at a time on the socket.  An RLock knows its owner:
         # `_attempt` releases it exactly when this thread holds it.
         self._turn = threading.RLock()
