@@ -10,6 +10,7 @@
 // unknown outcome or a 503; a keyless mod or hold only when nothing was sent
 // (Unreachable) or AccMan refused before applying (Busy).
 
+const { X509Certificate } = require('node:crypto')
 const { Pool } = require('undici')
 const limits = require('./limits')
 const {
@@ -17,6 +18,7 @@ const {
   mayHaveLanded, definite, unechoed
 } = require('./errors')
 const values = require('./values')
+const { shown } = require('./options')
 
 const TOKEN_RE = /^[A-Za-z0-9._~+/-]+=*$/ // RFC 6750 b64token
 // undici's errors for a reply that breaks HTTP/1.1 framing (llhttp's are HPE_*).
@@ -57,6 +59,37 @@ function connectReason (err) {
   const message = String(err.message || '').replace(/[\s:]+$/, '') // node's may end in ': '
   if (!err.code || message.includes(err.code)) return message || String(err.code)
   return message ? `${message} (${err.code})` : err.code
+}
+
+const PEM_CERT_RE = /-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----/g
+
+// The `ca` option: the certificates an https connection trusts instead of
+// Node's default ones, as node:tls's `ca` takes them (a PEM string or
+// Buffer, or an array of them).  node:tls skips what is not a PEM
+// certificate without a word, which would leave a typo trusting nothing,
+// so each entry must hold certificates and each must parse.  Given with
+// http:// it would be silently unused, so it is refused there.
+function caOption (ca, https) {
+  if (ca === undefined || ca === null) return undefined
+  if (!https) throw new TypeError('ca is for an https:// url; this url is http://')
+  const entries = Array.isArray(ca) ? ca : [ca]
+  if (entries.length === 0) throw new TypeError('ca must not be an empty array')
+  entries.forEach((entry, i) => {
+    const what = Array.isArray(ca) ? `ca[${i}]` : 'ca'
+    if (typeof entry !== 'string' && !Buffer.isBuffer(entry)) {
+      throw new TypeError(`${what} must be a PEM string or Buffer, not ${shown(entry)}`)
+    }
+    const pems = String(entry).match(PEM_CERT_RE)
+    if (!pems) throw new TypeError(`${what} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`)
+    for (const pem of pems) {
+      try {
+        new X509Certificate(pem) // eslint-disable-line no-new
+      } catch {
+        throw new TypeError(`${what} holds a PEM certificate that does not parse`)
+      }
+    }
+  })
+  return ca
 }
 
 function intOption (value, what, lo, hi) {
@@ -161,17 +194,21 @@ function pauseMs (attempt) {
   return Math.min(limits.RETRY_PAUSE_MS * 2 ** attempt, limits.RETRY_PAUSE_MAX_MS)
 }
 
-const CLIENT_OPTIONS = ['url', 'token', 'timeoutMs', 'connections', 'retries', 'bigint']
+const CLIENT_OPTIONS = ['url', 'token', 'timeoutMs', 'connections', 'retries', 'bigint', 'ca']
 
 class AccManClient {
   constructor (options) {
     const {
       url, token, timeoutMs = limits.TIMEOUT_MS_DEFAULT, connections = limits.CONNECTIONS_DEFAULT,
-      retries = limits.RETRIES_DEFAULT, bigint = false
+      retries = limits.RETRIES_DEFAULT, bigint = false, ca
     } = values.checkOptions(options, 'AccManClient', CLIENT_OPTIONS)
     const { origin, prefix, tlsName } = parseUrl(url)
     this.where = origin + prefix // for messages: no token
     this.timeoutMs = intOption(timeoutMs, 'timeoutMs', 1, 3600000)
+    const connect = { timeout: this.timeoutMs }
+    if (tlsName) connect.servername = tlsName
+    const trusted = caOption(ca, origin.startsWith('https:'))
+    if (trusted !== undefined) connect.ca = trusted
     this.retries = intOption(retries, 'retries', 0, limits.RETRIES_MAX)
     intOption(connections, 'connections', 1, limits.CONNECTIONS_MAX)
     if (typeof bigint !== 'boolean') throw new TypeError('bigint must be true or false')
@@ -195,9 +232,7 @@ class AccManClient {
       maxHeaderSize: limits.REPLY_HEAD_BYTES_MAX,
       headersTimeout: 0, // each attempt has its own deadline (Attempt)
       bodyTimeout: 0,
-      connect: tlsName
-        ? { timeout: this.timeoutMs, servername: tlsName }
-        : { timeout: this.timeoutMs }
+      connect
     })
     this._inFlight = 0
     this._closed = false

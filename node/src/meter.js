@@ -54,6 +54,7 @@ class Meter {
       timeoutMs: opts.timeoutMs === undefined ? limits.PLUGIN_TIMEOUT_MS_DEFAULT : opts.timeoutMs,
       retries: opts.retries === undefined ? limits.PLUGIN_RETRIES_DEFAULT : opts.retries,
       connections: opts.connections,
+      ca: opts.ca,
       bigint: true
     })
     if (!this.client.bigint) {

@@ -9,11 +9,11 @@ const limits = require('./limits')
 // Every option the plugin takes.
 const OPTIONS = [
   'url', 'token', 'client', 'cost', 'mode', 'onUnavailable', 'exempt', 'header', 'chargeErrors',
-  'holdTtlS', 'checkFreshMs', 'timeoutMs', 'retries', 'connections', 'onUnpaid'
+  'holdTtlS', 'checkFreshMs', 'timeoutMs', 'retries', 'connections', 'ca', 'onUnpaid'
 ]
 // The options that make the plugin's own client: with `client` given, they
 // would have no effect, so they are refused.
-const CLIENT_OPTIONS = ['url', 'token', 'timeoutMs', 'retries', 'connections']
+const CLIENT_OPTIONS = ['url', 'token', 'timeoutMs', 'retries', 'connections', 'ca']
 // fastify's own options of register(), which it hands to the plugin too.
 const REGISTER_OPTIONS = ['prefix', 'logLevel', 'logSerializers']
 const KNOWN = new Set([...OPTIONS, ...REGISTER_OPTIONS])
@@ -130,7 +130,7 @@ function refuseUnknown (opts) {
 }
 
 // The plugin's settings from its options, each checked; the client's own
-// options (url, token, timeoutMs, retries, connections) are checked by
+// options (url, token, timeoutMs, retries, connections, ca) are checked by
 // AccManClient, and refused beside a client given whole.
 function settings (opts) {
   refuseUnknown(opts)

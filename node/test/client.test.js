@@ -175,7 +175,7 @@ test('options are checked when the client is made', () => {
   assert.throws(() => new AccManClient({ url: 'http://x', retries: 11 }), TypeError)
   // A misspelt option is refused, never its default taken silently.
   assert.throws(() => new AccManClient({ url: 'http://x', timeoutMS: 1, retrys: 9 }),
-    { name: 'TypeError', message: 'unknown options timeoutMS, retrys: AccManClient takes url, token, timeoutMs, connections, retries, bigint' })
+    { name: 'TypeError', message: 'unknown options timeoutMS, retrys: AccManClient takes url, token, timeoutMs, connections, retries, bigint, ca' })
   assert.throws(() => new AccManClient({ url: 'http://x', bigint: 'yes' }), { message: 'bigint must be true or false' })
   assert.throws(() => new AccManClient('http://x'), { message: /the options of AccManClient must be an object/ })
 })

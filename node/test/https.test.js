@@ -11,7 +11,9 @@ const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
 const { promisify } = require('node:util')
-const { AccManClient, NoAccount } = require('..')
+const Fastify = require('fastify')
+const accman = require('..')
+const { AccManClient, NoAccount, Unreachable } = accman
 const { AccManServer, TOKENS } = require('./helpers/accman')
 const { proxyTo } = require('./helpers/proxy')
 
@@ -118,4 +120,71 @@ test('a host with the root\'s dot is named to TLS without it', async () => {
   const { out, names } = await through(certs.dotted, 'c-https-dot', { argv, host: 'accman.test.' })
   assert.deepEqual(out, [{ tot: 10, seq: 1 }, { tot: 7, seq: 2 }, 7, [-3, 10]])
   assert.deepEqual([...new Set(names)], ['accman.test'])
+})
+
+test('ca trusts a private CA for one client, with no NODE_EXTRA_CA_CERTS', async () => {
+  // In this process, which started before the private CA was made, so
+  // trusts none of it: the same calls without `ca` are refused as
+  // untrusted, so `ca` is what makes them pass.
+  const proxy = await proxyTo(server.url, { tls: certs.ok })
+  const url = `https://127.0.0.1:${proxy.port}`
+  const calls = async (options, cred) => {
+    const acc = new AccManClient({ url, token: TOKENS.mint, retries: 0, ...options })
+    try {
+      return [await acc.mod(cred, 10), await acc.tot(cred)]
+    } finally {
+      await acc.close()
+    }
+  }
+  try {
+    await assert.rejects(calls({}, 'c-https-ca'), (err) => err instanceof Unreachable &&
+      err.message.includes('self-signed certificate (DEPTH_ZERO_SELF_SIGNED_CERT)'))
+    assert.equal(proxy.served, 0)
+    await assert.rejects(direct.tot('c-https-ca'), NoAccount)
+    assert.deepEqual(await calls({ ca: fs.readFileSync(BUNDLE) }, 'c-https-ca'),
+      [{ tot: 10, seq: 1 }, 10])
+    assert.deepEqual(await calls({ ca: [certs.other.cert, certs.ok.cert.toString()] },
+      'c-https-ca'), [{ tot: 20, seq: 2 }, 20])
+  } finally {
+    await proxy.close()
+  }
+})
+
+test('a ca that is not PEM certificates, or is given with http://, is refused', () => {
+  const url = 'https://127.0.0.1:1'
+  const cert = certs.ok.cert.toString()
+  for (const [ca, why] of [
+    [42, 'ca must be a PEM string or Buffer, not 42'],
+    [[cert, {}], 'ca[1] must be a PEM string or Buffer, not an object'],
+    [[], 'ca must not be an empty array'],
+    [BUNDLE, 'ca holds no PEM certificate (-----BEGIN CERTIFICATE-----)'],
+    [cert.replace(/\n[A-Za-z0-9+/]{8}/, '\n'), 'ca holds a PEM certificate that does not parse']
+  ]) {
+    assert.throws(() => new AccManClient({ url, ca }), { name: 'TypeError', message: why })
+  }
+  assert.throws(() => new AccManClient({ url: 'http://127.0.0.1:1', ca: cert }),
+    { name: 'TypeError', message: 'ca is for an https:// url; this url is http://' })
+})
+
+test('the plugin makes its client with ca, and refuses ca beside a client of its own', async () => {
+  const proxy = await proxyTo(server.url, { tls: certs.ok })
+  const app = Fastify()
+  try {
+    await direct.mod('c-https-plugin', 5)
+    await app.register(accman, {
+      url: `https://127.0.0.1:${proxy.port}`, token: TOKENS.service, ca: certs.ok.cert, retries: 0
+    })
+    app.get('/w', async () => ({ ok: true }))
+    const res = await app.inject({ url: '/w', headers: { accman: 'c-https-plugin' } })
+    assert.equal(res.statusCode, 200, res.body)
+    await app.close()
+    assert.equal(await direct.tot('c-https-plugin'), 4)
+    assert.ok(proxy.served >= 1)
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  const shared = Fastify()
+  await assert.rejects(shared.register(accman, { client: direct, ca: certs.ok.cert }).ready(),
+    { name: 'TypeError', message: /^ca is an option of the client/ })
 })

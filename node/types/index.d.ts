@@ -19,6 +19,8 @@ export interface ClientOptions {
   retries?: number
   /** Integers as bigints instead of numbers. */
   bigint?: boolean
+  /** https: the certificates trusted instead of Node's default ones (PEM), as node:tls's `ca`. */
+  ca?: string | Buffer | Array<string | Buffer>
 }
 
 export interface ModResult<N> { tot: N, seq: N }
@@ -96,6 +98,7 @@ export interface OwnClientOptions {
   timeoutMs?: number
   retries?: number
   connections?: number
+  ca?: string | Buffer | Array<string | Buffer>
   client?: never
 }
 
@@ -108,6 +111,7 @@ export interface SharedClientOptions {
   timeoutMs?: never
   retries?: never
   connections?: never
+  ca?: never
 }
 
 export type FastifyAccmanOptions = (OwnClientOptions | SharedClientOptions) & {

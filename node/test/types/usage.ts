@@ -37,15 +37,21 @@ async function main (): Promise<void> {
     if (err instanceof Insufficient) console.log(err.tot, err.code, err.status)
     if (err instanceof OutcomeUnknown) console.log('unknown outcome', err.detail)
   }
+  const pinned = new AccManClient({ url: 'https://accman.internal:8443', ca: [Buffer.from('PEM'), 'PEM'] })
+  await app.register(accman, { url: 'https://accman.internal:8443', ca: 'PEM' })
+  // @ts-expect-error ca is PEM text, not a path's number or a flag
+  new AccManClient({ url: 'https://accman.internal:8443', ca: true })
   const shared = Fastify()
   await shared.register(accman, { client: big, cost: 2 })
   // @ts-expect-error a shared client's settings are its own, not the plugin's
   await shared.register(accman, { client: big, url: 'http://127.0.0.1:8080' })
+  // @ts-expect-error a shared client's trust is its own too
+  await shared.register(accman, { client: big, ca: 'PEM' })
   // @ts-expect-error a bigint client's tot is not a number
   const wrong: number = await big.tot('alice')
   // @ts-expect-error hold needs its ttlS
   await acc.hold('alice', -1, {})
-  console.log(n, exact, keys, wrong)
+  console.log(n, exact, keys, wrong, pinned)
 }
 
 void main()
