@@ -1,7 +1,8 @@
 """The calling side over https: both clients, the command line and the
 middleware against a real AccMan behind a TLS-terminating proxy (a
 deployment that crosses machines), with a private certificate made by
-openssl and trusted the way docs/CALLING.md tells users to: SSL_CERT_FILE.
+openssl and trusted the ways docs/CALLING.md tells users to: a client's
+own `ssl_context`, or SSL_CERT_FILE for the whole process.
 
 A certificate that is not trusted, or that names another host, fails the
 handshake before any request is written: `Unreachable`, nothing sent,

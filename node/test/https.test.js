@@ -1,8 +1,9 @@
 'use strict'
 // The client over https: a real AccMan behind a TLS-terminating proxy
 // (helpers/proxy.js), with certificates made by openssl and a private CA
-// trusted as the README tells users to, with NODE_EXTRA_CA_CERTS.  Node
-// reads that variable as a process starts, so the calls run in a child.
+// trusted as the README tells users to: a client's own `ca`, or
+// NODE_EXTRA_CA_CERTS.  Node reads that variable as a process starts, so
+// the calls that rely on it run in a child.
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
