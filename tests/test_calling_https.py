@@ -294,3 +294,10 @@ def test_an_ssl_context_that_is_not_one_or_would_go_unused_is_refused(make, cert
     with pytest.raises(ValueError, match="ssl_context is for an https:// url; "
                                          "http://127.0.0.1:1 is http://"):
         make("http://127.0.0.1:1", TOKEN, ssl_context=ssl.create_default_context())
+
+
+def test_the_middleware_refuses_an_ssl_context_beside_a_client_of_its_own():
+    """It would go unused: the given client's trust is its own."""
+    acc = AccManClient("https://127.0.0.1:1", TOKEN)
+    with pytest.raises(ValueError, match="ssl_context is the client's: with client given"):
+        AccManMiddleware(make_app(), client=acc, ssl_context=ssl.create_default_context())

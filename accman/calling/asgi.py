@@ -112,6 +112,8 @@ class AccManMiddleware:
                  hold_ttl_s: int = HOLD_TTL_S_DEFAULT):
         if client is None and url is None:
             raise ValueError("AccManMiddleware needs the AccMan url (or a client)")
+        if client is not None and ssl_context is not None:
+            raise ValueError("ssl_context is the client's: with client given, make it with that")
         check_options(mode, on_unavailable, header, charge_below, hold_ttl_s)
         timeout_s = check_calls(timeout_s, retries, on_unpaid)
         self.app = app
