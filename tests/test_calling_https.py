@@ -144,9 +144,11 @@ def test_the_command_line_calls_through_https_with_a_private_ca(accman, front, c
     assert [e["by"] for e in json.loads(outs[2].stdout)["past"]] == [10]
 
 
-def test_the_middleware_charges_through_https_with_a_private_ca(accman, front, trusted, cred):
+def charges_one(accman, front, cred, **options) -> None:
+    """A middleware of `options` in front of an app charges `cred` (funded
+    with 5) 1 through the https proxy `front`."""
     accman.mod(cred, 5, token=TOKEN)
-    m = AccManMiddleware(make_app(), url=front.url, token=TOKEN, retries=0)
+    m = AccManMiddleware(make_app(), url=front.url, token=TOKEN, retries=0, **options)
 
     async def go():
         reply = await call(m, cred=cred)
@@ -156,6 +158,10 @@ def test_the_middleware_charges_through_https_with_a_private_ca(accman, front, t
     reply = asyncio.run(go())
     assert reply.status == 200 and m.stats["charged"] == 1
     assert accman.tot(cred, token=TOKEN) == 4
+
+
+def test_the_middleware_charges_through_https_with_a_private_ca(accman, front, trusted, cred):
+    charges_one(accman, front, cred)
 
 
 REFUSED = [("stranger", "self-signed certificate"),
@@ -271,18 +277,8 @@ def test_a_client_trusts_a_private_ca_through_its_own_ssl_context(accman, front,
 
 def test_the_middleware_passes_its_ssl_context_to_its_client(accman, front, certs, untrusted,
                                                              cred):
-    accman.mod(cred, 5, token=TOKEN)
     ctx = ssl.create_default_context(cafile=str(certs["bundle"]))
-    m = AccManMiddleware(make_app(), url=front.url, token=TOKEN, retries=0, ssl_context=ctx)
-
-    async def go():
-        reply = await call(m, cred=cred)
-        assert await m.drain(2.0)
-        await m.aclose()
-        return reply
-    reply = asyncio.run(go())
-    assert reply.status == 200 and m.stats["charged"] == 1
-    assert accman.tot(cred, token=TOKEN) == 4
+    charges_one(accman, front, cred, ssl_context=ctx)
 
 
 @pytest.mark.parametrize("make", [AccManClient, AccManSyncClient,
