@@ -85,6 +85,19 @@ def assert_every_call_refused(led, detail):
     assert names == public_methods()            # a method added later is checked too
 
 
+def test_a_kept_submit_of_a_closed_ledger_says_it_is_closed_before_judging_done(tmp_path):
+    """A `submit` kept from before the close (the bound method, which close
+    cannot replace) judged its `done` first: done=5 was TypeError where
+    every other call of a closed ledger, bad values too, says it is
+    closed."""
+    led = Ledger(str(tmp_path / "d"))
+    submit = led.submit
+    led.close()
+    for done in (5, print):
+        with pytest.raises(Unavailable, match="^the ledger is closed$"):
+            submit("a", 1, done=done)
+
+
 def closed_then_reopened(led, path) -> int | None:
     """Asserts that `led` refuses every call as closed; the balance of "a"
     in the store reopened."""

@@ -150,7 +150,6 @@ class Committer(Housekeeping):
         outcome is final and everything it depends on is durable.  (Named
         like Ledger.submit, which is this very method.)"""
         min_ = min
-        check_done(done)
         # Only a call made from inside the bound loop, while it runs, is
         # completed on it; a plain call from the same thread (the loop
         # stopped, or never ran there) is completed directly.
@@ -159,6 +158,7 @@ class Committer(Housekeeping):
         with self.lock:
             if self._closing:
                 raise Unavailable(self.refusal)
+            check_done(done)        # after the closing: a closed ledger says so first
             outcome = self.book.apply(cred, by, min_, key, done, on_loop, at_ms, low)
             self._queued(outcome, on_loop)
         if outcome is not None:
@@ -173,12 +173,12 @@ class Committer(Housekeeping):
         self._change(self.book.settle, (cred, hold, use), done)
 
     def _change(self, apply, args, done):
-        check_done(done)
         on_loop = self._loop is not None and running_loop() is self._loop
         at_ms = self.clock_ms()
         with self.lock:
             if self._closing:
                 raise Unavailable(self.refusal)
+            check_done(done)
             outcome = apply(*args, done, on_loop, at_ms)
             self._queued(outcome, on_loop)
         if outcome is not None:
