@@ -167,6 +167,7 @@ class PgStore(Committing):
     # -- binding -----------------------------------------------------------------------
 
     def bind_loop(self, loop, deliver=None) -> None:
+        self._check_open()
         check_binding(loop, deliver)        # as the embedded store: nothing bound on bad input
         if loop is not self._loop:
             raise RuntimeError("a PgStore is used on the loop it was opened on")
@@ -174,9 +175,14 @@ class PgStore(Committing):
 
     # -- writes ------------------------------------------------------------------------
 
-    def _queue(self, cluster: Cluster, op) -> None:
+    def _check_open(self) -> None:
+        """A closed store says so before it judges a call's values, as the
+        embedded store does."""
         if self._closed:
             raise Unavailable("the store is closed")
+
+    def _queue(self, cluster: Cluster, op) -> None:
+        self._check_open()
         if not cluster.healthy:     # a read here is in order behind its connection's changes
             raise B.unsent(op, named(self, cluster) + (cluster.error or "reconnecting"))
         if self.queued_mods >= self.queued_mods_max:
@@ -189,14 +195,16 @@ class PgStore(Committing):
             lane.writing = True
             self._spawn(self._write(cluster, lane))
 
-    # A change's checks, in the embedded store's order: `done`, the cred, then the values.
+    # A change's checks, in the embedded store's order: open, `done`, the cred, the values.
     def submit(self, cred, by, min=None, key=None, done=None, low=None):  # noqa: A002
+        self._check_open()
         done = B.told(done)
         hid, cluster = self._locate(cred)
         B.check_mod(by, min, key, low)
         self._queue(cluster, B.Op(S.MOD, hid, by, min, key, low, done))
 
     def submit_hold(self, cred, by, ttl_s, min, key, done):  # noqa: A002
+        self._check_open()
         done = B.told(done)
         hid, cluster = self._locate(cred)
         B.check_hold(by, ttl_s, min, key)
@@ -204,6 +212,7 @@ class PgStore(Committing):
                                   done))
 
     def submit_settle(self, cred, hold, use, done):
+        self._check_open()
         done = B.told(done)
         hid, cluster = self._locate(cred)
         check_settle(hold, use)
@@ -236,12 +245,11 @@ class PgStore(Committing):
     # -- reads ---------------------------------------------------------------------------
 
     def read_tot(self, cred, done, ordered=False):
+        self._check_open()
         hid, cluster = self._locate(cred)
         if ordered:
             self._queue(cluster, B.Op(S.READ, hid, 0, None, None, None, done))
             return None
-        if self._closed:
-            raise Unavailable("the store is closed")
         if len(cluster.reads) >= QUEUED_READS_MAX:
             raise Busy(f"{QUEUED_READS_MAX} reads are waiting for the database; retry shortly")
         cluster.reads.append((hid, done))

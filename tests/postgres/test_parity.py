@@ -10,7 +10,7 @@ import time
 import pytest
 
 from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient, KeyReused,
-                           NoAccount, Overflow, TooManyHolds)
+                           NoAccount, Overflow, TooManyHolds, Unavailable)
 from accman.limits import INT64_MAX, INT64_MIN
 from accman.ledger import Ledger
 from accman.postgres import upkeep as upkeep_module
@@ -94,6 +94,27 @@ def test_bad_values_and_dones_are_refused_as_the_embedded_store_refuses_them(pg_
     assert not any(said.startswith("returned") for said in embedded), embedded
     assert told == []
     assert "completion callback failed" not in caplog.text
+
+
+def test_a_closed_store_says_it_is_closed_before_it_judges_a_call(pg_url, tmp_path):
+    """A closed PgStore judged a call's values (and its `done`) before it
+    said it was closed, and its bind_loop took a new `deliver`; the closed
+    embedded store says it is closed to every call first.  Both now refuse
+    the same bad calls, and a bind, as closed."""
+    with Ledger(str(tmp_path / "data")) as led:
+        led.mod("a", 10)
+    embedded = _refusals(led, print)
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            await c.mod("a", 10)
+            await store.aclose()
+            with pytest.raises(Unavailable, match="^the store is closed$"):
+                store.bind_loop(asyncio.get_running_loop(), print)
+            return _refusals(store, print)
+    on_pg = run(main())
+    assert embedded == ["Unavailable: the ledger is closed"] * len(_BAD_CALLS)
+    assert on_pg == ["Unavailable: the store is closed"] * len(_BAD_CALLS)
 
 
 def test_refusals_say_what_the_embedded_store_says(pg_url):
