@@ -15,7 +15,6 @@ from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAcc
 from accman.postgres import schema as S
 from accman.records import Entry
 from accman.store import Page, check_done, check_key
-from accman.store import check_cred as check_cred, check_mod as check_mod     # PgStore's
 from accman.store import check_hold as store_check_hold
 
 

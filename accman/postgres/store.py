@@ -43,7 +43,8 @@ from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import migrate, read_infos
 from accman.postgres.shape import check_infos
-from accman.store import check_binding, check_options, check_past, check_settle, run_callbacks
+from accman.store import (check_binding, check_cred, check_mod, check_options, check_past,
+                          check_settle, run_callbacks)
 
 log = logging.getLogger("accman.postgres")
 
@@ -148,7 +149,7 @@ class PgStore(Committing):
         hit = self._creds.get(cred) if type(cred) is str else None     # as Book._find
         if hit is not None:
             return hit
-        B.check_cred(cred)
+        check_cred(cred)
         h = self._hasher.copy()
         h.update(cred.encode("ascii"))
         hid = h.digest()
@@ -200,7 +201,7 @@ class PgStore(Committing):
         self._check_open()
         done = B.told(done)
         hid, cluster = self._locate(cred)
-        B.check_mod(by, min, key, low)
+        check_mod(by, min, key, low)
         self._queue(cluster, B.Op(S.MOD, hid, by, min, key, low, done))
 
     def submit_hold(self, cred, by, ttl_s, min, key, done):  # noqa: A002
