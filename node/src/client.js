@@ -24,6 +24,14 @@ const TOKEN_RE = /^[A-Za-z0-9._~+/-]+=*$/ // RFC 6750 b64token
 // undici's errors for a reply that breaks HTTP/1.1 framing (llhttp's are HPE_*).
 const FRAMING_CODES = new Set(['UND_ERR_HEADERS_OVERFLOW', 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH'])
 const PREFIX_RE = /^(\/[A-Za-z0-9._~-]+)+$/
+// A host that is not an IP literal: a name of labels of 1 to 63 characters
+// (RFC 1035 2.3.4), the root's dot at most at its end, as the Python client
+// takes it (accman/calling/requests.py).  new URL() writes an international
+// name in its xn-- form and an IPv4 address in dotted decimal, but keeps an
+// empty or long label (`a..b`, `.a`, `.`) and `!$&'()*+,;=~` in a host: the
+// resolver would refuse each call of such a client (ENOTFOUND), and `https://./`
+// would reach TLS as an empty name.  An IPv6 literal is in brackets.
+const LABELS_RE = /^(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?$/
 
 function parseUrl (url) {
   let u
@@ -37,6 +45,10 @@ function parseUrl (url) {
   }
   if (u.search || u.hash || u.username || u.password) {
     throw new TypeError('url takes no query, fragment or userinfo')
+  }
+  if (!u.hostname.startsWith('[') && !LABELS_RE.test(u.hostname)) {
+    throw new TypeError('url host must be a name (labels of 1 to 63 characters: A-Z a-z 0-9 ' +
+      `- _) or an IP address, not ${JSON.stringify(u.hostname)}`)
   }
   const prefix = u.pathname.replace(/\/+$/, '')
   if (prefix && !PREFIX_RE.test(prefix)) {

@@ -180,6 +180,32 @@ test('options are checked when the client is made', () => {
   assert.throws(() => new AccManClient('http://x'), { message: /the options of AccManClient must be an object/ })
 })
 
+test('a url host that is no name nor IP address is refused when the client is made', async () => {
+  // Taken, each call of such a client failed Unreachable (ENOTFOUND); the
+  // Python client refuses the same hosts.
+  const why = 'url host must be a name (labels of 1 to 63 characters: A-Z a-z 0-9 - _) or an IP address'
+  for (const [url, host] of [
+    ['https://a..b/', 'a..b'], ['https://.a/', '.a'], ['https://./', '.'],
+    ['http://a..:8080', 'a..'], ['http://a\u3002\u3002b', 'a..b'], ['https://a!b/', 'a!b'],
+    ['http://' + 'a'.repeat(64) + '.example', 'a'.repeat(64) + '.example']
+  ]) {
+    assert.throws(() => new AccManClient({ url }),
+      { name: 'TypeError', message: `${why}, not ${JSON.stringify(host)}` }, url)
+  }
+  // The root's dot, a label of 63, an international name (new URL() writes
+  // it in its xn-- form), IP addresses.
+  for (const [url, where] of [
+    ['https://accman.example./', 'https://accman.example.'],
+    ['http://' + 'a'.repeat(63) + '.example', 'http://' + 'a'.repeat(63) + '.example'],
+    ['http://b\u00fccher.example:8080', 'http://xn--bcher-kva.example:8080'],
+    ['http://[::1]:8080', 'http://[::1]:8080'], ['http://127.0.0.1:8080', 'http://127.0.0.1:8080']
+  ]) {
+    const client = new AccManClient({ url })
+    assert.equal(client.where, where)
+    await client.close()
+  }
+})
+
 test('an empty token is no token, as null is: no Authorization header is sent', async () => {
   // `token: process.env.ACCMAN_TOKEN` with the variable set but empty, as
   // the Python clients take it.
