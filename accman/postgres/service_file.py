@@ -31,7 +31,9 @@ libpq's rules, odd ones among them, followed as they are:
   * The files: PGSERVICEFILE (which must exist), else ~/.pg_service.conf
     (if it exists; ~ is HOME, or if that is unset or empty, the user's
     home of the password file); then, unless the first defined the service,
-    pg_service.conf in PGSYSCONFDIR (if it exists).  libpq's own fallback
+    pg_service.conf in PGSYSCONFDIR (if it exists).  A directory in their
+    place is read as an empty file (libpq's fopen takes it, and its
+    fgets meets the end at once).  libpq's own fallback
     for PGSYSCONFDIR is a directory compiled into it, which AccMan cannot
     know (see SYSTEM_FILE_HINT).
 """
@@ -94,7 +96,7 @@ def service_settings(name: str) -> dict[str, str]:
         settings = _read(path, name)
         if settings is not None:
             return settings
-        looked.append(str(path))
+        looked.append(f"{path} (a directory, read as empty)" if path.is_dir() else str(path))
     shown = name or '""'                # libpq's words for the empty name
     raise ServiceFileError(
         f"{_CONNECT}: the service {shown} (the store URL's service=, or PGSERVICE) is not "
@@ -136,6 +138,11 @@ def _read(path: pathlib.Path, name: str) -> dict[str, str] | None:
     none."""
     try:
         data = path.read_bytes()
+    except IsADirectoryError:
+        # libpq opens a directory (fopen succeeds) and takes the failure of
+        # its first read for the end of the file: an empty file, which
+        # defines no service, so the next file is read.
+        return None
     except OSError as e:
         raise ServiceFileError(f"{_CONNECT}: the service file {path} cannot be read: "
                                f"{e.strerror or type(e).__name__}") from None

@@ -165,3 +165,40 @@ def test_an_empty_home_names_the_user_s_home_as_libpq_s(service, monkeypatch):
     assert 'definition of service "accman" not found' in _psql("postgresql:///?service=accman")[1]
     with pytest.raises(ServiceFileError, match=f"looked in {re.escape(str(home))} \\(none\\), "):
         connecting.with_service("postgresql:///?service=accman")
+
+
+@pytest.mark.parametrize("place", ["PGSERVICEFILE", "~/.pg_service.conf"])
+def test_a_directory_in_a_service_file_s_place_is_read_as_empty(pg, pg_url, service,
+                                                                 tmp_path, monkeypatch, place):
+    """libpq opens a directory named as a service file and meets the end of
+    it at once: an empty file, and the $PGSYSCONFDIR file is read next.
+    AccMan refused the directory ("Is a directory") where psql connected
+    to the service of the $PGSYSCONFDIR file."""
+    db = pg_url.rsplit("/", 1)[1]
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "pg_service.conf").write_text(HEAD.format(port=pg.port) + f"dbname={db}\n")
+    monkeypatch.setenv("PGSYSCONFDIR", str(etc))
+    if place == "PGSERVICEFILE":
+        service.mkdir()
+    else:
+        monkeypatch.delenv("PGSERVICEFILE")
+        (tmp_path / "home" / ".pg_service.conf").mkdir(parents=True)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    url = "postgresql:///?service=accman"
+    assert _psql(url) == run(_accman(url)) == ("db", db)
+
+
+def test_a_service_file_s_directories_are_named_where_the_service_was_looked_for(
+        service, tmp_path, monkeypatch):
+    """Directories in the place of every service file define no service:
+    libpq and AccMan refuse it as defined nowhere, AccMan naming each
+    directory as one, read as empty."""
+    service.mkdir()
+    (tmp_path / "etc" / "pg_service.conf").mkdir(parents=True)
+    monkeypatch.setenv("PGSYSCONFDIR", str(tmp_path / "etc"))
+    assert 'definition of service "accman" not found' in _psql("postgresql:///?service=accman")[1]
+    looked = [f"{service} (a directory, read as empty)",
+              f"{tmp_path / 'etc' / 'pg_service.conf'} (a directory, read as empty)"]
+    with pytest.raises(ServiceFileError, match=re.escape(f"looked in {', '.join(looked)}") + "$"):
+        connecting.with_service("postgresql:///?service=accman")
