@@ -23,7 +23,10 @@ libpq's rules, odd ones among them, followed as they are:
     their length: libpq 15 reads a line into a buffer of 1024 bytes
     (fgets), and a line longer than LINE_BYTES_MAX, its newline counted,
     refuses the file, wherever it is before the service's section ends
-    (a comment, another section, the header that ends it).
+    (a comment, another section, the header that ends it).  A line ends
+    at a NUL byte (a C string): a longer one with a NUL in its first
+    LINE_BYTES_MAX + 1 bytes is read as those bytes up to the NUL, and
+    the bytes after them as the next line, numbered so.
   * AccMan refuses, naming the line, three things libpq reads, rather
     than read them differently: an LDAP lookup, a key's first value
     empty (libpq's built-in default over the environment's), and a line
@@ -147,12 +150,8 @@ def _read(path: pathlib.Path, name: str) -> dict[str, str] | None:
         raise ServiceFileError(f"{_CONNECT}: the service file {path} cannot be read: "
                                f"{e.strerror or type(e).__name__}") from None
     settings: dict[str, str] | None = None
-    rows = data.split(b"\n")
-    for number, raw in enumerate(rows, 1):
-        # libpq reads a line as a C string: it ends at a NUL byte, and
-        # its length (strlen) counts the newline when no NUL comes first.
-        line, nul, _ = raw.partition(b"\0")
-        if len(line) + (not nul and number < len(rows)) > LINE_BYTES_MAX:
+    for number, line in enumerate(_fgets_lines(data), 1):
+        if len(line) > LINE_BYTES_MAX:
             raise _refused(path, number, f"is too long: libpq reads lines of at most "
                            f"{LINE_BYTES_MAX} bytes, the newline counted, and refuses a longer "
                            "one anywhere before the service's section ends")
@@ -178,6 +177,21 @@ def _read(path: pathlib.Path, name: str) -> dict[str, str] | None:
                                "leave the line out")
             settings[key] = value
     return settings
+
+
+def _fgets_lines(data: bytes):
+    """The lines of `data` as libpq's fgets(buf, 1024) reads them: each up
+    to and with its newline, or its first LINE_BYTES_MAX + 1 bytes, the
+    rest of a longer one being read as the next line; each then taken as
+    a C string, ended by a NUL byte (the newline then left out too).
+    Only a line cut short by a NUL can be read whole beyond
+    LINE_BYTES_MAX bytes: a longer one without a NUL is refused."""
+    start = 0
+    while start < len(data):
+        newline = data.find(b"\n", start, start + LINE_BYTES_MAX + 1)
+        end = start + LINE_BYTES_MAX + 1 if newline < 0 else newline + 1
+        yield data[start:end].partition(b"\0")[0]
+        start = end
 
 
 def _setting(path: pathlib.Path, number: int, line: bytes) -> tuple[str, str]:

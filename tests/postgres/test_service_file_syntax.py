@@ -38,6 +38,13 @@ READ = [
     (HEAD + "dbname={db}\n[" + "x" * 1020 + "]\n", ("long", 6)),         # the header after it
     (HEAD + "dbname={db}\n[other]\n#" + "x" * 1100 + "\n", ("db", "{db}")),  # after: not read
     (HEAD + "dbname={db}\n[Accman]\nHOST:x\n", ("db", "{db}")),           # after: not read
+    # A line ends at a NUL, and libpq reads a line of over 1022 bytes by
+    # its first 1023: what follows them is a line of its own.
+    (HEAD + "#\0" + "x" * 1021 + "dbname={db}\n", ("db", "{db}")),
+    (HEAD + "dbname={db}\n#\0" + "x" * 1021 + "Bad\n", ("line", 7)),
+    (HEAD + "#\0" + "x" * 1021 + "#\ndbname:{db}\n", ("line", 7)),
+    (HEAD + "dbname={db}\n#\0" + "x" * 1021 + "y" * 1023 + "\n", ("long", 7)),
+    (HEAD + "dbname={db}\n#\0x\n", ("db", "{db}")),
     (HEAD + "Dbname={db}\n", ("line", 5)),                 # keys are lower case
     (HEAD + "dbname:{db}\n", ("line", 5)),                 # `=` only
     (HEAD + "dbname = {db}\n", ("line", 5)),               # the key "dbname "
