@@ -122,14 +122,23 @@ def test_psql_and_accman_read_a_service_file_alike(pg, pg_url, service, text, do
 def test_an_empty_value_is_refused_where_libpq_takes_its_default(pg, service, monkeypatch):
     """libpq takes `host=` as its built-in default, over PGHOST; the driver
     would take PGHOST: AccMan refuses the line, naming it, rather than
-    reach another server than psql does."""
+    reach another server than psql does.  psql's failure is its own
+    words for the default, a Unix socket of the port where no server
+    listens (the session server's socket is in a directory of its own):
+    any error of psql's was taken for it."""
     monkeypatch.setenv("PGHOST", "127.0.0.1")
+    url = "postgresql:///postgres?service=accman"
+    service.write_text(HEAD.format(port=pg.port).replace("host=127.0.0.1\n", ""))
+    assert _psql(url) == ("db", "postgres")             # without the line: PGHOST's server
     service.write_text(HEAD.format(port=pg.port).replace("host=127.0.0.1", "host="))
-    assert _psql("postgresql:///postgres?service=accman")[0] == "error"   # psql: no socket
+    libpq = _psql(url)
+    assert libpq[0] == "error"
+    assert re.match(rf'psql: error: connection to server on socket "[^"]+/\.s\.PGSQL\.{pg.port}" '
+                    r"failed: No such file or directory$", libpq[1], re.MULTILINE), libpq[1]
     with pytest.raises(ServiceFileError, match=rf"the service file {service}, line 2: sets "
                        "host to nothing, which libpq reads as its built-in default and "
                        "AccMan cannot: give a value, or leave the line out$"):
-        connecting.with_service("postgresql:///postgres?service=accman")
+        connecting.with_service(url)
 
 
 @pytest.mark.parametrize("empty", [False, True])
