@@ -4,6 +4,7 @@ its read pool."""
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 
 import asyncpg
@@ -60,11 +61,12 @@ class Lane:
         self.ops: deque = deque()          # B.Op, an ordered /past among them
         self.writing = False
 
-    async def connect(self, url, on_closed) -> None:
+    async def connect(self, url, on_closed, said) -> None:
         """Connects the writer (the last one, left idle by a reconnection
-        that failed after it, goes); `on_closed` hears its close."""
+        that failed after it, goes); `on_closed` hears its close, `said`
+        (the store's) says its service file's failures."""
         self.drop()
-        writer = await connect(url, connection_class=Connection)
+        writer = await connect(url, connection_class=Connection, said=said)
         try:
             if await writer.fetchval("SHOW transaction_read_only",
                                      timeout=CONNECT_TIMEOUT_S) == "on":
@@ -207,7 +209,7 @@ class Cluster:
         back after them)."""
         try:
             for lane in self.lanes:
-                await lane.connect(self.url, self.writer_closed)
+                await lane.connect(self.url, self.writer_closed, self.store.service_said)
             if await self.stalled(self.lanes[0].writer):
                 raise StoreError(STALLED)
             await join(self.lanes[0].writer, *self.recorded_shape())
@@ -222,7 +224,7 @@ class Cluster:
                 self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
                 timeout=CONNECT_TIMEOUT_S, reset=no_reset,
                 server_settings=SESSION_SETTINGS, connection_class=Connection, init=identify,
-                connect=connect_each_host)
+                connect=functools.partial(connect_each_host, said=self.store.service_said))
         except BaseException:
             for lane in self.lanes:
                 lane.drop()

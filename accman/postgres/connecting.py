@@ -48,10 +48,11 @@ DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError,
 
 
 async def connect(url: str, settings: dict | None = None,
-                  connection_class=asyncpg.Connection):
-    """A connection with SESSION_SETTINGS, and `settings` besides."""
+                  connection_class=asyncpg.Connection, said: ServiceSaid | None = None):
+    """A connection with SESSION_SETTINGS, and `settings` besides; `said`
+    as connect_each_host's."""
     try:
-        return await connect_each_host(url, timeout=CONNECT_TIMEOUT_S,
+        return await connect_each_host(url, timeout=CONNECT_TIMEOUT_S, said=said,
                                        server_settings={**SESSION_SETTINGS, **(settings or {})},
                                        connection_class=connection_class)
     except DRIVER_ERRORS as e:
@@ -72,7 +73,8 @@ _NEXT_HOST = (OSError, asyncio.TimeoutError, asyncpg.exceptions.CannotConnectNow
 NEXT_HOST_AFTER_S = 1.0
 
 
-async def connect_each_host(dsn: str, *, timeout: float, **kw):
+async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | None = None,
+                            **kw):
     """asyncpg.connect on each host of `dsn` in the URL's order, as libpq
     tries them, each attempt with the whole `timeout` of its own: asyncpg's
     timeout spans every host of a URL, so a host that does not answer would
@@ -82,8 +84,9 @@ async def connect_each_host(dsn: str, *, timeout: float, **kw):
     connection taken (the earlier begun on a tie) ends the other attempts.
     A host that answered but takes no writes (target_session_attrs) beside
     one that did not answer is said as no host taking writes, not as the
-    unanswered one's error, as if no database were up."""
-    dsn = with_service(dsn)
+    unanswered one's error, as if no database were up.  `said` (a store's)
+    logs its service file's failures, as with_service's."""
+    dsn = with_service(dsn, said)
     urls = _one_host_urls(dsn)
     kw.setdefault("target_session_attrs", target_session_attrs(dsn))
     if urls is None:
@@ -175,7 +178,7 @@ SERVICE_SETTINGS = ("host", "port", "dbname", "user", "password", "passfile",
                     "target_session_attrs", "krbsrvname", "gsslib")
 
 
-def with_service(dsn: str) -> str:
+def with_service(dsn: str, said: ServiceSaid | None = None) -> str:
     """`dsn` with the settings of its service (its service= parameter, else
     PGSERVICE) in its query, each where the URL gives none, the service=
     itself left out: a service's hosts, ports and target_session_attrs then
@@ -187,7 +190,9 @@ def with_service(dsn: str) -> str:
     that sets what AccMan cannot apply, raises ServiceFileError: libpq
     refuses the first two, and the other would be half-honoured.  One
     whose target_session_attrs may take a standby raises StoreError
-    (target_session_attrs), said in the log as a broken file is."""
+    (target_session_attrs), said in the log as a broken file is: by
+    `said`, a store's, once the store has read the file; a failure
+    without it is its caller's to say (the open's)."""
     scheme, user_at, hosts, tail = _split(dsn)
     name = _service_name(dsn)
     if name is None:
@@ -203,9 +208,11 @@ def with_service(dsn: str) -> str:
         # server is said: a value it sets may take a standby.
         target_session_attrs(dsn)
     except StoreError as e:
-        _said.failed(name, e)
+        if said is not None:
+            said.failed(name, e)
         raise
-    _said.worked(name)
+    if said is not None:
+        said.worked(name)
     return dsn
 
 
@@ -235,11 +242,14 @@ def _applicable(name: str, settings: dict[str, str]) -> dict[str, str]:
     return settings
 
 
-class _Said:
-    """The log lines of a service file that fails once the store has read
-    it (edited or removed under a running server): each new failure said
-    once, with its file and line, and its end once.  A failure before any
-    read worked is the open's, which says it itself."""
+class ServiceSaid:
+    """A store's log lines of a service file that fails once the store has
+    read it (edited or removed under a running server): each new failure
+    said once, with its file and line, and its end once.  A failure before
+    the store's first read worked is its open's, which says it itself.
+    Each store has its own: another store of the process, on the same
+    service, says its own failures, and its open's failure is not worded
+    as this running store's."""
 
     def __init__(self):
         self._read: set[str] = set()            # services read at least once
@@ -254,9 +264,6 @@ class _Said:
         self._read.add(name)
         if self._failing.pop(name, None) is not None:
             log.warning("the connection service %s can be read again", name)
-
-
-_said = _Said()
 
 
 def _service_name(url: str) -> str | None:

@@ -112,7 +112,8 @@ class PgCursors:
         try:
             if conn is None:
                 from accman.postgres.connecting import connect
-                conn = self._conns[name] = await connect(self.store.home.url, ROLE_KEEPALIVE)
+                conn = self._conns[name] = await connect(self.store.home.url, ROLE_KEEPALIVE,
+                                                         said=self.store.service_said)
             if self._leading.get(name):
                 await conn.fetchval("SELECT 1", timeout=CURSOR_TIMEOUT_S)
             elif await conn.fetchval(_LEAD_SQL, LOCK_CLASS, lock_key(name),

@@ -96,7 +96,7 @@ class EventReader:
     async def start(self) -> None:
         """LISTENs on a session of its own (`_closed` hears it end)."""
         from accman.postgres.connecting import connect
-        listener = await connect(self.cluster.url)
+        listener = await connect(self.cluster.url, said=self.cluster.store.service_said)
         try:
             await listener.add_listener(NOTIFY_CHANNEL, self._notified)
         except BaseException:

@@ -38,6 +38,7 @@ from accman.postgres.backends import pool_read, writer_read
 from accman.postgres.cluster import Cluster, health_detail
 from accman.postgres.committing import PAST_BARRIER, Committing
 from accman.postgres.complaints import Complaints, named
+from accman.postgres.connecting import ServiceSaid
 from accman.postgres.cursors import PgCursors
 from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
@@ -72,6 +73,8 @@ class PgStore(Committing):
                  batch_mods_max, queued_mods_max, holds_per_account_max, holds_max):
         self._hasher = hashlib.blake2b(digest_size=16, key=hash_key)
         self._refused = B.refusals(holds_per_account_max, holds_max, len(urls))
+        # Its service file's failures, said by this store (and not another's).
+        self.service_said = ServiceSaid()
         self.clusters = [Cluster(u, i, info.cluster_id, self)
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
         self.low_default = low_default

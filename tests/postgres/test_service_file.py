@@ -2,6 +2,7 @@
 the URL's service= or by PGSERVICE): its hosts and settings follow the
 rule of the URL's own (accman/postgres/connecting.py, SCALING.md)."""
 
+import asyncio
 import re
 import socket
 
@@ -12,6 +13,7 @@ from accman.errors import StoreError
 from accman.postgres import PgStore
 from accman.postgres import cluster as cluster_module
 from accman.postgres import connecting
+from accman.postgres.service_file import ServiceFileError
 
 from ledgerhelp import wait_for
 
@@ -229,3 +231,47 @@ def test_a_service_file_broken_under_a_running_server_is_said_once_and_mended(
     assert err.count(what) == 1, err
     assert err.count("the connection service accman can be read again") == 1, err
     assert "Traceback" not in err and "in AccMan" not in err, err
+
+
+def test_each_store_of_a_process_says_its_own_service_file_failures(pg, pg_url, service_file,
+                                                                    caplog):
+    """The log's "said once" state was the process's, by service name: a
+    store opened beside a running one on the same service, its open
+    failing on a file broken meanwhile, was logged as the running store's
+    failure ("each new connection fails ..."), and that store's own
+    failure, the same, was then never said.  Each store says its own
+    failures, once each, and their end; an open's failure is the open's,
+    raised, not logged as a running store's."""
+    caplog.set_level("WARNING", logger="accman.postgres")
+    good = (f"[accman]\nhost=127.0.0.1\nport={pg.port}\nuser=postgres\n"
+            f"dbname={pg_url.rsplit('/', 1)[1]}\n")
+    service_file(good)
+    url = "postgresql:///?service=accman"
+
+    def said(text):
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    async def until(text, count):
+        for _ in range(100):
+            if said(text) >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{text!r} not said {count} times: {caplog.text}")
+
+    async def main():
+        async with stored(url) as (_, one), stored(url) as (_, two):
+            assert await one.mod("a", 5) == (5, 1)
+            service_file(good + "sslmode require\n")
+            with pytest.raises(ServiceFileError, match="line 6: has no `=`"):
+                await PgStore.open([url])
+            assert said("line 6: has no `=`") == 0, caplog.text
+            pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    f"WHERE datname = '{pg_url.rsplit('/', 1)[1]}'")
+            # Each store's reconnection fails, try after try: said once by each.
+            await until("line 6: has no `=`", 2)
+            service_file(good)
+            await until("the connection service accman can be read again", 2)
+            assert await two.tot("a") == 5
+        assert said("line 6: has no `=`") == 2, caplog.text
+        assert said("the connection service accman can be read again") == 2, caplog.text
+    run(main())
