@@ -88,6 +88,7 @@ def test_the_shared_leaves_and_the_package_import_no_part():
                                     "accman.calling.conn", "accman.calling.commands",
                                     "accman.calling.follow", "accman.calling.output",
                                     "accman.calling.reserve", "accman.calling.settings",
+                                    "accman.calling.prices",
                                     "accman.calling.disconnect", "accman.calling.lifespan",
                                     "accman.calling.arguments", "accman.cli"])
 def test_every_exception_class_is_in_accman_errors(module):

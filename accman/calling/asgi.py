@@ -39,7 +39,6 @@ import functools
 import inspect
 import logging
 import re
-from collections.abc import Mapping
 
 from accman.calling.answers import refuse, refuse_unavailable, with_tot
 from accman.calling.client import AccManClient
@@ -52,8 +51,8 @@ from accman.calling.disconnect import READ_AHEAD_BYTES_MAX, DisconnectWatch
 from accman.calling.lifespan import lifespan
 from accman.calling.repeats import Repeats
 from accman.calling.reserve import Meter, Reservation
-from accman.calling.settings import (amount, check_calls, check_options, paths, priced,
-                                     request_ids, route_path, split)
+from accman.calling.prices import Prices, charge_of, route_path
+from accman.calling.settings import check_calls, check_options, request_ids
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
                            TransportError, Unauthorized, Unavailable)
 from accman.limits import CRED_CHARS_MAX
@@ -124,17 +123,7 @@ class AccManMiddleware:
         self._repeats = Repeats(log)        # lines every refused request would say
         self._charge_below = charge_below
         self.hold_ttl_s = hold_ttl_s
-        self._cost = self._price_value(cost, "cost")
-        self._exempt_exact, self._exempt_prefixes = split(
-            paths(() if exempt is None else exempt, "exempt"))
-        if prices is not None and not isinstance(prices, Mapping):
-            raise TypeError(f"prices must map paths to prices, not be a {type(prices).__name__}")
-        prices = {path: self._price_value(price, f"prices[{path!r}]")
-                  for path, price in (prices or {}).items()}
-        exact, prefixes = priced(prices, self._exempt_exact, self._exempt_prefixes)
-        self._prices_exact = {path: prices[path] for path in exact}
-        self._price_prefixes = sorted(((p, prices[p + "*"]) for p in prefixes),
-                                      key=lambda p: len(p[0]), reverse=True)
+        self._prices = Prices(cost, exempt, prices)
         self._url, self._token = url, token
         self._calls = dict(timeout_s=timeout_s, retries=retries, ssl_context=ssl_context)
         self._client = client
@@ -159,10 +148,6 @@ class AccManMiddleware:
         self._tasks = set()             # releases and charges under way (_spawn)
         self._billing = set()           # async on_unpaid calls under way (_unpaid)
 
-    @staticmethod
-    def _price_value(value, what: str):
-        return value if callable(value) else amount(value, what)
-
     # --- ASGI --------------------------------------------------------------
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
@@ -170,7 +155,7 @@ class AccManMiddleware:
             if kind == "lifespan":
                 return await lifespan(self.app, self.aclose, scope, receive, send)
             return await self.app(scope, receive, send)     # websockets are not metered
-        price = self._price_for(route_path(scope))
+        price = self._prices.of(route_path(scope))
         if price is None:
             self.stats["exempt"] += 1
             return await self.app(scope, receive, send)
@@ -179,7 +164,7 @@ class AccManMiddleware:
         if cred is None:
             self.stats["refused_no_credential"] += 1
             return await refuse(send, 401, "no_credential", problem, self._challenge())
-        est = self._charge_of(price, scope, None, None)
+        est = charge_of(price, scope, None, None)
         if self._reserve:
             return await self._serve_reserved(scope, receive, send, cred, price, est)
         return await self._serve_checked(scope, receive, send, cred, price, est)
@@ -427,20 +412,6 @@ class AccManMiddleware:
             self._client_loop = loop
         return self._client
 
-    def _price_for(self, path: str):
-        if path in self._exempt_exact:
-            return None
-        for prefix in self._exempt_prefixes:
-            if path.startswith(prefix):
-                return None
-        price = self._prices_exact.get(path)
-        if price is not None:
-            return price
-        for prefix, price in self._price_prefixes:
-            if path.startswith(prefix):
-                return price
-        return self._cost
-
     def _cred(self, scope):
         found = None
         for name, value in scope["headers"]:
@@ -455,12 +426,6 @@ class AccManMiddleware:
             return None, f"the {self._header.decode()} header is not a credential"
         return cred, ""
 
-    @staticmethod
-    def _charge_of(price, scope, status, headers) -> int:
-        if callable(price):
-            return amount(price(scope, status, headers), "the cost function's result")
-        return price
-
     def _cost_of_response(self, price, scope, message) -> int:
         """The charge for the response that `message` starts: nothing when
         its status is `charge_below` or more."""
@@ -468,7 +433,7 @@ class AccManMiddleware:
         if self._charge_below is not None and status >= self._charge_below:
             self.stats["free_status"] += 1
             return 0
-        return self._charge_of(price, scope, status, message.get("headers", ()))
+        return charge_of(price, scope, status, message.get("headers", ()))
 
     def _charged(self, cost: int) -> None:
         if cost:

@@ -8,7 +8,7 @@ import os
 import re
 
 from accman.calling.policy import check_settings
-from accman.limits import HOLD_TTL_S_MAX, INT64_MAX
+from accman.limits import HOLD_TTL_S_MAX
 
 
 class RequestIds:
@@ -60,66 +60,4 @@ def check_calls(timeout_s, retries, on_unpaid) -> float:
     return float(timeout_s)
 
 
-def split(paths: list) -> tuple:
-    """Paths as (the exact ones, a set; the prefixes, each without its `*`)."""
-    exact = {p for p in paths if not p.endswith("*")}
-    return exact, [p[:-1] for p in paths if p.endswith("*")]
-
-
-def priced(prices, exempt_exact: set, exempt_prefixes: list) -> tuple:
-    """The paths of `prices` as `split` gives them.  A price that only
-    exempt paths match is refused: exempt wins over any price, so it would
-    never be charged, and `exempt=("/public/*",)` beside `prices=
-    {"/public/premium/*": 5}` would serve the premium paths free unsaid."""
-    exact, prefixes = split(paths(prices, "prices"))
-    for path in [*exact, *(p + "*" for p in prefixes)]:
-        stem = path[:-1] if path.endswith("*") else path
-        by = next((e + "*" for e in exempt_prefixes if stem.startswith(e)), None)
-        if by is None and path in exempt_exact:
-            by = path
-        if by is not None:
-            raise ValueError(f"prices[{path!r}] is exempt (by {by!r}) and would never be "
-                             f"charged: an exempt path is free whatever prices says")
-    return exact, prefixes
-
-
-def paths(paths, what: str) -> list:
-    """`paths` as a list of URL paths, each "/..." (a prefix when it ends in
-    `*`; "*" alone is every path).  A bare string is refused: `exempt=("/health")`, a missing comma,
-    would otherwise exempt "/", "h", "e", ... one character each."""
-    if isinstance(paths, (str, bytes)):
-        raise TypeError(f"{what} must be a collection of paths, not one string: "
-                        f"write ({paths!r},)")
-    try:
-        paths = list(paths)
-    except TypeError:
-        raise TypeError(f"{what} must be a collection of paths, not a "
-                        f"{type(paths).__name__}") from None
-    for path in paths:
-        if not isinstance(path, str) or not (path.startswith("/") or path == "*"):
-            raise ValueError(f"{what}: {path!r} is not a path starting with /, nor *")
-    return paths
-
-
-def route_path(scope) -> str:
-    """The path that `exempt` and `prices` name: the request's path as the
-    app routes it, without the `root_path` it is mounted at (uvicorn
-    --root-path, a Starlette Mount), as Starlette's routing takes it; the
-    mount's root itself is "/" (Starlette's "", which it redirects to "/"),
-    so that its redirect is priced, or exempt, as "/" is."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
-        return path[len(root):] or "/"
-    return path
-
-
-def amount(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= INT64_MAX:
-        raise ValueError(f"{what} must be between 0 and {INT64_MAX}")
-    return value
-
-
-__all__ = ["RequestIds", "request_ids", "check_options", "check_calls", "split", "priced", "paths",
-           "route_path", "amount"]
+__all__ = ["RequestIds", "request_ids", "check_options", "check_calls"]
