@@ -12,6 +12,7 @@ import decimal
 import gc
 import logging
 import re
+import ssl
 import types
 
 import pytest
@@ -435,6 +436,23 @@ def test_a_shared_client_and_a_custom_header(fake):
             return r
     r = run(go())
     assert r.status == 200 and r.headers["x-balance"] == "9"
+
+
+@pytest.mark.parametrize("option,value", [("url", "http://127.0.0.1:1"), ("token", "tok"),
+                                          ("timeout_s", 0.05), ("retries", 0),
+                                          ("ssl_context", ssl.create_default_context())])
+def test_an_option_of_the_client_s_beside_a_client_is_refused(option, value):
+    """A given client decides its url, token, timeout, retries and TLS
+    trust: one of them given beside it would go unused unsaid (timeout_s=0.05
+    would wait as long as the client does)."""
+    acc = AccManClient("http://127.0.0.1:1")
+    says = f"{option} is the client's: with client given, set it on that client"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        AccManMiddleware(make_app(), client=acc, **{option: value})
+    AccManMiddleware(make_app(), client=acc, **{option: None})     # None: not given
+    with pytest.raises(ValueError, match=re.escape("timeout_s, retries are the client's: with "
+                                                   "client given, set them on that client")):
+        AccManMiddleware(make_app(), client=acc, timeout_s=0.05, retries=0)
 
 
 @pytest.mark.parametrize("mode", ["check", "reserve"])

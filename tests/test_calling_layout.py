@@ -152,6 +152,7 @@ def test_the_names_the_docs_say_are_importable_are():
     rows = re.findall(r"^\| `(\w+)\.(\w+)`(?: / `(\w+)`)?(?:, `(\w+)`)?", limits, re.MULTILINE)
     where = {"policy": accman.client, "client": accman.client, "parser": accman.client,
              "replies": accman.client, "asgi": accman.asgi, "owed": accman.asgi,
+             "settings": accman.asgi,
              "disconnect": accman.asgi}
     checked = 0
     for module, *names in rows:

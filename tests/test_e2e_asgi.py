@@ -72,7 +72,7 @@ def test_the_example_takes_an_empty_variable_as_unset_and_names_a_bad_one():
     file is the default, and ACCMAN_HOLD_TTL_S is read in plain digits,
     a bad value named (int() would take "+90" and say nothing of "")."""
     def example(**env):
-        script = "import examples.app as a; m = a.app; print(m.mode, m.hold_ttl_s, m._url)"
+        script = "import examples.app as a; m = a.app; print(m.mode, m.hold_ttl_s, m._calls['url'])"
         return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                               text=True, timeout=30,
                               env={**{k: v for k, v in os.environ.items()

@@ -52,17 +52,14 @@ from accman.calling.lifespan import lifespan
 from accman.calling.repeats import Repeats
 from accman.calling.reserve import Meter, Reservation
 from accman.calling.prices import Prices, charge_of, route_path
-from accman.calling.settings import check_calls, check_options, request_ids
+from accman.calling.settings import (RETRIES_DEFAULT, TIMEOUT_S_DEFAULT, check_options,
+                                     client_options, request_ids)
 from accman.errors import (AccManError, Forbidden, Insufficient, NoAccount, TooManyHolds,
                            TransportError, Unauthorized, Unavailable)
 from accman.limits import CRED_CHARS_MAX
 
 log = logging.getLogger("accman.asgi")
 
-# Each AccMan call from the middleware is bounded tighter than the client's
-# default: a request waits at most this long per attempt for its admission.
-TIMEOUT_S_DEFAULT = 2.0
-RETRIES_DEFAULT = 1
 # Responses with this status or more are free by default: the consumer did
 # not get what it asked for (RFC 9110: 4xx the client's error, 5xx the
 # service's).
@@ -98,23 +95,23 @@ class AccManMiddleware:
     `on_unavailable="open"` serves requests AccMan cannot admit and records
     them as unpaid (log, `stats`, and `on_unpaid(cred, amount)` if given).
     `hold_ttl_s` is how long a reserve-mode hold lives if nothing settles
-    it.  `ssl_context` is the TLS trust of an https url (AccManClient's).
-    `client` replaces the internal AccManClient (sharing a pool, tests).
+    it.  `url`, `token`, `timeout_s` (None: TIMEOUT_S_DEFAULT), `retries`
+    (None: RETRIES_DEFAULT) and `ssl_context` (the TLS trust of an https
+    url) make the AccManClient it calls AccMan with.  `client` is one of
+    the caller's instead (sharing a pool, tests): it decides all five, and
+    each of them given beside it is refused, naming it.
     """
 
     def __init__(self, app, url: str | None = None, token: str | None = None,
                  cost=1, header: str = "accman", mode: str = "check",
                  on_unavailable: str = "closed", exempt=(), prices=None, *,
-                 client=None, timeout_s: float = TIMEOUT_S_DEFAULT,
-                 retries: int = RETRIES_DEFAULT, on_unpaid=None, ssl_context=None,
+                 client=None, timeout_s: float | None = None, retries: int | None = None,
+                 on_unpaid=None, ssl_context=None,
                  charge_below: int | None = CHARGE_BELOW_DEFAULT,
                  hold_ttl_s: int = HOLD_TTL_S_DEFAULT):
-        if client is None and url is None:
-            raise ValueError("AccManMiddleware needs the AccMan url (or a client)")
-        if client is not None and ssl_context is not None:
-            raise ValueError("ssl_context is the client's: with client given, make it with that")
-        check_options(mode, on_unavailable, header, charge_below, hold_ttl_s)
-        timeout_s = check_calls(timeout_s, retries, on_unpaid)
+        calls = client_options(client, url=url, token=token, timeout_s=timeout_s,
+                               retries=retries, ssl_context=ssl_context)
+        check_options(mode, on_unavailable, header, charge_below, hold_ttl_s, on_unpaid)
         self.app = app
         self.mode = mode
         self._reserve = mode == "reserve"
@@ -124,13 +121,12 @@ class AccManMiddleware:
         self._charge_below = charge_below
         self.hold_ttl_s = hold_ttl_s
         self._prices = Prices(cost, exempt, prices)
-        self._url, self._token = url, token
-        self._calls = dict(timeout_s=timeout_s, retries=retries, ssl_context=ssl_context)
+        self._calls = calls
         self._client = client
         self._own_client = client is None
         self._client_loop = None
         if client is None:
-            AccManClient(url, token, ssl_context=ssl_context)   # checked now, not at a request
+            AccManClient(**calls)       # its url, token and trust checked now, not at a request
         self._on_unpaid = on_unpaid
         # Keys are `<request id>-h` (a reserve-mode hold) and `-c` (a charge:
         # check mode's, or a reserve-mode request whose hold expired): 42
@@ -408,7 +404,7 @@ class AccManMiddleware:
             return self._client
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
-            self._client = AccManClient(self._url, self._token, **self._calls)
+            self._client = AccManClient(**self._calls)
             self._client_loop = loop
         return self._client
 

@@ -10,6 +10,12 @@ import re
 from accman.calling.policy import check_settings
 from accman.limits import HOLD_TTL_S_MAX
 
+# Each AccMan call from the client the middleware makes is bounded tighter
+# than the client's default: a request waits at most this long per attempt
+# for its admission.
+TIMEOUT_S_DEFAULT = 2.0
+RETRIES_DEFAULT = 1
+
 
 class RequestIds:
     """Per-request ids: 96 random bits, then a counter.  A forked child
@@ -34,7 +40,33 @@ if hasattr(os, "register_at_fork"):         # not on Windows, which does not for
     os.register_at_fork(after_in_child=request_ids.reseed)
 
 
-def check_options(mode, on_unavailable, header, charge_below, hold_ttl_s) -> None:
+def client_options(client, **options) -> dict:
+    """The keywords of the AccManClient the middleware makes: its url,
+    token, timeout_s, retries and ssl_context, None where not given (the
+    defaults then for timeout_s and retries, which are checked here).  With
+    a `client` of the caller's, {}: that client decides all five, and any
+    of them given beside it would go unused unsaid (a timeout_s=0.05 would
+    wait as long as the client does), so it is refused, naming it."""
+    if client is not None:
+        unused = [name for name, value in options.items() if value is not None]
+        if unused:
+            many = len(unused) > 1
+            raise ValueError(f"{', '.join(unused)} {'are' if many else 'is'} the client's: with "
+                             f"client given, set {'them' if many else 'it'} on that client "
+                             f"(AccManClient({unused[0]}=...)), not on the middleware")
+        return {}
+    if options["url"] is None:
+        raise ValueError("AccManMiddleware needs the AccMan url (or a client)")
+    if options["timeout_s"] is None:
+        options["timeout_s"] = TIMEOUT_S_DEFAULT
+    if options["retries"] is None:
+        options["retries"] = RETRIES_DEFAULT
+    check_settings(options["timeout_s"], options["retries"])
+    options["timeout_s"] = float(options["timeout_s"])
+    return options
+
+
+def check_options(mode, on_unavailable, header, charge_below, hold_ttl_s, on_unpaid) -> None:
     """Refuses a setting of the middleware's own, naming it."""
     if mode not in ("check", "reserve"):
         raise ValueError('mode must be "check" or "reserve"')
@@ -48,16 +80,9 @@ def check_options(mode, on_unavailable, header, charge_below, hold_ttl_s) -> Non
     if isinstance(hold_ttl_s, bool) or not isinstance(hold_ttl_s, int) or not (
             1 <= hold_ttl_s <= HOLD_TTL_S_MAX):
         raise ValueError(f"hold_ttl_s must be whole seconds from 1 to {HOLD_TTL_S_MAX}")
-
-
-def check_calls(timeout_s, retries, on_unpaid) -> float:
-    """Refuses a setting of its calls to AccMan, naming it: checked here,
-    since the client itself is made at the first request.  `timeout_s`
-    as a float."""
-    check_settings(timeout_s, retries)
     if on_unpaid is not None and not callable(on_unpaid):
         raise TypeError("on_unpaid must be a callable on_unpaid(cred, amount), or None")
-    return float(timeout_s)
 
 
-__all__ = ["RequestIds", "request_ids", "check_options", "check_calls"]
+__all__ = ["RequestIds", "request_ids", "client_options", "check_options",
+           "TIMEOUT_S_DEFAULT", "RETRIES_DEFAULT"]
