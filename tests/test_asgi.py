@@ -18,7 +18,7 @@ import types
 import pytest
 
 from accman.asgi import AccManMiddleware
-from accman.client import AccManClient
+from accman.client import AccManClient, AccManSyncClient
 from asgi_harness import CRED, Reply, call, history, http_scope, make_app, mw
 from fake_accman import closed_port, run
 
@@ -453,6 +453,16 @@ def test_an_option_of_the_client_s_beside_a_client_is_refused(option, value):
     with pytest.raises(ValueError, match=re.escape("timeout_s, retries are the client's: with "
                                                    "client given, set them on that client")):
         AccManMiddleware(make_app(), client=acc, timeout_s=0.05, retries=0)
+
+
+def test_a_client_that_is_not_an_async_client_is_refused(fake):
+    """The middleware awaits its client's calls: a sync client's charge
+    would block the loop, land, and then fail the request (500), the
+    consumer charged for nothing."""
+    for client, named in [(AccManSyncClient(fake.url), "AccManSyncClient"),
+                          (fake.url, "str")]:
+        with pytest.raises(TypeError, match=f"client must be an AccManClient, not {named}"):
+            AccManMiddleware(make_app(), client=client)
 
 
 @pytest.mark.parametrize("mode", ["check", "reserve"])

@@ -97,9 +97,10 @@ class AccManMiddleware:
     `hold_ttl_s` is how long a reserve-mode hold lives if nothing settles
     it.  `url`, `token`, `timeout_s` (None: TIMEOUT_S_DEFAULT), `retries`
     (None: RETRIES_DEFAULT) and `ssl_context` (the TLS trust of an https
-    url) make the AccManClient it calls AccMan with.  `client` is one of
-    the caller's instead (sharing a pool, tests): it decides all five, and
-    each of them given beside it is refused, naming it.
+    url) make the AccManClient it calls AccMan with.  `client` is an
+    AccManClient of the caller's instead (sharing a pool, tests): it
+    decides all five, and each of them given beside it is refused, naming
+    it.
     """
 
     def __init__(self, app, url: str | None = None, token: str | None = None,

@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 
+from accman.calling.client import AccManClient
 from accman.calling.policy import check_settings
 from accman.limits import HOLD_TTL_S_MAX
 
@@ -44,10 +45,14 @@ def client_options(client, **options) -> dict:
     """The keywords of the AccManClient the middleware makes: its url,
     token, timeout_s, retries and ssl_context, None where not given (the
     defaults then for timeout_s and retries, which are checked here).  With
-    a `client` of the caller's, {}: that client decides all five, and any
+    a `client` of the caller's (an AccManClient: the middleware awaits its
+    calls), {}: that client decides all five, and any
     of them given beside it would go unused unsaid (a timeout_s=0.05 would
     wait as long as the client does), so it is refused, naming it."""
     if client is not None:
+        if not isinstance(client, AccManClient):
+            raise TypeError(f"client must be an AccManClient, not {type(client).__name__}: "
+                            f"the middleware awaits its calls")
         unused = [name for name, value in options.items() if value is not None]
         if unused:
             many = len(unused) > 1
