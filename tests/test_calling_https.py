@@ -183,13 +183,21 @@ def test_a_certificate_not_trusted_for_the_host_is_nothing_sent(accman, front, t
     assert front.served == 0 and accman.tot(cred, token=TOKEN) == 10
 
 
-@pytest.mark.parametrize("front", ["stranger"], indirect=True)
-def test_the_command_line_says_an_untrusted_certificate_sent_nothing(accman, front, certs, cred):
+@pytest.mark.parametrize("front, why, hint", [
+    ("stranger", "self-signed certificate", True),
+    ("other", "IP address mismatch", False)], indirect=["front"])
+def test_the_command_line_says_an_untrusted_certificate_sent_nothing(accman, front, certs, cred,
+                                                                     why, hint):
+    """A certificate whose issuer is not trusted names SSL_CERT_FILE, the
+    command line's only way to a private CA; one for another host does
+    not (its CA is trusted: the URL's host is what is wrong)."""
     proc = run_accman("mod", cred, "-1", "--url", front.url, "--token", TOKEN,
                       env={"SSL_CERT_FILE": certs["bundle"]})
     assert proc.returncode == 3 and proc.stdout == ""
-    assert "certificate verify failed: self-signed certificate" in proc.stderr
+    assert f"certificate verify failed: {why}" in proc.stderr
     assert proc.stderr.rstrip().endswith("nothing was sent"), proc.stderr
+    assert ("a private CA is trusted by naming its PEM file in SSL_CERT_FILE"
+            in proc.stderr) is hint, proc.stderr
     assert front.served == 0
 
 

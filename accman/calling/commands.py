@@ -34,6 +34,14 @@ EXIT_OUTPUT_LOST = 4
 BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
             "characters (an international name goes in its xn-- form) (--url/ACCMAN_URL)")
 
+# OpenSSL's reasons for a certificate whose issuer is not trusted: most
+# often a private CA that the command line was not told of, which it trusts
+# only through SSL_CERT_FILE (it has no flag), so the line says so.  A
+# certificate for another host is not one: its CA is trusted.
+UNTRUSTED_ISSUER = re.compile(r"self.signed certificate|unable to get (?:local )?issuer "
+                              r"certificate")
+PRIVATE_CA_HINT = " (a private CA is trusted by naming its PEM file in SSL_CERT_FILE)"
+
 # The idempotency key of the mod that opens an account: the credential is
 # new, so one key suffices, and it makes the opening safe to repeat.
 OPEN_KEY = "accman-open"
@@ -290,7 +298,8 @@ def failure(args, e) -> tuple:
         return f"accman: error: {BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
     if isinstance(e, Unreachable):
         nothing = "nothing was opened" if args.command == "open" else "nothing was sent"
-        return f"accman: error: no answer: {e.detail}; {nothing}", EXIT_NO_ANSWER
+        ca = PRIVATE_CA_HINT if UNTRUSTED_ISSUER.search(e.detail or "") else ""
+        return f"accman: error: no answer: {e.detail}{ca}; {nothing}", EXIT_NO_ANSWER
     if isinstance(e, TransportError) or (
             isinstance(e, Unavailable) and getattr(args, "follow", False)):
         # events --follow rode out every 503 for FOLLOW_OUTAGE_S_MAX: an outage
