@@ -433,9 +433,10 @@ def test_a_shared_client_and_a_custom_header(fake):
         async with AccManClient(fake.url) as acc:
             m = AccManMiddleware(make_app(), client=acc, header="X-Balance", cost=1)
             r = await call(m, cred=None, headers=(("x-balance", CRED),))
-            return r
-    r = run(go())
-    assert r.status == 200 and r.headers["x-balance"] == "9"
+            await m.aclose()
+            return r, await acc.tot(CRED)       # the caller's client: still open
+    r, tot = run(go())
+    assert r.status == 200 and r.headers["x-balance"] == "9" and tot == 9
 
 
 @pytest.mark.parametrize("option,value", [("url", "http://127.0.0.1:1"), ("token", "tok"),
