@@ -658,6 +658,31 @@ def test_the_attempt_timeout_bounds_the_whole_reply_head(cursors):
     assert d.failures == 1 and "failed: no reply within 0.3 s" in said[0]
 
 
+@pytest.mark.parametrize("reply,why", [
+    (b"", "the receiver closed the connection before its reply"),
+    (b"HTTP/1.1 200 OK\n\n", "the receiver's reply ends its lines in a bare LF, not CRLF"),
+    (b"HTTP/1.1 200 OK\r\n", "the receiver closed the connection before its reply's head "
+                             "ended (a blank line)"),
+])
+def test_a_reply_cut_short_is_a_failure_said_as_what_came(cursors, reply, why):
+    """A receiver that closes before its reply's head ends has failed the
+    attempt; the reason says whether it sent nothing, or a head whose lines
+    end in a bare LF (which RFC 9112 2.2 lets a recipient refuse), or a
+    head cut short, so that an operator whose receiver logs a 200 is not
+    told it never answered."""
+    said, replies = [], [reply]
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(replies.pop() if replies else b"HTTP/1.1 200 OK\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    d = deliver_to(serve, cursors, said=said)
+    assert d.failures == 1
+    assert said[0].endswith(f" failed: {why}; retrying with backoff"), said[0]
+
+
 def test_a_restart_resumes_after_the_last_acknowledged_batch(rx, cursors):
     """Stopped with a batch unacknowledged, started again on the same
     cursor: it sends that batch again (at least once), and never one before

@@ -189,7 +189,7 @@ def describe(exc: BaseException, timeout_s: float, head_bytes_max: int) -> str:
     if isinstance(exc, asyncio.LimitOverrunError):
         return f"the reply's head is over WEBHOOK_REPLY_HEAD_BYTES_MAX ({head_bytes_max} bytes)"
     if isinstance(exc, asyncio.IncompleteReadError):
-        return "the receiver closed the connection before its reply"
+        return _cut_short(exc.partial)
     if isinstance(exc, WebhookBadReply):
         return str(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -205,3 +205,15 @@ def describe(exc: BaseException, timeout_s: float, head_bytes_max: int) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or type(exc).__name__
     return type(exc).__name__
+
+
+def _cut_short(partial: bytes) -> str:
+    """A reply whose head did not end before the receiver closed: said as
+    what came, so that an operator whose receiver logs the 200 it sent is
+    not told it never answered."""
+    if not partial:
+        return "the receiver closed the connection before its reply"
+    if b"\n\n" in partial:
+        # RFC 9112 2.2 lets a recipient refuse lines that end in LF alone.
+        return "the receiver's reply ends its lines in a bare LF, not CRLF"
+    return "the receiver closed the connection before its reply's head ended (a blank line)"
