@@ -334,11 +334,11 @@ cdef class Parser:
             return self._request_line(s, n, out)
         self._head_bytes += total
         if n == 0:
-            return self._end_of_head(out)
+            return end_of_head(self, out)
         self._header_lines += 1
         if self._header_lines > HEADERS_MAX:
             return self._fail(431, f"the request has more than {HEADERS_MAX} header lines", out)
-        return self._header(s, n, out)
+        return header_line(self, s, n, out)
 
     cdef int _fail_bare_cr(self, list out) except -1:
         return self._fail(400, _BARE_CR[self._phase == PH_START], out)
@@ -459,139 +459,7 @@ cdef class Parser:
     cdef int _fail_request_line(self, list out) except -1:
         return self._fail(400, "the request line must be METHOD SP /path SP HTTP/1.1", out)
 
-    # --- header lines ---------------------------------------------------------
-
-    cdef int _header(self, const unsigned char* s, Py_ssize_t n, list out) except -1:
-        """s[0:n]: one header line without CRLF, n >= 1."""
-        cdef Py_ssize_t i = 0, a, e
-        cdef unsigned char c = s[0]
-        if c == SP or c == HT:
-            return self._fail(400, "obs-fold (a header line that starts with whitespace) is not accepted", out)
-        while i < n and TOKEN[s[i]]:
-            i += 1
-        if i == n or memchr(s + i, c':', n - i) == NULL:
-            return self._fail(400, "a header line has no colon", out)
-        c = s[i]
-        if c != c':':
-            if c == SP or c == HT:
-                return self._fail(400, "whitespace between a header name and its colon", out)
-            return self._fail(400, "a header name has a byte that is not a token character", out)
-        if i == 0:
-            return self._fail(400, "a header line has an empty name", out)
-        for a in range(i + 1, n):
-            if not VALUE[s[a]]:
-                return self._fail(400, "a header value has a control character", out)
-        a = i + 1
-        e = n
-        while a < e and (s[a] == SP or s[a] == HT):
-            a += 1
-        while e > a and (s[e - 1] == SP or s[e - 1] == HT):
-            e -= 1
-        if i == 4 and ci_equal(s, b"host", 4):
-            return self._host(s + a, e - a, out)
-        if i == 10 and ci_equal(s, b"connection", 10):
-            return self._connection(s + a, e - a, out)
-        if i == 13 and ci_equal(s, b"authorization", 13):
-            read_authorization(self._req, s + a, e - a, self._auth_seen)
-            self._auth_seen = True
-            return 0
-        if i == 14 and ci_equal(s, b"content-length", 14):
-            return self._content_length(s + a, e - a, out)
-        if i == 6 and ci_equal(s, b"expect", 6):
-            if e - a == 12 and ci_equal(s + a, b"100-continue", 12):
-                self._expect_continue = True
-            return 0
-        if i == 17 and ci_equal(s, b"transfer-encoding", 17):
-            # Alone, judged at the end of the head (_end_of_head): ambiguity
-            # is refused first, whatever the order of the framing headers.
-            if self._cl_seen:
-                return self._fail(400, AMBIGUOUS_CL_TE, out)
-            self._te_seen = True
-            # The codings end with the last line's (RFC 9110 5.3: lines join in order).
-            self._te_chunked = last_element_is(s + a, e - a, b"chunked", 7)
-        return 0
-
-    cdef int _host(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
-        cdef Py_ssize_t i
-        self._hosts += 1
-        if self._hosts > 1:
-            return self._fail(400, "a request must have at most one Host header", out)
-        if not host_shape_ok(v, n):
-            return self._fail(400, f"the Host header must be host[:port], a port at most {PORT_MAX}", out)
-        if not self._absolute:
-            self._req.loopback_host = host_is_loopback(v, n)
-        return 0
-
-    cdef int _connection(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
-        """A comma-separated list of tokens; empty elements are allowed
-        (RFC 9110 5.6.1)."""
-        cdef Py_ssize_t i = 0, j, a, e
-        while i <= n:
-            a = i
-            while i < n and v[i] != c',':
-                i += 1
-            e = i
-            i += 1
-            while a < e and (v[a] == SP or v[a] == HT):
-                a += 1
-            while e > a and (v[e - 1] == SP or v[e - 1] == HT):
-                e -= 1
-            for j in range(a, e):
-                if not TOKEN[v[j]]:
-                    return self._fail(400, "the Connection header must be a comma-separated list of tokens", out)
-            if e - a == 5 and ci_equal(v + a, b"close", 5):
-                self._conn_close = True
-            elif e - a == 10 and ci_equal(v + a, b"keep-alive", 10):
-                self._conn_keep_alive = True
-        return 0
-
-    cdef int _content_length(self, const unsigned char* v, Py_ssize_t n, list out) except -1:
-        cdef Py_ssize_t i, cl = 0
-        if self._cl_seen:
-            return self._fail(400, "two Content-Length headers are ambiguous framing", out)
-        if self._te_seen:
-            return self._fail(400, AMBIGUOUS_CL_TE, out)
-        self._cl_seen = True
-        if n == 0:
-            return self._fail(400, "Content-Length must be decimal digits", out)
-        for i in range(n):
-            if not (c'0' <= v[i] <= c'9'):
-                return self._fail(400, "Content-Length must be decimal digits", out)
-            if cl <= BODY_BYTES_MAX:        # stops growing once over: no overflow
-                cl = cl * 10 + (v[i] - c'0')
-        self._cl = cl               # over BODY_BYTES_MAX: 413 at the end of the head
-        return 0
-
-    cdef int _end_of_head(self, list out) except -1:
-        cdef Request req = self._req
-        # The body's framing is judged once every header is read: ambiguity
-        # (a second Content-Length, or one beside Transfer-Encoding) is
-        # refused as it comes, so no order of the headers answers otherwise.
-        if self._te_seen and req.http10:       # RFC 9112 6.1: a faulty framing
-            return self._fail(400, "Transfer-Encoding in an HTTP/1.0 request is faulty framing", out)
-        if self._te_seen and not self._te_chunked:     # RFC 9112 6.3: no knowable length
-            return self._fail(400, "Transfer-Encoding does not end in chunked: the body's "
-                                   "length cannot be known", out)
-        if self._te_seen:
-            # RFC 9112 6.3: a body without a Content-Length.
-            return self._fail(411, "a body needs a Content-Length (Transfer-Encoding is not "
-                                   "accepted: the routes take no body)", out)
-        if self._cl > BODY_BYTES_MAX:
-            return self._fail(413, f"the body is over {BODY_BYTES_MAX} bytes: the routes take "
-                                   "no body", out)
-        if not req.http10 and self._hosts != 1:
-            return self._fail(400, "an HTTP/1.1 request needs a Host header", out)
-        if req.http10:
-            req.keep_alive = self._conn_keep_alive and not self._conn_close
-        else:
-            req.keep_alive = not self._conn_close
-        if self._cl > 0:
-            self._phase = PH_BODY
-            self._body_left = self._cl
-            # RFC 9110 10.1.1: an HTTP/1.0 client's expectation is ignored.
-            self._continue = self._expect_continue and not req.http10
-            return 0
-        return self._emit(out)
+    # --- header lines: headers.pxi (header_line, end_of_head) -----------------
 
     # --- results --------------------------------------------------------------
 
@@ -647,3 +515,6 @@ cdef class Parser:
 
     cdef int _fail_headers_too_large(self, list out) except -1:
         return self._fail(431, f"the request headers are over {HEADER_BYTES_MAX} bytes", out)
+
+
+include "headers.pxi"

@@ -70,12 +70,7 @@ cdef class Parser:
     cdef int _request_line(self, const unsigned char* s, Py_ssize_t n, list out) except -1
     cdef object _target(self, Request req, int method, const unsigned char* s, Py_ssize_t n)
     cdef int _fail_request_line(self, list out) except -1
-    cdef int _header(self, const unsigned char* s, Py_ssize_t n, list out) except -1
-    cdef int _host(self, const unsigned char* v, Py_ssize_t n, list out) except -1
-    cdef int _connection(self, const unsigned char* v, Py_ssize_t n, list out) except -1
     cdef int _fail_version(self, const unsigned char* v, Py_ssize_t n, list out) except -1
-    cdef int _content_length(self, const unsigned char* v, Py_ssize_t n, list out) except -1
-    cdef int _end_of_head(self, list out) except -1
     cdef int _emit(self, list out) except -1
     cdef int _fail(self, int status, str detail, list out) except -1
     cdef int _fail_bare_cr(self, list out) except -1
