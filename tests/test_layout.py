@@ -1,6 +1,7 @@
 """The layout's bounds (issue 12): no Python module of accman/ over 500
 lines, no Cython source over 650, no function over 80 lines.  A file or a
-function past them is doing two jobs."""
+function past them is doing two jobs.  A part moved out of a module into
+a .pxi names in its header the one .pyx that includes it."""
 
 from __future__ import annotations
 
@@ -66,3 +67,22 @@ def test_cython_sources_and_their_functions_are_short(path):
 def test_the_function_measure_counts_a_function_whole():
     text = "cdef int f(int a,\n          int b):\n    x = 1\n\n    return x\n\ndef g():\n    pass\n"
     assert list(cython_functions(text)) == [("cdef int f(int a,", 5), ("def g():", 2)]
+
+
+PXI = sorted((ROOT / "ext").glob("*.pxi"))
+_INCLUDED_BY = re.compile(r"Included by\s+(\w+\.pyx)")
+
+
+@pytest.mark.parametrize("path", PXI, ids=lambda p: str(p.relative_to(ROOT)))
+def test_each_include_file_is_included_by_the_module_its_header_names(path):
+    # A .pxi is part of one module, moved out to keep that module short: its
+    # header says which, and that module alone includes it.  An orphan would
+    # pass every bound above and compile into nothing.
+    rows = path.read_text().splitlines()
+    header = rows[:next((i for i, row in enumerate(rows) if not row.startswith("#")), len(rows))]
+    head = " ".join(row.lstrip("# ") for row in header)
+    named = _INCLUDED_BY.search(head)
+    assert named is not None, "the header comment must say which .pyx includes it"
+    line = re.compile(rf'^include "{re.escape(path.name)}"$', re.M)
+    includers = sorted(p.name for p in (ROOT / "ext").glob("*.pyx") if line.search(p.read_text()))
+    assert includers == [named.group(1)]
