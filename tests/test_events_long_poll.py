@@ -159,3 +159,29 @@ def test_end_waits_answers_every_long_poll_at_once(led):
 
     assert asyncio.run(later()) == ([], 0)          # a later poll does not wait either
 
+
+
+def test_a_cancelled_long_poll_gives_up_its_place_and_holds_up_no_other(led):
+    """A long poll cancelled (a timeout around `aevents`, its loop's end)
+    kept its place among the EVENTS_WAITERS_MAX until its wait ended, and
+    for ever once its loop had ended; a mod that woke it then answered a
+    cancelled future (InvalidStateError), and the polls woken with it were
+    never answered."""
+    async def cancelled_then_other():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(led.aevents(after=0, wait_s=30), 0.05)
+        other = asyncio.ensure_future(led.aevents(after=0, wait_s=30))
+        await asyncio.sleep(0.05)
+        threading.Thread(target=led.mod, args=("a", 5)).start()
+        return await asyncio.wait_for(other, 5)
+
+    page, nxt = asyncio.run(cancelled_then_other())
+    assert [e.id for e in page] == [1] and nxt == 1 and not led._events.waiters
+
+    async def left_waiting():
+        asyncio.ensure_future(led.aevents(after=1, wait_s=30))
+        await asyncio.sleep(0.05)
+        assert len(led._events.waiters) == 1
+
+    asyncio.run(left_waiting())             # asyncio.run cancels it as the loop ends
+    assert not led._events.waiters

@@ -5,6 +5,7 @@ changes run (Committer.bind_loop)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from accman.errors import AccManError
 from accman.limits import EVENTS_LIMIT_DEFAULT
@@ -100,10 +101,28 @@ class AsyncCalls:
 
     async def aevents(self, after: int = 0, limit: int = EVENTS_LIMIT_DEFAULT,
                       wait_s: float = 0) -> tuple:
-        """`events`, waiting up to `wait_s` for the first one (long poll)."""
+        """`events`, waiting up to `wait_s` for the first one (long poll).
+        Cancelled (a timeout around it, its loop's end), it leaves its place
+        among the EVENTS_WAITERS_MAX long polls at once."""
         fut = asyncio.get_running_loop().create_future()
-        outcome = self.read_events(after, limit, wait_s, fut.set_result)
-        return result(await fut if outcome is None else outcome)
+
+        def done(outcome):
+            # A cancelled poll's future takes no outcome: raising here would
+            # leave unanswered the polls woken after it.
+            if not fut.done():
+                fut.set_result(outcome)
+
+        outcome = self.read_events(after, limit, wait_s, done)
+        if outcome is not None:
+            return result(outcome)
+        try:
+            return result(await fut)
+        except asyncio.CancelledError:
+            # Its place goes to another poll now: a poll whose loop has ended
+            # would hold it for ever.  A closing ledger frees every place.
+            with contextlib.suppress(AccManError):
+                self.end_wait(done)
+            raise
 
 
 __all__ = ["AsyncCalls", "result", "running_loop"]
