@@ -4,8 +4,10 @@ nothing; the writer's housekeeping waits for a right one and the ledger
 goes on."""
 
 import logging
+import os
 import re
 import threading
+import time
 
 import pytest
 
@@ -93,6 +95,23 @@ def test_a_ledger_whose_clock_reads_wrong_at_open_is_not_opened(path, clock):
     clock.set(Clock.START_MS)
     with Ledger(path, clock_ms=clock) as led:           # the directory was let go
         assert led.tot("a") == 1
+
+
+@pytest.mark.parametrize("clock_ms", [time.time, time.time_ns])
+def test_a_clock_that_reads_wrong_is_refused_before_the_directory_is_touched(tmp_path, clock_ms):
+    """`clock_ms=time.time` (seconds, a float) was refused only once the
+    store was open: a directory not there was left made, with a key, a log
+    and a LevelDB; one that was there had LevelDB's files rewritten."""
+    with pytest.raises(ValueError, match="^clock_ms returned "):
+        Ledger(str(tmp_path / "new"), clock_ms=clock_ms)
+    assert not (tmp_path / "new").exists()
+    path = str(tmp_path / "old")
+    with Ledger(path) as led:
+        led.mod("a", 5)
+    before = {p: os.stat(os.path.join(path, p)).st_mtime_ns for p in os.listdir(path)}
+    with pytest.raises(ValueError, match="^clock_ms returned "):
+        Ledger(path, clock_ms=clock_ms)
+    assert {p: os.stat(os.path.join(path, p)).st_mtime_ns for p in os.listdir(path)} == before
 
 
 def test_the_open_ends_the_due_holds_by_one_reading(path, clock):

@@ -112,13 +112,17 @@ class Ledger(AsyncCalls):
                       batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
                       holds_max=holds_max, holds_per_account_max=holds_per_account_max)
         check_kept_after(events_kept_after)
+        self._clock_ms = wall_ms if clock_ms is None else checked_clock(clock_ms)
+        # A given clock's first reading is the open's one (expire_at_open), taken
+        # before the directory is opened or made: one that reads wrong (time.time's
+        # seconds) changes nothing.  The wall clock is read once the store is loaded.
+        open_ms = None if clock_ms is None else self._clock_ms()
         if store is None:
             refuse_inherited(checked_path(path))
         self.store = store if store is not None else Store(
             path, create=create, check_files=(verify != "none"))
         self.path = self.store.path
         lock = threading.Lock()
-        self._clock_ms = wall_ms if clock_ms is None else checked_clock(clock_ms)
         limits = {name: value for name, value in (
             ("batch_mods_max", batch_mods_max), ("queued_mods_max", queued_mods_max),
             ("holds_max", holds_max), ("holds_per_account_max", holds_per_account_max))
@@ -127,7 +131,8 @@ class Ledger(AsyncCalls):
             self._events = EventLog.open(self.store, lock, events_retention_s,
                                          events_kept_after)
             self._book = load_book(self.store, self._events, verify, limits, low_balance)
-            expire_at_open(self._book, self.store, self._events, self._clock_ms())
+            expire_at_open(self._book, self.store, self._events,
+                           wall_ms() if open_ms is None else open_ms)
             self._committer = Committer(self._book, self.store, self._events, lock,
                                         self._clock_ms)
         except BaseException:       # a thread that cannot start too: the lock goes
