@@ -1029,6 +1029,7 @@ def test_damage_met_after_open_is_refused_when_read(tmp_path):
     ("low_balance", 2 ** 64, "low_balance must be an int in the signed 64-bit range"),
     ("low_balance", 5.0, "low_balance must be an int in the signed 64-bit range, got 5.0"),
     ("clock_ms", "now", "clock_ms must be a function returning unix milliseconds, got 'now'"),
+    ("store", "data", "store must be an accman.ledger.leveldb.Store or None, got str"),
 ])
 def test_a_wrong_option_is_refused_before_the_directory_is_touched(tmp_path, option, value,
                                                                    says):

@@ -112,6 +112,9 @@ class Ledger(AsyncCalls):
                       batch_mods_max=batch_mods_max, queued_mods_max=queued_mods_max,
                       holds_max=holds_max, holds_per_account_max=holds_per_account_max)
         check_kept_after(events_kept_after)
+        if store is not None and not isinstance(store, Store):
+            raise ValueError(f"store must be an accman.ledger.leveldb.Store or None, "
+                             f"got {type(store).__name__}")
         self._clock_ms = wall_ms if clock_ms is None else checked_clock(clock_ms)
         # A given clock's first reading is the open's one (expire_at_open), taken
         # before the directory is opened or made: one that reads wrong (time.time's
