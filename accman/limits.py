@@ -46,9 +46,13 @@ EVENTS_WAIT_S_MAX = 60        # SPEC: wait is 0..60 seconds.
 EVENTS_RETENTION_S_DEFAULT = 7 * 24 * 3600
 # The shortest retention `accman serve --events-retention` takes: one
 # second, the command line's smallest unit.  A retention of 0 would keep no
-# event for a reader, so no store takes it; the Python API takes any
-# positive number of seconds.
+# event for a reader, so no store takes it.
 EVENTS_RETENTION_S_MIN = 1
+# The shortest retention a store's Python API takes (tests use short ones):
+# one tick of the clock of events, a unix millisecond.  A shorter one is a
+# retention of 0 ms, and its trimming passes, one per retention, would keep
+# the writer's thread spinning.
+EVENTS_RETENTION_S_API_MIN = 0.001
 # The longest retention a store takes (--events-retention): a century, as
 # good as "keep them all", with the cut-off still a plain 64-bit time.
 EVENTS_RETENTION_S_MAX = 100 * 365 * 24 * 3600

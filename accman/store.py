@@ -65,9 +65,9 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 from accman.errors import BadRequest
 from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, EVENTS_LIMIT_MAX,
-                           EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX, HOLDS_MAX,
-                           HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN, KEY_CHARS_MAX,
-                           PAST_LIMIT_MAX, QUEUED_MODS_MAX)
+                           EVENTS_RETENTION_S_API_MIN, EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX,
+                           HOLD_TTL_S_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX, INT64_MAX, INT64_MIN,
+                           KEY_CHARS_MAX, PAST_LIMIT_MAX, QUEUED_MODS_MAX)
 from accman.records import Entry
 
 log = logging.getLogger("accman.store")
@@ -237,9 +237,10 @@ def check_options(*, low_balance, events_retention_s, **bounds) -> None:
         raise ValueError(f"low_balance must be an int in the signed 64-bit range, "
                          f"got {low_balance!r}")
     if (type(events_retention_s) not in (int, float)
-            or not 0 < events_retention_s <= EVENTS_RETENTION_S_MAX):
-        raise ValueError(f"events_retention_s must be a number of seconds from just over 0 "
-                         f"to {EVENTS_RETENTION_S_MAX}, got {events_retention_s!r}")
+            or not EVENTS_RETENTION_S_API_MIN <= events_retention_s <= EVENTS_RETENTION_S_MAX):
+        raise ValueError(f"events_retention_s must be a number of seconds from "
+                         f"{EVENTS_RETENTION_S_API_MIN} to {EVENTS_RETENTION_S_MAX}, "
+                         f"got {events_retention_s!r}")
     for name, value in bounds.items():
         most = _OPTION_BOUNDS[name]
         if value is not None and (type(value) is not int or not 1 <= value <= most):

@@ -1016,6 +1016,8 @@ def test_damage_met_after_open_is_refused_when_read(tmp_path):
     ("holds_per_account_max", 2 ** 70, "holds_per_account_max must be an int from 1 to 4096"),
     ("holds_per_account_max", 2.0, "holds_per_account_max must be an int from 1 to 4096"),
     ("events_retention_s", 0, "events_retention_s must be a number of seconds"),
+    ("events_retention_s", 0.0009, "events_retention_s must be a number of seconds from "
+                                   "0.001 to 3153600000, got 0.0009"),
     ("events_retention_s", float("inf"), "events_retention_s .* got inf"),
     ("events_retention_s", float("nan"), "events_retention_s .* got nan"),
     ("events_retention_s", "5", "events_retention_s .* got '5'"),

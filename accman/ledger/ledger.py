@@ -55,9 +55,10 @@ class Ledger(AsyncCalls):
 
     `low_balance`: the threshold under which an account's balance emits a
     `low_balance` event, for accounts whose funding set none;
-    `events_retention_s`: how long events are kept at least (up to
-    EVENTS_RETENTION_S_MAX); `events_kept_after`: an event id after which
-    events are kept whatever their age, until `keep_events_after(id)` moves
+    `events_retention_s`: how long events are kept at least (from
+    EVENTS_RETENTION_S_API_MIN, a millisecond, to EVENTS_RETENTION_S_MAX);
+    `events_kept_after`: an event id after which events are kept whatever
+    their age, until `keep_events_after(id)` moves
     it (a webhook's saved cursor; None, the default: the retention alone
     trims); `batch_mods_max`, `queued_mods_max`, `holds_max` and
     `holds_per_account_max` lower the bounds of limits.py (tests);
