@@ -3,6 +3,7 @@ CLOCK_MS_MAX: a wrong reading is refused where it is read and changes
 nothing; the writer's housekeeping waits for a right one and the ledger
 goes on."""
 
+import asyncio
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ from accman import Ledger
 from accman.errors import HoldEnded
 from accman.ledger import housekeeping as housekeeping_module
 from accman.limits import CLOCK_MS_MAX, HOLD_TTL_S_MAX
-from ledgerhelp import wait_for
+from ledgerhelp import outcome_within, wait_for
 from model import Clock
 
 WRONG = [CLOCK_MS_MAX + 1, 2 ** 63 - 1, -1, 1.5, None, True, "1700000000000"]
@@ -65,6 +66,21 @@ def test_a_wrong_reading_is_refused_and_changes_nothing(led, clock, reading):
     assert [e.seq for e in led.past("a")] == [2, 1]
     assert led.settle("a", hold, 1) == (99, 3)
     led.verify()
+
+
+def test_an_async_change_refused_by_a_wrong_reading_binds_no_loop(led, clock):
+    """docs/DESIGN.md: a call refused at once binds no loop.  An amod from
+    a loop not bound, refused by the clock's reading, left its loop bound:
+    while it ran, every other loop's amod was RuntimeError."""
+    async def refused_then_another_loop():
+        clock.set(-1)
+        with refused(-1):
+            await led.amod("a", 1)
+        clock.set(Clock.START_MS)
+        return outcome_within(lambda: asyncio.run(led.amod("a", 1)), 5,
+                              "the other loop's amod hung")
+
+    assert asyncio.run(refused_then_another_loop()) == (1, 1)
 
 
 def test_the_bounds_of_a_reading_are_taken(led, clock):

@@ -89,9 +89,10 @@ class AsyncCalls:
         # every change): an event loop's signals arrive between its callbacks.
         try:
             submit(*args, done=done, **kw)
-        except AccManError:
-            # Refused at once by what the ledger holds (Busy, Unavailable):
-            # nothing was submitted on the loop.  A refusal told through
+        except (AccManError, ValueError):
+            # Refused at once by what the ledger holds (Busy, Unavailable) or
+            # by its clock's reading (ValueError, a test's clock_ms): nothing
+            # was submitted on the loop.  A refusal told through
             # `done` (Insufficient, a use over its hold) binds it, as a
             # change does: it is delivered there.
             if former is not None:
