@@ -251,6 +251,16 @@ def test_closed_ledger_refuses_politely(tmp_path):
     assert not led.healthy
 
 
+def test_a_ledger_is_true_empty_or_closed(tmp_path):
+    """`len(led)` counts accounts, and Python took it for the ledger's
+    truth: an empty ledger was false (`led = led or Ledger(path)` opened
+    its directory again: StoreLocked), and a closed one raised Unavailable."""
+    led = Ledger(str(tmp_path / "d"))
+    assert led and len(led) == 0
+    led.close()
+    assert led
+
+
 def test_open_without_create_on_missing_dir(tmp_path):
     with pytest.raises(StoreError, match="no such"):
         Ledger(str(tmp_path / "missing"), create=False)

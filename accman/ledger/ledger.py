@@ -216,6 +216,11 @@ class Ledger(AsyncCalls):
         self._check_open()
         return len(self._book)
 
+    def __bool__(self) -> bool:
+        """True, empty or closed: `len` counts accounts, and without this Python
+        would take an empty ledger for false (`led = led or Ledger(path)`)."""
+        return True
+
     # -- the store interface's reads (accman/store.py) ------------------------------
 
     def read_tot(self, cred: str, done, ordered: bool = False):
