@@ -13,6 +13,20 @@ class AccManError(Exception):
         super().__init__(detail or self.code)
         self.detail = detail or self.code
 
+    def __reduce__(self):
+        # pickle and copy (a process pool's worker sends its errors pickled):
+        # rebuilt from its attributes.  Exception's own way calls the class
+        # with `args`, the detail, which a subclass with other parameters
+        # (Insufficient's tot, HttpError's status) misreads or refuses.
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls, args, state):
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class BadRequest(AccManError):
     """A value outside the SPEC's rules: nothing was changed."""

@@ -2,7 +2,9 @@
 order" rules."""
 
 import asyncio
+import copy
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ import pytest
 from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAccount,
                     Ledger, Overflow, StoreCorrupt, StoreError, StoreLocked,
                     Unavailable)
+from accman.errors import EventsTrimmed, HttpError, UnexpectedReply
 from accman.ledger import _ledger, commit
 from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
 from accman.store import check_int64
@@ -644,6 +647,23 @@ def test_an_insufficient_made_without_by_says_only_the_balance():
     assert Insufficient(5).detail == "the balance 5 does not cover this mod"
     assert Insufficient(5, what="hold", by=-6, min_=0).detail == \
         "this hold (by -6) would take the balance 5 to -1, under min 0"
+
+
+def test_a_refusal_survives_pickle_and_copy_whole(led):
+    """A refusal crosses processes pickled (a ProcessPoolExecutor's worker)
+    and is copied.  Each was rebuilt by calling its class with its detail:
+    Insufficient and EventsTrimmed then said a garbled sentence ("the
+    balance this mod (by -6) would take ... does not cover this mod"), and
+    HttpError and UnexpectedReply could not be rebuilt at all (TypeError)."""
+    led.mod("a", 5)
+    with pytest.raises(Insufficient) as refused:
+        led.mod("a", -6, min=0)
+    errors = [refused.value, EventsTrimmed(5), HttpError(405, "method", "use GET", allow="GET"),
+              UnexpectedReply(404, "not_found", "no such path"), Busy("retry shortly")]
+    for error in errors:
+        for again in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+            assert type(again) is type(error)
+            assert (str(again), again.args, vars(again)) == (str(error), error.args, vars(error))
 
 
 def test_blocking_mod_inside_an_event_loop_is_refused(led):
