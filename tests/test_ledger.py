@@ -1114,10 +1114,12 @@ def test_a_wrong_loop_or_deliver_is_refused_and_binds_nothing(led, loop, deliver
     (b"/tmp/accman-bytes-path", "path must be a str or a path object naming a directory, "
                                 "got bytes"),
     (7, "path must be a str or a path object naming a directory, got int"),
-    ("data\0dir", "path must not hold a NUL character")])        # was "embedded null byte"
+    ("data\0dir", "path must not hold a NUL character"),        # was "embedded null byte"
+    ("data\udcffdir", "path must be valid UTF-8: LevelDB opens its files by that name")])
 def test_a_wrong_path_is_refused_before_anything_is_touched(tmp_path, monkeypatch, path, says):
     """An empty path would be the current directory, made 0700 and given
-    a store; a bytes one left an empty directory behind."""
+    a store; a bytes one left an empty directory behind, and one that is not
+    UTF-8 a directory with a key and a log, refused by plyvel's words."""
     monkeypatch.chdir(tmp_path)
     mode = os.stat(tmp_path).st_mode
     with pytest.raises(ValueError, match=f"^{says}$"):

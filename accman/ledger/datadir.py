@@ -70,7 +70,7 @@ _FOREIGN_NAMED_MAX = 3
 def checked_path(path) -> str:
     """A data directory's path as given, before anything is touched: a str
     or an os.PathLike of one, not empty (that would be the current
-    directory, made 0700 and filled with a store)."""
+    directory, made 0700 and filled with a store), without NUL, in UTF-8."""
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if type(path) is not str:
@@ -80,6 +80,14 @@ def checked_path(path) -> str:
         raise ValueError("path must name a directory, got an empty one")
     if "\0" in path:       # the OS's own refusal says "embedded null byte", naming nothing
         raise ValueError("path must not hold a NUL character")
+    try:
+        # A name os.listdir gave for non-UTF-8 bytes (surrogateescape): the OS takes
+        # it, plyvel refuses it once the directory is made.  The current directory
+        # counts too: LevelDB is given the absolute path.
+        os.path.abspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("path must be valid UTF-8: LevelDB opens its files by that "
+                         "name") from None
     return path
 
 
