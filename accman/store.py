@@ -15,8 +15,8 @@ is durable.  A store may also return None and call `done` for an outcome
 it knew at once, even before it returns.  An outcome is the call's value
 (below) or an AccManError instance.  A call raises only BadRequest,
 Unavailable or Busy, and only when it changed nothing and queued nothing;
-a change's `done` that is neither callable nor None is TypeError
-(check_done), and None tells nobody.
+a change's `done` that is neither callable nor None, or is an async
+function, is TypeError (check_done), and None tells nobody.
 
 Order (SPEC "Durability and order", and pipelined requests): calls apply in
 the order they are made.  A read made with `ordered=True` sees the effect
@@ -61,6 +61,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from inspect import CO_COROUTINE
+from types import FunctionType, MethodType
 from typing import Any, Callable, NamedTuple, Protocol
 
 from accman.errors import BadRequest
@@ -211,10 +213,20 @@ def check_binding(loop, deliver) -> None:
 def check_done(done) -> None:
     """A change's `done`: a callable, or None (nobody is told), checked before
     anything is applied: one that cannot be called would fail only once the
-    change is durable, and its caller would never hear of it."""
+    change is durable, and its caller would never hear of it.  So would an
+    `async def` one, whose call only makes a coroutine: refused when it is a
+    function or a method (a flag of its code, read at no cost worth naming;
+    other callables, the server's among them, are not inspected)."""
     if done is not None and not callable(done):
         raise TypeError(f"done must be a function taking the outcome, or None; "
                         f"got {type(done).__name__}")
+    kind = type(done)
+    if kind is MethodType:
+        done = done.__func__
+        kind = type(done)
+    if kind is FunctionType and done.__code__.co_flags & CO_COROUTINE:
+        raise TypeError("done must be a plain function, not an async one (its call only "
+                        f"makes a coroutine, which nobody awaits): got {done.__qualname__}")
 
 
 # What a store may be opened with: each bound of limits.py may be lowered

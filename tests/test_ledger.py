@@ -5,6 +5,7 @@ import asyncio
 import copy
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -550,6 +551,31 @@ def test_a_done_that_cannot_be_called_is_refused_and_changes_nothing(led, done):
     led.submit("a", 5)
     assert led.mod("a", 1) == (16, 3)
     assert led.tot("b") is None
+
+
+async def _told(outcome):
+    raise AssertionError("a coroutine function's call runs none of its body")
+
+
+class _Caller:
+    async def told(self, outcome):
+        raise AssertionError("never run")
+
+
+@pytest.mark.parametrize("done", [_told, _Caller().told])
+def test_an_async_done_is_refused_and_changes_nothing(led, done):
+    """An `async def` done was taken: the change was applied and made
+    durable, the writer's call made a coroutine that nobody awaited
+    (RuntimeWarning at best), and the caller never heard its outcome."""
+    led.mod("a", 10)
+    for call in (lambda: led.submit("a", 5, done=done),
+                 lambda: led.submit_hold("a", -1, 10, done=done),
+                 lambda: led.submit_settle("a", 99, 0, done=done)):
+        with pytest.raises(TypeError, match="^" + re.escape(
+                "done must be a plain function, not an async one (its call only makes a "
+                "coroutine, which nobody awaits): got ") + ".*told$"):
+            call()
+    assert led.mod("a", 1) == (11, 2) and led.open_holds == 0
 
 
 def test_asyncio_submits_apply_in_order_and_refuse_at_min(led):
