@@ -208,25 +208,36 @@ def check_binding(loop, deliver) -> None:
     if deliver is not None and not callable(deliver):
         raise BadRequest(f"deliver must be a function taking a list of (done, outcome), "
                          f"or None; got {type(deliver).__name__}")
+    name = _async_name(deliver)
+    if name is not None:
+        raise BadRequest("deliver must be a plain function, not an async one (its call only "
+                         f"makes a coroutine, which nobody awaits): got {name}")
+
+
+def _async_name(fn) -> str | None:
+    """The name of `fn` when it is an `async def` function or method, whose
+    call only makes a coroutine; else None.  Only a flag of its code is read,
+    cheap on every change; other callables (the server's slots) are not
+    inspected."""
+    if type(fn) is MethodType:
+        fn = fn.__func__
+    if type(fn) is FunctionType and fn.__code__.co_flags & CO_COROUTINE:
+        return fn.__qualname__
+    return None
 
 
 def check_done(done) -> None:
     """A change's `done`: a callable, or None (nobody is told), checked before
     anything is applied: one that cannot be called would fail only once the
     change is durable, and its caller would never hear of it.  So would an
-    `async def` one, whose call only makes a coroutine: refused when it is a
-    function or a method (a flag of its code, read at no cost worth naming;
-    other callables, the server's among them, are not inspected)."""
+    `async def` one, whose call only makes a coroutine (_async_name)."""
     if done is not None and not callable(done):
         raise TypeError(f"done must be a function taking the outcome, or None; "
                         f"got {type(done).__name__}")
-    kind = type(done)
-    if kind is MethodType:
-        done = done.__func__
-        kind = type(done)
-    if kind is FunctionType and done.__code__.co_flags & CO_COROUTINE:
+    name = _async_name(done)
+    if name is not None:
         raise TypeError("done must be a plain function, not an async one (its call only "
-                        f"makes a coroutine, which nobody awaits): got {done.__qualname__}")
+                        f"makes a coroutine, which nobody awaits): got {name}")
 
 
 # What a store may be opened with: each bound of limits.py may be lowered

@@ -1122,11 +1122,13 @@ def test_a_wrong_kept_event_id_is_bad_request_as_every_calls_argument(led, event
     (1, None, "loop must be an asyncio event loop, got int"),
     (None, None, "loop must be an asyncio event loop, got NoneType"),
     ("loop", print, "loop must be an asyncio event loop, got str"),
-    ("own", 5, "deliver must be a function taking a list of .*, or None; got int")])
+    ("own", 5, "deliver must be a function taking a list of .*, or None; got int"),
+    ("own", _told, "deliver must be a plain function, not an async one .*: got _told")])
 def test_a_wrong_loop_or_deliver_is_refused_and_binds_nothing(led, loop, deliver, says):
     """bind_loop took anything: a loop that is not one made every later amod
-    raise AttributeError, and a `deliver` that cannot be called left every
-    later amod waiting for ever, its mod applied."""
+    raise AttributeError, and a `deliver` that cannot be called, or an async
+    one (its call only makes a coroutine), left every later amod waiting for
+    ever, its mod applied."""
     async def bind_then_mod():
         with pytest.raises(BadRequest, match=f"^{says}$"):
             led.bind_loop(asyncio.get_running_loop() if loop == "own" else loop, deliver)
