@@ -185,3 +185,51 @@ def test_a_cancelled_long_poll_gives_up_its_place_and_holds_up_no_other(led):
 
     asyncio.run(left_waiting())             # asyncio.run cancels it as the loop ends
     assert not led._events.waiters
+
+
+def test_a_long_poll_whose_done_raises_keeps_none_woken_with_it_waiting(led):
+    """Polls woken together are each told their page: a `done` that
+    raised left the polls after it unanswered for ever (each had left its
+    place, so its timer no longer answered it)."""
+    heard = []
+
+    def broken(_outcome):
+        raise RuntimeError("a caller's broken callback")
+
+    async def main():
+        led.read_events(0, 10, 30, broken)
+        led.read_events(0, 10, 30, heard.append)
+        threading.Thread(target=led.mod, args=("a", 5)).start()
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert len(heard) == 1 and [e.id for e in heard[0][0]] == [1], heard
+    assert not led._events.waiters
+
+
+def test_a_long_poll_left_on_a_closed_loop_holds_no_place(led, monkeypatch):
+    """A `read_events` long poll whose loop ended without cancelling it
+    kept its place for ever: EVENTS_WAITERS_MAX of them and every later
+    poll was Busy.  At the bound, those of closed loops go first."""
+    from accman.ledger import events as events_module
+    monkeypatch.setattr(events_module, "EVENTS_WAITERS_MAX", 2)
+
+    async def left():
+        led.read_events(0, 10, 30, lambda _outcome: None)
+
+    asyncio.run(left())
+    asyncio.run(left())
+    assert len(led._events.waiters) == 2
+
+    async def another():
+        poll = asyncio.ensure_future(led.aevents(after=0, wait_s=30))
+        await asyncio.sleep(0.05)
+        assert not poll.done()
+        await led.amod("a", 1)
+        return await asyncio.wait_for(poll, 5)
+
+    page, nxt = asyncio.run(another())
+    assert [e.id for e in page] == [1] and nxt == 1

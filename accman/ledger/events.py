@@ -25,10 +25,11 @@ from __future__ import annotations
 import collections
 import contextlib
 
-from accman.errors import BadRequest, Busy, EventsTrimmed, StoreCorrupt
+from accman.errors import AccManError, BadRequest, Busy, EventsTrimmed, StoreCorrupt
 from accman.ledger import _ledger, eventrecords
 from accman.limits import EVENTS_WAITERS_MAX, INT64_MAX
 from accman.records import Event
+from accman.store import run_callbacks
 
 # Events kept in memory for /events: a long poll that follows the stream
 # reads them without touching LevelDB.  64 Ki events of ~30 bytes each as
@@ -198,11 +199,21 @@ class EventLog:
         """Registers a long poll: `done((events, next))` once an event after
         `after` is durable, or with no events after `wait_s`."""
         if len(self.waiters) >= EVENTS_WAITERS_MAX:
+            self._drop_dead()
+        if len(self.waiters) >= EVENTS_WAITERS_MAX:
             raise Busy(f"EVENTS_WAITERS_MAX ({EVENTS_WAITERS_MAX}) long polls are waiting; "
                        "retry shortly")
         waiter = [after, limit, done, None, loop]
         waiter[3] = loop.call_later(wait_s, self._timeout, waiter)
         self.waiters[id(waiter)] = waiter
+
+    def _drop_dead(self) -> None:
+        """Under the lock, at the bound: the polls whose loop has closed
+        (a `read_events` of a loop that ended without cancelling it) go,
+        since nothing can answer them there and each holds a place."""
+        for key, waiter in list(self.waiters.items()):
+            if waiter[4].is_closed():
+                del self.waiters[key]
 
     def _timeout(self, waiter) -> None:
         with self.lock:
@@ -255,9 +266,18 @@ class EventLog:
                 waiter[4].call_soon_threadsafe(_refused, waiter, error)
 
     def _answer(self, ready: list) -> None:
+        """On the polls' loop: each told its page (or the refusal its read
+        met), every one of them even when another's `done` raises: each
+        left its place, so its timer would no longer answer it."""
+        pairs = []
         for waiter, taken in ready:
             waiter[3].cancel()
-            waiter[2](self.fetch(taken))
+            try:
+                outcome = self.fetch(taken)
+            except AccManError as e:
+                outcome = e
+            pairs.append((waiter[2], outcome))
+        run_callbacks(pairs)
 
 def _refused(waiter, error) -> None:
     waiter[3].cancel()
