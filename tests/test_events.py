@@ -396,6 +396,31 @@ def test_events_past_the_retention_are_trimmed_durably_and_asking_for_them_is_41
         assert led.past("a", limit=1)[0].seq == 12            # the history stays whole
 
 
+def test_a_retention_of_a_millisecond_trims_at_most_every_trim_interval_min(path, clock):
+    """Retention passes ran as often as the retention: at its shortest, a
+    millisecond, the idle writer woke a thousand times a second with
+    nothing to trim.  They run at most every EVENTS_TRIM_INTERVAL_S_MIN."""
+    passes = []
+    with Ledger(path, clock_ms=clock, events_retention_s=0.001) as led:
+        events = led._events
+        real = events.past_retention
+
+        def counted(now_ms):
+            passes.append(time.monotonic())
+            return real(now_ms)
+
+        events.past_retention = counted
+        led.mod("a", 1)
+        led.mod("a", 1)
+        clock.advance(10)
+        led.mod("a", 1)
+        wait_for(lambda: led.stats["events_first"] == 3)
+        passes.clear()
+        time.sleep(0.5)
+        taken = list(passes)
+    assert len(taken) <= 0.5 / events_module.EVENTS_TRIM_INTERVAL_S_MIN + 2, len(taken)
+
+
 def test_the_newest_event_is_never_trimmed(path, clock):
     with Ledger(path, clock_ms=clock, events_retention_s=0.5) as led:
         for _ in range(5):

@@ -22,7 +22,7 @@ import time
 
 from accman.errors import StoreError, Unavailable
 from accman.ledger.applier import Applier
-from accman.ledger.events import EVENTS_TRIM_INTERVAL_S
+from accman.ledger.events import EVENTS_TRIM_INTERVAL_S, EVENTS_TRIM_INTERVAL_S_MIN
 from accman.ledger.clock import wall_ms
 from accman.ledger.gate import CLOSED_DETAIL, CLOSING_DETAIL, FAILED_DETAIL
 from accman.ledger.asynccalls import running_loop
@@ -99,9 +99,10 @@ class Committer(Housekeeping):
         self.batch_sizes: list[int] = []      # drained by metrics readers
         self.fsync_times_s: list[float] = []
         # Retention passes: every EVENTS_TRIM_INTERVAL_S, or the retention
-        # itself when shorter, so an event is gone by about twice it.
-        self._trim_interval_s = EVENTS_TRIM_INTERVAL_S if events is None else min(
-            EVENTS_TRIM_INTERVAL_S, events.retention_ms / 1000)
+        # itself when shorter, so an event is gone by about twice it; but at
+        # most every EVENTS_TRIM_INTERVAL_S_MIN (then by the retention and it).
+        self._trim_interval_s = EVENTS_TRIM_INTERVAL_S if events is None else max(
+            EVENTS_TRIM_INTERVAL_S_MIN, min(EVENTS_TRIM_INTERVAL_S, events.retention_ms / 1000))
         self._trim_at = time.monotonic() + self._trim_interval_s
         self.applier = Applier(book, store, self.lock, self._store_call)
         self._thread = threading.Thread(target=self._run, name="accman-commit",

@@ -40,6 +40,10 @@ EVENTS_RING_MAX = 65536
 # by the next.
 EVENTS_TRIM_MAX = 4096
 EVENTS_TRIM_INTERVAL_S = 60.0
+# A retention shorter than the interval (the Python API's, in tests) makes
+# the passes that often, but never more often than this: a pass a
+# millisecond would keep the writer's thread busy with nothing to trim.
+EVENTS_TRIM_INTERVAL_S_MIN = 0.1
 
 
 def check_kept_after(event_id, name: str = "events_kept_after", error: type = ValueError) -> None:
