@@ -397,6 +397,29 @@ def test_an_abbreviated_flag_is_not_taken_for_the_flag(fake):
     assert fake.requests == []
 
 
+@pytest.mark.parametrize("args,flag", [
+    (["mod", "abc", "-3", "--key", "k1", "--key", "k2"], "--key"),
+    (["mod", "abc", "-3", "--min", "0", "--min=-100"], "--min"),
+    (["tot", "abc", "--url", "http://127.0.0.1:9"], "--url"),
+    (["events", "--limit", "5", "--limit", "7"], "--limit"),
+])
+def test_a_flag_given_twice_is_refused_not_its_last_value_taken(fake, args, flag):
+    """argparse kept the last of a flag given twice without a word: a
+    charge with `--min 0 ... --min -100` could take the balance under 0."""
+    err = one_line_error(run_accman(*args, "--url", fake.url))
+    assert f"argument {flag}: given more than once: give it once" in err
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("command", ["serve", "verify"])
+def test_a_data_directory_given_twice_is_refused_and_neither_is_made(command, tmp_path):
+    err = one_line_error(run_accman(command, "--data", tmp_path / "a", "--data", tmp_path / "b",
+                                    *(["--port", "0"] if command == "serve" else []),
+                                    timeout=10))
+    assert "argument --data: given more than once: give it once" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_past_prints_the_account_and_each_entrys_hold(fake):
     fake.fund("abc", 7)
     proc = run_accman("past", "abc", "--url", fake.url)

@@ -33,6 +33,9 @@ class ArgumentParser(argparse.ArgumentParser):
         flags = [a for a in args if a.startswith("-")]
         self.names.update(flags)
         self.flags += flags
+        if flags and kwargs.get("action", "store") == "store":
+            kwargs["action"] = _Once        # a value, taken once
+
         return super().add_argument(*args, **kwargs)
 
     def error(self, message, suggestion=""):
@@ -47,6 +50,27 @@ class ArgumentParser(argparse.ArgumentParser):
         close = _close_flags(extra, self.given, [f for f in self.flags if f.startswith("--")])
         self.error(f"unrecognized arguments: {' '.join(extra)}",
                    f"; did you mean {' or '.join(close)}?" if close else "")
+
+
+# Where a namespace keeps the flags it was given, for _Once.
+_GIVEN = "_flags_given"
+
+
+class _Once(argparse.Action):
+    """A flag that takes a value, which it takes once: given twice
+    (`--key k1 ... --key k2`, `--data /a ... --data /b`), argparse keeps the
+    last without a word, and which one was meant is not known.  Refused as
+    the wire refuses a parameter given twice (SPEC "Values"); --store, which
+    names one cluster a time, is given once for each."""
+
+    def __call__(self, _parser, namespace, values, _option_string=None):
+        given = namespace.__dict__.setdefault(_GIVEN, set())
+        if self.dest in given:
+            # No value named, and few words: a word of the message that the
+            # command line holds too is put out of sight (_unechoed).
+            raise argparse.ArgumentError(self, "given more than once: give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 # How alike an unknown word that reads as a flag must be to a flag's name
