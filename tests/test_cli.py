@@ -619,6 +619,26 @@ def test_a_store_url_with_a_port_out_of_range_is_a_usage_error(command, url, por
     assert "secret" not in proc.stderr and "ss" not in proc.stderr.split(":", 2)[-1]
 
 
+@pytest.mark.parametrize("url", ["mysql://accman:secret@127.0.0.1:1/a",
+                                 "host=127.0.0.1 port=1 password=secret",
+                                 "accman:secret@127.0.0.1:1/a", "http://127.0.0.1:1/a"])
+def test_a_store_url_of_another_scheme_is_a_usage_error_and_makes_no_directory(url, tmp_path):
+    """The driver reads postgresql:// and postgres:// only: its refusal
+    came once serve had made --data for its lock."""
+    err = one_line_error(run_accman("serve", "--port", "0", "--data", tmp_path / "d",
+                                    "--store", url))
+    assert "argument --store: the store URL must start with postgresql:// (or postgres://)" \
+        in err and "secret" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["PostgreSQL://h/db", "postgres://h/db", "postgresql:///db",
+                                 "postgresql://[::1/db"])
+def test_a_store_url_of_a_scheme_the_driver_reads_is_taken(url):
+    from accman.calling.arguments import store_url
+    assert store_url(url) == url
+
+
 @pytest.mark.parametrize("url", [
     "postgresql://h:5432?sslrootcert=/etc/ssl/ca.pem",
     "postgresql://localhost:5432?host=/var/run/postgresql",

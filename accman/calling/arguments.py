@@ -83,12 +83,25 @@ PORT_MAX = 65535
 PORT_DIGITS_SHOWN = 8
 
 
+# The schemes of a libpq URL, the only ones the driver reads (asyncpg takes
+# them in any case, as urllib lowercases a scheme).
+STORE_URL_SCHEMES = ("postgresql", "postgres")
+
+
 def store_url(text):
-    """--store: a libpq URL, read by the driver; an empty one, or one with
-    a port out of range, is refused here, not met as "connection refused"
-    (or as the driver's OverflowError)."""
+    """--store: a libpq URL, read by the driver; an empty one, one of
+    another scheme, or one with a port out of range, is refused here, before
+    `serve` makes its --data, not met as "connection refused" (or as the
+    driver's OverflowError, or its refusal once the lock is taken)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty URL: give a postgresql:// URL")
+    # The scheme as the driver reads it (urllib), from the text before any
+    # "/": the rest, unread, cannot make that raise.  Not quoted: text with
+    # no scheme may be a user and password.
+    if urllib.parse.urlsplit(text.partition("/")[0]).scheme not in STORE_URL_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            "the store URL must start with postgresql:// (or postgres://): a libpq URL "
+            "such as postgresql://accman@db1/accman")
     for p in _url_ports(text):
         if p.isascii() and p.isdigit() and 1 <= int(p) <= PORT_MAX:
             continue
