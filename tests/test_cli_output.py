@@ -163,6 +163,28 @@ def test_serve_whose_reader_closed_stdout_serves_and_says_so_on_stderr(tmp_path)
         proc.wait()
 
 
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_serve_started_without_a_standard_stream_stops_with_exit_0(tmp_path, closed):
+    """Started with descriptor 0, 1 or 2 closed (`accman serve <&-`), the
+    server's event loop took that number, and libuv aborted when it closed
+    it: a SIGTERM ended in SIGABRT, not exit 0, "accman: stopped" unsaid."""
+    proc = subprocess.Popen(["bash", "-c", f'exec "$0" -m accman serve --port 0 --data '
+                             f'"$1" {closed}>&-', sys.executable, tmp_path / "data"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=server_env(), cwd=ROOT)
+    try:
+        ready = proc.stderr if closed == 1 else proc.stdout     # the line, or its words
+        line = ready.readline()
+        assert "serving http://127.0.0.1:" in line, (line, proc.poll())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT_S) == 0
+        if closed != 2:
+            assert proc.stderr.read().endswith("accman: stopped\n")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # --- a second stop while the command writes -----------------------------------------------
 
 def full_pipe() -> tuple:
