@@ -384,6 +384,27 @@ def test_a_value_also_given_where_it_may_be_a_secret_is_not_shown(args, tmp_path
     assert "SECRET9" not in err, err
 
 
+@pytest.mark.parametrize("args,flag", [
+    (["tot", "abc", "--token", "-SECRETtoken0123456789"], "--token"),
+    (["mod", "abc", "-3", "--key", "-SECRETkey"], "--key"),
+    (["serve", "--data", "-SECRETdir", "--port", "0"], "--data"),
+])
+def test_a_value_that_starts_with_a_dash_is_told_to_go_after_equals(args, flag, tmp_path):
+    """A token or a key may start with "-", which argparse takes for a flag
+    and then says "expected one argument": the hint was to put a
+    credential after "--", where no flag's value can go."""
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert err.startswith(f"accman: error: argument {flag}: expected one argument (try: ")
+    assert err.endswith(f"; a value that starts with '-' goes after '=': {flag}=VALUE)")
+    assert "SECRET" not in err and "after '--'" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_value_left_out_before_another_flag_gets_no_equals_hint():
+    err = one_line_error(run_accman("mod", "abc", "-3", "--key", "--url", "http://127.0.0.1:9"))
+    assert "argument --key: expected one argument" in err and "goes after '='" not in err
+
+
 # --- events --follow and its reader -------------------------------------------------------
 
 def test_follow_into_head_names_the_last_event_written_not_read(start_server):

@@ -39,7 +39,9 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
     def error(self, message, suggestion=""):
-        hint = f"; {self.cred_hint}" if self.cred_hint else ""
+        dashed = _dashed_value_flag(message, self.given, self.names)
+        hint = (f"; a value that starts with '-' goes after '=': {dashed}=VALUE" if dashed
+                else f"; {self.cred_hint}" if self.cred_hint else "")
         shown = VALUE_SHOWN_FLAGS.intersection(self.flags)     # this command's own
         message = _unechoed(message, self.given, self.names, shown, suggestion)
         sys.exit(say(f"accman: error: {message} (try: {self.prog} --help{hint})", EXIT_USAGE))
@@ -50,6 +52,25 @@ class ArgumentParser(argparse.ArgumentParser):
         close = _close_flags(extra, self.given, [f for f in self.flags if f.startswith("--")])
         self.error(f"unrecognized arguments: {' '.join(extra)}",
                    f"; did you mean {' or '.join(close)}?" if close else "")
+
+
+_MISSING_VALUE_RE = re.compile(r"argument (--[a-z-]+): expected one argument")
+
+
+def _dashed_value_flag(message, given, names) -> str | None:
+    """The flag of argparse's "expected one argument" when the command line
+    gives it a word that starts with "-" and is no flag of `names`
+    (`--token -Xy...`, `--key -k1`: a token or a key may start so), which
+    argparse takes for a flag: such a value is written `--token=-Xy...`.
+    None for any other error, and for a value left out (`--key --url U`)."""
+    m = _MISSING_VALUE_RE.fullmatch(message)
+    if m is None:
+        return None
+    options = _options(given)
+    after = [given[i + 1] for i, word in enumerate(options)
+             if word == m.group(1) and i + 1 < len(given)]
+    return m.group(1) if any(w.startswith("-") and w != "--" and w.split("=", 1)[0] not in names
+                             for w in after) else None
 
 
 # Where a namespace keeps the flags it was given, for _Once.
