@@ -84,6 +84,9 @@ def test_hold_with_min_and_a_credential_after_double_dash(fake):
     (["events", "--wait", "61"], "--wait"),
     (["events", "--wait", "1.5"], "--wait"),
     (["events", "--follow", "--wait", "-1"], "--wait"),
+    # It said "from 0 to 60", and 0 is refused with --follow.
+    (["events", "--follow", "--wait", "61"], "--wait must be from 1 to 60 ("),
+    (["events", "--wait", "61"], "--wait must be from 0 to 60 ("),
     # It asked again at once after every empty reply, thousands of times a second.
     (["events", "--follow", "--wait", "0"], "--wait 0 with --follow would ask again at once"),
     (["mod", "abc", "-3", "--low", "5"], "--low is set by a funding mod only"),

@@ -168,12 +168,13 @@ def events_values(args) -> tuple:
     """`(after, limit, wait_s)` of `accman events`."""
     after = decimal(args.after, "--after", 0)
     limit = _opt(args.limit, "--limit", 1, EVENTS_LIMIT_MAX)
-    wait_s = _opt(args.wait, "--wait", 0, EVENTS_WAIT_S_MAX)
-    if wait_s == 0 and args.follow:
+    if args.follow and args.wait is not None and plain_decimal(args.wait) == 0:
         # A follower asks again as soon as a reply comes: without a wait,
         # it would flood AccMan with empty reads while nothing happens.
         raise BadRequest(f"--wait 0 with --follow would ask again at once after every empty "
                          f"reply: give 1 to {EVENTS_WAIT_S_MAX} seconds, or leave it out")
+    # Its range says 1 with --follow, where 0 is refused.
+    wait_s = _opt(args.wait, "--wait", 1 if args.follow else 0, EVENTS_WAIT_S_MAX)
     return after, limit, wait_s
 
 
