@@ -384,6 +384,22 @@ def test_a_value_also_given_where_it_may_be_a_secret_is_not_shown(args, tmp_path
     assert "SECRET9" not in err, err
 
 
+def test_thousands_of_unknown_words_are_said_at_once(tmp_path):
+    """`accman tot $(cat creds)`: each word of the command line was looked
+    for in a message that listed them all, minutes for 20000 words."""
+    words = [f"SECRETcred{i}" for i in range(5000)]
+    t = time.monotonic()
+    try:
+        proc = run_accman("tot", *words, timeout=8, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("no usage error within 8 s")       # not the 5000 words again
+    assert time.monotonic() - t < 5
+    err = one_line_error(proc)
+    assert err.startswith("accman: error: unrecognized arguments: " + "<not shown> " * 8
+                          + "and 4991 more (a value that may be a credential is not shown)")
+    assert "SECRET" not in err
+
+
 @pytest.mark.parametrize("args,flag", [
     (["tot", "abc", "--token", "-SECRETtoken0123456789"], "--token"),
     (["mod", "abc", "-3", "--key", "-SECRETkey"], "--key"),

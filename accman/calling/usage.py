@@ -48,10 +48,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def unrecognized(self, extra):
         """The usage error for the words that no argument took: none shown,
-        and for those that read as flags, the closest of this command's."""
+        and for those that read as flags, the closest of this command's.
+        The first UNRECOGNIZED_LISTED_MAX are listed, then how many more."""
         close = _close_flags(extra, self.given, [f for f in self.flags if f.startswith("--")])
-        self.error(f"unrecognized arguments: {' '.join(extra)}",
+        listed = " ".join(extra[:UNRECOGNIZED_LISTED_MAX])
+        more = len(extra) - UNRECOGNIZED_LISTED_MAX
+        self.error(f"unrecognized arguments: {listed}" + (f" and {more} more" if more > 0 else ""),
                    f"; did you mean {' or '.join(close)}?" if close else "")
+
+
+# The most words that no argument took that a usage error lists (each as
+# <not shown>, or a flag's name): every word of the command line is looked
+# for in the message, so a message as long as a command line of thousands
+# of words (`accman tot $(cat creds)`) took minutes to say.
+UNRECOGNIZED_LISTED_MAX = 8
 
 
 _MISSING_VALUE_RE = re.compile(r"argument (--[a-z-]+): expected one argument")
@@ -109,7 +119,7 @@ def _close_flags(extra, given, flags) -> list:
     """For each word of `extra` that reads as a flag (it starts with "-" and
     comes before any "--", after which every word is a value), the closest
     of `flags`, if one is close enough; each named once."""
-    options = _options(given)
+    options = set(_options(given))
     close = [difflib.get_close_matches(word.split("=", 1)[0], flags, 1, FLAG_LIKENESS_MIN)
              for word in extra if word.startswith("-") and word in options]
     return list(dict.fromkeys(flag for match in close for flag in match))
@@ -160,6 +170,8 @@ def _unechoed(message, given, names, flags, suggestion="") -> str:
         if shown and word.partition("=")[2] and word.partition("=")[2] not in values:
             out_of_sight.append((word.partition("=")[2], UNSHOWN))
         for text, instead in out_of_sight:
+            if text not in message:     # a word of the command line the message lacks
+                continue
             pattern = rf"(?<![\w-]){re.escape(text)}(?![\w-])"
             message, n = re.subn(pattern, lambda _m, instead=instead: instead, message)
             hidden += n
