@@ -340,6 +340,9 @@ def test_open_started_with_stdout_closed_hands_over_the_credential(start_server)
     (["events", "--follow=SECRET"], "argument --follow: ignored explicit argument"),
     (["SECRETcred"], "invalid choice: '<not shown>'"),
     (["serve", "--verify=SECRET"], "argument --verify: invalid choice"),
+    # A credential that starts with "-h": argparse quoted the rest of it.
+    (["tot", "-hSECRETcred"], "argument -h/--help: ignored explicit argument '<not shown>'"),
+    (["-h=SECRET"], "argument -h/--help: ignored explicit argument '<not shown>'"),
 ])
 def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path):
     """A usage error shows only the exact names of flags and commands: an

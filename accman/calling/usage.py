@@ -153,6 +153,15 @@ def _shown_values(given, flags) -> set:
     return {w for w in as_value - elsewhere if _NUMBER_SHAPE_RE.fullmatch(w)}
 
 
+def _glued_to_short_flag(word, names) -> str | None:
+    """What argparse reads as the value of a one-letter flag of `names` that
+    `word` starts with (`-hX3k` or `-h=X3k`: "X3k"), and quotes when that
+    flag takes none: the rest of a credential that starts with "-h"."""
+    if word.startswith("--") or len(word) <= 2 or word[:2] not in names:
+        return None
+    return word[2:].removeprefix("=") or None
+
+
 def _unechoed(message, given, names, flags, suggestion="") -> str:
     """`message` with every word of `given` that is not the exact name of a
     flag (with any "=value" put out of sight) or of a command, nor a value
@@ -169,6 +178,9 @@ def _unechoed(message, given, names, flags, suggestion="") -> str:
         out_of_sight = [(word, shown or UNSHOWN), (repr(word), repr(shown or UNSHOWN))]
         if shown and word.partition("=")[2] and word.partition("=")[2] not in values:
             out_of_sight.append((word.partition("=")[2], UNSHOWN))
+        glued = _glued_to_short_flag(word, names)
+        if glued and glued not in values:
+            out_of_sight += [(glued, UNSHOWN), (repr(glued), repr(UNSHOWN))]
         for text, instead in out_of_sight:
             if text not in message:     # a word of the command line the message lacks
                 continue
