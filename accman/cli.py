@@ -36,7 +36,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
                                      OPEN_KEY, events_values, failure, hold_stops, new_cred,
                                      prepare, stdout_failed, stopped_printing, stops_end_call,
                                      unprinted)
-from accman.calling.follow import FOLLOW_WAIT_S, follow, silence
+from accman.calling.follow import FOLLOW_WAIT_S, Followed, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.calling.usage import ArgumentParser
@@ -442,8 +442,11 @@ def cmd_follow(args) -> int:
         # cut the line that says where to resume, nor change the exit code.
         hold_stops()
         try:
-            end = follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
-                         note=note)
+            # Started with stdout closed (Python's None): a reader gone before
+            # the first event, as one that closed the pipe is, and nothing asked.
+            end = (Followed(after, "stdout is closed") if sys.stdout is None else
+                   follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
+                          note=note))
         except CALL_ENDS as e:
             return say(*failure(args, e))
     # Written, not read: lines in the pipe when the reader stopped were

@@ -447,6 +447,19 @@ def test_follow_into_head_names_the_last_event_written_not_read(start_server):
         "reader handled\n")
 
 
+def test_a_follower_started_with_stdout_closed_says_so_and_exits_0(fake):
+    """`accman events --follow >&-` died of an AttributeError (its reader
+    check asked Python's None stdout for its descriptor), exit 1."""
+    proc = subprocess.run(["bash", "-c", f'exec "$0" -m accman events --follow --url {fake.url} '
+                           '>&-', sys.executable], capture_output=True, text=True, timeout=30,
+                          env=server_env(), cwd=ROOT)
+    assert (proc.returncode, proc.stderr) == (0, (
+        "accman: events: stopped (stdout is closed); events written up to id 0 (not "
+        "necessarily read); to resume: accman events --follow --after 0, or --after the last "
+        "id the reader handled\n"))
+    assert fake.requests == []
+
+
 def test_an_idle_follower_notices_its_reader_gone_within_a_poll(start_server):
     s = start_server()
     proc = subprocess.Popen([sys.executable, "-m", "accman", "events", "--follow", "--url", s.url],
