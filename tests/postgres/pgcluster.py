@@ -111,6 +111,11 @@ def _ephemeral_first() -> int:
 
 
 def _chown_tree(path: Path) -> None:
+    """The tree given to the postgres user, as whom root runs the binaries
+    (_as_postgres).  Another user runs them as itself, owns the tree
+    already, and may not give it away."""
+    if os.geteuid() != 0:
+        return
     pw = pwd.getpwnam(PG_USER)
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
