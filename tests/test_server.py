@@ -253,6 +253,16 @@ def test_every_metric_a_server_renders_is_in_server_md(shared_server):
     assert [n for n in names if f"`{n}" not in doc] == []
 
 
+def test_every_metric_has_a_help_text_of_its_own(shared_server):
+    """A store's statistic that metrics.py does not know is rendered with
+    a help text that only repeats its name ("Ledger statistic clusters."):
+    an operator reading /metrics learns nothing from it."""
+    text = shared_server.get("/metrics").body.decode()
+    bare = [line for line in text.splitlines()
+            if line.startswith("# HELP ") and "Ledger statistic" in line]
+    assert bare == []
+
+
 def sample_values(text):
     """{name: value} of every sample line: each is a name and a number."""
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]

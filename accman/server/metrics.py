@@ -77,6 +77,9 @@ _KNOWN_STATS = {
                          "Time the loop slept to give LevelDB's compaction, starved, "
                          "its share of the core."),
     "accounts": ("accman_accounts", "gauge", "Accounts in the ledger."),
+    "clusters": ("accman_ledger_clusters", "gauge",
+                 "PostgreSQL clusters the store's accounts are spread over (--store, "
+                 "once for each)."),
     "open_holds": ("accman_open_holds", "gauge", "Holds open now (SPEC \"Holds\")."),
     "holds_expired": ("accman_holds_expired_total", "counter",
                       "Holds that ended by themselves, unsettled within their ttl."),
