@@ -1,6 +1,7 @@
 """Tokens files and the one token grammar (SPEC "Access"): a token that a
 tokens file accepts is one a request can carry, and the reverse."""
 
+import os
 import signal
 import time
 
@@ -9,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accman.server._wire import Parser
-from accman.server.auth import CHARGE, MINT, READ, TOKEN_CHARS, Tokens, TokensError
+from accman.server.auth import (CHARGE, MINT, READ, TOKEN_CHARS, TOKENS_FILE_BYTES_MAX, Tokens,
+                                TokensError)
 from conftest import request_bytes
 
 GOOD = "abcdefghijklmnop"
@@ -72,6 +74,34 @@ def test_a_tokens_file_that_is_not_utf8_is_said_so_by_its_line(tmp_path):
     with pytest.raises(TokensError) as e:
         Tokens.load(str(path))
     assert str(e.value) == f"tokens file {path} line 3 is not UTF-8 text"
+
+
+def test_a_tokens_path_that_is_no_file_or_too_long_is_refused_without_reading_on(tmp_path):
+    """`--tokens /dev/zero` read without end (a MemoryError's traceback, or
+    the OOM killer); a file over TOKENS_FILE_BYTES_MAX is no tokens file
+    either.  A pipe stays a tokens file (`--tokens <(...)`)."""
+    with pytest.raises(TokensError) as e:
+        Tokens.load("/dev/zero")
+    assert str(e.value) == "tokens file /dev/zero is not a regular file"
+    big = tmp_path / "tokens"
+    big.write_bytes(f"read {GOOD}\n".encode() + b"#" * TOKENS_FILE_BYTES_MAX)
+    big.chmod(0o600)
+    with pytest.raises(TokensError) as e:
+        Tokens.load(str(big))
+    assert str(e.value) == (f"tokens file {big} is over TOKENS_FILE_BYTES_MAX "
+                            f"({TOKENS_FILE_BYTES_MAX} bytes)")
+    at_most = tmp_path / "at_most"
+    line = f"read {GOOD}\n".encode()
+    at_most.write_bytes(line + b"#" * (TOKENS_FILE_BYTES_MAX - len(line)))
+    at_most.chmod(0o600)
+    assert Tokens.load(str(at_most)).roles(GOOD.encode()) == READ
+    r, w = os.pipe()
+    os.write(w, f"mint {GOOD}\n".encode())
+    os.close(w)
+    try:
+        assert Tokens.load(f"/dev/fd/{r}").roles(GOOD.encode()) == MINT
+    finally:
+        os.close(r)
 
 
 # --- reading the tokens file again (SIGHUP) -------------------------------------------------

@@ -30,6 +30,11 @@ TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._
 TOKEN_RE = re.compile("[" + re.escape(TOKEN_CHARS) + "]+=*")
 TOKEN_CHARS_MIN = 16
 TOKEN_CHARS_MAX = 256
+# The largest tokens file read: thousands of tokens of the longest kind.
+# Each request is compared with every token, so a file is short in
+# practice; the bound keeps a wrong path (a device such as /dev/zero, a
+# log) from being read into memory without end.
+TOKENS_FILE_BYTES_MAX = 1024 * 1024
 
 
 def roles_text(roles: int) -> str:
@@ -101,9 +106,16 @@ class Tokens:
         try:
             with open(path, "rb") as f:
                 mode = os.fstat(f.fileno()).st_mode
-                data = f.read()
+                # A file, or a pipe (`--tokens <(...)`): a device or a socket is
+                # no tokens file, and reading one may never end.
+                if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+                    raise TokensError(f"tokens file {path} is not a regular file")
+                data = f.read(TOKENS_FILE_BYTES_MAX + 1)
         except OSError as e:
             raise TokensError(f"cannot read tokens file {path}: {e.strerror or e}") from None
+        if len(data) > TOKENS_FILE_BYTES_MAX:
+            raise TokensError(f"tokens file {path} is over TOKENS_FILE_BYTES_MAX "
+                              f"({TOKENS_FILE_BYTES_MAX} bytes)")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:     # its bytes unquoted: they may be a token's
