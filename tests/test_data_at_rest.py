@@ -212,6 +212,26 @@ def test_verify_of_a_directory_that_is_not_a_store_says_so(tmp_path):
     assert os.listdir(tmp_path / "empty") == []
 
 
+@pytest.mark.parametrize("name", ["CURRENT", wal.WAL_NAME])
+def test_a_store_file_that_is_a_named_pipe_is_refused_not_waited_on(tmp_path, name):
+    """A store whose CURRENT or log was a named pipe made `accman verify`
+    and the open wait for ever (a plain open of a pipe with no writer);
+    such a store is damaged: refused at once, naming the file, and left
+    as it was."""
+    data = tmp_path / "data"
+    with Ledger(str(data)) as led:
+        led.mod("a", 5)
+    (data / name).unlink()
+    os.mkfifo(data / name, 0o600)
+    before = sorted(os.listdir(data))
+    proc = run_accman("verify", "--data", data, timeout=20)
+    assert proc.returncode == EXIT_REFUSED, proc.stdout + proc.stderr
+    assert f"{name} is not a regular file" in proc.stdout + proc.stderr
+    with pytest.raises(StoreCorrupt, match=f"{name} is not a regular file"):
+        Ledger(str(data))
+    assert sorted(os.listdir(data)) == before and stat.S_ISFIFO(os.stat(data / name).st_mode)
+
+
 def test_the_default_acl_is_what_makes_new_files_0600(tmp_path, umask_022):
     """The mechanism itself: a file made with mode 0644 in the directory
     (as LevelDB makes its files) is 0600 under a umask of 022."""

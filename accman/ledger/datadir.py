@@ -124,6 +124,7 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
             # A restart without --store would serve its balances, stale.
             raise StoreError(f"{path}: holds an embedded store: a front-end of a PostgreSQL "
                              "store needs a directory of its own (nothing was changed)")
+        check_regular(path, names)
         return
     if FRONTEND_MARK in names and not frontend:
         raise StoreError(f"{path}: holds the lock of a front-end of a PostgreSQL store "
@@ -137,6 +138,24 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
         more = ", ..." if len(foreign) > _FOREIGN_NAMED_MAX else ""
         raise StoreError(f"{path}: holds no AccMan store and is not empty ({shown}{more}); "
                          "give a new or empty directory (nothing was changed)")
+
+
+def check_regular(path: str, names: list | None = None) -> None:
+    """Each of a store's files (of `names`, the directory's by default) is
+    a regular file: LevelDB and the open read them with plain opens, which
+    wait for ever on a named pipe (no writer) and read a device without
+    end, so a store holding one is refused as damaged, not waited on."""
+    for name in os.listdir(path) if names is None else names:
+        if not STORE_FILE.match(name):
+            continue
+        try:
+            mode = os.stat(os.path.join(path, name)).st_mode
+        except OSError as e:
+            raise StoreCorrupt(f"{path}: {name}: {e.strerror or e}; refusing to serve, "
+                               "nothing repaired") from None
+        if not stat.S_ISREG(mode):
+            raise StoreCorrupt(f"{path}: {name} is not a regular file; refusing to serve, "
+                               "nothing repaired")
 
 
 def _dangling_link(path: str) -> str | None:
@@ -357,7 +376,8 @@ def snapshot(path: str, scratch: str) -> None:
     the copy: a link there would be the store's own file, truncated
     through it.  The directory is 0700; the caller removes it
     (remove_snapshot), whether this returns or raises.  StoreCorrupt if
-    the MANIFEST is damaged."""
+    the MANIFEST is damaged, or a store file is no regular file."""
+    check_regular(path)
     try:
         # Without CURRENT there is no store yet (a creation cut short) or a
         # damaged one: recovery says which, from the copy.
