@@ -259,8 +259,8 @@ cdef class Book:
             raise Unavailable("the store failed to commit; the store takes no "
                               "more writes until it is reopened")
         if self.queued_mods >= self.queued_mods_max:
-            raise Busy(f"{self.queued_mods_max} mods are waiting for the disk; "
-                       "retry shortly")
+            raise Busy(f"QUEUED_MODS_MAX ({self.queued_mods_max}) changes are waiting "
+                       "for the disk; retry shortly")
         return 0
 
     cpdef object apply(self, object cred, object by, object min_, object key,

@@ -640,7 +640,7 @@ def test_queued_mods_bound_gives_busy(tmp_path):
     got = []
     for _ in range(3):
         led.submit("a", 1, done=got.append)
-    with pytest.raises(Busy):
+    with pytest.raises(Busy, match=r"^QUEUED_MODS_MAX \(3\) changes are waiting for the disk"):
         led.submit("a", 1, done=got.append)
     gate.set()
     led.close()

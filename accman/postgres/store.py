@@ -190,8 +190,8 @@ class PgStore(Committing):
         if not cluster.healthy:     # a read here is in order behind its connection's changes
             raise B.unsent(op, named(self, cluster) + (cluster.error or "reconnecting"))
         if self.queued_mods >= self.queued_mods_max:
-            raise Busy(f"{self.queued_mods_max} calls are waiting for the database; "
-                       "retry shortly")
+            raise Busy(f"QUEUED_MODS_MAX ({self.queued_mods_max}) calls are waiting for "
+                       "the database; retry shortly")
         lane = cluster.lane(op.hid)
         lane.ops.append(op)
         self.queued_mods += 1
@@ -255,7 +255,8 @@ class PgStore(Committing):
             self._queue(cluster, B.Op(S.READ, hid, 0, None, None, None, done))
             return None
         if len(cluster.reads) >= QUEUED_READS_MAX:
-            raise Busy(f"{QUEUED_READS_MAX} reads are waiting for the database; retry shortly")
+            raise Busy(f"QUEUED_READS_MAX ({QUEUED_READS_MAX}) reads are waiting for the "
+                       "database; retry shortly")
         cluster.reads.append((hid, done))
         if cluster.another_reader():
             cluster.readers += 1

@@ -45,7 +45,7 @@ def test_read_batch_and_queue_bounds(pg_url, monkeypatch):
             await asyncio.gather(*(c.mod(f"r{i}", i + 1) for i in range(5)))
             reads = [asyncio.ensure_future(c.tot(f"r{i}")) for i in range(5)]
             await asyncio.sleep(0)
-            with pytest.raises(Busy):
+            with pytest.raises(Busy, match=r"^QUEUED_READS_MAX \(5\) reads are waiting"):
                 store.read_tot("r0", done=print)
             assert await asyncio.gather(*reads) == [1, 2, 3, 4, 5]
     run(main())

@@ -229,7 +229,7 @@ def test_busy_when_queue_full(pg_url):
         async with stored(pg_url, queued_mods_max=4) as (store, c):
             futs = [asyncio.ensure_future(c.mod("a", 1)) for _ in range(4)]
             await asyncio.sleep(0)
-            with pytest.raises(Busy):
+            with pytest.raises(Busy, match=r"^QUEUED_MODS_MAX \(4\) calls are waiting"):
                 store.submit("a", 1, None, None, done=print)
             assert [f[1] for f in await asyncio.gather(*futs)] == [1, 2, 3, 4]
     run(main())
