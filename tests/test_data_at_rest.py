@@ -7,13 +7,16 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from accman import Ledger
-from accman.errors import StoreCorrupt, StoreError
+from accman.errors import StoreCorrupt, StoreError, StoreLocked
 from accman.ledger import datadir, keyfile, wal
+from accman.ledger.leveldb import Store
 from accman.cli import EXIT_REFUSED, EXIT_USAGE
 from conftest import run_accman
 
@@ -230,6 +233,41 @@ def test_a_store_file_that_is_a_named_pipe_is_refused_not_waited_on(tmp_path, na
     with pytest.raises(StoreCorrupt, match=f"{name} is not a regular file"):
         Ledger(str(data))
     assert sorted(os.listdir(data)) == before and stat.S_ISFIFO(os.stat(data / name).st_mode)
+
+
+def test_a_store_file_gone_while_another_has_the_store_open_is_no_damage(tmp_path):
+    """The check that store files are regular runs before the lock: a file
+    that the open store renamed or deleted between the listing and its stat
+    (a checkpoint's accman.checkpoint.tmp, a compacted table) made a second
+    open say StoreCorrupt, "refusing to serve", of a store that is whole
+    and in use, instead of StoreLocked.  A link to nothing is still damage."""
+    data = str(tmp_path / "data")
+    led = Ledger(data, store=Store(data, wal_bytes_max=wal.BLOCK_BYTES))   # checkpoints often
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            led.mod("a", 1)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    refusals = set()
+    try:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            try:
+                Ledger(data)
+            except StoreError as e:
+                refusals.add(type(e).__name__ if type(e) is StoreLocked else str(e))
+    finally:
+        stop.set()
+        thread.join()
+        led.close()
+    assert refusals == {"StoreLocked"}
+    datadir.check_regular(data, os.listdir(data) + ["000999.ldb", "accman.checkpoint.tmp"])
+    os.symlink(tmp_path / "nowhere", os.path.join(data, "000998.ldb"))
+    with pytest.raises(StoreCorrupt, match=r"000998\.ldb is a symbolic link to nothing"):
+        Ledger(data)
 
 
 def test_the_default_acl_is_what_makes_new_files_0600(tmp_path, umask_022):

@@ -144,12 +144,21 @@ def check_regular(path: str, names: list | None = None) -> None:
     """Each of a store's files (of `names`, the directory's by default) is
     a regular file: LevelDB and the open read them with plain opens, which
     wait for ever on a named pipe (no writer) and read a device without
-    end, so a store holding one is refused as damaged, not waited on."""
+    end, so a store holding one is refused as damaged, not waited on.  A
+    name listed but gone by its stat is no damage: the server that has the
+    store open (which the lock, taken after this check, then names)
+    renames and deletes files as it checkpoints and compacts."""
     for name in os.listdir(path) if names is None else names:
         if not STORE_FILE.match(name):
             continue
+        file = os.path.join(path, name)
         try:
-            mode = os.stat(os.path.join(path, name)).st_mode
+            mode = os.stat(file).st_mode
+        except FileNotFoundError:
+            if not os.path.lexists(file):
+                continue
+            raise StoreCorrupt(f"{path}: {name} is a symbolic link to nothing; refusing to "
+                               "serve, nothing repaired") from None
         except OSError as e:
             raise StoreCorrupt(f"{path}: {name}: {e.strerror or e}; refusing to serve, "
                                "nothing repaired") from None
