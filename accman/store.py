@@ -61,7 +61,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from inspect import CO_COROUTINE
+from inspect import CO_ASYNC_GENERATOR, CO_COROUTINE
 from types import FunctionType, MethodType
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -214,14 +214,17 @@ def check_binding(loop, deliver) -> None:
                          f"makes a coroutine, which nobody awaits): got {name}")
 
 
+_ASYNC_FLAGS = CO_COROUTINE | CO_ASYNC_GENERATOR
+
+
 def _async_name(fn) -> str | None:
     """The name of `fn` when it is an `async def` function or method, whose
-    call only makes a coroutine; else None.  Only a flag of its code is read,
-    cheap on every change; other callables (the server's slots) are not
-    inspected."""
+    call only makes a coroutine (or, when it yields, an async generator) and
+    runs none of its body; else None.  Only flags of its code are read, cheap
+    on every change; other callables (the server's slots) are not inspected."""
     if type(fn) is MethodType:
         fn = fn.__func__
-    if type(fn) is FunctionType and fn.__code__.co_flags & CO_COROUTINE:
+    if type(fn) is FunctionType and fn.__code__.co_flags & _ASYNC_FLAGS:
         return fn.__qualname__
     return None
 

@@ -562,11 +562,16 @@ class _Caller:
         raise AssertionError("never run")
 
 
-@pytest.mark.parametrize("done", [_told, _Caller().told])
+async def _yields_told(outcome):
+    yield outcome           # an async generator function's call runs none of its body
+
+
+@pytest.mark.parametrize("done", [_told, _Caller().told, _yields_told])
 def test_an_async_done_is_refused_and_changes_nothing(led, done):
     """An `async def` done was taken: the change was applied and made
     durable, the writer's call made a coroutine that nobody awaited
-    (RuntimeWarning at best), and the caller never heard its outcome."""
+    (RuntimeWarning at best), and the caller never heard its outcome.  An
+    `async def` that yields (an async generator function) was still taken."""
     led.mod("a", 10)
     for call in (lambda: led.submit("a", 5, done=done),
                  lambda: led.submit_hold("a", -1, 10, done=done),
@@ -1123,7 +1128,9 @@ def test_a_wrong_kept_event_id_is_bad_request_as_every_calls_argument(led, event
     (None, None, "loop must be an asyncio event loop, got NoneType"),
     ("loop", print, "loop must be an asyncio event loop, got str"),
     ("own", 5, "deliver must be a function taking a list of .*, or None; got int"),
-    ("own", _told, "deliver must be a plain function, not an async one .*: got _told")])
+    ("own", _told, "deliver must be a plain function, not an async one .*: got _told"),
+    ("own", _yields_told, "deliver must be a plain function, not an async one .*: got "
+                          "_yields_told")])
 def test_a_wrong_loop_or_deliver_is_refused_and_binds_nothing(led, loop, deliver, says):
     """bind_loop took anything: a loop that is not one made every later amod
     raise AttributeError, and a `deliver` that cannot be called, or an async
