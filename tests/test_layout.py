@@ -1,7 +1,8 @@
 """The layout's bounds (issue 12): no Python module of accman/ over 500
 lines, no Cython source over 650, no function over 80 lines.  A file or a
 function past them is doing two jobs.  A part moved out of a module into
-a .pxi names in its header the one .pyx that includes it."""
+a .pxi names in its header the one .pyx that includes it, and
+docs/DESIGN.md's module table names it."""
 
 from __future__ import annotations
 
@@ -86,3 +87,12 @@ def test_each_include_file_is_included_by_the_module_its_header_names(path):
     line = re.compile(rf'^include "{re.escape(path.name)}"$', re.M)
     includers = sorted(p.name for p in (ROOT / "ext").glob("*.pyx") if line.search(p.read_text()))
     assert includers == [named.group(1)]
+
+
+@pytest.mark.parametrize("path", PXI, ids=lambda p: str(p.relative_to(ROOT)))
+def test_each_include_file_is_named_in_the_design_s_module_table(path):
+    # docs/DESIGN.md's module table is where a stranger learns which file
+    # holds what; a part moved out of a module is named there beside it.
+    rows = [row for row in (ROOT / "docs" / "DESIGN.md").read_text().splitlines()
+            if row.startswith("| `ext/")]
+    assert any(f"`{path.name}`" in row or f"`ext/{path.name}`" in row for row in rows)
