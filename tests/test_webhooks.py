@@ -450,6 +450,15 @@ def test_a_damaged_cursor_file_is_refused_never_guessed(tmp_path, cursors, damag
         FileCursors(str(tmp_path)).load(CURSOR_NAME)
 
 
+def test_a_cursor_file_that_is_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    """A named pipe in the cursor file's place made the start wait for ever
+    for a writer (a plain open); it is damage, refused at once."""
+    os.mkfifo(tmp_path / "webhook.cursor", 0o600)
+    path = tmp_path / "webhook.cursor"
+    with pytest.raises(StoreCorrupt, match=f"the cursor file {path} is damaged: not a regular"):
+        FileCursors(str(tmp_path)).load(CURSOR_NAME)
+
+
 def test_a_damaged_cursor_stops_the_start(tmp_path, rx):
     (tmp_path / "webhook.cursor").write_bytes(b"42\n")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import stat
 import zlib
 
 from accman.errors import StoreCorrupt, StoreError
@@ -89,10 +90,19 @@ class FileCursors:
     def load(self, name: str) -> int | None:
         path = self.path(name)
         try:
-            with open(path, "rb") as f:
-                data = f.read(FILE_BYTES_MAX + 1)
+            # Not blocking: a named pipe in the file's place is refused as
+            # damage, not waited on for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise StoreError(f"cannot read the cursor file {path}: "
+                             f"{e.strerror or type(e).__name__}") from None
+        try:
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise StoreCorrupt(f"the cursor file {path} is damaged: not a regular file")
+                data = f.read(FILE_BYTES_MAX + 1)
         except OSError as e:
             raise StoreError(f"cannot read the cursor file {path}: "
                              f"{e.strerror or type(e).__name__}") from None
