@@ -191,8 +191,8 @@ def with_service(dsn: str, said: ServiceSaid | None = None) -> str:
     refuses the first two, and the other would be half-honoured.  One
     whose target_session_attrs may take a standby raises StoreError
     (target_session_attrs), said in the log as a broken file is: by
-    `said`, a store's, once the store has read the file; a failure
-    without it is its caller's to say (the open's)."""
+    `said`, a store's, once the store serves; a failure before, or
+    without it, is its caller's to say (the open's)."""
     scheme, user_at, hosts, tail = _split(dsn)
     name = _service_name(dsn)
     if name is None:
@@ -243,25 +243,26 @@ def _applicable(name: str, settings: dict[str, str]) -> dict[str, str]:
 
 
 class ServiceSaid:
-    """A store's log lines of a service file that fails once the store has
-    read it (edited or removed under a running server): each new failure
+    """A store's log lines of a service file that fails once the store
+    serves (edited or removed under a running server): each new failure
     said once, with its file and line, and its end once.  A failure before
-    the store's first read worked is its open's, which says it itself.
-    Each store has its own: another store of the process, on the same
-    service, says its own failures, and its open's failure is not worded
-    as this running store's."""
+    the store's open is done (`serving`, which the open sets last) is the
+    open's, raised to its caller, however many connections the open made
+    before it: a store that never served is not said to fail "until the
+    file is mended".  Each store has its own: another store of the
+    process, on the same service, says its own failures, and its open's
+    failure is not worded as this running store's."""
 
     def __init__(self):
-        self._read: set[str] = set()            # services read at least once
+        self.serving = False
         self._failing: dict[str, str] = {}      # service -> the failure last said
 
     def failed(self, name: str, e: StoreError) -> None:
-        if name in self._read and self._failing.get(name) != e.detail:
+        if self.serving and self._failing.get(name) != e.detail:
             self._failing[name] = e.detail
             log.error("%s; each new connection fails until the file is mended", e.detail)
 
     def worked(self, name: str) -> None:
-        self._read.add(name)
         if self._failing.pop(name, None) is not None:
             log.warning("the connection service %s can be read again", name)
 

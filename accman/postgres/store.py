@@ -137,6 +137,8 @@ class PgStore(Committing):
                 await upkeep.expire_round(store, c)
             await upkeep.merge_round(store)
             store._spawn(upkeep.maintain(store))
+            # From here a service file's failure is the running store's to log.
+            store.service_said.serving = True
         except BaseException:
             await store.aclose()
             raise

@@ -275,3 +275,27 @@ def test_each_store_of_a_process_says_its_own_service_file_failures(pg, pg_url, 
         assert said("line 6: has no `=`") == 2, caplog.text
         assert said("the connection service accman can be read again") == 2, caplog.text
     run(main())
+
+
+def test_an_open_that_fails_on_the_file_midway_logs_nothing(pg, pg_url, service_file,
+                                                          monkeypatch, caplog):
+    """A store's open reads the service file at each connection it makes
+    (its writers', then its listener's ...): a file broken between two
+    of them failed the open, raised, and was logged besides as a running
+    store's failure ("each new connection fails until the file is
+    mended") by a store that never served.  An open's failure is raised
+    only, however far the open got."""
+    from accman.postgres.events import EventReader
+    caplog.set_level("WARNING", logger="accman.postgres")
+    good = (f"[accman]\nhost=127.0.0.1\nport={pg.port}\nuser=postgres\n"
+            f"dbname={pg_url.rsplit('/', 1)[1]}\n")
+    service_file(good)
+    start = EventReader.start
+
+    async def broken_first(reader):
+        service_file(good + "sslmode require\n")       # after the writers connected
+        await start(reader)
+    monkeypatch.setattr(EventReader, "start", broken_first)
+    with pytest.raises(ServiceFileError, match="line 6: has no `=`"):
+        run(PgStore.open(["postgresql:///?service=accman"]))
+    assert not [r for r in caplog.records if "line 6" in r.getMessage()], caplog.text
