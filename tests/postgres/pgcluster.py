@@ -1,7 +1,8 @@
 """Real PostgreSQL servers for the tests and the benchmarks, from Debian's
-binaries: `initdb` and `pg_ctl` run as the `postgres` user (PostgreSQL
-refuses to run as root) in a temporary directory chowned to it, on a free
-loopback port; `pg_basebackup` makes a streaming standby.
+binaries: under root, `initdb` and `pg_ctl` run as the `postgres` user
+(PostgreSQL refuses to run as root) in a temporary directory chowned to
+it; under another user, as that user in a directory it owns.  Each server
+is on a free loopback port; `pg_basebackup` makes a streaming standby.
 
     with Cluster.create() as pg:                 # initdb + start
         url = pg.url("postgres")
