@@ -30,7 +30,8 @@ libpq's rules, odd ones among them, followed as they are:
   * AccMan refuses, naming the line, three things libpq reads, rather
     than read them differently: an LDAP lookup, a key's first value
     empty (libpq's built-in default over the environment's), and a line
-    of the section that is not UTF-8.
+    of the section that is not UTF-8.  It refuses, too, a file that is a
+    named pipe or a device, or over SERVICE_FILE_BYTES_MAX (_file_bytes).
   * The files: PGSERVICEFILE (which must exist), else ~/.pg_service.conf
     (if it exists; ~ is HOME, or if that is unset or empty, the user's
     home of the password file); then, unless the first defined the service,
@@ -46,6 +47,7 @@ from __future__ import annotations
 import os
 import pathlib
 import pwd
+import stat
 
 from accman.postgres.errors import CausedStoreError
 
@@ -73,6 +75,9 @@ _C_SPACE = " \t\n\v\f\r"
 # char buf[1024] takes at most 1023 bytes, and a line that fills them is
 # its "line N too long in service file".
 LINE_BYTES_MAX = 1022
+# The largest service file AccMan reads, at each new connection, on its
+# event loop: thousands of services.  (libpq has no bound of its own.)
+SERVICE_FILE_BYTES_MAX = 1024 * 1024
 SYSTEM_FILE_HINT = ("libpq also reads pg_service.conf in a directory compiled into it "
                     "(`pg_config --sysconfdir` names it for the libpq of that pg_config), "
                     "which AccMan reads only when PGSYSCONFDIR names it")
@@ -136,19 +141,46 @@ def _home() -> pathlib.Path | None:
         return None
 
 
-def _read(path: pathlib.Path, name: str) -> dict[str, str] | None:
-    """The settings of `name`'s section of the file `path`, None if it has
-    none."""
+def _file_bytes(path: pathlib.Path) -> bytes | None:
+    """The file's bytes; None for a directory, which libpq opens (fopen
+    succeeds) and whose first read it takes for the end of the file: an
+    empty file, which defines no service, so the next file is read.
+    AccMan reads the file on its event loop at each new connection, so a
+    named pipe or a device there, which would hold up every request (libpq
+    waits on one too), and a file over SERVICE_FILE_BYTES_MAX are refused."""
     try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        # libpq opens a directory (fopen succeeds) and takes the failure of
-        # its first read for the end of the file: an empty file, which
-        # defines no service, so the next file is read.
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                return None
+            if not stat.S_ISREG(mode):
+                raise ServiceFileError(f"{_CONNECT}: the service file {path} is not a regular "
+                                       "file (a pipe or a device would hold up every request)")
+            chunks, size = [], 0
+            while size <= SERVICE_FILE_BYTES_MAX:
+                chunk = os.read(fd, SERVICE_FILE_BYTES_MAX + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise ServiceFileError(f"{_CONNECT}: the service file {path} cannot be read: "
                                f"{e.strerror or type(e).__name__}") from None
+    if size > SERVICE_FILE_BYTES_MAX:
+        raise ServiceFileError(f"{_CONNECT}: the service file {path} is over "
+                               f"SERVICE_FILE_BYTES_MAX ({SERVICE_FILE_BYTES_MAX} bytes)")
+    return b"".join(chunks)
+
+
+def _read(path: pathlib.Path, name: str) -> dict[str, str] | None:
+    """The settings of `name`'s section of the file `path`, None if it has
+    none."""
+    data = _file_bytes(path)
+    if data is None:
+        return None
     settings: dict[str, str] | None = None
     for number, line in enumerate(_fgets_lines(data), 1):
         if len(line) > LINE_BYTES_MAX:

@@ -156,6 +156,27 @@ def test_a_missing_pgservicefile_is_refused_naming_it(service, monkeypatch, empt
         connecting.with_service("postgresql:///?service=accman")
 
 
+def test_a_service_file_that_is_a_pipe_a_device_or_too_big_is_refused(service, monkeypatch):
+    """The file is read on the server's event loop at each new connection:
+    a named pipe there (no writer) held it, and every request, for ever;
+    /dev/zero was read without end.  Both are refused at once, as is a
+    file over SERVICE_FILE_BYTES_MAX.  (libpq waits on a pipe too: here
+    AccMan refuses what libpq reads, as it does an LDAP line.)"""
+    from accman.postgres.service_file import SERVICE_FILE_BYTES_MAX
+    os.mkfifo(service, 0o600)
+    with pytest.raises(ServiceFileError, match=f"the service file {service} is not a regular"):
+        connecting.with_service("postgresql:///?service=accman")
+    monkeypatch.setenv("PGSERVICEFILE", "/dev/zero")
+    with pytest.raises(ServiceFileError, match="/dev/zero is not a regular file"):
+        connecting.with_service("postgresql:///?service=accman")
+    big = service.with_name("big.conf")
+    big.write_bytes(b"#" * SERVICE_FILE_BYTES_MAX + b"\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(big))
+    too_big = rf"is over SERVICE_FILE_BYTES_MAX \({SERVICE_FILE_BYTES_MAX} bytes\)"
+    with pytest.raises(ServiceFileError, match=too_big):
+        connecting.with_service("postgresql:///?service=accman")
+
+
 @pytest.mark.parametrize("given,section", [("a+b", "a+b"), ("a%2Bb%20c", "a+b c")])
 def test_a_service_name_in_the_url_is_decoded_as_libpq_decodes_it(pg, pg_url, service,
                                                                    given, section):
