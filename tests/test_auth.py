@@ -1,8 +1,10 @@
 """Tokens files and the one token grammar (SPEC "Access"): a token that a
 tokens file accepts is one a request can carry, and the reverse."""
 
+import contextlib
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -149,6 +151,28 @@ def test_sighup_reads_the_tokens_file_again_and_revokes_at_the_next_request(star
     wait_said(srv, "is open to other users")
     assert srv.get("/tot?cred=h", token=A_TOKEN).status == 401
     assert srv.proc.poll() is None and srv.stop() == 0
+
+
+@pytest.mark.any_one_store("what is checked is the server's tokens, not the store")
+def test_sighup_on_a_named_pipe_that_nothing_writes_leaves_the_server_serving(start_server,
+                                                                             tmp_path):
+    """A named pipe is a tokens file (read as it is written); read again by
+    SIGHUP with no writer, its open waited for one inside the event loop:
+    the server stopped answering, SIGTERM included."""
+    path = tmp_path / "tokens"
+    os.mkfifo(path, 0o600)
+    writer = threading.Thread(target=path.write_text, args=(f"read,mint {A_TOKEN}\n",))
+    writer.start()
+    srv = start_server(tokens=str(path))
+    writer.join()
+    srv.send_signal(signal.SIGHUP)
+    try:
+        wait_said(srv, "accman: SIGHUP: the tokens were not read again, the previous ones "
+                       f"stay: tokens file {path} is a pipe that nothing writes to", 3)
+    finally:
+        with contextlib.suppress(OSError):      # ENXIO: no open waits for a writer
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))   # else the open ends
+    assert srv.mod("x", 5, token=A_TOKEN).status == 200 and srv.stop() == 0
 
 
 @pytest.mark.any_one_store("what is checked is the server's tokens, not the store")

@@ -104,15 +104,21 @@ class Tokens:
         """Reads a tokens file, which only its owner may read or write (as
         ssh does with keys): anyone who can read it can move money."""
         try:
-            with open(path, "rb") as f:
+            # Opened without waiting: a named pipe's open waits for a writer,
+            # for ever when none comes, and SIGHUP reads the file inside the
+            # server's event loop.  A pipe that nothing writes to reads empty.
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
                 mode = os.fstat(f.fileno()).st_mode
                 # A file, or a pipe (`--tokens <(...)`): a device or a socket is
                 # no tokens file, and reading one may never end.
                 if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
                     raise TokensError(f"tokens file {path} is not a regular file")
+                os.set_blocking(f.fileno(), True)       # a writer's lines are waited for
                 data = f.read(TOKENS_FILE_BYTES_MAX + 1)
         except OSError as e:
             raise TokensError(f"cannot read tokens file {path}: {e.strerror or e}") from None
+        if not data and stat.S_ISFIFO(mode):
+            raise TokensError(f"tokens file {path} is a pipe that nothing writes to")
         if len(data) > TOKENS_FILE_BYTES_MAX:
             raise TokensError(f"tokens file {path} is over TOKENS_FILE_BYTES_MAX "
                               f"({TOKENS_FILE_BYTES_MAX} bytes)")
