@@ -100,20 +100,22 @@ class Tokens:
         return cls(entries)
 
     @classmethod
-    def load(cls, path: str) -> "Tokens":
+    def load(cls, path: str, *, wait: bool = True) -> "Tokens":
         """Reads a tokens file, which only its owner may read or write (as
-        ssh does with keys): anyone who can read it can move money."""
+        ssh does with keys): anyone who can read it can move money.  A named
+        pipe's open waits for a writer; with `wait` False it does not (SIGHUP
+        reads the file inside the server's event loop, which a writer that
+        never comes would stop for ever), and a pipe nothing writes to then
+        reads empty."""
         try:
-            # Opened without waiting: a named pipe's open waits for a writer,
-            # for ever when none comes, and SIGHUP reads the file inside the
-            # server's event loop.  A pipe that nothing writes to reads empty.
-            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
+            fd = os.open(path, os.O_RDONLY | (0 if wait else os.O_NONBLOCK))
+            with open(fd, "rb") as f:
+                mode = os.fstat(fd).st_mode
                 # A file, or a pipe (`--tokens <(...)`): a device or a socket is
                 # no tokens file, and reading one may never end.
                 if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
                     raise TokensError(f"tokens file {path} is not a regular file")
-                os.set_blocking(f.fileno(), True)       # a writer's lines are waited for
+                os.set_blocking(fd, True)       # a writer's lines are waited for
                 data = f.read(TOKENS_FILE_BYTES_MAX + 1)
         except OSError as e:
             raise TokensError(f"cannot read tokens file {path}: {e.strerror or e}") from None
@@ -138,7 +140,7 @@ class Tokens:
         """Reads the file they came from again and takes its tokens, all or
         none: TokensError, the tokens as they were, when it cannot be read
         or is wrong.  How many there are now."""
-        self._entries = Tokens.load(self.path)._entries
+        self._entries = Tokens.load(self.path, wait=False)._entries
         return len(self._entries)
 
     def roles(self, token) -> int:
