@@ -106,6 +106,17 @@ def test_a_tokens_path_that_is_no_file_or_too_long_is_refused_without_reading_on
         os.close(r)
 
 
+def test_a_tokens_path_that_is_a_directory_is_refused_and_keeps_no_descriptor(tmp_path):
+    """SIGHUP reads the file again for as long as the server runs: each
+    refusal closes what it opened."""
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(TokensError) as e:
+            Tokens.load(str(tmp_path), wait=False)
+        assert str(e.value) == f"tokens file {tmp_path} is not a regular file"
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 # --- reading the tokens file again (SIGHUP) -------------------------------------------------
 
 A_TOKEN = "first-token-0123456789"

@@ -109,14 +109,17 @@ class Tokens:
         reads empty."""
         try:
             fd = os.open(path, os.O_RDONLY | (0 if wait else os.O_NONBLOCK))
-            with open(fd, "rb") as f:
+            try:
                 mode = os.fstat(fd).st_mode
-                # A file, or a pipe (`--tokens <(...)`): a device or a socket is
-                # no tokens file, and reading one may never end.
+                # A file, or a pipe (`--tokens <(...)`): a directory, a device or
+                # a socket is no tokens file, and reading one may never end.
                 if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
                     raise TokensError(f"tokens file {path} is not a regular file")
                 os.set_blocking(fd, True)       # a writer's lines are waited for
-                data = f.read(TOKENS_FILE_BYTES_MAX + 1)
+                with open(fd, "rb", closefd=False) as f:
+                    data = f.read(TOKENS_FILE_BYTES_MAX + 1)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise TokensError(f"cannot read tokens file {path}: {e.strerror or e}") from None
         if not data and stat.S_ISFIFO(mode):
