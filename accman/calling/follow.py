@@ -56,7 +56,9 @@ class Followed(NamedTuple):
     (resume with it); `why` is "signal", "reader gone", "error" with
     `error` the AccManError that ended it, or "output failed" with `error`
     the OSError that a write to `out` raised (ENOSPC, EIO: anything but a
-    closed pipe, which is "reader gone"); `out` is then /dev/null."""
+    closed pipe, which is "reader gone"); `out` is then /dev/null.  The
+    command makes one more, "stdout is closed", when it starts with no
+    stdout to write to (accman.cli), asking nothing."""
 
     after: int
     why: str
