@@ -201,6 +201,18 @@ def test_the_command_line_says_an_untrusted_certificate_sent_nothing(accman, fro
     assert front.served == 0
 
 
+def test_the_command_line_says_an_https_url_that_reached_plain_http(accman, cred):
+    """`--url https://` to a server that answers plain HTTP said OpenSSL's
+    `[SSL: WRONG_VERSION_NUMBER] wrong version number` and no more: the
+    line now says what answered does not speak TLS."""
+    url = accman.url.replace("http://", "https://")
+    proc = run_accman("tot", cred, "--url", url, "--token", TOKEN)
+    assert proc.returncode == 3 and proc.stdout == ""
+    assert "wrong version number" in proc.stderr, proc.stderr
+    assert "(what answered does not speak TLS: is it an http:// URL?)" in proc.stderr
+    assert proc.stderr.rstrip().endswith("nothing was sent"), proc.stderr
+
+
 @pytest.mark.parametrize("front", ["stranger"], indirect=True)
 def test_the_middleware_refuses_503_when_the_certificate_is_not_trusted(accman, front, trusted,
                                                                         cred, caplog):

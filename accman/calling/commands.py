@@ -41,6 +41,10 @@ BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labe
 UNTRUSTED_ISSUER = re.compile(r"self.signed certificate|unable to get (?:local )?issuer "
                               r"certificate")
 PRIVATE_CA_HINT = " (a private CA is trusted by naming its PEM file in SSL_CERT_FILE)"
+# OpenSSL's reason when what answered an https:// URL does not speak TLS:
+# most often an http:// server (AccMan serves plain HTTP behind its proxy).
+NOT_TLS = re.compile(r"wrong version number|record layer failure|packet length too long")
+NOT_TLS_HINT = " (what answered does not speak TLS: is it an http:// URL?)"
 
 # The idempotency key of the mod that opens an account: the credential is
 # new, so one key suffices, and it makes the opening safe to repeat.
@@ -299,7 +303,8 @@ def failure(args, e) -> tuple:
         return f"accman: error: {BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
     if isinstance(e, Unreachable):
         nothing = "nothing was opened" if args.command == "open" else "nothing was sent"
-        ca = PRIVATE_CA_HINT if UNTRUSTED_ISSUER.search(e.detail or "") else ""
+        ca = (PRIVATE_CA_HINT if UNTRUSTED_ISSUER.search(e.detail or "") else
+              NOT_TLS_HINT if NOT_TLS.search(e.detail or "") else "")
         return f"accman: error: no answer: {e.detail}{ca}; {nothing}", EXIT_NO_ANSWER
     if isinstance(e, TransportError) or (
             isinstance(e, Unavailable) and getattr(args, "follow", False)):
