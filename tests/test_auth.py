@@ -61,7 +61,8 @@ def test_roles_and_errors_name_the_line_not_the_token():
     for text, message in [(f"read {GOOD} extra", "line 1: expected"),
                           (f"admin {GOOD}", "line 1: unknown role 'admin'"),
                           (f"read {GOOD}\nread {GOOD}", "line 2: a token appears twice"),
-                          ("read abc=defghijklmnop", "may end in one or more =")]:
+                          ("read abc=defghijklmnop", "may end in one or more ="),
+                          (f"read,read {GOOD}", "line 1: the role read is named twice")]:
         with pytest.raises(TokensError, match=message) as e:
             Tokens.parse(text)
         assert "abc=def" not in str(e.value) and GOOD not in str(e.value)

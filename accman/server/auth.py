@@ -82,6 +82,10 @@ class Tokens:
                 if bit is None:
                     raise TokensError(f"{source} line {lineno}: unknown role "
                                       f"{_role_shown(name)} (roles are read, charge, mint)")
+                if roles & bit:
+                    # `read,read` is most likely a role mistyped for another.
+                    raise TokensError(f"{source} line {lineno}: the role {name} is named "
+                                      "twice")
                 roles |= bit
             if not TOKEN_CHARS_MIN <= len(token) <= TOKEN_CHARS_MAX:
                 raise TokensError(
