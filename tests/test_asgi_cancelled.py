@@ -184,3 +184,47 @@ def test_reserve_a_settle_landed_at_the_cancel_is_found_and_said(funded, proxy, 
     assert any(f"was settled with use {COST} by a call in flight" in r.getMessage()
                and r.getMessage().endswith(f"the service owes the account {COST}")
                for r in caplog.records)
+
+
+def test_reserve_a_request_cancelled_as_the_server_shuts_down_releases_its_hold(funded):
+    """uvicorn's graceful shutdown running out cancels the requests still
+    in flight and at once sends the lifespan shutdown, without waiting for
+    them to end.  The hold of a request whose app was still working is
+    released before the drain ends, though the app's own cleanup awaits
+    (a FastAPI dependency closing its session), not left to its ttl."""
+    working = asyncio.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        working.set()
+        try:
+            await asyncio.sleep(WAIT_S)
+        finally:
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    m = AccManMiddleware(app, url=funded.url, token=SERVICE, mode="reserve", cost=COST)
+
+    async def main():
+        lifespan = asyncio.Queue()
+        await lifespan.put({"type": "lifespan.startup"})
+        sent = []
+
+        async def send(message):
+            sent.append(message["type"])
+        served = asyncio.ensure_future(m({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                         lifespan.get, send))
+        request = asyncio.ensure_future(call(m, cred="cx"))
+        await asyncio.wait_for(working.wait(), WAIT_S)
+        request.cancel()
+        await lifespan.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(served, WAIT_S)
+        assert request.cancelled() and sent[-1] == "lifespan.shutdown.complete"
+    asyncio.run(main())
+    assert entries(funded) == [(FUNDS, None, None), (-COST, "-h", 2), (COST, None, 2)]
+    assert m.stats["released"] == 1 and m.stats["stranded"] == 0

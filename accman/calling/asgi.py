@@ -143,6 +143,7 @@ class AccManMiddleware:
         self._meter = Meter(self._header, self.stats, self._owed, self._cost_of_response,
                             self._charge, self._charged, self._spawn)
         self._tasks = set()             # releases and charges under way (_spawn)
+        self._reserving = set()         # the tasks of reserve-mode requests under way
         self._billing = set()           # async on_unpaid calls under way (_unpaid)
 
     # --- ASGI --------------------------------------------------------------
@@ -214,6 +215,17 @@ class AccManMiddleware:
         return await refuse_unavailable(send)
 
     async def _serve_reserved(self, scope, receive, send, cred, price, est):
+        # Kept until the request has ended: one cancelled as the server shuts
+        # down ends its hold (an owed unhold, a release) as it unwinds, which
+        # may be after the server has asked for the shutdown (aclose).
+        task = asyncio.current_task()
+        self._reserving.add(task)
+        try:
+            return await self._reserved(scope, receive, send, cred, price, est)
+        finally:
+            self._reserving.discard(task)
+
+    async def _reserved(self, scope, receive, send, cred, price, est):
         acc = self._acc()
         r = Reservation(self._meter, acc, scope, cred, price, self._rid(), est, receive)
         try:
@@ -387,11 +399,19 @@ class AccManMiddleware:
                 and await self._ended(self._billing, left()))
 
     async def aclose(self) -> None:
-        """Let releases and owed calls land (SHUTDOWN_DRAIN_S each, then
+        """Let reserve-mode requests under way end and releases land
+        (SHUTDOWN_DRAIN_S for both), then owed calls (SHUTDOWN_DRAIN_S, then
         SHUTDOWN_LAST_CALL_S for the call under way), strand the rest, give
         async on_unpaid calls SHUTDOWN_DRAIN_S more, close the client, say
         the repeated lines' unsaid counts.  Called on the lifespan shutdown."""
-        await self._ended(self._tasks, SHUTDOWN_DRAIN_S)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + SHUTDOWN_DRAIN_S
+        # uvicorn cancels the requests its graceful shutdown did not see end
+        # and asks for the lifespan shutdown at once: a request still
+        # unwinding releases its hold only when it has ended, so the drain
+        # waits for it rather than closing the client under its release.
+        await self._ended(self._reserving - {asyncio.current_task()}, SHUTDOWN_DRAIN_S)
+        await self._ended(self._tasks, max(end - loop.time(), 0))
         await self._owed.close()
         await self._ended(self._billing, SHUTDOWN_DRAIN_S)     # cut off past it: logged
         if self._client is not None and self._own_client:
