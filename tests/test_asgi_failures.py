@@ -456,3 +456,25 @@ def test_a_charge_that_may_have_landed_is_never_billed_however_it_is_stranded(
             run(go())
         assert fake.tot(CRED) == 8 and unpaid == [] and m.stats["stranded"] == 1
         assert "outcome unknown: look for key" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["check owed", "reserve owed", "open unpaid"])
+def test_an_app_own_balance_header_never_stands_for_a_balance_not_told(case):
+    """Where no reply of AccMan tells the balance, the header is missing,
+    not the app's own (one relayed from another service metered by AccMan,
+    say), as the Node plugin drops the handler's."""
+    app = make_app(headers=[(b"ACCMAN", b"123456")])
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        mode, failure = case.split()
+        if failure == "unpaid":
+            m = AccManMiddleware(app, url=f"http://127.0.0.1:{closed_port()}", retries=0,
+                                 on_unavailable="open")
+        else:
+            m = mw(fake, app, mode=mode, retries=0)
+            # The settle, or check mode's charge (the keyed mod), is owed.
+            fake.fault = first_then(lambda p, q: p != "/hold" and charges(p, q) or p == "/settle",
+                                    ("drop",), ("drop",))
+        r = run(call(m))
+        assert r.status == 200 and "accman" not in {k.lower() for k in r.headers}
+        assert m.stats["owed" if failure == "owed" else "unpaid_requests"] == 1

@@ -26,11 +26,13 @@ async def refuse_unavailable(send):
 
 def with_tot(message, header: bytes, tot):
     """The response start `message` with `header: tot` in place of any the
-    app set; as it is when `tot` is None (nothing charged is known)."""
-    if tot is None:
-        return message
+    app set; without the header when `tot` is None (no reply told the
+    balance): the app's own (relayed from another service metered by
+    AccMan, say) would stand for a balance nobody told, and the header is
+    missing rather than wrong, as the Node plugin drops the handler's."""
     headers = [h for h in message.get("headers", ()) if h[0].lower() != header]
-    headers.append((header, str(tot).encode()))
+    if tot is not None:
+        headers.append((header, str(tot).encode()))
     message = dict(message)
     message["headers"] = headers
     return message

@@ -358,6 +358,7 @@ class AccManMiddleware:
                     cost = self._cost_of_response(price, scope, message)
                     if cost:
                         self._unpaid(cred, cost, err.code)
+                    message = with_tot(message, self._header, None)     # no balance told
                 await send(message)
 
             async with watch:
