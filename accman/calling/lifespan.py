@@ -1,8 +1,8 @@
 """The middleware's lifespan (accman.calling.asgi): the app's own, with
-the middleware's drain (`aclose`: releases and owed calls land) before
-its shutdown ends, whether the app's own shutdown completes or fails; or,
-for an app that does not speak lifespan, the middleware's own, so that
-owed calls still land at shutdown."""
+the middleware's drain (`aclose`: releases and owed calls land) when the
+server asks for the shutdown, before the app's own shutdown runs; or, for
+an app that does not speak lifespan, the middleware's own, so that owed
+calls still land at shutdown."""
 
 from __future__ import annotations
 
@@ -10,46 +10,29 @@ import logging
 
 log = logging.getLogger("accman.asgi")
 
-# The messages that end a shutdown: the drain comes before either goes out,
-# since the server ends the process once it has one.
-_SHUTDOWN_ENDS = ("lifespan.shutdown.complete", "lifespan.shutdown.failed")
-
 
 async def lifespan(app, aclose, scope, receive, send) -> None:
     """The app's lifespan, with `await aclose()` once the server has asked
-    for the shutdown and before it is told that the shutdown ended: by
-    `lifespan.shutdown.complete` or `.failed` (Starlette's when the app's
-    own shutdown raised), or by the app raising or returning.  A failing
-    shutdown of the app's own (its database pool would not close) must not
-    lose the owed calls unsaid.  An app that does not speak lifespan (it
-    returns or raises before it reads a message, as ASGI allows) gets the
-    middleware's own."""
-    spoken = shutdown = drained = False
+    for the shutdown and before the app is handed that message: what the
+    app's own shutdown closes (the AccManClient it gave the middleware, the
+    database an `on_unpaid` biller writes to) is still open while the
+    releases and owed calls land, and a shutdown of the app's that fails
+    or hangs cannot keep them from landing.  An app that does not speak
+    lifespan (it returns or raises before it reads a message, as ASGI
+    allows) gets the middleware's own."""
+    spoken = False
 
     async def receive_():
-        nonlocal spoken, shutdown
+        nonlocal spoken
         spoken = True
         message = await receive()
         if message["type"] == "lifespan.shutdown":
-            shutdown = True
-        return message
-
-    async def drain():
-        nonlocal drained
-        if not drained:
-            drained = True
             await aclose()
-
-    async def send_(message):
-        if message["type"] in _SHUTDOWN_ENDS:
-            await drain()
-        await send(message)
+        return message
     try:
-        await app(scope, receive_, send_)
+        await app(scope, receive_, send)
     except Exception:
         if spoken:
-            if shutdown:
-                await drain()
             raise
         # ASGI's sign of an app without lifespan; logged in full, since it
         # is also what an app failing its startup before reading looks
@@ -58,8 +41,6 @@ async def lifespan(app, aclose, scope, receive, send) -> None:
                     "message: taken as an app without lifespan, whose lifespan the "
                     "middleware answers so that owed calls land at shutdown",
                     exc_info=True)
-    if shutdown:
-        await drain()
     if not spoken:
         await _own(aclose, receive, send)
 

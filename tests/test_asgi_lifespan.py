@@ -1,0 +1,64 @@
+"""The middleware's drain at the lifespan shutdown, against the app's own
+shutdown: what the app's shutdown closes (the AccManClient it shares with
+the middleware, the database its `on_unpaid` bills into) is still open
+while the middleware's releases and owed calls land.  Against the fake
+AccMan of tests/fake_accman.py, with a real Starlette app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from accman.asgi import AccManMiddleware
+from accman.calling import owed as owed_mod
+from accman.client import AccManClient
+from asgi_harness import CRED, call
+from fake_accman import FakeAccMan, charges, first_then
+
+
+async def thing(request):
+    return PlainTextResponse("ok")
+
+
+def test_an_owed_charge_lands_on_a_shared_client_its_owner_closes_at_shutdown(monkeypatch):
+    """The owner of a client given with `client=` closes it in the app's
+    own lifespan shutdown, as CALLING.md leaves it to do: the owed charge
+    is drained before that shutdown runs, so it lands, and is not stranded
+    against a closed client and billed as unpaid."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.2)     # the retry comes at shutdown
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 1.0)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.5)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = first_then(charges, ("drop",))        # the charge's reply is lost: owed
+
+        async def main():
+            acc = AccManClient(fake.url, retries=0)
+
+            @contextlib.asynccontextmanager
+            async def lifespan(app):
+                yield
+                await acc.aclose()                          # the owner's to close
+
+            m = AccManMiddleware(Starlette(routes=[Route("/thing", thing)], lifespan=lifespan),
+                                 client=acc, cost=2)
+            queue = asyncio.Queue()
+            sent = []
+
+            async def send(message):
+                sent.append(message["type"])
+            await queue.put({"type": "lifespan.startup"})
+            life = asyncio.ensure_future(m({"type": "lifespan", "asgi": {"version": "3.0"},
+                                            "state": {}}, queue.get, send))
+            assert (await call(m)).status == 200 and m.stats["owed"] == 1
+            await queue.put({"type": "lifespan.shutdown"})
+            await asyncio.wait_for(life, 5)
+            assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+            return m.stats
+        stats = asyncio.run(main())
+        assert fake.tot(CRED) == 8
+        assert stats["stranded"] == 0 and stats["unpaid_requests"] == 0
