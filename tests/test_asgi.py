@@ -339,6 +339,9 @@ def test_configuration_errors_are_refused_at_once(fake):
            ({"exempt": 5}, TypeError, "exempt must be a collection of paths, not a int"),
            ({"prices": {"x": 1}}, ValueError, "prices"),
            ({"prices": [("/x", 1)]}, TypeError, "prices"),
+           # A glob or a route template would match no path, never priced or exempted.
+           ({"prices": {"/users/*/report": 10}}, ValueError, r"prices: '/users/\*/report' has"),
+           ({"exempt": ["/users/{id}/avatar"]}, ValueError, "exempt: '/users/{id}/avatar' is"),
            ({"on_unpaid": 5}, TypeError, "on_unpaid"),
            ({"timeout_s": float("inf")}, ValueError, "timeout_s")]
     for kw, error, named in bad:

@@ -85,8 +85,9 @@ def priced(prices, exempt_exact: set, exempt_prefixes: list) -> tuple:
 
 def paths(paths, what: str) -> list:
     """`paths` as a list of URL paths, each "/..." (a prefix when it ends in
-    `*`; "*" alone is every path).  A bare string is refused: `exempt=("/health")`, a missing comma,
-    would otherwise exempt "/", "h", "e", ... one character each."""
+    `*`, the only `*` it may have; "*" alone is every path; no `{}`).  A
+    bare string is refused: `exempt=("/health")`, a missing comma, would
+    otherwise exempt "/", "h", "e", ... one character each."""
     if isinstance(paths, (str, bytes)):
         raise TypeError(f"{what} must be a collection of paths, not one string: "
                         f"write ({paths!r},)")
@@ -98,6 +99,14 @@ def paths(paths, what: str) -> list:
     for path in paths:
         if not isinstance(path, str) or not (path.startswith("/") or path == "*"):
             raise ValueError(f"{what}: {path!r} is not a path starting with /, nor *")
+        # A glob or a Starlette route template matches no request's path:
+        # a price would go unused, the default charged instead, unsaid.
+        if "*" in path[:-1]:
+            raise ValueError(f"{what}: {path!r} has a * before its end: a pattern is a path, "
+                             f"or a prefix ending in * ('/users/*'), never a glob")
+        if "{" in path or "}" in path:
+            raise ValueError(f"{what}: {path!r} is a route template: a pattern is a request's "
+                             f"path, or a prefix ending in * ('/users/*')")
     return paths
 
 
