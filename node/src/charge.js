@@ -17,6 +17,17 @@ function refusesToken (err) {
   return err instanceof Unauthorized || err instanceof Forbidden
 }
 
+// The reply's status and headers as the charge `judged` them, put back
+// after a later send of the reply changed them while the charge was in
+// flight (fastify's error handler sets a 500 and drops the content type
+// for a handler that threw after sending): the first response goes out
+// as it was charged (sentAgain).
+function putBack (reply, judged, state) {
+  if (!state.resent && reply.statusCode === judged.status) return
+  for (const name of Object.keys(reply.getHeaders())) reply.removeHeader(name)
+  reply.code(judged.status).headers(judged.headers)
+}
+
 // Meter's methods of the response, put on its prototype (meter.js).
 const charging = {
   // The last preHandler of each route the plugin checked (onRoute appends
@@ -39,8 +50,38 @@ const charging = {
     // closes its connection (HTTP/1 only: HTTP/2 has no such header).
     if (this.closing && request.raw.httpVersionMajor === 1) reply.header('connection', 'close')
     const state = request.accman
-    if (!state || state.ended) return payload
+    if (!state) return payload
+    if (state.sending) return this.sentAgain(state, reply, payload)
+    if (state.ended) return payload
     state.ended = true
+    state.sending = true
+    try {
+      return await this.chargeFirst(state, request, reply, payload)
+    } finally {
+      state.sending = false
+    }
+  },
+
+  // A send of the reply while its first send is in this hook (a handler
+  // that sends, then throws or sends again, or returns undefined from an
+  // async function): fastify writes a first send at once when no onSend
+  // hook waits, and refuses a later one as already sent.  Here the first
+  // waits for AccMan, and a later one, let through, would go out in its
+  // place: the consumer charged for a body it never gets, and given one it
+  // never paid for (or a 500).  So it waits until the response has ended,
+  // and fastify refuses it then, as without the plugin; the status and
+  // headers it set on the shared reply meanwhile are put back (putBack).
+  // A send after the hook is done, fastify's error response when the
+  // first send fails after it, goes through.
+  async sentAgain (state, reply, payload) {
+    state.resent = true
+    // A reply is a thenable that settles once its response has ended
+    // (fastify's `await reply`), over HTTP/1 and HTTP/2 alike.
+    await new Promise((resolve) => reply.then(resolve, resolve))
+    return payload
+  },
+
+  async chargeFirst (state, request, reply, payload) {
     // A payload that fastify refuses (a Response's used body, a status
     // that is no HTTP status, a locked web stream) is its 500: nothing
     // charged, the hold released.
@@ -54,6 +95,7 @@ const charging = {
       this.release(state)
       return payload
     }
+    const judged = { status: reply.statusCode, headers: headersOf(reply) }
     // A stream's 'error' while the charge is in flight would find no
     // listener (fastify adds its own once the onSend hooks are done), and
     // an unheard 'error' ends the process.  Heard here, the stream is left
@@ -78,15 +120,16 @@ const charging = {
         }
       })
       try {
-        return await this.chargeSent(state, request, reply, payload)
+        return await this.chargeSent(state, request, reply, payload, judged)
       } finally {
         charging = false
       }
     }
-    return this.chargeSent(state, request, reply, payload)
+    return this.chargeSent(state, request, reply, payload, judged)
   },
 
-  async chargeSent (state, request, reply, payload) {
+  async chargeSent (state, request, reply, payload, judged) {
+    putBack(reply, judged, state)
     // The header is the balance a reply of AccMan told, or missing: never
     // one the handler or its web Response brought (relayed from another
     // service metered by AccMan, say).
@@ -120,6 +163,7 @@ const charging = {
         'accman: the consumer left while its charge was in flight: ' +
         'charged for a response it does not get')
     }
+    putBack(reply, judged, state)
     if (tot !== null) reply.header(this.header, String(tot))
     return payload
   },

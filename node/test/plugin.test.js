@@ -155,6 +155,24 @@ test('responses of 400 and over are not charged, unless chargeErrors', async () 
   })
 })
 
+// fastify writes a first send at once when no onSend hook waits, and
+// refuses a second as already sent; the plugin's charge waits for AccMan.
+test('a handler that sends, then throws, sends again or returns undefined: the first response goes out, as paid for', async () => {
+  await acc.mint.mod('p-sendagain', 10)
+  for (const mode of ['check', 'reserve']) {
+    await withService({ mode }, async (url) => {
+      for (const as of ['throw', 'send', 'none']) {
+        const before = await acc.mint.tot('p-sendagain')
+        const r = await get(url + '/sendagain?as=' + as, 'p-sendagain')
+        const seen = [r.status, r.body, r.headers.get('x-first'), r.headers.get('x-second')]
+        assert.deepEqual(seen, [200, { first: true }, 'yes', null], `${mode} ${as}`)
+        assert.equal(r.headers.get('content-type'), 'application/json; charset=utf-8')
+        assert.deepEqual([r.accman, await acc.mint.tot('p-sendagain')], [String(before - 1), before - 1])
+      }
+    })
+  }
+})
+
 // fastify takes a Response's status and headers only after the onSend hooks.
 test('a web Response is charged on its own status and headers: one of 400 and over is not charged', async () => {
   await acc.mint.mod('p-response', 100)

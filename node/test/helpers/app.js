@@ -26,6 +26,14 @@ async function serviceApp (options, { logs } = {}) {
   app.get('/w', async () => ({ ok: true }))
   app.get('/fail', async (request, reply) => reply.code(500).send({ error: 'boom' }))
   app.get('/throw', async () => { throw new Error('the handler failed') })
+  // A handler that sends, then throws (?as=throw), sends a 500 too
+  // (?as=send), or returns undefined (?as=none), where fastify asks for
+  // `return reply` after a send and sends the undefined.
+  app.get('/sendagain', async (request, reply) => {
+    reply.header('x-first', 'yes').send({ first: true })
+    if (request.query.as === 'throw') throw new Error('the handler failed after sending')
+    if (request.query.as === 'send') return reply.code(500).header('x-second', 'yes').send({ second: true })
+  })
   app.get('/free', { config: { accman: false } }, async () => ({ free: true }))
   app.get('/health', async () => ({ up: true }))
   app.get('/pricey', { config: { accman: 5 } }, async () => ({ pricey: true }))
