@@ -53,6 +53,8 @@ class AccManRequest {
     this.resent = false // the reply was sent again meanwhile (charge.js, sentAgain)
     this.gone = false
     this.cost = 0n // what onSend charged (or owes, or settles)
+    this.charged = false // onSend charged, or owes, a cost for the response
+    this.failureSaid = false // a failure of the charged response was logged
   }
 
   toJSON () {

@@ -52,7 +52,20 @@ const charging = {
     const state = request.accman
     if (!state) return payload
     if (state.sending) return this.sentAgain(state, reply, payload)
-    if (state.ended) return payload
+    if (state.ended) {
+      // fastify's error response in place of a response already charged:
+      // its stream failed (a web stream is read, and fails, only once the
+      // onSend hooks are done) or a later onSend hook did.  The charge, made
+      // as the response started, stands (README "Modes"), and is said.
+      if (state.charged && !state.failureSaid && !reply.raw.headersSent) {
+        state.failureSaid = true
+        this.log.warn(
+          { account: fingerprint(state.cred), amount: String(state.cost), key: state.rid },
+          'accman: the response failed once charged, and fastify\'s error response took ' +
+          'its place: charged for a response that failed')
+      }
+      return payload
+    }
     state.ended = true
     state.sending = true
     try {
@@ -113,6 +126,7 @@ const charging = {
       let charging = true
       payload.on('error', () => {
         if (charging && state.cost > 0n && state.unpaid === null) {
+          state.failureSaid = true
           this.log.warn(
             { account: fingerprint(state.cred), amount: String(state.cost), key: state.rid },
             'accman: the response\'s stream failed while its charge was in flight: ' +
@@ -156,7 +170,8 @@ const charging = {
         return this.refuseCharge(reply, payload, err, state)
       }
     }
-    if (state.gone && cost > 0n && (this.mode === 'check' || state.hold !== null)) {
+    state.charged = cost > 0n && (this.mode === 'check' || state.hold !== null)
+    if (state.gone && state.charged) {
       // The charge is the response's start: one who left while it was in
       // flight pays (README, "Modes"), said so that it can be found.
       this.log.warn({ account: fingerprint(state.cred), amount: String(cost), key: state.rid },

@@ -429,6 +429,43 @@ test('a stream that fails while its charge is in flight is charged as the respon
   assert.equal(await acc.mint.tot('p-streamfails'), 7)
 })
 
+test('an onSend hook of a later plugin that fails the response does not undo its charge, and it is said', async () => {
+  await acc.mint.mod('p-laterhook', 10)
+  const logs = []
+  const app = Fastify({ logger: { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } } })
+  await app.register(accman, { url: acc.server.url, token: TOKENS.service })
+  app.addHook('onSend', async () => { throw new Error('a later hook failed') })
+  app.get('/w', async () => ({ ok: true }))
+  try {
+    const r = await app.inject({ url: '/w', headers: { accman: 'p-laterhook' } })
+    assert.deepEqual([r.statusCode, r.headers.accman, r.json().message], [500, '9', 'a later hook failed'])
+  } finally {
+    await app.close()
+  }
+  assert.deepEqual(messages(logs, 40), ['accman: the response failed once charged, and fastify\'s ' +
+    'error response took its place: charged for a response that failed'])
+  assert.equal(await acc.mint.tot('p-laterhook'), 9)
+})
+
+test('a web stream that fails while its charge is in flight is charged, said, and fastify\'s 500 goes out', async () => {
+  await acc.mint.mod('p-webstreamfails', 10)
+  const proxy = await proxyTo(acc.server.url)
+  const logs = []
+  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service }, { logs })
+  try {
+    assert.equal((await get(url + '/w', 'p-webstreamfails')).status, 200) // the role probe; the balance fresh
+    await proxy.set('delay', 300) // the charge's reply comes after the stream failed
+    const r = await fetch(url + '/webstreamfails?ms=50', { headers: { accman: 'p-webstreamfails' } })
+    assert.deepEqual([r.status, (await r.json()).message], [500, 'the web stream failed'])
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
+  assert.deepEqual(messages(logs, 40), ['accman: the response failed once charged, and fastify\'s ' +
+    'error response took its place: charged for a response that failed'])
+  assert.equal(await acc.mint.tot('p-webstreamfails'), 8)
+})
+
 test('AccMan unreachable: 503 with Retry-After when closed; served unpaid and reported when open', async () => {
   await acc.mint.mod('p-down', 5)
   const unpaid = []

@@ -115,6 +115,16 @@ async function serviceApp (options, { logs } = {}) {
     setTimeout(() => stream.destroy(new Error('the stream failed')), Number(request.query.ms))
     return reply.type('text/plain').send(stream)
   })
+  // As /streamfails, a web stream, which fastify reads (and sees fail) only
+  // once the onSend hooks are done.
+  app.get('/webstreamfails', async (request, reply) => {
+    const stream = new ReadableStream({
+      start (controller) {
+        setTimeout(() => controller.error(new Error('the web stream failed')), Number(request.query.ms))
+      }
+    })
+    return reply.type('text/plain').send(stream)
+  })
   app.get('/slow', async (request) => {
     await sleep(Number(request.query.ms))
     return { slow: true }
