@@ -104,9 +104,11 @@ function caOption (ca, https) {
   return ca
 }
 
+// A wrong value is shown (options.js, shown): `timeoutMs: '5000'` from the
+// environment is in range, and only its type says why it is refused.
 function intOption (value, what, lo, hi) {
   if (!Number.isSafeInteger(value) || value < lo || value > hi) {
-    throw new TypeError(`${what} must be an integer from ${lo} to ${hi}`)
+    throw new TypeError(`${what} must be an integer from ${lo} to ${hi}, not ${shown(value)}`)
   }
   return value
 }
@@ -223,7 +225,9 @@ class AccManClient {
     if (trusted !== undefined) connect.ca = trusted
     this.retries = intOption(retries, 'retries', 0, limits.RETRIES_MAX)
     intOption(connections, 'connections', 1, limits.CONNECTIONS_MAX)
-    if (typeof bigint !== 'boolean') throw new TypeError('bigint must be true or false')
+    if (typeof bigint !== 'boolean') {
+      throw new TypeError(`bigint must be true or false, not ${shown(bigint)}`)
+    }
     this.bigint = bigint
     this._prefix = prefix
     this._headers = null

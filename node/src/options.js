@@ -151,7 +151,7 @@ function settings (opts) {
   }
   const onUnpaid = opts.onUnpaid ?? null
   if (onUnpaid !== null && typeof onUnpaid !== 'function') {
-    throw new TypeError('onUnpaid must be a function')
+    throw new TypeError(`onUnpaid must be a function, not ${shown(onUnpaid)}`)
   }
   // An option left out takes its default; one given as null is a wrong
   // value like any other (`cost: null` is not "the default price").

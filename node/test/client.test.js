@@ -176,7 +176,14 @@ test('options are checked when the client is made', () => {
   // A misspelt option is refused, never its default taken silently.
   assert.throws(() => new AccManClient({ url: 'http://x', timeoutMS: 1, retrys: 9 }),
     { name: 'TypeError', message: 'unknown options timeoutMS, retrys: AccManClient takes url, token, timeoutMs, connections, retries, bigint, ca' })
-  assert.throws(() => new AccManClient({ url: 'http://x', bigint: 'yes' }), { message: 'bigint must be true or false' })
+  assert.throws(() => new AccManClient({ url: 'http://x', bigint: 'yes' }), { message: 'bigint must be true or false, not "yes"' })
+  // A wrong value is shown: one from the environment is a string, in range.
+  assert.throws(() => new AccManClient({ url: 'http://x', timeoutMs: '5000' }),
+    { name: 'TypeError', message: 'timeoutMs must be an integer from 1 to 3600000, not "5000"' })
+  assert.throws(() => new AccManClient({ url: 'http://x', retries: 1.5 }),
+    { name: 'TypeError', message: 'retries must be an integer from 0 to 10, not 1.5' })
+  assert.throws(() => new AccManClient({ url: 'http://x', connections: null }),
+    { name: 'TypeError', message: 'connections must be an integer from 1 to 1024, not null' })
   assert.throws(() => new AccManClient('http://x'), { message: /the options of AccManClient must be an object/ })
 })
 

@@ -921,7 +921,10 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
     [{ mode: 'reserve', holdTTLS: 5, onUnpayed: () => {} }, /^unknown options holdTTLS, onUnpayed: /],
     // A path without its / names no route and no URL: as the Python middleware, refused.
     [{ exempt: ['/health', 'docs/*'] }, /^exempt: "docs\/\*" is not a path starting with \/, nor \*$/],
-    [{ exempt: [''] }, /^exempt: "" is not a path starting with \/, nor \*$/]
+    [{ exempt: [''] }, /^exempt: "" is not a path starting with \/, nor \*$/],
+    // The client's own options show a wrong value as the plugin's do.
+    [{ timeoutMs: '2000' }, /^timeoutMs must be an integer from 1 to 3600000, not "2000"$/],
+    [{ onUnpaid: 'bill' }, /^onUnpaid must be a function, not "bill"$/]
   ]) {
     const app = Fastify()
     app.register(accman, { url: acc.server.url, ...bad })
