@@ -33,17 +33,25 @@ function unwrapResponse (reply, payload) {
 }
 
 // Whether fastify refuses `payload`, left by unwrapResponse, with a 500
-// after the onSend hooks: a Response whose body was used, or a web stream
-// that a reader holds, which fastify cannot read (reply.js, sendWebStream).
-// fastify reads no body of a 1xx or 204, nor that of its own sibling HEAD
-// route (routes.js, headSiblings); a HEAD route the app declared is sent
-// as a GET route is.
+// after the onSend hooks: a Response whose body was used; a web stream
+// that a reader holds, which fastify cannot read (reply.js, sendWebStream);
+// anything but nothing, a string, a Buffer or a stream (an object under a
+// content type that is not JSON, a number, a boolean), which it cannot
+// send (onSendEnd, FST_ERR_REP_INVALID_PAYLOAD_TYPE).  fastify reads no
+// body of a 1xx or 204; its own sibling HEAD route (routes.js,
+// headSiblings) cancels a web stream, locked or not, and measures any
+// other payload as a string or a Buffer; a HEAD route the app declared is
+// sent as a GET route is.
 function refused (reply, payload) {
   if (isResponse(payload)) return payload.bodyUsed
-  if (payload === null || typeof payload !== 'object' || typeof payload.getReader !== 'function' ||
-      !payload.locked) return false
+  if (payload === undefined || payload === null || typeof payload === 'string' ||
+      Buffer.isBuffer(payload)) return false
   const status = reply.statusCode
-  return status >= 200 && status !== 204 && !bySiblingHead(reply.request)
+  if (status < 200 || status === 204 || typeof payload.pipe === 'function') return false
+  if (typeof payload.getReader === 'function') {
+    return payload.locked === true && !bySiblingHead(reply.request)
+  }
+  return true
 }
 
 // Ends a payload that will not be sent: a stream's resources (a file's fd)

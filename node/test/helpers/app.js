@@ -67,6 +67,10 @@ async function serviceApp (options, { logs } = {}) {
   // status 0 is no HTTP status; ?as=locked below.
   app.get('/badresponse', async (request, reply) => {
     if (request.query.as === 'error') return Response.error()
+    // ?as=object and ?as=number, a payload that fastify cannot send: an
+    // object under a content type that is not JSON, a number.
+    if (request.query.as === 'object') return reply.type('text/plain').send({ not: 'text' })
+    if (request.query.as === 'number') return reply.type('text/html').send(42)
     // ?as=locked, a web stream that a reader holds: fastify refuses it too.
     if (request.query.as === 'locked') {
       const stream = new Response('locked').body
