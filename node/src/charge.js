@@ -9,7 +9,7 @@
 const { HoldEnded, Unauthorized, Forbidden, mayHaveLanded } = require('./errors')
 const { Charge, Settle, fingerprint } = require('./owed')
 const { headersOf, dropHandlerHeaders } = require('./headers')
-const { unwrapResponse, refused, discard, opened } = require('./payload')
+const { unwrapResponse, refused, unwritable, discard, opened } = require('./payload')
 const { body, JSON_TYPE, UNAVAILABLE_DETAIL } = require('./admit')
 
 // AccMan's answer to a token that is wrong (401) or lacks the role (403).
@@ -96,19 +96,19 @@ const charging = {
 
   async chargeFirst (state, request, reply, payload) {
     // A payload that fastify refuses (a Response's used body, a status
-    // that is no HTTP status, a locked web stream) is its 500: nothing
-    // charged, the hold released.
+    // that is no HTTP status, a locked web stream), or headers that Node
+    // will not write, is its 500: nothing charged, the hold released.
     try {
       payload = unwrapResponse(reply, payload)
     } catch (err) {
       this.release(state)
       throw err
     }
-    if (refused(reply, payload)) {
+    const judged = { status: reply.statusCode, headers: headersOf(reply) }
+    if (refused(reply, payload) || unwritable(judged.headers)) {
       this.release(state)
       return payload
     }
-    const judged = { status: reply.statusCode, headers: headersOf(reply) }
     // A stream's 'error' while the charge is in flight would find no
     // listener (fastify adds its own once the onSend hooks are done), and
     // an unheard 'error' ends the process.  Heard here, the stream is left

@@ -4,6 +4,7 @@
 // it has opened, and a payload that will not be sent given up, so that what
 // it holds (a file's fd) is freed.
 
+const { validateHeaderName, validateHeaderValue } = require('node:http')
 const { bySiblingHead } = require('./routes')
 
 function isResponse (payload) {
@@ -54,6 +55,22 @@ function refused (reply, payload) {
   return true
 }
 
+// Whether Node refuses to write `headers` (the reply's, getHeaders()): a
+// name that is no token, a value with a line break or a character past
+// latin1 (a file name in Chinese in content-disposition).  fastify's
+// writeHead then throws, after the onSend hooks, and it answers 500.
+function unwritable (headers) {
+  for (const name in headers) {
+    try {
+      validateHeaderName(name)
+      for (const value of [].concat(headers[name])) validateHeaderValue(name, value)
+    } catch {
+      return true
+    }
+  }
+  return false
+}
+
 // Ends a payload that will not be sent: a stream's resources (a file's fd)
 // are freed only when it is read to its end, destroyed (a Node stream) or
 // cancelled (a web stream, which a locked one refuses: its reader ends it).
@@ -79,4 +96,4 @@ function opened (stream) {
   })
 }
 
-module.exports = { unwrapResponse, refused, discard, opened }
+module.exports = { unwrapResponse, refused, unwritable, discard, opened }

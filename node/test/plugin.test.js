@@ -190,12 +190,12 @@ test('a web Response is charged on its own status and headers: one of 400 and ov
 // fastify refuses a Response whose body was used, or whose status is 0
 // (Response.error()), a locked web stream, and a payload it cannot send
 // (an object under a content type that is not JSON, a number), with its
-// 500 once the onSend hooks are done.
+// 500 once the onSend hooks are done; and a header that Node will not write.
 test('a web Response, stream or payload that fastify refuses with a 500 is not charged, and its hold is released', async () => {
   await acc.mint.mod('p-badresponse', 10)
   for (const mode of ['check', 'reserve']) {
     await withService({ mode }, async (url) => {
-      for (const as of ['used', 'error', 'locked', 'object', 'number']) {
+      for (const as of ['used', 'error', 'locked', 'object', 'number', 'header']) {
         const r = await get(url + '/badresponse?as=' + as, 'p-badresponse')
         assert.deepEqual([r.status, r.accman], [500, null], `${mode} ${as}`)
         // A release is under way once the response is out; the hold's expiry is 90 s off.

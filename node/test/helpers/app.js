@@ -71,6 +71,10 @@ async function serviceApp (options, { logs } = {}) {
     // object under a content type that is not JSON, a number.
     if (request.query.as === 'object') return reply.type('text/plain').send({ not: 'text' })
     if (request.query.as === 'number') return reply.type('text/html').send(42)
+    // ?as=header, a header that Node will not write: a file name past latin1.
+    if (request.query.as === 'header') {
+      return reply.header('content-disposition', 'attachment; filename="\u62a5\u544a.txt"').send('x')
+    }
     // ?as=locked, a web stream that a reader holds: fastify refuses it too.
     if (request.query.as === 'locked') {
       const stream = new Response('locked').body
