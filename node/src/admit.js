@@ -97,7 +97,15 @@ const admission = {
       request.accman = null
       return this.refuseFor(reply, state, err)
     }
-    if (state.gone) this.end(state) // the consumer left while we waited for AccMan
+    // While we waited for AccMan, the consumer left, or a response went
+    // out through onSend (fastify's handlerTimeout answers 503 from a
+    // timer that runs from the request's start): either way no response
+    // settles the hold now, which is released rather than kept to its ttl.
+    if (state.gone) {
+      this.end(state)
+    } else if (state.ended && state.hold !== null) {
+      this.release(state)
+    }
   },
 
   // Why the request has no credential, in the Python middleware's words:

@@ -6,6 +6,7 @@
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
+const Fastify = require('fastify')
 const accman = require('..')
 const E = require('../src/errors')
 const { TOKENS, sharedAccMan } = require('./helpers/accman')
@@ -168,6 +169,29 @@ test('reserve: AccMan unreachable is a 503 with nothing held', async () => {
     await acc.server.start()
   })
   assert.equal(await acc.service.tot('h-down'), 10)
+})
+
+// fastify's handlerTimeout runs from the request's start, and answers 503
+// from a timer, here while the hold is on its way.
+test('reserve: a response that went out while the hold was on its way releases the hold at once', async () => {
+  await acc.mint.mod('h-timeout', 10)
+  const proxy = await proxyTo(acc.server.url)
+  const app = Fastify({ handlerTimeout: 100 })
+  await app.register(accman, { url: proxy.url, token: TOKENS.service, mode: 'reserve', cost: 5 })
+  app.get('/w', async () => ({ ok: true }))
+  try {
+    const url = await app.listen({ port: 0, host: '127.0.0.1' })
+    await proxy.set('delay', 300) // the hold's reply comes after the 503
+    const r = await fetch(url + '/w', { headers: { accman: 'h-timeout' } })
+    assert.deepEqual([r.status, (await r.json()).code], [503, 'FST_ERR_HANDLER_TIMEOUT'])
+    await proxy.set('delay', 0)
+    // The hold is taken, then released; its expiry is 90 s off.
+    await until(async () => (await acc.service.past('h-timeout')).past.length === 3, 2000)
+    assert.equal(await acc.service.tot('h-timeout'), 10)
+  } finally {
+    await app.close()
+    await proxy.close()
+  }
 })
 
 test('reserve: a stranded settle is owed by the account and unpaid; a stranded release loses nothing', async () => {
