@@ -342,6 +342,10 @@ def test_configuration_errors_are_refused_at_once(fake):
            # A glob or a route template would match no path, never priced or exempted.
            ({"prices": {"/users/*/report": 10}}, ValueError, r"prices: '/users/\*/report' has"),
            ({"exempt": ["/users/{id}/avatar"]}, ValueError, "exempt: '/users/{id}/avatar' is"),
+           # Nor would a query string or a fragment: a request's path has neither.
+           ({"prices": {"/report?format=pdf": 10}}, ValueError,
+            r"prices: '/report\?format=pdf' has a query string or a fragment"),
+           ({"exempt": ["/docs#intro"]}, ValueError, "exempt: '/docs#intro' has a query"),
            ({"on_unpaid": 5}, TypeError, "on_unpaid"),
            ({"timeout_s": float("inf")}, ValueError, "timeout_s")]
     for kw, error, named in bad:

@@ -85,9 +85,9 @@ def priced(prices, exempt_exact: set, exempt_prefixes: list) -> tuple:
 
 def paths(paths, what: str) -> list:
     """`paths` as a list of URL paths, each "/..." (a prefix when it ends in
-    `*`, the only `*` it may have; "*" alone is every path; no `{}`).  A
-    bare string is refused: `exempt=("/health")`, a missing comma, would
-    otherwise exempt "/", "h", "e", ... one character each."""
+    `*`, the only `*` it may have; "*" alone is every path; no `{}`, `?`
+    or `#`).  A bare string is refused: `exempt=("/health")`, a missing
+    comma, would otherwise exempt "/", "h", "e", ... one character each."""
     if isinstance(paths, (str, bytes)):
         raise TypeError(f"{what} must be a collection of paths, not one string: "
                         f"write ({paths!r},)")
@@ -107,6 +107,13 @@ def paths(paths, what: str) -> list:
         if "{" in path or "}" in path:
             raise ValueError(f"{what}: {path!r} is a route template: a pattern is a request's "
                              f"path, or a prefix ending in * ('/users/*')")
+        # A query string (the server hands it apart, in scope["query_string"])
+        # or a fragment (never sent) matches none either: a path holds a ? or
+        # a # only percent-encoded, which no link to a route is.
+        if "?" in path or "#" in path:
+            raise ValueError(f"{what}: {path!r} has a query string or a fragment: a pattern "
+                             f"is the path alone (a cost function reads the query, "
+                             f"scope['query_string'])")
     return paths
 
 
