@@ -228,3 +228,38 @@ def test_reserve_a_request_cancelled_as_the_server_shuts_down_releases_its_hold(
     asyncio.run(main())
     assert entries(funded) == [(FUNDS, None, None), (-COST, "-h", 2), (COST, None, 2)]
     assert m.stats["released"] == 1 and m.stats["stranded"] == 0
+
+
+def test_reserve_a_request_still_running_when_the_drain_ends_is_said(funded, monkeypatch,
+                                                                        caplog):
+    """A request whose app goes on past its cancel (it catches it, or
+    its cleanup waits on something slow) keeps the shutdown no longer than
+    SHUTDOWN_DRAIN_S; its hold, not settled by then, returns at its
+    expiry, and the log says so rather than leaving it unsaid."""
+    from accman.calling import asgi as asgi_mod
+    monkeypatch.setattr(asgi_mod, "SHUTDOWN_DRAIN_S", 0.3)
+    working, let_go = asyncio.Event(), asyncio.Event()
+
+    async def app(scope, receive, send):
+        working.set()
+        try:
+            await asyncio.sleep(WAIT_S)
+        except asyncio.CancelledError:
+            await let_go.wait()         # its cleanup, slow
+            raise
+
+    m = AccManMiddleware(app, url=funded.url, token=SERVICE, mode="reserve", cost=COST)
+
+    async def main():
+        request = asyncio.ensure_future(call(m, cred="cx"))
+        await asyncio.wait_for(working.wait(), WAIT_S)
+        request.cancel()
+        await asyncio.wait_for(m.aclose(), WAIT_S / 2)      # bounded, not waiting for it
+        let_go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        asyncio.run(main())
+    assert ("reserve-mode requests still under way when the shutdown's drain ended: 1; "
+            f"what they hold returns by itself at its expiry (hold_ttl_s={m.hold_ttl_s} s)"
+            in caplog.text)
