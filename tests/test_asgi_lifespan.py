@@ -62,3 +62,52 @@ def test_an_owed_charge_lands_on_a_shared_client_its_owner_closes_at_shutdown(mo
         stats = asyncio.run(main())
         assert fake.tot(CRED) == 8
         assert stats["stranded"] == 0 and stats["unpaid_requests"] == 0
+
+
+
+def test_an_owed_charge_lands_before_the_apps_own_shutdown_which_hangs(monkeypatch):
+    """The app's own shutdown never ends (a pool that will not close): the
+    drain runs before the app is handed the shutdown, so the owed charge
+    has landed when that shutdown starts, however long the server then
+    lets it hang."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.2)     # the retry comes at shutdown
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        dropped = []
+
+        def fault(method, path, params):
+            # The charge and its first owed attempt are lost: owed, paused.
+            if charges(path, params) and len(dropped) < 2:
+                dropped.append(path)
+                return ("drop",)
+        fake.fault = fault
+        at_shutdown = []
+
+        async def main():
+            hung = asyncio.Event()
+
+            @contextlib.asynccontextmanager
+            async def lifespan(app):
+                yield
+                at_shutdown.append(fake.tot(CRED))
+                hung.set()
+                await asyncio.Event().wait()                # never ends
+
+            m = AccManMiddleware(Starlette(routes=[Route("/thing", thing)], lifespan=lifespan),
+                                 url=fake.url, retries=0, cost=2)
+            queue = asyncio.Queue()
+            await queue.put({"type": "lifespan.startup"})
+            life = asyncio.ensure_future(m({"type": "lifespan", "asgi": {"version": "3.0"},
+                                            "state": {}}, queue.get, _ignore))
+            assert (await call(m)).status == 200 and m.stats["owed"] == 1
+            await queue.put({"type": "lifespan.shutdown"})
+            await asyncio.wait_for(hung.wait(), 5)
+            life.cancel()
+            return m.stats
+        stats = asyncio.run(main())
+        assert at_shutdown == [8]
+        assert stats["charged"] == 1 and stats["stranded"] == 0
+
+
+async def _ignore(message):
+    pass
