@@ -50,6 +50,7 @@ class AccManRequest {
     this.before = null // the reply's headers just before the handler
     this.ended = false
     this.sending = false // the reply's first send is in the plugin's onSend (charge.js)
+    this.deferred = false // onSend left the charge to the route's last hook (charge.js)
     this.resent = false // the reply was sent again meanwhile (charge.js, sentAgain)
     this.gone = false
     this.cost = 0n // what onSend charged (or owes, or settles)

@@ -69,7 +69,22 @@ const charging = {
     state.ended = true
     state.sending = true
     try {
-      return await this.chargeFirst(state, request, reply, payload)
+      return await this.chargeFirst(state, request, reply, payload, false)
+    } finally {
+      state.sending = false
+    }
+  },
+
+  // The last onSend hook of each route the plugin checked (onRoute appends
+  // it): a response put off by chargeFirst is judged, and charged, as the
+  // onSend hooks after the plugin's left it.
+  async chargeLast (request, reply, payload) {
+    const state = request.accman
+    if (!state || !state.deferred) return payload
+    state.deferred = false
+    state.sending = true
+    try {
+      return await this.chargeFirst(state, request, reply, payload, true)
     } finally {
       state.sending = false
     }
@@ -94,10 +109,14 @@ const charging = {
     return payload
   },
 
-  async chargeFirst (state, request, reply, payload) {
+  async chargeFirst (state, request, reply, payload, last) {
     // A payload that fastify refuses (a Response's used body, a status
-    // that is no HTTP status, a locked web stream), or headers that Node
-    // will not write, is its 500: nothing charged, the hold released.
+    // that is no HTTP status, a locked web stream, an object it cannot
+    // send), or headers that Node will not write, is its 500: nothing
+    // charged, the hold released.  An onSend hook after the plugin's may
+    // still make it one fastify sends (a route's hook that writes an
+    // object as XML): on a route that has the plugin's last hook (its
+    // preHandler ran: `before`), it is judged there instead (chargeLast).
     try {
       payload = unwrapResponse(reply, payload)
     } catch (err) {
@@ -106,6 +125,10 @@ const charging = {
     }
     const judged = { status: reply.statusCode, headers: headersOf(reply) }
     if (refused(reply, payload) || unwritable(judged.headers)) {
+      if (!last && state.before !== null) {
+        state.deferred = true
+        return payload
+      }
       this.release(state)
       return payload
     }

@@ -55,6 +55,18 @@ function shortenKeepAlive (server) {
   }
 }
 
+// The onSend hook the plugin puts last on each route it checked
+// (Meter.chargeLast).  It is passed over at once, with no promise, when
+// nothing was left to it; else its promise is fastify's to await (an
+// error thrown by what fastify does next is then fastify's, never an
+// unhandled rejection).
+function lastHookOf (meter) {
+  return (request, reply, payload, done) => {
+    if (!request.accman?.deferred) return done(null, payload)
+    return meter.chargeLast(request, reply, payload)
+  }
+}
+
 async function fastifyAccman (fastify, opts) {
   const meter = new Meter(fastify, opts)
   fastify.decorate('accman', {
@@ -75,6 +87,9 @@ async function fastifyAccman (fastify, opts) {
     meter.beforeHandler(request, reply)
     done()
   })
+  // Every route it checked also has its onSend hook after every other
+  // (lastHook): fastify runs a route's own hooks after its scope's.
+  const lastHook = lastHookOf(meter)
   let routesChecked = 0
   const declared = [] // the paths of the routes added after the plugin
   const markSiblingHead = headSiblings(fastify)
@@ -88,6 +103,7 @@ async function fastifyAccman (fastify, opts) {
     routesChecked++
     declared.push(path)
     route.preHandler = [].concat(route.preHandler ?? [], checkedHook)
+    route.onSend = [].concat(route.onSend ?? [], lastHook)
   })
   fastify.addHook('onReady', async () => {
     const text = fastify.printRoutes({ includeMeta: ['onRequest', 'preHandler'] })

@@ -206,6 +206,29 @@ test('a web Response, stream or payload that fastify refuses with a 500 is not c
   }
 })
 
+// An onSend hook after the plugin's (a route's own) may make a payload
+// that fastify cannot send into one it sends: the response is charged.
+test('an object that a later onSend hook writes as text is charged as the response it becomes', async () => {
+  await acc.mint.mod('p-xml', 10)
+  for (const mode of ['check', 'reserve']) {
+    const app = Fastify()
+    await app.register(accman, { url: acc.server.url, token: TOKENS.service, mode })
+    const xml = async (request, reply, payload) => typeof payload === 'object' ? `<a>${payload.a}</a>` : payload
+    app.get('/xml', { onSend: xml }, async (request, reply) => reply.type('application/xml').send({ a: 1 }))
+    try {
+      for (const method of ['GET', 'HEAD']) {
+        const before = await acc.mint.tot('p-xml')
+        const r = await app.inject({ method, url: '/xml', headers: { accman: 'p-xml' } })
+        const body = method === 'GET' ? '<a>1</a>' : ''
+        assert.deepEqual([r.statusCode, r.body, r.headers.accman], [200, body, String(before - 1)], `${mode} ${method}`)
+        assert.equal(await acc.mint.tot('p-xml'), before - 1)
+      }
+    } finally {
+      await app.close()
+    }
+  }
+})
+
 // fastify's own HEAD route beside a GET cancels a locked web stream and
 // answers 200; a HEAD route the app declared sends it as a GET route does,
 // and fastify refuses it with a 500: that one is not charged.
