@@ -96,6 +96,7 @@ def _start(nice: int) -> int | None:
     before = set(os.listdir(tasks))
     starter_tid = []
     failure = []
+    after = []                      # the threads, listed by the starter as it ends
 
     def schedule() -> None:
         tid = threading.get_native_id()
@@ -112,14 +113,17 @@ def _start(nice: int) -> int | None:
                     db.close()
         except (OSError, plyvel.Error) as e:
             failure.append(e)
+        finally:
+            # Listed while the starter still runs: a thread that has ended
+            # may linger in the list, and its id may be given to another.
+            after.extend(os.listdir(tasks))
 
     starter = threading.Thread(target=schedule, name="accman-leveldb-start")
     starter.start()
     starter.join()
     # Found even when the throwaway store failed after LevelDB started it:
-    # lowered, it must be given way to.  The starter itself may linger in
-    # the list for a moment after its join.
-    new = set(os.listdir(tasks)) - before - set(starter_tid)
+    # lowered, it must be given way to.
+    new = set(after) - before - set(starter_tid)
     started = [int(t) for t in new if _nice_of(int(t)) == nice]
     if len(started) == 1:
         return started[0]
