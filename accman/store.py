@@ -208,39 +208,34 @@ def check_binding(loop, deliver) -> None:
     if deliver is not None and not callable(deliver):
         raise BadRequest(f"deliver must be a function taking a list of (done, outcome), "
                          f"or None; got {type(deliver).__name__}")
-    name = _async_name(deliver)
-    if name is not None:
-        raise BadRequest("deliver must be a plain function, not an async one (its call only "
-                         f"makes a coroutine, which nobody awaits): got {name}")
+    _refuse_async(deliver, "deliver", BadRequest)
 
 
 _ASYNC_FLAGS = CO_COROUTINE | CO_ASYNC_GENERATOR
 
 
-def _async_name(fn) -> str | None:
-    """The name of `fn` when it is an `async def` function or method, whose
-    call only makes a coroutine (or, when it yields, an async generator) and
-    runs none of its body; else None.  Only flags of its code are read, cheap
-    on every change; other callables (the server's slots) are not inspected."""
+def _refuse_async(fn, name: str, error: type) -> None:
+    """`error` naming the argument `name` when `fn` is an `async def`
+    function or method, whose call only makes a coroutine (or, when it
+    yields, an async generator) and runs none of its body.  Only flags of
+    its code are read, cheap on every change; other callables (the server's
+    slots) are not inspected."""
     if type(fn) is MethodType:
         fn = fn.__func__
     if type(fn) is FunctionType and fn.__code__.co_flags & _ASYNC_FLAGS:
-        return fn.__qualname__
-    return None
+        raise error(f"{name} must be a plain function, not an async one (its call only "
+                    f"makes a coroutine, which nobody awaits): got {fn.__qualname__}")
 
 
 def check_done(done) -> None:
     """A change's `done`: a callable, or None (nobody is told), checked before
     anything is applied: one that cannot be called would fail only once the
     change is durable, and its caller would never hear of it.  So would an
-    `async def` one, whose call only makes a coroutine (_async_name)."""
+    `async def` one, whose call only makes a coroutine (_refuse_async)."""
     if done is not None and not callable(done):
         raise TypeError(f"done must be a function taking the outcome, or None; "
                         f"got {type(done).__name__}")
-    name = _async_name(done)
-    if name is not None:
-        raise TypeError("done must be a plain function, not an async one (its call only "
-                        f"makes a coroutine, which nobody awaits): got {name}")
+    _refuse_async(done, "done", TypeError)
 
 
 # What a store may be opened with: each bound of limits.py may be lowered
