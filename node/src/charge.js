@@ -67,12 +67,7 @@ const charging = {
       return payload
     }
     state.ended = true
-    state.sending = true
-    try {
-      return await this.chargeFirst(state, request, reply, payload, false)
-    } finally {
-      state.sending = false
-    }
+    return this.chargeSending(state, request, reply, payload, false)
   },
 
   // The last onSend hook of each route the plugin checked (onRoute appends
@@ -82,9 +77,15 @@ const charging = {
     const state = request.accman
     if (!state || !state.deferred) return payload
     state.deferred = false
+    return this.chargeSending(state, request, reply, payload, true)
+  },
+
+  // chargeFirst, with the reply marked as in its first send meanwhile, so
+  // that a send of it that comes then waits (sentAgain).
+  async chargeSending (state, request, reply, payload, last) {
     state.sending = true
     try {
-      return await this.chargeFirst(state, request, reply, payload, true)
+      return await this.chargeFirst(state, request, reply, payload, last)
     } finally {
       state.sending = false
     }
