@@ -86,7 +86,7 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
     one that did not answer is said as no host taking writes, not as the
     unanswered one's error, as if no database were up.  `said` (a store's)
     logs its service file's failures, as with_service's."""
-    dsn = with_service(dsn, said)
+    dsn = with_service(as_libpq_reads(dsn), said)
     urls = _one_host_urls(dsn)
     kw.setdefault("target_session_attrs", target_session_attrs(dsn))
     if urls is None:
@@ -168,6 +168,34 @@ def target_session_attrs(dsn: str) -> str:
     return given or TAKES_WRITES[0]
 
 
+def as_libpq_reads(dsn: str) -> str:
+    """`dsn` made to read the same to asyncpg as to libpq.  Where a URL
+    gives a setting both in its own parts and in its query, libpq takes the
+    query's and asyncpg the part's: the part is left out for the database
+    (dbname= over the path; a path of "/", which names none to libpq, is
+    the empty name to asyncpg, which then leaves dbname= unread), the user
+    and the password.  A host= or port= beside hosts in the authority,
+    which asyncpg leaves unread, raises StoreError: the two would take
+    different hosts or ports, and a host list cannot be moved whole."""
+    scheme, user_at, hosts, tail = _split(dsn)
+    if not scheme:
+        return dsn
+    path, mark, query = tail.partition("?")
+    given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
+    if hosts and given & {"host", "port"}:
+        raise StoreError(
+            f"{_CONNECT}: the store URL names hosts before its path and gives "
+            f"{' and '.join(sorted(given & {'host', 'port'}))}= as well, which libpq and the "
+            "driver read differently: give the hosts and their ports in one of the two")
+    user, colon, password = user_at[:-1].partition(":")
+    user = "" if "user" in given else user
+    password = "" if "password" in given else password
+    user_at = user + (":" + password if password else "") + ("@" if user or password else "")
+    if path == "/" or given & {"dbname", "database"}:
+        path = ""
+    return f"{scheme}://{user_at}{hosts}{path}{mark}{query}"
+
+
 # What a service file may set (libpq's connection service file, named by the
 # URL's service= or PGSERVICE): the settings asyncpg reads from a URL, and
 # no other, since a setting read by libpq but not by the driver would be
@@ -219,11 +247,11 @@ def with_service(dsn: str, said: ServiceSaid | None = None) -> str:
 def _with_settings(scheme: str, user_at: str, hosts: str, tail: str,
                    settings: dict[str, str]) -> str:
     """The URL of `scheme`, `user_at`, `hosts` and `tail` (its _split),
-    its service= left out, with `settings` where its query gives none."""
+    its service= left out, with `settings` where its query gives none
+    (a path of "/" is left out before, by as_libpq_reads, so that a
+    service's dbname is read)."""
     path, _, query = tail.partition("?")
-    # A path of "/" names no database (libpq's reading), where asyncpg
-    # would take it for the empty name, and the service's dbname unread.
-    head = f"{scheme}://{user_at}{hosts}{'' if path == '/' else path}"
+    head = f"{scheme}://{user_at}{hosts}{path}"
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
     kept = [p for p in query.split("&")
             if p and urllib.parse.unquote_plus(p.partition("=")[0]) != "service"]

@@ -1,0 +1,68 @@
+"""A store URL reaches the database, host and role that libpq (psql) reaches
+with it: where the URL gives a setting both in its own parts and in its
+query, libpq takes the query's and the driver the part's
+(accman/postgres/connecting.py, as_libpq_reads)."""
+
+import pytest
+
+from accman.errors import StoreError
+from accman.postgres import PgStore
+from accman.postgres.connecting import as_libpq_reads
+
+from .helpers import run, stored
+
+
+def _charged_in(pg, url, dbname):
+    """Charges through a store opened on `url`; the account is in `dbname`."""
+    async def main():
+        async with stored(url) as (_, c):
+            assert await c.mod("where", 4) == (4, 1)
+    run(main())
+    assert pg.psql("SELECT count(*) FROM accman_accounts", dbname) == "1"
+
+
+@pytest.mark.parametrize("path", ["/", "/elsewhere"])
+def test_dbname_in_the_query_names_the_database(pg, pg_url, path):
+    """`postgresql://h/?dbname=x` is x to libpq; asyncpg took the path "/"
+    for the empty name (the user's database) and left dbname= unread, and a
+    path's name before dbname=."""
+    dbname = pg_url.rsplit("/", 1)[1]
+    _charged_in(pg, f"{pg_url.rsplit('/', 1)[0]}{path}?dbname={dbname}", dbname)
+    assert "accman_accounts" not in pg.psql("SELECT tablename FROM pg_tables")
+
+
+def test_the_query_s_user_is_the_one_used(pg, pg_url):
+    scheme, rest = pg_url.split("://")
+    dbname = pg_url.rsplit("/", 1)[1]
+    _charged_in(pg, f"{scheme}://nobody@{rest.partition('@')[2]}?user=postgres", dbname)
+
+
+@pytest.mark.parametrize("url,read", [
+    ("postgresql:///?dbname=x", "postgresql://?dbname=x"),
+    ("postgresql://h/y?dbname=x", "postgresql://h?dbname=x"),
+    ("postgresql://h/y?database=x", "postgresql://h?database=x"),
+    ("postgresql://h/", "postgresql://h"),
+    ("postgresql://u:p@h/d?user=v", "postgresql://:p@h/d?user=v"),
+    ("postgresql://u:p@h/d?password=q", "postgresql://u@h/d?password=q"),
+    ("postgresql://u:p@h/d?user=v&password=q", "postgresql://h/d?user=v&password=q"),
+    ("postgresql:///d?host=/run&port=5", "postgresql:///d?host=/run&port=5"),
+    ("postgresql://u:p@h:1,[::1]:2/d?sslmode=require",
+     "postgresql://u:p@h:1,[::1]:2/d?sslmode=require"),
+])
+def test_a_part_the_query_gives_again_is_left_out(url, read):
+    assert as_libpq_reads(url) == read
+
+
+@pytest.mark.parametrize("query,named", [("host=/tmp", "host="), ("port=1", "port="),
+                                         ("host=/tmp&port=1", "host and port=")])
+def test_hosts_given_before_the_path_and_in_the_query_are_refused(pg, pg_url, query, named):
+    """asyncpg leaves host= and port= unread beside the authority's hosts,
+    where libpq takes them: the two would reach different servers."""
+    with pytest.raises(StoreError) as e:
+        run(PgStore.open([f"{pg_url}?{query}"]))
+    assert e.value.detail == (
+        "cannot connect to a PostgreSQL cluster of the store: the store URL names hosts "
+        f"before its path and gives {named} as well, which libpq and the driver read "
+        "differently: give the hosts and their ports in one of the two")
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'accman%'",
+                   pg_url.rsplit("/", 1)[1]) == "0"
