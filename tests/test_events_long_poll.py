@@ -161,6 +161,31 @@ def test_end_waits_answers_every_long_poll_at_once(led):
 
 
 
+@pytest.mark.parametrize("call,says", [
+    (lambda led: led.end_waits(), r"end_waits needs a running event loop: .*"
+                                  r"call it on the loop whose polls it ends"),
+    (lambda led: led.read_events(0, 10, 1, print), r"read_events with a wait_s needs a "
+                                                   r"running event loop: .*wait_s=0"),
+    (lambda led: led.read_events(1, 10, 1, print), r"read_events with a wait_s needs"),
+])
+def test_a_long_poll_call_off_an_event_loop_is_refused_naming_it(led, call, says):
+    """Off a running loop these said Python's bare "no running event loop",
+    naming neither the call nor what it needs; and a read_events with a wait
+    worked while it had events to return, failing only at the stream's end.
+    Refused, they change nothing: a later long poll still waits."""
+    led.mod("a", 1)
+    with pytest.raises(RuntimeError, match=f"^{says}"):
+        call(led)
+    assert not led._events.waiters and not led._events.waits_ended
+    assert led.read_events(0, 10, 0, print) == led.events()      # no wait: any thread
+
+    async def polled():
+        return await asyncio.wait_for(led.aevents(after=1, wait_s=0.3), 5)
+
+    t0 = time.monotonic()
+    assert asyncio.run(polled()) == ([], 1) and time.monotonic() - t0 >= 0.25
+
+
 def test_a_cancelled_long_poll_gives_up_its_place_and_holds_up_no_other(led):
     """A long poll cancelled (a timeout around `aevents`, its loop's end)
     kept its place among the EVENTS_WAITERS_MAX until its wait ended, and

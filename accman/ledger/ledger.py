@@ -36,6 +36,16 @@ def _no_account() -> NoAccount:
     return NoAccount("no account has this cred")
 
 
+def _loop_of(call: str, instead: str) -> asyncio.AbstractEventLoop:
+    """The running loop, whose long polls `call` waits on or ends there; RuntimeError
+    naming `call` and what to do `instead` outside one, before anything is changed."""
+    loop = running_loop()
+    if loop is None:
+        raise RuntimeError(f"{call} needs a running event loop: long polls wait on their "
+                           f"loop and are answered there; {instead}")
+    return loop
+
+
 class Ledger(AsyncCalls):
     """Balances, history, holds, idempotency and events, durable on LevelDB.
 
@@ -266,15 +276,20 @@ class Ledger(AsyncCalls):
         """The store interface's /events: at once, or a long poll whose
         `done` is called on the loop.  Only a caller at the end of the
         stream waits: one whose `after` is past the newest event is told at
-        once where the stream ends (`next`)."""
+        once where the stream ends (`next`).  With a `wait_s`, only on a running
+        loop (RuntimeError elsewhere, changing nothing)."""
         self._check_open()
         check_events(after, limit, wait_s)
+        # Checked whether or not it would wait now: a caller off the loop would
+        # otherwise fail only once it reads at the end of the stream.
+        loop = _loop_of("read_events with a wait_s", "call it on the loop (or await "
+                        "led.aevents), or with wait_s=0") if wait_s else None
         events = self._events
         with self._reading():
             with self._committer.lock:
                 taken = events.take(after, limit)
                 if wait_s and taken == ([], after) and not events.waits_ended:
-                    events.wait(asyncio.get_running_loop(), after, limit, wait_s, done)
+                    events.wait(loop, after, limit, wait_s, done)
                     return None
             return events.fetch(taken)
 
@@ -285,9 +300,11 @@ class Ledger(AsyncCalls):
 
     def end_waits(self) -> None:
         """Answers every long poll of the running loop now, with what it has, and any
-        later one at once (a server that stops calls this: no poll holds it up)."""
+        later one at once (a server that stops calls this: no poll holds it up).  Off a
+        running loop, RuntimeError, changing nothing."""
         self._check_open()
-        self._events.end_waits(asyncio.get_running_loop())
+        self._events.end_waits(_loop_of("end_waits", "call it on the loop whose polls it "
+                                        "ends (loop.call_soon_threadsafe)"))
 
     # -- changes -----------------------------------------------------------------------
 
