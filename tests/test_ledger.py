@@ -4,6 +4,7 @@ order" rules."""
 import asyncio
 import copy
 import os
+import pathlib
 import pickle
 import re
 import subprocess
@@ -1161,6 +1162,22 @@ def test_a_wrong_path_is_refused_before_anything_is_touched(tmp_path, monkeypatc
         Ledger(path)
     assert os.listdir(tmp_path) == [] and os.stat(tmp_path).st_mode == mode
     assert not os.path.exists("/tmp/accman-bytes-path")
+
+
+@pytest.mark.parametrize("path", ["d", pathlib.Path("d")])
+def test_a_relative_path_in_a_deleted_working_directory_is_refused_naming_it(
+        tmp_path, monkeypatch, path):
+    """Python's bare FileNotFoundError ("No such file or directory", naming
+    nothing) came out of os.getcwd: refused, naming the path and why."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(ValueError, match=r"^path 'd' is relative, and the working directory "
+                       r"it is relative to cannot be found \(No such file or directory; "
+                       r"deleted\?\): give an absolute path$"):
+        Ledger(path)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("bounds", [

@@ -70,7 +70,8 @@ _FOREIGN_NAMED_MAX = 3
 def checked_path(path) -> str:
     """A data directory's path as given, before anything is touched: a str
     or an os.PathLike of one, not empty (that would be the current
-    directory, made 0700 and filled with a store), without NUL, in UTF-8."""
+    directory, made 0700 and filled with a store), without NUL, in UTF-8,
+    and, when relative, in a working directory that still exists."""
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if type(path) is not str:
@@ -81,10 +82,18 @@ def checked_path(path) -> str:
     if "\0" in path:       # the OS's own refusal says "embedded null byte", naming nothing
         raise ValueError("path must not hold a NUL character")
     try:
+        full = os.path.abspath(path)
+    except OSError as e:
+        # A relative path whose working directory was deleted (os.getcwd fails):
+        # nothing names the directory it would be.
+        raise ValueError(f"path {path!r} is relative, and the working directory it is "
+                         f"relative to cannot be found ({e.strerror or e}; deleted?): "
+                         "give an absolute path") from None
+    try:
         # A name os.listdir gave for non-UTF-8 bytes (surrogateescape): the OS takes
         # it, plyvel refuses it once the directory is made.  The current directory
         # counts too: LevelDB is given the absolute path.
-        os.path.abspath(path).encode("utf-8")
+        full.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("path must be valid UTF-8: LevelDB opens its files by that "
                          "name") from None
