@@ -1151,7 +1151,9 @@ def test_a_wrong_loop_or_deliver_is_refused_and_binds_nothing(led, loop, deliver
                                 "got bytes"),
     (7, "path must be a str or a path object naming a directory, got int"),
     ("data\0dir", "path must not hold a NUL character"),        # was "embedded null byte"
-    ("data\udcffdir", "path must be valid UTF-8: LevelDB opens its files by that name")])
+    ("data\udcffdir", r"path must be valid UTF-8: AccMan writes the data directory's name in "
+                      r"UTF-8 \(in its ready line and messages, and to LevelDB for an "
+                      r"embedded store\)")])
 def test_a_wrong_path_is_refused_before_anything_is_touched(tmp_path, monkeypatch, path, says):
     """An empty path would be the current directory, made 0700 and given
     a store; a bytes one left an empty directory behind, and one that is not

@@ -91,12 +91,14 @@ def checked_path(path) -> str:
                          "give an absolute path") from None
     try:
         # A name os.listdir gave for non-UTF-8 bytes (surrogateescape): the OS takes
-        # it, plyvel refuses it once the directory is made.  The current directory
-        # counts too: LevelDB is given the absolute path.
+        # it, plyvel refuses it once the directory is made, a ready line may not
+        # print it.  The current directory counts too: LevelDB is given the absolute
+        # path.  The words fit a PostgreSQL front-end's --data too (its lock only).
         full.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("path must be valid UTF-8: LevelDB opens its files by that "
-                         "name") from None
+        raise ValueError("path must be valid UTF-8: AccMan writes the data directory's name "
+                         "in UTF-8 (in its ready line and messages, and to LevelDB for an "
+                         "embedded store)") from None
     return path
 
 

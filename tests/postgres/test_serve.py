@@ -214,6 +214,20 @@ def test_a_store_that_cannot_be_reached_is_one_line_and_exit_2(tmp_path):
         assert ":pw@" not in err and "s3cret" not in err
 
 
+def test_a_front_end_s_data_that_is_not_utf8_is_refused_in_words_that_fit_it(tmp_path):
+    """A PostgreSQL front-end's --data holds only its lock, yet its refusal
+    of a name that is not UTF-8 said "LevelDB opens its files by that name":
+    the embedded store's reason alone.  Refused before any cluster is
+    reached (nothing listens at this URL), and nothing is made."""
+    proc = run_accman("serve", "--port", 0, "--data", f"{tmp_path}/d\udcff",
+                      "--store", "postgresql://127.0.0.1:1/x")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "accman: error: data: path must be valid UTF-8: AccMan writes the data directory's "
+        "name in UTF-8 (in its ready line and messages, and to LevelDB for an embedded store)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_migrate_makes_and_upgrades_the_schema_once(pg):
     url = pg.create_database("mig")
     for _ in range(2):
