@@ -217,21 +217,25 @@ _ASYNC_FLAGS = CO_COROUTINE | CO_ASYNC_GENERATOR
 def _refuse_async(fn, name: str, error: type) -> None:
     """`error` naming the argument `name` when `fn` is an `async def`
     function or method, whose call only makes a coroutine (or, when it
-    yields, an async generator) and runs none of its body.  Only flags of
-    its code are read, cheap on every change; other callables (the server's
-    slots) are not inspected."""
+    yields, an async generator) and runs none of its body: the words say
+    which.  Only flags of its code are read, cheap on every change; other
+    callables (the server's slots) are not inspected."""
     if type(fn) is MethodType:
         fn = fn.__func__
     if type(fn) is FunctionType and fn.__code__.co_flags & _ASYNC_FLAGS:
+        made = ("an async generator, which nobody iterates"
+                if fn.__code__.co_flags & CO_ASYNC_GENERATOR
+                else "a coroutine, which nobody awaits")
         raise error(f"{name} must be a plain function, not an async one (its call only "
-                    f"makes a coroutine, which nobody awaits): got {fn.__qualname__}")
+                    f"makes {made}): got {fn.__qualname__}")
 
 
 def check_done(done) -> None:
     """A change's `done`: a callable, or None (nobody is told), checked before
     anything is applied: one that cannot be called would fail only once the
     change is durable, and its caller would never hear of it.  So would an
-    `async def` one, whose call only makes a coroutine (_refuse_async)."""
+    `async def` one, whose call only makes a coroutine or an async generator
+    (_refuse_async)."""
     if done is not None and not callable(done):
         raise TypeError(f"done must be a function taking the outcome, or None; "
                         f"got {type(done).__name__}")

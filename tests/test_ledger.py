@@ -567,19 +567,23 @@ async def _yields_told(outcome):
     yield outcome           # an async generator function's call runs none of its body
 
 
-@pytest.mark.parametrize("done", [_told, _Caller().told, _yields_told])
-def test_an_async_done_is_refused_and_changes_nothing(led, done):
+@pytest.mark.parametrize("done,makes", [
+    (_told, "a coroutine, which nobody awaits"),
+    (_Caller().told, "a coroutine, which nobody awaits"),
+    (_yields_told, "an async generator, which nobody iterates")])
+def test_an_async_done_is_refused_and_changes_nothing(led, done, makes):
     """An `async def` done was taken: the change was applied and made
     durable, the writer's call made a coroutine that nobody awaited
     (RuntimeWarning at best), and the caller never heard its outcome.  An
-    `async def` that yields (an async generator function) was still taken."""
+    `async def` that yields (an async generator function) was still taken,
+    and then was said to make a coroutine: it makes an async generator."""
     led.mod("a", 10)
     for call in (lambda: led.submit("a", 5, done=done),
                  lambda: led.submit_hold("a", -1, 10, done=done),
                  lambda: led.submit_settle("a", 99, 0, done=done)):
         with pytest.raises(TypeError, match="^" + re.escape(
-                "done must be a plain function, not an async one (its call only makes a "
-                "coroutine, which nobody awaits): got ") + ".*told$"):
+                "done must be a plain function, not an async one (its call only makes "
+                f"{makes}): got ") + ".*told$"):
             call()
     assert led.mod("a", 1) == (11, 2) and led.open_holds == 0
 
@@ -1130,7 +1134,8 @@ def test_a_wrong_kept_event_id_is_bad_request_as_every_calls_argument(led, event
     ("loop", print, "loop must be an asyncio event loop, got str"),
     ("own", 5, "deliver must be a function taking a list of .*, or None; got int"),
     ("own", _told, "deliver must be a plain function, not an async one .*: got _told"),
-    ("own", _yields_told, "deliver must be a plain function, not an async one .*: got "
+    ("own", _yields_told, r"deliver must be a plain function, not an async one \(its call "
+                          r"only makes an async generator, which nobody iterates\): got "
                           "_yields_told")])
 def test_a_wrong_loop_or_deliver_is_refused_and_binds_nothing(led, loop, deliver, says):
     """bind_loop took anything: a loop that is not one made every later amod
