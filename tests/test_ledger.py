@@ -1072,7 +1072,8 @@ def test_damage_met_after_open_is_refused_when_read(tmp_path):
 
 
 @pytest.mark.parametrize("option,value,says", [
-    ("verify", "quick", "verify must be one of full, heads, none"),
+    ("verify", "quick", "verify must be one of full, heads, none; got 'quick'"),
+    ("verify", None, "verify must be one of full, heads, none; got None"),
     ("create", "no", "create must be True or False, got 'no'"),
     ("batch_mods_max", 0, "batch_mods_max must be an int from 1 to 4096, got 0"),
     ("batch_mods_max", 2 ** 64, "batch_mods_max must be an int from 1 to 4096"),

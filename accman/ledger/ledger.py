@@ -113,7 +113,7 @@ class Ledger(AsyncCalls):
                  holds_max: int | None = None, holds_per_account_max: int | None = None,
                  clock_ms=None, events_kept_after: int | None = None):
         if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}; got {verify!r}")
         if type(create) is not bool:
             raise ValueError(f"create must be True or False, got {create!r}")
         if clock_ms is not None and not callable(clock_ms):
