@@ -123,15 +123,25 @@ def check_int64(value, name: str) -> None:
 
 def check_cred(cred) -> None:
     """A credential, as every store checks it (ext/ledger.pyx's
-    `_check_cred` says the same words)."""
-    if type(cred) is not str or not _CRED.match(cred):
+    `_check_cred` says the same words).  A wrong type is named, never the
+    value: a credential is a secret (SPEC "Access")."""
+    if type(cred) is not str:
+        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
+                         f"from A-Z a-z 0-9 _ -, got {type(cred).__name__}")
+    if not _CRED.match(cred):
         raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
                          "from A-Z a-z 0-9 _ -")
 
 
 def check_key(key) -> None:
-    """An idempotency key or None, as every store checks it."""
-    if key is not None and (type(key) is not str or not _KEY.match(key)):
+    """An idempotency key or None, as every store checks it (ext/ledger.pyx's
+    `_key_bytes` says the same words)."""
+    if key is None:
+        return
+    if type(key) is not str:
+        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
+                         f"from A-Z a-z 0-9 _ -, got {type(key).__name__}")
+    if not _KEY.match(key):
         raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
                          "from A-Z a-z 0-9 _ -")
 

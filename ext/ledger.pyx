@@ -47,16 +47,25 @@ include "history.pxi"
 # --- value checks: the Python API's equivalent of the wire's rules ----------
 
 cdef inline void _check_cred(object cred) except *:
-    if type(cred) is not str or not valid_name(<str>cred, CRED_CHARS_MAX):
+    # accman.store.check_cred, compiled, in the same words (a test holds them
+    # equal): the type of a wrong one is named, never its value (a secret).
+    if type(cred) is not str:
+        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
+                         f"from A-Z a-z 0-9 _ -, got {type(cred).__name__}")
+    if not valid_name(<str>cred, CRED_CHARS_MAX):
         raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
                          "from A-Z a-z 0-9 _ -")
 
 
 cdef inline bytes _key_bytes(object key):
-    """The idempotency key as stored, None for none; BadRequest if invalid."""
+    """The idempotency key as stored, None for none; BadRequest if invalid
+    (accman.store.check_key's words)."""
     if key is None:
         return None
-    if type(key) is not str or not valid_name(<str>key, KEY_CHARS_MAX):
+    if type(key) is not str:
+        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
+                         f"from A-Z a-z 0-9 _ -, got {type(key).__name__}")
+    if not valid_name(<str>key, KEY_CHARS_MAX):
         raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
                          "from A-Z a-z 0-9 _ -")
     return (<str>key).encode("ascii")

@@ -20,7 +20,7 @@ from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAc
 from accman.errors import EventsTrimmed, HttpError, UnexpectedReply
 from accman.ledger import _ledger, commit
 from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
-from accman.store import check_int64
+from accman.store import check_cred, check_int64, check_key
 from accman.ledger.leveldb import Store
 from ledgerhelp import GatedStore, outcome_within
 
@@ -1211,6 +1211,35 @@ def test_the_mod_path_words_a_64_bit_refusal_as_every_store_does(led, value):
         check_int64(value, "min")
     assert compiled.value.detail == shared.value.detail
     assert led.tot("a") is None
+
+
+class _Cred(str):
+    pass
+
+
+@pytest.mark.parametrize("value", [_Cred("alice"), b"alice", 5, None])
+def test_a_cred_or_key_of_the_wrong_type_is_refused_naming_its_type(led, value):
+    """Each was told "must be a string", the type it got unnamed.  Every
+    path says the same words, the compiled one (ext/ledger.pyx: reads,
+    mods, holds) and accman.store's (the PostgreSQL store's, an amod's on a
+    new loop), and none quotes the value: a credential is a secret."""
+    led.mod("alice", 5)
+    named = type(value).__name__
+    cred_says = ("cred must be a string of 1 to 128 characters from A-Z a-z 0-9 _ -, "
+                 f"got {named}")
+    key_says = f"key must be a string of 1 to 64 characters from A-Z a-z 0-9 _ -, got {named}"
+    calls = [lambda: led.tot(value), lambda: led.past(value), lambda: led.mod(value, 1),
+             lambda: led.hold(value, -1, 10), lambda: led.settle(value, 2, 0),
+             lambda: led.account_id(value), lambda: asyncio.run(led.amod(value, 1)),
+             lambda: check_cred(value)]
+    key_calls = [lambda: led.mod("alice", 1, key=value), lambda: check_key(value)]
+    for call in calls + (key_calls if value is not None else []):
+        with pytest.raises(BadRequest) as refused:
+            call()
+        says = refused.value.detail
+        assert says in (cred_says, key_says), says
+        assert "alice" not in says and "b'" not in says and "5," not in says
+    assert led.tot("alice") == 5 and led.past("alice")[0].seq == 1
 
 
 def test_a_store_from_before_the_key_file_and_the_log_still_opens(tmp_path):
