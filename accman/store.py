@@ -15,8 +15,9 @@ is durable.  A store may also return None and call `done` for an outcome
 it knew at once, even before it returns.  An outcome is the call's value
 (below) or an AccManError instance.  A call raises only BadRequest,
 Unavailable or Busy, and only when it changed nothing and queued nothing;
-a change's `done` that is neither callable nor None, or is an async
-function, is TypeError (check_done), and None tells nobody.
+a `done` that may be called later (a change's, an ordered read's, a long
+poll's) that is neither callable nor None, or is an async function, is
+TypeError (check_done), and None tells nobody.
 
 Order (SPEC "Durability and order", and pipelined requests): calls apply in
 the order they are made.  A read made with `ordered=True` sees the effect
@@ -241,9 +242,10 @@ def _refuse_async(fn, name: str, error: type) -> None:
 
 
 def check_done(done) -> None:
-    """A change's `done`: a callable, or None (nobody is told), checked before
-    anything is applied: one that cannot be called would fail only once the
-    change is durable, and its caller would never hear of it.  So would an
+    """A `done` that may be called later: a callable, or None (nobody is
+    told), checked before anything is applied or queued: one that cannot be
+    called would fail only once the change is durable (or the read's
+    outcome known), and its caller would never hear of it.  So would an
     `async def` one, whose call only makes a coroutine or an async generator
     (_refuse_async)."""
     if done is not None and not callable(done):

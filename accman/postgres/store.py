@@ -44,8 +44,8 @@ from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import migrate, read_infos
 from accman.postgres.shape import check_infos
-from accman.store import (check_binding, check_cred, check_mod, check_options, check_past,
-                          check_settle, run_callbacks)
+from accman.store import (check_binding, check_cred, check_done, check_mod, check_options,
+                          check_past, check_settle, run_callbacks)
 
 log = logging.getLogger("accman.postgres")
 
@@ -252,6 +252,7 @@ class PgStore(Committing):
 
     def read_tot(self, cred, done, ordered=False):
         self._check_open()
+        check_done(done)            # told later, always: one that cannot be is refused
         hid, cluster = self._locate(cred)
         if ordered:
             self._queue(cluster, B.Op(S.READ, hid, 0, None, None, None, done))
@@ -286,7 +287,9 @@ class PgStore(Committing):
             cluster.readers -= 1
 
     def read_past(self, cred, limit, before, done, ordered=False):
+        self._check_open()
         check_past(limit, before)
+        check_done(done)
         hid, cluster = self._locate(cred)
         op = B.Op(PAST_BARRIER, hid, limit, before, None, None, done)
         if ordered:
@@ -315,8 +318,8 @@ class PgStore(Committing):
     # -- events --------------------------------------------------------------------------
 
     def read_events(self, after, limit, wait_s, done):
-        if self._closed:
-            raise Unavailable("the store is closed")
+        self._check_open()
+        check_done(done)
         return self.home.events.read(after, limit, wait_s, done)
 
     def end_wait(self, done) -> None:

@@ -42,6 +42,10 @@ class _Cred(str):
     """A str subclass: no credential, though equal to one."""
 
 
+async def _told(outcome):
+    raise AssertionError("a coroutine function's call runs none of its body")
+
+
 # Calls with a bad value (the Python API's, not the wire's), each made on an
 # account "a" that both stores have: what each store raises, in its words.
 _BAD_CALLS = [
@@ -55,6 +59,10 @@ _BAD_CALLS = [
     lambda s, d: s.submit_settle("a b", 0, 0, d),
     lambda s, d: s.submit_settle("a", 1, 0, 5),
     lambda s, d: s.read_tot(["a"], d),
+    # A read's `done`, where it may be told later: an ordered read, a long poll.
+    lambda s, d: s.read_tot("a", 5, True),
+    lambda s, d: s.read_past("a", 10, None, _told, True),
+    lambda s, d: s.read_events(0, 10, 1, _told),
 ]
 
 
@@ -76,7 +84,9 @@ def test_bad_values_and_dones_are_refused_as_the_embedded_store_refuses_them(pg_
     TypeError "unhashable type" for a list as cred, took a str subclass
     equal to a cred it had cached, checked the values before the cred, and
     logged a failed completion for a `done` of None.  Both stores now say
-    the same, and nothing of the bad calls is applied."""
+    the same, and nothing of the bad calls is applied.  A read's `done`
+    that cannot be told (an ordered read's, a long poll's) was taken too,
+    and its caller never heard."""
     told = []
     with Ledger(str(tmp_path / "data")) as led:
         led.mod("a", 10)
