@@ -692,6 +692,39 @@ def test_a_reply_cut_short_is_a_failure_said_as_what_came(cursors, reply, why):
     assert said[0].endswith(f" failed: {why}; retrying with backoff"), said[0]
 
 
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+                                   b"HTTP/1.1 200 OK\r\nContent-Length: 0\n\n",
+                                   b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\n\n",
+                                   b"HTTP/1.1 200 OK\r\nX: a\nY: b\r\n\r\n"])
+def test_a_bare_lf_reply_on_a_connection_kept_open_is_said_at_once(cursors, reply):
+    """A receiver whose reply's lines end in a bare LF (which RFC 9112 2.2
+    lets a recipient refuse), and that keeps its connection open, is told
+    so as soon as the LF comes: not said as "no reply" when the attempt's
+    timeout ends.  A head that ends in CRLF but has a bare LF inside is
+    refused as well, never half taken."""
+    limits = ServerLimits(webhook_backoff_base_s=0.01, webhook_backoff_cap_s=0.02,
+                          webhook_attempt_timeout_s=3.0, webhook_poll_wait_s=1.0)
+    said, replies = [], [reply]
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        if replies:
+            writer.write(replies.pop())
+            await reader.read()                 # open until the deliverer closes
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    t0 = time.monotonic()
+    d = deliver_to(serve, cursors, limits=limits, said=said)
+    assert time.monotonic() - t0 < 1.5
+    assert d.failures == 1
+    assert said[0].endswith(" failed: the receiver's reply ends its lines in a bare LF, not "
+                            "CRLF; retrying with backoff"), said[0]
+
+
 def test_a_restart_resumes_after_the_last_acknowledged_batch(rx, cursors):
     """Stopped with a batch unacknowledged, started again on the same
     cursor: it sends that batch again (at least once), and never one before

@@ -43,6 +43,9 @@ _STATUS_RE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?", re.ASC
 # Interim (1xx) replies read before the final one: a receiver has no reason
 # to send any, since no request says Expect.
 INTERIM_REPLIES_MAX = 4
+# A reply whose lines end in LF alone, which RFC 9112 2.2 lets a recipient
+# refuse: refused, and said so.
+BARE_LF = "the receiver's reply ends its lines in a bare LF, not CRLF"
 
 
 class Target(NamedTuple):
@@ -169,7 +172,7 @@ async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
         writer.write(request)
         await writer.drain()
         for _ in range(INTERIM_REPLIES_MAX + 1):
-            status = parse_status(await reader.readuntil(b"\r\n\r\n"))
+            status = parse_status(await _read_head(reader, head_bytes_max))
             if status >= 200:
                 return status
             if status == 101:
@@ -178,6 +181,31 @@ async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
     finally:
         # Nothing more is read: the body of the reply does not matter.
         writer.close()
+
+
+async def _read_head(reader: asyncio.StreamReader, head_bytes_max: int) -> bytes:
+    """One reply head, up to and with its blank line, of at most
+    `head_bytes_max` bytes.  Read a line at a time so that a line ending
+    in a bare LF is refused as it comes (RFC 9112 2.2 lets a recipient
+    refuse it): a receiver that keeps its connection open after such a
+    reply is told what is wrong at once, not after the attempt's timeout
+    as if it never answered.  Raises WebhookBadReply, and what `describe`
+    explains of a head cut short or too long."""
+    lines, head_bytes = [], 0
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            # What came of the whole head, for `describe` to say.
+            raise asyncio.IncompleteReadError(b"".join(lines) + e.partial, None) from None
+        if not line.endswith(b"\r\n"):
+            raise WebhookBadReply(BARE_LF)
+        lines.append(line)
+        head_bytes += len(line)
+        if head_bytes > head_bytes_max:
+            raise asyncio.LimitOverrunError("the reply's head is over its bound", head_bytes)
+        if line == b"\r\n":
+            return b"".join(lines)
 
 
 def describe(exc: BaseException, timeout_s: float, head_bytes_max: int) -> str:
@@ -213,7 +241,4 @@ def _cut_short(partial: bytes) -> str:
     not told it never answered."""
     if not partial:
         return "the receiver closed the connection before its reply"
-    if b"\n\n" in partial:
-        # RFC 9112 2.2 lets a recipient refuse lines that end in LF alone.
-        return "the receiver's reply ends its lines in a bare LF, not CRLF"
     return "the receiver closed the connection before its reply's head ended (a blank line)"
