@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import assert_error, get, parse_responses, patch, request_bytes
+from conftest import ROOT, assert_error, get, parse_responses, patch, request_bytes
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX,
                            EVENTS_WAITERS_MAX)
 from ledgerhelp import wait_for
@@ -337,8 +337,14 @@ def test_events_past_a_short_retention_are_410_with_first(start_server, tmp_path
     # only 1..2 first (first 3); the next pass takes 3.
     r = wait_for(lambda: (lambda r: r if r.status == 410 and r.json["first"] == 4 else None)(
         events(srv, 0)), timeout_s=10)
-    doc = assert_error(r, 410, "events_trimmed")
-    assert "before 4" in doc["detail"]
+    assert_error(r, 410, "events_trimmed")
+    # The detail says how to go on, in SERVER.md's words, and the reply is
+    # the one SERVER.md shows.
+    assert r.json["detail"] == ("events before 4 are past the retention and were trimmed; the "
+                                "oldest kept is 4; after=3 goes on from there")
+    shown = [line.strip() for line in (ROOT / "docs" / "SERVER.md").read_text().splitlines()
+             if line.strip().startswith('{"error":"events_trimmed"')]
+    assert shown == [r.body.decode()]
     assert_error(events(srv, 2, wait=5), 410, "events_trimmed")     # at once, no wait
     assert [e["id"] for e in events(srv, 3).json["events"]] == [4]
     m = srv.get("/metrics").body.decode()

@@ -340,11 +340,6 @@ class Routes:
         return T200[mode] % (DATE.now, len(body), b"" if head else body)
 
     def error_of(self, route, e, mode, head=False):
-        extra = {}
-        if isinstance(e, Insufficient):
-            extra["tot"] = e.tot
-        elif isinstance(e, EventsTrimmed):
-            extra["first"] = e.first
         name = ROUTE_NAMES.get(route, "none")
         if not isinstance(e, AccManError):
             return self.error(name, 500, "internal", "the store failed unexpectedly", mode)
@@ -354,7 +349,14 @@ class Routes:
                 self._store_errors_said.add(e.detail)
                 log.error("a %s read failed: %s", name, e.detail)
             return self.error(name, e.status, e.code, STORE_ERROR_DETAIL, mode, head=head)
-        return self.error(name, e.status, e.code, e.detail, mode, head=head, **extra)
+        extra, detail = {}, e.detail
+        if isinstance(e, Insufficient):
+            extra["tot"] = e.tot
+        elif isinstance(e, EventsTrimmed):
+            extra["first"] = e.first
+            # The reader learns how to go on, as SERVER.md ("Retention") says.
+            detail = f"{detail}; after={e.first - 1} goes on from there"
+        return self.error(name, e.status, e.code, detail, mode, head=head, **extra)
 
     def error(self, route_name, status, code, detail, mode, extra_headers=b"", head=False,
               **extra):
