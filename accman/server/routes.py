@@ -342,7 +342,8 @@ class Routes:
     def error_of(self, route, e, mode, head=False):
         name = ROUTE_NAMES.get(route, "none")
         if not isinstance(e, AccManError):
-            return self.error(name, 500, "internal", "the store failed unexpectedly", mode)
+            return self.error(name, 500, "internal", "the store failed unexpectedly", mode,
+                              head=head)
         if isinstance(e, StoreError):   # its words name the server's files: the log's
             if len(self._store_errors_said) < STORE_ERRORS_SAID_MAX and \
                     e.detail not in self._store_errors_said:
