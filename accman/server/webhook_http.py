@@ -155,13 +155,23 @@ async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_m
     `timeout_s` bounds the whole attempt: the connection (TLS included),
     the request sent, and every reply head read to its end, interim ones
     too; `head_bytes_max` bounds each head.
-    Raises what `describe` explains: OSError, asyncio.TimeoutError,
-    WebhookBadReply, asyncio.IncompleteReadError, asyncio.LimitOverrunError."""
-    return await asyncio.wait_for(
-        _exchange(target, request, head_bytes_max, ssl_context), timeout_s)
+    Raises what `describe` explains: OSError, asyncio.TimeoutError (no
+    reply), WebhookBadReply (a timeout in the middle of a reply head is
+    one too), asyncio.IncompleteReadError, asyncio.LimitOverrunError."""
+    # The lines of the reply head being read: a timeout with some of them
+    # is a head that did not end, not a receiver that never answered.
+    lines: list[bytes] = []
+    try:
+        return await asyncio.wait_for(
+            _exchange(target, request, head_bytes_max, ssl_context, lines), timeout_s)
+    except asyncio.TimeoutError:
+        if not lines:
+            raise
+        raise WebhookBadReply(f"the reply's head did not end (a blank line) within "
+                              f"{timeout_s:g} s") from None
 
 
-async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
+async def _exchange(target, request, head_bytes_max, ssl_context, lines) -> int:
     tls = ssl_context if target.scheme == "https" else None
     # TLS names the host without the root's dot (RFC 6066 3, the SNI name;
     # a certificate names `hooks.example` for `hooks.example.`).
@@ -172,7 +182,7 @@ async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
         writer.write(request)
         await writer.drain()
         for _ in range(INTERIM_REPLIES_MAX + 1):
-            status = parse_status(await _read_head(reader, head_bytes_max))
+            status = parse_status(await _read_head(reader, head_bytes_max, lines))
             if status >= 200:
                 return status
             if status == 101:
@@ -183,15 +193,18 @@ async def _exchange(target, request, head_bytes_max, ssl_context) -> int:
         writer.close()
 
 
-async def _read_head(reader: asyncio.StreamReader, head_bytes_max: int) -> bytes:
+async def _read_head(reader: asyncio.StreamReader, head_bytes_max: int,
+                     lines: list[bytes]) -> bytes:
     """One reply head, up to and with its blank line, of at most
-    `head_bytes_max` bytes.  Read a line at a time so that a line ending
-    in a bare LF is refused as it comes (RFC 9112 2.2 lets a recipient
-    refuse it): a receiver that keeps its connection open after such a
-    reply is told what is wrong at once, not after the attempt's timeout
-    as if it never answered.  Raises WebhookBadReply, and what `describe`
-    explains of a head cut short or too long."""
-    lines, head_bytes = [], 0
+    `head_bytes_max` bytes; `lines` holds its lines read so far.  Read a
+    line at a time so that a line ending in a bare LF is refused as it
+    comes (RFC 9112 2.2 lets a recipient refuse it): a receiver that keeps
+    its connection open after such a reply is told what is wrong at once,
+    not after the attempt's timeout as if it never answered.  Raises
+    WebhookBadReply, and what `describe` explains of a head cut short or
+    too long."""
+    lines.clear()
+    head_bytes = 0
     while True:
         try:
             line = await reader.readuntil(b"\n")
