@@ -1081,6 +1081,27 @@ def test_https_to_a_trusted_receiver(tls_files, cursors):
         assert all(p.valid(SECRET) for p in rx.snapshot())
 
 
+
+def test_a_tls_handshake_never_answered_is_said_as_no_connection(tmp_path):
+    """A receiver's port that takes the TCP connection and never answers
+    the TLS handshake (a plain-HTTP port given an https URL, a stuck TLS
+    proxy) fails the attempt at WEBHOOK_ATTEMPT_TIMEOUT_S, said as no
+    connection: not as a receiver that never answered a POST it never
+    got."""
+    async def main():
+        server = await asyncio.start_server(lambda r, w: r.read(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        target = parse_url(f"https://127.0.0.1:{port}/hook")
+        try:
+            await webhook_http.post(target, b"POST", timeout_s=0.3, head_bytes_max=8192,
+                                    ssl_context=ssl.create_default_context())
+        except Exception as e:
+            return webhook_http.describe(e, 0.3, 8192)
+        finally:
+            server.close()
+
+    assert asyncio.run(main()) == "no TLS connection within 0.3 s"
+
 _POST_ONCE = """
 import asyncio, ssl, sys
 from accman.server import webhook_http

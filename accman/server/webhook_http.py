@@ -156,33 +156,50 @@ async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_m
     the request sent, and every reply head read to its end, interim ones
     too; `head_bytes_max` bounds each head.
     Raises what `describe` explains: OSError, asyncio.TimeoutError (no
-    reply), WebhookBadReply (a timeout in the middle of a reply head is
-    one too), asyncio.IncompleteReadError, asyncio.LimitOverrunError."""
-    # The lines of the reply head being read: a timeout with some of them
-    # is a head that did not end, not a receiver that never answered.
-    lines: list[bytes] = []
+    reply), WebhookBadReply (a timeout before the connection is made, or
+    in the middle of a reply head, is one too), asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError."""
+    # How far the attempt got, so that its timeout says what did not come:
+    # the connection (a host that drops packets, a TLS handshake never
+    # answered), the reply, or the end of a head some lines of which came.
+    progress = _Progress()
     try:
         return await asyncio.wait_for(
-            _exchange(target, request, head_bytes_max, ssl_context, lines), timeout_s)
+            _exchange(target, request, head_bytes_max, ssl_context, progress), timeout_s)
     except asyncio.TimeoutError:
-        if not lines:
-            raise
-        raise WebhookBadReply(f"the reply's head did not end (a blank line) within "
-                              f"{timeout_s:g} s") from None
+        if not progress.connected:
+            what = "no TLS connection" if target.scheme == "https" else "no connection"
+            raise WebhookBadReply(f"{what} within {timeout_s:g} s") from None
+        if progress.lines:
+            raise WebhookBadReply(f"the reply's head did not end (a blank line) within "
+                                  f"{timeout_s:g} s") from None
+        raise
 
 
-async def _exchange(target, request, head_bytes_max, ssl_context, lines) -> int:
+class _Progress:
+    """How far one attempt got: connected (TLS included), and the lines of
+    the reply head being read."""
+
+    __slots__ = ("connected", "lines")
+
+    def __init__(self):
+        self.connected = False
+        self.lines: list[bytes] = []
+
+
+async def _exchange(target, request, head_bytes_max, ssl_context, progress) -> int:
     tls = ssl_context if target.scheme == "https" else None
     # TLS names the host without the root's dot (RFC 6066 3, the SNI name;
     # a certificate names `hooks.example` for `hooks.example.`).
     tls_name = target.host.removesuffix(".") if tls else None
     reader, writer = await asyncio.open_connection(
         target.host, target.port, ssl=tls, server_hostname=tls_name, limit=head_bytes_max)
+    progress.connected = True
     try:
         writer.write(request)
         await writer.drain()
         for _ in range(INTERIM_REPLIES_MAX + 1):
-            status = parse_status(await _read_head(reader, head_bytes_max, lines))
+            status = parse_status(await _read_head(reader, head_bytes_max, progress.lines))
             if status >= 200:
                 return status
             if status == 101:
