@@ -93,6 +93,13 @@ class FakeAccMan:
             for w in list(self._writers):
                 w.close()
             await asyncio.sleep(0.01)
+            # A request still being handled (a delay fault) is ended here, as
+            # asyncio.run ends its tasks: one left pending is destroyed with
+            # the loop, and asyncio logs it into whichever test runs then.
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
         if self.loop.is_running():
             asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)

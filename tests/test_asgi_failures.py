@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 
 import pytest
 
@@ -478,3 +480,21 @@ def test_an_app_own_balance_header_never_stands_for_a_balance_not_told(case):
         r = run(call(m))
         assert r.status == 200 and "accman" not in {k.lower() for k in r.headers}
         assert m.stats["owed" if failure == "owed" else "unpaid_requests"] == 1
+
+
+# --- the fake itself ------------------------------------------------------------
+def test_the_fake_stops_with_no_request_of_its_own_still_pending():
+    """A request the fake is still handling when it stops (a delay fault)
+    ends with it: a task left pending on its loop is destroyed with the
+    loop, and asyncio logs "Task was destroyed but it is pending" into
+    whichever test runs then."""
+    with FakeAccMan() as fake:
+        fake.fault = lambda method, path, params: ("delay", 3600)
+        with socket.create_connection(("127.0.0.1", fake.port)) as s:
+            s.sendall(b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while not fake.requests and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert fake.requests
+            fake.stop()
+    assert not asyncio.all_tasks(fake.loop)
