@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import pytest
 
 from accman.asgi import HOLD_TTL_S_DEFAULT, AccManMiddleware, fingerprint
 from accman.calling import owed as owed_mod
-from accman.limits import HOLD_TTL_S_MAX
+from accman.limits import HOLD_TTL_S_MAX, HOLDS_PER_ACCOUNT_MAX
 from asgi_harness import CRED, call, entries, http_scope, make_app, mw
 from fake_accman import BUSY, FakeAccMan, first_then, run
 
@@ -114,6 +115,43 @@ def test_too_many_holds_is_429_and_the_app_never_runs(fake, caplog):
     assert r.status == 429 and r.json()["error"] == "too_many_requests"
     assert r.headers["retry-after"] == "1" and calls == []
     assert m.stats["refused_too_many"] == 1 and fingerprint(CRED) in caplog.text
+
+
+def test_too_many_holds_and_a_capped_cost_are_said_once_a_spell_not_once_a_request(
+        fake, caplog):
+    """Every request of a consumer at its bound of holds meets the 429, and
+    every request of a cost function over its estimate the cap: each line
+    is said when it starts, naming the account or the amounts, then its
+    count (at shutdown here), as the lines of an outage are
+    (accman.calling.repeats): a busy service does not flood its log."""
+    fake.fund(CRED, 1000)
+    fake.holds_max = 0
+    refused = mw(fake, mode="reserve")
+    capped = mw(fake, mode="reserve", cost=est_then(2, 7))
+
+    async def go():
+        for _ in range(20):
+            assert (await call(refused)).status == 429
+        await refused.aclose()
+        fake.holds_max = HOLDS_PER_ACCOUNT_MAX
+        for _ in range(20):
+            assert (await call(capped)).status == 200
+        await capped.aclose()
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        run(go())
+    said = [r.getMessage() for r in caplog.records if r.name == "accman.asgi"]
+    line = "accman: too many holds open; refusing with 429"
+    too_many = [text for text in said if text.startswith(line)]
+    assert too_many[0] == (f"{line} (account {fingerprint(CRED)}); AccMan said: over "
+                           "HOLDS_PER_ACCOUNT_MAX open holds")
+    assert len(too_many) == 2 and re.fullmatch(
+        re.escape(line) + r" \(19 more times in the \d+ s after it was last said; not met "
+                          r"since\)", too_many[1])
+    line = "accman: a cost over its hold is charged the hold"
+    cap = [text for text in said if text.startswith(line)]
+    assert cap[0] == f"{line} (cost 7, hold 2)" and len(cap) == 2
+    assert cap[1].startswith(f"{line} (19 more times in the ")
+    assert refused.stats["refused_too_many"] == 20 and capped.stats["capped"] == 20
 
 
 # --- releases, at once ------------------------------------------------------------

@@ -118,7 +118,7 @@ class AccManMiddleware:
         self._reserve = mode == "reserve"
         self._open = on_unavailable == "open"
         self._header = header.lower().encode("ascii")
-        self._repeats = Repeats(log)        # lines every refused request would say
+        self._repeats = Repeats(log)        # lines every request may meet again and again
         self._charge_below = charge_below
         self.hold_ttl_s = hold_ttl_s
         self._prices = Prices(cost, exempt, prices)
@@ -141,7 +141,7 @@ class AccManMiddleware:
         self._owed = Owed(self._acc, self.stats, self._charged, self._unpaid)
         # All that a reserve-mode request uses of the middleware (accman.calling.reserve).
         self._meter = Meter(self._header, self.stats, self._owed, self._cost_of_response,
-                            self._charge, self._charged, self._spawn)
+                            self._charge, self._charged, self._spawn, self._repeats)
         self._tasks = set()             # releases and charges under way (_spawn)
         self._reserving = set()         # the tasks of reserve-mode requests under way
         self._billing = set()           # async on_unpaid calls under way (_unpaid)
@@ -239,8 +239,8 @@ class AccManMiddleware:
             return await self._no_account(send)
         except Insufficient as e:
             return await self._insufficient(send, e.tot, est)
-        except TooManyHolds:
-            return await self._too_many(send, cred)
+        except TooManyHolds as e:
+            return await self._too_many(send, cred, e)
         except AccManError as e:
             if est and may_have_landed(e):
                 self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), e)
@@ -315,12 +315,13 @@ class AccManMiddleware:
         return await refuse(send, 401, "no_account", "the credential names no account",
                              self._challenge())
 
-    async def _too_many(self, send, cred):
-        # The account (or the store) is at its bound of open holds: one per
-        # request in flight, so the consumer has thousands under way.
+    async def _too_many(self, send, cred, err):
+        # The account (or the store) is at its bound of open holds, one per
+        # request in flight: each request more meets the line, known by its
+        # text alone (at the store's bound every account meets it).
         self.stats["refused_too_many"] += 1
-        log.warning("accman: too many holds open for account %s; refusing with 429",
-                    fingerprint(cred))
+        self._repeats.say(logging.WARNING, "accman: too many holds open; refusing with 429",
+                          err.detail, note=f"account {fingerprint(cred)}")
         return await refuse(send, 429, "too_many_requests",
                              "too many requests of this account are in flight",
                              [(b"retry-after", b"1")])

@@ -1,6 +1,7 @@
 """Log lines of a condition that every request meets while it lasts (AccMan
-unreachable, the service's token refused): each refused request would say
-it again, thousands a second.  Said when it starts, then at most every
+unreachable, the service's token refused, an account at its bound of
+holds, a cost function over its estimate): each request would say it
+again, thousands a second.  Said when it starts, then at most every
 REPEAT_S while it goes on, with how many times it came meanwhile.  Repeats
 not yet said when the line stops coming are said once it has not come for
 REPEAT_S (a timer on the running event loop, armed only while some count is
@@ -39,11 +40,13 @@ class Repeats:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop = None
 
-    def say(self, level: int, text: str, said: str = "", why: str = "") -> None:
-        """`said` (AccMan's words, which vary with what answers) and `why`
-        (the client's words of what failed on the way: a refused
-        connection, a certificate not trusted) are logged after `text` but
-        are no part of what the line is known by."""
+    def say(self, level: int, text: str, said: str = "", why: str = "",
+            note: str = "") -> None:
+        """`note` (what this time is about: the account of the request that
+        says the line), `said` (AccMan's words, which vary with what
+        answers) and `why` (the client's words of what failed on the way:
+        a refused connection, a certificate not trusted) are logged after
+        `text` but are no part of what the line is known by."""
         now = self._clock()
         state = self._said.get(text)
         if state is None:
@@ -59,8 +62,8 @@ class Repeats:
             state[2] = now
             self._arm(REPEAT_S)
             return
-        self._log.log(level, "%s%s%s%s", text, f"; AccMan said: {said}" if said else "",
-                      f": {why}" if why else "", more)
+        self._log.log(level, "%s%s%s%s%s", text, f" ({note})" if note else "",
+                      f"; AccMan said: {said}" if said else "", f": {why}" if why else "", more)
         if state is None and len(self._said) >= LINES_MAX:
             self._forget(min(self._said, key=lambda t: self._said[t][2]))
         self._said[text] = [now, 0, now, level]

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 from accman.calling.answers import with_tot
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.owed import CANCELLED, Owed, Settle, Unsettle, charge_key, fingerprint
+from accman.calling.repeats import Repeats
 from accman.errors import AccManError, HoldEnded
 
 log = logging.getLogger("accman.asgi")
@@ -44,6 +45,7 @@ class Meter(NamedTuple):
     charge: Callable                # async (acc, cred, cost, key) -> tot, None when owed
     charged: Callable               # (cost): counted as charged
     spawn: Callable                 # (coro) -> a task the middleware waits for at shutdown
+    repeats: Repeats                # the log lines every request may meet
 
 
 class Reservation:
@@ -93,8 +95,12 @@ class Reservation:
         cost = meter.cost_of_response(self.price, self.scope, message)
         self.ended = True
         if cost > self.est:
+            # A cost function whose charge passes its estimate does so on
+            # every request of its kind: said as the lines every refused
+            # request meets are, known by the text alone.
             meter.stats["capped"] += 1
-            log.warning("accman: cost %d over the hold %d: charged %d", cost, self.est, self.est)
+            meter.repeats.say(logging.WARNING, "accman: a cost over its hold is charged the hold",
+                              note=f"cost {cost}, hold {self.est}")
             cost = self.est
         if self.hold is None:
             return with_tot(message, meter.header, self.tot)   # nothing held, nothing charged

@@ -174,10 +174,12 @@ const admission = {
     if (err instanceof TooManyHolds) {
       // The account (or AccMan) is at its bound of open holds: one per
       // request in flight, so the consumer has thousands under way.  Its
-      // own load, not the service's: 429, as the Python middleware.
+      // own load, not the service's: 429, as the Python middleware.  Each
+      // request more meets the line, known by its text alone (at AccMan's
+      // bound every account meets it), with the account that says it.
       this.stats.refused_too_many++
-      this.log.warn({ account: fingerprint(state.cred) },
-        'accman: too many holds open for the account; refusing with 429')
+      this.repeats.say('warn', {}, 'accman: too many holds open; refusing with 429',
+        { account: fingerprint(state.cred), detail: err.detail })
       return this.refuse(reply, 429, 'too_many_requests',
         'too many requests of this account are in flight', { 'retry-after': '1' })
     }

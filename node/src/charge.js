@@ -263,12 +263,13 @@ const charging = {
   },
 
   // What reserve mode charges of `cost` with `held` held: a cost over the
-  // hold is capped at it, counted and said.
+  // hold is capped at it, counted and said, as a line every request of
+  // the route may meet (known by its text alone, with the amounts).
   cap (cost, held) {
     if (cost <= held) return cost
     this.stats.capped++
-    this.log.warn({ cost: String(cost), held: String(held) },
-      'accman: cost over the hold: charged the hold')
+    this.repeats.say('warn', {}, 'accman: cost over the hold: charged the hold',
+      { cost: String(cost), held: String(held) })
     return held
   },
 

@@ -6,6 +6,8 @@ const assert = require('node:assert/strict')
 const { Repeats, REPEAT_MS, LINES_MAX } = require('../src/repeats')
 const { TOKENS } = require('./helpers/accman')
 const { serviceApp, get } = require('./helpers/app')
+const { fakeAccMan, reply } = require('./helpers/fake')
+const { fingerprint } = require('..')
 
 test('a line every request meets is said at most once a REPEAT_MS, with its count', () => {
   const said = []
@@ -148,4 +150,39 @@ test('the plugin says an outage\'s unsaid count at close', async () => {
     [['unreachable', undefined, undefined], ['unreachable', 4, true]])
   // The spell's first line says why, in the client's words.
   assert.match(lines[0].detail, /^cannot reach AccMan at http:\/\/127\.0\.0\.1:9: .*ECONNREFUSED/)
+})
+
+test('the plugin says a 429 of too many holds and a cost over its hold once a spell, not once a request', async () => {
+  // Every request of a consumer at its bound of holds meets the 429, and
+  // every request of a route whose cost passes its estimate the cap: each
+  // line is said when it starts, with the account or the amounts, then its
+  // count (at close here), known by its text alone.
+  let full = true
+  const fake = await fakeAccMan((head) => {
+    if (head.startsWith('PATCH /hold') && full) {
+      return reply(409, '{"error":"too_many_holds","detail":"the account has HOLDS_PER_ACCOUNT_MAX (4096) open holds"}')
+    }
+    if (head.startsWith('PATCH /hold')) return reply(200, '{"hold":7,"tot":99,"seq":2}')
+    return reply(200, '{"tot":98,"seq":3}') // the settle
+  })
+  const logs = []
+  const cost = (request, reply, stage) => stage === 'estimate' ? 1 : 5
+  const { app, url } = await serviceApp({ url: fake.url, mode: 'reserve', cost }, { logs })
+  try {
+    for (let i = 0; i < 20; i++) assert.equal((await get(url + '/w', 'r-many')).status, 429)
+    full = false
+    for (let i = 0; i < 20; i++) assert.equal((await get(url + '/w', 'r-many')).status, 200)
+    assert.equal(app.accman.stats.refused_too_many, 20)
+    assert.equal(app.accman.stats.capped, 20)
+  } finally {
+    await app.close()
+    await fake.close()
+  }
+  const tooMany = logs.filter((l) => l.msg === 'accman: too many holds open; refusing with 429')
+  assert.deepEqual(tooMany.map((l) => [l.account, l.detail, l.repeated, l.quiet]), [
+    [fingerprint('r-many'), 'the account has HOLDS_PER_ACCOUNT_MAX (4096) open holds', undefined, undefined],
+    [undefined, undefined, 19, true]])
+  const capped = logs.filter((l) => l.msg === 'accman: cost over the hold: charged the hold')
+  assert.deepEqual(capped.map((l) => [l.cost, l.held, l.repeated, l.quiet]),
+    [['5', '1', undefined, undefined], [undefined, undefined, 19, true]])
 })
