@@ -10,8 +10,9 @@ Configuration comes from the environment: ACCMAN_URL (default
 http://127.0.0.1:8035), ACCMAN_TOKEN (unset: no token, for a server without
 tokens on loopback; else a token with the read and charge roles),
 ACCMAN_MODE ("check" or "reserve"), ACCMAN_ON_UNAVAILABLE ("closed" or
-"open") and ACCMAN_HOLD_TTL_S (reserve mode: how long a hold lives if
-nothing settles it; default 90).  A variable set but empty is unset.
+"open") and ACCMAN_HOLD_TTL_S (reserve mode only: how long a hold lives if
+nothing settles it; default 90; set in check mode, which holds nothing, it
+stops the app at start).  A variable set but empty is unset.
 """
 
 import os
@@ -20,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from accman.asgi import HOLD_TTL_S_DEFAULT, AccManMiddleware
+from accman.asgi import AccManMiddleware
 from accman.calling.arguments import plain_decimal
 
 REPORT_ROWS_MAX = 100       # a report has at most 100 rows, so costs at most 10
@@ -59,11 +60,14 @@ def env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
-def hold_ttl_s() -> int:
+def hold_ttl_s() -> int | None:
     """ACCMAN_HOLD_TTL_S in plain digits, read as the command line reads a
-    number (int() would take "+90", " 90" and "9_0"); the middleware checks
-    its range."""
-    text = env("ACCMAN_HOLD_TTL_S", str(HOLD_TTL_S_DEFAULT))
+    number (int() would take "+90", " 90" and "9_0"), or None when unset:
+    the middleware's default.  The middleware checks its range, and refuses
+    it in check mode, where it would go unused."""
+    text = env("ACCMAN_HOLD_TTL_S", "")
+    if not text:
+        return None
     value = plain_decimal(text)
     if value is None:
         raise ValueError(f"ACCMAN_HOLD_TTL_S must be whole seconds in plain digits, not {text!r}")

@@ -105,6 +105,20 @@ def test_hold_ttl_s_is_the_holds_ttl_and_is_checked(fake):
             mw(fake, mode="reserve", hold_ttl_s=bad)
 
 
+def test_hold_ttl_s_is_refused_in_check_mode_where_nothing_is_held(fake):
+    """A ttl that check mode would leave unused, unsaid: refused, naming it
+    and the mode, as a client's option beside a client is."""
+    for kw in ({}, {"mode": "check"}):
+        with pytest.raises(ValueError, match=r'^hold_ttl_s is the ttl of reserve mode\'s '
+                                             r'holds: with mode="check" nothing is held'):
+            mw(fake, hold_ttl_s=HOLD_TTL_S_DEFAULT, **kw)
+    with pytest.raises(ValueError, match="whole seconds"):      # a bad value: said as such
+        mw(fake, hold_ttl_s=0)
+    assert mw(fake, mode="reserve", hold_ttl_s=None).hold_ttl_s == HOLD_TTL_S_DEFAULT
+    fake.fund(CRED, 10)
+    assert run(call(mw(fake))).headers["accman"] == "9"         # left out: check mode serves
+
+
 def test_too_many_holds_is_429_and_the_app_never_runs(fake, caplog):
     fake.fund(CRED, 10)
     fake.holds_max = 0

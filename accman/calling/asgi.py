@@ -94,10 +94,12 @@ class AccManMiddleware:
     the `root_path` it is mounted at.  Exempt paths never touch AccMan.
     `on_unavailable="open"` serves requests AccMan cannot admit and records
     them as unpaid (log, `stats`, and `on_unpaid(cred, amount)` if given).
-    `hold_ttl_s` is how long a reserve-mode hold lives if nothing settles
-    it.  `url`, `token`, `timeout_s` (None: TIMEOUT_S_DEFAULT), `retries`
-    (None: RETRIES_DEFAULT) and `ssl_context` (the TLS trust of an https
-    url) make the AccManClient it calls AccMan with.  `client` is an
+    `hold_ttl_s` (None: HOLD_TTL_S_DEFAULT) is how long a reserve-mode hold
+    lives if nothing settles it; check mode holds nothing, and refuses it
+    rather than leave it unused unsaid.  `url`, `token`, `timeout_s`
+    (None: TIMEOUT_S_DEFAULT), `retries` (None: RETRIES_DEFAULT) and
+    `ssl_context` (the TLS trust of an https url) make the AccManClient it
+    calls AccMan with.  `client` is an
     AccManClient of the caller's instead (sharing a pool, tests): it
     decides all five, and each of them given beside it is refused, naming
     it.
@@ -109,7 +111,7 @@ class AccManMiddleware:
                  client=None, timeout_s: float | None = None, retries: int | None = None,
                  on_unpaid=None, ssl_context=None,
                  charge_below: int | None = CHARGE_BELOW_DEFAULT,
-                 hold_ttl_s: int = HOLD_TTL_S_DEFAULT):
+                 hold_ttl_s: int | None = None):
         calls = client_options(client, url=url, token=token, timeout_s=timeout_s,
                                retries=retries, ssl_context=ssl_context)
         check_options(mode, on_unavailable, header, charge_below, hold_ttl_s, on_unpaid)
@@ -120,7 +122,7 @@ class AccManMiddleware:
         self._header = header.lower().encode("ascii")
         self._repeats = Repeats(log)        # lines every request may meet again and again
         self._charge_below = charge_below
-        self.hold_ttl_s = hold_ttl_s
+        self.hold_ttl_s = HOLD_TTL_S_DEFAULT if hold_ttl_s is None else hold_ttl_s
         self._prices = Prices(cost, exempt, prices)
         self._calls = calls
         self._client = client

@@ -82,9 +82,15 @@ def check_options(mode, on_unavailable, header, charge_below, hold_ttl_s, on_unp
     if charge_below is not None and (isinstance(charge_below, bool) or not isinstance(
             charge_below, int) or not 200 <= charge_below <= 600):
         raise ValueError("charge_below must be a status from 200 to 600, or None")
-    if isinstance(hold_ttl_s, bool) or not isinstance(hold_ttl_s, int) or not (
-            1 <= hold_ttl_s <= HOLD_TTL_S_MAX):
-        raise ValueError(f"hold_ttl_s must be whole seconds from 1 to {HOLD_TTL_S_MAX}")
+    if hold_ttl_s is not None:
+        if isinstance(hold_ttl_s, bool) or not isinstance(hold_ttl_s, int) or not (
+                1 <= hold_ttl_s <= HOLD_TTL_S_MAX):
+            raise ValueError(f"hold_ttl_s must be whole seconds from 1 to {HOLD_TTL_S_MAX}")
+        # Check mode holds nothing: a ttl given to it would go unused unsaid,
+        # and the operator would believe requests bounded by it.
+        if mode != "reserve":
+            raise ValueError(f'hold_ttl_s is the ttl of reserve mode\'s holds: with mode='
+                             f'"{mode}" nothing is held; leave it out, or set mode="reserve"')
     if on_unpaid is not None and not callable(on_unpaid):
         raise TypeError("on_unpaid must be a callable on_unpaid(cred, amount), or None")
 

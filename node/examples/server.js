@@ -18,8 +18,9 @@
 // ACCMAN_URL (default http://127.0.0.1:8080), ACCMAN_TOKEN (unset or
 // empty: no token), ACCMAN_MODE (check, the default, or reserve),
 // ACCMAN_ON_UNAVAILABLE (closed, the default, or open) and
-// ACCMAN_HOLD_TTL_S (default 90); the plugin refuses a wrong value, which
-// stops the example at start.  PORT (default 3000, on 127.0.0.1) and
+// ACCMAN_HOLD_TTL_S (reserve mode only, default 90; check mode holds
+// nothing, and refuses it); the plugin refuses a wrong value, which stops
+// the example at start.  PORT (default 3000, on 127.0.0.1) and
 // LOG_LEVEL (pino's, default info) keep their plain names: the Python
 // example has them from uvicorn, and `accman serve` warns of an ACCMAN_
 // name that no part of AccMan reads.
@@ -48,7 +49,7 @@ async function build () {
     cost: 1, // the default price of a request
     mode: process.env.ACCMAN_MODE || 'check',
     onUnavailable: process.env.ACCMAN_ON_UNAVAILABLE || 'closed', // closed: 503 when AccMan cannot be reached
-    holdTtlS: holdTtlS(process.env.ACCMAN_HOLD_TTL_S), // unset or empty: the default
+    holdTtlS: holdTtlS(process.env.ACCMAN_HOLD_TTL_S), // unset or empty: the default; reserve mode only
     exempt: ['/health', '/metrics']
   })
 

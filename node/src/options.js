@@ -156,15 +156,24 @@ function settings (opts) {
   // An option left out takes its default; one given as null is a wrong
   // value like any other (`cost: null` is not "the default price").
   const given = (name, value) => opts[name] === undefined ? value : opts[name]
+  const mode = choice(given('mode', 'check'), ['check', 'reserve'], 'mode')
+  const holdTtlS = integer(given('holdTtlS', limits.HOLD_TTL_S_DEFAULT), 'holdTtlS', 1,
+    limits.HOLD_TTL_S_MAX)
+  // Check mode holds nothing: a ttl given to it would go unused unsaid, and
+  // the operator would believe requests bounded by it.  As the Python
+  // middleware's hold_ttl_s.
+  if (opts.holdTtlS !== undefined && mode !== 'reserve') {
+    throw new TypeError(`holdTtlS is the ttl of reserve mode's holds: with mode '${mode}' ` +
+      "nothing is held; leave it out, or set mode 'reserve'")
+  }
   return {
-    mode: choice(given('mode', 'check'), ['check', 'reserve'], 'mode'),
+    mode,
     open: choice(given('onUnavailable', 'closed'), ['closed', 'open'], 'onUnavailable') === 'open',
     header: headerName(given('header', 'accman')),
     cost: price(given('cost', 1), 'cost'),
     exempt: exemptTest(given('exempt', [])),
     chargeErrors: flag(given('chargeErrors', false), 'chargeErrors'),
-    holdTtlS: integer(given('holdTtlS', limits.HOLD_TTL_S_DEFAULT), 'holdTtlS', 1,
-      limits.HOLD_TTL_S_MAX),
+    holdTtlS,
     checkFreshMs: integer(given('checkFreshMs', limits.CHECK_FRESH_MS_DEFAULT), 'checkFreshMs', 0,
       limits.CHECK_FRESH_MS_MAX),
     onUnpaid

@@ -124,6 +124,10 @@ test('a wrong ACCMAN_MODE or ACCMAN_HOLD_TTL_S stops the example at start, namin
   const ttl = await runExample({ ACCMAN_URL: url, ACCMAN_HOLD_TTL_S: '0' })
   assert.equal(ttl.code, 1)
   assert.match(ttl.stderr, /TypeError: holdTtlS must be an integer from 1 to 86400, not 0/)
+  // A ttl in check mode, which holds nothing, would go unused: refused too.
+  const unused = await runExample({ ACCMAN_URL: url, ACCMAN_HOLD_TTL_S: '30' })
+  assert.equal(unused.code, 1)
+  assert.match(unused.stderr, /TypeError: holdTtlS is the ttl of reserve mode's holds: with mode 'check' nothing is held/)
   // Read in plain digits, as the Python example reads it: Number() would
   // take 0x5a, 1e1 and ' 90 ' as numbers.
   for (const bad of ['0x5a', '1e1', ' 90 ']) {

@@ -948,7 +948,11 @@ test('a wrong option is refused at ready(), naming it: a non-boolean chargeError
     [{ exempt: [''] }, /^exempt: "" is not a path starting with \/, nor \*$/],
     // The client's own options show a wrong value as the plugin's do.
     [{ timeoutMs: '2000' }, /^timeoutMs must be an integer from 1 to 3600000, not "2000"$/],
-    [{ onUnpaid: 'bill' }, /^onUnpaid must be a function, not "bill"$/]
+    [{ onUnpaid: 'bill' }, /^onUnpaid must be a function, not "bill"$/],
+    // Check mode holds nothing: a ttl would go unused, unsaid.  As the Python middleware.
+    [{ holdTtlS: 30 }, /^holdTtlS is the ttl of reserve mode's holds: with mode 'check' nothing is held; leave it out, or set mode 'reserve'$/],
+    [{ mode: 'check', holdTtlS: 90 }, /^holdTtlS is the ttl of reserve mode's holds: with mode 'check' /],
+    [{ holdTtlS: 0 }, /^holdTtlS must be an integer from 1 to 86400, not 0$/] // a bad value: said as such
   ]) {
     const app = Fastify()
     app.register(accman, { url: acc.server.url, ...bad })

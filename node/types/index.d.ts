@@ -127,7 +127,7 @@ export type FastifyAccmanOptions = (OwnClientOptions | SharedClientOptions) & {
   header?: string
   /** Charge responses of 400 and over too. Default false. */
   chargeErrors?: boolean
-  /** Reserve mode: a hold's ttl in seconds. Default 90. */
+  /** Reserve mode: a hold's ttl in seconds. Default 90. Refused in check mode, which holds nothing. */
   holdTtlS?: number
   /** Check mode: admit on a balance read this recently. Default 1000; 0 reads every time. */
   checkFreshMs?: number
