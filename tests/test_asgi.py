@@ -16,6 +16,9 @@ import ssl
 import types
 
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from accman.asgi import AccManMiddleware
 from accman.client import AccManClient, AccManSyncClient
@@ -259,6 +262,22 @@ def test_an_error_response_is_not_charged_in_check_mode(fake, status):
     assert r.status == status and r.headers["accman"] == "10"
     assert fake.tot(CRED) == 10 and fake.mods() == []
     assert m.stats["free_status"] == 1 and m.stats["charged"] == 0
+
+
+def test_a_path_the_app_does_not_serve_is_admitted_as_any_other(fake):
+    """An ASGI middleware cannot know the app's routes (the app routes
+    after it): a path it does not serve is 401 without a credential, and
+    with one the app's 404, free (docs/CALLING.md; the Node plugin, which
+    knows fastify's routes, answers 404 to both and calls nothing)."""
+    async def thing(_request):
+        return PlainTextResponse("ok")
+    fake.fund(CRED, 10)
+    m = mw(fake, Starlette(routes=[Route("/thing", thing)]), cost=3)
+    refused = run(call(m, "/nope", cred=None))
+    assert (refused.status, refused.json()["error"]) == (401, "no_credential")
+    r = run(call(m, "/nope"))
+    assert (r.status, r.headers["accman"]) == (404, "10") and fake.mods() == []
+    assert run(call(m, "/thing")).headers["accman"] == "7"
 
 
 def test_responses_under_400_are_charged(fake):

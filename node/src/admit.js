@@ -66,6 +66,12 @@ class AccManRequest {
 // Meter's methods of admission, put on its prototype (meter.js).
 const admission = {
   async admit (request, reply) {
+    // A request that matched no route (fastify's 404, or the app's
+    // not-found handler) serves nothing the service sells: it is left to
+    // fastify whatever its credential, a 404 rather than a 401 for a
+    // missing one, and calls nothing.  Not counted: it is no request of
+    // the plugin's.  The Python middleware cannot know routes (CALLING.md).
+    if (request.is404) return
     const p = this.priceFor(request)
     if (p === null) {
       this.stats.exempt++

@@ -111,7 +111,8 @@ function exemptTest (exempt) {
 // prefix included), so that another spelling of the URL (`/h%65alth`, a
 // trailing slash, another case) is exempt exactly when its route is, and a
 // URL that only looks exempt (`/docs/` routed to a priced `/docs`) is not;
-// the URL's own path for a request that matched no route (its 404).
+// the URL's own path for a request that matched no route (admission never
+// asks: such a request is not metered, admit.js).
 function routePath (request, options) {
   const url = options ? options.url : undefined
   if (typeof url === 'string') return url

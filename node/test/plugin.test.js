@@ -61,6 +61,34 @@ test('no credential, a malformed one or two of them: 401 no_credential, nothing 
   })
 })
 
+test('an unknown URL is fastify\'s 404 whatever its credential: AccMan never called, nothing charged', async () => {
+  // A request that matched no route serves nothing: no 401 for a missing
+  // credential, no balance read or hold for a present one.
+  const fake = await fakeAccMan(() => reply(200, '{"tot":5}'))
+  try {
+    for (const mode of ['check', 'reserve']) {
+      const { app, url } = await serviceApp({ url: fake.url, mode })
+      try {
+        for (const cred of [undefined, 'has space', 'p-unrouted']) {
+          for (const path of ['/no/such/route', '/w/extra']) {
+            const r = await get(url + path, cred)
+            assert.deepEqual([r.status, r.body.error, r.accman], [404, 'Not Found', null], `${mode} ${cred} ${path}`)
+          }
+        }
+        const head = await fetch(url + '/no/such/route', { method: 'HEAD' })
+        assert.equal(head.status, 404)
+        assert.equal(app.accman.stats.requests, 0)
+        assert.equal(app.accman.stats.refused_no_credential, 0)
+      } finally {
+        await app.close()
+      }
+    }
+    assert.deepEqual(fake.heads, [])
+  } finally {
+    await fake.close()
+  }
+})
+
 // One GET /w over a raw socket with `headers` (lines, each as sent): the
 // status and the JSON body.  fetch() would join repeated headers itself.
 // The socket is written, not ended: Node's server closes a connection
