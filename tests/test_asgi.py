@@ -280,6 +280,34 @@ def test_a_path_the_app_does_not_serve_is_admitted_as_any_other(fake):
     assert run(call(m, "/thing")).headers["accman"] == "7"
 
 
+def test_a_head_is_charged_as_its_get_and_a_cost_function_may_tell_it(fake):
+    """Prices name paths, not methods, and Starlette answers a HEAD on each
+    GET route with the GET's status and headers: the HEAD is charged as
+    its GET is, unless the cost function says otherwise (docs/CALLING.md,
+    as node/README.md says of fastify's HEAD routes)."""
+    async def thing(_request):
+        return PlainTextResponse("ok")
+    app = Starlette(routes=[Route("/thing", thing)])
+
+    async def head(m):
+        messages = []
+        scope = {**http_scope("/thing"), "method": "HEAD"}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            messages.append(message)
+        await m(scope, receive, send)
+        return Reply(messages)
+    fake.fund(CRED, 10)
+    r = run(head(mw(fake, app, cost=3)))
+    assert (r.status, r.headers["accman"]) == (200, "7")       # the server drops the body
+    free_head = mw(fake, app, cost=lambda scope, status, headers: 0
+                   if scope["method"] == "HEAD" and status is not None else 3)
+    assert run(head(free_head)).headers["accman"] == "7" and fake.tot(CRED) == 7
+
+
 def test_responses_under_400_are_charged(fake):
     fake.fund(CRED, 10)
     for status, tot in [(200, "9"), (201, "8"), (304, "7"), (399, "6")]:
