@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 
 import pytest
@@ -498,3 +499,19 @@ def test_the_fake_stops_with_no_request_of_its_own_still_pending():
             assert fake.requests
             fake.stop()
     assert not asyncio.all_tasks(fake.loop)
+
+
+def test_the_fake_says_nothing_of_a_caller_gone_before_its_reply(caplog):
+    """A caller that leaves while the fake still handles its request (the
+    middleware's cancelled calls do) is no error of the fake's: asyncio
+    would log "Unhandled exception in client_connected_cb" into the test."""
+    with FakeAccMan() as fake:
+        fake.fault = lambda method, path, params: ("delay", 0.1)
+        with socket.create_connection(("127.0.0.1", fake.port)) as s:
+            s.sendall(b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while not fake.requests and time.monotonic() < deadline:
+                time.sleep(0.005)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.3)                         # the reply is written after the reset
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
