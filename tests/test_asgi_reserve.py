@@ -161,7 +161,7 @@ def test_too_many_holds_and_a_capped_cost_are_said_once_a_spell_not_once_a_reque
     assert len(too_many) == 2 and re.fullmatch(
         re.escape(line) + r" \(19 more times in the \d+ s after it was last said; not met "
                           r"since\)", too_many[1])
-    line = "accman: a cost over its hold is charged the hold"
+    line = "accman: cost over the hold: charged the hold"
     cap = [text for text in said if text.startswith(line)]
     assert cap[0] == f"{line} (cost 7, hold 2)" and len(cap) == 2
     assert cap[1].startswith(f"{line} (19 more times in the ")

@@ -99,7 +99,7 @@ class Reservation:
             # every request of its kind: said as the lines every refused
             # request meets are, known by the text alone.
             meter.stats["capped"] += 1
-            meter.repeats.say(logging.WARNING, "accman: a cost over its hold is charged the hold",
+            meter.repeats.say(logging.WARNING, "accman: cost over the hold: charged the hold",
                               note=f"cost {cost}, hold {self.est}")
             cost = self.est
         if self.hold is None:
