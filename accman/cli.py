@@ -11,7 +11,8 @@ locked or corrupt, bad tokens file, a non-loopback bind without tokens);
 a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome
 may then be unknown, and the message says what to do; 4 the command did
 its work (a write applied; a read, verify or migrate ran) but stdout
-failed (a full disk, an I/O error): a write's reply and verify's or
+failed (a full disk, an I/O error, a stdout closed from the start: `>&-`,
+where nobody could read the answer): a write's reply and verify's or
 migrate's verdict are on stderr instead (for `open`, the credential), and
 a write is not to be repeated; 130 ^C (SIGINT) and 143 SIGTERM, which for
 a write in flight say what to do too, and for one whose reply was being

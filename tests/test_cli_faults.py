@@ -308,15 +308,49 @@ def test_a_write_whose_reader_is_gone_says_on_stderr_what_it_did(start_server):
     assert history(s, err.split()[-1]) == [9]
 
 
-@pytest.mark.any_one_store("what is checked is the command line writing to a closed pipe")
-def test_open_started_with_stdout_closed_hands_over_the_credential(start_server):
+def started_without(url, streams, *args) -> subprocess.CompletedProcess:
+    """`accman ARGS --url URL` started with the descriptors of `streams`
+    (1, or 1 and 2) closed, as `accman ... >&- 2>&-` is."""
+    closes = " ".join(f"{fd}>&-" for fd in streams)
+    return subprocess.run(["bash", "-c", f'exec "$0" -m accman "$@" {closes}', sys.executable,
+                           *map(str, args), "--url", url], capture_output=True, text=True,
+                          timeout=30, env=server_env(), cwd=ROOT)
+
+
+CLOSED_AT_START = "accman: error: cannot write to stdout: the command was started with " \
+                  "stdout closed (EBADF)"
+
+
+@pytest.mark.any_one_store("what is checked is the command line started with stdout closed")
+def test_open_started_with_stdout_closed_hands_over_the_credential_and_exits_4(start_server):
+    """Nobody closed that stdout to read no more, as a pipe's reader does:
+    the credential went nowhere, so not exit 0, which said that all was
+    well even with stderr closed too."""
     s = start_server()
-    proc = subprocess.run(["bash", "-c", f'exec "$0" -m accman open --by 8 --url {s.url} >&-',
-                           sys.executable], capture_output=True, text=True, timeout=30,
-                          env=server_env(), cwd=ROOT)
-    err = one_line_error(proc, 0)
-    assert "the account was opened: its credential is" in err
+    err = one_line_error(started_without(s.url, [1], "open", "--by", 8), 4)
+    assert err.startswith(f"{CLOSED_AT_START}; the account was opened: its credential is ")
     assert history(s, err.split()[-1]) == [8]
+    proc = started_without(s.url, [1, 2], "open", "--by", 8)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (4, "", "")
+
+
+@pytest.mark.any_one_store("what is checked is the command line started with stdout closed")
+def test_every_answer_that_goes_nowhere_exits_4(start_server):
+    s = start_server()
+    cred = funded(s)
+    err = one_line_error(started_without(s.url, [1], "hold", cred, "-6", "--ttl", 60), 4)
+    assert err.startswith(f"{CLOSED_AT_START}; the hold applied: ")
+    held = json.loads(err.split("applied: ", 1)[1])["hold"]
+    for args, said in ((["mod", cred, "-4"], "the mod applied: "),
+                       (["settle", cred, held, "0"], "the settle applied: "),
+                       (["tot", cred], "the reply was not written"),
+                       (["past", cred], "the reply was not written"),
+                       (["events"], "the reply was not written")):
+        err = one_line_error(started_without(s.url, [1], *args), 4)
+        assert err.startswith(f"{CLOSED_AT_START}; {said}"), args
+        if args[0] in ("mod", "tot"):       # stderr closed too: the exit code says it
+            assert started_without(s.url, [1, 2], *args).returncode == 4, args
+    assert history(s, cred) == [6, -4, -4, -6, 100]
 
 
 # --- a mistyped flag --------------------------------------------------------------------------

@@ -339,13 +339,21 @@ def _refusal(e: AccManError, role: tuple[str, str]) -> str:
     return text
 
 
+def stdout_closed_at_start() -> OSError:
+    """The error of a write to a stdout that the command was started without
+    (`>&-`; Python's None sys.stdout): unlike a reader that closed the pipe,
+    nobody chose to read no more, and what the command prints goes nowhere."""
+    return OSError(errno.EBADF, "the command was started with stdout closed")
+
+
 def stdout_failed(e: OSError) -> tuple:
     """`(words, exit code)` for a write to stdout that raised `e`: the one
     place where such an error becomes what a command says.  A reader that
     closed stdout (a broken pipe) chose to read no more, as `| head` does:
     exit 0, and a failing code would invite a second mod.  Any other error
-    (ENOSPC, EIO) lost output that someone asked for: EXIT_OUTPUT_LOST, with
-    the OS's words and the errno's name."""
+    (ENOSPC, EIO, a stdout closed from the start: stdout_closed_at_start) lost
+    output that someone asked for: EXIT_OUTPUT_LOST, with the OS's words
+    and the errno's name."""
     if isinstance(e, BrokenPipeError):
         return "stdout is closed", EXIT_OK
     return f"error: cannot write to stdout: {os_reason(e)}", EXIT_OUTPUT_LOST
@@ -390,6 +398,5 @@ def unprinted(args, line: str, e: OSError) -> tuple:
 __all__ = ["OPEN_KEY", "WRITES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_NO_ANSWER",
            "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "BAD_HOST", "CALL_ENDS",
            "decimal", "by_value", "events_values", "new_cred", "prepare", "failure", "role_hint",
-           "unknown_hint", "stdout_failed", "os_reason", "unprinted", "stopped_printing",
-           "stops_end_call",
-           "hold_stops", "STOP_SIGNALS"]
+           "unknown_hint", "stdout_failed", "stdout_closed_at_start", "os_reason", "unprinted",
+           "stopped_printing", "stops_end_call", "hold_stops", "STOP_SIGNALS"]

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import sys
 
-from accman.calling.commands import os_reason, stdout_failed
+from accman.calling.commands import os_reason, stdout_closed_at_start, stdout_failed
 from accman.calling.follow import silence
 from accman.errors import StartupError
 
 
 def to_stdout(line: str) -> OSError | None:
     """Writes `line` to stdout; returns None, or the OSError that the write
-    raised (BrokenPipeError for a process started with stdout closed), with
-    stdout then pointed at /dev/null, so that the flush at exit does not
-    fail again and print a traceback."""
+    raised (stdout_closed_at_start's for a process started with stdout closed),
+    with stdout then pointed at /dev/null, so that the flush at exit does
+    not fail again and print a traceback."""
     try:
         if sys.stdout is None:          # started with stdout closed: print() drops it
-            raise BrokenPipeError
+            raise stdout_closed_at_start()
         print(line, flush=True)
         return None
     except OSError as e:
@@ -56,14 +56,14 @@ def print_ready(line: str) -> None:
     """Prints serve's ready line.  Whoever waits for it (a supervisor, a
     script that reads the port) would wait for ever if stdout lost it: a
     stdout that fails (a full disk) ends the start, StartupError.  One its
-    reader closed is a reader that wants no more: serving goes on, the line
-    on stderr."""
+    reader closed is a reader that wants no more, and one closed from the
+    start has nobody waiting on it: serving goes on, the line on stderr."""
     e = to_stdout(line)
     if e is None:
         return
-    if not isinstance(e, BrokenPipeError):
+    if sys.stdout is not None and not isinstance(e, BrokenPipeError):
         raise StartupError(f"cannot write the ready line to stdout: {os_reason(e)}")
-    say(f"accman: {stdout_failed(e)[0]}; {line.removeprefix('accman: ')}", None)
+    say(f"accman: stdout is closed; {line.removeprefix('accman: ')}", None)
 
 
 __all__ = ["to_stdout", "say", "print_result", "print_ready"]
