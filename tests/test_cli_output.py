@@ -131,6 +131,19 @@ def test_verify_whose_stdout_fails_puts_its_verdict_on_stderr(start_server, tmp_
     assert err.startswith(f"accman: error: cannot write to stdout: {words}; verify {data}: ok (")
 
 
+@pytest.mark.parametrize("args", [["--help"], ["tot", "--help"], ["--version"]])
+def test_help_whose_stdout_fails_says_so_and_exits_4(failing_stdout, args):
+    """The help is the answer: argparse dropped the write's error, exit 0."""
+    out, words = failing_stdout
+    proc = run_with(out, *args)
+    assert (proc.returncode, proc.stderr) == (
+        4, f"accman: error: cannot write to stdout: {words}\n")
+    proc = subprocess.run(["bash", "-c", 'exec "$0" -m accman "$@" >&-', sys.executable, *args],
+                          capture_output=True, text=True, timeout=30, env=server_env(), cwd=ROOT)
+    assert (proc.returncode, proc.stderr) == (4, "accman: error: cannot write to stdout: the "
+                                                 "command was started with stdout closed (EBADF)\n")
+
+
 def test_serve_whose_stdout_fails_refuses_to_start(tmp_path, failing_stdout):
     """Whoever waits for the ready line would wait for ever: the start ends,
     as every refused start does, with one line and exit 2."""

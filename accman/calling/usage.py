@@ -8,8 +8,8 @@ import difflib
 import re
 import sys
 
-from accman.calling.commands import EXIT_USAGE
-from accman.calling.output import say
+from accman.calling.commands import EXIT_OK, EXIT_USAGE, stdout_failed
+from accman.calling.output import say, to_stdout
 from accman.calling.replies import UNSHOWN     # in place of a word a usage error does not echo
 
 
@@ -45,6 +45,20 @@ class ArgumentParser(argparse.ArgumentParser):
         shown = VALUE_SHOWN_FLAGS.intersection(self.flags)     # this command's own
         message = _unechoed(message, self.given, self.names, shown, suggestion)
         sys.exit(say(f"accman: error: {message} (try: {self.prog} --help{hint})", EXIT_USAGE))
+
+    def _print_message(self, message, file=None):
+        """--help and --version, whose output is the answer: argparse drops
+        an error of that write (exit 0 with nothing printed).  A stdout that
+        fails (a full disk, or closed from the start) is said on stderr,
+        with stdout_failed's code, at once; one whose reader closed it is a
+        reader that wants no more, as for every command."""
+        if not message or (file is not None and file is not sys.stdout):
+            return super()._print_message(message, file)
+        e = to_stdout(message.removesuffix("\n"))
+        words, code = (None, EXIT_OK) if e is None else stdout_failed(e)
+        if code != EXIT_OK:
+            sys.exit(say(f"accman: {words}", code))
+        return None
 
     def unrecognized(self, extra):
         """The usage error for the words that no argument took: none shown,
