@@ -349,6 +349,27 @@ def test_a_bad_url_or_token_is_a_usage_error(flags, names):
     assert names in err and "secret" not in err
 
 
+BRACKETS = "its host has a '[' without a ']' or a ']' without a '['"
+
+
+@pytest.mark.parametrize("url,fault", [
+    ("http://[::1", BRACKETS), ("http://u:secret@[::1/", BRACKETS), ("http://::1]:8080", BRACKETS),
+    ("http://[::1]secret:80/", "its host in brackets is followed by something other than ':PORT'"),
+    ("http://[v1.secret]/", "its host in brackets is not an IPv6 address"),
+    ("http://[secret]:8080", "its host in brackets is not an IPv6 address"),
+    ("http://u:secret\uff03@h/", "its host and user info must be plain ASCII"),
+])
+def test_a_url_that_urllib_refuses_or_cuts_is_named_and_not_quoted(url, fault):
+    """urllib said "Invalid IPv6 URL" and named no flag; quoted a URL that
+    NFKC changes, password and all; and took `[::1]x:80` as [::1]:80."""
+    err = one_line_error(run_accman("tot", "abc", "--url", url))
+    assert err.startswith(f"accman: error: --url: {fault}")
+    assert err.endswith("(try: accman tot --help)") and "Invalid" not in err
+    assert "secret" not in err and "\uff03" not in err
+    err = one_line_error(run_accman("events", env={"ACCMAN_URL": url}))
+    assert err.startswith(f"accman: error: ACCMAN_URL: {fault}") and "secret" not in err
+
+
 @pytest.mark.parametrize("flag", ["--url", "--token"])
 def test_an_empty_url_or_token_is_a_usage_error_not_the_default(fake, flag):
     """An unset variable in a script (--token "$T") is a mistake, never a
