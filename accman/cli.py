@@ -40,7 +40,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
 from accman.calling.follow import FOLLOW_WAIT_S, Followed, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
-from accman.calling.usage import ArgumentParser
+from accman.calling.usage import ARGV_WORDS_MAX, ArgumentParser
 from accman.calling.arguments import (client_url_fault, data_dir, int64, nice, nonempty, port,
                                       retention, store_url)
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
@@ -234,6 +234,9 @@ def standard_fds_open() -> None:
 
 def _main(argv) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if len(argv) > ARGV_WORDS_MAX:
+        return _fail(f"{len(argv)} words after accman, more than any command takes "
+                     f"(ARGV_WORDS_MAX, {ARGV_WORDS_MAX}) (try: accman --help)")
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -76,6 +76,13 @@ class ArgumentParser(argparse.ArgumentParser):
 # for in the message, so a message as long as a command line of thousands
 # of words (`accman tot $(cat creds)`) took minutes to say.
 UNRECOGNIZED_LISTED_MAX = 8
+# The most words a command line may have (after `accman`).  The longest
+# command, `serve` with every flag, is 23 words and two more per --store of
+# a store of several clusters: 256 leaves room for a store of over a hundred.
+# argparse's cost grows as the square of the words that start with "-" (a
+# command line of 20000 such took seconds to refuse), so a longer one is
+# refused before it is parsed.
+ARGV_WORDS_MAX = 256
 
 
 _MISSING_VALUE_RE = re.compile(r"argument (--[a-z-]+): expected one argument")
