@@ -35,8 +35,8 @@ import accman
 from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER, EXIT_OK,
                                      EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_TERMINATED, EXIT_USAGE,
                                      OPEN_KEY, events_values, failure, hold_stops, new_cred,
-                                     prepare, stdout_failed, stopped_printing, stops_end_call,
-                                     unprinted)
+                                     prepare, stdout_closed_at_start, stdout_failed,
+                                     stopped_printing, stops_end_call, unprinted)
 from accman.calling.follow import FOLLOW_WAIT_S, Followed, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
@@ -450,9 +450,10 @@ def cmd_follow(args) -> int:
         # cut the line that says where to resume, nor change the exit code.
         hold_stops()
         try:
-            # Started with stdout closed (Python's None): a reader gone before
-            # the first event, as one that closed the pipe is, and nothing asked.
-            end = (Followed(after, "stdout is closed") if sys.stdout is None else
+            # Started with stdout closed (Python's None): nothing asked, and
+            # said as a stdout that fails, since no reader ever chose to stop.
+            end = (Followed(after, "output failed", stdout_closed_at_start())
+                   if sys.stdout is None else
                    follow(acc, after, limit, FOLLOW_WAIT_S if wait_s is None else wait_s,
                           note=note))
         except CALL_ENDS as e:

@@ -57,7 +57,7 @@ class Followed(NamedTuple):
     `error` the AccManError that ended it, or "output failed" with `error`
     the OSError that a write to `out` raised (ENOSPC, EIO: anything but a
     closed pipe, which is "reader gone"); `out` is then /dev/null.  The
-    command makes one more, "stdout is closed", when it starts with no
+    command makes an "output failed" of its own when it starts with no
     stdout to write to (accman.cli), asking nothing."""
 
     after: int
