@@ -653,8 +653,23 @@ def test_a_store_url_of_another_scheme_is_a_usage_error_and_makes_no_directory(u
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("url", ["postgresql://u:secret@[::1/db", "postgresql://h1,[::1/db",
+                                 "postgresql://::1]:5432/db", "postgresql://[::1]secret:5432/db",
+                                 "postgresql://[]/db"])
+def test_a_store_url_whose_brackets_the_driver_refuses_or_cuts_makes_no_directory(url, tmp_path):
+    """An unclosed "[" was refused by the driver once serve had made --data,
+    in words that named no flag; text after the "]" other than a port was
+    dropped, as urllib drops it."""
+    err = one_line_error(run_accman("serve", "--port", "0", "--data", tmp_path / "d",
+                                    "--store", url))
+    assert err.startswith("accman: error: argument --store: the store URL has a host in "
+                          "brackets that is not closed, or is followed by more than ':PORT'")
+    assert "secret" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("url", ["PostgreSQL://h/db", "postgres://h/db", "postgresql:///db",
-                                 "postgresql://[::1/db"])
+                                 "postgresql://u:p@[::1]:5433,h2,[fe80::1]/db"])
 def test_a_store_url_of_a_scheme_the_driver_reads_is_taken(url):
     from accman.calling.arguments import store_url
     assert store_url(url) == url

@@ -103,6 +103,11 @@ def store_url(text):
         raise argparse.ArgumentTypeError(
             "the store URL must start with postgresql:// (or postgres://): a libpq URL "
             "such as postgresql://accman@db1/accman")
+    if any(("[" in h or "]" in h) and _BRACKETED_HOST_RE.fullmatch(h) is None
+           for h in _url_hosts(text)):
+        raise argparse.ArgumentTypeError(
+            "the store URL has a host in brackets that is not closed, or is followed by more "
+            "than ':PORT': an IPv6 address is written as in postgresql://[::1]:5432/accman")
     for p in _url_ports(text):
         if p.isascii() and p.isdigit() and 1 <= int(p) <= PORT_MAX:
             continue
@@ -114,15 +119,26 @@ def store_url(text):
     return text
 
 
+# A libpq URL's host in brackets, and its port if any.  The driver reads
+# the bracketed text and the digits after it, and drops the rest without a
+# word (`[::1]x:5433` is [::1] on the default port); an unclosed "[" it
+# refuses only once serve has made its --data.
+_BRACKETED_HOST_RE = re.compile(r"\[[^\[\]]+\](?::[^:]*)?")
+
+
+def _url_hosts(url: str) -> list[str]:
+    """The hosts of a libpq URL, each with its port: `h1:5432,[::1]:5433`."""
+    authority_path = url.partition("://")[2].partition("?")[0]
+    return authority_path.partition("/")[0].rpartition("@")[2].split(",")
+
+
 def _url_ports(url: str) -> list[str]:
     """The ports a libpq URL names (percent-decoded): in its hosts
     (`h1:5432,[::1]:5433`) and in a `port=` parameter (a list, one a
     host).  An empty one is the default port."""
-    rest = url.partition("://")[2]
-    authority_path, _, query = rest.partition("?")
-    hosts = authority_path.partition("/")[0].rpartition("@")[2]
+    query = url.partition("://")[2].partition("?")[2]
     ports = []
-    for host in hosts.split(","):
+    for host in _url_hosts(url):
         tail = host.rpartition("]")[2] if host.startswith("[") else host
         if ":" in tail:
             ports.append(urllib.parse.unquote(tail.rpartition(":")[2]))
