@@ -358,10 +358,14 @@ BRACKETS = "its host has a '[' without a ']' or a ']' without a '['"
     ("http://[v1.secret]/", "its host in brackets is not an IPv6 address"),
     ("http://[secret]:8080", "its host in brackets is not an IPv6 address"),
     ("http://u:secret\uff03@h/", "its host and user info must be plain ASCII"),
+    ("http://127.0.0.1:2\t3001", "it holds a space or a control character"),
+    (" http://127.0.0.1:8080/secret", "it holds a space or a control character"),
+    ("http://127.0.0.1:8080/secret\n", "it holds a space or a control character"),
 ])
 def test_a_url_that_urllib_refuses_or_cuts_is_named_and_not_quoted(url, fault):
     """urllib said "Invalid IPv6 URL" and named no flag; quoted a URL that
-    NFKC changes, password and all; and took `[::1]x:80` as [::1]:80."""
+    NFKC changes, password and all; took `[::1]x:80` as [::1]:80, and
+    `:2<TAB>3001` as port 23001."""
     err = one_line_error(run_accman("tot", "abc", "--url", url))
     assert err.startswith(f"accman: error: --url: {fault}")
     assert err.endswith("(try: accman tot --help)") and "Invalid" not in err

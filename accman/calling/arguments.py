@@ -156,6 +156,8 @@ _AUTHORITY_RE = re.compile(r"[^:/?#]*://([^/?#]*)")
 # the "]" (urllib keeps only the bracketed text and the port, and drops the
 # rest without a word: `[::1]x:80` would call [::1]:80).
 _BRACKETED_RE = re.compile(r"\[([^\[\]]*)\](?::[^:]*)?")
+# A space, or an ASCII or Latin-1 control character.
+_SPACE_OR_CONTROL_RE = re.compile(r"[\x00-\x20\x7f-\x9f]")
 # An example of what the client's URL looks like, for its refusals.
 CLIENT_URL_EXAMPLE = "http://127.0.0.1:8080 or http://[::1]:8080"
 
@@ -166,6 +168,9 @@ def client_url_fault(url: str) -> str | None:
     quote the URL, user info and password included, or take with part of
     it dropped; None when the client's own checks are next.  The words
     never quote the URL."""
+    if _SPACE_OR_CONTROL_RE.search(url):
+        return ("it holds a space or a control character: urllib drops a tab or a line break "
+                "wherever it is (`:2<TAB>3001` would be port 23001) and leading spaces")
     m = _AUTHORITY_RE.match(url)
     authority = m.group(1) if m else ""
     host = authority.rpartition("@")[2]
