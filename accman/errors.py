@@ -101,9 +101,15 @@ class EventsTrimmed(AccManError):
     status = 410
 
     def __init__(self, first: int, detail: str = ""):
-        super().__init__(detail or f"events before {first} are past the retention "
-                                   f"and were trimmed; the oldest kept is {first}")
+        super().__init__(detail or f"events before {first} are past the retention and were "
+                                   f"trimmed; the oldest kept is {first}; {going_on(first)}")
         self.first = first
+
+
+def going_on(first: int) -> str:
+    """How an EventsTrimmed's detail, whose oldest kept event is `first`,
+    says to go on (the command line says it with its own flag instead)."""
+    return f"after={first - 1} goes on from there"
 
 
 class Unavailable(AccManError):

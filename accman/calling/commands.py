@@ -18,7 +18,7 @@ from accman.calling.arguments import plain_decimal
 from accman.calling.requests import check_hold_amount, check_name
 from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, Forbidden,
                            Insufficient, Terminated, TransportError, Unauthorized, Unavailable,
-                           Unreachable)
+                           Unreachable, going_on)
 from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
@@ -323,9 +323,10 @@ def _refusal(e: AccManError, role: tuple[str, str]) -> str:
     if isinstance(e, Insufficient):
         text += f" (tot {e.tot})"
     elif isinstance(e, EventsTrimmed):
-        # AccMan's detail already says what was trimmed and what is kept:
-        # only the flag that goes on is added.
-        text += f"; go on from event {e.first} with --after {e.first - 1}"
+        # AccMan's detail says what was trimmed and what is kept; how to go
+        # on is said with the command's flag, not the query's after=.
+        text = (f"{text.removesuffix(f'; {going_on(e.first)}')}; go on from event {e.first} "
+                f"with --after {e.first - 1}")
     elif isinstance(e, (Unauthorized, Forbidden)):
         name, why = role
         why = f" ({why})" if why else ""

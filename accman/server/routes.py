@@ -350,14 +350,12 @@ class Routes:
                 self._store_errors_said.add(e.detail)
                 log.error("a %s read failed: %s", name, e.detail)
             return self.error(name, e.status, e.code, STORE_ERROR_DETAIL, mode, head=head)
-        extra, detail = {}, e.detail
+        extra = {}
         if isinstance(e, Insufficient):
             extra["tot"] = e.tot
         elif isinstance(e, EventsTrimmed):
-            extra["first"] = e.first
-            # The reader learns how to go on, as SERVER.md ("Retention") says.
-            detail = f"{detail}; after={e.first - 1} goes on from there"
-        return self.error(name, e.status, e.code, detail, mode, head=head, **extra)
+            extra["first"] = e.first       # its detail says how to go on (SERVER.md)
+        return self.error(name, e.status, e.code, e.detail, mode, head=head, **extra)
 
     def error(self, route_name, status, code, detail, mode, extra_headers=b"", head=False,
               **extra):
