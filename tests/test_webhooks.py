@@ -201,6 +201,8 @@ def test_a_webhook_url_parses_into_its_target(url, want):
     ("http://[fe80::zz]/", "does not parse"),
     ("http://example.com:/hook", "a ':' without a port"),
     ("http://[fe80::1%25lo]/", "an IPv6 zone"),
+    ("http://[::1]x:80/", "in brackets that is not an IPv6 address followed by nothing"),
+    ("http://[v1.x]/", "in brackets that is not an IPv6 address followed by nothing"),
     ("http://[fe80::1%lo]/", "an IPv6 zone"),
     ("http://example.com/a%zz", "'%' not followed by two hex digits: '%zz'"),
     ("http://example.com/a?b=%4", "'%' not followed by two hex digits: '%4'"),

@@ -65,6 +65,11 @@ class Target(NamedTuple):
         return f"{self.scheme}://{host}:{self.port}"
 
 
+# A host in brackets, and its port if any: what a URL's authority may be
+# when it holds a "[".
+_BRACKETED_RE = re.compile(r"\[[^\[\]]+\](?::[0-9]*)?")
+
+
 def parse_url(url: str) -> Target:
     """The Target of an http:// or https:// URL; raises ValueError saying
     what is wrong with it, as the end of a sentence that starts "the URL"."""
@@ -84,6 +89,13 @@ def parse_url(url: str) -> Target:
     if parts.fragment or url.endswith("#"):
         raise ValueError("must have no #fragment")
     host = parts.hostname or ""
+    if ("[" in parts.netloc or "]" in parts.netloc) and (
+            ":" not in host or _BRACKETED_RE.fullmatch(parts.netloc) is None):
+        # urllib keeps the bracketed text and the port, and drops what else
+        # follows the "]" without a word (`[::1]x:80` would be [::1]:80);
+        # a name in brackets (`[v1.x]`) it gives as a name.
+        raise ValueError("has a host in brackets that is not an IPv6 address followed by "
+                         "nothing but its :PORT")
     _check_host(host)
     if port == 0:
         raise ValueError("has port 0")
