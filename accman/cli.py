@@ -41,8 +41,8 @@ from accman.calling.follow import FOLLOW_WAIT_S, Followed, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.calling.usage import ARGV_WORDS_MAX, ArgumentParser
-from accman.calling.arguments import (client_url_fault, data_dir, int64, nice, nonempty, port,
-                                      retention, store_url)
+from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
+from accman.calling.requests import url_fault
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_RETENTION_S_MAX, EVENTS_RETENTION_S_MIN, EVENTS_WAIT_S_MAX,
@@ -384,7 +384,7 @@ def _connect(args):
     ValueError naming what is wrong (never the token itself)."""
     url = args.url or os.environ.get("ACCMAN_URL") or DEFAULT_URL
     token = args.token or os.environ.get("ACCMAN_TOKEN") or None
-    fault = client_url_fault(url)
+    fault = url_fault(url)
     if fault is not None:
         raise ValueError(f"{'--url' if args.url else 'ACCMAN_URL'}: {fault}")
     try:

@@ -2,7 +2,6 @@
 the SPEC refuses, naming the value, before anything is sent or opened."""
 
 import argparse
-import ipaddress
 import re
 import urllib.parse
 
@@ -147,53 +146,6 @@ def _url_ports(url: str) -> list[str]:
         if urllib.parse.unquote(name) == "port":
             ports.extend(urllib.parse.unquote(value).split(","))
     return [p for p in ports if p]
-
-
-# The authority of a URL: what follows "scheme://" up to its path, query or
-# fragment (urllib's split); its host and port, what follows any user info.
-_AUTHORITY_RE = re.compile(r"[^:/?#]*://([^/?#]*)")
-# A host in brackets, and the port after it if any: nothing else may follow
-# the "]" (urllib keeps only the bracketed text and the port, and drops the
-# rest without a word: `[::1]x:80` would call [::1]:80).
-_BRACKETED_RE = re.compile(r"\[([^\[\]]*)\](?::[^:]*)?")
-# A space, or an ASCII or Latin-1 control character.
-_SPACE_OR_CONTROL_RE = re.compile(r"[\x00-\x20\x7f-\x9f]")
-# An example of what the client's URL looks like, for its refusals.
-CLIENT_URL_EXAMPLE = "http://127.0.0.1:8080 or http://[::1]:8080"
-
-
-def client_url_fault(url: str) -> str | None:
-    """What is wrong with the text of the client commands' URL (--url,
-    ACCMAN_URL) that urllib would refuse in its own words, some of which
-    quote the URL, user info and password included, or take with part of
-    it dropped; None when the client's own checks are next.  The words
-    never quote the URL."""
-    if _SPACE_OR_CONTROL_RE.search(url):
-        return ("it holds a space or a control character: urllib drops a tab or a line break "
-                "wherever it is (`:2<TAB>3001` would be port 23001) and leading spaces")
-    m = _AUTHORITY_RE.match(url)
-    authority = m.group(1) if m else ""
-    host = authority.rpartition("@")[2]
-    if ("[" in authority) != ("]" in authority):
-        return ("its host has a '[' without a ']' or a ']' without a '[': an IPv6 address is "
-                f"written in brackets, as in {CLIENT_URL_EXAMPLE}")
-    if "[" in host:
-        b = _BRACKETED_RE.fullmatch(host)
-        if b is None:
-            return ("its host in brackets is followed by something other than ':PORT', as in "
-                    f"{CLIENT_URL_EXAMPLE}")
-        try:
-            ipaddress.IPv6Address(b.group(1))
-        except ValueError:
-            return f"its host in brackets is not an IPv6 address, as in {CLIENT_URL_EXAMPLE}"
-    try:
-        urllib.parse.urlsplit(url)
-    except ValueError:
-        if not authority.isascii():     # a character that NFKC makes one of "/?#@:"
-            return ("its host and user info must be plain ASCII: write an internationalized "
-                    "name in its xn-- (IDNA) form")
-        return f"it is not a URL such as {CLIENT_URL_EXAMPLE}"
-    return None
 
 
 def data_dir(text):

@@ -7,6 +7,7 @@ wire; a credential is never echoed in the message, since it is a secret."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import ssl
 from urllib.parse import urlsplit
@@ -121,6 +122,52 @@ def target_past(cred, limit, before) -> str:
     return target
 
 
+# The authority of a URL: what follows "scheme://" up to its path, query or
+# fragment (urllib's split); its host and port, what follows any user info.
+_AUTHORITY_RE = re.compile(r"[^:/?#]*://([^/?#]*)")
+# A host in brackets, and the port after it if any: nothing else may follow
+# the "]" (urllib keeps only the bracketed text and the port, and drops the
+# rest without a word: `[::1]x:80` would call [::1]:80).
+_BRACKETED_RE = re.compile(r"\[([^\[\]]*)\](?::[^:]*)?")
+# A space, or an ASCII or Latin-1 control character.
+_SPACE_OR_CONTROL_RE = re.compile(r"[\x00-\x20\x7f-\x9f]")
+# An example of what the client's URL looks like, for its refusals.
+CLIENT_URL_EXAMPLE = "http://127.0.0.1:8080 or http://[::1]:8080"
+
+
+def url_fault(url: str) -> str | None:
+    """What is wrong with the text of an AccMan URL that urllib would
+    refuse in its own words, some of which quote the URL, user info and
+    password included, or take with part of it dropped; None when
+    Endpoint's own checks are next.  The words never quote the URL."""
+    if _SPACE_OR_CONTROL_RE.search(url):
+        return ("it holds a space or a control character: urllib drops a tab or a line break "
+                "wherever it is (`:2<TAB>3001` would be port 23001) and leading spaces")
+    m = _AUTHORITY_RE.match(url)
+    authority = m.group(1) if m else ""
+    host = authority.rpartition("@")[2]
+    if ("[" in authority) != ("]" in authority):
+        return ("its host has a '[' without a ']' or a ']' without a '[': an IPv6 address is "
+                f"written in brackets, as in {CLIENT_URL_EXAMPLE}")
+    if "[" in host:
+        b = _BRACKETED_RE.fullmatch(host)
+        if b is None:
+            return ("its host in brackets is followed by something other than ':PORT', as in "
+                    f"{CLIENT_URL_EXAMPLE}")
+        try:
+            ipaddress.IPv6Address(b.group(1))
+        except ValueError:
+            return f"its host in brackets is not an IPv6 address, as in {CLIENT_URL_EXAMPLE}"
+    try:
+        urlsplit(url)
+    except ValueError:
+        if not authority.isascii():     # a character that NFKC makes one of "/?#@:"
+            return ("its host and user info must be plain ASCII: write an internationalized "
+                    "name in its xn-- (IDNA) form")
+        return f"it is not a URL such as {CLIENT_URL_EXAMPLE}"
+    return None
+
+
 class Endpoint:
     """The parsed base URL, the name TLS is given (`tls_name`, None for
     http), and the constant tail of every request (the Host header and the
@@ -131,6 +178,9 @@ class Endpoint:
         if not isinstance(url, str):
             raise TypeError(f"the AccMan url must be a str such as 'http://127.0.0.1:8035', "
                             f"not {type(url).__name__}")
+        fault = url_fault(url)
+        if fault is not None:
+            raise ValueError(f"the AccMan url cannot be used: {fault}")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise ValueError("the AccMan url must start with http:// or https://")
