@@ -33,7 +33,17 @@ const PREFIX_RE = /^(\/[A-Za-z0-9._~-]+)+$/
 // would reach TLS as an empty name.  An IPv6 literal is in brackets.
 const LABELS_RE = /^(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?$/
 
+// A space, or an ASCII or Latin-1 control character: the URL parser drops a
+// tab or a line break wherever it is (`:2<TAB>3001` is port 23001) and
+// spaces at either end, so the URL would reach another port or host than
+// it reads; the Python client refuses them too (accman/calling/requests.py).
+const SPACE_OR_CONTROL_RE = /[\x00-\x20\x7f-\x9f]/
+
 function parseUrl (url) {
+  if (typeof url === 'string' && SPACE_OR_CONTROL_RE.test(url)) {
+    throw new TypeError('url holds a space or a control character: the URL parser drops a ' +
+      'tab or a line break wherever it is, and spaces at either end')
+  }
   let u
   try {
     u = new URL(url)

@@ -187,6 +187,18 @@ test('options are checked when the client is made', () => {
   assert.throws(() => new AccManClient('http://x'), { message: /the options of AccManClient must be an object/ })
 })
 
+test('a url with a space or a control character is refused, as the Python client does', () => {
+  // The URL parser dropped a tab inside the port (port 23001) and spaces at
+  // either end: the client reached another port than its URL reads.
+  for (const url of ['http://127.0.0.1:2\t3001', ' http://h/', 'http://h/\n', 'http://h :1']) {
+    assert.throws(() => new AccManClient({ url }), {
+      name: 'TypeError',
+      message: 'url holds a space or a control character: the URL parser drops a tab or a ' +
+        'line break wherever it is, and spaces at either end'
+    }, JSON.stringify(url))
+  }
+})
+
 test('a url host that is no name nor IP address is refused when the client is made', async () => {
   // Taken, each call of such a client failed Unreachable (ENOTFOUND); the
   // Python client refuses the same hosts.
