@@ -316,7 +316,7 @@ def cmd_migrate(args) -> int:
 def cmd_verify(args) -> int:
     try:
         from accman.ledger import Ledger
-        from accman.ledger.datadir import remove_snapshots
+        from accman.ledger.datadir import checked_path, remove_snapshots
         from accman.ledger.leveldb import Store
     except ImportError:
         why = accman.native_missing()
@@ -324,7 +324,12 @@ def cmd_verify(args) -> int:
             raise
         return _fail(why)
 
-    path = os.path.abspath(args.data)
+    try:
+        # As serve's --data: a relative path in a working directory since
+        # deleted, a NUL, a name not in UTF-8 are said, not a traceback.
+        path = os.path.abspath(checked_path(args.data))
+    except ValueError as e:
+        return _fail(f"--data: {e}")
     if not os.path.isdir(path):
         return _fail(f"no data directory at {path}")
     # SIGTERM ends it as ^C does; the private copy (it holds the store's

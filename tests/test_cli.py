@@ -834,3 +834,19 @@ def test_an_empty_serve_flag_is_a_usage_error_not_its_absence(flag, beside, tmp_
     err = one_line_error(proc)
     assert f"argument {flag}: is empty: give a value, or leave the flag out" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_verify_from_a_deleted_working_directory_says_so(tmp_path):
+    """`verify --data d` in a working directory since deleted ended in a
+    traceback (os.path.abspath's FileNotFoundError); it is said as serve
+    says it."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    proc = subprocess.run(
+        ["bash", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "$0" -m accman verify --data d',
+         PYTHON], capture_output=True, text=True, timeout=30, env=server_env(None))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert one_line_error(proc).startswith(
+        "accman: error: --data: path 'd' is relative, and the working directory it is "
+        "relative to cannot be found")
