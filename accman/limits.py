@@ -169,6 +169,12 @@ TURN_REQUESTS_MAX = 512
 # PERFORMANCE.md has the measurement).  A flood of them keeps turns short.
 METRICS_TURN_REQUESTS = 10
 PAGE_ENTRIES_PER_TURN_REQUEST = 3
+# A connection's pass at its requests ends once their answers have cost
+# this many requests more than one each (the two above), or have spent the
+# turn: it goes on after the connections waiting behind it, so that clients
+# flooding costly reads each get a little of every turn, and a request
+# among them waits a few turns, not for each flooder's whole pipeline.
+PASS_CHARGE_MAX = 64
 # Bytes of replies queued in the transport before the server pauses reading
 # from that client (uvloop's write buffer high-water mark).
 WRITE_BUFFER_BYTES_MAX = 256 * 1024

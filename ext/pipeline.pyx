@@ -36,6 +36,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from accman.ledger._ledger cimport Lane, Outcome
 from accman.server._wire cimport Parser, Request
 
+from accman.limits import PASS_CHARGE_MAX as _PASS_CHARGE_MAX
 from accman.server import replies
 from accman.server._wire import ROUTE_MOD, ROUTE_TOT
 from accman.server.auth import CHARGE, MINT, READ
@@ -50,6 +51,7 @@ cdef int KEEP = replies.KEEP
 cdef int KEEP10 = replies.KEEP10
 cdef int STATE_OPEN = OPEN
 cdef object DATE = replies.DATE
+cdef Py_ssize_t PASS_CHARGE_MAX = _PASS_CHARGE_MAX
 
 # Every reply this module makes is one of these, and fits in
 # REPLY_BYTES_MAX: the head of replies.T200 (at most ~110 bytes), a Date
@@ -215,6 +217,14 @@ cdef class Turn:
         if left > 0 and self.left <= 0:
             self._end()
         return 0
+
+    cpdef bint pass_spent(self, Py_ssize_t left_at_start):
+        """Whether a connection's pass that began with `left_at_start` left
+        has had its share of the turn: its costly answers (`charge`) have
+        spent the turn, or PASS_CHARGE_MAX of it; it then goes on after the
+        connections waiting behind it."""
+        cdef Py_ssize_t left = self.left
+        return left < left_at_start and (left < 0 or left_at_start - left >= PASS_CHARGE_MAX)
 
     cpdef int refund(self, Py_ssize_t n) except -1:
         """Requests granted and not taken."""

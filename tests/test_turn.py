@@ -4,6 +4,7 @@ per turn, when its budget runs out."""
 
 import pytest
 
+from accman.limits import PASS_CHARGE_MAX
 from accman.server._pipeline import Turn
 
 
@@ -38,3 +39,25 @@ def test_a_refund_after_the_turn_ran_out_does_not_end_it_twice():
 def test_a_negative_charge_is_refused():
     with pytest.raises(AssertionError):
         Turn(20, lambda: None).charge(-1)
+
+
+def test_a_pass_is_spent_by_its_own_charges_only():
+    """PASS_CHARGE_MAX: a connection's pass ends once its answers have cost
+    that much more than one each, or have spent the turn; the requests it
+    was granted before it began, and cheap answers, never end it."""
+    turn = Turn(512, lambda: None)
+    turn.grant(64)
+    left = turn.left
+    assert not turn.pass_spent(left)                    # granted, nothing charged
+    turn.charge(PASS_CHARGE_MAX - 1)
+    assert not turn.pass_spent(left)
+    turn.charge(1)
+    assert turn.pass_spent(left)
+    turn.renew()
+    turn.grant(500)
+    left = turn.left                                    # 12 left of the turn
+    turn.charge(12)
+    assert not turn.pass_spent(left)                    # the turn is used up, not overdrawn
+    turn.charge(1)
+    assert turn.pass_spent(left)                        # overdrawn by this pass
+    assert not turn.pass_spent(turn.left)               # a pass begun now has charged nothing

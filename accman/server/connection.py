@@ -208,11 +208,14 @@ class Connection(asyncio.Protocol, Lifecycle):
     def _take(self, reqs, i, out):
         """Take reqs[i:] in order until one ends the connection, the pipeline
         is full, the replies made and not yet sent (and the reserves of
-        those still owed) reach WRITE_BUFFER_BYTES_MAX, or a write comes
-        while a read of this connection is owed (`reads_owed`); the rest
-        wait in `backlog`."""
+        those still owed) reach WRITE_BUFFER_BYTES_MAX, a write comes
+        while a read of this connection is owed (`reads_owed`), or this
+        pass's costly answers have spent the turn or PASS_CHARGE_MAX; the
+        rest wait in `backlog`."""
         waiting = self.waiting
         routes = self.routes
+        turn = self.server.turn
+        left_at_start = turn.left       # the requests granted are taken off already
         stopping = self.server.stopping
         n = len(reqs)
         # Replies are bytes held for a client until it reads them: one read
@@ -228,7 +231,8 @@ class Connection(asyncio.Protocol, Lifecycle):
         for reply in out:
             room -= len(reply)
         while i < n:
-            if self._held_back(room, out) or (self.reads_owed and reqs[i].route in _WRITES):
+            if (self._held_back(room, out) or (self.reads_owed and reqs[i].route in _WRITES)
+                    or turn.pass_spent(left_at_start)):
                 self.backlog = (reqs, i)
                 return
             # The store's Lane takes a run of requests, writes among them:
@@ -299,6 +303,8 @@ class Connection(asyncio.Protocol, Lifecycle):
             if room <= 0 or self.write_paused:
                 return
             if self.backlog is not None:
+                if self.server.turn.left <= 0:
+                    return          # the turn is spent: after renew, in turn (finish)
                 reqs, i = self.backlog
                 self.backlog = None
             else:

@@ -9,7 +9,7 @@ import socket
 import time
 
 from accman.limits import FDS_RESERVED
-from conftest import PYTHON, assert_error, get, patch
+from conftest import PYTHON, assert_error, get, patch, request_bytes
 from relhelp import metrics
 
 TOKENS = {"mint": "mint-token-0123456789abcdef", "all": "readcharge-0123456789abcdef"}
@@ -292,3 +292,57 @@ def test_a_costly_request_counts_for_more_in_the_turn(start_server, cred):
             assert len(s.get(target).json[field]) == 60
         spent, was = metrics(s)["accman_turns_spent_total"], spent
         assert spent - was >= 2, target
+
+
+# Clients that pipeline pages and never read them, enough of them that the
+# pages the server makes for them all take it seconds of CPU; a second is
+# many turns (each a few milliseconds).
+FLOOD_CONNECTIONS = 60
+FLOOD_PAGES = 300
+FLOOD_PAGE_ENTRIES = 100
+FLOODED_HEALTH_WAIT_S_MAX = 1.0
+
+
+def test_a_flood_of_unread_pages_leaves_a_health_check_a_few_turns(start_server, cred):
+    """PASS_CHARGE_MAX: clients that pipeline /past pages and never read
+    them took every turn in turn, each for all the pages it had parsed (a
+    grant counted a page as one request, its cost charged after), so that
+    a health check on an open connection behind 60 of them waited 1.5-2.5 s
+    on the embedded store.  Each now has a few pages a turn, and the check
+    waits a few turns.  (Found by a black-box audit of the SPEC.)"""
+    s = start_server()
+    with s.connect() as c:
+        c.send(b"".join(request_bytes("PATCH", f"/mod?cred={cred}&by=1")
+                        for _ in range(FLOOD_PAGE_ENTRIES)))
+        assert [r.status for r in c.responses(FLOOD_PAGE_ENTRIES)] == \
+            [200] * FLOOD_PAGE_ENTRIES
+    probe = socket.create_connection((s.host, s.port), timeout=10)
+    flood = []
+    try:
+        probe.sendall(get("/health"))
+        assert probe.recv(65536).startswith(b"HTTP/1.1 200 ")
+        page = get(f"/past?cred={cred}&limit={FLOOD_PAGE_ENTRIES}")
+        for _ in range(FLOOD_CONNECTIONS):
+            f = socket.create_connection((s.host, s.port), timeout=10)
+            f.setblocking(False)
+            try:
+                f.send(page * FLOOD_PAGES)
+            except BlockingIOError:
+                pass
+            flood.append(f)
+        time.sleep(0.2)
+        probe.settimeout(FLOODED_HEALTH_WAIT_S_MAX)
+        t0 = time.monotonic()
+        probe.sendall(get("/health"))
+        try:
+            reply = probe.recv(65536)
+        except socket.timeout:
+            reply = b""
+        assert reply.startswith(b"HTTP/1.1 200 "), (
+            f"/health not answered within {FLOODED_HEALTH_WAIT_S_MAX} s behind "
+            f"{FLOOD_CONNECTIONS} clients flooding unread pages "
+            f"({time.monotonic() - t0:.2f} s)")
+    finally:
+        probe.close()
+        for f in flood:
+            f.close()
