@@ -4,15 +4,16 @@ events | verify`.
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
 its reader closing the pipe, and any command whose reader closed stdout
 before its output: what the call did is done); 1 the server (or the
-check) answered with an error; 2 bad flags or values (refused before
-anything is sent), or `serve` could not start (busy port, data directory
+check) answered with an error; 2 bad flags or values, or a write started
+with stdout closed (`>&-`: its reply would be lost), refused before
+anything is sent, or `serve` could not start (busy port, data directory
 locked or corrupt, bad tokens file, a non-loopback bind without tokens);
 3 no answer from the server (cannot connect, timeout, cut connection), or
 a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome
 may then be unknown, and the message says what to do; 4 the command did
 its work (a write applied; a read, verify or migrate ran) but stdout
-failed (a full disk, an I/O error, a stdout closed from the start: `>&-`,
-where nobody could read the answer): a write's reply and verify's or
+failed (a full disk, an I/O error; for a read, verify or migrate, a
+stdout closed from the start): a write's reply and verify's or
 migrate's verdict are on stderr instead (for `open`, the credential), and
 a write is not to be repeated; 130 ^C (SIGINT) and 143 SIGTERM, which for
 a write in flight say what to do too, and for one whose reply was being
@@ -36,7 +37,8 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
                                      EXIT_OUTPUT_LOST, EXIT_REFUSED, EXIT_TERMINATED, EXIT_USAGE,
                                      OPEN_KEY, events_values, failure, hold_stops, new_cred,
                                      prepare, stdout_closed_at_start, stdout_failed,
-                                     stopped_printing, stops_end_call, unprinted)
+                                     stopped_printing, stops_end_call, unprinted,
+                                     unsent_without_stdout)
 from accman.calling.follow import FOLLOW_WAIT_S, Followed, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
@@ -414,6 +416,10 @@ def cmd_call(args) -> int:
         acc = _connect(args)
     except (BadRequest, ValueError) as e:
         return _usage(args, e)
+    refusal = unsent_without_stdout(args)
+    if refusal is not None:
+        acc.close()
+        return _fail(refusal)
     with acc, stops_end_call():
         line = None
         try:

@@ -322,36 +322,40 @@ CLOSED_AT_START = "accman: error: cannot write to stdout: the command was starte
                   "stdout closed (EBADF)"
 
 
-@pytest.mark.any_one_store("what is checked is the command line started with stdout closed")
-def test_open_started_with_stdout_closed_hands_over_the_credential_and_exits_4(start_server):
-    """Nobody closed that stdout to read no more, as a pipe's reader does:
-    the credential went nowhere, so not exit 0, which said that all was
-    well even with stderr closed too."""
-    s = start_server()
-    err = one_line_error(started_without(s.url, [1], "open", "--by", 8), 4)
-    assert err.startswith(f"{CLOSED_AT_START}; the account was opened: its credential is ")
-    assert history(s, err.split()[-1]) == [8]
-    proc = started_without(s.url, [1, 2], "open", "--by", 8)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (4, "", "")
+def write_refused_unsent(command) -> str:
+    """What a write started with stdout closed says (exit 2)."""
+    return (f"accman: error: {command}: the command was started with stdout closed (>&-), "
+            "where its reply would be lost; nothing was sent (to drop the reply: >/dev/null)")
 
 
 @pytest.mark.any_one_store("what is checked is the command line started with stdout closed")
-def test_every_answer_that_goes_nowhere_exits_4(start_server):
+def test_a_write_started_with_stdout_closed_is_refused_before_it_is_sent(start_server):
+    """Its reply could only go nowhere.  Applied and then exit 4, a script
+    that repeats a failing command (`until accman mod ...; do ...; done`)
+    charged on every turn, and `open --by 8 >&- 2>&-` funded a credential
+    that nobody would ever know."""
     s = start_server()
     cred = funded(s)
-    err = one_line_error(started_without(s.url, [1], "hold", cred, "-6", "--ttl", 60), 4)
-    assert err.startswith(f"{CLOSED_AT_START}; the hold applied: ")
-    held = json.loads(err.split("applied: ", 1)[1])["hold"]
-    for args, said in ((["mod", cred, "-4"], "the mod applied: "),
-                       (["settle", cred, held, "0"], "the settle applied: "),
-                       (["tot", cred], "the reply was not written"),
-                       (["past", cred], "the reply was not written"),
-                       (["events"], "the reply was not written")):
+    for args in (["open", "--by", 8], ["mod", cred, "-4"], ["hold", cred, "-6", "--ttl", 60]):
+        proc = started_without(s.url, [1], *args)
+        assert (proc.returncode, proc.stderr) == (2, write_refused_unsent(args[0]) + "\n"), args
+    proc = started_without(s.url, [1, 2], "open", "--by", 8)     # stderr closed too
+    assert (proc.returncode, proc.stderr) == (2, "")
+    assert history(s, cred) == [100]
+    events = json.loads(run_accman("events", "--url", s.url).stdout)["events"]
+    assert len(events) == 1         # funded's: no account opened
+
+
+@pytest.mark.any_one_store("what is checked is the command line started with stdout closed")
+def test_a_read_whose_answer_goes_nowhere_exits_4(start_server):
+    """Nobody closed that stdout to read no more, as a pipe's reader does:
+    not exit 0, which said that all was well even with stderr closed too."""
+    s = start_server()
+    cred = funded(s)
+    for args in (["tot", cred], ["past", cred], ["events"]):
         err = one_line_error(started_without(s.url, [1], *args), 4)
-        assert err.startswith(f"{CLOSED_AT_START}; {said}"), args
-        if args[0] in ("mod", "tot"):       # stderr closed too: the exit code says it
-            assert started_without(s.url, [1, 2], *args).returncode == 4, args
-    assert history(s, cred) == [6, -4, -4, -6, 100]
+        assert err == f"{CLOSED_AT_START}; the reply was not written", args
+    assert started_without(s.url, [1, 2], "tot", cred).returncode == 4
 
 
 # --- a mistyped flag --------------------------------------------------------------------------

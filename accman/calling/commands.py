@@ -13,6 +13,7 @@ import errno
 import re
 import secrets
 import signal
+import sys
 
 from accman.calling.arguments import plain_decimal
 from accman.calling.requests import check_hold_amount, check_name
@@ -347,6 +348,19 @@ def stdout_closed_at_start() -> OSError:
     return OSError(errno.EBADF, "the command was started with stdout closed")
 
 
+def unsent_without_stdout(args) -> str | None:
+    """The refusal of the write `args.command` when the command was started
+    with stdout closed (`>&-`), None otherwise.  Its reply could only go
+    nowhere, and this is known before anything is sent: applied, then a
+    failing code, a script that repeats a failing command would charge on
+    every turn, and `open ... >&- 2>&-` would fund a credential that nobody
+    ever learns.  A read is asked and said as any stdout that fails."""
+    if sys.stdout is not None or args.command not in WRITES:
+        return None
+    return (f"{args.command}: the command was started with stdout closed (>&-), where its "
+            "reply would be lost; nothing was sent (to drop the reply: >/dev/null)")
+
+
 def stdout_failed(e: OSError) -> tuple:
     """`(words, exit code)` for a write to stdout that raised `e`: the one
     place where such an error becomes what a command says.  A reader that
@@ -399,5 +413,6 @@ def unprinted(args, line: str, e: OSError) -> tuple:
 __all__ = ["OPEN_KEY", "WRITES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_NO_ANSWER",
            "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "BAD_HOST", "CALL_ENDS",
            "decimal", "by_value", "events_values", "new_cred", "prepare", "failure", "role_hint",
-           "unknown_hint", "stdout_failed", "stdout_closed_at_start", "os_reason", "unprinted",
-           "stopped_printing", "stops_end_call", "hold_stops", "STOP_SIGNALS"]
+           "unknown_hint", "stdout_failed", "stdout_closed_at_start", "unsent_without_stdout",
+           "os_reason", "unprinted", "stopped_printing", "stops_end_call", "hold_stops",
+           "STOP_SIGNALS"]
