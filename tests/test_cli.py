@@ -672,6 +672,23 @@ def test_a_store_url_whose_brackets_the_driver_refuses_or_cuts_makes_no_director
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("url", ["postgresql://u:SECRET[x@127.0.0.1:1/db",
+                                 "postgresql://u:SECRET]x@127.0.0.1:1/db",
+                                 "postgresql://[SECRET]:1/db",
+                                 "postgresql://u:SECRET\uff03@127.0.0.1:1/db"])
+def test_a_store_url_the_drivers_parser_refuses_makes_no_directory(url, tmp_path):
+    """The driver parses the URL with urllib before it connects: a bracket
+    in the user info, a host in brackets that is no IP address, a character
+    that NFKC makes one of /?#@: were refused once serve had made --data,
+    in words that named no flag."""
+    err = one_line_error(run_accman("serve", "--port", "0", "--data", tmp_path / "d",
+                                    "--store", url))
+    assert err.startswith("accman: error: argument --store: the store URL cannot be read "
+                          "as a URL: ")
+    assert "SECRET" not in err and "\uff03" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("url", ["PostgreSQL://h/db", "postgres://h/db", "postgresql:///db",
                                  "postgresql://u:p@[::1]:5433,h2,[fe80::1]/db"])
 def test_a_store_url_of_a_scheme_the_driver_reads_is_taken(url):

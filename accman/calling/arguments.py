@@ -107,6 +107,15 @@ def store_url(text):
         raise argparse.ArgumentTypeError(
             "the store URL has a host in brackets that is not closed, or is followed by more "
             "than ':PORT': an IPv6 address is written as in postgresql://[::1]:5432/accman")
+    try:
+        # The driver reads the URL with urllib before anything else, and
+        # what urllib refuses it refuses only once serve has made its --data.
+        urllib.parse.urlsplit(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "the store URL cannot be read as a URL: a '[' or ']' of the user info is written "
+            "%5B or %5D, a host in brackets is an IPv6 address, and the user info and host are "
+            "plain ASCII") from None
     for p in _url_ports(text):
         if p.isascii() and p.isdigit() and 1 <= int(p) <= PORT_MAX:
             continue
