@@ -194,7 +194,9 @@ def test_bad_urls_and_tokens_are_refused():
                        ("http://[::1]secret:80/", "followed by something other than ':PORT'"),
                        ("http://[v1.secret]/", "not an IPv6 address"),
                        ("http://127.0.0.1:2\t3001", "a space or a control character"),
-                       ("https://a b/", "a space or a control character")]:
+                       ("https://a b/", "a space or a control character"),
+                       ("http://[fe80::1%25secret]:8080", "an IPv6 zone, which is not taken"),
+                       ("http://[fe80::1%secret]/", "an IPv6 zone, which is not taken")]:
         for cls in (AccManClient, AccManSyncClient):
             with pytest.raises(ValueError, match=r"^the AccMan url cannot be used: .*" +
                                re.escape(fault)) as e:

@@ -154,6 +154,11 @@ def url_fault(url: str) -> str | None:
         if b is None:
             return ("its host in brackets is followed by something other than ':PORT', as in "
                     f"{CLIENT_URL_EXAMPLE}")
+        if "%" in b.group(1):
+            # A zone (RFC 6874 "%25eth0") is an interface of this machine: the
+            # resolver is given "%25..." undecoded, and every call would fail.
+            return ("its host names an IPv6 zone, which is not taken (nor by the Node client "
+                    "or --webhook): give the address alone")
         try:
             ipaddress.IPv6Address(b.group(1))
         except ValueError:
