@@ -169,7 +169,7 @@ def test_bad_urls_and_tokens_are_refused():
     for url in ["ftp://h", "http://", "http://h/?q=1", "http://u:p@h", "http://h/a b"]:
         with pytest.raises(ValueError):
             AccManClient(url)
-    for url in ["http://bücher.example:8080", "http://h\u0435st"]:
+    for url in ["http://bücher.example:8080", "http://h\u0435st", "http://127.0.0.%31"]:
         for cls in (AccManClient, AccManSyncClient):
             with pytest.raises(ValueError, match="host must be ASCII"):
                 cls(url)

@@ -20,10 +20,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")     # RFC 6750 b64token
 _PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 # A host as it goes into the Host header and to the resolver: a DNS name, an
-# IPv4 address, or an IPv6 one (with its zone, if any).  ASCII only: the
+# IPv4 address, or an IPv6 one (without a zone: url_fault).  ASCII only: the
 # request line and headers are ASCII, so an internationalized name is written
-# in its IDNA form (xn--...).
-_HOST_RE = re.compile(r"[A-Za-z0-9._:%-]+")
+# in its IDNA form (xn--...); a "%" is no part of any (`127.0.0.%31`).
+_HOST_RE = re.compile(r"[A-Za-z0-9._:-]+")
 # A name's labels: 1 to 63 characters each (RFC 1035 2.3.4), the root's dot
 # at most at its end.  The resolver's IDNA step refuses anything else with a
 # bare UnicodeError, and a name of only the root's dot would reach TLS as ""

@@ -39,10 +39,20 @@ const LABELS_RE = /^(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?$/
 // it reads; the Python client refuses them too (accman/calling/requests.py).
 const SPACE_OR_CONTROL_RE = /[\x00-\x20\x7f-\x9f]/
 
+// The form the Python client reads: the URL parser takes a `\` for a `/`,
+// `http:h` and `http:///h` for `http://h`, and decodes `%31` in a host, so
+// that a URL would reach another host or path than it reads
+// (`http://evil.example\.127.0.0.1` is evil.example).
+const URL_FORM_RE = /^https?:\/\/[^/\\?#%]+(?:[/?#][^\\]*)?$/i
+
 function parseUrl (url) {
   if (typeof url === 'string' && SPACE_OR_CONTROL_RE.test(url)) {
     throw new TypeError('url holds a space or a control character: the URL parser drops a ' +
       'tab or a line break wherever it is, and spaces at either end')
+  }
+  if (typeof url === 'string' && /^https?:/i.test(url) && !URL_FORM_RE.test(url)) {
+    throw new TypeError('url must be written http://HOST[:PORT][/PATH] (or https://), with no ' +
+      '\\ anywhere nor % in its host: the URL parser would read another host or path')
   }
   let u
   try {

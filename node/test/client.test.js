@@ -199,6 +199,20 @@ test('a url with a space or a control character is refused, as the Python client
   }
 })
 
+test('a url the parser would read as another host or path is refused', () => {
+  // new URL() took `\\` for `/`, `http:h` and `http:///h` for `http://h`, and
+  // decoded `%31` in a host: `http://evil.example\\.127.0.0.1` reached
+  // evil.example.  The Python client refuses each of them too.
+  for (const url of ['http://h\\accman', 'http://evil.example\\.127.0.0.1', 'http:h:8080',
+    'http:\\\\h:8080', 'http:/h', 'https:///h', 'http://127.0.0.%31']) {
+    assert.throws(() => new AccManClient({ url }), {
+      name: 'TypeError',
+      message: 'url must be written http://HOST[:PORT][/PATH] (or https://), with no \\ ' +
+        'anywhere nor % in its host: the URL parser would read another host or path'
+    }, JSON.stringify(url))
+  }
+})
+
 test('a url host that is no name nor IP address is refused when the client is made', async () => {
   // Taken, each call of such a client failed Unreachable (ENOTFOUND); the
   // Python client refuses the same hosts.
