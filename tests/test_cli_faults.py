@@ -333,7 +333,7 @@ def test_a_write_started_with_stdout_closed_is_refused_before_it_is_sent(start_s
     """Its reply could only go nowhere.  Applied and then exit 4, a script
     that repeats a failing command (`until accman mod ...; do ...; done`)
     charged on every turn, and `open --by 8 >&- 2>&-` funded a credential
-    that nobody would ever know."""
+    that nobody would ever know.  So with a stdout open for reading only."""
     s = start_server()
     cred = funded(s)
     for args in (["open", "--by", 8], ["mod", cred, "-4"], ["hold", cred, "-6", "--ttl", 60]):
@@ -341,6 +341,12 @@ def test_a_write_started_with_stdout_closed_is_refused_before_it_is_sent(start_s
         assert (proc.returncode, proc.stderr) == (2, write_refused_unsent(args[0]) + "\n"), args
     proc = started_without(s.url, [1, 2], "open", "--by", 8)     # stderr closed too
     assert (proc.returncode, proc.stderr) == (2, "")
+    proc = subprocess.run(                          # stdout open for reading only
+        ["bash", "-c", 'exec "$0" -m accman "$@" 1</dev/null', sys.executable, "mod", cred,
+         "-4", "--url", s.url], capture_output=True, text=True, timeout=30, env=server_env(),
+        cwd=ROOT)
+    assert (proc.returncode, proc.stderr) == (2, write_refused_unsent("mod").replace(
+        "stdout closed (>&-)", "stdout open for reading only") + "\n")
     assert history(s, cred) == [100]
     events = json.loads(run_accman("events", "--url", s.url).stdout)["events"]
     assert len(events) == 1         # funded's: no account opened

@@ -43,25 +43,38 @@ def run_with(stdout, *args) -> subprocess.CompletedProcess:
 
 # --- a stdout that fails -------------------------------------------------------------------
 
-@pytest.fixture(params=["full disk", "read-only descriptor"])
+_FAILING = {
+    "full disk": ("/dev/full", "wb", "No space left on device (ENOSPC)"),
+    "read-only descriptor": (os.devnull, "rb", "Bad file descriptor (EBADF)"),
+}
+
+
+@pytest.fixture(params=list(_FAILING))
 def failing_stdout(request):
     """A stdout on which every write fails otherwise than by a closed pipe:
     /dev/full (ENOSPC) or /dev/null opened for reading only (EBADF); and
     what the command says of it."""
-    path, mode, words = {
-        "full disk": ("/dev/full", "wb", "No space left on device (ENOSPC)"),
-        "read-only descriptor": (os.devnull, "rb", "Bad file descriptor (EBADF)"),
-    }[request.param]
+    path, mode, words = _FAILING[request.param]
+    with open(path, mode) as f:
+        yield f, words
+
+
+@pytest.fixture
+def full_stdout():
+    """failing_stdout's full disk: the stdout a write can only find failing
+    once it has been sent (one open for reading only is known before, and
+    the write is not sent: test_cli_faults.py)."""
+    path, mode, words = _FAILING["full disk"]
     with open(path, mode) as f:
         yield f, words
 
 
 @pytest.mark.any_one_store("what is checked is the command line writing to a stdout that fails")
-def test_a_write_whose_stdout_fails_says_what_it_did_and_exits_4(start_server, failing_stdout):
+def test_a_write_whose_stdout_fails_says_what_it_did_and_exits_4(start_server, full_stdout):
     """The output asked for is lost, so not exit 0; the call applied, so
     not 3 (which would invite a second mod): exit 4, and one line on
     stderr with the OS error and what the write did."""
-    out, words = failing_stdout
+    out, words = full_stdout
     said = f"accman: error: cannot write to stdout: {words}"
     s = start_server()
     cred = funded(s)
@@ -75,8 +88,8 @@ def test_a_write_whose_stdout_fails_says_what_it_did_and_exits_4(start_server, f
 
 @pytest.mark.any_one_store("what is checked is the command line writing to a stdout that fails")
 def test_open_whose_stdout_fails_hands_over_the_credential_and_exits_4(start_server,
-                                                                       failing_stdout):
-    out, words = failing_stdout
+                                                                       full_stdout):
+    out, words = full_stdout
     s = start_server()
     err = one_line_error(run_with(out, "open", "--by", 9, "--url", s.url), 4)
     assert err.startswith(f"accman: error: cannot write to stdout: {words}; the account was "

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import io
+import os
 import re
 import secrets
 import signal
@@ -350,15 +353,31 @@ def stdout_closed_at_start() -> OSError:
 
 def unsent_without_stdout(args) -> str | None:
     """The refusal of the write `args.command` when the command was started
-    with stdout closed (`>&-`), None otherwise.  Its reply could only go
-    nowhere, and this is known before anything is sent: applied, then a
-    failing code, a script that repeats a failing command would charge on
-    every turn, and `open ... >&- 2>&-` would fund a credential that nobody
-    ever learns.  A read is asked and said as any stdout that fails."""
-    if sys.stdout is not None or args.command not in WRITES:
+    with stdout closed (`>&-`) or open for reading only (`1</dev/null`),
+    None otherwise.  Its reply could only go nowhere, and this is known
+    before anything is sent: applied, then a failing code, a script that
+    repeats a failing command would charge on every turn, and `open ...
+    >&- 2>&-` would fund a credential that nobody ever learns.  A read is
+    asked and said as any stdout that fails."""
+    if args.command not in WRITES:
         return None
-    return (f"{args.command}: the command was started with stdout closed (>&-), where its "
-            "reply would be lost; nothing was sent (to drop the reply: >/dev/null)")
+    if sys.stdout is None:
+        how = "with stdout closed (>&-)"
+    elif _read_only(sys.stdout):
+        how = "with stdout open for reading only"
+    else:
+        return None
+    return (f"{args.command}: the command was started {how}, where its reply would be lost; "
+            "nothing was sent (to drop the reply: >/dev/null)")
+
+
+def _read_only(stream) -> bool:
+    """Whether `stream`'s descriptor is open for reading only (a write to it
+    fails EBADF); False when that cannot be told (not a descriptor)."""
+    try:
+        return fcntl.fcntl(stream.fileno(), fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
 
 
 def stdout_failed(e: OSError) -> tuple:
