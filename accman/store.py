@@ -254,6 +254,18 @@ def check_done(done) -> None:
     _refuse_async(done, "done", TypeError)
 
 
+def told(done):
+    """`done` checked (check_done) as a store keeps it to call later: None,
+    telling nobody, is a function that does nothing, since a kept `done` is
+    called once the outcome is known."""
+    check_done(done)
+    return nobody if done is None else done
+
+
+def nobody(outcome) -> None:
+    """The `done` of a call whose caller asked to be told nothing."""
+
+
 # What a store may be opened with: each bound of limits.py may be lowered
 # (tests do), never raised past what the rest of AccMan is sized for.
 _OPTION_BOUNDS = {

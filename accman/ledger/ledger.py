@@ -24,7 +24,7 @@ from accman.ledger.opening import expire_at_open, load_book
 from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
 from accman.records import Entry, Event
 from accman.store import (Page, check_binding, check_done, check_events, check_options,
-                          check_past, page_next)
+                          check_past, page_next, told)
 
 # What is checked at open, from most to least (see Ledger):
 #   full   the files' CRCs (accman.fsck) and every record read through LevelDB
@@ -254,7 +254,7 @@ class Ledger(AsyncCalls):
             if acct is None:
                 return _no_account()
             return self._page(acct.hid, acct.seq, limit, before)
-        check_done(done)
+        done = told(done)           # told later: one that cannot be is refused
 
         def page_at(seq):
             if isinstance(seq, AccManError):
@@ -286,7 +286,7 @@ class Ledger(AsyncCalls):
         # Checked whether or not it would wait now: a caller off the loop would
         # otherwise fail only once it reads at the end of the stream.
         if wait_s:
-            check_done(done)        # told later: one that cannot be is refused
+            done = told(done)       # told later: one that cannot be is refused
         loop = _loop_of("read_events with a wait_s", "call it on the loop (or await "
                         "led.aevents), or with wait_s=0") if wait_s else None
         events = self._events

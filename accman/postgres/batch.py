@@ -14,25 +14,13 @@ from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAcc
                            NoHold, Overflow, TooManyHolds, Unavailable)
 from accman.postgres import schema as S
 from accman.records import Entry
-from accman.store import Page, check_done, check_key
+from accman.store import Page, check_key
 from accman.store import check_hold as store_check_hold
 
 
 def check_hold(by, ttl_s, min_, key) -> None:
     store_check_hold(by, ttl_s, min_)
     check_key(key)
-
-
-def told(done):
-    """A change's `done` as its Op keeps it, checked as the embedded store
-    checks it (accman.store.check_done): None, telling nobody, is a
-    function that does nothing, since every Op's `done` is called."""
-    check_done(done)
-    return _nobody if done is None else done
-
-
-def _nobody(outcome) -> None:
-    """The `done` of a change whose caller asked to be told nothing."""
 
 
 class Op:

@@ -44,8 +44,8 @@ from accman.postgres.events import EventReader
 from accman.postgres.merge import Merger
 from accman.postgres.migrate import migrate, read_infos
 from accman.postgres.shape import check_infos
-from accman.store import (check_binding, check_cred, check_done, check_mod, check_options,
-                          check_past, check_settle, run_callbacks)
+from accman.store import (check_binding, check_cred, check_mod, check_options,
+                          check_past, check_settle, run_callbacks, told)
 
 log = logging.getLogger("accman.postgres")
 
@@ -204,14 +204,14 @@ class PgStore(Committing):
     # A change's checks, in the embedded store's order: open, `done`, the cred, the values.
     def submit(self, cred, by, min=None, key=None, done=None, low=None):  # noqa: A002
         self._check_open()
-        done = B.told(done)
+        done = told(done)
         hid, cluster = self._locate(cred)
         check_mod(by, min, key, low)
         self._queue(cluster, B.Op(S.MOD, hid, by, min, key, low, done))
 
     def submit_hold(self, cred, by, ttl_s, min, key, done):  # noqa: A002
         self._check_open()
-        done = B.told(done)
+        done = told(done)
         hid, cluster = self._locate(cred)
         B.check_hold(by, ttl_s, min, key)
         self._queue(cluster, B.Op(S.HOLD, hid, by, 0 if min is None else min, key, ttl_s,
@@ -219,7 +219,7 @@ class PgStore(Committing):
 
     def submit_settle(self, cred, hold, use, done):
         self._check_open()
-        done = B.told(done)
+        done = told(done)
         hid, cluster = self._locate(cred)
         check_settle(hold, use)
         self._queue(cluster, B.Op(S.SETTLE, hid, use, None, None, hold, done))
@@ -252,7 +252,7 @@ class PgStore(Committing):
 
     def read_tot(self, cred, done, ordered=False):
         self._check_open()
-        check_done(done)            # told later, always: one that cannot be is refused
+        done = told(done)           # told later, always: one that cannot be is refused
         hid, cluster = self._locate(cred)
         if ordered:
             self._queue(cluster, B.Op(S.READ, hid, 0, None, None, None, done))
@@ -289,7 +289,7 @@ class PgStore(Committing):
     def read_past(self, cred, limit, before, done, ordered=False):
         self._check_open()
         check_past(limit, before)
-        check_done(done)
+        done = told(done)
         hid, cluster = self._locate(cred)
         op = B.Op(PAST_BARRIER, hid, limit, before, None, None, done)
         if ordered:
@@ -319,7 +319,7 @@ class PgStore(Committing):
 
     def read_events(self, after, limit, wait_s, done):
         self._check_open()
-        check_done(done)
+        done = told(done)
         return self.home.events.read(after, limit, wait_s, done)
 
     def end_wait(self, done) -> None:

@@ -5,6 +5,7 @@ a minute.  (The black-box suite checks the same over HTTP on both stores;
 these reach the store directly and fail fast.)"""
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from accman.ledger import Ledger
 from accman.postgres import upkeep as upkeep_module
 from accman.store import Store, missing_names
 
-from .helpers import opened, run, stored
+from .helpers import Calls, opened, run, stored
 
 
 def test_both_stores_have_every_name_of_the_store_interface(pg_url, tmp_path):
@@ -104,6 +105,41 @@ def test_bad_values_and_dones_are_refused_as_the_embedded_store_refuses_them(pg_
     assert not any(said.startswith("returned") for said in embedded), embedded
     assert told == []
     assert "completion callback failed" not in caplog.text
+
+
+async def _reads_telling_nobody(store) -> int:
+    """The reads that may be told later, each with a `done` of None, which
+    tells nobody (check_done takes it): the account's balance after them."""
+    c = Calls(store)
+    await c.mod("a", 10)
+    _, end = await c.events()
+    store.read_events(end, 10, 0.2, None)       # answered by its timeout
+    store.read_events(end, 10, 5, None)         # answered by the change below
+    store.submit("a", 1, None, None, done=None)
+    store.read_tot("a", None, True)
+    store.read_past("a", 10, None, None, True)  # behind the change
+    store.read_tot("a", None)
+    store.read_past("a", 10, None, None)
+    assert await c.mod("a", 1) == (12, 3)
+    await asyncio.sleep(0.4)
+    return await c.tot("a", ordered=True)
+
+
+def test_a_read_s_done_of_none_tells_nobody_on_both_stores(pg_url, tmp_path, caplog):
+    """check_done takes a read's `done` of None, as a change's ("None tells
+    nobody", accman/store.py), yet each store called it: the embedded
+    store's ordered past and long poll, and every PostgreSQL read, logged
+    a failed completion (or asyncio a failed callback) for it."""
+    async def embedded():
+        with Ledger(str(tmp_path / "data")) as led:
+            led.bind_loop(asyncio.get_running_loop())
+            return await _reads_telling_nobody(led)
+
+    async def on_pg():
+        async with stored(pg_url) as (store, _):
+            return await _reads_telling_nobody(store)
+    assert run(embedded()) == run(on_pg()) == 12
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_a_closed_store_says_it_is_closed_before_it_judges_a_call(pg_url, tmp_path):
