@@ -174,13 +174,16 @@ def as_libpq_reads(dsn: str) -> str:
     query's and asyncpg the part's: the part is left out for the database
     (dbname= over the path; a path of "/", which names none to libpq, is
     the empty name to asyncpg, which then leaves dbname= unread), the user
-    and the password.  A host= or port= beside hosts in the authority,
-    which asyncpg leaves unread, raises StoreError: the two would take
-    different hosts or ports, and a host list cannot be moved whole."""
+    and the password.  A `+` of the query, itself to libpq (which decodes
+    `%XX` alone) and a space to asyncpg (a form's encoding), goes as `%2B`.
+    A host= or port= beside hosts in the authority, which asyncpg leaves
+    unread, raises StoreError: the two would take different hosts or
+    ports, and a host list cannot be moved whole."""
     scheme, user_at, hosts, tail = _split(dsn)
     if not scheme:
         return dsn
     path, mark, query = tail.partition("?")
+    query = query.replace("+", "%2B")
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
     if hosts and given & {"host", "port"}:
         raise StoreError(

@@ -31,6 +31,15 @@ def test_dbname_in_the_query_names_the_database(pg, pg_url, path):
     assert "accman_accounts" not in pg.psql("SELECT tablename FROM pg_tables")
 
 
+def test_a_plus_in_the_query_is_a_plus_as_libpq_reads_it(pg, pg_url):
+    """libpq decodes a query's `%XX` and nothing else: `dbname=a+b` is the
+    database "a+b" to psql, where the driver reads a form's encoding, "a b"
+    (and so a user= or password= with a `+`)."""
+    dbname = f"{pg_url.rsplit('/', 1)[1]}+plus"
+    pg.create_database(dbname)
+    _charged_in(pg, f"{pg_url.rsplit('/', 1)[0]}/?dbname={dbname}", dbname)
+
+
 def test_the_query_s_user_is_the_one_used(pg, pg_url):
     scheme, rest = pg_url.split("://")
     dbname = pg_url.rsplit("/", 1)[1]
@@ -46,6 +55,7 @@ def test_the_query_s_user_is_the_one_used(pg, pg_url):
     ("postgresql://u:p@h/d?password=q", "postgresql://u@h/d?password=q"),
     ("postgresql://u:p@h/d?user=v&password=q", "postgresql://h/d?user=v&password=q"),
     ("postgresql:///d?host=/run&port=5", "postgresql:///d?host=/run&port=5"),
+    ("postgresql://h/d?user=u+v&password=p+q%2B", "postgresql://h/d?user=u%2Bv&password=p%2Bq%2B"),
     ("postgresql://u:p@h:1,[::1]:2/d?sslmode=require",
      "postgresql://u:p@h:1,[::1]:2/d?sslmode=require"),
 ])
