@@ -254,8 +254,15 @@ def _with_settings(scheme: str, user_at: str, hosts: str, tail: str,
     (a path of "/" is left out before, by as_libpq_reads, so that a
     service's dbname is read)."""
     path, _, query = tail.partition("?")
-    head = f"{scheme}://{user_at}{hosts}{path}"
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
+    port = settings.get("port", "")
+    # The one host of an authority named without a port has the service's
+    # port to libpq (which leaves that port unset), where asyncpg reads no
+    # port= beside the authority's hosts: the port goes into the authority.
+    if ("port" not in given and port and "," not in port and "," not in hosts
+            and hosts and ":" not in hosts.rpartition("]")[2]):
+        hosts += f":{port}"
+    head = f"{scheme}://{user_at}{hosts}{path}"
     kept = [p for p in query.split("&")
             if p and urllib.parse.unquote_plus(p.partition("=")[0]) != "service"]
     added = [(k, v) for k, v in settings.items() if k not in given]
