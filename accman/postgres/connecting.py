@@ -234,7 +234,7 @@ def with_service(dsn: str, said: ServiceSaid | None = None) -> str:
         return dsn
     try:
         settings = _applicable(name, service_settings(name))
-        dsn = _with_settings(scheme, user_at, hosts, tail, settings)
+        dsn = _with_settings(name, scheme, user_at, hosts, tail, settings)
         # Checked here too, where a service file edited under a running
         # server is said: a value it sets may take a standby.
         target_session_attrs(dsn)
@@ -247,27 +247,38 @@ def with_service(dsn: str, said: ServiceSaid | None = None) -> str:
     return dsn
 
 
-def _with_settings(scheme: str, user_at: str, hosts: str, tail: str,
+def _with_settings(name: str, scheme: str, user_at: str, hosts: str, tail: str,
                    settings: dict[str, str]) -> str:
     """The URL of `scheme`, `user_at`, `hosts` and `tail` (its _split),
-    its service= left out, with `settings` where its query gives none
+    its service= left out, with the settings of the service `name` where
+    its query gives none (the port, _with_port)
     (a path of "/" is left out before, by as_libpq_reads, so that a
     service's dbname is read)."""
     path, _, query = tail.partition("?")
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
-    port = settings.get("port", "")
-    # The one host of an authority named without a port has the service's
-    # port to libpq (which leaves that port unset), where asyncpg reads no
-    # port= beside the authority's hosts: the port goes into the authority.
-    if ("port" not in given and port and "," not in port and "," not in hosts
-            and hosts and ":" not in hosts.rpartition("]")[2]):
-        hosts += f":{port}"
-    head = f"{scheme}://{user_at}{hosts}{path}"
+    head = f"{scheme}://{user_at}{_with_port(name, hosts, given, settings)}{path}"
     kept = [p for p in query.split("&")
             if p and urllib.parse.unquote_plus(p.partition("=")[0]) != "service"]
     added = [(k, v) for k, v in settings.items() if k not in given]
     query = "&".join(kept + ([urllib.parse.urlencode(added)] if added else []))
     return head + ("?" + query if query else "")
+
+
+def _with_port(name: str, hosts: str, given: set, settings: dict[str, str]) -> str:
+    """The `hosts` of a URL's authority with the port of the service `name`
+    where libpq gives it to them: to one host named without a port (libpq
+    leaves its port unset) when the query names none, since asyncpg reads
+    no port= beside the authority's hosts.  A list of ports for that one
+    host raises ServiceFileError, as libpq refuses it."""
+    port = settings.get("port", "")
+    if (not port or "port" in given or not hosts or "," in hosts
+            or ":" in hosts.rpartition("]")[2]):
+        return hosts
+    if "," in port:
+        raise ServiceFileError(
+            f"{_CONNECT}: the service {name} sets {port.count(',') + 1} ports for the one "
+            "host of the store URL, which libpq refuses: give it one port")
+    return f"{hosts}:{port}"
 
 
 def _applicable(name: str, settings: dict[str, str]) -> dict[str, str]:

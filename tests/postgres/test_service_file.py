@@ -125,6 +125,20 @@ def test_a_service_s_port_is_the_port_of_the_url_s_one_host_named_without_one(
     assert pg.psql("SELECT count(*) FROM accman_accounts", dbname) == "1"
 
 
+def test_a_service_s_ports_for_the_url_s_one_host_are_refused_as_libpq_refuses_them(
+        pg, pg_url, service_file, monkeypatch):
+    """libpq refuses a service's list of ports for the one host of a URL
+    named without a port ("could not match 2 port numbers to 1 hosts"),
+    where the store reached PGPORT's port, or 5432, without a word."""
+    monkeypatch.setenv("PGPORT", str(pg.port))
+    service_file(f"[accman]\nport={pg.port},{pg.port}\n")
+    with pytest.raises(StoreError, match=r"^cannot connect to a PostgreSQL cluster of the "
+                       r"store: the service accman sets 2 ports for the one host of the "
+                       r"store URL, which libpq refuses: give it one port$"):
+        run(PgStore.open([f"postgresql://postgres@127.0.0.1/{pg_url.rsplit('/', 1)[1]}"
+                          "?service=accman"]))
+
+
 @pytest.mark.parametrize("text,says", [
     ("[accman]\nhost=127.0.0.1\nconnect_timeout=3\napplication_name=x\n",
      r"the service accman sets application_name, connect_timeout, which AccMan cannot "
