@@ -176,6 +176,8 @@ def as_libpq_reads(dsn: str) -> str:
     the empty name to asyncpg, which then leaves dbname= unread), the user
     and the password.  A `+` of the query, itself to libpq (which decodes
     `%XX` alone) and a space to asyncpg (a form's encoding), goes as `%2B`.
+    An authority of a port alone (`//:5433/`) names no host to libpq, a
+    host "" to asyncpg: its port goes into the query, unless that has one.
     A host= or port= beside hosts in the authority, which asyncpg leaves
     unread, raises StoreError: the two would take different hosts or
     ports, and a host list cannot be moved whole."""
@@ -185,6 +187,11 @@ def as_libpq_reads(dsn: str) -> str:
     path, mark, query = tail.partition("?")
     query = query.replace("+", "%2B")
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
+    if hosts.startswith(":") and "," not in hosts:
+        if hosts[1:] and "port" not in given:
+            query, mark = f"{query}{'&' if query else ''}port={hosts[1:]}", "?"
+            given.add("port")
+        hosts = ""
     if hosts and given & {"host", "port"}:
         raise StoreError(
             f"{_CONNECT}: the store URL names hosts before its path and gives "

@@ -40,6 +40,19 @@ def test_a_plus_in_the_query_is_a_plus_as_libpq_reads_it(pg, pg_url):
     _charged_in(pg, f"{pg_url.rsplit('/', 1)[0]}/?dbname={dbname}", dbname)
 
 
+@pytest.mark.parametrize("query,pghost", [("?host=127.0.0.1", None), ("", "127.0.0.1")])
+def test_an_authority_of_a_port_alone_names_no_host(pg, pg_url, monkeypatch, query, pghost):
+    """`postgresql://:5433/d` is port 5433 of the host= or PGHOST (else the
+    socket directory) to libpq, which reads the empty host as none named;
+    the store refused the host= as given twice, and asyncpg took the empty
+    host for a name to look up (gaierror)."""
+    monkeypatch.delenv("PGPORT", raising=False)
+    if pghost:
+        monkeypatch.setenv("PGHOST", pghost)
+    dbname = pg_url.rsplit("/", 1)[1]
+    _charged_in(pg, f"postgresql://postgres@:{pg.port}/{dbname}{query}", dbname)
+
+
 def test_the_query_s_user_is_the_one_used(pg, pg_url):
     scheme, rest = pg_url.split("://")
     dbname = pg_url.rsplit("/", 1)[1]
@@ -56,6 +69,8 @@ def test_the_query_s_user_is_the_one_used(pg, pg_url):
     ("postgresql://u:p@h/d?user=v&password=q", "postgresql://h/d?user=v&password=q"),
     ("postgresql:///d?host=/run&port=5", "postgresql:///d?host=/run&port=5"),
     ("postgresql://h/d?user=u+v&password=p+q%2B", "postgresql://h/d?user=u%2Bv&password=p%2Bq%2B"),
+    ("postgresql://:5/d", "postgresql:///d?port=5"),
+    ("postgresql://u@:5/d?port=6", "postgresql://u@/d?port=6"),
     ("postgresql://u:p@h:1,[::1]:2/d?sslmode=require",
      "postgresql://u:p@h:1,[::1]:2/d?sslmode=require"),
 ])
