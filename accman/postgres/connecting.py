@@ -180,7 +180,8 @@ def as_libpq_reads(dsn: str) -> str:
     host "" to asyncpg: its port goes into the query, unless that has one.
     A host= or port= beside hosts in the authority, which asyncpg leaves
     unread, raises StoreError: the two would take different hosts or
-    ports, and a host list cannot be moved whole."""
+    ports, and a host list cannot be moved whole; so does database=,
+    asyncpg's alone."""
     scheme, user_at, hosts, tail = _split(dsn)
     if not scheme:
         return dsn
@@ -192,6 +193,10 @@ def as_libpq_reads(dsn: str) -> str:
             query, mark = f"{query}{'&' if query else ''}port={hosts[1:]}", "?"
             given.add("port")
         hosts = ""
+    if "database" in given:
+        # asyncpg's name for dbname=, which libpq (and so psql) refuses.
+        raise StoreError(f"{_CONNECT}: the store URL gives database=, which libpq refuses: "
+                         "a URL names its database by its path or dbname=")
     if hosts and given & {"host", "port"}:
         raise StoreError(
             f"{_CONNECT}: the store URL names hosts before its path and gives "
@@ -201,7 +206,7 @@ def as_libpq_reads(dsn: str) -> str:
     user = "" if "user" in given else user
     password = "" if "password" in given else password
     user_at = user + (":" + password if password else "") + ("@" if user or password else "")
-    if path == "/" or given & {"dbname", "database"}:
+    if path == "/" or "dbname" in given:
         path = ""
     return f"{scheme}://{user_at}{hosts}{path}{mark}{query}"
 

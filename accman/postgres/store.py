@@ -295,8 +295,6 @@ class PgStore(Committing):
         if ordered:
             self._queue(cluster, op)
         else:
-            if self._closed:
-                raise Unavailable("the store is closed")
             self._flying[op] = None
             self._spawn(self._past(op, pool=cluster.pool))
         return None

@@ -62,7 +62,6 @@ def test_the_query_s_user_is_the_one_used(pg, pg_url):
 @pytest.mark.parametrize("url,read", [
     ("postgresql:///?dbname=x", "postgresql://?dbname=x"),
     ("postgresql://h/y?dbname=x", "postgresql://h?dbname=x"),
-    ("postgresql://h/y?database=x", "postgresql://h?database=x"),
     ("postgresql://h/", "postgresql://h"),
     ("postgresql://u:p@h/d?user=v", "postgresql://:p@h/d?user=v"),
     ("postgresql://u:p@h/d?password=q", "postgresql://u@h/d?password=q"),
@@ -89,5 +88,17 @@ def test_hosts_given_before_the_path_and_in_the_query_are_refused(pg, pg_url, qu
         "cannot connect to a PostgreSQL cluster of the store: the store URL names hosts "
         f"before its path and gives {named} as well, which libpq and the driver read "
         "differently: give the hosts and their ports in one of the two")
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'accman%'",
+                   pg_url.rsplit("/", 1)[1]) == "0"
+
+
+def test_database_in_the_query_is_refused_as_libpq_refuses_it(pg, pg_url):
+    """asyncpg reads database= as dbname=; libpq refuses the URL ("invalid
+    URI query parameter"), so psql could not use it: it is refused."""
+    with pytest.raises(StoreError) as e:
+        run(PgStore.open([f"{pg_url.rsplit('/', 1)[0]}/?database={pg_url.rsplit('/', 1)[1]}"]))
+    assert e.value.detail == (
+        "cannot connect to a PostgreSQL cluster of the store: the store URL gives database=, "
+        "which libpq refuses: a URL names its database by its path or dbname=")
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'accman%'",
                    pg_url.rsplit("/", 1)[1]) == "0"
