@@ -5,6 +5,7 @@ shutdown.  Against the fake AccMan of tests/fake_accman.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -484,6 +485,18 @@ def test_an_app_own_balance_header_never_stands_for_a_balance_not_told(case):
 
 
 # --- the fake itself ------------------------------------------------------------
+@contextlib.contextmanager
+def _delayed_tot(fake):
+    """A connection whose /tot the fake has taken and is still handling."""
+    with socket.create_connection(("127.0.0.1", fake.port)) as s:
+        s.sendall(b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while not fake.requests and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert fake.requests
+        yield s
+
+
 def test_the_fake_stops_with_no_request_of_its_own_still_pending():
     """A request the fake is still handling when it stops (a delay fault)
     ends with it: a task left pending on its loop is destroyed with the
@@ -491,12 +504,7 @@ def test_the_fake_stops_with_no_request_of_its_own_still_pending():
     whichever test runs then."""
     with FakeAccMan() as fake:
         fake.fault = lambda method, path, params: ("delay", 3600)
-        with socket.create_connection(("127.0.0.1", fake.port)) as s:
-            s.sendall(b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\n\r\n")
-            deadline = time.monotonic() + 5
-            while not fake.requests and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert fake.requests
+        with _delayed_tot(fake):
             fake.stop()
     assert not asyncio.all_tasks(fake.loop)
 
@@ -507,11 +515,7 @@ def test_the_fake_says_nothing_of_a_caller_gone_before_its_reply(caplog):
     would log "Unhandled exception in client_connected_cb" into the test."""
     with FakeAccMan() as fake:
         fake.fault = lambda method, path, params: ("delay", 0.1)
-        with socket.create_connection(("127.0.0.1", fake.port)) as s:
-            s.sendall(b"GET /tot?cred=a HTTP/1.1\r\nHost: x\r\n\r\n")
-            deadline = time.monotonic() + 5
-            while not fake.requests and time.monotonic() < deadline:
-                time.sleep(0.005)
+        with _delayed_tot(fake) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         time.sleep(0.3)                         # the reply is written after the reset
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
