@@ -8,7 +8,9 @@ import os
 import socket
 import time
 
-from accman.limits import FDS_RESERVED
+import pytest
+
+from accman.limits import FDS_RESERVED, PAGE_ENTRIES_PER_TURN_REQUEST
 from conftest import PYTHON, assert_error, get, patch, request_bytes
 from relhelp import metrics
 
@@ -346,3 +348,42 @@ def test_a_flood_of_unread_pages_leaves_a_health_check_a_few_turns(start_server,
         probe.close()
         for f in flood:
             f.close()
+
+
+# Connections that pipeline pages and read them, with a small turn: each
+# pass ends at PASS_CHARGE_MAX (seven pages of 30 entries), and the turn is
+# spent many times over.
+HELD_CONNECTIONS = 10
+HELD_PAGES = 40
+HELD_PAGE_ENTRIES = 30
+HELD_TURN_REQUESTS = 100
+
+
+@pytest.mark.embedded_only("PostgreSQL answers a page later, and charges it then, in no pass")
+def test_requests_held_back_go_on_in_a_turn_with_room_not_in_a_spent_one(start_server, cred):
+    """TURN_REQUESTS_MAX, PASS_CHARGE_MAX: a connection whose pass ended
+    with requests held back goes on once the turn is renewed, never in a
+    turn already spent, so that a turn costs at most its budget and one
+    page more, and the pages spend as many turns as their cost says.
+    Resumed into a spent turn, each connection held back overdrew it by a
+    page or more, and these pages spent 30 turns where their cost is 40."""
+    s = start_server(env={"ACCMAN_TURN_REQUESTS_MAX": str(HELD_TURN_REQUESTS)})
+    with s.connect() as c:
+        c.send(b"".join(request_bytes("PATCH", f"/mod?cred={cred}&by=1")
+                        for _ in range(HELD_PAGE_ENTRIES)))
+        assert [r.status for r in c.responses(HELD_PAGE_ENTRIES)] == [200] * HELD_PAGE_ENTRIES
+    was = metrics(s)["accman_turns_spent_total"]
+    conns = [s.connect() for _ in range(HELD_CONNECTIONS)]
+    try:
+        for c in conns:
+            c.send(get(f"/past?cred={cred}&limit={HELD_PAGE_ENTRIES}") * HELD_PAGES)
+        for c in conns:
+            assert [r.status for r in c.responses(HELD_PAGES)] == [200] * HELD_PAGES
+    finally:
+        for c in conns:
+            c.close()
+    spent = metrics(s)["accman_turns_spent_total"] - was
+    page_charge = HELD_PAGE_ENTRIES // PAGE_ENTRIES_PER_TURN_REQUEST
+    cost = HELD_CONNECTIONS * HELD_PAGES * (1 + page_charge)
+    # Less the turn under way when the pages came.
+    assert spent >= cost // (HELD_TURN_REQUESTS + page_charge) - 1, spent
