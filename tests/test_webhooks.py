@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
@@ -1083,8 +1084,17 @@ def test_https_to_a_trusted_receiver(tls_files, cursors):
         assert all(p.valid(SECRET) for p in rx.snapshot())
 
 
+async def attempt_said(url, timeout_s=0.3):
+    """What one attempt at `url`, which fails, is said as."""
+    try:
+        await webhook_http.post(parse_url(url), b"POST", timeout_s=timeout_s,
+                                head_bytes_max=8192, ssl_context=ssl.create_default_context())
+    except Exception as e:
+        return webhook_http.describe(e, timeout_s, 8192)
+    raise AssertionError(f"the attempt at {url} did not fail")
 
-def test_a_tls_handshake_never_answered_is_said_as_no_connection(tmp_path):
+
+def test_a_tls_handshake_never_answered_is_said_as_no_connection():
     """A receiver's port that takes the TCP connection and never answers
     the TLS handshake (a plain-HTTP port given an https URL, a stuck TLS
     proxy) fails the attempt at WEBHOOK_ATTEMPT_TIMEOUT_S, said as no
@@ -1092,17 +1102,35 @@ def test_a_tls_handshake_never_answered_is_said_as_no_connection(tmp_path):
     got."""
     async def main():
         server = await asyncio.start_server(lambda r, w: r.read(), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        target = parse_url(f"https://127.0.0.1:{port}/hook")
         try:
-            await webhook_http.post(target, b"POST", timeout_s=0.3, head_bytes_max=8192,
-                                    ssl_context=ssl.create_default_context())
-        except Exception as e:
-            return webhook_http.describe(e, 0.3, 8192)
+            return await attempt_said(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
         finally:
             server.close()
 
     assert asyncio.run(main()) == "no TLS connection within 0.3 s"
+
+
+def test_a_connection_never_made_is_said_as_no_connection():
+    """A host that drops the connection's packets fails a plain-HTTP
+    attempt at WEBHOOK_ATTEMPT_TIMEOUT_S, said as no connection, not as no
+    reply.  Here a port whose queue of connections not yet accepted is
+    full: Linux drops the SYNs that come to it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued = [socket.socket() for _ in range(3)]
+        try:
+            for q in queued:
+                q.setblocking(False)
+                q.connect_ex(("127.0.0.1", port))
+            time.sleep(0.05)
+            assert asyncio.run(attempt_said(f"http://127.0.0.1:{port}/")) == \
+                "no connection within 0.3 s"
+        finally:
+            for q in queued:
+                q.close()
+
 
 _POST_ONCE = """
 import asyncio, ssl, sys
