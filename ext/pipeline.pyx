@@ -255,6 +255,7 @@ cdef class Pipeline:
     cdef LaneStats stats
     cdef bint tokens_on
     cdef readonly Py_ssize_t pipeline_max
+    cdef readonly bint held         # drain stopped at a read at its turn: the pass's share spent
     cdef Entry* ring
     cdef Py_ssize_t cap
     cdef Py_ssize_t first
@@ -552,11 +553,14 @@ cdef class Pipeline:
         """Moves the replies at the head that are ready to `out`, in order:
         lane entries whose batch is durable (consecutive ones as one bytes
         object), Slots with their reply; a deferred request is evaluated
-        now, at its turn.  Stops at the first that is not ready."""
+        now, at its turn, while this drain's charges leave it its share
+        (Turn.pass_spent; else `held`).  Stops at the first not ready."""
         cdef Entry* e
+        cdef Py_ssize_t left_at_start = self.turn.left
         cdef double now = 0.0
         cdef bytes date = None
         routes = self.routes
+        self.held = False
         try:
             while self.count:
                 e = self._head()
@@ -581,6 +585,9 @@ cdef class Pipeline:
                     break
                 reply = slot.reply
                 if reply is None:
+                    if self.turn.left <= 0 or self.turn.pass_spent(left_at_start):
+                        self.held = True    # a later pass goes on (Connection.finish)
+                        break
                     self._flush_buf(out)
                     r = routes.answer(self.conn, slot.req, slot.mode)
                     if type(r) is not bytes:
@@ -615,6 +622,8 @@ cdef class Pipeline:
         if out:
             conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
             self.activity += 1
+        if self.held:
+            conn.finish([])
 
 
 cdef bint _same_token(bytes a, object b) noexcept:

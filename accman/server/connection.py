@@ -345,7 +345,12 @@ class Connection(asyncio.Protocol, Lifecycle):
                 return
         self.server.account(self)
         self.update_reading()
-        if (self.state == OPEN and not self.write_paused and not self.flush_soon
+        if self.waiting.held and not self.write_paused and not self.flush_soon:
+            # Reads at their turn past this pass's share (Pipeline.drain),
+            # draining or not: next loop turn, after the other connections.
+            self.flush_soon = True
+            self.server.loop.call_soon(self._flush_soon)
+        elif (self.state == OPEN and not self.write_paused and not self.flush_soon
                 and (self.backlog is not None or self.parser.held_bytes)
                 and len(self.waiting) < self.pipeline_max
                 and (not self.server.over_budget or not transport.get_write_buffer_size())
