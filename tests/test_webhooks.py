@@ -647,22 +647,25 @@ def test_a_reply_head_over_webhook_reply_head_bytes_max_is_a_failure(tmp_path, c
                             f"({L.WEBHOOK_REPLY_HEAD_BYTES_MAX} bytes); retrying with backoff")
 
 
-def test_the_attempt_timeout_bounds_the_whole_reply_head(cursors):
+@pytest.mark.parametrize("start,trickle,end", [(b"HTTP/1.1 200 OK\r\n", b"X-Slow: a\r\n", b"\r\n"),
+                                               (b"HTTP/1.1 200", b" ", b" OK\r\n\r\n")])
+def test_the_attempt_timeout_bounds_the_whole_reply_head(cursors, start, trickle, end):
     """WEBHOOK_ATTEMPT_TIMEOUT_S runs to the end of the reply's head, not to
     its status line: a receiver that sends "200 OK" at once and then
-    trickles headers without ending them has failed the attempt."""
+    trickles headers without ending them, or trickles its status line, has
+    failed the attempt, said as a head that did not end."""
     limits = ServerLimits(webhook_backoff_base_s=0.01, webhook_backoff_cap_s=0.02,
                           webhook_attempt_timeout_s=0.3, webhook_poll_wait_s=1.0)
     said, trickles = [], [True]
 
     async def serve(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\n")
+        writer.write(start)
         if trickles.pop() if trickles else False:
-            for _ in range(20):                     # 1 s of headers, never their end
+            for _ in range(20):                     # 1 s of the head, never its end
                 await asyncio.sleep(0.05)
-                writer.write(b"X-Slow: a\r\n")
-        writer.write(b"\r\n")
+                writer.write(trickle)
+        writer.write(end)
         await writer.drain()
         writer.close()
 

@@ -173,7 +173,7 @@ async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_m
     asyncio.LimitOverrunError."""
     # How far the attempt got, so that its timeout says what did not come:
     # the connection (a host that drops packets, a TLS handshake never
-    # answered), the reply, or the end of a head some lines of which came.
+    # answered), the reply, or the end of a head some bytes of which came.
     progress = _Progress()
     try:
         return await asyncio.wait_for(
@@ -182,21 +182,21 @@ async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_m
         if not progress.connected:
             what = "no TLS connection" if target.scheme == "https" else "no connection"
             raise WebhookBadReply(f"{what} within {timeout_s:g} s") from None
-        if progress.lines:
+        if progress.began:
             raise WebhookBadReply(f"the reply's head did not end (a blank line) within "
                                   f"{timeout_s:g} s") from None
         raise
 
 
 class _Progress:
-    """How far one attempt got: connected (TLS included), and the lines of
-    the reply head being read."""
+    """How far one attempt got: connected (TLS included), and whether the
+    reply head being read has begun (a byte of it came)."""
 
-    __slots__ = ("connected", "lines")
+    __slots__ = ("connected", "began")
 
     def __init__(self):
         self.connected = False
-        self.lines: list[bytes] = []
+        self.began = False
 
 
 async def _exchange(target, request, head_bytes_max, ssl_context, progress) -> int:
@@ -211,7 +211,7 @@ async def _exchange(target, request, head_bytes_max, ssl_context, progress) -> i
         writer.write(request)
         await writer.drain()
         for _ in range(INTERIM_REPLIES_MAX + 1):
-            status = parse_status(await _read_head(reader, head_bytes_max, progress.lines))
+            status = parse_status(await _read_head(reader, head_bytes_max, progress))
             if status >= 200:
                 return status
             if status == 101:
@@ -223,23 +223,27 @@ async def _exchange(target, request, head_bytes_max, ssl_context, progress) -> i
 
 
 async def _read_head(reader: asyncio.StreamReader, head_bytes_max: int,
-                     lines: list[bytes]) -> bytes:
+                     progress: _Progress) -> bytes:
     """One reply head, up to and with its blank line, of at most
-    `head_bytes_max` bytes; `lines` holds its lines read so far.  Read a
-    line at a time so that a line ending in a bare LF is refused as it
-    comes (RFC 9112 2.2 lets a recipient refuse it): a receiver that keeps
-    its connection open after such a reply is told what is wrong at once,
-    not after the attempt's timeout as if it never answered.  Raises
-    WebhookBadReply, and what `describe` explains of a head cut short or
-    too long."""
-    lines.clear()
-    head_bytes = 0
+    `head_bytes_max` bytes; `progress.began` once its first byte came (a
+    timeout after it is a head that did not end).  Read a line at a time
+    so that a line ending in a bare LF is refused as it comes (RFC 9112
+    2.2 lets a recipient refuse it): a receiver that keeps its connection
+    open after such a reply is told what is wrong at once, not after the
+    attempt's timeout as if it never answered.  Raises WebhookBadReply,
+    and what `describe` explains of a head cut short or too long."""
+    lines, head_bytes = [], 0
+    progress.began = False
     while True:
+        first = b""
         try:
-            line = await reader.readuntil(b"\n")
+            if not progress.began:      # a status line begun and never ended has begun
+                first = await reader.readexactly(1)
+                progress.began = True
+            line = first if first == b"\n" else first + await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as e:
             # What came of the whole head, for `describe` to say.
-            raise asyncio.IncompleteReadError(b"".join(lines) + e.partial, None) from None
+            raise asyncio.IncompleteReadError(b"".join(lines) + first + e.partial, None) from None
         if not line.endswith(b"\r\n"):
             raise WebhookBadReply(BARE_LF)
         lines.append(line)
