@@ -471,30 +471,3 @@ class Connection(asyncio.Protocol, Lifecycle):
             self.finish([])
         else:
             self.finish([reply])
-
-    def stop(self):
-        """Shutdown: take no new request; answer the one held back (if any)
-        with 503, send what is owed, then close."""
-        if self.state == SHUT:
-            self.transport.close()          # no lingering while stopping
-            return
-        if self.state != OPEN:
-            return
-        held = self.backlog is not None or self.parser.held_bytes > 0
-        head = held and self._held_head()
-        self.take_no_more()
-        if not held:
-            self.finish([])
-            return
-        self.last_reply(self.routes.error(
-            "none", 503, "shutting_down", "the server is shutting down; retry on another", CLOSE,
-            head=head))
-
-    def _held_head(self):
-        """Whether the request a stop answers is a HEAD, whose reply has no
-        body (RFC 9112 6.3): the first held back, parsed or not yet."""
-        if self.backlog is not None:
-            reqs, i = self.backlog
-            return reqs[i].head
-        reqs = self.parser.more(1)      # the connection ends: nothing else reads on
-        return reqs[0].head if reqs else self.parser.pending_head

@@ -26,6 +26,7 @@ connection drains.  Nothing else pauses or resumes reading.
 from __future__ import annotations
 
 from accman.server._wire import ROUTE_EVENTS
+from accman.server.replies import CLOSE
 
 OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
 
@@ -33,7 +34,7 @@ OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
 class Lifecycle:
     """The transitions, mixed into Connection, whose attributes they use:
     state, eof, read_paused, write_paused, waiting, backlog, parser,
-    transport, server."""
+    transport, server, routes."""
 
     __slots__ = ()
 
@@ -42,6 +43,33 @@ class Lifecycle:
         if self.state == OPEN:
             self.state = DRAINING
             self.backlog = None
+
+    def stop(self) -> None:
+        """Shutdown: take no new request; answer the one held back (if any)
+        with 503, send what is owed, then close."""
+        if self.state == SHUT:
+            self.transport.close()          # no lingering while stopping
+            return
+        if self.state != OPEN:
+            return
+        held = self.backlog is not None or self.parser.held_bytes > 0
+        head = held and self._held_head()
+        self.take_no_more()
+        if not held:
+            self.finish([])
+            return
+        self.last_reply(self.routes.error(
+            "none", 503, "shutting_down", "the server is shutting down; retry on another", CLOSE,
+            head=head))
+
+    def _held_head(self) -> bool:
+        """Whether the request a stop answers is a HEAD, whose reply has no
+        body (RFC 9112 6.3): the first held back, parsed or not yet."""
+        if self.backlog is not None:
+            reqs, i = self.backlog
+            return reqs[i].head
+        reqs = self.parser.more(1)      # the connection ends: nothing else reads on
+        return reqs[0].head if reqs else self.parser.pending_head
 
     def peer_eof(self) -> None:
         """The client half-closed: it still gets the replies it is owed."""
