@@ -256,6 +256,9 @@ cdef class Pipeline:
     cdef bint tokens_on
     cdef readonly Py_ssize_t pipeline_max
     cdef readonly bint held         # drain stopped at a read at its turn: the pass's share spent
+    # The turn's `left` when this connection's pass began, less the grants
+    # since (Turn.pass_spent): a read, a flush, a batch's completion begin one.
+    cdef public Py_ssize_t pass_left
     cdef Entry* ring
     cdef Py_ssize_t cap
     cdef Py_ssize_t first
@@ -462,6 +465,7 @@ cdef class Pipeline:
         cdef list reqs = parser.feed_c(data, room)
         cdef Request req
         self.turn.refund(room - len(reqs))
+        self.pass_left = self.turn.left
         if not quiet or len(reqs) != 1 or not parser.between_requests():
             return reqs
         req = <Request>reqs[0]
@@ -553,10 +557,10 @@ cdef class Pipeline:
         """Moves the replies at the head that are ready to `out`, in order:
         lane entries whose batch is durable (consecutive ones as one bytes
         object), Slots with their reply; a deferred request is evaluated
-        now, at its turn, while this drain's charges leave it its share
-        (Turn.pass_spent; else `held`).  Stops at the first not ready."""
+        now, at its turn, while the pass's charges leave it its share
+        (Turn.pass_spent of `pass_left`; else `held`).  Stops at the first
+        not ready."""
         cdef Entry* e
-        cdef Py_ssize_t left_at_start = self.turn.left
         cdef double now = 0.0
         cdef bytes date = None
         routes = self.routes
@@ -585,7 +589,7 @@ cdef class Pipeline:
                     break
                 reply = slot.reply
                 if reply is None:
-                    if self.turn.left <= 0 or self.turn.pass_spent(left_at_start):
+                    if self.turn.left <= 0 or self.turn.pass_spent(self.pass_left):
                         self.held = True    # a later pass goes on (Connection.finish)
                         break
                     self._flush_buf(out)
@@ -618,6 +622,7 @@ cdef class Pipeline:
             conn.flush()
             return
         out = []
+        self.pass_left = self.turn.left
         self.drain(out)
         if out:
             conn.transport.write(out[0] if len(out) == 1 else b"".join(out))

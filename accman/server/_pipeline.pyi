@@ -41,6 +41,7 @@ class Pipeline:
     pipeline_max: int
     activity: int
     held: bool
+    pass_left: int
     def __init__(self, conn: Any, parser: Parser, turn: Turn, routes: Any, lane: Any,
                  stats: LaneStats, tokens_on: bool, pipeline_max: int) -> None: ...
     def made(self, transport: Any) -> None:

@@ -215,7 +215,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         waiting = self.waiting
         routes = self.routes
         turn = self.server.turn
-        left_at_start = turn.left       # the requests granted are taken off already
+        pass_left = waiting.pass_left   # the pass's start, its grants taken off
         stopping = self.server.stopping
         n = len(reqs)
         # Replies are bytes held for a client until it reads them: one read
@@ -232,7 +232,7 @@ class Connection(asyncio.Protocol, Lifecycle):
             room -= len(reply)
         while i < n:
             if (self._held_back(room, out) or (self.reads_owed and reqs[i].route in _WRITES)
-                    or turn.pass_spent(left_at_start)):
+                    or turn.pass_spent(pass_left)):
                 self.backlog = (reqs, i)
                 return
             # The store's Lane takes a run of requests, writes among them:
@@ -295,12 +295,13 @@ class Connection(asyncio.Protocol, Lifecycle):
 
     def _pump(self, out):
         """Take the requests held back (parsed in `backlog`, then unparsed in
-        the parser) while the pipeline has room: PIPELINE_REQUESTS_MAX at
-        most per call, so one client cannot hold the loop."""
+        the parser) while the pipeline has room and the pass's share is not
+        spent (`held`): PIPELINE_REQUESTS_MAX at most per call, so one
+        client cannot hold the loop."""
         taken = 0
         while self.state == OPEN and taken < self.pipeline_max:
             room = self.pipeline_max - len(self.waiting)
-            if room <= 0 or self.write_paused:
+            if room <= 0 or self.write_paused or self.waiting.held:
                 return
             if self.backlog is not None:
                 if self.server.turn.left <= 0:
@@ -311,6 +312,7 @@ class Connection(asyncio.Protocol, Lifecycle):
                 room = self.server.turn.grant(room)
                 reqs, i = self.parser.more(room), 0
                 self.server.turn.refund(room - len(reqs))
+                self.waiting.pass_left -= len(reqs)     # a pass's share is of its charges
                 if not reqs:
                     return
             taken += len(reqs) - i
@@ -326,6 +328,7 @@ class Connection(asyncio.Protocol, Lifecycle):
             return
         try:
             out = []
+            self.waiting.pass_left = self.server.turn.left      # a pass begins
             self.waiting.drain(out)
             self._pump(out)
             self._continue(out)

@@ -5,13 +5,16 @@ or back-pressure, never a crash or unbounded memory; running out of
 descriptors refuses connections, it never stops commits."""
 
 import os
+import re
 import socket
+import threading
 import time
 
 import pytest
 
-from accman.limits import FDS_RESERVED, METRICS_TURN_REQUESTS, PAGE_ENTRIES_PER_TURN_REQUEST
-from conftest import PYTHON, assert_error, get, patch, request_bytes
+from accman.limits import (FDS_RESERVED, METRICS_TURN_REQUESTS, PAGE_ENTRIES_PER_TURN_REQUEST,
+                           PASS_CHARGE_MAX)
+from conftest import PYTHON, assert_error, get, parse_responses, patch, request_bytes
 from relhelp import metrics
 
 TOKENS = {"mint": "mint-token-0123456789abcdef", "all": "readcharge-0123456789abcdef"}
@@ -155,8 +158,6 @@ def test_clients_that_read_are_served_through_a_spent_budget(start_server):
     budget, and nothing was taken while it was spent: all of them stalled
     until IDLE_TIMEOUT_S dropped them.  A connection whose client reads
     what it is sent goes on taking its held requests over the budget."""
-    import threading
-
     s = start_server(env={"ACCMAN_SERVER_BUFFER_BYTES_MAX": "500000",
                           "ACCMAN_IDLE_TIMEOUT_S": "30"})
     request = get("/health")
@@ -414,3 +415,50 @@ def test_costly_reads_at_their_turn_behind_a_write_spend_turns_as_they_cost(star
     cost = HELD_CONNECTIONS * 63 * METRICS_TURN_REQUESTS
     # Less the turn under way when the reads came.
     assert spent >= cost // (HELD_TURN_REQUESTS + METRICS_TURN_REQUESTS) - 1, spent
+
+
+def _metrics_answered(replies):
+    """The metrics requests the server had answered when it made each
+    /metrics reply, itself counted."""
+    out = []
+    for r in replies:
+        m = re.search(rb'accman_requests_total\{route="metrics",status="200"\} (\d+)', r.body)
+        if m:
+            out.append(int(m.group(1)))
+    return out
+
+
+@pytest.mark.embedded_only("the store's Lane keeps the mod unanswered while the reads queue")
+def test_reads_at_their_turn_take_a_pass_share_whatever_a_flush_takes_next(start_server,
+                                                                          cred):
+    """PASS_CHARGE_MAX: /metrics pipelined behind mods, on a connection
+    whose client sends more of them, go on a pass's share at a time while
+    another connection's /metrics are ready too: at most eight (each is
+    charged METRICS_TURN_REQUESTS - 1 more) before the other is served.
+    A flush took more requests after its drain had spent the pass's share,
+    and the next drain had a share of its own: 63 in a row.  The turn is
+    made large so that only the pass's share can end a pass."""
+    s = start_server(env={"ACCMAN_TURN_REQUESTS_MAX": "100000",
+                          "ACCMAN_WRITE_BUFFER_BYTES_MAX": str(64 << 20)})
+    last = request_bytes("GET", "/health", [("Connection", "close")])
+    got = {}
+    with s.connect() as a, s.connect() as b:
+        readers = [threading.Thread(target=lambda k=k, c=c: got.update({k: c.read_all(10)}))
+                   for k, c in (("a", a), ("b", b))]
+        for t in readers:
+            t.start()
+        a.send((patch(f"/mod?cred={cred}&by=1") + get("/metrics") * 63) * 3 + last)
+        b.send(get("/metrics") * 400 + last)
+        for t in readers:
+            t.join()
+    mine, other = (_metrics_answered(parse_responses(got[k])) for k in ("a", "b"))
+    assert len(mine) == 3 * 63 and len(other) == 400
+    share = PASS_CHARGE_MAX // (METRICS_TURN_REQUESTS - 1) + 1
+    in_a_row = [1]
+    for was, now in zip(mine[:-1], mine[1:], strict=True):
+        if now == was + 1 and was < other[-1]:  # the other still had some to answer
+            in_a_row[-1] += 1
+        else:
+            in_a_row.append(1)
+    # Two passes in a row at most: the other may be between its passes.
+    assert max(in_a_row) <= 2 * share, in_a_row
