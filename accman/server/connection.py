@@ -309,6 +309,8 @@ class Connection(asyncio.Protocol, Lifecycle):
                 reqs, i = self.backlog
                 self.backlog = None
             else:
+                if not self.parser.held_bytes:
+                    return          # a grant asked for nothing could end the turn unspent
                 room = self.server.turn.grant(room)
                 reqs, i = self.parser.more(room), 0
                 self.server.turn.refund(room - len(reqs))

@@ -360,14 +360,9 @@ HELD_PAGE_ENTRIES = 30
 HELD_TURN_REQUESTS = 100
 
 
-@pytest.mark.embedded_only("PostgreSQL answers a page later, and charges it then, in no pass")
-def test_requests_held_back_go_on_in_a_turn_with_room_not_in_a_spent_one(start_server, cred):
-    """TURN_REQUESTS_MAX, PASS_CHARGE_MAX: a connection whose pass ended
-    with requests held back goes on once the turn is renewed, never in a
-    turn already spent, so that a turn costs at most its budget and one
-    page more, and the pages spend as many turns as their cost says.
-    Resumed into a spent turn, each connection held back overdrew it by a
-    page or more, and these pages spent 30 turns where their cost is 40."""
+def _turns_spent_by_held_pages(start_server, cred):
+    """The turns spent while HELD_CONNECTIONS pipeline HELD_PAGES pages and
+    read them, with a turn of HELD_TURN_REQUESTS."""
     s = start_server(env={"ACCMAN_TURN_REQUESTS_MAX": str(HELD_TURN_REQUESTS)})
     with s.connect() as c:
         c.send(b"".join(request_bytes("PATCH", f"/mod?cred={cred}&by=1")
@@ -383,7 +378,18 @@ def test_requests_held_back_go_on_in_a_turn_with_room_not_in_a_spent_one(start_s
     finally:
         for c in conns:
             c.close()
-    spent = metrics(s)["accman_turns_spent_total"] - was
+    return metrics(s)["accman_turns_spent_total"] - was
+
+
+@pytest.mark.embedded_only("PostgreSQL answers a page later, and charges it then, in no pass")
+def test_requests_held_back_go_on_in_a_turn_with_room_not_in_a_spent_one(start_server, cred):
+    """TURN_REQUESTS_MAX, PASS_CHARGE_MAX: a connection whose pass ended
+    with requests held back goes on once the turn is renewed, never in a
+    turn already spent, so that a turn costs at most its budget and one
+    page more, and the pages spend as many turns as their cost says.
+    Resumed into a spent turn, each connection held back overdrew it by a
+    page or more, and these pages spent 30 turns where their cost is 40."""
+    spent = _turns_spent_by_held_pages(start_server, cred)
     page_charge = HELD_PAGE_ENTRIES // PAGE_ENTRIES_PER_TURN_REQUEST
     cost = HELD_CONNECTIONS * HELD_PAGES * (1 + page_charge)
     # Less the turn under way when the pages came.
@@ -462,3 +468,18 @@ def test_reads_at_their_turn_take_a_pass_share_whatever_a_flush_takes_next(start
             in_a_row.append(1)
     # Two passes in a row at most: the other may be between its passes.
     assert max(in_a_row) <= 2 * share, in_a_row
+
+
+def test_a_turn_is_counted_spent_only_when_its_requests_are(start_server, cred):
+    """TURN_REQUESTS_MAX: accman_turns_spent_total counts the turns whose
+    requests were all taken.  A connection's flush asked the turn for a
+    whole pipeline's room to parse on even when it held nothing to parse,
+    and a grant of more than the turn had left ended it, counted, though
+    the grant was refunded at once: on PostgreSQL, which answers each page
+    later and flushes its connection then, these pages spent 74-76 turns
+    where their cost is 44."""
+    spent = _turns_spent_by_held_pages(start_server, cred)
+    cost = HELD_CONNECTIONS * HELD_PAGES * (1 + HELD_PAGE_ENTRIES // PAGE_ENTRIES_PER_TURN_REQUEST)
+    # A read's grant is asked before its requests are parsed: one turn
+    # more at most for each connection's read, and the /metrics above.
+    assert spent <= cost // HELD_TURN_REQUESTS + HELD_CONNECTIONS + 1, spent
