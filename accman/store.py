@@ -124,27 +124,25 @@ def check_int64(value, name: str) -> None:
 
 def check_cred(cred) -> None:
     """A credential, as every store checks it (ext/ledger.pyx's
-    `_check_cred` says the same words).  A wrong type is named, never the
-    value: a credential is a secret (SPEC "Access")."""
-    if type(cred) is not str:
-        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
-                         f"from A-Z a-z 0-9 _ -, got {type(cred).__name__}")
-    if not _CRED.match(cred):
-        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
-                         "from A-Z a-z 0-9 _ -")
+    `_check_cred` says it with name_refused too)."""
+    if type(cred) is not str or not _CRED.match(cred):
+        raise name_refused("cred", CRED_CHARS_MAX, cred)
 
 
 def check_key(key) -> None:
     """An idempotency key or None, as every store checks it (ext/ledger.pyx's
-    `_key_bytes` says the same words)."""
-    if key is None:
-        return
-    if type(key) is not str:
-        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
-                         f"from A-Z a-z 0-9 _ -, got {type(key).__name__}")
-    if not _KEY.match(key):
-        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
-                         "from A-Z a-z 0-9 _ -")
+    `_key_bytes` says it with name_refused too)."""
+    if key is not None and (type(key) is not str or not _KEY.match(key)):
+        raise name_refused("key", KEY_CHARS_MAX, key)
+
+
+def name_refused(what: str, most: int, value) -> BadRequest:
+    """The refusal of `value` as a credential or key (`what`, of at most
+    `most` characters), in every store's words: a wrong type is named,
+    never the value (a credential is a secret, SPEC "Access")."""
+    got = "" if type(value) is str else f", got {type(value).__name__}"
+    return BadRequest(f"{what} must be a string of 1 to {most} characters from "
+                      f"A-Z a-z 0-9 _ -{got}")
 
 
 def check_mod(by, min_, key, low) -> None:

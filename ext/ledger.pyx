@@ -37,7 +37,7 @@ from accman.errors import (AccManError, BadRequest, Busy, HoldEnded, Insufficien
                            NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)
 from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, QUEUED_MODS_MAX)
-from accman.store import check_hold, check_settle
+from accman.store import check_hold, check_settle, name_refused
 
 include "records.pxi"
 include "changes.pxi"
@@ -47,27 +47,16 @@ include "history.pxi"
 # --- value checks: the Python API's equivalent of the wire's rules ----------
 
 cdef inline void _check_cred(object cred) except *:
-    # accman.store.check_cred, compiled, in the same words (a test holds them
-    # equal): the type of a wrong one is named, never its value (a secret).
-    if type(cred) is not str:
-        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
-                         f"from A-Z a-z 0-9 _ -, got {type(cred).__name__}")
-    if not valid_name(<str>cred, CRED_CHARS_MAX):
-        raise BadRequest(f"cred must be a string of 1 to {CRED_CHARS_MAX} characters "
-                         "from A-Z a-z 0-9 _ -")
+    if type(cred) is not str or not valid_name(<str>cred, CRED_CHARS_MAX):
+        raise name_refused("cred", CRED_CHARS_MAX, cred)
 
 
 cdef inline bytes _key_bytes(object key):
-    """The idempotency key as stored, None for none; BadRequest if invalid
-    (accman.store.check_key's words)."""
+    """The idempotency key as stored, None for none; BadRequest if invalid."""
     if key is None:
         return None
-    if type(key) is not str:
-        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
-                         f"from A-Z a-z 0-9 _ -, got {type(key).__name__}")
-    if not valid_name(<str>key, KEY_CHARS_MAX):
-        raise BadRequest(f"key must be a string of 1 to {KEY_CHARS_MAX} characters "
-                         "from A-Z a-z 0-9 _ -")
+    if type(key) is not str or not valid_name(<str>key, KEY_CHARS_MAX):
+        raise name_refused("key", KEY_CHARS_MAX, key)
     return (<str>key).encode("ascii")
 
 
