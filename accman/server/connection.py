@@ -350,22 +350,21 @@ class Connection(asyncio.Protocol, Lifecycle):
                 return
         self.server.account(self)
         self.update_reading()
-        if self.waiting.held and not self.write_paused and not self.flush_soon:
-            # Reads at their turn past this pass's share (Pipeline.drain),
-            # draining or not: next loop turn, after the other connections.
-            self.flush_soon = True
-            self.server.loop.call_soon(self._flush_soon)
-        elif (self.state == OPEN and not self.write_paused and not self.flush_soon
-                and (self.backlog is not None or self.parser.held_bytes)
+        if self.write_paused or self.flush_soon:
+            return
+        if self.waiting.held or (
+                self.state == OPEN and (self.backlog is not None or self.parser.held_bytes)
                 and len(self.waiting) < self.pipeline_max
                 and (not self.server.over_budget or not transport.get_write_buffer_size())
                 and not self._held_for_the_store()):
-            # Held back (the turn's requests spent, or the bytes bound) but
-            # able to go on: next loop turn, after the other connections
-            # have had theirs.  Over the server's budget too while its
-            # client reads what it is sent: taking its held requests, one
-            # reply at a time (_take), is what lowers the total; a client
-            # that does not read stops at its first reply left in the buffer.
+            # Reads at their turn past this pass's share (Pipeline.drain,
+            # draining or not), or requests held back (the turn's requests
+            # spent, or the bytes bound) but able to go on: next loop turn,
+            # after the other connections have had theirs.  Over the
+            # server's budget too while its client reads what it is sent:
+            # taking its held requests, one reply at a time (_take), is what
+            # lowers the total; a client that does not read stops at its
+            # first reply left in the buffer.
             self.flush_soon = True
             self.server.loop.call_soon(self._flush_soon)
 
