@@ -23,8 +23,8 @@ from accman.ledger.leveldb import Store
 from accman.ledger.opening import expire_at_open, load_book
 from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
 from accman.records import Entry, Event
-from accman.store import (Page, check_binding, check_done, check_events, check_options,
-                          check_past, page_next, told)
+from accman.store import (Page, check_binding, check_events, check_options, check_past,
+                          page_next, told)
 
 # What is checked at open, from most to least (see Ledger):
 #   full   the files' CRCs (accman.fsck) and every record read through LevelDB
@@ -241,7 +241,7 @@ class Ledger(AsyncCalls):
         if not ordered:
             tot = self.tot(cred)
             return _no_account() if tot is None else tot
-        check_done(done)            # it may be told later: one that cannot be is refused
+        done = told(done)           # told later: one that cannot be is refused
         return self._committer.read_ordered(cred, _ledger.READ_TOT, done)
 
     def read_past(self, cred: str, limit: int, before: int | None, done,
@@ -285,10 +285,11 @@ class Ledger(AsyncCalls):
         check_events(after, limit, wait_s)
         # Checked whether or not it would wait now: a caller off the loop would
         # otherwise fail only once it reads at the end of the stream.
+        loop = None
         if wait_s:
             done = told(done)       # told later: one that cannot be is refused
-        loop = _loop_of("read_events with a wait_s", "call it on the loop (or await "
-                        "led.aevents), or with wait_s=0") if wait_s else None
+            loop = _loop_of("read_events with a wait_s", "call it on the loop (or await "
+                            "led.aevents), or with wait_s=0")
         events = self._events
         with self._reading():
             with self._committer.lock:

@@ -202,7 +202,7 @@ def as_libpq_reads(dsn: str) -> str:
             f"{_CONNECT}: the store URL names hosts before its path and gives "
             f"{' and '.join(sorted(given & {'host', 'port'}))}= as well, which libpq and the "
             "driver read differently: give the hosts and their ports in one of the two")
-    user, colon, password = user_at[:-1].partition(":")
+    user, _, password = user_at[:-1].partition(":")
     user = "" if "user" in given else user
     password = "" if "password" in given else password
     user_at = user + (":" + password if password else "") + ("@" if user or password else "")
@@ -263,9 +263,8 @@ def _with_settings(name: str, scheme: str, user_at: str, hosts: str, tail: str,
                    settings: dict[str, str]) -> str:
     """The URL of `scheme`, `user_at`, `hosts` and `tail` (its _split),
     its service= left out, with the settings of the service `name` where
-    its query gives none (the port, _with_port)
-    (a path of "/" is left out before, by as_libpq_reads, so that a
-    service's dbname is read)."""
+    its query gives none (its port where _with_port says).  A path of "/"
+    is left out before (as_libpq_reads), so that a service's dbname is read."""
     path, _, query = tail.partition("?")
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
     head = f"{scheme}://{user_at}{_with_port(name, hosts, given, settings)}{path}"
