@@ -5,8 +5,8 @@ Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
 its reader closing the pipe, and any command whose reader closed stdout
 before its output: what the call did is done); 1 the server (or the
 check) answered with an error; 2 bad flags or values, or a write started
-with stdout closed (`>&-`: its reply would be lost), refused before
-anything is sent, or `serve` could not start (busy port, data directory
+with stdout closed or open for reading only (its reply would be lost),
+refused before anything is sent, or `serve` could not start (busy port, data directory
 locked or corrupt, bad tokens file, a non-loopback bind without tokens);
 3 no answer from the server (cannot connect, timeout, cut connection), or
 a 503 `unavailable` to `mod`, `hold`, `settle` or `open`: their outcome

@@ -5,6 +5,7 @@ import argparse
 import re
 import urllib.parse
 
+from accman.calling.requests import BRACKETED_HOST_RE
 from accman.limits import (EVENTS_RETENTION_S_MAX, EVENTS_RETENTION_S_MIN, INT64_MAX, INT64_MIN,
                            NICE_MAX)
 
@@ -102,7 +103,10 @@ def store_url(text):
         raise argparse.ArgumentTypeError(
             "the store URL must start with postgresql:// (or postgres://): a libpq URL "
             "such as postgresql://accman@db1/accman")
-    if any(("[" in h or "]" in h) and _BRACKETED_HOST_RE.fullmatch(h) is None
+    # The driver drops what follows a host's "]" but its port (`[::1]x:5433`
+    # is [::1] on the default port), and refuses an unclosed "[" only once
+    # serve has made its --data.
+    if any(("[" in h or "]" in h) and BRACKETED_HOST_RE.fullmatch(h) is None
            for h in _url_hosts(text)):
         raise argparse.ArgumentTypeError(
             "the store URL has a host in brackets that is not closed, or is followed by more "
@@ -125,13 +129,6 @@ def store_url(text):
             f"the store URL has a port {shown}: a port is 1..{PORT_MAX} (write a '/', ':' "
             f"or '@' of the user info as %2F, %3A or %40)")
     return text
-
-
-# A libpq URL's host in brackets, and its port if any.  The driver reads
-# the bracketed text and the digits after it, and drops the rest without a
-# word (`[::1]x:5433` is [::1] on the default port); an unclosed "[" it
-# refuses only once serve has made its --data.
-_BRACKETED_HOST_RE = re.compile(r"\[[^\[\]]+\](?::[^:]*)?")
 
 
 def _url_hosts(url: str) -> list[str]:

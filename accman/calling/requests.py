@@ -126,9 +126,10 @@ def target_past(cred, limit, before) -> str:
 # fragment (urllib's split); its host and port, what follows any user info.
 _AUTHORITY_RE = re.compile(r"[^:/?#]*://([^/?#]*)")
 # A host in brackets, and the port after it if any: nothing else may follow
-# the "]" (urllib keeps only the bracketed text and the port, and drops the
-# rest without a word: `[::1]x:80` would call [::1]:80).
-_BRACKETED_RE = re.compile(r"\[([^\[\]]*)\](?::[^:]*)?")
+# the "]" (urllib, and so asyncpg for a store URL, keeps only the bracketed
+# text and the port, and drops the rest without a word: `[::1]x:80` would
+# call [::1]:80).
+BRACKETED_HOST_RE = re.compile(r"\[([^\[\]]+)\](?::[^:]*)?")
 # A space, or an ASCII or Latin-1 control character.
 _SPACE_OR_CONTROL_RE = re.compile(r"[\x00-\x20\x7f-\x9f]")
 # An example of what the client's URL looks like, for its refusals.
@@ -150,7 +151,7 @@ def url_fault(url: str) -> str | None:
         return ("its host has a '[' without a ']' or a ']' without a '[': an IPv6 address is "
                 f"written in brackets, as in {CLIENT_URL_EXAMPLE}")
     if "[" in host:
-        b = _BRACKETED_RE.fullmatch(host)
+        b = BRACKETED_HOST_RE.fullmatch(host)
         if b is None:
             return ("its host in brackets is followed by something other than ':PORT', as in "
                     f"{CLIENT_URL_EXAMPLE}")
