@@ -80,6 +80,16 @@ def make_app(status=200, body=b"ok", headers=(), raise_exc=None, read_disconnect
     return app
 
 
+async def serve_lifespan(receive, send):
+    """An app's side of the lifespan protocol: each message completed, to
+    its shutdown."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
 def mw(fake, app=None, **kw):
     kw.setdefault("url", fake.url)
     return AccManMiddleware(app or make_app(), **kw)

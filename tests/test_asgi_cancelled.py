@@ -15,7 +15,7 @@ import time
 import pytest
 
 from accman.asgi import AccManMiddleware
-from asgi_harness import call, make_app
+from asgi_harness import call, make_app, serve_lifespan
 
 MINT = "mint-token-0123456789abcdef"
 SERVICE = "service-token-0123456789abcdef"
@@ -196,11 +196,7 @@ def test_reserve_a_request_cancelled_as_the_server_shuts_down_releases_its_hold(
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            return await serve_lifespan(receive, send)
         working.set()
         try:
             await asyncio.sleep(WAIT_S)

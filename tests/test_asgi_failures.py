@@ -15,7 +15,7 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
-from asgi_harness import CRED, call, make_app, mw
+from asgi_harness import CRED, call, make_app, mw, serve_lifespan
 from fake_accman import BUSY, FakeAccMan, charges, closed_port, first_then, run
 
 # Owed calls retried at once, not after their pause.
@@ -211,11 +211,7 @@ def test_lifespan_shutdown_drains_within_shutdown_drain_s(monkeypatch):
 
         async def app(scope, receive, send):
             if scope["type"] == "lifespan":
-                while True:
-                    msg = await receive()
-                    await send({"type": msg["type"] + ".complete"})
-                    if msg["type"] == "lifespan.shutdown":
-                        return
+                return await serve_lifespan(receive, send)
             await inner(scope, receive, send)
 
         m = mw(fake, app, mode="reserve", cost=2, retries=0)
