@@ -461,21 +461,31 @@ test('a file stream that fails to open is fastify\'s 500, not charged', async ()
   assert.equal(await acc.mint.tot('p-nofile'), 10)
 })
 
-test('a stream that fails while its charge is in flight is charged as the response\'s start, said, and the service lives', async () => {
-  await acc.mint.mod('p-streamfails', 10)
+// A service whose charges reach AccMan through a proxy that, after a
+// first request (the role probe; the balance fresh), delays them by 300 ms:
+// `during(url)` then runs while the charge of what it asks is in flight.
+async function withChargeInFlight (cred, during) {
+  await acc.mint.mod(cred, 10)
   const proxy = await proxyTo(acc.server.url)
   const logs = []
   const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service }, { logs })
   try {
-    assert.equal((await get(url + '/w', 'p-streamfails')).status, 200) // the role probe; the balance fresh
+    assert.equal((await get(url + '/w', cred)).status, 200)
     await proxy.set('delay', 300) // the charge's reply comes after the stream failed
-    const r = await fetch(url + '/streamfails?ms=50', { headers: { accman: 'p-streamfails' } })
-    assert.equal(r.status, 500)
-    assert.equal((await get(url + '/w', 'p-streamfails')).status, 200) // still serving
+    await during(url)
   } finally {
     await app.close()
     await proxy.close()
   }
+  return logs
+}
+
+test('a stream that fails while its charge is in flight is charged as the response\'s start, said, and the service lives', async () => {
+  const logs = await withChargeInFlight('p-streamfails', async (url) => {
+    const r = await fetch(url + '/streamfails?ms=50', { headers: { accman: 'p-streamfails' } })
+    assert.equal(r.status, 500)
+    assert.equal((await get(url + '/w', 'p-streamfails')).status, 200) // still serving
+  })
   assert.deepEqual(messages(logs, 40),
     ['accman: the response\'s stream failed while its charge was in flight: charged for a response that failed'])
   assert.equal(await acc.mint.tot('p-streamfails'), 7)
@@ -500,19 +510,10 @@ test('an onSend hook of a later plugin that fails the response does not undo its
 })
 
 test('a web stream that fails while its charge is in flight is charged, said, and fastify\'s 500 goes out', async () => {
-  await acc.mint.mod('p-webstreamfails', 10)
-  const proxy = await proxyTo(acc.server.url)
-  const logs = []
-  const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service }, { logs })
-  try {
-    assert.equal((await get(url + '/w', 'p-webstreamfails')).status, 200) // the role probe; the balance fresh
-    await proxy.set('delay', 300) // the charge's reply comes after the stream failed
+  const logs = await withChargeInFlight('p-webstreamfails', async (url) => {
     const r = await fetch(url + '/webstreamfails?ms=50', { headers: { accman: 'p-webstreamfails' } })
     assert.deepEqual([r.status, (await r.json()).message], [500, 'the web stream failed'])
-  } finally {
-    await app.close()
-    await proxy.close()
-  }
+  })
   assert.deepEqual(messages(logs, 40), ['accman: the response failed once charged, and fastify\'s ' +
     'error response took its place: charged for a response that failed'])
   assert.equal(await acc.mint.tot('p-webstreamfails'), 8)
