@@ -34,6 +34,7 @@ The embedded ledger in process, on a clock a test moves by hand:
         clock.advance(10)
 """
 
+import faulthandler
 import itertools
 import json
 import os
@@ -55,6 +56,12 @@ PYTHON = sys.executable
 # The first URL of the ready line (it names every address bound).
 READY_RE = re.compile(r"accman: serving http://(\S+):(\d+)(?: http://\S+)* (?:data|store)=(.+)$")
 READY_TIMEOUT_S = 15.0
+# A test still running after this long has hung: many times the longest
+# test's run on a loaded machine (tests/test_hang_guard.py).
+TEST_SECONDS_MAX = 300
+# Where a hung test's stacks go: stderr as the run began, before pytest's
+# capture took file descriptor 2 (a worker exits before handing it back).
+_HANG_REPORT = [None]
 
 
 # --- HTTP responses read off a raw socket --------------------------------------
@@ -399,6 +406,7 @@ def pytest_configure(config):
     # own handler back first.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _HANG_REPORT[0] = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")
     if not hasattr(config, "workerinput"):      # the run's first process: tests/alone.py
         alone.begin_run()
     config.addinivalue_line(
@@ -422,9 +430,21 @@ def pytest_unconfigure(config):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     # Setup, call and teardown (a module's shared servers' start and stop
-    # too) under the run's lock: tests/alone.py.
+    # too) under the run's lock: tests/alone.py.  In a worker, a test
+    # still running after TEST_SECONDS_MAX has hung: the worker prints
+    # every thread's stack and exits, so that the run names the test
+    # ("crashed while running") instead of waiting for CI's time limit.
+    # Without workers (-n 0, for --pdb) nothing is timed.
+    worker = os.environ.get("PYTEST_XDIST_WORKER") is not None
     with alone.turn(item.get_closest_marker("alone") is not None):
-        yield
+        if worker:
+            faulthandler.dump_traceback_later(TEST_SECONDS_MAX, exit=True,
+                                              file=_HANG_REPORT[0])
+        try:
+            yield
+        finally:
+            if worker:
+                faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_generate_tests(metafunc):
