@@ -109,5 +109,42 @@ def test_an_owed_charge_lands_before_the_apps_own_shutdown_which_hangs(monkeypat
         assert stats["charged"] == 1 and stats["stranded"] == 0
 
 
+def test_an_app_that_returns_after_its_startup_still_has_its_owed_charge_drained(monkeypatch):
+    """An app whose lifespan answers the startup and returns: the server
+    would take that return for the end of the shutdown too, and stop with
+    the owed charge unpaid.  The middleware answers the rest of the
+    lifespan itself: the shutdown's answer comes after the drain."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.2)     # the retry comes at shutdown
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = first_then(charges, ("drop",))        # the charge's reply is lost: owed
+
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                assert (await receive())["type"] == "lifespan.startup"
+                await send({"type": "lifespan.startup.complete"})
+                return
+            await PlainTextResponse("ok")(scope, receive, send)
+
+        async def main():
+            m = AccManMiddleware(app, url=fake.url, retries=0, cost=2)
+            queue = asyncio.Queue()
+            sent = []
+
+            async def send(message):
+                sent.append((message["type"], fake.tot(CRED)))
+            await queue.put({"type": "lifespan.startup"})
+            life = asyncio.ensure_future(m({"type": "lifespan", "asgi": {"version": "3.0"},
+                                            "state": {}}, queue.get, send))
+            assert (await call(m)).status == 200 and m.stats["owed"] == 1
+            await asyncio.sleep(0)
+            assert not life.done()
+            await queue.put({"type": "lifespan.shutdown"})
+            await asyncio.wait_for(life, 5)
+            return sent
+        sent = asyncio.run(main())
+        assert sent == [("lifespan.startup.complete", 10), ("lifespan.shutdown.complete", 8)]
+
+
 async def _ignore(message):
     pass

@@ -19,18 +19,27 @@ async def lifespan(app, aclose, scope, receive, send) -> None:
     releases and owed calls land, and a shutdown of the app's that fails
     or hangs cannot keep them from landing.  An app that does not speak
     lifespan (it returns or raises before it reads a message, as ASGI
-    allows) gets the middleware's own."""
-    spoken = False
+    allows) gets the middleware's own; so does the rest of the lifespan of
+    an app that returns once its startup is complete (the server would
+    otherwise take that return for the shutdown's end, and stop with no
+    drain)."""
+    spoken = shut = started = False
 
     async def receive_():
-        nonlocal spoken
+        nonlocal spoken, shut
         spoken = True
         message = await receive()
         if message["type"] == "lifespan.shutdown":
+            shut = True
             await aclose()
         return message
+
+    async def send_(message):
+        nonlocal started
+        started = started or message["type"] == "lifespan.startup.complete"
+        await send(message)
     try:
-        await app(scope, receive_, send)
+        await app(scope, receive_, send_)
     except Exception:
         if spoken:
             raise
@@ -41,7 +50,7 @@ async def lifespan(app, aclose, scope, receive, send) -> None:
                     "message: taken as an app without lifespan, whose lifespan the "
                     "middleware answers so that owed calls land at shutdown",
                     exc_info=True)
-    if not spoken:
+    if not spoken or (started and not shut):
         await _own(aclose, receive, send)
 
 
