@@ -115,6 +115,7 @@ def test_hold_ttl_s_is_refused_in_check_mode_where_nothing_is_held(fake):
     with pytest.raises(ValueError, match="whole seconds"):      # a bad value: said as such
         mw(fake, hold_ttl_s=0)
     assert mw(fake, mode="reserve", hold_ttl_s=None).hold_ttl_s == HOLD_TTL_S_DEFAULT
+    assert mw(fake).hold_ttl_s is None                          # check mode: nothing held
     fake.fund(CRED, 10)
     assert run(call(mw(fake))).headers["accman"] == "9"         # left out: check mode serves
 

@@ -80,7 +80,7 @@ def test_the_example_takes_an_empty_variable_as_unset_and_names_a_bad_one():
     empty = example(ACCMAN_URL="", ACCMAN_MODE="", ACCMAN_ON_UNAVAILABLE="",
                     ACCMAN_HOLD_TTL_S="", ACCMAN_TOKEN="")
     assert empty.returncode == 0, empty.stderr
-    assert empty.stdout.split() == ["check", "90", "http://127.0.0.1:8035"]
+    assert empty.stdout.split() == ["check", "None", "http://127.0.0.1:8035"]
     assert example(ACCMAN_MODE="reserve", ACCMAN_HOLD_TTL_S="30").stdout.split()[:2] == [
         "reserve", "30"]
     for bad in ("+90", " 90", "9_0", "1.5"):

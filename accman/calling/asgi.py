@@ -122,7 +122,9 @@ class AccManMiddleware:
         self._header = header.lower().encode("ascii")
         self._repeats = Repeats(log)        # lines every request may meet again and again
         self._charge_below = charge_below
-        self.hold_ttl_s = HOLD_TTL_S_DEFAULT if hold_ttl_s is None else hold_ttl_s
+        # Check mode holds nothing: no ttl to read (None).
+        self.hold_ttl_s = (HOLD_TTL_S_DEFAULT if hold_ttl_s is None else hold_ttl_s) \
+            if self._reserve else None
         self._prices = Prices(cost, exempt, prices)
         self._calls = calls
         self._client = client
