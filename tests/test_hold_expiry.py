@@ -233,3 +233,21 @@ def test_expiry_is_by_the_second_after_the_ttl(led, clock):
         led.settle("a", 4, 0)
 
 
+def test_expire_due_inside_an_event_loop_is_refused_and_runs_in_a_thread(led, clock):
+    """expire_due waits for its batch's fsync: on the loop it stalled every
+    other task meanwhile.  Refused there; in a thread it works, and returns
+    once the due hold's end is durable (the writer, on its own clock, may
+    have taken it first: it is waited for too)."""
+    led.mod("a", 10)
+    led.hold("a", -4, 1)
+
+    async def main():
+        with pytest.raises(RuntimeError, match=r"^Ledger calls block: inside an event loop "
+                                               r"call `await asyncio.to_thread\(led.expire_due"):
+            led.expire_due()
+        assert led.tot("a") == 6
+        clock.advance(1)
+        await asyncio.to_thread(led.expire_due)
+        return led.tot("a")
+
+    assert asyncio.run(main()) == 10

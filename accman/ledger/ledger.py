@@ -349,7 +349,7 @@ class Ledger(AsyncCalls):
         """Ends the holds due by now and returns once that is durable, with
         how many ended.  The writer does this by itself when a hold is due;
         this is for a caller that must see it done (tests, with `clock_ms`)."""
-        self._check_not_writer()
+        self._check_may_block("call `await asyncio.to_thread(led.expire_due)`")
         with self._gate.calling:
             return self._committer.expire_due()
 
@@ -361,13 +361,15 @@ class Ledger(AsyncCalls):
             raise RuntimeError("Ledger calls block: inside a completion callback use "
                                "`led.submit(...)`: this thread is the writer they wait for")
 
-    def _blocking(self, submit, *args, **kw):
+    def _check_may_block(self, instead: str) -> None:
         self._check_not_writer()
         if running_loop() is not None:
             # Its completion would be queued to the loop this call blocks,
             # or it would stall every other task on it: both are bugs.
-            raise RuntimeError("Ledger calls block: inside an event loop use "
-                               "`await led.amod(...)` or `led.submit(...)`")
+            raise RuntimeError(f"Ledger calls block: inside an event loop {instead}")
+
+    def _blocking(self, submit, *args, **kw):
+        self._check_may_block("use `await led.amod(...)` or `led.submit(...)`")
         box = []
         ready = threading.Event()
 
