@@ -647,13 +647,21 @@ def test_a_reply_head_over_webhook_reply_head_bytes_max_is_a_failure(tmp_path, c
                             f"({L.WEBHOOK_REPLY_HEAD_BYTES_MAX} bytes); retrying with backoff")
 
 
-@pytest.mark.parametrize("start,trickle,end", [(b"HTTP/1.1 200 OK\r\n", b"X-Slow: a\r\n", b"\r\n"),
-                                               (b"HTTP/1.1 200", b" ", b" OK\r\n\r\n")])
-def test_the_attempt_timeout_bounds_the_whole_reply_head(cursors, start, trickle, end):
+HEAD_NOT_ENDED = "the reply's head did not end (a blank line) within 0.3 s"
+
+
+@pytest.mark.parametrize("start,trickle,end,why", [
+    (b"HTTP/1.1 200 OK\r\n", b"X-Slow: a\r\n", b"\r\n", HEAD_NOT_ENDED),
+    (b"HTTP/1.1 200", b" ", b" OK\r\n\r\n", HEAD_NOT_ENDED),
+    (b"HTTP/1.1 100 Continue\r\n\r\n", b"", b"HTTP/1.1 200 OK\r\n\r\n",
+     "no final reply within 0.3 s, after an interim (1xx) one"),
+])
+def test_the_attempt_timeout_bounds_the_whole_reply_head(cursors, start, trickle, end, why):
     """WEBHOOK_ATTEMPT_TIMEOUT_S runs to the end of the reply's head, not to
     its status line: a receiver that sends "200 OK" at once and then
     trickles headers without ending them, or trickles its status line, has
-    failed the attempt, said as a head that did not end."""
+    failed the attempt, said as a head that did not end; one that sends an
+    interim 100 and then nothing, as a final reply that did not come."""
     limits = ServerLimits(webhook_backoff_base_s=0.01, webhook_backoff_cap_s=0.02,
                           webhook_attempt_timeout_s=0.3, webhook_poll_wait_s=1.0)
     said, trickles = [], [True]
@@ -673,8 +681,7 @@ def test_the_attempt_timeout_bounds_the_whole_reply_head(cursors, start, trickle
     # Said as what came: a head that did not end, not a receiver that
     # never answered (which is test_an_attempt_without_a_reply_...).
     assert d.failures == 1
-    assert said[0].endswith(" failed: the reply's head did not end (a blank line) within "
-                            "0.3 s; retrying with backoff"), said[0]
+    assert said[0].endswith(f" failed: {why}; retrying with backoff"), said[0]
 
 
 @pytest.mark.parametrize("reply,why", [

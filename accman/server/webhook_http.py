@@ -185,17 +185,22 @@ async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_m
         if progress.began:
             raise WebhookBadReply(f"the reply's head did not end (a blank line) within "
                                   f"{timeout_s:g} s") from None
+        if progress.interim:
+            raise WebhookBadReply(f"no final reply within {timeout_s:g} s, after an "
+                                  f"interim (1xx) one") from None
         raise
 
 
 class _Progress:
-    """How far one attempt got: connected (TLS included), and whether the
-    reply head being read has begun (a byte of it came)."""
+    """How far one attempt got: connected (TLS included), whether an
+    interim (1xx) reply came, and whether the reply head being read has
+    begun (a byte of it came)."""
 
-    __slots__ = ("connected", "began")
+    __slots__ = ("connected", "interim", "began")
 
     def __init__(self):
         self.connected = False
+        self.interim = False
         self.began = False
 
 
@@ -216,6 +221,7 @@ async def _exchange(target, request, head_bytes_max, ssl_context, progress) -> i
                 return status
             if status == 101:
                 raise WebhookBadReply("the receiver switched protocols")
+            progress.interim = True
         raise WebhookBadReply(f"more than {INTERIM_REPLIES_MAX} interim (1xx) replies")
     finally:
         # Nothing more is read: the body of the reply does not matter.
