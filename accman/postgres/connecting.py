@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import urllib.parse
 
 import asyncpg
@@ -186,6 +187,7 @@ def as_libpq_reads(dsn: str) -> str:
     if not scheme:
         return dsn
     path, mark, query = tail.partition("?")
+    _check_pairs(query)
     query = query.replace("+", "%2B")
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
     if hosts.startswith(":") and "," not in hosts:
@@ -209,6 +211,25 @@ def as_libpq_reads(dsn: str) -> str:
     if path == "/" or "dbname" in given:
         path = ""
     return f"{scheme}://{user_at}{hosts}{path}{mark}{query}"
+
+
+def _check_pairs(query: str) -> None:
+    """Each part of a URL's query is `name=value`, as libpq requires: a
+    part without `=`, with no name, or with a second `=` (`password=a=b`)
+    raises StoreError, where the driver would take it (a second `=` into
+    the value).  A part is named by its name when that is a setting's word,
+    else by its place: it may be a secret pasted there."""
+    parts = query.split("&")
+    for place, part in enumerate(parts, 1):
+        if not part and place == len(parts):
+            continue                            # a trailing `&`, libpq's too
+        name, eq, value = part.partition("=")
+        wrong = ("has no `=`" if not eq else "has no name" if not name else
+                 "has a second `=` (one inside a value is written %3D)" if "=" in value else "")
+        if wrong:
+            said = f"{name}=" if eq and re.fullmatch(r"[a-z_]{1,40}", name) else f"part {place}"
+            raise StoreError(f"{_CONNECT}: the store URL's query is name=value pairs, as libpq "
+                             f"reads it, and its {said} {wrong}")
 
 
 # What a service file may set (libpq's connection service file, named by the

@@ -102,3 +102,30 @@ def test_database_in_the_query_is_refused_as_libpq_refuses_it(pg, pg_url):
         "which libpq refuses: a URL names its database by its path or dbname=")
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'accman%'",
                    pg_url.rsplit("/", 1)[1]) == "0"
+
+
+@pytest.mark.parametrize("query,said", [
+    ("password=a=b", "password= has a second `=` (one inside a value is written %3D)"),
+    ("sslmode", "part 1 has no `=`"),
+    ("sslmode=disable&&port=1", "part 2 has no `=`"),
+    ("=x", "part 1 has no name"),
+    ("Xy9=a=b", "part 1 has a second `=` (one inside a value is written %3D)"),
+])
+def test_a_query_part_that_is_not_name_value_is_refused_as_libpq_refuses_it(pg, pg_url,
+                                                                            query, said):
+    """libpq refuses such a URL (psql: "extra key/value separator", "missing
+    key/value separator", "invalid URI query parameter"), where the driver
+    took `password=a=b` as the password "a=b": a URL that psql cannot use
+    is refused, naming the part by its place unless its name is a word."""
+    with pytest.raises(StoreError) as e:
+        run(PgStore.open([f"{pg_url}?{query}"]))
+    assert e.value.detail == (
+        "cannot connect to a PostgreSQL cluster of the store: the store URL's query is "
+        f"name=value pairs, as libpq reads it, and its {said}")
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'accman%'",
+                   pg_url.rsplit("/", 1)[1]) == "0"
+
+
+def test_a_trailing_ampersand_is_taken_as_libpq_takes_it():
+    assert as_libpq_reads("postgresql://h/d?sslmode=disable&") == \
+        "postgresql://h/d?sslmode=disable&"
