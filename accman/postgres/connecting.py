@@ -213,19 +213,29 @@ def as_libpq_reads(dsn: str) -> str:
     return f"{scheme}://{user_at}{hosts}{path}{mark}{query}"
 
 
+# The settings the driver takes from the environment when a URL gives
+# them empty, where libpq takes its built-in default.
+_FROM_ENV = {"dbname": "PGDATABASE", "user": "PGUSER", "password": "PGPASSWORD",
+             "host": "PGHOST", "port": "PGPORT"}
+
+
 def _check_pairs(query: str) -> None:
     """Each part of a URL's query is `name=value`, as libpq requires: a
     part without `=`, with no name, or with a second `=` (`password=a=b`)
     raises StoreError, where the driver would take it (a second `=` into
-    the value).  A part is named by its name when that is a setting's word,
-    else by its place: it may be a secret pasted there."""
+    the value); so does an empty value of a setting of _FROM_ENV.  A part
+    is named by its name when that is a setting's word, else by its place:
+    it may be a secret pasted there."""
     parts = query.split("&")
     for place, part in enumerate(parts, 1):
         if not part and place == len(parts):
             continue                            # a trailing `&`, libpq's too
         name, eq, value = part.partition("=")
         wrong = ("has no `=`" if not eq else "has no name" if not name else
-                 "has a second `=` (one inside a value is written %3D)" if "=" in value else "")
+                 "has a second `=` (one inside a value is written %3D)" if "=" in value else
+                 f"is empty, which libpq reads as its own default and the driver as "
+                 f"{_FROM_ENV[name]}: give a value or leave it out"
+                 if not value and name in _FROM_ENV else "")
         if wrong:
             said = f"{name}=" if eq and re.fullmatch(r"[a-z_]{1,40}", name) else f"part {place}"
             raise StoreError(f"{_CONNECT}: the store URL's query is name=value pairs, as libpq "

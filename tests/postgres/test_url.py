@@ -110,13 +110,19 @@ def test_database_in_the_query_is_refused_as_libpq_refuses_it(pg, pg_url):
     ("sslmode=disable&&port=1", "part 2 has no `=`"),
     ("=x", "part 1 has no name"),
     ("Xy9=a=b", "part 1 has a second `=` (one inside a value is written %3D)"),
+    ("dbname=", "dbname= is empty, which libpq reads as its own default and the driver as "
+                "PGDATABASE: give a value or leave it out"),
+    ("sslmode=disable&user=", "user= is empty, which libpq reads as its own default and the "
+                              "driver as PGUSER: give a value or leave it out"),
 ])
 def test_a_query_part_that_is_not_name_value_is_refused_as_libpq_refuses_it(pg, pg_url,
                                                                             query, said):
     """libpq refuses such a URL (psql: "extra key/value separator", "missing
     key/value separator", "invalid URI query parameter"), where the driver
     took `password=a=b` as the password "a=b": a URL that psql cannot use
-    is refused, naming the part by its place unless its name is a word."""
+    is refused, naming the part by its place unless its name is a word.
+    An empty dbname= or user= is libpq's default but PGDATABASE or PGUSER
+    to the driver: refused too."""
     with pytest.raises(StoreError) as e:
         run(PgStore.open([f"{pg_url}?{query}"]))
     assert e.value.detail == (
