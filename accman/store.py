@@ -171,7 +171,8 @@ def check_hold(by, ttl_s, min_) -> None:
         raise BadRequest(f"by must be from {-INT64_MAX} to -1 for a hold: the amount it "
                          "takes is a signed 64-bit integer")
     if type(ttl_s) is not int or not 1 <= ttl_s <= HOLD_TTL_S_MAX:
-        raise BadRequest(f"ttl must be a whole number of seconds from 1 to {HOLD_TTL_S_MAX}")
+        raise BadRequest(f"ttl must be a whole number of seconds from 1 to {HOLD_TTL_S_MAX}"
+                         f"{_got(ttl_s, int)}")
     if min_ is not None:
         check_int64(min_, "min")
 
@@ -189,7 +190,7 @@ def check_settle(hold, use) -> None:
 def check_past(limit, before) -> None:
     """A /past read's values, as every store checks them."""
     if type(limit) is not int or not 1 <= limit <= PAST_LIMIT_MAX:
-        raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}")
+        raise BadRequest(f"limit must be an int from 1 to {PAST_LIMIT_MAX}{_got(limit, int)}")
     if before is not None:
         check_int64(before, "before")
         if before < 1:
@@ -202,9 +203,16 @@ def check_events(after, limit, wait_s) -> None:
     if after < 0:
         raise BadRequest("after must be an event id: an int, 0 or more")
     if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
-        raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}")
+        raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}{_got(limit, int)}")
     if type(wait_s) not in (int, float) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
-        raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds")
+        raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds"
+                         f"{_got(wait_s, int, float)}")
+
+
+def _got(value, *types) -> str:
+    """", got TYPE" when `value` is none of `types` (a bool is not an int
+    here), as the int64 checks say it; nothing for a value out of range."""
+    return "" if type(value) in types else f", got {type(value).__name__}"
 
 
 def check_binding(loop, deliver) -> None:

@@ -87,6 +87,28 @@ def test_a_seq_or_an_event_id_past_64_bits_is_refused_as_on_the_wire(led, call, 
     assert led.events(after=INT64_MAX) == ([], 3)
 
 
+@pytest.mark.parametrize("call,says", [
+    (lambda led: led.past("a", limit="5"), "limit must be an int from 1 to 1000, got str"),
+    (lambda led: led.past("a", limit=True), "limit must be an int from 1 to 1000, got bool"),
+    (lambda led: led.past("a", limit=0), "limit must be an int from 1 to 1000$"),
+    (lambda led: led.events(limit=5.0), "limit must be an int from 1 to 1000, got float"),
+    (lambda led: led.read_events(0, 10, "1", print), "wait must be from 0 to 60 seconds, got str"),
+    (lambda led: led.read_events(0, 10, 61.0, print), "wait must be from 0 to 60 seconds$"),
+    (lambda led: led.hold("a", -1, "5"),
+     "ttl must be a whole number of seconds from 1 to 86400, got str"),
+    (lambda led: led.hold("a", -1, 5.0),
+     "ttl must be a whole number of seconds from 1 to 86400, got float"),
+])
+def test_a_limit_wait_or_ttl_of_another_type_is_refused_naming_the_type(led, call, says):
+    """As by, min and the other ints: a value of the wrong type is named by
+    its type, so that a caller passing a query string's "5" sees why; a
+    value out of range says the range alone."""
+    led.mod("a", 5)
+    with pytest.raises(BadRequest, match=f"^{says}"):
+        call(led)
+    assert led.tot("a") == 5 and led.open_holds == 0
+
+
 def test_unknown_cred_reads_none(led):
     assert led.tot("nobody") is None
     assert led.past("nobody") is None
