@@ -375,6 +375,12 @@ def test_a_read_whose_answer_goes_nowhere_exits_4(start_server):
     (["tot", "--SECRETtoken", "c"], "unrecognized arguments: <not shown>; did you mean --token?"),
     (["mod", "c", "5", "--SECRETkey", "k"],
      "unrecognized arguments: <not shown> <not shown>; did you mean --key?"),
+    # Another command's flag is said as such, not matched to one of this one's.
+    (["tot", "SECRETcred", "--key", "SECRETkey"],
+     "unrecognized arguments: --key <not shown>; --key is not an option of accman tot ("),
+    (["past", "SECRETcred", "--by=5", "--min", "SECRET", "--limt", "3"],
+     "unrecognized arguments: --by --min <not shown> <not shown> <not shown>; --by and --min "
+     "are not options of accman past; did you mean --limit? ("),
     (["tot", "SECRETcred1", "SECRETcred2"], "unrecognized arguments: <not shown> ("),
     (["mod", "SECRETcred", "5", "-SECRETdash"], "unrecognized arguments: <not shown> ("),
     (["tot", "--", "--SECRETdash", "--SECRETmore"], "unrecognized arguments: <not shown> ("),

@@ -64,11 +64,16 @@ class ArgumentParser(argparse.ArgumentParser):
         """The usage error for the words that no argument took: none shown,
         and for those that read as flags, the closest of this command's.
         The first UNRECOGNIZED_LISTED_MAX are listed, then how many more."""
-        close = _close_flags(extra, self.given, [f for f in self.flags if f.startswith("--")])
+        own = [f for f in self.flags if f.startswith("--")]
+        others = _flags_in(extra, self.given, self.names - set(own))
+        close = _close_flags(extra, self.given, own, set(others))
         listed = " ".join(extra[:UNRECOGNIZED_LISTED_MAX])
         more = len(extra) - UNRECOGNIZED_LISTED_MAX
         self.error(f"unrecognized arguments: {listed}" + (f" and {more} more" if more > 0 else ""),
-                   f"; did you mean {' or '.join(close)}?" if close else "")
+                   (f"; {' and '.join(others)} {'is' if len(others) == 1 else 'are'} not "
+                    f"{'an option' if len(others) == 1 else 'options'} of {self.prog}"
+                    if others else "") +
+                   (f"; did you mean {' or '.join(close)}?" if close else ""))
 
 
 # The most words that no argument took that a usage error lists (each as
@@ -136,13 +141,23 @@ def _options(given) -> list:
     return given[:given.index("--")] if "--" in given else given
 
 
-def _close_flags(extra, given, flags) -> list:
-    """For each word of `extra` that reads as a flag (it starts with "-" and
-    comes before any "--", after which every word is a value), the closest
-    of `flags`, if one is close enough; each named once."""
+def _flags_in(extra, given, flags) -> list:
+    """The words of `extra` that read as flags (they start with "-" and come
+    before any "--", after which every word is a value) and name one of
+    `flags` exactly (another command's: `tot --key`), each named once."""
+    options = set(_options(given))
+    return list(dict.fromkeys(word.split("=", 1)[0] for word in extra
+                              if word in options and word.split("=", 1)[0] in flags))
+
+
+def _close_flags(extra, given, flags, others) -> list:
+    """For each word of `extra` that reads as a flag and names none of
+    `others`, the closest of `flags`, if one is close enough; each named
+    once."""
     options = set(_options(given))
     close = [difflib.get_close_matches(word.split("=", 1)[0], flags, 1, FLAG_LIKENESS_MIN)
-             for word in extra if word.startswith("-") and word in options]
+             for word in extra if word.startswith("-") and word in options
+             and word.split("=", 1)[0] not in others]
     return list(dict.fromkeys(flag for match in close for flag in match))
 
 
