@@ -85,36 +85,40 @@ test('reserve: an error response or a thrown handler releases the hold', async (
   assert.equal(await acc.service.tot('h-fail'), 10)
 })
 
+// The handler waits on its gate, so the release is seen before the
+// handler ends however slow the machine, and the handler's end after it.
 test('reserve: a consumer that leaves gets the hold back at once, before the handler ends', async () => {
   await acc.mint.mod('h-abort', 10)
-  await withReserve({}, async (url) => {
+  await withReserve({}, async (url, app) => {
     const ac = new AbortController()
-    const pending = fetch(url + '/slow?ms=1500', { headers: { accman: 'h-abort' }, signal: ac.signal }).catch((e) => e.name)
-    await sleep(200)
-    assert.equal(await acc.service.tot('h-abort'), 9) // held
+    const pending = fetch(url + '/gated', { headers: { accman: 'h-abort' }, signal: ac.signal }).catch((e) => e.name)
+    await until(() => app.served === 1) // admitted: held
+    assert.equal(await acc.service.tot('h-abort'), 9)
     ac.abort()
     assert.equal(await pending, 'AbortError')
-    await sleep(200)
-    assert.equal(await acc.service.tot('h-abort'), 10) // released while the handler still sleeps
-    await sleep(1500)
+    await until(async () => await acc.service.tot('h-abort') === 10, 5000).catch(() => {})
+    assert.equal(await acc.service.tot('h-abort'), 10) // released while the handler still waits
+    app.openGate()
+    await until(() => app.gatesPassed === 1)
   })
   assert.equal(await acc.service.tot('h-abort'), 10)
 })
 
 test('reserve: a consumer that leaves after sending a body gets the hold back at once', async () => {
   await acc.mint.mod('h-abort-post', 10)
-  await withReserve({}, async (url) => {
+  await withReserve({}, async (url, app) => {
     const ac = new AbortController()
-    const pending = fetch(url + '/slow?ms=800', {
+    const pending = fetch(url + '/gated', {
       method: 'POST', body: '{"a":1}', headers: { accman: 'h-abort-post', 'content-type': 'application/json' }, signal: ac.signal
     }).catch((e) => e.name)
-    await sleep(200)
-    assert.equal(await acc.service.tot('h-abort-post'), 9) // held
+    await until(() => app.served === 1) // admitted, and the body read: held
+    assert.equal(await acc.service.tot('h-abort-post'), 9)
     ac.abort()
     assert.equal(await pending, 'AbortError')
-    await sleep(200)
-    assert.equal(await acc.service.tot('h-abort-post'), 10) // released while the handler still sleeps
-    await sleep(600)
+    await until(async () => await acc.service.tot('h-abort-post') === 10, 5000).catch(() => {})
+    assert.equal(await acc.service.tot('h-abort-post'), 10) // released while the handler still waits
+    app.openGate()
+    await until(() => app.gatesPassed === 1)
   })
   assert.equal(await acc.service.tot('h-abort-post'), 10) // and not charged when it ends
 })
@@ -203,10 +207,11 @@ test('reserve: a stranded settle is owed by the account and unpaid; a stranded r
     url: proxy.url, token: TOKENS.service, mode: 'reserve', onUnpaid: (...a) => unpaid.push(a)
   }, { logs })
   try {
-    const paid = get(url + '/slow?ms=300', 'h-strand')
-    const failed = get(url + '/slowfail?ms=300', 'h-strand')
+    const paid = get(url + '/gated', 'h-strand')
+    const failed = get(url + '/gated?fail=1', 'h-strand')
     await until(() => app.served === 2) // both held
     await proxy.set('down') // the settle and the release meet no AccMan: owed, known unsent
+    app.openGate()
     assert.deepEqual([(await paid).status, (await paid).accman], [200, null])
     assert.equal((await failed).status, 500)
     await until(() => app.accman.stats.owed === 2)
@@ -238,9 +243,10 @@ test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed
   const proxy = await proxyTo(acc.server.url)
   const { app, url } = await serviceApp({ url: proxy.url, token: TOKENS.service, mode: 'reserve', holdTtlS: 1 }, { logs })
   try {
-    const paid = get(url + '/slow?ms=300', 'h-owed-expire')
+    const paid = get(url + '/gated', 'h-owed-expire')
     await until(() => app.served === 1) // held
     proxy.set('refuse') // the settle meets no AccMan: owed
+    app.openGate()
     assert.deepEqual(Object.values(await paid).slice(0, 2), [200, null])
     await until(() => app.accman.stats.owed === 1)
     // Past holdTtlS the hold ends by itself (AccMan's clock ends it within

@@ -142,6 +142,28 @@ async function serviceApp (options, { logs } = {}) {
     await sleep(Number(request.query.ms))
     return { slow: true, body: request.body }
   })
+  // A handler that answers once the test calls app.openGate() (?fail=1: a
+  // 500): a test that needs something done while a handler runs does it
+  // before opening the gate, so a slow machine cannot let the handler end
+  // first.  app.gatesPassed counts the handlers past it.
+  let openGate
+  const gate = new Promise((resolve) => { openGate = resolve })
+  app.decorate('openGate', openGate)
+  // Opened at close too, after the plugin's preClose, so that a test that
+  // fails before opening it does not leave close() waiting on its handler.
+  app.addHook('preClose', async () => openGate())
+  app.decorate('gatesPassed', 0)
+  app.get('/gated', async (request, reply) => {
+    await gate
+    app.gatesPassed++
+    if (request.query.fail) return reply.code(500).send({ error: 'gated and failed' })
+    return { gated: true }
+  })
+  app.post('/gated', async (request) => {
+    await gate
+    app.gatesPassed++
+    return { gated: true, body: request.body }
+  })
   app.get('/slowfail', async (request, reply) => {
     await sleep(Number(request.query.ms))
     return reply.code(500).send({ error: 'slow and failed' })
