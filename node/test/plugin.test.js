@@ -227,7 +227,7 @@ test('a web Response, stream or payload that fastify refuses with a 500 is not c
         const r = await get(url + '/badresponse?as=' + as, 'p-badresponse')
         assert.deepEqual([r.status, r.accman], [500, null], `${mode} ${as}`)
         // A release is under way once the response is out; the hold's expiry is 90 s off.
-        await until(async () => await acc.mint.tot('p-badresponse') === 10, 500).catch(() => {})
+        await until(async () => await acc.mint.tot('p-badresponse') === 10, 5000).catch(() => {})
         assert.equal(await acc.mint.tot('p-badresponse'), 10, `${mode} ${as}`)
       }
     })
@@ -289,7 +289,7 @@ test('a locked web stream is charged on fastify\'s HEAD route, not on one the ap
       await app.close()
     }
     // A release is under way once a refused response is out.
-    await until(async () => await acc.mint.tot('p-lockedhead') === (mode === 'check' ? 97 : 94), 2000).catch(() => {})
+    await until(async () => await acc.mint.tot('p-lockedhead') === (mode === 'check' ? 97 : 94), 5000).catch(() => {})
   }
   assert.equal(await acc.mint.tot('p-lockedhead'), 94) // 3 a mode: the siblings only
 })
@@ -442,7 +442,7 @@ test('a cost function that throws on a file stream\'s response: a 500, the file 
         const stream = app.streams.at(-1)
         // fastify answers the error and never reads the stream: its fd
         // stays open unless the stream is destroyed.
-        await until(() => stream.closed, 500).catch(() => {})
+        await until(() => stream.closed, 5000).catch(() => {})
         assert.deepEqual([stream.destroyed, stream.closed], [true, true], `${mode} ${as}`)
       }
     })
@@ -705,25 +705,31 @@ test('check mode, a charge refused 403 after the work: 503 in its place, nothing
 test('AccMan restarted mid-test: the charge owed meanwhile lands once, and the log says so; requests go on after', async () => {
   await acc.mint.mod('p-restart', 10)
   const logs = []
-  await withService({}, async (url, app) => {
+  // AccMan is cut off by the proxy at once, and stopped once the charge is
+  // owed: its stop, which takes a while on a loaded machine, is no part of
+  // the checkFreshMs in which the second request is admitted.
+  const proxy = await proxyTo(acc.server.url)
+  await withService({ url: proxy.url }, async (url, app) => {
     assert.equal((await get(url + '/w', 'p-restart')).accman, '9')
-    await acc.server.stop()
+    await proxy.set('down')
     // Admitted on the balance AccMan reported just now (checkFreshMs); the
     // charge cannot land, so the response goes without the header and the
     // charge is owed.
     const during = await get(url + '/w', 'p-restart')
     assert.deepEqual([during.status, during.accman], [200, null])
     assert.equal(app.accman.stats.owed, 1)
+    await acc.server.stop()
     await sleep(1100) // past checkFreshMs: the next admission must ask AccMan
     const refused = await get(url + '/w', 'p-restart')
     assert.equal(refused.status, 503)
     await acc.server.start()
+    await proxy.set('pass')
     assert.ok(await app.accman.drain(30000))
     assert.equal(app.accman.stats.stranded, 0)
     assert.equal(app.accman.stats.charged, 2) // the owed charge is counted once it lands
     const after = await get(url + '/w', 'p-restart')
     assert.deepEqual([after.status, after.accman], [200, '7'])
-  }, logs)
+  }, logs).finally(() => proxy.close())
   // The warning as the charge was queued, and word that it landed.
   assert.deepEqual(messages(logs, 40).filter((m) => m.includes('queued')), ['accman: charge queued to retry'])
   assert.deepEqual(messages(logs, 30).filter((m) => m.includes('owed')), ['accman: no call owed any more: 1 landed, 0 stranded'])
@@ -828,8 +834,9 @@ test('close() ends with the request under way: its kept-alive connection is clos
   const { app, url } = await serviceApp({ url: acc.server.url, token: TOKENS.service })
   let closed = false
   try {
-    const asked = get(url + '/slow?ms=300', 'p-close-alive') // fetch keeps its connection alive
-    await sleep(100)
+    const asked = get(url + '/gated', 'p-close-alive') // fetch keeps its connection alive
+    await until(() => app.served === 1)
+    // The handler waits on its gate until close() runs the preClose hooks.
     const closing = app.close().then(() => { closed = true })
     const r = await asked
     assert.deepEqual([r.status, r.accman, r.headers.get('connection')], [200, '9', 'close'])
@@ -1302,9 +1309,10 @@ test('a consumer who leaves while the charge is in flight is charged, and it is 
   try {
     assert.equal((await get(url + '/w', 'p-left')).status, 200) // the role probe; the balance fresh
     await proxy.set('delay', 600) // AccMan applies the charge at once, its reply comes late
+    const sent = proxy.targets.length
     const leaving = new AbortController()
     const asked = fetch(url + '/w', { headers: { accman: 'p-left' }, signal: leaving.signal })
-    await sleep(250)
+    await until(() => proxy.targets.slice(sent).some((t) => t.startsWith('/mod?'))) // the charge is sent
     leaving.abort()
     await assert.rejects(asked)
     await until(() => messages(logs, 40).length >= 1)
