@@ -133,7 +133,7 @@ test('check mode names the proxy\'s 503 and probes writes after it, as after Acc
     assert.deepEqual([refused.status, refused.body.error], [503, 'unavailable'])
     assert.equal(app.accman.stats.owed, 1)
     front.refuseWrites = false // the owed charge lands
-    assert.ok(await app.accman.drain(2000))
+    assert.ok(await app.accman.drain(10000))
   } finally {
     await app.close()
   }
@@ -153,7 +153,11 @@ for (const failure of ['502', 'cut', 'hang']) {
     // would be served with its charge owed.
     const cred = `x-unknown-${failure}`
     await acc.mint.mod(cred, 10)
-    const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 200 })
+    // The calls that pass wait on AccMan's commits, which a loaded machine
+    // can slow to a good part of 200 ms; a hung call ends at timeoutMs,
+    // kept short for it only.
+    const timeoutMs = failure === 'hang' ? 400 : 5000
+    const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0, timeoutMs })
     const statuses = []
     try {
       statuses.push((await get(url + '/w', cred)).status) // probe, charge
@@ -162,7 +166,7 @@ for (const failure of ['502', 'cut', 'hang']) {
       statuses.push((await get(url + '/w', cred)).status) // the probe fails too: 503
       assert.equal(app.accman.stats.owed, 1)
       front.failWrites = null // the owed charge lands
-      assert.ok(await app.accman.drain(2000))
+      assert.ok(await app.accman.drain(10000))
       statuses.push((await get(url + '/w', cred)).status) // probe, charge
     } finally {
       await app.close()
@@ -179,7 +183,7 @@ test('check mode: the requests in flight after a charge of unknown outcome share
   // probe is under way wait for it, then read their balance.
   const cred = 'x-unknown-herd'
   await acc.mint.mod(cred, 100)
-  const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 500 })
+  const { app, url } = await serviceApp({ url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 5000 })
   let statuses
   try {
     assert.equal((await get(url + '/w', cred)).status, 200) // probe, charge
@@ -187,7 +191,7 @@ test('check mode: the requests in flight after a charge of unknown outcome share
     assert.equal((await get(url + '/w', cred)).status, 200) // admitted on the balance; owed
     front.failWrites = null
     statuses = (await Promise.all(Array.from({ length: 8 }, () => get(url + '/w', cred)))).map((r) => r.status)
-    assert.ok(await app.accman.drain(2000))
+    assert.ok(await app.accman.drain(10000))
   } finally {
     await app.close()
   }
@@ -205,7 +209,9 @@ test('check mode: a probe answered before a charge failed leaves admission on th
   let goOn
   const slowGate = new Promise((resolve) => { goOn = resolve })
   const app = Fastify()
-  await app.register(accman, { url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 500, checkFreshMs: 0 })
+  // The probe held at the front waits for the test's steps: no call here
+  // is meant to time out.
+  await app.register(accman, { url: front.url, token: TOKENS.service, retries: 0, timeoutMs: 5000, checkFreshMs: 0 })
   app.get('/w', async () => ({ ok: true }))
   app.get('/slow', async () => { await slowGate; return { ok: true } })
   app.get('/missing', async (request, reply) => reply.code(404).send({})) // not charged
@@ -234,7 +240,7 @@ test('check mode: a probe answered before a charge failed leaves admission on th
     last = (await get(url + '/w', cred)).status
     next = calls(front.lines.slice(n))[0]
     front.failWrites = null
-    assert.ok(await app.accman.drain(2000))
+    assert.ok(await app.accman.drain(10000))
   } finally {
     await app.close()
   }
