@@ -195,6 +195,9 @@ test('a second signal after the copy window ends the example at once', async (t)
   const { example } = await oweCharge(t, 'example-term-twice')
   const sent = performance.now()
   example.child.kill('SIGTERM')
+  // The copy window opens as the example handles the first signal, which
+  // it logs: a loaded machine may handle it late.
+  while (!example.logs.some((l) => l.msg === 'closing')) await sleep(5)
   await sleep(SIGNAL_COPY_MS + 500)
   example.child.kill('SIGTERM') // AccMan is still gone: the drain would take CLOSE_DRAIN_MS
   assert.deepEqual(await example.exited, { code: null, signal: 'SIGTERM' })
