@@ -829,6 +829,14 @@ test('at close, an owed charge that timed out may have landed: stranded of unkno
   assert.match(errors.join('\n'), /stranded charge, outcome unknown: look for \S+-c in the account's history/)
 })
 
+// How long close() may take, with a connection kept alive at its start:
+// CLOSE_KEEP_ALIVE_MS, Node's keepAliveTimeoutBuffer (1 s) where it has
+// one, and room for a loaded machine, far under fastify's keepAliveTimeout
+// (72 s) and Node's "never".  The tests wait for it only when close() hangs,
+// on a timer that does not hold the test's process open.
+const CLOSED_WITHIN_MS = 10000
+const timedOut = () => require('node:timers/promises').setTimeout(CLOSED_WITHIN_MS, undefined, { ref: false })
+
 test('close() ends with the request under way: its kept-alive connection is closed, not held for keepAliveTimeout', async () => {
   await acc.mint.mod('p-close-alive', 10)
   const { app, url } = await serviceApp({ url: acc.server.url, token: TOKENS.service })
@@ -836,11 +844,11 @@ test('close() ends with the request under way: its kept-alive connection is clos
   try {
     const asked = get(url + '/gated', 'p-close-alive') // fetch keeps its connection alive
     await until(() => app.served === 1)
-    // The handler waits on its gate until close() runs the preClose hooks.
+    // The handler waits on its gate until fastify closes the server.
     const closing = app.close().then(() => { closed = true })
     const r = await asked
     assert.deepEqual([r.status, r.accman, r.headers.get('connection')], [200, '9', 'close'])
-    await Promise.race([closing, sleep(1500)])
+    await Promise.race([closing, timedOut()])
     assert.ok(closed, 'close() still waits on the kept-alive connection')
   } finally {
     if (!closed) app.server.closeAllConnections()
@@ -851,16 +859,24 @@ test('close() ends with the request under way: its kept-alive connection is clos
 // The plugin registered in a scope of its own, on a server whose
 // keepAliveTimeout is `keepAliveMs` (fastify's own by default): a route of
 // the root never meets the plugin's onSend hook, so its response keeps the
-// connection alive.  Whether close() returned within CLOSE_KEEP_ALIVE_MS
-// and Node's keepAliveTimeoutBuffer (1 s) of it.
+// connection alive.  Whether close() returned within CLOSED_WITHIN_MS.
 async function closeOutsideScope (keepAliveMs) {
   const app = Fastify()
   if (keepAliveMs !== undefined) app.server.keepAliveTimeout = keepAliveMs
-  let started
+  let started, open
   const handling = new Promise((resolve) => { started = resolve })
+  // The handler ends once fastify has closed the server, its connection
+  // busy then, however slow the machine.
+  const gate = new Promise((resolve) => { open = resolve })
+  const serverClose = app.server.close
+  app.server.close = function (...args) {
+    const closing = serverClose.apply(this, args)
+    open()
+    return closing
+  }
   app.get('/admin/slow', async () => {
     started()
-    await sleep(100)
+    await gate
     return { slow: true }
   })
   app.register(async (api) => {
@@ -876,7 +892,7 @@ async function closeOutsideScope (keepAliveMs) {
     const r = await asked
     assert.deepEqual([r.status, r.headers.get('connection')], [200, 'keep-alive'])
     await r.json()
-    await Promise.race([closing, sleep(accman.limits.CLOSE_KEEP_ALIVE_MS + 1500)])
+    await Promise.race([closing, timedOut()])
     return closed
   } finally {
     if (!closed) app.server.closeAllConnections()

@@ -149,9 +149,16 @@ async function serviceApp (options, { logs } = {}) {
   let openGate
   const gate = new Promise((resolve) => { openGate = resolve })
   app.decorate('openGate', openGate)
-  // Opened at close too, after the plugin's preClose, so that a test that
-  // fails before opening it does not leave close() waiting on its handler.
-  app.addHook('preClose', async () => openGate())
+  // Opened as fastify closes the server too (after the preClose hooks, the
+  // plugin's among them): a test that fails before opening it does not
+  // leave close() waiting on the handler, and a request under way as
+  // close() starts is still under way as the server closes.
+  const serverClose = app.server.close
+  app.server.close = function (...args) {
+    const closing = serverClose.apply(this, args)
+    openGate()
+    return closing
+  }
   app.decorate('gatesPassed', 0)
   app.get('/gated', async (request, reply) => {
     await gate
