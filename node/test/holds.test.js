@@ -190,7 +190,7 @@ test('reserve: a response that went out while the hold was on its way releases t
     assert.deepEqual([r.status, (await r.json()).code], [503, 'FST_ERR_HANDLER_TIMEOUT'])
     await proxy.set('delay', 0)
     // The hold is taken, then released; its expiry is 90 s off.
-    await until(async () => (await acc.service.past('h-timeout')).past.length === 3, 2000)
+    await until(async () => (await acc.service.past('h-timeout')).past.length === 3)
     assert.equal(await acc.service.tot('h-timeout'), 10)
   } finally {
     await app.close()
