@@ -545,12 +545,17 @@ test('served unpaid, a consumer who leaves before the response owes nothing', as
     url: 'http://127.0.0.1:9', token: TOKENS.service, onUnavailable: 'open', onUnpaid: (...a) => unpaid.push(a)
   })
   try {
+    // As leaveWhileHandled: the consumer leaves while the handler runs,
+    // which answers to nobody once the service has seen it leave.
+    const connections = connectionsOf(app.server)
     const leaving = new AbortController()
-    const asked = fetch(url + '/slow?ms=300', { headers: { accman: 'p-open-left' }, signal: leaving.signal })
-    await sleep(100)
+    const asked = fetch(url + '/gated', { headers: { accman: 'p-open-left' }, signal: leaving.signal })
+    await until(() => app.served === 1)
     leaving.abort()
     await assert.rejects(asked)
-    await sleep(400) // the handler answers to nobody meanwhile
+    await until(() => connections.allClosed())
+    app.openGate()
+    await until(() => app.gatesPassed === 1)
     const stayed = await get(url + '/slow?ms=1', 'p-open-left')
     assert.equal(stayed.status, 200)
   } finally {
@@ -939,25 +944,31 @@ test('checkFreshMs 0: every admission asks AccMan', async () => {
   })
 })
 
+// Counts a service's connections from now on, to wait until each has
+// closed: the service has then seen every consumer that left.
+function connectionsOf (server) {
+  const c = { opened: 0, closed: 0, allClosed: () => c.opened > 0 && c.closed === c.opened }
+  server.on('connection', (socket) => {
+    c.opened++
+    socket.on('close', () => { c.closed++ })
+  })
+  return c
+}
+
 // The handler waits on its gate until the service has seen the consumer's
 // connection close, however slow the machine: a sleep could let the
 // consumer leave before the handler ran, or the handler end first.
 async function leaveWhileHandled (cred, init) {
   await acc.mint.mod(cred, 10)
   await withService({}, async (url, app) => {
-    let opened = 0
-    let closed = 0
-    app.server.on('connection', (socket) => {
-      opened++
-      socket.on('close', () => { closed++ })
-    })
+    const connections = connectionsOf(app.server)
     const ac = new AbortController()
     const pending = fetch(url + '/gated', { ...init, headers: { accman: cred, ...init.headers }, signal: ac.signal })
       .catch((e) => e.name)
     await until(() => app.served === 1) // in the handler
     ac.abort()
     assert.equal(await pending, 'AbortError')
-    await until(() => opened > 0 && closed === opened)
+    await until(() => connections.allClosed())
     app.openGate()
     await until(() => app.gatesPassed === 1)
     assert.equal(app.accman.stats.charged, 0)
