@@ -263,25 +263,26 @@ def fund_later(fake, cred, delay_s):
 
 def test_a_long_poll_answers_as_soon_as_an_event_comes(fake, client):
     acc = client()
+    t = time.monotonic()                # before the timer: the event comes 0.3 s after t
     fund_later(fake, "alice", 0.3)
-    t = time.monotonic()
     events, nxt = acc.events(wait_s=10)
-    assert 0.25 < time.monotonic() - t < 5
+    assert 0.29 < time.monotonic() - t < 5
     assert [(e.type, e.by) for e in events] == [("mod", 7)] and nxt == 1
 
 
 def test_a_long_poll_may_take_longer_than_timeout_s_by_its_wait(fake, client):
     """The attempt's timeout is timeout_s + wait_s: a poll that waits its
-    whole wait is not a timeout."""
-    acc = client(timeout_s=0.2, retries=0)
+    whole wait is not a timeout.  timeout_s leaves the reply that ends the
+    wait room to be late on a busy machine."""
+    acc = client(timeout_s=0.5, retries=0)
     t = time.monotonic()
     assert acc.events(wait_s=1) == ([], 0)
     assert time.monotonic() - t >= 0.9
     fake.fault = lambda m, p, q: ("delay", 4) if p == "/events" else None
     t = time.monotonic()
-    with pytest.raises(CallTimeout, match="1.2 s"):
+    with pytest.raises(CallTimeout, match="1.5 s"):
         acc.events(wait_s=1)
-    assert 1.1 < time.monotonic() - t < 3.5
+    assert 1.4 < time.monotonic() - t < 3.5
 
 
 def test_a_long_poll_does_not_hold_up_the_calls_behind_it(fake):
