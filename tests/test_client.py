@@ -260,12 +260,15 @@ def test_many_calls_in_flight_share_a_bounded_pool(fake):
 def test_pipeline_depth_and_waiting_calls_are_bounded(fake, monkeypatch):
     monkeypatch.setattr(client_mod, "CALLS_WAITING_MAX", 5)
     fake.fund("alice", 10)
-    fake.fault = lambda m, p, q: ("delay", 0.05)
     depth = client_mod.PIPELINE_DEPTH_MAX
 
     async def go():
         async with AccManClient(fake.url, connections_max=1, retries=0) as acc:
             await acc.tot("alice")
+            # The first pipelined call's reply comes a second late, and the
+            # replies come in order: none is back while the bounds are read.
+            late = [1]
+            fake.fault = lambda m, p, q: ("delay", 1.0) if late and late.pop() else None
             tasks = [asyncio.create_task(acc.tot("alice")) for _ in range(depth + 5)]
             await asyncio.sleep(0.01)
             conn = acc._conns[0]
@@ -278,7 +281,9 @@ def test_pipeline_depth_and_waiting_calls_are_bounded(fake, monkeypatch):
 
 
 def test_idle_connections_are_not_reused_past_idle_reuse_s(fake, monkeypatch):
-    monkeypatch.setattr(policy, "IDLE_REUSE_S", 0.05)
+    # Long enough that the two calls back to back reuse the connection
+    # on a busy machine too.
+    monkeypatch.setattr(policy, "IDLE_REUSE_S", 0.5)
     fake.fund("alice", 1)
 
     async def go():
@@ -286,7 +291,7 @@ def test_idle_connections_are_not_reused_past_idle_reuse_s(fake, monkeypatch):
             await acc.tot("alice")
             await acc.tot("alice")
             assert fake.connections == 1
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.55)
             await acc.tot("alice")
             assert fake.connections == 2
     run(go())
