@@ -398,11 +398,15 @@ def test_a_call_that_timed_out_at_close_is_stranded_unknown_not_unpaid(monkeypat
         fake.fund(CRED, 10)
         unpaid = []
         m = mw(fake, cost=2, retries=0, timeout_s=0.3, on_unpaid=lambda c, a: unpaid.append(a))
-        fake.fault = first_then(charges, BUSY, ("delay", 0.4))     # owed, known unlanded
+        # Owed, known unlanded; then its retry lands well after its timeout,
+        # however late the client's loop sees that timeout.
+        fake.fault = first_then(charges, BUSY, ("delay", 1.0))
 
         async def close():
             await m._owed.close()
-            await asyncio.sleep(0.3)                # the late charge lands
+            deadline = time.monotonic() + 10
+            while fake.tot(CRED) != 8 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)           # the late charge lands
         with caplog.at_level(logging.ERROR, logger="accman.asgi"):
             _charge_owed_then(fake, m, close)
         assert fake.tot(CRED) == 8 and unpaid == [] and m.stats["stranded"] == 1
