@@ -175,6 +175,19 @@ class Follower:
             [sys.executable, "-m", "accman", "events", "--follow", "--url", url, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(), cwd=ROOT)
         self.buf = b""
+        self.err = b""
+
+    def said(self, text: bytes, times: int, timeout_s=15.0) -> None:
+        """Reads stderr until `text` has been said `times` times: waiting
+        on the follower, not on a time its start-up may outlast."""
+        deadline = time.monotonic() + timeout_s
+        while self.err.count(text) < times:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} said fewer than {times} times: {self.err!r}"
+            if select.select([self.proc.stderr], [], [], left)[0]:
+                chunk = os.read(self.proc.stderr.fileno(), 65536)
+                assert chunk, self.err
+                self.err += chunk
 
     def lines(self, n, timeout_s=10.0) -> list:
         deadline = time.monotonic() + timeout_s
@@ -192,7 +205,7 @@ class Follower:
     def stop(self, sig) -> tuple:
         self.proc.send_signal(sig)
         rest, err = self.proc.communicate(timeout=10)
-        return self.proc.returncode, self.buf + rest, err.decode()
+        return self.proc.returncode, self.buf + rest, (self.err + err).decode()
 
     def kill(self):
         if self.proc.poll() is None:
@@ -255,7 +268,7 @@ def test_an_idle_follower_notices_its_reader_gone(fake, followers):
 
 def test_follow_rides_out_no_answer_and_says_so(followers):
     f = followers(f"http://127.0.0.1:{closed_port()}", "--wait", "1")
-    time.sleep(2.5)
+    f.said(b"no answer", 2)
     code, rest, err = f.stop(signal.SIGINT)
     assert code == 0 and rest == b""
     assert err.count("no answer") >= 2 and "trying again in 1 s" in err
