@@ -452,14 +452,22 @@ def test_a_follower_after_the_stream_s_end_says_so_and_follows_from_the_newest(s
     proc = subprocess.Popen(accman("events", "--follow", "--after", 9, "--wait", 1, "--url", s.url),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env(),
                             cwd=ROOT)
+    said = [b""]
+
+    def told() -> bool:
+        if select.select([proc.stderr], [], [], 0)[0]:
+            said[0] += os.read(proc.stderr.fileno(), 65536)
+        return b"\n" in said[0]
     try:
-        time.sleep(1.0)
+        # Its first line comes with its first poll's answer: a mod after it
+        # is a new event, however long the follower took to start.
+        wait_for(told, "line on stderr")
         s.mod("abc", 2)
         line = json.loads(proc.stdout.readline())
         assert (line["id"], line["by"]) == (2, 2)
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
-    assert err.decode().splitlines()[0] == (
+    assert (said[0] + err).decode().splitlines()[0] == (
         "accman: events: event 9 is past the stream's end (the newest is 1): following from "
         "event 1")
