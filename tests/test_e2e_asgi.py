@@ -414,6 +414,14 @@ def test_an_account_at_int64_min_is_402_though_the_probe_meets_overflow(stack, c
     assert [e.by for e in past(stack, cred)] == [-2, -INT64_MAX, 1]     # the probe changed nothing
 
 
+def mods_answered(accman) -> int:
+    """The /mod requests AccMan has answered, by its /metrics (the
+    middleware's admission check is a mod that changes nothing)."""
+    r = httpx.get(accman.url + "/metrics", headers={"Authorization": f"Bearer {SVC_READ}"})
+    return sum(int(float(n)) for n in re.findall(
+        r'^accman_requests_total\{route="mod",status="\d+"\} (\S+)$', r.text, re.M))
+
+
 def test_an_owed_charge_lands_at_shutdown_of_an_app_without_lifespan(tmp_path):
     """tests/bare_app.py speaks no lifespan: the middleware answers uvicorn's
     lifespan itself, so its shutdown still waits for the owed charge."""
@@ -427,10 +435,16 @@ def test_an_owed_charge_lands_at_shutdown_of_an_app_without_lifespan(tmp_path):
         with AccManSyncClient(accman.url, FUNDER) as funder:
             funder.mod(cred, 10)
         with httpx.Client(base_url=app.url, timeout=30) as http:
+            funded = mods_answered(accman)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 pending = pool.submit(http.get, "/work", params={"s": "1"},
                                       headers={"ACCMAN": cred})
-                time.sleep(0.3)             # admitted, working
+                # Admitted (AccMan answered its check), working: only then
+                # does AccMan go, however slow the app is to get there.
+                deadline = time.monotonic() + 10
+                while mods_answered(accman) == funded:
+                    assert time.monotonic() < deadline, "the request was never admitted"
+                    time.sleep(0.02)
                 accman.stop()
                 r = pending.result()
         assert r.status_code == 200 and "accman" not in r.headers      # the charge is owed
