@@ -276,8 +276,11 @@ def test_follow_rides_out_no_answer_and_says_so(followers):
 
 
 def test_follow_gives_up_after_follow_outage_s_max(monkeypatch):
-    monkeypatch.setattr(follow_mod, "FOLLOW_OUTAGE_S_MAX", 0.3)
-    monkeypatch.setattr(follow_mod, "FOLLOW_PAUSE_S", 0.05)
+    # A pause far shorter than the outage bound: the follower tries again
+    # several times before it gives up, even after a long pause of the
+    # test's process.
+    monkeypatch.setattr(follow_mod, "FOLLOW_OUTAGE_S_MAX", 0.6)
+    monkeypatch.setattr(follow_mod, "FOLLOW_PAUSE_S", 0.02)
     notes = []
     with AccManSyncClient(f"http://127.0.0.1:{closed_port()}", retries=0) as acc:
         end = follow_mod.follow(acc, 7, None, 1, out=sys.stdout, note=notes.append)
