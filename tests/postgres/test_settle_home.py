@@ -13,6 +13,10 @@ from accman.postgres.migrate import MIGRATE_LOCK_ID, migrate, read_info, settle_
 
 from .helpers import fund, migrate_cut_short_before_the_home, opened, run, stored
 
+# What a step that has hung is given: a migration of fresh clusters takes
+# seconds on a machine loaded by the other workers and PostgreSQL servers.
+HANG_S = 60
+
 
 def test_a_late_setup_keeps_the_home_another_recorded_meanwhile(pg, monkeypatch):
     """Two front-ends started together on two new clusters, the second late:
@@ -42,7 +46,7 @@ def test_a_late_setup_keeps_the_home_another_recorded_meanwhile(pg, monkeypatch)
                 async with at_home.transaction():
                     await at_home.execute("SELECT 1 FROM accman_counter FOR UPDATE")
                     assert await c.mod(cred, 5) == (5, 1)
-                    got = await asyncio.wait_for(settle_home(conns, stale), 10)
+                    got = await asyncio.wait_for(settle_home(conns, stale), HANG_S)
             assert [i.events_home for i in got] == [home, home]
             for conn, info in zip(conns, infos, strict=True):
                 merged = await conn.fetchval("SELECT count(*) FROM accman_merged")
@@ -61,11 +65,11 @@ _WAITERS_SQL = ("SELECT count(*) FROM pg_locks l JOIN pg_database d ON l.databas
 
 async def _waiting(holder, count):
     """Until `count` migrations wait for the migrate lock `holder` holds."""
-    for _ in range(500):
-        if await holder.fetchval(_WAITERS_SQL) >= count:
-            return
+    end = asyncio.get_running_loop().time() + HANG_S
+    while await holder.fetchval(_WAITERS_SQL) < count:
+        if asyncio.get_running_loop().time() > end:
+            pytest.fail(f"{count} migrations never waited for the migrate lock")
         await asyncio.sleep(0.02)
-    pytest.fail(f"{count} migrations never waited for the migrate lock")
 
 
 async def _holding(urls):
@@ -94,9 +98,9 @@ def test_a_setup_of_two_does_not_take_clusters_a_setup_of_three_marked(pg):
             two = asyncio.ensure_future(opened([a, b]))
             await _waiting(holders[0], 2)
             await holders[0].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
-            done = await asyncio.wait_for(asyncio.gather(two, return_exceptions=True), 10)
+            done = await asyncio.wait_for(asyncio.gather(two, return_exceptions=True), HANG_S)
             await holders[1].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
-            got = await asyncio.wait_for(three, 10)
+            got = await asyncio.wait_for(three, HANG_S)
         finally:
             for h in holders:
                 await h.close()
@@ -128,14 +132,14 @@ def test_a_setup_of_three_does_not_grow_a_store_of_two_recorded_meanwhile(pg):
             await holders[0].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
             await _waiting(holders[1], 2)
             await holders[1].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
-            store, _ = await asyncio.wait_for(two, 10)
+            store, _ = await asyncio.wait_for(two, HANG_S)
             await _waiting(holders[2], 1)
             await holders[2].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
             try:
                 with pytest.raises(StoreError, match=r"^cluster [12] of 3 was set up meanwhile by "
                                    r"another AccMan as the home of a store of 2 clusters \(2 "
                                    r"of the 3 given\), which a front-end may serve"):
-                    await asyncio.wait_for(three, 10)
+                    await asyncio.wait_for(three, HANG_S)
             finally:
                 await store.aclose()
         finally:
