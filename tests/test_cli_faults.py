@@ -381,6 +381,8 @@ def test_a_read_whose_answer_goes_nowhere_exits_4(start_server):
     (["past", "SECRETcred", "--by=5", "--min", "SECRET", "--limt", "3"],
      "unrecognized arguments: --by --min <not shown> <not shown> <not shown>; --by and --min "
      "are not options of accman past; did you mean --limit? ("),
+    # A command's name where a value goes is no flag: not said as an option.
+    (["tot", "SECRETcred", "SECRETmore", "mod"], "unrecognized arguments: <not shown> mod ("),
     (["tot", "SECRETcred1", "SECRETcred2"], "unrecognized arguments: <not shown> ("),
     (["mod", "SECRETcred", "5", "-SECRETdash"], "unrecognized arguments: <not shown> ("),
     (["tot", "--", "--SECRETdash", "--SECRETmore"], "unrecognized arguments: <not shown> ("),

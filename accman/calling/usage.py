@@ -147,7 +147,8 @@ def _flags_in(extra, given, flags) -> list:
     `flags` exactly (another command's: `tot --key`), each named once."""
     options = set(_options(given))
     return list(dict.fromkeys(word.split("=", 1)[0] for word in extra
-                              if word in options and word.split("=", 1)[0] in flags))
+                              if word.startswith("-") and word in options
+                              and word.split("=", 1)[0] in flags))
 
 
 def _close_flags(extra, given, flags, others) -> list:
