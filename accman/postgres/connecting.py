@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import urllib.parse
 
 import asyncpg
 
 from accman.errors import StoreError
 from accman.postgres.errors import store_error, unreadable_url
-from accman.postgres.service_file import ServiceFileError, service_settings
+from accman.postgres.service_file import LIBPQ_KEYWORDS, ServiceFileError, service_settings
 
 log = logging.getLogger("accman.postgres")
 
@@ -219,13 +218,18 @@ _FROM_ENV = {"dbname": "PGDATABASE", "user": "PGUSER", "password": "PGPASSWORD",
              "host": "PGHOST", "port": "PGPORT"}
 
 
+# The names a refused query part is said by: libpq's settings.
+_NAMED = LIBPQ_KEYWORDS | {"service"}
+
+
 def _check_pairs(query: str) -> None:
     """Each part of a URL's query is `name=value`, as libpq requires: a
     part without `=`, with no name, or with a second `=` (`password=a=b`)
     raises StoreError, where the driver would take it (a second `=` into
     the value); so does an empty value of a setting of _FROM_ENV.  A part
-    is named by its name when that is a setting's word, else by its place:
-    it may be a secret pasted there."""
+    is named by its name when that is libpq's name of a setting, else by
+    its place: it may be a secret pasted there, or the piece of a value
+    after an unescaped `&`."""
     parts = query.split("&")
     for place, part in enumerate(parts, 1):
         if not part and place == len(parts):
@@ -237,7 +241,7 @@ def _check_pairs(query: str) -> None:
                  f"{_FROM_ENV[name]}: give a value or leave it out"
                  if not value and name in _FROM_ENV else "")
         if wrong:
-            said = f"{name}=" if eq and re.fullmatch(r"[a-z_]{1,40}", name) else f"part {place}"
+            said = f"{name}=" if eq and name in _NAMED else f"part {place}"
             raise StoreError(f"{_CONNECT}: the store URL's query is name=value pairs, as libpq "
                              f"reads it, and its {said} {wrong}")
 

@@ -120,7 +120,7 @@ def test_a_query_part_that_is_not_name_value_is_refused_as_libpq_refuses_it(pg, 
     """libpq refuses such a URL (psql: "extra key/value separator", "missing
     key/value separator", "invalid URI query parameter"), where the driver
     took `password=a=b` as the password "a=b": a URL that psql cannot use
-    is refused, naming the part by its place unless its name is a word.
+    is refused, naming the part by its place unless it is a setting of libpq.
     An empty dbname= or user= is libpq's default but PGDATABASE or PGUSER
     to the driver: refused too."""
     with pytest.raises(StoreError) as e:
@@ -135,3 +135,14 @@ def test_a_query_part_that_is_not_name_value_is_refused_as_libpq_refuses_it(pg, 
 def test_a_trailing_ampersand_is_taken_as_libpq_takes_it():
     assert as_libpq_reads("postgresql://h/d?sslmode=disable&") == \
         "postgresql://h/d?sslmode=disable&"
+
+
+def test_a_part_is_named_only_by_a_settings_name_never_by_a_piece_of_a_value():
+    """A password with an unescaped `&` splits into parts: the piece after
+    it (`secret` of `Tr0ub&secret=x=y`) is no setting's name, and is said
+    by its place, as a secret pasted there would be."""
+    with pytest.raises(StoreError) as e:
+        as_libpq_reads("postgresql://u@h/d?sslmode=disable&password=Tr0ub&secret=x=y")
+    assert e.value.detail.endswith("its part 3 has a second `=` (one inside a value is "
+                                   "written %3D)")
+    assert "secret" not in e.value.detail
