@@ -235,6 +235,7 @@ def _check_pairs(query: str) -> None:
         if not part and place == len(parts):
             continue                            # a trailing `&`, libpq's too
         name, eq, value = part.partition("=")
+        name = urllib.parse.unquote(name)       # as both read it: db%6Eame is dbname
         wrong = ("has no `=`" if not eq else "has no name" if not name else
                  "has a second `=` (one inside a value is written %3D)" if "=" in value else
                  f"is empty, which libpq reads as its own default and the driver as "

@@ -114,6 +114,8 @@ def test_database_in_the_query_is_refused_as_libpq_refuses_it(pg, pg_url):
                 "PGDATABASE: give a value or leave it out"),
     ("sslmode=disable&user=", "user= is empty, which libpq reads as its own default and the "
                               "driver as PGUSER: give a value or leave it out"),
+    ("db%6Eame=", "dbname= is empty, which libpq reads as its own default and the driver as "
+                  "PGDATABASE: give a value or leave it out"),
 ])
 def test_a_query_part_that_is_not_name_value_is_refused_as_libpq_refuses_it(pg, pg_url,
                                                                             query, said):
