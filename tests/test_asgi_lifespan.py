@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
+
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -109,11 +111,14 @@ def test_an_owed_charge_lands_before_the_apps_own_shutdown_which_hangs(monkeypat
         assert stats["charged"] == 1 and stats["stranded"] == 0
 
 
-def test_an_app_that_returns_after_its_startup_still_has_its_owed_charge_drained(monkeypatch):
-    """An app whose lifespan answers the startup and returns: the server
-    would take that return for the end of the shutdown too, and stop with
-    the owed charge unpaid.  The middleware answers the rest of the
-    lifespan itself: the shutdown's answer comes after the drain."""
+@pytest.mark.parametrize("ends", ["returns", "raises"])
+def test_an_app_that_ends_after_its_startup_still_has_its_owed_charge_drained(
+        monkeypatch, caplog, ends):
+    """An app whose lifespan answers the startup and returns, or raises:
+    the server would take a return for the end of the shutdown too, and
+    skip the shutdown after a raise, and stop with the owed charge unpaid.
+    The middleware answers the rest of the lifespan itself (a raise logged
+    in full): the shutdown's answer comes after the drain."""
     monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 0.2)     # the retry comes at shutdown
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
@@ -123,6 +128,8 @@ def test_an_app_that_returns_after_its_startup_still_has_its_owed_charge_drained
             if scope["type"] == "lifespan":
                 assert (await receive())["type"] == "lifespan.startup"
                 await send({"type": "lifespan.startup.complete"})
+                if ends == "raises":
+                    raise RuntimeError("the app's background task failed")
                 return
             await PlainTextResponse("ok")(scope, receive, send)
 
@@ -144,6 +151,9 @@ def test_an_app_that_returns_after_its_startup_still_has_its_owed_charge_drained
             return sent
         sent = asyncio.run(main())
         assert sent == [("lifespan.startup.complete", 10), ("lifespan.shutdown.complete", 8)]
+    raised = [r for r in caplog.records if "raised after its startup" in r.getMessage()]
+    assert len(raised) == (ends == "raises")
+    assert all(r.exc_info[1].args == ("the app's background task failed",) for r in raised)
 
 
 async def _ignore(message):

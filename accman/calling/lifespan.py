@@ -20,9 +20,9 @@ async def lifespan(app, aclose, scope, receive, send) -> None:
     or hangs cannot keep them from landing.  An app that does not speak
     lifespan (it returns or raises before it reads a message, as ASGI
     allows) gets the middleware's own; so does the rest of the lifespan of
-    an app that returns once its startup is complete (the server would
-    otherwise take that return for the shutdown's end, and stop with no
-    drain)."""
+    an app that returns or raises once its startup is complete (the
+    server would otherwise take that for the shutdown's end, or skip the
+    shutdown, and stop with no drain)."""
     spoken = shut = started = False
 
     async def receive_():
@@ -41,15 +41,22 @@ async def lifespan(app, aclose, scope, receive, send) -> None:
     try:
         await app(scope, receive_, send_)
     except Exception:
-        if spoken:
+        if spoken and not (started and not shut):
             raise
-        # ASGI's sign of an app without lifespan; logged in full, since it
-        # is also what an app failing its startup before reading looks
-        # like, and the server now starts.
-        log.warning("accman: the app raised on the lifespan scope before reading a "
-                    "message: taken as an app without lifespan, whose lifespan the "
-                    "middleware answers so that owed calls land at shutdown",
-                    exc_info=True)
+        if spoken:
+            # Between its startup and the shutdown: the server would log it
+            # and skip the shutdown, the drain with it.
+            log.error("accman: the app's lifespan raised after its startup: the middleware "
+                      "answers the rest of it, so that owed calls land at shutdown",
+                      exc_info=True)
+        else:
+            # ASGI's sign of an app without lifespan; logged in full, since
+            # it is also what an app failing its startup before reading
+            # looks like, and the server now starts.
+            log.warning("accman: the app raised on the lifespan scope before reading a "
+                        "message: taken as an app without lifespan, whose lifespan the "
+                        "middleware answers so that owed calls land at shutdown",
+                        exc_info=True)
     if not spoken or (started and not shut):
         await _own(aclose, receive, send)
 
