@@ -84,6 +84,22 @@ def test_a_zero_estimate_holds_nothing(fake):
     assert m.stats["capped"] == 1
 
 
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_an_overdrawn_account_is_refused_even_at_an_estimate_of_0(fake, mode):
+    """A balance under 0 (a hold that expired under a slow app, then its
+    charge) covers no estimate: both modes refuse it 402 until it is
+    funded, where reserve mode, holding nothing at 0, served it."""
+    fake.fund(CRED, 1)
+    fake.fund(CRED, -3)
+    calls = []
+    m = mw(fake, mode=mode, cost=est_then(0, 0), app=make_app(calls=calls))
+    r = run(call(m))
+    assert (r.status, r.json()["error"]) == (402, "insufficient")
+    assert calls == [] and fake.tot(CRED) == -2 and fake.calls("/hold") == []
+    fake.fund(CRED, 2)
+    assert run(call(m)).status == 200 and calls == ["/thing"]
+
+
 def test_the_token_needs_read_and_charge_only():
     with FakeAccMan(tokens={"svc": {"read", "charge"}}) as fake:
         fake.fund(CRED, 10)

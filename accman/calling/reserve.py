@@ -29,7 +29,7 @@ from accman.calling.answers import with_tot
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.owed import CANCELLED, Owed, Settle, Unsettle, charge_key, fingerprint
 from accman.calling.repeats import Repeats
-from accman.errors import AccManError, HoldEnded
+from accman.errors import AccManError, HoldEnded, Insufficient
 
 log = logging.getLogger("accman.asgi")
 
@@ -72,7 +72,11 @@ class Reservation:
         request (NoAccount, Insufficient, TooManyHolds, an outage)."""
         self.ttl_s = ttl_s
         if not self.est:
+            # Nothing to hold: the balance is checked as check mode checks
+            # it, so that an overdrawn one covers no estimate, 0 included.
             self.tot = await self.acc.tot(self.cred)
+            if self.tot < 0:
+                raise Insufficient(self.tot)
             return
         self.hold, self.tot, _ = await self.acc.hold(self.cred, -self.est, ttl_s,
                                                      key=self.hold_key)
