@@ -394,13 +394,14 @@ _last_host: dict[str, str] = {}
 def _one_host_urls(url: str) -> list[str] | None:
     """`url` once for each host it names, None when it names one (or is
     not a URL this can split: asyncpg reads it whole).  The hosts are its
-    authority's, else its host= list's, else PGHOST's (libpq's order);
+    authority's (each with LIBPQ_PORT when it names none), else its host=
+    list's, else PGHOST's (libpq's order);
     those of a list outside the authority each get their port of the
     port= list, else of PGPORT (one for all, or one for each host)."""
     scheme, user_at, hosts, tail = _split(url)
     parts = [h for h in hosts.split(",") if h]
     if len(parts) > 1:
-        return [f"{scheme}://{user_at}{h}{tail}" for h in parts]
+        return [f"{scheme}://{user_at}{_with_a_port(h)}{tail}" for h in parts]
     if parts or not scheme:
         return None
     hosts = (_query_value(url, "host") or os.environ.get("PGHOST", "")).split(",")
@@ -415,6 +416,19 @@ def _one_host_urls(url: str) -> list[str] | None:
     return [f"{scheme}://{user_at}{path}?" + urllib.parse.urlencode(
                 [*kept, ("host", h)] + ([("port", p)] if p else []))
             for h, p in zip(hosts, ports, strict=True)]
+
+
+# The port libpq gives a host of several in a URL's authority that has none
+# of its own: its built-in one, never PGPORT's (libpq reads such a list's
+# ports as given, each empty), where the driver, given one host, reads PGPORT.
+LIBPQ_PORT = 5432
+
+
+def _with_a_port(host: str) -> str:
+    """`host` of an authority's list (`h`, `h:5`, `[::1]`, `[::1]:5`) with
+    LIBPQ_PORT when it names no port."""
+    named = "]:" in host if host.startswith("[") else ":" in host
+    return host if named else f"{host}:{LIBPQ_PORT}"
 
 
 def _split(url: str) -> tuple[str, str, str, str]:
