@@ -72,6 +72,17 @@ async def takes_the_role(store):
         await asyncio.sleep(LEAD_S)
 
 
+async def sees_its_session_end(store):
+    """Until `store`'s client has read the end of its terminated role
+    session (the server's error, then the close): only then does its next
+    call say the role is lost, where one within its check interval of the
+    last check answers from what it knew."""
+    deadline = time.monotonic() + 10
+    while not store.cursors._conns["webhook"].is_closed():
+        assert time.monotonic() < deadline, "the client never saw its session end"
+        await asyncio.sleep(0.01)
+
+
 def test_a_cursor_is_a_row_that_only_grows(pg_url):
     async def main():
         async with two_front_ends(pg_url) as (a, b):
@@ -101,6 +112,7 @@ def test_one_front_end_holds_the_role_until_its_session_goes(pg_url):
             # the other takes it, and the holder finds out at its next call.
             await terminate(pg_url, a.cursors._conns["webhook"].get_server_pid())
             await takes_the_role(b)
+            await sees_its_session_end(a)
             assert not await a.cursors.lead("webhook", LEAD_S)      # told it lost the role
             assert not await a.cursors.lead("webhook", LEAD_S)      # reconnects, and waits
     run(main())
@@ -147,6 +159,7 @@ def test_a_holder_that_lost_the_role_goes_on_from_the_saved_cursor(pg_url):
             d.cursor = 10                       # acknowledged, not yet saved
             await terminate(pg_url, a.cursors._conns["webhook"].get_server_pid())
             await takes_the_role(b)
+            await sees_its_session_end(a)
             await b.cursors.save_cursor("webhook", 500)
             await b.aclose()                    # the lock is free again
             assert not await d._lead() and not d.leading
