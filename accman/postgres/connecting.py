@@ -426,9 +426,12 @@ LIBPQ_PORT = 5432
 
 def _with_a_port(host: str) -> str:
     """`host` of an authority's list (`h`, `h:5`, `[::1]`, `[::1]:5`) with
-    LIBPQ_PORT when it names no port."""
-    named = "]:" in host if host.startswith("[") else ":" in host
-    return host if named else f"{host}:{LIBPQ_PORT}"
+    LIBPQ_PORT when it names no port, or an empty one (`h:`, `[::1]:`):
+    libpq reads an empty port of a list as its built-in one too."""
+    name, colon, port = host.rpartition(":")
+    if not colon or "]" in port:                # `h`, `[::1]`: no port at all
+        name, port = host, ""
+    return host if port else f"{name}:{LIBPQ_PORT}"
 
 
 def _split(url: str) -> tuple[str, str, str, str]:
