@@ -397,7 +397,8 @@ def _one_host_urls(url: str) -> list[str] | None:
     authority's (each with LIBPQ_PORT when it names none), else its host=
     list's, else PGHOST's (libpq's order);
     those of a list outside the authority each get their port of the
-    port= list, else of PGPORT (one for all, or one for each host)."""
+    port= list, else of PGPORT (one for all, or one for each host), an
+    empty one LIBPQ_PORT."""
     scheme, user_at, hosts, tail = _split(url)
     parts = [h for h in hosts.split(",") if h]
     if len(parts) > 1:
@@ -414,13 +415,14 @@ def _one_host_urls(url: str) -> list[str] | None:
     kept = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
             if k not in ("host", "port")]
     return [f"{scheme}://{user_at}{path}?" + urllib.parse.urlencode(
-                [*kept, ("host", h)] + ([("port", p)] if p else []))
+                [*kept, ("host", h), ("port", p or str(LIBPQ_PORT))])
             for h, p in zip(hosts, ports, strict=True)]
 
 
-# The port libpq gives a host of several in a URL's authority that has none
-# of its own: its built-in one, never PGPORT's (libpq reads such a list's
-# ports as given, each empty), where the driver, given one host, reads PGPORT.
+# The port libpq gives a host of several that has none of its own (none or
+# an empty one in a URL's authority, an empty one of a port list): its
+# built-in one, never PGPORT's (libpq reads such a list's ports as given),
+# where the driver, given one host and no port, reads PGPORT.
 LIBPQ_PORT = 5432
 
 

@@ -157,12 +157,15 @@ def test_a_part_is_named_only_by_a_settings_name_never_by_a_piece_of_a_value():
     ("postgresql://h1:,[::2]:/d", ["postgresql://h1:5432/d", "postgresql://[::2]:5432/d"]),
     ("postgresql:///d?host=h1,h2",
      ["postgresql:///d?host=h1&port=1", "postgresql:///d?host=h2&port=1"]),
+    ("postgresql:///d?host=h1,h2&port=5,",
+     ["postgresql:///d?host=h1&port=5", "postgresql:///d?host=h2&port=5432"]),
 ])
 def test_a_host_of_several_with_no_port_gets_the_port_libpq_gives_it(monkeypatch, url, each):
     """Of several hosts before the path, one with no port is 5432 to libpq,
     whatever PGPORT says (psql 15: `PGPORT=1 psql postgresql://a,b/d` tries
     port 5432 on both); the store took PGPORT there.  So is one whose port
     is empty (`h1:`), which the driver would fill from PGPORT.  A host=
-    list's hosts take PGPORT, as libpq gives it them."""
+    list's hosts take PGPORT, as libpq gives it them, and 5432 for an empty
+    port of a list (`port=5,`: psql 15 tries 5432 on the second)."""
     monkeypatch.setenv("PGPORT", "1")
     assert _one_host_urls(url) == each
