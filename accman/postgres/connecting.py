@@ -181,7 +181,7 @@ def as_libpq_reads(dsn: str) -> str:
     A host= or port= beside hosts in the authority, which asyncpg leaves
     unread, raises StoreError: the two would take different hosts or
     ports, and a host list cannot be moved whole; so does database=,
-    asyncpg's alone."""
+    asyncpg's alone, and an empty host in a list of several."""
     scheme, user_at, hosts, tail = _split(dsn)
     if not scheme:
         return dsn
@@ -189,6 +189,12 @@ def as_libpq_reads(dsn: str) -> str:
     _check_pairs(query)
     query = query.replace("+", "%2B")
     given = {k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
+    if "," in hosts and any(not h or h.startswith(":") for h in hosts.split(",")):
+        # libpq takes its socket directory for it, not PGHOST: the driver
+        # has no such host of a list.
+        raise StoreError(f"{_CONNECT}: the store URL's list of hosts before its path has "
+                         "an empty one, which libpq reads as its socket directory: name "
+                         "each host (a socket directory as %2Fvar%2Frun%2Fpostgresql)")
     if hosts.startswith(":") and "," not in hosts:
         if hosts[1:] and "port" not in given:
             query, mark = f"{query}{'&' if query else ''}port={hosts[1:]}", "?"

@@ -169,3 +169,18 @@ def test_a_host_of_several_with_no_port_gets_the_port_libpq_gives_it(monkeypatch
     port of a list (`port=5,`: psql 15 tries 5432 on the second)."""
     monkeypatch.setenv("PGPORT", "1")
     assert _one_host_urls(url) == each
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@:5433,h2/d", "postgresql://h1,/d",
+                                 "postgresql://h1,,h2/d"])
+def test_an_empty_host_in_a_list_of_several_is_refused(url):
+    """libpq takes an empty host of a list before the path for its socket
+    directory (psql 15: `postgresql://:5433,h2/d` tries the socket
+    /var/run/postgresql/.s.PGSQL.5433 first), where the driver got a host
+    named "" for it: refused, naming the way to write one."""
+    with pytest.raises(StoreError) as e:
+        as_libpq_reads(url)
+    assert e.value.detail == (
+        "cannot connect to a PostgreSQL cluster of the store: the store URL's list of hosts "
+        "before its path has an empty one, which libpq reads as its socket directory: name "
+        "each host (a socket directory as %2Fvar%2Frun%2Fpostgresql)")
