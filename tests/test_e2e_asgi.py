@@ -31,6 +31,7 @@ from accman.client import AccManSyncClient
 from accman.errors import Unavailable
 from accman.limits import INT64_MAX, INT64_MIN
 from asgi_harness import call, make_app
+from ledgerhelp import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 20.0
@@ -441,10 +442,7 @@ def test_an_owed_charge_lands_at_shutdown_of_an_app_without_lifespan(tmp_path):
                                       headers={"ACCMAN": cred})
                 # Admitted (AccMan answered its check), working: only then
                 # does AccMan go, however slow the app is to get there.
-                deadline = time.monotonic() + 10
-                while mods_answered(accman) == funded:
-                    assert time.monotonic() < deadline, "the request was never admitted"
-                    time.sleep(0.02)
+                wait_for(lambda: mods_answered(accman) != funded, what="the request admitted")
                 accman.stop()
                 r = pending.result()
         assert r.status_code == 200 and "accman" not in r.headers      # the charge is owed
