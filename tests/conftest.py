@@ -126,7 +126,9 @@ class Conn:
             raise EOFError("connection closed by the server")
         self.buf += chunk
 
-    def response(self) -> Response:
+    def response(self, to_head=False) -> Response:
+        """The next response; `to_head` true: it answers a HEAD, so it has
+        no body whatever its Content-Length says."""
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, _, rest = self.buf.partition(b"\r\n\r\n")
@@ -138,7 +140,7 @@ class Conn:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
             header_list.append((name, value.strip()))
-        length = int(headers.get("content-length", "0"))
+        length = 0 if to_head else int(headers.get("content-length", "0"))
         while len(rest) < length:
             self._fill()
             rest = self.buf.partition(b"\r\n\r\n")[2]
