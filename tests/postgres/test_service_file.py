@@ -20,6 +20,11 @@ from ledgerhelp import wait_for
 from .helpers import run, stored
 from .pgcluster import free_port
 
+# How long a test waits for a store to reconnect and say so: its backoff
+# reaches RECONNECT_BACKOFF_S_MAX (2 s) after a few refusals, and a loaded
+# machine stretches each try.
+RECONNECT_WAIT_S = 30.0
+
 
 def _hole():
     """A host cut off: a socket that takes connections and never answers."""
@@ -245,11 +250,13 @@ def test_a_service_file_broken_under_a_running_server_is_said_once_and_mended(
             "read-write")
         for route in ("/past?cred=a", "/tot?cred=a"):
             # A pooled connection may meet its end first (lost connection).
-            assert_error(wait_for(_replied(srv, route, unusable), 5, unusable), 503,
+            assert_error(wait_for(_replied(srv, route, unusable), RECONNECT_WAIT_S,
+                                  unusable), 503,
                          "unavailable")
-        wait_for(lambda: srv.get("/health").status == 503, 5, "/health 503")
+        wait_for(lambda: srv.get("/health").status == 503, RECONNECT_WAIT_S, "/health 503")
         path.write_text(good)
-        wait_for(lambda: srv.get("/health").status == 200, 5, "/health 200 once mended")
+        wait_for(lambda: srv.get("/health").status == 200, RECONNECT_WAIT_S,
+                 "/health 200 once mended")
         assert srv.get("/past?cred=a").status == 200
     finally:
         srv.kill()
@@ -284,7 +291,8 @@ def test_each_store_of_a_process_says_its_own_service_file_failures(pg, pg_url, 
         return sum(text in r.getMessage() for r in caplog.records)
 
     async def until(text, count):
-        for _ in range(100):
+        deadline = asyncio.get_running_loop().time() + RECONNECT_WAIT_S
+        while asyncio.get_running_loop().time() < deadline:
             if said(text) >= count:
                 return
             await asyncio.sleep(0.05)
