@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from functools import partial
 from inspect import CO_ASYNC_GENERATOR, CO_COROUTINE
 from types import FunctionType, MethodType
 from typing import Any, Callable, NamedTuple, Protocol
@@ -235,10 +236,17 @@ def _refuse_async(fn, name: str, error: type) -> None:
     """`error` naming the argument `name` when `fn` is an `async def`
     function or method, whose call only makes a coroutine (or, when it
     yields, an async generator) and runs none of its body: the words say
-    which.  Only flags of its code are read, cheap on every change; other
-    callables (the server's slots) are not inspected."""
-    if type(fn) is MethodType:
+    which.  A `functools.partial` is judged by the function it wraps, and
+    an object by its class's `__call__`.  Only flags of code are read,
+    cheap on every change; a callable of neither kind (a builtin, a
+    compiled slot) has no code to read."""
+    while type(fn) is partial:
+        fn = fn.func
+    kind = type(fn)
+    if kind is MethodType:
         fn = fn.__func__
+    elif kind is not FunctionType and fn is not None:
+        fn = kind.__call__          # callable (checked before): its type has one
     if type(fn) is FunctionType and fn.__code__.co_flags & _ASYNC_FLAGS:
         made = ("an async generator, which nobody iterates"
                 if fn.__code__.co_flags & CO_ASYNC_GENERATOR

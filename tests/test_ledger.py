@@ -3,6 +3,7 @@ order" rules."""
 
 import asyncio
 import copy
+import functools
 import os
 import pathlib
 import pickle
@@ -22,7 +23,7 @@ from accman.ledger import _ledger, commit
 from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
 from accman.store import check_cred, check_int64, check_key
 from accman.ledger.leveldb import Store
-from ledgerhelp import GatedStore, outcome_within
+from ledgerhelp import GatedStore, outcome_within, wait_for
 
 
 @pytest.fixture
@@ -585,6 +586,11 @@ class _Caller:
         raise AssertionError("never run")
 
 
+class _CalledTold:
+    async def __call__(self, outcome):
+        raise AssertionError("never run")
+
+
 async def _yields_told(outcome):
     yield outcome           # an async generator function's call runs none of its body
 
@@ -592,22 +598,48 @@ async def _yields_told(outcome):
 @pytest.mark.parametrize("done,makes", [
     (_told, "a coroutine, which nobody awaits"),
     (_Caller().told, "a coroutine, which nobody awaits"),
+    (functools.partial(_told), "a coroutine, which nobody awaits"),
+    (functools.partial(functools.partial(_Caller().told)), "a coroutine, which nobody awaits"),
+    (_CalledTold(), "a coroutine, which nobody awaits"),
     (_yields_told, "an async generator, which nobody iterates")])
 def test_an_async_done_is_refused_and_changes_nothing(led, done, makes):
     """An `async def` done was taken: the change was applied and made
     durable, the writer's call made a coroutine that nobody awaited
     (RuntimeWarning at best), and the caller never heard its outcome.  An
     `async def` that yields (an async generator function) was still taken,
-    and then was said to make a coroutine: it makes an async generator."""
+    and then was said to make a coroutine: it makes an async generator.
+    A `functools.partial` of one, and an object whose `__call__` is one,
+    were taken too."""
     led.mod("a", 10)
     for call in (lambda: led.submit("a", 5, done=done),
                  lambda: led.submit_hold("a", -1, 10, done=done),
                  lambda: led.submit_settle("a", 99, 0, done=done)):
         with pytest.raises(TypeError, match="^" + re.escape(
                 "done must be a plain function, not an async one (its call only makes "
-                f"{makes}): got ") + ".*told$"):
+                f"{makes}): got ") + ".*(told|__call__)$"):
             call()
     assert led.mod("a", 1) == (11, 2) and led.open_holds == 0
+
+
+class _Told:
+    def __init__(self, seen=None):
+        self.seen = [] if seen is None else seen
+
+    def __call__(self, outcome):
+        self.seen.append(outcome)
+
+
+def test_a_plain_callable_of_any_kind_is_taken_and_told(led):
+    """The async check reads a partial's function and an object's
+    `__call__`: plain ones of those kinds, a bound method and a builtin are
+    taken, and each is told its outcome."""
+    seen = []
+    led.mod("a", 10)
+    for done in (functools.partial(seen.append), _Told(seen), _Told(seen).__call__,
+                 seen.append):
+        led.submit("a", 1, done=done)
+    wait_for(lambda: len(seen) == 4, what="four outcomes")
+    assert seen == [(11, 2), (12, 3), (13, 4), (14, 5)]
 
 
 def test_asyncio_submits_apply_in_order_and_refuse_at_min(led):
