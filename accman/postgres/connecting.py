@@ -319,19 +319,21 @@ def _with_settings(name: str, scheme: str, user_at: str, hosts: str, tail: str,
 
 def _with_port(name: str, hosts: str, given: set, settings: dict[str, str]) -> str:
     """The `hosts` of a URL's authority with the port of the service `name`
-    where libpq gives it to them: to one host named without a port (libpq
-    leaves its port unset) when the query names none, since asyncpg reads
-    no port= beside the authority's hosts.  A list of ports for that one
-    host raises ServiceFileError, as libpq refuses it."""
+    where libpq gives it to them: to one host named without a port, or
+    with an empty one (`h:`, `[::1]:`: libpq leaves its port unset either
+    way), when the query names none, since asyncpg reads no port= beside
+    the authority's hosts.  A list of ports for that one host raises
+    ServiceFileError, as libpq refuses it."""
     port = settings.get("port", "")
-    if (not port or "port" in given or not hosts or "," in hosts
-            or ":" in hosts.rpartition("]")[2]):
+    bare = hosts[:-1] if hosts.endswith(":") else hosts
+    if (not port or "port" in given or not bare or "," in bare
+            or ":" in bare.rpartition("]")[2]):
         return hosts
     if "," in port:
         raise ServiceFileError(
             f"{_CONNECT}: the service {name} sets {port.count(',') + 1} ports for the one "
             "host of the store URL, which libpq refuses: give it one port")
-    return f"{hosts}:{port}"
+    return f"{bare}:{port}"
 
 
 def _applicable(name: str, settings: dict[str, str]) -> dict[str, str]:

@@ -112,18 +112,20 @@ def test_the_url_s_own_settings_come_before_the_service_s(pg, pg_url, service_fi
         run(main())
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:"])
 @pytest.mark.parametrize("form", ["service=", "PGSERVICE"])
 def test_a_service_s_port_is_the_port_of_the_url_s_one_host_named_without_one(
-        pg, pg_url, service_file, monkeypatch, form):
+        pg, pg_url, service_file, monkeypatch, form, host):
     """libpq takes the service's port for the one host of a URL named
-    without a port (before PGPORT), where asyncpg reads no port= beside the
-    hosts of the URL's authority: the store reached PGPORT's port, or 5432."""
+    without a port, or with an empty one (before PGPORT), where asyncpg
+    reads no port= beside the hosts of the URL's authority: the store
+    reached PGPORT's port, or 5432 (checked against psql 15)."""
     monkeypatch.setenv("PGPORT", str(free_port()))      # nothing listens there
     dbname = pg_url.rsplit("/", 1)[1]
     service_file(f"[accman]\nport={pg.port}\ndbname={dbname}\n")
 
     async def main():
-        async with stored(_named("postgresql://postgres@127.0.0.1/", form, monkeypatch)) as (
+        async with stored(_named(f"postgresql://postgres@{host}/", form, monkeypatch)) as (
                 _, c):
             assert await c.mod("port", 2) == (2, 1)
     run(main())
