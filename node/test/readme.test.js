@@ -65,6 +65,12 @@ test('the Register snippet is a CommonJS script as it stands: no top-level await
   assert.doesNotThrow(() => new vm.Script(code, { filename: 'README.md#register' }))
 })
 
+test('the client snippet is a CommonJS script as it stands: no top-level await', () => {
+  const code = /```js\n([\s\S]*?)```/.exec(section('The client'))[1]
+  assert.match(code, /new AccManClient\(/)
+  assert.doesNotThrow(() => new vm.Script(code, { filename: 'README.md#the-client' }))
+})
+
 test('the limits are reached as the README says, with the values it gives', () => {
   const text = section('Limits')
   const how = /`require\('([\w-]+)'\)\.limits`/.exec(text)
