@@ -179,3 +179,34 @@ def test_the_node_client_keeps_the_python_client_s_redaction_bounds():
     for name in ("DETAIL_CHARS_MAX", "SECRET_PIECE_CHARS_MIN"):
         m = re.search(rf"^const {name} = (\d+)$", js, re.MULTILINE)
         assert m is not None and int(m.group(1)) == getattr(replies, name), name
+
+
+def python_samples(doc: str) -> list[str]:
+    """The ```python blocks of a page of the docs, in order."""
+    text = (ROOT / doc).read_text()
+    return [block.split("\n```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/CALLING.md"])
+def test_every_python_sample_of_the_calling_docs_compiles(doc):
+    """A sample pasted into a file runs as Python: no `async with` or
+    `await` outside a coroutine, which stops the file before its first
+    line."""
+    samples = python_samples(doc)
+    assert samples
+    for n, code in enumerate(samples, 1):
+        compile(code, f"{doc} sample {n}", "exec")
+
+
+@pytest.mark.parametrize("doc, heading", [("README.md", "## Charging per request"),
+                                          ("docs/CALLING.md", "## The middleware in a service")])
+def test_the_middleware_samples_build_their_app(doc, heading, monkeypatch):
+    """The middleware's samples, run as written from the repository root,
+    make the paid app: every name they use is defined or imported."""
+    from accman.asgi import AccManMiddleware
+    monkeypatch.syspath_prepend(str(ROOT))
+    section = (ROOT / doc).read_text().split(heading + "\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, f"{doc} {heading}", "exec"), namespace)
+    assert isinstance(namespace["app"], AccManMiddleware)
