@@ -187,7 +187,7 @@ def python_samples(doc: str) -> list[str]:
     return [block.split("\n```", 1)[0] for block in text.split("```python\n")[1:]]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/CALLING.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/CALLING.md", "examples/README.md"])
 def test_every_python_sample_of_the_calling_docs_compiles(doc):
     """A sample pasted into a file runs as Python: no `async with` or
     `await` outside a coroutine, which stops the file before its first
@@ -199,7 +199,8 @@ def test_every_python_sample_of_the_calling_docs_compiles(doc):
 
 
 @pytest.mark.parametrize("doc, heading", [("README.md", "## Charging per request"),
-                                          ("docs/CALLING.md", "## The middleware in a service")])
+                                          ("docs/CALLING.md", "## The middleware in a service"),
+                                          ("examples/README.md", "# A paid API in a dozen lines")])
 def test_the_middleware_samples_build_their_app(doc, heading, monkeypatch):
     """The middleware's samples, run as written from the repository root,
     make the paid app: every name they use is defined or imported."""
