@@ -65,6 +65,14 @@ test('the Register snippet is a CommonJS script as it stands: no top-level await
   assert.doesNotThrow(() => new vm.Script(code, { filename: 'README.md#register' }))
 })
 
+test('every js snippet compiles as a CommonJS script: no top-level await', () => {
+  const codes = [...README.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1])
+  assert.ok(codes.length >= 5, 'the README has its js snippets')
+  for (const [n, code] of codes.entries()) {
+    assert.doesNotThrow(() => new vm.Script(code, { filename: `README.md js snippet ${n + 1}` }))
+  }
+})
+
 test('the client snippet is a CommonJS script as it stands: no top-level await', () => {
   const code = /```js\n([\s\S]*?)```/.exec(section('The client'))[1]
   assert.match(code, /new AccManClient\(/)
