@@ -73,6 +73,16 @@ test('every js snippet compiles as a CommonJS script: no top-level await', () =>
   }
 })
 
+test("the repository README's js snippet compiles as a CommonJS script", () => {
+  const root = fs.readFileSync(path.join(PACKAGE_DIR, '..', 'README.md'), 'utf8')
+  const codes = [...root.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1])
+  assert.ok(codes.length >= 1, "the repository's README has a js snippet")
+  for (const code of codes) {
+    assert.match(code, /require\('fastify-accman'\)/)
+    assert.doesNotThrow(() => new vm.Script(code, { filename: '../README.md' }))
+  }
+})
+
 test('the client snippet is a CommonJS script as it stands: no top-level await', () => {
   const code = /```js\n([\s\S]*?)```/.exec(section('The client'))[1]
   assert.match(code, /new AccManClient\(/)
