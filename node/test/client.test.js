@@ -8,7 +8,7 @@ const net = require('node:net')
 const util = require('node:util')
 const { AccManClient } = require('..')
 const E = require('../src/errors')
-const { CALLS_IN_FLIGHT_MAX } = require('../src/limits')
+const { CALLS_IN_FLIGHT_MAX, RETRY_PAUSE_MAX_MS } = require('../src/limits')
 const { TOKENS, sharedAccMan } = require('./helpers/accman')
 const { fakeAccMan, reply } = require('./helpers/fake')
 const { proxyTo } = require('./helpers/proxy')
@@ -77,27 +77,53 @@ test('AccMan stopped: Unreachable (nothing sent); restarted: the same client car
   await client.close()
 })
 
-// Each call has a client of its own, closed after it: the fake has read all
-// that the client wrote once it has no connection open, which on a loaded
-// machine can come after the call's deadline has ended the call.
-test('a hung AccMan: CallTimeout; a keyless mod is sent once, a keyed one retried', async (t) => {
-  const fake = await fakeAccMan(() => null)
+// A fake AccMan that leaves hung each request `answer` gives null for, on
+// the mocked clock of test `t` (t.mock.timers).  An attempt's deadline
+// covers its connect: on the real clock a loaded machine can reach it
+// before the connect is handled, and the attempt goes unsent, which changes
+// what is counted.  `drive(call, deadlineMs)` settles as `call` does, and
+// moves the clock past a deadline only once the fake has read the request
+// it leaves hung, then at once past the retry's pause.
+async function hangingFake (t, answer) {
+  t.mock.timers.enable({ apis: ['setTimeout'] })
+  let hung = 0
+  const fake = await fakeAccMan((head) => {
+    const out = answer(head)
+    if (out === null) hung++
+    return out
+  })
   t.after(() => fake.close())
-  const alone = async (call, error) => {
-    const client = new AccManClient({ url: fake.url, timeoutMs: 100, retries: 2 })
-    try {
-      await assert.rejects(call(client), error)
-    } finally {
-      await client.close()
+  const immediate = () => new Promise((resolve) => setImmediate(resolve))
+  fake.drive = async (call, deadlineMs) => {
+    let settled = false
+    call.then(() => { settled = true }, () => { settled = true })
+    const end = Date.now() + 20000 // the real clock: a request that never comes fails the test
+    // `call` was just made: the fake cannot have read its first request yet.
+    for (let passed = hung; !settled; await immediate()) {
+      if (hung > passed) {
+        passed++
+        t.mock.timers.tick(deadlineMs)
+        await immediate() // the attempt's error has reached the call, which set its pause
+        t.mock.timers.tick(RETRY_PAUSE_MAX_MS)
+      } else if (Date.now() > end) {
+        throw new Error(`no request left hung after ${passed} of them`)
+      }
     }
-    await until(() => fake.open === 0)
+    return call
   }
-  await alone((client) => client.mod('c', -1), E.CallTimeout)
+  return fake
+}
+
+test('a hung AccMan: CallTimeout; a keyless mod is sent once, a keyed one retried', async (t) => {
+  const fake = await hangingFake(t, () => null)
+  const client = new AccManClient({ url: fake.url, timeoutMs: 100, retries: 2 })
+  t.after(() => client.close())
+  await assert.rejects(fake.drive(client.mod('c', -1), 100), E.CallTimeout)
   assert.equal(fake.heads.length, 1)
-  await alone((client) => client.mod('c', -1, { key: 'k' }), E.CallTimeout)
+  await assert.rejects(fake.drive(client.mod('c', -1, { key: 'k' }), 100), E.CallTimeout)
   assert.equal(fake.heads.length, 1 + 3)
   assert.ok(fake.heads.slice(1).every((h) => h.startsWith('PATCH /mod?cred=c&by=-1&key=k ')))
-  await alone((client) => client.tot('c'), E.OutcomeUnknown)
+  await assert.rejects(fake.drive(client.tot('c'), 100), E.OutcomeUnknown)
   assert.equal(fake.heads.length, 1 + 3 + 3)
 })
 
@@ -336,14 +362,13 @@ test('a keyed mod answered by a failed commit stays unknown when its retries fin
   await client.close()
 })
 
-test('a keyed mod with its reply lost stays unknown when a proxy answers its retry', async () => {
+test('a keyed mod with its reply lost stays unknown when a proxy answers its retry', async (t) => {
   const answers = [null, reply(404, '{"error":"not_found","detail":"a proxy"}')]
-  const fake = await fakeAccMan(() => answers.shift())
+  const fake = await hangingFake(t, () => answers.shift())
   const client = new AccManClient({ url: fake.url, retries: 1, timeoutMs: 300 })
-  await assert.rejects(client.mod('c', -1, { key: 'k' }), E.OutcomeUnknown)
+  t.after(() => client.close())
+  await assert.rejects(fake.drive(client.mod('c', -1, { key: 'k' }), 300), E.OutcomeUnknown)
   assert.equal(fake.heads.length, 2)
-  await client.close()
-  await fake.close()
 })
 
 test('a reply\'s detail that quotes the request shows no credential or token', async () => {

@@ -29,10 +29,6 @@ async function fakeAccMan (answer) {
   return {
     url: `http://127.0.0.1:${server.address().port}`,
     heads,
-    // The connections open now.  A connection's close is read after all it
-    // carried: once the client is closed and this is 0, `heads` holds every
-    // request the client wrote, however late the fake got to read them.
-    get open () { return sockets.size },
     close () {
       for (const s of sockets) s.destroy()
       return new Promise((resolve) => server.close(resolve))
