@@ -75,14 +75,15 @@ async function build () {
 // SIGTERM loses the charges it still owes AccMan.  close() gives them
 // CLOSE_DRAIN_MS to land and logs any it must strand; then the process
 // exits.  A second signal ends it at once (node's default action), but not
-// one within SIGNAL_COPY_MS of the first: that is a copy.  A Ctrl-C under
-// `npm run example` reaches node twice, a millisecond apart: from the
-// terminal, to its whole process group, and as npm forwards it; a process
-// manager that signals the group does the same with SIGTERM.
+// one within `copyMs` (SIGNAL_COPY_MS unless given) of the first: that is
+// a copy.  A Ctrl-C under `npm run example` reaches node twice, a
+// millisecond apart: from the terminal, to its whole process group, and as
+// npm forwards it; a process manager that signals the group does the same
+// with SIGTERM.
 const SIGNAL_COPY_MS = 500
 const SIGNALS = ['SIGTERM', 'SIGINT']
 
-function closeOnSignals (app) {
+function closeOnSignals (app, copyMs = SIGNAL_COPY_MS) {
   const copy = () => {}
   const close = (signal) => {
     for (const s of SIGNALS) {
@@ -91,7 +92,7 @@ function closeOnSignals (app) {
     }
     setTimeout(() => {
       for (const s of SIGNALS) process.removeListener(s, copy)
-    }, SIGNAL_COPY_MS).unref()
+    }, copyMs).unref()
     app.log.info({ signal }, 'closing')
     app.close().then(() => process.exit(0), (err) => {
       app.log.error({ err }, 'close failed')
@@ -101,10 +102,12 @@ function closeOnSignals (app) {
   for (const s of SIGNALS) process.on(s, close)
 }
 
-if (require.main === module) {
-  build()
+// The example as `node examples/server.js` runs it; `copyMs` goes to
+// closeOnSignals (the tests give a window no loaded machine can outlast).
+function main (copyMs) {
+  return build()
     .then((app) => {
-      closeOnSignals(app)
+      closeOnSignals(app, copyMs)
       return app.listen({ port: PORT, host: '127.0.0.1' })
     })
     .catch((err) => {
@@ -113,4 +116,6 @@ if (require.main === module) {
     })
 }
 
-module.exports = { build, closeOnSignals, SIGNAL_COPY_MS }
+if (require.main === module) main()
+
+module.exports = { build, closeOnSignals, main, SIGNAL_COPY_MS }

@@ -29,9 +29,11 @@ function exampleEnv (env) {
 
 // The example on a free port, talking to AccMan at `accmanUrl`, with `env`
 // added to its environment: its URL, its process, its log lines (pino's
-// objects) and its exit.
-async function startExample (t, accmanUrl, env = {}) {
-  const child = spawn(process.execPath, [EXAMPLE], {
+// objects) and its exit.  Given `copyMs`, it runs as its main() with that
+// signal copy window, instead of as `node examples/server.js`.
+async function startExample (t, accmanUrl, env = {}, copyMs = undefined) {
+  const args = copyMs === undefined ? [EXAMPLE] : ['-e', `require(${JSON.stringify(EXAMPLE)}).main(${copyMs})`]
+  const child = spawn(process.execPath, args, {
     env: exampleEnv({ ACCMAN_URL: accmanUrl, ...env }),
     stdio: ['ignore', 'pipe', 'inherit']
   })
@@ -140,12 +142,12 @@ test('a wrong ACCMAN_MODE or ACCMAN_HOLD_TTL_S stops the example at start, namin
 // A charge owed by the example: one paid request, then AccMan out of reach
 // (a proxy that drops connections) for the next, admitted on the balance
 // just seen, whose charge cannot land.
-async function oweCharge (t, cred) {
+async function oweCharge (t, cred, copyMs = undefined) {
   const { server, acc } = await startAccMan(t)
   await acc.mod(cred, 10)
   const proxy = await proxyTo(server.url)
   t.after(() => proxy.close())
-  const example = await startExample(t, proxy.url)
+  const example = await startExample(t, proxy.url, {}, copyMs)
   const paid = await fetch(example.url + '/weather', { headers: { accman: cred } })
   assert.equal(paid.headers.get('accman'), '9')
   proxy.set('refuse')
@@ -178,8 +180,14 @@ test('SIGTERM with a charge owed and AccMan gone: the charge is stranded and log
   assert.equal(await acc.tot('example-term-strands'), 9)
 })
 
+// A copy window no stall of this process between the two signals can
+// outlast: the second must come within it, and on a loaded machine
+// SIGNAL_COPY_MS can pass between the example's 'closing' and the test's
+// second kill.
+const STALL_PROOF_COPY_MS = 60000
+
 test('two SIGINTs a moment apart (a Ctrl-C under npm run): the example still drains, and the charge lands', async (t) => {
-  const { acc, proxy, example } = await oweCharge(t, 'example-int-twice')
+  const { acc, proxy, example } = await oweCharge(t, 'example-int-twice', STALL_PROOF_COPY_MS)
   // The terminal's SIGINT, then npm's forwarded copy once the first is
   // handled (sent together, the kernel would merge them into one).
   example.child.kill('SIGINT')
