@@ -15,9 +15,9 @@ from accman import BadRequest, Insufficient, Ledger, StoreError, Unavailable
 from accman.errors import EventsTrimmed, NoHold
 from accman.ledger import _ledger, commit
 from accman.ledger import events as events_module
-from accman.ledger.events import EVENTS_RING_MAX
+from accman.ledger.events import EVENTS_RING_MAX, EVENTS_TRIM_INTERVAL_S_MIN
 from accman.ledger.leveldb import Store
-from accman.limits import EVENTS_LIMIT_MAX
+from accman.limits import EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT
 from accman.records import EVENT_TYPES
 from ledgerhelp import all_events, fund_many, wait_for
 
@@ -394,6 +394,23 @@ def test_events_past_the_retention_are_trimmed_durably_and_asking_for_them_is_41
         assert e.value.first == 11
         assert led.verify()["events"] == 2
         assert led.past("a", limit=1)[0].seq == 12            # the history stays whole
+
+
+def test_the_default_retention_is_events_retention_s_default(path, clock, monkeypatch):
+    """SPEC: events are kept 7 days by default.  An event a second short of
+    EVENTS_RETENTION_S_DEFAULT old outlives the passes that follow; a
+    second past it, the next pass trims it."""
+    monkeypatch.setattr(commit, "EVENTS_TRIM_INTERVAL_S", EVENTS_TRIM_INTERVAL_S_MIN)
+    assert EVENTS_RETENTION_S_DEFAULT == 7 * 24 * 3600
+    with Ledger(path, clock_ms=clock) as led:
+        led.mod("a", 1)
+        clock.advance(EVENTS_RETENTION_S_DEFAULT - 1)
+        led.mod("a", 1)             # the newest event, never trimmed
+        time.sleep(10 * EVENTS_TRIM_INTERVAL_S_MIN)     # passes, if the writer runs
+        assert led.stats["events_first"] == 1 and led.stats["events_trimmed"] == 0
+        clock.advance(2)
+        wait_for(lambda: led.stats["events_first"] == 2, what="the trim of event 1")
+        assert [e.id for e in led.events(after=1)[0]] == [2]
 
 
 def test_a_retention_of_a_millisecond_trims_at_most_every_trim_interval_min(path, clock):

@@ -46,3 +46,19 @@ def test_every_reliability_test_is_named_on_the_page():
             if name.startswith("test_") and (file, name) not in named:
                 unnamed.append(f"{file}::{name}")
     assert unnamed == [], unnamed
+
+
+def test_every_named_limit_has_a_row_that_names_its_tests():
+    """accman/limits.py says each bound has a test that reaches it: the
+    page's Limits table has a row for each, naming at least one test."""
+    section = DOC.read_text().split("\n## Limits\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = line.split(" | ")
+        if line.startswith("| `") and len(cells) >= 3:
+            for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0]):
+                rows[name] = NAMED.findall(cells[-1])
+    limits = {name for name in top_level_names(ROOT / "accman" / "limits.py")
+              if name.isupper()}
+    assert sorted(limits - set(rows)) == []
+    assert sorted(name for name in limits if not rows[name]) == []

@@ -497,3 +497,22 @@ def test_shutdown_grace_bounds_the_wait_for_a_stalled_disk(controlled, cred, tmp
         assert again.tot(cred) == 9                  # committed on the way out
     finally:
         again.kill()
+
+
+def test_the_longest_history_entry_and_event_are_their_byte_bounds():
+    """A /past or /events reply owed is counted against its connection's
+    write buffer at PAST_ENTRY_BYTES_MAX or EVENT_BYTES_MAX an entry, its
+    size unknown until the store answers: each bound is the longest JSON
+    of one, with its separator, every field at its extreme (an id, seq,
+    hold or `at` at int64's largest, `by` and `tot` at its smallest, a key
+    of KEY_CHARS_MAX, the longest type, an account id of the stores'
+    length).  Were one short, a page could overrun its reservation."""
+    from accman.ledger import _ledger
+    from accman.records import EVENT_TYPES, Entry, Event
+    from accman.server.replies import _json, entry_doc, event_doc
+    big, small, key = L.INT64_MAX, L.INT64_MIN, "k" * L.KEY_CHARS_MAX
+    entry = Entry(big, small, small, big, key, big)
+    event = Event(big, max(EVENT_TYPES, key=len), "a" * (2 * _ledger.HID_BYTES), big,
+                  small, small, big, key, big)
+    assert len(_json(entry_doc(entry)) + b",") == L.PAST_ENTRY_BYTES_MAX
+    assert len(_json(event_doc(event)) + b",") == L.EVENT_BYTES_MAX
