@@ -440,9 +440,9 @@ def test_a_front_end_s_lock_directory_is_not_taken_for_an_embedded_store(tmp_pat
     """A restart that leaves out --store must not serve an empty embedded
     ledger from the front-end's directory beside the real one."""
     d = tmp_path / "d"
-    proc = run_accman("serve", "--port", "0", "--data", d, "--store", NO_DATABASE)
-    assert proc.returncode == EXIT_USAGE            # no database there, but the lock was made
-    assert sorted(os.listdir(d)) == sorted(["LOCK", datadir.FRONTEND_MARK])
+    d.mkdir(mode=0o700)             # as a front-end that served leaves it
+    os.close(datadir.lock_exclusive(str(d)))
+    datadir.mark_frontend(str(d))
     before = _state(d)
     proc = run_accman("serve", "--port", "0", "--data", d)
     assert proc.returncode == EXIT_USAGE
@@ -460,6 +460,28 @@ def test_a_front_end_s_lock_directory_is_not_taken_for_an_embedded_store(tmp_pat
     with Ledger(str(store)) as led:
         led.mod("alice", 5)
     _front_end_refused(store, "holds an embedded store: a front-end of a PostgreSQL store needs")
+
+
+@pytest.mark.parametrize("found", [None, [], ["LOCK"], ["lost+found"]])
+def test_a_front_end_start_that_fails_takes_back_its_lock_and_mark(tmp_path, found):
+    """A front-end refused at its start (here: no database at the URL) left
+    its lock and mark in --data, and in a directory it made: a later
+    `serve --data` of the same path then refused it as a front-end's.  It
+    takes back what it added; what was there stays."""
+    d = tmp_path / "d"
+    if found is not None:
+        d.mkdir(mode=0o700)
+        for name in found:
+            (d / name).mkdir() if name == "lost+found" else (d / name).touch()
+    before = _state(d) if found is not None else None
+    proc = run_accman("serve", "--port", "0", "--data", d, "--store", NO_DATABASE)
+    assert proc.returncode == EXIT_USAGE and "cannot open the PostgreSQL store" in proc.stderr
+    if found is None:
+        assert not d.exists()
+    else:
+        assert _state(d) == before
+    with Ledger(str(d)) as led:       # the embedded store takes the path
+        assert led.mod("alice", 5) == (5, 1)
 
 
 def test_a_refused_store_keeps_its_files_modes(tmp_path):

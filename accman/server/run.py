@@ -4,6 +4,7 @@ bound, the descriptor limit, the event loop, the signals."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -153,7 +154,20 @@ def open_store(loop, store, data_path, store_urls, verify, low_balance, events_r
     return store, f"data={store.path}"
 
 
-_LOCKS = []         # held for the process's life: the lock is the open descriptor
+# Held for the process's life, by directory: the lock is the open descriptor.
+_LOCKS: dict[str, int] = {}
+
+
+def _opened(loop, undo, store, data_path, *args):
+    """open_store's (store, where); when the open fails, the loop is closed
+    and `undo` (lock_undo's) called."""
+    try:
+        return open_store(loop, store, data_path, *args)
+    except BaseException:
+        asyncio.set_event_loop(None)
+        loop.close()
+        undo()
+        raise
 
 
 def lock_directory(data_path: str) -> None:
@@ -168,7 +182,7 @@ def lock_directory(data_path: str) -> None:
         raise StartupError(f"data directory {e.detail}") from None
     try:
         os.makedirs(data_path, mode=0o700, exist_ok=True)
-        _LOCKS.append(datadir.lock_exclusive(data_path, "LOCK"))
+        _LOCKS[data_path] = datadir.lock_exclusive(data_path, "LOCK")
     except StoreLocked:
         raise StartupError(f"data directory {data_path} is in use by another accman "
                            "server") from None
@@ -180,6 +194,40 @@ def lock_directory(data_path: str) -> None:
         say(f"accman: warning: data directory {data_path}: the mark that it is a "
             f"front-end's ({datadir.FRONTEND_MARK}) could not be written: {e.strerror or e}; "
             "a restart without --store would take it for a new embedded store")
+
+
+def lock_undo(store_urls, data_path):
+    """For a front-end's start (`store_urls` and a `data_path`): a call that
+    takes back what lock_directory adds to the directory (the lock, the
+    mark, and the directory itself when it was made), for a start that
+    fails.  Left, they would have a later `serve` of the embedded store in
+    the same path refuse it (the mark's rule): a trap for whoever mistyped
+    the URL.  Only a directory this start locked is touched, and its lock
+    is let go last, so that no other server takes it between; one that
+    holds anything else new is left."""
+    if not store_urls or data_path is None or data_path in _LOCKS:
+        return lambda: None
+    from accman.ledger import datadir
+    before = set(os.listdir(data_path)) if os.path.isdir(data_path) else None
+    added = {"LOCK", datadir.FRONTEND_MARK} - (before or set())
+
+    def undo():
+        if data_path not in _LOCKS:
+            return          # not locked by this start: the directory is another's
+        try:
+            if set(os.listdir(data_path)) - (before or set()) <= added:
+                for name in added:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(data_path, name))
+                if before is None:
+                    os.rmdir(data_path)
+        except OSError:
+            pass            # the refusal already said what failed; the rest stays
+        finally:
+            fd = _LOCKS.pop(data_path, None)
+            if fd is not None:
+                os.close(fd)
+    return undo
 
 
 def redacted(url: str) -> str:
@@ -390,13 +438,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
-    try:
-        store, where = open_store(loop, store, data_path, store_urls, verify, low_balance,
-                                  events_retention_s, store_options)
-    except BaseException:
-        asyncio.set_event_loop(None)
-        loop.close()
-        raise
+    undo = lock_undo(store_urls, data_path)
+    store, where = _opened(loop, undo, store, data_path, store_urls, verify, low_balance,
+                           events_retention_s, store_options)
     deliverer = None
     try:
         server = Server(store, tokens=tokens, limits=limits, loop=loop)
@@ -407,6 +451,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
                                        ready))
         failure = None if store.healthy else (store.failure or store.unhealthy_detail
                                               or "the store failed to commit")
+    except StartupError:        # it never served
+        undo()
+        raise
     finally:
         try:
             if deliverer is not None:     # before the store closes

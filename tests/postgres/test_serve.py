@@ -214,6 +214,22 @@ def test_a_store_that_cannot_be_reached_is_one_line_and_exit_2(tmp_path):
         assert ":pw@" not in err and "s3cret" not in err
 
 
+def test_a_front_end_that_cannot_listen_takes_back_its_data_directory(pg, tmp_path):
+    """The store opened, the port busy: the start fails after --data was
+    made for the lock.  It is taken back, so that a later `serve --data`
+    of the same path is not refused as a front-end's."""
+    import socket
+    url = pg.create_database("nolisten")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_accman("serve", "--port", port, "--data", tmp_path / "d", "--store", url)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_front_end_s_data_that_is_not_utf8_is_refused_in_words_that_fit_it(tmp_path):
     """A PostgreSQL front-end's --data holds only its lock, yet its refusal
     of a name that is not UTF-8 said "LevelDB opens its files by that name":
