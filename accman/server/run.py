@@ -208,7 +208,12 @@ def lock_undo(store_urls, data_path):
     if not store_urls or data_path is None or data_path in _LOCKS:
         return lambda: None
     from accman.ledger import datadir
-    before = set(os.listdir(data_path)) if os.path.isdir(data_path) else None
+    try:
+        before = set(os.listdir(data_path))
+    except FileNotFoundError:
+        before = None
+    except OSError:         # not a directory, not readable: the start refuses it
+        return lambda: None
     added = {"LOCK", datadir.FRONTEND_MARK} - (before or set())
 
     def undo():
