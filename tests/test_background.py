@@ -190,7 +190,17 @@ STARVED = """
     import hashlib, os, sys, threading, time
     from accman.ledger import background
     give_way = sys.argv[1] == "give-way"
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})   # one core, for both
+    def idle():             # each core's idle time so far (/proc/stat, in ticks)
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line[:3] == "cpu" and line[3].isdigit()]
+        return {int(r[0][3:]): int(r[4]) for r in rows}
+    before = idle()
+    time.sleep(0.2)
+    after = idle()
+    # One core, for both: the idlest, since a process of another's on it
+    # would take the share owed to the lowered thread, whatever the loop does.
+    core = max(os.sched_getaffinity(0), key=lambda c: after.get(c, 0) - before.get(c, 0))
+    os.sched_setaffinity(0, {core})
     tid = []
     def busy():             # a core's worth of work in C, without the GIL
         tid.append(threading.get_native_id())
