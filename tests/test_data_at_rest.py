@@ -484,6 +484,46 @@ def test_a_front_end_start_that_fails_takes_back_its_lock_and_mark(tmp_path, fou
         assert led.mod("alice", 5) == (5, 1)
 
 
+# A failed front-end start's undo, with another front-end starting in the
+# same --data after each of its unlinks: that one takes the lock once LOCK
+# is gone, and keeps the mark it finds (datadir.mark_frontend).
+_UNDO_RACED = """
+import os, sys
+from accman.errors import StoreLocked
+from accman.ledger import datadir
+from accman.server.run import lock_directory, lock_undo
+d = sys.argv[1]
+undo = lock_undo([sys.argv[2]], d)
+lock_directory(d)
+held, unlink = [], os.unlink
+def raced(path):
+    unlink(path)
+    if not held:
+        try:
+            held.append(datadir.lock_exclusive(d))
+        except StoreLocked:
+            return
+        datadir.mark_frontend(d)
+os.unlink = raced
+undo()
+print(len(held), sorted(os.listdir(d)))
+"""
+
+
+@pytest.mark.parametrize("seed", ["0", "8"])
+def test_a_failed_front_end_start_leaves_the_mark_of_one_that_takes_the_lock(tmp_path, seed):
+    """The undo took the lock's file and the mark away in a set's order (the
+    hash seed's): LOCK first, another front-end starting then made a new
+    LOCK, took it, kept the mark it found, and lost it to the undo: its
+    directory, unmarked, is taken for a new embedded store.  The mark goes
+    while the lock still guards the path, under any seed."""
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    proc = subprocess.run([sys.executable, "-c", _UNDO_RACED, str(tmp_path / "d"), NO_DATABASE],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", f"['{datadir.FRONTEND_MARK}',", "'LOCK']"], proc.stdout
+
+
 def test_a_refused_store_keeps_its_files_modes(tmp_path):
     """Tightening comes after every check: a store refused as damaged is
     left as it was found, modes included."""

@@ -202,9 +202,10 @@ def lock_undo(store_urls, data_path):
     mark, and the directory itself when it was made), for a start that
     fails.  Left, they would have a later `serve` of the embedded store in
     the same path refuse it (the mark's rule): a trap for whoever mistyped
-    the URL.  Only a directory this start locked is touched, and its lock
-    is let go last, so that no other server takes it between; one that
-    holds anything else new is left."""
+    the URL.  Only a directory this start locked is touched; one that
+    holds anything else new is left.  The mark goes first, while the lock
+    still guards the path: once LOCK is unlinked, a server starting there
+    makes a new one, takes it, and keeps the mark it finds as its own."""
     if not store_urls or data_path is None or data_path in _LOCKS:
         return lambda: None
     from accman.ledger import datadir
@@ -221,7 +222,7 @@ def lock_undo(store_urls, data_path):
             return          # not locked by this start: the directory is another's
         try:
             if set(os.listdir(data_path)) - (before or set()) <= added:
-                for name in added:
+                for name in (n for n in (datadir.FRONTEND_MARK, "LOCK") if n in added):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(data_path, name))
                 if before is None:
