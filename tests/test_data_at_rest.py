@@ -484,6 +484,16 @@ def test_a_front_end_start_that_fails_takes_back_its_lock_and_mark(tmp_path, fou
         assert led.mod("alice", 5) == (5, 1)
 
 
+def test_a_front_end_start_that_fails_takes_back_the_parents_it_made(tmp_path):
+    """--data under directories that are missing: the start makes them all
+    for its lock, and a refused start takes back each it made, as it takes
+    back --data itself; the directory that was there stays."""
+    proc = run_accman("serve", "--port", "0", "--data", tmp_path / "a" / "b" / "d",
+                      "--store", NO_DATABASE)
+    assert proc.returncode == EXIT_USAGE and "cannot open the PostgreSQL store" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 # A failed front-end start's undo, with another front-end starting in the
 # same --data after each of its unlinks: that one takes the lock once LOCK
 # is gone, and keeps the mark it finds (datadir.mark_frontend).

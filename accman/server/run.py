@@ -199,13 +199,14 @@ def lock_directory(data_path: str) -> None:
 def lock_undo(store_urls, data_path):
     """For a front-end's start (`store_urls` and a `data_path`): a call that
     takes back what lock_directory adds to the directory (the lock, the
-    mark, and the directory itself when it was made), for a start that
-    fails.  Left, they would have a later `serve` of the embedded store in
-    the same path refuse it (the mark's rule): a trap for whoever mistyped
-    the URL.  Only a directory this start locked is touched; one that
-    holds anything else new is left.  The mark goes first, while the lock
-    still guards the path: once LOCK is unlinked, a server starting there
-    makes a new one, takes it, and keeps the mark it finds as its own."""
+    mark, and the directory itself when it was made, with each missing one
+    above it that os.makedirs made), for a start that fails.  Left, they
+    would have a later `serve` of the embedded store in the same path
+    refuse it (the mark's rule): a trap for whoever mistyped the URL.
+    Only a directory this start locked is touched; one that holds anything
+    else new is left.  The mark goes first, while the lock still guards
+    the path: once LOCK is unlinked, a server starting there makes a new
+    one, takes it, and keeps the mark it finds as its own."""
     if not store_urls or data_path is None or data_path in _LOCKS:
         return lambda: None
     from accman.ledger import datadir
@@ -216,6 +217,7 @@ def lock_undo(store_urls, data_path):
     except OSError:         # not a directory, not readable: the start refuses it
         return lambda: None
     added = {"LOCK", datadir.FRONTEND_MARK} - (before or set())
+    made = _missing(data_path) if before is None else []
 
     def undo():
         if data_path not in _LOCKS:
@@ -225,8 +227,8 @@ def lock_undo(store_urls, data_path):
                 for name in (n for n in (datadir.FRONTEND_MARK, "LOCK") if n in added):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(data_path, name))
-                if before is None:
-                    os.rmdir(data_path)
+                for directory in made:      # deepest first; one not empty stops it
+                    os.rmdir(directory)
         except OSError:
             pass            # the refusal already said what failed; the rest stays
         finally:
@@ -234,6 +236,16 @@ def lock_undo(store_urls, data_path):
             if fd is not None:
                 os.close(fd)
     return undo
+
+
+def _missing(path: str) -> list[str]:
+    """`path` and each directory above it that is not there, deepest first:
+    what os.makedirs makes for it."""
+    missing = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def redacted(url: str) -> str:
