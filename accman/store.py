@@ -232,21 +232,36 @@ def check_binding(loop, deliver) -> None:
 _ASYNC_FLAGS = CO_COROUTINE | CO_ASYNC_GENERATOR
 
 
+# The class last found to make plain calls: a store is given the same kind
+# of `done` call after call (the server's slots), whose class's `__call__`
+# is read once, not on every change.
+_plain_kind: type | None = None
+
+
 def _refuse_async(fn, name: str, error: type) -> None:
     """`error` naming the argument `name` when `fn` is an `async def`
     function or method, whose call only makes a coroutine (or, when it
     yields, an async generator) and runs none of its body: the words say
-    which.  A `functools.partial` is judged by the function it wraps, and
-    an object by its class's `__call__`.  Only flags of code are read,
-    cheap on every change; a callable of neither kind (a builtin, a
-    compiled slot) has no code to read."""
-    while type(fn) is partial:
-        fn = fn.func
+    which.  A `functools.partial` (which flattens nested ones itself) is
+    judged by the function it wraps, and an object by its class's
+    `__call__`.  Only flags of code are read, cheap on every change; a
+    callable of neither kind (a builtin, a compiled slot) has no code to
+    read."""
+    global _plain_kind
     kind = type(fn)
+    if kind is _plain_kind:
+        return
+    if kind is partial:
+        fn = fn.func
+        kind = type(fn)
     if kind is MethodType:
         fn = fn.__func__
     elif kind is not FunctionType and fn is not None:
-        fn = kind.__call__          # callable (checked before): its type has one
+        call = kind.__call__        # callable (checked before): its type has one
+        if type(call) is not FunctionType or not call.__code__.co_flags & _ASYNC_FLAGS:
+            _plain_kind = kind
+            return
+        fn = call
     if type(fn) is FunctionType and fn.__code__.co_flags & _ASYNC_FLAGS:
         made = ("an async generator, which nobody iterates"
                 if fn.__code__.co_flags & CO_ASYNC_GENERATOR

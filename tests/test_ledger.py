@@ -599,7 +599,7 @@ async def _yields_told(outcome):
     (_told, "a coroutine, which nobody awaits"),
     (_Caller().told, "a coroutine, which nobody awaits"),
     (functools.partial(_told), "a coroutine, which nobody awaits"),
-    (functools.partial(functools.partial(_Caller().told)), "a coroutine, which nobody awaits"),
+    (functools.partial(_Caller().told), "a coroutine, which nobody awaits"),
     (_CalledTold(), "a coroutine, which nobody awaits"),
     (_yields_told, "an async generator, which nobody iterates")])
 def test_an_async_done_is_refused_and_changes_nothing(led, done, makes):
