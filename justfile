@@ -42,6 +42,11 @@ bench-profile: build
 crash:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -n 0 -p no:cacheprovider -s
 
+# the long calling-side bank checker: paid requests through uvicorn and the middleware
+# while AccMan is killed every second or two, both modes (prints the seed)
+crash-calling:
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_calling_bank.py -n 0 -p no:cacheprovider -s
+
 # the long power-loss emulation: every crash point of longer recorded runs, and the
 # damaged-file property with many more flips (needs strace; prints the counts)
 powercut:

@@ -1,0 +1,221 @@
+"""The calling-side bank checker's records and checks
+(tests/reliability/test_calling_bank.py runs the load and the kills; this
+module judges what they left): what each consumer got, the service's log,
+and each account's history, reconciled against docs/CALLING.md.
+
+Every request of an account has its own amount A (tests/calling_bank_app.py:
+estimate A, charge A - FEE_BACK), so that a hold (by -A) or a charge (by
+-(A - FEE_BACK)) in a history names the request that made it; the end of a
+hold names its hold.
+
+A module, not a conftest.py: see relhelp.py."""
+
+import collections
+import re
+from dataclasses import dataclass
+
+from accman.calling.owed import fingerprint
+
+FEE_BACK = 500          # tests/calling_bank_app.py: a charge is the estimate less this
+
+
+@dataclass(slots=True)
+class Request:
+    """One paid request and what its consumer got: `status` None when
+    uvicorn gave no response (`detail` says why), `header` the ACCMAN
+    response header as an int, None when missing."""
+    cred: str
+    a: int
+    free: bool
+    status: int | None = None
+    header: int | None = None
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class TopUp:
+    """A keyed funding mod the test sent when an account was refused 402."""
+    cred: str
+    key: str
+    by: int
+    ok: bool = False
+
+
+_QUEUED = re.compile(r"accman: (\w+) of (\d+) for account ([0-9a-f]{12}) queued "
+                     r"\(after [^)]*\), (key|hold) (\S+)")
+_STRANDED_UNKNOWN = re.compile(r"accman: stranded (\w+) of (\d+), outcome unknown: look for "
+                               r"(key|hold) (\S+) in the history of account ([0-9a-f]{12})")
+_STRANDED = re.compile(r"accman: stranded (\w+): (.*?) \(account ([0-9a-f]{12}), "
+                       r"(key|hold) (\S+)\)")
+_RECHARGED = re.compile(r"accman: hold (\d+) of account ([0-9a-f]{12}) (?:expired before the "
+                        r"response|ended before its settle landed).*?charging (\d+) as a mod, "
+                        r"key (\S+)")
+# What this run never gives a cause for: no request is cancelled, the
+# token keeps its roles.
+LOG_FAULTS = ("Traceback", "was cancelled while", "owes the account", "refused the charge",
+              "refused the service", "Task was destroyed", "never retrieved")
+
+
+class ServiceLog:
+    """What the service's log says of owed and stranded calls, by account
+    fingerprint: `queued` [(what, amount, ref)], `stranded` [(what, amount
+    or None, ref, unknown)], `recharged` [(hold, amount, key)]; refs are
+    "key K" or "hold H"."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.queued = collections.defaultdict(list)
+        self.stranded = collections.defaultdict(list)
+        self.recharged = collections.defaultdict(list)
+        for m in _QUEUED.finditer(text):
+            self.queued[m[3]].append((m[1], int(m[2]), f"{m[4]} {m[5]}"))
+        for m in _STRANDED_UNKNOWN.finditer(text):
+            self.stranded[m[5]].append((m[1], int(m[2]), f"{m[3]} {m[4]}", True))
+        for m in _STRANDED.finditer(text):
+            self.stranded[m[3]].append((m[1], None, f"{m[4]} {m[5]}", False))
+        for m in _RECHARGED.finditer(text):
+            self.recharged[m[2]].append((int(m[1]), int(m[3]), m[4]))
+        self.faults = [f for f in LOG_FAULTS if f in text]
+
+    def refs(self, cred, table) -> set:
+        return {item[2] for item in getattr(self, table)[fingerprint(cred)]}
+
+
+def log_problems(log: ServiceLog) -> list:
+    return [f"the service's log says {f!r}" for f in log.faults]
+
+
+class Account:
+    """One account's history (Entry tuples, oldest first) split by kind."""
+
+    def __init__(self, cred, entries):
+        self.cred = cred
+        self.entries = entries
+        self.funding = [e for e in entries if e.by > 0 and e.hold is None]
+        self.charges = collections.defaultdict(list)    # A -> keyed mods charging it
+        self.holds = collections.defaultdict(list)      # A -> hold entries of A
+        self.ends = collections.defaultdict(list)       # hold id -> its ends
+        self.problems = []
+        for e in entries:
+            if e.hold is None and e.by < 0:
+                self.charges[-e.by + FEE_BACK].append(e)
+                if not (e.key or "").endswith("-c"):
+                    self.problems.append(f"a charge not keyed as the middleware keys one: {e}")
+            elif e.hold is not None and e.by < 0:
+                self.holds[-e.by].append(e)
+                if not (e.key or "").endswith("-h"):
+                    self.problems.append(f"a hold not keyed as the middleware keys one: {e}")
+            elif e.hold is not None:
+                self.ends[e.hold].append(e)
+        for hs in self.holds.values():
+            for h in hs:
+                if len(self.ends[h.hold]) != 1:
+                    self.problems.append(f"hold {h.hold} has {len(self.ends[h.hold])} ends")
+
+    def net(self, a) -> int:
+        """What request `a` moved in all: its holds, their ends, its charges."""
+        held = sum(h.by + sum(e.by for e in self.ends[h.hold]) for h in self.holds[a])
+        return held + sum(e.by for e in self.charges[a])
+
+
+def check_account(mode, acct: Account, requests, topups, fund, log: ServiceLog,
+                  final_tot) -> list:
+    """Every way the account's history, the consumers' records and the
+    service's log disagree with docs/CALLING.md."""
+    cred, p = acct.cred, list(acct.problems)
+    funding = collections.Counter((e.key, e.by) for e in acct.funding)
+    want = collections.Counter([("open", fund)] + [(t.key, t.by) for t in topups if t.ok])
+    if funding != want:
+        p.append(f"funding {sorted(funding.items())} is not what was sent {sorted(want.items())}")
+    by_a = {r.a: r for r in requests}
+    for a in set(acct.charges) | set(acct.holds):
+        if a not in by_a:
+            p.append(f"A={a} was held or charged, but no request of that amount was sent")
+    for r in requests:
+        p += check_request(mode, acct, r, log)
+    spent = sum(e.by for e in acct.entries if e not in acct.funding)
+    if not acct.entries or final_tot != acct.entries[-1].tot or final_tot != sum(
+            f.by for f in acct.funding) + spent:
+        p.append(f"the balance {final_tot} is not the funding less what the history charged")
+    if mode == "reserve":
+        p += overdrawn(acct)
+    return [f"{mode} {cred}: {x}" for x in p]
+
+
+def check_request(mode, acct: Account, r: Request, log: ServiceLog) -> list:
+    """What request `r` moved, against what its consumer got."""
+    what = f"A={r.a} ({'free ' if r.free else ''}answered {r.status}, header {r.header})"
+    holds, charges = acct.holds[r.a], acct.charges[r.a]
+    if len(holds) > 1 or len(charges) > 1:
+        return [f"{what}: held {len(holds)} times, charged {len(charges)} times"]
+    if r.status not in (200, 400, 402, 503) or r.free != (r.status == 400) and r.status in (
+            200, 400):
+        return [f"{what}: not an answer the docs give this request ({r.detail})"]
+    if r.status != 200:
+        return [f"{what}: {p}" for p in check_unpaid(mode, acct, r, log)]
+    return [f"{what}: {p}" for p in check_served(mode, acct, r, log)]
+
+
+def check_unpaid(mode, acct: Account, r: Request, log: ServiceLog) -> list:
+    """A refusal (402, 503) or a free response (400) moves nothing."""
+    net, holds = acct.net(r.a), acct.holds[r.a]
+    if net != 0:
+        return [f"moved {net}, though nothing is charged for it"]
+    if r.status == 402 and holds:
+        return ["refused, yet its hold applied"]
+    if r.status == 503 and holds and f"key {holds[0].key}" not in log.refs(r.cred, "queued"):
+        return [f"its hold applied and no owed unhold names key {holds[0].key}"]
+    if r.status == 400 and mode == "reserve" and not holds:
+        return ["the app ran with nothing held"]
+    return []
+
+
+def check_served(mode, acct: Account, r: Request, log: ServiceLog) -> list:
+    """Served: charged once, as a settle or a keyed mod, at the balance its
+    header told; or, without the header, owed, then charged once or
+    stranded as the log says."""
+    charge, net = r.a - FEE_BACK, acct.net(r.a)
+    holds, charges = acct.holds[r.a], acct.charges[r.a]
+    told = [e.tot for e in charges] or [acct.ends[h.hold][0].tot for h in holds]
+    if r.header is not None:
+        if net != -charge:
+            return [f"served as paid, moved {net}, not {-charge}"]
+        if r.header not in told[-1:]:
+            return [f"its header is not the balance after its charge {told}"]
+        return []
+    owed = owed_ref(mode, acct, r, log)
+    if owed is None:
+        return ["served without a balance, and the log queued no call for it"]
+    stranded = [s for s in log.stranded[fingerprint(r.cred)] if s[2] == owed]
+    if net == -charge and not [s for s in stranded if not s[3]]:
+        return []               # the owed call landed (or may have: stranded unknown)
+    if net == 0 and stranded:
+        return []               # stranded, said so, and it did not land
+    return [f"owed as {owed}, moved {net}, stranded {stranded}"]
+
+
+def owed_ref(mode, acct, r: Request, log: ServiceLog):
+    """The key or hold the log names for request `r`'s owed charge or
+    settle, which must be its own; None if the log queued none."""
+    charge, fp = r.a - FEE_BACK, fingerprint(r.cred)
+    refs = [ref for what, amount, ref in log.queued[fp]
+            if (what, amount) in (("charge", charge), ("settle", charge))]
+    mine = {f"key {e.key}" for e in acct.charges[r.a]}
+    mine |= {f"hold {h.hold}" for h in acct.holds[r.a]}
+    if mode == "check":
+        ok = [ref for ref in refs if ref.startswith("key ")]
+        return ok[0] if len(ok) == 1 and (not mine or ok[0] in mine) else None
+    ok = [ref for ref in refs if ref in mine]
+    return ok[0] if ok else None
+
+
+def overdrawn(acct: Account) -> list:
+    """Reserve mode never overdraws: no balance under 0, but after a
+    charge of a hold that expired first (a keyed mod without `min`, the one
+    case the docs allow)."""
+    for e in acct.entries:
+        if e.tot < 0:
+            if not any(c.seq <= e.seq and c.tot < 0 for cs in acct.charges.values()
+                       for c in cs):
+                return [f"overdrawn by {e}"]
+    return []

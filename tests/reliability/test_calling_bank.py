@@ -1,0 +1,395 @@
+"""The bank checker through the calling side: a real service (the app of
+tests/calling_bank_app.py, wrapped by AccManMiddleware, under a real
+uvicorn) in front of a real AccMan, under concurrent paid requests, while
+AccMan is SIGKILLed and restarted on the same port and data directory.
+
+Consumers (one account each, funded with a known amount, several
+requests in flight) send paid requests with amounts of their own
+(callingcheck.py) and record what each got: its status and ACCMAN header.
+An account refused 402 is topped up with a keyed funding mod.  Once the
+load and the kills are over, the service is stopped (its shutdown drains
+what it owes), every top-up of unknown outcome is sent again with its key,
+and each account is reconciled from its history, the consumers' records
+and the service's log (callingcheck.check_account):
+
+* a response served as paid (200 with the header) is charged exactly once,
+  and its header is the balance after that charge; one served without the
+  header was owed, its key or hold named in the log, and is charged once
+  after the drain, or stranded, said with the key or hold to look for;
+* nothing is charged for a refusal (402, 503) or a free response (400),
+  and nothing is in a history that no request of that amount made;
+* a hold of a 503 (an unknown outcome) is undone by an owed unhold the log
+  names, every hold ends once, none is left open;
+* the balance is the funding less the history's charges, and in reserve
+  mode it never goes under 0 (but after an expired hold's charge);
+* the service's counters agree with what the consumers got, and its log
+  holds no traceback.
+
+Short and seeded by default (two kills in each mode); ACCMAN_CRASH_LONG=1
+runs for minutes with kills every second or two and a random seed,
+printed so that ACCMAN_CRASH_SEED=N replays the same schedule.
+ACCMAN_CRASH_SECONDS overrides the length."""
+
+import asyncio
+import itertools
+import os
+import random
+import re
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from accman.client import AccManClient, AccManSyncClient
+from accman.calling.owed import fingerprint
+from accman.errors import AccManError
+from accman.records import Entry
+from callingcheck import Account, Request, ServiceLog, TopUp, check_account, log_problems
+from test_e2e_asgi import (FUNDER, SVC_CHECK, SVC_RESERVE, UVICORN_READY, start_accman,
+                           start_app)
+
+LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
+SEED = (int(os.environ["ACCMAN_CRASH_SEED"]) if os.environ.get("ACCMAN_CRASH_SEED")
+        else random.SystemRandom().randrange(2 ** 32) if LONG else 20261205)
+DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or (120 if LONG else 8))
+CONSUMERS = 4
+IN_FLIGHT = 3                   # requests in flight per consumer
+FUND = 5000                     # a few requests' worth: accounts meet 402 and are topped up
+FREE_SHARE = 0.1                # requests the app answers 400: free
+# Short, so that a settle owed across a restart may find its hold expired
+# and be charged as a keyed mod instead (docs/CALLING.md).
+HOLD_TTL_S = 3
+CONSUMER_TIMEOUT_S = 60.0
+APP_STOP_S = 40.0               # over the drain's 3 x SHUTDOWN_DRAIN_S + SHUTDOWN_LAST_CALL_S
+
+
+class AccMan:
+    """The AccMan under test and its restarts, on one port and data directory."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.proc = start_accman(tmp_path)
+        self.url = self.proc.url
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.faults = {"kill": 0, "pause": 0, "pause_kill": 0}
+
+    def kill_and_restart(self):
+        self.proc.stop(signal.SIGKILL)
+        self.proc = start_accman(self.tmp_path, port=self.port)
+        assert self.proc.url == self.url
+
+    def pause(self, seconds, then_kill=False):
+        """SIGSTOP for `seconds`: the middleware's calls time out (its
+        timeout_s is 2 s), and holds pass their ttl while their settles are
+        owed; then SIGCONT, or a kill and a restart."""
+        self.proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            self.proc.proc.send_signal(signal.SIGCONT)
+        if then_kill:
+            self.kill_and_restart()
+
+    def nemesis(self, rnd, stop_at, errors):
+        """Faults until stop_at, the last one over before it: in a short
+        run a kill, a pause past the hold ttl and a late kill (its owed
+        calls still under way at the shutdown); in a long one kills,
+        pauses and pauses ended by a kill, every second or two."""
+        try:
+            if LONG:
+                kinds = itertools.cycle(["kill", "pause", "kill", "pause_kill"])
+                while (t := time.monotonic() + rnd.uniform(0.5, 2.0)) < stop_at - 5:
+                    time.sleep(t - time.monotonic())
+                    kind = next(kinds)
+                    if kind == "kill":
+                        self.kill_and_restart()
+                    else:
+                        self.pause(rnd.uniform(0.2, 4.0), then_kill=kind == "pause_kill")
+                    self.faults[kind] += 1
+                return
+            start = time.monotonic()
+            for at, kind in ((rnd.uniform(0.1, 0.2), "kill"), (0.3, "pause"),
+                             (rnd.uniform(0.93, 0.97), "kill")):
+                time.sleep(max(0.0, start + at * DURATION_S - time.monotonic()))
+                if kind == "kill":
+                    self.kill_and_restart()
+                else:
+                    self.pause(HOLD_TTL_S + 0.5)
+                self.faults[kind] += 1
+        except Exception as e:
+            errors.append(f"nemesis: {type(e).__name__}: {e}")
+
+
+class Consumer:
+    """One account's consumer: IN_FLIGHT loops of paid requests, each with
+    an amount of its own; a 402 tops the account up (one at a time)."""
+
+    def __init__(self, n, rnd):
+        self.cred = f"calbank-{n}-{os.getpid()}-{time.monotonic_ns()}"
+        self.rnd = random.Random(rnd.random())
+        self.amounts = itertools.count(1000)
+        self.requests = []
+        self.topups = []
+        self.topping = False
+
+    async def run(self, url, funder, stop_at):
+        async with httpx.AsyncClient(base_url=url, timeout=CONSUMER_TIMEOUT_S) as http:
+            await asyncio.gather(*(self.loop(http, funder, stop_at) for _ in range(IN_FLIGHT)))
+
+    async def loop(self, http, funder, stop_at):
+        while time.monotonic() < stop_at:
+            r = Request(self.cred, next(self.amounts), self.rnd.random() < FREE_SHARE)
+            params = {"a": r.a, **({"free": "1"} if r.free else {})}
+            try:
+                got = await http.get("/work", params=params, headers={"ACCMAN": self.cred})
+                r.status = got.status_code
+                r.header = int(got.headers["accman"]) if "accman" in got.headers else None
+                r.detail = got.text[:200]
+            except httpx.HTTPError as e:
+                r.detail = f"{type(e).__name__}: {e}"
+            self.requests.append(r)
+            if r.status == 402 and not self.topping:
+                await self.top_up(funder, 3 * r.a)
+            elif r.status in (402, 503, None):
+                await asyncio.sleep(0.02)
+
+    async def top_up(self, funder, by):
+        self.topping = True
+        t = TopUp(self.cred, f"top-{len(self.topups)}", by)
+        self.topups.append(t)
+        try:
+            await funder.mod(self.cred, by, key=t.key)
+            t.ok = True
+        except AccManError:
+            pass                    # AccMan down: sent again with its key after the run
+        finally:
+            self.topping = False
+
+
+async def load(app_url, accman_url, consumers, stop_at):
+    async with AccManClient(accman_url, FUNDER, timeout_s=2.0) as funder:
+        for c in consumers:
+            await funder.mod(c.cred, FUND, key="open")
+        await asyncio.gather(*(c.run(app_url, funder, stop_at) for c in consumers))
+
+
+def history(acc, cred) -> list:
+    entries, before = [], None
+    while True:
+        page = acc.past(cred, limit=1000, before=before)
+        entries += page.entries
+        if page.next is None:
+            return entries[::-1]
+        before = page.next
+
+
+def metrics(url) -> dict:
+    text = httpx.get(url + "/metrics").text
+    return {m[1]: int(m[2]) for m in re.finditer(r"^accman_mw_(\w+)_total (\d+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, mode):
+    banner = (f"calling bank checker ({mode}): seed {SEED}, {DURATION_S:g} s; replay with "
+              f"ACCMAN_CRASH_SEED={SEED}" + (" ACCMAN_CRASH_LONG=1" if LONG else ""))
+    print(banner, flush=True)
+    rnd = random.Random(SEED)
+    accman = AccMan(tmp_path)
+    app = start_app(tmp_path, f"calbank-{mode}", accman.url, mode,
+                    SVC_CHECK if mode == "check" else SVC_RESERVE,
+                    app="tests.calling_bank_app:app", env={"ACCMAN_HOLD_TTL_S": str(HOLD_TTL_S)})
+    consumers = [Consumer(n, rnd) for n in range(CONSUMERS)]
+    errors = []
+    try:
+        app_url = app.wait_ready(UVICORN_READY, "stderr")
+        stop_at = time.monotonic() + DURATION_S
+        nemesis = threading.Thread(target=accman.nemesis, args=(rnd, stop_at, errors))
+        nemesis.start()
+        asyncio.run(load(app_url, accman.url, consumers, stop_at))
+        nemesis.join()
+        assert not errors, errors
+        stats = metrics(app_url)
+        app.proc.send_signal(signal.SIGTERM)        # the drain: what is owed lands now
+        app.proc.wait(APP_STOP_S)
+        assert app.proc.returncode in (0, -signal.SIGTERM), app.proc.returncode
+        problems = reconcile(mode, accman, consumers, ServiceLog(app.err.read_text()), stats)
+    finally:
+        app.stop(signal.SIGKILL)
+        accman.proc.stop()
+    requests = [r for c in consumers for r in c.requests]
+    counts = collections_of(requests)
+    summary = (f"{len(requests)} requests {counts}, {sum(len(c.topups) for c in consumers)} "
+               f"top-ups, faults {accman.faults}")
+    print(f"calling bank checker ({mode}): {summary}", flush=True)
+    assert not problems, f"{banner}\n{summary}\n{len(problems)} problems:\n" + "\n".join(
+        problems[:30])
+    # The run must have been a real one: AccMan killed while requests were
+    # served and charged, refused and owed around the kills.
+    assert accman.faults["kill"] >= 2 and accman.faults["pause"] >= 1, summary
+    assert counts.get("200+", 0) >= 50 and counts.get(503, 0) >= 1, summary
+
+
+def collections_of(requests) -> dict:
+    """How many requests got each answer: "200+" with the header, "200-" without."""
+    out = {}
+    for r in requests:
+        k = f"200{'+' if r.header is not None else '-'}" if r.status == 200 else r.status
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def reconcile(mode, accman, consumers, log, stats) -> list:
+    """Every problem the histories, the records, the log and the counters show."""
+    problems = log_problems(log)
+    requests = [r for c in consumers for r in c.requests]
+    statuses = collections_of(requests)
+    for stat, want in (("requests", len(requests)), ("refused_insufficient", statuses.get(402, 0)),
+                       ("refused_unavailable", statuses.get(503, 0)),
+                       ("free_status", statuses.get(400, 0)),
+                       ("owed", sum(map(len, log.queued.values()))),
+                       ("expired", log.text.count("expired before the response"))):
+        if stats[stat] != want:
+            problems.append(f"stats[{stat!r}] is {stats[stat]}; the consumers saw {want}")
+    with AccManSyncClient(accman.url, FUNDER) as funder:
+        for t in (t for c in consumers for t in c.topups if not t.ok):
+            funder.mod(t.cred, t.by, key=t.key)     # applied now, or answered from its record
+            t.ok = True
+    with AccManSyncClient(accman.url, SVC_CHECK) as acc:
+        deadline = time.monotonic() + HOLD_TTL_S + 5
+        while httpx.get(accman.url + "/health").json()["open_holds"]:
+            assert time.monotonic() < deadline, "holds still open past their ttl"
+            time.sleep(0.1)
+        for c in consumers:
+            acct = Account(c.cred, history(acc, c.cred))
+            problems += check_account(mode, acct, c.requests, c.topups, FUND, log,
+                                      acc.tot(c.cred))
+    return problems
+
+
+# --- the checker checks: each fault it exists to find, found -------------------------
+
+SCENE_CRED = "scene"
+
+
+def scene(mode):
+    """A correct made-up run of one account: [requests], [top-ups], the
+    history as [(by, key, hold label)], the log's lines.  A hold's label
+    stands for its seq; a check-mode charge is A - 500, as the app's."""
+    fp = fingerprint(SCENE_CRED)
+    reqs = [Request(SCENE_CRED, 1000, False, 200, 4500), Request(SCENE_CRED, 1001, False, 200),
+            Request(SCENE_CRED, 1002, False, 402), Request(SCENE_CRED, 1003, False, 503),
+            Request(SCENE_CRED, 1004, True, 400)]
+    topups = [TopUp(SCENE_CRED, "top-0", 3000, True)]
+    if mode == "check":
+        spec = [(5000, "open", None), (-500, "x1-c", None), (-501, "x2-c", None),
+                (3000, "top-0", None)]
+        log = [f"accman: charge of 501 for account {fp} queued (after outcome_unknown), "
+               f"key x2-c"]
+    else:
+        spec = [(5000, "open", None), (-1000, "x1-h", "h1"), (500, None, "h1"),
+                (-1001, "x2-h", "h2"), (None, "owed", "h2"),
+                (-1003, "x4-h", "h4"), (1003, None, "h4"), (-1004, "x5-h", "h5"),
+                (1004, None, "h5"), (3000, "top-0", None)]
+        log = [f"accman: settle of 501 for account {fp} queued (after unreachable), hold h2",
+               f"accman: release of 0 for account {fp} queued (after outcome_unknown), "
+               f"key x4-h"]
+    return reqs, topups, spec, log
+
+
+def judge(mode, reqs, topups, spec, log, final_delta=0) -> list:
+    entries, seqs, tot = [], {}, 0
+    for seq, (by, key, hold) in enumerate(spec, 1):
+        if hold is not None and hold not in seqs:
+            seqs[hold] = seq
+        if by is None:          # the settle of a hold of 1001 that used 501
+            by, key = 500, None
+        tot += by
+        entries.append(Entry(seq, by, tot, 0, key, seqs.get(hold)))
+    text = "\n".join(log)
+    for label, seq in seqs.items():
+        text = text.replace(f"hold {label}", f"hold {seq}")
+    log = ServiceLog(text)
+    return log_problems(log) + check_account(mode, Account(SCENE_CRED, entries), reqs, topups,
+                                             5000, log, tot + final_delta)
+
+
+def _lost_charge(mode, reqs, topups, spec, log):
+    del spec[1:3 if mode == "reserve" else 2]
+
+
+def _doubled_charge(mode, reqs, topups, spec, log):
+    spec.append((-500, "x9-c", None))
+
+
+def _charged_refusal(mode, reqs, topups, spec, log):
+    spec.append((-502, "x3-c", None))
+
+
+def _held_refusal(mode, reqs, topups, spec, log):
+    spec += [(-1002, "x3-h", "h3"), (0 if mode == "check" else 502, None, "h3")]
+
+
+def _charge_of_no_request(mode, reqs, topups, spec, log):
+    spec.append((-700, "x7-c", None))
+
+
+def _wrong_header(mode, reqs, topups, spec, log):
+    reqs[0].header = 4000
+
+
+def _owed_not_logged(mode, reqs, topups, spec, log):
+    del log[0]
+
+
+def _owed_stranded_yet_landed(mode, reqs, topups, spec, log):
+    ref = "key x2-c" if mode == "check" else "hold h2"
+    log.append(f"accman: stranded charge: the account owes 501 (account "
+               f"{fingerprint(SCENE_CRED)}, {ref}): still unreachable after 20 attempts")
+
+
+def _top_up_lost(mode, reqs, topups, spec, log):
+    spec.pop()
+
+
+def _traceback_logged(mode, reqs, topups, spec, log):
+    log.append("Traceback (most recent call last):")
+
+
+def _unhold_not_logged(mode, reqs, topups, spec, log):
+    spec += [(-1003, "x4-h", "h4"), (1003, None, "h4")] if mode == "check" else []
+    log[:] = [line for line in log if "key x4-h" not in line]
+
+
+def _overdrawn(mode, reqs, topups, spec, log):
+    """A request of 9000 served last, on a balance of 7999 (6999 in check
+    mode): reserve mode holds no more than the balance."""
+    if mode == "check":
+        reqs.append(Request(SCENE_CRED, 9000, False, 200, 6999 - 8500))
+        spec.append((-8500, "x0-c", None))
+    else:
+        reqs.append(Request(SCENE_CRED, 9000, False, 200, 7999 - 500))
+        spec += [(-9000, "x0-h", "h0"), (8500, None, "h0")]
+
+
+FAULTS = [_lost_charge, _doubled_charge, _charged_refusal, _held_refusal,
+          _charge_of_no_request, _wrong_header, _owed_not_logged, _owed_stranded_yet_landed,
+          _top_up_lost, _traceback_logged, _unhold_not_logged, _overdrawn]
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_the_calling_checker_passes_a_correct_run(mode):
+    assert judge(mode, *scene(mode)) == []
+    assert judge(mode, *scene(mode), final_delta=1) != []       # the balance told is not its sum
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__.strip("_") for f in FAULTS])
+def test_the_calling_checker_finds(mode, fault):
+    made = scene(mode)
+    fault(mode, *made)
+    if fault is _overdrawn and mode == "check":
+        assert judge(mode, *made) == []         # check mode may overdraw (docs/CALLING.md)
+        return
+    assert judge(mode, *made) != []
