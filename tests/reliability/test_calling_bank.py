@@ -43,7 +43,7 @@ import httpx
 import pytest
 
 from accman.client import AccManClient, AccManSyncClient
-from accman.calling.owed import fingerprint
+from accman.calling.owed import SHUTDOWN_DRAIN_S, fingerprint
 from accman.errors import AccManError
 from accman.records import Entry
 from callingcheck import Account, Request, ServiceLog, TopUp, check_account, log_problems
@@ -62,6 +62,10 @@ FREE_SHARE = 0.1                # requests the app answers 400: free
 # and be charged as a keyed mod instead (docs/CALLING.md).
 HOLD_TTL_S = 3
 CONSUMER_TIMEOUT_S = 60.0
+# How long AccMan stays down once the service's shutdown has begun: back
+# within its drain (check mode's short run), or past it, so that what is
+# still owed is stranded (reserve mode's); a long run draws either.
+DOWN_AT_SHUTDOWN_S = {"check": 1.0, "reserve": SHUTDOWN_DRAIN_S + 1.0}
 APP_STOP_S = 40.0               # over the drain's 3 x SHUTDOWN_DRAIN_S + SHUTDOWN_LAST_CALL_S
 
 
@@ -75,8 +79,12 @@ class AccMan:
         self.port = int(self.url.rsplit(":", 1)[1])
         self.faults = {"kill": 0, "pause": 0, "pause_kill": 0}
 
-    def kill_and_restart(self):
+    def kill_and_restart(self, restart=True):
         self.proc.stop(signal.SIGKILL)
+        if restart:
+            self.restart()
+
+    def restart(self):
         self.proc = start_accman(self.tmp_path, port=self.port)
         assert self.proc.url == self.url
 
@@ -93,10 +101,10 @@ class AccMan:
             self.kill_and_restart()
 
     def nemesis(self, rnd, stop_at, errors):
-        """Faults until stop_at, the last one over before it: in a short
-        run a kill, a pause past the hold ttl and a late kill (its owed
-        calls still under way at the shutdown); in a long one kills,
-        pauses and pauses ended by a kill, every second or two."""
+        """Faults until stop_at: in a short run a kill, a pause past the
+        hold ttl, and in a long one kills, pauses and pauses ended by a
+        kill, every second or two; then a last kill just before stop_at,
+        AccMan left down for the shutdown (shutdown_drain)."""
         try:
             if LONG:
                 kinds = itertools.cycle(["kill", "pause", "kill", "pause_kill"])
@@ -108,16 +116,18 @@ class AccMan:
                     else:
                         self.pause(rnd.uniform(0.2, 4.0), then_kill=kind == "pause_kill")
                     self.faults[kind] += 1
-                return
-            start = time.monotonic()
-            for at, kind in ((rnd.uniform(0.1, 0.2), "kill"), (0.3, "pause"),
-                             (rnd.uniform(0.93, 0.97), "kill")):
-                time.sleep(max(0.0, start + at * DURATION_S - time.monotonic()))
-                if kind == "kill":
-                    self.kill_and_restart()
-                else:
-                    self.pause(HOLD_TTL_S + 0.5)
-                self.faults[kind] += 1
+            else:
+                start = time.monotonic()
+                for at, kind in ((rnd.uniform(0.1, 0.2), "kill"), (0.3, "pause")):
+                    time.sleep(max(0.0, start + at * DURATION_S - time.monotonic()))
+                    if kind == "kill":
+                        self.kill_and_restart()
+                    else:
+                        self.pause(HOLD_TTL_S + 0.5)
+                    self.faults[kind] += 1
+            time.sleep(max(0.0, stop_at - rnd.uniform(0.2, 0.5) - time.monotonic()))
+            self.kill_and_restart(restart=False)
+            self.faults["kill"] += 1
         except Exception as e:
             errors.append(f"nemesis: {type(e).__name__}: {e}")
 
@@ -211,8 +221,8 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, mode
         nemesis.join()
         assert not errors, errors
         stats = metrics(app_url)
-        app.proc.send_signal(signal.SIGTERM)        # the drain: what is owed lands now
-        app.proc.wait(APP_STOP_S)
+        shutdown_drain(app, accman, DOWN_AT_SHUTDOWN_S[mode] if not LONG else rnd.choice(
+            list(DOWN_AT_SHUTDOWN_S.values())))
         assert app.proc.returncode in (0, -signal.SIGTERM), app.proc.returncode
         problems = reconcile(mode, accman, consumers, ServiceLog(app.err.read_text()), stats)
     finally:
@@ -229,6 +239,16 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, mode
     # served and charged, refused and owed around the kills.
     assert accman.faults["kill"] >= 2 and accman.faults["pause"] >= 1, summary
     assert counts.get("200+", 0) >= 50 and counts.get(503, 0) >= 1, summary
+
+
+def shutdown_drain(app, accman, down_s):
+    """The service's shutdown, AccMan down as it starts and back `down_s`
+    later: within the drain, what is owed lands; past it, it is stranded
+    (docs/CALLING.md, "Failure behaviour")."""
+    app.proc.send_signal(signal.SIGTERM)
+    time.sleep(down_s)
+    accman.restart()
+    app.proc.wait(APP_STOP_S)
 
 
 def collections_of(requests) -> dict:
