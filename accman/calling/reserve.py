@@ -54,12 +54,12 @@ class Reservation:
     admission, `ended` true once it is settled or released."""
 
     __slots__ = ("meter", "acc", "scope", "cred", "price", "rid", "est", "ttl_s", "hold", "tot",
-                 "ended", "watch")
+                 "ended", "watch", "held_at")
 
     def __init__(self, meter: Meter, acc, scope, cred, price, rid, est, receive):
         self.meter, self.acc, self.scope, self.cred, self.price = meter, acc, scope, cred, price
         self.rid, self.est = rid, est
-        self.ttl_s = self.hold = self.tot = None
+        self.ttl_s = self.hold = self.tot = self.held_at = None
         self.ended = False
         self.watch = DisconnectWatch(receive, self.release, scope)
 
@@ -80,6 +80,7 @@ class Reservation:
             return
         self.hold, self.tot, _ = await self.acc.hold(self.cred, -self.est, ttl_s,
                                                      key=self.hold_key)
+        self.held_at = asyncio.get_running_loop().time()
 
     def sender(self, send):
         async def send_(message):
@@ -110,14 +111,16 @@ class Reservation:
             return with_tot(message, meter.header, self.tot)   # nothing held, nothing charged
         if not cost:
             meter.stats["released"] += 1
+        ran_s = asyncio.get_running_loop().time() - self.held_at
         try:
-            return with_tot(message, meter.header, await self._settle(cost))
+            return with_tot(message, meter.header, await self._settle(cost, ran_s))
         except asyncio.CancelledError:
             # The settle may have landed, and the response is not sent.
             meter.owed.add(Unsettle(self.cred, self.hold, cost), CANCELLED)
             raise
 
-    async def _settle(self, use: int):
+    async def _settle(self, use: int, ran_s: float):
+        """The settle of a response that started `ran_s` after its hold."""
         meter = self.meter
         try:
             tot, _ = await self.acc.settle(self.cred, self.hold, use)
@@ -126,9 +129,17 @@ class Reservation:
                 return None             # expired: all of it came back already
             meter.stats["expired"] += 1
             key = charge_key(self.rid)
-            log.warning("accman: hold %d of account %s expired before the response (the app "
-                        "ran past hold_ttl_s=%d s): charging %d as a mod, key %s", self.hold,
-                        fingerprint(self.cred), self.ttl_s, use, key)
+            # Said as it happened: raising hold_ttl_s helps a slow app, not
+            # an AccMan that answered the settle past the ttl (stalled, or
+            # restarting), which no ttl bounds.
+            if ran_s >= self.ttl_s:
+                why = f"expired before the response (the app ran past hold_ttl_s={self.ttl_s} s)"
+            else:
+                why = (f"expired before its settle landed (the response started {ran_s:.1f} s "
+                       f"after the hold, within hold_ttl_s={self.ttl_s} s: AccMan answered the "
+                       f"settle late)")
+            log.warning("accman: hold %d of account %s %s: charging %d as a mod, key %s",
+                        self.hold, fingerprint(self.cred), why, use, key)
             return await meter.charge(self.acc, self.cred, use, key)
         except AccManError as e:
             meter.owed.add(Settle(self.cred, self.hold, use, self.rid), e)

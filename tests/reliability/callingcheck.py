@@ -47,9 +47,8 @@ _STRANDED_UNKNOWN = re.compile(r"accman: stranded (\w+) of (\d+), outcome unknow
                                r"(key|hold) (\S+) in the history of account ([0-9a-f]{12})")
 _STRANDED = re.compile(r"accman: stranded (\w+): (.*?) \(account ([0-9a-f]{12}), "
                        r"(key|hold) (\S+)\)")
-_RECHARGED = re.compile(r"accman: hold (\d+) of account ([0-9a-f]{12}) (?:expired before the "
-                        r"response|ended before its settle landed).*?charging (\d+) as a mod, "
-                        r"key (\S+)")
+_RECHARGED = re.compile(r"accman: hold (\d+) of account ([0-9a-f]{12}) (?:expired|ended) "
+                        r"before .*?charging (\d+) as a mod, key (\S+)")
 # What this run never gives a cause for: no request is cancelled, the
 # token keeps its roles.
 LOG_FAULTS = ("Traceback", "was cancelled while", "owes the account", "refused the charge",

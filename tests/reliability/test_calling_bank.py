@@ -269,7 +269,8 @@ def reconcile(mode, accman, consumers, log, stats) -> list:
                        ("refused_unavailable", statuses.get(503, 0)),
                        ("free_status", statuses.get(400, 0)),
                        ("owed", sum(map(len, log.queued.values()))),
-                       ("expired", log.text.count("expired before the response"))):
+                       ("expired", len(re.findall(r"expired before (the response|its settle "
+                                                  r"landed \(the response started)", log.text)))):
         if stats[stat] != want:
             problems.append(f"stats[{stat!r}] is {stats[stat]}; the consumers saw {want}")
     with AccManSyncClient(accman.url, FUNDER) as funder:
