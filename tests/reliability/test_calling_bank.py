@@ -25,9 +25,11 @@ and the service's log (callingcheck.check_account):
 * the service's counters agree with what the consumers got, and its log
   holds no traceback.
 
-Short and seeded by default (two kills in each mode); ACCMAN_CRASH_LONG=1
-runs for minutes with kills every second or two and a random seed,
-printed so that ACCMAN_CRASH_SEED=N replays the same schedule.
+Short and seeded by default (in each mode a kill, a SIGSTOP past the hold
+ttl, and a last kill with AccMan down as the shutdown begins);
+ACCMAN_CRASH_LONG=1 runs for minutes with kills and stops every second or
+two and a random seed, printed so that ACCMAN_CRASH_SEED=N replays the
+same schedule (thread timing is the machine's).
 ACCMAN_CRASH_SECONDS overrides the length."""
 
 import asyncio
