@@ -2,15 +2,16 @@
 uvicorn in front of an AccMan that is SIGKILLed and restarted.
 
 /work?a=A (a bare ASGI route behind the middleware) works for up to 20
-ms and answers 200 "done"; with `free=1` it answers 400, which is free.
+ms (or `s` seconds) and answers 200 "done"; with `free=1` it answers
+400, which is free.
 Its estimate is A (the balance check mode needs, what reserve mode
 holds), its charge A - 500 (FEE_BACK): the test gives every request of
 an account its own A, so that a hold (by -A) or a check-mode charge (by
 -(A - 500)) in the history names the request that made it.  /metrics
 (exempt) answers the middleware's counters.
 
-ACCMAN_URL, ACCMAN_TOKEN, ACCMAN_MODE and, in reserve mode,
-ACCMAN_HOLD_TTL_S configure it."""
+ACCMAN_URL, ACCMAN_TOKEN, ACCMAN_MODE, ACCMAN_ON_UNAVAILABLE and, in
+reserve mode, ACCMAN_HOLD_TTL_S configure it."""
 
 import asyncio
 import os
@@ -40,7 +41,7 @@ async def service(scope, receive, send):
         status, text = 200, app.render_metrics().encode()
     else:
         await receive()
-        await asyncio.sleep(random.uniform(0, 0.02))
+        await asyncio.sleep(float(query(scope).get("s", random.uniform(0, 0.02))))
         status, text = (400, b"refused") if query(scope).get("free") == "1" else (200, b"done")
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain"),
@@ -52,5 +53,6 @@ _mode = os.environ.get("ACCMAN_MODE", "check")
 app = AccManMiddleware(service, url=os.environ["ACCMAN_URL"],
                        token=os.environ.get("ACCMAN_TOKEN") or None, cost=cost, mode=_mode,
                        exempt=("/metrics",),
+                       on_unavailable=os.environ.get("ACCMAN_ON_UNAVAILABLE", "closed"),
                        hold_ttl_s=(int(os.environ["ACCMAN_HOLD_TTL_S"])
                                    if _mode == "reserve" else None))

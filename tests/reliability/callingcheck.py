@@ -23,10 +23,12 @@ FEE_BACK = 500          # tests/calling_bank_app.py: a charge is the estimate le
 class Request:
     """One paid request and what its consumer got: `status` None when
     uvicorn gave no response (`detail` says why), `header` the ACCMAN
-    response header as an int, None when missing."""
+    response header as an int, None when missing.  A consumer that is
+    `gone` closed its connection long before the app answers."""
     cred: str
     a: int
     free: bool
+    gone: bool = False
     status: int | None = None
     header: int | None = None
     detail: str = ""
@@ -47,6 +49,7 @@ _STRANDED_UNKNOWN = re.compile(r"accman: stranded (\w+) of (\d+), outcome unknow
                                r"(key|hold) (\S+) in the history of account ([0-9a-f]{12})")
 _STRANDED = re.compile(r"accman: stranded (\w+): (.*?) \(account ([0-9a-f]{12}), "
                        r"(key|hold) (\S+)\)")
+_UNPAID = re.compile(r"accman: unpaid (\d+) \(account ([0-9a-f]{12})\): (.*)")
 _RECHARGED = re.compile(r"accman: hold (\d+) of account ([0-9a-f]{12}) (?:expired|ended) "
                         r"before .*?charging (\d+) as a mod, key (\S+)")
 # What this run never gives a cause for: no request is cancelled, the
@@ -58,14 +61,17 @@ LOG_FAULTS = ("Traceback", "was cancelled while", "owes the account", "refused t
 class ServiceLog:
     """What the service's log says of owed and stranded calls, by account
     fingerprint: `queued` [(what, amount, ref)], `stranded` [(what, amount
-    or None, ref, unknown)], `recharged` [(hold, amount, key)]; refs are
-    "key K" or "hold H"."""
+    or None, ref, unknown)], `recharged` [(hold, amount, key)], `unpaid`
+    [(amount, why)]; refs are "key K" or "hold H"."""
 
     def __init__(self, text: str):
         self.text = text
         self.queued = collections.defaultdict(list)
         self.stranded = collections.defaultdict(list)
         self.recharged = collections.defaultdict(list)
+        self.unpaid = collections.defaultdict(list)
+        for m in _UNPAID.finditer(text):
+            self.unpaid[m[2]].append((int(m[1]), m[3]))
         for m in _QUEUED.finditer(text):
             self.queued[m[3]].append((m[1], int(m[2]), f"{m[4]} {m[5]}"))
         for m in _STRANDED_UNKNOWN.finditer(text):
@@ -143,10 +149,14 @@ def check_account(mode, acct: Account, requests, topups, fund, log: ServiceLog,
 
 def check_request(mode, acct: Account, r: Request, log: ServiceLog) -> list:
     """What request `r` moved, against what its consumer got."""
-    what = f"A={r.a} ({'free ' if r.free else ''}answered {r.status}, header {r.header})"
+    what = (f"A={r.a} ({'free ' if r.free else ''}{'gone ' if r.gone else ''}"
+            f"answered {r.status}, header {r.header})")
     holds, charges = acct.holds[r.a], acct.charges[r.a]
     if len(holds) > 1 or len(charges) > 1:
         return [f"{what}: held {len(holds)} times, charged {len(charges)} times"]
+    if r.gone:
+        net = acct.net(r.a)
+        return [f"{what}: its consumer left before the response, yet it moved {net}"] if net else []
     if r.status not in (200, 400, 402, 503) or r.free != (r.status == 400) and r.status in (
             200, 400):
         return [f"{what}: not an answer the docs give this request ({r.detail})"]
@@ -184,13 +194,28 @@ def check_served(mode, acct: Account, r: Request, log: ServiceLog) -> list:
         return []
     owed = owed_ref(mode, acct, r, log)
     if owed is None:
-        return ["served without a balance, and the log queued no call for it"]
+        return check_unpaid_served(acct, r, log)
     stranded = [s for s in log.stranded[fingerprint(r.cred)] if s[2] == owed]
     if net == -charge and not [s for s in stranded if not s[3]]:
         return []               # the owed call landed (or may have: stranded unknown)
     if net == 0 and stranded:
         return []               # stranded, said so, and it did not land
     return [f"owed as {owed}, moved {net}, stranded {stranded}"]
+
+
+def check_unpaid_served(acct: Account, r: Request, log: ServiceLog) -> list:
+    """Served unpaid (on_unavailable="open": AccMan could not admit it):
+    the log says so with its charge, and it moved nothing; a hold of
+    unknown outcome at its admission is undone by an owed unhold."""
+    net, holds = acct.net(r.a), acct.holds[r.a]
+    if (r.a - FEE_BACK) not in [amount for amount, _ in log.unpaid[fingerprint(r.cred)]]:
+        return ["served without a balance, and the log neither queued a call for it nor "
+                "said it unpaid"]
+    if net != 0:
+        return [f"served unpaid, yet it moved {net}"]
+    if holds and f"key {holds[0].key}" not in log.refs(r.cred, "queued"):
+        return [f"served unpaid, its hold applied and no owed unhold names key {holds[0].key}"]
+    return []
 
 
 def owed_ref(mode, acct, r: Request, log: ServiceLog):

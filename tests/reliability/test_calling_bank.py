@@ -16,8 +16,9 @@ and the service's log (callingcheck.check_account):
   and its header is the balance after that charge; one served without the
   header was owed, its key or hold named in the log, and is charged once
   after the drain, or stranded, said with the key or hold to look for;
-* nothing is charged for a refusal (402, 503) or a free response (400),
-  and nothing is in a history that no request of that amount made;
+* nothing is charged for a refusal (402, 503), a free response (400) or a
+  request whose consumer left before the response, and nothing is in a
+  history that no request of that amount made;
 * a hold of a 503 (an unknown outcome) is undone by an owed unhold the log
   names, every hold ends once, none is left open;
 * the balance is the funding less the history's charges, and in reserve
@@ -60,6 +61,11 @@ CONSUMERS = 4
 IN_FLIGHT = 3                   # requests in flight per consumer
 FUND = 5000                     # a few requests' worth: accounts meet 402 and are topped up
 FREE_SHARE = 0.1                # requests the app answers 400: free
+# Requests whose consumer leaves LEAVE_S after sending, while the app works
+# LEAVE_WORK_S: not charged, the hold released at once (docs/CALLING.md,
+# "The consumer goes away").
+LEAVE_SHARE = 0.05
+LEAVE_S, LEAVE_WORK_S = 0.03, 0.3
 # Short, so that a settle owed across a restart may find its hold expired
 # and be charged as a keyed mod instead (docs/CALLING.md).
 HOLD_TTL_S = 3
@@ -145,15 +151,23 @@ class Consumer:
         self.requests = []
         self.topups = []
         self.topping = False
+        self.url = None
 
     async def run(self, url, funder, stop_at):
+        self.url = url
         async with httpx.AsyncClient(base_url=url, timeout=CONSUMER_TIMEOUT_S) as http:
             await asyncio.gather(*(self.loop(http, funder, stop_at) for _ in range(IN_FLIGHT)))
 
     async def loop(self, http, funder, stop_at):
         while time.monotonic() < stop_at:
-            r = Request(self.cred, next(self.amounts), self.rnd.random() < FREE_SHARE)
-            params = {"a": r.a, **({"free": "1"} if r.free else {})}
+            x = self.rnd.random()
+            r = Request(self.cred, next(self.amounts), x < FREE_SHARE, x > 1 - LEAVE_SHARE)
+            params = {"a": r.a, **({"free": "1"} if r.free else {}),
+                      **({"s": str(LEAVE_WORK_S)} if r.gone else {})}
+            self.requests.append(r)
+            if r.gone:
+                await self.leave(params)
+                continue
             try:
                 got = await http.get("/work", params=params, headers={"ACCMAN": self.cred})
                 r.status = got.status_code
@@ -161,11 +175,20 @@ class Consumer:
                 r.detail = got.text[:200]
             except httpx.HTTPError as e:
                 r.detail = f"{type(e).__name__}: {e}"
-            self.requests.append(r)
             if r.status == 402 and not self.topping:
                 await self.top_up(funder, 3 * r.a)
             elif r.status in (402, 503, None):
                 await asyncio.sleep(0.02)
+
+    async def leave(self, params):
+        """A request on a connection of its own, closed LEAVE_S after it
+        was sent: long before the app answers."""
+        async with httpx.AsyncClient(base_url=self.url, timeout=CONSUMER_TIMEOUT_S) as http:
+            try:
+                await asyncio.wait_for(http.get("/work", params=params,
+                                                headers={"ACCMAN": self.cred}), LEAVE_S)
+            except asyncio.TimeoutError:
+                pass
 
     async def top_up(self, funder, by):
         self.topping = True
@@ -202,21 +225,31 @@ def metrics(url) -> dict:
     return {m[1]: int(m[2]) for m in re.finditer(r"^accman_mw_(\w+)_total (\d+)$", text, re.M)}
 
 
-@pytest.mark.parametrize("mode", ["check", "reserve"])
-def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, mode):
-    banner = (f"calling bank checker ({mode}): seed {SEED}, {DURATION_S:g} s; replay with "
+# Each mode with on_unavailable "closed"; and "open", which serves unpaid
+# what AccMan cannot admit (check mode's in the short run, both in a long one).
+CASES = ["check", "reserve", "check open"] + (["reserve open"] if LONG else [])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case):
+    mode, _, unavailable = case.partition(" ")
+    # The open case is short in the suite: its other paths are the closed one's.
+    duration_s = DURATION_S / 2 if unavailable and not LONG else DURATION_S
+    banner = (f"calling bank checker ({case}): seed {SEED}, {duration_s:g} s; replay with "
               f"ACCMAN_CRASH_SEED={SEED}" + (" ACCMAN_CRASH_LONG=1" if LONG else ""))
     print(banner, flush=True)
     rnd = random.Random(SEED)
     accman = AccMan(tmp_path)
     app = start_app(tmp_path, f"calbank-{mode}", accman.url, mode,
                     SVC_CHECK if mode == "check" else SVC_RESERVE,
-                    app="tests.calling_bank_app:app", env={"ACCMAN_HOLD_TTL_S": str(HOLD_TTL_S)})
+                    app="tests.calling_bank_app:app",
+                    env={"ACCMAN_HOLD_TTL_S": str(HOLD_TTL_S),
+                         "ACCMAN_ON_UNAVAILABLE": unavailable or "closed"})
     consumers = [Consumer(n, rnd) for n in range(CONSUMERS)]
     errors = []
     try:
         app_url = app.wait_ready(UVICORN_READY, "stderr")
-        stop_at = time.monotonic() + DURATION_S
+        stop_at = time.monotonic() + duration_s
         nemesis = threading.Thread(target=accman.nemesis, args=(rnd, stop_at, errors))
         nemesis.start()
         asyncio.run(load(app_url, accman.url, consumers, stop_at))
@@ -234,13 +267,14 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, mode
     counts = collections_of(requests)
     summary = (f"{len(requests)} requests {counts}, {sum(len(c.topups) for c in consumers)} "
                f"top-ups, faults {accman.faults}")
-    print(f"calling bank checker ({mode}): {summary}", flush=True)
+    print(f"calling bank checker ({case}): {summary}", flush=True)
     assert not problems, f"{banner}\n{summary}\n{len(problems)} problems:\n" + "\n".join(
         problems[:30])
     # The run must have been a real one: AccMan killed while requests were
-    # served and charged, refused and owed around the kills.
+    # served and charged, refused (or served unpaid) and owed around the kills.
     assert accman.faults["kill"] >= 2 and accman.faults["pause"] >= 1, summary
-    assert counts.get("200+", 0) >= 50 and counts.get(503, 0) >= 1, summary
+    assert counts.get("200+", 0) >= 50, summary
+    assert (stats["unpaid_requests"] if unavailable else counts.get(503, 0)) >= 1, summary
 
 
 def shutdown_drain(app, accman, down_s):
@@ -257,7 +291,8 @@ def collections_of(requests) -> dict:
     """How many requests got each answer: "200+" with the header, "200-" without."""
     out = {}
     for r in requests:
-        k = f"200{'+' if r.header is not None else '-'}" if r.status == 200 else r.status
+        k = ("gone" if r.gone else f"200{'+' if r.header is not None else '-'}"
+             if r.status == 200 else r.status)
         out[k] = out.get(k, 0) + 1
     return out
 
@@ -267,14 +302,23 @@ def reconcile(mode, accman, consumers, log, stats) -> list:
     problems = log_problems(log)
     requests = [r for c in consumers for r in c.requests]
     statuses = collections_of(requests)
+    gone = sum(r.gone for r in requests)
+    # A consumer gone may leave before the middleware counts its request,
+    # and its request may be refused (a 402 or a 503 nobody reads).
     for stat, want in (("requests", len(requests)), ("refused_insufficient", statuses.get(402, 0)),
                        ("refused_unavailable", statuses.get(503, 0)),
                        ("free_status", statuses.get(400, 0)),
                        ("owed", sum(map(len, log.queued.values()))),
+                       # Served unpaid at admission: its line says the error's code.
+                       ("unpaid_requests", sum(bool(re.fullmatch(r"[a-z_]+", why))
+                                               for u in log.unpaid.values() for _, why in u)),
                        ("expired", len(re.findall(r"expired before (the response|its settle "
                                                   r"landed \(the response started)", log.text)))):
-        if stats[stat] != want:
-            problems.append(f"stats[{stat!r}] is {stats[stat]}; the consumers saw {want}")
+        low, high = ((want - gone, want) if stat == "requests" else
+                     (want, want + gone) if stat.startswith("refused_") else (want, want))
+        if not low <= stats[stat] <= high:
+            problems.append(f"stats[{stat!r}] is {stats[stat]}, not from {low} to {high}: "
+                            f"the consumers saw {want}, and {gone} left")
     with AccManSyncClient(accman.url, FUNDER) as funder:
         for t in (t for c in consumers for t in c.topups if not t.ok):
             funder.mod(t.cred, t.by, key=t.key)     # applied now, or answered from its record
@@ -301,9 +345,13 @@ def scene(mode):
     history as [(by, key, hold label)], the log's lines.  A hold's label
     stands for its seq; a check-mode charge is A - 500, as the app's."""
     fp = fingerprint(SCENE_CRED)
-    reqs = [Request(SCENE_CRED, 1000, False, 200, 4500), Request(SCENE_CRED, 1001, False, 200),
-            Request(SCENE_CRED, 1002, False, 402), Request(SCENE_CRED, 1003, False, 503),
-            Request(SCENE_CRED, 1004, True, 400)]
+    reqs = [Request(SCENE_CRED, 1000, False, status=200, header=4500),
+            Request(SCENE_CRED, 1001, False, status=200),
+            Request(SCENE_CRED, 1002, False, status=402),
+            Request(SCENE_CRED, 1003, False, status=503),
+            Request(SCENE_CRED, 1004, True, status=400),
+            Request(SCENE_CRED, 1005, False, gone=True),
+            Request(SCENE_CRED, 1006, False, status=200)]             # served unpaid
     topups = [TopUp(SCENE_CRED, "top-0", 3000, True)]
     if mode == "check":
         spec = [(5000, "open", None), (-500, "x1-c", None), (-501, "x2-c", None),
@@ -314,10 +362,12 @@ def scene(mode):
         spec = [(5000, "open", None), (-1000, "x1-h", "h1"), (500, None, "h1"),
                 (-1001, "x2-h", "h2"), (None, "owed", "h2"),
                 (-1003, "x4-h", "h4"), (1003, None, "h4"), (-1004, "x5-h", "h5"),
-                (1004, None, "h5"), (3000, "top-0", None)]
+                (1004, None, "h5"), (-1005, "x6-h", "h6"), (1005, None, "h6"),
+                (3000, "top-0", None)]
         log = [f"accman: settle of 501 for account {fp} queued (after unreachable), hold h2",
                f"accman: release of 0 for account {fp} queued (after outcome_unknown), "
                f"key x4-h"]
+    log.append(f"accman: unpaid 506 (account {fp}): unreachable")
     return reqs, topups, spec, log
 
 
@@ -358,6 +408,22 @@ def _charge_of_no_request(mode, reqs, topups, spec, log):
     spec.append((-700, "x7-c", None))
 
 
+def _gone_charged(mode, reqs, topups, spec, log):
+    if mode == "check":
+        spec.append((-505, "x6-c", None))
+    else:
+        spec[spec.index((1005, None, "h6"))] = (500, None, "h6")
+
+
+def _unpaid_not_logged(mode, reqs, topups, spec, log):
+    log.pop()
+
+
+def _unpaid_charged(mode, reqs, topups, spec, log):
+    spec += [(-506, "x7-c", None)] if mode == "check" else [(-1006, "x7-h", "h7"),
+                                                           (500, None, "h7")]
+
+
 def _wrong_header(mode, reqs, topups, spec, log):
     reqs[0].header = 4000
 
@@ -386,17 +452,16 @@ def _unhold_not_logged(mode, reqs, topups, spec, log):
 
 
 def _overdrawn(mode, reqs, topups, spec, log):
-    """A request of 9000 served last, on a balance of 7999 (6999 in check
-    mode): reserve mode holds no more than the balance."""
-    if mode == "check":
-        reqs.append(Request(SCENE_CRED, 9000, False, 200, 6999 - 8500))
-        spec.append((-8500, "x0-c", None))
-    else:
-        reqs.append(Request(SCENE_CRED, 9000, False, 200, 7999 - 500))
-        spec += [(-9000, "x0-h", "h0"), (8500, None, "h0")]
+    """A request of 9000 served last, charged 8500, on a balance under
+    9000: reserve mode holds no more than the balance."""
+    left = sum(500 if by is None else by for by, _, _ in spec) - 8500
+    reqs.append(Request(SCENE_CRED, 9000, False, status=200, header=left))
+    spec += [(-8500, "x0-c", None)] if mode == "check" else [(-9000, "x0-h", "h0"),
+                                                            (500, None, "h0")]
 
 
-FAULTS = [_lost_charge, _doubled_charge, _charged_refusal, _held_refusal,
+FAULTS = [_lost_charge, _doubled_charge, _charged_refusal, _held_refusal, _gone_charged,
+          _unpaid_not_logged, _unpaid_charged,
           _charge_of_no_request, _wrong_header, _owed_not_logged, _owed_stranded_yet_landed,
           _top_up_lost, _traceback_logged, _unhold_not_logged, _overdrawn]
 
