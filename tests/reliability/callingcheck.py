@@ -81,6 +81,8 @@ class ServiceLog:
         for m in _RECHARGED.finditer(text):
             self.recharged[m[2]].append((int(m[1]), int(m[3]), m[4]))
         self.faults = [f for f in LOG_FAULTS if f in text]
+        # on_unavailable="open" served what AccMan could not admit.
+        self.serving_unpaid = "; serving unpaid" in text
 
     def refs(self, cred, table) -> set:
         return {item[2] for item in getattr(self, table)[fingerprint(cred)]}
@@ -174,8 +176,9 @@ def check_unpaid(mode, acct: Account, r: Request, log: ServiceLog) -> list:
         return ["refused, yet its hold applied"]
     if r.status == 503 and holds and f"key {holds[0].key}" not in log.refs(r.cred, "queued"):
         return [f"its hold applied and no owed unhold names key {holds[0].key}"]
-    if r.status == 400 and mode == "reserve" and not holds:
-        return ["the app ran with nothing held"]
+    if r.status == 400 and mode == "reserve" and not holds and not (
+            r.header is None and log.serving_unpaid):
+        return ["the app ran with nothing held"]    # but served unpaid: no balance told
     return []
 
 
