@@ -29,8 +29,10 @@ and the service's log (callingcheck.check_account):
 Short and seeded by default (in each mode a kill, a SIGSTOP past the hold
 ttl, and a last kill with AccMan down as the shutdown begins);
 ACCMAN_CRASH_LONG=1 runs for minutes with kills and stops every second or
-two and a random seed, printed so that ACCMAN_CRASH_SEED=N replays the
-same schedule (thread timing is the machine's).
+two, under an ASGI server drawn among uvicorn's two protocols and
+hypercorn (ACCMAN_CALLING_SERVER names one), with a random seed, printed
+so that ACCMAN_CRASH_SEED=N replays the same schedule (thread timing is
+the machine's).
 ACCMAN_CRASH_SECONDS overrides the length."""
 
 import asyncio
@@ -50,8 +52,7 @@ from accman.calling.owed import SHUTDOWN_DRAIN_S, fingerprint
 from accman.errors import AccManError
 from accman.records import Entry
 from callingcheck import Account, Request, ServiceLog, TopUp, check_account, log_problems
-from test_e2e_asgi import (FUNDER, SVC_CHECK, SVC_RESERVE, UVICORN_READY, start_accman,
-                           start_app)
+from test_e2e_asgi import FUNDER, SVC_CHECK, SVC_RESERVE, start_accman, start_app
 
 LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
 SEED = (int(os.environ["ACCMAN_CRASH_SEED"]) if os.environ.get("ACCMAN_CRASH_SEED")
@@ -225,6 +226,10 @@ def metrics(url) -> dict:
     return {m[1]: int(m[2]) for m in re.finditer(r"^accman_mw_(\w+)_total (\d+)$", text, re.M)}
 
 
+# The ASGI server the service runs under: uvicorn (h11) in the short run; a
+# long one draws it, unless ACCMAN_CALLING_SERVER names one of SERVERS.
+SERVER = os.environ.get("ACCMAN_CALLING_SERVER")
+SERVERS_DRAWN = ["uvicorn", "uvicorn --http httptools", "hypercorn"]
 # Each mode with on_unavailable "closed"; and "open", which serves unpaid
 # what AccMan cannot admit (check mode's in the short run, both in a long one).
 CASES = ["check", "reserve", "check open"] + (["reserve open"] if LONG else [])
@@ -237,18 +242,20 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case
     duration_s = DURATION_S / 2 if unavailable and not LONG else DURATION_S
     banner = (f"calling bank checker ({case}): seed {SEED}, {duration_s:g} s; replay with "
               f"ACCMAN_CRASH_SEED={SEED}" + (" ACCMAN_CRASH_LONG=1" if LONG else ""))
-    print(banner, flush=True)
     rnd = random.Random(SEED)
     accman = AccMan(tmp_path)
+    server = SERVER or (rnd.choice(SERVERS_DRAWN) if LONG else "uvicorn")
+    banner += f", under {server}"
     app = start_app(tmp_path, f"calbank-{mode}", accman.url, mode,
                     SVC_CHECK if mode == "check" else SVC_RESERVE,
-                    app="tests.calling_bank_app:app",
+                    app="tests.calling_bank_app:app", server=server,
                     env={"ACCMAN_HOLD_TTL_S": str(HOLD_TTL_S),
                          "ACCMAN_ON_UNAVAILABLE": unavailable or "closed"})
+    print(banner, flush=True)
     consumers = [Consumer(n, rnd) for n in range(CONSUMERS)]
     errors = []
     try:
-        app_url = app.wait_ready(UVICORN_READY, "stderr")
+        app_url = app.wait_ready(app.ready, "stderr")
         stop_at = time.monotonic() + duration_s
         nemesis = threading.Thread(target=accman.nemesis, args=(rnd, stop_at, errors))
         nemesis.start()
