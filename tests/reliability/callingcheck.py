@@ -88,6 +88,16 @@ class ServiceLog:
         return {item[2] for item in getattr(self, table)[fingerprint(cred)]}
 
 
+def collections_of(requests) -> dict:
+    """How many requests got each answer: "200+" with the header, "200-" without."""
+    out = {}
+    for r in requests:
+        k = ("gone" if r.gone else f"200{'+' if r.header is not None else '-'}"
+             if r.status == 200 else r.status)
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
 def log_problems(log: ServiceLog) -> list:
     return [f"the service's log says {f!r}" for f in log.faults]
 
@@ -140,10 +150,13 @@ def check_account(mode, acct: Account, requests, topups, fund, log: ServiceLog,
             p.append(f"A={a} was held or charged, but no request of that amount was sent")
     for r in requests:
         p += check_request(mode, acct, r, log)
-    spent = sum(e.by for e in acct.entries if e not in acct.funding)
-    if not acct.entries or final_tot != acct.entries[-1].tot or final_tot != sum(
-            f.by for f in acct.funding) + spent:
-        p.append(f"the balance {final_tot} is not the funding less what the history charged")
+    # The balance is the funding less what the requests moved: an entry
+    # that no request or top-up accounts for (an end of no hold) shows here.
+    moved = sum(acct.net(a) for a in by_a)
+    funded = sum(by for _, by in want.elements())
+    if not acct.entries or final_tot != acct.entries[-1].tot or final_tot != funded + moved:
+        p.append(f"the balance {final_tot} is not the funding less what the requests moved "
+                 f"({moved})")
     if mode == "reserve":
         p += overdrawn(acct)
     return [f"{mode} {cred}: {x}" for x in p]

@@ -51,7 +51,8 @@ from accman.client import AccManClient, AccManSyncClient
 from accman.calling.owed import SHUTDOWN_DRAIN_S, fingerprint
 from accman.errors import AccManError
 from accman.records import Entry
-from callingcheck import Account, Request, ServiceLog, TopUp, check_account, log_problems
+from callingcheck import (Account, Request, ServiceLog, TopUp, check_account,
+                          collections_of, log_problems)
 from test_e2e_asgi import FUNDER, SVC_CHECK, SVC_RESERVE, start_accman, start_app
 
 LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
@@ -294,16 +295,6 @@ def shutdown_drain(app, accman, down_s):
     app.proc.wait(APP_STOP_S)
 
 
-def collections_of(requests) -> dict:
-    """How many requests got each answer: "200+" with the header, "200-" without."""
-    out = {}
-    for r in requests:
-        k = ("gone" if r.gone else f"200{'+' if r.header is not None else '-'}"
-             if r.status == 200 else r.status)
-        out[k] = out.get(k, 0) + 1
-    return out
-
-
 def reconcile(mode, accman, consumers, log, stats) -> list:
     """Every problem the histories, the records, the log and the counters show."""
     problems = log_problems(log)
@@ -438,6 +429,10 @@ def _free_without_hold(mode, reqs, topups, spec, log):
     spec[:] = [x for x in spec if x[2] != "h5"]
 
 
+def _end_of_no_hold(mode, reqs, topups, spec, log):
+    spec.append((700, None, "h9"))
+
+
 def _wrong_header(mode, reqs, topups, spec, log):
     reqs[0].header = 4000
 
@@ -475,7 +470,7 @@ def _overdrawn(mode, reqs, topups, spec, log):
 
 
 FAULTS = [_lost_charge, _doubled_charge, _charged_refusal, _held_refusal, _gone_charged,
-          _unpaid_not_logged, _unpaid_charged, _free_without_hold,
+          _unpaid_not_logged, _unpaid_charged, _free_without_hold, _end_of_no_hold,
           _charge_of_no_request, _wrong_header, _owed_not_logged, _owed_stranded_yet_landed,
           _top_up_lost, _traceback_logged, _unhold_not_logged, _overdrawn]
 
