@@ -192,6 +192,16 @@ def check_unpaid(mode, acct: Account, r: Request, log: ServiceLog) -> list:
     if r.status == 400 and mode == "reserve" and not holds and not (
             r.header is None and log.serving_unpaid):
         return ["the app ran with nothing held"]    # but served unpaid: no balance told
+    if r.header is None:
+        return []
+    # The balance told: after the release of a free response's hold, else
+    # the one seen at admission, a balance the history had.
+    if r.status == 400 and holds:
+        told = acct.ends[holds[0].hold][0].tot
+        return [] if r.header == told else [f"its header is not the balance {told} after its "
+                                            f"release"]
+    if r.header not in {e.tot for e in acct.entries}:
+        return ["its header is a balance the history never had"]
     return []
 
 

@@ -345,9 +345,9 @@ def scene(mode):
     fp = fingerprint(SCENE_CRED)
     reqs = [Request(SCENE_CRED, 1000, False, status=200, header=4500),
             Request(SCENE_CRED, 1001, False, status=200),
-            Request(SCENE_CRED, 1002, False, status=402),
+            Request(SCENE_CRED, 1002, False, status=402, header=4500),
             Request(SCENE_CRED, 1003, False, status=503),
-            Request(SCENE_CRED, 1004, True, status=400),
+            Request(SCENE_CRED, 1004, True, status=400, header=3999),
             Request(SCENE_CRED, 1005, False, gone=True),
             Request(SCENE_CRED, 1006, False, status=200)]             # served unpaid
     topups = [TopUp(SCENE_CRED, "top-0", 3000, True)]
@@ -425,7 +425,6 @@ def _unpaid_charged(mode, reqs, topups, spec, log):
 def _free_without_hold(mode, reqs, topups, spec, log):
     """The app ran for a free request with nothing held, though AccMan
     admitted it (a balance header)."""
-    reqs[4].header = 7999
     spec[:] = [x for x in spec if x[2] != "h5"]
 
 
@@ -435,6 +434,14 @@ def _end_of_no_hold(mode, reqs, topups, spec, log):
 
 def _wrong_header(mode, reqs, topups, spec, log):
     reqs[0].header = 4000
+
+
+def _wrong_header_of_a_refusal(mode, reqs, topups, spec, log):
+    reqs[2].header = 4501
+
+
+def _wrong_header_of_a_free_response(mode, reqs, topups, spec, log):
+    reqs[4].header = 5001
 
 
 def _owed_not_logged(mode, reqs, topups, spec, log):
@@ -471,6 +478,7 @@ def _overdrawn(mode, reqs, topups, spec, log):
 
 FAULTS = [_lost_charge, _doubled_charge, _charged_refusal, _held_refusal, _gone_charged,
           _unpaid_not_logged, _unpaid_charged, _free_without_hold, _end_of_no_hold,
+          _wrong_header_of_a_refusal, _wrong_header_of_a_free_response,
           _charge_of_no_request, _wrong_header, _owed_not_logged, _owed_stranded_yet_landed,
           _top_up_lost, _traceback_logged, _unhold_not_logged, _overdrawn]
 
