@@ -47,6 +47,10 @@ crash:
 crash-calling:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_calling_bank.py -n 0 -p no:cacheprovider -s
 
+# the bank checker through the Node plugin, long: 30 kill rounds a mode (prints the seed)
+crash-node:
+    cd node && ACCMAN_CRASH_LONG=1 node --test --test-timeout=3600000 test/bank.test.js
+
 # the long power-loss emulation: every crash point of longer recorded runs, and the
 # damaged-file property with many more flips (needs strace; prints the counts)
 powercut:

@@ -102,3 +102,10 @@ test('the limits are reached as the README says, with the values it gives', () =
     assert.equal(limits[name], valueIn(name, written.replace(/\s+/g, ' ')), name)
   }
 })
+
+test('the Tests section names every test file', () => {
+  const text = section('Tests')
+  const files = fs.readdirSync(path.join(PACKAGE_DIR, 'test')).filter((n) => n.endsWith('.test.js'))
+  assert.ok(files.length >= 10, 'the test files are read')
+  assert.deepEqual(files.filter((name) => !text.includes(`\`${name}\``)), [])
+})

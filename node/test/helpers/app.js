@@ -2,7 +2,9 @@
 // A real fastify service with the plugin registered, listening on a free
 // loopback port, with one route for each kind of price.  `logs`, if given,
 // collects the service's log lines (pino's objects: level 40 a warning, 50
-// an error); `app.served` counts the handlers that ran.
+// an error); `app.served` counts the handlers that ran.  `before(app)`, if
+// given, adds what the test needs before the plugin registers (hooks that
+// see every request, the plugin's refusals among them).
 
 const fs = require('node:fs')
 const os = require('node:os')
@@ -18,10 +20,11 @@ function logTo (logs) {
   return { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } }
 }
 
-async function serviceApp (options, { logs } = {}) {
+async function serviceApp (options, { logs, before } = {}) {
   const app = Fastify({ logger: logTo(logs) })
   app.decorate('served', 0)
   app.addHook('preHandler', async () => { app.served++ })
+  if (before) before(app)
   await app.register(accman, options)
   app.get('/w', async () => ({ ok: true }))
   app.get('/fail', async (request, reply) => reply.code(500).send({ error: 'boom' }))
