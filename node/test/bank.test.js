@@ -24,6 +24,7 @@ const { serviceApp } = require('./helpers/app')
 const { judge } = require('./helpers/bank')
 const { fingerprint } = require('..')
 const { AccManClient } = require('..')
+const { Agent, fetch } = require('undici')
 
 const LONG = process.env.ACCMAN_CRASH_LONG === '1'
 const SEED = Number(process.env.ACCMAN_CRASH_SEED || crypto.randomInt(2 ** 31))
@@ -37,7 +38,11 @@ const LOOPS_PER_ACCOUNT = 2 // requests of one account in flight at once
 const FUNDINGS = [1000003, 1000019, 1000033, 61]
 // The statuses a consumer may get: served (200), the /fail route (500),
 // insufficient (402), AccMan unavailable (503).
-const STATUSES = [200, 402, 500, 503]
+const STATUSES = [200, 402, 500, 503, 'left']
+// Consumers who leave before their response: one request in LEAVE_EVERY,
+// within LEAVE_MS, about what admission and the handler take.
+const LEAVE_EVERY = 10
+const LEAVE_MS = 6
 
 // A small seeded generator (mulberry32), so that a run's requests replay.
 function random (seed) {
@@ -84,23 +89,33 @@ class Progress {
   }
 }
 
-// One consumer's loop: requests one after another until `load.stop`.
+// One consumer's loop: requests one after another until `load.stop`.  One
+// in LEAVE_EVERY leaves within LEAVE_MS of asking (status 'left'): it may be
+// charged or not (README "Modes": the charge is the response's start).
 async function consume (url, cred, n, load, records) {
   const rand = random(SEED + n * 7919)
   for (let i = 0; !load.stop; i++) {
     const { path, cost } = pick(rand)
     const id = `${n}-${i}`
+    const leave = rand() < 1 / LEAVE_EVERY ? new AbortController() : null
     let status = 0
     let accman = null
+    let timer
+    if (leave) timer = setTimeout(() => leave.abort(), Math.floor(rand() * LEAVE_MS))
     try {
-      const r = await fetch(url + path, { headers: { accman: cred, 'x-bank': id } })
+      const r = await fetch(url + path, {
+        headers: { accman: cred, 'x-bank': id }, signal: leave?.signal, dispatcher: load.consumers
+      })
       await r.arrayBuffer()
       status = r.status
       accman = r.headers.get('accman')
     } catch (err) {
-      accman = String(err.cause || err)
+      if (leave?.signal.aborted) status = 'left'
+      else accman = String(err.cause || err)
     }
-    records.push({ id, cred, path, status, accman, cost: status === 200 ? cost : 0, rid: null })
+    clearTimeout(timer)
+    const served = status === 200 || status === 'left'
+    records.push({ id, cred, path, status, accman, cost: served ? cost : 0, rid: null })
     load.progress.note(status, accman)
   }
 }
@@ -147,11 +162,18 @@ async function bankRun (t, mode) {
   const logs = []
   const unpaid = []
   const rids = new Map() // x-bank id -> the plugin's request id, as the service saw it
-  // Before the plugin: this onResponse sees the request's state before the
-  // plugin's own hook ends it; a request refused at admission has none.
-  const before = (app) => app.addHook('onResponse', async (request) => {
-    rids.set(request.headers['x-bank'], request.accman ? request.accman.rid : null)
-  })
+  // Before the plugin: its request's state as its response ends or its
+  // connection closes (a consumer who left), before the plugin's own hooks
+  // end it.  A request refused at admission has none.
+  const note = (request) => {
+    const id = request.headers['x-bank']
+    if (request.accman) rids.set(id, request.accman.rid)
+    else if (!rids.has(id)) rids.set(id, null)
+  }
+  const before = (app) => {
+    app.addHook('onRequest', async (request, reply) => { reply.raw.once('close', () => note(request)) })
+    app.addHook('onResponse', async (request) => note(request))
+  }
   try {
     const creds = FUNDINGS.map((_, i) => `bank-${mode}-${i}`)
     for (const [i, cred] of creds.entries()) await mint.mod(cred, FUNDINGS[i])
@@ -159,7 +181,10 @@ async function bankRun (t, mode) {
       url: server.url, token: TOKENS.service, mode, onUnpaid: (cred, amount) => { unpaid.push(amount) }
     }, { logs, before })
     const records = []
-    const load = { stop: false, progress: new Progress() }
+    // The consumers' connections, closed once they stop: a consumer who left
+    // as its connection opened leaves it open and unused, and fastify's
+    // close() waits for every connection (Node's headersTimeout ends it).
+    const load = { stop: false, progress: new Progress(), consumers: new Agent() }
     const loops = []
     let kills = 0
     try {
@@ -172,6 +197,7 @@ async function bankRun (t, mode) {
     } finally {
       load.stop = true
       await Promise.all(loops)
+      await load.consumers.destroy()
       // AccMan is down: close() gives the owed calls CLOSE_DRAIN_MS, then
       // strands them, and the history is read once AccMan is back.
       await app.close()

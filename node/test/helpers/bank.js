@@ -118,6 +118,11 @@ function judgeRecord (r, ledger, owed, sum) {
   // A hold whose settle or release was stranded returns at its expiry.
   if (c.open > 0n && !stranded) say(`a hold of ${c.open} never ended, and no stranded call names it`)
   if (stranded && stranded.unknown && c.amount > 0n) sum.unknownLanded += c.amount
+  if (r.status === 'left') {
+    // The consumer left: charged if its charge had begun, at most once.
+    if (c.amount !== 0n && c.amount !== BigInt(r.cost)) say(`left, and charged ${c.amount}`)
+    return problems
+  }
   const paid = r.status >= 200 && r.status < 300
   if (!paid) {
     if (c.amount !== 0n) say(`not served, yet charged ${c.amount}`)
