@@ -82,6 +82,8 @@ const CLOSE_DRAIN_MS = 5000
 // keepAliveTimeoutBuffer, 1 s): close() waits for every connection to end
 // before the owed calls drain, and fastify's 72 s outlasts what a process
 // manager waits before SIGKILL.  Not 0, which Node reads as "never".
+// Also how often close() looks for the server to have stopped listening,
+// to end the connections that never sent a request (plugin.js, endUnused).
 const CLOSE_KEEP_ALIVE_MS = 100
 // A log line that every refused request meets (AccMan unreachable, the
 // service's token refused) is said again at most this often (repeats.js).

@@ -10,7 +10,8 @@
 // price, and onReady warns of the routes it meters without having checked
 // them (routes.js); from preClose on, responses close their connections
 // (charge.js), and those of other scopes are kept alive briefly
-// (shortenKeepAlive).  This module sets up those hooks.  README.md has the
+// (shortenKeepAlive), and those that never sent a request are ended
+// (endUnused).  This module sets up those hooks.  README.md has the
 // sequence of calls and every failure.
 
 const crypto = require('node:crypto')
@@ -53,6 +54,46 @@ function shortenKeepAlive (server) {
   return () => {
     if (server.keepAliveTimeout === limits.CLOSE_KEEP_ALIVE_MS) server.keepAliveTimeout = ms
   }
+}
+
+// The server's connections, from the plugin's registration on, for
+// endUnused: a Set that holds each while it is open.
+function connectionsOf (server) {
+  const sockets = new Set()
+  if (!server || typeof server.on !== 'function') return sockets
+  server.on('connection', (socket) => {
+    sockets.add(socket)
+    socket.once('close', () => sockets.delete(socket))
+  })
+  return sockets
+}
+
+// From close() on, a connection that has sent nothing is ended.  Node's
+// server.close() ends the idle connections, but one that never sent a
+// request is not idle to Node, and stays open until its client closes it
+// (a proxy or a browser opens such connections ahead of requests), while
+// fastify runs the onClose hooks, the owed calls' drain among them, only
+// once every connection has ended: past the SIGKILL of a process manager,
+// which loses the owed calls unlogged.  Nothing was asked on such a
+// connection, so ending it loses nothing.  It is done once the server has
+// stopped listening (fastify closes it after the preClose hooks), checked
+// every CLOSE_KEEP_ALIVE_MS: a server that fastify does not close (a
+// serverFactory's that the service listens on itself) keeps listening and
+// keeps them.  A connection over TLS has read its handshake, and is left.
+// Returns what stops the checks, for onClose.
+function endUnused (server, sockets) {
+  if (!server || typeof server.listening !== 'boolean') return () => {}
+  const sweep = () => {
+    if (server.listening) return
+    clearInterval(timer)
+    for (const socket of sockets) {
+      if (socket.bytesRead === 0) socket.destroy()
+    }
+  }
+  const timer = setInterval(sweep, limits.CLOSE_KEEP_ALIVE_MS)
+  timer.unref()
+  setImmediate(sweep)
+  return () => clearInterval(timer)
 }
 
 // The onSend hook the plugin puts last on each route it checked
@@ -133,13 +174,17 @@ async function fastifyAccman (fastify, opts) {
     }
     meter.end(state)
   })
+  const sockets = connectionsOf(fastify.server)
   let keepAliveBack = () => {}
+  let sweepEnd = () => {}
   fastify.addHook('preClose', async () => {
     meter.closing = true
     keepAliveBack = shortenKeepAlive(fastify.server)
+    sweepEnd = endUnused(fastify.server, sockets)
   })
   fastify.addHook('onClose', () => {
     keepAliveBack()
+    sweepEnd()
     return meter.close()
   })
 }

@@ -912,6 +912,29 @@ test('close() ends with a request under way outside the plugin\'s scope: its con
   assert.deepEqual(closed, [true, true], 'close() still waits on the kept-alive connection')
 })
 
+// A connection that never sent a request is not idle to Node: server.close()
+// leaves it open until its client closes it, and fastify runs the onClose
+// hooks, the owed calls' drain among them, only once every connection has
+// ended.  A proxy or a browser opens such connections ahead of requests.
+test('close() ends with a connection open that never sent a request: it is ended, not waited for', async () => {
+  const { app } = await serviceApp({ url: acc.server.url, token: TOKENS.service })
+  const accepted = new Promise((resolve) => app.server.once('connection', resolve))
+  const socket = net.connect(app.server.address().port, '127.0.0.1')
+  socket.on('error', () => {})
+  let closed = false
+  try {
+    await accepted
+    const ended = new Promise((resolve) => socket.once('close', resolve))
+    const closing = app.close().then(() => { closed = true })
+    await Promise.race([closing, timedOut()])
+    assert.ok(closed, 'close() still waits on the connection that sent nothing')
+    await ended
+  } finally {
+    socket.destroy()
+    await app.close()
+  }
+})
+
 // fastify closes a server of a serverFactory only if fastify.listen()
 // listened on it: one the service listens on itself, and may share with
 // other handlers, goes on serving after fastify's close().
@@ -923,12 +946,25 @@ test('close() leaves a server that fastify does not close keeping its connection
   })
   await app.register(accman, { url: acc.server.url, token: TOKENS.service })
   await new Promise((resolve) => shared.listen(0, '127.0.0.1', resolve))
+  let socket
   try {
     await app.ready()
+    // A connection that has sent nothing yet is kept too: the server serves on.
+    const accepted = new Promise((resolve) => shared.once('connection', resolve))
+    socket = net.connect(shared.address().port, '127.0.0.1')
+    const ended = new Promise((resolve) => socket.once('close', resolve))
+    let answer = ''
+    socket.setEncoding('utf8')
+    socket.on('data', (d) => { answer += d })
+    await accepted
     await app.close()
     const r = await fetch(`http://127.0.0.1:${shared.address().port}/other`)
     assert.deepEqual([await r.text(), r.headers.get('keep-alive')], ['other', 'timeout=5'])
+    socket.end('GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    await ended
+    assert.match(answer, /^HTTP\/1\.1 200 [\s\S]*other$/)
   } finally {
+    socket?.destroy()
     shared.closeAllConnections()
     await new Promise((resolve) => shared.close(resolve))
   }
