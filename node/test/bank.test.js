@@ -181,9 +181,8 @@ async function bankRun (t, mode) {
       url: server.url, token: TOKENS.service, mode, onUnpaid: (cred, amount) => { unpaid.push(amount) }
     }, { logs, before })
     const records = []
-    // The consumers' connections, closed once they stop: a consumer who left
-    // as its connection opened leaves it open and unused, and fastify's
-    // close() waits for every connection (Node's headersTimeout ends it).
+    // The consumers' connections, left open until the service has closed:
+    // close() meets them as a service's close meets its consumers'.
     const load = { stop: false, progress: new Progress(), consumers: new Agent() }
     const loops = []
     let kills = 0
@@ -197,10 +196,10 @@ async function bankRun (t, mode) {
     } finally {
       load.stop = true
       await Promise.all(loops)
-      await load.consumers.destroy()
       // AccMan is down: close() gives the owed calls CLOSE_DRAIN_MS, then
       // strands them, and the history is read once AccMan is back.
       await app.close()
+      await load.consumers.destroy()
       if (server.child === null) await server.start()
     }
     for (const r of records) r.rid = rids.has(r.id) ? rids.get(r.id) : null
