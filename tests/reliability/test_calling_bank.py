@@ -58,8 +58,13 @@ from test_e2e_asgi import FUNDER, SVC_CHECK, SVC_RESERVE, start_accman, start_ap
 LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
 SEED = (int(os.environ["ACCMAN_CRASH_SEED"]) if os.environ.get("ACCMAN_CRASH_SEED")
         else random.SystemRandom().randrange(2 ** 32) if LONG else 20261205)
-DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or (120 if LONG else 8))
+DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or 120)        # a long run's
 CONSUMERS = 4
+# A short run makes its faults after this many paid responses each (its
+# duration only a bound): counted, not timed, so that a slow machine still
+# runs a real load around every fault.
+PAID_PER_FAULT = 20
+SHORT_RUN_MAX_S = 60.0
 IN_FLIGHT = 3                   # requests in flight per consumer
 FUND = 5000                     # a few requests' worth: accounts meet 402 and are topped up
 FREE_SHARE = 0.1                # requests the app answers 400: free
@@ -110,15 +115,17 @@ class AccMan:
         if then_kill:
             self.kill_and_restart()
 
-    def nemesis(self, rnd, stop_at, errors):
-        """Faults until stop_at: in a short run a kill, a pause past the
-        hold ttl, and in a long one kills, pauses and pauses ended by a
-        kill, every second or two; then a last kill just before stop_at,
-        AccMan left down for the shutdown (shutdown_drain)."""
+    def nemesis(self, rnd, stop, consumers, errors):
+        """Faults until `stop.at`: in a short run a kill and a pause past
+        the hold ttl, each after PAID_PER_FAULT more paid responses, and
+        in a long one kills, pauses and pauses ended by a kill, every
+        second or two; then a last kill just before the load stops (a
+        short run's once it has PAID_PER_FAULT more), AccMan left down for
+        the shutdown (shutdown_drain)."""
         try:
             if LONG:
                 kinds = itertools.cycle(["kill", "pause", "kill", "pause_kill"])
-                while (t := time.monotonic() + rnd.uniform(0.5, 2.0)) < stop_at - 5:
+                while (t := time.monotonic() + rnd.uniform(0.5, 2.0)) < stop.at - 5:
                     time.sleep(t - time.monotonic())
                     kind = next(kinds)
                     if kind == "kill":
@@ -127,19 +134,42 @@ class AccMan:
                         self.pause(rnd.uniform(0.2, 4.0), then_kill=kind == "pause_kill")
                     self.faults[kind] += 1
             else:
-                start = time.monotonic()
-                for at, kind in ((rnd.uniform(0.1, 0.2), "kill"), (0.3, "pause")):
-                    time.sleep(max(0.0, start + at * DURATION_S - time.monotonic()))
+                for n, kind in ((1, "kill"), (2, "pause")):
+                    wait_paid(consumers, n * PAID_PER_FAULT, stop)
                     if kind == "kill":
                         self.kill_and_restart()
                     else:
                         self.pause(HOLD_TTL_S + 0.5)
                     self.faults[kind] += 1
-            time.sleep(max(0.0, stop_at - rnd.uniform(0.2, 0.5) - time.monotonic()))
+                wait_paid(consumers, 3 * PAID_PER_FAULT, stop)
+                stop.at = time.monotonic() + 0.5
+            time.sleep(max(0.0, stop.at - rnd.uniform(0.2, 0.5) - time.monotonic()))
             self.kill_and_restart(restart=False)
             self.faults["kill"] += 1
         except Exception as e:
             errors.append(f"nemesis: {type(e).__name__}: {e}")
+            stop.at = 0.0
+
+
+class Stop:
+    """When the consumers stop sending (`at`, monotonic): a short run's
+    nemesis brings it forward once its faults are made."""
+
+    def __init__(self, at):
+        self.at = at
+
+
+def paid(consumers) -> int:
+    return sum(r.status == 200 and r.header is not None and not r.gone
+               for c in consumers for r in list(c.requests))
+
+
+def wait_paid(consumers, n, stop):
+    while (got := paid(consumers)) < n:
+        if time.monotonic() >= stop.at:
+            raise AssertionError(f"only {got} paid responses of the {n} awaited by the "
+                                 f"run's bound ({SHORT_RUN_MAX_S:g} s)")
+        time.sleep(0.01)
 
 
 class Consumer:
@@ -155,13 +185,13 @@ class Consumer:
         self.topping = False
         self.url = None
 
-    async def run(self, url, funder, stop_at):
+    async def run(self, url, funder, stop):
         self.url = url
         async with httpx.AsyncClient(base_url=url, timeout=CONSUMER_TIMEOUT_S) as http:
-            await asyncio.gather(*(self.loop(http, funder, stop_at) for _ in range(IN_FLIGHT)))
+            await asyncio.gather(*(self.loop(http, funder, stop) for _ in range(IN_FLIGHT)))
 
-    async def loop(self, http, funder, stop_at):
-        while time.monotonic() < stop_at:
+    async def loop(self, http, funder, stop):
+        while time.monotonic() < stop.at:
             x = self.rnd.random()
             r = Request(self.cred, next(self.amounts), x < FREE_SHARE, x > 1 - LEAVE_SHARE)
             params = {"a": r.a, **({"free": "1"} if r.free else {}),
@@ -205,11 +235,11 @@ class Consumer:
             self.topping = False
 
 
-async def load(app_url, accman_url, consumers, stop_at):
+async def load(app_url, accman_url, consumers, stop):
     async with AccManClient(accman_url, FUNDER, timeout_s=2.0) as funder:
         for c in consumers:
             await funder.mod(c.cred, FUND, key="open")
-        await asyncio.gather(*(c.run(app_url, funder, stop_at) for c in consumers))
+        await asyncio.gather(*(c.run(app_url, funder, stop) for c in consumers))
 
 
 def history(acc, cred) -> list:
@@ -239,9 +269,9 @@ CASES = ["check", "reserve", "check open"] + (["reserve open"] if LONG else [])
 @pytest.mark.parametrize("case", CASES)
 def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case):
     mode, _, unavailable = case.partition(" ")
-    # The open case is short in the suite: its other paths are the closed one's.
-    duration_s = DURATION_S / 2 if unavailable and not LONG else DURATION_S
-    banner = (f"calling bank checker ({case}): seed {SEED}, {duration_s:g} s; replay with "
+    duration_s = DURATION_S if LONG else SHORT_RUN_MAX_S
+    banner = (f"calling bank checker ({case}): seed {SEED}, {'' if LONG else 'at most '}"
+              f"{duration_s:g} s; replay with "
               f"ACCMAN_CRASH_SEED={SEED}" + (" ACCMAN_CRASH_LONG=1" if LONG else ""))
     rnd = random.Random(SEED)
     accman = AccMan(tmp_path)
@@ -257,10 +287,10 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case
     errors = []
     try:
         app_url = app.wait_ready(app.ready, "stderr")
-        stop_at = time.monotonic() + duration_s
-        nemesis = threading.Thread(target=accman.nemesis, args=(rnd, stop_at, errors))
+        stop = Stop(time.monotonic() + duration_s)
+        nemesis = threading.Thread(target=accman.nemesis, args=(rnd, stop, consumers, errors))
         nemesis.start()
-        asyncio.run(load(app_url, accman.url, consumers, stop_at))
+        asyncio.run(load(app_url, accman.url, consumers, stop))
         nemesis.join()
         assert not errors, errors
         stats = metrics(app_url)
@@ -281,7 +311,7 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case
     # The run must have been a real one: AccMan killed while requests were
     # served and charged, refused (or served unpaid) and owed around the kills.
     assert accman.faults["kill"] >= 2 and accman.faults["pause"] >= 1, summary
-    assert counts.get("200+", 0) >= 50, summary
+    assert counts.get("200+", 0) >= (50 if LONG else 3 * PAID_PER_FAULT), summary
     assert (stats["unpaid_requests"] if unavailable else counts.get(503, 0)) >= 1, summary
 
 
