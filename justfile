@@ -42,6 +42,11 @@ bench-profile: build
 crash:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -n 0 -p no:cacheprovider -s
 
+# the long events checker: three readers of the stream (the client's follower, `accman
+# events --follow`, a webhook receiver) while AccMan is SIGKILLed under load (prints the seed)
+crash-events:
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_events_bank.py -n 0 -p no:cacheprovider -s
+
 # the long calling-side bank checker: paid requests through uvicorn and the middleware
 # while AccMan is killed every second or two, both modes (prints the seed)
 crash-calling:

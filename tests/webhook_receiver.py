@@ -8,9 +8,11 @@ loopback port, in a thread of its own, that a test turns bad and good:
         rx.down()                           # the port is closed: connection refused
         rx.up()                             # listening again, on the same port
         rx.wait_for(lambda: rx.max_id() >= 40)
+        rx.verify = True                    # answers 401 to a POST not signed with secret
 
 It keeps every request it read whole (`posts`), whatever it answered, and
-checks nothing itself: the tests check `posts` (Post.valid, ids, order).
+checks nothing itself but, with `verify`, the signature, as SERVER.md tells a
+receiver to: the tests check `posts` (Post.valid, ids, order).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class Receiver:
         self.fail_status = 500
         self.sleep_s = 0.0
         self.ok_left = None         # when set: answer this many more 200s, then fail
+        self.verify = False         # when set: a POST not signed with `secret` is a 401
         self.posts: list[Post] = []
         self.lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
@@ -184,14 +187,14 @@ class Receiver:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
-        mode = self.mode
+        post = Post(target, headers, body, None)
+        mode = "refuse" if self.verify and not post.valid(self.secret) else self.mode
         with self.lock:
             if self.ok_left is not None and mode == "ok":
                 if self.ok_left <= 0:
                     mode = "fail"
                 else:
                     self.ok_left -= 1
-        post = Post(target, headers, body, None)
         with self.lock:
             self.posts.append(post)
         if mode == "hang":
@@ -199,7 +202,7 @@ class Receiver:
             return
         if mode == "slow":
             await asyncio.sleep(self.sleep_s)
-        status = self.fail_status if mode == "fail" else 200
+        status = {"fail": self.fail_status, "refuse": 401}.get(mode, 200)
         post.answered = status
         reply = b'{"ok":true}' if status < 300 else b'{"error":"test"}'
         writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"

@@ -1,0 +1,435 @@
+"""The events checker: the event stream, end to end, through SIGKILLs.
+
+The bank checker's workers (test_bank.py: keyed and unkeyed mods, holds,
+settles, expiries, reads, each on its own connection) change a few accounts
+of a real AccMan on its embedded store, which a nemesis SIGKILLs at random
+moments and restarts on the same port and data directory.  Meanwhile three
+readers follow the stream, each recording what it got:
+
+* the Python client's follower (AccManClient.events, CALLING.md "The event
+  stream"), resuming from each page's `next` and riding out the outages;
+* `accman events --follow`, a subprocess whose stdout lines are parsed at
+  the end (restarted with `--after` its last line's id, as CALLING.md says,
+  only if the server came back on another port);
+* the webhook (`accman serve --webhook`) into a real HTTP receiver that
+  refuses a POST whose AccMan-Signature is not the HMAC-SHA256 of its body
+  (SERVER.md "Webhooks"), and dedupes by id.
+
+Afterwards the store is read whole (GET /events from 0, /past of each
+account) and reconciled:
+
+* the store: ids 1..N without a gap, each account's events exactly its
+  history, and every acknowledged change (a 200 its writer saw) in it, at
+  the seq and tot of its 200 (bankcheck.Checker);
+* each reader: every event it got is the store's event of that id, whole
+  (type, account, seq, by, tot, at, key, hold); it got every id 1..N;
+* the Python follower and the command line: ids 1..N in order, each once
+  (no duplicate is allowed: each resumes from the last id it has);
+* the webhook: every POST signed and acknowledged, its ids consecutive,
+  and none starting past the highest id seen before it (no skip).  A
+  duplicate is allowed only where SERVER.md allows one: after a crash the
+  batch in flight and those acknowledged since the last cursor save are
+  sent again, so the POSTs of a server's run bring ids seen before only
+  before they bring a new one.
+
+Short and seeded by default; ACCMAN_CRASH_LONG=1 (with test_bank.py's seed
+and length variables) runs for minutes.
+"""
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from types import SimpleNamespace
+
+from accman.client import AccManClient
+from accman.errors import AccManError, BadReply, TransportError, Unavailable
+from bankcheck import Checker
+from conftest import PYTHON, ROOT, server_env, spawn_server
+from relhelp import history, stop_quietly
+from test_bank import (CREDS, FUND, HOLDS_END_S, SEED, UNTOUCHED, Cluster, Worker, all_events,
+                       resolve)
+from test_webhook_delivery import ENV, SECRET, check_delivery
+from webhook_receiver import Receiver, secret_file
+
+LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
+DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or (300 if LONG else 5))
+WORKERS = 4
+KILL_EVERY_S = (0.4, 1.0)       # drawn from, between kills
+POLL_WAIT_S = 1                 # the followers' long polls: short, so that they end soon
+CATCH_UP_S = 40.0               # after the faults, for every reader to reach the newest id
+
+
+class HookCluster(Cluster):
+    """test_bank's server and its restarts, with the webhook on, noting
+    when each run of the server was started: its POSTs come after that,
+    those of the run before it (read by the receiver a moment after the
+    kill, at most) before, since a new server takes far longer to start
+    than a dead one's last bytes take to be read."""
+
+    def __init__(self, tmp_path, rx):
+        self.args = ["--webhook", rx.url, "--webhook-secret", secret_file(tmp_path, SECRET)]
+        self.started_at = []
+        super().__init__(tmp_path)
+
+    def _spawn(self, port):
+        self.generation += 1
+        log_dir = self.tmp_path / f"server{self.generation}"
+        self.started_at.append(time.monotonic())
+        try:
+            srv = spawn_server(self.data, log_dir, port=port, env=ENV, args=self.args)
+        except RuntimeError:
+            if port == 0:
+                raise
+            srv = spawn_server(self.data, log_dir / "retry", port=0, env=ENV, args=self.args)
+        return srv
+
+
+class ClientFollower(threading.Thread):
+    """CALLING.md's follower on AccManClient: `events(after, wait_s)`, then
+    `after = next`; an outage (Unreachable, a reset) is waited out and the
+    same `after` asked again.  A BadReply (the client's check of the ids'
+    order) is recorded: the stream broke its promise."""
+
+    def __init__(self, cluster):
+        super().__init__(name="client-follower", daemon=True)
+        self.cluster = cluster
+        self.pages = []             # (after, [event dicts], next)
+        self.errors = []
+        self.outages = 0
+        self.until = None           # the id to reach, then stop
+        self.quit = threading.Event()
+
+    @property
+    def after(self):
+        return self.pages[-1][2] if self.pages else 0
+
+    def run(self):
+        try:
+            asyncio.run(self._follow())
+        except Exception as e:          # a bug of the test: report it
+            self.errors.append(f"client follower: {type(e).__name__}: {e}")
+
+    async def _follow(self):
+        addr, acc = None, None
+        try:
+            while not self.quit.is_set():
+                if self.until is not None and self.after >= self.until:
+                    return
+                if self.cluster.addr != addr:
+                    if acc is not None:
+                        await acc.aclose()
+                    addr = self.cluster.addr
+                    acc = AccManClient(f"http://{addr[0]}:{addr[1]}", timeout_s=5)
+                try:
+                    events, nxt = await acc.events(self.after, wait_s=POLL_WAIT_S)
+                except BadReply as e:
+                    self.errors.append(f"client follower after {self.after}: {e}")
+                    await asyncio.sleep(0.05)
+                    continue
+                except (TransportError, Unavailable):
+                    self.outages += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                except AccManError as e:
+                    self.errors.append(f"client follower after {self.after}: {e!r}")
+                    return
+                self.pages.append((self.after, [e._asdict() for e in events], nxt))
+        finally:
+            if acc is not None:
+                await acc.aclose()
+
+    def events(self):
+        return [e for _, page, _ in self.pages for e in page]
+
+
+class CliFollower:
+    """`accman events --follow` as a subprocess writing to a file; another
+    one, `--after` the last id written, only if the server's address
+    changed (the port taken meanwhile)."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.runs = []              # (proc, stdout path, stderr path)
+        self.addr = None
+
+    def start(self, addr):
+        n = len(self.runs)
+        out, err = self.tmp_path / f"follow{n}.out", self.tmp_path / f"follow{n}.err"
+        after = self.events()[-1]["id"] if self.runs and self.events() else 0
+        url = f"http://{addr[0]}:{addr[1]}"
+        with open(out, "wb") as o, open(err, "wb") as e:
+            proc = subprocess.Popen(
+                [PYTHON, "-m", "accman", "events", "--follow", "--after", str(after),
+                 "--wait", str(POLL_WAIT_S), "--url", url],
+                stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=server_env(), cwd=ROOT)
+        self.runs.append((proc, out, err))
+        self.addr = addr
+
+    def follow(self, addr):
+        """After a restart: the same follower if the address is the same."""
+        if addr != self.addr:
+            self.stop()
+            self.start(addr)
+
+    def stop(self):
+        """SIGTERM: exit 0, whole lines written (CALLING.md)."""
+        proc = self.runs[-1][0]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("accman events --follow did not stop on SIGTERM") from None
+        assert code == 0, (code, self.runs[-1][2].read_text())
+
+    def kill(self):
+        for proc, _, _ in self.runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def events(self):
+        """Every whole line written, in order, across the runs."""
+        out = []
+        for _, path, _ in self.runs:
+            text = path.read_text()
+            for line in text[:text.rfind("\n") + 1].splitlines():
+                out.append(json.loads(line))
+        return out
+
+    def stderr(self):
+        return "".join(err.read_text() for _, _, err in self.runs)
+
+
+def nemesis(cluster, cli, stop_at, rnd, counts, errors):
+    """SIGKILL and restart on the same port and data, until stop_at."""
+    try:
+        while True:
+            delay = rnd.uniform(*KILL_EVERY_S)
+            if time.monotonic() + delay >= stop_at:
+                return
+            time.sleep(delay)
+            cluster.kill()
+            cli.follow(cluster.addr)
+            counts["kill"] += 1
+    except Exception as e:
+        errors.append(f"nemesis: {type(e).__name__}: {e}")
+
+
+# --- the checks ------------------------------------------------------------------------
+
+def reader_problems(name, got, store, repeats_allowed=False):
+    """What `name` got against the store's stream: each event the store's
+    of that id, whole; every id; in order, each once unless repeats are
+    allowed (the webhook's are checked by webhook_problems)."""
+    by_id = {e["id"]: e for e in store}
+    problems = [f"{name}: event {e['id']} is {e}, the store's is {by_id.get(e['id'])}"
+                for e in got if by_id.get(e["id"]) != e][:5]
+    ids = [e["id"] for e in got]
+    missing = sorted(set(by_id) - set(ids))
+    if missing:
+        problems.append(f"{name}: {len(missing)} events never got: {missing[:10]}")
+    if not repeats_allowed and ids != sorted(set(ids)):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        back = [(a, b) for a, b in zip(ids, ids[1:], strict=False) if b <= a]
+        problems.append(f"{name}: not in id order each once: repeated {twice[:10]}, "
+                        f"going back at {back[:5]}")
+    return problems
+
+
+def webhook_problems(posts, started_at):
+    """The duplicates SERVER.md allows, and no other: a POST that brings
+    ids the receiver has seen is a retry of the POST before it (the same
+    body), or comes in a server's run before any POST of that run brought
+    a new id (the batch in flight at the crash, and those acknowledged
+    since the cursor's last save).  Returns (problems, ids repeated)."""
+    problems, repeated = [], 0
+    seen, run, fresh, previous = 0, 0, False, None
+    for p in posts:
+        while run + 1 < len(started_at) and p.at >= started_at[run + 1]:
+            run, fresh = run + 1, False
+        ids = p.ids
+        if ids[0] <= seen:
+            repeated += min(ids[-1], seen) - ids[0] + 1
+            retry = previous is not None and previous.body == p.body
+            if fresh and not retry:
+                problems.append(f"webhook: a POST of ids {ids[0]}-{ids[-1]} repeats ids up "
+                                f"to {seen} in run {run + 1} after new ones, not a retry")
+        fresh = fresh or ids[-1] > seen
+        seen = max(seen, ids[-1])
+        previous = p
+    return problems, repeated
+
+
+def catch_up(srv, client, cli, rx):
+    """Until every reader has the store's newest event (or CATCH_UP_S)."""
+    newest = all_events(srv)[-1]["id"]
+    client.until = newest
+    deadline = time.monotonic() + CATCH_UP_S
+    while time.monotonic() < deadline:
+        cli_events = cli.events()
+        if (client.after >= newest and rx.max_id() >= newest and cli_events
+                and cli_events[-1]["id"] >= newest):
+            break
+        time.sleep(0.05)
+    client.quit.set()
+    client.join(POLL_WAIT_S + 10)
+    cli.stop()
+
+
+# --- the test ------------------------------------------------------------------------
+
+def test_every_reader_gets_every_event_through_sigkills(tmp_path):
+    banner = (f"events checker: seed {SEED}, {DURATION_S:g} s; replay with "
+              f"ACCMAN_CRASH_SEED={SEED}" + (" ACCMAN_CRASH_LONG=1" if LONG else ""))
+    print(banner, flush=True)
+    rnd = random.Random(SEED)
+    rx = Receiver(SECRET)
+    rx.verify = True
+    cluster = cli = client = None
+    workers, errors = [], []
+    stop = threading.Event()
+    try:
+        cluster = HookCluster(tmp_path, rx)
+        for cred in CREDS + UNTOUCHED:
+            r = cluster.srv.mod(cred, FUND[cred], key=f"fund-{cred}")
+            assert r.json == {"tot": FUND[cred], "seq": 1}, r
+        client = ClientFollower(cluster)
+        client.start()
+        cli = CliFollower(tmp_path)
+        cli.start(cluster.addr)
+        amounts = itertools.count()
+        for n in range(WORKERS):
+            Worker(n, cluster, amounts, stop, workers)
+        for w in workers:
+            w.start()
+        counts = {"kill": 0}
+        stop_at = time.monotonic() + DURATION_S
+        nemesis(cluster, cli, stop_at, rnd, counts, errors)
+        time.sleep(max(0.0, stop_at - time.monotonic()))
+        stop.set()
+        for w in workers:
+            w.join(30)
+            assert not w.is_alive(), f"{w.name} hung"
+            errors.extend(w.errors)
+        assert not errors, f"{banner}\n" + "\n".join(errors[:20])
+
+        srv = cluster.srv
+        ops = [op for w in workers for op in w.ops if op.attempts]
+        settles = [s for w in workers for s in w.settles if s.attempts]
+        resolve(srv, workers[0], [op for op in ops if op.key is not None] + settles)
+        deadline = time.monotonic() + HOLDS_END_S + 10
+        while srv.get("/health").json["open_holds"]:
+            assert time.monotonic() < deadline, "holds still open past their ttl"
+            time.sleep(0.1)
+        catch_up(srv, client, cli, rx)
+
+        store = all_events(srv)
+        histories = {cred: history(srv, cred) for cred in CREDS}
+        accounts = {cred: srv.get(f"/past?cred={cred}&limit=1").json["account"]
+                    for cred in CREDS}
+        checker = Checker(ops, [], histories, settles,
+                          [e for e in store if e["account"] in accounts.values()],
+                          accounts, all_ended=True)
+        problems = [p for p in checker.run() if not p.startswith("event ids are not")]
+        problems += client.errors
+        problems += reader_problems("the client's follower", client.events(), store)
+        problems += reader_problems("accman events --follow", cli.events(), store)
+        posts = rx.snapshot()
+        hooked = [e for p in posts for e in p.events]
+        problems += reader_problems("the webhook", hooked, store, repeats_allowed=True)
+        repeats, repeated = webhook_problems(posts, cluster.started_at)
+        problems += repeats
+        assert not problems, f"{banner}\n{len(problems)} problems:\n" + "\n".join(problems[:30])
+        # Ids 1..N, each POST signed, in order, acknowledged, none skipped.
+        check_delivery(rx, store, SimpleNamespace(acked=[]), {})
+
+        acked = sum(a.outcome == "ok" for op in ops for a in op.attempts)
+        summary = (f"{len(store)} events, {acked} changes acknowledged; {counts['kill']} kills, "
+                   f"{cluster.generation} servers; client follower: {len(client.pages)} pages, "
+                   f"{client.outages} outages; cli: {len(cli.runs)} runs; webhook: "
+                   f"{len(posts)} POSTs, {repeated} ids sent again")
+        print(f"events checker: {summary}", flush=True)
+        # A real run: kills throughout, changes of every kind acknowledged.
+        assert counts["kill"] >= 3 and acked >= 100, summary
+        assert {e["type"] for e in store} == {"mod", "hold", "settle", "expire"}, summary
+        assert "no answer" in cli.stderr(), "the command line never met an outage"
+        assert srv.stop() == 0
+    finally:
+        stop.set()
+        if client is not None:
+            client.quit.set()
+        if cli is not None:
+            cli.kill()
+        if cluster is not None:
+            stop_quietly(cluster.srv)
+        rx.close()
+
+
+# --- the checks checked: each fault they exist to find, found ----------------------------
+
+def _stream(n=6):
+    return [{"id": i, "type": "mod", "account": "a1", "seq": i, "by": 1000 + i, "tot": i,
+             "at": 1, "key": f"k{i}", "hold": None} for i in range(1, n + 1)]
+
+
+def _post(events, at):
+    from webhook_receiver import Post
+    return Post("/", {}, json.dumps({"events": events}).encode(), 200, at)
+
+
+def test_the_events_checker_passes_what_the_docs_allow():
+    """Every event once, in order; the webhook's retry of a batch, and the
+    batches a new run sends again before its first new one."""
+    s = _stream()
+    assert reader_problems("r", list(s), s) == []
+    posts = [_post(s[0:2], 1.0), _post(s[0:2], 1.1), _post(s[2:4], 1.2),   # a retry
+             _post(s[1:3], 2.5), _post(s[2:5], 2.6), _post(s[5:6], 2.7)]   # run 2 sends again
+    assert reader_problems("w", [e for p in posts for e in p.events], s,
+                           repeats_allowed=True) == []
+    assert webhook_problems(posts, [0.0, 2.0]) == ([], 6)
+
+
+def _changed(s):
+    return [*s[:2], {**s[2], "tot": 99}, *s[3:]]
+
+
+def _key_lost(s):
+    return [*s[:3], {**s[3], "key": None}, *s[4:]]
+
+
+FAULTS = {
+    "an event changed": _changed,
+    "a key lost": _key_lost,
+    "an event missed": lambda s: s[:2] + s[3:],
+    "the last event missed": lambda s: s[:-1],
+    "an event twice": lambda s: s[:3] + s[2:],
+    "two events swapped": lambda s: [*s[:2], s[3], s[2], *s[4:]],
+}
+
+
+def test_the_events_checker_finds_each_fault_of_a_reader():
+    s = _stream()
+    for name, fault in FAULTS.items():
+        assert reader_problems("r", fault(s), s) != [], name
+    assert reader_problems("w", _changed(s), s, repeats_allowed=True) != []
+    assert reader_problems("w", s[:2] + s[3:], s, repeats_allowed=True) != []
+
+
+def test_the_events_checker_finds_a_webhook_repeat_the_docs_do_not_allow():
+    """Ids sent again after the run has sent new ones, and not a retry of
+    the POST before: a duplicate no crash explains."""
+    s = _stream()
+    posts = [_post(s[0:2], 1.0), _post(s[2:4], 1.1), _post(s[1:5], 1.2), _post(s[5:6], 1.3)]
+    problems, repeated = webhook_problems(posts, [0.0])
+    assert len(problems) == 1 and repeated == 3, problems
+    # The same POSTs with a new run starting before the third: allowed.
+    assert webhook_problems(posts, [0.0, 1.15]) == ([], 3)
