@@ -61,6 +61,7 @@ LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
 DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or (300 if LONG else 5))
 WORKERS = 4
 KILL_EVERY_S = (0.4, 1.0)       # drawn from, between kills
+LOW = 100                       # --low-balance: the workers' balances cross it often
 POLL_WAIT_S = 1                 # the followers' long polls: short, so that they end soon
 CATCH_UP_S = 40.0               # after the faults, for every reader to reach the newest id
 
@@ -73,7 +74,8 @@ class HookCluster(Cluster):
     than a dead one's last bytes take to be read."""
 
     def __init__(self, tmp_path, rx):
-        self.args = ["--webhook", rx.url, "--webhook-secret", secret_file(tmp_path, SECRET)]
+        self.args = ["--webhook", rx.url, "--webhook-secret", secret_file(tmp_path, SECRET),
+                     "--low-balance", LOW]
         self.started_at = []
         super().__init__(tmp_path)
 
@@ -250,9 +252,12 @@ def webhook_problems(posts, started_at):
     ids the receiver has seen is a retry of the POST before it (the same
     body), or comes in a server's run before any POST of that run brought
     a new id (the batch in flight at the crash, and those acknowledged
-    since the cursor's last save).  Returns (problems, ids repeated)."""
-    problems, repeated = [], 0
+    since the cursor's last save).  Returns (problems, ids repeated, how
+    long before its run started the oldest id a new run repeated had
+    first come)."""
+    problems, repeated, back_s = [], 0, 0.0
     seen, run, fresh, previous = 0, 0, False, None
+    first_at = {}
     for p in posts:
         while run + 1 < len(started_at) and p.at >= started_at[run + 1]:
             run, fresh = run + 1, False
@@ -263,10 +268,41 @@ def webhook_problems(posts, started_at):
             if fresh and not retry:
                 problems.append(f"webhook: a POST of ids {ids[0]}-{ids[-1]} repeats ids up "
                                 f"to {seen} in run {run + 1} after new ones, not a retry")
+            elif not fresh:
+                back_s = max(back_s, started_at[run] - first_at[ids[0]])
+        for i in ids:
+            first_at.setdefault(i, p.at)
         fresh = fresh or ids[-1] > seen
         seen = max(seen, ids[-1])
         previous = p
-    return problems, repeated
+    return problems, repeated, back_s
+
+
+def low_balance_problems(store, histories, accounts):
+    """A low_balance event right after each change (a mod or a hold) that
+    takes a balance from >= LOW to < LOW, the same but for its type, and
+    none elsewhere: once per crossing, across every restart."""
+    problems = []
+    want = set()
+    for cred, entries in histories.items():
+        prev = 0
+        for e in entries:
+            if prev >= LOW > e["tot"] and e["by"] < 0 and e.get("hold") in (None, e["seq"]):
+                want.add((accounts[cred], e["seq"]))
+            prev = e["tot"]
+    got = set()
+    for i, ev in enumerate(store):
+        if ev["type"] != "low_balance":
+            continue
+        got.add((ev["account"], ev["seq"]))
+        before = store[i - 1] if i else None
+        if before is None or {**before, "id": ev["id"], "type": "low_balance"} != ev:
+            problems.append(f"low_balance {ev} does not follow its change's event ({before})")
+    if got != want:
+        problems.append(f"low_balance events: {len(got - want)} without a crossing "
+                        f"{sorted(got - want)[:5]}, {len(want - got)} crossings without one "
+                        f"{sorted(want - got)[:5]}")
+    return problems
 
 
 def catch_up(srv, client, cli, rx):
@@ -336,17 +372,22 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         histories = {cred: history(srv, cred) for cred in CREDS}
         accounts = {cred: srv.get(f"/past?cred={cred}&limit=1").json["account"]
                     for cred in CREDS}
+        # The bank's checker knows no low_balance event: they are checked
+        # apart, and so are the ids (by reader_problems, against 1..N).
+        assert [e["id"] for e in store] == list(range(1, len(store) + 1)), "a gap in the store"
         checker = Checker(ops, [], histories, settles,
-                          [e for e in store if e["account"] in accounts.values()],
+                          [e for e in store if e["account"] in accounts.values()
+                           and e["type"] != "low_balance"],
                           accounts, all_ended=True)
         problems = [p for p in checker.run() if not p.startswith("event ids are not")]
+        problems += low_balance_problems(store, histories, accounts)
         problems += client.errors
         problems += reader_problems("the client's follower", client.events(), store)
         problems += reader_problems("accman events --follow", cli.events(), store)
         posts = rx.snapshot()
         hooked = [e for p in posts for e in p.events]
         problems += reader_problems("the webhook", hooked, store, repeats_allowed=True)
-        repeats, repeated = webhook_problems(posts, cluster.started_at)
+        repeats, repeated, back_s = webhook_problems(posts, cluster.started_at)
         problems += repeats
         assert not problems, f"{banner}\n{len(problems)} problems:\n" + "\n".join(problems[:30])
         # Ids 1..N, each POST signed, in order, acknowledged, none skipped.
@@ -356,11 +397,13 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         summary = (f"{len(store)} events, {acked} changes acknowledged; {counts['kill']} kills, "
                    f"{cluster.generation} servers; client follower: {len(client.pages)} pages, "
                    f"{client.outages} outages; cli: {len(cli.runs)} runs; webhook: "
-                   f"{len(posts)} POSTs, {repeated} ids sent again")
+                   f"{len(posts)} POSTs, {repeated} ids sent again, first sent up to "
+                   f"{back_s:.2f} s before their run")
         print(f"events checker: {summary}", flush=True)
         # A real run: kills throughout, changes of every kind acknowledged.
         assert counts["kill"] >= 3 and acked >= 100, summary
-        assert {e["type"] for e in store} == {"mod", "hold", "settle", "expire"}, summary
+        assert {e["type"] for e in store} == {"mod", "hold", "settle", "expire",
+                                              "low_balance"}, summary
         assert "no answer" in cli.stderr(), "the command line never met an outage"
         assert srv.stop() == 0
     finally:
@@ -395,7 +438,7 @@ def test_the_events_checker_passes_what_the_docs_allow():
              _post(s[1:3], 2.5), _post(s[2:5], 2.6), _post(s[5:6], 2.7)]   # run 2 sends again
     assert reader_problems("w", [e for p in posts for e in p.events], s,
                            repeats_allowed=True) == []
-    assert webhook_problems(posts, [0.0, 2.0]) == ([], 6)
+    assert webhook_problems(posts, [0.0, 2.0])[:2] == ([], 6)
 
 
 def _changed(s):
@@ -429,7 +472,7 @@ def test_the_events_checker_finds_a_webhook_repeat_the_docs_do_not_allow():
     the POST before: a duplicate no crash explains."""
     s = _stream()
     posts = [_post(s[0:2], 1.0), _post(s[2:4], 1.1), _post(s[1:5], 1.2), _post(s[5:6], 1.3)]
-    problems, repeated = webhook_problems(posts, [0.0])
+    problems, repeated, _ = webhook_problems(posts, [0.0])
     assert len(problems) == 1 and repeated == 3, problems
     # The same POSTs with a new run starting before the third: allowed.
-    assert webhook_problems(posts, [0.0, 1.15]) == ([], 3)
+    assert webhook_problems(posts, [0.0, 1.15])[:2] == ([], 3)
