@@ -20,7 +20,8 @@ account) and reconciled:
 
 * the store: ids 1..N without a gap, each account's events exactly its
   history, and every acknowledged change (a 200 its writer saw) in it, at
-  the seq and tot of its 200 (bankcheck.Checker);
+  the seq and tot of its 200 (bankcheck.Checker); with --low-balance, a
+  low_balance event right after each change that crossed it, and no other;
 * each reader: every event it got is the store's event of that id, whole
   (type, account, seq, by, tot, at, key, hold); it got every id 1..N;
 * the Python follower and the command line: ids 1..N in order, each once
