@@ -59,11 +59,12 @@ from test_webhook_delivery import ENV, SECRET, check_delivery
 from webhook_receiver import Receiver, secret_file
 
 LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
-DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or (300 if LONG else 5))
+DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or (300 if LONG else 4))
 WORKERS = 4
 KILL_EVERY_S = (0.4, 1.0)       # drawn from, between kills
 LOW = 100                       # --low-balance: the workers' balances cross it often
 POLL_WAIT_S = 1                 # the followers' long polls: short, so that they end soon
+CLI_LIMIT = 37                  # the command line's pages: not the default, nor a round number
 CATCH_UP_S = 40.0               # after the faults, for every reader to reach the newest id
 
 
@@ -107,6 +108,9 @@ class ClientFollower(threading.Thread):
         self.outages = 0
         self.until = None           # the id to reach, then stop
         self.quit = threading.Event()
+        # Pages of every length, so that their ends fall anywhere in the
+        # server's batches, and on a restart.
+        self.rnd = random.Random(SEED + 1)
 
     @property
     def after(self):
@@ -130,7 +134,8 @@ class ClientFollower(threading.Thread):
                     addr = self.cluster.addr
                     acc = AccManClient(f"http://{addr[0]}:{addr[1]}", timeout_s=5)
                 try:
-                    events, nxt = await acc.events(self.after, wait_s=POLL_WAIT_S)
+                    events, nxt = await acc.events(self.after, limit=self.rnd.randint(1, 300),
+                                                   wait_s=POLL_WAIT_S)
                 except BadReply as e:
                     self.errors.append(f"client follower after {self.after}: {e}")
                     await asyncio.sleep(0.05)
@@ -169,7 +174,7 @@ class CliFollower:
         with open(out, "wb") as o, open(err, "wb") as e:
             proc = subprocess.Popen(
                 [PYTHON, "-m", "accman", "events", "--follow", "--after", str(after),
-                 "--wait", str(POLL_WAIT_S), "--url", url],
+                 "--wait", str(POLL_WAIT_S), "--limit", str(CLI_LIMIT), "--url", url],
                 stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=server_env(), cwd=ROOT)
         self.runs.append((proc, out, err))
         self.addr = addr
