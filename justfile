@@ -42,7 +42,7 @@ bench-profile: build
 crash:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -n 0 -p no:cacheprovider -s
 
-# the long events checker: three readers of the stream (the client's follower, `accman
+# the long events checker: four readers of the stream (the clients' followers, `accman
 # events --follow`, a webhook receiver) while AccMan is SIGKILLed under load (prints the seed)
 crash-events:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_events_bank.py -n 0 -p no:cacheprovider -s

@@ -3,11 +3,12 @@
 The bank checker's workers (test_bank.py: keyed and unkeyed mods, holds,
 settles, expiries, reads, each on its own connection) change a few accounts
 of a real AccMan on its embedded store, which a nemesis SIGKILLs at random
-moments and restarts on the same port and data directory.  Meanwhile three
+moments and restarts on the same port and data directory.  Meanwhile four
 readers follow the stream, each recording what it got:
 
 * the Python client's follower (AccManClient.events, CALLING.md "The event
-  stream"), resuming from each page's `next` and riding out the outages;
+  stream"), resuming from each page's `next`, of random lengths, and
+  riding out the outages; and the same on AccManSyncClient;
 * `accman events --follow`, a subprocess whose stdout lines are parsed at
   the end (restarted with `--after` its last line's id, as CALLING.md says,
   only if the server came back on another port);
@@ -24,7 +25,7 @@ account) and reconciled:
   low_balance event right after each change that crossed it, and no other;
 * each reader: every event it got is the store's event of that id, whole
   (type, account, seq, by, tot, at, key, hold); it got every id 1..N;
-* the Python follower and the command line: ids 1..N in order, each once
+* the Python followers and the command line: ids 1..N in order, each once
   (no duplicate is allowed: each resumes from the last id it has);
 * the webhook: every POST signed and acknowledged, its ids consecutive,
   and none starting past the highest id seen before it (no skip).  A
@@ -34,7 +35,7 @@ account) and reconciled:
   the new server's first POST (webhook_problems).
 
 Short and seeded by default; ACCMAN_CRASH_LONG=1 (with test_bank.py's seed
-and length variables) runs for minutes.
+and length variables) runs for minutes.  The checks are in eventscheck.py.
 """
 
 import asyncio
@@ -48,9 +49,10 @@ import threading
 import time
 from types import SimpleNamespace
 
-from accman.client import AccManClient
+from accman.client import AccManClient, AccManSyncClient
 from accman.errors import AccManError, BadReply, TransportError, Unavailable
 from bankcheck import Checker
+from eventscheck import low_balance_problems, reader_problems, webhook_problems
 from conftest import PYTHON, ROOT, server_env, spawn_server
 from relhelp import history, stop_quietly
 from test_bank import (CREDS, FUND, HOLDS_END_S, SEED, UNTOUCHED, Cluster, Worker, all_events,
@@ -97,14 +99,17 @@ class HookCluster(Cluster):
 
 
 class ClientFollower(threading.Thread):
-    """CALLING.md's follower on AccManClient: `events(after, wait_s)`, then
-    `after = next`; an outage (Unreachable, a reset) is waited out and the
-    same `after` asked again.  A BadReply (the client's check of the ids'
-    order) is recorded: the stream broke its promise."""
+    """CALLING.md's follower: `events(after, wait_s)`, then `after = next`,
+    on AccManClient, or AccManSyncClient with `sync`; an outage
+    (Unreachable, a reset) is waited out and the same `after` asked again.
+    A BadReply (the client's check of the ids' order) is recorded: the
+    stream broke its promise."""
 
-    def __init__(self, cluster):
-        super().__init__(name="client-follower", daemon=True)
+    def __init__(self, cluster, sync=False):
+        self.name_ = "the sync client's follower" if sync else "the client's follower"
+        super().__init__(name=self.name_, daemon=True)
         self.cluster = cluster
+        self.sync = sync
         self.pages = []             # (after, [event dicts], next)
         self.errors = []
         self.outages = 0
@@ -112,7 +117,7 @@ class ClientFollower(threading.Thread):
         self.quit = threading.Event()
         # Pages of every length, so that their ends fall anywhere in the
         # server's batches, and on a restart.
-        self.rnd = random.Random(SEED + 1)
+        self.rnd = random.Random(SEED + 1 + sync)
 
     @property
     def after(self):
@@ -120,39 +125,73 @@ class ClientFollower(threading.Thread):
 
     def run(self):
         try:
-            asyncio.run(self._follow())
+            self._follow_sync() if self.sync else asyncio.run(self._follow())
         except Exception as e:          # a bug of the test: report it
-            self.errors.append(f"client follower: {type(e).__name__}: {e}")
+            self.errors.append(f"{self.name_}: {type(e).__name__}: {e}")
+
+    def _going(self):
+        return not self.quit.is_set() and (self.until is None or self.after < self.until)
+
+    def _url(self):
+        return f"http://{self.cluster.addr[0]}:{self.cluster.addr[1]}"
+
+    def _ask(self):
+        return {"after": self.after, "limit": self.rnd.randint(1, 300), "wait_s": POLL_WAIT_S}
+
+    def _failed(self, e):
+        """The pause before asking again, or None: the follower ends."""
+        if isinstance(e, BadReply):
+            self.errors.append(f"{self.name_} after {self.after}: {e}")
+        elif isinstance(e, (TransportError, Unavailable)):
+            self.outages += 1
+        else:
+            self.errors.append(f"{self.name_} after {self.after}: {e!r}")
+            return None
+        return 0.05
+
+    def _got(self, page):
+        events, nxt = page
+        self.pages.append((self.after, [e._asdict() for e in events], nxt))
 
     async def _follow(self):
-        addr, acc = None, None
+        url, acc = None, None
         try:
-            while not self.quit.is_set():
-                if self.until is not None and self.after >= self.until:
-                    return
-                if self.cluster.addr != addr:
+            while self._going():
+                if self._url() != url:
                     if acc is not None:
                         await acc.aclose()
-                    addr = self.cluster.addr
-                    acc = AccManClient(f"http://{addr[0]}:{addr[1]}", timeout_s=5)
+                    url = self._url()
+                    acc = AccManClient(url, timeout_s=5)
                 try:
-                    events, nxt = await acc.events(self.after, limit=self.rnd.randint(1, 300),
-                                                   wait_s=POLL_WAIT_S)
-                except BadReply as e:
-                    self.errors.append(f"client follower after {self.after}: {e}")
-                    await asyncio.sleep(0.05)
-                    continue
-                except (TransportError, Unavailable):
-                    self.outages += 1
-                    await asyncio.sleep(0.05)
-                    continue
+                    self._got(await acc.events(**self._ask()))
                 except AccManError as e:
-                    self.errors.append(f"client follower after {self.after}: {e!r}")
-                    return
-                self.pages.append((self.after, [e._asdict() for e in events], nxt))
+                    pause = self._failed(e)
+                    if pause is None:
+                        return
+                    await asyncio.sleep(pause)
         finally:
             if acc is not None:
                 await acc.aclose()
+
+    def _follow_sync(self):
+        url, acc = None, None
+        try:
+            while self._going():
+                if self._url() != url:
+                    if acc is not None:
+                        acc.close()
+                    url = self._url()
+                    acc = AccManSyncClient(url, timeout_s=5)
+                try:
+                    self._got(acc.events(**self._ask()))
+                except AccManError as e:
+                    pause = self._failed(e)
+                    if pause is None:
+                        return
+                    time.sleep(pause)
+        finally:
+            if acc is not None:
+                acc.close()
 
     def events(self):
         return [e for _, page, _ in self.pages for e in page]
@@ -238,104 +277,21 @@ def nemesis(cluster, cli, stop_at, rnd, counts, errors):
         errors.append(f"nemesis: {type(e).__name__}: {e}")
 
 
-# --- the checks ------------------------------------------------------------------------
-
-def reader_problems(name, got, store, repeats_allowed=False):
-    """What `name` got against the store's stream: each event the store's
-    of that id, whole; every id; in order, each once unless repeats are
-    allowed (the webhook's are checked by webhook_problems)."""
-    by_id = {e["id"]: e for e in store}
-    problems = [f"{name}: event {e['id']} is {e}, the store's is {by_id.get(e['id'])}"
-                for e in got if by_id.get(e["id"]) != e][:5]
-    ids = [e["id"] for e in got]
-    missing = sorted(set(by_id) - set(ids))
-    if missing:
-        problems.append(f"{name}: {len(missing)} events never got: {missing[:10]}")
-    if not repeats_allowed and ids != sorted(set(ids)):
-        twice = sorted({i for i in ids if ids.count(i) > 1})
-        back = [(a, b) for a, b in zip(ids, ids[1:], strict=False) if b <= a]
-        problems.append(f"{name}: not in id order each once: repeated {twice[:10]}, "
-                        f"going back at {back[:5]}")
-    return problems
-
-
-def webhook_problems(posts, started_at, killed_at=()):
-    """The duplicates SERVER.md allows, and no other.  A server's run
-    POSTs a chain: each POST starts right after the last id of the one
-    before it, or is a retry of it (the same body).  A POST that brings
-    ids the receiver has seen and is neither starts a new run: it resends
-    from the saved cursor (the batch in flight at the crash, and those
-    acknowledged since the cursor's last save), and each restart starts
-    one run, so each such POST needs a restart of its own before it.
-    Who sent a POST is not told, so the arrival times decide, leniently:
-    a dead server's POST may be read after the next server started.
-    Returns (problems, ids repeated, how long before its kill the oldest
-    id a new run repeated had first come: SERVER.md's "0.1 s worth")."""
-    problems, repeated, back_s = [], 0, 0.0
-    seen, used, previous = 0, 0, None      # used: the restarts that started a chain
-    first_at = {}
-    for p in posts:
-        ids = p.ids
-        if ids[0] <= seen:
-            repeated += min(ids[-1], seen) - ids[0] + 1
-            chained = previous is not None and ids[0] == previous.ids[-1] + 1
-            retry = previous is not None and previous.body == p.body
-            if not (chained or retry):
-                if used + 1 < len(started_at) and started_at[used + 1] <= p.at:
-                    used += 1
-                    before = [r for r in range(1, len(started_at)) if started_at[r] <= p.at]
-                    if before[-1] <= len(killed_at):
-                        back_s = max(back_s, killed_at[before[-1] - 1] - first_at[ids[0]])
-                else:
-                    problems.append(f"webhook: a POST of ids {ids[0]}-{ids[-1]} repeats ids up "
-                                    f"to {seen}, neither a retry nor a new run's first")
-        for i in ids:
-            first_at.setdefault(i, p.at)
-        seen = max(seen, ids[-1])
-        previous = p
-    return problems, repeated, back_s
-
-
-def low_balance_problems(store, histories, accounts):
-    """A low_balance event right after each change (a mod or a hold) that
-    takes a balance from >= LOW to < LOW, the same but for its type, and
-    none elsewhere: once per crossing, across every restart."""
-    problems = []
-    want = set()
-    for cred, entries in histories.items():
-        prev = 0
-        for e in entries:
-            if prev >= LOW > e["tot"] and e["by"] < 0 and e.get("hold") in (None, e["seq"]):
-                want.add((accounts[cred], e["seq"]))
-            prev = e["tot"]
-    got = set()
-    for i, ev in enumerate(store):
-        if ev["type"] != "low_balance":
-            continue
-        got.add((ev["account"], ev["seq"]))
-        before = store[i - 1] if i else None
-        if before is None or {**before, "id": ev["id"], "type": "low_balance"} != ev:
-            problems.append(f"low_balance {ev} does not follow its change's event ({before})")
-    if got != want:
-        problems.append(f"low_balance events: {len(got - want)} without a crossing "
-                        f"{sorted(got - want)[:5]}, {len(want - got)} crossings without one "
-                        f"{sorted(want - got)[:5]}")
-    return problems
-
-
-def catch_up(srv, client, cli, rx):
+def catch_up(srv, clients, cli, rx):
     """Until every reader has the store's newest event (or CATCH_UP_S)."""
     newest = all_events(srv)[-1]["id"]
-    client.until = newest
+    for client in clients:
+        client.until = newest
     deadline = time.monotonic() + CATCH_UP_S
     while time.monotonic() < deadline:
         cli_events = cli.events()
-        if (client.after >= newest and rx.max_id() >= newest and cli_events
+        if (all(c.after >= newest for c in clients) and rx.max_id() >= newest and cli_events
                 and cli_events[-1]["id"] >= newest):
             break
         time.sleep(0.05)
-    client.quit.set()
-    client.join(POLL_WAIT_S + 10)
+    for client in clients:
+        client.quit.set()
+        client.join(POLL_WAIT_S + 10)
     cli.stop()
 
 
@@ -348,7 +304,8 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
     rnd = random.Random(SEED)
     rx = Receiver(SECRET)
     rx.verify = True
-    cluster = cli = client = None
+    cluster = cli = None
+    clients = []
     workers, errors = [], []
     stop = threading.Event()
     try:
@@ -356,8 +313,9 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         for cred in CREDS + UNTOUCHED:
             r = cluster.srv.mod(cred, FUND[cred], key=f"fund-{cred}")
             assert r.json == {"tot": FUND[cred], "seq": 1}, r
-        client = ClientFollower(cluster)
-        client.start()
+        clients = [ClientFollower(cluster), ClientFollower(cluster, sync=True)]
+        for client in clients:
+            client.start()
         cli = CliFollower(tmp_path)
         cli.start(cluster.addr)
         amounts = itertools.count()
@@ -384,7 +342,7 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         while srv.get("/health").json["open_holds"]:
             assert time.monotonic() < deadline, "holds still open past their ttl"
             time.sleep(0.1)
-        catch_up(srv, client, cli, rx)
+        catch_up(srv, clients, cli, rx)
 
         store = all_events(srv)
         histories = {cred: history(srv, cred) for cred in CREDS}
@@ -398,9 +356,10 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
                            and e["type"] != "low_balance"],
                           accounts, all_ended=True)
         problems = [p for p in checker.run() if not p.startswith("event ids are not")]
-        problems += low_balance_problems(store, histories, accounts)
-        problems += client.errors
-        problems += reader_problems("the client's follower", client.events(), store)
+        problems += low_balance_problems(store, histories, accounts, LOW)
+        for client in clients:
+            problems += client.errors
+            problems += reader_problems(client.name_, client.events(), store)
         problems += reader_problems("accman events --follow", cli.events(), store)
         posts = rx.snapshot()
         hooked = [e for p in posts for e in p.events]
@@ -414,8 +373,9 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
 
         acked = sum(a.outcome == "ok" for op in ops for a in op.attempts)
         summary = (f"{len(store)} events, {acked} changes acknowledged; {counts['kill']} kills, "
-                   f"{cluster.generation} servers; client follower: {len(client.pages)} pages, "
-                   f"{client.outages} outages; cli: {len(cli.runs)} runs; webhook: "
+                   f"{cluster.generation} servers; "
+                   f"followers: {[len(c.pages) for c in clients]} pages, "
+                   f"{[c.outages for c in clients]} outages; cli: {len(cli.runs)} runs; webhook: "
                    f"{len(posts)} POSTs, {repeated} ids sent again, first sent up to "
                    f"{back_s:.2f} s before the kill")
         print(f"events checker: {summary}", flush=True)
@@ -427,7 +387,7 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         assert srv.stop() == 0
     finally:
         stop.set()
-        if client is not None:
+        for client in clients:
             client.quit.set()
         if cli is not None:
             cli.kill()
