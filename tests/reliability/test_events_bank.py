@@ -3,8 +3,9 @@
 The bank checker's workers (test_bank.py: keyed and unkeyed mods, holds,
 settles, expiries, reads, each on its own connection) change a few accounts
 of a real AccMan on its embedded store, which a nemesis SIGKILLs at random
-moments and restarts on the same port and data directory.  Meanwhile four
-readers follow the stream, each recording what it got:
+moments (a third of the times after a SIGSTOP of a moment) and restarts
+on the same port and data directory.  Meanwhile four readers follow the
+stream, each recording what it got:
 
 * the Python client's follower (AccManClient.events, CALLING.md "The event
   stream"), resuming from each page's `next`, of random lengths, and
@@ -79,11 +80,18 @@ class HookCluster(Cluster):
         self.args = ["--webhook", rx.url, "--webhook-secret", secret_file(tmp_path, SECRET),
                      "--low-balance", LOW]
         self.started_at = []
-        self.killed_at = []
+        self.killed_at = []         # when each run stopped: its SIGKILL, or its SIGSTOP
+        self._stopped_at = None
         super().__init__(tmp_path)
 
+    def pause(self, seconds, then_kill=False):
+        if then_kill:
+            self._stopped_at = time.monotonic()
+        super().pause(seconds, then_kill)
+
     def kill(self):
-        self.killed_at.append(time.monotonic())
+        self.killed_at.append(self._stopped_at or time.monotonic())
+        self._stopped_at = None
         super().kill()
 
     def _spawn(self, port):
@@ -265,14 +273,19 @@ class CliFollower:
 
 
 def nemesis(cluster, cli, stop_at, rnd, counts, errors):
-    """SIGKILL and restart on the same port and data, until stop_at."""
+    """SIGKILL and restart on the same port and data, until stop_at; every
+    third kill comes after a SIGSTOP of a moment, so that long polls and a
+    webhook POST wait on a server that never answers them."""
     try:
         while True:
             delay = rnd.uniform(*KILL_EVERY_S)
             if time.monotonic() + delay >= stop_at:
                 return
             time.sleep(delay)
-            cluster.kill()
+            if counts["kill"] % 3 == 2:
+                cluster.pause(rnd.uniform(0.05, 0.3), then_kill=True)
+            else:
+                cluster.kill()
             cli.follow(cluster.addr, again=counts["kill"] == 1)
             counts["kill"] += 1
     except Exception as e:
