@@ -48,9 +48,10 @@ crash-events:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_events_bank.py -n 0 -p no:cacheprovider -s
 
 # the long calling-side bank checker: paid requests through uvicorn and the middleware
-# while AccMan is killed every second or two, both modes (prints the seed)
+# while AccMan is killed every second or two, both modes, on the embedded store and on
+# PostgreSQL (restarted, stopped, failed over; prints the seed)
 crash-calling:
-    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_calling_bank.py -n 0 -p no:cacheprovider -s
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_calling_bank.py tests/reliability/test_calling_bank_pg.py -n 0 -p no:cacheprovider -s
 
 # the bank checker through the Node plugin, long: 30 kill rounds a mode (prints the seed)
 crash-node:

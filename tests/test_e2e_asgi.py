@@ -132,14 +132,17 @@ class Proc:
                 self.proc.wait()
 
 
-def start_accman(log_dir: Path, name="accman", port=0, file_bytes_max=None) -> Proc:
+def start_accman(log_dir: Path, name="accman", port=0, file_bytes_max=None, store=None) -> Proc:
+    """`accman serve` on `port` (0: any), on its data directory in `log_dir`,
+    or on the PostgreSQL store URL `store` (the directory then its lock)."""
     tokens = log_dir / f"{name}-tokens"
     tokens.write_text(f"mint {FUNDER}\nread,charge {SVC_CHECK}\nread,charge {SVC_RESERVE}\n"
                       f"read {SVC_READ}\n")
     tokens.chmod(0o600)
     p = Proc(name, [sys.executable, "-m", "accman", "serve", "--host", "127.0.0.1",
                     "--port", str(port),
-                    "--data", str(log_dir / f"{name}-data"), "--tokens", str(tokens)], log_dir,
+                    "--data", str(log_dir / f"{name}-data"), "--tokens", str(tokens),
+                    *(["--store", store] if store else [])], log_dir,
              file_bytes_max=file_bytes_max)
     p.wait_ready(ACCMAN_READY, "stdout")
     return p

@@ -268,13 +268,31 @@ CASES = ["check", "reserve", "check open"] + (["reserve open"] if LONG else [])
 
 @pytest.mark.parametrize("case", CASES)
 def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case):
-    mode, _, unavailable = case.partition(" ")
+    rnd = random.Random(SEED)
     duration_s = DURATION_S if LONG else SHORT_RUN_MAX_S
+    mode = case.split()[0]
+    down_s = DOWN_AT_SHUTDOWN_S[mode] if not LONG else rnd.choice(
+        list(DOWN_AT_SHUTDOWN_S.values()))
+    accman = AccMan(tmp_path)
+    counts, stats, summary = bank_run(tmp_path, case, accman, rnd, duration_s, down_s)
+    # The run must have been a real one: AccMan killed while requests were
+    # served and charged, refused (or served unpaid) and owed around the kills.
+    assert accman.faults["kill"] >= 2 and accman.faults["pause"] >= 1, summary
+    assert counts.get("200+", 0) >= (50 if LONG else 3 * PAID_PER_FAULT), summary
+    assert (stats["unpaid_requests"] if case.endswith(" open") else counts.get(503, 0)) >= 1, \
+        summary
+
+
+def bank_run(tmp_path, case, accman, rnd, duration_s, down_s):
+    """One run of the checker against `accman` (AccMan, or another with its
+    url, faults, proc, nemesis and restart): the load and its nemesis (for
+    at most `duration_s`), the service's shutdown with AccMan down for
+    `down_s`, the reconciliation, asserted empty; returns the consumers'
+    statuses, the service's counters and a summary."""
+    mode, _, unavailable = case.partition(" ")
     banner = (f"calling bank checker ({case}): seed {SEED}, {'' if LONG else 'at most '}"
               f"{duration_s:g} s; replay with "
               f"ACCMAN_CRASH_SEED={SEED}" + (" ACCMAN_CRASH_LONG=1" if LONG else ""))
-    rnd = random.Random(SEED)
-    accman = AccMan(tmp_path)
     server = SERVER or (rnd.choice(SERVERS_DRAWN) if LONG else "uvicorn")
     banner += f", under {server}"
     app = start_app(tmp_path, f"calbank-{mode}", accman.url, mode,
@@ -294,8 +312,7 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case
         nemesis.join()
         assert not errors, errors
         stats = metrics(app_url)
-        shutdown_drain(app, accman, DOWN_AT_SHUTDOWN_S[mode] if not LONG else rnd.choice(
-            list(DOWN_AT_SHUTDOWN_S.values())))
+        shutdown_drain(app, accman, down_s)
         assert app.proc.returncode in (0, -signal.SIGTERM), app.proc.returncode
         problems = reconcile(mode, accman, consumers, ServiceLog(app.err.read_text()), stats)
     finally:
@@ -308,11 +325,7 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case
     print(f"calling bank checker ({case}): {summary}", flush=True)
     assert not problems, f"{banner}\n{summary}\n{len(problems)} problems:\n" + "\n".join(
         problems[:30])
-    # The run must have been a real one: AccMan killed while requests were
-    # served and charged, refused (or served unpaid) and owed around the kills.
-    assert accman.faults["kill"] >= 2 and accman.faults["pause"] >= 1, summary
-    assert counts.get("200+", 0) >= (50 if LONG else 3 * PAID_PER_FAULT), summary
-    assert (stats["unpaid_requests"] if unavailable else counts.get(503, 0)) >= 1, summary
+    return counts, stats, summary
 
 
 def shutdown_drain(app, accman, down_s):
