@@ -129,7 +129,10 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | Non
             info = ClusterInfo(SCHEMA_VERSION, hash_key, secrets.token_bytes(CLUSTER_ID_BYTES))
             await conn.execute("INSERT INTO accman_schema VALUES (true, $1, $2, $3)",
                                SCHEMA_VERSION, hash_key, info.cluster_id)
-        else:
+        elif version < SCHEMA_VERSION:
+            # Written only when it changes: a store already at this version
+            # opens with no commit, which waits for a synchronous standby,
+            # so a front-end started while that standby is away serves.
             await conn.execute("UPDATE accman_schema SET version = $1", SCHEMA_VERSION)
             info = info._replace(version=SCHEMA_VERSION)
         if setup is not None and info.events_home is None and not await conn.fetchval(

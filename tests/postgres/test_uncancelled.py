@@ -17,7 +17,7 @@ from accman.postgres import committing
 from accman.postgres import upkeep as upkeep_module
 from accman.postgres.backends import Connection, committed, identify
 
-from .helpers import far_creds, locked, run, stored
+from .helpers import far_creds, fund, locked, opened, run, stored
 from .test_bounds import backends_busy, until
 
 
@@ -183,4 +183,24 @@ def test_a_trim_past_trim_timeout_s_is_given_up_and_the_next_goes_on(pg_url, mon
             assert await c.mod("b", 1) == (1, 1)
             await reader.trim(0)
             assert reader.trimmed == 3 and reader.first == 4
+    run(main())
+
+
+def test_a_store_opens_while_its_synchronous_standby_is_away(pg_factory):
+    """Opening a store already at SCHEMA_VERSION commits nothing: a
+    front-end (re)started while its synchronous standby is away serves,
+    reads going on and writes stalled as a running front-end's are, rather
+    than hang at its start, unsaid, in a commit that waits for the standby."""
+    pg = pg_factory(name="away")
+    url = pg.create_database("a")
+    run(fund(url, ["a"]))
+    pg.configure({"synchronous_standby_names": "'absent'"})
+    pg.reload()
+
+    async def main():
+        store, c = await asyncio.wait_for(opened(url), 5)
+        try:
+            assert await c.tot("a") == 5
+        finally:
+            await store.aclose()
     run(main())
