@@ -4,7 +4,8 @@ PostgreSQL store (docs/SCALING.md), whose failures are the database's as
 well as its own: PostgreSQL restarted under load (`pg_ctl stop -m
 immediate`, then started), stopped for seconds, the front-end SIGKILLed and
 restarted on the same port, and, in a long run, a synchronous standby
-stopped for seconds (writes stall while reads go on) or a failover to it,
+stopped for seconds (writes stall while reads go on; the front-end
+restarted meanwhile, every other time) or a failover to it,
 the front-end given both hosts (target_session_attrs=read-write, as
 tests/postgres/test_failover.py).
 The database is down as the service's shutdown begins, and back within
@@ -18,6 +19,7 @@ for minutes each."""
 
 import functools
 import itertools
+import signal
 import random
 import time
 
@@ -52,7 +54,7 @@ class PgAccMan(AccMan):
         self.url = self.proc.url
         self.port = int(self.url.rsplit(":", 1)[1])
         self.faults = {"db_restart": 0, "db_down": 0, "kill": 0, "pause": 0, "failover": 0,
-                       "standby_down": 0}
+                       "standby_down": 0, "standby_down_kill": 0}
 
     def restart(self):
         """The database back if it is down, then the front-end if it is;
@@ -93,13 +95,20 @@ class PgAccMan(AccMan):
             self.kill_and_restart()
         elif kind == "pause":
             self.pause(HOLD_TTL_S + 0.5)
-        elif kind == "standby_down":
+        elif kind.startswith("standby_down"):
             # Commits wait for the synchronous standby: the front-end's
             # writes stall past the middleware's timeout while its reads go
-            # on (docs/SCALING.md), and complete once the standby is back.
+            # on (docs/SCALING.md), and complete once the standby is back;
+            # a front-end killed meanwhile leaves its commit waiting, which
+            # the new one's writes queue behind.
             standby = self.pg.standbys[0]
             standby.stop("immediate")
-            time.sleep(rnd.uniform(*STANDBY_DOWN_S))
+            down_s = rnd.uniform(*STANDBY_DOWN_S)
+            time.sleep(down_s / 2)
+            if kind == "standby_down_kill":
+                self.proc.stop(signal.SIGKILL)
+                self.proc = start_accman(self.tmp_path, port=self.port, store=self.store)
+            time.sleep(down_s / 2)
             standby.start()
         else:
             self.failover()
@@ -116,7 +125,8 @@ class PgAccMan(AccMan):
             start, span = time.monotonic(), stop.at - time.monotonic()
             if LONG:
                 kinds = itertools.cycle(["db_restart", "kill", "db_down", "pause", "kill"] + (
-                    ["standby_down"] if self.pg.standbys and not failover else []))
+                    ["standby_down", "standby_down_kill"] if self.pg.standbys and not failover
+                    else []))
                 while (t := time.monotonic() + rnd.uniform(0.5, 2.0)) < stop.at - 12:
                     time.sleep(t - time.monotonic())
                     failing_over = failover and self.pg.standbys and t > start + span / 3
