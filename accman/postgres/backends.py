@@ -15,6 +15,7 @@ and the store takes no writes on its cluster until it ends by itself
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import asyncpg
 
@@ -96,7 +97,10 @@ def closed_unless_answered(conn, exc: BaseException) -> None:
     for the cancel request's answer, as long as a database that does not
     answer."""
     if not E.answered(exc):
-        conn.terminate()
+        # One that committed() gave up is closed already, and a pool's
+        # proxy of it refuses the call: its error would replace `exc`.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            conn.terminate()
 
 
 async def no_reset(conn) -> None:
