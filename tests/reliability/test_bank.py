@@ -335,27 +335,7 @@ def test_bank_under_kill_and_stop(tmp_path):
         counts = {"kill": 0, "pause": 0, "pause_kill": 0}
         stop_at = time.monotonic() + DURATION_S
         nemesis(cluster, stop_at, rnd, counts, errors)
-        time.sleep(max(0.0, stop_at - time.monotonic()))
-        stop.set()
-        for w in workers:
-            w.join(CLIENT_TIMEOUT_S * 2)
-            assert not w.is_alive(), f"{w.name} hung"
-            errors.extend(w.errors)
-        assert not errors, f"{banner}\n" + "\n".join(errors[:20])
-
-        # The faults are over: resolve what can be resolved.  An unknown
-        # keyed change sent again is applied now or answered from its
-        # record; an unknown settle sent again is answered its first reply,
-        # or hold_ended when its hold expired meanwhile.
-        srv = cluster.srv
-        ops = [op for w in workers for op in w.ops if op.attempts]
-        settles = [s for w in workers for s in w.settles if s.attempts]
-        resolve(srv, workers[0], [op for op in ops if op.key is not None] + settles)
-        # Every hold has ended once its ttl (and the wheel's second) passed.
-        deadline = time.monotonic() + HOLDS_END_S + 10
-        while srv.get("/health").json["open_holds"]:
-            assert time.monotonic() < deadline, "holds still open past their ttl"
-            time.sleep(0.1)
+        srv, ops, settles = end_load(cluster, workers, stop, stop_at, errors, banner)
 
         histories = {cred: history(srv, cred) for cred in CREDS}
         for cred in CREDS:
@@ -401,6 +381,32 @@ def test_bank_under_kill_and_stop(tmp_path):
     finally:
         stop.set()
         stop_quietly(cluster.srv)
+
+
+def end_load(cluster, workers, stop, stop_at, errors, banner):
+    """At `stop_at`, the workers stopped and their errors asserted none;
+    then what can be resolved is: an unknown keyed change sent again is
+    applied now or answered from its record, an unknown settle sent again
+    is answered its first reply, or hold_ended when its hold expired
+    meanwhile; and every hold has ended once its ttl (and the wheel's
+    second) passed.  Returns the server, the changes and the settles
+    tried."""
+    time.sleep(max(0.0, stop_at - time.monotonic()))
+    stop.set()
+    for w in workers:
+        w.join(CLIENT_TIMEOUT_S * 2)
+        assert not w.is_alive(), f"{w.name} hung"
+        errors.extend(w.errors)
+    assert not errors, f"{banner}\n" + "\n".join(errors[:20])
+    srv = cluster.srv
+    ops = [op for w in workers for op in w.ops if op.attempts]
+    settles = [s for w in workers for s in w.settles if s.attempts]
+    resolve(srv, workers[0], [op for op in ops if op.key is not None] + settles)
+    deadline = time.monotonic() + HOLDS_END_S + 10
+    while srv.get("/health").json["open_holds"]:
+        assert time.monotonic() < deadline, "holds still open past their ttl"
+        time.sleep(0.1)
+    return srv, ops, settles
 
 
 def resolve(srv, worker, ops):

@@ -57,8 +57,7 @@ from bankcheck import Checker
 from eventscheck import low_balance_problems, reader_problems, webhook_problems
 from conftest import PYTHON, ROOT, server_env, spawn_server
 from relhelp import history, stop_quietly
-from test_bank import (CREDS, FUND, HOLDS_END_S, SEED, UNTOUCHED, Cluster, Worker, all_events,
-                       resolve)
+from test_bank import (CREDS, FUND, SEED, UNTOUCHED, Cluster, Worker, all_events, end_load)
 from test_webhook_delivery import ENV, SECRET, check_delivery
 from webhook_receiver import Receiver, secret_file
 
@@ -341,22 +340,7 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         counts = {"kill": 0}
         stop_at = time.monotonic() + DURATION_S
         nemesis(cluster, cli, stop_at, rnd, counts, errors)
-        time.sleep(max(0.0, stop_at - time.monotonic()))
-        stop.set()
-        for w in workers:
-            w.join(30)
-            assert not w.is_alive(), f"{w.name} hung"
-            errors.extend(w.errors)
-        assert not errors, f"{banner}\n" + "\n".join(errors[:20])
-
-        srv = cluster.srv
-        ops = [op for w in workers for op in w.ops if op.attempts]
-        settles = [s for w in workers for s in w.settles if s.attempts]
-        resolve(srv, workers[0], [op for op in ops if op.key is not None] + settles)
-        deadline = time.monotonic() + HOLDS_END_S + 10
-        while srv.get("/health").json["open_holds"]:
-            assert time.monotonic() < deadline, "holds still open past their ttl"
-            time.sleep(0.1)
+        srv, ops, settles = end_load(cluster, workers, stop, stop_at, errors, banner)
         catch_up(srv, clients, cli, rx)
 
         store = all_events(srv)
