@@ -325,15 +325,14 @@ def _with_port(name: str, hosts: str, given: set, settings: dict[str, str]) -> s
     the authority's hosts.  A list of ports for that one host raises
     ServiceFileError, as libpq refuses it."""
     port = settings.get("port", "")
-    bare = hosts[:-1] if hosts.endswith(":") else hosts
-    if (not port or "port" in given or not bare or "," in bare
-            or ":" in bare.rpartition("]")[2]):
+    host, own = _name_and_port(hosts)
+    if not port or "port" in given or not host or "," in hosts or own:
         return hosts
     if "," in port:
         raise ServiceFileError(
             f"{_CONNECT}: the service {name} sets {port.count(',') + 1} ports for the one "
             "host of the store URL, which libpq refuses: give it one port")
-    return f"{bare}:{port}"
+    return f"{host}:{port}"
 
 
 def _applicable(name: str, settings: dict[str, str]) -> dict[str, str]:
@@ -435,13 +434,20 @@ LIBPQ_PORT = 5432
 
 
 def _with_a_port(host: str) -> str:
-    """`host` of an authority's list (`h`, `h:5`, `[::1]`, `[::1]:5`) with
-    LIBPQ_PORT when it names no port, or an empty one (`h:`, `[::1]:`):
-    libpq reads an empty port of a list as its built-in one too."""
+    """`host` of an authority's list with LIBPQ_PORT when it names no port,
+    or an empty one: libpq reads an empty port of a list as its built-in
+    one too."""
+    name, port = _name_and_port(host)
+    return host if port else f"{name}:{LIBPQ_PORT}"
+
+
+def _name_and_port(host: str) -> tuple[str, str]:
+    """An authority's host (`h`, `h:5`, `h:`, `[::1]`, `[::1]:5`, `[::1]:`)
+    as its name and its port, "" when it names none or an empty one."""
     name, colon, port = host.rpartition(":")
     if not colon or "]" in port:                # `h`, `[::1]`: no port at all
-        name, port = host, ""
-    return host if port else f"{name}:{LIBPQ_PORT}"
+        return host, ""
+    return name, port
 
 
 def _split(url: str) -> tuple[str, str, str, str]:
