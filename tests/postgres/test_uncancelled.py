@@ -209,3 +209,42 @@ def test_a_store_opens_while_its_synchronous_standby_is_away(pg_factory):
         finally:
             await store.aclose()
     run(main())
+
+
+def test_a_store_opens_with_holds_due_while_its_synchronous_standby_is_away(
+        pg_factory, monkeypatch):
+    """Holds that fell due while no front-end ran are ended at the open, a
+    commit that waits for the standby: past ROUND_TIMEOUT_S its connection
+    is closed and the front-end serves reads, unhealthy, the hold's end
+    unseen until the standby is back (docs/SCALING.md)."""
+    monkeypatch.setattr(upkeep_module, "ROUND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+    pg = pg_factory(name="due")
+    url = pg.create_database("d")
+
+    async def hold():
+        async with stored(url) as (_, c):
+            assert await c.mod("a", 10) == (10, 1)
+            assert await c.hold("a", -4, 1) == (2, 6, 2)
+        await asyncio.sleep(1.5)                    # past the hold's ttl, nobody running
+    run(hold())
+    pg.configure({"synchronous_standby_names": "'absent'"})
+    pg.reload()
+
+    async def main():
+        store, c = await asyncio.wait_for(opened(url), 30)
+        try:
+            assert not store.healthy
+            await until(lambda: "still waits" in (store.unhealthy_detail or ""), 15)
+            assert await c.tot("a") == 6
+            await asyncio.sleep(1.0)
+            assert not store.healthy                # reconnection tries: still stalled
+            pg.configure({"synchronous_standby_names": "''"})
+            pg.reload()
+            await until(lambda: store.healthy, 15)
+            assert await c.tot("a") == 10
+            events, _ = await c.events(after=2)
+            assert [(e.type, e.by, e.hold) for e in events] == [("expire", 4, 2)]
+        finally:
+            await store.aclose()
+    run(main())
