@@ -83,7 +83,7 @@ const CLOSE_DRAIN_MS = 5000
 // before the owed calls drain, and fastify's 72 s outlasts what a process
 // manager waits before SIGKILL.  Not 0, which Node reads as "never".
 // Also how often close() looks for the server to have stopped listening,
-// to end the connections that never sent a request (plugin.js, endUnused).
+// to end the connections on which no request has begun (closing.js).
 const CLOSE_KEEP_ALIVE_MS = 100
 // A log line that every refused request meets (AccMan unreachable, the
 // service's token refused) is said again at most this often (repeats.js).

@@ -9,10 +9,9 @@
 // a hold that no response settled (meter.js), onRoute checks each route's
 // price, and onReady warns of the routes it meters without having checked
 // them (routes.js); from preClose on, responses close their connections
-// (charge.js), and those of other scopes are kept alive briefly
-// (shortenKeepAlive), and those that never sent a request are ended
-// (endUnused).  This module sets up those hooks.  README.md has the
-// sequence of calls and every failure.
+// (charge.js), those of other scopes are kept alive briefly, and those on
+// which no request has begun are ended (closing.js).  This module sets up
+// those hooks.  README.md has the sequence of calls and every failure.
 
 const crypto = require('node:crypto')
 const fp = require('fastify-plugin')
@@ -23,77 +22,12 @@ const {
   uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning, headSiblings
 } = require('./routes')
 const { Meter } = require('./meter')
+const { shortenKeepAlive, connectionsOf, endUnused } = require('./closing')
 
 // `fn`, named `name`: printRoutes() shows a route's hooks by name.
 function named (name, fn) {
   Object.defineProperty(fn, 'name', { value: name })
   return fn
-}
-
-// From close() on, a connection kept alive after its response ends within
-// CLOSE_KEEP_ALIVE_MS, whichever scope's route answered it.  fastify's
-// close() runs the onClose hooks, the owed calls' drain among them, only
-// once every connection has ended; server.close() ends the connections
-// idle at that moment, while one whose request was under way is kept alive
-// after its response for keepAliveTimeout (fastify's 72 s).  The plugin's
-// onSend closes the connections of its own scope (charge.js), but a route in a
-// sibling or parent scope never meets that hook.  Node reads the server's
-// keepAliveTimeout as each response ends, so the shorter one holds for
-// every response that ends from now on, with no hook on other scopes'
-// routes: the server is closing, and an idle connection is what fastify's
-// own close ends (forceCloseConnections 'idle').  0 is Node's "never".
-// HTTP/2 servers have no such timeout (fastify closes their sessions).
-// Returns what puts it back, for onClose: fastify runs that hook once the
-// server has closed, or at once for a server it does not close (a
-// serverFactory's that the service listens on itself, and may share),
-// which goes on serving as it did.
-function shortenKeepAlive (server) {
-  const ms = server ? server.keepAliveTimeout : undefined
-  if (typeof ms !== 'number' || (ms !== 0 && ms <= limits.CLOSE_KEEP_ALIVE_MS)) return () => {}
-  server.keepAliveTimeout = limits.CLOSE_KEEP_ALIVE_MS
-  return () => {
-    if (server.keepAliveTimeout === limits.CLOSE_KEEP_ALIVE_MS) server.keepAliveTimeout = ms
-  }
-}
-
-// The server's connections, from the plugin's registration on, for
-// endUnused: a Set that holds each while it is open.
-function connectionsOf (server) {
-  const sockets = new Set()
-  if (!server || typeof server.on !== 'function') return sockets
-  server.on('connection', (socket) => {
-    sockets.add(socket)
-    socket.once('close', () => sockets.delete(socket))
-  })
-  return sockets
-}
-
-// From close() on, a connection that has sent nothing is ended.  Node's
-// server.close() ends the idle connections, but one that never sent a
-// request is not idle to Node, and stays open until its client closes it
-// (a proxy or a browser opens such connections ahead of requests), while
-// fastify runs the onClose hooks, the owed calls' drain among them, only
-// once every connection has ended: past the SIGKILL of a process manager,
-// which loses the owed calls unlogged.  Nothing was asked on such a
-// connection, so ending it loses nothing.  It is done once the server has
-// stopped listening (fastify closes it after the preClose hooks), checked
-// every CLOSE_KEEP_ALIVE_MS: a server that fastify does not close (a
-// serverFactory's that the service listens on itself) keeps listening and
-// keeps them.  A connection over TLS has read its handshake, and is left.
-// Returns what stops the checks, for onClose.
-function endUnused (server, sockets) {
-  if (!server || typeof server.listening !== 'boolean') return () => {}
-  const sweep = () => {
-    if (server.listening) return
-    clearInterval(timer)
-    for (const socket of sockets) {
-      if (socket.bytesRead === 0) socket.destroy()
-    }
-  }
-  const timer = setInterval(sweep, limits.CLOSE_KEEP_ALIVE_MS)
-  timer.unref()
-  setImmediate(sweep)
-  return () => clearInterval(timer)
 }
 
 // The onSend hook the plugin puts last on each route it checked
@@ -174,13 +108,13 @@ async function fastifyAccman (fastify, opts) {
     }
     meter.end(state)
   })
-  const sockets = connectionsOf(fastify.server)
+  const conns = connectionsOf(fastify.server)
   let keepAliveBack = () => {}
   let sweepEnd = () => {}
   fastify.addHook('preClose', async () => {
     meter.closing = true
     keepAliveBack = shortenKeepAlive(fastify.server)
-    sweepEnd = endUnused(fastify.server, sockets)
+    sweepEnd = endUnused(fastify.server, conns)
   })
   fastify.addHook('onClose', () => {
     keepAliveBack()

@@ -3,20 +3,25 @@
 // (helpers/proxy.js), with certificates made by openssl and a private CA
 // trusted as the README tells users to: a client's own `ca`, or
 // NODE_EXTRA_CA_CERTS.  Node reads that variable as a process starts, so
-// the calls that rely on it run in a child.
+// the calls that rely on it run in a child.  And the plugin in a service
+// that is itself https: what its close() ends and what it waits for.
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
 const { execFile, execFileSync } = require('node:child_process')
 const fs = require('node:fs')
+const net = require('node:net')
 const os = require('node:os')
 const path = require('node:path')
+const { setTimeout: later } = require('node:timers/promises')
+const tls = require('node:tls')
 const { promisify } = require('node:util')
 const Fastify = require('fastify')
 const accman = require('..')
 const { AccManClient, NoAccount, Unreachable } = accman
 const { AccManServer, TOKENS } = require('./helpers/accman')
 const { proxyTo } = require('./helpers/proxy')
+const { serviceApp, until } = require('./helpers/app')
 
 const PACKAGE = path.resolve(__dirname, '..')
 
@@ -188,4 +193,109 @@ test('the plugin makes its client with ca, and refuses ca beside a client of its
   const shared = Fastify()
   await assert.rejects(shared.register(accman, { client: direct, ca: certs.ok.cert }).ready(),
     { name: 'TypeError', message: /^ca is an option of the client/ })
+})
+
+// A close() that waits on a connection waits until its client closes it,
+// for ever if the client never does: the deadline only turns that hang
+// into a failure, and is far past what a close that waits on nothing takes.
+const CLOSED_WITHIN_MS = 10000
+async function within (promise, what) {
+  const late = Symbol('late')
+  const out = await Promise.race([promise, later(CLOSED_WITHIN_MS, late, { ref: false })])
+  if (out === late) assert.fail(`${what} within ${CLOSED_WITHIN_MS} ms`)
+  return out
+}
+
+// A TLS connection to the https service `app` (by default at its port,
+// trusting certs.ok), once the service's side of it (`server`) has
+// finished its handshake too (the client's may finish first); `closed`
+// resolves with the text the client received once its side closes.
+async function tlsTo (app, to = { port: app.server.address().port, host: '127.0.0.1', ca: certs.ok.cert }) {
+  const secured = new Promise((resolve) => app.server.once('secureConnection', resolve))
+  const socket = tls.connect(to)
+  socket.on('error', () => {})
+  let text = ''
+  socket.setEncoding('utf8')
+  socket.on('data', (d) => { text += d })
+  const closed = new Promise((resolve) => socket.once('close', () => resolve(text)))
+  return { socket, server: await secured, closed }
+}
+
+// A connection to `app` at `to` still in its TLS handshake: a TLS record's
+// header, and then nothing, once the service has read it.
+async function stalledTo (app, to) {
+  const accepted = new Promise((resolve) => app.server.once('connection', resolve))
+  const socket = net.connect(to, () => socket.write(Buffer.from([0x16, 0x03, 0x01, 0x00, 0x50])))
+  socket.on('error', () => {})
+  const closed = new Promise((resolve) => socket.once('close', resolve))
+  const server = await accepted
+  await until(() => server.bytesRead === 5)
+  return { socket, closed }
+}
+
+test('the plugin\'s close() in an https service ends the connections with no request begun, and waits for the rest', async () => {
+  // A proxy or a browser opens connections ahead of their requests, TLS
+  // handshake and all; fastify runs the onClose hooks, the owed calls'
+  // drain among them, only once every connection has ended.
+  await direct.mod('c-https-close', 10)
+  const { app } = await serviceApp({ url: server.url, token: TOKENS.service }, { https: certs.ok })
+  const sockets = []
+  let closed = false
+  try {
+    const idle = await tlsTo(app) // handshake done, no request
+    sockets.push(idle.socket)
+    // One still in its handshake: a TLS record's header, then nothing.
+    const stalled = await stalledTo(app, { port: app.server.address().port, host: '127.0.0.1' })
+    sockets.push(stalled.socket)
+    // A paid request under way (its handler waits until fastify closes the
+    // server), and one whose head has come in part.
+    const paid = await tlsTo(app)
+    sockets.push(paid.socket)
+    const partial = await tlsTo(app)
+    sockets.push(partial.socket)
+    paid.socket.write('GET /gated HTTP/1.1\r\nHost: x\r\naccman: c-https-close\r\n\r\n')
+    partial.socket.write('GET /w HTTP/1.1\r\nHost: x\r\n')
+    await until(() => app.served === 1 && partial.server.bytesRead > 0)
+    const closing = app.close().then(() => { closed = true })
+    await within(Promise.all([idle.closed, stalled.closed]),
+      'the connections with no request begun are not ended')
+    // The one begun is not cut: fastify answers it, now closing, with its 503.
+    partial.socket.write('accman: c-https-close\r\n\r\n')
+    assert.match(await within(partial.closed, 'no answer to the request begun'),
+      /^HTTP\/1\.1 503 Service Unavailable\r\n/)
+    const answer = (await within(paid.closed, 'no answer to the paid request')).split('\r\n')
+    assert.equal(answer[0], 'HTTP/1.1 200 OK')
+    assert.ok(answer.includes('accman: 9') && answer.includes('connection: close'), answer.join('\n'))
+    await within(closing, 'close() still waits')
+    assert.equal(await direct.tot('c-https-close'), 9)
+  } finally {
+    for (const socket of sockets) socket.destroy()
+    if (!closed) app.server.closeAllConnections()
+    await app.close()
+  }
+})
+
+test('the plugin\'s close() in an https service on a Unix socket ends the connections with no request begun', async () => {
+  // A Unix socket's connections have no addresses to tell them apart by.
+  const app = Fastify({ https: certs.ok })
+  await app.register(accman, { url: server.url, token: TOKENS.service })
+  const at = path.join(dir, 'service.sock')
+  await app.listen({ path: at })
+  const sockets = []
+  let closed = false
+  try {
+    // The certificate names 127.0.0.1, which a Unix socket is not.
+    const idle = await tlsTo(app, { path: at, rejectUnauthorized: false })
+    sockets.push(idle.socket)
+    const stalled = await stalledTo(app, { path: at })
+    sockets.push(stalled.socket)
+    const closing = app.close().then(() => { closed = true })
+    await within(Promise.all([idle.closed, stalled.closed]),
+      'the connections with no request begun are not ended')
+    await within(closing, 'close() still waits')
+  } finally {
+    for (const socket of sockets) socket.destroy()
+    if (!closed) app.server.closeAllConnections()
+    await app.close()
+  }
 })

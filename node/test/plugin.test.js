@@ -935,6 +935,55 @@ test('close() ends with a connection open that never sent a request: it is ended
   }
 })
 
+// A connection on which a request has begun is left to end as its
+// response does: one whose request's head has come in part (fastify,
+// closing, answers it with its 503), and one handed over by an 'upgrade'
+// (a WebSocket's), which the service's own code ends.
+test('close() leaves the connections whose request has begun: a head come in part, an upgrade', async () => {
+  let upgraded = null
+  const { app } = await serviceApp({ url: acc.server.url, token: TOKENS.service }, {
+    before: (app) => app.server.on('upgrade', (request, socket) => {
+      upgraded = socket
+      socket.write('HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n')
+    })
+  })
+  const port = app.server.address().port
+  // A client socket, with the service's side of it and what it received.
+  const open = async () => {
+    const accepted = new Promise((resolve) => app.server.once('connection', resolve))
+    const socket = net.connect(port, '127.0.0.1')
+    socket.on('error', () => {})
+    const c = { socket, text: '', server: await accepted }
+    socket.setEncoding('utf8')
+    socket.on('data', (d) => { c.text += d })
+    c.closed = new Promise((resolve) => socket.once('close', resolve))
+    return c
+  }
+  const idle = await open()
+  const upgrade = await open()
+  const partial = await open()
+  let closed = false
+  try {
+    upgrade.socket.write('GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n')
+    partial.socket.write('GET /w HTTP/1.1\r\nHost: x\r\n')
+    await until(() => upgrade.text.startsWith('HTTP/1.1 101 ') && partial.server.bytesRead > 0)
+    const closing = app.close().then(() => { closed = true })
+    // The idle one ended: the plugin has looked at every connection.
+    await Promise.race([idle.closed, timedOut()])
+    assert.ok(idle.socket.destroyed, 'the connection that sent nothing is not ended')
+    assert.deepEqual([upgraded.destroyed, partial.server.destroyed], [false, false])
+    partial.socket.write('accman: p-begun\r\n\r\n')
+    await Promise.race([partial.closed, timedOut()])
+    assert.match(partial.text, /^HTTP\/1\.1 503 Service Unavailable\r\n/)
+    upgraded.end()
+    await Promise.race([closing, timedOut()])
+    assert.ok(closed, 'close() still waits')
+  } finally {
+    for (const c of [idle, upgrade, partial]) c.socket.destroy()
+    await app.close()
+  }
+})
+
 // fastify closes a server of a serverFactory only if fastify.listen()
 // listened on it: one the service listens on itself, and may share with
 // other handlers, goes on serving after fastify's close().

@@ -4,7 +4,8 @@
 // collects the service's log lines (pino's objects: level 40 a warning, 50
 // an error); `app.served` counts the handlers that ran.  `before(app)`, if
 // given, adds what the test needs before the plugin registers (hooks that
-// see every request, the plugin's refusals among them).
+// see every request, the plugin's refusals among them).  `https`, if
+// given ({ key, cert }), makes it an https service (fastify's option).
 
 const fs = require('node:fs')
 const os = require('node:os')
@@ -20,8 +21,8 @@ function logTo (logs) {
   return { level: 'info', stream: { write: (line) => logs.push(JSON.parse(line)) } }
 }
 
-async function serviceApp (options, { logs, before } = {}) {
-  const app = Fastify({ logger: logTo(logs) })
+async function serviceApp (options, { logs, before, https } = {}) {
+  const app = Fastify({ logger: logTo(logs), ...(https ? { https } : {}) })
   app.decorate('served', 0)
   app.addHook('preHandler', async () => { app.served++ })
   if (before) before(app)
