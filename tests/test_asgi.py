@@ -268,7 +268,9 @@ def test_a_path_the_app_does_not_serve_is_admitted_as_any_other(fake):
     """An ASGI middleware cannot know the app's routes (the app routes
     after it): a path it does not serve is 401 without a credential, and
     with one the app's 404, free (docs/CALLING.md; the Node plugin, which
-    knows fastify's routes, answers 404 to both and calls nothing)."""
+    knows fastify's routes, answers 404 to both and calls nothing).  Such a
+    request is metered, so `requests` counts it, not `exempt` (the plugin,
+    which lets it through unmetered, counts it in `exempt`)."""
     async def thing(_request):
         return PlainTextResponse("ok")
     fake.fund(CRED, 10)
@@ -278,6 +280,10 @@ def test_a_path_the_app_does_not_serve_is_admitted_as_any_other(fake):
     r = run(call(m, "/nope"))
     assert (r.status, r.headers["accman"]) == (404, "10") and fake.mods() == []
     assert run(call(m, "/thing")).headers["accman"] == "7"
+    counted = {k: m.stats[k] for k in ("requests", "exempt", "refused_no_credential",
+                                       "free_status", "charged")}
+    assert counted == {"requests": 3, "exempt": 0, "refused_no_credential": 1,
+                       "free_status": 1, "charged": 1}
 
 
 def test_a_head_is_charged_as_its_get_and_a_cost_function_may_tell_it(fake):

@@ -69,10 +69,11 @@ const admission = {
     // A request that matched no route (fastify's 404, or the app's
     // not-found handler) serves nothing the service sells: it is left to
     // fastify whatever its credential, a 404 rather than a 401 for a
-    // missing one, and calls nothing.  Not counted: it is no request of
-    // the plugin's.  The Python middleware cannot know routes (CALLING.md).
-    if (request.is404) return
-    const p = this.priceFor(request)
+    // missing one, and calls nothing.  The Python middleware cannot know
+    // routes, and meters it (CALLING.md).  The counters mean the same on
+    // both sides: `exempt` counts the requests let through unmetered, as
+    // this one is, `requests` those metered, and together every request.
+    const p = request.is404 ? null : this.priceFor(request)
     if (p === null) {
       this.stats.exempt++
       return

@@ -63,7 +63,10 @@ test('no credential, a malformed one or two of them: 401 no_credential, nothing 
 
 test('an unknown URL is fastify\'s 404 whatever its credential: AccMan never called, nothing charged', async () => {
   // A request that matched no route serves nothing: no 401 for a missing
-  // credential, no balance read or hold for a present one.
+  // credential, no balance read or hold for a present one.  It is counted
+  // with the requests let through unmetered (exempt), not with those
+  // metered (requests), so that the two count every request, as the
+  // Python middleware's do.
   const fake = await fakeAccMan(() => reply(200, '{"tot":5}'))
   try {
     for (const mode of ['check', 'reserve']) {
@@ -79,6 +82,8 @@ test('an unknown URL is fastify\'s 404 whatever its credential: AccMan never cal
         assert.equal(head.status, 404)
         assert.equal(app.accman.stats.requests, 0)
         assert.equal(app.accman.stats.refused_no_credential, 0)
+        assert.equal(app.accman.stats.exempt, 7, mode)
+        assert.match(app.accman.metrics(), /^accman_plugin_exempt_total 7$/m)
       } finally {
         await app.close()
       }
