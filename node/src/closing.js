@@ -6,7 +6,9 @@
 // loses the owed calls unlogged.  So the connections kept alive after a
 // response are kept briefly (shortenKeepAlive), and those on which no
 // request has begun are ended (endUnused).  The plugin's own routes close
-// their connections as they answer (charge.js).
+// their connections as they answer (charge.js).  Closing does that for
+// every server fastify listens on, and makes the drain wait for those
+// fastify's close() does not wait for.
 
 const tls = require('node:tls')
 const limits = require('./limits')
@@ -99,4 +101,116 @@ function endUnused (server, conns) {
   return () => clearInterval(timer)
 }
 
-module.exports = { shortenKeepAlive, connectionsOf, endUnused }
+// The servers fastify listens on besides fastify.server: listening on
+// `localhost`, fastify.listen() opens one for each further address the
+// name resolves to (::1 beside 127.0.0.1), and closes them once
+// fastify.server has closed, but its close() waits for none of them: the
+// onClose hooks, the owed calls' drain among them, run while requests on
+// them are under way, whose charges would then find the plugin closed.
+// fastify has no public way to them: it keeps them in the instance under
+// its own symbol `fastify.serverBindings` (fastify.addresses() reads it),
+// found here by its description, on the instance or the scope it was made
+// from.  fastify.addresses(), which is public, lists their addresses, and
+// tells the plugin when one has a server not found here (unwatched).
+const BINDINGS = 'fastify.serverBindings'
+
+function secondaryServers (fastify) {
+  for (let o = fastify; o !== null; o = Object.getPrototypeOf(o)) {
+    const symbol = Object.getOwnPropertySymbols(o).find((s) => s.description === BINDINGS)
+    if (symbol !== undefined) return Array.isArray(o[symbol]) ? [...o[symbol]] : []
+  }
+  return []
+}
+
+// An address as fastify.addresses() and server.address() give it: a Unix
+// socket's path, or an IP address and port.
+const addressKey = (a) => typeof a === 'string' ? a : `${a.address} ${a.port}`
+
+// The addresses of `addresses` that none of `servers` listens on.
+function unwatched (addresses, servers) {
+  const watched = new Set(servers.map((s) => s.address()).filter(Boolean).map(addressKey))
+  return addresses.filter((a) => !watched.has(addressKey(a)))
+}
+
+// One server fastify listens on, with its connections (connectionsOf) and,
+// for a secondary one, the promise of its 'close' (all its connections
+// ended); what begin() changed, to put back.
+function watch (server, secondary) {
+  return {
+    server,
+    secondary,
+    conns: connectionsOf(server),
+    closed: secondary ? new Promise((resolve) => server.once('close', resolve)) : null,
+    keepAliveBack: () => {},
+    sweepEnd: () => {}
+  }
+}
+
+// The close-time handling of every server fastify listens on: listened()
+// at onListen finds the secondary ones, begin() at preClose shortens the
+// keep-alive and ends the unused connections of each, end() at onClose
+// waits for the secondary ones that fastify has closed to end their
+// connections, as fastify waits for its main server's, so that their
+// requests' charges come before the drain.  That wait is bounded by
+// CLOSE_SERVERS_MS, and one cut short is said.  A connection a secondary
+// server accepted before the plugin's onListen hook ran is not seen: none
+// is when the onListen hooks before it wait on no I/O or timer, for
+// fastify runs them in the turn of the event loop in which its servers
+// began to listen.  Nor is one of a server not found, said at onListen.
+class Closing {
+  constructor (fastify, log) {
+    this.fastify = fastify
+    this.log = log
+    this.watched = [watch(fastify.server, false)]
+  }
+
+  listened () {
+    for (const server of secondaryServers(this.fastify)) {
+      if (!this.watched.some((w) => w.server === server)) this.watched.push(watch(server, true))
+    }
+    const missed = unwatched(this.fastify.addresses(), this.watched.map((w) => w.server))
+    if (missed.length) {
+      this.log.warn({ addresses: missed.map(addressKey) },
+        'accman: fastify listens on addresses whose server the plugin did not find: at ' +
+        'close() their connections are not ended, and the charges of their requests may ' +
+        'come after the owed calls\' drain, served unpaid')
+    }
+  }
+
+  begin () {
+    for (const w of this.watched) {
+      w.keepAliveBack = shortenKeepAlive(w.server)
+      w.sweepEnd = endUnused(w.server, w.conns)
+    }
+  }
+
+  // The keep-alive is put back on the servers still listening (which
+  // fastify does not close): a closed one has none to serve.
+  async end () {
+    await this.secondariesClosed()
+    for (const w of this.watched) {
+      w.sweepEnd()
+      if (w.server && w.server.listening) w.keepAliveBack()
+    }
+  }
+
+  async secondariesClosed () {
+    const closing = this.watched.filter((w) => w.secondary && !w.server.listening)
+    if (!closing.length) return
+    let timer
+    const late = new Promise((resolve) => {
+      timer = setTimeout(resolve, limits.CLOSE_SERVERS_MS, false)
+    })
+    const closed = Promise.all(closing.map((w) => w.closed)).then(() => true)
+    const done = await Promise.race([closed, late])
+    clearTimeout(timer)
+    if (done) return
+    const open = closing.reduce((n, w) => n + w.conns.tcp.size, 0)
+    this.log.warn({ connections: open },
+      'accman: connections of fastify\'s servers besides fastify.server still open ' +
+      `${limits.CLOSE_SERVERS_MS} ms after they began to close: the owed calls drain now, ` +
+      'and the charge of a request still under way on them is stranded, served unpaid')
+  }
+}
+
+module.exports = { shortenKeepAlive, connectionsOf, endUnused, unwatched, Closing }

@@ -85,6 +85,14 @@ const CLOSE_DRAIN_MS = 5000
 // Also how often close() looks for the server to have stopped listening,
 // to end the connections on which no request has begun (closing.js).
 const CLOSE_KEEP_ALIVE_MS = 100
+// At close, how long the servers fastify listens on besides its main one
+// (one for each further address of `localhost`) get to end their
+// connections once fastify has closed them, before the owed calls drain:
+// fastify's close() waits for none of them, and a charge that comes after
+// the drain is stranded.  Bounded, unlike fastify's wait for its main
+// server, so that a stream left open there (server-sent events) cannot
+// hold the drain past a process manager's SIGKILL; as long as the drain.
+const CLOSE_SERVERS_MS = 5000
 // A log line that every refused request meets (AccMan unreachable, the
 // service's token refused) is said again at most this often (repeats.js).
 const REPEAT_MS = 10000
@@ -129,6 +137,7 @@ module.exports = {
   OWED_PAUSE_MAX_MS,
   CLOSE_DRAIN_MS,
   CLOSE_KEEP_ALIVE_MS,
+  CLOSE_SERVERS_MS,
   REPEAT_MS,
   REPEATED_LINES_MAX,
   ROUTES_NAMED_MAX

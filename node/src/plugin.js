@@ -10,8 +10,9 @@
 // price, and onReady warns of the routes it meters without having checked
 // them (routes.js); from preClose on, responses close their connections
 // (charge.js), those of other scopes are kept alive briefly, and those on
-// which no request has begun are ended (closing.js).  This module sets up
-// those hooks.  README.md has the sequence of calls and every failure.
+// which no request has begun are ended, on every server fastify listens
+// on, found at onListen (closing.js).  This module sets up those hooks.
+// README.md has the sequence of calls and every failure.
 
 const crypto = require('node:crypto')
 const fp = require('fastify-plugin')
@@ -22,7 +23,7 @@ const {
   uncheckedRoutes, uncheckedWarning, unroutedExempt, unroutedWarning, headSiblings
 } = require('./routes')
 const { Meter } = require('./meter')
-const { shortenKeepAlive, connectionsOf, endUnused } = require('./closing')
+const { Closing } = require('./closing')
 
 // `fn`, named `name`: printRoutes() shows a route's hooks by name.
 function named (name, fn) {
@@ -108,17 +109,14 @@ async function fastifyAccman (fastify, opts) {
     }
     meter.end(state)
   })
-  const conns = connectionsOf(fastify.server)
-  let keepAliveBack = () => {}
-  let sweepEnd = () => {}
+  const closing = new Closing(fastify, meter.log)
+  fastify.addHook('onListen', async () => closing.listened())
   fastify.addHook('preClose', async () => {
     meter.closing = true
-    keepAliveBack = shortenKeepAlive(fastify.server)
-    sweepEnd = endUnused(fastify.server, conns)
+    closing.begin()
   })
-  fastify.addHook('onClose', () => {
-    keepAliveBack()
-    sweepEnd()
+  fastify.addHook('onClose', async () => {
+    await closing.end()
     return meter.close()
   })
 }
