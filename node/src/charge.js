@@ -208,7 +208,10 @@ const charging = {
   },
 
   chargeOf (state, request, reply, payload) {
-    if (!this.chargeErrors && reply.statusCode >= 400) return 0n
+    if (!this.chargeErrors && reply.statusCode >= 400) {
+      this.stats.free_status++
+      return 0n
+    }
     try {
       return this.costOf(state.price, request, reply, 'charge')
     } catch (err) {
@@ -288,6 +291,7 @@ const charging = {
         // one seen at admission lacks the hold that came back, so the
         // response goes without the header, as on the Python side.
         if (use === 0n) return null
+        this.stats.expired++
         this.log.warn({ account: fingerprint(state.cred) },
           'accman: the hold expired before the response; charging it as a mod')
         return this.mod(state, use, true)

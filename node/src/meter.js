@@ -17,10 +17,12 @@ const { settings, amount, price } = require('./options')
 const { admission } = require('./admit')
 const { charging } = require('./charge')
 
+// The Python middleware's counters, with the same names and meanings
+// (README.md, "Decorations").
 const STATS = [
   'requests', 'exempt', 'refused_no_credential', 'refused_no_account', 'refused_insufficient',
-  'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'released', 'capped',
-  'unpaid_requests', 'unpaid_amount', 'owed', 'stranded'
+  'refused_too_many', 'refused_unavailable', 'charged', 'charged_amount', 'free_status',
+  'released', 'capped', 'expired', 'unpaid_requests', 'unpaid_amount', 'owed', 'stranded'
 ]
 
 // Who owes whom when an owed call that moves `by` never lands.

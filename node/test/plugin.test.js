@@ -173,18 +173,26 @@ test('a balance under the cost: 402 with the balance in the body and the header;
   })
 })
 
+// stats.free_status counts them, as the Python middleware's does: the
+// responses let through that their status made free, not the plugin's
+// own refusals.
 test('responses of 400 and over are not charged, unless chargeErrors', async () => {
   await acc.mint.mod('p-fail', 10)
-  await withService({}, async (url) => {
+  await withService({}, async (url, app) => {
     const r = await get(url + '/fail', 'p-fail')
     assert.deepEqual([r.status, r.accman], [500, '10'])
     const t = await get(url + '/throw', 'p-fail')
     assert.deepEqual([t.status, t.accman], [500, '10'])
+    assert.equal((await get(url + '/fail', 'p-fail-nobody')).status, 401)
+    assert.equal((await get(url + '/w', 'p-fail')).status, 200)
+    assert.deepEqual([app.accman.stats.free_status, app.accman.stats.charged], [2, 1])
+    assert.match(app.accman.metrics(), /^accman_plugin_free_status_total 2$/m)
   })
-  assert.equal(await acc.mint.tot('p-fail'), 10)
-  await withService({ chargeErrors: true }, async (url) => {
+  assert.equal(await acc.mint.tot('p-fail'), 9)
+  await withService({ chargeErrors: true }, async (url, app) => {
     const r = await get(url + '/fail', 'p-fail')
-    assert.deepEqual([r.status, r.accman], [500, '9'])
+    assert.deepEqual([r.status, r.accman], [500, '8'])
+    assert.equal(app.accman.stats.free_status, 0)
   })
 })
 
