@@ -184,13 +184,15 @@ class Closing {
     }
   }
 
-  // The keep-alive is put back on the servers still listening (which
-  // fastify does not close): a closed one has none to serve.
+  // The keep-alive is put back, as a server that fastify does not close
+  // serves on, but on the secondary servers that fastify closed: one that
+  // outlasted CLOSE_SERVERS_MS has connections still, which keep the
+  // short one.
   async end () {
     await this.secondariesClosed()
     for (const w of this.watched) {
       w.sweepEnd()
-      if (w.server && w.server.listening) w.keepAliveBack()
+      if (!w.secondary || w.server.listening) w.keepAliveBack()
     }
   }
 
