@@ -213,3 +213,16 @@ test('an address fastify lists that no server found listens on is named', () => 
   assert.deepEqual(unwatched([v6, v4], [server(v4), server(null)]), [v6])
   assert.deepEqual(unwatched(['/tmp/s.sock'], [server('/tmp/s.sock')]), [])
 })
+
+// A serverFactory's server that the service has not listened on yet:
+// fastify does not close it, and the service may listen on it after
+// fastify's close(), for other handlers, with its own keep-alive.
+test('close() puts the keep-alive back on a server fastify neither listened on nor closed', async () => {
+  const shared = require('node:http').createServer()
+  shared.keepAliveTimeout = 5000
+  const app = Fastify({ serverFactory: (handler) => shared.on('request', handler) })
+  await app.register(accman, { url: acc.server.url, token: TOKENS.service })
+  await app.ready()
+  await app.close()
+  assert.deepEqual([shared.listening, shared.keepAliveTimeout], [false, 5000])
+})
