@@ -14,6 +14,7 @@ import shutil
 import socket
 import ssl
 import stat
+import statistics
 import subprocess
 import sys
 import time
@@ -835,9 +836,12 @@ def test_the_linger_counts_from_when_a_post_starts_not_before_its_bytes(rx, curs
         rx, cursors, monkeypatch, limits, build_s=lambda i: 0.03 if i % 2 == 0 else 0.0)
     assert all(s >= b for s, b in zip(started, built, strict=True)), (started, built)
     assert min(gaps(started)) >= 0.05 - 0.001, gaps(started)
-    # Where the POSTs really start: not 30 ms early, as when the linger
-    # was counted from before the bytes were made.
-    assert min(gaps(at_start)) >= 0.05 - 0.01, gaps(at_start)
+    # Where the POSTs really start: not 30 ms early after each slow one, as
+    # when the linger was counted from before the bytes were made.  The
+    # median of those gaps: a stall of the test's process between the
+    # deliverer's clock read and the POST's start shortens one gap alone.
+    after_slow = gaps(at_start)[0::2]
+    assert statistics.median(after_slow) >= 0.05 - 0.01, after_slow
 
 
 class SlowCursors(FileCursors):
