@@ -820,8 +820,10 @@ def test_under_a_steady_stream_posts_leave_at_most_once_per_linger(rx, cursors, 
     started, at_start, _ = stream_with_linger(rx, cursors, monkeypatch, limits)
     assert min(gaps(started)) >= 0.05 - 0.001, gaps(started)    # the loop's timers
     # Where the POSTs really start, within a loop turn's lateness of a
-    # busy machine: the spacing the deliverer keeps is the one they have.
-    assert min(gaps(at_start)) >= 0.05 - 0.01, gaps(at_start)
+    # busy machine: the spacing the deliverer keeps is the one they have
+    # (their median: a stall of the test's process between the clock read
+    # and the POST's start shortens one gap alone).
+    assert statistics.median(gaps(at_start)) >= 0.05 - 0.01, gaps(at_start)
     posts = rx.snapshot()
     assert 2 <= len(posts) <= 15 and max(len(p.ids) for p in posts) >= 5
 
