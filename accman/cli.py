@@ -4,7 +4,8 @@ events | verify`.
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
 its reader closing the pipe, and any command whose reader closed stdout
 before its output: what the call did is done); 1 the server (or the
-check) answered with an error; 2 bad flags or values, or a write started
+check) answered with an error, or (`events`) with events that break the
+stream's order, named; 2 bad flags or values, or a write started
 with stdout closed or open for reading only (its reply would be lost),
 refused before anything is sent, or `serve` could not start (busy port, data directory
 locked or corrupt, bad tokens file, a non-loopback bind without tokens);
@@ -39,7 +40,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
                                      prepare, stdout_closed_at_start, stdout_failed,
                                      stopped_printing, stops_end_call, unprinted,
                                      unsent_without_stdout)
-from accman.calling.follow import FOLLOW_WAIT_S, Followed, follow, silence
+from accman.calling.follow import FOLLOW_OUTAGE_S_MAX, FOLLOW_WAIT_S, Followed, follow, silence
 from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.calling.usage import ARGV_WORDS_MAX, ArgumentParser
@@ -191,8 +192,10 @@ def _holds_and_events(client):
                         f"that a call waits for a first event (default: none, or "
                         f"{FOLLOW_WAIT_S} with --follow)")
     e.add_argument("--follow", action="store_true",
-                   help="keep going: one JSON event a line, until SIGINT or SIGTERM, or the "
-                        "reader closes the pipe")
+                   help="keep going: one JSON event a line, until SIGINT or SIGTERM, the "
+                        "reader closes the pipe, an error, events out of their order (exit "
+                        f"1, naming the ids), or {FOLLOW_OUTAGE_S_MAX / 60:g} minutes with no "
+                        "answer (exit 3)")
 
 
 def _webhook_arguments(s):

@@ -280,6 +280,25 @@ class ProxyUnavailable(OutcomeUnknown):
     code = "proxy_unavailable"
 
 
+class EventsOutOfOrder(AccManError):
+    """A well-formed /events page that breaks the stream's order (SPEC
+    "Events": ids grow by one, with no gaps, across restarts): an event
+    that is not the one after the last (a gap, a repeat, one out of place),
+    a `next` that is not the page's last id or that skips events, or a
+    stream that goes back below an id it had reached.  The reply is
+    AccMan's word on its own stream, and asking again gets the same word:
+    not an outage, never retried.  `events` are the page's events that
+    came in order, before the break (a follower may hand them on, and
+    resume after the last of them); the detail names the ids."""
+
+    code = "events_out_of_order"
+    status = 502        # what a gateway says of an upstream's invalid reply
+
+    def __init__(self, detail: str, events: list = ()):
+        super().__init__(detail)
+        self.events = list(events)
+
+
 class WebhookBadReply(Exception):
     """A webhook receiver's reply is not an HTTP/1.1 status line and head
     (accman.server.webhook_http): that attempt failed, and is retried."""

@@ -18,8 +18,9 @@ from accman.calling import parser as parser_mod
 from accman.calling import replies
 from accman.client import (AccManClient, AccManSyncClient, BadReply, Entry, Forbidden,
                            OutcomeUnknown, PastPage, ReplyParser, Unauthorized, UnexpectedReply)
-from accman.errors import (BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient, KeyReused,
-                           NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)
+from accman.errors import (BadRequest, Busy, EventsOutOfOrder, EventsTrimmed, HoldEnded,
+                           Insufficient, KeyReused, NoAccount, NoHold, Overflow, TooManyHolds,
+                           TransportError, Unavailable)
 from accman.records import Event
 from accman.calling.policy import TIMEOUT_S_MAX
 from accman.limits import EVENTS_WAIT_S_MAX, INT64_MAX, INT64_MIN
@@ -391,17 +392,37 @@ def test_events_read_each_event_and_next():
     {"events": [EVENT]},
     {"events": [EVENT], "next": "7"},
     {"events": [], "next": -1},
-    {"events": [EVENT], "next": 6},                          # next before its last event
-    {"events": [dict(EVENT, id=6)], "next": 6},              # not after `after`
-    {"events": [EVENT, dict(EVENT, id=9)], "next": 9},       # a gap
-    {"events": [EVENT, EVENT], "next": 7},                   # a repeat
-    {"events": [dict(EVENT, id=8), dict(EVENT, id=9)], "next": 9},  # 7 skipped
-    {"events": [EVENT, dict(EVENT, id=8)], "next": 20},      # next past its last event
-    {"events": [], "next": 7},                               # next past an empty page
 ])
-def test_events_refuse_what_breaks_the_specs_shape_or_order(reply):
+def test_events_refuse_what_breaks_the_specs_shape(reply):
     with pytest.raises(BadReply):
         replies.events(6)(200, body(reply))
+
+
+@pytest.mark.parametrize("reply,before,words", [
+    ({"events": [EVENT], "next": 6}, [7],                    # next before its last event
+     "a page ending with event 7 gave next 6, not 7"),
+    ({"events": [dict(EVENT, id=6)], "next": 6}, [],         # not after `after`
+     "event 6 came after event 6, where 7 was due"),
+    ({"events": [EVENT, dict(EVENT, id=9)], "next": 9}, [7],  # a gap
+     "event 9 came after event 7, where 8 was due"),
+    ({"events": [EVENT, EVENT], "next": 7}, [7],             # a repeat
+     "event 7 came after event 7, where 8 was due"),
+    ({"events": [dict(EVENT, id=8), dict(EVENT, id=9)], "next": 9}, [],    # 7 skipped
+     "event 8 came after event 6, where 7 was due"),
+    ({"events": [EVENT, dict(EVENT, id=8)], "next": 20}, [7, 8],    # next past its last event
+     "a page ending with event 8 gave next 20, not 8"),
+    ({"events": [], "next": 7}, [],                          # next past an empty page
+     "a page of no events after event 6 gave next 7, skipping event 7"),
+])
+def test_events_refuse_what_breaks_the_order_naming_the_ids(reply, before, words):
+    """A page of the SPEC's shape that breaks the order is AccMan's word on
+    its stream, not a garbled reply: EventsOutOfOrder, never a
+    TransportError, with the events that came in order before the break."""
+    with pytest.raises(EventsOutOfOrder) as info:
+        replies.events(6)(200, body(reply))
+    assert not isinstance(info.value, TransportError)
+    assert info.value.detail == f"{words}; {replies.ORDER_RULE}"
+    assert [e.id for e in info.value.events] == before
 
 
 @pytest.mark.parametrize("status,reply,exc", [

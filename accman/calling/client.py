@@ -28,6 +28,10 @@ What a failure means for money is in the exception type (accman.errors):
   with a `key`, sending it again with the same key settles the question
   without charging twice (the server answers the original result);
   without a key, only the account's `past` can tell.
+- `EventsOutOfOrder`: an `events` page of the SPEC's shape whose ids
+  break the stream's order (a gap, a repeat, a `next` that skips): AccMan's
+  own word on its stream, which asking again would not change, so it is
+  never retried, and is no `TransportError` that a follower would ride out.
 
 So the clients retry reads and keyed mods, and retry a keyless mod only when
 it was not sent or not processed (`Unreachable`) or refused as `Busy`.  A
@@ -59,9 +63,9 @@ from accman.calling.requests import (Endpoint, check_ssl_context, target_events,
 from accman.calling.sync import AccManSyncClient
 from accman.calling.policy import RETRIES_MAX
 from accman.calling.replies import ACCOUNT_CHARS_MAX, DETAIL_CHARS_MAX
-from accman.errors import (AccManError, BadReply, BadRequest, Busy, CallTimeout, EventsTrimmed,
-                           Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
-                           OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
+from accman.errors import (AccManError, BadReply, BadRequest, Busy, CallTimeout, EventsOutOfOrder,
+                           EventsTrimmed, Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount,
+                           NoHold, OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
                            TransportError, Unauthorized, Unavailable, UnexpectedReply,
                            Unreachable)
 from accman.limits import PIPELINE_REQUESTS_MAX
@@ -467,7 +471,8 @@ __all__ = [
     "AccManClient", "AccManSyncClient", "Entry", "Event", "PastPage", "EventsPage", "ReplyParser",
     # Every error a call raises (CALLING.md, "Errors"), all of accman.errors.
     "AccManError", "NoAccount", "Insufficient", "KeyReused", "Overflow", "TooManyHolds",
-    "HoldEnded", "NoHold", "EventsTrimmed", "BadRequest", "Unavailable", "Busy",
+    "HoldEnded", "NoHold", "EventsTrimmed", "EventsOutOfOrder", "BadRequest", "Unavailable",
+    "Busy",
     "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
     "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply", "ProxyUnavailable",
     "RETRIES_MAX", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX",

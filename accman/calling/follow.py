@@ -8,10 +8,34 @@ written) on SIGINT or SIGTERM, and when the reader of its output goes away
 READER_CHECK_S even while a long poll waits.  Written is not read: the
 lines still in the pipe when the reader left were never handled, and the
 follower cannot know how many; a reader resumes from the last id it
-handled itself.  An outage (AccMan restarting, a network blip) is ridden
-out with pauses, up to FOLLOW_OUTAGE_S_MAX without an answer; any other
-error ends it, and so does an output that fails otherwise than by a closed
-pipe (a full disk, an I/O error)."""
+handled itself.  An output that fails otherwise than by a closed pipe (a
+full disk, an I/O error) ends it.
+
+A reply that is not what it asked for is one of two things:
+
+- No answer from AccMan, an outage, ridden out with pauses (each said on
+  stderr) up to FOLLOW_OUTAGE_S_MAX without an answer: no connection, a
+  connection cut before the reply was whole (AccMan restarting, killed
+  mid-reply), a timeout, a 503 (AccMan's store, or a proxy with no
+  upstream), a 500, 502 or 504, and a reply that breaks HTTP framing or is
+  not a JSON page of the SPEC's shape (`BadReply`).  None of these says
+  anything of the stream: nothing answered, something else did (a proxy's
+  page, a half-started front end), or AccMan said it cannot serve now;
+  a restart or a recovery ends them.
+- A broken promise, which ends the follower at once (`EventsOutOfOrder`):
+  a page of the SPEC's shape whose ids break the stream's order (an event
+  not the one after the last: a gap, a repeat, one out of place; a `next`
+  that is not its last id or that skips), or a stream that goes back below
+  an id it had already reached in this run (a store restored from an older
+  copy: the ids after it would come again, as other events, and a reader
+  that dedupes by id would drop them).  Only AccMan makes such a page, the
+  same store answers the same way when asked again, and waiting would
+  only hide it: the events before the break are written, then the error
+  names the ids.  An `--after` given past the end of the stream is no
+  broken promise (the follower has seen nothing yet): it is said, and
+  following goes on from the newest event.
+
+Any other error ends it too (`events_trimmed`, a 401 or 403)."""
 
 from __future__ import annotations
 
@@ -23,7 +47,8 @@ import sys
 import time
 from typing import NamedTuple
 
-from accman.errors import AccManError, TransportError, Unavailable
+from accman.calling.replies import ORDER_RULE
+from accman.errors import AccManError, EventsOutOfOrder, TransportError, Unavailable
 
 PIPE_BUF = select.PIPE_BUF      # POSIX: a pipe takes a write this long whole
 
@@ -133,8 +158,7 @@ def _put_back(handlers, timer, since) -> None:
 
 
 def _loop(acc, state, limit, wait_s, out, note) -> Followed:
-    failing_since = None
-    attempt = 0
+    failing_since, attempt, answered = None, 0, False
     while True:
         if _reader_gone(out):
             return Followed(state["after"], "reader gone")
@@ -151,22 +175,47 @@ def _loop(acc, state, limit, wait_s, out, note) -> Followed:
             _waiting(state, time.sleep, pause)
             attempt += 1
             continue
+        except EventsOutOfOrder as e:
+            # A broken promise: the events before the break, then the end.
+            last = e.events[-1].id if e.events else state["after"]
+            ended = _written(out, e.events, last, state)
+            return Followed(state["after"], "error", e) if ended is None else ended
         except AccManError as e:
             return Followed(state["after"], "error", e)
         failing_since, attempt = None, 0
         if nxt < state["after"]:
-            # The server's `next` for an `after` past its newest event (a
-            # store restored from an older copy, or another store): ids
-            # after `nxt` are new events, the follower's to write.
+            if answered:
+                return Followed(state["after"], "error", _went_back(state["after"], nxt))
+            # The first answer's `next` for an `after` given past the newest
+            # event (a store restored from an older copy, or another store):
+            # ids after `nxt` are new events, the follower's to write.
             note(f"event {state['after']} is past the stream's end (the newest is {nxt}): "
                  f"following from event {nxt}")
-        try:
-            _write(out, events, nxt, state)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            silence(out)
-            return Followed(state["after"], "output failed", e)
+        answered = True
+        ended = _written(out, events, nxt, state)
+        if ended is not None:
+            return ended
+
+
+def _went_back(after: int, nxt: int) -> EventsOutOfOrder:
+    """The error of a stream whose `next` went back to `nxt` after the
+    follower had reached `after` from it."""
+    return EventsOutOfOrder(f"the stream went back from event {after} to event {nxt}: ids up "
+                            f"to {after} would come again, for other events (a store restored "
+                            f"from an older copy?); {ORDER_RULE}")
+
+
+def _written(out, events, nxt, state) -> Followed | None:
+    """`_write`, and None; how the follower ends when `out` fails (a
+    closed pipe is raised, for `follow` to say)."""
+    try:
+        _write(out, events, nxt, state)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        silence(out)
+        return Followed(state["after"], "output failed", e)
+    return None
 
 
 def _write(out, events, nxt, state) -> None:

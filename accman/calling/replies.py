@@ -2,7 +2,9 @@
 typed error (accman.errors), checked against the SPEC's shapes.  No I/O.
 
 A 200 whose body breaks the SPEC's shape is `BadReply`: the client cannot
-tell what happened, so for a mod the outcome is unknown."""
+tell what happened, so for a mod the outcome is unknown.  An /events page
+of the SPEC's shape whose ids break the stream's order is
+`EventsOutOfOrder`: AccMan's own word, not a garbled reply."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ import re
 import urllib.parse
 from typing import NamedTuple
 
-from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsTrimmed, Forbidden,
-                           HoldEnded, Insufficient, KeyReused, NoAccount, NoHold, OutcomeUnknown,
-                           Overflow, ProxyUnavailable, TooManyHolds, Unauthorized, Unavailable,
-                           UnexpectedReply)
+from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsOutOfOrder,
+                           EventsTrimmed, Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount,
+                           NoHold, OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
+                           Unauthorized, Unavailable, UnexpectedReply)
 from accman.records import EVENT_TYPES, Entry, Event
 
 # An account's public id (SPEC "Events") is the hex of the store's keyed
@@ -259,9 +261,10 @@ def hold(status: int, body: bytes) -> tuple:
 
 def events(after: int):
     """GET /events?after=`after`: the decoder of its reply, an `EventsPage`.
-    Besides each event's shape it checks the order the SPEC promises, so
-    that a follower that resumes from `next` can neither skip nor repeat an
-    event without noticing (see `_check_order`)."""
+    Besides each event's shape (`BadReply`) it checks the order the SPEC
+    promises (`EventsOutOfOrder`), so that a follower that resumes from
+    `next` can neither skip nor repeat an event without noticing (see
+    `_check_order`)."""
     def decode(status: int, body: bytes) -> EventsPage:
         obj = ok(status, body)
         items, nxt = obj.get("events"), obj.get("next")
@@ -273,6 +276,10 @@ def events(after: int):
     return decode
 
 
+# What every order refusal ends with: the promise broken.
+ORDER_RULE = 'ids grow by one, with no gaps or repeats (SPEC "Events")'
+
+
 def _check_order(after: int, page: list, nxt: int) -> None:
     """Ids grow by one with no gaps (SPEC "Events"), so a page after
     `after` starts at `after + 1`, goes on one by one, and its `next` is
@@ -281,18 +288,24 @@ def _check_order(after: int, page: list, nxt: int) -> None:
     answer EventsTrimmed rather than start later.  An empty page's `next`
     is `after`, or the newest id when `after` is past the end of the stream
     (the server says where it ends); never more than `after`, which would
-    skip events unseen."""
+    skip events unseen.  A page that breaks this is EventsOutOfOrder, with
+    the events before the break, and names the ids: the shape of the page
+    was AccMan's, so this is its word on its stream, not a garbled reply."""
     if not page:
         if nxt > after:
-            raise BadReply(f"/events reply with no events and next {nxt}, past after {after}")
+            skipped = f"event {nxt}" if nxt == after + 1 else f"events {after + 1} to {nxt}"
+            raise EventsOutOfOrder(f"a page of no events after event {after} gave next {nxt}, "
+                                   f"skipping {skipped}; {ORDER_RULE}")
         return
-    if page[0].id != after + 1:
-        raise BadReply(f"/events reply starting with event {page[0].id}, not {after + 1}")
-    for a, b in zip(page, page[1:], strict=False):
-        if b.id != a.id + 1:
-            raise BadReply(f"/events reply with event {b.id} after {a.id}")
-    if nxt != page[-1].id:
-        raise BadReply(f"/events reply whose next {nxt} is not its last event {page[-1].id}")
+    last = after
+    for i, e in enumerate(page):
+        if e.id != last + 1:
+            raise EventsOutOfOrder(f"event {e.id} came after event {last}, where {last + 1} "
+                                   f"was due; {ORDER_RULE}", page[:i])
+        last = e.id
+    if nxt != last:
+        raise EventsOutOfOrder(f"a page ending with event {last} gave next {nxt}, not {last}; "
+                               f"{ORDER_RULE}", page)
 
 
 def past(status: int, body: bytes) -> PastPage:
