@@ -191,7 +191,8 @@ def render_webhook(w, stats, out):
     """The webhook deliverer's (accman/server/webhooks.py) figures."""
     out += [
         "# HELP accman_webhook_cursor The id of the last event the webhook's receiver "
-        "acknowledged (saved durably within WEBHOOK_CURSOR_SAVE_INTERVAL_S).",
+        "acknowledged (saved durably within WEBHOOK_CURSOR_SAVE_INTERVAL_S plus the time "
+        "a save takes: more while the disk is slow to take it).",
         "# TYPE accman_webhook_cursor gauge",
         f"accman_webhook_cursor {w.cursor}",
         "# HELP accman_webhook_leading 1 while this front-end delivers; 0 while it does "
