@@ -230,7 +230,15 @@ def test_a_garbled_or_cut_reply_is_ridden_out_as_an_outage(streams, garbled):
                              "--url", s.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=server_env(), cwd=ROOT)
     try:
-        lines = [json.loads(proc.stdout.readline())["id"] for _ in range(2)]
+        out = b""
+        deadline = time.monotonic() + DEADLINE_S
+        while out.count(b"\n") < 2:
+            assert time.monotonic() < deadline, f"no events written: {out!r}"
+            if select.select([proc.stdout], [], [], 0.1)[0]:
+                chunk = proc.stdout.read1(65536)
+                assert chunk, "the follower ended"
+                out += chunk
+        lines = [json.loads(line)["id"] for line in out.splitlines()]
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=DEADLINE_S)
     finally:
