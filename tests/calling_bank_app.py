@@ -9,6 +9,12 @@ holds), its charge A - 500 (FEE_BACK): the test gives every request of
 an account its own A, so that a hold (by -A) or a check-mode charge (by
 -(A - 500)) in the history names the request that made it.  /metrics
 (exempt) answers the middleware's counters.
+Each /work response's start is logged (stderr) as "calbank: response of
+A=A for account F starts at T", F the credential's fingerprint and T
+time.monotonic() as the app hands the start to the middleware, which
+decides then whether to charge: the checker (callingcheck.py) compares T
+with when a consumer that left closed its connection (the same clock:
+CLOCK_MONOTONIC is the machine's, not the process's).
 
 ACCMAN_URL, ACCMAN_TOKEN, ACCMAN_MODE, ACCMAN_ON_UNAVAILABLE and, in
 reserve mode, ACCMAN_HOLD_TTL_S configure it."""
@@ -16,9 +22,11 @@ reserve mode, ACCMAN_HOLD_TTL_S configure it."""
 import asyncio
 import os
 import random
+import sys
+import time
 from urllib.parse import parse_qs
 
-from accman.asgi import AccManMiddleware
+from accman.asgi import AccManMiddleware, fingerprint
 
 # What a request is charged under its estimate: every charge is A - 500,
 # so a reserve-mode settle gives back exactly this much.
@@ -43,6 +51,9 @@ async def service(scope, receive, send):
         await receive()
         await asyncio.sleep(float(query(scope).get("s", random.uniform(0, 0.02))))
         status, text = (400, b"refused") if query(scope).get("free") == "1" else (200, b"done")
+        cred = dict(scope["headers"]).get(b"accman", b"").decode()
+        print(f"calbank: response of A={query(scope)['a']} for account {fingerprint(cred)} "
+              f"starts at {time.monotonic():.6f}", file=sys.stderr, flush=True)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain"),
                             (b"content-length", str(len(text)).encode())]})

@@ -24,7 +24,9 @@ class Request:
     """One paid request and what its consumer got: `status` None when
     uvicorn gave no response (`detail` says why), `header` the ACCMAN
     response header as an int, None when missing.  A consumer that is
-    `gone` closed its connection long before the app answers."""
+    `gone` closed its connection long before the app answers: it began
+    to send at `sent_at` and had closed its connection by `closed_at`
+    (time.monotonic(), the clock of the app's log)."""
     cred: str
     a: int
     free: bool
@@ -32,6 +34,8 @@ class Request:
     status: int | None = None
     header: int | None = None
     detail: str = ""
+    sent_at: float | None = None
+    closed_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -50,6 +54,8 @@ _STRANDED_UNKNOWN = re.compile(r"accman: stranded (\w+) of (\d+), outcome unknow
 _STRANDED = re.compile(r"accman: stranded (\w+): (.*?) \(account ([0-9a-f]{12}), "
                        r"(key|hold) (\S+)\)")
 _UNPAID = re.compile(r"accman: unpaid (\d+) \(account ([0-9a-f]{12})\): (.*)")
+_STARTED = re.compile(r"calbank: response of A=(\d+) for account ([0-9a-f]{12}) starts at "
+                      r"(\d+\.\d+)")
 _RECHARGED = re.compile(r"accman: hold (\d+) of account ([0-9a-f]{12}) (?:expired|ended) "
                         r"before .*?charging (\d+) as a mod, key (\S+)")
 # What this run never gives a cause for: no request is cancelled, the
@@ -62,7 +68,8 @@ class ServiceLog:
     """What the service's log says of owed and stranded calls, by account
     fingerprint: `queued` [(what, amount, ref)], `stranded` [(what, amount
     or None, ref, unknown)], `recharged` [(hold, amount, key)], `unpaid`
-    [(amount, why)]; refs are "key K" or "hold H"."""
+    [(amount, why)]; refs are "key K" or "hold H"; and, from the app's
+    own lines, `started` {(fingerprint, A): when its response started}."""
 
     def __init__(self, text: str):
         self.text = text
@@ -80,6 +87,7 @@ class ServiceLog:
             self.stranded[m[3]].append((m[1], None, f"{m[4]} {m[5]}", False))
         for m in _RECHARGED.finditer(text):
             self.recharged[m[2]].append((int(m[1]), int(m[3]), m[4]))
+        self.started = {(m[2], int(m[1])): float(m[3]) for m in _STARTED.finditer(text)}
         self.faults = [f for f in LOG_FAULTS if f in text]
         # on_unavailable="open" served what AccMan could not admit.
         self.serving_unpaid = "; serving unpaid" in text
@@ -170,14 +178,34 @@ def check_request(mode, acct: Account, r: Request, log: ServiceLog) -> list:
     if len(holds) > 1 or len(charges) > 1:
         return [f"{what}: held {len(holds)} times, charged {len(charges)} times"]
     if r.gone:
-        net = acct.net(r.a)
-        return [f"{what}: its consumer left before the response, yet it moved {net}"] if net else []
+        return [f"{what}: {p}" for p in check_gone(acct, r, log)]
     if r.status not in (200, 400, 402, 503) or r.free != (r.status == 400) and r.status in (
             200, 400):
         return [f"{what}: not an answer the docs give this request ({r.detail})"]
     if r.status != 200:
         return [f"{what}: {p}" for p in check_unpaid(mode, acct, r, log)]
     return [f"{what}: {p}" for p in check_served(mode, acct, r, log)]
+
+
+def check_gone(acct: Account, r: Request, log: ServiceLog) -> list:
+    """A request whose consumer left moves nothing if it left before the
+    response started (docs/CALLING.md, "The consumer goes away"); if the
+    response started first (the test process slow to close, say), the
+    disconnect does not refund: it is charged once, as a served one.
+    Judged by the times: the consumer's close and the app's start."""
+    net = acct.net(r.a)
+    if not net:
+        return []
+    started = log.started.get((fingerprint(r.cred), r.a))
+    when = (f"sent at {r.sent_at:.3f}, its connection closed {r.closed_at - r.sent_at:.3f} "
+            f"s later, " + ("no response started" if started is None else
+                            f"its response started {started - r.sent_at:.3f} s after sending"))
+    if started is None or started >= r.closed_at:
+        return [f"its consumer left before its response started ({when}), yet it moved {net}"]
+    if net != -(r.a - FEE_BACK):
+        return [f"its response started before its consumer left ({when}), and it moved {net}, "
+                f"not its charge {-(r.a - FEE_BACK)}"]
+    return []
 
 
 def check_unpaid(mode, acct: Account, r: Request, log: ServiceLog) -> list:

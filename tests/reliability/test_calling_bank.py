@@ -198,7 +198,7 @@ class Consumer:
                       **({"s": str(LEAVE_WORK_S)} if r.gone else {})}
             self.requests.append(r)
             if r.gone:
-                await self.leave(params)
+                await self.leave(r, params)
                 continue
             try:
                 got = await http.get("/work", params=params, headers={"ACCMAN": self.cred})
@@ -212,15 +212,21 @@ class Consumer:
             elif r.status in (402, 503, None):
                 await asyncio.sleep(0.02)
 
-    async def leave(self, params):
+    async def leave(self, r, params):
         """A request on a connection of its own, closed LEAVE_S after it
-        was sent: long before the app answers."""
-        async with httpx.AsyncClient(base_url=self.url, timeout=CONSUMER_TIMEOUT_S) as http:
-            try:
-                await asyncio.wait_for(http.get("/work", params=params,
-                                                headers={"ACCMAN": self.cred}), LEAVE_S)
-            except asyncio.TimeoutError:
-                pass
+        was sent: long before the app answers, unless this process stalls.
+        When it was sent and when its connection was closed (a client's
+        exit closes its sockets) are what the checker judges it by."""
+        r.sent_at = time.monotonic()
+        try:
+            async with httpx.AsyncClient(base_url=self.url, timeout=CONSUMER_TIMEOUT_S) as http:
+                try:
+                    await asyncio.wait_for(http.get("/work", params=params,
+                                                    headers={"ACCMAN": self.cred}), LEAVE_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            r.closed_at = time.monotonic()
 
     async def top_up(self, funder, by):
         self.topping = True
@@ -391,7 +397,7 @@ def scene(mode):
             Request(SCENE_CRED, 1002, False, status=402, header=4500),
             Request(SCENE_CRED, 1003, False, status=503),
             Request(SCENE_CRED, 1004, True, status=400, header=3999),
-            Request(SCENE_CRED, 1005, False, gone=True),
+            Request(SCENE_CRED, 1005, False, gone=True, sent_at=10.0, closed_at=10.03),
             Request(SCENE_CRED, 1006, False, status=200)]             # served unpaid
     topups = [TopUp(SCENE_CRED, "top-0", 3000, True)]
     if mode == "check":
@@ -409,6 +415,7 @@ def scene(mode):
                f"accman: release of 0 for account {fp} queued (after outcome_unknown), "
                f"key x4-h"]
     log.append(f"accman: unpaid 506 (account {fp}): unreachable")
+    log.append(f"calbank: response of A=1005 for account {fp} starts at 10.300000")
     return reqs, topups, spec, log
 
 
@@ -456,8 +463,24 @@ def _gone_charged(mode, reqs, topups, spec, log):
         spec[spec.index((1005, None, "h6"))] = (500, None, "h6")
 
 
+def _gone_charged_unstarted(mode, reqs, topups, spec, log):
+    """Charged, though its response never started."""
+    log[:] = [line for line in log if not line.startswith("calbank:")]
+    _gone_charged(mode, reqs, topups, spec, log)
+
+
+def _gone_started_first_charged_wrong(mode, reqs, topups, spec, log):
+    """The response started before the consumer left, so a charge is
+    allowed: its own, not the whole estimate."""
+    reqs[5].closed_at = 10.4
+    if mode == "check":
+        spec += [(-1005, "x6-h", "h6"), (0, None, "h6")]
+    else:
+        spec[spec.index((1005, None, "h6"))] = (0, None, "h6")
+
+
 def _unpaid_not_logged(mode, reqs, topups, spec, log):
-    log.pop()
+    log[:] = [line for line in log if "accman: unpaid" not in line]
 
 
 def _unpaid_charged(mode, reqs, topups, spec, log):
@@ -520,6 +543,7 @@ def _overdrawn(mode, reqs, topups, spec, log):
 
 
 FAULTS = [_lost_charge, _doubled_charge, _charged_refusal, _held_refusal, _gone_charged,
+          _gone_charged_unstarted, _gone_started_first_charged_wrong,
           _unpaid_not_logged, _unpaid_charged, _free_without_hold, _end_of_no_hold,
           _wrong_header_of_a_refusal, _wrong_header_of_a_free_response,
           _charge_of_no_request, _wrong_header, _owed_not_logged, _owed_stranded_yet_landed,
@@ -530,6 +554,21 @@ FAULTS = [_lost_charge, _doubled_charge, _charged_refusal, _held_refusal, _gone_
 def test_the_calling_checker_passes_a_correct_run(mode):
     assert judge(mode, *scene(mode)) == []
     assert judge(mode, *scene(mode), final_delta=1) != []       # the balance told is not its sum
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_the_calling_checker_says_when_a_gone_consumer_left_and_the_response_started(mode):
+    """A charge of a consumer that left is judged by the times: after its
+    close, the response started too late to be charged (said with the
+    times); before it, the disconnect does not refund."""
+    made = scene(mode)
+    _gone_charged(mode, *made)
+    assert judge(mode, *made) == [
+        f"{mode} {SCENE_CRED}: A=1005 (gone answered None, header None): its consumer left "
+        f"before its response started (sent at 10.000, its connection closed 0.030 s later, "
+        f"its response started 0.300 s after sending), yet it moved -505"]
+    made[0][5].closed_at = 10.31
+    assert judge(mode, *made) == []
 
 
 @pytest.mark.parametrize("mode", ["check", "reserve"])
