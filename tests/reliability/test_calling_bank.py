@@ -94,6 +94,9 @@ class AccMan:
         self.port = int(self.url.rsplit(":", 1)[1])
         self.faults = {"kill": 0, "pause": 0, "pause_kill": 0}
 
+    def stop(self):
+        self.proc.stop()
+
     def kill_and_restart(self, restart=True):
         self.proc.stop(signal.SIGKILL)
         if restart:
@@ -323,7 +326,7 @@ def bank_run(tmp_path, case, accman, rnd, duration_s, down_s):
         problems = reconcile(mode, accman, consumers, ServiceLog(app.err.read_text()), stats)
     finally:
         app.stop(signal.SIGKILL)
-        accman.proc.stop()
+        accman.stop()
     requests = [r for c in consumers for r in c.requests]
     counts = collections_of(requests)
     summary = (f"{len(requests)} requests {counts}, {sum(len(c.topups) for c in consumers)} "

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from postgres.pgcluster import Cluster
+from rrproxy import RoundRobin
 from test_calling_bank import (DURATION_S, HOLD_TTL_S, LONG, PAID_PER_FAULT, SEED,
                                SHORT_RUN_MAX_S, AccMan, bank_run, wait_paid)
 from test_e2e_asgi import start_accman
@@ -43,33 +44,61 @@ STANDBY_DOWN_S = (3.0, 12.0)
 
 
 class PgAccMan(AccMan):
-    """One front-end on `pg`'s database `db` (and its standby's, through a
-    two-host URL, when there is one), and the faults of both."""
+    """Front-ends on `pg`'s database `db` (and its standby's, through a
+    two-host URL, when there is one), and the faults of both: one
+    front-end, or `front_ends` behind a round-robin TCP proxy (rrproxy.py,
+    health-checked if `checked`), each of which a front-end's fault hits
+    in turn."""
 
-    def __init__(self, tmp_path, pg, db):
+    def __init__(self, tmp_path, pg, db, front_ends=1, checked=False):
         self.tmp_path, self.pg, self.db_down = tmp_path, pg, False
         hosts = ",".join(f"127.0.0.1:{c.port}" for c in [pg, *pg.standbys])
         self.store = f"postgresql://postgres@{hosts}/{db}?target_session_attrs=read-write"
-        self.proc = start_accman(tmp_path, store=self.store)
-        self.url = self.proc.url
-        self.port = int(self.url.rsplit(":", 1)[1])
+        self.fes = [start_accman(tmp_path, name=f"accman{n or ''}", store=self.store)
+                    for n in range(front_ends)]
+        self.ports = [int(fe.url.rsplit(":", 1)[1]) for fe in self.fes]
+        self.victim = 0                 # the front-end the next fault hits
+        # A short run's faults: the database's and its front-end's, or, of
+        # two front-ends, each killed in turn around a database restart.
+        self.short_kinds = (("db_restart", "kill", "db_down") if front_ends == 1 else
+                            ("kill", "db_restart", "kill"))
+        self.proxy = (RoundRobin([("127.0.0.1", port) for port in self.ports], checked)
+                      if front_ends > 1 else None)
+        self.url = self.proxy.url if self.proxy else self.fes[0].url
         self.faults = {"db_restart": 0, "db_down": 0, "kill": 0, "pause": 0, "failover": 0,
                        "standby_down": 0, "standby_down_kill": 0}
 
+    @property
+    def proc(self):
+        return self.fes[self.victim]
+
+    def start(self, n):
+        """Front-end `n` started again on its port."""
+        self.fes[n] = start_accman(self.tmp_path, name=f"accman{n or ''}", port=self.ports[n],
+                                   store=self.store)
+        assert self.fes[n].url.endswith(f":{self.ports[n]}"), self.fes[n].url
+
+    def stop(self):
+        for fe in self.fes:
+            fe.stop()
+        if self.proxy:
+            self.proxy.stop()
+
     def restart(self):
-        """The database back if it is down, then the front-end if it is;
-        returns once the front-end takes writes (/health 200): it
-        reconnects by itself, with backoff."""
+        """The database back if it is down, then each front-end that is;
+        returns once every front-end takes writes (/health 200): they
+        reconnect by themselves, with backoff."""
         if self.db_down:
             self.pg.start()
             self.db_down = False
-        if self.proc.proc.poll() is not None:
-            self.proc = start_accman(self.tmp_path, port=self.port, store=self.store)
-            assert self.proc.url == self.url
+        for n, fe in enumerate(self.fes):
+            if fe.proc.poll() is not None:
+                self.start(n)
         deadline = time.monotonic() + HEALTHY_TIMEOUT_S
-        while httpx.get(self.url + "/health").status_code != 200:
-            assert time.monotonic() < deadline, "the front-end takes no writes"
-            time.sleep(0.05)
+        for fe in self.fes:
+            while httpx.get(fe.url + "/health").status_code != 200:
+                assert time.monotonic() < deadline, f"{fe.name} takes no writes"
+                time.sleep(0.05)
 
     def db_stop(self):
         self.pg.stop("immediate")
@@ -107,16 +136,18 @@ class PgAccMan(AccMan):
             time.sleep(down_s / 2)
             if kind == "standby_down_kill":
                 self.proc.stop(signal.SIGKILL)
-                self.proc = start_accman(self.tmp_path, port=self.port, store=self.store)
+                self.start(self.victim)
             time.sleep(down_s / 2)
             standby.start()
         else:
             self.failover()
         self.faults[kind] += 1
+        if kind in ("kill", "pause", "standby_down_kill"):
+            self.victim = (self.victim + 1) % len(self.fes)
 
     def nemesis(self, rnd, stop, consumers, errors, failover=False):
-        """Each kind once in a short run, each after PAID_PER_FAULT more paid
-        responses; every second or two in a long one (with a standby, its
+        """Each of `short_kinds` in a short run, each after PAID_PER_FAULT
+        more paid responses; every second or two in a long one (with a standby, its
         stops, or one failover a third in); then the database stopped just
         before the load stops (`stop.at`; a short run's once it has
         PAID_PER_FAULT more) and left down for the shutdown
@@ -132,7 +163,7 @@ class PgAccMan(AccMan):
                     failing_over = failover and self.pg.standbys and t > start + span / 3
                     self.fault("failover" if failing_over else next(kinds), rnd)
             else:
-                for n, kind in enumerate(("db_restart", "kill", "db_down"), 1):
+                for n, kind in enumerate(self.short_kinds, 1):
                     wait_paid(consumers, n * PAID_PER_FAULT, stop)
                     self.fault(kind, rnd)
                 wait_paid(consumers, 4 * PAID_PER_FAULT, stop)
@@ -171,3 +202,37 @@ def test_every_paid_response_is_charged_once_through_postgresql_faults(tmp_path,
     assert counts.get("200+", 0) >= (50 if LONG else 4 * PAID_PER_FAULT), summary
     assert (stats["unpaid_requests"] if case.endswith(" open") else counts.get(503, 0)) >= 1, \
         summary
+
+
+# Two front-ends behind the proxy: in the suite, reserve mode (a hold made
+# through one front-end is settled or released through either) with no
+# health check, so that the middleware's retries meet a dead front-end;
+# the long run: both modes, with the health check and without.
+TWO_CASES = ([("check", False), ("reserve", False), ("check", True), ("reserve", True)]
+             if LONG else [("reserve", False)])
+
+
+@pytest.mark.parametrize("case,checked", TWO_CASES,
+                         ids=[f"{c} {'checked' if k else 'unchecked'}" for c, k in TWO_CASES])
+def test_every_paid_response_is_charged_once_through_two_front_ends(tmp_path, case, checked):
+    """docs/SCALING.md's layout: the middleware's AccMan URL a round-robin
+    TCP proxy (rrproxy.py) before two front-ends on one database, each
+    SIGKILLed and restarted in turn under the load (and, in a long run,
+    stopped past the hold ttl), the database restarted and stopped too;
+    the same reconciliation."""
+    rnd = random.Random(SEED)
+    with Cluster.create(name="calbank2") as pg:
+        pg.create_database("bank")
+        accman = PgAccMan(tmp_path, pg, "bank", front_ends=2, checked=checked)
+        counts, stats, summary = bank_run(tmp_path, case, accman, rnd,
+                                          DURATION_S if LONG else SHORT_RUN_MAX_S,
+                                          DOWN_AT_SHUTDOWN_S)
+    print(f"calling bank checker ({case}, two front-ends): the proxy's connections "
+          f"{accman.proxy.stats}", flush=True)
+    # A real run: each front-end given connections, and killed under the
+    # load; requests charged, and refused around the faults.
+    want = {"db_restart", "kill"} | ({"db_down", "pause"} if LONG else set())
+    assert all(accman.faults[k] for k in want) and accman.faults["kill"] >= 2, summary
+    assert all(accman.proxy.stats["sent"]), accman.proxy.stats
+    assert counts.get("200+", 0) >= (50 if LONG else 4 * PAID_PER_FAULT), summary
+    assert counts.get(503, 0) >= 1, summary
