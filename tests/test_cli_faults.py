@@ -44,8 +44,11 @@ class FaultProxy:
     forwards it and never answers; "swallow" neither forwards it nor
     answers (never applied); "late" forwards it and answers LATE_S after
     its reply came; "late403" neither forwards it nor answers until LATE_S,
-    then answers REPLY_403 (refused, never applied).  `seen` counts the
-    requests; `lines` are their request lines."""
+    then answers REPLY_403 (refused, never applied); "held" holds it back
+    until `release` is set, then forwards it, so that the server applies
+    it late (a stalled front-end's), and drops the reply (`landed` is set
+    once it came).  `seen` counts the requests; `lines` are their request
+    lines."""
 
     def __init__(self, port: int, plan=()):
         self.upstream = ("127.0.0.1", port)
@@ -53,6 +56,7 @@ class FaultProxy:
         self.seen = 0
         self.lines: list[str] = []
         self.lock = threading.Lock()
+        self.release, self.landed = threading.Event(), threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.socks = [self.listener]
@@ -97,6 +101,12 @@ class FaultProxy:
                     time.sleep(LATE_S)
                     client.sendall(REPLY_403)
                     continue
+                if action == "held":
+                    self.release.wait(PROXY_TIMEOUT_S)
+                    upstream.sendall(request + b"\r\n\r\n")
+                    _read_reply(upstream)
+                    self.landed.set()
+                    return
                 upstream.sendall(request + b"\r\n\r\n")
                 if action == "hang":
                     threading.Event().wait(PROXY_TIMEOUT_S)

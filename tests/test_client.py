@@ -13,7 +13,8 @@ from accman.calling import policy
 from accman.client import (AccManClient, AccManSyncClient, BadReply, CallTimeout, Entry,
                            Forbidden, OutcomeUnknown, TransportError, Unauthorized,
                            UnexpectedReply, Unreachable)
-from accman.errors import Busy, Insufficient, KeyReused, NoAccount, NoHold, Overflow, Unavailable
+from accman.errors import (Busy, HoldEnded, Insufficient, KeyReused, NoAccount, NoHold, Overflow,
+                           TooManyHolds, Unavailable)
 from accman.limits import INT64_MAX
 from fake_accman import FakeAccMan, account_id, closed_port, run
 
@@ -378,8 +379,11 @@ def test_sync_client_unreachable():
 def test_a_call_that_may_have_reached_the_server_ends_unknown_unless_settled():
     """policy.Attempts: after an attempt that may have reached the server,
     a later one that is Unreachable, Busy or 401 leaves the call an
-    OutcomeUnknown of the first attempt's type; a definite reply (a SPEC
-    refusal a repeat answers the same) or another unknown ends it as is."""
+    OutcomeUnknown of the first attempt's type, and so does a refusal
+    judged by a balance or a count that moves, which the first attempt,
+    arriving later, may not meet; a definite reply (a refusal the first
+    attempt meets too, whenever it arrives) or another unknown ends it as
+    is."""
     def ends(*errors, safe=True, retries=5):
         attempts = policy.Attempts(safe, retries)
         for e in errors:
@@ -391,8 +395,11 @@ def test_a_call_that_may_have_reached_the_server_ends_unknown_unless_settled():
         err = ends(first, later, retries=1)
         assert type(err) is CallTimeout and "may have been applied" in err.detail
     assert type(ends(Unreachable("down"), first, Unreachable("down"), retries=2)) is CallTimeout
-    assert type(ends(first, Insufficient(5))) is Insufficient
-    assert type(ends(first, NoHold("gone"))) is NoHold
+    for later in (Insufficient(5), Overflow("full"), TooManyHolds("many"), NoAccount("none")):
+        err = ends(first, later)
+        assert type(err) is CallTimeout and "may have been applied" in err.detail, later
+    for later in (KeyReused("taken"), HoldEnded("ended"), NoHold("gone")):
+        assert ends(first, later) is later
     assert ends(first, OutcomeUnknown("again"), retries=1).detail == "again"
     assert type(ends(Unreachable("down"), Unreachable("down"), retries=1)) is Unreachable
     assert ends(first, safe=False) is first             # a keyless mod is not retried

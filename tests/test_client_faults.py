@@ -26,6 +26,7 @@ from accman.client import (AccManClient, AccManSyncClient, CallTimeout, OutcomeU
                            Unauthorized, Unreachable)
 from accman.errors import AccManError, Busy
 from fake_accman import closed_port, run
+from test_cli_faults import PROXY_TIMEOUT_S
 from threaded_proxy import Proxy
 
 
@@ -551,6 +552,25 @@ def test_an_async_keyed_hold_sent_then_unreachable_is_unknown(start_server, cred
         hole.close()
     assert type(err) is CallTimeout and "may have been applied" in err.detail
     assert srv.tot(cred) == 90
+
+
+def test_a_refusal_a_late_first_attempt_can_outrun_is_unknown(start_server, proxy, cred):
+    """A keyed mod with `min` whose first attempt is held back on its way
+    (a front-end stalled behind a load balancer) and whose retry is refused
+    `insufficient`: the first attempt may arrive later, meet a balance
+    topped up meanwhile, and apply, so the call is an OutcomeUnknown, not
+    `Insufficient` ("nothing applied")."""
+    srv = start_server()
+    srv.mod(cred, 10)
+    p = proxy(srv, "held")
+    with AccManSyncClient(p.url, timeout_s=0.5, retries=1) as acc:
+        with pytest.raises(OutcomeUnknown) as got:
+            acc.mod(cred, -15, min=0, key="k-late")
+    assert type(got.value) is CallTimeout and "may have been applied" in got.value.detail
+    srv.mod(cred, 10)                   # the consumer tops up after the refusal
+    p.release.set()
+    assert p.landed.wait(PROXY_TIMEOUT_S)
+    assert srv.tot(cred) == 5           # the first attempt applied after all
 
 
 # --- one sync client shared by threads -----------------------------------------------

@@ -242,8 +242,8 @@ class Owed:
                     continue
                 self._strand(item, f"still {e.code} after {attempt} attempts", item.maybe)
             except AccManError as e:
-                # Only a SPEC refusal, answered the same to every repeat,
-                # says that no earlier attempt landed (policy.definite).
+                # Only a SPEC refusal that every attempt meets, whenever it
+                # arrives, says that no earlier attempt landed (policy.definite).
                 self._strand(item, e.code, item.maybe and not definite(e))
             finally:
                 self._running = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import decimal
 import numbers
 
-from accman.errors import (Busy, Conflict, EventsTrimmed, NoAccount, NoHold, OutcomeUnknown,
+from accman.errors import (Busy, EventsTrimmed, HoldEnded, KeyReused, NoHold, OutcomeUnknown,
                            ProxyUnavailable, Unavailable, Unreachable)
 from accman.limits import IDLE_TIMEOUT_S
 
@@ -77,11 +77,16 @@ def may_have_landed(exc: BaseException) -> bool:
 
 def definite(exc: BaseException) -> bool:
     """Whether a failed attempt got a reply that settles what earlier
-    attempts did: a SPEC refusal (409, 404 `no_account`/`no_hold`, 410)
-    that the same request, a keyed mod's key included, is answered the
-    same way each time.  Had an earlier attempt applied, a repeat would
-    have answered its result instead."""
-    return isinstance(exc, (Conflict, NoAccount, NoHold, EventsTrimmed))
+    attempts did, whenever they reach AccMan: a SPEC refusal judged by
+    what never changes back (`key_reused`: the key is taken; `hold_ended`,
+    `no_hold`; `events_trimmed`).  Had an earlier attempt applied, a
+    repeat would have answered its result instead; and one still on its
+    way (held by a stalled front-end or proxy) meets the same refusal
+    when it arrives.  A refusal judged by a balance or a count that moves
+    (`insufficient`, `overflow`, `too_many_holds`, `no_account` until the
+    account is funded) settles nothing: the earlier attempt may arrive
+    after it, meet a balance topped up meanwhile, and apply."""
+    return isinstance(exc, (KeyReused, HoldEnded, NoHold, EventsTrimmed))
 
 
 class Attempts:

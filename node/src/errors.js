@@ -231,12 +231,18 @@ function holdsPiece (word, pieces) {
   return false
 }
 
-// Whether a refusal settles what earlier attempts of the same call did: a
-// SPEC refusal (409, 404 no_account or no_hold) is answered the same to
-// every repeat, and had an earlier keyed attempt applied, the repeat would
-// have answered its result instead.
+// Whether a refusal settles what earlier attempts of the same call did,
+// whenever they reach AccMan: one judged by what never changes back
+// (key_reused: the key is taken; hold_ended, no_hold).  Had an earlier
+// keyed attempt applied, the repeat would have answered its result
+// instead; and one still on its way (held by a stalled front-end or proxy)
+// meets the same refusal when it arrives.  A refusal judged by a balance
+// or a count that moves (insufficient, overflow, too_many_holds,
+// no_account until the account is funded) settles nothing: the earlier
+// attempt may arrive after it, meet a balance topped up meanwhile, and
+// apply.  As the Python client's policy.definite.
 function definite (err) {
-  return err instanceof Conflict || err instanceof NoAccount || err instanceof NoHold
+  return err instanceof KeyReused || err instanceof HoldEnded || err instanceof NoHold
 }
 
 // Whether a failed call may still have landed: sent with no reply from

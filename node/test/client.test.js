@@ -350,6 +350,27 @@ test('a keyed mod whose first attempt may have landed stays OutcomeUnknown when 
   assert.equal(await acc.service.tot('c-maybe'), 7) // it had landed: "not applied" would be wrong
 })
 
+test('a keyed mod whose first attempt arrives late stays OutcomeUnknown though its retry is refused insufficient', async () => {
+  // A refusal judged by the balance says nothing of an attempt still on its
+  // way (a stalled front-end): it may meet a balance topped up meanwhile.
+  await acc.mint.mod('c-late', 10)
+  const proxy = await proxyTo(acc.server.url)
+  const client = new AccManClient({ url: proxy.url, token: TOKENS.service, retries: 1, timeoutMs: 500 })
+  try {
+    proxy.set('hold')
+    const call = client.mod('c-late', -15, { min: 0, key: 'late-1' })
+    await until(() => proxy.targets.some((t) => t.startsWith('/mod?')))
+    proxy.set('pass') // the retry reaches AccMan at once, and is refused insufficient
+    await assert.rejects(call, (err) => err instanceof E.OutcomeUnknown)
+    await acc.mint.mod('c-late', 10) // topped up after the refusal
+    proxy.release()
+    await until(async () => (await acc.service.tot('c-late')) === 5) // the first attempt applied
+  } finally {
+    await client.close()
+    await proxy.close()
+  }
+})
+
 test('a keyed mod answered by a failed commit stays unknown when its retries find no AccMan', async () => {
   const fake = await fakeAccMan(() => {
     setImmediate(() => fake.close()) // AccMan gone after answering: the retries are refused

@@ -4,7 +4,11 @@
 // client cannot tell whether its request was read: OutcomeUnknown), in
 // mode `down` it stops listening (connections are refused: nothing is
 // sent, Unreachable), in mode `delay` it holds AccMan's replies back `delayMs` (a
-// stalled network: the request reaches AccMan at once, its reply late).
+// stalled network: the request reaches AccMan at once, its reply late), in
+// mode `hold` it holds back what each new connection sends until
+// `release()`, then sends it to AccMan on a connection of its own, whether
+// or not its client is still there (a front-end stalled behind a load
+// balancer: the request reaches AccMan late; its reply is dropped).
 // `targets` lists the request targets it forwarded, in order.  Given `tls`
 // ({ key, cert }) it terminates TLS (an https:// `url`), as the proxy before
 // AccMan of a deployment that crosses machines does: `served` counts the
@@ -29,6 +33,7 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
     socket.on('error', () => {})
   }
   const timers = new Set()
+  const held = []
   const later = (fn) => {
     if (delayMs === 0) return fn()
     const timer = setTimeout(() => { timers.delete(timer); fn() }, delayMs)
@@ -42,6 +47,15 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
     }
     if (mode === 'refuse') {
       client.destroy()
+      return
+    }
+    if (mode === 'hold') {
+      const data = []
+      held.push(data)
+      client.on('data', (d) => {
+        for (const m of d.toString('latin1').matchAll(REQUEST_LINE_RE)) targets.push(m[1])
+        data.push(d)
+      })
       return
     }
     const upstream = net.connect(Number(upstreamAt.port), upstreamAt.hostname)
@@ -66,7 +80,7 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
     names,
     get served () { return served },
     // 'pass', 'refuse' or 'down' (every open connection is dropped too),
-    // or 'delay'.  Leaving 'down' listens again on the same port: await it.
+    // 'delay' or 'hold'.  Leaving 'down' listens again on the same port: await it.
     set (newMode, newDelayMs = 0) {
       const wasDown = mode === 'down'
       mode = newMode
@@ -74,6 +88,15 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
       if (mode === 'refuse' || mode === 'down') for (const s of sockets) s.destroy()
       if (mode === 'down' && !wasDown) return new Promise((resolve) => server.close(resolve))
       if (wasDown && mode !== 'down') return new Promise((resolve) => server.listen(port, '127.0.0.1', resolve))
+    },
+    // What 'hold' held back, sent to AccMan now.
+    release () {
+      for (const data of held.splice(0)) {
+        const upstream = net.connect(Number(upstreamAt.port), upstreamAt.hostname)
+        track(upstream)
+        upstream.write(Buffer.concat(data))
+        upstream.resume()
+      }
     },
     close () {
       for (const t of timers) clearTimeout(t)
