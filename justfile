@@ -49,7 +49,7 @@ crash-events:
 
 # the long calling-side bank checker: paid requests through uvicorn and the middleware
 # while AccMan is killed every second or two, both modes, on the embedded store and on
-# PostgreSQL (restarted, stopped, failed over; prints the seed)
+# PostgreSQL (restarted, stopped, failed over; two front-ends behind a proxy; prints the seed)
 crash-calling:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_calling_bank.py tests/reliability/test_calling_bank_pg.py -n 0 -p no:cacheprovider -s
 
