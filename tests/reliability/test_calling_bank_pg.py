@@ -11,8 +11,8 @@ tests/postgres/test_failover.py).
 The database is down as the service's shutdown begins, and back within
 its drain.  The middleware's client takes one URL (docs/CALLING.md): one
 front-end serves the service, or, as in docs/SCALING.md's production
-layout, two behind a load balancer: a round-robin TCP proxy (rrproxy.py)
-whose two front-ends are each SIGKILLed and restarted in turn.
+layout, two behind a load balancer (a round-robin TCP proxy, rrproxy.py),
+the front-end faults hitting each in turn.
 
 In the suite, two short cases (reserve mode: holds, settles and unholds
 across each fault), one front-end and two; ACCMAN_CRASH_LONG=1 (`just
@@ -62,9 +62,10 @@ class PgAccMan(AccMan):
         self.ports = [int(fe.url.rsplit(":", 1)[1]) for fe in self.fes]
         self.victim = 0                 # the front-end the next fault hits
         # A short run's faults: the database's and its front-end's, or, of
-        # two front-ends, each killed in turn, and one stopped past the
-        # hold ttl between (its calls time out, and are sent again to the
-        # other, while their first attempts wait in the stopped one).
+        # two front-ends, the first killed, the second stopped past the
+        # hold ttl (its calls time out, and are sent again to the first,
+        # while their first attempts wait in the stopped one), the first
+        # killed again.
         self.short_kinds = (("db_restart", "kill", "db_down") if front_ends == 1 else
                             ("kill", "pause", "kill"))
         self.proxy = (RoundRobin([("127.0.0.1", port) for port in self.ports], checked)
@@ -221,10 +222,10 @@ TWO_CASES = ([("check", False), ("reserve", False), ("check", True), ("reserve",
                          ids=[f"{c} {'checked' if k else 'unchecked'}" for c, k in TWO_CASES])
 def test_every_paid_response_is_charged_once_through_two_front_ends(tmp_path, case, checked):
     """docs/SCALING.md's layout: the middleware's AccMan URL a round-robin
-    TCP proxy (rrproxy.py) before two front-ends on one database, each
-    SIGKILLed and restarted in turn under the load, one stopped past the
-    hold ttl between (and, in a long run, the database restarted and
-    stopped too); the same reconciliation."""
+    TCP proxy (rrproxy.py) before two front-ends on one database,
+    SIGKILLed and restarted under the load, or stopped past the hold ttl,
+    each fault hitting the next front-end (in a long run, the database
+    restarted and stopped too); the same reconciliation."""
     rnd = random.Random(SEED)
     with Cluster.create(name="calbank2") as pg:
         pg.create_database("bank")
