@@ -106,6 +106,19 @@ def collections_of(requests) -> dict:
     return out
 
 
+def left_late(requests, log: ServiceLog) -> str:
+    """How late the consumers that left closed their connections: how many
+    closed only after their response had started (this process slow to
+    close: charged, as the docs allow), and the longest from sending to
+    the close (LEAVE_S when nothing stalls)."""
+    gone = [r for r in requests if r.gone and r.closed_at is not None]
+    late = sum(log.started.get((fingerprint(r.cred), r.a), r.closed_at) < r.closed_at
+               for r in gone)
+    longest = max((r.closed_at - r.sent_at for r in gone), default=0.0)
+    return (f"{late} of {len(gone)} gone after their response started, the longest "
+            f"{longest:.3f} s from sending to the close")
+
+
 def log_problems(log: ServiceLog) -> list:
     return [f"the service's log says {f!r}" for f in log.faults]
 

@@ -52,7 +52,7 @@ from accman.calling.owed import SHUTDOWN_DRAIN_S, fingerprint
 from accman.errors import AccManError
 from accman.records import Entry
 from callingcheck import (Account, Request, ServiceLog, TopUp, check_account,
-                          collections_of, log_problems)
+                          collections_of, left_late, log_problems)
 from test_e2e_asgi import FUNDER, SVC_CHECK, SVC_RESERVE, start_accman, start_app
 
 LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
@@ -323,14 +323,15 @@ def bank_run(tmp_path, case, accman, rnd, duration_s, down_s):
         stats = metrics(app_url)
         shutdown_drain(app, accman, down_s)
         assert app.proc.returncode in (0, -signal.SIGTERM), app.proc.returncode
-        problems = reconcile(mode, accman, consumers, ServiceLog(app.err.read_text()), stats)
+        log = ServiceLog(app.err.read_text())
+        problems = reconcile(mode, accman, consumers, log, stats)
     finally:
         app.stop(signal.SIGKILL)
         accman.stop()
     requests = [r for c in consumers for r in c.requests]
     counts = collections_of(requests)
     summary = (f"{len(requests)} requests {counts}, {sum(len(c.topups) for c in consumers)} "
-               f"top-ups, faults {accman.faults}")
+               f"top-ups, faults {accman.faults}, {left_late(requests, log)}")
     print(f"calling bank checker ({case}): {summary}", flush=True)
     assert not problems, f"{banner}\n{summary}\n{len(problems)} problems:\n" + "\n".join(
         problems[:30])
