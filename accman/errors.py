@@ -280,23 +280,45 @@ class ProxyUnavailable(OutcomeUnknown):
     code = "proxy_unavailable"
 
 
-class EventsOutOfOrder(AccManError):
-    """A well-formed /events page that breaks the stream's order (SPEC
-    "Events": ids grow by one, with no gaps, across restarts): an event
-    that is not the one after the last (a gap, a repeat, one out of place),
-    a `next` that is not the page's last id or that skips events, or a
-    stream that goes back below an id it had reached.  The reply is
-    AccMan's word on its own stream, and asking again gets the same word:
-    not an outage, never retried.  `events` are the page's events that
-    came in order, before the break (a follower may hand them on, and
-    resume after the last of them); the detail names the ids."""
+class EventsPageRefused(AccManError):
+    """A well-framed /events page of the SPEC's JSON shape that the client
+    cannot go on past: AccMan's own word on its stream, which asking again
+    would not change, so it is no outage (no TransportError) and is never
+    retried.  `events` are the page's events before the point at fault,
+    in order (a follower may hand them on, and resume after the last of
+    them).  The subclasses say what is at fault."""
 
-    code = "events_out_of_order"
+    code = "events_page_refused"
     status = 502        # what a gateway says of an upstream's invalid reply
 
     def __init__(self, detail: str, events: list = ()):
         super().__init__(detail)
         self.events = list(events)
+
+
+class EventsOutOfOrder(EventsPageRefused):
+    """A page that breaks the stream's order (SPEC "Events": ids grow by
+    one, with no gaps, across restarts): an event that is not the one
+    after the last (a gap, a repeat, one out of place), a `next` that is
+    not the page's last id or that skips events, or a stream that goes
+    back below an id it had reached.  The detail names the ids."""
+
+    code = "events_out_of_order"
+
+
+class EventTypeUnknown(EventsPageRefused):
+    """A page that holds an event of a type this client does not know
+    (not in accman.records.EVENT_TYPES): a server newer than the client,
+    whose stream has a type added since.  The same page comes again, and
+    upgrading the client is the cure.  `id` and `type` are the event's;
+    the detail names both."""
+
+    code = "event_type_unknown"
+
+    def __init__(self, detail: str, events: list = (), *, id: int = 0, type: str = ""):
+        super().__init__(detail, events)
+        self.id = id
+        self.type = type
 
 
 class WebhookBadReply(Exception):

@@ -379,7 +379,8 @@ def test_events_read_each_event_and_next():
 
 
 @pytest.mark.parametrize("reply", [
-    {"events": [dict(EVENT, type="refund")], "next": 7},
+    {"events": [dict(EVENT, type=7)], "next": 7},           # a type not of the SPEC's shape
+    {"events": [dict(EVENT, type=None)], "next": 7},
     {"events": [dict(EVENT, account="alice")], "next": 7},
     {"events": [dict(EVENT, account=None)], "next": 7},
     {"events": [dict(EVENT, id=0)], "next": 7},

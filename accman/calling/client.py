@@ -28,10 +28,13 @@ What a failure means for money is in the exception type (accman.errors):
   with a `key`, sending it again with the same key settles the question
   without charging twice (the server answers the original result);
   without a key, only the account's `past` can tell.
-- `EventsOutOfOrder`: an `events` page of the SPEC's shape whose ids
-  break the stream's order (a gap, a repeat, a `next` that skips): AccMan's
-  own word on its stream, which asking again would not change, so it is
-  never retried, and is no `TransportError` that a follower would ride out.
+- `EventsPageRefused`: an `events` page of the SPEC's shape that the
+  client cannot go on past: its ids break the stream's order
+  (`EventsOutOfOrder`: a gap, a repeat, a `next` that skips), or it holds
+  an event of a type this client does not know (`EventTypeUnknown`: the
+  server is newer; upgrade accman).  AccMan's own word on its stream,
+  which asking again would not change, so it is never retried, and is no
+  `TransportError` that a follower would ride out.
 
 So the clients retry reads and keyed mods, and retry a keyless mod only when
 it was not sent or not processed (`Unreachable`) or refused as `Busy`.  A
@@ -64,8 +67,9 @@ from accman.calling.sync import AccManSyncClient
 from accman.calling.policy import RETRIES_MAX
 from accman.calling.replies import ACCOUNT_CHARS_MAX, DETAIL_CHARS_MAX
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, CallTimeout, EventsOutOfOrder,
-                           EventsTrimmed, Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount,
-                           NoHold, OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
+                           EventsPageRefused, EventsTrimmed, EventTypeUnknown, Forbidden,
+                           HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
+                           OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
                            TransportError, Unauthorized, Unavailable, UnexpectedReply,
                            Unreachable)
 from accman.limits import PIPELINE_REQUESTS_MAX
@@ -471,8 +475,8 @@ __all__ = [
     "AccManClient", "AccManSyncClient", "Entry", "Event", "PastPage", "EventsPage", "ReplyParser",
     # Every error a call raises (CALLING.md, "Errors"), all of accman.errors.
     "AccManError", "NoAccount", "Insufficient", "KeyReused", "Overflow", "TooManyHolds",
-    "HoldEnded", "NoHold", "EventsTrimmed", "EventsOutOfOrder", "BadRequest", "Unavailable",
-    "Busy",
+    "HoldEnded", "NoHold", "EventsTrimmed", "EventsPageRefused", "EventsOutOfOrder",
+    "EventTypeUnknown", "BadRequest", "Unavailable", "Busy",
     "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
     "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply", "ProxyUnavailable",
     "RETRIES_MAX", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX",

@@ -11,7 +11,7 @@ follower cannot know how many; a reader resumes from the last id it
 handled itself.  An output that fails otherwise than by a closed pipe (a
 full disk, an I/O error) ends it.
 
-A reply that is not what it asked for is one of two things:
+A reply that is not what it asked for is one of three things:
 
 - No answer from AccMan, an outage, ridden out with pauses (each said on
   stderr) up to FOLLOW_OUTAGE_S_MAX without an answer: no connection, a
@@ -34,6 +34,15 @@ A reply that is not what it asked for is one of two things:
   names the ids.  An `--after` given past the end of the stream is no
   broken promise (the follower has seen nothing yet): it is said, and
   following goes on from the newest event.
+- An event of a type this client does not know (`EventTypeUnknown`) in
+  a page of the SPEC's shape, which ends it at once too: a server newer
+  than the client, whose stream has a type added since.  The same page
+  comes again however long the follower waits, and the cure is to
+  upgrade the client: the events before it are written, then the error
+  names the type and the event's id.  A field the SPEC does not name is
+  no such case (a newer server may add one; it is skipped), and a field
+  it names that has another shape is a garbled reply, an outage above
+  (accman.calling.replies.events says why).
 
 Any other error ends it too (`events_trimmed`, a 401 or 403)."""
 
@@ -48,7 +57,8 @@ import time
 from typing import NamedTuple
 
 from accman.calling.replies import ORDER_RULE
-from accman.errors import AccManError, EventsOutOfOrder, TransportError, Unavailable
+from accman.errors import (AccManError, EventsOutOfOrder, EventsPageRefused, TransportError,
+                           Unavailable)
 
 PIPE_BUF = select.PIPE_BUF      # POSIX: a pipe takes a write this long whole
 
@@ -175,8 +185,8 @@ def _loop(acc, state, limit, wait_s, out, note) -> Followed:
             _waiting(state, time.sleep, pause)
             attempt += 1
             continue
-        except EventsOutOfOrder as e:
-            # A broken promise: the events before the break, then the end.
+        except EventsPageRefused as e:
+            # A page it cannot go past: the events before the fault, then the end.
             last = e.events[-1].id if e.events else state["after"]
             ended = _written(out, e.events, last, state)
             return Followed(state["after"], "error", e) if ended is None else ended

@@ -3,8 +3,10 @@ typed error (accman.errors), checked against the SPEC's shapes.  No I/O.
 
 A 200 whose body breaks the SPEC's shape is `BadReply`: the client cannot
 tell what happened, so for a mod the outcome is unknown.  An /events page
-of the SPEC's shape whose ids break the stream's order is
-`EventsOutOfOrder`: AccMan's own word, not a garbled reply."""
+of the SPEC's shape that the client cannot go on past is an
+`EventsPageRefused`, AccMan's own word, not a garbled reply: its ids break
+the stream's order (`EventsOutOfOrder`), or it holds an event of a type
+this client does not know (`EventTypeUnknown`, see `events`)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import urllib.parse
 from typing import NamedTuple
 
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsOutOfOrder,
-                           EventsTrimmed, Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount,
-                           NoHold, OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
-                           Unauthorized, Unavailable, UnexpectedReply)
+                           EventsTrimmed, EventTypeUnknown, Forbidden, HoldEnded, Insufficient,
+                           KeyReused, NoAccount, NoHold, OutcomeUnknown, Overflow,
+                           ProxyUnavailable, TooManyHolds, Unauthorized, Unavailable,
+                           UnexpectedReply)
 from accman.records import EVENT_TYPES, Entry, Event
 
 # An account's public id (SPEC "Events") is the hex of the store's keyed
@@ -54,6 +57,9 @@ UNSHOWN = "<not shown>"
 _CODE_RE = re.compile(r"[a-z_]{1,40}")
 
 _ACCOUNT_RE = re.compile(r"[0-9a-f]+")
+# How much of an event type this client does not know its error quotes:
+# enough to tell it, short enough that the detail keeps its advice whole.
+TYPE_CHARS_SHOWN = 32
 
 
 class PastPage(tuple):
@@ -263,24 +269,47 @@ def events(after: int):
     """GET /events?after=`after`: the decoder of its reply, an `EventsPage`.
     Besides each event's shape (`BadReply`) it checks the order the SPEC
     promises (`EventsOutOfOrder`), so that a follower that resumes from
-    `next` can neither skip nor repeat an event without noticing (see
-    `_check_order`)."""
+    `next` can neither skip nor repeat an event without noticing, and that
+    it knows each event's type (`EventTypeUnknown`; see `_check_page`).
+
+    What the client cannot read in a page of the SPEC's shape is one of
+    two things.  A field the SPEC does not name (on the page or on an
+    event) is skipped: the SPEC's shapes list what a reply holds and say
+    nothing against more, its replies have grown by fields before (`hold`,
+    `account`) and this client reads servers from before them, so a
+    server newer than the client may add one and be read as ever.  A
+    `type` that is a string this client does not know is a newer server's
+    type, whose fields the client cannot tell (it reads only its `id`):
+    EventTypeUnknown, the same page when asked again, mended by upgrading
+    the client.  A field the SPEC names, of another shape or missing (an
+    id that is not a positive integer, a `type` that is not a string, a
+    `by` that is text), is no newer server's (the SPEC fixes those shapes,
+    and a server that changed one would break every client, old or new):
+    BadReply, a reply the client cannot take for AccMan's word."""
     def decode(status: int, body: bytes) -> EventsPage:
         obj = ok(status, body)
         items, nxt = obj.get("events"), obj.get("next")
         if not isinstance(items, list) or not (_is_int(nxt) and nxt >= 0):
             raise BadReply("/events reply without an events list and an integer next")
         page = [_event(e) for e in items]
-        _check_order(after, page, nxt)
+        _check_page(after, page, nxt)
         return EventsPage(page, nxt)
     return decode
+
+
+class _Unknown(NamedTuple):
+    """An event of a type this client does not know: all that is read of
+    it (a newer type's other fields are the newer server's to say)."""
+
+    id: int
+    type: str
 
 
 # What every order refusal ends with: the promise broken.
 ORDER_RULE = 'ids grow by one, with no gaps or repeats (SPEC "Events")'
 
 
-def _check_order(after: int, page: list, nxt: int) -> None:
+def _check_page(after: int, page: list, nxt: int) -> None:
     """Ids grow by one with no gaps (SPEC "Events"), so a page after
     `after` starts at `after + 1`, goes on one by one, and its `next` is
     its last id: the embedded store and the PostgreSQL one (several
@@ -290,7 +319,10 @@ def _check_order(after: int, page: list, nxt: int) -> None:
     (the server says where it ends); never more than `after`, which would
     skip events unseen.  A page that breaks this is EventsOutOfOrder, with
     the events before the break, and names the ids: the shape of the page
-    was AccMan's, so this is its word on its stream, not a garbled reply."""
+    was AccMan's, so this is its word on its stream, not a garbled reply.
+    An event of a type this client does not know, in its place in the
+    order, ends the page the same way (EventTypeUnknown, with the events
+    before it): the client cannot hand it on as an Event."""
     if not page:
         if nxt > after:
             skipped = f"event {nxt}" if nxt == after + 1 else f"events {after + 1} to {nxt}"
@@ -302,10 +334,22 @@ def _check_order(after: int, page: list, nxt: int) -> None:
         if e.id != last + 1:
             raise EventsOutOfOrder(f"event {e.id} came after event {last}, where {last + 1} "
                                    f"was due; {ORDER_RULE}", page[:i])
+        if type(e) is _Unknown:
+            raise _type_unknown(e, page[:i])
         last = e.id
     if nxt != last:
         raise EventsOutOfOrder(f"a page ending with event {last} gave next {nxt}, not {last}; "
                                f"{ORDER_RULE}", page)
+
+
+def _type_unknown(e: _Unknown, before: list) -> EventTypeUnknown:
+    """The error of `e`, its type quoted in printable ASCII (any other
+    character, a quote or a backslash as `?`) and cut to TYPE_CHARS_SHOWN."""
+    shown = re.sub(r'[^\x21-\x7e]|["\\]', "?", e.type[:TYPE_CHARS_SHOWN])
+    cut = "..." if len(e.type) > TYPE_CHARS_SHOWN else ""
+    return EventTypeUnknown(f'event {e.id} is of type "{shown}"{cut}, which this client does not '
+                            f"know: it is older than the server's event stream; upgrade accman",
+                            before, id=e.id, type=e.type)
 
 
 def past(status: int, body: bytes) -> PastPage:
@@ -326,9 +370,12 @@ def _account_ok(account) -> bool:
             and _ACCOUNT_RE.fullmatch(account) is not None)
 
 
-def _event(e) -> Event:
+def _event(e) -> Event | _Unknown:
     if not isinstance(e, dict):
         raise BadReply("/events event is not an object")
+    eid, etype = e.get("id"), e.get("type")
+    if isinstance(etype, str) and etype not in EVENT_TYPES and _is_int(eid) and eid >= 1:
+        return _Unknown(eid, etype)
     ev = Event(e.get("id"), e.get("type"), e.get("account"), e.get("seq"), e.get("by"),
                e.get("tot"), e.get("at"), e.get("key"), e.get("hold"))
     if not (_is_int(ev.id) and ev.id >= 1 and ev.type in EVENT_TYPES
@@ -352,5 +399,6 @@ def _entry(e) -> Entry:
     return Entry(seq, by, value, at, key, hold)
 
 
-__all__ = ["PastPage", "EventsPage", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX", "ok", "error",
+__all__ = ["PastPage", "EventsPage", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX", "TYPE_CHARS_SHOWN",
+           "ok", "error",
            "unechoed", "tot", "mod", "past", "hold", "settle", "events"]

@@ -1,0 +1,264 @@
+"""A follower of the event stream against pages of the SPEC's shape that
+it cannot go past, yet that are no outage: an event of a type this client
+does not know (a server newer than the client).  And the other fields a
+client cannot read: one the SPEC does not name is skipped (a newer server
+may add one), one it names with another shape is a garbled reply, ridden
+out (accman.calling.replies.events says why).
+
+Through a real `accman events --follow` subprocess, the clients'
+`events()` and `follow()` as a library, against tests/test_follow_order.py's
+fake server, whose pages are scripted per `after`."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from accman.calling import follow as follow_mod
+from accman.calling import replies
+from accman.client import (AccManClient, AccManSyncClient, BadReply, EventsOutOfOrder,
+                           EventsPage, EventTypeUnknown, TransportError)
+from accman.records import Event
+from conftest import ROOT, server_env
+from test_follow_order import DEADLINE_S, RESUME, Stream, event, follow_to_its_end, page
+
+
+def page_of(events: list, nxt: int, **extra) -> bytes:
+    """A 200 of these event objects, as given, and `extra` fields on the page."""
+    body = json.dumps({"events": events, "next": nxt, **extra}).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+@pytest.fixture
+def streams():
+    made = []
+
+    def make(script):
+        s = Stream(script)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+def follow_for(stream: Stream, lines: int) -> tuple:
+    """`accman events --follow` until it has written `lines` lines, then
+    SIGINT: `(exit code, the lines as objects, stderr)`."""
+    proc = subprocess.Popen([sys.executable, "-m", "accman", "events", "--follow", "--wait", "1",
+                             "--url", stream.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=server_env(), cwd=ROOT)
+    try:
+        out = b""
+        deadline = time.monotonic() + DEADLINE_S
+        while out.count(b"\n") < lines:
+            assert time.monotonic() < deadline, f"not all lines written: {out!r}"
+            if select.select([proc.stdout], [], [], 0.1)[0]:
+                chunk = proc.stdout.read1(65536)
+                assert chunk, "the follower ended"
+                out += chunk
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, [json.loads(line) for line in (out + rest).splitlines()], err.decode()
+
+
+def newer(i: int, kind: str = "refund") -> dict:
+    """An event of a type added after this client: it may carry fields of
+    its own, and not the SPEC's."""
+    return {"id": i, "type": kind, "refund": {"of": i - 1, "amount": 5}}
+
+
+def unknown_words(i: int, kind: str) -> str:
+    return (f'event {i} is of type "{kind}", which this client does not know: it is older '
+            f"than the server's event stream; upgrade accman")
+
+
+# --- an event of a type this client does not know ------------------------------------
+NEWER = {
+    "with the SPEC's fields": dict(event(4), type="refund"),
+    "with fields of its own": newer(4),
+}
+
+
+@pytest.mark.parametrize("newer_event", NEWER, ids=list(NEWER))
+def test_a_follower_ends_at_once_on_a_type_it_does_not_know(streams, newer_event):
+    """It used to take the page for no answer (a BadReply) and ride it out
+    for FOLLOW_OUTAGE_S_MAX, then exit 3 "no answer".  Now: the events
+    before it, whole lines, then exit 1 and one line naming the event and
+    its type and saying to upgrade, the page asked once."""
+    s = streams({0: [page([1, 2], 2)],
+                 2: [page_of([event(3), NEWER[newer_event], event(5)], 5)]})
+    code, out, err = follow_to_its_end(s, "--limit", "3")
+    assert code == 1, err
+    assert out.endswith("\n") and [json.loads(line)["id"] for line in out.splitlines()] == [1, 2, 3]
+    assert err.splitlines() == [
+        f"accman: error: {unknown_words(4, 'refund')}; " + RESUME.format(3)]
+    assert s.asked == [0, 2] and not s.strayed.is_set()
+
+
+def test_one_page_with_a_type_it_does_not_know_is_said_as_such_once_asked(streams):
+    """`accman events` without --follow: exit 1 and the line, not exit 3
+    "no answer" after the client's retries."""
+    s = streams({0: [page_of([event(1), newer(2, "low_balance_v2")], 2)] * 3})
+    proc = subprocess.run([sys.executable, "-m", "accman", "events", "--url", s.url],
+                          capture_output=True, text=True, timeout=DEADLINE_S, env=server_env(),
+                          cwd=ROOT)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"accman: error: {unknown_words(2, 'low_balance_v2')}\n"
+    assert s.asked == [0]
+
+
+def test_the_clients_raise_it_at_once_with_the_events_before_it(streams):
+    """AccManClient.events and AccManSyncClient.events: EventTypeUnknown,
+    no TransportError, never retried (the same server sends the same
+    page), naming the event and its type."""
+    s = streams({3: [page_of([event(4), newer(5)], 5)] * 3})
+    with AccManSyncClient(s.url, retries=2) as acc:
+        with pytest.raises(EventTypeUnknown) as sync_error:
+            acc.events(3)
+
+    async def call():
+        async with AccManClient(s.url, retries=2) as acc:
+            with pytest.raises(EventTypeUnknown) as async_error:
+                await acc.events(3, wait_s=1)
+            return async_error
+    async_error = asyncio.run(call())
+    for info in (sync_error, async_error):
+        e = info.value
+        assert not isinstance(e, TransportError) and e.code == "event_type_unknown"
+        assert e.detail == unknown_words(5, "refund")
+        assert (e.id, e.type, [x.id for x in e.events]) == (5, "refund", [4])
+    assert s.asked == [3, 3] and not s.strayed.is_set()
+
+
+def test_follow_as_a_library_call_reads_extra_fields_and_ends_on_a_newer_type(streams,
+                                                                               monkeypatch):
+    """Fields the SPEC does not name (on the page, on an event) are
+    skipped and the events written as ever; a type it does not know ends
+    it, within no outage."""
+    # A short outage window: were the page taken for no answer, the
+    # follower would end within it, with another error, after notes.
+    monkeypatch.setattr(follow_mod, "FOLLOW_OUTAGE_S_MAX", 0.5)
+    monkeypatch.setattr(follow_mod, "FOLLOW_PAUSE_S", 0.02)
+    # Each page scripted over and over: a follower that took one for no
+    # answer ends within the window, never long-polls past the script.
+    s = streams({0: [page_of([dict(event(1), region="eu"), event(2)], 2, server="3.0")] * 100,
+                 2: [page_of([event(3), newer(4), newer(5)], 5)] * 100})
+    out, notes = io.StringIO(), []
+    with AccManSyncClient(s.url) as acc:
+        end = follow_mod.follow(acc, 0, None, 1, out=out, note=notes.append)
+    assert end.why == "error" and isinstance(end.error, EventTypeUnknown) and end.after == 3
+    assert end.error.detail == unknown_words(4, "refund")
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [event(1), event(2),
+                                                                         event(3)]
+    assert notes == [] and s.asked == [0, 2] and not s.strayed.is_set()
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL       # put back
+
+
+# --- the decoder's cases --------------------------------------------------------------
+def decode(after: int, events: list, nxt: int, **extra) -> EventsPage:
+    body = json.dumps({"events": events, "next": nxt, **extra}).encode()
+    return replies.events(after)(200, body)
+
+
+@pytest.mark.parametrize("events,nxt,before", [
+    ([newer(7)], 7, []),
+    ([event(7), event(8), newer(9), event(10)], 10, [7, 8]),
+    ([event(7), {"id": 8, "type": "refund"}], 8, [7]),          # none of the SPEC's fields
+])
+def test_a_type_it_does_not_know_ends_the_page_with_the_events_before_it(events, nxt, before):
+    with pytest.raises(EventTypeUnknown) as info:
+        decode(6, events, nxt)
+    assert [e.id for e in info.value.events] == before and info.value.type == "refund"
+
+
+@pytest.mark.parametrize("events,words", [
+    ([event(7), newer(9)], "event 9 came after event 7, where 8 was due"),
+    ([event(8), newer(9)], "event 8 came after event 6, where 7 was due"),
+])
+def test_the_order_is_checked_up_to_and_with_the_unknown_event(events, words):
+    """Its id is read, and its place in the order checked: a break before
+    it, or at it, is the stream's broken order."""
+    with pytest.raises(EventsOutOfOrder) as info:
+        decode(6, events, 9)
+    assert info.value.detail.startswith(words)
+
+
+@pytest.mark.parametrize("events", [
+    [{"id": "7", "type": "refund"}],                # its id not of the SPEC's shape
+    [{"id": 0, "type": "refund"}],
+    [{"type": "refund"}],
+    [newer(7), dict(event(8), by="5")],             # a garbled event after it
+    [dict(event(7), type=["mod"])],                 # a type that is not a string
+])
+def test_a_field_the_spec_names_of_another_shape_is_still_a_bad_reply(events):
+    with pytest.raises(BadReply):
+        decode(6, events, 8)
+
+
+def test_the_type_is_quoted_short_and_printable():
+    """However long the type, and whatever it holds, the detail keeps its
+    advice whole (the clients cut details at DETAIL_CHARS_MAX)."""
+    kind = 'a"b\\c\n\x00' + "é" * 1000
+    after = 2 ** 63 - 2
+    with pytest.raises(EventTypeUnknown) as info:
+        decode(after, [newer(after + 1, kind)], after + 1)
+    shown = 'a?b?c??' + "?" * (replies.TYPE_CHARS_SHOWN - 7)
+    assert info.value.detail == unknown_words(after + 1, shown).replace(f'"{shown}"',
+                                                                        f'"{shown}"...')
+    assert len(info.value.detail) <= replies.DETAIL_CHARS_MAX and info.value.type == kind
+
+
+def test_fields_the_spec_does_not_name_are_skipped():
+    plain = decode(6, [event(7), event(8)], 8)
+    assert decode(6, [dict(event(7), region="eu", v=[1]), event(8)], 8, cursor="x") == plain
+    assert plain == EventsPage([Event(**event(7)), Event(**event(8))], 8)
+
+
+# --- the other fields, through the follower and the clients ---------------------------
+def test_a_follower_reads_fields_the_spec_does_not_name_as_ever(streams):
+    s = streams({0: [page_of([dict(event(1), region="eu"), event(2)], 2, server="3.0")]})
+    code, lines, err = follow_for(s, 2)
+    assert code == 0 and lines == [event(1), event(2)]
+    assert "no answer" not in err and "error" not in err
+
+
+def test_the_clients_read_fields_the_spec_does_not_name_as_ever(streams):
+    s = streams({0: [page_of([dict(event(1), region="eu"), event(2)], 2, server="3.0")] * 2})
+    with AccManSyncClient(s.url, retries=0) as acc:
+        got = acc.events(0)
+
+    async def call():
+        async with AccManClient(s.url, retries=0) as acc:
+            return await acc.events(0, wait_s=1)
+    assert got == asyncio.run(call()) == EventsPage([Event(**event(1)), Event(**event(2))], 2)
+    assert s.asked == [0, 0]
+
+
+def test_a_field_the_spec_names_of_another_shape_is_ridden_out_as_before(streams):
+    """Not a newer server's (the SPEC fixes that field's shape): a reply the
+    follower cannot take for AccMan's word, an outage, said and asked
+    again, and the clients retry it."""
+    bad = page_of([dict(event(1), by="5")], 1)
+    s = streams({0: [bad] * 3 + [page([1, 2], 2)]})
+    code, lines, err = follow_for(s, 2)
+    assert code == 0 and [line["id"] for line in lines] == [1, 2]
+    assert "no answer (" in err and "trying again in 1 s" in err
+    s = streams({0: [bad] * 3})
+    with AccManSyncClient(s.url, retries=2) as acc:
+        with pytest.raises(BadReply):
+            acc.events(0)
+    assert s.asked == [0, 0, 0]
