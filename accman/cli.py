@@ -5,8 +5,8 @@ Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
 its reader closing the pipe, and any command whose reader closed stdout
 before its output: what the call did is done); 1 the server (or the
 check) answered with an error, or (`events`) with events that break the
-stream's order, or of a type this client does not know (upgrade it),
-named; 2 bad flags or values, or a write started with stdout closed or
+stream's order or its page size, or of a type this client does not know
+(upgrade it), named; 2 bad flags or values, or a write started with stdout closed or
 open for reading only (its reply would be lost), refused before anything
 is sent, or `serve` could not start (busy port, data directory locked or
 corrupt, bad tokens file, a non-loopback bind without tokens);
@@ -194,8 +194,9 @@ def _holds_and_events(client):
                         f"{FOLLOW_WAIT_S} with --follow)")
     e.add_argument("--follow", action="store_true",
                    help="keep going: one JSON event a line, until SIGINT or SIGTERM, the "
-                        "reader closes the pipe, an error, events out of their order or of a "
-                        "type this accman does not know (exit 1, naming the ids), or "
+                        "reader closes the pipe, an error, events out of their order, more "
+                        "than --limit, or of a type this accman does not know (exit 1, naming "
+                        "them), or "
                         f"{FOLLOW_OUTAGE_S_MAX / 60:g} minutes with no answer (exit 3)")
 
 

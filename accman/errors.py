@@ -306,6 +306,15 @@ class EventsOutOfOrder(EventsPageRefused):
     code = "events_out_of_order"
 
 
+class EventsOverLimit(EventsPageRefused):
+    """A page of more events than the `limit` asked for (SPEC "Routes":
+    1..1000, default 100), a promise broken as an order break is.
+    `events` are its first `limit` events, when they came in order; the
+    detail names the count and the limit."""
+
+    code = "events_over_limit"
+
+
 class EventTypeUnknown(EventsPageRefused):
     """A page that holds an event of a type this client does not know
     (not in accman.records.EVENT_TYPES): a server newer than the client,

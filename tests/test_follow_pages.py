@@ -1,7 +1,8 @@
 """A follower of the event stream against pages of the SPEC's shape that
 it cannot go past, yet that are no outage: an event of a type this client
-does not know (a server newer than the client).  And the other fields a
-client cannot read: one the SPEC does not name is skipped (a newer server
+does not know (a server newer than the client), and a page of more events
+than the `limit` asked (SPEC "Routes").  And the other fields a client
+cannot read: one the SPEC does not name is skipped (a newer server
 may add one), one it names with another shape is a garbled reply, ridden
 out (accman.calling.replies.events says why).
 
@@ -25,7 +26,7 @@ import pytest
 from accman.calling import follow as follow_mod
 from accman.calling import replies
 from accman.client import (AccManClient, AccManSyncClient, BadReply, EventsOutOfOrder,
-                           EventsPage, EventTypeUnknown, TransportError)
+                           EventsOverLimit, EventsPage, EventTypeUnknown, TransportError)
 from accman.records import Event
 from conftest import ROOT, server_env
 from test_follow_order import DEADLINE_S, RESUME, Stream, event, follow_to_its_end, page
@@ -262,3 +263,94 @@ def test_a_field_the_spec_names_of_another_shape_is_ridden_out_as_before(streams
         with pytest.raises(BadReply):
             acc.events(0)
     assert s.asked == [0, 0, 0]
+
+
+# --- a page of more events than asked -------------------------------------------------
+LIMIT_RULE = '; a page holds at most the limit asked, 100 when none is (SPEC "Routes")'
+
+# (the flags, the pages, the ids written, what the error says)
+OVER = {
+    "--limit 2": (["--limit", "2"], {0: [page([1, 2], 2)], 2: [page([3, 4, 5], 5)]},
+                  [1, 2, 3, 4], "a page of 3 events came where limit 2 was asked"),
+    "no --limit": ([], {0: [page(range(1, 102), 101)]}, list(range(1, 101)),
+                   "a page of 101 events came where limit 100 was asked"),
+}
+
+
+@pytest.mark.parametrize("over", OVER, ids=list(OVER))
+def test_a_follower_ends_at_once_on_a_page_longer_than_asked(streams, over):
+    """It used to write the whole page and go on.  Now: the page's first
+    `limit` events, whole lines, then exit 1 and a line naming the count
+    and the limit, the page asked once."""
+    flags, script, written, words = OVER[over]
+    s = streams(script)
+    code, out, err = follow_to_its_end(s, *flags)
+    assert code == 1, err
+    assert out.endswith("\n") and [json.loads(line)["id"] for line in out.splitlines()] == written
+    assert err.splitlines() == [
+        f"accman: error: the event stream broke its page size: {words}{LIMIT_RULE}; "
+        + RESUME.format(written[-1])]
+    assert s.asked == sorted(script) and not s.strayed.is_set()
+
+
+def test_one_page_longer_than_asked_is_said_as_such_once_asked(streams):
+    s = streams({0: [page([1, 2, 3], 3)] * 3})
+    proc = subprocess.run([sys.executable, "-m", "accman", "events", "--limit", "2", "--url",
+                           s.url], capture_output=True, text=True, timeout=DEADLINE_S,
+                          env=server_env(), cwd=ROOT)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == ("accman: error: the event stream broke its page size: a page of 3 "
+                           f"events came where limit 2 was asked{LIMIT_RULE}\n")
+    assert s.asked == [0]
+
+
+def test_the_clients_raise_it_at_once_with_the_first_limit_events(streams):
+    """EventsOverLimit, no TransportError, never retried; a page of
+    exactly `limit` events is read."""
+    s = streams({3: [page([4, 5, 6], 6)] * 4, 0: [page(range(1, 102), 101)]})
+    with AccManSyncClient(s.url, retries=2) as acc:
+        assert [e.id for e in acc.events(3, limit=3).events] == [4, 5, 6]
+        with pytest.raises(EventsOverLimit) as sync_error:
+            acc.events(3, limit=2)
+        with pytest.raises(EventsOverLimit) as default_error:
+            acc.events(0)
+
+    async def call():
+        async with AccManClient(s.url, retries=2) as acc:
+            with pytest.raises(EventsOverLimit) as async_error:
+                await acc.events(3, limit=2, wait_s=1)
+            return async_error
+    async_error = asyncio.run(call())
+    for info in (sync_error, async_error):
+        e = info.value
+        assert not isinstance(e, TransportError) and e.code == "events_over_limit"
+        assert e.detail == f"a page of 3 events came where limit 2 was asked{LIMIT_RULE}"
+        assert [x.id for x in e.events] == [4, 5]
+    assert [x.id for x in default_error.value.events] == list(range(1, 101))
+    assert s.asked == [3, 3, 0, 3] and not s.strayed.is_set()
+
+
+def test_follow_as_a_library_call_ends_on_a_page_longer_than_asked(streams, monkeypatch):
+    monkeypatch.setattr(follow_mod, "FOLLOW_OUTAGE_S_MAX", 0.5)
+    monkeypatch.setattr(follow_mod, "FOLLOW_PAUSE_S", 0.02)
+    # A follower that went on past the page would meet a stream gone
+    # back after it, and end there, not long-poll past the script.
+    s = streams({0: [page([1, 2], 2)] * 100, 2: [page([3, 4, 5], 5)] * 100, 5: [page([], 1)]})
+    out, notes = io.StringIO(), []
+    with AccManSyncClient(s.url) as acc:
+        end = follow_mod.follow(acc, 0, 2, 1, out=out, note=notes.append)
+    assert end.why == "error" and isinstance(end.error, EventsOverLimit) and end.after == 4
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == [1, 2, 3, 4]
+    assert notes == [] and s.asked == [0, 2] and not s.strayed.is_set()
+
+
+@pytest.mark.parametrize("events,error,before", [
+    ([event(7), event(9), event(10)], EventsOutOfOrder, [7]),      # a break within the limit
+    ([event(7), newer(8), event(9)], EventTypeUnknown, [7]),       # a newer type within it
+    ([event(7), event(8), newer(9)], EventsOverLimit, [7, 8]),     # past it: the size first
+    ([event(7), event(8), event(10)], EventsOverLimit, [7, 8]),
+])
+def test_the_first_fault_in_the_page_s_order_is_the_one_raised(events, error, before):
+    with pytest.raises(error) as info:
+        replies.events(6, 2)(200, json.dumps({"events": events, "next": 10}).encode())
+    assert [e.id for e in info.value.events] == before

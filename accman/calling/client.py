@@ -30,9 +30,10 @@ What a failure means for money is in the exception type (accman.errors):
   without a key, only the account's `past` can tell.
 - `EventsPageRefused`: an `events` page of the SPEC's shape that the
   client cannot go on past: its ids break the stream's order
-  (`EventsOutOfOrder`: a gap, a repeat, a `next` that skips), or it holds
-  an event of a type this client does not know (`EventTypeUnknown`: the
-  server is newer; upgrade accman).  AccMan's own word on its stream,
+  (`EventsOutOfOrder`: a gap, a repeat, a `next` that skips), it holds
+  more events than the `limit` asked (`EventsOverLimit`), or an event of
+  a type this client does not know (`EventTypeUnknown`: the server is
+  newer; upgrade accman).  AccMan's own word on its stream,
   which asking again would not change, so it is never retried, and is no
   `TransportError` that a follower would ride out.
 
@@ -67,8 +68,8 @@ from accman.calling.sync import AccManSyncClient
 from accman.calling.policy import RETRIES_MAX
 from accman.calling.replies import ACCOUNT_CHARS_MAX, DETAIL_CHARS_MAX
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, CallTimeout, EventsOutOfOrder,
-                           EventsPageRefused, EventsTrimmed, EventTypeUnknown, Forbidden,
-                           HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
+                           EventsOverLimit, EventsPageRefused, EventsTrimmed, EventTypeUnknown,
+                           Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
                            OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
                            TransportError, Unauthorized, Unavailable, UnexpectedReply,
                            Unreachable)
@@ -218,7 +219,7 @@ class AccManClient:
         + wait_s`, on a connection of its own.  EventsTrimmed (with
         `.first`) when `after` is older than the retention keeps."""
         req = self._ep.request("GET ", target_events(after, limit, wait_s))
-        return await self._call(req, True, replies.events(after), wait_s or 0)
+        return await self._call(req, True, replies.events(after, limit), wait_s or 0)
 
     async def past(self, cred: str, limit: int | None = None,
                    before: int | None = None) -> PastPage:
@@ -476,7 +477,7 @@ __all__ = [
     # Every error a call raises (CALLING.md, "Errors"), all of accman.errors.
     "AccManError", "NoAccount", "Insufficient", "KeyReused", "Overflow", "TooManyHolds",
     "HoldEnded", "NoHold", "EventsTrimmed", "EventsPageRefused", "EventsOutOfOrder",
-    "EventTypeUnknown", "BadRequest", "Unavailable", "Busy",
+    "EventsOverLimit", "EventTypeUnknown", "BadRequest", "Unavailable", "Busy",
     "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
     "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply", "ProxyUnavailable",
     "RETRIES_MAX", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX",

@@ -20,9 +20,9 @@ import sys
 
 from accman.calling.arguments import plain_decimal
 from accman.calling.requests import check_hold_amount, check_name
-from accman.errors import (AccManError, BadRequest, Busy, EventsOutOfOrder, EventsPageRefused,
-                           EventsTrimmed, Forbidden, Insufficient, Terminated, TransportError,
-                           Unauthorized, Unavailable, Unreachable, going_on)
+from accman.errors import (AccManError, BadRequest, Busy, EventsOutOfOrder, EventsOverLimit,
+                           EventsPageRefused, EventsTrimmed, Forbidden, Insufficient, Terminated,
+                           TransportError, Unauthorized, Unavailable, Unreachable, going_on)
 from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
@@ -314,6 +314,8 @@ def failure(args, e) -> tuple:
         # AccMan's own page broke the stream's order: a server's fault that
         # asking again would not mend, said as such rather than as no answer.
         return f"accman: error: the event stream broke its order: {e.detail}", EXIT_REFUSED
+    if isinstance(e, EventsOverLimit):
+        return f"accman: error: the event stream broke its page size: {e.detail}", EXIT_REFUSED
     if isinstance(e, EventsPageRefused):
         # A page of AccMan's that this client cannot go past (an event of a
         # type newer than the client): its detail says what and what to do;

@@ -28,10 +28,12 @@ A reply that is not what it asked for is one of three things:
   that is not its last id or that skips), or a stream that goes back below
   an id it had already reached in this run (a store restored from an older
   copy: the ids after it would come again, as other events, and a reader
-  that dedupes by id would drop them).  Only AccMan makes such a page, the
-  same store answers the same way when asked again, and waiting would
-  only hide it: the events before the break are written, then the error
-  names the ids.  An `--after` given past the end of the stream is no
+  that dedupes by id would drop them), or a page of more events than
+  the `limit` asked (`EventsOverLimit`).  Only AccMan makes such a page,
+  the same store answers the same way when asked again, and waiting
+  would only hide it: the events before the break (for a page too long,
+  its first `limit`, if in order) are written, then the error names the
+  ids or the count.  An `--after` given past the end of the stream is no
   broken promise (the follower has seen nothing yet): it is said, and
   following goes on from the newest event.
 - An event of a type this client does not know (`EventTypeUnknown`) in

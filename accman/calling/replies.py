@@ -5,8 +5,9 @@ A 200 whose body breaks the SPEC's shape is `BadReply`: the client cannot
 tell what happened, so for a mod the outcome is unknown.  An /events page
 of the SPEC's shape that the client cannot go on past is an
 `EventsPageRefused`, AccMan's own word, not a garbled reply: its ids break
-the stream's order (`EventsOutOfOrder`), or it holds an event of a type
-this client does not know (`EventTypeUnknown`, see `events`)."""
+the stream's order (`EventsOutOfOrder`), it holds more events than the
+`limit` asked (`EventsOverLimit`), or an event of a type this client does
+not know (`EventTypeUnknown`, see `events`)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import urllib.parse
 from typing import NamedTuple
 
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsOutOfOrder,
-                           EventsTrimmed, EventTypeUnknown, Forbidden, HoldEnded, Insufficient,
-                           KeyReused, NoAccount, NoHold, OutcomeUnknown, Overflow,
-                           ProxyUnavailable, TooManyHolds, Unauthorized, Unavailable,
-                           UnexpectedReply)
+                           EventsOverLimit, EventsTrimmed, EventTypeUnknown, Forbidden,
+                           HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
+                           OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
+                           Unauthorized, Unavailable, UnexpectedReply)
+from accman.limits import EVENTS_LIMIT_DEFAULT
 from accman.records import EVENT_TYPES, Entry, Event
 
 # An account's public id (SPEC "Events") is the hex of the store's keyed
@@ -265,12 +267,14 @@ def hold(status: int, body: bytes) -> tuple:
     return held, value, seq
 
 
-def events(after: int):
-    """GET /events?after=`after`: the decoder of its reply, an `EventsPage`.
-    Besides each event's shape (`BadReply`) it checks the order the SPEC
-    promises (`EventsOutOfOrder`), so that a follower that resumes from
-    `next` can neither skip nor repeat an event without noticing, and that
-    it knows each event's type (`EventTypeUnknown`; see `_check_page`).
+def events(after: int, limit: int | None = None):
+    """GET /events?after=`after`&limit=`limit` (left out: the SPEC's
+    default): the decoder of its reply, an `EventsPage`.  Besides each
+    event's shape (`BadReply`) it checks the order the SPEC promises
+    (`EventsOutOfOrder`), so that a follower that resumes from `next` can
+    neither skip nor repeat an event without noticing, that the page holds
+    no more than `limit` events (`EventsOverLimit`), and that it knows
+    each event's type (`EventTypeUnknown`; see `_check_page`).
 
     What the client cannot read in a page of the SPEC's shape is one of
     two things.  A field the SPEC does not name (on the page or on an
@@ -292,7 +296,7 @@ def events(after: int):
         if not isinstance(items, list) or not (_is_int(nxt) and nxt >= 0):
             raise BadReply("/events reply without an events list and an integer next")
         page = [_event(e) for e in items]
-        _check_page(after, page, nxt)
+        _check_page(after, page, nxt, EVENTS_LIMIT_DEFAULT if limit is None else limit)
         return EventsPage(page, nxt)
     return decode
 
@@ -309,7 +313,11 @@ class _Unknown(NamedTuple):
 ORDER_RULE = 'ids grow by one, with no gaps or repeats (SPEC "Events")'
 
 
-def _check_page(after: int, page: list, nxt: int) -> None:
+# What every page size refusal ends with: the promise broken.
+LIMIT_RULE = 'a page holds at most the limit asked, 100 when none is (SPEC "Routes")'
+
+
+def _check_page(after: int, page: list, nxt: int, limit: int) -> None:
     """Ids grow by one with no gaps (SPEC "Events"), so a page after
     `after` starts at `after + 1`, goes on one by one, and its `next` is
     its last id: the embedded store and the PostgreSQL one (several
@@ -320,9 +328,12 @@ def _check_page(after: int, page: list, nxt: int) -> None:
     skip events unseen.  A page that breaks this is EventsOutOfOrder, with
     the events before the break, and names the ids: the shape of the page
     was AccMan's, so this is its word on its stream, not a garbled reply.
-    An event of a type this client does not know, in its place in the
-    order, ends the page the same way (EventTypeUnknown, with the events
-    before it): the client cannot hand it on as an Event."""
+    A page of more than `limit` events breaks the SPEC's page size, and
+    ends where it passes it (EventsOverLimit, with its first `limit`
+    events).  An event of a type this client does not know, in its place
+    in the order, ends the page the same way (EventTypeUnknown, with the
+    events before it): the client cannot hand it on as an Event.  The
+    first fault in the page's order is the one raised."""
     if not page:
         if nxt > after:
             skipped = f"event {nxt}" if nxt == after + 1 else f"events {after + 1} to {nxt}"
@@ -331,6 +342,9 @@ def _check_page(after: int, page: list, nxt: int) -> None:
         return
     last = after
     for i, e in enumerate(page):
+        if i == limit:
+            raise EventsOverLimit(f"a page of {len(page)} events came where limit {limit} was "
+                                  f"asked; {LIMIT_RULE}", page[:i])
         if e.id != last + 1:
             raise EventsOutOfOrder(f"event {e.id} came after event {last}, where {last + 1} "
                                    f"was due; {ORDER_RULE}", page[:i])

@@ -111,7 +111,7 @@ class AccManSyncClient:
         """`(events, next)`; see AccManClient.events.  With `wait_s`, the
         attempt's timeout is `timeout_s + wait_s`."""
         req = self._ep.request("GET ", target_events(after, limit, wait_s))
-        return self._call(req, True, replies.events(after), wait_s or 0)
+        return self._call(req, True, replies.events(after, limit), wait_s or 0)
 
     def past(self, cred: str, limit: int | None = None,
              before: int | None = None) -> replies.PastPage:
