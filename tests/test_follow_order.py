@@ -23,10 +23,12 @@ import time
 
 import pytest
 
+from accman.calling import client as client_mod
 from accman.calling import follow as follow_mod
 from accman.client import AccManClient, AccManSyncClient
 from accman.errors import EventsOutOfOrder, TransportError
 from conftest import ROOT, server_env
+from test_calling_layout import python_samples
 
 ACCOUNT = "0f" * 16
 # Long enough for a loaded machine to start a Python process and follow
@@ -288,3 +290,30 @@ def test_follow_as_a_library_call_ends_with_it_and_writes_what_came_before(strea
     assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == [1, 2, 3, 4]
     assert notes == [] and s.asked == [0, 2] and not s.strayed.is_set()
     assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL       # put back
+
+
+# AccMan's own 503 (its store cannot commit, or it is stopping), the same
+# to each of the client's retries of a read.
+STOPPING = (b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
+            b'Content-Length: 57\r\n\r\n{"error":"unavailable","detail":"the server is stopping"}')
+
+
+def test_the_calling_docs_follower_rides_out_accman_s_own_503(streams):
+    """docs/CALLING.md's follower, run as written: AccMan's 503, which the
+    client's retries meet each time, is an outage to ask again after, as
+    the CLI's follower takes it; a page out of order ends it."""
+    (sample,) = [s for s in python_samples("docs/CALLING.md") if "async def follow(acc)" in s]
+    handled, saved = [], []
+    names = {n: getattr(client_mod, n) for n in client_mod.__all__}
+    names.update(asyncio=asyncio, load_cursor=lambda: 0, handle=handled.append,
+                 save_cursor=saved.append)
+    exec(compile(sample, "docs/CALLING.md's follower", "exec"), names)
+    s = streams({0: [STOPPING] * 3 + [page([1, 2], 2)], 2: [page([4], 4)]})
+
+    async def main():
+        async with AccManClient(s.url) as acc:
+            with pytest.raises(EventsOutOfOrder):
+                await asyncio.wait_for(names["follow"](acc), DEADLINE_S)
+    asyncio.run(main())
+    assert [e.id for e in handled] == [1, 2] and saved == [2]
+    assert s.asked == [0, 0, 0, 0, 2] and not s.strayed.is_set()
