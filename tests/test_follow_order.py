@@ -169,11 +169,10 @@ BROKEN = {
 
 @pytest.mark.parametrize("broken", BROKEN, ids=list(BROKEN))
 def test_a_follower_ends_at_once_naming_the_broken_order(streams, broken):
-    """It used to take the page for no answer (a BadReply) and ride it
-    out for FOLLOW_OUTAGE_S_MAX, asking again and again; a `next` that
-    went back was followed, writing ids again.  Now: the events before
-    the break, whole lines, then exit 1 and a line naming the ids, the
-    broken page asked once and nothing after it."""
+    """A page that breaks the order is no outage to ride out, and a `next`
+    that goes back is not followed (ids already written would come
+    again): the events before the break, whole lines, then exit 1 and a
+    line naming the ids, the broken page asked once and nothing after it."""
     reply, written, words = BROKEN[broken]
     s = streams({0: [page([1, 2], 2)], 2: [reply]})
     code, out, err = follow_to_its_end(s, "--limit", "2")

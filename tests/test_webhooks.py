@@ -1070,8 +1070,8 @@ def test_the_metrics_show_cursor_lag_and_failures(rx, cursors):
 def test_the_cursor_s_help_says_a_save_s_own_time_adds_to_its_bound(rx, cursors):
     """SERVER.md: the cursor is saved at most once per
     WEBHOOK_CURSOR_SAVE_INTERVAL_S, and the save under way takes its own
-    time (more on a slow disk).  The help said "within the interval"
-    alone; it says what SERVER.md's table of metrics says."""
+    time (more on a slow disk): the help says so, not "within the
+    interval" alone, and so does SERVER.md's table of metrics."""
     d = run_deliverer(with_events(1), rx, lambda d: d.cursor == 1, cursors=cursors)
     m = Metrics()
     m.webhook = d
