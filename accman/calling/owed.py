@@ -123,7 +123,9 @@ class Unhold(Item):
     key answers whether it applied (the first reply, with its id) or not
     (it applies now, or is refused); a settle with use 0 then releases it.
     Left alone it would return by itself at its expiry; this returns it
-    sooner."""
+    sooner.  A refused repeat holds nothing, but cannot stop an attempt
+    still on its way (held by a stalled front-end): that one may apply
+    later, and returns at its expiry, never charged."""
 
     __slots__ = ("amount", "ttl_s", "key")
 
@@ -139,7 +141,7 @@ class Unhold(Item):
         try:
             hold, _, _ = await acc.hold(self.cred, -self.amount, self.ttl_s, key=self.key)
         except (Insufficient, NoAccount):
-            return 0                # it never applied and now cannot: nothing held
+            return 0                # nothing held now (a late attempt returns at its expiry)
         try:
             await acc.settle(self.cred, hold, 0)
         except HoldEnded:

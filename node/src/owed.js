@@ -80,7 +80,10 @@ class Settle {
 // A hold whose outcome is unknown, to be undone: repeating it with its key
 // answers whether it applied (the original reply, with its id) or not (it
 // applies now, or is refused); then a settle with use 0 releases it.  Left
-// alone it would return by itself at its expiry: it moves nothing.
+// alone it would return by itself at its expiry: it moves nothing.  A
+// refused repeat holds nothing, but cannot stop an attempt still on its
+// way (held by a stalled front-end): that one may apply later, and returns
+// at its expiry, never charged.
 class Unhold {
   constructor (cred, held, ttlS, key) {
     this.what = 'release'
@@ -96,7 +99,7 @@ class Unhold {
     try {
       r = await client.hold(this.cred, -this.amount, { ttlS: this.ttlS, min: 0, key: this.key })
     } catch (err) {
-      if (err instanceof Insufficient || err instanceof NoAccount) return // never held
+      if (err instanceof Insufficient || err instanceof NoAccount) return // nothing held now
       throw err
     }
     try {
