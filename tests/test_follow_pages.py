@@ -96,10 +96,10 @@ NEWER = {
 
 @pytest.mark.parametrize("newer_event", NEWER, ids=list(NEWER))
 def test_a_follower_ends_at_once_on_a_type_it_does_not_know(streams, newer_event):
-    """It used to take the page for no answer (a BadReply) and ride it out
-    for FOLLOW_OUTAGE_S_MAX, then exit 3 "no answer".  Now: the events
-    before it, whole lines, then exit 1 and one line naming the event and
-    its type and saying to upgrade, the page asked once."""
+    """A newer server's type is no outage to ride out (the same page comes
+    again, and only upgrading mends it): the events before it, whole
+    lines, then exit 1 and one line naming the event and its type and
+    saying to upgrade, the page asked once."""
     s = streams({0: [page([1, 2], 2)],
                  2: [page_of([event(3), NEWER[newer_event], event(5)], 5)]})
     code, out, err = follow_to_its_end(s, "--limit", "3")
@@ -279,9 +279,9 @@ OVER = {
 
 @pytest.mark.parametrize("over", OVER, ids=list(OVER))
 def test_a_follower_ends_at_once_on_a_page_longer_than_asked(streams, over):
-    """It used to write the whole page and go on.  Now: the page's first
-    `limit` events, whole lines, then exit 1 and a line naming the count
-    and the limit, the page asked once."""
+    """A page longer than asked is neither written whole nor followed on:
+    its first `limit` events, whole lines, then exit 1 and a line naming
+    the count and the limit, the page asked once."""
     flags, script, written, words = OVER[over]
     s = streams(script)
     code, out, err = follow_to_its_end(s, *flags)
