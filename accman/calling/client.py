@@ -27,10 +27,12 @@ What a failure means for money is in the exception type (accman.errors):
   read can simply be retried.  A mod may or may not have been applied:
   with a `key`, sending it again with the same key never charges twice
   (the server answers the original result), and its success settles the
-  question; a refusal by the balance (`Insufficient`) does not, since the
-  first attempt may still be on its way (a stalled front-end) and apply
-  later: the account's `past`, by key, tells.  Without a key, only `past`
-  can tell.
+  question; a refusal by a balance or a count that moves (`Insufficient`,
+  `Overflow`, `TooManyHolds`, `NoAccount`) does not, since the first
+  attempt may still be on its way (a stalled front-end) and apply later,
+  so the call ends as of unknown outcome: the account's `past`, by key,
+  tells whether it has applied so far.  Without a key, only `past` can
+  tell.
 - `EventsPageRefused`: an `events` page of the SPEC's shape that the
   client cannot go on past: its ids break the stream's order
   (`EventsOutOfOrder`: a gap, a repeat, a `next` that skips), it holds
