@@ -310,12 +310,12 @@ def failure(args, e) -> tuple:
         ca = (PRIVATE_CA_HINT if UNTRUSTED_ISSUER.search(e.detail or "") else
               NOT_TLS_HINT if NOT_TLS.search(e.detail or "") else "")
         return f"accman: error: no answer: {e.detail}{ca}; {nothing}", EXIT_NO_ANSWER
-    if isinstance(e, EventsOutOfOrder):
-        # AccMan's own page broke the stream's order: a server's fault that
-        # asking again would not mend, said as such rather than as no answer.
-        return f"accman: error: the event stream broke its order: {e.detail}", EXIT_REFUSED
-    if isinstance(e, EventsOverLimit):
-        return f"accman: error: the event stream broke its page size: {e.detail}", EXIT_REFUSED
+    if isinstance(e, (EventsOutOfOrder, EventsOverLimit)):
+        # AccMan's own page broke the stream's order or its page size: a
+        # server's fault that asking again would not mend, said as such
+        # rather than as no answer.
+        broke = "order" if isinstance(e, EventsOutOfOrder) else "page size"
+        return f"accman: error: the event stream broke its {broke}: {e.detail}", EXIT_REFUSED
     if isinstance(e, EventsPageRefused):
         # A page of AccMan's that this client cannot go past (an event of a
         # type newer than the client): its detail says what and what to do;
