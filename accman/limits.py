@@ -38,7 +38,10 @@ HOLDS_PER_ACCOUNT_MAX = 4096
 HOLDS_MAX = 1_000_000
 
 # --- events (SPEC "Events") -----------------------------------------------------
-EVENTS_LIMIT_DEFAULT = 100    # SPEC: default page of GET /events.
+# SPEC: default page of GET /events.  The request parser gives /past and
+# /events one default (PAST_LIMIT_DEFAULT's), and the clients refuse a page
+# over this one: the two stay equal (tests/test_server_events.py).
+EVENTS_LIMIT_DEFAULT = 100
 EVENTS_LIMIT_MAX = 1000       # SPEC: limit is 1..1000.
 EVENTS_WAIT_S_MAX = 60        # SPEC: wait is 0..60 seconds.
 # Events are kept at least this long (SPEC: default 7 days); older ones may

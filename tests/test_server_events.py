@@ -13,8 +13,8 @@ import time
 import pytest
 
 from conftest import ROOT, assert_error, get, parse_responses, patch, request_bytes
-from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_MAX, EVENTS_WAIT_S_MAX,
-                           EVENTS_WAITERS_MAX)
+from accman.limits import (EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_MAX,
+                           EVENTS_WAIT_S_MAX, EVENTS_WAITERS_MAX)
 from ledgerhelp import wait_for
 
 TOKENS = {"read": "read-token-0123456789abcdef", "charge": "charge-token-0123456789abcdef",
@@ -92,7 +92,9 @@ def test_pages_with_after_and_limit_and_their_bounds(server):
         assert all(r.status == 200 for r in c.responses(EVENTS_LIMIT_MAX + 1))
     doc = events(server, 0, EVENTS_LIMIT_MAX).json
     assert len(doc["events"]) == EVENTS_LIMIT_MAX and doc["next"] == EVENTS_LIMIT_MAX
-    assert len(events(server).json["events"]) == 100               # the default
+    # The default, which the clients check pages against (replies.events):
+    # the request parser gives /events PAST_LIMIT_DEFAULT's value.
+    assert len(events(server).json["events"]) == EVENTS_LIMIT_DEFAULT
     doc = events(server, 995, 3).json
     assert [e["id"] for e in doc["events"]] == [996, 997, 998] and doc["next"] == 998
     assert events(server, 1001).json == {"events": [], "next": 1001}
