@@ -52,8 +52,7 @@ import time
 from types import SimpleNamespace
 
 from accman.client import AccManClient, AccManSyncClient
-from accman.errors import (AccManError, BadReply, EventsPageRefused, TransportError,
-                           Unavailable)
+from accman.errors import AccManError, BadReply, TransportError, Unavailable
 from bankcheck import Checker
 from eventscheck import low_balance_problems, reader_problems, webhook_problems
 from conftest import PYTHON, ROOT, server_env, spawn_server
@@ -111,9 +110,10 @@ class ClientFollower(threading.Thread):
     """CALLING.md's follower: `events(after, wait_s)`, then `after = next`,
     on AccManClient, or AccManSyncClient with `sync`; an outage
     (Unreachable, a reset) is waited out and the same `after` asked again.
-    An EventsPageRefused (the client's checks of the ids' order, the
-    page's size and the events' types) or a BadReply is recorded: the
-    stream broke its promise."""
+    A BadReply is recorded and asked again; an EventsPageRefused (the
+    client's checks of the ids' order, the page's size and the events'
+    types), like any other error, is recorded and ends it (the same page
+    would come again): the stream broke its promise."""
 
     def __init__(self, cluster, sync=False):
         self.name_ = "the sync client's follower" if sync else "the client's follower"
@@ -150,7 +150,7 @@ class ClientFollower(threading.Thread):
 
     def _failed(self, e):
         """The pause before asking again, or None: the follower ends."""
-        if isinstance(e, (BadReply, EventsPageRefused)):
+        if isinstance(e, BadReply):
             self.errors.append(f"{self.name_} after {self.after}: {e}")
         elif isinstance(e, (TransportError, Unavailable)):
             self.outages += 1
