@@ -493,8 +493,9 @@ def test_a_request_cancelled_before_its_first_message_releases_its_hold(fake):
 
 def test_a_release_of_a_hold_on_no_account_is_nothing_held(fake):
     """An owed release repeats the hold with its key: on an account that
-    is not there the hold never applied, so nothing is held, as the Node
-    plugin takes it, rather than a failure to retry and strand."""
+    is not there the repeat holds nothing, and the release is done, as the
+    Node plugin takes it, rather than a failure to retry and strand (a
+    first attempt still on its way would expire whole at its ttl)."""
     from accman.calling.client import AccManClient
 
     async def main():
