@@ -251,23 +251,28 @@ def test_a_garbled_or_cut_reply_is_ridden_out_as_an_outage(streams, garbled):
 
 
 # --- the importable followers -------------------------------------------------------
+def raised_by_the_clients(url, kind, after, **kw) -> list:
+    """The `kind` errors that AccManSyncClient.events(after, **kw) and
+    AccManClient.events(after, wait_s=1, **kw) raise, each with 2
+    retries: [the sync client's, the async client's]."""
+    with AccManSyncClient(url, retries=2) as acc:
+        with pytest.raises(kind) as sync_error:
+            acc.events(after, **kw)
+
+    async def call():
+        async with AccManClient(url, retries=2) as acc:
+            with pytest.raises(kind) as async_error:
+                await acc.events(after, wait_s=1, **kw)
+            return async_error
+    return [sync_error.value, asyncio.run(call()).value]
+
+
 def test_the_clients_raise_it_at_once_with_the_events_before_the_break(streams):
     """AccManClient.events and AccManSyncClient.events: EventsOutOfOrder,
     no TransportError, never retried (the same store says the same), with
     the events that came in order."""
     s = streams({3: [page([4, 5, 7], 7)] * 3})
-    with AccManSyncClient(s.url, retries=2) as acc:
-        with pytest.raises(EventsOutOfOrder) as sync_error:
-            acc.events(3)
-
-    async def call():
-        async with AccManClient(s.url, retries=2) as acc:
-            with pytest.raises(EventsOutOfOrder) as async_error:
-                await acc.events(3, wait_s=1)
-            return async_error
-    async_error = asyncio.run(call())
-    for info in (sync_error, async_error):
-        e = info.value
+    for e in raised_by_the_clients(s.url, EventsOutOfOrder, 3):
         assert not isinstance(e, TransportError) and e.code == "events_out_of_order"
         assert e.detail == f"event 7 came after event 5, where 6 was due{RULE}"
         assert [x.id for x in e.events] == [4, 5]

@@ -29,7 +29,8 @@ from accman.client import (AccManClient, AccManSyncClient, BadReply, EventsOutOf
                            EventsOverLimit, EventsPage, EventTypeUnknown, TransportError)
 from accman.records import Event
 from conftest import ROOT, server_env
-from test_follow_order import DEADLINE_S, RESUME, Stream, event, follow_to_its_end, page
+from test_follow_order import (DEADLINE_S, RESUME, Stream, event, follow_to_its_end, page,
+                               raised_by_the_clients)
 
 
 def page_of(events: list, nxt: int, **extra) -> bytes:
@@ -127,18 +128,7 @@ def test_the_clients_raise_it_at_once_with_the_events_before_it(streams):
     no TransportError, never retried (the same server sends the same
     page), naming the event and its type."""
     s = streams({3: [page_of([event(4), newer(5)], 5)] * 3})
-    with AccManSyncClient(s.url, retries=2) as acc:
-        with pytest.raises(EventTypeUnknown) as sync_error:
-            acc.events(3)
-
-    async def call():
-        async with AccManClient(s.url, retries=2) as acc:
-            with pytest.raises(EventTypeUnknown) as async_error:
-                await acc.events(3, wait_s=1)
-            return async_error
-    async_error = asyncio.run(call())
-    for info in (sync_error, async_error):
-        e = info.value
+    for e in raised_by_the_clients(s.url, EventTypeUnknown, 3):
         assert not isinstance(e, TransportError) and e.code == "event_type_unknown"
         assert e.detail == unknown_words(5, "refund")
         assert (e.id, e.type, [x.id for x in e.events]) == (5, "refund", [4])
@@ -310,24 +300,14 @@ def test_the_clients_raise_it_at_once_with_the_first_limit_events(streams):
     s = streams({3: [page([4, 5, 6], 6)] * 4, 0: [page(range(1, 102), 101)]})
     with AccManSyncClient(s.url, retries=2) as acc:
         assert [e.id for e in acc.events(3, limit=3).events] == [4, 5, 6]
-        with pytest.raises(EventsOverLimit) as sync_error:
-            acc.events(3, limit=2)
         with pytest.raises(EventsOverLimit) as default_error:
             acc.events(0)
-
-    async def call():
-        async with AccManClient(s.url, retries=2) as acc:
-            with pytest.raises(EventsOverLimit) as async_error:
-                await acc.events(3, limit=2, wait_s=1)
-            return async_error
-    async_error = asyncio.run(call())
-    for info in (sync_error, async_error):
-        e = info.value
+    for e in raised_by_the_clients(s.url, EventsOverLimit, 3, limit=2):
         assert not isinstance(e, TransportError) and e.code == "events_over_limit"
         assert e.detail == f"a page of 3 events came where limit 2 was asked{LIMIT_RULE}"
         assert [x.id for x in e.events] == [4, 5]
     assert [x.id for x in default_error.value.events] == list(range(1, 101))
-    assert s.asked == [3, 3, 0, 3] and not s.strayed.is_set()
+    assert s.asked == [3, 0, 3, 3] and not s.strayed.is_set()
 
 
 def test_follow_as_a_library_call_ends_on_a_page_longer_than_asked(streams, monkeypatch):
