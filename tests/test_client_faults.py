@@ -573,6 +573,23 @@ def test_a_refusal_a_late_first_attempt_can_outrun_is_unknown(start_server, prox
     assert srv.tot(cred) == 5           # the first attempt applied after all
 
 
+def test_no_account_a_late_first_attempt_can_outrun_is_unknown(start_server, proxy, cred):
+    """The same with a charge on an account not yet opened: its retry is
+    `no_account`, the account is opened and funded meanwhile, and the
+    first attempt applies when it arrives: an OutcomeUnknown, not
+    NoAccount ("nothing applied")."""
+    srv = start_server()
+    p = proxy(srv, "held")
+    with AccManSyncClient(p.url, timeout_s=0.5, retries=1) as acc:
+        with pytest.raises(OutcomeUnknown) as got:
+            acc.mod(cred, -4, min=0, key="k-late")
+    assert type(got.value) is CallTimeout and "may have been applied" in got.value.detail
+    srv.mod(cred, 10)                   # the account is opened after the refusal
+    p.release.set()
+    assert p.landed.wait(PROXY_TIMEOUT_S)
+    assert srv.tot(cred) == 6           # the first attempt applied after all
+
+
 # --- one sync client shared by threads -----------------------------------------------
 def test_threads_sharing_a_sync_client_each_get_their_own_replies(shared_server, cred):
     """Eight threads on one AccManSyncClient, half reading balances, half

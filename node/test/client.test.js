@@ -371,6 +371,25 @@ test('a keyed mod whose first attempt arrives late stays OutcomeUnknown though i
   }
 })
 
+test('a keyed charge whose first attempt arrives late stays OutcomeUnknown though its retry is refused no_account', async () => {
+  // The account is opened after the refusal: the late attempt meets it.
+  const proxy = await proxyTo(acc.server.url)
+  const client = new AccManClient({ url: proxy.url, token: TOKENS.service, retries: 1, timeoutMs: 500 })
+  try {
+    proxy.set('hold')
+    const call = client.mod('c-late-new', -4, { min: 0, key: 'late-2' })
+    await until(() => proxy.targets.some((t) => t.startsWith('/mod?')))
+    proxy.set('pass') // the retry reaches AccMan at once, and is refused no_account
+    await assert.rejects(call, (err) => err instanceof E.OutcomeUnknown)
+    await acc.mint.mod('c-late-new', 10) // opened and funded after the refusal
+    proxy.release()
+    await until(async () => (await acc.service.tot('c-late-new')) === 6) // the first attempt applied
+  } finally {
+    await client.close()
+    await proxy.close()
+  }
+})
+
 test('a keyed mod answered by a failed commit stays unknown when its retries find no AccMan', async () => {
   const fake = await fakeAccMan(() => {
     setImmediate(() => fake.close()) // AccMan gone after answering: the retries are refused
