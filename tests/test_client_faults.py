@@ -554,40 +554,32 @@ def test_an_async_keyed_hold_sent_then_unreachable_is_unknown(start_server, cred
     assert srv.tot(cred) == 90
 
 
-def test_a_refusal_a_late_first_attempt_can_outrun_is_unknown(start_server, proxy, cred):
+# (the balance before, the charge, the refusal its retry meets)
+LATE = {"insufficient": (10, -15), "no_account": (None, -4)}
+
+
+@pytest.mark.parametrize("refusal", LATE)
+def test_a_refusal_a_late_first_attempt_can_outrun_is_unknown(start_server, proxy, cred,
+                                                             refusal):
     """A keyed mod with `min` whose first attempt is held back on its way
     (a front-end stalled behind a load balancer) and whose retry is refused
-    `insufficient`: the first attempt may arrive later, meet a balance
-    topped up meanwhile, and apply, so the call is an OutcomeUnknown, not
-    `Insufficient` ("nothing applied")."""
+    `insufficient` (or `no_account`, the account not yet opened): the first
+    attempt may arrive later, meet a balance topped up (or an account
+    opened) meanwhile, and apply, so the call is an OutcomeUnknown, not the
+    refusal ("nothing applied")."""
+    before, by = LATE[refusal]
     srv = start_server()
-    srv.mod(cred, 10)
+    if before is not None:
+        srv.mod(cred, before)
     p = proxy(srv, "held")
     with AccManSyncClient(p.url, timeout_s=0.5, retries=1) as acc:
         with pytest.raises(OutcomeUnknown) as got:
-            acc.mod(cred, -15, min=0, key="k-late")
+            acc.mod(cred, by, min=0, key="k-late")
     assert type(got.value) is CallTimeout and "may have been applied" in got.value.detail
-    srv.mod(cred, 10)                   # the consumer tops up after the refusal
+    srv.mod(cred, 10)                   # topped up, or opened, after the refusal
     p.release.set()
     assert p.landed.wait(PROXY_TIMEOUT_S)
-    assert srv.tot(cred) == 5           # the first attempt applied after all
-
-
-def test_no_account_a_late_first_attempt_can_outrun_is_unknown(start_server, proxy, cred):
-    """The same with a charge on an account not yet opened: its retry is
-    `no_account`, the account is opened and funded meanwhile, and the
-    first attempt applies when it arrives: an OutcomeUnknown, not
-    NoAccount ("nothing applied")."""
-    srv = start_server()
-    p = proxy(srv, "held")
-    with AccManSyncClient(p.url, timeout_s=0.5, retries=1) as acc:
-        with pytest.raises(OutcomeUnknown) as got:
-            acc.mod(cred, -4, min=0, key="k-late")
-    assert type(got.value) is CallTimeout and "may have been applied" in got.value.detail
-    srv.mod(cred, 10)                   # the account is opened after the refusal
-    p.release.set()
-    assert p.landed.wait(PROXY_TIMEOUT_S)
-    assert srv.tot(cred) == 6           # the first attempt applied after all
+    assert srv.tot(cred) == (before or 0) + 10 + by     # the first attempt applied after all
 
 
 # --- one sync client shared by threads -----------------------------------------------

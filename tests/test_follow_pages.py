@@ -31,6 +31,7 @@ from accman.records import Event
 from conftest import ROOT, server_env
 from test_follow_order import (DEADLINE_S, RESUME, Stream, event, follow_to_its_end, page,
                                raised_by_the_clients)
+import test_follow_order
 
 
 def page_of(events: list, nxt: int, **extra) -> bytes:
@@ -40,17 +41,8 @@ def page_of(events: list, nxt: int, **extra) -> bytes:
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
-@pytest.fixture
-def streams():
-    made = []
-
-    def make(script):
-        s = Stream(script)
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        s.close()
+# The fake servers' fixture, shared with test_follow_order.
+streams = test_follow_order.streams
 
 
 def follow_for(stream: Stream, lines: int) -> tuple:
