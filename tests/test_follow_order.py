@@ -227,28 +227,33 @@ def test_a_garbled_or_cut_reply_is_ridden_out_as_an_outage(streams, garbled):
     # Each closes its connection, as a client does after a BadReply; the
     # client's own retries (RETRIES_DEFAULT) come first, then the follower's.
     s = streams({0: [("close", bad)] * 3 + [page([1, 2], 2)]})
+    code, lines, err = follow_for(s, 2)
+    assert [line["id"] for line in lines] == [1, 2] and code == 0
+    assert "no answer (" in err and "trying again in 1 s" in err
+
+
+def follow_for(stream: Stream, lines: int) -> tuple:
+    """`accman events --follow` until it has written `lines` lines, then
+    SIGINT: `(exit code, the lines as objects, stderr)`."""
     proc = subprocess.Popen([sys.executable, "-m", "accman", "events", "--follow", "--wait", "1",
-                             "--url", s.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=server_env(), cwd=ROOT)
+                             "--url", stream.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=server_env(), cwd=ROOT)
     try:
         out = b""
         deadline = time.monotonic() + DEADLINE_S
-        while out.count(b"\n") < 2:
-            assert time.monotonic() < deadline, f"no events written: {out!r}"
+        while out.count(b"\n") < lines:
+            assert time.monotonic() < deadline, f"not all lines written: {out!r}"
             if select.select([proc.stdout], [], [], 0.1)[0]:
                 chunk = proc.stdout.read1(65536)
                 assert chunk, "the follower ended"
                 out += chunk
-        lines = [json.loads(line)["id"] for line in out.splitlines()]
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=DEADLINE_S)
+        rest, err = proc.communicate(timeout=DEADLINE_S)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert lines == [1, 2] and proc.returncode == 0
-    assert "no answer (" in err.decode() and "trying again in 1 s" in err.decode()
-
+    return proc.returncode, [json.loads(line) for line in (out + rest).splitlines()], err.decode()
 
 # --- the importable followers -------------------------------------------------------
 def raised_by_the_clients(url, kind, after, **kw) -> list:

@@ -15,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import select
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -29,8 +27,8 @@ from accman.client import (AccManClient, AccManSyncClient, BadReply, EventsOutOf
                            EventsOverLimit, EventsPage, EventTypeUnknown, TransportError)
 from accman.records import Event
 from conftest import ROOT, server_env
-from test_follow_order import (DEADLINE_S, RESUME, Stream, event, follow_to_its_end, page,
-                               raised_by_the_clients)
+from test_follow_order import (DEADLINE_S, RESUME, event, follow_to_its_end, page,
+                               follow_for, raised_by_the_clients)
 import test_follow_order
 
 
@@ -43,30 +41,6 @@ def page_of(events: list, nxt: int, **extra) -> bytes:
 
 # The fake servers' fixture, shared with test_follow_order.
 streams = test_follow_order.streams
-
-
-def follow_for(stream: Stream, lines: int) -> tuple:
-    """`accman events --follow` until it has written `lines` lines, then
-    SIGINT: `(exit code, the lines as objects, stderr)`."""
-    proc = subprocess.Popen([sys.executable, "-m", "accman", "events", "--follow", "--wait", "1",
-                             "--url", stream.url], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=server_env(), cwd=ROOT)
-    try:
-        out = b""
-        deadline = time.monotonic() + DEADLINE_S
-        while out.count(b"\n") < lines:
-            assert time.monotonic() < deadline, f"not all lines written: {out!r}"
-            if select.select([proc.stdout], [], [], 0.1)[0]:
-                chunk = proc.stdout.read1(65536)
-                assert chunk, "the follower ended"
-                out += chunk
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=DEADLINE_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, [json.loads(line) for line in (out + rest).splitlines()], err.decode()
 
 
 def newer(i: int, kind: str = "refund") -> dict:

@@ -350,45 +350,31 @@ test('a keyed mod whose first attempt may have landed stays OutcomeUnknown when 
   assert.equal(await acc.service.tot('c-maybe'), 7) // it had landed: "not applied" would be wrong
 })
 
-test('a keyed mod whose first attempt arrives late stays OutcomeUnknown though its retry is refused insufficient', async () => {
-  // A refusal judged by the balance says nothing of an attempt still on its
-  // way (a stalled front-end): it may meet a balance topped up meanwhile.
-  await acc.mint.mod('c-late', 10)
-  const proxy = await proxyTo(acc.server.url)
-  const client = new AccManClient({ url: proxy.url, token: TOKENS.service, retries: 1, timeoutMs: 500 })
-  try {
-    proxy.set('hold')
-    const call = client.mod('c-late', -15, { min: 0, key: 'late-1' })
-    await until(() => proxy.targets.some((t) => t.startsWith('/mod?')))
-    proxy.set('pass') // the retry reaches AccMan at once, and is refused insufficient
-    await assert.rejects(call, (err) => err instanceof E.OutcomeUnknown)
-    await acc.mint.mod('c-late', 10) // topped up after the refusal
-    proxy.release()
-    await until(async () => (await acc.service.tot('c-late')) === 5) // the first attempt applied
-  } finally {
-    await client.close()
-    await proxy.close()
-  }
-})
-
-test('a keyed charge whose first attempt arrives late stays OutcomeUnknown though its retry is refused no_account', async () => {
-  // The account is opened after the refusal: the late attempt meets it.
-  const proxy = await proxyTo(acc.server.url)
-  const client = new AccManClient({ url: proxy.url, token: TOKENS.service, retries: 1, timeoutMs: 500 })
-  try {
-    proxy.set('hold')
-    const call = client.mod('c-late-new', -4, { min: 0, key: 'late-2' })
-    await until(() => proxy.targets.some((t) => t.startsWith('/mod?')))
-    proxy.set('pass') // the retry reaches AccMan at once, and is refused no_account
-    await assert.rejects(call, (err) => err instanceof E.OutcomeUnknown)
-    await acc.mint.mod('c-late-new', 10) // opened and funded after the refusal
-    proxy.release()
-    await until(async () => (await acc.service.tot('c-late-new')) === 6) // the first attempt applied
-  } finally {
-    await client.close()
-    await proxy.close()
-  }
-})
+// A refusal judged by the balance (insufficient) or by an account not yet
+// opened (no_account) says nothing of an attempt still on its way (a stalled
+// front-end): it may meet a balance topped up, or an account opened, meanwhile.
+// [refusal, balance before, the charge, the balance once the late attempt applied]
+for (const [refusal, before, by, after] of [['insufficient', 10, -15, 5], ['no_account', 0, -4, 6]]) {
+  test(`a keyed charge whose first attempt arrives late stays OutcomeUnknown though its retry is refused ${refusal}`, async () => {
+    const cred = `c-late-${refusal}`
+    if (before) await acc.mint.mod(cred, before)
+    const proxy = await proxyTo(acc.server.url)
+    const client = new AccManClient({ url: proxy.url, token: TOKENS.service, retries: 1, timeoutMs: 500 })
+    try {
+      proxy.set('hold')
+      const call = client.mod(cred, by, { min: 0, key: `late-${refusal}` })
+      await until(() => proxy.targets.some((t) => t.startsWith('/mod?')))
+      proxy.set('pass') // the retry reaches AccMan at once, and is refused
+      await assert.rejects(call, (err) => err instanceof E.OutcomeUnknown)
+      await acc.mint.mod(cred, 10) // topped up, or opened, after the refusal
+      proxy.release()
+      await until(async () => (await acc.service.tot(cred)) === after) // the first attempt applied
+    } finally {
+      await client.close()
+      await proxy.close()
+    }
+  })
+}
 
 test('a keyed mod answered by a failed commit stays unknown when its retries find no AccMan', async () => {
   const fake = await fakeAccMan(() => {
