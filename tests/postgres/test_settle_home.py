@@ -80,6 +80,39 @@ async def _holding(urls):
     return holders
 
 
+async def _unlock(conn):
+    await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+
+
+async def _in_turn(holders, url, first, second):
+    """Two front-ends' migrations, `first` and `second` (made by those
+    calls), started together on the clusters whose migrate locks `holders`
+    hold (so that both read them bare), let through the first cluster
+    (`url`) in that order, and left waiting at the second, in that order.
+    Between them at the first cluster a gate's connection waits, which lets the
+    second go on only once the first waits at the second cluster:
+    PostgreSQL grants an advisory lock's waiters in the order they came,
+    and without the gate the second, granted the first cluster as soon as
+    the first let it go, could reach the second cluster first."""
+    gate = await asyncpg.connect(url)
+    try:
+        one = asyncio.ensure_future(first())
+        await _waiting(holders[0], 1)
+        gated = asyncio.ensure_future(gate.execute("SELECT pg_advisory_lock($1)",
+                                                   MIGRATE_LOCK_ID))
+        await _waiting(holders[0], 2)
+        two = asyncio.ensure_future(second())
+        await _waiting(holders[0], 3)
+        await _unlock(holders[0])
+        await asyncio.wait_for(gated, HANG_S)
+        await _waiting(holders[1], 1)
+        await _unlock(gate)
+        await _waiting(holders[1], 2)
+        return one, two
+    finally:
+        await gate.close()
+
+
 def test_a_setup_of_two_does_not_take_clusters_a_setup_of_three_marked(pg):
     """Front-ends started together on new clusters, one given A, B and C,
     the other A and B (a --store left out of one's configuration): both
@@ -91,15 +124,13 @@ def test_a_setup_of_two_does_not_take_clusters_a_setup_of_three_marked(pg):
     a, b, c = (pg.create_database(f"three_marks_{x}") for x in "abc")
 
     async def main():
-        holders = await _holding([a, c])
+        holders = await _holding([a, b, c])
         try:
-            three = asyncio.ensure_future(migrate([a, b, c], grow=False))
-            await _waiting(holders[0], 1)
-            two = asyncio.ensure_future(opened([a, b]))
-            await _waiting(holders[0], 2)
-            await holders[0].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            three, two = await _in_turn(holders, a, lambda: migrate([a, b, c], grow=False),
+                                        lambda: opened([a, b]))
+            await _unlock(holders[1])
             done = await asyncio.wait_for(asyncio.gather(two, return_exceptions=True), HANG_S)
-            await holders[1].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            await _unlock(holders[2])
             got = await asyncio.wait_for(three, HANG_S)
         finally:
             for h in holders:
@@ -125,16 +156,12 @@ def test_a_setup_of_three_does_not_grow_a_store_of_two_recorded_meanwhile(pg):
     async def main():
         holders = await _holding([a, b, c])
         try:
-            two = asyncio.ensure_future(opened([a, b]))
-            await _waiting(holders[0], 1)
-            three = asyncio.ensure_future(migrate([a, b, c], grow=False))
-            await _waiting(holders[0], 2)
-            await holders[0].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
-            await _waiting(holders[1], 2)
-            await holders[1].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            two, three = await _in_turn(holders, a, lambda: opened([a, b]),
+                                        lambda: migrate([a, b, c], grow=False))
+            await _unlock(holders[1])
             store, _ = await asyncio.wait_for(two, HANG_S)
             await _waiting(holders[2], 1)
-            await holders[2].execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
+            await _unlock(holders[2])
             try:
                 with pytest.raises(StoreError, match=r"^cluster [12] of 3 was set up meanwhile by "
                                    r"another AccMan as the home of a store of 2 clusters \(2 "
