@@ -24,9 +24,10 @@ class Request:
     """One paid request and what its consumer got: `status` None when
     uvicorn gave no response (`detail` says why), `header` the ACCMAN
     response header as an int, None when missing.  A consumer that is
-    `gone` closed its connection long before the app answers: it began
-    to send at `sent_at` and had closed its connection by `closed_at`
-    (time.monotonic(), the clock of the app's log)."""
+    `gone` closed its connection long before the app answers: it had sent
+    its request at `sent_at` and closed its connection at `closed_at`,
+    each read just after the socket call (time.monotonic(), the clock of
+    the app's log)."""
     cred: str
     a: int
     free: bool
