@@ -1,7 +1,8 @@
 """The calling-side bank checker's records and checks
 (tests/reliability/test_calling_bank.py runs the load and the kills; this
-module judges what they left): what each consumer got, the service's log,
-and each account's history, reconciled against docs/CALLING.md.
+module judges what they left; test_calling_checker.py checks it on
+made-up runs): what each consumer got, the service's log, and each
+account's history, reconciled against docs/CALLING.md.
 
 Every request of an account has its own amount A (tests/calling_bank_app.py:
 estimate A, charge A - FEE_BACK), so that a hold (by -A) or a charge (by

@@ -1,0 +1,207 @@
+"""The calling-side bank checker's own checks (callingcheck.py, run by
+test_calling_bank.py): a made-up correct run of one account passes, and
+each fault the checker exists to find, planted in it, is found."""
+
+import pytest
+
+from accman.calling.owed import fingerprint
+from accman.records import Entry
+from callingcheck import Account, Request, ServiceLog, TopUp, check_account, log_problems
+
+SCENE_CRED = "scene"
+
+
+def scene(mode):
+    """A correct made-up run of one account: [requests], [top-ups], the
+    history as [(by, key, hold label)], the log's lines.  A hold's label
+    stands for its seq; a check-mode charge is A - 500, as the app's."""
+    fp = fingerprint(SCENE_CRED)
+    reqs = [Request(SCENE_CRED, 1000, False, status=200, header=4500),
+            Request(SCENE_CRED, 1001, False, status=200),
+            Request(SCENE_CRED, 1002, False, status=402, header=4500),
+            Request(SCENE_CRED, 1003, False, status=503),
+            Request(SCENE_CRED, 1004, True, status=400, header=3999),
+            Request(SCENE_CRED, 1005, False, gone=True, sent_at=10.0, closed_at=10.03),
+            Request(SCENE_CRED, 1006, False, status=200)]             # served unpaid
+    topups = [TopUp(SCENE_CRED, "top-0", 3000, True)]
+    if mode == "check":
+        spec = [(5000, "open", None), (-500, "x1-c", None), (-501, "x2-c", None),
+                (3000, "top-0", None)]
+        log = [f"accman: charge of 501 for account {fp} queued (after outcome_unknown), "
+               f"key x2-c"]
+    else:
+        spec = [(5000, "open", None), (-1000, "x1-h", "h1"), (500, None, "h1"),
+                (-1001, "x2-h", "h2"), (None, "owed", "h2"),
+                (-1003, "x4-h", "h4"), (1003, None, "h4"), (-1004, "x5-h", "h5"),
+                (1004, None, "h5"), (-1005, "x6-h", "h6"), (1005, None, "h6"),
+                (3000, "top-0", None)]
+        log = [f"accman: settle of 501 for account {fp} queued (after unreachable), hold h2",
+               f"accman: release of 0 for account {fp} queued (after outcome_unknown), "
+               f"key x4-h"]
+    log.append(f"accman: unpaid 506 (account {fp}): unreachable")
+    log.append(f"calbank: response of A=1005 for account {fp} starts at 10.300000")
+    return reqs, topups, spec, log
+
+
+def judge(mode, reqs, topups, spec, log, final_delta=0) -> list:
+    entries, seqs, tot = [], {}, 0
+    for seq, (by, key, hold) in enumerate(spec, 1):
+        if hold is not None and hold not in seqs:
+            seqs[hold] = seq
+        if by is None:          # the settle of a hold of 1001 that used 501
+            by, key = 500, None
+        tot += by
+        entries.append(Entry(seq, by, tot, 0, key, seqs.get(hold)))
+    text = "\n".join(log)
+    for label, seq in seqs.items():
+        text = text.replace(f"hold {label}", f"hold {seq}")
+    log = ServiceLog(text)
+    return log_problems(log) + check_account(mode, Account(SCENE_CRED, entries), reqs, topups,
+                                             5000, log, tot + final_delta)
+
+
+def _lost_charge(mode, reqs, topups, spec, log):
+    del spec[1:3 if mode == "reserve" else 2]
+
+
+def _doubled_charge(mode, reqs, topups, spec, log):
+    spec.append((-500, "x9-c", None))
+
+
+def _charged_refusal(mode, reqs, topups, spec, log):
+    spec.append((-502, "x3-c", None))
+
+
+def _held_refusal(mode, reqs, topups, spec, log):
+    spec += [(-1002, "x3-h", "h3"), (0 if mode == "check" else 502, None, "h3")]
+
+
+def _charge_of_no_request(mode, reqs, topups, spec, log):
+    spec.append((-700, "x7-c", None))
+
+
+def _gone_charged(mode, reqs, topups, spec, log):
+    if mode == "check":
+        spec.append((-505, "x6-c", None))
+    else:
+        spec[spec.index((1005, None, "h6"))] = (500, None, "h6")
+
+
+def _gone_charged_unstarted(mode, reqs, topups, spec, log):
+    """Charged, though its response never started."""
+    log[:] = [line for line in log if not line.startswith("calbank:")]
+    _gone_charged(mode, reqs, topups, spec, log)
+
+
+def _gone_started_first_charged_wrong(mode, reqs, topups, spec, log):
+    """The response started before the consumer left, so a charge is
+    allowed: its own, not the whole estimate."""
+    reqs[5].closed_at = 10.4
+    if mode == "check":
+        spec += [(-1005, "x6-h", "h6"), (0, None, "h6")]
+    else:
+        spec[spec.index((1005, None, "h6"))] = (0, None, "h6")
+
+
+def _unpaid_not_logged(mode, reqs, topups, spec, log):
+    log[:] = [line for line in log if "accman: unpaid" not in line]
+
+
+def _unpaid_charged(mode, reqs, topups, spec, log):
+    spec += [(-506, "x7-c", None)] if mode == "check" else [(-1006, "x7-h", "h7"),
+                                                           (500, None, "h7")]
+
+
+def _free_without_hold(mode, reqs, topups, spec, log):
+    """The app ran for a free request with nothing held, though AccMan
+    admitted it (a balance header)."""
+    spec[:] = [x for x in spec if x[2] != "h5"]
+
+
+def _end_of_no_hold(mode, reqs, topups, spec, log):
+    spec.append((700, None, "h9"))
+
+
+def _wrong_header(mode, reqs, topups, spec, log):
+    reqs[0].header = 4000
+
+
+def _wrong_header_of_a_refusal(mode, reqs, topups, spec, log):
+    reqs[2].header = 4501
+
+
+def _wrong_header_of_a_free_response(mode, reqs, topups, spec, log):
+    reqs[4].header = 5001
+
+
+def _owed_not_logged(mode, reqs, topups, spec, log):
+    del log[0]
+
+
+def _owed_stranded_yet_landed(mode, reqs, topups, spec, log):
+    ref = "key x2-c" if mode == "check" else "hold h2"
+    log.append(f"accman: stranded charge: the account owes 501 (account "
+               f"{fingerprint(SCENE_CRED)}, {ref}): still unreachable after 20 attempts")
+
+
+def _top_up_lost(mode, reqs, topups, spec, log):
+    spec.pop()
+
+
+def _traceback_logged(mode, reqs, topups, spec, log):
+    log.append("Traceback (most recent call last):")
+
+
+def _unhold_not_logged(mode, reqs, topups, spec, log):
+    spec += [(-1003, "x4-h", "h4"), (1003, None, "h4")] if mode == "check" else []
+    log[:] = [line for line in log if "key x4-h" not in line]
+
+
+def _overdrawn(mode, reqs, topups, spec, log):
+    """A request of 9000 served last, charged 8500, on a balance under
+    9000: reserve mode holds no more than the balance."""
+    left = sum(500 if by is None else by for by, _, _ in spec) - 8500
+    reqs.append(Request(SCENE_CRED, 9000, False, status=200, header=left))
+    spec += [(-8500, "x0-c", None)] if mode == "check" else [(-9000, "x0-h", "h0"),
+                                                            (500, None, "h0")]
+
+
+FAULTS = [_lost_charge, _doubled_charge, _charged_refusal, _held_refusal, _gone_charged,
+          _gone_charged_unstarted, _gone_started_first_charged_wrong,
+          _unpaid_not_logged, _unpaid_charged, _free_without_hold, _end_of_no_hold,
+          _wrong_header_of_a_refusal, _wrong_header_of_a_free_response,
+          _charge_of_no_request, _wrong_header, _owed_not_logged, _owed_stranded_yet_landed,
+          _top_up_lost, _traceback_logged, _unhold_not_logged, _overdrawn]
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_the_calling_checker_passes_a_correct_run(mode):
+    assert judge(mode, *scene(mode)) == []
+    assert judge(mode, *scene(mode), final_delta=1) != []       # the balance told is not its sum
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_the_calling_checker_says_when_a_gone_consumer_left_and_the_response_started(mode):
+    """A charge of a consumer that left is judged by the times: after its
+    close, the response started too late to be charged (said with the
+    times); before it, the disconnect does not refund."""
+    made = scene(mode)
+    _gone_charged(mode, *made)
+    assert judge(mode, *made) == [
+        f"{mode} {SCENE_CRED}: A=1005 (gone answered None, header None): its consumer left "
+        f"before its response started (sent at 10.000, its connection closed 0.030 s later, "
+        f"its response started 0.300 s after sending), yet it moved -505"]
+    made[0][5].closed_at = 10.31
+    assert judge(mode, *made) == []
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__.strip("_") for f in FAULTS])
+def test_the_calling_checker_finds(mode, fault):
+    made = scene(mode)
+    fault(mode, *made)
+    if fault in (_overdrawn, _free_without_hold) and mode == "check":
+        # Check mode may overdraw (docs/CALLING.md), and holds nothing.
+        assert judge(mode, *made) == []
+        return
+    assert judge(mode, *made) != []
