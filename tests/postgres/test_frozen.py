@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -21,6 +20,11 @@ from accman.postgres import upkeep as upkeep_module
 
 from .helpers import run, stored
 from .test_bounds import until
+
+# How long a test waits for what a timeout of a second or a few must bring
+# while the database is stopped: short of the driver's own timeout (60 s),
+# long past the one the test sets, so that a loaded machine does not fail it.
+FROZEN_WAIT_S = 20
 
 
 @contextlib.contextmanager
@@ -47,10 +51,11 @@ def _signal(pid: int, sig) -> None:
 
 
 async def unanswered(read):
-    t0 = time.monotonic()
+    """`read` refused by its own timeout (READ_TIMEOUT_S, set low), well
+    before the driver's connect timeout (60 s) or the database's return
+    would answer it: FROZEN_WAIT_S tells them apart on a loaded machine."""
     with pytest.raises(Unavailable, match="did not answer in time"):
-        await asyncio.wait_for(read(), 5)
-    assert time.monotonic() - t0 < 3
+        await asyncio.wait_for(read(), FROZEN_WAIT_S)
 
 
 def test_reads_are_503_within_read_timeout_s_when_the_database_does_not_answer(
@@ -100,9 +105,7 @@ def test_a_round_frozen_in_its_counts_read_loses_the_cluster_in_time(
                 "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT c FROM (%' "
                 "AND state = 'active'", "r") == "1", 10)
             with frozen(pg):
-                t0 = time.monotonic()
-                await until(lambda: not store.healthy, 5)
-                assert time.monotonic() - t0 < 3
+                await until(lambda: not store.healthy, FROZEN_WAIT_S)
     run(main())
 
 
@@ -116,7 +119,9 @@ def test_a_past_behind_writes_frozen_on_the_writer_leaves_the_writes_after_it_re
     unknown outcome at COMMIT_TIMEOUT_S); a read queued behind them is
     refused as a read."""
     monkeypatch.setattr(store_module, "READ_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(committing, "COMMIT_TIMEOUT_S", 4.0)
+    # Within FROZEN_WAIT_S: the writes' answer once their commit times out
+    # (unknown outcome) is told apart from their refusal by its words.
+    monkeypatch.setattr(committing, "COMMIT_TIMEOUT_S", 10.0)
     pg = pg_factory(name="frozen-past")
     url = pg.create_database("fp")
 
@@ -126,17 +131,15 @@ def test_a_past_behind_writes_frozen_on_the_writer_leaves_the_writes_after_it_re
             loop = asyncio.get_running_loop()
             page, after, page2 = (loop.create_future() for _ in range(3))
             with frozen(pg):
-                t0 = time.monotonic()
                 store.read_past("a", 10, None, page.set_result, ordered=True)
                 store.submit("a", -1, done=after.set_result)
                 store.read_past("a", 10, None, page2.set_result, ordered=True)
-                got = await asyncio.wait_for(page, 5)
-                assert isinstance(got, Unavailable) and time.monotonic() - t0 < 3
-                refused = await asyncio.wait_for(after, 5)
-                assert time.monotonic() - t0 < 3, refused
+                got = await asyncio.wait_for(page, FROZEN_WAIT_S)
+                assert isinstance(got, Unavailable), got
+                refused = await asyncio.wait_for(after, FROZEN_WAIT_S)
                 assert isinstance(refused, Unavailable), refused
                 assert "nothing of this call was applied" in refused.detail, refused.detail
-                unread = await asyncio.wait_for(page2, 5)     # a read: said as one
+                unread = await asyncio.wait_for(page2, FROZEN_WAIT_S)     # a read: said as one
                 assert isinstance(unread, Unavailable), unread
                 assert unread.detail.startswith("the database cannot be read: "), unread.detail
             await until(lambda: store.healthy, 20)
