@@ -586,7 +586,7 @@ def test_a_host_that_does_not_answer_has_the_next_tried_beside_it(pg, pg_url, mo
         async def main():
             began = time.monotonic()
             async with stored(url) as (store, c):
-                assert time.monotonic() - began < 3
+                assert time.monotonic() - began < connecting.CONNECT_TIMEOUT_S / 2
                 assert await c.mod("cut", 5) == (5, 1)
                 # As after a failover: the cut-off host is the one that last
                 # took a connection, and the read pool connects anew.
@@ -594,7 +594,7 @@ def test_a_host_that_does_not_answer_has_the_next_tried_beside_it(pg, pg_url, mo
                 await store.clusters[0].pool.expire_connections()
                 began = time.monotonic()
                 assert await c.tot("cut") == 5
-                assert time.monotonic() - began < 3
+                assert time.monotonic() - began < connecting.CONNECT_TIMEOUT_S / 2
         run(main())
 
 
