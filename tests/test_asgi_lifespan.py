@@ -1,13 +1,18 @@
 """The middleware's drain at the lifespan shutdown, against the app's own
 shutdown: what the app's shutdown closes (the AccManClient it shares with
 the middleware, the database its `on_unpaid` bills into) is still open
-while the middleware's releases and owed calls land.  Against the fake
-AccMan of tests/fake_accman.py, with a real Starlette app."""
+while the middleware's releases and owed calls land; and what fails only
+as the shutdown closes the middleware's client.  Against the fake AccMan
+of tests/fake_accman.py, with a real Starlette app, or a real AccMan
+behind the fault proxy of tests/test_cli_faults.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
+import time
 
 import pytest
 
@@ -16,9 +21,10 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from accman.asgi import AccManMiddleware
+from accman.calling import asgi as asgi_mod
 from accman.calling import owed as owed_mod
 from accman.client import AccManClient
-from asgi_harness import CRED, call
+from asgi_harness import CRED, call, make_app
 from fake_accman import FakeAccMan, charges, first_then
 
 
@@ -158,3 +164,42 @@ def test_an_app_that_ends_after_its_startup_still_has_its_owed_charge_drained(
 
 async def _ignore(message):
     pass
+
+
+def test_a_charge_owed_as_the_client_closes_is_stranded_not_dropped(
+        start_server, proxy, cred, monkeypatch, caplog):
+    """A check-mode charge still in flight when the shutdown's drain has
+    ended fails as the middleware closes its client: sent, its reply never
+    came (it landed).  It is owed after the drain, to a task that no
+    shutdown waits for; when the event loop ends, cancelling that task
+    with the charge's retry under way, the charge is stranded, of unknown
+    outcome, its key named: never dropped with the loop, unsaid."""
+    monkeypatch.setattr(asgi_mod, "SHUTDOWN_DRAIN_S", 0.3)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    srv = start_server()
+    srv.mod(cred, 10)
+    # The role probe is answered; the charge and its owed retry never are.
+    p = proxy(srv, "pass", "hang", "hang")
+    unpaid = []
+    m = AccManMiddleware(make_app(), url=p.url, cost=2, timeout_s=30, retries=0,
+                         on_unpaid=lambda c, a: unpaid.append(a))
+
+    async def sent(n):
+        deadline = time.monotonic() + 30
+        while p.seen < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert p.seen == n
+
+    async def main():
+        request = asyncio.ensure_future(call(m, cred=cred))
+        await sent(2)                   # the charge is sent, and hangs
+        await m.aclose()
+        reply = await asyncio.wait_for(request, 30)
+        await sent(3)                   # its owed retry too, as the loop ends
+        return reply
+    with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+        assert asyncio.run(main()).status == 200
+    assert srv.tot(cred) == 8           # it landed
+    assert m.stats["stranded"] == 1 and unpaid == []
+    key = re.search(r"[?&]key=([\w-]+)", p.lines[1]).group(1)
+    assert f"outcome unknown: look for key {key} " in caplog.text

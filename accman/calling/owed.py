@@ -224,6 +224,22 @@ class Owed:
             self._task = asyncio.get_running_loop().create_task(self._pay())
 
     async def _pay(self) -> None:
+        """Pays the queue, oldest first.  Cancelled other than by close()
+        (which strands what is left itself), as when the event loop ends
+        with calls still owed (asyncio.run cancels every task left: a call
+        that failed as the shutdown closed the client is owed after the
+        drain), it strands what is left too, a call cut off under way as
+        of unknown outcome: left in the queue, it would end with the loop,
+        neither paid nor stranded, and nothing would say so."""
+        try:
+            await self._pay_queue()
+        except asyncio.CancelledError:
+            while self._items:
+                item = self._items.popleft()
+                self._strand(item, "cancelled with the event loop", item.maybe)
+            raise
+
+    async def _pay_queue(self) -> None:
         acc = self._acc()
         self._wake = asyncio.Event()
         attempt = 0
@@ -234,6 +250,9 @@ class Owed:
                 charged = await item.run(acc)
                 if charged:
                     self._charged(charged)
+            except asyncio.CancelledError:
+                item.maybe = True       # cut off under way: it may have landed
+                raise
             except (TransportError, Unavailable) as e:
                 attempt += 1
                 item.maybe = item.maybe or may_have_landed(e)
