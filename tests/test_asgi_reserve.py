@@ -2,14 +2,17 @@
 ASGI app against the fake AccMan of tests/fake_accman.py: the hold before
 the app, the settle when the response starts, the release at once on an
 exception, a disconnect or no response, a hold that expired under a slow
-app, owed settles, and no overdraft under concurrency.  The real server,
-uvicorn and a SIGKILLed service are in tests/test_e2e_holds.py."""
+app, owed settles, and no overdraft under concurrency; an owed settle
+whose hold expires, against a real AccMan behind the fault proxy of
+tests/test_cli_faults.py.  The real server, uvicorn and a SIGKILLed
+service are in tests/test_e2e_holds.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
+import threading
 import time
 
 import pytest
@@ -19,6 +22,7 @@ from accman.calling import owed as owed_mod
 from accman.limits import HOLD_TTL_S_MAX, HOLDS_PER_ACCOUNT_MAX
 from asgi_harness import CRED, call, entries, http_scope, make_app, mw
 from fake_accman import BUSY, FakeAccMan, first_then, run
+from test_cli_faults import FaultProxy
 
 # Owed calls retried at once, not after their pause.
 pytestmark = pytest.mark.usefixtures("quick_followups")
@@ -414,6 +418,63 @@ def test_a_settle_stranded_after_a_dropped_reply_is_of_unknown_outcome(monkeypat
             served_and_drained(m)
         assert unpaid == [] and m.stats["stranded"] == 1 and fake.tot(CRED) == 8
         assert "outcome unknown: look for hold" in caplog.text
+
+
+class Expiring(FaultProxy):
+    """Settles are swallowed (never applied) until `expired` is set, then
+    passed; a charge (key `-c`) is forwarded and never answered."""
+
+    def __init__(self, port: int):
+        super().__init__(port)
+        self.expired = threading.Event()
+
+    def _next_action(self) -> str:
+        super()._next_action()
+        line = self.lines[-1]
+        if line.startswith("PATCH /settle"):
+            return "pass" if self.expired.is_set() else "swallow"
+        return "hang" if re.search(r"[?&]key=[\w-]+-c ", line) else "pass"
+
+
+def test_an_owed_settle_charged_as_a_mod_is_stranded_naming_the_mod_s_key(
+        start_server, cred, monkeypatch, caplog):
+    """An owed settle whose hold expires meanwhile is charged as a keyed
+    mod; when that charge's reply never comes and the settle is stranded
+    of unknown outcome, the log names the charge's key beside the hold:
+    the hold's history shows only its expiry, and whoever looks there
+    alone would bill the consumer again for a charge that landed."""
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.5)
+    srv = start_server()
+    srv.mod(cred, 10)
+    p = Expiring(srv.port)
+    unpaid = []
+    m = AccManMiddleware(make_app(), url=p.url, mode="reserve", cost=3, hold_ttl_s=1,
+                         timeout_s=0.3, retries=0, on_unpaid=lambda c, a: unpaid.append(a))
+
+    async def until(done):
+        deadline = time.monotonic() + 30
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert done()
+
+    async def main():
+        assert (await call(m, cred=cred)).status == 200     # its settle owed
+        await until(lambda: srv.tot(cred) == 10)            # the hold expired, all back
+        p.expired.set()
+        await until(lambda: any("-c " in line for line in p.lines))
+        await m.aclose()
+    try:
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            run(main())
+    finally:
+        p.close()
+    assert srv.tot(cred) == 7                               # the charge landed
+    assert m.stats["stranded"] == 1 and unpaid == []
+    rid = re.search(r"[?&]key=([\w-]+)-h ", p.lines[0]).group(1)
+    stranded = [r.getMessage() for r in caplog.records if "stranded settle" in r.getMessage()]
+    assert len(stranded) == 1 and "outcome unknown" in stranded[0]
+    assert f"key {rid}-c " in stranded[0]
 
 
 # --- concurrency ------------------------------------------------------------------

@@ -47,11 +47,13 @@ def fingerprint(cred: str) -> str:
 class Item:
     """An owed call: `cred`, `by` (what it moves: < 0 the account owes the
     service, > 0 the service owes the account, 0 nothing is lost if it never
-    lands), `what` and `ref` (for logs), `maybe` (an attempt of it may have
-    landed: sent, with no reply) and `run(acc)`, which returns what it
-    charged the account (0: nothing)."""
+    lands), `what` and `ref` (for logs), `also` (what else to look for
+    when its outcome is unknown), `maybe` (an attempt of it may have landed:
+    sent, with no reply) and `run(acc)`, which returns what it charged the
+    account (0: nothing)."""
 
     __slots__ = ("cred", "by", "what", "maybe")
+    also = ""
 
     def __init__(self, cred: str, by: int, what: str):
         self.cred, self.by, self.what = cred, by, what
@@ -104,6 +106,15 @@ class Settle(Item):
     @property
     def ref(self) -> str:
         return f"hold {self.hold}"
+
+    @property
+    def also(self) -> str:
+        # A use charged as a mod leaves the hold's history with only its
+        # expiry: where that charge landed, its key alone shows it.
+        if not self.use:
+            return ""
+        return (f"; had the hold expired first, its use was charged as a mod: look for key "
+                f"{charge_key(self.rid)} too")
 
     async def run(self, acc) -> int:
         try:
@@ -284,8 +295,8 @@ class Owed:
         self._stats["stranded"] += 1
         if unknown and item.by:
             log.error("accman: stranded %s of %d, outcome unknown: look for %s in the history "
-                      "of account %s before settling it (%s)", item.what, abs(item.by),
-                      item.ref, fingerprint(item.cred), why)
+                      "of account %s before settling it (%s)%s", item.what, abs(item.by),
+                      item.ref, fingerprint(item.cred), why, item.also)
             return
         if item.by < 0:
             owed_by = f"the account owes {-item.by}"

@@ -158,7 +158,7 @@ class Meter {
     if (unknown && item.by !== 0n) {
       this.log.error({ ...fieldsOf(item), why },
         `accman: stranded ${item.what}, outcome unknown: look for ${item.key} ` +
-        'in the account\'s history before settling it')
+        `in the account's history before settling it${item.also || ''}`)
       return
     }
     this.log.error({ ...fieldsOf(item), why }, `accman: stranded ${item.what}: ${owedBy(item.by)}`)

@@ -27,7 +27,8 @@ function fingerprint (cred) {
 // Each owed call has `cred`, `by` (what it moves, a bigint: < 0 the account
 // owes the service, > 0 the service owes the account, 0 nothing is lost if
 // it never lands), `amount` and `key` (for logs: what it moves or frees,
-// and its key or hold), `what` ('charge', 'settle' or 'release') and
+// and its key or hold), `also` (a Settle's: what else a log of unknown
+// outcome names to look for), `what` ('charge', 'settle' or 'release') and
 // `run(client, log)`, which repeats exactly what failed.
 
 class Charge {
@@ -60,6 +61,13 @@ class Settle {
     this.hold = hold
     this.key = `hold ${hold}`
     this.chargeKey = rid + '-c'
+    // What else to look for when its outcome is unknown: a use charged as
+    // a mod leaves the hold's history with only its expiry, and where that
+    // charge landed, its key alone shows it.
+    this.also = use === 0n
+      ? ''
+      : '; had the hold expired first, its use was charged as a mod: look for key ' +
+        `${this.chargeKey} too`
   }
 
   async run (client, log) {

@@ -275,6 +275,37 @@ test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed
   assert.ok(messages(logs, 40).some((m) => /ended before its settle landed/.test(m)))
 })
 
+test('reserve: an owed settle charged as a mod and stranded of unknown outcome names the mod\'s key', async () => {
+  // The hold's history shows only its expiry: whoever looked there alone
+  // would bill the consumer again for a charge that landed.
+  await acc.mint.mod('h-owed-key', 10)
+  const logs = []
+  const proxy = await proxyTo(acc.server.url)
+  const { app, url } = await serviceApp({
+    url: proxy.url, token: TOKENS.service, mode: 'reserve', holdTtlS: 1, timeoutMs: 300, retries: 0
+  }, { logs })
+  try {
+    const paid = get(url + '/gated', 'h-owed-key')
+    await until(() => app.served === 1) // held
+    proxy.set('refuse') // the settle may have been read: owed, of unknown outcome
+    app.openGate()
+    assert.equal((await paid).status, 200)
+    await until(() => app.accman.stats.owed === 1)
+    await until(async () => (await acc.service.tot('h-owed-key')) === 10) // expired, all back
+    proxy.dropReplies(/[?&]key=[\w-]+-c(&|$)/) // the charge applies; its reply never comes
+    proxy.set('pass')
+    await until(() => proxy.targets.some((t) => /[?&]key=[\w-]+-c(&|$)/.test(t)))
+  } finally {
+    await app.close() // strands the owed settle
+    await proxy.close()
+  }
+  assert.equal(await acc.service.tot('h-owed-key'), 9) // the charge landed
+  const rid = /[?&]key=([\w-]+)-h(&|$)/.exec(proxy.targets.find((t) => t.startsWith('/hold?')))[1]
+  const errors = messages(logs, 50).filter((m) => m.startsWith('accman: stranded settle'))
+  assert.equal(errors.length, 1)
+  assert.ok(errors[0].includes('outcome unknown') && errors[0].includes(`key ${rid}-c `), errors[0])
+})
+
 test('reserve: an account with HOLDS_PER_ACCOUNT_MAX holds open gets 429 too_many_requests', async () => {
   const HOLDS_PER_ACCOUNT_MAX = 4096 // AccMan's bound (accman/limits.py)
   const BATCH = 256

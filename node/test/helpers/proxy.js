@@ -9,7 +9,9 @@
 // `release()`, then sends it to AccMan on a connection of its own, whether
 // or not its client is still there (a front-end stalled behind a load
 // balancer: the request reaches AccMan late; its reply is dropped).
-// `targets` lists the request targets it forwarded, in order.  Given `tls`
+// `dropReplies(re)` drops AccMan's replies to the requests whose target
+// matches `re` (the request applies; its reply never comes), whatever the
+// mode.  `targets` lists the request targets it forwarded, in order.  Given `tls`
 // ({ key, cert }) it terminates TLS (an https:// `url`), as the proxy before
 // AccMan of a deployment that crosses machines does: `served` counts the
 // connections whose handshake succeeded, `names` the SNI names they sent.
@@ -27,6 +29,7 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
   let served = 0
   let mode = 'pass'
   let delayMs = 0
+  let dropRe = null
   const track = (socket) => {
     sockets.add(socket)
     socket.on('close', () => sockets.delete(socket))
@@ -60,11 +63,17 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
     }
     const upstream = net.connect(Number(upstreamAt.port), upstreamAt.hostname)
     track(upstream)
+    let last = '' // the target of the request whose reply comes next: one in flight at a time
     client.on('data', (d) => {
-      for (const m of d.toString('latin1').matchAll(REQUEST_LINE_RE)) targets.push(m[1])
+      for (const m of d.toString('latin1').matchAll(REQUEST_LINE_RE)) {
+        targets.push(m[1])
+        last = m[1]
+      }
       upstream.write(d)
     })
-    upstream.on('data', (d) => later(() => client.write(d)))
+    upstream.on('data', (d) => {
+      if (dropRe === null || !dropRe.test(last)) later(() => client.write(d))
+    })
     client.on('close', () => upstream.destroy())
     upstream.on('close', () => later(() => client.destroy()))
   }
@@ -88,6 +97,9 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
       if (mode === 'refuse' || mode === 'down') for (const s of sockets) s.destroy()
       if (mode === 'down' && !wasDown) return new Promise((resolve) => server.close(resolve))
       if (wasDown && mode !== 'down') return new Promise((resolve) => server.listen(port, '127.0.0.1', resolve))
+    },
+    dropReplies (re) {
+      dropRe = re
     },
     // What 'hold' held back, sent to AccMan now.
     release () {
