@@ -189,6 +189,31 @@ def test_a_503_to_a_write_is_an_unknown_outcome_that_says_what_to_do(start_serve
 
 
 @pytest.mark.any_one_store("the 503 or the silence comes from a proxy, not the store")
+def test_a_keyed_write_a_balance_may_refuse_says_a_refused_repeat_does_not_tell(
+        start_server, proxy):
+    """A keyed mod with --min, or a keyed hold, of unknown outcome: the
+    repeat its advice asks for may be refused `insufficient` while the
+    first attempt is still on its way (a front-end stalled behind a load
+    balancer), which applies later, once the balance covers it.  The
+    advice says that such a refusal does not tell; for a charge without
+    --min, which no balance refuses, it has no need to."""
+    s = start_server()
+    cred = funded(s)
+    for args, moving in [(["mod", "-3", "--min", "0", "--key", "k-min"], "insufficient"),
+                         (["hold", "-3", "--ttl", "60", "--key", "k-hold"],
+                          "insufficient or too_many_holds"),
+                         (["mod", "-3", "--key", "k-plain"], None)]:
+        p = proxy(s, "503", "503", "503")
+        err = one_line_error(run_accman(args[0], cred, *args[1:], "--url", p.url), 3)
+        assert "with the same --key, to apply it at most once and see its result" in err
+        if moving is None:
+            assert "a repeat refused" not in err
+        else:
+            assert (f"(a repeat refused {moving} does not say that this one never applied: it "
+                    f"may still be on its way to AccMan, and apply later)") in err
+
+
+@pytest.mark.any_one_store("the 503 or the silence comes from a proxy, not the store")
 def test_a_503_to_open_hands_over_the_credential_and_a_503_to_a_read_is_a_refusal(
         start_server, proxy):
     s = start_server()

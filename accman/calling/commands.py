@@ -229,8 +229,16 @@ def unknown_hint(args, replied: bool = False) -> str:
     if what not in ("mod", "hold"):
         return ""
     if args.key is not None:
-        return (f"; the {what} {doubt}: run the same command again, with "
+        hint = (f"; the {what} {doubt}: run the same command again, with "
                 "the same --key, to apply it at most once and see its result")
+        moving = "insufficient or too_many_holds" if what == "hold" else (
+            "insufficient" if args.min is not None else None)
+        if moving is not None:
+            # A refusal judged by a balance or a count that moves settles
+            # nothing of an attempt still on its way (policy.definite).
+            hint += (f" (a repeat refused {moving} does not say that this one never applied: "
+                     f"it may still be on its way to AccMan, and apply later)")
+        return hint
     hint = (f"; the {what} {doubt}: read `accman past` for this credential "
             f"before you try again (a {what} with --key is safe to repeat)")
     if what == "hold":
