@@ -710,6 +710,36 @@ def test_a_reply_cut_short_is_a_failure_said_as_what_came(cursors, reply, why):
     assert said[0].endswith(f" failed: {why}; retrying with backoff"), said[0]
 
 
+INTERIM = b"HTTP/1.1 102 Processing\r\n\r\n"
+
+
+@pytest.mark.parametrize("reply,why", [
+    (INTERIM * webhook_http.INTERIM_REPLIES_MAX + b"HTTP/1.1 200 OK\r\n\r\n", None),
+    (INTERIM * (webhook_http.INTERIM_REPLIES_MAX + 1) + b"HTTP/1.1 200 OK\r\n\r\n",
+     f"more than {webhook_http.INTERIM_REPLIES_MAX} interim (1xx) replies"),
+    (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "the receiver switched protocols"),
+    (b"HTTP/2 200\r\n\r\n", "the reply does not start with an HTTP/1.1 status line"),
+])
+def test_interim_replies_are_bounded_and_a_reply_of_no_http11_status_fails(cursors, reply, why):
+    """Interim (1xx) replies before the final one are read up to
+    INTERIM_REPLIES_MAX (a receiver has no reason to send any: no request
+    says Expect); one more, a 101, or a reply whose status line is not
+    HTTP/1.1's is a failed attempt, said as such (SERVER.md, Webhooks)."""
+    said, replies = [], [reply]
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(replies.pop() if replies else b"HTTP/1.1 200 OK\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    d = deliver_to(serve, cursors, said=said)
+    if why is None:
+        assert d.failures == 0 and said == [], said
+    else:
+        assert d.failures == 1
+        assert said[0].endswith(f" failed: {why}; retrying with backoff"), said[0]
+
 
 @pytest.mark.parametrize("reply", [b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
                                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\n\n",
