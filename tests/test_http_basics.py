@@ -189,6 +189,19 @@ def test_a_100_continue_follows_the_replies_owed_before_it(shared_server, cred):
         assert c.response().json == {"tot": 7, "seq": 3}
 
 
+def test_a_body_read_with_its_head_gets_its_final_reply_alone(shared_server, cred):
+    """The 100 Continue asks for a body the server does not have: one that
+    came with its head, in the same read, has nothing left to ask for, and
+    its request gets its final reply alone (RFC 9110 10.1.1 lets a server
+    omit the 100 once it has the content; docs/SERVER.md)."""
+    shared_server.mod(cred, 10)
+    with shared_server.connect() as c:
+        c.send(request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                             [("Expect", "100-continue"), ("Content-Length", "2")]) + b"{}")
+        r = c.response()
+        assert r.status == 200 and r.json == {"tot": 9, "seq": 2}
+
+
 def test_httpx_and_curl_style_bodies_cost_no_wait(shared_server, cred):
     shared_server.mod(cred, 10)
     with httpx.Client(base_url=shared_server.url) as client:
