@@ -721,6 +721,36 @@ def test_serve_help_is_the_one_server_md_shows():
     assert f"```\n{proc.stdout}```\n" in (ROOT / "docs" / "SERVER.md").read_text()
 
 
+def command_flags():
+    """Each command of the parser with the flags it takes, --help aside."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: {o for a in parser._actions for o in a.option_strings
+                   if o.startswith("--") and o != "--help"}
+            for name, parser in sub.choices.items()}
+
+
+def test_every_flag_of_a_command_is_on_the_page_that_documents_the_command():
+    """A flag the command line takes is documented where its command is:
+    the client commands in CALLING.md's "The command line", `verify` and
+    `migrate` in SERVER.md's (serve's help is shown whole above), so that
+    a flag added, or one the docs never named, is seen."""
+    def section(doc):
+        text = (ROOT / "docs" / doc).read_text()
+        return text.split("\n## The command line\n", 1)[1].split("\n## ", 1)[0]
+    calling, server = section("CALLING.md"), section("SERVER.md")
+    flags = command_flags()
+    assert set(flags) == {"serve", "open", "tot", "mod", "past", "hold", "settle", "events",
+                          "migrate", "verify"}
+    unsaid = []
+    for command, names in flags.items():
+        if command == "serve":
+            continue
+        text = server if command in ("verify", "migrate") else calling
+        unsaid += [f"{command} {flag}" for flag in sorted(names)
+                   if re.search(rf"`[^`]*{re.escape(flag)}(?![\w-])", text) is None]
+    assert unsaid == []
+
+
 @pytest.mark.parametrize("command,said", [
     ("tot", "(needs the read role)"), ("past", "(needs the read role)"),
     ("mod", "needing the charge role"), ("mod", "needing the mint role"),
