@@ -20,23 +20,38 @@
 // ACCMAN_ON_UNAVAILABLE (closed, the default, or open) and
 // ACCMAN_HOLD_TTL_S (reserve mode only, default 90; check mode holds
 // nothing, and refuses it); the plugin refuses a wrong value, which stops
-// the example at start.  PORT (default 3000, on 127.0.0.1) and
-// LOG_LEVEL (pino's, default info) keep their plain names: the Python
-// example has them from uvicorn, and `accman serve` warns of an ACCMAN_
-// name that no part of AccMan reads.
+// the example at start, as does a ttl or a PORT not in plain digits.  PORT
+// (default 3000, on 127.0.0.1) and LOG_LEVEL (pino's, default info) keep
+// their plain names: the Python example has them from uvicorn, and
+// `accman serve` warns of an ACCMAN_ name that no part of AccMan reads.
 
 const Fastify = require('fastify')
 const accman = require('..')
 
 const ACCMAN_URL = process.env.ACCMAN_URL || 'http://127.0.0.1:8080'
-const PORT = Number(process.env.PORT || 3000)
+const PORT_DEFAULT = 3000
+const PORT_MAX = 65535
 
-// ACCMAN_HOLD_TTL_S in plain digits, as the Python example reads it
-// (Number() would take 0x5a, 1e1 and ' 90 '); the plugin checks its range.
+// A number in plain digits: Number() would take 0x5a, 1e1 and ' 90 ', and
+// an example that listens on port 1000 for PORT=1e3 listens where nobody
+// asked it to.
+const PLAIN_DIGITS = /^(0|[1-9][0-9]*)$/
+
+// ACCMAN_HOLD_TTL_S in plain digits, as the Python example reads it; the
+// plugin checks its range.
 function holdTtlS (text) {
   if (!text) return undefined
-  if (!/^(0|[1-9][0-9]*)$/.test(text)) {
+  if (!PLAIN_DIGITS.test(text)) {
     throw new TypeError(`ACCMAN_HOLD_TTL_S must be whole seconds in plain digits, not ${JSON.stringify(text)}`)
+  }
+  return Number(text)
+}
+
+// PORT in plain digits, 0 (a free one) to 65535; unset or empty: 3000.
+function listenPort (text) {
+  if (!text) return PORT_DEFAULT
+  if (!PLAIN_DIGITS.test(text) || Number(text) > PORT_MAX) {
+    throw new TypeError(`PORT must be a port in plain digits, 0 to ${PORT_MAX}, not ${JSON.stringify(text)}`)
   }
   return Number(text)
 }
@@ -105,10 +120,12 @@ function closeOnSignals (app, copyMs = SIGNAL_COPY_MS) {
 // The example as `node examples/server.js` runs it; `copyMs` goes to
 // closeOnSignals (the tests give a window no loaded machine can outlast).
 function main (copyMs) {
-  return build()
-    .then((app) => {
+  return Promise.resolve()
+    .then(async () => {
+      const port = listenPort(process.env.PORT) // refused before the plugin is built
+      const app = await build()
       closeOnSignals(app, copyMs)
-      return app.listen({ port: PORT, host: '127.0.0.1' })
+      return app.listen({ port, host: '127.0.0.1' })
     })
     .catch((err) => {
       console.error(err)

@@ -139,6 +139,17 @@ test('a wrong ACCMAN_MODE or ACCMAN_HOLD_TTL_S stops the example at start, namin
   }
 })
 
+test('a PORT not in plain digits, or past 65535, stops the example at start, naming it', async () => {
+  const url = 'http://127.0.0.1:1' // never reached: the port is refused first
+  // Number() reads each of the first four as 0 (a free port): the example
+  // would listen where nobody asked it to, as PORT=1e3 would on port 1000.
+  for (const bad of ['0x0', '0e3', ' 0', '0.0', '65536']) {
+    const r = await runExample({ ACCMAN_URL: url, PORT: bad })
+    assert.equal(r.code, 1, bad)
+    assert.match(r.stderr, new RegExp(`TypeError: PORT must be a port in plain digits, 0 to 65535, not ${JSON.stringify(bad).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`))
+  }
+})
+
 // A charge owed by the example: one paid request, then AccMan out of reach
 // (a proxy that drops connections) for the next, admitted on the balance
 // just seen, whose charge cannot land.
