@@ -63,7 +63,7 @@ def build_parser(given=()):
     p = ArgumentParser(prog="accman", description="Prepaid balances for web APIs.",
                         given=tuple(given))
     p.add_argument("--version", action="version", version=f"accman {accman.__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")     # none: _main says so
     p.commands = {}
 
     def command(name, help_text):
@@ -246,6 +246,8 @@ def _main(argv) -> int:
                      f"(ARGV_WORDS_MAX, {ARGV_WORDS_MAX}) (try: accman --help)")
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.no_command(extra)
     if extra:
         # Said by the command's own parser, so that it points at its --help.
         parser.commands[args.command].unrecognized(extra)

@@ -427,6 +427,10 @@ def test_a_read_whose_answer_goes_nowhere_exits_4(start_server):
      "unrecognized arguments: <not shown>; did you mean --ttl?"),
     (["events", "--follow=SECRET"], "argument --follow: ignored explicit argument"),
     (["SECRETcred"], "invalid choice: '<not shown>'"),
+    # Before any command: the flags it did not know are said, not only that
+    # a command is missing.
+    (["--verison"], "unrecognized arguments: <not shown>; did you mean --version? ("),
+    (["--SECRETtoken=SECRET"], "unrecognized arguments: <not shown> ("),
     (["serve", "--verify=SECRET"], "argument --verify: invalid choice"),
     # A credential that starts with "-h": argparse quoted the rest of it.
     (["tot", "-hSECRETcred"], "argument -h/--help: ignored explicit argument '<not shown>'"),

@@ -60,6 +60,16 @@ class ArgumentParser(argparse.ArgumentParser):
             sys.exit(say(f"accman: {words}", code))
         return None
 
+    def no_command(self, extra):
+        """No command was given: the flags that no argument took are said
+        as unrecognized, the closest suggested (`accman --verison`), where
+        argparse's own "required" error would leave them unsaid; without
+        any, that a command is missing."""
+        unknown = [word for word in extra if word != "--"]     # `accman --`: nothing unknown
+        if unknown:
+            self.unrecognized(unknown)
+        self.error("the following arguments are required: COMMAND")
+
     def unrecognized(self, extra):
         """The usage error for the words that no argument took: none shown,
         and for those that read as flags, the closest of this command's.
