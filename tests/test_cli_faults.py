@@ -491,6 +491,16 @@ def test_many_unknown_words_are_said_listing_a_few(tmp_path):
     assert "SECRET" not in err
 
 
+def test_how_many_more_is_said_even_when_a_word_given_is_that_number(tmp_path):
+    """The count of the words not listed is AccMan's own number, not a word
+    of the command line: said even when one of them is that number
+    (`accman tot 1 2 ... 20`, 11 more), which a word given would hide."""
+    words = [str(i) for i in range(1, 21)]
+    err = one_line_error(run_accman("tot", *words, cwd=tmp_path))
+    assert ("unrecognized arguments: " + "<not shown> " * 8 + f"and {len(words) - 1 - 8} more ("
+            in err), err
+
+
 def test_a_command_line_over_argv_words_max_is_refused_before_it_is_parsed(tmp_path):
     """argparse's cost grows as the square of the words that start with
     "-": `accman tot $(seq -f -c%g 1 20000)` took seconds to refuse."""

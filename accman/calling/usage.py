@@ -79,7 +79,10 @@ class ArgumentParser(argparse.ArgumentParser):
         close = _close_flags(extra, self.given, own, set(others))
         listed = " ".join(extra[:UNRECOGNIZED_LISTED_MAX])
         more = len(extra) - UNRECOGNIZED_LISTED_MAX
-        self.error(f"unrecognized arguments: {listed}" + (f" and {more} more" if more > 0 else ""),
+        # The count is AccMan's own number, not searched for the words given
+        # (`accman tot 1 2 ... 20` gives the word "11" too).
+        self.error(f"unrecognized arguments: {listed}",
+                   (f" and {more} more" if more > 0 else "") +
                    (f"; {' and '.join(others)} {'is' if len(others) == 1 else 'are'} not "
                     f"{'an option' if len(others) == 1 else 'options'} of {self.prog}"
                     if others else "") +
