@@ -89,6 +89,16 @@ test('the client snippet is a CommonJS script as it stands: no top-level await',
   assert.doesNotThrow(() => new vm.Script(code, { filename: 'README.md#the-client' }))
 })
 
+test("the client's calls are the ones the README says it makes", () => {
+  const said = /The client makes the calls a paid\s+service makes \(([^)]*)\)/.exec(section('The client'))
+  assert.ok(said, 'The client section lists its calls')
+  const named = [...said[1].matchAll(/`(\w+)`/g)].map((m) => m[1]).sort()
+  const { AccManClient } = require('fastify-accman')
+  const calls = Object.getOwnPropertyNames(AccManClient.prototype)
+    .filter((name) => !name.startsWith('_') && name !== 'constructor' && name !== 'close').sort()
+  assert.deepEqual(calls, named)
+})
+
 test('the limits are reached as the README says, with the values it gives', () => {
   const text = section('Limits')
   const how = /`require\('([\w-]+)'\)\.limits`/.exec(text)
