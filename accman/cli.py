@@ -1,5 +1,5 @@
 """The command line: `accman serve | open | tot | mod | past | hold | settle |
-events | verify`.
+events | migrate | verify`.
 
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
 its reader closing the pipe, and any command whose reader closed stdout
