@@ -179,7 +179,8 @@ def _check_members(infos: list[ClusterInfo], exact: bool) -> None:
                          "give every cluster of the store with --store")
     store = given[home].members | {home}
     if not store <= given.keys() or (exact and store != given.keys()):
-        raise StoreError(f"the store has {len(store)} clusters and {len(given)} were given "
+        were = "was" if len(given) == 1 else "were"
+        raise StoreError(f"the store has {len(store)} clusters and {len(given)} {were} given "
                          f"({len(store & given.keys())} of its own): give every cluster of "
                          "the store with --store, or run `accman migrate` with all of them "
                          "to add one")

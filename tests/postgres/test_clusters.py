@@ -123,7 +123,7 @@ def test_some_clusters_of_a_store_are_refused_and_change_nothing(pg):
     home = [u for u, i in zip((a, b), infos, strict=True) if i.cluster_id == i.events_home][0]
     other = b if home == a else a
     before = schema_dump(pg, ("part_a", "part_b"))
-    for given, says in (([home], "the store has 2 clusters and 1 were given"),
+    for given, says in (([home], "the store has 2 clusters and 1 was given"),
                         ([other], "numbered on a cluster not given")):
         with pytest.raises(StoreError, match=says):
             run(opened(given))

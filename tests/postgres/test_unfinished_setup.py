@@ -184,7 +184,7 @@ def test_a_cluster_of_an_unfinished_setup_is_refused_in_a_store_of_another_shape
                                          r"finished: run `accman migrate` with the same "):
         run(opened([a, b], migrate_schema=False))
     run(fund([b, a], ["s1", "s2", "s3"]))          # no account yet: serve finishes it
-    with pytest.raises(StoreError, match="the store has 2 clusters and 1 were given|"
+    with pytest.raises(StoreError, match="the store has 2 clusters and 1 was given|"
                                          "numbered on a cluster not given"):
         run(opened([a]))
 
