@@ -169,6 +169,21 @@ function judgeOrphans (fp, ledger, rids, owed, sum) {
   return problems
 }
 
+// Reserve mode never overdraws: the first entry under 0, if any, but
+// after the charge of a hold that expired first (a keyed mod without
+// `min`, its request's hold in the history: README "Modes"), which may
+// take the balance under 0, the one case the docs allow; null if none.
+// As the Python checker's callingcheck.overdrawn.
+function overdrawn (ledger, entries) {
+  const expired = []
+  for (const [key, list] of ledger.charges) {
+    if (ledger.holdKeys.has(key.slice(0, -2) + '-h')) expired.push(...list)
+  }
+  const under = expired.filter((c) => BigInt(c.tot) < 0n)
+  const low = [...entries].reverse().filter((e) => BigInt(e.tot) < 0n)
+  return low.find((e) => !under.some((c) => c.seq <= e.seq)) || null
+}
+
 function judgeAccount (mode, account, records, owed, sum) {
   const ledger = ledgerOf(account.entries)
   const at = `account ${account.cred}`
@@ -191,8 +206,8 @@ function judgeAccount (mode, account, records, owed, sum) {
     problems.push(`${at}: balance ${account.tot}, funding less charges less holds open is ${expected}`)
   }
   if (mode === 'reserve') {
-    const low = account.entries.filter((e) => BigInt(e.tot) < 0n)
-    if (low.length) problems.push(`${at}: overdrawn in reserve mode: ${JSON.stringify(low[0])}`)
+    const low = overdrawn(ledger, account.entries)
+    if (low) problems.push(`${at}: overdrawn in reserve mode: ${JSON.stringify(low)}`)
   }
   sum.charged += mine.charged
   sum.unknownLanded += mine.unknownLanded
