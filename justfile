@@ -53,9 +53,10 @@ crash-events:
 crash-calling:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_calling_bank.py tests/reliability/test_calling_bank_pg.py -n 0 -p no:cacheprovider -s
 
-# the bank checker through the Node plugin, long: 30 kill rounds a mode (prints the seed)
+# the bank checkers through the Node plugin, long: 30 kill rounds a mode, then 31 faults a
+# mode through two front-ends on PostgreSQL (prints the seeds)
 crash-node:
-    cd node && ACCMAN_CRASH_LONG=1 node --test --test-timeout=3600000 test/bank.test.js
+    cd node && ACCMAN_CRASH_LONG=1 node --test --test-concurrency=1 --test-timeout=3600000 test/bank.test.js test/bank_pg.test.js
 
 # the long power-loss emulation: every crash point of longer recorded runs, and the
 # damaged-file property with many more flips (needs strace; prints the counts)

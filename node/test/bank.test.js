@@ -132,6 +132,17 @@ test('the bank checker passes a correct history, and finds a doubled, lost or un
   assert.match(found((s) => { s.records[0].accman = '96' }), /not the balance its charge left/)
   assert.match(found((s) => { s.accounts[0].tot = 93 }), /balance 93, funding less charges/)
   assert.match(found((s) => { s.stats.charged_amount = 7 }), /stats.charged_amount 7/)
+  // A top-up (helpers/bankrun.js) is funding: one the funder counted
+  // passes, one it did not (sent twice, applied twice) is found.
+  const topUp = (s) => {
+    s.accounts[0].entries.unshift({ seq: 4, by: 50, tot: 144, at: 0, key: 'top-1-7', hold: null })
+    s.accounts[0].tot = 144
+  }
+  const toppedUp = sample()
+  topUp(toppedUp)
+  toppedUp.accounts[0].funding = 150
+  assert.deepEqual(judge(toppedUp), [])
+  assert.match(found(topUp), /funded 100, the history says 150/)
   // Overdrawn in reserve mode.
   assert.match(found((s) => {
     s.mode = 'reserve'

@@ -1,7 +1,9 @@
 'use strict'
 // A real AccMan server for the tests and the benchmarks: the Python package
 // installed in the repository's .venv, started on a free loopback port with
-// its own data directory and tokens file, stopped with SIGTERM.
+// its own data directory and tokens file (on the embedded store, or on a
+// PostgreSQL store's URL, the directory then only its lock), stopped with
+// SIGTERM.
 
 const { spawn } = require('node:child_process')
 const fs = require('node:fs')
@@ -37,8 +39,11 @@ function accmanInstalled () {
 class AccManServer {
   // `fileSizeKiB`: the largest file the server may write (ulimit -f), for
   // a store whose commits fail once its write-ahead log must grow.
-  constructor ({ tokens = true, fileSizeKiB = null } = {}) {
+  // `store`: a PostgreSQL store's URL (`accman serve --store`), for
+  // front-ends on one database (docs/SCALING.md).
+  constructor ({ tokens = true, fileSizeKiB = null, store = null } = {}) {
     this.fileSizeKiB = fileSizeKiB
+    this.store = store
     if (!accmanInstalled()) throw new Error(INSTALL_HINT)
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'accman-node-'))
     this.data = path.join(this.dir, 'data')
@@ -65,6 +70,7 @@ class AccManServer {
   async start () {
     const args = ['serve', '--host', '127.0.0.1', '--port', String(this.port), '--data', this.data]
     if (this.tokensFile) args.push('--tokens', this.tokensFile)
+    if (this.store) args.push('--store', this.store)
     const child = this.fileSizeKiB === null
       ? spawn(ACCMAN_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] })
       : spawn('sh', ['-c', `ulimit -f ${this.fileSizeKiB} && exec "$0" "$@"`, ACCMAN_BIN, ...args],

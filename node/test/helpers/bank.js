@@ -20,6 +20,7 @@ const { fingerprint } = require('../..')
 
 const OWED_RE = /^accman: (charge|settle|release) queued to retry$/
 const STRANDED_RE = /^accman: stranded (charge|settle|release)/
+const TOP_UP_RE = /^top-\d+-\d+$/
 
 // What the service's log says of owed calls: the keys of those queued, and
 // of those stranded (`unknown`: of unknown outcome, look for the key), each
@@ -42,15 +43,16 @@ function owedOf (logs) {
   return { queued, stranded, queuedCount, strandedCount }
 }
 
-// An account's history by kind: the funding mods; the charges, by key; the
-// holds, by id (their start and their ends) and by key; anything else is
-// of no kind the plugin makes.
+// An account's history by kind: the funding mods (its first, keyless, and
+// the top-ups, keyed `top-<request id>`: helpers/bankrun.js); the charges,
+// by key; the holds, by id (their start and their ends) and by key;
+// anything else is of no kind the plugin or the funder makes.
 function ledgerOf (entries) {
   const ledger = { funding: 0n, charges: new Map(), holds: new Map(), holdKeys: new Map(), odd: [] }
   const add = (map, k, v) => map.set(k, (map.get(k) || []).concat([v]))
   for (const e of [...entries].reverse()) {
     const by = BigInt(e.by)
-    if (e.hold === null && e.key === null && by > 0n) {
+    if (e.hold === null && (e.key === null || TOP_UP_RE.test(e.key)) && by > 0n) {
       ledger.funding += by
     } else if (e.hold === null && by < 0n && /-c$/.test(e.key || '')) {
       add(ledger.charges, e.key, e)

@@ -1,11 +1,12 @@
 'use strict'
 // The bank checker's load through the calling side, for the bank tests,
 // which bring the AccMan and its faults (bank.test.js: one AccMan,
-// SIGKILLed): consumers send paid requests concurrently through a real
-// fastify service with the plugin, every response recorded as its consumer
-// got it; once the faults are done, the load has stopped and the service
-// has closed (its owed calls drained), each account is reconciled from
-// AccMan's history, the service's log and its stats (helpers/bank.js
+// SIGKILLed; bank_pg.test.js: two front-ends on PostgreSQL behind a
+// round-robin proxy): consumers send paid requests concurrently through a
+// real fastify service with the plugin, every response recorded as its
+// consumer got it; once the faults are done, the load has stopped and the
+// service has closed (its owed calls drained), each account is reconciled
+// from AccMan's history, the service's log and its stats (helpers/bank.js
 // judges). ACCMAN_CRASH_LONG=1 asks the faults for many more rounds;
 // ACCMAN_CRASH_SEED=N replays the same choice of requests (their timing is
 // the machine's).
@@ -16,7 +17,7 @@ const { Agent, fetch } = require('undici')
 const { TOKENS } = require('./accman')
 const { serviceApp } = require('./app')
 const { judge } = require('./bank')
-const { AccManClient } = require('../..')
+const { AccManClient, AccManError } = require('../..')
 
 const LONG = process.env.ACCMAN_CRASH_LONG === '1'
 const SEED = Number(process.env.ACCMAN_CRASH_SEED || crypto.randomInt(2 ** 31))
@@ -24,6 +25,9 @@ const LOOPS_PER_ACCOUNT = 2 // requests of one account in flight at once
 // Known fundings: the last account runs dry, for the 402s (and, in check
 // mode, the overdraft that concurrent requests may make).
 const FUNDINGS = [1000003, 1000019, 1000033, 61]
+// What a consumer refused 402 adds to its account: about one request's
+// worth, so that its balance is near nothing much of the time.
+const TOP_UP = 10
 // The statuses a consumer may get: served (200), the /fail route (500),
 // insufficient (402), AccMan unavailable (503).
 const STATUSES = [200, 402, 500, 503, 'left']
@@ -77,6 +81,28 @@ class Progress {
   }
 }
 
+// With `load.topUps`, an account refused 402 is topped up by the funder
+// with a keyed mod, as the Python checker's consumers do, so that a poor
+// account's balance rises as well as falls: a hold refused on it may meet
+// a balance topped up meanwhile when an attempt of it still on its way
+// arrives (errors.js, `definite`).  Its outcome need not be known now:
+// every top-up that got no reply is sent again with its key once AccMan
+// is back (`topUpsLand`), so that each lands once and the funding is known.
+async function topUp (load, cred, id) {
+  const top = { cred, key: `top-${id}`, landed: false }
+  load.topUps.push(top)
+  try {
+    await load.mint.mod(cred, TOP_UP, { key: top.key })
+    top.landed = true
+  } catch (err) {
+    if (!(err instanceof AccManError)) throw err
+  }
+}
+
+async function topUpsLand (mint, topUps) {
+  for (const top of topUps) if (!top.landed) await mint.mod(top.cred, TOP_UP, { key: top.key })
+}
+
 // One consumer's loop: requests one after another until `load.stop`.  One
 // in LEAVE_EVERY leaves within LEAVE_MS of asking (status 'left'): it may be
 // charged or not (README "Modes": the charge is the response's start).
@@ -105,6 +131,7 @@ async function consume (url, cred, n, load, records) {
     const served = status === 200 || status === 'left'
     records.push({ id, cred, path, status, accman, cost: served ? cost : 0, rid: null })
     load.progress.note(status, accman)
+    if (status === 402 && load.topUps) await topUp(load, cred, id)
   }
 }
 
@@ -137,7 +164,8 @@ function ridsOf (rids) {
 }
 
 // One run in `mode`: the load through a service whose plugin's AccMan is
-// at `rig.url` (with `rig.options`, the plugin's further options), under
+// at `rig.url` (with `rig.options`, the plugin's further options; with
+// `rig.topUps`, the accounts refused 402 topped up), under
 // `rig.faults(app, load)`, which returns once its last fault is made
 // (AccMan may be down then, as the service closes) with a sentence of what
 // it did; `rig.up()` brings AccMan back to read the histories.  Then every
@@ -161,7 +189,8 @@ async function bankRun (t, mode, rig) {
     // The consumers' connections, left open until the service has closed:
     // close() meets them as a service's close meets its consumers'.
     const load = {
-      stop: false, progress: new Progress(), consumers: new Agent(), loops: 0
+      stop: false, progress: new Progress(), consumers: new Agent(), mint, loops: 0,
+      topUps: rig.topUps ? [] : null
     }
     const loops = []
     let said = ''
@@ -182,16 +211,19 @@ async function bankRun (t, mode, rig) {
       await load.consumers.destroy()
       await rig.up()
     }
+    const topUps = load.topUps || []
+    await topUpsLand(mint, topUps)
     for (const r of records) r.rid = rids.has(r.id) ? rids.get(r.id) : null
     const accounts = []
     for (const [i, cred] of creds.entries()) {
       const entries = await historyOf(mint, cred)
-      accounts.push({ cred, funding: FUNDINGS[i], entries, tot: await mint.tot(cred) })
+      const funding = FUNDINGS[i] + TOP_UP * topUps.filter((top) => top.cred === cred).length
+      accounts.push({ cred, funding, entries, tot: await mint.tot(cred) })
     }
     const stats = app.accman.stats
     t.diagnostic(`${mode}: seed ${SEED}, ${said}, ${records.length} requests, ` +
       `${records.filter((r) => r.status === 200 && r.accman !== null).length} paid, ` +
-      `${stats.owed} owed, ${stats.stranded} stranded, ` +
+      `${topUps.length} top-ups, ${stats.owed} owed, ${stats.stranded} stranded, ` +
       `statuses ${JSON.stringify(countBy(records, (r) => r.status))}`)
     assert.deepEqual(judge({ mode, accounts, records, logs, stats, statuses: STATUSES }), [])
     // What the close stranded as never landed is told to onUnpaid.
