@@ -124,10 +124,13 @@ class Cluster:
 
 
 class Worker(threading.Thread):
-    def __init__(self, n, cluster, amounts, stop, log):
+    """Calls on `cluster.addr` (read at each connect) against `creds`."""
+
+    def __init__(self, n, cluster, amounts, stop, log, creds=CREDS):
         super().__init__(name=f"bank-worker-{n}", daemon=True)
         self.n = n
         self.cluster = cluster
+        self.creds = creds
         self.amounts = amounts
         self.stop = stop
         self.rnd = random.Random(SEED * 1000 + n)
@@ -203,7 +206,7 @@ class Worker(threading.Thread):
             self.drop()
 
     def mod(self, x):
-        cred = self.rnd.choice(CREDS)
+        cred = self.rnd.choice(self.creds)
         amount = 1000 + next(self.amounts)
         keyed = self.rnd.random() < 0.85
         key = f"w{self.n}-{next(self.count)}" if keyed else None
@@ -222,7 +225,7 @@ class Worker(threading.Thread):
     def hold(self):
         """A keyed hold of a unique amount; once acknowledged, most are
         settled later (with a use drawn now), the others left to expire."""
-        cred = self.rnd.choice(CREDS)
+        cred = self.rnd.choice(self.creds)
         op = Op(self.n, cred, -(1000 + next(self.amounts)), 0,
                 f"w{self.n}-{next(self.count)}", ttl=self.rnd.randint(*HOLD_TTL_S))
         self.ops.append(op)
@@ -263,7 +266,7 @@ class Worker(threading.Thread):
         return Attempt(t0, t1, "unexpected", detail=f"{r.status} {r.body!r}")
 
     def read_tot(self):
-        cred = self.rnd.choice(CREDS)
+        cred = self.rnd.choice(self.creds)
         try:
             t0, t1, r = self.call("GET", f"/tot?cred={cred}")
         except Stopped:
@@ -276,7 +279,7 @@ class Worker(threading.Thread):
         self.reads.append(Read(cred, t0, t1, tot=r.json["tot"]))
 
     def read_past(self):
-        cred = self.rnd.choice(CREDS)
+        cred = self.rnd.choice(self.creds)
         try:
             t0, t1, r = self.call("GET", f"/past?cred={cred}&limit=10")
         except Stopped:
