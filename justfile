@@ -43,9 +43,10 @@ crash:
     ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/test_ledger_crash.py tests/test_damaged_files.py tests/reliability/test_bank.py -n 0 -p no:cacheprovider -s
 
 # the long events checker: four readers of the stream (the clients' followers, `accman
-# events --follow`, a webhook receiver) while AccMan is SIGKILLed under load (prints the seed)
+# events --follow`, a webhook receiver) while AccMan is SIGKILLed under load, then on a
+# PostgreSQL store of two clusters, restarted and stopped, two front-ends (prints the seed)
 crash-events:
-    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_events_bank.py -n 0 -p no:cacheprovider -s
+    ACCMAN_CRASH_LONG=1 {{py}} -m pytest tests/reliability/test_events_bank.py tests/reliability/test_events_bank_pg.py -n 0 -p no:cacheprovider -s
 
 # the long calling-side bank checker: paid requests through uvicorn and the middleware
 # while AccMan is killed every second or two, both modes, on the embedded store and on
