@@ -14,7 +14,8 @@ real receiver that checks every signature.  A nemesis, in turn:
 * SIGKILLs a front-end (each in turn) and starts it again on its port;
 * restarts the events' home (`pg_ctl stop -m immediate`, then start), and
   the other cluster;
-* stops one cluster for a few seconds (the home and the other in turn).
+* stops one cluster for a second or more (the home and the other in turn);
+* in the long run, SIGSTOPs a front-end for as long, then SIGCONT.
 
 The reconciliation is test_events_bank.py's, as strict: the store's ids
 1..N without a gap, each account's events exactly its history, every
@@ -30,8 +31,9 @@ all copied.
 In the suite, each fault once (a kill of each front-end), each after
 WORK_PER_FAULT more changes acknowledged (bounded by work done, not by
 time); ACCMAN_CRASH_LONG=1 runs the rotation for ACCMAN_CRASH_SECONDS
-(300 s), with test_bank.py's seed (printed: ACCMAN_CRASH_SEED=N replays
-its schedule).
+(300 s), a fault every 0.5 to 2 s, half of them before the front-ends
+have recovered from the one before, with test_bank.py's seed (printed:
+ACCMAN_CRASH_SEED=N replays its schedule).
 """
 
 import itertools
@@ -66,6 +68,9 @@ DOWN_S = (1.0, 3.0) if LONG else (1.0, 1.5)     # a cluster stopped this long (d
 BACKOFF_S = 0.05
 FAULT_EVERY_S = (0.5, 2.0)      # the long run: between faults (drawn from)
 SHORT_FAULTS = ["kill", "home_restart", "kill", "other_restart", "home_down", "other_down"]
+# The long run's rotation: a front-end stopped (SIGSTOP) for seconds too,
+# its sessions and their locks (the copy's, the webhook's role) kept.
+FAULTS = SHORT_FAULTS + ["pause"] if LONG else SHORT_FAULTS
 # A hand-over of the webhook's role takes about this long (SERVER.md).
 HOOK_ENV = {**ENV, "ACCMAN_WEBHOOK_LEAD_INTERVAL_S": "0.2"}
 
@@ -97,8 +102,7 @@ class FrontEnds:
         self.runs_at = [time.monotonic()]
         self.ended_at = []
         self.home, self.other = self._home()
-        self.counts = {k: 0 for k in ("kill", "home_restart", "other_restart",
-                                      "home_down", "other_down")}
+        self.counts = dict.fromkeys(FAULTS, 0)
         self.victim = 0             # the front-end the next kill hits
         self.reader_kills = 0       # of the readers' front-end
 
@@ -149,6 +153,15 @@ class FrontEnds:
             self.fes[n] = srv
         self.counts["kill"] += 1
         return n
+
+    def pause(self, seconds):
+        """SIGSTOP a front-end (each in turn) for `seconds`, then SIGCONT:
+        its sessions stay, with whatever locks they hold."""
+        n, self.victim = self.victim, 1 - self.victim
+        self.fes[n].proc.send_signal(signal.SIGSTOP)
+        time.sleep(seconds)
+        self.fes[n].proc.send_signal(signal.SIGCONT)
+        self.counts["pause"] += 1
 
     def restart(self, which, down_s=0.0):
         """The "home" or the "other" cluster stopped at once (`-m
@@ -215,29 +228,35 @@ def acked(workers):
                for a in list(op.attempts))
 
 
-def fault(fes, kind, rnd, cli):
+def fault(fes, kind, rnd, cli, recovered=True):
     if kind == "kill":
         if fes.kill() == 0:
             # The first time, stopped and started anew, as a reader resumes.
             cli.follow(fes.addr, again=fes.reader_kills == 0)
             fes.reader_kills += 1
+    elif kind == "pause":
+        fes.pause(rnd.uniform(*DOWN_S))
     else:
         which, how = kind.split("_")
         fes.restart(which, rnd.uniform(*DOWN_S) if how == "down" else 0.0)
-    fes.wait_healthy()
+    if recovered:
+        fes.wait_healthy()
 
 
 def nemesis(fes, cli, workers, rnd, errors):
     """The short run's faults, each after WORK_PER_FAULT more changes
-    acknowledged; the long run's in rotation until DURATION_S.  Returns
-    when the load is to stop."""
+    acknowledged and waiting for the front-ends' recovery; the long run's
+    in rotation until DURATION_S, half of them without that wait, so that
+    the next may come while the front-ends reconnect.  Returns when the
+    load is to stop."""
     try:
         if LONG:
-            kinds = itertools.cycle(SHORT_FAULTS)
+            kinds = itertools.cycle(FAULTS)
             stop_at = time.monotonic() + DURATION_S
             while (t := time.monotonic() + rnd.uniform(*FAULT_EVERY_S)) < stop_at:
                 time.sleep(t - time.monotonic())
-                fault(fes, next(kinds), rnd, cli)
+                fault(fes, next(kinds), rnd, cli, recovered=rnd.random() < 0.5)
+            fes.wait_healthy()
             return stop_at
         for kind in SHORT_FAULTS:
             wait_work(workers, acked(workers) + WORK_PER_FAULT)
@@ -409,7 +428,7 @@ def test_every_reader_gets_every_event_of_two_clusters_through_their_faults(tmp_
                    f"to {back_s:.2f} s before the fault")
         print(f"events checker on PostgreSQL: {summary}", flush=True)
         # A real run: every fault, changes of every kind, many of them copied.
-        assert all(fes.counts.values()) and fes.counts["kill"] >= 2, summary
+        assert all(fes.counts[k] for k in FAULTS) and fes.counts["kill"] >= 2, summary
         assert n_acked >= (len(SHORT_FAULTS) + 1) * WORK_PER_FAULT, summary
         assert {e["type"] for e in store} == {"mod", "hold", "settle", "expire",
                                               "low_balance"}, summary
