@@ -42,6 +42,7 @@ import os
 import random
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.parse
@@ -224,15 +225,21 @@ class Consumer:
         each read beside its socket call, so that a charge whose response
         began after the close cannot pass as begun before it."""
         url = urllib.parse.urlsplit(self.url)
-        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
         try:
-            writer.write(f"GET /work?{urllib.parse.urlencode(params)} HTTP/1.1\r\n"
-                         f"Host: {url.netloc}\r\nACCMAN: {self.cred}\r\n\r\n".encode())
+            await loop.sock_connect(sock, (url.hostname, url.port))
+            await loop.sock_sendall(sock, f"GET /work?{urllib.parse.urlencode(params)} HTTP/1.1"
+                                    f"\r\nHost: {url.netloc}\r\nACCMAN: {self.cred}\r\n\r\n"
+                                    .encode())
             r.sent_at = time.monotonic()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(reader.read(1), LEAVE_S)
+                await asyncio.wait_for(loop.sock_recv(sock, 1), LEAVE_S)
         finally:
-            writer.transport.abort()
+            # Closed here, at once: a transport's abort() closes its socket
+            # only on the loop's next turn, after closed_at.
+            sock.close()
             r.closed_at = time.monotonic()
 
     async def top_up(self, funder, by):
@@ -246,6 +253,33 @@ class Consumer:
             pass                    # AccMan down: sent again with its key after the run
         finally:
             self.topping = False
+
+
+def test_a_consumer_that_leaves_has_closed_its_connection_when_it_reads_closed_at():
+    """The checker judges a charge of a consumer that left by closed_at: a
+    response begun after it is one the docs say moves nothing, so the
+    connection must be closed by then, not a loop turn later."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    consumer = Consumer(0, random.Random(SEED))
+    consumer.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    r = Request(consumer.cred, 1000, False, gone=True)
+
+    async def main():
+        await consumer.leave(r, {"a": r.a})
+        # No loop turn has run since closed_at was read (the calls below
+        # block): the peer sees the close only if it came before.
+        peer, _ = listener.accept()
+        with peer:
+            peer.settimeout(CONSUMER_TIMEOUT_S)
+            got = b""
+            while chunk := peer.recv(65536):
+                got += chunk
+        return got
+    try:
+        assert asyncio.run(main()).startswith(b"GET /work?a=1000 HTTP/1.1\r\n")
+    finally:
+        listener.close()
+    assert r.sent_at <= r.closed_at
 
 
 async def load(app_url, accman_url, consumers, stop):
