@@ -2,9 +2,10 @@
 shutdown: what the app's shutdown closes (the AccManClient it shares with
 the middleware, the database its `on_unpaid` bills into) is still open
 while the middleware's releases and owed calls land; and what fails only
-as the shutdown closes the middleware's client.  Against the fake AccMan
-of tests/fake_accman.py, with a real Starlette app, or a real AccMan
-behind the fault proxy of tests/test_cli_faults.py."""
+as the shutdown closes the middleware's client, or is cut off as the
+event loop ends.  Against the fake AccMan of tests/fake_accman.py, with a
+real Starlette app, or a real AccMan behind the fault proxy of
+tests/test_cli_faults.py."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from accman.calling import asgi as asgi_mod
 from accman.calling import owed as owed_mod
 from accman.client import AccManClient
 from asgi_harness import CRED, call, make_app
-from fake_accman import FakeAccMan, charges, first_then
+from fake_accman import BUSY, FakeAccMan, charges, first_then
 
 
 async def thing(request):
@@ -202,4 +203,34 @@ def test_a_charge_owed_as_the_client_closes_is_stranded_not_dropped(
     assert srv.tot(cred) == 8           # it landed
     assert m.stats["stranded"] == 1 and unpaid == []
     key = re.search(r"[?&]key=([\w-]+)", p.lines[1]).group(1)
+    assert f"outcome unknown: look for key {key} " in caplog.text
+
+
+def test_a_retry_cut_off_as_the_loop_ends_is_of_unknown_outcome_not_billed(caplog):
+    """A charge owed after a refusal that says it never applied (busy) is
+    retried, and the event loop ends with that retry sent and unanswered:
+    it may have landed (here it does, late), so the charge is stranded of
+    unknown outcome, its key named, and not given to on_unpaid, which
+    would bill the consumer a second time."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = first_then(charges, BUSY, ("delay", 3.0))
+        unpaid = []
+        m = AccManMiddleware(make_app(), url=fake.url, cost=2, timeout_s=30, retries=0,
+                             on_unpaid=lambda c, a: unpaid.append(a))
+
+        async def main():
+            assert (await call(m)).status == 200 and m.stats["owed"] == 1
+            await until(lambda: len(fake.mods()) == 2)          # the retry is under way
+
+        async def until(done):
+            deadline = time.monotonic() + 30
+            while not done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert done()
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            asyncio.run(main())
+        asyncio.run(until(lambda: fake.tot(CRED) == 8))             # it landed
+    assert m.stats["stranded"] == 1 and unpaid == [] and m.stats["unpaid_requests"] == 0
+    key = fake.mods()[1][2]["key"]
     assert f"outcome unknown: look for key {key} " in caplog.text
