@@ -448,6 +448,16 @@ def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path)
     assert "a value that may be a credential is not shown" in err
 
 
+@pytest.mark.parametrize("args", [[], ["--"]])
+def test_a_command_line_without_a_command_says_one_is_required(args, tmp_path):
+    """With no command and no unknown flag to name, the usage error says
+    that a command is required, as argparse's own did (the parser leaves
+    that to accman.calling.usage's no_command)."""
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert err == ("accman: error: the following arguments are required: COMMAND "
+                   "(try: accman --help)")
+
+
 @pytest.mark.parametrize("args,said", [
     (["serve", "--port", "99999"], "invalid port '99999'"),
     (["serve", "--port=99999"], "invalid port '99999'"),
