@@ -25,6 +25,7 @@ from accman.asgi import AccManMiddleware
 from accman.calling import asgi as asgi_mod
 from accman.calling import owed as owed_mod
 from accman.client import AccManClient
+from accman.errors import Busy
 from asgi_harness import CRED, call, make_app
 from fake_accman import BUSY, FakeAccMan, charges, first_then
 
@@ -234,3 +235,24 @@ def test_a_retry_cut_off_as_the_loop_ends_is_of_unknown_outcome_not_billed(caplo
     assert m.stats["stranded"] == 1 and unpaid == [] and m.stats["unpaid_requests"] == 0
     key = fake.mods()[1][2]["key"]
     assert f"outcome unknown: look for key {key} " in caplog.text
+
+
+def test_a_charge_owed_in_the_loops_last_turn_is_stranded_though_never_tried(caplog):
+    """A charge owed in the event loop's last turn, once asyncio.run has
+    been told to stop (its refusal, busy, read as the loop ends): the task
+    made to pay it is cancelled before its first step.  The charge, which
+    never landed, is stranded as the account owing it and given to
+    on_unpaid: never dropped with the loop, unsaid."""
+    with FakeAccMan() as fake:
+        unpaid = []
+        m = AccManMiddleware(make_app(), url=fake.url, cost=2, retries=0,
+                             on_unpaid=lambda c, a: unpaid.append(a))
+
+        async def main():
+            # Run after main has returned, in the turn that stops the loop.
+            asyncio.get_running_loop().call_soon(
+                m._owed.add, owed_mod.Mod(CRED, -2, "late-c", "charge"), Busy("full"))
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            asyncio.run(main())
+    assert m.stats["owed"] == 1 and m.stats["stranded"] == 1 and unpaid == [2]
+    assert "stranded charge: the account owes 2" in caplog.text and "key late-c" in caplog.text

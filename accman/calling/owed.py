@@ -233,24 +233,27 @@ class Owed:
         self._items.append(item)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._pay())
+            self._task.add_done_callback(self._cancelled)
+
+    def _cancelled(self, task) -> None:
+        """Strands what is left once the task that pays the queue has been
+        cancelled other than by close() (which strands what is left
+        itself), as when the event loop ends with calls still owed:
+        asyncio.run cancels every task left, one not started yet among
+        them (a call that failed as the shutdown closed the client is owed
+        after the drain).  A call cut off under way is of unknown outcome
+        (_pay marks it).  Left in the queue, it would end with the loop,
+        neither paid nor stranded, and nothing would say so.  A callback,
+        not the task's own code, which a task cancelled before its first
+        step never runs; a task a newer one replaced leaves it the queue."""
+        if not task.cancelled() or task is not self._task:
+            return
+        while self._items:
+            item = self._items.popleft()
+            self._strand(item, "cancelled with the event loop", item.maybe)
 
     async def _pay(self) -> None:
-        """Pays the queue, oldest first.  Cancelled other than by close()
-        (which strands what is left itself), as when the event loop ends
-        with calls still owed (asyncio.run cancels every task left: a call
-        that failed as the shutdown closed the client is owed after the
-        drain), it strands what is left too, a call cut off under way as
-        of unknown outcome: left in the queue, it would end with the loop,
-        neither paid nor stranded, and nothing would say so."""
-        try:
-            await self._pay_queue()
-        except asyncio.CancelledError:
-            while self._items:
-                item = self._items.popleft()
-                self._strand(item, "cancelled with the event loop", item.maybe)
-            raise
-
-    async def _pay_queue(self) -> None:
+        """Pays the queue, oldest first."""
         acc = self._acc()
         self._wake = asyncio.Event()
         attempt = 0
