@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -256,3 +259,37 @@ def test_a_charge_owed_in_the_loops_last_turn_is_stranded_though_never_tried(cap
             asyncio.run(main())
     assert m.stats["owed"] == 1 and m.stats["stranded"] == 1 and unpaid == [2]
     assert "stranded charge: the account owes 2" in caplog.text and "key late-c" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["sync", "async", "billing"])
+def test_what_the_event_loops_end_leaves_owed_is_said_at_the_process_s_end(case):
+    """asyncio.run cancels the tasks it finds as the loop ends, not one
+    made meanwhile: a payer made for calls owed by a cancelled task, or an
+    async on_unpaid started by a stranding then, is left unfinished with
+    the loop (tests/owed_at_exit.py).  At the process's end what is still
+    owed is stranded, the call under way as of unknown outcome and the
+    next as the account owing it, given to a plain on_unpaid; an async
+    on_unpaid that cannot run now, or did not end, is said not billed."""
+    got = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                       "owed_at_exit.py"), case],
+                         capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    fp = owed_mod.fingerprint("owed-at-exit")
+    if case == "billing":
+        assert (f"stranded charge: the account owes 2 (account {fp}, key last-c): cancelled "
+                f"with the event loop") in got.stderr, got.stderr
+        assert (f"on_unpaid of 2 (account {fp}) did not end before the event loop did: not "
+                f"billed") in got.stderr, got.stderr
+        assert got.stdout == ""
+        return
+    assert (f"stranded charge of 2, outcome unknown: look for key first-c in the history of "
+            f"account {fp} before settling it (the event loop ended with it owed)"
+            ) in got.stderr, got.stderr
+    assert (f"stranded charge: the account owes 3 (account {fp}, key second-c): the event "
+            f"loop ended with it owed") in got.stderr, got.stderr
+    if case == "sync":
+        assert got.stdout == "billed 3\n"
+    else:
+        assert got.stdout == ""
+        assert (f"on_unpaid of 3 (account {fp}) not run: the event loop has ended: not "
+                f"billed") in got.stderr, got.stderr

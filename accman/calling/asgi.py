@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import re
 
 from accman.calling.answers import refuse, refuse_unavailable, with_tot
 from accman.calling.client import AccManClient
 from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
-                                 SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Mod, Owed, Unhold,
-                                 billed, charge_key, fingerprint)
+                                 SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Billing, Mod, Owed,
+                                 Unhold, charge_key, fingerprint)
 from accman.calling.policy import may_have_landed
 from accman.calling.probe import RoleProbe
 from accman.calling.disconnect import READ_AHEAD_BYTES_MAX, DisconnectWatch
@@ -148,7 +147,7 @@ class AccManMiddleware:
                             self._charge, self._charged, self._spawn, self._repeats)
         self._tasks = set()             # releases and charges under way (_spawn)
         self._reserving = set()         # the tasks of reserve-mode requests under way
-        self._billing = set()           # async on_unpaid calls under way (_unpaid)
+        self._billing = Billing(on_unpaid)  # async on_unpaid calls under way (_unpaid)
 
     # --- ASGI --------------------------------------------------------------
     async def __call__(self, scope, receive, send):
@@ -402,7 +401,7 @@ class AccManMiddleware:
         def left():
             return None if end is None else max(end - loop.time(), 0)
         return (await self._ended(self._tasks, timeout_s) and await self._owed.drain(left())
-                and await self._ended(self._billing, left()))
+                and await self._ended(self._billing.tasks, left()))
 
     async def aclose(self) -> None:
         """Let reserve-mode requests under way end and releases land
@@ -426,7 +425,7 @@ class AccManMiddleware:
                         self.hold_ttl_s)
         await self._ended(self._tasks, max(end - loop.time(), 0))
         await self._owed.close()
-        await self._ended(self._billing, SHUTDOWN_DRAIN_S)     # cut off past it: logged
+        await self._ended(self._billing.tasks, SHUTDOWN_DRAIN_S)   # cut off past it: logged
         if self._client is not None and self._own_client:
             await self._client.aclose()
             self._client = None
@@ -475,13 +474,7 @@ class AccManMiddleware:
         self.stats["unpaid_amount"] += amount
         log.warning("accman: unpaid %d (account %s): %s", amount, fingerprint(cred), why)
         if self._on_unpaid is not None:
-            try:
-                told = self._on_unpaid(cred, amount)
-                if inspect.isawaitable(told):       # an async biller: awaited at shutdown too
-                    self._spawn(billed(told, cred, amount), self._billing)
-            except Exception:
-                log.exception("accman: on_unpaid of %d (account %s) failed", amount,
-                              fingerprint(cred))
+            self._billing(cred, amount)     # an async biller's call awaited at shutdown too
 
     def render_metrics(self) -> str:
         """`stats` in the Prometheus text format, for a /metrics route."""

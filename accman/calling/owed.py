@@ -12,9 +12,12 @@ behaviour"."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import hashlib
+import inspect
 import logging
+import weakref
 
 from accman.calling.policy import definite, may_have_landed
 from accman.errors import (AccManError, HoldEnded, Insufficient, NoAccount, OutcomeUnknown,
@@ -215,6 +218,7 @@ class Owed:
         self._closing = False
         self._wake = None               # set to cut a pause short when closing
         self._running = None            # the item whose call is under way
+        _alive.add(self)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -251,6 +255,17 @@ class Owed:
         while self._items:
             item = self._items.popleft()
             self._strand(item, "cancelled with the event loop", item.maybe)
+
+    def left_at_exit(self) -> None:
+        """At the process's end: what is still queued is stranded, the call
+        under way as of unknown outcome.  The event loop that would pay it
+        is gone: asyncio.run cancels the tasks it finds as it ends, not one
+        made meanwhile (a call owed by a task it cancelled), which is left
+        unfinished with the loop."""
+        while self._items:
+            item = self._items.popleft()
+            self._strand(item, "the event loop ended with it owed",
+                         item.maybe or item is self._running)
 
     async def _pay(self) -> None:
         """Pays the queue, oldest first."""
@@ -355,6 +370,45 @@ def _pause_s(attempt: int) -> float:
     return min(FOLLOWUP_PAUSE_S * 2 ** (attempt - 1), FOLLOWUP_PAUSE_MAX_S)
 
 
+class Billing:
+    """The middleware's async on_unpaid calls under way, each a task awaited
+    at shutdown (`tasks`, with the account and amount of each).  One the
+    event loop's end leaves not run, or asked for once it has ended, is
+    logged as not billed at the process's end: never dropped unsaid."""
+
+    def __init__(self, on_unpaid):
+        self._on_unpaid = on_unpaid
+        self.tasks = {}
+        _alive.add(self)
+
+    def __call__(self, cred: str, amount: int) -> None:
+        try:
+            told = self._on_unpaid(cred, amount)
+        except Exception:
+            log.exception("accman: on_unpaid of %d (account %s) failed", amount,
+                          fingerprint(cred))
+            return
+        if not inspect.isawaitable(told):
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(billed(told, cred, amount))
+        except RuntimeError:                # no event loop: the process is ending
+            if inspect.iscoroutine(told):
+                told.close()
+            log.error("accman: on_unpaid of %d (account %s) not run: the event loop has "
+                      "ended: not billed", amount, fingerprint(cred))
+            return
+        self.tasks[task] = (cred, amount)
+        task.add_done_callback(self.tasks.pop)
+
+    def left_at_exit(self) -> None:
+        for task, (cred, amount) in list(self.tasks.items()):
+            if not task.done():
+                log.error("accman: on_unpaid of %d (account %s) did not end before the "
+                          "event loop did: not billed", amount, fingerprint(cred))
+        self.tasks.clear()
+
+
 async def billed(told, cred: str, amount: int) -> None:
     """An async on_unpaid's call, run to its end; its failure, or its cut
     at shutdown, logged with the account and the amount not billed."""
@@ -368,7 +422,20 @@ async def billed(told, cred: str, amount: int) -> None:
         log.exception("accman: on_unpaid of %d (account %s) failed", amount, fingerprint(cred))
 
 
-__all__ = ["Owed", "billed", "Mod", "Settle", "Unhold", "Unsettle", "fingerprint", "charge_key",
-           "CANCELLED",
+# The queues and billings of every middleware alive, told at the process's
+# end what the event loop left (Owed.left_at_exit, then Billing's, which a
+# stranded charge's on_unpaid may add to).
+_alive = weakref.WeakSet()
+
+
+@atexit.register
+def _at_exit() -> None:
+    for kind in (Owed, Billing):
+        for left in [x for x in _alive if isinstance(x, kind)]:
+            left.left_at_exit()
+
+
+__all__ = ["Owed", "Billing", "billed", "Mod", "Settle", "Unhold", "Unsettle", "fingerprint",
+           "charge_key", "CANCELLED",
            "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "FOLLOWUP_PAUSE_S", "FOLLOWUP_PAUSE_MAX_S",
            "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S"]
