@@ -15,6 +15,7 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
+from accman.errors import Busy
 from asgi_harness import CRED, call, make_app, mw, serve_lifespan
 from fake_accman import BUSY, FakeAccMan, charges, closed_port, first_then, run
 
@@ -411,6 +412,32 @@ def test_a_call_that_timed_out_at_close_is_stranded_unknown_not_unpaid(monkeypat
             _charge_owed_then(fake, m, close)
         assert fake.tot(CRED) == 8 and unpaid == [] and m.stats["stranded"] == 1
         assert "outcome unknown: look for key" in caplog.text
+
+
+def test_a_call_owed_as_close_cuts_the_payer_off_is_paid_by_a_new_one(monkeypatch, caplog):
+    """close() cancels the payer under way at SHUTDOWN_LAST_CALL_S and
+    strands its call; a call owed before that payer has taken its cancel
+    is paid by a new payer (the queue works after close), not stranded
+    as cut off by the event loop's end, nor left with no payer."""
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        unpaid = []
+        m = mw(fake, cost=2, retries=0, timeout_s=30, on_unpaid=lambda c, a: unpaid.append(a))
+        fake.fault = first_then(charges, BUSY, ("delay", 1))
+
+        async def close_then_owe_at_once():
+            await m._owed.close()                   # the retry under way is cut off
+            m._owed.add(owed_mod.Mod(CRED, -3, "after-c", "charge"), Busy("full"))
+            assert await m.drain(20)
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            _charge_owed_then(fake, m, close_then_owe_at_once)
+            deadline = time.monotonic() + 20
+            while fake.tot(CRED) != 5 and time.monotonic() < deadline:
+                time.sleep(0.02)                    # the cut-off retry lands late
+    assert fake.tot(CRED) == 5 and "after-c" in [r[2].get("key") for r in fake.mods()]
+    assert m.stats["stranded"] == 1 and "after-c" not in caplog.text and unpaid == []
 
 
 @pytest.mark.parametrize("how", ["bound", "cancelled"])

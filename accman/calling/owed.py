@@ -296,7 +296,8 @@ class Owed:
                 # arrives, says that no earlier attempt landed (policy.definite).
                 self._strand(item, e.code, item.maybe and not definite(e))
             finally:
-                self._running = None
+                if self._running is item:     # not a newer payer's, after close
+                    self._running = None
             self._items.popleft()
             attempt = 0
 
@@ -357,8 +358,12 @@ class Owed:
             self._end()
 
     def _end(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        # The task cut off is no longer the payer: a call owed before it
+        # has ended gets a new one (the queue works after close), and what
+        # it strands below is not stranded again as cancelled with the loop.
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
         while self._items:
             item = self._items.popleft()
             self._strand(item, "shutting down", item.maybe or item is self._running)
