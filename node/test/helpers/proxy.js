@@ -11,10 +11,12 @@
 // balancer: the request reaches AccMan late; its reply is dropped).
 // `dropReplies(re)` drops AccMan's replies to the requests whose target
 // matches `re` (the request applies; its reply never comes), whatever the
-// mode.  `targets` lists the request targets it forwarded, in order.  Given `tls`
-// ({ key, cert }) it terminates TLS (an https:// `url`), as the proxy before
-// AccMan of a deployment that crosses machines does: `served` counts the
-// connections whose handshake succeeded, `names` the SNI names they sent.
+// mode; `dropped` lists the targets whose reply it dropped, each once
+// AccMan has answered it, that is once it has applied.  `targets` lists
+// the request targets it forwarded, in order.  Given `tls` ({ key, cert })
+// it terminates TLS (an https:// `url`), as the proxy before AccMan of a
+// deployment that crosses machines does: `served` counts the connections
+// whose handshake succeeded, `names` the SNI names they sent.
 
 const net = require('node:net')
 const tls = require('node:tls')
@@ -25,6 +27,7 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
   const upstreamAt = new URL(url)
   const sockets = new Set()
   const targets = []
+  const dropped = []
   const names = []
   let served = 0
   let mode = 'pass'
@@ -64,15 +67,22 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
     const upstream = net.connect(Number(upstreamAt.port), upstreamAt.hostname)
     track(upstream)
     let last = '' // the target of the request whose reply comes next: one in flight at a time
+    let lastDropped = false // a reply comes in chunks: its target is listed in `dropped` once
     client.on('data', (d) => {
       for (const m of d.toString('latin1').matchAll(REQUEST_LINE_RE)) {
         targets.push(m[1])
         last = m[1]
+        lastDropped = false
       }
       upstream.write(d)
     })
     upstream.on('data', (d) => {
-      if (dropRe === null || !dropRe.test(last)) later(() => client.write(d))
+      if (dropRe === null || !dropRe.test(last)) {
+        later(() => client.write(d))
+      } else if (!lastDropped) {
+        dropped.push(last)
+        lastDropped = true
+      }
     })
     client.on('close', () => upstream.destroy())
     upstream.on('close', () => later(() => client.destroy()))
@@ -86,6 +96,7 @@ async function proxyTo (url, { tls: tlsOptions = null } = {}) {
     url: `${tlsOptions ? 'https' : 'http'}://127.0.0.1:${port}`,
     port,
     targets,
+    dropped,
     names,
     get served () { return served },
     // 'pass', 'refuse' or 'down' (every open connection is dropped too),
