@@ -770,6 +770,31 @@ def test_an_unknown_argument_points_at_its_commands_help(args, tmp_path):
     assert "unrecognized arguments: <not shown>" in err and args[-1] not in err
 
 
+COMMANDS = "serve, open, tot, mod, past, hold, settle, events, migrate, verify"
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--token=SECRETtoken"], "unrecognized arguments: --token; --token is not an option of "
+                              f"accman; a COMMAND is required: {COMMANDS} ("),
+    (["--url=SECRETurl", "--key=SECRETkey"],
+     "unrecognized arguments: --url --key; --url and --key are not options of "
+     f"accman; a COMMAND is required: {COMMANDS} ("),
+    (["--SECRETflag"], f"unrecognized arguments: <not shown>; a COMMAND is required: {COMMANDS} ("),
+    (["--verison"], "unrecognized arguments: <not shown>; a COMMAND is required: "
+                    f"{COMMANDS}; did you mean --version? ("),
+])
+def test_a_flag_without_a_command_is_said_and_so_is_the_command_required(args, said,
+                                                                          tmp_path):
+    """`accman --token=T`: a command's flag given before any command is no
+    option of accman, and the mistake may as well be the command left out:
+    the usage error says both, naming the commands, and shows no value (a
+    flag's value may be a token)."""
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert err.startswith(f"accman: error: {said}"), err
+    assert err.endswith("(a value that may be a credential is not shown) (try: accman --help)")
+    assert "SECRET" not in err
+
+
 # --- a source tree without its build (issue 11, item 10) ------------------------------
 
 @pytest.fixture

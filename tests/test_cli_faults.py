@@ -429,8 +429,12 @@ def test_a_read_whose_answer_goes_nowhere_exits_4(start_server):
     (["SECRETcred"], "invalid choice: '<not shown>'"),
     # Before any command: the flags it did not know are said, not only that
     # a command is missing.
-    (["--verison"], "unrecognized arguments: <not shown>; did you mean --version? ("),
-    (["--SECRETtoken=SECRET"], "unrecognized arguments: <not shown> ("),
+    (["--verison"], "unrecognized arguments: <not shown>; a COMMAND is required: serve, open, "
+                    "tot, mod, past, hold, settle, events, migrate, verify; did you mean "
+                    "--version? ("),
+    (["--SECRETtoken=SECRET"], "unrecognized arguments: <not shown>; a COMMAND is required: "
+                               "serve, open, tot, mod, past, hold, settle, events, migrate, "
+                               "verify ("),
     (["serve", "--verify=SECRET"], "argument --verify: invalid choice"),
     # A credential that starts with "-h": argparse quoted the rest of it.
     (["tot", "-hSECRETcred"], "argument -h/--help: ignored explicit argument '<not shown>'"),

@@ -63,16 +63,23 @@ class ArgumentParser(argparse.ArgumentParser):
     def no_command(self, extra):
         """No command was given: the flags that no argument took are said
         as unrecognized, the closest suggested (`accman --verison`), where
-        argparse's own "required" error would leave them unsaid; without
-        any, that a command is missing."""
+        argparse's own "required" error would leave them unsaid, and that a
+        command is required, naming the commands: a command's flag given
+        without its command (`accman --token=T`) is no option of accman,
+        where the mistake may be the command left out.  Without any, that
+        a command is missing."""
         unknown = [word for word in extra if word != "--"]     # `accman --`: nothing unknown
         if unknown:
-            self.unrecognized(unknown)
+            commands = [name for action in self._actions
+                        if isinstance(action, argparse._SubParsersAction)
+                        for name in action.choices]
+            self.unrecognized(unknown, f"; a COMMAND is required: {', '.join(commands)}")
         self.error("the following arguments are required: COMMAND")
 
-    def unrecognized(self, extra):
+    def unrecognized(self, extra, also=""):
         """The usage error for the words that no argument took: none shown,
-        and for those that read as flags, the closest of this command's.
+        and for those that read as flags, the closest of this command's;
+        `also` (AccMan's own words, not searched) is said before that.
         The first UNRECOGNIZED_LISTED_MAX are listed, then how many more."""
         own = [f for f in self.flags if f.startswith("--")]
         others = _flags_in(extra, self.given, self.names - set(own))
@@ -85,7 +92,7 @@ class ArgumentParser(argparse.ArgumentParser):
                    (f" and {more} more" if more > 0 else "") +
                    (f"; {' and '.join(others)} {'is' if len(others) == 1 else 'are'} not "
                     f"{'an option' if len(others) == 1 else 'options'} of {self.prog}"
-                    if others else "") +
+                    if others else "") + also +
                    (f"; did you mean {' or '.join(close)}?" if close else ""))
 
 
