@@ -157,4 +157,8 @@ test('the bank checker passes a correct history, and finds a doubled, lost or un
     { seq: 4, by: 1, tot: 95, at: 0, key: null, hold: 3 },
     { seq: 3, by: -1, tot: 94, at: 0, key: 'r3-h', hold: 3 })
   assert.deepEqual(judge(expired), [])
+  // That charge excuses itself alone: a hold (min 0) that takes the
+  // balance further under 0 after it is still an overdraft.
+  expired.accounts[0].entries.unshift({ seq: 6, by: -5, tot: -6, at: 0, key: 'r1-h', hold: 6 })
+  assert.match(judge(expired).join('\n'), /overdrawn in reserve mode: .*"key":"r1-h"/)
 })

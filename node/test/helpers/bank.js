@@ -171,19 +171,19 @@ function judgeOrphans (fp, ledger, rids, owed, sum) {
   return problems
 }
 
-// Reserve mode never overdraws: the first entry under 0, if any, but
-// after the charge of a hold that expired first (a keyed mod without
-// `min`, its request's hold in the history: README "Modes"), which may
-// take the balance under 0, the one case the docs allow; null if none.
-// As the Python checker's callingcheck.overdrawn.
+// Reserve mode never overdraws: every entry that lowers the balance under
+// 0 is the charge of a hold that expired first (a keyed mod without `min`,
+// its request's hold in the history: README "Modes"), the one case the
+// docs allow.  That charge excuses itself only: a hold (`min` 0) or any
+// other charge that lowers the balance under 0, before or after it, is an
+// overdraft.  The first such entry, or null.
 function overdrawn (ledger, entries) {
-  const expired = []
+  const expired = new Set()
   for (const [key, list] of ledger.charges) {
-    if (ledger.holdKeys.has(key.slice(0, -2) + '-h')) expired.push(...list)
+    if (ledger.holdKeys.has(key.slice(0, -2) + '-h')) for (const c of list) expired.add(c.seq)
   }
-  const under = expired.filter((c) => BigInt(c.tot) < 0n)
-  const low = [...entries].reverse().filter((e) => BigInt(e.tot) < 0n)
-  return low.find((e) => !under.some((c) => c.seq <= e.seq)) || null
+  const lowers = (e) => BigInt(e.tot) < 0n && BigInt(e.by) < 0n && !expired.has(e.seq)
+  return [...entries].reverse().find(lowers) || null
 }
 
 function judgeAccount (mode, account, records, owed, sum) {
