@@ -293,3 +293,35 @@ def test_what_the_event_loops_end_leaves_owed_is_said_at_the_process_s_end(case)
         assert got.stdout == ""
         assert (f"on_unpaid of 3 (account {fp}) not run: the event loop has ended: not "
                 f"billed") in got.stderr, got.stderr
+
+
+def test_a_payer_an_ended_loop_left_unfinished_does_not_hold_up_the_next_loop():
+    """A payer made as asyncio.run cancels the tasks it found (a call
+    owed by one of them) is left unfinished with the loop, never done.  A
+    middleware used again under a new event loop pays what it still owes,
+    and what it owes there, through a payer of that loop: drain() waits
+    for it, and every charge lands once, by its key."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        unpaid = []
+        m = AccManMiddleware(make_app(), url=fake.url, cost=2, retries=0,
+                             on_unpaid=lambda c, a: unpaid.append(a))
+
+        async def owes_as_it_is_cancelled():
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                m._owed.add(owed_mod.Mod(CRED, -2, "first-c", "charge"), Busy("full"))
+                raise
+
+        async def first():
+            asyncio.get_running_loop().create_task(owes_as_it_is_cancelled())
+            await asyncio.sleep(0)
+
+        async def second():
+            m._owed.add(owed_mod.Mod(CRED, -3, "second-c", "charge"), Busy("full"))
+            assert await m.drain(30)
+        asyncio.run(first())
+        asyncio.run(second())
+        assert fake.tot(CRED) == 5
+    assert m.stats["stranded"] == 0 and unpaid == [] and len(m._owed) == 0

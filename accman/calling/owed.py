@@ -235,7 +235,16 @@ class Owed:
         log.warning("accman: %s of %d for account %s queued (after %s), %s",
                     item.what, abs(item.by), fingerprint(item.cred), code, item.ref)
         self._items.append(item)
-        if self._task is None or self._task.done():
+        self._paying()
+
+    def _paying(self) -> None:
+        """Starts a task to pay the queue unless one is under way.  One
+        of an event loop that has closed pays nothing more: asyncio.run
+        leaves unfinished a task made while it cancels the others, never
+        done.  Its queue is paid under the loop running now, the call it
+        had under way sent again (with its key: applied at most once)."""
+        task = self._task
+        if task is None or task.done() or task.get_loop().is_closed():
             self._task = asyncio.get_running_loop().create_task(self._pay())
             self._task.add_done_callback(self._cancelled)
 
@@ -331,6 +340,8 @@ class Owed:
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until every owed mod has landed or been stranded; False if
         `timeout_s` passed first."""
+        if self._items:
+            self._paying()          # not a task of a loop that has closed
         task = self._task
         if task is None or task.done():
             return True
