@@ -303,12 +303,13 @@ def owed_ref(mode, acct, r: Request, log: ServiceLog):
 
 
 def overdrawn(acct: Account) -> list:
-    """Reserve mode never overdraws: no balance under 0, but after a
-    charge of a hold that expired first (a keyed mod without `min`, the one
-    case the docs allow)."""
+    """Reserve mode never overdraws: no entry lowers the balance under 0
+    but the charge of a hold that expired first (a keyed mod without
+    `min`, its request's hold in the history: the one case the docs
+    allow), which excuses itself alone: a hold (`min` 0) that lowers the
+    balance under 0, before or after such a charge, is an overdraft."""
     for e in acct.entries:
-        if e.tot < 0:
-            if not any(c.seq <= e.seq and c.tot < 0 for cs in acct.charges.values()
-                       for c in cs):
-                return [f"overdrawn by {e}"]
+        expired_hold_charge = e.hold is None and acct.holds.get(-e.by + FEE_BACK)
+        if e.tot < 0 and e.by < 0 and not expired_hold_charge:
+            return [f"overdrawn by {e}"]
     return []

@@ -6,7 +6,8 @@ import pytest
 
 from accman.calling.owed import fingerprint
 from accman.records import Entry
-from callingcheck import Account, Request, ServiceLog, TopUp, check_account, log_problems
+from callingcheck import (Account, Request, ServiceLog, TopUp, check_account, log_problems,
+                          overdrawn)
 
 SCENE_CRED = "scene"
 
@@ -205,3 +206,19 @@ def test_the_calling_checker_finds(mode, fault):
         assert judge(mode, *made) == []
         return
     assert judge(mode, *made) != []
+
+
+def test_the_overdraft_check_excuses_an_expired_hold_s_charge_alone():
+    """Reserve mode: the charge of a hold that expired first (a keyed mod
+    without `min`) may take the balance under 0, docs/CALLING.md; it
+    excuses itself only.  A hold (`min` 0) that takes the balance further
+    under 0 after it is an overdraft AccMan must never make."""
+    entries = [Entry(1, 2000, 2000, 0, "open", None),
+               Entry(2, -1200, 800, 0, "x1-h", 2),
+               Entry(3, -800, 0, 0, "x2-h", 3),
+               Entry(4, 1200, 1200, 0, None, 2),          # hold 2 expires
+               Entry(5, -1100, 100, 0, "x3-h", 5),
+               Entry(6, -700, -600, 0, "x1-c", None)]     # its use charged as a mod
+    assert overdrawn(Account(SCENE_CRED, entries)) == []
+    entries.append(Entry(7, -900, -1500, 0, "x4-h", 7))
+    assert overdrawn(Account(SCENE_CRED, entries)) == [f"overdrawn by {entries[-1]}"]
