@@ -9,13 +9,19 @@ ends under it.  CASE "sync" and "async" name the on_unpaid given (a
 function, or a coroutine function that takes an hour); "billing" owes
 one charge in the loop's very last turn instead, whose payer is cancelled
 before its first step, so that the async on_unpaid of its stranding is
-started with the loop ending and never ends.  Each line the middleware
-logs at ERROR goes to stderr; a bill made, to stdout."""
+started with the loop ending and never ends.  "fork" is "sync" with a
+child forked after the loop, which exits as a process does (its copy of
+the queue is the parent's to pay); "thread" owes the two charges under a
+loop that still runs, in a daemon thread, as the process ends.  Each
+line the middleware logs at ERROR goes to stderr; a bill made, to
+stdout."""
 
 import asyncio
 import logging
+import os
 import socket
 import sys
+import threading
 
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
@@ -58,10 +64,26 @@ async def main(m, case):
     await asyncio.sleep(0)
 
 
+async def owe_both(m):
+    owe(m, -2, "first-c")
+    owe(m, -3, "second-c")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     case = sys.argv[1]
     hole = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
     m = AccManMiddleware(app, url=f"http://127.0.0.1:{hole.getsockname()[1]}", cost=2,
-                         retries=0, on_unpaid=bill if case == "sync" else bill_later)
+                         retries=0, on_unpaid=bill_later if case in ("async", "billing")
+                         else bill)
+    if case == "thread":
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(owe_both(m), loop).result()
+        sys.exit(0)
     asyncio.run(main(m, case))
+    if case == "fork":
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)                             # atexit runs in the child too
+        os.waitpid(child, 0)

@@ -261,7 +261,7 @@ def test_a_charge_owed_in_the_loops_last_turn_is_stranded_though_never_tried(cap
     assert "stranded charge: the account owes 2" in caplog.text and "key late-c" in caplog.text
 
 
-@pytest.mark.parametrize("case", ["sync", "async", "billing"])
+@pytest.mark.parametrize("case", ["sync", "async", "billing", "fork", "thread"])
 def test_what_the_event_loops_end_leaves_owed_is_said_at_the_process_s_end(case):
     """asyncio.run cancels the tasks it finds as the loop ends, not one
     made meanwhile: a payer made for calls owed by a cancelled task, or an
@@ -269,7 +269,11 @@ def test_what_the_event_loops_end_leaves_owed_is_said_at_the_process_s_end(case)
     the loop (tests/owed_at_exit.py).  At the process's end what is still
     owed is stranded, the call under way as of unknown outcome and the
     next as the account owing it, given to a plain on_unpaid; an async
-    on_unpaid that cannot run now, or did not end, is said not billed."""
+    on_unpaid that cannot run now is said not billed, one that did not
+    end said as one that may not have billed.  A forked child leaves its
+    parent's queue to the parent; a loop still running (in a daemon
+    thread) as the process ends has its calls said as of unknown outcome,
+    none taken from under its payer nor billed."""
     got = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
                                                        "owed_at_exit.py"), case],
                          capture_output=True, text=True, timeout=60)
@@ -278,16 +282,24 @@ def test_what_the_event_loops_end_leaves_owed_is_said_at_the_process_s_end(case)
     if case == "billing":
         assert (f"stranded charge: the account owes 2 (account {fp}, key last-c): cancelled "
                 f"with the event loop") in got.stderr, got.stderr
-        assert (f"on_unpaid of 2 (account {fp}) did not end before the event loop did: not "
-                f"billed") in got.stderr, got.stderr
+        assert (f"on_unpaid of 2 (account {fp}) did not end before the event loop did: it "
+                f"may not have billed") in got.stderr, got.stderr
         assert got.stdout == ""
         return
+    if case == "thread":            # its payer may still land them: said, not billed
+        for by, key in ((2, "first-c"), (3, "second-c")):
+            assert (f"charge of {by} still owed as the process ends, its event loop still "
+                    f"running: outcome unknown: look for key {key} in the history of account "
+                    f"{fp}") in got.stderr, got.stderr
+        assert "stranded" not in got.stderr and got.stdout == ""
+        return
+    assert got.stderr.count("stranded charge of 2") == 1, got.stderr   # not by a child too
     assert (f"stranded charge of 2, outcome unknown: look for key first-c in the history of "
             f"account {fp} before settling it (the event loop ended with it owed)"
             ) in got.stderr, got.stderr
     assert (f"stranded charge: the account owes 3 (account {fp}, key second-c): the event "
             f"loop ended with it owed") in got.stderr, got.stderr
-    if case == "sync":
+    if case in ("sync", "fork"):
         assert got.stdout == "billed 3\n"
     else:
         assert got.stdout == ""

@@ -40,10 +40,11 @@ import logging
 import re
 
 from accman.calling.answers import refuse, refuse_unavailable, with_tot
+from accman.calling.billing import Billing
 from accman.calling.client import AccManClient
 from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
-                                 SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Billing, Mod, Owed,
-                                 Unhold, charge_key, fingerprint)
+                                 SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Mod, Owed, Unhold,
+                                 charge_key, fingerprint)
 from accman.calling.policy import may_have_landed
 from accman.calling.probe import RoleProbe
 from accman.calling.disconnect import READ_AHEAD_BYTES_MAX, DisconnectWatch
@@ -385,7 +386,7 @@ class AccManMiddleware:
         return task
 
     @staticmethod
-    async def _ended(tasks: set, timeout_s: float | None) -> bool:
+    async def _ended(tasks, timeout_s: float | None) -> bool:
         if tasks:
             _, pending = await asyncio.wait(list(tasks), timeout=timeout_s)
             return not pending

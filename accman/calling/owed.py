@@ -15,8 +15,8 @@ import asyncio
 import atexit
 import collections
 import hashlib
-import inspect
 import logging
+import os
 import weakref
 
 from accman.calling.policy import definite, may_have_landed
@@ -218,6 +218,7 @@ class Owed:
         self._closing = False
         self._wake = None               # set to cut a pause short when closing
         self._running = None            # the item whose call is under way
+        self._pid = os.getpid()         # a forked child's copy is its parent's to pay
         _alive.add(self)
 
     def __len__(self) -> int:
@@ -270,7 +271,19 @@ class Owed:
         under way as of unknown outcome.  The event loop that would pay it
         is gone: asyncio.run cancels the tasks it finds as it ends, not one
         made meanwhile (a call owed by a task it cancelled), which is left
-        unfinished with the loop."""
+        unfinished with the loop.  While the payer's loop still runs (in
+        another thread) nothing is taken from under it, nor billed: each
+        call is said as of unknown outcome."""
+        if self._pid != os.getpid():
+            return
+        task = self._task
+        if task is not None and not task.done() and task.get_loop().is_running():
+            for item in list(self._items):
+                log.error("accman: %s of %d still owed as the process ends, its event loop "
+                          "still running: outcome unknown: look for %s in the history of "
+                          "account %s%s", item.what, abs(item.by), item.ref,
+                          fingerprint(item.cred), item.also)
+            return
         while self._items:
             item = self._items.popleft()
             self._strand(item, "the event loop ended with it owed",
@@ -281,7 +294,10 @@ class Owed:
         acc = self._acc()
         self._wake = asyncio.Event()
         attempt = 0
-        while self._items and not self._closing:
+        me = asyncio.current_task()
+        # A payer close() let go (its cancel swallowed: asyncio.wait_for on
+        # Python < 3.12) leaves the queue to the new one.
+        while self._items and not self._closing and self._task is me:
             item = self._items[0]
             self._running = item
             try:
@@ -307,7 +323,8 @@ class Owed:
             finally:
                 if self._running is item:     # not a newer payer's, after close
                     self._running = None
-            self._items.popleft()
+            if self._items and self._items[0] is item:     # not stranded meanwhile
+                self._items.popleft()
             attempt = 0
 
     async def _pause(self, seconds: float) -> None:
@@ -386,72 +403,20 @@ def _pause_s(attempt: int) -> float:
     return min(FOLLOWUP_PAUSE_S * 2 ** (attempt - 1), FOLLOWUP_PAUSE_MAX_S)
 
 
-class Billing:
-    """The middleware's async on_unpaid calls under way, each a task awaited
-    at shutdown (`tasks`, with the account and amount of each).  One the
-    event loop's end leaves not run, or asked for once it has ended, is
-    logged as not billed at the process's end: never dropped unsaid."""
-
-    def __init__(self, on_unpaid):
-        self._on_unpaid = on_unpaid
-        self.tasks = {}
-        _alive.add(self)
-
-    def __call__(self, cred: str, amount: int) -> None:
-        try:
-            told = self._on_unpaid(cred, amount)
-        except Exception:
-            log.exception("accman: on_unpaid of %d (account %s) failed", amount,
-                          fingerprint(cred))
-            return
-        if not inspect.isawaitable(told):
-            return
-        try:
-            task = asyncio.get_running_loop().create_task(billed(told, cred, amount))
-        except RuntimeError:                # no event loop: the process is ending
-            if inspect.iscoroutine(told):
-                told.close()
-            log.error("accman: on_unpaid of %d (account %s) not run: the event loop has "
-                      "ended: not billed", amount, fingerprint(cred))
-            return
-        self.tasks[task] = (cred, amount)
-        task.add_done_callback(self.tasks.pop)
-
-    def left_at_exit(self) -> None:
-        for task, (cred, amount) in list(self.tasks.items()):
-            if not task.done():
-                log.error("accman: on_unpaid of %d (account %s) did not end before the "
-                          "event loop did: not billed", amount, fingerprint(cred))
-        self.tasks.clear()
-
-
-async def billed(told, cred: str, amount: int) -> None:
-    """An async on_unpaid's call, run to its end; its failure, or its cut
-    at shutdown, logged with the account and the amount not billed."""
-    try:
-        await told
-    except asyncio.CancelledError:
-        log.error("accman: on_unpaid of %d (account %s) was cut off at shutdown: not billed",
-                  amount, fingerprint(cred))
-        raise
-    except Exception:
-        log.exception("accman: on_unpaid of %d (account %s) failed", amount, fingerprint(cred))
-
-
-# The queues and billings of every middleware alive, told at the process's
-# end what the event loop left (Owed.left_at_exit, then Billing's, which a
-# stranded charge's on_unpaid may add to).
+# Every queue alive, told at the process's end what the event loop left
+# (Owed.left_at_exit); then the billers, whose calls the strandings may add to.
 _alive = weakref.WeakSet()
 
 
 @atexit.register
 def _at_exit() -> None:
-    for kind in (Owed, Billing):
-        for left in [x for x in _alive if isinstance(x, kind)]:
-            left.left_at_exit()
+    from accman.calling.billing import left_at_exit_all
+    for owed in list(_alive):
+        owed.left_at_exit()
+    left_at_exit_all()
 
 
-__all__ = ["Owed", "Billing", "billed", "Mod", "Settle", "Unhold", "Unsettle", "fingerprint",
+__all__ = ["Owed", "Mod", "Settle", "Unhold", "Unsettle", "fingerprint",
            "charge_key", "CANCELLED",
            "FOLLOWUPS_MAX", "FOLLOWUP_ATTEMPTS_MAX", "FOLLOWUP_PAUSE_S", "FOLLOWUP_PAUSE_MAX_S",
            "SHUTDOWN_DRAIN_S", "SHUTDOWN_LAST_CALL_S"]
