@@ -59,12 +59,15 @@ test.before(async () => {
 })
 
 test.after(async () => {
-  await rig.proxy?.close()
-  for (const fe of rig.fes) {
-    fe.child?.kill('SIGCONT') // a test that failed mid-stop
-    await fe.close()
+  try {
+    await rig.proxy?.close()
+    for (const fe of rig.fes) {
+      fe.child?.kill('SIGCONT') // a test that failed mid-stop
+      await fe.close()
+    }
+  } finally {
+    rig.pg?.destroy()
   }
-  rig.pg?.destroy()
 })
 
 // The front-end `fe` stopped for PAUSE_MS, and until each loop has had a

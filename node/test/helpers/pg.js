@@ -6,7 +6,8 @@
 // listens on 127.0.0.1 only, on a free port, trusts local connections (the
 // directory is private to the run) and commits durably (`fsync`,
 // `synchronous_commit`: what a 200 means).  destroy() stops it and removes
-// its directory; so does the process's exit, for a test that never got there.
+// its directory; so does the process's exit, or a SIGINT or SIGTERM that
+// ends it, for a test that never got there.
 
 const { execFile, execFileSync } = require('node:child_process')
 const fs = require('node:fs')
@@ -36,6 +37,7 @@ const CONF = {
 // pgcluster.py names its own, so that no other test run takes it too.
 const PORTS_FIRST = 20000
 const CLAIM_PREFIX = '\0accman-tests-port-'
+const STOP_SIGNALS = ['SIGINT', 'SIGTERM']
 
 const run = promisify(execFile)
 
@@ -106,15 +108,22 @@ class PgCluster {
     this.claim = claim
     this.onExit = () => this.destroy()
     process.once('exit', this.onExit)
+    // The signal is raised again once the cluster is gone: with no
+    // listener left, it ends the process as it would have.
+    this.onSignal = (signal) => {
+      this.destroy()
+      process.kill(process.pid, signal)
+    }
+    for (const signal of STOP_SIGNALS) process.once(signal, this.onSignal)
   }
 
   // initdb a new cluster in a directory of its own, and start it.
   static async create () {
-    const base = fs.mkdtempSync(path.join(os.tmpdir(), 'accman-node-pg-'))
-    fs.chmodSync(base, 0o755)
     const { port, claim } = await freePort()
+    const base = fs.mkdtempSync(path.join(os.tmpdir(), 'accman-node-pg-'))
     const pg = new PgCluster(base, port, claim)
     try {
+      fs.chmodSync(base, 0o755)
       if (process.getuid() === 0) await run('chown', [PG_USER, base])
       await asPostgres('initdb', ['-D', pg.data, '-U', PG_USER, '--auth=trust',
         '--no-instructions', '-E', 'UTF8', '--locale=C'])
@@ -144,6 +153,7 @@ class PgCluster {
   // process's exit can do it too.
   destroy () {
     process.removeListener('exit', this.onExit)
+    for (const signal of STOP_SIGNALS) process.removeListener(signal, this.onSignal)
     if (fs.existsSync(path.join(this.data, 'postmaster.pid'))) {
       try {
         execFileSync(...command('pg_ctl', ['-D', this.data, '-m', 'immediate', '-w', 'stop']),
