@@ -435,6 +435,7 @@ def test_every_reader_gets_every_event_of_two_clusters_through_their_faults(tmp_
         assert copied >= WORK_PER_FAULT, summary
         assert "no answer" in cli.stderr(), "the command line never met an outage"
         assert len(cli.runs) >= 2, "the command line was never started again"
+        assert [fe.stop() for fe in fes.fes] == [0, 0], "a front-end's SIGTERM did not end it"
     finally:
         stop.set()
         for client in clients:
