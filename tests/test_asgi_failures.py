@@ -440,6 +440,46 @@ def test_a_call_owed_as_close_cuts_the_payer_off_is_paid_by_a_new_one(monkeypatc
     assert m.stats["stranded"] == 1 and "after-c" not in caplog.text and unpaid == []
 
 
+class _Stubborn(owed_mod.Mod):
+    """An owed charge whose call takes a cancel and goes on, as a call can
+    when asyncio.wait_for swallows the cancel that meets its completion
+    (Python < 3.12, the client's dial): its payer outlives close()."""
+
+    async def run(self, acc) -> int:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass                                    # swallowed
+        await asyncio.sleep(0.3)
+        return 0
+
+
+def test_a_payer_whose_cancel_is_swallowed_leaves_the_queue_to_the_new_one(monkeypatch,
+                                                                            caplog):
+    """close() lets the payer it cuts off go, and a call owed then gets a
+    new payer; the old one, going on past its cancel, pays and pops
+    nothing more of the queue: the new payer's call is paid once and its
+    payer ends cleanly."""
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, cost=2, retries=0, timeout_s=30)
+        fake.fault = lambda meth, p, q: ("delay", 1.0) if "key" in q else None
+
+        async def close_then_owe():
+            m._owed.add(_Stubborn(CRED, -2, "stubborn-c", "charge"), Busy("full"))
+            await asyncio.sleep(0.05)
+            await m._owed.close()                   # its cancel is swallowed
+            m._owed.add(owed_mod.Mod(CRED, -3, "after-c", "charge"), Busy("full"))
+            assert await m.drain(20)
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            run(close_then_owe())
+    assert fake.tot(CRED) == 7 and [r[2].get("key") for r in fake.mods()] == ["after-c"]
+    assert m.stats["stranded"] == 1 and "stubborn-c" in caplog.text
+    assert "after-c" not in caplog.text
+
+
 @pytest.mark.parametrize("how", ["bound", "cancelled"])
 def test_a_call_cut_off_at_close_is_stranded_unknown(how, monkeypatch, caplog):
     monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
