@@ -1,9 +1,36 @@
-"""The events checker's checks (tests/reliability/test_events_bank.py runs
-the changes, the kills and the readers; this module judges what the
-readers got against the store).  An event is a dict as GET /events
+"""The events checker's checks (tests/reliability/test_events_bank.py and
+test_events_bank_pg.py run the changes, the faults and the readers; this
+module judges the store and what the readers got against it).  An event is a dict as GET /events
 serves it; a webhook POST is a webhook_receiver.Post.
 
 A module, not a conftest.py: see relhelp.py."""
+
+from bankcheck import Checker
+
+
+def store_and_reader_problems(store, ops, reads, histories, settles, accounts, low, clients,
+                              cli, posts):
+    """The store against the bank checker's records (bankcheck.Checker:
+    every acknowledged change at its seq and tot, each account's events
+    exactly its history), its low_balance events (checked apart: the
+    bank's checker knows none), and each reader's events against it: the
+    Python followers (`clients`), the command line's (`cli`) and the
+    webhook's POSTs (`posts`, repeats allowed).  The ids 1..N without a
+    gap are asserted first."""
+    assert [e["id"] for e in store] == list(range(1, len(store) + 1)), "a gap in the store"
+    checker = Checker(ops, reads, histories, settles,
+                      [e for e in store if e["account"] in accounts.values()
+                       and e["type"] != "low_balance"],
+                      accounts, all_ended=True)
+    problems = [p for p in checker.run() if not p.startswith("event ids are not")]
+    problems += low_balance_problems(store, histories, accounts, low)
+    for client in clients:
+        problems += client.errors
+        problems += reader_problems(client.name_, client.events(), store)
+    problems += reader_problems("accman events --follow", cli.events(), store)
+    problems += reader_problems("the webhook", [e for p in posts for e in p.events], store,
+                                repeats_allowed=True)
+    return problems
 
 
 def reader_problems(name, got, store, repeats_allowed=False):

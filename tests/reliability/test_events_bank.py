@@ -53,8 +53,7 @@ from types import SimpleNamespace
 
 from accman.client import AccManClient, AccManSyncClient
 from accman.errors import AccManError, BadReply, TransportError, Unavailable
-from bankcheck import Checker
-from eventscheck import low_balance_problems, reader_problems, webhook_problems
+from eventscheck import reader_problems, store_and_reader_problems, webhook_problems
 from conftest import PYTHON, ROOT, server_env, spawn_server
 from relhelp import history, stop_quietly
 from test_bank import (CREDS, FUND, SEED, UNTOUCHED, Cluster, Worker, all_events, end_load)
@@ -349,22 +348,9 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         histories = {cred: history(srv, cred) for cred in CREDS}
         accounts = {cred: srv.get(f"/past?cred={cred}&limit=1").json["account"]
                     for cred in CREDS}
-        # The bank's checker knows no low_balance event: they are checked
-        # apart, and so are the ids (by reader_problems, against 1..N).
-        assert [e["id"] for e in store] == list(range(1, len(store) + 1)), "a gap in the store"
-        checker = Checker(ops, [], histories, settles,
-                          [e for e in store if e["account"] in accounts.values()
-                           and e["type"] != "low_balance"],
-                          accounts, all_ended=True)
-        problems = [p for p in checker.run() if not p.startswith("event ids are not")]
-        problems += low_balance_problems(store, histories, accounts, LOW)
-        for client in clients:
-            problems += client.errors
-            problems += reader_problems(client.name_, client.events(), store)
-        problems += reader_problems("accman events --follow", cli.events(), store)
         posts = rx.snapshot()
-        hooked = [e for p in posts for e in p.events]
-        problems += reader_problems("the webhook", hooked, store, repeats_allowed=True)
+        problems = store_and_reader_problems(store, ops, [], histories, settles, accounts, LOW,
+                                             clients, cli, posts)
         repeats, repeated, back_s = webhook_problems(posts, cluster.started_at,
                                                      cluster.killed_at)
         problems += repeats

@@ -44,9 +44,8 @@ import time
 from types import SimpleNamespace
 
 from accman.postgres.schema import EVENT_TYPES
-from bankcheck import Checker
 from conftest import Conn, request_bytes, spawn_server
-from eventscheck import low_balance_problems, reader_problems, webhook_problems
+from eventscheck import store_and_reader_problems, webhook_problems
 from postgres.pgcluster import Cluster as PgServer
 from relhelp import history, stop_quietly
 from test_bank import SEED, Worker, all_events, end_load
@@ -352,22 +351,9 @@ def reconcile(srv, store, fes, accounts, workers, ops, settles, clients, cli, rx
     back its resends reached)."""
     histories = {cred: history(srv, cred) for cred in accounts}
     reads = [r for w in workers for r in w.reads]
-    assert [e["id"] for e in store] == list(range(1, len(store) + 1)), "a gap in the store"
-    # The bank's checker knows no low_balance event: they are checked
-    # apart, and so are the ids (above, and by reader_problems).
-    checker = Checker(ops, reads, histories, settles,
-                      [e for e in store if e["account"] in accounts.values()
-                       and e["type"] != "low_balance"],
-                      accounts, all_ended=True)
-    problems = [p for p in checker.run() if not p.startswith("event ids are not")]
-    problems += low_balance_problems(store, histories, accounts, LOW)
-    for client in clients:
-        problems += client.errors
-        problems += reader_problems(client.name_, client.events(), store)
-    problems += reader_problems("accman events --follow", cli.events(), store)
     posts = rx.snapshot()
-    problems += reader_problems("the webhook", [e for p in posts for e in p.events],
-                                store, repeats_allowed=True)
+    problems = store_and_reader_problems(store, ops, reads, histories, settles, accounts, LOW,
+                                         clients, cli, posts)
     repeats, repeated, back_s = webhook_problems(posts, fes.runs_at, fes.ended_at)
     problems += repeats
     local = local_events(fes.other, fes.dbname)
