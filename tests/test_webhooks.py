@@ -685,6 +685,19 @@ def test_the_attempt_timeout_bounds_the_whole_reply_head(cursors, start, trickle
     assert said[0].endswith(f" failed: {why}; retrying with backoff"), said[0]
 
 
+def _replying_once(reply):
+    """A receiver that answers its first POST with `reply`, the next ones
+    200, and closes after each."""
+    replies = [reply]
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(replies.pop() if replies else b"HTTP/1.1 200 OK\r\n\r\n")
+        await writer.drain()
+        writer.close()
+    return serve
+
+
 @pytest.mark.parametrize("reply,why", [
     (b"", "the receiver closed the connection before its reply"),
     (b"HTTP/1.1 200 OK\n\n", "the receiver's reply ends its lines in a bare LF, not CRLF"),
@@ -697,15 +710,8 @@ def test_a_reply_cut_short_is_a_failure_said_as_what_came(cursors, reply, why):
     end in a bare LF (which RFC 9112 2.2 lets a recipient refuse), or a
     head cut short, so that an operator whose receiver logs a 200 is not
     told it never answered."""
-    said, replies = [], [reply]
-
-    async def serve(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(replies.pop() if replies else b"HTTP/1.1 200 OK\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    d = deliver_to(serve, cursors, said=said)
+    said = []
+    d = deliver_to(_replying_once(reply), cursors, said=said)
     assert d.failures == 1
     assert said[0].endswith(f" failed: {why}; retrying with backoff"), said[0]
 
@@ -725,15 +731,8 @@ def test_interim_replies_are_bounded_and_a_reply_of_no_http11_status_fails(curso
     INTERIM_REPLIES_MAX (a receiver has no reason to send any: no request
     says Expect); one more, a 101, or a reply whose status line is not
     HTTP/1.1's is a failed attempt, said as such (SERVER.md, Webhooks)."""
-    said, replies = [], [reply]
-
-    async def serve(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(replies.pop() if replies else b"HTTP/1.1 200 OK\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    d = deliver_to(serve, cursors, said=said)
+    said = []
+    d = deliver_to(_replying_once(reply), cursors, said=said)
     if why is None:
         assert d.failures == 0 and said == [], said
     else:

@@ -312,6 +312,17 @@ def catch_up(srv, clients, cli, rx):
 
 # --- the test ------------------------------------------------------------------------
 
+def start_readers(server, tmp_path):
+    """The readers of the stream, following `server` (its `addr`): the
+    Python followers (async and sync) and the command line's."""
+    clients = [ClientFollower(server), ClientFollower(server, sync=True)]
+    for client in clients:
+        client.start()
+    cli = CliFollower(tmp_path)
+    cli.start(server.addr)
+    return clients, cli
+
+
 def test_every_reader_gets_every_event_through_sigkills(tmp_path):
     banner = (f"events checker: seed {SEED}, {DURATION_S:g} s; replay with "
               f"ACCMAN_CRASH_SEED={SEED}" + (" ACCMAN_CRASH_LONG=1" if LONG else ""))
@@ -328,11 +339,7 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         for cred in CREDS + UNTOUCHED:
             r = cluster.srv.mod(cred, FUND[cred], key=f"fund-{cred}")
             assert r.json == {"tot": FUND[cred], "seq": 1}, r
-        clients = [ClientFollower(cluster), ClientFollower(cluster, sync=True)]
-        for client in clients:
-            client.start()
-        cli = CliFollower(tmp_path)
-        cli.start(cluster.addr)
+        clients, cli = start_readers(cluster, tmp_path)
         amounts = itertools.count()
         for n in range(WORKERS):
             Worker(n, cluster, amounts, stop, workers)

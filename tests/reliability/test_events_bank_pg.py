@@ -49,7 +49,7 @@ from eventscheck import store_and_reader_problems, webhook_problems
 from postgres.pgcluster import Cluster as PgServer
 from relhelp import history, stop_quietly
 from test_bank import SEED, Worker, all_events, end_load
-from test_events_bank import DURATION_S, LONG, LOW, CliFollower, ClientFollower, catch_up
+from test_events_bank import DURATION_S, LONG, LOW, catch_up, start_readers
 from test_webhook_delivery import ENV, SECRET, check_delivery
 from webhook_receiver import Receiver, secret_file
 
@@ -381,11 +381,7 @@ def test_every_reader_gets_every_event_of_two_clusters_through_their_faults(tmp_
         fes = FrontEnds(tmp_path, pgs, "bank", rx)
         accounts = fund_both(fes)
         creds = list(accounts)
-        clients = [ClientFollower(fes), ClientFollower(fes, sync=True)]
-        for client in clients:
-            client.start()
-        cli = CliFollower(tmp_path)
-        cli.start(fes.addr)
+        clients, cli = start_readers(fes, tmp_path)
         amounts = itertools.count()
         for n in range(WORKERS):
             PgWorker(n, fes.via(n % 2), amounts, stop, workers, creds=creds)
