@@ -12,7 +12,9 @@ before its first step, so that the async on_unpaid of its stranding is
 started with the loop ending and never ends.  "fork" is "sync" with a
 child forked after the loop, which exits as a process does (its copy of
 the queue is the parent's to pay); "thread" owes the two charges under a
-loop that still runs, in a daemon thread, as the process ends.  Each
+loop that still runs, in a daemon thread, as the process ends; "preforked"
+is "sync" run in a child forked before any loop, as a server's worker
+forked from a parent that made the app (its queue is its own to say).  Each
 line the middleware logs at ERROR goes to stderr; a bill made, to
 stdout."""
 
@@ -80,6 +82,13 @@ if __name__ == "__main__":
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(owe_both(m), loop).result()
+        sys.exit(0)
+    if case == "preforked":
+        child = os.fork()
+        if child == 0:
+            asyncio.run(main(m, "sync"))
+            sys.exit(0)                             # atexit runs in the child
+        os.waitpid(child, 0)
         sys.exit(0)
     asyncio.run(main(m, case))
     if case == "fork":

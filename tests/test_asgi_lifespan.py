@@ -261,7 +261,8 @@ def test_a_charge_owed_in_the_loops_last_turn_is_stranded_though_never_tried(cap
     assert "stranded charge: the account owes 2" in caplog.text and "key late-c" in caplog.text
 
 
-@pytest.mark.parametrize("case", ["sync", "async", "billing", "fork", "thread"])
+@pytest.mark.parametrize("case", ["sync", "async", "billing", "fork", "thread",
+                                  "preforked"])
 def test_what_the_event_loops_end_leaves_owed_is_said_at_the_process_s_end(case):
     """asyncio.run cancels the tasks it finds as the loop ends, not one
     made meanwhile: a payer made for calls owed by a cancelled task, or an
@@ -271,7 +272,8 @@ def test_what_the_event_loops_end_leaves_owed_is_said_at_the_process_s_end(case)
     next as the account owing it, given to a plain on_unpaid; an async
     on_unpaid that cannot run now is said not billed, one that did not
     end said as one that may not have billed.  A forked child leaves its
-    parent's queue to the parent; a loop still running (in a daemon
+    parent's queue to the parent, and says its own (a worker forked
+    from the parent that made the app); a loop still running (in a daemon
     thread) as the process ends has its calls said as of unknown outcome,
     none taken from under its payer nor billed."""
     got = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
@@ -299,7 +301,7 @@ def test_what_the_event_loops_end_leaves_owed_is_said_at_the_process_s_end(case)
             ) in got.stderr, got.stderr
     assert (f"stranded charge: the account owes 3 (account {fp}, key second-c): the event "
             f"loop ended with it owed") in got.stderr, got.stderr
-    if case in ("sync", "fork"):
+    if case in ("sync", "fork", "preforked"):
         assert got.stdout == "billed 3\n"
     else:
         assert got.stdout == ""

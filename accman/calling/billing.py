@@ -24,7 +24,6 @@ class Billing:
     def __init__(self, on_unpaid):
         self._on_unpaid = on_unpaid
         self.tasks = {}
-        self._pid = os.getpid()
         _alive.add(self)
 
     def __call__(self, cred: str, amount: int) -> None:
@@ -50,10 +49,7 @@ class Billing:
     def left_at_exit(self) -> None:
         """At the process's end, each call not ended is said: one whose
         loop has closed (asyncio.run does not cancel a task made while it
-        cancels the others), or whose loop still runs in another thread.
-        A forked child's copies are its parent's to say."""
-        if self._pid != os.getpid():
-            return
+        cancels the others), or whose loop still runs in another thread."""
         for task, (cred, amount) in list(self.tasks.items()):
             if not task.done():
                 why = ("is still under way as the process ends" if task.get_loop().is_running()
@@ -86,4 +82,13 @@ def left_at_exit_all() -> None:
         billing.left_at_exit()
 
 
-__all__ = ["Billing", "billed", "left_at_exit_all"]
+def forget_all() -> None:
+    """In a forked child: the calls under way are its parent's to say."""
+    for billing in list(_alive):
+        billing.tasks.clear()
+
+
+os.register_at_fork(after_in_child=forget_all)
+
+
+__all__ = ["Billing", "billed", "left_at_exit_all", "forget_all"]

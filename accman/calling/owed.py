@@ -218,7 +218,6 @@ class Owed:
         self._closing = False
         self._wake = None               # set to cut a pause short when closing
         self._running = None            # the item whose call is under way
-        self._pid = os.getpid()         # a forked child's copy is its parent's to pay
         _alive.add(self)
 
     def __len__(self) -> int:
@@ -274,8 +273,6 @@ class Owed:
         unfinished with the loop.  While the payer's loop still runs (in
         another thread) nothing is taken from under it, nor billed: each
         call is said as of unknown outcome."""
-        if self._pid != os.getpid():
-            return
         task = self._task
         if task is not None and not task.done() and task.get_loop().is_running():
             for item in list(self._items):
@@ -385,6 +382,13 @@ class Owed:
         finally:
             self._end()
 
+    def forget(self) -> None:
+        """In a forked child: what the copy holds is its parent's to pay
+        and say; what the child owes from now on is its own."""
+        self._items.clear()
+        self._task = self._wake = self._running = None
+        self._closing = False
+
     def _end(self) -> None:
         # The task cut off is no longer the payer: a call owed before it
         # has ended gets a new one (the queue works after close), and what
@@ -406,6 +410,17 @@ def _pause_s(attempt: int) -> float:
 # Every queue alive, told at the process's end what the event loop left
 # (Owed.left_at_exit); then the billers, whose calls the strandings may add to.
 _alive = weakref.WeakSet()
+
+
+def _forked() -> None:
+    for owed in list(_alive):
+        owed.forget()
+
+
+# A child forked from a process with calls owed (a server's worker forked
+# from the parent that made the app) starts with none of its own; billing.py
+# does the same for its calls under way.
+os.register_at_fork(after_in_child=_forked)
 
 
 @atexit.register
