@@ -339,3 +339,30 @@ def test_a_payer_an_ended_loop_left_unfinished_does_not_hold_up_the_next_loop():
         asyncio.run(second())
         assert fake.tot(CRED) == 5
     assert m.stats["stranded"] == 0 and unpaid == [] and len(m._owed) == 0
+
+
+def test_an_on_unpaid_an_ended_loop_left_unfinished_does_not_hold_up_the_next_loop():
+    """An async on_unpaid started by a stranding as asyncio.run ends (a
+    charge owed in the loop's last turn) is left unfinished with that loop,
+    and can never end: the middleware used again under a new event loop
+    does not wait for it (it is said at the process's end), so drain()
+    there is done as soon as what it owes there has landed."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+
+        async def bill(cred, amount):
+            await asyncio.Event().wait()
+        m = AccManMiddleware(make_app(), url=fake.url, cost=2, retries=0, on_unpaid=bill)
+
+        async def first():
+            # Run after first has returned, in the turn that stops the loop.
+            asyncio.get_running_loop().call_soon(
+                m._owed.add, owed_mod.Mod(CRED, -2, "late-c", "charge"), Busy("full"))
+
+        async def second():
+            m._owed.add(owed_mod.Mod(CRED, -3, "next-c", "charge"), Busy("full"))
+            return await m.drain(30)
+        asyncio.run(first())
+        assert m.stats["stranded"] == 1 and len(m._billing.tasks) == 1
+        assert asyncio.run(second())
+        assert fake.tot(CRED) == 7

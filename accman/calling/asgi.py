@@ -387,8 +387,12 @@ class AccManMiddleware:
 
     @staticmethod
     async def _ended(tasks, timeout_s: float | None) -> bool:
+        # A task an earlier event loop left unfinished (made as asyncio.run
+        # cancelled the others) never ends: said at the process's end.
+        loop = asyncio.get_running_loop()
+        tasks = [task for task in tasks if task.get_loop() is loop]
         if tasks:
-            _, pending = await asyncio.wait(list(tasks), timeout=timeout_s)
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             return not pending
         return True
 
