@@ -366,3 +366,41 @@ def test_an_on_unpaid_an_ended_loop_left_unfinished_does_not_hold_up_the_next_lo
         assert m.stats["stranded"] == 1 and len(m._billing.tasks) == 1
         assert asyncio.run(second())
         assert fake.tot(CRED) == 7
+
+
+def test_a_close_cancelled_while_its_payer_pauses_bills_the_call_known_unlanded(
+        monkeypatch, caplog):
+    """A payer pausing between attempts has no call under way: when the
+    close is cancelled then (the shutdown itself cut off), the call whose
+    every attempt was refused before applying (busy) is stranded as the
+    account owing it and given to on_unpaid, not as of unknown outcome."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 30.0)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = lambda meth, p, q: BUSY if "key" in q else None   # known not landed
+        unpaid = []
+        m = AccManMiddleware(make_app(), url=fake.url, cost=2, retries=0,
+                             on_unpaid=lambda c, a: unpaid.append(a))
+
+        def pausing():              # the payer's awaits lead to its _pause
+            coro = m._owed._task.get_coro()
+            while coro is not None and getattr(coro, "__name__", "") != "_pause":
+                coro = getattr(coro, "cr_await", None)
+            return coro is not None
+
+        async def main():
+            m._owed.add(owed_mod.Mod(CRED, -2, "paused-c", "charge"), Busy("full"))
+            deadline = time.monotonic() + 30
+            while not pausing() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert pausing()
+            closing = asyncio.get_running_loop().create_task(m._owed.close())
+            await asyncio.sleep(0)
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            asyncio.run(main())
+        assert fake.tot(CRED) == 10
+    assert m.stats["stranded"] == 1 and unpaid == [2]
+    assert "stranded charge: the account owes 2" in caplog.text and "key paused-c" in caplog.text

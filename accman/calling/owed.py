@@ -310,6 +310,8 @@ class Owed:
                 if self._closing:
                     continue            # close() strands it
                 if attempt < FOLLOWUP_ATTEMPTS_MAX:
+                    if self._running is item:     # no call under way while it pauses
+                        self._running = None
                     await self._pause(_pause_s(attempt))
                     continue
                 self._strand(item, f"still {e.code} after {attempt} attempts", item.maybe)
