@@ -404,3 +404,31 @@ def test_a_close_cancelled_while_its_payer_pauses_bills_the_call_known_unlanded(
         assert fake.tot(CRED) == 10
     assert m.stats["stranded"] == 1 and unpaid == [2]
     assert "stranded charge: the account owes 2" in caplog.text and "key paused-c" in caplog.text
+
+
+def test_a_payer_of_a_loop_stopped_unclosed_does_not_hold_up_the_next_loop():
+    """A payer made under an event loop that was stopped and not closed
+    (run_until_complete, then a new loop) never runs again there.  The
+    middleware used under a new loop pays what it owed and what it owes
+    there through a payer of that loop: drain() waits for it, and every
+    charge lands once, by its key."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        unpaid = []
+        m = AccManMiddleware(make_app(), url=fake.url, cost=2, retries=0,
+                             on_unpaid=lambda c, a: unpaid.append(a))
+
+        async def first():
+            m._owed.add(owed_mod.Mod(CRED, -2, "first-c", "charge"), Busy("full"))
+
+        async def second():
+            m._owed.add(owed_mod.Mod(CRED, -3, "second-c", "charge"), Busy("full"))
+            return await m.drain(30)
+        stopped = asyncio.new_event_loop()
+        try:
+            stopped.run_until_complete(first())     # its payer made, never run to its end
+            assert asyncio.run(second())
+        finally:
+            stopped.close()
+        assert fake.tot(CRED) == 5
+    assert m.stats["stranded"] == 0 and unpaid == [] and len(m._owed) == 0

@@ -239,13 +239,15 @@ class Owed:
 
     def _paying(self) -> None:
         """Starts a task to pay the queue unless one is under way.  One
-        of an event loop that has closed pays nothing more: asyncio.run
-        leaves unfinished a task made while it cancels the others, never
-        done.  Its queue is paid under the loop running now, the call it
-        had under way sent again (with its key: applied at most once)."""
+        of another event loop pays nothing more: asyncio.run leaves
+        unfinished a task made while it cancels the others, never done,
+        and a loop stopped without closing it runs it no more.  Its queue
+        is paid under the loop running now, the call it had under way
+        sent again (with its key: applied at most once)."""
         task = self._task
-        if task is None or task.done() or task.get_loop().is_closed():
-            self._task = asyncio.get_running_loop().create_task(self._pay())
+        loop = asyncio.get_running_loop()
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._task = loop.create_task(self._pay())
             self._task.add_done_callback(self._cancelled)
 
     def _cancelled(self, task) -> None:
@@ -357,10 +359,10 @@ class Owed:
         """Wait until every owed mod has landed or been stranded; False if
         `timeout_s` passed first."""
         if self._items:
-            self._paying()          # not a task of a loop that has closed
+            self._paying()          # not a task of another loop
         task = self._task
-        if task is None or task.done():
-            return True
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            return True             # nothing owed: another loop's payer has nothing to pay
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
         except asyncio.TimeoutError:
