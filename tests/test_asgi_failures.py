@@ -15,7 +15,7 @@ import pytest
 
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
-from accman.errors import Busy
+from accman.errors import Busy, Insufficient
 from asgi_harness import CRED, call, make_app, mw, serve_lifespan
 from fake_accman import BUSY, FakeAccMan, charges, closed_port, first_then, run
 
@@ -443,7 +443,10 @@ def test_a_call_owed_as_close_cuts_the_payer_off_is_paid_by_a_new_one(monkeypatc
 class _Stubborn(owed_mod.Mod):
     """An owed charge whose call takes a cancel and goes on, as a call can
     when asyncio.wait_for swallows the cancel that meets its completion
-    (Python < 3.12, the client's dial): its payer outlives close()."""
+    (Python < 3.12, the client's dial): its payer outlives close().  Its
+    call then ends as `ends`: with nothing charged, or refused."""
+
+    __slots__ = ("ends",)
 
     async def run(self, acc) -> int:
         try:
@@ -451,15 +454,18 @@ class _Stubborn(owed_mod.Mod):
         except asyncio.CancelledError:
             pass                                    # swallowed
         await asyncio.sleep(0.3)
+        if self.ends == "refused":
+            raise Insufficient(0, "the balance is too low")
         return 0
 
 
-def test_a_payer_whose_cancel_is_swallowed_leaves_the_queue_to_the_new_one(monkeypatch,
+@pytest.mark.parametrize("ends", ["returns", "refused"])
+def test_a_payer_whose_cancel_is_swallowed_leaves_the_queue_to_the_new_one(ends, monkeypatch,
                                                                             caplog):
     """close() lets the payer it cuts off go, and a call owed then gets a
     new payer; the old one, going on past its cancel, pays and pops
-    nothing more of the queue: the new payer's call is paid once and its
-    payer ends cleanly."""
+    nothing more of the queue, nor says again what close() stranded: the
+    new payer's call is paid once and its payer ends cleanly."""
     monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
     monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
     with FakeAccMan() as fake:
@@ -468,7 +474,9 @@ def test_a_payer_whose_cancel_is_swallowed_leaves_the_queue_to_the_new_one(monke
         fake.fault = lambda meth, p, q: ("delay", 1.0) if "key" in q else None
 
         async def close_then_owe():
-            m._owed.add(_Stubborn(CRED, -2, "stubborn-c", "charge"), Busy("full"))
+            stubborn = _Stubborn(CRED, -2, "stubborn-c", "charge")
+            stubborn.ends = ends
+            m._owed.add(stubborn, Busy("full"))
             await asyncio.sleep(0.05)
             await m._owed.close()                   # its cancel is swallowed
             m._owed.add(owed_mod.Mod(CRED, -3, "after-c", "charge"), Busy("full"))
@@ -476,8 +484,40 @@ def test_a_payer_whose_cancel_is_swallowed_leaves_the_queue_to_the_new_one(monke
         with caplog.at_level(logging.ERROR, logger="accman.asgi"):
             run(close_then_owe())
     assert fake.tot(CRED) == 7 and [r[2].get("key") for r in fake.mods()] == ["after-c"]
-    assert m.stats["stranded"] == 1 and "stubborn-c" in caplog.text
+    assert m.stats["stranded"] == 1 and caplog.text.count("stubborn-c") == 1, caplog.text
     assert "after-c" not in caplog.text
+
+
+class _Broken(owed_mod.Mod):
+    """An owed charge whose call fails as no call should (a defect): its
+    payer dies of it."""
+
+    async def run(self, acc) -> int:
+        raise RuntimeError("a defect")
+
+
+def test_a_payer_that_fails_strands_what_it_owed_and_the_shutdown_goes_on(caplog):
+    """A payer that dies of an exception AccMan's calls never raise strands
+    what it held, the call it had under way as of unknown outcome, and
+    says why; drain() and close() do not raise it, so the shutdown goes on
+    to close the client."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        unpaid = []
+        m = mw(fake, cost=2, retries=0, on_unpaid=lambda c, a: unpaid.append(a))
+
+        async def owe_and_shut_down():
+            m._owed.add(_Broken(CRED, -2, "broken-c", "charge"), Busy("full"))
+            m._owed.add(owed_mod.Mod(CRED, -3, "behind-c", "charge"), Busy("full"))
+            assert await m.drain(10)
+            await m.aclose()
+            return m._client
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            assert run(owe_and_shut_down()) is None             # the client closed
+    assert m.stats["stranded"] == 2 and unpaid == [3]
+    assert "outcome unknown: look for key broken-c" in caplog.text
+    assert "the account owes 3 (account" in caplog.text
+    assert "its payer failed: RuntimeError('a defect')" in caplog.text
 
 
 @pytest.mark.parametrize("how", ["bound", "cancelled"])
@@ -586,3 +626,4 @@ def test_the_fake_says_nothing_of_a_caller_gone_before_its_reply(caplog):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         time.sleep(0.3)                         # the reply is written after the reset
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+

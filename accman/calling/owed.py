@@ -247,25 +247,34 @@ class Owed:
         task = self._task
         loop = asyncio.get_running_loop()
         if task is None or task.done() or task.get_loop() is not loop:
+            self._wake = asyncio.Event()    # close() may set it before the payer's first step
             self._task = loop.create_task(self._pay())
-            self._task.add_done_callback(self._cancelled)
+            self._task.add_done_callback(self._ended)
 
-    def _cancelled(self, task) -> None:
+    def _ended(self, task) -> None:
         """Strands what is left once the task that pays the queue has been
         cancelled other than by close() (which strands what is left
         itself), as when the event loop ends with calls still owed:
         asyncio.run cancels every task left, one not started yet among
         them (a call that failed as the shutdown closed the client is owed
-        after the drain).  A call cut off under way is of unknown outcome
-        (_pay marks it).  Left in the queue, it would end with the loop,
-        neither paid nor stranded, and nothing would say so.  A callback,
-        not the task's own code, which a task cancelled before its first
-        step never runs; a task a newer one replaced leaves it the queue."""
-        if not task.cancelled() or task is not self._task:
+        after the drain); or once it has failed, by a defect.  A call cut
+        off under way is of unknown outcome (_attempt marks it).  Left in
+        the queue, it would end with the loop, neither paid nor stranded,
+        and nothing would say so.  A callback, not the task's own code,
+        which a task cancelled before its first step never runs; a task a
+        newer one replaced leaves it the queue."""
+        if task is not self._task:
+            return
+        if task.cancelled():
+            why = "cancelled with the event loop"
+        elif task.exception() is not None:
+            why = f"its payer failed: {task.exception()!r}"
+            log.error("accman: the owed calls' payer failed", exc_info=task.exception())
+        else:
             return
         while self._items:
             item = self._items.popleft()
-            self._strand(item, "cancelled with the event loop", item.maybe)
+            self._strand(item, why, item.maybe)
 
     def left_at_exit(self) -> None:
         """At the process's end: what is still queued is stranded, the call
@@ -289,44 +298,55 @@ class Owed:
                          item.maybe or item is self._running)
 
     async def _pay(self) -> None:
-        """Pays the queue, oldest first."""
+        """Pays the queue, oldest first, while it is the queue's payer: one
+        close() let go (its cancel swallowed: asyncio.wait_for on Python <
+        3.12) leaves the queue, and the call it had under way, which close()
+        has stranded, to the new one."""
         acc = self._acc()
-        self._wake = asyncio.Event()
         attempt = 0
         me = asyncio.current_task()
-        # A payer close() let go (its cancel swallowed: asyncio.wait_for on
-        # Python < 3.12) leaves the queue to the new one.
         while self._items and not self._closing and self._task is me:
             item = self._items[0]
             self._running = item
             try:
-                charged = await item.run(acc)
-                if charged:
-                    self._charged(charged)
-            except asyncio.CancelledError:
-                item.maybe = True       # cut off under way: it may have landed
-                raise
-            except (TransportError, Unavailable) as e:
-                attempt += 1
-                item.maybe = item.maybe or may_have_landed(e)
-                if self._closing:
-                    continue            # close() strands it
-                if attempt < FOLLOWUP_ATTEMPTS_MAX:
-                    if self._running is item:     # no call under way while it pauses
-                        self._running = None
-                    await self._pause(_pause_s(attempt))
-                    continue
-                self._strand(item, f"still {e.code} after {attempt} attempts", item.maybe)
-            except AccManError as e:
-                # Only a SPEC refusal that every attempt meets, whenever it
-                # arrives, says that no earlier attempt landed (policy.definite).
-                self._strand(item, e.code, item.maybe and not definite(e))
+                attempt = await self._attempt(item, acc, attempt, me)
             finally:
                 if self._running is item:     # not a newer payer's, after close
                     self._running = None
+            if attempt:
+                continue                      # tried again, unless closing
             if self._items and self._items[0] is item:     # not stranded meanwhile
                 self._items.popleft()
-            attempt = 0
+
+    async def _attempt(self, item, acc, attempt: int, me) -> int:
+        """One attempt of `item` by the payer `me`: 0 once it has landed or
+        been stranded, else the attempts made so far (paused before the
+        next).  What a payer no longer the queue's meets is not its to say."""
+        try:
+            charged = await item.run(acc)
+        except (TransportError, Unavailable) as e:
+            attempt += 1
+            item.maybe = item.maybe or may_have_landed(e)
+            if self._closing or self._task is not me:
+                return attempt          # close() strands it (or has)
+            if attempt < FOLLOWUP_ATTEMPTS_MAX:
+                self._running = None    # no call under way while it pauses
+                await self._pause(_pause_s(attempt))
+                return attempt
+            self._strand(item, f"still {e.code} after {attempt} attempts", item.maybe)
+            return 0
+        except AccManError as e:
+            # Only a SPEC refusal that every attempt meets, whenever it
+            # arrives, says that no earlier attempt landed (policy.definite).
+            if self._task is me:
+                self._strand(item, e.code, item.maybe and not definite(e))
+            return 0
+        except BaseException:
+            item.maybe = True           # cut off under way, or failed: it may have landed
+            raise
+        if charged and self._task is me:
+            self._charged(charged)
+        return 0
 
     async def _pause(self, seconds: float) -> None:
         try:
@@ -367,6 +387,8 @@ class Owed:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
         except asyncio.TimeoutError:
             return False
+        except Exception:
+            pass                    # a payer's defect: _ended stranded what it left
         return True
 
     async def close(self) -> None:
@@ -381,8 +403,8 @@ class Owed:
             self._closing = True
             self._wake.set()
             await asyncio.wait_for(asyncio.shield(self._task), SHUTDOWN_LAST_CALL_S)
-        except asyncio.TimeoutError:
-            pass
+        except Exception:
+            pass                    # timed out, or a payer's defect (_ended said it)
         finally:
             self._end()
 
