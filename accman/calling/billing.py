@@ -88,7 +88,8 @@ def forget_all() -> None:
         billing.tasks.clear()
 
 
-os.register_at_fork(after_in_child=forget_all)
+if hasattr(os, "register_at_fork"):     # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=forget_all)
 
 
 __all__ = ["Billing", "billed", "left_at_exit_all", "forget_all"]

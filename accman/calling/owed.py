@@ -446,7 +446,8 @@ def _forked() -> None:
 # A child forked from a process with calls owed (a server's worker forked
 # from the parent that made the app) starts with none of its own; billing.py
 # does the same for its calls under way.
-os.register_at_fork(after_in_child=_forked)
+if hasattr(os, "register_at_fork"):     # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forked)
 
 
 @atexit.register
