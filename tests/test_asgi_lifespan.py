@@ -429,6 +429,12 @@ def test_a_payer_of_a_loop_stopped_unclosed_does_not_hold_up_the_next_loop():
             stopped.run_until_complete(first())     # its payer made, never run to its end
             assert asyncio.run(second())
         finally:
+            # Its old payer ended there, as a loop's owner ends its tasks
+            # before closing it (else its pending connect is never awaited).
+            left = asyncio.all_tasks(stopped)
+            for task in left:
+                task.cancel()
+            stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             stopped.close()
         assert fake.tot(CRED) == 5
     assert m.stats["stranded"] == 0 and unpaid == [] and len(m._owed) == 0
