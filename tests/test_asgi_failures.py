@@ -488,6 +488,55 @@ def test_a_payer_whose_cancel_is_swallowed_leaves_the_queue_to_the_new_one(ends,
     assert "after-c" not in caplog.text
 
 
+def test_a_payer_of_a_loop_run_again_leaves_the_new_payer_s_queue_be(monkeypatch, caplog):
+    """A payer of a loop stopped unclosed is replaced under the next loop;
+    when the old loop runs again and its call is refused, the old payer
+    neither says it nor takes it off the queue: the new payer, which met
+    busy on the same call and paused, tries it again and strands it once,
+    billed as owed."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 1.0)
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 2)
+    loops = []
+
+    class Refused(owed_mod.Mod):
+        async def run(self, acc) -> int:
+            loops.append(asyncio.get_running_loop())
+            if len(loops) == 1:                     # the old payer's, resumed later
+                await asyncio.sleep(0.2)
+                raise Insufficient(0, "too low")
+            raise Busy("full")                      # the new payer's: paused, then again
+
+    stats, unpaid = {"owed": 0, "stranded": 0}, []
+    owed = owed_mod.Owed(lambda: None, stats, lambda c: None,
+                         lambda c, a, w: unpaid.append(a))
+    old = asyncio.new_event_loop()
+
+    async def first():
+        owed.add(Refused(CRED, -2, "x-c", "charge"), Busy("full"))
+
+    async def second():
+        await asyncio.sleep(0.1)                    # the new payer met busy, and pauses
+        await asyncio.to_thread(old.run_until_complete, asyncio.sleep(0.5))
+        return await owed.drain(20)
+
+    async def run_again():
+        owed._paying()                              # as an add() or drain() would
+        return await second()
+    try:
+        old.run_until_complete(first())
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            assert asyncio.run(run_again())
+    finally:
+        left = asyncio.all_tasks(old)
+        for task in left:
+            task.cancel()
+        if left:
+            old.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        old.close()
+    assert stats["stranded"] == 1 and unpaid == [2] and len(owed) == 0, caplog.text
+    assert caplog.text.count("stranded charge") == 1, caplog.text
+
+
 class _Broken(owed_mod.Mod):
     """An owed charge whose call fails as no call should (a defect): its
     payer dies of it."""

@@ -264,6 +264,10 @@ class Owed:
         which a task cancelled before its first step never runs; a task a
         newer one replaced leaves it the queue."""
         if task is not self._task:
+            if not task.cancelled() and task.exception() is not None:
+                # A payer let go (close() stranded its call) that failed after.
+                log.error("accman: an owed calls' payer let go failed",
+                          exc_info=task.exception())
             return
         if task.cancelled():
             why = "cancelled with the event loop"
@@ -311,8 +315,10 @@ class Owed:
             try:
                 attempt = await self._attempt(item, acc, attempt, me)
             finally:
-                if self._running is item:     # not a newer payer's, after close
+                if self._task is me and self._running is item:
                     self._running = None
+            if self._task is not me:
+                return                        # let go: the queue is the new payer's
             if attempt:
                 continue                      # tried again, unless closing
             if self._items and self._items[0] is item:     # not stranded meanwhile
