@@ -323,6 +323,21 @@ def start_readers(server, tmp_path):
     return clients, cli
 
 
+def cli_met_outages(cli):
+    """The command line's follower met an outage and was started again."""
+    assert "no answer" in cli.stderr(), "the command line never met an outage"
+    assert len(cli.runs) >= 2, "the command line was never started again"
+
+
+def stop_readers(stop, clients, cli):
+    """Ends the workers (`stop`) and every reader `start_readers` made."""
+    stop.set()
+    for client in clients:
+        client.quit.set()
+    if cli is not None:
+        cli.kill()
+
+
 def test_every_reader_gets_every_event_through_sigkills(tmp_path):
     banner = (f"events checker: seed {SEED}, {DURATION_S:g} s; replay with "
               f"ACCMAN_CRASH_SEED={SEED}" + (" ACCMAN_CRASH_LONG=1" if LONG else ""))
@@ -377,15 +392,10 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         assert counts["kill"] >= 2 and acked >= 100, summary
         assert {e["type"] for e in store} == {"mod", "hold", "settle", "expire",
                                               "low_balance"}, summary
-        assert "no answer" in cli.stderr(), "the command line never met an outage"
-        assert len(cli.runs) >= 2, "the command line was never started again"
+        cli_met_outages(cli)
         assert srv.stop() == 0
     finally:
-        stop.set()
-        for client in clients:
-            client.quit.set()
-        if cli is not None:
-            cli.kill()
+        stop_readers(stop, clients, cli)
         if cluster is not None:
             stop_quietly(cluster.srv)
         rx.close()
