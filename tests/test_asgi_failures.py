@@ -442,8 +442,8 @@ def test_a_call_owed_as_close_cuts_the_payer_off_is_paid_by_a_new_one(monkeypatc
 
 class _Stubborn(owed_mod.Mod):
     """An owed charge whose call takes a cancel and goes on, as a call can
-    when asyncio.wait_for swallows the cancel that meets its completion
-    (Python < 3.12, the client's dial): its payer outlives close().  Its
+    that swallows a cancel, or on Python 3.10 one whose bound passes as
+    the cancel lands (accman.deadline): its payer outlives close().  Its
     call then ends as `ends`: with nothing charged, or refused."""
 
     __slots__ = ("ends",)

@@ -70,6 +70,7 @@ from accman.calling.replies import EventsPage, PastPage
 from accman.calling.requests import (Endpoint, check_ssl_context, target_events, target_hold,
                                      target_mod, target_past, target_settle, target_tot)
 from accman.calling.sync import AccManSyncClient
+from accman.deadline import within
 from accman.calling.policy import RETRIES_MAX
 from accman.calling.replies import ACCOUNT_CHARS_MAX, DETAIL_CHARS_MAX
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, CallTimeout, EventsOutOfOrder,
@@ -418,10 +419,12 @@ class AccManClient:
     async def _dial(self, deadline: float, pooled: bool) -> Conn:
         ep = self._ep
         try:
-            _, conn = await asyncio.wait_for(
-                self._loop.create_connection(lambda: Conn(self, pooled), ep.host, ep.port,
-                                             ssl=self._ssl, server_hostname=ep.tls_name),
-                max(deadline - self._loop.time(), 0.001))
+            # Dialled in the calling task: one cancelled as its connection
+            # opens ends cancelled, and sends nothing (accman.deadline).
+            async with within(max(deadline - self._loop.time(), 0.001)):
+                _, conn = await self._loop.create_connection(
+                    lambda: Conn(self, pooled), ep.host, ep.port, ssl=self._ssl,
+                    server_hostname=ep.tls_name)
         except asyncio.TimeoutError:
             raise Unreachable(f"cannot connect to AccMan at {ep.where}: timed out") from None
         except OSError as e:

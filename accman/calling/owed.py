@@ -20,6 +20,7 @@ import os
 import weakref
 
 from accman.calling.policy import definite, may_have_landed
+from accman.deadline import within
 from accman.errors import (AccManError, HoldEnded, Insufficient, NoAccount, OutcomeUnknown,
                            TransportError, Unavailable)
 
@@ -303,9 +304,9 @@ class Owed:
 
     async def _pay(self) -> None:
         """Pays the queue, oldest first, while it is the queue's payer: one
-        close() let go (its cancel swallowed: asyncio.wait_for on Python <
-        3.12) leaves the queue, and the call it had under way, which close()
-        has stranded, to the new one."""
+        close() let go (its cancel swallowed by a call, or on Python 3.10
+        taken for a timeout: accman.deadline) leaves the queue, and the call
+        it had under way, which close() has stranded, to the new one."""
         acc = self._acc()
         attempt = 0
         me = asyncio.current_task()
@@ -356,7 +357,8 @@ class Owed:
 
     async def _pause(self, seconds: float) -> None:
         try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with within(seconds):
+                await self._wake.wait()
         except asyncio.TimeoutError:
             pass
 
@@ -390,7 +392,8 @@ class Owed:
         if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             return True             # nothing owed: another loop's payer has nothing to pay
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+            async with within(timeout_s):
+                await asyncio.shield(task)
         except asyncio.TimeoutError:
             return False
         except Exception:
@@ -408,7 +411,8 @@ class Owed:
                 return
             self._closing = True
             self._wake.set()
-            await asyncio.wait_for(asyncio.shield(self._task), SHUTDOWN_LAST_CALL_S)
+            async with within(SHUTDOWN_LAST_CALL_S):
+                await asyncio.shield(self._task)
         except Exception:
             pass                    # timed out, or a payer's defect (_ended said it)
         finally:

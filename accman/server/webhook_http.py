@@ -24,6 +24,7 @@ import ssl
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from accman.deadline import within
 from accman.errors import WebhookBadReply
 
 SCHEMES = {"http": 80, "https": 443}
@@ -176,8 +177,8 @@ async def post(target: Target, request: bytes, *, timeout_s: float, head_bytes_m
     # answered), the reply, or the end of a head some bytes of which came.
     progress = _Progress()
     try:
-        return await asyncio.wait_for(
-            _exchange(target, request, head_bytes_max, ssl_context, progress), timeout_s)
+        async with within(timeout_s):
+            return await _exchange(target, request, head_bytes_max, ssl_context, progress)
     except asyncio.TimeoutError:
         if not progress.connected:
             what = "no TLS connection" if target.scheme == "https" else "no connection"

@@ -46,6 +46,7 @@ import random
 import re
 
 import accman
+from accman.deadline import within
 from accman.errors import AccManError, EventsTrimmed, StartupError, StoreError, where
 from accman.limits import WEBHOOK_REPLY_HEAD_BYTES_MAX
 from accman.records import Event
@@ -57,9 +58,11 @@ CURSOR_NAME = "webhook"
 SIGNATURE_HEADER = "AccMan-Signature"
 IDS_HEADER = "AccMan-Event-Ids"
 USER_AGENT = f"accman/{accman.__version__}"
-# A stop cancels the deliverer again this often until it ends: Python
-# 3.11's asyncio.wait_for turns a cancel that lands as its inner call fails
-# (an attempt refused just then) into that failure, which is retried.
+# A stop cancels the deliverer again this often until it ends.  Still
+# needed on Python 3.10, whose accman.deadline takes a cancel that lands
+# as an attempt's bound passes for its timeout, a failed attempt, which is
+# retried; on 3.11 and later the first cancel ends it, and this is a guard
+# against any other call that turns a cancel into a failure.
 STOP_RECANCEL_S = 0.05
 
 
@@ -235,7 +238,8 @@ class Deliverer:
         saver = self._saver
         if saver is not None and not saver.done():
             try:
-                await asyncio.wait_for(saver, self.limits.webhook_attempt_timeout_s)
+                async with within(self.limits.webhook_attempt_timeout_s):
+                    await saver
             except asyncio.TimeoutError:
                 self.say(f"the cursor could not be saved past event {self.saved}: the "
                          f"events after it are sent again at the next start")
@@ -462,7 +466,8 @@ class Deliverer:
         wait_s = self._saved_at + self.limits.webhook_cursor_save_interval_s - self.loop.time()
         if wait_s > 0:
             try:
-                await asyncio.wait_for(self._stopping.wait(), wait_s)
+                async with within(wait_s):
+                    await self._stopping.wait()
             except asyncio.TimeoutError:
                 pass
 
