@@ -593,6 +593,37 @@ def test_a_call_cut_off_at_close_is_stranded_unknown(how, monkeypatch, caplog):
         assert "outcome unknown: look for key" in caplog.text and not m._owed._closing
 
 
+def test_a_drain_and_a_second_close_waiting_as_close_cuts_the_payer_off_end_unraised(
+        monkeypatch, caplog):
+    """close() cuts off the payer's call at SHUTDOWN_LAST_CALL_S.  A drain()
+    and a second close() waiting on that payer meanwhile were never
+    cancelled: neither raises the payer's cancel; each ends once close()
+    has stranded what was left, drain() with True (nothing is owed any
+    more), and the call cut off is stranded once."""
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.3)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        m = mw(fake, cost=2, retries=0, timeout_s=30)
+        fake.fault = first_then(charges, BUSY, ("delay", 2))
+
+        async def close_with_others_waiting():
+            draining = asyncio.ensure_future(m._owed.drain(20))
+            closing = asyncio.ensure_future(m._owed.close())
+            deadline = time.monotonic() + 20
+            while not m._owed._closing and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)          # past its drain: the last call's wait
+            assert m._owed._closing and not closing.done()
+            closing_too = asyncio.ensure_future(m._owed.close())
+            return await asyncio.gather(draining, closing, closing_too,
+                                        return_exceptions=True)
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            got = _charge_owed_then(fake, m, close_with_others_waiting)
+    assert got == [True, None, None], got
+    assert m.stats["stranded"] == 1 and len(m._owed) == 0 and not m._owed._closing
+    assert caplog.text.count("outcome unknown: look for key") == 1, caplog.text
+
+
 @pytest.mark.parametrize("then", ["not_found", "queue_full"])
 def test_a_charge_that_may_have_landed_is_never_billed_however_it_is_stranded(
         then, monkeypatch, caplog):

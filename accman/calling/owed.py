@@ -216,7 +216,7 @@ class Owed:
         self._unpaid = unpaid
         self._items = collections.deque()
         self._task = None
-        self._closing = False
+        self._closing = None            # while close() cuts off: done once it has stranded
         self._wake = None               # set to cut a pause short when closing
         self._running = None            # the item whose call is under way
         _alive.add(self)
@@ -384,37 +384,40 @@ class Owed:
             self._unpaid(item.cred, -item.by, why)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
-        """Wait until every owed mod has landed or been stranded; False if
-        `timeout_s` passed first."""
-        if self._items:
-            self._paying()          # not a task of another loop
-        task = self._task
-        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
-            return True             # nothing owed: another loop's payer has nothing to pay
-        try:
-            async with within(timeout_s):
-                await asyncio.shield(task)
-        except asyncio.TimeoutError:
-            return False
-        except Exception:
-            pass                    # a payer's defect: _ended stranded what it left
-        return True
+        """Wait until every owed mod has landed or been stranded (by a
+        close() under way too, which it waits for); False if `timeout_s`
+        passed first.  It waits on the payer without taking its outcome:
+        the cancel of a payer close() cuts off, or a payer's defect (said
+        where it happened), is not the waiter's to raise."""
+        loop = asyncio.get_running_loop()
+        end = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            if self._items and self._closing is None:
+                self._paying()      # not a task of another loop
+            waited = self._task if self._closing is None else self._closing
+            if waited is None or waited.done() or waited.get_loop() is not loop:
+                return True         # nothing owed: another loop's payer has nothing to pay
+            left_s = None if end is None else max(end - loop.time(), 0)
+            _, pending = await asyncio.wait({waited}, timeout=left_s)
+            if pending:
+                return False
 
     async def close(self) -> None:
         """Let owed mods land (SHUTDOWN_DRAIN_S at most), strand the rest.
         The call under way when the time is up gets SHUTDOWN_LAST_CALL_S
         more to end, and nothing new starts.  Whatever is left, even when
         close itself is cancelled, is stranded: the first item as of
-        unknown outcome if its last attempt may have landed."""
+        unknown outcome if its last attempt may have landed.  A drain() or
+        a close() waiting meanwhile ends once it has."""
         try:
             if await self.drain(SHUTDOWN_DRAIN_S):
                 return
-            self._closing = True
+            if self._closing is None:
+                self._closing = asyncio.get_running_loop().create_future()
             self._wake.set()
-            async with within(SHUTDOWN_LAST_CALL_S):
-                await asyncio.shield(self._task)
-        except Exception:
-            pass                    # timed out, or a payer's defect (_ended said it)
+            task = self._task
+            if task is not None and not task.done():
+                await asyncio.wait({task}, timeout=SHUTDOWN_LAST_CALL_S)
         finally:
             self._end()
 
@@ -422,8 +425,7 @@ class Owed:
         """In a forked child: what the copy holds is its parent's to pay
         and say; what the child owes from now on is its own."""
         self._items.clear()
-        self._task = self._wake = self._running = None
-        self._closing = False
+        self._task = self._wake = self._running = self._closing = None
 
     def _end(self) -> None:
         # The task cut off is no longer the payer: a call owed before it
@@ -436,7 +438,9 @@ class Owed:
             item = self._items.popleft()
             self._strand(item, "shutting down", item.maybe or item is self._running)
         self._running = None
-        self._closing = False
+        closing, self._closing = self._closing, None
+        if closing is not None and not closing.done() and not closing.get_loop().is_closed():
+            closing.set_result(None)    # the waiters of a close() under way end
 
 
 def _pause_s(attempt: int) -> float:
