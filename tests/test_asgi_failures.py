@@ -569,6 +569,48 @@ def test_a_payer_that_fails_strands_what_it_owed_and_the_shutdown_goes_on(caplog
     assert "its payer failed: RuntimeError('a defect')" in caplog.text
 
 
+class _BrokenAsOneIsOwed(owed_mod.Mod):
+    """An owed charge whose call fails as no call should (a defect), and
+    whose first attempt has, in the same loop step, a call owed behind it
+    (`then`): an add() that runs after its payer has died and before that
+    payer's done callback."""
+
+    __slots__ = ("runs", "then")
+
+    async def run(self, acc) -> int:
+        self.runs += 1
+        if self.runs == 1:
+            asyncio.get_running_loop().call_soon(self.then)
+        raise RuntimeError("a defect")
+
+
+def test_a_call_owed_as_its_payer_fails_gets_a_payer_that_does_not_run_it_again(
+        server, cred, caplog):
+    """The payer that fails strands what it held at the failure itself: a
+    call owed in the very next step gets a new payer, which pays that call
+    alone, never the failed call again nor the one stranded behind it."""
+    server.mod(cred, 10)
+    unpaid = []
+    m = AccManMiddleware(make_app(), url=server.url, cost=2, retries=0,
+                         on_unpaid=lambda c, a: unpaid.append(a))
+    broken = _BrokenAsOneIsOwed(cred, -2, "broken-c", "charge")
+    broken.runs = 0
+    broken.then = lambda: m._owed.add(owed_mod.Mod(cred, -3, "after-c", "charge"), Busy("full"))
+
+    async def owe_and_shut_down():
+        m._owed.add(broken, Busy("full"))
+        m._owed.add(owed_mod.Mod(cred, -4, "behind-c", "charge"), Busy("full"))
+        assert await m.drain(30)
+        await m.aclose()
+    with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+        asyncio.run(owe_and_shut_down())
+    assert broken.runs == 1
+    assert server.tot(cred) == 7 and unpaid == [4] and m.stats["stranded"] == 2
+    assert caplog.text.count("look for key broken-c") == 1, caplog.text
+    assert "after-c" not in caplog.text and "its payer failed: RuntimeError('a defect')" \
+        in caplog.text
+
+
 @pytest.mark.parametrize("how", ["bound", "cancelled"])
 def test_a_call_cut_off_at_close_is_stranded_unknown(how, monkeypatch, caplog):
     monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)

@@ -98,7 +98,8 @@ class Owed:
         itself), as when the event loop ends with calls still owed:
         asyncio.run cancels every task left, one not started yet among
         them (a call that failed as the shutdown closed the client is owed
-        after the drain); or once it has failed, by a defect.  A call cut
+        after the drain); or once it has died of a BaseException that is
+        no cancel (a defect, an Exception, _pay meets itself).  A call cut
         off under way is of unknown outcome (_attempt marks it).  Left in
         the queue, it would end with the loop, neither paid nor stranded,
         and nothing would say so.  A callback, not the task's own code,
@@ -106,7 +107,7 @@ class Owed:
         newer one replaced leaves it the queue."""
         if task is not self._task:
             if not task.cancelled() and task.exception() is not None:
-                # A payer let go (close() stranded its call) that failed after.
+                # A payer let go (close() stranded its call) that died after.
                 log.error("accman: an owed calls' payer let go failed",
                           exc_info=task.exception())
             return
@@ -143,13 +144,32 @@ class Owed:
                          item.maybe or item is self._running)
 
     async def _pay(self) -> None:
-        """Pays the queue, oldest first, while it is the queue's payer: one
+        """Pays the queue (_pay_as).  A defect (an error no AccMan call
+        raises) is met where it is raised: the queue's payer strands what
+        it held in that same step, the call under way of unknown outcome
+        (_attempt marks it), and ends.  Left to its done callback, the
+        queue would stay as it was until that ran, and an add() or drain()
+        meanwhile would start a payer that sends the failed call again."""
+        me = asyncio.current_task()
+        try:
+            await self._pay_as(me)
+        except Exception as e:
+            if self._task is not me:
+                log.error("accman: an owed calls' payer let go failed", exc_info=e)
+                return
+            log.error("accman: the owed calls' payer failed", exc_info=e)
+            why = f"its payer failed: {e!r}"
+            while self._items:
+                item = self._items.popleft()
+                self._strand(item, why, item.maybe)
+
+    async def _pay_as(self, me) -> None:
+        """Pays the queue, oldest first, while `me` is the queue's payer: one
         close() let go (its cancel swallowed by a call, or on Python 3.10
         taken for a timeout: accman.deadline) leaves the queue, and the call
         it had under way, which close() has stranded, to the new one."""
         acc = self._acc()
         attempt = 0
-        me = asyncio.current_task()
         while self._items and not self._closing and self._task is me:
             item = self._items[0]
             self._running = item
