@@ -10,12 +10,14 @@ tests/test_cli_faults.py."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -438,3 +440,68 @@ def test_a_payer_of_a_loop_stopped_unclosed_does_not_hold_up_the_next_loop():
             stopped.close()
         assert fake.tot(CRED) == 5
     assert m.stats["stranded"] == 0 and unpaid == [] and len(m._owed) == 0
+
+
+class _GatedQueue(collections.deque):
+    """An owed queue's deque that, once armed, stops the loop's thread at
+    its first look at what is left with the payer gone (close() about to
+    strand the queue) and runs the process's end hook of that queue on
+    another thread there, to its end: the moment a process ends while its
+    server's loop, in a daemon thread, is inside close()."""
+
+    def __init__(self, owed, loop_thread):
+        super().__init__()
+        self.owed, self.loop_thread = owed, loop_thread
+        self.armed = self.fired = False
+
+    def __len__(self):
+        n = super().__len__()
+        if (self.armed and not self.fired and self.owed._task is None
+                and threading.get_ident() == self.loop_thread):
+            self.fired = True
+            ending = threading.Thread(target=self.owed.left_at_exit)
+            ending.start()
+            ending.join()
+        return n
+
+
+def test_a_queue_stranded_by_close_and_the_process_s_end_at_once_strands_each_once(
+        monkeypatch, caplog):
+    """A server's loop runs in a daemon thread and is inside close(), its
+    payer done, as the process ends: close() on the loop's thread and the
+    process's end hook on the main thread strand the same queue.  Each
+    call is stranded once, by one of them, and close() ends without error."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_PAUSE_S", 30.0)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.05)
+    tried = threading.Event()
+
+    class Refused(owed_mod.Mod):
+        async def run(self, acc) -> int:
+            tried.set()
+            raise Busy("full")                      # known unlanded: the payer pauses
+
+    stats, unpaid = {"owed": 0, "stranded": 0}, []
+    owed = owed_mod.Owed(lambda: None, stats, lambda c: None,
+                         lambda c, a, w: unpaid.append(a))
+    loop = asyncio.new_event_loop()
+    server = threading.Thread(target=loop.run_forever, daemon=True)
+    server.start()
+    try:
+        owed._items = gate = _GatedQueue(owed, server.ident)
+
+        async def owe():
+            owed.add(Refused(CRED, -2, "first-c", "charge"), Busy("full"))
+            owed.add(Refused(CRED, -3, "second-c", "charge"), Busy("full"))
+        asyncio.run_coroutine_threadsafe(owe(), loop).result(30)
+        assert tried.wait(30)
+        gate.armed = True
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            asyncio.run_coroutine_threadsafe(owed.close(), loop).result(30)
+            owed.left_at_exit()                     # the process's end, once it has
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        server.join(30)
+        loop.close()
+    assert sorted(unpaid) == [2, 3] and stats["stranded"] == 2 and len(owed) == 0
+    for key in ("first-c", "second-c"):
+        assert caplog.text.count(f"key {key})") == 1, caplog.text

@@ -16,6 +16,7 @@ import atexit
 import collections
 import logging
 import os
+import threading
 import weakref
 
 from accman.calling.owed_calls import (CANCELLED, Mod, Settle, Unhold, Unsettle, charge_key,
@@ -55,6 +56,10 @@ class Owed:
         self._charged = charged
         self._unpaid = unpaid
         self._items = collections.deque()
+        # Held while the queue's calls are added or taken off: close() on the
+        # loop's thread and the process's end on the main thread may strand
+        # the same queue (a server's loop in a daemon thread).
+        self._lock = threading.Lock()
         self._task = None
         self._closing = None            # while close() cuts off: done once it has stranded
         self._wake = None               # set to cut a pause short when closing
@@ -75,7 +80,8 @@ class Owed:
         self._stats["owed"] += 1
         log.warning("accman: %s of %d for account %s queued (after %s), %s",
                     item.what, abs(item.by), fingerprint(item.cred), code, item.ref)
-        self._items.append(item)
+        with self._lock:
+            self._items.append(item)
         self._paying()
 
     def _paying(self) -> None:
@@ -118,9 +124,7 @@ class Owed:
             log.error("accman: the owed calls' payer failed", exc_info=task.exception())
         else:
             return
-        while self._items:
-            item = self._items.popleft()
-            self._strand(item, why, item.maybe)
+        self._strand_all(why)
 
     def left_at_exit(self) -> None:
         """At the process's end: what is still queued is stranded, the call
@@ -132,16 +136,15 @@ class Owed:
         call is said as of unknown outcome."""
         task = self._task
         if task is not None and not task.done() and task.get_loop().is_running():
-            for item in list(self._items):
+            with self._lock:
+                items = list(self._items)
+            for item in items:
                 log.error("accman: %s of %d still owed as the process ends, its event loop "
                           "still running: outcome unknown: look for %s in the history of "
                           "account %s%s", item.what, abs(item.by), item.ref,
                           fingerprint(item.cred), item.also)
             return
-        while self._items:
-            item = self._items.popleft()
-            self._strand(item, "the event loop ended with it owed",
-                         item.maybe or item is self._running)
+        self._strand_all("the event loop ended with it owed", self._running)
 
     async def _pay(self) -> None:
         """Pays the queue (_pay_as).  A defect (an error no AccMan call
@@ -158,10 +161,7 @@ class Owed:
                 log.error("accman: an owed calls' payer let go failed", exc_info=e)
                 return
             log.error("accman: the owed calls' payer failed", exc_info=e)
-            why = f"its payer failed: {e!r}"
-            while self._items:
-                item = self._items.popleft()
-                self._strand(item, why, item.maybe)
+            self._strand_all(f"its payer failed: {e!r}")
 
     async def _pay_as(self, me) -> None:
         """Pays the queue, oldest first, while `me` is the queue's payer: one
@@ -182,8 +182,9 @@ class Owed:
                 return                        # let go: the queue is the new payer's
             if attempt:
                 continue                      # tried again, unless closing
-            if self._items and self._items[0] is item:     # not stranded meanwhile
-                self._items.popleft()
+            with self._lock:
+                if self._items and self._items[0] is item:     # not stranded meanwhile
+                    self._items.popleft()
 
     async def _attempt(self, item, acc, attempt: int, me) -> int:
         """One attempt of `item` by the payer `me`: 0 once it has landed or
@@ -221,6 +222,20 @@ class Owed:
                 await self._wake.wait()
         except asyncio.TimeoutError:
             pass
+
+    def _strand_all(self, why: str, running=None) -> None:
+        """Strands every call queued, `running` (the call under way, if
+        any) and those whose attempts may have landed as of unknown
+        outcome, and any that a stranding adds (an on_unpaid that owes
+        again).  Each batch is taken off the queue at once, under the lock:
+        whichever of two threads takes a call strands it, once."""
+        while True:
+            with self._lock:
+                items, self._items = self._items, collections.deque()
+            if not items:
+                return
+            for item in items:
+                self._strand(item, why, item.maybe or item is running)
 
     def _strand(self, item, why: str, unknown: bool = False) -> None:
         """Logs `item` as stranded, and an amount the account owes as unpaid
@@ -284,7 +299,8 @@ class Owed:
     def forget(self) -> None:
         """In a forked child: what the copy holds is its parent's to pay
         and say; what the child owes from now on is its own."""
-        self._items.clear()
+        self._items = collections.deque()
+        self._lock = threading.Lock()       # the parent's may be held by a thread not copied
         self._task = self._wake = self._running = self._closing = None
 
     def _end(self) -> None:
@@ -294,9 +310,7 @@ class Owed:
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
-        while self._items:
-            item = self._items.popleft()
-            self._strand(item, "shutting down", item.maybe or item is self._running)
+        self._strand_all("shutting down", self._running)
         self._running = None
         closing, self._closing = self._closing, None
         if closing is not None and not closing.done() and not closing.get_loop().is_closed():
