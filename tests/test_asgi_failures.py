@@ -647,7 +647,7 @@ def test_a_drain_and_a_second_close_waiting_as_close_cuts_the_payer_off_end_unra
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
         m = mw(fake, cost=2, retries=0, timeout_s=30)
-        fake.fault = first_then(charges, BUSY, ("delay", 2))
+        fake.fault = first_then(charges, BUSY, ("delay", 10))     # cut off well before
 
         async def close_with_others_waiting():
             draining = asyncio.ensure_future(m._owed.drain(20))

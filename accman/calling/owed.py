@@ -104,11 +104,11 @@ class Owed:
         itself), as when the event loop ends with calls still owed:
         asyncio.run cancels every task left, one not started yet among
         them (a call that failed as the shutdown closed the client is owed
-        after the drain); or once it has died of a BaseException that is
-        no cancel (a defect, an Exception, _pay meets itself).  A call cut
-        off under way is of unknown outcome (_attempt marks it).  Left in
-        the queue, it would end with the loop, neither paid nor stranded,
-        and nothing would say so.  A callback, not the task's own code,
+        after the drain); or once it has died of a BaseException other
+        than a cancel (an Exception, a defect, _pay meets where it is
+        raised).  A call cut off under way is of unknown outcome (_attempt
+        marks it).  Left in the queue, it would end with the loop, neither
+        paid nor stranded, and nothing would say so.  A callback, not the task's own code,
         which a task cancelled before its first step never runs; a task a
         newer one replaced leaves it the queue."""
         if task is not self._task:
