@@ -493,6 +493,25 @@ def test_a_value_also_given_where_it_may_be_a_secret_is_not_shown(args, tmp_path
     assert "SECRET9" not in err, err
 
 
+@pytest.mark.parametrize("args,said", [
+    (["serve", "--events-retention", " 90m"],
+     "argument --events-retention: '<not shown>' is not a duration such as 3600, 90m or 7d ("),
+    (["serve", "--compaction-nice", "SECRET", "--tokens", "digits"],
+     "invalid nice value '<not shown>': a whole number from zero to 19, in plain digits ("),
+    (["serve", "--verify", "SECRET", "--tokens", "full"],
+     "invalid choice: '<not shown>' (choose from 'full', 'heads') ("),
+    (["tot", "SECRET", "arguments"], "error: unrecognized arguments: <not shown> ("),
+])
+def test_a_word_given_is_hidden_where_echoed_never_in_accmans_own_words(args, said, tmp_path):
+    """A word of the command line is put out of sight where the usage
+    error echoes it, never where AccMan's (or argparse's) own text holds
+    the same word: " 90m" is no number's shape, and still the example
+    90m is said."""
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert said in err and "SECRET" not in err, err
+    assert "a value that may be a credential is not shown" in err
+
+
 def test_many_unknown_words_are_said_listing_a_few(tmp_path):
     """`accman tot $(cat creds)`: each word of the command line was looked
     for in a message that listed them all, minutes for 20000 words.  The

@@ -1,5 +1,8 @@
 """The command line's value types (argparse `type=`): each refuses what
-the SPEC refuses, naming the value, before anything is sent or opened."""
+the SPEC refuses, naming the value, before anything is sent or opened.
+A value is named quoted (`{text!r}`), as argparse names one: the form in
+which a usage error looks for the words given, to put them out of sight
+(accman.calling.usage)."""
 
 import argparse
 import re
@@ -167,8 +170,6 @@ def _plain_int(text, most: int, what: str) -> int:
     writes its numbers): `--port 08080` is a typo, not port 8080."""
     if (not text.isascii() or not text.isdigit() or len(text) > len(str(most))
             or (text != "0" and text.startswith("0")) or int(text) > most):
-        # "zero", not "0": a word the command line also holds as a possible
-        # credential is put out of sight in a usage error (accman.calling.usage).
         raise argparse.ArgumentTypeError(
             f"invalid {what} {text!r}: a whole number from zero to {most}, in plain digits")
     return int(text)

@@ -1,7 +1,8 @@
 """The command line's usage errors: one line, exit code 2, and no word of
-the command line in them but the names of flags and commands and a
+the command line echoed in them but the names of flags and commands and a
 number given to a flag that takes numbers (docs/CALLING.md: a credential
-is never echoed)."""
+is never echoed).  Only the echoes are put out of sight: AccMan's and
+argparse's own words stay whole, whatever words were given."""
 
 import argparse
 import difflib
@@ -38,13 +39,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
         return super().add_argument(*args, **kwargs)
 
-    def error(self, message, suggestion=""):
-        dashed = _dashed_value_flag(message, self.given, self.names)
+    def error(self, message):
+        """argparse's usage error, `message`, said with the words of the
+        command line that it echoes out of sight (_unechoed)."""
+        unechoed, hidden = _unechoed(message, self.given, self.names, self._shown_values())
+        self._refuse(unechoed, hidden, _dashed_value_flag(message, self.given, self.names))
+
+    def _refuse(self, message, hidden, dashed=None):
+        """Says `message`, in which `hidden` words were put out of sight, and
+        exits with EXIT_USAGE."""
         hint = (f"; a value that starts with '-' goes after '=': {dashed}=VALUE" if dashed
                 else f"; {self.cred_hint}" if self.cred_hint else "")
-        shown = VALUE_SHOWN_FLAGS.intersection(self.flags)     # this command's own
-        message = _unechoed(message, self.given, self.names, shown, suggestion)
+        if hidden:
+            message += " (a value that may be a credential is not shown)"
         sys.exit(say(f"accman: error: {message} (try: {self.prog} --help{hint})", EXIT_USAGE))
+
+    def _shown_values(self) -> set:
+        """The words given that a usage error of this command shows
+        (_shown_values of its own VALUE_SHOWN_FLAGS)."""
+        return _shown_values(self.given, VALUE_SHOWN_FLAGS.intersection(self.flags))
 
     def _print_message(self, message, file=None):
         """--help and --version, whose output is the answer: argparse drops
@@ -79,27 +92,28 @@ class ArgumentParser(argparse.ArgumentParser):
     def unrecognized(self, extra, also=""):
         """The usage error for the words that no argument took: none shown,
         and for those that read as flags, the closest of this command's;
-        `also` (AccMan's own words, not searched) is said before that.
-        The first UNRECOGNIZED_LISTED_MAX are listed, then how many more."""
+        `also` (AccMan's own words) is said before that.  The first
+        UNRECOGNIZED_LISTED_MAX are listed, each as _echoed says it, then
+        how many more."""
         own = [f for f in self.flags if f.startswith("--")]
         others = _flags_in(extra, self.given, self.names - set(own))
         close = _close_flags(extra, self.given, own, set(others))
-        listed = " ".join(extra[:UNRECOGNIZED_LISTED_MAX])
+        values = self._shown_values()
+        words = extra[:UNRECOGNIZED_LISTED_MAX]
+        listed = [_echoed(word, self.names, values) for word in words]
+        hidden = sum(said != word for said, word in zip(listed, words, strict=True))
         more = len(extra) - UNRECOGNIZED_LISTED_MAX
-        # The count is AccMan's own number, not searched for the words given
-        # (`accman tot 1 2 ... 20` gives the word "11" too).
-        self.error(f"unrecognized arguments: {listed}",
-                   (f" and {more} more" if more > 0 else "") +
-                   (f"; {' and '.join(others)} {'is' if len(others) == 1 else 'are'} not "
-                    f"{'an option' if len(others) == 1 else 'options'} of {self.prog}"
-                    if others else "") + also +
-                   (f"; did you mean {' or '.join(close)}?" if close else ""))
+        self._refuse(f"unrecognized arguments: {' '.join(listed)}" +
+                     (f" and {more} more" if more > 0 else "") +
+                     (f"; {' and '.join(others)} {'is' if len(others) == 1 else 'are'} not "
+                      f"{'an option' if len(others) == 1 else 'options'} of {self.prog}"
+                      if others else "") + also +
+                     (f"; did you mean {' or '.join(close)}?" if close else ""), hidden)
 
 
 # The most words that no argument took that a usage error lists (each as
-# <not shown>, or a flag's name): every word of the command line is looked
-# for in the message, so a message as long as a command line of thousands
-# of words (`accman tot $(cat creds)`) took minutes to say.
+# <not shown>, or a flag's name): a message as long as a command line of
+# thousands of words (`accman tot $(cat creds)`) is no help to read.
 UNRECOGNIZED_LISTED_MAX = 8
 # The most words a command line may have (after `accman`).  The longest
 # command, `serve` with every flag, is 23 words and two more per --store of
@@ -143,8 +157,7 @@ class _Once(argparse.Action):
     def __call__(self, _parser, namespace, values, _option_string=None):
         given = namespace.__dict__.setdefault(_GIVEN, set())
         if self.dest in given:
-            # No value named, and few words: a word of the message that the
-            # command line holds too is put out of sight (_unechoed).
+            # No value named: which one was meant is not known.
             raise argparse.ArgumentError(self, "given more than once: give it once")
         given.add(self.dest)
         setattr(namespace, self.dest, values)
@@ -219,30 +232,46 @@ def _glued_to_short_flag(word, names) -> str | None:
     return word[2:].removeprefix("=") or None
 
 
-def _unechoed(message, given, names, flags, suggestion="") -> str:
-    """`message` with every word of `given` that is not the exact name of a
-    flag (with any "=value" put out of sight) or of a command, nor a value
-    of `flags` (_shown_values), put out of sight, bare or quoted as argparse
-    prints it; then `suggestion`, which is not searched (it names flags).
-    A word like a flag's name, --tokn or --tokenSECRET, is not one: it may
+def _echoed(word, names, values) -> str:
+    """`word` as a usage error says it: whole when it is the exact name of a
+    flag or a command (of `names`) or one of `values` (_shown_values), a
+    flag's name alone when it is that name and "=value", else UNSHOWN.  A
+    word like a flag's name, --tokn or --tokenSECRET, is not one: it may
     hold a credential."""
-    hidden, values = 0, _shown_values(given, flags)
+    if word in names or word in values:
+        return word
+    name = word.partition("=")[0]
+    return name if word.startswith("--") and name in names else UNSHOWN
+
+
+# What follows argparse's "invalid choice: 'x'": the choices, its own words.
+_CHOICES = " (choose from "
+
+
+def _unechoed(message, given, names, values) -> tuple[str, int]:
+    """argparse's `message` with the words of `given` that it echoes put out
+    of sight as _echoed says them, and how many were.  argparse, and the
+    types of accman.calling.arguments, echo a word quoted as Python writes a
+    str (`'90x'`), whole or the part after a flag's "=" or glued to a
+    one-letter flag (`-hX3k`); a word is looked for in that form only, so
+    that the same word in their own text (`such as 3600, 90m or 7d`, the
+    choices of "invalid choice") is left whole.  The words no argument took
+    are listed by ArgumentParser.unrecognized, which echoes each itself."""
+    message, choices, after = message.rpartition(_CHOICES) if _CHOICES in message \
+        else (message, "", "")
+    hidden = 0
     for word in sorted(set(given) - {""} - values, key=len, reverse=True):
-        name = word.split("=", 1)[0] if word.startswith("--") else word
-        shown = name if name in names else None
-        if word == shown:
+        said = _echoed(word, names, values)
+        if said == word:
             continue
-        out_of_sight = [(word, shown or UNSHOWN), (repr(word), repr(shown or UNSHOWN))]
-        if shown and word.partition("=")[2] and word.partition("=")[2] not in values:
-            out_of_sight.append((word.partition("=")[2], UNSHOWN))
+        out_of_sight = [(word, said)]
+        value = word.partition("=")[2]
+        if said != UNSHOWN and value and value not in values:
+            out_of_sight.append((value, UNSHOWN))
         glued = _glued_to_short_flag(word, names)
         if glued and glued not in values:
-            out_of_sight += [(glued, UNSHOWN), (repr(glued), repr(UNSHOWN))]
+            out_of_sight.append((glued, UNSHOWN))
         for text, instead in out_of_sight:
-            if text not in message:     # a word of the command line the message lacks
-                continue
-            pattern = rf"(?<![\w-]){re.escape(text)}(?![\w-])"
-            message, n = re.subn(pattern, lambda _m, instead=instead: instead, message)
-            hidden += n
-    message += suggestion
-    return f"{message} (a value that may be a credential is not shown)" if hidden else message
+            hidden += message.count(repr(text))
+            message = message.replace(repr(text), repr(instead))
+    return message + choices + after, hidden
