@@ -723,10 +723,21 @@ def test_serve_help_is_the_one_server_md_shows():
 
 def command_flags():
     """Each command of the parser with the flags it takes, --help aside."""
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return {name: {o for a in parser._actions for o in a.option_strings
                    if o.startswith("--") and o != "--help"}
-            for name, parser in sub.choices.items()}
+            for name, parser in command_parsers().items()}
+
+
+def command_parsers():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def command_positionals():
+    """Each command with its positional values' names as the docs write
+    them (`mod CRED BY`)."""
+    return {name: [a.dest.upper() for a in parser._actions if not a.option_strings]
+            for name, parser in command_parsers().items()}
 
 
 # A code span of Markdown: from a backtick to the next, never across one.
@@ -737,14 +748,28 @@ SPAN_COMMANDS_RE = re.compile(r"(?:accman )?([a-z]+(?: \| [a-z]+)*)(?: |$)")
 FLAG_RE = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9-]*")
 
 
-def documented_flags(section) -> dict:
+def documents_command(span, command, positionals) -> bool:
+    """Whether `span`, which starts with `command`, writes it as its
+    synopsis does: its values before the first flag are the command's
+    positional values by name, in order (`mod CRED BY [--min M]`), or
+    "..." for them (`mod ... --low L`).  An example of a mistake (`tot C
+    --key K`, a usage error's) documents no flag."""
+    words = span.removeprefix("accman ").split()[1:]
+    first_flag = next((i for i, w in enumerate(words) if w.lstrip("[").startswith("-")),
+                      len(words))
+    values = words[:first_flag]
+    return values in (positionals, ["..."])
+
+
+def documented_flags(section, positionals) -> dict:
     """The flags that each command's own part of a page's section names:
-    the code spans that start with the command's name (`past CRED
-    [--limit N] [--before S]`, `mod ... --low L`), and for the commands a
-    span lists (`accman open | tot | ...`), the spans that start with a
-    flag in the paragraph or list item it is in (`--url`, `--token`): the
-    flags they share, named once.  A flag counts only inside one code
-    span; fenced blocks (examples) are left out."""
+    the code spans that start with the command's name and write it as its
+    synopsis does (documents_command: `past CRED [--limit N] [--before S]`,
+    `mod ... --low L`), and for the commands a span lists (`accman open |
+    tot | ...`), the spans that start with a flag in the paragraph or list
+    item it is in (`--url`, `--token`): the flags they share, named once.
+    A flag counts only inside one code span; fenced blocks (examples) are
+    left out."""
     prose = "".join(section.split("```")[::2])
     flags = {}
     for block in re.split(r"\n\s*\n|\n(?=- )", prose):
@@ -755,9 +780,22 @@ def documented_flags(section) -> dict:
             m = SPAN_COMMANDS_RE.match(span)
             commands = m.group(1).split(" | ") if m else []
             for command in commands:
-                flags.setdefault(command, set()).update(
-                    shared if len(commands) > 1 else FLAG_RE.findall(span))
+                if len(commands) > 1:
+                    flags.setdefault(command, set()).update(shared)
+                elif documents_command(span, command, positionals.get(command, [])):
+                    flags.setdefault(command, set()).update(FLAG_RE.findall(span))
     return flags
+
+
+def test_a_flag_named_only_in_an_example_of_a_mistake_is_not_documented():
+    """`tot C --key K` (the usage error for another command's flag) is no
+    part of tot's synopsis: it credits tot with no --key; the synopsis and
+    the commands a span lists do."""
+    section = ("- `tot CRED` and `mod CRED BY [--min M]`; `mod ... --low L`; another\n"
+               "  command's flag (`tot C --key K`, `mod C 5 --ttl S`) is said as such.\n"
+               "- `accman open | tot` take `--url`.\n")
+    assert documented_flags(section, command_positionals()) == {
+        "tot": {"--url"}, "mod": {"--min", "--low"}, "open": {"--url"}}
 
 
 def test_every_flag_of_a_command_is_named_where_its_page_documents_the_command():
@@ -765,12 +803,13 @@ def test_every_flag_of_a_command_is_named_where_its_page_documents_the_command()
     the page that documents it: the client commands in CALLING.md's "The
     command line", `verify` and `migrate` in SERVER.md's (serve's help is
     shown whole above), so that a flag added, or one the docs never named,
-    is seen, also when another command's part names a flag of that name."""
+    is seen, also when another command's part names a flag of that name,
+    or an example of a mistake does (documents_command)."""
     def section(doc):
         text = (ROOT / "docs" / doc).read_text()
         text = text.split("\n## The command line\n", 1)[1].split("\n## ", 1)[0]
         assert text.count("```") % 2 == 0 and text.replace("```", "").count("`") % 2 == 0
-        return documented_flags(text)
+        return documented_flags(text, command_positionals())
     calling, server = section("CALLING.md"), section("SERVER.md")
     flags = command_flags()
     assert set(flags) == {"serve", "open", "tot", "mod", "past", "hold", "settle", "events",
