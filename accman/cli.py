@@ -42,7 +42,8 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
                                      stopped_printing, stops_end_call, unprinted,
                                      unsent_without_stdout)
 from accman.calling.follow import FOLLOW_OUTAGE_S_MAX, FOLLOW_WAIT_S, Followed, follow, silence
-from accman.calling.output import print_ready, print_result, say, to_stdout
+from accman.calling.output import (print_ready, print_result, say, standard_fds_open,
+                                   to_stdout)
 from accman.calling.sync import AccManSyncClient
 from accman.calling.usage import ARGV_WORDS_MAX, ArgumentParser
 from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
@@ -217,26 +218,6 @@ def main(argv=None) -> int:
         # A stop with no call in flight (one in flight is said by failure):
         # nothing to say.
         return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
-
-
-def standard_fds_open() -> None:
-    """Opens /dev/null on each of the descriptors 0, 1 and 2 that the command
-    was started without (`accman serve <&-`), as OpenSSH's sanitise_stdfd
-    and git's sanitize_stdfds do: else the next file or socket opened takes
-    that number, and libuv, which leaves 0..2 to the standard streams,
-    aborts when it closes it (a stopped server ended by SIGABRT, its last
-    line unsaid), and any write to that stream lands in it.  Python made
-    such a stream None at start, and it stays None: stdout is still said
-    to be closed (accman.calling.output)."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-            os.set_inheritable(fd, True)
 
 
 def _main(argv) -> int:
