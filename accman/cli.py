@@ -30,6 +30,7 @@ credential alone, so that `cred=$(accman open --by 100)` works;
 `events --follow` prints one event a line (accman.calling.follow).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -277,15 +278,31 @@ def cmd_serve(args) -> int:
     try:
         data = args.data if args.data is not None or args.store else DEFAULT_DATA
         host = "" if args.host == "*" else args.host      # "": every interface, both families
-        return run(host=host, port=args.port, data=data,
-                   tokens=tokens, limits=limits, verify=args.verify or "full",
-                   low_balance=args.low_balance, events_retention_s=args.events_retention,
-                   store_urls=args.store, webhook=webhook, ready=print_ready,
-                   compaction_nice=args.compaction_nice)
+        # Until the server's own signal handlers are set, a stop ends the
+        # start as ^C does (main says its code).
+        with stopped_without_copies():
+            return run(host=host, port=args.port, data=data,
+                       tokens=tokens, limits=limits, verify=args.verify or "full",
+                       low_balance=args.low_balance, events_retention_s=args.events_retention,
+                       store_urls=args.store, webhook=webhook, ready=print_ready,
+                       compaction_nice=args.compaction_nice)
     except StartupError as e:
         return _fail(e)
-    except KeyboardInterrupt:       # ^C before the signal handlers were set
-        return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def stopped_without_copies():
+    """SIGTERM ends `serve`'s start and `verify` as ^C does (stops_end_call),
+    and the private copies of a store they made (accman.ledger.datadir's
+    snapshot: verify's, and serve's of a store from before the key file,
+    read for its format record) are removed however they end: each holds
+    the store's key."""
+    from accman.ledger.datadir import remove_snapshots
+    try:
+        with stops_end_call():
+            yield
+    finally:
+        remove_snapshots()      # a stop may have cut a removal short
 
 
 def cmd_migrate(args) -> int:
@@ -306,7 +323,7 @@ def cmd_migrate(args) -> int:
 def cmd_verify(args) -> int:
     try:
         from accman.ledger import Ledger
-        from accman.ledger.datadir import checked_path, remove_snapshots
+        from accman.ledger.datadir import checked_path
         from accman.ledger.leveldb import Store
     except ImportError:
         why = accman.native_missing()
@@ -322,14 +339,9 @@ def cmd_verify(args) -> int:
         return _fail(f"--data: {e}")
     if not os.path.isdir(path):
         return _fail(f"no data directory at {path}")
-    # SIGTERM ends it as ^C does; the private copy (it holds the store's
-    # key) is removed however it ends; the verdict is said whole.
-    try:
-        with stops_end_call():
-            verdict = _verify(path, Ledger, Store)
-            hold_stops()
-    finally:
-        remove_snapshots()      # a stop may have cut a removal short
+    with stopped_without_copies():
+        verdict = _verify(path, Ledger, Store)
+        hold_stops()            # the verdict is said whole
     line, code, is_result = verdict
     return print_result(line, code) if is_result else _fail(line, code)
 

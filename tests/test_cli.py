@@ -618,6 +618,89 @@ def test_verify_stopped_by_sigterm_leaves_no_copy_of_the_store(tmp_path):
     assert list(scratch.iterdir()) == []
 
 
+# How many times a first-day store's records are written again to its
+# LevelDB log: a log of some 25 MB, which a copy replays for a while.
+RELOGGED_TIMES = 20
+# How many starts are tried for one stopped while its copy is there.
+COPY_STOPS_TRIED = 10
+
+
+def first_day_store(path):
+    """A store from before the key file (test_wal's as_before_the_log),
+    whose every record is written again RELOGGED_TIMES into its LevelDB log
+    (the same values: the same store), so that a copy of it is there long
+    enough to be seen (each open replays the log)."""
+    import plyvel
+    from accman import Ledger
+    from test_wal import as_before_the_log
+    with Ledger(str(path)) as led:
+        async def fill():
+            await asyncio.gather(*(led.amod(f"acct{i}", 1 + i) for i in range(2000)))
+        asyncio.run(fill())
+    as_before_the_log(path)
+    db = plyvel.DB(str(path), write_buffer_size=1 << 30)    # no table made: all in the log
+    try:
+        records = list(db.iterator())
+        for _ in range(RELOGGED_TIMES):
+            with db.write_batch() as batch:
+                for key, value in records:
+                    batch.put(key, value)
+    finally:
+        db.close()
+
+
+def test_serve_stopped_by_sigterm_while_it_copies_the_store_leaves_no_copy(tmp_path):
+    """`serve` reads a store from before the key file for its format record
+    from a private copy, which holds the store's key, before the server's
+    own signal handlers are set: a SIGTERM then ends it as ^C does (exit
+    143), and the copy is removed on the way out, as verify's is.  The
+    process is stopped (SIGSTOP) once its copy is seen, and SIGTERM sent
+    only when the copy is still there while it is stopped, so that the stop
+    lands while it is; a start whose copy was gone first is tried again, on
+    a fresh copy of the store (its start gave it a key file)."""
+    from accman.calling.commands import EXIT_TERMINATED
+    template = tmp_path / "first-day"
+    first_day_store(template)
+    for attempt in range(COPY_STOPS_TRIED):
+        data, scratch = tmp_path / f"data{attempt}", tmp_path / f"tmp{attempt}"
+        shutil.copytree(template, data)
+        scratch.mkdir()
+        proc = subprocess.Popen([PYTHON, "-m", "accman", "serve", "--data", str(data),
+                                 "--port", "0"], env=server_env({"TMPDIR": scratch}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while (not any(scratch.glob("accman-verify-*")) and proc.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.001)
+            proc.send_signal(signal.SIGSTOP)
+            wait_stopped(proc)
+            if any(scratch.glob("accman-verify-*")):
+                proc.send_signal(signal.SIGTERM)        # delivered as it goes on
+                proc.send_signal(signal.SIGCONT)
+                assert proc.wait(60) == EXIT_TERMINATED, proc.stderr.read()
+                assert list(scratch.iterdir()) == []
+                return
+            proc.send_signal(signal.SIGCONT)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait(60)
+    pytest.fail(f"none of {COPY_STOPS_TRIED} starts was stopped while its copy was there")
+
+
+def wait_stopped(proc):
+    """Until `proc` is stopped (SIGSTOP: state T in /proc), or has ended."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            stat = f.read()
+        if stat.rpartition(")")[2].split()[0] == "T":
+            return
+        time.sleep(0.001)
+
+
 def test_version_is_the_packages():
     proc = run_accman("--version")
     assert proc.returncode == 0 and proc.stdout == f"accman {accman.__version__}\n"
