@@ -4,7 +4,10 @@ form of the target, 411 for a body without a length, pipelined order, and
 the protected mode's Host check (SPEC "Access")."""
 
 import email.utils
+import fcntl
 import signal
+import struct
+import termios
 import time
 
 import httpx
@@ -189,17 +192,50 @@ def test_a_100_continue_follows_the_replies_owed_before_it(shared_server, cred):
         assert c.response().json == {"tot": 7, "seq": 3}
 
 
-def test_a_body_read_with_its_head_gets_its_final_reply_alone(shared_server, cred):
+def test_a_body_read_with_its_head_gets_its_final_reply_alone(start_server, cred):
     """The 100 Continue asks for a body the server does not have: one that
     came with its head, in the same read, has nothing left to ask for, and
     its request gets its final reply alone (RFC 9110 10.1.1 lets a server
-    omit the 100 once it has the content; docs/SERVER.md)."""
-    shared_server.mod(cred, 10)
-    with shared_server.connect() as c:
-        c.send(request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
-                             [("Expect", "100-continue"), ("Content-Length", "2")]) + b"{}")
+    omit the 100 once it has the content; docs/SERVER.md).  One write is no
+    promise of one read: the server is stopped (SIGSTOP) while the request
+    goes out, and resumed only once the server's kernel has acknowledged
+    every byte of it, so that its first read of the connection takes head
+    and body together (a read of TCP takes all that is queued, up to its
+    buffer)."""
+    s = start_server()
+    s.mod(cred, 10)
+    with s.connect() as c:
+        s.send_signal(signal.SIGSTOP)
+        try:
+            wait_state(s.pid, "T")
+            c.send(request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                                 [("Expect", "100-continue"), ("Content-Length", "2")]) + b"{}")
+            wait_all_acknowledged(c.sock)
+        finally:
+            s.send_signal(signal.SIGCONT)
         r = c.response()
         assert r.status == 200 and r.json == {"tot": 9, "seq": 2}
+
+
+def wait_state(pid, state):
+    """Until the process `pid` is in `state` (/proc's: "T" stopped)."""
+    deadline = time.monotonic() + 30
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == state:
+                return
+        assert time.monotonic() < deadline, f"process {pid} never reached state {state}"
+        time.sleep(0.001)
+
+
+def wait_all_acknowledged(sock):
+    """Until the peer's kernel has acknowledged every byte sent on `sock`
+    (Linux's SIOCOUTQ, TIOCOUTQ's number: the bytes sent and not yet
+    acknowledged), so that they are all in the peer's receive queue."""
+    deadline = time.monotonic() + 30
+    while struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]:
+        assert time.monotonic() < deadline, "the bytes sent were never acknowledged"
+        time.sleep(0.001)
 
 
 def test_httpx_and_curl_style_bodies_cost_no_wait(shared_server, cred):
