@@ -634,8 +634,10 @@ def first_day_store(path):
     from accman import Ledger
     from test_wal import as_before_the_log
     with Ledger(str(path)) as led:
-        async def fill():
-            await asyncio.gather(*(led.amod(f"acct{i}", 1 + i) for i in range(2000)))
+        async def fill():           # 20000 entries, in batches
+            for start in range(0, 20000, 1000):
+                await asyncio.gather(*(led.amod(f"acct{i % 2000}", 1 + i)
+                                       for i in range(start, start + 1000)))
         asyncio.run(fill())
     as_before_the_log(path)
     db = plyvel.DB(str(path), write_buffer_size=1 << 30)    # no table made: all in the log
