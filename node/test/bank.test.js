@@ -149,16 +149,28 @@ test('the bank checker passes a correct history, and finds a doubled, lost or un
     s.accounts[0].entries[0].tot = -1
   }), /overdrawn in reserve mode/)
   // But for the charge of a hold that expired first (a keyed mod without
-  // min, README "Modes"), which may take the balance under 0.
+  // min, README "Modes"), which may take the balance under 0: request 3's
+  // hold expires, request 1 holds all that is left and uses it, and then
+  // request 3's charge comes.
   const expired = sample()
   expired.mode = 'reserve'
-  expired.accounts[0].entries.splice(0, 1,
-    { seq: 5, by: -1, tot: -1, at: 0, key: 'r3-c', hold: null },
-    { seq: 4, by: 1, tot: 95, at: 0, key: null, hold: 3 },
-    { seq: 3, by: -1, tot: 94, at: 0, key: 'r3-h', hold: 3 })
+  expired.accounts[0] = {
+    cred: 'bank-sample',
+    funding: 5,
+    entries: [
+      { seq: 6, by: -1, tot: -1, at: 0, key: 'r3-c', hold: null },
+      { seq: 5, by: 0, tot: 0, at: 0, key: null, hold: 4 }, // settled, all of it used
+      { seq: 4, by: -5, tot: 0, at: 0, key: 'r1-h', hold: 4 },
+      { seq: 3, by: 1, tot: 5, at: 0, key: null, hold: 2 }, // expired, all of it back
+      { seq: 2, by: -1, tot: 4, at: 0, key: 'r3-h', hold: 2 },
+      { seq: 1, by: 5, tot: 5, at: 0, key: null, hold: null }
+    ],
+    tot: -1
+  }
+  expired.records[0].accman = '0'
   assert.deepEqual(judge(expired), [])
   // That charge excuses itself alone: a hold (min 0) that takes the
   // balance further under 0 after it is still an overdraft.
-  expired.accounts[0].entries.unshift({ seq: 6, by: -5, tot: -6, at: 0, key: 'r1-h', hold: 6 })
+  expired.accounts[0].entries.unshift({ seq: 7, by: -5, tot: -6, at: 0, key: 'r1-h', hold: 7 })
   assert.match(judge(expired).join('\n'), /overdrawn in reserve mode: .*"key":"r1-h"/)
 })
