@@ -174,3 +174,19 @@ test('the bank checker passes a correct history, and finds a doubled, lost or un
   expired.accounts[0].entries.unshift({ seq: 7, by: -5, tot: -6, at: 0, key: 'r1-h', hold: 7 })
   assert.match(judge(expired).join('\n'), /overdrawn in reserve mode: .*"key":"r1-h"/)
 })
+
+// Each entry's tot is the one before it plus its by, from 0: a history
+// whose tot does not follow is found, by that rule alone (no header or
+// balance reads the tots planted here).
+test('the bank checker finds a tot that does not follow from the history\'s bys', () => {
+  const at = 'account bank-sample: a tot that does not follow from the bys'
+  const planted = (seq, tot) => {
+    const s = sample()
+    s.accounts[0].entries.find((e) => e.seq === seq).tot = tot
+    return judge(s)
+  }
+  assert.deepEqual(planted(3, 93),
+    [`${at}: entry 3 (by -1) has tot 93, the tot before it plus its by is 94`])
+  assert.deepEqual(planted(1, 101),
+    [`${at}: entry 1 (by 100) has tot 101, the tot before it plus its by is 100`])
+})

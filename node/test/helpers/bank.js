@@ -186,10 +186,32 @@ function overdrawn (ledger, entries) {
   return [...entries].reverse().find(lowers) || null
 }
 
+// Each entry's tot is the tot before it plus its by, from the account's
+// start at 0: a mod's tot is the balance right after it (SPEC "Durability
+// and order"), and a hold, its settle and its expiry move the balance by
+// their `by` too (the held amount out, what returns back: SPEC "Holds").
+// The first entry that breaks the chain, with the tot it should have, or
+// null.
+function chainBreak (entries) {
+  let tot = 0n
+  for (const e of [...entries].reverse()) {
+    const want = tot + BigInt(e.by)
+    if (BigInt(e.tot) !== want) return { e, want }
+    tot = want
+  }
+  return null
+}
+
 function judgeAccount (mode, account, records, owed, sum) {
   const ledger = ledgerOf(account.entries)
   const at = `account ${account.cred}`
   const problems = []
+  const broken = chainBreak(account.entries)
+  if (broken) {
+    const { e, want } = broken
+    problems.push(`${at}: a tot that does not follow from the bys: entry ${e.seq} ` +
+      `(by ${e.by}) has tot ${e.tot}, the tot before it plus its by is ${want}`)
+  }
   if (ledger.funding !== BigInt(account.funding)) {
     problems.push(`${at}: funded ${account.funding}, the history says ${ledger.funding}`)
   }
