@@ -125,8 +125,24 @@ def log_problems(log: ServiceLog) -> list:
     return [f"the service's log says {f!r}" for f in log.faults]
 
 
+def chain_problems(entries) -> list:
+    """Each entry's tot is the tot before it plus its by, from the
+    account's start at 0: a mod's tot is the balance right after it (SPEC
+    "Durability and order"), and a hold, its settle and its expiry move
+    the balance by their `by` too (the held amount out, what returns back:
+    SPEC "Holds").  The first entry that breaks the chain, said."""
+    tot = 0
+    for e in entries:
+        if e.tot != tot + e.by:
+            return [f"a tot that does not follow from the bys: entry {e.seq} (by {e.by}) has "
+                    f"tot {e.tot}, the tot before it plus its by is {tot + e.by}"]
+        tot = e.tot
+    return []
+
+
 class Account:
-    """One account's history (Entry tuples, oldest first) split by kind."""
+    """One account's history (Entry tuples, oldest first) split by kind,
+    and what is wrong with it whatever the requests were (`problems`)."""
 
     def __init__(self, cred, entries):
         self.cred = cred
@@ -135,7 +151,7 @@ class Account:
         self.charges = collections.defaultdict(list)    # A -> keyed mods charging it
         self.holds = collections.defaultdict(list)      # A -> hold entries of A
         self.ends = collections.defaultdict(list)       # hold id -> its ends
-        self.problems = []
+        self.problems = chain_problems(entries)
         for e in entries:
             if e.hold is None and e.by < 0:
                 self.charges[-e.by + FEE_BACK].append(e)

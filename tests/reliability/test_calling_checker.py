@@ -282,3 +282,28 @@ def test_the_overdraft_check_excuses_an_expired_hold_s_charge_alone():
     assert overdrawn(Account(SCENE_CRED, entries)) == []
     entries.append(Entry(7, -900, -1500, 0, "x4-h", 7))
     assert overdrawn(Account(SCENE_CRED, entries)) == [f"overdrawn by {entries[-1]}"]
+
+
+# The scene's entry whose tot is planted, which no header or balance reads:
+# the funding (the chain's start) and, in reserve mode, a hold's settle.
+@pytest.mark.parametrize("mode, index", [("check", 0), ("reserve", 0), ("reserve", 4)])
+def test_the_calling_checker_finds_a_tot_that_does_not_follow_from_the_bys(mode, index,
+                                                                            monkeypatch):
+    """Each entry's tot is the one before it plus its by, from 0 (SPEC: a
+    mod's tot is the balance right after it; a hold, its settle and its
+    expiry move it by their by).  The scene's history with one tot one too
+    high is found by that rule alone."""
+    planted = []
+
+    class Planted(Account):
+        def __init__(self, cred, entries):
+            entries[index] = entries[index]._replace(tot=entries[index].tot + 1)
+            planted.append(entries[index])
+            super().__init__(cred, entries)
+
+    monkeypatch.setitem(globals(), "Account", Planted)
+    problems = judge(mode, *scene(mode))
+    e = planted[0]
+    assert problems == [f"{mode} {SCENE_CRED}: a tot that does not follow from the bys: entry "
+                        f"{e.seq} (by {e.by}) has tot {e.tot}, the tot before it plus its by "
+                        f"is {e.tot - 1}"]
