@@ -15,7 +15,7 @@ const { Pool } = require('undici')
 const limits = require('./limits')
 const {
   AccManError, Busy, Unavailable, Unreachable, OutcomeUnknown, CallTimeout, BadReply,
-  mayHaveLanded, definite, unechoed
+  mayHaveLanded, definite, applied, unechoed
 } = require('./errors')
 const values = require('./values')
 const { shown } = require('./options')
@@ -322,8 +322,9 @@ class AccManClient {
   }
 
   // Once an attempt may have landed, the call ends with that error unless
-  // a later attempt gets a definite answer (a success, or a refusal that
-  // settles it: errors.definite): a retry refused before it was read (Busy,
+  // a later attempt gets a definite answer (a success, a 200 too large for
+  // numbers: errors.applied, or a refusal that settles it:
+  // errors.definite): a retry refused before it was read (Busy,
   // Unreachable, a 401 or 403, which come before the key is looked up) or
   // answered by something that is not AccMan says nothing of the earlier
   // attempt.
@@ -338,7 +339,9 @@ class AccManClient {
         if (maybe === null && mayHaveLanded(err)) maybe = err
         if (!(err instanceof AccManError) || attempt >= this.retries || this._closed ||
             !retryable(err, safe)) {
-          const ending = maybe !== null && !mayHaveLanded(err) && !definite(err) ? maybe : err
+          const ending = maybe !== null && !mayHaveLanded(err) && !definite(err) && !applied(err)
+            ? maybe
+            : err
           throw unechoed(ending, this._secrets(target))
         }
       }

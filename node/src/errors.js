@@ -245,6 +245,17 @@ function definite (err) {
   return err instanceof KeyReused || err instanceof HoldEnded || err instanceof NoHold
 }
 
+// Whether a failed call's reply says that it applied: a 200 whose integers
+// are past what a number holds (Unrepresentable, from a client made without
+// `bigint: true`).  It is AccMan's answer, so it ends a call whose earlier
+// attempt may have landed: that attempt and this one are the same change,
+// applied once by its key (or a settle answered again, SPEC "Holds").  A
+// 409's (an insufficient balance past 2^53) is a refusal judged by a
+// balance that moves, which settles nothing (definite).
+function applied (err) {
+  return err instanceof Unrepresentable && err.status === 200
+}
+
 // Whether a failed call may still have landed: sent with no reply from
 // AccMan (OutcomeUnknown, a front end's 503 among them), or AccMan's plain
 // 503, a commit that failed ("not acknowledged" is not "not applied").
@@ -259,6 +270,7 @@ module.exports = {
   SECRET_PIECE_CHARS_MIN,
   unechoed,
   definite,
+  applied,
   mayHaveLanded,
   AccManError,
   BadRequest,

@@ -350,6 +350,28 @@ test('a keyed mod whose first attempt may have landed stays OutcomeUnknown when 
   assert.equal(await acc.service.tot('c-maybe'), 7) // it had landed: "not applied" would be wrong
 })
 
+test('a keyed mod whose reply was lost ends Unrepresentable, applied, when its retry gets a 200 past 2^53', async () => {
+  const big = new AccManClient({ url: acc.server.url, token: TOKENS.mint, bigint: true })
+  await big.mod('c-lost-big', 2n ** 60n)
+  const proxy = await proxyTo(acc.server.url)
+  // A deadline no slow machine reaches: the first attempt ends as its connection is dropped.
+  const client = new AccManClient({ url: proxy.url, token: TOKENS.service, retries: 1, timeoutMs: 60000 })
+  try {
+    proxy.dropReplies(/[?&]key=lost-big(&|$)/) // the mod applies; its reply never comes
+    const call = client.mod('c-lost-big', -3, { key: 'lost-big' })
+    await until(() => proxy.dropped.length === 1)
+    proxy.dropReplies(null)
+    proxy.set('refuse') // its connection dropped: OutcomeUnknown, retried ...
+    proxy.set('pass') // ... and answered with the first reply, a 200
+    await assert.rejects(call, (err) => err instanceof E.Unrepresentable && err.status === 200 &&
+      err.reply.tot === 2n ** 60n - 3n && err.reply.seq === 2n)
+    assert.equal(proxy.targets.filter((t) => t.startsWith('/mod?')).length, 2)
+    assert.equal((await big.past('c-lost-big')).past.length, 2) // applied once
+  } finally {
+    await Promise.all([client.close(), proxy.close(), big.close()])
+  }
+})
+
 // A refusal judged by the balance (insufficient) or by an account not yet
 // opened (no_account) says nothing of an attempt still on its way (a stalled
 // front-end): it may meet a balance topped up, or an account opened, meanwhile.

@@ -81,6 +81,10 @@ export declare class BadReply extends OutcomeUnknown {}
 /** A 503 without AccMan's error body (a proxy's): a mod may have applied. */
 export declare class ProxyUnavailable extends OutcomeUnknown {}
 export declare class UnexpectedReply extends AccManError {}
+/**
+ * A 200 or 409 with an integer past 2^53 (a client without `bigint: true`):
+ * a 200 applied, a 409 (`insufficient`) did not.
+ */
 export declare class Unrepresentable extends AccManError {
   /** The reply, with bigints. */
   reply: Record<string, unknown>
