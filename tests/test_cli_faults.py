@@ -439,6 +439,9 @@ def test_a_read_whose_answer_goes_nowhere_exits_4(start_server):
     # A credential that starts with "-h": argparse quoted the rest of it.
     (["tot", "-hSECRETcred"], "argument -h/--help: ignored explicit argument '<not shown>'"),
     (["-h=SECRET"], "argument -h/--help: ignored explicit argument '<not shown>'"),
+    # argparse reads each "h" after "-h" as -h again, and quotes what follows.
+    (["tot", "-hhSECRETcred"], "argument -h/--help: ignored explicit argument '<not shown>'"),
+    (["tot", "c", "-hhh=SECRET"], "argument -h/--help: ignored explicit argument '<not shown>'"),
 ])
 def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path):
     """A usage error shows only the exact names of flags and commands: an

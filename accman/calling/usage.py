@@ -223,13 +223,20 @@ def _shown_values(given, flags) -> set:
     return {w for w in as_value - elsewhere if _NUMBER_SHAPE_RE.fullmatch(w)}
 
 
-def _glued_to_short_flag(word, names) -> str | None:
-    """What argparse reads as the value of a one-letter flag of `names` that
-    `word` starts with (`-hX3k` or `-h=X3k`: "X3k"), and quotes when that
-    flag takes none: the rest of a credential that starts with "-h"."""
+def _glued_to_short_flag(word, names) -> list:
+    """What argparse may read as the value of a one-letter flag of `names`
+    that `word` starts with (`-hX3k` or `-h=X3k`: "X3k"), and quotes when
+    that flag takes none: the rest of a credential that starts with "-h".
+    A first letter of that rest that names a one-letter flag too is read as
+    that flag, and the rest after it is quoted instead (`-hhX3k`: "X3k";
+    `-hh=X3k`: "=X3k"), so each such rest is one, with and without "="."""
     if word.startswith("--") or len(word) <= 2 or word[:2] not in names:
-        return None
-    return word[2:].removeprefix("=") or None
+        return []
+    rests, rest = [], word[2:]
+    while rest:
+        rests += [r for r in (rest, rest.removeprefix("=")) if r]
+        rest = rest[1:] if f"-{rest[0]}" in names else ""
+    return rests
 
 
 def _echoed(word, names, values) -> str:
@@ -268,9 +275,8 @@ def _unechoed(message, given, names, values) -> tuple[str, int]:
         value = word.partition("=")[2]
         if said != UNSHOWN and value and value not in values:
             out_of_sight.append((value, UNSHOWN))
-        glued = _glued_to_short_flag(word, names)
-        if glued and glued not in values:
-            out_of_sight.append((glued, UNSHOWN))
+        out_of_sight += [(glued, UNSHOWN) for glued in _glued_to_short_flag(word, names)
+                         if glued not in values]
         for text, instead in out_of_sight:
             hidden += message.count(repr(text))
             message = message.replace(repr(text), repr(instead))
