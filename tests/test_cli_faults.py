@@ -442,6 +442,12 @@ def test_a_read_whose_answer_goes_nowhere_exits_4(start_server):
     # argparse reads each "h" after "-h" as -h again, and quotes what follows.
     (["tot", "-hhSECRETcred"], "argument -h/--help: ignored explicit argument '<not shown>'"),
     (["tot", "c", "-hhh=SECRET"], "argument -h/--help: ignored explicit argument '<not shown>'"),
+    # A value that holds the words before argparse's list of choices.
+    (["serve", "--port", "SECRET (choose from "], "argument --port: invalid port '<not shown>'"),
+    (["serve", "--events-retention=SECRET (choose from 'full', 'heads')"],
+     "argument --events-retention: '<not shown>' is not a duration"),
+    (["serve", "--verify", "SECRET (choose from 'full', 'heads')"],
+     "invalid choice: '<not shown>' (choose from 'full', 'heads') ("),
 ])
 def test_a_usage_error_shows_flag_names_and_never_a_value(args, names, tmp_path):
     """A usage error shows only the exact names of flags and commands: an

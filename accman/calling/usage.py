@@ -42,8 +42,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """argparse's usage error, `message`, said with the words of the
         command line that it echoes out of sight (_unechoed)."""
-        unechoed, hidden = _unechoed(message, self.given, self.names, self._shown_values())
-        self._refuse(unechoed, hidden, _dashed_value_flag(message, self.given, self.names))
+        choices = _choices_said(message, self._actions)
+        unechoed, hidden = _unechoed(message.removesuffix(choices), self.given, self.names,
+                                     self._shown_values())
+        self._refuse(unechoed + choices, hidden,
+                     _dashed_value_flag(message, self.given, self.names))
 
     def _refuse(self, message, hidden, dashed=None):
         """Says `message`, in which `hidden` words were put out of sight, and
@@ -255,17 +258,30 @@ def _echoed(word, names, values) -> str:
 _CHOICES = " (choose from "
 
 
+def _choices_said(message, actions) -> str:
+    """The end of argparse's "invalid choice" `message` that lists the
+    choices of one of `actions` (` (choose from 'full', 'heads')`), argparse's
+    own words; "" for any other message.  Only that exact end, as argparse
+    writes it (each choice quoted, or, in later Pythons, bare): a word given
+    may hold " (choose from " too, and is then an echo like any other."""
+    for action in actions:
+        for shown in (repr, str) if action.choices else ():
+            said = f"{_CHOICES}{', '.join(map(shown, action.choices))})"
+            if message.endswith(said):
+                return said
+    return ""
+
+
 def _unechoed(message, given, names, values) -> tuple[str, int]:
     """argparse's `message` with the words of `given` that it echoes put out
     of sight as _echoed says them, and how many were.  argparse, and the
     types of accman.calling.arguments, echo a word quoted as Python writes a
     str (`'90x'`), whole or the part after a flag's "=" or glued to a
     one-letter flag (`-hX3k`); a word is looked for in that form only, so
-    that the same word in their own text (`such as 3600, 90m or 7d`, the
-    choices of "invalid choice") is left whole.  The words no argument took
-    are listed by ArgumentParser.unrecognized, which echoes each itself."""
-    message, choices, after = message.rpartition(_CHOICES) if _CHOICES in message \
-        else (message, "", "")
+    that the same word in their own text (`such as 3600, 90m or 7d`) is
+    left whole; the choices of "invalid choice" are not in `message`
+    (_choices_said).  The words no argument took are listed by
+    ArgumentParser.unrecognized, which echoes each itself."""
     hidden = 0
     for word in sorted(set(given) - {""} - values, key=len, reverse=True):
         said = _echoed(word, names, values)
@@ -280,4 +296,4 @@ def _unechoed(message, given, names, values) -> tuple[str, int]:
         for text, instead in out_of_sight:
             hidden += message.count(repr(text))
             message = message.replace(repr(text), repr(instead))
-    return message + choices + after, hidden
+    return message, hidden
