@@ -724,7 +724,7 @@ def test_a_store_url_with_a_port_out_of_range_is_a_usage_error(command, url, por
     proc = run_accman(command, "--store", url)
     assert proc.returncode == 2, proc.stderr
     assert f"--store: the store URL has a port {port}: a port is 1..65535" in proc.stderr
-    assert "or '@' of the user info as %2F, %3A or %40" in proc.stderr
+    assert 'or "@" of the user info as %2F, %3A or %40' in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "secret" not in proc.stderr and "ss" not in proc.stderr.split(":", 2)[-1]
 

@@ -521,6 +521,22 @@ def test_a_word_given_is_hidden_where_echoed_never_in_accmans_own_words(args, sa
     assert "a value that may be a credential is not shown" in err
 
 
+@pytest.mark.parametrize("args,said", [
+    (["serve", "--low-balance", "5x", "-"], "argument --low-balance: '5x' is not a signed "
+     '64-bit decimal integer in plain digits (an optional "-", no leading zeros, never -0) ('),
+    (["serve", "--store", "postgresql://h:0/a", "/", ":", "@"],
+     '(write a "/", ":" or "@" of the user info as %2F, %3A or %40) ('),
+    (["serve", "--store", "postgresql://u[x@h/a", "[", "]"],
+     'a "[" or "]" of the user info is written %5B or %5D'),
+])
+def test_a_character_accmans_words_name_is_said_though_given_as_a_word(args, said, tmp_path):
+    """A character that a type's own words name ("-", "/", "[") is left
+    whole there when it is given as a word too: nothing of the command line
+    is echoed, so nothing is put out of sight."""
+    err = one_line_error(run_accman(*args, cwd=tmp_path))
+    assert said in err and "<not shown>" not in err, err
+
+
 def test_many_unknown_words_are_said_listing_a_few(tmp_path):
     """`accman tot $(cat creds)`: each word of the command line was looked
     for in a message that listed them all, minutes for 20000 words.  The

@@ -2,7 +2,9 @@
 the SPEC refuses, naming the value, before anything is sent or opened.
 A value is named quoted (`{text!r}`), as argparse names one: the form in
 which a usage error looks for the words given, to put them out of sight
-(accman.calling.usage)."""
+(accman.calling.usage).  A character that their own words name is in
+double quotes (`"-"`), as repr never writes a word without a "'": given as
+a word too (`accman serve --low-balance 5x -`), it is left whole there."""
 
 import argparse
 import re
@@ -49,7 +51,7 @@ def int64(text):
     if value is None or not INT64_MIN <= value <= INT64_MAX:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a signed 64-bit decimal integer in plain digits "
-            "(an optional '-', no leading zeros, never -0)")
+            '(an optional "-", no leading zeros, never -0)')
     return value
 
 
@@ -120,7 +122,7 @@ def store_url(text):
         urllib.parse.urlsplit(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            "the store URL cannot be read as a URL: a '[' or ']' of the user info is written "
+            'the store URL cannot be read as a URL: a "[" or "]" of the user info is written '
             "%5B or %5D, a host in brackets is an IPv6 address, and the user info and host are "
             "plain ASCII") from None
     for p in _url_ports(text):
@@ -129,8 +131,8 @@ def store_url(text):
         shown = repr(p) if p.isascii() and p.isdigit() and len(p) <= PORT_DIGITS_SHOWN \
             else "that is not a number"
         raise argparse.ArgumentTypeError(
-            f"the store URL has a port {shown}: a port is 1..{PORT_MAX} (write a '/', ':' "
-            f"or '@' of the user info as %2F, %3A or %40)")
+            f'the store URL has a port {shown}: a port is 1..{PORT_MAX} (write a "/", ":" '
+            f'or "@" of the user info as %2F, %3A or %40)')
     return text
 
 
