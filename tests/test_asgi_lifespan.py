@@ -505,3 +505,68 @@ def test_a_queue_stranded_by_close_and_the_process_s_end_at_once_strands_each_on
     assert sorted(unpaid) == [2, 3] and stats["stranded"] == 2 and len(owed) == 0
     for key in ("first-c", "second-c"):
         assert caplog.text.count(f"key {key})") == 1, caplog.text
+
+
+class _GatedLock:
+    """An owed queue's lock whose first taking by a thread other than the
+    loop's, once armed, first has the loop owe `item` (a call owed as the
+    process ends) and waits until a payer has sent it: the moment a
+    server's loop, in a daemon thread, starts a payer as the process's
+    end hook, on the main thread, is about to take the queue."""
+
+    def __init__(self, loop, loop_thread, owed, item, sent):
+        self.lock = threading.Lock()
+        self.loop, self.loop_thread, self.owed = loop, loop_thread, owed
+        self.item, self.sent = item, sent
+        self.armed = self.fired = False
+
+    def __enter__(self):
+        if self.armed and not self.fired and threading.get_ident() != self.loop_thread:
+            self.fired = True
+            self.loop.call_soon_threadsafe(self.owed.add, self.item, Busy("full"))
+            assert self.sent.wait(30)
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def test_the_process_s_end_takes_no_call_from_under_a_payer_started_meanwhile(caplog):
+    """A server's loop runs in a daemon thread, its payer done, as the
+    process ends; a call owed then gets a new payer, which sends it while
+    the end hook on the main thread is deciding.  The hook takes nothing
+    from under that payer: the call is said as of unknown outcome, not
+    billed, and lands once, by its payer."""
+    sent, land = threading.Event(), threading.Event()
+
+    class Landing(owed_mod.Mod):
+        async def run(self, acc) -> int:
+            sent.set()
+            while not land.is_set():
+                await asyncio.sleep(0.01)
+            return max(-self.by, 0)                 # landed
+
+    stats, unpaid, charged = {"owed": 0, "stranded": 0}, [], []
+    owed = owed_mod.Owed(lambda: None, stats, charged.append,
+                         lambda c, a, w: unpaid.append(a))
+    loop = asyncio.new_event_loop()
+    server = threading.Thread(target=loop.run_forever, daemon=True)
+    server.start()
+    try:
+        owed._lock = gate = _GatedLock(loop, server.ident, owed,
+                                       Landing(CRED, -2, "late-c", "charge"), sent)
+        gate.armed = True
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            owed.left_at_exit()                     # the process's end
+        land.set()
+
+        async def drained():
+            return await owed.drain(30)
+        assert asyncio.run_coroutine_threadsafe(drained(), loop).result(30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        server.join(30)
+        loop.close()
+    assert gate.fired and charged == [2] and unpaid == [] and stats["stranded"] == 0
+    assert "charge of 2 still owed as the process ends, its event loop still running: " \
+        "outcome unknown: look for key late-c" in caplog.text, caplog.text

@@ -133,18 +133,32 @@ class Owed:
         made meanwhile (a call owed by a task it cancelled), which is left
         unfinished with the loop.  While the payer's loop still runs (in
         another thread) nothing is taken from under it, nor billed: each
-        call is said as of unknown outcome."""
-        task = self._task
-        if task is not None and not task.done() and task.get_loop().is_running():
+        call is said as of unknown outcome.  Whether a payer is alive and
+        what is taken are seen under the lock at once, for each batch: a
+        payer that loop starts meanwhile is set before its first step,
+        so either it is seen alive or its queue was taken before it sent."""
+        while True:
             with self._lock:
-                items = list(self._items)
+                task = self._task
+                alive = (task is not None and not task.done()
+                         and task.get_loop().is_running())
+                if alive:
+                    items = list(self._items)
+                else:
+                    items, self._items = self._items, collections.deque()
+                running = self._running
+            if alive:
+                break
+            if not items:
+                return
             for item in items:
-                log.error("accman: %s of %d still owed as the process ends, its event loop "
-                          "still running: outcome unknown: look for %s in the history of "
-                          "account %s%s", item.what, abs(item.by), item.ref,
-                          fingerprint(item.cred), item.also)
-            return
-        self._strand_all("the event loop ended with it owed", self._running)
+                self._strand(item, "the event loop ended with it owed",
+                             item.maybe or item is running)
+        for item in items:
+            log.error("accman: %s of %d still owed as the process ends, its event loop "
+                      "still running: outcome unknown: look for %s in the history of "
+                      "account %s%s", item.what, abs(item.by), item.ref,
+                      fingerprint(item.cred), item.also)
 
     async def _pay(self) -> None:
         """Pays the queue (_pay_as).  A defect (an error no AccMan call
