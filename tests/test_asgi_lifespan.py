@@ -570,3 +570,48 @@ def test_the_process_s_end_takes_no_call_from_under_a_payer_started_meanwhile(ca
     assert gate.fired and charged == [2] and unpaid == [] and stats["stranded"] == 0
     assert "charge of 2 still owed as the process ends, its event loop still running: " \
         "outcome unknown: look for key late-c" in caplog.text, caplog.text
+
+
+def test_a_call_sent_under_a_stopped_loop_is_of_unknown_outcome_when_the_next_ends(caplog):
+    """A charge sent by a payer of an event loop stopped unclosed before
+    its reply came (it lands) has that payer replaced under the next
+    loop; that loop ends in the turn a new payer is made, which is
+    cancelled before its first step.  The charge sent is stranded as of
+    unknown outcome, its key named, not given to on_unpaid (it landed);
+    the charge owed behind it, never sent, as the account owing it."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = lambda meth, p, q: ("delay", 0.3) if q.get("key") == "sent-c" else None
+        unpaid = []
+        m = AccManMiddleware(make_app(), url=fake.url, cost=2, retries=0,
+                             on_unpaid=lambda c, a: unpaid.append(a))
+
+        async def first():
+            m._owed.add(owed_mod.Mod(CRED, -2, "sent-c", "charge"), Busy("full"))
+            deadline = time.monotonic() + 30
+            while not fake.mods() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)           # sent; its reply is 0.3 s away
+            assert fake.mods()
+
+        async def second():
+            # Run after second has returned, in the turn that stops the loop.
+            asyncio.get_running_loop().call_soon(
+                m._owed.add, owed_mod.Mod(CRED, -3, "behind-c", "charge"), Busy("full"))
+        stopped = asyncio.new_event_loop()
+        try:
+            stopped.run_until_complete(first())     # stopped with the reply awaited
+            with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+                asyncio.run(second())
+            deadline = time.monotonic() + 30
+            while fake.tot(CRED) != 8 and time.monotonic() < deadline:
+                time.sleep(0.02)                    # the charge sent lands
+        finally:
+            left = asyncio.all_tasks(stopped)
+            for task in left:
+                task.cancel()
+            stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            stopped.close()
+        assert fake.tot(CRED) == 8 and [r[2].get("key") for r in fake.mods()] == ["sent-c"]
+    assert m.stats["stranded"] == 2 and unpaid == [3], caplog.text
+    assert "outcome unknown: look for key sent-c" in caplog.text
+    assert "the account owes 3 (account" in caplog.text

@@ -106,11 +106,14 @@ class Owed:
         them (a call that failed as the shutdown closed the client is owed
         after the drain); or once it has died of a BaseException other
         than a cancel (an Exception, a defect, _pay meets where it is
-        raised).  A call cut off under way is of unknown outcome (_attempt
-        marks it).  Left in the queue, it would end with the loop, neither
-        paid nor stranded, and nothing would say so.  A callback, not the task's own code,
-        which a task cancelled before its first step never runs; a task a
-        newer one replaced leaves it the queue."""
+        raised).  A call cut off under way is of unknown outcome: _attempt
+        marks it; one that a payer of a loop stopped unclosed had under
+        way, which that payer never marks, is still `_running` when its
+        replacement is cancelled before its first step.  Left in the queue,
+        it would end with the loop, neither paid nor stranded, and nothing
+        would say so.  A callback, not the task's own code, which a task
+        cancelled before its first step never runs; a task a newer one
+        replaced leaves it the queue."""
         if task is not self._task:
             if not task.cancelled() and task.exception() is not None:
                 # A payer let go (close() stranded its call) that died after.
@@ -124,7 +127,7 @@ class Owed:
             log.error("accman: the owed calls' payer failed", exc_info=task.exception())
         else:
             return
-        self._strand_all(why)
+        self._strand_all(why, self._running)
 
     def left_at_exit(self) -> None:
         """At the process's end: what is still queued is stranded, the call
@@ -175,7 +178,7 @@ class Owed:
                 log.error("accman: an owed calls' payer let go failed", exc_info=e)
                 return
             log.error("accman: the owed calls' payer failed", exc_info=e)
-            self._strand_all(f"its payer failed: {e!r}")
+            self._strand_all(f"its payer failed: {e!r}", self._running)
 
     async def _pay_as(self, me) -> None:
         """Pays the queue, oldest first, while `me` is the queue's payer: one
