@@ -20,11 +20,14 @@ a cancel of the caller reaches them as it comes, and leaves the block as
 - Python 3.10, which has no such count: `TimerWithin`, a timer that
   cancels the task at the deadline, the `CancelledError` leaving the
   block as `asyncio.TimeoutError` once the timer has fired.  Its limit:
-  a cancel from elsewhere that reaches the task in the loop step in which
-  the timer fires cannot be told from the timer's, and leaves as the
-  timeout (the caller's timeout error, not a cancel); so a loop that
-  cancels a task to stop it cancels it again until it ends
-  (accman.server.webhooks, STOP_RECANCEL_S).
+  a cancel from elsewhere that reaches the task once the timer has fired
+  and before the block has ended (in the loop step in which it fires, or
+  later while the block still unwinds: awaits in its cleanup, or a task
+  it awaits, cancelled with it, still ending, as Deliverer.stop's saver)
+  cannot be told from the timer's, and leaves as the timeout (the
+  caller's timeout error, not a cancel); so a loop that cancels a task
+  to stop it cancels it again until it ends (accman.server.webhooks,
+  STOP_RECANCEL_S).
 """
 
 from __future__ import annotations
