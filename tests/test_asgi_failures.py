@@ -666,6 +666,51 @@ def test_a_drain_and_a_second_close_waiting_as_close_cuts_the_payer_off_end_unra
     assert caplog.text.count("outcome unknown: look for key") == 1, caplog.text
 
 
+class _Held(owed_mod.Mod):
+    """An owed charge whose call takes a cancel and goes on until
+    `released` is set (its payer, let go by close(), outlives it), then
+    ends with nothing charged."""
+
+    __slots__ = ("released",)
+
+    async def run(self, acc) -> int:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass                                    # swallowed
+        await self.released.wait()
+        return 0
+
+
+def test_a_drain_waiting_on_a_payer_close_lets_go_ends_once_close_has_stranded(
+        monkeypatch, caplog):
+    """A drain() waiting on the payer when close() cuts it off, whose
+    cancel that payer swallows and goes on (let go), ends once close() has
+    stranded what was left, with True: nothing is owed any more, whatever
+    the payer let go still does."""
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
+    stats = {"owed": 0, "stranded": 0}
+    owed = owed_mod.Owed(lambda: None, stats, lambda c: None, lambda c, a, w: None)
+
+    async def main():
+        held = _Held(CRED, -2, "held-c", "charge")
+        held.released = asyncio.Event()
+        owed.add(held, Busy("full"))
+        draining = asyncio.ensure_future(owed.drain(60))
+        await asyncio.sleep(0)                      # it waits on the payer
+        await owed.close()
+        await asyncio.wait({draining}, timeout=30)  # the payer let go goes on meanwhile
+        ended = draining.done() and draining.result()
+        held.released.set()
+        await draining
+        return ended
+    with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+        assert asyncio.run(main()) is True
+    assert stats["stranded"] == 1 and len(owed) == 0
+    assert caplog.text.count("outcome unknown: look for key held-c") == 1, caplog.text
+
+
 @pytest.mark.parametrize("then", ["not_found", "queue_full"])
 def test_a_charge_that_may_have_landed_is_never_billed_however_it_is_stranded(
         then, monkeypatch, caplog):

@@ -62,6 +62,7 @@ class Owed:
         self._lock = threading.Lock()
         self._task = None
         self._closing = None            # while close() cuts off: done once it has stranded
+        self._cut = None                # a drain()'s: done once a close() has stranded
         self._wake = None               # set to cut a pause short when closing
         self._running = None            # the item whose call is under way
         _alive.add(self)
@@ -280,7 +281,9 @@ class Owed:
         close() under way too, which it waits for); False if `timeout_s`
         passed first.  It waits on the payer without taking its outcome:
         the cancel of a payer close() cuts off, or a payer's defect (said
-        where it happened), is not the waiter's to raise."""
+        where it happened), is not the waiter's to raise.  Nor does it wait
+        for a payer close() lets go (its cancel lost), which may go on
+        after close() has stranded its call: `_cut` ends the wait then."""
         loop = asyncio.get_running_loop()
         end = None if timeout_s is None else loop.time() + timeout_s
         while True:
@@ -289,9 +292,12 @@ class Owed:
             waited = self._task if self._closing is None else self._closing
             if waited is None or waited.done() or waited.get_loop() is not loop:
                 return True         # nothing owed: another loop's payer has nothing to pay
+            if self._cut is None or self._cut.get_loop() is not loop:
+                self._cut = loop.create_future()
             left_s = None if end is None else max(end - loop.time(), 0)
-            _, pending = await asyncio.wait({waited}, timeout=left_s)
-            if pending:
+            done, _ = await asyncio.wait({waited, self._cut}, timeout=left_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
                 return False
 
     async def close(self) -> None:
@@ -318,7 +324,7 @@ class Owed:
         and say; what the child owes from now on is its own."""
         self._items = collections.deque()
         self._lock = threading.Lock()       # the parent's may be held by a thread not copied
-        self._task = self._wake = self._running = self._closing = None
+        self._task = self._wake = self._running = self._closing = self._cut = None
 
     def _end(self) -> None:
         # The task cut off is no longer the payer: a call owed before it
@@ -329,9 +335,10 @@ class Owed:
             task.cancel()
         self._strand_all("shutting down", self._running)
         self._running = None
-        closing, self._closing = self._closing, None
-        if closing is not None and not closing.done() and not closing.get_loop().is_closed():
-            closing.set_result(None)    # the waiters of a close() under way end
+        for ends in (self._closing, self._cut):     # the waiters of a close() under way end
+            if ends is not None and not ends.done() and not ends.get_loop().is_closed():
+                ends.set_result(None)
+        self._closing = self._cut = None
 
 
 def _pause_s(attempt: int) -> float:
