@@ -615,3 +615,49 @@ def test_a_call_sent_under_a_stopped_loop_is_of_unknown_outcome_when_the_next_en
     assert m.stats["stranded"] == 2 and unpaid == [3], caplog.text
     assert "outcome unknown: look for key sent-c" in caplog.text
     assert "the account owes 3 (account" in caplog.text
+
+
+def test_a_close_its_stopped_loop_left_under_way_does_not_stop_the_next_loop_s_payer(
+        monkeypatch):
+    """An event loop stopped unclosed while close() waits for the call
+    under way (SHUTDOWN_LAST_CALL_S) leaves that close() unfinished.  The
+    middleware used under a new loop is not closing there: what it owed
+    and what it owes anew is paid by a payer of that loop, and drain()
+    waits for it rather than saying nothing is owed."""
+    runs = []
+
+    class Twice(owed_mod.Mod):
+        async def run(self, acc) -> int:
+            runs.append(self.key)
+            if len(runs) == 1:                      # under the stopped loop: never answered
+                await asyncio.Event().wait()
+            return max(-self.by, 0)
+
+    stats, unpaid, charged = {"owed": 0, "stranded": 0}, [], []
+    owed = owed_mod.Owed(lambda: None, stats, charged.append,
+                         lambda c, a, w: unpaid.append(a))
+
+    async def first():
+        owed.add(Twice(CRED, -2, "first-c", "charge"), Busy("full"))
+        asyncio.get_running_loop().create_task(owed.close())
+        deadline = time.monotonic() + 30
+        while owed._closing is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)               # past its drain: the last call's wait
+        assert owed._closing is not None
+
+    async def second():
+        owed.add(Twice(CRED, -3, "second-c", "charge"), Busy("full"))
+        return await owed.drain(30)
+    stopped = asyncio.new_event_loop()
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.05)
+    try:
+        stopped.run_until_complete(first())
+        assert asyncio.run(second())
+        assert len(owed) == 0 and runs == ["first-c", "first-c", "second-c"]
+        assert charged == [2, 3] and unpaid == [] and stats["stranded"] == 0
+    finally:
+        left = asyncio.all_tasks(stopped)
+        for task in left:
+            task.cancel()
+        stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        stopped.close()

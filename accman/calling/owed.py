@@ -188,7 +188,7 @@ class Owed:
         it had under way, which close() has stranded, to the new one."""
         acc = self._acc()
         attempt = 0
-        while self._items and not self._closing and self._task is me:
+        while self._items and not self._cutting() and self._task is me:
             item = self._items[0]
             self._running = item
             try:
@@ -213,7 +213,7 @@ class Owed:
         except (TransportError, Unavailable) as e:
             attempt += 1
             item.maybe = item.maybe or may_have_landed(e)
-            if self._closing or self._task is not me:
+            if self._cutting() or self._task is not me:
                 return attempt          # close() strands it (or has)
             if attempt < FOLLOWUP_ATTEMPTS_MAX:
                 self._running = None    # no call under way while it pauses
@@ -287,9 +287,10 @@ class Owed:
         loop = asyncio.get_running_loop()
         end = None if timeout_s is None else loop.time() + timeout_s
         while True:
-            if self._items and self._closing is None:
+            cutting = self._cutting()
+            if self._items and not cutting:
                 self._paying()      # not a task of another loop
-            waited = self._task if self._closing is None else self._closing
+            waited = self._closing if cutting else self._task
             if waited is None or waited.done() or waited.get_loop() is not loop:
                 return True         # nothing owed: another loop's payer has nothing to pay
             if self._cut is None or self._cut.get_loop() is not loop:
@@ -310,7 +311,7 @@ class Owed:
         try:
             if await self.drain(SHUTDOWN_DRAIN_S):
                 return
-            if self._closing is None:
+            if not self._cutting():
                 self._closing = asyncio.get_running_loop().create_future()
             self._wake.set()
             task = self._task
@@ -318,6 +319,13 @@ class Owed:
                 await asyncio.wait({task}, timeout=SHUTDOWN_LAST_CALL_S)
         finally:
             self._end()
+
+    def _cutting(self) -> bool:
+        """Whether a close() under way cuts the payer off: one of the
+        running loop.  One that a loop stopped unclosed left unfinished
+        cuts nothing under the next loop, whose payer pays the queue."""
+        closing = self._closing
+        return closing is not None and closing.get_loop() is asyncio.get_running_loop()
 
     def forget(self) -> None:
         """In a forked child: what the copy holds is its parent's to pay
