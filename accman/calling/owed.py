@@ -91,10 +91,13 @@ class Owed:
         unfinished a task made while it cancels the others, never done,
         and a loop stopped without closing it runs it no more.  Its queue
         is paid under the loop running now, the call it had under way
-        sent again (with its key: applied at most once)."""
+        sent again (with its key: applied at most once) and, as it may
+        have landed, never billed if it is stranded."""
         task = self._task
         loop = asyncio.get_running_loop()
         if task is None or task.done() or task.get_loop() is not loop:
+            if task is not None and not task.done() and self._running is not None:
+                self._running.maybe = True  # sent by the old payer, maybe: never billed
             self._wake = asyncio.Event()    # close() may set it before the payer's first step
             self._task = loop.create_task(self._pay())
             self._task.add_done_callback(self._ended)
