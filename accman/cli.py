@@ -43,8 +43,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
                                      stopped_printing, stops_end_call, unprinted,
                                      unsent_without_stdout)
 from accman.calling.follow import FOLLOW_OUTAGE_S_MAX, FOLLOW_WAIT_S, Followed, follow, silence
-from accman.calling.output import (print_ready, print_result, say, standard_fds_open,
-                                   to_stdout)
+from accman.calling.output import print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.calling.usage import ARGV_WORDS_MAX, ArgumentParser
 from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
@@ -53,6 +52,7 @@ from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_RETENTION_S_MAX, EVENTS_RETENTION_S_MIN, EVENTS_WAIT_S_MAX,
                            HOLD_TTL_S_MAX, PAST_LIMIT_MAX)
+from accman.stdfds import standard_fds_open
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA = "./accman-data"

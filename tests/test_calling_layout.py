@@ -24,7 +24,7 @@ CALLING = sorted((ROOT / "accman" / "calling").glob("*.py"))
 # What the calling side may import of AccMan: the leaf modules every part
 # shares, itself, and the package (which imports only the leaves).
 ALLOWED = ("accman.errors", "accman.limits", "accman.records", "accman.deadline",
-           "accman.calling")
+           "accman.stdfds", "accman.calling")
 
 
 def allowed(name: str) -> bool:
@@ -76,7 +76,7 @@ def test_the_cli_imports_the_ledger_and_the_server_only_to_serve_and_verify():
 
 
 def test_the_shared_leaves_and_the_package_import_no_part():
-    for leaf in ("errors", "limits", "records"):
+    for leaf in ("errors", "limits", "records", "stdfds"):
         assert accman_imports(ROOT / "accman" / f"{leaf}.py") == []
     init = accman_imports(ROOT / "accman" / "__init__.py", top_level_only=True)
     assert init and all(allowed(n) for n in init)

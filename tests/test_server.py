@@ -1110,3 +1110,43 @@ def test_serve_s_log_lines_are_its_own_and_name_an_exception_by_type_and_place(c
     assert re.fullmatch(r"accman: a batch failed in AccMan: KeyError at \S+test_server\.py:\d+\n",
                         err), err
 
+
+
+# A Python program started with descriptors 0-2 closed that serves through
+# accman.server.run: the ready line and the exit code come back on a pipe.
+_RUN_WITHOUT_STREAMS = """
+import os, sys
+from accman.server import run
+out = int(sys.argv[2])
+code = run(port=0, data=sys.argv[1], ready=lambda line: os.write(out, line.encode() + b"\\n"))
+os.write(out, b"exit %d\\n" % code)
+"""
+
+
+def test_run_started_without_the_standard_streams_stops_with_exit_0(tmp_path):
+    """accman.server.run() called from a program started with descriptors
+    0, 1 and 2 closed: the store's files and the loop took those numbers,
+    and libuv aborted when it closed one at the stop (SIGABRT, not the exit
+    code).  run() opens /dev/null on them itself, as `accman serve` does."""
+    import subprocess
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(["bash", "-c", 'exec "$0" -c "$1" "$2" "$3" 0<&- 1>&- 2>&-',
+                                 sys.executable, _RUN_WITHOUT_STREAMS, str(tmp_path / "d"),
+                                 str(w)], pass_fds=(w,), cwd=ROOT)
+    finally:
+        os.close(w)
+    with os.fdopen(r) as said:
+        try:
+            line = said.readline()
+            assert line.startswith("accman: serving http://127.0.0.1:"), (line, proc.poll())
+            port = int(line.split("http://127.0.0.1:", 1)[1].split()[0])
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+                c.sendall(b"GET /tot?cred=alice HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert c.recv(65536).startswith(b"HTTP/1.1 404 "), "no /tot answered"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+            assert said.read() == "exit 0\n"
+        finally:
+            proc.kill()
+            proc.wait()

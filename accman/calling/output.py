@@ -7,7 +7,6 @@ the exit code still says what happened."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 from accman.calling.commands import os_reason, stdout_closed_at_start, stdout_failed
@@ -67,24 +66,4 @@ def print_ready(line: str) -> None:
     say(f"accman: stdout is closed; {line.removeprefix('accman: ')}", None)
 
 
-def standard_fds_open() -> None:
-    """Opens /dev/null on each of the descriptors 0, 1 and 2 that the command
-    was started without (`accman serve <&-`), as OpenSSH's sanitise_stdfd
-    and git's sanitize_stdfds do: else the next file or socket opened takes
-    that number, and libuv, which leaves 0..2 to the standard streams,
-    aborts when it closes it (a stopped server ended by SIGABRT, its last
-    line unsaid), and any write to that stream lands in it.  Python made
-    such a stream None at start, and it stays None: stdout is still said
-    to be closed (to_stdout)."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-            os.set_inheritable(fd, True)
-
-
-__all__ = ["to_stdout", "say", "print_result", "print_ready", "standard_fds_open"]
+__all__ = ["to_stdout", "say", "print_result", "print_ready"]

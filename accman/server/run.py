@@ -22,6 +22,7 @@ from accman.server.say import say
 from accman.store import missing_names
 from accman.server.server import Server
 from accman.server.settings import ServerLimits
+from accman.stdfds import standard_fds_open
 
 
 def is_loopback(host) -> bool:
@@ -435,6 +436,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     the embedded store's only."""
     import uvloop
 
+    # Before anything is opened: a program started with descriptor 0, 1 or
+    # 2 closed would have a store's file or a socket take it (accman.stdfds).
+    standard_fds_open()
     limits = fit_to_descriptors(limits or ServerLimits.from_env())
     addresses = check_host(host)
     if tokens is None and not is_loopback(host):
