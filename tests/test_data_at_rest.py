@@ -572,3 +572,25 @@ def test_the_store_s_own_files_are_written_whole_by_an_os_that_writes_short(
     monkeypatch.undo()
     with Ledger(path) as led:
         assert led.tot("alice") == 5 and led.mod("alice", 1) == (6, 2)
+
+
+def test_a_lock_taken_on_a_lock_file_unlinked_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """Between a start's open of LOCK and its flock, a refused start took
+    its store back (LOCK unlinked last) and another start made a new LOCK
+    and took it: the flock on the unlinked file succeeded, and two servers
+    had one directory.  The lock is taken on the file the path names."""
+    held, flock = [], datadir.fcntl.flock
+
+    def swapped(fd, op):
+        if not held:
+            held.append(None)
+            os.unlink(tmp_path / "LOCK")
+            held.append(datadir.lock_exclusive(str(tmp_path)))     # the other start's
+        flock(fd, op)
+
+    monkeypatch.setattr(datadir.fcntl, "flock", swapped)
+    try:
+        with pytest.raises(StoreLocked):
+            datadir.lock_exclusive(str(tmp_path))
+    finally:
+        os.close(held[1])

@@ -191,8 +191,7 @@ def _dangling_link(path: str) -> str | None:
 
 
 def holds_nothing(path: str) -> bool:
-    """True if the directory holds no file of a store but its lock (what a
-    new store's creation leaves first, or a lock taken and left)."""
+    """True if it holds no file of a store but its lock (a creation's first, or one left)."""
     return set(os.listdir(path)) <= {"LOCK"} | _MAY_PRECEDE_STORE
 
 
@@ -311,19 +310,32 @@ def sync_leveldb_current(path: str) -> None:
     _fsync_path(path)
 
 
+# A lock taken on a LOCK unlinked meanwhile (a refused start takes back the one it
+# made) guards the path no more: taken again on the file there now, at most this often.
+LOCK_TRIES = 3
+
+
 def lock_exclusive(path: str, name: str = "LOCK") -> int:
     """One AccMan process per directory: an exclusive flock on `name` in
     it (made if missing).  Returns the descriptor, which holds the lock
     until it is closed; StoreLocked if another process (or this one)
     holds it."""
-    fd = os.open(os.path.join(path, name), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    file = os.path.join(path, name)
+    for _ in range(LOCK_TRIES):
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            break
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(file)):
+                return fd
+        except FileNotFoundError:
+            pass            # unlinked, and none made since: made again
         os.close(fd)
-        raise StoreLocked(f"{path}: the data directory is open in another "
-                          "process (or elsewhere in this one)") from None
-    return fd
+    raise StoreLocked(f"{path}: the data directory is open in another "
+                      "process (or elsewhere in this one)")
 
 
 def lock_shared(path: str) -> int:
