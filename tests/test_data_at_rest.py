@@ -501,9 +501,9 @@ _UNDO_RACED = """
 import os, sys
 from accman.errors import StoreLocked
 from accman.ledger import datadir
-from accman.server.run import lock_directory, lock_undo
+from accman.server.undo import Undo, lock_directory
 d = sys.argv[1]
-undo = lock_undo([sys.argv[2]], d)
+undo = Undo(d, [sys.argv[2]], False)
 lock_directory(d)
 held, unlink = [], os.unlink
 def raced(path):

@@ -46,14 +46,14 @@ STORE_FILE = re.compile(r"^(CURRENT(\.dbtmp)?|LOCK|LOG|LOG\.old|MANIFEST-\d+"
 CURSOR_FILE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.cursor(\.tmp|\.adopted)?$")
 # A default ACL in Linux's xattr form (linux/posix_acl_xattr.h): version 2,
 # then (tag, perm, id) entries: the owner rw, the group and others nothing.
-_ACL_XATTR = "system.posix_acl_default"
+ACL_XATTR = "system.posix_acl_default"
 _ACL_OWNER_ONLY = struct.pack("<I", 2) + b"".join(
     struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
     for tag, perm in ((0x01, 6), (0x04, 0), (0x20, 0)))
 
 
 # What a PostgreSQL front-end leaves beside its LOCK in --data
-# (accman.server.run.lock_directory): without it a directory that holds
+# (accman.server.undo.lock_directory): without it a directory that holds
 # only a LOCK (a front-end's, or a creation cut short) would be taken for a
 # new embedded store, and a restart that left out --store would serve an
 # empty ledger beside the real one.  Not a name STORE_FILE matches, so that
@@ -61,7 +61,7 @@ _ACL_OWNER_ONLY = struct.pack("<I", 2) + b"".join(
 FRONTEND_MARK = "FRONTEND.accman"
 # What a directory may hold besides a store's files and still be taken for
 # a new store: the root of a file system made for the store has lost+found.
-_MAY_PRECEDE_STORE = {"lost+found"}
+MAY_PRECEDE_STORE = {"lost+found"}
 # A store exists once any of these does (a creation cut short has none).
 _STORE_MARKS = ("CURRENT", "accman.wal", "accman.checkpoint")
 _FOREIGN_NAMED_MAX = 3
@@ -141,7 +141,7 @@ def check_usable(path: str, also=None, frontend: bool = False) -> None:
         raise StoreError(f"{path}: holds the lock of a front-end of a PostgreSQL store "
                          f"({FRONTEND_MARK}), not an embedded store: serve it with --store, "
                          "or give a new or empty directory (nothing was changed)")
-    foreign = sorted(n for n in names if not STORE_FILE.match(n) and n not in _MAY_PRECEDE_STORE
+    foreign = sorted(n for n in names if not STORE_FILE.match(n) and n not in MAY_PRECEDE_STORE
                      and not (also is not None and also.match(n))
                      and not (frontend and n == FRONTEND_MARK))
     if foreign:
@@ -192,7 +192,7 @@ def _dangling_link(path: str) -> str | None:
 
 def holds_nothing(path: str) -> bool:
     """True if it holds no file of a store but its lock (a creation's first, or one left)."""
-    return set(os.listdir(path)) <= {"LOCK"} | _MAY_PRECEDE_STORE
+    return set(os.listdir(path)) <= {"LOCK"} | MAY_PRECEDE_STORE
 
 
 def mark_frontend(path: str) -> None:
@@ -228,11 +228,11 @@ def tighten(path: str) -> list[str]:
         os.chmod(path, DIR_MODE)
         changed.append(".")
     try:
-        if os.getxattr(path, _ACL_XATTR) != _ACL_OWNER_ONLY:
+        if os.getxattr(path, ACL_XATTR) != _ACL_OWNER_ONLY:
             raise OSError(errno.ENODATA, "another default ACL")
     except OSError:
         try:
-            os.setxattr(path, _ACL_XATTR, _ACL_OWNER_ONLY)
+            os.setxattr(path, ACL_XATTR, _ACL_OWNER_ONLY)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                 raise
@@ -272,7 +272,7 @@ def creation_cut_short(path: str) -> bool:
     key file write before a store has CURRENT: a creation that a crash cut
     short, to be made again."""
     names = {n for n in os.listdir(path)
-             if not n.startswith(("accman.key", "accman.newkey")) and n not in _MAY_PRECEDE_STORE}
+             if not n.startswith(("accman.key", "accman.newkey")) and n not in MAY_PRECEDE_STORE}
     if not names <= _CREATION_LEFTOVERS:
         return False
     if "MANIFEST-000001" in names:

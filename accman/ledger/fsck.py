@@ -74,6 +74,11 @@ class Checked(NamedTuple):
     bytes: int
 
 
+def has_leveldb_files(path: str) -> bool:
+    return any(LOG_NAME.match(n) or TABLE_NAME.match(n) or MANIFEST_NAME.match(n)
+               for n in os.listdir(path))
+
+
 def check_dir(path: str, *, synced_logs: dict | None = None,
               shown_as: str | None = None) -> Checked:
     """Checks the LevelDB files of the directory `path`; raises StoreCorrupt

@@ -198,7 +198,7 @@ class Store:
                 and not os.path.exists(os.path.join(path, wal.WAL_NAME))):
             if sealed:
                 self._refuse_sealed_without_checkpoint()
-            if _has_leveldb_files(path) and not datadir.creation_cut_short(path):
+            if fsck.has_leveldb_files(path) and not datadir.creation_cut_short(path):
                 raise StoreCorrupt(f"{self.path}: LevelDB files without CURRENT: "
                                    "not an AccMan store, or damaged")
             if self.read_only or not create:
@@ -445,6 +445,10 @@ class Store:
         except (AttributeError, RuntimeError, TypeError, ValueError):
             return None     # closed (plyvel's RuntimeError), never opened, or not a count
 
+    def lock_copy(self) -> int:
+        """A copy of the lock's descriptor: its flock outlives close until this is closed."""
+        return os.dup(self._lock_fd)
+
     def fork_child(self) -> None:
         """In a child after fork() (accman.ledger.forked): the child's copy
         of the flock's descriptor is closed (the parent keeps the lock), and
@@ -491,10 +495,5 @@ class Store:
             os.close(self._open_dir_fd)
             self._open_dir_fd = -1
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)       # releases the flock
+            os.close(self._lock_fd)       # releases the flock, but for a lock_copy
             self._lock_fd = -1
-
-
-def _has_leveldb_files(path: str) -> bool:
-    return any(fsck.LOG_NAME.match(n) or fsck.TABLE_NAME.match(n) or fsck.MANIFEST_NAME.match(n)
-               for n in os.listdir(path))

@@ -1,6 +1,7 @@
 """The HTTP/1.1 server over a store (accman/store.py):
 
     run.py         start-up: checks before the port is bound, descriptors, loop, signals
+    undo.py        what a refused start added to --data, taken back
     server.py      the listener, connections, completions, budget, timers, shutdown
     connection.py  one client connection: the only code that touches sockets
     state.py       a connection's states and their transitions

@@ -4,7 +4,6 @@ bound, the descriptor limit, the event loop, the signals."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -22,6 +21,7 @@ from accman.server.say import say
 from accman.store import missing_names
 from accman.server.server import Server
 from accman.server.settings import ServerLimits
+from accman.server.undo import Undo, lock_directory
 from accman.stdfds import standard_fds_open
 
 
@@ -155,13 +155,9 @@ def open_store(loop, store, data_path, store_urls, verify, low_balance, events_r
     return store, f"data={store.path}"
 
 
-# Held for the process's life, by directory: the lock is the open descriptor.
-_LOCKS: dict[str, int] = {}
-
-
 def _opened(loop, undo, store, data_path, *args):
     """open_store's (store, where); when the open fails, the loop is closed
-    and `undo` (lock_undo's) called."""
+    and `undo` (accman.server.undo's) called."""
     try:
         return open_store(loop, store, data_path, *args)
     except BaseException:
@@ -169,84 +165,6 @@ def _opened(loop, undo, store, data_path, *args):
         loop.close()
         undo()
         raise
-
-
-def lock_directory(data_path: str) -> None:
-    """One server per data directory (SPEC "Durability and order"), also
-    when the directory holds no store: the embedded store's own lock (a
-    flock on LOCK, accman.ledger.leveldb), so that a server of either store
-    and `accman verify` refuse a directory that a server of the other has."""
-    from accman.ledger import datadir
-    try:
-        datadir.check_usable(data_path, also=datadir.CURSOR_FILE, frontend=True)
-    except StoreError as e:
-        raise StartupError(f"data directory {e.detail}") from None
-    try:
-        os.makedirs(data_path, mode=0o700, exist_ok=True)
-        _LOCKS[data_path] = datadir.lock_exclusive(data_path, "LOCK")
-    except StoreLocked:
-        raise StartupError(f"data directory {data_path} is in use by another accman "
-                           "server") from None
-    except OSError as e:
-        raise StartupError(f"data directory {data_path}: {e.strerror or e}") from None
-    try:
-        datadir.mark_frontend(data_path)
-    except OSError as e:     # the front-end needs no room of its own: it serves on
-        say(f"accman: warning: data directory {data_path}: the mark that it is a "
-            f"front-end's ({datadir.FRONTEND_MARK}) could not be written: {e.strerror or e}; "
-            "a restart without --store would take it for a new embedded store")
-
-
-def lock_undo(store_urls, data_path):
-    """For a front-end's start (`store_urls` and a `data_path`): a call that
-    takes back what lock_directory adds to the directory (the lock, the
-    mark, and the directory itself when it was made, with each missing one
-    above it that os.makedirs made), for a start that fails.  Left, they
-    would have a later `serve` of the embedded store in the same path
-    refuse it (the mark's rule): a trap for whoever mistyped the URL.
-    Only a directory this start locked is touched; one that holds anything
-    else new is left.  The mark goes first, while the lock still guards
-    the path: once LOCK is unlinked, a server starting there makes a new
-    one, takes it, and keeps the mark it finds as its own."""
-    if not store_urls or data_path is None or data_path in _LOCKS:
-        return lambda: None
-    from accman.ledger import datadir
-    try:
-        before = set(os.listdir(data_path))
-    except FileNotFoundError:
-        before = None
-    except OSError:         # not a directory, not readable: the start refuses it
-        return lambda: None
-    added = {"LOCK", datadir.FRONTEND_MARK} - (before or set())
-    made = _missing(data_path) if before is None else []
-
-    def undo():
-        if data_path not in _LOCKS:
-            return          # not locked by this start: the directory is another's
-        try:
-            if set(os.listdir(data_path)) - (before or set()) <= added:
-                for name in (n for n in (datadir.FRONTEND_MARK, "LOCK") if n in added):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(data_path, name))
-                for directory in made:      # deepest first; one not empty stops it
-                    os.rmdir(directory)
-        except OSError:
-            pass            # the refusal already said what failed; the rest stays
-        finally:
-            fd = _LOCKS.pop(data_path, None)
-            if fd is not None:
-                os.close(fd)
-    return undo
-
-
-def _missing(path: str) -> list[str]:
-    """`path` and each directory above it that is not there, deepest first:
-    what os.makedirs makes for it."""
-    missing = []
-    while not os.path.lexists(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
 
 
 def redacted(url: str) -> str:
@@ -460,10 +378,10 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_loop_exception_handler)
-    undo = lock_undo(store_urls, data_path)
+    undo = Undo(data_path, store_urls, store is not None)
     store, where = _opened(loop, undo, store, data_path, store_urls, verify, low_balance,
                            events_retention_s, store_options)
-    deliverer = None
+    deliverer, refused = None, False
     try:
         server = Server(store, tokens=tokens, limits=limits, loop=loop)
         store.bind_loop(loop, deliver=server.deliver)
@@ -473,8 +391,9 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
                                        ready))
         failure = None if store.healthy else (store.failure or store.unhealthy_detail
                                               or "the store failed to commit")
-    except StartupError:        # it never served
-        undo()
+    except StartupError:        # it never served: what it added to --data goes
+        refused = True
+        undo.hold(store)
         raise
     finally:
         try:
@@ -484,6 +403,8 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+            if refused:
+                undo()
     if failure is not None:
         say(f"accman: stopped; {failure}")
         return 1

@@ -1,0 +1,153 @@
+"""What a start of `accman serve` adds to its --data, and its taking back
+when the start is refused (a port that cannot be bound, a store that
+cannot be opened): a refused start changes nothing.
+
+- A PostgreSQL front-end's --data holds its lock and FRONTEND_MARK
+  (lock_directory); left, they would have a later `serve` of the embedded
+  store in the same path refuse it (the mark's rule): a trap for whoever
+  mistyped the URL.
+- The embedded store's new store, made in a --data that was missing or
+  empty (lost+found aside) as the start began; left, a later start takes
+  it for its own, and an empty directory made for it comes back 0700.
+
+One rule for both, under the lock that the start took, which decides: the
+names the directory holds that it did not hold before go, only when each
+is one the start writes (the lock and the mark; a store's files), the
+lock's file last, then each directory the start made, deepest first.  A
+directory that holds anything else new is left whole.  Whatever goes
+before LOCK goes while the lock still guards the path: once LOCK is
+unlinked, a server starting there makes a new one and takes it, and what
+it then finds or makes is its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+
+from accman.errors import StartupError, StoreError, StoreLocked
+from accman.server.say import say
+
+# Held for the process's life, by directory: the lock is the open descriptor.
+# A refused start's embedded store's lock waits here, once its store is
+# closed, for the undo.
+_LOCKS: dict[str, int] = {}
+
+
+def lock_directory(data_path: str) -> None:
+    """One server per data directory (SPEC "Durability and order"), also
+    when the directory holds no store: the embedded store's own lock (a
+    flock on LOCK, accman.ledger.leveldb), so that a server of either store
+    and `accman verify` refuse a directory that a server of the other has."""
+    from accman.ledger import datadir
+    try:
+        datadir.check_usable(data_path, also=datadir.CURSOR_FILE, frontend=True)
+    except StoreError as e:
+        raise StartupError(f"data directory {e.detail}") from None
+    try:
+        os.makedirs(data_path, mode=0o700, exist_ok=True)
+        _LOCKS[data_path] = datadir.lock_exclusive(data_path, "LOCK")
+    except StoreLocked:
+        raise StartupError(f"data directory {data_path} is in use by another accman "
+                           "server") from None
+    except OSError as e:
+        raise StartupError(f"data directory {data_path}: {e.strerror or e}") from None
+    try:
+        datadir.mark_frontend(data_path)
+    except OSError as e:     # the front-end needs no room of its own: it serves on
+        say(f"accman: warning: data directory {data_path}: the mark that it is a "
+            f"front-end's ({datadir.FRONTEND_MARK}) could not be written: {e.strerror or e}; "
+            "a restart without --store would take it for a new embedded store")
+
+
+class Undo:
+    """Made before the store opens, from what --data holds then; called
+    when the start is refused, after its store is closed (`hold` keeps the
+    embedded store's lock past its close).  Does nothing for a start that
+    opens no --data (a store given to run(), a front-end without --data),
+    a front-end whose directory this process locked before, or an embedded
+    store in a directory that held anything."""
+
+    def __init__(self, data_path: str | None, store_urls, store_given: bool):
+        from accman.ledger import datadir
+        self.path, self.frontend, self.before = data_path, bool(store_urls), None
+        self.made, self.mode_acl, self.active = [], None, False
+        if data_path is None or store_given or data_path in _LOCKS:
+            return
+        try:
+            self.before = set(os.listdir(data_path))
+            self.mode_acl = _mode_acl(data_path)
+        except FileNotFoundError:
+            self.made = _missing(data_path)
+        except OSError:         # not a directory, not readable: the start refuses it
+            return
+        self.active = self.frontend or self.before is None or (
+            self.before <= datadir.MAY_PRECEDE_STORE)
+
+    def hold(self, store) -> None:
+        """Before a refused start's embedded store closes: its lock kept for
+        the undo, when the store holds no account (made by this start, in a
+        directory that was empty: no other start served it between)."""
+        if self.active and not self.frontend and len(store) == 0:
+            with contextlib.suppress(OSError):      # no descriptor left: the store stays
+                _LOCKS[self.path] = store.store.lock_copy()
+
+    def _written(self, name: str) -> bool:
+        from accman.ledger import datadir
+        if self.frontend:
+            return name in ("LOCK", datadir.FRONTEND_MARK)
+        return datadir.STORE_FILE.match(name) is not None
+
+    def __call__(self) -> None:
+        fd = _LOCKS.pop(self.path, None) if self.active else None
+        if fd is None:
+            return          # not locked by this start: the directory is another's
+        try:
+            new = set(os.listdir(self.path)) - (self.before or set())
+            if not all(self._written(n) for n in new):
+                return
+            for name in sorted(new - {"LOCK"}):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
+            if self.mode_acl is not None:
+                _restore_mode_acl(self.path, *self.mode_acl)
+            if "LOCK" in new:
+                os.unlink(os.path.join(self.path, "LOCK"))
+            for directory in self.made:     # deepest first; one not empty stops it
+                os.rmdir(directory)
+        except OSError:
+            pass            # the refusal already said what failed; the rest stays
+        finally:
+            os.close(fd)
+
+
+def _missing(path: str) -> list[str]:
+    """`path` and each directory above it that is not there, deepest first:
+    what os.makedirs makes for it."""
+    missing = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _mode_acl(path: str) -> tuple[int, bytes | None]:
+    """A directory's mode and default ACL, which a new store's open sets
+    (accman.ledger.datadir.tighten)."""
+    from accman.ledger import datadir
+    try:
+        acl = os.getxattr(path, datadir.ACL_XATTR)
+    except OSError:
+        acl = None
+    return stat.S_IMODE(os.stat(path).st_mode), acl
+
+
+def _restore_mode_acl(path: str, mode: int, acl: bytes | None) -> None:
+    from accman.ledger import datadir
+    os.chmod(path, mode)
+    if acl is not None:
+        os.setxattr(path, datadir.ACL_XATTR, acl)
+    else:
+        with contextlib.suppress(OSError):      # none set, or no ACLs here
+            os.removexattr(path, datadir.ACL_XATTR)

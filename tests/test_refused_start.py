@@ -1,0 +1,143 @@
+"""A refused `accman serve` of the embedded store changes nothing: the
+store that start made in a new or empty --data (its port busy, its --host
+an address of no interface here) is taken back, the directories it made
+too, and the empty directory's mode and default ACL are as they were.  A
+store that was there before, and one another start makes in the same path
+meanwhile, stay.  Real `accman serve` processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from accman import Ledger
+from accman.cli import EXIT_USAGE
+from conftest import ROOT, run_accman
+from test_data_at_rest import _state
+
+
+@pytest.fixture
+def busy_port():
+    """A port that a listening socket holds: a start binding it is refused."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield busy.getsockname()[1]
+
+
+def _refused_to_listen(port, data, *more):
+    proc = run_accman("serve", "--port", port, "--data", data, *more)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert "cannot listen on " in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize("found", [None, "parents", [], ["lost+found"]])
+def test_a_start_that_cannot_listen_takes_back_the_store_it_made(tmp_path, busy_port, found):
+    """The store was made (and left) before the port was found busy: a
+    later start took the empty store for its own, and a directory the user
+    had made empty for it came back 0700.  Now it is as it was found."""
+    d = tmp_path / "a" / "b" / "d" if found == "parents" else tmp_path / "d"
+    if isinstance(found, list):
+        d.mkdir(mode=0o755)
+        os.chmod(d, 0o755)
+        for name in found:
+            (d / name).mkdir()
+    before = _state(d) if isinstance(found, list) else None
+    _refused_to_listen(busy_port, d)
+    if before is None:
+        assert os.listdir(tmp_path) == []
+    else:
+        assert _state(d) == before
+
+
+def test_a_start_on_an_address_of_no_interface_takes_back_the_store_it_made(tmp_path):
+    """--host an address no interface here has (TEST-NET-1, RFC 5737)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read t0ken-of-the-test-0123456789\n")
+    os.chmod(tokens, 0o600)
+    proc = _refused_to_listen(0, tmp_path / "d", "--host", "192.0.2.1", "--tokens", tokens)
+    assert "192.0.2.1" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["tokens"]
+
+
+def test_a_start_that_cannot_listen_leaves_a_store_that_was_there(tmp_path, busy_port):
+    d = tmp_path / "d"
+    with Ledger(str(d)) as led:
+        led.mod("alice", 5)
+    _refused_to_listen(busy_port, d)
+    with Ledger(str(d), create=False) as led:
+        assert led.tot("alice") == 5
+
+
+def test_a_start_that_cannot_listen_leaves_a_file_put_beside_its_store(tmp_path, busy_port):
+    """What the directory holds that the store's creation did not write (a
+    user's file, put there while the start ran) keeps it all in place."""
+    d = tmp_path / "d"
+    code = ("import os, sys\n"
+            "from accman.server.run import run\n"
+            "from accman.server import StartupError\n"
+            "r = sys.modules['accman.server.run']\n"
+            "opened = r.open_ledger\n"
+            "def open_ledger(path, *a, **k):\n"
+            "    store = opened(path, *a, **k)\n"
+            "    open(os.path.join(path, 'notes.txt'), 'w').close()\n"
+            "    return store\n"
+            "r.open_ledger = open_ledger\n"
+            "try:\n"
+            "    run(port=int(sys.argv[2]), data=sys.argv[1])\n"
+            "except StartupError as e:\n"
+            "    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(d), str(busy_port)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "cannot listen on" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "notes.txt" in os.listdir(d) and "CURRENT" in os.listdir(d)
+    os.unlink(d / "notes.txt")
+    with Ledger(str(d), create=False) as led:
+        assert len(led) == 0
+
+
+# A refused start's undo, with another start of the embedded store in the
+# same --data after each file it removes: refused while the undo holds the
+# lock, it makes its own store once LOCK is gone, which stays.
+_UNDO_RACED = """
+import os, socket, sys
+from accman import Ledger
+from accman.errors import StoreLocked
+from accman.server import StartupError, run
+d = sys.argv[1]
+met, unlink = [], os.unlink
+def raced(path):
+    unlink(path)
+    if os.path.dirname(path) != d or met[-1:] == ["opened"]:
+        return
+    try:
+        with Ledger(d) as led:
+            led.mod("bob", 7)
+        met.append("opened")
+    except StoreLocked:
+        met.append("locked")
+os.unlink = raced
+with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        run(port=busy.getsockname()[1], data=d)
+    except StartupError as e:
+        print("refused", e, file=sys.stderr)
+os.unlink = unlink
+with Ledger(d, create=False) as led:
+    print(met.count("locked") > 0, met[-1] if met else None, led.tot("bob"))
+"""
+
+
+def test_a_refused_start_leaves_the_store_another_start_makes_meanwhile(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _UNDO_RACED, str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused cannot listen on" in proc.stderr, proc.stderr
+    assert proc.stdout.split() == ["True", "opened", "7"], (proc.stdout, proc.stderr)
