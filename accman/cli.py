@@ -43,7 +43,7 @@ from accman.calling.commands import (CALL_ENDS, EXIT_INTERRUPTED, EXIT_NO_ANSWER
                                      stopped_printing, stops_end_call, unprinted,
                                      unsent_without_stdout)
 from accman.calling.follow import FOLLOW_OUTAGE_S_MAX, FOLLOW_WAIT_S, Followed, follow, silence
-from accman.calling.output import print_ready, print_result, say, to_stdout
+from accman.calling.output import log_to_stderr, print_ready, print_result, say, to_stdout
 from accman.calling.sync import AccManSyncClient
 from accman.calling.usage import ARGV_WORDS_MAX, ArgumentParser
 from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
@@ -313,6 +313,7 @@ def cmd_migrate(args) -> int:
     if why is not None:
         return _fail(why)
     from accman.postgres import migrate_sync
+    log_to_stderr()         # the schema made beside another application's tables
     try:
         done = migrate_sync(args.store)
     except StoreError as e:

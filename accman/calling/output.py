@@ -7,11 +7,12 @@ the exit code still says what happened."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from accman.calling.commands import os_reason, stdout_closed_at_start, stdout_failed
 from accman.calling.follow import silence
-from accman.errors import StartupError
+from accman.errors import StartupError, where
 
 
 def to_stdout(line: str) -> OSError | None:
@@ -66,4 +67,24 @@ def print_ready(line: str) -> None:
     say(f"accman: stdout is closed; {line.removeprefix('accman: ')}", None)
 
 
-__all__ = ["to_stdout", "say", "print_result", "print_ready"]
+class SaidLines(logging.Handler):
+    """AccMan's loggers' warnings (a migration's) as the command's own
+    lines, "accman: " first, on stderr, as `accman serve` says them
+    (accman.server.say, which the calling side does not import): an
+    exception named by its type and place, never its message."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        say("accman: " + record.getMessage() + (f": {where(error)}" if error else ""), None)
+
+
+def log_to_stderr() -> None:
+    """AccMan's warnings and worse said by SaidLines; nothing when the
+    logger has a handler (an application's)."""
+    logger = logging.getLogger("accman")
+    if not logger.handlers:
+        logger.addHandler(SaidLines(logging.WARNING))
+        logger.propagate = False        # said once, whatever the root logger has
+
+
+__all__ = ["to_stdout", "say", "print_result", "print_ready", "log_to_stderr"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 
 import asyncpg
@@ -34,6 +35,8 @@ from accman.postgres.shape import (CLUSTER_ID_BYTES, SETUP_PREFIX, ClusterInfo,
                                    check_not_growing, check_not_pending, check_not_twice,
                                    check_setup_count, check_version, of_cluster,
                                    served_if_growing, setting_up, which)
+
+log = logging.getLogger("accman.postgres")
 
 HASH_KEY_BYTES = 16
 # Held while a migration runs, so that front-ends started together run it
@@ -74,7 +77,7 @@ async def read_info(conn) -> ClusterInfo | None:
 
 
 async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False, setup: bytes | None = None,
-                          bare: bool = False) -> tuple[ClusterInfo, bool]:
+                          bare: bool = False, shown: str = "") -> tuple[ClusterInfo, bool]:
     """Brings one cluster to SCHEMA_VERSION, in one transaction; a new one
     gets `hash_key`.  Refuses a newer schema, or one with another key,
     unless `adopt`: `hash_key` was made for a store that had none, and one
@@ -89,6 +92,8 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False, setup: byt
     a front-end may serve it as a store of one, looking for its accounts
     there only.  Returns the cluster's row, and whether this call marked
     it (a mark found there is another setup's, or an earlier call's).
+    Making the schema in a database that holds other tables is said, once
+    (said_beside; `shown` names the cluster of a store of several).
 
     The advisory lock is the session's, taken before the transaction
     begins: a transaction that began before another migration committed
@@ -97,19 +102,48 @@ async def migrate_cluster(conn, hash_key: bytes, adopt: bool = False, setup: byt
     lock's), and would make them again."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_ID)
     try:
-        info = await _migrate_locked(conn, hash_key, adopt, setup, bare)
+        info, marked, beside = await _migrate_locked(conn, hash_key, adopt, setup, bare)
     except BaseException:
         # The connection may be gone with the lock: the first error is the one to tell.
         with contextlib.suppress(*DRIVER_ERRORS):
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
         raise
     await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_ID)
-    return info
+    if beside is not None:          # once committed: the schema is made
+        said_beside(shown, *beside)
+    return info, marked
+
+
+# The tables of the database outside PostgreSQL's own schemas (a partition
+# counted with its table), read before AccMan's are made: another
+# application's, with the schema AccMan's go to.
+_BESIDE_SQL = r"""
+SELECT current_schema()::text, count(*),
+       array_agg(DISTINCT n.nspname::text ORDER BY n.nspname::text)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p', 'f') AND NOT c.relispartition
+   AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+"""
+
+
+def said_beside(shown: str, schema: str, count: int, schemas: list) -> None:
+    """A money store made in a database that another application uses
+    shares its backups and restores, its roles and its load: a warning,
+    not a refusal (AccMan's objects are all named accman_*, so both may
+    live there, as some do on purpose).  Names are quoted as repr does,
+    so that no name can make a line of its own."""
+    tables = f"{count} table{'s' * (count > 1)}"
+    where = ", ".join(map(repr, schemas))
+    log.warning("warning: %sAccMan's tables were made in schema %r of a database that holds "
+                "%s of another application (in schema%s %s): the store shares that "
+                "database's backups and restores, roles and load; a database of its own "
+                "keeps it apart (docs/SCALING.md, \"The data in PostgreSQL\")",
+                shown, schema, tables, "s" * (len(schemas) > 1), where)
 
 
 async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | None,
-                          bare: bool) -> tuple[ClusterInfo, bool]:
-    marked = False
+                          bare: bool) -> tuple[ClusterInfo, bool, tuple | None]:
+    marked, beside = False, None
     async with conn.transaction():
         info = await read_info(conn)
         if bare and setup is not None and info is not None and info.events_home is None:
@@ -122,6 +156,9 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | Non
         if info is not None and info.hash_key != hash_key and not adopt:
             raise StoreError("the clusters disagree on the credential-hash key: they are "
                              "not one store")
+        if info is None:
+            schema, count, schemas = await conn.fetchrow(_BESIDE_SQL)
+            beside = (schema, count, schemas) if count else None
         for v, sql in MIGRATIONS:
             if v > version:
                 await conn.execute(sql)
@@ -139,7 +176,7 @@ async def _migrate_locked(conn, hash_key: bytes, adopt: bool, setup: bytes | Non
                 "SELECT EXISTS (SELECT 1 FROM accman_accounts)"):
             await conn.execute("UPDATE accman_schema SET events_home = $1", setup)
             info, marked = info._replace(events_home=setup), True
-    return info, marked
+    return info, marked, beside
 
 
 async def settle_home(conns, infos: list[ClusterInfo],
@@ -255,8 +292,9 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
                       for n, (c, u) in enumerate(zip(conns, urls, strict=True))]
             got, marked = {}, []
             for k in sorted(range(len(urls)), key=lambda k: places[k]):
+                shown = f"{which([k + 1], len(urls))}: " if len(urls) > 1 else ""
                 got[k], made = await of_cluster(_migrated(conns[k], key, adopt, setup,
-                                                          infos[k] is None), k, len(urls))
+                                                          infos[k] is None, shown), k, len(urls))
                 key, adopt = got[k].hash_key, False
                 if made:
                     marked.append(conns[k])
@@ -339,9 +377,9 @@ async def _check_not_twice_new(marked, infos: list[ClusterInfo], setup: bytes | 
 
 
 async def _migrated(conn, key: bytes, adopt: bool, setup: bytes | None,
-                    bare: bool) -> tuple[ClusterInfo, bool]:
+                    bare: bool, shown: str) -> tuple[ClusterInfo, bool]:
     try:
-        return await migrate_cluster(conn, key, adopt, setup, bare)
+        return await migrate_cluster(conn, key, adopt, setup, bare, shown)
     except DRIVER_ERRORS as e:
         # A standby, a read-only database, a schema that is not ours.
         raise store_error(e, "cannot migrate the schema of a cluster of the store") from None

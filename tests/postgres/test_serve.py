@@ -352,3 +352,56 @@ def test_a_front_end_stopped_while_it_cannot_commit_exits_1_saying_why(pg_factor
                                       r" \((connection refused|the database is starting up or "
                                       r"shutting down)\))\); the server takes no writes",
                                       last), last
+
+
+# Another application's tables, in its own schema and in the one AccMan's
+# tables go to (the connection's: public).
+_ANOTHER_APP = ("CREATE TABLE orders (id int); CREATE TABLE customers (id int); "
+                "CREATE SCHEMA billing; CREATE TABLE billing.invoices (id int)")
+_BESIDE = ("accman: warning: AccMan's tables were made in schema 'public' of a database "
+           "that holds 3 tables of another application (in schemas 'billing', 'public')")
+
+
+def test_migrate_into_a_database_of_another_application_says_so_once(pg):
+    """AccMan's schema made beside another application's tables was made
+    without a word: a money store sharing that database's backups, roles
+    and load.  Said on stderr when the schema is made there, not again."""
+    url = pg.create_database("beside")
+    pg.psql(_ANOTHER_APP, "beside")
+    said = []
+    for _ in range(2):
+        proc = run_accman("migrate", "--store", url)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"accman: 1 cluster(s) at schema version {SCHEMA_VERSION}"
+        said.append(proc.stderr)
+    assert said[0].startswith(_BESIDE) and said[0].count("\n") == 1, said[0]
+    assert said[1] == "", said[1]
+    alone = pg.create_database("alone")
+    proc = run_accman("migrate", "--store", alone)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_migrate_of_several_clusters_names_the_one_beside_another_application(pg):
+    urls = [pg.create_database("two_alone"), pg.create_database("two_beside")]
+    pg.psql("CREATE TABLE orders (id int)", "two_beside")
+    proc = run_accman("migrate", "--store", urls[0], "--store", urls[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(
+        "accman: warning: cluster 2 of 2: AccMan's tables were made in schema 'public' of a "
+        "database that holds 1 table of another application (in schema 'public'): "), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_serve_that_makes_its_schema_beside_another_application_says_so_once(pg, tmp_path):
+    url = pg.create_database("servebeside")
+    pg.psql(_ANOTHER_APP, "servebeside")
+    said = []
+    for n in range(2):
+        srv = spawn_server(tmp_path / "data", tmp_path / f"log{n}", args=["--store", url])
+        try:
+            assert srv.mod("a", 5).status == 200
+        finally:
+            assert srv.stop() == 0
+        said.append([line for line in srv.stderr().splitlines() if "another application" in line])
+    assert len(said[0]) == 1 and said[0][0].startswith(_BESIDE), said[0]
+    assert said[1] == []
