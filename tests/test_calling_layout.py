@@ -76,22 +76,20 @@ def test_the_cli_imports_the_ledger_and_the_server_only_to_serve_and_verify():
 
 
 def test_the_shared_leaves_and_the_package_import_no_part():
-    for leaf in ("errors", "limits", "records", "stdfds"):
+    for leaf in ("errors", "limits", "records", "deadline", "stdfds"):
         assert accman_imports(ROOT / "accman" / f"{leaf}.py") == []
     init = accman_imports(ROOT / "accman" / "__init__.py", top_level_only=True)
     assert init and all(allowed(n) for n in init)
 
 
-@pytest.mark.parametrize("module", ["accman.calling.client", "accman.calling.sync",
-                                    "accman.calling.parser", "accman.calling.replies",
-                                    "accman.calling.requests", "accman.calling.policy",
-                                    "accman.calling.asgi", "accman.calling.owed",
-                                    "accman.calling.conn", "accman.calling.commands",
-                                    "accman.calling.follow", "accman.calling.output",
-                                    "accman.calling.reserve", "accman.calling.settings",
-                                    "accman.calling.prices",
-                                    "accman.calling.disconnect", "accman.calling.lifespan",
-                                    "accman.calling.arguments", "accman.cli"])
+# Every module of the calling side, and the command line: found, not listed,
+# so that a new module is checked too.
+CALLING_MODULES = sorted(f"accman.calling.{p.stem}" for p in
+                         (ROOT / "accman" / "calling").glob("*.py")
+                         if p.stem != "__init__") + ["accman.cli"]
+
+
+@pytest.mark.parametrize("module", CALLING_MODULES)
 def test_every_exception_class_is_in_accman_errors(module):
     mod = importlib.import_module(module)
     own = [name for name, obj in vars(mod).items()
