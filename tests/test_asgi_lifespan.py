@@ -661,3 +661,61 @@ def test_a_close_its_stopped_loop_left_under_way_does_not_stop_the_next_loop_s_p
             task.cancel()
         stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         stopped.close()
+
+
+def test_a_close_its_stopped_loop_left_ends_later_without_cutting_the_next_loop_s_payer(
+        monkeypatch):
+    """A close() an event loop stopped unclosed left waiting for the call
+    under way ends only later, as that loop's leftover tasks are cancelled
+    and run; a payer of the next loop, stopped in turn with its call under
+    way, is not its to cut off: that call is not stranded, and lands once
+    the next loop runs again."""
+    runs = []
+
+    class FirstHangs(owed_mod.Mod):
+        async def run(self, acc) -> int:
+            runs.append(self.key)
+            if self.key == "first-c" and runs.count("first-c") == 1:
+                await asyncio.Event().wait()        # under the stopped loop: never answered
+            if self.key == "second-c":
+                await asyncio.sleep(0.3)            # under way as the next loop stops
+            return max(-self.by, 0)
+
+    stats, unpaid, charged = {"owed": 0, "stranded": 0}, [], []
+    owed = owed_mod.Owed(lambda: None, stats, charged.append,
+                         lambda c, a, w: unpaid.append(a))
+
+    async def first():
+        owed.add(FirstHangs(CRED, -2, "first-c", "charge"), Busy("full"))
+        asyncio.get_running_loop().create_task(owed.close())
+        deadline = time.monotonic() + 30
+        while owed._closing is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)               # past its drain: the last call's wait
+        assert owed._closing is not None
+
+    async def second():
+        owed.add(FirstHangs(CRED, -3, "second-c", "charge"), Busy("full"))
+        deadline = time.monotonic() + 30
+        while runs.count("second-c") == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)               # second-c under way
+        assert runs == ["first-c", "first-c", "second-c"]
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.05)
+    stopped, following = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        stopped.run_until_complete(first())
+        following.run_until_complete(second())  # stopped with second-c under way
+        left = asyncio.all_tasks(stopped)
+        for task in left:
+            task.cancel()                           # the close() left unfinished ends
+        stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        assert following.run_until_complete(owed.drain(30))
+        assert runs == ["first-c", "first-c", "second-c"] and len(owed) == 0
+        assert charged == [2, 3] and unpaid == [] and stats["stranded"] == 0
+    finally:
+        for loop in (stopped, following):
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.close()

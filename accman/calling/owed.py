@@ -309,8 +309,9 @@ class Owed:
         The call under way when the time is up gets SHUTDOWN_LAST_CALL_S
         more to end, and nothing new starts.  Whatever is left, even when
         close itself is cancelled, is stranded: the first item as of
-        unknown outcome if its last attempt may have landed.  A drain() or
-        a close() waiting meanwhile ends once it has."""
+        unknown outcome if its last attempt may have landed; unless a payer
+        of another loop has it (this loop stopped unclosed, then went on).
+        A drain() or a close() waiting meanwhile ends once it has."""
         try:
             if await self.drain(SHUTDOWN_DRAIN_S):
                 return
@@ -341,15 +342,25 @@ class Owed:
         # The task cut off is no longer the payer: a call owed before it
         # has ended gets a new one (the queue works after close), and what
         # it strands below is not stranded again as cancelled with the loop.
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-        self._strand_all("shutting down", self._running)
-        self._running = None
-        for ends in (self._closing, self._cut):     # the waiters of a close() under way end
-            if ends is not None and not ends.done() and not ends.get_loop().is_closed():
+        # A close() a loop stopped unclosed left unfinished, ending later
+        # (its leftover tasks cancelled), leaves a payer of another loop,
+        # and a close() there, be: the queue is theirs to pay or strand.
+        loop = asyncio.get_running_loop()
+        task = self._task
+        own = task is None or task.done() or task.get_loop() is loop
+        if own:
+            self._task = None
+            if task is not None and not task.done():
+                task.cancel()
+            self._strand_all("shutting down", self._running)
+            self._running = None
+        for name in ("_closing", "_cut"):           # the waiters of a close() under way end
+            ends = getattr(self, name)
+            if ends is None or not (own or ends.get_loop() is loop):
+                continue
+            if not ends.done() and not ends.get_loop().is_closed():
                 ends.set_result(None)
-        self._closing = self._cut = None
+            setattr(self, name, None)
 
 
 def _pause_s(attempt: int) -> float:
