@@ -581,7 +581,7 @@ def test_a_call_sent_under_a_stopped_loop_is_of_unknown_outcome_when_the_next_en
     the charge owed behind it, never sent, as the account owing it."""
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
-        fake.fault = lambda meth, p, q: ("delay", 0.3) if q.get("key") == "sent-c" else None
+        fake.fault = lambda meth, p, q: ("delay", 1.0) if q.get("key") == "sent-c" else None
         unpaid = []
         m = AccManMiddleware(make_app(), url=fake.url, cost=2, retries=0,
                              on_unpaid=lambda c, a: unpaid.append(a))
@@ -590,7 +590,7 @@ def test_a_call_sent_under_a_stopped_loop_is_of_unknown_outcome_when_the_next_en
             m._owed.add(owed_mod.Mod(CRED, -2, "sent-c", "charge"), Busy("full"))
             deadline = time.monotonic() + 30
             while not fake.mods() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)           # sent; its reply is 0.3 s away
+                await asyncio.sleep(0.01)           # sent; its reply is 1 s away
             assert fake.mods()
 
         async def second():
