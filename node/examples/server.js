@@ -31,6 +31,8 @@ const accman = require('..')
 const ACCMAN_URL = process.env.ACCMAN_URL || 'http://127.0.0.1:8080'
 const PORT_DEFAULT = 3000
 const PORT_MAX = 65535
+// A report has at most this many rows, so costs at most a tenth of it.
+const REPORT_ROWS_MAX = 100
 
 // A number in plain digits: Number() would take 0x5a, 1e1 and ' 90 ', and
 // an example that listens on port 1000 for PORT=1e3 listens where nobody
@@ -71,14 +73,22 @@ async function build () {
   app.get('/health', async () => ({ up: true }))
   app.get('/metrics', async (request, reply) => reply.type('text/plain').send(app.accman.metrics()))
   app.get('/weather', async () => ({ city: 'Lisbon', celsius: 21 }))
-  // A report costs one per ten rows; it may cost up to 10, so that much is
-  // required (check) or held (reserve) before it runs.
+  // A report costs one per started ten rows; it may cost up to 10, so that
+  // much is required (check) or held (reserve) before it runs.  `rows` is 1
+  // to REPORT_ROWS_MAX in plain digits (default 10), as in the Python
+  // example; anything else is a 400, which is not charged.
   app.get('/report', {
     config: {
-      accman: (request, reply, stage) => stage === 'estimate' ? 10 : Math.ceil(Number(reply.getHeader('x-rows') || 0) / 10)
+      accman: (request, reply, stage) => stage === 'estimate'
+        ? REPORT_ROWS_MAX / 10
+        : Math.ceil(Number(reply.getHeader('x-rows') || 0) / 10)
     }
   }, async (request, reply) => {
-    const rows = Math.min(Number(request.query.rows) || 0, 100)
+    const text = request.query.rows ?? '10'
+    const rows = PLAIN_DIGITS.test(text) ? Number(text) : 0
+    if (rows < 1 || rows > REPORT_ROWS_MAX) {
+      return reply.code(400).send({ error: `rows must be 1 to ${REPORT_ROWS_MAX}` })
+    }
     reply.header('x-rows', String(rows))
     return { rows: Array.from({ length: rows }, (_, i) => i) }
   })

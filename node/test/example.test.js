@@ -75,6 +75,12 @@ test('the example charges a report by its rows and sets the header', async (t) =
   const report = await fetch(url + '/report?rows=42', { headers: { accman: 'example-user' } })
   assert.equal(report.status, 200)
   assert.equal(report.headers.get('accman'), '94')
+  for (const rows of ['1e1', '0', '101', '-5', '4.5', ' 9', '']) {
+    const refused = await fetch(url + '/report?rows=' + encodeURIComponent(rows),
+      { headers: { accman: 'example-user' } })
+    assert.deepEqual([refused.status, await refused.json()], [400, { error: 'rows must be 1 to 100' }], rows)
+  }
+  assert.equal(await acc.tot('example-user'), 94) // the 400s were not charged
   assert.equal((await fetch(url + '/status')).status, 200)
   assert.match(await (await fetch(url + '/metrics')).text(), /accman_plugin_charged_total 2/)
 })
