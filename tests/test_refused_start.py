@@ -141,3 +141,42 @@ def test_a_refused_start_leaves_the_store_another_start_makes_meanwhile(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "refused cannot listen on" in proc.stderr, proc.stderr
     assert proc.stdout.split() == ["True", "opened", "7"], (proc.stdout, proc.stderr)
+
+
+# A refused start whose store another start made, served and closed between
+# the look the undo takes at --data and the open: the open finds that store.
+_MADE_MEANWHILE = """
+import os, sys
+from accman import Ledger
+from accman.server import StartupError
+from accman.server.run import run
+r = sys.modules['accman.server.run']
+opened = r.open_ledger
+def open_ledger(path, *a, **k):
+    with Ledger(path):
+        pass
+    return opened(path, *a, **k)
+r.open_ledger = open_ledger
+try:
+    run(port=int(sys.argv[2]), data=sys.argv[1])
+except StartupError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("found", [None, []])
+def test_a_refused_start_leaves_a_store_another_start_made_before_its_open(
+        tmp_path, busy_port, found):
+    """The other start's store held no account: the refused start, which
+    had seen --data missing or empty, removed it (and the directory the
+    other start had made) as if its own open had made it.  Only a store
+    this start's open made is taken back."""
+    d = tmp_path / "d"
+    if found is not None:
+        d.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _MADE_MEANWHILE, str(d), str(busy_port)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "cannot listen on" in proc.stdout, (proc.stdout, proc.stderr)
+    assert {"CURRENT", "accman.key"} <= set(os.listdir(d))
+    with Ledger(str(d), create=False) as led:
+        assert len(led) == 0

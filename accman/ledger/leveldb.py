@@ -71,8 +71,8 @@ class Store:
         self.path = os.path.abspath(datadir.checked_path(path))     # named in every message
         self.dir = self.path                    # where the files are opened
         self.read_only = read_only
-        self._lock_fd = -1
-        self._scratch = None
+        self._lock_fd, self._scratch = -1, None
+        self.created = False        # this open made the store (a refused start takes it back)
         self.wal = None
         self.db = None
         self._upgrade = None        # the format record, rewritten after recovery
@@ -213,6 +213,7 @@ class Store:
                 salt = keyfile.new_salt()
                 keyfile.write_key(self._dir_fd(), salt)
             datadir.write_new_leveldb(path)
+            self.created = True
             return salt, False, None, []
         records = []
         # Another LevelDB (not an AccMan: it would hold our lock) has the

@@ -87,9 +87,11 @@ class Undo:
 
     def hold(self, store) -> None:
         """Before a refused start's embedded store closes: its lock kept for
-        the undo, when the store holds no account (made by this start, in a
-        directory that was empty: no other start served it between)."""
-        if self.active and not self.frontend and len(store) == 0:
+        the undo, when this start's open made the store (under the lock it
+        holds since: no other start served it) and it holds no account.  A
+        store another start made between the look at --data and the open
+        is that start's, empty or not."""
+        if self.active and not self.frontend and store.store.created and len(store) == 0:
             with contextlib.suppress(OSError):      # no descriptor left: the store stays
                 _LOCKS[self.path] = store.store.lock_copy()
 
