@@ -534,6 +534,38 @@ def test_a_failed_front_end_start_leaves_the_mark_of_one_that_takes_the_lock(tmp
     assert proc.stdout.split() == ["1", f"['{datadir.FRONTEND_MARK}',", "'LOCK']"], proc.stdout
 
 
+# Another front-end's whole life (its lock, its mark, its exit) between a
+# failed front-end start's first look at --data and the lock it takes.
+_FRONT_END_MEANWHILE = """
+import os, sys
+from accman.ledger import datadir
+from accman.server.undo import Undo, lock_directory
+d = sys.argv[1]
+undo = Undo(d, [sys.argv[2]], False)
+os.makedirs(d, exist_ok=True)
+os.close(datadir.lock_exclusive(d))
+datadir.mark_frontend(d)
+lock_directory(d)
+undo()
+print(sorted(os.listdir(d)))
+"""
+
+
+@pytest.mark.parametrize("found", [None, []])
+def test_a_failed_front_end_start_leaves_what_another_made_before_its_lock(tmp_path, found):
+    """The other front-end left its lock and its mark, as a front-end
+    does: the failed start, which had seen --data missing or empty, took
+    them (and the directory) back as its own, and a later start without
+    --store took that path for a new embedded store."""
+    d = tmp_path / "d"
+    if found is not None:
+        d.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _FRONT_END_MEANWHILE, str(d), NO_DATABASE],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"['{datadir.FRONTEND_MARK}',", "'LOCK']"], proc.stdout
+
+
 def test_a_refused_store_keeps_its_files_modes(tmp_path):
     """Tightening comes after every check: a store refused as damaged is
     left as it was found, modes included."""

@@ -17,7 +17,10 @@ lock's file last, then each directory the start made, deepest first.  A
 directory that holds anything else new is left whole.  Whatever goes
 before LOCK goes while the lock still guards the path: once LOCK is
 unlinked, a server starting there makes a new one and takes it, and what
-it then finds or makes is its own.
+it then finds or makes is its own.  What another start made before this
+one's lock (between the first look at --data and the lock) is that
+start's: a front-end's lock and mark found then, a store the open did not
+make, leave it all.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from accman.server.say import say
 # A refused start's embedded store's lock waits here, once its store is
 # closed, for the undo.
 _LOCKS: dict[str, int] = {}
+# What a front-end's --data held as its lock was taken (lock_directory): a
+# name there that the undo's first look did not see was made meanwhile by
+# another start, which may have served there and left its lock and mark.
+_FOUND: dict[str, set] = {}
 
 
 def lock_directory(data_path: str) -> None:
@@ -47,7 +54,9 @@ def lock_directory(data_path: str) -> None:
         raise StartupError(f"data directory {e.detail}") from None
     try:
         os.makedirs(data_path, mode=0o700, exist_ok=True)
+        found = set(os.listdir(data_path))      # LOCK among them if it was there
         _LOCKS[data_path] = datadir.lock_exclusive(data_path, "LOCK")
+        _FOUND[data_path] = found | (set(os.listdir(data_path)) - {"LOCK"})
     except StoreLocked:
         raise StartupError(f"data directory {data_path} is in use by another accman "
                            "server") from None
@@ -105,7 +114,10 @@ class Undo:
         fd = _LOCKS.pop(self.path, None) if self.active else None
         if fd is None:
             return          # not locked by this start: the directory is another's
+        found = _FOUND.pop(self.path, None)
         try:
+            if self.frontend and (found is None or found - (self.before or set())):
+                return      # another start's, made before this one's lock, or not known
             new = set(os.listdir(self.path)) - (self.before or set())
             if not all(self._written(n) for n in new):
                 return
