@@ -74,9 +74,12 @@ def test_a_start_that_cannot_listen_leaves_a_store_that_was_there(tmp_path, busy
         assert led.tot("alice") == 5
 
 
-def test_a_start_that_cannot_listen_leaves_a_file_put_beside_its_store(tmp_path, busy_port):
+@pytest.mark.parametrize("name", ["notes.txt", "accman.log"])
+def test_a_start_that_cannot_listen_leaves_a_file_put_beside_its_store(tmp_path, busy_port,
+                                                                      name):
     """What the directory holds that the store's creation did not write (a
-    user's file, put there while the start ran) keeps it all in place."""
+    user's file, put there while the start ran) keeps it all in place: a
+    name of the form of the store's own (accman.*) too."""
     d = tmp_path / "d"
     code = ("import os, sys\n"
             "from accman.server.run import run\n"
@@ -85,18 +88,18 @@ def test_a_start_that_cannot_listen_leaves_a_file_put_beside_its_store(tmp_path,
             "opened = r.open_ledger\n"
             "def open_ledger(path, *a, **k):\n"
             "    store = opened(path, *a, **k)\n"
-            "    open(os.path.join(path, 'notes.txt'), 'w').close()\n"
+            "    open(os.path.join(path, sys.argv[3]), 'w').close()\n"
             "    return store\n"
             "r.open_ledger = open_ledger\n"
             "try:\n"
             "    run(port=int(sys.argv[2]), data=sys.argv[1])\n"
             "except StartupError as e:\n"
             "    print(e)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(d), str(busy_port)],
+    proc = subprocess.run([sys.executable, "-c", code, str(d), str(busy_port), name],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert "cannot listen on" in proc.stdout, (proc.stdout, proc.stderr)
-    assert "notes.txt" in os.listdir(d) and "CURRENT" in os.listdir(d)
-    os.unlink(d / "notes.txt")
+    assert name in os.listdir(d) and "CURRENT" in os.listdir(d)
+    os.unlink(d / name)
     with Ledger(str(d), create=False) as led:
         assert len(led) == 0
 

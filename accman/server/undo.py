@@ -105,9 +105,14 @@ class Undo:
                 _LOCKS[self.path] = store.store.lock_copy()
 
     def _written(self, name: str) -> bool:
-        from accman.ledger import datadir
+        from accman.ledger import datadir, keyfile, wal
         if self.frontend:
             return name in ("LOCK", datadir.FRONTEND_MARK)
+        # AccMan's own files by their names: STORE_FILE's accman.* takes in
+        # any name of that form, a user's accman.log put there meanwhile too.
+        if name.startswith("accman."):
+            return name.removesuffix(".tmp") in (keyfile.KEY_NAME, keyfile.PENDING_NAME,
+                                                 wal.WAL_NAME, wal.CHECKPOINT_NAME)
         return datadir.STORE_FILE.match(name) is not None
 
     def __call__(self) -> None:
