@@ -506,8 +506,8 @@ d = sys.argv[1]
 undo = Undo(d, [sys.argv[2]], False)
 lock_directory(d)
 held, unlink = [], os.unlink
-def raced(path):
-    unlink(path)
+def raced(path, *, dir_fd=None):
+    unlink(path, dir_fd=dir_fd)
     if not held:
         try:
             held.append(datadir.lock_exclusive(d))

@@ -114,9 +114,9 @@ from accman.errors import StoreLocked
 from accman.server import StartupError, run
 d = sys.argv[1]
 met, unlink = [], os.unlink
-def raced(path):
-    unlink(path)
-    if os.path.dirname(path) != d or met[-1:] == ["opened"]:
+def raced(path, *, dir_fd=None):
+    unlink(path, dir_fd=dir_fd)
+    if dir_fd is None and os.path.dirname(path) != d or met[-1:] == ["opened"]:
         return
     try:
         with Ledger(d) as led:
@@ -183,3 +183,42 @@ def test_a_refused_start_leaves_a_store_another_start_made_before_its_open(
     assert {"CURRENT", "accman.key"} <= set(os.listdir(d))
     with Ledger(str(d), create=False) as led:
         assert len(led) == 0
+
+
+# --data a symbolic link that is turned to another directory while the
+# start runs (a deployment's "current" link): the store there is another's.
+_LINK_TURNED = """
+import os, sys
+from accman.server import StartupError
+from accman.server.run import run
+link, other = sys.argv[1], sys.argv[3]
+r = sys.modules['accman.server.run']
+opened = r.open_ledger
+def open_ledger(path, *a, **k):
+    store = opened(path, *a, **k)
+    os.symlink(other, link + ".new")
+    os.replace(link + ".new", link)
+    return store
+r.open_ledger = open_ledger
+try:
+    run(port=int(sys.argv[2]), data=link)
+except StartupError as e:
+    print(e)
+"""
+
+
+def test_a_refused_start_leaves_the_store_its_data_link_is_turned_to(tmp_path, busy_port):
+    """The undo listed and removed by the path: a link turned meanwhile to
+    another store's directory had that store's files (its accounts too)
+    removed.  What the undo removes is in the directory its lock is in."""
+    (tmp_path / "v1").mkdir()
+    other = tmp_path / "v2"
+    with Ledger(str(other)) as led:
+        led.mod("alice", 5)
+    os.symlink(tmp_path / "v1", tmp_path / "current")
+    proc = subprocess.run([sys.executable, "-c", _LINK_TURNED, str(tmp_path / "current"),
+                           str(busy_port), str(other)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "cannot listen on" in proc.stdout, (proc.stdout, proc.stderr)
+    with Ledger(str(other), create=False) as led:
+        assert led.tot("alice") == 5

@@ -120,25 +120,37 @@ class Undo:
         if fd is None:
             return          # not locked by this start: the directory is another's
         found = _FOUND.pop(self.path, None)
+        dir_fd = -1
         try:
             if self.frontend and (found is None or found - (self.before or set())):
                 return      # another start's, made before this one's lock, or not known
-            new = set(os.listdir(self.path)) - (self.before or set())
-            if not all(self._written(n) for n in new):
-                return
-            for name in sorted(new - {"LOCK"}):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.path, name))
-            if self.mode_acl is not None:
-                _restore_mode_acl(self.path, *self.mode_acl)
-            if "LOCK" in new:
-                os.unlink(os.path.join(self.path, "LOCK"))
-            for directory in self.made:     # deepest first; one not empty stops it
-                os.rmdir(directory)
+            # All of it through the directory whose LOCK this start holds: a
+            # --data (or a link on its way) turned meanwhile names another's.
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            if os.path.samestat(os.fstat(fd), os.stat("LOCK", dir_fd=dir_fd)):
+                self._take_back(dir_fd)
         except OSError:
             pass            # the refusal already said what failed; the rest stays
         finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
             os.close(fd)
+
+    def _take_back(self, dir_fd: int) -> None:
+        new = set(os.listdir(dir_fd)) - (self.before or set())
+        if not all(self._written(n) for n in new):
+            return
+        for name in sorted(new - {"LOCK"}):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+        if self.mode_acl is not None:
+            _restore_mode_acl(dir_fd, *self.mode_acl)
+        if "LOCK" in new:
+            os.unlink("LOCK", dir_fd=dir_fd)
+        if self.made and not os.path.samestat(os.fstat(dir_fd), os.lstat(self.path)):
+            return          # the path names another directory now
+        for directory in self.made:     # deepest first; one not empty stops it
+            os.rmdir(directory)
 
 
 def _missing(path: str) -> list[str]:
@@ -162,11 +174,12 @@ def _mode_acl(path: str) -> tuple[int, bytes | None]:
     return stat.S_IMODE(os.stat(path).st_mode), acl
 
 
-def _restore_mode_acl(path: str, mode: int, acl: bytes | None) -> None:
+def _restore_mode_acl(fd: int, mode: int, acl: bytes | None) -> None:
+    """On the directory open as `fd`."""
     from accman.ledger import datadir
-    os.chmod(path, mode)
+    os.chmod(fd, mode)
     if acl is not None:
-        os.setxattr(path, datadir.ACL_XATTR, acl)
+        os.setxattr(fd, datadir.ACL_XATTR, acl)
     else:
         with contextlib.suppress(OSError):      # none set, or no ACLs here
-            os.removexattr(path, datadir.ACL_XATTR)
+            os.removexattr(fd, datadir.ACL_XATTR)
