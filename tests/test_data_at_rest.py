@@ -626,3 +626,27 @@ def test_a_lock_taken_on_a_lock_file_unlinked_meanwhile_is_taken_again(tmp_path,
             datadir.lock_exclusive(str(tmp_path))
     finally:
         os.close(held[1])
+
+
+def test_a_shared_lock_taken_on_a_lock_file_unlinked_meanwhile_is_taken_again(
+        tmp_path, monkeypatch):
+    """`accman verify`'s shared lock, between its open of LOCK and its flock:
+    a refused start took its store back (LOCK unlinked last) and a server
+    made a new LOCK and took it.  The shared flock on the unlinked file
+    succeeded, and verify read a directory a server was writing."""
+    os.close(datadir.lock_exclusive(str(tmp_path)))
+    held, flock = [], datadir.fcntl.flock
+
+    def swapped(fd, op):
+        if not held:
+            held.append(None)
+            os.unlink(tmp_path / "LOCK")
+            held.append(datadir.lock_exclusive(str(tmp_path)))     # the server's
+        flock(fd, op)
+
+    monkeypatch.setattr(datadir.fcntl, "flock", swapped)
+    try:
+        with pytest.raises(StoreLocked):
+            os.close(datadir.lock_shared(str(tmp_path)))
+    finally:
+        os.close(held[1])

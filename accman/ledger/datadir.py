@@ -320,11 +320,29 @@ def lock_exclusive(path: str, name: str = "LOCK") -> int:
     it (made if missing).  Returns the descriptor, which holds the lock
     until it is closed; StoreLocked if another process (or this one)
     holds it."""
+    return _lock_named(path, name, os.O_RDWR | os.O_CREAT, fcntl.LOCK_EX,
+                       " (or elsewhere in this one)")
+
+
+def lock_shared(path: str) -> int:
+    """For a read-only open: a shared flock on LOCK, so that no AccMan
+    server (which holds it exclusively) has the directory open.  Returns
+    the descriptor to close, or -1 when there is no LOCK file."""
+    return _lock_named(path, "LOCK", os.O_RDONLY, fcntl.LOCK_SH, "")
+
+
+def _lock_named(path: str, name: str, flags: int, op: int, elsewhere: str) -> int:
+    """The descriptor of a flock `op` on the file `name` names: -1 if none (no O_CREAT)."""
     file = os.path.join(path, name)
     for _ in range(LOCK_TRIES):
-        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(file, flags, 0o600)
+        except FileNotFoundError:
+            if flags & os.O_CREAT:
+                raise
+            return -1
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             break
@@ -332,27 +350,9 @@ def lock_exclusive(path: str, name: str = "LOCK") -> int:
             if os.path.samestat(os.fstat(fd), os.stat(file)):
                 return fd
         except FileNotFoundError:
-            pass            # unlinked, and none made since: made again
+            pass            # unlinked, and none made since: opened again
         os.close(fd)
-    raise StoreLocked(f"{path}: the data directory is open in another "
-                      "process (or elsewhere in this one)")
-
-
-def lock_shared(path: str) -> int:
-    """For a read-only open: a shared flock on LOCK, so that no AccMan
-    server (which holds it exclusively) has the directory open.  Returns
-    the descriptor to close, or -1 when there is no LOCK file."""
-    try:
-        fd = os.open(os.path.join(path, "LOCK"), os.O_RDONLY)
-    except FileNotFoundError:
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLocked(f"{path}: the data directory is open in another "
-                          "process") from None
-    return fd
+    raise StoreLocked(f"{path}: the data directory is open in another process{elsewhere}")
 
 
 def locked_elsewhere(path: str) -> bool:
