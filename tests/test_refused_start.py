@@ -8,6 +8,7 @@ meanwhile, stay.  Real `accman serve` processes."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -222,3 +223,35 @@ def test_a_refused_start_leaves_the_store_its_data_link_is_turned_to(tmp_path, b
     assert "cannot listen on" in proc.stdout, (proc.stdout, proc.stderr)
     with Ledger(str(other), create=False) as led:
         assert led.tot("alice") == 5
+
+
+# A stop (SIGTERM, ^C) that lands while a refused start's undo removes its
+# store's files: sent by the process itself once CURRENT is gone.
+_STOPPED_IN_UNDO = """
+import os, signal, socket, sys
+from accman.cli import main
+unlink = os.unlink
+def stopped(path, *, dir_fd=None):
+    unlink(path, dir_fd=dir_fd)
+    if path == "CURRENT":
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+os.unlink = stopped
+with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    code = main(["serve", "--port", str(busy.getsockname()[1]), "--data", sys.argv[1]])
+os.unlink = unlink
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_during_the_undo_waits_for_its_end(tmp_path, stop):
+    """Cut short after CURRENT, the undo left the store's log, checkpoint
+    and key, which the next start refused as a damaged store.  The stop
+    acts once the undo is done: the start ends as a stop ends it."""
+    d = tmp_path / "d"
+    proc = subprocess.run([sys.executable, "-c", _STOPPED_IN_UNDO, str(d), stop],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 128 + getattr(signal, stop), (proc.returncode, proc.stderr)
+    assert os.listdir(tmp_path) == [], (sorted(os.listdir(d)), proc.stderr)

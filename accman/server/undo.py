@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
+import threading
 
 from accman.errors import StartupError, StoreError, StoreLocked
 from accman.server.say import say
@@ -116,10 +118,14 @@ class Undo:
         return datadir.STORE_FILE.match(name) is not None
 
     def __call__(self) -> None:
-        fd = _LOCKS.pop(self.path, None) if self.active else None
-        if fd is None:
-            return          # not locked by this start: the directory is another's
-        found = _FOUND.pop(self.path, None)
+        if not self.active:
+            return
+        with _stops_held():         # from the lock's taking on: it is closed whatever lands
+            fd = _LOCKS.pop(self.path, None)
+            if fd is not None:      # else not locked by this start: another's directory
+                self._undo(fd, _FOUND.pop(self.path, None))
+
+    def _undo(self, fd: int, found: set | None) -> None:
         dir_fd = -1
         try:
             if self.frontend and (found is None or found - (self.before or set())):
@@ -151,6 +157,28 @@ class Undo:
             return          # the path names another directory now
         for directory in self.made:     # deepest first; one not empty stops it
             os.rmdir(directory)
+
+
+@contextlib.contextmanager
+def _stops_held():
+    """SIGINT and SIGTERM wait for the undo's end, then act as they would
+    have: cut short, it would leave part of a store (its CURRENT gone, its
+    log and key there), which the next start refuses as damaged.  A stop
+    ignored stays ignored; a thread other than the main one hears none."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) not in (signal.SIG_IGN, None)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(held):
+            signal.raise_signal(s)
 
 
 def _missing(path: str) -> list[str]:
