@@ -255,3 +255,36 @@ def test_a_stop_during_the_undo_waits_for_its_end(tmp_path, stop):
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 128 + getattr(signal, stop), (proc.returncode, proc.stderr)
     assert os.listdir(tmp_path) == [], (sorted(os.listdir(d)), proc.stderr)
+
+
+# A user's chmod of a front-end's --data while its start runs, once the lock
+# is taken; its store cannot be reached, so the start is refused.
+_CHMOD_MEANWHILE = """
+import os, sys
+from accman.server import StartupError
+from accman.server.run import run
+r = sys.modules["accman.server.run"]
+locked = r.lock_directory
+def lock_directory(path):
+    locked(path)
+    os.chmod(path, 0o750)
+r.lock_directory = lock_directory
+try:
+    run(port=0, data=sys.argv[1], store_urls=[sys.argv[2]])
+except StartupError as e:
+    print(e)
+"""
+
+
+def test_a_failed_front_end_start_leaves_the_mode_a_user_gave_meanwhile(tmp_path):
+    """A front-end changes no mode of --data, but its undo put back the
+    mode --data had as the start began, over the user's chmod."""
+    d = tmp_path / "d"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    proc = subprocess.run([sys.executable, "-c", _CHMOD_MEANWHILE, str(d),
+                           "postgresql://accman@127.0.0.1:1/none"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "cannot open the PostgreSQL store" in proc.stdout, (proc.stdout, proc.stderr)
+    assert os.listdir(d) == []
+    assert oct(os.stat(d).st_mode & 0o777) == oct(0o750)

@@ -88,7 +88,9 @@ class Undo:
             return
         try:
             self.before = set(os.listdir(data_path))
-            self.mode_acl = _mode_acl(data_path)
+            # What a new store's open changes (a front-end changes neither):
+            # put back over a user's own chmod or ACL meanwhile, it undid them.
+            self.mode_acl = None if self.frontend else _mode_acl(data_path)
         except FileNotFoundError:
             self.made = _missing(data_path)
         except OSError:         # not a directory, not readable: the start refuses it
