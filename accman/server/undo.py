@@ -170,11 +170,13 @@ def _stops_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = []
-    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(s) not in (signal.SIG_IGN, None)}
+    held, previous = [], {}
     try:
+        # One by one, inside the try: a stop that lands before the second
+        # is set still has the first put back.
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) not in (signal.SIG_IGN, None):
+                previous[s] = signal.signal(s, lambda signum, _frame: held.append(signum))
         yield
     finally:
         for s, handler in previous.items():
