@@ -257,6 +257,50 @@ def test_a_stop_during_the_undo_waits_for_its_end(tmp_path, stop):
     assert os.listdir(tmp_path) == [], (sorted(os.listdir(d)), proc.stderr)
 
 
+# A stop that lands as a refused start closes its new store: the close goes
+# on in a thread of its own (accman.ledger.gate).  Here that thread closes
+# the store once the undo has taken LOCK away, and the undo's rmdir waits
+# for it to end: the order a slow thread may take.
+_STOPPED_IN_CLOSE = """
+import os, signal, socket, sys, threading, time
+from accman.cli import main
+from accman.ledger import leveldb
+from accman.ledger.ledger import Ledger
+d, close_store, close, rmdir = sys.argv[1], Ledger._close_store, leveldb.Store.close, os.rmdir
+def waited(condition):
+    deadline = time.monotonic() + 30
+    while condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+def stopped(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return close_store(self)
+def slow(self, *a, **k):
+    if threading.current_thread() is not threading.main_thread():
+        waited(lambda: os.path.exists(os.path.join(d, "LOCK")))
+    return close(self, *a, **k)
+def after_close(path, *a, **k):
+    waited(lambda: any(t.name == "accman-close" for t in threading.enumerate()))
+    return rmdir(path, *a, **k)
+Ledger._close_store, leveldb.Store.close, os.rmdir = stopped, slow, after_close
+with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    code = main(["serve", "--port", str(busy.getsockname()[1]), "--data", d])
+sys.exit(code)
+"""
+
+
+def test_a_stop_during_a_refused_starts_close_waits_for_the_undo(tmp_path):
+    """The close, interrupted, went on in its thread while the undo took
+    the store away: its checkpoint came after, alone in --data, which the
+    next start refused as damaged (accman.key missing).  The close and the
+    undo are done before the stop acts."""
+    d = tmp_path / "d"
+    proc = subprocess.run([sys.executable, "-c", _STOPPED_IN_CLOSE, str(d)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr)
+    assert os.listdir(tmp_path) == [], (sorted(os.listdir(d)), proc.stderr)
+
 # A user's chmod of a front-end's --data while its start runs, once the lock
 # is taken; its store cannot be reached, so the start is refused.
 _CHMOD_MEANWHILE = """

@@ -4,6 +4,7 @@ bound, the descriptor limit, the event loop, the signals."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -165,6 +166,24 @@ def _opened(loop, undo, store, data_path, *args):
         loop.close()
         undo()
         raise
+
+
+def _closed(loop, store, deliverer, undo) -> None:
+    """The end of a start: its deliverer, store and loop closed, then
+    `undo` called when given (a refused start's), with stops held while it
+    takes back a new embedded store (Undo.held): a Ledger's close that a
+    stop interrupts goes on in a thread of its own (accman.ledger.gate),
+    whose checkpoint came after the undo, alone in --data."""
+    with undo.held() if undo is not None else contextlib.nullcontext():
+        try:
+            if deliverer is not None:     # before the store closes
+                loop.run_until_complete(deliverer.stop())
+            store.close()       # PgStore's runs its aclose on this loop
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+            if undo is not None:
+                undo()
 
 
 def redacted(url: str) -> str:
@@ -396,15 +415,7 @@ def run(*, host="127.0.0.1", port=8080, data="./accman-data", tokens=None,
         undo.hold(store)
         raise
     finally:
-        try:
-            if deliverer is not None:     # before the store closes
-                loop.run_until_complete(deliverer.stop())
-            store.close()       # PgStore's runs its aclose on this loop
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
-            if refused:
-                undo()
+        _closed(loop, store, deliverer, undo if refused else None)
     if failure is not None:
         say(f"accman: stopped; {failure}")
         return 1

@@ -108,6 +108,16 @@ class Undo:
             with contextlib.suppress(OSError):      # no descriptor left: the store stays
                 _LOCKS[self.path] = store.store.lock_copy()
 
+    def held(self):
+        """Around a refused start's close and undo: SIGINT and SIGTERM wait
+        (_stops_held) when the undo takes back a new embedded store, whose
+        close a stop would hand to a thread of its own, writing into the
+        directory the undo empties.  A front-end's close (PgStore's, which
+        may wait on the network) stays one a stop cuts short."""
+        if self.active and not self.frontend and self.path in _LOCKS:
+            return _stops_held()
+        return contextlib.nullcontext()
+
     def _written(self, name: str) -> bool:
         from accman.ledger import datadir, keyfile, wal
         if self.frontend:
