@@ -170,20 +170,23 @@ def _opened(loop, undo, store, data_path, *args):
 
 def _closed(loop, store, deliverer, undo) -> None:
     """The end of a start: its deliverer, store and loop closed, then
-    `undo` called when given (a refused start's), with stops held while it
-    takes back a new embedded store (Undo.held): a Ledger's close that a
-    stop interrupts goes on in a thread of its own (accman.ledger.gate),
-    whose checkpoint came after the undo, alone in --data."""
-    with undo.held() if undo is not None else contextlib.nullcontext():
-        try:
-            if deliverer is not None:     # before the store closes
-                loop.run_until_complete(deliverer.stop())
-            store.close()       # PgStore's runs its aclose on this loop
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
-            if undo is not None:
-                undo()
+    `undo` called when given (a refused start's).  The store's close and
+    the undo with stops held when it takes back a new embedded store
+    (Undo.held): a Ledger's close that a stop interrupts goes on in a
+    thread of its own (accman.ledger.gate), whose checkpoint came after
+    the undo, alone in --data."""
+    try:
+        if deliverer is not None:     # before the store closes
+            loop.run_until_complete(deliverer.stop())
+    finally:
+        with undo.held() if undo is not None else contextlib.nullcontext():
+            try:
+                store.close()       # PgStore's runs its aclose on this loop
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+                if undo is not None:
+                    undo()
 
 
 def redacted(url: str) -> str:
