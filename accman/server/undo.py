@@ -132,7 +132,7 @@ class Undo:
     def __call__(self) -> None:
         if not self.active:
             return
-        with _stops_held():         # from the lock's taking on: it is closed whatever lands
+        with _stops_held():         # the lock popped inside: closed whatever lands
             fd = _LOCKS.pop(self.path, None)
             if fd is not None:      # else not locked by this start: another's directory
                 self._undo(fd, _FOUND.pop(self.path, None))
