@@ -5,17 +5,19 @@ serves it; a webhook POST is a webhook_receiver.Post.
 
 A module, not a conftest.py: see relhelp.py."""
 
+from accman.limits import EVENTS_RETENTION_S_DEFAULT
 from bankcheck import Checker
 
 
 def store_and_reader_problems(store, ops, reads, histories, settles, accounts, low, clients,
-                              cli, posts):
+                              cli, posts, retention_s=EVENTS_RETENTION_S_DEFAULT):
     """The store against the bank checker's records (bankcheck.Checker:
     every acknowledged change at its seq and tot, each account's events
     exactly its history), its low_balance events (checked apart: the
     bank's checker knows none), and each reader's events against it: the
     Python followers (`clients`), the command line's (`cli`) and the
-    webhook's POSTs (`posts`, repeats allowed).  The ids 1..N without a
+    webhook's POSTs (`posts`, repeats allowed), each but for the gaps it
+    was told of past the server's `retention_s` (reader_problems).  The ids 1..N without a
     gap are asserted first."""
     assert [e["id"] for e in store] == list(range(1, len(store) + 1)), "a gap in the store"
     checker = Checker(ops, reads, histories, settles,
@@ -26,24 +28,41 @@ def store_and_reader_problems(store, ops, reads, histories, settles, accounts, l
     problems += low_balance_problems(store, histories, accounts, low)
     for client in clients:
         problems += client.errors
-        problems += reader_problems(client.name_, client.events(), store)
-    problems += reader_problems("accman events --follow", cli.events(), store)
+        problems += reader_problems(client.name_, client.events(), store, gaps=client.gaps,
+                                    retention_s=retention_s)
+    problems += reader_problems("accman events --follow", cli.events(), store, gaps=cli.gaps,
+                                retention_s=retention_s)
     problems += reader_problems("the webhook", [e for p in posts for e in p.events], store,
                                 repeats_allowed=True)
     return problems
 
 
-def reader_problems(name, got, store, repeats_allowed=False):
+def reader_problems(name, got, store, repeats_allowed=False, gaps=(),
+                    retention_s=EVENTS_RETENTION_S_DEFAULT):
     """What `name` got against the store's stream: each event the store's
     of that id, whole; every id; in order, each once unless repeats are
-    allowed (the webhook's are checked by webhook_problems)."""
+    allowed (the webhook's are checked by webhook_problems).  But for the
+    ids of the `gaps` it was told of, (after, first, when: wall-clock ms)
+    for each 410 events_trimmed: each skips ids all past the retention
+    (`retention_s`) when told, and none of them was got."""
     by_id = {e["id"]: e for e in store}
     problems = [f"{name}: event {e['id']} is {e}, the store's is {by_id.get(e['id'])}"
                 for e in got if by_id.get(e["id"]) != e][:5]
+    skipped = set()
+    for after, first, told_ms in gaps:
+        young = [i for i in range(after + 1, first)
+                 if i in by_id and by_id[i]["at"] > told_ms - retention_s * 1000]
+        if first <= after + 1 or young:
+            problems.append(f"{name}: told at {told_ms} ms that the events after {after} "
+                            f"before {first} were trimmed; within the retention: {young[:5]}")
+        skipped.update(range(after + 1, first))
     ids = [e["id"] for e in got]
-    missing = sorted(set(by_id) - set(ids))
+    missing = sorted(set(by_id) - set(ids) - skipped)
     if missing:
         problems.append(f"{name}: {len(missing)} events never got: {missing[:10]}")
+    if skipped & set(ids):
+        problems.append(f"{name}: got events it was told were trimmed: "
+                        f"{sorted(skipped & set(ids))[:10]}")
     if not repeats_allowed and ids != sorted(set(ids)):
         twice = sorted({i for i in ids if ids.count(i) > 1})
         back = [(a, b) for a, b in zip(ids, ids[1:], strict=False) if b <= a]

@@ -2,14 +2,19 @@
 
 The bank checker's workers (test_bank.py: keyed and unkeyed mods, holds,
 settles, expiries, reads, each on its own connection) change a few accounts
-of a real AccMan on its embedded store, which a nemesis SIGKILLs at random
-moments (a third of the times after a SIGSTOP of a moment) and restarts
-on the same port and data directory.  Meanwhile four readers follow the
-stream, each recording what it got:
+of a real AccMan on its embedded store, with a retention of a second (a
+trim pass each second), which a nemesis SIGKILLs at random moments (a
+third of the times after a SIGSTOP of a moment; the first server and every
+fourth living through trim passes) and restarts on the same port and data
+directory, while the webhook's receiver is taken down for longer than the
+retention (trimcheck.ReceiverDown).  Meanwhile the readers follow the
+stream (followers.py), each recording what it got, and each gap it was
+told of by a 410 events_trimmed:
 
 * the Python client's follower (AccManClient.events, CALLING.md "The event
   stream"), resuming from each page's `next`, of random lengths, and
-  riding out the outages; and the same on AccManSyncClient;
+  riding out the outages; and the same on AccManSyncClient; and two slow
+  ones, a little behind the newest event, and behind the retention;
 * `accman events --follow`, a subprocess whose stdout lines are parsed at
   the end, stopped (SIGTERM) and started again `--after` its last line's
   id, as CALLING.md says, after the second kill (and whenever the server
@@ -18,15 +23,19 @@ stream, each recording what it got:
   refuses a POST whose AccMan-Signature is not the HMAC-SHA256 of its body
   (SERVER.md "Webhooks"), and dedupes by id.
 
-Afterwards the store is read whole (GET /events from 0, /past of each
-account) and reconciled:
+Afterwards the webhook's receiver has the whole stream (its cursor kept
+every event for it past the retention), of which the store keeps a
+gap-free suffix (trimcheck.py), and that stream (with /past of each
+account) is reconciled:
 
-* the store: ids 1..N without a gap, each account's events exactly its
+* the stream: ids 1..N without a gap, each account's events exactly its
   history, and every acknowledged change (a 200 its writer saw) in it, at
   the seq and tot of its 200 (bankcheck.Checker); with --low-balance, a
   low_balance event right after each change that crossed it, and no other;
 * each reader: every event it got is the store's event of that id, whole
-  (type, account, seq, by, tot, at, key, hold); it got every id 1..N;
+  (type, account, seq, by, tot, at, key, hold); it got every id 1..N but
+  those of the gaps it was told of, each of ids all past the retention
+  when told (the lagging one must meet one);
 * the Python followers and the command line: ids 1..N in order, each once
   (no duplicate is allowed: each resumes from the last id it has);
 * the webhook: every POST signed and acknowledged, its ids consecutive,
@@ -36,38 +45,38 @@ account) and reconciled:
   and those acknowledged since the last cursor save are sent again, by
   the new server's first POST (webhook_problems).
 
-Short and seeded by default; ACCMAN_CRASH_LONG=1 (with test_bank.py's seed
-and length variables) runs for minutes.  The checks are in eventscheck.py.
+After a clean stop `accman verify` passes: a trim cut short by a kill
+left no damage.  Short and seeded by default; ACCMAN_CRASH_LONG=1 (with
+test_bank.py's seed and length variables) runs for minutes.  The checks
+are in eventscheck.py and trimcheck.py.
 """
 
-import asyncio
 import itertools
 import json
 import os
 import random
-import signal
-import subprocess
 import threading
 import time
 from types import SimpleNamespace
 
-from accman.client import AccManClient, AccManSyncClient
-from accman.errors import AccManError, BadReply, TransportError, Unavailable
 from eventscheck import reader_problems, store_and_reader_problems, webhook_problems
-from conftest import PYTHON, ROOT, server_env, spawn_server
+from conftest import run_accman, spawn_server
+from followers import catch_up, cli_met_outages, start_readers, stop_readers
 from relhelp import history, stop_quietly
-from test_bank import (CREDS, FUND, SEED, UNTOUCHED, Cluster, Worker, all_events, end_load)
+from test_bank import CREDS, FUND, SEED, UNTOUCHED, Cluster, Worker, end_load
 from test_webhook_delivery import ENV, SECRET, check_delivery
+from trimcheck import RETENTION_S, ReceiverDown, kept_problems, store_kept, webhook_stream
 from webhook_receiver import Receiver, secret_file
 
 LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
-DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or (300 if LONG else 4))
+DURATION_S = float(os.environ.get("ACCMAN_CRASH_SECONDS") or (300 if LONG else 5))
 WORKERS = 4
 KILL_EVERY_S = (0.4, 1.0)       # drawn from, between kills
+# The first wait and every fourth, drawn from: a server that lives through
+# trim passes (one a second), so that they run under the faults, while the
+# receiver is down too (trimcheck.ReceiverDown), and a kill may cut one.
+LIVE_S = (1.6, 2.2)
 LOW = 100                       # --low-balance: the workers' balances cross it often
-POLL_WAIT_S = 1                 # the followers' long polls: short, so that they end soon
-CLI_LIMIT = 37                  # the command line's pages: not the default, nor a round number
-CATCH_UP_S = 40.0               # after the faults, for every reader to reach the newest id
 
 
 class HookCluster(Cluster):
@@ -76,7 +85,7 @@ class HookCluster(Cluster):
 
     def __init__(self, tmp_path, rx):
         self.args = ["--webhook", rx.url, "--webhook-secret", secret_file(tmp_path, SECRET),
-                     "--low-balance", LOW]
+                     "--low-balance", LOW, "--events-retention", f"{RETENTION_S}s"]
         self.started_at = []
         self.killed_at = []         # when each run stopped: its SIGKILL, or its SIGSTOP
         self._stopped_at = None
@@ -105,180 +114,13 @@ class HookCluster(Cluster):
         return srv
 
 
-class ClientFollower(threading.Thread):
-    """CALLING.md's follower: `events(after, wait_s)`, then `after = next`,
-    on AccManClient, or AccManSyncClient with `sync`; an outage
-    (Unreachable, a reset) is waited out and the same `after` asked again.
-    A BadReply is recorded and asked again; an EventsPageRefused (the
-    client's checks of the ids' order, the page's size and the events'
-    types), like any other error, is recorded and ends it (the same page
-    would come again): the stream broke its promise."""
-
-    def __init__(self, cluster, sync=False):
-        self.name_ = "the sync client's follower" if sync else "the client's follower"
-        super().__init__(name=self.name_, daemon=True)
-        self.cluster = cluster
-        self.sync = sync
-        self.pages = []             # (after, [event dicts], next)
-        self.errors = []
-        self.outages = 0
-        self.until = None           # the id to reach, then stop
-        self.quit = threading.Event()
-        # Pages of every length, so that their ends fall anywhere in the
-        # server's batches, and on a restart.
-        self.rnd = random.Random(SEED + 1 + sync)
-
-    @property
-    def after(self):
-        return self.pages[-1][2] if self.pages else 0
-
-    def run(self):
-        try:
-            self._follow_sync() if self.sync else asyncio.run(self._follow())
-        except Exception as e:          # a bug of the test: report it
-            self.errors.append(f"{self.name_}: {type(e).__name__}: {e}")
-
-    def _going(self):
-        return not self.quit.is_set() and (self.until is None or self.after < self.until)
-
-    def _url(self):
-        return f"http://{self.cluster.addr[0]}:{self.cluster.addr[1]}"
-
-    def _ask(self):
-        return {"after": self.after, "limit": self.rnd.randint(1, 300), "wait_s": POLL_WAIT_S}
-
-    def _failed(self, e):
-        """The pause before asking again, or None: the follower ends."""
-        if isinstance(e, BadReply):
-            self.errors.append(f"{self.name_} after {self.after}: {e}")
-        elif isinstance(e, (TransportError, Unavailable)):
-            self.outages += 1
-        else:
-            self.errors.append(f"{self.name_} after {self.after}: {e!r}")
-            return None
-        return 0.05
-
-    def _got(self, page):
-        events, nxt = page
-        self.pages.append((self.after, [e._asdict() for e in events], nxt))
-
-    async def _follow(self):
-        url, acc = None, None
-        try:
-            while self._going():
-                if self._url() != url:
-                    if acc is not None:
-                        await acc.aclose()
-                    url = self._url()
-                    acc = AccManClient(url, timeout_s=5)
-                try:
-                    self._got(await acc.events(**self._ask()))
-                except AccManError as e:
-                    pause = self._failed(e)
-                    if pause is None:
-                        return
-                    await asyncio.sleep(pause)
-        finally:
-            if acc is not None:
-                await acc.aclose()
-
-    def _follow_sync(self):
-        url, acc = None, None
-        try:
-            while self._going():
-                if self._url() != url:
-                    if acc is not None:
-                        acc.close()
-                    url = self._url()
-                    acc = AccManSyncClient(url, timeout_s=5)
-                try:
-                    self._got(acc.events(**self._ask()))
-                except AccManError as e:
-                    pause = self._failed(e)
-                    if pause is None:
-                        return
-                    time.sleep(pause)
-        finally:
-            if acc is not None:
-                acc.close()
-
-    def events(self):
-        return [e for _, page, _ in self.pages for e in page]
-
-
-class CliFollower:
-    """`accman events --follow` as a subprocess writing to a file; another
-    one, `--after` the last id written, when told to or when the server's
-    address changed (the port taken meanwhile)."""
-
-    def __init__(self, tmp_path):
-        self.tmp_path = tmp_path
-        self.runs = []              # (proc, stdout path, stderr path)
-        self.addr = None
-
-    def start(self, addr):
-        n = len(self.runs)
-        out, err = self.tmp_path / f"follow{n}.out", self.tmp_path / f"follow{n}.err"
-        after = self.events()[-1]["id"] if self.runs and self.events() else 0
-        url = f"http://{addr[0]}:{addr[1]}"
-        with open(out, "wb") as o, open(err, "wb") as e:
-            proc = subprocess.Popen(
-                [PYTHON, "-m", "accman", "events", "--follow", "--after", str(after),
-                 "--wait", str(POLL_WAIT_S), "--limit", str(CLI_LIMIT), "--url", url],
-                stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=server_env(), cwd=ROOT)
-        self.runs.append((proc, out, err))
-        self.addr = addr
-
-    def follow(self, addr, again=False):
-        """After a restart: the same follower if the address is the same,
-        unless `again`: stopped and started anew, as a reader resumes."""
-        if again or addr != self.addr:
-            self.stop()
-            self.start(addr)
-
-    def stop(self):
-        """SIGTERM: exit 0, whole lines written (CALLING.md)."""
-        proc = self.runs[-1][0]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("accman events --follow did not stop on SIGTERM") from None
-        err = self.runs[-1][2].read_text()
-        assert code == 0, (code, err)
-        # Its last words name the last event written, which a resume takes.
-        last = self.events()[-1]["id"] if self.events() else 0
-        assert f"to resume: accman events --follow --after {last}," in err, err[-300:]
-
-    def kill(self):
-        for proc, _, _ in self.runs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-    def events(self):
-        """Every whole line written, in order, across the runs."""
-        out = []
-        for _, path, _ in self.runs:
-            text = path.read_text()
-            for line in text[:text.rfind("\n") + 1].splitlines():
-                out.append(json.loads(line))
-        return out
-
-    def stderr(self):
-        return "".join(err.read_text() for _, _, err in self.runs)
-
-
 def nemesis(cluster, cli, stop_at, rnd, counts, errors):
     """SIGKILL and restart on the same port and data, until stop_at; every
     third kill comes after a SIGSTOP of a moment, so that long polls and a
     webhook POST wait on a server that never answers them."""
     try:
         while True:
-            delay = rnd.uniform(*KILL_EVERY_S)
+            delay = rnd.uniform(*(LIVE_S if counts["kill"] % 4 == 0 else KILL_EVERY_S))
             if time.monotonic() + delay >= stop_at:
                 return
             time.sleep(delay)
@@ -292,51 +134,7 @@ def nemesis(cluster, cli, stop_at, rnd, counts, errors):
         errors.append(f"nemesis: {type(e).__name__}: {e}")
 
 
-def catch_up(srv, clients, cli, rx):
-    """Until every reader has the store's newest event (or CATCH_UP_S)."""
-    newest = all_events(srv)[-1]["id"]
-    for client in clients:
-        client.until = newest
-    deadline = time.monotonic() + CATCH_UP_S
-    while time.monotonic() < deadline:
-        cli_events = cli.events()
-        if (all(c.after >= newest for c in clients) and rx.max_id() >= newest and cli_events
-                and cli_events[-1]["id"] >= newest):
-            break
-        time.sleep(0.05)
-    for client in clients:
-        client.quit.set()
-        client.join(POLL_WAIT_S + 10)
-    cli.stop()
-
-
 # --- the test ------------------------------------------------------------------------
-
-def start_readers(server, tmp_path):
-    """The readers of the stream, following `server` (its `addr`): the
-    Python followers (async and sync) and the command line's."""
-    clients = [ClientFollower(server), ClientFollower(server, sync=True)]
-    for client in clients:
-        client.start()
-    cli = CliFollower(tmp_path)
-    cli.start(server.addr)
-    return clients, cli
-
-
-def cli_met_outages(cli):
-    """The command line's follower met an outage and was started again."""
-    assert "no answer" in cli.stderr(), "the command line never met an outage"
-    assert len(cli.runs) >= 2, "the command line was never started again"
-
-
-def stop_readers(stop, clients, cli):
-    """Ends the workers (`stop`) and every reader `start_readers` made."""
-    stop.set()
-    for client in clients:
-        client.quit.set()
-    if cli is not None:
-        cli.kill()
-
 
 def test_every_reader_gets_every_event_through_sigkills(tmp_path):
     banner = (f"events checker: seed {SEED}, {DURATION_S:g} s; replay with "
@@ -354,7 +152,9 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         for cred in CREDS + UNTOUCHED:
             r = cluster.srv.mod(cred, FUND[cred], key=f"fund-{cred}")
             assert r.json == {"tot": FUND[cred], "seq": 1}, r
-        clients, cli = start_readers(cluster, tmp_path)
+        clients, cli = start_readers(cluster, tmp_path, slow=True)
+        hook_down = ReceiverDown(rx, SEED + 4)
+        hook_down.start()
         amounts = itertools.count()
         for n in range(WORKERS):
             Worker(n, cluster, amounts, stop, workers)
@@ -363,16 +163,22 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         counts = {"kill": 0}
         stop_at = time.monotonic() + DURATION_S
         nemesis(cluster, cli, stop_at, rnd, counts, errors)
+        hook_down.end()
         srv, ops, settles = end_load(cluster, workers, stop, stop_at, errors, banner)
         catch_up(srv, clients, cli, rx)
 
-        store = all_events(srv)
+        # The whole stream is the webhook's (its cursor kept every event
+        # for it), of which the store keeps a suffix (trimcheck.py).
+        posts = rx.snapshot()
+        store = webhook_stream(posts)
+        first, kept = store_kept(srv)
         histories = {cred: history(srv, cred) for cred in CREDS}
         accounts = {cred: srv.get(f"/past?cred={cred}&limit=1").json["account"]
                     for cred in CREDS}
-        posts = rx.snapshot()
+        problems = kept_problems(first, kept, store)
+        assert not problems, f"{banner}\n" + "\n".join(problems)
         problems = store_and_reader_problems(store, ops, [], histories, settles, accounts, LOW,
-                                             clients, cli, posts)
+                                              clients, cli, posts, RETENTION_S)
         repeats, repeated, back_s = webhook_problems(posts, cluster.started_at,
                                                      cluster.killed_at)
         problems += repeats
@@ -382,7 +188,9 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
 
         acked = sum(a.outcome == "ok" for op in ops for a in op.attempts)
         summary = (f"{len(store)} events, {acked} changes acknowledged; {counts['kill']} kills, "
-                   f"{cluster.generation} servers; "
+                   f"{cluster.generation} servers; the store keeps {first}.., the receiver was "
+                   f"down {hook_down.times} times; gaps told: {[len(c.gaps) for c in clients]}, "
+                   f"cli {len(cli.gaps)}; "
                    f"followers: {[len(c.pages) for c in clients]} pages, "
                    f"{[c.outages for c in clients]} outages; cli: {len(cli.runs)} runs; webhook: "
                    f"{len(posts)} POSTs, {repeated} ids sent again, first sent up to "
@@ -393,7 +201,11 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         assert {e["type"] for e in store} == {"mod", "hold", "settle", "expire",
                                               "low_balance"}, summary
         cli_met_outages(cli)
+        # Trimming ran, and left the lagging reader behind.
+        assert first > 1 and hook_down.times >= 1 and clients[-1].gaps, summary
         assert srv.stop() == 0
+        done = run_accman("verify", "--data", cluster.data)
+        assert done.returncode == 0, done.stdout + done.stderr
     finally:
         stop_readers(stop, clients, cli)
         if cluster is not None:
@@ -463,3 +275,23 @@ def test_the_events_checker_finds_a_webhook_repeat_the_docs_do_not_allow():
     # A restart starts one run: two resends after it are one too many.
     posts = [_post(s[0:2], 1.0), _post(s[2:4], 1.1), _post(s[1:3], 1.2), _post(s[0:2], 1.3)]
     assert len(webhook_problems(posts, [0.0, 1.15])[0]) == 1
+
+
+def test_the_events_checker_judges_the_gaps_trimming_tells_of():
+    """A gap told by a 410, of events past the retention then, is what the
+    docs allow; one of an event within it, a silent one, one told but
+    whose events were got anyway, or one told of nothing, is a fault."""
+    s = [{**e, "at": 1000 * e["id"]} for e in _stream()]      # event i at i s
+    told_at_9s = [(1, 4, 9000)]                                # 2 and 3: past 1 s at 9 s
+    assert reader_problems("r", [s[0], *s[3:]], s, gaps=told_at_9s, retention_s=1) == []
+    assert reader_problems("r", [s[0], *s[3:]], s, gaps=[(1, 4, 3500)], retention_s=1) != []
+    assert reader_problems("r", [s[0], *s[3:]], s, retention_s=1) != []
+    assert reader_problems("r", s, s, gaps=told_at_9s, retention_s=1) != []
+    assert reader_problems("r", s, s, gaps=[(3, 4, 9000)], retention_s=1) != []
+    # The store keeps a suffix of the stream, whole and without a gap.
+    assert kept_problems(4, s[3:], s) == []
+    assert kept_problems(3, s[3:], s) != []
+    assert kept_problems(4, [s[3], s[5]], s) != []
+    assert kept_problems(4, [s[3], {**s[4], "tot": 99}, s[5]], s) != []
+    assert kept_problems(4, s[3:5], s) != []
+    assert kept_problems(4, s[3:], s[:2] + s[3:]) != []         # the webhook's with a gap

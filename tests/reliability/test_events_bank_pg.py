@@ -46,11 +46,11 @@ from types import SimpleNamespace
 from accman.postgres.schema import EVENT_TYPES
 from conftest import Conn, request_bytes, spawn_server
 from eventscheck import store_and_reader_problems, webhook_problems
+from followers import catch_up, cli_met_outages, start_readers, stop_readers
 from postgres.pgcluster import Cluster as PgServer
 from relhelp import history, stop_quietly
 from test_bank import SEED, Worker, all_events, end_load
-from test_events_bank import (DURATION_S, LONG, LOW, catch_up, cli_met_outages,
-                              start_readers, stop_readers)
+from test_events_bank import DURATION_S, LONG, LOW
 from test_webhook_delivery import ENV, SECRET, check_delivery
 from webhook_receiver import Receiver, secret_file
 
