@@ -7,9 +7,13 @@ it, each with the webhook (the one holding its role delivers).  The bank
 checker's workers change accounts of both clusters, half of them through
 each front-end, so that the events of the cluster that is not the events'
 home reach the store's one order only by accman/postgres/merge.py's
-copies, made by either front-end.  The readers (the Python followers, the
-command line) follow through the first front-end; the webhook goes to a
-real receiver that checks every signature.  A nemesis, in turn:
+copies, made by either front-end.  Both run with a retention of a second:
+each trims every round (a second), the home up to the webhook's cursor
+row, the other cluster up to what is copied.  The readers (the Python
+followers, two slow ones among them, the command line) follow through the
+first front-end; the webhook goes to a real receiver that checks every
+signature, taken down for longer than the retention now and then
+(trimcheck.ReceiverDown).  A nemesis, in turn:
 
 * SIGKILLs a front-end (each in turn) and starts it again on its port;
 * restarts the events' home (`pg_ctl stop -m immediate`, then start), and
@@ -17,16 +21,18 @@ real receiver that checks every signature.  A nemesis, in turn:
 * stops one cluster for a second or more (the home and the other in turn);
 * in the long run, SIGSTOPs a front-end for as long, then SIGCONT.
 
-The reconciliation is test_events_bank.py's, as strict: the store's ids
-1..N without a gap, each account's events exactly its history, every
+The reconciliation is test_events_bank.py's, as strict: the webhook's
+stream ids 1..N without a gap and the store's a gap-free suffix of it
+(trimcheck.py), each account's events exactly its history, every
 acknowledged change in it (and, as test_bank.py checks them, every read
 the workers made a state of that history), every reader every event (the followers and
-the command line in order, each once; the webhook's repeats only those
+the command line in order, each once, but for the gaps a 410 told them
+of, of events past the retention then; the webhook's repeats only those
 that a hand-over of its role or a restart explains, SERVER.md
 "Webhooks").  And across the copy: the other cluster's own events, as it
-numbered them (1..n, no gap), are the store's events of its accounts, in
-the same order, each once, field for field, and the home records them
-all copied.
+numbered them (1..n, of which it keeps a suffix without a gap), are the
+store's events of its accounts, in the same order, each once, field for
+field, and the home records them all copied (copycheck.py).
 
 In the suite, each fault once (a kill of each front-end), each after
 WORK_PER_FAULT more changes acknowledged (bounded by work done, not by
@@ -43,15 +49,16 @@ import threading
 import time
 from types import SimpleNamespace
 
-from accman.postgres.schema import EVENT_TYPES
 from conftest import Conn, request_bytes, spawn_server
+from copycheck import copied_upto, copy_problems, local_events, other_accounts
 from eventscheck import store_and_reader_problems, webhook_problems
 from followers import catch_up, cli_met_outages, start_readers, stop_readers
 from postgres.pgcluster import Cluster as PgServer
 from relhelp import history, stop_quietly
-from test_bank import SEED, Worker, all_events, end_load
+from test_bank import SEED, Worker, end_load
 from test_events_bank import DURATION_S, LONG, LOW
 from test_webhook_delivery import ENV, SECRET, check_delivery
+from trimcheck import RETENTION_S, ReceiverDown, kept_problems, store_kept, webhook_stream
 from webhook_receiver import Receiver, secret_file
 
 WORKERS = 4
@@ -84,7 +91,7 @@ class FrontEnds:
         self.tmp_path, self.pgs, self.dbname = tmp_path, pgs, dbname
         self.args = [a for pg in pgs for a in ("--store", pg.url(dbname))]
         self.args += ["--webhook", rx.url, "--webhook-secret", secret_file(tmp_path, SECRET),
-                      "--low-balance", LOW]
+                      "--low-balance", LOW, "--events-retention", f"{RETENTION_S}s"]
         self.generation = 0
         self.fes = []
         self.ports = []
@@ -300,52 +307,6 @@ def holds(pg, dbname, account):
                    f"decode('{account}', 'hex')", dbname) == "1"
 
 
-def local_events(pg, dbname):
-    """A cluster's own accman_events, as GET /events would say them."""
-    rows = pg.psql("SELECT id, type, encode(hid, 'hex'), seq, by, tot, at, "
-                   "coalesce(key, '-'), coalesce(hold::text, '-') FROM accman_events "
-                   "ORDER BY id", dbname)
-    out = []
-    for line in rows.splitlines():
-        i, kind, account, seq, by, tot, at, key, hold = line.split("|")
-        out.append({"id": int(i), "type": EVENT_TYPES[int(kind)], "account": account,
-                    "seq": int(seq), "by": int(by), "tot": int(tot), "at": int(at),
-                    "key": None if key == "-" else key,
-                    "hold": None if hold == "-" else int(hold)})
-    return out
-
-
-def copied_upto(fes):
-    """How far the home records the other cluster's events copied."""
-    cluster_id = fes.other.psql("SELECT encode(cluster_id, 'hex') FROM accman_schema",
-                                fes.dbname)
-    return int(fes.home.psql(f"SELECT upto FROM accman_merged WHERE cluster_id = "
-                             f"decode('{cluster_id}', 'hex')", fes.dbname))
-
-
-def copy_problems(local, store, upto):
-    """The other cluster's own events (`local`) against the store's: its
-    ids 1..n; the store's events of its accounts exactly them, field for
-    field but the id, in its order, each once; `upto` (the home's record)
-    n: every one copied."""
-    problems = []
-    if [e["id"] for e in local] != list(range(1, len(local) + 1)):
-        problems.append(f"the other cluster's own event ids are not 1..{len(local)}")
-    theirs = {e["account"] for e in local}
-    copied = [{**e, "id": None} for e in store if e["account"] in theirs]
-    mine = [{**e, "id": None} for e in local]
-    if copied != mine:
-        first = next((n for n, (a, b) in enumerate(zip(copied, mine, strict=False)) if a != b),
-                     min(len(copied), len(mine)))
-        problems.append(f"the copy: {len(mine)} events on the other cluster, {len(copied)} "
-                        f"in the store's order; first difference at {first}: "
-                        f"{mine[first:first + 1]} vs {copied[first:first + 1]}")
-    if upto != len(local):
-        problems.append(f"the home records the other cluster copied up to {upto}, "
-                        f"of {len(local)}")
-    return problems
-
-
 def reconcile(srv, store, fes, accounts, workers, ops, settles, clients, cli, rx):
     """test_events_bank.py's checks, and the copy's: the problems found,
     and (events copied, the webhook's POSTs, ids it sent again, how far
@@ -354,12 +315,12 @@ def reconcile(srv, store, fes, accounts, workers, ops, settles, clients, cli, rx
     reads = [r for w in workers for r in w.reads]
     posts = rx.snapshot()
     problems = store_and_reader_problems(store, ops, reads, histories, settles, accounts, LOW,
-                                         clients, cli, posts)
+                                         clients, cli, posts, RETENTION_S)
     repeats, repeated, back_s = webhook_problems(posts, fes.runs_at, fes.ended_at)
     problems += repeats
     local = local_events(fes.other, fes.dbname)
-    problems += copy_problems(local, store, copied_upto(fes))
-    return problems, (len(local), posts, repeated, back_s)
+    problems += copy_problems(local, store, copied_upto(fes), other_accounts(fes))
+    return problems, (local, posts, repeated, back_s)
 
 
 # --- the test ------------------------------------------------------------------------
@@ -382,23 +343,32 @@ def test_every_reader_gets_every_event_of_two_clusters_through_their_faults(tmp_
         fes = FrontEnds(tmp_path, pgs, "bank", rx)
         accounts = fund_both(fes)
         creds = list(accounts)
-        clients, cli = start_readers(fes, tmp_path)
+        clients, cli = start_readers(fes, tmp_path, slow=True)
+        hook_down = ReceiverDown(rx, SEED + 4)
+        hook_down.start()
         amounts = itertools.count()
         for n in range(WORKERS):
             PgWorker(n, fes.via(n % 2), amounts, stop, workers, creds=creds)
         for w in workers:
             w.start()
         stop_at = nemesis(fes, cli, workers, rnd, errors)
+        hook_down.end()
         srv, ops, settles = end_load(fes, workers, stop, stop_at, errors, banner)
         catch_up(srv, clients, cli, rx)
 
-        store = all_events(srv)
+        # The whole stream is the webhook's (its cursor row kept every
+        # event for it), of which the store keeps a suffix (trimcheck.py).
+        store = webhook_stream(rx.snapshot())
+        first, kept = store_kept(srv)
+        problems = kept_problems(first, kept, store)
+        assert not problems, f"{banner}\n" + "\n".join(problems)
         problems, tallies = reconcile(srv, store, fes, accounts, workers, ops, settles,
                                       clients, cli, rx)
         assert not problems, f"{banner}\n{len(problems)} problems:\n" + "\n".join(problems[:30])
         check_delivery(rx, store, SimpleNamespace(acked=[]), {})
 
-        copied, posts, repeated, back_s = tallies
+        local, posts, repeated, back_s = tallies
+        copied = local[-1]["id"]
         outcomes = [a.outcome for op in ops for a in op.attempts]
         n_acked = outcomes.count("ok")
         summary = (f"{len(store)} events ({copied} copied from the other cluster), "
@@ -407,6 +377,9 @@ def test_every_reader_gets_every_event_of_two_clusters_through_their_faults(tmp_
                    f"{fes.generation} front-end starts; followers: "
                    f"{[len(c.pages) for c in clients]} pages, "
                    f"{[c.outages for c in clients]} outages; cli: {len(cli.runs)} runs; "
+                   f"the store keeps {first}.., the other cluster {local[0]['id']}..; the "
+                   f"receiver was down {hook_down.times} times; gaps told: "
+                   f"{[len(c.gaps) for c in clients]}, cli {len(cli.gaps)}; "
                    f"webhook: {len(posts)} POSTs, {repeated} ids sent again, first sent up "
                    f"to {back_s:.2f} s before the fault")
         print(f"events checker on PostgreSQL: {summary}", flush=True)
@@ -417,6 +390,9 @@ def test_every_reader_gets_every_event_of_two_clusters_through_their_faults(tmp_
                                               "low_balance"}, summary
         assert copied >= WORK_PER_FAULT, summary
         cli_met_outages(cli)
+        # Trimming ran on both clusters, and left the lagging reader behind.
+        assert first > 1 and local[0]["id"] > 1 and hook_down.times >= 1, summary
+        assert clients[-1].gaps, summary
         assert [fe.stop() for fe in fes.fes] == [0, 0], "a front-end's SIGTERM did not end it"
     finally:
         stop_readers(stop, clients, cli)
@@ -458,6 +434,11 @@ COPY_FAULTS = {
 def test_the_copy_check_passes_a_whole_copy():
     local, store = _two_clusters()
     assert copy_problems(local, store, 4) == []
+    # The other cluster's copied events trimmed: what it keeps is judged,
+    # and the count of what the store has of its accounts.
+    assert copy_problems(local[2:], store, 4, {"o1", "o2"}) == []
+    assert copy_problems(local[2:], store[:1] + store[2:], 4, {"o1", "o2"}) != []
+    assert copy_problems(local[2:], store, 4, {"o1"}) != []
 
 
 def test_the_copy_check_finds_each_fault_of_a_copy():
