@@ -143,7 +143,7 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
     rnd = random.Random(SEED)
     rx = Receiver(SECRET)
     rx.verify = True
-    cluster = cli = None
+    cluster = cli = hook_down = None
     clients = []
     workers, errors = [], []
     stop = threading.Event()
@@ -208,6 +208,8 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
         stop_readers(stop, clients, cli)
+        if hook_down is not None:
+            hook_down.end()
         if cluster is not None:
             stop_quietly(cluster.srv)
         rx.close()

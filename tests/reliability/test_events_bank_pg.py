@@ -333,7 +333,7 @@ def test_every_reader_gets_every_event_of_two_clusters_through_their_faults(tmp_
     rnd = random.Random(SEED)
     rx = Receiver(SECRET)
     rx.verify = True
-    pgs, fes, cli, clients = [], None, None, []
+    pgs, fes, cli, clients, hook_down = [], None, None, [], None
     workers, errors = [], []
     stop = threading.Event()
     try:
@@ -396,6 +396,8 @@ def test_every_reader_gets_every_event_of_two_clusters_through_their_faults(tmp_
         assert [fe.stop() for fe in fes.fes] == [0, 0], "a front-end's SIGTERM did not end it"
     finally:
         stop_readers(stop, clients, cli)
+        if hook_down is not None:
+            hook_down.end()
         if fes is not None:
             fes.stop_all()
         rx.close()
