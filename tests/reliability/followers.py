@@ -189,7 +189,8 @@ class CliFollower:
     def follow(self, addr, again=False):
         """After a restart: the same follower if the address is the same,
         unless `again`: stopped and started anew, as a reader resumes."""
-        self.check_trimmed()
+        if self.check_trimmed(addr):
+            return
         if again or addr != self.addr:
             self.stop()
             self.start(addr)
@@ -211,12 +212,14 @@ class CliFollower:
         last = self.events()[-1]["id"] if self.events() else 0
         assert f"to resume: accman events --follow --after {last}," in err, err[-300:]
 
-    def check_trimmed(self):
+    def check_trimmed(self, addr=None):
         """If the last run ended told of trimmed events: its gap noted, and
-        another started after it."""
+        another started after it, at `addr` (None: the same); True if so.
+        Started where it is to follow, not stopped at once: a SIGTERM
+        before Python has set its handler would end it unlike a stop."""
         proc, _, err = self.runs[-1]
         if proc.poll() != 1:
-            return
+            return False
         text = err.read_text()
         m = re.search(r"events_trimmed: .* go on from event (\d+) with --after (\d+)", text)
         assert m, f"accman events --follow exited 1: {text[-300:]}"
@@ -224,7 +227,8 @@ class CliFollower:
         told_ms = int(err.stat().st_mtime * 1000)
         last = self.events()[-1]["id"] if self.events() else 0
         self.gaps.append((last, int(m.group(1)), told_ms))
-        self.start(self.addr, after=int(m.group(2)))
+        self.start(addr or self.addr, after=int(m.group(2)))
+        return True
 
     def kill(self):
         for proc, _, _ in self.runs:
@@ -261,7 +265,6 @@ def catch_up(srv, clients, cli, rx):
     for client in clients:
         client.quit.set()
         client.join(POLL_WAIT_S + 10)
-    cli.check_trimmed()
     cli.stop()
 
 
