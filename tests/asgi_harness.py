@@ -1,7 +1,8 @@
 """The harness of the middleware's tests: an ASGI request driven by hand
 (`call`), a small app that answers, raises or waits (`make_app`), the
-middleware against a fake AccMan (`mw`), and the account's history as the
-tests compare it (`history`, `entries`)."""
+middleware against a fake AccMan (`mw`), the account's history as the
+tests compare it (`history`, `entries`), and the end of an event loop a
+test stopped unclosed (`end_loop`)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,16 @@ def entries(fake, cred=CRED):
     request is a hold (-h) and its end, which names the same hold."""
     return [(e["by"], e["key"][-2:] if e["key"] else None, e["hold"])
             for e in fake.accounts[cred]["past"]]
+
+
+def end_loop(loop, close=True) -> None:
+    """Ends the tasks an event loop stopped unclosed has left, as a loop's
+    owner does before closing it (cancelled, then run to their end: a
+    pending connect is otherwise never awaited), and closes it."""
+    left = asyncio.all_tasks(loop)
+    for task in left:
+        task.cancel()
+    if left:
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+    if close:
+        loop.close()

@@ -16,7 +16,7 @@ import pytest
 from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
 from accman.errors import Busy, Insufficient
-from asgi_harness import CRED, call, make_app, mw, serve_lifespan
+from asgi_harness import CRED, call, end_loop, make_app, mw, serve_lifespan
 from fake_accman import BUSY, FakeAccMan, charges, closed_port, first_then, run
 
 # Owed calls retried at once, not after their pause.
@@ -528,12 +528,7 @@ def test_a_payer_of_a_loop_run_again_leaves_the_new_payer_s_queue_be(monkeypatch
         with caplog.at_level(logging.ERROR, logger="accman.asgi"):
             assert asyncio.run(run_again())
     finally:
-        left = asyncio.all_tasks(old)
-        for task in left:
-            task.cancel()
-        if left:
-            old.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-        old.close()
+        end_loop(old)
     assert stats["stranded"] == 1 and unpaid == [] and len(owed) == 0, caplog.text
     assert caplog.text.count("outcome unknown: look for key x-c") == 1, caplog.text
     assert caplog.text.count("stranded charge") == 1, caplog.text

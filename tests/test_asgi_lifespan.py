@@ -31,7 +31,7 @@ from accman.calling import asgi as asgi_mod
 from accman.calling import owed as owed_mod
 from accman.client import AccManClient
 from accman.errors import Busy
-from asgi_harness import CRED, call, make_app
+from asgi_harness import CRED, call, end_loop, make_app
 from fake_accman import BUSY, FakeAccMan, charges, first_then
 
 
@@ -433,11 +433,7 @@ def test_a_payer_of_a_loop_stopped_unclosed_does_not_hold_up_the_next_loop():
         finally:
             # Its old payer ended there, as a loop's owner ends its tasks
             # before closing it (else its pending connect is never awaited).
-            left = asyncio.all_tasks(stopped)
-            for task in left:
-                task.cancel()
-            stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-            stopped.close()
+            end_loop(stopped)
         assert fake.tot(CRED) == 5
     assert m.stats["stranded"] == 0 and unpaid == [] and len(m._owed) == 0
 
@@ -606,15 +602,22 @@ def test_a_call_sent_under_a_stopped_loop_is_of_unknown_outcome_when_the_next_en
             while fake.tot(CRED) != 8 and time.monotonic() < deadline:
                 time.sleep(0.02)                    # the charge sent lands
         finally:
-            left = asyncio.all_tasks(stopped)
-            for task in left:
-                task.cancel()
-            stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-            stopped.close()
+            end_loop(stopped)
         assert fake.tot(CRED) == 8 and [r[2].get("key") for r in fake.mods()] == ["sent-c"]
     assert m.stats["stranded"] == 2 and unpaid == [3], caplog.text
     assert "outcome unknown: look for key sent-c" in caplog.text
     assert "the account owes 3 (account" in caplog.text
+
+
+async def _closing_on(owed, item) -> None:
+    """Owes `item` and starts a close(), returned from once the close is past
+    its drain (SHUTDOWN_DRAIN_S), waiting for the call under way."""
+    owed.add(item, Busy("full"))
+    asyncio.get_running_loop().create_task(owed.close())
+    deadline = time.monotonic() + 30
+    while owed._closing is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert owed._closing is not None
 
 
 def test_a_close_its_stopped_loop_left_under_way_does_not_stop_the_next_loop_s_payer(
@@ -637,30 +640,18 @@ def test_a_close_its_stopped_loop_left_under_way_does_not_stop_the_next_loop_s_p
     owed = owed_mod.Owed(lambda: None, stats, charged.append,
                          lambda c, a, w: unpaid.append(a))
 
-    async def first():
-        owed.add(Twice(CRED, -2, "first-c", "charge"), Busy("full"))
-        asyncio.get_running_loop().create_task(owed.close())
-        deadline = time.monotonic() + 30
-        while owed._closing is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)               # past its drain: the last call's wait
-        assert owed._closing is not None
-
     async def second():
         owed.add(Twice(CRED, -3, "second-c", "charge"), Busy("full"))
         return await owed.drain(30)
     stopped = asyncio.new_event_loop()
     monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.05)
     try:
-        stopped.run_until_complete(first())
+        stopped.run_until_complete(_closing_on(owed, Twice(CRED, -2, "first-c", "charge")))
         assert asyncio.run(second())
         assert len(owed) == 0 and runs == ["first-c", "first-c", "second-c"]
         assert charged == [2, 3] and unpaid == [] and stats["stranded"] == 0
     finally:
-        left = asyncio.all_tasks(stopped)
-        for task in left:
-            task.cancel()
-        stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-        stopped.close()
+        end_loop(stopped)
 
 
 def test_a_close_its_stopped_loop_left_ends_later_without_cutting_the_next_loop_s_payer(
@@ -685,14 +676,6 @@ def test_a_close_its_stopped_loop_left_ends_later_without_cutting_the_next_loop_
     owed = owed_mod.Owed(lambda: None, stats, charged.append,
                          lambda c, a, w: unpaid.append(a))
 
-    async def first():
-        owed.add(FirstHangs(CRED, -2, "first-c", "charge"), Busy("full"))
-        asyncio.get_running_loop().create_task(owed.close())
-        deadline = time.monotonic() + 30
-        while owed._closing is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)               # past its drain: the last call's wait
-        assert owed._closing is not None
-
     async def second():
         owed.add(FirstHangs(CRED, -3, "second-c", "charge"), Busy("full"))
         deadline = time.monotonic() + 30
@@ -702,20 +685,12 @@ def test_a_close_its_stopped_loop_left_ends_later_without_cutting_the_next_loop_
     monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.05)
     stopped, following = asyncio.new_event_loop(), asyncio.new_event_loop()
     try:
-        stopped.run_until_complete(first())
+        stopped.run_until_complete(_closing_on(owed, FirstHangs(CRED, -2, "first-c", "charge")))
         following.run_until_complete(second())  # stopped with second-c under way
-        left = asyncio.all_tasks(stopped)
-        for task in left:
-            task.cancel()                           # the close() left unfinished ends
-        stopped.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        end_loop(stopped, close=False)             # the close() left unfinished ends
         assert following.run_until_complete(owed.drain(30))
         assert runs == ["first-c", "first-c", "second-c"] and len(owed) == 0
         assert charged == [2, 3] and unpaid == [] and stats["stranded"] == 0
     finally:
         for loop in (stopped, following):
-            left = asyncio.all_tasks(loop)
-            for task in left:
-                task.cancel()
-            if left:
-                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-            loop.close()
+            end_loop(loop)
