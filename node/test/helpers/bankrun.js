@@ -66,12 +66,14 @@ class Progress {
   constructor () {
     this.paid = 0 // 2xx with the balance header since the faults last reset it
     this.answered = 0
+    this.unavailable = 0 // 503s: AccMan could not be reached
     this.waiting = []
   }
 
   note (status, accman) {
     this.answered++
     if (status === 200 && accman !== null) this.paid++
+    if (status === 503) this.unavailable++
     this.waiting = this.waiting.filter((w) => !(w.ready() && (w.resolve(), true)))
   }
 
@@ -239,4 +241,4 @@ function countBy (list, f) {
   return out
 }
 
-module.exports = { LONG, SEED, STATUSES, bankRun }
+module.exports = { LONG, SEED, STATUSES, bankRun, random }

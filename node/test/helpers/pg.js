@@ -5,9 +5,13 @@
 // temporary directory given to it; under another user, as that user.  It
 // listens on 127.0.0.1 only, on a free port, trusts local connections (the
 // directory is private to the run) and commits durably (`fsync`,
-// `synchronous_commit`: what a 200 means).  destroy() stops it and removes
-// its directory; so does the process's exit, or a SIGINT or SIGTERM that
-// ends it, for a test that never got there.
+// `synchronous_commit`: what a 200 means).  stop(), start() and restart()
+// are the database's own faults, as tests/postgres/pgcluster.py makes them
+// (`pg_ctl` with a shutdown mode: `fast` rolls back and disconnects its
+// sessions, `immediate` quits without a checkpoint, to recover at the
+// next start).  destroy() stops it and removes its directory; so does the
+// process's exit, or a SIGINT or SIGTERM that ends it, for a test that
+// never got there.
 
 const { execFile, execFileSync } = require('node:child_process')
 const fs = require('node:fs')
@@ -20,6 +24,7 @@ const PG_USER = 'postgres'
 // Debian's layout: /usr/lib/postgresql/<major>/bin; the newest is taken.
 const PG_LIB = '/usr/lib/postgresql'
 const START_TIMEOUT_S = 60
+const STOP_MODES = ['smart', 'fast', 'immediate']
 // What every test server runs with: small shared memory (servers of other
 // tests may run beside it on a small machine), durability as in production.
 const CONF = {
@@ -99,6 +104,13 @@ async function freePort () {
   throw new Error(`no free port from ${PORTS_FIRST} below the ephemeral ones`)
 }
 
+function stopMode (mode) {
+  if (!STOP_MODES.includes(mode)) {
+    throw new TypeError(`pg_ctl's shutdown mode is one of ${STOP_MODES.join(', ')}, not ${mode}`)
+  }
+  return mode
+}
+
 class PgCluster {
   constructor (base, port, claim) {
     this.base = base
@@ -137,6 +149,23 @@ class PgCluster {
       throw err
     }
     return pg
+  }
+
+  // The server stopped with pg_ctl's shutdown `mode`, its directory kept.
+  async stop (mode = 'fast') {
+    await asPostgres('pg_ctl', ['-D', this.data, '-m', stopMode(mode), '-w', 'stop'])
+  }
+
+  // The server started again on its port, after stop().
+  async start () {
+    await asPostgres('pg_ctl', ['-D', this.data, '-l', this.log, '-w', '-t',
+      String(START_TIMEOUT_S), 'start'])
+  }
+
+  // The server stopped with `mode` and started again, in one pg_ctl.
+  async restart (mode = 'fast') {
+    await asPostgres('pg_ctl', ['-D', this.data, '-l', this.log, '-m', stopMode(mode), '-w',
+      '-t', String(START_TIMEOUT_S), 'restart'])
   }
 
   url (db = 'postgres') {
