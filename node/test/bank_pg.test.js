@@ -3,30 +3,49 @@
 // and the reconciliation, as strict as bank.test.js's) in docs/SCALING.md's
 // production layout, as tests/reliability/test_calling_bank_pg.py runs the
 // Python middleware: the plugin's AccMan URL is a round-robin TCP proxy
-// (helpers/roundrobin.js, no health check) before two real AccMan
-// front-ends on one real PostgreSQL (helpers/pg.js).  The faults hit the
-// front-ends in turn: one SIGKILLed and started again on its port, the
-// next stopped (SIGSTOP) past the plugin's timeout and hold ttl, then let
-// go on (SIGCONT), so that calls sent again to the other front-end are
-// answered while their first attempts wait in the stopped one and arrive
-// later; and so on, the last a kill as the service closes, its owed calls
-// left to land through the other.  An account refused 402 is topped up, so
-// that a refusal judged on its balance may be followed by a late attempt
-// that meets a higher one (errors.js, `definite`).  Each fault comes once
+// (helpers/roundrobin.js) before two real AccMan front-ends on one real
+// PostgreSQL (helpers/pg.js).  The front-ends' faults hit them in turn:
+// one SIGKILLed and started again on its port, the next stopped (SIGSTOP)
+// past the plugin's timeout and hold ttl, then let go on (SIGCONT), so
+// that calls sent again to the other front-end are answered while their
+// first attempts wait in the stopped one and arrive later; and so on, the
+// last a kill as the service closes, its owed calls left to land through
+// the other.  The database's faults hit both at once: PostgreSQL stopped
+// (`immediate`) until a request has been answered 503, then started again
+// (in the short form, in check mode only); in the long form, also kept
+// down for a drawn while first, and restarted (`pg_ctl restart`, `fast`
+// or `immediate`); the front-ends reconnect by themselves.  An account refused 402 is topped up, so that a
+// refusal judged on its balance may be followed by a late attempt that
+// meets a higher one (errors.js, `definite`).  Each fault comes once
 // enough responses were paid since the last; check mode, then reserve
 // mode, on the same database and front-ends.  ACCMAN_CRASH_LONG=1 runs
-// many more rounds (`just crash-node`); ACCMAN_CRASH_SEED=N replays the
-// same choice of requests (their timing is the machine's).
+// many more rounds, and each mode again through a proxy that sends only to
+// the front-ends whose /health answers 200 (`just crash-node`);
+// ACCMAN_CRASH_SEED=N replays the same choice of requests (their timing is
+// the machine's).
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
+const { fetch } = require('undici')
 const { AccManServer } = require('./helpers/accman')
-const { LONG, bankRun } = require('./helpers/bankrun')
+const { LONG, SEED, bankRun, random } = require('./helpers/bankrun')
 const { PgCluster } = require('./helpers/pg')
 const { roundRobin } = require('./helpers/roundrobin')
 const { sleep } = require('./helpers/app')
 
-const FAULTS = LONG ? 31 : 3 // a mode's
+// A mode's faults: the short form's, in order (check mode's with the
+// database stopped: its run through front-end faults alone may never be
+// answered 503, its balance reads going on through the live front-end;
+// reserve mode's holds meet the front-end faults' 503s already); the long
+// form's, this cycle over again, so that each front-end meets both of its
+// kinds and the database both of its own; the last, as the service
+// closes, a kill.
+const SHORT_KINDS = {
+  check: ['kill', 'pause', 'db_down', 'kill'],
+  reserve: ['kill', 'pause', 'kill']
+}
+const LONG_KINDS = ['kill', 'pause', 'db_restart', 'pause', 'kill', 'db_down']
+const LONG_FAULTS = 31
 const PAID_PER_ROUND = LONG ? 400 : 40 // paid responses before each fault
 // The plugin's timeout per attempt, and reserve mode's holds: short, so
 // that a stop outlasts them, and a call whose first attempt meets it is
@@ -38,13 +57,43 @@ const HOLD_TTL_S = 2
 // them ended) by this much.
 const PAUSE_PAST_MS = 500
 const PAUSE_MS = Math.max(TIMEOUT_MS, HOLD_TTL_S * 1000) + PAUSE_PAST_MS
+// The database down in the long form's db_down: past the front-ends'
+// reconnection backoff's first steps, within the hold ttl or past it (as
+// test_calling_bank_pg.py's DB_DOWN_S); the short form's, only until the
+// 503 below.
+const DB_DOWN_MS = [1000, 4000]
+// With the database down every front-end refuses every call at once, so
+// a request is refused 503 once its admission calls AccMan: at once in
+// reserve mode (a hold), and in check mode once the balance it read is
+// older than checkFreshMs (1 s): a few seconds at most, with consumers
+// sending all along.  The database stays down until one is, and a run
+// where none comes within this fails: the plugin never saw AccMan down.
+const REFUSED_WITHIN_MS = 30000
+// The front-ends take writes again (/health 200) within this of the
+// database's start: they reconnect with a backoff of at most 2 s.
+const HEALTHY_WITHIN_MS = 30000
+const HEALTH_POLL_MS = 50
 // Long enough for an owed call's pause (OWED_PAUSE_MAX_MS at most) and its attempt.
 const DRAIN_MS = 30000
+// After the database's fault: the owed calls are paid one at a time, and
+// in reserve mode each hold refused 503 meanwhile (AccMan's plain 503 may
+// come from a commit that failed) owes a release of two calls, thousands
+// after seconds down under this load.
+const DB_DRAIN_MS = 300000
 const RUN_MS = LONG ? 3600000 : 60000
 
-// The database, its two front-ends and the proxy before them, shared by
-// the modes' runs; `victim` is the front-end the next fault hits.
-const rig = { pg: null, fes: [], proxy: null, victim: 0, made: { kill: 0, pause: 0 } }
+// The database, its two front-ends and the proxies before them (the one
+// health-checked in the long form only), shared by the modes' runs;
+// `victim` is the front-end the next front-end fault hits.
+const rig = {
+  pg: null,
+  dbDown: false,
+  fes: [],
+  proxies: {},
+  victim: 0,
+  made: { kill: 0, pause: 0, db_restart: 0, db_down: 0 }
+}
+const rand = random(SEED ^ 0x5bd1e995)
 
 test.before(async () => {
   rig.pg = await PgCluster.create()
@@ -55,12 +104,14 @@ test.before(async () => {
     rig.fes.push(fe)
     await fe.start()
   }
-  rig.proxy = await roundRobin(rig.fes.map((fe) => ({ host: '127.0.0.1', port: fe.port })))
+  const backends = rig.fes.map((fe) => ({ host: '127.0.0.1', port: fe.port }))
+  rig.proxies.unchecked = await roundRobin(backends)
+  if (LONG) rig.proxies.checked = await roundRobin(backends, { checked: true })
 })
 
 test.after(async () => {
   try {
-    await rig.proxy?.close()
+    for (const proxy of Object.values(rig.proxies)) await proxy.close()
     for (const fe of rig.fes) {
       fe.child?.kill('SIGCONT') // a test that failed mid-stop
       await fe.close()
@@ -70,81 +121,182 @@ test.after(async () => {
   }
 })
 
+// `promise`, or a failure saying `what` did not come within `ms`.
+async function within (promise, ms, what) {
+  let timer
+  const late = new Promise((resolve, reject) => {
+    timer = setTimeout(() => reject(new assert.AssertionError({ message: what })), ms)
+  })
+  try {
+    return await Promise.race([promise, late])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+// Once the load has had a response on each of its loops since now.
+function eachLoopAnswered (load) {
+  const { progress } = load
+  const at = progress.answered
+  return progress.reach(() => progress.answered >= at + load.loops)
+}
+
+// Every front-end takes writes again: /health 200.
+async function healthy () {
+  let over = false
+  const poll = async (fe) => {
+    while (!over) {
+      try {
+        const r = await fetch(fe.url + '/health')
+        await r.arrayBuffer()
+        if (r.status === 200) return
+      } catch {} // not listening yet
+      await sleep(HEALTH_POLL_MS)
+    }
+  }
+  try {
+    await within(Promise.all(rig.fes.map(poll)), HEALTHY_WITHIN_MS,
+      `the front-ends take writes within ${HEALTHY_WITHIN_MS} ms of the database's start`)
+  } finally {
+    over = true
+  }
+}
+
 // The front-end `fe` stopped for PAUSE_MS, and until each loop has had a
 // response since, then let go on.
 async function pause (fe, load) {
-  const { progress } = load
-  const at = progress.answered
+  const answered = eachLoopAnswered(load)
   fe.child.kill('SIGSTOP')
   try {
     await sleep(PAUSE_MS)
-    await progress.reach(() => progress.answered >= at + load.loops)
+    await answered
   } finally {
     fe.child.kill('SIGCONT')
   }
 }
 
-// Fault `n` of a mode's: kill, stop, stop, kill, and again, each hitting
-// the next front-end, so that each meets both kinds; the last, as the
-// service closes, a kill.
-function kindOf (n) {
-  return n === FAULTS - 1 || n % 4 === 0 || n % 4 === 3 ? 'kill' : 'pause'
+// The database stopped at once (`immediate`): in the long form for a
+// drawn while; then until a request has been answered 503 since (the
+// outage seen through the plugin); then started, and the front-ends
+// waited for.
+async function dbDown (load) {
+  const { progress } = load
+  const at = progress.unavailable
+  await rig.pg.stop('immediate')
+  rig.dbDown = true
+  try {
+    if (LONG) await sleep(DB_DOWN_MS[0] + rand() * (DB_DOWN_MS[1] - DB_DOWN_MS[0]))
+    await within(progress.reach(() => progress.unavailable > at), REFUSED_WITHIN_MS,
+      `no request answered 503 in ${REFUSED_WITHIN_MS} ms of the database down`)
+  } finally {
+    await rig.pg.start()
+    rig.dbDown = false
+  }
+  await healthy()
 }
 
-// FAULTS faults, each once PAID_PER_ROUND responses were paid since the
-// last: a kill, then the front-end started again on its port once each
-// loop has had a response since; or a stop (pause).  After each but the
-// last, and but every other one of the long run (whose owed calls meet
-// the next fault), waits for the calls owed meanwhile to land.  The last
-// kill is not followed by a start: the service closes with that
-// front-end down.
-async function faults (app, load) {
-  const { progress } = load
-  for (let n = 0; n < FAULTS; n++) {
-    await progress.reach(() => progress.paid >= PAID_PER_ROUND)
+// The faults of a run in `mode`.
+function kindsOf (mode) {
+  if (!LONG) return SHORT_KINDS[mode]
+  return Array.from({ length: LONG_FAULTS },
+    (_, n) => n === LONG_FAULTS - 1 ? 'kill' : LONG_KINDS[n % LONG_KINDS.length])
+}
+
+// Makes a fault of `kind`: a front-end's, which hits the next in turn, or
+// the database's; a kill that is the `last` fault leaves its front-end
+// down as the service closes.
+async function fault (kind, load, last) {
+  if (kind === 'db_restart') {
+    await rig.pg.restart(rig.made.db_restart % 2 ? 'immediate' : 'fast')
+    await healthy()
+    await eachLoopAnswered(load)
+  } else if (kind === 'db_down') {
+    await dbDown(load)
+    await eachLoopAnswered(load)
+  } else {
     const fe = rig.fes[rig.victim]
     rig.victim = (rig.victim + 1) % rig.fes.length
-    const last = n === FAULTS - 1
-    if (kindOf(n) === 'kill') {
+    if (kind === 'pause') await pause(fe, load)
+    else {
       await fe.stop('SIGKILL')
-      rig.made.kill++
-      const at = progress.answered
-      await progress.reach(() => progress.answered >= at + load.loops)
-      if (last) break
-      await fe.start()
-    } else {
-      await pause(fe, load)
-      rig.made.pause++
+      await eachLoopAnswered(load)
+      if (!last) await fe.start()
     }
-    if (!LONG || n % 2 === 0) assert.ok(await app.accman.drain(DRAIN_MS), 'the owed calls land')
-    progress.paid = 0
   }
-  return `${FAULTS} faults, the proxy's connections ${JSON.stringify(rig.proxy.stats)}`
+  rig.made[kind]++
 }
 
-async function frontEndsRun (t, mode) {
+// The faults `kinds`, each once PAID_PER_ROUND responses were paid since the
+// last: a kill, then the front-end started again on its port once each
+// loop has had a response since; a stop (pause); the database stopped or
+// restarted.  After each but the last, and but every other one of the
+// long run (whose owed calls meet the next fault), waits for the calls
+// owed meanwhile to land.  The last kill is not followed by a start: the
+// service closes with that front-end down.
+async function faults (app, load, proxy, kinds) {
+  const { progress } = load
+  let longest = 0
+  let db = false // a database fault since the last drain
+  for (const [n, kind] of kinds.entries()) {
+    await progress.reach(() => progress.paid >= PAID_PER_ROUND)
+    const last = n === kinds.length - 1
+    await fault(kind, load, last)
+    if (last) break
+    db = db || kind.startsWith('db_')
+    if (!LONG || n % 2 === 0) {
+      const start = performance.now()
+      const ms = db ? DB_DRAIN_MS : DRAIN_MS
+      assert.ok(await app.accman.drain(ms), `the owed calls land within ${ms} ms of fault ${n}`)
+      longest = Math.max(longest, performance.now() - start)
+      db = false
+    }
+    progress.paid = 0
+  }
+  return `${kinds.length} faults, the longest drain ${Math.round(longest)} ms, ` +
+    `the proxy's connections ${JSON.stringify(proxy.stats)}`
+}
+
+async function frontEndsRun (t, mode, which) {
+  const proxy = rig.proxies[which]
   const made = { ...rig.made }
-  const sent = [...rig.proxy.stats.sent]
+  const sent = [...proxy.stats.sent]
+  const kinds = kindsOf(mode)
   await bankRun(t, mode, {
-    url: rig.proxy.url,
+    name: `${mode}-${which}`,
+    url: proxy.url,
     options: { timeoutMs: TIMEOUT_MS, ...(mode === 'reserve' ? { holdTtlS: HOLD_TTL_S } : {}) },
     topUps: true,
-    faults,
+    faults: (app, load) => faults(app, load, proxy, kinds),
     up: async () => {
+      if (rig.dbDown) {
+        await rig.pg.start()
+        rig.dbDown = false
+      }
       for (const fe of rig.fes) if (fe.child === null) await fe.start()
+      await healthy()
     }
   })
   // A real run: every fault made, both front-ends given connections.
-  const kinds = Array.from({ length: FAULTS }, (_, n) => kindOf(n))
-  assert.equal(rig.made.kill - made.kill, kinds.filter((k) => k === 'kill').length)
-  assert.equal(rig.made.pause - made.pause, kinds.filter((k) => k === 'pause').length)
-  assert.ok(rig.proxy.stats.sent.every((s, n) => s > sent[n]), JSON.stringify(rig.proxy.stats))
+  for (const kind of Object.keys(rig.made)) {
+    assert.equal(rig.made[kind] - made[kind], kinds.filter((k) => k === kind).length, kind)
+  }
+  assert.ok(proxy.stats.sent.every((s, n) => s > sent[n]), JSON.stringify(proxy.stats))
 }
 
-test('bank through two front-ends on PostgreSQL, check mode: killed and stopped in turn; every charge once', { timeout: RUN_MS }, async (t) => {
-  await frontEndsRun(t, 'check')
-})
+// Through the proxy with no health check; in the long form, through the
+// health-checked one as well.
+const CASES = [['check', 'unchecked'], ['reserve', 'unchecked']].concat(LONG
+  ? [['check', 'checked'], ['reserve', 'checked']]
+  : [])
+const WHAT = {
+  check: 'every charge once',
+  reserve: 'every charge once, never overdrawn'
+}
 
-test('bank through two front-ends on PostgreSQL, reserve mode: killed and stopped in turn; every charge once, never overdrawn', { timeout: RUN_MS }, async (t) => {
-  await frontEndsRun(t, 'reserve')
-})
+for (const [mode, proxy] of CASES) {
+  const db = kindsOf(mode).some((k) => k.startsWith('db_')) ? ', the database stopped' : ''
+  test(`bank through two front-ends on PostgreSQL (${proxy} balancer), ${mode} mode: killed ` +
+    `and stopped in turn${db}; ${WHAT[mode]}`, { timeout: RUN_MS }, async (t) => {
+    await frontEndsRun(t, mode, proxy)
+  })
+}

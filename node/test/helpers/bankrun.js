@@ -167,7 +167,9 @@ function ridsOf (rids) {
 
 // One run in `mode`: the load through a service whose plugin's AccMan is
 // at `rig.url` (with `rig.options`, the plugin's further options; with
-// `rig.topUps`, the accounts refused 402 topped up), under
+// `rig.topUps`, the accounts refused 402 topped up; its accounts named
+// after `rig.name`, or the mode: runs on one AccMan need names of their
+// own), under
 // `rig.faults(app, load)`, which returns once its last fault is made
 // (AccMan may be down then, as the service closes) with a sentence of what
 // it did; `rig.up()` brings AccMan back to read the histories.  Then every
@@ -178,7 +180,7 @@ async function bankRun (t, mode, rig) {
   const unpaid = []
   const rids = new Map()
   try {
-    const creds = FUNDINGS.map((_, i) => `bank-${mode}-${i}`)
+    const creds = FUNDINGS.map((_, i) => `bank-${rig.name ?? mode}-${i}`)
     for (const [i, cred] of creds.entries()) await mint.mod(cred, FUNDINGS[i])
     const { app, url } = await serviceApp({
       url: rig.url,
