@@ -360,6 +360,14 @@ async def lifespan(m, *events, sent=None) -> list:
     return sent
 
 
+@pytest.fixture
+def quick_close(monkeypatch):
+    """close() waits 0.1 s for the queue to drain, then 0.2 s more for the
+    call under way, so that a test reaches each of its stages at once."""
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
+    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
+
+
 def _charge_owed_then(fake, m, then):
     """Serves one request whose charge is dropped (owed), then `then()`."""
     async def go():
@@ -414,13 +422,11 @@ def test_a_call_that_timed_out_at_close_is_stranded_unknown_not_unpaid(monkeypat
         assert "outcome unknown: look for key" in caplog.text
 
 
-def test_a_call_owed_as_close_cuts_the_payer_off_is_paid_by_a_new_one(monkeypatch, caplog):
+def test_a_call_owed_as_close_cuts_the_payer_off_is_paid_by_a_new_one(quick_close, caplog):
     """close() cancels the payer under way at SHUTDOWN_LAST_CALL_S and
     strands its call; a call owed before that payer has taken its cancel
     is paid by a new payer (the queue works after close), not stranded
     as cut off by the event loop's end, nor left with no payer."""
-    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
-    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
         unpaid = []
@@ -460,14 +466,12 @@ class _Stubborn(owed_mod.Mod):
 
 
 @pytest.mark.parametrize("ends", ["returns", "refused"])
-def test_a_payer_whose_cancel_is_swallowed_leaves_the_queue_to_the_new_one(ends, monkeypatch,
+def test_a_payer_whose_cancel_is_swallowed_leaves_the_queue_to_the_new_one(ends, quick_close,
                                                                             caplog):
     """close() lets the payer it cuts off go, and a call owed then gets a
     new payer; the old one, going on past its cancel, pays and pops
     nothing more of the queue, nor says again what close() stranded: the
     new payer's call is paid once and its payer ends cleanly."""
-    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
-    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
         m = mw(fake, cost=2, retries=0, timeout_s=30)
@@ -609,9 +613,7 @@ def test_a_call_owed_as_its_payer_fails_gets_a_payer_that_does_not_run_it_again(
 
 
 @pytest.mark.parametrize("how", ["bound", "cancelled"])
-def test_a_call_cut_off_at_close_is_stranded_unknown(how, monkeypatch, caplog):
-    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
-    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
+def test_a_call_cut_off_at_close_is_stranded_unknown(how, quick_close, caplog):
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
         unpaid = []
@@ -680,13 +682,11 @@ class _Held(owed_mod.Mod):
 
 
 def test_a_drain_waiting_on_a_payer_close_lets_go_ends_once_close_has_stranded(
-        monkeypatch, caplog):
+        quick_close, caplog):
     """A drain() waiting on the payer when close() cuts it off, whose
     cancel that payer swallows and goes on (let go), ends once close() has
     stranded what was left, with True: nothing is owed any more, whatever
     the payer let go still does."""
-    monkeypatch.setattr(owed_mod, "SHUTDOWN_DRAIN_S", 0.1)
-    monkeypatch.setattr(owed_mod, "SHUTDOWN_LAST_CALL_S", 0.2)
     stats = {"owed": 0, "stranded": 0}
     owed = owed_mod.Owed(lambda: None, stats, lambda c: None, lambda c, a, w: None)
 
