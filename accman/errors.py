@@ -120,10 +120,27 @@ class Unavailable(AccManError):
     status = 503
 
 
-class Busy(Unavailable):
+class NotApplied(Unavailable):
+    """A change refused before it was applied: the store takes no writes
+    now (a commit failed before it, the store is closing, its database is
+    not reached or refused the batch).  Nothing of the refused call was
+    applied: it may be sent again, even without a key, and nothing of it
+    is to be undone (a plain Unavailable may have been: a commit failed)."""
+
+    code = "not_applied"
+
+
+class Busy(NotApplied):
     """Too many mods are waiting for durability: back-pressure, retry."""
 
     code = "busy"
+
+
+class ShuttingDown(NotApplied):
+    """The server is stopping: a change refused before it was applied, or
+    /health (the server answers it itself: accman.server.routes)."""
+
+    code = "shutting_down"
 
 
 class StoreError(AccManError):
