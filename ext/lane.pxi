@@ -89,7 +89,7 @@ cdef class Lane:
         assert self.held
         if self.closing:
             out.wait_no = 0
-            return Unavailable(self.committer.refusal)
+            return NotApplied(self.committer.refusal)
         try:
             acct = book._lookup(cred)
             outcome = book._mod(acct, book._hid, cred, by, min_, kb, low, self.at_ms, out)

@@ -34,7 +34,7 @@ import hashlib
 import heapq
 
 from accman.errors import (AccManError, BadRequest, Busy, HoldEnded, Insufficient, KeyReused,
-                           NoAccount, NoHold, Overflow, TooManyHolds, Unavailable)
+                           NoAccount, NoHold, NotApplied, Overflow, TooManyHolds, Unavailable)
 from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, QUEUED_MODS_MAX)
 from accman.store import check_hold, check_settle, name_refused
@@ -254,8 +254,8 @@ cdef class Book:
 
     cdef inline int _check_writable(self) except -1:
         if self.failed:
-            raise Unavailable("the store failed to commit; the store takes no "
-                              "more writes until it is reopened")
+            raise NotApplied("the store failed to commit; the store takes no "
+                             "more writes until it is reopened")
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"QUEUED_MODS_MAX ({self.queued_mods_max}) changes are waiting "
                        "for the disk; retry shortly")
@@ -267,8 +267,8 @@ cdef class Book:
 
         Returns None when the outcome waits for a batch (`done` is then
         registered on it), or the outcome itself when it is final already
-        (the caller delivers it).  Raises BadRequest, Unavailable or Busy
-        with nothing changed.  `low`, on a funding mod, sets the account's
+        (the caller delivers it).  Raises BadRequest or NotApplied (Busy
+        among them) with nothing changed.  `low`, on a funding mod, sets the account's
         low-balance threshold."""
         cdef Account acct = self._lookup(cred)
         cdef bytes hid = self._hid
@@ -302,7 +302,7 @@ cdef class Book:
         new (tot, seq) in `out`; else its outcome: a refusal, or a keyed
         change's original answer.  Either way self._wait is the batch that
         the answer waits for, None when it is final now.  Raises
-        Unavailable or Busy with nothing changed."""
+        NotApplied (Busy among them) with nothing changed."""
         self._wait = None
         self._check_writable()
         if acct is None and by < 0:

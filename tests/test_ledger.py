@@ -16,7 +16,7 @@ import time
 import pytest
 
 from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAccount,
-                    Ledger, Overflow, StoreCorrupt, StoreError, StoreLocked,
+                    Ledger, NotApplied, Overflow, StoreCorrupt, StoreError, StoreLocked,
                     Unavailable)
 from accman.errors import EventsTrimmed, HttpError, UnexpectedReply
 from accman.ledger import _ledger, commit
@@ -454,14 +454,18 @@ def test_failed_commit_acknowledges_nothing_and_stops_writes(tmp_path):
     path = str(tmp_path / "d")
     led = Ledger(path, store=FailingStore(path))
     assert led.mod("alice", 10) == (10, 1)
-    with pytest.raises(Unavailable, match="failed to commit"):
+    with pytest.raises(Unavailable, match="failed to commit") as failed:
         led.mod("alice", 5)
+    assert not isinstance(failed.value, NotApplied)     # its write may have reached the disk
     # The cause is the server's to log, never the client's to read.
     assert "injected" in led._committer.error.detail
     assert led.tot("alice") == 10            # the failed mod never shows
     assert not led.healthy
-    with pytest.raises(Unavailable):
-        led.mod("bob", 1)
+    # Every change from now on is refused before it applies.
+    for change in (lambda: led.mod("bob", 1), lambda: led.hold("alice", -1, 60),
+                   lambda: led.settle("alice", 1, 0)):
+        with pytest.raises(NotApplied, match="takes no more writes"):
+            change()
     assert led.tot("bob") is None
     led.close()
     with Ledger(path) as led:

@@ -1,6 +1,7 @@
 """A Ledger that is closing or closed refuses every call the same way:
-Unavailable, "the ledger is closing" from the start of `close`, "the ledger
-is closed" once it has returned; no call reaches plyvel's own errors, and
+NotApplied (an Unavailable that says nothing of the call applied), "the
+ledger is closing" from the start of `close`, "the ledger is closed" once
+it has returned; no call reaches plyvel's own errors, and
 close waits for the reads in flight before it closes LevelDB."""
 
 import asyncio
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from accman import Ledger, StoreError, Unavailable
+from accman import Ledger, NotApplied, StoreError, Unavailable
 from accman.ledger import _ledger, plyvel_errors
 from accman.ledger.commit import Committer
 from accman.ledger.events import EventLog
@@ -78,9 +79,9 @@ def assert_every_call_refused(led, detail):
     names = set()
     for name, call in every_call(led, told.append):
         names.add(name)
-        with pytest.raises(Unavailable) as e:
+        with pytest.raises(NotApplied) as e:
             call()
-        assert (e.value.detail, e.value.code, e.value.status) == (detail, "unavailable", 503), name
+        assert (e.value.detail, e.value.code, e.value.status) == (detail, "not_applied", 503), name
     assert told == []                           # refused at once, nothing queued
     assert names == public_methods()            # a method added later is checked too
 

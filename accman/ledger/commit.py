@@ -11,7 +11,8 @@ batch behind the replies (accman.ledger.applier).
 
 A failed write is fail-stop, like Redis under `always`: what was applied in
 memory cannot be trusted to match the disk, so every mod not yet durable is
-answered Unavailable and the book takes no more writes until reopened.
+answered Unavailable (it may have reached the disk) and the book takes no
+more writes until reopened: each is refused as NotApplied.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import threading
 import time
 
-from accman.errors import StoreError, Unavailable
+from accman.errors import NotApplied, StoreError, Unavailable
 from accman.ledger.applier import Applier
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S, EVENTS_TRIM_INTERVAL_S_MIN
 from accman.ledger.clock import wall_ms
@@ -158,7 +159,7 @@ class Committer(Housekeeping):
         at_ms = self.clock_ms()
         with self.lock:
             if self._closing:
-                raise Unavailable(self.refusal)
+                raise NotApplied(self.refusal)
             check_done(done)        # after the closing: a closed ledger says so first
             outcome = self.book.apply(cred, by, min_, key, done, on_loop, at_ms, low)
             self._queued(outcome, on_loop)
@@ -178,7 +179,7 @@ class Committer(Housekeeping):
         at_ms = self.clock_ms()
         with self.lock:
             if self._closing:
-                raise Unavailable(self.refusal)
+                raise NotApplied(self.refusal)
             check_done(done)
             outcome = apply(*args, done, on_loop, at_ms)
             self._queued(outcome, on_loop)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 
-from accman.errors import StoreError, Unavailable
+from accman.errors import NotApplied, StoreError
 from accman.ledger.forked import FORKED_DETAIL
 
 log = logging.getLogger("accman.ledger.gate")
@@ -51,10 +51,11 @@ class Gate:
         self._cond = threading.Condition()
 
     def check(self, *_args, **_kw) -> None:
-        """Raises Unavailable unless the ledger is open."""
+        """Raises NotApplied unless the ledger is open: a closed ledger
+        refuses every call before it does anything."""
         refusal = self.refusal
         if refusal is not None:
-            raise Unavailable(refusal)
+            raise NotApplied(refusal)
 
     @contextlib.contextmanager
     def reading(self):

@@ -69,6 +69,7 @@ class Rounds:
     def __init__(self):
         self.acked = {}             # key -> (cred, by, tot, seq)
         self.refused = {}           # key -> (cred, by): answered 503
+        self.codes = {}             # key -> the 503's error code
         self.n = 0
 
     def send(self, conns, per_conn):
@@ -89,7 +90,10 @@ class Rounds:
             self.acked[key] = (cred, by, r.json["tot"], r.json["seq"])
         else:
             assert r.status == 503, r
-            assert r.json["error"] == "unavailable" and r.json["detail"], r
+            # unavailable: in a batch that failed, or behind one; not_applied:
+            # refused by a store that had stopped taking writes.
+            assert r.json["error"] in ("unavailable", "not_applied") and r.json["detail"], r
+            self.codes[key] = r.json["error"]
             # The cause is the server's log's, never the client's: no file
             # path of the server, no OS error (SPEC "Access").
             assert "/" not in r.json["detail"] and "space" not in r.json["detail"], r
@@ -118,13 +122,18 @@ def fill_until_refused(srv, disk, rounds):
             # Per connection, mods apply in order: once one failed, every
             # later one was in that batch or a later one.
             assert statuses == sorted(statuses), statuses
-        # Writes stop, even for new accounts, even once the space is back.
+        # Writes stop, even for new accounts, even once the space is back:
+        # refused before they apply (not_applied).
+        stopped = rounds.n
         assert rounds.send(conns, 3) == [[503] * 3] * len(CREDS)
         filler.unlink()
         assert rounds.send(conns, 3) == [[503] * 3] * len(CREDS)
+        assert {rounds.codes[f"k{n}"] for n in range(stopped + 1, rounds.n + 1)} == \
+            {"not_applied"}
         with srv.connect() as c:
             c.send(patch("/mod?cred=disk-new&by=5"))
-            assert c.response().status == 503
+            r = c.response()
+            assert (r.status, r.json["error"]) == (503, "not_applied"), r
     finally:
         for _, c in conns:
             c.close()
@@ -145,6 +154,7 @@ def check_restarted(srv, rounds):
                 assert (by_key[key]["seq"], by_key[key]["tot"]) == (seq, tot)
         for key, e in by_key.items():
             assert sent[key] == (cred, e["by"]), e
+            assert rounds.codes.get(key) != "not_applied", e     # it said it was not
     # The 503s were not acknowledged: sent again with their keys, each
     # applies once (or answers from its record, had it reached the disk).
     with srv.connect() as c:
