@@ -11,7 +11,7 @@ error, and nothing is queued.
 from __future__ import annotations
 
 from accman.errors import (BadRequest, HoldEnded, Insufficient, KeyReused, NoAccount,
-                           NoHold, Overflow, TooManyHolds, Unavailable)
+                           NoHold, NotApplied, Overflow, TooManyHolds, Unavailable)
 from accman.postgres import schema as S
 from accman.records import Entry
 from accman.store import Page, check_key
@@ -132,9 +132,11 @@ READS = (S.READ, PAST)
 
 def unsent(op, why: str) -> Unavailable:
     """The refusal of a call never sent, the database not reached (`why`):
-    a read's, or a change's."""
-    return Unavailable(f"the database cannot be read: {why}" if op.kind in READS else
-                       f"the store cannot commit, nothing of this call was applied: {why}")
+    a read's, or a change's (NotApplied: a client may send it again, and
+    owes nothing to undo)."""
+    if op.kind in READS:
+        return Unavailable(f"the database cannot be read: {why}")
+    return NotApplied(f"the store cannot commit, nothing of this call was applied: {why}")
 
 
 # The balances of $1's hids, in order; null for an unknown account.

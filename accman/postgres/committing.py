@@ -11,7 +11,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from accman.errors import Unavailable
 from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
@@ -69,7 +68,7 @@ class Committing:
             # (the database's own errors are told in _committed): the
             # batch may have committed.
             log.exception("a batch failed in AccMan")
-            error = Unavailable(E.commit_detail(e, E.classify(e)))
+            error = E.commit_error(e, E.classify(e))
             self._deliver([(op.done, error) for op in self._landed(ops)])
         finally:
             self.queued_mods -= len(ops)
@@ -92,7 +91,7 @@ class Committing:
                     cluster.refused_in_row += 1
                 if kind != E.RETRY:         # rolled back thrice: nothing says the store is ill
                     self.lost(cluster, e)
-                error = Unavailable(E.commit_detail(e, kind))
+                error = E.commit_error(e, kind)
                 self._deliver([(op.done, error) for op in self._landed(ops)])
                 return
         cluster.refused_in_row = 0

@@ -36,7 +36,7 @@ import ssl
 
 import asyncpg
 
-from accman.errors import StoreError, where
+from accman.errors import NotApplied, StoreError, Unavailable, where
 
 RETRY = "retry"
 UNKNOWN = "unknown"
@@ -161,21 +161,24 @@ MAY_HAVE_LANDED = ("nothing in this batch was acknowledged and it may have been 
 CLOSED_MID_COMMIT = "the store closed during the commit; " + MAY_HAVE_LANDED
 
 
-def commit_detail(exc: BaseException, kind: str) -> str:
-    """The 503 detail of a batch that did not commit, by what `classify`
-    made of `exc`."""
+def commit_error(exc: BaseException, kind: str) -> Unavailable:
+    """The 503 of a batch that did not commit, by what `classify` made of
+    `exc`: NotApplied where the database said that it applied nothing."""
     if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
-        return (f"{READ_ONLY}: nothing in this batch was applied; the store is looking "
-                "for one that does")
+        return NotApplied(f"{READ_ONLY}: nothing in this batch was applied; the store is "
+                          "looking for one that does")
     if isinstance(exc, asyncio.TimeoutError):
-        return "the database did not answer the commit in time; " + MAY_HAVE_LANDED
+        return Unavailable("the database did not answer the commit in time; " + MAY_HAVE_LANDED)
     if kind == UNKNOWN:
-        return "the connection to the database broke during the commit; " + MAY_HAVE_LANDED
+        return Unavailable("the connection to the database broke during the commit; "
+                           + MAY_HAVE_LANDED)
     if isinstance(exc, asyncpg.PostgresError):
         # The database said so itself: it rolled the transaction back.
-        return f"the database refused the batch, nothing of it was applied: {describe(exc)}"
+        return NotApplied("the database refused the batch, nothing of it was applied: "
+                          + describe(exc))
     # Raised on our side, perhaps after the database committed: unknown.
-    return f"the commit failed in AccMan ({type(exc).__name__}); " + MAY_HAVE_LANDED
+    return Unavailable(f"the commit failed in AccMan ({type(exc).__name__}); "
+                       + MAY_HAVE_LANDED)
 
 
 def store_error(exc: BaseException, what: str) -> StoreError:

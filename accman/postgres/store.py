@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 import logging
 
-from accman.errors import Busy, Unavailable, where
+from accman.errors import Busy, NotApplied, Unavailable, where
 from accman.limits import (BATCH_MODS_MAX, EVENTS_RETENTION_S_DEFAULT, HOLDS_MAX,
                            HOLDS_PER_ACCOUNT_MAX, QUEUED_MODS_MAX)
 from accman.postgres import batch as B
@@ -183,9 +183,9 @@ class PgStore(Committing):
 
     def _check_open(self) -> None:
         """A closed store says so before it judges a call's values, as the
-        embedded store does."""
+        embedded store does: refused before it does anything."""
         if self._closed:
-            raise Unavailable("the store is closed")
+            raise NotApplied("the store is closed")
 
     def _queue(self, cluster: Cluster, op) -> None:
         self._check_open()
@@ -381,20 +381,22 @@ class PgStore(Committing):
 
     async def aclose(self) -> None:
         """Waits for what is queued to commit while a cluster is healthy,
-        then closes every connection.  What is left unanswered is told
-        Unavailable, once, as its task is cancelled: the /tot reads, the
-        calls still queued, and the batches and /past reads in flight (a
-        batch's outcome unknown: a keyed retry gets the original reply)."""
+        then closes every connection.  What is left unanswered is told,
+        once, as its task is cancelled: the changes still queued
+        NotApplied (never sent), the reads Unavailable, and the batches in
+        flight Unavailable too (their outcome unknown: a keyed retry gets
+        the original reply)."""
         while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
                 any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)
         if self._closed:                    # after the wait: one close of two acts
             return
         self._closed = True
-        reads = [done for c in self.clusters for _, done in c.unanswered_reads()]
-        reads += [op.done for c in self.clusters for lane in c.lanes for op in lane.ops]
-        closed, unknown = Unavailable("the store is closed"), Unavailable(E.CLOSED_MID_COMMIT)
-        told = [(done, closed) for done in reads]
+        closed, unsent = Unavailable("the store is closed"), NotApplied("the store is closed")
+        unknown = Unavailable(E.CLOSED_MID_COMMIT)
+        told = [(done, closed) for c in self.clusters for _, done in c.unanswered_reads()]
+        told += [(op.done, closed if op.kind in (S.READ, PAST_BARRIER) else unsent)
+                 for c in self.clusters for lane in c.lanes for op in lane.ops]
         told += [(op.done, closed if op.kind in (S.READ, PAST_BARRIER) else unknown)
                  for op in self._flying]
         self._flying.clear()

@@ -10,7 +10,7 @@ import time
 import asyncpg
 import pytest
 
-from accman.errors import Busy, NoAccount, StoreError, Unavailable
+from accman.errors import Busy, NoAccount, NotApplied, StoreError, Unavailable
 from accman.postgres import PgStore
 from accman.postgres.migrate import migrate
 from accman.postgres import cluster as cluster_module
@@ -299,9 +299,11 @@ def test_a_refusal_s_detail_names_no_file_of_the_database():
     e = asyncpg.exceptions.DiskFullError(
         'could not extend file "pg_tblspc/16961/PG_15_202209061/16962/16995": '
         "No space left on device")
-    detail = E.commit_detail(e, E.classify(e))
-    assert detail == ("the database refused the batch, nothing of it was applied: "
-                      "PostgreSQL 53100: could not extend file (a path): No space left on device")
+    error = E.commit_error(e, E.classify(e))
+    assert error.detail == ("the database refused the batch, nothing of it was applied: "
+                            "PostgreSQL 53100: could not extend file (a path): No space left "
+                            "on device")
+    assert isinstance(error, NotApplied)
 
 
 def test_a_cluster_lost_again_while_it_reconnects_is_reconnected(pg_url, monkeypatch):
@@ -345,9 +347,13 @@ MAY_HAVE_LANDED = ("nothing in this batch was acknowledged and it may have been 
 def test_a_batch_whose_outcome_is_unknown_is_never_said_unapplied(exc, says):
     """Only the database's own refusal says "nothing applied": a timeout, a
     broken connection or an error on AccMan's side may follow a commit, so
-    their detail asks for a retry with the key."""
+    their detail asks for a retry with the key, and their error is no
+    NotApplied (a client would take it for a call it may send again
+    without its key, and a hold it owes no release)."""
     from accman.postgres import errors as E
-    assert E.commit_detail(exc, E.classify(exc)) == says
+    error = E.commit_error(exc, E.classify(exc))
+    assert error.detail == says
+    assert type(error) is Unavailable
 
 
 @pytest.mark.parametrize("option,value,says", [
@@ -695,7 +701,7 @@ def test_a_close_tells_every_read_it_leaves_unanswered(pg_url, monkeypatch):
 def test_a_close_with_no_cluster_healthy_tells_the_calls_still_queued(pg_url):
     """Calls queued when their cluster is lost and the store then closes,
     before their writer ran: each is told once that the store is closed,
-    none applied."""
+    none applied, and that it was not (NotApplied: never sent)."""
     async def main():
         store, c = await opened(pg_url)
         told = []
@@ -705,7 +711,7 @@ def test_a_close_with_no_cluster_healthy_tells_the_calls_still_queued(pg_url):
         await store.aclose()
         return told
     told = run(main())
-    assert [(type(o), o.detail) for o in told] == [(Unavailable, "the store is closed")] * 3
+    assert [(type(o), o.detail) for o in told] == [(NotApplied, "the store is closed")] * 3
 
     async def after():
         async with stored(pg_url) as (_, c):

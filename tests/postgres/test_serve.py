@@ -33,7 +33,8 @@ def metrics(srv) -> dict:
 def test_health_is_503_while_no_primary_is_reachable(pg_factory, tmp_path):
     """SPEC "Routes": /health is 503 while the service cannot commit; an
     idle front-end notices by itself (its upkeep round is its heartbeat),
-    refuses writes at once meanwhile, and is back once the primary is."""
+    refuses writes at once meanwhile (not_applied: never sent), and is
+    back once the primary is."""
     pg = pg_factory(name="lost")
     url = pg.create_database("h")
     srv = spawn_server(tmp_path / "data", tmp_path / "log", args=["--store", url])
@@ -44,7 +45,7 @@ def test_health_is_503_while_no_primary_is_reachable(pg_factory, tmp_path):
         wait_for(lambda: health(srv) == 503, 10, "/health 503 with the primary gone")
         assert_error(srv.get("/health"), 503, "unavailable")
         assert metrics(srv)["accman_healthy"] == 0
-        assert_error(srv.mod("a", 1), 503, "unavailable")
+        assert_error(srv.mod("a", 1), 503, "not_applied")
         assert_error(srv.get("/tot?cred=a"), 503, "unavailable")
         pg.start()
         wait_for(lambda: health(srv) == 200, 20, "/health 200 with the primary back")
@@ -68,7 +69,8 @@ def test_an_outage_is_said_plainly_and_once(pg_factory, tmp_path):
     """PostgreSQL stopped (pg_ctl) under a running front-end, then started:
     every 503 says in AccMan's words that the store cannot be reached or
     lost its connection, never the driver's (a class, an errno, a call), a
-    long poll waiting then among them;
+    long poll waiting then among them; a change, never sent, is
+    not_applied, a read unavailable;
     stderr has one line when it goes (the error's type and place, not its
     message) and one when it is back, and no traceback however long it
     lasts; the URL's password is nowhere."""
@@ -87,8 +89,9 @@ def test_an_outage_is_said_plainly_and_once(pg_factory, tmp_path):
         poll.close()
         for _ in range(4):          # 4 s: asyncpg's pool retried at 1, 2 and 4 s
             for r in (srv.mod("a", 1), srv.patch("/hold?cred=a&by=-1&ttl=60"),
-                      srv.patch("/settle?cred=a&hold=1&use=0"), srv.get("/tot?cred=a"),
-                      srv.get("/past?cred=a"), srv.get("/events")):
+                      srv.patch("/settle?cred=a&hold=1&use=0")):
+                details.append(assert_error(r, 503, "not_applied")["detail"])
+            for r in (srv.get("/tot?cred=a"), srv.get("/past?cred=a"), srv.get("/events")):
                 details.append(assert_error(r, 503, "unavailable")["detail"])
             time.sleep(1)
         assert [d for d in details if not OUTAGE_DETAIL.fullmatch(d)] == []
@@ -125,7 +128,7 @@ def test_a_database_that_takes_no_writes_is_503_until_it_does(pg_factory, tmp_pa
             applied.extend([1] if r.status == 200 else [])
             return r if r.status == 503 else None
         r = wait_for(refused, 10, "a mod refused by the read-only database")
-        assert "takes no writes" in assert_error(r, 503, "unavailable")["detail"]
+        assert "takes no writes" in assert_error(r, 503, "not_applied")["detail"]
         for _ in range(20):                         # 2 s: no reconnection passes for healthy
             assert health(srv) == 503
             time.sleep(0.1)
@@ -161,8 +164,9 @@ def test_a_batch_the_database_refuses_stops_writes_until_one_commits(pg, tmp_pat
             r = wait_for(refused_by_the_database, 10, "a batch refused by the database")
             assert r.json["detail"].startswith(
                 "the database refused the batch, nothing of it was applied")
+            assert r.json["error"] == "not_applied"
         assert health(srv) == 503
-        detail = assert_error(srv.mod("b", 1), 503, "unavailable")["detail"]
+        detail = assert_error(srv.mod("b", 1), 503, "not_applied")["detail"]
         assert detail.startswith("the store cannot commit, nothing of this call was applied: "), \
             detail                                                      # not sent
         pg.psql("ALTER TABLE accman_history DROP CONSTRAINT refuse", dbname="refused")
