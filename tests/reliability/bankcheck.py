@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 class Attempt:
     t0: float
     t1: float
-    outcome: str            # ok | refused | ended | unknown | unexpected
+    outcome: str            # ok | refused | ended | unknown | unapplied | unexpected
     tot: int | None = None  # ok: the new tot; refused: the tot it was judged on
     seq: int | None = None
     detail: str = ""

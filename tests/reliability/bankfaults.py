@@ -78,6 +78,12 @@ def _answer_out_of_order(ops, reads, h, *_):
     ops[1].attempts[0] = Attempt(3, 4, "ok", FUND - 1, 1)
 
 
+def _apply_a_change_said_not_applied(ops, reads, h, settles, events):
+    ops.append(Op(1, CRED, -1004, 0, "e", attempts=[Attempt(17, 18, "unapplied")]))
+    h[CRED].append(_entry(9, -1004, FUND + 1495, "e", at=17_000))
+    events.append({"id": 9, "type": "mod", "account": "acct-0", **h[CRED][-1]})
+
+
 def _refuse_wrongly(ops, reads, h, *_):
     ops[2].by = -10
 
@@ -128,7 +134,8 @@ def _give_an_expiry_a_settle_event(ops, reads, h, settles, events):
 
 FAULTS = [_lose_an_acknowledged_mod, _apply_a_mod_twice, _apply_a_refused_mod, _leave_a_gap,
           _break_a_sum, _read_a_stale_balance, _read_the_future, _answer_out_of_order,
-          _refuse_wrongly, _show_a_lost_entry, _end_a_hold_twice, _lose_an_acknowledged_settle,
+          _apply_a_change_said_not_applied, _refuse_wrongly, _show_a_lost_entry,
+          _end_a_hold_twice, _lose_an_acknowledged_settle,
           _expire_a_hold_before_its_ttl, _end_a_hold_as_no_call_asked,
           _answer_hold_ended_to_the_settle_that_ended_it, _leave_a_hold_open,
           _skip_an_event_id, _lose_an_event, _give_an_expiry_a_settle_event]

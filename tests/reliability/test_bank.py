@@ -5,12 +5,15 @@ amounts (every `by` in the run is different, so an entry in a history names
 the call that made it), some with `min`, settles of most holds (the others
 are left to expire: their ttl is 1 to 3 s), and reads of /tot and /past,
 against a few accounts, each on its own keep-alive connection, logging
-every call's start, end and outcome: ok, refused (409), hold_ended, or
-unknown (timeout, reset, 5xx).  The records and the checks are in
-bankcheck.py.  Meanwhile a
+every call's start, end and outcome: ok, refused (409), hold_ended,
+unapplied (a 503 that says the change was refused before it applied:
+`not_applied`, `busy`, `shutting_down`), or unknown (timeout, reset, other
+5xx).  The records and the checks are in bankcheck.py.  Meanwhile a
 nemesis kills the server with SIGKILL at random moments, stops it with
-SIGSTOP for a while and lets it go on with SIGCONT, or stops then kills it;
-after a kill it restarts the server on the same data directory.
+SIGSTOP for a while and lets it go on with SIGCONT, stops then kills it, or
+stops it gracefully with SIGTERM (the changes it refuses meanwhile are
+answered `shutting_down`); after each it restarts the server on the same
+data directory.
 
 At the end, with the faults over, every unknown keyed mod is sent once more
 with its key, and the checker reads every history whole and verifies:
@@ -20,7 +23,7 @@ with its key, and the checker reads every history whole and verifies:
 * every acknowledged mod is in the history exactly once, at the seq and
   with the tot its 200 named, with its key;
 * every entry is a mod some call sent, whose outcome was ok or unknown,
-  never one that was only ever refused;
+  never one that was only ever refused (a 409, or a 503 unapplied);
 * no entry of a mod with `min` has a tot under that min, and every 409
   insufficient was right on the balance it reported;
 * no read (a /tot, a /past page, the tot of a 409) ever showed a state that
@@ -72,6 +75,9 @@ FUND = {cred: 500 + i for i, cred in enumerate(CREDS + UNTOUCHED)}
 CLIENT_TIMEOUT_S = 15.0
 PAUSE_MAX_S = 1.0
 RETRIES_MAX = 3
+# The 503s that say the change was refused before it applied (docs/SERVER.md,
+# "Errors"): the checker finds any such change in a history.
+UNAPPLIED = ("not_applied", "busy", "shutting_down")
 HOLD_TTL_S = (1, 3)             # drawn from; the longest, with a second of expiry wheel,
 HOLDS_END_S = HOLD_TTL_S[1] + 2  # is how long after the faults every hold has ended
 
@@ -112,6 +118,11 @@ class Cluster:
 
     def kill(self):
         self.srv.proc.send_signal(signal.SIGKILL)
+        self.restart()
+
+    def term(self):
+        """A graceful stop, as a rolling restart makes."""
+        self.srv.proc.send_signal(signal.SIGTERM)
         self.restart()
 
     def pause(self, seconds, then_kill=False):
@@ -238,7 +249,7 @@ class Worker(threading.Thread):
             return
         op.attempts.append(self.outcome(op, t0, t1, r))
         outcome = op.attempts[-1].outcome
-        if (outcome == "unknown" and getattr(op, "key", True) is not None
+        if (outcome in ("unknown", "unapplied") and getattr(op, "key", True) is not None
                 and len(op.attempts) < RETRIES_MAX and self.rnd.random() < 0.5):
             self.retry.append(op)               # a settle is idempotent by (hold, use)
         if (outcome == "ok" and getattr(op, "ttl", None) is not None
@@ -260,6 +271,8 @@ class Worker(threading.Thread):
             return Attempt(t0, t1, "refused", r.json["tot"], detail="insufficient")
         if code == "hold_ended" and isinstance(op, SettleOp):
             return Attempt(t0, t1, "ended", detail=r.json["detail"])
+        if r.status == 503 and r.json.get("error") in UNAPPLIED:
+            return Attempt(t0, t1, "unapplied", detail=r.json["error"])
         if r.status >= 500:
             return Attempt(t0, t1, "unknown", detail=f"{r.status} {r.body[:80]!r}")
         self.errors.append(f"{op}: unexpected answer {r.status} {r.body!r}")
@@ -295,7 +308,7 @@ class Worker(threading.Thread):
 def nemesis(cluster, stop_at, rnd, counts, errors):
     """Faults until stop_at, in a fixed rotation so that every kind occurs
     in a short run; the moments and pause lengths are random."""
-    kinds = itertools.cycle(["kill", "pause", "kill", "pause_kill"])
+    kinds = itertools.cycle(["kill", "pause", "term", "kill", "pause_kill"])
     try:
         while True:
             delay = rnd.uniform(0.3, 1.2)
@@ -305,6 +318,8 @@ def nemesis(cluster, stop_at, rnd, counts, errors):
             kind = next(kinds)
             if kind == "kill":
                 cluster.kill()
+            elif kind == "term":
+                cluster.term()
             elif kind == "pause":
                 cluster.pause(rnd.uniform(0.1, PAUSE_MAX_S))
             else:
@@ -335,7 +350,7 @@ def test_bank_under_kill_and_stop(tmp_path):
             Worker(n, cluster, amounts, stop, workers)
         for w in workers:
             w.start()
-        counts = {"kill": 0, "pause": 0, "pause_kill": 0}
+        counts = {"kill": 0, "pause": 0, "term": 0, "pause_kill": 0}
         stop_at = time.monotonic() + DURATION_S
         nemesis(cluster, stop_at, rnd, counts, errors)
         srv, ops, settles = end_load(cluster, workers, stop, stop_at, errors, banner)
@@ -365,7 +380,8 @@ def test_bank_under_kill_and_stop(tmp_path):
         acked = outcomes.count("ok")
         ends = [how for _, how in checker.ends.values()]
         summary = (f"{len(ops)} mods and holds, {acked} acknowledged, "
-                   f"{outcomes.count('refused')} refused, {outcomes.count('unknown')} unknown; "
+                   f"{outcomes.count('refused')} refused, {outcomes.count('unapplied')} "
+                   f"unapplied, {outcomes.count('unknown')} unknown; "
                    f"{len(checker.ends)} holds ended: {ends.count('settle')} settled, "
                    f"{ends.count('expire')} expired, {ends.count('either')} either; "
                    f"{len(checker.events)} events; {len(reads)} reads; "
@@ -373,7 +389,8 @@ def test_bank_under_kill_and_stop(tmp_path):
         print(f"bank checker: {summary}", flush=True)
         # The run must have been a real one: faults of every kind, and
         # changes acknowledged throughout, holds settled and expired.
-        assert counts["kill"] >= 2 and counts["pause"] >= 1 and counts["pause_kill"] >= 1, summary
+        assert counts["kill"] >= 2 and counts["pause"] >= 1 and counts["pause_kill"] >= 1 \
+            and counts["term"] >= 1, summary
         assert acked >= 100 and outcomes.count("refused") >= 1, summary
         assert ends.count("settle") >= 10 and ends.count("expire") >= 10, summary
 
@@ -413,10 +430,12 @@ def end_load(cluster, workers, stop, stop_at, errors, banner):
 
 
 def resolve(srv, worker, ops):
-    """Sends once more each change whose every outcome was unknown."""
+    """Sends once more each change whose outcome is unknown: one attempt
+    or more unknown, the others (if any) unapplied."""
     with srv.connect(timeout=CLIENT_TIMEOUT_S) as c:
         for op in ops:
-            if all(a.outcome == "unknown" for a in op.attempts):
+            outcomes = {a.outcome for a in op.attempts}
+            if "unknown" in outcomes and outcomes <= {"unknown", "unapplied"}:
                 t0 = time.monotonic()
                 c.send(request_bytes("PATCH", op.target()))
                 r = c.response()
