@@ -1,0 +1,54 @@
+"""Fail-stop: the changes applied in memory behind a batch whose write
+failed were never handed to the disk (one batch is written at a time, and
+the book drops every open batch as it fails).  Nothing of them applied:
+each is told NotApplied (503 not_applied), as a change refused after the
+failure is; only the failed batch itself may have reached the disk
+(503 unavailable, an unknown outcome).  A plain Unavailable would have a
+client owe a release for each such hold, and bill each such charge as
+stranded, though none applied."""
+
+import threading
+
+from accman import Ledger, NotApplied, StoreError, Unavailable
+from accman.ledger.leveldb import Store
+from ledgerhelp import entries, wait_for
+
+
+class FailingWhenLet(Store):
+    """Its second write waits for `gate`, then fails, writing nothing;
+    `writing` is set while it waits."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+        self.writes = 0
+
+    def write(self, wal_record):
+        self.writes += 1
+        if self.writes >= 2:
+            self.writing.set()
+            self.gate.wait()
+            raise StoreError(f"{self.path}: commit failed: injected fault")
+        super().write(wal_record)
+
+
+def test_the_changes_behind_a_failed_batch_are_not_applied(tmp_path):
+    path = str(tmp_path / "d")
+    store = FailingWhenLet(path)
+    led = Ledger(path, store=store)
+    failed, behind = [], []
+    try:
+        led.mod("a", 10)
+        led.submit("a", -1, key="f", done=failed.append)
+        wait_for(store.writing.is_set, 10, "the failing batch being written")
+        led.submit("a", -2, key="b1", done=behind.append)      # in the open batch
+        led.submit_hold("a", -3, 60, key="b2", done=behind.append)
+    finally:
+        store.gate.set()
+        wait_for(lambda: failed and len(behind) == 2, 10, "every change answered")
+        led.close()
+    with Ledger(path) as led:
+        assert [key for _, _, _, key, _ in entries(led, "a")] == [None]
+    assert type(failed[0]) is Unavailable, failed                # it may have reached the disk
+    assert [type(o) for o in behind] == [NotApplied] * 2, behind    # they cannot have
