@@ -123,9 +123,10 @@ class Unavailable(AccManError):
 class NotApplied(Unavailable):
     """A change refused before it was applied: the store takes no writes
     now (a commit failed before it, the store is closing, its database is
-    not reached or refused the batch).  Nothing of the refused call was
-    applied: it may be sent again, even without a key, and nothing of it
-    is to be undone (a plain Unavailable may have been: a commit failed)."""
+    not reached or refused the batch).  Nothing of this request applied
+    (a plain Unavailable may have: a commit failed).  It says nothing of an
+    earlier request for the same change, with the same key, that is still
+    unanswered or got a plain Unavailable: that one may still apply."""
 
     code = "not_applied"
 

@@ -37,14 +37,14 @@ cdef class Lane:
     `durable_no`, `failed_no` and `failure` is made between `begin` and
     `end`, on the thread of the committer's bound loop."""
 
-    def __cinit__(self, Book book, committer, str failed_detail, bint wall_clock):
+    def __cinit__(self, Book book, committer, tuple failed_details, bint wall_clock):
         """`wall_clock`: the committer's clock is the wall clock (no test's
         clock_ms), read here in C."""
         self.book = book
         self.committer = committer
         self.lock = committer.lock
         self.clock_ms = None if wall_clock else committer.clock_ms
-        self.failed_detail = failed_detail
+        self.failed_details = failed_details
         self.held = False
         self.closing = False
         self.queued = False
@@ -134,6 +134,10 @@ cdef class Lane:
     cdef int64_t failed_no(self) noexcept:
         return (<Book>self.book).failed_no
 
-    cdef object failure(self):
-        """What a request is told when its batch failed (Committer's)."""
-        return Unavailable(self.failed_detail)
+    cdef object failure(self, bint behind):
+        """What a request is told when its batch failed, as the Committer
+        tells its callers: the failed batch may have reached the disk
+        (Unavailable); a batch `behind` it was never written (NotApplied)."""
+        if behind:
+            return NotApplied(self.failed_details[1])
+        return Unavailable(self.failed_details[0])

@@ -489,7 +489,7 @@ cdef class Pipeline:
         failed_no = self.lane.failed_no()
         if failed_no and e.wait_no >= failed_no:
             Py_XDECREF(e.err)
-            err = self.lane.failure()
+            err = self.lane.failure(e.wait_no > failed_no)
             Py_INCREF(err)
             e.err = <PyObject*>err
             e.wait_no = 0

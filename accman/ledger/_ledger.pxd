@@ -16,7 +16,7 @@ cdef class Lane:
     cdef object committer           # accman.ledger.commit.Committer
     cdef object lock                # the committer's lock
     cdef object clock_ms
-    cdef str failed_detail
+    cdef tuple failed_details       # (the failed batch's, the batches' behind it)
     cdef int64_t at_ms
     cdef bint held
     cdef bint closing
@@ -30,4 +30,4 @@ cdef class Lane:
                     Outcome* out)
     cdef int64_t durable_no(self) noexcept
     cdef int64_t failed_no(self) noexcept
-    cdef object failure(self)
+    cdef object failure(self, bint behind)

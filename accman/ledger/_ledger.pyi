@@ -198,5 +198,5 @@ class Lane:
     """The server's C-level way into the book (ext/lane.pxi): mods and /tot
     reads for ext/pipeline.pyx, with no Python call per request.  It has
     no Python methods."""
-    def __init__(self, book: Book, committer: Any, failed_detail: str,
+    def __init__(self, book: Book, committer: Any, failed_details: tuple[str, str],
                  wall_clock: bool) -> None: ...

@@ -25,7 +25,7 @@ from accman.errors import NotApplied, StoreError, Unavailable
 from accman.ledger.applier import Applier
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S, EVENTS_TRIM_INTERVAL_S_MIN
 from accman.ledger.clock import wall_ms
-from accman.ledger.gate import CLOSED_DETAIL, CLOSING_DETAIL, FAILED_DETAIL
+from accman.ledger.gate import BEHIND_FAILED_DETAIL, CLOSED_DETAIL, CLOSING_DETAIL, FAILED_DETAIL
 from accman.ledger.asynccalls import running_loop
 from accman.ledger.housekeeping import Housekeeping
 from accman.store import check_done, run_callbacks
@@ -377,9 +377,12 @@ class Committer(Housekeeping):
         self._tell_failed(failed, error)
 
     def _tell_failed(self, failed: list, error: StoreError) -> None:
-        for b in failed:
-            self._deliver(_unavailable(b.done_loop, error), _unavailable(b.done_direct, error),
-                          b.nmods)
+        """The first batch may have reached the disk (Unavailable); those
+        behind it (Book.fail) were never handed to it (NotApplied)."""
+        assert error is not None
+        for i, b in enumerate(failed):
+            told = (NotApplied, BEHIND_FAILED_DETAIL) if i else (Unavailable, FAILED_DETAIL)
+            self._deliver(_told(b.done_loop, *told), _told(b.done_direct, *told), b.nmods)
 
     def _wake_events(self, loop) -> None:
         """Long polls wait on their own loop, which need not be the bound one (a mod
@@ -441,6 +444,6 @@ class Committer(Housekeeping):
         return self.error is None and self.applier.error is None and not self._closing
 
 
-def _unavailable(callbacks: list, error: StoreError) -> list:
-    assert error is not None
-    return [(done, Unavailable(FAILED_DETAIL)) for done, _ in callbacks]
+def _told(callbacks: list, refusal: type, detail: str) -> list:
+    """An error of its own for each caller (a raised error gathers its traceback)."""
+    return [(done, refusal(detail)) for done, _ in callbacks]

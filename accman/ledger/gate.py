@@ -31,6 +31,12 @@ NESTED_DETAIL = ("a Ledger call made inside another call of this ledger on this 
 # Committer.error, never to a client (SPEC "Access").
 FAILED_DETAIL = ("the store failed to commit; nothing in this batch was acknowledged, "
                  "and the store takes no more writes until it is reopened")
+# What the changes behind that batch are told: applied in memory only, in
+# batches never handed to the disk (one batch is written at a time).
+BEHIND_FAILED_DETAIL = ("the store failed to commit a batch before this change's, which was "
+                        "never written: nothing of it was applied, and the store takes no "
+                        "more writes until it is reopened")
+FAILED_DETAILS = (FAILED_DETAIL, BEHIND_FAILED_DETAIL)
 
 
 class Gate:

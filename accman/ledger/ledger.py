@@ -18,7 +18,7 @@ from accman.ledger.commit import Committer
 from accman.ledger.datadir import checked_path
 from accman.ledger.events import EventLog, check_kept_after
 from accman.ledger.forked import FORKED_DETAIL, inherited, refuse_inherited, track
-from accman.ledger.gate import CLOSING_DETAIL, FAILED_DETAIL, Gate
+from accman.ledger.gate import CLOSING_DETAIL, FAILED_DETAILS, Gate
 from accman.ledger.leveldb import Store
 from accman.ledger.opening import expire_at_open, load_book
 from accman.limits import EVENTS_LIMIT_DEFAULT, EVENTS_RETENTION_S_DEFAULT, PAST_LIMIT_DEFAULT
@@ -83,8 +83,8 @@ class Ledger(AsyncCalls):
     expired while the ledger was closed end when it opens, before it is
     returned.
 
-    From the start of `close` every method raises Unavailable ("the ledger
-    is closing"), and once it has returned, Unavailable ("the ledger is
+    From the start of `close` every method raises NotApplied ("the ledger
+    is closing"), and once it has returned, NotApplied ("the ledger is
     closed"); `close` again only waits for the first one to end.  What
     describes the ledger rather than reads it still answers: the properties
     (`healthy` is False) and the metrics' `drain_samples`.
@@ -98,8 +98,8 @@ class Ledger(AsyncCalls):
     `submit(cred, by, min=None, key=None, done=None, low=None) -> None`:
     applies a mod in call order; `done(outcome)` is called once it is
     final, with `(tot, seq)` or an AccManError (Insufficient, KeyReused,
-    Overflow, NoAccount, Unavailable), after what it depends on is durable.
-    Raises BadRequest, Unavailable or Busy at once, changing nothing.
+    Overflow, NoAccount, Unavailable, NotApplied), after what it depends
+    on is durable.  Raises BadRequest or NotApplied (Busy) at once.
     """
 
     # accman/store.py: `tot` answers from memory; the server keeps the
@@ -160,7 +160,7 @@ class Ledger(AsyncCalls):
         self.submit = self._committer.submit
         # accman/store.py: the server's compiled Pipelines take mods and
         # /tot reads through it, without a Python call per request.
-        self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAIL, clock_ms is None)
+        self.lane = _ledger.Lane(self._book, self._committer, FAILED_DETAILS, clock_ms is None)
         track(self)
 
     def _forked(self) -> None:

@@ -282,11 +282,50 @@ def test_history_lost_after_the_open_is_refused_and_said_in_the_log_only(tmp_pat
     control.lose_read(False)
 
 
+def test_the_changes_behind_a_failed_batch_are_answered_not_applied(tmp_path):
+    """A batch's write held (a stalled disk) while changes queue behind it
+    on another connection, then failed without writing: the held batch is
+    answered unavailable (its outcome is the disk's), the changes behind,
+    never handed to the disk, not_applied; none of them is in the history
+    after the restart."""
+    control = Control(tmp_path / "control")
+    data = tmp_path / "data"
+    srv = spawn_controlled(data, tmp_path / "log1", control)
+    try:
+        assert srv.mod("stalled", 10).status == 200
+        control.hold()
+        with srv.connect() as first, srv.connect() as behind:
+            first.send(patch(mod_target("stalled", -1, "held")))
+            control.wait_holding()
+            behind.send(b"".join(patch(mod_target("stalled", -2 - i, f"behind{i}"))
+                                 for i in range(3)))
+            wait_for(lambda: metrics(srv)["accman_queued_mods"] >= 4, 10,
+                     "the changes behind queued (and the held one)")
+            control.fail_before()
+            control.release()
+            held = first.response()
+            after = [behind.response() for _ in range(3)]
+        assert (held.status, held.json["error"]) == (503, "unavailable"), held
+        assert [(r.status, r.json["error"]) for r in after] == [(503, "not_applied")] * 3, after
+        assert srv.stop() == 1
+    finally:
+        stop_quietly(srv)
+    control.fail_before(False)
+    srv = spawn_server(data, tmp_path / "log2")
+    try:
+        assert [e["key"] for e in history(srv, "stalled")] == [None]
+    finally:
+        stop_quietly(srv)
+
+
 def test_a_commit_that_fails_after_its_write_is_retried_exactly_once(tmp_path):
     """The worst failed commit: the batch reached the disk, then the store
     reported an error (a failed fsync).  The server cannot know; it answers
     503 and stops taking writes.  After a restart the mods may be there: a
-    retry with the key must answer from the record, never apply again."""
+    retry with the key must answer from the record, never apply again.  The
+    batch written is answered unavailable (never not_applied, which would
+    have a client send it again without its key); only those behind it,
+    never written, may be not_applied."""
     control = Control(tmp_path / "control")
     data = tmp_path / "data"
     srv = spawn_controlled(data, tmp_path / "log1", control)
@@ -297,8 +336,10 @@ def test_a_commit_that_fails_after_its_write_is_retried_exactly_once(tmp_path):
                 assert c.response().status == 200
             control.fail_after()
             c.send(b"".join(patch(mod_target("fsync", 200 + i, f"lost{i}")) for i in range(5)))
-            statuses = [c.response().status for _ in range(5)]
-        assert statuses == [503] * 5
+            replies = [c.response() for _ in range(5)]
+        assert [r.status for r in replies] == [503] * 5
+        codes = [r.json["error"] for r in replies]
+        assert codes[0] == "unavailable" and set(codes) <= {"unavailable", "not_applied"}, codes
         assert srv.get("/health").status == 503
         assert srv.stop() == 1
     finally:
@@ -311,6 +352,8 @@ def test_a_commit_that_fails_after_its_write_is_retried_exactly_once(tmp_path):
         landed = [e["key"] for e in before if e["key"].startswith("lost")]
         # The first failed batch held at least the first mod; it was written.
         assert "lost0" in landed
+        assert [k for k, code in zip([f"lost{i}" for i in range(5)], codes, strict=True)
+                if code == "not_applied" and k in landed] == [], (codes, landed)
         with srv.connect() as c:
             for i in range(5):
                 c.send(patch(mod_target("fsync", 200 + i, f"lost{i}")))
