@@ -124,7 +124,8 @@ class NotApplied(Unavailable):
     """A change refused before it was applied: the store takes no writes
     now (a commit failed before it, the store is closing, its database is
     not reached or refused the batch).  Nothing of this request applied
-    (a plain Unavailable may have: a commit failed).  It says nothing of an
+    (a plain Unavailable may have: a commit failed).  A closed Ledger
+    refuses its reads so too: it does nothing of any call.  It says nothing of an
     earlier request for the same change, with the same key, that is still
     unanswered or got a plain Unavailable: that one may still apply."""
 
