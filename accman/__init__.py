@@ -10,8 +10,8 @@ neither LevelDB nor the server (tests/test_calling_layout.py).
 """
 
 from accman.errors import (AccManError, BadRequest, Busy, EventsTrimmed, HoldEnded, Insufficient,
-                           KeyReused, NoAccount, NoHold, NotApplied, Overflow, StoreCorrupt,
-                           StoreError, StoreLocked, TooManyHolds, Unavailable)
+                           KeyReused, NoAccount, NoHold, NotApplied, Overflow, ShuttingDown,
+                           StoreCorrupt, StoreError, StoreLocked, TooManyHolds, Unavailable)
 from accman.records import Entry, Event
 
 # The one place the version is written: pyproject.toml reads it from here.
@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Ledger", "Entry", "Event", "AccManError", "BadRequest", "Busy", "Insufficient",
     "KeyReused", "NoAccount", "Overflow", "StoreCorrupt", "StoreError", "StoreLocked",
-    "Unavailable", "NotApplied", "TooManyHolds", "HoldEnded", "NoHold", "EventsTrimmed",
-    "__version__",
+    "Unavailable", "NotApplied", "ShuttingDown", "TooManyHolds", "HoldEnded", "NoHold",
+    "EventsTrimmed", "__version__",
 ]
 
 # The compiled modules (setup.py builds them from ext/), by package.

@@ -366,6 +366,11 @@ class FakeAccMan:
 
 
 BUSY = ("reply", 503, {"error": "busy", "detail": "full"})     # refused before applying
+# The store takes no writes (failed, closing, its database not reached):
+# refused before applying, as AccMan says it (docs/SERVER.md, "Errors").
+NOT_APPLIED = ("reply", 503, {"error": "not_applied",
+                              "detail": "the store cannot commit, nothing of this call was "
+                                        "applied: the PostgreSQL store cannot be reached"})
 
 
 def first_then(matches, first, later=None):

@@ -17,7 +17,8 @@ from accman.asgi import AccManMiddleware
 from accman.calling import owed as owed_mod
 from accman.errors import Busy, Insufficient
 from asgi_harness import CRED, call, end_loop, make_app, mw, serve_lifespan
-from fake_accman import BUSY, FakeAccMan, charges, closed_port, first_then, run
+from fake_accman import (BUSY, NOT_APPLIED, FakeAccMan, charges, closed_port, first_then,
+                         run)
 
 # Owed calls retried at once, not after their pause.
 pytestmark = pytest.mark.usefixtures("quick_followups")
@@ -148,6 +149,56 @@ def test_503_from_accman_fails_closed(fake):
     fake.fund(CRED, 10)
     fake.fault = lambda m, p, q: ("reply", 503, {"error": "unavailable", "detail": "x"})
     assert run(call(mw(fake, mode="reserve", retries=0))).status == 503
+
+
+def test_a_charge_refused_not_applied_is_owed_and_lands_once_writes_are_back(caplog):
+    """Check mode: a charge refused 503 `not_applied` after the work (the
+    store takes no writes) is owed and lands, once, when AccMan takes
+    writes again; the response is served without the balance header.  As
+    writes fail while `tot` may go on, the next request is admitted on the
+    role probe, not on `tot`."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = first_then(charges, NOT_APPLIED)
+        m = mw(fake, cost=2, retries=0)
+
+        async def go():
+            r = await call(m)
+            assert r.status == 200 and "accman" not in r.headers
+            assert await m.drain(5)
+            probes = len(fake.probes())
+            assert (await call(m)).status == 200
+            assert len(fake.probes()) == probes + 1     # admitted on a write
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            run(go())
+        assert m.stats["owed"] == 1 and m.stats["stranded"] == 0 and fake.tot(CRED) == 6
+        assert len([r for r in fake.mods() if r[2].get("key")]) == 3   # the charge twice
+        assert caplog.text == ""
+
+
+@pytest.mark.parametrize("refusal", [NOT_APPLIED, ("reply", 503, {
+    "error": "shutting_down", "detail": "the server is shutting down; retry on another"})],
+    ids=["not_applied", "shutting_down"])
+def test_a_charge_stranded_after_refusals_before_applying_is_billed(refusal, monkeypatch,
+                                                                    caplog):
+    """Every attempt of the owed charge refused before it applied (the
+    store takes no writes, the server stops): stranded, it is unpaid
+    (on_unpaid bills it), never "outcome unknown"."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = lambda meth, p, q: refusal if charges(p, q) else None
+        unpaid = []
+        m = mw(fake, cost=2, retries=0, on_unpaid=lambda cred, amount: unpaid.append(amount))
+
+        async def go():
+            assert (await call(m)).status == 200
+            assert await m.drain(5)
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            run(go())
+        assert unpaid == [2] and m.stats["stranded"] == 1 and fake.tot(CRED) == 10
+        assert "stranded charge: the account owes 2" in caplog.text
+        assert "outcome unknown" not in caplog.text
 
 
 # --- bounds of the owed-mod queue -------------------------------------------

@@ -21,7 +21,7 @@ from accman.asgi import HOLD_TTL_S_DEFAULT, AccManMiddleware, fingerprint
 from accman.calling import owed as owed_mod
 from accman.limits import HOLD_TTL_S_MAX, HOLDS_PER_ACCOUNT_MAX
 from asgi_harness import CRED, call, entries, http_scope, make_app, mw
-from fake_accman import BUSY, FakeAccMan, first_then, run
+from fake_accman import BUSY, NOT_APPLIED, FakeAccMan, first_then, run
 from test_cli_faults import FaultProxy
 
 # Owed calls retried at once, not after their pause.
@@ -529,6 +529,51 @@ def test_a_hold_answered_by_a_failed_commit_is_undone_at_once():
             assert await m.drain(5)
         run(go())
         assert fake.tot(CRED) == 10 and fake.open_holds(CRED) == {}
+
+
+def test_a_hold_refused_not_applied_owes_no_release(caplog):
+    """A 503 `not_applied` to a hold (the store takes no writes: its
+    database not reached, say) held nothing: the request gets 503 and
+    nothing is owed, neither a repeat of the hold nor a release, where a
+    plain 503 owes one (test_a_hold_answered_by_a_failed_commit_is_undone_at_once)
+    and an outage of seconds owed thousands.  With retries, the hold is
+    sent again, keyed as it is, and the request served."""
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = lambda m, p, q: NOT_APPLIED if p == "/hold" else None
+        m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0)
+
+        async def go():
+            for _ in range(3):
+                r = await call(m)
+                assert r.status == 503 and r.json()["error"] == "unavailable"
+            assert await m.drain(5)
+        with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+            run(go())
+        assert m.stats["owed"] == 0 and m.stats["refused_unavailable"] == 3
+        assert len(fake.calls("/hold")) == 3 and fake.calls("/settle") == []
+        assert "queued" not in caplog.text and "refusing with 503" in caplog.text
+        fake.fault = first_then(lambda path, _: path == "/hold", NOT_APPLIED)
+        r = run(call(mw(fake, mode="reserve", cost=est_then(5, 2), retries=1)))
+        assert r.status == 200 and r.headers["accman"] == "8"
+        assert fake.tot(CRED) == 8 and fake.open_holds(CRED) == {}
+
+
+def test_a_settle_refused_not_applied_is_owed_and_stranded_unpaid(monkeypatch, caplog):
+    """A settle refused before it applied is owed (it applies nothing, and
+    is sent again), and stranded it is billed: no attempt of it landed."""
+    monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 2)
+    with FakeAccMan() as fake:
+        fake.fund(CRED, 10)
+        fake.fault = lambda m, p, q: NOT_APPLIED if p == "/settle" else None
+        unpaid = []
+        m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0,
+               on_unpaid=lambda cred, amount: unpaid.append(amount))
+        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
+            assert served_and_drained(m).status == 200
+        assert unpaid == [2] and m.stats["owed"] == 1 and m.stats["stranded"] == 1
+        assert "the account owes 2" in caplog.text and "outcome unknown" not in caplog.text
+        assert len(fake.calls("/settle")) == 1 + 2
 
 
 def test_a_request_cancelled_before_its_first_message_releases_its_hold(fake):

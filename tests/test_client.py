@@ -13,10 +13,10 @@ from accman.calling import policy
 from accman.client import (AccManClient, AccManSyncClient, BadReply, CallTimeout, Entry,
                            Forbidden, OutcomeUnknown, TransportError, Unauthorized,
                            UnexpectedReply, Unreachable)
-from accman.errors import (Busy, HoldEnded, Insufficient, KeyReused, NoAccount, NoHold, Overflow,
-                           TooManyHolds, Unavailable)
+from accman.errors import (Busy, HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
+                           NotApplied, Overflow, ShuttingDown, TooManyHolds, Unavailable)
 from accman.limits import INT64_MAX
-from fake_accman import FakeAccMan, account_id, closed_port, run
+from fake_accman import NOT_APPLIED, FakeAccMan, account_id, closed_port, first_then, run
 
 
 # --- the async client against the fake -------------------------------------
@@ -122,6 +122,41 @@ def test_503_and_busy_and_unexpected_replies(fake):
     # applying) and reads are.
     assert len(mods) == 1
     assert sum(1 for r in fake.requests if r[1] == "/tot") == 2 + 1 + 2
+
+
+@pytest.mark.parametrize("code,error", [("not_applied", NotApplied),
+                                        ("shutting_down", ShuttingDown)])
+def test_a_503_refused_before_applying_is_retried_for_a_keyless_mod_too(fake, code, error):
+    """503 `not_applied` (the store takes no writes) and `shutting_down`
+    say that nothing of the call applied: each is its own error, an
+    Unavailable and a NotApplied, and any call is sent again, a keyless
+    mod too (a plain 503 never retries one), which then applies once."""
+    fake.fund("alice", 10)
+    refusal = ("reply", 503, {"error": code, "detail": "nothing of this call was applied"})
+    fake.fault = first_then(lambda path, _: path == "/mod", refusal)
+
+    async def go():
+        async with AccManClient(fake.url, retries=1) as acc:
+            return await acc.mod("alice", -1)
+    assert run(go())[0] == 9
+    assert len(fake.mods()) == 2 and fake.tot("alice") == 9
+    fake.fault = lambda m, p, q: refusal
+    with AccManSyncClient(fake.url, retries=2) as acc:
+        with pytest.raises(error) as e:
+            acc.mod("alice", -1)
+    assert type(e.value) is error and isinstance(e.value, (NotApplied, Unavailable))
+    assert (e.value.status, e.value.code) == (503, code)
+    assert len(fake.mods()) == 2 + 3 and fake.tot("alice") == 9
+
+
+def test_a_hold_refused_not_applied_is_retried_without_its_key(fake):
+    """A keyless hold is a write that a plain 503 leaves unknown; one
+    refused not_applied held nothing, and is sent again."""
+    fake.fund("alice", 10)
+    fake.fault = first_then(lambda path, _: path == "/hold", NOT_APPLIED)
+    with AccManSyncClient(fake.url, retries=1) as acc:
+        assert acc.hold("alice", -4, 60)[1:] == (6, 2)
+    assert len(fake.calls("/hold")) == 2 and fake.open_holds("alice") == {2: 4}
 
 
 def test_a_keyless_mod_whose_reply_is_lost_is_not_retried(fake):
@@ -391,7 +426,8 @@ def test_a_call_that_may_have_reached_the_server_ends_unknown_unless_settled():
         return ending
 
     first = CallTimeout("no reply")
-    for later in (Unreachable("down"), Busy("full"), Unauthorized("bad token")):
+    for later in (Unreachable("down"), Busy("full"), Unauthorized("bad token"),
+                  NotApplied("the store takes no writes"), ShuttingDown("stopping")):
         err = ends(first, later, retries=1)
         assert type(err) is CallTimeout and "may have been applied" in err.detail
     assert type(ends(Unreachable("down"), first, Unreachable("down"), retries=2)) is CallTimeout
@@ -406,11 +442,34 @@ def test_a_call_that_may_have_reached_the_server_ends_unknown_unless_settled():
     # A plain 503 (a commit that failed: not acknowledged) may have applied
     # too; so may an attempt a proxy answered in place of AccMan.
     failed = Unavailable("the store cannot commit")
-    for later in (Unreachable("down"), Busy("full")):
+    for later in (Unreachable("down"), Busy("full"), NotApplied("the store takes no writes")):
         err = ends(failed, later, retries=1)
         assert type(err) is Unavailable and "may have been applied" in err.detail
+    # Refused before applying, then a timeout: only the timeout may have
+    # applied; refused before applying each time, nothing did.
+    assert ends(NotApplied("no writes"), first, safe=False) is first
+    refused = NotApplied("no writes")
+    assert ends(NotApplied("no writes"), refused, safe=False, retries=1) is refused
     err = ends(first, UnexpectedReply(404, "not_found", "a proxy's"), retries=1)
     assert type(err) is CallTimeout
+
+
+def test_what_each_503_says_of_the_call_and_of_the_writes_after_it():
+    """policy: a 503 refused before applying (NotApplied: not_applied,
+    busy, shutting_down) never may have landed, and any call retries it;
+    a plain 503 may have (a commit that failed).  Every 503 of AccMan's
+    but back-pressure says the next write may fail too (writes_failing:
+    check mode then admits on a write), and so does one that may have
+    landed."""
+    cases = [(NotApplied("x"), False, True), (ShuttingDown("x"), False, True),
+             (Busy("x"), False, False), (Unavailable("x"), True, True),
+             (Unreachable("x"), False, False), (CallTimeout("x"), True, True)]
+    for exc, landed, failing in cases:
+        assert policy.may_have_landed(exc) is landed, exc
+        assert policy.writes_failing(exc) is failing, exc
+    for exc in (NotApplied("x"), ShuttingDown("x"), Busy("x")):
+        assert policy.retryable(exc, safe=False), exc
+    assert not policy.retryable(Unavailable("x"), safe=False)
 
 
 def test_a_read_ends_with_its_last_error_never_may_have_been_applied():

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from accman.calling import parser as parser_mod
 from accman.calling import replies
 from accman.client import (AccManClient, AccManSyncClient, BadReply, Entry, Forbidden,
-                           OutcomeUnknown, PastPage, ReplyParser, Unauthorized, UnexpectedReply)
+                           NotApplied, OutcomeUnknown, PastPage, ReplyParser, ShuttingDown,
+                           Unauthorized, UnexpectedReply)
 from accman.errors import (BadRequest, Busy, EventsOutOfOrder, EventsTrimmed, HoldEnded,
                            Insufficient, KeyReused, NoAccount, NoHold, Overflow, TooManyHolds,
                            TransportError, Unavailable)
@@ -319,6 +320,8 @@ def test_an_account_id_of_account_chars_max_is_read():
     (403, {"error": "forbidden"}, Forbidden),
     (503, {"error": "busy"}, Busy),
     (503, {"error": "unavailable"}, Unavailable),
+    (503, {"error": "not_applied"}, NotApplied),
+    (503, {"error": "shutting_down"}, ShuttingDown),
     (414, {"error": "uri_too_long"}, BadRequest),
     (404, {"error": "not_found"}, UnexpectedReply),
     (405, {"error": "method_not_allowed"}, UnexpectedReply),

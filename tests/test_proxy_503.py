@@ -132,9 +132,13 @@ def test_a_proxy_503_is_not_accman_s_and_the_charge_may_have_landed(shared_serve
     assert [ln.split(" ")[0] for ln in front.lines] == ["GET", "PATCH"]    # not retried
     assert shared_server.tot(cred) == 10
     own = {code: replies.error(503, error_body(code, "d"))
-           for code in ("unavailable", "shutting_down", "busy")}
-    assert [type(own[c]).__name__ for c in own] == ["Unavailable", "Unavailable", "Busy"]
+           for code in ("unavailable", "not_applied", "shutting_down", "busy")}
+    assert [type(own[c]).__name__ for c in own] == ["Unavailable", "NotApplied", "ShuttingDown",
+                                                    "Busy"]
     assert takes_no_writes(own["unavailable"]) and not takes_no_writes(own["busy"])
+    # Refused before applying: the next write may meet it too, and it never landed.
+    assert takes_no_writes(own["not_applied"]) and takes_no_writes(own["shutting_down"])
+    assert may_have_landed(own["unavailable"]) and not may_have_landed(own["not_applied"])
     for foreign in (b'{"error":"busy"}', b'{"message":"no healthy upstream"}', b"", b"[]"):
         assert type(replies.error(503, foreign)) is ProxyUnavailable, foreign
 

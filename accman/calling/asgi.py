@@ -45,7 +45,7 @@ from accman.calling.client import AccManClient
 from accman.calling.owed import (CANCELLED, FOLLOWUP_ATTEMPTS_MAX, FOLLOWUPS_MAX,
                                  SHUTDOWN_DRAIN_S, SHUTDOWN_LAST_CALL_S, Mod, Owed, Unhold,
                                  charge_key, fingerprint)
-from accman.calling.policy import may_have_landed
+from accman.calling.policy import may_have_landed, writes_failing
 from accman.calling.probe import RoleProbe
 from accman.calling.disconnect import READ_AHEAD_BYTES_MAX, DisconnectWatch
 from accman.calling.lifespan import lifespan
@@ -139,7 +139,8 @@ class AccManMiddleware:
         self._rid = request_ids
         # Check mode admits with `tot`, which a token without `charge` may
         # read; until a charge refused for its balance has shown the role,
-        # and after a charge that may have landed, admission is that refusal.
+        # and after a charge that says writes fail (policy.writes_failing),
+        # admission is that refusal.
         self._role = RoleProbe()
         self.stats = dict.fromkeys(_STATS, 0)
         self._owed = Owed(self._acc, self.stats, self._charged, self._unpaid)
@@ -246,6 +247,8 @@ class AccManMiddleware:
         except TooManyHolds as e:
             return await self._too_many(send, cred, e)
         except AccManError as e:
+            # A hold refused before it applied (not_applied, busy) holds
+            # nothing, and owes no release; one that may have landed does.
             if est and may_have_landed(e):
                 self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), e)
             return await self._unavailable(scope, receive, send, cred, price, e)
@@ -270,9 +273,10 @@ class AccManMiddleware:
         except AccManError as e:
             if not served and isinstance(e, (Unauthorized, Forbidden)):
                 raise
-            if may_have_landed(e):
-                # A 503 that is not back-pressure, a timeout, a 502 or 504,
-                # a connection cut after sending: writes may be failing while
+            if writes_failing(e):
+                # A 503 that is not back-pressure (not_applied among them:
+                # the store takes no writes), a timeout, a 502 or 504, a
+                # connection cut after sending: writes may be failing while
                 # `tot` goes on, and admitted on it, every request would be
                 # served with its charge owed.  Admission goes back to the
                 # probe, a change that meets the same failure until writes
@@ -290,7 +294,7 @@ class AccManMiddleware:
         `mint`): the log says what the service owes, or, when the call's
         outcome is unknown, the key to look for."""
         error = None if call.cancelled() else call.exception()
-        if error is not None and may_have_landed(error):
+        if error is not None and writes_failing(error):
             self._role.lost()           # as for a request not cancelled (_charge)
         if isinstance(error, (Unauthorized, Forbidden)):
             self._role.lost()           # as _refused_charge: nothing applied, nothing owed

@@ -20,7 +20,10 @@ What a failure means for money is in the exception type (accman.errors):
   closed the connection before processing the call (it was pipelined
   behind a closing reply AccMan gives before taking more: conn.py
   UNTAKEN_BEHIND); nothing was applied.  Always safe to retry.
-- a server `503` (`Unavailable`, `Busy`): refused, nothing acknowledged.
+- a server `503` `NotApplied` (`Busy` and `ShuttingDown` among them):
+  refused before applying, nothing was applied.  Always safe to retry.
+- a server `503` `Unavailable` (its store failed to commit): nothing
+  acknowledged, and a mod may have been applied: retried as below.
 - `OutcomeUnknown` (and its `CallTimeout`, `BadReply`, `ProxyUnavailable`):
   the request was sent and no complete reply from AccMan came (also behind
   any other closing reply; a 503 without AccMan's error body is a proxy's).  A
@@ -43,7 +46,8 @@ What a failure means for money is in the exception type (accman.errors):
   `TransportError` that a follower would ride out.
 
 So the clients retry reads and keyed mods, and retry a keyless mod only when
-it was not sent or not processed (`Unreachable`) or refused as `Busy`.  A
+it was not sent or not processed (`Unreachable`) or refused before applying
+(`NotApplied`: `not_applied`, `busy`, `shutting_down`).  A
 hold is retried as a mod is; a settle always, since settling again with the
 same `use` answers the first reply (SPEC "Holds").  Tokens and credentials
 never appear in exception messages, reprs or logs.
@@ -76,9 +80,9 @@ from accman.calling.replies import ACCOUNT_CHARS_MAX, DETAIL_CHARS_MAX
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, CallTimeout, EventsOutOfOrder,
                            EventsOverLimit, EventsPageRefused, EventsTrimmed, EventTypeUnknown,
                            Forbidden, HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
-                           OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
-                           TransportError, Unauthorized, Unavailable, UnexpectedReply,
-                           Unreachable)
+                           NotApplied, OutcomeUnknown, Overflow, ProxyUnavailable, ShuttingDown,
+                           TooManyHolds, TransportError, Unauthorized, Unavailable,
+                           UnexpectedReply, Unreachable)
 from accman.limits import PIPELINE_REQUESTS_MAX
 from accman.records import Entry, Event
 
@@ -485,8 +489,8 @@ __all__ = [
     # Every error a call raises (CALLING.md, "Errors"), all of accman.errors.
     "AccManError", "NoAccount", "Insufficient", "KeyReused", "Overflow", "TooManyHolds",
     "HoldEnded", "NoHold", "EventsTrimmed", "EventsPageRefused", "EventsOutOfOrder",
-    "EventsOverLimit", "EventTypeUnknown", "BadRequest", "Unavailable", "Busy",
-    "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
+    "EventsOverLimit", "EventTypeUnknown", "BadRequest", "Unavailable", "NotApplied", "Busy",
+    "ShuttingDown", "Unauthorized", "Forbidden", "UnexpectedReply", "TransportError",
     "Unreachable", "OutcomeUnknown", "CallTimeout", "BadReply", "ProxyUnavailable",
     "RETRIES_MAX", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX",
     "TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "CONNECTIONS_MAX_DEFAULT", "PIPELINE_DEPTH_MAX",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import decimal
 import numbers
 
-from accman.errors import (Busy, EventsTrimmed, HoldEnded, KeyReused, NoHold, OutcomeUnknown,
-                           ProxyUnavailable, Unavailable, Unreachable)
+from accman.errors import (Busy, EventsTrimmed, HoldEnded, KeyReused, NoHold, NotApplied,
+                           OutcomeUnknown, ProxyUnavailable, Unavailable, Unreachable)
 from accman.limits import IDLE_TIMEOUT_S
 
 # --- bounds (TigerBeetle: a limit on everything) ------------------------------
@@ -48,8 +48,10 @@ def check_settings(timeout_s, retries) -> None:
 def retryable(exc: BaseException, safe: bool) -> bool:
     """Whether a failed attempt may be repeated.  `safe` is true for reads
     and keyed mods: repeating them never changes a balance twice."""
-    if isinstance(exc, (Unreachable, Busy)):
-        return True             # not sent or not processed, or refused before applying
+    if isinstance(exc, (Unreachable, NotApplied)):
+        # Not sent or not processed, or refused before applying (Busy and
+        # ShuttingDown among them): a keyless mod too, nothing applied.
+        return True
     if isinstance(exc, (OutcomeUnknown, Unavailable)):
         return safe
     return False
@@ -58,8 +60,9 @@ def retryable(exc: BaseException, safe: bool) -> bool:
 def takes_no_writes(exc: BaseException) -> bool:
     """Whether a write met a 503 that is neither back-pressure (Busy) nor
     the client's own (Unreachable), so that the next write may meet it
-    too while reads go on: AccMan's own, its store cannot commit (or it is
-    stopping), or a front end's (ProxyUnavailable), which may refuse
+    too while reads go on: AccMan's own, its store cannot commit (a
+    commit failed, or it takes no writes: NotApplied) or it is stopping
+    (ShuttingDown), or a front end's (ProxyUnavailable), which may refuse
     writes while it passes reads (a maintenance mode, a rate limit on
     PATCH)."""
     return isinstance(exc, ProxyUnavailable) or (
@@ -70,9 +73,20 @@ def may_have_landed(exc: BaseException) -> bool:
     """Whether a failed attempt may still have applied: sent with no reply
     from AccMan (`OutcomeUnknown`, a front end's 503 among them), or
     AccMan's plain 503, a commit that failed ("not acknowledged" is not
-    "not applied").  Busy and Unreachable were refused before applying, or
-    never sent."""
-    return isinstance(exc, OutcomeUnknown) or takes_no_writes(exc)
+    "not applied").  A NotApplied (Busy and ShuttingDown among them) was
+    refused before applying, and an Unreachable never sent."""
+    return isinstance(exc, OutcomeUnknown) or (
+        takes_no_writes(exc) and not isinstance(exc, NotApplied))
+
+
+def writes_failing(exc: BaseException) -> bool:
+    """Whether a failed write says that the next write may fail too, while
+    reads may go on: a write that may have landed (a commit that failed, a
+    reply lost), or one refused because AccMan takes no writes
+    (`takes_no_writes`: a NotApplied but Busy, a front end's 503).  The
+    middleware's check mode then admits on a write (accman.calling.probe)
+    rather than on `tot`."""
+    return may_have_landed(exc) or takes_no_writes(exc)
 
 
 def definite(exc: BaseException) -> bool:
@@ -95,9 +109,10 @@ class Attempts:
     Once an attempt may have applied (`may_have_landed`), the call ends
     with that attempt's kind of error unless a later attempt gets a
     definite reply (a success, or a `definite` refusal): a retry that is
-    Unreachable, Busy, refused by a 401 or answered by something that is
-    not AccMan says nothing of what the first attempt did, and reporting
-    it would call a charge that may have happened "not applied"."""
+    Unreachable, refused before applying (NotApplied: Busy, ShuttingDown),
+    refused by a 401 or answered by something that is not AccMan says
+    nothing of what the first attempt did, and reporting it would call a
+    charge that may have happened "not applied"."""
 
     __slots__ = ("safe", "read", "retries", "made", "unknown")
 
@@ -138,4 +153,4 @@ def pause_s(attempt: int) -> float:
 
 __all__ = ["TIMEOUT_S_DEFAULT", "TIMEOUT_S_MAX", "RETRIES_DEFAULT", "RETRIES_MAX", "RETRY_PAUSE_S",
            "RETRY_PAUSE_MAX_S", "IDLE_REUSE_S", "check_settings", "retryable", "definite",
-           "may_have_landed", "Attempts", "pause_s"]
+           "takes_no_writes", "may_have_landed", "writes_failing", "Attempts", "pause_s"]

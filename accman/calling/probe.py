@@ -3,10 +3,11 @@ probe (docs/CALLING.md).  `tot` may be read with a token that cannot
 charge, and `tot` goes on answering while writes fail: admitted on it,
 every request would be served with its charge owed.  So until a write has
 been answered (the probe's 409), and again after any charge that may have
-landed, admission is a probe.  One probe at a time on an event loop: the
-requests that come while it is under way wait for it and then read their
-balance, so that a transient failure under load costs one write, not one
-per request in flight."""
+landed or was refused because AccMan takes no writes
+(policy.writes_failing), admission is a probe.  One probe at a time on an
+event loop: the requests that come while it is under way wait for it and
+then read their balance, so that a transient failure under load costs one
+write, not one per request in flight."""
 
 from __future__ import annotations
 

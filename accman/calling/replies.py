@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsOutOfOrder,
                            EventsOverLimit, EventsTrimmed, EventTypeUnknown, Forbidden,
-                           HoldEnded, Insufficient, KeyReused, NoAccount, NoHold,
-                           OutcomeUnknown, Overflow, ProxyUnavailable, TooManyHolds,
-                           Unauthorized, Unavailable, UnexpectedReply)
+                           HoldEnded, Insufficient, KeyReused, NoAccount, NoHold, NotApplied,
+                           OutcomeUnknown, Overflow, ProxyUnavailable, ShuttingDown,
+                           TooManyHolds, Unauthorized, Unavailable, UnexpectedReply)
 from accman.limits import EVENTS_LIMIT_DEFAULT
 from accman.records import EVENT_TYPES, Entry, Event
 
@@ -124,6 +124,8 @@ _BY_CODE = {
     (404, "no_account"): NoAccount,
     (404, "no_hold"): NoHold,
     (503, "busy"): Busy,
+    (503, "not_applied"): NotApplied,
+    (503, "shutting_down"): ShuttingDown,
 }
 _BY_STATUS = {401: Unauthorized, 403: Forbidden, 503: Unavailable}
 _BAD_REQUEST_STATUSES = (400, 413, 414, 431)
