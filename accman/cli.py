@@ -4,7 +4,9 @@ events | migrate | verify`.
 Exit codes: 0 success (and `events --follow` stopped by SIGINT, SIGTERM or
 its reader closing the pipe, and any command whose reader closed stdout
 before its output: what the call did is done); 1 the server (or the
-check) answered with an error, or (`events`) with events that break the
+check) answered with an error (a 503 `not_applied`, `busy` or
+`shutting_down` to a write among them: nothing applied, and the message
+says it may be sent again), or (`events`) with events that break the
 stream's order or its page size, or of a type this client does not know
 (upgrade it), named; 2 bad flags or values, or a write started with stdout closed or
 open for reading only (its reply would be lost), refused before anything

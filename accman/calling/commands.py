@@ -20,9 +20,10 @@ import sys
 
 from accman.calling.arguments import plain_decimal
 from accman.calling.requests import check_hold_amount, check_name
-from accman.errors import (AccManError, BadRequest, Busy, EventsOutOfOrder, EventsOverLimit,
-                           EventsPageRefused, EventsTrimmed, Forbidden, Insufficient, Terminated,
-                           TransportError, Unauthorized, Unavailable, Unreachable, going_on)
+from accman.errors import (AccManError, BadRequest, EventsOutOfOrder, EventsOverLimit,
+                           EventsPageRefused, EventsTrimmed, Forbidden, Insufficient, NotApplied,
+                           Terminated, TransportError, Unauthorized, Unavailable, Unreachable,
+                           going_on)
 from accman.limits import (CRED_CHARS_MAX, EVENTS_LIMIT_MAX, EVENTS_WAIT_S_MAX, HOLD_TTL_S_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, PAST_LIMIT_MAX)
 
@@ -212,8 +213,9 @@ def unknown_hint(args, replied: bool = False) -> str:
     flight), as the tail of a message: "" for a read.  A keyed write and a
     settle are repeated safely; a keyless one is not, so its credential's
     history comes first (docs/CALLING.md, "Unknown outcomes and retries").
-    `replied`: a 503 whose words, just before, may say that nothing was
-    applied (the PostgreSQL store's refusal while it has no database)."""
+    `replied`: a plain 503 `unavailable`, whose words, just before, may
+    say that nothing was applied (a server from before `not_applied`,
+    whose PostgreSQL store refused so while it had no database)."""
     what = args.command
     doubt = ("may have applied, unless AccMan's words say nothing was" if replied
              else "may or may not have applied")
@@ -333,12 +335,27 @@ def failure(args, e) -> tuple:
             isinstance(e, Unavailable) and getattr(args, "follow", False)):
         # events --follow rode out every 503 for FOLLOW_OUTAGE_S_MAX: an outage
         return f"accman: error: no answer: {e.detail}{unknown_hint(args)}", EXIT_NO_ANSWER
-    if isinstance(e, Unavailable) and not isinstance(e, Busy) and args.command in WRITES:
-        # A 503 that is not back-pressure says "not acknowledged", never "not
-        # applied" (a commit may fail after it was written): an unknown outcome.
+    if isinstance(e, NotApplied) and args.command in WRITES:
+        # Refused before it applied (not_applied, busy, shutting_down): a
+        # refusal like any other, and one that may be sent again as it is.
+        return f"{_refusal(e, role_hint(args))}; {unapplied_hint(args)}", EXIT_REFUSED
+    if isinstance(e, Unavailable) and args.command in WRITES:
+        # A plain 503 says "not acknowledged", never "not applied" (a commit
+        # may fail after it was written): an unknown outcome.
         return (f"{_refusal(e, role_hint(args))}; not acknowledged{unknown_hint(args, True)}",
                 EXIT_NO_ANSWER)
     return _refusal(e, role_hint(args)), EXIT_REFUSED
+
+
+def unapplied_hint(args) -> str:
+    """What a write refused before it applied (a 503 `not_applied`, `busy`
+    or `shutting_down`, the client's own retries spent) says: nothing of it
+    applied, and it may be sent again as it is, keyed or not (for `open`,
+    with a new credential: none was opened)."""
+    if args.command == "open":
+        return "no account was opened: run the same command again once AccMan takes writes"
+    return (f"the {args.command} was not applied: it may be sent again; run the same command "
+            "once AccMan takes writes")
 
 
 def _refusal(e: AccManError, role: tuple[str, str]) -> str:
@@ -451,6 +468,7 @@ def unprinted(args, line: str, e: OSError) -> tuple:
 __all__ = ["OPEN_KEY", "WRITES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_NO_ANSWER",
            "EXIT_OUTPUT_LOST", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "BAD_HOST", "CALL_ENDS",
            "decimal", "by_value", "events_values", "new_cred", "prepare", "failure", "role_hint",
-           "unknown_hint", "stdout_failed", "stdout_closed_at_start", "unsent_without_stdout",
+           "unknown_hint", "unapplied_hint", "stdout_failed", "stdout_closed_at_start",
+           "unsent_without_stdout",
            "os_reason", "unprinted", "stopped_printing", "stops_end_call", "hold_stops",
            "STOP_SIGNALS"]
