@@ -50,7 +50,12 @@ class TopUp:
 
 
 _QUEUED = re.compile(r"accman: (\w+) of (\d+) for account ([0-9a-f]{12}) queued "
-                     r"\(after [^)]*\), (key|hold) (\S+)")
+                     r"\(after ([^)]*)\), (key|hold) (\S+)")
+# AccMan's refusals before a change applied (accman.errors.NotApplied):
+# a hold so refused held nothing, and owes no release (docs/CALLING.md).
+UNAPPLIED_CODES = ("not_applied", "busy", "shutting_down")
+_REFUSED_UNAPPLIED = re.compile(r"accman: AccMan unavailable \((?:not_applied|shutting_down)\); "
+                                r"(?:refusing with 503|serving unpaid)")
 _STRANDED_UNKNOWN = re.compile(r"accman: stranded (\w+) of (\d+), outcome unknown: look for "
                                r"(key|hold) (\S+) in the history of account ([0-9a-f]{12})")
 _STRANDED = re.compile(r"accman: stranded (\w+): (.*?) \(account ([0-9a-f]{12}), "
@@ -70,8 +75,12 @@ class ServiceLog:
     """What the service's log says of owed and stranded calls, by account
     fingerprint: `queued` [(what, amount, ref)], `stranded` [(what, amount
     or None, ref, unknown)], `recharged` [(hold, amount, key)], `unpaid`
-    [(amount, why)]; refs are "key K" or "hold H"; and, from the app's
-    own lines, `started` {(fingerprint, A): when its response started}."""
+    [(amount, why)]; refs are "key K" or "hold H"; `unheld_unapplied`
+    [(code, ref)], the releases owed for holds refused before they
+    applied, which are none; `refused_unapplied`, how many of the
+    middleware's lines say requests AccMan refused so; and, from
+    the app's own lines, `started`
+    {(fingerprint, A): when its response started}."""
 
     def __init__(self, text: str):
         self.text = text
@@ -81,8 +90,13 @@ class ServiceLog:
         self.unpaid = collections.defaultdict(list)
         for m in _UNPAID.finditer(text):
             self.unpaid[m[2]].append((int(m[1]), m[3]))
+        # Releases owed for holds refused before they applied: [(code, ref)].
+        self.unheld_unapplied = []
         for m in _QUEUED.finditer(text):
-            self.queued[m[3]].append((m[1], int(m[2]), f"{m[4]} {m[5]}"))
+            self.queued[m[3]].append((m[1], int(m[2]), f"{m[5]} {m[6]}"))
+            # An unhold (a release named by its hold's key, not by a hold id).
+            if m[1] == "release" and m[5] == "key" and m[4] in UNAPPLIED_CODES:
+                self.unheld_unapplied.append((m[4], f"key {m[6]}"))
         for m in _STRANDED_UNKNOWN.finditer(text):
             self.stranded[m[5]].append((m[1], int(m[2]), f"{m[3]} {m[4]}", True))
         for m in _STRANDED.finditer(text):
@@ -91,6 +105,9 @@ class ServiceLog:
             self.recharged[m[2]].append((int(m[1]), int(m[3]), m[4]))
         self.started = {(m[2], int(m[1])): float(m[3]) for m in _STARTED.finditer(text)}
         self.faults = [f for f in LOG_FAULTS if f in text]
+        # The middleware's lines of requests AccMan refused before applying
+        # (said as a spell starts, then with counts: accman.calling.repeats).
+        self.refused_unapplied = len(_REFUSED_UNAPPLIED.findall(text))
         # on_unavailable="open" served what AccMan could not admit.
         self.serving_unpaid = "; serving unpaid" in text
 
@@ -122,7 +139,9 @@ def left_late(requests, log: ServiceLog) -> str:
 
 
 def log_problems(log: ServiceLog) -> list:
-    return [f"the service's log says {f!r}" for f in log.faults]
+    return [f"the service's log says {f!r}" for f in log.faults] + [
+        f"a hold refused 503 {code} (never applied) owed a release: {ref}"
+        for code, ref in log.unheld_unapplied]
 
 
 def chain_problems(entries) -> list:

@@ -321,7 +321,7 @@ def test_every_paid_response_is_charged_once_through_accman_kills(tmp_path, case
     down_s = DOWN_AT_SHUTDOWN_S[mode] if not LONG else rnd.choice(
         list(DOWN_AT_SHUTDOWN_S.values()))
     accman = AccMan(tmp_path)
-    counts, stats, summary = bank_run(tmp_path, case, accman, rnd, duration_s, down_s)
+    counts, stats, summary, _ = bank_run(tmp_path, case, accman, rnd, duration_s, down_s)
     # The run must have been a real one: AccMan killed while requests were
     # served and charged, refused (or served unpaid) and owed around the kills.
     assert accman.faults["kill"] >= 2 and accman.faults["pause"] >= 1, summary
@@ -335,7 +335,7 @@ def bank_run(tmp_path, case, accman, rnd, duration_s, down_s):
     url, faults, proc, nemesis and restart): the load and its nemesis (for
     at most `duration_s`), the service's shutdown with AccMan down for
     `down_s`, the reconciliation, asserted empty; returns the consumers'
-    statuses, the service's counters and a summary."""
+    statuses, the service's counters, a summary and its log (a ServiceLog)."""
     mode, _, unavailable = case.partition(" ")
     banner = (f"calling bank checker ({case}): seed {SEED}, {'' if LONG else 'at most '}"
               f"{duration_s:g} s; replay with "
@@ -373,7 +373,7 @@ def bank_run(tmp_path, case, accman, rnd, duration_s, down_s):
     print(f"calling bank checker ({case}): {summary}", flush=True)
     assert not problems, f"{banner}\n{summary}\n{len(problems)} problems:\n" + "\n".join(
         problems[:30])
-    return counts, stats, summary
+    return counts, stats, summary, log
 
 
 def shutdown_drain(app, accman, down_s):

@@ -36,9 +36,12 @@ def scene(mode):
                 (-1003, "x4-h", "h4"), (1003, None, "h4"), (-1004, "x5-h", "h5"),
                 (1004, None, "h5"), (-1005, "x6-h", "h6"), (1005, None, "h6"),
                 (3000, "top-0", None)]
+        # The free response's release refused not_applied is owed: its
+        # hold applied, and the release is named by the hold.
         log = [f"accman: settle of 501 for account {fp} queued (after unreachable), hold h2",
                f"accman: release of 0 for account {fp} queued (after outcome_unknown), "
-               f"key x4-h"]
+               f"key x4-h",
+               f"accman: release of 0 for account {fp} queued (after not_applied), hold h5"]
     log.append(f"accman: unpaid 506 (account {fp}): unreachable")
     log.append(f"calbank: response of A=1005 for account {fp} starts at 10.300000")
     return reqs, topups, spec, log
@@ -159,6 +162,12 @@ def _unhold_not_logged(mode, reqs, topups, spec, log):
     log[:] = [line for line in log if "key x4-h" not in line]
 
 
+def _unhold_after_not_applied(mode, reqs, topups, spec, log):
+    """A hold refused 503 not_applied (never applied) owed a release."""
+    log.append(f"accman: release of 0 for account {fingerprint(SCENE_CRED)} queued (after "
+               f"not_applied), key x7-h")
+
+
 def _overdrawn(mode, reqs, topups, spec, log):
     """A request of 9000 served last, charged 8500, on a balance under
     9000: reserve mode holds no more than the balance."""
@@ -226,6 +235,8 @@ FAULTS = {
     _traceback_logged: "the service's log says 'Traceback'",
     _unhold_not_logged: "{mode} scene: A=1003 (answered 503, header None): its hold applied "
                         "and no owed unhold names key x4-h",
+    _unhold_after_not_applied: "a hold refused 503 not_applied (never applied) owed a "
+                               "release: key x7-h",
     _overdrawn: (None, "reserve scene: overdrawn by Entry(seq=13, by=-9000, tot=-2001, at=0, "
                        "key='x0-h', hold=13)"),
 }
