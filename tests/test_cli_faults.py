@@ -243,26 +243,37 @@ def test_a_503_to_a_settle_says_it_is_safe_to_repeat(start_server, proxy):
     assert proc.returncode == 0 and json.loads(proc.stdout)["tot"] == 98
 
 
+REPEAT = ("run the same command again once AccMan takes writes: it applies at most once, "
+          "and if an earlier run with the same {} got no answer, which may have applied, it "
+          "answers that run's result")
+
+
 @pytest.mark.parametrize("args,what", [
-    (["mod", "C", "-3"], "the mod was not applied: it may be sent again"),
-    (["mod", "C", "-3", "--key", "k-na"], "the mod was not applied: it may be sent again"),
-    (["hold", "C", "-3", "--ttl", "60"], "the hold was not applied: it may be sent again"),
-    (["settle", "C", "1", "2"], "the settle was not applied: it may be sent again"),
-    (["open", "--by", "40"], "no account was opened: run the same command again"),
+    (["mod", "C", "-3"], "it may be sent again once AccMan takes writes, but if an earlier "
+                         "run of it got no answer, which may have applied, read `accman past` "
+                         "for this credential first"),
+    (["mod", "C", "-3", "--key", "k-na"], REPEAT.format("--key")),
+    (["hold", "C", "-3", "--ttl", "60"], "it may be sent again once AccMan takes writes, but "
+                                         "if an earlier run of it got no answer, which may "
+                                         "have applied, read `accman past` for this "
+                                         "credential first"),
+    (["settle", "C", "1", "2"], REPEAT.format("USE")),
+    (["open", "--by", "40"], REPEAT.format("--key")),
 ])
 def test_a_write_refused_not_applied_says_so_and_may_be_sent_again(fake, args, what):
     """A 503 `not_applied` (the store takes no writes) says that nothing
-    of the write applied: a refusal, exit 1, saying that it may be sent
-    again, never "not acknowledged" or what to read first; the client sent
-    it again itself (a keyless write too), each time refused."""
+    of this request applied: a refusal, exit 1, saying that it may be sent
+    again, never "not acknowledged"; and, as the server refuses before it
+    looks up a key, that an earlier run that got no answer is not settled
+    by it (a keyed write or a settle repeated answers that run's result, a
+    keyless one needs `accman past` first); the client sent it again
+    itself (a keyless write too), each time refused."""
     from fake_accman import NOT_APPLIED
     fake.fund("C", 10)
     fake.fault = lambda m, p, q: NOT_APPLIED if m == "PATCH" else None
     err = one_line_error(run_accman(*args, "--url", fake.url), 1)
-    assert err == (f"accman: 503 not_applied: {NOT_APPLIED[2]['detail']}; {what}; run the same "
-                   f"command once AccMan takes writes" if args[0] != "open" else
-                   f"accman: 503 not_applied: {NOT_APPLIED[2]['detail']}; {what} once AccMan "
-                   f"takes writes")
+    assert err == (f"accman: 503 not_applied: {NOT_APPLIED[2]['detail']}; AccMan refused this "
+                   f"{args[0]} before applying it: nothing of this request applied; {what}")
     assert len([r for r in fake.requests if r[0] == "PATCH"]) == 3      # retried twice
     assert fake.tot("C") == 10
 

@@ -349,13 +349,22 @@ def failure(args, e) -> tuple:
 
 def unapplied_hint(args) -> str:
     """What a write refused before it applied (a 503 `not_applied`, `busy`
-    or `shutting_down`, the client's own retries spent) says: nothing of it
-    applied, and it may be sent again as it is, keyed or not (for `open`,
-    with a new credential: none was opened)."""
-    if args.command == "open":
-        return "no account was opened: run the same command again once AccMan takes writes"
-    return (f"the {args.command} was not applied: it may be sent again; run the same command "
-            "once AccMan takes writes")
+    or `shutting_down`, the client's own retries spent) says: nothing of
+    this request applied, and it may be sent again once AccMan takes
+    writes.  An earlier run of the same write that got no answer is not
+    settled by it (the server refuses before it looks up the key): a keyed
+    write and a settle, repeated, answer that run's result; a keyless one
+    may be sent again only if no such run was made."""
+    what = args.command
+    done = f"AccMan refused this {what} before applying it: nothing of this request applied"
+    later = "once AccMan takes writes"
+    if what == "settle" or what == "open" or getattr(args, "key", None) is not None:
+        same = "USE" if what == "settle" else "--key"
+        return (f"{done}; run the same command again {later}: it applies at most once, and "
+                f"if an earlier run with the same {same} got no answer, which may have "
+                f"applied, it answers that run's result")
+    return (f"{done}; it may be sent again {later}, but if an earlier run of it got no "
+            f"answer, which may have applied, read `accman past` for this credential first")
 
 
 def _refusal(e: AccManError, role: tuple[str, str]) -> str:

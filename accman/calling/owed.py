@@ -273,7 +273,7 @@ class Owed:
         elif item.by > 0:
             owed_by = f"the service owes the account {item.by}"
         else:
-            owed_by = "nothing is lost: a hold returns by itself at its expiry"
+            owed_by = item.unmoved
         log.error("accman: stranded %s: %s (account %s, %s): %s",
                   item.what, owed_by, fingerprint(item.cred), item.ref, why)
         if item.by < 0:

@@ -25,11 +25,13 @@ class Item:
     service, > 0 the service owes the account, 0 nothing is lost if it never
     lands), `what` and `ref` (for logs), `also` (what else to look for
     when its outcome is unknown), `maybe` (an attempt of it may have landed:
-    sent, with no reply) and `run(acc)`, which returns what it charged the
-    account (0: nothing)."""
+    sent, with no reply), `unmoved` (what a stranded one of `by` 0 leaves)
+    and `run(acc)`, which returns what it charged the account (0:
+    nothing)."""
 
     __slots__ = ("cred", "by", "what", "maybe")
     also = ""
+    unmoved = "nothing is lost: a hold returns by itself at its expiry"
 
     def __init__(self, cred: str, by: int, what: str):
         self.cred, self.by, self.what = cred, by, what
@@ -156,6 +158,14 @@ class Unsettle(Item):
     @property
     def ref(self) -> str:
         return f"hold {self.hold}"
+
+    @property
+    def unmoved(self) -> str:
+        # The cancelled settle may have landed: the consumer then paid for
+        # a response it did not get, and only the hold's history tells.
+        return (f"the hold returns by itself at its expiry, unless the settle with use "
+                f"{self.use} in flight when its request was cancelled landed (its end in the "
+                f"account's history tells): the service then owes the account {self.use}")
 
     async def run(self, acc) -> int:
         try:

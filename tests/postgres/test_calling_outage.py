@@ -88,7 +88,8 @@ def test_an_outage_under_reserve_mode_owes_no_release_and_its_settle_lands(pg_fa
         assert stats["owed"] == 1 and stats["stranded"] == 0 and stats["charged"] == 2
         assert cli.returncode == 1, cli.stderr
         assert cli.stderr.startswith("accman: 503 not_applied: ")
-        assert "; the mod was not applied: it may be sent again" in cli.stderr
+        assert "; AccMan refused this mod before applying it: nothing of this request " \
+            "applied; it may be sent again once AccMan takes writes" in cli.stderr
         # Two requests held and charged 2 each; nothing else applied.
         assert srv.tot(cred) == 96
         proc = run_accman("past", cred, "--url", srv.url)
