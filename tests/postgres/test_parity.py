@@ -146,7 +146,7 @@ def test_a_closed_store_says_it_is_closed_before_it_judges_a_call(pg_url, tmp_pa
     """A closed PgStore judged a call's values (and its `done`) before it
     said it was closed, and its bind_loop took a new `deliver`; the closed
     embedded store says it is closed to every call first.  Both now refuse
-    the same bad calls, and a bind, as closed."""
+    the same bad calls, and a bind, as closed: NotApplied, nothing done."""
     with Ledger(str(tmp_path / "data")) as led:
         led.mod("a", 10)
     embedded = _refusals(led, print)
@@ -159,8 +159,8 @@ def test_a_closed_store_says_it_is_closed_before_it_judges_a_call(pg_url, tmp_pa
                 store.bind_loop(asyncio.get_running_loop(), print)
             return _refusals(store, print)
     on_pg = run(main())
-    assert embedded == ["Unavailable: the ledger is closed"] * len(_BAD_CALLS)
-    assert on_pg == ["Unavailable: the store is closed"] * len(_BAD_CALLS)
+    assert embedded == ["NotApplied: the ledger is closed"] * len(_BAD_CALLS)
+    assert on_pg == ["NotApplied: the store is closed"] * len(_BAD_CALLS)
 
 
 def test_refusals_say_what_the_embedded_store_says(pg_url):
