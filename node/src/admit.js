@@ -151,6 +151,8 @@ const admission = {
     try {
       r = await this.client.hold(state.cred, -state.estimate, { ttlS: this.holdTtlS, min: 0, key })
     } catch (err) {
+      // A hold that may have landed owes its release; one refused before
+      // applying (NotApplied) or never sent (Unreachable) holds nothing.
       if (mayHaveLanded(err)) {
         this.owe(new Unhold(state.cred, state.estimate, this.holdTtlS, key), err)
       }

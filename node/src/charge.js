@@ -6,7 +6,9 @@
 // refuses the charge of check mode.  A call that may not have landed is
 // owed (owed.js), never lost.
 
-const { HoldEnded, Unauthorized, Forbidden, mayHaveLanded } = require('./errors')
+const {
+  HoldEnded, Unauthorized, Forbidden, NotApplied, Busy, mayHaveLanded
+} = require('./errors')
 const { Charge, Settle, fingerprint } = require('./owed')
 const { headersOf, dropHandlerHeaders } = require('./headers')
 const { unwrapResponse, refused, unwritable, discard, opened } = require('./payload')
@@ -15,6 +17,16 @@ const { body, JSON_TYPE, UNAVAILABLE_DETAIL } = require('./admit')
 // AccMan's answer to a token that is wrong (401) or lacks the role (403).
 function refusesToken (err) {
   return err instanceof Unauthorized || err instanceof Forbidden
+}
+
+// Whether a failed charge says that AccMan's writes may be failing while
+// its reads go on: one that may have landed (a 503 from a failed commit, a
+// timeout, a 502 or 504, a connection cut after sending), or one refused
+// by a store that takes no writes now (NotApplied, a server stopping among
+// them).  Busy is back-pressure from a store that writes; Unreachable
+// reached nothing, which the next read meets too.
+function writesFailing (err) {
+  return mayHaveLanded(err) || (err instanceof NotApplied && !(err instanceof Busy))
 }
 
 // The reply's status and headers as the charge `judged` them, put back
@@ -235,14 +247,13 @@ const charging = {
       return r.tot
     } catch (err) {
       if (!served && refusesToken(err)) throw err
-      // A charge that may have landed (a 503 that is not back-pressure, a
-      // timeout, a 502 or 504, a connection cut after sending): writes may
-      // be failing while tot goes on, and admitted on it, every request
-      // would be served with its charge owed.  Admission goes back to the
-      // probe, a change that meets the same failure until writes work
-      // again (a closed service refuses, an open one serves unpaid and
-      // says so at once); one that answers ends it at the next request.
-      if (this.mode === 'check' && mayHaveLanded(err)) this.role.lost()
+      // Writes may be failing while tot goes on (writesFailing), and
+      // admitted on it, every request would be served with its charge
+      // owed.  Admission goes back to the probe, a change that meets the
+      // same failure until writes work again (a closed service refuses, an
+      // open one serves unpaid and says so at once); one that answers ends
+      // it at the next request.
+      if (this.mode === 'check' && writesFailing(err)) this.role.lost()
       this.owe(new Charge(state.cred, cost, key), err)
       return null
     }

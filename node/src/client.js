@@ -8,13 +8,14 @@
 // Retries: reads, keyed mods and holds, and settles (a settle with the same
 // `use` answers its first reply again, SPEC "Holds") are repeated after an
 // unknown outcome or a 503; a keyless mod or hold only when nothing was sent
-// (Unreachable) or AccMan refused before applying (Busy).
+// (Unreachable) or AccMan refused it before applying (NotApplied: Busy and
+// ShuttingDown among them).
 
 const { X509Certificate } = require('node:crypto')
 const { Pool } = require('undici')
 const limits = require('./limits')
 const {
-  AccManError, Busy, Unavailable, Unreachable, OutcomeUnknown, CallTimeout, BadReply,
+  AccManError, Busy, NotApplied, Unavailable, Unreachable, OutcomeUnknown, CallTimeout, BadReply,
   mayHaveLanded, definite, applied, unechoed
 } = require('./errors')
 const values = require('./values')
@@ -218,8 +219,11 @@ class Attempt {
   }
 }
 
+// Whether a failed attempt may be sent again: a call that is `safe` to
+// repeat (a read, a keyed change, a settle) after any unknown outcome or
+// 503; any call when nothing of it was applied.
 function retryable (err, safe) {
-  if (err instanceof Unreachable || err instanceof Busy) return true
+  if (err instanceof Unreachable || err instanceof NotApplied) return true
   if (err instanceof OutcomeUnknown || err instanceof Unavailable) return safe
   return false
 }
@@ -324,7 +328,7 @@ class AccManClient {
   // Once an attempt may have landed, the call ends with that error unless
   // a later attempt gets a definite answer (a success, a 200 too large for
   // numbers: errors.applied, or a refusal that settles it:
-  // errors.definite): a retry refused before it was read (Busy,
+  // errors.definite): a retry refused before it was read (NotApplied,
   // Unreachable, a 401 or 403, which come before the key is looked up) or
   // answered by something that is not AccMan says nothing of the earlier
   // attempt.

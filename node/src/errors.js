@@ -4,7 +4,10 @@
 // failure means for money is in the class (see README "Errors"):
 //
 //   Unreachable (an Unavailable)  nothing reached AccMan: nothing applied
-//   Unavailable, Busy             AccMan refused (503): nothing acknowledged
+//   NotApplied (an Unavailable; Busy, ShuttingDown)
+//                                 AccMan refused it before applying (503)
+//   Unavailable                   AccMan's 503 for a commit that failed:
+//                                 not acknowledged, a mod may have applied
 //   OutcomeUnknown (CallTimeout, BadReply, ProxyUnavailable)
 //                                 sent, no complete reply from AccMan: a mod
 //                                 may or may not have applied; repeat it
@@ -64,9 +67,22 @@ class TooManyHolds extends Conflict {
 class Unavailable extends AccManError {
   constructor (detail, code = 'unavailable') { super(detail, code, 503) }
 }
+// A change AccMan refused before applying it: its store takes no writes now
+// (a commit failed before it, the store is closing, its database is not
+// reached or refused the batch).  It may be sent again, keyed or not, and
+// nothing of it is to be undone: a hold so refused holds nothing.  As the
+// Python client's accman.errors.NotApplied.
+class NotApplied extends Unavailable {
+  constructor (detail, code = 'not_applied') { super(detail, code) }
+}
 // Back-pressure: refused before anything was applied; retry.
-class Busy extends Unavailable {
+class Busy extends NotApplied {
   constructor (detail) { super(detail, 'busy') }
+}
+// The server is stopping: refused before anything was applied; retry (on
+// another front-end, or once it is back).
+class ShuttingDown extends NotApplied {
+  constructor (detail) { super(detail, 'shutting_down') }
 }
 // Nothing reached the server (connection refused, connect timeout, no
 // connection free in time, the client closed): nothing was applied.
@@ -113,6 +129,9 @@ class Unrepresentable extends AccManError {
 const CODE_409 = {
   key_reused: KeyReused, overflow: Overflow, hold_ended: HoldEnded, too_many_holds: TooManyHolds
 }
+// AccMan's 503s that say the change was refused before it applied; any
+// other code of its own is a plain Unavailable.
+const CODE_503 = { not_applied: NotApplied, busy: Busy, shutting_down: ShuttingDown }
 
 // The typed error of a reply that is not a 200.  `obj` is its JSON object
 // (with exact integers, see values.js) or null; `tot` is the insufficient
@@ -142,7 +161,7 @@ function errorOfReply (status, obj, tot) {
       return new ProxyUnavailable('a 503 without AccMan\'s error body came (a proxy\'s, or ' +
         'another server\'s at the URL): the call may have been applied')
     }
-    return code === 'busy' ? new Busy(detail) : new Unavailable(detail)
+    return CODE_503[code] ? new CODE_503[code](detail) : new Unavailable(detail)
   } else if (status === 400 || status === 413 || status === 414 || status === 431) {
     return new BadRequest(detail, code || 'bad_request', status)
   } else if (status >= 500 && status !== 501 && status !== 505) {
@@ -259,10 +278,12 @@ function applied (err) {
 // Whether a failed call may still have landed: sent with no reply from
 // AccMan (OutcomeUnknown, a front end's 503 among them), or AccMan's plain
 // 503, a commit that failed ("not acknowledged" is not "not applied").
-// Busy and Unreachable were refused before applying, or never sent.
+// NotApplied (Busy, ShuttingDown among them) was refused before applying,
+// and Unreachable never sent.
 function mayHaveLanded (err) {
   if (err instanceof OutcomeUnknown) return true
-  return err instanceof Unavailable && !(err instanceof Busy) && !(err instanceof Unreachable)
+  return err instanceof Unavailable && !(err instanceof NotApplied) &&
+    !(err instanceof Unreachable)
 }
 
 module.exports = {
@@ -285,7 +306,9 @@ module.exports = {
   HoldEnded,
   TooManyHolds,
   Unavailable,
+  NotApplied,
   Busy,
+  ShuttingDown,
   Unreachable,
   OutcomeUnknown,
   CallTimeout,

@@ -146,7 +146,9 @@ class Owed {
   }
 
   // `item` is a Charge, a Settle or an Unhold; `cause` the error that kept
-  // it from landing now.  `item.maybe`: an attempt of it may have landed.
+  // it from landing now.  `item.maybe`: an attempt of it may have landed
+  // (never after a NotApplied or an Unreachable alone: stranded so, a
+  // charge or a settle is unpaid).
   add (item, cause) {
     item.maybe = cause !== undefined && mayHaveLanded(cause)
     if (this.closed) {

@@ -167,6 +167,44 @@ test('a 503 is retried for reads and keyed mods only; busy for any call', async 
   await fake.close()
 })
 
+test('503 not_applied and shutting_down were refused before applying: retried for any call, a keyless mod among them', async () => {
+  let answers = []
+  const fake = await fakeAccMan(() => reply(...answers.shift()))
+  const client = new AccManClient({ url: fake.url, retries: 1 })
+  for (const [code, type] of [['not_applied', E.NotApplied], ['shutting_down', E.ShuttingDown]]) {
+    const refusal = [503, `{"error":"${code}","detail":"nothing of this call was applied"}`]
+    const err = E.errorOfReply(503, JSON.parse(refusal[1]))
+    assert.ok(err instanceof type && err instanceof E.NotApplied && err instanceof E.Unavailable, code)
+    assert.deepEqual([err.code, err.status, E.mayHaveLanded(err)], [code, 503, false])
+    answers = [refusal, [200, '{"tot":1,"seq":2}']]
+    assert.deepEqual(await client.mod('c', -1), { tot: 1, seq: 2 }) // keyless: sent again
+    answers = [refusal, refusal]
+    await assert.rejects(client.hold('c', -1, { ttlS: 60 }), type)
+  }
+  assert.equal(fake.heads.length, 8)
+  // Busy is one too; a plain unavailable is not, and may have landed.
+  assert.ok(E.errorOfReply(503, { error: 'busy', detail: 'd' }) instanceof E.NotApplied)
+  const plain = E.errorOfReply(503, { error: 'unavailable', detail: 'd' })
+  assert.ok(!(plain instanceof E.NotApplied) && E.mayHaveLanded(plain))
+  await client.close()
+  await fake.close()
+})
+
+test('a keyed mod answered by a failed commit stays unknown when its retries are refused not_applied', async () => {
+  // Refused before it applied, the retry says nothing of the first
+  // attempt, whose commit failed and may have applied.
+  const answers = [[503, '{"error":"unavailable","detail":"the commit failed"}'],
+    [503, '{"error":"not_applied","detail":"the store is closed"}'],
+    [503, '{"error":"shutting_down","detail":"the server is shutting down"}']]
+  const fake = await fakeAccMan(() => reply(...answers.shift()))
+  const client = new AccManClient({ url: fake.url, retries: 2 })
+  await assert.rejects(client.mod('c', -1, { key: 'k' }),
+    (err) => err.code === 'unavailable' && !(err instanceof E.NotApplied) && E.mayHaveLanded(err))
+  assert.equal(fake.heads.length, 3)
+  await client.close()
+  await fake.close()
+})
+
 test('a reply that breaks framing or JSON is BadReply', async () => {
   const fake = await fakeAccMan((head) => head.includes('cred=frame')
     ? 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}'

@@ -12,6 +12,7 @@ const E = require('../src/errors')
 const { TOKENS, sharedAccMan } = require('./helpers/accman')
 const { serviceApp, get, sleep, messages, until } = require('./helpers/app')
 const { proxyTo } = require('./helpers/proxy')
+const { fakeAccMan, reply } = require('./helpers/fake')
 
 const acc = sharedAccMan(test, { service: true })
 
@@ -180,6 +181,40 @@ test('reserve: AccMan unreachable is a 503 with nothing held', async () => {
   })
   assert.equal(await acc.service.tot('h-down'), 10)
 })
+
+// A hold refused by AccMan's plain 503 (a commit that failed: it may have
+// applied) owes a release: the hold repeated with its key, then settled
+// with use 0; one refused 503 not_applied (the store takes no writes now:
+// nothing applied) holds nothing and owes none.  Against a fake AccMan,
+// which answers the first hold with the 503 and the rest as AccMan would.
+for (const [code, owed] of [['unavailable', true], ['not_applied', false]]) {
+  test(`reserve: a hold refused 503 ${code} is a 503 that ${owed ? 'owes' : 'owes no'} release`, async () => {
+    let refused = false
+    const fake = await fakeAccMan((head) => {
+      if (head.startsWith('PATCH /hold?') && !refused) {
+        refused = true
+        return reply(503, `{"error":"${code}","detail":"the store cannot commit"}`)
+      }
+      if (head.startsWith('PATCH /hold?')) return reply(200, '{"hold":7,"tot":9,"seq":2}')
+      return reply(200, '{"tot":10,"seq":3}') // the settle
+    })
+    const logs = []
+    const { app, url } = await serviceApp({ url: fake.url, mode: 'reserve', retries: 0 }, { logs })
+    try {
+      const r = await get(url + '/w', 'h-refused')
+      assert.deepEqual([r.status, r.body.error], [503, 'unavailable'])
+      assert.ok(await app.accman.drain(10000))
+      assert.deepEqual([app.accman.stats.owed, app.accman.stats.stranded], [owed ? 1 : 0, 0])
+    } finally {
+      await app.close()
+      await fake.close()
+    }
+    const calls = fake.heads.map((h) => h.split(' ')[1].split('?')[0])
+    assert.deepEqual(calls, owed ? ['/hold', '/hold', '/settle'] : ['/hold'])
+    const queued = messages(logs, 40).filter((m) => m.includes('queued'))
+    assert.deepEqual(queued, owed ? ['accman: release queued to retry'] : [])
+  })
+}
 
 // fastify's handlerTimeout runs from the request's start, and answers 503
 // from a timer, here while the hold is on its way.

@@ -38,6 +38,27 @@ test('a charge that may have landed, stranded because the queue is closed, is un
   assert.deepEqual(stranded, [['k-late', 'shutting down', true], ['k-unsent', 'shutting down', false]])
 })
 
+test('a charge refused 503 not_applied is owed, retried, and stranded at close unpaid, never unknown', async () => {
+  // Refused before it applied, each attempt leaves nothing to look for: the
+  // account owes the charge (onUnpaid bills it), where a plain 503 (a
+  // commit that failed) leaves its outcome unknown.
+  const answer = reply(503, '{"error":"not_applied","detail":"the store cannot commit, nothing applied"}')
+  const fake = await fakeAccMan(() => answer)
+  const client = new AccManClient({ url: fake.url, retries: 0 })
+  const { stranded, strand } = recorder()
+  const owed = new Owed(client, strand, quiet)
+  try {
+    owed.add(new Charge('c', 2n, 'k-unapplied'), E.errorOfReply(503, JSON.parse(answer.split('\r\n\r\n')[1])))
+    owed.add(new Charge('c', 3n, 'k-plain'), E.errorOfReply(503, { error: 'unavailable', detail: 'the commit failed' }))
+    while (fake.heads.length < 2) await new Promise((resolve) => setTimeout(resolve, 10)) // retried
+    await owed.close(0)
+  } finally {
+    await client.close()
+    await fake.close()
+  }
+  assert.deepEqual(stranded, [['k-unapplied', 'shutting down', false], ['k-plain', 'shutting down', true]])
+})
+
 // setTimeout waits 1 ms for what it cannot take (a string is coerced, a
 // delay past 2^31 - 1 ms or below 0 is 1 ms): drain() would answer false
 // at once, as if calls were still owed, rather than say what was wrong.

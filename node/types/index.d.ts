@@ -70,8 +70,12 @@ export declare class KeyReused extends Conflict {}
 export declare class Overflow extends Conflict {}
 export declare class HoldEnded extends Conflict {}
 export declare class TooManyHolds extends Conflict {}
+/** AccMan's 503: not acknowledged; a plain one (a commit that failed) may have applied. */
 export declare class Unavailable extends AccManError {}
-export declare class Busy extends Unavailable {}
+/** A 503 for a change refused before it applied: nothing applied, send it again. */
+export declare class NotApplied extends Unavailable {}
+export declare class Busy extends NotApplied {}
+export declare class ShuttingDown extends NotApplied {}
 /** Nothing reached AccMan: nothing was applied. */
 export declare class Unreachable extends Unavailable {}
 /** Sent, no complete reply: a mod may or may not have applied. */

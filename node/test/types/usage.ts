@@ -1,7 +1,9 @@
 // Compiled by `npm test` (tsc): the public types as a user writes against
 // them.  The @ts-expect-error lines must stay errors.
 import Fastify from 'fastify'
-import accman, { AccManClient, Insufficient, OutcomeUnknown, fingerprint } from '../..'
+import accman, {
+  AccManClient, Insufficient, NotApplied, OutcomeUnknown, ShuttingDown, Unavailable, fingerprint
+} from '../..'
 
 async function main (): Promise<void> {
   const app = Fastify()
@@ -36,6 +38,10 @@ async function main (): Promise<void> {
   } catch (err) {
     if (err instanceof Insufficient) console.log(err.tot, err.code, err.status)
     if (err instanceof OutcomeUnknown) console.log('unknown outcome', err.detail)
+    if (err instanceof NotApplied) {
+      const plain: Unavailable = err // refused before applying: send it again
+      console.log(err instanceof ShuttingDown, plain.code)
+    }
   }
   const pinned = new AccManClient({ url: 'https://accman.internal:8443', ca: [Buffer.from('PEM'), 'PEM'] })
   await app.register(accman, { url: 'https://accman.internal:8443', ca: 'PEM' })
