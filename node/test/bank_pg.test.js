@@ -76,9 +76,9 @@ const HEALTH_POLL_MS = 50
 // Long enough for an owed call's pause (OWED_PAUSE_MAX_MS at most) and its attempt.
 const DRAIN_MS = 30000
 // After the database's fault: the owed calls are paid one at a time, and
-// in reserve mode each hold refused 503 meanwhile (AccMan's plain 503 may
-// come from a commit that failed) owes a release of two calls, thousands
-// after seconds down under this load.
+// in reserve mode each hold whose commit failed as the database went
+// (AccMan's plain 503: it may have applied) owes a release of two calls;
+// a hold refused 503 not_applied while it is down owes none.
 const DB_DRAIN_MS = 300000
 const RUN_MS = LONG ? 3600000 : 60000
 

@@ -225,16 +225,31 @@ async function bankRun (t, mode, rig) {
       accounts.push({ cred, funding, entries, tot: await mint.tot(cred) })
     }
     const stats = app.accman.stats
+    const unholds = owedUnholds(logs)
     t.diagnostic(`${mode}: seed ${SEED}, ${said}, ${records.length} requests, ` +
       `${records.filter((r) => r.status === 200 && r.accman !== null).length} paid, ` +
       `${topUps.length} top-ups, ${stats.owed} owed, ${stats.stranded} stranded, ` +
+      `releases of holds owed after ${JSON.stringify(countBy(unholds, (l) => l.after))}, ` +
       `statuses ${JSON.stringify(countBy(records, (r) => r.status))}`)
     assert.deepEqual(judge({ mode, accounts, records, logs, stats, statuses: STATUSES }), [])
+    // A hold refused before it applied holds nothing: it owes no release.
+    assert.deepEqual(unholds.filter((l) => NOT_APPLIED_CODES.includes(l.after)), [])
     // What the close stranded as never landed is told to onUnpaid.
     assert.equal(unpaid.reduce((a, b) => a + b, 0n), BigInt(stats.unpaid_amount))
   } finally {
     await mint.close()
   }
+}
+
+// AccMan's 503 codes that say a change was refused before it applied
+// (errors.js, NotApplied).
+const NOT_APPLIED_CODES = ['not_applied', 'busy', 'shutting_down']
+
+// The log lines of the releases owed for a hold that failed at admission
+// (a key of its own, `<rid>-h`, where a settle's release names its hold),
+// each with the code of the failure it was owed `after`.
+function owedUnholds (logs) {
+  return logs.filter((l) => l.msg === 'accman: release queued to retry' && l.key.endsWith('-h'))
 }
 
 function countBy (list, f) {
