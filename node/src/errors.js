@@ -126,12 +126,19 @@ class Unrepresentable extends AccManError {
   }
 }
 
+// Classes by a reply's code, in objects without a prototype: a code of
+// AccMan's form may be `constructor` or `__proto__`, which an ordinary
+// object answers with Object's own.
 const CODE_409 = {
-  key_reused: KeyReused, overflow: Overflow, hold_ended: HoldEnded, too_many_holds: TooManyHolds
+  __proto__: null,
+  key_reused: KeyReused,
+  overflow: Overflow,
+  hold_ended: HoldEnded,
+  too_many_holds: TooManyHolds
 }
 // AccMan's 503s that say the change was refused before it applied; any
 // other code of its own is a plain Unavailable.
-const CODE_503 = { not_applied: NotApplied, busy: Busy, shutting_down: ShuttingDown }
+const CODE_503 = { __proto__: null, not_applied: NotApplied, busy: Busy, shutting_down: ShuttingDown }
 
 // The typed error of a reply that is not a 200.  `obj` is its JSON object
 // (with exact integers, see values.js) or null; `tot` is the insufficient

@@ -190,6 +190,19 @@ test('503 not_applied and shutting_down were refused before applying: retried fo
   await fake.close()
 })
 
+test('a code of AccMan\'s form that names a property of every object is no code of its own', () => {
+  // Looked up in an ordinary object, `constructor` made a String of the
+  // detail, not an error, and `__proto__` threw a TypeError.
+  for (const code of ['constructor', '__proto__', 'hasownproperty']) {
+    const refused = E.errorOfReply(409, { error: code, detail: 'd' })
+    assert.ok(refused instanceof E.UnexpectedReply, `409 ${code}`)
+    assert.deepEqual([refused.code, refused.status], [code, 409])
+    const unavailable = E.errorOfReply(503, { error: code, detail: 'd' })
+    assert.equal(unavailable.constructor, E.Unavailable, `503 ${code}`)
+    assert.ok(E.mayHaveLanded(unavailable))
+  }
+})
+
 test('a keyed mod answered by a failed commit stays unknown when its retries are refused not_applied', async () => {
   // Refused before it applied, the retry says nothing of the first
   // attempt, whose commit failed and may have applied.
