@@ -17,7 +17,7 @@ const { Agent, fetch } = require('undici')
 const { TOKENS } = require('./accman')
 const { serviceApp } = require('./app')
 const { judge } = require('./bank')
-const { AccManClient, AccManError } = require('../..')
+const { AccManClient, AccManError, limits } = require('../..')
 
 const LONG = process.env.ACCMAN_CRASH_LONG === '1'
 const SEED = Number(process.env.ACCMAN_CRASH_SEED || crypto.randomInt(2 ** 31))
@@ -176,6 +176,8 @@ function ridsOf (rids) {
 // account is judged, and so is what the close told onUnpaid.
 async function bankRun (t, mode, rig) {
   const mint = new AccManClient({ url: rig.url, token: TOKENS.mint })
+  const holdReplies = new Map()
+  const unrecord = recordHolds(holdReplies)
   const logs = []
   const unpaid = []
   const rids = new Map()
@@ -226,17 +228,20 @@ async function bankRun (t, mode, rig) {
     }
     const stats = app.accman.stats
     const unholds = owedUnholds(logs)
+    const unapplied = refusedUnapplied(holdReplies)
     t.diagnostic(`${mode}: seed ${SEED}, ${said}, ${records.length} requests, ` +
       `${records.filter((r) => r.status === 200 && r.accman !== null).length} paid, ` +
       `${topUps.length} top-ups, ${stats.owed} owed, ${stats.stranded} stranded, ` +
       `releases of holds owed after ${JSON.stringify(countBy(unholds, (l) => l.after))}, ` +
+      `${unapplied.size} holds refused before applying, ` +
       `statuses ${JSON.stringify(countBy(records, (r) => r.status))}`)
     assert.deepEqual(judge({ mode, accounts, records, logs, stats, statuses: STATUSES }), [])
     // A hold refused before it applied holds nothing: it owes no release.
-    assert.deepEqual(unholds.filter((l) => NOT_APPLIED_CODES.includes(l.after)), [])
+    assert.deepEqual(unholds.filter((l) => unapplied.has(l.key)).map((l) => [l.key, l.after]), [])
     // What the close stranded as never landed is told to onUnpaid.
     assert.equal(unpaid.reduce((a, b) => a + b, 0n), BigInt(stats.unpaid_amount))
   } finally {
+    unrecord()
     await mint.close()
   }
 }
@@ -244,6 +249,47 @@ async function bankRun (t, mode, rig) {
 // AccMan's 503 codes that say a change was refused before it applied
 // (errors.js, NotApplied).
 const NOT_APPLIED_CODES = ['not_applied', 'busy', 'shutting_down']
+
+// Records AccMan's replies to the plugin's holds at admission, attempt by
+// attempt, in `replies` (key -> codes), as they come from the wire, before
+// the client makes an error of them: a 503's `error` code, another reply's
+// status, or the client's code for an attempt with no reply.  Returns what
+// undoes it.
+function recordHolds (replies) {
+  const attempt = AccManClient.prototype._attempt
+  AccManClient.prototype._attempt = function (method, path) {
+    const sent = attempt.call(this, method, path)
+    const m = path.includes('/hold?') ? /[?&]key=([^&]+-h)(?:&|$)/.exec(path) : null
+    if (m !== null) {
+      const note = (code) => replies.set(m[1], [...(replies.get(m[1]) || []), code])
+      sent.then(([status, text]) => note(status === 503 ? errorCode(text) : status),
+        (err) => note(err.code))
+    }
+    return sent
+  }
+  return () => { AccManClient.prototype._attempt = attempt }
+}
+
+function errorCode (text) {
+  try {
+    return JSON.parse(text).error
+  } catch {
+    return 'not json'
+  }
+}
+
+// The keys of the holds whose call at admission (its first attempt and the
+// plugin's retries) was refused before applying at every attempt.  A
+// release owed for one would repeat the hold with its key later.
+function refusedUnapplied (replies) {
+  const attempts = limits.PLUGIN_RETRIES_DEFAULT + 1
+  const keys = new Set()
+  for (const [key, codes] of replies) {
+    const first = codes.slice(0, attempts)
+    if (first.length === attempts && first.every((c) => NOT_APPLIED_CODES.includes(c))) keys.add(key)
+  }
+  return keys
+}
 
 // The log lines of the releases owed for a hold that failed at admission
 // (a key of its own, `<rid>-h`, where a settle's release names its hold),
