@@ -138,7 +138,9 @@ const CODE_409 = {
 }
 // AccMan's 503s that say the change was refused before it applied; any
 // other code of its own is a plain Unavailable.
-const CODE_503 = { __proto__: null, not_applied: NotApplied, busy: Busy, shutting_down: ShuttingDown }
+const CODE_503 = {
+  __proto__: null, not_applied: NotApplied, busy: Busy, shutting_down: ShuttingDown
+}
 
 // The typed error of a reply that is not a 200.  `obj` is its JSON object
 // (with exact integers, see values.js) or null; `tot` is the insufficient
