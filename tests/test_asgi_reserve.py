@@ -390,20 +390,6 @@ def test_a_stranded_release_loses_nothing_and_says_so(monkeypatch, caplog):
         assert fake.tot(CRED) == 10
 
 
-def test_a_stranded_settle_is_unpaid(monkeypatch, caplog):
-    monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 2)
-    with FakeAccMan() as fake:
-        fake.fund(CRED, 10)
-        # refused before it applies (busy): known not to have landed
-        fake.fault = lambda m, p, q: BUSY if p == "/settle" else None
-        unpaid = []
-        m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0,
-               on_unpaid=lambda cred, amount: unpaid.append(amount))
-        with caplog.at_level(logging.ERROR, logger="accman.asgi"):
-            served_and_drained(m)
-        assert unpaid == [2] and "the account owes 2" in caplog.text
-
-
 def test_a_settle_stranded_after_a_dropped_reply_is_of_unknown_outcome(monkeypatch, caplog):
     """A settle sent with no reply may have landed, whatever its later
     attempts met: billed through on_unpaid, it could be billed twice."""
@@ -559,13 +545,15 @@ def test_a_hold_refused_not_applied_owes_no_release(caplog):
         assert fake.tot(CRED) == 8 and fake.open_holds(CRED) == {}
 
 
-def test_a_settle_refused_not_applied_is_owed_and_stranded_unpaid(monkeypatch, caplog):
-    """A settle refused before it applied is owed (it applies nothing, and
-    is sent again), and stranded it is billed: no attempt of it landed."""
+@pytest.mark.parametrize("refusal", [NOT_APPLIED, BUSY], ids=["not_applied", "busy"])
+def test_a_settle_refused_not_applied_is_owed_and_stranded_unpaid(monkeypatch, caplog, refusal):
+    """A settle refused before it applied (not_applied, or busy: back-
+    pressure) is owed (it applies nothing, and is sent again), and stranded
+    it is billed: no attempt of it landed."""
     monkeypatch.setattr(owed_mod, "FOLLOWUP_ATTEMPTS_MAX", 2)
     with FakeAccMan() as fake:
         fake.fund(CRED, 10)
-        fake.fault = lambda m, p, q: NOT_APPLIED if p == "/settle" else None
+        fake.fault = lambda m, p, q: refusal if p == "/settle" else None
         unpaid = []
         m = mw(fake, mode="reserve", cost=est_then(5, 2), retries=0,
                on_unpaid=lambda cred, amount: unpaid.append(amount))
