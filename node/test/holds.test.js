@@ -216,6 +216,73 @@ for (const [code, owed] of [['unavailable', true], ['not_applied', false]]) {
   })
 }
 
+// The plugin's retry of a hold answered by a failed commit (it may have
+// applied) and then refused 503 not_applied says nothing of the first
+// attempt: the release is still owed, after the first attempt's code.
+test('reserve: a hold answered unavailable, then refused not_applied on its retry, owes its release', async () => {
+  const holds = [[503, '{"error":"unavailable","detail":"the commit failed"}'],
+    [503, '{"error":"not_applied","detail":"the store takes no writes"}']]
+  const fake = await fakeAccMan((head) => {
+    if (head.startsWith('PATCH /hold?')) {
+      return holds.length ? reply(...holds.shift()) : reply(200, '{"hold":7,"tot":9,"seq":2}')
+    }
+    return reply(200, '{"tot":10,"seq":3}') // the settle
+  })
+  const logs = []
+  const { app, url } = await serviceApp({ url: fake.url, mode: 'reserve', retries: 1 }, { logs })
+  try {
+    const r = await get(url + '/w', 'h-twice')
+    assert.deepEqual([r.status, r.body.error], [503, 'unavailable'])
+    assert.ok(await app.accman.drain(10000))
+    assert.deepEqual([app.accman.stats.owed, app.accman.stats.stranded], [1, 0])
+  } finally {
+    await app.close()
+    await fake.close()
+  }
+  const calls = fake.heads.map((h) => h.split(' ')[1].split('?')[0])
+  assert.deepEqual(calls, ['/hold', '/hold', '/hold', '/settle'])
+  const queued = logs.filter((l) => l.msg === 'accman: release queued to retry')
+  assert.deepEqual(queued.map((l) => [l.after, l.key.endsWith('-h')]), [['unavailable', true]])
+})
+
+// A release owed for a hold that may have landed repeats the hold with its
+// key; refused not_applied each time until the close, it says nothing of
+// the first attempt: stranded, it is said (the hold returns at its expiry),
+// never settled blind and never billed.
+test('reserve: a release whose repeated hold is refused not_applied to the close is stranded and said', async () => {
+  let first = true
+  const fake = await fakeAccMan((head) => {
+    if (head.startsWith('PATCH /hold?') && first) {
+      first = false
+      return reply(503, '{"error":"unavailable","detail":"the commit failed"}')
+    }
+    if (head.startsWith('PATCH /hold?')) {
+      return reply(503, '{"error":"not_applied","detail":"the store takes no writes"}')
+    }
+    return reply(200, '{"tot":10,"seq":3}') // a settle, which must not come
+  })
+  const logs = []
+  const unpaid = []
+  const { app, url } = await serviceApp({
+    url: fake.url, mode: 'reserve', retries: 0, onUnpaid: (cred, amount) => { unpaid.push(amount) }
+  }, { logs })
+  try {
+    const r = await get(url + '/w', 'h-stuck')
+    assert.deepEqual([r.status, r.body.error], [503, 'unavailable'])
+    await until(() => fake.heads.length >= 3) // the release's repeats, refused
+  } finally {
+    await app.close() // CLOSE_DRAIN_MS, then the release is stranded
+    await fake.close()
+  }
+  assert.ok(fake.heads.every((h) => h.startsWith('PATCH /hold?')), 'no settle without a hold id')
+  assert.deepEqual([app.accman.stats.owed, app.accman.stats.stranded], [1, 1])
+  assert.deepEqual(unpaid, [])
+  const stranded = logs.filter((l) => l.level === 50 && l.msg.startsWith('accman: stranded'))
+  assert.deepEqual(stranded.map((l) => [l.msg, l.amount, l.key.endsWith('-h')]), [[
+    'accman: stranded release: nothing is lost: a hold returns by itself at its expiry', '1', true
+  ]])
+})
+
 // fastify's handlerTimeout runs from the request's start, and answers 503
 // from a timer, here while the hold is on its way.
 test('reserve: a response that went out while the hold was on its way releases the hold at once', async () => {

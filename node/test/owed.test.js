@@ -7,7 +7,7 @@ const test = require('node:test')
 const assert = require('node:assert/strict')
 const { AccManClient } = require('..')
 const E = require('../src/errors')
-const { Owed, Charge } = require('../src/owed')
+const { Owed, Charge, Settle } = require('../src/owed')
 const { fakeAccMan, reply } = require('./helpers/fake')
 
 const quiet = { info () {}, warn () {}, error () {} }
@@ -57,6 +57,58 @@ test('a charge refused 503 not_applied is owed, retried, and stranded at close u
     await fake.close()
   }
   assert.deepEqual(stranded, [['k-unapplied', 'shutting down', false], ['k-plain', 'shutting down', true]])
+})
+
+// 503 not_applied says nothing of this call's earlier attempts (SERVER.md
+// "Errors"): once one may have landed, the call stays of unknown outcome
+// however many later attempts are refused so.
+test('a charge owed after not_applied, answered unavailable once, is unknown after later not_applied', async () => {
+  let plain = 1
+  const fake = await fakeAccMan(() => plain-- > 0
+    ? reply(503, '{"error":"unavailable","detail":"the commit failed"}')
+    : reply(503, '{"error":"not_applied","detail":"the store takes no writes"}'))
+  const client = new AccManClient({ url: fake.url, retries: 0 })
+  const { stranded, strand } = recorder()
+  const owed = new Owed(client, strand, quiet)
+  try {
+    owed.add(new Charge('c', 2n, 'k-mixed'), new E.NotApplied('the store takes no writes'))
+    while (fake.heads.length < 3) await new Promise((resolve) => setTimeout(resolve, 10))
+    await owed.close(0)
+  } finally {
+    await client.close()
+    await fake.close()
+  }
+  assert.deepEqual(stranded, [['k-mixed', 'shutting down', true]])
+})
+
+// A settle that may have landed, whose hold then answers hold_ended, is
+// charged as a keyed mod; that mod refused not_applied leaves the settle's
+// earlier attempt what it was: unknown, never billed.
+test('a settle answered unavailable, then charged as a mod refused not_applied, stays unknown', async () => {
+  let plain = 1
+  const fake = await fakeAccMan((head) => {
+    if (head.startsWith('PATCH /mod?')) {
+      return reply(503, '{"error":"not_applied","detail":"the store takes no writes"}')
+    }
+    return plain-- > 0
+      ? reply(503, '{"error":"unavailable","detail":"the commit failed"}')
+      : reply(409, '{"error":"hold_ended","detail":"the hold has ended"}')
+  })
+  const client = new AccManClient({ url: fake.url, retries: 0 })
+  const { stranded, strand } = recorder()
+  const owed = new Owed(client, strand, quiet)
+  try {
+    owed.add(new Settle('c', 7n, 2n, 5n, 'r1'), new E.NotApplied('the store takes no writes'))
+    while (!fake.heads.some((h) => h.startsWith('PATCH /mod?'))) {
+      await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    await owed.close(0)
+  } finally {
+    await client.close()
+    await fake.close()
+  }
+  assert.ok(fake.heads.some((h) => h.startsWith('PATCH /mod?') && h.includes('key=r1-c')))
+  assert.deepEqual(stranded, [['hold 7', 'shutting down', true]])
 })
 
 // setTimeout waits 1 ms for what it cannot take (a string is coerced, a
