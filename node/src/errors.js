@@ -69,9 +69,11 @@ class Unavailable extends AccManError {
 }
 // A change AccMan refused before applying it: its store takes no writes now
 // (a commit failed before it, the store is closing, its database is not
-// reached or refused the batch).  It may be sent again, keyed or not, and
-// nothing of it is to be undone: a hold so refused holds nothing.  As the
-// Python client's accman.errors.NotApplied.
+// reached or refused the batch).  Nothing of this request applied: it may be
+// sent again, keyed or not, and a hold so refused holds nothing.  It says
+// nothing of an earlier request for the same key that got no answer or a
+// plain Unavailable: that one may still apply (AccMan refuses before it looks
+// up the key).  As the Python client's accman.errors.NotApplied.
 class NotApplied extends Unavailable {
   constructor (detail, code = 'not_applied') { super(detail, code) }
 }

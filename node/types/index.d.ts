@@ -72,7 +72,8 @@ export declare class HoldEnded extends Conflict {}
 export declare class TooManyHolds extends Conflict {}
 /** AccMan's 503: not acknowledged; a plain one (a commit that failed) may have applied. */
 export declare class Unavailable extends AccManError {}
-/** A 503 for a change refused before it applied: nothing applied, send it again. */
+/** A 503 for a change refused before it applied: nothing of this request applied, send
+ * it again; an earlier request of the same key that got no answer may still apply. */
 export declare class NotApplied extends Unavailable {}
 export declare class Busy extends NotApplied {}
 export declare class ShuttingDown extends NotApplied {}
