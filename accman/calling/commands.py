@@ -358,7 +358,12 @@ def unapplied_hint(args) -> str:
     what = args.command
     done = f"AccMan refused this {what} before applying it: nothing of this request applied"
     later = "once AccMan takes writes"
-    if what == "settle" or what == "open" or getattr(args, "key", None) is not None:
+    if what == "open":
+        # Each run makes a credential of its own: an earlier run's is its own.
+        return (f"{done}, no account was opened; run the same command again {later} (it "
+                f"makes a new credential; an earlier run that got no answer said how to "
+                f"finish opening its own)")
+    if what == "settle" or getattr(args, "key", None) is not None:
         same = "USE" if what == "settle" else "--key"
         return (f"{done}; run the same command again {later}: it applies at most once, and "
                 f"if an earlier run with the same {same} got no answer, which may have "
