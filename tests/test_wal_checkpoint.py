@@ -6,6 +6,7 @@ an acknowledged write stops them.  The descriptors are really exhausted
 checkpoint at all once a write has failed, nor any write."""
 
 import errno
+import gc
 import logging
 import os
 import resource
@@ -29,6 +30,12 @@ class NoDescriptors:
     little above what is open now; `free()` gives them back."""
 
     def __init__(self):
+        # A file or socket of an earlier test that the cycle collector
+        # finalized while they are held would free a slot (a checkpoint
+        # would then open its file): none is collected meanwhile.
+        self.collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
         self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
         open_now = len(os.listdir("/proc/self/fd"))
         resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 32, self.limits[1]))
@@ -45,6 +52,8 @@ class NoDescriptors:
             os.close(fd)
         self.held = []
         resource.setrlimit(resource.RLIMIT_NOFILE, self.limits)
+        if self.collecting:
+            gc.enable()
 
 
 @pytest.fixture
