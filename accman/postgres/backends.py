@@ -10,6 +10,13 @@ is closed: its backend does not notice, goes on waiting, and its commit
 stays unseen until the standby has it.  The backend is noted as abandoned,
 and the store takes no writes on its cluster until it ends by itself
 (Cluster.stalled): it holds its accounts' locks meanwhile.
+
+A cancel from elsewhere (an operator's pg_cancel_backend) cannot be
+prevented: the commit then returns success with a WARNING from the
+database's synchronous replication code.  A commit hears its
+connection's notices while it runs (SyncWaitWatch), and one that met
+that warning raises E.Unreplicated in place of its result, so that
+nothing of it is acknowledged as on two machines.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ from accman.postgres.connecting import CONNECT_TIMEOUT_S
 
 # A backend is named by its pid and its start: a pid alone may be reused.
 _BACKEND_SQL = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+
+
+# Where PostgreSQL's notices of a commit's cut wait for its synchronous
+# standby come from: the source file and function a notice names are not
+# translated, where its message is (lc_messages).
+_SYNC_WAIT_FILE = "syncrep.c"
+_SYNC_WAIT_FUNCTION = "SyncRepWaitForLSN"
 
 
 class Abandoned(asyncio.TimeoutError):
@@ -48,17 +62,44 @@ async def committed(conn, call, timeout_s: float, abandoned: set | None):
     cancelling the caller does not cancel it.  Past the deadline, or when
     the caller is cancelled, closes the connection's socket and adds its
     backend to `abandoned` (unless None: a commit whose locks stop no
-    writer); past the deadline, raises Abandoned (the outcome unknown)."""
+    writer); past the deadline, raises Abandoned (the outcome unknown).
+    A commit whose wait for its synchronous standby was cut raises
+    E.Unreplicated (committed, on the primary alone)."""
+    watch = SyncWaitWatch()
+    conn.add_log_listener(watch.heard)
     task = asyncio.ensure_future(call)
     try:
         done, _ = await asyncio.wait((task,), timeout=timeout_s)
     except BaseException:
-        _give_up(conn, task, abandoned)
+        _give_up(conn, task, abandoned)     # its listeners go with it
         raise
     if not done:
         _give_up(conn, task, abandoned)
         raise Abandoned(f"no answer in {timeout_s} s")
-    return task.result()
+    # A pool's proxy of a connection the database closed refuses the call.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.remove_log_listener(watch.heard)
+    result = task.result()
+    if watch.cut:
+        raise E.Unreplicated(E.UNREPLICATED)
+    return result
+
+
+class SyncWaitWatch:
+    """A commit's log listener: whether the database said that it cut the
+    commit's wait for its synchronous standby.  asyncpg calls it (call_soon)
+    before it wakes the statement's caller, as the notice comes before the
+    statement's end."""
+
+    __slots__ = ("cut",)
+
+    def __init__(self):
+        self.cut = False
+
+    def heard(self, _conn, message) -> None:
+        if (getattr(message, "server_source_filename", None) == _SYNC_WAIT_FILE
+                or getattr(message, "server_source_function", None) == _SYNC_WAIT_FUNCTION):
+            self.cut = True
 
 
 async def pool_read(pool, timeout_s: float, method: str, sql: str, *args):

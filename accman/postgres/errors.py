@@ -5,9 +5,11 @@ A failed call is one of three things to the store:
 * RETRY: the database rolled the whole transaction back (a deadlock or a
   serialization failure): nothing of it applied, so it is sent again.
 * UNKNOWN: the connection broke, timed out or was refused mid-call (a
-  failover, a restart, the network): the batch may or may not have
-  committed.  Nothing in it is acknowledged (Unavailable); a keyed retry
-  gets the original reply.  The store reconnects.
+  failover, a restart, the network), or the commit's wait for its
+  synchronous standby was cancelled (Unreplicated): the batch may or may
+  not have committed, or is on the primary alone.  Nothing in it is
+  acknowledged (Unavailable); a keyed retry gets the original reply.  The
+  store reconnects.
 * FAILED: the database refused the statement for another reason (a full
   disk, a bug, a schema that is not ours): the transaction rolled back,
   nothing applied.  The store takes no writes for a while, then tries
@@ -42,6 +44,16 @@ RETRY = "retry"
 UNKNOWN = "unknown"
 FAILED = "failed"
 
+
+class Unreplicated(Exception):
+    """A commit whose wait for its synchronous standby was cancelled in the
+    database (an operator's pg_cancel_backend): PostgreSQL then returns
+    success with a WARNING, the commit visible on the primary alone and
+    lost in a failover to a standby that lacked it.  Raised by
+    backends.committed in place of the result, so that none of its calls
+    is acknowledged as on two machines."""
+
+
 _UNKNOWN = (
     asyncpg.PostgresConnectionError,       # class 08
     asyncpg.exceptions.OperatorInterventionError,   # 57: shutdown, cancel, not yet up
@@ -50,6 +62,7 @@ _UNKNOWN = (
     asyncpg.exceptions.InternalClientError,
     asyncio.TimeoutError,
     OSError,
+    Unreplicated,
 )
 
 
@@ -84,6 +97,8 @@ TLS_FAILED = f"{UNREACHABLE} (TLS failed: check sslmode and the certificates)"
 # target_session_attrs=read-write found only standbys or read-only databases
 # (a failover under way): the store waits for a primary.
 NO_PRIMARY = f"{UNREACHABLE} (no host of the store URL takes writes)"
+UNREPLICATED = ("a commit's wait for the synchronous standby was cancelled in the "
+                "database (pg_cancel_backend): it is on the primary alone")
 # A quoted path in the database server's message (`could not extend file
 # "base/16384/2619"`): a 503's detail names no file (SPEC "Access").
 _QUOTED_PATH = re.compile(r'"[^"]*/[^"]*"')
@@ -103,6 +118,7 @@ _NOT_REACHED = (
 # The errors said by their type alone, the first that matches.
 _BY_TYPE = (
     (asyncio.TimeoutError, SLOW),
+    (Unreplicated, UNREPLICATED),
     (asyncpg.exceptions.ClientConfigurationError, BAD_URL),
     (asyncpg.exceptions.TargetServerAttributeNotMatched, NO_PRIMARY),
     # Any other: the driver's state broken by a connection that went.
@@ -169,6 +185,9 @@ def commit_error(exc: BaseException, kind: str) -> Unavailable:
                           "looking for one that does")
     if isinstance(exc, asyncio.TimeoutError):
         return Unavailable("the database did not answer the commit in time; " + MAY_HAVE_LANDED)
+    if isinstance(exc, Unreplicated):
+        return Unavailable(f"{UNREPLICATED}, not known to be on two machines; "
+                           + MAY_HAVE_LANDED)
     if kind == UNKNOWN:
         return Unavailable("the connection to the database broke during the commit; "
                            + MAY_HAVE_LANDED)

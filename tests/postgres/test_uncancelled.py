@@ -7,6 +7,7 @@ its cluster until it ends."""
 
 import asyncio
 import contextlib
+import warnings
 
 import asyncpg
 import pytest
@@ -17,8 +18,11 @@ from accman.postgres import committing
 from accman.postgres import upkeep as upkeep_module
 from accman.postgres.backends import Connection, committed, identify
 
+from accman.errors import NotApplied, Unavailable
+from accman.postgres import errors as E
+
 from .helpers import far_creds, fund, locked, opened, run, stored
-from .test_bounds import backends_busy, until
+from .test_bounds import backends_busy, until, until_async
 
 
 def standby_of(primary, name):
@@ -82,6 +86,77 @@ def test_a_commit_past_its_deadline_or_cancelled_is_left_to_wait_unseen(pg_facto
                 break
             await asyncio.sleep(0.02)
         assert await count(url, "SELECT count(*) FROM t") == 2
+    run(main())
+
+
+async def cancel_standby_waits(url) -> None:
+    """An operator's pg_cancel_backend of each backend that waits for its
+    synchronous standby: PostgreSQL commits it on the primary alone."""
+    await count(url, "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
+                     "WHERE wait_event = 'SyncRep'")
+
+
+def test_a_commit_whose_standby_wait_is_cancelled_elsewhere_is_not_acknowledged(
+        pg_factory, monkeypatch):
+    """A cancel from outside AccMan ends a batch's wait for the synchronous
+    standby, and PostgreSQL returns success with a WARNING, the change on
+    the primary alone: its calls are 503 unavailable (it may have landed),
+    never 200, and the cluster reconnects.  Once the standby is there, a
+    keyed retry gets the first reply."""
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+    pg = pg_factory(name="cut")
+    url = pg.create_database("c")
+
+    async def main():
+        async with stored(url) as (store, c):
+            assert await c.mod("a", 10) == (10, 1)
+            pg.configure({"synchronous_standby_names": "'absent'"})
+            pg.reload()
+            call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
+            await until_async(lambda: waiting_for_standby(url), 1)
+            await cancel_standby_waits(url)
+            with pytest.raises(Unavailable) as told:
+                await call
+            assert not isinstance(told.value, NotApplied)
+            assert "pg_cancel_backend" in told.value.detail
+            assert "with its key" in told.value.detail
+            assert await count(url, "SELECT tot FROM accman_accounts") == 7   # primary alone
+            pg.configure({"synchronous_standby_names": "''"})
+            pg.reload()
+            await until(lambda: store.healthy, 15)
+            assert await c.mod("a", -3, key="k1") == (7, 2)
+            assert await c.tot("a") == 7
+    run(main())
+
+
+def test_a_cut_wait_is_heard_on_a_pooled_connection(pg_factory):
+    """committed() on a pool's connection (the upkeep's, a copy's, a
+    trim's) hears the cut wait as a writer's does, and leaves no listener
+    behind for the pool to complain of at its release."""
+    pg = pg_factory(name="pooled")
+    url = pg.create_database("p")
+    pg.psql("CREATE TABLE t (x int)", "p")
+    pg.configure({"synchronous_standby_names": "'absent'"})
+    pg.reload()
+
+    async def main():
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=1,
+                                         connection_class=Connection, init=identify)
+        try:
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                async with pool.acquire() as conn:
+                    call = asyncio.ensure_future(committed(
+                        conn, conn.execute("INSERT INTO t VALUES (1)"), 30, set()))
+                    await until_async(lambda: waiting_for_standby(url), 1)
+                    await cancel_standby_waits(url)
+                    with pytest.raises(E.Unreplicated):
+                        await call
+                    assert await committed(conn, conn.fetchval("SELECT count(*) FROM t"),
+                                           5, None) == 1
+            assert [str(w.message) for w in said] == []
+        finally:
+            await pool.close()
     run(main())
 
 
