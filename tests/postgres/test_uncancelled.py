@@ -3,7 +3,9 @@ a cancel ends a commit's wait for its synchronous standby and makes it
 visible on the primary alone, to be lost in a failover.  Past AccMan's
 deadline, or when its caller is cancelled, a commit's socket is closed
 instead; its backend waits on, unseen, and the store takes no writes on
-its cluster until it ends."""
+its cluster until it ends.  A cancel from elsewhere is heard: one that
+cuts a commit's wait for the standby leaves its calls unacknowledged
+(unavailable), one that ends a batch's statement is not_applied."""
 
 import asyncio
 import contextlib
@@ -126,6 +128,35 @@ def test_a_commit_whose_standby_wait_is_cancelled_elsewhere_is_not_acknowledged(
             await until(lambda: store.healthy, 15)
             assert await c.mod("a", -3, key="k1") == (7, 2)
             assert await c.tot("a") == 7
+    run(main())
+
+
+def test_a_batch_cancelled_in_the_database_is_not_applied(pg_url, monkeypatch):
+    """A batch's statement cancelled from outside AccMan (an operator's
+    pg_cancel_backend while it waits for a row lock, or a statement_timeout)
+    is rolled back by PostgreSQL: its calls are 503 not_applied, and the
+    cluster takes writes again once the store has reconnected."""
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            assert await c.mod("a", 10) == (10, 1)
+            holder = await asyncpg.connect(pg_url)
+            try:
+                async with holder.transaction():
+                    await holder.execute("SELECT 1 FROM accman_accounts FOR UPDATE")
+                    call = asyncio.ensure_future(c.mod("a", -3))
+                    await until_async(lambda: backends_busy(pg_url), 1)
+                    await holder.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                                         "WHERE wait_event_type = 'Lock'")
+                    with pytest.raises(NotApplied) as told:
+                        await call
+                    assert "cancelled the batch's statement" in told.value.detail
+            finally:
+                await holder.close()
+            await until(lambda: store.healthy, 15)
+            assert await c.tot("a") == 10
+            assert await c.mod("a", -3) == (7, 2)
     run(main())
 
 
