@@ -81,7 +81,7 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
     if min_ is None:
         min_ = 0
     cdef bytes kb = _key_bytes(key)
-    book._check_writable()
+    book._check_sound()
     if acct is None:
         return NoAccount("no account has this cred; a hold opens none")
     cdef object outcome
@@ -103,6 +103,7 @@ cdef object book_hold(Book book, object cred, object by, object ttl_s, object mi
     outcome = book._judge(acct, by, min_, "hold")
     if outcome is not None:
         return book._told(outcome, done, on_loop)
+    book._check_room()
     cdef Batch batch = book._change(acct, by, at_ms, kb, -1, EV_HOLD)
     book.holds_batch = batch
     cdef int64_t hold = acct.pseq
@@ -126,7 +127,7 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
     NoHold.  A hold past its expiry is expired first, here."""
     cdef Account acct = book._lookup(cred)
     check_settle(hold, use)
-    book._check_writable()
+    book._check_sound()
     if acct is None:
         return NoAccount("no account has this cred")
     cdef bytes hold_id = _hold_id(acct.hid, hold)
@@ -140,6 +141,7 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
             return book._told(outcome, done, on_loop)
         return outcome
     if h.state == HOLD_OPEN and at_ms >= h.expires_ms:
+        book._check_room()
         _end(book, h, hold_id, 0, HOLD_EXPIRED, at_ms)
     if h.state != HOLD_OPEN:
         if h.state == HOLD_SETTLED and h.use == use:
@@ -158,6 +160,7 @@ cdef object book_settle(Book book, object cred, object hold, object use, object 
     # a store written before that rule may still hold such a balance.
     if <object>acct.ptot + (h.amount - use) > INT64_MAX:
         return Overflow("the balance would leave the signed 64-bit range")
+    book._check_room()
     cdef Batch batch = _end(book, h, hold_id, use, HOLD_SETTLED, at_ms)
     batch.add_done(done, h.end_result, on_loop)
     return None

@@ -252,10 +252,18 @@ cdef class Book:
             self.by_cred[cred] = acct
         return acct
 
-    cdef inline int _check_writable(self) except -1:
+    cdef inline int _check_sound(self) except -1:
+        """A store that failed to commit answers no change, not even a
+        keyed repeat of a durable one: it takes no writes until reopened."""
         if self.failed:
             raise NotApplied("the store failed to commit; the store takes no "
                              "more writes until it is reopened")
+        return 0
+
+    cdef inline int _check_room(self) except -1:
+        """QUEUED_MODS_MAX bounds the changes queued: checked just before a
+        call queues one, so that a call that queues none (a keyed repeat,
+        a refusal) is answered as ever while the queue is full."""
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"QUEUED_MODS_MAX ({self.queued_mods_max}) changes are waiting "
                        "for the disk; retry shortly")
@@ -304,7 +312,7 @@ cdef class Book:
         the answer waits for, None when it is final now.  Raises
         NotApplied (Busy among them) with nothing changed."""
         self._wait = None
-        self._check_writable()
+        self._check_sound()
         if acct is None and by < 0:
             # SPEC: only the funding side opens accounts.
             return NoAccount("no account has this cred; a charge opens none")
@@ -316,6 +324,7 @@ cdef class Book:
         outcome = self._judge(acct, by, min_, "mod")
         if outcome is not None:
             return outcome
+        self._check_room()
         if acct is None:
             acct = Account(hid)
             self.by_hid[hid] = acct
