@@ -37,8 +37,12 @@ CONNECT_TIMEOUT_S = 10.0
 # comes first).  `off` loses recent commits in a crash, `local` does not
 # wait for a synchronous standby; `remote_apply` (a standby's readers see
 # the commit) is not needed either, since AccMan reads the primary only.
+# client_min_messages is `warning` likewise: the WARNING of a commit whose
+# wait for its standby was cancelled is how AccMan knows that commit is on
+# the primary alone (backends.SyncWaitWatch), and at `error` it is not sent.
 SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
-                    "enable_mergejoin": "off", "jit": "off", "synchronous_commit": "on"}
+                    "enable_mergejoin": "off", "jit": "off", "synchronous_commit": "on",
+                    "client_min_messages": "warning"}
 
 
 _CONNECT = "cannot connect to a PostgreSQL cluster of the store"

@@ -131,6 +131,33 @@ def test_a_commit_whose_standby_wait_is_cancelled_elsewhere_is_not_acknowledged(
     run(main())
 
 
+def test_a_cut_wait_is_heard_whatever_client_min_messages_the_database_sets(
+        pg_factory, monkeypatch):
+    """The WARNING of a cut wait reaches AccMan's connections whatever
+    client_min_messages the database or the role sets: at `error` it was
+    not sent, and the batch was 200 on the primary alone."""
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+    pg = pg_factory(name="quiet")
+    url = pg.create_database("q")
+    pg.psql("ALTER DATABASE q SET client_min_messages = error")
+    pg.psql("ALTER ROLE postgres IN DATABASE q SET client_min_messages = error")
+
+    async def main():
+        assert await count(url, "SHOW client_min_messages") == "error"
+        async with stored(url) as (_, c):
+            assert await c.mod("a", 10) == (10, 1)
+            pg.configure({"synchronous_standby_names": "'absent'"})
+            pg.reload()
+            call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
+            await until_async(lambda: waiting_for_standby(url), 1)
+            await cancel_standby_waits(url)
+            with pytest.raises(Unavailable) as told:
+                await call
+            assert "pg_cancel_backend" in told.value.detail
+            assert await count(url, "SELECT tot FROM accman_accounts") == 7   # primary alone
+    run(main())
+
+
 def test_a_batch_cancelled_in_the_database_is_not_applied(pg_url, monkeypatch):
     """A batch's statement cancelled from outside AccMan (an operator's
     pg_cancel_backend while it waits for a row lock, or a statement_timeout)
