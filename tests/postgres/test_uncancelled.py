@@ -131,6 +131,41 @@ def test_a_commit_whose_standby_wait_is_cancelled_elsewhere_is_not_acknowledged(
     run(main())
 
 
+def test_a_keyed_retry_of_a_cut_commit_is_answered_once_the_standby_has_it(
+        pg_factory, monkeypatch):
+    """The keyed retry of a batch whose standby wait was cut is a commit
+    like any (it locks its account): while the standby is away it waits
+    for it, and is unavailable past COMMIT_TIMEOUT_S, never 200 from the
+    primary alone; once the standby is back it gets the first reply, the
+    change then on the standby too."""
+    monkeypatch.setattr(committing, "COMMIT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+    pg = pg_factory(name="retried")
+    standby = standby_of(pg, "retried")
+    url = pg.create_database("r")
+
+    async def main():
+        async with stored(url) as (store, c):
+            assert await c.mod("a", 10) == (10, 1)
+            standby.stop("immediate")
+            call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
+            await until_async(lambda: waiting_for_standby(url), 1)
+            await cancel_standby_waits(url)
+            with pytest.raises(Unavailable) as told:
+                await call
+            assert "pg_cancel_backend" in told.value.detail
+            await until(lambda: store.healthy, 15)
+            with pytest.raises(Unavailable) as told:
+                await c.mod("a", -3, key="k1")
+            assert "in time" in told.value.detail
+            standby.start()
+            await until(lambda: store.healthy, 15)
+            assert await c.mod("a", -3, key="k1") == (7, 2)
+            await until_async(lambda: count(standby.url("r"),
+                                            "SELECT tot FROM accman_accounts"), 7)
+    run(main())
+
+
 def test_a_cut_wait_is_heard_whatever_client_min_messages_the_database_sets(
         pg_factory, monkeypatch):
     """The WARNING of a cut wait reaches AccMan's connections whatever
