@@ -222,6 +222,44 @@ def test_a_batch_cancelled_in_the_database_is_not_applied(pg_url, monkeypatch):
     run(main())
 
 
+def test_a_batch_cancelled_after_its_statement_before_its_commit_is_not_applied(
+        pg_url, monkeypatch):
+    """A cancel that lands once the batch's statement is done, while its
+    commit runs (the Sync of the extended protocol; here a deferred
+    trigger that sleeps, before the commit record is written): PostgreSQL
+    rolls the batch back, and its calls are not_applied, nothing of them
+    in the store."""
+    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
+    sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event = 'PgSleep'")
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            assert await c.mod("a", 10) == (10, 1)
+            conn = await asyncpg.connect(pg_url)
+            try:
+                await conn.execute(
+                    "CREATE FUNCTION probe_sleep() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$BEGIN PERFORM pg_sleep(600); RETURN NULL; END$$; "
+                    "CREATE CONSTRAINT TRIGGER probe_sleep AFTER UPDATE ON accman_accounts "
+                    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION probe_sleep()")
+                call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
+                await until_async(lambda: count(pg_url, sleeping), 1)
+                await conn.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                                   "WHERE wait_event = 'PgSleep'")
+                with pytest.raises(NotApplied) as told:
+                    await call
+                assert "cancelled the batch's statement" in told.value.detail
+                await conn.execute("DROP TRIGGER probe_sleep ON accman_accounts")
+            finally:
+                await conn.close()
+            await until(lambda: store.healthy, 15)
+            assert await c.tot("a") == 10
+            assert [e.seq for e in (await c.past("a")).entries] == [1]
+            assert await c.mod("a", -3, key="k1") == (7, 2)
+    run(main())
+
+
 def test_a_cut_wait_is_heard_on_a_pooled_connection(pg_factory):
     """committed() on a pool's connection (the upkeep's, a copy's, a
     trim's) hears the cut wait as a writer's does, and leaves no listener
