@@ -40,9 +40,16 @@ CONNECT_TIMEOUT_S = 10.0
 # client_min_messages is `warning` likewise: the WARNING of a commit whose
 # wait for its standby was cancelled is how AccMan knows that commit is on
 # the primary alone (backends.SyncWaitWatch), and at `error` it is not sent.
+# statement_timeout and lock_timeout are 0: AccMan's own deadlines bound
+# every call (COMMIT_TIMEOUT_S and the others, which close a connection
+# rather than cancel in the database).  A timeout of the database's that
+# fires as a statement ends is raised at the session's next command, after
+# the commit: read as the next batch's error, that batch would be told
+# not_applied while the database went on to commit it.
 SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
                     "enable_mergejoin": "off", "jit": "off", "synchronous_commit": "on",
-                    "client_min_messages": "warning"}
+                    "client_min_messages": "warning", "statement_timeout": "0",
+                    "lock_timeout": "0"}
 
 
 _CONNECT = "cannot connect to a PostgreSQL cluster of the store"

@@ -189,11 +189,12 @@ def commit_error(exc: BaseException, kind: str) -> Unavailable:
         return Unavailable(f"{UNREPLICATED}, not known to be on two machines; "
                            + MAY_HAVE_LANDED)
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-        # A statement cancelled (a statement_timeout, an operator's cancel)
-        # is rolled back: a cancel that comes once the commit is made only
-        # cuts its wait for the standby, a warning (Unreplicated).
-        return NotApplied("the database cancelled the batch's statement (a "
-                          "statement_timeout, or pg_cancel_backend): nothing of it was applied")
+        # A statement cancelled (an operator's cancel; AccMan's sessions
+        # have no timeout of the database's) is rolled back: a cancel that
+        # comes once the commit is made only cuts its wait for the standby,
+        # a warning (Unreplicated).
+        return NotApplied("the database cancelled the batch's statement "
+                          "(pg_cancel_backend): nothing of it was applied")
     if kind == UNKNOWN:
         return Unavailable("the connection to the database broke during the commit; "
                            + MAY_HAVE_LANDED)

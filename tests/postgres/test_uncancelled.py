@@ -193,11 +193,39 @@ def test_a_cut_wait_is_heard_whatever_client_min_messages_the_database_sets(
     run(main())
 
 
+def test_the_database_s_timeouts_do_not_cut_a_batch(pg, pg_url):
+    """A statement_timeout or lock_timeout set on the database (or its
+    role, or the server) does not reach AccMan's sessions: a batch waiting
+    for a row lock held past both is committed once the lock goes, where
+    the database's timeout refused it (and, firing as a statement ends,
+    could be taken for the next batch's refusal)."""
+    db = pg_url.rsplit("/", 1)[1].split("?")[0]
+    pg.psql(f"ALTER DATABASE {db} SET statement_timeout = '200ms'")
+    pg.psql(f"ALTER DATABASE {db} SET lock_timeout = '100ms'")
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            assert await c.mod("a", 10) == (10, 1)
+            holder = await asyncpg.connect(pg_url)
+            try:
+                async with holder.transaction():
+                    await holder.execute("SELECT 1 FROM accman_accounts FOR UPDATE")
+                    call = asyncio.ensure_future(c.mod("a", -3))
+                    await until_async(lambda: backends_busy(pg_url), 1)
+                    await asyncio.sleep(0.5)        # past both timeouts, the lock held
+                    assert not call.done()
+            finally:
+                await holder.close()
+            assert await call == (7, 2)
+            assert store.healthy
+    run(main())
+
+
 def test_a_batch_cancelled_in_the_database_is_not_applied(pg_url, monkeypatch):
     """A batch's statement cancelled from outside AccMan (an operator's
-    pg_cancel_backend while it waits for a row lock, or a statement_timeout)
-    is rolled back by PostgreSQL: its calls are 503 not_applied, and the
-    cluster takes writes again once the store has reconnected."""
+    pg_cancel_backend while it waits for a row lock) is rolled back by
+    PostgreSQL: its calls are 503 not_applied, and the cluster takes
+    writes again once the store has reconnected."""
     monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
 
     async def main():
