@@ -64,9 +64,14 @@ async def committed(conn, call, timeout_s: float, abandoned: set | None):
     backend to `abandoned` (unless None: a commit whose locks stop no
     writer); past the deadline, raises Abandoned (the outcome unknown).
     A commit whose wait for its synchronous standby was cut raises
-    E.Unreplicated (committed, on the primary alone)."""
+    E.Unreplicated (committed, on the primary alone); one whose connection
+    is found closed before it starts, E.NotSent (nothing sent)."""
     watch = SyncWaitWatch()
-    conn.add_log_listener(watch.heard)
+    try:
+        conn.add_log_listener(watch.heard)      # refuses a closed connection
+    except asyncpg.InterfaceError:
+        call.close()                            # never started: nothing was sent
+        raise E.NotSent(E.LOST) from None
     task = asyncio.ensure_future(call)
     try:
         done, _ = await asyncio.wait((task,), timeout=timeout_s)

@@ -45,6 +45,11 @@ UNKNOWN = "unknown"
 FAILED = "failed"
 
 
+class NotSent(Exception):
+    """A call whose connection was found closed before anything of it was
+    sent (backends.committed): nothing of it applied."""
+
+
 class Unreplicated(Exception):
     """A commit whose wait for its synchronous standby was cancelled in the
     database (an operator's pg_cancel_backend): PostgreSQL then returns
@@ -62,6 +67,7 @@ _UNKNOWN = (
     asyncpg.exceptions.InternalClientError,
     asyncio.TimeoutError,
     OSError,
+    NotSent,
     Unreplicated,
 )
 
@@ -119,6 +125,7 @@ _NOT_REACHED = (
 _BY_TYPE = (
     (asyncio.TimeoutError, SLOW),
     (Unreplicated, UNREPLICATED),
+    (NotSent, LOST),
     (asyncpg.exceptions.ClientConfigurationError, BAD_URL),
     (asyncpg.exceptions.TargetServerAttributeNotMatched, NO_PRIMARY),
     # Any other: the driver's state broken by a connection that went.
@@ -188,6 +195,9 @@ def commit_error(exc: BaseException, kind: str) -> Unavailable:
     if isinstance(exc, Unreplicated):
         return Unavailable(f"{UNREPLICATED}, not known to be on two machines; "
                            + MAY_HAVE_LANDED)
+    if isinstance(exc, NotSent):
+        return NotApplied("the connection to the database was found closed before the "
+                          "batch was sent: nothing of it was applied")
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         # A statement cancelled (an operator's cancel; AccMan's sessions
         # have no timeout of the database's) is rolled back: a cancel that

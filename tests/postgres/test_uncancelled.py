@@ -9,6 +9,7 @@ cuts a commit's wait for the standby leaves its calls unacknowledged
 
 import asyncio
 import contextlib
+import gc
 import warnings
 
 import asyncpg
@@ -285,6 +286,34 @@ def test_a_batch_cancelled_after_its_statement_before_its_commit_is_not_applied(
             assert await c.tot("a") == 10
             assert [e.seq for e in (await c.past("a")).entries] == [1]
             assert await c.mod("a", -3, key="k1") == (7, 2)
+    run(main())
+
+
+def test_a_commit_on_a_connection_found_closed_is_not_sent(pg_url):
+    """committed() on a connection already closed (the database's side
+    closed it, its close not yet heard) sends nothing: E.NotSent, which a
+    batch is told as not_applied, its call never started (no coroutine
+    left unawaited)."""
+    async def main():
+        conn = await asyncpg.connect(pg_url, connection_class=Connection)
+        await conn.execute("CREATE TABLE t (x int)")
+        await conn.close()
+        async def attempt():
+            try:
+                await committed(conn, conn.execute("INSERT INTO t VALUES (1)"), 5, set())
+            except E.NotSent as e:
+                # What the store makes of it; the error, and the frames
+                # that held the call, go as the block ends.
+                return E.commit_error(e, E.classify(e)), E.classify(e)
+            raise AssertionError("sent on a closed connection")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            told, kind = await attempt()
+            gc.collect()
+        assert [str(w.message) for w in said] == []
+        assert isinstance(told, NotApplied) and "found closed" in told.detail
+        assert kind == E.UNKNOWN            # the store reconnects
+        assert await count(pg_url, "SELECT count(*) FROM t") == 0
     run(main())
 
 
