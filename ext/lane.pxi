@@ -137,7 +137,8 @@ cdef class Lane:
     cdef object failure(self, bint behind):
         """What a request is told when its batch failed, as the Committer
         tells its callers: the failed batch may have reached the disk
-        (Unavailable); a batch `behind` it was never written (NotApplied)."""
-        if behind:
+        (Unavailable), unless it was never handed to it; a batch `behind`
+        it was never written (NotApplied)."""
+        if behind or (<Book>self.book).failed_untried:
             return NotApplied(self.failed_details[1])
         return Unavailable(self.failed_details[0])

@@ -116,6 +116,9 @@ cdef class Book:
     cdef readonly int64_t durable_no      # the newest batch made durable (finish)
     cdef readonly list unapplied          # durable batches LevelDB does not have yet
     cdef readonly int64_t failed_no       # the batch whose write failed; 0: none
+    # The failed batch was never handed to the disk (LevelDB's write of an
+    # earlier, durable one had failed): nothing of it applied.
+    cdef readonly bint failed_untried
     cdef int64_t last_no                  # the newest batch made
     cdef bytes _hid              # _lookup's hash of a cred not seen before
     cdef Batch _wait             # the batch that _replay's or _judge's answer waits for
@@ -153,6 +156,7 @@ cdef class Book:
         self.durable_no = 0
         self.unapplied = []
         self.failed_no = 0
+        self.failed_untried = False
         self.last_no = 1
 
     cdef Batch _new_batch(self):
@@ -532,18 +536,19 @@ cdef class Book:
             out += wal_history(batch.wal, hid, first, last)
         return out
 
-    cpdef list fail(self, Batch batch):
+    cpdef list fail(self, Batch batch, bint tried=True):
         """The batch could not be made durable (None: a durable batch could
-        not be written to LevelDB, and what follows it cannot be).
-        Everything pending is dropped (what was applied in memory after it
-        depended on it), and the book refuses writes from now on.  Returns
-        every batch whose callbacks must now be told `Unavailable`, `batch`
-        first."""
+        not be written to LevelDB, and what follows it cannot be); `tried`
+        False: it was never handed to the disk.  Everything pending is
+        dropped (what was applied in memory after it depended on it), and
+        the book refuses writes from now on.  Returns every batch whose
+        callbacks must now be told of the failure, `batch` first."""
         cdef Account acct
         failed = ([batch] if batch is not None else []) + self.open_batches
         if not self.failed:
             self.failed = True
             self.failed_no = (<Batch>failed[0]).no
+            self.failed_untried = not tried
         for acct in self.by_hid.values():
             acct.ptot = acct.tot
             acct.pseq = acct.seq

@@ -52,3 +52,38 @@ def test_the_changes_behind_a_failed_batch_are_not_applied(tmp_path):
         assert [key for _, _, _, key, _ in entries(led, "a")] == [None]
     assert type(failed[0]) is Unavailable, failed                # it may have reached the disk
     assert [type(o) for o in behind] == [NotApplied] * 2, behind    # they cannot have
+
+
+class FailingApply(Store):
+    """Its LevelDB writes fail once `fail` is set; its log's do not."""
+
+    fail = False            # the open applies too, before __init__ has returned
+
+    def apply(self):
+        if self.fail:
+            self.wal.broken = True          # as Store.apply marks a LevelDB write that failed
+            raise StoreError(f"{self.path}: commit failed: injected LevelDB fault")
+        return super().apply()
+
+
+def test_a_batch_behind_a_failed_leveldb_write_is_not_applied(tmp_path):
+    """LevelDB's write of a durable batch fails: that batch stays durable
+    (answered, replayed from its log record at the next open), and the
+    next batch is never handed to the disk, so its changes are told
+    NotApplied, not the Unavailable of a batch that may have landed."""
+    path = str(tmp_path / "d")
+    store = FailingApply(path)
+    led = Ledger(path, store=store)
+    told = []
+    try:
+        assert led.mod("a", 10) == (10, 1)
+        store.fail = True
+        assert led.mod("a", -1, key="d") == (9, 2)     # durable; LevelDB's write fails after
+        led.submit("a", -2, key="n", done=told.append)
+        wait_for(lambda: told, 10, "the next change answered")
+    finally:
+        led.close()
+    assert type(told[0]) is NotApplied, told
+    with Ledger(path) as led:
+        assert led.tot("a") == 9
+        assert [key for _, _, _, key, _ in entries(led, "a")] == [None, "d"]

@@ -192,7 +192,7 @@ class Book:
         """LevelDB has the batch: what it stored is read from there."""
     def history_tail(self, hid: bytes, first: int, last: int) -> list[tuple[int, bytes]]:
         """(seq, history value) of the durable batches LevelDB lacks."""
-    def fail(self, batch: Batch | None) -> list[Batch]: ...
+    def fail(self, batch: Batch | None, tried: bool = True) -> list[Batch]: ...
 
 class Lane:
     """The server's C-level way into the book (ext/lane.pxi): mods and /tot

@@ -284,9 +284,9 @@ class Committer(Housekeeping):
             if batch is None:
                 return          # closing, and everything is written
             t0 = time.perf_counter()
-            error = self._write(batch)
+            error, tried = self._write(batch)
             fsync_s = time.perf_counter() - t0
-            kicks = self._done(batch, error, fsync_s)
+            kicks = self._done(batch, error, fsync_s, tried)
             if not kicks:
                 # No completion went to the loop, so no kick will come from
                 # it (and the loop does not apply it): what the loop queued
@@ -316,12 +316,13 @@ class Committer(Housekeeping):
             self._writing = True
             return book.seal()
 
-    def _write(self, batch):
-        """Makes the batch durable (its log record); the StoreError if it
-        could not, or if LevelDB's write of an earlier one failed."""
+    def _write(self, batch) -> tuple:
+        """Makes the batch durable (its log record).  Returns (the StoreError
+        if it could not, None if it is durable; whether it was handed to the
+        disk): not once LevelDB's write of an earlier one failed."""
         if self.applier.error is not None:
-            return self.applier.error
-        return self._store_call(self.store.write, batch.wal)
+            return self.applier.error, False
+        return self._store_call(self.store.write, batch.wal), True
 
     def _store_call(self, call, *args):
         try:
@@ -336,9 +337,10 @@ class Committer(Housekeeping):
             return StoreError(f"{self.store.path}: commit failed: "
                               f"unexpected {type(e).__name__}: {e}")
 
-    def _done(self, batch, error, fsync_s) -> bool:
-        """A written (or failed) batch: its balances visible, its callers
-        told.  True when completions went to the loop, which then kicks."""
+    def _done(self, batch, error, fsync_s, tried) -> bool:
+        """A written (or failed; `tried`: handed to the disk) batch: its
+        balances visible, its callers told.  True when completions went to
+        the loop, which then kicks."""
         book = self.book
         with self.lock:
             if error is None:
@@ -348,13 +350,13 @@ class Committer(Housekeeping):
                     batch.first_event, batch.nevents, batch.changes)
             else:
                 self.error = error
-                failed = book.fail(batch)
+                failed = book.fail(batch, tried)
                 self._untold = None     # its callers are told below, with the rest
             self._durable.notify_all()
         if error is not None:
             log.error("a batch could not be made durable; the store takes no more "
                       "writes until it is reopened: %s", error.detail)
-            self._tell_failed(failed, error)
+            self._tell_failed(failed, error, tried)
             return False
         self._count(batch.nmods, fsync_s)
         self._untold = None
@@ -376,12 +378,14 @@ class Committer(Housekeeping):
             self._durable.notify_all()
         self._tell_failed(failed, error)
 
-    def _tell_failed(self, failed: list, error: StoreError) -> None:
-        """The first batch may have reached the disk (Unavailable); those
-        behind it (Book.fail) were never handed to it (NotApplied)."""
+    def _tell_failed(self, failed: list, error: StoreError, tried: bool = True) -> None:
+        """The first batch may have reached the disk (Unavailable) if it was
+        `tried`; those behind it (Book.fail) were never handed to it
+        (NotApplied)."""
         assert error is not None
         for i, b in enumerate(failed):
-            told = (NotApplied, BEHIND_FAILED_DETAIL) if i else (Unavailable, FAILED_DETAIL)
+            told = ((NotApplied, BEHIND_FAILED_DETAIL) if i or not tried
+                    else (Unavailable, FAILED_DETAIL))
             self._deliver(_told(b.done_loop, *told), _told(b.done_direct, *told), b.nmods)
 
     def _wake_events(self, loop) -> None:

@@ -10,6 +10,8 @@ simplest channel that survives SIGSTOP and needs no protocol):
     CONTROL/holding      written by the store while a commit is held
     CONTROL/lose-read    history reads miss their oldest entry (an iterator
                          that stopped short at a block damaged after open)
+    CONTROL/fail-apply   LevelDB's writes of durable batches fail (behind
+                         their answers), as Store.apply marks a failed one
 
 Usage: python controlled_serve.py --data DIR --control DIR [--port N]
            [--batch-mods-max N] [--queued-mods-max N] [--store URL]
@@ -40,8 +42,8 @@ POLL_S = 0.002
 
 class ControlledStore(Store):
     def __init__(self, path, control):
+        self.control = control          # the open applies, before __init__ returns
         super().__init__(path)
-        self.control = control
 
     def _flag(self, name):
         return os.path.exists(os.path.join(self.control, name))
@@ -51,6 +53,12 @@ class ControlledStore(Store):
         if self._flag("lose-read") and page:
             del page[min(page)]
         return page
+
+    def apply(self):
+        if self._flag("fail-apply"):
+            self.wal.broken = True
+            raise StoreError(f"{self.path}: commit failed: injected LevelDB write error")
+        return super().apply()
 
     def write(self, wal_record):
         if self._flag("hold"):

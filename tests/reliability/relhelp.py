@@ -52,6 +52,9 @@ class Control:
     def lose_read(self, on=True):
         self._set("lose-read", on)
 
+    def fail_apply(self, on=True):
+        self._set("fail-apply", on)
+
     def wait_holding(self, timeout_s=10.0):
         """Until a commit is held (the writer took a batch and waits)."""
         deadline = time.monotonic() + timeout_s

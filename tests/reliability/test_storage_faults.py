@@ -318,6 +318,41 @@ def test_the_changes_behind_a_failed_batch_are_answered_not_applied(tmp_path):
         stop_quietly(srv)
 
 
+def test_the_changes_after_a_failed_leveldb_write_are_answered_not_applied(tmp_path):
+    """LevelDB's write of a durable batch fails, behind its answer (200):
+    the batches after it are never handed to the disk, so their changes,
+    alone on a connection or pipelined, are not_applied, not the
+    unavailable of a batch that may have landed; the restart replays the
+    answered one from its log record."""
+    control = Control(tmp_path / "control")
+    data = tmp_path / "data"
+    srv = spawn_controlled(data, tmp_path / "log1", control)
+    try:
+        assert srv.mod("leveldb", 10).status == 200
+        # The loop writes a small batch into LevelDB once its replies are
+        # out, in the same turn: a request answered after it finds it done.
+        assert srv.tot("leveldb") == 10
+        control.fail_apply()
+        assert srv.mod("leveldb", -1, key="answered").status == 200
+        wait_for(lambda: srv.get("/health").status == 503, 10, "the store failed")
+        alone = srv.mod("leveldb", -2, key="alone")
+        with srv.connect() as conn:
+            conn.send(b"".join(patch(mod_target("leveldb", -3 - i, f"piped{i}"))
+                               for i in range(3)))
+            piped = [conn.response() for _ in range(3)]
+        assert (alone.status, alone.json["error"]) == (503, "not_applied"), alone
+        assert [(r.status, r.json["error"]) for r in piped] == [(503, "not_applied")] * 3
+        assert srv.stop() == 1
+    finally:
+        stop_quietly(srv)
+    control.fail_apply(False)
+    srv = spawn_server(data, tmp_path / "log2")
+    try:
+        assert [e["key"] for e in history(srv, "leveldb")] == [None, "answered"]
+    finally:
+        stop_quietly(srv)
+
+
 def test_a_commit_that_fails_after_its_write_is_retried_exactly_once(tmp_path):
     """The worst failed commit: the batch reached the disk, then the store
     reported an error (a failed fsync).  The server cannot know; it answers
