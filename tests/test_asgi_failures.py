@@ -499,8 +499,7 @@ def test_a_call_owed_as_close_cuts_the_payer_off_is_paid_by_a_new_one(quick_clos
 
 class _Stubborn(owed_mod.Mod):
     """An owed charge whose call takes a cancel and goes on, as a call can
-    that swallows a cancel, or on Python 3.10 one whose bound passes as
-    the cancel lands (accman.deadline): its payer outlives close().  Its
+    that swallows a cancel: its payer outlives close().  Its
     call then ends as `ends`: with nothing charged, or refused."""
 
     __slots__ = ("ends",)

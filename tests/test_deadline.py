@@ -1,9 +1,7 @@
-"""accman.deadline's `within`, and the timer it falls back on where
-asyncio has no `timeout` (Python 3.10), each run through the same
-tests: a cancel that meets the awaited call's completion ends the task
-cancelled (asyncio.wait_for before 3.12 returns the result instead);
-the bound raises asyncio.TimeoutError; a cancel from elsewhere leaves as
-a cancel; the block runs in the calling task."""
+"""accman.deadline's `within`: a cancel that meets the awaited call's
+completion ends the task cancelled (asyncio.wait_for before 3.12 returns
+the result instead); the bound raises asyncio.TimeoutError; a cancel
+from elsewhere leaves as a cancel; the block runs in the calling task."""
 
 from __future__ import annotations
 
@@ -11,14 +9,12 @@ import asyncio
 
 import pytest
 
-from accman.deadline import TimerWithin, within
-
-FORMS = {"within": within, "timer": TimerWithin}
+from accman.deadline import within
 
 
-@pytest.fixture(params=sorted(FORMS))
-def form(request):
-    return FORMS[request.param]
+@pytest.fixture
+def form():
+    return within
 
 
 def test_a_cancel_in_the_step_its_call_completes_is_not_lost(form):

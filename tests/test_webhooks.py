@@ -950,8 +950,7 @@ def test_a_stop_waits_for_a_stuck_cursor_save_at_most_one_attempt_timeout(rx, tm
 def test_a_stop_ends_a_deliverer_whose_attempt_swallowed_the_cancel(rx, cursors, monkeypatch):
     """An attempt can turn a cancel into a failure: asyncio.wait_for
     before 3.12 did with a cancel that landed as its inner call failed (a
-    connection refused just then), and accman.deadline on Python 3.10
-    does with one that lands as the attempt's bound passes.  The
+    connection refused just then).  The
     deliverer took it for a failed attempt and retried, and the stop (so
     the server's) waited for it for ever.  The first attempt here answers
     its cancel so; the stop still ends (STOP_RECANCEL_S)."""

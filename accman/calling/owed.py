@@ -186,8 +186,7 @@ class Owed:
 
     async def _pay_as(self, me) -> None:
         """Pays the queue, oldest first, while `me` is the queue's payer: one
-        close() let go (its cancel swallowed by a call, or on Python 3.10
-        taken for a timeout: accman.deadline) leaves the queue, and the call
+        close() let go (its cancel swallowed by a call) leaves the queue, and the call
         it had under way, which close() has stranded, to the new one."""
         acc = self._acc()
         attempt = 0

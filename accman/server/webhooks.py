@@ -58,11 +58,10 @@ CURSOR_NAME = "webhook"
 SIGNATURE_HEADER = "AccMan-Signature"
 IDS_HEADER = "AccMan-Event-Ids"
 USER_AGENT = f"accman/{accman.__version__}"
-# A stop cancels the deliverer again this often until it ends.  Still
-# needed on Python 3.10, whose accman.deadline takes a cancel that lands
-# as an attempt's bound passes for its timeout, a failed attempt, which is
-# retried; on 3.11 and later the first cancel ends it, and this is a guard
-# against any other call that turns a cancel into a failure.
+# A stop cancels the deliverer again this often until it ends: the first
+# cancel ends it (accman.deadline never takes a cancel for its timeout),
+# and this is a guard against any call that turns a cancel into a
+# failure, which the deliverer would retry.
 STOP_RECANCEL_S = 0.05
 
 
