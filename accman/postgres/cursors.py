@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 import zlib
 
+from accman.postgres.backends import committed
 from accman.postgres.errors import store_error
 from accman.server.cursors import check_name
 
@@ -69,8 +70,9 @@ class PgCursors:
         return await self._call("fetchval", _LOAD_SQL, name, "read")
 
     async def save_cursor(self, name: str, value: int) -> None:
-        """Durable when it returns (committed as the mods are); a value
-        below the saved one leaves the saved one."""
+        """Durable when it returns (committed as the mods are, and never
+        cancelled in the database: backends.committed); a value below the
+        saved one leaves the saved one."""
         assert type(value) is int and value >= 0, (name, value)
         await self._call("execute", _SAVE_SQL, name, "save", value)
 
@@ -85,12 +87,16 @@ class PgCursors:
         await self._call("execute", _MARK_SQL, name, "save", target)
 
     async def _call(self, method: str, sql: str, name: str, verb: str, *args):
-        """One statement on the home cluster about cursor `name`; its
-        errors as StoreError ("cannot VERB the NAME cursor: ...")."""
+        """One statement on the home cluster about cursor `name`, to
+        AccMan's deadline (backends.committed: a save that waits for the
+        synchronous standby is not cancelled, which would make it visible
+        on the primary alone); its errors as StoreError ("cannot VERB the
+        NAME cursor: ...")."""
         check_name(name)
         try:
-            return await getattr(self.store.home.pool, method)(sql, name, *args,
-                                                               timeout=CURSOR_TIMEOUT_S)
+            async with self.store.home.pool.acquire(timeout=CURSOR_TIMEOUT_S) as conn:
+                return await committed(conn, getattr(conn, method)(sql, name, *args),
+                                       CURSOR_TIMEOUT_S, None)
         except Exception as e:
             raise store_error(e, f"cannot {verb} the {name} cursor") from None
 

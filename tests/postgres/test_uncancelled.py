@@ -15,14 +15,14 @@ import warnings
 import asyncpg
 import pytest
 
+from accman.errors import NotApplied, StoreError, Unavailable
+from accman.postgres import committing
+from accman.postgres import cursors as cursors_module
+from accman.postgres import errors as E
 from accman.postgres import events as events_module
 from accman.postgres import merge as merge_module
-from accman.postgres import committing
 from accman.postgres import upkeep as upkeep_module
 from accman.postgres.backends import Connection, committed, identify
-
-from accman.errors import NotApplied, Unavailable
-from accman.postgres import errors as E
 
 from .helpers import far_creds, fund, locked, opened, run, stored
 from .test_bounds import backends_busy, until, until_async
@@ -104,37 +104,7 @@ def test_a_commit_whose_standby_wait_is_cancelled_elsewhere_is_not_acknowledged(
     """A cancel from outside AccMan ends a batch's wait for the synchronous
     standby, and PostgreSQL returns success with a WARNING, the change on
     the primary alone: its calls are 503 unavailable (it may have landed),
-    never 200, and the cluster reconnects.  Once the standby is there, a
-    keyed retry gets the first reply."""
-    monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
-    pg = pg_factory(name="cut")
-    url = pg.create_database("c")
-
-    async def main():
-        async with stored(url) as (store, c):
-            assert await c.mod("a", 10) == (10, 1)
-            pg.configure({"synchronous_standby_names": "'absent'"})
-            pg.reload()
-            call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
-            await until_async(lambda: waiting_for_standby(url), 1)
-            await cancel_standby_waits(url)
-            with pytest.raises(Unavailable) as told:
-                await call
-            assert not isinstance(told.value, NotApplied)
-            assert "pg_cancel_backend" in told.value.detail
-            assert "with its key" in told.value.detail
-            assert await count(url, "SELECT tot FROM accman_accounts") == 7   # primary alone
-            pg.configure({"synchronous_standby_names": "''"})
-            pg.reload()
-            await until(lambda: store.healthy, 15)
-            assert await c.mod("a", -3, key="k1") == (7, 2)
-            assert await c.tot("a") == 7
-    run(main())
-
-
-def test_a_keyed_retry_of_a_cut_commit_is_answered_once_the_standby_has_it(
-        pg_factory, monkeypatch):
-    """The keyed retry of a batch whose standby wait was cut is a commit
+    never 200, and the cluster reconnects.  The keyed retry is a commit
     like any (it locks its account): while the standby is away it waits
     for it, and is unavailable past COMMIT_TIMEOUT_S, never 200 from the
     primary alone; once the standby is back it gets the first reply, the
@@ -154,7 +124,10 @@ def test_a_keyed_retry_of_a_cut_commit_is_answered_once_the_standby_has_it(
             await cancel_standby_waits(url)
             with pytest.raises(Unavailable) as told:
                 await call
+            assert not isinstance(told.value, NotApplied)
             assert "pg_cancel_backend" in told.value.detail
+            assert "with its key" in told.value.detail
+            assert await count(url, "SELECT tot FROM accman_accounts") == 7   # primary alone
             await until(lambda: store.healthy, 15)
             with pytest.raises(Unavailable) as told:
                 await c.mod("a", -3, key="k1")
@@ -174,6 +147,7 @@ def test_a_cut_wait_is_heard_whatever_client_min_messages_the_database_sets(
     not sent, and the batch was 200 on the primary alone."""
     monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
     pg = pg_factory(name="quiet")
+    standby = standby_of(pg, "quiet")
     url = pg.create_database("q")
     pg.psql("ALTER DATABASE q SET client_min_messages = error")
     pg.psql("ALTER ROLE postgres IN DATABASE q SET client_min_messages = error")
@@ -182,8 +156,7 @@ def test_a_cut_wait_is_heard_whatever_client_min_messages_the_database_sets(
         assert await count(url, "SHOW client_min_messages") == "error"
         async with stored(url) as (_, c):
             assert await c.mod("a", 10) == (10, 1)
-            pg.configure({"synchronous_standby_names": "'absent'"})
-            pg.reload()
+            standby.stop("immediate")
             call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
             await until_async(lambda: waiting_for_standby(url), 1)
             await cancel_standby_waits(url)
@@ -322,10 +295,10 @@ def test_a_cut_wait_is_heard_on_a_pooled_connection(pg_factory):
     trim's) hears the cut wait as a writer's does, and leaves no listener
     behind for the pool to complain of at its release."""
     pg = pg_factory(name="pooled")
+    standby = standby_of(pg, "pooled")
     url = pg.create_database("p")
     pg.psql("CREATE TABLE t (x int)", "p")
-    pg.configure({"synchronous_standby_names": "'absent'"})
-    pg.reload()
+    standby.stop("immediate")
 
     async def main():
         pool = await asyncpg.create_pool(url, min_size=1, max_size=1,
@@ -451,6 +424,31 @@ def test_a_trim_past_trim_timeout_s_is_given_up_and_the_next_goes_on(pg_url, mon
             assert await c.mod("b", 1) == (1, 1)
             await reader.trim(0)
             assert reader.trimmed == 3 and reader.first == 4
+    run(main())
+
+
+def test_a_cursor_save_past_its_deadline_is_not_seen_on_the_primary(pg_factory, monkeypatch):
+    """A cursor's save (the webhook's) that waits for the missing standby
+    past CURSOR_TIMEOUT_S fails, its connection closed rather than its
+    commit cancelled: the saved value stays unseen until the standby has
+    it, where a cancel made it visible on the primary alone, to be lost in
+    a failover (and the events after it sent again)."""
+    monkeypatch.setattr(cursors_module, "CURSOR_TIMEOUT_S", 0.5)
+    primary = pg_factory(name="cursor")
+    standby = standby_of(primary, "cursor")
+    url = primary.create_database("k")
+
+    async def main():
+        async with stored(url) as (store, _):
+            await store.cursors.save_cursor("webhook", 2)
+            standby.stop("immediate")
+            with pytest.raises(StoreError, match="cannot save the webhook cursor"):
+                await store.cursors.save_cursor("webhook", 5)
+            await asyncio.sleep(0.5)                # a cancel request would have landed
+            assert await waiting_for_standby(url) == 1
+            assert await count(url, "SELECT value FROM accman_cursors") == 2
+            standby.start()
+            await until_async(lambda: count(url, "SELECT value FROM accman_cursors"), 5, 15)
     run(main())
 
 
