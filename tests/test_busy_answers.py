@@ -5,13 +5,17 @@ answer when it is durable, where a client retrying with its key was told
 `busy` again and again under a load that kept the queue full; a key
 reused with another value is key_reused; a refusal on the balance, an
 unknown account and a settle repeated are answered; a new change is busy.
+Each answer that waits for a batch is told that batch's failure if it
+fails.  A settle that finds its hold due would queue its expiry: busy.
 A store that failed to commit answers no change, not even a repeat."""
 
 import pytest
 
-from accman import Busy, Insufficient, KeyReused, Ledger, NoAccount, NotApplied, StoreError
+from accman import (Busy, HoldEnded, Insufficient, KeyReused, Ledger, NoAccount, NotApplied,
+                    StoreError, Unavailable)
 from accman.ledger.leveldb import Store
 from ledgerhelp import GatedStore, wait_for
+from model import Clock
 
 QUEUED = 4
 
@@ -52,9 +56,13 @@ def test_a_full_queue_answers_what_queues_no_change(tmp_path):
         led.submit_settle("a", 2, 1, done=told("settle again"))
         led.submit("a", -100, min=0, done=told("insufficient"))
         led.submit("nobody", -1, done=told("no account"))
-        assert "fund again" not in got          # told once its change is durable
+        # Every answer judged on a change not durable yet waits for it.
+        assert set(got) == {"no account"}
         store.gate.set()
         wait_for(lambda: len(got) == 10, 10)
+        # The busy calls changed nothing: b's balance, the key "new" unused.
+        assert led.tot("b") == 5
+        assert led.mod("b", -1, key="new") == (4, 2)
     finally:
         store.gate.set()
         led.close()
@@ -95,3 +103,63 @@ def test_a_failed_store_answers_no_repeat(tmp_path):
         store.gate.set()
         led.close()
     assert not {"f", "b1"} & set(got)
+
+
+def test_repeats_under_a_full_queue_are_told_their_batch_s_failure(tmp_path):
+    """The answers a full queue gives while a batch is written are told its
+    failure when it fails, as the changes they wait for are: 503
+    unavailable for the batch that failed, not_applied behind it; none is
+    told the change's success."""
+    led, store, got, told = full_ledger(tmp_path, FailingWhenLet)
+    try:
+        led.submit_settle("a", 2, 1, done=told("settle"))
+        led.submit("a", -1, done=told("charge"))
+        led.submit("a", 10, key="f", done=told("fund again"))
+        led.submit("a", 11, key="f", done=told("fund reused"))
+        led.submit_hold("a", -3, 60, key="h", done=told("hold again"))
+        led.submit_settle("a", 2, 1, done=told("settle again"))
+        led.submit("a", -100, min=0, done=told("insufficient"))
+        assert got == {}
+        store.gate.set()
+        wait_for(lambda: len(got) == 9, 10)
+    finally:
+        store.gate.set()
+        led.close()
+    assert isinstance(got["fund"], Unavailable) and not isinstance(got["fund"], NotApplied)
+    for repeat, original in (("fund again", "fund"), ("fund reused", "fund"),
+                             ("hold again", "hold"), ("settle again", "settle"),
+                             ("insufficient", "charge")):
+        assert isinstance(got[original], Unavailable), got
+        assert type(got[repeat]) is type(got[original]), (repeat, got)
+
+
+def test_a_settle_that_finds_its_hold_due_is_busy_and_ends_nothing(tmp_path):
+    """A settle of a hold past its expiry ends it first, a change: on a full
+    queue it is busy, and the hold is neither expired by it nor counted;
+    the writer's clock ends it once the disk goes on, with use 0."""
+    path = str(tmp_path / "d")
+    clock = Clock()
+    store = GatedStore(path)
+    led = Ledger(path, store=store, clock_ms=clock, queued_mods_max=QUEUED, batch_mods_max=2)
+    try:
+        assert led.mod("a", 10) == (10, 1)
+        assert led.hold("a", -3, 1) == (2, 7, 2)
+        store.gate.clear()
+        for _ in range(QUEUED):
+            led.submit("b", 1, done=None)
+        assert store.writing.wait(10)
+        clock.advance(2)
+        for use in (1, 0):
+            with pytest.raises(Busy):
+                led.submit_settle("a", 2, use)
+        assert led.stats["holds_expired"] == 0
+        assert led.stats["queued_mods"] == QUEUED
+        store.gate.set()
+        wait_for(lambda: led.stats["holds_expired"] == 1, 10)
+        with pytest.raises(HoldEnded, match="expired"):
+            led.settle("a", 2, 1)
+        assert led.tot("a") == 10
+        assert [e.hold for e in led.past("a")] == [2, 2, None]
+    finally:
+        store.gate.set()
+        led.close()
