@@ -267,7 +267,7 @@ cdef class Book:
     cdef inline int _check_room(self) except -1:
         """QUEUED_MODS_MAX bounds the changes queued: checked just before a
         call queues one, so that a call that queues none (a keyed repeat,
-        a refusal) is answered as ever while the queue is full."""
+        a refusal) is answered while the queue is full."""
         if self.queued_mods >= self.queued_mods_max:
             raise Busy(f"QUEUED_MODS_MAX ({self.queued_mods_max}) changes are waiting "
                        "for the disk; retry shortly")

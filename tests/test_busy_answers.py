@@ -1,5 +1,5 @@
 """QUEUED_MODS_MAX refuses a call that would queue a change (503 busy):
-one that queues none is answered while the queue is full, as ever.  A
+one that queues none is answered while the queue is full.  A
 keyed repeat of a change still waiting for its commit gets that change's
 answer when it is durable, where a client retrying with its key was told
 `busy` again and again under a load that kept the queue full; a key
