@@ -153,6 +153,7 @@ class Book:
     durable_no: int
     unapplied: list[Batch]
     failed_no: int
+    failed_untried: bool
     def __init__(self, salt: bytes, get: Callable[[bytes], bytes | None],
                  batch_mods_max: int = ..., queued_mods_max: int = ...,
                  next_event: int = 1, low_default: int | None = None,
