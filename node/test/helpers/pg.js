@@ -9,8 +9,11 @@
 // are the database's own faults, as tests/postgres/pgcluster.py makes them
 // (`pg_ctl` with a shutdown mode: `fast` rolls back and disconnects its
 // sessions, `immediate` quits without a checkpoint, to recover at the
-// next start).  destroy() stops it and removes its directory; so does the
-// process's exit, or a SIGINT or SIGTERM that ends it, for a test that
+// next start).  addStandby() makes a synchronous streaming standby of it
+// (`pg_basebackup`), kill() SIGKILLs its postmaster and promote() makes a
+// standby the primary: a failover, as pgcluster.py's add_standby, kill and
+// promote make one.  destroy() stops it and removes its directory; so does
+// the process's exit, or a SIGINT or SIGTERM that ends it, for a test that
 // never got there.
 
 const { execFile, execFileSync } = require('node:child_process')
@@ -43,6 +46,17 @@ const CONF = {
 const PORTS_FIRST = 20000
 const CLAIM_PREFIX = '\0accman-tests-port-'
 const STOP_SIGNALS = ['SIGINT', 'SIGTERM']
+// What a primary keeps for a standby stopped for seconds, so that it
+// catches up by streaming when it starts again (pgcluster.py's BASE_CONF).
+const PRIMARY_CONF = { wal_keep_size: "'256MB'" }
+// A killed postmaster's backends exit once they see it gone; the port is
+// free within this.
+const KILL_TIMEOUT_MS = 60000
+const KILL_POLL_MS = 20
+const QUERY_POLL_MS = 200
+// A standby's name goes into its primary's synchronous_standby_names and
+// a query of pg_stat_replication unquoted.
+const STANDBY_NAME_RE = /^[a-z_][a-z0-9_]*$/
 
 const run = promisify(execFile)
 
@@ -111,6 +125,36 @@ function stopMode (mode) {
   return mode
 }
 
+// A new directory for a cluster, the postgres user's when we are root.
+async function newBase () {
+  const base = fs.mkdtempSync(path.join(os.tmpdir(), 'accman-node-pg-'))
+  fs.chmodSync(base, 0o755)
+  if (process.getuid() === 0) await run('chown', [PG_USER, base])
+  return base
+}
+
+function alive (pid) {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return err.code !== 'ESRCH'
+  }
+}
+
+function accepting (port) {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1')
+    socket.once('connect', () => { socket.destroy(); resolve(true) })
+    socket.once('error', () => resolve(false))
+  })
+}
+
+function configure (data, conf) {
+  fs.appendFileSync(path.join(data, 'postgresql.conf'),
+    Object.entries(conf).map(([k, v]) => `${k} = ${v}\n`).join(''))
+}
+
 class PgCluster {
   constructor (base, port, claim) {
     this.base = base
@@ -132,20 +176,16 @@ class PgCluster {
   // initdb a new cluster in a directory of its own, and start it.
   static async create () {
     const { port, claim } = await freePort()
-    const base = fs.mkdtempSync(path.join(os.tmpdir(), 'accman-node-pg-'))
-    const pg = new PgCluster(base, port, claim)
+    let pg
     try {
-      fs.chmodSync(base, 0o755)
-      if (process.getuid() === 0) await run('chown', [PG_USER, base])
+      pg = new PgCluster(await newBase(), port, claim)
       await asPostgres('initdb', ['-D', pg.data, '-U', PG_USER, '--auth=trust',
         '--no-instructions', '-E', 'UTF8', '--locale=C'])
-      const conf = { ...CONF, port: String(port), unix_socket_directories: `'${base}'` }
-      fs.appendFileSync(path.join(pg.data, 'postgresql.conf'),
-        Object.entries(conf).map(([k, v]) => `${k} = ${v}\n`).join(''))
-      await asPostgres('pg_ctl', ['-D', pg.data, '-l', pg.log, '-w', '-t',
-        String(START_TIMEOUT_S), 'start'])
+      configure(pg.data, { ...CONF, port: String(port), unix_socket_directories: `'${pg.base}'` })
+      await pg.start()
     } catch (err) {
-      pg.destroy()
+      if (pg === undefined) claim.close()
+      else pg.destroy()
       throw err
     }
     return pg
@@ -168,13 +208,97 @@ class PgCluster {
       '-t', String(START_TIMEOUT_S), 'restart'])
   }
 
+  // A streaming standby of this server, named `name`, from pg_basebackup,
+  // in a directory of its own, started; this server then waits for it at
+  // every commit (synchronous_standby_names), as pgcluster.py's
+  // add_standby(sync=True).  Returns once it is this server's synchronous
+  // standby (pg_stat_replication), so that a test's stop of it stalls
+  // writes for sure.
+  async addStandby (name) {
+    if (!STANDBY_NAME_RE.test(name)) {
+      throw new TypeError(`a standby's name is a lower-case SQL identifier, not ${name}`)
+    }
+    const { port, claim } = await freePort()
+    let s
+    try {
+      s = new PgCluster(await newBase(), port, claim)
+      await asPostgres('pg_basebackup', ['-h', '127.0.0.1', '-p', String(this.port), '-U', PG_USER,
+        '-D', s.data, '-X', 'stream', '-c', 'fast'])
+      const signal = path.join(s.data, 'standby.signal')
+      fs.writeFileSync(signal, '')
+      if (process.getuid() === 0) await run('chown', [PG_USER, signal])
+      // Not `-R`: it writes primary_conninfo to postgresql.auto.conf, which
+      // would override the application_name that synchronous_standby_names
+      // matches.
+      configure(s.data, {
+        port: String(port),
+        unix_socket_directories: `'${s.base}'`,
+        primary_conninfo:
+          `'host=127.0.0.1 port=${this.port} user=${PG_USER} application_name=${name}'`
+      })
+      await s.start()
+    } catch (err) {
+      if (s === undefined) claim.close()
+      else s.destroy()
+      throw err
+    }
+    configure(this.data, { ...PRIMARY_CONF, synchronous_standby_names: `'FIRST 1 (${name})'` })
+    await asPostgres('pg_ctl', ['-D', this.data, 'reload'])
+    await this.waitFor('SELECT count(*) FROM pg_stat_replication ' +
+      `WHERE application_name = '${name}' AND sync_state = 'sync' AND state = 'streaming'`,
+    '1', START_TIMEOUT_S * 1000)
+    return s
+  }
+
+  // Until `sql` answers `want`, failing after `ms`.
+  async waitFor (sql, want, ms) {
+    const deadline = performance.now() + ms
+    let got
+    while ((got = await this.query(sql)) !== want) {
+      if (performance.now() > deadline) {
+        throw new Error(`${sql} answered ${got}, not ${want}, within ${ms} ms`)
+      }
+      await new Promise((resolve) => setTimeout(resolve, QUERY_POLL_MS))
+    }
+  }
+
+  // The postmaster SIGKILLed, as a machine's or a process's crash would
+  // end it; returns once it is gone and nothing answers on its port (its
+  // backends exit when they see it gone, their work unfinished).
+  async kill () {
+    const pidFile = path.join(this.data, 'postmaster.pid')
+    const pid = Number(fs.readFileSync(pidFile, 'utf8').split('\n')[0])
+    process.kill(pid, 'SIGKILL')
+    const deadline = performance.now() + KILL_TIMEOUT_MS
+    while (alive(pid) || await accepting(this.port)) {
+      if (performance.now() > deadline) {
+        throw new Error(`PostgreSQL on port ${this.port} still answers ${KILL_TIMEOUT_MS} ms ` +
+          'after its postmaster was killed')
+      }
+      await new Promise((resolve) => setTimeout(resolve, KILL_POLL_MS))
+    }
+  }
+
+  // A standby made the primary (`pg_ctl promote`, waiting until it takes
+  // writes).
+  async promote () {
+    await asPostgres('pg_ctl', ['-D', this.data, '-w', '-t', String(START_TIMEOUT_S), 'promote'])
+  }
+
   url (db = 'postgres') {
     return `postgresql://${PG_USER}@127.0.0.1:${this.port}/${db}`
   }
 
+  // What psql answers to `sql`, unaligned, trimmed.
+  async query (sql, db = 'postgres') {
+    const { stdout } = await run(path.join(pgBin(), 'psql'), ['-X', '-q', '-A', '-t',
+      '-v', 'ON_ERROR_STOP=1', '-h', '127.0.0.1', '-p', String(this.port), '-U', PG_USER,
+      '-d', db, '-c', sql])
+    return stdout.trim()
+  }
+
   async createDatabase (db) {
-    await run(path.join(pgBin(), 'psql'), ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-h', '127.0.0.1',
-      '-p', String(this.port), '-U', PG_USER, '-d', 'postgres', '-c', `CREATE DATABASE "${db}"`])
+    await this.query(`CREATE DATABASE "${db}"`)
     return this.url(db)
   }
 
