@@ -99,6 +99,17 @@ async def cancel_standby_waits(url) -> None:
                      "WHERE wait_event = 'SyncRep'")
 
 
+async def cut_mod(c, url) -> Unavailable:
+    """The refusal of a keyed mod of a's (-3, "k1") whose commit waits for
+    the stopped standby until an operator's cancel cuts the wait."""
+    call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
+    await until_async(lambda: waiting_for_standby(url), 1)
+    await cancel_standby_waits(url)
+    with pytest.raises(Unavailable) as told:
+        await call
+    return told.value
+
+
 def test_a_commit_whose_standby_wait_is_cancelled_elsewhere_is_not_acknowledged(
         pg_factory, monkeypatch):
     """A cancel from outside AccMan ends a batch's wait for the synchronous
@@ -119,14 +130,10 @@ def test_a_commit_whose_standby_wait_is_cancelled_elsewhere_is_not_acknowledged(
         async with stored(url) as (store, c):
             assert await c.mod("a", 10) == (10, 1)
             standby.stop("immediate")
-            call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
-            await until_async(lambda: waiting_for_standby(url), 1)
-            await cancel_standby_waits(url)
-            with pytest.raises(Unavailable) as told:
-                await call
-            assert not isinstance(told.value, NotApplied)
-            assert "pg_cancel_backend" in told.value.detail
-            assert "with its key" in told.value.detail
+            told = await cut_mod(c, url)
+            assert not isinstance(told, NotApplied)
+            assert "pg_cancel_backend" in told.detail
+            assert "with its key" in told.detail
             assert await count(url, "SELECT tot FROM accman_accounts") == 7   # primary alone
             await until(lambda: store.healthy, 15)
             with pytest.raises(Unavailable) as told:
@@ -157,12 +164,8 @@ def test_a_cut_wait_is_heard_whatever_client_min_messages_the_database_sets(
         async with stored(url) as (_, c):
             assert await c.mod("a", 10) == (10, 1)
             standby.stop("immediate")
-            call = asyncio.ensure_future(c.mod("a", -3, key="k1"))
-            await until_async(lambda: waiting_for_standby(url), 1)
-            await cancel_standby_waits(url)
-            with pytest.raises(Unavailable) as told:
-                await call
-            assert "pg_cancel_backend" in told.value.detail
+            told = await cut_mod(c, url)
+            assert "pg_cancel_backend" in told.detail
             assert await count(url, "SELECT tot FROM accman_accounts") == 7   # primary alone
     run(main())
 
