@@ -383,8 +383,11 @@ test('reserve: an owed settle charged as a mod and stranded of unknown outcome n
   await acc.mint.mod('h-owed-key', 10)
   const logs = []
   const proxy = await proxyTo(acc.server.url)
+  // The plugin's own timeout: the charge whose reply never comes ends at
+  // it, and the hold that passes, waiting on AccMan's commit, gets room
+  // on a loaded machine (the drain at close runs CLOSE_DRAIN_MS either way).
   const { app, url } = await serviceApp({
-    url: proxy.url, token: TOKENS.service, mode: 'reserve', holdTtlS: 1, timeoutMs: 300, retries: 0
+    url: proxy.url, token: TOKENS.service, mode: 'reserve', holdTtlS: 1, retries: 0
   }, { logs })
   try {
     const paid = get(url + '/gated', 'h-owed-key')
