@@ -175,6 +175,38 @@ test('the bank checker passes a correct history, and finds a doubled, lost or un
   assert.match(judge(expired).join('\n'), /overdrawn in reserve mode: .*"key":"r1-h"/)
 })
 
+// A hold of unknown outcome whose owed release found nothing held (its
+// repeat refused on the balance) may still apply later, from an attempt a
+// stalled front-end kept: it returns at its expiry, never charged (README
+// "Failures"), and a history read before then shows it open.
+test('the bank checker lets a hold that applied late stay open, and finds one the plugin knew of', () => {
+  // Request 4's hold, open; its attempts met `codes`; with `queued`, the
+  // log queued its release.
+  const openHold = (codes, queued = true) => {
+    const s = sample()
+    s.mode = 'reserve'
+    s.accounts[0].entries.unshift({ seq: 4, by: -5, tot: 89, at: 0, key: 'r4-h', hold: 4 })
+    s.accounts[0].tot = 89
+    s.records.push({ id: '4', cred: 'bank-sample', status: 'left', accman: null, cost: 5, rid: 'r4' })
+    if (queued) {
+      s.logs.push({ level: 40, msg: 'accman: release queued to retry', account: s.logs[0].account, key: 'r4-h', amount: '5' })
+      s.stats.owed = 2
+    }
+    s.holds = new Map([['r4-h', codes]])
+    return judge(s).join('\n')
+  }
+  // Its attempt at admission got no reply; the release's repeat was
+  // refused insufficient (409): no attempt told the plugin of a hold.
+  assert.equal(openHold(['timeout', 409]), '')
+  assert.equal(openHold(['outcome_unknown', 409, 409]), '')
+  // An attempt answered 200: the plugin knew the hold, and had to end it.
+  assert.match(openHold(['timeout', 200]), /request 4 \(left, ACCMAN null\): a hold of 5 never ended/)
+  // Every attempt answered: none was left on its way.
+  assert.match(openHold([409, 409]), /a hold of 5 never ended/)
+  // No release queued: the plugin lost a hold whose outcome it did not know.
+  assert.match(openHold(['timeout', 409], false), /a hold of 5 never ended/)
+})
+
 // Each entry's tot is the one before it plus its by, from 0: a history
 // whose tot does not follow is found, by that rule alone (no header or
 // balance reads the tots planted here).

@@ -235,7 +235,9 @@ async function bankRun (t, mode, rig) {
       `releases of holds owed after ${JSON.stringify(countBy(unholds, (l) => l.after))}, ` +
       `${unapplied.size} holds refused before applying, ` +
       `statuses ${JSON.stringify(countBy(records, (r) => r.status))}`)
-    assert.deepEqual(judge({ mode, accounts, records, logs, stats, statuses: STATUSES }), [])
+    assert.deepEqual(judge({
+      mode, accounts, records, logs, stats, statuses: STATUSES, holds: holdReplies
+    }), [])
     // A hold refused before it applied holds nothing: it owes no release.
     assert.deepEqual(unholds.filter((l) => unapplied.has(l.key)).map((l) => [l.key, l.after]), [])
     // What the close stranded as never landed is told to onUnpaid.
@@ -253,7 +255,8 @@ const NOT_APPLIED_CODES = ['not_applied', 'busy', 'shutting_down']
 // Records AccMan's replies to the plugin's holds at admission, attempt by
 // attempt, in `replies` (key -> codes), as they come from the wire, before
 // the client makes an error of them: a 503's `error` code, another reply's
-// status, or the client's code for an attempt with no reply.  Returns what
+// status, or the client's code for an attempt with no reply.  An owed
+// release's repeats of a hold share its key: they follow.  Returns what
 // undoes it.
 function recordHolds (replies) {
   const attempt = AccManClient.prototype._attempt
