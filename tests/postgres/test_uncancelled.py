@@ -461,12 +461,13 @@ def test_a_store_opens_while_its_synchronous_standby_is_away(pg_factory):
     reads going on and writes stalled as a running front-end's are, rather
     than hang at its start, unsaid, in a commit that waits for the standby."""
     pg = pg_factory(name="away")
+    standby = standby_of(pg, "away")
     url = pg.create_database("a")
     run(fund(url, ["a"]))
-    pg.configure({"synchronous_standby_names": "'absent'"})
-    pg.reload()
+    standby.stop("immediate")
 
     async def main():
+        assert await count(url, "SELECT count(*) FROM pg_stat_replication") == 0
         store, c = await asyncio.wait_for(opened(url), 5)
         try:
             assert await c.tot("a") == 5
@@ -484,6 +485,7 @@ def test_a_store_opens_with_holds_due_while_its_synchronous_standby_is_away(
     monkeypatch.setattr(upkeep_module, "ROUND_TIMEOUT_S", 1.0)
     monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
     pg = pg_factory(name="due")
+    standby = standby_of(pg, "due")
     url = pg.create_database("d")
 
     async def hold():
@@ -492,8 +494,7 @@ def test_a_store_opens_with_holds_due_while_its_synchronous_standby_is_away(
             assert await c.hold("a", -4, 1) == (2, 6, 2)
         await asyncio.sleep(1.5)                    # past the hold's ttl, nobody running
     run(hold())
-    pg.configure({"synchronous_standby_names": "'absent'"})
-    pg.reload()
+    standby.stop("immediate")
 
     async def main():
         store, c = await asyncio.wait_for(opened(url), 30)
@@ -503,8 +504,7 @@ def test_a_store_opens_with_holds_due_while_its_synchronous_standby_is_away(
             assert await c.tot("a") == 6
             await asyncio.sleep(1.0)
             assert not store.healthy                # reconnection tries: still stalled
-            pg.configure({"synchronous_standby_names": "''"})
-            pg.reload()
+            standby.start()
             await until(lambda: store.healthy, 15)
             assert await c.tot("a") == 10
             events, _ = await c.events(after=2)
