@@ -32,6 +32,14 @@ def standby_of(primary, name):
     return primary.add_standby(name + "_standby", sync=True)
 
 
+def with_standby(pg_factory, name, db):
+    """(a new server, its synchronous standby, the URL of a new database
+    `db` on it)."""
+    primary = pg_factory(name=name)
+    standby = standby_of(primary, name)
+    return primary, standby, primary.create_database(db)
+
+
 @contextlib.asynccontextmanager
 async def two_clusters_home_standby(pg_factory, name):
     """(store, calls, the home's synchronous standby, a credential whose
@@ -57,9 +65,7 @@ async def waiting_for_standby(url) -> int:
 
 
 def test_a_commit_past_its_deadline_or_cancelled_is_left_to_wait_unseen(pg_factory):
-    primary = pg_factory(name="deadline")
-    standby = standby_of(primary, "deadline")
-    url = primary.create_database("d")
+    primary, standby, url = with_standby(pg_factory, "deadline", "d")
     primary.psql("CREATE TABLE t (x int)", "d")
 
     async def main():
@@ -122,9 +128,7 @@ def test_a_commit_whose_standby_wait_is_cancelled_elsewhere_is_not_acknowledged(
     change then on the standby too."""
     monkeypatch.setattr(committing, "COMMIT_TIMEOUT_S", 1.0)
     monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
-    pg = pg_factory(name="retried")
-    standby = standby_of(pg, "retried")
-    url = pg.create_database("r")
+    pg, standby, url = with_standby(pg_factory, "retried", "r")
 
     async def main():
         async with stored(url) as (store, c):
@@ -153,9 +157,7 @@ def test_a_cut_wait_is_heard_whatever_client_min_messages_the_database_sets(
     client_min_messages the database or the role sets: at `error` it was
     not sent, and the batch was 200 on the primary alone."""
     monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
-    pg = pg_factory(name="quiet")
-    standby = standby_of(pg, "quiet")
-    url = pg.create_database("q")
+    pg, standby, url = with_standby(pg_factory, "quiet", "q")
     pg.psql("ALTER DATABASE q SET client_min_messages = error")
     pg.psql("ALTER ROLE postgres IN DATABASE q SET client_min_messages = error")
 
@@ -297,9 +299,7 @@ def test_a_cut_wait_is_heard_on_a_pooled_connection(pg_factory):
     """committed() on a pool's connection (the upkeep's, a copy's, a
     trim's) hears the cut wait as a writer's does, and leaves no listener
     behind for the pool to complain of at its release."""
-    pg = pg_factory(name="pooled")
-    standby = standby_of(pg, "pooled")
-    url = pg.create_database("p")
+    pg, standby, url = with_standby(pg_factory, "pooled", "p")
     pg.psql("CREATE TABLE t (x int)", "p")
     standby.stop("immediate")
 
@@ -336,9 +336,7 @@ def test_a_stalled_expiry_is_neither_seen_nor_let_past(pg_factory, monkeypatch, 
     monkeypatch.setattr(upkeep_module, "ROUND_TIMEOUT_S", 1.0)
     monkeypatch.setattr(upkeep_module, "EXPIRE_INTERVAL_S", 0.1)
     monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
-    primary = pg_factory(name="expiry")
-    standby = standby_of(primary, "expiry")
-    url = primary.create_database("e")
+    primary, standby, url = with_standby(pg_factory, "expiry", "e")
 
     async def main():
         async with stored(url) as (store, c):
@@ -437,9 +435,7 @@ def test_a_cursor_save_past_its_deadline_is_not_seen_on_the_primary(pg_factory, 
     it, where a cancel made it visible on the primary alone, to be lost in
     a failover (and the events after it sent again)."""
     monkeypatch.setattr(cursors_module, "CURSOR_TIMEOUT_S", 0.5)
-    primary = pg_factory(name="cursor")
-    standby = standby_of(primary, "cursor")
-    url = primary.create_database("k")
+    primary, standby, url = with_standby(pg_factory, "cursor", "k")
 
     async def main():
         async with stored(url) as (store, _):
@@ -460,9 +456,7 @@ def test_a_store_opens_while_its_synchronous_standby_is_away(pg_factory):
     front-end (re)started while its synchronous standby is away serves,
     reads going on and writes stalled as a running front-end's are, rather
     than hang at its start, unsaid, in a commit that waits for the standby."""
-    pg = pg_factory(name="away")
-    standby = standby_of(pg, "away")
-    url = pg.create_database("a")
+    pg, standby, url = with_standby(pg_factory, "away", "a")
     run(fund(url, ["a"]))
     standby.stop("immediate")
 
@@ -484,9 +478,7 @@ def test_a_store_opens_with_holds_due_while_its_synchronous_standby_is_away(
     unseen until the standby is back (docs/SCALING.md)."""
     monkeypatch.setattr(upkeep_module, "ROUND_TIMEOUT_S", 1.0)
     monkeypatch.setattr(upkeep_module, "RECONNECT_BACKOFF_S_MAX", 0.2)
-    pg = pg_factory(name="due")
-    standby = standby_of(pg, "due")
-    url = pg.create_database("d")
+    pg, standby, url = with_standby(pg_factory, "due", "d")
 
     async def hold():
         async with stored(url) as (_, c):
