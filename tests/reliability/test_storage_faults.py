@@ -41,6 +41,16 @@ def patch(target):
     return request_bytes("PATCH", target)
 
 
+def keys_after_restart(data, log_dir, cred):
+    """The keys of `cred`'s history, oldest first, as a server started
+    again on `data` reads them."""
+    srv = spawn_server(data, log_dir)
+    try:
+        return [e["key"] for e in history(srv, cred)]
+    finally:
+        stop_quietly(srv)
+
+
 def mod_target(cred, by, key):
     return f"/mod?cred={cred}&by={by}&key={key}"
 
@@ -311,11 +321,7 @@ def test_the_changes_behind_a_failed_batch_are_answered_not_applied(tmp_path):
     finally:
         stop_quietly(srv)
     control.fail_before(False)
-    srv = spawn_server(data, tmp_path / "log2")
-    try:
-        assert [e["key"] for e in history(srv, "stalled")] == [None]
-    finally:
-        stop_quietly(srv)
+    assert keys_after_restart(data, tmp_path / "log2", "stalled") == [None]
 
 
 def test_the_changes_after_a_failed_leveldb_write_are_answered_not_applied(tmp_path):
@@ -346,11 +352,7 @@ def test_the_changes_after_a_failed_leveldb_write_are_answered_not_applied(tmp_p
     finally:
         stop_quietly(srv)
     control.fail_apply(False)
-    srv = spawn_server(data, tmp_path / "log2")
-    try:
-        assert [e["key"] for e in history(srv, "leveldb")] == [None, "answered"]
-    finally:
-        stop_quietly(srv)
+    assert keys_after_restart(data, tmp_path / "log2", "leveldb") == [None, "answered"]
 
 
 def test_a_commit_that_fails_after_its_write_is_retried_exactly_once(tmp_path):
