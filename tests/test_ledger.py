@@ -1032,6 +1032,51 @@ def test_a_mod_from_another_thread_seals_a_filling_batch_now(led):
     assert sizes == [8, 3]
 
 
+class _CountedWrites(GatedStore):
+    """A GatedStore that counts the batches it has made durable."""
+
+    def __init__(self, path, gate):
+        super().__init__(path, gate)
+        self.written = 0
+
+    def write(self, wal):
+        super().write(wal)
+        self.written += 1
+
+
+def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
+    """A write that ends with mods queued behind it is followed at once by
+    theirs, sealed by the writer: the loop, busy with the first batch's
+    replies (here, not turning at all), is not waited for."""
+    path = str(tmp_path / "data")
+    gate = threading.Event()
+    store = _CountedWrites(path, gate)
+    led = Ledger(path, store=store)
+    try:
+        async def main():
+            first = asyncio.ensure_future(led.amod("a", 1))
+            assert await asyncio.to_thread(store.writing.wait, 10)   # batch 1 at the gate
+            second = asyncio.ensure_future(led.amod("b", 2))
+            for _ in range(5):
+                await asyncio.sleep(0)                  # b's mod is queued
+            assert led.stats["queued_mods"] == 2 and store.written == 0
+            gate.set()
+            # The loop's thread held from here on: only the writer can move.
+            deadline = time.monotonic() + 10
+            while store.written < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            written = store.written
+            return written, await asyncio.wait_for(asyncio.gather(first, second), 10)
+
+        written, results = asyncio.run(main())
+        assert written == 2
+        assert results == [(1, 1), (2, 1)]
+        assert led.drain_samples()[0] == [1, 1]
+    finally:
+        gate.set()
+        led.close()
+
+
 def test_accounts_are_not_walked_by_the_garbage_collector(tmp_path):
     """A full collection walks every object the collector tracks: with a
     million accounts tracked it stalled the server ~0.1 s.  Accounts (and the

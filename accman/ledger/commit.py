@@ -36,8 +36,9 @@ log = logging.getLogger("accman.commit")
 # reads; 65536 batches is minutes of full load at ~0.3 ms per fsync.
 SAMPLES_MAX = 65536
 
-# Filling a batch on a bound loop.  A durable write costs about the same CPU
-# whatever the batch holds, so when the writer is free the loop does not
+# Filling a batch on a bound loop, once the writer has gone idle (a write
+# that ends with mods queued takes them at once: _write_batches).  A durable
+# write costs about the same CPU whatever the batch holds, so the loop does not
 # hand it a batch much smaller than the mods that were in flight at the last
 # completion: clients whose replies just went out are about to send again.
 # It waits for FILL_FRACTION of them, turn after loop turn (reading sockets
@@ -72,8 +73,11 @@ class Committer(Housekeeping):
         self._seal_now = False          # the writer may seal what is queued
         # A batch is being written and its completion has not yet been seen
         # by the loop, which kicks then; set by the writer at seal, cleared
-        # by the loop (_delivered) or by the writer when nothing goes there.
+        # by the loop (_delivered, for the batch sealed last: the writer may
+        # have sealed the next one already) or by the writer when nothing
+        # goes there.
         self._writing = False
+        self._sealed_no = 0             # the batch the writer sealed last
         self._kick_pending = False
         self._closing = False
         self._clock_refused = False     # the writer's last clock reading was wrong
@@ -247,12 +251,13 @@ class Committer(Housekeeping):
             # completion); it sees _seal_now before it waits.
             self._seal_soon()
 
-    def _delivered(self, pairs: list, nmods: int) -> None:
-        """On the loop: a batch's completions, then the next batch's kick,
-        its fill target being the mods in flight at this completion (the
-        batch's `nmods`, and those queued since)."""
+    def _delivered(self, pairs: list, nmods: int, no: int) -> None:
+        """On the loop: batch `no`'s completions, then the next batch's
+        kick, its fill target being the mods in flight at this completion
+        (the batch's `nmods`, and those queued since)."""
         with self.lock:
-            self._writing = False
+            if no == self._sealed_no:
+                self._writing = False
         try:
             self._deliver_on_loop(pairs)
         finally:
@@ -287,7 +292,16 @@ class Committer(Housekeeping):
             error, tried = self._write(batch)
             fsync_s = time.perf_counter() - t0
             kicks = self._done(batch, error, fsync_s, tried)
-            if not kicks:
+            if kicks:
+                # What queued during the write goes to the disk at once,
+                # not after the loop's turn: a disk left idle between two
+                # writes may answer the next one several times slower
+                # (docs/PERFORMANCE.md), and the loop's turn is the
+                # batch's replies.  Nothing queued: the loop's kick seals
+                # the next batch when it has filled (FILL_*).
+                with self.lock:
+                    self._seal_now = self.book.has_work()
+            else:
                 # No completion went to the loop, so no kick will come from
                 # it (and the loop does not apply it): what the loop queued
                 # meanwhile is sealed now, after LevelDB has this batch.
@@ -299,8 +313,9 @@ class Committer(Housekeeping):
     def _next_batch(self):
         """Waits for a batch to seal, and seals it; None once closing with
         nothing left.  Mods submitted on the bound loop are sealed when the
-        loop says so (_kick); any other submitter, closing, or the writer's
-        own clock (holds due, events past retention) says now."""
+        loop says so (_kick), or when a write ends with them queued; any
+        other submitter, closing, or the writer's own clock (holds due,
+        events past retention) says now."""
         book = self.book
         with self.lock:
             while True:
@@ -314,7 +329,9 @@ class Committer(Housekeeping):
             if not book.has_work():
                 return None
             self._writing = True
-            return book.seal()
+            batch = book.seal()
+            self._sealed_no = batch.no
+            return batch
 
     def _write(self, batch) -> tuple:
         """Makes the batch durable (its log record).  Returns (the StoreError
@@ -360,7 +377,7 @@ class Committer(Housekeeping):
             return False
         self._count(batch.nmods, fsync_s)
         self._untold = None
-        kicks = self._deliver(batch.done_loop, batch.done_direct, batch.nmods)
+        kicks = self._deliver(batch.done_loop, batch.done_direct, batch.nmods, batch.no)
         for loop in waiting:
             self._wake_events(loop)
         return kicks
@@ -386,7 +403,7 @@ class Committer(Housekeeping):
         for i, b in enumerate(failed):
             told = ((NotApplied, BEHIND_FAILED_DETAIL) if i or not tried
                     else (Unavailable, FAILED_DETAIL))
-            self._deliver(_told(b.done_loop, *told), _told(b.done_direct, *told), b.nmods)
+            self._deliver(_told(b.done_loop, *told), _told(b.done_direct, *told), b.nmods, b.no)
 
     def _wake_events(self, loop) -> None:
         """Long polls wait on their own loop, which need not be the bound one (a mod
@@ -407,12 +424,12 @@ class Committer(Housekeeping):
             self.batch_sizes.append(nmods)
             self.fsync_times_s.append(fsync_s)
 
-    def _deliver(self, on_loop: list, direct: list, nmods: int) -> bool:
+    def _deliver(self, on_loop: list, direct: list, nmods: int, no: int) -> bool:
         """True if the completions went to the loop, which then kicks."""
         handed = False
         if on_loop:
             try:
-                self._loop.call_soon_threadsafe(self._delivered, on_loop, nmods)
+                self._loop.call_soon_threadsafe(self._delivered, on_loop, nmods, no)
                 handed = True
             except RuntimeError:
                 pass        # the loop is closed: nobody is waiting on it
