@@ -953,6 +953,34 @@ def test_a_bound_deliver_gets_each_batch_whole_on_the_loop(led):
     assert led.tot("c0") == 1 + 6 + 11 + 16
 
 
+def test_a_kick_a_stopped_loop_never_ran_holds_up_neither_its_mods_nor_the_next_loop(led):
+    """A mod queued on a loop goes to the writer by a kick at the end of
+    that loop's turn.  A loop stopped in that very turn never runs it: its
+    mod stayed queued for ever, and so did every mod of the next loop bound,
+    since the ledger still counted on that kick and asked for no other."""
+    first = asyncio.new_event_loop()
+
+    def submit_then_stop():
+        led.submit("a", 1)
+        first.stop()            # the kick, due at the end of this turn, never runs
+
+    led.bind_loop(first)
+    first.call_soon(submit_then_stop)
+    first.run_forever()
+    first.close()
+    assert led.stats["queued_mods"] == 1
+
+    async def next_loop():
+        led.bind_loop(asyncio.get_running_loop())
+        deadline = time.monotonic() + 10
+        while led.tot("a") is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        written = led.tot("a")
+        return written, await asyncio.wait_for(led.amod("b", 2), 10)
+
+    assert asyncio.run(next_loop()) == (1, (2, 1))
+
+
 def _fill_one_batch(led, n):
     """On the running loop: n concurrent amods, so one batch of n; after it
     the fill target is int(FILL_FRACTION * n)."""

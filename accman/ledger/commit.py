@@ -127,8 +127,13 @@ class Committer(Housekeeping):
 
     def _bind(self, loop, deliver) -> None:
         if loop is not self._loop:
-            # A completion handed to a former loop may never run there.
+            # A completion handed to a former loop may never run there, nor
+            # a kick due at the end of its turn (the loop stopped in it): what
+            # it queued is sealed now, and this loop's mods kick for themselves.
             self._writing = False
+            self._kick_pending = False
+            if self.book.has_work():
+                self._seal_soon()
         self._loop = loop
         self._deliver_on_loop = deliver or run_callbacks
 
