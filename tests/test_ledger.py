@@ -1075,7 +1075,10 @@ class _CountedWrites(GatedStore):
 def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
     """A write that ends with mods queued behind it is followed at once by
     theirs, sealed by the writer: the loop, busy with the first batch's
-    replies (here, not turning at all), is not waited for."""
+    replies (here, not turning at all), is not waited for.  Once both are
+    answered and the writer is idle, the loop's own kick writes its next
+    mod: the first batch's completion, seen after the second was sealed,
+    left the loop's writing mark to the second's."""
     path = str(tmp_path / "data")
     gate = threading.Event()
     store = _CountedWrites(path, gate)
@@ -1094,12 +1097,13 @@ def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
             while store.written < 2 and time.monotonic() < deadline:
                 time.sleep(0.005)
             written = store.written
-            return written, await asyncio.wait_for(asyncio.gather(first, second), 10)
+            results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+            return written, results + [await asyncio.wait_for(led.amod("c", 3), 10)]
 
         written, results = asyncio.run(main())
         assert written == 2
-        assert results == [(1, 1), (2, 1)]
-        assert led.drain_samples()[0] == [1, 1]
+        assert results == [(1, 1), (2, 1), (3, 1)]
+        assert led.drain_samples()[0] == [1, 1, 1]
     finally:
         gate.set()
         led.close()
