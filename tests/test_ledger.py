@@ -1109,6 +1109,51 @@ def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
         led.close()
 
 
+def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path):
+    """Only the mods queued during a write are taken at once by the writer.
+    It looked for them after handing the batch's completions to the loop,
+    so mods the loop queued once answered (the next requests of the clients
+    just answered) were taken at once too, not filled to the loop's target
+    (FILL_*).  Here a plain thread's completion, run on the writer after the
+    hand-over, holds it until the loop has queued 2 mods of a target of 4."""
+    path = str(tmp_path / "data")
+    gate, go, writer_back = threading.Event(), threading.Event(), threading.Event()
+    armed = []
+
+    def clock_ms():
+        if armed and threading.current_thread().name == "accman-commit":
+            writer_back.set()           # the writer looks for its next batch
+        return time.time_ns() // 1_000_000
+
+    led = Ledger(path, clock_ms=clock_ms, store=GatedStore(path, gate))
+    led._committer.fill_wait_s = 60.0   # the target decides, not the clock
+    try:
+        async def main():
+            held = asyncio.ensure_future(led.amod("z", 1))
+            assert await asyncio.to_thread(led._committer.store.writing.wait, 10)
+            eight = [asyncio.ensure_future(led.amod(f"e{i}", 1)) for i in range(8)]
+            await asyncio.to_thread(led.submit, "t", 1, done=lambda _: go.wait(10))
+            for _ in range(5):
+                await asyncio.sleep(0)          # the 8 and the thread's queued behind
+            gate.set()                          # one batch of 9, then the target is 4
+            await asyncio.wait_for(asyncio.gather(held, *eight), 10)
+            two = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
+            for _ in range(5):
+                await asyncio.sleep(0)          # 2 of 4 queued: the loop waits to fill
+            armed.append(True)
+            go.set()
+            assert await asyncio.to_thread(writer_back.wait, 10)
+            two += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
+            return await asyncio.wait_for(asyncio.gather(*two), 10)
+
+        assert asyncio.run(main()) == [(i, i) for i in range(1, 5)]
+        assert led.drain_samples()[0] == [1, 9, 4]
+    finally:
+        gate.set()
+        go.set()
+        led.close()
+
+
 def test_accounts_are_not_walked_by_the_garbage_collector(tmp_path):
     """A full collection walks every object the collector tracks: with a
     million accounts tracked it stalled the server ~0.1 s.  Accounts (and the

@@ -296,17 +296,7 @@ class Committer(Housekeeping):
             t0 = time.perf_counter()
             error, tried = self._write(batch)
             fsync_s = time.perf_counter() - t0
-            kicks = self._done(batch, error, fsync_s, tried)
-            if kicks:
-                # What queued during the write goes to the disk at once,
-                # not after the loop's turn: a disk left idle between two
-                # writes may answer the next one several times slower
-                # (docs/PERFORMANCE.md), and the loop's turn is the
-                # batch's replies.  Nothing queued: the loop's kick seals
-                # the next batch when it has filled (FILL_*).
-                with self.lock:
-                    self._seal_now = self.book.has_work()
-            else:
+            if not self._done(batch, error, fsync_s, tried):
                 # No completion went to the loop, so no kick will come from
                 # it (and the loop does not apply it): what the loop queued
                 # meanwhile is sealed now, after LevelDB has this batch.
@@ -368,6 +358,15 @@ class Committer(Housekeeping):
             if error is None:
                 book.finish(batch)
                 self.applier.durable(batch)
+                # What queued during the write goes to the disk at once,
+                # not after the loop's turn: a disk left idle between two
+                # writes may answer the next one several times slower
+                # (docs/PERFORMANCE.md), and the loop's turn is the batch's
+                # replies.  Looked for before the loop has them: what it
+                # queues once answered waits for its kick, when it has
+                # filled (FILL_*).
+                if book.has_work():
+                    self._seal_now = True
                 waiting = () if self.events is None else self.events.append(
                     batch.first_event, batch.nevents, batch.changes)
             else:
