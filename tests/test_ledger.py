@@ -1029,6 +1029,39 @@ def test_a_batch_that_does_not_fill_is_written_after_the_fill_wait(led):
     assert sizes == [8, 2]
 
 
+def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
+    """A fill wait that a plain thread's submit ends (its seal takes what
+    waited) leaves no start time behind: the next batch below its target
+    waits the whole FILL_WAIT_S again, not what is left of the old wait."""
+    path = str(tmp_path / "data")
+    store = GatedStore(path)
+    led = Ledger(path, store=store)
+    led._committer.fill_wait_s = 0.05
+    try:
+        async def main():
+            await _fill_one_batch(led, 12)              # the target is now 6
+            waiting = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(4)]
+            for _ in range(5):
+                await asyncio.sleep(0)                  # 4 of 6: the fill wait starts
+            store.gate.clear()
+            thread = asyncio.ensure_future(asyncio.to_thread(led.mod, "t", 1))
+            assert await asyncio.to_thread(store.writing.wait, 10)   # sealed: 4 + 1
+            await asyncio.sleep(0.2)                    # past the old wait's end
+            store.gate.set()
+            await asyncio.wait_for(asyncio.gather(thread, *waiting), 10)   # target now 2
+            t0 = time.perf_counter()
+            got = await asyncio.wait_for(led.amod("h", 1), 10)
+            return got, time.perf_counter() - t0
+
+        got, waited_s = asyncio.run(main())
+        assert got == (1, 1)
+        assert waited_s >= 0.05
+        assert led.drain_samples()[0] == [12, 5, 1]
+    finally:
+        store.gate.set()
+        led.close()
+
+
 def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):
     led._committer.fill_wait_s = 60.0      # a wait would time the test out
 

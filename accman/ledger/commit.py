@@ -241,7 +241,11 @@ class Committer(Housekeeping):
         self._kick_pending = False
         book = self.book
         if self._writing or not book.has_work():
-            return          # a batch being written kicks on completion
+            # A batch being written kicks on completion.  No batch fills
+            # meanwhile (what waited was sealed), so the next wait starts
+            # afresh, not from this one's start.
+            self._filling_since = None
+            return
         if book.queued_mods < self._fill_target:
             now = time.perf_counter()
             if self._filling_since is None:
