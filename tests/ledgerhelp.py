@@ -88,10 +88,11 @@ class GatedStore(Store):
 
 
 @contextlib.contextmanager
-def gated_ledger(path, clock):
-    """A Ledger on a GatedStore (its gate open), yielded with the store;
-    the gate is opened and the ledger closed on the way out."""
-    store = GatedStore(path)
+def gated_ledger(path, clock=None, store_class=None):
+    """A Ledger on a GatedStore (its gate open; or on `store_class`, one),
+    yielded with the store; the gate is opened and the ledger closed on the
+    way out."""
+    store = (store_class or GatedStore)(path)
     led = Ledger(path, clock_ms=clock, store=store)
     try:
         yield led, store

@@ -23,7 +23,7 @@ from accman.ledger import _ledger, commit
 from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
 from accman.store import check_cred, check_int64, check_key
 from accman.ledger.leveldb import Store
-from ledgerhelp import GatedStore, outcome_within, wait_for
+from ledgerhelp import GatedStore, gated_ledger, outcome_within, wait_for
 
 
 @pytest.fixture
@@ -1033,11 +1033,9 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
     """A fill wait that a plain thread's submit ends (its seal takes what
     waited) leaves no start time behind: the next batch below its target
     waits the whole FILL_WAIT_S again, not what is left of the old wait."""
-    path = str(tmp_path / "data")
-    store = GatedStore(path)
-    led = Ledger(path, store=store)
-    led._committer.fill_wait_s = 0.05
-    try:
+    with gated_ledger(str(tmp_path / "data")) as (led, store):
+        led._committer.fill_wait_s = 0.05
+
         async def main():
             await _fill_one_batch(led, 12)              # the target is now 6
             waiting = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(4)]
@@ -1057,9 +1055,6 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
         assert got == (1, 1)
         assert waited_s >= 0.05
         assert led.drain_samples()[0] == [12, 5, 1]
-    finally:
-        store.gate.set()
-        led.close()
 
 
 def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):
@@ -1096,8 +1091,8 @@ def test_a_mod_from_another_thread_seals_a_filling_batch_now(led):
 class _CountedWrites(GatedStore):
     """A GatedStore that counts the batches it has made durable."""
 
-    def __init__(self, path, gate):
-        super().__init__(path, gate)
+    def __init__(self, path):
+        super().__init__(path)
         self.written = 0
 
     def write(self, wal):
@@ -1112,11 +1107,10 @@ def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
     answered and the writer is idle, the loop's own kick writes its next
     mod: the first batch's completion, seen after the second was sealed,
     left the loop's writing mark to the second's."""
-    path = str(tmp_path / "data")
-    gate = threading.Event()
-    store = _CountedWrites(path, gate)
-    led = Ledger(path, store=store)
-    try:
+    with gated_ledger(str(tmp_path / "data"), store_class=_CountedWrites) as (led, store):
+        gate = store.gate
+        gate.clear()
+
         async def main():
             first = asyncio.ensure_future(led.amod("a", 1))
             assert await asyncio.to_thread(store.writing.wait, 10)   # batch 1 at the gate
@@ -1137,9 +1131,6 @@ def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
         assert written == 2
         assert results == [(1, 1), (2, 1), (3, 1)]
         assert led.drain_samples()[0] == [1, 1, 1]
-    finally:
-        gate.set()
-        led.close()
 
 
 def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path):
