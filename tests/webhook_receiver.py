@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 HEAD_BYTES_MAX = 64 * 1024
 
@@ -51,11 +52,13 @@ class Post:
         want = "sha256=" + hmac.new(secret, self.body, hashlib.sha256).hexdigest()
         return hmac.compare_digest(self.headers.get("accman-signature", ""), want)
 
-    @property
+    # Parsed once: a long run's checks read thousands of POSTs again and
+    # again (Receiver.max_id), on the GIL the receiver's own thread needs.
+    @cached_property
     def events(self) -> list:
         return json.loads(self.body)["events"]
 
-    @property
+    @cached_property
     def ids(self) -> list:
         return [e["id"] for e in self.events]
 
