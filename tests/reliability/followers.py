@@ -8,6 +8,7 @@ A module, not a conftest.py: see relhelp.py."""
 
 import asyncio
 import json
+import os
 import random
 import re
 import signal
@@ -23,6 +24,9 @@ from trimcheck import store_kept
 
 POLL_WAIT_S = 1                 # the followers' long polls: short, so that they end soon
 CLI_LIMIT = 37                  # the command line's pages: not the default, nor a round number
+# The end of a command line's output read for its last line (CliFollower.last_id):
+# an event's line is a few hundred bytes.
+CLI_TAIL_BYTES = 16 * 1024
 CATCH_UP_S = 40.0               # after the faults, for every reader to reach the newest id
 # The slow followers' page lengths and pauses after each (drawn from): the
 # dawdler's keep it behind the newest event by less than the retention
@@ -176,7 +180,7 @@ class CliFollower:
         n = len(self.runs)
         out, err = self.tmp_path / f"follow{n}.out", self.tmp_path / f"follow{n}.err"
         if after is None:
-            after = self.events()[-1]["id"] if self.runs and self.events() else 0
+            after = self.last_id()
         url = f"http://{addr[0]}:{addr[1]}"
         with open(out, "wb") as o, open(err, "wb") as e:
             proc = subprocess.Popen(
@@ -209,7 +213,7 @@ class CliFollower:
         err = self.runs[-1][2].read_text()
         assert code == 0, (code, err)
         # Its last words name the last event written, which a resume takes.
-        last = self.events()[-1]["id"] if self.events() else 0
+        last = self.last_id()
         assert f"to resume: accman events --follow --after {last}," in err, err[-300:]
 
     def check_trimmed(self, addr=None):
@@ -225,7 +229,7 @@ class CliFollower:
         assert m, f"accman events --follow exited 1: {text[-300:]}"
         # The file's time is after the 410 was answered.
         told_ms = int(err.stat().st_mtime * 1000)
-        last = self.events()[-1]["id"] if self.events() else 0
+        last = self.last_id()
         self.gaps.append((last, int(m.group(1)), told_ms))
         self.start(addr or self.addr, after=int(m.group(2)))
         return True
@@ -245,6 +249,22 @@ class CliFollower:
                 out.append(json.loads(line))
         return out
 
+    def last_id(self):
+        """The id of the last whole line written, across the runs, or 0; from
+        the files' ends: the checker asks this every few milliseconds while
+        the output grows to many megabytes."""
+        for _, path, _ in reversed(self.runs):
+            with open(path, "rb") as f:
+                start = max(0, f.seek(0, os.SEEK_END) - CLI_TAIL_BYTES)
+                f.seek(start)
+                tail = f.read()
+            end = tail.rfind(b"\n")
+            begin = tail.rfind(b"\n", 0, end) + 1
+            if end >= 0:
+                assert begin > 0 or start == 0, f"{path}: a line longer than {CLI_TAIL_BYTES} bytes"
+                return json.loads(tail[begin:end])["id"]
+        return 0
+
     def stderr(self):
         return "".join(err.read_text() for _, _, err in self.runs)
 
@@ -257,9 +277,8 @@ def catch_up(srv, clients, cli, rx):
     deadline = time.monotonic() + CATCH_UP_S
     while time.monotonic() < deadline:
         cli.check_trimmed()
-        cli_events = cli.events()
-        if (all(c.after >= newest for c in clients) and rx.max_id() >= newest and cli_events
-                and cli_events[-1]["id"] >= newest):
+        if (all(c.after >= newest for c in clients) and rx.max_id() >= newest
+                and cli.last_id() >= newest):
             break
         time.sleep(0.05)
     for client in clients:
