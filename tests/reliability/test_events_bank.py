@@ -168,10 +168,11 @@ def test_every_reader_gets_every_event_through_sigkills(tmp_path):
         catch_up(srv, clients, cli, rx)
 
         # The whole stream is the webhook's (its cursor kept every event
-        # for it), of which the store keeps a suffix (trimcheck.py).
+        # for it), of which the store keeps a suffix (trimcheck.py).  The
+        # store is read first: what it trims, the receiver has by then.
+        first, kept = store_kept(srv)
         posts = rx.snapshot()
         store = webhook_stream(posts)
-        first, kept = store_kept(srv)
         histories = {cred: history(srv, cred) for cred in CREDS}
         accounts = {cred: srv.get(f"/past?cred={cred}&limit=1").json["account"]
                     for cred in CREDS}
