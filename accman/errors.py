@@ -152,6 +152,12 @@ class StoreError(AccManError):
     status = 503
 
 
+class WriteRefused(StoreError):
+    """A batch's write refused before anything of it reached the disk, since
+    a write before it failed (accman.ledger.leveldb): its changes are not
+    applied, which the committer tells them (NotApplied)."""
+
+
 class StoreLocked(StoreError):
     """Another process has the data directory open."""
 

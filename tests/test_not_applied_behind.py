@@ -87,3 +87,35 @@ def test_a_batch_behind_a_failed_leveldb_write_is_not_applied(tmp_path):
     with Ledger(path) as led:
         assert led.tot("a") == 9
         assert [key for _, _, _, key, _ in entries(led, "a")] == [None, "d"]
+
+
+class FailingApplyMeanwhile(Store):
+    """LevelDB's write of an earlier batch fails (on the applier's thread)
+    after the writer has looked for such a failure and before its batch
+    reaches the log: simulated by marking the failure as the write starts."""
+
+    fail = False
+
+    def write(self, wal_record):
+        if self.fail:
+            self.wal.broken = True          # as Store.apply marks a LevelDB write that failed
+        super().write(wal_record)
+
+
+def test_a_batch_refused_for_a_leveldb_write_failed_meanwhile_is_not_applied(tmp_path):
+    """The log refuses the batch (Store.write after a failure): it never
+    reached the disk, so its change is told NotApplied."""
+    path = str(tmp_path / "d")
+    store = FailingApplyMeanwhile(path)
+    led = Ledger(path, store=store)
+    told = []
+    try:
+        assert led.mod("a", 10) == (10, 1)
+        store.fail = True
+        led.submit("a", -2, key="n", done=told.append)
+        wait_for(lambda: told, 10, "the change answered")
+    finally:
+        led.close()
+    assert type(told[0]) is NotApplied, told
+    with Ledger(path) as led:
+        assert [key for _, _, _, key, _ in entries(led, "a")] == [None]

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 
-from accman.errors import NotApplied, StoreError, Unavailable
+from accman.errors import NotApplied, StoreError, Unavailable, WriteRefused
 from accman.ledger.applier import Applier
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S, EVENTS_TRIM_INTERVAL_S_MIN
 from accman.ledger.clock import wall_ms
@@ -335,10 +335,13 @@ class Committer(Housekeeping):
     def _write(self, batch) -> tuple:
         """Makes the batch durable (its log record).  Returns (the StoreError
         if it could not, None if it is durable; whether it was handed to the
-        disk): not once LevelDB's write of an earlier one failed."""
+        disk): not once LevelDB's write of an earlier one failed, whether
+        seen here or by the store (WriteRefused: it failed meanwhile, on the
+        applier's thread)."""
         if self.applier.error is not None:
             return self.applier.error, False
-        return self._store_call(self.store.write, batch.wal), True
+        error = self._store_call(self.store.write, batch.wal)
+        return error, not isinstance(error, WriteRefused)
 
     def _store_call(self, call, *args):
         try:

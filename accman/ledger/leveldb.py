@@ -17,7 +17,7 @@ import threading
 
 import plyvel
 
-from accman.errors import CheckpointPostponed, FileDamage, StoreCorrupt, StoreError
+from accman.errors import CheckpointPostponed, FileDamage, StoreCorrupt, StoreError, WriteRefused
 from accman.ledger import (_ledger, datadir, found, fsck, histories, keyfile, migrate, unshared,
                            wal, walwriter)
 from accman.ledger.plyvel_errors import translated
@@ -402,9 +402,9 @@ class Store:
         the failed batch's record if it reached the disk: all of the batch,
         or none of it."""
         if self.wal.broken:
-            raise StoreError(f"{self.path}: commit failed: refused, since a write before it "
-                             "failed (logged as it failed); no more writes until the store "
-                             "is reopened")
+            raise WriteRefused(f"{self.path}: commit failed: refused, since a write before it "
+                               "failed (logged as it failed); no more writes until the store "
+                               "is reopened")
         if len(self._queued) >= APPLY_LAG_BATCHES_MAX or self.wal.wraps(len(wal_record)):
             self.apply()
         with translated(self.path, "commit"):
