@@ -66,24 +66,31 @@ class FailingApply(Store):
         return super().apply()
 
 
+def _next_change_told(path, store, durable_first=False):
+    """What a change submitted once `store.fail` is set is told (after, with
+    `durable_first`, a keyed mod answered durably in between)."""
+    led = Ledger(path, store=store)
+    told = []
+    try:
+        assert led.mod("a", 10) == (10, 1)
+        store.fail = True
+        if durable_first:
+            assert led.mod("a", -1, key="d") == (9, 2)     # durable; LevelDB's write fails after
+        led.submit("a", -2, key="n", done=told.append)
+        wait_for(lambda: told, 10, "the next change answered")
+    finally:
+        led.close()
+    return told[0]
+
+
 def test_a_batch_behind_a_failed_leveldb_write_is_not_applied(tmp_path):
     """LevelDB's write of a durable batch fails: that batch stays durable
     (answered, replayed from its log record at the next open), and the
     next batch is never handed to the disk, so its changes are told
     NotApplied, not the Unavailable of a batch that may have landed."""
     path = str(tmp_path / "d")
-    store = FailingApply(path)
-    led = Ledger(path, store=store)
-    told = []
-    try:
-        assert led.mod("a", 10) == (10, 1)
-        store.fail = True
-        assert led.mod("a", -1, key="d") == (9, 2)     # durable; LevelDB's write fails after
-        led.submit("a", -2, key="n", done=told.append)
-        wait_for(lambda: told, 10, "the next change answered")
-    finally:
-        led.close()
-    assert type(told[0]) is NotApplied, told
+    told = _next_change_told(path, FailingApply(path), durable_first=True)
+    assert type(told) is NotApplied, told
     with Ledger(path) as led:
         assert led.tot("a") == 9
         assert [key for _, _, _, key, _ in entries(led, "a")] == [None, "d"]
@@ -106,16 +113,7 @@ def test_a_batch_refused_for_a_leveldb_write_failed_meanwhile_is_not_applied(tmp
     """The log refuses the batch (Store.write after a failure): it never
     reached the disk, so its change is told NotApplied."""
     path = str(tmp_path / "d")
-    store = FailingApplyMeanwhile(path)
-    led = Ledger(path, store=store)
-    told = []
-    try:
-        assert led.mod("a", 10) == (10, 1)
-        store.fail = True
-        led.submit("a", -2, key="n", done=told.append)
-        wait_for(lambda: told, 10, "the change answered")
-    finally:
-        led.close()
-    assert type(told[0]) is NotApplied, told
+    told = _next_change_told(path, FailingApplyMeanwhile(path))
+    assert type(told) is NotApplied, told
     with Ledger(path) as led:
         assert [key for _, _, _, key, _ in entries(led, "a")] == [None]
