@@ -255,13 +255,15 @@ class CliFollower:
         the output grows to many megabytes."""
         for _, path, _ in reversed(self.runs):
             with open(path, "rb") as f:
-                start = max(0, f.seek(0, os.SEEK_END) - CLI_TAIL_BYTES)
+                # One byte more: the newline before a line of CLI_TAIL_BYTES.
+                start = max(0, f.seek(0, os.SEEK_END) - CLI_TAIL_BYTES - 1)
                 f.seek(start)
                 tail = f.read()
             end = tail.rfind(b"\n")
-            begin = tail.rfind(b"\n", 0, end) + 1
+            begin = tail.rfind(b"\n", 0, max(end, 0)) + 1
+            whole = start == 0 or begin > 0
+            assert whole, f"{path}: a line longer than {CLI_TAIL_BYTES} bytes"
             if end >= 0:
-                assert begin > 0 or start == 0, f"{path}: a line longer than {CLI_TAIL_BYTES} bytes"
                 return json.loads(tail[begin:end])["id"]
         return 0
 
