@@ -173,6 +173,7 @@ class CliFollower:
     def __init__(self, tmp_path):
         self.tmp_path = tmp_path
         self.runs = []              # (proc, stdout path, stderr path)
+        self.afters = []            # the --after each run was started with
         self.addr = None
         self.gaps = []              # (after, first, told at ms) of each exit on events_trimmed
 
@@ -188,6 +189,7 @@ class CliFollower:
                  "--wait", str(POLL_WAIT_S), "--limit", str(CLI_LIMIT), "--url", url],
                 stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=server_env(), cwd=ROOT)
         self.runs.append((proc, out, err))
+        self.afters.append(after)
         self.addr = addr
 
     def follow(self, addr, again=False):
@@ -250,22 +252,23 @@ class CliFollower:
         return out
 
     def last_id(self):
-        """The id of the last whole line written, across the runs, or 0; from
-        the files' ends: the checker asks this every few milliseconds while
-        the output grows to many megabytes."""
-        for _, path, _ in reversed(self.runs):
-            with open(path, "rb") as f:
-                # One byte more: the newline before a line of CLI_TAIL_BYTES.
-                start = max(0, f.seek(0, os.SEEK_END) - CLI_TAIL_BYTES - 1)
-                f.seek(start)
-                tail = f.read()
-            end = tail.rfind(b"\n")
-            begin = tail.rfind(b"\n", 0, max(end, 0)) + 1
-            whole = start == 0 or begin > 0
-            assert whole, f"{path}: a line longer than {CLI_TAIL_BYTES} bytes"
-            if end >= 0:
-                return json.loads(tail[begin:end])["id"]
-        return 0
+        """The id the follower is after, as its resume line names it: the
+        last whole line its last run wrote, or, before that run wrote one,
+        the `--after` it was started with (past every line before it); 0
+        before any run.  From the file's end: the checker asks this every
+        few milliseconds while the output grows to many megabytes."""
+        if not self.runs:
+            return 0
+        path = self.runs[-1][1]
+        with open(path, "rb") as f:
+            # One byte more: the newline before a line of CLI_TAIL_BYTES.
+            start = max(0, f.seek(0, os.SEEK_END) - CLI_TAIL_BYTES - 1)
+            f.seek(start)
+            tail = f.read()
+        end = tail.rfind(b"\n")
+        begin = tail.rfind(b"\n", 0, max(end, 0)) + 1
+        assert start == 0 or begin > 0, f"{path}: a line longer than {CLI_TAIL_BYTES} bytes"
+        return json.loads(tail[begin:end])["id"] if end >= 0 else self.afters[-1]
 
     def stderr(self):
         return "".join(err.read_text() for _, _, err in self.runs)
