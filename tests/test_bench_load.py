@@ -20,7 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import load  # noqa: E402
-from harness import base, measure, plan, report, runners, servers  # noqa: E402
+from harness import base, irqs, measure, plan, report, runners, servers  # noqa: E402
 
 PYTHON = sys.executable
 START_TIMEOUT_S = 15.0
@@ -260,6 +260,73 @@ def test_markdown_gives_every_row_a_ratio_to_each_peer_measured():
     ratio_rows = text.split(head)[1].split("\n\n")[0].strip().splitlines()[1:]
     assert len(ratio_rows) == len(keys)
     assert all(r.endswith("| 2.00x | 0.50x |") for r in ratio_rows)
+
+
+# --- the disk's interrupts ---------------------------------------------------------
+
+INTERRUPTS = """\
+           CPU0       CPU1       CPU2
+ 24:          1          0          0  IO-APIC   5-edge      ACPI:Ged
+ 35:          0          1          0  PCI-MSIX-0000:00:02.0   0-edge      virtio1-config
+ 36:         10     775941          5  PCI-MSIX-0000:00:02.0   1-edge      virtio1-req.0
+NMI:          0          0          0  Non-maskable interrupts
+LOC:   13032061   12899352          7  Local timer interrupts
+"""
+
+
+def test_interrupts_are_summed_per_cpu_over_the_disk_s_lines_only():
+    assert irqs.per_cpu([35, 36], INTERRUPTS) == [10, 775942, 5]
+    assert irqs.per_cpu([24], INTERRUPTS) == [1, 0, 0]
+    assert irqs.per_cpu([], INTERRUPTS) == [0, 0, 0]
+
+
+def test_shares_are_of_the_interrupts_between_two_readings():
+    assert irqs.shares([10, 100], [10, 400]) == [0.0, 1.0]
+    assert irqs.shares([0, 0], [30, 10]) == [0.75, 0.25]
+    assert irqs.shares([5, 5], [5, 5]) is None
+
+
+def _fake_sysfs(tmp_path, directory, device_rel, msi=(), legacy=None):
+    """A sysfs tree in which `directory`'s block device is `device_rel`
+    under devices/, the MSI interrupts or legacy irq put where given."""
+    sys_root = tmp_path / "sys"
+    dev = os.stat(directory).st_dev
+    block = sys_root / "devices" / device_rel
+    block.mkdir(parents=True)
+    (sys_root / "dev" / "block").mkdir(parents=True)
+    (sys_root / "dev" / "block" / f"{os.major(dev)}:{os.minor(dev)}").symlink_to(block)
+    return sys_root, block
+
+
+def test_the_disk_s_interrupts_are_its_nearest_device_s(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    sys_root, block = _fake_sysfs(tmp_path, data, "pci0000:00/0000:00:02.0/virtio1/block/vda")
+    pci = block.parents[2]
+    (pci / "msi_irqs").mkdir()
+    for n in ("36", "35"):
+        (pci / "msi_irqs" / n).write_text("msix\n")
+    assert irqs.disk_irqs(data, sys_root=sys_root) == [35, 36]
+
+
+def test_a_legacy_irq_is_found_and_no_device_gives_none(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    sys_root, block = _fake_sysfs(tmp_path, data, "platform/ata0/host0/block/sda")
+    assert irqs.disk_irqs(data, sys_root=sys_root) == []         # no interrupt said
+    (block.parents[1] / "irq").write_text("14\n")
+    assert irqs.disk_irqs(data, sys_root=sys_root) == [14]
+    assert irqs.disk_irqs(data, sys_root=tmp_path / "empty") == []   # no block device
+
+
+def test_the_report_says_where_the_disk_s_interrupts_went():
+    results = results_of({"accman": {("mod", 16): measure.combine([fig(1000)])}})
+    results["accman"]["disk_irq_shares"] = [0.02, 0.98]
+    text = "\n".join(report.notes(results))
+    assert "the disk's interrupts from the first durable figure on, by CPU: CPU 0 2%, " \
+           "CPU 1 98% (servers on CPU 0, load generators on CPU 1" in text
+    del results["accman"]["disk_irq_shares"]
+    assert "interrupts" not in "\n".join(report.notes(results))
 
 
 # --- the plan ----------------------------------------------------------------------

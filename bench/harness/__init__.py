@@ -3,6 +3,7 @@ plan of figures, the measuring in rounds, the report, and the profile.
 
     base      constants shared by the parts, and BenchError
     cpu       how busy each CPU was during a figure, and waiting for quiet
+    irqs      which CPUs take the disk's interrupts
     servers   every server under test, started pinned on loopback and stopped by group
     runners   wrk and redis-benchmark, run pinned, their output parsed
     plan      the figures: which route at which connections, for each server

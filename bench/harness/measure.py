@@ -14,7 +14,7 @@ import contextlib
 import statistics
 import time
 
-from . import plan
+from . import irqs, plan
 from .base import BenchError
 from .cpu import OTHERS_CPU_MAX, fdatasync_probe_us
 from .report import fmt_row
@@ -79,6 +79,7 @@ class Run:
         self.results = {name: {"server": name, "rows": {}, "error": None, "info": {}}
                         for name in names}
         self.servers, self.runners = {}, {}
+        self.disk_irqs = self.irqs_before = None
 
     def start(self, stack, warmup_s):
         run_id = int(time.time())
@@ -98,10 +99,24 @@ class Run:
             self.runners[name] = runners(server, run_id)
 
     def probe_disk(self, scenario):
+        if self.disk_irqs is None:
+            self.disk_irqs = irqs.disk_irqs(self.workdir)
+            self.irqs_before = irqs.read_per_cpu(self.disk_irqs) if self.disk_irqs else None
         us = fdatasync_probe_us(self.workdir)
         self.log(f"{plan.SCENARIOS[scenario][0]}: the disk's fdatasync of 4 KiB: {us} µs")
         for r in self.results.values():
             r.setdefault("fdatasync_4k_us", {})[scenario] = us
+
+    def note_disk_irqs(self):
+        """Each CPU's share of the disk's interrupts since the first durable figure."""
+        if not self.irqs_before:
+            return
+        taken = irqs.shares(self.irqs_before, irqs.read_per_cpu(self.disk_irqs))
+        if taken is not None:
+            self.log(f"the disk's interrupts since the first durable figure: "
+                     f"{irqs.describe(taken)}")
+        for r in self.results.values():
+            r["disk_irq_shares"] = taken
 
     def take(self, key):
         """Every server's figure of `key`, over the rounds."""
@@ -136,5 +151,6 @@ def measure(names, workdir, duration_s, rounds, quiet, log, warmup_s):
                 probed.add(key[0])
                 run.probe_disk(key[0])
             run.take(key)
+        run.note_disk_irqs()
     return run.results
 

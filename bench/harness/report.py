@@ -10,7 +10,7 @@ import platform
 import subprocess
 from importlib import metadata
 
-from . import plan
+from . import irqs, plan
 from .base import LOAD_CPU, REPO_DIR, SERVER_CPU
 from .cpu import OTHERS_CPU_MAX
 from .servers import SERVER_KINDS, tool_version, uvicorn_http_impl
@@ -179,6 +179,13 @@ def notes(results):
         out.append("- the disk's fdatasync of a 4 KiB append (median), just before the "
                    "durable figures: " + ", ".join(
                        f"{plan.SCENARIOS[k][0]} {v} µs" for k, v in probes.items()))
+    irq_shares = next((r["disk_irq_shares"] for r in results.values()
+                       if r.get("disk_irq_shares")), None)
+    if irq_shares:
+        out.append("- the disk's interrupts from the first durable figure on, by CPU: "
+                   f"{irqs.describe(irq_shares)} (servers on CPU {SERVER_CPU}, load "
+                   f"generators on CPU {LOAD_CPU}: on a VM a halted CPU takes them late, "
+                   "docs/PERFORMANCE.md)")
     rows = [row for r in results.values() for row in r["rows"].values()]
     if any(row.get("others_cpu", 0) > OTHERS_CPU_MAX for row in rows):
         out.append(f"- ~ other processes used more than {OTHERS_CPU_MAX} CPU during that "
@@ -265,6 +272,7 @@ def write_results(results, meta, out_dir):
     doc["servers"] = {
         name: {"error": r["error"], "info": r["info"],
                "fdatasync_4k_us": r.get("fdatasync_4k_us"),
+               "disk_irq_shares": r.get("disk_irq_shares"),
                "rows": [dict(scenario=s, conns=c, **row) for (s, c), row in r["rows"].items()]}
         for name, r in results.items()}
     (out_dir / "load.json").write_text(json.dumps(doc, indent=2) + "\n")
