@@ -313,9 +313,9 @@ def markdown(res) -> str:
         lines.append(f"| {name} | {res['median'][name]:,} | {each} | "
                      + " | ".join(f"{c:.2f}" for c in cpu) + " |")
     lines += ["", f"mod_1fe / pgbench_update: {res['mod_vs_pgbench_update']} "
-              f"(median {res['mod_vs_pgbench_update_median']}; target >= 2)",
+              f"(median {res['mod_vs_pgbench_update_median']:.2f}; target >= 2)",
               f"tot_1fe / pgbench_select: {res['tot_vs_pgbench_select']} "
-              f"(median {res['tot_vs_pgbench_select_median']}; target >= 0.8)",
+              f"(median {res['tot_vs_pgbench_select_median']:.2f}; target >= 0.8)",
               f"mods per batch, over the whole run, per front-end: "
               f"{res['mods_per_batch_so_far']}", ""]
     return "\n".join(lines)
