@@ -1,6 +1,7 @@
 """What one durable write costs on this disk, by method: CPU and wall time.
 
     .venv/bin/python bench/fsync_cost.py [--dir DIR] [--writes N] [--records R] [--cpu C]
+                                         [--pause-us P]
 
 The group commit pays one durable write per batch; on the development VM
 that write's CPU, not the disk's latency, is what the commit thread mostly
@@ -17,16 +18,31 @@ making a batch of R records durable that docs/PERFORMANCE.md discusses:
   the file's size changes, so the inode is written too;
 - `overwrite + fdatasync`, `overwrite O_DSYNC`, `overwrite O_DIRECT+O_DSYNC`:
   4 KiB written over a preallocated file whose size does not change;
+- `unwritten O_DIRECT+O_DSYNC`: 4 KiB written into a file allocated and
+  never written (`posix_fallocate`: unwritten extents on ext4 and XFS), so
+  that each write also marks its block written, metadata that an
+  overwrite does not have;
 - `O_DIRECT+O_DSYNC + leveldb sync=False`: what AccMan does since its own
-  write-ahead log (accman/wal.py): the record, then LevelDB unsynced.
+  write-ahead log (accman/ledger/wal.py): the record, then LevelDB
+  unsynced.
+
+`--pause-us P` spins P µs before each write, uncounted: a virtual disk may
+answer a write that follows an idle spell several times slower than one
+that follows another at once, and a server's writes come with gaps
+(docs/PERFORMANCE.md, "What would move the figures").  A method whose file
+this file system refuses to open (EINVAL: O_DIRECT where it is not
+supported) is reported as such.
 
 Figures, never assertions; each method is run twice, interleaved, since the
-disk is shared and its latency moves from minute to minute.  CPU is the
-thread's own (`time.thread_time`): what the kernel does for the write on
-other threads (interrupts, workqueues) is not in it.
+disk is shared and its latency moves from minute to minute.  Wall time is
+given as the mean, median and 90th percentile of the writes, since a disk's
+answers can be bimodal.  CPU is the thread's own (`time.thread_time`):
+what the kernel does for the write on other threads (interrupts,
+workqueues) is not in it.
 """
 
 import argparse
+import errno
 import mmap
 import os
 import shutil
@@ -36,6 +52,7 @@ import time
 import plyvel
 
 BLOCK_BYTES = 4096          # one page; O_DIRECT needs aligned, whole blocks
+PAUSE_US_MAX = 1_000_000    # a second between writes is idle enough for any disk
 VALUE_BYTES = 48            # about a history entry's value
 ROUNDS = 2
 
@@ -110,6 +127,25 @@ def overwrite_method(workdir, writes, block, flags, sync):
     return setup
 
 
+def unwritten_method(workdir, writes, block):
+    """4 KiB written O_DIRECT+O_DSYNC into blocks allocated, never written."""
+    def setup():
+        path = os.path.join(workdir, "unwritten")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DSYNC | os.O_DIRECT,
+                     0o600)
+        try:
+            os.posix_fallocate(fd, 0, BLOCK_BYTES * writes)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+        def write(i):
+            os.pwritev(fd, [block], i * BLOCK_BYTES)
+        return write, lambda: os.close(fd)
+    return setup
+
+
 def methods(workdir, writes, records):
     """(name, setup) pairs; setup() returns (write(i), cleanup())."""
     block = mmap.mmap(-1, BLOCK_BYTES)       # page-aligned, as O_DIRECT needs
@@ -129,21 +165,53 @@ def methods(workdir, writes, records):
         ("overwrite 4 KiB + fdatasync", overwrite(0, True)),
         ("overwrite 4 KiB, O_DSYNC", overwrite(os.O_DSYNC, False)),
         ("overwrite 4 KiB, O_DIRECT+O_DSYNC", overwrite(os.O_DSYNC | os.O_DIRECT, False)),
+        ("unwritten 4 KiB, O_DIRECT+O_DSYNC", unwritten_method(workdir, writes, block)),
         (f"O_DIRECT+O_DSYNC + leveldb sync=False, {records} records",
          leveldb(False, os.O_DSYNC | os.O_DIRECT)),
     ]
 
 
-def measure(setup, writes):
-    write, cleanup = setup()
+def spin(seconds):
+    """Busy-waits: a sleep this short would oversleep, and an idle CPU is
+    one more thing that changes how soon a write is answered."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def measure(setup, writes, pause_s):
+    """Per write, in µs: the mean, median and 90th percentile of the wall
+    time, and the mean CPU; None if this file system refuses the method's
+    file (EINVAL: O_DIRECT where it is not supported)."""
     try:
-        t0, c0 = time.perf_counter(), time.thread_time()
+        write, cleanup = setup()
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return None
+    walls, cpu = [], 0.0
+    try:
         for i in range(writes):
+            if pause_s:
+                spin(pause_s)
+            t0, c0 = time.perf_counter(), time.thread_time()
             write(i)
-        c1, t1 = time.thread_time(), time.perf_counter()
+            c1, t1 = time.thread_time(), time.perf_counter()
+            walls.append(t1 - t0)
+            cpu += c1 - c0
     finally:
         cleanup()
-    return (t1 - t0) / writes * 1e6, (c1 - c0) / writes * 1e6
+    walls.sort()
+    return (sum(walls) / writes * 1e6, walls[writes // 2] * 1e6,
+            walls[(writes - 1) * 9 // 10] * 1e6, cpu / writes * 1e6)
+
+
+def row(name, runs):
+    """The table's row for a method: each figure as its rounds' values."""
+    if any(r is None for r in runs):
+        return f"| {name} | not supported by this file system | | | |"
+    cells = (" / ".join(f"{r[k]:.0f}" for r in runs) + " µs" for k in range(4))
+    return f"| {name} | " + " | ".join(cells) + " |"
 
 
 def main(argv=None):
@@ -153,7 +221,15 @@ def main(argv=None):
     p.add_argument("--writes", type=int, default=1000, help="durable writes per method and round")
     p.add_argument("--records", type=int, default=30, help="records per LevelDB batch")
     p.add_argument("--cpu", type=int, default=0, help="the CPU to pin to")
+    p.add_argument("--pause-us", type=float, default=0.0,
+                   help="µs spun before each write, not counted (default 0)")
     args = p.parse_args(argv)
+    if args.writes < 1:
+        p.error(f"--writes must be at least 1, not {args.writes}")
+    if args.records < 1:
+        p.error(f"--records must be at least 1, not {args.records}")
+    if not 0 <= args.pause_us <= PAUSE_US_MAX:
+        p.error(f"--pause-us must be from 0 to {PAUSE_US_MAX}, not {args.pause_us:g}")
     os.sched_setaffinity(0, {args.cpu})
     workdir = tempfile.mkdtemp(prefix="accman-fsync-", dir=args.dir)
     try:
@@ -161,17 +237,16 @@ def main(argv=None):
         figures = {name: [] for name, _ in table}
         for _ in range(ROUNDS):
             for name, setup in table:
-                figures[name].append(measure(setup, args.writes))
+                figures[name].append(measure(setup, args.writes, args.pause_us * 1e-6))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"{args.writes} durable writes per method and round, {ROUNDS} rounds, "
-          f"pinned to CPU {args.cpu}, in {os.path.dirname(workdir)}\n")
-    print("| method | wall per write | CPU per write |")
-    print("|---|---:|---:|")
+          f"{args.pause_us:g} µs spun before each, pinned to CPU {args.cpu}, "
+          f"in {os.path.dirname(workdir)}\n")
+    print("| method | wall per write, mean | median | 90th percentile | CPU per write |")
+    print("|---|---:|---:|---:|---:|")
     for name, runs in figures.items():
-        wall = " / ".join(f"{w:.0f}" for w, _ in runs)
-        cpu = " / ".join(f"{c:.0f}" for _, c in runs)
-        print(f"| {name} | {wall} µs | {cpu} µs |")
+        print(row(name, runs))
 
 
 if __name__ == "__main__":
