@@ -9,9 +9,9 @@ spends (docs/PERFORMANCE.md, "Durable /mod").  This measures, in one
 process pinned to one CPU (the server's, by default CPU 0), each way of
 making a batch of R records durable that docs/PERFORMANCE.md discusses:
 
-- `leveldb sync=True`: what AccMan did before its own write-ahead log, a
-  LevelDB write batch with `sync=True` (LevelDB appends to its log, then
-  `fdatasync`);
+- `leveldb sync=True`: a LevelDB write batch with `sync=True` (LevelDB
+  appends to its log, then `fdatasync`), the durable write AccMan's own
+  write-ahead log replaces;
 - `leveldb sync=False`: the same batch without the sync (the memtable
   inserts and the log's `write`): the part that is not the disk;
 - `append + fdatasync`: 4 KiB appended to a growing file, then `fdatasync`;
@@ -22,9 +22,8 @@ making a batch of R records durable that docs/PERFORMANCE.md discusses:
   never written (`posix_fallocate`: unwritten extents on ext4 and XFS), so
   that each write also marks its block written, metadata that an
   overwrite does not have;
-- `O_DIRECT+O_DSYNC + leveldb sync=False`: what AccMan does since its own
-  write-ahead log (accman/ledger/wal.py): the record, then LevelDB
-  unsynced.
+- `O_DIRECT+O_DSYNC + leveldb sync=False`: what AccMan's write-ahead log
+  does (accman/ledger/wal.py): the record, then LevelDB unsynced.
 
 `--pause-us P` spins P µs before each write, uncounted: a virtual disk may
 answer a write that follows an idle spell several times slower than one
@@ -43,6 +42,7 @@ workqueues) is not in it.
 
 import argparse
 import errno
+import math
 import mmap
 import os
 import shutil
@@ -85,7 +85,11 @@ def leveldb_method(workdir, writes, records, block, counter, sync, wal_flags=Non
         db = plyvel.DB(path, create_if_missing=True, write_buffer_size=16 << 20)
         fd = None
         if wal_flags is not None:
-            fd = preallocated(os.path.join(workdir, "wal"), writes, wal_flags)
+            try:
+                fd = preallocated(os.path.join(workdir, "wal"), writes, wal_flags)
+            except BaseException:
+                db.close()          # refused (O_DIRECT): no descriptor is left open
+                raise
 
         def write(i):
             if fd is not None:
@@ -202,8 +206,16 @@ def measure(setup, writes, pause_s):
     finally:
         cleanup()
     walls.sort()
-    return (sum(walls) / writes * 1e6, walls[writes // 2] * 1e6,
-            walls[(writes - 1) * 9 // 10] * 1e6, cpu / writes * 1e6)
+    return (sum(walls) / writes * 1e6, rank(walls, 0.5) * 1e6, rank(walls, 0.9) * 1e6,
+            cpu / writes * 1e6)
+
+
+def rank(ordered, q):
+    """The q-quantile of sorted values by nearest rank: the smallest value
+    with at least q of them at or below it (so never a lower value for a
+    higher q)."""
+    assert ordered and 0 < q <= 1
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def row(name, runs):
@@ -230,6 +242,12 @@ def main(argv=None):
         p.error(f"--records must be at least 1, not {args.records}")
     if not 0 <= args.pause_us <= PAUSE_US_MAX:
         p.error(f"--pause-us must be from 0 to {PAUSE_US_MAX}, not {args.pause_us:g}")
+    args.pause_us += 0.0            # -0 is 0
+    if args.cpu not in os.sched_getaffinity(0):
+        p.error(f"--cpu {args.cpu} is not a CPU this process may run on "
+                f"({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
+    if args.dir is not None and not os.path.isdir(args.dir):
+        p.error(f"--dir {args.dir} is not a directory")
     os.sched_setaffinity(0, {args.cpu})
     workdir = tempfile.mkdtemp(prefix="accman-fsync-", dir=args.dir)
     try:
