@@ -1,0 +1,228 @@
+"""The log sketch: how this disk answers the records of a server of AccMan's shape.
+
+    .venv/bin/python bench/log_sketch.py --port 8083 --file /tmp/log-sketch \\
+        [--layout written|unwritten] [--writers 1|2] [--size-mib 1024]
+    taskset -c 1 wrk -t1 -c16 -d5s -s bench/wrk/mod_cycle.lua \\
+        http://127.0.0.1:8083 -- bench- 1000
+
+A diagnostic, not a peer (bench/plyvel_sketch.py is the peer): a uvloop
+protocol that parses `PATCH /mod?cred=C&by=N` in Python and keeps the
+balances in a dict; each loop turn's mods are one record, 4 KiB-aligned,
+written `O_DIRECT|O_DSYNC` by a writer thread while the next batch fills,
+and their replies go out, in order, once it is written.  It checks
+nothing else and keeps no history: what it measures is the disk under a
+group commit's pattern of writes, with none of AccMan's own work.
+
+`--layout written`: the file is written with zeros first, as AccMan's
+log is (accman.ledger.walwriter), so that each record overwrites written
+blocks; `unwritten`: the file is allocated only (`posix_fallocate`), so
+that each record also marks its blocks written.  `--writers 2` keeps two
+records in flight, written side by side by two threads, their replies
+still in order.  Records wrap at the end of the file.
+
+On SIGTERM or SIGINT it prints on stderr the records written, the mods a
+record, and the median and 90th percentile of a record's write, then
+exits.  docs/PERFORMANCE.md ("What would move the figures") has what it
+showed on the development VM.
+"""
+
+import argparse
+import asyncio
+import math
+import mmap
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+
+import uvloop
+
+BLOCK_BYTES = 4096              # O_DIRECT: aligned offsets, whole blocks
+ZERO_CHUNK_BYTES = 1 << 20      # the written layout's zeros, a chunk at a time
+SIZE_MIB_MAX = 64 * 1024
+WRITERS_MAX = 2
+SAMPLES_MAX = 1_000_000         # write times kept for the report; the count stays exact
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%d"
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+
+
+def open_log(path, size, layout):
+    """The file, laid out as asked, opened O_DIRECT|O_DSYNC."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_DSYNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        if layout == "written":
+            zeros = mmap.mmap(-1, ZERO_CHUNK_BYTES)     # page-aligned, for O_DIRECT
+            for offset in range(0, size, ZERO_CHUNK_BYTES):
+                os.pwritev(fd, [memoryview(zeros)[:min(ZERO_CHUNK_BYTES, size - offset)]],
+                           offset)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Log:
+    """The records' places and the writer threads; `written(seq)` is called on
+    the loop as each record is written, in any order."""
+
+    def __init__(self, fd, size, writers, loop, written):
+        self.fd, self.size, self.loop, self.written = fd, size, loop, written
+        self.offset = 0
+        self.jobs = queue.SimpleQueue()
+        self.times = []
+        self.records = 0
+        for i in range(writers):
+            threading.Thread(target=self.write_records, name=f"writer-{i}", daemon=True).start()
+
+    def put(self, seq, payload):
+        span = (len(payload) + BLOCK_BYTES - 1) // BLOCK_BYTES * BLOCK_BYTES
+        assert 0 < span <= self.size, f"a record of {span} bytes in a log of {self.size}"
+        if self.offset + span > self.size:
+            self.offset = 0
+        self.jobs.put((seq, payload, self.offset, span))
+        self.offset += span
+
+    def write_records(self):
+        buf = mmap.mmap(-1, BLOCK_BYTES)
+        while True:
+            seq, payload, offset, span = self.jobs.get()
+            if span > len(buf):
+                buf = mmap.mmap(-1, span)
+            buf[:len(payload)] = payload
+            buf[len(payload):span] = bytes(span - len(payload))
+            t0 = time.perf_counter()
+            os.pwritev(self.fd, [memoryview(buf)[:span]], offset)
+            elapsed = time.perf_counter() - t0
+            self.records += 1
+            if len(self.times) < SAMPLES_MAX:
+                self.times.append(elapsed)
+            self.loop.call_soon_threadsafe(self.written, seq)
+
+    def report(self, mods):
+        times = sorted(self.times)
+        rank = (lambda q: times[max(0, math.ceil(q * len(times)) - 1)] * 1e6) if times \
+            else (lambda q: 0.0)
+        return (f"log sketch: {self.records} records, "
+                f"{mods / max(self.records, 1):.1f} mods a record, write median "
+                f"{rank(0.5):.0f} µs, 90th percentile {rank(0.9):.0f} µs")
+
+
+class Commit:
+    """Group commit on the loop: a turn's mods are one record, at most
+    `in_flight` records are being written, and replies go out in order."""
+
+    def __init__(self, loop, in_flight):
+        self.loop, self.in_flight = loop, in_flight
+        self.log = None
+        self.payload, self.replies = bytearray(), []
+        self.seal_due = False
+        self.next_seq = self.next_told = 0
+        self.held = {}                  # seq -> (written, replies), until told in order
+        self.mods = 0
+
+    def add(self, transport, record, reply):
+        """A reply owed after what was asked before it; after `record` is
+        written, if there is one (a request that is not a mod has none)."""
+        self.payload += record
+        self.replies.append((transport, reply))
+        self.mods += bool(record)
+        if not self.seal_due:
+            self.seal_due = True
+            self.loop.call_soon(self.seal)
+
+    def seal(self):
+        self.seal_due = False
+        if not self.replies or self.next_seq - self.next_told >= self.in_flight:
+            return                      # a record written seals what queued meanwhile
+        seq, payload = self.next_seq, bytes(self.payload)
+        self.held[seq] = (not payload, self.replies)    # nothing to write: told in turn
+        self.next_seq += 1
+        self.payload, self.replies = bytearray(), []
+        if payload:
+            self.log.put(seq, payload)
+        else:
+            self.tell()
+
+    def written(self, seq):
+        self.held[seq] = (True, self.held[seq][1])
+        self.tell()
+        self.seal()
+
+    def tell(self):
+        """The replies of every batch written, in the order asked."""
+        while self.next_told in self.held and self.held[self.next_told][0]:
+            for transport, reply in self.held.pop(self.next_told)[1]:
+                if not transport.is_closing():
+                    transport.write(reply)
+            self.next_told += 1
+
+
+class Mods(asyncio.Protocol):
+    """`PATCH /mod?cred=C&by=N`: the new balance once its record is written."""
+
+    def __init__(self, commit, balances):
+        self.commit, self.balances = commit, balances
+        self.rest = b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        data = self.rest + data
+        while (end := data.find(b"\r\n\r\n")) >= 0:
+            head, data = data[:end], data[end + 4:]
+            self.request(head.split(b" ", 2))
+        self.rest = data
+
+    def request(self, line):
+        if len(line) < 2 or line[0] != b"PATCH" or not line[1].startswith(b"/mod?"):
+            self.commit.add(self.transport, b"", NOT_FOUND)
+            return
+        args = dict(kv.partition(b"=")[::2] for kv in line[1][5:].split(b"&"))
+        try:
+            cred, by = args[b"cred"], int(args[b"by"])
+        except (KeyError, ValueError):
+            self.commit.add(self.transport, b"", NOT_FOUND)
+            return
+        tot = self.balances.get(cred, 0) + by
+        self.balances[cred] = tot
+        record, body = b"%s %d %d\n" % (cred, by, tot), b"%d" % tot
+        self.commit.add(self.transport, record, OK % (len(body), tot))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--file", required=True, help="the log's file (replaced)")
+    p.add_argument("--layout", choices=("written", "unwritten"), default="written")
+    p.add_argument("--writers", type=int, default=1, help=f"1 to {WRITERS_MAX}")
+    p.add_argument("--size-mib", type=int, default=1024, help="the log's size")
+    args = p.parse_args(argv)
+    if not 1 <= args.writers <= WRITERS_MAX:
+        p.error(f"--writers must be from 1 to {WRITERS_MAX}, not {args.writers}")
+    if not 1 <= args.size_mib <= SIZE_MIB_MAX:
+        p.error(f"--size-mib must be from 1 to {SIZE_MIB_MAX}, not {args.size_mib}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.file))):
+        p.error(f"--file {args.file}: its directory does not exist")
+    size = args.size_mib << 20
+    fd = open_log(args.file, size, args.layout)
+    loop = uvloop.new_event_loop()
+    commit = Commit(loop, args.writers)
+    commit.log = Log(fd, size, args.writers, loop, commit.written)
+    balances = {}
+    server = loop.run_until_complete(
+        loop.create_server(lambda: Mods(commit, balances), "127.0.0.1", args.port))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, loop.stop)
+    print(f"log sketch: listening on 127.0.0.1:{args.port}", file=sys.stderr, flush=True)
+    loop.run_forever()
+    server.close()
+    print(commit.log.report(commit.mods), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
