@@ -242,7 +242,7 @@ def main(argv=None):
         p.error(f"--records must be at least 1, not {args.records}")
     if not 0 <= args.pause_us <= PAUSE_US_MAX:
         p.error(f"--pause-us must be from 0 to {PAUSE_US_MAX}, not {args.pause_us:g}")
-    args.pause_us += 0.0            # -0 is 0
+    args.pause_us += 0.0            # so that -0 is printed as 0
     if args.cpu not in os.sched_getaffinity(0):
         p.error(f"--cpu {args.cpu} is not a CPU this process may run on "
                 f"({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")

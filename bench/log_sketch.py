@@ -1,29 +1,33 @@
 """The log sketch: how this disk answers the records of a server of AccMan's shape.
 
-    .venv/bin/python bench/log_sketch.py --port 8083 --file /tmp/log-sketch \\
-        [--layout written|unwritten] [--writers 1|2] [--size-mib 1024]
+    taskset -c 0 .venv/bin/python bench/log_sketch.py --port 8083 \\
+        --file /tmp/log-sketch [--layout written|unwritten] [--writers 1|2] [--size-mib 1024]
     taskset -c 1 wrk -t1 -c16 -d5s -s bench/wrk/mod_cycle.lua \\
         http://127.0.0.1:8083 -- bench- 1000
 
 A diagnostic, not a peer (bench/plyvel_sketch.py is the peer): a uvloop
 protocol that parses `PATCH /mod?cred=C&by=N` in Python and keeps the
-balances in a dict; each loop turn's mods are one record, 4 KiB-aligned,
-written `O_DIRECT|O_DSYNC` by a writer thread while the next batch fills,
-and their replies go out, in order, once it is written.  It checks
-nothing else and keeps no history: what it measures is the disk under a
-group commit's pattern of writes, with none of AccMan's own work.
+balances in a dict; the mods queued since the last record are one
+record, 4 KiB-aligned, written `O_DIRECT|O_DSYNC` by a writer thread
+while the next batch fills, and their replies go out, in the order
+asked, once it is written.  It checks nothing else (`min` is ignored,
+bodies are not read, heads are not bounded) and keeps no history: what
+it measures is the disk under a group commit's pattern of writes, with
+none of AccMan's own work.
 
 `--layout written`: the file is written with zeros first, as AccMan's
 log is (accman.ledger.walwriter), so that each record overwrites written
 blocks; `unwritten`: the file is allocated only (`posix_fallocate`), so
-that each record also marks its blocks written.  `--writers 2` keeps two
-records in flight, written side by side by two threads, their replies
-still in order.  Records wrap at the end of the file.
+that each record also marks its blocks written, until the records wrap
+at the end of the file and overwrite their own (the report counts the
+laps).  `--writers 2` keeps two records in flight, written side by side
+by two threads, their replies still in order.
 
-On SIGTERM or SIGINT it prints on stderr the records written, the mods a
-record, and the median and 90th percentile of a record's write, then
-exits.  docs/PERFORMANCE.md ("What would move the figures") has what it
-showed on the development VM.
+On SIGTERM or SIGINT it prints on stderr the records written, the mods,
+the laps, and the median and 90th percentile of a record's write, then
+exits.  A failed write, or a batch too large for the file, stops it with
+the cause on stderr and exit status 1.  docs/PERFORMANCE.md ("What would
+move the figures") has what it showed on the development VM.
 """
 
 import argparse
@@ -65,24 +69,36 @@ def open_log(path, size, layout):
     return fd
 
 
-class Log:
-    """The records' places and the writer threads; `written(seq)` is called on
-    the loop as each record is written, in any order."""
+def span_of(payload):
+    return (len(payload) + BLOCK_BYTES - 1) // BLOCK_BYTES * BLOCK_BYTES
 
-    def __init__(self, fd, size, writers, loop, written):
-        self.fd, self.size, self.loop, self.written = fd, size, loop, written
+
+class Log:
+    """The records' places and the writer threads.  On the loop,
+    `written(seq, seconds)` is called as each record is written, in any
+    order, and `failed(error)` if a write fails (the thread then ends)."""
+
+    def __init__(self, fd, size, loop, written, failed):
+        self.fd, self.size, self.loop = fd, size, loop
+        self.written, self.failed = written, failed
         self.offset = 0
+        self.laps = 0
         self.jobs = queue.SimpleQueue()
-        self.times = []
-        self.records = 0
+
+    def start(self, writers):
         for i in range(writers):
             threading.Thread(target=self.write_records, name=f"writer-{i}", daemon=True).start()
 
+    def fits(self, payload):
+        return 0 < span_of(payload) <= self.size
+
     def put(self, seq, payload):
-        span = (len(payload) + BLOCK_BYTES - 1) // BLOCK_BYTES * BLOCK_BYTES
-        assert 0 < span <= self.size, f"a record of {span} bytes in a log of {self.size}"
+        """Queues the record at the next place, at 0 again past the end."""
+        span = span_of(payload)
+        assert self.fits(payload), f"a record of {span} bytes in a log of {self.size}"
         if self.offset + span > self.size:
             self.offset = 0
+            self.laps += 1
         self.jobs.put((seq, payload, self.offset, span))
         self.offset += span
 
@@ -90,25 +106,18 @@ class Log:
         buf = mmap.mmap(-1, BLOCK_BYTES)
         while True:
             seq, payload, offset, span = self.jobs.get()
-            if span > len(buf):
-                buf = mmap.mmap(-1, span)
-            buf[:len(payload)] = payload
-            buf[len(payload):span] = bytes(span - len(payload))
-            t0 = time.perf_counter()
-            os.pwritev(self.fd, [memoryview(buf)[:span]], offset)
-            elapsed = time.perf_counter() - t0
-            self.records += 1
-            if len(self.times) < SAMPLES_MAX:
-                self.times.append(elapsed)
-            self.loop.call_soon_threadsafe(self.written, seq)
-
-    def report(self, mods):
-        times = sorted(self.times)
-        rank = (lambda q: times[max(0, math.ceil(q * len(times)) - 1)] * 1e6) if times \
-            else (lambda q: 0.0)
-        return (f"log sketch: {self.records} records, "
-                f"{mods / max(self.records, 1):.1f} mods a record, write median "
-                f"{rank(0.5):.0f} µs, 90th percentile {rank(0.9):.0f} µs")
+            try:
+                if span > len(buf):
+                    buf = mmap.mmap(-1, span)
+                buf[:len(payload)] = payload
+                buf[len(payload):span] = bytes(span - len(payload))
+                t0 = time.perf_counter()
+                os.pwritev(self.fd, [memoryview(buf)[:span]], offset)
+                elapsed = time.perf_counter() - t0
+            except Exception as e:      # told to the loop, which stops: never a silent hang
+                self.loop.call_soon_threadsafe(self.failed, f"{type(e).__name__}: {e}")
+                return
+            self.loop.call_soon_threadsafe(self.written, seq, elapsed)
 
 
 class Commit:
@@ -122,22 +131,28 @@ class Commit:
         self.seal_due = False
         self.next_seq = self.next_told = 0
         self.held = {}                  # seq -> (written, replies), until told in order
-        self.mods = 0
+        self.mods = self.records = 0    # written
+        self.times = []                 # each record's write, in seconds
+        self.error = None
 
     def add(self, transport, record, reply):
         """A reply owed after what was asked before it; after `record` is
         written, if there is one (a request that is not a mod has none)."""
         self.payload += record
-        self.replies.append((transport, reply))
-        self.mods += bool(record)
+        self.replies.append((transport, reply, bool(record)))
         if not self.seal_due:
             self.seal_due = True
             self.loop.call_soon(self.seal)
 
     def seal(self):
         self.seal_due = False
-        if not self.replies or self.next_seq - self.next_told >= self.in_flight:
+        if (self.error is not None or not self.replies
+                or self.next_seq - self.next_told >= self.in_flight):
             return                      # a record written seals what queued meanwhile
+        if not self.log.fits(self.payload) and self.payload:
+            self.fail(f"a batch of {len(self.payload)} bytes does not fit in the log's "
+                      f"{self.log.size}: give a larger --size-mib")
+            return
         seq, payload = self.next_seq, bytes(self.payload)
         self.held[seq] = (not payload, self.replies)    # nothing to write: told in turn
         self.next_seq += 1
@@ -147,7 +162,10 @@ class Commit:
         else:
             self.tell()
 
-    def written(self, seq):
+    def written(self, seq, seconds):
+        self.records += 1
+        if len(self.times) < SAMPLES_MAX:
+            self.times.append(seconds)
         self.held[seq] = (True, self.held[seq][1])
         self.tell()
         self.seal()
@@ -155,10 +173,27 @@ class Commit:
     def tell(self):
         """The replies of every batch written, in the order asked."""
         while self.next_told in self.held and self.held[self.next_told][0]:
-            for transport, reply in self.held.pop(self.next_told)[1]:
+            for transport, reply, is_mod in self.held.pop(self.next_told)[1]:
+                self.mods += is_mod
                 if not transport.is_closing():
                     transport.write(reply)
             self.next_told += 1
+
+    def fail(self, error):
+        """Nothing more is written or answered; the loop stops."""
+        self.error = error
+        self.loop.stop()
+
+    def report(self):
+        if not self.times:
+            return f"log sketch: no records written, {self.mods} mods"
+        times = sorted(self.times)
+
+        def rank(q):
+            return times[max(0, math.ceil(q * len(times)) - 1)] * 1e6
+        return (f"log sketch: {self.records} records, {self.mods} mods "
+                f"({self.mods / self.records:.1f} a record), {self.log.laps} laps, write "
+                f"median {rank(0.5):.0f} µs, 90th percentile {rank(0.9):.0f} µs")
 
 
 class Mods(asyncio.Protocol):
@@ -196,32 +231,40 @@ class Mods(asyncio.Protocol):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, required=True, help="0 for any free port")
     p.add_argument("--file", required=True, help="the log's file (replaced)")
     p.add_argument("--layout", choices=("written", "unwritten"), default="written")
     p.add_argument("--writers", type=int, default=1, help=f"1 to {WRITERS_MAX}")
     p.add_argument("--size-mib", type=int, default=1024, help="the log's size")
     args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be from 0 to 65535, not {args.port}")
     if not 1 <= args.writers <= WRITERS_MAX:
         p.error(f"--writers must be from 1 to {WRITERS_MAX}, not {args.writers}")
     if not 1 <= args.size_mib <= SIZE_MIB_MAX:
         p.error(f"--size-mib must be from 1 to {SIZE_MIB_MAX}, not {args.size_mib}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.file))):
         p.error(f"--file {args.file}: its directory does not exist")
-    size = args.size_mib << 20
-    fd = open_log(args.file, size, args.layout)
     loop = uvloop.new_event_loop()
     commit = Commit(loop, args.writers)
-    commit.log = Log(fd, size, args.writers, loop, commit.written)
     balances = {}
+    # Bound before the file is touched: a port in use leaves another's log as it was.
     server = loop.run_until_complete(
         loop.create_server(lambda: Mods(commit, balances), "127.0.0.1", args.port))
+    size = args.size_mib << 20
+    commit.log = Log(open_log(args.file, size, args.layout), size, loop,
+                     commit.written, commit.fail)
+    commit.log.start(args.writers)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, loop.stop)
-    print(f"log sketch: listening on 127.0.0.1:{args.port}", file=sys.stderr, flush=True)
+    port = server.sockets[0].getsockname()[1]
+    print(f"log sketch: listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
     loop.run_forever()
     server.close()
-    print(commit.log.report(commit.mods), file=sys.stderr, flush=True)
+    print(commit.report(), file=sys.stderr, flush=True)
+    if commit.error is not None:
+        print(f"log sketch: stopped: {commit.error}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,19 @@ def test_every_method_has_its_figures(tmp_path):
         "its working directory is left behind"
 
 
+def test_each_rows_median_is_at_most_its_90th_percentile(tmp_path):
+    done = run("--writes", "2", "--records", "2", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if re.match(r"\| \w", line)][1:]
+    assert len(rows) == len(METHODS)
+    for line in rows:
+        cells = line.split(" | ")
+        if "not supported" in line:
+            continue
+        medians, p90s = (re.findall(r"\d+", cells[k]) for k in (2, 3))
+        assert all(int(m) <= int(p) for m, p in zip(medians, p90s, strict=True)), line
+
+
 def test_a_bad_argument_is_refused_by_name(tmp_path):
     outside = max(os.sched_getaffinity(0)) + 1
     for args, named in ((("--writes", "0"), "--writes must be at least 1, not 0"),

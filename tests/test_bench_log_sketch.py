@@ -1,36 +1,53 @@
 """bench/log_sketch.py's own behaviour, never its timings: it answers each
 mod with the new balance and anything else with 404, in the order asked,
-and each mod's record is in its file, on each layout and with one or two
-writers; it reports what it wrote when stopped; a bad argument is
-refused naming it."""
+and only once the records before it are written (in process, with the
+records completed out of order); each mod's record is in its file; the
+records wrap at the end of the file; a failed write or a batch too large
+for the file stops it, named; a bad argument is refused naming it."""
 
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "log_sketch.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPT = BENCH / "log_sketch.py"
+sys.path.insert(0, str(BENCH))
+
+import log_sketch  # noqa: E402
+
 START_TIMEOUT_S = 20.0
 REPLY_TIMEOUT_S = 10.0
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+# --- the sketch as a process ---------------------------------------------------------
 
 def start(tmp_path, *args):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--port", str(port),
+    """The sketch on a port of its choosing; (process, port)."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--port", "0",
                              "--file", str(tmp_path / "log"), "--size-mib", "1", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()       # written once it listens (or its error)
-    assert "listening" in line, line + proc.stderr.read()
-    return proc, port
+    ready, _, _ = select.select([proc.stderr], [], [], START_TIMEOUT_S)
+    if not ready:
+        proc.kill()
+        pytest.fail(f"the sketch did not say it listens within {START_TIMEOUT_S} s")
+    line = proc.stderr.readline()
+    assert "listening on 127.0.0.1:" in line, line + proc.stderr.read()
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=START_TIMEOUT_S)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
 
 
 def read_replies(sock, n):
@@ -61,8 +78,7 @@ def test_each_request_is_answered_in_order_and_each_mod_is_in_the_file(tmp_path,
             replies = read_replies(sock, len(asked) + 1)
             log = (tmp_path / "log").read_bytes()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=START_TIMEOUT_S)
+        err = stop(proc)
     balances, expected = {}, []
     for cred, by in asked:
         balances[cred] = balances.get(cred, 0) + by
@@ -70,18 +86,133 @@ def test_each_request_is_answered_in_order_and_each_mod_is_in_the_file(tmp_path,
         assert b"%s %d %d\n" % (cred, by, balances[cred]) in log, "a mod's record is missing"
     assert replies == expected + [(b"404", b"")]
     assert proc.returncode == 0, err
-    records = int(err.split("log sketch: ", 1)[1].split(" records")[0])
-    assert 1 <= records <= len(asked), err
+    assert f" records, {len(asked)} mods (" in err, err
 
 
 def test_a_bad_argument_is_refused_by_name(tmp_path):
     for args, named in ((("--writers", "3"), "--writers must be from 1 to 2, not 3"),
                         (("--size-mib", "0"), "--size-mib must be from 1 to 65536, not 0"),
+                        (("--port", "70000"), "--port must be from 0 to 65535, not 70000"),
                         (("--layout", "zeros"), "--layout: invalid choice: 'zeros'"),
                         (("--file", str(tmp_path / "no" / "log")),
                          f"--file {tmp_path / 'no' / 'log'}: its directory does not exist")):
-        argv = [sys.executable, str(SCRIPT), "--port", "1", "--file", str(tmp_path / "log"), *args]
+        argv = [sys.executable, str(SCRIPT), "--port", "0", "--file", str(tmp_path / "log"),
+                *args]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=START_TIMEOUT_S)
         assert done.returncode == 2, (args, done.stderr)
         assert named in done.stderr, (args, done.stderr)
     assert list(tmp_path.iterdir()) == [], "a refused start wrote nothing"
+
+
+# --- the group commit in process, its records completed by hand ----------------------
+
+class Loop:
+    """What Commit asks of a loop: call_soon (run by `turn`) and stop."""
+
+    def __init__(self):
+        self.soon, self.stopped = [], False
+
+    def call_soon(self, f, *args):
+        self.soon.append((f, args))
+
+    def stop(self):
+        self.stopped = True
+
+    def turn(self):
+        soon, self.soon = self.soon, []
+        for f, args in soon:
+            f(*args)
+
+
+class Transport:
+    def __init__(self, told):
+        self.told = told
+
+    def is_closing(self):
+        return False
+
+    def write(self, reply):
+        self.told.append(reply)
+
+
+class Records:
+    """A log that keeps what is put, for the test to complete."""
+
+    def __init__(self, size=1 << 20):
+        self.size, self.laps, self.put_seqs = size, 0, []
+
+    def fits(self, payload):
+        return 0 < log_sketch.span_of(payload) <= self.size
+
+    def put(self, seq, payload):
+        self.put_seqs.append(seq)
+
+
+def commit_of(in_flight, size=1 << 20):
+    loop = Loop()
+    commit = log_sketch.Commit(loop, in_flight)
+    commit.log = Records(size)
+    return loop, commit
+
+
+def test_replies_wait_for_every_record_before_theirs():
+    loop, commit = commit_of(in_flight=2)
+    told = []
+    a, b = Transport(told), Transport(told)
+    commit.add(a, b"a 1 1\n", b"r1")
+    commit.add(b, b"", b"404")          # not a mod: still told after r1
+    loop.turn()
+    commit.add(a, b"a 1 2\n", b"r2")
+    loop.turn()
+    commit.add(b, b"b 1 1\n", b"r3")
+    loop.turn()
+    assert commit.log.put_seqs == [0, 1], "more than two records in flight"
+    commit.written(1, 0.001)            # the second record first: nothing may be told
+    assert told == []
+    assert commit.log.put_seqs == [0, 1], "room is made by records told, not written"
+    commit.written(0, 0.002)
+    assert told == [b"r1", b"404", b"r2"]
+    assert commit.log.put_seqs == [0, 1, 2], "what queued is sealed once there is room"
+    commit.written(2, 0.001)
+    assert told == [b"r1", b"404", b"r2", b"r3"]
+    assert (commit.records, commit.mods) == (3, 3)
+    assert "3 records, 3 mods (1.0 a record)" in commit.report()
+
+
+def test_a_batch_too_large_for_the_log_stops_it_unanswered():
+    loop, commit = commit_of(in_flight=1, size=log_sketch.BLOCK_BYTES)
+    told = []
+    for i in range(log_sketch.BLOCK_BYTES // 8 + 1):
+        commit.add(Transport(told), b"c %5d\n" % i, b"r")
+    loop.turn()
+    assert loop.stopped and "does not fit in the log's 4096: give a larger --size-mib" \
+        in commit.error
+    assert told == [] and commit.log.put_seqs == []
+
+
+def test_records_wrap_at_the_end_of_the_file():
+    log = log_sketch.Log(-1, 3 * log_sketch.BLOCK_BYTES, None, None, None)
+    for seq, size in enumerate((10, 5000, 10, 10)):
+        log.put(seq, b"x" * size)
+    places = [log.jobs.get()[2] for _ in range(4)]
+    block = log_sketch.BLOCK_BYTES
+    assert places == [0, block, 0, block] and log.laps == 1
+
+
+def test_a_failed_write_is_told_to_the_loop():
+    class Threadsafe:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, f, *args):
+            self.calls.append((f, args))
+
+    loop = Threadsafe()
+    failures = []
+    log = log_sketch.Log(-1, 1 << 20, loop, None, failures.append)   # fd -1: EBADF
+    log.put(0, b"a 1 1\n")
+    writer = threading.Thread(target=log.write_records, daemon=True)
+    writer.start()
+    writer.join(REPLY_TIMEOUT_S)
+    assert not writer.is_alive(), "the writer goes on after a failed write"
+    assert [(f, args[0].split(":")[0]) for f, args in loop.calls] == [(failures.append, "OSError")]
