@@ -42,7 +42,6 @@ workqueues) is not in it.
 
 import argparse
 import errno
-import math
 import mmap
 import os
 import shutil
@@ -50,6 +49,8 @@ import tempfile
 import time
 
 import plyvel
+
+from harness.base import nearest_rank
 
 BLOCK_BYTES = 4096          # one page; O_DIRECT needs aligned, whole blocks
 PAUSE_US_MAX = 1_000_000    # a second between writes is idle enough for any disk
@@ -206,16 +207,8 @@ def measure(setup, writes, pause_s):
     finally:
         cleanup()
     walls.sort()
-    return (sum(walls) / writes * 1e6, rank(walls, 0.5) * 1e6, rank(walls, 0.9) * 1e6,
-            cpu / writes * 1e6)
-
-
-def rank(ordered, q):
-    """The q-quantile of sorted values by nearest rank: the smallest value
-    with at least q of them at or below it (so never a lower value for a
-    higher q)."""
-    assert ordered and 0 < q <= 1
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+    return (sum(walls) / writes * 1e6, nearest_rank(walls, 0.5) * 1e6,
+            nearest_rank(walls, 0.9) * 1e6, cpu / writes * 1e6)
 
 
 def row(name, runs):

@@ -32,7 +32,6 @@ move the figures") has what it showed on the development VM.
 
 import argparse
 import asyncio
-import math
 import mmap
 import os
 import queue
@@ -42,6 +41,8 @@ import threading
 import time
 
 import uvloop
+
+from harness.base import nearest_rank
 
 BLOCK_BYTES = 4096              # O_DIRECT: aligned offsets, whole blocks
 ZERO_CHUNK_BYTES = 1 << 20      # the written layout's zeros, a chunk at a time
@@ -188,12 +189,10 @@ class Commit:
         if not self.times:
             return f"log sketch: no records written, {self.mods} mods"
         times = sorted(self.times)
-
-        def rank(q):
-            return times[max(0, math.ceil(q * len(times)) - 1)] * 1e6
         return (f"log sketch: {self.records} records, {self.mods} mods "
                 f"({self.mods / self.records:.1f} a record), {self.log.laps} laps, write "
-                f"median {rank(0.5):.0f} µs, 90th percentile {rank(0.9):.0f} µs")
+                f"median {nearest_rank(times, 0.5) * 1e6:.0f} µs, "
+                f"90th percentile {nearest_rank(times, 0.9) * 1e6:.0f} µs")
 
 
 class Mods(asyncio.Protocol):

@@ -1,6 +1,8 @@
 """What every part of the load benchmark shares: where things are, which CPU
-runs what, and the one error a part raises when a server or tool cannot run."""
+runs what, the one error a part raises when a server or tool cannot run,
+and how a quantile is taken."""
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -49,3 +51,11 @@ def missing(tool):
 
 def pinned(cpu, argv):
     return ["taskset", "-c", cpu, *argv]
+
+
+def nearest_rank(ordered, q):
+    """The q-quantile of sorted values by nearest rank: the smallest value
+    with at least q of them at or below it (so never a lower value for a
+    higher q)."""
+    assert ordered and 0 < q <= 1
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
