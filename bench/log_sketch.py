@@ -113,7 +113,8 @@ class Log:
                 buf[:len(payload)] = payload
                 buf[len(payload):span] = bytes(span - len(payload))
                 t0 = time.perf_counter()
-                os.pwritev(self.fd, [memoryview(buf)[:span]], offset)
+                if os.pwritev(self.fd, [memoryview(buf)[:span]], offset) != span:
+                    raise OSError(f"a short write at offset {offset}")
                 elapsed = time.perf_counter() - t0
             except Exception as e:      # told to the loop, which stops: never a silent hang
                 self.loop.call_soon_threadsafe(self.failed, f"{type(e).__name__}: {e}")
@@ -122,8 +123,9 @@ class Log:
 
 
 class Commit:
-    """Group commit on the loop: a turn's mods are one record, at most
-    `in_flight` records are being written, and replies go out in order."""
+    """Group commit on the loop: the mods queued since the last record are
+    one record, at most `in_flight` records are being written, and replies
+    go out in order."""
 
     def __init__(self, loop, in_flight):
         self.loop, self.in_flight = loop, in_flight
