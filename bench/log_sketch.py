@@ -1,7 +1,8 @@
 """The log sketch: how this disk answers the records of a server of AccMan's shape.
 
     taskset -c 0 .venv/bin/python bench/log_sketch.py --port 8083 \\
-        --file /tmp/log-sketch [--layout written|unwritten] [--writers 1|2] [--size-mib 1024]
+        --file /tmp/log-sketch [--layout written|unwritten|append] [--writers 1|2] \\
+        [--size-mib 1024]
     taskset -c 1 wrk -t1 -c16 -d5s -s bench/wrk/mod_cycle.lua \\
         http://127.0.0.1:8083 -- bench- 1000
 
@@ -20,8 +21,12 @@ log is (accman.ledger.walwriter), so that each record overwrites written
 blocks; `unwritten`: the file is allocated only (`posix_fallocate`), so
 that each record also marks its blocks written, until the records wrap
 at the end of the file and overwrite their own (the report counts the
-laps).  `--writers 2` keeps two records in flight, written side by side
-by two threads, their replies still in order.
+laps); `append`: the file starts empty and each record is written at its
+end, so that each write also grows the file (AccMan's log as it would be
+without the zeros written ahead of it), until the records reach
+`--size-mib`, where the file is emptied and the next record written at 0.  `--writers 2` keeps two records in flight,
+written side by side by two threads, their replies still in order (not
+with `append`, whose emptying would race a write in flight).
 
 On SIGTERM or SIGINT it prints on stderr the records written, the mods,
 the laps, and the median and 90th percentile of a record's write, then
@@ -56,6 +61,8 @@ NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
 def open_log(path, size, layout):
     """The file, laid out as asked, opened O_DIRECT|O_DSYNC."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_DSYNC, 0o600)
+    if layout == "append":
+        return fd                       # empty: each record grows it
     try:
         os.posix_fallocate(fd, 0, size)
         if layout == "written":
@@ -79,8 +86,8 @@ class Log:
     `written(seq, seconds)` is called as each record is written, in any
     order, and `failed(error)` if a write fails (the thread then ends)."""
 
-    def __init__(self, fd, size, loop, written, failed):
-        self.fd, self.size, self.loop = fd, size, loop
+    def __init__(self, fd, size, loop, written, failed, append=False):
+        self.fd, self.size, self.loop, self.append = fd, size, loop, append
         self.written, self.failed = written, failed
         self.offset = 0
         self.laps = 0
@@ -94,20 +101,25 @@ class Log:
         return 0 < span_of(payload) <= self.size
 
     def put(self, seq, payload):
-        """Queues the record at the next place, at 0 again past the end."""
+        """Queues the record at the next place, at 0 again past the end (the
+        file emptied first when each record grows it)."""
         span = span_of(payload)
         assert self.fits(payload), f"a record of {span} bytes in a log of {self.size}"
+        empty_first = False
         if self.offset + span > self.size:
             self.offset = 0
             self.laps += 1
-        self.jobs.put((seq, payload, self.offset, span))
+            empty_first = self.append
+        self.jobs.put((seq, payload, self.offset, span, empty_first))
         self.offset += span
 
     def write_records(self):
         buf = mmap.mmap(-1, BLOCK_BYTES)
         while True:
-            seq, payload, offset, span = self.jobs.get()
+            seq, payload, offset, span, empty_first = self.jobs.get()
             try:
+                if empty_first:         # one writer: every record before is written
+                    os.ftruncate(self.fd, 0)
                 if span > len(buf):
                     buf = mmap.mmap(-1, span)
                 buf[:len(payload)] = payload
@@ -234,7 +246,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, required=True, help="0 for any free port")
     p.add_argument("--file", required=True, help="the log's file (replaced)")
-    p.add_argument("--layout", choices=("written", "unwritten"), default="written")
+    p.add_argument("--layout", choices=("written", "unwritten", "append"), default="written")
     p.add_argument("--writers", type=int, default=1, help=f"1 to {WRITERS_MAX}")
     p.add_argument("--size-mib", type=int, default=1024, help="the log's size")
     args = p.parse_args(argv)
@@ -242,6 +254,9 @@ def main(argv=None):
         p.error(f"--port must be from 0 to 65535, not {args.port}")
     if not 1 <= args.writers <= WRITERS_MAX:
         p.error(f"--writers must be from 1 to {WRITERS_MAX}, not {args.writers}")
+    if args.layout == "append" and args.writers != 1:
+        p.error("--layout append takes --writers 1: emptying the file at the end of a lap "
+                "would race a record in flight")
     if not 1 <= args.size_mib <= SIZE_MIB_MAX:
         p.error(f"--size-mib must be from 1 to {SIZE_MIB_MAX}, not {args.size_mib}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.file))):
@@ -254,7 +269,7 @@ def main(argv=None):
         loop.create_server(lambda: Mods(commit, balances), "127.0.0.1", args.port))
     size = args.size_mib << 20
     commit.log = Log(open_log(args.file, size, args.layout), size, loop,
-                     commit.written, commit.fail)
+                     commit.written, commit.fail, append=args.layout == "append")
     commit.log.start(args.writers)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, loop.stop)

@@ -2,9 +2,11 @@
 mod with the new balance and anything else with 404, in the order asked,
 and only once the records before it are written (in process, with the
 records completed out of order); each mod's record is in its file; the
-records wrap at the end of the file; a failed write or a batch too large
+records wrap at the end of the file, which the append layout empties
+first; a failed write or a batch too large
 for the file stops it, named; a bad argument is refused naming it."""
 
+import os
 import select
 import signal
 import socket
@@ -67,7 +69,8 @@ def read_replies(sock, n):
     return replies
 
 
-@pytest.mark.parametrize("layout, writers", [("written", "2"), ("unwritten", "1")])
+@pytest.mark.parametrize("layout, writers",
+                         [("written", "2"), ("unwritten", "1"), ("append", "1")])
 def test_each_request_is_answered_in_order_and_each_mod_is_in_the_file(tmp_path, layout, writers):
     proc, port = start(tmp_path, "--layout", layout, "--writers", writers)
     try:
@@ -94,6 +97,8 @@ def test_a_bad_argument_is_refused_by_name(tmp_path):
                         (("--size-mib", "0"), "--size-mib must be from 1 to 65536, not 0"),
                         (("--port", "70000"), "--port must be from 0 to 65535, not 70000"),
                         (("--layout", "zeros"), "--layout: invalid choice: 'zeros'"),
+                        (("--layout", "append", "--writers", "2"),
+                         "--layout append takes --writers 1"),
                         (("--file", str(tmp_path / "no" / "log")),
                          f"--file {tmp_path / 'no' / 'log'}: its directory does not exist")):
         argv = [sys.executable, str(SCRIPT), "--port", "0", "--file", str(tmp_path / "log"),
@@ -199,14 +204,41 @@ def test_records_wrap_at_the_end_of_the_file():
     assert places == [0, block, 0, block] and log.laps == 1
 
 
+class Threadsafe:
+    """What a writer thread asks of the loop, kept for the test."""
+
+    def __init__(self):
+        self.calls = []
+        self.told = threading.Event()
+
+    def call_soon_threadsafe(self, f, *args):
+        self.calls.append((f, args))
+        self.told.set()
+
+
+def test_the_append_layout_empties_the_file_before_its_next_lap(tmp_path):
+    block = log_sketch.BLOCK_BYTES
+    fd = log_sketch.open_log(str(tmp_path / "log"), 2 * block, "append")
+    loop, written = Threadsafe(), []
+    log = log_sketch.Log(fd, 2 * block, loop, written.append, None, append=True)
+    try:
+        assert os.fstat(fd).st_size == 0, "the file starts empty"
+        for seq, payload in enumerate((b"first\n", b"second\n", b"third\n")):
+            log.put(seq, payload)
+        threading.Thread(target=log.write_records, daemon=True).start()
+        while len(loop.calls) < 3:
+            assert loop.told.wait(REPLY_TIMEOUT_S), f"written: {loop.calls}"
+            loop.told.clear()
+        content = (tmp_path / "log").read_bytes()     # fd is O_DIRECT: not for pread
+    finally:
+        os.close(fd)
+    assert [f for f, _ in loop.calls] == [written.append] * 3, loop.calls
+    assert log.laps == 1
+    assert len(content) == block, "the second lap starts from an empty file"
+    assert content.startswith(b"third\n") and b"second" not in content
+
+
 def test_a_failed_write_is_told_to_the_loop():
-    class Threadsafe:
-        def __init__(self):
-            self.calls = []
-
-        def call_soon_threadsafe(self, f, *args):
-            self.calls.append((f, args))
-
     loop = Threadsafe()
     failures = []
     log = log_sketch.Log(-1, 1 << 20, loop, None, failures.append)   # fd -1: EBADF
