@@ -51,8 +51,8 @@ import time
 import plyvel
 
 from harness.base import nearest_rank
+from harness.disk import BLOCK_BYTES, zero_filled
 
-BLOCK_BYTES = 4096          # one page; O_DIRECT needs aligned, whole blocks
 PAUSE_US_MAX = 1_000_000    # a second between writes is idle enough for any disk
 VALUE_BYTES = 48            # about a history entry's value
 ROUNDS = 2
@@ -70,10 +70,7 @@ def leveldb_batch(db, records, sync, counter):
 def preallocated(path, writes, flags):
     """A file of `writes` blocks, written and synced once, so that writing
     over it changes neither its size nor its block map."""
-    with open(path, "wb") as f:
-        f.write(b"\0" * (BLOCK_BYTES * writes))
-        f.flush()
-        os.fsync(f.fileno())
+    zero_filled(path, BLOCK_BYTES * writes)
     return os.open(path, os.O_RDWR | flags)
 
 

@@ -24,9 +24,10 @@ at the end of the file and overwrite their own (the report counts the
 laps); `append`: the file starts empty and each record is written at its
 end, so that each write also grows the file (AccMan's log as it would be
 without the zeros written ahead of it), until the records reach
-`--size-mib`, where the file is emptied and the next record written at 0.  `--writers 2` keeps two records in flight,
-written side by side by two threads, their replies still in order (not
-with `append`, whose emptying would race a write in flight).
+`--size-mib`, where the file is emptied and the next record written at
+0.  `--writers 2` keeps two records in flight, written side by side by
+two threads, their replies still in order (not with `append`, whose
+emptying would race a write in flight).
 
 On SIGTERM or SIGINT it prints on stderr the records written, the mods,
 the laps, and the median and 90th percentile of a record's write, then
@@ -48,9 +49,8 @@ import time
 import uvloop
 
 from harness.base import nearest_rank
+from harness.disk import BLOCK_BYTES, zero_filled
 
-BLOCK_BYTES = 4096              # O_DIRECT: aligned offsets, whole blocks
-ZERO_CHUNK_BYTES = 1 << 20      # the written layout's zeros, a chunk at a time
 SIZE_MIB_MAX = 64 * 1024
 WRITERS_MAX = 2
 SAMPLES_MAX = 1_000_000         # write times kept for the report; the count stays exact
@@ -60,16 +60,15 @@ NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
 
 def open_log(path, size, layout):
     """The file, laid out as asked, opened O_DIRECT|O_DSYNC."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_DSYNC, 0o600)
+    flags = os.O_RDWR | os.O_DIRECT | os.O_DSYNC
+    if layout == "written":
+        zero_filled(path, size)
+        return os.open(path, flags)
+    fd = os.open(path, flags | os.O_CREAT | os.O_TRUNC, 0o600)
     if layout == "append":
         return fd                       # empty: each record grows it
     try:
         os.posix_fallocate(fd, 0, size)
-        if layout == "written":
-            zeros = mmap.mmap(-1, ZERO_CHUNK_BYTES)     # page-aligned, for O_DIRECT
-            for offset in range(0, size, ZERO_CHUNK_BYTES):
-                os.pwritev(fd, [memoryview(zeros)[:min(ZERO_CHUNK_BYTES, size - offset)]],
-                           offset)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -22,6 +22,7 @@ SCRIPT = BENCH / "log_sketch.py"
 sys.path.insert(0, str(BENCH))
 
 import log_sketch  # noqa: E402
+from harness import disk  # noqa: E402
 
 START_TIMEOUT_S = 20.0
 REPLY_TIMEOUT_S = 10.0
@@ -214,6 +215,14 @@ class Threadsafe:
     def call_soon_threadsafe(self, f, *args):
         self.calls.append((f, args))
         self.told.set()
+
+
+def test_the_written_layout_is_zeros_over_the_whole_size_of_the_file(tmp_path):
+    path = tmp_path / "log"
+    path.write_bytes(b"an older log" * 700_000)      # replaced, longer than asked
+    size = 2 * disk.ZERO_CHUNK_BYTES + disk.BLOCK_BYTES     # a chunk and a part
+    os.close(log_sketch.open_log(str(path), size, "written"))
+    assert path.read_bytes() == bytes(size)
 
 
 def test_the_append_layout_empties_the_file_before_its_next_lap(tmp_path):

@@ -2,6 +2,7 @@
 plan of figures, the measuring in rounds, the report, and the profile.
 
     base      constants shared by the parts, and BenchError
+    disk      the block and the file of zeros of the disk tools (fsync_cost, log_sketch)
     cpu       how busy each CPU was during a figure, and waiting for quiet
     irqs      which CPUs take the disk's interrupts
     servers   every server under test, started pinned on loopback and stopped by group
