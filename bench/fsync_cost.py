@@ -51,7 +51,7 @@ import time
 import plyvel
 
 from harness.base import nearest_rank
-from harness.disk import BLOCK_BYTES, zero_filled
+from harness.disk import BLOCK_BYTES, unwritten, zero_filled
 
 PAUSE_US_MAX = 1_000_000    # a second between writes is idle enough for any disk
 VALUE_BYTES = 48            # about a history entry's value
@@ -132,15 +132,8 @@ def overwrite_method(workdir, writes, block, flags, sync):
 def unwritten_method(workdir, writes, block):
     """4 KiB written O_DIRECT+O_DSYNC into blocks allocated, never written."""
     def setup():
-        path = os.path.join(workdir, "unwritten")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DSYNC | os.O_DIRECT,
-                     0o600)
-        try:
-            os.posix_fallocate(fd, 0, BLOCK_BYTES * writes)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = unwritten(os.path.join(workdir, "unwritten"), BLOCK_BYTES * writes,
+                       os.O_DSYNC | os.O_DIRECT)
 
         def write(i):
             os.pwritev(fd, [block], i * BLOCK_BYTES)

@@ -3,9 +3,11 @@ mod with the new balance and anything else with 404, in the order asked,
 and only once the records before it are written (in process, with the
 records completed out of order); each mod's record is in its file; the
 records wrap at the end of the file, which the append layout empties
-first; a failed write or a batch too large
-for the file stops it, named; a bad argument is refused naming it."""
+first; each layout is opened O_DIRECT|O_DSYNC, the written one over
+zeros; a failed write or a batch too large for the file stops it,
+named; a bad argument is refused naming it."""
 
+import fcntl
 import os
 import select
 import signal
@@ -91,6 +93,40 @@ def test_each_request_is_answered_in_order_and_each_mod_is_in_the_file(tmp_path,
     assert replies == expected + [(b"404", b"")]
     assert proc.returncode == 0, err
     assert f" records, {len(asked)} mods (" in err, err
+
+
+@pytest.mark.parametrize("layout", ["written", "unwritten", "append"])
+def test_the_records_wrap_at_the_end_of_the_file(tmp_path, layout):
+    """One mod at a time, so that each is a record of one block: a 1 MiB
+    file holds 256, and the 257th starts the next lap at 0."""
+    block = log_sketch.BLOCK_BYTES
+    proc, port = start(tmp_path, "--layout", layout)
+    mods = (1 << 20) // block + 44
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=REPLY_TIMEOUT_S) as sock:
+            for i in range(mods):
+                sock.sendall(b"PATCH /mod?cred=w&by=1 HTTP/1.1\r\n\r\n")
+                assert read_replies(sock, 1) == [(b"200", b"%d" % (i + 1))]
+            log = (tmp_path / "log").read_bytes()
+    finally:
+        err = stop(proc)
+    assert proc.returncode == 0, err
+    assert f"{mods} records, {mods} mods (1.0 a record), 1 laps" in err, err
+    size = 44 * block if layout == "append" else 1 << 20
+    assert len(log) == size, "append empties the file for its next lap; the others keep it"
+    assert log[:block].startswith(b"w 1 257\n"), "the 257th record is written at 0"
+    assert log[43 * block:].startswith(b"w 1 %d\n" % mods)
+    assert (b"w 1 300\n" in log) and (b"w 1 257\n" in log)
+
+
+@pytest.mark.parametrize("layout", ["written", "unwritten", "append"])
+def test_each_layout_is_opened_direct_and_dsync(tmp_path, layout):
+    fd = log_sketch.open_log(str(tmp_path / "log"), 1 << 20, layout)
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    finally:
+        os.close(fd)
+    assert flags & os.O_DIRECT and flags & os.O_DSYNC == os.O_DSYNC, oct(flags)
 
 
 def test_a_bad_argument_is_refused_by_name(tmp_path):

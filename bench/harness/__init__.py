@@ -1,8 +1,9 @@
 """The parts of bench/load.py (and bench/ab.py): servers, runners, the
-plan of figures, the measuring in rounds, the report, and the profile.
+plan of figures, the measuring in rounds, the report, and the profile;
+and what the disk tools (bench/fsync_cost.py, bench/log_sketch.py) share.
 
     base      constants shared by the parts, and BenchError
-    disk      the block and the file of zeros of the disk tools (fsync_cost, log_sketch)
+    disk      the disk tools' block size and file layouts (zeros, unwritten)
     cpu       how busy each CPU was during a figure, and waiting for quiet
     irqs      which CPUs take the disk's interrupts
     servers   every server under test, started pinned on loopback and stopped by group
