@@ -3,11 +3,12 @@
     .venv/bin/python bench/fsync_cost.py [--dir DIR] [--writes N] [--records R] [--cpu C]
                                          [--pause-us P]
 
-The group commit pays one durable write per batch; on the development VM
-that write's CPU, not the disk's latency, is what the commit thread mostly
-spends (docs/PERFORMANCE.md, "Durable /mod").  This measures, in one
-process pinned to one CPU (the server's, by default CPU 0), each way of
-making a batch of R records durable that docs/PERFORMANCE.md discusses:
+The group commit pays one durable write per batch, and what that write
+costs, in CPU and in waiting for the disk, depends on how it is made and
+on what came before it (docs/PERFORMANCE.md, "What would move the
+figures").  This measures, in one process pinned to one CPU (the
+server's, by default CPU 0), each way of making a batch of R records
+durable that docs/PERFORMANCE.md discusses:
 
 - `leveldb sync=True`: a LevelDB write batch with `sync=True` (LevelDB
   appends to its log, then `fdatasync`), the durable write AccMan's own
