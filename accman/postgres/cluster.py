@@ -60,6 +60,8 @@ class Lane:
         self.apply = None
         self.ops: deque = deque()          # B.Op, an ordered /past among them
         self.writing = False
+        # The calls the next batch waits for (accman.postgres.committing FILL_*).
+        self.fill_target = 0
 
     async def connect(self, url, on_closed, said) -> None:
         """Connects the writer (the last one, left idle by a reconnection

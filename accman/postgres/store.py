@@ -36,7 +36,7 @@ from accman.postgres import schema as S
 from accman.postgres import upkeep
 from accman.postgres.backends import pool_read, writer_read
 from accman.postgres.cluster import Cluster, health_detail
-from accman.postgres.committing import PAST_BARRIER, Committing
+from accman.postgres.committing import FILL_FRACTION, FILL_WAIT_S, PAST_BARRIER, Committing
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.connecting import ServiceSaid
 from accman.postgres.cursors import PgCursors
@@ -80,6 +80,8 @@ class PgStore(Committing):
         self.low_default = low_default
         self.retention_s = retention_s
         self.batch_mods_max = batch_mods_max
+        self.fill_fraction = FILL_FRACTION
+        self.fill_wait_s = FILL_WAIT_S
         self.queued_mods_max = queued_mods_max
         self.holds_per_account_max = holds_per_account_max
         self.holds_max = holds_max
