@@ -27,18 +27,22 @@ log = logging.getLogger("accman.postgres")
 # for a synchronous standby that is gone never answers otherwise.
 COMMIT_TIMEOUT_S = 10.0
 
-# Filling a batch: a batch costs the database and its round trip about the
-# same whatever it holds (its fixed part, and the commit's flush), and the
-# clients whose replies just went out are about to send again, so after a
-# commit the writer takes the next batch only once FILL_FRACTION of the
-# calls in flight then (the batch's and those queued meanwhile) are queued,
-# looking again after every loop turn (the loop reads its sockets
-# meanwhile), for at most FILL_WAIT_S.  With one call in flight the target
-# is 0 and nothing waits.  Nearly all, where the embedded store waits for
-# half: a batch's round trip here (the database's work on it, and its
-# commit's flush) is long beside the spread of the callers' return, and a
-# caller left out of a batch waits for that whole round trip
-# (docs/PERFORMANCE.md, "PostgreSQL").
+# Filling a batch, on a store of one cluster: a batch costs the database
+# and its round trip about the same whatever it holds (its fixed part, and
+# the commit's flush), and a caller whose reply just went out may be about
+# to call again, so after a commit the writer takes the next batch only
+# once FILL_FRACTION of the calls in flight then (the batch's and those
+# queued meanwhile) are queued, looking again after every loop turn (the
+# loop reads its sockets meanwhile), for at most FILL_WAIT_S, and not once
+# the cluster is lost or the store is closing.  With one call in flight
+# the target is 0 and nothing waits.  Nearly all, where the embedded store
+# waits for half: a batch's round trip here (the database's work on it,
+# and its commit's flush) is long beside the spread of the callers'
+# return, and a caller left out of a batch waits for that whole round
+# trip.  A store of several clusters does not wait (its fill fraction is
+# 0): a caller answered by one cluster calls another as often as not, and
+# there the wait cost more than it gathered (docs/PERFORMANCE.md,
+# "PostgreSQL").
 FILL_FRACTION = 0.9
 FILL_WAIT_S = 400e-6
 
@@ -65,9 +69,9 @@ class Committing:
                     await self._past(op, lane=lane, cluster=cluster)
                     continue
                 if len(ops) < lane.fill_target:
-                    await self._fill(lane)
+                    await self._fill(cluster, lane)
                     lane.fill_target = 0    # waited: what is queued goes, whatever came
-                    continue                # the lane may have been refused meanwhile
+                    continue                # the cluster may have been lost meanwhile
                 taken = []
                 while ops and len(taken) < self.batch_mods_max and ops[0].kind != PAST_BARRIER:
                     taken.append(ops.popleft())
@@ -81,11 +85,13 @@ class Committing:
             # The cluster went unhealthy with calls still queued: none was sent.
             self._refuse(lane, named(self, cluster) + cluster.error)
 
-    async def _fill(self, lane) -> None:
+    async def _fill(self, cluster: Cluster, lane) -> None:
         """Until the lane's fill target is queued, loop turn after loop
-        turn, for at most fill_wait_s (FILL_*)."""
+        turn, for at most fill_wait_s, while the cluster is healthy and the
+        store not closing (FILL_*)."""
         until = time.perf_counter() + self.fill_wait_s
-        while len(lane.ops) < lane.fill_target and time.perf_counter() < until:
+        while (len(lane.ops) < lane.fill_target and time.perf_counter() < until
+               and cluster.healthy and not self._closing):
             await asyncio.sleep(0)
 
     async def _commit(self, cluster: Cluster, lane, ops: list) -> None:

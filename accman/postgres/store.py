@@ -4,12 +4,13 @@
     store.bind_loop(loop, deliver)
     store.submit("alice", 100, None, "k1", done)      # done((tot, seq)) once committed
 
-Group commit at the database: the calls of one loop turn go to a cluster as one call of
-accman_apply (one transaction, one round trip), answered only after that commit returned; the next
-batch fills while one is in flight. Unordered /tot reads of a loop turn go as one query on a read
-connection (a second beside it once as many wait: Cluster.another_reader). Everything a batch
-judges (min, overflow, keys, seq, holds) is judged in the database against rows it has locked
-(accman.postgres.schema).
+Group commit at the database: the calls queued for a cluster go to it as one call of accman_apply
+(one transaction, one round trip), answered only after that commit returned; the next batch fills
+while one is in flight, and on a store of one cluster after the commit until most of the callers
+answered are back (accman.postgres.committing FILL_*). Unordered /tot reads of a loop turn go as
+one query on a read connection (a second beside it once as many wait: Cluster.another_reader).
+Everything a batch judges (min, overflow, keys, seq, holds) is judged in the database against rows
+it has locked (accman.postgres.schema).
 
 Accounts spread over the clusters by rendezvous hashing of the account id with each cluster's id:
 adding a cluster moves only the accounts that now rank it first (docs/SCALING.md). Their events are
@@ -80,7 +81,7 @@ class PgStore(Committing):
         self.low_default = low_default
         self.retention_s = retention_s
         self.batch_mods_max = batch_mods_max
-        self.fill_fraction = FILL_FRACTION
+        self.fill_fraction = FILL_FRACTION if len(urls) == 1 else 0.0
         self.fill_wait_s = FILL_WAIT_S
         self.queued_mods_max = queued_mods_max
         self.holds_per_account_max = holds_per_account_max
@@ -91,6 +92,7 @@ class PgStore(Committing):
         self._loop = asyncio.get_running_loop()
         self._deliver = run_callbacks
         self._closed = False
+        self._closing = False               # aclose has begun: no batch waits to fill
         self._tasks: set = set()
         self._flying: dict = {}            # ops whose commit or /past query flies, in order
         self.batches = 0
@@ -388,6 +390,7 @@ class PgStore(Committing):
         NotApplied (never sent), the reads Unavailable, and the batches in
         flight Unavailable too (their outcome unknown: a keyed retry gets
         the original reply)."""
+        self._closing = True
         while any(lane.ops or lane.writing for c in self.clusters for lane in c.lanes) and \
                 any(c.healthy for c in self.clusters):
             await asyncio.sleep(0.001)

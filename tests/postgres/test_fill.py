@@ -1,54 +1,84 @@
 """The PostgreSQL store's fill wait (accman.postgres.committing FILL_*):
-after a commit, the next batch waits until most of the calls that were in
-flight are queued, loop turn after loop turn, for at most the fill wait;
-one call at a time never waits."""
+on a store of one cluster, after a commit the next batch waits until most
+of the calls that were in flight are queued, loop turn after loop turn,
+for at most the fill wait, and not once the cluster is lost or the store
+is closing; one call at a time never waits, nor a store of two clusters."""
 
 import asyncio
 import time
 
+from accman.errors import NotApplied, NoAccount
 from accman.postgres import committing
 
-from .helpers import run, stored
+from .helpers import opened, run, stored, two_clusters
 
 IN_FLIGHT = 10
+LONG_WAIT_S = 2.0       # longer than the test looks: the target decides, not the clock
 
 
-async def _one_batch(store, c):
-    """IN_FLIGHT concurrent calls, one batch; the fill target after it is
-    int(FILL_FRACTION * IN_FLIGHT)."""
-    await asyncio.gather(*(c.mod(f"f{i}", 5) for i in range(IN_FLIGHT)))
-    assert store.drain_samples()[0][-1:] == [IN_FLIGHT]
+async def _one_batch(store, c, creds):
+    """A batch of one call on each of `creds`, all at once."""
+    await asyncio.gather(*(c.mod(cred, 5) for cred in creds))
+    assert store.drain_samples()[0][-1:] == [len(creds)]
+
+
+async def _waits_for(store, c, target, cred):
+    """`target` - 1 calls on `cred` queued at once, then after a pause one
+    more, which sends them: whether the first were still waiting, the
+    batches the last one made, the outcomes, and the batch sizes."""
+    early = [asyncio.ensure_future(c.mod(cred, 1)) for _ in range(target - 1)]
+    batches = store.batches
+    await asyncio.sleep(0.3)            # many round trips' time
+    waiting = [t.done() for t in early]
+    t0 = time.perf_counter()
+    last = asyncio.ensure_future(c.mod(cred, 1))
+    got = await asyncio.wait_for(asyncio.gather(*early, last), 10)
+    assert time.perf_counter() - t0 < LONG_WAIT_S / 2      # the target sent it, not the clock
+    return waiting, store.batches - batches, got, store.drain_samples()[0]
 
 
 def test_the_next_batch_waits_for_the_calls_in_flight(pg_url):
-    """Calls arriving alone after a batch wait, turn after turn, and go
+    """Calls queued after a batch wait, loop turn after loop turn, and go
     in one batch with the call that makes the target."""
     target = int(committing.FILL_FRACTION * IN_FLIGHT)
     assert 2 < target < IN_FLIGHT
 
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = 60.0            # the target decides, not the clock
-            await _one_batch(store, c)
-            early = [asyncio.ensure_future(c.mod("g", 1)) for _ in range(target - 1)]
-            await asyncio.sleep(0.3)            # many round trips' time
-            waiting = [t.done() for t in early], store.batches
-            last = asyncio.ensure_future(c.mod("g", 1))
-            got = await asyncio.wait_for(asyncio.gather(*early, last), 10)
-            return waiting, store.batches, got, store.drain_samples()[0]
+            store.fill_wait_s = LONG_WAIT_S
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+            return await _waits_for(store, c, target, "g")
 
-    (done_then, batches_then), batches, got, sizes = run(main())
-    assert done_then == [False] * (target - 1)
-    assert batches == batches_then + 1
+    waiting, batches, got, sizes = run(main())
+    assert waiting == [False] * (target - 1)
+    assert batches == 1
     assert sorted(seq for _, seq in got) == list(range(1, target + 1))
     assert sizes == [target]
+
+
+def test_a_store_of_two_clusters_never_waits_to_fill(pg, pg_factory):
+    """After a batch on one cluster of two, the next call on it goes at
+    once, however many the batch held."""
+    _, urls = two_clusters(pg, pg_factory, "fill")
+
+    async def main():
+        async with stored(urls) as (store, c):
+            store.fill_wait_s = 60.0            # a wait would time the test out
+            home = [f"h{i}" for i in range(200) if store._locate(f"h{i}")[1] is store.home]
+            await _one_batch(store, c, home[:IN_FLIGHT])
+            got = await asyncio.wait_for(c.mod(home[IN_FLIGHT], 1), 10)
+            return got, store.drain_samples()[0]
+
+    got, sizes = run(main())
+    assert got == (1, 1)
+    assert sizes == [1]
 
 
 def test_a_batch_that_does_not_fill_goes_after_the_fill_wait(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):
             store.fill_wait_s = 0.2
-            await _one_batch(store, c)
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             t0 = time.perf_counter()
             got = await asyncio.wait_for(asyncio.gather(c.mod("g", 1), c.mod("g", 1)), 10)
             return got, time.perf_counter() - t0, store.drain_samples()[0]
@@ -57,6 +87,44 @@ def test_a_batch_that_does_not_fill_goes_after_the_fill_wait(pg_url):
     assert sorted(got) == [(1, 1), (2, 2)]
     assert waited_s >= 0.2
     assert sizes == [2]
+
+
+def test_calls_waiting_to_fill_when_the_cluster_is_lost_are_not_sent(pg_url):
+    """The wait ends with the cluster: the calls are refused NotApplied at
+    once, and none is sent once the store has reconnected."""
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            store.fill_wait_s = 5.0         # the reconnection comes well within it
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+            told = []
+            for _ in range(2):
+                store.submit("g", 1, done=told.append)
+            for _ in range(10):
+                await asyncio.sleep(0)      # the writer is waiting to fill
+            assert told == []
+            # Reconnecting waits RECONNECT_BACKOFF_S_MAX (2 s), as after refused
+            # batches: the calls are told before, when the wait ends with the cluster.
+            store.clusters[0].refused_in_row = 8
+            store.lost(store.clusters[0], ConnectionResetError())
+            t0 = time.monotonic()
+            while len(told) < 2 and time.monotonic() < t0 + 10:
+                await asyncio.sleep(0.01)
+            told_s = time.monotonic() - t0
+            while not store.clusters[0].healthy and time.monotonic() < t0 + 10:
+                await asyncio.sleep(0.01)
+            try:
+                await c.tot("g")
+            except NoAccount:
+                return told, told_s, None
+            return told, told_s, "g was made"
+        finally:
+            await store.aclose()
+
+    told, told_s, made = run(main())
+    assert [type(o) for o in told] == [NotApplied, NotApplied]
+    assert told_s < 1.0
+    assert made is None
 
 
 def test_one_call_at_a_time_never_waits_to_fill(pg_url):
@@ -69,3 +137,24 @@ def test_one_call_at_a_time_never_waits_to_fill(pg_url):
     got, sizes = run(main())
     assert got == [(i, i) for i in range(1, 21)]
     assert sizes == [1] * 20
+
+
+def test_a_close_ends_the_fill_wait(pg_url):
+    """A store closed while its writer waits to fill commits the calls
+    waiting at once, as it commits whatever is queued, and closes."""
+    async def main():
+        store, c = await opened(pg_url)
+        store.fill_wait_s = 5.0
+        await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+        told = []
+        for _ in range(2):
+            store.submit("g", 1, done=told.append)
+        for _ in range(10):
+            await asyncio.sleep(0)          # the writer is waiting to fill
+        t0 = time.perf_counter()
+        await store.aclose()
+        return told, time.perf_counter() - t0
+
+    told, closing_s = run(main())
+    assert sorted(told) == [(1, 1), (2, 2)]
+    assert closing_s < 2.0
