@@ -86,6 +86,7 @@ class Lane:
         """Closes the writer's socket; returns its backend, which may go on
         in the database (see Cluster.stalled)."""
         writer, self.writer = self.writer, None
+        self.fill_target = 0               # its callers in flight went with the connection
         if writer is not None:
             writer.terminate()
             return writer.backend

@@ -40,9 +40,9 @@ COMMIT_TIMEOUT_S = 10.0
 # and its commit's flush) is long beside the spread of the callers'
 # return, and a caller left out of a batch waits for that whole round
 # trip.  A store of several clusters does not wait (its fill fraction is
-# 0): a caller answered by one cluster calls another as often as not, and
-# there the wait cost more than it gathered (docs/PERFORMANCE.md,
-# "PostgreSQL").
+# 0): a caller answered by one cluster calls another as often as not, so
+# that the target is seldom reached and the wait mostly polls until its
+# deadline (docs/PERFORMANCE.md, "PostgreSQL").
 FILL_FRACTION = 0.9
 FILL_WAIT_S = 400e-6
 

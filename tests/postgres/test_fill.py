@@ -10,7 +10,7 @@ import time
 from accman.errors import NotApplied, NoAccount
 from accman.postgres import committing
 
-from .helpers import opened, run, stored, two_clusters
+from .helpers import locked, opened, run, stored, two_clusters
 
 IN_FLIGHT = 10
 LONG_WAIT_S = 2.0       # longer than the test looks: the target decides, not the clock
@@ -144,17 +144,70 @@ def test_a_close_ends_the_fill_wait(pg_url):
     waiting at once, as it commits whatever is queued, and closes."""
     async def main():
         store, c = await opened(pg_url)
-        store.fill_wait_s = 5.0
-        await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
-        told = []
-        for _ in range(2):
-            store.submit("g", 1, done=told.append)
-        for _ in range(10):
-            await asyncio.sleep(0)          # the writer is waiting to fill
-        t0 = time.perf_counter()
-        await store.aclose()
-        return told, time.perf_counter() - t0
+        try:
+            store.fill_wait_s = 30.0
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+            told = []
+            for _ in range(2):
+                store.submit("g", 1, done=told.append)
+            for _ in range(10):
+                await asyncio.sleep(0)
+            waiting = told == [] and store.clusters[0].lanes[0].writing
+        finally:
+            t0 = time.perf_counter()
+            await store.aclose()
+        return waiting, told, time.perf_counter() - t0
 
-    told, closing_s = run(main())
-    assert sorted(told) == [(1, 1), (2, 2)]
-    assert closing_s < 2.0
+    waiting, told, closing_s = run(main())
+    assert waiting
+    assert [repr(o) for o in sorted(told, key=repr)] == ["(1, 1)", "(2, 2)"]
+    assert closing_s < 10.0
+
+
+def test_a_call_after_a_reconnection_does_not_wait_for_the_callers_before(pg_url):
+    """The callers in flight at a loss went with its connection: the first
+    call after the reconnection goes at once."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            store.fill_wait_s = 30.0
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+            store.lost(store.clusters[0], ConnectionResetError())
+            deadline = time.monotonic() + 10
+            while not store.clusters[0].healthy and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            t0 = time.perf_counter()
+            got = await asyncio.wait_for(c.mod("g", 1), 20)
+            return got, time.perf_counter() - t0
+
+    got, answered_s = run(main())
+    assert got == (1, 1)
+    assert answered_s < 10.0
+
+
+def test_a_call_after_a_batch_lost_in_flight_does_not_wait_for_its_callers(pg_url):
+    """A batch whose commit is cut by a loss sets no target: its callers
+    were told it failed, and the first call after the reconnection goes at
+    once."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            store.fill_wait_s = 30.0
+            told = []
+            async with locked(pg_url, "accman_accounts"):
+                for i in range(IN_FLIGHT):
+                    store.submit(f"f{i}", 5, done=told.append)
+                await asyncio.sleep(0.3)
+                assert told == [], "the batch was answered before the lock was let go"
+                store.lost(store.clusters[0], ConnectionResetError())
+                deadline = time.monotonic() + 10
+                while len(told) < IN_FLIGHT and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            while not store.clusters[0].healthy and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            t0 = time.perf_counter()
+            got = await asyncio.wait_for(c.mod("g", 1), 20)
+            return told, got, time.perf_counter() - t0
+
+    told, got, answered_s = run(main())
+    assert len(told) == IN_FLIGHT and not any(isinstance(o, tuple) for o in told)
+    assert got == (1, 1)
+    assert answered_s < 10.0
