@@ -56,6 +56,26 @@ def test_the_next_batch_waits_for_the_calls_in_flight(pg_url):
     assert sizes == [target]
 
 
+def test_the_target_is_at_most_fill_target_max(pg_url):
+    """After a batch larger than FILL_TARGET_MAX calls' worth, the next one
+    waits for FILL_TARGET_MAX calls, not for nine in ten of the batch."""
+    target = 4
+    assert target < int(committing.FILL_FRACTION * IN_FLIGHT)
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            store.fill_wait_s = LONG_WAIT_S
+            store.fill_target_max = target
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+            return await _waits_for(store, c, target, "g")
+
+    waiting, batches, got, sizes = run(main())
+    assert waiting == [False] * (target - 1)
+    assert batches == 1
+    assert sorted(seq for _, seq in got) == list(range(1, target + 1))
+    assert sizes == [target]
+
+
 def test_a_store_of_two_clusters_never_waits_to_fill(pg, pg_factory):
     """After a batch on one cluster of two, the next call on it goes at
     once, however many the batch held."""
