@@ -39,9 +39,10 @@ COMMIT_TIMEOUT_S = 10.0
 # waits for half: a batch's round trip here (the database's work on it,
 # and its commit's flush) is long beside the spread of the callers'
 # return, and a caller left out of a batch waits for that whole round
-# trip.  The target is at most FILL_TARGET_MAX: a batch that large has
-# its fixed cost shared out already, and waiting for more (pipelining
-# callers keep many calls in flight) only delays it.  A store of several
+# trip.  The target is at most FILL_TARGET_MAX calls, and never more
+# than a batch takes: a batch that large has its fixed cost shared out
+# already, and waiting for more (pipelining callers keep many calls in
+# flight) only delays it.  A store of several
 # clusters does not wait (its fill fraction is 0): a caller answered by
 # one cluster calls another as often as not, so that the target is
 # seldom reached and the wait mostly polls until its deadline
@@ -81,7 +82,7 @@ class Committing:
                     taken.append(ops.popleft())
                 await self._commit(cluster, lane, taken)
                 lane.fill_target = min(int(self.fill_fraction * (len(taken) + len(ops))),
-                                       self.fill_target_max)
+                                       self.fill_target_max, self.batch_mods_max)
                 await asyncio.sleep(0)
         finally:
             lane.writing = False

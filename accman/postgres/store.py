@@ -7,10 +7,10 @@
 Group commit at the database: the calls queued for a cluster go to it as one call of accman_apply
 (one transaction, one round trip), answered only after that commit returned; the next batch fills
 while one is in flight, and on a store of one cluster after the commit until most of the callers
-answered are back (accman.postgres.committing FILL_*). Unordered /tot reads of a loop turn go as
-one query on a read connection (a second beside it once as many wait: Cluster.another_reader).
-Everything a batch judges (min, overflow, keys, seq, holds) is judged in the database against rows
-it has locked (accman.postgres.schema).
+answered are back, or 128 of them (accman.postgres.committing FILL_*). Unordered /tot reads of a
+loop turn go as one query on a read connection (a second beside it once as many wait:
+Cluster.another_reader). Everything a batch judges (min, overflow, keys, seq, holds) is judged in
+the database against rows it has locked (accman.postgres.schema).
 
 Accounts spread over the clusters by rendezvous hashing of the account id with each cluster's id:
 adding a cluster moves only the accounts that now rank it first (docs/SCALING.md). Their events are
@@ -84,7 +84,7 @@ class PgStore(Committing):
         self.batch_mods_max = batch_mods_max
         self.fill_fraction = FILL_FRACTION if len(urls) == 1 else 0.0
         self.fill_wait_s = FILL_WAIT_S
-        self.fill_target_max = min(FILL_TARGET_MAX, batch_mods_max)
+        self.fill_target_max = FILL_TARGET_MAX
         self.queued_mods_max = queued_mods_max
         self.holds_per_account_max = holds_per_account_max
         self.holds_max = holds_max

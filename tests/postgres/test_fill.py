@@ -76,6 +76,28 @@ def test_the_target_is_at_most_fill_target_max(pg_url):
     assert sizes == [target]
 
 
+def test_the_target_is_never_more_than_a_batch_takes(pg_url):
+    """With batch_mods_max 3 and 10 calls queued at once, the batch after
+    the first goes at once: the target asks for no more than 3 queued."""
+    async def main():
+        async with stored(pg_url, batch_mods_max=3) as (store, c):
+            store.fill_wait_s = LONG_WAIT_S
+            told = []
+            for i in range(IN_FLIGHT):
+                store.submit(f"m{i}", 5, done=told.append)
+            await asyncio.sleep(LONG_WAIT_S / 2)
+            answered_then = len(told)
+            deadline = time.monotonic() + 10
+            while len(told) < IN_FLIGHT and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return answered_then, told, store.drain_samples()[0]
+
+    answered_then, told, sizes = run(main())
+    assert answered_then >= 6
+    assert told == [(5, 1)] * IN_FLIGHT
+    assert max(sizes) == 3 and sum(sizes) == IN_FLIGHT
+
+
 def test_a_store_of_two_clusters_never_waits_to_fill(pg, pg_factory):
     """After a batch on one cluster of two, the next call on it goes at
     once, however many the batch held."""
