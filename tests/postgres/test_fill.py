@@ -1,8 +1,9 @@
 """The PostgreSQL store's fill wait (accman.postgres.committing FILL_*):
 on a store of one cluster, after a commit the next batch waits until most
-of the calls that were in flight are queued, loop turn after loop turn,
-for at most the fill wait, and not once the cluster is lost or the store
-is closing; one call at a time never waits, nor a store of two clusters."""
+of the calls that were in flight are queued (never more than
+FILL_TARGET_MAX, nor than a batch takes), loop turn after loop turn, for
+at most the fill wait, and not once the cluster is lost or the store is
+closing; one call at a time never waits, nor a store of two clusters."""
 
 import asyncio
 import time
