@@ -8,6 +8,8 @@ closing; one call at a time never waits, nor a store of two clusters."""
 import asyncio
 import time
 
+import pytest
+
 from accman.errors import NotApplied, NoAccount
 from accman.postgres import committing
 
@@ -38,35 +40,20 @@ async def _waits_for(store, c, target, cred):
     return waiting, store.batches - batches, got, store.drain_samples()[0]
 
 
-def test_the_next_batch_waits_for_the_calls_in_flight(pg_url):
+@pytest.mark.parametrize("target_max", [None, 4], ids=["fraction", "target_max"])
+def test_the_next_batch_waits_for_its_target(pg_url, target_max):
     """Calls queued after a batch wait, loop turn after loop turn, and go
-    in one batch with the call that makes the target."""
-    target = int(committing.FILL_FRACTION * IN_FLIGHT)
-    assert 2 < target < IN_FLIGHT
+    in one batch with the call that makes the target: nine in ten of the
+    calls in flight at the commit, or FILL_TARGET_MAX where that is fewer."""
+    fraction = int(committing.FILL_FRACTION * IN_FLIGHT)
+    target = fraction if target_max is None else target_max
+    assert 2 < target < IN_FLIGHT and target <= fraction
 
     async def main():
         async with stored(pg_url) as (store, c):
             store.fill_wait_s = LONG_WAIT_S
-            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
-            return await _waits_for(store, c, target, "g")
-
-    waiting, batches, got, sizes = run(main())
-    assert waiting == [False] * (target - 1)
-    assert batches == 1
-    assert sorted(seq for _, seq in got) == list(range(1, target + 1))
-    assert sizes == [target]
-
-
-def test_the_target_is_at_most_fill_target_max(pg_url):
-    """After a batch larger than FILL_TARGET_MAX calls' worth, the next one
-    waits for FILL_TARGET_MAX calls, not for nine in ten of the batch."""
-    target = 4
-    assert target < int(committing.FILL_FRACTION * IN_FLIGHT)
-
-    async def main():
-        async with stored(pg_url) as (store, c):
-            store.fill_wait_s = LONG_WAIT_S
-            store.fill_target_max = target
+            if target_max is not None:
+                store.fill_target_max = target_max
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             return await _waits_for(store, c, target, "g")
 
