@@ -329,6 +329,51 @@ def test_the_report_says_where_the_disk_s_interrupts_went():
     assert "interrupts" not in "\n".join(report.notes(results))
 
 
+
+def _idle_sysfs(root, driver=None, governor_ro=None, poll=None):
+    idle = root / "devices" / "system" / "cpu" / "cpuidle"
+    idle.mkdir(parents=True)
+    if driver is not None:
+        (idle / "current_driver").write_text(driver + "\n")
+    if governor_ro is not None:
+        (idle / "current_governor_ro").write_text(governor_ro + "\n")
+    if poll is not None:
+        params = root / "module" / "haltpoll" / "parameters"
+        params.mkdir(parents=True)
+        (params / "guest_halt_poll_ns").write_text(f"{poll}\n")
+    return root
+
+
+def test_idle_polling_says_whether_an_idle_cpu_polls_before_it_halts(tmp_path):
+    root = _idle_sysfs(tmp_path / "a", "haltpoll", "haltpoll", 0)
+    idle = irqs.idle_polling(sys_root=root)
+    assert idle == {"driver": "haltpoll", "governor": "haltpoll", "halt_poll_ns": 0}
+    assert irqs.describe_idle(idle) == ("cpuidle driver haltpoll, governor haltpoll, "
+                                        "guest_halt_poll_ns 0 (an idle CPU halts at once)")
+    (root / irqs.HALT_POLL_NS).write_text("200000\n")
+    assert irqs.describe_idle(irqs.idle_polling(sys_root=root)).endswith(
+        "guest_halt_poll_ns 200000 (an idle CPU polls up to 200 µs first)")
+    menu = dict(idle, governor="menu", halt_poll_ns=200000)     # the window is not menu's
+    assert irqs.describe_idle(menu) == "cpuidle driver haltpoll, governor menu"
+
+
+def test_idle_polling_without_cpuidle_says_so(tmp_path):
+    idle = irqs.idle_polling(sys_root=tmp_path / "none")
+    assert idle == {"driver": None, "governor": None, "halt_poll_ns": None}
+    assert irqs.describe_idle(idle) == "no cpuidle driver (an idle CPU halts at once)"
+    none = irqs.idle_polling(sys_root=_idle_sysfs(tmp_path / "b", "none"))
+    assert irqs.describe_idle(none) == "no cpuidle driver (an idle CPU halts at once)"
+
+
+def test_the_report_says_how_the_cpus_idled():
+    results = results_of({"accman": {("mod", 16): measure.combine([fig(1000)])}})
+    idle = {"driver": "haltpoll", "governor": "haltpoll", "halt_poll_ns": 0}
+    meta = {"rounds": 1, "goals": [], "machine": {"idle": idle}}
+    assert ("- the CPUs idled with cpuidle driver haltpoll, governor haltpoll, "
+            "guest_halt_poll_ns 0 (an idle CPU halts at once)") in report.markdown(results, meta)
+    assert "idled" not in report.markdown(results, dict(meta, machine={}))
+    assert "idle" in report.machine_info()
+
 # --- the plan ----------------------------------------------------------------------
 
 class Started:

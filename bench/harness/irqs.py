@@ -4,14 +4,19 @@ On a VM a CPU that has halted takes its device's completions late (the host
 must wake it first), so a durable figure depends on how busy the CPU that
 takes the disk's interrupts is kept: on the VMs of December 2026 that was
 the load generator's (docs/PERFORMANCE.md, "What would move the
-figures").  The report says where they went during the durable figures.
-Everything here reads /sys and /proc; the parsing does no I/O.
+figures").  How late depends on whether an idle CPU polls before it halts
+(the guest's `haltpoll` cpuidle governor and its `guest_halt_poll_ns`),
+and the durable figures of every server move with it.  The report says
+where the interrupts went during the durable figures, and how the CPUs
+idled.  Everything here reads /sys and /proc; the parsing does no I/O.
 """
 
 import os
 
 SYS_ROOT = "/sys"
 PROC_INTERRUPTS = "/proc/interrupts"
+CPUIDLE_DIR = "devices/system/cpu/cpuidle"          # under SYS_ROOT
+HALT_POLL_NS = "module/haltpoll/parameters/guest_halt_poll_ns"
 
 
 def disk_irqs(directory, sys_root=SYS_ROOT):
@@ -70,3 +75,35 @@ def shares(before, after):
 def describe(taken):
     """`shares` as text: "CPU 0 2%, CPU 1 98%"."""
     return ", ".join(f"CPU {cpu} {share:.0%}" for cpu, share in enumerate(taken))
+
+
+def _read_word(path):
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def idle_polling(sys_root=SYS_ROOT):
+    """How the CPUs idle: {"driver", "governor", "halt_poll_ns"}, each None
+    where sysfs does not say (no cpuidle, or no haltpoll governor)."""
+    idle = os.path.join(sys_root, CPUIDLE_DIR)
+    poll = _read_word(os.path.join(sys_root, HALT_POLL_NS))
+    return {"driver": _read_word(os.path.join(idle, "current_driver")),
+            "governor": (_read_word(os.path.join(idle, "current_governor"))
+                         or _read_word(os.path.join(idle, "current_governor_ro"))),
+            "halt_poll_ns": int(poll) if poll is not None and poll.isdigit() else None}
+
+
+def describe_idle(idle):
+    """`idle_polling` as text, saying whether a halted CPU polls first."""
+    if not idle or idle["driver"] in (None, "none"):
+        return "no cpuidle driver (an idle CPU halts at once)"
+    text = f"cpuidle driver {idle['driver']}, governor {idle['governor'] or 'unknown'}"
+    ns = idle["halt_poll_ns"]
+    if ns is None or idle["governor"] != "haltpoll":
+        return text         # the window is the haltpoll governor's alone
+    if ns == 0:
+        return f"{text}, guest_halt_poll_ns 0 (an idle CPU halts at once)"
+    return f"{text}, guest_halt_poll_ns {ns} (an idle CPU polls up to {ns / 1000:g} µs first)"

@@ -170,9 +170,12 @@ def _ratio_cell(results):
     return cell
 
 
-def notes(results):
+def notes(results, machine=None):
     out = [f"- {title(s)}: not measured: {r['error']}" for s, r in results.items()
            if r["error"]]
+    if machine and "idle" in machine:
+        out.append(f"- the CPUs idled with {irqs.describe_idle(machine['idle'])}: on a VM "
+                   "the durable figures move with it (docs/PERFORMANCE.md)")
     probes = next((r["fdatasync_4k_us"] for r in results.values()
                    if r.get("fdatasync_4k_us")), None)
     if probes:
@@ -224,7 +227,7 @@ def markdown(results, meta):
                     [[g["goal"], g["required"], g["measured"], g["rounds"], g["status"]]
                      for g in meta["goals"]],
                     ["---", "---", "---:", "---:", "---"])
-    extra = notes(results)
+    extra = notes(results, meta.get("machine"))
     return "\n".join(lines + ([""] + extra if extra else [])) + "\n"
 
 
@@ -252,6 +255,7 @@ def machine_info():
         "packages": {p: pkg(p) for p in ("uvloop", "plyvel", "uvicorn", "starlette",
                                           "httptools")},
         "uvicorn_http": uvicorn_http_impl(),
+        "idle": irqs.idle_polling(),
     }
 
 
