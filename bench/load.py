@@ -134,6 +134,7 @@ def run(args, log):
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    report.note_idle_after(meta["machine"])
     meta["goals"] = report.goals(results)
     return results, meta
 

@@ -329,14 +329,13 @@ def test_the_report_says_where_the_disk_s_interrupts_went():
     assert "interrupts" not in "\n".join(report.notes(results))
 
 
-
-def _idle_sysfs(root, driver=None, governor_ro=None, poll=None):
+def _idle_sysfs(root, driver=None, governor=None, governor_ro=None, poll=None):
     idle = root / "devices" / "system" / "cpu" / "cpuidle"
     idle.mkdir(parents=True)
-    if driver is not None:
-        (idle / "current_driver").write_text(driver + "\n")
-    if governor_ro is not None:
-        (idle / "current_governor_ro").write_text(governor_ro + "\n")
+    for name, value in (("current_driver", driver), ("current_governor", governor),
+                        ("current_governor_ro", governor_ro)):
+        if value is not None:
+            (idle / name).write_text(value + "\n")
     if poll is not None:
         params = root / "module" / "haltpoll" / "parameters"
         params.mkdir(parents=True)
@@ -345,7 +344,7 @@ def _idle_sysfs(root, driver=None, governor_ro=None, poll=None):
 
 
 def test_idle_polling_says_whether_an_idle_cpu_polls_before_it_halts(tmp_path):
-    root = _idle_sysfs(tmp_path / "a", "haltpoll", "haltpoll", 0)
+    root = _idle_sysfs(tmp_path / "a", "haltpoll", governor="haltpoll", poll=0)
     idle = irqs.idle_polling(sys_root=root)
     assert idle == {"driver": "haltpoll", "governor": "haltpoll", "halt_poll_ns": 0}
     assert irqs.describe_idle(idle) == ("cpuidle driver haltpoll, governor haltpoll, "
@@ -357,22 +356,50 @@ def test_idle_polling_says_whether_an_idle_cpu_polls_before_it_halts(tmp_path):
     assert irqs.describe_idle(menu) == "cpuidle driver haltpoll, governor menu"
 
 
-def test_idle_polling_without_cpuidle_says_so(tmp_path):
-    idle = irqs.idle_polling(sys_root=tmp_path / "none")
+def test_idle_polling_reads_a_read_only_governor(tmp_path):
+    root = _idle_sysfs(tmp_path / "ro", "haltpoll", governor_ro="haltpoll", poll=0)
+    assert irqs.idle_polling(sys_root=root)["governor"] == "haltpoll"
+
+
+def test_idle_polling_says_what_sysfs_does_not_say(tmp_path):
+    idle = irqs.idle_polling(sys_root=tmp_path / "missing")
     assert idle == {"driver": None, "governor": None, "halt_poll_ns": None}
-    assert irqs.describe_idle(idle) == "no cpuidle driver (an idle CPU halts at once)"
-    none = irqs.idle_polling(sys_root=_idle_sysfs(tmp_path / "b", "none"))
+    assert irqs.describe_idle(idle) == "sysfs does not say how the CPUs idle"
+    unreadable = _idle_sysfs(tmp_path / "dir")
+    (unreadable / irqs.CPUIDLE_DIR / "current_driver").mkdir()     # read: IsADirectoryError
+    assert irqs.idle_polling(sys_root=unreadable)["driver"] is None
+    none = irqs.idle_polling(sys_root=_idle_sysfs(tmp_path / "none", "none"))
     assert irqs.describe_idle(none) == "no cpuidle driver (an idle CPU halts at once)"
 
 
-def test_the_report_says_how_the_cpus_idled():
-    results = results_of({"accman": {("mod", 16): measure.combine([fig(1000)])}})
-    idle = {"driver": "haltpoll", "governor": "haltpoll", "halt_poll_ns": 0}
-    meta = {"rounds": 1, "goals": [], "machine": {"idle": idle}}
-    assert ("- the CPUs idled with cpuidle driver haltpoll, governor haltpoll, "
-            "guest_halt_poll_ns 0 (an idle CPU halts at once)") in report.markdown(results, meta)
-    assert "idled" not in report.markdown(results, dict(meta, machine={}))
-    assert "idle" in report.machine_info()
+HALTPOLL_OFF = {"driver": "haltpoll", "governor": "haltpoll", "halt_poll_ns": 0}
+
+
+def test_the_report_says_how_the_cpus_idled_where_a_durable_figure_was_taken():
+    durable = results_of({"accman": {("mod", 16): measure.combine([fig(1000)])}})
+    reads = results_of({"accman": {("tot", 16): measure.combine([fig(1000)])}})
+    meta = {"rounds": 1, "goals": [], "machine": {"idle": HALTPOLL_OFF}}
+    line = ("- the CPUs idled with cpuidle driver haltpoll, governor haltpoll, "
+            "guest_halt_poll_ns 0 (an idle CPU halts at once)")
+    assert line in report.markdown(durable, meta)
+    assert "idled" not in report.markdown(reads, meta)
+    assert "idled" not in report.markdown(durable, dict(meta, machine={"cpus": 2}))
+    changed = {"idle": HALTPOLL_OFF, "idle_after": dict(HALTPOLL_OFF, halt_poll_ns=200000)}
+    assert ("; it changed during the run, to cpuidle driver haltpoll, governor haltpoll, "
+            "guest_halt_poll_ns 200000") in report.markdown(durable, dict(meta, machine=changed))
+
+
+def test_the_run_records_how_the_cpus_idled_before_and_after(monkeypatch):
+    now = dict(HALTPOLL_OFF)
+    monkeypatch.setattr(irqs, "idle_polling", lambda: dict(now))
+    machine = report.machine_info()
+    assert machine["idle"] == HALTPOLL_OFF
+    json.dumps(machine)                                 # load.json takes it
+    report.note_idle_after(machine)
+    assert "idle_after" not in machine
+    now["halt_poll_ns"] = 200000
+    report.note_idle_after(machine)
+    assert machine["idle_after"]["halt_poll_ns"] == 200000
 
 # --- the plan ----------------------------------------------------------------------
 

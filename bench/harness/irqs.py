@@ -5,8 +5,8 @@ must wake it first), so a durable figure depends on how busy the CPU that
 takes the disk's interrupts is kept: on the VMs of December 2026 that was
 the load generator's (docs/PERFORMANCE.md, "What would move the
 figures").  How late depends on whether an idle CPU polls before it halts
-(the guest's `haltpoll` cpuidle governor and its `guest_halt_poll_ns`),
-and the durable figures of every server move with it.  The report says
+(the guest's `haltpoll` cpuidle governor and its `guest_halt_poll_ns`):
+AccMan's and Redis's durable figures move with it.  The report says
 where the interrupts went during the durable figures, and how the CPUs
 idled.  Everything here reads /sys and /proc; the parsing does no I/O.
 """
@@ -87,7 +87,8 @@ def _read_word(path):
 
 def idle_polling(sys_root=SYS_ROOT):
     """How the CPUs idle: {"driver", "governor", "halt_poll_ns"}, each None
-    where sysfs does not say (no cpuidle, or no haltpoll governor)."""
+    where sysfs does not say (no cpuidle directory, no haltpoll governor
+    loaded, or a file that cannot be read)."""
     idle = os.path.join(sys_root, CPUIDLE_DIR)
     poll = _read_word(os.path.join(sys_root, HALT_POLL_NS))
     return {"driver": _read_word(os.path.join(idle, "current_driver")),
@@ -97,8 +98,12 @@ def idle_polling(sys_root=SYS_ROOT):
 
 
 def describe_idle(idle):
-    """`idle_polling` as text, saying whether a halted CPU polls first."""
-    if not idle or idle["driver"] in (None, "none"):
+    """`idle_polling` as text: the driver and governor, and under the
+    haltpoll governor how long an idle CPU polls before it halts (other
+    governors choose for themselves)."""
+    if not idle or idle["driver"] is None:
+        return "sysfs does not say how the CPUs idle"
+    if idle["driver"] == "none":
         return "no cpuidle driver (an idle CPU halts at once)"
     text = f"cpuidle driver {idle['driver']}, governor {idle['governor'] or 'unknown'}"
     ns = idle["halt_poll_ns"]
@@ -106,4 +111,4 @@ def describe_idle(idle):
         return text         # the window is the haltpoll governor's alone
     if ns == 0:
         return f"{text}, guest_halt_poll_ns 0 (an idle CPU halts at once)"
-    return f"{text}, guest_halt_poll_ns {ns} (an idle CPU polls up to {ns / 1000:g} µs first)"
+    return f"{text}, guest_halt_poll_ns {ns} (an idle CPU polls up to {ns / 1000:.0f} µs first)"

@@ -170,12 +170,30 @@ def _ratio_cell(results):
     return cell
 
 
+def idle_note(machine, results):
+    """How the CPUs idled, said where a durable figure was taken: as read
+    before the run, and again after it if it changed meanwhile."""
+    durable = any(s in plan.DURABLE for r in results.values() for s, _ in r["rows"])
+    if not durable or "idle" not in (machine or {}):
+        return []
+    line = (f"- the CPUs idled with {irqs.describe_idle(machine['idle'])}: on a VM the "
+            "durable figures move with it (docs/PERFORMANCE.md)")
+    if "idle_after" in machine:
+        line += f"; it changed during the run, to {irqs.describe_idle(machine['idle_after'])}"
+    return [line]
+
+
+def note_idle_after(machine):
+    """After a run: how the CPUs idle now, kept in `machine` if it changed."""
+    now = irqs.idle_polling()
+    if now != machine.get("idle"):
+        machine["idle_after"] = now
+
+
 def notes(results, machine=None):
     out = [f"- {title(s)}: not measured: {r['error']}" for s, r in results.items()
            if r["error"]]
-    if machine and "idle" in machine:
-        out.append(f"- the CPUs idled with {irqs.describe_idle(machine['idle'])}: on a VM "
-                   "the durable figures move with it (docs/PERFORMANCE.md)")
+    out += idle_note(machine, results)
     probes = next((r["fdatasync_4k_us"] for r in results.values()
                    if r.get("fdatasync_4k_us")), None)
     if probes:
