@@ -992,6 +992,7 @@ def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
     the writer only once FILL_FRACTION of 8 mods (4) are queued: three
     arriving alone wait, turn after turn, and go with the next three."""
     led._committer.fill_wait_s = 60.0      # the target decides, not the clock
+    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
     target = int(commit.FILL_FRACTION * 8)
     assert 3 < target <= 6
 
@@ -1015,6 +1016,7 @@ def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
 
 def test_a_batch_that_does_not_fill_is_written_after_the_fill_wait(led):
     led._committer.fill_wait_s = 0.05
+    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
 
     async def main():
         await _fill_one_batch(led, 8)
@@ -1035,6 +1037,7 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
     waits the whole FILL_WAIT_S again, not what is left of the old wait."""
     with gated_ledger(str(tmp_path / "data")) as (led, store):
         led._committer.fill_wait_s = 0.05
+        led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
 
         async def main():
             await _fill_one_batch(led, 12)              # the target is now 6
@@ -1059,6 +1062,7 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
 
 def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):
     led._committer.fill_wait_s = 60.0      # a wait would time the test out
+    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
 
     async def main():
         return [await led.amod("one", 1) for _ in range(20)]
@@ -1069,10 +1073,26 @@ def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):
     assert sizes == [1] * 20
 
 
+def test_a_target_left_from_long_ago_is_not_waited_for(led):
+    """A lone mod that comes FILL_TARGET_TTL_S after the completion that
+    set the fill target goes at once: the callers the target counted, who
+    call again within a round trip if at all, are gone."""
+    led._committer.fill_wait_s = 60.0      # a wait would time the test out
+    led._committer.fill_target_ttl_s = 0.05
+
+    async def main():
+        await _fill_one_batch(led, 8)           # the target is now 4
+        await asyncio.sleep(0.2)                # an idle spell past the target's ttl
+        return await asyncio.wait_for(led.amod("g", 1), 10)
+
+    assert asyncio.run(main()) == (1, 1)
+    assert led.drain_samples()[0] == [8, 1]
+
 def test_a_mod_from_another_thread_seals_a_filling_batch_now(led):
     """Mods waiting on the loop for their batch to fill are sealed at once
     when a plain thread submits: that caller is not made to wait."""
     led._committer.fill_wait_s = 60.0
+    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
 
     async def main():
         await _fill_one_batch(led, 8)
@@ -1151,6 +1171,7 @@ def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path)
 
     led = Ledger(path, clock_ms=clock_ms, store=GatedStore(path, gate))
     led._committer.fill_wait_s = 60.0   # the target decides, not the clock
+    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
     try:
         async def main():
             held = asyncio.ensure_future(led.amod("z", 1))

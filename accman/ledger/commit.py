@@ -48,6 +48,11 @@ SAMPLES_MAX = 65536
 # (docs/PERFORMANCE.md has the measurements).
 FILL_FRACTION = 0.5
 FILL_WAIT_S = 200e-6
+# A target is of the callers answered at the completion that set it, who
+# call again within a round trip if at all: a wait that would begin this
+# long after that completion has nobody to wait for (a lone call after an
+# idle spell), and the batch goes at once.
+FILL_TARGET_TTL_S = 5e-3
 
 
 class Committer(Housekeeping):
@@ -92,7 +97,9 @@ class Committer(Housekeeping):
         # The loop's side of filling (FILL_*): read and written on the loop.
         self.fill_fraction = FILL_FRACTION
         self.fill_wait_s = FILL_WAIT_S
+        self.fill_target_ttl_s = FILL_TARGET_TTL_S
         self._fill_target = 0
+        self._target_at = 0.0           # perf_counter of the completion that set it
         self._filling_since = None
         self.error: StoreError | None = None
         self._untold = None             # the batch sealed whose callers are not told yet
@@ -250,7 +257,8 @@ class Committer(Housekeeping):
             now = time.perf_counter()
             if self._filling_since is None:
                 self._filling_since = now
-            if now - self._filling_since < self.fill_wait_s:
+            if (now - self._filling_since < self.fill_wait_s
+                    and self._filling_since - self._target_at < self.fill_target_ttl_s):
                 self._kick_pending = True
                 self._loop.call_soon(self._kick)
                 return
@@ -273,6 +281,7 @@ class Committer(Housekeeping):
             book = self.book
             self._fill_target = min(int(self.fill_fraction * (nmods + book.queued_mods)),
                                     book.batch_mods_max)
+            self._target_at = time.perf_counter()
             self._kick()
             self.applier.answered(nmods)
 

@@ -60,8 +60,10 @@ class Lane:
         self.apply = None
         self.ops: deque = deque()          # B.Op, an ordered /past among them
         self.writing = False
-        # The calls the next batch waits for (accman.postgres.committing FILL_*).
+        # The calls the next batch waits for (accman.postgres.committing FILL_*),
+        # and when the commit that set it returned (perf_counter).
         self.fill_target = 0
+        self.target_at = 0.0
 
     async def connect(self, url, on_closed, said) -> None:
         """Connects the writer (the last one, left idle by a reconnection

@@ -50,6 +50,11 @@ COMMIT_TIMEOUT_S = 10.0
 FILL_FRACTION = 0.9
 FILL_WAIT_S = 400e-6
 FILL_TARGET_MAX = 128
+# A target is of the callers answered at the commit that set it, who call
+# again within a round trip if at all: a wait that would begin this long
+# after that commit has nobody to wait for (a lone call after an idle
+# spell), and the batch goes at once.
+FILL_TARGET_TTL_S = 5e-3
 
 PAST_BARRIER = B.PAST      # an ordered /past: runs on the writer between batches
 _TOLD = object()            # pop's default: the op is gone from _flying, told by a close
@@ -83,6 +88,7 @@ class Committing:
                 await self._commit(cluster, lane, taken)
                 lane.fill_target = min(int(self.fill_fraction * (len(taken) + len(ops))),
                                        self.fill_target_max, self.batch_mods_max)
+                lane.target_at = time.perf_counter()
                 await asyncio.sleep(0)
         finally:
             lane.writing = False
@@ -93,8 +99,12 @@ class Committing:
     async def _fill(self, cluster: Cluster, lane) -> None:
         """Until the lane's fill target is queued, loop turn after loop
         turn, for at most fill_wait_s, while the cluster is healthy and the
-        store not closing (FILL_*)."""
-        until = time.perf_counter() + self.fill_wait_s
+        store not closing; not at all once the target is older than
+        fill_target_ttl_s (FILL_*)."""
+        now = time.perf_counter()
+        if now - lane.target_at >= self.fill_target_ttl_s:
+            return
+        until = now + self.fill_wait_s
         while (len(lane.ops) < lane.fill_target and time.perf_counter() < until
                and cluster.healthy and not self._closing):
             await asyncio.sleep(0)

@@ -37,8 +37,8 @@ from accman.postgres import schema as S
 from accman.postgres import upkeep
 from accman.postgres.backends import pool_read, writer_read
 from accman.postgres.cluster import Cluster, health_detail
-from accman.postgres.committing import (FILL_FRACTION, FILL_TARGET_MAX, FILL_WAIT_S,
-                                        PAST_BARRIER, Committing)
+from accman.postgres.committing import (FILL_FRACTION, FILL_TARGET_MAX, FILL_TARGET_TTL_S,
+                                        FILL_WAIT_S, PAST_BARRIER, Committing)
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.connecting import ServiceSaid
 from accman.postgres.cursors import PgCursors
@@ -85,6 +85,7 @@ class PgStore(Committing):
         self.fill_fraction = FILL_FRACTION if len(urls) == 1 else 0.0
         self.fill_wait_s = FILL_WAIT_S
         self.fill_target_max = FILL_TARGET_MAX
+        self.fill_target_ttl_s = FILL_TARGET_TTL_S
         self.queued_mods_max = queued_mods_max
         self.holds_per_account_max = holds_per_account_max
         self.holds_max = holds_max

@@ -3,7 +3,8 @@ on a store of one cluster, after a commit the next batch waits until most
 of the calls that were in flight are queued (never more than
 FILL_TARGET_MAX, nor than a batch takes), loop turn after loop turn, for
 at most the fill wait, and not once the cluster is lost or the store is
-closing; one call at a time never waits, nor a store of two clusters."""
+closing; one call at a time never waits, nor a store of two clusters,
+nor a call that comes long after the commit that set the target."""
 
 import asyncio
 import time
@@ -52,6 +53,7 @@ def test_the_next_batch_waits_for_its_target(pg_url, target_max):
     async def main():
         async with stored(pg_url) as (store, c):
             store.fill_wait_s = LONG_WAIT_S
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             if target_max is not None:
                 store.fill_target_max = target_max
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
@@ -70,6 +72,7 @@ def test_the_target_is_never_more_than_a_batch_takes(pg_url):
     async def main():
         async with stored(pg_url, batch_mods_max=3) as (store, c):
             store.fill_wait_s = LONG_WAIT_S
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             told = []
             for i in range(IN_FLIGHT):
                 store.submit(f"m{i}", 5, done=told.append)
@@ -94,6 +97,7 @@ def test_a_store_of_two_clusters_never_waits_to_fill(pg, pg_factory):
     async def main():
         async with stored(urls) as (store, c):
             store.fill_wait_s = 60.0            # a wait would time the test out
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             home = [f"h{i}" for i in range(200) if store._locate(f"h{i}")[1] is store.home]
             await _one_batch(store, c, home[:IN_FLIGHT])
             got = await asyncio.wait_for(c.mod(home[IN_FLIGHT], 1), 10)
@@ -104,10 +108,27 @@ def test_a_store_of_two_clusters_never_waits_to_fill(pg, pg_factory):
     assert sizes == [1]
 
 
+def test_a_target_left_from_long_ago_is_not_waited_for(pg_url):
+    """A lone call that comes fill_target_ttl_s after the commit that set
+    the target goes at once: the callers the target counted are gone."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            store.fill_wait_s = 60.0            # a wait would time the test out
+            store.fill_target_ttl_s = 0.05
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+            await asyncio.sleep(0.2)            # an idle spell past the target's ttl
+            got = await asyncio.wait_for(c.mod("g", 1), 10)
+            return got, store.drain_samples()[0]
+
+    got, sizes = run(main())
+    assert got == (1, 1)
+    assert sizes == [1]
+
 def test_a_batch_that_does_not_fill_goes_after_the_fill_wait(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):
             store.fill_wait_s = 0.2
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             t0 = time.perf_counter()
             got = await asyncio.wait_for(asyncio.gather(c.mod("g", 1), c.mod("g", 1)), 10)
@@ -126,6 +147,7 @@ def test_calls_waiting_to_fill_when_the_cluster_is_lost_are_not_sent(pg_url):
         store, c = await opened(pg_url)
         try:
             store.fill_wait_s = 5.0         # the reconnection comes well within it
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             told = []
             for _ in range(2):
@@ -161,6 +183,7 @@ def test_one_call_at_a_time_never_waits_to_fill(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):
             store.fill_wait_s = 60.0            # a wait would time the test out
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             got = [await asyncio.wait_for(c.mod("one", 1), 10) for _ in range(20)]
             return got, store.drain_samples()[0]
 
@@ -176,6 +199,7 @@ def test_a_close_ends_the_fill_wait(pg_url):
         store, c = await opened(pg_url)
         try:
             store.fill_wait_s = 30.0
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             told = []
             for _ in range(2):
@@ -200,6 +224,7 @@ def test_a_call_after_a_reconnection_does_not_wait_for_the_callers_before(pg_url
     async def main():
         async with stored(pg_url) as (store, c):
             store.fill_wait_s = 30.0
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             store.lost(store.clusters[0], ConnectionResetError())
             deadline = time.monotonic() + 10
@@ -221,6 +246,7 @@ def test_a_call_after_a_batch_lost_in_flight_does_not_wait_for_its_callers(pg_ur
     async def main():
         async with stored(pg_url) as (store, c):
             store.fill_wait_s = 30.0
+            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
             told = []
             async with locked(pg_url, "accman_accounts"):
                 for i in range(IN_FLIGHT):
