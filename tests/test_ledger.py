@@ -1002,6 +1002,7 @@ def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
         tasks = [asyncio.ensure_future(c) for c in first]
         for _ in range(50):
             await asyncio.sleep(0)
+        await asyncio.sleep(0.1)            # the writer's time to take a batch, were it sealed
         waiting = led.stats["batches"], led.tot("g")
         tasks += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(3)]
         results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
@@ -1087,6 +1088,28 @@ def test_a_target_left_from_long_ago_is_not_waited_for(led):
 
     assert asyncio.run(main()) == (1, 1)
     assert led.drain_samples()[0] == [8, 1]
+
+
+def test_a_wait_begun_within_the_target_s_ttl_outlasts_it(led):
+    """The ttl decides whether a wait begins, not how long it runs: a mod
+    that comes at once after the batch waits past the ttl, and goes with
+    the mods that make the target."""
+    led._committer.fill_wait_s = 0.5
+    led._committer.fill_target_ttl_s = 0.05
+
+    async def main():
+        await _fill_one_batch(led, 8)           # the target is now 4
+        first = asyncio.ensure_future(led.amod("g", 1))
+        await asyncio.sleep(0.2)                # past the ttl, within the wait
+        waiting = led.tot("g")
+        rest = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(3)]
+        return waiting, await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+
+    waiting, got = asyncio.run(main())
+    assert waiting is None
+    assert got == [(i, i) for i in range(1, 5)]
+    assert led.drain_samples()[0] == [8, 4]
+
 
 def test_a_mod_from_another_thread_seals_a_filling_batch_now(led):
     """Mods waiting on the loop for their batch to fill are sealed at once

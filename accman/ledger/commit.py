@@ -49,10 +49,11 @@ SAMPLES_MAX = 65536
 FILL_FRACTION = 0.5
 FILL_WAIT_S = 200e-6
 # A target is of the callers answered at the completion that set it, who
-# call again within a round trip if at all: a wait that would begin this
-# long after that completion has nobody to wait for (a lone call after an
-# idle spell), and the batch goes at once.
-FILL_TARGET_TTL_S = 5e-3
+# call again within their round trip if at all: a wait that would begin
+# this long after that completion has nobody to wait for (a lone call after
+# an idle spell), and the batch goes at once.  Longer than a round trip to
+# a caller in the same region, so that such callers keep their fill wait.
+FILL_TARGET_TTL_S = 0.1
 
 
 class Committer(Housekeeping):

@@ -124,6 +124,31 @@ def test_a_target_left_from_long_ago_is_not_waited_for(pg_url):
     assert got == (1, 1)
     assert sizes == [1]
 
+
+def test_a_wait_begun_within_the_target_s_ttl_outlasts_it(pg_url):
+    """The ttl decides whether a wait begins, not how long it runs: a call
+    that comes at once after the batch waits past the ttl, and goes with
+    the calls that make the target."""
+    target = int(committing.FILL_FRACTION * IN_FLIGHT)
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            store.fill_wait_s = 1.0
+            store.fill_target_ttl_s = 0.05
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+            first = asyncio.ensure_future(c.mod("g", 1))
+            await asyncio.sleep(0.2)            # past the ttl, within the wait
+            waiting = not first.done()
+            rest = [asyncio.ensure_future(c.mod("g", 1)) for _ in range(target - 1)]
+            got = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+            return waiting, got, store.drain_samples()[0]
+
+    waiting, got, sizes = run(main())
+    assert waiting
+    assert sorted(seq for _, seq in got) == list(range(1, target + 1))
+    assert sizes == [target]
+
+
 def test_a_batch_that_does_not_fill_goes_after_the_fill_wait(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):
@@ -206,7 +231,8 @@ def test_a_close_ends_the_fill_wait(pg_url):
                 store.submit("g", 1, done=told.append)
             for _ in range(10):
                 await asyncio.sleep(0)
-            waiting = told == [] and store.clusters[0].lanes[0].writing
+            lane = store.clusters[0].lanes[0]
+            waiting = told == [] and lane.writing and len(lane.ops) == 2    # none sent
         finally:
             t0 = time.perf_counter()
             await store.aclose()
