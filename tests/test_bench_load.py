@@ -4,6 +4,7 @@ promises it is measured with, the report's medians, ratios and goals are
 computed as documented, the tools' output is parsed as they print it, and a
 missing tool is named with what to install."""
 
+import argparse
 import json
 import os
 import socket
@@ -354,6 +355,9 @@ def test_idle_polling_says_whether_an_idle_cpu_polls_before_it_halts(tmp_path):
         "guest_halt_poll_ns 200000 (an idle CPU polls up to 200 µs first)")
     menu = dict(idle, governor="menu", halt_poll_ns=200000)     # the window is not menu's
     assert irqs.describe_idle(menu) == "cpuidle driver haltpoll, governor menu"
+    for ns, window in ((400, "400 ns"), (1500, "1,500 ns"), (4294967295, "4,294,967 µs")):
+        assert irqs.describe_idle(dict(idle, halt_poll_ns=ns)).endswith(
+            f"(an idle CPU polls up to {window} first)")
 
 
 def test_idle_polling_reads_a_read_only_governor(tmp_path):
@@ -378,14 +382,16 @@ HALTPOLL_OFF = {"driver": "haltpoll", "governor": "haltpoll", "halt_poll_ns": 0}
 def test_the_report_says_how_the_cpus_idled_where_a_durable_figure_was_taken():
     durable = results_of({"accman": {("mod", 16): measure.combine([fig(1000)])}})
     reads = results_of({"accman": {("tot", 16): measure.combine([fig(1000)])}})
+    failed = results_of({"accman": {("mod", 16): {"error": "wrk exited 1"}}})
     meta = {"rounds": 1, "goals": [], "machine": {"idle": HALTPOLL_OFF}}
-    line = ("- the CPUs idled with cpuidle driver haltpoll, governor haltpoll, "
-            "guest_halt_poll_ns 0 (an idle CPU halts at once)")
+    line = ("- how the CPUs idle, as sysfs said before the run: cpuidle driver haltpoll, "
+            "governor haltpoll, guest_halt_poll_ns 0 (an idle CPU halts at once) (on a VM")
     assert line in report.markdown(durable, meta)
-    assert "idled" not in report.markdown(reads, meta)
-    assert "idled" not in report.markdown(durable, dict(meta, machine={"cpus": 2}))
+    assert "sysfs said" not in report.markdown(reads, meta)
+    assert "sysfs said" not in "\n".join(report.notes(failed, meta["machine"]))
+    assert "sysfs said" not in report.markdown(durable, dict(meta, machine={"cpus": 2}))
     changed = {"idle": HALTPOLL_OFF, "idle_after": dict(HALTPOLL_OFF, halt_poll_ns=200000)}
-    assert ("; it changed during the run, to cpuidle driver haltpoll, governor haltpoll, "
+    assert ("halts at once); after it: cpuidle driver haltpoll, governor haltpoll, "
             "guest_halt_poll_ns 200000") in report.markdown(durable, dict(meta, machine=changed))
 
 
@@ -400,6 +406,23 @@ def test_the_run_records_how_the_cpus_idled_before_and_after(monkeypatch):
     now["halt_poll_ns"] = 200000
     report.note_idle_after(machine)
     assert machine["idle_after"]["halt_poll_ns"] == 200000
+
+
+def test_load_reads_how_the_cpus_idle_again_after_the_run(monkeypatch):
+    """load.run reads the setting before measuring and again after: a
+    window changed meanwhile is in the run's machine info."""
+    now = dict(HALTPOLL_OFF)
+
+    def measured(*args):
+        now["halt_poll_ns"] = 200000        # root changes it while the figures are taken
+        return {}
+    monkeypatch.setattr(irqs, "idle_polling", lambda: dict(now))
+    monkeypatch.setattr(measure, "measure", measured)
+    args = argparse.Namespace(quiet_budget=0, duration=1, rounds=1, quick=True,
+                              only=["redis"], profile=False, save_profile=False)
+    _, meta = load.run(args, lambda msg: None)
+    assert meta["machine"]["idle"] == HALTPOLL_OFF
+    assert meta["machine"]["idle_after"]["halt_poll_ns"] == 200000
 
 # --- the plan ----------------------------------------------------------------------
 

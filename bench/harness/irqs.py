@@ -111,4 +111,5 @@ def describe_idle(idle):
         return text         # the window is the haltpoll governor's alone
     if ns == 0:
         return f"{text}, guest_halt_poll_ns 0 (an idle CPU halts at once)"
-    return f"{text}, guest_halt_poll_ns {ns} (an idle CPU polls up to {ns / 1000:.0f} µs first)"
+    window = f"{ns:,} ns" if ns < 10_000 else f"{ns / 1000:,.0f} µs"
+    return f"{text}, guest_halt_poll_ns {ns} (an idle CPU polls up to {window} first)"

@@ -171,16 +171,18 @@ def _ratio_cell(results):
 
 
 def idle_note(machine, results):
-    """How the CPUs idled, said where a durable figure was taken: as read
-    before the run, and again after it if it changed meanwhile."""
-    durable = any(s in plan.DURABLE for r in results.values() for s, _ in r["rows"])
+    """How the CPUs idle, said where a durable figure was taken: what sysfs
+    said before the run, and after it if that changed meanwhile (a change
+    undone within the run is not seen)."""
+    durable = any(s in plan.DURABLE and not row.get("error")
+                  for r in results.values() for (s, _), row in r["rows"].items())
     if not durable or "idle" not in (machine or {}):
         return []
-    line = (f"- the CPUs idled with {irqs.describe_idle(machine['idle'])}: on a VM the "
-            "durable figures move with it (docs/PERFORMANCE.md)")
+    line = (f"- how the CPUs idle, as sysfs said before the run: "
+            f"{irqs.describe_idle(machine['idle'])}")
     if "idle_after" in machine:
-        line += f"; it changed during the run, to {irqs.describe_idle(machine['idle_after'])}"
-    return [line]
+        line += f"; after it: {irqs.describe_idle(machine['idle_after'])}"
+    return [line + " (on a VM the durable figures move with it, docs/PERFORMANCE.md)"]
 
 
 def note_idle_after(machine):
