@@ -981,6 +981,23 @@ def test_a_kick_a_stopped_loop_never_ran_holds_up_neither_its_mods_nor_the_next_
     assert asyncio.run(next_loop()) == (1, (2, 1))
 
 
+
+def test_a_new_loop_does_not_wait_for_the_former_loop_s_callers(led):
+    """The fill target counts the callers of the loop whose batch set it:
+    on another loop bound after it, the first mod goes at once."""
+    led._committer.fill_wait_s = 60.0       # a wait would time the test out
+    led._committer.fill_target_ttl_s = 60.0
+
+    async def first():
+        await _fill_one_batch(led, 8)       # the target is now 4
+
+    async def second():
+        return await asyncio.wait_for(led.amod("g", 1), 10)
+
+    asyncio.run(first())
+    assert asyncio.run(second()) == (1, 1)
+    assert led.drain_samples()[0] == [8, 1]
+
 def _fill_one_batch(led, n):
     """On the running loop: n concurrent amods, so one batch of n; after it
     the fill target is int(FILL_FRACTION * n)."""

@@ -138,8 +138,10 @@ class Committer(Housekeeping):
             # A completion handed to a former loop may never run there, nor
             # a kick due at the end of its turn (the loop stopped in it): what
             # it queued is sealed now, and this loop's mods kick for themselves.
+            # Its fill target counted that loop's callers: this one waits for none.
             self._writing = False
             self._kick_pending = False
+            self._fill_target = 0
             if self.book.has_work():
                 self._seal_soon()
         self._loop = loop
