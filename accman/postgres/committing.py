@@ -50,11 +50,9 @@ COMMIT_TIMEOUT_S = 10.0
 FILL_FRACTION = 0.9
 FILL_WAIT_S = 400e-6
 FILL_TARGET_MAX = 128
-# A target is of the callers answered at the commit that set it, who
-# call again within their round trip if at all: a wait that would begin
-# this long after that commit has nobody to wait for (a lone call after
-# an idle spell), and the batch goes at once.  Longer than a round trip to
-# a caller in the same region, so that such callers keep their fill wait.
+# A wait that would begin this long after the commit that set its target
+# does not: the callers it counted are gone (the embedded store's rule and
+# bound, accman/ledger/commit.py FILL_TARGET_TTL_S).
 FILL_TARGET_TTL_S = 0.1
 
 PAST_BARRIER = B.PAST      # an ordered /past: runs on the writer between batches

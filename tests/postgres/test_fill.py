@@ -26,6 +26,25 @@ async def _one_batch(store, c, creds):
     assert store.drain_samples()[0][-1:] == [len(creds)]
 
 
+
+def _waits(store, fill_wait_s):
+    """The fill wait at `fill_wait_s`, its target kept however slow the
+    test's turns (fill_target_ttl_s long)."""
+    store.fill_wait_s = fill_wait_s
+    store.fill_target_ttl_s = 60.0
+
+
+async def _two_waiting(store, c):
+    """After a batch of IN_FLIGHT, two calls that wait to fill: what they
+    are told."""
+    await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+    told = []
+    for _ in range(2):
+        store.submit("g", 1, done=told.append)
+    for _ in range(10):
+        await asyncio.sleep(0)          # the writer is waiting to fill
+    return told
+
 async def _waits_for(store, c, target, cred):
     """`target` - 1 calls on `cred` queued at once, then after a pause one
     more, which sends them: whether the first were still waiting, the
@@ -52,8 +71,7 @@ def test_the_next_batch_waits_for_its_target(pg_url, target_max):
 
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = LONG_WAIT_S
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
+            _waits(store, LONG_WAIT_S)
             if target_max is not None:
                 store.fill_target_max = target_max
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
@@ -71,8 +89,7 @@ def test_the_target_is_never_more_than_a_batch_takes(pg_url):
     the first goes at once: the target asks for no more than 3 queued."""
     async def main():
         async with stored(pg_url, batch_mods_max=3) as (store, c):
-            store.fill_wait_s = LONG_WAIT_S
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
+            _waits(store, LONG_WAIT_S)
             told = []
             for i in range(IN_FLIGHT):
                 store.submit(f"m{i}", 5, done=told.append)
@@ -96,8 +113,7 @@ def test_a_store_of_two_clusters_never_waits_to_fill(pg, pg_factory):
 
     async def main():
         async with stored(urls) as (store, c):
-            store.fill_wait_s = 60.0            # a wait would time the test out
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
+            _waits(store, 60.0)             # a wait would time the test out
             home = [f"h{i}" for i in range(200) if store._locate(f"h{i}")[1] is store.home]
             await _one_batch(store, c, home[:IN_FLIGHT])
             got = await asyncio.wait_for(c.mod(home[IN_FLIGHT], 1), 10)
@@ -152,8 +168,7 @@ def test_a_wait_begun_within_the_target_s_ttl_outlasts_it(pg_url):
 def test_a_batch_that_does_not_fill_goes_after_the_fill_wait(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = 0.2
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
+            _waits(store, 0.2)
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             t0 = time.perf_counter()
             got = await asyncio.wait_for(asyncio.gather(c.mod("g", 1), c.mod("g", 1)), 10)
@@ -171,14 +186,8 @@ def test_calls_waiting_to_fill_when_the_cluster_is_lost_are_not_sent(pg_url):
     async def main():
         store, c = await opened(pg_url)
         try:
-            store.fill_wait_s = 5.0         # the reconnection comes well within it
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
-            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
-            told = []
-            for _ in range(2):
-                store.submit("g", 1, done=told.append)
-            for _ in range(10):
-                await asyncio.sleep(0)      # the writer is waiting to fill
+            _waits(store, 5.0)              # the reconnection comes well within it
+            told = await _two_waiting(store, c)
             assert told == []
             # Reconnecting waits RECONNECT_BACKOFF_S_MAX (2 s), as after refused
             # batches: the calls are told before, when the wait ends with the cluster.
@@ -207,8 +216,7 @@ def test_calls_waiting_to_fill_when_the_cluster_is_lost_are_not_sent(pg_url):
 def test_one_call_at_a_time_never_waits_to_fill(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = 60.0            # a wait would time the test out
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
+            _waits(store, 60.0)             # a wait would time the test out
             got = [await asyncio.wait_for(c.mod("one", 1), 10) for _ in range(20)]
             return got, store.drain_samples()[0]
 
@@ -223,14 +231,8 @@ def test_a_close_ends_the_fill_wait(pg_url):
     async def main():
         store, c = await opened(pg_url)
         try:
-            store.fill_wait_s = 30.0
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
-            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
-            told = []
-            for _ in range(2):
-                store.submit("g", 1, done=told.append)
-            for _ in range(10):
-                await asyncio.sleep(0)
+            _waits(store, 30.0)
+            told = await _two_waiting(store, c)
             lane = store.clusters[0].lanes[0]
             waiting = told == [] and lane.writing and len(lane.ops) == 2    # none sent
         finally:
@@ -249,8 +251,7 @@ def test_a_call_after_a_reconnection_does_not_wait_for_the_callers_before(pg_url
     call after the reconnection goes at once."""
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = 30.0
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
+            _waits(store, 30.0)
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             store.lost(store.clusters[0], ConnectionResetError())
             deadline = time.monotonic() + 10
@@ -271,8 +272,7 @@ def test_a_call_after_a_batch_lost_in_flight_does_not_wait_for_its_callers(pg_ur
     once."""
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = 30.0
-            store.fill_target_ttl_s = 60.0     # the target decides, however slow the turns
+            _waits(store, 30.0)
             told = []
             async with locked(pg_url, "accman_accounts"):
                 for i in range(IN_FLIGHT):
