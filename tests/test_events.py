@@ -276,6 +276,22 @@ def test_a_bad_after_is_refused(led, after):
 
 # --- the ring and LevelDB behind it ------------------------------------------------------
 
+def test_the_ring_keeps_every_event_leveldb_may_lack():
+    """Past EVENTS_RING_MAX the ring drops its oldest batches, but never one
+    with an event at or after the first that LevelDB may lack (LevelDB is
+    written behind the durable batches: accman/ledger/applier.py)."""
+    log = events_module.EventLog(None, threading.Lock(), 0, 0, 3600)
+    half = EVENTS_RING_MAX // 2 + 1
+    for i in range(3):
+        log.append(1 + i * half, half, b"", lagging=1)
+    assert [b[0] for b in log.ring] == [1, 1 + half, 1 + 2 * half]
+    assert log.ring_events == 3 * half > EVENTS_RING_MAX
+    log.append(1 + 3 * half, half, b"", lagging=1 + 2 * half)
+    assert [b[0] for b in log.ring] == [1 + 2 * half, 1 + 3 * half]
+    log.append(1 + 4 * half, half, b"")                 # LevelDB has them all
+    assert [b[0] for b in log.ring] == [1 + 3 * half, 1 + 4 * half]
+
+
 def test_reading_past_the_ring_falls_back_to_leveldb(path, clock):
     """The batches holding the newest EVENTS_RING_MAX events (or a batch
     more) are kept in memory; older ones come from LevelDB, the same

@@ -54,6 +54,11 @@ class Applier:
             self._pending = True
             self._wake.notify()
 
+    def lagging_event(self) -> int | None:
+        """Under the lock: the first event id that LevelDB may lack (of the
+        oldest durable batch not yet in it), None when it has them all."""
+        return next((b.first_event for b in self.book.unapplied if b.nevents), None)
+
     def answered(self, nmods: int) -> None:
         """On the loop: a batch's replies are out; a small one is written
         now, while the next batch may be on its way to the disk.  Then the

@@ -387,7 +387,8 @@ class Committer(Housekeeping):
                 if book.has_work():
                     self._seal_now = True
                 waiting = () if self.events is None else self.events.append(
-                    batch.first_event, batch.nevents, batch.changes)
+                    batch.first_event, batch.nevents, batch.changes,
+                    self.applier.lagging_event())
             else:
                 self.error = error
                 failed = book.fail(batch, tried)

@@ -11,8 +11,8 @@ retention for the writer to delete: never one with an event after
 `kept_after`, the webhook's durably saved cursor while a server delivers
 them (SPEC "Events": the receiver never loses one), whatever its age.
 LevelDB may lag the durable events by a few batches
-(accman.ledger.commit): the ring holds far more than that, so what is
-read from LevelDB is always there.
+(accman.ledger.applier): the ring never drops an event before LevelDB has
+it, so what is read from LevelDB is always there.
 
 Thread use: `append` runs on the writer thread and `take`/`wait` on the
 loop, all under the committer's lock, which they are given; `fetch`, the
@@ -95,17 +95,20 @@ class EventLog:
 
     # -- the writer's side (under the lock) ---------------------------------------
 
-    def append(self, first: int, count: int, changes) -> set:
+    def append(self, first: int, count: int, changes, lagging: int | None = None) -> set:
         """A durable batch's `count` events, ids from `first`, as its change
         entries (ext/changes.pxi); returns the loops whose long polls now
-        have events to hear (`wake` on each)."""
+        have events to hear (`wake` on each).  `lagging`: the first id that
+        LevelDB may lack (None: none); the ring keeps it and every later
+        one, so that what it drops is always in LevelDB."""
         if not count:
             return set()
         assert first == self.last + 1, "an event id skipped or repeated"
         ring = self.ring
         ring.append((first, first + count - 1, changes))
         self.ring_events += count
-        while ring and self.ring_events - (ring[0][1] - ring[0][0] + 1) >= EVENTS_RING_MAX:
+        while (ring and (lagging is None or ring[0][1] < lagging)
+               and self.ring_events - (ring[0][1] - ring[0][0] + 1) >= EVENTS_RING_MAX):
             oldest = ring.popleft()
             self.ring_events -= oldest[1] - oldest[0] + 1
         self.last = first + count - 1
