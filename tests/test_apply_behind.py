@@ -5,6 +5,7 @@ that.  Until it is, the book answers what LevelDB would (the history of a
 the answer loses nothing that was answered and stops the writes, LevelDB's
 too (no retry) until the reopen replays the log."""
 
+import asyncio
 import threading
 import time
 import types
@@ -14,6 +15,9 @@ import pytest
 
 from accman import Ledger, StoreError, Unavailable
 from accman.ledger import _ledger
+from accman.ledger.applier import APPLY_ON_LOOP_MODS_MAX, APPLY_RUN_BATCHES
+from accman.ledger.events import EVENTS_RING_MAX
+from accman.limits import BATCH_MODS_MAX
 from accman.ledger.leveldb import Store
 from ledgerhelp import wait_for
 
@@ -87,6 +91,70 @@ def test_a_batch_is_answered_before_leveldb_has_it_and_read_from_memory(tmp_path
     with Ledger(path) as led:
         assert [e.seq for e in led.past("alice")] == [4, 3, 2, 1]
         assert led.tot("alice") == 85
+
+
+def batches_on_a_loop(led, names):
+    """One batch per name, on a loop: APPLY_ON_LOOP_MODS_MAX + 1 concurrent
+    mods of credentials name-0, name-1, ..."""
+    n = APPLY_ON_LOOP_MODS_MAX + 1
+
+    async def run():
+        for name in names:
+            await asyncio.gather(*(led.amod(f"{name}-{i}", 1) for i in range(n)))
+    asyncio.run(run())
+
+
+def test_larger_batches_wait_for_a_run_of_them(tmp_path):
+    """A batch of more than APPLY_ON_LOOP_MODS_MAX mods answered on a loop
+    is not written into LevelDB at once (the book answers for it); once
+    APPLY_RUN_BATCHES of them wait, the applier writes them all."""
+    with Ledger(str(tmp_path / "data")) as led:
+        store, applier = led._committer.store, led._committer.applier
+        applier.wait_s_max = 60.0           # the run decides, not the clock
+        with applier.lock:
+            applier._wake.notify()          # its wait begins again with it
+        applied = store.applied
+        batches_on_a_loop(led, [f"b{k}" for k in range(APPLY_RUN_BATCHES - 1)])
+        assert led.stats["batches"] >= APPLY_RUN_BATCHES - 1
+        assert store.applied == applied and len(store._queued) == led.stats["batches"]
+        hid = led._book.hid_of("b0-0")
+        assert not in_leveldb(store, hid, 1)
+        assert [(e.seq, e.tot) for e in led.past("b0-0")] == [(1, 1)]
+        batches_on_a_loop(led, ["last"])
+        wait_for(lambda: store.applied >= applied + APPLY_RUN_BATCHES, what="the run")
+        assert in_leveldb(store, hid, 1) and led.verify()["entries"] == led.stats["mods"]
+
+
+def test_a_batch_short_of_a_run_reaches_leveldb_after_its_longest_wait(tmp_path):
+    with Ledger(str(tmp_path / "data")) as led:
+        store = led._committer.store
+        applied = store.applied
+        batches_on_a_loop(led, ["b"])
+        wait_for(lambda: store.applied > applied, what="the batch in LevelDB")
+        assert in_leveldb(store, led._book.hid_of("b-0"), 1)
+
+
+def test_events_leveldb_lacks_are_read_from_memory_past_the_ring(tmp_path):
+    """While LevelDB lags, more events than the ring's EVENTS_RING_MAX are
+    durable: the ring keeps every one LevelDB lacks, and they are read."""
+    path = str(tmp_path / "data")
+    store = GatedApply(path)
+    led = Ledger(path, store=store)
+    try:
+        store.armed = True
+        n = BATCH_MODS_MAX
+
+        async def run():
+            for b in range(EVENTS_RING_MAX // n + 2):
+                await asyncio.gather(*(led.amod(f"e{b}-{i}", 1) for i in range(n)))
+        asyncio.run(run())
+        assert store.waiting.is_set() and store.applied == 0
+        assert led._events.last > EVENTS_RING_MAX
+        page, _ = led.events(after=0, limit=5)
+        assert [e.id for e in page] == [1, 2, 3, 4, 5]
+    finally:
+        store.gate.set()
+        led.close()
 
 
 class FullDisk:

@@ -1006,12 +1006,12 @@ def _fill_one_batch(led, n):
 
 def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
     """After a batch of 8 completes on the loop, the next one is handed to
-    the writer only once FILL_FRACTION of 8 mods (4) are queued: three
-    arriving alone wait, turn after turn, and go with the next three."""
+    the writer only once FILL_FRACTION of 8 mods are queued: three arriving
+    alone wait, turn after turn, and go with those that make the target."""
     led._committer.fill_wait_s = 60.0      # the target decides, not the clock
     led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
     target = int(commit.FILL_FRACTION * 8)
-    assert 3 < target <= 6
+    assert 3 < target <= 8
 
     async def main():
         await _fill_one_batch(led, 8)
@@ -1021,15 +1021,15 @@ def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
             await asyncio.sleep(0)
         await asyncio.sleep(0.1)            # the writer's time to take a batch, were it sealed
         waiting = led.stats["batches"], led.tot("g")
-        tasks += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(3)]
+        tasks += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(target - 3)]
         results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
         return waiting, results
 
     waiting, results = asyncio.run(main())
     assert waiting == (1, None)             # still queued after 50 turns
-    assert results == [(i, i) for i in range(1, 7)]
+    assert results == [(i, i) for i in range(1, target + 1)]
     sizes, _ = led.drain_samples()
-    assert sizes == [8, 6]
+    assert sizes == [8, target]
 
 
 def test_a_batch_that_does_not_fill_is_written_after_the_fill_wait(led):
@@ -1199,7 +1199,8 @@ def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path)
     so mods the loop queued once answered (the next requests of the clients
     just answered) were taken at once too, not filled to the loop's target
     (FILL_*).  Here a plain thread's completion, run on the writer after the
-    hand-over, holds it until the loop has queued 2 mods of a target of 4."""
+    hand-over, holds it until the loop has queued 2 mods of a target of
+    FILL_FRACTION of 9."""
     path = str(tmp_path / "data")
     gate, go, writer_back = threading.Event(), threading.Event(), threading.Event()
     armed = []
@@ -1212,6 +1213,8 @@ def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path)
     led = Ledger(path, clock_ms=clock_ms, store=GatedStore(path, gate))
     led._committer.fill_wait_s = 60.0   # the target decides, not the clock
     led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
+    target = int(commit.FILL_FRACTION * 9)
+    assert 2 < target <= 9
     try:
         async def main():
             held = asyncio.ensure_future(led.amod("z", 1))
@@ -1220,19 +1223,19 @@ def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path)
             await asyncio.to_thread(led.submit, "t", 1, done=lambda _: go.wait(10))
             for _ in range(5):
                 await asyncio.sleep(0)          # the 8 and the thread's queued behind
-            gate.set()                          # one batch of 9, then the target is 4
+            gate.set()                          # one batch of 9, then the target
             await asyncio.wait_for(asyncio.gather(held, *eight), 10)
             two = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
             for _ in range(5):
-                await asyncio.sleep(0)          # 2 of 4 queued: the loop waits to fill
+                await asyncio.sleep(0)          # 2 queued: the loop waits to fill
             armed.append(True)
             go.set()
             assert await asyncio.to_thread(writer_back.wait, 10)
-            two += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
+            two += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(target - 2)]
             return await asyncio.wait_for(asyncio.gather(*two), 10)
 
-        assert asyncio.run(main()) == [(i, i) for i in range(1, 5)]
-        assert led.drain_samples()[0] == [1, 9, 4]
+        assert asyncio.run(main()) == [(i, i) for i in range(1, target + 1)]
+        assert led.drain_samples()[0] == [1, 9, target]
     finally:
         gate.set()
         go.set()

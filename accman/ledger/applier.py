@@ -2,10 +2,12 @@
 into LevelDB after its replies, off the acknowledgement path (its record is
 what makes it durable, and recovery replays it), at most
 APPLY_LAG_BATCHES_MAX behind (accman.ledger.leveldb, which applies them
-itself past that).  A small batch is written from the loop once its replies
-are out; a large one from the applier thread, woken as soon as the batch is
-durable (APPLY_ON_LOOP_MODS_MAX).  Until LevelDB has a batch, the book keeps
-what a reader would look for there (Book.applied, history_tail).
+itself past that).  A small batch with none waiting before it is written
+from the loop once its replies are out (APPLY_ON_LOOP_MODS_MAX); larger
+ones wait for the applier thread, which writes them in runs
+(APPLY_RUN_MODS, APPLY_RUN_BATCHES), or once one has waited
+APPLY_WAIT_S_MAX.  Until LevelDB has a batch, the book keeps what a reader
+would look for there (Book.applied, history_tail).
 
 If a write fails, its batch is still durable (the next open replays its
 record), but nothing after it can be: `error` is the writer's to fail its
@@ -22,11 +24,20 @@ from accman.ledger import background
 log = logging.getLogger("accman.commit")
 
 # Waking a thread and handing it the GIL costs more than LevelDB's write of
-# a batch of at most this many mods, which the loop therefore makes itself;
-# a larger one is the applier's, so that the loop sends the replies and
-# reads the next requests, and the disk writes the next batch, while
-# LevelDB's write takes the CPU (docs/PERFORMANCE.md).
-APPLY_ON_LOOP_MODS_MAX = 256
+# a batch of at most this many mods, which the loop therefore makes itself
+# while no other batch waits (the few connections of a light load).
+APPLY_ON_LOOP_MODS_MAX = 32
+# Each insert into LevelDB's memory misses the CPU's caches, which the
+# loop's requests and replies have filled with theirs; in a run of writes
+# the later inserts find the structure cached (PERFORMANCE.md).  So larger
+# batches wait, and the applier thread writes them once this many mods,
+# or this many batches, wait: the loop meanwhile answers and reads, and
+# the disk writes the next batches.  Below APPLY_LAG_BATCHES_MAX.
+APPLY_RUN_MODS = 1024
+APPLY_RUN_BATCHES = 16
+# A durable batch waits no longer than this for LevelDB when the load
+# stops short of a run.
+APPLY_WAIT_S_MAX = 0.05
 
 
 class Applier:
@@ -41,16 +52,19 @@ class Applier:
         self.error: StoreError | None = None
         self._wake = threading.Condition(lock)
         self._pending = False           # the writer handed it a batch
+        self.wait_s_max = APPLY_WAIT_S_MAX
         self._stop = False
         self._marked = store.applied    # the store's applied batches the book knows of
         self._compaction = background.watch(store.level0_files)
         self._thread = threading.Thread(target=self._run, name="accman-apply", daemon=True)
         self._thread.start()
 
-    def durable(self, batch) -> None:
-        """Under the lock, on the writer: `batch` is durable; a large one
-        is the applier's."""
-        if batch.nmods > APPLY_ON_LOOP_MODS_MAX:
+    def durable(self) -> None:
+        """Under the lock, on the writer: a batch is durable (the book's
+        last unapplied one); the applier writes a run once enough wait."""
+        waiting = self.book.unapplied
+        if (len(waiting) >= APPLY_RUN_BATCHES
+                or sum(b.nmods for b in waiting) >= APPLY_RUN_MODS):
             self._pending = True
             self._wake.notify()
 
@@ -60,10 +74,11 @@ class Applier:
         return next((b.first_event for b in self.book.unapplied if b.nevents), None)
 
     def answered(self, nmods: int) -> None:
-        """On the loop: a batch's replies are out; a small one is written
-        now, while the next batch may be on its way to the disk.  Then the
-        loop gives LevelDB's compaction what it owes it (accman.ledger.background)."""
-        if nmods <= APPLY_ON_LOOP_MODS_MAX:
+        """On the loop: a batch's replies are out; a small one with none
+        before it is written now, while the next batch may be on its way to
+        the disk.  Then the loop gives LevelDB's compaction what it owes it
+        (accman.ledger.background)."""
+        if nmods <= APPLY_ON_LOOP_MODS_MAX and len(self.book.unapplied) <= 1:
             self.apply()
         if self._compaction is not None:
             self._compaction.give_way()
@@ -77,7 +92,8 @@ class Applier:
         while True:
             with self.lock:
                 while not self._stop and self.error is None and not self._pending:
-                    self._wake.wait()
+                    if not self._wake.wait(self.wait_s_max) and self.book.unapplied:
+                        break       # a batch has waited up to wait_s_max
                 if self._stop or self.error is not None:
                     return
                 self._pending = False

@@ -43,11 +43,11 @@ SAMPLES_MAX = 65536
 # completion: clients whose replies just went out are about to send again.
 # It waits for FILL_FRACTION of them, turn after loop turn (reading sockets
 # meanwhile), for at most FILL_WAIT_S; with one client in flight the target
-# is 0 and nothing waits.  Half, not nearly all: a batch that waits for
-# nearly all leaves the core idle while the previous one is written
-# (docs/PERFORMANCE.md has the measurements).
-FILL_FRACTION = 0.5
-FILL_WAIT_S = 200e-6
+# is 0 and nothing waits.  Nearly all, not half: the clients that waited
+# on one batch stay one batch, where half splits them into two batches that
+# alternate, each a write's CPU (docs/PERFORMANCE.md has the measurements).
+FILL_FRACTION = 0.95
+FILL_WAIT_S = 400e-6
 # A target is of the callers answered at the completion that set it, who
 # call again within their round trip if at all: a wait that would begin
 # this long after that completion has nobody to wait for (a lone call after
@@ -376,7 +376,7 @@ class Committer(Housekeeping):
         with self.lock:
             if error is None:
                 book.finish(batch)
-                self.applier.durable(batch)
+                self.applier.durable()
                 # What queued during the write goes to the disk at once,
                 # not after the loop's turn: a disk left idle between two
                 # writes may answer the next one several times slower

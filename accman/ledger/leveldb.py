@@ -45,10 +45,10 @@ STORE_FORMAT = 5             # bump with a migration when a record format change
 WRITE_BUFFER_BYTES = 16 * 1024 * 1024
 BLOCK_CACHE_BYTES = 64 * 1024 * 1024
 # Durable batches that LevelDB may lack at once: the committer writes them
-# behind the acknowledgements (accman.ledger.commit); past this many the
+# behind the acknowledgements (accman.ledger.applier); past this many the
 # writer applies them itself, so that the book's memory of what LevelDB
 # lacks (and a /past's tail) stays small.
-APPLY_LAG_BATCHES_MAX = 2
+APPLY_LAG_BATCHES_MAX = 32
 
 
 class Store:
