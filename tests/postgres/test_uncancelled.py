@@ -284,6 +284,7 @@ def test_a_commit_on_a_connection_found_closed_is_not_sent(pg_url):
                 # that held the call, go as the block ends.
                 return E.commit_error(e, E.classify(e)), E.classify(e)
             raise AssertionError("sent on a closed connection")
+        gc.collect()        # what earlier tests left (their unclosed loops) is not judged
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             told, kind = await attempt()
