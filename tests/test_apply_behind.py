@@ -15,10 +15,10 @@ import pytest
 
 from accman import Ledger, StoreError, Unavailable
 from accman.ledger import _ledger
-from accman.ledger.applier import APPLY_ON_LOOP_MODS_MAX, APPLY_RUN_BATCHES
+from accman.ledger.applier import APPLY_ON_LOOP_MODS_MAX, APPLY_RUN_BATCHES, APPLY_RUN_MODS
 from accman.ledger.events import EVENTS_RING_MAX
 from accman.limits import BATCH_MODS_MAX
-from accman.ledger.leveldb import Store
+from accman.ledger.leveldb import APPLY_LAG_BATCHES_MAX, APPLY_LAG_BYTES_MAX, Store
 from ledgerhelp import wait_for
 
 
@@ -93,26 +93,28 @@ def test_a_batch_is_answered_before_leveldb_has_it_and_read_from_memory(tmp_path
         assert led.tot("alice") == 85
 
 
-def batches_on_a_loop(led, names):
-    """One batch per name, on a loop: APPLY_ON_LOOP_MODS_MAX + 1 concurrent
-    mods of credentials name-0, name-1, ..."""
-    n = APPLY_ON_LOOP_MODS_MAX + 1
-
+def batches_on_a_loop(led, names, n=APPLY_ON_LOOP_MODS_MAX + 1):
+    """One batch per name, on a loop: n concurrent mods of credentials
+    name-0, name-1, ..."""
     async def run():
         for name in names:
             await asyncio.gather(*(led.amod(f"{name}-{i}", 1) for i in range(n)))
     asyncio.run(run())
 
 
+def waiting_ledger(tmp_path, wait_s_max):
+    """A Ledger whose applier writes what waits after `wait_s_max` (or a run)."""
+    led = Ledger(str(tmp_path / "data"))
+    led._committer.applier.wait_s_max = wait_s_max
+    return led, led._committer.store
+
+
 def test_larger_batches_wait_for_a_run_of_them(tmp_path):
     """A batch of more than APPLY_ON_LOOP_MODS_MAX mods answered on a loop
     is not written into LevelDB at once (the book answers for it); once
     APPLY_RUN_BATCHES of them wait, the applier writes them all."""
-    with Ledger(str(tmp_path / "data")) as led:
-        store, applier = led._committer.store, led._committer.applier
-        applier.wait_s_max = 60.0           # the run decides, not the clock
-        with applier.lock:
-            applier._wake.notify()          # its wait begins again with it
+    led, store = waiting_ledger(tmp_path, 60.0)     # the run decides, not the clock
+    with led:
         applied = store.applied
         batches_on_a_loop(led, [f"b{k}" for k in range(APPLY_RUN_BATCHES - 1)])
         assert led.stats["batches"] >= APPLY_RUN_BATCHES - 1
@@ -125,13 +127,68 @@ def test_larger_batches_wait_for_a_run_of_them(tmp_path):
         assert in_leveldb(store, hid, 1) and led.verify()["entries"] == led.stats["mods"]
 
 
+def test_a_run_is_also_its_mods(tmp_path):
+    """APPLY_RUN_MODS waiting make a run, however few batches hold them."""
+    led, store = waiting_ledger(tmp_path, 60.0)
+    n = APPLY_RUN_MODS // 2 + 1
+    with led:
+        applied = store.applied
+        batches_on_a_loop(led, ["a"], n)
+        assert store.applied == applied and led.stats["batches"] == 1
+        batches_on_a_loop(led, ["b"], n)
+        wait_for(lambda: store.applied == applied + 2, what="the run")
+
+
+def test_a_small_batch_behind_a_waiting_one_waits_with_it(tmp_path):
+    """The loop writes into LevelDB only while what LevelDB lacks is small
+    (APPLY_ON_LOOP_MODS_MAX mods): a small batch behind a larger one that
+    waits for a run waits with it."""
+    led, store = waiting_ledger(tmp_path, 60.0)
+    with led:
+        applied = store.applied
+        batches_on_a_loop(led, ["big"])
+        batches_on_a_loop(led, ["small"], 2)
+        assert store.applied == applied and len(store._queued) == led.stats["batches"]
+        # Nor by the writer, for a batch no loop answers: it would have
+        # written before it took the second plain mod.
+        led.mod("plain", 1)
+        led.mod("plain", 1)
+        assert store.applied == applied and len(store._queued) == led.stats["batches"]
+
+
 def test_a_batch_short_of_a_run_reaches_leveldb_after_its_longest_wait(tmp_path):
-    with Ledger(str(tmp_path / "data")) as led:
-        store = led._committer.store
+    """What waits short of a run is written once it has waited wait_s_max
+    (APPLY_WAIT_S_MAX), not before, not much after."""
+    led, store = waiting_ledger(tmp_path, 0.5)
+    with led:
         applied = store.applied
         batches_on_a_loop(led, ["b"])
-        wait_for(lambda: store.applied > applied, what="the batch in LevelDB")
+        t0 = time.monotonic()
+        assert store.applied == applied
+        wait_for(lambda: store.applied > applied, 5.0, what="the batch in LevelDB")
+        assert 0.3 < time.monotonic() - t0 < 3.0
         assert in_leveldb(store, led._book.hid_of("b-0"), 1)
+
+
+@pytest.mark.parametrize("records, size", [
+    (APPLY_LAG_BATCHES_MAX, 64),                        # many small records
+    (4, APPLY_LAG_BYTES_MAX // 4),                      # a few large ones
+])
+def test_the_writer_applies_what_waits_past_either_lag_bound(tmp_path, records, size):
+    """LevelDB lags the log by at most APPLY_LAG_BATCHES_MAX records and
+    APPLY_LAG_BYTES_MAX of them: the writer's next record applies them first."""
+    store = Store(str(tmp_path / "data"))
+    applied_at = []
+    store.apply = lambda: applied_at.append(len(store._queued))   # nothing written
+    try:
+        for _ in range(records):
+            store.write(bytes(size))
+        assert applied_at == []
+        store.write(bytes(size))
+        assert applied_at == [records]
+    finally:
+        store._queued.clear()
+        store.close(checkpoint=False)
 
 
 def test_events_leveldb_lacks_are_read_from_memory_past_the_ring(tmp_path):

@@ -989,7 +989,7 @@ def test_a_new_loop_does_not_wait_for_the_former_loop_s_callers(led):
     led._committer.fill_target_ttl_s = 60.0
 
     async def first():
-        await _fill_one_batch(led, 8)       # the target is now 4
+        await _fill_one_batch(led, 8)       # the target: FILL_FRACTION of 8
 
     async def second():
         return await asyncio.wait_for(led.amod("g", 1), 10)
@@ -1058,16 +1058,16 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
         led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
 
         async def main():
-            await _fill_one_batch(led, 12)              # the target is now 6
+            await _fill_one_batch(led, 12)              # the target: FILL_FRACTION of 12
             waiting = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(4)]
             for _ in range(5):
-                await asyncio.sleep(0)                  # 4 of 6: the fill wait starts
+                await asyncio.sleep(0)                  # 4, short of it: the fill wait starts
             store.gate.clear()
             thread = asyncio.ensure_future(asyncio.to_thread(led.mod, "t", 1))
             assert await asyncio.to_thread(store.writing.wait, 10)   # sealed: 4 + 1
             await asyncio.sleep(0.2)                    # past the old wait's end
             store.gate.set()
-            await asyncio.wait_for(asyncio.gather(thread, *waiting), 10)   # target now 2
+            await asyncio.wait_for(asyncio.gather(thread, *waiting), 10)   # target: of 5
             t0 = time.perf_counter()
             got = await asyncio.wait_for(led.amod("h", 1), 10)
             return got, time.perf_counter() - t0
@@ -1099,7 +1099,7 @@ def test_a_target_left_from_long_ago_is_not_waited_for(led):
     led._committer.fill_target_ttl_s = 0.05
 
     async def main():
-        await _fill_one_batch(led, 8)           # the target is now 4
+        await _fill_one_batch(led, 8)           # the target: FILL_FRACTION of 8
         await asyncio.sleep(0.2)                # an idle spell past the target's ttl
         return await asyncio.wait_for(led.amod("g", 1), 10)
 
@@ -1111,21 +1111,26 @@ def test_a_wait_begun_within_the_target_s_ttl_outlasts_it(led):
     """The ttl decides whether a wait begins, not how long it runs: a mod
     that comes at once after the batch waits past the ttl, and goes with
     the mods that make the target."""
-    led._committer.fill_wait_s = 0.5
+    led._committer.fill_wait_s = 5.0
     led._committer.fill_target_ttl_s = 0.05
+    target = int(commit.FILL_FRACTION * 8)
+    assert 1 < target <= 8
 
     async def main():
-        await _fill_one_batch(led, 8)           # the target is now 4
+        await _fill_one_batch(led, 8)
         first = asyncio.ensure_future(led.amod("g", 1))
         await asyncio.sleep(0.2)                # past the ttl, within the wait
         waiting = led.tot("g")
-        rest = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(3)]
-        return waiting, await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        rest = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(target - 1)]
+        t0 = time.perf_counter()
+        got = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        return waiting, got, time.perf_counter() - t0
 
-    waiting, got = asyncio.run(main())
+    waiting, got, took_s = asyncio.run(main())
     assert waiting is None
-    assert got == [(i, i) for i in range(1, 5)]
-    assert led.drain_samples()[0] == [8, 4]
+    assert got == [(i, i) for i in range(1, target + 1)]
+    assert took_s < 4.0                         # the target sent it, not the wait's end
+    assert led.drain_samples()[0] == [8, target]
 
 
 def test_a_mod_from_another_thread_seals_a_filling_batch_now(led):

@@ -2,12 +2,13 @@
 into LevelDB after its replies, off the acknowledgement path (its record is
 what makes it durable, and recovery replays it), at most
 APPLY_LAG_BATCHES_MAX behind (accman.ledger.leveldb, which applies them
-itself past that).  A small batch with none waiting before it is written
-from the loop once its replies are out (APPLY_ON_LOOP_MODS_MAX); larger
-ones wait for the applier thread, which writes them in runs
-(APPLY_RUN_MODS, APPLY_RUN_BATCHES), or once one has waited
-APPLY_WAIT_S_MAX.  Until LevelDB has a batch, the book keeps what a reader
-would look for there (Book.applied, history_tail).
+itself past that).  While what LevelDB lacks is small
+(APPLY_ON_LOOP_MODS_MAX mods), it is written by the loop once a batch's
+replies are out (by the writer, for a batch no loop answers); more waits
+for the applier thread, which writes it in a run (APPLY_RUN_MODS,
+APPLY_RUN_BATCHES), or once it has waited APPLY_WAIT_S_MAX.  Until
+LevelDB has a batch, the book keeps what a reader would look for there
+(Book.applied, history_tail).
 
 If a write fails, its batch is still durable (the next open replays its
 record), but nothing after it can be: `error` is the writer's to fail its
@@ -24,15 +25,15 @@ from accman.ledger import background
 log = logging.getLogger("accman.commit")
 
 # Waking a thread and handing it the GIL costs more than LevelDB's write of
-# a batch of at most this many mods, which the loop therefore makes itself
-# while no other batch waits (the few connections of a light load).
+# at most this many mods, which the loop therefore makes itself (the few
+# connections of a light load).
 APPLY_ON_LOOP_MODS_MAX = 32
 # Each insert into LevelDB's memory misses the CPU's caches, which the
 # loop's requests and replies have filled with theirs; in a run of writes
-# the later inserts find the structure cached (PERFORMANCE.md).  So larger
-# batches wait, and the applier thread writes them once this many mods,
-# or this many batches, wait: the loop meanwhile answers and reads, and
-# the disk writes the next batches.  Below APPLY_LAG_BATCHES_MAX.
+# the later inserts find the structure cached (PERFORMANCE.md).  So more
+# waits, and the applier thread writes it once this many mods, or this
+# many batches, wait: the loop meanwhile answers and reads, and the disk
+# writes the next batches.  Below APPLY_LAG_BATCHES_MAX.
 APPLY_RUN_MODS = 1024
 APPLY_RUN_BATCHES = 16
 # A durable batch waits no longer than this for LevelDB when the load
@@ -51,7 +52,7 @@ class Applier:
         self._store_call = store_call
         self.error: StoreError | None = None
         self._wake = threading.Condition(lock)
-        self._pending = False           # the writer handed it a batch
+        self._pending = False           # a run is due
         self.wait_s_max = APPLY_WAIT_S_MAX
         self._stop = False
         self._marked = store.applied    # the store's applied batches the book knows of
@@ -61,24 +62,39 @@ class Applier:
 
     def durable(self) -> None:
         """Under the lock, on the writer: a batch is durable (the book's
-        last unapplied one); the applier writes a run once enough wait."""
+        last unapplied one).  The applier writes a run once enough wait,
+        and starts its clock once more wait than the loop writes."""
         waiting = self.book.unapplied
-        if (len(waiting) >= APPLY_RUN_BATCHES
-                or sum(b.nmods for b in waiting) >= APPLY_RUN_MODS):
+        mods = sum(b.nmods for b in waiting)
+        if len(waiting) >= APPLY_RUN_BATCHES or mods >= APPLY_RUN_MODS:
             self._pending = True
             self._wake.notify()
+        elif mods - waiting[-1].nmods <= APPLY_ON_LOOP_MODS_MAX < mods:
+            self._wake.notify()
+
+    def _small(self) -> bool:
+        """What LevelDB lacks is at most APPLY_ON_LOOP_MODS_MAX mods (from
+        any thread: a read of the book's list)."""
+        return sum(b.nmods for b in self.book.unapplied) <= APPLY_ON_LOOP_MODS_MAX
+
+    def unanswered(self) -> None:
+        """On the writer, after a batch whose completions went to no loop
+        (plain threads, housekeeping, a failure): the loop's rule, in its
+        place; the next batch waits for it."""
+        if self._small():
+            self.apply()
 
     def lagging_event(self) -> int | None:
         """Under the lock: the first event id that LevelDB may lack (of the
         oldest durable batch not yet in it), None when it has them all."""
         return next((b.first_event for b in self.book.unapplied if b.nevents), None)
 
-    def answered(self, nmods: int) -> None:
-        """On the loop: a batch's replies are out; a small one with none
-        before it is written now, while the next batch may be on its way to
+    def answered(self) -> None:
+        """On the loop: a batch's replies are out; if what LevelDB lacks is
+        small, it is written now, while the next batch may be on its way to
         the disk.  Then the loop gives LevelDB's compaction what it owes it
         (accman.ledger.background)."""
-        if nmods <= APPLY_ON_LOOP_MODS_MAX and len(self.book.unapplied) <= 1:
+        if self._small():
             self.apply()
         if self._compaction is not None:
             self._compaction.give_way()
@@ -92,8 +108,10 @@ class Applier:
         while True:
             with self.lock:
                 while not self._stop and self.error is None and not self._pending:
-                    if not self._wake.wait(self.wait_s_max) and self.book.unapplied:
-                        break       # a batch has waited up to wait_s_max
+                    if self._small():
+                        self._wake.wait()       # the loop's, or nothing waits
+                    elif not self._wake.wait(self.wait_s_max):
+                        break                   # what waits has waited its longest
                 if self._stop or self.error is not None:
                     return
                 self._pending = False

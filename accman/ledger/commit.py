@@ -286,7 +286,7 @@ class Committer(Housekeeping):
                                     book.batch_mods_max)
             self._target_at = time.perf_counter()
             self._kick()
-            self.applier.answered(nmods)
+            self.applier.answered()
 
     # -- the writer thread -------------------------------------------------------
 
@@ -315,8 +315,9 @@ class Committer(Housekeeping):
             if not self._done(batch, error, fsync_s, tried):
                 # No completion went to the loop, so no kick will come from
                 # it (and the loop does not apply it): what the loop queued
-                # meanwhile is sealed now, after LevelDB has this batch.
-                self.applier.apply()
+                # meanwhile is sealed now, after LevelDB's write that the
+                # loop would have made.
+                self.applier.unanswered()
                 with self.lock:
                     self._writing = False
                     self._seal_now = True

@@ -10,7 +10,7 @@ handle (EVENTS_WAITERS_MAX of them), and finds the events records past the
 retention for the writer to delete: never one with an event after
 `kept_after`, the webhook's durably saved cursor while a server delivers
 them (SPEC "Events": the receiver never loses one), whatever its age.
-LevelDB may lag the durable events by a few batches
+LevelDB may lag the durable events by up to APPLY_LAG_BATCHES_MAX batches
 (accman.ledger.applier): the ring never drops an event before LevelDB has
 it, so what is read from LevelDB is always there.
 
@@ -176,9 +176,9 @@ class EventLog:
         ring_first = taken.batches[0][0] if taken.batches else stop + 1
         events = []
         if start < ring_first:
-            # Older than the ring: LevelDB has them (it lags the durable
-            # events by far less than the ring holds); the newer ones of
-            # the page come from the ring, which LevelDB may not have yet.
+            # Older than the ring: LevelDB has them (the ring drops nothing
+            # it lacks: append); the newer ones of the page come from the
+            # ring, which LevelDB may not have yet.
             want = min(stop + 1, ring_first) - start
             events = eventrecords.read(self.store, start, want)
             if [e[0] for e in events] != list(range(start, start + want)):

@@ -39,16 +39,16 @@ STORE_FORMAT = 5             # bump with a migration when a record format change
 # Format 5 writes an account's changes in one batch as one history record
 # (ext/history.pxi); the one record per change of formats 2-4 stays
 # readable, so going from 4 to 5 rewrites the format record alone.
-# LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are sized for
-# small embedded use; a ledger with a million accounts reads its account
-# records at open and history pages at random, so give both more room.
+# LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are for small
+# uses; a million accounts' records read at open and /past at random want more.
 WRITE_BUFFER_BYTES = 16 * 1024 * 1024
 BLOCK_CACHE_BYTES = 64 * 1024 * 1024
-# Durable batches that LevelDB may lack at once: the committer writes them
-# behind the acknowledgements (accman.ledger.applier); past this many the
-# writer applies them itself, so that the book's memory of what LevelDB
-# lacks (and a /past's tail) stays small.
+# Durable batches that LevelDB may lack at once, and their records' bytes:
+# the committer writes them behind the acknowledgements (accman.ledger.
+# applier); past either the writer applies them itself, so that the book's
+# memory of what LevelDB lacks (and a /past's tail, which scans it) stays small.
 APPLY_LAG_BATCHES_MAX = 32
+APPLY_LAG_BYTES_MAX = 8 * 1024 * 1024
 
 
 class Store:
@@ -394,18 +394,18 @@ class Store:
         """Makes one batch durable: `wal_record` (its puts in the log's
         encoding, ext/ledger.pyx) to the write-ahead log, GIL released.
         LevelDB's write of it is queued for `apply`, off the acknowledgement
-        path (unsynced: the record is what makes it durable).  At
-        APPLY_LAG_BATCHES_MAX queued, and before a record that wraps the
-        log (its checkpoint needs every record so far in LevelDB), the
-        queued ones are applied here first.  After a failure (`broken`) no
-        write is taken, nor a checkpoint (`apply`), so the next open replays
-        the failed batch's record if it reached the disk: all of the batch,
-        or none of it."""
+        path (unsynced: the record is what makes it durable).  At APPLY_LAG_*
+        queued, and before a record that wraps the log (its checkpoint needs
+        every record so far in LevelDB), the queued ones are applied here
+        first.  After a failure (`broken`) no write is taken, nor a
+        checkpoint (`apply`), so the next open replays the failed batch's
+        record if it reached the disk: all of the batch, or none of it."""
         if self.wal.broken:
             raise WriteRefused(f"{self.path}: commit failed: refused, since a write before it "
                                "failed (logged as it failed); no more writes until the store "
                                "is reopened")
-        if len(self._queued) >= APPLY_LAG_BATCHES_MAX or self.wal.wraps(len(wal_record)):
+        if (len(self._queued) >= APPLY_LAG_BATCHES_MAX or self.wal.wraps(len(wal_record))
+                or sum(map(len, self._queued)) >= APPLY_LAG_BYTES_MAX):
             self.apply()
         with translated(self.path, "commit"):
             try:

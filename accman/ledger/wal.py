@@ -38,9 +38,9 @@ The files, in the data directory beside LevelDB's:
 Writing: the records after a checkpoint start at offset 0 and go on until
 the next record would pass WAL_BYTES_MAX; then a checkpoint is taken (every
 LevelDB log file fsync'd, then the directory, then the new checkpoint
-written) and writing starts again at 0.  The writer applies each record to
-LevelDB before it writes the next, so at a checkpoint every record before
-it is in LevelDB's files, and those files are synced.  A checkpoint that
+written) and writing starts again at 0.  Before a record that would wrap,
+the writer has every queued record applied to LevelDB, so at a checkpoint
+every record before it is in LevelDB's files, and those files are synced.  A checkpoint that
 fails without losing anything (a descriptor that could not be had) is
 postponed: the log runs on past its size and the checkpoint is tried again;
 a failed fsync or rename is fail-stop (accman.ledger.commit).

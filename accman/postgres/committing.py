@@ -35,14 +35,14 @@ COMMIT_TIMEOUT_S = 10.0
 # queued meanwhile) are queued, looking again after every loop turn (the
 # loop reads its sockets meanwhile), for at most FILL_WAIT_S, and not once
 # the cluster is lost or the store is closing.  With one call in flight
-# the target is 0 and nothing waits.  Nearly all, where the embedded store
-# waits for half: a batch's round trip here (the database's work on it,
-# and its commit's flush) is long beside the spread of the callers'
-# return, and a caller left out of a batch waits for that whole round
-# trip.  The target is at most FILL_TARGET_MAX calls, and never more
-# than a batch takes: a batch that large has its fixed cost shared out
-# already, and waiting for more (pipelining callers keep many calls in
-# flight) only delays it.  A store of several
+# the target is 0 and nothing waits.  Nearly all, as the embedded store
+# waits for: a batch's round trip here (the database's work on it, and
+# its commit's flush) is long beside the spread of the callers' return,
+# and a caller left out of a batch waits for that whole round trip.  The
+# target is at most FILL_TARGET_MAX calls, and never more than a batch
+# takes: a batch that large has its fixed cost shared out already, and
+# waiting for more (pipelining callers keep many calls in flight) only
+# delays it.  A store of several
 # clusters does not wait (its fill fraction is 0): a caller answered by
 # one cluster calls another as often as not, so that the target is
 # seldom reached and the wait mostly polls until its deadline
