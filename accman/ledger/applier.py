@@ -1,14 +1,13 @@
 """LevelDB behind the write-ahead log: a durable, answered batch is written
 into LevelDB after its replies, off the acknowledgement path (its record is
-what makes it durable, and recovery replays it), at most
-APPLY_LAG_BATCHES_MAX behind (accman.ledger.leveldb, which applies them
-itself past that).  While what LevelDB lacks is small
-(APPLY_ON_LOOP_MODS_MAX mods), it is written by the loop once a batch's
-replies are out (by the writer, for a batch no loop answers); more waits
-for the applier thread, which writes it in a run (APPLY_RUN_MODS,
-APPLY_RUN_BATCHES), or once it has waited APPLY_WAIT_S_MAX.  Until
-LevelDB has a batch, the book keeps what a reader would look for there
-(Book.applied, history_tail).
+what makes it durable, and recovery replays it), at most APPLY_LAG_*
+behind (accman.ledger.leveldb, which applies them itself past that).
+While what LevelDB lacks is small (APPLY_ON_LOOP_MODS_MAX mods), it is
+written by the loop once a batch's replies are out (by the writer, for a
+batch no loop answers); more waits for the applier thread, which writes
+it in a run (APPLY_RUN_MODS, APPLY_RUN_BATCHES), or once it has waited
+APPLY_WAIT_S_MAX.  Until LevelDB has a batch, the book keeps what a
+reader would look for there (Book.applied, history_tail).
 
 If a write fails, its batch is still durable (the next open replays its
 record), but nothing after it can be: `error` is the writer's to fail its
@@ -73,15 +72,19 @@ class Applier:
             self._wake.notify()
 
     def _small(self) -> bool:
-        """What LevelDB lacks is at most APPLY_ON_LOOP_MODS_MAX mods (from
-        any thread: a read of the book's list)."""
+        """Under the lock: what LevelDB lacks is at most
+        APPLY_ON_LOOP_MODS_MAX mods."""
         return sum(b.nmods for b in self.book.unapplied) <= APPLY_ON_LOOP_MODS_MAX
+
+    def _small_now(self) -> bool:
+        with self.lock:
+            return self._small()
 
     def unanswered(self) -> None:
         """On the writer, after a batch whose completions went to no loop
         (plain threads, housekeeping, a failure): the loop's rule, in its
         place; the next batch waits for it."""
-        if self._small():
+        if self._small_now():
             self.apply()
 
     def lagging_event(self) -> int | None:
@@ -94,7 +97,7 @@ class Applier:
         small, it is written now, while the next batch may be on its way to
         the disk.  Then the loop gives LevelDB's compaction what it owes it
         (accman.ledger.background)."""
-        if self._small():
+        if self._small_now():
             self.apply()
         if self._compaction is not None:
             self._compaction.give_way()
@@ -108,14 +111,20 @@ class Applier:
         while True:
             with self.lock:
                 while not self._stop and self.error is None and not self._pending:
-                    if self._small():
-                        self._wake.wait()       # the loop's, or nothing waits
+                    if self._small() or self.store.wal.broken:
+                        self._wake.wait()       # the loop's, nothing, or nothing to do
                     elif not self._wake.wait(self.wait_s_max):
                         break                   # what waits has waited its longest
                 if self._stop or self.error is not None:
                     return
                 self._pending = False
             self.apply()
+            with self.lock:
+                # A small batch made durable during that write may have
+                # found it not yet marked, and left its write to this run.
+                again = bool(self.book.unapplied) and self._small()
+            if again:
+                self.apply()
 
     def apply(self) -> None:
         """The durable batches LevelDB lacks into it, in order
