@@ -270,6 +270,28 @@ def test_a_store_file_gone_while_another_has_the_store_open_is_no_damage(tmp_pat
         Ledger(data)
 
 
+def test_a_store_file_made_again_between_its_stat_and_its_lstat_is_no_damage(
+        tmp_path, monkeypatch):
+    """A checkpoint's accman.checkpoint.tmp that the open store removed
+    before the check's stat and made again before its lstat is a regular
+    file, not a symbolic link to nothing (seen once in a full run)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "accman.checkpoint.tmp").write_bytes(b"x")
+    real_stat = os.stat
+
+    def stat_between(path, *args, **kw):
+        if str(path).endswith("accman.checkpoint.tmp"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_stat(path, *args, **kw)
+    monkeypatch.setattr(datadir.os, "stat", stat_between)
+    datadir.check_regular(str(data))
+    (data / "accman.checkpoint.tmp").unlink()
+    os.symlink(tmp_path / "nowhere", data / "accman.checkpoint.tmp")
+    with pytest.raises(StoreCorrupt, match="accman.checkpoint.tmp is a symbolic link to nothing"):
+        datadir.check_regular(str(data))
+
+
 def test_the_default_acl_is_what_makes_new_files_0600(tmp_path, umask_022):
     """The mechanism itself: a file made with mode 0644 in the directory
     (as LevelDB makes its files) is 0600 under a umask of 022."""

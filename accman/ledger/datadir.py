@@ -53,11 +53,10 @@ _ACL_OWNER_ONLY = struct.pack("<I", 2) + b"".join(
 
 
 # What a PostgreSQL front-end leaves beside its LOCK in --data
-# (accman.server.undo.lock_directory): without it a directory that holds
-# only a LOCK (a front-end's, or a creation cut short) would be taken for a
-# new embedded store, and a restart that left out --store would serve an
-# empty ledger beside the real one.  Not a name STORE_FILE matches, so that
-# an AccMan from before the mark refuses the directory as one of other files.
+# (accman.server.undo.lock_directory): without it a directory holding only a
+# LOCK (a front-end's, or a creation cut short) would be taken for a new
+# embedded store, and a restart without --store would serve an empty ledger
+# beside the real one.  Not a name STORE_FILE matches: an older AccMan refuses it.
 FRONTEND_MARK = "FRONTEND.accman"
 # What a directory may hold besides a store's files and still be taken for
 # a new store: the root of a file system made for the store has lost+found.
@@ -155,10 +154,9 @@ def check_regular(path: str, names: list | None = None) -> None:
     """Each of a store's files (of `names`, the directory's by default) is
     a regular file: LevelDB and the open read them with plain opens, which
     wait for ever on a named pipe (no writer) and read a device without
-    end, so a store holding one is refused as damaged, not waited on.  A
-    name listed but gone by its stat is no damage: the server that has the
-    store open (which the lock, taken after this check, then names)
-    renames and deletes files as it checkpoints and compacts."""
+    end, so a store holding one is refused as damaged, not waited on.  A name
+    gone by its stat, or made again since, is no damage: the server that has
+    it open (the lock, taken after this, names it) renames, deletes and makes files."""
     for name in os.listdir(path) if names is None else names:
         if not STORE_FILE.match(name):
             continue
@@ -166,10 +164,13 @@ def check_regular(path: str, names: list | None = None) -> None:
         try:
             mode = os.stat(file).st_mode
         except FileNotFoundError:
-            if not os.path.lexists(file):
+            try:        # gone, made again since the stat, or a link to nothing
+                mode = os.lstat(file).st_mode
+            except FileNotFoundError:
                 continue
-            raise StoreCorrupt(f"{path}: {name} is a symbolic link to nothing; refusing to "
-                               "serve, nothing repaired") from None
+            if stat.S_ISLNK(mode):
+                raise StoreCorrupt(f"{path}: {name} is a symbolic link to nothing; "
+                                   "refusing to serve, nothing repaired") from None
         except OSError as e:
             raise StoreCorrupt(f"{path}: {name}: {e.strerror or e}; refusing to serve, "
                                "nothing repaired") from None
@@ -378,10 +379,9 @@ def locked_elsewhere(path: str) -> bool:
     return l_type != fcntl.F_UNLCK
 
 
-# The private copies (snapshot) this process has named and not removed.  A
-# stop (^C, SIGTERM: an exception Python raises between any two steps) may
-# cut short a caller's way to remove_snapshot; remove_snapshots finds them
-# here, as the interpreter's exit does.
+# The private copies (snapshot) this process has named and not removed: a stop
+# (^C, SIGTERM: raised between any two steps) may cut short a caller's way to
+# remove_snapshot; remove_snapshots finds them here, as the interpreter's exit does.
 _copies: set[str] = set()
 # An rmtree that meets a file made meanwhile (LevelDB's own thread, still
 # compacting in the copy) leaves the directory: it is tried again.
