@@ -41,6 +41,8 @@ ROUTES = {
     "mod_pipelined_random": ("mod_pipeline_random.lua",
                              [plan.CYCLE_PREFIX, plan.CYCLE_CREDS, plan.PIPELINE_DEPTH],
                              plan.CYCLE_CREDS),
+    "mod_paced": ("mod_paced.lua", [plan.CYCLE_PREFIX, plan.CYCLE_CREDS, plan.PACE_MEAN_MS],
+                  plan.CYCLE_CREDS),
     "tot": ("tot.lua", [plan.TOT_CRED], 1),
     "tot_pipelined": ("tot_pipeline.lua", [plan.TOT_CRED, plan.PIPELINE_DEPTH], 1),
 }

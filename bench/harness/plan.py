@@ -30,6 +30,7 @@ DURABLE = ("mod", "mod_pipelined", "mod_unique")
 DURATION_S = 5                   # per measured figure
 WARMUP_S = 1                     # per server, not recorded
 PIPELINE_DEPTH = 16
+PACE_MEAN_MS = 3                 # mod_paced: each caller's mean wait between calls
 CYCLE_CREDS = 1000               # /mod cycles over this many funded accounts
 CYCLE_PREFIX = "bench-"
 FUND_BY = 10 ** 12               # no charge of a run is refused for want of funds
