@@ -19,7 +19,7 @@ from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAc
                     Ledger, NotApplied, Overflow, StoreCorrupt, StoreError, StoreLocked,
                     Unavailable)
 from accman.errors import EventsTrimmed, HttpError, UnexpectedReply
-from accman.ledger import _ledger, commit
+from accman.ledger import _ledger, commit, fill
 from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
 from accman.store import check_cred, check_int64, check_key
 from accman.ledger.leveldb import Store
@@ -985,8 +985,8 @@ def test_a_kick_a_stopped_loop_never_ran_holds_up_neither_its_mods_nor_the_next_
 def test_a_new_loop_does_not_wait_for_the_former_loop_s_callers(led):
     """The fill target counts the callers of the loop whose batch set it:
     on another loop bound after it, the first mod goes at once."""
-    led._committer.fill_wait_s = 60.0       # a wait would time the test out
-    led._committer.fill_target_ttl_s = 60.0
+    led._committer.fill.wait_s = 60.0       # a wait would time the test out
+    led._committer.fill.target_ttl_s = 60.0
 
     async def first():
         await _fill_one_batch(led, 8)       # the target: FILL_FRACTION of 8
@@ -1008,9 +1008,9 @@ def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
     """After a batch of 8 completes on the loop, the next one is handed to
     the writer only once FILL_FRACTION of 8 mods are queued: three arriving
     alone wait, turn after turn, and go with those that make the target."""
-    led._committer.fill_wait_s = 60.0      # the target decides, not the clock
-    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
-    target = int(commit.FILL_FRACTION * 8)
+    led._committer.fill.wait_s = 60.0      # the target decides, not the clock
+    led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
+    target = int(fill.FILL_FRACTION * 8)
     assert 3 < target <= 8
 
     async def main():
@@ -1033,8 +1033,8 @@ def test_on_a_loop_the_next_batch_waits_for_the_mods_in_flight(led):
 
 
 def test_a_batch_that_does_not_fill_is_written_after_the_fill_wait(led):
-    led._committer.fill_wait_s = 0.05
-    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
+    led._committer.fill.wait_s = 0.05
+    led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
 
     async def main():
         await _fill_one_batch(led, 8)
@@ -1054,8 +1054,8 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
     waited) leaves no start time behind: the next batch below its target
     waits the whole FILL_WAIT_S again, not what is left of the old wait."""
     with gated_ledger(str(tmp_path / "data")) as (led, store):
-        led._committer.fill_wait_s = 0.05
-        led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
+        led._committer.fill.wait_s = 0.05
+        led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
 
         async def main():
             await _fill_one_batch(led, 12)              # the target: FILL_FRACTION of 12
@@ -1079,8 +1079,8 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
 
 
 def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):
-    led._committer.fill_wait_s = 60.0      # a wait would time the test out
-    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
+    led._committer.fill.wait_s = 60.0      # a wait would time the test out
+    led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
 
     async def main():
         return [await led.amod("one", 1) for _ in range(20)]
@@ -1095,8 +1095,8 @@ def test_a_target_left_from_long_ago_is_not_waited_for(led):
     """A lone mod that comes FILL_TARGET_TTL_S after the completion that
     set the fill target goes at once: the callers the target counted, who
     call again within a round trip if at all, are gone."""
-    led._committer.fill_wait_s = 60.0      # a wait would time the test out
-    led._committer.fill_target_ttl_s = 0.05
+    led._committer.fill.wait_s = 60.0      # a wait would time the test out
+    led._committer.fill.target_ttl_s = 0.05
 
     async def main():
         await _fill_one_batch(led, 8)           # the target: FILL_FRACTION of 8
@@ -1111,9 +1111,9 @@ def test_a_wait_begun_within_the_target_s_ttl_outlasts_it(led):
     """The ttl decides whether a wait begins, not how long it runs: a mod
     that comes at once after the batch waits past the ttl, and goes with
     the mods that make the target."""
-    led._committer.fill_wait_s = 5.0
-    led._committer.fill_target_ttl_s = 0.05
-    target = int(commit.FILL_FRACTION * 8)
+    led._committer.fill.wait_s = 5.0
+    led._committer.fill.target_ttl_s = 0.05
+    target = int(fill.FILL_FRACTION * 8)
     assert 1 < target <= 8
 
     async def main():
@@ -1136,8 +1136,8 @@ def test_a_wait_begun_within_the_target_s_ttl_outlasts_it(led):
 def test_a_mod_from_another_thread_seals_a_filling_batch_now(led):
     """Mods waiting on the loop for their batch to fill are sealed at once
     when a plain thread submits: that caller is not made to wait."""
-    led._committer.fill_wait_s = 60.0
-    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
+    led._committer.fill.wait_s = 60.0
+    led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
 
     async def main():
         await _fill_one_batch(led, 8)
@@ -1216,9 +1216,9 @@ def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path)
         return time.time_ns() // 1_000_000
 
     led = Ledger(path, clock_ms=clock_ms, store=GatedStore(path, gate))
-    led._committer.fill_wait_s = 60.0   # the target decides, not the clock
-    led._committer.fill_target_ttl_s = 60.0   # however slow the test's turns
-    target = int(commit.FILL_FRACTION * 9)
+    led._committer.fill.wait_s = 60.0   # the target decides, not the clock
+    led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
+    target = int(fill.FILL_FRACTION * 9)
     assert 2 < target <= 9
     try:
         async def main():

@@ -23,6 +23,7 @@ import time
 
 from accman.errors import NotApplied, StoreError, Unavailable, WriteRefused
 from accman.ledger.applier import Applier
+from accman.ledger.fill import Fill
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S, EVENTS_TRIM_INTERVAL_S_MIN
 from accman.ledger.clock import wall_ms
 from accman.ledger.gate import BEHIND_FAILED_DETAIL, CLOSED_DETAIL, CLOSING_DETAIL, FAILED_DETAIL
@@ -35,25 +36,6 @@ log = logging.getLogger("accman.commit")
 # Batch-size and fsync-time samples kept for /metrics histograms between two
 # reads; 65536 batches is minutes of full load at ~0.3 ms per fsync.
 SAMPLES_MAX = 65536
-
-# Filling a batch on a bound loop, once the writer has gone idle (a write
-# that ends with mods queued takes them at once: _write_batches).  A durable
-# write costs about the same CPU whatever the batch holds, so the loop does not
-# hand it a batch much smaller than the mods that were in flight at the last
-# completion: clients whose replies just went out are about to send again.
-# It waits for FILL_FRACTION of them, turn after loop turn (reading sockets
-# meanwhile), for at most FILL_WAIT_S; with one client in flight the target
-# is 0 and nothing waits.  Nearly all, not half: the clients that waited
-# on one batch stay one batch, where half splits them into two batches that
-# alternate, each a write's CPU (docs/PERFORMANCE.md has the measurements).
-FILL_FRACTION = 0.95
-FILL_WAIT_S = 400e-6
-# A target is of the callers answered at the completion that set it, who
-# call again within their round trip if at all: a wait that would begin
-# this long after that completion has nobody to wait for (a lone call after
-# an idle spell), and the batch goes at once.  Longer than a round trip to
-# a caller in the same region, so that such callers keep their fill wait.
-FILL_TARGET_TTL_S = 0.1
 
 
 class Committer(Housekeeping):
@@ -95,13 +77,7 @@ class Committer(Housekeeping):
         self.refusal: str | None = None
         self._loop = None
         self._deliver_on_loop = run_callbacks
-        # The loop's side of filling (FILL_*): read and written on the loop.
-        self.fill_fraction = FILL_FRACTION
-        self.fill_wait_s = FILL_WAIT_S
-        self.fill_target_ttl_s = FILL_TARGET_TTL_S
-        self._fill_target = 0
-        self._target_at = 0.0           # perf_counter of the completion that set it
-        self._filling_since = None
+        self.fill = Fill()              # the loop's side of filling: read and written there
         self.error: StoreError | None = None
         self._untold = None             # the batch sealed whose callers are not told yet
         # Counters for /metrics; read without the lock (ints, set in one step).
@@ -141,7 +117,7 @@ class Committer(Housekeeping):
             # Its fill target counted that loop's callers: this one waits for none.
             self._writing = False
             self._kick_pending = False
-            self._fill_target = 0
+            self.fill.forget()
             if self.book.has_work():
                 self._seal_soon()
         self._loop = loop
@@ -254,18 +230,13 @@ class Committer(Housekeeping):
             # A batch being written kicks on completion.  No batch fills
             # meanwhile (what waited was sealed), so the next wait starts
             # afresh, not from this one's start.
-            self._filling_since = None
+            self.fill.stop()
             return
-        if book.queued_mods < self._fill_target:
-            now = time.perf_counter()
-            if self._filling_since is None:
-                self._filling_since = now
-            if (now - self._filling_since < self.fill_wait_s
-                    and self._filling_since - self._target_at < self.fill_target_ttl_s):
-                self._kick_pending = True
-                self._loop.call_soon(self._kick)
-                return
-        self._filling_since = None
+        if self.fill.waits(book.queued_mods):
+            self._kick_pending = True
+            self._loop.call_soon(self._kick)
+            return
+        self.fill.stop()
         with self.lock:
             # The writer may not be waiting yet (it has just handed over a
             # completion); it sees _seal_now before it waits.
@@ -282,9 +253,7 @@ class Committer(Housekeeping):
             self._deliver_on_loop(pairs)
         finally:
             book = self.book
-            self._fill_target = min(int(self.fill_fraction * (nmods + book.queued_mods)),
-                                    book.batch_mods_max)
-            self._target_at = time.perf_counter()
+            self.fill.aim(nmods + book.queued_mods, book.batch_mods_max)
             self._kick()
             self.applier.answered()
 

@@ -1,0 +1,69 @@
+"""When the loop hands the writer its next batch: once the batch has
+filled to a target set by the last completion (accman.ledger.commit
+kicks; this decides).  Read and written on the bound loop only."""
+
+from __future__ import annotations
+
+import time
+
+# Filling a batch on a bound loop, once the writer has gone idle (a write
+# that ends with changes queued takes them at once: accman.ledger.commit).
+# A durable write costs about the same CPU whatever the batch holds, so the
+# loop does not hand it a batch much smaller than the changes that were in
+# flight at the last completion: clients whose replies just went out are
+# about to send again.  It waits for FILL_FRACTION of them, turn after loop
+# turn (reading sockets meanwhile), for at most FILL_WAIT_S; with one
+# client in flight the target is 0 and nothing waits.  Nearly all, not
+# half: the clients that waited on one batch stay one batch, where half
+# splits them into two batches that alternate, each a write's CPU
+# (docs/PERFORMANCE.md has the measurements).
+FILL_FRACTION = 0.95
+FILL_WAIT_S = 400e-6
+# A target is of the callers answered at the completion that set it, who
+# call again within their round trip if at all: a wait that would begin
+# this long after that completion has nobody to wait for (a lone call after
+# an idle spell), and the batch goes at once.  Longer than a round trip to
+# a caller in the same region, so that such callers keep their fill wait.
+FILL_TARGET_TTL_S = 0.1
+
+
+class Fill:
+    """The fill target and the wait for it.  The constants are copied as
+    attributes, for tests to shorten."""
+
+    def __init__(self):
+        self.fraction = FILL_FRACTION
+        self.wait_s = FILL_WAIT_S
+        self.target_ttl_s = FILL_TARGET_TTL_S
+        self.target = 0
+        self._target_at = 0.0           # perf_counter of the completion that set it
+        self._since = None              # perf_counter of the wait's start
+
+    def aim(self, in_flight: int, cap: int) -> None:
+        """At a completion: `in_flight` changes are answered or queued."""
+        self.target = min(int(self.fraction * in_flight), cap)
+        self._target_at = time.perf_counter()
+
+    def forget(self) -> None:
+        """Another loop is bound: its callers are not the ones counted."""
+        self.target = 0
+
+    def stop(self) -> None:
+        """The batch goes (or went, sealed by another): the next wait
+        starts afresh, not from this one's start."""
+        self._since = None
+
+    def waits(self, queued: int) -> bool:
+        """At the end of a loop turn, the writer idle with `queued` changes:
+        whether the batch waits another turn.  A wait begins short of the
+        target unless the target is stale (FILL_TARGET_TTL_S); it ends at
+        the target or after FILL_WAIT_S."""
+        if queued >= self.target:
+            return False
+        now = time.perf_counter()
+        if self._since is None:
+            if now - self._target_at >= self.target_ttl_s:
+                return False
+            self._since = now
+            return True
+        return now - self._since < self.wait_s
