@@ -1078,6 +1078,47 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
         assert led.drain_samples()[0] == [12, 5, 1]
 
 
+def test_after_a_fill_wait_runs_out_the_next_ones_are_not_begun(led):
+    """Callers that do not come back in step let a fill wait run out (a
+    miss): the next FILL_SKIPS_AFTER_MISS batches short of their target go
+    at once; the one after waits again, and a wait that reaches its target
+    is no miss."""
+    led._committer.fill.wait_s = 0.05
+    led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
+    skips = fill.FILL_SKIPS_AFTER_MISS
+    target = int(fill.FILL_FRACTION * 8)
+    assert skips > 0 and 2 < target <= 8
+
+    async def short_of_the_target():
+        await _fill_one_batch(led, 8)           # the target: FILL_FRACTION of 8
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(led.amod("g", 1), led.amod("g", 1)), 10)
+        return time.perf_counter() - t0
+
+    async def waits_and_fills(cred):
+        await _fill_one_batch(led, 8)
+        tasks = [asyncio.ensure_future(led.amod(cred, 1)) for _ in range(2)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.1)                # the writer's time to take a batch, were it sealed
+        waiting = led.tot(cred)
+        tasks += [asyncio.ensure_future(led.amod(cred, 1)) for _ in range(target - 2)]
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return waiting
+
+    async def main():
+        missed_s = await short_of_the_target()  # the wait runs out: a miss
+        led._committer.fill.wait_s = 60.0       # a wait begun now would time the test out
+        for _ in range(skips):
+            await short_of_the_target()
+        return missed_s, await waits_and_fills("h"), await waits_and_fills("i")
+
+    missed_s, *waiting = asyncio.run(main())
+    assert missed_s >= 0.05
+    assert waiting == [None, None]
+    assert led.drain_samples()[0] == [8, 2] * (1 + skips) + [8, target] * 2
+
+
 def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):
     led._committer.fill.wait_s = 60.0      # a wait would time the test out
     led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns

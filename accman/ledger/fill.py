@@ -25,6 +25,13 @@ FILL_WAIT_S = 400e-6
 # an idle spell), and the batch goes at once.  Longer than a round trip to
 # a caller in the same region, so that such callers keep their fill wait.
 FILL_TARGET_TTL_S = 0.1
+# A fill wait that runs out shows callers that do not come back in step:
+# they call when their own clients do, not on their reply, and waiting for
+# them costs the batch the whole FILL_WAIT_S and saves no write.  So after
+# one, the next this many waits are not begun: those batches go once the
+# loop's turn has read its sockets.  Callers in step reach their target
+# and never come to it.
+FILL_SKIPS_AFTER_MISS = 8
 
 
 class Fill:
@@ -35,9 +42,11 @@ class Fill:
         self.fraction = FILL_FRACTION
         self.wait_s = FILL_WAIT_S
         self.target_ttl_s = FILL_TARGET_TTL_S
+        self.skips_after_miss = FILL_SKIPS_AFTER_MISS
         self.target = 0
         self._target_at = 0.0           # perf_counter of the completion that set it
         self._since = None              # perf_counter of the wait's start
+        self._skips = 0                 # waits not to begin (FILL_SKIPS_AFTER_MISS)
 
     def aim(self, in_flight: int, cap: int) -> None:
         """At a completion: `in_flight` changes are answered or queued."""
@@ -56,14 +65,21 @@ class Fill:
     def waits(self, queued: int) -> bool:
         """At the end of a loop turn, the writer idle with `queued` changes:
         whether the batch waits another turn.  A wait begins short of the
-        target unless the target is stale (FILL_TARGET_TTL_S); it ends at
-        the target or after FILL_WAIT_S."""
+        target unless the target is stale (FILL_TARGET_TTL_S) or skipped
+        after a miss (FILL_SKIPS_AFTER_MISS); it ends at the target or
+        after FILL_WAIT_S, a miss."""
         if queued >= self.target:
             return False
         now = time.perf_counter()
         if self._since is None:
             if now - self._target_at >= self.target_ttl_s:
                 return False
+            if self._skips:
+                self._skips -= 1
+                return False
             self._since = now
             return True
-        return now - self._since < self.wait_s
+        if now - self._since < self.wait_s:
+            return True
+        self._skips = self.skips_after_miss
+        return False
