@@ -52,7 +52,7 @@ FILL_WAIT_S = 400e-6
 FILL_TARGET_MAX = 128
 # A wait that would begin this long after the commit that set its target
 # does not: the callers it counted are gone (the embedded store's rule and
-# bound, accman/ledger/commit.py FILL_TARGET_TTL_S).
+# bound, accman/ledger/fill.py FILL_TARGET_TTL_S).
 FILL_TARGET_TTL_S = 0.1
 
 PAST_BARRIER = B.PAST      # an ordered /past: runs on the writer between batches
