@@ -64,6 +64,7 @@ class Lane:
         # and when the commit that set it returned (perf_counter).
         self.fill_target = 0
         self.target_at = 0.0
+        self.fill_skips = 0                # waits not to begin (FILL_SKIPS_AFTER_MISS)
 
     async def connect(self, url, on_closed, said) -> None:
         """Connects the writer (the last one, left idle by a reconnection

@@ -54,6 +54,10 @@ FILL_TARGET_MAX = 128
 # does not: the callers it counted are gone (the embedded store's rule and
 # bound, accman/ledger/fill.py FILL_TARGET_TTL_S).
 FILL_TARGET_TTL_S = 0.1
+# After a wait that runs out, the next this many are not begun: callers
+# out of step (the embedded store's rule and bound, accman/ledger/fill.py
+# FILL_SKIPS_AFTER_MISS).
+FILL_SKIPS_AFTER_MISS = 8
 
 PAST_BARRIER = B.PAST      # an ordered /past: runs on the writer between batches
 _TOLD = object()            # pop's default: the op is gone from _flying, told by a close
@@ -103,9 +107,14 @@ class Committing:
         now = time.perf_counter()
         if now - lane.target_at >= self.fill_target_ttl_s:
             return
+        if lane.fill_skips:
+            lane.fill_skips -= 1
+            return
         until = now + self.fill_wait_s
-        while (len(lane.ops) < lane.fill_target and time.perf_counter() < until
-               and cluster.healthy and not self._closing):
+        while len(lane.ops) < lane.fill_target and cluster.healthy and not self._closing:
+            if time.perf_counter() >= until:
+                lane.fill_skips = self.fill_skips_after_miss
+                return
             await asyncio.sleep(0)
 
     async def _commit(self, cluster: Cluster, lane, ops: list) -> None:

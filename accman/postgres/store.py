@@ -37,8 +37,9 @@ from accman.postgres import schema as S
 from accman.postgres import upkeep
 from accman.postgres.backends import pool_read, writer_read
 from accman.postgres.cluster import Cluster, health_detail
-from accman.postgres.committing import (FILL_FRACTION, FILL_TARGET_MAX, FILL_TARGET_TTL_S,
-                                        FILL_WAIT_S, PAST_BARRIER, Committing)
+from accman.postgres.committing import (FILL_FRACTION, FILL_SKIPS_AFTER_MISS, FILL_TARGET_MAX,
+                                        FILL_TARGET_TTL_S, FILL_WAIT_S, PAST_BARRIER,
+                                        Committing)
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.connecting import ServiceSaid
 from accman.postgres.cursors import PgCursors
@@ -86,6 +87,7 @@ class PgStore(Committing):
         self.fill_wait_s = FILL_WAIT_S
         self.fill_target_max = FILL_TARGET_MAX
         self.fill_target_ttl_s = FILL_TARGET_TTL_S
+        self.fill_skips_after_miss = FILL_SKIPS_AFTER_MISS
         self.queued_mods_max = queued_mods_max
         self.holds_per_account_max = holds_per_account_max
         self.holds_max = holds_max

@@ -4,7 +4,8 @@ of the calls that were in flight are queued (never more than
 FILL_TARGET_MAX, nor than a batch takes), loop turn after loop turn, for
 at most the fill wait, and not once the cluster is lost or the store is
 closing; one call at a time never waits, nor a store of two clusters,
-nor a call that comes long after the commit that set the target."""
+nor a call that comes long after the commit that set the target, nor
+the next few after a wait that ran out."""
 
 import asyncio
 import time
@@ -178,6 +179,45 @@ def test_a_batch_that_does_not_fill_goes_after_the_fill_wait(pg_url):
     assert sorted(got) == [(1, 1), (2, 2)]
     assert waited_s >= 0.2
     assert sizes == [2]
+
+
+def test_after_a_fill_wait_runs_out_the_next_ones_are_not_begun(pg_url):
+    """Callers that do not come back in step let a fill wait run out (a
+    miss): the next FILL_SKIPS_AFTER_MISS batches short of their target go
+    at once; the one after waits again, and a wait that reaches its target
+    is no miss."""
+    skips = committing.FILL_SKIPS_AFTER_MISS
+    target = int(committing.FILL_FRACTION * IN_FLIGHT)
+    assert skips > 0 and 2 < target < IN_FLIGHT
+    batch = [f"f{i}" for i in range(IN_FLIGHT)]
+
+    async def short_of_the_target(store, c):
+        await _one_batch(store, c, batch)
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(c.mod("g", 1), c.mod("g", 1)), 10)
+        return time.perf_counter() - t0, store.drain_samples()[0]
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            _waits(store, 0.05)
+            missed_s, sizes = await short_of_the_target(store, c)   # runs out: a miss
+            _waits(store, 60.0)             # a wait begun now would time the test out
+            for _ in range(skips):
+                sizes += (await short_of_the_target(store, c))[1]
+            _waits(store, LONG_WAIT_S)
+            after = []
+            for cred in ("h", "i"):
+                await _one_batch(store, c, batch)
+                after.append(await _waits_for(store, c, target, cred))
+            return missed_s, sizes, after
+
+    missed_s, sizes, after = run(main())
+    assert missed_s >= 0.05
+    assert sizes == [2] * (1 + skips)
+    for waiting, batches, _, later in after:
+        assert waiting == [False] * (target - 1)
+        assert batches == 1
+        assert later == [target]
 
 
 def test_calls_waiting_to_fill_when_the_cluster_is_lost_are_not_sent(pg_url):
