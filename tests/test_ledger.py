@@ -1054,7 +1054,7 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
     waited) leaves no start time behind: the next batch below its target
     waits the whole FILL_WAIT_S again, not what is left of the old wait."""
     with gated_ledger(str(tmp_path / "data")) as (led, store):
-        led._committer.fill.wait_s = 0.05
+        led._committer.fill.wait_s = 0.5        # the thread's seal comes well within it
         led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
 
         async def main():
@@ -1065,7 +1065,7 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
             store.gate.clear()
             thread = asyncio.ensure_future(asyncio.to_thread(led.mod, "t", 1))
             assert await asyncio.to_thread(store.writing.wait, 10)   # sealed: 4 + 1
-            await asyncio.sleep(0.2)                    # past the old wait's end
+            await asyncio.sleep(0.7)                    # past the old wait's end
             store.gate.set()
             await asyncio.wait_for(asyncio.gather(thread, *waiting), 10)   # target: of 5
             t0 = time.perf_counter()
@@ -1074,7 +1074,7 @@ def test_a_fill_wait_cut_short_by_a_seal_does_not_shorten_the_next(tmp_path):
 
         got, waited_s = asyncio.run(main())
         assert got == (1, 1)
-        assert waited_s >= 0.05
+        assert waited_s >= 0.5
         assert led.drain_samples()[0] == [12, 5, 1]
 
 
@@ -1117,6 +1117,53 @@ def test_after_a_fill_wait_runs_out_the_next_ones_are_not_begun(led):
     assert missed_s >= 0.05
     assert waiting == [None, None]
     assert led.drain_samples()[0] == [8, 2] * (1 + skips) + [8, target] * 2
+
+
+class _LateWake:
+    """The committer's condition, its notify reaching the writer `delay`
+    seconds late: the writer slow to take a batch whose seal was asked."""
+
+    def __init__(self, committer):
+        self.committer, self.cond, self.delay = committer, committer._wake, 0.0
+
+    def notify(self):
+        if not self.delay:
+            return self.cond.notify()
+
+        def late():
+            with self.committer.lock:
+                self.cond.notify()
+        threading.Timer(self.delay, late).start()
+
+    def wait(self, timeout=None):
+        return self.cond.wait(timeout)
+
+
+def test_a_batch_whose_seal_was_asked_for_spends_no_skip(led):
+    """Once its seal is asked for (here by a wait that ran out: a miss) a
+    batch is the writer's, however late the writer wakes: the callers who
+    queue meanwhile join it, no wait begins on it and no skip is spent."""
+    c = led._committer
+    c.fill.wait_s = 0.05
+    c.fill.target_ttl_s = 60.0                  # however slow the test's turns
+    late = c._wake = _LateWake(c)
+
+    async def main():
+        await _fill_one_batch(led, 8)           # the target: FILL_FRACTION of 8
+        late.delay = 0.3
+        tasks = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
+        await asyncio.sleep(0.1)                # the wait ran out; the writer not awake
+        skips = [c.fill._skips]
+        for i in range(4):                      # a caller a turn, the batch not taken
+            tasks.append(asyncio.ensure_future(led.amod(f"p{i}", 1)))
+            await asyncio.sleep(0.01)
+            skips.append(c.fill._skips)
+        late.delay = 0.0
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return skips
+
+    assert asyncio.run(main()) == [fill.FILL_SKIPS_AFTER_MISS] * 5
+    assert led.drain_samples()[0] == [8, 6]
 
 
 def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):

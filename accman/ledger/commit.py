@@ -232,7 +232,10 @@ class Committer(Housekeeping):
             # afresh, not from this one's start.
             self.fill.stop()
             return
-        if self.fill.waits(book.queued_mods):
+        # A seal asked for already (by a plain thread, the writer, or a
+        # kick that ended a wait) is the writer's to take, however late it
+        # wakes: no wait begins on that batch, and no skip is spent on it.
+        if not self._seal_now and self.fill.waits(book.queued_mods):
             self._kick_pending = True
             self._loop.call_soon(self._kick)
             return

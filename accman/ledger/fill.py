@@ -25,12 +25,12 @@ FILL_WAIT_S = 400e-6
 # an idle spell), and the batch goes at once.  Longer than a round trip to
 # a caller in the same region, so that such callers keep their fill wait.
 FILL_TARGET_TTL_S = 0.1
-# A fill wait that runs out shows callers that do not come back in step:
-# they call when their own clients do, not on their reply, and waiting for
-# them costs the batch the whole FILL_WAIT_S and saves no write.  So after
-# one, the next this many waits are not begun: those batches go once the
-# loop's turn has read its sockets.  Callers in step reach their target
-# and never come to it.
+# A fill wait that runs out (a miss) shows callers that do not come back
+# in step: they call when their own clients do, not on their reply, and
+# waiting for them costs the batch the whole FILL_WAIT_S and saves few
+# writes.  So after a miss, the next this many waits are not begun: those
+# batches go at the end of the loop's turn.  Callers in step reach their
+# target and seldom come to it.
 FILL_SKIPS_AFTER_MISS = 8
 
 
@@ -54,20 +54,30 @@ class Fill:
         self._target_at = time.perf_counter()
 
     def forget(self) -> None:
-        """Another loop is bound: its callers are not the ones counted."""
+        """Another loop is bound: its callers are not the ones counted,
+        nor is a wait or a miss of the former loop's."""
         self.target = 0
+        self._since = None
+        self._skips = 0
 
     def stop(self) -> None:
-        """The batch goes (or went, sealed by another): the next wait
-        starts afresh, not from this one's start."""
+        """The batch went without asking (sealed by another): the next
+        wait starts afresh, not from this one's start."""
         self._since = None
 
     def waits(self, queued: int) -> bool:
         """At the end of a loop turn, the writer idle with `queued` changes:
-        whether the batch waits another turn.  A wait begins short of the
-        target unless the target is stale (FILL_TARGET_TTL_S) or skipped
-        after a miss (FILL_SKIPS_AFTER_MISS); it ends at the target or
-        after FILL_WAIT_S, a miss."""
+        whether the batch waits another turn (False: it goes, and the next
+        wait starts afresh).  A wait begins short of the target unless the
+        target is stale (FILL_TARGET_TTL_S) or skipped after a miss
+        (FILL_SKIPS_AFTER_MISS); it ends at the target or after
+        FILL_WAIT_S, a miss."""
+        if self._waiting(queued):
+            return True
+        self._since = None
+        return False
+
+    def _waiting(self, queued: int) -> bool:
         if queued >= self.target:
             return False
         now = time.perf_counter()

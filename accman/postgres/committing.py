@@ -103,7 +103,8 @@ class Committing:
         """Until the lane's fill target is queued, loop turn after loop
         turn, for at most fill_wait_s, while the cluster is healthy and the
         store not closing; not at all once the target is older than
-        fill_target_ttl_s (FILL_*)."""
+        fill_target_ttl_s, nor in the lane's next fill_skips_after_miss
+        waits after one that ran out (FILL_*)."""
         now = time.perf_counter()
         if now - lane.target_at >= self.fill_target_ttl_s:
             return

@@ -142,6 +142,23 @@ def test_a_target_left_from_long_ago_is_not_waited_for(pg_url):
     assert sizes == [1]
 
 
+def test_a_target_left_from_long_ago_spends_no_skip(pg_url):
+    """After a miss, a lone call on a stale target goes at once and keeps
+    the lane's skip for a batch that would have waited."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            store.fill_wait_s = 60.0            # a wait would time the test out
+            store.fill_target_ttl_s = 0.05
+            lane = store.clusters[0].lanes[0]
+            await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+            lane.fill_skips = 1                 # as a miss leaves it, with one skip
+            await asyncio.sleep(0.2)            # an idle spell past the target's ttl
+            await asyncio.wait_for(c.mod("g", 1), 10)
+            return lane.fill_skips
+
+    assert run(main()) == 1
+
+
 def test_a_wait_begun_within_the_target_s_ttl_outlasts_it(pg_url):
     """The ttl decides whether a wait begins, not how long it runs: a call
     that comes at once after the batch waits past the ttl, and goes with
@@ -239,18 +256,20 @@ def test_calls_waiting_to_fill_when_the_cluster_is_lost_are_not_sent(pg_url):
             told_s = time.monotonic() - t0
             while not store.clusters[0].healthy and time.monotonic() < t0 + 10:
                 await asyncio.sleep(0.01)
+            skips = store.clusters[0].lanes[0].fill_skips
             try:
                 await c.tot("g")
             except NoAccount:
-                return told, told_s, None
-            return told, told_s, "g was made"
+                return told, told_s, None, skips
+            return told, told_s, "g was made", skips
         finally:
             await store.aclose()
 
-    told, told_s, made = run(main())
+    told, told_s, made, skips = run(main())
     assert [type(o) for o in told] == [NotApplied, NotApplied]
     assert told_s < 1.0
     assert made is None
+    assert skips == 0                   # a wait ended by the loss is no miss
 
 
 def test_one_call_at_a_time_never_waits_to_fill(pg_url):
