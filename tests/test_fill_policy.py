@@ -29,10 +29,10 @@ def _run_out(f, turns):
     return not f.waits(2)
 
 
-def test_a_wait_that_runs_out_skips_the_next_ones():
+def test_a_wait_that_runs_out_over_idle_turns_skips_the_next_ones():
     f = _policy()
     assert 2 < int(fill.FILL_FRACTION * IN_FLIGHT) and fill.FILL_SKIPS_AFTER_MISS > 0
-    assert _run_out(f, 0)
+    assert _run_out(f, fill.FILL_MISS_TURNS_MIN)
     for _ in range(fill.FILL_SKIPS_AFTER_MISS):
         f.aim(IN_FLIGHT, CAP)
         assert not f.waits(2)       # skipped: the batch goes
@@ -41,12 +41,21 @@ def test_a_wait_that_runs_out_skips_the_next_ones():
     assert f.waits(2)               # the next one waits again
 
 
+def test_a_wait_that_runs_out_over_few_turns_is_no_miss():
+    """Few, long turns: the loop spent the wait reading, and the callers
+    came (pipelining, a loaded loop); the next batch waits as before."""
+    f = _policy()
+    assert _run_out(f, fill.FILL_MISS_TURNS_MIN - 1)
+    f.aim(IN_FLIGHT, CAP)
+    assert f.waits(2)
+
+
 def test_a_stale_target_spends_no_skip():
     """A target past its ttl is not waited for, and the skip is kept for
     a batch that would have waited."""
     f = _policy()
     f.skips_after_miss = 1
-    assert _run_out(f, 0)
+    assert _run_out(f, fill.FILL_MISS_TURNS_MIN)
     f.target_ttl_s = WAIT_S
     f.aim(IN_FLIGHT, CAP)
     time.sleep(WAIT_S * 1.5)
@@ -60,7 +69,7 @@ def test_a_stale_target_spends_no_skip():
 
 def test_another_loop_keeps_no_wait_nor_miss_of_the_former():
     f = _policy()
-    assert _run_out(f, 0)        # a miss: skips due
+    assert _run_out(f, fill.FILL_MISS_TURNS_MIN)        # a miss: skips due
     f.forget()
     f.aim(IN_FLIGHT, CAP)
     assert f.waits(2)               # not skipped: the miss was the former loop's

@@ -25,13 +25,19 @@ FILL_WAIT_S = 400e-6
 # an idle spell), and the batch goes at once.  Longer than a round trip to
 # a caller in the same region, so that such callers keep their fill wait.
 FILL_TARGET_TTL_S = 0.1
-# A fill wait that runs out (a miss) shows callers that do not come back
-# in step: they call when their own clients do, not on their reply, and
-# waiting for them costs the batch the whole FILL_WAIT_S and saves few
-# writes.  So after a miss, the next this many waits are not begun: those
-# batches go at the end of the loop's turn.  Callers in step reach their
-# target and seldom come to it.
+# A fill wait that runs out while the loop idles (a miss) shows callers
+# that do not come back in step: they call when their own clients do, not
+# on their reply, and waiting for them costs the batch the whole
+# FILL_WAIT_S and saves few writes.  So after a miss, the next this many
+# waits are not begun: those batches go at the end of the loop's turn.
+# Callers in step reach their target and seldom come to it.
 FILL_SKIPS_AFTER_MISS = 8
+# The loop idled when it turned at least this many times in the wait:
+# turns that found little or nothing to read.  Fewer, longer turns mean
+# that it spent the wait reading (callers that pipeline, a loaded loop):
+# the target was more than it reads in FILL_WAIT_S, the callers did come,
+# and their batches keep their waits.
+FILL_MISS_TURNS_MIN = 32
 
 
 class Fill:
@@ -43,10 +49,12 @@ class Fill:
         self.wait_s = FILL_WAIT_S
         self.target_ttl_s = FILL_TARGET_TTL_S
         self.skips_after_miss = FILL_SKIPS_AFTER_MISS
+        self.miss_turns_min = FILL_MISS_TURNS_MIN
         self.target = 0
         self._target_at = 0.0           # perf_counter of the completion that set it
         self._since = None              # perf_counter of the wait's start
         self._skips = 0                 # waits not to begin (FILL_SKIPS_AFTER_MISS)
+        self._turns = 0                 # the loop's turns in the wait so far
 
     def aim(self, in_flight: int, cap: int) -> None:
         """At a completion: `in_flight` changes are answered or queued."""
@@ -71,7 +79,7 @@ class Fill:
         wait starts afresh).  A wait begins short of the target unless the
         target is stale (FILL_TARGET_TTL_S) or skipped after a miss
         (FILL_SKIPS_AFTER_MISS); it ends at the target or after
-        FILL_WAIT_S, a miss."""
+        FILL_WAIT_S, a miss if the loop idled (FILL_MISS_TURNS_MIN)."""
         if self._waiting(queued):
             return True
         self._since = None
@@ -88,8 +96,11 @@ class Fill:
                 self._skips -= 1
                 return False
             self._since = now
+            self._turns = 0
             return True
         if now - self._since < self.wait_s:
+            self._turns += 1
             return True
-        self._skips = self.skips_after_miss
+        if self._turns >= self.miss_turns_min:
+            self._skips = self.skips_after_miss
         return False
