@@ -39,6 +39,8 @@ def test_a_wait_that_runs_out_over_idle_turns_skips_the_next_ones():
         f.stop()
     f.aim(IN_FLIGHT, CAP)
     assert f.waits(2)               # the next one waits again
+    assert f.counts() == {"fill_waits": 2, "fill_misses": 1,
+                          "fill_skips": fill.FILL_SKIPS_AFTER_MISS}
 
 
 def test_a_wait_that_runs_out_over_few_turns_is_no_miss():
@@ -48,6 +50,7 @@ def test_a_wait_that_runs_out_over_few_turns_is_no_miss():
     assert _run_out(f, fill.FILL_MISS_TURNS_MIN - 1)
     f.aim(IN_FLIGHT, CAP)
     assert f.waits(2)
+    assert f.counts() == {"fill_waits": 2, "fill_misses": 0, "fill_skips": 0}
 
 
 def test_a_stale_target_spends_no_skip():

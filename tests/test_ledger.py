@@ -1116,6 +1116,8 @@ def test_after_a_fill_wait_runs_out_the_next_ones_are_not_begun(led):
     missed_s, *waiting = asyncio.run(main())
     assert missed_s >= 0.05
     assert waiting == [None, None]
+    stats = led.stats                           # /metrics' counts
+    assert (stats["fill_waits"], stats["fill_misses"], stats["fill_skips"]) == (3, 1, skips)
     assert led.drain_samples()[0] == [8, 2] * (1 + skips) + [8, target] * 2
 
 

@@ -273,6 +273,14 @@ def sample_values(text):
     return values
 
 
+def test_metrics_count_the_fill_waits(shared_server):
+    """Either store's fill wait: waits begun, misses, and waits skipped after
+    one (accman.ledger.fill, accman.postgres.committing)."""
+    values = sample_values(shared_server.get("/metrics").body.decode())
+    names = {f"accman_fill_{k}_total" for k in ("waits", "misses", "skips")}
+    assert names <= values.keys()
+
+
 @pytest.mark.embedded_only("checkpoints are the embedded store's write-ahead log's")
 def test_metrics_count_the_write_ahead_logs_checkpoints(shared_server):
     values = sample_values(shared_server.get("/metrics").body.decode())

@@ -55,6 +55,8 @@ class Fill:
         self._since = None              # perf_counter of the wait's start
         self._skips = 0                 # waits not to begin (FILL_SKIPS_AFTER_MISS)
         self._turns = 0                 # the loop's turns in the wait so far
+        # For /metrics: waits begun, misses among them, waits skipped.
+        self.waits_begun = self.misses = self.skipped = 0
 
     def aim(self, in_flight: int, cap: int) -> None:
         """At a completion: `in_flight` changes are answered or queued."""
@@ -67,6 +69,11 @@ class Fill:
         self.target = 0
         self._since = None
         self._skips = 0
+
+    def counts(self) -> dict:
+        """For /metrics (accman.server.metrics): waits begun, misses, skips."""
+        return {"fill_waits": self.waits_begun, "fill_misses": self.misses,
+                "fill_skips": self.skipped}
 
     def stop(self) -> None:
         """The batch went without asking (sealed by another): the next
@@ -94,13 +101,16 @@ class Fill:
                 return False
             if self._skips:
                 self._skips -= 1
+                self.skipped += 1
                 return False
             self._since = now
             self._turns = 0
+            self.waits_begun += 1
             return True
         if now - self._since < self.wait_s:
             self._turns += 1
             return True
         if self._turns >= self.miss_turns_min:
             self._skips = self.skips_after_miss
+            self.misses += 1
         return False

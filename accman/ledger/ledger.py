@@ -426,7 +426,7 @@ class Ledger(AsyncCalls):
             "checkpoint_s_total": wal.checkpoint_s_total, "last_batch_mods": c.last_batch_mods,
             "queued_mods": book.queued_mods, "open_holds": book.open_holds_durable,
             "holds_expired": book.holds_expired, "events_last": events.last,
-            "events_first": events.first, "events_trimmed": events.trimmed,
+            "events_first": events.first, "events_trimmed": events.trimmed, **c.fill.counts(),
             "healthy": self.healthy, "gave_way_s_total": c.applier.gave_way_s,
         }
 

@@ -110,11 +110,14 @@ class Committing:
             return
         if lane.fill_skips:
             lane.fill_skips -= 1
+            self.fill_skips += 1
             return
+        self.fill_waits += 1
         until = now + self.fill_wait_s
         while len(lane.ops) < lane.fill_target and cluster.healthy and not self._closing:
             if time.perf_counter() >= until:
                 lane.fill_skips = self.fill_skips_after_miss
+                self.fill_misses += 1
                 return
             await asyncio.sleep(0)
 

@@ -88,6 +88,7 @@ class PgStore(Committing):
         self.fill_target_max = FILL_TARGET_MAX
         self.fill_target_ttl_s = FILL_TARGET_TTL_S
         self.fill_skips_after_miss = FILL_SKIPS_AFTER_MISS
+        self.fill_waits = self.fill_misses = self.fill_skips = 0    # for /metrics
         self.queued_mods_max = queued_mods_max
         self.holds_per_account_max = holds_per_account_max
         self.holds_max = holds_max
@@ -376,7 +377,9 @@ class PgStore(Committing):
                  "accounts": sum(c.accounts for c in self.clusters),
                  "open_holds": self.open_holds,
                  "holds_expired": sum(c.holds_expired for c in self.clusters),
-                 "clusters": len(self.clusters), "healthy": self.healthy}
+                 "clusters": len(self.clusters), "healthy": self.healthy,
+                 "fill_waits": self.fill_waits, "fill_misses": self.fill_misses,
+                 "fill_skips": self.fill_skips}
         home = self.home
         stats["events_last"] = home.last_event
         if home.events is not None:

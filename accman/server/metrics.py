@@ -76,6 +76,13 @@ _KNOWN_STATS = {
     "gave_way_s_total": ("accman_gave_way_seconds_total", "counter",
                          "Time the loop slept to give LevelDB's compaction, starved, "
                          "its share of the core."),
+    "fill_waits": ("accman_fill_waits_total", "counter",
+                   "Batches held back for the callers just answered to call again "
+                   "(the fill wait)."),
+    "fill_misses": ("accman_fill_misses_total", "counter",
+                    "Fill waits that ran out, the callers not back: callers out of step."),
+    "fill_skips": ("accman_fill_skips_total", "counter",
+                   "Fill waits not begun, after a miss."),
     "accounts": ("accman_accounts", "gauge", "Accounts in the ledger."),
     "clusters": ("accman_ledger_clusters", "gauge",
                  "PostgreSQL clusters the store's accounts are spread over (--store, "

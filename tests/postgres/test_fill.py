@@ -226,9 +226,11 @@ def test_after_a_fill_wait_runs_out_the_next_ones_are_not_begun(pg_url):
             for cred in ("h", "i"):
                 await _one_batch(store, c, batch)
                 after.append(await _waits_for(store, c, target, cred))
-            return missed_s, sizes, after
+            counts = [store.stats[f"fill_{k}"] for k in ("waits", "misses", "skips")]
+            return missed_s, sizes, after, counts       # /metrics' counts
 
-    missed_s, sizes, after = run(main())
+    missed_s, sizes, after, counts = run(main())
+    assert counts == [3, 1, skips]
     assert missed_s >= 0.05
     assert sizes == [2] * (1 + skips)
     for waiting, batches, _, later in after:
