@@ -1168,6 +1168,74 @@ def test_a_batch_whose_seal_was_asked_for_spends_no_skip(led):
     assert led.drain_samples()[0] == [8, 6]
 
 
+class _SealSeen:
+    """The committer's book, its seal() setting `sealed`."""
+
+    def __init__(self, book):
+        self._book, self.sealed = book, threading.Event()
+
+    def seal(self):
+        batch = self._book.seal()
+        self.sealed.set()
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self._book, name)
+
+
+def test_a_seal_the_writer_took_meanwhile_is_not_asked_for_again(tmp_path):
+    """The loop's kick finds a seal asked for (the writer found changes
+    queued at a batch's end) and, before it takes the lock, the writer
+    seals them itself: the kick asks for no seal past that batch, or the
+    flag would outlive it and cost the next short batch its fill wait."""
+    with gated_ledger(str(tmp_path / "data")) as (led, store):
+        c = led._committer
+        c.fill.wait_s = 60.0                    # a wait decides by its target here
+        c.fill.target_ttl_s = 60.0              # however slow the test's turns
+        book = c.book = _SealSeen(c.book)       # the writer's next look on
+        in_window, handed, armed = threading.Event(), c._deliver, []
+
+        def deliver(*args):                     # the writer, back from batch 1
+            kicks = handed(*args)
+            if armed and not in_window.is_set():
+                assert in_window.wait(10)       # the loop's kick has looked
+            return kicks
+
+        def stop():                             # the loop's kick, about to seal
+            if armed and c._seal_now and not in_window.is_set():
+                in_window.set()
+                assert book.sealed.wait(10)     # the writer sealed batch 2 meanwhile
+        c._deliver, c.fill.stop = deliver, stop
+
+        async def main():
+            store.gate.clear()
+            first = [asyncio.ensure_future(led.amod(f"a{i}", 1)) for i in range(8)]
+            assert await asyncio.to_thread(store.writing.wait, 10)     # batch 1 sealed
+            armed.append(True)
+            second = [asyncio.ensure_future(led.amod(f"b{i}", 1)) for i in range(8)]
+            for _ in range(5):
+                await asyncio.sleep(0)          # queued during its write
+            store.gate.set()
+            await asyncio.wait_for(asyncio.gather(*first, *second), 10)
+            left = c._seal_now
+            tasks = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
+            for _ in range(50):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.1)            # the writer's time to take a batch, were it sealed
+            waiting = led.tot("g")
+            tasks += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(target - 2)]
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            return in_window.is_set(), left, waiting
+
+        target = int(fill.FILL_FRACTION * 8)
+        assert 2 < target <= 8
+        window, left, waiting = asyncio.run(main())
+        assert window                           # the interleaving took place
+        assert not left
+        assert waiting is None                  # the short batch waited to fill
+        assert led.drain_samples()[0] == [8, 8, target]
+
+
 def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):
     led._committer.fill.wait_s = 60.0      # a wait would time the test out
     led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns

@@ -232,18 +232,25 @@ class Committer(Housekeeping):
             # afresh, not from this one's start.
             self.fill.stop()
             return
-        # A seal asked for already (by a plain thread, the writer, or a
-        # kick that ended a wait) is the writer's to take, however late it
-        # wakes: no wait begins on that batch, and no skip is spent on it.
-        if not self._seal_now and self.fill.waits(book.queued_mods):
+        if self._seal_now:
+            # A seal asked for already (by a plain thread, the writer, or a
+            # kick that ended a wait) is the writer's to take, however late
+            # it wakes: no wait begins on that batch, and no skip is spent
+            # on it.  Read without the lock: a seal asked for just after is
+            # seen at the next kick, before any wait can run out.
+            self.fill.stop()
+        elif self.fill.waits(book.queued_mods):
             self._kick_pending = True
             self._loop.call_soon(self._kick)
             return
-        self.fill.stop()
         with self.lock:
             # The writer may not be waiting yet (it has just handed over a
-            # completion); it sees _seal_now before it waits.
-            self._seal_soon()
+            # completion); it sees _seal_now before it waits.  A writer that
+            # has sealed since the look above takes what queues meanwhile at
+            # that batch's end: a seal asked for now would outlive the batch
+            # and cost the next one its fill wait.
+            if not self._writing:
+                self._seal_soon()
 
     def _delivered(self, pairs: list, nmods: int, no: int) -> None:
         """On the loop: batch `no`'s completions, then the next batch's

@@ -1,6 +1,7 @@
 """When the loop hands the writer its next batch: once the batch has
 filled to a target set by the last completion (accman.ledger.commit
-kicks; this decides).  Read and written on the bound loop only."""
+kicks; this decides).  Written on the bound loop only; its counts are
+read from anywhere (ints, each set in one step)."""
 
 from __future__ import annotations
 
@@ -25,43 +26,46 @@ FILL_WAIT_S = 400e-6
 # an idle spell), and the batch goes at once.  Longer than a round trip to
 # a caller in the same region, so that such callers keep their fill wait.
 FILL_TARGET_TTL_S = 0.1
-# A fill wait that runs out while the loop idles (a miss) shows callers
-# that do not come back in step: they call when their own clients do, not
-# on their reply, and waiting for them costs the batch the whole
+# A fill wait that runs out while its callers stay away (a miss) shows
+# callers that do not come back in step: they call when their own clients
+# do, not on their reply, and waiting for them costs the batch the whole
 # FILL_WAIT_S and saves few writes.  So after a miss, the next this many
 # waits are not begun: those batches go at the end of the loop's turn.
 # Callers in step reach their target and seldom come to it.
 FILL_SKIPS_AFTER_MISS = 8
-# The loop idled when it turned at least this many times in the wait:
-# turns that found little or nothing to read.  Fewer, longer turns mean
-# that it spent the wait reading (callers that pipeline, a loaded loop):
-# the target was more than it reads in FILL_WAIT_S, the callers did come,
-# and their batches keep their waits.
-FILL_MISS_TURNS_MIN = 32
+# The callers stayed away when at least this many of the wait's turns
+# queued nothing new.  A wait that runs out over fewer is no miss: its
+# turns were spent reading changes (callers that pipeline keep more in
+# flight than the loop reads in FILL_WAIT_S), and their batches keep their
+# waits.  An idle turn takes ~1 µs here: a machine several times slower
+# still turns idle more than this many times in a wait.
+FILL_MISS_IDLE_TURNS = 32
 
 
 class Fill:
     """The fill target and the wait for it.  The constants are copied as
     attributes, for tests to shorten."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
         self.fraction = FILL_FRACTION
         self.wait_s = FILL_WAIT_S
         self.target_ttl_s = FILL_TARGET_TTL_S
         self.skips_after_miss = FILL_SKIPS_AFTER_MISS
-        self.miss_turns_min = FILL_MISS_TURNS_MIN
+        self.miss_idle_turns = FILL_MISS_IDLE_TURNS
         self.target = 0
-        self._target_at = 0.0           # perf_counter of the completion that set it
-        self._since = None              # perf_counter of the wait's start
+        self._clock = clock             # seconds, monotonic
+        self._target_at = 0.0           # the clock at the completion that set it
+        self._since = None              # the clock at the wait's start
         self._skips = 0                 # waits not to begin (FILL_SKIPS_AFTER_MISS)
-        self._turns = 0                 # the loop's turns in the wait so far
+        self._queued = 0                # the changes queued at the wait's last look
+        self._idle_turns = 0            # its looks that found no more (FILL_MISS_IDLE_TURNS)
         # For /metrics: waits begun, misses among them, waits skipped.
         self.waits_begun = self.misses = self.skipped = 0
 
     def aim(self, in_flight: int, cap: int) -> None:
         """At a completion: `in_flight` changes are answered or queued."""
         self.target = min(int(self.fraction * in_flight), cap)
-        self._target_at = time.perf_counter()
+        self._target_at = self._clock()
 
     def forget(self) -> None:
         """Another loop is bound: its callers are not the ones counted,
@@ -86,7 +90,8 @@ class Fill:
         wait starts afresh).  A wait begins short of the target unless the
         target is stale (FILL_TARGET_TTL_S) or skipped after a miss
         (FILL_SKIPS_AFTER_MISS); it ends at the target or after
-        FILL_WAIT_S, a miss if the loop idled (FILL_MISS_TURNS_MIN)."""
+        FILL_WAIT_S, a miss if its callers stayed away
+        (FILL_MISS_IDLE_TURNS)."""
         if self._waiting(queued):
             return True
         self._since = None
@@ -95,7 +100,7 @@ class Fill:
     def _waiting(self, queued: int) -> bool:
         if queued >= self.target:
             return False
-        now = time.perf_counter()
+        now = self._clock()
         if self._since is None:
             if now - self._target_at >= self.target_ttl_s:
                 return False
@@ -103,14 +108,15 @@ class Fill:
                 self._skips -= 1
                 self.skipped += 1
                 return False
-            self._since = now
-            self._turns = 0
+            self._since, self._queued, self._idle_turns = now, queued, 0
             self.waits_begun += 1
             return True
+        if queued == self._queued:
+            self._idle_turns += 1
+        self._queued = queued
         if now - self._since < self.wait_s:
-            self._turns += 1
             return True
-        if self._turns >= self.miss_turns_min:
+        if self._idle_turns >= self.miss_idle_turns:
             self._skips = self.skips_after_miss
             self.misses += 1
         return False

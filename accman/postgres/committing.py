@@ -55,8 +55,11 @@ FILL_TARGET_MAX = 128
 # bound, accman/ledger/fill.py FILL_TARGET_TTL_S).
 FILL_TARGET_TTL_S = 0.1
 # After a wait that runs out, the next this many are not begun: callers
-# out of step (the embedded store's rule and bound, accman/ledger/fill.py
-# FILL_SKIPS_AFTER_MISS).
+# out of step (the embedded store's bound, accman/ledger/fill.py
+# FILL_SKIPS_AFTER_MISS).  Every wait that runs out is a miss here: the
+# target is at most FILL_TARGET_MAX, which a loop reading pipelined calls
+# reaches within the wait, so the embedded store's count of idle turns
+# (FILL_MISS_IDLE_TURNS) has nothing to tell apart.
 FILL_SKIPS_AFTER_MISS = 8
 
 PAST_BARRIER = B.PAST      # an ordered /past: runs on the writer between batches

@@ -80,7 +80,8 @@ _KNOWN_STATS = {
                    "Batches held back for the callers just answered to call again "
                    "(the fill wait)."),
     "fill_misses": ("accman_fill_misses_total", "counter",
-                    "Fill waits that ran out, the callers not back: callers out of step."),
+                    "Fill waits that ran out, the callers not back (on the embedded "
+                    "store, over turns that queued nothing): callers out of step."),
     "fill_skips": ("accman_fill_skips_total", "counter",
                    "Fill waits not begun, after a miss."),
     "accounts": ("accman_accounts", "gauge", "Accounts in the ledger."),
