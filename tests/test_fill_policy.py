@@ -63,6 +63,21 @@ def test_a_wait_that_runs_out_over_turns_that_read_is_no_miss():
     assert f.counts() == {"fill_waits": 2, "fill_misses": 0, "fill_skips": 0}
 
 
+def test_idle_turns_after_turns_that_read_still_make_a_miss():
+    """Each look is judged against the one before it, not the wait's
+    start: callers who came early and then stayed away are a miss."""
+    f, clock = _policy()
+    f.aim(IN_FLIGHT, CAP)
+    assert f.waits(2)
+    for queued in (3, 4, 5):
+        assert f.waits(queued)      # turns that read
+    for _ in range(fill.FILL_MISS_IDLE_TURNS - 1):
+        assert f.waits(5)           # then turns that find nothing
+    clock.now += WAIT_S * 1.5
+    assert not f.waits(5)           # the last look's, idle too: 32
+    assert f.counts()["fill_misses"] == 1
+
+
 def test_a_wait_lasts_its_time_and_ends_at_its_target():
     f, clock = _policy()
     target = int(fill.FILL_FRACTION * IN_FLIGHT)

@@ -1201,10 +1201,13 @@ def test_a_seal_the_writer_took_meanwhile_is_not_asked_for_again(tmp_path):
                 assert in_window.wait(10)       # the loop's kick has looked
             return kicks
 
+        stopped = c.fill.stop
+
         def stop():                             # the loop's kick, about to seal
             if armed and c._seal_now and not in_window.is_set():
                 in_window.set()
                 assert book.sealed.wait(10)     # the writer sealed batch 2 meanwhile
+            stopped()
         c._deliver, c.fill.stop = deliver, stop
 
         async def main():
@@ -1234,6 +1237,39 @@ def test_a_seal_the_writer_took_meanwhile_is_not_asked_for_again(tmp_path):
         assert not left
         assert waiting is None                  # the short batch waited to fill
         assert led.drain_samples()[0] == [8, 8, target]
+
+
+@pytest.mark.parametrize("aside", ["a_plain_thread_s_mod", "expire_due_with_none_due"])
+def test_work_off_the_loop_leaves_no_seal_asked_for(led, aside):
+    """A batch whose completions go to no loop (a plain thread's mod), or
+    an expire_due with nothing due, asks for no seal past what it wrote:
+    the loop's next short batch still waits to fill."""
+    c = led._committer
+    c.fill.wait_s = 60.0                        # a wait decides by its target here
+    c.fill.target_ttl_s = 60.0                  # however slow the test's turns
+    target = int(fill.FILL_FRACTION * 8)
+    assert 2 < target <= 8
+
+    async def main():
+        await _fill_one_batch(led, 8)           # the target: FILL_FRACTION of 8
+        if aside == "a_plain_thread_s_mod":
+            await asyncio.to_thread(led.mod, "t", 1)
+        else:
+            assert await asyncio.to_thread(led.expire_due) == 0
+        while c._writing:                       # the writer's step after that batch:
+            await asyncio.sleep(0.001)          # what queues before it, it seals itself
+        tasks = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.1)                # the writer's time to take a batch, were it sealed
+        waiting = led.tot("g")
+        tasks += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(target - 2)]
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return waiting
+
+    assert asyncio.run(main()) is None          # the short batch waited to fill
+    plain = [1] if aside == "a_plain_thread_s_mod" else []
+    assert led.drain_samples()[0] == [8, *plain, target]
 
 
 def test_one_mod_at_a_time_on_a_loop_never_waits_to_fill(led):

@@ -237,7 +237,8 @@ class Committer(Housekeeping):
             # kick that ended a wait) is the writer's to take, however late
             # it wakes: no wait begins on that batch, and no skip is spent
             # on it.  Read without the lock: a seal asked for just after is
-            # seen at the next kick, before any wait can run out.
+            # seen at the next kick (a wait that ran out meanwhile may count
+            # a miss; nothing waits longer).
             self.fill.stop()
         elif self.fill.waits(book.queued_mods):
             self._kick_pending = True
@@ -295,11 +296,14 @@ class Committer(Housekeeping):
                 # No completion went to the loop, so no kick will come from
                 # it (and the loop does not apply it): what the loop queued
                 # meanwhile is sealed now, after LevelDB's write that the
-                # loop would have made.
+                # loop would have made.  With nothing queued no seal is
+                # asked for: it would outlive this batch and cost the loop's
+                # next one its fill wait.
                 self.applier.unanswered()
                 with self.lock:
                     self._writing = False
-                    self._seal_now = True
+                    if self.book.has_work():
+                        self._seal_now = True
 
     def _next_batch(self):
         """Waits for a batch to seal, and seals it; None once closing with

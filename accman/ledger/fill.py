@@ -1,7 +1,8 @@
 """When the loop hands the writer its next batch: once the batch has
 filled to a target set by the last completion (accman.ledger.commit
-kicks; this decides).  Written on the bound loop only; its counts are
-read from anywhere (ints, each set in one step)."""
+kicks; this decides).  Written on the bound loop, and by a binding under
+the committer's lock (`forget`); its counts are read from anywhere
+(ints, each set in one step)."""
 
 from __future__ import annotations
 

@@ -71,7 +71,8 @@ class Housekeeping:
             # Every change is one event or more, so the newest event id
             # applied says how far the durable state must reach.
             target = book.next_event - 1
-            self._seal_soon()
+            if book.has_work():         # a seal asked for with none would outlive this call
+                self._seal_soon()
             while self.events.last < target and self.error is None:
                 self._durable.wait()
             if self.error is not None:
