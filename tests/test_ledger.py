@@ -998,6 +998,21 @@ def test_a_new_loop_does_not_wait_for_the_former_loop_s_callers(led):
     assert asyncio.run(second()) == (1, 1)
     assert led.drain_samples()[0] == [8, 1]
 
+async def _short_batch_waits(led, cred, target):
+    """On the running loop: 2 mods on `cred`, short of the fill target, then
+    after 50 turns and 0.1 s (the writer's time to take a batch, were it
+    sealed) the rest of the target; the balance read meanwhile (None while
+    they wait: nothing of `cred` is durable)."""
+    tasks = [asyncio.ensure_future(led.amod(cred, 1)) for _ in range(2)]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.1)
+    waiting = led.tot(cred)
+    tasks += [asyncio.ensure_future(led.amod(cred, 1)) for _ in range(target - 2)]
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    return waiting
+
+
 def _fill_one_batch(led, n):
     """On the running loop: n concurrent amods, so one batch of n; after it
     the fill target is int(FILL_FRACTION * n)."""
@@ -1097,14 +1112,7 @@ def test_after_a_fill_wait_runs_out_the_next_ones_are_not_begun(led):
 
     async def waits_and_fills(cred):
         await _fill_one_batch(led, 8)
-        tasks = [asyncio.ensure_future(led.amod(cred, 1)) for _ in range(2)]
-        for _ in range(50):
-            await asyncio.sleep(0)
-        await asyncio.sleep(0.1)                # the writer's time to take a batch, were it sealed
-        waiting = led.tot(cred)
-        tasks += [asyncio.ensure_future(led.amod(cred, 1)) for _ in range(target - 2)]
-        await asyncio.wait_for(asyncio.gather(*tasks), 10)
-        return waiting
+        return await _short_batch_waits(led, cred, target)
 
     async def main():
         missed_s = await short_of_the_target()  # the wait runs out: a miss
@@ -1221,14 +1229,7 @@ def test_a_seal_the_writer_took_meanwhile_is_not_asked_for_again(tmp_path):
             store.gate.set()
             await asyncio.wait_for(asyncio.gather(*first, *second), 10)
             left = c._seal_now
-            tasks = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
-            for _ in range(50):
-                await asyncio.sleep(0)
-            await asyncio.sleep(0.1)            # the writer's time to take a batch, were it sealed
-            waiting = led.tot("g")
-            tasks += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(target - 2)]
-            await asyncio.wait_for(asyncio.gather(*tasks), 10)
-            return in_window.is_set(), left, waiting
+            return in_window.is_set(), left, await _short_batch_waits(led, "g", target)
 
         target = int(fill.FILL_FRACTION * 8)
         assert 2 < target <= 8
@@ -1258,14 +1259,7 @@ def test_work_off_the_loop_leaves_no_seal_asked_for(led, aside):
             assert await asyncio.to_thread(led.expire_due) == 0
         while c._writing:                       # the writer's step after that batch:
             await asyncio.sleep(0.001)          # what queues before it, it seals itself
-        tasks = [asyncio.ensure_future(led.amod("g", 1)) for _ in range(2)]
-        for _ in range(50):
-            await asyncio.sleep(0)
-        await asyncio.sleep(0.1)                # the writer's time to take a batch, were it sealed
-        waiting = led.tot("g")
-        tasks += [asyncio.ensure_future(led.amod("g", 1)) for _ in range(target - 2)]
-        await asyncio.wait_for(asyncio.gather(*tasks), 10)
-        return waiting
+        return await _short_batch_waits(led, "g", target)
 
     assert asyncio.run(main()) is None          # the short batch waited to fill
     plain = [1] if aside == "a_plain_thread_s_mod" else []
