@@ -77,7 +77,7 @@ class Committer(Housekeeping):
         self.refusal: str | None = None
         self._loop = None
         self._deliver_on_loop = run_callbacks
-        self.fill = Fill()              # the loop's side of filling: read and written there
+        self.fill = Fill()              # the loop's side of filling (accman.ledger.fill)
         self.error: StoreError | None = None
         self._untold = None             # the batch sealed whose callers are not told yet
         # Counters for /metrics; read without the lock (ints, set in one step).
