@@ -1,7 +1,9 @@
-"""When the loop hands the writer its next batch: once the batch has
-filled to a target set by the last completion (accman.ledger.commit
-kicks; this decides).  Written on the bound loop, and by a binding under
-the committer's lock (`forget`); its counts are read from anywhere
+"""When a batch goes to be made durable: once it has filled to a target
+set by the last completion.  The embedded store's loop keeps one
+(accman.ledger.commit kicks; this decides), and so does each lane of the
+PostgreSQL store (accman.postgres.committing, with its own bounds).  On
+the embedded store it is written on the bound loop, and by a binding
+under the committer's lock (`forget`); its counts are read from anywhere
 (ints, each set in one step)."""
 
 from __future__ import annotations
@@ -44,15 +46,17 @@ FILL_MISS_IDLE_TURNS = 32
 
 
 class Fill:
-    """The fill target and the wait for it.  The constants are copied as
-    attributes, for tests to shorten."""
+    """The fill target and the wait for it.  Its bounds (FILL_* by default,
+    a store's own where given) are attributes, for tests to shorten."""
 
-    def __init__(self, clock=time.perf_counter):
-        self.fraction = FILL_FRACTION
-        self.wait_s = FILL_WAIT_S
-        self.target_ttl_s = FILL_TARGET_TTL_S
-        self.skips_after_miss = FILL_SKIPS_AFTER_MISS
-        self.miss_idle_turns = FILL_MISS_IDLE_TURNS
+    def __init__(self, clock=time.perf_counter, *, fraction=FILL_FRACTION, wait_s=FILL_WAIT_S,
+                 target_ttl_s=FILL_TARGET_TTL_S, skips_after_miss=FILL_SKIPS_AFTER_MISS,
+                 miss_idle_turns=FILL_MISS_IDLE_TURNS):
+        self.fraction = fraction
+        self.wait_s = wait_s
+        self.target_ttl_s = target_ttl_s
+        self.skips_after_miss = skips_after_miss
+        self.miss_idle_turns = miss_idle_turns
         self.target = 0
         self._clock = clock             # seconds, monotonic
         self._target_at = 0.0           # the clock at the completion that set it
@@ -69,8 +73,8 @@ class Fill:
         self._target_at = self._clock()
 
     def forget(self) -> None:
-        """Another loop is bound: its callers are not the ones counted,
-        nor is a wait or a miss of the former loop's."""
+        """The callers counted are gone (another loop is bound; a lane's
+        connection was replaced): no target, wait or miss of theirs is kept."""
         self.target = 0
         self._since = None
         self._skips = 0
@@ -81,18 +85,19 @@ class Fill:
                 "fill_skips": self.skipped}
 
     def stop(self) -> None:
-        """The batch went without asking (sealed by another): the next
-        wait starts afresh, not from this one's start."""
+        """The wait ends undecided (the batch sealed by another, a lane's
+        cluster lost or its store closing): the next starts afresh, not
+        from this one's start."""
         self._since = None
 
     def waits(self, queued: int) -> bool:
-        """At the end of a loop turn, the writer idle with `queued` changes:
-        whether the batch waits another turn (False: it goes, and the next
-        wait starts afresh).  A wait begins short of the target unless the
-        target is stale (FILL_TARGET_TTL_S) or skipped after a miss
-        (FILL_SKIPS_AFTER_MISS); it ends at the target or after
-        FILL_WAIT_S, a miss if its callers stayed away
-        (FILL_MISS_IDLE_TURNS)."""
+        """At the end of a loop turn, with `queued` changes for the next
+        batch and nothing being written: whether the batch waits another
+        turn (False: it goes, and the next wait starts afresh).  A wait
+        begins short of the target unless the target is stale
+        (FILL_TARGET_TTL_S) or skipped after a miss (FILL_SKIPS_AFTER_MISS);
+        it ends at the target or after FILL_WAIT_S, a miss if its callers
+        stayed away (FILL_MISS_IDLE_TURNS)."""
         if self._waiting(queued):
             return True
         self._since = None

@@ -12,6 +12,7 @@ import asyncpg
 from accman.errors import StoreError
 from accman.postgres import errors as E
 from accman.postgres.backends import Connection, identify, no_reset
+from accman.postgres.committing import lane_fill
 from accman.postgres.connecting import (CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect,
                                         connect_each_host)
 from accman.postgres.serving import join
@@ -55,16 +56,12 @@ class Lane:
     in order; the lanes of a cluster commit side by side, one batch each
     in flight, so one's commit overlaps the next's work."""
 
-    def __init__(self):
+    def __init__(self, fill):
         self.writer = None
         self.apply = None
         self.ops: deque = deque()          # B.Op, an ordered /past among them
         self.writing = False
-        # The calls the next batch waits for (accman.postgres.committing FILL_*),
-        # and when the commit that set it returned (perf_counter).
-        self.fill_target = 0
-        self.target_at = 0.0
-        self.fill_skips = 0                # waits not to begin (FILL_SKIPS_AFTER_MISS)
+        self.fill = fill                   # when the next batch goes (committing.lane_fill)
 
     async def connect(self, url, on_closed, said) -> None:
         """Connects the writer (the last one, left idle by a reconnection
@@ -89,7 +86,7 @@ class Lane:
         """Closes the writer's socket; returns its backend, which may go on
         in the database (see Cluster.stalled)."""
         writer, self.writer = self.writer, None
-        self.fill_target = 0               # its callers in flight went with the connection
+        self.fill.forget()                 # its callers in flight went with the connection
         if writer is not None:
             writer.terminate()
             return writer.backend
@@ -100,12 +97,13 @@ class Cluster:
     """One PostgreSQL cluster of the store: its writer lanes, its read pool
     and queue, its event reader."""
 
-    def __init__(self, url: str, index: int, cluster_id: bytes, store):
+    def __init__(self, url: str, index: int, cluster_id: bytes, store, clusters: int):
+        """The `index`th of the store's `clusters`."""
         self.store = store
         self.url = url
         self.index = index
         self.cluster_id = cluster_id
-        self.lanes = [Lane() for _ in range(WRITE_LANES)]
+        self.lanes = [Lane(lane_fill(clusters)) for _ in range(WRITE_LANES)]
         self.pool = None
         self.reads: list = []              # (hid, done)
         self.readers = 0                   # /tot queries running or about to

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from accman.ledger.fill import Fill
 from accman.postgres import batch as B
 from accman.postgres import errors as E
 from accman.postgres import schema as S
@@ -50,17 +51,21 @@ COMMIT_TIMEOUT_S = 10.0
 FILL_FRACTION = 0.9
 FILL_WAIT_S = 400e-6
 FILL_TARGET_MAX = 128
-# A wait that would begin this long after the commit that set its target
-# does not: the callers it counted are gone (the embedded store's rule and
-# bound, accman/ledger/fill.py FILL_TARGET_TTL_S).
-FILL_TARGET_TTL_S = 0.1
-# After a wait that runs out, the next this many are not begun: callers
-# out of step (the embedded store's bound, accman/ledger/fill.py
-# FILL_SKIPS_AFTER_MISS).  Every wait that runs out is a miss here: the
-# target is at most FILL_TARGET_MAX, which a loop reading pipelined calls
-# reaches within the wait, so the embedded store's count of idle turns
-# (FILL_MISS_IDLE_TURNS) has nothing to tell apart.
-FILL_SKIPS_AFTER_MISS = 8
+# Each lane keeps the embedded store's fill policy (accman.ledger.fill) with
+# these bounds, and its other rules and their bounds: a target older than
+# FILL_TARGET_TTL_S is not waited for, and after a miss the next
+# FILL_SKIPS_AFTER_MISS waits are not begun.  But every wait that runs out
+# is a miss here: the target is at most FILL_TARGET_MAX, which a loop
+# reading pipelined calls reaches within the wait, so the embedded store's
+# count of idle turns (FILL_MISS_IDLE_TURNS) has nothing to tell apart.
+LANE_MISS_IDLE_TURNS = 0
+
+
+def lane_fill(clusters: int, clock=time.perf_counter) -> Fill:
+    """A lane's fill policy, on a store of `clusters` clusters (FILL_*)."""
+    return Fill(clock, fraction=FILL_FRACTION if clusters == 1 else 0.0, wait_s=FILL_WAIT_S,
+                miss_idle_turns=LANE_MISS_IDLE_TURNS)
+
 
 PAST_BARRIER = B.PAST      # an ordered /past: runs on the writer between batches
 _TOLD = object()            # pop's default: the op is gone from _flying, told by a close
@@ -84,17 +89,15 @@ class Committing:
                     self._flying[op] = None     # told by a close from now on
                     await self._past(op, lane=lane, cluster=cluster)
                     continue
-                if len(ops) < lane.fill_target:
+                if len(ops) < lane.fill.target:
                     await self._fill(cluster, lane)
-                    lane.fill_target = 0    # waited: what is queued goes, whatever came
+                    lane.fill.target = 0    # waited: what is queued goes, whatever came
                     continue                # the cluster may have been lost meanwhile
                 taken = []
                 while ops and len(taken) < self.batch_mods_max and ops[0].kind != PAST_BARRIER:
                     taken.append(ops.popleft())
                 await self._commit(cluster, lane, taken)
-                lane.fill_target = min(int(self.fill_fraction * (len(taken) + len(ops))),
-                                       self.fill_target_max, self.batch_mods_max)
-                lane.target_at = time.perf_counter()
+                lane.fill.aim(len(taken) + len(ops), min(self.fill_target_max, self.batch_mods_max))
                 await asyncio.sleep(0)
         finally:
             lane.writing = False
@@ -103,24 +106,15 @@ class Committing:
             self._refuse(lane, named(self, cluster) + cluster.error)
 
     async def _fill(self, cluster: Cluster, lane) -> None:
-        """Until the lane's fill target is queued, loop turn after loop
-        turn, for at most fill_wait_s, while the cluster is healthy and the
-        store not closing; not at all once the target is older than
-        fill_target_ttl_s, nor in the lane's next fill_skips_after_miss
-        waits after one that ran out (FILL_*)."""
-        now = time.perf_counter()
-        if now - lane.target_at >= self.fill_target_ttl_s:
-            return
-        if lane.fill_skips:
-            lane.fill_skips -= 1
-            self.fill_skips += 1
-            return
-        self.fill_waits += 1
-        until = now + self.fill_wait_s
-        while len(lane.ops) < lane.fill_target and cluster.healthy and not self._closing:
-            if time.perf_counter() >= until:
-                lane.fill_skips = self.fill_skips_after_miss
-                self.fill_misses += 1
+        """Until the lane's fill policy lets the batch go (FILL_*), loop turn
+        after loop turn, while the cluster is healthy and the store not
+        closing."""
+        fill = lane.fill
+        while True:
+            if not cluster.healthy or self._closing:
+                fill.stop()
+                return
+            if not fill.waits(len(lane.ops)):
                 return
             await asyncio.sleep(0)
 

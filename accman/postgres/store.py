@@ -37,9 +37,7 @@ from accman.postgres import schema as S
 from accman.postgres import upkeep
 from accman.postgres.backends import pool_read, writer_read
 from accman.postgres.cluster import Cluster, health_detail
-from accman.postgres.committing import (FILL_FRACTION, FILL_SKIPS_AFTER_MISS, FILL_TARGET_MAX,
-                                        FILL_TARGET_TTL_S, FILL_WAIT_S, PAST_BARRIER,
-                                        Committing)
+from accman.postgres.committing import FILL_TARGET_MAX, PAST_BARRIER, Committing
 from accman.postgres.complaints import Complaints, named
 from accman.postgres.connecting import ServiceSaid
 from accman.postgres.cursors import PgCursors
@@ -78,17 +76,12 @@ class PgStore(Committing):
         self._refused = B.refusals(holds_per_account_max, holds_max, len(urls))
         # Its service file's failures, said by this store (and not another's).
         self.service_said = ServiceSaid()
-        self.clusters = [Cluster(u, i, info.cluster_id, self)
+        self.clusters = [Cluster(u, i, info.cluster_id, self, len(urls))
                          for i, (u, info) in enumerate(zip(urls, clusters_info, strict=True))]
         self.low_default = low_default
         self.retention_s = retention_s
         self.batch_mods_max = batch_mods_max
-        self.fill_fraction = FILL_FRACTION if len(urls) == 1 else 0.0
-        self.fill_wait_s = FILL_WAIT_S
-        self.fill_target_max = FILL_TARGET_MAX
-        self.fill_target_ttl_s = FILL_TARGET_TTL_S
-        self.fill_skips_after_miss = FILL_SKIPS_AFTER_MISS
-        self.fill_waits = self.fill_misses = self.fill_skips = 0    # for /metrics
+        self.fill_target_max = FILL_TARGET_MAX     # the cap of a lane's fill target
         self.queued_mods_max = queued_mods_max
         self.holds_per_account_max = holds_per_account_max
         self.holds_max = holds_max
@@ -377,9 +370,9 @@ class PgStore(Committing):
                  "accounts": sum(c.accounts for c in self.clusters),
                  "open_holds": self.open_holds,
                  "holds_expired": sum(c.holds_expired for c in self.clusters),
-                 "clusters": len(self.clusters), "healthy": self.healthy,
-                 "fill_waits": self.fill_waits, "fill_misses": self.fill_misses,
-                 "fill_skips": self.fill_skips}
+                 "clusters": len(self.clusters), "healthy": self.healthy}
+        fills = [lane.fill.counts() for c in self.clusters for lane in c.lanes]
+        stats.update({name: sum(f[name] for f in fills) for name in fills[0]})
         home = self.home
         stats["events_last"] = home.last_event
         if home.events is not None:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from accman.errors import NotApplied, NoAccount
+from accman.ledger import fill
 from accman.postgres import committing
 
 from .helpers import locked, opened, run, stored, two_clusters
@@ -28,11 +29,13 @@ async def _one_batch(store, c, creds):
 
 
 
-def _waits(store, fill_wait_s):
-    """The fill wait at `fill_wait_s`, its target kept however slow the
-    test's turns (fill_target_ttl_s long)."""
-    store.fill_wait_s = fill_wait_s
-    store.fill_target_ttl_s = 60.0
+def _waits(store, fill_wait_s, target_ttl_s=60.0):
+    """Every lane's fill wait at `fill_wait_s`, its target kept however
+    slow the test's turns (target_ttl_s long) unless told otherwise."""
+    for cluster in store.clusters:
+        for lane in cluster.lanes:
+            lane.fill.wait_s = fill_wait_s
+            lane.fill.target_ttl_s = target_ttl_s
 
 
 async def _two_waiting(store, c):
@@ -126,12 +129,11 @@ def test_a_store_of_two_clusters_never_waits_to_fill(pg, pg_factory):
 
 
 def test_a_target_left_from_long_ago_is_not_waited_for(pg_url):
-    """A lone call that comes fill_target_ttl_s after the commit that set
+    """A lone call that comes the target's ttl after the commit that set
     the target goes at once: the callers the target counted are gone."""
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = 60.0            # a wait would time the test out
-            store.fill_target_ttl_s = 0.05
+            _waits(store, 60.0, target_ttl_s=0.05)  # a wait would time the test out
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             await asyncio.sleep(0.2)            # an idle spell past the target's ttl
             got = await asyncio.wait_for(c.mod("g", 1), 10)
@@ -147,14 +149,13 @@ def test_a_target_left_from_long_ago_spends_no_skip(pg_url):
     the lane's skip for a batch that would have waited."""
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = 60.0            # a wait would time the test out
-            store.fill_target_ttl_s = 0.05
+            _waits(store, 60.0, target_ttl_s=0.05)  # a wait would time the test out
             lane = store.clusters[0].lanes[0]
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
-            lane.fill_skips = 1                 # as a miss leaves it, with one skip
+            lane.fill._skips = 1                # as a miss leaves it, with one skip
             await asyncio.sleep(0.2)            # an idle spell past the target's ttl
             await asyncio.wait_for(c.mod("g", 1), 10)
-            return lane.fill_skips
+            return lane.fill._skips
 
     assert run(main()) == 1
 
@@ -167,8 +168,7 @@ def test_a_wait_begun_within_the_target_s_ttl_outlasts_it(pg_url):
 
     async def main():
         async with stored(pg_url) as (store, c):
-            store.fill_wait_s = 1.0
-            store.fill_target_ttl_s = 0.05
+            _waits(store, 1.0, target_ttl_s=0.05)
             await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
             first = asyncio.ensure_future(c.mod("g", 1))
             await asyncio.sleep(0.2)            # past the ttl, within the wait
@@ -203,7 +203,7 @@ def test_after_a_fill_wait_runs_out_the_next_ones_are_not_begun(pg_url):
     miss): the next FILL_SKIPS_AFTER_MISS batches short of their target go
     at once; the one after waits again, and a wait that reaches its target
     is no miss."""
-    skips = committing.FILL_SKIPS_AFTER_MISS
+    skips = fill.FILL_SKIPS_AFTER_MISS
     target = int(committing.FILL_FRACTION * IN_FLIGHT)
     assert skips > 0 and 2 < target < IN_FLIGHT
     batch = [f"f{i}" for i in range(IN_FLIGHT)]
@@ -272,6 +272,25 @@ def test_calls_waiting_to_fill_when_the_cluster_is_lost_are_not_sent(pg_url):
     assert made is None
 
 
+def test_every_lane_wait_that_runs_out_is_a_miss():
+    """However its turns read (the embedded store's idle turns tell a
+    miss apart there), a lane's wait that runs out skips the next ones:
+    its target is no pipelining caller's whole flight (FILL_TARGET_MAX)."""
+    now = [100.0]
+    f = committing.lane_fill(1, clock=lambda: now[0])
+    f.aim(IN_FLIGHT, committing.FILL_TARGET_MAX)
+    queued = 2
+    assert f.waits(queued)
+    for _ in range(3):
+        queued += 1
+        assert f.waits(queued)          # a turn that read more
+    now[0] += committing.FILL_WAIT_S * 1.5
+    assert not f.waits(queued)          # ran out: a miss
+    f.aim(IN_FLIGHT, committing.FILL_TARGET_MAX)
+    assert not f.waits(2)               # skipped
+    assert f.counts() == {"fill_waits": 1, "fill_misses": 1, "fill_skips": 1}
+
+
 def test_one_call_at_a_time_never_waits_to_fill(pg_url):
     async def main():
         async with stored(pg_url) as (store, c):
@@ -323,6 +342,32 @@ def test_a_call_after_a_reconnection_does_not_wait_for_the_callers_before(pg_url
     got, answered_s = run(main())
     assert got == (1, 1)
     assert answered_s < 10.0
+
+
+def test_a_reconnection_forgets_a_miss_of_the_callers_before(pg_url):
+    """A miss skips the next waits of its lane's callers; they went with
+    the connection, and the first batch short of its target after the
+    reconnection waits as any would."""
+    async def short_of_the_target(store, c):
+        await _one_batch(store, c, [f"f{i}" for i in range(IN_FLIGHT)])
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(c.mod("g", 1), c.mod("g", 1)), 10)
+        return time.perf_counter() - t0
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            _waits(store, 0.2)
+            missed_s = await short_of_the_target(store, c)      # runs out: a miss
+            store.lost(store.clusters[0], ConnectionResetError())
+            deadline = time.monotonic() + 10
+            while not store.clusters[0].healthy and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            waited_s = await short_of_the_target(store, c)
+            return missed_s, waited_s, store.stats["fill_misses"], store.stats["fill_skips"]
+
+    missed_s, waited_s, misses, skips = run(main())
+    assert missed_s >= 0.2 and waited_s >= 0.2
+    assert (misses, skips) == (2, 0)
 
 
 def test_a_call_after_a_batch_lost_in_flight_does_not_wait_for_its_callers(pg_url):
