@@ -74,7 +74,8 @@ class Fill:
 
     def forget(self) -> None:
         """The callers counted are gone (another loop is bound; a lane's
-        connection was replaced): no target, wait or miss of theirs is kept."""
+        connection was replaced): their target, their wait and the skips
+        after their miss go (the counts stay)."""
         self.target = 0
         self._since = None
         self._skips = 0

@@ -53,11 +53,12 @@ FILL_WAIT_S = 400e-6
 FILL_TARGET_MAX = 128
 # Each lane keeps the embedded store's fill policy (accman.ledger.fill) with
 # these bounds, and its other rules and their bounds: a target older than
-# FILL_TARGET_TTL_S is not waited for, and after a miss the next
-# FILL_SKIPS_AFTER_MISS waits are not begun.  But every wait that runs out
-# is a miss here: the target is at most FILL_TARGET_MAX, which a loop
-# reading pipelined calls reaches within the wait, so the embedded store's
-# count of idle turns (FILL_MISS_IDLE_TURNS) has nothing to tell apart.
+# fill.FILL_TARGET_TTL_S is not waited for, and after a miss the next
+# fill.FILL_SKIPS_AFTER_MISS waits are not begun.  But every wait that runs
+# out is a miss here (no idle turns asked for): the target is at most
+# FILL_TARGET_MAX, which a loop reading pipelined calls reaches within the
+# wait, so the embedded store's count of idle turns
+# (fill.FILL_MISS_IDLE_TURNS) has nothing to tell apart.
 LANE_MISS_IDLE_TURNS = 0
 
 

@@ -324,6 +324,36 @@ def test_a_close_ends_the_fill_wait(pg_url):
     assert closing_s < 10.0
 
 
+def test_a_store_closing_begins_no_wait(pg_url):
+    """Calls queued behind a batch in flight as the store begins to close
+    go with the next batch at once: no wait is begun (nor counted) for
+    them, whatever the batch set as its target."""
+    async def main():
+        store, c = await opened(pg_url)
+        try:
+            _waits(store, 30.0)
+            told = []
+            async with locked(pg_url, "accman_accounts"):
+                for i in range(IN_FLIGHT):
+                    store.submit(f"f{i}", 5, done=told.append)
+                await asyncio.sleep(0.3)        # the batch flies, held at the lock
+                for _ in range(2):
+                    store.submit("g", 1, done=told.append)
+                closing = asyncio.ensure_future(store.aclose())
+                await asyncio.sleep(0.1)
+            t0 = time.perf_counter()
+            await asyncio.wait_for(closing, 10)
+            return told, time.perf_counter() - t0, store.stats, store.drain_samples()[0]
+        finally:
+            await store.aclose()
+
+    told, closing_s, stats, sizes = run(main())
+    assert sorted(told, key=repr) == sorted([(5, 1)] * IN_FLIGHT + [(1, 1), (2, 2)], key=repr)
+    assert closing_s < 10.0
+    assert sizes == [IN_FLIGHT, 2]
+    assert (stats["fill_waits"], stats["fill_skips"]) == (0, 0)
+
+
 def test_a_call_after_a_reconnection_does_not_wait_for_the_callers_before(pg_url):
     """The callers in flight at a loss went with its connection: the first
     call after the reconnection goes at once."""
