@@ -1013,6 +1013,19 @@ async def _short_batch_waits(led, cred, target):
     return waiting
 
 
+def _back_to_back(c, at_once):
+    """The writer's choice of accman.ledger.backtoback fixed for the test:
+    always to follow a write at once with what queued during it (as on a
+    disk that answers such writes faster), or never; each kind of write
+    timed once beforehand (not counted), and no probe."""
+    b = c.back_to_back
+    b.ratio = float("inf") if at_once else 0.0
+    b.probe_every = 2 ** 62
+    b.wrote(False, 1e-3)
+    b.wrote(True, 1e-3)
+    b.writes = 0
+
+
 def _fill_one_batch(led, n):
     """On the running loop: n concurrent amods, so one batch of n; after it
     the fill target is int(FILL_FRACTION * n)."""
@@ -1198,6 +1211,7 @@ def test_a_seal_the_writer_took_meanwhile_is_not_asked_for_again(tmp_path):
     flag would outlive it and cost the next short batch its fill wait."""
     with gated_ledger(str(tmp_path / "data")) as (led, store):
         c = led._committer
+        _back_to_back(c, at_once=True)
         c.fill.wait_s = 60.0                    # a wait decides by its target here
         c.fill.target_ttl_s = 60.0              # however slow the test's turns
         book = c.book = _SealSeen(c.book)       # the writer's next look on
@@ -1354,13 +1368,15 @@ class _CountedWrites(GatedStore):
 
 
 def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
-    """A write that ends with mods queued behind it is followed at once by
-    theirs, sealed by the writer: the loop, busy with the first batch's
-    replies (here, not turning at all), is not waited for.  Once both are
+    """Where the disk answers a write that follows another faster, a write
+    that ends with mods queued behind it is followed at once by theirs,
+    sealed by the writer: the loop, busy with the first batch's replies
+    (here, not turning at all), is not waited for.  Once both are
     answered and the writer is idle, the loop's own kick writes its next
     mod: the first batch's completion, seen after the second was sealed,
     left the loop's writing mark to the second's."""
     with gated_ledger(str(tmp_path / "data"), store_class=_CountedWrites) as (led, store):
+        _back_to_back(led._committer, at_once=True)
         gate = store.gate
         gate.clear()
 
@@ -1384,6 +1400,41 @@ def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
         assert written == 2
         assert results == [(1, 1), (2, 1), (3, 1)]
         assert led.drain_samples()[0] == [1, 1, 1]
+        assert led.stats["back_to_back_writes"] == 1
+
+
+def test_mods_queued_during_a_write_wait_for_the_loop_where_the_disk_answers_alike(tmp_path):
+    """Where the disk answers a write that follows another no faster, the
+    mods queued during a write wait for the loop's kick, once the batch is
+    answered, with what its callers send next: while the loop does not
+    turn, the writer writes nothing more."""
+    with gated_ledger(str(tmp_path / "data"), store_class=_CountedWrites) as (led, store):
+        _back_to_back(led._committer, at_once=False)
+        gate = store.gate
+        gate.clear()
+
+        async def main():
+            first = asyncio.ensure_future(led.amod("a", 1))
+            assert await asyncio.to_thread(store.writing.wait, 10)   # batch 1 at the gate
+            second = asyncio.ensure_future(led.amod("b", 2))
+            for _ in range(5):
+                await asyncio.sleep(0)                  # b's mod is queued
+            gate.set()
+            # The loop's thread held: the first write ends, the second waits for it.
+            deadline = time.monotonic() + 10
+            while store.written < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.3)
+            held = store.written
+            results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+            return held, results, store.written
+
+        held, results, written = asyncio.run(main())
+        assert held == 1
+        assert results == [(1, 1), (2, 1)]
+        assert written == 2
+        assert led.drain_samples()[0] == [1, 1]
+        assert led.stats["back_to_back_writes"] == 0
 
 
 def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path):
@@ -1404,6 +1455,7 @@ def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path)
         return time.time_ns() // 1_000_000
 
     led = Ledger(path, clock_ms=clock_ms, store=GatedStore(path, gate))
+    _back_to_back(led._committer, at_once=True)
     led._committer.fill.wait_s = 60.0   # the target decides, not the clock
     led._committer.fill.target_ttl_s = 60.0   # however slow the test's turns
     target = int(fill.FILL_FRACTION * 9)

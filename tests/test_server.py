@@ -281,6 +281,13 @@ def test_metrics_count_the_fill_waits(shared_server):
     assert names <= values.keys()
 
 
+@pytest.mark.embedded_only("the embedded store's writer follows a write at once, or not")
+def test_metrics_count_the_writes_that_followed_another_at_once(shared_server):
+    text = shared_server.get("/metrics").body.decode()
+    assert "# TYPE accman_back_to_back_writes_total counter" in text
+    assert "accman_back_to_back_writes_total" in sample_values(text)
+
+
 @pytest.mark.embedded_only("checkpoints are the embedded store's write-ahead log's")
 def test_metrics_count_the_write_ahead_logs_checkpoints(shared_server):
     values = sample_values(shared_server.get("/metrics").body.decode())

@@ -23,6 +23,7 @@ import time
 
 from accman.errors import NotApplied, StoreError, Unavailable, WriteRefused
 from accman.ledger.applier import Applier
+from accman.ledger.backtoback import BackToBack
 from accman.ledger.fill import Fill
 from accman.ledger.events import EVENTS_TRIM_INTERVAL_S, EVENTS_TRIM_INTERVAL_S_MIN
 from accman.ledger.clock import wall_ms
@@ -59,6 +60,9 @@ class Committer(Housekeeping):
         self._durable = threading.Condition(self.lock)
         self._writer_idle = False
         self._seal_now = False          # the writer may seal what is queued
+        self._at_once = False           # ... and seals it at once on its write's end
+        # Whether a write that ends with changes queued is followed at once.
+        self.back_to_back = BackToBack()
         # A batch is being written and its completion has not yet been seen
         # by the loop, which kicks then; set by the writer at seal, cleared
         # by the loop (_delivered, for the batch sealed last: the writer may
@@ -289,9 +293,12 @@ class Committer(Housekeeping):
             batch = self._untold = self._next_batch()
             if batch is None:
                 return          # closing, and everything is written
+            at_once, self._at_once = self._at_once, False     # _done sealed it at once
             t0 = time.perf_counter()
             error, tried = self._write(batch)
             fsync_s = time.perf_counter() - t0
+            if error is None:
+                self.back_to_back.wrote(at_once, fsync_s)
             if not self._done(batch, error, fsync_s, tried):
                 # No completion went to the loop, so no kick will come from
                 # it (and the loop does not apply it): what the loop queued
@@ -361,15 +368,15 @@ class Committer(Housekeeping):
             if error is None:
                 book.finish(batch)
                 self.applier.durable()
-                # What queued during the write goes to the disk at once,
-                # not after the loop's turn: a disk left idle between two
-                # writes may answer the next one several times slower
-                # (docs/PERFORMANCE.md), and the loop's turn is the batch's
-                # replies.  Looked for before the loop has them: what it
-                # queues once answered waits for its kick, when it has
-                # filled (FILL_*).
-                if book.has_work():
-                    self._seal_now = True
+                # What queued during the write goes to the disk at once
+                # where this disk answers such a write much faster than one
+                # after a gap (accman.ledger.backtoback); else the loop's
+                # kick takes it, once the batch is answered, with what its
+                # callers send next (FILL_*).  Looked for before the loop
+                # has the replies: what it queues once answered waits for
+                # its kick either way.
+                if book.has_work() and self.back_to_back.follows():
+                    self._seal_now = self._at_once = True
                 waiting = () if self.events is None else self.events.append(
                     batch.first_event, batch.nevents, batch.changes,
                     self.applier.lagging_event())

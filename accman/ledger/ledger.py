@@ -428,7 +428,7 @@ class Ledger(AsyncCalls):
             "holds_expired": book.holds_expired, "events_last": events.last,
             "events_first": events.first, "events_trimmed": events.trimmed, **c.fill.counts(),
             "healthy": self.healthy, "gave_way_s_total": c.applier.gave_way_s,
-        }
+            "back_to_back_writes": c.back_to_back.writes}
 
     def drain_samples(self) -> tuple[list[int], list[float]]:
         """Batch sizes and fsync times since the last call (for histograms)."""

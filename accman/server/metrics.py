@@ -84,6 +84,10 @@ _KNOWN_STATS = {
                     "store, over turns that queued nothing): callers out of step."),
     "fill_skips": ("accman_fill_skips_total", "counter",
                    "Fill waits not begun, after a miss."),
+    "back_to_back_writes": ("accman_back_to_back_writes_total", "counter",
+                            "Writes of the changes queued during the last write, "
+                            "sealed at its end (the embedded store, where the disk "
+                            "answers them faster than after a gap)."),
     "accounts": ("accman_accounts", "gauge", "Accounts in the ledger."),
     "clusters": ("accman_ledger_clusters", "gauge",
                  "PostgreSQL clusters the store's accounts are spread over (--store, "
