@@ -57,3 +57,22 @@ def test_it_counts_the_writes_that_followed_at_once():
     for at_once in (True, False, True, True):
         b.wrote(at_once, FAST_S)
     assert b.writes == 3
+
+
+def test_the_first_writes_of_a_kind_weigh_alike():
+    b = backtoback.BackToBack()
+    b.wrote(False, 100e-6)
+    b.wrote(False, 300e-6)              # the average of both: 200 µs
+    b.wrote(True, 90e-6)
+    assert b.follows()                  # 90 against half of 200
+
+
+def test_one_stalled_write_does_not_turn_the_choice():
+    """A write stalled by the machine (50 ms) counts as at most
+    BACK_TO_BACK_OUTLIER times its kind's average."""
+    b = backtoback.BackToBack()
+    for _ in range(20):
+        b.wrote(False, SLOW_S)
+        b.wrote(True, FAST_S)
+    b.wrote(True, 0.05)
+    assert b.follows()

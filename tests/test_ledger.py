@@ -7,6 +7,7 @@ import functools
 import os
 import pathlib
 import pickle
+import random
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from accman import (AccManError, BadRequest, Busy, Insufficient, KeyReused, NoAc
                     Ledger, NotApplied, Overflow, StoreCorrupt, StoreError, StoreLocked,
                     Unavailable)
 from accman.errors import EventsTrimmed, HttpError, UnexpectedReply
-from accman.ledger import _ledger, commit, fill
+from accman.ledger import _ledger, backtoback, commit, fill
 from accman.limits import EVENTS_RETENTION_S_MAX, INT64_MAX, INT64_MIN, PAST_LIMIT_MAX
 from accman.store import check_cred, check_int64, check_key
 from accman.ledger.leveldb import Store
@@ -1437,8 +1438,129 @@ def test_mods_queued_during_a_write_wait_for_the_loop_where_the_disk_answers_ali
         assert led.stats["back_to_back_writes"] == 0
 
 
+def test_loop_mods_queued_behind_a_batch_no_loop_answers_are_sealed_by_the_writer(tmp_path):
+    """Where the writer does not follow a write at once, a batch whose
+    completions go to no loop (a plain thread's mod) brings no kick: the
+    writer seals what the loop queued during its write itself."""
+    with gated_ledger(str(tmp_path / "data"), store_class=_CountedWrites) as (led, store):
+        _back_to_back(led._committer, at_once=False)
+        store.gate.clear()
+
+        async def main():
+            store.gate.set()
+            await led.amod("w", 1)                      # the loop bound
+            store.gate.clear()
+            plain = asyncio.ensure_future(asyncio.to_thread(led.mod, "t", 1))
+            assert await asyncio.to_thread(store.writing.wait, 10)   # its batch at the gate
+            queued = asyncio.ensure_future(led.amod("a", 2))
+            for _ in range(5):
+                await asyncio.sleep(0)                  # a's mod is queued
+            store.gate.set()
+            return await asyncio.wait_for(asyncio.gather(plain, queued), 10)
+
+        assert asyncio.run(main()) == [(1, 1), (2, 1)]
+        assert store.written == 3
+
+
+def test_mods_queued_behind_a_batch_whose_loop_stopped_are_sealed_by_the_writer(tmp_path):
+    """A bound loop that stops (not closed) with a batch's completions
+    handed to it kicks nobody until it runs again: the writer seals what
+    the loop queued during that write itself, and a plain thread's read
+    in order sees it."""
+    with gated_ledger(str(tmp_path / "data"), store_class=_CountedWrites) as (led, store):
+        _back_to_back(led._committer, at_once=False)
+        store.gate.clear()
+        loop = asyncio.new_event_loop()
+        try:
+            led.bind_loop(loop)
+            told = []
+
+            async def submit(cred, by):
+                led.submit(cred, by, done=told.append)
+
+            loop.run_until_complete(submit("a", 1))
+            assert store.writing.wait(10)               # a's batch at the gate
+            loop.run_until_complete(submit("b", 2))     # queued during its write
+            store.gate.set()                            # the loop stopped meanwhile
+            wait_for(lambda: store.written == 2, what="b's batch written")
+            assert told == []                           # the loop has not run since
+            assert led.tot("b") == 2
+        finally:
+            loop.close()
+
+
+def test_writes_sealed_at_another_s_asking_are_timed_as_neither_kind(tmp_path):
+    """A plain thread's mod queued during a write is sealed at once at its
+    asking, not by the writer's choice: that write is timed neither as one
+    that followed by choice nor as one after a gap."""
+    with gated_ledger(str(tmp_path / "data"), store_class=_CountedWrites) as (led, store):
+        _back_to_back(led._committer, at_once=False)
+        b = led._committer.back_to_back
+        timed = b._after_gap[1], b._at_once[1]
+        store.gate.clear()
+        first = threading.Thread(target=led.mod, args=("t", 1))
+        first.start()
+        assert store.writing.wait(10)                   # its batch at the gate, after a gap
+        second = threading.Thread(target=led.mod, args=("u", 1))
+        second.start()
+        wait_for(lambda: led.stats["queued_mods"] == 2, what="u's mod queued behind t's")
+        store.gate.set()
+        first.join(10)
+        second.join(10)
+        assert store.written == 2
+        assert (b._after_gap[1], b._at_once[1]) == (timed[0] + 1, timed[1])   # t's alone
+
+
+class _GapDisk(Store):
+    """A store whose record writes are timed (Wal.write_s) as a disk's that
+    answers in FAST_S a write the writer began without going idle since
+    the last (back to back), and in SLOW_S one after it idled; or,
+    `alike`, every one in SLOW_S.  `committer` is the ledger's."""
+
+    FAST_S, SLOW_S = 40e-6, 500e-6
+    alike = False
+    committer = None
+
+    def write(self, wal):
+        super().write(wal)
+        fast = not self.alike and not self.committer._idled
+        self.wal.write_s = self.FAST_S if fast else self.SLOW_S
+
+
+@pytest.mark.parametrize("alike", [False, True], ids=["faster_back_to_back", "alike"])
+def test_the_writer_follows_a_write_at_once_by_the_disk_s_answers(tmp_path, alike):
+    """16 callers on the loop, each calling again a random while (up to
+    2 ms) after its answer, so that changes queue during writes: where the
+    disk answers a write that follows another faster, most of those writes
+    follow at once; where it answers alike, only the first try and the
+    probes do."""
+    class Disk(_GapDisk):
+        pass
+    Disk.alike = alike
+    path = str(tmp_path / "data")
+    pace = random.Random(7)
+    with Ledger(path, store=Disk(path)) as led:
+        led.store.committer = led._committer
+        async def caller(n):
+            for _ in range(100):
+                await led.amod(f"c{n}", 1)
+                await asyncio.sleep(pace.uniform(0, 0.002))
+
+        async def main():
+            await asyncio.wait_for(asyncio.gather(*(caller(n) for n in range(16))), 60)
+
+        asyncio.run(main())
+        followed = led.stats["back_to_back_writes"]
+        decided = led._committer.back_to_back._decisions    # each kind timed, changes queued
+    assert decided >= 10
+    probes = decided // backtoback.BACK_TO_BACK_PROBE_EVERY
+    # The first choice, before a write at once was ever timed, is to try one.
+    assert followed == (1 + probes if alike else 1 + decided - probes)
+
+
 def test_mods_the_loop_queues_once_answered_wait_for_the_batch_to_fill(tmp_path):
-    """Only the mods queued during a write are taken at once by the writer.
+    """Only the mods queued during a write are taken at once by the writer
+    (where it follows a write at once: accman.ledger.backtoback).
     It looked for them after handing the batch's completions to the loop,
     so mods the loop queued once answered (the next requests of the clients
     just answered) were taken at once too, not filled to the loop's target

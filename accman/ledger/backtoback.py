@@ -19,8 +19,14 @@ from __future__ import annotations
 # fraction of the others' time.
 BACK_TO_BACK_RATIO = 0.5
 # Each kind's time is a moving average with this weight for the newest
-# write (about the last 16 writes of the kind).
+# write (about the last 16 writes of the kind; the first ones weigh 1/n,
+# an average of all so far).  A write is counted as at most
+# BACK_TO_BACK_OUTLIER times its kind's average: one stalled write (the
+# machine busy elsewhere) does not decide the next thousand choices,
+# while a disk grown slower for good raises the average within a few
+# dozen writes.
 BACK_TO_BACK_WEIGHT = 1 / 16
+BACK_TO_BACK_OUTLIER = 4.0
 # One decision in this many goes the other way, so that the kind not
 # chosen is still timed: a disk's answers change with its load.
 BACK_TO_BACK_PROBE_EVERY = 64
@@ -34,8 +40,11 @@ class BackToBack:
         self.ratio = BACK_TO_BACK_RATIO
         self.weight = BACK_TO_BACK_WEIGHT
         self.probe_every = BACK_TO_BACK_PROBE_EVERY
-        self._after_gap_s = None        # the average of writes after an idle gap
-        self._at_once_s = None          # of writes that followed another at once
+        self.outlier = BACK_TO_BACK_OUTLIER
+        # [average seconds, writes timed] of writes after an idle gap, and of
+        # writes that followed another at once.
+        self._after_gap = [0.0, 0]
+        self._at_once = [0.0, 0]
         self._decisions = 0
         self.writes = 0                 # for /metrics: writes that followed at once
 
@@ -45,20 +54,20 @@ class BackToBack:
         assert write_s >= 0
         if at_once:
             self.writes += 1
-            self._at_once_s = self._averaged(self._at_once_s, write_s)
-        else:
-            self._after_gap_s = self._averaged(self._after_gap_s, write_s)
-
-    def _averaged(self, average, write_s):
-        return write_s if average is None else average + self.weight * (write_s - average)
+        kind = self._at_once if at_once else self._after_gap
+        average, n = kind
+        if n:
+            write_s = min(write_s, self.outlier * average)
+        kind[1] = n + 1
+        kind[0] = average + max(self.weight, 1 / kind[1]) * (write_s - average)
 
     def follows(self) -> bool:
         """At a write's end with changes queued: whether the writer seals
         them at once.  A kind never timed is tried first."""
-        if self._at_once_s is None:
+        if not self._at_once[1]:
             return True
-        if self._after_gap_s is None:
+        if not self._after_gap[1]:
             return False
         self._decisions += 1
-        chosen = self._at_once_s <= self.ratio * self._after_gap_s
+        chosen = self._at_once[0] <= self.ratio * self._after_gap[0]
         return chosen != (self._decisions % self.probe_every == 0)

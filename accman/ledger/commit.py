@@ -60,7 +60,8 @@ class Committer(Housekeeping):
         self._durable = threading.Condition(self.lock)
         self._writer_idle = False
         self._seal_now = False          # the writer may seal what is queued
-        self._at_once = False           # ... and seals it at once on its write's end
+        self._at_once = False           # the next write follows the last by the writer's choice
+        self._idled = False             # the writer waited before it sealed its batch
         # Whether a write that ends with changes queued is followed at once.
         self.back_to_back = BackToBack()
         # A batch is being written and its completion has not yet been seen
@@ -293,12 +294,15 @@ class Committer(Housekeeping):
             batch = self._untold = self._next_batch()
             if batch is None:
                 return          # closing, and everything is written
-            at_once, self._at_once = self._at_once, False     # _done sealed it at once
+            at_once, self._at_once = self._at_once, False     # _done chose to follow
             t0 = time.perf_counter()
             error, tried = self._write(batch)
             fsync_s = time.perf_counter() - t0
-            if error is None:
-                self.back_to_back.wrote(at_once, fsync_s)
+            if error is None and (at_once or self._idled):
+                # Timed as one kind or the other; a write sealed at once by
+                # another's asking (a plain thread's, work off the loop) is
+                # neither chosen nor after a gap.
+                self.back_to_back.wrote(at_once, self.store.wal.write_s)
             if not self._done(batch, error, fsync_s, tried):
                 # No completion went to the loop, so no kick will come from
                 # it (and the loop does not apply it): what the loop queued
@@ -315,16 +319,18 @@ class Committer(Housekeeping):
     def _next_batch(self):
         """Waits for a batch to seal, and seals it; None once closing with
         nothing left.  Mods submitted on the bound loop are sealed when the
-        loop says so (_kick), or when a write ends with them queued; any
-        other submitter, closing, or the writer's own clock (holds due,
-        events past retention) says now."""
+        loop says so (_kick), or when a write ends with them queued and the
+        writer follows it at once (accman.ledger.backtoback) or no running
+        loop was handed its completions; any other submitter, closing, or
+        the writer's own clock (holds due, events past retention) says now."""
         book = self.book
         with self.lock:
+            self._idled = False
             while True:
                 sleep_s = self._housekeep()
                 if self._closing or (self._seal_now and book.has_work()):
                     break
-                self._writer_idle = True
+                self._writer_idle = self._idled = True
                 self._wake.wait(sleep_s)
             self._writer_idle = False
             self._seal_now = False
@@ -440,12 +446,14 @@ class Committer(Housekeeping):
             self.fsync_times_s.append(fsync_s)
 
     def _deliver(self, on_loop: list, direct: list, nmods: int, no: int) -> bool:
-        """True if the completions went to the loop, which then kicks."""
+        """True if the completions went to the loop while it runs, which
+        then kicks.  A loop stopped (not closed) runs them when it runs
+        again: False, so that the writer seals what queued meanwhile."""
         handed = False
         if on_loop:
             try:
                 self._loop.call_soon_threadsafe(self._delivered, on_loop, nmods, no)
-                handed = True
+                handed = self._loop.is_running()
             except RuntimeError:
                 pass        # the loop is closed: nobody is waiting on it
         if direct:

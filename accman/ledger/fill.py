@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 
 # Filling a batch on a bound loop, once the writer has gone idle (a write
-# that ends with changes queued takes them at once: accman.ledger.commit).
+# that ends with changes queued may take them at once:
+# accman.ledger.backtoback).
 # A durable write costs about the same CPU whatever the batch holds, so the
 # loop does not hand it a batch much smaller than the changes that were in
 # flight at the last completion: clients whose replies just went out are

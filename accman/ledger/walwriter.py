@@ -150,6 +150,7 @@ class Wal:
         self.checkpoints = 0
         self.checkpoint_s_total = 0.0
         self.checkpoints_postponed = 0
+        self.write_s = 0.0          # the last record's synced write alone (backtoback.py)
         self._retry_at = 0.0
         self.fd = self.dir_fd = -1
         self.dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -204,7 +205,9 @@ class Wal:
         body_end = walsectors.lay_out(buf, record, lsn, n)
         buf[body_end:span] = _ZEROS[:span - body_end]     # no earlier record's bytes
         with memoryview(buf) as view:
+            t0 = time.perf_counter()
             written = os.pwritev(self.fd, [view[:span]], self.pos)
+            self.write_s = time.perf_counter() - t0
         if written != span:
             raise OSError(f"a short write to {WAL_NAME} ({written} of {span} bytes)")
         self.pos += span
