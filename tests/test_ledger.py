@@ -1368,6 +1368,18 @@ class _CountedWrites(GatedStore):
         self.written += 1
 
 
+async def _queued_behind_a_write(led, store):
+    """On the running loop, the store's gate closed: a's mod, its batch
+    held at the gate, and b's queued behind it; their tasks."""
+    store.gate.clear()
+    first = asyncio.ensure_future(led.amod("a", 1))
+    assert await asyncio.to_thread(store.writing.wait, 10)   # batch 1 at the gate
+    second = asyncio.ensure_future(led.amod("b", 2))
+    for _ in range(5):
+        await asyncio.sleep(0)                  # b's mod is queued
+    return first, second
+
+
 def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
     """Where the disk answers a write that follows another faster, a write
     that ends with mods queued behind it is followed at once by theirs,
@@ -1378,17 +1390,11 @@ def test_mods_queued_during_a_write_go_next_without_the_loop(tmp_path):
     left the loop's writing mark to the second's."""
     with gated_ledger(str(tmp_path / "data"), store_class=_CountedWrites) as (led, store):
         _back_to_back(led._committer, at_once=True)
-        gate = store.gate
-        gate.clear()
 
         async def main():
-            first = asyncio.ensure_future(led.amod("a", 1))
-            assert await asyncio.to_thread(store.writing.wait, 10)   # batch 1 at the gate
-            second = asyncio.ensure_future(led.amod("b", 2))
-            for _ in range(5):
-                await asyncio.sleep(0)                  # b's mod is queued
+            first, second = await _queued_behind_a_write(led, store)
             assert led.stats["queued_mods"] == 2 and store.written == 0
-            gate.set()
+            store.gate.set()
             # The loop's thread held from here on: only the writer can move.
             deadline = time.monotonic() + 10
             while store.written < 2 and time.monotonic() < deadline:
@@ -1411,16 +1417,10 @@ def test_mods_queued_during_a_write_wait_for_the_loop_where_the_disk_answers_ali
     turn, the writer writes nothing more."""
     with gated_ledger(str(tmp_path / "data"), store_class=_CountedWrites) as (led, store):
         _back_to_back(led._committer, at_once=False)
-        gate = store.gate
-        gate.clear()
 
         async def main():
-            first = asyncio.ensure_future(led.amod("a", 1))
-            assert await asyncio.to_thread(store.writing.wait, 10)   # batch 1 at the gate
-            second = asyncio.ensure_future(led.amod("b", 2))
-            for _ in range(5):
-                await asyncio.sleep(0)                  # b's mod is queued
-            gate.set()
+            first, second = await _queued_behind_a_write(led, store)
+            store.gate.set()
             # The loop's thread held: the first write ends, the second waits for it.
             deadline = time.monotonic() + 10
             while store.written < 1 and time.monotonic() < deadline:
