@@ -22,6 +22,13 @@ from accman.ledger.leveldb import APPLY_LAG_BATCHES_MAX, APPLY_LAG_BYTES_MAX, St
 from ledgerhelp import wait_for
 
 
+# How long a gated LevelDB write waits at most: longer than any test's
+# load behind it takes on a slow machine under the whole suite (18 batches
+# of 4096 mods took 4 s alone and over 10 s there); each test opens the
+# gate as it ends.
+GATE_WAIT_S = 60
+
+
 class GatedApply(Store):
     """LevelDB's write of a durable batch waits for `gate` once `armed`."""
 
@@ -34,7 +41,7 @@ class GatedApply(Store):
     def apply(self):
         if self.armed and self._queued:
             self.waiting.set()
-            assert self.gate.wait(10)
+            assert self.gate.wait(GATE_WAIT_S)
         return super().apply()
 
 
