@@ -46,20 +46,22 @@ class BackToBack:
         self._after_gap = [0.0, 0]
         self._at_once = [0.0, 0]
         self._decisions = 0
-        self.writes = 0                 # for /metrics: writes that followed at once
 
     def wrote(self, at_once: bool, write_s: float) -> None:
         """A durable write of `write_s` seconds, which followed the last at
         once (`at_once`, sealed by the writer) or not."""
         assert write_s >= 0
-        if at_once:
-            self.writes += 1
         kind = self._at_once if at_once else self._after_gap
         average, n = kind
         if n:
             write_s = min(write_s, self.outlier * average)
         kind[1] = n + 1
         kind[0] = average + max(self.weight, 1 / kind[1]) * (write_s - average)
+
+    @property
+    def writes(self) -> int:
+        """For /metrics: the writes that followed another at once, timed."""
+        return self._at_once[1]
 
     def follows(self) -> bool:
         """At a write's end with changes queued: whether the writer seals
