@@ -409,6 +409,11 @@ def pytest_configure(config):
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     _HANG_REPORT[0] = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")
+    # The suite starts accman's server and commands hundreds of times (and
+    # its workers, examples and probes): they read accman's bytecode, once
+    # compiled, rather than compile its source again at every start,
+    # whatever PYTHONDONTWRITEBYTECODE the caller's environment sets.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     if not hasattr(config, "workerinput"):      # the run's first process: tests/alone.py
         alone.begin_run()
     config.addinivalue_line(
