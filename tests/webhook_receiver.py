@@ -45,6 +45,7 @@ class Post:
     headers: dict               # lower-case name -> value
     body: bytes
     answered: int | None        # the status sent back; None: none was
+    peer: str = ""              # the address the POST came from
     at: float = field(default_factory=time.monotonic)
 
     def valid(self, secret: bytes) -> bool:
@@ -70,13 +71,13 @@ class Post:
 _RETIRED: list = []
 
 
-def _held(port: int):
+def _held(host: str, port: int):
     """A socket bound to `port` that does not listen, or None if another
     took the port first."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(("127.0.0.1", port))
+        sock.bind((host, port))
     except OSError:
         sock.close()
         return None
@@ -84,8 +85,9 @@ def _held(port: int):
 
 
 class Receiver:
-    def __init__(self, secret: bytes, port: int = 0, ssl_context=None):
+    def __init__(self, secret: bytes, port: int = 0, ssl_context=None, host="127.0.0.1"):
         self.secret = secret
+        self.host = host            # the address it listens on (an IPv4 one)
         self.ssl_context = ssl_context
         self.mode = "ok"            # "ok", "fail", "hang", or "slow" (sleep_s, then 200)
         self.fail_status = 500
@@ -133,7 +135,7 @@ class Receiver:
     @property
     def url(self):
         scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.port}/hooks/accman?src=test"
+        return f"{scheme}://{self.host}:{self.port}/hooks/accman?src=test"
 
     def snapshot(self) -> list[Post]:
         with self.lock:
@@ -162,7 +164,7 @@ class Receiver:
             self._holding = None
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         self.server = await asyncio.start_server(self._serve, sock=sock,
                                                  ssl=self.ssl_context, limit=HEAD_BYTES_MAX)
@@ -171,7 +173,7 @@ class Receiver:
         if self.server is not None:
             self.server.close()
             self.server = None
-            self._holding = _held(self.port)
+            self._holding = _held(self.host, self.port)
         for w in self._hung:
             w.transport.abort()
         self._hung.clear()
@@ -190,7 +192,7 @@ class Receiver:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
-        post = Post(target, headers, body, None)
+        post = Post(target, headers, body, None, writer.get_extra_info("peername")[0])
         mode = "refuse" if self.verify and not post.valid(self.secret) else self.mode
         with self.lock:
             if self.ok_left is not None and mode == "ok":

@@ -225,7 +225,7 @@ def _stream(n=6):
 
 def _post(events, at):
     from webhook_receiver import Post
-    return Post("/", {}, json.dumps({"events": events}).encode(), 200, at)
+    return Post("/", {}, json.dumps({"events": events}).encode(), 200, at=at)
 
 
 def test_the_events_checker_passes_what_the_docs_allow():
