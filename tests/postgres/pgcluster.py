@@ -176,6 +176,12 @@ class Cluster:
             for k, v in settings.items():
                 f.write(f"{k} = {v}\n")
 
+    def trust(self, subnet: str) -> None:
+        """Lets clients from `subnet` (besides loopback) in without a
+        password, at the next start or reload."""
+        with open(self.data / "pg_hba.conf", "a") as f:
+            f.write(f"host all all {subnet} trust\n")
+
     def start(self) -> None:
         _as_postgres(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w",
                       "-t", str(START_TIMEOUT_S), "start"])
