@@ -1,5 +1,6 @@
 """A real webhook receiver for the tests: an asyncio HTTP/1.1 server on a
-loopback port, in a thread of its own, that a test turns bad and good:
+loopback port (or the address given), in a thread of its own, that a test
+turns bad and good:
 
     with Receiver(secret) as rx:            # answers 200, on a free port
         rx.mode = "fail"                    # answers 500 (status: rx.fail_status)

@@ -33,10 +33,12 @@ LOCK_CLASS = 0x61636375
 # Each call to the database: one not answered by then is a failure (the
 # caller retries; a role whose session does not answer is given up).
 CURSOR_TIMEOUT_S = 10.0
-# The role's session is found dead by PostgreSQL after this long without
-# an answer from its client: idle 5 s, then 3 probes 2 s apart (the holder
-# checks every WEBHOOK_LEAD_INTERVAL_S, so a live one is never idle that
-# long), or 11 s for data sent and not acknowledged.
+# The role's session is found dead by PostgreSQL 11 s after its client
+# last answered: idle 5 s, then probes 2 s apart (the holder checks every
+# WEBHOOK_LEAD_INTERVAL_S, so a live one is never idle that long), until
+# tcp_user_timeout, which on Linux decides for probes as for data sent
+# and not acknowledged; the probes' count comes to the same, for systems
+# without it.
 ROLE_KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2",
                   "tcp_keepalives_count": "3", "tcp_user_timeout": "11000"}
 

@@ -258,8 +258,8 @@ class Cluster:
 
     # -- use -----------------------------------------------------------------------
 
-    def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{dbname}"
+    def url(self, dbname: str = "postgres", host: str = "127.0.0.1") -> str:
+        return f"postgresql://{PG_USER}@{host}:{self.port}/{dbname}"
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Runs SQL through psql; returns its unaligned output."""

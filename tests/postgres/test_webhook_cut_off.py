@@ -1,6 +1,6 @@
 """The front-end that delivers the webhook, cut off from the network
 (SCALING.md, "Webhooks"): PostgreSQL finds its role session gone through
-that session's TCP keepalive (accman.postgres.cursors.ROLE_KEEPALIVE), not
+that session's TCP settings (accman.postgres.cursors.ROLE_KEEPALIVE), not
 after the kernel's two hours, and the other front-end takes the role and
 delivers every event from the cursor as saved.  Real PostgreSQL, two real
 front-ends (one in a network namespace of its own, whose link is taken
@@ -15,18 +15,30 @@ from webhook_receiver import Receiver, secret_file
 from .netns import namespace
 
 SECRET = b"cut-off-webhook-secret-0123456789"
-ENV = {"ACCMAN_WEBHOOK_LEAD_INTERVAL_S": "0.2", "ACCMAN_WEBHOOK_BACKOFF_BASE_S": "0.02",
-       "ACCMAN_WEBHOOK_BACKOFF_CAP_S": "0.2", "ACCMAN_WEBHOOK_ATTEMPT_TIMEOUT_S": "0.5",
-       "ACCMAN_WEBHOOK_POLL_WAIT_S": "1"}
-# PostgreSQL ends a session whose client has gone silent after its
-# keepalive's idle time and unanswered probes (a reply it sent and never
-# saw acknowledged ends it at tcp_user_timeout, as soon).
-FOUND_GONE_S = (int(ROLE_KEEPALIVE["tcp_keepalives_idle"])
-                + int(ROLE_KEEPALIVE["tcp_keepalives_interval"])
-                * int(ROLE_KEEPALIVE["tcp_keepalives_count"]))
-# Beyond that, for the hand-over (the lead interval) on a loaded machine:
-# far short of the two hours a session without the keepalive holds the role.
-TAKE_OVER_SLACK_S = 20
+# An idle deliverer's round is one wait for events (WEBHOOK_POLL_WAIT_S),
+# then a check of its role, its session queried at most every
+# WEBHOOK_LEAD_INTERVAL_S: short ones, so that the role's session is
+# seldom silent before the cut and the other front-end tries often.
+POLL_WAIT_S = 1.0
+LEAD_S = 0.2
+ENV = {"ACCMAN_WEBHOOK_POLL_WAIT_S": str(POLL_WAIT_S),
+       "ACCMAN_WEBHOOK_LEAD_INTERVAL_S": str(LEAD_S)}
+# PostgreSQL ends a session whose client has not answered for
+# tcp_user_timeout once a keepalive probe is out (Linux: the timeout, when
+# set, decides instead of the probes' count).  The keepalive's own idle
+# time and probes are chosen to come to the same.
+FOUND_GONE_S = int(ROLE_KEEPALIVE["tcp_user_timeout"]) / 1000
+KEEPALIVE_S = (int(ROLE_KEEPALIVE["tcp_keepalives_idle"])
+               + int(ROLE_KEEPALIVE["tcp_keepalives_interval"])
+               * int(ROLE_KEEPALIVE["tcp_keepalives_count"]))
+# Beyond that, for the hand-over on a loaded machine: far short of the two
+# hours a session without those settings keeps the role.
+TAKE_OVER_SLACK_S = 20.0
+# Before it: the role's session was last heard up to a round before the
+# cut, and a second more for the checks' own pace.
+EARLY_SLACK_S = POLL_WAIT_S + LEAD_S + 1.0
+CHARGE_EVERY_S = 0.5        # through the outer front-end, while the role moves
+START_WAIT_S = 30.0
 
 
 def front_end(url, rx, tmp_path, name, ns=None):
@@ -37,6 +49,13 @@ def front_end(url, rx, tmp_path, name, ns=None):
            "--webhook-secret", secret_file(tmp_path, SECRET)]
     return spawn_command(ns.command(cmd) if ns else cmd, tmp_path / f"{name}-log",
                          data=tmp_path / name, env=ENV)
+
+
+def wait_until(cond, what, timeout_s=START_WAIT_S):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.05)
 
 
 def newest_event(srv) -> int:
@@ -57,33 +76,33 @@ def senders(rx) -> set:
 
 
 def test_a_deliverer_cut_off_gives_the_role_up_within_its_keepalive(pg_factory, tmp_path):
+    assert KEEPALIVE_S == FOUND_GONE_S, "ROLE_KEEPALIVE's probes and timeout disagree"
     with namespace() as ns:
         cluster = pg_factory(conf={"listen_addresses": f"'127.0.0.1,{ns.host_addr}'"},
                              start=False)
         cluster.trust(ns.subnet)
         cluster.start()
-        url = cluster.create_database("cut").replace("127.0.0.1", ns.host_addr)
+        cluster.create_database("cut")
+        url = cluster.url("cut", host=ns.host_addr)
         with Receiver(SECRET, host=ns.host_addr) as rx:
-            inner = front_end(url, rx, tmp_path, "inner", ns)       # first: takes the role
+            inner = front_end(url, rx, tmp_path, "inner", ns)
             outer = None
             try:
+                wait_until(lambda: "this front-end delivers now" in inner.stderr(),
+                           "the inner front-end takes the role")
                 outer = front_end(url, rx, tmp_path, "outer")
                 assert outer.mod("cut-a", 10).status == 200
-                rx.wait_for(lambda: rx.max_id() >= newest_event(outer), what="the first events")
-                assert senders(rx) == {ns.inner_addr}       # the inner one holds the role
+                rx.wait_for(lambda: rx.max_id() >= newest_event(outer), what="the first event")
+                assert senders(rx) == {ns.inner_addr}
                 ns.cut()
                 t0 = time.monotonic()
-                deadline = t0 + FOUND_GONE_S + TAKE_OVER_SLACK_S
-                n = 0
                 while ns.host_addr not in senders(rx):
-                    assert time.monotonic() < deadline, "the cut-off session kept the role"
-                    n += 1
-                    assert outer.mod("cut-a", -1, key=f"k{n}").status == 200
-                    time.sleep(0.5)
+                    assert time.monotonic() - t0 < FOUND_GONE_S + TAKE_OVER_SLACK_S, \
+                        "the cut-off session kept the role"
+                    assert outer.mod("cut-a", -1).status == 200
+                    time.sleep(CHARGE_EVERY_S)
                 taken_s = time.monotonic() - t0
-                # Not before PostgreSQL could have found the session gone: the
-                # inner one held the role until then, whatever it could send.
-                assert taken_s >= FOUND_GONE_S - 1, taken_s
+                assert taken_s >= FOUND_GONE_S - EARLY_SLACK_S, taken_s
                 last = newest_event(outer)
                 rx.wait_for(lambda: rx.max_id() >= last, what=f"event {last} acknowledged")
                 acked = {i for p in rx.acked() for i in p.ids}
