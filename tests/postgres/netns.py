@@ -15,21 +15,21 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 
 import pytest
 
+from .pgcluster import claim
+
 # The /24 subnets tried, 198.18.K.0 for K from 1 to SUBNETS_MAX: of the
 # block set aside for tests of network devices (RFC 2544), which no host
-# routes.  Each is claimed for the life of the process that found it (an
-# abstract Unix socket, as tests/postgres/pgcluster.py claims its ports),
-# so that two workers never link two namespaces on one subnet, and what a
-# killed run left on an unclaimed one is its own to remove.
+# routes.  Each is claimed for the life of the process that found it
+# (pgcluster.claim, as the clusters' ports are), so that two workers never
+# link two namespaces on one subnet, and what a killed run left on an
+# unclaimed one is its own to remove.
 SUBNET_PREFIX = "198.18"
 SUBNETS_MAX = 250
-_claims: list[socket.socket] = []
 
 
 def _ip(*args: str, check: bool = True) -> None:
@@ -64,17 +64,6 @@ class Namespace:
         _ip("netns", "del", self.name, check=False)
 
 
-def _claim(k: int) -> bool:
-    claim = socket.socket(socket.AF_UNIX)
-    try:
-        claim.bind(f"\0accman-tests-subnet-{k}")
-    except OSError:
-        claim.close()
-        return False
-    _claims.append(claim)
-    return True
-
-
 def _link(ns: Namespace) -> None:
     _ip("netns", "add", ns.name)
     _ip("link", "add", ns.host_link, "type", "veth", "peer", "name", ns.inner_link)
@@ -94,7 +83,7 @@ def namespace():
     Stop what runs inside it first."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("a network namespace needs root and iproute2's ip (CI runs as root)")
-    k = next((k for k in range(1, SUBNETS_MAX + 1) if _claim(k)), None)
+    k = next((k for k in range(1, SUBNETS_MAX + 1) if claim(f"subnet-{k}")), None)
     if k is None:
         raise RuntimeError(f"no unclaimed subnet in {SUBNET_PREFIX}.1-{SUBNETS_MAX}.0/24")
     ns = Namespace(f"accman-test-{k}", f"{SUBNET_PREFIX}.{k}.1", f"{SUBNET_PREFIX}.{k}.2",

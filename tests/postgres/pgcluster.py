@@ -77,6 +77,24 @@ PORTS_FIRST = 20000
 _claims: list[socket.socket] = []
 
 
+def claim(name: str) -> socket.socket | None:
+    """Claims `name` for the life of this process (tests/postgres/netns.py
+    claims its subnets so too), or None if another process holds it."""
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(f"\0accman-tests-{name}")
+    except OSError:
+        sock.close()
+        return None
+    _claims.append(sock)
+    return sock
+
+
+def release(sock: socket.socket) -> None:
+    _claims.remove(sock)
+    sock.close()
+
+
 def free_port() -> int:
     last = _ephemeral_first() - 1
     span = last - PORTS_FIRST + 1
@@ -86,19 +104,15 @@ def free_port() -> int:
     start = random.randrange(span)
     for k in range(span):
         port = PORTS_FIRST + (start + k) % span
-        claim = socket.socket(socket.AF_UNIX)
-        try:
-            claim.bind(f"\0accman-tests-port-{port}")
-        except OSError:
-            claim.close()
+        held = claim(f"port-{port}")
+        if held is None:
             continue                # claimed by another test process
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
-                claim.close()
+                release(held)
                 continue            # taken by another program
-        _claims.append(claim)
         return port
     raise RuntimeError(f"no free port in {PORTS_FIRST}..{last}")
 
