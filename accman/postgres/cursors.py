@@ -8,11 +8,11 @@ the home for that cursor, on a connection of its own.  The role goes with
 that session, and PostgreSQL releases the lock when the session ends:
 at once when the holder stops or its process dies (its socket closes);
 within about 11 s when its host dies or the network between is cut
-(the session's TCP keepalive, set short here: an idle session's client is
-otherwise found gone after two hours).  Another front-end then takes the
-role within WEBHOOK_LEAD_INTERVAL_S and goes on from the cursor as the
-last holder saved it.  So while the role stays put each event is
-delivered once, and across a hand-over at least once.
+(the TCP keepalive every session of a store has: connecting.KEEPALIVE).
+Another front-end then takes the role within WEBHOOK_LEAD_INTERVAL_S and
+goes on from the cursor as the last holder saved it.  So while the role
+stays put each event is delivered once, and across a hand-over at least
+once.
 
 A holder learns that it lost the role at its next check (`lead` returns
 False once, even if the lock is free to take again at once), so that it
@@ -33,14 +33,6 @@ LOCK_CLASS = 0x61636375
 # Each call to the database: one not answered by then is a failure (the
 # caller retries; a role whose session does not answer is given up).
 CURSOR_TIMEOUT_S = 10.0
-# The role's session is found dead by PostgreSQL 11 s after its client
-# last answered: idle 5 s, then probes 2 s apart (the holder checks every
-# WEBHOOK_LEAD_INTERVAL_S, so a live one is never idle that long), until
-# tcp_user_timeout, which on Linux decides for probes as for data sent
-# and not acknowledged; the probes' count comes to the same, for systems
-# without it.
-ROLE_KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2",
-                  "tcp_keepalives_count": "3", "tcp_user_timeout": "11000"}
 
 _LOAD_SQL = "SELECT value FROM accman_cursors WHERE name = $1"
 _SAVE_SQL = ("INSERT INTO accman_cursors VALUES ($1, $2) ON CONFLICT (name) "
@@ -120,7 +112,7 @@ class PgCursors:
         try:
             if conn is None:
                 from accman.postgres.connecting import connect
-                conn = self._conns[name] = await connect(self.store.home.url, ROLE_KEEPALIVE,
+                conn = self._conns[name] = await connect(self.store.home.url,
                                                          said=self.store.service_said)
             if self._leading.get(name):
                 await conn.fetchval("SELECT 1", timeout=CURSOR_TIMEOUT_S)

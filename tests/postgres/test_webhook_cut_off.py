@@ -1,14 +1,15 @@
 """The front-end that delivers the webhook, cut off from the network
 (SCALING.md, "Webhooks"): PostgreSQL finds its role session gone through
-that session's TCP settings (accman.postgres.cursors.ROLE_KEEPALIVE), not
+the sessions' TCP settings (accman.postgres.connecting.KEEPALIVE), not
 after the kernel's two hours, and the other front-end takes the role and
-delivers every event from the cursor as saved.  Real PostgreSQL, two real
+delivers every event from the cursor as saved; every other session of the
+cut-off front-end goes as soon, its slot of max_connections with it.  Real PostgreSQL, two real
 front-ends (one in a network namespace of its own, whose link is taken
 down mid-run: tests/postgres/netns.py), a real receiver."""
 
 import time
 
-from accman.postgres.cursors import ROLE_KEEPALIVE
+from accman.postgres.connecting import KEEPALIVE
 from conftest import PYTHON, request_bytes, spawn_command
 from webhook_receiver import Receiver, secret_file
 
@@ -27,16 +28,17 @@ ENV = {"ACCMAN_WEBHOOK_POLL_WAIT_S": str(POLL_WAIT_S),
 # tcp_user_timeout once a keepalive probe is out (Linux: the timeout, when
 # set, decides instead of the probes' count).  The keepalive's own idle
 # time and probes are chosen to come to the same.
-FOUND_GONE_S = int(ROLE_KEEPALIVE["tcp_user_timeout"]) / 1000
-KEEPALIVE_S = (int(ROLE_KEEPALIVE["tcp_keepalives_idle"])
-               + int(ROLE_KEEPALIVE["tcp_keepalives_interval"])
-               * int(ROLE_KEEPALIVE["tcp_keepalives_count"]))
+FOUND_GONE_S = int(KEEPALIVE["tcp_user_timeout"]) / 1000
+KEEPALIVE_S = (int(KEEPALIVE["tcp_keepalives_idle"])
+               + int(KEEPALIVE["tcp_keepalives_interval"])
+               * int(KEEPALIVE["tcp_keepalives_count"]))
 # Beyond that, for the hand-over on a loaded machine: far short of the two
 # hours a session without those settings keeps the role.
 TAKE_OVER_SLACK_S = 20.0
 # Before it: the role's session was last heard up to a round before the
 # cut, and a second more for the checks' own pace.
 EARLY_SLACK_S = POLL_WAIT_S + LEAD_S + 1.0
+SESSIONS_MIN = 3
 CHARGE_EVERY_S = 0.5        # through the outer front-end, while the role moves
 START_WAIT_S = 30.0
 
@@ -70,13 +72,20 @@ def newest_event(srv) -> int:
             after = page["next"]
 
 
+def sessions_from(cluster, addr: str) -> int:
+    """How many of `cluster`'s sessions have their client at `addr`."""
+    return int(cluster.psql("SELECT count(*) FROM pg_stat_activity "
+                            f"WHERE client_addr = '{addr}'"))
+
+
 def senders(rx) -> set:
     """The addresses the receiver's acknowledged POSTs came from."""
     return {p.peer for p in rx.acked()}
 
 
-def test_a_deliverer_cut_off_gives_the_role_up_within_its_keepalive(pg_factory, tmp_path):
-    assert KEEPALIVE_S == FOUND_GONE_S, "ROLE_KEEPALIVE's probes and timeout disagree"
+def test_a_front_end_cut_off_gives_its_role_and_sessions_up_within_the_keepalive(
+        pg_factory, tmp_path):
+    assert KEEPALIVE_S == FOUND_GONE_S, "KEEPALIVE's probes and timeout disagree"
     with namespace() as ns:
         cluster = pg_factory(conf={"listen_addresses": f"'127.0.0.1,{ns.host_addr}'"},
                              start=False)
@@ -94,6 +103,9 @@ def test_a_deliverer_cut_off_gives_the_role_up_within_its_keepalive(pg_factory, 
                 assert outer.mod("cut-a", 10).status == 200
                 rx.wait_for(lambda: rx.max_id() >= newest_event(outer), what="the first event")
                 assert senders(rx) == {ns.inner_addr}
+                # Its writer, listener and role at least: the count below
+                # must have something to fall from.
+                assert sessions_from(cluster, ns.inner_addr) >= SESSIONS_MIN
                 ns.cut()
                 t0 = time.monotonic()
                 while ns.host_addr not in senders(rx):
@@ -108,6 +120,13 @@ def test_a_deliverer_cut_off_gives_the_role_up_within_its_keepalive(pg_factory, 
                 acked = {i for p in rx.acked() for i in p.ids}
                 assert acked == set(range(1, last + 1)), sorted(set(range(1, last + 1)) - acked)
                 assert all(p.valid(SECRET) for p in rx.snapshot())
+                # Idle ones found by their probes, the listener (sent
+                # notifications the cut link never acknowledges) by
+                # tcp_user_timeout: none waits for the kernel's two hours.
+                while (left := sessions_from(cluster, ns.inner_addr)) > 0:
+                    assert time.monotonic() - t0 < FOUND_GONE_S + TAKE_OVER_SLACK_S, \
+                        f"{left} sessions of the cut-off front-end stayed"
+                    time.sleep(CHARGE_EVERY_S)
             finally:
                 inner.kill()
                 if outer is not None:

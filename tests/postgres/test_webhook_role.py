@@ -15,6 +15,7 @@ import pytest
 
 from accman.errors import StoreError
 from accman.postgres import cursors as cursors_module
+from accman.postgres.connecting import KEEPALIVE
 from accman.server.cursors import FileCursors
 from accman.server.settings import ServerLimits
 from accman.server.webhook_http import parse_url
@@ -105,7 +106,7 @@ def test_one_front_end_holds_the_role_until_its_session_goes(pg_url):
             assert await a.cursors.lead("webhook", LEAD_S)          # held: no query
             # Its session's client is found gone within ~11 s, not 2 hours.
             role = a.cursors._conns["webhook"]
-            for setting, value in cursors_module.ROLE_KEEPALIVE.items():
+            for setting, value in KEEPALIVE.items():
                 assert await role.fetchval(f"SHOW {setting}") in (value, value + "ms")
             assert await b.cursors.lead("other", LEAD_S)            # one role per cursor
             # Its session killed from the server's side: the role is free,
