@@ -14,7 +14,11 @@ from conftest import patch, request_bytes
 
 FUNDING = 10 ** 9
 AMOUNT = 7          # every hold's
-TTL_S = 3           # room to make the crowd, and settle some, on a busy machine
+TTL_S = 5           # room to make the crowd, and settle some, on a busy machine
+# What a test does once the crowd is made (settles sent "long before the
+# ttl", front-ends stopped before it) needs it still open: a crowd whose
+# making took the ttl less this is said so, not found as holds ended early.
+OPEN_AFTER_MAKING_S = 1.0
 
 
 def get_json(c, target):
@@ -61,7 +65,11 @@ def make_crowd(srv, creds, per_account, via=(), ttl_s=TTL_S):
         for cred, r in zip(order, replies, strict=True):
             holds.setdefault(cred, []).append(r.json["hold"])
 
+    began = time.monotonic()
     in_threads(make, groups)
+    took_s = time.monotonic() - began
+    assert took_s < ttl_s - OPEN_AFTER_MAKING_S, \
+        f"the crowd took {took_s:.1f} s to make, too near its ttl of {ttl_s} s"
     assert sorted(holds) == sorted(creds)
     return holds
 
