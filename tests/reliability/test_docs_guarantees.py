@@ -5,6 +5,7 @@ nobody wrote down.  Both are checked here, by reading the files (no import:
 the modules run nothing)."""
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ DOC = ROOT / "docs" / "GUARANTEES.md"
 NAMED = re.compile(r"`?(tests/[\w/]+\.py)::(\w+)`?")
 
 
+@functools.cache
 def top_level_names(path):
     tree = ast.parse(path.read_text())
     names = set()
