@@ -283,6 +283,12 @@ class Cluster:
              "-c", sql], check=True, capture_output=True, text=True)
         return out.stdout.strip()
 
+    def sessions_from(self, addr: str, where: str = "true") -> int:
+        """How many of this server's sessions have their client at `addr`
+        and match `where` (SQL over pg_stat_activity)."""
+        return int(self.psql("SELECT count(*) FROM pg_stat_activity "
+                             f"WHERE client_addr = '{addr}' AND {where}"))
+
     def create_database(self, dbname: str) -> str:
         self.psql(f'CREATE DATABASE "{dbname}"')
         return self.url(dbname)
@@ -301,3 +307,55 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.destroy()
+
+
+class CounterLock:
+    """A transaction of the test's own, in psql, holding the lock of the
+    counter row of the store in `dbname` on `pg`: every write batch takes
+    that lock last, so batches wait in the database as they would for a
+    stalled disk (reads do not: they take no lock).  `with lock:` holds it
+    for the block."""
+
+    def __init__(self, pg: Cluster, dbname: str):
+        self.pg = pg
+        self.dbname = dbname
+        self.psql = None
+        self.holder_pid = None
+
+    def hold(self) -> None:
+        assert self.psql is None, "already held"
+        self.psql = subprocess.Popen(
+            [str(pg_bin() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", PG_USER, "-d", self.dbname],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.psql.stdin.write("BEGIN;\nSELECT pg_backend_pid();\n"
+                              "SELECT 1 FROM accman_counter FOR UPDATE;\n\\echo held\n")
+        self.psql.stdin.flush()
+        self.holder_pid = int(self.psql.stdout.readline())
+        lines = [self.psql.stdout.readline().strip() for _ in range(2)]
+        assert lines == ["1", "held"], lines
+
+    def release(self) -> None:
+        if self.psql is None:
+            return
+        self.psql.stdin.write("COMMIT;\n")
+        self.psql.stdin.close()
+        self.psql.wait(10)
+        self.psql = None
+
+    def wait_holding(self, timeout_s: float = 10.0) -> None:
+        """Until a write batch waits for the held lock."""
+        deadline = time.monotonic() + timeout_s
+        sql = (f"SELECT count(*) FROM pg_stat_activity "
+               f"WHERE {self.holder_pid} = ANY(pg_blocking_pids(pid))")
+        while self.pg.psql(sql, self.dbname) == "0":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no commit was held within {timeout_s} s")
+            time.sleep(0.01)
+
+    def __enter__(self) -> "CounterLock":
+        self.hold()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

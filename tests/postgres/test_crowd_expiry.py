@@ -24,13 +24,12 @@ next part.
 
 import contextlib
 import signal
-import subprocess
 import time
 
 from conftest import PYTHON, spawn_command
 
 from crowd import check_books, make_crowd, wait_all_ended
-from .pgcluster import PG_USER, pg_bin
+from .pgcluster import CounterLock
 
 ACCOUNTS = 200
 PER_ACCOUNT = 20            # 4,000 holds
@@ -50,26 +49,6 @@ def front_ends(url, tmp_path):
                            "--store", f"{url}?application_name=fe{i}"],
                           tmp_path / f"log{i}", data=tmp_path / f"d{i}")
             for i in range(2)]
-
-
-@contextlib.contextmanager
-def counter_held(pg, dbname):
-    """The counter row locked (FOR UPDATE) by a psql session of the test's
-    while the block runs: every write transaction waits for it at its end,
-    reads do not."""
-    psql = subprocess.Popen(
-        [str(pg_bin() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-         "-h", "127.0.0.1", "-p", str(pg.port), "-U", PG_USER, "-d", dbname],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        psql.stdin.write("BEGIN;\nSELECT 1 FROM accman_counter FOR UPDATE;\n\\echo held\n")
-        psql.stdin.flush()
-        assert [psql.stdout.readline().strip() for _ in range(2)] == ["1", "held"]
-        yield
-    finally:
-        psql.stdin.write("COMMIT;\n")
-        psql.stdin.close()
-        psql.wait(10)
 
 
 def wait_both_expiring(pg, dbname, timeout_s=10.0):
@@ -97,7 +76,7 @@ def both_expiring(pg, dbname, fes):
         assert time.time() * 1000 < first_ms, \
             "the crowd fell due before both front-ends were stopped: made slower than TTL_S"
         time.sleep(max(0.0, last_ms / 1000 + 0.1 - time.time()))
-        with counter_held(pg, dbname):
+        with CounterLock(pg, dbname):
             for fe in fes:
                 fe.send_signal(signal.SIGCONT)
             wait_both_expiring(pg, dbname)

@@ -23,7 +23,7 @@ the store is AccMan's own Store with `write` wrapped.
 
 With --store it serves that PostgreSQL store with the bounds given, and the
 control directory is not read: a test holds that store's commits from the
-database itself (relhelp.PgControl locks the counter row every batch
+database itself (pgcluster.CounterLock locks the counter row every batch
 takes last, as a stalled database would).
 """
 

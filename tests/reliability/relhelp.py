@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, Conn, ServerProc, request_bytes, spawn_command
+from postgres.pgcluster import CounterLock
 
 HERE = Path(__file__).resolve().parent
 CONTROLLED_SERVE = HERE / "controlled_serve.py"
@@ -64,51 +65,6 @@ class Control:
             time.sleep(0.005)
 
 
-class PgControl:
-    """Control's hold and release for a server on a PostgreSQL store: a
-    transaction of the test's own holds the lock of the counter row, which
-    every write batch takes last, so that batches wait in the database as
-    they would for a stalled disk (reads do not: they take no lock)."""
-
-    def __init__(self, store, data):
-        self.pg = store.pg
-        self.dbname = store.dbname(data)
-        self.psql = None
-        self.holder_pid = None
-
-    def hold(self):
-        assert self.psql is None, "already held"
-        from postgres.pgcluster import PG_USER, pg_bin
-        self.psql = subprocess.Popen(
-            [str(pg_bin() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-             "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", PG_USER, "-d", self.dbname],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.psql.stdin.write("BEGIN;\nSELECT pg_backend_pid();\n"
-                              "SELECT 1 FROM accman_counter FOR UPDATE;\n\\echo held\n")
-        self.psql.stdin.flush()
-        self.holder_pid = int(self.psql.stdout.readline())
-        lines = [self.psql.stdout.readline().strip() for _ in range(2)]
-        assert lines == ["1", "held"], lines
-
-    def release(self):
-        if self.psql is None:
-            return
-        self.psql.stdin.write("COMMIT;\n")
-        self.psql.stdin.close()
-        self.psql.wait(10)
-        self.psql = None
-
-    def wait_holding(self, timeout_s=10.0):
-        """Until a write batch waits for the held lock."""
-        deadline = time.monotonic() + timeout_s
-        sql = (f"SELECT count(*) FROM pg_stat_activity "
-               f"WHERE {self.holder_pid} = ANY(pg_blocking_pids(pid))")
-        while self.pg.psql(sql, self.dbname) == "0":
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no commit was held within {timeout_s} s")
-            time.sleep(0.01)
-
-
 def spawn_controlled(data, log_dir, control, *, port=0, env=None,
                      batch_mods_max=None, queued_mods_max=None, store=None) -> ServerProc:
     """controlled_serve.py on `data`; on a PostgreSQL `store` (a conftest
@@ -130,7 +86,7 @@ def spawn_controlled(data, log_dir, control, *, port=0, env=None,
 def controlled(tmp_path, server_store):
     """start(data=None, env=None, **kw) -> (server, Control): a
     controlled_serve.py server whose commits can be held (on PostgreSQL, in
-    the database: PgControl), on the test's store.  `data` names its data
+    the database: pgcluster.CounterLock), on the test's store.  `data` names its data
     directory under tmp_path (a new one each start when not given; the same
     name again reopens it); `kw` as spawn_controlled's.  Every server is
     killed, its commits released, at teardown.  A test module imports it."""
@@ -143,7 +99,7 @@ def controlled(tmp_path, server_store):
         srv = spawn_controlled(path, tmp_path / f"log{n}", control, env=env,
                                store=server_store, **kw)
         if not server_store.embedded:
-            control = PgControl(server_store, path)
+            control = CounterLock(server_store.pg, server_store.dbname(path))
         started.append((srv, control))
         return srv, control
 
