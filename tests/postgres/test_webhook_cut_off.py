@@ -72,12 +72,6 @@ def newest_event(srv) -> int:
             after = page["next"]
 
 
-def sessions_from(cluster, addr: str) -> int:
-    """How many of `cluster`'s sessions have their client at `addr`."""
-    return int(cluster.psql("SELECT count(*) FROM pg_stat_activity "
-                            f"WHERE client_addr = '{addr}'"))
-
-
 def senders(rx) -> set:
     """The addresses the receiver's acknowledged POSTs came from."""
     return {p.peer for p in rx.acked()}
@@ -105,7 +99,7 @@ def test_a_front_end_cut_off_gives_its_role_and_sessions_up_within_the_keepalive
                 assert senders(rx) == {ns.inner_addr}
                 # Its writer, listener and role at least: the count below
                 # must have something to fall from.
-                assert sessions_from(cluster, ns.inner_addr) >= SESSIONS_MIN
+                assert cluster.sessions_from(ns.inner_addr) >= SESSIONS_MIN
                 ns.cut()
                 t0 = time.monotonic()
                 while ns.host_addr not in senders(rx):
@@ -123,7 +117,7 @@ def test_a_front_end_cut_off_gives_its_role_and_sessions_up_within_the_keepalive
                 # Idle ones found by their probes, the listener (sent
                 # notifications the cut link never acknowledges) by
                 # tcp_user_timeout: none waits for the kernel's two hours.
-                while (left := sessions_from(cluster, ns.inner_addr)) > 0:
+                while (left := cluster.sessions_from(ns.inner_addr)) > 0:
                     assert time.monotonic() - t0 < FOUND_GONE_S + TAKE_OVER_SLACK_S, \
                         f"{left} sessions of the cut-off front-end stayed"
                     time.sleep(CHARGE_EVERY_S)

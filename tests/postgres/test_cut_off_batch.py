@@ -1,0 +1,102 @@
+"""A front-end cut off from PostgreSQL with a batch in flight (SCALING.md,
+"Failover"; SPEC "Durability and order"): the batch reached the database
+and commits there after the cut, its reply lost on the way back.  The
+front-end answers its caller 503 unavailable, its outcome unknown, at
+COMMIT_TIMEOUT_S: never 200, never "not applied".  The same mod sent
+again with its key through another front-end gets the first reply and is
+applied once; and the cut-off session, whose reply is never acknowledged,
+leaves the database within the sessions' keepalive
+(accman.postgres.connecting.KEEPALIVE).  Real PostgreSQL, two real
+front-ends (one in a network namespace of its own whose link is taken
+down: tests/postgres/netns.py), a real client beside the cut-off one."""
+
+import json
+import subprocess
+import time
+
+from accman.postgres.connecting import KEEPALIVE
+from conftest import PYTHON, parse_responses, spawn_command
+
+from .netns import namespace
+from .pgcluster import CounterLock
+
+# The cut-off front-end gives a commit up after this long (its own
+# COMMIT_TIMEOUT_S, 10 s in production), for a shorter test.
+COMMIT_TIMEOUT_S = 2.0
+SERVE = ("import sys; from accman.postgres import committing; "
+         "committing.COMMIT_TIMEOUT_S = float(sys.argv[1]); "
+         "from accman.cli import main; sys.exit(main(sys.argv[2:]))")
+# One request from inside the namespace, to the front-end there; its reply
+# as read to the connection's end.
+CLIENT = ("import socket, sys\n"
+          "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 60)\n"
+          "s.sendall(b'PATCH ' + sys.argv[2].encode() + b' HTTP/1.1\\r\\nHost: localhost\\r\\n'\n"
+          "          b'Connection: close\\r\\n\\r\\n')\n"
+          "got = b''\n"
+          "while chunk := s.recv(65536):\n"
+          "    got += chunk\n"
+          "sys.stdout.buffer.write(got)\n")
+FOUND_GONE_S = int(KEEPALIVE["tcp_user_timeout"]) / 1000
+SLACK_S = 20.0              # for a loaded machine
+FUNDS = 100
+KEY = "cut-k1"
+
+
+def front_end(url, tmp_path, name, ns=None):
+    """`accman serve` on the store at `url`, COMMIT_TIMEOUT_S its
+    commits' deadline (inside `ns` when given), once it serves."""
+    cmd = [PYTHON, "-c", SERVE, str(COMMIT_TIMEOUT_S), "serve", "--host", "127.0.0.1",
+           "--port", "0", "--data", tmp_path / name, "--store", url]
+    return spawn_command(ns.command(cmd) if ns else cmd, tmp_path / f"{name}-log",
+                         data=tmp_path / name)
+
+
+def test_a_batch_cut_off_mid_commit_is_unknown_and_its_key_replays_it(pg_factory, tmp_path):
+    with namespace() as ns:
+        pg = pg_factory(conf={"listen_addresses": f"'127.0.0.1,{ns.host_addr}'"}, start=False)
+        pg.trust(ns.subnet)
+        pg.start()
+        pg.create_database("cutb")
+        url = pg.url("cutb", host=ns.host_addr)
+        inner = outer = client = None
+        try:
+            inner = front_end(url, tmp_path, "inner", ns)
+            outer = front_end(url, tmp_path, "outer")
+            assert outer.mod("cb", FUNDS).json == {"tot": FUNDS, "seq": 1}
+            with CounterLock(pg, "cutb") as lock:
+                client = subprocess.Popen(
+                    ns.command([PYTHON, "-c", CLIENT, inner.port,
+                                f"/mod?cred=cb&by=-1&key={KEY}"]),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                lock.wait_holding()
+                # The batch is in the database, waiting for the lock.
+                assert pg.sessions_from(ns.inner_addr, "wait_event_type = 'Lock'") == 1
+                ns.cut()
+                t0 = time.monotonic()
+            # The lock let go: the batch commits, its reply lost in the cut.
+            out, err = client.communicate(timeout=COMMIT_TIMEOUT_S + SLACK_S)
+            (reply,) = parse_responses(out)
+            assert reply.status == 503, (reply, err)
+            doc = json.loads(reply.body)
+            assert doc["error"] == "unavailable", doc
+            assert "may have been applied" in doc["detail"], doc
+            # It was applied, and once: the key gives the first reply, and
+            # the history has the one charge.
+            deadline = time.monotonic() + SLACK_S
+            while outer.tot("cb") != FUNDS - 1:
+                assert time.monotonic() < deadline, "the cut-off batch did not commit"
+                time.sleep(0.1)
+            again = outer.mod("cb", -1, key=KEY)
+            assert again.status == 200 and again.json == {"tot": FUNDS - 1, "seq": 2}, again
+            past = outer.get("/past?cred=cb").json
+            assert [e["by"] for e in past["past"]] == [-1, FUNDS], past
+            while (left := pg.sessions_from(ns.inner_addr)) > 0:
+                assert time.monotonic() - t0 < FOUND_GONE_S + SLACK_S, \
+                    f"{left} sessions of the cut-off front-end stayed"
+                time.sleep(0.5)
+        finally:
+            if client is not None and client.poll() is None:
+                client.kill()
+            for fe in (inner, outer):
+                if fe is not None:
+                    fe.kill()
