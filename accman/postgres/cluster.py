@@ -39,9 +39,9 @@ READ_POOL_CONNECTIONS_MAX = READ_BATCHES_MAX + 1
 # list is computed.
 _APPLY_SQL = ("SELECT a.*, nullif(current_setting('accman.changes', true), '')::bigint "
               "FROM accman_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) AS a")
-# In a statement or a transaction: an idle one holds no lock, and may wait
-# hours for its dead socket's keepalive (and with track_activities off every
-# state reads 'disabled': not waited for).
+# In a statement or a transaction: an idle one holds no lock, and ends once
+# its client is found gone (connecting.KEEPALIVE; and with track_activities
+# off every state reads 'disabled': not waited for).
 _RUNNING_SQL = ("SELECT count(*) FROM pg_stat_activity a JOIN unnest($1::int[], "
                 "$2::timestamptz[]) AS b(pid, started) ON a.pid = b.pid "
                 "AND a.backend_start = b.started WHERE a.state IN "
@@ -224,6 +224,13 @@ class Cluster:
             # Its connects end at CONNECT_TIMEOUT_S, not the driver's 60 s, on each
             # host of the URL, the next tried beside one that does not answer
             # (connect_each_host).
+            if self.pool is not None:
+                # A reconnection: the pool's connections made before the
+                # loss may have been ended by the database meanwhile (its
+                # keepalive finds a client cut off for 11 s gone), their
+                # ends not told across the cut, and each would fail one
+                # read: each is closed and made anew at its next use.
+                await self.pool.expire_connections()
             self.pool = self.pool or await asyncpg.create_pool(
                 self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
                 timeout=CONNECT_TIMEOUT_S, reset=no_reset,

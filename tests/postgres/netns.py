@@ -8,6 +8,7 @@ mount a small file system do: tests/reliability/test_storage_faults.py).
         cmd = ns.command([PYTHON, "-m", "accman", "serve", ...])   # runs inside
         ...                     # the inside reaches ns.host_addr, and is reached at ns.inner_addr
         ns.cut()                # nothing passes the link any more
+        ns.mend()               # and again it does
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class Namespace:
         """The link goes down inside the namespace: nothing passes it from
         now on, and no socket on either side is told."""
         _ip("netns", "exec", self.name, "ip", "link", "set", self.inner_link, "down")
+
+    def mend(self) -> None:
+        """The link up again inside the namespace: what `cut` took down."""
+        _ip("netns", "exec", self.name, "ip", "link", "set", self.inner_link, "up")
 
     def remove(self) -> None:
         """The link (the pair goes with either end) and the namespace's

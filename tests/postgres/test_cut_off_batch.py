@@ -4,11 +4,13 @@ and commits there after the cut, its reply lost on the way back.  The
 front-end answers its caller 503 unavailable, its outcome unknown, at
 COMMIT_TIMEOUT_S: never 200, never "not applied".  The same mod sent
 again with its key through another front-end gets the first reply and is
-applied once; and the cut-off session, whose reply is never acknowledged,
-leaves the database within the sessions' keepalive
-(accman.postgres.connecting.KEEPALIVE).  Real PostgreSQL, two real
-front-ends (one in a network namespace of its own whose link is taken
-down: tests/postgres/netns.py), a real client beside the cut-off one."""
+applied once; and the cut-off sessions, the writer's reply never
+acknowledged, leave the database within the sessions' keepalive
+(accman.postgres.connecting.KEEPALIVE).  Once the link is back, the
+front-end reconnects by itself and answers its reads and writes, none of
+them on a session the database ended meanwhile.  Real PostgreSQL, two
+real front-ends (one in a network namespace of its own whose link is
+taken down: tests/postgres/netns.py), real clients inside it."""
 
 import json
 import subprocess
@@ -30,8 +32,8 @@ SERVE = ("import sys; from accman.postgres import committing; "
 # as read to the connection's end.
 CLIENT = ("import socket, sys\n"
           "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 60)\n"
-          "s.sendall(b'PATCH ' + sys.argv[2].encode() + b' HTTP/1.1\\r\\nHost: localhost\\r\\n'\n"
-          "          b'Connection: close\\r\\n\\r\\n')\n"
+          "s.sendall(sys.argv[2].encode() + b' ' + sys.argv[3].encode()\n"
+          "          + b' HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n')\n"
           "got = b''\n"
           "while chunk := s.recv(65536):\n"
           "    got += chunk\n"
@@ -39,6 +41,10 @@ CLIENT = ("import socket, sys\n"
 FOUND_GONE_S = int(KEEPALIVE["tcp_user_timeout"]) / 1000
 SLACK_S = 20.0              # for a loaded machine
 FUNDS = 100
+# Reads through the front-end's read pool, at once before the cut (so that
+# the pool holds connections then) and one by one once the link is back:
+# more than READ_POOL_CONNECTIONS_MAX, so that each connection it held is met.
+READS_AFTER = ["/tot?cred=cb", "/past?cred=cb", "/events?after=0&limit=1"] * 3
 KEY = "cut-k1"
 
 
@@ -49,6 +55,20 @@ def front_end(url, tmp_path, name, ns=None):
            "--port", "0", "--data", tmp_path / name, "--store", url]
     return spawn_command(ns.command(cmd) if ns else cmd, tmp_path / f"{name}-log",
                          data=tmp_path / name)
+
+
+def inside(ns, srv, method: str, target: str) -> subprocess.Popen:
+    """CLIENT run inside `ns` against `srv` (a front-end there)."""
+    return subprocess.Popen(ns.command([PYTHON, "-c", CLIENT, srv.port, method, target]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def answer(client: subprocess.Popen, timeout_s: float = SLACK_S):
+    """The one reply `client` (inside's) got."""
+    out, err = client.communicate(timeout=timeout_s)
+    replies = parse_responses(out)
+    assert len(replies) == 1, (out, err)
+    return replies[0]
 
 
 def test_a_batch_cut_off_mid_commit_is_unknown_and_its_key_replays_it(pg_factory, tmp_path):
@@ -63,20 +83,20 @@ def test_a_batch_cut_off_mid_commit_is_unknown_and_its_key_replays_it(pg_factory
             inner = front_end(url, tmp_path, "inner", ns)
             outer = front_end(url, tmp_path, "outer")
             assert outer.mod("cb", FUNDS).json == {"tot": FUNDS, "seq": 1}
+            # Reads at once, so that the read pool holds connections when
+            # the link goes down.
+            for reply in map(answer, [inside(ns, inner, "GET", t) for t in READS_AFTER]):
+                assert reply.status == 200, reply
             with CounterLock(pg, "cutb") as lock:
-                client = subprocess.Popen(
-                    ns.command([PYTHON, "-c", CLIENT, inner.port,
-                                f"/mod?cred=cb&by=-1&key={KEY}"]),
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                client = inside(ns, inner, "PATCH", f"/mod?cred=cb&by=-1&key={KEY}")
                 lock.wait_holding()
                 # The batch is in the database, waiting for the lock.
                 assert pg.sessions_from(ns.inner_addr, "wait_event_type = 'Lock'") == 1
                 ns.cut()
                 t0 = time.monotonic()
             # The lock let go: the batch commits, its reply lost in the cut.
-            out, err = client.communicate(timeout=COMMIT_TIMEOUT_S + SLACK_S)
-            (reply,) = parse_responses(out)
-            assert reply.status == 503, (reply, err)
+            reply = answer(client, COMMIT_TIMEOUT_S + SLACK_S)
+            assert reply.status == 503, reply
             doc = json.loads(reply.body)
             assert doc["error"] == "unavailable", doc
             assert "may have been applied" in doc["detail"], doc
@@ -94,6 +114,23 @@ def test_a_batch_cut_off_mid_commit_is_unknown_and_its_key_replays_it(pg_factory
                 assert time.monotonic() - t0 < FOUND_GONE_S + SLACK_S, \
                     f"{left} sessions of the cut-off front-end stayed"
                 time.sleep(0.5)
+            # The link back: the front-end takes writes again by itself, and
+            # its reads are answered, none on a session ended in the cut.
+            ns.mend()
+            deadline = time.monotonic() + SLACK_S
+            while answer(inside(ns, inner, "GET", "/health")).status != 200:
+                assert time.monotonic() < deadline, "the front-end did not come back"
+                time.sleep(0.2)
+            for target in READS_AFTER:
+                reply = answer(inside(ns, inner, "GET", target))
+                assert reply.status == 200, (target, reply, inner.stderr())
+            assert json.loads(answer(inside(ns, inner, "GET", "/tot?cred=cb")).body) == \
+                {"tot": FUNDS - 1}
+            assert answer(inside(ns, inner, "PATCH", "/mod?cred=cb&by=-1")).status == 200
+            # The connections closed as stale said nothing of their own.
+            assert inner.stop() == 0
+            assert "Traceback" not in inner.stderr() and "exception" not in inner.stderr(), \
+                inner.stderr()
         finally:
             if client is not None and client.poll() is None:
                 client.kill()
