@@ -47,20 +47,26 @@ CONNECT_TIMEOUT_S = 10.0
 # the commit: read as the next batch's error, that batch would be told
 # not_applied while the database went on to commit it.
 #
-# And PostgreSQL finds a session's client gone 11 s after that client last
-# answered (KEEPALIVE), not after the kernel's two hours: a front-end whose
-# host dies or whose network is cut leaves its sessions idle on the
-# server, each holding a slot of max_connections, and the webhook's role
-# (cursors.py) is a session's advisory lock.  A front-end that blips and
-# reconnects would otherwise leave five or so dead sessions a cluster each
-# time, until the slots run out for every front-end.  Idle 5 s, then probes
-# 2 s apart, until tcp_user_timeout, which on Linux decides for probes as
-# for data sent and not acknowledged (a listener's notifications to a
-# client cut off); the probes' count comes to the same, for systems
-# without it.  A live front-end's kernel answers the probes whatever its
-# loop does, and gives up a call not answered within COMMIT_TIMEOUT_S (10
-# s) itself; a commit waiting for its synchronous standby reads and writes
-# nothing on its socket, so a client found gone does not end that wait.
+# And PostgreSQL finds a session's client gone about 11 s after that
+# client last answered (KEEPALIVE), not after the kernel's two hours: a
+# front-end whose host dies, or that is cut off for longer than its
+# kernel retransmits the closes it makes meanwhile (a couple of minutes),
+# or whose address changes, otherwise leaves its sessions on the server,
+# each holding a slot of max_connections until the slots run out for
+# every front-end; and the webhook's role (cursors.py) is a session's
+# advisory lock.  Idle 5 s, then probes 2 s apart, until tcp_user_timeout,
+# which on Linux decides for probes as for data sent and not acknowledged
+# (a listener's notifications to a client cut off: 11 s from the first
+# one sent) and for a zero window; the probes' count comes to the same,
+# for systems without it.  A live front-end's kernel answers the probes
+# whatever its loop does; only a loop stalled for 11 s with a session's
+# receive buffer full loses that session (the listener is made again,
+# EventReader._closed; a writer's call gives up at COMMIT_TIMEOUT_S, 10 s,
+# itself).  A backend in a statement, waiting for a lock or for its
+# synchronous standby, reads and writes nothing on its socket: a client
+# found gone does not end that wait (its slot is kept until it ends).
+# Sessions a cut ended are not told to the front-end: it makes its pool's
+# connections anew once it reconnects (Cluster.connect).
 KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2",
              "tcp_keepalives_count": "3", "tcp_user_timeout": "11000"}
 SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",

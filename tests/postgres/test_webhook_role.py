@@ -105,9 +105,14 @@ def test_one_front_end_holds_the_role_until_its_session_goes(pg_url):
             assert not await b.cursors.lead("webhook", LEAD_S)
             assert await a.cursors.lead("webhook", LEAD_S)          # held: no query
             # Its session's client is found gone within ~11 s, not 2 hours.
+            # So is every other session of the store's: the writer's, the
+            # read pool's and the listener's (connecting.SESSION_SETTINGS).
             role = a.cursors._conns["webhook"]
-            for setting, value in KEEPALIVE.items():
-                assert await role.fetchval(f"SHOW {setting}") in (value, value + "ms")
+            cluster = a.clusters[0]
+            async with cluster.pool.acquire() as pooled:
+                for conn in (role, cluster.lanes[0].writer, pooled, cluster.events.listener):
+                    for setting, value in KEEPALIVE.items():
+                        assert await conn.fetchval(f"SHOW {setting}") in (value, value + "ms")
             assert await b.cursors.lead("other", LEAD_S)            # one role per cursor
             # Its session killed from the server's side: the role is free,
             # the other takes it, and the holder finds out at its next call.
