@@ -71,9 +71,10 @@ def both_expiring(pg, dbname, fes):
     counter row's lock; the calls commit after it (see the module's doc)."""
     for fe in fes:
         fe.send_signal(signal.SIGSTOP)
+    stopped_ms = time.time() * 1000
     try:
         first_ms, last_ms = due_ms(pg, dbname)
-        assert time.time() * 1000 < first_ms, \
+        assert stopped_ms < first_ms, \
             "the crowd fell due before both front-ends were stopped: made slower than TTL_S"
         time.sleep(max(0.0, last_ms / 1000 + 0.1 - time.time()))
         with CounterLock(pg, dbname):

@@ -23,7 +23,7 @@ def top_level_names(path):
             names.add(node.name)
         elif isinstance(node, ast.Assign):
             names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    return names
+    return frozenset(names)
 
 
 def test_every_test_the_page_names_exists():
