@@ -17,6 +17,7 @@ and `fsync=on` (what a durable 200 means), and trusts local connections
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import os
@@ -147,6 +148,31 @@ def _as_postgres(args: list, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
+# initdb's own work (its bootstrap: ~1.7 s of CPU on these machines, more
+# than the rest of a cluster's start) is done once per process: each
+# cluster's directory is a copy of one that initdb made, as it left it,
+# before the cluster's own settings are added.  The copies share initdb's
+# system identifier, as clones of one directory do in production (AccMan
+# tells such clusters apart: accman/postgres/migrate.py, _PLACE_SQL).
+_made_once: Path | None = None
+
+
+def _initdb(data: Path) -> None:
+    """`data` made as initdb makes a cluster's directory."""
+    global _made_once
+    if _made_once is None:
+        base = Path(tempfile.mkdtemp(prefix="accman-pg-initdb-"))
+        os.chmod(base, 0o755)
+        _chown_tree(base)
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        _as_postgres(["initdb", "-D", str(base / "data"), "-U", PG_USER, "--auth=trust",
+                      "--no-instructions", "-E", "UTF8", "--locale=C"])
+        _made_once = base / "data"
+    # cp -a keeps the files' owner (the postgres user's, under root) and modes.
+    subprocess.run(["cp", "-a", str(_made_once), str(data)], check=True,
+                   capture_output=True)
+
+
 class Cluster:
     """One PostgreSQL server (a primary or a standby) in `base/name`."""
 
@@ -164,7 +190,8 @@ class Cluster:
     @classmethod
     def create(cls, name: str = "primary", base: Path | None = None,
                conf: dict | None = None, start: bool = True) -> "Cluster":
-        """initdb a new cluster (and start it)."""
+        """A new cluster, as initdb makes it (_initdb), started unless not
+        `start`."""
         owns = base is None
         if base is None:
             # Not under pytest's tmp_path: that is private to root and the
@@ -173,8 +200,7 @@ class Cluster:
             os.chmod(base, 0o755)
             _chown_tree(base)
         c = cls(base, name, free_port(), owns_base=owns)
-        _as_postgres(["initdb", "-D", str(c.data), "-U", PG_USER, "--auth=trust",
-                      "--no-instructions", "-E", "UTF8", "--locale=C"])
+        _initdb(c.data)
         c.configure({**BASE_CONF, "port": str(c.port),
                      "unix_socket_directories": f"'{base}'", **(conf or {})})
         with open(c.data / "pg_hba.conf", "a") as f:
