@@ -44,10 +44,28 @@ class Abandoned(asyncio.TimeoutError):
     """A commit given up at its deadline: its backend may go on, and commit."""
 
 
+# A connection's graceful close (its Terminate sent, the database's end of
+# the socket awaited) not done by then is cut short: the socket is aborted,
+# which is all a close must do.  A database that answers closes within
+# milliseconds; one that does not (a host gone, frozen) would hold the close
+# until the kernel gives up on the socket, about 15 minutes.
+CLOSE_TIMEOUT_S = 1.0
+
+
 class Connection(asyncpg.Connection):
-    """A connection that knows its backend, once `identify` has run."""
+    """A connection that knows its backend, once `identify` has run, and
+    whose close is bounded and raises nothing."""
 
     __slots__ = ("backend",)
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        """asyncpg's close, for at most CLOSE_TIMEOUT_S (or `timeout`), its
+        failure kept to itself: a pool closes a connection it expired
+        (Cluster.connect) in a task no one awaits, at its next acquire, or
+        in its release, where a close's error or wait would replace or hold
+        up a read's answer.  A close that fails has aborted the socket."""
+        with contextlib.suppress(Exception):
+            await super().close(timeout=CLOSE_TIMEOUT_S if timeout is None else timeout)
 
 
 async def identify(conn) -> None:

@@ -23,7 +23,7 @@ import time
 from accman.errors import Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
-from accman.postgres.backends import committed, pool_read
+from accman.postgres.backends import Connection, committed, pool_read
 from accman.postgres.complaints import doing
 from accman.store import check_events
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
@@ -96,7 +96,8 @@ class EventReader:
     async def start(self) -> None:
         """LISTENs on a session of its own (`_closed` hears it end)."""
         from accman.postgres.connecting import connect
-        listener = await connect(self.cluster.url, said=self.cluster.store.service_said)
+        listener = await connect(self.cluster.url, connection_class=Connection,
+                                 said=self.cluster.store.service_said)
         try:
             await listener.add_listener(NOTIFY_CHANNEL, self._notified)
         except BaseException:

@@ -14,6 +14,7 @@ import subprocess
 import pytest
 
 from accman.errors import Unavailable
+from accman.postgres import backends as backends_module
 from accman.postgres import committing
 from accman.postgres import store as store_module
 from accman.postgres import upkeep as upkeep_module
@@ -144,4 +145,26 @@ def test_a_past_behind_writes_frozen_on_the_writer_leaves_the_writes_after_it_re
                 assert unread.detail.startswith("the database cannot be read: "), unread.detail
             await until(lambda: store.healthy, 20)
             assert await c.tot("a") == 5
+    run(main())
+
+
+def test_closes_are_bounded_when_the_database_does_not_answer(pg_factory, monkeypatch):
+    """backends.CLOSE_TIMEOUT_S: a pooled connection that a reconnection
+    expired (Cluster.connect) is closed at its release, and that close,
+    to a database that does not answer, ends within the bound and raises
+    nothing into the release; so does every close of the store's own
+    (writer, pool, listener), so that a store stops in time."""
+    monkeypatch.setattr(backends_module, "CLOSE_TIMEOUT_S", 0.5)
+    pg = pg_factory(name="frozen-close")
+    url = pg.create_database("fc")
+
+    async def main():
+        async with stored(url) as (store, c):
+            assert await c.mod("a", 5) == (5, 1)
+            pool = store.clusters[0].pool
+            conn = await pool.acquire()
+            with frozen(pg):
+                await pool.expire_connections()
+                await asyncio.wait_for(pool.release(conn), FROZEN_WAIT_S)
+                await asyncio.wait_for(store.aclose(), FROZEN_WAIT_S)
     run(main())
