@@ -16,6 +16,8 @@ import json
 import subprocess
 import time
 
+from accman.postgres import committing
+from accman.postgres.cluster import READ_POOL_CONNECTIONS_MAX
 from accman.postgres.connecting import KEEPALIVE
 from conftest import PYTHON, parse_responses, spawn_command
 
@@ -38,14 +40,24 @@ CLIENT = ("import socket, sys\n"
           "while chunk := s.recv(65536):\n"
           "    got += chunk\n"
           "sys.stdout.buffer.write(got)\n")
+# Reads sent at once on connections of their own, from inside the
+# namespace: each /past takes a connection of the read pool, so that a
+# burst meets every connection the pool holds (one at a time, reads would
+# take the one last given back, again and again: asyncpg's pool is LIFO).
+BURST_READS = 8
+BURST = ("import socket, sys\n"
+         f"conns = [socket.create_connection(('127.0.0.1', int(sys.argv[1])), 60) "
+         f"for _ in range({BURST_READS})]\n"
+         "for s in conns:\n"
+         "    s.sendall(b'GET /past?cred=cb HTTP/1.1\\r\\nHost: localhost\\r\\n'\n"
+         "              b'Connection: close\\r\\n\\r\\n')\n"
+         "for s in conns:\n"
+         "    print(s.makefile('rb').readline().split()[1].decode())\n")
 FOUND_GONE_S = int(KEEPALIVE["tcp_user_timeout"]) / 1000
 SLACK_S = 20.0              # for a loaded machine
 FUNDS = 100
-# Reads through the front-end's read pool, at once before the cut (so that
-# the pool holds connections then) and one by one once the link is back:
-# more than READ_POOL_CONNECTIONS_MAX, so that each connection it held is met.
-READS_AFTER = ["/tot?cred=cb", "/past?cred=cb", "/events?after=0&limit=1"] * 3
 KEY = "cut-k1"
+ROUNDS_AFTER_S = 3.0        # the upkeep rounds after the reads (EXPIRE_INTERVAL_S: 1 s)
 
 
 def front_end(url, tmp_path, name, ns=None):
@@ -71,6 +83,14 @@ def answer(client: subprocess.Popen, timeout_s: float = SLACK_S):
     return replies[0]
 
 
+def burst(ns, srv) -> list:
+    """BURST run inside `ns` against `srv`: the status of each read."""
+    run = subprocess.run(ns.command([PYTHON, "-c", BURST, srv.port]), capture_output=True,
+                         text=True, timeout=SLACK_S)
+    assert run.returncode == 0, run
+    return run.stdout.split()
+
+
 def test_a_batch_cut_off_mid_commit_is_unknown_and_its_key_replays_it(pg_factory, tmp_path):
     with namespace() as ns:
         pg = pg_factory(conf={"listen_addresses": f"'127.0.0.1,{ns.host_addr}'"}, start=False)
@@ -83,20 +103,29 @@ def test_a_batch_cut_off_mid_commit_is_unknown_and_its_key_replays_it(pg_factory
             inner = front_end(url, tmp_path, "inner", ns)
             outer = front_end(url, tmp_path, "outer")
             assert outer.mod("cb", FUNDS).json == {"tot": FUNDS, "seq": 1}
-            # Reads at once, so that the read pool holds connections when
-            # the link goes down.
-            for reply in map(answer, [inside(ns, inner, "GET", t) for t in READS_AFTER]):
-                assert reply.status == 200, reply
+            # Reads at once until the read pool holds all its connections
+            # (with the writer's and the listener's), so that some of them
+            # are still held, idle, when the link comes back.
+            deadline = time.monotonic() + SLACK_S
+            while pg.sessions_from(ns.inner_addr) < 2 + READ_POOL_CONNECTIONS_MAX:
+                assert time.monotonic() < deadline, pg.sessions_from(ns.inner_addr)
+                assert burst(ns, inner) == ["200"] * BURST_READS
             with CounterLock(pg, "cutb") as lock:
                 client = inside(ns, inner, "PATCH", f"/mod?cred=cb&by=-1&key={KEY}")
+                sent = time.monotonic()         # or later: the client starts first
                 lock.wait_holding()
                 # The batch is in the database, waiting for the lock.
                 assert pg.sessions_from(ns.inner_addr, "wait_event_type = 'Lock'") == 1
                 ns.cut()
                 t0 = time.monotonic()
+                # Else the writer gave up over a live link: no cut was tested.
+                assert t0 - sent < COMMIT_TIMEOUT_S, f"cut {t0 - sent:.1f} s after the send"
             # The lock let go: the batch commits, its reply lost in the cut.
             reply = answer(client, COMMIT_TIMEOUT_S + SLACK_S)
+            took_s = time.monotonic() - sent
             assert reply.status == 503, reply
+            # At the front-end's own deadline, not before and not at a later one.
+            assert COMMIT_TIMEOUT_S <= took_s < committing.COMMIT_TIMEOUT_S, took_s
             doc = json.loads(reply.body)
             assert doc["error"] == "unavailable", doc
             assert "may have been applied" in doc["detail"], doc
@@ -121,12 +150,17 @@ def test_a_batch_cut_off_mid_commit_is_unknown_and_its_key_replays_it(pg_factory
             while answer(inside(ns, inner, "GET", "/health")).status != 200:
                 assert time.monotonic() < deadline, "the front-end did not come back"
                 time.sleep(0.2)
-            for target in READS_AFTER:
-                reply = answer(inside(ns, inner, "GET", target))
-                assert reply.status == 200, (target, reply, inner.stderr())
+            for _ in range(2):
+                assert burst(ns, inner) == ["200"] * BURST_READS, inner.stderr()
             assert json.loads(answer(inside(ns, inner, "GET", "/tot?cred=cb")).body) == \
                 {"tot": FUNDS - 1}
             assert answer(inside(ns, inner, "PATCH", "/mod?cred=cb&by=-1")).status == 200
+            # And the store was lost once, in the cut: not again by an upkeep
+            # round (one a second) meeting a session ended in it.
+            time.sleep(ROUNDS_AFTER_S)
+            said = inner.stderr()
+            assert said.count("writes are refused until the store has reconnected") == 1, said
+            assert said.count("reconnected to the PostgreSQL store") == 1, said
             # The connections closed as stale said nothing of their own.
             assert inner.stop() == 0
             assert "Traceback" not in inner.stderr() and "exception" not in inner.stderr(), \
