@@ -59,13 +59,16 @@ class Connection(asyncpg.Connection):
     __slots__ = ("backend",)
 
     async def close(self, *, timeout: float | None = None) -> None:
-        """asyncpg's close, for at most CLOSE_TIMEOUT_S (or `timeout`), its
-        failure kept to itself: a pool closes a connection it expired
-        (Cluster.connect) in a task no one awaits, at its next acquire, or
-        in its release, where a close's error or wait would replace or hold
-        up a read's answer.  A close that fails has aborted the socket."""
+        """asyncpg's close, for at most CLOSE_TIMEOUT_S (less if `timeout`
+        is), its failure kept to itself: a pool closes a connection it
+        expired (Cluster.connect) in a task no one awaits, at its next
+        acquire, or in its release, where a close's error or wait would
+        replace or hold up a read's answer (a release passes on the
+        acquire's timeout, READ_TIMEOUT_S, 10 s).  A close that fails has
+        aborted the socket."""
+        bound = CLOSE_TIMEOUT_S if timeout is None else min(timeout, CLOSE_TIMEOUT_S)
         with contextlib.suppress(Exception):
-            await super().close(timeout=CLOSE_TIMEOUT_S if timeout is None else timeout)
+            await super().close(timeout=bound)
 
 
 async def identify(conn) -> None:

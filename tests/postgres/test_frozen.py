@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -26,6 +27,9 @@ from .test_bounds import until
 # while the database is stopped: short of the driver's own timeout (60 s),
 # long past the one the test sets, so that a loaded machine does not fail it.
 FROZEN_WAIT_S = 20
+# Beyond CLOSE_TIMEOUT_S, for a close on a loaded machine: far short of the
+# read's timeout (READ_TIMEOUT_S, 10 s) that a release passes on.
+CLOSE_SLACK_S = 2.0
 
 
 @contextlib.contextmanager
@@ -162,9 +166,14 @@ def test_closes_are_bounded_when_the_database_does_not_answer(pg_factory, monkey
         async with stored(url) as (store, c):
             assert await c.mod("a", 5) == (5, 1)
             pool = store.clusters[0].pool
-            conn = await pool.acquire()
+            # As a read takes one (backends.pool_read): the release then
+            # passes the acquire's timeout on to the close.
+            conn = await pool.acquire(timeout=store_module.READ_TIMEOUT_S)
             with frozen(pg):
                 await pool.expire_connections()
+                t0 = time.monotonic()
                 await asyncio.wait_for(pool.release(conn), FROZEN_WAIT_S)
+                took_s = time.monotonic() - t0
+                assert took_s < backends_module.CLOSE_TIMEOUT_S + CLOSE_SLACK_S, took_s
                 await asyncio.wait_for(store.aclose(), FROZEN_WAIT_S)
     run(main())
