@@ -55,11 +55,14 @@ class Namespace:
     def cut(self) -> None:
         """The link goes down inside the namespace: nothing passes it from
         now on, and no socket on either side is told."""
-        _ip("netns", "exec", self.name, "ip", "link", "set", self.inner_link, "down")
+        self._inner_link("down")
 
     def mend(self) -> None:
         """The link up again inside the namespace: what `cut` took down."""
-        _ip("netns", "exec", self.name, "ip", "link", "set", self.inner_link, "up")
+        self._inner_link("up")
+
+    def _inner_link(self, state: str) -> None:
+        _ip("netns", "exec", self.name, "ip", "link", "set", self.inner_link, state)
 
     def remove(self) -> None:
         """The link (the pair goes with either end) and the namespace's

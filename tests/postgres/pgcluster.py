@@ -315,6 +315,13 @@ class Cluster:
         return int(self.psql("SELECT count(*) FROM pg_stat_activity "
                              f"WHERE client_addr = '{addr}' AND {where}"))
 
+    def until_no_sessions_from(self, addr: str, deadline: float) -> None:
+        """Until none of this server's sessions has its client at `addr`,
+        failing once time.monotonic() passes `deadline`."""
+        while (left := self.sessions_from(addr)) > 0:
+            assert time.monotonic() < deadline, f"{left} sessions from {addr} stayed"
+            time.sleep(0.5)
+
     def create_database(self, dbname: str) -> str:
         self.psql(f'CREATE DATABASE "{dbname}"')
         return self.url(dbname)
