@@ -414,6 +414,10 @@ def pytest_configure(config):
     # compiled, rather than compile its source again at every start,
     # whatever PYTHONDONTWRITEBYTECODE the caller's environment sets.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    # The PostgreSQL servers the tests start keep their files in memory
+    # where it has room (tests/postgres/pgcluster.py says why).
+    from postgres import pgcluster
+    pgcluster.PARENT_DIR = pgcluster.suite_parent_dir()
     if not hasattr(config, "workerinput"):      # the run's first process: tests/alone.py
         alone.begin_run()
     config.addinivalue_line(

@@ -12,7 +12,9 @@ is on a free loopback port; `pg_basebackup` makes a streaming standby.
 
 Every server listens on 127.0.0.1 only, runs with `synchronous_commit=on`
 and `fsync=on` (what a durable 200 means), and trusts local connections
-(the directory is private to the test run).
+(the directory is private to the test run).  Its directory is made under
+PARENT_DIR: the disk by default (the benchmarks'), memory for the test
+suite where there is room (suite_parent_dir).
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ import time
 from pathlib import Path
 
 PG_USER = "postgres"
+# Where each cluster's directory is made (tempfile's `dir`); None is the
+# system's temporary directory, on the disk, which the benchmarks need to
+# be measured beside pgbench.  The test suite sets it (tests/conftest.py).
+PARENT_DIR: str | None = None
+# The suite's clusters are in memory where it has room: what the suite
+# tests of PostgreSQL is what outlives its processes (SIGKILL, immediate
+# stops, failover), which memory keeps as a disk does; what outlives the
+# machine is fsync's, kept on, and no test can cut the power.  The room is
+# a whole run's clusters at their largest; ACCMAN_TEST_PG_DIR chooses.
+MEMORY_DIR = "/dev/shm"
+MEMORY_FREE_MIN_BYTES = 8 << 30
+# Each directory's name: DIR_PREFIX, the pid of the process that made it,
+# and a part of tempfile's; a process removes those of processes gone.
+DIR_PREFIX = "accman-pg-"
 # Debian's layout: /usr/lib/postgresql/<major>/bin.  15 is what the issue
 # names; a newer major works too.
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -126,6 +142,83 @@ def _ephemeral_first() -> int:
         return 32768
 
 
+def suite_parent_dir() -> str | None:
+    """Where the test suite makes its clusters: ACCMAN_TEST_PG_DIR if set,
+    else MEMORY_DIR if it is a tmpfs with MEMORY_FREE_MIN_BYTES free, else
+    the disk (None)."""
+    chosen = os.environ.get("ACCMAN_TEST_PG_DIR")
+    if chosen:
+        return chosen
+    return MEMORY_DIR if in_memory(MEMORY_DIR, MEMORY_FREE_MIN_BYTES) else None
+
+
+def in_memory(path: str, free_min: int) -> bool:
+    """Whether `path` is a tmpfs this process may write, with at least
+    `free_min` bytes free."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return (_fs_type(path) == "tmpfs" and os.access(path, os.W_OK | os.X_OK)
+            and st.f_bavail * st.f_frsize >= free_min)
+
+
+def _fs_type(path: str) -> str | None:
+    """The type of the file system that holds `path` (its mount's, the
+    longest mount point above it), or None if the mounts cannot be read."""
+    real = os.path.realpath(path)
+    found, kind = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1:3] for line in f]
+    except OSError:
+        return None
+    for point, fstype in mounts:
+        above = real == point or real.startswith(point.rstrip("/") + "/")
+        if above and len(point) >= len(found):
+            found, kind = point, fstype
+    return kind
+
+
+_swept = False
+
+
+def _make_dir(kind: str = "") -> Path:
+    """A new directory under PARENT_DIR, named after this process.  The
+    first one a process makes removes those of processes gone first (a run
+    killed before its clean-up): in memory they would hold their room
+    until the machine restarts.  A postmaster of such a run, still up,
+    shuts down once its lock file is gone (PostgreSQL looks every minute)."""
+    global _swept
+    if not _swept:
+        _swept = True
+        remove_orphans(Path(PARENT_DIR or tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-{kind}",
+                                 dir=PARENT_DIR))
+
+
+def remove_orphans(parent: Path) -> list[str]:
+    """Removes the directories under `parent` made by processes that have
+    ended (named DIR_PREFIX, pid, ...); returns their names."""
+    gone = []
+    for d in parent.glob(DIR_PREFIX + "*"):
+        pid = d.name[len(DIR_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True             # another user's
+    return True
+
+
 def _chown_tree(path: Path) -> None:
     """The tree given to the postgres user, as whom root runs the binaries
     (_as_postgres).  Another user runs them as itself, owns the tree
@@ -161,7 +254,7 @@ def _initdb(data: Path) -> None:
     """`data` made as initdb makes a cluster's directory."""
     global _made_once
     if _made_once is None:
-        base = Path(tempfile.mkdtemp(prefix="accman-pg-initdb-"))
+        base = _make_dir("initdb-")
         os.chmod(base, 0o755)
         _chown_tree(base)
         atexit.register(shutil.rmtree, base, ignore_errors=True)
@@ -196,7 +289,7 @@ class Cluster:
         if base is None:
             # Not under pytest's tmp_path: that is private to root and the
             # postgres user could not reach it.
-            base = Path(tempfile.mkdtemp(prefix="accman-pg-"))
+            base = _make_dir()
             os.chmod(base, 0o755)
             _chown_tree(base)
         c = cls(base, name, free_port(), owns_base=owns)
