@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,11 +35,16 @@ CLOSE_SLACK_S = 2.0
 
 @contextlib.contextmanager
 def frozen(pg):
-    """`pg`'s postmaster and its processes stopped (SIGSTOP) in the block."""
+    """`pg`'s postmaster and its processes stopped (SIGSTOP) in the block.
+    The postmaster first, then the children it has: listed before it
+    stopped, a backend it forked meanwhile (a pool's new connection) would
+    run on and answer."""
+    _signal(pg.pid, signal.SIGSTOP)
+    _until_stopped(pg.pid)
     kids = subprocess.run(["pgrep", "-P", str(pg.pid)], capture_output=True,
                           text=True).stdout.split()
     pids = [pg.pid, *map(int, kids)]
-    for pid in pids:
+    for pid in pids[1:]:
         _signal(pid, signal.SIGSTOP)
     try:
         yield
@@ -47,6 +53,14 @@ def frozen(pg):
         # that had already exited (pgrep lists them until it does).
         for pid in reversed(pids):
             _signal(pid, signal.SIGCONT)
+
+
+def _until_stopped(pid: int) -> None:
+    """Until `pid` is stopped (a fork it was making is then made)."""
+    deadline = time.monotonic() + FROZEN_WAIT_S
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"{pid} did not stop"
+        time.sleep(0.001)
 
 
 def _signal(pid: int, sig) -> None:
