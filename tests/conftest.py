@@ -417,7 +417,10 @@ def pytest_configure(config):
     # The PostgreSQL servers the tests start keep their files in memory
     # where it has room (tests/postgres/pgcluster.py says why).
     from postgres import pgcluster
-    pgcluster.PARENT_DIR = pgcluster.suite_parent_dir()
+    try:
+        pgcluster.PARENT_DIR = pgcluster.suite_parent_dir()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
     if not hasattr(config, "workerinput"):      # the run's first process: tests/alone.py
         alone.begin_run()
     config.addinivalue_line(

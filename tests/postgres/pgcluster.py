@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import glob
 import os
 import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -35,8 +37,9 @@ from pathlib import Path
 
 PG_USER = "postgres"
 # Where each cluster's directory is made (tempfile's `dir`); None is the
-# system's temporary directory, on the disk, which the benchmarks need to
-# be measured beside pgbench.  The test suite sets it (tests/conftest.py).
+# system's temporary directory, where the benchmarks' clusters are made, to
+# be measured beside pgbench on the same file system.  The test suite sets
+# it (tests/conftest.py, suite_parent_dir).
 PARENT_DIR: str | None = None
 # The suite's clusters are in memory where it has room: what the suite
 # tests of PostgreSQL is what outlives its processes (SIGKILL, immediate
@@ -45,9 +48,10 @@ PARENT_DIR: str | None = None
 # a whole run's clusters at their largest; ACCMAN_TEST_PG_DIR chooses.
 MEMORY_DIR = "/dev/shm"
 MEMORY_FREE_MIN_BYTES = 8 << 30
-# Each directory's name: DIR_PREFIX, the pid of the process that made it,
-# and a part of tempfile's; a process removes those of processes gone.
+# A directory's name: DIR_PREFIX, its kind, and tempfile's 8 characters.
 DIR_PREFIX = "accman-pg-"
+DIR_NAME_BYTES = len(DIR_PREFIX + "initdb-") + 8
+SOCKET_PATH_BYTES_MAX = 107         # Linux's sun_path, less its terminating 0
 # Debian's layout: /usr/lib/postgresql/<major>/bin.  15 is what the issue
 # names; a newer major works too.
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -143,24 +147,60 @@ def _ephemeral_first() -> int:
 
 
 def suite_parent_dir() -> str | None:
-    """Where the test suite makes its clusters: ACCMAN_TEST_PG_DIR if set,
-    else MEMORY_DIR if it is a tmpfs with MEMORY_FREE_MIN_BYTES free, else
-    the disk (None)."""
+    """Where the test suite makes its clusters: ACCMAN_TEST_PG_DIR if set
+    (checked: PostgreSQL must be able to use it), else MEMORY_DIR if it is
+    a tmpfs with MEMORY_FREE_MIN_BYTES free and as much memory available,
+    and we are root, else None.  MEMORY_DIR's orphans are removed first:
+    they would count against the room.  Not as another user: systemd's
+    logind removes a user's files there at the user's last logout
+    (RemoveIPC), in the middle of a run under nohup or tmux."""
     chosen = os.environ.get("ACCMAN_TEST_PG_DIR")
     if chosen:
-        return chosen
-    return MEMORY_DIR if in_memory(MEMORY_DIR, MEMORY_FREE_MIN_BYTES) else None
+        return _checked_parent(chosen)
+    if os.geteuid() != 0 or not os.path.isdir(MEMORY_DIR):
+        return None
+    remove_orphans(Path(MEMORY_DIR))
+    room = MEMORY_FREE_MIN_BYTES
+    return MEMORY_DIR if in_memory(MEMORY_DIR, room) and _memory_available() >= room else None
+
+
+def _checked_parent(path: str) -> str:
+    """ACCMAN_TEST_PG_DIR, absolute; ValueError naming what is wrong.  A
+    cluster's Unix socket is made in its directory (DIR_NAME_BYTES under
+    `path`), and a socket's path is at most SOCKET_PATH_BYTES_MAX."""
+    path = os.path.abspath(path)
+    longest = len(path) + 1 + DIR_NAME_BYTES + len("/.s.PGSQL.65535")
+    if not os.path.isdir(path):
+        raise ValueError(f"ACCMAN_TEST_PG_DIR: {path} is not a directory")
+    if longest > SOCKET_PATH_BYTES_MAX:
+        raise ValueError(f"ACCMAN_TEST_PG_DIR: {path} is too long: the clusters' Unix "
+                         f"sockets under it would need {longest} bytes, past "
+                         f"{SOCKET_PATH_BYTES_MAX}")
+    return path
 
 
 def in_memory(path: str, free_min: int) -> bool:
     """Whether `path` is a tmpfs this process may write, with at least
-    `free_min` bytes free."""
+    `free_min` bytes free in it."""
     try:
         st = os.statvfs(path)
     except OSError:
         return False
     return (_fs_type(path) == "tmpfs" and os.access(path, os.W_OK | os.X_OK)
             and st.f_bavail * st.f_frsize >= free_min)
+
+
+def _memory_available() -> int:
+    """The kernel's estimate of the memory available (MemAvailable); 0 when
+    unknown.  A tmpfs's free space may be more than that."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _fs_type(path: str) -> str | None:
@@ -174,49 +214,71 @@ def _fs_type(path: str) -> str | None:
     except OSError:
         return None
     for point, fstype in mounts:
+        # The table writes a space, tab, newline and backslash as octal.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
         above = real == point or real.startswith(point.rstrip("/") + "/")
         if above and len(point) >= len(found):
             found, kind = point, fstype
     return kind
 
 
+# Each directory made here holds OWNER_NAME, locked (flock) by the process
+# that made it for as long as it lives: a directory whose lock can be
+# taken is an orphan.  A lock, not a pid: a pid is reused, and names
+# another process in another pid namespace sharing the directory.
+OWNER_NAME = ".owner"
+_owned: dict[Path, int] = {}
 _swept = False
 
 
-def _make_dir(kind: str = "") -> Path:
-    """A new directory under PARENT_DIR, named after this process.  The
-    first one a process makes removes those of processes gone first (a run
-    killed before its clean-up): in memory they would hold their room
-    until the machine restarts.  A postmaster of such a run, still up,
-    shuts down once its lock file is gone (PostgreSQL looks every minute)."""
+def make_dir(kind: str = "") -> Path:
+    """A new directory under PARENT_DIR, owned by this process.  The first
+    one a process makes removes the orphans there first (a run killed
+    before its clean-up): in memory they would hold their room until the
+    machine restarts.  A postmaster of such a run, still up, shuts down
+    once its lock file is gone (PostgreSQL looks every minute)."""
     global _swept
     if not _swept:
         _swept = True
         remove_orphans(Path(PARENT_DIR or tempfile.gettempdir()))
-    return Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-{kind}",
-                                 dir=PARENT_DIR))
+    d = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{kind}", dir=PARENT_DIR))
+    # Locked before it has its name: a sweeper that finds it finds it held.
+    fd = os.open(d / (OWNER_NAME + ".tmp"), os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(d / (OWNER_NAME + ".tmp"), d / OWNER_NAME)
+    _owned[d] = fd
+    return d
+
+
+def remove_dir(d: Path) -> None:
+    """Removes a directory make_dir made, then gives up its ownership."""
+    shutil.rmtree(d, ignore_errors=True)
+    fd = _owned.pop(d, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def remove_orphans(parent: Path) -> list[str]:
-    """Removes the directories under `parent` made by processes that have
-    ended (named DIR_PREFIX, pid, ...); returns their names."""
+    """Removes the directories under `parent` that make_dir made for a
+    process that has ended; returns the names of those removed.  One with
+    no OWNER_NAME (being made, or not make_dir's) is left alone."""
     gone = []
     for d in parent.glob(DIR_PREFIX + "*"):
-        pid = d.name[len(DIR_PREFIX):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        try:
+            fd = os.open(d / OWNER_NAME, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue                # its maker lives
+        else:
             shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
+        if not d.exists():
             gone.append(d.name)
     return gone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True             # another user's
-    return True
 
 
 def _chown_tree(path: Path) -> None:
@@ -238,7 +300,26 @@ def _as_postgres(args: list, **kw) -> subprocess.CompletedProcess:
     cmd = [str(pg_bin() / args[0]), *args[1:]]
     if os.geteuid() == 0:
         cmd = ["runuser", "-u", PG_USER, "--", *cmd]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+    return _run(cmd, **kw)
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """A command that failed, said with what it wrote to stderr (PostgreSQL's
+    own words: a full disk, a socket path too long), not its status alone."""
+
+    def __str__(self) -> str:
+        said = (self.stderr or "").strip()[-STDERR_CHARS_MAX:]
+        return f"{super().__str__()}: {said}"
+
+
+STDERR_CHARS_MAX = 4000         # the end of a failed command's stderr, in its error
+
+
+def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+    except subprocess.CalledProcessError as e:
+        raise CommandFailed(e.returncode, e.cmd, e.output, e.stderr) from None
 
 
 # initdb's own work (its bootstrap: ~1.7 s of CPU on these machines, more
@@ -254,16 +335,15 @@ def _initdb(data: Path) -> None:
     """`data` made as initdb makes a cluster's directory."""
     global _made_once
     if _made_once is None:
-        base = _make_dir("initdb-")
+        base = make_dir("initdb-")
         os.chmod(base, 0o755)
         _chown_tree(base)
-        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        atexit.register(remove_dir, base)
         _as_postgres(["initdb", "-D", str(base / "data"), "-U", PG_USER, "--auth=trust",
                       "--no-instructions", "-E", "UTF8", "--locale=C"])
         _made_once = base / "data"
     # cp -a keeps the files' owner (the postgres user's, under root) and modes.
-    subprocess.run(["cp", "-a", str(_made_once), str(data)], check=True,
-                   capture_output=True)
+    _run(["cp", "-a", str(_made_once), str(data)])
 
 
 class Cluster:
@@ -289,17 +369,21 @@ class Cluster:
         if base is None:
             # Not under pytest's tmp_path: that is private to root and the
             # postgres user could not reach it.
-            base = _make_dir()
+            base = make_dir()
             os.chmod(base, 0o755)
             _chown_tree(base)
         c = cls(base, name, free_port(), owns_base=owns)
-        _initdb(c.data)
-        c.configure({**BASE_CONF, "port": str(c.port),
-                     "unix_socket_directories": f"'{base}'", **(conf or {})})
-        with open(c.data / "pg_hba.conf", "a") as f:
-            f.write("host replication all 127.0.0.1/32 trust\n")
-        if start:
-            c.start()
+        try:
+            _initdb(c.data)
+            c.configure({**BASE_CONF, "port": str(c.port),
+                         "unix_socket_directories": f"'{base}'", **(conf or {})})
+            with open(c.data / "pg_hba.conf", "a") as f:
+                f.write("host replication all 127.0.0.1/32 trust\n")
+            if start:
+                c.start()
+        except BaseException:
+            c.destroy()         # its directory too, if it made it
+            raise
         return c
 
     def configure(self, settings: dict) -> None:
@@ -316,8 +400,18 @@ class Cluster:
             f.write(f"host all all {subnet} trust\n")
 
     def start(self) -> None:
-        _as_postgres(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w",
-                      "-t", str(START_TIMEOUT_S), "start"])
+        """Starts the server; a failure says why in the server's own words,
+        which pg_ctl leaves in the log."""
+        try:
+            _as_postgres(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w",
+                          "-t", str(START_TIMEOUT_S), "start"])
+        except CommandFailed as e:
+            try:
+                log = self.log.read_text(errors="replace")
+            except OSError as read_error:
+                log = f"(its log could not be read: {read_error})"
+            e.stderr = f"{e.stderr or ''}\n{self.log}:\n{log[-STDERR_CHARS_MAX:]}"
+            raise
 
     def stop(self, mode: str = "fast") -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
@@ -396,10 +490,10 @@ class Cluster:
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Runs SQL through psql; returns its unaligned output."""
-        out = subprocess.run(
+        out = _run(
             [str(pg_bin() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
              "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, "-d", dbname,
-             "-c", sql], check=True, capture_output=True, text=True)
+             "-c", sql])
         return out.stdout.strip()
 
     def sessions_from(self, addr: str, where: str = "true") -> int:
@@ -426,7 +520,7 @@ class Cluster:
             s.stop("immediate")
         self.stop("immediate")
         if self.owns_base:
-            shutil.rmtree(self.base, ignore_errors=True)
+            remove_dir(self.base)
 
     def __enter__(self) -> "Cluster":
         return self
