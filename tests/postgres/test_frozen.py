@@ -38,15 +38,16 @@ def frozen(pg):
     """`pg`'s postmaster and its processes stopped (SIGSTOP) in the block.
     The postmaster first, then the children it has: listed before it
     stopped, a backend it forked meanwhile (a pool's new connection) would
-    run on and answer."""
-    _signal(pg.pid, signal.SIGSTOP)
-    _until_stopped(pg.pid)
-    kids = subprocess.run(["pgrep", "-P", str(pg.pid)], capture_output=True,
-                          text=True).stdout.split()
-    pids = [pg.pid, *map(int, kids)]
-    for pid in pids[1:]:
-        _signal(pid, signal.SIGSTOP)
+    run on and answer.  Whatever happens, those stopped are continued."""
+    pids = [pg.pid]
     try:
+        _signal(pg.pid, signal.SIGSTOP)
+        _until_stopped(pg.pid)
+        kids = subprocess.run(["pgrep", "-P", str(pg.pid)], capture_output=True,
+                              text=True).stdout.split()
+        pids += map(int, kids)
+        for pid in pids[1:]:
+            _signal(pid, signal.SIGSTOP)
         yield
     finally:
         # The children first: the postmaster, once running, reaps those
@@ -55,12 +56,27 @@ def frozen(pg):
             _signal(pid, signal.SIGCONT)
 
 
+# How long a stopped postmaster may take to be seen stopped: it is at once
+# on an idle machine; a loaded one may not run the signal's delivery soon.
+STOP_SEEN_WAIT_S = 10
+
+
 def _until_stopped(pid: int) -> None:
-    """Until `pid` is stopped (a fork it was making is then made)."""
-    deadline = time.monotonic() + FROZEN_WAIT_S
-    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
-        assert time.monotonic() < deadline, f"{pid} did not stop"
+    """Until `pid` is stopped ('T', or 't' under a tracer): a fork it was
+    making when stopped is made, or not begun until it runs again."""
+    deadline = time.monotonic() + STOP_SEEN_WAIT_S
+    while (state := _state(pid)) not in ("T", "t"):
+        assert state not in ("Z", "X", None), f"the postmaster {pid} ended (state {state})"
+        assert time.monotonic() < deadline, f"the postmaster {pid} did not stop ({state})"
         time.sleep(0.001)
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (/proc/PID/stat), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
 
 
 def _signal(pid: int, sig) -> None:
