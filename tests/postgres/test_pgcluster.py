@@ -44,15 +44,20 @@ def test_a_user_who_is_not_root_makes_and_stops_a_cluster():
         shutil.rmtree(copy, ignore_errors=True)
 
 
-def test_the_suite_s_clusters_are_made_where_it_chose(pg, monkeypatch, tmp_path):
+def test_the_suite_s_clusters_are_made_where_it_chose(pg, monkeypatch):
     """Where the run chose at its start (not chosen again: the run's own
     clusters have taken some of the room since), in memory if there."""
     assert pg.base.parent == Path(pgcluster.PARENT_DIR or tempfile.gettempdir())
     assert pg.base.name.startswith(pgcluster.DIR_PREFIX)
     if pgcluster.PARENT_DIR == pgcluster.MEMORY_DIR:
         assert pgcluster._fs_type(pgcluster.PARENT_DIR) == "tmpfs"
-    monkeypatch.setenv("ACCMAN_TEST_PG_DIR", str(tmp_path))
-    assert suite_parent_dir() == str(tmp_path)
+    # Short enough for the sockets (pytest's tmp_path under a worker is not).
+    chosen = tempfile.mkdtemp(prefix="accman-pgdir-")
+    try:
+        monkeypatch.setenv("ACCMAN_TEST_PG_DIR", chosen)
+        assert suite_parent_dir() == chosen
+    finally:
+        os.rmdir(chosen)
 
 
 @pytest.mark.parametrize("path, says", [
