@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from conftest import assert_error, get, patch, request_bytes
+from conftest import assert_error, get, parse_responses, patch, request_bytes
 
 
 def replies(conn, n, heads=()):
@@ -190,6 +190,80 @@ def test_a_100_continue_follows_the_replies_owed_before_it(shared_server, cred):
         c.buf = c.buf[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
         c.send(b"{}")
         assert c.response().json == {"tot": 7, "seq": 3}
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def behind_a_long_poll(c, s, cred, poll_s):
+    """Sends a long poll that ends after `poll_s` and, behind it, the head of
+    a charge of 1 that asks for 100 Continue; returns once the poll's reply
+    and the 100 are in, and the time the 100 came."""
+    s.mod(cred, 10)
+    newest = s.get("/events?after=0").json["next"]
+    c.send(get(f"/events?after={newest}&wait={poll_s}")
+           + request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                           [("Expect", "100-continue"), ("Content-Length", "2")]))
+    assert c.response().json["events"] == []
+    while len(c.buf) < len(CONTINUE):
+        c._fill()
+    assert c.buf.startswith(CONTINUE), c.buf
+    c.buf = c.buf[len(CONTINUE):]
+    return time.monotonic()
+
+
+def test_a_100_continue_held_behind_a_long_poll_does_not_run_the_head_deadline(
+        start_server, cred):
+    """A client that waits for its 100 Continue before it sends the body
+    cannot send it while the server holds the 100 behind an earlier reply:
+    the head deadline (1 s here) does not run meanwhile (a poll of 3 s)."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "1"})
+    with s.connect() as c:
+        behind_a_long_poll(c, s, cred, 3)
+        c.send(b"{}")
+        r = c.response()
+        assert (r.status, r.json) == (200, {"tot": 9, "seq": 2}), r
+
+
+def test_the_head_deadline_runs_again_from_a_held_100_continue(start_server, cred):
+    """Once the 100 is out, the body has the head deadline from then: one
+    that never comes is cut, not at once (the time the 100 was held is not
+    counted), and nothing is applied."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "1"})
+    with s.connect() as c:
+        continued_at = behind_a_long_poll(c, s, cred, 3)
+        c.closed_by_peer(10)
+        waited = time.monotonic() - continued_at
+        (r,) = parse_responses(c.buf)
+    assert (r.status, r.json["error"]) == (408, "timeout"), r
+    assert 0.5 < waited < 8, waited
+    assert s.tot(cred) == 10
+
+
+def test_a_slow_head_s_100_continue_gives_the_body_the_whole_head_deadline(
+        start_server, cred):
+    """A 100 sent at once still comes only once the head is whole: the
+    body's deadline runs from it.  The head takes 2 s of the 3 s deadline,
+    the body comes 2.2 s after the 100 (4.2 s after the head began, a
+    second past the deadline from the first byte, so that the server's
+    sweep, about once a second, would see it)."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "3"})
+    s.mod(cred, 10)
+    head = request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                         [("Expect", "100-continue"), ("Content-Length", "2")])
+    with s.connect() as c:
+        step = -(-len(head) // 5)
+        for i in range(0, len(head), step):
+            time.sleep(0.4 if i else 0)
+            c.send(head[i:i + step])
+        while len(c.buf) < len(CONTINUE):
+            c._fill()
+        assert c.buf.startswith(CONTINUE), c.buf
+        c.buf = c.buf[len(CONTINUE):]
+        time.sleep(2.2)
+        c.send(b"{}")
+        r = c.response()
+        assert (r.status, r.json) == (200, {"tot": 9, "seq": 2}), r
 
 
 def test_a_body_read_with_its_head_gets_its_final_reply_alone(start_server, cred):

@@ -51,8 +51,8 @@ class Connection(asyncio.Protocol, Lifecycle):
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "write_paused", "write_paused_at", "head_started_at",
                  "last_active_at", "shut_at", "token", "token_roles", "authed", "buffered",
-                 "flush_soon", "continue_owed", "reserved", "until_drained", "activity_seen",
-                 "reads_owed")
+                 "flush_soon", "continue_owed", "continue_queued", "reserved", "until_drained",
+                 "activity_seen", "reads_owed")
 
     def __init__(self, server):
         self.server = server
@@ -83,6 +83,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.buffered = 0           # bytes counted in the server's budget
         self.flush_soon = False
         self.continue_owed = False
+        self.continue_queued = False    # its 100 Continue waits in `waiting`
         self.reserved = 0           # reserves of the Slots in `waiting` (Slot.reserve)
         # An /events read is owed: nothing more is taken until every reply
         # is out (SPEC: a read sees none of the later mods of its connection).
@@ -159,6 +160,7 @@ class Connection(asyncio.Protocol, Lifecycle):
         bytes do not reset it."""
         if not self.parser.pending:
             self.head_started_at = 0.0
+            self.continue_queued = False
         elif not self.head_started_at:
             self.head_started_at = now
 
@@ -282,7 +284,9 @@ class Connection(asyncio.Protocol, Lifecycle):
 
     def _continue(self, out):
         """A 100 Continue goes out once every reply before it has
-        (RFC 9110 10.1.1), before its request's own reply."""
+        (RFC 9110 10.1.1), before its request's own reply.  The client may
+        wait for it to send the body: the head deadline runs again from it
+        (_awaiting_continue)."""
         if self.parser.take_continue():
             self.continue_owed = True
         if not self.continue_owed or self.backlog is not None or self.parser.held_bytes:
@@ -290,8 +294,10 @@ class Connection(asyncio.Protocol, Lifecycle):
         self.continue_owed = False
         if self.waiting:
             self.waiting.append(Slot(self, 0, KEEP, reply=CONTINUE))
+            self.continue_queued = True
         else:
             out.append(CONTINUE)
+            self.head_started_at = self._time()
 
     def _pump(self, out):
         """Take the requests held back (parsed in `backlog`, then unparsed in
@@ -440,7 +446,8 @@ class Connection(asyncio.Protocol, Lifecycle):
                 self.flush()                # its client has read what it was sent: go on
             return
         if self.head_started_at:
-            if not self.read_paused and now - self.head_started_at >= limits.head_timeout_s:
+            if (not self.read_paused and not self._awaiting_continue()
+                    and now - self.head_started_at >= limits.head_timeout_s):
                 self._head_timeout()
         elif not self.owes():
             idle_s = limits.idle_timeout_s if self.authed else limits.unauthed_idle_timeout_s
@@ -448,6 +455,22 @@ class Connection(asyncio.Protocol, Lifecycle):
                 self.metrics.idle_closes += 1
                 self.take_no_more()
                 self.shut()
+
+    def _awaiting_continue(self) -> bool:
+        """Whether the request being read asked for a 100 Continue not sent
+        yet (owed behind earlier replies, a long poll's among them): its
+        client may wait for it to send the body, so the head deadline does
+        not run.  Once it is out (nothing queues after it while its request
+        is read), the deadline runs from its write, or from the sweep that
+        counted the write (_count_activity)."""
+        if self.continue_owed:
+            return True
+        if self.continue_queued:
+            if self.waiting:
+                return True
+            self.continue_queued = False
+            self.head_started_at = max(self.head_started_at, self.last_active_at)
+        return False
 
     def _count_activity(self, now):
         """Reads and writes done in C (Pipeline.quick, a batch's replies)
