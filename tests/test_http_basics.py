@@ -243,10 +243,10 @@ def test_the_head_deadline_runs_again_from_a_held_100_continue(start_server, cre
 def test_a_slow_head_s_100_continue_gives_the_body_the_whole_head_deadline(
         start_server, cred):
     """A 100 sent at once still comes only once the head is whole: the
-    body's deadline runs from it.  The head takes 2 s of the 3 s deadline,
-    the body comes 2.2 s after the 100 (4.2 s after the head began, a
-    second past the deadline from the first byte, so that the server's
-    sweep, about once a second, would see it)."""
+    body's deadline runs from it.  The head takes 1.6 s of the 3 s
+    deadline, the body comes 2.2 s after the 100 (3.8 s after the head
+    began, 0.8 s past the deadline from the first byte: more than the
+    server's sweep interval, 0.75 s here, so that a sweep would see it)."""
     s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "3"})
     s.mod(cred, 10)
     head = request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
@@ -264,6 +264,95 @@ def test_a_slow_head_s_100_continue_gives_the_body_the_whole_head_deadline(
         c.send(b"{}")
         r = c.response()
         assert (r.status, r.json) == (200, {"tot": 9, "seq": 2}), r
+
+
+def head_timeouts(s) -> int:
+    """The server's count of connections cut by HEAD_TIMEOUT_S (/metrics)."""
+    for line in s.get("/metrics").body.decode().splitlines():
+        if line.startswith("accman_head_timeouts_total "):
+            return int(line.split()[1])
+    raise AssertionError("no accman_head_timeouts_total in /metrics")
+
+
+def test_a_head_after_a_100_continue_s_request_has_its_own_deadline(start_server, cred):
+    """The request that asked for the 100 (an /events long poll of 6 s,
+    with a body) ends in the read that begins the next one: that next
+    head's deadline (1 s) runs from that read, not held off by the 100 of
+    the request before it until the poll ends.  Its 100 waits behind a mod
+    (on the embedded store answered in C with the batch's completion)."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "1"})
+    with s.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=1")
+               + request_bytes("GET", "/events?after=1&wait=6",
+                               [("Expect", "100-continue"), ("Content-Length", "1")]))
+        assert c.response().status == 200
+        while len(c.buf) < len(CONTINUE):
+            c._fill()
+        assert c.buf.startswith(CONTINUE), c.buf
+        c.buf = c.buf[len(CONTINUE):]
+        c.send(b"x" + get(f"/tot?cred={cred}")[:20])
+        deadline = time.monotonic() + 4
+        while head_timeouts(s) == 0:
+            assert time.monotonic() < deadline, "the next head ran no deadline"
+            time.sleep(0.1)
+        # The poll (the mod's event, 1, was the newest) is answered, then the 408.
+        c.closed_by_peer(10)
+        replies = parse_responses(c.buf)
+        assert [r.status for r in replies] == [200, 408]
+        assert replies[0].json["events"] == [], replies[0].json
+
+
+def test_a_head_begun_in_the_read_that_ends_a_request_has_its_whole_deadline(
+        start_server):
+    """The deadline (2 s) of a head that begins in the read that ends the
+    request before it runs from that read: the second head takes 1.4 s and
+    is served, though it ends 2.6 s after the first head began."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "2"})
+    with s.connect() as c:
+        c.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(1.2)
+        c.send(b"\r\nGET /health HTTP/1.1\r\n")
+        time.sleep(1.4)
+        c.send(b"Host: 127.0.0.1\r\n\r\n")
+        assert [r.status for r in c.responses(2)] == [200, 200]
+
+
+def test_a_100_continue_sent_once_reading_resumes_starts_the_body_s_deadline(
+        start_server, cred):
+    """A head held back behind a long poll (reading paused) gets its 100
+    when the poll ends and reading resumes: its body's deadline (1 s) runs
+    from there, cut with 408, not left to the idle time (8 s)."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "1", "ACCMAN_IDLE_TIMEOUT_S": "8"})
+    s.mod(cred, 10)
+    with s.connect() as c:
+        c.send(get("/events?after=0&wait=2") + get("/health")
+               + request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                               [("Expect", "100-continue"), ("Content-Length", "2")]))
+        assert [r.status for r in c.responses(2)] == [200, 200]
+        while len(c.buf) < len(CONTINUE):
+            c._fill()
+        assert c.buf.startswith(CONTINUE), c.buf
+        continued_at = time.monotonic()
+        c.buf = c.buf[len(CONTINUE):]
+        c.closed_by_peer(15)
+        waited = time.monotonic() - continued_at
+        assert [r.status for r in parse_responses(c.buf)] == [408], c.buf
+    assert 0.5 < waited < 5, waited
+    assert s.tot(cred) == 10
+
+
+def test_no_100_continue_once_the_connection_takes_nothing_more(start_server, cred):
+    """A `Connection: close` request before it ends the connection: the
+    request after it is never read, and asks for no body."""
+    s = start_server()
+    with s.connect() as c:
+        c.send(get("/events?after=0&wait=1")
+               + request_bytes("GET", "/health", [("Connection", "close")])
+               + request_bytes("PATCH", f"/mod?cred={cred}&by=1",
+                               [("Expect", "100-continue"), ("Content-Length", "2")]))
+        assert c.closed_by_peer(10)
+        assert b"100 Continue" not in c.buf, c.buf
+        assert [r.status for r in parse_responses(c.buf)] == [200, 200]
 
 
 def test_a_body_read_with_its_head_gets_its_final_reply_alone(start_server, cred):

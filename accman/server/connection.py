@@ -22,7 +22,8 @@ Bounds (accman/limits.py, ServerLimits): requests unanswered per connection
 (PIPELINE_REQUESTS_MAX: at most that many are parsed, the rest of a read is
 held unparsed and reading pauses), reply bytes buffered per connection, the
 server-wide buffered bytes, the head deadline, the idle time (shorter before
-a request has authenticated).  The state machine is accman/server/state.py.
+a request has authenticated; accman/server/deadlines.py).  The state machine
+is accman/server/state.py.
 
 Nothing here logs a request line, a credential or a token.
 """
@@ -35,6 +36,7 @@ from hmac import compare_digest
 from accman.server._pipeline import Pipeline
 from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_METRICS,
                                  ROUTE_MOD, ROUTE_SETTLE, ROUTE_TOT, Parser)
+from accman.server.deadlines import Deadlines
 from accman.server.replies import CLOSE, CONTINUE, KEEP, KEEP10
 from accman.server.routes import Slot
 from accman.server.state import CLOSED, OPEN, SHUT, Lifecycle
@@ -46,7 +48,7 @@ _AT_ITS_TURN = frozenset((ROUTE_HEALTH, ROUTE_METRICS, ROUTE_EVENTS))
 _WRITES = frozenset((ROUTE_MOD, ROUTE_HOLD, ROUTE_SETTLE))
 
 
-class Connection(asyncio.Protocol, Lifecycle):
+class Connection(asyncio.Protocol, Lifecycle, Deadlines):
     __slots__ = ("server", "routes", "metrics", "pipeline_max", "write_buffer_max", "parser",
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "write_paused", "write_paused_at", "head_started_at",
@@ -139,7 +141,7 @@ class Connection(asyncio.Protocol, Lifecycle):
             if not self.waiting and self.backlog is None:
                 if len(reqs) == 1 and self._fast(reqs):
                     if self.head_started_at or self.parser.pending:
-                        self._partial(now)
+                        self._partial(now, True)
                         out = []
                         self._continue(out)
                         if out:
@@ -149,19 +151,21 @@ class Connection(asyncio.Protocol, Lifecycle):
             if reqs:
                 self._take(reqs, 0, out)
                 self.waiting.drain(out)
-            self._partial(now)
+            self._partial(now, bool(reqs))
             self._continue(out)
             self.finish(out)
         except Exception as e:  # a bug, not the client's fault: say so, close
             self.server.internal_error(self, e)
 
-    def _partial(self, now):
-        """The head deadline runs from the first byte of a request; later
-        bytes do not reset it."""
+    def _partial(self, now, completed):
+        """The head deadline runs from the first byte of a request: from this
+        read when it `completed` a request before it; later bytes do not
+        reset it.  A completed request's 100 Continue is no longer awaited."""
+        if completed:
+            self.continue_queued = False
         if not self.parser.pending:
             self.head_started_at = 0.0
-            self.continue_queued = False
-        elif not self.head_started_at:
+        elif completed or not self.head_started_at:
             self.head_started_at = now
 
     # --- requests ---
@@ -289,6 +293,9 @@ class Connection(asyncio.Protocol, Lifecycle):
         (_awaiting_continue)."""
         if self.parser.take_continue():
             self.continue_owed = True
+        if self.state != OPEN:
+            self.continue_owed = False      # nothing more is read: no body to ask for
+            return
         if not self.continue_owed or self.backlog is not None or self.parser.held_bytes:
             return
         self.continue_owed = False
@@ -297,7 +304,6 @@ class Connection(asyncio.Protocol, Lifecycle):
             self.continue_queued = True
         else:
             out.append(CONTINUE)
-            self.head_started_at = self._time()
 
     def _pump(self, out):
         """Take the requests held back (parsed in `backlog`, then unparsed in
@@ -356,6 +362,9 @@ class Connection(asyncio.Protocol, Lifecycle):
                 return
         self.server.account(self)
         self.update_reading()
+        if out and out[-1] is CONTINUE and self.parser.pending:
+            self.continue_queued = False        # the body's deadline runs from its 100
+            self.head_started_at = self.last_active_at
         if self.write_paused or self.flush_soon:
             return
         if self.waiting.held or (
@@ -403,93 +412,6 @@ class Connection(asyncio.Protocol, Lifecycle):
             self.token_roles = roles
             self.authed = True
         return roles
-
-    # --- timers: the server's sweep calls this about once a second ---
-
-    def sweep(self, now):
-        state = self.state
-        if state == CLOSED:
-            return
-        limits = self.server.limits
-        self._count_activity(now)
-        if self.write_paused:
-            # The client stopped reading its replies: a connection that makes
-            # no progress for the idle time is dropped.
-            if now - self.write_paused_at >= limits.idle_timeout_s:
-                self.metrics.idle_closes += 1
-                self.abort()
-            return
-        if state == SHUT:
-            # Lingering ends after LINGER_S once the replies are out; a client
-            # that never reads them does not keep it past the idle time.
-            waited = now - self.shut_at
-            if waited >= limits.idle_timeout_s:
-                self.abort()
-            elif waited >= limits.linger_s and not self.transport.get_write_buffer_size():
-                self.transport.close()
-            return
-        if state == OPEN:               # a draining one ends when its replies are out
-            self._sweep_open(now, limits)
-
-    def _sweep_open(self, now, limits):
-        """An open connection's bounds: held back by the budget, its head's
-        deadline, its idle time."""
-        if self.read_paused and self.server.over_budget and not self.waiting and self.owes():
-            # Held back by SERVER_BUFFER_BYTES_MAX with nothing in flight: a
-            # client that has gone is not seen while it is not read, and its
-            # held bytes would keep the budget spent for good.  No progress
-            # for the idle time: dropped (nothing it holds was taken).
-            if now - self.last_active_at >= limits.idle_timeout_s:
-                self.metrics.idle_closes += 1
-                self.abort()
-            elif not self.transport.get_write_buffer_size():
-                self.flush()                # its client has read what it was sent: go on
-            return
-        if self.head_started_at:
-            if (not self.read_paused and not self._awaiting_continue()
-                    and now - self.head_started_at >= limits.head_timeout_s):
-                self._head_timeout()
-        elif not self.owes():
-            idle_s = limits.idle_timeout_s if self.authed else limits.unauthed_idle_timeout_s
-            if now - self.last_active_at >= idle_s:
-                self.metrics.idle_closes += 1
-                self.take_no_more()
-                self.shut()
-
-    def _awaiting_continue(self) -> bool:
-        """Whether the request being read asked for a 100 Continue not sent
-        yet (owed behind earlier replies, a long poll's among them): its
-        client may wait for it to send the body, so the head deadline does
-        not run.  Once it is out (nothing queues after it while its request
-        is read), the deadline runs from its write, or from the sweep that
-        counted the write (_count_activity)."""
-        if self.continue_owed:
-            return True
-        if self.continue_queued:
-            if self.waiting:
-                return True
-            self.continue_queued = False
-            self.head_started_at = max(self.head_started_at, self.last_active_at)
-        return False
-
-    def _count_activity(self, now):
-        """Reads and writes done in C (Pipeline.quick, a batch's replies)
-        read no clock: the sweep that sees them counts them as activity
-        now, never early."""
-        activity = self.waiting.activity
-        if activity != self.activity_seen:
-            self.activity_seen = activity
-            self.last_active_at = now
-
-    def _head_timeout(self):
-        self.metrics.head_timeouts += 1
-        self.take_no_more()
-        self.last_reply(self.routes.error(
-            "none", 408, "timeout",
-            f"the request (its head, and the body its Content-Length announces) did not "
-            f"arrive whole within HEAD_TIMEOUT_S "
-            f"({self.server.limits.head_timeout_s:g} s)", CLOSE,
-            head=self.parser.pending_head))
 
     def last_reply(self, reply):
         """Sends `reply` (a closing one) after every reply still owed."""
