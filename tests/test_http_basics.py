@@ -324,8 +324,9 @@ def test_a_100_continue_sent_once_reading_resumes_starts_the_body_s_deadline(
     from there, cut with 408, not left to the idle time (8 s)."""
     s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "1", "ACCMAN_IDLE_TIMEOUT_S": "8"})
     s.mod(cred, 10)
+    newest = s.get("/events?after=0").json["next"]
     with s.connect() as c:
-        c.send(get("/events?after=0&wait=2") + get("/health")
+        c.send(get(f"/events?after={newest}&wait=2") + get("/health")
                + request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
                                [("Expect", "100-continue"), ("Content-Length", "2")]))
         assert [r.status for r in c.responses(2)] == [200, 200]
@@ -339,6 +340,33 @@ def test_a_100_continue_sent_once_reading_resumes_starts_the_body_s_deadline(
         assert [r.status for r in parse_responses(c.buf)] == [408], c.buf
     assert 0.5 < waited < 5, waited
     assert s.tot(cred) == 10
+
+
+def test_a_100_continue_written_with_a_batch_s_replies_starts_the_body_s_deadline(
+        start_server, cred):
+    """A 100 queued behind mods filling the pipeline (reading paused, then
+    resumed by the first batch, which zeroes the head clock) goes out with
+    a later batch's replies, written in C: the body's deadline (1 s) still
+    runs from it, a 408 and not the idle time (6 s)."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "1", "ACCMAN_IDLE_TIMEOUT_S": "6"})
+    s.mod(cred, 1000)
+    with s.connect() as c:
+        c.send(b"".join(patch(f"/mod?cred={cred}&by=-1") for _ in range(62)))
+        time.sleep(0.0005)
+        c.send(patch(f"/mod?cred={cred}&by=-1")
+               + request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                               [("Expect", "100-continue"), ("Content-Length", "2")]))
+        assert [r.status for r in c.responses(63)] == [200] * 63
+        while len(c.buf) < len(CONTINUE):
+            c._fill()
+        assert c.buf.startswith(CONTINUE), c.buf
+        continued_at = time.monotonic()
+        c.buf = c.buf[len(CONTINUE):]
+        c.closed_by_peer(15)
+        waited = time.monotonic() - continued_at
+        assert [r.status for r in parse_responses(c.buf)] == [408], c.buf
+    assert waited < 4, waited
+    assert s.tot(cred) == 1000 - 63
 
 
 def test_no_100_continue_once_the_connection_takes_nothing_more(start_server, cred):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # - 503 `shutting_down`: the reply to what a stopping server holds back
 #   (connection.stop) or is sent (routes._mod);
 # - the framing errors of the request parser (ext/wire.pyx `_fail`: its
-#   last request) and the head deadline (connection._head_timeout).  A 400
+#   last request) and the head deadline (deadlines._head_timeout).  A 400
 #   for a bad query value does not close unless the server stops, and then
 #   it takes nothing after it either.
 # A 500 is not among them: on an internal error the server answers 500 and

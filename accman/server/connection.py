@@ -140,7 +140,7 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
             self.last_active_at = now
             if not self.waiting and self.backlog is None:
                 if len(reqs) == 1 and self._fast(reqs):
-                    if self.head_started_at or self.parser.pending:
+                    if self.head_started_at or self.parser.pending or self.continue_queued:
                         self._partial(now, True)
                         out = []
                         self._continue(out)
@@ -329,6 +329,7 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
                 self.waiting.pass_left -= len(reqs)     # a pass's share is of its charges
                 if not reqs:
                     return
+                self._partial(self._time(), True)
             taken += len(reqs) - i
             self._take(reqs, i, out)
             self.waiting.drain(out)

@@ -52,8 +52,9 @@ class Deadlines:
             elif not self.transport.get_write_buffer_size():
                 self.flush()                # its client has read what it was sent: go on
             return
+        awaiting = self._awaiting_continue()        # may start the clock
         if self.head_started_at:
-            if (not self.read_paused and not self._awaiting_continue()
+            if (not self.read_paused and not awaiting
                     and now - self.head_started_at >= limits.head_timeout_s):
                 self._head_timeout()
         elif not self.owes():
@@ -76,7 +77,8 @@ class Deadlines:
             if self.waiting:
                 return True
             self.continue_queued = False
-            self.head_started_at = max(self.head_started_at, self.last_active_at)
+            if self.parser.pending:         # a resume may have zeroed the clock since
+                self.head_started_at = max(self.head_started_at, self.last_active_at)
         return False
 
     def _count_activity(self, now):
@@ -97,4 +99,3 @@ class Deadlines:
             f"arrive whole within HEAD_TIMEOUT_S "
             f"({self.server.limits.head_timeout_s:g} s)", CLOSE,
             head=self.parser.pending_head))
-
