@@ -74,6 +74,17 @@ def test_a_test_pg_dir_postgresql_cannot_use_is_refused_naming_why(
         suite_parent_dir()
 
 
+def mount(fstype, path):
+    """A file system of `fstype` (a tmpfs of 8 MiB) mounted at `path`."""
+    size = ["-o", "size=8m"] if fstype == "tmpfs" else []
+    subprocess.run(["mount", "-t", fstype, *size, fstype, str(path)], check=True)
+
+
+def umount(path):
+    # Lazy: a file the test still holds open does not keep it mounted.
+    subprocess.run(["umount", "-l", str(path)])
+
+
 def test_memory_is_a_tmpfs_with_the_room_asked_for(tmp_path):
     """Mounted by the test: a ramfs holding a tmpfs, so that which one a
     path is on does not depend on the machine's own mounts."""
@@ -81,15 +92,13 @@ def test_memory_is_a_tmpfs_with_the_room_asked_for(tmp_path):
         pytest.skip("mounting a file system needs root (CI runs as root)")
     outer, mem = tmp_path / "outer", tmp_path / "outer" / "mem"
     outer.mkdir()
-    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(outer)], check=True)
+    mount("ramfs", outer)
     try:
         mem.mkdir()
         (outer / "memo").mkdir()
         (outer / "a b").mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mem)],
-                       check=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(outer / "a b")],
-                       check=True)
+        mount("tmpfs", mem)
+        mount("tmpfs", outer / "a b")
         (mem / "sub").mkdir()
         assert in_memory(str(mem), 4 << 20) and in_memory(str(mem / "sub"), 4 << 20)
         assert not in_memory(str(mem), 16 << 20)
@@ -101,7 +110,7 @@ def test_memory_is_a_tmpfs_with_the_room_asked_for(tmp_path):
         assert not in_memory(str(mem / "absent"), 0)
     finally:
         for m in (mem, outer / "a b", outer):
-            subprocess.run(["umount", "-l", str(m)])
+            umount(m)
 
 
 def owner_held(d):
@@ -149,7 +158,7 @@ def test_memory_s_orphans_are_removed_before_its_room_is_judged(tmp_path, monkey
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mem = tmp_path / "shm"
     mem.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mem)], check=True)
+    mount("tmpfs", mem)
     try:
         orphan = mem / "accman-pg-x1"
         orphan.mkdir()
@@ -162,7 +171,7 @@ def test_memory_s_orphans_are_removed_before_its_room_is_judged(tmp_path, monkey
         monkeypatch.setattr(pgcluster, "MEMORY_FREE_MIN_BYTES", 16 << 20)
         assert suite_parent_dir() is None
     finally:
-        subprocess.run(["umount", "-l", str(mem)])
+        umount(mem)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert 0 < pgcluster._memory_available() <= total
 
