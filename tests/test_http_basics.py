@@ -321,6 +321,29 @@ def test_a_head_begun_in_the_read_that_ends_a_request_has_its_whole_deadline(
         assert [r.status for r in c.responses(2)] == [200, 200]
 
 
+def test_a_head_begun_while_reading_is_paused_has_its_deadline_after_the_resume(
+        start_server, cred):
+    """A head cut short in bytes held while reading is paused (a pipeline
+    of 2, full with a mod and a long poll of 4 s) is parsed once the mod's
+    reply makes room, and reading resumes: its deadline (1 s) runs from
+    the resume, though the poll's reply is still owed, not left until the
+    poll ends and then to the idle time (75 s).  The 408 follows the
+    poll's reply."""
+    s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "1", "ACCMAN_PIPELINE_REQUESTS_MAX": "2"})
+    with s.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=1") + get("/events?after=1&wait=4")
+               + get(f"/tot?cred={cred}")[:20])
+        assert c.response().status == 200
+        deadline = time.monotonic() + 3
+        while head_timeouts(s) == 0:
+            assert time.monotonic() < deadline, "the head ran no deadline after the resume"
+            time.sleep(0.1)
+        c.closed_by_peer(10)
+        replies = parse_responses(c.buf)
+        assert [r.status for r in replies] == [200, 408], c.buf
+        assert replies[0].json["events"] == [], replies[0].json
+
+
 def test_a_100_continue_sent_once_reading_resumes_starts_the_body_s_deadline(
         start_server, cred):
     """A head held back behind a long poll (reading paused) gets its 100

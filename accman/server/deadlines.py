@@ -77,7 +77,7 @@ class Deadlines:
             if self.waiting:
                 return True
             self.continue_queued = False
-            if self.parser.pending:         # a resume may have zeroed the clock since
+            if self.parser.pending:         # from the 100's write, or a resume after it
                 self.head_started_at = max(self.head_started_at, self.last_active_at)
         return False
 

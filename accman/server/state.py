@@ -143,6 +143,8 @@ class Lifecycle:
                 self.transport.pause_reading()
                 server.paused.add(self)
             else:
-                self.head_started_at = 0.0
+                # The head deadline does not count the pause, the server's
+                # own: a head begun starts it again from now.
+                self.head_started_at = server.loop.time() if self.parser.pending else 0.0
                 self.transport.resume_reading()
                 server.paused.discard(self)
