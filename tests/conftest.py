@@ -87,8 +87,19 @@ class Conn:
     """A raw client connection with a receive buffer; `response()` reads
     exactly one HTTP/1.1 response (Content-Length framed)."""
 
-    def __init__(self, host, port, timeout=10.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host, port, timeout=10.0, rcvbuf=None):
+        if rcvbuf is None:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        else:
+            # Set before connect: TCP's window scale is fixed at the
+            # handshake, and a buffer shrunk after it is advertised past
+            # what it holds (Linux then drops what overflows it, and the
+            # two sides can stop for good: TCPRcvQDrop in nstat).
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
 
@@ -247,8 +258,8 @@ class ServerProc:
     def pid(self):
         return self.proc.pid
 
-    def connect(self, timeout=10.0) -> Conn:
-        return Conn(self.host, self.port, timeout)
+    def connect(self, timeout=10.0, rcvbuf=None) -> Conn:
+        return Conn(self.host, self.port, timeout, rcvbuf)
 
     def request(self, method, target, headers=(), body=b"", token=None,
                 version="HTTP/1.1") -> Response:
