@@ -51,10 +51,10 @@ _WRITES = frozenset((ROUTE_MOD, ROUTE_HOLD, ROUTE_SETTLE))
 class Connection(asyncio.Protocol, Lifecycle, Deadlines):
     __slots__ = ("server", "routes", "metrics", "pipeline_max", "write_buffer_max", "parser",
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
-                 "read_paused", "write_paused", "write_paused_at", "head_started_at",
-                 "last_active_at", "shut_at", "token", "token_roles", "authed", "buffered",
-                 "flush_soon", "continue_owed", "continue_queued", "reserved", "until_drained",
-                 "activity_seen", "reads_owed")
+                 "read_paused", "read_paused_at", "write_paused", "write_paused_at",
+                 "head_started_at", "last_active_at", "shut_at", "token", "token_roles",
+                 "authed", "buffered", "flush_soon", "continue_owed", "continue_queued",
+                 "reserved", "until_drained", "activity_seen", "reads_owed")
 
     def __init__(self, server):
         self.server = server
@@ -74,6 +74,7 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
                                 self.pipeline_max)
         self.backlog = None         # (requests, index) parsed but not yet taken
         self.read_paused = False
+        self.read_paused_at = 0.0
         self.write_paused = False
         self.write_paused_at = 0.0
         self.head_started_at = 0.0  # 0: no partial request buffered

@@ -33,8 +33,8 @@ OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
 
 class Lifecycle:
     """The transitions, mixed into Connection, whose attributes they use:
-    state, eof, read_paused, write_paused, waiting, backlog, parser,
-    transport, server, routes."""
+    state, eof, read_paused, read_paused_at, write_paused, waiting, backlog,
+    parser, head_started_at, transport, server, routes."""
 
     __slots__ = ()
 
@@ -139,12 +139,24 @@ class Lifecycle:
                  or (server.over_budget and self.buffered > 0))
         if pause != self.read_paused:
             self.read_paused = pause
+            now = server.loop.time()
             if pause:
+                self.read_paused_at = now
                 self.transport.pause_reading()
                 server.paused.add(self)
             else:
-                # The head deadline does not count the pause, the server's
-                # own: a head begun starts it again from now.
-                self.head_started_at = server.loop.time() if self.parser.pending else 0.0
+                self._head_clock_resumed(now)
                 self.transport.resume_reading()
                 server.paused.discard(self)
+
+    def _head_clock_resumed(self, now) -> None:
+        """The head deadline does not run while the server holds reading
+        back (its own back-pressure): a head begun keeps the time it had
+        run before the pause, none of the pause counted, and one begun
+        meanwhile (its bytes held) starts now."""
+        if not self.parser.pending:
+            self.head_started_at = 0.0
+        elif self.head_started_at:
+            self.head_started_at = now - max(0.0, self.read_paused_at - self.head_started_at)
+        else:
+            self.head_started_at = now
