@@ -396,6 +396,28 @@ def test_no_100_continue_once_the_connection_takes_nothing_more(start_server, cr
         assert [r.status for r in parse_responses(c.buf)] == [200, 200]
 
 
+def test_a_stop_withdraws_a_100_continue_held_behind_a_long_poll(start_server, cred):
+    """A stop takes no body more: the 100 waiting behind a long poll is not
+    sent, and its request, whole but for its body, is answered `503
+    shutting_down` after the poll's reply (ended by the stop), as a request
+    held back is; nothing is applied."""
+    s = start_server()
+    s.mod(cred, 10)
+    newest = s.get("/events?after=0").json["next"]
+    with s.connect() as c:
+        c.send(get(f"/events?after={newest}&wait=30")
+               + request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                               [("Expect", "100-continue"), ("Content-Length", "2")]))
+        time.sleep(1)               # both read: the 100 waits behind the poll
+        assert s.stop() == 0
+        assert c.closed_by_peer(10)
+    assert CONTINUE not in c.buf, c.buf
+    replies = parse_responses(c.buf)
+    assert [r.status for r in replies] == [200, 503], c.buf
+    assert replies[0].json["events"] == [] and replies[1].json["error"] == "shutting_down"
+    assert start_server().tot(cred) == 10
+
+
 def test_a_body_read_with_its_head_gets_its_final_reply_alone(start_server, cred):
     """The 100 Continue asks for a body the server does not have: one that
     came with its head, in the same read, has nothing left to ask for, and

@@ -26,7 +26,7 @@ connection drains.  Nothing else pauses or resumes reading.
 from __future__ import annotations
 
 from accman.server._wire import ROUTE_EVENTS
-from accman.server.replies import CLOSE
+from accman.server.replies import CLOSE, CONTINUE
 
 OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
 
@@ -54,6 +54,8 @@ class Lifecycle:
             return
         held = self.backlog is not None or self.parser.held_bytes > 0
         head = held and self._held_head()
+        if not held and self._continue_withdrawn():
+            held, head = True, self.parser.pending_head
         self.take_no_more()
         if not held:
             self.finish([])
@@ -70,6 +72,20 @@ class Lifecycle:
             return reqs[i].head
         reqs = self.parser.more(1)      # the connection ends: nothing else reads on
         return reqs[0].head if reqs else self.parser.pending_head
+
+    def _continue_withdrawn(self) -> bool:
+        """A stop takes no body: a 100 Continue still queued behind earlier
+        replies (the last in `waiting` while its request is read) is taken
+        back, and its request is answered as one held back."""
+        waiting = self.waiting
+        if not (self.continue_queued and waiting):
+            return False
+        tail = waiting[-1]
+        if tail is None or tail.reply is not CONTINUE:
+            return False                    # gone out already: its body may be coming
+        waiting.pop()
+        self.continue_queued = False
+        return True
 
     def peer_eof(self) -> None:
         """The client half-closed: it still gets the replies it is owed."""
