@@ -346,6 +346,15 @@ def _initdb(data: Path) -> None:
     _run(["cp", "-a", str(_made_once), str(data)])
 
 
+def _memory_conf(base: Path) -> dict:
+    """A cluster kept in memory keeps its dynamic shared memory in its own
+    directory (pg_dynshmem), removed with it: the POSIX segments of the
+    default outlive a server that a test kills with SIGKILL, in /dev/shm,
+    for good.  On a disk, the default: there mmap's files would be written
+    back (PostgreSQL's documentation advises against it)."""
+    return {"dynamic_shared_memory_type": "mmap"} if _fs_type(str(base)) == "tmpfs" else {}
+
+
 class Cluster:
     """One PostgreSQL server (a primary or a standby) in `base/name`."""
 
@@ -375,7 +384,7 @@ class Cluster:
         c = cls(base, name, free_port(), owns_base=owns)
         try:
             _initdb(c.data)
-            c.configure({**BASE_CONF, "port": str(c.port),
+            c.configure({**BASE_CONF, **_memory_conf(base), "port": str(c.port),
                          "unix_socket_directories": f"'{base}'", **(conf or {})})
             with open(c.data / "pg_hba.conf", "a") as f:
                 f.write("host replication all 127.0.0.1/32 trust\n")

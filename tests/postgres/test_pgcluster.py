@@ -113,6 +113,23 @@ def test_memory_is_a_tmpfs_with_the_room_asked_for(tmp_path):
             umount(m)
 
 
+def test_a_cluster_in_memory_keeps_its_shared_memory_in_its_directory(monkeypatch):
+    """Its dynamic shared memory's segments are files of its directory, there
+    after a SIGKILL and removed with it, none left in /dev/shm (where the
+    default's POSIX segments of a killed server stay for good)."""
+    if pgcluster._fs_type("/dev/shm") != "tmpfs":
+        pytest.skip("this machine has no tmpfs at /dev/shm")
+    monkeypatch.setattr(pgcluster, "PARENT_DIR", "/dev/shm")
+    c = pgcluster.Cluster.create("killed")
+    try:
+        c.kill()
+        segments = os.listdir(c.data / "pg_dynshmem")
+        assert segments and all(name.startswith("mmap.") for name in segments), segments
+    finally:
+        c.destroy()
+    assert not c.base.exists()
+
+
 def owner_held(d):
     """`d` made as make_dir makes one, its owner file locked by a file
     description of its own, as another process's would be."""
