@@ -10,6 +10,7 @@ test_a_head_begun_while_reading_is_paused_has_its_deadline_after_the_resume."""
 from types import SimpleNamespace
 
 from accman.server._wire import Parser
+from accman.server.connection import Connection
 from accman.server.state import OPEN, Lifecycle
 
 HEAD_BEGUN = b"GET /tot?cred=x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -59,6 +60,11 @@ class Reader(Lifecycle):
     def ran(self) -> float:
         """The seconds the head deadline has run."""
         return self.clock.t - self.head_started_at
+
+
+def test_the_stand_in_s_attributes_are_a_connection_s():
+    """Connection has __slots__: what update_reading uses must be among them."""
+    assert set(vars(Reader())) - {"clock"} <= set(Connection.__slots__)
 
 
 def test_a_head_keeps_the_time_it_ran_before_a_pause_and_none_of_the_pause():

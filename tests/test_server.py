@@ -909,6 +909,7 @@ def test_a_client_that_never_reads_is_dropped_after_the_idle_time(start_server, 
         while time.monotonic() < deadline and not dropped:
             r = s.get("/metrics").body.decode()
             dropped = "accman_idle_closes_total 1" in r and "accman_open_connections 1" in r
+            assert "accman_head_timeouts_total 0" in r, r
             time.sleep(0.1)
         assert dropped, r
 
