@@ -418,6 +418,29 @@ def test_a_stop_withdraws_a_100_continue_held_behind_a_long_poll(start_server, c
     assert start_server().tot(cred) == 10
 
 
+@pytest.mark.parametrize("begun", ["head", "body after its 100"])
+def test_a_request_begun_when_a_stop_comes_is_answered_503(start_server, cred, begun):
+    """Its rest is not read: a head cut short, or a body one byte short
+    after its 100 Continue, gets `503 shutting_down`, not a bare close;
+    nothing is applied."""
+    s = start_server()
+    s.mod(cred, 10)
+    with s.connect() as c:
+        if begun == "head":
+            c.send(patch(f"/mod?cred={cred}&by=-1")[:25])
+        else:
+            c.send(request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                                 [("Expect", "100-continue"), ("Content-Length", "2")]))
+            take_continue(c)
+            c.send(b"{")
+        time.sleep(1)               # read before the stop
+        assert s.stop() == 0
+        assert c.closed_by_peer(10)
+    replies = parse_responses(c.buf)
+    assert [(r.status, r.json["error"]) for r in replies] == [(503, "shutting_down")], c.buf
+    assert start_server().tot(cred) == 10
+
+
 def test_a_body_read_with_its_head_gets_its_final_reply_alone(start_server, cred):
     """The 100 Continue asks for a body the server does not have: one that
     came with its head, in the same read, has nothing left to ask for, and

@@ -45,8 +45,8 @@ class Lifecycle:
             self.backlog = None
 
     def stop(self) -> None:
-        """Shutdown: take no new request; answer the one held back (if any)
-        with 503, send what is owed, then close."""
+        """Shutdown: take no new request; answer the one held back or begun
+        (if any) with 503, send what is owed, then close."""
         if self.state == SHUT:
             self.transport.close()          # no lingering while stopping
             return
@@ -54,7 +54,10 @@ class Lifecycle:
             return
         held = self.backlog is not None or self.parser.held_bytes > 0
         head = held and self._held_head()
-        if not held and self._continue_withdrawn():
+        if not held and self.parser.pending:
+            # A request begun and not yet whole: its rest is not read, nor
+            # asked for, and it is answered as one held back.
+            self._withdraw_continue()
             held, head = True, self.parser.pending_head
         self.take_no_more()
         if not held:
@@ -73,19 +76,15 @@ class Lifecycle:
         reqs = self.parser.more(1)      # the connection ends: nothing else reads on
         return reqs[0].head if reqs else self.parser.pending_head
 
-    def _continue_withdrawn(self) -> bool:
-        """A stop takes no body: a 100 Continue still queued behind earlier
-        replies (the last in `waiting` while its request is read) is taken
-        back, and its request is answered as one held back."""
+    def _withdraw_continue(self) -> None:
+        """A 100 Continue still queued behind earlier replies (the last in
+        `waiting` while its request is read) is taken back."""
         waiting = self.waiting
-        if not (self.continue_queued and waiting):
-            return False
-        tail = waiting[-1]
-        if tail is None or tail.reply is not CONTINUE:
-            return False                    # gone out already: its body may be coming
-        waiting.pop()
+        if self.continue_queued and waiting:
+            tail = waiting[-1]
+            if tail is not None and tail.reply is CONTINUE:
+                waiting.pop()
         self.continue_queued = False
-        return True
 
     def peer_eof(self) -> None:
         """The client half-closed: it still gets the replies it is owed."""

@@ -115,8 +115,8 @@ def test_memory_is_a_tmpfs_with_the_room_asked_for(tmp_path):
 
 def test_a_cluster_in_memory_keeps_its_shared_memory_in_its_directory(monkeypatch):
     """Its dynamic shared memory's segments are files of its directory, there
-    after a SIGKILL and removed with it, none left in /dev/shm (where the
-    default's POSIX segments of a killed server stay for good)."""
+    after a SIGKILL and removed with it (the default's are POSIX segments
+    in /dev/shm, which a killed server leaves there for good)."""
     if pgcluster._fs_type("/dev/shm") != "tmpfs":
         pytest.skip("this machine has no tmpfs at /dev/shm")
     monkeypatch.setattr(pgcluster, "PARENT_DIR", "/dev/shm")
