@@ -281,6 +281,20 @@ def head_timeouts(s) -> int:
     raise AssertionError("no accman_head_timeouts_total in /metrics")
 
 
+def cut_behind_the_poll(c, s, within_s, why):
+    """The head deadline runs out within `within_s` (counted in /metrics)
+    while a long poll is owed; then the poll's reply, with no events, and
+    the 408, and the connection closes."""
+    deadline = time.monotonic() + within_s
+    while head_timeouts(s) == 0:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+    c.closed_by_peer(10)
+    replies = parse_responses(c.buf)
+    assert [r.status for r in replies] == [200, 408], c.buf
+    assert replies[0].json["events"] == [], replies[0].json
+
+
 def test_a_head_after_a_100_continue_s_request_has_its_own_deadline(start_server, cred):
     """The request that asked for the 100 (an /events long poll of 6 s,
     with a body) ends in the read that begins the next one: that next
@@ -295,15 +309,8 @@ def test_a_head_after_a_100_continue_s_request_has_its_own_deadline(start_server
         assert c.response().status == 200
         take_continue(c)
         c.send(b"x" + get(f"/tot?cred={cred}")[:20])
-        deadline = time.monotonic() + 4
-        while head_timeouts(s) == 0:
-            assert time.monotonic() < deadline, "the next head ran no deadline"
-            time.sleep(0.1)
         # The poll (the mod's event, 1, was the newest) is answered, then the 408.
-        c.closed_by_peer(10)
-        replies = parse_responses(c.buf)
-        assert [r.status for r in replies] == [200, 408]
-        assert replies[0].json["events"] == [], replies[0].json
+        cut_behind_the_poll(c, s, 4, "the next head ran no deadline")
 
 
 def test_a_head_begun_in_the_read_that_ends_a_request_has_its_whole_deadline(
@@ -334,14 +341,7 @@ def test_a_head_begun_while_reading_is_paused_has_its_deadline_after_the_resume(
         c.send(patch(f"/mod?cred={cred}&by=1") + get("/events?after=1&wait=4")
                + get(f"/tot?cred={cred}")[:20])
         assert c.response().status == 200
-        deadline = time.monotonic() + 3
-        while head_timeouts(s) == 0:
-            assert time.monotonic() < deadline, "the head ran no deadline after the resume"
-            time.sleep(0.1)
-        c.closed_by_peer(10)
-        replies = parse_responses(c.buf)
-        assert [r.status for r in replies] == [200, 408], c.buf
-        assert replies[0].json["events"] == [], replies[0].json
+        cut_behind_the_poll(c, s, 3, "the head ran no deadline after the resume")
 
 
 def test_a_100_continue_sent_once_reading_resumes_starts_the_body_s_deadline(
