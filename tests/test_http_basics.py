@@ -418,27 +418,48 @@ def test_a_stop_withdraws_a_100_continue_held_behind_a_long_poll(start_server, c
     assert start_server().tot(cred) == 10
 
 
-@pytest.mark.parametrize("begun", ["head", "body after its 100"])
+@pytest.mark.parametrize("begun", ["head", "HEAD's head", "body after its 100"])
 def test_a_request_begun_when_a_stop_comes_is_answered_503(start_server, cred, begun):
     """Its rest is not read: a head cut short, or a body one byte short
-    after its 100 Continue, gets `503 shutting_down`, not a bare close;
-    nothing is applied."""
+    after its 100 Continue, gets `503 shutting_down` and the connection's
+    close, not a bare close (a HEAD's without a body); nothing is applied."""
     s = start_server()
     s.mod(cred, 10)
     with s.connect() as c:
-        if begun == "head":
-            c.send(patch(f"/mod?cred={cred}&by=-1")[:25])
-        else:
+        if begun == "body after its 100":
             c.send(request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
                                  [("Expect", "100-continue"), ("Content-Length", "2")]))
             take_continue(c)
             c.send(b"{")
+        else:
+            method = "HEAD" if begun == "HEAD's head" else "PATCH"
+            c.send(request_bytes(method, f"/mod?cred={cred}&by=-1")[:30])
         time.sleep(1)               # read before the stop
         assert s.stop() == 0
         assert c.closed_by_peer(10)
-    replies = parse_responses(c.buf)
-    assert [(r.status, r.json["error"]) for r in replies] == [(503, "shutting_down")], c.buf
+    if begun == "HEAD's head":
+        status, headers = head_only(c)
+        assert (status, c.buf) == (503, b""), c.buf
+    else:
+        [reply] = parse_responses(c.buf)
+        status, headers = reply.status, reply.headers
+        assert reply.json["error"] == "shutting_down", c.buf
+    assert (status, headers["connection"]) == (503, "close"), c.buf
     assert start_server().tot(cred) == 10
+
+
+def test_blank_lines_held_at_a_stop_are_no_request(start_server):
+    """Bytes held back by the pipeline cap that are only blank lines hold
+    no request: the stop answers the poll before them and closes, with no
+    503 for a request nobody made."""
+    s = start_server(env={"ACCMAN_PIPELINE_REQUESTS_MAX": "1"})
+    newest = s.get("/events?after=0").json["next"]
+    with s.connect() as c:
+        c.send(get(f"/events?after={newest}&wait=30") + b"\r\n")
+        time.sleep(1)               # read before the stop
+        assert s.stop() == 0
+        assert c.closed_by_peer(10)
+    assert [r.status for r in parse_responses(c.buf)] == [200], c.buf
 
 
 def test_a_body_read_with_its_head_gets_its_final_reply_alone(start_server, cred):

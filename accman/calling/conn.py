@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 # - 401: a request without a valid token (routes._access);
 # - 503 `busy`: the refusal of a full server as the connection opens
 #   (server._refusal), and back-pressure answered while it stops;
-# - 503 `shutting_down`: the reply to what a stopping server holds back
-#   (connection.stop) or is sent (routes._mod);
+# - 503 `shutting_down`: the reply to what a stopping server holds back or
+#   has begun to read (Lifecycle.stop, accman/server/state.py) or is sent
+#   (routes._mod);
 # - the framing errors of the request parser (ext/wire.pyx `_fail`: its
 #   last request) and the head deadline (deadlines._head_timeout).  A 400
 #   for a bad query value does not close unless the server stops, and then

@@ -34,7 +34,7 @@ OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
 class Lifecycle:
     """The transitions, mixed into Connection, whose attributes they use:
     state, eof, read_paused, read_paused_at, write_paused, waiting, backlog,
-    parser, head_started_at, transport, server, routes."""
+    parser, head_started_at, continue_queued, transport, server, routes."""
 
     __slots__ = ()
 
@@ -52,29 +52,32 @@ class Lifecycle:
             return
         if self.state != OPEN:
             return
-        held = self.backlog is not None or self.parser.held_bytes > 0
-        head = held and self._held_head()
-        if not held and self.parser.pending:
-            # A request begun and not yet whole: its rest is not read, nor
-            # asked for, and it is answered as one held back.
-            self._withdraw_continue()
-            held, head = True, self.parser.pending_head
+        head = self._held_request()
         self.take_no_more()
-        if not held:
+        if head is None:
             self.finish([])
             return
         self.last_reply(self.routes.error(
             "none", 503, "shutting_down", "the server is shutting down; retry on another", CLOSE,
             head=head))
 
-    def _held_head(self) -> bool:
-        """Whether the request a stop answers is a HEAD, whose reply has no
-        body (RFC 9112 6.3): the first held back, parsed or not yet."""
+    def _held_request(self) -> bool | None:
+        """The request a stop answers: the first held back, parsed or not
+        yet, else one begun and not yet whole (its rest is not read, nor
+        asked for: a 100 Continue queued for it is taken back).  Whether it
+        is a HEAD, whose reply has no body (RFC 9112 6.3); None when there
+        is none (held bytes that are only blank lines hold no request)."""
         if self.backlog is not None:
             reqs, i = self.backlog
             return reqs[i].head
-        reqs = self.parser.more(1)      # the connection ends: nothing else reads on
-        return reqs[0].head if reqs else self.parser.pending_head
+        if self.parser.held_bytes:
+            reqs = self.parser.more(1)  # the connection ends: nothing else reads on
+            if reqs:
+                return reqs[0].head
+        if not self.parser.pending:
+            return None
+        self._withdraw_continue()
+        return self.parser.pending_head
 
     def _withdraw_continue(self) -> None:
         """A 100 Continue still queued behind earlier replies (the last in
