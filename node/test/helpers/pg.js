@@ -29,11 +29,16 @@ const PG_LIB = '/usr/lib/postgresql'
 const START_TIMEOUT_S = 60
 const STOP_MODES = ['smart', 'fast', 'immediate']
 // What every test server runs with: small shared memory (servers of other
-// tests may run beside it on a small machine), durability as in production.
+// tests may run beside it on a small machine), durability as in production,
+// and its dynamic shared memory in files of its own directory (pg_dynshmem),
+// removed with it: the default's POSIX segments outlive a server that kill()
+// ends, in /dev/shm, for good.  (No benchmark runs on these: mmap's files,
+// which the kernel writes back, cost nothing the tests measure.)
 const CONF = {
   listen_addresses: "'127.0.0.1'",
   max_connections: '200',
   shared_buffers: "'128MB'",
+  dynamic_shared_memory_type: 'mmap',
   synchronous_commit: 'on',
   fsync: 'on',
   log_min_messages: 'warning',
