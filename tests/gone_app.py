@@ -10,7 +10,9 @@ Every route but /seen takes `id` (the test's name for the request):
 - /listen?s=S reads the body, works S seconds, reads `receive()` once
   more and answers (to nobody, once the consumer has gone);
 - /idle?s=S never reads `receive()` at all, not even the body: notes
-  "started", works S seconds and answers.
+  "started", works S seconds and answers;
+- /at_once answers as it starts, awaiting nothing before its response
+  (notes "started"): the middleware's watch gets no turn from it.
 
 /seen?id=ID (exempt) answers, as a JSON list, what the app did for that
 request so far: its body messages, the type of each later message it
@@ -50,6 +52,11 @@ async def service(scope, receive, send):
     if scope["path"] == "/seen":
         return await answer(send, text=json.dumps(SEEN.get(query["id"], [])).encode())
     seen = SEEN.setdefault(query["id"], [])
+    if scope["path"] == "/at_once":
+        seen.append("started")
+        await answer(send)
+        seen.append("answered")
+        return
     if scope["path"] == "/idle":
         seen.append("started")
     else:

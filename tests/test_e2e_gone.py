@@ -159,6 +159,26 @@ def test_a_consumer_gone_before_the_response_is_not_charged(stack, mode, path, u
 
 
 @pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_consumer_gone_while_accman_answers_is_not_charged_by_an_app_at_once(stack, mode):
+    """The consumer leaves while the middleware waits for AccMan (stopped
+    for a moment), and uvicorn reads its close; the app then answers
+    without awaiting anything, so the middleware's watch has had no turn
+    to read the disconnect: it gets one as the response starts."""
+    cred, rid, url = new_cred(stack), new_id(), stack[mode]
+    accman = stack["accman"].proc.pid
+    u = urlsplit(url)
+    os.kill(accman, signal.SIGSTOP)
+    try:
+        with socket.create_connection((u.hostname, u.port), timeout=WAIT_S) as sock:
+            sock.sendall(request_bytes("GET", f"/at_once?id={rid}", [("ACCMAN", cred)]))
+        time.sleep(0.5)             # the close reaches uvicorn, AccMan not answering
+    finally:
+        os.kill(accman, signal.SIGCONT)
+    assert wait_seen(url, rid, "answered") == ["started", "answered"]
+    assert tot(stack, cred) == 10 and bys(stack, cred) == BYS_GONE[mode]
+
+
+@pytest.mark.parametrize("mode", ["check", "reserve"])
 def test_an_app_that_reads_the_disconnect_still_sees_it(stack, mode):
     """/listen works, then reads `receive()`: it gets the disconnect that
     the middleware saw first, and in reserve mode the hold came back

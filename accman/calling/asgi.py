@@ -190,7 +190,7 @@ class AccManMiddleware:
             nonlocal refused
             if refused:
                 return              # the app's reply to a request that is not served
-            if message["type"] == "http.response.start" and not watch.gone:
+            if message["type"] == "http.response.start" and not await watch.gone_by_now():
                 cost = self._cost_of_response(price, scope, message)
                 try:
                     new_tot = await self._charge(acc, cred, cost, key, served=False) \
@@ -363,7 +363,7 @@ class AccManMiddleware:
             watch = DisconnectWatch(receive, scope=scope)
 
             async def send_(message):
-                if message["type"] == "http.response.start" and not watch.gone:
+                if message["type"] == "http.response.start" and not await watch.gone_by_now():
                     cost = self._cost_of_response(price, scope, message)
                     if cost:
                         self._unpaid(cred, cost, err.code)

@@ -137,6 +137,19 @@ class DisconnectWatch:
             if self._on_gone is not None:
                 self._on_gone()
 
+    async def gone_by_now(self) -> bool:
+        """Whether the client has gone, as the server knows by now: asked
+        as the response starts.  A watch still reading gets one turn of the
+        loop first: an app that answers without awaiting anything gives it
+        none, and a disconnect the server already knows of (the consumer
+        left while the service asked AccMan) would go unseen.  A server
+        answers a read at once once the client has gone (uvicorn does), so
+        one turn is enough for it."""
+        watcher = self._watcher
+        if not self.gone and watcher is not None and not watcher.done():
+            await asyncio.sleep(0)
+        return self.gone
+
     async def __aenter__(self) -> "DisconnectWatch":
         if not self._lazy:
             self._start()

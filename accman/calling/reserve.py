@@ -93,7 +93,7 @@ class Reservation:
         """Settles the hold with the response's cost, capped at the hold;
         the response start with the balance header."""
         meter = self.meter
-        if self.ended:
+        if await self.watch.gone_by_now() or self.ended:
             return message              # released: the consumer went away
         # A cost function that raises is a bug in the service: the caller
         # releases the hold, since `ended` is still false.
