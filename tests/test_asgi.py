@@ -113,6 +113,34 @@ def test_cost_function_sees_the_request_then_the_response(fake):
     assert len(fake.mods()) == 1
 
 
+@pytest.mark.parametrize("mode", ["check", "reserve"])
+def test_a_second_response_start_is_not_charged_again(fake, mode):
+    """An app that starts its response twice (a bug its server refuses) is
+    charged once, as its first start says: no second charge with the
+    first's key, which AccMan would refuse and the middleware would then
+    bill as unpaid."""
+    fake.fund(CRED, 10)
+    unpaid = []
+
+    async def app(scope, receive, send):
+        for rows in (b"2", b"5"):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"x-rows", rows)]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def cost(scope, status, headers):
+        return 5 if status is None else int(dict(headers)[b"x-rows"])
+
+    async def go():
+        m = mw(fake, app, mode=mode, cost=cost, on_unpaid=lambda *a: unpaid.append(a))
+        await call(m)
+        assert await m.drain(5)
+        return m
+    m = run(go())
+    assert fake.tot(CRED) == 8 and m.stats["charged"] == 1 and unpaid == []
+    assert [by for by, _ in history(fake)] == ([10, -2] if mode == "check" else [10, -5, 3])
+
+
 def test_a_client_gone_before_the_response_is_not_charged_in_check_mode(fake):
     fake.fund(CRED, 10)
     run(call(mw(fake, make_app(read_disconnect=True)), disconnect=True))

@@ -75,6 +75,22 @@ def test_a_consumer_gone_before_an_unpaid_response_owes_nothing(mode):
     assert unpaid == [] and m.stats["unpaid_requests"] == 0
     assert m.stats["unpaid_amount"] == 0
 
+def test_served_unpaid_a_second_response_start_is_no_second_debt():
+    """An app that starts its response twice (a bug its server refuses),
+    served while AccMan is down, owes what its first start says, once."""
+    unpaid = []
+
+    async def app(scope, receive, send):
+        for status in (200, 201):
+            await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+    m = AccManMiddleware(app, url=f"http://127.0.0.1:{closed_port()}", cost=4, retries=0,
+                         on_unavailable="open",
+                         on_unpaid=lambda cred, amount: unpaid.append((cred, amount)))
+    run(call(m))
+    assert unpaid == [(CRED, 4)] and m.stats["unpaid_requests"] == 1
+
+
 @pytest.mark.parametrize("form", ["async def", "a task", "failing"])
 def test_an_async_on_unpaid_runs_to_its_end_by_the_shutdown(form, caplog):
     """An async biller (or a plain one that starts a task) is awaited: it

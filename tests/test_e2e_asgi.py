@@ -418,6 +418,27 @@ def test_an_account_at_int64_min_is_402_though_the_probe_meets_overflow(stack, c
     assert [e.by for e in past(stack, cred)] == [-2, -INT64_MAX, 1]     # the probe changed nothing
 
 
+def test_reserve_mode_is_402_for_an_account_at_int64_min(stack, caplog):
+    """The hold of the estimate leaves the range of a balance at INT64_MIN:
+    AccMan answers 409 overflow, with no `tot`; the balance does not cover
+    the estimate, so the consumer is told 402 with it, not that AccMan is
+    unavailable, and the log says nothing of the url or the token."""
+    cred = new_cred(stack, 1)
+    with AccManSyncClient(stack["accman"].url, SVC_CHECK) as acc:
+        acc.mod(cred, -INT64_MAX)
+        acc.mod(cred, -2)
+    served = []
+    m = AccManMiddleware(make_app(calls=served), url=stack["accman"].url, token=SVC_RESERVE,
+                         mode="reserve", cost=2)
+    with caplog.at_level(logging.WARNING, logger="accman.asgi"):
+        r = asyncio.run(call(m, cred=cred))
+    assert (r.status, r.headers.get("accman")) == (402, str(INT64_MIN)), r.body
+    assert r.json()["error"] == "insufficient" and r.json()["tot"] == INT64_MIN
+    assert served == [] and caplog.text == ""
+    assert m.stats["refused_insufficient"] == 1 and m.stats["refused_unavailable"] == 0
+    assert [e.by for e in past(stack, cred)] == [-2, -INT64_MAX, 1]     # nothing held
+
+
 def mods_answered(accman) -> int:
     """The /mod requests AccMan has answered, by its /metrics (the
     middleware's admission check is a mod that changes nothing)."""

@@ -184,21 +184,24 @@ class AccManMiddleware:
             return await self._insufficient(send, tot, est)
         key = charge_key(self._rid())
         watch = DisconnectWatch(receive, scope=scope)
-        refused = False
+        refused = started = False
 
         async def send_(message):
-            nonlocal refused
+            nonlocal refused, started
             if refused:
                 return              # the app's reply to a request that is not served
-            if message["type"] == "http.response.start" and not await watch.gone_by_now():
-                cost = self._cost_of_response(price, scope, message)
-                try:
-                    new_tot = await self._charge(acc, cred, cost, key, served=False) \
-                        if cost else tot
-                except (Unauthorized, Forbidden) as e:
-                    refused = True
-                    return await self._refused_charge(send, e, cred, key)
-                message = with_tot(message, self._header, new_tot)
+            # Charged at the first start only: a second is the server's to refuse.
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                if not await watch.gone_by_now():
+                    cost = self._cost_of_response(price, scope, message)
+                    try:
+                        new_tot = await self._charge(acc, cred, cost, key, served=False) \
+                            if cost else tot
+                    except (Unauthorized, Forbidden) as e:
+                        refused = True
+                        return await self._refused_charge(send, e, cred, key)
+                    message = with_tot(message, self._header, new_tot)
             await send(message)
 
         async with watch:
@@ -341,17 +344,14 @@ class AccManMiddleware:
                              [(self._header, str(tot).encode())], {"tot": tot, "cost": est})
 
     async def _unavailable(self, scope, receive, send, cred, price, err):
-        # What failed on the way (a certificate not trusted, a refused
-        # connection) goes with the line: "unreachable" alone hides it.
+        # What failed on the way goes with the line: "unreachable" alone hides it.
         why = err.detail if isinstance(err, TransportError) else ""
         config = isinstance(err, (Unauthorized, Forbidden)) or not isinstance(
             err, (TransportError, Unavailable))
         if config:
-            # The service's own token or url is wrong: not the caller's fault,
-            # and never a reason to serve for free.
-            # AccMan's words name what is wrong (the role the token lacks, a
-            # path that is not AccMan's; the client keeps secrets out of them),
-            # said with the line, which is not known by them: they vary.
+            # The service's own token or url is wrong: not the caller's fault, never
+            # a reason to serve for free.  AccMan's words name what is wrong (secrets
+            # kept out), said with the line, which is not known by them: they vary.
             self._repeats.say(logging.ERROR, f"accman: AccMan refused the service ({err.status} "
                                              f"{err.code}): check the url and token", err.detail)
         elif self._open:
@@ -361,13 +361,17 @@ class AccManMiddleware:
             # A consumer gone before its response starts is not charged when
             # AccMan answers, so it owes nothing when AccMan does not.
             watch = DisconnectWatch(receive, scope=scope)
+            started = False
 
             async def send_(message):
-                if message["type"] == "http.response.start" and not await watch.gone_by_now():
-                    cost = self._cost_of_response(price, scope, message)
-                    if cost:
-                        self._unpaid(cred, cost, err.code)
-                    message = with_tot(message, self._header, None)     # no balance told
+                nonlocal started
+                if message["type"] == "http.response.start" and not started:
+                    started = True          # a second start is never a second debt
+                    if not await watch.gone_by_now():
+                        cost = self._cost_of_response(price, scope, message)
+                        if cost:
+                            self._unpaid(cred, cost, err.code)
+                        message = with_tot(message, self._header, None)     # no balance told
                 await send(message)
 
             async with watch:

@@ -29,7 +29,7 @@ from accman.calling.answers import with_tot
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.owed import CANCELLED, Owed, Settle, Unsettle, charge_key, fingerprint
 from accman.calling.repeats import Repeats
-from accman.errors import AccManError, HoldEnded, Insufficient
+from accman.errors import AccManError, HoldEnded, Insufficient, Overflow
 
 log = logging.getLogger("accman.asgi")
 
@@ -78,8 +78,14 @@ class Reservation:
             if self.tot < 0:
                 raise Insufficient(self.tot)
             return
-        self.hold, self.tot, _ = await self.acc.hold(self.cred, -self.est, ttl_s,
-                                                     key=self.hold_key)
+        try:
+            self.hold, self.tot, _ = await self.acc.hold(self.cred, -self.est, ttl_s,
+                                                         key=self.hold_key)
+        except Overflow:
+            # Only a balance so far below 0 that the hold would leave the
+            # signed 64-bit range (AccMan's 409 overflow has no `tot`): no
+            # hold is made, and the estimate is not covered.
+            raise Insufficient(await self.acc.tot(self.cred)) from None
         self.held_at = asyncio.get_running_loop().time()
 
     def sender(self, send):
