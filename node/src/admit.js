@@ -7,8 +7,8 @@
 // README.md gives each failure.
 
 const {
-  AccManError, Insufficient, NoAccount, TooManyHolds, Unavailable, Unreachable, OutcomeUnknown,
-  mayHaveLanded
+  AccManError, Insufficient, NoAccount, Overflow, TooManyHolds, Unavailable, Unreachable,
+  OutcomeUnknown, mayHaveLanded
 } = require('./errors')
 const { Unhold, fingerprint } = require('./owed')
 
@@ -151,6 +151,10 @@ const admission = {
     try {
       r = await this.client.hold(state.cred, -state.estimate, { ttlS: this.holdTtlS, min: 0, key })
     } catch (err) {
+      // Only a balance so far below 0 that the hold would leave the signed
+      // 64-bit range (409 overflow has no tot): nothing is held, and the
+      // estimate is not covered.
+      if (err instanceof Overflow) throw new Insufficient(await this.client.tot(state.cred))
       // A hold that may have landed owes its release; one refused before
       // applying (NotApplied) or never sent (Unreachable) holds nothing.
       if (mayHaveLanded(err)) {

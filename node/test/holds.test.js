@@ -77,6 +77,26 @@ test('reserve: 402 with the balance when the hold does not fit; 401 for an unkno
   })
 })
 
+test('reserve: a hold that meets 409 overflow (a balance at INT64_MIN) is 402 with the balance, nothing held or logged', async () => {
+  const big = new accman.AccManClient({ url: acc.server.url, token: TOKENS.service, bigint: true })
+  const logs = []
+  try {
+    await acc.mint.mod('h-int64-min', 1)
+    await big.mod('h-int64-min', -9223372036854775807n)
+    await big.mod('h-int64-min', -2n) // -2^63: a hold of the estimate leaves the range
+    await withReserve({}, async (url, app) => {
+      const r = await get(url + '/w', 'h-int64-min')
+      assert.deepEqual([r.status, r.body.error, r.accman], [402, 'insufficient', '-9223372036854775808'])
+      assert.equal(app.served, 0)
+    }, logs)
+    assert.deepEqual(logs.filter((l) => l.level >= 40), [])
+    const { past } = await big.past('h-int64-min')
+    assert.deepEqual(past.map((e) => e.by), [-2n, -9223372036854775807n, 1n]) // nothing held
+  } finally {
+    await big.close()
+  }
+})
+
 test('reserve: an error response or a thrown handler releases the hold', async () => {
   await acc.mint.mod('h-fail', 10)
   await withReserve({}, async (url) => {
