@@ -141,6 +141,28 @@ def test_a_second_response_start_is_not_charged_again(fake, mode):
     assert [by for by, _ in history(fake)] == ([10, -2] if mode == "check" else [10, -5, 3])
 
 
+def test_a_start_its_cost_function_refused_is_not_the_one_charged(fake):
+    """Check mode: a cost function that raises at the first start (the app
+    catches it and starts again) leaves that start unsent; the start the
+    server gets is charged as it says, and carries the balance, not the
+    app's own header."""
+    fake.fund(CRED, 10)
+
+    async def app(scope, receive, send):
+        with contextlib.suppress(ValueError):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"x-rows", b"many")]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-rows", b"3"), (b"accman", b"999999")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def cost(scope, status, headers):
+        return 5 if status is None else int(dict(headers)[b"x-rows"])
+    r = run(call(mw(fake, app, cost=cost)))
+    assert r.headers["accman"] == "7" and fake.tot(CRED) == 7
+    assert [by for by, _ in history(fake)] == [10, -3]
+
+
 def test_a_client_gone_before_the_response_is_not_charged_in_check_mode(fake):
     fake.fund(CRED, 10)
     run(call(mw(fake, make_app(read_disconnect=True)), disconnect=True))

@@ -602,3 +602,58 @@ def test_a_release_of_a_hold_on_no_account_is_nothing_held(fake):
         async with AccManClient(fake.url) as acc:
             return await owed_mod.Unhold("nobody-here", 5, 60, "rel-1").run(acc)
     assert run(main()) == 0
+
+
+@pytest.mark.parametrize("on_unavailable", ["closed", "open"])
+def test_a_hold_refused_for_overflow_whose_balance_cannot_be_read_owes_nothing(
+        fake, on_unavailable):
+    """The hold met 409 overflow (nothing held), then the balance read for
+    the 402 failed: the request is refused 503 (served unpaid when open),
+    and no release is owed for a hold that never applied."""
+    fake.fund(CRED, 10)
+    unpaid = []
+
+    def fault(method, path, params):
+        if path == "/hold":
+            return ("reply", 409, {"error": "overflow", "detail": "out of int64"})
+        if path == "/tot":
+            return ("reply", 503, {"error": "unavailable", "detail": "down"})
+    fake.fault = fault
+
+    async def go():
+        m = mw(fake, mode="reserve", cost=2, retries=0, on_unavailable=on_unavailable,
+               on_unpaid=lambda cred, amount: unpaid.append(amount))
+        r = await call(m)
+        assert await m.drain(5)
+        return m, r
+    m, r = run(go())
+    assert r.status == (200 if on_unavailable == "open" else 503)
+    assert unpaid == ([2] if on_unavailable == "open" else [])
+    assert m.stats["owed"] == 0 and len(fake.calls("/hold")) == 1 and fake.tot(CRED) == 10
+
+
+def test_a_request_cancelled_after_its_hold_met_overflow_owes_no_release(fake):
+    """Cancelled while the balance is read after the hold's 409 overflow
+    (the server shutting down): the hold never applied, so no release is
+    owed for it."""
+    fake.fund(CRED, 10)
+
+    def fault(method, path, params):
+        if path == "/hold":
+            return ("reply", 409, {"error": "overflow", "detail": "out of int64"})
+        if path == "/tot":
+            return ("delay", 5)
+    fake.fault = fault
+
+    async def go():
+        m = mw(fake, mode="reserve", cost=2)
+        task = asyncio.get_running_loop().create_task(call(m))
+        while not fake.calls("/tot"):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await m.drain(5)
+        return m
+    m = run(go())
+    assert m.stats["owed"] == 0 and len(fake.calls("/hold")) == 1

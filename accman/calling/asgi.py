@@ -190,9 +190,8 @@ class AccManMiddleware:
             nonlocal refused, started
             if refused:
                 return              # the app's reply to a request that is not served
-            # Charged at the first start only: a second is the server's to refuse.
+            # Charged at the first start the server gets: a second is its to refuse.
             if message["type"] == "http.response.start" and not started:
-                started = True
                 if not await watch.gone_by_now():
                     cost = self._cost_of_response(price, scope, message)
                     try:
@@ -202,6 +201,7 @@ class AccManMiddleware:
                         refused = True
                         return await self._refused_charge(send, e, cred, key)
                     message = with_tot(message, self._header, new_tot)
+                started = True
             await send(message)
 
         async with watch:
@@ -240,7 +240,7 @@ class AccManMiddleware:
             await r.admit(self.hold_ttl_s)
         except asyncio.CancelledError:
             # The hold may have landed, and no response will settle it.
-            if est:
+            if est and not r.unheld:
                 self._owed.add(Unhold(cred, est, self.hold_ttl_s, r.hold_key), CANCELLED)
             raise
         except NoAccount:
@@ -366,12 +366,12 @@ class AccManMiddleware:
             async def send_(message):
                 nonlocal started
                 if message["type"] == "http.response.start" and not started:
-                    started = True          # a second start is never a second debt
                     if not await watch.gone_by_now():
                         cost = self._cost_of_response(price, scope, message)
                         if cost:
                             self._unpaid(cred, cost, err.code)
                         message = with_tot(message, self._header, None)     # no balance told
+                    started = True          # a second start is never a second debt
                 await send(message)
 
             async with watch:

@@ -29,7 +29,7 @@ from accman.calling.answers import with_tot
 from accman.calling.disconnect import DisconnectWatch
 from accman.calling.owed import CANCELLED, Owed, Settle, Unsettle, charge_key, fingerprint
 from accman.calling.repeats import Repeats
-from accman.errors import AccManError, HoldEnded, Insufficient, Overflow
+from accman.errors import AccManError, HoldEnded, Insufficient, NotApplied, Overflow
 
 log = logging.getLogger("accman.asgi")
 
@@ -54,13 +54,14 @@ class Reservation:
     admission, `ended` true once it is settled or released."""
 
     __slots__ = ("meter", "acc", "scope", "cred", "price", "rid", "est", "ttl_s", "hold", "tot",
-                 "ended", "watch", "held_at")
+                 "ended", "watch", "held_at", "unheld")
 
     def __init__(self, meter: Meter, acc, scope, cred, price, rid, est, receive):
         self.meter, self.acc, self.scope, self.cred, self.price = meter, acc, scope, cred, price
         self.rid, self.est = rid, est
         self.ttl_s = self.hold = self.tot = self.held_at = None
         self.ended = False
+        self.unheld = False             # the hold is known never to have applied
         self.watch = DisconnectWatch(receive, self.release, scope)
 
     @property
@@ -85,7 +86,13 @@ class Reservation:
             # Only a balance so far below 0 that the hold would leave the
             # signed 64-bit range (AccMan's 409 overflow has no `tot`): no
             # hold is made, and the estimate is not covered.
-            raise Insufficient(await self.acc.tot(self.cred)) from None
+            self.unheld = True
+            try:
+                tot = await self.acc.tot(self.cred)
+            except AccManError as e:
+                raise NotApplied(f"the hold met 409 overflow, and the balance could not be "
+                                 f"read: {e.detail}") from e
+            raise Insufficient(tot) from None
         self.held_at = asyncio.get_running_loop().time()
 
     def sender(self, send):
