@@ -7,8 +7,8 @@
 // README.md gives each failure.
 
 const {
-  AccManError, Insufficient, NoAccount, Overflow, TooManyHolds, Unavailable, Unreachable,
-  OutcomeUnknown, mayHaveLanded
+  AccManError, Insufficient, NoAccount, NotApplied, Overflow, TooManyHolds, Unavailable,
+  Unreachable, OutcomeUnknown, mayHaveLanded
 } = require('./errors')
 const { Unhold, fingerprint } = require('./owed')
 
@@ -150,11 +150,12 @@ const admission = {
     let r
     try {
       r = await this.client.hold(state.cred, -state.estimate, { ttlS: this.holdTtlS, min: 0, key })
-    } catch (err) {
+    } catch (caught) {
       // Only a balance so far below 0 that the hold would leave the signed
       // 64-bit range (409 overflow has no tot): nothing is held, and the
-      // estimate is not covered.
-      if (err instanceof Overflow) throw new Insufficient(await this.client.tot(state.cred))
+      // estimate is not covered; a balance that cannot be read then is an
+      // outage with nothing held.
+      const err = caught instanceof Overflow ? await this.overflowed(state) : caught
       // A hold that may have landed owes its release; one refused before
       // applying (NotApplied) or never sent (Unreachable) holds nothing.
       if (mayHaveLanded(err)) {
@@ -166,6 +167,20 @@ const admission = {
     }
     state.hold = r.hold
     state.tot = r.tot
+  },
+
+  // The hold met 409 overflow: the Insufficient to throw, with the balance
+  // read now, or the NotApplied outage when it cannot be read.
+  async overflowed (state) {
+    let tot
+    try {
+      tot = await this.client.tot(state.cred)
+    } catch (err) {
+      if (!(err instanceof AccManError)) throw err
+      return new NotApplied('the hold met 409 overflow, and the balance could not be read: ' +
+        err.detail)
+    }
+    throw new Insufficient(tot)
   },
 
   isOutage (err) {

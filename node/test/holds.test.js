@@ -236,6 +236,33 @@ for (const [code, owed] of [['unavailable', true], ['not_applied', false]]) {
   })
 }
 
+// A hold refused 409 overflow applied nothing; when the balance cannot be
+// read then either, the request meets an outage with nothing held: 503,
+// or served unpaid in open mode, and no release owed (as the Python
+// middleware, tests/test_asgi_reserve.py).
+for (const open of [false, true]) {
+  test(`reserve: a hold refused for overflow whose balance cannot be read is ${open ? 'served unpaid' : 'a 503'}, no release owed`, async () => {
+    const fake = await fakeAccMan((head) => {
+      if (head.startsWith('PATCH /hold?')) return reply(409, '{"error":"overflow","detail":"out of int64"}')
+      return reply(503, '{"error":"unavailable","detail":"down"}') // the tot
+    })
+    const { app, url } = await serviceApp({
+      url: fake.url, mode: 'reserve', retries: 0, onUnavailable: open ? 'open' : 'closed'
+    })
+    try {
+      const r = await get(url + '/w', 'h-overflow')
+      assert.equal(r.status, open ? 200 : 503)
+      assert.ok(await app.accman.drain(10000))
+      assert.equal(app.accman.stats.owed, 0)
+    } finally {
+      await app.close()
+      await fake.close()
+    }
+    const calls = fake.heads.map((h) => h.split(' ')[0] + ' ' + h.split(' ')[1].split('?')[0])
+    assert.deepEqual(calls, ['PATCH /hold', 'GET /tot'])
+  })
+}
+
 // The plugin's retry of a hold answered by a failed commit (it may have
 // applied) and then refused 503 not_applied says nothing of the first
 // attempt: the release is still owed, after the first attempt's code.
