@@ -582,13 +582,18 @@ def test_a_request_cancelled_before_its_first_message_releases_its_hold(fake):
             raise AssertionError(f"nothing is sent: {message}")
         task = asyncio.create_task(m(http_scope(), receive, send))
         await reading.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert await m.drain(5)
+        await cancelled_then_drained(m, task)
         return m
     m = run(go())
     assert fake.tot(CRED) == 10 and m.stats["released"] == 1
+
+
+async def cancelled_then_drained(m, task) -> None:
+    """`task`, a request through `m`, cancelled; then what `m` owes drained."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await m.drain(5)
 
 
 def test_a_release_of_a_hold_on_no_account_is_nothing_held(fake):
@@ -650,10 +655,7 @@ def test_a_request_cancelled_after_its_hold_met_overflow_owes_no_release(fake):
         task = asyncio.get_running_loop().create_task(call(m))
         while not fake.calls("/tot"):
             await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert await m.drain(5)
+        await cancelled_then_drained(m, task)
         return m
     m = run(go())
     assert m.stats["owed"] == 0 and len(fake.calls("/hold")) == 1
