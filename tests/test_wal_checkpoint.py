@@ -2,12 +2,14 @@
 spare (issue 11 item 3): a checkpoint that cannot open a file lost nothing,
 so commits go on and it is tried again; only a failure that can have lost
 an acknowledged write stops them.  The descriptors are really exhausted
-(RLIMIT_NOFILE lowered, every slot filled), not simulated.  And no
+(RLIMIT_NOFILE lowered, every slot filled), not simulated, in a new
+interpreter that no other test's thread shares.  And no
 checkpoint at all once a write has failed, nor any write."""
 
 import errno
 import gc
 import logging
+import multiprocessing
 import os
 import resource
 import shutil
@@ -30,9 +32,8 @@ class NoDescriptors:
     little above what is open now; `free()` gives them back."""
 
     def __init__(self):
-        # A file or socket of an earlier test that the cycle collector
-        # finalized while they are held would free a slot (a checkpoint
-        # would then open its file): none is collected meanwhile.
+        # A file the cycle collector finalized while they are held would
+        # free a slot (a checkpoint would then open its file): none is.
         self.collecting = gc.isenabled()
         gc.collect()
         gc.disable()
@@ -56,91 +57,140 @@ class NoDescriptors:
             gc.enable()
 
 
-@pytest.fixture
-def no_descriptors():
-    made = []
+class Warnings(logging.Handler):
+    """The warnings AccMan logs while it is attached, as text."""
 
-    def make():
-        made.append(NoDescriptors())
-        return made[-1]
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
 
-    yield make
-    for nd in made:
-        nd.free()
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("accman").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("accman").removeHandler(self)
+
+    @property
+    def text(self):
+        return "\n".join(self.lines)
 
 
-def test_a_checkpoint_without_a_free_descriptor_is_postponed_and_commits_go_on(
-        tmp_path, caplog, no_descriptors):
-    path = str(tmp_path / "data")
+def in_a_fresh_process(fn, *args):
+    """fn(*args) run in a new interpreter; what it returns comes back.  The
+    test process has threads of earlier tests (servers, ledgers ending)
+    that may close a descriptor while NoDescriptors holds every slot, and
+    one slot freed lets a checkpoint open its file; a new interpreter has
+    only the threads of the ledger under test."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def wraps_without_descriptors(path: str) -> dict:
+    """Twelve mods (three laps of the log) with no descriptor to spare,
+    then five with descriptors back, once the retry is due."""
+    seen = {}
     led = Ledger(path, store=Store(path, wal_bytes_max=LAP_BYTES))
-    ckpt_before = open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read()
-    nd = no_descriptors()
-    with caplog.at_level(logging.WARNING, logger="accman.ledger.wal"):
-        # Three laps' worth: every wrap's checkpoint fails to open a file.
-        for i in range(1, 13):
-            assert led.mod("alice", 1) == (i, i)
-    assert led.healthy
-    assert led.store.wal.checkpoints_postponed >= 1
-    assert led.store.wal.pos > LAP_BYTES                    # the log ran on
-    nd.free()
-    assert "checkpoint postponed, nothing is lost and commits go on" in caplog.text
-    assert "Too many open files" in caplog.text
-    assert open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read() == ckpt_before
-    # What a kill -9 now leaves has every acknowledged mod.
-    copy = tmp_path / "crashed"
-    shutil.copytree(path, copy)
-    # Descriptors back, the retry is due: the next wrap takes the checkpoint.
+    seen["checkpoint_before"] = open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read()
+    with Warnings() as short:
+        nd = NoDescriptors()
+        try:
+            seen["mods"] = [led.mod("alice", 1) for _ in range(12)]
+            seen["healthy"] = led.healthy
+            seen["postponed"] = led.store.wal.checkpoints_postponed
+            seen["pos"] = led.store.wal.pos
+        finally:
+            nd.free()
+    seen["short"] = short.text
+    seen["checkpoint"] = open(os.path.join(path, wal.CHECKPOINT_NAME), "rb").read()
+    shutil.copytree(path, path + "-crashed")    # what a kill -9 now leaves
     time.sleep(walwriter.CHECKPOINT_RETRY_S)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="accman.ledger.wal"):
-        for i in range(13, 13 + 5):
-            assert led.mod("alice", 1) == (i, i)
-    assert "checkpoint taken after" in caplog.text
-    assert led.store.wal.pos <= LAP_BYTES
+    with Warnings() as back:
+        seen["mods_after"] = [led.mod("alice", 1) for _ in range(5)]
+    seen["back"] = back.text
+    seen["pos_after"] = led.store.wal.pos
     led.close()
-    with Ledger(str(copy)) as led:
+    return seen
+
+
+def test_a_checkpoint_without_a_free_descriptor_is_postponed_and_commits_go_on(tmp_path):
+    path = str(tmp_path / "data")
+    seen = in_a_fresh_process(wraps_without_descriptors, path)
+    assert seen["mods"] == [(i, i) for i in range(1, 13)]
+    assert seen["healthy"]
+    assert seen["postponed"] >= 1
+    assert seen["pos"] > LAP_BYTES                          # the log ran on
+    assert "checkpoint postponed, nothing is lost and commits go on" in seen["short"]
+    assert "Too many open files" in seen["short"]
+    assert seen["checkpoint"] == seen["checkpoint_before"]
+    # Descriptors back, the retry due: the next wrap takes the checkpoint.
+    assert seen["mods_after"] == [(i, i) for i in range(13, 13 + 5)]
+    assert "checkpoint taken after" in seen["back"]
+    assert seen["pos_after"] <= LAP_BYTES
+    with Ledger(path + "-crashed") as led:
         assert led.tot("alice") == 12 and len(led.past("alice")) == 12
         led.verify()
     with Ledger(path) as led:
         assert led.tot("alice") == 17
 
 
-def test_a_postponed_checkpoint_at_close_is_logged_and_the_next_open_replays(
-        tmp_path, caplog, no_descriptors):
-    path = str(tmp_path / "data")
+def closes_without_descriptors(path: str) -> str:
+    """A mod, then a close with no descriptor to spare; its warnings."""
     led = Ledger(path)
     led.mod("alice", 7)
-    nd = no_descriptors()
-    with caplog.at_level(logging.WARNING, logger="accman.ledger.leveldb"):
-        led.close()
-    nd.free()
-    assert "no checkpoint at close (the next open replays the log" in caplog.text
+    with Warnings() as said:
+        nd = NoDescriptors()
+        try:
+            led.close()
+        finally:
+            nd.free()
+    return said.text
+
+
+def test_a_postponed_checkpoint_at_close_is_logged_and_the_next_open_replays(tmp_path):
+    path = str(tmp_path / "data")
+    said = in_a_fresh_process(closes_without_descriptors, path)
+    assert "no checkpoint at close (the next open replays the log" in said
     with Ledger(path) as led:
         assert led.tot("alice") == 7
 
 
-def test_past_its_overrun_bound_the_log_stops_commits_and_says_why(
-        tmp_path, no_descriptors):
+def overruns_without_descriptors(path: str, overrun: int) -> dict:
+    """Mods with no descriptor to spare until one is refused."""
+    seen = {"acked": 0}
+    led = Ledger(path, store=Store(path, wal_bytes_max=LAP_BYTES,
+                                   wal_overrun_bytes_max=overrun))
+    nd = NoDescriptors()
+    try:
+        for _ in range((LAP_BYTES + overrun) // wal.BLOCK_BYTES + 2):
+            led.mod("alice", 1)
+            seen["acked"] += 1
+    except Unavailable as e:
+        seen["refused"] = e.detail
+    finally:
+        nd.free()
+    seen["healthy"] = led.healthy
+    seen["why"] = led._committer.error.detail if led._committer.error else None
+    led.close()
+    return seen
+
+
+def test_past_its_overrun_bound_the_log_stops_commits_and_says_why(tmp_path):
     """WAL_OVERRUN_BYTES_MAX, reached (scaled down): the log may not grow
     without bound while no checkpoint can be taken."""
     path = str(tmp_path / "data")
     overrun = 3 * wal.BLOCK_BYTES
-    led = Ledger(path, store=Store(path, wal_bytes_max=LAP_BYTES,
-                                   wal_overrun_bytes_max=overrun))
-    nd = no_descriptors()
-    acked = 0
-    with pytest.raises(Unavailable, match="the store failed to commit"):
-        for _ in range((LAP_BYTES + overrun) // wal.BLOCK_BYTES + 2):
-            led.mod("alice", 1)
-            acked += 1
-    nd.free()
-    assert acked == (LAP_BYTES + overrun) // wal.BLOCK_BYTES
-    assert not led.healthy
+    seen = in_a_fresh_process(overruns_without_descriptors, path, overrun)
+    assert "the store failed to commit" in seen.get("refused", "")
+    assert seen["acked"] == (LAP_BYTES + overrun) // wal.BLOCK_BYTES
+    assert not seen["healthy"]
     assert (f"accman.wal ran {overrun} bytes past its size without a checkpoint"
-            in led._committer.error.detail)
-    led.close()
+            in seen["why"])
     with Ledger(path) as led:
-        assert led.tot("alice") == acked
+        assert led.tot("alice") == seen["acked"]
 
 
 def test_a_failed_fsync_of_leveldb_s_log_at_a_checkpoint_stops_commits(tmp_path, monkeypatch):
