@@ -448,6 +448,44 @@ def test_a_request_begun_when_a_stop_comes_is_answered_503(start_server, cred, b
     assert start_server().tot(cred) == 10
 
 
+def test_a_stop_lingers_after_its_503_so_late_bytes_reset_nothing(start_server, cred):
+    """The client of a request begun may go on sending after the stop's
+    503 (its body, more requests): the server closes as after any reply,
+    a FIN, then reading and discarding, so the late bytes cannot make the
+    kernel reset the connection (which can destroy the 503 unread).  The
+    stop waits for it: the client's close ends it."""
+    s = start_server(env={"ACCMAN_LINGER_S": "30"})
+    s.mod(cred, 10)
+    with s.connect() as c:
+        c.send(request_bytes("PATCH", f"/mod?cred={cred}&by=-1",
+                             [("Expect", "100-continue"), ("Content-Length", "2")]))
+        take_continue(c)
+        c.send(b"{")
+        time.sleep(1)               # read before the stop
+        s.proc.send_signal(signal.SIGTERM)
+        r = c.response()
+        assert (r.status, r.json["error"]) == (503, "shutting_down")
+        assert c.sock.recv(1) == b""                # its FIN
+        for _ in range(5):
+            c.send(b"}" + get("/health") * 100)    # late: read and discarded
+            time.sleep(0.1)
+        assert c.sock.recv(1) == b""                # no reset
+        assert s.proc.poll() is None                # the stop waits for the lingering
+    assert s.stop(timeout=5) == 0
+    assert start_server().tot(cred) == 10
+
+
+def test_a_stop_closes_an_idle_connection_without_lingering(start_server):
+    """Nothing owed nor begun, no reply of it can be lost: it is closed at
+    once, and a client that keeps it open does not hold the stop."""
+    s = start_server(env={"ACCMAN_LINGER_S": "30"})
+    with s.connect() as c:
+        c.send(get("/health"))
+        assert c.response().status == 200
+        assert s.stop(timeout=5) == 0
+        assert c.closed_by_peer(5)
+
+
 def test_blank_lines_held_at_a_stop_are_no_request(start_server):
     """Bytes held back by the pipeline cap that are only blank lines hold
     no request: the stop answers the poll before them and closes, with no

@@ -118,7 +118,7 @@ class Server:
         return None
 
     def forget(self, conn):
-        """A connection leaves: shut (lingering needs no slot) or lost."""
+        """A connection is lost: its slot (held while it lingers too) is free."""
         if conn in self.connections:
             self.connections.discard(conn)
             left = self.peers[conn.peer] - 1

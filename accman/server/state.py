@@ -46,16 +46,20 @@ class Lifecycle:
 
     def stop(self) -> None:
         """Shutdown: take no new request; answer the one held back or begun
-        (if any) with 503, send what is owed, then close."""
-        if self.state == SHUT:
-            self.transport.close()          # no lingering while stopping
-            return
+        (if any) with 503, send what is owed, then shut and linger, as any
+        close after a reply does (the stop waits for it).  A connection
+        with nothing owed nor begun closes at once: no reply of it is in
+        flight for a reset to destroy.  One draining or lingering already
+        goes on."""
         if self.state != OPEN:
             return
         head = self._held_request()
         self.take_no_more()
         if head is None:
-            self.finish([])
+            if self.waiting:
+                self.finish([])
+            else:
+                self.shut(linger=False)
             return
         self.last_reply(self.routes.error(
             "none", 503, "shutting_down", "the server is shutting down; retry on another", CLOSE,
@@ -112,12 +116,13 @@ class Lifecycle:
             return True
         return self.state == OPEN and (self.backlog is not None or self.parser.held_bytes > 0)
 
-    def shut(self) -> None:
-        """-> SHUT: FIN after the replies already written, then linger."""
+    def shut(self, linger: bool = True) -> None:
+        """-> SHUT: FIN after the replies already written, then linger
+        (unless told not to, or the client has closed its side)."""
         self.state = SHUT
         self.shut_at = self.server.loop.time()
         transport = self.transport
-        if self.eof or self.server.stopping or not transport.can_write_eof():
+        if not linger or self.eof or not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()
