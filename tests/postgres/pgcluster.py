@@ -355,6 +355,51 @@ def _memory_conf(base: Path) -> dict:
     return {"dynamic_shared_memory_type": "mmap"} if _fs_type(str(base)) == "tmpfs" else {}
 
 
+# Where Linux lists its System V shared memory segments.
+SYSV_SHM_LIST = "/proc/sysvipc/shm"
+
+
+def _lock_file_segment(data: Path) -> tuple[int, int] | None:
+    """The System V segment (key, id) the postmaster's lock file names (its
+    seventh line), or None: no lock file (a clean or immediate stop
+    removes it), or none named."""
+    try:
+        key, shmid = (data / "postmaster.pid").read_text().splitlines()[6].split()
+        return int(key), int(shmid)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _attached(key: int, shmid: int) -> int | None:
+    """How many processes the segment has attached; None once it is gone
+    (or its id now names another key's)."""
+    try:
+        with open(SYSV_SHM_LIST) as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return None
+    for row in rows:
+        if int(row[1]) == shmid and int(row[0]) == key:
+            return int(row[6])
+    return None
+
+
+def remove_killed_segment(data: Path, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """A postmaster killed with SIGKILL leaves the small System V segment
+    its lock file names, which only a later start in the same directory
+    removes: a run of the suite left dozens, and each holds one of the
+    machine's SHMMNI ids until it restarts.  Removed once its backends have
+    ended (nothing attached); one still attached at the timeout is left."""
+    seg = _lock_file_segment(data)
+    if seg is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while (n := _attached(*seg)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if n == 0:
+        subprocess.run(["ipcrm", "-m", str(seg[1])], capture_output=True, check=False)
+
+
 class Cluster:
     """One PostgreSQL server (a primary or a standby) in `base/name`."""
 
@@ -523,11 +568,14 @@ class Cluster:
         return self.url(dbname)
 
     def destroy(self) -> None:
-        """Stops this server and its standbys; removes the directory if this
-        cluster made it."""
+        """Stops this server and its standbys, removes what a SIGKILL of
+        either left in System V memory, and the directory if this cluster
+        made it."""
         for s in self.standbys:
             s.stop("immediate")
         self.stop("immediate")
+        for c in (*self.standbys, self):
+            remove_killed_segment(c.data)
         if self.owns_base:
             remove_dir(self.base)
 

@@ -130,6 +130,20 @@ def test_a_cluster_in_memory_keeps_its_shared_memory_in_its_directory(monkeypatc
     assert not c.base.exists()
 
 
+def test_a_killed_cluster_leaves_no_system_v_segment():
+    """The segment its SIGKILLed postmaster names in its lock file, there
+    after the kill (only a later start would remove it), is removed by
+    destroy, as a clean stop removes it."""
+    c = pgcluster.Cluster.create("killed")
+    try:
+        c.kill()
+        seg = pgcluster._lock_file_segment(c.data)
+        assert seg is not None and pgcluster._attached(*seg) is not None, seg
+    finally:
+        c.destroy()
+    assert pgcluster._attached(*seg) is None
+
+
 def owner_held(d):
     """`d` made as make_dir makes one, its owner file locked by a file
     description of its own, as another process's would be."""
