@@ -15,6 +15,7 @@ import resource
 import shutil
 import time
 import types
+from concurrent.futures import ProcessPoolExecutor
 
 import plyvel
 import pytest
@@ -84,9 +85,11 @@ def in_a_fresh_process(fn, *args):
     test process has threads of earlier tests (servers, ledgers ending)
     that may close a descriptor while NoDescriptors holds every slot, and
     one slot freed lets a checkpoint open its file; a new interpreter has
-    only the threads of the ledger under test."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    only the threads of the ledger under test.  A child that dies (a
+    crash out of descriptors) fails the test: BrokenProcessPool, where a
+    multiprocessing Pool would wait for ever."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def wraps_without_descriptors(path: str) -> dict:
