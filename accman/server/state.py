@@ -47,19 +47,18 @@ class Lifecycle:
     def stop(self) -> None:
         """Shutdown: take no new request; answer the one held back or begun
         (if any) with 503, send what is owed, then shut and linger, as any
-        close after a reply does (the stop waits for it).  A connection
-        with nothing owed nor begun closes at once: no reply of it is in
-        flight for a reset to destroy.  One draining or lingering already
-        goes on."""
+        close after a reply does (the stop waits for it).  An idle
+        connection closes at once (`_idle`).  One draining or lingering
+        already goes on."""
         if self.state != OPEN:
             return
         head = self._held_request()
         self.take_no_more()
         if head is None:
-            if self.waiting:
-                self.finish([])
-            else:
+            if self._idle():
                 self.shut(linger=False)
+            else:
+                self.finish([])
             return
         self.last_reply(self.routes.error(
             "none", 503, "shutting_down", "the server is shutting down; retry on another", CLOSE,
@@ -82,6 +81,15 @@ class Lifecycle:
             return None
         self._withdraw_continue()
         return self.parser.pending_head
+
+    def _idle(self) -> bool:
+        """Nothing owed, every reply handed to the kernel, and reading not
+        held back (a client's bytes left unread in the kernel would make
+        the close a reset, which drops what the kernel has yet to send).
+        A client that sends a request just as such a connection closes
+        may see a reset, as at any close of an idle keep-alive one."""
+        return not (self.waiting or self.read_paused or self.write_paused
+                    or self.transport.get_write_buffer_size())
 
     def _withdraw_continue(self) -> None:
         """A 100 Continue still queued behind earlier replies (the last in
