@@ -357,6 +357,8 @@ def _memory_conf(base: Path) -> dict:
 
 # Where Linux lists its System V shared memory segments.
 SYSV_SHM_LIST = "/proc/sysvipc/shm"
+# How long a killed postmaster's backends may take to see it gone and end.
+KILLED_BACKENDS_END_S = 10
 
 
 def _lock_file_segment(data: Path) -> tuple[int, int] | None:
@@ -370,6 +372,14 @@ def _lock_file_segment(data: Path) -> tuple[int, int] | None:
         return None
 
 
+def _lock_file_pid(data: Path) -> int | None:
+    """The postmaster's pid, the lock file's first line; None without one."""
+    try:
+        return int((data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _attached(key: int, shmid: int) -> int | None:
     """How many processes the segment has attached; None once it is gone
     (or its id now names another key's)."""
@@ -379,25 +389,40 @@ def _attached(key: int, shmid: int) -> int | None:
     except OSError:
         return None
     for row in rows:
-        if int(row[1]) == shmid and int(row[0]) == key:
+        # PostgreSQL writes the key unsigned, /proc signed: compared as 32 bits.
+        if int(row[1]) == shmid and int(row[0]) % 2**32 == key % 2**32:
             return int(row[6])
     return None
 
 
-def remove_killed_segment(data: Path, timeout_s: float = STOP_TIMEOUT_S) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_killed_segment(data: Path, timeout_s: float = KILLED_BACKENDS_END_S) -> None:
     """A postmaster killed with SIGKILL leaves the small System V segment
     its lock file names, which only a later start in the same directory
     removes: a run of the suite left dozens, and each holds one of the
     machine's SHMMNI ids until it restarts.  Removed once its backends have
-    ended (nothing attached); one still attached at the timeout is left."""
+    ended (nothing attached); one still attached at the timeout, or whose
+    postmaster lives (a stop that failed), is left, as it is where
+    `ipcrm` is missing."""
     seg = _lock_file_segment(data)
-    if seg is None:
+    pid = _lock_file_pid(data)
+    if seg is None or pid is None or _alive(pid):
         return
     deadline = time.monotonic() + timeout_s
     while (n := _attached(*seg)) and time.monotonic() < deadline:
         time.sleep(0.05)
     if n == 0:
-        subprocess.run(["ipcrm", "-m", str(seg[1])], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            subprocess.run(["ipcrm", "-m", str(seg[1])], capture_output=True, check=False)
 
 
 class Cluster:
@@ -477,10 +502,7 @@ class Cluster:
 
     @property
     def pid(self) -> int | None:
-        try:
-            return int((self.data / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        return _lock_file_pid(self.data)
 
     def kill(self) -> None:
         """SIGKILL the postmaster, as a machine or process crash would; its
