@@ -41,16 +41,30 @@ function shortenKeepAlive (server) {
 // endUnused, each held while it is open: `tcp`, every connection's own
 // socket; over TLS (an https server, or HTTP/2's secure one), `secure`,
 // the socket of each whose handshake is done, which HTTP reads the
-// connection's requests from.
+// connection's requests from.  `serving`: the HTTP sockets with a request
+// whose response has not closed, and how many; `inPart`: when close()
+// first saw each of those with a head come in part (headsInPart).
 function connectionsOf (server) {
-  const conns = { tcp: new Set(), secure: new Set() }
+  const conns = { tcp: new Set(), secure: new Set(), serving: new Map(), inPart: new Map() }
   if (!server || typeof server.on !== 'function') return conns
   const hold = (set) => (socket) => {
     set.add(socket)
-    socket.once('close', () => set.delete(socket))
+    socket.once('close', () => {
+      set.delete(socket)
+      conns.inPart.delete(socket)
+    })
   }
   server.on('connection', hold(conns.tcp))
   if (server instanceof tls.Server) server.on('secureConnection', hold(conns.secure))
+  server.on('request', (req, res) => {
+    const socket = req.socket
+    conns.serving.set(socket, (conns.serving.get(socket) || 0) + 1)
+    res.once('close', () => {
+      const left = conns.serving.get(socket) - 1
+      if (left > 0) conns.serving.set(socket, left)
+      else conns.serving.delete(socket)
+    })
+  })
   return conns
 }
 
@@ -75,25 +89,51 @@ function unused (server, conns) {
   return tcp.filter((socket) => !begun.has(addressesOf(socket)))
 }
 
+// The HTTP/1 sockets that have read a byte and have no request whose
+// response is open: a head come in part (or a connection kept alive after
+// its response, which shortenKeepAlive ends sooner).  Each is returned once
+// CLOSE_HEAD_MS has passed since it was first seen so at `now`, if it has
+// nothing left to write.  Only a socket that Node's HTTP/1 parser reads
+// (its `parser`, which an 'upgrade' hands over and HTTP/2 has none of) is
+// looked at: a WebSocket's is the service's to end.
+function headsInPart (server, conns, now) {
+  const http = server instanceof tls.Server ? conns.secure : conns.tcp
+  const due = []
+  for (const socket of http) {
+    const parser = socket.parser
+    if (parser === null || typeof parser !== 'object' || socket.bytesRead === 0 ||
+        conns.serving.has(socket)) {
+      conns.inPart.delete(socket)
+      continue
+    }
+    const seen = conns.inPart.get(socket)
+    if (seen === undefined) conns.inPart.set(socket, now)
+    else if (now - seen >= limits.CLOSE_HEAD_MS && socket.writableLength === 0) due.push(socket)
+  }
+  return due
+}
+
 // From close() on, a connection on which no request has begun is ended.
 // Node's server.close() ends the idle connections, but one that never
 // began a request is not idle to Node, and stays open until its client
 // closes it: a proxy or a browser opens such connections ahead of
 // requests, over TLS with the handshake done.  Nothing was asked on such a
 // connection, so ending it loses nothing; a connection whose request has
-// begun is left to end as its response does, though the request's head
-// has not all come (fastify answers it with its 503 once closing), and so
-// is one handed over by an 'upgrade' (a WebSocket).  It is done once the
-// server has stopped listening (fastify closes it after the preClose
-// hooks), checked every CLOSE_KEEP_ALIVE_MS: a server that fastify does
-// not close (a serverFactory's that the service listens on itself) keeps
-// listening and keeps them.  Returns what stops the checks, for onClose.
+// begun is left to end as its response does, and one handed over by an
+// 'upgrade' (a WebSocket) as the service's code ends it; one whose
+// request's head has come in part gets CLOSE_HEAD_MS for the rest (fastify
+// answers it with its 503 once closing), then is ended (headsInPart).  It
+// is done once the server has stopped listening (fastify closes it after
+// the preClose hooks), checked every CLOSE_KEEP_ALIVE_MS until onClose: a
+// server that fastify does not close (a serverFactory's that the service
+// listens on itself) keeps listening and keeps them.  Returns what stops
+// the checks, for onClose.
 function endUnused (server, conns) {
   if (!server || typeof server.listening !== 'boolean') return () => {}
   const sweep = () => {
     if (server.listening) return
-    clearInterval(timer)
     for (const socket of unused(server, conns)) socket.destroy()
+    for (const socket of headsInPart(server, conns, Date.now())) socket.destroy()
   }
   const timer = setInterval(sweep, limits.CLOSE_KEEP_ALIVE_MS)
   timer.unref()

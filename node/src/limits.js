@@ -93,6 +93,12 @@ const CLOSE_KEEP_ALIVE_MS = 100
 // server, so that a stream left open there (server-sent events) cannot
 // hold the drain past a process manager's SIGKILL; as long as the drain.
 const CLOSE_SERVERS_MS = 5000
+// From close() on, how long a connection whose request's head has come in
+// part gets for the rest of it (and fastify's 503): a head never finished
+// would hold close(), and the owed calls' drain behind it, for as long as
+// its client keeps it open, past a process manager's SIGKILL.  Nothing is
+// asked on it until the head is whole, so ending it loses nothing.
+const CLOSE_HEAD_MS = 1000
 // A log line that every refused request meets (AccMan unreachable, the
 // service's token refused) is said again at most this often (repeats.js).
 const REPEAT_MS = 10000
@@ -138,6 +144,7 @@ module.exports = {
   CLOSE_DRAIN_MS,
   CLOSE_KEEP_ALIVE_MS,
   CLOSE_SERVERS_MS,
+  CLOSE_HEAD_MS,
   REPEAT_MS,
   REPEATED_LINES_MAX,
   ROUTES_NAMED_MAX

@@ -1000,6 +1000,36 @@ test('close() leaves the connections whose request has begun: a head come in par
   }
 })
 
+// A head that never comes whole holds close() for CLOSE_HEAD_MS, no
+// longer: its connection is ended, nothing having been asked on it.
+test('close() ends a connection whose request\'s head never comes whole, after CLOSE_HEAD_MS', async () => {
+  const { CLOSE_HEAD_MS } = accman.limits
+  const { app } = await serviceApp({ url: acc.server.url, token: TOKENS.service })
+  const accepted = new Promise((resolve) => app.server.once('connection', resolve))
+  const socket = net.connect(app.server.address().port, '127.0.0.1')
+  socket.on('error', () => {})
+  let text = ''
+  socket.setEncoding('utf8')
+  socket.on('data', (d) => { text += d })
+  const ended = new Promise((resolve) => socket.once('close', resolve))
+  let closed = false
+  try {
+    const server = await accepted
+    socket.write('GET /w HTTP/1.1\r\nHost: x\r\n')
+    await until(() => server.bytesRead > 0)
+    const t0 = Date.now()
+    const closing = app.close().then(() => { closed = true })
+    await Promise.race([closing, timedOut()])
+    assert.ok(closed, 'close() still waits on the head that never came whole')
+    assert.ok(Date.now() - t0 >= CLOSE_HEAD_MS, 'the head was not given CLOSE_HEAD_MS')
+    await ended
+    assert.equal(text, '')
+  } finally {
+    socket.destroy()
+    await app.close()
+  }
+})
+
 // fastify closes a server of a serverFactory only if fastify.listen()
 // listened on it: one the service listens on itself, and may share with
 // other handlers, goes on serving after fastify's close().
