@@ -13,7 +13,7 @@ const { Owed, Settle, fingerprint } = require('./owed')
 const { CheckCache } = require('./cache')
 const { RoleProbe } = require('./probe')
 const { Repeats } = require('./repeats')
-const { settings, amount, price } = require('./options')
+const { settings, amount, price, routeOf, thrownBy } = require('./options')
 const { admission } = require('./admit')
 const { charging } = require('./charge')
 
@@ -83,21 +83,30 @@ class Meter {
     return this.ridBase + (++this.ridNext).toString(16)
   }
 
+  // A route's price that its onRoute check did not see (a route added
+  // before the plugin) is checked here, each request's 500 naming it.
   priceFor (request) {
     const options = request.routeOptions // a getter that builds its object at each read
     const route = options && options.config ? options.config.accman : undefined
     if (route === false || this.exempt(request, options)) return null
-    return route === undefined ? this.cost : price(route, 'config.accman')
+    return route === undefined
+      ? this.cost
+      : price(route, `config.accman of the route ${routeOf(request, options)}`)
   }
 
-  // A cost function's result names the route and the stage, for the log
-  // line of the 500 it causes to point at the function at fault.
+  // A cost function's result, or what it threw, names the route and the
+  // stage, for the log line of the 500 it causes to point at the function
+  // at fault.
   costOf (p, request, reply, stage) {
     if (typeof p !== 'function') return p
-    const options = request.routeOptions
-    const url = options ? options.url : request.url
-    return amount(p(request, reply, stage),
-      `the result of ${request.method} ${url}'s cost function at '${stage}'`)
+    const what = `${routeOf(request)}'s cost function at '${stage}'`
+    let result
+    try {
+      result = p(request, reply, stage)
+    } catch (err) {
+      throw thrownBy(err, what)
+    }
+    return amount(result, `the result of ${what}`)
   }
 
   // --- the consumer left (onRequestAbort, the response's close), onResponse

@@ -44,10 +44,14 @@ function isAmount (value) {
     (typeof value === 'bigint' && value >= 0n && value <= limits.INT64_MAX)
 }
 
+// What an amount may be, as error messages say it: 2^60 as a number is a
+// non-negative integer, but not a safe one.
+const AMOUNT = 'a non-negative integer (a safe-integer number, or a bigint up to 2^63-1)'
+
 // An amount of money as a bigint: a non-negative safe integer or bigint.
 function amount (value, what) {
   if (!isAmount(value)) {
-    throw new TypeError(`${what} must be a non-negative integer, not ${shown(value)}`)
+    throw new TypeError(`${what} must be ${AMOUNT}, not ${shown(value)}`)
   }
   return BigInt(value)
 }
@@ -85,8 +89,39 @@ function headerName (value) {
   return value.toLowerCase()
 }
 
+// A request's route as error messages name it.
+function routeOf (request, options = request.routeOptions) {
+  return `${request.method} ${options ? options.url : request.url}`
+}
+
+// An error thrown by a function of the service's (exempt, a cost
+// function), named with the function, the route and the stage: a 500.
+function thrownBy (err, what) {
+  const message = err instanceof Error ? err.message : String(err)
+  return new Error(`${what} threw: ${message}`, { cause: err })
+}
+
+// An exempt function's answer, true or false, at once: anything else (a
+// promise, which an async function returns, or a string) would be truthy
+// and exempt every request silently; it is a 500 naming the route.
+function exemptBy (fn) {
+  return (request, options = request.routeOptions) => {
+    let verdict
+    try {
+      verdict = fn(request, options)
+    } catch (err) {
+      throw thrownBy(err, `the exempt function at ${routeOf(request, options)}`)
+    }
+    if (typeof verdict !== 'boolean') {
+      throw new TypeError(`the result of the exempt function at ${routeOf(request, options)} ` +
+        `must be true or false, not ${shown(verdict)}`)
+    }
+    return verdict
+  }
+}
+
 function exemptTest (exempt) {
-  if (typeof exempt === 'function') return exempt
+  if (typeof exempt === 'function') return exemptBy(exempt)
   if (!Array.isArray(exempt) || exempt.some((p) => typeof p !== 'string')) {
     throw new TypeError(
       'exempt must be an array of paths (a trailing * matches a prefix) or a function')
@@ -191,8 +226,8 @@ function checkRoute (route) {
     return
   }
   const methods = [].concat(route.method).join(',')
-  throw new TypeError(`config.accman of the route ${methods} ${route.url} must be a ` +
-    `non-negative integer, a function or false, not ${shown(value)}`)
+  throw new TypeError(`config.accman of the route ${methods} ${route.url} must be ` +
+    `${AMOUNT}, a function or false, not ${shown(value)}`)
 }
 
 // A route priced by its `config.accman` that `exempt` (an array) also
@@ -211,4 +246,4 @@ function checkExempt (route, path, exempt) {
     `names the route (by ${shown(by)}): an exempt route is never metered`)
 }
 
-module.exports = { settings, checkRoute, checkExempt, amount, price, shown }
+module.exports = { settings, checkRoute, checkExempt, amount, price, shown, routeOf, thrownBy }

@@ -383,6 +383,29 @@ test('per-route prices: a number, a function of request and reply, false; exempt
   })
 })
 
+// An exempt function answers true or false at once: a promise (an async
+// function's) or a string would be truthy, and every request free.  Each
+// is a 500 naming the route, the handler not run, nothing charged; so is
+// a throw, named as the exempt function's.
+test('an exempt function that answers other than true or false, or throws, is a 500 naming the route', async () => {
+  await acc.mint.mod('p-exempt-fn', 10)
+  const cases = [
+    [async () => false, 'the result of the exempt function at GET /w must be true or false, not a promise (it must not be async)'],
+    [() => 'yes', 'the result of the exempt function at GET /w must be true or false, not "yes"'],
+    [() => { throw new Error('oops') }, 'the exempt function at GET /w threw: oops']
+  ]
+  for (const [exempt, message] of cases) {
+    await withService({ exempt }, async (url, app) => {
+      const paid = await get(url + '/w', 'p-exempt-fn')
+      const bare = await get(url + '/w')
+      assert.deepEqual([paid.status, paid.body.message, bare.status, bare.body.message, paid.accman],
+        [500, message, 500, message, null])
+      assert.equal(app.served, 0)
+    })
+  }
+  assert.equal(await acc.mint.tot('p-exempt-fn'), 10)
+})
+
 test('exempt names routes as fastify routes them: another spelling of an exempt URL is exempt, a look-alike of a priced one is not', async () => {
   await acc.mint.mod('p-exempt-route', 100)
   const app = Fastify({ ignoreTrailingSlash: true })
@@ -432,15 +455,37 @@ test('a cost function that returns a non-amount is a 500 and charges nothing', a
   assert.equal(await acc.mint.tot('p-badcost'), 10)
 })
 
+test('a cost function that throws is a 500 naming its route and stage, nothing charged', async () => {
+  await acc.mint.mod('p-costthrows', 10)
+  const app = Fastify()
+  await app.register(accman, {
+    url: acc.server.url,
+    token: TOKENS.service,
+    cost: (request, reply, stage) => { if (stage === request.query.at) throw new Error('no price'); return 1 }
+  })
+  app.get('/c', async () => ({ ok: true }))
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  try {
+    for (const stage of ['estimate', 'charge']) {
+      const r = await get(url + '/c?at=' + stage, 'p-costthrows')
+      assert.deepEqual([r.status, r.body.message], [500, `GET /c's cost function at '${stage}' threw: no price`])
+    }
+  } finally {
+    await app.close()
+  }
+  assert.equal(await acc.mint.tot('p-costthrows'), 10)
+})
+
 test('a cost function\'s wrong result is named with its route and stage: an async one returns a promise', async () => {
   await acc.mint.mod('p-asynccost', 10)
   await withService({}, async (url) => {
     const r = await get(url + '/asynccost', 'p-asynccost')
     assert.deepEqual([r.status, r.body.message], [500, 'the result of GET /asynccost\'s cost function at \'estimate\' ' +
-      'must be a non-negative integer, not a promise (it must not be async)'])
+      'must be a non-negative integer (a safe-integer number, or a bigint up to 2^63-1), ' +
+      'not a promise (it must not be async)'])
     const b = await get(url + '/badcost', 'p-asynccost')
     assert.deepEqual([b.status, b.body.message], [500, 'the result of GET /badcost\'s cost function at \'charge\' ' +
-      'must be a non-negative integer, not -1'])
+      'must be a non-negative integer (a safe-integer number, or a bigint up to 2^63-1), not -1'])
   })
   assert.equal(await acc.mint.tot('p-asynccost'), 10)
 })
@@ -451,7 +496,7 @@ test('a cost function that throws on a file stream\'s response: a 500, the file 
     await withService({ mode }, async (url, app) => {
       for (const as of ['node', 'web', 'response']) {
         const r = await get(url + '/filethrows?as=' + as, 'p-filethrows')
-        assert.deepEqual([r.status, r.body.message, r.accman], [500, 'the cost function failed', null], `${mode} ${as}`)
+        assert.deepEqual([r.status, r.body.message, r.accman], [500, "GET /filethrows's cost function at 'charge' threw: the cost function failed", null], `${mode} ${as}`)
         const stream = app.streams.at(-1)
         // fastify answers the error and never reads the stream: its fd
         // stays open unless the stream is destroyed.
@@ -1197,7 +1242,8 @@ test('a wrong route price is refused at ready(), naming the route and the value'
       scope.get('/bad', { config: { accman: value } }, async () => 'bad')
     }, { prefix: '/api' })
     await assert.rejects(app.ready(), (err) => err instanceof TypeError &&
-      err.message === `config.accman of the route GET /api/bad must be a non-negative integer, a function or false, not ${shown}`,
+      err.message === 'config.accman of the route GET /api/bad must be a non-negative integer ' +
+        `(a safe-integer number, or a bigint up to 2^63-1), a function or false, not ${shown}`,
     String(value))
   }
   // A route added outside a plugin is refused at once, by fastify.route().
@@ -1297,7 +1343,7 @@ test('exempt entries that name no route are named at ready(), a warning', async 
   await app.close()
 })
 
-test('a bad price on a route added before the plugin fails its requests, never serves them free', async () => {
+test('a bad price on a route added before the plugin fails its requests, naming the route, never serves them free', async () => {
   await acc.mint.mod('p-early', 10)
   let served = 0
   const { app } = await readyWarnings((app) => {
@@ -1307,7 +1353,9 @@ test('a bad price on a route added before the plugin fails its requests, never s
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
   try {
     const r = await get(url + '/early', 'p-early')
-    assert.equal(r.status, 500)
+    // Its 500 names the route, which no onRoute check of the plugin's met.
+    assert.deepEqual([r.status, r.body.message], [500, 'config.accman of the route GET /early must be ' +
+      'a non-negative integer (a safe-integer number, or a bigint up to 2^63-1), not "5"'])
     assert.equal(served, 0)
     assert.equal(await acc.mint.tot('p-early'), 10)
   } finally {
