@@ -46,6 +46,7 @@ class AccManRequest {
     this.rid = rid
     this.tot = null // bigint: the balance seen at admission
     this.hold = null // the hold's id (reserve mode)
+    this.heldAt = 0 // when the hold's reply came (performance.now(), ms)
     this.unpaid = null // the AccMan error when served unpaid (onUnavailable 'open')
     this.before = null // the reply's headers just before the handler
     this.ended = false
@@ -167,6 +168,7 @@ const admission = {
     }
     state.hold = r.hold
     state.tot = r.tot
+    state.heldAt = performance.now()
   },
 
   // The hold met 409 overflow: the Insufficient to throw, with the balance

@@ -287,9 +287,22 @@ const charging = {
     return held
   },
 
+  // Why a hold ended before its settle, as it happened: raising holdTtlS
+  // helps a slow handler, not an AccMan that answered the settle past the
+  // ttl (stalled, or restarting), which no ttl bounds.  As on the Python side.
+  expiredWhy (state, startedAt) {
+    const ranS = (startedAt - state.heldAt) / 1000
+    if (ranS >= this.holdTtlS) {
+      return `expired before the response (the handler ran past holdTtlS=${this.holdTtlS} s)`
+    }
+    return `expired before its settle landed (the response started ${ranS.toFixed(1)} s ` +
+      `after the hold, within holdTtlS=${this.holdTtlS} s: AccMan answered the settle late)`
+  },
+
   async settle (state, cost) {
     const use = this.cap(cost, state.estimate)
     if (use === 0n) this.stats.released++
+    const startedAt = performance.now() // the response's start, as its settle is sent
     try {
       const r = await this.client.settle(state.cred, state.hold, use)
       this.charged(use)
@@ -303,8 +316,9 @@ const charging = {
         // response goes without the header, as on the Python side.
         if (use === 0n) return null
         this.stats.expired++
-        this.log.warn({ account: fingerprint(state.cred) },
-          'accman: the hold expired before the response; charging it as a mod')
+        const why = this.expiredWhy(state, startedAt)
+        this.log.warn({ account: fingerprint(state.cred), hold: String(state.hold) },
+          `accman: hold ${state.hold} ${why}: charging ${use} as a mod, key ${state.rid}-c`)
         return this.mod(state, use, true)
       }
       this.owe(new Settle(state.cred, state.hold, use, state.estimate, state.rid), err)

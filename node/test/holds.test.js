@@ -168,12 +168,17 @@ test('reserve: an estimate of 0 holds nothing; a cost over it is capped at 0, co
 // stats.expired counts it, as the Python middleware's does.
 test('reserve: a hold that expired before the response is charged as a keyed mod', async () => {
   await acc.mint.mod('h-expire', 10)
+  const logs = []
   await withReserve({ holdTtlS: 1 }, async (url, app) => {
     const r = await get(url + '/slow?ms=3000', 'h-expire')
     assert.deepEqual([r.status, r.accman], [200, '9'])
     assert.deepEqual([app.accman.stats.expired, app.accman.stats.charged], [1, 1])
     assert.match(app.accman.metrics(), /^accman_plugin_expired_total 1$/m)
-  })
+  }, logs)
+  // Said as the Python middleware says it: the hold, why, the use, the key.
+  const [key] = (await acc.mint.past('h-expire')).past.filter((e) => e.by === -1).map((e) => e.key)
+  assert.ok(messages(logs, 40).some((m) => new RegExp('^accman: hold \\d+ expired before the response ' +
+    '\\(the handler ran past holdTtlS=1 s\\): charging 1 as a mod, key ' + key + '$').test(m)), messages(logs, 40).join('\n'))
   assert.equal(await acc.service.tot('h-expire'), 9)
 })
 
