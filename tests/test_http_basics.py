@@ -4,15 +4,14 @@ form of the target, 411 for a body without a length, pipelined order, and
 the protected mode's Host check (SPEC "Access")."""
 
 import email.utils
-import fcntl
 import signal
-import struct
-import termios
 import time
 
 import httpx
 import pytest
 from conftest import assert_error, get, parse_responses, patch, request_bytes
+
+from accman.server.state import unsent_bytes
 
 
 def replies(conn, n, heads=()):
@@ -492,16 +491,46 @@ def test_a_stop_lingers_where_replies_are_still_buffered(start_server, cred):
         c.send(get("/health"))
         time.sleep(0.5)
         s.proc.send_signal(signal.SIGTERM)
-        replies = []
-        with pytest.raises(EOFError):       # an orderly end: a reset is ConnectionResetError
-            while True:
-                replies.append(c.response())
-        assert c.buf == b""                 # no reply cut short
-    # The requests read before the stop, each answered whole; the rest
-    # (the /health among them) never taken.
+        replies = read_to_the_end(c)
+    # The requests read before the stop, each answered whole (the first
+    # held back, if one was, answered 503); the rest, the /health among
+    # them, never taken.
+    if replies[-1].status == 503:
+        assert replies.pop().json["error"] == "shutting_down"
     assert 1 < len(replies) < 151, len(replies)
     assert all(r.status == 200 and len(r.json["past"]) == 1000 for r in replies)
     assert s.proc.wait(5) == 0
+
+
+def test_a_stop_lingers_where_replies_are_still_in_the_kernel(start_server, cred):
+    """Every reply handed to the kernel, none read yet by a slow client,
+    which sends its next request after the stop: had the stop closed at
+    once, that request would make the close a reset, which drops the
+    replies still in the kernel.  It lingers: the replies arrive whole."""
+    s = start_server()
+    with s.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=1") * 1000)
+        assert [r.status for r in (c.response() for _ in range(1000))] == [200] * 1000
+    with s.connect(rcvbuf=4096) as c:
+        c.send(get(f"/past?cred={cred}&limit=1000") * 3)
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        c.send(get("/health"))              # late: read and discarded
+        replies = read_to_the_end(c)
+    assert [(r.status, len(r.json["past"])) for r in replies] == [(200, 1000)] * 3
+    assert s.proc.wait(5) == 0
+
+
+def read_to_the_end(c) -> list:
+    """The replies on `c` until the server's orderly end (a reset raises
+    ConnectionResetError), none cut short."""
+    replies = []
+    with pytest.raises(EOFError):
+        while True:
+            replies.append(c.response())
+    assert c.buf == b""
+    return replies
 
 
 def test_a_stop_closes_an_idle_connection_without_lingering(start_server):
@@ -570,7 +599,7 @@ def wait_all_acknowledged(sock):
     (Linux's SIOCOUTQ, TIOCOUTQ's number: the bytes sent and not yet
     acknowledged), so that they are all in the peer's receive queue."""
     deadline = time.monotonic() + 30
-    while struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]:
+    while unsent_bytes(sock):
         assert time.monotonic() < deadline, "the bytes sent were never acknowledged"
         time.sleep(0.001)
 

@@ -25,10 +25,25 @@ connection drains.  Nothing else pauses or resumes reading.
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
+
 from accman.server._wire import ROUTE_EVENTS
 from accman.server.replies import CLOSE, CONTINUE
 
 OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
+
+
+def unsent_bytes(sock) -> int | None:
+    """The bytes the kernel holds for the peer of socket `sock`, not yet
+    acknowledged by it (Linux's SIOCOUTQ, which is TIOCOUTQ's number); None
+    where it cannot say (another system, a socket gone)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (AttributeError, OSError, ValueError):
+        return None
+    return struct.unpack("i", raw)[0]
 
 
 class Lifecycle:
@@ -83,13 +98,15 @@ class Lifecycle:
         return self.parser.pending_head
 
     def _idle(self) -> bool:
-        """Nothing owed, every reply handed to the kernel, and reading not
-        held back (a client's bytes left unread in the kernel would make
-        the close a reset, which drops what the kernel has yet to send).
-        A client that sends a request just as such a connection closes
-        may see a reset, as at any close of an idle keep-alive one."""
+        """Nothing owed, every reply sent and taken by the client's kernel,
+        and reading not held back.  A reset drops what the kernel has yet
+        to send, and a close becomes one when the client's bytes come after
+        it (its next request) or lie unread: a connection with replies on
+        their way lingers.  A client that sends a request just as an idle
+        one closes may see a reset, as at any close of an idle keep-alive."""
         return not (self.waiting or self.read_paused or self.write_paused
-                    or self.transport.get_write_buffer_size())
+                    or self.transport.get_write_buffer_size()
+                    or unsent_bytes(self.transport.get_extra_info("socket")) != 0)
 
     def _withdraw_continue(self) -> None:
         """A 100 Continue still queued behind earlier replies (the last in
