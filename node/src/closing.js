@@ -58,7 +58,11 @@ function connectionsOf (server) {
   if (server instanceof tls.Server) server.on('secureConnection', hold(conns.secure))
   server.on('request', (req, res) => {
     const socket = req.socket
-    conns.serving.set(socket, (conns.serving.get(socket) || 0) + 1)
+    const n = conns.serving.get(socket)
+    // A response queued behind a pipelined one may never close when the
+    // connection drops (Node 20): the socket's close ends its count.
+    if (n === undefined) socket.once('close', () => conns.serving.delete(socket))
+    conns.serving.set(socket, (n || 0) + 1)
     res.once('close', () => {
       const left = conns.serving.get(socket) - 1
       if (left > 0) conns.serving.set(socket, left)
@@ -90,8 +94,10 @@ function unused (server, conns) {
 }
 
 // The HTTP/1 sockets that have read a byte and have no request whose
-// response is open: a head come in part (or a connection kept alive after
-// its response, which shortenKeepAlive ends sooner).  Each is returned once
+// response is open: a head come in part, a request answered early whose
+// body is still coming (its client may see a reset after that response),
+// or a connection kept alive after its response (which shortenKeepAlive
+// ends sooner).  Each is returned once
 // CLOSE_HEAD_MS has passed since it was first seen so at `now`, if it has
 // nothing left to write.  Only a socket that Node's HTTP/1 parser reads
 // (its `parser`, which an 'upgrade' hands over and HTTP/2 has none of) is

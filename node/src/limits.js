@@ -97,7 +97,7 @@ const CLOSE_SERVERS_MS = 5000
 // part gets for the rest of it (and fastify's 503): a head never finished
 // would hold close(), and the owed calls' drain behind it, for as long as
 // its client keeps it open, past a process manager's SIGKILL.  Nothing is
-// asked on it until the head is whole, so ending it loses nothing.
+// asked on it until the head is whole (closing.js, headsInPart).
 const CLOSE_HEAD_MS = 1000
 // A log line that every refused request meets (AccMan unreachable, the
 // service's token refused) is said again at most this often (repeats.js).

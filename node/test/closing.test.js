@@ -11,7 +11,7 @@ const dns = require('node:dns')
 const net = require('node:net')
 const Fastify = require('fastify')
 const accman = require('..')
-const { unwatched } = require('../src/closing')
+const { connectionsOf, unwatched } = require('../src/closing')
 const { TOKENS, sharedAccMan } = require('./helpers/accman')
 const { messages, until } = require('./helpers/app')
 
@@ -225,4 +225,30 @@ test('close() puts the keep-alive back on a server fastify neither listened on n
   await app.ready()
   await app.close()
   assert.deepEqual([shared.listening, shared.keepAliveTimeout], [false, 5000])
+})
+
+// The requests under way that close() counts (connectionsOf's `serving`)
+// end with their connection: a response queued behind a pipelined one
+// that never closes, when its client leaves, is not held for good.
+test('a connection that leaves with pipelined requests under way is not counted serving for good', async () => {
+  const http = require('node:http')
+  const server = http.createServer((req, res) => setTimeout(() => res.end('ok'), 2000).unref())
+  const conns = connectionsOf(server)
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
+  try {
+    const clients = []
+    for (let i = 0; i < 5; i++) {
+      const c = net.connect(server.address().port, '127.0.0.1')
+      c.on('error', () => {})
+      c.write('GET /a HTTP/1.1\r\nHost: x\r\n\r\n'.repeat(3))
+      clients.push(c)
+    }
+    await until(() => conns.serving.size === 5)
+    for (const c of clients) c.destroy()
+    await until(() => conns.tcp.size === 0)
+    await until(() => conns.serving.size === 0)
+  } finally {
+    server.closeAllConnections()
+    await new Promise((resolve) => server.close(resolve))
+  }
 })

@@ -997,9 +997,10 @@ test('close() ends with a connection open that never sent a request: it is ended
 })
 
 // A connection on which a request has begun is left to end as its
-// response does: one whose request's head has come in part (fastify,
-// closing, answers it with its 503), and one handed over by an 'upgrade'
-// (a WebSocket's), which the service's own code ends.
+// response does: one whose request's head has come in part, for
+// CLOSE_HEAD_MS (fastify, closing, answers it with its 503), and one
+// handed over by an 'upgrade' (a WebSocket's), which the service's own
+// code ends, for good.
 test('close() leaves the connections whose request has begun: a head come in part, an upgrade', async () => {
   let upgraded = null
   const { app } = await serviceApp({ url: acc.server.url, token: TOKENS.service }, {
@@ -1036,6 +1037,9 @@ test('close() leaves the connections whose request has begun: a head come in par
     partial.socket.write('accman: p-begun\r\n\r\n')
     await Promise.race([partial.closed, timedOut()])
     assert.match(partial.text, /^HTTP\/1\.1 503 Service Unavailable\r\n/)
+    // Handed over, no HTTP parser reads it: past CLOSE_HEAD_MS it is kept.
+    await sleep(accman.limits.CLOSE_HEAD_MS + 300)
+    assert.equal(upgraded.destroyed, false)
     upgraded.end()
     await Promise.race([closing, timedOut()])
     assert.ok(closed, 'close() still waits')
