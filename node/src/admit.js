@@ -74,7 +74,13 @@ const admission = {
     // routes, and meters it (CALLING.md).  The counters mean the same on
     // both sides: `exempt` counts the requests let through unmetered, as
     // this one is, `requests` those metered, and together every request.
-    const p = request.is404 ? null : this.priceFor(request)
+    let p
+    try {
+      p = request.is404 ? null : this.priceFor(request)
+    } catch (err) {
+      this.stats.requests++ // refused (a 500, or the service's own refusal), not let through
+      throw err
+    }
     if (p === null) {
       this.stats.exempt++
       return

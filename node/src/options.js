@@ -95,15 +95,21 @@ function routeOf (request, options = request.routeOptions) {
 }
 
 // An error thrown by a function of the service's (exempt, a cost
-// function), named with the function, the route and the stage: a 500.
+// function): a refusal it means (a status under 500, as fastify's
+// httpErrors have) goes to the consumer as it is; anything else is a bug,
+// a 500 named with the function, the route and the stage.
 function thrownBy (err, what) {
+  const status = err === null || typeof err !== 'object' ? undefined : err.statusCode ?? err.status
+  if (Number.isInteger(status) && status >= 400 && status < 500) return err
   const message = err instanceof Error ? err.message : String(err)
   return new Error(`${what} threw: ${message}`, { cause: err })
 }
 
-// An exempt function's answer, true or false, at once: anything else (a
-// promise, which an async function returns, or a string) would be truthy
-// and exempt every request silently; it is a 500 naming the route.
+// An exempt function's answer, at once: true exempts, a falsy value
+// (false, undefined: a function that returns nothing for "not exempt")
+// meters.  Anything else (a promise, which an async function returns, a
+// string) would be truthy and exempt every request silently: a 500
+// naming the route.
 function exemptBy (fn) {
   return (request, options = request.routeOptions) => {
     let verdict
@@ -112,11 +118,9 @@ function exemptBy (fn) {
     } catch (err) {
       throw thrownBy(err, `the exempt function at ${routeOf(request, options)}`)
     }
-    if (typeof verdict !== 'boolean') {
-      throw new TypeError(`the result of the exempt function at ${routeOf(request, options)} ` +
-        `must be true or false, not ${shown(verdict)}`)
-    }
-    return verdict
+    if (verdict === true || !verdict) return verdict === true
+    throw new TypeError(`the result of the exempt function at ${routeOf(request, options)} ` +
+      `must be true, or false (or another falsy value), not ${shown(verdict)}`)
   }
 }
 

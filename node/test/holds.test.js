@@ -426,7 +426,8 @@ test('reserve: an owed settle whose hold expired meanwhile is charged as a keyed
   assert.deepEqual([charge.by, expiry.by, hold.by], [-1, 1, -1])
   assert.deepEqual([expiry.key, expiry.hold], [null, hold.hold])
   assert.equal(charge.key, hold.key.replace(/-h$/, '-c'))
-  assert.ok(messages(logs, 40).some((m) => /ended before its settle landed/.test(m)))
+  assert.ok(messages(logs, 40).includes(`accman: hold ${hold.hold} ended before its settle landed: ` +
+    `charging 1 as a mod, key ${charge.key}`), messages(logs, 40).join('\n'))
 })
 
 test('reserve: an owed settle charged as a mod and stranded of unknown outcome names the mod\'s key', async () => {

@@ -389,9 +389,10 @@ test('per-route prices: a number, a function of request and reply, false; exempt
 // a throw, named as the exempt function's.
 test('an exempt function that answers other than true or false, or throws, is a 500 naming the route', async () => {
   await acc.mint.mod('p-exempt-fn', 10)
+  const tail = 'must be true, or false (or another falsy value), not'
   const cases = [
-    [async () => false, 'the result of the exempt function at GET /w must be true or false, not a promise (it must not be async)'],
-    [() => 'yes', 'the result of the exempt function at GET /w must be true or false, not "yes"'],
+    [async () => false, `the result of the exempt function at GET /w ${tail} a promise (it must not be async)`],
+    [() => 'yes', `the result of the exempt function at GET /w ${tail} "yes"`],
     [() => { throw new Error('oops') }, 'the exempt function at GET /w threw: oops']
   ]
   for (const [exempt, message] of cases) {
@@ -401,9 +402,19 @@ test('an exempt function that answers other than true or false, or throws, is a 
       assert.deepEqual([paid.status, paid.body.message, bare.status, bare.body.message, paid.accman],
         [500, message, 500, message, null])
       assert.equal(app.served, 0)
+      assert.deepEqual([app.accman.stats.requests, app.accman.stats.exempt], [2, 0])
     })
   }
   assert.equal(await acc.mint.tot('p-exempt-fn'), 10)
+  // Nothing returned (undefined) for "not exempt" meters, as false does;
+  // a refusal the function means (a status under 500) goes out as it is.
+  const refusal = Object.assign(new Error('no such region'), { statusCode: 404 })
+  await withService({ exempt: (request) => { if (request.url === '/pricey') throw refusal } }, async (url, app) => {
+    assert.deepEqual([(await get(url + '/w', 'p-exempt-fn')).accman, app.served], ['9', 1])
+    const refused = await get(url + '/pricey', 'p-exempt-fn')
+    assert.deepEqual([refused.status, refused.body.message, app.served], [404, 'no such region', 1])
+  })
+  assert.equal(await acc.mint.tot('p-exempt-fn'), 9)
 })
 
 test('exempt names routes as fastify routes them: another spelling of an exempt URL is exempt, a look-alike of a priced one is not', async () => {
@@ -455,13 +466,18 @@ test('a cost function that returns a non-amount is a 500 and charges nothing', a
   assert.equal(await acc.mint.tot('p-badcost'), 10)
 })
 
-test('a cost function that throws is a 500 naming its route and stage, nothing charged', async () => {
+test('a cost function that throws is a 500 naming its route and stage, or its own 4xx; nothing charged', async () => {
   await acc.mint.mod('p-costthrows', 10)
   const app = Fastify()
   await app.register(accman, {
     url: acc.server.url,
     token: TOKENS.service,
-    cost: (request, reply, stage) => { if (stage === request.query.at) throw new Error('no price'); return 1 }
+    cost: (request, reply, stage) => {
+      if (stage !== request.query.at) return 1
+      // A refusal the function means (a status under 500) goes out as it is.
+      if (request.query.refuse) throw Object.assign(new Error('rows is required'), { statusCode: 400 })
+      throw new Error('no price')
+    }
   })
   app.get('/c', async () => ({ ok: true }))
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
@@ -469,6 +485,8 @@ test('a cost function that throws is a 500 naming its route and stage, nothing c
     for (const stage of ['estimate', 'charge']) {
       const r = await get(url + '/c?at=' + stage, 'p-costthrows')
       assert.deepEqual([r.status, r.body.message], [500, `GET /c's cost function at '${stage}' threw: no price`])
+      const refused = await get(url + '/c?refuse=1&at=' + stage, 'p-costthrows')
+      assert.deepEqual([refused.status, refused.body.message, refused.accman], [400, 'rows is required', null])
     }
   } finally {
     await app.close()
