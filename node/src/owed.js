@@ -79,8 +79,8 @@ class Settle {
       log.warn({
         account: fingerprint(this.cred), hold: String(this.hold), amount: String(this.use),
         key: this.chargeKey
-      }, `accman: hold ${this.hold} ended before its settle landed: charging ${this.use} as a mod, ` +
-        `key ${this.chargeKey}`)
+      }, `accman: hold ${this.hold} ended before its settle landed: ` +
+        `charging ${this.use} as a mod, key ${this.chargeKey}`)
       await client.mod(this.cred, -this.use, { key: this.chargeKey })
     }
   }
