@@ -56,13 +56,17 @@ function connectionsOf (server) {
   }
   server.on('connection', hold(conns.tcp))
   if (server instanceof tls.Server) server.on('secureConnection', hold(conns.secure))
+  // A response queued behind a pipelined one may never close when the
+  // connection drops (Node 20): the socket's close ends its count, watched
+  // once per socket, however many requests it carries.
+  const watched = new WeakSet()
   server.on('request', (req, res) => {
     const socket = req.socket
-    const n = conns.serving.get(socket)
-    // A response queued behind a pipelined one may never close when the
-    // connection drops (Node 20): the socket's close ends its count.
-    if (n === undefined) socket.once('close', () => conns.serving.delete(socket))
-    conns.serving.set(socket, (n || 0) + 1)
+    if (!watched.has(socket)) {
+      watched.add(socket)
+      socket.once('close', () => conns.serving.delete(socket))
+    }
+    conns.serving.set(socket, (conns.serving.get(socket) || 0) + 1)
     res.once('close', () => {
       const left = conns.serving.get(socket) - 1
       if (left > 0) conns.serving.set(socket, left)

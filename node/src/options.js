@@ -95,7 +95,7 @@ function routeOf (request, options = request.routeOptions) {
 }
 
 // An error thrown by a function of the service's (exempt, a cost
-// function): a refusal it means (a status under 500, as fastify's
+// function): a refusal it means (a 4xx status, as fastify's
 // httpErrors have) goes to the consumer as it is; anything else is a bug,
 // a 500 named with the function, the route and the stage.
 function thrownBy (err, what) {

@@ -252,3 +252,30 @@ test('a connection that leaves with pipelined requests under way is not counted 
     await new Promise((resolve) => server.close(resolve))
   }
 })
+
+// Watched once a socket: a keep-alive connection's requests, one after
+// another, add no close listener each (Node warns past ten).
+test('a keep-alive connection\'s requests add no listener each to its socket', async () => {
+  const http = require('node:http')
+  const server = http.createServer((req, res) => res.end('ok'))
+  const conns = connectionsOf(server)
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 })
+  const once = () => new Promise((resolve, reject) => {
+    http.get({ port: server.address().port, host: '127.0.0.1', agent }, (res) => {
+      res.resume()
+      res.on('end', resolve)
+    }).on('error', reject)
+  })
+  try {
+    await once()
+    const [socket] = conns.tcp
+    const listeners = socket.listenerCount('close')
+    for (let i = 0; i < 20; i++) await once()
+    assert.deepEqual([conns.tcp.size, socket.listenerCount('close')], [1, listeners])
+  } finally {
+    agent.destroy()
+    server.closeAllConnections()
+    await new Promise((resolve) => server.close(resolve))
+  }
+})
