@@ -474,6 +474,21 @@ def test_a_stop_lingers_after_its_503_so_late_bytes_reset_nothing(start_server, 
     assert start_server().tot(cred) == 10
 
 
+def test_a_stop_waits_for_a_just_used_connection_s_acknowledgement_only(start_server):
+    """A keep-alive connection used just before the stop: its client
+    acknowledges the last reply late (delayed ACK, up to ~40 ms here), so
+    the reply is still on its way when the stop comes.  The connection
+    closes once the client's side has it, not after LINGER_S."""
+    s = start_server(env={"ACCMAN_LINGER_S": "30"})
+    with s.connect() as c:
+        for _ in range(200):
+            c.send(get("/health"))
+            assert c.response().status == 200
+        s.proc.send_signal(signal.SIGTERM)
+        assert c.closed_by_peer(5)
+        assert s.proc.wait(5) == 0
+
+
 def test_a_stop_lingers_where_replies_are_still_buffered(start_server, cred):
     """Nothing owed, but replies still in the server's buffers and the
     client's next request unread (reading held back while the client does
@@ -599,7 +614,8 @@ def wait_all_acknowledged(sock):
     (Linux's SIOCOUTQ, TIOCOUTQ's number: the bytes sent and not yet
     acknowledged), so that they are all in the peer's receive queue."""
     deadline = time.monotonic() + 30
-    while unsent_bytes(sock):
+    while (unsent := unsent_bytes(sock)) != 0:
+        assert unsent is not None, "the kernel does not say what is unacknowledged"
         assert time.monotonic() < deadline, "the bytes sent were never acknowledged"
         time.sleep(0.001)
 

@@ -64,6 +64,7 @@ class Server:
         self.connections = set()
         self.peers: dict = {}           # peer address -> open connections
         self.paused = set()             # connections not being read
+        self.acked_waits = set()        # at a stop: to close once their replies are taken
         self.buffered = 0               # bytes held for all connections (account)
         self.over_budget = False
         self.turn = Turn(self.limits.turn_requests_max, self._turn_spent)
@@ -127,6 +128,7 @@ class Server:
             else:
                 del self.peers[conn.peer]
         self.paused.discard(conn)
+        self.acked_waits.discard(conn)
         if conn.buffered:
             self._add_buffered(-conn.buffered)
             conn.buffered = 0
@@ -312,6 +314,9 @@ class Server:
         self.store.end_waits()
         deadline = self.loop.time() + self.limits.shutdown_grace_s
         while self.connections and not self._hurry and self.loop.time() < deadline:
+            for conn in list(self.acked_waits):
+                if conn.close_acknowledged():
+                    self.acked_waits.discard(conn)
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.abort()

@@ -62,18 +62,25 @@ class Lifecycle:
     def stop(self) -> None:
         """Shutdown: take no new request; answer the one held back or begun
         (if any) with 503, send what is owed, then shut and linger, as any
-        close after a reply does (the stop waits for it).  An idle
-        connection closes at once (`_idle`).  One draining or lingering
-        already goes on."""
+        close after a reply does (the stop waits for it).  A quiet one
+        (`_quiet`) closes at once, or, its last replies still on their way
+        in the kernel, as soon as its client's side has them all (the
+        server's stop asks, `close_acknowledged`): a client acknowledges
+        late (up to ~40 ms on Linux, 200 ms elsewhere), and a keep-alive
+        connection just used would otherwise hold the stop for LINGER_S.
+        One draining or lingering already goes on."""
         if self.state != OPEN:
             return
         head = self._held_request()
         self.take_no_more()
         if head is None:
-            if self._idle():
-                self.shut(linger=False)
-            else:
+            if not self._quiet():
                 self.finish([])
+                return
+            unsent = unsent_bytes(self.transport.get_extra_info("socket"))
+            self.shut(linger=unsent != 0)
+            if unsent:
+                self.server.acked_waits.add(self)
             return
         self.last_reply(self.routes.error(
             "none", 503, "shutting_down", "the server is shutting down; retry on another", CLOSE,
@@ -97,16 +104,26 @@ class Lifecycle:
         self._withdraw_continue()
         return self.parser.pending_head
 
-    def _idle(self) -> bool:
-        """Nothing owed, every reply sent and taken by the client's kernel,
-        and reading not held back.  A reset drops what the kernel has yet
-        to send, and a close becomes one when the client's bytes come after
-        it (its next request) or lie unread: a connection with replies on
-        their way lingers.  A client that sends a request just as an idle
-        one closes may see a reset, as at any close of an idle keep-alive."""
+    def _quiet(self) -> bool:
+        """Nothing owed, every reply handed to the kernel, and reading not
+        held back.  A reset drops what the kernel has yet to send, and a
+        close becomes one when the client's bytes come after it (its next
+        request) or lie unread: a connection with replies on their way
+        lingers until they are taken.  A client that sends a request just
+        as a quiet one closes may see a reset, as at any idle close."""
         return not (self.waiting or self.read_paused or self.write_paused
-                    or self.transport.get_write_buffer_size()
-                    or unsent_bytes(self.transport.get_extra_info("socket")) != 0)
+                    or self.transport.get_write_buffer_size())
+
+    def close_acknowledged(self) -> bool:
+        """At a stop, a quiet connection lingering while its last replies
+        were on their way closes once its client's side has them all; True
+        once it needs no more asking (closed, or its kernel cannot say)."""
+        if self.state != SHUT:
+            return True
+        unsent = unsent_bytes(self.transport.get_extra_info("socket"))
+        if unsent == 0:
+            self.transport.close()
+        return not unsent
 
     def _withdraw_continue(self) -> None:
         """A 100 Continue still queued behind earlier replies (the last in
