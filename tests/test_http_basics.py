@@ -474,19 +474,26 @@ def test_a_stop_lingers_after_its_503_so_late_bytes_reset_nothing(start_server, 
     assert start_server().tot(cred) == 10
 
 
-def test_a_stop_waits_for_a_just_used_connection_s_acknowledgement_only(start_server):
-    """A keep-alive connection used just before the stop: its client
-    acknowledges the last reply late (delayed ACK, up to ~40 ms here), so
-    the reply is still on its way when the stop comes.  The connection
-    closes once the client's side has it, not after LINGER_S."""
+def test_a_stop_closes_a_quiet_connection_once_its_reply_is_taken(start_server, cred):
+    """A reply handed to the kernel and not yet taken by its slow client (a
+    4 KB receive buffer, unread): the stop neither closes the connection
+    at once, which a request the client sent next would turn into a reset
+    dropping the reply, nor holds it for LINGER_S: it closes once the
+    client has read and acknowledged all of it.  (A keep-alive connection
+    used just before a stop is the same, for its client's delayed ACK.)"""
     s = start_server(env={"ACCMAN_LINGER_S": "30"})
     with s.connect() as c:
-        for _ in range(200):
-            c.send(get("/health"))
-            assert c.response().status == 200
+        c.send(patch(f"/mod?cred={cred}&by=1") * 100)
+        assert [r.status for r in (c.response() for _ in range(100))] == [200] * 100
+    with s.connect(rcvbuf=4096) as c:
+        c.send(get(f"/past?cred={cred}&limit=100"))
+        time.sleep(0.5)
         s.proc.send_signal(signal.SIGTERM)
-        assert c.closed_by_peer(5)
-        assert s.proc.wait(5) == 0
+        time.sleep(0.5)
+        assert s.proc.poll() is None                # the reply is not all taken yet
+        replies = read_to_the_end(c)
+        assert s.proc.wait(5) == 0                  # closed by the server, not the client
+    assert [(r.status, len(r.json["past"])) for r in replies] == [(200, 100)]
 
 
 def test_a_stop_lingers_where_replies_are_still_buffered(start_server, cred):

@@ -35,15 +35,30 @@ from accman.server.replies import CLOSE, CONTINUE
 OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
 
 
-def unsent_bytes(sock) -> int | None:
-    """The bytes the kernel holds for the peer of socket `sock`, not yet
-    acknowledged by it (Linux's SIOCOUTQ, which is TIOCOUTQ's number); None
-    where it cannot say (another system, a socket gone)."""
+def _kernel_count(sock, request: int) -> int | None:
+    """A count the kernel keeps of socket `sock` (an ioctl); None where it
+    cannot say (another system, a socket gone)."""
     try:
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        raw = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
     except (AttributeError, OSError, ValueError):
         return None
     return struct.unpack("i", raw)[0]
+
+
+def unsent_bytes(sock) -> int | None:
+    """The bytes sent on `sock` and not yet acknowledged by the peer, a FIN
+    counting one (Linux's SIOCOUTQ, which is TIOCOUTQ's number)."""
+    return _kernel_count(sock, termios.TIOCOUTQ)
+
+
+def all_taken(sock) -> bool | None:
+    """Whether the peer has acknowledged everything sent on `sock` and
+    nothing it sent lies unread (FIONREAD): a close then resets nothing
+    already there.  None where the kernel cannot say."""
+    unsent, unread = unsent_bytes(sock), _kernel_count(sock, termios.FIONREAD)
+    if unsent is None or unread is None:
+        return None
+    return unsent == 0 and unread == 0
 
 
 class Lifecycle:
@@ -64,11 +79,11 @@ class Lifecycle:
         (if any) with 503, send what is owed, then shut and linger, as any
         close after a reply does (the stop waits for it).  A quiet one
         (`_quiet`) closes at once, or, its last replies still on their way
-        in the kernel, as soon as its client's side has them all (the
-        server's stop asks, `close_acknowledged`): a client acknowledges
-        late (up to ~40 ms on Linux, 200 ms elsewhere), and a keep-alive
-        connection just used would otherwise hold the stop for LINGER_S.
-        One draining or lingering already goes on."""
+        in the kernel or its client's bytes unread, as soon as all is taken
+        (the server's stop asks, `close_acknowledged`): a client
+        acknowledges late (up to ~40 ms on Linux, 200 ms elsewhere), and a
+        keep-alive connection just used would otherwise hold the stop for
+        LINGER_S.  One draining or lingering already goes on."""
         if self.state != OPEN:
             return
         head = self._held_request()
@@ -77,9 +92,9 @@ class Lifecycle:
             if not self._quiet():
                 self.finish([])
                 return
-            unsent = unsent_bytes(self.transport.get_extra_info("socket"))
-            self.shut(linger=unsent != 0)
-            if unsent:
+            taken = all_taken(self.transport.get_extra_info("socket"))
+            self.shut(linger=not taken)
+            if taken is False:
                 self.server.acked_waits.add(self)
             return
         self.last_reply(self.routes.error(
@@ -116,14 +131,17 @@ class Lifecycle:
 
     def close_acknowledged(self) -> bool:
         """At a stop, a quiet connection lingering while its last replies
-        were on their way closes once its client's side has them all; True
-        once it needs no more asking (closed, or its kernel cannot say)."""
+        (and its FIN) were on their way, or its client's bytes unread,
+        closes once its client's side has everything and the lingering has
+        read what came; True once it needs no more asking (closed, or its
+        kernel cannot say).  Bytes the client sends after that close meet
+        a reset, every reply being on its side by then."""
         if self.state != SHUT:
             return True
-        unsent = unsent_bytes(self.transport.get_extra_info("socket"))
-        if unsent == 0:
+        taken = all_taken(self.transport.get_extra_info("socket"))
+        if taken:
             self.transport.close()
-        return not unsent
+        return taken is not False
 
     def _withdraw_continue(self) -> None:
         """A 100 Continue still queued behind earlier replies (the last in
