@@ -58,6 +58,10 @@ const PRIMARY_CONF = { wal_keep_size: "'256MB'" }
 // free within this.
 const KILL_TIMEOUT_MS = 60000
 const KILL_POLL_MS = 20
+// Where Linux lists its System V shared memory segments, and how long a
+// killed postmaster's backends may take to let go of its segment.
+const SYSV_SHM_LIST = '/proc/sysvipc/shm'
+const KILLED_BACKENDS_END_MS = 10000
 const QUERY_POLL_MS = 200
 // A standby's name goes into its primary's synchronous_standby_names and
 // a query of pg_stat_replication unquoted.
@@ -153,6 +157,56 @@ function accepting (port) {
     socket.once('connect', () => { socket.destroy(); resolve(true) })
     socket.once('error', () => resolve(false))
   })
+}
+
+// The System V segment [key, id] that a postmaster's lock file names (its
+// seventh line), or null: a clean or immediate stop removes the file.
+function lockFileSegment (data) {
+  try {
+    const [key, id] = fs.readFileSync(path.join(data, 'postmaster.pid'), 'utf8')
+      .split('\n')[6].trim().split(/\s+/).map(Number)
+    return Number.isInteger(key) && Number.isInteger(id) ? [key, id] : null
+  } catch {
+    return null
+  }
+}
+
+// How many processes have the segment attached; null once it is gone (or
+// its id names another key's).  PostgreSQL writes the key unsigned, /proc
+// signed: compared as 32 bits.
+function attached ([key, id]) {
+  let rows
+  try {
+    rows = fs.readFileSync(SYSV_SHM_LIST, 'utf8').trim().split('\n').slice(1)
+  } catch {
+    return null
+  }
+  for (const row of rows.map((line) => line.trim().split(/\s+/).map(Number))) {
+    if (row[1] === id && (row[0] >>> 0) === (key >>> 0)) return row[6]
+  }
+  return null
+}
+
+// A postmaster killed with SIGKILL leaves the small System V segment its
+// lock file names, which only a later start in the same directory would
+// remove, and each holds one of the machine's SHMMNI ids until it restarts
+// (two a run of bank_pg.test.js): removed once its backends have let go of
+// it; one still attached then, or whose postmaster lives, is left, as it is
+// where ipcrm is missing.  Synchronous, as destroy() is.
+function removeKilledSegment (data) {
+  const segment = lockFileSegment(data)
+  const pid = Number(fs.readFileSync(path.join(data, 'postmaster.pid'), 'utf8').split('\n')[0])
+  if (segment === null || alive(pid)) return
+  const deadline = performance.now() + KILLED_BACKENDS_END_MS
+  let n = attached(segment)
+  while (n > 0 && performance.now() < deadline) {
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, KILL_POLL_MS)
+    n = attached(segment)
+  }
+  if (n !== 0) return
+  try {
+    execFileSync('ipcrm', ['-m', String(segment[1])], { stdio: 'ignore' })
+  } catch {} // gone meanwhile, or no ipcrm: left
 }
 
 function configure (data, conf) {
@@ -307,8 +361,9 @@ class PgCluster {
     return this.url(db)
   }
 
-  // Stops the server and removes its directory: synchronous, so that the
-  // process's exit can do it too.
+  // Stops the server, removes what a SIGKILL of it left in System V
+  // memory, and its directory: synchronous, so that the process's exit can
+  // do it too.
   destroy () {
     process.removeListener('exit', this.onExit)
     for (const signal of STOP_SIGNALS) process.removeListener(signal, this.onSignal)
@@ -317,6 +372,9 @@ class PgCluster {
         execFileSync(...command('pg_ctl', ['-D', this.data, '-m', 'immediate', '-w', 'stop']),
           { stdio: 'ignore' })
       } catch {} // not running after all: nothing to stop
+      try {
+        removeKilledSegment(this.data) // the lock file is left only by a kill
+      } catch {} // its lock file unreadable: nothing named to remove
     }
     fs.rmSync(this.base, { recursive: true, force: true })
     this.claim.close()
