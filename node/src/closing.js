@@ -101,11 +101,11 @@ function unused (server, conns) {
 // response is open: a head come in part, a request answered early whose
 // body is still coming (its client may see a reset after that response),
 // or a connection kept alive after its response (which shortenKeepAlive
-// ends sooner).  Each is returned once
-// CLOSE_HEAD_MS has passed since it was first seen so at `now`, if it has
-// nothing left to write.  Only a socket that Node's HTTP/1 parser reads
-// (its `parser`, which an 'upgrade' hands over and HTTP/2 has none of) is
-// looked at: a WebSocket's is the service's to end.
+// ends sooner).  Each is returned once CLOSE_HEAD_MS has passed since it
+// was first seen so, at `now`, if it has nothing left to write.  Only a
+// socket that Node's HTTP/1 parser reads (its `parser`, which an
+// 'upgrade' hands over and HTTP/2 has none of) is looked at: a
+// WebSocket's is the service's to end.
 function headsInPart (server, conns, now) {
   const http = server instanceof tls.Server ? conns.secure : conns.tcp
   const due = []
