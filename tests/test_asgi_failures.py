@@ -159,6 +159,8 @@ def test_a_wrong_token_is_503_even_when_open(caplog):
             r = run(call(m))
         assert r.status == 503 and "check the url and token" in caplog.text
         assert "wrong-token" not in caplog.text
+        # Not "cannot be reached": AccMan was reached, and refused the service.
+        assert r.json() == {"error": "unavailable", "detail": "the balance service is unavailable"}
 
 
 def test_503_from_accman_fails_closed(fake):

@@ -20,7 +20,10 @@ async def refuse(send, status: int, code: str, detail: str, headers=(), extra=No
 
 
 async def refuse_unavailable(send):
-    await refuse(send, 503, "unavailable", "the balance service cannot be reached",
+    # Whatever the cause (AccMan unreachable, down, or refusing this
+    # service's token): the consumer can do nothing but retry, and the
+    # service's log names the cause.
+    await refuse(send, 503, "unavailable", "the balance service is unavailable",
                  [(b"retry-after", b"1")])
 
 

@@ -14,7 +14,10 @@ const { Unhold, fingerprint } = require('./owed')
 
 const CRED_RE = /^[A-Za-z0-9_-]{1,128}$/
 const JSON_TYPE = 'application/json; charset=utf-8'
-const UNAVAILABLE_DETAIL = 'the balance service cannot be reached'
+// The consumer's 503, whatever the cause (AccMan unreachable, down, or
+// refusing this service's token): it can do nothing but retry, and the
+// service's log names the cause.  As on the Python side.
+const UNAVAILABLE_DETAIL = 'the balance service is unavailable'
 
 // A refusal's body: short JSON, `extra` members added as JSON text.
 function body (code, detail, extra = '') {

@@ -645,7 +645,8 @@ test('a wrong token is a configuration error: 503 even when open, never served f
   await acc.mint.mod('p-token', 5)
   await withService({ token: 'not-a-configured-token-123', onUnavailable: 'open' }, async (url) => {
     const r = await get(url + '/w', 'p-token')
-    assert.equal(r.status, 503)
+    // Not "cannot be reached": AccMan was reached, and refused the service.
+    assert.deepEqual([r.status, r.body], [503, { error: 'unavailable', detail: 'the balance service is unavailable' }])
   })
   assert.equal(await acc.mint.tot('p-token'), 5)
 })
