@@ -436,6 +436,7 @@ class Cluster:
         self.log = base / f"{name}.log"
         self.owns_base = owns_base
         self.standbys: list[Cluster] = []
+        self.killed = False             # by kill(), and not started since
 
     # -- making and starting -------------------------------------------------
 
@@ -481,6 +482,7 @@ class Cluster:
     def start(self) -> None:
         """Starts the server; a failure says why in the server's own words,
         which pg_ctl leaves in the log."""
+        self.killed = False
         try:
             _as_postgres(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w",
                           "-t", str(START_TIMEOUT_S), "start"])
@@ -493,6 +495,8 @@ class Cluster:
             raise
 
     def stop(self, mode: str = "fast") -> None:
+        if self.killed:
+            return      # pg_ctl would signal whatever has the killed postmaster's pid now
         with contextlib.suppress(subprocess.CalledProcessError):
             _as_postgres(["pg_ctl", "-D", str(self.data), "-m", mode, "-w",
                           "-t", str(STOP_TIMEOUT_S), "stop"])
@@ -512,6 +516,7 @@ class Cluster:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        self.killed = True
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline:
             try:

@@ -160,12 +160,15 @@ function accepting (port) {
 }
 
 // The System V segment [key, id] that a postmaster's lock file names (its
-// seventh line), or null: a clean or immediate stop removes the file.
+// seventh line), or null: a clean or immediate stop removes the file.  The
+// key is a C int written unsigned long (a negative one as 20 digits, past
+// a Number's exact range): read as a bigint, kept as its 32 bits.
 function lockFileSegment (data) {
   try {
     const [key, id] = fs.readFileSync(path.join(data, 'postmaster.pid'), 'utf8')
-      .split('\n')[6].trim().split(/\s+/).map(Number)
-    return Number.isInteger(key) && Number.isInteger(id) ? [key, id] : null
+      .split('\n')[6].trim().split(/\s+/)
+    const segment = [Number(BigInt.asUintN(32, BigInt(key))), Number(id)]
+    return Number.isInteger(segment[1]) ? segment : null
   } catch {
     return null
   }
@@ -182,7 +185,7 @@ function attached ([key, id]) {
     return null
   }
   for (const row of rows.map((line) => line.trim().split(/\s+/).map(Number))) {
-    if (row[1] === id && (row[0] >>> 0) === (key >>> 0)) return row[6]
+    if (row[1] === id && (row[0] >>> 0) === key) return row[6]
   }
   return null
 }
@@ -221,6 +224,7 @@ class PgCluster {
     this.log = path.join(base, 'log')
     this.port = port
     this.claim = claim
+    this.killed = false // by kill(), and not started since
     this.onExit = () => this.destroy()
     process.once('exit', this.onExit)
     // The signal is raised again once the cluster is gone: with no
@@ -255,14 +259,16 @@ class PgCluster {
     await asPostgres('pg_ctl', ['-D', this.data, '-m', stopMode(mode), '-w', 'stop'])
   }
 
-  // The server started again on its port, after stop().
+  // The server started again on its port, after stop() or kill().
   async start () {
+    this.killed = false
     await asPostgres('pg_ctl', ['-D', this.data, '-l', this.log, '-w', '-t',
       String(START_TIMEOUT_S), 'start'])
   }
 
   // The server stopped with `mode` and started again, in one pg_ctl.
   async restart (mode = 'fast') {
+    this.killed = false
     await asPostgres('pg_ctl', ['-D', this.data, '-l', this.log, '-m', stopMode(mode), '-w',
       '-t', String(START_TIMEOUT_S), 'restart'])
   }
@@ -328,6 +334,7 @@ class PgCluster {
     const pidFile = path.join(this.data, 'postmaster.pid')
     const pid = Number(fs.readFileSync(pidFile, 'utf8').split('\n')[0])
     process.kill(pid, 'SIGKILL')
+    this.killed = true
     const deadline = performance.now() + KILL_TIMEOUT_MS
     while (alive(pid) || await accepting(this.port)) {
       if (performance.now() > deadline) {
@@ -368,10 +375,14 @@ class PgCluster {
     process.removeListener('exit', this.onExit)
     for (const signal of STOP_SIGNALS) process.removeListener(signal, this.onSignal)
     if (fs.existsSync(path.join(this.data, 'postmaster.pid'))) {
-      try {
-        execFileSync(...command('pg_ctl', ['-D', this.data, '-m', 'immediate', '-w', 'stop']),
-          { stdio: 'ignore' })
-      } catch {} // not running after all: nothing to stop
+      // Not after a kill: pg_ctl would signal whatever process has the
+      // killed postmaster's pid by now (another run's backend, say).
+      if (!this.killed) {
+        try {
+          execFileSync(...command('pg_ctl', ['-D', this.data, '-m', 'immediate', '-w', 'stop']),
+            { stdio: 'ignore' })
+        } catch {} // not running after all: nothing to stop
+      }
       try {
         removeKilledSegment(this.data) // the lock file is left only by a kill
       } catch {} // its lock file unreadable: nothing named to remove
@@ -381,4 +392,4 @@ class PgCluster {
   }
 }
 
-module.exports = { PgCluster }
+module.exports = { PgCluster, lockFileSegment }
