@@ -335,6 +335,15 @@ def test_each_error_reply_has_its_type(status, reply, exc):
         assert (e.status, e.code) == (414, "uri_too_long")
 
 
+def test_an_error_s_detail_shows_its_control_characters_escaped():
+    """A detail from whatever answers at the URL is shown to a person, on a
+    terminal or in a log: its control characters (an escape sequence, a
+    carriage return, a bell, a newline) are escaped, not passed on."""
+    e = replies.error(404, body({"error": "not_found",
+                                 "detail": "\u001b[2J\u001b[31mRED\rOVER\u0007\nline\u0085"}))
+    assert e.detail == "\\x1b[2J\\x1b[31mRED\\x0dOVER\\x07\\x0aline\\x85"
+
+
 def test_an_error_keeps_its_tot_and_at_most_detail_chars_max_of_its_detail():
     # Cut as the clients raise it (unechoed, after putting secrets out of sight).
     e = replies.error(409, body({"error": "insufficient", "tot": 4, "detail": "x" * 500}))

@@ -57,6 +57,10 @@ _LOWER_HEX_RE = re.compile(r"%[0-9A-F]{2}")
 UNSHOWN = "<not shown>"
 # A reply's error code as AccMan writes them; anything else is "unexpected".
 _CODE_RE = re.compile(r"[a-z_]{1,40}")
+# Control characters of a reply's detail, shown escaped: whatever answers at
+# the URL (a proxy, another server) must not move a terminal's cursor, ring
+# it, or forge a line of a log that the message is written to.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 _ACCOUNT_RE = re.compile(r"[0-9a-f]+")
 # How much of an event type this client does not know its error quotes:
@@ -137,6 +141,7 @@ def error(status: int, body: bytes) -> AccManError:
     code = obj.get("error") if isinstance(obj.get("error"), str) else ""
     code = code if _CODE_RE.fullmatch(code) else ("unexpected" if code else "")
     detail = obj.get("detail") if isinstance(obj.get("detail"), str) else ""
+    detail = _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", detail)
     detail = detail or f"AccMan answered {status} {code}".rstrip()     # cut by unechoed
     if status == 409 and code == "insufficient":
         tot = obj.get("tot")
