@@ -482,9 +482,7 @@ def test_a_stop_closes_a_quiet_connection_once_its_reply_is_taken(start_server, 
     client has read and acknowledged all of it.  (A keep-alive connection
     used just before a stop is the same, for its client's delayed ACK.)"""
     s = start_server(env={"ACCMAN_LINGER_S": "30"})
-    with s.connect() as c:
-        c.send(patch(f"/mod?cred={cred}&by=1") * 100)
-        assert [r.status for r in (c.response() for _ in range(100))] == [200] * 100
+    with_history(s, cred, 100)
     with s.connect(rcvbuf=4096) as c:
         c.send(get(f"/past?cred={cred}&limit=100"))
         time.sleep(0.5)
@@ -502,9 +500,7 @@ def test_a_stop_lingers_where_replies_are_still_buffered(start_server, cred):
     not read): a close would be a reset, which drops what the kernel has
     yet to send.  It lingers: every reply owed arrives, then an orderly end."""
     s = start_server()
-    with s.connect() as c:
-        c.send(patch(f"/mod?cred={cred}&by=1") * 1000)
-        assert [r.status for r in (c.response() for _ in range(1000))] == [200] * 1000
+    with_history(s, cred, 1000)
     big = get(f"/past?cred={cred}&limit=1000")
     with s.connect(rcvbuf=4096) as c:
         for _ in range(150):
@@ -530,9 +526,7 @@ def test_a_stop_lingers_where_replies_are_still_in_the_kernel(start_server, cred
     once, that request would make the close a reset, which drops the
     replies still in the kernel.  It lingers: the replies arrive whole."""
     s = start_server()
-    with s.connect() as c:
-        c.send(patch(f"/mod?cred={cred}&by=1") * 1000)
-        assert [r.status for r in (c.response() for _ in range(1000))] == [200] * 1000
+    with_history(s, cred, 1000)
     with s.connect(rcvbuf=4096) as c:
         c.send(get(f"/past?cred={cred}&limit=1000") * 3)
         time.sleep(0.5)
@@ -542,6 +536,14 @@ def test_a_stop_lingers_where_replies_are_still_in_the_kernel(start_server, cred
         replies = read_to_the_end(c)
     assert [(r.status, len(r.json["past"])) for r in replies] == [(200, 1000)] * 3
     assert s.proc.wait(5) == 0
+
+
+def with_history(s, cred, n):
+    """`n` mods of 1 on `cred`, pipelined in one write, each answered 200:
+    a history long enough for /past pages of many bytes."""
+    with s.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=1") * n)
+        assert [r.status for r in (c.response() for _ in range(n))] == [200] * n
 
 
 def read_to_the_end(c) -> list:

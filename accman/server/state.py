@@ -121,11 +121,8 @@ class Lifecycle:
 
     def _quiet(self) -> bool:
         """Nothing owed, every reply handed to the kernel, and reading not
-        held back.  A reset drops what the kernel has yet to send, and a
-        close becomes one when the client's bytes come after it (its next
-        request) or lie unread: a connection with replies on their way
-        lingers until they are taken.  A client that sends a request just
-        as a quiet one closes may see a reset, as at any idle close."""
+        held back: what the kernel still holds either way is its to say
+        (`all_taken`)."""
         return not (self.waiting or self.read_paused or self.write_paused
                     or self.transport.get_write_buffer_size())
 
