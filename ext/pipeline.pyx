@@ -169,72 +169,7 @@ cdef class LaneStats:
         return out
 
 
-@cython.final
-cdef class Turn:
-    """The requests the connections may still take in this loop turn, over
-    all connections (TURN_REQUESTS_MAX): a turn stays short however many
-    clients flood, so that a new connection or a health check waits a few
-    turns at most.  The turn's last grant calls `spent`, which counts it
-    and schedules `renew` before the connections it held back go on."""
-
-    cdef readonly Py_ssize_t left
-    cdef readonly Py_ssize_t size
-    cdef object spent
-    cdef bint over                  # `spent` was called: once a turn, until renew
-
-    def __cinit__(self, Py_ssize_t size, spent):
-        assert size > 0, "a turn takes at least one request"
-        self.size = self.left = size
-        self.spent = spent
-
-    cdef int _end(self) except -1:
-        """The turn's budget has run out: `spent`, once a turn (a refund
-        after it can leave some budget, and a charge spend it again)."""
-        if not self.over:
-            self.over = True
-            self.spent()
-        return 0
-
-    cpdef Py_ssize_t grant(self, Py_ssize_t n) except -1:
-        """How many of `n` requests a connection may take now."""
-        cdef Py_ssize_t left = self.left
-        assert n >= 0, "a grant of a negative number of requests"
-        if n < left:
-            self.left = left - n
-            return n
-        if left > 0:
-            self.left = 0
-            self._end()
-        return max(left, 0)
-
-    cpdef int charge(self, Py_ssize_t n) except -1:
-        """`n` requests' worth more, for a request whose answer is more work
-        than one (a /metrics render, a page of /past or /events): the turn
-        ends sooner, and the connections after it wait less."""
-        cdef Py_ssize_t left = self.left
-        assert n >= 0, "a charge of a negative number of requests"
-        self.left = left - n
-        if left > 0 and self.left <= 0:
-            self._end()
-        return 0
-
-    cpdef bint pass_spent(self, Py_ssize_t left_at_start):
-        """Whether a connection's pass that began with `left_at_start` left
-        has had its share of the turn: its costly answers (`charge`) have
-        spent the turn, or PASS_CHARGE_MAX of it; it then goes on after the
-        connections waiting behind it."""
-        cdef Py_ssize_t left = self.left
-        return left < left_at_start and (left < 0 or left_at_start - left >= PASS_CHARGE_MAX)
-
-    cpdef int refund(self, Py_ssize_t n) except -1:
-        """Requests granted and not taken."""
-        self.left += n
-        assert self.left <= self.size, "a refund of more than was granted"
-        return 0
-
-    def renew(self):
-        self.left = self.size
-        self.over = False
+include "turn.pxi"
 
 
 @cython.final
