@@ -49,6 +49,7 @@ cdef int ROLE_CHARGE = CHARGE
 cdef int ROLE_MINT = MINT
 cdef int KEEP = replies.KEEP
 cdef int KEEP10 = replies.KEEP10
+cdef int CLOSE = replies.CLOSE
 cdef int STATE_OPEN = OPEN
 cdef object DATE = replies.DATE
 cdef Py_ssize_t PASS_CHARGE_MAX = _PASS_CHARGE_MAX
@@ -76,6 +77,7 @@ if replies.MOD_BODY != b'{"tot":%d,"seq":%d}' or replies.TOT_BODY != b'{"tot":%d
     raise AssertionError("replies' bodies changed: ext/pipeline.pyx formats them in C")
 cdef bytes HEAD_KEEP = _head_of(replies.T200[replies.KEEP])
 cdef bytes HEAD_KEEP10 = _head_of(replies.T200[replies.KEEP10])
+cdef bytes HEAD_CLOSE = _head_of(replies.T200[replies.CLOSE])
 
 
 cdef struct Entry:
@@ -176,7 +178,7 @@ include "turn.pxi"
 cdef class Pipeline:
     """The queue of one connection (its `waiting`): deque-like for the
     connection's general path (len, append, [0], pop, clear), plus `take`,
-    `drain` and the batch completion `__call__`."""
+    `drain`, the batch completion `__call__` and a stop's `close_tail`."""
 
     cdef object conn
     cdef Parser parser
@@ -310,6 +312,19 @@ cdef class Pipeline:
 
     def clear(self):
         self._clear()
+
+    def close_tail(self):
+        """The last reply owed ends the connection (a stop takes nothing
+        after it): it says `Connection: close` (RFC 9112 9.6), a lane
+        entry's as a Slot's (routes.Slot.close_after)."""
+        cdef Entry* e
+        if not self.count:
+            return
+        e = &self.ring[(self.first + self.count - 1) % self.cap]
+        if e.obj == NULL:
+            e.mode = CLOSE
+        else:
+            (<object>e.obj).close_after()
 
     # -- taking requests through the lane ---------------------------------------
 
@@ -448,7 +463,8 @@ cdef class Pipeline:
 
     cdef int _format(self, Entry* e, bytes date, double now) except -1:
         """A lane entry's success reply, at the end of the buffer."""
-        cdef bytes head = HEAD_KEEP10 if e.mode == KEEP10 else HEAD_KEEP
+        cdef bytes head = (HEAD_KEEP if e.mode == KEEP else
+                           HEAD_KEEP10 if e.mode == KEEP10 else HEAD_CLOSE)
         cdef char body[64]
         cdef Py_ssize_t blen, hlen = PyBytes_GET_SIZE(head), dlen = PyBytes_GET_SIZE(date)
         cdef char* p

@@ -246,6 +246,25 @@ def parse_responses(data: bytes, heads=()):
     return out
 
 
+def with_history(s, cred, n):
+    """`n` mods of 1 on `cred`, pipelined in one write, each answered 200:
+    a history long enough for /past pages of many bytes."""
+    with s.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=1") * n)
+        assert [r.status for r in (c.response() for _ in range(n))] == [200] * n
+
+
+def read_to_the_end(c) -> list:
+    """The replies on `c` until the server's orderly end (a reset raises
+    ConnectionResetError), none cut short."""
+    replies = []
+    with pytest.raises(EOFError):
+        while True:
+            replies.append(c.response())
+    assert c.buf == b""
+    return replies
+
+
 # --- the server as a subprocess -----------------------------------------------------
 
 class ServerProc:

@@ -9,7 +9,8 @@ import time
 
 import httpx
 import pytest
-from conftest import assert_error, get, parse_responses, patch, request_bytes
+from conftest import (assert_error, get, parse_responses, patch, read_to_the_end,
+                      request_bytes, with_history)
 
 from accman.server.state import unsent_bytes
 
@@ -494,32 +495,6 @@ def test_a_stop_closes_a_quiet_connection_once_its_reply_is_taken(start_server, 
     assert [(r.status, len(r.json["past"])) for r in replies] == [(200, 100)]
 
 
-def test_a_stop_lingers_where_replies_are_still_buffered(start_server, cred):
-    """Nothing owed, but replies still in the server's buffers and the
-    client's next request unread (reading held back while the client does
-    not read): a close would be a reset, which drops what the kernel has
-    yet to send.  It lingers: every reply owed arrives, then an orderly end."""
-    s = start_server()
-    with_history(s, cred, 1000)
-    big = get(f"/past?cred={cred}&limit=1000")
-    with s.connect(rcvbuf=4096) as c:
-        for _ in range(150):
-            c.send(big)
-            time.sleep(0.02)
-        c.send(get("/health"))
-        time.sleep(0.5)
-        s.proc.send_signal(signal.SIGTERM)
-        replies = read_to_the_end(c)
-    # The requests read before the stop, each answered whole (the first
-    # held back, if one was, answered 503); the rest, the /health among
-    # them, never taken.
-    if replies[-1].status == 503:
-        assert replies.pop().json["error"] == "shutting_down"
-    assert 1 < len(replies) < 151, len(replies)
-    assert all(r.status == 200 and len(r.json["past"]) == 1000 for r in replies)
-    assert s.proc.wait(5) == 0
-
-
 def test_a_stop_lingers_where_replies_are_still_in_the_kernel(start_server, cred):
     """Every reply handed to the kernel, none read yet by a slow client,
     which sends its next request after the stop: had the stop closed at
@@ -536,25 +511,6 @@ def test_a_stop_lingers_where_replies_are_still_in_the_kernel(start_server, cred
         replies = read_to_the_end(c)
     assert [(r.status, len(r.json["past"])) for r in replies] == [(200, 1000)] * 3
     assert s.proc.wait(5) == 0
-
-
-def with_history(s, cred, n):
-    """`n` mods of 1 on `cred`, pipelined in one write, each answered 200:
-    a history long enough for /past pages of many bytes."""
-    with s.connect() as c:
-        c.send(patch(f"/mod?cred={cred}&by=1") * n)
-        assert [r.status for r in (c.response() for _ in range(n))] == [200] * n
-
-
-def read_to_the_end(c) -> list:
-    """The replies on `c` until the server's orderly end (a reset raises
-    ConnectionResetError), none cut short."""
-    replies = []
-    with pytest.raises(EOFError):
-        while True:
-            replies.append(c.response())
-    assert c.buf == b""
-    return replies
 
 
 def test_a_stop_closes_an_idle_connection_without_lingering(start_server):

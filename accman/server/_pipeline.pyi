@@ -53,6 +53,8 @@ class Pipeline:
         """The Python entry at the head (0) or tail (-1), None for a lane entry."""
     def pop(self) -> Any: ...
     def clear(self) -> None: ...
+    def close_tail(self) -> None:
+        """The last reply owed says `Connection: close` (a stop)."""
     def take(self, reqs: list[Request], i: int, stopping: bool) -> int:
         """Takes reqs[i:] through the lane while it can; the index of the
         first request left for the general path."""

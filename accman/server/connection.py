@@ -1,4 +1,6 @@
-"""One client connection: the only code that reads and writes sockets.
+"""One client connection: the only code that reads and writes sockets (a
+stop looks at what a client sent unread, accman/server/state.py, and takes
+nothing).
 
 Per connection: one wire Parser; each read is fed to it, every request it
 completes is answered in order (accman.server.routes makes the replies),

@@ -80,6 +80,17 @@ def reply(status: int, body: bytes, mode: int, extra: bytes = b"",
     return tmpl % (DATE.now, len(body), b"" if head else body)
 
 
+def closing(made: bytes) -> bytes:
+    """A final reply made before the server decided to close after it (a
+    stop, Lifecycle.stop), remade to say so: its own word on the
+    connection replaced by `Connection: close` (RFC 9112 9.6)."""
+    head, sep, body = made.partition(b"\r\n\r\n")
+    assert sep and not made.startswith(b"HTTP/1.1 1"), "closing() remakes a final reply"
+    status, *fields = head.split(b"\r\n")
+    kept = [f for f in fields if not f.lower().startswith(b"connection:")]
+    return b"\r\n".join((status, _CONNECTION_HEADERS[CLOSE][:-2], *kept)) + sep + body
+
+
 def no_content(mode: int, allow: str) -> bytes:
     """204 with Allow (OPTIONS): no body, so no Content-Type nor Length."""
     return (b"HTTP/1.1 204 No Content\r\n%bAllow: %b\r\nDate: %b\r\n\r\n"

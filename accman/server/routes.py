@@ -94,6 +94,13 @@ class Slot:
 
     __call__ = done
 
+    def close_after(self):
+        """Its reply is the connection's last (a stop): it says `Connection:
+        close`, made so, or remade so if it is made already."""
+        self.mode = replies.CLOSE
+        if self.reply is not None:
+            self.reply = replies.closing(self.reply)
+
     def unowe(self):
         """An owed read is answered (or was never asked): its connection's
         writes may go on (Connection.reads_owed)."""

@@ -26,6 +26,8 @@ connection drains.  Nothing else pauses or resumes reading.
 from __future__ import annotations
 
 import fcntl
+import os
+import socket
 import struct
 import termios
 
@@ -61,6 +63,32 @@ def all_taken(sock) -> bool | None:
     return unsent == 0 and unread == 0
 
 
+# The bytes a stop looks at of what a client sent and no read has taken:
+# enough for the blank lines a request may follow (REQUEST_BLANK_LINES_MAX)
+# and the start of its method.
+UNREAD_PEEK_BYTES = 64
+
+
+def unread_request(sock) -> bool | None:
+    """Whether the bytes the peer sent on `sock` that no read has taken yet
+    begin a request (they are looked at, not taken: MSG_PEEK), and if so
+    whether a HEAD (the only method that begins with H): None when they
+    do not (none, only blank lines, or the kernel cannot say)."""
+    try:
+        peer = socket.socket(fileno=os.dup(sock.fileno()))
+    except (AttributeError, OSError, ValueError):
+        return None
+    with peer:
+        try:
+            data = peer.recv(UNREAD_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return None
+    start = data.lstrip(b"\r\n")[:5]
+    if not start:
+        return None
+    return b"HEAD ".startswith(start)
+
+
 class Lifecycle:
     """The transitions, mixed into Connection, whose attributes they use:
     state, eof, read_paused, read_paused_at, write_paused, waiting, backlog,
@@ -76,37 +104,43 @@ class Lifecycle:
 
     def stop(self) -> None:
         """Shutdown: take no new request; answer the one held back or begun
-        (if any) with 503, send what is owed, then shut and linger, as any
-        close after a reply does (the stop waits for it).  A quiet one
-        (`_quiet`) closes at once, or, its last replies still on their way
-        in the kernel or its client's bytes unread, as soon as all is taken
-        (the server's stop asks, `close_acknowledged`): a client
-        acknowledges late (up to ~40 ms on Linux, 200 ms elsewhere), and a
-        keep-alive connection just used would otherwise hold the stop for
-        LINGER_S.  One draining or lingering already goes on."""
+        (if any) with 503, send what is owed, the last of it saying
+        `Connection: close` (the client learns that what it sent after was
+        not taken), then shut and linger, as any close after a reply does
+        (the stop waits for it).  A quiet one (`_quiet`) closes at once,
+        or, its last replies still on their way in the kernel or its
+        client's bytes unread, as soon as all is taken (the server's stop
+        asks, `close_acknowledged`): a client acknowledges late (up to ~40
+        ms on Linux, 200 ms elsewhere), and a keep-alive connection just
+        used would otherwise hold the stop for LINGER_S.  One draining or
+        lingering already goes on."""
         if self.state != OPEN:
             return
         head = self._held_request()
         self.take_no_more()
-        if head is None:
-            if not self._quiet():
-                self.finish([])
-                return
+        if head is not None:
+            self.last_reply(self.routes.error(
+                "none", 503, "shutting_down", "the server is shutting down; retry on another",
+                CLOSE, head=head))
+        elif self.waiting:
+            self.waiting.close_tail()
+            self.finish([])
+        elif not self._quiet():
+            self.finish([])
+        else:
             taken = all_taken(self.transport.get_extra_info("socket"))
             self.shut(linger=not taken)
             if taken is False:
                 self.server.acked_waits.add(self)
-            return
-        self.last_reply(self.routes.error(
-            "none", 503, "shutting_down", "the server is shutting down; retry on another", CLOSE,
-            head=head))
 
     def _held_request(self) -> bool | None:
         """The request a stop answers: the first held back, parsed or not
         yet, else one begun and not yet whole (its rest is not read, nor
-        asked for: a 100 Continue queued for it is taken back).  Whether it
-        is a HEAD, whose reply has no body (RFC 9112 6.3); None when there
-        is none (held bytes that are only blank lines hold no request)."""
+        asked for: a 100 Continue queued for it is taken back), else one
+        the client has sent that no read has taken (`unread_request`).
+        Whether it is a HEAD, whose reply has no body (RFC 9112 6.3); None
+        when there is none (held bytes that are only blank lines hold no
+        request)."""
         if self.backlog is not None:
             reqs, i = self.backlog
             return reqs[i].head
@@ -115,7 +149,7 @@ class Lifecycle:
             if reqs:
                 return reqs[0].head
         if not self.parser.pending:
-            return None
+            return unread_request(self.transport.get_extra_info("socket"))
         self._withdraw_continue()
         return self.parser.pending_head
 

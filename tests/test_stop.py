@@ -1,0 +1,155 @@
+"""What a stop tells a client that pipelines (docs/SERVER.md, Shutdown): the
+last reply it is owed says `Connection: close`, or the first request the
+stop did not take is answered `503 shutting_down`, so that the requests
+it sent after are known not taken (RFC 9112 9.6) and may be sent again
+elsewhere, never of unknown outcome.  The stop's other steps are tested
+in test_http_basics.py."""
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import uvloop
+from conftest import get, parse_responses, patch, read_to_the_end, request_bytes, with_history
+
+from accman import Ledger
+from accman.server import Server
+from accman.server.state import unread_request
+
+MODS = 20
+LATE = 200
+
+
+class HeldDisk:
+    """The ledger's writes to its file ahead (os.pwritev, on its writer
+    threads) wait while `held`: every mod taken meanwhile stays owed."""
+
+    def __init__(self, monkeypatch):
+        self.open = threading.Event()
+        self.open.set()
+        real = os.pwritev
+
+        def pwritev(*args):
+            if threading.current_thread() is not threading.main_thread():
+                assert self.open.wait(30), "the disk was held for good"
+            return real(*args)
+        monkeypatch.setattr(os, "pwritev", pwritev)
+
+    def hold(self):
+        self.open.clear()
+
+    def release(self):
+        self.open.set()
+
+
+async def _owed_until(conn, n):
+    """Until `conn` owes `n` replies (its requests all read and taken)."""
+    deadline = time.monotonic() + 10
+    while len(conn.waiting) != n:
+        assert time.monotonic() < deadline, f"{len(conn.waiting)} replies owed, not {n}"
+        await asyncio.sleep(0.001)
+
+
+def _stop_with_mods_owed(path, disk, last: bytes) -> tuple[list, int]:
+    """MODS charges of 1 pipelined and `last` behind them, all taken and
+    owed (the disk held) when the server stops; then LATE charges more.
+    The replies the client gets until the server's end, and the balance
+    the ledger has after."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        led = Ledger(path)
+        server = Server(led, loop=loop)
+        led.bind_loop(loop, deliver=server.deliver)
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            await led.amod("a", 1000)
+            reader, writer = await asyncio.open_connection(host, port)
+            disk.hold()
+            writer.write(patch("/mod?cred=a&by=-1") * MODS + last)
+            [conn] = server.connections
+            await _owed_until(conn, MODS + 1)
+            server.request_stop("a test")
+            await asyncio.sleep(0.05)
+            writer.write(patch("/mod?cred=a&by=-1") * LATE)
+            await asyncio.sleep(0.05)
+            disk.release()
+            data = await asyncio.wait_for(reader.read(-1), 10)
+            writer.close()
+            await asyncio.wait_for(server.serve_until_stopped(), 10)
+        finally:
+            disk.release()
+            server.listener.close()
+            tot = led.tot("a")
+            led.close()
+        return parse_responses(data, heads=[False] * MODS + [last.startswith(b"HEAD")]), tot
+
+    return uvloop.run(main())
+
+
+@pytest.mark.parametrize("last,status", [
+    (patch("/mod?cred=a&by=-1"), 200),          # a lane entry
+    (patch("/mod?cred=nobody&by=-1"), 404),     # a lane entry refused
+    (get("/nope"), 404),                        # a reply made, waiting its turn
+    (get("/health"), 503),                      # answered at its turn, while stopping
+    (request_bytes("HEAD", "/tot?cred=a"), 200),    # a read ordered behind the mods
+])
+def test_the_last_reply_owed_at_a_stop_says_close(tmp_path, monkeypatch, last, status):
+    """The requests sent after the stop are not taken, and the last reply
+    the client gets says so (`Connection: close`); every one before it is
+    a keep-alive reply as it was made.  None of the late ones applied."""
+    disk = HeldDisk(monkeypatch)
+    replies, tot = _stop_with_mods_owed(str(tmp_path / "d"), disk, last)
+    assert [r.status for r in replies] == [200] * MODS + [status]
+    assert [r.json["tot"] for r in replies[:MODS]] == list(range(999, 999 - MODS, -1))
+    assert [r.headers.get("connection") for r in replies] == [None] * MODS + ["close"]
+    assert tot == 1000 - MODS - (last.startswith(b"PATCH /mod?cred=a&"))
+
+
+def test_a_request_unread_at_a_stop_is_answered_503_after_the_replies(start_server, cred):
+    """Nothing owed, but replies still in the server's buffers and the
+    client's next requests unread (reading is held back while the client
+    does not read).  A close would be a reset, which drops what the kernel
+    has yet to send: the stop lingers, every reply arrives whole, then an
+    orderly end.  The first request not taken, held or still in the
+    kernel, is answered `503 shutting_down` with `Connection: close`: the
+    client learns that it was not taken, nor anything after it."""
+    s = start_server()
+    with_history(s, cred, 1000)
+    big = get(f"/past?cred={cred}&limit=1000")
+    with s.connect(rcvbuf=4096) as c:
+        for _ in range(150):
+            c.send(big)
+            time.sleep(0.02)
+        c.send(get("/health"))
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGTERM)
+        replies = read_to_the_end(c)
+    last = replies.pop()
+    assert (last.status, last.json["error"]) == (503, "shutting_down"), last
+    assert last.headers["connection"] == "close"
+    assert 1 < len(replies) < 151, len(replies)
+    assert all(r.status == 200 and len(r.json["past"]) == 1000 for r in replies)
+    assert s.proc.wait(5) == 0
+
+
+@pytest.mark.parametrize("sent,expected", [
+    (b"", None), (b"\r\n\r\n", None), (b"PATCH /mod?cred=a&by=-1 HTTP/1.1\r\n", False),
+    (b"\r\nGET /tot", False), (b"HEAD /tot?cred=a HTTP/1.1\r\n\r\n", True),
+    (b"\r\nHE", True), (b"HEADER / HTTP/1.1\r\n", False),
+])
+def test_unread_request_looks_without_taking(sent, expected):
+    """What a stop sees of a client's unread bytes: whether they begin a
+    request, and whether a HEAD (its 503 then has no body); the bytes stay
+    for the lingering close to read."""
+    a, b = socket.socketpair()
+    with a, b:
+        if sent:
+            a.sendall(sent)
+        assert unread_request(b) is expected
+        b.setblocking(False)
+        got = b.recv(1024) if sent else b""
+        assert got == sent
