@@ -261,9 +261,9 @@ class Unreachable(TransportError, Unavailable):
     """Nothing reached the server (connection refused, connect timeout, no
     connection free in time, the client closed), or the server closed the
     connection before taking the request (it was pipelined behind a closing
-    reply that AccMan gives before it takes anything more: a 503 `busy`, a
-    framing error; conn.UNTAKEN_BEHIND): nothing was applied, any call can
-    be retried."""
+    reply of AccMan's, which it gives before it takes anything more: a 503
+    `busy` or `shutting_down`, a framing error, the last reply a stop owes;
+    conn.untaken_behind): nothing was applied, any call can be retried."""
 
     code = "unreachable"
 

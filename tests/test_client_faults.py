@@ -458,12 +458,12 @@ def _closing(status: int, body: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("status,code", [(500, b"internal"), (502, b"bad_gateway"),
-                                         (503, b"unavailable"), (400, b"")])
+                                         (504, b"gateway_timeout"), (400, b""), (302, b"")])
 def test_calls_written_behind_another_closing_reply_are_unknown(status, code):
     """Behind a closing reply that AccMan does not give before taking
-    anything more (a 500, a proxy's 502, a 503 `unavailable`, a 400 that
-    is not AccMan's), each written call may have been applied:
-    OutcomeUnknown; the one not yet written is Unreachable."""
+    anything more (its 500, a proxy's 502 or 504 whatever its body, a 400
+    or a redirect that is not AccMan's), each written call may have been
+    applied: OutcomeUnknown; the one not yet written is Unreachable."""
     body = b'{"error":"%s","detail":"x"}' % code if code else b"<html>bad</html>"
     assert _behind_closing(_closing(status, body)) == [OutcomeUnknown, OutcomeUnknown,
                                                        Unreachable]
@@ -472,12 +472,25 @@ def test_calls_written_behind_another_closing_reply_are_unknown(status, code):
 @pytest.mark.parametrize("status,code", [(503, b"busy"), (503, b"shutting_down"),
                                          (400, b"bad_request"), (408, b"timeout"),
                                          (413, b"payload_too_large"),
-                                         (431, b"headers_too_large")])
+                                         (431, b"headers_too_large"),
+                                         (503, b"unavailable"), (409, b"insufficient"),
+                                         (404, b"no_account")])
 def test_calls_behind_a_reply_given_before_taking_more_are_unreachable(status, code):
-    """Behind the closing replies AccMan gives before taking any request
-    more on the connection (conn.UNTAKEN_BEHIND), nothing was processed:
+    """Behind a closing error of AccMan's, which it gives before taking any
+    request more on the connection (conn.untaken_behind: a framing error,
+    or the last reply a stop owes, whatever it is), nothing was processed:
     every call is Unreachable, and is sent again."""
     body = b'{"error":"%s","detail":"x"}' % code
+    if code == b"insufficient":
+        body = b'{"error":"insufficient","tot":3,"detail":"x"}'
+    assert _behind_closing(_closing(status, body)) == [Unreachable] * 3
+
+
+@pytest.mark.parametrize("body", [b'{"tot":5,"seq":2}', b'{"tot":5}', b""])
+def test_calls_behind_a_closing_success_are_unreachable(body):
+    """A success that closes (the last reply a stop owes): the server took
+    nothing after it (RFC 9112 9.6), whatever the route."""
+    status = 204 if not body else 200
     assert _behind_closing(_closing(status, body)) == [Unreachable] * 3
 
 

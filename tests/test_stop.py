@@ -17,6 +17,8 @@ import uvloop
 from conftest import get, parse_responses, patch, read_to_the_end, request_bytes, with_history
 
 from accman import Ledger
+from accman.client import AccManClient
+from accman.errors import Unreachable
 from accman.server import Server
 from accman.server.state import unread_request
 
@@ -107,6 +109,49 @@ def test_the_last_reply_owed_at_a_stop_says_close(tmp_path, monkeypatch, last, s
     assert [r.json["tot"] for r in replies[:MODS]] == list(range(999, 999 - MODS, -1))
     assert [r.headers.get("connection") for r in replies] == [None] * MODS + ["close"]
     assert tot == 1000 - MODS - (last.startswith(b"PATCH /mod?cred=a&"))
+
+
+def test_a_client_pipelining_through_a_stop_knows_its_late_calls_not_taken(tmp_path,
+                                                                            monkeypatch):
+    """AccManClient's calls pipelined on one connection: those the stop
+    finds owed are answered; those sent after it, behind the reply that
+    says `Connection: close`, are `Unreachable` (never taken, safe to send
+    again), not of unknown outcome, and none of them applied."""
+    disk = HeldDisk(monkeypatch)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        led = Ledger(str(tmp_path / "d"))
+        server = Server(led, loop=loop)
+        led.bind_loop(loop, deliver=server.deliver)
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            async with AccManClient(f"http://{host}:{port}", connections_max=1,
+                                    retries=0) as acc:
+                await acc.mod("a", 1000)
+                disk.hold()
+                first = [asyncio.ensure_future(acc.mod("a", -1)) for _ in range(MODS)]
+                [conn] = server.connections
+                await _owed_until(conn, MODS)
+                server.request_stop("a test")
+                await asyncio.sleep(0.05)
+                late = [asyncio.ensure_future(acc.mod("a", -1)) for _ in range(10)]
+                await asyncio.sleep(0.05)
+                disk.release()
+                got = await asyncio.wait_for(
+                    asyncio.gather(*first, *late, return_exceptions=True), 10)
+            await asyncio.wait_for(server.serve_until_stopped(), 10)
+        finally:
+            disk.release()
+            server.listener.close()
+            tot = led.tot("a")
+            led.close()
+        return got, tot
+
+    got, tot = uvloop.run(main())
+    assert got[:MODS] == [(999 - i, 2 + i) for i in range(MODS)]
+    assert [type(e) for e in got[MODS:]] == [Unreachable] * 10, got[MODS:]
+    assert tot == 1000 - MODS
 
 
 def test_a_request_unread_at_a_stop_is_answered_503_after_the_replies(start_server, cred):

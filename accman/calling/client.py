@@ -18,8 +18,8 @@ What a failure means for money is in the exception type (accman.errors):
 - `Unreachable` (an `Unavailable`): nothing reached the server (the connect
   failed, or no connection was free within the timeout), or the server
   closed the connection before processing the call (it was pipelined
-  behind a closing reply AccMan gives before taking more: conn.py
-  UNTAKEN_BEHIND); nothing was applied.  Always safe to retry.
+  behind a closing reply of AccMan's, given before it takes more: conn.py
+  untaken_behind); nothing was applied.  Always safe to retry.
 - a server `503` `NotApplied` (`Busy` and `ShuttingDown` among them):
   refused before applying, nothing was applied.  Always safe to retry.
 - a server `503` `Unavailable` (its store failed to commit): nothing

@@ -4,8 +4,8 @@ turn (uvloop's habit), and hands each reply from `ReplyParser` to the
 future of its request, in order.
 
 A reply that closes the connection ends it for the requests behind it too.
-Whether they were processed depends on the reply (`UNTAKEN_BEHIND`): after
-the replies AccMan gives before taking anything more on that connection,
+Whether they were processed depends on the reply (`untaken_behind`): after
+AccMan's, which it gives before taking anything more on that connection,
 they were not, and are failed at once as never processed; after any other
 (a 500 from a server bug, a proxy's reply) each one that was written may
 have been, and is an unknown outcome."""
@@ -23,30 +23,28 @@ from accman.errors import BadReply, CallTimeout, OutcomeUnknown, Unreachable
 if TYPE_CHECKING:
     from accman.calling.client import AccManClient
 
-# The closing replies after which AccMan has taken no request more on that
-# connection (accman/server: it calls `take_no_more` before the next one is
-# taken, or takes none at all), by (status, SPEC code):
-# - 401: a request without a valid token (routes._access);
-# - 503 `busy`: the refusal of a full server as the connection opens
-#   (server._refusal), and back-pressure answered while it stops;
-# - 503 `shutting_down`: the reply to what a stopping server holds back or
-#   has begun to read (Lifecycle.stop, accman/server/state.py) or is sent
-#   (routes._mod);
-# - the framing errors of the request parser (ext/wire.pyx `_fail`: its
-#   last request) and the head deadline (deadlines._head_timeout).  A 400
-#   for a bad query value does not close unless the server stops, and then
-#   it takes nothing after it either.
-# A 500 is not among them: on an internal error the server answers 500 and
-# closes (Server.internal_error) after requests behind it may already have
-# gone to the store.  Nor is any reply another server (a proxy) may send:
-# one whose body has not AccMan's error shape is not taken for AccMan's,
-# whatever its code (replies._own_error, as for the reply itself).
-UNTAKEN_BEHIND = frozenset({
-    (401, "unauthorized"), (503, "busy"), (503, "shutting_down"),
-    (400, "bad_request"), (408, "timeout"), (411, "length_required"),
-    (413, "payload_too_large"), (414, "uri_too_long"), (431, "headers_too_large"),
-    (501, "not_implemented"), (505, "version_not_supported"),
+# AccMan takes no request after a reply that closes its connection (RFC
+# 9112 9.6: it calls `take_no_more` before the next one is taken, or takes
+# none at all; a stop marks the last reply it owes, Lifecycle.stop), but
+# for its 500: on an internal error it answers 500 and closes
+# (Server.internal_error) after requests behind it may already have gone
+# to the store.  So a closing reply of AccMan's with one of the statuses
+# it gives, 500 aside, leaves the requests behind it untaken: a success
+# (200, OPTIONS' 204), or an error with AccMan's shape (SPEC "Errors": its
+# code and a `detail`; replies._own_error).  Any other may come from
+# another server on the way (a proxy's 502 or 504, a page without AccMan's
+# shape, whatever its code), which may have sent the requests behind it on.
+UNTAKEN_BEHIND_SUCCESS = frozenset({200, 204})
+UNTAKEN_BEHIND_ERROR = frozenset({
+    400, 401, 403, 404, 405, 408, 409, 410, 411, 413, 414, 431, 501, 503, 505,
 })
+
+
+def untaken_behind(status: int, body: bytes) -> bool:
+    """Whether AccMan took none of the requests behind this closing reply."""
+    if status in UNTAKEN_BEHIND_SUCCESS:
+        return True
+    return status in UNTAKEN_BEHIND_ERROR and replies._own_error(replies._error_object(body))
 
 
 class Conn(asyncio.Protocol):
@@ -113,17 +111,17 @@ class Conn(asyncio.Protocol):
         """The server closes after `reply`.  Behind AccMan's 401 every call
         gets it: it would be theirs too (one client, one token).  Otherwise
         a call never written was not sent (`Unreachable`), and one written
-        was not processed when the reply is one of UNTAKEN_BEHIND, so it
-        may be sent again as a call never sent (`Unreachable`); behind any
-        other closing reply it may have been applied (`OutcomeUnknown`)."""
+        was not processed when the reply is AccMan's (`untaken_behind`), so
+        it may be sent again as a call never sent (`Unreachable`); behind
+        any other closing reply it may have been applied
+        (`OutcomeUnknown`)."""
         self.usable = False
         unsent = len(self.out)
         self.out = []
         waiting, self.waiting = self.waiting, collections.deque()
         sent = len(waiting) - unsent
         status, body, _ = reply
-        obj = replies._error_object(body)
-        untaken = replies._own_error(obj) and (status, obj["error"]) in UNTAKEN_BEHIND
+        untaken = untaken_behind(status, body)
         for i, fut in enumerate(waiting):
             if fut.done():
                 continue
