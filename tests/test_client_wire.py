@@ -299,10 +299,32 @@ def test_past_from_a_server_before_accounts_and_holds_is_still_read():
     {"account": "0F" * 16, "past": [], "next": None},
     {"account": "alice", "past": [], "next": None},
     {"account": "a" * (replies.ACCOUNT_CHARS_MAX + 1), "past": [], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, seq=0)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, seq=-1)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, tot=2 ** 63)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, by=-2 ** 63 - 1)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, at=-1)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, hold=0)], "next": None},
+    # Not newest first, or a next that would skip or repeat entries.
+    {"account": ACCOUNT, "past": [dict(ENTRY, seq=2), dict(ENTRY, seq=3)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, seq=2), dict(ENTRY, seq=2)], "next": None},
+    {"account": ACCOUNT, "past": [dict(ENTRY, seq=3), dict(ENTRY, seq=2)], "next": 1},
+    {"account": ACCOUNT, "past": [dict(ENTRY, seq=3), dict(ENTRY, seq=2)], "next": 3},
+    {"account": ACCOUNT, "past": [], "next": 2},
+    {"account": ACCOUNT, "past": [dict(ENTRY, seq=1)], "next": 0},
 ])
 def test_past_refuses_what_breaks_the_specs_shape(reply):
     with pytest.raises(BadReply):
         replies.past(200, body(reply))
+
+
+def test_past_reads_a_page_and_its_next_at_the_bounds():
+    """Newest first, `next` the last seq: the SPEC's page, at the 64-bit
+    bounds of its numbers (a settle's `by` of 0 among them)."""
+    entries = [dict(ENTRY, seq=2 ** 63 - 1, tot=2 ** 63 - 1, by=0, at=0),
+               dict(ENTRY, seq=5, tot=-2 ** 63, by=-2 ** 63 + 1, hold=2 ** 63 - 1)]
+    page = replies.past(200, body({"account": ACCOUNT, "past": entries, "next": 5}))
+    assert [e.seq for e in page.entries] == [2 ** 63 - 1, 5] and page.next == 5
 
 
 def test_an_account_id_of_account_chars_max_is_read():
@@ -361,6 +383,24 @@ def test_the_fast_path_and_the_json_path_agree(decode, text):
     assert decode(200, text) == decode(200, text.replace(b" ", b"") + b" ")
 
 
+@pytest.mark.parametrize("decode,text", [
+    (replies.tot, b'{"tot":9223372036854775808}'), (replies.tot, b'{"tot":-9223372036854775809}'),
+    (replies.tot, b'{"tot":9999999999999999999}'),
+    (replies.mod, b'{"tot":5,"seq":9223372036854775808}'), (replies.mod, b'{"tot":5,"seq":0}'),
+    (replies.mod, b'{"tot":5,"seq":-1}'), (replies.mod, b'{"tot":-9999999999999999999,"seq":1}'),
+    (replies.hold, b'{"hold":9223372036854775808,"tot":2,"seq":3}'),
+    (replies.hold, b'{"hold":3,"tot":2,"seq":0}'),
+    (replies.hold, b'{"hold":3,"tot":9223372036854775808,"seq":3}'),
+])
+def test_numbers_outside_the_specs_ranges_are_a_bad_reply(decode, text):
+    """Every number on the wire is signed 64-bit (SPEC "Values"), and seqs
+    and holds count from 1: anything else is no AccMan reply, on the fast
+    path as on the JSON one."""
+    for form in (text, text.replace(b":", b": ")):
+        with pytest.raises(BadReply):
+            decode(200, form)
+
+
 # --- holds and events (issue 13) ----------------------------------------------
 EVENT = {"id": 7, "type": "hold", "account": ACCOUNT, "seq": 3, "by": -5, "tot": 2,
          "at": 1795610238403, "key": "k-h", "hold": 3}
@@ -405,6 +445,14 @@ def test_events_read_each_event_and_next():
     {"events": [EVENT]},
     {"events": [EVENT], "next": "7"},
     {"events": [], "next": -1},
+    {"events": [dict(EVENT, seq=0)], "next": 7},
+    {"events": [dict(EVENT, seq=-1)], "next": 7},
+    {"events": [dict(EVENT, tot=2 ** 63)], "next": 7},
+    {"events": [dict(EVENT, by=-2 ** 63 - 1)], "next": 7},
+    {"events": [dict(EVENT, at=-5)], "next": 7},
+    {"events": [dict(EVENT, hold=0)], "next": 7},
+    {"events": [dict(EVENT, id=2 ** 63)], "next": 2 ** 63},
+    {"events": [], "next": 2 ** 63},
 ])
 def test_events_refuse_what_breaks_the_specs_shape(reply):
     with pytest.raises(BadReply):

@@ -15,6 +15,7 @@ import json
 import operator
 import re
 import urllib.parse
+from itertools import pairwise
 from typing import NamedTuple
 
 from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsOutOfOrder,
@@ -22,7 +23,7 @@ from accman.errors import (AccManError, BadReply, BadRequest, Busy, EventsOutOfO
                            HoldEnded, Insufficient, KeyReused, NoAccount, NoHold, NotApplied,
                            OutcomeUnknown, Overflow, ProxyUnavailable, ShuttingDown,
                            TooManyHolds, Unauthorized, Unavailable, UnexpectedReply)
-from accman.limits import EVENTS_LIMIT_DEFAULT
+from accman.limits import EVENTS_LIMIT_DEFAULT, INT64_MAX, INT64_MIN
 from accman.records import EVENT_TYPES, Entry, Event
 
 # An account's public id (SPEC "Events") is the hex of the store's keyed
@@ -105,7 +106,14 @@ def _json(body: bytes):
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A signed 64-bit integer, as every number the SPEC puts on the wire."""
+    return isinstance(v, int) and not isinstance(v, bool) and INT64_MIN <= v <= INT64_MAX
+
+
+def _is_id(v) -> bool:
+    """A seq, a hold, an event id: counted from 1 (SPEC "Routes", "Holds",
+    "Events")."""
+    return _is_int(v) and v >= 1
 
 
 def ok(status: int, body: bytes) -> dict:
@@ -237,8 +245,8 @@ def tot(status: int, body: bytes) -> int:
     """GET /tot: the balance."""
     if status == 200:
         m = _TOT_RE.fullmatch(body)
-        if m is not None:
-            return int(m.group(1))
+        if m is not None and INT64_MIN <= (value := int(m.group(1))) <= INT64_MAX:
+            return value
     value = ok(status, body).get("tot")
     if not _is_int(value):
         raise BadReply("/tot reply without an integer tot")
@@ -250,11 +258,13 @@ def mod(status: int, body: bytes) -> tuple:
     if status == 200:
         m = _MOD_RE.fullmatch(body)
         if m is not None:
-            return int(m.group(1)), int(m.group(2))
+            value, seq = int(m.group(1)), int(m.group(2))
+            if INT64_MIN <= value <= INT64_MAX and seq <= INT64_MAX:
+                return value, seq
     obj = ok(status, body)
     value, seq = obj.get("tot"), obj.get("seq")
-    if not (_is_int(value) and _is_int(seq)):
-        raise BadReply("reply without integer tot and seq")
+    if not (_is_int(value) and _is_id(seq)):
+        raise BadReply("reply without a 64-bit integer tot and a positive seq")
     return value, seq
 
 
@@ -266,11 +276,14 @@ def hold(status: int, body: bytes) -> tuple:
     if status == 200:
         m = _HOLD_RE.fullmatch(body)
         if m is not None:
-            return int(m.group(1)), int(m.group(2)), int(m.group(3))
+            held, value, seq = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            if held <= INT64_MAX and INT64_MIN <= value <= INT64_MAX and seq <= INT64_MAX:
+                return held, value, seq
     obj = ok(status, body)
     held, value, seq = obj.get("hold"), obj.get("tot"), obj.get("seq")
-    if not (_is_int(held) and held >= 1 and _is_int(value) and _is_int(seq)):
-        raise BadReply("/hold reply without integer hold, tot and seq")
+    if not (_is_id(held) and _is_int(value) and _is_id(seq)):
+        raise BadReply("/hold reply without a positive hold, a 64-bit integer tot and a "
+                       "positive seq")
     return held, value, seq
 
 
@@ -379,11 +392,27 @@ def past(status: int, body: bytes) -> PastPage:
     understood; when present, they must have the SPEC's shape."""
     obj = ok(status, body)
     entries, nxt, account = obj.get("past"), obj.get("next"), obj.get("account")
-    if not isinstance(entries, list) or not (nxt is None or _is_int(nxt)):
+    if not isinstance(entries, list) or not (nxt is None or _is_id(nxt)):
         raise BadReply("/past reply without a past list and a next")
     if account is not None and not _account_ok(account):
         raise BadReply("/past reply whose account is not a hex id")
-    return PastPage([_entry(e) for e in entries], nxt, account)
+    page = [_entry(e) for e in entries]
+    _check_past_order(page, nxt)
+    return PastPage(page, nxt, account)
+
+
+def _check_past_order(page: list, nxt: int | None) -> None:
+    """Newest first, each entry's seq below the one before it (SPEC
+    "Routes"), and `next`, the `before` of the next page, its last seq, the
+    one value that neither skips nor repeats an entry: BadReply, a page the
+    client cannot take for AccMan's."""
+    for newer, older in pairwise(page):
+        if older.seq >= newer.seq:
+            raise BadReply(f"/past reply not newest first: seq {older.seq} after {newer.seq}")
+    if nxt is not None and (not page or nxt != page[-1].seq):
+        last = f"its last seq {page[-1].seq}" if page else "no entries"
+        raise BadReply(f"/past reply whose next {nxt} is not the before of the next page "
+                       f"({last})")
 
 
 def _account_ok(account) -> bool:
@@ -395,17 +424,16 @@ def _event(e) -> Event | _Unknown:
     if not isinstance(e, dict):
         raise BadReply("/events event is not an object")
     eid, etype = e.get("id"), e.get("type")
-    if isinstance(etype, str) and etype not in EVENT_TYPES and _is_int(eid) and eid >= 1:
+    if isinstance(etype, str) and etype not in EVENT_TYPES and _is_id(eid):
         return _Unknown(eid, etype)
     ev = Event(e.get("id"), e.get("type"), e.get("account"), e.get("seq"), e.get("by"),
                e.get("tot"), e.get("at"), e.get("key"), e.get("hold"))
-    if not (_is_int(ev.id) and ev.id >= 1 and ev.type in EVENT_TYPES
-            and _account_ok(ev.account)
-            and _is_int(ev.seq) and _is_int(ev.by) and _is_int(ev.tot) and _is_int(ev.at)
+    if not (_is_id(ev.id) and ev.type in EVENT_TYPES and _account_ok(ev.account)
+            and _is_id(ev.seq) and _is_int(ev.by) and _is_int(ev.tot) and _is_at(ev.at)
             and (ev.key is None or isinstance(ev.key, str))
-            and (ev.hold is None or _is_int(ev.hold))):
+            and (ev.hold is None or _is_id(ev.hold))):
         raise BadReply("/events event without a positive id, a known type, a hex account, "
-                       "integer seq, by, tot, at, a key and a hold")
+                       "a positive seq, 64-bit integer by and tot, an at, a key and a hold")
     return ev
 
 
@@ -414,10 +442,16 @@ def _entry(e) -> Entry:
         raise BadReply("/past entry is not an object")
     seq, by, value, at = e.get("seq"), e.get("by"), e.get("tot"), e.get("at")
     key, hold = e.get("key"), e.get("hold")
-    if not (_is_int(seq) and _is_int(by) and _is_int(value) and _is_int(at)
-            and (key is None or isinstance(key, str)) and (hold is None or _is_int(hold))):
-        raise BadReply("/past entry without integer seq, by, tot, at, a key and a hold")
+    if not (_is_id(seq) and _is_int(by) and _is_int(value) and _is_at(at)
+            and (key is None or isinstance(key, str)) and (hold is None or _is_id(hold))):
+        raise BadReply("/past entry without a positive seq, 64-bit integer by and tot, an at, "
+                       "a key and a hold")
     return Entry(seq, by, value, at, key, hold)
+
+
+def _is_at(v) -> bool:
+    """Unix milliseconds: not before 1970."""
+    return _is_int(v) and v >= 0
 
 
 __all__ = ["PastPage", "EventsPage", "ACCOUNT_CHARS_MAX", "DETAIL_CHARS_MAX", "TYPE_CHARS_SHOWN",
