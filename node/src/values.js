@@ -153,7 +153,13 @@ function parseExact (text) {
 // The exact integer of a parsed value, as a bigint, or undefined.
 function exactInt (v) {
   if (v === null || typeof v !== 'object' || typeof v[INT_TAG] !== 'string') return undefined
-  const big = BigInt(v[INT_TAG])
+  return int64(v[INT_TAG])
+}
+
+// The integer of decimal `digits` within signed 64 bits, or undefined (the
+// fast paths' patterns allow 19 digits).
+function int64 (digits) {
+  const big = BigInt(digits)
   return big >= INT64_MIN && big <= INT64_MAX ? big : undefined
 }
 
@@ -204,11 +210,18 @@ function ok (status, text, bigint) {
   throw errorOfReply(status, body, tot)
 }
 
+// The least value of a field where it is not INT64_MIN: seqs and holds
+// count from 1 (SPEC "Routes", "Holds"), `at` is unix milliseconds.
+const LEAST = { seq: 1n, hold: 1n, at: 0n }
+
 function ints (obj, names, what) {
   const out = {}
   for (const name of names) {
     const v = exactInt(obj[name])
     if (v === undefined) throw new BadReply(`${what} reply without an integer ${name}`)
+    if (LEAST[name] !== undefined && v < LEAST[name]) {
+      throw new BadReply(`${what} reply with ${name} ${v}, below ${LEAST[name]}`)
+    }
     out[name] = v
   }
   return out
@@ -218,7 +231,10 @@ function decodeTot (status, text, bigint) {
   if (status === 200) {
     const m = TOT_RE.exec(text)
     if (m !== null) {
-      if (bigint) return BigInt(m[1])
+      if (bigint) {
+        const tot = int64(m[1])
+        if (tot !== undefined) return tot
+      }
       const n = Number(m[1])
       if (Number.isSafeInteger(n)) return n
     }
@@ -230,7 +246,11 @@ function decodeMod (status, text, bigint) {
   if (status === 200) {
     const m = MOD_RE.exec(text)
     if (m !== null) {
-      if (bigint) return { tot: BigInt(m[1]), seq: BigInt(m[2]) }
+      if (bigint) {
+        const tot = int64(m[1])
+        const seq = int64(m[2])
+        if (tot !== undefined && seq !== undefined) return { tot, seq }
+      }
       const tot = Number(m[1])
       const seq = Number(m[2])
       if (Number.isSafeInteger(tot) && Number.isSafeInteger(seq)) return { tot, seq }
@@ -254,8 +274,8 @@ function decodeEntry (e) {
   entry.hold = null
   if (e.hold !== undefined && e.hold !== null) {
     entry.hold = exactInt(e.hold)
-    if (entry.hold === undefined) {
-      throw new BadReply('/past entry with a hold that is not an integer')
+    if (entry.hold === undefined || entry.hold < LEAST.hold) {
+      throw new BadReply('/past entry with a hold that is not an integer from 1')
     }
   }
   return entry
@@ -270,7 +290,26 @@ function decodePast (status, text, bigint) {
     if (next === undefined) throw new BadReply('/past reply with a next that is not an integer')
   }
   const account = typeof obj.account === 'string' ? obj.account : null
-  return present(status, { account, past: obj.past.map(decodeEntry), next }, bigint)
+  const past = obj.past.map(decodeEntry)
+  checkPastOrder(past, next)
+  return present(status, { account, past, next }, bigint)
+}
+
+// Newest first, each seq below the one before it (SPEC "Routes"), and
+// `next`, the `before` of the next page, its last seq: the one value that
+// neither skips nor repeats an entry.
+function checkPastOrder (past, next) {
+  for (let i = 1; i < past.length; i++) {
+    const [newer, older] = [past[i - 1].seq, past[i].seq]
+    if (older >= newer) {
+      throw new BadReply(`/past reply not newest first: seq ${older} after ${newer}`)
+    }
+  }
+  if (next !== null && (past.length === 0 || next !== past[past.length - 1].seq)) {
+    const last = past.length ? `its last seq ${past[past.length - 1].seq}` : 'no entries'
+    throw new BadReply(`/past reply whose next ${next} is not the before of the next page ` +
+      `(${last})`)
+  }
 }
 
 module.exports = {

@@ -91,6 +91,39 @@ test('replies outside the SPEC shapes are BadReply (an unknown outcome)', () => 
   assert.ok(new E.BadReply('x') instanceof E.OutcomeUnknown)
 })
 
+test('numbers outside the SPEC ranges are BadReply, on the fast path as on the JSON one', () => {
+  // Every number is signed 64-bit; seqs and holds count from 1; `at` is unix ms.
+  for (const bigint of [false, true]) {
+    for (const body of ['{"tot":9223372036854775808}', '{"tot":-9223372036854775809}',
+      '{"tot":9999999999999999999}', '{ "tot": 9999999999999999999 }']) {
+      assert.throws(() => v.decodeTot(200, body, bigint), E.BadReply, body)
+    }
+    for (const body of ['{"tot":5,"seq":9223372036854775808}', '{"tot":5,"seq":0}', '{"tot":5,"seq":-1}',
+      '{"tot":-9999999999999999999,"seq":1}', '{ "tot": 5, "seq": 0 }']) {
+      assert.throws(() => v.decodeMod(200, body, bigint), E.BadReply, body)
+    }
+    for (const body of ['{"hold":0,"tot":2,"seq":3}', '{"hold":3,"tot":2,"seq":0}',
+      '{"hold":9223372036854775808,"tot":2,"seq":3}']) {
+      assert.throws(() => v.decodeHold(200, body, bigint), E.BadReply, body)
+    }
+  }
+})
+
+test('a /past page not newest first, or whose next skips or repeats, is BadReply', () => {
+  const entry = (seq, more = '') => `{"seq":${seq},"by":-1,"tot":4,"at":9,"key":null${more}}`
+  const bad = [
+    [[entry(2), entry(3)], 'null'], [[entry(2), entry(2)], 'null'], [[entry(3), entry(2)], '1'],
+    [[entry(3), entry(2)], '3'], [[], '2'], [[entry(0)], 'null'], [[entry(1, ',"hold":0')], 'null'],
+    [['{"seq":1,"by":-1,"tot":4,"at":-1,"key":null}'], 'null']
+  ]
+  for (const [past, next] of bad) {
+    const body = `{"account":"ab","past":[${past.join(',')}],"next":${next}}`
+    assert.throws(() => v.decodePast(200, body, false), E.BadReply, body)
+  }
+  const good = `{"account":"ab","past":[${entry(9)},${entry(5, ',"hold":3')}],"next":5}`
+  assert.deepEqual(v.decodePast(200, good, true).past.map((e) => e.seq), [9n, 5n])
+})
+
 test('error replies become the SPEC\'s typed errors', () => {
   const cases = [
     [409, '{"error":"insufficient","tot":4,"detail":"d"}', E.Insufficient],
