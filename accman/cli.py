@@ -100,7 +100,8 @@ def build_parser(given=()):
                    help="idempotency key: the same mod with the same key applies at most once")
     m.add_argument("--low", default=None,
                    help="with a positive BY only: the account's low-balance threshold, under "
-                        "which a low_balance event is emitted")
+                        "which a low_balance event is emitted (not part of what --key names: "
+                        "the same key sent again with another --low sets nothing)")
 
     pa = client("past", "print an account's history, newest first (needs the read role)")
     _takes_cred(pa, "accman past --limit 5 -- -xYz")

@@ -430,3 +430,18 @@ def test_retention_trims_in_the_background(pg, pg_url, monkeypatch):
                 await c.events(after=0)
             assert e.value.first == 3
     run(main())
+
+
+def test_a_keyed_funding_mod_sent_again_with_another_low_sets_nothing(pg_url):
+    """`low` is not part of what a key names, as on the embedded store: the
+    replay answers the first reply and the threshold stays the first
+    mod's (SERVER.md)."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            assert await c.mod("a", 100, low=10, key="fund") == (100, 1)
+            assert await c.mod("a", 100, low=50, key="fund") == (100, 1)
+            await c.mod("a", -60)                 # 40: under 50, not under 10
+            await c.mod("a", -35)                 # 5: crosses 10
+            events, _ = await c.events()
+            return [(e.type, e.tot) for e in events if e.type == "low_balance"]
+    assert run(main()) == [("low_balance", 5)]
