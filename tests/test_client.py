@@ -96,6 +96,16 @@ def test_an_empty_token_is_no_token_as_none_is(fake):
         AccManClient(fake.url, " ")
 
 
+@pytest.mark.parametrize("token", [5, b"token-abc", True])
+def test_a_token_that_is_not_a_str_is_a_type_error_naming_its_type(token):
+    """A token of another type is named as such, not judged as a b64token
+    (`AccManSyncClient(url, 5)`: a timeout passed where the token goes)."""
+    for make in (AccManClient, AccManSyncClient):
+        with pytest.raises(TypeError, match=f"the token must be a str or None, not "
+                                            f"{type(token).__name__}"):
+            make("http://127.0.0.1:8035", token)
+
+
 def test_503_and_busy_and_unexpected_replies(fake):
     fake.fund("alice", 10)
 

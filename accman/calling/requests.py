@@ -217,8 +217,10 @@ class Endpoint:
         tail = f" HTTP/1.1\r\nHost: {host}\r\n"
         # An empty token is no token, as None is: ACCMAN_TOKEN set but empty
         # names a server without tokens (docs/CALLING.md; the Node client agrees).
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"the token must be a str or None, not {type(token).__name__}")
         if token is not None and token != "":
-            if not isinstance(token, str) or _TOKEN_RE.fullmatch(token) is None:
+            if _TOKEN_RE.fullmatch(token) is None:
                 raise ValueError("the token must be an RFC 6750 b64token: letters, digits and "
                                  "- . _ ~ + /, with = only at its end (an empty token is none)")
             tail += f"Authorization: Bearer {token}\r\n"
