@@ -340,13 +340,18 @@ def test_bad_values_are_refused_before_anything_is_sent(fake, args, names):
     assert fake.requests == []
 
 
-@pytest.mark.parametrize("flags,names", [
-    (["--url", "ftp://h"], "http://"), (["--url", "http://h/?q=1"], "query"),
-    (["--token", "bad token secret"], "token"),
+@pytest.mark.parametrize("flags,env,names", [
+    (["--url", "ftp://h"], {}, "--url: the AccMan url must start with http://"),
+    (["--url", "http://h/?q=1"], {}, "--url: the AccMan url takes no query"),
+    ([], {"ACCMAN_URL": "http://h:0"}, "ACCMAN_URL: the AccMan url's port"),
+    (["--token", "bad token secret"], {}, "--token: the token must be"),
+    ([], {"ACCMAN_TOKEN": "bad token secret"}, "ACCMAN_TOKEN: the token must be"),
 ])
-def test_a_bad_url_or_token_is_a_usage_error(flags, names):
-    err = one_line_error(run_accman("tot", "abc", *flags))
+def test_a_bad_url_or_token_is_a_usage_error(flags, env, names):
+    """Each names its source, the flag or the variable, and only it."""
+    err = one_line_error(run_accman("tot", "abc", *flags, env=env))
     assert names in err and "secret" not in err
+    assert ("token" in err) == ("token" in names), err
 
 
 BRACKETS = "its host has a '[' without a ']' or a ']' without a '['"
