@@ -49,7 +49,7 @@ from accman.calling.output import log_to_stderr, print_ready, print_result, say,
 from accman.calling.sync import AccManSyncClient
 from accman.calling.usage import ARGV_WORDS_MAX, ArgumentParser
 from accman.calling.arguments import data_dir, int64, nice, nonempty, port, retention, store_url
-from accman.calling.requests import Endpoint, url_fault
+from accman.calling.requests import endpoint_fault
 from accman.errors import AccManError, BadRequest, EventsTrimmed, Terminated
 from accman.limits import (EVENTS_LIMIT_MAX, EVENTS_RETENTION_S_DEFAULT,
                            EVENTS_RETENTION_S_MAX, EVENTS_RETENTION_S_MIN, EVENTS_WAIT_S_MAX,
@@ -391,18 +391,13 @@ def _failed(path, e) -> str:
 # --- client commands ---------------------------------------------------------
 
 def _connect(args):
-    """The client for --url and --token (or their variables).  Raises
-    ValueError naming what is wrong (never the token itself)."""
+    """The client for --url and --token (or their variables); a ValueError
+    names the fault and where it is (never the token itself)."""
     url = args.url or os.environ.get("ACCMAN_URL") or DEFAULT_URL
     token = args.token or os.environ.get("ACCMAN_TOKEN") or None
-    url_from = "--url" if args.url else "ACCMAN_URL"
-    fault = url_fault(url)
+    fault = endpoint_fault(url)
     if fault is not None:
-        raise ValueError(f"{url_from}: {fault}")
-    try:
-        Endpoint(url, None)         # the url's own faults, named as its
-    except ValueError as e:
-        raise ValueError(f"{url_from}: {e}") from None
+        raise ValueError(f"{'--url' if args.url else 'ACCMAN_URL'}: {fault}")
     try:
         return AccManSyncClient(url, token, timeout_s=CLIENT_TIMEOUT_S)
     except (ValueError, AccManError) as e:

@@ -231,6 +231,19 @@ class Endpoint:
         return (method + self.prefix + target + self.tail).encode("ascii")
 
 
+def endpoint_fault(url: str) -> str | None:
+    """What is wrong with `url` as an AccMan URL, urllib's faults
+    (`url_fault`) and Endpoint's alike, in words that never quote it; None
+    when nothing is."""
+    fault = url_fault(url)
+    if fault is None:
+        try:
+            Endpoint(url, None)
+        except ValueError as e:
+            fault = str(e)
+    return fault
+
+
 def check_ssl_context(ssl_context, ep: Endpoint) -> None:
     """A caller's own TLS trust: an `ssl.SSLContext`, used as given for an
     https url (None: the default context).  With an http url it would be
