@@ -66,6 +66,20 @@ cdef inline bint not_a_method(unsigned char c):
     return not TOKEN[c] and c != CR and c != LF
 
 
+cdef bint may_be_head(const unsigned char* line, Py_ssize_t n) noexcept:
+    """The request line so far, line[0:n], begins with the method HEAD and
+    its SP, or, cut short within them, with their first bytes: no other
+    method begins with H, so only a HEAD's line (or none) goes on from it."""
+    cdef Py_ssize_t k
+    cdef const unsigned char* want = <const unsigned char*>b"HEAD "
+    if n < 1:
+        return False
+    for k in range(min(n, 5)):
+        if line[k] != want[k]:
+            return False
+    return True
+
+
 cdef bint starts_head(const unsigned char* kept, Py_ssize_t kept_n,
                       const unsigned char* rest, Py_ssize_t rest_n) noexcept:
     """The line kept[0:kept_n], then rest[0:rest_n], starts with the method

@@ -149,9 +149,11 @@ cdef class Parser:
 
     @property
     def pending_head(self):
-        """The request being received is a HEAD: its reply has no body (RFC 9112 6.3)."""
-        return self._req.head if self._req is not None else starts_head(
-            self._line, self._line_len, NULL, 0)
+        """The request being received is a HEAD, or can only be one (its
+        method cut short: `may_be_head`): its reply has no body (RFC 9112
+        6.3)."""
+        return self._req.head if self._req is not None else may_be_head(
+            self._line, self._line_len)
 
     cdef bint pending_c(self) noexcept:
         return (self._phase == PH_HEAD or self._phase == PH_BODY

@@ -103,10 +103,13 @@ def test_a_refused_head_request_line_is_answered_without_a_body(shared_server, l
     assert b"\r\nContent-Length: " in head and body == b"", out
 
 
-def test_a_head_cut_by_the_head_deadline_is_answered_without_a_body(start_server):
+@pytest.mark.parametrize("sent", [b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"HEA",
+                                  b"\r\nH"])
+def test_a_head_cut_by_the_head_deadline_is_answered_without_a_body(start_server, sent):
+    """Cut in its headers, or in its method (no other begins with H)."""
     s = start_server(env={"ACCMAN_HEAD_TIMEOUT_S": "0.3"})
     with s.connect() as c:
-        c.send(b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        c.send(sent)
         out = c.read_all()
     head, sep, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ") and sep and body == b"", out
@@ -418,7 +421,7 @@ def test_a_stop_withdraws_a_100_continue_held_behind_a_long_poll(start_server, c
     assert start_server().tot(cred) == 10
 
 
-@pytest.mark.parametrize("begun", ["head", "HEAD's head", "body after its 100"])
+@pytest.mark.parametrize("begun", ["head", "HEAD's head", "HEAD's method", "body after its 100"])
 def test_a_request_begun_when_a_stop_comes_is_answered_503(start_server, cred, begun):
     """Its rest is not read: a head cut short, or a body one byte short
     after its 100 Continue, gets `503 shutting_down` and the connection's
@@ -431,13 +434,15 @@ def test_a_request_begun_when_a_stop_comes_is_answered_503(start_server, cred, b
                                  [("Expect", "100-continue"), ("Content-Length", "2")]))
             take_continue(c)
             c.send(b"{")
+        elif begun == "HEAD's method":
+            c.send(b"HEA")
         else:
             method = "HEAD" if begun == "HEAD's head" else "PATCH"
             c.send(request_bytes(method, f"/mod?cred={cred}&by=-1")[:30])
         time.sleep(1)               # read before the stop
         assert s.stop() == 0
         assert c.closed_by_peer(10)
-    if begun == "HEAD's head":
+    if begun.startswith("HEAD's"):
         status, headers = head_only(c)
         assert (status, c.buf) == (503, b""), c.buf
     else:
