@@ -508,9 +508,9 @@ cdef class Pipeline:
         """Moves the replies at the head that are ready to `out`, in order:
         lane entries whose batch is durable (consecutive ones as one bytes
         object), Slots with their reply; a deferred request is evaluated
-        now, at its turn, while the pass's charges leave it its share
-        (Turn.pass_spent of `pass_left`; else `held`).  Stops at the first
-        not ready."""
+        now, at its turn (its access was judged when it was taken), while
+        the pass's charges leave it its share (Turn.pass_spent of
+        `pass_left`; else `held`).  Stops at the first not ready."""
         cdef Entry* e
         cdef double now = 0.0
         cdef bytes date = None
@@ -544,7 +544,7 @@ cdef class Pipeline:
                         self.held = True    # a later pass goes on (Connection.finish)
                         break
                     self._flush_buf(out)
-                    r = routes.answer(self.conn, slot.req, slot.mode)
+                    r = routes.answer(self.conn, slot.req, slot.mode, checked=True)
                     if type(r) is not bytes:
                         # Now waiting for the store, still at the head.
                         e = self._head()

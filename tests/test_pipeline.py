@@ -163,6 +163,29 @@ def test_a_pipelined_request_without_its_token_is_401_and_closes(token_server, c
     assert token_server.tot(cred, token=TOKENS["read"]) == 3
 
 
+@pytest.mark.parametrize("read", ["/metrics", "/events?after=0", "/health"])
+def test_a_read_at_its_turn_without_its_token_closes_before_what_follows(token_server, cred,
+                                                                         read):
+    """A read of server state pipelined behind writes is answered at its
+    turn, but its access is judged as it is taken: a 401 closes the
+    connection with nothing behind it taken (RFC 9112 9.6), where the
+    mods behind it were applied and answered after the closing reply."""
+    with token_server.connect() as c:
+        c.send(patch(f"/mod?cred={cred}&by=100", bearer("mint"))
+               + patch(f"/mod?cred={cred}&by=-1", bearer("service")) * 49
+               + get(read)
+               + patch(f"/mod?cred={cred}&by=-1", bearer("service")) * 5)
+        replies = parse_responses(c.read_all())
+    statuses = [r.status for r in replies]
+    if read == "/health":               # needs no token: all answered
+        assert statuses == [200] * 56 and "connection" not in replies[50].headers
+        assert token_server.tot(cred, token=TOKENS["read"]) == 100 - 49 - 5
+        return
+    assert statuses == [200] * 50 + [401], statuses
+    assert replies[-1].headers["connection"] == "close"
+    assert token_server.tot(cred, token=TOKENS["read"]) == 100 - 49
+
+
 def metric(srv, name):
     for line in srv.get("/metrics").body.decode().splitlines():
         if line.startswith(name + " "):

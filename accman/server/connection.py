@@ -267,7 +267,13 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
                     self._wait_on(r)
                     room -= r.reserve
             elif req.route in _AT_ITS_TURN:
-                self._wait_on(Slot(self, req.route, mode, req.head, req=req))
+                # Its access is judged now: a 401 closes before the requests
+                # behind it are taken (RFC 9112 9.6), not at its turn.
+                refused = routes.refusal(self, req, mode)
+                if refused is not None:
+                    waiting.append(Slot(self, req.route, mode, reply=refused))
+                else:
+                    self._wait_on(Slot(self, req.route, mode, req.head, req=req))
             else:
                 r = routes.answer(self, req, mode, True)
                 if type(r) is bytes:

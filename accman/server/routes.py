@@ -141,11 +141,12 @@ class Routes:
 
     # --- every request --------------------------------------------------------
 
-    def answer(self, conn, req, mode, ordered=False):
+    def answer(self, conn, req, mode, ordered=False, checked=False):
         """The reply to `req`: bytes now, or a pending Slot.  `ordered`: the
         request is pipelined behind writes of its connection that are not
-        yet answered, so a read must see exactly those (accman/store.py)."""
-        refused = self._access(conn, req, mode)
+        yet answered, so a read must see exactly those (accman/store.py).
+        `checked`: its access was judged when it was taken (`refusal`)."""
+        refused = None if checked else self.refusal(conn, req, mode)
         if refused is not None:
             return refused
         route = req.route
@@ -176,8 +177,11 @@ class Routes:
         extra = b"Allow: %s\r\n" % err.allow.encode("ascii") if err.allow else b""
         return self.error("none", err.status, err.code, err.detail, mode, extra, head=req.head)
 
-    def _access(self, conn, req, mode):
-        """The refusal of a request its caller may not make, or None."""
+    def refusal(self, conn, req, mode):
+        """The refusal of a request its caller may not make, or None.  A
+        401 closes the connection (`take_no_more`): it is judged when the
+        request is taken, so that none behind it is (a read answered at its
+        turn is judged then too, Connection._take)."""
         err = req.error
         if err is not None and err.close:
             return None             # a framing error is answered as it is
