@@ -486,12 +486,26 @@ def test_calls_behind_a_reply_given_before_taking_more_are_unreachable(status, c
     assert _behind_closing(_closing(status, body)) == [Unreachable] * 3
 
 
-@pytest.mark.parametrize("body", [b'{"tot":5,"seq":2}', b'{"tot":5}', b""])
+@pytest.mark.parametrize("body", [b'{"tot":5,"seq":2}', b'{"tot":5}',
+                                  b'{"hold":3,"tot":5,"seq":2}',
+                                  b'{"account":"ab","past":[],"next":null}',
+                                  b'{"events":[],"next":4}', b'{"healthy":true,"open_holds":0}'])
 def test_calls_behind_a_closing_success_are_unreachable(body):
-    """A success that closes (the last reply a stop owes): the server took
-    nothing after it (RFC 9112 9.6), whatever the route."""
-    status = 204 if not body else 200
-    assert _behind_closing(_closing(status, body)) == [Unreachable] * 3
+    """A success of AccMan's that closes (the last reply a stop owes): the
+    server took nothing after it (RFC 9112 9.6), whatever the route."""
+    assert _behind_closing(_closing(200, body)) == [Unreachable] * 3
+
+
+@pytest.mark.parametrize("status,body", [
+    (200, b"<html>a proxy's page</html>"), (200, b"{}"), (200, b'{"ok":true}'),
+    (200, b'{"tot":5,"error":"x","detail":"y"}'), (200, b"[1]"), (201, b'{"tot":5}'),
+])
+def test_calls_behind_a_closing_200_not_of_accmans_shape_are_unknown(status, body):
+    """A closing 200 whose body is none of AccMan's successes is another
+    server's (a proxy's page), which may have sent the calls behind it on:
+    each written one may have been applied."""
+    assert _behind_closing(_closing(status, body)) == [OutcomeUnknown, OutcomeUnknown,
+                                                       Unreachable]
 
 
 @pytest.mark.parametrize("body", [b'{"error":"busy"}', b'{"error":"shutting_down"}',

@@ -29,22 +29,25 @@ if TYPE_CHECKING:
 # for its 500: on an internal error it answers 500 and closes
 # (Server.internal_error) after requests behind it may already have gone
 # to the store.  So a closing reply of AccMan's with one of the statuses
-# it gives, 500 aside, leaves the requests behind it untaken: a success
-# (200, OPTIONS' 204), or an error with AccMan's shape (SPEC "Errors": its
-# code and a `detail`; replies._own_error).  Any other may come from
-# another server on the way (a proxy's 502 or 504, a page without AccMan's
-# shape, whatever its code), which may have sent the requests behind it on.
-UNTAKEN_BEHIND_SUCCESS = frozenset({200, 204})
+# it gives, 500 aside, leaves the requests behind it untaken: a 200 with
+# the JSON of one of its successes (a `tot`, a `past`, an `events` or a
+# `healthy`, and no `error`), or an error with AccMan's shape (SPEC
+# "Errors": its code and a `detail`; replies._own_error).  Any other may
+# come from another server on the way (a proxy's 502 or 504, a page
+# without AccMan's shape, whatever its code), which may have sent the
+# requests behind it on.
 UNTAKEN_BEHIND_ERROR = frozenset({
     400, 401, 403, 404, 405, 408, 409, 410, 411, 413, 414, 431, 501, 503, 505,
 })
+_SUCCESS_FIELDS = ("tot", "past", "events", "healthy")
 
 
 def untaken_behind(status: int, body: bytes) -> bool:
     """Whether AccMan took none of the requests behind this closing reply."""
-    if status in UNTAKEN_BEHIND_SUCCESS:
-        return True
-    return status in UNTAKEN_BEHIND_ERROR and replies._own_error(replies._error_object(body))
+    obj = replies._error_object(body)
+    if status == 200:
+        return "error" not in obj and any(f in obj for f in _SUCCESS_FIELDS)
+    return status in UNTAKEN_BEHIND_ERROR and replies._own_error(obj)
 
 
 class Conn(asyncio.Protocol):
