@@ -267,13 +267,7 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
                     self._wait_on(r)
                     room -= r.reserve
             elif req.route in _AT_ITS_TURN:
-                # Its access is judged now: a 401 closes before the requests
-                # behind it are taken (RFC 9112 9.6), not at its turn.
-                refused = routes.refusal(self, req, mode)
-                if refused is not None:
-                    waiting.append(Slot(self, req.route, mode, reply=refused))
-                else:
-                    self._wait_on(Slot(self, req.route, mode, req.head, req=req))
+                self._at_its_turn(req, mode)
             else:
                 r = routes.answer(self, req, mode, True)
                 if type(r) is bytes:
@@ -283,6 +277,16 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
                     room -= r.reserve
             if self.state != OPEN:
                 return
+
+    def _at_its_turn(self, req, mode):
+        """A read of server state behind unanswered replies waits to be
+        answered at its turn; its access is judged now, so that a 401
+        closes before the requests behind it are taken (RFC 9112 9.6)."""
+        refused = self.routes.refusal(self, req, mode)
+        if refused is not None:
+            self.waiting.append(Slot(self, req.route, mode, reply=refused))
+        else:
+            self._wait_on(Slot(self, req.route, mode, req.head, req=req))
 
     def _held_back(self, room, out) -> bool:
         """No request more is taken now: an /events read is owed (it sees
