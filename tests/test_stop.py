@@ -181,6 +181,43 @@ def test_a_request_unread_at_a_stop_is_answered_503_after_the_replies(start_serv
     assert s.proc.wait(5) == 0
 
 
+def test_a_bug_in_one_connection_s_stop_does_not_stop_the_stop(tmp_path, monkeypatch):
+    """One connection's stop raises (a bug): that connection gets its 500
+    and closes, as after any internal error, and the others are stopped
+    as ever; the server's stop ends, where it used to hang for good."""
+    from accman.server.connection import Connection
+    real = Connection.stop
+    broken = []
+
+    def stop(conn):
+        if not broken:
+            broken.append(conn)
+            raise RuntimeError("a bug in stop")
+        real(conn)
+    monkeypatch.setattr(Connection, "stop", stop)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        led = Ledger(str(tmp_path / "d"))
+        server = Server(led, loop=loop)
+        led.bind_loop(loop, deliver=server.deliver)
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            clients = [await asyncio.open_connection(host, port) for _ in range(3)]
+            while len(server.connections) < 3:
+                await asyncio.sleep(0.001)
+            server.request_stop("a test")
+            await asyncio.wait_for(server.serve_until_stopped(), 10)
+            return [await asyncio.wait_for(r.read(-1), 5) for r, _ in clients]
+        finally:
+            server.listener.close()
+            led.close()
+
+    got = uvloop.run(main())
+    assert len(broken) == 1
+    assert sorted(parse_responses(b)[0].status if b else 0 for b in got) == [0, 0, 500]
+
+
 @pytest.mark.parametrize("sent,expected", [
     (b"", None), (b"\r\n\r\n", None), (b"PATCH /mod?cred=a&by=-1 HTTP/1.1\r\n", False),
     (b"\r\nGET /tot", False), (b"HEAD /tot?cred=a HTTP/1.1\r\n\r\n", True),

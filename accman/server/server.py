@@ -308,7 +308,10 @@ class Server:
         if self.listener is not None:
             self.listener.close()
         for conn in list(self.connections):
-            conn.stop()
+            try:
+                conn.stop()
+            except Exception as e:      # a bug: that connection closes, the stop goes on
+                self.internal_error(conn, e)
         # Long polls are answered now, with what they have: waiting out
         # their `wait` would hold the stop for the whole grace.
         self.store.end_waits()

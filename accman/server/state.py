@@ -75,13 +75,19 @@ def unread_request(sock) -> bool | None:
     whether a HEAD (the only method that begins with H): None when they
     do not (none, only blank lines, or the kernel cannot say)."""
     try:
-        peer = socket.socket(fileno=os.dup(sock.fileno()))
+        fd = os.dup(sock.fileno())
     except (AttributeError, OSError, ValueError):
         return None
+    try:
+        peer = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
     with peer:
+        peer.setblocking(False)     # whatever socket.setdefaulttimeout says: never wait
         try:
-            data = peer.recv(UNREAD_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except OSError:
+            data = peer.recv(UNREAD_PEEK_BYTES, socket.MSG_PEEK)
+        except OSError:             # nothing there (EAGAIN), or the socket is gone
             return None
     start = data.lstrip(b"\r\n")[:5]
     if not start:
