@@ -48,6 +48,17 @@ class HeldDisk:
         self.open.set()
 
 
+async def _the_connection(server):
+    """The server's one connection, once it has accepted it (the client's
+    connect can end before the server's accept has run)."""
+    deadline = time.monotonic() + 10
+    while len(server.connections) != 1:
+        assert time.monotonic() < deadline, f"{len(server.connections)} connections, not 1"
+        await asyncio.sleep(0.001)
+    [conn] = server.connections
+    return conn
+
+
 async def _owed_until(conn, n):
     """Until `conn` owes `n` replies (its requests all read and taken)."""
     deadline = time.monotonic() + 10
@@ -72,7 +83,7 @@ def _stop_with_mods_owed(path, disk, last: bytes) -> tuple[list, int]:
             reader, writer = await asyncio.open_connection(host, port)
             disk.hold()
             writer.write(patch("/mod?cred=a&by=-1") * MODS + last)
-            [conn] = server.connections
+            conn = await _the_connection(server)
             await _owed_until(conn, MODS + 1)
             server.request_stop("a test")
             await asyncio.sleep(0.05)
@@ -131,7 +142,7 @@ def test_a_client_pipelining_through_a_stop_knows_its_late_calls_not_taken(tmp_p
                 await acc.mod("a", 1000)
                 disk.hold()
                 first = [asyncio.ensure_future(acc.mod("a", -1)) for _ in range(MODS)]
-                [conn] = server.connections
+                conn = await _the_connection(server)
                 await _owed_until(conn, MODS)
                 server.request_stop("a test")
                 await asyncio.sleep(0.05)
