@@ -34,6 +34,7 @@ The embedded ledger in process, on a clock a test moves by hand:
         clock.advance(10)
 """
 
+import contextlib
 import faulthandler
 import itertools
 import json
@@ -638,6 +639,31 @@ def led(path, clock):
     from accman import Ledger
     with Ledger(path, clock_ms=clock) as led:
         yield led
+
+
+@contextlib.asynccontextmanager
+async def served_in_process(led):
+    """The server over `led` (a Ledger) on the running loop, on a free
+    loopback port: `(server, host, port)`; its listener is closed at the
+    end, the ledger left to its caller."""
+    import asyncio
+
+    from accman.server import Server
+    loop = asyncio.get_running_loop()
+    server = Server(led, loop=loop)
+    led.bind_loop(loop, deliver=server.deliver)
+    host, port = await server.start("127.0.0.1", 0)
+    try:
+        yield server, host, port
+    finally:
+        server.listener.close()
+
+
+async def read_reply(reader) -> tuple:
+    """(status, body) of the next reply on an asyncio stream, as bytes."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    return head.split(b" ")[1], await reader.readexactly(length)
 
 
 @pytest.fixture

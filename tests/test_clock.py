@@ -194,36 +194,26 @@ def test_the_server_s_lane_reads_the_checked_clock(tmp_path):
 
     import uvloop
 
-    from accman.server import Server
-    from conftest import request_bytes
+    from conftest import read_reply, request_bytes, served_in_process
 
     clock = Clock()
 
     async def main():
-        loop = asyncio.get_running_loop()
-        led = Ledger(str(tmp_path / "d"), clock_ms=clock)
-        server = Server(led, loop=loop)
-        led.bind_loop(loop, deliver=server.deliver)
-        host, port = await server.start("127.0.0.1", 0)
+        with Ledger(str(tmp_path / "d"), clock_ms=clock) as led:
+            async with served_in_process(led) as (_, host, port):
+                got = [await one(host, port, "/mod?cred=a&by=5")]
+                clock.set(-1)
+                got.append(await one(host, port, "/mod?cred=a&by=5"))
+                clock.set(Clock.START_MS)
+                got.append(await one(host, port, "/mod?cred=a&by=1"))
+                return got
 
-        async def one(target):
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(request_bytes("PATCH", target))
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-            body = await reader.readexactly(length)
-            writer.close()
-            return head.split(b" ")[1], body
-        try:
-            got = [await one("/mod?cred=a&by=5")]
-            clock.set(-1)
-            got.append(await one("/mod?cred=a&by=5"))
-            clock.set(Clock.START_MS)
-            got.append(await one("/mod?cred=a&by=1"))
-        finally:
-            server.listener.close()
-            led.close()
-        return got
+    async def one(host, port, target):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request_bytes("PATCH", target))
+        reply = await read_reply(reader)
+        writer.close()
+        return reply
 
     got = uvloop.run(asyncio.wait_for(main(), 20))
     assert got[0] == (b"200", b'{"tot":5,"seq":1}')

@@ -14,7 +14,8 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, assert_error, get, parse_responses, patch, request_bytes
+from conftest import (ROOT, assert_error, get, parse_responses, patch, read_reply,
+                      request_bytes, served_in_process)
 
 INT64_MAX = 2 ** 63 - 1
 
@@ -1027,34 +1028,22 @@ def test_mods_over_the_wire_and_amod_on_the_same_loop_all_complete(tmp_path):
     import uvloop
 
     from accman import Ledger
-    from accman.server import Server
 
     async def main():
-        loop = asyncio.get_running_loop()
-        led = Ledger(str(tmp_path / "d"))
-        server = Server(led, loop=loop)
-        led.bind_loop(loop, deliver=server.deliver)
-        host, port = await server.start("127.0.0.1", 0)
+        with Ledger(str(tmp_path / "d")) as led:
+            async with served_in_process(led) as (_, host, port):
+                return await asyncio.wait_for(asyncio.gather(
+                    asyncio.gather(*(over_the_wire(host, port, i) for i in range(8))),
+                    asyncio.gather(*(led.amod("local", 1) for _ in range(40)))), 10)
 
-        async def over_the_wire(i):
-            reader, writer = await asyncio.open_connection(host, port)
-            replies = []
-            for _ in range(5):
-                writer.write(request_bytes("PATCH", f"/mod?cred=w{i}&by=2"))
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-                replies.append((head.split(b" ")[1], await reader.readexactly(length)))
-            writer.close()
-            return replies
-
-        try:
-            wire, local = await asyncio.wait_for(asyncio.gather(
-                asyncio.gather(*(over_the_wire(i) for i in range(8))),
-                asyncio.gather(*(led.amod("local", 1) for _ in range(40)))), 10)
-        finally:
-            server.listener.close()
-            led.close()
-        return wire, local
+    async def over_the_wire(host, port, i):
+        reader, writer = await asyncio.open_connection(host, port)
+        replies = []
+        for _ in range(5):
+            writer.write(request_bytes("PATCH", f"/mod?cred=w{i}&by=2"))
+            replies.append(await read_reply(reader))
+        writer.close()
+        return replies
 
     wire, local = uvloop.run(main())
     for replies in wire:

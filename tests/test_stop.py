@@ -14,12 +14,12 @@ import time
 
 import pytest
 import uvloop
-from conftest import get, parse_responses, patch, read_to_the_end, request_bytes, with_history
+from conftest import (get, parse_responses, patch, read_to_the_end, request_bytes,
+                      served_in_process, with_history)
 
 from accman import Ledger
 from accman.client import AccManClient
 from accman.errors import Unreachable
-from accman.server import Server
 from accman.server.state import unread_request
 
 MODS = 20
@@ -73,29 +73,25 @@ def _stop_with_mods_owed(path, disk, last: bytes) -> tuple[list, int]:
     The replies the client gets until the server's end, and the balance
     the ledger has after."""
     async def main():
-        loop = asyncio.get_running_loop()
         led = Ledger(path)
-        server = Server(led, loop=loop)
-        led.bind_loop(loop, deliver=server.deliver)
-        host, port = await server.start("127.0.0.1", 0)
         try:
-            await led.amod("a", 1000)
-            reader, writer = await asyncio.open_connection(host, port)
-            disk.hold()
-            writer.write(patch("/mod?cred=a&by=-1") * MODS + last)
-            conn = await _the_connection(server)
-            await _owed_until(conn, MODS + 1)
-            server.request_stop("a test")
-            await asyncio.sleep(0.05)
-            writer.write(patch("/mod?cred=a&by=-1") * LATE)
-            await asyncio.sleep(0.05)
-            disk.release()
-            data = await asyncio.wait_for(reader.read(-1), 10)
-            writer.close()
-            await asyncio.wait_for(server.serve_until_stopped(), 10)
+            async with served_in_process(led) as (server, host, port):
+                await led.amod("a", 1000)
+                reader, writer = await asyncio.open_connection(host, port)
+                disk.hold()
+                writer.write(patch("/mod?cred=a&by=-1") * MODS + last)
+                conn = await _the_connection(server)
+                await _owed_until(conn, MODS + 1)
+                server.request_stop("a test")
+                await asyncio.sleep(0.05)
+                writer.write(patch("/mod?cred=a&by=-1") * LATE)
+                await asyncio.sleep(0.05)
+                disk.release()
+                data = await asyncio.wait_for(reader.read(-1), 10)
+                writer.close()
+                await asyncio.wait_for(server.serve_until_stopped(), 10)
         finally:
             disk.release()
-            server.listener.close()
             tot = led.tot("a")
             led.close()
         return parse_responses(data, heads=[False] * MODS + [last.startswith(b"HEAD")]), tot
@@ -131,30 +127,26 @@ def test_a_client_pipelining_through_a_stop_knows_its_late_calls_not_taken(tmp_p
     disk = HeldDisk(monkeypatch)
 
     async def main():
-        loop = asyncio.get_running_loop()
         led = Ledger(str(tmp_path / "d"))
-        server = Server(led, loop=loop)
-        led.bind_loop(loop, deliver=server.deliver)
-        host, port = await server.start("127.0.0.1", 0)
         try:
-            async with AccManClient(f"http://{host}:{port}", connections_max=1,
-                                    retries=0) as acc:
-                await acc.mod("a", 1000)
-                disk.hold()
-                first = [asyncio.ensure_future(acc.mod("a", -1)) for _ in range(MODS)]
-                conn = await _the_connection(server)
-                await _owed_until(conn, MODS)
-                server.request_stop("a test")
-                await asyncio.sleep(0.05)
-                late = [asyncio.ensure_future(acc.mod("a", -1)) for _ in range(10)]
-                await asyncio.sleep(0.05)
-                disk.release()
-                got = await asyncio.wait_for(
-                    asyncio.gather(*first, *late, return_exceptions=True), 10)
-            await asyncio.wait_for(server.serve_until_stopped(), 10)
+            async with served_in_process(led) as (server, host, port):
+                async with AccManClient(f"http://{host}:{port}", connections_max=1,
+                                        retries=0) as acc:
+                    await acc.mod("a", 1000)
+                    disk.hold()
+                    first = [asyncio.ensure_future(acc.mod("a", -1)) for _ in range(MODS)]
+                    conn = await _the_connection(server)
+                    await _owed_until(conn, MODS)
+                    server.request_stop("a test")
+                    await asyncio.sleep(0.05)
+                    late = [asyncio.ensure_future(acc.mod("a", -1)) for _ in range(10)]
+                    await asyncio.sleep(0.05)
+                    disk.release()
+                    got = await asyncio.wait_for(
+                        asyncio.gather(*first, *late, return_exceptions=True), 10)
+                await asyncio.wait_for(server.serve_until_stopped(), 10)
         finally:
             disk.release()
-            server.listener.close()
             tot = led.tot("a")
             led.close()
         return got, tot
@@ -208,21 +200,14 @@ def test_a_bug_in_one_connection_s_stop_does_not_stop_the_stop(tmp_path, monkeyp
     monkeypatch.setattr(Connection, "stop", stop)
 
     async def main():
-        loop = asyncio.get_running_loop()
-        led = Ledger(str(tmp_path / "d"))
-        server = Server(led, loop=loop)
-        led.bind_loop(loop, deliver=server.deliver)
-        host, port = await server.start("127.0.0.1", 0)
-        try:
-            clients = [await asyncio.open_connection(host, port) for _ in range(3)]
-            while len(server.connections) < 3:
-                await asyncio.sleep(0.001)
-            server.request_stop("a test")
-            await asyncio.wait_for(server.serve_until_stopped(), 10)
-            return [await asyncio.wait_for(r.read(-1), 5) for r, _ in clients]
-        finally:
-            server.listener.close()
-            led.close()
+        with Ledger(str(tmp_path / "d")) as led:
+            async with served_in_process(led) as (server, host, port):
+                clients = [await asyncio.open_connection(host, port) for _ in range(3)]
+                while len(server.connections) < 3:
+                    await asyncio.sleep(0.001)
+                server.request_stop("a test")
+                await asyncio.wait_for(server.serve_until_stopped(), 10)
+                return [await asyncio.wait_for(r.read(-1), 5) for r, _ in clients]
 
     got = uvloop.run(main())
     assert len(broken) == 1
