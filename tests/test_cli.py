@@ -402,6 +402,16 @@ def test_a_403_names_the_role_once_whatever_the_server_said(detail, said):
     assert failure(args, Forbidden(detail)) == (f"accman: 403 forbidden: {detail}{said}", 1)
 
 
+@pytest.mark.parametrize("url,where", [("http://h", "--url"), (None, "ACCMAN_URL")])
+def test_a_host_the_resolver_refuses_is_named_by_its_source(url, where):
+    """A host name the resolver refuses at the call (a UnicodeError) is the
+    URL's fault, named by where the URL came from, as Endpoint's are."""
+    from accman.calling.commands import BAD_HOST, EXIT_USAGE
+    args = argparse.Namespace(command="tot", url=url)
+    assert failure(args, UnicodeError("label empty or too long")) == (
+        f"accman: error: {where}: {BAD_HOST} (try: accman tot --help)", EXIT_USAGE)
+
+
 @pytest.mark.parametrize("follow", [False, True])
 def test_events_trimmed_says_the_oldest_kept_once_and_the_after_that_goes_on(follow):
     """The server's detail names the oldest event kept; the command adds

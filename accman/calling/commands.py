@@ -37,7 +37,7 @@ EXIT_OUTPUT_LOST = 4
 # What a bad host in the URL is, whichever way the client finds it: Python
 # encodes a host as ASCII for the request and as IDNA labels to connect.
 BAD_HOST = ("the host in the URL cannot be used: a host name is plain ASCII labels of 1 to 63 "
-            "characters (an international name goes in its xn-- form) (--url/ACCMAN_URL)")
+            "characters (an international name goes in its xn-- form)")
 
 # OpenSSL's reasons for a certificate whose issuer is not trusted: most
 # often a private CA that the command line was not told of, which it trusts
@@ -314,7 +314,8 @@ def failure(args, e) -> tuple:
                       else ("interrupted", EXIT_INTERRUPTED))
         return (f"accman: {word}{hint}" if hint else None), code
     if isinstance(e, UnicodeError):
-        return f"accman: error: {BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
+        where = "--url" if getattr(args, "url", None) else "ACCMAN_URL"
+        return f"accman: error: {where}: {BAD_HOST} (try: accman {args.command} --help)", EXIT_USAGE
     if isinstance(e, Unreachable):
         nothing = "nothing was opened" if args.command == "open" else "nothing was sent"
         ca = (PRIVATE_CA_HINT if UNTRUSTED_ISSUER.search(e.detail or "") else
