@@ -290,7 +290,7 @@ class AccManClient {
   // Changes the balance by `by`; { tot, seq } once durable.  With `min` it
   // applies only if the new balance is >= min, else Insufficient (.tot);
   // with `key` it applies at most once; `low` (funding only) sets the
-  // account's low-balance threshold.
+  // account's low-balance threshold (not part of what the key names).
   async mod (cred, by, options) {
     const { min, key, low } = values.checkOptions(options, 'mod', ['min', 'key', 'low'])
     const target = values.targetMod(cred, by, min, key, low)
