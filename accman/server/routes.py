@@ -181,7 +181,7 @@ class Routes:
         """The refusal of a request its caller may not make, or None.  A
         401 closes the connection (`take_no_more`): it is judged when the
         request is taken, so that none behind it is (a read answered at its
-        turn is judged then too, Connection._take)."""
+        turn is judged then too, Connection._at_its_turn)."""
         err = req.error
         if err is not None and err.close:
             return None             # a framing error is answered as it is
