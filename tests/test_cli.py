@@ -602,6 +602,8 @@ def test_verify(start_server, tmp_path):
     assert "ok" in proc.stdout and "entries=2" in proc.stdout
     err = one_line_error(run_accman("verify", "--data", tmp_path / "missing"))
     assert "no data directory" in err
+    err = one_line_error(run_accman("verify", "--data", data / "accman.key"))
+    assert err == f"accman: error: {data / 'accman.key'} is not a directory"
 
 
 def test_verify_stopped_by_sigterm_leaves_no_copy_of_the_store(tmp_path):
