@@ -113,6 +113,11 @@ _QUOTED_PATH = re.compile(r'"[^"]*/[^"]*"')
 # (class 08, a shutdown, a closed socket or connection) lost one.
 _NOT_REACHED = (
     (ConnectionRefusedError, f"{UNREACHABLE} (connection refused)"),
+    # A file the connection needs is not there: a Unix-domain host's socket
+    # (the directory or the port is wrong, or nothing runs there), or a
+    # certificate or key the URL names (sslrootcert, sslcert, sslkey).
+    (FileNotFoundError, f"{UNREACHABLE} (a file it needs is not there: a Unix-domain host's "
+                        f"socket, or a certificate or key the URL names)"),
     (socket.gaierror, f"{UNREACHABLE} (its host name does not resolve)"),
     (asyncpg.exceptions.CannotConnectNowError,
      f"{UNREACHABLE} (the database is starting up or shutting down)"),

@@ -32,6 +32,9 @@ LOST = "the PostgreSQL store lost its connection"
     (asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
      f"{UNREACHABLE} (the database is starting up or shutting down)"),
     (OSError(113, "No route to host"), UNREACHABLE),
+    (FileNotFoundError(2, "No such file or directory"),
+     f"{UNREACHABLE} (a file it needs is not there: a Unix-domain host's socket, or a "
+     f"certificate or key the URL names)"),
     (asyncpg.exceptions.ClientCannotConnectError("could not connect"), UNREACHABLE),
     (asyncpg.InterfaceError("cannot call PreparedStatement.fetchrow(): the underlying "
                             "connection is closed"), LOST),

@@ -194,10 +194,12 @@ def test_the_ready_line_names_the_store_without_its_password(pg, tmp_path):
 
 
 def test_a_store_that_cannot_be_reached_is_one_line_and_exit_2(tmp_path):
-    """Nothing answering, a host that does not resolve, a URL that does not
-    parse (a password with a raw `/` reads as a port, which the driver's
-    error quoted; now refused with the arguments): one line in AccMan's
-    words, no part of the password."""
+    """Nothing answering, a host that does not resolve, a Unix-domain host
+    with no socket for the port or a certificate file that is not there
+    (each said as the file not there, where the driver's error named
+    none), a URL that does not parse (a password with a raw `/` reads as a
+    port, which the driver's error quoted; now refused with the
+    arguments): one line in AccMan's words, no part of the password."""
     from postgres.pgcluster import free_port
     port = free_port()
     cannot = "accman: error: cannot open the PostgreSQL store: cannot connect to a PostgreSQL "
@@ -207,6 +209,15 @@ def test_a_store_that_cannot_be_reached_is_one_line_and_exit_2(tmp_path):
                       ("postgresql://postgres:pw@nohost.invalid/x", cannot
                        + "cluster of the store: the PostgreSQL store cannot be reached "
                        "(its host name does not resolve)"),
+                      (f"postgresql://postgres:pw@/x?host={tmp_path}&port={port}", cannot
+                       + "cluster of the store: the PostgreSQL store cannot be reached "
+                       "(a file it needs is not there: a Unix-domain host's socket, or a "
+                       "certificate or key the URL names)"),
+                      (f"postgresql://postgres:pw@127.0.0.1:{port}/x?sslmode=verify-full&"
+                       f"sslrootcert={tmp_path}/none.crt", cannot
+                       + "cluster of the store: the PostgreSQL store cannot be reached "
+                       "(a file it needs is not there: a Unix-domain host's socket, or a "
+                       "certificate or key the URL names)"),
                       (f"postgresql://postgres:s3cret/pw@127.0.0.1:{port}/x",
                        "accman: error: argument --store: the store URL has a port that is "
                        "not a number")):
