@@ -142,6 +142,15 @@ cdef class Parser:
         return False
 
     @property
+    def awaiting_body(self):
+        """The request whose head is whole and whose body is still to come,
+        its values read (a 100 Continue's, RFC 9110 10.1.1); None when
+        there is none, or its head is refused (answered once it is whole)."""
+        if self._phase == PH_BODY and self._pending is None:
+            return self._req
+        return None
+
+    @property
     def pending(self):
         """True while part of a request has been received and not yet
         returned: the server's head deadline runs (SPEC "Limits")."""

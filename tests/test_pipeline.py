@@ -186,6 +186,39 @@ def test_a_read_at_its_turn_without_its_token_closes_before_what_follows(token_s
     assert token_server.tot(cred, token=TOKENS["read"]) == 100 - 49
 
 
+EXPECTING = [("Expect", "100-continue"), ("Content-Length", "2")]
+
+
+@pytest.mark.parametrize("before", [b"", get("/health")])
+def test_a_request_asking_for_100_without_a_token_gets_its_401_in_place(token_server, cred,
+                                                                        before):
+    """RFC 9110 10.1.1: a server that will not take the body answers with
+    the final status, not 100 Continue: a request no token allows gets its
+    401 (after the replies before it) and the connection closes, its body
+    never asked for; nothing is applied."""
+    with token_server.connect() as c:
+        c.send(before + request_bytes("PATCH", f"/mod?cred={cred}&by=5", EXPECTING))
+        out = c.read_all(10)
+    replies = parse_responses(out)
+    assert b"100 Continue" not in out, out
+    assert [r.status for r in replies] == [200] * bool(before) + [401], out
+    assert replies[-1].headers["connection"] == "close"
+    assert_error(token_server.get(f"/tot?cred={cred}", token=TOKENS["read"]), 404)
+
+
+def test_a_request_asking_for_100_with_a_token_of_another_role_gets_100_then_403(
+        token_server, cred):
+    """A valid token without the role: the connection goes on, so the body
+    is asked for and read, then the 403 (SERVER.md)."""
+    with token_server.connect() as c:
+        c.send(request_bytes("PATCH", f"/mod?cred={cred}&by=5", EXPECTING + bearer("read")))
+        assert c.sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        c.send(b"{}" + get(f"/tot?cred={cred}", bearer("read")))
+        forbidden, unknown = c.responses(2)
+    assert_error(forbidden, 403, "forbidden")
+    assert_error(unknown, 404)
+
+
 def metric(srv, name):
     for line in srv.get("/metrics").body.decode().splitlines():
         if line.startswith(name + " "):

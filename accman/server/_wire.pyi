@@ -73,6 +73,9 @@ class Parser:
         """True once when a request's head asked Expect: 100-continue and
         its body is yet to come: answer 100 Continue."""
     @property
+    def awaiting_body(self) -> Request | None:
+        """The request whose head is whole and whose body is to come."""
+    @property
     def pending(self) -> bool:
         """True while part of a request has been received but not returned."""
     @property

@@ -303,7 +303,9 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
         """A 100 Continue goes out once every reply before it has
         (RFC 9110 10.1.1), before its request's own reply.  The client may
         wait for it to send the body: the head deadline runs again from it
-        (_awaiting_continue)."""
+        (_awaiting_continue).  A request its token cannot make at all (a
+        401) gets that reply in place of the 100, its body not asked for
+        (RFC 9110 10.1.1), and the connection closes after it."""
         if self.parser.take_continue():
             self.continue_owed = True
         if self.state != OPEN:
@@ -312,11 +314,15 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
         if not self.continue_owed or self.backlog is not None or self.parser.held_bytes:
             return
         self.continue_owed = False
+        reply, mode = CONTINUE, KEEP
+        req = self.parser.awaiting_body
+        if req is not None and self.routes.unauthorized(self, req):
+            reply, mode = self.routes.refusal(self, req, KEEP), CLOSE
         if self.waiting:
-            self.waiting.append(Slot(self, 0, KEEP, reply=CONTINUE))
-            self.continue_queued = True
+            self.waiting.append(Slot(self, 0, mode, reply=reply))
+            self.continue_queued = reply is CONTINUE
         else:
-            out.append(CONTINUE)
+            out.append(reply)
 
     def _pump(self, out):
         """Take the requests held back (parsed in `backlog`, then unparsed in

@@ -54,6 +54,12 @@ def mod_role(by: int) -> int:
     return MINT if by > 0 else CHARGE
 
 
+def _need(req) -> int:
+    """The roles of which `req` needs one (0: none)."""
+    route = req.route
+    return ROUTE_ROLES.get(route, ANY_ROLE) if route != ROUTE_MOD else mod_role(req.by)
+
+
 class Slot:
     """A request answered out of line, in its connection's queue:
     - pending: the store completes it later (`done`, its callback);
@@ -177,6 +183,11 @@ class Routes:
         extra = b"Allow: %s\r\n" % err.allow.encode("ascii") if err.allow else b""
         return self.error("none", err.status, err.code, err.detail, mode, extra, head=req.head)
 
+    def unauthorized(self, conn, req) -> bool:
+        """Whether `refusal` would be a 401 (and close): tokens are
+        configured, the route needs a role, and `req` has no valid token."""
+        return self.tokens is not None and _need(req) != 0 and not conn.roles(req.token)
+
     def refusal(self, conn, req, mode):
         """The refusal of a request its caller may not make, or None.  A
         401 closes the connection (`take_no_more`): it is judged when the
@@ -192,14 +203,13 @@ class Routes:
                               "this server has no tokens and answers only a Host that names "
                               "a loopback address (127.0.0.1, localhost or [::1])",
                               mode, head=req.head)
-        route = req.route
-        need = ROUTE_ROLES.get(route, ANY_ROLE) if route != ROUTE_MOD else mod_role(req.by)
+        need = _need(req)
         if need == 0:
             return None
         roles = conn.roles(req.token)
         if roles & need:
             return None
-        name = ROUTE_NAMES.get(route, "none")
+        name = ROUTE_NAMES.get(req.route, "none")
         if not roles:
             conn.take_no_more()     # SPEC: a connection refused 401 is closed
             missing = req.token is None     # absent, malformed or repeated (auth_fault)
