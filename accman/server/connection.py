@@ -140,7 +140,10 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
             if reqs is None:
                 return              # one lane request, taken whole (Pipeline.quick)
             now = self._time()
-            self.last_active_at = now
+            if reqs or self.parser.pending or self.parser.held_bytes:
+                # Blank lines alone are no activity: a CRLF now and then
+                # must not hold a connection past its idle time.
+                self.last_active_at = now
             if not self.waiting and self.backlog is None:
                 if len(reqs) == 1 and self._fast(reqs):
                     if self.head_started_at or self.parser.pending or self.continue_queued:

@@ -459,6 +459,31 @@ def test_the_head_deadline_runs_per_request_on_a_keep_alive_connection(start_ser
     assert [r.status for r in replies] == [408]
 
 
+@pytest.mark.parametrize("tokens", [False, True])
+def test_blank_lines_do_not_hold_a_connection_past_its_idle_time(start_server, tmp_path, tokens):
+    """A CRLF now and then (RFC 9112 2.2 lets a server skip them before a
+    request) is no request and no activity: the idle time, or with tokens
+    the unauthenticated one, closes the connection as if nothing came.
+    Counted as activity, four of them 1.5 s apart held it ~8 s."""
+    env = {"ACCMAN_IDLE_TIMEOUT_S": "2", "ACCMAN_UNAUTHED_IDLE_TIMEOUT_S": "2"}
+    kw = {}
+    if tokens:
+        (tmp_path / "tokens").write_text("read read-token-0123456789abcdef\n")
+        (tmp_path / "tokens").chmod(0o600)
+        kw["tokens"] = str(tmp_path / "tokens")
+    s = start_server(env=env, **kw)
+    with s.connect() as c:
+        t0 = time.monotonic()
+        for _ in range(3):
+            if c.closed_by_peer(1.5):
+                break
+            c.send(b"\r\n")
+        else:
+            assert c.closed_by_peer(5)
+        closed_after_s = time.monotonic() - t0
+    assert closed_after_s < 4, closed_after_s
+
+
 def test_a_connection_owed_a_reply_is_not_idle(controlled, cred):
     """IDLE_TIMEOUT_S closes connections with nothing owed: one whose mod
     waits for a stalled disk longer than the idle time keeps its reply."""
