@@ -162,9 +162,10 @@ CONNECTIONS_PER_PEER_MAX = 1024
 PIPELINE_REQUESTS_MAX = 64
 # Requests taken per loop turn over all connections.  However many clients
 # flood, a turn stays short (a millisecond or two of parsing and answering),
-# so a new connection or a health check waits a few turns at most (uvloop
-# accepts about one connection a turn while the loop is busy); the
-# connections held back go on next turn, in turn.
+# so a new connection or a health check waits a few turns behind a flood of
+# cheap requests (uvloop accepts about one connection a turn while the loop
+# is busy); the connections held back go on next turn, in turn (behind
+# costly reads, a pass of each: PASS_CHARGE_MAX).
 TURN_REQUESTS_MAX = 512
 # What a request of a costly route counts for in that budget, in requests:
 # a /metrics render is ~10 /tot's work, and a page of /past or /events one
@@ -176,7 +177,7 @@ PAGE_ENTRIES_PER_TURN_REQUEST = 3
 # this many requests more than one each (the two above), or have spent the
 # turn: it goes on after the connections waiting behind it, so that clients
 # flooding costly reads each get a little of every turn, and a request
-# among them waits a few turns, not for each flooder's whole pipeline.
+# among them waits one pass of each flooder, not its whole pipeline.
 PASS_CHARGE_MAX = 64
 # Bytes of replies queued in the transport before the server pauses reading
 # from that client (uvloop's write buffer high-water mark).
