@@ -342,7 +342,7 @@ def cmd_verify(args) -> int:
     except ValueError as e:
         return _fail(f"--data: {e}")
     if not os.path.isdir(path):
-        return _fail(f"{path} is not a directory" if os.path.lexists(path)
+        return _fail(f"{path} is not a directory" if os.path.exists(path)
                      else f"no data directory at {path}")
     with stopped_without_copies():
         verdict = _verify(path, Ledger, Store)

@@ -143,12 +143,11 @@ cdef class Parser:
 
     @property
     def awaiting_body(self):
-        """The request whose head is whole and whose body is still to come,
-        its values read (a 100 Continue's, RFC 9110 10.1.1); None when
-        there is none, or its head is refused (answered once it is whole)."""
-        if self._phase == PH_BODY and self._pending is None:
-            return self._req
-        return None
+        """The request whose head is whole and whose body is still to come
+        (a 100 Continue's, RFC 9110 10.1.1), its values read, or None.  A
+        refusal of its target (`error`, not closing) is set only once it
+        is whole: its access is judged as any request's is."""
+        return self._req if self._phase == PH_BODY else None
 
     @property
     def pending(self):

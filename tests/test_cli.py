@@ -604,6 +604,9 @@ def test_verify(start_server, tmp_path):
     assert "no data directory" in err
     err = one_line_error(run_accman("verify", "--data", data / "accman.key"))
     assert err == f"accman: error: {data / 'accman.key'} is not a directory"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    err = one_line_error(run_accman("verify", "--data", tmp_path / "dangling"))
+    assert err == f"accman: error: no data directory at {tmp_path / 'dangling'}"
 
 
 def test_verify_stopped_by_sigterm_leaves_no_copy_of_the_store(tmp_path):

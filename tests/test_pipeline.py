@@ -189,15 +189,18 @@ def test_a_read_at_its_turn_without_its_token_closes_before_what_follows(token_s
 EXPECTING = [("Expect", "100-continue"), ("Content-Length", "2")]
 
 
-@pytest.mark.parametrize("before", [b"", get("/health")])
+@pytest.mark.parametrize("before,target", [(b"", "/mod?cred={cred}&by=5"),
+                                           (get("/health"), "/mod?cred={cred}&by=5"),
+                                           (b"", "/nope"), (b"", "/mod?cred={cred}&by=x")])
 def test_a_request_asking_for_100_without_a_token_gets_its_401_in_place(token_server, cred,
-                                                                        before):
+                                                                        before, target):
     """RFC 9110 10.1.1: a server that will not take the body answers with
     the final status, not 100 Continue: a request no token allows gets its
     401 (after the replies before it) and the connection closes, its body
-    never asked for; nothing is applied."""
+    never asked for; nothing is applied.  So does one whose target is
+    refused (unknown, a bad value), whose 401 came after its body."""
     with token_server.connect() as c:
-        c.send(before + request_bytes("PATCH", f"/mod?cred={cred}&by=5", EXPECTING))
+        c.send(before + request_bytes("PATCH", target.format(cred=cred), EXPECTING))
         out = c.read_all(10)
     replies = parse_responses(out)
     assert b"100 Continue" not in out, out
