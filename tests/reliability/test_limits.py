@@ -459,6 +459,7 @@ def test_the_head_deadline_runs_per_request_on_a_keep_alive_connection(start_ser
     assert [r.status for r in replies] == [408]
 
 
+@pytest.mark.any_one_store("the idle time is the connection's, whatever the store")
 @pytest.mark.parametrize("tokens", [False, True])
 def test_blank_lines_do_not_hold_a_connection_past_its_idle_time(start_server, tmp_path, tokens):
     """A CRLF now and then (RFC 9112 2.2 lets a server skip them before a
