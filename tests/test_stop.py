@@ -157,6 +157,7 @@ def test_a_client_pipelining_through_a_stop_knows_its_late_calls_not_taken(tmp_p
     assert tot == 1000 - MODS
 
 
+@pytest.mark.any_one_store("the stop's rules are the connection's, whatever the store")
 def test_a_request_unread_at_a_stop_is_answered_503_after_the_replies(start_server, cred):
     """Nothing owed, but replies still in the server's buffers and the
     client's next requests unread (reading is held back while the client
