@@ -421,6 +421,7 @@ def test_a_stop_withdraws_a_100_continue_held_behind_a_long_poll(start_server, c
     assert start_server().tot(cred) == 10
 
 
+@pytest.mark.any_one_store("the stop's rules for a connection are the same whatever the store")
 @pytest.mark.parametrize("begun", ["head", "HEAD's head", "HEAD's method", "body after its 100"])
 def test_a_request_begun_when_a_stop_comes_is_answered_503(start_server, cred, begun):
     """Its rest is not read: a head cut short, or a body one byte short
@@ -453,6 +454,7 @@ def test_a_request_begun_when_a_stop_comes_is_answered_503(start_server, cred, b
     assert start_server().tot(cred) == 10
 
 
+@pytest.mark.any_one_store("the stop's rules for a connection are the same whatever the store")
 def test_a_stop_lingers_after_its_503_so_late_bytes_reset_nothing(start_server, cred):
     """The client of a request begun may go on sending after the stop's
     503 (its body, more requests): the server closes as after any reply,
@@ -480,6 +482,7 @@ def test_a_stop_lingers_after_its_503_so_late_bytes_reset_nothing(start_server, 
     assert start_server().tot(cred) == 10
 
 
+@pytest.mark.any_one_store("the stop's rules for a connection are the same whatever the store")
 def test_a_stop_closes_a_quiet_connection_once_its_reply_is_taken(start_server, cred):
     """A reply handed to the kernel and not yet taken by its slow client (a
     4 KB receive buffer, unread): the stop neither closes the connection
@@ -500,6 +503,7 @@ def test_a_stop_closes_a_quiet_connection_once_its_reply_is_taken(start_server, 
     assert [(r.status, len(r.json["past"])) for r in replies] == [(200, 100)]
 
 
+@pytest.mark.any_one_store("the stop's rules for a connection are the same whatever the store")
 def test_a_stop_lingers_where_replies_are_still_in_the_kernel(start_server, cred):
     """Every reply handed to the kernel, none read yet by a slow client,
     which sends its next request after the stop: had the stop closed at
@@ -518,6 +522,7 @@ def test_a_stop_lingers_where_replies_are_still_in_the_kernel(start_server, cred
     assert s.proc.wait(5) == 0
 
 
+@pytest.mark.any_one_store("the stop's rules for a connection are the same whatever the store")
 def test_a_stop_closes_an_idle_connection_without_lingering(start_server):
     """Nothing owed nor begun, every reply sent: it is closed at once, and
     a client that keeps it open does not hold the stop."""
