@@ -298,6 +298,7 @@ def cut_behind_the_poll(c, s, within_s, why):
     assert replies[0].json["events"] == [], replies[0].json
 
 
+@pytest.mark.any_one_store("the head deadline is the connection's, whatever the store")
 def test_a_head_after_a_100_continue_s_request_has_its_own_deadline(start_server, cred):
     """The request that asked for the 100 (an /events long poll of 6 s,
     with a body) ends in the read that begins the next one: that next
@@ -347,6 +348,7 @@ def test_a_head_begun_while_reading_is_paused_has_its_deadline_after_the_resume(
         cut_behind_the_poll(c, s, 3, "the head ran no deadline after the resume")
 
 
+@pytest.mark.any_one_store("the head deadline is the connection's, whatever the store")
 def test_a_100_continue_sent_once_reading_resumes_starts_the_body_s_deadline(
         start_server, cred):
     """A head held back behind a long poll (reading paused) gets its 100
