@@ -257,8 +257,11 @@ class AccManClient {
     this._headers = null
     // An empty token is no token, as null is: `token: process.env.ACCMAN_TOKEN`
     // set but empty is a server without tokens, as on the Python side.
+    if (token !== undefined && token !== null && typeof token !== 'string') {
+      throw new TypeError(`token must be a string, not ${shown(token)}`)
+    }
     if (token !== undefined && token !== null && token !== '') {
-      if (typeof token !== 'string' || !TOKEN_RE.test(token)) {
+      if (!TOKEN_RE.test(token)) {
         throw new TypeError('token must be an RFC 6750 b64token: letters, digits and ' +
           '- . _ ~ + /, with = only at its end (null, undefined or empty: none)')
       }

@@ -355,6 +355,11 @@ test('an empty token is no token, as null is: no Authorization header is sent', 
   assert.equal(fake.heads.length, 3)
   for (const head of fake.heads) assert.doesNotMatch(head, /authorization/i)
   assert.throws(() => new AccManClient({ url: 'http://x', token: ' ' }), { name: 'TypeError', message: /b64token: letters, digits and - \. _ ~ \+ \/, with = only at its end/ })
+  // A token of another type is named by its type, not judged as a b64token.
+  for (const [token, said] of [[5, '5'], [true, 'true'], [Buffer.from('tok'), 'an object']]) {
+    assert.throws(() => new AccManClient({ url: 'http://x', token }),
+      { name: 'TypeError', message: `token must be a string, not ${said}` })
+  }
 })
 
 test('a call\'s misspelt option is refused and sends nothing: a keyed mod never goes out keyless', async () => {
