@@ -31,7 +31,7 @@ import socket
 import struct
 import termios
 
-from accman.server._wire import ROUTE_EVENTS
+from accman.server._wire import ROUTE_EVENTS, Parser
 from accman.server.replies import CLOSE, CONTINUE
 
 OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
@@ -72,27 +72,36 @@ UNREAD_PEEK_BYTES = 64
 def unread_request(sock) -> bool | None:
     """Whether the bytes the peer sent on `sock` that no read has taken yet
     begin a request (they are looked at, not taken: MSG_PEEK), and if so
-    whether a HEAD (the only method that begins with H): None when they
-    do not (none, only blank lines, or the kernel cannot say)."""
+    whether a HEAD, as the connection's own parser would tell: None when
+    they do not (none, only blank lines, or the kernel cannot say)."""
+    data = _peek(sock)
+    if not data:
+        return None
+    parser = Parser()
+    reqs = parser.feed(data)
+    if reqs:
+        return reqs[0].head
+    return parser.pending_head if parser.pending else None
+
+
+def _peek(sock) -> bytes:
+    """Up to UNREAD_PEEK_BYTES of what the peer sent on `sock` and no read
+    has taken, left in place; b"" when none (or the kernel cannot say)."""
     try:
         fd = os.dup(sock.fileno())
     except (AttributeError, OSError, ValueError):
-        return None
+        return b""
     try:
         peer = socket.socket(fileno=fd)
     except OSError:
         os.close(fd)
-        return None
+        return b""
     with peer:
         peer.setblocking(False)     # whatever socket.setdefaulttimeout says: never wait
         try:
-            data = peer.recv(UNREAD_PEEK_BYTES, socket.MSG_PEEK)
+            return peer.recv(UNREAD_PEEK_BYTES, socket.MSG_PEEK)
         except OSError:             # nothing there (EAGAIN), or the socket is gone
-            return None
-    start = data.lstrip(b"\r\n")[:5]
-    if not start:
-        return None
-    return b"HEAD ".startswith(start)
+            return b""
 
 
 class Lifecycle:
