@@ -183,11 +183,31 @@ PASS_CHARGE_MAX = 64
 # from that client (uvloop's write buffer high-water mark).
 WRITE_BUFFER_BYTES_MAX = 256 * 1024
 # Bytes held for all connections together: replies not yet read by their
-# clients and requests received but not yet parsed.  Over it, connections
-# holding any stop being read until it falls to three quarters, so that
-# many clients that never read cannot exhaust memory, and a client that
-# reads its replies (a health check) is still served meanwhile.
+# clients and requests received but not yet parsed, so that many clients
+# that never read cannot exhaust memory.  No socket read takes the total
+# past it (each read is sized by what is left), and at it nothing is read
+# until the total falls to three quarters.  Over three quarters,
+# connections holding any bytes stop being read until it falls to half,
+# and one holding none reads at most OVER_BUDGET_READ_BYTES at a time and
+# is answered one request at a time: the last quarter is kept so that a
+# client that reads its replies (a health check) is served while many that
+# never read hold the rest.  Only replies pass it: those owed when it is
+# reached, and the one request a connection is answered at a time over
+# three quarters (so that every connection whose client reads goes on)
+# may leave its reply held.
 SERVER_BUFFER_BYTES_MAX = 64 * 1024 * 1024
+# The most one socket read takes (uvloop's own reads are 256 KB): what a
+# connection may hold unparsed behind the pipeline cap or its write buffer.
+READ_BYTES_MAX = 256 * 1024
+# A request parsed and not yet taken (held back behind the pipeline cap,
+# the write buffer or the turn), as SERVER_BUFFER_BYTES_MAX counts it: its
+# object weighs more than its bytes did, and at most this much
+# (docs/PERFORMANCE.md has the measurement).
+REQUEST_HELD_BYTES = 1024
+# A read over three quarters of SERVER_BUFFER_BYTES_MAX: a health check's
+# or a mod's request whole, small enough that the budget's last quarter
+# serves thousands of connections that hold nothing.
+OVER_BUDGET_READ_BYTES = 1024
 # From the first byte of a request head to its end.  Trickled bytes do not
 # reset it (slowloris): a head must arrive whole within this time.
 HEAD_TIMEOUT_S = 10.0

@@ -26,6 +26,7 @@ made by routes.reply_of.
 """
 
 cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport int64_t, uint64_t
@@ -184,6 +185,8 @@ cdef class Pipeline:
     cdef Parser parser
     cdef Turn turn
     cdef object _write              # the connection's transport.write, once it is made
+    cdef object _unsent             # its get_write_buffer_size
+    cdef bytearray _reads           # the server's read buffer (Server.read_buffer)
     # Reads taken whole and replies written here, which read no clock: the
     # connection's sweep counts a change of it as activity.
     cdef readonly Py_ssize_t activity
@@ -211,6 +214,8 @@ cdef class Pipeline:
         self.parser = parser
         self.turn = turn
         self._write = None
+        self._unsent = None
+        self._reads = None
         self.activity = 0
         self.routes = routes
         self.lane = lane
@@ -228,9 +233,12 @@ cdef class Pipeline:
         free(self.ring)
         free(self.buf)
 
-    def made(self, transport):
-        """The connection is made: `quick` writes to `transport`."""
+    def made(self, transport, bytearray reads not None):
+        """The connection is made: `quick` takes its reads from `reads` and
+        writes to `transport`."""
         self._write = transport.write
+        self._unsent = transport.get_write_buffer_size
+        self._reads = reads
 
     # -- the queue ---------------------------------------------------------------
 
@@ -399,21 +407,27 @@ cdef class Pipeline:
                 lane.end()
         return i
 
-    cpdef object quick(self, bytes data, bint plain):
-        """The connection's read, fed to its parser within the turn's grant
-        (PIPELINE_REQUESTS_MAX less the requests in flight).  Its common
-        case is taken whole here: on a quiet, `plain` connection (nothing
-        held back, no half-close, the server not stopping), a read that is
-        exactly one lane request, nothing of another begun.  That request
-        is taken, its reply written if it is ready (a /tot) or left to its
-        batch's completion (a mod), and None is returned.  Any other read
-        returns its requests for the connection's general path.  No clock
-        is read here: the connection's sweep counts `activity`."""
+    cpdef object quick(self, Py_ssize_t n, bint plain):
+        """The connection's read, its `n` bytes in the server's read buffer,
+        fed to its parser within the turn's grant (PIPELINE_REQUESTS_MAX
+        less the requests in flight).  Its common case is taken whole here:
+        on a quiet, `plain` connection (nothing held back, no half-close,
+        the server not stopping), a read that is exactly one lane request,
+        nothing of another begun.  That request is taken, its reply written
+        if it is ready (a /tot) or left to its batch's completion (a mod),
+        and None is returned.  Any other read returns its requests for the
+        connection's general path.  No clock is read here: the connection's
+        sweep counts `activity`."""
+        cdef bytes data
         cdef Parser parser = self.parser
         cdef bint quiet = plain and self.count == 0 and parser.between_requests()
-        cdef Py_ssize_t room = self.turn.grant(self.pipeline_max - self.count)
-        cdef list reqs = parser.feed_c(data, room)
+        cdef Py_ssize_t room
+        cdef list reqs
         cdef Request req
+        assert 0 < n <= PyByteArray_GET_SIZE(self._reads), "a read is within the read buffer"
+        data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self._reads), n)
+        room = self.turn.grant(self.pipeline_max - self.count)
+        reqs = parser.feed_c(data, room)
         self.turn.refund(room - len(reqs))
         self.pass_left = self.turn.left
         if not quiet or len(reqs) != 1 or not parser.between_requests():
@@ -426,6 +440,8 @@ cdef class Pipeline:
         self.drain(out)
         if out:
             self._write(out[0])
+            if self._unsent():
+                self.conn.finish([])    # held by the transport: counted in the budget
         return None
 
     # -- answering -----------------------------------------------------------------
@@ -576,10 +592,10 @@ cdef class Pipeline:
         self.pass_left = self.turn.left
         self.drain(out)
         if out:
-            conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._write(out[0] if len(out) == 1 else b"".join(out))
             self.activity += 1
-        if self.held:
-            conn.finish([])
+        if self.held or (out and self._unsent()):
+            conn.finish([])     # a later pass; or held by the transport: counted
 
 
 cdef bint _same_token(bytes a, object b) noexcept:

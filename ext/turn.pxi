@@ -15,6 +15,10 @@ cdef class Turn:
     cdef readonly Py_ssize_t size
     cdef object spent
     cdef bint over                  # `spent` was called: once a turn, until renew
+    # Over three quarters of the buffered-bytes budget (accman/server/
+    # server.py): one request a grant, so that a read is parsed no further
+    # than it is taken and its rest stays as bytes the budget counts.
+    cdef public bint one_each
 
     def __cinit__(self, Py_ssize_t size, spent):
         assert size > 0, "a turn takes at least one request"
@@ -33,6 +37,8 @@ cdef class Turn:
         """How many of `n` requests a connection may take now."""
         cdef Py_ssize_t left = self.left
         assert n >= 0, "a grant of a negative number of requests"
+        if self.one_each and n > 1:
+            n = 1
         if n < left:
             self.left = left - n
             return n

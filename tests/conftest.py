@@ -642,15 +642,16 @@ def led(path, clock):
 
 
 @contextlib.asynccontextmanager
-async def served_in_process(led):
-    """The server over `led` (a Ledger) on the running loop, on a free
-    loopback port: `(server, host, port)`; its listener is closed at the
-    end, the ledger left to its caller."""
+async def served_in_process(led, limits=None):
+    """The server over `led` (a Ledger) on the running loop, with `limits`
+    (a ServerLimits; the defaults), on a free loopback port: `(server,
+    host, port)`; its listener is closed at the end, the ledger left to
+    its caller."""
     import asyncio
 
     from accman.server import Server
     loop = asyncio.get_running_loop()
-    server = Server(led, loop=loop)
+    server = Server(led, limits=limits, loop=loop)
     led.bind_loop(loop, deliver=server.deliver)
     host, port = await server.start("127.0.0.1", 0)
     try:

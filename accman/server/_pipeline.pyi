@@ -23,6 +23,7 @@ class Turn:
 
     left: int
     size: int
+    one_each: bool
     def __init__(self, size: int, spent: Any) -> None: ...
     def grant(self, n: int) -> int:
         """How many of `n` requests a connection may take now."""
@@ -44,8 +45,9 @@ class Pipeline:
     pass_left: int
     def __init__(self, conn: Any, parser: Parser, turn: Turn, routes: Any, lane: Any,
                  stats: LaneStats, tokens_on: bool, pipeline_max: int) -> None: ...
-    def made(self, transport: Any) -> None:
-        """The connection is made: `quick` writes to `transport`."""
+    def made(self, transport: Any, reads: bytearray) -> None:
+        """The connection is made: `quick` takes its reads from `reads` and
+        writes to `transport`."""
     def __len__(self) -> int: ...
     def __bool__(self) -> bool: ...
     def append(self, obj: Any) -> None: ...
@@ -58,9 +60,10 @@ class Pipeline:
     def take(self, reqs: list[Request], i: int, stopping: bool) -> int:
         """Takes reqs[i:] through the lane while it can; the index of the
         first request left for the general path."""
-    def quick(self, data: bytes, plain: bool) -> list[Request] | None:
-        """Feeds `data` within the turn's grant; None when it was one lane
-        request, taken whole; else the requests for the general path."""
+    def quick(self, n: int, plain: bool) -> list[Request] | None:
+        """Feeds the read's `n` bytes (in `reads`) within the turn's grant;
+        None when it was one lane request, taken whole; else the requests
+        for the general path."""
     def drain(self, out: list[bytes]) -> int:
         """Appends the ready replies at the head to `out`, in order."""
     def __call__(self, outcome: Any) -> None:

@@ -50,7 +50,7 @@ _AT_ITS_TURN = frozenset((ROUTE_HEALTH, ROUTE_METRICS, ROUTE_EVENTS))
 _WRITES = frozenset((ROUTE_MOD, ROUTE_HOLD, ROUTE_SETTLE))
 
 
-class Connection(asyncio.Protocol, Lifecycle, Deadlines):
+class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
     __slots__ = ("server", "routes", "metrics", "pipeline_max", "write_buffer_max", "parser",
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "read_paused_at", "write_paused", "write_paused_at",
@@ -102,7 +102,7 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
 
     def connection_made(self, transport):
         self.transport = transport
-        self.waiting.made(transport)
+        self.waiting.made(transport, self.server.read_buffer)
         refusal = self.server.admit(self, transport)
         if refusal is not None:
             self.state = CLOSED
@@ -111,6 +111,9 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
             return
         transport.set_write_buffer_limits(high=self.write_buffer_max)
         self.last_active_at = self._time()
+        if self.server.full:
+            # Reading starts once this returns: held back just after.
+            self.server.loop.call_soon(self.update_reading)
 
     def connection_lost(self, _exc):
         self.lost()
@@ -118,6 +121,7 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
     def pause_writing(self):
         self.write_paused = True
         self.write_paused_at = self._time()
+        self.server.account(self)
         self.update_reading()
 
     def resume_writing(self):
@@ -131,12 +135,17 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
         self.peer_eof()
         return True
 
-    def data_received(self, data):
+    def get_buffer(self, _hint):
+        """Where the next read goes: the server's read buffer, as much of it
+        as the buffered-bytes budget leaves (Server._size_reads)."""
+        return self.server.read_into
+
+    def buffer_updated(self, n):
         if self.state != OPEN:
             return                  # draining: nothing new is taken; shut: lingering
         try:
             reqs = self.waiting.quick(
-                data, self.backlog is None and not self.eof and not self.server.stopping)
+                n, self.backlog is None and not self.eof and not self.server.stopping)
             if reqs is None:
                 return              # one lane request, taken whole (Pipeline.quick)
             now = self._time()
@@ -190,22 +199,30 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
             out = []
             waiting.drain(out)
             if out:
-                self.transport.write(out[0])
+                self._write_now(out[0])
             return True
         if req.route == ROUTE_TOT:
             reply = self.routes.tot_now(req)
             if reply is not None:
-                self.transport.write(reply)
+                self._write_now(reply)
                 return True
         r = self.routes.answer(self, req, KEEP)
         if type(r) is bytes:
             if self.state != OPEN:
                 self.finish([r])
             else:
-                self.transport.write(r)
+                self._write_now(r)
         else:
             self._wait_on(r)
         return True
+
+    def _write_now(self, reply):
+        """A quiet connection's reply, written at once; what its transport
+        keeps of it (a client not reading) counts in the server's budget."""
+        transport = self.transport
+        transport.write(reply)
+        if transport.get_write_buffer_size():
+            self.finish([])
 
     def _wait_on(self, slot):
         """A Slot now waits in `waiting`, for the store or for its turn;
@@ -234,12 +251,16 @@ class Connection(asyncio.Protocol, Lifecycle, Deadlines):
         # of small pipelined /past requests can ask for megabytes, also when
         # the store answers them later.
         room = self.write_buffer_max - self.transport.get_write_buffer_size() - self.reserved
-        if self.server.over_budget:
+        server = self.server
+        if server.over_budget:
             # One reply at a time (finish() goes on while the client reads
             # it): an empty transport buffer may only mean that the kernel's
             # are not full yet, and a client that never reads must not fill
             # its own buffer past the server's budget.
             room = min(room, 1)
+        else:
+            # Nor may one pass's replies spend the budget's last quarter.
+            room = min(room, server.soft_budget - server.buffered)
         for reply in out:
             room -= len(reply)
         while i < n:

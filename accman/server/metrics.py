@@ -123,6 +123,7 @@ class Metrics:
         self.head_timeouts = 0
         self.idle_closes = 0
         self.budget_pauses = 0
+        self.budget_fulls = 0
         self.turns_spent = 0
         self.webhook = None         # the webhook's Deliverer, when there is one
 
@@ -171,10 +172,15 @@ class Metrics:
             "unread and requests unparsed.",
             "# TYPE accman_buffered_bytes gauge",
             f"accman_buffered_bytes {buffered_bytes}",
-            "# HELP accman_budget_pauses_total Times SERVER_BUFFER_BYTES_MAX was reached "
-            "and connections holding bytes stopped being read.",
+            "# HELP accman_budget_pauses_total Times three quarters of "
+            "SERVER_BUFFER_BYTES_MAX were passed and connections holding bytes "
+            "stopped being read.",
             "# TYPE accman_budget_pauses_total counter",
             f"accman_budget_pauses_total {self.budget_pauses}",
+            "# HELP accman_budget_fulls_total Times SERVER_BUFFER_BYTES_MAX was reached "
+            "and no connection was read.",
+            "# TYPE accman_budget_fulls_total counter",
+            f"accman_budget_fulls_total {self.budget_fulls}",
             "# HELP accman_turns_spent_total Loop turns whose TURN_REQUESTS_MAX requests "
             "were all taken, the rest going on next turn.",
             "# TYPE accman_turns_spent_total counter",

@@ -21,6 +21,7 @@ import time
 from time import perf_counter
 
 from accman.errors import TokensError, where
+from accman.limits import OVER_BUDGET_READ_BYTES, READ_BYTES_MAX, REQUEST_HELD_BYTES
 from accman.server._pipeline import LaneStats, Turn
 from accman.server.metrics import MOD_LATENCY_BUCKETS_S, Metrics
 from accman.server.say import say
@@ -66,7 +67,16 @@ class Server:
         self.paused = set()             # connections not being read
         self.acked_waits = set()        # at a stop: to close once their replies are taken
         self.buffered = 0               # bytes held for all connections (account)
+        budget = self.limits.server_buffer_bytes_max
+        self.soft_budget = budget * 3 // 4      # over it: over_budget
         self.over_budget = False
+        self.full = False               # at the budget: nothing is read
+        # One buffer for every socket read (Connection.get_buffer): each read
+        # is taken from it before the next begins.
+        self.read_buffer = bytearray(READ_BYTES_MAX)
+        self._reads = memoryview(self.read_buffer)
+        self.read_into = self._reads
+        self._size_reads(budget)
         self.turn = Turn(self.limits.turn_requests_max, self._turn_spent)
         self._connections_peak = 0
         self.stopping = False
@@ -136,24 +146,57 @@ class Server:
     # --- the buffered-bytes budget (SERVER_BUFFER_BYTES_MAX) ----------------------
 
     def account(self, conn):
-        """Counts what `conn` holds now: reply bytes in its transport and
-        request bytes in its parser."""
+        """Counts what `conn` holds now: reply bytes in its transport,
+        request bytes in its parser, and requests parsed and not yet taken
+        (REQUEST_HELD_BYTES each)."""
         held = conn.transport.get_write_buffer_size() + conn.parser.held_bytes
+        if conn.backlog is not None:
+            reqs, i = conn.backlog
+            held += (len(reqs) - i) * REQUEST_HELD_BYTES
         if held != conn.buffered:
             self._add_buffered(held - conn.buffered)
             conn.buffered = held
 
     def _add_buffered(self, delta):
+        """The total changes: over three quarters of the budget connections
+        holding bytes stop being read until half; at the budget none is
+        read until three quarters (accman/limits.py says why)."""
         self.buffered += delta
         budget = self.limits.server_buffer_bytes_max
         if not self.over_budget:
-            if self.buffered > budget:
-                self.over_budget = True
+            if self.buffered > self.soft_budget:
+                self.over_budget = self.turn.one_each = True
                 self.metrics.budget_pauses += 1
-        elif self.buffered <= budget * 3 // 4:
-            self.over_budget = False
+        elif self.buffered <= budget // 2:
+            self.over_budget = self.turn.one_each = False
             # call_soon: this runs inside another connection's callback.
             self.loop.call_soon(self._resume_paused)
+        if not self.full:
+            if self.buffered >= budget:
+                self.full = True
+                self.metrics.budget_fulls += 1
+                for conn in self.connections:
+                    conn.update_reading()
+        elif self.buffered <= self.soft_budget:
+            self.full = False
+            self.loop.call_soon(self._resume_paused)
+        self._size_reads(budget)
+
+    def _size_reads(self, budget):
+        """What the next socket read may take: no read takes the total past
+        three quarters of the budget by more than OVER_BUDGET_READ_BYTES,
+        nor past the budget.  Once at it (`full`), no connection that keeps
+        what it reads is read, but one just accepted: one byte, before it is
+        held back (its reading starts after connection_made).  One
+        lingering after its close reads and drops."""
+        left = min(max(self.soft_budget - self.buffered, 0) + OVER_BUDGET_READ_BYTES,
+                   budget - self.buffered)
+        if self.full:
+            left = 1
+        if left >= READ_BYTES_MAX:
+            self.read_into = self._reads
+        else:
+            self.read_into = self._reads[:max(left, 1)]
 
     def _resume_paused(self):
         for conn in list(self.paused):
