@@ -9,15 +9,19 @@ as the flood goes on; tests/reliability/test_hostile.py floods a server
 process."""
 
 import asyncio
+import fcntl
 import socket
+import struct
+import termios
 import time
 
 import pytest
 import uvloop
-from conftest import get, served_in_process
+from conftest import get, patch, served_in_process
 
 from accman import Ledger
-from accman.limits import OVER_BUDGET_READ_BYTES, READ_BYTES_MAX, REQUEST_HELD_BYTES
+from accman.limits import (OVER_BUDGET_READ_BYTES, PIPELINE_REQUESTS_MAX, READ_BYTES_MAX,
+                           REQUEST_HELD_BYTES)
 from accman.server.connection import Connection
 from accman.server.settings import ServerLimits
 from accman.server.state import OPEN
@@ -27,8 +31,7 @@ pytestmark = pytest.mark.any_one_store("the budget is the connections', whatever
 FLOODERS = 150
 BUDGET = 64 << 10           # so small that FLOODERS pass it
 FLOOD_S = 3.0
-# A 404's reply, over: the one reply a connection may be answered at a
-# time over three quarters of the budget, which may then stay held.
+# A reply of these tests', over (a 404's is the longest).
 REPLY_BYTES = 512
 
 
@@ -52,6 +55,20 @@ def _send_all(conns, burst):
             pass
 
 
+def _undercounted(server):
+    """The connections that hold more than the server counts for them
+    (their transport's bytes, their parser's, their requests held back):
+    a write or a read that left bytes uncounted."""
+    out = []
+    for c in server.connections:
+        held = c.transport.get_write_buffer_size() + c.parser.held_bytes
+        if c.backlog is not None:
+            held += (len(c.backlog[0]) - c.backlog[1]) * REQUEST_HELD_BYTES
+        if held > c.buffered:
+            out.append((held, c.buffered))
+    return out
+
+
 def _watch_reads(monkeypatch, reads):
     """Each socket read a connection keeps (an open one's), as (its bytes,
     the server's over_budget, full and total as it was read, and whether
@@ -68,7 +85,16 @@ def _watch_reads(monkeypatch, reads):
     monkeypatch.setattr(Connection, "buffer_updated", buffer_updated)
 
 
-def test_many_clients_that_never_read_never_pass_the_budget(tmp_path, monkeypatch):
+@pytest.mark.parametrize("request_, owed", [
+    # A request's reply made at once: one at a time over three quarters.
+    (get("/nope"), 1),
+    (get("/tot?cred=a"), 1),
+    # A mod's reply comes with its batch: those taken before the budget
+    # was reached may all stay held.
+    (patch("/mod?cred=a&by=1"), PIPELINE_REQUESTS_MAX),
+])
+def test_many_clients_that_never_read_never_pass_the_budget(tmp_path, monkeypatch,
+                                                            request_, owed):
     """FLOODERS connections pipeline 404s and never read, against a budget
     they pass many times over: the bytes held never pass the budget by
     more than one reply per connection, each read over three quarters is
@@ -79,33 +105,36 @@ def test_many_clients_that_never_read_never_pass_the_budget(tmp_path, monkeypatc
         led = Ledger(tmp_path / "led")
         limits = ServerLimits(server_buffer_bytes_max=BUDGET)
         try:
+            await led.amod("a", 1)
             async with served_in_process(led, limits) as (server, host, port):
                 reader, writer = await asyncio.open_connection(host, port)
                 await asyncio.sleep(0.05)
                 assert len(next(iter(server.connections)).get_buffer(-1)) <= BUDGET
                 conns = _flooders(host, port, FLOODERS)
                 most = 0
-                burst = get("/nope") * 256
+                burst = request_ * 256
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < FLOOD_S:
                     _send_all(conns, burst)
                     for _ in range(10):
                         await asyncio.sleep(0.001)
                         most = max(most, server.buffered)
+                undercounted = _undercounted(server)
                 writer.write(get("/health"))
                 for c in conns:
                     c.close()
                 line = await asyncio.wait_for(reader.readline(), 30)
                 writer.close()
-                return most, line, server.metrics.budget_fulls
+                return most, undercounted, line, server.metrics.budget_fulls
         finally:
             led.close()
 
     reads = []
     _watch_reads(monkeypatch, reads)
-    most, line, fulls = uvloop.run(main())
+    most, undercounted, line, fulls = uvloop.run(main())
     assert fulls >= 1 and any(r[1] for r in reads), (fulls, len(reads))
-    assert most <= BUDGET + FLOODERS * REPLY_BYTES, most
+    assert undercounted == [], undercounted
+    assert most <= BUDGET + FLOODERS * owed * REPLY_BYTES, most
     # At the budget a connection accepted reads one byte before it is
     # held back (reading starts after connection_made); no other is read.
     assert [r for r in reads if r[2] and r[0] > 1 or r[2] and not r[4]] == []
@@ -145,3 +174,55 @@ def test_requests_parsed_and_not_taken_count_in_the_budget(tmp_path):
 
     held, counted = uvloop.run(main())
     assert held > 0 and counted >= held * REQUEST_HELD_BYTES, (held, counted)
+
+
+def _unread(conn) -> int:
+    """The bytes its client sent that the server has not read yet."""
+    sock = conn.transport.get_extra_info("socket")
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+async def _until(check, what):
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("request_, per_send", [
+    (patch("/mod?cred=a&by=1"), 1),     # written by its batch (Pipeline.__call__)
+    (get("/tot?cred=a"), 1),            # a quiet connection's /tot (Pipeline.quick)
+    (get("/metrics"), 1),               # a quiet connection's other reply (Connection._fast)
+])
+def test_replies_left_in_the_transport_are_counted_at_once(tmp_path, request_, per_send):
+    """A client sends requests, each once the last is answered, and never
+    reads: once the kernel's buffers are full, each reply stays in the
+    connection's transport, and is counted in the server's total as it is
+    written, whichever way it was written, not only at the next sweep."""
+    async def main():
+        led = Ledger(tmp_path / "led")
+        try:
+            await led.amod("a", 1)
+            async with served_in_process(led) as (server, host, port):
+                [c] = _flooders(host, port, 1)
+                await _until(lambda: server.connections, "no connection")
+                [conn] = server.connections
+                # The kernel's buffer for its replies small: they stay in
+                # the transport soon.
+                conn.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                held_for = 0
+                for _ in range(20_000):
+                    _send_all([c], request_ * per_send)
+                    await _until(lambda: not _unread(conn) and not conn.waiting,
+                                 "the requests were not all answered")
+                    assert _undercounted(server) == []
+                    held_for += conn.transport.get_write_buffer_size() > 0
+                    if held_for == 20:
+                        break
+                c.close()
+                return held_for
+        finally:
+            led.close()
+
+    assert uvloop.run(main()) == 20, "the transport never held a reply"

@@ -199,24 +199,24 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
             out = []
             waiting.drain(out)
             if out:
-                self._write_now(out[0])
+                self.write_now(out[0])
             return True
         if req.route == ROUTE_TOT:
             reply = self.routes.tot_now(req)
             if reply is not None:
-                self._write_now(reply)
+                self.write_now(reply)
                 return True
         r = self.routes.answer(self, req, KEEP)
         if type(r) is bytes:
             if self.state != OPEN:
                 self.finish([r])
             else:
-                self._write_now(r)
+                self.write_now(r)
         else:
             self._wait_on(r)
         return True
 
-    def _write_now(self, reply):
+    def write_now(self, reply):
         """A quiet connection's reply, written at once; what its transport
         keeps of it (a client not reading) counts in the server's budget."""
         transport = self.transport

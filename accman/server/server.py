@@ -239,8 +239,8 @@ class Server:
                 waited.append(now - done.t0)
                 # routes.reply_of's mod reply, inlined: this runs per mod.
                 body = MOD_BODY % outcome
-                conn.transport.write(T200_KEEP % (date, len(body), body))
                 conn.last_active_at = loop_now
+                conn.write_now(T200_KEEP % (date, len(body), body))
             except Exception as e:     # a bug here: that connection closes, not the rest
                 self.internal_error(getattr(done, "conn", None), e)
         if waited:
