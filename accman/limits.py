@@ -164,8 +164,10 @@ PIPELINE_REQUESTS_MAX = 64
 # flood, a turn stays short (a millisecond or two of parsing and answering),
 # so a new connection or a health check waits a few turns behind a flood of
 # cheap requests (uvloop accepts about one connection a turn while the loop
-# is busy); the connections held back go on next turn, in turn (behind
-# costly reads, a pass of each: PASS_CHARGE_MAX).
+# is busy); the connections held back go on next turn, in turn.  Costly
+# reads (below) are taken while they leave a quarter of the turn (a turn's
+# first, whatever it costs): a cheap request, a health check, among
+# clients flooding them is answered in the turn that reads it.
 TURN_REQUESTS_MAX = 512
 # What a request of a costly route counts for in that budget, in requests:
 # a /metrics render is ~10 /tot's work, and a page of /past or /events one
@@ -176,7 +178,7 @@ PAGE_ENTRIES_PER_TURN_REQUEST = 3
 # A connection's pass at its requests ends once their answers have cost
 # this many requests more than one each (the two above), or have spent the
 # turn: it goes on after the connections waiting behind it, so that clients
-# flooding costly reads each get a little of every turn, and a request
+# flooding costly reads each get a little of every turn, and a costly read
 # among them waits one pass of each flooder, not its whole pipeline.
 PASS_CHARGE_MAX = 64
 # Bytes of replies queued in the transport before the server pauses reading

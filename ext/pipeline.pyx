@@ -41,6 +41,7 @@ from accman.limits import PASS_CHARGE_MAX as _PASS_CHARGE_MAX
 from accman.server import replies
 from accman.server._wire import ROUTE_MOD, ROUTE_TOT
 from accman.server.auth import CHARGE, MINT, READ
+from accman.server.routes import turn_charge
 from accman.server.state import OPEN
 
 cdef int R_TOT = ROUTE_TOT
@@ -556,7 +557,9 @@ cdef class Pipeline:
                     break
                 reply = slot.reply
                 if reply is None:
-                    if self.turn.left <= 0 or self.turn.pass_spent(self.pass_left):
+                    charge = turn_charge(slot.req)
+                    if (self.turn.left <= 0 or self.turn.pass_spent(self.pass_left)
+                            or (charge and not self.turn.costly(charge))):
                         self.held = True    # a later pass goes on (Connection.finish)
                         break
                     self._flush_buf(out)

@@ -8,8 +8,9 @@ cdef class Turn:
     """The requests the connections may still take in this loop turn, over
     all connections (TURN_REQUESTS_MAX): a turn stays short however many
     clients flood, so that a new connection or a health check waits a few
-    turns at most.  The turn's last grant calls `spent`, which counts it
-    and schedules `renew` before the connections it held back go on."""
+    turns at most.  The turn's end, its last grant or its costly reads'
+    share spent (`costly`), calls `spent`, which schedules `renew` before
+    the connections it held back go on (and counts it)."""
 
     cdef readonly Py_ssize_t left
     cdef readonly Py_ssize_t size
@@ -19,6 +20,7 @@ cdef class Turn:
     # server.py): one request a grant, so that a read is parsed no further
     # than it is taken and its rest stays as bytes the budget counts.
     cdef public bint one_each
+    cdef bint costly_taken          # a costly read was answered this turn
 
     def __cinit__(self, Py_ssize_t size, spent):
         assert size > 0, "a turn takes at least one request"
@@ -26,8 +28,9 @@ cdef class Turn:
         self.spent = spent
 
     cdef int _end(self) except -1:
-        """The turn's budget has run out: `spent`, once a turn (a refund
-        after it can leave some budget, and a charge spend it again)."""
+        """The turn's budget has run out, or its share for costly reads:
+        `spent`, once a turn (a refund after it can leave some budget, and
+        a charge spend it again)."""
         if not self.over:
             self.over = True
             self.spent()
@@ -58,6 +61,20 @@ cdef class Turn:
             self._end()
         return 0
 
+    cpdef bint costly(self, Py_ssize_t n) except -1:
+        """Whether a costly read, one that may cost `n` requests' worth more
+        than one (`charge`), is answered now: the turn's first is, and any
+        other that leaves a quarter of the turn to cheap requests, so that
+        a health check among clients flooding costly reads is answered in
+        the turn that reads it.  One that is not ends the turn for costly
+        reads (`spent`): they go on in the next."""
+        assert n > 0, "a costly read costs more than one request"
+        if not self.costly_taken or self.left - n >= self.size // 4:
+            self.costly_taken = True
+            return True
+        self._end()
+        return False
+
     cpdef bint pass_spent(self, Py_ssize_t left_at_start):
         """Whether a connection's pass that began with `left_at_start` left
         has had its share of the turn: its costly answers (`charge`) have
@@ -74,4 +91,4 @@ cdef class Turn:
 
     def renew(self):
         self.left = self.size
-        self.over = False
+        self.over = self.costly_taken = False

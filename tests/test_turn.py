@@ -2,10 +2,16 @@
 grants, refunds, and charges for costly requests, with `spent` called once
 per turn, when its budget runs out."""
 
-import pytest
+import asyncio
 
+import pytest
+import uvloop
+from conftest import get, read_reply, served_in_process
+
+from accman import Ledger
 from accman.limits import PASS_CHARGE_MAX
 from accman.server._pipeline import Turn
+from accman.server.settings import ServerLimits
 
 
 def test_a_charge_ends_the_turn_once_and_renew_starts_the_next():
@@ -61,3 +67,90 @@ def test_a_pass_is_spent_by_its_own_charges_only():
     turn.charge(1)
     assert turn.pass_spent(left)                        # overdrawn by this pass
     assert not turn.pass_spent(turn.left)               # a pass begun now has charged nothing
+
+
+def test_a_costly_read_leaves_a_quarter_of_the_turn_to_cheap_ones():
+    """Turn.costly: the turn's first costly read is answered whatever it
+    costs; another only if it leaves a quarter of the turn, else the turn
+    ends (spent once) and the next takes it.  Cheap requests still have
+    the quarter left."""
+    spent = []
+    turn = Turn(100, lambda: spent.append(1))
+    assert turn.costly(90)                  # the first, past the quarter
+    turn.charge(90)
+    turn.renew()
+    assert turn.costly(10) and turn.grant(1) == 1
+    turn.charge(10)                         # 89 left
+    assert turn.costly(64)                  # leaves 25, a quarter
+    turn.charge(64)
+    assert not turn.costly(1) and spent == [1]      # would leave 24
+    assert not turn.costly(1) and spent == [1]      # spent once a turn
+    assert turn.grant(20) == 20                     # cheap ones go on
+    turn.renew()
+    assert turn.costly(50) and spent == [1]
+
+
+def test_a_flush_with_nothing_to_parse_spends_no_turn(tmp_path):
+    """A connection's flush asked the turn for a whole pipeline's room to
+    parse on even when it held nothing to parse: a grant of more than the
+    turn had left ended it, counted, though the grant was refunded at
+    once (on PostgreSQL, which flushes a connection as each page is
+    answered, pages spent 74-76 turns where their cost was 44)."""
+    async def main():
+        led = Ledger(tmp_path / "led")
+        try:
+            async with served_in_process(led) as (server, host, port):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(get("/health"))
+                assert (await read_reply(reader))[0] == b"200"
+                [conn] = server.connections
+                turn = server.turn
+                turn.grant(turn.left - 1)           # the turn nearly spent
+                was = server.metrics.turns_spent
+                conn.flush()
+                writer.close()
+                return turn.left, server.metrics.turns_spent - was
+        finally:
+            led.close()
+
+    assert uvloop.run(main()) == (1, 0)
+
+
+FLOODERS = 40
+PAGE = 100          # entries of each flooder's pages: a costly read
+
+
+def test_a_health_check_among_clients_flooding_pages_waits_no_round(tmp_path):
+    """Clients pipeline pages and never read; a health check sent among
+    them is answered in the turn that reads it (Turn.costly keeps a
+    quarter of each turn for cheap requests), where it waited for a pass
+    of every flooder (13 turns here)."""
+    async def main():
+        led = Ledger(tmp_path / "led")
+        try:
+            for _ in range(PAGE):
+                await led.amod("a", 1)
+            limits = ServerLimits(turn_requests_max=100)
+            async with served_in_process(led, limits) as (server, host, port):
+                flood = []
+                for _ in range(FLOODERS):
+                    _, w = await asyncio.open_connection(host, port)
+                    w.write(get(f"/past?cred=a&limit={PAGE}") * 200)
+                    flood.append(w)
+                while server.metrics.turns_spent < 3 * FLOODERS:
+                    await asyncio.sleep(0.01)       # the flood goes round
+                reader, writer = await asyncio.open_connection(host, port)
+                was = server.metrics.turns_spent
+                writer.write(get("/health"))
+                assert (await read_reply(reader))[0] == b"200"
+                turns = server.metrics.turns_spent - was
+                for w in flood + [writer]:
+                    w.transport.abort()
+                return turns
+        finally:
+            led.close()
+
+    turns = uvloop.run(main())
+    # Its connection is accepted in one turn, its request read and answered
+    # in the next; one more if a turn ends just as it is read.
+    assert turns <= 3, turns

@@ -29,6 +29,8 @@ class Turn:
         """How many of `n` requests a connection may take now."""
     def charge(self, n: int) -> int:
         """`n` requests' worth more, for a request that is more work."""
+    def costly(self, n: int) -> bool:
+        """Whether a read that may cost `n` requests' worth more is answered now."""
     def pass_spent(self, left_at_start: int) -> bool:
         """A pass begun with `left_at_start` left has had its share of the turn."""
     def refund(self, n: int) -> int:

@@ -37,14 +37,16 @@ from hmac import compare_digest
 
 from accman.server._pipeline import Pipeline
 from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_METRICS,
-                                 ROUTE_MOD, ROUTE_SETTLE, ROUTE_TOT, Parser)
+                                 ROUTE_MOD, ROUTE_PAST, ROUTE_SETTLE, ROUTE_TOT, Parser)
 from accman.server.deadlines import Deadlines
 from accman.server.replies import CLOSE, CONTINUE, KEEP, KEEP10
-from accman.server.routes import Slot
+from accman.server.routes import Slot, turn_charge
 from accman.server.state import CLOSED, OPEN, SHUT, Lifecycle
 
 # Reads of server state, evaluated at their turn when pipelined behind writes.
 _AT_ITS_TURN = frozenset((ROUTE_HEALTH, ROUTE_METRICS, ROUTE_EVENTS))
+# Reads whose answer costs the turn more than one request (routes.turn_charge).
+_COSTLY = frozenset((ROUTE_PAST, ROUTE_EVENTS, ROUTE_METRICS))
 # Requests that change an account: held while an unordered read of their
 # connection is owed (routes.Routes._read_slot).
 _WRITES = frozenset((ROUTE_MOD, ROUTE_HOLD, ROUTE_SETTLE))
@@ -206,6 +208,8 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
             if reply is not None:
                 self.write_now(reply)
                 return True
+        if self._costly_held(req):
+            return False            # held back in the general path (_take)
         r = self.routes.answer(self, req, KEEP)
         if type(r) is bytes:
             if self.state != OPEN:
@@ -238,31 +242,17 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
         """Take reqs[i:] in order until one ends the connection, the pipeline
         is full, the replies made and not yet sent (and the reserves of
         those still owed) reach WRITE_BUFFER_BYTES_MAX, a write comes
-        while a read of this connection is owed (`reads_owed`), or this
-        pass's costly answers have spent the turn or PASS_CHARGE_MAX; the
-        rest wait in `backlog`."""
+        while a read of this connection is owed (`reads_owed`), this
+        pass's costly answers have spent the turn or PASS_CHARGE_MAX, or a
+        costly read finds the turn's share of them spent; the rest wait in
+        `backlog`."""
         waiting = self.waiting
         routes = self.routes
         turn = self.server.turn
         pass_left = waiting.pass_left   # the pass's start, its grants taken off
         stopping = self.server.stopping
         n = len(reqs)
-        # Replies are bytes held for a client until it reads them: one read
-        # of small pipelined /past requests can ask for megabytes, also when
-        # the store answers them later.
-        room = self.write_buffer_max - self.transport.get_write_buffer_size() - self.reserved
-        server = self.server
-        if server.over_budget:
-            # One reply at a time (finish() goes on while the client reads
-            # it): an empty transport buffer may only mean that the kernel's
-            # are not full yet, and a client that never reads must not fill
-            # its own buffer past the server's budget.
-            room = min(room, 1)
-        else:
-            # Nor may one pass's replies spend the budget's last quarter.
-            room = min(room, server.soft_budget - server.buffered)
-        for reply in out:
-            room -= len(reply)
+        room = self._room(out)
         while i < n:
             if (self._held_back(room, out) or (self.reads_owed and reqs[i].route in _WRITES)
                     or turn.pass_spent(pass_left)):
@@ -275,6 +265,9 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
                 i = taken
                 continue
             req = reqs[i]
+            if (not waiting or req.route not in _AT_ITS_TURN) and self._costly_held(req):
+                self.backlog = (reqs, i)    # the turn's costly share is spent
+                return
             i += 1
             err = req.error
             if not req.keep_alive or stopping or (err is not None and err.close):
@@ -301,6 +294,34 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
                     room -= r.reserve
             if self.state != OPEN:
                 return
+
+    def _room(self, out) -> int:
+        """The bytes this pass's replies may still take (`out` has those
+        made): replies are held for a client until it reads them, and one
+        read of small pipelined /past requests can ask for megabytes, also
+        when the store answers them later."""
+        room = self.write_buffer_max - self.transport.get_write_buffer_size() - self.reserved
+        server = self.server
+        if server.over_budget:
+            # One reply at a time (finish() goes on while the client reads
+            # it): an empty transport buffer may only mean that the kernel's
+            # are not full yet, and a client that never reads must not fill
+            # its own buffer past the server's budget.
+            room = min(room, 1)
+        else:
+            # Nor may one pass's replies spend the budget's last quarter.
+            room = min(room, server.soft_budget - server.buffered)
+        for reply in out:
+            room -= len(reply)
+        return room
+
+    def _costly_held(self, req) -> bool:
+        """A costly read that the turn's share of them cannot take now
+        (Turn.costly): it waits for the next turn."""
+        if req.route not in _COSTLY:
+            return False
+        charge = turn_charge(req)
+        return charge > 0 and not self.server.turn.costly(charge)
 
     def _at_its_turn(self, req, mode):
         """A read of server state behind unanswered replies waits to be

@@ -181,8 +181,9 @@ class Metrics:
             "and no connection was read.",
             "# TYPE accman_budget_fulls_total counter",
             f"accman_budget_fulls_total {self.budget_fulls}",
-            "# HELP accman_turns_spent_total Loop turns whose TURN_REQUESTS_MAX requests "
-            "were all taken, the rest going on next turn.",
+            "# HELP accman_turns_spent_total Loop turns ended: their TURN_REQUESTS_MAX "
+            "requests all taken, or the share costly reads may take of them, the rest "
+            "going on next turn.",
             "# TYPE accman_turns_spent_total counter",
             f"accman_turns_spent_total {self.turns_spent}",
         ]

@@ -206,7 +206,8 @@ class Server:
     # --- the work of one loop turn (TURN_REQUESTS_MAX) ------------------------------
 
     def _turn_spent(self):
-        """The turn's last request is granted (Turn): the next turn starts
+        """The turn has ended (Turn: its requests, or its costly reads' share,
+        spent): the next turn starts
         before the connections it held back go on."""
         self.metrics.turns_spent += 1
         self.loop.call_soon(self.turn.renew)
