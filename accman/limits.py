@@ -185,18 +185,20 @@ PASS_CHARGE_MAX = 64
 # from that client (uvloop's write buffer high-water mark).
 WRITE_BUFFER_BYTES_MAX = 256 * 1024
 # Bytes held for all connections together: replies not yet read by their
-# clients and requests received but not yet parsed, so that many clients
-# that never read cannot exhaust memory.  No socket read takes the total
-# past it (each read is sized by what is left), and at it nothing is read
-# until the total falls to three quarters.  Over three quarters,
-# connections holding any bytes stop being read until it falls to half,
-# and one holding none reads at most OVER_BUDGET_READ_BYTES at a time and
-# is answered one request at a time: the last quarter is kept so that a
-# client that reads its replies (a health check) is served while many that
-# never read hold the rest.  Only replies pass it: those owed when it is
-# reached, and the one request a connection is answered at a time over
-# three quarters (so that every connection whose client reads goes on)
-# may leave its reply held.
+# clients, requests received but not yet parsed, and requests parsed but
+# not yet taken (REQUEST_HELD_BYTES each), so that many clients that never
+# read cannot exhaust memory.  A part of it, OVER_BUDGET_READ_BYTES for
+# each of CONNECTIONS_MAX connections (at most half of it), is kept for
+# the connections holding nothing: over the rest, connections holding
+# bytes stop being read until the total falls to three quarters of the
+# rest, and one holding none reads OVER_BUDGET_READ_BYTES at most and is
+# answered one request at a time, so that a client that reads its
+# replies (a health check) is still served.  A read under the rest takes
+# the total past it by OVER_BUDGET_READ_BYTES at most, and over it only a
+# connection holding nothing is read, that much: the part kept covers a
+# read of every connection, and only replies pass the budget (those owed
+# when the rest is passed, then one at a time per connection whose client
+# has stopped reading).
 SERVER_BUFFER_BYTES_MAX = 64 * 1024 * 1024
 # The most one socket read takes (uvloop's own reads are 256 KB): what a
 # connection may hold unparsed behind the pipeline cap or its write buffer.
@@ -206,9 +208,9 @@ READ_BYTES_MAX = 256 * 1024
 # object weighs more than its bytes did, and at most this much
 # (docs/PERFORMANCE.md has the measurement).
 REQUEST_HELD_BYTES = 1024
-# A read over three quarters of SERVER_BUFFER_BYTES_MAX: a health check's
-# or a mod's request whole, small enough that the budget's last quarter
-# serves thousands of connections that hold nothing.
+# A read of a connection holding nothing once the buffered bytes are past
+# what SERVER_BUFFER_BYTES_MAX does not keep for them: a health check's or
+# a mod's request whole.
 OVER_BUDGET_READ_BYTES = 1024
 # From the first byte of a request head to its end.  Trickled bytes do not
 # reset it (slowloris): a head must arrive whole within this time.

@@ -29,8 +29,7 @@ class Reader(Lifecycle):
 
     def __init__(self):
         self.clock = Clock()
-        self.server = SimpleNamespace(loop=self.clock, over_budget=False, full=False,
-                                      paused=set())
+        self.server = SimpleNamespace(loop=self.clock, over_budget=False, paused=set())
         self.transport = SimpleNamespace(pause_reading=lambda: None,
                                          resume_reading=lambda: None)
         self.parser = Parser()

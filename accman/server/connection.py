@@ -113,9 +113,6 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
             return
         transport.set_write_buffer_limits(high=self.write_buffer_max)
         self.last_active_at = self._time()
-        if self.server.full:
-            # Reading starts once this returns: held back just after.
-            self.server.loop.call_soon(self.update_reading)
 
     def connection_lost(self, _exc):
         self.lost()
@@ -387,6 +384,8 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
             else:
                 if not self.parser.held_bytes:
                     return          # a grant asked for nothing could end the turn unspent
+                if out and self.server.over_budget:
+                    return          # one reply at a time (_room): the rest stays bytes
                 room = self.server.turn.grant(room)
                 reqs, i = self.parser.more(room), 0
                 self.server.turn.refund(room - len(reqs))

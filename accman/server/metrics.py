@@ -123,7 +123,6 @@ class Metrics:
         self.head_timeouts = 0
         self.idle_closes = 0
         self.budget_pauses = 0
-        self.budget_fulls = 0
         self.turns_spent = 0
         self.webhook = None         # the webhook's Deliverer, when there is one
 
@@ -169,18 +168,14 @@ class Metrics:
             "# TYPE accman_idle_closes_total counter",
             f"accman_idle_closes_total {self.idle_closes}",
             "# HELP accman_buffered_bytes Bytes held for all connections: replies "
-            "unread and requests unparsed.",
+            "unread, requests unparsed, and requests parsed and not yet taken.",
             "# TYPE accman_buffered_bytes gauge",
             f"accman_buffered_bytes {buffered_bytes}",
-            "# HELP accman_budget_pauses_total Times three quarters of "
-            "SERVER_BUFFER_BYTES_MAX were passed and connections holding bytes "
-            "stopped being read.",
+            "# HELP accman_budget_pauses_total Times SERVER_BUFFER_BYTES_MAX, less what "
+            "it keeps for connections holding nothing, was passed and connections "
+            "holding bytes stopped being read.",
             "# TYPE accman_budget_pauses_total counter",
             f"accman_budget_pauses_total {self.budget_pauses}",
-            "# HELP accman_budget_fulls_total Times SERVER_BUFFER_BYTES_MAX was reached "
-            "and no connection was read.",
-            "# TYPE accman_budget_fulls_total counter",
-            f"accman_budget_fulls_total {self.budget_fulls}",
             "# HELP accman_turns_spent_total Loop turns ended: their TURN_REQUESTS_MAX "
             "requests all taken, or the share costly reads may take of them, the rest "
             "going on next turn.",

@@ -67,17 +67,20 @@ class Server:
         self.paused = set()             # connections not being read
         self.acked_waits = set()        # at a stop: to close once their replies are taken
         self.buffered = 0               # bytes held for all connections (account)
+        # Over `soft_budget`, connections holding bytes are not read; the
+        # rest of the budget is kept for a small read of each connection
+        # holding none (OVER_BUDGET_READ_BYTES, at most half the budget).
         budget = self.limits.server_buffer_bytes_max
-        self.soft_budget = budget * 3 // 4      # over it: over_budget
+        kept = min(self.limits.connections_max * OVER_BUDGET_READ_BYTES, budget // 2)
+        self.soft_budget = budget - kept
         self.over_budget = False
-        self.full = False               # at the budget: nothing is read
         # One buffer for every socket read (Connection.get_buffer): each read
         # is taken from it before the next begins.
         self.read_buffer = bytearray(READ_BYTES_MAX)
         self._reads = memoryview(self.read_buffer)
         self.read_into = self._reads
-        self._size_reads(budget)
         self.turn = Turn(self.limits.turn_requests_max, self._turn_spent)
+        self._add_buffered(0)           # the reads sized, Turn.one_each set
         self._connections_peak = 0
         self.stopping = False
         self.listener = None
@@ -158,45 +161,31 @@ class Server:
             conn.buffered = held
 
     def _add_buffered(self, delta):
-        """The total changes: over three quarters of the budget connections
-        holding bytes stop being read until half; at the budget none is
-        read until three quarters (accman/limits.py says why)."""
+        """The total changes: over `soft_budget` connections holding bytes
+        stop being read until it falls to three quarters of it, and each
+        read is parsed one request at a time (Turn.one_each) from a little
+        before, so that the requests a read holds back stay bytes, not
+        parsed requests (REQUEST_HELD_BYTES each)."""
         self.buffered += delta
-        budget = self.limits.server_buffer_bytes_max
+        soft = self.soft_budget
         if not self.over_budget:
-            if self.buffered > self.soft_budget:
-                self.over_budget = self.turn.one_each = True
+            if self.buffered > soft:
+                self.over_budget = True
                 self.metrics.budget_pauses += 1
-        elif self.buffered <= budget // 2:
-            self.over_budget = self.turn.one_each = False
+        elif self.buffered <= soft * 3 // 4:
+            self.over_budget = False
             # call_soon: this runs inside another connection's callback.
             self.loop.call_soon(self._resume_paused)
-        if not self.full:
-            if self.buffered >= budget:
-                self.full = True
-                self.metrics.budget_fulls += 1
-                for conn in self.connections:
-                    conn.update_reading()
-        elif self.buffered <= self.soft_budget:
-            self.full = False
-            self.loop.call_soon(self._resume_paused)
-        self._size_reads(budget)
+        self.turn.one_each = self.over_budget or (
+            self.buffered > soft - self.limits.pipeline_requests_max * REQUEST_HELD_BYTES)
+        self._size_reads()
 
-    def _size_reads(self, budget):
-        """What the next socket read may take: no read takes the total past
-        three quarters of the budget by more than OVER_BUDGET_READ_BYTES,
-        nor past the budget.  Once at it (`full`), no connection that keeps
-        what it reads is read, but one just accepted: one byte, before it is
-        held back (its reading starts after connection_made).  One
-        lingering after its close reads and drops."""
-        left = min(max(self.soft_budget - self.buffered, 0) + OVER_BUDGET_READ_BYTES,
-                   budget - self.buffered)
-        if self.full:
-            left = 1
-        if left >= READ_BYTES_MAX:
-            self.read_into = self._reads
-        else:
-            self.read_into = self._reads[:max(left, 1)]
+    def _size_reads(self):
+        """What the next socket read may take: none takes the total past
+        `soft_budget` by more than OVER_BUDGET_READ_BYTES, and over it a
+        read (of a connection holding nothing) takes that at most."""
+        left = max(self.soft_budget - self.buffered, 0) + OVER_BUDGET_READ_BYTES
+        self.read_into = self._reads if left >= READ_BYTES_MAX else self._reads[:left]
 
     def _resume_paused(self):
         for conn in list(self.paused):

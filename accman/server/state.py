@@ -19,9 +19,8 @@ _state.py: everything that affects the state machine lives here).
 
 Whether reading is paused is derived, in `update_reading`, from the
 conditions that call for it: the transport's buffer is full, the pipeline is
-full or held back, the server is over three quarters of its buffered-bytes
-budget (and this connection holds bytes) or at the whole of it, or the
-connection drains.  Nothing else pauses or resumes reading.
+full or held back, the server is over its buffered-bytes budget and this
+connection holds bytes, or the connection drains.  Nothing else pauses or resumes reading.
 """
 
 from __future__ import annotations
@@ -266,7 +265,7 @@ class Lifecycle:
         server = self.server
         pause = (self.state != OPEN or self.write_paused or self.backlog is not None
                  or self.parser.held_bytes > 0 or len(self.waiting) >= self.pipeline_max
-                 or (server.over_budget and self.buffered > 0) or server.full)
+                 or (server.over_budget and self.buffered > 0))
         if pause != self.read_paused:
             self.read_paused = pause
             now = server.loop.time()
