@@ -167,6 +167,33 @@ def test_bad_mod_values_are_refused_locally(fake, kwargs, exc):
     assert fake.requests == []
 
 
+class _Lying(int):
+    """An int whose own words lie about its value (a probe's case: a
+    subclass's __str__ went on the wire, and its comparisons judged it)."""
+
+    def __str__(self):
+        return "-5&min=0&key=zz"
+
+    __repr__ = __format__ = lambda self, *_: "-5&min=0&key=zz"
+    __le__ = __ge__ = __lt__ = __gt__ = lambda self, _other: True
+
+
+def test_an_int_subclass_is_sent_as_its_value(fake):
+    fake.fund("alice", 100)
+    with AccManSyncClient(fake.url) as acc:
+        assert acc.mod("alice", _Lying(-1)) == (99, 2)
+        with pytest.raises(BadRequest, match="by must be between"):
+            acc.mod("alice", _Lying(INT64_MAX + 1))
+        hold = acc.hold("alice", _Lying(-3), ttl_s=_Lying(60), min=_Lying(0))[0]
+        acc.settle("alice", hold, _Lying(2))
+        acc.past("alice", limit=_Lying(5))
+        acc.events(after=_Lying(0), limit=_Lying(5))
+    sent = [params for _, path, params, _ in fake.requests if path != "/health"]
+    assert sent[0] == {"cred": "alice", "by": "-1"}
+    assert {"by": "-3", "ttl": "60", "min": "0"}.items() <= sent[1].items()
+    assert sent[2]["use"] == "2" and sent[3]["limit"] == "5" and sent[4]["limit"] == "5"
+
+
 def test_bad_urls_and_tokens_are_refused():
     for url in ["ftp://h", "http://", "http://h/?q=1", "http://u:p@h", "http://h/a b"]:
         with pytest.raises(ValueError):

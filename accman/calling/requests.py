@@ -42,9 +42,12 @@ def check_name(value, what: str, chars_max: int) -> str:
 
 
 def check_int(value, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
-    """An int (not a bool) from `low` to `high`."""
+    """An int (not a bool) from `low` to `high`, as a plain int: what an
+    int subclass's own comparisons or __str__ say never reaches the wire
+    (`int.__index__` of the base type reads the value itself)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int")
+    value = int.__index__(value)
     if not low <= value <= high:
         raise BadRequest(f"{what} must be between {low} and {high}")
     return value
@@ -56,7 +59,8 @@ def target_tot(cred) -> str:
 
 def target_mod(cred, by, min, key, low=None) -> str:
     target = "/mod?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
-    if check_int(by, "by") == 0:
+    by = check_int(by, "by")
+    if by == 0:
         raise BadRequest("by must not be 0")
     target += f"&by={by}"
     if min is not None:
@@ -64,7 +68,7 @@ def target_mod(cred, by, min, key, low=None) -> str:
     if key is not None:
         target += "&key=" + check_name(key, "key", KEY_CHARS_MAX)
     if low is not None:
-        check_int(low, "low")
+        low = check_int(low, "low")
         if by < 0:
             # SPEC "Routes": the threshold is the funding side's to set.
             raise BadRequest("low is set by a funding mod only (by > 0), not by a charge")
@@ -83,7 +87,8 @@ def check_hold_amount(by: int) -> None:
 def target_hold(cred, by, ttl_s, min, key) -> str:
     """SPEC "Holds": `by` is negative, the amount taken out of the balance."""
     target = "/hold?cred=" + check_name(cred, "cred", CRED_CHARS_MAX)
-    if check_int(by, "by") >= 0:
+    by = check_int(by, "by")
+    if by >= 0:
         raise BadRequest("by must be negative for a hold: the amount it takes out of "
                          "the balance")
     check_hold_amount(by)
