@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 import uvloop
-from conftest import get, read_reply, served_in_process
+from conftest import get, patch, read_reply, served_in_process
 
 from accman import Ledger
-from accman.limits import PASS_CHARGE_MAX
+from accman.limits import PAGE_ENTRIES_PER_TURN_REQUEST, PASS_CHARGE_MAX
 from accman.server._pipeline import Turn
 from accman.server.settings import ServerLimits
 
@@ -118,13 +118,51 @@ def test_a_flush_with_nothing_to_parse_spends_no_turn(tmp_path):
 
 FLOODERS = 40
 PAGE = 100          # entries of each flooder's pages: a costly read
+PAGE_GET = get(f"/past?cred=a&limit={PAGE}")
+MOD = patch("/mod?cred=a&by=1")
 
 
-def test_a_health_check_among_clients_flooding_pages_waits_no_round(tmp_path):
-    """Clients pipeline pages and never read; a health check sent among
-    them is answered in the turn that reads it (Turn.costly keeps a
-    quarter of each turn for cheap requests), where it waited for a pass
-    of every flooder (13 turns here)."""
+async def _unread_pages(host, port, stop):
+    """Pages pipelined and never read."""
+    _, w = await asyncio.open_connection(host, port)
+    w.write(PAGE_GET * 200)
+    await stop.wait()
+    w.transport.abort()
+
+
+async def _reading(host, port, stop, burst, replies):
+    """`burst` sent again and again, its `replies` read each time."""
+    r, w = await asyncio.open_connection(host, port)
+    while not stop.is_set():
+        w.write(burst)
+        for _ in range(replies):
+            assert (await read_reply(r))[0] == b"200"
+    w.transport.abort()
+
+
+FLOODS = {
+    # Pipelined pages, answered in the pass that takes them.
+    "unread pages": _unread_pages,
+    # Pages behind a write to their account: the store answers them
+    # later (as PostgreSQL does every page), charged as they are taken.
+    "pages behind a write": lambda h, p, stop: _reading(h, p, stop,
+                                                        (MOD + PAGE_GET * 30) * 4, 124),
+    # /metrics behind a write: each evaluated at its turn (Pipeline.drain);
+    # few a burst, so that their charges, not their requests, spend turns.
+    "metrics behind a write": lambda h, p, stop: _reading(h, p, stop,
+                                                          MOD + get("/metrics") * 5, 6),
+    # One page at a time: a quiet connection's one request (Connection._fast).
+    "one page at a time": lambda h, p, stop: _reading(h, p, stop, PAGE_GET, 1),
+}
+
+
+@pytest.mark.parametrize("flood", sorted(FLOODS))
+def test_a_health_check_among_clients_flooding_costly_reads_waits_no_round(tmp_path, flood):
+    """Clients flood costly reads; a health check sent among them is
+    answered in the turn that reads it (Turn.costly keeps a quarter of
+    each turn for cheap requests), where it waited for a pass of every
+    flooder (13 turns behind unread pages; up to 19-27 behind pages the
+    store answers later, before they were charged as taken)."""
     async def main():
         led = Ledger(tmp_path / "led")
         try:
@@ -132,25 +170,47 @@ def test_a_health_check_among_clients_flooding_pages_waits_no_round(tmp_path):
                 await led.amod("a", 1)
             limits = ServerLimits(turn_requests_max=100)
             async with served_in_process(led, limits) as (server, host, port):
-                flood = []
-                for _ in range(FLOODERS):
-                    _, w = await asyncio.open_connection(host, port)
-                    w.write(get(f"/past?cred=a&limit={PAGE}") * 200)
-                    flood.append(w)
+                ends = _watch_turn_ends(server)
+                stop = asyncio.Event()
+                flooders = [asyncio.ensure_future(FLOODS[flood](host, port, stop))
+                            for _ in range(FLOODERS)]
                 while server.metrics.turns_spent < 3 * FLOODERS:
                     await asyncio.sleep(0.01)       # the flood goes round
-                reader, writer = await asyncio.open_connection(host, port)
-                was = server.metrics.turns_spent
-                writer.write(get("/health"))
-                assert (await read_reply(reader))[0] == b"200"
-                turns = server.metrics.turns_spent - was
-                for w in flood + [writer]:
-                    w.transport.abort()
-                return turns
+                most = 0
+                for _ in range(5):
+                    reader, writer = await asyncio.open_connection(host, port)
+                    was = server.metrics.turns_spent
+                    writer.write(get("/health"))
+                    assert (await read_reply(reader))[0] == b"200"
+                    most = max(most, server.metrics.turns_spent - was)
+                    writer.transport.abort()
+                stop.set()
+                await asyncio.gather(*flooders, return_exceptions=True)
+                return most, min(ends)
         finally:
             led.close()
 
-    turns = uvloop.run(main())
+    turns, least_left = uvloop.run(main())
     # Its connection is accepted in one turn, its request read and answered
     # in the next; one more if a turn ends just as it is read.
     assert turns <= 3, turns
+    # No turn costs more than its requests and one costly read: the first,
+    # taken whatever is left.
+    assert least_left >= -PAGE // PAGE_ENTRIES_PER_TURN_REQUEST, least_left
+
+
+def _watch_turn_ends(server) -> list:
+    """The server's Turn, replaced (before any connection takes it) by one
+    that records what each turn had left when it was renewed."""
+    ends = []
+    loop = asyncio.get_running_loop()
+
+    def renew():
+        ends.append(turn.left)
+        turn.renew()
+
+    def spent():
+        server.metrics.turns_spent += 1
+        loop.call_soon(renew)
+    turn = server.turn = Turn(server.turn.size, spent)
+    return ends

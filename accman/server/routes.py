@@ -82,7 +82,7 @@ class Slot:
       state pipelined behind writes, or a 100 Continue's request)."""
 
     __slots__ = ("conn", "route", "mode", "head", "reply", "pending", "req", "t0", "reserve",
-                 "long_poll", "read_owed")
+                 "long_poll", "read_owed", "charged")
 
     def __init__(self, conn, route, mode, head=False, reply=None, req=None):
         self.conn = conn
@@ -100,6 +100,9 @@ class Slot:
         # An unordered read the store answers later (Connection.reads_owed):
         # its connection's later writes wait for it.
         self.read_owed = False
+        # A costly read answered later has charged the turn that took it
+        # (Routes._charge_now), not the one its answer comes in.
+        self.charged = False
 
     def done(self, outcome):
         """The store's completion, on the loop thread (Server.deliver
@@ -107,7 +110,8 @@ class Slot:
         conn = self.conn
         if self.route == ROUTE_MOD:
             conn.metrics.mod_latency_s.observe(perf_counter() - self.t0)
-        self.reply = conn.routes.reply_of(self.route, outcome, self.mode, self.head)
+        self.reply = conn.routes.reply_of(self.route, outcome, self.mode, self.head,
+                                          self.charged)
         self.pending = False
         self.unowe()
         conn.server.mark_ready(conn)
@@ -278,7 +282,7 @@ class Routes:
         except AccManError as e:
             slot.unowe()
             return self.error_of(ROUTE_PAST, e, mode, req.head)
-        return self._read_settled(slot, outcome)
+        return self._charge_now(self._read_settled(slot, outcome), req)
 
     def _hold_or_settle(self, conn, req, mode):
         route = req.route
@@ -307,7 +311,16 @@ class Routes:
             outcome = self.store.read_events(req.after, req.limit, wait, slot)
         except AccManError as e:
             return self.error_of(ROUTE_EVENTS, e, mode, req.head)
-        return self._settled(slot, outcome)
+        return self._charge_now(self._settled(slot, outcome), req)
+
+    def _charge_now(self, r, req):
+        """A page the store answers later (`r` a pending Slot) charges the
+        turn that takes it, at the most its request asks (Turn.costly took
+        it for that), so that pages taken in one turn cost it."""
+        if type(r) is Slot and r.pending:
+            self.server.turn.charge(turn_charge(req))
+            r.charged = True
+        return r
 
     def _health(self, mode, head):
         if self.server.stopping:
@@ -351,8 +364,10 @@ class Routes:
             return slot
         return self.reply_of(slot.route, outcome, slot.mode, slot.head)
 
-    def reply_of(self, route, outcome, mode, head=False):
-        """The reply to a store's outcome: its value, or an AccManError."""
+    def reply_of(self, route, outcome, mode, head=False, charged=False):
+        """The reply to a store's outcome: its value, or an AccManError; a
+        page charges the turn for its entries unless it was `charged` when
+        taken."""
         if isinstance(outcome, AccManError):
             return self.error_of(route, outcome, mode, head)
         if route == ROUTE_TOT:
@@ -362,12 +377,14 @@ class Routes:
             if route == ROUTE_MOD or route == ROUTE_SETTLE:
                 body = MOD_BODY % outcome
             elif route == ROUTE_PAST:
-                self.server.turn.charge(len(outcome.entries) // PAGE_ENTRIES_PER_TURN_REQUEST)
+                if not charged:
+                    self.server.turn.charge(len(outcome.entries) // PAGE_ENTRIES_PER_TURN_REQUEST)
                 body = past_body(outcome.account, outcome.entries, outcome.next)
             elif route == ROUTE_HOLD:
                 body = HOLD_BODY % outcome
             elif route == ROUTE_EVENTS:
-                self.server.turn.charge(len(outcome[0]) // PAGE_ENTRIES_PER_TURN_REQUEST)
+                if not charged:
+                    self.server.turn.charge(len(outcome[0]) // PAGE_ENTRIES_PER_TURN_REQUEST)
                 body = events_body(*outcome)
             else:
                 raise AssertionError(f"no success reply for route {route}")
