@@ -194,11 +194,11 @@ WRITE_BUFFER_BYTES_MAX = 256 * 1024
 # rest, and one holding none reads OVER_BUDGET_READ_BYTES at most and is
 # answered one request at a time, so that a client that reads its
 # replies (a health check) is still served.  A read under the rest takes
-# the total past it by OVER_BUDGET_READ_BYTES at most, and over it only a
-# connection holding nothing is read, that much: the part kept covers a
-# read of every connection, and only replies pass the budget (those owed
-# when the rest is passed, then one at a time per connection whose client
-# has stopped reading).
+# the total past it by OVER_BUDGET_READ_BYTES (and a request held back) at
+# most, and over it only a connection holding nothing is read, that much:
+# the part kept covers a read of every connection, and only replies pass
+# the budget (those owed when the rest is passed, then one at a time per
+# connection whose client has stopped reading).
 SERVER_BUFFER_BYTES_MAX = 64 * 1024 * 1024
 # The most one socket read takes (uvloop's own reads are 256 KB): what a
 # connection may hold unparsed behind the pipeline cap or its write buffer.

@@ -200,6 +200,12 @@ cdef class Parser:
         """Bytes fed and not yet parsed: `more` takes them."""
         return 0 if self._rest is None else PyBytes_GET_SIZE(self._rest) - self._rest_at
 
+    @property
+    def kept_bytes(self):
+        """The bytes kept for `more`: the held ones, and the parsed part of
+        the read they came in while it is no more than half of it."""
+        return 0 if self._rest is None else PyBytes_GET_SIZE(self._rest)
+
     cdef list _parse(self, bytes data, Py_ssize_t i, Py_ssize_t max_requests):
         cdef list out = []
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
@@ -211,6 +217,13 @@ cdef class Parser:
         self._cur_n = 0                     # no line of an earlier call is current
         while i < n and self._phase != PH_DEAD:
             if len(out) >= max_requests:
+                if i > n - i:
+                    # Most of it parsed: the rest is kept as a copy of its
+                    # own, not in the whole read (`kept_bytes` is at most
+                    # twice `held_bytes`; copying only then keeps the
+                    # copies of a long pipeline linear).
+                    data = data[i:]
+                    i = 0
                 self._rest = data
                 self._rest_at = i
                 break

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import uvloop
-from conftest import get, patch, served_in_process
+from conftest import get, patch, read_reply, served_in_process
 
 from accman import Ledger
 from accman.limits import (OVER_BUDGET_READ_BYTES, PIPELINE_REQUESTS_MAX, READ_BYTES_MAX,
@@ -86,12 +86,13 @@ def _not_replies(server) -> int:
 
 def _watch_reads(monkeypatch, reads):
     """Each socket read a connection keeps (an open one's), as (its bytes,
-    and the server's total as it was read)."""
+    the server's total as it was read, and whether it is parsed a request
+    a grant: Turn.one_each)."""
     real = Connection.buffer_updated
 
     def buffer_updated(self, n):
         if self.state == OPEN:
-            reads.append((n, self.server.buffered))
+            reads.append((n, self.server.buffered, self.server.turn.one_each))
         return real(self, n)
     monkeypatch.setattr(Connection, "buffer_updated", buffer_updated)
 
@@ -153,6 +154,10 @@ def test_clients_that_never_read_never_pass_the_budget(tmp_path, monkeypatch, re
     over = [r for r in reads if r[1] > soft]
     assert over and [r for r in over if r[0] > OVER_BUDGET_READ_BYTES] == []
     assert [r for r in reads if r[1] <= soft and r[0] + r[1] > soft + OVER_BUDGET_READ_BYTES] == []
+    # A read parsed whole leaves room for the requests it may hold back.
+    whole = PIPELINE_REQUESTS_MAX * REQUEST_HELD_BYTES
+    assert [r for r in reads if not r[2] and r[0] + r[1] + whole > soft + OVER_BUDGET_READ_BYTES
+            ] == []
     assert line.startswith(b"HTTP/1.1 200 "), line
 
 
@@ -264,3 +269,44 @@ def test_over_the_budget_a_flush_takes_one_request_and_parses_no_more(tmp_path):
 
     before, after, backlog = uvloop.run(main())
     assert backlog is None and 0 < after < before, (before, after, backlog)
+
+
+def test_a_client_that_reads_goes_on_once_its_transport_has_drained(tmp_path):
+    """Over the budget's rest, a connection whose reply stayed in its
+    transport a moment (a slow link) is held back; its client then read it
+    all, the transport drained below its low-water mark (which no callback
+    tells), and the connection was never read again: its next request,
+    a health check, was closed as idle after IDLE_TIMEOUT_S, unanswered (a
+    review).  The sweep that counts it now lets it be read."""
+    async def main():
+        led = Ledger(tmp_path / "led")
+        limits = ServerLimits(server_buffer_bytes_max=64 << 10, connections_max=200,
+                              idle_timeout_s=3)
+        try:
+            await asyncio.gather(*(led.amod("a", 1) for _ in range(1000)))
+            async with served_in_process(led, limits) as (server, host, port):
+                flood = _flooders(host, port, 90)
+                for _ in range(60):
+                    _send_all(flood, get("/nope") * 64)
+                    await asyncio.sleep(0.01)
+                await _until(lambda: server.over_budget, "the budget's rest was not passed")
+                others = set(server.connections)
+                [slow] = _flooders(host, port, 1)       # a slow link: small buffers
+                reader, writer = await asyncio.open_connection(sock=slow)
+                await _until(lambda: len(server.connections) > len(others), "no connection")
+                [conn] = set(server.connections) - others
+                conn.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                writer.write(get("/past?cred=a&limit=1000"))       # ~70 KB
+                await _until(lambda: conn.read_paused, "the reader was not held back")
+                assert (await read_reply(reader))[0] == b"200"
+                writer.write(get("/health"))
+                status = (await asyncio.wait_for(read_reply(reader), 10))[0]
+                for c in flood:
+                    c.close()
+                writer.close()
+                return status, server.over_budget
+        finally:
+            led.close()
+
+    assert uvloop.run(main()) == (b"200", True)

@@ -69,6 +69,9 @@ class Parser:
     @property
     def held_bytes(self) -> int:
         """Bytes fed and not yet parsed: `more` takes them."""
+    @property
+    def kept_bytes(self) -> int:
+        """The bytes kept for `more`: at most twice `held_bytes`."""
     def take_continue(self) -> bool:
         """True once when a request's head asked Expect: 100-continue and
         its body is yet to come: answer 100 Continue."""

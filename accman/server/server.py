@@ -74,6 +74,9 @@ class Server:
         kept = min(self.limits.connections_max * OVER_BUDGET_READ_BYTES, budget // 2)
         self.soft_budget = budget - kept
         self.over_budget = False
+        # What one read parsed whole may hold back: PIPELINE_REQUESTS_MAX
+        # requests, REQUEST_HELD_BYTES each.
+        self._parsed_max = self.limits.pipeline_requests_max * REQUEST_HELD_BYTES
         # One buffer for every socket read (Connection.get_buffer): each read
         # is taken from it before the next begins.
         self.read_buffer = bytearray(READ_BYTES_MAX)
@@ -150,9 +153,9 @@ class Server:
 
     def account(self, conn):
         """Counts what `conn` holds now: reply bytes in its transport,
-        request bytes in its parser, and requests parsed and not yet taken
-        (REQUEST_HELD_BYTES each)."""
-        held = conn.transport.get_write_buffer_size() + conn.parser.held_bytes
+        request bytes its parser keeps, and requests parsed and not yet
+        taken (REQUEST_HELD_BYTES each)."""
+        held = conn.transport.get_write_buffer_size() + conn.parser.kept_bytes
         if conn.backlog is not None:
             reqs, i = conn.backlog
             held += (len(reqs) - i) * REQUEST_HELD_BYTES
@@ -176,16 +179,21 @@ class Server:
             self.over_budget = False
             # call_soon: this runs inside another connection's callback.
             self.loop.call_soon(self._resume_paused)
-        self.turn.one_each = self.over_budget or (
-            self.buffered > soft - self.limits.pipeline_requests_max * REQUEST_HELD_BYTES)
+        self.turn.one_each = self.over_budget or self.buffered > soft - self._parsed_max
         self._size_reads()
 
     def _size_reads(self):
         """What the next socket read may take: none takes the total past
-        `soft_budget` by more than OVER_BUDGET_READ_BYTES, and over it a
-        read (of a connection holding nothing) takes that at most."""
-        left = max(self.soft_budget - self.buffered, 0) + OVER_BUDGET_READ_BYTES
-        self.read_into = self._reads if left >= READ_BYTES_MAX else self._reads[:left]
+        `soft_budget` by more than OVER_BUDGET_READ_BYTES (and one request
+        held back), and over it a read (of a connection holding nothing)
+        takes that at most.  While a read is parsed whole (not
+        Turn.one_each), the requests it may hold back are left room for."""
+        margin = 0 if self.turn.one_each else self._parsed_max
+        left = max(self.soft_budget - self.buffered - margin, 0) + OVER_BUDGET_READ_BYTES
+        if left >= READ_BYTES_MAX:
+            self.read_into = self._reads
+        elif len(self.read_into) != left:
+            self.read_into = self._reads[:left]
 
     def _resume_paused(self):
         for conn in list(self.paused):
@@ -286,6 +294,10 @@ class Server:
             if conn in self.connections:
                 self.account(conn)
                 buffered += conn.buffered
+                if conn.read_paused:
+                    # Its transport drained below its low-water mark, which
+                    # no callback tells: not held back for it any more.
+                    conn.update_reading()
         # What drained since it was counted (the transport says nothing
         # between its water marks) is uncounted here, exactly.
         self._add_buffered(buffered - self.buffered)
