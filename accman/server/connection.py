@@ -306,7 +306,8 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
             # its own buffer past the server's budget.
             room = min(room, 1)
         else:
-            # Nor may one pass's replies spend the budget's last quarter.
+            # Nor may one pass's replies spend the part of the budget kept
+            # for connections holding nothing.
             room = min(room, server.soft_budget - server.buffered)
         for reply in out:
             room -= len(reply)
