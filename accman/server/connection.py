@@ -37,16 +37,14 @@ from hmac import compare_digest
 
 from accman.server._pipeline import Pipeline
 from accman.server._wire import (ROUTE_EVENTS, ROUTE_HEALTH, ROUTE_HOLD, ROUTE_METRICS,
-                                 ROUTE_MOD, ROUTE_PAST, ROUTE_SETTLE, ROUTE_TOT, Parser)
+                                 ROUTE_MOD, ROUTE_SETTLE, ROUTE_TOT, Parser)
 from accman.server.deadlines import Deadlines
 from accman.server.replies import CLOSE, CONTINUE, KEEP, KEEP10
-from accman.server.routes import Slot, turn_charge
+from accman.server.routes import COSTLY_ROUTES, Slot, turn_charge
 from accman.server.state import CLOSED, OPEN, SHUT, Lifecycle
 
 # Reads of server state, evaluated at their turn when pipelined behind writes.
 _AT_ITS_TURN = frozenset((ROUTE_HEALTH, ROUTE_METRICS, ROUTE_EVENTS))
-# Reads whose answer costs the turn more than one request (routes.turn_charge).
-_COSTLY = frozenset((ROUTE_PAST, ROUTE_EVENTS, ROUTE_METRICS))
 # Requests that change an account: held while an unordered read of their
 # connection is owed (routes.Routes._read_slot).
 _WRITES = frozenset((ROUTE_MOD, ROUTE_HOLD, ROUTE_SETTLE))
@@ -316,7 +314,7 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
     def _costly_held(self, req) -> bool:
         """A costly read that the turn's share of them cannot take now
         (Turn.costly): it waits for the next turn."""
-        if req.route not in _COSTLY:
+        if req.route not in COSTLY_ROUTES:
             return False
         charge = turn_charge(req)
         return charge > 0 and not self.server.turn.costly(charge)

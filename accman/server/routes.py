@@ -60,18 +60,20 @@ def _need(req) -> int:
     return ROUTE_ROLES.get(route, ANY_ROLE) if route != ROUTE_MOD else mod_role(req.by)
 
 
+# Reads whose answer costs the turn more than one request (turn_charge).
+COSTLY_ROUTES = frozenset((ROUTE_PAST, ROUTE_EVENTS, ROUTE_METRICS))
+
+
 def turn_charge(req) -> int:
     """What answering `req` may cost the turn beyond its one request
     (Turn.charge, Turn.costly): a /metrics render, or a page's most entries;
     0 for a cheap request, and for one refused as it was parsed."""
-    if req.error is not None:
-        return 0
     route = req.route
+    if route not in COSTLY_ROUTES or req.error is not None:
+        return 0
     if route == ROUTE_METRICS:
         return METRICS_TURN_REQUESTS - 1
-    if route == ROUTE_PAST or route == ROUTE_EVENTS:
-        return req.limit // PAGE_ENTRIES_PER_TURN_REQUEST
-    return 0
+    return req.limit // PAGE_ENTRIES_PER_TURN_REQUEST
 
 
 class Slot:
