@@ -16,7 +16,7 @@ cdef class Turn:
     cdef readonly Py_ssize_t size
     cdef object spent
     cdef bint over                  # `spent` was called: once a turn, until renew
-    # Over three quarters of the buffered-bytes budget (accman/server/
+    # Near or over the buffered-bytes budget's rest (accman/server/
     # server.py): one request a grant, so that a read is parsed no further
     # than it is taken and its rest stays as bytes the budget counts.
     cdef public bint one_each

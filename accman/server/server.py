@@ -203,9 +203,9 @@ class Server:
     # --- the work of one loop turn (TURN_REQUESTS_MAX) ------------------------------
 
     def _turn_spent(self):
-        """The turn has ended (Turn: its requests, or its costly reads' share,
-        spent): the next turn starts
-        before the connections it held back go on."""
+        """The turn has ended (Turn: its requests, or its costly reads'
+        share, spent): the next starts before the connections it held back
+        go on."""
         self.metrics.turns_spent += 1
         self.loop.call_soon(self.turn.renew)
 

@@ -20,7 +20,8 @@ _state.py: everything that affects the state machine lives here).
 Whether reading is paused is derived, in `update_reading`, from the
 conditions that call for it: the transport's buffer is full, the pipeline is
 full or held back, the server is over its buffered-bytes budget and this
-connection holds bytes, or the connection drains.  Nothing else pauses or resumes reading.
+connection holds bytes, or the connection drains.  Nothing else pauses or
+resumes reading.
 """
 
 from __future__ import annotations
