@@ -214,3 +214,42 @@ def _watch_turn_ends(server) -> list:
         loop.call_soon(renew)
     turn = server.turn = Turn(server.turn.size, spent)
     return ends
+
+
+def test_pages_read_alone_on_quiet_connections_keep_the_turn_s_quarter(tmp_path):
+    """Connection._fast: a page that is the one request of a quiet
+    connection is a costly read like any other (Turn.costly): quiet
+    connections whose pages are all read in one turn are answered over
+    several, each turn keeping a quarter of itself for cheap requests,
+    where the fast path answered them all and overdrew the turn."""
+    size, conns = 100, 6
+
+    async def main():
+        led = Ledger(tmp_path / "led")
+        try:
+            for _ in range(PAGE):
+                await led.amod("a", 1)
+            limits = ServerLimits(turn_requests_max=size)
+            async with served_in_process(led, limits) as (server, host, port):
+                ends = _watch_turn_ends(server)
+                streams = [await asyncio.open_connection(host, port) for _ in range(conns)]
+                for reader, writer in streams:
+                    writer.write(get("/health"))
+                    assert (await read_reply(reader))[0] == b"200"
+                was = len(ends)
+                for _, writer in streams:           # read in one loop turn
+                    writer.write(PAGE_GET)
+                for reader, writer in streams:
+                    status, body = await read_reply(reader)
+                    assert status == b"200" and body.count(b'"seq"') == PAGE, body[:80]
+                    writer.transport.abort()
+                return ends[was:]
+        finally:
+            led.close()
+
+    ends = uvloop.run(main())
+    # Two pages a turn (each costs PAGE // PAGE_ENTRIES_PER_TURN_REQUEST, 33:
+    # the second leaves a quarter, less the reads' grants; the third would
+    # not), so the first two turns end at their third page.
+    assert len(ends) >= conns // 2 - 1, ends
+    assert min(ends) >= size // 4 - conns, ends
