@@ -56,7 +56,7 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
                  "read_paused", "read_paused_at", "write_paused", "write_paused_at",
                  "head_started_at", "last_active_at", "shut_at", "token", "token_roles",
                  "authed", "buffered", "flush_soon", "continue_owed", "continue_queued",
-                 "reserved", "until_drained", "activity_seen", "reads_owed")
+                 "reserved", "until_drained", "activity_seen", "reads_owed", "drain_watched")
 
     def __init__(self, server):
         self.server = server
@@ -97,6 +97,7 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
         # until they are answered (routes.Routes._read_slot).
         self.reads_owed = 0
         self.activity_seen = 0      # the Pipeline's activity at the last sweep
+        self.drain_watched = False  # the transport's high-water mark lowered (_watch_drain)
 
     # --- asyncio callbacks ---
 
@@ -125,6 +126,9 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
         self.write_paused = False
         self.last_active_at = self._time()
         if self.state < SHUT:
+            if self.drain_watched:
+                self.drain_watched = False
+                self.transport.set_write_buffer_limits(high=self.write_buffer_max)
             self.server.account(self)
             self.flush()
 
@@ -424,6 +428,8 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
                 self.shut()
                 return
         self.server.account(self)
+        if self.server.over_budget and self.state == OPEN and not self.write_paused:
+            self._watch_drain()
         self.update_reading()
         if out and out[-1] is CONTINUE and self.parser.pending:
             self.continue_queued = False        # the body's deadline runs from its 100
@@ -445,6 +451,15 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
             # first reply left in the buffer.
             self.flush_soon = True
             self.server.loop.call_soon(self._flush_soon)
+
+    def _watch_drain(self):
+        """Over the budget's rest a connection holding reply bytes is not
+        read until they are out, which a transport tells only once past its
+        high-water mark: at 0 it tells (resume_writing sets it back), where
+        the sweep would find it up to a second later."""
+        if self.transport.get_write_buffer_size():
+            self.drain_watched = True
+            self.transport.set_write_buffer_limits(high=0)      # pause_writing, now
 
     def _held_for_the_store(self) -> bool:
         """Held back until a reply the store owes arrives (an /events read
