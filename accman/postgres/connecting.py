@@ -16,6 +16,8 @@ import asyncpg
 
 from accman.errors import StoreError
 from accman.postgres.errors import store_error, unreadable_url
+from accman.postgres.hosts import (name_and_port, one_host_urls, query_value,
+                                   split_url)
 from accman.postgres.service_file import LIBPQ_KEYWORDS, ServiceFileError, service_settings
 
 log = logging.getLogger("accman.postgres")
@@ -121,7 +123,7 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
     unanswered one's error, as if no database were up.  `said` (a store's)
     logs its service file's failures, as with_service's."""
     dsn = with_service(as_libpq_reads(dsn), said)
-    urls = _one_host_urls(dsn)
+    urls = one_host_urls(dsn)
     kw.setdefault("target_session_attrs", target_session_attrs(dsn))
     if urls is None:
         return await asyncpg.connect(dsn, timeout=timeout, **kw)
@@ -189,10 +191,10 @@ def target_session_attrs(dsn: str) -> str:
     """What to connect to `dsn` with: the URL's target_session_attrs (or
     PGTARGETSESSIONATTRS), read-write when it names none; a value that can
     take a host other than the primary raises StoreError."""
-    given = _query_value(dsn, "target_session_attrs") or os.environ.get("PGTARGETSESSIONATTRS")
+    given = query_value(dsn, "target_session_attrs") or os.environ.get("PGTARGETSESSIONATTRS")
     # The hosts are the authority's, else the host= parameter's, else
     # PGHOST's (libpq's order, and asyncpg's): each may list several.
-    hosts = _split(dsn)[2] or _query_value(dsn, "host") or os.environ.get("PGHOST", "")
+    hosts = split_url(dsn)[2] or query_value(dsn, "host") or os.environ.get("PGHOST", "")
     several = "," in hosts
     if given in _NEVER_A_PRIMARY or (given == "any" and several):
         raise StoreError(
@@ -216,7 +218,7 @@ def as_libpq_reads(dsn: str) -> str:
     unread, raises StoreError: the two would take different hosts or
     ports, and a host list cannot be moved whole; so does database=,
     asyncpg's alone, and an empty host in a list of several."""
-    scheme, user_at, hosts, tail = _split(dsn)
+    scheme, user_at, hosts, tail = split_url(dsn)
     if not scheme:
         return dsn
     path, mark, query = tail.partition("?")
@@ -312,7 +314,7 @@ def with_service(dsn: str, said: ServiceSaid | None = None) -> str:
     (target_session_attrs), said in the log as a broken file is: by
     `said`, a store's, once the store serves; a failure before, or
     without it, is its caller's to say (the open's)."""
-    scheme, user_at, hosts, tail = _split(dsn)
+    scheme, user_at, hosts, tail = split_url(dsn)
     name = _service_name(dsn)
     if name is None:
         # libpq's order; an empty value is a name too (`service=`, or
@@ -337,7 +339,7 @@ def with_service(dsn: str, said: ServiceSaid | None = None) -> str:
 
 def _with_settings(name: str, scheme: str, user_at: str, hosts: str, tail: str,
                    settings: dict[str, str]) -> str:
-    """The URL of `scheme`, `user_at`, `hosts` and `tail` (its _split),
+    """The URL of `scheme`, `user_at`, `hosts` and `tail` (its split_url),
     its service= left out, with the settings of the service `name` where
     its query gives none (its port where _with_port says).  A path of "/"
     is left out before (as_libpq_reads), so that a service's dbname is read."""
@@ -359,7 +361,7 @@ def _with_port(name: str, hosts: str, given: set, settings: dict[str, str]) -> s
     the authority's hosts.  A list of ports for that one host raises
     ServiceFileError, as libpq refuses it."""
     port = settings.get("port", "")
-    host, own = _name_and_port(hosts)
+    host, own = name_and_port(hosts)
     if not port or "port" in given or not host or "," in hosts or own:
         return hosts
     if "," in port:
@@ -407,18 +409,11 @@ class ServiceSaid:
 def _service_name(url: str) -> str | None:
     """The last service= of `url`'s query, decoded as libpq decodes a URL:
     `%XX` and nothing else, a `+` kept (a form's encoding, which
-    _query_value reads, makes it a space, and names another service)."""
+    query_value reads, makes it a space, and names another service)."""
     names = [urllib.parse.unquote(v) for k, _, v in
              (p.partition("=") for p in url.partition("?")[2].split("&"))
              if urllib.parse.unquote(k) == "service"]
     return names[-1] if names else None
-
-
-def _query_value(url: str, name: str) -> str | None:
-    """The last value of the query parameter `name` of `url`, decoded."""
-    query = url.partition("?")[2]
-    values = [v for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k == name]
-    return values[-1] if values else None
 
 
 def _left(attempt) -> None:
@@ -430,67 +425,3 @@ def _left(attempt) -> None:
 # For each URL of several hosts, the one of them that last took a
 # connection (a URL's hosts are few, and a store has few URLs).
 _last_host: dict[str, str] = {}
-
-
-def _one_host_urls(url: str) -> list[str] | None:
-    """`url` once for each host it names, None when it names one (or is
-    not a URL this can split: asyncpg reads it whole).  The hosts are its
-    authority's (each with LIBPQ_PORT when it names none), else its host=
-    list's, else PGHOST's (libpq's order);
-    those of a list outside the authority each get their port of the
-    port= list, else of PGPORT (one for all, or one for each host), an
-    empty one LIBPQ_PORT."""
-    scheme, user_at, hosts, tail = _split(url)
-    parts = [h for h in hosts.split(",") if h]
-    if len(parts) > 1:
-        return [f"{scheme}://{user_at}{_with_a_port(h)}{tail}" for h in parts]
-    if parts or not scheme:
-        return None
-    hosts = (_query_value(url, "host") or os.environ.get("PGHOST", "")).split(",")
-    ports = (_query_value(url, "port") or os.environ.get("PGPORT", "")).split(",")
-    if len(ports) == 1:
-        ports *= len(hosts)
-    if len(hosts) < 2 or "" in hosts or len(ports) != len(hosts):
-        return None
-    path, _, query = tail.partition("?")
-    kept = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
-            if k not in ("host", "port")]
-    return [f"{scheme}://{user_at}{path}?" + urllib.parse.urlencode(
-                [*kept, ("host", h), ("port", p or str(LIBPQ_PORT))])
-            for h, p in zip(hosts, ports, strict=True)]
-
-
-# The port libpq gives a host of several that has none of its own (none or
-# an empty one in a URL's authority, an empty one of a port list): its
-# built-in one, never PGPORT's (libpq reads such a list's ports as given),
-# where the driver, given one host and no port, reads PGPORT.
-LIBPQ_PORT = 5432
-
-
-def _with_a_port(host: str) -> str:
-    """`host` of an authority's list with LIBPQ_PORT when it names no port,
-    or an empty one: libpq reads an empty port of a list as its built-in
-    one too."""
-    name, port = _name_and_port(host)
-    return host if port else f"{name}:{LIBPQ_PORT}"
-
-
-def _name_and_port(host: str) -> tuple[str, str]:
-    """An authority's host (`h`, `h:5`, `h:`, `[::1]`, `[::1]:5`, `[::1]:`)
-    as its name and its port, "" when it names none or an empty one."""
-    name, colon, port = host.rpartition(":")
-    if not colon or "]" in port:                # `h`, `[::1]`: no port at all
-        return host, ""
-    return name, port
-
-
-def _split(url: str) -> tuple[str, str, str, str]:
-    """`url`'s scheme, its user up to the `@`, the hosts of its authority
-    and what follows them; hosts "" when it names none or is no URL."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "", "", "", ""
-    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
-    cut = min(ends, default=len(rest))
-    user, at, hosts = rest[:cut].rpartition("@")
-    return scheme, user + at, hosts, rest[cut:]

@@ -7,7 +7,8 @@ import pytest
 
 from accman.errors import StoreError
 from accman.postgres import PgStore
-from accman.postgres.connecting import _one_host_urls, as_libpq_reads
+from accman.postgres.connecting import as_libpq_reads
+from accman.postgres.hosts import one_host_urls
 
 from .helpers import run, stored
 
@@ -168,7 +169,7 @@ def test_a_host_of_several_with_no_port_gets_the_port_libpq_gives_it(monkeypatch
     list's hosts take PGPORT, as libpq gives it them, and 5432 for an empty
     port of a list (`port=5,`: psql 15 tries 5432 on the second)."""
     monkeypatch.setenv("PGPORT", "1")
-    assert _one_host_urls(url) == each
+    assert one_host_urls(url) == each
 
 
 @pytest.mark.parametrize("url", ["postgresql://u@:5433,h2/d", "postgresql://h1,/d",
