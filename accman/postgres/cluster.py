@@ -15,7 +15,7 @@ from accman.postgres.backends import Connection, identify, no_reset
 from accman.postgres.committing import lane_fill
 from accman.postgres.connecting import (CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect,
                                         connect_each_host)
-from accman.postgres.serving import join
+from accman.postgres.serving import join, same_store
 
 # Writer connections per cluster, each with one batch in flight.  One: with
 # 64 callers a second connection, whether it took half of the accounts or
@@ -63,12 +63,13 @@ class Lane:
         self.writing = False
         self.fill = fill                   # when the next batch goes (committing.lane_fill)
 
-    async def connect(self, url, on_closed, said) -> None:
+    async def connect(self, url, on_closed, said, accept) -> None:
         """Connects the writer (the last one, left idle by a reconnection
         that failed after it, goes); `on_closed` hears its close, `said`
-        (the store's) says its service file's failures."""
+        (the store's) says its service file's failures, `accept` vets the
+        host (serving.same_store)."""
         self.drop()
-        writer = await connect(url, connection_class=Connection, said=said)
+        writer = await connect(url, connection_class=Connection, said=said, accept=accept)
         try:
             if await writer.fetchval("SHOW transaction_read_only",
                                      timeout=CONNECT_TIMEOUT_S) == "on":
@@ -103,6 +104,7 @@ class Cluster:
         self.url = url
         self.index = index
         self.cluster_id = cluster_id
+        self.accept = same_store(cluster_id)   # every connection's host vetted
         self.lanes = [Lane(lane_fill(clusters)) for _ in range(WRITE_LANES)]
         self.pool = None
         self.reads: list = []              # (hid, done)
@@ -213,7 +215,8 @@ class Cluster:
         back after them)."""
         try:
             for lane in self.lanes:
-                await lane.connect(self.url, self.writer_closed, self.store.service_said)
+                await lane.connect(self.url, self.writer_closed, self.store.service_said,
+                                   self.accept)
             if await self.stalled(self.lanes[0].writer):
                 raise StoreError(STALLED)
             await join(self.lanes[0].writer, *self.recorded_shape())
@@ -235,7 +238,8 @@ class Cluster:
                 self.url, min_size=0, max_size=READ_POOL_CONNECTIONS_MAX,
                 timeout=CONNECT_TIMEOUT_S, reset=no_reset,
                 server_settings=SESSION_SETTINGS, connection_class=Connection, init=identify,
-                connect=functools.partial(connect_each_host, said=self.store.service_said))
+                connect=functools.partial(connect_each_host, said=self.store.service_said,
+                                          accept=self.accept))
         except BaseException:
             for lane in self.lanes:
                 lane.drop()

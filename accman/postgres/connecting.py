@@ -84,13 +84,14 @@ DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError,
 
 
 async def connect(url: str, settings: dict | None = None,
-                  connection_class=asyncpg.Connection, said: ServiceSaid | None = None):
+                  connection_class=asyncpg.Connection, said: ServiceSaid | None = None,
+                  accept=None):
     """A connection with SESSION_SETTINGS, and `settings` besides; `said`
-    as connect_each_host's."""
+    and `accept` as connect_each_host's."""
     try:
         return await connect_each_host(url, timeout=CONNECT_TIMEOUT_S, said=said,
                                        server_settings={**SESSION_SETTINGS, **(settings or {})},
-                                       connection_class=connection_class)
+                                       connection_class=connection_class, accept=accept)
     except DRIVER_ERRORS as e:
         raise store_error(e, _CONNECT) from None
     except ValueError:
@@ -110,7 +111,7 @@ NEXT_HOST_AFTER_S = 1.0
 
 
 async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | None = None,
-                            **kw):
+                            accept=None, **kw):
     """asyncpg.connect on each host of `dsn` in the URL's order, as libpq
     tries them, each attempt with the whole `timeout` of its own: asyncpg's
     timeout spans every host of a URL, so a host that does not answer would
@@ -121,12 +122,15 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
     A host that answered but takes no writes (target_session_attrs) beside
     one that did not answer is said as no host taking writes, not as the
     unanswered one's error, as if no database were up.  `said` (a store's)
-    logs its service file's failures, as with_service's."""
+    logs its service file's failures, as with_service's.  `accept(conn)`,
+    if given, vets each connection taken: a StoreError it raises turns that
+    host down as a failed connection does (the next is tried), and is what
+    is raised when no host is left, being the most telling."""
     dsn = with_service(as_libpq_reads(dsn), said)
     urls = one_host_urls(dsn)
     kw.setdefault("target_session_attrs", target_session_attrs(dsn))
     if urls is None:
-        return await asyncpg.connect(dsn, timeout=timeout, **kw)
+        return await _connect_one(dsn, timeout, accept, kw)
     # The host that last took a connection is tried first: the others
     # before it may be the old primary, which does not answer.
     first = _last_host.get(dsn)
@@ -136,7 +140,7 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
     failed: list = []
     try:
         for k, one in enumerate(urls):
-            newest = asyncio.ensure_future(asyncpg.connect(one, timeout=timeout, **kw))
+            newest = asyncio.ensure_future(_connect_one(one, timeout, accept, kw))
             trying[newest] = one
             taken = await _taken(trying, failed, newest if k < len(urls) - 1 else None)
             if taken is not None:
@@ -146,9 +150,23 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
         for attempt in trying:
             attempt.cancel()
             attempt.add_done_callback(_left)
+    refused = [e for e in failed if isinstance(e, StoreError)]
     turned_down = [e for e in failed
                    if isinstance(e, asyncpg.exceptions.TargetServerAttributeNotMatched)]
-    raise (turned_down or failed)[-1]
+    raise (refused or turned_down or failed)[-1]
+
+
+async def _connect_one(url: str, timeout: float, accept, kw):
+    """asyncpg.connect to `url`'s host, the connection then vetted by
+    `accept` (closed if it refuses)."""
+    conn = await asyncpg.connect(url, timeout=timeout, **kw)
+    if accept is not None:
+        try:
+            await accept(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+    return conn
 
 
 async def _taken(trying: dict, failed: list, newest):
@@ -167,7 +185,7 @@ async def _taken(trying: dict, failed: list, newest):
             if error is None:
                 return attempt
             del trying[attempt]
-            if not isinstance(error, (*_NEXT_HOST,
+            if not isinstance(error, (*_NEXT_HOST, StoreError,
                                       asyncpg.exceptions.TargetServerAttributeNotMatched)):
                 raise error
             failed.append(error)

@@ -112,8 +112,9 @@ class PgCursors:
         try:
             if conn is None:
                 from accman.postgres.connecting import connect
-                conn = self._conns[name] = await connect(self.store.home.url,
-                                                         said=self.store.service_said)
+                home = self.store.home
+                conn = self._conns[name] = await connect(home.url, said=self.store.service_said,
+                                                         accept=home.accept)
             if self._leading.get(name):
                 await conn.fetchval("SELECT 1", timeout=CURSOR_TIMEOUT_S)
             elif await conn.fetchval(_LEAD_SQL, LOCK_CLASS, lock_key(name),

@@ -97,7 +97,8 @@ class EventReader:
         """LISTENs on a session of its own (`_closed` hears it end)."""
         from accman.postgres.connecting import connect
         listener = await connect(self.cluster.url, connection_class=Connection,
-                                 said=self.cluster.store.service_said)
+                                 said=self.cluster.store.service_said,
+                                 accept=self.cluster.accept)
         try:
             await listener.add_listener(NOTIFY_CHANNEL, self._notified)
         except BaseException:

@@ -14,11 +14,21 @@ that reconnects (a failover, a restart of the database) checks that the
 store is still the one it opened: a cluster added while it was cut off
 makes it refuse the connection, and so stop taking writes there.
 
+And every connection of a front-end's (writers, read pool, listener, the
+webhook's role) reaches the cluster it opened, or none: a host of the URL
+that answers with another store, or with no store, after a failover or a
+name moved, is turned down as a host that does not answer (`same_store`),
+where the front-end would read and write another store's accounts with
+its own credential-hash key.
+
     await join(writer, expected_home, expected_members)   # a front-end's writer
     await take_exclusively(conns, numbers, count)         # a migrate adding one
+    conn = await connect(url, accept=same_store(cluster_id))
 """
 
 from __future__ import annotations
+
+import asyncpg
 
 from accman.errors import StoreError
 from accman.postgres.connecting import CONNECT_TIMEOUT_S
@@ -38,6 +48,12 @@ _HOLDERS_SQL = ("SELECT array_agg(DISTINCT coalesce(host(a.client_addr), 'local'
                 "pg_backend_pid() AND l.database = (SELECT oid FROM pg_database "
                 "WHERE datname = current_database())")
 
+_CLUSTER_ID_SQL = "SELECT cluster_id FROM accman_schema"
+
+OTHER_STORE = ("a host of the URL answered with another store than the one this front-end "
+               "opened (its accman_schema names another cluster, or it has none): no copy "
+               "of the store, after a failover or a name moved; nothing is read or written "
+               "there")
 GROWING = ("`accman migrate` is adding a cluster to the store: start this front-end "
            "once it has ended, with every --store of the store")
 RESHAPED = ("the store's clusters changed since this front-end started (`accman migrate` "
@@ -54,6 +70,21 @@ async def join(writer, home: bytes | None, members: frozenset | None) -> None:
     recorded, others = await writer.fetchrow(_SHAPE_SQL, timeout=CONNECT_TIMEOUT_S)
     if recorded != home or (members is not None and frozenset(others) != members):
         raise StoreError(RESHAPED)
+
+
+def same_store(cluster_id: bytes):
+    """connect_each_host's `accept` for the cluster `cluster_id`: a
+    connection whose database records another cluster, or none, is
+    refused (StoreError OTHER_STORE).  A standby promoted, or a restored
+    copy, records the same: its accman_schema is the store's."""
+    async def accept(conn) -> None:
+        try:
+            found = await conn.fetchval(_CLUSTER_ID_SQL, timeout=CONNECT_TIMEOUT_S)
+        except asyncpg.exceptions.UndefinedTableError:
+            found = None
+        if found != cluster_id:
+            raise StoreError(OTHER_STORE)
+    return accept
 
 
 async def take_exclusively(conns, numbers: list[int], count: int) -> None:

@@ -19,6 +19,7 @@ from accman.postgres import errors as E
 from accman.postgres.backends import closed_unless_answered, committed
 from accman.postgres.cluster import STALLED
 from accman.postgres.complaints import doing, named
+from accman.postgres.serving import OTHER_STORE
 
 log = logging.getLogger("accman.postgres")
 
@@ -135,10 +136,12 @@ async def reconnect(store, cluster) -> None:
                 await cluster.connect(healthy=False)
                 await cluster.events.restart()
             except Exception as e:
-                cluster.error = E.describe(e)
+                said, cluster.error = cluster.error, E.describe(e)
                 if cluster.error == STALLED and not cluster.stall_said:
                     cluster.stall_said = True
                     log.warning("%s%s", named(store, cluster), STALLED)
+                elif cluster.error == OTHER_STORE and said != OTHER_STORE:
+                    log.warning("%s%s", named(store, cluster), OTHER_STORE)
                 continue
             if cluster.losses == losses:    # else lost again meanwhile: go on
                 cluster.error = None
