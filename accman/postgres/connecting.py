@@ -47,7 +47,11 @@ CONNECT_TIMEOUT_S = 10.0
 # rather than cancel in the database).  A timeout of the database's that
 # fires as a statement ends is raised at the session's next command, after
 # the commit: read as the next batch's error, that batch would be told
-# not_applied while the database went on to commit it.
+# not_applied while the database went on to commit it.  The idle timeouts
+# are 0 too: a writer idle between batches that the database ends loses
+# its cluster until the store has reconnected (writes 503, /health 503),
+# every few seconds on a front-end with little traffic.  (PostgreSQL 14
+# brought idle_session_timeout: an older server refuses these sessions.)
 #
 # And PostgreSQL finds a session's client gone about 11 s after that
 # client last answered (KEEPALIVE), not after the kernel's two hours: a
@@ -74,7 +78,8 @@ KEEPALIVE = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2",
 SESSION_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off",
                     "enable_mergejoin": "off", "jit": "off", "synchronous_commit": "on",
                     "client_min_messages": "warning", "statement_timeout": "0",
-                    "lock_timeout": "0", **KEEPALIVE}
+                    "lock_timeout": "0", "idle_session_timeout": "0",
+                    "idle_in_transaction_session_timeout": "0", **KEEPALIVE}
 
 
 _CONNECT = "cannot connect to a PostgreSQL cluster of the store"

@@ -126,8 +126,8 @@ class EventReader:
 
     def _closed(self, conn) -> None:
         """The listener's session closed.  Still the one in use, it was
-        closed by the database's side (a restart, a failover, an
-        idle_session_timeout, its backend ended): no commit would be heard
+        closed by the database's side (a restart, a failover, its backend
+        ended): no commit would be heard
         again, and long polls would wait out their wait.  It is made again
         at once, the writers left as they are (one may have a batch in
         flight); one that cannot be made loses the cluster."""

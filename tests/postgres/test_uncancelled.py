@@ -200,6 +200,27 @@ def test_the_database_s_timeouts_do_not_cut_a_batch(pg, pg_url):
     run(main())
 
 
+def test_the_database_s_idle_timeouts_do_not_end_a_front_end_s_sessions(pg, pg_url):
+    """An idle_session_timeout set on the database does not reach AccMan's
+    sessions: a front-end idle past it stays healthy and its next write
+    goes through, where its writer was ended every few seconds (the
+    cluster lost until the store had reconnected: /health and writes 503,
+    a black-box probe)."""
+    db = pg_url.rsplit("/", 1)[1].split("?")[0]
+    pg.psql(f"ALTER DATABASE {db} SET idle_session_timeout = '300ms'")
+    pg.psql(f"ALTER DATABASE {db} SET idle_in_transaction_session_timeout = '300ms'")
+
+    async def main():
+        async with stored(pg_url) as (store, c):
+            assert await c.mod("a", 10) == (10, 1)
+            for _ in range(10):                 # a second, idle
+                await asyncio.sleep(0.1)
+                assert store.healthy
+            assert await c.mod("a", -3) == (7, 2)
+            assert [cl.losses for cl in store.clusters] == [0]
+    run(main())
+
+
 def test_a_batch_cancelled_in_the_database_is_not_applied(pg_url, monkeypatch):
     """A batch's statement cancelled from outside AccMan (an operator's
     pg_cancel_backend while it waits for a row lock) is rolled back by
