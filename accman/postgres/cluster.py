@@ -14,7 +14,7 @@ from accman.postgres import errors as E
 from accman.postgres.backends import Connection, identify, no_reset
 from accman.postgres.committing import lane_fill
 from accman.postgres.connecting import (CONNECT_TIMEOUT_S, SESSION_SETTINGS, connect,
-                                        connect_each_host)
+                                        connect_each_host, refuse_undurable)
 from accman.postgres.serving import join, same_store
 
 # Writer connections per cluster, each with one batch in flight.  One: with
@@ -74,7 +74,7 @@ class Lane:
             if await writer.fetchval("SHOW transaction_read_only",
                                      timeout=CONNECT_TIMEOUT_S) == "on":
                 raise StoreError(f"{E.READ_ONLY}: waiting for one that does")
-            await _refuse_undurable(writer)
+            await refuse_undurable(writer)
             self.apply = await writer.prepare(_APPLY_SQL)
             await identify(writer)
         except BaseException:
@@ -255,22 +255,6 @@ class Cluster:
             return None, None
         others = frozenset(c.cluster_id for c in store.clusters if c is not store.home)
         return store.home.cluster_id, others if self is store.home else None
-
-
-# Server settings under which a commit does not survive a crash of the
-# database's machine, whatever a session sets (SPEC "Durability and
-# order": a 200 is on disk): such a server takes no writes of AccMan's.
-_UNDURABLE_SQL = ("SELECT ARRAY[current_setting('fsync'), "
-                  "current_setting('full_page_writes')]")
-
-
-async def _refuse_undurable(writer) -> None:
-    fsync, full_pages = await writer.fetchval(_UNDURABLE_SQL, timeout=CONNECT_TIMEOUT_S)
-    for name, value in (("fsync", fsync), ("full_page_writes", full_pages)):
-        if value != "on":
-            raise StoreError(f"the PostgreSQL server runs with {name} = {value}: its commits "
-                             "do not survive a crash of its machine, and AccMan writes "
-                             "nothing there; set it on")
 
 
 def health_detail(clusters) -> str | None:

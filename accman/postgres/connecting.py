@@ -103,6 +103,28 @@ async def connect(url: str, settings: dict | None = None,
         raise unreadable_url(_CONNECT) from None
 
 
+# Server settings under which a commit does not survive a crash of the
+# database's machine, whatever a session sets (SPEC "Durability and
+# order": a 200 is on disk): AccMan writes nothing on such a server, its
+# schema included (migrate.py asks before it changes anything).
+_UNDURABLE_SQL = ("SELECT ARRAY[current_setting('fsync'), "
+                  "current_setting('full_page_writes')]")
+
+
+async def refuse_undurable(conn) -> None:
+    """StoreError, naming the setting, when `conn`'s server runs with fsync
+    or full_page_writes off."""
+    try:
+        fsync, full_pages = await conn.fetchval(_UNDURABLE_SQL, timeout=CONNECT_TIMEOUT_S)
+    except DRIVER_ERRORS as e:
+        raise store_error(e, "cannot read the server's settings") from None
+    for name, value in (("fsync", fsync), ("full_page_writes", full_pages)):
+        if value != "on":
+            raise StoreError(f"the PostgreSQL server runs with {name} = {value}: its commits "
+                             "do not survive a crash of its machine, and AccMan writes "
+                             "nothing there; set it on")
+
+
 # What makes connect_each_host try the next host, as asyncpg's own loop
 # does: nothing answered, or the database is starting up or shutting down.
 _NEXT_HOST = (OSError, asyncio.TimeoutError, asyncpg.exceptions.CannotConnectNowError)

@@ -26,7 +26,7 @@ import secrets
 import asyncpg
 
 from accman.errors import StoreError
-from accman.postgres.connecting import DRIVER_ERRORS, connect
+from accman.postgres.connecting import DRIVER_ERRORS, connect, refuse_undurable
 from accman.postgres.errors import store_error
 from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 from accman.postgres.serving import take_exclusively
@@ -330,6 +330,7 @@ async def _connect_all(urls: list[str]) -> list:
     try:
         for n, url in enumerate(urls):
             conns.append(await of_cluster(connect(url), n, len(urls)))
+            await of_cluster(refuse_undurable(conns[-1]), n, len(urls))
     except BaseException:
         for c in conns:
             c.terminate()

@@ -908,9 +908,14 @@ def test_commits_are_durable_whatever_the_database_sets(pg, pg_url, setting):
 @pytest.mark.parametrize("setting", ["fsync", "full_page_writes"])
 def test_a_server_whose_commits_do_not_survive_a_crash_takes_no_writes(pg_factory, setting):
     """A session cannot set these: a store on a server run with either off
-    is refused at open, saying which."""
+    is refused at open, saying which, and so is `accman migrate`, before
+    either writes anything there (the schema and its key were made, then
+    the open refused: a black-box probe)."""
     pg = pg_factory(name=f"undurable_{setting}", conf={setting: "off"})
     url = pg.create_database("u")
-    with pytest.raises(StoreError, match=rf"the PostgreSQL server runs with {setting} = off: "
-                                         r"its commits do not survive a crash"):
+    refused = rf"the PostgreSQL server runs with {setting} = off: its commits do not survive"
+    with pytest.raises(StoreError, match=refused):
         run(PgStore.open([url]))
+    with pytest.raises(StoreError, match=refused):
+        run(migrate([url]))
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'accman%'", "u") == "0"
