@@ -37,7 +37,9 @@ _PAGE_SQL = ("SELECT id, type, hid, seq, by, tot, at, key, hold FROM accman_even
 _ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), "
              "next_event - 1 FROM accman_counter")
 # Keeps a contiguous run of the newest events: everything below the first
-# event younger than the cutoff goes (the newest event always stays), and on
+# event younger than the retention ($1, in ms) goes (the newest event always
+# stays), judged by the database's clock, which stamped them (a front-end's
+# clock ahead of it would trim events younger than the retention), and on
 # a cluster that is not the home, nothing past what is copied ($2); on the
 # home ($3), nothing past a cursor of the store (the webhook's: its
 # receiver has not acknowledged what is after it, whatever its age; other
@@ -45,7 +47,8 @@ _ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), 
 # Returns how many went, and the newest of them.
 _TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id <= coalesce("
              "(SELECT min(value) FROM accman_cursors WHERE $3), $2) AND id < coalesce("
-             "(SELECT id FROM accman_events WHERE at >= $1 ORDER BY id LIMIT 1), "
+             "(SELECT id FROM accman_events WHERE at >= "
+             "(extract(epoch FROM clock_timestamp()) * 1000)::bigint - $1 ORDER BY id LIMIT 1), "
              "(SELECT max(id) FROM accman_events)) RETURNING id) "
              "SELECT count(*), max(id) FROM gone")
 _NO_BOUND = 2 ** 63 - 1
@@ -383,13 +386,13 @@ class EventReader:
             self.store._spawn(self._expire_waiters(everyone=True))
 
     async def trim(self, retention_s: float) -> None:
-        cutoff_ms = int((time.time() - retention_s) * 1000)
+        retention_ms = int(retention_s * 1000)
         try:
             copied = _NO_BOUND if self.home else await self.store.merger.upto(self.cluster)
             async with self.cluster.pool.acquire() as conn:
                 # Its locks are on events past the retention: no writer's.
                 gone, newest_gone = await committed(conn, conn.fetchrow(
-                    _TRIM_SQL, cutoff_ms, copied, self.home), TRIM_TIMEOUT_S, None)
+                    _TRIM_SQL, retention_ms, copied, self.home), TRIM_TIMEOUT_S, None)
         except Exception as e:
             self.store.complaints.failed(doing(self.store, "trimming events", self.cluster), e)
             return

@@ -200,6 +200,31 @@ def test_events_trimmed(pg, pg_url):
     run(main())
 
 
+def test_events_are_aged_by_the_database_s_clock(pg, pg_url, monkeypatch):
+    """The database stamps each event's `at`: a front-end whose clock runs
+    ahead of the database's by more than the retention trims nothing
+    younger than it, where it judged by its own clock (a black-box probe:
+    events 5 s old trimmed with a retention of 2 minutes, the front-end's
+    clock 3 minutes ahead)."""
+    async def main():
+        async with stored(pg_url) as (store, c):
+            for _ in range(3):
+                await c.mod("a", 1)
+            real = time.time
+            monkeypatch.setattr(time, "time", lambda: real() + 180)
+            await store.clusters[0].events.trim(retention_s=120)
+            events, _ = await c.events(after=0)
+            assert [x.id for x in events] == [1, 2, 3]
+            monkeypatch.setattr(time, "time", real)
+            pg.psql("UPDATE accman_events SET at = at - 121000 WHERE id <= 2",
+                    pg_url.rsplit("/", 1)[1])
+            await store.clusters[0].events.trim(retention_s=120)
+            with pytest.raises(EventsTrimmed) as e:
+                await c.events(after=0)
+            assert e.value.first == 3
+    run(main())
+
+
 def test_a_cursor_of_the_store_keeps_the_events_after_it_past_the_retention(pg, pg_url):
     """The webhook's cursor row holds the events its receiver has not
     acknowledged, for every front-end's trimming, with or without a
