@@ -175,9 +175,10 @@ def describe(exc: BaseException) -> str:
     return f"an unexpected error ({type(exc).__name__})"
 
 
-def read_detail(exc: BaseException) -> str:
-    """The 503 detail of a read (/tot, /past, /events) that failed."""
-    return f"the database cannot be read: {describe(exc)}"
+def read_detail(exc: BaseException, where: str = "") -> str:
+    """The 503 detail of a read (/tot, /past, /events) that failed; `where`
+    names the cluster on a store of several (complaints.named)."""
+    return f"{where}the database cannot be read: {describe(exc)}"
 
 
 # A batch whose commit may have landed: what each of its callers can do.  A

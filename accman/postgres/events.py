@@ -24,7 +24,7 @@ from accman.errors import Busy, EventsTrimmed, Unavailable
 from accman.limits import EVENTS_WAITERS_MAX
 from accman.postgres import errors as E
 from accman.postgres.backends import Connection, committed, pool_read
-from accman.postgres.complaints import doing
+from accman.postgres.complaints import doing, named
 from accman.store import check_events
 from accman.postgres.schema import EVENT_TYPES, NOTIFY_CHANNEL
 from accman.records import Event
@@ -254,7 +254,7 @@ class EventReader:
         except EventsTrimmed as e:
             return e
         except Exception as e:
-            return Unavailable(E.read_detail(e))
+            return Unavailable(E.read_detail(e, named(self.store, self.cluster)))
 
     async def _answer(self, after, limit, done) -> bool:
         """Reads a page for a waiter; False when there is nothing yet."""

@@ -278,7 +278,7 @@ class PgStore(Committing):
                     tots = await pool_read(cluster.pool, READ_TIMEOUT_S, "fetchval",
                                            B.TOT_SQL, [h for h, _ in taken])
                 except Exception as e:
-                    error = Unavailable(E.read_detail(e))
+                    error = Unavailable(E.read_detail(e, named(self, cluster)))
                     self._deliver([(done, error) for _, done in taken])
                     continue
                 finally:
@@ -299,7 +299,7 @@ class PgStore(Committing):
             self._queue(cluster, op)
         else:
             self._flying[op] = None
-            self._spawn(self._past(op, pool=cluster.pool))
+            self._spawn(self._past(op, pool=cluster.pool, cluster=cluster))
         return None
 
     async def _past(self, op, pool=None, lane=None, cluster=None) -> None:
@@ -312,7 +312,7 @@ class PgStore(Committing):
                 log.exception("a /past page failed in AccMan")
             elif lane is not None and not E.answered(e):    # the writer is gone, or closed:
                 self.lost(cluster, e)   # the writes queued behind are refused, not sent
-            page = Unavailable(E.read_detail(e))
+            page = Unavailable(E.read_detail(e, named(self, cluster)))
         if self._landed([op]):
             self._deliver([(op.done, page)])
 

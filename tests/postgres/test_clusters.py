@@ -341,6 +341,27 @@ def test_a_cluster_that_cannot_be_opened_is_named_on_a_store_of_several(pg):
         run(migrate([a, a.replace("127.0.0.1", "localhost")]))
 
 
+def test_a_read_of_a_cluster_that_cannot_be_read_names_it(pg, pg_factory):
+    """On a store of several, a read refused because its account's cluster
+    cannot be reached names that cluster, as a write refused there does
+    (a black-box probe: only writes did)."""
+    other = pg_factory(name="unread")
+    a, b = pg.create_database("unread_a"), other.create_database("unread_b")
+    run(migrate([a, b]))
+
+    async def main():
+        async with stored([a, b]) as (store, c):
+            there = next(f"z{i}" for i in range(100)
+                         if store._locate(f"z{i}")[1] is store.clusters[1])
+            assert await c.mod(there, 5) == (5, 1)
+            other.stop("immediate")
+            for read in (lambda: c.tot(there), lambda: c.past(there)):
+                with pytest.raises(Unavailable, match="^cluster 2: the database cannot be "
+                                                      "read: "):
+                    await read()
+    run(main())
+
+
 def test_a_lost_cluster_is_named_in_the_log_on_a_store_of_several(pg, caplog):
     a, b = pg.create_database("named_a"), pg.create_database("named_b")
     caplog.set_level("WARNING", logger="accman.postgres")
