@@ -16,8 +16,7 @@ import asyncpg
 
 from accman.errors import StoreError
 from accman.postgres.errors import store_error, unreadable_url
-from accman.postgres.hosts import (name_and_port, one_host_urls, query_value,
-                                   split_url)
+from accman.postgres.hosts import name_and_port, one_host_urls, query_value, split_url
 from accman.postgres.service_file import LIBPQ_KEYWORDS, ServiceFileError, service_settings
 
 log = logging.getLogger("accman.postgres")
