@@ -14,6 +14,8 @@ crash`) flips many more."""
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,54 @@ def test_each_file_removed_emptied_or_flipped_is_refused_or_loses_nothing(killed
     # Neither side may be empty: some damage is harmless (a flip in the
     # write-ahead log's zeros, LevelDB's info log) and much is refused.
     assert outcomes["refused"] > 20 and outcomes["opened"] > 5, outcomes
+
+
+_WRITER = """
+import os, sys
+from accman import Ledger
+led = Ledger(sys.argv[1])
+for i in range(1, int(sys.argv[2]) + 1):
+    led.mod(sys.argv[3], i)
+if sys.argv[4] == "close":
+    led.close()
+else:
+    os._exit(0)             # a crash: the log's records past its checkpoint
+"""
+
+
+def _written(path, mods, cred, close):
+    subprocess.run([sys.executable, "-c", _WRITER, str(path), str(mods), cred,
+                    "close" if close else "crash"], check=True)
+
+
+OTHERS = (keyfile.KEY_NAME, wal.CHECKPOINT_NAME, wal.WAL_NAME)
+
+
+@pytest.mark.parametrize("taken", [OTHERS, (keyfile.KEY_NAME,)],
+                         ids=["key, checkpoint and log", "key"])
+def test_another_store_s_key_is_refused_before_any_file_changes(tmp_path, taken):
+    """A store's key file (alone, or with the checkpoint and log it signs)
+    from another store, a restore from the wrong backup: refused, naming
+    the key file, with no file changed, so that the store's own files put
+    back open it whole.  With all three, recovery cut LevelDB's log by the
+    other checkpoint's sizes and LevelDB rewrote it before the key was
+    compared: the refused store, mended, opened empty (a black-box probe).
+    The key alone was said as the checkpoint failing its MAC."""
+    real, other, copy = tmp_path / "real", tmp_path / "other", tmp_path / "copy"
+    _written(real, 10, "real", close=True)
+    _written(other, 15, "other", close=False)
+    shutil.copytree(real, copy)
+    for name in taken:
+        shutil.copy2(other / name, copy / name)
+    before = files_of(copy)
+    with pytest.raises(StoreError, match=f"{keyfile.KEY_NAME} does not match the store's "
+                                         "format record; refusing to serve"):
+        Ledger(str(copy))
+    assert files_of(copy) == before
+    for name in taken:
+        shutil.copy2(real / name, copy / name)
+    led = Ledger(str(copy))
+    try:
+        assert led.tot("real") == 55
+    finally:
+        led.close()

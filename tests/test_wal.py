@@ -300,8 +300,9 @@ def test_a_key_file_that_disagrees_with_the_format_record_is_refused(tmp_path):
     with Ledger(str(tmp_path / "other")):
         pass
     shutil.copy(tmp_path / "other" / keyfile.KEY_NAME, path / keyfile.KEY_NAME)
-    # The checkpoint's MAC is under the other key too.
-    refused(path, f"{wal.CHECKPOINT_NAME} fails its MAC")
+    # The checkpoint fails its MAC under the other key: said as the key's
+    # damage, which the format record shows (found.name_the_key).
+    refused(path, f"{keyfile.KEY_NAME} does not match the store's format record")
 
 
 def test_a_synced_leveldb_log_ending_in_a_bad_record_is_refused_not_taken_for_torn(tmp_path):

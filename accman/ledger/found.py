@@ -1,6 +1,7 @@
 """What a data directory that was there holds, judged before the first
 change to it: open in another process, another program's LevelDB, an
-AccMan store from before the key file, or one that lost its key file.
+AccMan store from before the key file, one that lost its key file, or one
+whose key file is another store's.
 What LevelDB holds is read from a private copy
 (accman.ledger.datadir.snapshot): a refused directory is left as it was
 found, where LevelDB opening it would turn its log into a table and delete
@@ -9,6 +10,7 @@ files.  No I/O on the directory itself but reads.
 
 from __future__ import annotations
 
+import hmac
 import json
 
 import plyvel
@@ -60,10 +62,64 @@ def key_of_keyless(path: str, shown: str, ckpt) -> bytes:
     return key
 
 
-def _format_record(path: str) -> bytes | None:
+def sealed_without_checkpoint(shown: str) -> StoreCorrupt:
+    return StoreCorrupt(f"{shown}: {wal.CHECKPOINT_NAME} is missing, but {keyfile.KEY_NAME} "
+                        "is here, which a store has only once its first checkpoint is "
+                        "written: damaged (the checkpoint removed?); refusing to serve, "
+                        "nothing repaired")
+
+
+def key_mismatch(shown: str) -> StoreCorrupt:
+    return StoreCorrupt(f"{shown}: {keyfile.KEY_NAME} does not match the store's format "
+                        "record; refusing to serve, nothing repaired")
+
+
+def refuse_another_key(path: str, shown: str, key: bytes, cuts: dict) -> None:
+    """Refuses the directory `path` (named `shown`) when its format record
+    names another key than its key file's `key`: the key file, and the
+    checkpoint and log that the key signs, are another store's (a restore
+    from the wrong backup).  Judged before recovery cuts LevelDB's logs by
+    that checkpoint's sizes (`cuts`, made in the copy read) and LevelDB
+    rewrites them, which would lose this store's synced batches.  A copy
+    without a format record, or with one unreadable, is left to the open
+    to name."""
+    meta = _meta_of(_format_record(path, cuts))
+    if meta is not None and not hmac.compare_digest(meta[1], key):
+        raise key_mismatch(shown)
+
+
+def name_the_key(path: str, shown: str, key: bytes) -> None:
+    """After the checkpoint failed its MAC: refused as a key file of
+    another store's instead, when the format record says so (the checkpoint
+    is then this store's, signed with its own key).  Nothing else the
+    copy's reading raises is said in the checkpoint's place."""
+    try:
+        meta = _meta_of(_format_record(path))
+    except Exception:
+        return
+    if meta is not None and not hmac.compare_digest(meta[1], key):
+        raise key_mismatch(shown)
+
+
+def _meta_of(raw: bytes | None) -> tuple | None:
+    """A format record's (format, key), or None if it is absent or
+    unreadable."""
+    try:
+        meta = json.loads(raw)
+        fmt, key = meta["format"], bytes.fromhex(meta["salt"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return (fmt, key) if type(fmt) is int and len(key) == keyfile.SALT_BYTES else None
+
+
+def _format_record(path: str, cuts: dict | None = None) -> bytes | None:
+    """The format record of a private copy of `path`, its LevelDB logs cut
+    by `cuts` first (wal.logs_to_cut), as recovery will cut the store's."""
     scratch = datadir.scratch_path()
     try:
         datadir.snapshot(path, scratch)
+        if cuts:
+            wal.cut_logs(scratch, cuts)
         db = plyvel.DB(scratch, create_if_missing=False, paranoid_checks=True)
         try:
             return db.get(migrate.META_KEY, verify_checksums=True)

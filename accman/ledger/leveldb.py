@@ -25,20 +25,9 @@ from accman.ledger.plyvel_errors import translated
 log = logging.getLogger("accman.ledger.leveldb")
 
 META_KEY = migrate.META_KEY   # sorts before every account, history and key record
-STORE_FORMAT = 5             # bump with a migration when a record format changes
-# Format 1 kept an account record beside each history; format 2 derives the
-# account from its history's newest entry (see ext/ledger.pyx).  A format-1
-# directory is migrated at open: its account records are checked against
-# their histories one last time, then deleted in the batch that writes the
-# new format record.  Format 3 keeps a batch's events as one record
-# (ext/records.pxi); the one record per event of format 2 stays readable
-# (accman.ledger.eventrecords) until the retention trims it, so going from
-# 2 to 3 rewrites the format record alone, through the log.  Format 4 adds
-# an open-hold record beside each open hold (accman.ledger.migrate); going
-# from 2 or 3 writes them, then the format record, through the log.
-# Format 5 writes an account's changes in one batch as one history record
-# (ext/history.pxi); the one record per change of formats 2-4 stays
-# readable, so going from 4 to 5 rewrites the format record alone.
+# Bumped with a migration when a record format changes (accman.ledger.migrate
+# says what each format changed, and how an older one is brought forward).
+STORE_FORMAT = 5
 # LevelDB's defaults (4 MiB write buffer, 8 MiB block cache) are for small
 # uses; a million accounts' records read at open and /past at random want more.
 WRITE_BUFFER_BYTES = 16 * 1024 * 1024
@@ -193,11 +182,11 @@ class Store:
         path = self.dir
         salt, sealed = self._step(keyfile.read_key_sealed, path)
         keys = wal.Keys.of(salt) if salt is not None else None
-        ckpt = self._step(wal.read_checkpoint, path, keys)
+        ckpt = self._checkpoint(path, salt, keys)
         if (ckpt is None and not os.path.exists(os.path.join(path, "CURRENT"))
                 and not os.path.exists(os.path.join(path, wal.WAL_NAME))):
             if sealed:
-                self._refuse_sealed_without_checkpoint()
+                raise found.sealed_without_checkpoint(self.path)
             if fsck.has_leveldb_files(path) and not datadir.creation_cut_short(path):
                 raise StoreCorrupt(f"{self.path}: LevelDB files without CURRENT: "
                                    "not an AccMan store, or damaged")
@@ -220,33 +209,41 @@ class Store:
         # directory: its files are changing under us, so neither read nor
         # cut nor checked, and found refuses it as locked.
         if existed and not datadir.locked_elsewhere(path):
-            # Read and parsed (and refused if damaged) before any file is cut.
-            records = [(rec.lsn, self._puts_of(rec))
-                       for rec in self._step(wal.scan, path, ckpt, keys)]
-            cuts = {}
-            if ckpt is not None:
-                self._step(wal.check_leveldb_tail, ckpt, records,
-                           self._step(fsck.batches_past, path, ckpt.logs))
-                cuts = self._step(wal.logs_to_cut, path, ckpt)
-            if check_files:
-                # The logs as they will be once cut: nothing is cut before
-                # every check has passed.
-                fsck.check_dir(path, synced_logs=ckpt.logs if ckpt is not None else None,
-                               shown_as=self.path)
-            if cuts:
-                wal.cut_logs(path, cuts)
-                log.info("%s: recovery: cut %d unsynced bytes from LevelDB's "
-                         "logs, to be replayed from %s", self.path,
-                         sum(cuts.values()), wal.WAL_NAME)
+            records = self._checked_records(path, salt, keys, ckpt, check_files)
         if sealed and ckpt is None:
-            self._refuse_sealed_without_checkpoint()    # after the log's own refusal
+            raise found.sealed_without_checkpoint(self.path)    # after the log's own refusal
         return salt, sealed, ckpt, records
 
-    def _refuse_sealed_without_checkpoint(self):
-        raise StoreCorrupt(f"{self.path}: {wal.CHECKPOINT_NAME} is missing, but "
-                           f"{keyfile.KEY_NAME} is here, which a store has only once its "
-                           "first checkpoint is written: damaged (the checkpoint removed?); "
-                           "refusing to serve, nothing repaired")
+    def _checkpoint(self, path: str, salt: bytes | None, keys):
+        """The checkpoint; one failing its MAC is said as the key file's damage
+        when the key is another store's (found.name_the_key)."""
+        try:
+            return self._step(wal.read_checkpoint, path, keys)
+        except StoreCorrupt:
+            if salt is not None:
+                found.name_the_key(path, self.path, salt)
+            raise
+
+    def _checked_records(self, path: str, salt: bytes | None, keys, ckpt, check_files):
+        """The log's records to replay, read and parsed (refused if damaged);
+        LevelDB's logs cut once every check has passed, not before."""
+        records = [(rec.lsn, self._puts_of(rec))
+                   for rec in self._step(wal.scan, path, ckpt, keys)]
+        cuts = {}
+        if ckpt is not None:
+            self._step(wal.check_leveldb_tail, ckpt, records,
+                       self._step(fsck.batches_past, path, ckpt.logs))
+            cuts = self._step(wal.logs_to_cut, path, ckpt)
+        if check_files:             # the logs as they will be once cut
+            fsck.check_dir(path, synced_logs=ckpt.logs if ckpt is not None else None,
+                           shown_as=self.path)
+        if salt is not None and not self.read_only:
+            found.refuse_another_key(path, self.path, salt, cuts)
+        if cuts:
+            wal.cut_logs(path, cuts)
+            log.info("%s: recovery: cut %d unsynced bytes from LevelDB's logs, to be "
+                     "replayed from %s", self.path, sum(cuts.values()), wal.WAL_NAME)
+        return records
 
     def _dir_fd(self) -> int:
         """The directory's descriptor, held while the store is open (the log's once it exists)."""
@@ -294,14 +291,13 @@ class Store:
                 return salt
         try:
             meta = json.loads(raw)
-            fmt, found = meta["format"], bytes.fromhex(meta["salt"])
+            fmt, stored = meta["format"], bytes.fromhex(meta["salt"])
         except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise StoreCorrupt(f"{self.path}: unreadable format record") from e
-        if len(found) != keyfile.SALT_BYTES:
+        if len(stored) != keyfile.SALT_BYTES:
             raise StoreCorrupt(f"{self.path}: bad credential-hash key length")
-        if salt is not None and not hmac.compare_digest(salt, found):
-            raise StoreCorrupt(f"{self.path}: {keyfile.KEY_NAME} does not match the "
-                               "store's format record; refusing to serve, nothing repaired")
+        if salt is not None and not hmac.compare_digest(salt, stored):
+            raise found.key_mismatch(self.path)
         if fmt == 1:       # holds came with format 2: no open-hold records to write
             with translated(self.path, "migrate from store format 1"):
                 migrate.from_format_1(self.db, self.path, dict(meta, format=STORE_FORMAT))
@@ -311,7 +307,7 @@ class Store:
         elif fmt != STORE_FORMAT:
             raise StoreCorrupt(f"{self.path}: store format {fmt}, this AccMan "
                                f"reads format {STORE_FORMAT}")
-        return found
+        return stored
 
     # -- reads ---------------------------------------------------------------
 

@@ -6,11 +6,20 @@ against its history one last time, then deleted, in the one synced batch
 that rewrites the format record: either all of it or none.  Format 1
 predates the write-ahead log, so this batch is LevelDB's alone.
 
+Format 3 keeps a batch's events as one record (ext/records.pxi); the one
+record per event of format 2 stays readable (accman.ledger.eventrecords)
+until the retention trims it, so going from 2 to 3 rewrites the format
+record alone, through the log.
+
 Format 4 keeps an open-hold record (`O`) beside each open hold's record
 (`o`), so that open reads the open holds and not every hold ever taken.
 `through_log` writes what a store of format 2 or 3 lacks
 (`open_hold_records`) through the log, then the new format record: a
 crash midway leaves the old format, and the next open does it again.
+
+Format 5 writes an account's changes in one batch as one history record
+(ext/history.pxi); the one record per change of formats 2-4 stays
+readable, so going from 4 to 5 rewrites the format record alone.
 
 plyvel's errors are the caller's to translate (accman.ledger.plyvel_errors.translated)."""
 
