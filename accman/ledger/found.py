@@ -74,18 +74,27 @@ def key_mismatch(shown: str) -> StoreCorrupt:
                         "record; refusing to serve, nothing repaired")
 
 
-def refuse_another_key(path: str, shown: str, key: bytes, cuts: dict) -> None:
+def refuse_unfit(path: str, shown: str, key: bytes, cuts: dict, format_max: int) -> None:
     """Refuses the directory `path` (named `shown`) when its format record
     names another key than its key file's `key`: the key file, and the
     checkpoint and log that the key signs, are another store's (a restore
-    from the wrong backup).  Judged before recovery cuts LevelDB's logs by
-    that checkpoint's sizes (`cuts`, made in the copy read) and LevelDB
-    rewrites them, which would lose this store's synced batches.  A copy
+    from the wrong backup); or a format newer than `format_max`.  Judged
+    before recovery cuts LevelDB's logs by the checkpoint's sizes (`cuts`,
+    made in the copy read) and LevelDB rewrites them, which with another
+    store's checkpoint would lose this store's synced batches.  A copy
     without a format record, or with one unreadable, is left to the open
     to name."""
     meta = _meta_of(_format_record(path, cuts))
-    if meta is not None and not hmac.compare_digest(meta[1], key):
+    if meta is None:
+        return
+    if not hmac.compare_digest(meta[1], key):
         raise key_mismatch(shown)
+    if meta[0] > format_max:
+        raise newer_format(shown, meta[0], format_max)
+
+
+def newer_format(shown: str, fmt: int, format_max: int) -> StoreCorrupt:
+    return StoreCorrupt(f"{shown}: store format {fmt}, this AccMan reads format {format_max}")
 
 
 def name_the_key(path: str, shown: str, key: bytes) -> None:

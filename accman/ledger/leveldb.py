@@ -238,7 +238,7 @@ class Store:
             fsck.check_dir(path, synced_logs=ckpt.logs if ckpt is not None else None,
                            shown_as=self.path)
         if salt is not None and not self.read_only:
-            found.refuse_another_key(path, self.path, salt, cuts)
+            found.refuse_unfit(path, self.path, salt, cuts, STORE_FORMAT)
         if cuts:
             wal.cut_logs(path, cuts)
             log.info("%s: recovery: cut %d unsynced bytes from LevelDB's logs, to be "
@@ -305,8 +305,7 @@ class Store:
             self._from_format = fmt
             self._upgrade = dict(meta, format=STORE_FORMAT)
         elif fmt != STORE_FORMAT:
-            raise StoreCorrupt(f"{self.path}: store format {fmt}, this AccMan "
-                               f"reads format {STORE_FORMAT}")
+            raise found.newer_format(self.path, fmt, STORE_FORMAT)
         return stored
 
     # -- reads ---------------------------------------------------------------
