@@ -329,6 +329,7 @@ def cmd_verify(args) -> int:
         from accman.ledger import Ledger
         from accman.ledger.datadir import checked_path
         from accman.ledger.leveldb import Store
+        from accman.verify import verdict_on
     except ImportError:
         why = accman.native_missing()
         if why is None:
@@ -345,48 +346,10 @@ def cmd_verify(args) -> int:
         return _fail(f"{path} is not a directory" if os.path.exists(path)
                      else f"no data directory at {path}")
     with stopped_without_copies():
-        verdict = _verify(path, Ledger, Store)
+        verdict = verdict_on(path, Ledger, Store)
         hold_stops()            # the verdict is said whole
     line, code, is_result = verdict
     return print_result(line, code) if is_result else _fail(line, code)
-
-
-def _verify(path, Ledger, Store):
-    """The verdict on the store at `path`, said by the caller once the stops
-    are held back: (line, exit code, whether it is the result, for stdout,
-    or an error, for stderr)."""
-    from accman.errors import AccManError, StoreCorrupt, StoreLocked
-    try:
-        # Read-only: recovery runs in a private copy, so that a read-only
-        # copy or mount can be verified and no file of the store changes.
-        store = Store(path, create=False, read_only=True)
-        try:
-            ledger = Ledger(path, create=False, store=store)
-        except BaseException:
-            store.close(checkpoint=False)
-            raise
-    except StoreLocked:
-        return (f"data directory {path} is in use by a running server; stop it first",
-                EXIT_USAGE, False)
-    except StoreCorrupt as e:
-        return _failed(path, e), EXIT_REFUSED, True
-    except AccManError as e:
-        why = e.detail.removeprefix(f"{path}: ")      # the store's words name it too
-        return f"cannot open data directory {path}: {why}", EXIT_USAGE, False
-    try:
-        counts = ledger.verify()
-    except StoreCorrupt as e:
-        return _failed(path, e), EXIT_REFUSED, True
-    finally:
-        ledger.close()
-    described = ", ".join(f"{name}={n}" for name, n in counts.items())
-    return f"accman: verify {path}: ok ({described})", EXIT_OK, True
-
-
-def _failed(path, e) -> str:
-    """verify's verdict on a damaged store, naming it once (the store's
-    words name it too)."""
-    return f"accman: verify {path}: FAILED: {e.detail.removeprefix(f'{path}: ')}"
 
 
 # --- client commands ---------------------------------------------------------

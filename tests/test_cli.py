@@ -609,6 +609,27 @@ def test_verify(start_server, tmp_path):
     assert err == f"accman: error: no data directory at {tmp_path / 'dangling'}"
 
 
+def test_verify_reads_the_webhook_s_cursor_as_a_start_does(tmp_path):
+    """The webhook's cursor file is the data directory's too: damaged, a
+    server refuses to start, so verify fails it, where it said ok (a
+    black-box probe); whole, its value is in the verdict."""
+    from accman import Ledger
+    from accman.calling.commands import EXIT_REFUSED
+    from accman.server.cursors import cursor_line
+    data = tmp_path / "data"
+    with Ledger(str(data)) as led:
+        led.mod("acct", 5)
+    cursor = data / "webhook.cursor"
+    cursor.write_bytes(cursor_line("webhook", 7))
+    proc = run_accman("verify", "--data", data)
+    assert proc.returncode == 0 and "webhook_cursor=7" in proc.stdout, proc
+    cursor.write_bytes(b"garbage\n")
+    proc = run_accman("verify", "--data", data)
+    assert proc.returncode == EXIT_REFUSED, proc
+    assert proc.stdout == (f"accman: verify {data}: FAILED: the cursor file {cursor} is "
+                           "damaged: it is not one cursor line\n"), proc
+
+
 def test_verify_stopped_by_sigterm_leaves_no_copy_of_the_store(tmp_path):
     """Its private copy holds the store's key: a SIGTERM ends it as ^C
     does, and the copy is removed on the way out."""
