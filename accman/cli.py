@@ -329,7 +329,7 @@ def cmd_verify(args) -> int:
         from accman.ledger import Ledger
         from accman.ledger.datadir import checked_path
         from accman.ledger.leveldb import Store
-        from accman.verify import verdict_on
+        from accman.verdict import verdict_on
     except ImportError:
         why = accman.native_missing()
         if why is None:
