@@ -188,7 +188,9 @@ def test_verify_finds_damage_in_a_read_only_open_as_in_a_normal_one(tmp_path):
 
 def test_verify_works_on_a_read_only_mount(tmp_path):
     """Issue 11 item 6: `accman verify` on a read-only copy failed with
-    EROFS.  The copy is on a tmpfs remounted read-only (root only, as CI)."""
+    EROFS.  The copy is on a tmpfs remounted read-only (root only, as CI).
+    `accman serve` there says the file system is read-only, where it said
+    permission denied (a black-box probe)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     data = crashed_store(tmp_path)
@@ -203,6 +205,11 @@ def test_verify_works_on_a_read_only_mount(tmp_path):
         proc = run_accman("verify", "--data", mnt / "data")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "ok" in proc.stdout and "entries=10" in proc.stdout
+        proc = run_accman("serve", "--data", mnt / "data", "--port", "0")
+        assert proc.returncode == 2, proc
+        assert proc.stderr == (f"accman: error: cannot open data directory {mnt / 'data'}: on "
+                               "a read-only file system (accman writes to it; `accman verify` "
+                               "reads a read-only copy)\n"), proc.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 

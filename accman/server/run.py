@@ -240,9 +240,21 @@ def _usable_directory(data_path: str) -> bool:
         raise StartupError(f"cannot open data directory {data_path}: "
                            f"{e.strerror or e}") from None
     if there and not os.access(data_path, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+        if _read_only_mount(data_path):
+            raise StartupError(f"cannot open data directory {data_path}: on a read-only "
+                               "file system (accman writes to it; `accman verify` reads a "
+                               "read-only copy)")
         raise StartupError(f"cannot open data directory {data_path}: permission denied "
                            "(accman must be able to enter, read and write it)")
     return there
+
+
+def _read_only_mount(path: str) -> bool:
+    """os.access says EROFS as it says EACCES: the mount's flags tell."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def hold_for_webhook(options: dict, data_path: str | None, webhook: bool) -> None:
