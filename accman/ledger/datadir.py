@@ -419,7 +419,8 @@ def snapshot(path: str, scratch: str) -> None:
         raise StoreCorrupt(f"{path}: data files are damaged: {e}; refusing to read "
                            "it, nothing changed") from None
     except OSError as e:
-        raise StoreError(f"{path}: cannot read the store: {e.strerror or e}") from e
+        what = os.path.basename(e.filename) if e.filename else "the store"
+        raise StoreError(f"{path}: cannot read {what}: {e.strerror or e}") from e
     try:
         os.mkdir(scratch, 0o700)
     except OSError as e:
