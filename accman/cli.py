@@ -35,6 +35,7 @@ credential alone, so that `cred=$(accman open --by 100)` works;
 import contextlib
 import json
 import os
+import stat
 import sys
 
 import accman
@@ -342,9 +343,13 @@ def cmd_verify(args) -> int:
         path = os.path.abspath(checked_path(args.data))
     except ValueError as e:
         return _fail(f"--data: {e}")
-    if not os.path.isdir(path):
-        return _fail(f"{path} is not a directory" if os.path.exists(path)
-                     else f"no data directory at {path}")
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            return _fail(f"{path} is not a directory")
+    except FileNotFoundError:
+        return _fail(f"no data directory at {path}")
+    except OSError as e:            # a loop of links, a file on the way: as serve says it
+        return _fail(f"cannot open data directory {path}: {e.strerror or e}")
     with stopped_without_copies():
         verdict = verdict_on(path, Ledger, Store)
         hold_stops()            # the verdict is said whole

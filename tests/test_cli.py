@@ -607,6 +607,33 @@ def test_verify(start_server, tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     err = one_line_error(run_accman("verify", "--data", tmp_path / "dangling"))
     assert err == f"accman: error: no data directory at {tmp_path / 'dangling'}"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")     # said as serve says it
+    err = one_line_error(run_accman("verify", "--data", tmp_path / "loop"))
+    assert err == (f"accman: error: cannot open data directory {tmp_path / 'loop'}: "
+                   "Too many levels of symbolic links")
+
+
+@pytest.mark.parametrize("name", ["CURRENT", "MANIFEST"])
+def test_verify_names_an_unreadable_file_of_leveldb(tmp_path, name):
+    """SERVER.md: a store that cannot be read is said with the file that
+    cannot be, as for the key, checkpoint, logs and tables; CURRENT and
+    the MANIFEST were said as `the store` (a black-box probe).  Root reads
+    any file: verify runs without the capability that lets it."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (CI runs as root)")
+    from accman import Ledger
+    data = tmp_path / "data"
+    with Ledger(str(data)) as led:
+        led.mod("acct", 5)
+    [file] = [p for p in data.iterdir() if p.name.startswith(name)]
+    file.chmod(0)
+    proc = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                           PYTHON, "-m", "accman", "verify", "--data", str(data)],
+                          capture_output=True, text=True, timeout=30, env=server_env(None),
+                          cwd=ROOT)
+    assert proc.returncode == 2, proc
+    assert proc.stderr == (f"accman: error: cannot open data directory {data}: cannot read "
+                           f"{file.name}: Permission denied\n"), proc.stderr
 
 
 def test_verify_reads_the_webhook_s_cursor_as_a_start_does(tmp_path):
