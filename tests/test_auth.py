@@ -147,7 +147,7 @@ def test_sighup_reads_the_tokens_file_again_and_revokes_at_the_next_request(star
         assert c.response().status == 200
         path.write_text(f"read {B_TOKEN}\n")            # A revoked, B added
         srv.send_signal(signal.SIGHUP)
-        wait_said(srv, f"accman: SIGHUP: 1 tokens read again from {path}")
+        wait_said(srv, f"accman: SIGHUP: 1 token read again from {path}")
         c.send(request_bytes("GET", "/tot?cred=h", auth))
         assert c.response().status == 401                 # the same connection
     assert srv.tot("h", token=B_TOKEN) == 5

@@ -392,7 +392,8 @@ class Server:
             return
         for conn in self.connections:
             conn.token = None
-        say(f"accman: SIGHUP: {count} tokens read again from {self.tokens.path}")
+        say(f"accman: SIGHUP: {count} token{'s' * (count != 1)} read again from "
+            f"{self.tokens.path}")
 
     async def serve_until_stopped(self):
         await self._stopped.wait()
