@@ -688,7 +688,9 @@ def test_a_grower_that_cannot_start_fails_the_open_and_never_hangs_it(tmp_path, 
     got = outcome_within(lambda: Ledger(path).close(), 10,
                          "the open hung: the writer waits for a grower that has ended")
     assert isinstance(got, StoreError), got
-    assert "growing accman.wal: Cannot allocate memory" in got.detail
+    # A new store: nothing to replay; its log's start failed.
+    assert got.detail == (f"{path}: start the write-ahead log failed: growing accman.wal: "
+                          "Cannot allocate memory"), got.detail
     monkeypatch.undo()
     with Ledger(path) as led:               # nothing was left open or half made
         assert led.mod("alice", 1) == (1, 1)

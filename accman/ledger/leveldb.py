@@ -127,6 +127,7 @@ class Store:
         self.salt = self._meta(salt)
         with translated(self.path, "replay the write-ahead log"):
             self._replay(records)
+        with translated(self.path, "start the write-ahead log"):
             # The lsn due where the records end is skipped: a torn write of
             # it may lie there, and a write of the same lsn over it must not
             # make one record of the two writes' sectors (walsectors).
