@@ -63,10 +63,11 @@ def test_cred_cache_bound(pg_url, monkeypatch):
     run(main())
 
 
-async def until(pred, timeout_s):
+async def until(pred, timeout_s, what=lambda: "timed out"):
+    """Waits for `pred()`; past `timeout_s`, fails saying `what()`."""
     deadline = time.monotonic() + timeout_s
     while not pred():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, what()
         await asyncio.sleep(0.02)
 
 
