@@ -398,7 +398,7 @@ def scratch_path() -> str:
     return scratch
 
 
-def snapshot(path: str, scratch: str) -> None:
+def snapshot(path: str, scratch: str, leveldb_only: bool = False) -> None:
     """Makes `scratch` (from scratch_path) a private copy of the store at
     `path`, to open without changing a file of it (`accman verify` on a
     read-only copy or a live backup): the tables its MANIFEST lists as
@@ -406,9 +406,11 @@ def snapshot(path: str, scratch: str) -> None:
     other file copied but other tables.  Those are left-overs that
     LevelDB deletes at open, and numbers it may give a table it makes in
     the copy: a link there would be the store's own file, truncated
-    through it.  The directory is 0700; the caller removes it
-    (remove_snapshot), whether this returns or raises.  StoreCorrupt if
-    the MANIFEST is damaged, or a store file is no regular file."""
+    through it.  `leveldb_only`: LevelDB's files alone, not AccMan's (the
+    key, the checkpoint, the log: a format record's read needs none).  The
+    directory is 0700; the caller removes it (remove_snapshot), whether
+    this returns or raises.  StoreCorrupt if the MANIFEST is damaged, or a
+    store file is no regular file."""
     check_regular(path)
     try:
         # Without CURRENT there is no store yet (a creation cut short) or a
@@ -432,7 +434,8 @@ def snapshot(path: str, scratch: str) -> None:
     try:
         for name in sorted(os.listdir(path)):
             src = os.path.join(path, name)
-            if not STORE_FILE.match(name) or name in ("LOCK", "LOG", "LOG.old"):
+            if (not STORE_FILE.match(name) or name in ("LOCK", "LOG", "LOG.old")
+                    or (leveldb_only and name.startswith("accman."))):
                 continue
             if TABLE_NAME.match(name):
                 if name in listed:

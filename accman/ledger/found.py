@@ -126,7 +126,7 @@ def _format_record(path: str, cuts: dict | None = None) -> bytes | None:
     by `cuts` first (wal.logs_to_cut), as recovery will cut the store's."""
     scratch = datadir.scratch_path()
     try:
-        datadir.snapshot(path, scratch)
+        datadir.snapshot(path, scratch, leveldb_only=True)
         if cuts:
             wal.cut_logs(scratch, cuts)
         db = plyvel.DB(scratch, create_if_missing=False, paranoid_checks=True)
