@@ -172,15 +172,21 @@ def test_a_cut_wait_is_heard_whatever_client_min_messages_the_database_sets(
     run(main())
 
 
+def _database_sets(pg, url, **settings):
+    """The database of `url` sets `settings` for every session, as an
+    operator's ALTER DATABASE does."""
+    db = url.rsplit("/", 1)[1].split("?")[0]
+    for name, value in settings.items():
+        pg.psql(f"ALTER DATABASE {db} SET {name} = '{value}'")
+
+
 def test_the_database_s_timeouts_do_not_cut_a_batch(pg, pg_url):
     """A statement_timeout or lock_timeout set on the database (or its
     role, or the server) does not reach AccMan's sessions: a batch waiting
     for a row lock held past both is committed once the lock goes, where
     the database's timeout refused it (and, firing as a statement ends,
     could be taken for the next batch's refusal)."""
-    db = pg_url.rsplit("/", 1)[1].split("?")[0]
-    pg.psql(f"ALTER DATABASE {db} SET statement_timeout = '200ms'")
-    pg.psql(f"ALTER DATABASE {db} SET lock_timeout = '100ms'")
+    _database_sets(pg, pg_url, statement_timeout="200ms", lock_timeout="100ms")
 
     async def main():
         async with stored(pg_url) as (store, c):
@@ -206,9 +212,8 @@ def test_the_database_s_idle_timeouts_do_not_end_a_front_end_s_sessions(pg, pg_u
     goes through, where its writer was ended every few seconds (the
     cluster lost until the store had reconnected: /health and writes 503,
     a black-box probe)."""
-    db = pg_url.rsplit("/", 1)[1].split("?")[0]
-    pg.psql(f"ALTER DATABASE {db} SET idle_session_timeout = '300ms'")
-    pg.psql(f"ALTER DATABASE {db} SET idle_in_transaction_session_timeout = '300ms'")
+    _database_sets(pg, pg_url, idle_session_timeout="300ms",
+                   idle_in_transaction_session_timeout="300ms")
 
     async def main():
         async with stored(pg_url) as (store, c):
