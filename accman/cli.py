@@ -301,7 +301,7 @@ def stopped_without_copies():
     snapshot: verify's, and serve's of a store from before the key file,
     read for its format record) are removed however they end: each holds
     the store's key."""
-    from accman.ledger.datadir import remove_snapshots
+    from accman.ledger.copies import remove_snapshots
     try:
         with stops_end_call():
             yield

@@ -136,6 +136,8 @@ def test_each_file_removed_emptied_or_flipped_is_refused_or_loses_nothing(killed
 _WRITER = """
 import os, sys
 from accman import Ledger
+for _ in range(int(sys.argv[5])):
+    Ledger(sys.argv[1]).close()         # restarts: LevelDB's log made a table, a new log
 led = Ledger(sys.argv[1])
 for i in range(1, int(sys.argv[2]) + 1):
     led.mod(sys.argv[3], i)
@@ -146,33 +148,39 @@ else:
 """
 
 
-def _written(path, mods, cred, close):
+def _written(path, mods, cred, close, restarts=0):
     subprocess.run([sys.executable, "-c", _WRITER, str(path), str(mods), cred,
-                    "close" if close else "crash"], check=True)
+                    "close" if close else "crash", str(restarts)], check=True)
 
 
 OTHERS = (keyfile.KEY_NAME, wal.CHECKPOINT_NAME, wal.WAL_NAME)
 
 
-@pytest.mark.parametrize("taken", [OTHERS, (keyfile.KEY_NAME,)],
-                         ids=["key, checkpoint and log", "key"])
-def test_another_store_s_key_is_refused_before_any_file_changes(tmp_path, taken):
+@pytest.mark.parametrize("taken, restarts", [(OTHERS, 0), (OTHERS, 1), ((keyfile.KEY_NAME,), 0)],
+                         ids=["key, checkpoint and log", "the same of a restarted store",
+                              "key"])
+def test_another_store_s_key_is_refused_before_any_file_changes(tmp_path, taken, restarts):
     """A store's key file (alone, or with the checkpoint and log it signs)
     from another store, a restore from the wrong backup: refused, naming
     the key file, with no file changed, so that the store's own files put
     back open it whole.  With all three, recovery cut LevelDB's log by the
     other checkpoint's sizes and LevelDB rewrote it before the key was
     compared: the refused store, mended, opened empty (a black-box probe).
-    The key alone was said as the checkpoint failing its MAC."""
+    The key alone was said as the checkpoint failing its MAC.  The other
+    store restarted: its checkpoint names a later LevelDB log than this
+    store's, which holds the format record (never made a table here), and
+    the cut by it emptied that log, so that no record was found to compare
+    and the store opened as the other (a review)."""
     real, other, copy = tmp_path / "real", tmp_path / "other", tmp_path / "copy"
     _written(real, 10, "real", close=True)
-    _written(other, 15, "other", close=False)
+    _written(other, 15, "other", close=False, restarts=restarts)
     shutil.copytree(real, copy)
     for name in taken:
         shutil.copy2(other / name, copy / name)
     before = files_of(copy)
-    with pytest.raises(StoreError, match=f"{keyfile.KEY_NAME} does not match the store's "
-                                         "format record; refusing to serve"):
+    refusal = (f"{keyfile.KEY_NAME} does not match the store's format record" if not restarts
+               else f"no format record in LevelDB's files as {wal.CHECKPOINT_NAME} leaves them")
+    with pytest.raises(StoreError, match=refusal):
         Ledger(str(copy))
     assert files_of(copy) == before
     for name in taken:

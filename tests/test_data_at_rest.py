@@ -15,7 +15,7 @@ import pytest
 
 from accman import Ledger
 from accman.errors import StoreCorrupt, StoreError, StoreLocked
-from accman.ledger import datadir, keyfile, wal
+from accman.ledger import copies, datadir, keyfile, wal
 from accman.ledger.leveldb import Store
 from accman.cli import EXIT_REFUSED, EXIT_USAGE
 from conftest import run_accman
@@ -138,7 +138,7 @@ def test_a_stop_on_the_way_out_still_removes_the_private_copy(tmp_path, monkeypa
                 os.unlink(next(p for p in Path(path).iterdir() if p.is_file()))
                 raise KeyboardInterrupt
             rmtree(path, ignore_errors=ignore_errors)
-        monkeypatch.setattr(datadir.shutil, "rmtree", stopped)
+        monkeypatch.setattr(copies.shutil, "rmtree", stopped)
     with pytest.raises(KeyboardInterrupt):
         store.close(checkpoint=False)
     assert list(scratch.iterdir()) == []
@@ -158,7 +158,7 @@ def test_verify_stopped_before_its_store_closes_still_removes_the_copy(tmp_path,
         raise KeyboardInterrupt
     monkeypatch.setattr(Ledger, "close", stopped)
     assert cli.main(["verify", "--data", str(data)]) == cli.EXIT_INTERRUPTED
-    assert list(scratch.iterdir()) == [] and datadir._copies == set()
+    assert list(scratch.iterdir()) == [] and copies._copies == set()
 
 
 def test_a_copy_s_name_taken_by_another_is_refused_and_left_alone(tmp_path, monkeypatch):
@@ -167,11 +167,11 @@ def test_a_copy_s_name_taken_by_another_is_refused_and_left_alone(tmp_path, monk
     (scratch / "accman-verify-0000").mkdir(parents=True)
     (scratch / "accman-verify-0000" / "theirs").write_text("x")
     monkeypatch.setattr("tempfile.tempdir", str(scratch))
-    monkeypatch.setattr(datadir.secrets, "token_hex", lambda n: "0000")
+    monkeypatch.setattr(copies.secrets, "token_hex", lambda n: "0000")
     with pytest.raises(StoreError, match="cannot copy the store to read it .a directory in "):
         Store(str(data), create=False, read_only=True)
     assert (scratch / "accman-verify-0000" / "theirs").read_text() == "x"
-    assert datadir._copies == set()
+    assert copies._copies == set()
 
 
 def test_verify_finds_damage_in_a_read_only_open_as_in_a_normal_one(tmp_path):

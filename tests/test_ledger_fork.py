@@ -17,7 +17,7 @@ import time
 import pytest
 
 from accman import Ledger, StoreLocked, Unavailable
-from accman.ledger import datadir, leveldb, unshared
+from accman.ledger import copies, leveldb, unshared
 from accman.ledger.forked import FORKED_DETAIL
 from accman.ledger.leveldb import Store
 from test_ledger_closed import assert_every_call_refused, funded
@@ -215,7 +215,7 @@ def test_a_forked_childs_exit_leaves_the_parents_read_only_copy(tmp_path):
     funded(path).close()
     store = Store(path, read_only=True)
     with Ledger(path, store=store) as led:
-        assert in_child(datadir.remove_snapshots) == (0, "None")
+        assert in_child(copies.remove_snapshots) == (0, "None")
         assert os.path.isdir(store.dir)
         assert [e.by for e in led.past("a")] == [-2, 5]
     assert not os.path.exists(store.dir)        # the parent's close removes it

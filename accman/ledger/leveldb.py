@@ -18,8 +18,8 @@ import threading
 import plyvel
 
 from accman.errors import CheckpointPostponed, FileDamage, StoreCorrupt, StoreError, WriteRefused
-from accman.ledger import (_ledger, datadir, found, fsck, histories, keyfile, migrate, unshared,
-                           wal, walwriter)
+from accman.ledger import (_ledger, copies, datadir, found, fsck, histories, keyfile, migrate,
+                           unshared, wal, walwriter)
 from accman.ledger.plyvel_errors import translated
 
 log = logging.getLogger("accman.ledger.leveldb")
@@ -55,7 +55,7 @@ class Store:
 
         `read_only`: change no file of the directory (`accman verify`, a
         read-only copy or mount): recovery and LevelDB run in a private
-        copy (accman.ledger.datadir.snapshot), under a shared lock that no
+        copy (accman.ledger.copies.snapshot), under a shared lock that no
         server holds.  Reads only; there is nothing to write to."""
         self.path = os.path.abspath(datadir.checked_path(path))     # named in every message
         self.dir = self.path                    # where the files are opened
@@ -84,8 +84,8 @@ class Store:
                 raise StoreError(f"{self.path}: no such data directory")
             if self.read_only:
                 self._lock_fd = datadir.lock_shared(self.path)
-                self.dir = self._scratch = datadir.scratch_path()    # close removes it
-                datadir.snapshot(self.path, self._scratch)
+                self.dir = self._scratch = copies.scratch_path()     # close removes it
+                copies.snapshot(self.path, self._scratch)
             else:
                 datadir.check_usable(self.path)
                 if existed and not create and datadir.holds_nothing(self.path):
@@ -230,7 +230,7 @@ class Store:
         LevelDB's logs cut once every check has passed, not before."""
         records = [(rec.lsn, self._puts_of(rec))
                    for rec in self._step(wal.scan, path, ckpt, keys)]
-        cuts = {}
+        cuts = None                 # no checkpoint: nothing to cut by
         if ckpt is not None:
             self._step(wal.check_leveldb_tail, ckpt, records,
                        self._step(fsck.batches_past, path, ckpt.logs))
@@ -239,7 +239,7 @@ class Store:
             fsck.check_dir(path, synced_logs=ckpt.logs if ckpt is not None else None,
                            shown_as=self.path)
         if salt is not None and not self.read_only:
-            found.refuse_unfit(path, self.path, salt, cuts, STORE_FORMAT)
+            found.refuse_another_key(path, self.path, salt, cuts)
         if cuts:
             wal.cut_logs(path, cuts)
             log.info("%s: recovery: cut %d unsynced bytes from LevelDB's logs, to be "
@@ -480,7 +480,7 @@ class Store:
             finally:
                 # Even when a stop lands on the way: the copy holds the key.
                 if self._scratch is not None:
-                    datadir.remove_snapshot(self._scratch)
+                    copies.remove_snapshot(self._scratch)
                     self._scratch = None
 
     def _release(self) -> None:
