@@ -307,11 +307,14 @@ def test_a_client_that_reads_goes_on_once_its_transport_has_drained(tmp_path, sw
                 assert (await read_reply(reader))[0] == b"200"
                 writer.write(get("/health"))
                 status = (await asyncio.wait_for(read_reply(reader), 10))[0]
+                # Its high-water mark is back once the drain was told.
+                high = conn.transport.get_write_buffer_limits()[1]
+                watched = conn.drain_watched, high == conn.write_buffer_max
                 for c in flood:
                     c.close()
                 writer.close()
-                return status, server.over_budget
+                return status, server.over_budget, watched
         finally:
             led.close()
 
-    assert uvloop.run(main()) == (b"200", True)
+    assert uvloop.run(main()) == (b"200", True, (False, True))
