@@ -182,6 +182,12 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
     raise (refused or turned_down or failed)[-1]
 
 
+def names_several_hosts(dsn: str) -> bool:
+    """Whether `dsn` (its service's and PG* variables' settings read as
+    libpq reads them) names more than one host to try."""
+    return one_host_urls(with_service(as_libpq_reads(dsn))) is not None
+
+
 async def _connect_one(url: str, timeout: float, accept, kw):
     """asyncpg.connect to `url`'s host, the connection then vetted by
     `accept` (closed if it refuses)."""

@@ -87,6 +87,21 @@ def same_store(cluster_id: bytes):
     return accept
 
 
+NO_STORE = ("the hosts of the store URL that answered hold no AccMan store: with several "
+            "hosts, a store is made by `accman migrate`, never by a start (one while the "
+            "store's primary is away would make a new, empty store on another host); nothing "
+            "was changed")
+
+
+async def holds_a_store(conn) -> None:
+    """A start's `accept` on a URL of several hosts (migrate): a host whose
+    database holds no store is turned down (StoreError NO_STORE), the next
+    tried, as a host that does not answer is."""
+    if await conn.fetchval("SELECT to_regclass('accman_schema') IS NULL",
+                           timeout=CONNECT_TIMEOUT_S):
+        raise StoreError(NO_STORE)
+
+
 async def take_exclusively(conns, numbers: list[int], count: int) -> None:
     """Takes the front-ends' lock exclusively on the clusters `numbers`
     (1-based among `count`) of `conns`, held until the connections close;

@@ -242,7 +242,9 @@ class PgStore(Committing):
         if cluster.healthy:
             log.warning("%s%s (%s); writes are refused until the store has reconnected",
                         named(self, cluster), E.describe(exc), where(exc))
-        cluster.error = E.describe(exc)
+            cluster.error = E.describe(exc)
+        else:
+            upkeep.note_error(self, cluster, E.describe(exc))
         cluster.losses += 1
         cluster.drop()
         if self.home.events is not None:    # long polls read again, told as a new one is

@@ -118,6 +118,15 @@ async def _expire_calls(store, cluster, conn) -> None:
         cluster.events.first = counts[4]
 
 
+def note_error(store, cluster, error: str) -> None:
+    """Why a lost cluster stays lost, noted; said once when it becomes a
+    host that holds another store (serving.same_store), which an operator
+    must mend, where a database away mends itself."""
+    if error == OTHER_STORE and cluster.error != OTHER_STORE:
+        log.warning("%s%s", named(store, cluster), OTHER_STORE)
+    cluster.error = error
+
+
 async def reconnect(store, cluster) -> None:
     """Reconnects a lost cluster, with backoff, until it is back or the
     store closes (spawned by the store when it loses the cluster)."""
@@ -136,12 +145,10 @@ async def reconnect(store, cluster) -> None:
                 await cluster.connect(healthy=False)
                 await cluster.events.restart()
             except Exception as e:
-                said, cluster.error = cluster.error, E.describe(e)
+                note_error(store, cluster, E.describe(e))
                 if cluster.error == STALLED and not cluster.stall_said:
                     cluster.stall_said = True
                     log.warning("%s%s", named(store, cluster), STALLED)
-                elif cluster.error == OTHER_STORE and said != OTHER_STORE:
-                    log.warning("%s%s", named(store, cluster), OTHER_STORE)
                 continue
             if cluster.losses == losses:    # else lost again meanwhile: go on
                 cluster.error = None

@@ -7,14 +7,17 @@ original replies."""
 
 import time
 
+from accman.postgres.migrate import migrate
+
 from .bank import check_bank, read_outcomes, spawn_front_end, wait_front_end
+from .helpers import run
 from .test_front_ends import ACCOUNTS, LONG, fund
 
 
 def test_failover_keeps_every_acknowledged_mod(pg_factory, tmp_path):
     primary = pg_factory(name="primary")
     standby = primary.add_standby("standby", sync=True)
-    primary.create_database("bank")
+    run(migrate([primary.create_database("bank")]))     # a start on several hosts makes none
     url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/bank"
            "?target_session_attrs=read-write")
     funded, account_id = fund(url, ACCOUNTS)

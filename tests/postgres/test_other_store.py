@@ -14,9 +14,9 @@ import pytest
 
 from accman.errors import StoreError, Unavailable
 from accman.postgres.migrate import migrate
-from accman.postgres.serving import OTHER_STORE, same_store
+from accman.postgres.serving import NO_STORE, OTHER_STORE, same_store
 
-from .helpers import run, stored
+from .helpers import opened, run, stored
 
 
 async def _until_refused(call, deadline_s: float) -> Unavailable:
@@ -32,7 +32,7 @@ async def _until_refused(call, deadline_s: float) -> Unavailable:
         await asyncio.sleep(0.05)
 
 
-def test_a_failover_to_another_store_reads_and_writes_nothing_there(pg, pg_factory):
+def test_a_failover_to_another_store_reads_and_writes_nothing_there(pg, pg_factory, caplog):
     own = pg_factory(name="own")
     name = "failover_other"
     own.create_database(name)
@@ -60,8 +60,34 @@ def test_a_failover_to_another_store_reads_and_writes_nothing_there(pg, pg_facto
                     assert loop.time() < deadline, "the store's own host was not taken back"
                     await asyncio.sleep(0.1)
             assert await c.tot("alice") == 995
+    caplog.set_level("WARNING", logger="accman.postgres")
     run(main())
     assert pg.psql("SELECT count(*) FROM accman_accounts", name) == "0"
+    said = [r.getMessage() for r in caplog.records]
+    assert sum(OTHER_STORE in m for m in said) == 1, said     # once, however many tries
+
+
+def test_a_start_makes_no_store_on_a_url_of_several_hosts(pg, pg_factory):
+    """A front-end started while its store's primary is away took the next
+    host of its URL, a database of the same name with no store, and made
+    a new, empty store there, which it served (a review): on a URL of
+    several hosts a store is made by `accman migrate` alone."""
+    own = pg_factory(name="own_start")
+    name = "start_other"
+    own.create_database(name)
+    pg.create_database(name)
+    url = f"postgresql://postgres@127.0.0.1:{own.port},127.0.0.1:{pg.port}/{name}"
+    run(migrate([url]))                         # made by migrate, on its first host
+    own.stop("immediate")
+    with pytest.raises(StoreError, match=f"^{re.escape(NO_STORE)}$"):
+        run(opened(url))
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'accman%'",
+                   name) == "0"
+    own.start()
+    async def main():
+        async with stored(url) as (_, c):
+            assert await c.mod("alice", 5) == (5, 1)
+    run(main())
 
 
 @pytest.mark.parametrize("made", [True, False], ids=["another store", "no store"])

@@ -13,6 +13,7 @@ from accman.errors import StoreError
 from accman.postgres import PgStore
 from accman.postgres import cluster as cluster_module
 from accman.postgres import connecting
+from accman.postgres.migrate import migrate
 from accman.postgres.service_file import ServiceFileError
 
 from ledgerhelp import wait_for
@@ -61,6 +62,7 @@ def test_a_service_s_hosts_are_tried_one_at_a_time(pg, pg_url, service_file, mon
     at all.  Its hosts are tried one at a time, as a URL's are."""
     monkeypatch.setattr(connecting, "CONNECT_TIMEOUT_S", 0.5)
     monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 0.5)
+    run(migrate([pg_url]))         # made once: a start on several hosts makes none
     dbname = pg_url.rsplit("/", 1)[1]
     with _hole() as hole:
         service_file(f"[accman]\nhost=127.0.0.1,127.0.0.1\n"
