@@ -39,7 +39,8 @@ _ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), 
 # Keeps a contiguous run of the newest events: everything below the first
 # event younger than the retention ($1, in ms) goes (the newest event always
 # stays), judged by the database's clock, which stamped them (a front-end's
-# clock ahead of it would trim events younger than the retention), and on
+# clock ahead of it would trim events younger than the retention), read once
+# for the statement, and on
 # a cluster that is not the home, nothing past what is copied ($2); on the
 # home ($3), nothing past a cursor of the store (the webhook's: its
 # receiver has not acknowledged what is after it, whatever its age; other
@@ -48,7 +49,7 @@ _ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), 
 _TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id <= coalesce("
              "(SELECT min(value) FROM accman_cursors WHERE $3), $2) AND id < coalesce("
              "(SELECT id FROM accman_events WHERE at >= "
-             "(extract(epoch FROM clock_timestamp()) * 1000)::bigint - $1 ORDER BY id LIMIT 1), "
+             "(extract(epoch FROM statement_timestamp()) * 1000)::bigint - $1 ORDER BY id LIMIT 1), "
              "(SELECT max(id) FROM accman_events)) RETURNING id) "
              "SELECT count(*), max(id) FROM gone")
 _NO_BOUND = 2 ** 63 - 1
