@@ -44,7 +44,7 @@
 const test = require('node:test')
 const assert = require('node:assert/strict')
 const { fetch } = require('undici')
-const { AccManServer } = require('./helpers/accman')
+const { AccManServer, migrateStore } = require('./helpers/accman')
 const { LONG, SEED, bankRun, random } = require('./helpers/bankrun')
 const { PgCluster } = require('./helpers/pg')
 const { roundRobin } = require('./helpers/roundrobin')
@@ -140,6 +140,7 @@ async function makeRig ({ standby = false, proxies = ['unchecked'] } = {}) {
       rig.standby = await rig.pg.addStandby('bank_standby')
       const hosts = [rig.pg, rig.standby].map((pg) => `127.0.0.1:${pg.port}`).join(',')
       store = `postgresql://postgres@${hosts}/bank?target_session_attrs=read-write`
+      await migrateStore(store) // a start makes no store on a URL of several hosts
     }
     // One after the other: the first makes the store's tables.
     for (let n = 0; n < 2; n++) {

@@ -5,10 +5,11 @@
 // PostgreSQL store's URL, the directory then only its lock), stopped with
 // SIGTERM.
 
-const { spawn } = require('node:child_process')
+const { execFile, spawn } = require('node:child_process')
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
+const { promisify } = require('node:util')
 const { AccManClient } = require('../..')
 
 const REPO_ROOT = path.resolve(__dirname, '..', '..', '..')
@@ -34,6 +35,12 @@ const ROLES = { mint: 'read,charge,mint', service: 'read,charge', read: 'read' }
 
 function accmanInstalled () {
   return fs.existsSync(ACCMAN_BIN)
+}
+
+// `accman migrate --store URL`: makes (or upgrades) a PostgreSQL store,
+// which a start does not on a URL of several hosts.
+async function migrateStore (url) {
+  await promisify(execFile)(ACCMAN_BIN, ['migrate', '--store', url], { timeout: START_TIMEOUT_MS })
 }
 
 class AccManServer {
@@ -140,4 +147,6 @@ function sharedAccMan (test, { service = false } = {}) {
   return acc
 }
 
-module.exports = { AccManServer, TOKENS, accmanInstalled, INSTALL_HINT, ACCMAN_BIN, sharedAccMan }
+module.exports = {
+  AccManServer, TOKENS, accmanInstalled, INSTALL_HINT, ACCMAN_BIN, migrateStore, sharedAccMan
+}
