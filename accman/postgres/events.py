@@ -48,8 +48,8 @@ _ENDS_SQL = ("SELECT coalesce((SELECT min(id) FROM accman_events), next_event), 
 # Returns how many went, and the newest of them.
 _TRIM_SQL = ("WITH gone AS (DELETE FROM accman_events WHERE id <= $2 AND id <= coalesce("
              "(SELECT min(value) FROM accman_cursors WHERE $3), $2) AND id < coalesce("
-             "(SELECT id FROM accman_events WHERE at >= "
-             "(extract(epoch FROM statement_timestamp()) * 1000)::bigint - $1 ORDER BY id LIMIT 1), "
+             "(SELECT id FROM accman_events WHERE at >= (extract(epoch FROM "
+             "statement_timestamp()) * 1000)::bigint - $1 ORDER BY id LIMIT 1), "
              "(SELECT max(id) FROM accman_events)) RETURNING id) "
              "SELECT count(*), max(id) FROM gone")
 _NO_BOUND = 2 ** 63 - 1
