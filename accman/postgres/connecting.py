@@ -148,15 +148,17 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
     A host that answered but takes no writes (target_session_attrs) beside
     one that did not answer is said as no host taking writes, not as the
     unanswered one's error, as if no database were up.  `said` (a store's)
-    logs its service file's failures, as with_service's.  `accept(conn)`,
-    if given, vets each connection taken: a StoreError it raises turns that
-    host down as a failed connection does (the next is tried), and is what
-    is raised when no host is left, being the most telling."""
+    logs its service file's failures, as with_service's.  `accept(conn,
+    first)`, if given, vets each connection taken (`first`: its host is the
+    URL's first, or its only): a StoreError it raises turns that host down
+    as a failed connection does (the next is tried), and is what is raised
+    when no host is left, being the most telling."""
     dsn = with_service(as_libpq_reads(dsn), said)
     urls = one_host_urls(dsn)
     kw.setdefault("target_session_attrs", target_session_attrs(dsn))
     if urls is None:
-        return await _connect_one(dsn, timeout, accept, kw)
+        return await _connect_one(dsn, timeout, accept, kw, True)
+    given_first = urls[0]
     # The host that last took a connection is tried first: the others
     # before it may be the old primary, which does not answer.
     first = _last_host.get(dsn)
@@ -166,7 +168,8 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
     failed: list = []
     try:
         for k, one in enumerate(urls):
-            newest = asyncio.ensure_future(_connect_one(one, timeout, accept, kw))
+            newest = asyncio.ensure_future(_connect_one(one, timeout, accept, kw,
+                                                        one == given_first))
             trying[newest] = one
             taken = await _taken(trying, failed, newest if k < len(urls) - 1 else None)
             if taken is not None:
@@ -182,19 +185,13 @@ async def connect_each_host(dsn: str, *, timeout: float, said: ServiceSaid | Non
     raise (refused or turned_down or failed)[-1]
 
 
-def names_several_hosts(dsn: str) -> bool:
-    """Whether `dsn` (its service's and PG* variables' settings read as
-    libpq reads them) names more than one host to try."""
-    return one_host_urls(with_service(as_libpq_reads(dsn))) is not None
-
-
-async def _connect_one(url: str, timeout: float, accept, kw):
+async def _connect_one(url: str, timeout: float, accept, kw, first: bool):
     """asyncpg.connect to `url`'s host, the connection then vetted by
     `accept` (closed if it refuses)."""
     conn = await asyncpg.connect(url, timeout=timeout, **kw)
     if accept is not None:
         try:
-            await accept(conn)
+            await accept(conn, first)
         except BaseException:
             conn.terminate()
             raise

@@ -26,11 +26,10 @@ import secrets
 import asyncpg
 
 from accman.errors import StoreError
-from accman.postgres.connecting import (DRIVER_ERRORS, connect, names_several_hosts,
-                                        refuse_undurable)
+from accman.postgres.connecting import DRIVER_ERRORS, connect, refuse_undurable
 from accman.postgres.errors import store_error
 from accman.postgres.schema import MIGRATIONS, SCHEMA_VERSION
-from accman.postgres.serving import holds_a_store, take_exclusively
+from accman.postgres.serving import made_on_first, take_exclusively
 from accman.postgres.shape import (CLUSTER_ID_BYTES, SETUP_PREFIX, ClusterInfo,
                                    check_before_migrating, check_homeless, check_infos,
                                    check_not_growing, check_not_pending, check_not_twice,
@@ -269,7 +268,7 @@ async def migrate(urls: list[str], grow: bool = True) -> list[ClusterInfo]:
     already is refused while front-ends serve the store (serving)."""
     if not urls:
         raise StoreError("no cluster URL given")
-    conns = await _connect_all(urls, made=not grow)
+    conns = await _connect_all(urls)
     try:
         infos = await _read_all(conns)
         check_before_migrating(infos)
@@ -324,16 +323,14 @@ async def read_infos(urls: list[str]) -> list[ClusterInfo | None]:
             await c.close()
 
 
-async def _connect_all(urls: list[str], made: bool = False) -> list:
-    """A connection to each cluster, in order; on a failure, those made
-    are closed and the one that failed is named.  `made` (a start's): a
-    URL of several hosts takes only a host that holds a store
-    (serving.holds_a_store)."""
+async def _connect_all(urls: list[str]) -> list:
+    """A connection to each cluster, in order, to a host that holds a
+    store or is its URL's first (serving.made_on_first); on a failure,
+    those made are closed and the one that failed is named."""
     conns = []
     try:
         for n, url in enumerate(urls):
-            accept = holds_a_store if made and names_several_hosts(url) else None
-            conns.append(await of_cluster(connect(url, accept=accept), n, len(urls)))
+            conns.append(await of_cluster(connect(url, accept=made_on_first), n, len(urls)))
             await of_cluster(refuse_undurable(conns[-1]), n, len(urls))
     except BaseException:
         for c in conns:

@@ -77,7 +77,7 @@ def same_store(cluster_id: bytes):
     connection whose database records another cluster, or none, is
     refused (StoreError OTHER_STORE).  A standby promoted, or a restored
     copy, records the same: its accman_schema is the store's."""
-    async def accept(conn) -> None:
+    async def accept(conn, _first: bool) -> None:
         try:
             found = await conn.fetchval(_CLUSTER_ID_SQL, timeout=CONNECT_TIMEOUT_S)
         except asyncpg.exceptions.UndefinedTableError:
@@ -87,18 +87,19 @@ def same_store(cluster_id: bytes):
     return accept
 
 
-NO_STORE = ("the hosts of the store URL that answered hold no AccMan store: with several "
-            "hosts, a store is made by `accman migrate`, never by a start (one while the "
-            "store's primary is away would make a new, empty store on another host); nothing "
-            "was changed")
+NO_STORE = ("a host of the store URL other than its first answered with no AccMan store: "
+            "a store is made only on the first host of its URL (one made while the store's "
+            "primary is away would be a new, empty store on another host); nothing was "
+            "changed")
 
 
-async def holds_a_store(conn) -> None:
-    """A start's `accept` on a URL of several hosts (migrate): a host whose
-    database holds no store is turned down (StoreError NO_STORE), the next
-    tried, as a host that does not answer is."""
-    if await conn.fetchval("SELECT to_regclass('accman_schema') IS NULL",
-                           timeout=CONNECT_TIMEOUT_S):
+async def made_on_first(conn, first: bool) -> None:
+    """migrate's `accept` (a start's too): a host other than the URL's first
+    whose database holds no store is turned down (StoreError NO_STORE), the
+    next tried, as a host that does not answer is.  A promoted standby
+    holds the store; only a host that is no copy of it holds none."""
+    if not first and await conn.fetchval("SELECT to_regclass('accman_schema') IS NULL",
+                                         timeout=CONNECT_TIMEOUT_S):
         raise StoreError(NO_STORE)
 
 

@@ -140,7 +140,7 @@ async function makeRig ({ standby = false, proxies = ['unchecked'] } = {}) {
       rig.standby = await rig.pg.addStandby('bank_standby')
       const hosts = [rig.pg, rig.standby].map((pg) => `127.0.0.1:${pg.port}`).join(',')
       store = `postgresql://postgres@${hosts}/bank?target_session_attrs=read-write`
-      await migrateStore(store) // a start makes no store on a URL of several hosts
+      await migrateStore(store) // once, as SCALING.md has it for a URL of several hosts
     }
     // One after the other: the first makes the store's tables.
     for (let n = 0; n < 2; n++) {

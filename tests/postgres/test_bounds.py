@@ -526,7 +526,7 @@ def test_a_host_that_does_not_answer_leaves_the_next_host_of_the_url_tried(pg, p
     front-end never reconnected.  Each host now has the timeout to itself."""
     monkeypatch.setattr(connecting, "CONNECT_TIMEOUT_S", 0.5)
     monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 0.5)
-    run(migrate([pg_url]))         # made once: a start on several hosts makes none
+    run(migrate([pg_url]))         # made on the host that answers: not the URL's first
     dbname = pg_url.rsplit("/", 1)[1]
     with socket.socket() as hole:
         hole.bind(("127.0.0.1", free_port()))
@@ -550,7 +550,7 @@ def test_a_host_list_outside_the_authority_leaves_the_next_host_tried(pg, pg_url
     next.  They are tried one at a time, as the authority's are."""
     monkeypatch.setattr(connecting, "CONNECT_TIMEOUT_S", 0.5)
     monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 0.5)
-    run(migrate([pg_url]))         # made once: a start on several hosts makes none
+    run(migrate([pg_url]))         # made on the host that answers: not the URL's first
     dbname = pg_url.rsplit("/", 1)[1]
     with _hole() as hole:
         hosts, ports = "127.0.0.1,127.0.0.1", f"{hole.getsockname()[1]},{pg.port}"
@@ -586,7 +586,7 @@ def test_a_host_that_does_not_answer_has_the_next_tried_beside_it(pg, pg_url, mo
     NEXT_HOST_AFTER_S, the timeouts themselves unchanged."""
     monkeypatch.setattr(connecting, "NEXT_HOST_AFTER_S", 0.2)
     assert connecting.CONNECT_TIMEOUT_S == store_module.READ_TIMEOUT_S == 10
-    run(migrate([pg_url]))         # made once: a start on several hosts makes none
+    run(migrate([pg_url]))         # made on the host that answers: not the URL's first
     dbname = pg_url.rsplit("/", 1)[1]
     with _hole() as hole:
         cut = f"127.0.0.1:{hole.getsockname()[1]}"

@@ -17,7 +17,7 @@ from .test_front_ends import ACCOUNTS, LONG, fund
 def test_failover_keeps_every_acknowledged_mod(pg_factory, tmp_path):
     primary = pg_factory(name="primary")
     standby = primary.add_standby("standby", sync=True)
-    run(migrate([primary.create_database("bank")]))     # a start on several hosts makes none
+    run(migrate([primary.create_database("bank")]))     # the store, made once
     url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/bank"
            "?target_session_attrs=read-write")
     funded, account_id = fund(url, ACCOUNTS)

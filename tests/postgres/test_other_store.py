@@ -67,20 +67,22 @@ def test_a_failover_to_another_store_reads_and_writes_nothing_there(pg, pg_facto
     assert sum(OTHER_STORE in m for m in said) == 1, said     # once, however many tries
 
 
-def test_a_start_makes_no_store_on_a_url_of_several_hosts(pg, pg_factory):
-    """A front-end started while its store's primary is away took the next
-    host of its URL, a database of the same name with no store, and made
-    a new, empty store there, which it served (a review): on a URL of
-    several hosts a store is made by `accman migrate` alone."""
-    own = pg_factory(name="own_start")
-    name = "start_other"
+@pytest.mark.parametrize("how", ["start", "migrate"])
+def test_no_store_is_made_on_a_host_other_than_the_url_s_first(pg, pg_factory, how):
+    """A front-end started, or `accman migrate` run, while the store's
+    primary is away took the next host of its URL, a database of the same
+    name with no store, and made a new, empty store there, which starts
+    then served (two reviews): a store is made on its URL's first host
+    only."""
+    own = pg_factory(name=f"own_{how}")
+    name = f"made_by_{how}"
     own.create_database(name)
     pg.create_database(name)
     url = f"postgresql://postgres@127.0.0.1:{own.port},127.0.0.1:{pg.port}/{name}"
     run(migrate([url]))                         # made by migrate, on its first host
     own.stop("immediate")
     with pytest.raises(StoreError, match=f"^{re.escape(NO_STORE)}$"):
-        run(opened(url))
+        run(opened(url) if how == "start" else migrate([url]))
     assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'accman%'",
                    name) == "0"
     own.start()
@@ -99,10 +101,10 @@ def test_a_database_of_another_store_or_of_none_is_refused(pg_url, made):
         conn = await asyncpg.connect(pg_url)
         try:
             with pytest.raises(StoreError, match=f"^{re.escape(OTHER_STORE)}$"):
-                await same_store(b"\x00" * 16)(conn)
+                await same_store(b"\x00" * 16)(conn, True)
             if made:                            # its own id: taken
                 found = await conn.fetchval("SELECT cluster_id FROM accman_schema")
-                await same_store(found)(conn)
+                await same_store(found)(conn, True)
         finally:
             await conn.close()
     run(main())

@@ -62,7 +62,7 @@ def test_a_service_s_hosts_are_tried_one_at_a_time(pg, pg_url, service_file, mon
     at all.  Its hosts are tried one at a time, as a URL's are."""
     monkeypatch.setattr(connecting, "CONNECT_TIMEOUT_S", 0.5)
     monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 0.5)
-    run(migrate([pg_url]))         # made once: a start on several hosts makes none
+    run(migrate([pg_url]))         # made on the host that answers: not the URL's first
     dbname = pg_url.rsplit("/", 1)[1]
     with _hole() as hole:
         service_file(f"[accman]\nhost=127.0.0.1,127.0.0.1\n"
