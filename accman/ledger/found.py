@@ -74,11 +74,14 @@ def key_mismatch(shown: str) -> StoreCorrupt:
                         "record; refusing to serve, nothing repaired")
 
 
-def refuse_another_key(path: str, shown: str, key: bytes, cuts: dict | None) -> None:
+def refuse_another_key(path: str, shown: str, key: bytes, cuts: dict | None,
+                       format_max: int) -> None:
     """Refuses the directory `path` (named `shown`) when its format record
     names another key than its key file's `key`: the key file, and the
     checkpoint and log that the key signs, are another store's (a restore
-    from the wrong backup).  Judged
+    from the wrong backup); or a format newer than `format_max` (formats
+    only go up: one read so is final, where an older one may be a table's
+    behind a log's).  Judged
     before recovery cuts LevelDB's logs by the checkpoint's sizes (`cuts`,
     None without a checkpoint) and LevelDB rewrites them, which with
     another store's checkpoint would lose this store's synced batches.
@@ -98,6 +101,8 @@ def refuse_another_key(path: str, shown: str, key: bytes, cuts: dict | None) -> 
         return
     if not hmac.compare_digest(meta[1], key):
         raise key_mismatch(shown)
+    if meta[0] > format_max:
+        raise newer_format(shown, meta[0], format_max)
 
 
 def newer_format(shown: str, fmt: int, format_max: int) -> StoreCorrupt:

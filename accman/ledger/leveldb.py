@@ -239,7 +239,7 @@ class Store:
             fsck.check_dir(path, synced_logs=ckpt.logs if ckpt is not None else None,
                            shown_as=self.path)
         if salt is not None and not self.read_only:
-            found.refuse_another_key(path, self.path, salt, cuts)
+            found.refuse_another_key(path, self.path, salt, cuts, STORE_FORMAT)
         if cuts:
             wal.cut_logs(path, cuts)
             log.info("%s: recovery: cut %d unsynced bytes from LevelDB's logs, to be "
