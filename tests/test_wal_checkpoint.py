@@ -28,6 +28,10 @@ from accman.ledger.leveldb import Store
 LAP_BYTES = 4 * wal.BLOCK_BYTES         # four one-block records a lap
 
 
+# How long no descriptor may come free before NoDescriptors holds them all.
+SETTLE_S = 0.3
+
+
 class NoDescriptors:
     """Every descriptor slot of the process taken, under a soft limit a
     little above what is open now; `free()` gives them back."""
@@ -42,12 +46,27 @@ class NoDescriptors:
         open_now = len(os.listdir("/proc/self/fd"))
         resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 32, self.limits[1]))
         self.held = []
+        self._take_free()
+        # The ledger's threads and LevelDB's may still close a descriptor
+        # of their start (a loaded machine runs them late: CI failed so
+        # once): a slot freed meanwhile is taken too, until none has been
+        # for a while.
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < SETTLE_S:
+            time.sleep(0.02)
+            if self._take_free():
+                quiet_since = time.monotonic()
+
+    def _take_free(self) -> int:
+        """Takes every free slot; how many there were."""
+        taken = 0
         while True:
             try:
                 self.held.append(os.open("/dev/null", os.O_RDONLY))
             except OSError as e:
                 assert e.errno == errno.EMFILE
-                break
+                return taken
+            taken += 1
 
     def free(self):
         for fd in self.held:
