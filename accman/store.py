@@ -206,7 +206,7 @@ def check_events(after, limit, wait_s) -> None:
     if type(limit) is not int or not 1 <= limit <= EVENTS_LIMIT_MAX:
         raise BadRequest(f"limit must be an int from 1 to {EVENTS_LIMIT_MAX}{_got(limit, int)}")
     if type(wait_s) not in (int, float) or not 0 <= wait_s <= EVENTS_WAIT_S_MAX:
-        raise BadRequest(f"wait must be from 0 to {EVENTS_WAIT_S_MAX} seconds"
+        raise BadRequest(f"wait_s must be from 0 to {EVENTS_WAIT_S_MAX} seconds"
                          f"{_got(wait_s, int, float)}")
 
 
