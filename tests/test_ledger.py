@@ -408,24 +408,30 @@ def test_a_format_1_account_record_that_disagrees_with_history_is_refused(tmp_pa
     assert _stored(path) == before      # the migration changed nothing
 
 
-def test_a_newer_store_format_is_refused(tmp_path):
+@pytest.mark.parametrize("where", ["table", "log"])
+def test_a_newer_store_format_is_refused_before_any_file_changes(tmp_path, where):
+    """The newer format record in a table (a newer AccMan's open made one),
+    or in LevelDB's log alone behind an older one in a table: refused
+    before recovery or LevelDB changed a file (found.refuse_another_key
+    reads the newest record, as LevelDB will).  In a log it was refused
+    only after LevelDB's open had rewritten the files (the table's record
+    was read first)."""
     import json
     from accman.ledger.leveldb import META_KEY, STORE_FORMAT
     path = str(tmp_path / "d")
     Ledger(path).close()
+    Ledger(path).close()                # the record in a table
     store = Store(path)
     meta = json.loads(store.db.get(META_KEY))
     newer = STORE_FORMAT + 1
     store.db.put(META_KEY, json.dumps(dict(meta, format=newer)).encode(), sync=True)
     store.close()
-    plyvel.DB(path).close()             # the newer record in a table, as a newer AccMan's open
+    if where == "table":
+        plyvel.DB(path).close()         # as a newer AccMan's open
     before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
     with pytest.raises(StoreCorrupt,
                        match=f"store format {newer}, this AccMan reads format {STORE_FORMAT}"):
         Ledger(path)
-    # Refused before recovery or LevelDB changed a file (found.refuse_another_key:
-    # a newer format read is final, formats only going up).  Newer in a log
-    # alone behind an older table's, it is refused after LevelDB's open.
     assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
 
 
@@ -1646,21 +1652,13 @@ def _block_of(raw: bytes, prefix: bytes, nth: int) -> tuple[int, int]:
     """(offset, size) of the nth (from 0) data block of a LevelDB table
     whose last key starts with `prefix`, read from the table's index block."""
     from accman.ledger import tablecheck as tc
-    _, _, index_off, index_size = tc._footer(raw, "table")
-    index = tc._block(raw, memoryview(raw), index_off, index_size, len(raw), "index")
-    restarts = int.from_bytes(index[-4:], "little")
-    end, i, key = len(index) - 4 - 4 * restarts, 0, b""
-    while i < end:
-        shared, i = tc.read_varint(index, i)
-        unshared, i = tc.read_varint(index, i)
-        value_len, i = tc.read_varint(index, i)
-        key = key[:shared] + index[i:i + unshared]
-        i += unshared
+    _, _, index_off, index_size = tc.footer(raw, "table")
+    index = tc.read_block(raw, memoryview(raw), index_off, index_size, len(raw), "index")
+    for key, handle in tc.block_entries(index, "index"):
         if key.startswith(prefix):
             if nth == 0:
-                return tc._handle(index[i:i + value_len], "handle")
+                return tc.block_handle(handle, "handle")
             nth -= 1
-        i += value_len
     raise AssertionError(f"no block of {prefix!r} records")
 
 

@@ -831,3 +831,39 @@ def test_a_newest_record_cut_by_the_file_s_end_is_damage():
     walsectors.lay_out(buf, record, 4, 1200)
     view = memoryview(buf)[:2 * SECTOR]
     assert "the file ends inside it" in walsectors.damage_at_end(view, 0, 4, None)
+
+
+def test_an_open_reads_the_format_record_without_a_copy_of_the_store(tmp_path, monkeypatch):
+    """A start reads the format record from LevelDB's files (keyread), where
+    it read it from a private copy under $TMPDIR: a copy of the LevelDB log
+    of a store never restarted held the store's key, and a SIGKILL left it
+    there (a review).  A store from before the key file (its key from the
+    record), a crashed store never restarted (its record in its LevelDB log
+    alone, read as recovery cuts the logs) and one restarted (in a table)
+    open with no copy made, and whole."""
+    from accman.ledger import copies
+    copied = []
+
+    def no_copy(path, *args, **kwargs):
+        copied.append(path)
+        raise RuntimeError("copied")
+    monkeypatch.setattr(copies, "snapshot", no_copy)
+    before = tmp_path / "before"
+    with Ledger(str(before)) as led:
+        led.mod("alice", 7)
+    as_before_the_log(before)
+    crashed = {}
+    for restarts in (0, 1):
+        path = tmp_path / f"store{restarts}"
+        for _ in range(restarts):
+            Ledger(str(path)).close()
+        led = Ledger(str(path))
+        led.mod("alice", 7)
+        crashed[restarts] = crash_copy(led, tmp_path, f"crashed{restarts}")
+        led.close()
+    assert any(p.name.endswith(".ldb") for p in crashed[1].iterdir())
+    assert not any(p.name.endswith(".ldb") for p in crashed[0].iterdir())
+    for path in (before, crashed[0], crashed[1]):
+        with Ledger(str(path)) as led:
+            assert led.tot("alice") == 7
+    assert copied == []

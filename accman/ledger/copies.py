@@ -1,8 +1,7 @@
 """Private copies of a store (`snapshot`), to open without changing a
-file of it: `accman verify` reads one, and a start reads the format record
-from one before recovery changes anything (accman.ledger.found).  A copy
-may hold the store's key: every copy this process names is removed when
-it is done with, at a stop, and at the interpreter's exit."""
+file of it: `accman verify` reads one (a read-only Store).  A copy holds
+the store's key: every copy this process names is removed when it is
+done with, at a stop, and at the interpreter's exit."""
 
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ def scratch_path() -> str:
     return scratch
 
 
-def snapshot(path: str, scratch: str, files: str = "all") -> None:
+def snapshot(path: str, scratch: str) -> None:
     """Makes `scratch` (from scratch_path) a private copy of the store at
     `path`, to open without changing a file of it (`accman verify` on a
     read-only copy or a live backup): the tables its MANIFEST lists as
@@ -44,9 +43,7 @@ def snapshot(path: str, scratch: str, files: str = "all") -> None:
     other file copied but other tables.  Those are left-overs that
     LevelDB deletes at open, and numbers it may give a table it makes in
     the copy: a link there would be the store's own file, truncated
-    through it.  `files`: "all"; "leveldb", LevelDB's alone, none of
-    AccMan's (the key, the checkpoint, the log: a format record's read
-    needs none); "tables", LevelDB's but its logs.  The directory is 0700;
+    through it.  The directory is 0700;
     the caller removes it (remove_snapshot), whether this returns or
     raises.  StoreCorrupt if the MANIFEST is damaged, or a store file is
     no regular file."""
@@ -73,9 +70,7 @@ def snapshot(path: str, scratch: str, files: str = "all") -> None:
     try:
         for name in sorted(os.listdir(path)):
             src = os.path.join(path, name)
-            if (not datadir.STORE_FILE.match(name) or name in ("LOCK", "LOG", "LOG.old")
-                    or (files != "all" and name.startswith("accman."))
-                    or (files == "tables" and name.endswith(".log"))):
+            if not datadir.STORE_FILE.match(name) or name in ("LOCK", "LOG", "LOG.old"):
                 continue
             if TABLE_NAME.match(name):
                 if name in listed:

@@ -2,21 +2,21 @@
 change to it: open in another process, another program's LevelDB, an
 AccMan store from before the key file, one that lost its key file, or one
 whose key file is another store's.
-What LevelDB holds is read from a private copy
-(accman.ledger.copies.snapshot): a refused directory is left as it was
-found, where LevelDB opening it would turn its log into a table and delete
-files.  No I/O on the directory itself but reads.
+The format record is read from LevelDB's files without LevelDB
+(accman.ledger.keyread): a refused directory is left as it was found,
+where LevelDB opening it would turn its log into a table and delete
+files, and no copy is made, which would hold the store's key.  No I/O on
+the directory but reads.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
 
-import plyvel
-
-from accman.errors import StoreCorrupt, StoreLocked
-from accman.ledger import copies, datadir, keyfile, migrate, wal
+from accman.errors import FileDamage, StoreCorrupt, StoreError, StoreLocked
+from accman.ledger import datadir, keyfile, keyread, migrate, wal
 
 # Stores from before the key file are at store format 1 or 2; every later
 # format was written with the key file, the checkpoint and the log beside
@@ -42,7 +42,7 @@ def key_of_keyless(path: str, shown: str, ckpt) -> bytes:
     `ckpt` None, and its log).  One that another process has open is
     refused as locked."""
     refuse_if_locked(path, shown)
-    raw = _format_record(path, "leveldb")
+    raw = _format_record(path, shown)
     if raw is None:
         raise StoreCorrupt(f"{shown}: a LevelDB database without a format record: "
                            "not an AccMan store, or damaged; nothing was changed")
@@ -75,34 +75,32 @@ def key_mismatch(shown: str) -> StoreCorrupt:
 
 
 def refuse_another_key(path: str, shown: str, key: bytes, cuts: dict | None,
-                       format_max: int) -> None:
+                       format_max: int) -> int | None:
     """Refuses the directory `path` (named `shown`) when its format record
     names another key than its key file's `key`: the key file, and the
     checkpoint and log that the key signs, are another store's (a restore
-    from the wrong backup); or a format newer than `format_max` (formats
-    only go up: one read so is final, where an older one may be a table's
-    behind a log's).  Judged
+    from the wrong backup); or a format newer than `format_max`.  Judged
     before recovery cuts LevelDB's logs by the checkpoint's sizes (`cuts`,
     None without a checkpoint) and LevelDB rewrites them, which with
     another store's checkpoint would lose this store's synced batches.
-    The record is read from LevelDB's tables (its key never changes; its
-    format may, in a log), else from its logs cut as recovery will cut
-    them: a store with a checkpoint had its record synced before it, so
-    one that is not found so is refused too (the cut by another checkpoint
-    took it).  Without a checkpoint, a missing or unreadable record is
-    left to the open to name."""
-    meta = _meta_of(_format_record(path, "tables") or _format_record(path, "leveldb", cuts))
+    The record is read as LevelDB will have it once the logs are cut: a
+    store with a checkpoint had its record synced before it, so one that
+    is not found so is refused too (the cut by another checkpoint took
+    it).  Without a checkpoint, a missing or unreadable record is left to
+    the open to name (None).  Returns the record's format."""
+    meta = _meta_of(_format_record(path, shown, cuts))
     if meta is None:
         if cuts is not None:
             raise StoreCorrupt(f"{shown}: no format record in LevelDB's files as "
                                f"{wal.CHECKPOINT_NAME} leaves them: the checkpoint and log "
                                "are another store's, or LevelDB's files are damaged; "
                                "refusing to serve, nothing repaired")
-        return
+        return None
     if not hmac.compare_digest(meta[1], key):
         raise key_mismatch(shown)
     if meta[0] > format_max:
         raise newer_format(shown, meta[0], format_max)
+    return meta[0]
 
 
 def newer_format(shown: str, fmt: int, format_max: int) -> StoreCorrupt:
@@ -115,8 +113,8 @@ def name_the_key(path: str, shown: str, key: bytes) -> None:
     is then this store's, signed with its own key).  Nothing else the
     copy's reading raises is said in the checkpoint's place."""
     try:
-        meta = _meta_of(_format_record(path, "leveldb"))
-    except Exception:
+        meta = _meta_of(_format_record(path, shown))
+    except StoreCorrupt:
         return
     if meta is not None and not hmac.compare_digest(meta[1], key):
         raise key_mismatch(shown)
@@ -133,19 +131,14 @@ def _meta_of(raw: bytes | None) -> tuple | None:
     return (fmt, key) if type(fmt) is int and len(key) == keyfile.SALT_BYTES else None
 
 
-def _format_record(path: str, files: str, cuts: dict | None = None) -> bytes | None:
-    """The format record of a private copy of `path`'s LevelDB `files`
-    (copies.snapshot), its logs cut by `cuts` first (wal.logs_to_cut), as
-    recovery will cut the store's."""
-    scratch = copies.scratch_path()
+def _format_record(path: str, shown: str, cuts: dict | None = None) -> bytes | None:
+    """The format record of the directory `path` (named `shown`) as LevelDB
+    will read it once its logs are cut by `cuts` (wal.logs_to_cut)."""
     try:
-        copies.snapshot(path, scratch, files)
-        if cuts:
-            wal.cut_logs(scratch, cuts)
-        db = plyvel.DB(scratch, create_if_missing=False, paranoid_checks=True)
-        try:
-            return db.get(migrate.META_KEY, verify_checksums=True)
-        finally:
-            db.close()
-    finally:
-        copies.remove_snapshot(scratch)
+        return keyread.newest(path, migrate.META_KEY, cuts)
+    except FileDamage as e:
+        raise StoreCorrupt(f"{shown}: data files are damaged: {e}; refusing to serve, "
+                           "nothing repaired") from None
+    except OSError as e:
+        what = os.path.basename(e.filename) if e.filename else "the store"
+        raise StoreError(f"{shown}: cannot read {what}: {e.strerror or e}") from None

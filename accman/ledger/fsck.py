@@ -117,7 +117,7 @@ def _check_dir(path: str, synced_logs: dict | None) -> Checked:
         raise FileDamage(f"LevelDB log {state.log_number:06d}.log, which {state.manifest} "
                          "names as its newest, is missing: the MANIFEST lost its last "
                          "records, or the log was deleted")
-    live_logs = [n for n in logs if n >= state.log_number or n == state.prev_log_number]
+    live_logs = live_log_numbers(state, names)
     if synced_logs is not None:
         for name, synced in sorted(synced_logs.items()):
             number = int(LOG_NAME.match(name).group(1))
@@ -137,6 +137,19 @@ def _check_dir(path: str, synced_logs: dict | None) -> Checked:
         log_records += check_log(raw, name, torn_tail_ok=torn_ok)[1]
     blocks, table_bytes = _check_tables(path, names, state)
     return Checked(len(live_logs), log_records, len(state.tables), blocks, total + table_bytes)
+
+
+def live_log_numbers(state, names: set) -> list[int]:
+    """The logs LevelDB replays at open, by number: from the MANIFEST's
+    log number on, and its previous log."""
+    logs = sorted(int(m.group(1)) for m in map(LOG_NAME.match, names) if m)
+    return [n for n in logs if n >= state.log_number or n == state.prev_log_number]
+
+
+def read_version(path: str):
+    """What the MANIFEST that CURRENT names arrives at (its tables, their
+    key ranges, its log numbers); None for a new directory.  FileDamage."""
+    return _read_manifest(path, set(os.listdir(path)))[0]
 
 
 def _read_manifest(path: str, names: set):
@@ -280,15 +293,21 @@ def batches_past(path: str, synced_logs: dict) -> dict:
         synced = synced_logs.get(name, 0)
         if len(raw) <= synced:
             continue
-        physical, _ = _walk(raw)
-        try:
-            records, _ = _assemble(raw, name, physical)
-        except FileDamage:
-            records = []
-        out[name] = sum(1 for off, batch in records
+        out[name] = sum(1 for off, batch in readable_records(raw, name)
                         if off >= synced and len(batch) >= BATCH_HEADER.size
                         and BATCH_HEADER.unpack_from(batch)[1] > 0)
     return out
+
+
+def readable_records(raw: bytes, name: str) -> list[tuple[int, bytes]]:
+    """A log's logical records up to its first bad one, as (offset,
+    bytes): what LevelDB's reader takes when the files are not checked
+    first.  A record out of sequence there ends them all."""
+    physical, _ = _walk(raw)
+    try:
+        return _assemble(raw, name, physical)[0]
+    except FileDamage:
+        return []
 
 
 def _why_bad(raw: bytes, i: int) -> str:
@@ -341,6 +360,7 @@ class _Version:
         self.log_number = 0
         self.prev_log_number = 0
         self.tables: dict[int, int] = {}        # file number -> size in bytes
+        self.ranges: dict[int, tuple] = {}      # file number -> (smallest, largest) key
 
 
 def _apply_edits(edits: list[bytes], name: str) -> _Version:
@@ -387,12 +407,14 @@ def _apply_edit(v: _Version, edit: bytes) -> set:
             _, i = read_varint(edit, i)
             number, i = read_varint(edit, i)
             v.tables.pop(number, None)
+            v.ranges.pop(number, None)
         elif tag == TAG_NEW_FILE:
             _, i = read_varint(edit, i)
             number, i = read_varint(edit, i)
             v.tables[number], i = read_varint(edit, i)
-            _, i = read_prefixed(edit, i)
-            _, i = read_prefixed(edit, i)
+            smallest, i = read_prefixed(edit, i)
+            largest, i = read_prefixed(edit, i)
+            v.ranges[number] = (smallest, largest)
         elif tag in _SKIPPED:
             for field in _SKIPPED[tag]:
                 _, i = (read_varint if field == "v" else read_prefixed)(edit, i)

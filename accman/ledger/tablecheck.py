@@ -56,15 +56,15 @@ def check_table(raw: bytes, name: str) -> int:
     meta, metaindex, index), and that the blocks tile the file; returns the
     number of blocks."""
     what = f"table {name}"
-    meta_off, meta_size, index_off, index_size = _footer(raw, what)
+    meta_off, meta_size, index_off, index_size = footer(raw, what)
     body_end = len(raw) - TABLE_FOOTER_BYTES
     view = memoryview(raw)
-    index = _block(raw, view, index_off, index_size, body_end, f"{what}: index block")
-    meta = _block(raw, view, meta_off, meta_size, body_end, f"{what}: metaindex block")
+    index = read_block(raw, view, index_off, index_size, body_end, f"{what}: index block")
+    meta = read_block(raw, view, meta_off, meta_size, body_end, f"{what}: metaindex block")
     blocks = [(index_off, index_size), (meta_off, meta_size)]
     for kind, parent, contents in (("data", "index", index), ("meta", "metaindex", meta)):
         for handle in _block_values(contents, f"{what}: {parent} block"):
-            off, length = _handle(handle, f"{what}: a {kind} block handle")
+            off, length = block_handle(handle, f"{what}: a {kind} block handle")
             if (not _check.block_ok(view, off, length)
                     or off + length + BLOCK_TRAILER_BYTES > body_end):
                 raise FileDamage(f"{what}: {kind} block at offset {off} fails its checksum")
@@ -82,7 +82,7 @@ def check_table(raw: bytes, name: str) -> int:
     return len(blocks)
 
 
-def _footer(raw: bytes, what: str) -> tuple[int, int, int, int]:
+def footer(raw: bytes, what: str) -> tuple[int, int, int, int]:
     """The metaindex and index handles (offset, size, offset, size)."""
     if len(raw) < TABLE_FOOTER_BYTES:
         raise FileDamage(f"{what}: {len(raw)} bytes, shorter than a table footer")
@@ -106,7 +106,7 @@ def _footer(raw: bytes, what: str) -> tuple[int, int, int, int]:
     return values[0], values[1], values[2], values[3]
 
 
-def _handle(handle: bytes, what: str) -> tuple[int, int]:
+def block_handle(handle: bytes, what: str) -> tuple[int, int]:
     """A block handle: (offset, size), exactly two varints."""
     try:
         off, i = read_varint(handle, 0)
@@ -118,7 +118,7 @@ def _handle(handle: bytes, what: str) -> tuple[int, int]:
     return off, length
 
 
-def _block(raw: bytes, view, off: int, length: int, body_end: int, what: str) -> bytes:
+def read_block(raw: bytes, view, off: int, length: int, body_end: int, what: str) -> bytes:
     """A block's contents, uncompressed, once its CRC is checked."""
     if not _check.block_ok(view, off, length) or off + length + BLOCK_TRAILER_BYTES > body_end:
         raise FileDamage(f"{what} at offset {off} fails its checksum")
@@ -135,37 +135,45 @@ def _block(raw: bytes, view, off: int, length: int, body_end: int, what: str) ->
 
 
 def _block_values(block: bytes, what: str) -> list[bytes]:
-    """The values of a block's entries (leveldb table/block.cc): each entry
-    is shared:varint, unshared:varint, value_length:varint, the unshared
-    key bytes, the value; then the restart offsets and their count."""
+    return [value for _, value in block_entries(block, what)]
+
+
+def block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
+    """The (key, value) entries of a block (leveldb table/block.cc): each
+    entry is shared:varint, unshared:varint, value_length:varint, the
+    unshared key bytes, the value; then the restart offsets and their
+    count.  A key is its `shared` first bytes of the key before it, then
+    its unshared ones."""
     if len(block) < 4:
         raise FileDamage(f"{what} is too short")
     restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
     end = len(block) - 4 - 4 * restarts
     if restarts < 1 or end < 0:
         raise FileDamage(f"{what} has a bad restart count {restarts}")
-    values = []
-    i = key_len = 0
+    entries = []
+    i = 0
+    key = b""
     try:
         while i < end:
             shared, i = read_varint(block, i)
             unshared, i = read_varint(block, i)
             value_len, i = read_varint(block, i)
-            if shared > key_len or i + unshared + value_len > end:
+            if shared > len(key) or i + unshared + value_len > end:
                 raise ValueError(f"entry at offset {i} runs past the entries")
-            key_len = shared + unshared
+            key = key[:shared] + bytes(block[i:i + unshared])
             i += unshared
-            values.append(block[i:i + value_len])
+            entries.append((key, block[i:i + value_len]))
             i += value_len
     except ValueError as e:
         raise FileDamage(f"{what} has a malformed entry ({e})") from None
-    return values
+    return entries
 
 
 def _unsnappy(src: bytes) -> bytes:
     """Snappy's raw format (google/snappy format_description.txt): the
     uncompressed length as a varint, then literals and back-references.
-    Used for the index and metaindex blocks only: they are small."""
+    For the index and metaindex blocks, and a data block read for one key:
+    they are small."""
     n, i = read_varint(src, 0)
     out = bytearray()
     while i < len(src):
