@@ -23,6 +23,7 @@ import pytest
 from accman import Ledger
 from accman.errors import StoreError
 from accman.ledger import fsck, keyfile, wal
+from accman.ledger.leveldb import Store
 from test_ledger_crash import run_round
 
 LONG = os.environ.get("ACCMAN_CRASH_LONG") == "1"
@@ -188,5 +189,74 @@ def test_another_store_s_key_is_refused_before_any_file_changes(tmp_path, taken,
     led = Ledger(str(copy))
     try:
         assert led.tot("real") == 55
+    finally:
+        led.close()
+
+
+def test_the_log_of_another_copy_of_the_store_is_refused_before_any_file_changes(tmp_path):
+    """Two copies of one store (a restore made twice): the key is the same,
+    so the key file passes, and the other copy's checkpoint and log, put
+    beside this copy's LevelDB files, held at least as many records as
+    LevelDB's logs held batches past that checkpoint's lengths, which was
+    all that recovery compared: it cut this copy's 10 acknowledged mods
+    and replayed the other's 15 (a review).  Each batch is now compared
+    with its record: refused, no file changed, and this copy's own files
+    put back open it whole."""
+    store, one, two = tmp_path / "store", tmp_path / "one", tmp_path / "two"
+    _written(store, 1, "store", close=True)
+    shutil.copytree(store, one)
+    shutil.copytree(store, two)
+    _written(one, 10, "one", close=True)
+    _written(two, 15, "two", close=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(one, copy)
+    for name in OTHERS:
+        shutil.copy2(two / name, copy / name)
+    before = files_of(copy)
+    def verify(path):               # accman verify's open: in a private copy
+        Store(path, create=False, read_only=True).close()
+    for open_it in (Ledger, verify):
+        with pytest.raises(StoreError, match=r"the batch at offset \d+ of LevelDB's log "
+                                             r"\d+\.log, written after the last checkpoint, "
+                                             r"is not any of the records of accman\.wal"):
+            open_it(str(copy))
+    assert files_of(copy) == before
+    for name in OTHERS:
+        shutil.copy2(one / name, copy / name)
+    led = Ledger(str(copy))
+    try:
+        assert (led.tot("one"), led.tot("two"), led.tot("store")) == (55, None, 1)
+    finally:
+        led.close()
+
+
+_ROTATING = """
+import os, sys
+from accman import Ledger
+from accman.ledger import leveldb
+leveldb.WRITE_BUFFER_BYTES = 64 * 1024      # LevelDB moves to a new log every 64 KiB
+led = Ledger(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    led.mod(f"acct{i % 50}", 1, key=f"k{i}")
+os._exit(0)                 # a crash: the log's records past its checkpoint
+"""
+
+
+def test_a_crash_after_leveldb_moved_to_a_new_log_opens_whole(tmp_path):
+    """LevelDB moves to a new log when its memory is full, and makes a
+    table of the one before: the batches written since the checkpoint are
+    then partly in that table, and the first one in a log is not the
+    first record's.  Such a store, crashed, was refused as two copies
+    mixed (a review); it opens with every mod."""
+    path = tmp_path / "data"
+    subprocess.run([sys.executable, "-c", _ROTATING, str(path), "3000"], check=True,
+                   timeout=120)
+    ckpt = wal.read_checkpoint(str(path), wal.Keys.of(keyfile.read_key(str(path))))
+    logs = sorted(p.name for p in path.iterdir() if p.name.endswith(".log"))
+    assert [name for name in logs if name not in ckpt.logs], (logs, ckpt.logs)
+    led = Ledger(str(path))
+    try:
+        assert sum(led.tot(f"acct{i}") for i in range(50)) == 3000
+        led.verify()
     finally:
         led.close()

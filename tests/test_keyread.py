@@ -106,3 +106,27 @@ def test_a_table_the_manifest_lists_that_is_gone_is_damage(tmp_path):
     os.unlink(path / table)
     with pytest.raises(FileDamage, match=rf"table {table}, listed in MANIFEST-\d+, is missing"):
         keyread.newest(str(path), b"\x00meta")
+
+
+def test_a_table_whose_index_handle_is_past_any_size_is_damage(tmp_path):
+    """A footer's index handle of 2**64 - 1 bytes (canonical varints, as
+    LevelDB writes them): FileDamage, where the checksum's C sizes raised
+    OverflowError (a review)."""
+    from accman.ledger import tablecheck
+    path = tmp_path / "db"
+    db = plyvel.DB(str(path), create_if_missing=True)
+    db.put(b"\x00meta", b"x")
+    db.close()
+    plyvel.DB(str(path)).close()
+    [table] = [path / n for n in os.listdir(path) if n.endswith(".ldb")]
+    raw = table.read_bytes()
+    footer = raw[-tablecheck.TABLE_FOOTER_BYTES:]
+    meta_off, i = tablecheck.read_varint(footer, 0)
+    meta_size, i = tablecheck.read_varint(footer, i)
+    handles = b"".join(map(tablecheck.varint_bytes, (meta_off, meta_size, 0, 2 ** 64 - 1)))
+    table.write_bytes(raw[:-tablecheck.TABLE_FOOTER_BYTES]
+                      + handles.ljust(tablecheck.TABLE_HANDLES_BYTES, b"\0") + footer[40:])
+    for read in (lambda: keyread.newest(str(path), b"\x00meta"),
+                 lambda: tablecheck.check_table(table.read_bytes(), table.name)):
+        with pytest.raises(FileDamage, match="index block at offset 0 fails its checksum"):
+            read()

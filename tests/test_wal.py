@@ -17,9 +17,9 @@ import plyvel
 import pytest
 
 from accman import Ledger
-from accman.ledger import (_check, datadir, fsck, keyfile, migrate, plyvel_errors, wal,
+from accman.ledger import (_check, _ledger, datadir, fsck, keyfile, migrate, plyvel_errors, wal,
                            walsectors, walwriter)
-from accman.errors import StoreCorrupt, StoreError, StoreLocked, Unavailable
+from accman.errors import FileDamage, StoreCorrupt, StoreError, StoreLocked, Unavailable
 from accman.ledger.leveldb import STORE_FORMAT, Store
 from ledgerhelp import outcome_within
 
@@ -831,6 +831,54 @@ def test_a_newest_record_cut_by_the_file_s_end_is_damage():
     walsectors.lay_out(buf, record, 4, 1200)
     view = memoryview(buf)[:2 * SECTOR]
     assert "the file ends inside it" in walsectors.damage_at_end(view, 0, 4, None)
+
+
+def test_each_batch_past_the_checkpoint_is_its_record_s():
+    """Recovery's check of LevelDB's logs against the records: the first
+    batch past the synced lengths is any record's (those before it may be
+    in a table LevelDB made since), each later one the record its sequence
+    number places it at (a power cut may have lost those between), its
+    puts and deletes as a batch lays them out or in another order.  Any
+    other batch, or a batch more than the records, is refused, naming the
+    batch and the record.  A store an older AccMan wrote (no `body_of`)
+    has its batches counted only."""
+    body_of = _ledger.leveldb_batch_body
+    ckpt = wal.Checkpoint(7, {})
+    puts = [(b"a", b"1"), (b"b", None)]
+    other = [(b"a", b"2"), (b"c", b"")]
+    third = [(b"d", b"4")]
+    records = [(7, puts), (8, other), (9, third)]
+
+    def batch(ops, seq, off=0):
+        return fsck.Batch("000005.log", off, seq, body_of(ops))
+
+    def check(batches, body=body_of):
+        wal.check_leveldb_tail(ckpt, records, batches, body)
+
+    check([batch(puts, 100), batch(other, 102, 40), batch(third, 104, 80)])
+    check([batch(other, 500), batch(third, 502, 40)])           # the first in a table
+    check([batch(puts, 100), batch(third, 104, 40)])            # the one between lost
+    check([batch(puts[::-1], 100), batch(other[::-1], 102, 40)])    # another layout
+    not_any = r"is not any of the records of accman\.wal from record 7 on"
+    misplaced = r"is not a record of accman\.wal: its sequence number places it"
+    for batches, said in [
+            ([batch([(b"a", b"1"), (b"x", None)], 100)], not_any),
+            ([batch(puts + [(b"h", None)], 100)], not_any),
+            ([batch(puts, 100), batch(other, 103, 40)], misplaced),
+            ([batch(puts, 100), batch(third, 106, 40)], misplaced),
+            ([batch(puts, 100), batch(third, 102, 40)],
+             r"is not record 8 of accman\.wal, where its sequence number places it"),
+            ([batch(puts, 100), batch(other[:1] + [(b"c", b"x")], 102, 40)], r"is not record 8")]:
+        with pytest.raises(FileDamage, match=r"^the batch at offset (0|40) of LevelDB's log "
+                                             r"000005\.log, written after the last "
+                                             rf"checkpoint, {said}"):
+            check(batches)
+        check(batches, None)
+    for body in (body_of, None):
+        with pytest.raises(FileDamage, match=r"LevelDB's logs hold 4 batches written after "
+                                             r"the last checkpoint \(4 in 000005\.log\), but "
+                                             r"accman\.wal holds 3 records from record 7 on"):
+            check([batch(puts, 100)] * 4, body)
 
 
 def test_an_open_reads_the_format_record_without_a_copy_of_the_store(tmp_path, monkeypatch):

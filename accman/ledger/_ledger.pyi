@@ -78,6 +78,8 @@ def changes_span(first: int, data: bytes | bytearray) -> tuple[int, int]:
     """-> (last event id, newest at_ms) of a block of change entries."""
 def leveldb_puts(payload: bytes | bytearray) -> list[tuple[bytes, bytes | None]]:
     """What LevelDB gets for a log record's payload (None: a delete)."""
+def leveldb_batch_body(ops: list[tuple[bytes, bytes | None]]) -> bytes:
+    """LevelDB's write batch of `ops` past its sequence number (count, entries)."""
 def unpack_events(key: bytes, value: bytes) -> tuple[int, bytes]:
     """-> (first event id, change entries) of a batch's events record."""
 

@@ -48,6 +48,7 @@ LOG_ZERO, LOG_FULL, LOG_FIRST, LOG_MIDDLE, LOG_LAST = range(5)
 # A log record's payload is a write batch (leveldb db/write_batch.cc):
 # sequence:u64, count:u32, then the puts and deletes.
 BATCH_HEADER = struct.Struct("<QI")
+BATCH_DELETE, BATCH_PUT = 0, 1      # an entry's type (leveldb db/dbformat.h)
 
 
 # VersionEdit tags (leveldb db/version_edit.cc); 8 was used by old versions
@@ -280,22 +281,54 @@ def check_log(raw: bytes, name: str, *, torn_tail_ok: bool,
     return ([r for _, r in records] if keep else []), len(physical)
 
 
-def batches_past(path: str, synced_logs: dict) -> dict:
-    """For each LevelDB log of the directory: how many write batches with at
-    least one put or delete it holds that start past its synced length
-    (`synced_logs`, a log it lacks: 0).  The walk ends at the first bad
-    record: past the synced length, a power cut may have left anything."""
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if not LOG_NAME.match(name):
-            continue
+class Batch(NamedTuple):
+    log: str            # the LevelDB log's name
+    offset: int         # of its first fragment
+    seq: int            # its first put's or delete's sequence number
+    body: bytes         # past its sequence number: count:u32, its puts and deletes
+
+
+def batches_after(path: str, synced_logs: dict) -> list[Batch]:
+    """The write batches with at least one put or delete that LevelDB's
+    logs of the directory hold past their synced lengths (`synced_logs`; a
+    log it lacks: 0), in the order they were written (by log number, then
+    offset).  A log's walk ends at its first bad record: past the synced
+    length, a power cut may have left anything."""
+    out = []
+    for name in sorted((n for n in os.listdir(path) if LOG_NAME.match(n)), key=_number):
         raw = _read(path, name)
         synced = synced_logs.get(name, 0)
         if len(raw) <= synced:
             continue
-        out[name] = sum(1 for off, batch in readable_records(raw, name)
-                        if off >= synced and len(batch) >= BATCH_HEADER.size
-                        and BATCH_HEADER.unpack_from(batch)[1] > 0)
+        out += [Batch(name, off, BATCH_HEADER.unpack_from(batch)[0], batch[8:])
+                for off, batch in readable_records(raw, name)
+                if off >= synced and len(batch) >= BATCH_HEADER.size
+                and BATCH_HEADER.unpack_from(batch)[1] > 0]
+    return out
+
+
+def batch_entries(body: bytes, what: str) -> list[tuple[bytes, bytes | None]]:
+    """A write batch's puts (key, value) and deletes (key, None), in order,
+    from its `body` (past its sequence number: count:u32, then each entry's
+    type, its key and a put's value, each after its length as a varint;
+    leveldb db/write_batch.cc).  FileDamage, naming `what`, if it does not
+    parse whole."""
+    out = []
+    i = 4
+    try:
+        for _ in range(struct.unpack_from("<I", body)[0]):
+            kind = body[i]
+            if kind not in (BATCH_DELETE, BATCH_PUT):
+                raise ValueError(f"entry type {kind}")
+            key, i = read_prefixed(body, i + 1)
+            value = None
+            if kind == BATCH_PUT:
+                value, i = read_prefixed(body, i)
+            out.append((key, value))
+    except (ValueError, IndexError, struct.error) as e:
+        raise FileDamage(f"{what}: a write batch that does not parse ({e})") from None
+    if i != len(body):
+        raise FileDamage(f"{what}: a write batch longer than its {len(out)} entries")
     return out
 
 
@@ -308,6 +341,10 @@ def readable_records(raw: bytes, name: str) -> list[tuple[int, bytes]]:
         return _assemble(raw, name, physical)[0]
     except FileDamage:
         return []
+
+
+def _number(name: str) -> int:
+    return int(name.split(".", 1)[0])
 
 
 def _why_bad(raw: bytes, i: int) -> str:

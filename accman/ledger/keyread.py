@@ -19,10 +19,10 @@ import struct
 
 from accman.errors import FileDamage
 from accman.ledger import fsck, tablecheck
-from accman.ledger.tablecheck import read_prefixed, varint_bytes
+from accman.ledger.tablecheck import varint_bytes
 
-# A write batch's and a table entry's type (leveldb db/dbformat.h).
-TYPE_DELETE, TYPE_VALUE = 0, 1
+# A table entry's type (leveldb db/dbformat.h), as a batch's.
+TYPE_VALUE = fsck.BATCH_PUT
 TAG = struct.Struct("<Q")       # an internal key's last 8 bytes: sequence << 8 | type
 
 
@@ -68,26 +68,10 @@ def _in_log(raw: bytes, name: str, key: bytes) -> list[tuple[int, bytes | None]]
 def _in_batch(batch: bytes, name: str, key: bytes) -> list[tuple[int, bytes | None]]:
     if len(batch) < fsck.BATCH_HEADER.size:
         raise FileDamage(f"LevelDB log {name}: a write batch of {len(batch)} bytes")
-    seq, count = fsck.BATCH_HEADER.unpack_from(batch)
-    out = []
-    i = fsck.BATCH_HEADER.size
-    try:
-        for n in range(count):
-            kind = batch[i]
-            if kind not in (TYPE_VALUE, TYPE_DELETE):
-                raise ValueError(f"entry type {kind}")
-            entry_key, i = read_prefixed(batch, i + 1)
-            value = None
-            if kind == TYPE_VALUE:
-                value, i = read_prefixed(batch, i)
-            if entry_key == key:
-                out.append((seq + n, value))
-    except (ValueError, IndexError) as e:
-        raise FileDamage(f"LevelDB log {name}: a write batch that does not parse "
-                         f"({e})") from None
-    if i != len(batch):
-        raise FileDamage(f"LevelDB log {name}: a write batch longer than its {count} entries")
-    return out
+    seq = fsck.BATCH_HEADER.unpack_from(batch)[0]
+    return [(seq + n, value) for n, (entry_key, value)
+            in enumerate(fsck.batch_entries(batch[8:], f"LevelDB log {name}"))
+            if entry_key == key]
 
 
 def _in_table(raw: bytes, name: str, key: bytes) -> list[tuple[int, bytes | None]]:

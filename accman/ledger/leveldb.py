@@ -123,7 +123,7 @@ class Store:
         # first checkpoint: the format record of a new store, and the
         # migration from format 1, which predates the log.  After a
         # checkpoint every LevelDB write is one record's batch, which is
-        # what recovery's count of LevelDB's batches relies on.
+        # what recovery's check of LevelDB's batches against the records relies on.
         self.salt = self._meta(salt)
         with translated(self.path, "replay the write-ahead log"):
             self._replay(records)
@@ -232,14 +232,18 @@ class Store:
                    for rec in self._step(wal.scan, path, ckpt, keys)]
         cuts = None                 # no checkpoint: nothing to cut by
         if ckpt is not None:
-            self._step(wal.check_leveldb_tail, ckpt, records,
-                       self._step(fsck.batches_past, path, ckpt.logs))
             cuts = self._step(wal.logs_to_cut, path, ckpt)
         if check_files:             # the logs as they will be once cut
             fsck.check_dir(path, synced_logs=ckpt.logs if ckpt is not None else None,
                            shown_as=self.path)
-        if salt is not None and not self.read_only:
-            found.refuse_another_key(path, self.path, salt, cuts, STORE_FORMAT)
+        fmt = (found.refuse_another_key(path, self.path, salt, cuts, STORE_FORMAT)
+               if salt is not None else None)
+        if ckpt is not None:        # after the key: a key of another store is named as such
+            # An older AccMan laid its records' batches out otherwise:
+            # those are counted, not compared.
+            self._step(wal.check_leveldb_tail, ckpt, records,
+                       self._step(fsck.batches_after, path, ckpt.logs),
+                       _ledger.leveldb_batch_body if fmt == STORE_FORMAT else None)
         if cuts:
             wal.cut_logs(path, cuts)
             log.info("%s: recovery: cut %d unsynced bytes from LevelDB's logs, to be "

@@ -65,8 +65,8 @@ def check_table(raw: bytes, name: str) -> int:
     for kind, parent, contents in (("data", "index", index), ("meta", "metaindex", meta)):
         for handle in _block_values(contents, f"{what}: {parent} block"):
             off, length = block_handle(handle, f"{what}: a {kind} block handle")
-            if (not _check.block_ok(view, off, length)
-                    or off + length + BLOCK_TRAILER_BYTES > body_end):
+            if (off + length + BLOCK_TRAILER_BYTES > body_end      # first: block_ok's
+                    or not _check.block_ok(view, off, length)):     # are C sizes
                 raise FileDamage(f"{what}: {kind} block at offset {off} fails its checksum")
             blocks.append((off, length))
     # Data blocks, meta blocks, metaindex, index, footer: end to end, so
@@ -120,7 +120,9 @@ def block_handle(handle: bytes, what: str) -> tuple[int, int]:
 
 def read_block(raw: bytes, view, off: int, length: int, body_end: int, what: str) -> bytes:
     """A block's contents, uncompressed, once its CRC is checked."""
-    if not _check.block_ok(view, off, length) or off + length + BLOCK_TRAILER_BYTES > body_end:
+    # The bound first: block_ok takes C sizes, which a damaged handle's
+    # 64-bit values overflow.
+    if off + length + BLOCK_TRAILER_BYTES > body_end or not _check.block_ok(view, off, length):
         raise FileDamage(f"{what} at offset {off} fails its checksum")
     kind = raw[off + length]
     contents = raw[off:off + length]

@@ -59,13 +59,17 @@ runs these steps in this order):
    And where the log ends, a record whose every sector landed but that
    fails its check is damage (it may have been acknowledged, and LevelDB
    may not have its batch), not a torn write (walsectors).
-3. `check_leveldb_tail`: LevelDB's logs, past their synced lengths, may
-   hold no more batches than step 2 found records: each batch reached
-   LevelDB after its record was durable, so a batch there without its
-   record means that a record, perhaps acknowledged, is missing or
-   damaged.  Refused, rather than cut away.
-4. `logs_to_cut`, then accman.ledger.fsck checks LevelDB's files as they
-   will be once cut, then `cut_logs`: LevelDB's logs are cut back to the
+3. `logs_to_cut`, then accman.ledger.fsck checks LevelDB's files as they
+   will be once cut, and the key file is compared with LevelDB's format
+   record (accman.ledger.found: a key of another store is named so).
+4. `check_leveldb_tail`: LevelDB's logs, past their synced lengths, hold
+   the records' batches, in order: each reached LevelDB after its record
+   was durable.  A batch more than the records means that a record,
+   perhaps acknowledged, is missing or damaged; a batch that is not its
+   record's, that LevelDB's files and the log are of two copies of the
+   store (the same key), one's acknowledged batches about to be cut and
+   the other's replayed.  Refused, rather than cut away.  Then
+   `cut_logs`: LevelDB's logs are cut back to the
    lengths the checkpoint recorded, and a log created since is emptied.
    What was written to them after the checkpoint was never synced: after a
    power cut their tails may hold garbage, which LevelDB's recovery and
@@ -80,15 +84,17 @@ as it was found.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import struct
 from typing import NamedTuple
 
 from accman.errors import FileDamage
-from accman.ledger import _check, keyfile, walsectors
+from accman.ledger import _check, fsck, keyfile, walsectors
 from accman.ledger.fsck import LOG_NAME
 
 WAL_NAME = "accman.wal"
@@ -329,20 +335,77 @@ def _payload(view, off: int, magic: bytes, want: bytes, lsn: int, min_lsn: int, 
 
 # --- 3. LevelDB's logs against the records ---------------------------------------------
 
-def check_leveldb_tail(ckpt: Checkpoint, records: list[Record], batches: dict) -> None:
-    """`batches`: LevelDB log name -> the number of batches it holds past
-    its synced length (accman.ledger.fsck.batches_past).  Each of them was
-    written after its record was durable, so there can be no more of them
-    than records; more means a record is missing or damaged, and it may
-    have been acknowledged: FileDamage."""
-    found = sum(batches.values())
-    if found > len(records):
-        where = ", ".join(f"{n} in {name}" for name, n in sorted(batches.items()) if n)
+def check_leveldb_tail(ckpt: Checkpoint, records: list, batches: list, body_of) -> None:
+    """`records`: the log's from the checkpoint on, as (lsn, puts);
+    `batches`: the write batches LevelDB's logs hold past their synced
+    lengths, in order (fsck.batches_after).  Each batch was written after
+    its record was durable, one a record, in the records' order (the
+    applier's, and recovery's replay), LevelDB numbering each batch's puts
+    and deletes on from the one before.  So there are no more batches than
+    records; the first is any record's (those before it may be in a table
+    that LevelDB made since, moving to a new log: its memory was full),
+    and each later one the record its sequence number says (a power cut
+    may have lost the batches between).  A record's batch is
+    `body_of(puts)`, as a batch lays them out, or the same entries in
+    another order (another AccMan's layout); `body_of` None: a store an
+    older AccMan wrote, counted only.  More batches means a record,
+    perhaps acknowledged, is missing or damaged; another batch, that
+    LevelDB's files and the log are of two copies of a store, one's
+    acknowledged batches about to be cut and the other's replayed:
+    FileDamage."""
+    if len(batches) > len(records):
+        counts = collections.Counter(b.log for b in batches)
+        where = ", ".join(f"{n} in {name}" for name, n in sorted(counts.items()))
         raise FileDamage(
-            f"LevelDB's logs hold {found} batches written after the last checkpoint "
+            f"LevelDB's logs hold {len(batches)} batches written after the last checkpoint "
             f"({where}), but {WAL_NAME} holds {len(records)} records from record "
             f"{ckpt.lsn} on: a record that may have been acknowledged is missing "
             "or damaged")
+    if body_of is None or not batches:
+        return
+    bodies = [body_of(puts) for _, puts in records]
+    first = batches[0]
+    k = next((i for i, body in enumerate(bodies) if body == first.body), None)
+    if k is None:
+        k = next((i for i, body in enumerate(bodies) if _same_entries(first, body)), None)
+    if k is None:
+        raise _not_a_record(first, f"any of the records of {WAL_NAME} from record "
+                                   f"{ckpt.lsn} on")
+    for before, batch in itertools.pairwise(batches):
+        k = _record_at(bodies, k, batch.seq - before.seq)
+        if k is None:
+            raise _not_a_record(batch, f"a record of {WAL_NAME}: its sequence number "
+                                       "places it past them, or between two")
+        if not (batch.body == bodies[k] or _same_entries(batch, bodies[k])):
+            raise _not_a_record(batch, f"record {records[k][0]} of {WAL_NAME}, where its "
+                                       "sequence number places it")
+
+
+def _record_at(bodies: list, k: int, step: int) -> int | None:
+    """The record whose batch is `step` sequence numbers past record k's:
+    each record's batch takes as many as its puts and deletes."""
+    while step > 0 and k < len(bodies):
+        step -= int.from_bytes(bodies[k][:4], "little")
+        k += 1
+    return k if step == 0 and k < len(bodies) else None
+
+
+def _same_entries(batch, body: bytes) -> bool:
+    """Whether `batch` holds the entries of a record's `body`, in any order."""
+    if batch.body[:4] != body[:4]:
+        return False
+
+    def entries(raw):
+        return sorted((key, value is not None, value or b"")
+                      for key, value in fsck.batch_entries(raw, f"LevelDB log {batch.log}"))
+    return entries(batch.body) == entries(body)
+
+
+def _not_a_record(batch, what: str) -> FileDamage:
+    return FileDamage(
+        f"the batch at offset {batch.offset} of LevelDB's log {batch.log}, written after "
+        f"the last checkpoint, is not {what}: LevelDB's files and the log are not of one "
+        "copy of the store (a restore that mixed two?), or damaged")
 
 
 # --- 4. cutting LevelDB's logs ------------------------------------------------------------
