@@ -1,7 +1,8 @@
 """The command line's usage errors: one line, exit code 2, and no word of
-the command line echoed in them but the names of flags and commands and a
-number given to a flag that takes numbers (docs/CALLING.md: a credential
-is never echoed).  Only the echoes are put out of sight: AccMan's and
+the command line echoed in them but the names of flags and commands, a
+number given to a flag that takes numbers and a short lowercase word
+given to a flag of a few choices (docs/CALLING.md: a credential is never
+echoed).  Only the echoes are put out of sight: AccMan's and
 argparse's own words stay whole, whatever words were given."""
 
 import argparse
@@ -59,8 +60,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def _shown_values(self) -> set:
         """The words given that a usage error of this command shows
-        (_shown_values of its own VALUE_SHOWN_FLAGS)."""
-        return _shown_values(self.given, VALUE_SHOWN_FLAGS.intersection(self.flags))
+        (_shown_values): numbers given to its own VALUE_SHOWN_FLAGS, and
+        short lowercase words given to a flag of its own that takes one of
+        a few words (`--verify none`: a typo of one, never a generated
+        credential)."""
+        choosing = {flag for action in self._actions if action.choices
+                    for flag in action.option_strings}
+        return (_shown_values(self.given, VALUE_SHOWN_FLAGS.intersection(self.flags),
+                              _NUMBER_SHAPE_RE)
+                | _shown_values(self.given, choosing, _CHOICE_SHAPE_RE))
 
     def _print_message(self, message, file=None):
         """--help and --version, whose output is the answer: argparse drops
@@ -206,10 +214,13 @@ VALUE_SHOWN_FLAGS = frozenset({
     "--port", "--host", "--events-retention", "--low-balance", "--compaction-nice", "--by",
     "--min", "--low", "--ttl", "--limit", "--before", "--after", "--wait"})
 _NUMBER_SHAPE_RE = re.compile(r"[-+]?[0-9][0-9.]{0,11}[A-Za-z]{0,2}")   # 99999, 5w, 127.0.0.1
+# A word given to a flag of a few choices is shown when it has their shape:
+# lowercase, short (`accman open` makes 32 characters of three cases).
+_CHOICE_SHAPE_RE = re.compile(r"[a-z][a-z0-9-]{0,11}")
 
 
-def _shown_values(given, flags) -> set:
-    """The words of `given` of a number's shape that stand only as values of
+def _shown_values(given, flags, shape) -> set:
+    """The words of `given` of `shape` that stand only as values of
     `flags` (a word also given elsewhere may be a credential there; after
     "--" every word is a positional value)."""
     options = _options(given)
@@ -223,7 +234,7 @@ def _shown_values(given, flags) -> set:
         elif word not in flags:
             elsewhere.update((word, value) if eq else (word,))
         after_flag = word in flags
-    return {w for w in as_value - elsewhere if _NUMBER_SHAPE_RE.fullmatch(w)}
+    return {w for w in as_value - elsewhere if shape.fullmatch(w)}
 
 
 def _glued_to_short_flag(word, names) -> list:
