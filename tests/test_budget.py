@@ -318,3 +318,60 @@ def test_a_client_that_reads_goes_on_once_its_transport_has_drained(tmp_path, sw
             led.close()
 
     assert uvloop.run(main()) == (b"200", True, (False, True))
+
+
+def test_a_slow_steady_reader_of_a_large_reply_over_the_rest_is_not_dropped(tmp_path):
+    """Over the budget's rest, a connection holding reply bytes has its
+    transport's high-water mark at 0 (_watch_drain): it stays paused until
+    its transport is empty.  A client that reads steadily but slowly was
+    timed from that pause and dropped after IDLE_TIMEOUT_S, its reply cut
+    short, though it made progress the whole time (a review).  Progress is
+    now the transport's bytes going down between sweeps."""
+    idle_s = 1.5
+
+    async def main():
+        led = Ledger(tmp_path / "led")
+        limits = ServerLimits(server_buffer_bytes_max=64 << 10, connections_max=200,
+                              idle_timeout_s=idle_s)
+        try:
+            await asyncio.gather(*(led.amod("a", 1) for _ in range(1000)))
+            async with served_in_process(led, limits) as (server, host, port):
+                flood = _flooders(host, port, 90)
+                for _ in range(60):
+                    _send_all(flood, get("/nope") * 64)
+                    await asyncio.sleep(0.01)
+                await _until(lambda: server.over_budget, "the budget's rest was not passed")
+                others = set(server.connections)
+                [slow] = _flooders(host, port, 1)       # a slow link: small buffers
+                await _until(lambda: len(server.connections) > len(others), "no connection")
+                [conn] = set(server.connections) - others
+                conn.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                loop = asyncio.get_running_loop()
+                await loop.sock_sendall(slow, get("/past?cred=a&limit=1000"))    # ~70 KB
+                started, got, watched = time.monotonic(), b"", 0.0
+                while not _whole(got) and time.monotonic() - started < 30:
+                    await asyncio.sleep(0.05)           # 1 KiB each 50 ms: ~3.5 s
+                    if conn.drain_watched and conn.write_paused:
+                        watched += 0.05
+                    chunk = await asyncio.wait_for(loop.sock_recv(slow, 1024), 10)
+                    if not chunk:
+                        break
+                    got += chunk
+                for c in flood + [slow]:
+                    c.close()
+                return got, watched
+        finally:
+            led.close()
+
+    got, watched = uvloop.run(main())
+    assert got.startswith(b"HTTP/1.1 200 ") and _whole(got), (len(got), got[-40:])
+    assert watched > idle_s, watched        # paused, its drain watched, past the idle time
+
+
+def _whole(reply: bytes) -> bool:
+    """Whether `reply` holds a whole response: its head and Content-Length's bytes."""
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+              if line.lower().startswith(b"content-length:")]
+    return bool(sep) and len(length) == 1 and len(body) == length[0]

@@ -54,7 +54,8 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
     __slots__ = ("server", "routes", "metrics", "pipeline_max", "write_buffer_max", "parser",
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "read_paused_at", "write_paused", "write_paused_at",
-                 "head_started_at", "last_active_at", "shut_at", "token", "token_roles",
+                 "write_paused_left", "head_started_at", "last_active_at", "shut_at", "token",
+                 "token_roles",
                  "authed", "buffered", "flush_soon", "continue_owed", "continue_queued",
                  "reserved", "until_drained", "activity_seen", "reads_owed", "drain_watched")
 
@@ -78,7 +79,8 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
         self.read_paused = False
         self.read_paused_at = 0.0
         self.write_paused = False
-        self.write_paused_at = 0.0
+        self.write_paused_at = 0.0     # paused, or last seen to make progress since
+        self.write_paused_left = 0      # its transport's bytes then (Deadlines.sweep)
         self.head_started_at = 0.0  # 0: no partial request buffered
         self.last_active_at = 0.0
         self.shut_at = 0.0
@@ -119,6 +121,7 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
     def pause_writing(self):
         self.write_paused = True
         self.write_paused_at = self._time()
+        self.write_paused_left = self.transport.get_write_buffer_size()
         self.server.account(self)
         self.update_reading()
 
@@ -490,11 +493,3 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
             self.token_roles = roles
             self.authed = True
         return roles
-
-    def last_reply(self, reply):
-        """Sends `reply` (a closing one) after every reply still owed."""
-        if self.waiting:
-            self.waiting.append(Slot(self, 0, CLOSE, reply=reply))
-            self.finish([])
-        else:
-            self.finish([reply])

@@ -21,7 +21,14 @@ class Deadlines:
         self._count_activity(now)
         if self.write_paused:
             # The client stopped reading its replies: a connection that makes
-            # no progress for the idle time is dropped.
+            # no progress for the idle time is dropped.  Progress is its
+            # transport's bytes going down since the last look: a slow but
+            # steady reader may stay paused (over the budget's rest its
+            # high-water mark is 0: Connection._watch_drain) for longer.
+            left = self.transport.get_write_buffer_size()
+            if left < self.write_paused_left:
+                self.write_paused_at = now
+            self.write_paused_left = left
             if now - self.write_paused_at >= limits.idle_timeout_s:
                 self.metrics.idle_closes += 1
                 self.abort()

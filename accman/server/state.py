@@ -34,6 +34,7 @@ import termios
 
 from accman.server._wire import ROUTE_EVENTS, Parser
 from accman.server.replies import CLOSE, CONTINUE
+from accman.server.routes import Slot
 
 OPEN, DRAINING, SHUT, CLOSED = 0, 1, 2, 3
 
@@ -117,6 +118,14 @@ class Lifecycle:
         if self.state == OPEN:
             self.state = DRAINING
             self.backlog = None
+
+    def last_reply(self, reply) -> None:
+        """Sends `reply` (a closing one) after every reply still owed."""
+        if self.waiting:
+            self.waiting.append(Slot(self, 0, CLOSE, reply=reply))
+            self.finish([])
+        else:
+            self.finish([reply])
 
     def stop(self) -> None:
         """Shutdown: take no new request; answer the one held back or begun
