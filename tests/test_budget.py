@@ -288,20 +288,11 @@ def test_a_client_that_reads_goes_on_once_its_transport_has_drained(tmp_path, sw
         try:
             await asyncio.gather(*(led.amod("a", 1) for _ in range(1000)))
             async with served_in_process(led, limits) as (server, host, port):
-                flood = _flooders(host, port, 90)
-                for _ in range(60):
-                    _send_all(flood, get("/nope") * 64)
-                    await asyncio.sleep(0.01)
-                await _until(lambda: server.over_budget, "the budget's rest was not passed")
+                flood = await _past_the_rest(server, host, port)
                 if not sweeping:
                     server._sweeper.cancel()
-                others = set(server.connections)
-                [slow] = _flooders(host, port, 1)       # a slow link: small buffers
+                slow, conn = await _slow_link(server, host, port)
                 reader, writer = await asyncio.open_connection(sock=slow)
-                await _until(lambda: len(server.connections) > len(others), "no connection")
-                [conn] = set(server.connections) - others
-                conn.transport.get_extra_info("socket").setsockopt(
-                    socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
                 writer.write(get("/past?cred=a&limit=1000"))       # ~70 KB
                 await _until(lambda: conn.read_paused, "the reader was not held back")
                 assert (await read_reply(reader))[0] == b"200"
@@ -336,17 +327,8 @@ def test_a_slow_steady_reader_of_a_large_reply_over_the_rest_is_not_dropped(tmp_
         try:
             await asyncio.gather(*(led.amod("a", 1) for _ in range(1000)))
             async with served_in_process(led, limits) as (server, host, port):
-                flood = _flooders(host, port, 90)
-                for _ in range(60):
-                    _send_all(flood, get("/nope") * 64)
-                    await asyncio.sleep(0.01)
-                await _until(lambda: server.over_budget, "the budget's rest was not passed")
-                others = set(server.connections)
-                [slow] = _flooders(host, port, 1)       # a slow link: small buffers
-                await _until(lambda: len(server.connections) > len(others), "no connection")
-                [conn] = set(server.connections) - others
-                conn.transport.get_extra_info("socket").setsockopt(
-                    socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                flood = await _past_the_rest(server, host, port)
+                slow, conn = await _slow_link(server, host, port)
                 loop = asyncio.get_running_loop()
                 await loop.sock_sendall(slow, get("/past?cred=a&limit=1000"))    # ~70 KB
                 started, got, watched = time.monotonic(), b"", 0.0
@@ -367,6 +349,28 @@ def test_a_slow_steady_reader_of_a_large_reply_over_the_rest_is_not_dropped(tmp_
     got, watched = uvloop.run(main())
     assert got.startswith(b"HTTP/1.1 200 ") and _whole(got), (len(got), got[-40:])
     assert watched > idle_s, watched        # paused, its drain watched, past the idle time
+
+
+async def _past_the_rest(server, host, port):
+    """90 connections that never read, sent requests until the server is
+    past its budget's rest."""
+    flood = _flooders(host, port, 90)
+    for _ in range(60):
+        _send_all(flood, get("/nope") * 64)
+        await asyncio.sleep(0.01)
+    await _until(lambda: server.over_budget, "the budget's rest was not passed")
+    return flood
+
+
+async def _slow_link(server, host, port):
+    """A connection through small socket buffers at both ends: its socket
+    and the server's Connection."""
+    others = set(server.connections)
+    [slow] = _flooders(host, port, 1)
+    await _until(lambda: len(server.connections) > len(others), "no connection")
+    [conn] = set(server.connections) - others
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return slow, conn
 
 
 def _whole(reply: bytes) -> bool:

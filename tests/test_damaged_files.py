@@ -178,19 +178,25 @@ def test_another_store_s_key_is_refused_before_any_file_changes(tmp_path, taken,
     shutil.copytree(real, copy)
     for name in taken:
         shutil.copy2(other / name, copy / name)
-    before = files_of(copy)
     refusal = (f"{keyfile.KEY_NAME} does not match the store's format record" if not restarts
                else f"no format record in LevelDB's files as {wal.CHECKPOINT_NAME} leaves them")
-    with pytest.raises(StoreError, match=refusal):
-        Ledger(str(copy))
+    tots = refused_unchanged_then_whole(copy, real, taken, refusal, ["real"])
+    assert tots == [55]
+
+
+def refused_unchanged_then_whole(copy, own, taken, refusal, creds, opens=(Ledger,)):
+    """Each of `opens` refuses the directory `copy` (`refusal`) with no file
+    changed; with its `taken` files from `own` put back, it opens: the tots
+    of `creds`."""
+    before = files_of(copy)
+    for open_it in opens:
+        with pytest.raises(StoreError, match=refusal):
+            open_it(str(copy))
     assert files_of(copy) == before
     for name in taken:
-        shutil.copy2(real / name, copy / name)
-    led = Ledger(str(copy))
-    try:
-        assert led.tot("real") == 55
-    finally:
-        led.close()
+        shutil.copy2(own / name, copy / name)
+    with Ledger(str(copy)) as led:
+        return [led.tot(cred) for cred in creds]
 
 
 def test_the_log_of_another_copy_of_the_store_is_refused_before_any_file_changes(tmp_path):
@@ -212,22 +218,14 @@ def test_the_log_of_another_copy_of_the_store_is_refused_before_any_file_changes
     shutil.copytree(one, copy)
     for name in OTHERS:
         shutil.copy2(two / name, copy / name)
-    before = files_of(copy)
+
     def verify(path):               # accman verify's open: in a private copy
         Store(path, create=False, read_only=True).close()
-    for open_it in (Ledger, verify):
-        with pytest.raises(StoreError, match=r"the batch at offset \d+ of LevelDB's log "
-                                             r"\d+\.log, written after the last checkpoint, "
-                                             r"is not any of the records of accman\.wal"):
-            open_it(str(copy))
-    assert files_of(copy) == before
-    for name in OTHERS:
-        shutil.copy2(one / name, copy / name)
-    led = Ledger(str(copy))
-    try:
-        assert (led.tot("one"), led.tot("two"), led.tot("store")) == (55, None, 1)
-    finally:
-        led.close()
+    refusal = (r"the batch at offset \d+ of LevelDB's log \d+\.log, written after the last "
+               r"checkpoint, is not any of the records of accman\.wal")
+    tots = refused_unchanged_then_whole(copy, one, OTHERS, refusal, ["one", "two", "store"],
+                                        (Ledger, verify))
+    assert tots == [55, None, 1]
 
 
 _ROTATING = """

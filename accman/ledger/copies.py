@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 from accman.errors import FileDamage, StoreCorrupt, StoreError
-from accman.ledger import datadir, fsck
+from accman.ledger import datadir, fsck, plyvel_errors
 from accman.ledger.fsck import TABLE_NAME
 
 
@@ -57,8 +57,7 @@ def snapshot(path: str, scratch: str) -> None:
         raise StoreCorrupt(f"{path}: data files are damaged: {e}; refusing to read "
                            "it, nothing changed") from None
     except OSError as e:
-        what = os.path.basename(e.filename) if e.filename else "the store"
-        raise StoreError(f"{path}: cannot read {what}: {e.strerror or e}") from e
+        raise plyvel_errors.unreadable(path, e) from e
     try:
         os.mkdir(scratch, 0o700)
     except OSError as e:

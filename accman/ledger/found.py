@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 
-from accman.errors import FileDamage, StoreCorrupt, StoreError, StoreLocked
-from accman.ledger import datadir, keyfile, keyread, migrate, wal
+from accman.errors import FileDamage, StoreCorrupt, StoreLocked
+from accman.ledger import datadir, keyfile, keyread, migrate, plyvel_errors, wal
 
 # Stores from before the key file are at store format 1 or 2; every later
 # format was written with the key file, the checkpoint and the log beside
@@ -140,5 +139,4 @@ def _format_record(path: str, shown: str, cuts: dict | None = None) -> bytes | N
         raise StoreCorrupt(f"{shown}: data files are damaged: {e}; refusing to serve, "
                            "nothing repaired") from None
     except OSError as e:
-        what = os.path.basename(e.filename) if e.filename else "the store"
-        raise StoreError(f"{shown}: cannot read {what}: {e.strerror or e}") from None
+        raise plyvel_errors.unreadable(shown, e) from None

@@ -44,6 +44,13 @@ def translated(path: str, action: str):
         raise StoreError(f"{path}: {action} failed{where}: {e.strerror or e}") from e
 
 
+def unreadable(shown: str, e: OSError) -> StoreError:
+    """A file of the store at `shown` that a read of ours could not read,
+    named as the OS names it."""
+    what = os.path.basename(e.filename) if isinstance(e.filename, str) else "the store"
+    return StoreError(f"{shown}: cannot read {what}: {e.strerror or e}")
+
+
 def message(e: BaseException) -> str:
     """plyvel's message (bytes from LevelDB's Status) as text."""
     arg = e.args[0] if e.args else e
