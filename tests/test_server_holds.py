@@ -317,3 +317,22 @@ def test_pipelined_hold_settle_and_reads_answer_in_order(server):
         {"tot": 100, "seq": 1}, {"hold": 2, "tot": 70, "seq": 2}, {"tot": 70},
         {"tot": 90, "seq": 3}, {"tot": 90}, {"healthy": True, "open_holds": 0}]
     assert replies[6].json["past"][0]["seq"] == 3
+
+
+def test_health_and_metrics_pipelined_see_none_of_the_later_changes(server):
+    """SPEC: a read sees every earlier mod of its connection and none of the
+    later ones.  /health and /metrics pipelined behind a hold were answered
+    at their turn, after the settle pipelined behind them had been taken:
+    open_holds said 0 where the hold was open (a black-box probe).  The
+    requests behind them now wait for their replies, as behind /events."""
+    server.mod("a", 100)
+    with server.connect() as c:
+        c.send(patch("/hold?cred=a&by=-1&ttl=600") + get("/health") + get("/metrics")
+               + patch("/settle?cred=a&hold=2&use=1") + get("/health") + get("/metrics"))
+        replies = [c.response() for _ in range(6)]
+    assert [r.status for r in replies] == [200] * 6
+    assert replies[0].json["hold"] == 2 and replies[3].json == {"tot": 99, "seq": 3}
+    assert [replies[1].json["open_holds"], replies[4].json["open_holds"]] == [1, 0]
+    gauges = [re.search(rb"^accman_open_holds (\d+)$", r.body, re.M).group(1)
+              for r in (replies[2], replies[5])]
+    assert gauges == [b"1", b"0"]

@@ -92,8 +92,9 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
         self.continue_owed = False
         self.continue_queued = False    # its 100 Continue waits in `waiting`
         self.reserved = 0           # reserves of the Slots in `waiting` (Slot.reserve)
-        # An /events read is owed: nothing more is taken until every reply
-        # is out (SPEC: a read sees none of the later mods of its connection).
+        # A read of server state is owed (/events, /health, /metrics): nothing
+        # more is taken until every reply is out (SPEC: a read sees none of
+        # the later mods of its connection).
         self.until_drained = False
         # Unordered reads the store answers later: a write after them waits
         # until they are answered (routes.Routes._read_slot).
@@ -234,10 +235,11 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
         """A Slot now waits in `waiting`, for the store or for its turn;
         its reserve counts against the bytes this connection may have owed
         (WRITE_BUFFER_BYTES_MAX) until it leaves (Pipeline.drain takes it
-        off), and an /events read holds back what comes after it."""
+        off), and a read of server state (/events, /health, /metrics) holds
+        back what comes after it: it sees none of the later changes."""
         self.waiting.append(slot)
         self.reserved += slot.reserve
-        if slot.route == ROUTE_EVENTS:
+        if slot.route in _AT_ITS_TURN:
             self.until_drained = True
 
     def _take(self, reqs, i, out):
