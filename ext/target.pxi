@@ -286,7 +286,7 @@ cdef object parse_query(Request req, int route, const unsigned char* q, Py_ssize
             return bad_query("a query parameter has an empty name")
         param = param_of(q + i, name_len)
         if not (param & allowed):
-            return bad_query(f"unknown parameter '{quoted(q + i, name_len)}' "
+            return bad_query(f"unknown parameter {shown_name(q + i, name_len)} "
                              f"for {ROUTE_PATHS[route]}")
         name = PARAM_NAMES[param]
         if eq == NULL:
@@ -313,7 +313,7 @@ cdef object parse_query(Request req, int route, const unsigned char* q, Py_ssize
             _set_number(req, param, number)
         else:
             return bad_query(f"{name} must be {_number_rule(param, route)}, "
-                             f"got '{quoted(value, value_len)}'")
+                             f"got {shown_number(value, value_len)}")
         if amp == NULL:
             break
         i = end + 1
