@@ -60,27 +60,12 @@ cdef str quoted(const unsigned char* p, Py_ssize_t n):
     return (<const char*>p)[:n].decode("ascii")
 
 
-cdef str shown_name(const unsigned char* p, Py_ssize_t n):
-    """An unknown parameter's name p[0:n] for an error detail: quoted when
-    it has a name's shape (at most NAME_SHOWN_CHARS_MAX letters, digits or
-    _), else not: it may hold a credential whose = was mistyped
-    (`cred:SECRET`, `cred%3DSECRET`), which is never quoted back."""
-    cdef Py_ssize_t k
-    if n > NAME_SHOWN_CHARS_MAX:
-        return NOT_SHOWN
-    for k in range(n):
-        if not (c'a' <= p[k] <= c'z' or c'A' <= p[k] <= c'Z' or c'0' <= p[k] <= c'9'
-                or p[k] == c'_'):
-            return NOT_SHOWN
-    return "'" + quoted(p, n) + "'"
-
-
 cdef str shown_number(const unsigned char* p, Py_ssize_t n):
     """A bad number p[0:n] for an error detail: quoted (cut to
     DETAIL_QUOTE_CHARS_MAX) when it has a number's shape, at most
-    NUMBER_LETTERS_MAX letters outside %XX escapes (`+5`, `1e3`, `5m`,
-    `%EF%BC%91`), else not: a credential sent in a number's place is never
-    quoted back (a credential has no %)."""
+    NUMBER_LETTERS_MAX letters, not counting the two characters after each
+    % (`+5`, `1e3`, `5m`, `%EF%BC%91`), else not: a credential of letters
+    sent in a number's place is not quoted back (a credential has no %)."""
     cdef Py_ssize_t k = 0, letters = 0
     while k < n:
         if p[k] == c'%':

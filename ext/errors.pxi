@@ -17,11 +17,9 @@ CODES = {
 # A value quoted back in an error detail is cut to this many characters: the
 # detail is a sentence for a person, not an echo of the request.
 cdef Py_ssize_t DETAIL_QUOTE_CHARS_MAX = 40
-# What may be a credential is not quoted back (SPEC: never logged): an
-# unknown parameter's name is quoted only when it is as short as a name
-# (the longest is 6 characters), a bad number only with at most two letters
-# (a unit, an exponent); else this is said in its place.
-cdef Py_ssize_t NAME_SHOWN_CHARS_MAX = 8
+# A bad number is quoted back only with at most this many letters (a unit,
+# an exponent): a credential of letters sent in its place is not (SPEC:
+# never logged); else NOT_SHOWN is said in its place.
 cdef Py_ssize_t NUMBER_LETTERS_MAX = 2
 NOT_SHOWN = "(not shown: it may be a credential)"
 # Refused as it comes, whichever of the two headers comes first.

@@ -266,6 +266,20 @@ cdef object _set_number(Request req, int param, int64_t value):
     return None
 
 
+cdef str _not_its_parameter(int param, int route):
+    """The detail for a parameter `route` does not take: a name of another
+    route's is quoted; any other is not (`cred:SECRET`, `cred%3DSECRET`: a
+    credential whose = was mistyped is never quoted back), and the route's
+    names are listed."""
+    cdef int allowed = route_params(route)
+    path = ROUTE_PATHS[route]
+    names = ", ".join(PARAM_NAMES[p] for p in sorted(PARAM_NAMES) if p & allowed) or "none"
+    if param:
+        return f"unknown parameter '{PARAM_NAMES[param]}' for {path} (it takes {names})"
+    return (f"unknown parameter for {path} (its name is not quoted back: it may hold a "
+            f"credential; {path} takes {names})")
+
+
 cdef object parse_query(Request req, int route, const unsigned char* q, Py_ssize_t n):
     """Validate the query q[0:n] of `route` and set its values on req;
     return the HttpError of the first fault, or None."""
@@ -286,8 +300,7 @@ cdef object parse_query(Request req, int route, const unsigned char* q, Py_ssize
             return bad_query("a query parameter has an empty name")
         param = param_of(q + i, name_len)
         if not (param & allowed):
-            return bad_query(f"unknown parameter {shown_name(q + i, name_len)} "
-                             f"for {ROUTE_PATHS[route]}")
+            return bad_query(_not_its_parameter(param, route))
         name = PARAM_NAMES[param]
         if eq == NULL:
             return bad_query(f"parameter '{name}' has no value: name=value expected")
