@@ -1154,3 +1154,32 @@ def test_run_started_without_the_standard_streams_stops_with_exit_0(tmp_path):
         finally:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("read", ["/health", "/metrics", "/events?after=0"])
+def test_a_read_of_server_state_answered_holds_nothing_back_after_it(tmp_path, read):
+    """A read of server state pipelined behind a write holds back the
+    requests after it until it is answered (it sees none of them).  Once
+    it was, a connection kept holding back: a later mod taken alone, then
+    the requests behind it held for the next batch (a review).  Answered,
+    it holds nothing back."""
+    import asyncio
+
+    import uvloop
+
+    from accman import Ledger
+
+    async def main():
+        with Ledger(str(tmp_path / "d")) as led:
+            async with served_in_process(led) as (server, host, port):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(patch("/mod?cred=a&by=1") + get(read))
+                replies = [await read_reply(reader) for _ in range(2)]
+                writer.write(patch("/mod?cred=a&by=1"))     # the next read: taken alone
+                replies.append(await read_reply(reader))
+                [conn] = server.connections
+                held = conn.until_drained
+                writer.close()
+                return [status for status, _ in replies], held
+
+    assert uvloop.run(main()) == ([b"200"] * 3, False)

@@ -149,6 +149,8 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
         if self.state != OPEN:
             return                  # draining: nothing new is taken; shut: lingering
         try:
+            if self.until_drained and not self.waiting:
+                self.until_drained = False      # its read answered (in C): nothing held
             reqs = self.waiting.quick(
                 n, self.backlog is None and not self.eof and not self.server.stopping)
             if reqs is None:
@@ -339,9 +341,9 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
             self._wait_on(Slot(self, req.route, mode, req.head, req=req))
 
     def _held_back(self, room, out) -> bool:
-        """No request more is taken now: an /events read is owed (it sees
-        none of the later mods), the pipeline is full, or the replies owed
-        reach the bytes bound (`room` is what is left of it)."""
+        """No request more is taken now: a read of server state is owed
+        (_wait_on: it sees none of the later mods), the pipeline is full, or
+        the replies owed reach the bytes bound (`room` is what is left of it)."""
         waiting = self.waiting
         if self.until_drained:
             if waiting:
