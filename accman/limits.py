@@ -218,6 +218,12 @@ HEAD_TIMEOUT_S = 10.0
 # An idle keep-alive connection (no request in progress, nothing owed) is
 # closed after this long, like nginx's keepalive_timeout default of 75 s.
 IDLE_TIMEOUT_S = 75.0
+# A connection whose client does not read its replies (paused) is making
+# progress while the reply bytes it has not taken, in the server and in the
+# kernel, go down by this much (or a quarter of them, if less) within
+# IDLE_TIMEOUT_S: a slow reader is served, one that trickles is dropped
+# (its replies keep the server's budget spent).
+PAUSED_PROGRESS_BYTES_MIN = 64 * 1024
 # The same, for a connection none of whose requests has yet carried a valid
 # token (with tokens configured): unauthenticated sockets cannot hold slots.
 UNAUTHED_IDLE_TIMEOUT_S = 10.0

@@ -317,7 +317,8 @@ def test_a_slow_steady_reader_of_a_large_reply_over_the_rest_is_not_dropped(tmp_
     its transport is empty.  A client that reads steadily but slowly was
     timed from that pause and dropped after IDLE_TIMEOUT_S, its reply cut
     short, though it made progress the whole time (a review).  Progress is
-    now the transport's bytes going down between sweeps."""
+    now the bytes it owes going down (PAUSED_PROGRESS_BYTES_MIN, or a
+    quarter of them) within the idle time."""
     idle_s = 1.5
 
     async def main():
@@ -349,6 +350,61 @@ def test_a_slow_steady_reader_of_a_large_reply_over_the_rest_is_not_dropped(tmp_
     got, watched = uvloop.run(main())
     assert got.startswith(b"HTTP/1.1 200 ") and _whole(got), (len(got), got[-40:])
     assert watched > idle_s, watched        # paused, its drain watched, past the idle time
+
+
+def _read_paused(tmp_path, idle_s, pages, chunk, every_s, read_s, sndbuf):
+    """A client sent `pages` pipelined /past pages of ~70 KB, read `chunk`
+    bytes every `every_s` for up to `read_s`, through a small receive
+    buffer, the server's send buffer `sndbuf` bytes: (bytes read, whether
+    the server dropped it, its seconds paused)."""
+    async def main():
+        led = Ledger(tmp_path / "led")
+        try:
+            await asyncio.gather(*(led.amod("a", 1) for _ in range(1000)))
+            limits = ServerLimits(idle_timeout_s=idle_s)
+            async with served_in_process(led, limits) as (server, host, port):
+                slow, conn = await _slow_link(server, host, port)
+                conn.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                loop = asyncio.get_running_loop()
+                await loop.sock_sendall(slow, get("/past?cred=a&limit=1000") * pages)
+                await asyncio.sleep(0.2)
+                started, got, dropped, paused = time.monotonic(), 0, False, 0.0
+                while time.monotonic() - started < read_s:
+                    await asyncio.sleep(every_s)
+                    paused += every_s if conn.write_paused else 0.0
+                    data = await asyncio.wait_for(loop.sock_recv(slow, chunk), 10)
+                    if not data:
+                        dropped = True
+                        break
+                    got += len(data)
+                # An abort leaves the kernel's queue to be sent: the server's word.
+                dropped = dropped or conn not in server.connections
+                slow.close()
+                return got, dropped, paused
+        finally:
+            led.close()
+    return uvloop.run(main())
+
+
+def test_a_trickling_reader_of_paused_replies_is_dropped(tmp_path):
+    """A client that reads a few bytes now and then moves what it owes by
+    less than PAUSED_PROGRESS_BYTES_MIN (or a quarter of it) each idle
+    time: no progress, dropped, where any byte read counted (a review: it
+    held its replies, and the server's budget, for as long as it liked)."""
+    got, dropped, paused = _read_paused(tmp_path, 2.0, 6, 1024, 0.25, 12, 4096)
+    assert dropped and paused >= 2.0 and got < 100_000, (got, dropped, paused)
+
+
+def test_a_reader_whose_replies_wait_in_the_kernel_makes_progress(tmp_path):
+    """With the kernel's own buffers (a send buffer of megabytes on
+    loopback), a reader's progress may empty only the kernel's queue while
+    the transport's count stands (the socket is writable again only once a
+    third of it is free): it was dropped after the idle time, reading all
+    along (a review).  What it owes counts the kernel's unacknowledged
+    bytes too."""
+    got, dropped, paused = _read_paused(tmp_path, 1.0, 60, 4096, 0.04, 3.5, 1 << 20)
+    assert not dropped and paused >= 3.0 and got > 250_000, (got, dropped, paused)
 
 
 async def _past_the_rest(server, host, port):

@@ -80,7 +80,7 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
         self.read_paused_at = 0.0
         self.write_paused = False
         self.write_paused_at = 0.0     # paused, or last seen to make progress since
-        self.write_paused_left = 0      # its transport's bytes then (Deadlines.sweep)
+        self.write_paused_left = 0      # the bytes it owed then (Deadlines.sweep)
         self.head_started_at = 0.0  # 0: no partial request buffered
         self.last_active_at = 0.0
         self.shut_at = 0.0
@@ -122,7 +122,7 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
     def pause_writing(self):
         self.write_paused = True
         self.write_paused_at = self._time()
-        self.write_paused_left = self.transport.get_write_buffer_size()
+        self.write_paused_left = self.owed_bytes()
         self.server.account(self)
         self.update_reading()
 

@@ -5,8 +5,9 @@ calls `sweep` about once a second (docs/SERVER.md, "Limits")."""
 
 from __future__ import annotations
 
+from accman.limits import PAUSED_PROGRESS_BYTES_MIN
 from accman.server.replies import CLOSE
-from accman.server.state import CLOSED, OPEN, SHUT
+from accman.server.state import CLOSED, OPEN, SHUT, unsent_bytes
 
 
 class Deadlines:
@@ -21,14 +22,15 @@ class Deadlines:
         self._count_activity(now)
         if self.write_paused:
             # The client stopped reading its replies: a connection that makes
-            # no progress for the idle time is dropped.  Progress is its
-            # transport's bytes going down since the last look: a slow but
-            # steady reader may stay paused (over the budget's rest its
-            # high-water mark is 0: Connection._watch_drain) for longer.
-            left = self.transport.get_write_buffer_size()
-            if left < self.write_paused_left:
-                self.write_paused_at = now
-            self.write_paused_left = left
+            # no progress for the idle time is dropped.  A slow but steady
+            # reader may stay paused for longer (over the budget's rest its
+            # high-water mark is 0: Connection._watch_drain).
+            left = self.owed_bytes()
+            if left > self.write_paused_left:
+                self.write_paused_left = left       # replies added: counted from here
+            elif self.write_paused_left - left >= min(PAUSED_PROGRESS_BYTES_MIN,
+                                                      self.write_paused_left // 4):
+                self.write_paused_at, self.write_paused_left = now, left
             if now - self.write_paused_at >= limits.idle_timeout_s:
                 self.metrics.idle_closes += 1
                 self.abort()
@@ -44,6 +46,13 @@ class Deadlines:
             return
         if state == OPEN:               # a draining one ends when its replies are out
             self._sweep_open(now, limits)
+
+    def owed_bytes(self) -> int:
+        """The reply bytes its client has not taken: the transport's, and
+        the kernel's not yet acknowledged (which a large send buffer may
+        hold most of); the transport's alone where the kernel cannot say."""
+        unsent = unsent_bytes(self.transport.get_extra_info("socket"))
+        return self.transport.get_write_buffer_size() + (unsent or 0)
 
     def _sweep_open(self, now, limits):
         """An open connection's bounds: held back by the budget, its head's
