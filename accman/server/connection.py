@@ -55,9 +55,9 @@ class Connection(asyncio.BufferedProtocol, Lifecycle, Deadlines):
                  "_time", "transport", "peer", "state", "eof", "waiting", "backlog",
                  "read_paused", "read_paused_at", "write_paused", "write_paused_at",
                  "write_paused_left", "head_started_at", "last_active_at", "shut_at", "token",
-                 "token_roles",
-                 "authed", "buffered", "flush_soon", "continue_owed", "continue_queued",
-                 "reserved", "until_drained", "activity_seen", "reads_owed", "drain_watched")
+                 "token_roles", "authed", "buffered", "flush_soon", "continue_owed",
+                 "continue_queued", "reserved", "until_drained", "activity_seen", "reads_owed",
+                 "drain_watched")
 
     def __init__(self, server):
         self.server = server
