@@ -530,3 +530,32 @@ def test_a_close_from_a_completion_on_the_writer_ends_after_the_writer(tmp_path)
     assert failed == []
     with Ledger(path) as again:
         assert again.tot("x") == 1000 + len(outcomes)
+
+
+def test_a_stop_landing_as_close_releases_the_files_still_frees_the_directory(tmp_path):
+    """A ^C that landed while close() released the store's files (in the
+    join of the log's grower thread, or closing its buffer) left LevelDB
+    and the directory's lock held for the rest of the process: the ledger
+    said closed, and every open of the directory was StoreLocked (a
+    black-box probe).  Each part is now released even then; the ^C is
+    raised, and the directory opens with every mod."""
+    path = str(tmp_path / "d")
+    led = Ledger(path)
+    for i in range(20):
+        led.mod("a", 1, key=f"k{i}")
+    grower = led.store.wal._grower.thread
+    real_join = grower.join
+    calls = []
+
+    def join(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_join(*args, **kwargs)
+    grower.join = join
+    with pytest.raises(KeyboardInterrupt):
+        led.close()
+    led.close()                                 # returns: the ledger is closed
+    assert len(calls) == 2 and not grower.is_alive()
+    with Ledger(path) as again:
+        assert again.tot("a") == 20

@@ -1,7 +1,8 @@
 """The accounts' histories as LevelDB holds them (ext/history.pxi: a
 record per account and batch, keyed by its newest seq): each history's
-newest entry, for open; the entries of a page of /past.  Reads only,
-checksums verified; a record that does not parse is StoreCorrupt."""
+newest entry, for open; the entries of a page of /past; an open hold's
+record checked against its hold's.  Reads only, checksums verified; a
+record that does not parse is StoreCorrupt."""
 
 from __future__ import annotations
 
@@ -85,3 +86,25 @@ def _group(path: str, seq: int, value: bytes, first: int, last: int) -> list:
     except ValueError as e:
         raise StoreCorrupt(f"{path}: the history record of seq {seq}: {e}; "
                            "refusing to serve, nothing repaired") from e
+
+
+def open_hold(db, path: str, k: bytes, v: bytes) -> tuple:
+    """(hid, hold, amount, expires_ms) of an open-hold record, checked
+    against its hold record (a point read): open would otherwise end, and
+    so pay back, a hold that has already ended."""
+    if len(k) != _ledger.HOLD_KEY_BYTES:
+        raise StoreCorrupt(f"{path}: a malformed open-hold key; refusing to serve, "
+                           "nothing repaired")
+    hold = _ledger.history_key_seq(k)
+    record = db.get(_ledger.HOLD_PREFIX + k[1:], verify_checksums=True)
+    try:
+        held = _ledger.unpack_open_hold(v)
+        ok = record is not None and _ledger.unpack_hold(record)[:3] == (
+            *held, _ledger.HOLD_OPEN)
+    except ValueError as e:
+        raise StoreCorrupt(f"{path}: hold {hold}: {e}; refusing to serve, "
+                           "nothing repaired") from e
+    if not ok:
+        raise StoreCorrupt(f"{path}: the open-hold record of hold {hold} does not "
+                           "match an open hold; refusing to serve, nothing repaired")
+    return (k[1:1 + _ledger.HID_BYTES], hold) + held

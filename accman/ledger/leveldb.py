@@ -9,6 +9,7 @@ every LevelDB status through one `raise_for_status`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hmac
 import json
 import logging
@@ -324,28 +325,7 @@ class Store:
         by the open-hold records alone: an ended hold is not read."""
         with translated(self.path, "load holds"):
             for k, v in self.iterate(_ledger.OPEN_HOLD_PREFIX):
-                yield self._open_hold(k, v)
-
-    def _open_hold(self, k: bytes, v: bytes) -> tuple:
-        """An open-hold record, checked against its hold record (a point
-        read): open would otherwise end, and so pay back, a hold that has
-        already ended."""
-        if len(k) != _ledger.HOLD_KEY_BYTES:
-            raise StoreCorrupt(f"{self.path}: a malformed open-hold key; refusing to serve, "
-                               "nothing repaired")
-        hold = _ledger.history_key_seq(k)
-        record = self.db.get(_ledger.HOLD_PREFIX + k[1:], verify_checksums=True)
-        try:
-            held = _ledger.unpack_open_hold(v)
-            ok = record is not None and _ledger.unpack_hold(record)[:3] == (
-                *held, _ledger.HOLD_OPEN)
-        except ValueError as e:
-            raise StoreCorrupt(f"{self.path}: hold {hold}: {e}; refusing to serve, "
-                               "nothing repaired") from e
-        if not ok:
-            raise StoreCorrupt(f"{self.path}: the open-hold record of hold {hold} does not "
-                               "match an open hold; refusing to serve, nothing repaired")
-        return (k[1:1 + _ledger.HID_BYTES], hold) + held
+                yield histories.open_hold(self.db, self.path, k, v)
 
     def check_all_blocks(self) -> int:
         """Reads every record once with checksums verified, so that a
@@ -479,22 +459,30 @@ class Store:
                                         "replays the log, nothing is lost): %s",
                                         self.path, e)
         finally:
-            try:
-                self._release()
-            finally:
-                # Even when a stop lands on the way: the copy holds the key.
-                if self._scratch is not None:
-                    copies.remove_snapshot(self._scratch)
-                    self._scratch = None
+            self._release()
 
     def _release(self) -> None:
-        if self.wal is not None:
-            self.wal.close()
-        if self.db is not None and not self.db.closed:
-            self.db.close()
+        """The log's files, LevelDB, the descriptors, then the private copy
+        (it holds the key): each released even when a stop (^C) lands while
+        one before it is, so that a close that raised leaves the directory
+        free to open.  (ExitStack runs its callbacks last first, each one.)"""
+        with contextlib.ExitStack() as each:
+            each.callback(self._remove_scratch)
+            each.callback(self._close_descriptors)
+            if self.db is not None and not self.db.closed:
+                each.callback(self.db.close)
+            if self.wal is not None:
+                each.callback(self.wal.close)
+
+    def _close_descriptors(self) -> None:
         if getattr(self, "_open_dir_fd", -1) >= 0:
             os.close(self._open_dir_fd)
             self._open_dir_fd = -1
         if self._lock_fd >= 0:
             os.close(self._lock_fd)       # releases the flock, but for a lock_copy
             self._lock_fd = -1
+
+    def _remove_scratch(self) -> None:
+        if self._scratch is not None:
+            copies.remove_snapshot(self._scratch)
+            self._scratch = None

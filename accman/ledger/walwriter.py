@@ -256,10 +256,16 @@ class Wal:
         self.checkpoints += 1
 
     def close(self) -> None:
-        if self.fd >= 0:
-            self._grower.close()
-            self._buf.close()
-        self._close_fds()
+        """Each part closed even when a stop (^C) lands while one before it
+        is (Store._release)."""
+        try:
+            if self.fd >= 0:
+                try:
+                    self._grower.close()
+                finally:
+                    self._buf.close()
+        finally:
+            self._close_fds()
 
     def _close_fds(self) -> None:
         for name in ("fd", "dir_fd"):
@@ -371,6 +377,12 @@ class _Grower:
         with self.cv:
             self.closing = True
             self.cv.notify_all()
-        if self.thread is not threading.current_thread():
-            self.thread.join()
-        os.close(self.fd)
+        try:
+            if self.thread is not threading.current_thread():
+                try:
+                    self.thread.join()
+                except BaseException:
+                    self.thread.join()  # a stop landed: it is told to end, then its fd
+                    raise
+        finally:
+            os.close(self.fd)
