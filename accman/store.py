@@ -118,7 +118,7 @@ def check_int64(value, name: str) -> None:
     refused.  ext/ledger.pyx's `_check_int64` says the same words (a test
     holds them equal)."""
     if type(value) is not int:
-        raise BadRequest(f"{name} must be an int, got {type(value).__name__}")
+        raise BadRequest(f"{name} must be an int{_got(value, int)}")
     if not INT64_MIN <= value <= INT64_MAX:
         raise BadRequest(f"{name} must fit in a signed 64-bit integer")
 
@@ -212,8 +212,13 @@ def check_events(after, limit, wait_s) -> None:
 
 def _got(value, *types) -> str:
     """", got TYPE" when `value` is none of `types` (a bool is not an int
-    here), as the int64 checks say it; nothing for a value out of range."""
-    return "" if type(value) in types else f", got {type(value).__name__}"
+    here), as the int64 checks say it, an int subclass said as such;
+    nothing for a value out of range."""
+    if type(value) in types:
+        return ""
+    subclass = isinstance(value, int) and type(value) is not bool
+    return f", got {type(value).__name__}" + (
+        " (an int subclass: a plain int is taken)" if subclass else "")
 
 
 def check_binding(loop, deliver) -> None:

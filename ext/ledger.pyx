@@ -37,7 +37,7 @@ from accman.errors import (AccManError, BadRequest, Busy, HoldEnded, Insufficien
                            NoAccount, NoHold, NotApplied, Overflow, TooManyHolds, Unavailable)
 from accman.limits import (BATCH_MODS_MAX, CRED_CHARS_MAX, HOLDS_MAX, HOLDS_PER_ACCOUNT_MAX,
                            INT64_MAX, INT64_MIN, KEY_CHARS_MAX, QUEUED_MODS_MAX)
-from accman.store import check_hold, check_settle, name_refused
+from accman.store import check_hold, check_int64, check_settle, name_refused
 
 include "records.pxi"
 include "changes.pxi"
@@ -65,7 +65,7 @@ cdef inline void _check_int64(object v, str name) except *:
     # (a test holds them equal): bool is an int subclass and float is not an
     # amount, both refused.
     if type(v) is not int:
-        raise BadRequest(f"{name} must be an int, got {type(v).__name__}")
+        check_int64(v, name)                # raises, in the same words
     if not (INT64_MIN <= v <= INT64_MAX):
         raise BadRequest(f"{name} must fit in a signed 64-bit integer")
 

@@ -3,6 +3,7 @@ order" rules."""
 
 import asyncio
 import copy
+import enum
 import functools
 import os
 import pathlib
@@ -68,6 +69,10 @@ def test_past_pages_with_before_and_limit(led):
     assert [e.seq for e in led.past("a", before=1000)][:1] == [10]
 
 
+class _Three(enum.IntEnum):
+    X = 3
+
+
 @pytest.mark.parametrize("call,says", [
     (lambda led: led.past("a", before=INT64_MAX + 1), "before must fit in a signed 64-bit"),
     (lambda led: led.past("a", before=2 ** 64), "before must fit in a signed 64-bit"),
@@ -102,6 +107,13 @@ def test_a_seq_or_an_event_id_past_64_bits_is_refused_as_on_the_wire(led, call, 
      "ttl must be a whole number of seconds from 1 to 86400, got str"),
     (lambda led: led.hold("a", -1, 5.0),
      "ttl must be a whole number of seconds from 1 to 86400, got float"),
+    # An int subclass (an IntEnum) is said as one (a black-box probe: "must
+    # be an int, got IE" read as a contradiction).
+    (lambda led: led.mod("a", _Three.X), r"by must be an int, got _Three \(an int subclass: "
+     r"a plain int is taken\)$"),
+    (lambda led: led.past("a", limit=_Three.X), r"limit must be an int from 1 to 1000, got "
+     r"_Three \(an int subclass"),
+    (lambda led: led.hold("a", _Three.X, 5), r"by must be an int, got _Three \(an int subclass"),
 ])
 def test_a_limit_wait_or_ttl_of_another_type_is_refused_naming_the_type(led, call, says):
     """As by, min and the other ints: a value of the wrong type is named by
